@@ -1,0 +1,288 @@
+// Package broker is the core of the token broker: it obtains access tokens
+// from providers' token APIs (Sources), caches them per (source,
+// organisation, scopes, audience), makes sure that only one fetch per key is
+// in flight, and refreshes tokens ahead of their expiry so that requests do
+// not wait. It does not import Caddy, so it can be used, tested and
+// benchmarked on its own.
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	gocache "github.com/patrickmn/go-cache"
+	"golang.org/x/sync/singleflight"
+)
+
+// Defaults of Options.
+const (
+	DefaultRefreshWindow   = 0.25
+	DefaultLeeway          = time.Second
+	DefaultFetchTimeout    = 30 * time.Second
+	DefaultRefreshRetry    = time.Second
+	DefaultCleanupInterval = time.Minute
+)
+
+// Options configure a Broker. The zero value gives the defaults.
+type Options struct {
+	// RefreshWindow is the last part of a token's lifetime, as a fraction
+	// between 0 and 1, in which a request is still served the cached token
+	// but starts one background refresh. Default 0.25 (the last 25 %).
+	// A negative value disables refresh-ahead.
+	RefreshWindow float64
+	// Leeway is how long a token must still be valid to be handed out: a
+	// token closer to its expiry than this counts as expired, so it cannot
+	// expire on its way to the provider. Default 1s.
+	Leeway time.Duration
+	// FetchTimeout bounds one call to a Source, whoever waits on it.
+	// Default 30s.
+	FetchTimeout time.Duration
+	// RefreshRetry is how long to wait before another background refresh
+	// after one failed (the cached token keeps being served meanwhile).
+	// Default 1s.
+	RefreshRetry time.Duration
+	// CleanupInterval is how often expired tokens are dropped from memory.
+	// Default 1m.
+	CleanupInterval time.Duration
+	// Now is the clock. Default time.Now. Tests inject their own.
+	Now func() time.Time
+	// Observer is told about lookups and fetches (metrics, logs). Optional.
+	Observer Observer
+}
+
+// Result says how a lookup was served.
+type Result uint8
+
+// Lookup results.
+const (
+	// Hit: a cached token, not yet in its refresh window.
+	Hit Result = iota
+	// RefreshAhead: a cached token in its refresh window; this lookup
+	// started the one background refresh.
+	RefreshAhead
+	// Miss: no usable token was cached; this lookup waited on a fetch it
+	// started.
+	Miss
+	// Shared: no usable token was cached; this lookup waited on a fetch
+	// another lookup had started.
+	Shared
+)
+
+// String names the result for logs, metrics and placeholders.
+func (r Result) String() string {
+	switch r {
+	case Hit:
+		return "hit"
+	case RefreshAhead:
+		return "refresh"
+	case Miss:
+		return "miss"
+	case Shared:
+		return "shared"
+	}
+	return "unknown"
+}
+
+// Observer is told what the broker does. Implementations must be fast and
+// safe for concurrent use; Lookup runs on every request.
+type Observer interface {
+	// Lookup is called once per successful Get with how it was served.
+	Lookup(b *Binding, r Result)
+	// Fetched is called after every call to a Source, with the token
+	// (never log its Value) or the error, and how long the call took.
+	// background is true for refresh-ahead fetches.
+	Fetched(ctx context.Context, b *Binding, tok Token, elapsed time.Duration, background bool, err error)
+}
+
+// Entry is a cached token with the Authorization header value built once.
+// Entries are immutable once cached, apart from their refresh bookkeeping.
+type Entry struct {
+	tok       Token
+	header    string
+	refreshAt time.Time
+
+	refreshing  atomic.Bool
+	nextAttempt atomic.Int64 // unix nanoseconds; earliest next background refresh
+}
+
+// Token returns the cached token.
+func (e *Entry) Token() Token { return e.tok }
+
+// Header returns "Bearer <token>", the value of the Authorization header.
+func (e *Entry) Header() string { return e.header }
+
+// RefreshAt is when the entry enters its refresh window.
+func (e *Entry) RefreshAt() time.Time { return e.refreshAt }
+
+// Broker caches tokens and fetches them from Sources. It is safe for
+// concurrent use. One Broker serves any number of sources and bindings.
+type Broker struct {
+	opts  Options
+	cache *gocache.Cache
+	group singleflight.Group
+}
+
+// New returns a Broker. Call Close when done with it.
+func New(opts Options) *Broker {
+	if opts.RefreshWindow == 0 {
+		opts.RefreshWindow = DefaultRefreshWindow
+	}
+	if opts.RefreshWindow > 1 {
+		opts.RefreshWindow = 1
+	}
+	if opts.Leeway == 0 {
+		opts.Leeway = DefaultLeeway
+	}
+	if opts.FetchTimeout == 0 {
+		opts.FetchTimeout = DefaultFetchTimeout
+	}
+	if opts.RefreshRetry == 0 {
+		opts.RefreshRetry = DefaultRefreshRetry
+	}
+	if opts.CleanupInterval == 0 {
+		opts.CleanupInterval = DefaultCleanupInterval
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	return &Broker{opts: opts, cache: gocache.New(gocache.NoExpiration, opts.CleanupInterval)}
+}
+
+// Close stops the background cleanup. Fetches in flight finish on their own.
+func (br *Broker) Close() { br.cache.Flush() }
+
+// Token returns a valid token for the binding: from the cache, or from its
+// Source. It never returns a token closer than Leeway to its expiry.
+func (br *Broker) Token(ctx context.Context, b *Binding) (Token, error) {
+	e, _, err := br.Get(ctx, b)
+	if err != nil {
+		return Token{}, err
+	}
+	return e.tok, nil
+}
+
+// Get returns the cache entry holding a valid token for the binding and how
+// it was served. A cached token in its refresh window is returned at once and
+// one background refresh is started. Without a usable cached token, Get
+// waits for the one fetch in flight for the binding's key (starting it if
+// needed) or for ctx to end, whichever comes first; a caller giving up does
+// not cancel the fetch for the others.
+func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
+	now := br.opts.Now()
+	if v, ok := br.cache.Get(b.key); ok {
+		e := v.(*Entry)
+		if e.tok.ValidAt(now, br.opts.Leeway) {
+			r := Hit
+			if !now.Before(e.refreshAt) && now.UnixNano() >= e.nextAttempt.Load() &&
+				e.refreshing.CompareAndSwap(false, true) {
+				r = RefreshAhead
+				br.refresh(ctx, b, e)
+			}
+			br.observe(b, r)
+			return e, r, nil
+		}
+	}
+	ch := br.group.DoChan(b.key, func() (any, error) {
+		return br.fetch(ctx, b, false)
+	})
+	select {
+	case res := <-ch:
+		if res.Err != nil {
+			return nil, Miss, res.Err
+		}
+		r := Miss
+		if res.Shared {
+			r = Shared
+		}
+		br.observe(b, r)
+		return res.Val.(*Entry), r, nil
+	case <-ctx.Done():
+		return nil, Miss, fmt.Errorf("merchant %q: waiting for a token: %w", b.Request.Merchant, context.Cause(ctx))
+	}
+}
+
+func (br *Broker) observe(b *Binding, r Result) {
+	if br.opts.Observer != nil {
+		br.opts.Observer.Lookup(b, r)
+	}
+}
+
+// refresh starts the background refresh of e.
+func (br *Broker) refresh(ctx context.Context, b *Binding, e *Entry) {
+	go func() {
+		_, err, _ := br.group.Do(b.key, func() (any, error) {
+			return br.fetch(ctx, b, true)
+		})
+		if err != nil {
+			e.nextAttempt.Store(br.opts.Now().Add(br.opts.RefreshRetry).UnixNano())
+		}
+		e.refreshing.Store(false)
+	}()
+}
+
+// fetch calls the Source and caches what it returns. It runs once per key at
+// a time (inside the singleflight group), detached from the cancellation of
+// the request that started it but keeping its values (trace context).
+func (br *Broker) fetch(parent context.Context, b *Binding, background bool) (*Entry, error) {
+	now := br.opts.Now()
+	// A fetch that finished just before this one started may have left a
+	// fresh token: do not fetch twice.
+	if v, ok := br.cache.Get(b.key); ok && !background {
+		if e := v.(*Entry); e.tok.ValidAt(now, br.opts.Leeway) {
+			return e, nil
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(parent), br.opts.FetchTimeout)
+	defer cancel()
+	start := time.Now()
+	tok, err := b.Source.Token(ctx, b.Request)
+	elapsed := time.Since(start)
+	now = br.opts.Now()
+	if err == nil {
+		err = br.check(b, &tok, now)
+	}
+	if br.opts.Observer != nil {
+		br.opts.Observer.Fetched(ctx, b, tok, elapsed, background, err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	e := &Entry{tok: tok, header: "Bearer " + tok.Value.Reveal()}
+	life := tok.Expiry.Sub(tok.IssuedAt)
+	if br.opts.RefreshWindow > 0 {
+		e.refreshAt = tok.Expiry.Add(-time.Duration(float64(life) * br.opts.RefreshWindow))
+	} else {
+		e.refreshAt = tok.Expiry
+	}
+	br.cache.Set(b.key, e, tok.Expiry.Sub(now))
+	return e, nil
+}
+
+// ErrExpiredToken is returned when a provider hands out a token that is
+// already expired, or about to be.
+var ErrExpiredToken = errors.New("the token API returned a token that is already expired (check the clocks and the configured token lifetime)")
+
+// check validates what a Source returned before it is cached.
+func (br *Broker) check(b *Binding, tok *Token, now time.Time) error {
+	if !validTokenValue(tok.Value.Reveal()) {
+		return &APIError{Provider: sourceType(b), StatusCode: 200, Code: "invalid_token_value",
+			Description: "the access token is empty, too long or contains characters not allowed in an HTTP header"}
+	}
+	if tok.IssuedAt.IsZero() || tok.IssuedAt.After(now) {
+		tok.IssuedAt = now
+	}
+	if !tok.ValidAt(now, br.opts.Leeway) {
+		return fmt.Errorf("merchant %q: %w (expiry %s)", b.Request.Merchant, ErrExpiredToken, tok.Expiry.UTC().Format(time.RFC3339))
+	}
+	return nil
+}
+
+func sourceType(b *Binding) string {
+	if t, ok := b.Source.(interface{ Type() string }); ok {
+		return t.Type()
+	}
+	return "token"
+}

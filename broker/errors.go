@@ -1,0 +1,137 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// APIError is a failure reported by a provider's token API: an error status,
+// an error body, or a success status whose body could not be used.
+// Its fields come from the provider and never hold a credential or a token.
+type APIError struct {
+	// Provider is the source type ("nuapay", "oauth2").
+	Provider string
+	// StatusCode is the HTTP status the token API answered with.
+	StatusCode int
+	// Code is the provider's error code: Nuapay's returnCode, OAuth's
+	// "error" ("invalid_client").
+	Code string
+	// Description is the provider's human-readable explanation: Nuapay's
+	// returnDescription (with the details), OAuth's error_description.
+	Description string
+	// RetryAfter is the wait the provider asked for (Retry-After on 429 or
+	// 503), zero when it did not say.
+	RetryAfter time.Duration
+	// Details are Nuapay's error details, if any.
+	Details []ErrorDetail
+	// Err is the underlying cause for a malformed response, if any.
+	Err error
+}
+
+// ErrorDetail is one entry of Nuapay's error "details".
+type ErrorDetail struct {
+	// Code is the detail's error code.
+	Code string `json:"code"`
+	// Description explains the detail.
+	Description string `json:"description"`
+	// Field names the request field at fault, if any.
+	Field string `json:"field"`
+}
+
+// Error describes the failure without any credential.
+func (e *APIError) Error() string {
+	msg := fmt.Sprintf("%s token API answered %d", e.Provider, e.StatusCode)
+	if e.Code != "" {
+		msg += " " + e.Code
+	}
+	if e.Description != "" {
+		msg += ": " + e.Description
+	}
+	for _, d := range e.Details {
+		msg += fmt.Sprintf(" [%s %s: %s]", d.Code, d.Field, d.Description)
+	}
+	if e.Err != nil {
+		msg += ": " + e.Err.Error()
+	}
+	return msg
+}
+
+// Unwrap returns the underlying cause.
+func (e *APIError) Unwrap() error { return e.Err }
+
+// Temporary reports whether trying again later may succeed: 408, 425, 429 and
+// 5xx answers. Credentials, scope and request errors are permanent.
+func (e *APIError) Temporary() bool {
+	switch {
+	case e.StatusCode == http.StatusRequestTimeout, e.StatusCode == http.StatusTooEarly,
+		e.StatusCode == http.StatusTooManyRequests, e.StatusCode >= 500:
+		return true
+	}
+	return false
+}
+
+// IsTimeout reports whether err is a deadline or network timeout.
+func IsTimeout(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return true
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// IsTemporary reports whether err is worth retrying: timeouts, connection
+// failures and temporary API errors. Permanent API errors (bad credentials,
+// unknown organisation, invalid scope) and cancellations are not.
+func IsTemporary(err error) bool {
+	if err == nil || errors.Is(err, context.Canceled) {
+		return false
+	}
+	var ae *APIError
+	if errors.As(err, &ae) {
+		return ae.Temporary()
+	}
+	var cfgErr *RequestError
+	if errors.As(err, &cfgErr) {
+		return false
+	}
+	return true // transport errors: refused, reset, DNS, timeouts
+}
+
+// RequestError is a token request the source refused to send because it
+// could never succeed (for example an organisation id that is not a single
+// path segment). It is permanent.
+type RequestError struct {
+	// Merchant is the merchant the request was for.
+	Merchant string
+	// Field names the offending request field.
+	Field string
+	// Reason explains what is wrong.
+	Reason string
+}
+
+// Error describes the refused request.
+func (e *RequestError) Error() string {
+	return fmt.Sprintf("merchant %q: %s: %s", e.Merchant, e.Field, e.Reason)
+}
+
+// parseRetryAfter reads a Retry-After header in seconds or as an HTTP date.
+func parseRetryAfter(v string, now time.Time) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if secs, err := strconv.Atoi(v); err == nil {
+		if secs < 0 {
+			return 0
+		}
+		return time.Duration(min(secs, 3600)) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil && t.After(now) {
+		return t.Sub(now)
+	}
+	return 0
+}

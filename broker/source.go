@@ -1,0 +1,91 @@
+package broker
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Source obtains access tokens from one provider's token API.
+//
+// Token is called by the broker at most once at a time per cache key, but
+// concurrently for different keys, so implementations must be safe for
+// concurrent use. The context carries the deadline and the trace of the
+// fetch; implementations must honour its cancellation. A returned error
+// should be an *APIError when the provider answered, so that the broker and
+// the HTTP handler can tell a permanent refusal from a transient failure.
+// Errors must never contain a credential or a token.
+type Source interface {
+	Token(ctx context.Context, req Request) (Token, error)
+}
+
+// SourceFunc adapts a function to the Source interface.
+type SourceFunc func(ctx context.Context, req Request) (Token, error)
+
+// Token calls f.
+func (f SourceFunc) Token(ctx context.Context, req Request) (Token, error) { return f(ctx, req) }
+
+// Request describes the token wanted: for which organisation, with which
+// scopes and for how long.
+type Request struct {
+	// Merchant is the merchant the token is for. Used in errors and logs
+	// only; the provider sees Organisation.
+	Merchant string
+	// Organisation is the provider's identifier of the merchant's
+	// organisation (Nuapay's encodedOrganisationId). Empty for providers
+	// where the credentials alone select the account (OneID).
+	Organisation string
+	// Scopes are the scopes to ask for, sorted and without duplicates
+	// (NewBinding normalises them).
+	Scopes []string
+	// Audience is the audience or resource the token is for, if the
+	// provider needs one.
+	Audience string
+	// Lifetime is the lifetime to ask for, where the provider lets the
+	// client choose (Nuapay's expiresIn). Zero means the source's default.
+	Lifetime time.Duration
+}
+
+// Binding ties a Request to the Source that serves it and to the cache key
+// under which its token is kept. Build bindings once, when configuration is
+// loaded, and reuse them for every request: the hot path then computes
+// nothing.
+type Binding struct {
+	// SourceID names the source and the version of its configuration
+	// (for example "nuapay-sandbox#3f2a9c01"). Tokens are shared between
+	// bindings with the same SourceID, organisation, scopes and audience,
+	// so a SourceID must change whenever the source's configuration does.
+	SourceID string
+	// Source is where tokens come from.
+	Source Source
+	// Request is what is asked for.
+	Request Request
+
+	key string
+}
+
+// NewBinding returns a binding with its scopes sorted and de-duplicated and
+// its cache key computed.
+func NewBinding(sourceID string, src Source, req Request) *Binding {
+	req.Scopes = NormaliseScopes(req.Scopes)
+	key := strings.Join([]string{sourceID, req.Organisation, strings.Join(req.Scopes, " "), req.Audience}, "\x00")
+	return &Binding{SourceID: sourceID, Source: src, Request: req, key: key}
+}
+
+// Key is the cache key of the binding: (source, organisation, sorted scopes,
+// audience).
+func (b *Binding) Key() string { return b.key }
+
+// NormaliseScopes returns the scopes sorted, trimmed and without duplicates
+// or empty strings. The input is not modified.
+func NormaliseScopes(scopes []string) []string {
+	out := make([]string, 0, len(scopes))
+	for _, s := range scopes {
+		if s = strings.TrimSpace(s); s != "" {
+			out = append(out, s)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}

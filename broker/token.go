@@ -1,0 +1,98 @@
+package broker
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"strings"
+	"time"
+)
+
+// Secret is a credential or token value. Its String, GoString and text
+// marshalling all print "[REDACTED]", so passing one to a logger, fmt or
+// encoding/json by accident never reveals it. Use Reveal where the value is
+// really needed (an Authorization header, a request body).
+type Secret string
+
+// Redacted is what a Secret prints as.
+const Redacted = "[REDACTED]"
+
+// Reveal returns the secret value itself.
+func (s Secret) Reveal() string { return string(s) }
+
+// String implements fmt.Stringer without revealing the value.
+func (s Secret) String() string { return Redacted }
+
+// GoString implements fmt.GoStringer without revealing the value.
+func (s Secret) GoString() string { return Redacted }
+
+// MarshalText implements encoding.TextMarshaler without revealing the value.
+func (s Secret) MarshalText() ([]byte, error) { return []byte(Redacted), nil }
+
+// Fingerprint returns the first 8 hex characters of the SHA-256 of the
+// value: enough to correlate log lines, useless to an attacker.
+func (s Secret) Fingerprint() string { return Fingerprint(string(s)) }
+
+// Fingerprint returns the first 8 hex characters of the SHA-256 of v.
+func Fingerprint(v string) string {
+	if v == "" {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(v))
+	return hex.EncodeToString(sum[:4])
+}
+
+// Token is an access token obtained from a Source.
+type Token struct {
+	// Value is the access token itself. It prints as [REDACTED].
+	Value Secret
+	// Type is the token type as the provider spelled it ("Bearer",
+	// "BEARER", "bearer"); the broker always sends "Bearer".
+	Type string
+	// Expiry is when the provider says the token stops working. A zero
+	// Expiry is not allowed: sources must fill it in (from the response or
+	// a configured default).
+	Expiry time.Time
+	// ID is the provider's identifier of the token, used for revocation
+	// (Nuapay's data.id). Empty when the provider has none.
+	ID string
+	// Scopes are the scopes the provider granted, when it says.
+	Scopes []string
+	// IssuedAt is when the broker received the token (broker clock).
+	IssuedAt time.Time
+}
+
+// Fingerprint identifies the token in logs, spans and admin output.
+func (t Token) Fingerprint() string { return t.Value.Fingerprint() }
+
+// Lifetime is the token's whole lifetime as the broker saw it.
+func (t Token) Lifetime() time.Duration { return t.Expiry.Sub(t.IssuedAt) }
+
+// ValidAt reports whether the token can still be used at now with at least
+// leeway to spare.
+func (t Token) ValidAt(now time.Time, leeway time.Duration) bool {
+	return t.Value != "" && now.Add(leeway).Before(t.Expiry)
+}
+
+// validTokenValue reports whether v can go into an HTTP header: non-empty
+// and without control characters, spaces or non-ASCII bytes (RFC 6750 b64token
+// is a strict subset of printable ASCII).
+func validTokenValue(v string) bool {
+	if v == "" || len(v) > maxTokenLen {
+		return false
+	}
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		if c <= ' ' || c >= 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// maxTokenLen bounds an access token's size (a large JWT is a few KiB).
+const maxTokenLen = 16 << 10
+
+// isBearer reports whether a token_type names a bearer token, ignoring case.
+func isBearer(tokenType string) bool {
+	return strings.EqualFold(tokenType, "bearer")
+}
