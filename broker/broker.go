@@ -151,7 +151,7 @@ func New(opts Options) *Broker {
 	return &Broker{opts: opts, cache: gocache.New(gocache.NoExpiration, opts.CleanupInterval)}
 }
 
-// Close stops the background cleanup. Fetches in flight finish on their own.
+// Close drops every cached token. Fetches in flight finish on their own.
 func (br *Broker) Close() { br.cache.Flush() }
 
 // Token returns a valid token for the binding: from the cache, or from its
@@ -244,21 +244,19 @@ func (br *Broker) fetch(parent context.Context, b *Binding, background bool) (*E
 	if err == nil {
 		err = br.check(b, &tok, now)
 	}
+	var e *Entry
+	if err == nil {
+		e = &Entry{tok: tok, header: "Bearer " + tok.Value.Reveal(), refreshAt: tok.Expiry}
+		if br.opts.RefreshWindow > 0 {
+			life := tok.Expiry.Sub(tok.IssuedAt)
+			e.refreshAt = tok.Expiry.Add(-time.Duration(float64(life) * br.opts.RefreshWindow))
+		}
+		br.cache.Set(b.key, e, tok.Expiry.Sub(now))
+	}
 	if br.opts.Observer != nil {
 		br.opts.Observer.Fetched(ctx, b, tok, elapsed, background, err)
 	}
-	if err != nil {
-		return nil, err
-	}
-	e := &Entry{tok: tok, header: "Bearer " + tok.Value.Reveal()}
-	life := tok.Expiry.Sub(tok.IssuedAt)
-	if br.opts.RefreshWindow > 0 {
-		e.refreshAt = tok.Expiry.Add(-time.Duration(float64(life) * br.opts.RefreshWindow))
-	} else {
-		e.refreshAt = tok.Expiry
-	}
-	br.cache.Set(b.key, e, tok.Expiry.Sub(now))
-	return e, nil
+	return e, err
 }
 
 // ErrExpiredToken is returned when a provider hands out a token that is

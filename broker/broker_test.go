@@ -1,0 +1,347 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// fakeClock is a clock that moves only when told to.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{t: time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)} }
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// countingSource issues numbered tokens that live `life` on the fake clock.
+type countingSource struct {
+	clock *fakeClock
+	life  time.Duration
+	calls atomic.Int64
+
+	mu   sync.Mutex
+	gate chan struct{} // when non-nil, each call waits for it to close
+	err  error
+}
+
+func (s *countingSource) set(gate chan struct{}, err error) {
+	s.mu.Lock()
+	s.gate, s.err = gate, err
+	s.mu.Unlock()
+}
+
+func (s *countingSource) Token(ctx context.Context, req Request) (Token, error) {
+	n := s.calls.Add(1)
+	s.mu.Lock()
+	gate, err := s.gate, s.err
+	s.mu.Unlock()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return Token{}, ctx.Err()
+		}
+	}
+	if err != nil {
+		return Token{}, err
+	}
+	return Token{Value: Secret(fmt.Sprintf("tok-%s-%d", req.Merchant, n)), Type: "Bearer", Expiry: s.clock.Now().Add(s.life)}, nil
+}
+
+// fetchObserver signals every completed fetch.
+type fetchObserver struct {
+	fetched chan error
+	mu      sync.Mutex
+	results map[Result]int
+}
+
+func newObserver() *fetchObserver {
+	return &fetchObserver{fetched: make(chan error, 100), results: map[Result]int{}}
+}
+
+func (o *fetchObserver) Lookup(_ *Binding, r Result) {
+	o.mu.Lock()
+	o.results[r]++
+	o.mu.Unlock()
+}
+
+func (o *fetchObserver) Fetched(_ context.Context, _ *Binding, _ Token, _ time.Duration, _ bool, err error) {
+	o.fetched <- err
+}
+
+func (o *fetchObserver) count(r Result) int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.results[r]
+}
+
+func TestConcurrentFirstRequestsFetchOnce(t *testing.T) {
+	clock := newFakeClock()
+	src := &countingSource{clock: clock, life: time.Hour, gate: make(chan struct{})}
+	br := New(Options{Now: clock.Now})
+	b := NewBinding("nuapay#1", src, Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"a"}})
+
+	const n = 200
+	var started, done sync.WaitGroup
+	started.Add(n)
+	done.Add(n)
+	tokens := make([]string, n)
+	errs := make([]error, n)
+	for i := range n {
+		go func() {
+			defer done.Done()
+			started.Done()
+			tok, err := br.Token(context.Background(), b)
+			tokens[i], errs[i] = tok.Value.Reveal(), err
+		}()
+	}
+	started.Wait()
+	close(src.gate) // release the one fetch (and any other, which would fail the test)
+	done.Wait()
+	if got := src.calls.Load(); got != 1 {
+		t.Fatalf("token API calls = %d, want 1", got)
+	}
+	for i := range n {
+		if errs[i] != nil || tokens[i] != "tok-acme-1" {
+			t.Fatalf("request %d: token %q, err %v", i, tokens[i], errs[i])
+		}
+	}
+}
+
+func TestRefreshAheadAndExpiry(t *testing.T) {
+	clock := newFakeClock()
+	src := &countingSource{clock: clock, life: 100 * time.Second}
+	obs := newObserver()
+	br := New(Options{Now: clock.Now, Observer: obs})
+	b := NewBinding("nuapay#1", src, Request{Merchant: "acme", Organisation: "o", Scopes: []string{"a"}})
+	ctx := context.Background()
+
+	steps := []struct {
+		name      string
+		advance   time.Duration
+		gate      bool // hold the refresh so that many lookups see it in flight
+		lookups   int
+		want      string
+		wantRes   Result
+		wantCalls int64
+	}{
+		{"first request fetches", 0, false, 1, "tok-acme-1", Miss, 1},
+		{"before the window: hit", 74 * time.Second, false, 5, "tok-acme-1", Hit, 1},
+		{"in the window: old token served, one refresh", 2 * time.Second, true, 50, "tok-acme-1", RefreshAhead, 2},
+		{"after the refresh: new token", 0, false, 1, "tok-acme-2", Hit, 2},
+		{"past the expiry of token 2: fetch anew", 200 * time.Second, false, 1, "tok-acme-3", Miss, 3},
+	}
+	for _, st := range steps {
+		clock.Add(st.advance)
+		gate := make(chan struct{})
+		if st.gate {
+			src.set(gate, nil)
+		}
+		before := obs.count(st.wantRes)
+		for i := range st.lookups {
+			e, res, err := br.Get(ctx, b)
+			if err != nil {
+				t.Fatalf("%s: %v", st.name, err)
+			}
+			if got := e.Token().Value.Reveal(); got != st.want {
+				t.Fatalf("%s: lookup %d got %s, want %s", st.name, i, got, st.want)
+			}
+			if !e.Token().ValidAt(clock.Now(), 0) {
+				t.Fatalf("%s: expired token returned", st.name)
+			}
+			if i == 0 && res != st.wantRes {
+				t.Fatalf("%s: result %s, want %s", st.name, res, st.wantRes)
+			}
+		}
+		if st.gate {
+			if got := obs.count(RefreshAhead) - before; got != 1 {
+				t.Fatalf("%s: %d lookups started a refresh, want 1", st.name, got)
+			}
+			close(gate)
+			src.set(nil, nil)
+		}
+		if st.wantRes != Hit || st.gate {
+			if err := <-obs.fetched; err != nil {
+				t.Fatalf("%s: fetch failed: %v", st.name, err)
+			}
+		}
+		if got := src.calls.Load(); got != st.wantCalls {
+			t.Fatalf("%s: token API calls = %d, want %d", st.name, got, st.wantCalls)
+		}
+	}
+}
+
+func TestExpiredTokenNeverReturned(t *testing.T) {
+	clock := newFakeClock()
+	tests := []struct {
+		name string
+		life time.Duration
+	}{
+		{"already expired", -time.Second},
+		{"expires now", 0},
+		{"inside the leeway", 500 * time.Millisecond},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			src := &countingSource{clock: clock, life: tt.life}
+			br := New(Options{Now: clock.Now, Leeway: time.Second})
+			b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
+			if _, err := br.Token(context.Background(), b); !errors.Is(err, ErrExpiredToken) {
+				t.Fatalf("err = %v, want ErrExpiredToken", err)
+			}
+		})
+	}
+	// A cached token that reaches its leeway is fetched anew, not served.
+	src := &countingSource{clock: clock, life: 10 * time.Second}
+	br := New(Options{Now: clock.Now, Leeway: time.Second, RefreshWindow: -1})
+	b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
+	if _, err := br.Token(context.Background(), b); err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(9500 * time.Millisecond)
+	tok, err := br.Token(context.Background(), b)
+	if err != nil || tok.Value.Reveal() != "tok-acme-2" {
+		t.Fatalf("token %s, err %v; want a new token", tok.Value.Reveal(), err)
+	}
+}
+
+func TestScopeSetsKeyTheCache(t *testing.T) {
+	clock := newFakeClock()
+	src := &countingSource{clock: clock, life: time.Hour}
+	br := New(Options{Now: clock.Now})
+	get := func(scopes ...string) string {
+		tok, err := br.Token(context.Background(), NewBinding("s", src, Request{Merchant: "acme", Organisation: "o", Scopes: scopes}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok.Value.Reveal()
+	}
+	aisp := get("openbanking_aisp")
+	pisp := get("openbanking_pisp")
+	both := get("openbanking_aisp", "openbanking_pisp")
+	bothReordered := get("openbanking_pisp", "openbanking_aisp", "openbanking_pisp")
+	if aisp == pisp || aisp == both || pisp == both {
+		t.Fatalf("different scope sets share a token: %s %s %s", aisp, pisp, both)
+	}
+	if both != bothReordered {
+		t.Fatalf("same scope set in another order got another token: %s vs %s", both, bothReordered)
+	}
+	if got := src.calls.Load(); got != 3 {
+		t.Fatalf("token API calls = %d, want 3", got)
+	}
+}
+
+func TestWaiterKeepsItsOwnContext(t *testing.T) {
+	clock := newFakeClock()
+	src := &countingSource{clock: clock, life: time.Hour, gate: make(chan struct{})}
+	br := New(Options{Now: clock.Now})
+	b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
+
+	impatient, cancel := context.WithCancel(context.Background())
+	errc := make(chan error)
+	go func() { _, err := br.Token(impatient, b); errc <- err }()
+	patient := make(chan string)
+	go func() {
+		tok, err := br.Token(context.Background(), b)
+		if err != nil {
+			t.Error(err)
+		}
+		patient <- tok.Value.Reveal()
+	}()
+	for src.calls.Load() == 0 {
+		time.Sleep(time.Millisecond) // wait for the fetch to start, not for time to pass
+	}
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled waiter: err = %v", err)
+	}
+	close(src.gate)
+	if got := <-patient; got != "tok-acme-1" {
+		t.Fatalf("patient waiter got %q", got)
+	}
+}
+
+func TestFailedRefreshKeepsServingAndRetriesLater(t *testing.T) {
+	clock := newFakeClock()
+	src := &countingSource{clock: clock, life: 100 * time.Second}
+	obs := newObserver()
+	br := New(Options{Now: clock.Now, Observer: obs, RefreshRetry: 5 * time.Second})
+	b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
+	ctx := context.Background()
+	if _, err := br.Token(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	<-obs.fetched
+	src.set(nil, &APIError{Provider: "nuapay", StatusCode: 503})
+	clock.Add(80 * time.Second)
+	for range 3 {
+		if tok, err := br.Token(ctx, b); err != nil || tok.Value.Reveal() != "tok-acme-1" {
+			t.Fatalf("token %s, err %v", tok.Value.Reveal(), err)
+		}
+	}
+	if err := <-obs.fetched; err == nil {
+		t.Fatal("refresh should have failed")
+	}
+	// wait for the refresh goroutine to record its failure
+	for {
+		if v, ok := br.cache.Get(b.Key()); ok && !v.(*Entry).refreshing.Load() {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	for range 3 {
+		br.Token(ctx, b) // inside RefreshRetry: no new attempt
+	}
+	if got := src.calls.Load(); got != 2 {
+		t.Fatalf("calls = %d, want 2 (no retry before RefreshRetry)", got)
+	}
+	src.set(nil, nil)
+	clock.Add(6 * time.Second)
+	br.Token(ctx, b)
+	if err := <-obs.fetched; err != nil {
+		t.Fatal(err)
+	}
+	if tok, _ := br.Token(ctx, b); tok.Value.Reveal() != "tok-acme-3" {
+		t.Fatalf("after recovery got %s", tok.Value.Reveal())
+	}
+}
+
+func TestSecretNeverPrints(t *testing.T) {
+	tok := Token{Value: "super-secret-token", Expiry: time.Now()}
+	for _, s := range []string{
+		fmt.Sprint(tok), fmt.Sprintf("%v %+v %#v %s %q", tok, tok, tok, tok.Value, tok.Value),
+	} {
+		if contains(s, "super-secret") {
+			t.Fatalf("token leaked: %s", s)
+		}
+	}
+	if tok.Fingerprint() != Fingerprint("super-secret-token") || len(tok.Fingerprint()) != 8 {
+		t.Fatalf("fingerprint %q", tok.Fingerprint())
+	}
+}
+
+func contains(s, sub string) bool {
+	for i := 0; i+len(sub) <= len(s); i++ {
+		if s[i:i+len(sub)] == sub {
+			return true
+		}
+	}
+	return false
+}

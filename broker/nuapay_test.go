@@ -1,0 +1,234 @@
+package broker
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+)
+
+// gatekeeper is a scripted Gatekeeper token endpoint that records what it got.
+type gatekeeper struct {
+	status  int
+	body    string
+	header  http.Header
+	gotPath string
+	gotAuth string
+	gotBody map[string]any
+}
+
+func (g *gatekeeper) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	g.gotPath = r.URL.EscapedPath()
+	g.gotAuth = r.Header.Get("Authorization")
+	g.gotBody = nil
+	_ = json.NewDecoder(r.Body).Decode(&g.gotBody)
+	for k, v := range g.header {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(g.status)
+	io.WriteString(w, g.body)
+}
+
+func newNuapayTest(t *testing.T, g *gatekeeper) *Nuapay {
+	t.Helper()
+	srv := httptest.NewServer(g)
+	t.Cleanup(srv.Close)
+	n, err := NewNuapay(NuapayConfig{BaseURL: srv.URL + "/gk/", APIKey: "partner-key", Lifetime: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+const okEnvelope = `{"uri":"/x","data":{"id":"tok-id-1","uri":"/x","accessToken":"eyJ.a.b","tokenType":"BEARER",
+ "expiryTime":%d,"scopes":["openbanking_pisp"],"status":"ACTIVE","createdTimestamp":1544975872000,"revokedTimestamp":null,
+ "links":[{"id":"tok-id-1","resourceType":"revoketoken","uri":"/tokens/tok-id-1/revoke"}]}}`
+
+func TestNuapayTokenRequest(t *testing.T) {
+	sent := time.Now()
+	g := &gatekeeper{status: 201, body: strings.Replace(okEnvelope, "%d", "32503680000000", 1)}
+	n := newNuapayTest(t, g)
+	tok, err := n.Token(context.Background(), Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}, Lifetime: 15 * time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "Basic " + base64.StdEncoding.EncodeToString([]byte("partner-key:")); g.gotAuth != want {
+		t.Errorf("auth = %q, want %q (API key with an empty password)", g.gotAuth, want)
+	}
+	if g.gotPath != "/gk/organisations/org-acme/tokens" {
+		t.Errorf("path = %q", g.gotPath)
+	}
+	if g.gotBody["expiresIn"] != float64(900) || g.gotBody["scopes"].([]any)[0] != "openbanking_pisp" {
+		t.Errorf("body = %v", g.gotBody)
+	}
+	if tok.Value.Reveal() != "eyJ.a.b" || tok.ID != "tok-id-1" || tok.Type != "Bearer" {
+		t.Errorf("token = %+v", tok)
+	}
+	// expiryTime in year 3000 is capped to what was asked for.
+	if d := tok.Expiry.Sub(sent); d < 15*time.Minute-time.Second || d > 15*time.Minute+time.Second {
+		t.Errorf("expiry in %s, want 15m", d)
+	}
+}
+
+func TestNuapayExpiryTimeIsMilliseconds(t *testing.T) {
+	now := time.Now()
+	body := []byte(strings.Replace(okEnvelope, "%d", jsonInt(now.Add(10*time.Second).UnixMilli()), 1))
+	tok, err := ParseNuapayToken(body, now, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := tok.Expiry.Sub(now); d < 9*time.Second || d > 11*time.Second {
+		t.Fatalf("expiry in %s, want 10s", d)
+	}
+}
+
+func jsonInt(v int64) string { b, _ := json.Marshal(v); return string(b) }
+
+func TestNuapayOrganisationIDCannotChangeThePath(t *testing.T) {
+	tests := []struct {
+		org      string
+		wantPath string // "" means refused before sending
+	}{
+		{"org-acme", "/gk/organisations/org-acme/tokens"},
+		{"a/b", "/gk/organisations/a%2Fb/tokens"},
+		{"../../admin", "/gk/organisations/%2E%2E%2F%2E%2E%2Fadmin/tokens"},
+		{"50%off", "/gk/organisations/50%25off/tokens"},
+		{"x?y#z", "/gk/organisations/x%3Fy%23z/tokens"},
+		{"..", ""},
+		{".", ""},
+		{"", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.org, func(t *testing.T) {
+			g := &gatekeeper{status: 201, body: strings.Replace(okEnvelope, "%d", "32503680000000", 1)}
+			n := newNuapayTest(t, g)
+			_, err := n.Token(context.Background(), Request{Merchant: "m", Organisation: tt.org, Scopes: []string{"s"}})
+			if tt.wantPath == "" {
+				var re *RequestError
+				if !errors.As(err, &re) || g.gotPath != "" {
+					t.Fatalf("err = %v, path = %q: want refusal before sending", err, g.gotPath)
+				}
+				return
+			}
+			if err != nil || g.gotPath != tt.wantPath {
+				t.Fatalf("path = %q (err %v), want %q", g.gotPath, err, tt.wantPath)
+			}
+		})
+	}
+}
+
+func TestNuapayErrors(t *testing.T) {
+	tests := []struct {
+		name       string
+		status     int
+		body       string
+		header     http.Header
+		wantCode   string
+		wantDesc   string
+		wantRetry  time.Duration
+		wantTemp   bool
+		wantDetail string
+	}{
+		{name: "401 envelope", status: 401, body: `{"returnCode":"40100","returnDescription":"Unauthorized","details":null}`,
+			wantCode: "40100", wantDesc: "Unauthorized"},
+		{name: "422 details array", status: 422, body: `{"returnCode":"42200","returnDescription":"Invalid request","details":[{"code":"8888","description":"must be >= 10","field":"expiresIn","resourceUri":null}]}`,
+			wantCode: "42200", wantDetail: "expiresIn"},
+		{name: "400 details object", status: 400, body: `{"returnCode":"40000","returnDescription":"Invalid request","details":{"code":"1","description":"bad","field":"scopes"}}`,
+			wantCode: "40000", wantDetail: "scopes"},
+		{name: "nulls everywhere", status: 403, body: `{"returnCode":null,"returnDescription":null,"details":null}`, wantDesc: "Forbidden"},
+		{name: "429 retry-after", status: 429, body: `{"returnCode":"42900"}`, header: http.Header{"Retry-After": {"7"}},
+			wantCode: "42900", wantRetry: 7 * time.Second, wantTemp: true},
+		{name: "503 html", status: 503, body: `<html>down</html>`, wantDesc: "Service Unavailable", wantTemp: true},
+		{name: "201 without token", status: 201, body: `{"data":{}}`, wantCode: "malformed_response"},
+		{name: "201 truncated json", status: 201, body: `{"data":{"accessTok`, wantCode: "malformed_response"},
+		{name: "201 html", status: 201, body: `<html>`, wantCode: "malformed_response"},
+		{name: "201 mac token", status: 201, body: `{"data":{"accessToken":"x","tokenType":"MAC"}}`, wantCode: "unsupported_token_type"},
+		{name: "201 revoked", status: 201, body: `{"data":{"accessToken":"x","tokenType":"BEARER","status":"REVOKED"}}`, wantCode: "inactive_token"},
+		{name: "body over the cap", status: 201, body: `{"data":"` + strings.Repeat("x", MaxResponseBytes) + `"}`, wantCode: "response_too_large"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n := newNuapayTest(t, &gatekeeper{status: tt.status, body: tt.body, header: tt.header})
+			_, err := n.Token(context.Background(), Request{Merchant: "acme", Organisation: "o", Scopes: []string{"s"}})
+			var ae *APIError
+			if !errors.As(err, &ae) {
+				t.Fatalf("err = %v (%T), want *APIError", err, err)
+			}
+			if ae.StatusCode != tt.status || ae.Code != tt.wantCode || ae.RetryAfter != tt.wantRetry || IsTemporary(err) != tt.wantTemp {
+				t.Fatalf("got %+v temporary=%v", ae, IsTemporary(err))
+			}
+			if tt.wantDesc != "" && ae.Description != tt.wantDesc {
+				t.Fatalf("description = %q, want %q", ae.Description, tt.wantDesc)
+			}
+			if tt.wantDetail != "" && (len(ae.Details) != 1 || ae.Details[0].Field != tt.wantDetail) {
+				t.Fatalf("details = %+v", ae.Details)
+			}
+			if strings.Contains(err.Error(), "partner-key") {
+				t.Fatalf("error leaks the API key: %v", err)
+			}
+		})
+	}
+}
+
+func TestNuapayTimeoutAndRefused(t *testing.T) {
+	block := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-block }))
+	defer srv.Close()
+	defer close(block)
+	n, _ := NewNuapay(NuapayConfig{BaseURL: srv.URL, APIKey: "k"})
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, err := n.Token(ctx, Request{Merchant: "m", Organisation: "o", Scopes: []string{"s"}})
+	if !IsTimeout(err) || !IsTemporary(err) {
+		t.Fatalf("err = %v: want a temporary timeout", err)
+	}
+
+	dead := httptest.NewServer(http.NotFoundHandler())
+	dead.Close()
+	n, _ = NewNuapay(NuapayConfig{BaseURL: dead.URL, APIKey: "k"})
+	_, err = n.Token(context.Background(), Request{Merchant: "m", Organisation: "o", Scopes: []string{"s"}})
+	if err == nil || IsTimeout(err) || !IsTemporary(err) {
+		t.Fatalf("err = %v: want a temporary non-timeout error", err)
+	}
+}
+
+func TestNuapayRevokeAndOrganisations(t *testing.T) {
+	var paths []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		paths = append(paths, r.Method+" "+r.URL.RequestURI())
+		switch {
+		case strings.HasSuffix(r.URL.Path, "/tokens/revoke"):
+			io.WriteString(w, `{"uri":"x","data":{"uri":"x","revokedTokensCount":3}}`)
+		case strings.HasSuffix(r.URL.Path, "/revoke"):
+			io.WriteString(w, `{"data":{"id":"t1","status":"REVOKED"}}`)
+		case r.URL.Query().Get("pagenumber") == "1":
+			io.WriteString(w, `{"data":[{"id":"o1","name":"One"}],"page":{"pageNumber":1,"totalPages":2}}`)
+		default:
+			io.WriteString(w, `{"data":[{"id":"o2","name":"Two"}],"page":{"pageNumber":2,"totalPages":2}}`)
+		}
+	}))
+	defer srv.Close()
+	n, _ := NewNuapay(NuapayConfig{BaseURL: srv.URL, APIKey: "k", OrganisationsPath: "/cust/organisations"})
+	ctx := context.Background()
+	if err := n.Revoke(ctx, "o1", "t1"); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := n.RevokeAll(ctx, "o1"); err != nil || c != 3 {
+		t.Fatalf("RevokeAll = %d, %v", c, err)
+	}
+	orgs, err := n.Organisations(ctx)
+	if err != nil || len(orgs) != 2 || orgs[1].ID != "o2" {
+		t.Fatalf("orgs = %+v, %v", orgs, err)
+	}
+	want := []string{"POST /organisations/o1/tokens/t1/revoke", "POST /organisations/o1/tokens/revoke",
+		"GET /cust/organisations?pagenumber=1&pagesize=100", "GET /cust/organisations?pagenumber=2&pagesize=100"}
+	if strings.Join(paths, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("calls:\n%s\nwant:\n%s", strings.Join(paths, "\n"), strings.Join(want, "\n"))
+	}
+}
