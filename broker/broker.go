@@ -204,9 +204,16 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	}
 }
 
+func (br *Broker) observer(b *Binding) Observer {
+	if b.Observer != nil {
+		return b.Observer
+	}
+	return br.opts.Observer
+}
+
 func (br *Broker) observe(b *Binding, r Result) {
-	if br.opts.Observer != nil {
-		br.opts.Observer.Lookup(b, r)
+	if o := br.observer(b); o != nil {
+		o.Lookup(b, r)
 	}
 }
 
@@ -253,8 +260,8 @@ func (br *Broker) fetch(parent context.Context, b *Binding, background bool) (*E
 		}
 		br.cache.Set(b.key, e, tok.Expiry.Sub(now))
 	}
-	if br.opts.Observer != nil {
-		br.opts.Observer.Fetched(ctx, b, tok, elapsed, background, err)
+	if o := br.observer(b); o != nil {
+		o.Fetched(ctx, b, tok, elapsed, background, err)
 	}
 	return e, err
 }

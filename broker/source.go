@@ -61,6 +61,10 @@ type Binding struct {
 	Source Source
 	// Request is what is asked for.
 	Request Request
+	// Observer, when set, is told about this binding's lookups and fetches
+	// instead of the Broker's Observer (a Caddy handler sets its own, so
+	// that logs and metrics follow config reloads).
+	Observer Observer
 
 	key string
 }
