@@ -1,0 +1,127 @@
+// Command sandbox serves the sandbox provider APIs (Nuapay Gatekeeper, OneID
+// and an echo upstream) on a local address for `make run` and tests.
+//
+//	sandbox -listen 127.0.0.1:9080 -api-key KEY -orgs org-acme,org-globex \
+//	        -oneid-client id:secret -addr-file /tmp/sandbox.addr
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
+)
+
+func main() {
+	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
+	if err := run(); err != nil {
+		log.Fatal("sandbox: ", err)
+	}
+}
+
+func run() error {
+	key := os.Getenv("NUAPAY_API_KEY")
+	if key == "" {
+		key = "sandbox-partner-key"
+	}
+	listen := flag.String("listen", "127.0.0.1:9080", "address to listen on (port 0 picks a free one)")
+	apiKey := flag.String("api-key", key, "Nuapay partner API key accepted (default $NUAPAY_API_KEY)")
+	orgs := flag.String("orgs", "org-acme,org-globex,org-initech", "comma-separated organisation ids linked to the partner")
+	oneID := flag.String("oneid-client", "sandbox-oneid-client:sandbox-oneid-secret", "OneID client as id:secret")
+	addrFile := flag.String("addr-file", "", "write the actual listen address to this file once listening")
+	flag.Parse()
+
+	id, secret, ok := strings.Cut(*oneID, ":")
+	if !ok || id == "" {
+		return fmt.Errorf("-oneid-client %q: want id:secret", *oneID)
+	}
+	cfg := sandbox.Config{APIKeys: []string{*apiKey}, OneIDClients: map[string]string{id: secret}}
+	for _, o := range strings.Split(*orgs, ",") {
+		if o = strings.TrimSpace(o); o != "" {
+			cfg.Organisations = append(cfg.Organisations, sandbox.Organisation{ID: o, Name: o, Code: strings.ToUpper(o)})
+		}
+	}
+
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return err
+	}
+	addr := ln.Addr().String()
+	if *addrFile != "" {
+		// Write then rename, so a reader polling the file never sees half of it.
+		tmp := filepath.Join(filepath.Dir(*addrFile), "."+filepath.Base(*addrFile)+".tmp")
+		if err := os.WriteFile(tmp, []byte(addr), 0o644); err != nil {
+			return err
+		}
+		if err := os.Rename(tmp, *addrFile); err != nil {
+			return err
+		}
+	}
+	log.Printf("sandbox: listening on http://%s (%d organisations)", addr, len(cfg.Organisations))
+
+	srv := &http.Server{Handler: logRequests(sandbox.New(cfg)), ReadHeaderTimeout: 10 * time.Second}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Print("sandbox: shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		return err
+	}
+	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// statusWriter records the status code written.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// logRequests logs method, escaped path and status of each request; never
+// headers, query strings or bodies, which may carry credentials.
+func logRequests(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w}
+		h.ServeHTTP(sw, r)
+		if sw.status == 0 {
+			sw.status = http.StatusOK
+		}
+		log.Printf("%s %s %d %s", r.Method, r.URL.EscapedPath(), sw.status, time.Since(start).Round(time.Microsecond))
+	})
+}
