@@ -1,0 +1,310 @@
+package config
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// Registry is a loaded, validated merchant registry. It is not modified
+// after Load, so it is safe for concurrent use.
+type Registry struct {
+	// Path is the file the registry was read from.
+	Path string
+	// Providers are the providers by name.
+	Providers map[string]*Provider
+	// Merchants are the merchants by merchant id.
+	Merchants map[string]*Merchant
+}
+
+// Provider is a resolved [providers.NAME] table. It holds no secret in
+// clear: the credentials live inside Source.
+type Provider struct {
+	// Name is the provider's name in the file.
+	Name string
+	// Type is the token API type ("nuapay").
+	Type string
+	// ID is Name + "#" + the first 12 hex characters of a SHA-256 over the
+	// provider's resolved configuration (type, base URL, secret values,
+	// timeout, lifetime, TLS paths and the bytes of the files they name).
+	// It namespaces the token cache: it changes whenever anything about
+	// the provider does, and only then.
+	ID string
+	// Source issues the provider's tokens.
+	Source broker.Source
+	// BaseURL is the token API root, without trailing slash.
+	BaseURL string
+	// Timeout bounds each token-API call.
+	Timeout time.Duration
+	// TokenLifetime is the lifetime asked for when a merchant sets none.
+	TokenLifetime time.Duration
+	// OrganisationsPath is the path of Nuapay's organisations list.
+	OrganisationsPath string
+	// TLS are the resolved TLS options (absolute paths, no key material).
+	TLS broker.TLSOptions
+	// Line is the line of the provider's table, 0 if unknown.
+	Line int
+}
+
+// Merchant is a resolved [merchants.ID] table.
+type Merchant struct {
+	// ID is the merchant id, the name of its table.
+	ID string
+	// Provider is the name of the merchant's provider.
+	Provider string
+	// Organisation is the provider's id of the merchant's organisation.
+	Organisation string
+	// Scopes are the default scopes, normalised (sorted, de-duplicated).
+	Scopes []string
+	// Lifetime is the token lifetime to ask for; 0 means the provider's.
+	Lifetime time.Duration
+	// Audience is the audience the token is for, if any.
+	Audience string
+	// Line is the line of the merchant's table, 0 if unknown.
+	Line int
+}
+
+// Binding returns the broker binding for a merchant. Non-empty scopes
+// replace the merchant's default scopes. It fails when the merchant is
+// unknown, a scope is malformed, or the merchant ends up without scopes
+// where its provider type needs some.
+func (r *Registry) Binding(merchantID string, scopes []string) (*broker.Binding, error) {
+	m, ok := r.Merchants[merchantID]
+	if !ok {
+		return nil, fmt.Errorf("unknown merchant %q", merchantID)
+	}
+	p := r.Providers[m.Provider]
+	sc := m.Scopes
+	if s := broker.NormaliseScopes(scopes); len(s) > 0 {
+		for _, v := range s {
+			if !validScope(v) {
+				return nil, fmt.Errorf("merchant %q: scope %q is not a valid scope token", merchantID, v)
+			}
+		}
+		sc = s
+	}
+	if len(sc) == 0 && providerTypes[p.Type].needsScopes {
+		return nil, fmt.Errorf("merchant %q: provider %q (type %s) needs at least one scope: set the merchant's scopes or the route's", merchantID, p.Name, p.Type)
+	}
+	return broker.NewBinding(p.ID, p.Source, broker.Request{
+		Merchant:     m.ID,
+		Organisation: m.Organisation,
+		Scopes:       sc,
+		Audience:     m.Audience,
+		Lifetime:     m.Lifetime,
+	}), nil
+}
+
+// ValidMerchantID reports whether s can be a merchant id: 1 to 128 ASCII
+// letters, digits and . _ - : @ , starting with a letter or a digit.
+func ValidMerchantID(s string) bool {
+	if s == "" || len(s) > 128 || !isAlnum(s[0]) {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if !isAlnum(s[i]) && strings.IndexByte("._-:@,", s[i]) < 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func isAlnum(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'
+}
+
+// validScope reports whether s is an RFC 6749 scope-token: printable ASCII
+// without space, '"' or '\'. Scopes are joined with spaces in cache keys.
+func validScope(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c <= ' ' || c >= 0x7f || c == '"' || c == '\\' {
+			return false
+		}
+	}
+	return s != ""
+}
+
+// Duration is a time.Duration read from a TOML string in Go syntax ("90s",
+// "10m", "1h30m").
+type Duration time.Duration
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("invalid duration %q: use Go syntax such as \"90s\", \"10m\" or \"1h\"", b)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// String returns the duration in Go syntax.
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// Error is one problem in a registry file.
+type Error struct {
+	// File is the path of the file.
+	File string
+	// Line is the line of the problem, 0 if unknown.
+	Line int
+	// Entry is the entry at fault, `merchant "acme"` or
+	// `provider "nuapay-sandbox"`, or "" for the file as a whole.
+	Entry string
+	// Field is the key at fault within the entry ("provider",
+	// "tls.client_cert"), or "" for the entry as a whole.
+	Field string
+	// Msg says what is wrong. It never holds a secret.
+	Msg string
+}
+
+// Error formats the problem as
+// `merchants.toml:12: merchant "acme": field provider: unknown provider "nuapy" (defined: nuapay-sandbox)`.
+func (e *Error) Error() string {
+	where := e.File
+	if e.Line > 0 {
+		where += fmt.Sprintf(":%d", e.Line)
+	}
+	parts := make([]string, 0, 4)
+	for _, s := range []string{where, e.Entry, "field " + e.Field, e.Msg} {
+		if s != "" && s != "field " {
+			parts = append(parts, s)
+		}
+	}
+	return strings.Join(parts, ": ")
+}
+
+// Load reads and validates the TOML file at path, resolving secret
+// references from the environment and the file system.
+func Load(path string) (*Registry, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, &Error{File: path, Msg: fmt.Sprintf("cannot read the registry: %v", err)}
+	}
+	return Parse(path, data, os.LookupEnv)
+}
+
+// Parse is Load on data already read. lookupEnv resolves {env.NAME}
+// references (os.LookupEnv in production); path is used in messages and to
+// resolve relative file references against its folder.
+func Parse(path string, data []byte, lookupEnv func(string) (string, bool)) (*Registry, error) {
+	dir, err := filepath.Abs(filepath.Dir(path))
+	if err != nil {
+		dir = filepath.Dir(path)
+	}
+	p := &parser{file: path, dir: dir, env: lookupEnv, loc: locate(data)}
+	var doc document
+	md, err := toml.Decode(string(data), &doc)
+	if err != nil {
+		p.decodeError(err, true)
+		return nil, p.result()
+	}
+	p.checkKeys(md.Keys())
+	for _, k := range topKeys {
+		if t := md.Type(k); t != "" && t != "Hash" {
+			p.errs = append(p.errs, &Error{File: path, Line: p.loc.line(k), Field: k, Msg: fmt.Sprintf("must be a table of [%s.NAME] tables, not %s", k, typeName(t))})
+		} else if k == "merchants" && len(doc.Merchants) == 0 {
+			p.errs = append(p.errs, &Error{File: path, Line: p.loc.line(k), Msg: "no merchants: define at least one [merchants.ID] table"})
+		}
+	}
+
+	reg := &Registry{Path: path, Providers: map[string]*Provider{}, Merchants: map[string]*Merchant{}}
+	defined := map[string]string{} // the type of every provider in the file
+	for _, name := range sortedKeys(doc.Providers) {
+		pv, typ := p.provider(&md, name, doc.Providers[name])
+		defined[name] = typ
+		if pv != nil {
+			reg.Providers[name] = pv
+		}
+	}
+	for _, id := range sortedKeys(doc.Merchants) {
+		if m := p.merchant(&md, id, doc.Merchants[id], defined); m != nil {
+			reg.Merchants[id] = m
+		}
+	}
+	if err := p.result(); err != nil {
+		return nil, err
+	}
+	return reg, nil
+}
+
+// typeErrorRe matches BurntSushi's type errors, which are not ParseErrors.
+var typeErrorRe = regexp.MustCompile(`(?s)^toml: line (\d+) \(last key "((?:[^"\\]|\\.)*)"\): (.*)$`)
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// parser collects the problems of one file.
+type parser struct {
+	file string
+	dir  string // absolute folder of the file
+	env  func(string) (string, bool)
+	loc  locator
+	errs []error
+}
+
+// result joins the problems in file order (problems without a line last).
+func (p *parser) result() error {
+	line := func(err error) int {
+		if l := err.(*Error).Line; l > 0 {
+			return l
+		}
+		return math.MaxInt
+	}
+	slices.SortStableFunc(p.errs, func(a, b error) int { return cmp.Compare(line(a), line(b)) })
+	return errors.Join(p.errs...)
+}
+
+// decodeError records an error of BurntSushi's decoder: a syntax error
+// (from Parse) or a value of the wrong type (from an entry's decoding).
+// Both carry the line. The last key names the field at fault only for the
+// latter: a syntax error's last key may be the previous line's.
+func (p *parser) decodeError(err error, syntax bool) {
+	e := &Error{File: p.file, Msg: strings.TrimPrefix(err.Error(), "toml: ")}
+	var key string
+	var pe toml.ParseError
+	if errors.As(err, &pe) {
+		e.Line, e.Msg, key = pe.Position.Line, pe.Message, pe.LastKey
+	} else if m := typeErrorRe.FindStringSubmatch(err.Error()); m != nil {
+		fmt.Sscan(m[1], &e.Line)
+		key, e.Msg = unquote(`"`+m[2]+`"`), m[3]
+	}
+	switch k := splitKey(key); {
+	case syntax && len(k) > 0 && slices.Contains(secretKeys, k[len(k)-1]):
+		// The parser quotes the text it stumbled on: here, a secret.
+		e.Msg = fmt.Sprintf("the value of %s is not valid TOML (details withheld, they could quote the secret): write a quoted reference such as \"{env.NAME}\"", key)
+	case syntax && key != "":
+		e.Msg += fmt.Sprintf(" (after key %q)", key)
+	case !syntax:
+		e.Entry, e.Field = entryField(k)
+	}
+	p.errs = append(p.errs, e)
+}
+
+// entryField splits a key into the entry it belongs to and the field
+// within it.
+func entryField(k toml.Key) (entry, field string) {
+	if len(k) >= 2 && (k[0] == "providers" || k[0] == "merchants") {
+		return fmt.Sprintf("%s %q", strings.TrimSuffix(k[0], "s"), k[1]), k[2:].String()
+	}
+	return "", k.String()
+}

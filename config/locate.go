@@ -1,0 +1,141 @@
+package config
+
+import (
+	"strconv"
+	"strings"
+)
+
+// locator maps keys (joined with NUL) to the line where the file first
+// defines them. BurntSushi/toml keeps key positions private, so the raw file
+// is scanned for table headers ([merchants.acme], [merchants."a b"]) and
+// for key definitions (acme = {...}, acme.provider = "x", provider = "x")
+// under the current table. It only serves messages: a key it misses has
+// line 0.
+type locator map[string]int
+
+func locate(data []byte) locator {
+	loc := locator{}
+	var table []string
+	var inString string // the closing delimiter of an open multi-line string
+	for n, line := range strings.Split(string(data), "\n") {
+		line = strings.TrimSpace(line)
+		if inString != "" {
+			if strings.Count(line, inString)%2 == 1 {
+				inString = ""
+			}
+			continue
+		}
+		if strings.HasPrefix(line, "[") {
+			key, rest, ok := parseKey(strings.TrimPrefix(line[1:], "["))
+			if ok && strings.HasPrefix(rest, "]") {
+				table = key
+				for i := 1; i <= len(key); i++ {
+					loc.set(key[:i], n+1)
+				}
+			}
+			continue
+		}
+		key, rest, ok := parseKey(line)
+		if !ok || !strings.HasPrefix(rest, "=") {
+			continue
+		}
+		full := append(table[:len(table):len(table)], key...)
+		for i := len(table) + 1; i <= len(full); i++ {
+			loc.set(full[:i], n+1)
+		}
+		for _, d := range []string{`"""`, `'''`} {
+			if strings.Count(rest, d)%2 == 1 {
+				inString = d
+				break
+			}
+		}
+	}
+	return loc
+}
+
+func (l locator) set(key []string, line int) {
+	k := strings.Join(key, "\x00")
+	if _, ok := l[k]; !ok {
+		l[k] = line
+	}
+}
+
+// line returns the line of key or, failing that, of its closest ancestor
+// down to the entry (the first two parts); 0 when none is found.
+func (l locator) line(key ...string) int {
+	for n := len(key); n > 0 && (n >= 2 || len(key) == 1); n-- {
+		if line, ok := l[strings.Join(key[:n], "\x00")]; ok {
+			return line
+		}
+	}
+	return 0
+}
+
+// parseKey reads a dotted TOML key (bare, "basic" or 'literal' parts) at
+// the start of s and returns its parts and what follows, left-trimmed.
+func parseKey(s string) (key []string, rest string, ok bool) {
+	for {
+		s = strings.TrimLeft(s, " \t")
+		var part string
+		switch {
+		case s == "":
+			return nil, "", false
+		case s[0] == '"':
+			i := 1
+			for i < len(s) && s[i] != '"' {
+				if s[i] == '\\' {
+					i++
+				}
+				i++
+			}
+			if i >= len(s) {
+				return nil, "", false
+			}
+			part, s = unquote(s[:i+1]), s[i+1:]
+		case s[0] == '\'':
+			i := strings.IndexByte(s[1:], '\'')
+			if i < 0 {
+				return nil, "", false
+			}
+			part, s = s[1:i+1], s[i+2:]
+		default:
+			i := 0
+			for i < len(s) && isBareKeyChar(s[i]) {
+				i++
+			}
+			if i == 0 {
+				return nil, "", false
+			}
+			part, s = s[:i], s[i:]
+		}
+		key = append(key, part)
+		s = strings.TrimLeft(s, " \t")
+		if !strings.HasPrefix(s, ".") {
+			return key, s, true
+		}
+		s = s[1:]
+	}
+}
+
+// unquote decodes a TOML basic string; TOML's escapes are Go's, near
+// enough for finding lines.
+func unquote(q string) string {
+	if s, err := strconv.Unquote(q); err == nil {
+		return s
+	}
+	return q[1 : len(q)-1]
+}
+
+func isBareKeyChar(c byte) bool {
+	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '_' || c == '-'
+}
+
+// splitKey parses a key as BurntSushi prints it (toml.Key.String), e.g. the
+// LastKey of a ParseError.
+func splitKey(s string) []string {
+	key, rest, ok := parseKey(s)
+	if !ok || rest != "" {
+		return nil
+	}
+	return key
+}

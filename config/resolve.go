@@ -1,0 +1,393 @@
+package config
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"hash"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// Limits on the files a registry names.
+const (
+	maxSecretFile = 64 << 10
+	maxTLSFile    = 1 << 20
+	maxTimeout    = 5 * time.Minute
+	defTimeout    = 10 * time.Second
+	defLifetime   = time.Hour
+)
+
+// entry records the problems of one provider or merchant.
+type entry struct {
+	p       *parser
+	section string // "providers" or "merchants"
+	name    string
+	bad     bool
+}
+
+func (p *parser) entry(section, name string) *entry {
+	return &entry{p: p, section: section, name: name}
+}
+
+// errf records a problem with field ("" for the entry as a whole).
+func (e *entry) errf(field, format string, args ...any) {
+	e.bad = true
+	key := []string{e.section, e.name}
+	if field != "" {
+		key = append(key, strings.Split(field, ".")...)
+	}
+	entry, _ := entryField(key)
+	e.p.errs = append(e.p.errs, &Error{File: e.p.file, Line: e.p.loc.line(key...), Entry: entry, Field: field, Msg: fmt.Sprintf(format, args...)})
+}
+
+// decode decodes the entry's table into v; false when it could not.
+func (e *entry) decode(md *toml.MetaData, prim toml.Primitive, v any) bool {
+	if t := md.Type(e.section, e.name); t != "Hash" {
+		e.errf("", "must be a table, not %s", typeName(t))
+		return false
+	}
+	if err := md.PrimitiveDecode(prim, v); err != nil {
+		e.bad = true
+		e.p.decodeError(err, false)
+		return false
+	}
+	return true
+}
+
+// envRef matches {env.NAME} references; envName is a valid NAME.
+var (
+	envRef  = regexp.MustCompile(`\{env\.([^{}]*)\}`)
+	envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+)
+
+// expand replaces the {env.NAME} references of a non-secret value; false
+// when one could not be resolved (and was reported).
+func (e *entry) expand(field, s string) (string, bool) {
+	ok := true
+	s = envRef.ReplaceAllStringFunc(s, func(ref string) string {
+		name := ref[len("{env.") : len(ref)-1]
+		if !envName.MatchString(name) {
+			e.errf(field, "%q is not a valid environment variable reference {env.NAME}", ref)
+			ok = false
+			return ""
+		}
+		v, set := e.p.env(name)
+		if !set {
+			e.errf(field, "environment variable %s is not set", name)
+			ok = false
+		}
+		return v
+	})
+	return s, ok
+}
+
+// secret resolves a secret reference, {env.NAME} or {file.PATH}, and feeds
+// the value to fp. Messages name the variable or the file, never the value.
+func (e *entry) secret(field, ref string, fp *fingerprint) broker.Secret {
+	const use = "use a reference, {env.NAME} or {file.PATH}"
+	var v string
+	if name, ok := cut(ref, "{env.", "}"); ok {
+		var set bool
+		switch v, set = e.p.env(name); {
+		case !envName.MatchString(name):
+			e.errf(field, "the reference names an invalid environment variable: %s", use)
+		case !set:
+			e.errf(field, "environment variable %s is not set", name)
+		case v == "":
+			e.errf(field, "environment variable %s is empty", name)
+		}
+	} else if path, ok := cut(ref, "{file.", "}"); ok && path != "" {
+		path = e.p.abs(path)
+		b, err := readFile(path, maxSecretFile)
+		v = strings.TrimRight(string(b), "\r\n")
+		switch {
+		case err != nil:
+			e.errf(field, "cannot read the secret file: %v", err)
+		case v == "":
+			e.errf(field, "secret file %s is empty", path)
+		}
+	} else if ref == "" {
+		e.errf(field, "missing: %s", use)
+	} else {
+		e.errf(field, "holds a clear-text value (not shown): %s", use)
+	}
+	fp.add(field, v)
+	return broker.Secret(v)
+}
+
+// cut returns what is between prefix and suffix when s is exactly that.
+func cut(s, prefix, suffix string) (string, bool) {
+	if len(s) < len(prefix)+len(suffix) || !strings.HasPrefix(s, prefix) || !strings.HasSuffix(s, suffix) {
+		return "", false
+	}
+	return s[len(prefix) : len(s)-len(suffix)], true
+}
+
+// abs resolves a path against the registry file's folder.
+func (p *parser) abs(path string) string {
+	if path == "" || filepath.IsAbs(path) {
+		return path
+	}
+	return filepath.Join(p.dir, path)
+}
+
+// readFile reads a regular file of at most max bytes. Devices and pipes
+// are refused: reading one could block or never end.
+func readFile(path string, max int64) ([]byte, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, max+1))
+	if err == nil && int64(len(b)) > max {
+		err = fmt.Errorf("%s is larger than %d bytes", path, max)
+	}
+	return b, err
+}
+
+// fingerprint hashes a provider's resolved configuration into its ID.
+type fingerprint struct{ h hash.Hash }
+
+// add feeds one named value, length-prefixed so that values cannot run
+// into each other.
+func (f *fingerprint) add(name string, value any) {
+	s := fmt.Sprint(value)
+	fmt.Fprintf(f.h, "%d:%s=%d:", len(name), name, len(s))
+	io.WriteString(f.h, s)
+}
+
+// duration checks an optional duration against [min, max].
+func (e *entry) duration(field string, d *Duration, def, min, max time.Duration) time.Duration {
+	if d == nil {
+		return def
+	}
+	v := time.Duration(*d)
+	switch {
+	case v <= 0:
+		e.errf(field, "%s is out of range: must be positive", v)
+	case v > max && min <= time.Nanosecond:
+		e.errf(field, "%s is out of range: at most %s", v, max)
+	case v < min || v > max:
+		e.errf(field, "%s is out of range %s..%s", v, min, max)
+	}
+	return v
+}
+
+// provider resolves a [providers.NAME] table. It returns the provider,
+// nil if it has problems, and its type as far as it could be read.
+func (p *parser) provider(md *toml.MetaData, name string, prim toml.Primitive) (*Provider, string) {
+	e := p.entry("providers", name)
+	if !ValidMerchantID(name) {
+		e.errf("", "invalid provider name: use 1 to 128 ASCII letters, digits and . _ - : @ , starting with a letter or a digit")
+	}
+	var raw providerTOML
+	if !e.decode(md, prim, &raw) {
+		return nil, ""
+	}
+	var pt *providerType
+	if t, ok := providerTypes[raw.Type]; ok {
+		pt = &t
+	} else if raw.Type == "" {
+		e.errf("type", "missing: set it to one of %s", typeNames())
+	} else {
+		e.errf("type", "unknown provider type %q (known: %s)", raw.Type, typeNames())
+	}
+	fp := &fingerprint{sha256.New()}
+	fp.add("type", raw.Type)
+	pv := &Provider{Name: name, Type: raw.Type, Line: p.loc.line("providers", name)}
+
+	base, ok := e.expand("base_url", raw.BaseURL)
+	pv.BaseURL = strings.TrimRight(base, "/")
+	u, err := url.Parse(pv.BaseURL)
+	switch {
+	case !ok:
+	case pv.BaseURL == "":
+		e.errf("base_url", "missing: set the token API's http(s) URL")
+	case err != nil:
+		e.errf("base_url", "not a valid URL") // the parse error would repeat the value, which may hold credentials
+	case u.User != nil:
+		e.errf("base_url", "must not hold credentials (user:password@): put the API key in api_key")
+	case u.RawQuery != "" || u.Fragment != "" || strings.HasSuffix(pv.BaseURL, "?"):
+		e.errf("base_url", "must not carry a query or a fragment")
+	case u.Scheme != "https" && u.Scheme != "http" || u.Host == "":
+		e.errf("base_url", "%q is not an http(s) URL with a host", pv.BaseURL)
+	}
+	fp.add("base_url", pv.BaseURL)
+
+	pv.Timeout = e.duration("timeout", raw.Timeout, defTimeout, time.Nanosecond, maxTimeout)
+	pv.TokenLifetime = defLifetime
+	if pt != nil {
+		pv.TokenLifetime = e.duration("token_lifetime", raw.TokenLifetime, defLifetime, pt.minLifetime, pt.maxLifetime)
+	}
+	fp.add("timeout", pv.Timeout)
+	fp.add("token_lifetime", pv.TokenLifetime)
+
+	client := e.client(raw.TLS, pv, fp)
+	if pt == nil {
+		return nil, raw.Type
+	}
+	src := pt.build(e, &raw, pv, client, fp)
+	if e.bad {
+		return nil, raw.Type
+	}
+	pv.Source = src
+	pv.ID = name + "#" + hex.EncodeToString(fp.h.Sum(nil))[:12]
+	return pv, raw.Type
+}
+
+// client resolves the TLS options, feeds the paths and file contents to fp
+// and returns the HTTP client for the provider (nil on problems).
+func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client {
+	if raw == nil {
+		raw = &tlsTOML{}
+	}
+	problems := len(e.p.errs)
+	o := &pv.TLS
+	o.ServerName, _ = e.expand("tls.server_name", raw.ServerName)
+	fp.add("tls.server_name", o.ServerName)
+	for _, f := range []struct {
+		field string
+		raw   string
+		path  *string
+	}{
+		{"tls.client_cert", raw.ClientCert, &o.CertFile},
+		{"tls.client_key", raw.ClientKey, &o.KeyFile},
+		{"tls.ca_file", raw.CAFile, &o.CAFile},
+	} {
+		path, ok := e.expand(f.field, f.raw)
+		*f.path = e.p.abs(path)
+		fp.add(f.field, *f.path)
+		if *f.path == "" || !ok {
+			continue
+		}
+		b, err := readFile(*f.path, maxTLSFile)
+		if err != nil {
+			e.errf(f.field, "cannot read: %v", err)
+		}
+		fp.add(f.field+".content", string(b))
+	}
+	switch {
+	case o.CertFile != "" && o.KeyFile == "":
+		e.errf("tls.client_key", "missing: client_cert needs its client_key")
+	case o.CertFile == "" && o.KeyFile != "":
+		e.errf("tls.client_cert", "missing: client_key needs its client_cert")
+	}
+	if len(e.p.errs) > problems {
+		return nil
+	}
+	c, err := broker.NewHTTPClient(pv.Timeout, *o)
+	if err != nil {
+		e.errf("tls", "%v", err)
+	}
+	return c
+}
+
+// merchant resolves a [merchants.ID] table; nil if it has problems.
+// defined holds the type of every provider in the file, valid or not.
+func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, defined map[string]string) *Merchant {
+	e := p.entry("merchants", id)
+	if !ValidMerchantID(id) {
+		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ , starting with a letter or a digit")
+	}
+	var raw merchantTOML
+	if !e.decode(md, prim, &raw) {
+		return nil
+	}
+	m := &Merchant{ID: id, Provider: raw.Provider, Line: p.loc.line("merchants", id)}
+	typ, known := defined[raw.Provider]
+	var pt *providerType
+	if t, ok := providerTypes[typ]; ok {
+		pt = &t
+	}
+	switch {
+	case raw.Provider == "":
+		e.errf("provider", "missing (defined: %s)", definedNames(defined))
+	case !known:
+		e.errf("provider", "unknown provider %q (defined: %s)", raw.Provider, definedNames(defined))
+	}
+
+	var ok bool
+	m.Organisation, ok = e.expand("organisation", raw.Organisation)
+	switch {
+	case !ok:
+	case m.Organisation == "" && (pt == nil || pt.needsOrganisation):
+		e.errf("organisation", "missing: set the provider's id of the merchant's organisation")
+	case m.Organisation == "." || m.Organisation == "..":
+		e.errf("organisation", "%q is not a valid organisation id", m.Organisation)
+	case hasControl(m.Organisation):
+		e.errf("organisation", "%q holds control characters", m.Organisation)
+	}
+
+	for i, s := range raw.Scopes {
+		raw.Scopes[i], _ = e.expand("scopes", s)
+	}
+	m.Scopes = broker.NormaliseScopes(raw.Scopes)
+	for _, s := range m.Scopes {
+		if !validScope(s) {
+			e.errf("scopes", "%q is not a valid scope (printable ASCII without spaces, quotes or backslashes)", s)
+		}
+	}
+	if len(m.Scopes) == 0 && pt != nil && pt.needsScopes {
+		e.errf("scopes", "missing: provider %q (type %s) needs at least one scope", raw.Provider, typ)
+	}
+
+	if raw.TokenLifetime != nil {
+		lo, hi := time.Nanosecond, time.Duration(1<<63-1)
+		if pt != nil {
+			lo, hi = pt.minLifetime, pt.maxLifetime
+		}
+		m.Lifetime = e.duration("token_lifetime", raw.TokenLifetime, 0, lo, hi)
+	}
+
+	m.Audience, _ = e.expand("audience", raw.Audience)
+	if hasControl(m.Audience) {
+		e.errf("audience", "%q holds control characters", m.Audience)
+	}
+	if e.bad {
+		return nil
+	}
+	return m
+}
+
+func definedNames(defined map[string]string) string {
+	if len(defined) == 0 {
+		return "none: add a [providers.NAME] table"
+	}
+	return strings.Join(sortedKeys(defined), ", ")
+}
+
+// typeName names a TOML type (MetaData.Type) in messages.
+func typeName(t string) string {
+	switch t {
+	case "":
+		return "nothing"
+	case "Hash":
+		return "a table"
+	case "ArrayHash":
+		return "an array of tables"
+	}
+	return strings.ToLower(t)
+}
+
+func hasControl(s string) bool {
+	return strings.ContainsFunc(s, func(r rune) bool { return r < ' ' || r == 0x7f || r >= 0x80 && r < 0xa0 })
+}

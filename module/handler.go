@@ -1,0 +1,345 @@
+// Package module is the Caddy adapter of the token broker: the
+// http.handlers.token_broker handler, its Caddyfile directive and its
+// placeholders. It translates Caddy configuration into broker bindings; the
+// decisions are made in package broker.
+package module
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/textproto"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// DefaultMerchant is the default merchant selector.
+const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
+
+// Handler obtains a scoped OAuth token for the merchant a request is for and
+// sets it as "Authorization: Bearer <token>" before the request goes on to
+// the next handler (normally reverse_proxy). Tokens come from the broker's
+// cache, shared by every token_broker handler with the same broker settings
+// and kept across config reloads, or from the merchant's provider.
+//
+// Before the request goes on, the merchant header (when the merchant comes
+// from a header) and any Authorization header the caller sent are removed:
+// nothing the caller sends can override the injected token.
+//
+// This handler sets these placeholders (never the token itself):
+//
+// Placeholder | Description
+// ------------|-------------
+// `{http.token_broker.merchant}` | The merchant the request is for
+// `{http.token_broker.organisation}` | The merchant's organisation at the provider
+// `{http.token_broker.provider}` | The provider's name in the registry
+// `{http.token_broker.fingerprint}` | First 8 hex digits of the SHA-256 of the token
+// `{http.token_broker.cache}` | How the token was found: hit, refresh, miss, shared
+// `{http.token_broker.error}` | On failure, the error code sent to the caller
+//
+// Errors are answered with a JSON body {"error", "message", "merchant"}:
+// 400 when the merchant is missing or malformed, 403 when it is not in the
+// registry, 502 when the token API fails, 504 when it times out. With
+// `errors caddy` they are returned as caddyhttp.Errors instead, for
+// handle_errors routes.
+type Handler struct {
+	// Config is the path of the TOML merchant registry (providers and
+	// merchants). Required.
+	Config string `json:"config,omitempty"`
+
+	// Merchant is a placeholder selecting the merchant a request is for.
+	// Default: `{http.request.header.X-Merchant-Id}`.
+	Merchant string `json:"merchant,omitempty"`
+
+	// Scopes, when set, replace the merchant's default scopes on this
+	// route (e.g. openbanking_aisp for /tpp/accounts*).
+	Scopes []string `json:"scopes,omitempty"`
+
+	// Header is the request header the token is set in, as
+	// "Bearer <token>". Default: Authorization.
+	Header string `json:"header,omitempty"`
+
+	// RefreshWindow is the last part of a token's lifetime, a fraction
+	// between 0 and 1, in which requests still get the cached token and one
+	// background refresh starts. Default 0.25.
+	RefreshWindow float64 `json:"refresh_window,omitempty"`
+
+	// Leeway is how long a token must still be valid to be used. Default 1s.
+	Leeway caddy.Duration `json:"leeway,omitempty"`
+
+	// FetchTimeout bounds one token fetch, including its retries.
+	// Default 30s; the provider's own timeout applies to each call.
+	FetchTimeout caddy.Duration `json:"fetch_timeout,omitempty"`
+
+	// Errors chooses how failures are answered: "json" (default) writes a
+	// small JSON body; "caddy" returns a caddyhttp.Error so that the
+	// server's handle_errors routes answer.
+	Errors string `json:"errors,omitempty"`
+
+	registry       *config.Registry
+	bindings       map[string]*binding
+	merchantHeader string // canonical header name when Merchant is a plain header placeholder
+	header         string // canonical Header
+	poolKey        string
+	broker         *broker.Broker
+	logger         *zap.Logger
+}
+
+// binding is what the handler knows about one merchant on its route.
+type binding struct {
+	*broker.Binding
+	provider string
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.token_broker",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision loads the merchant registry, builds one broker binding per
+// merchant and attaches the handler to the shared token cache.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	repl := caddy.NewReplacer()
+	h.Config = repl.ReplaceKnown(h.Config, "")
+	if h.Merchant == "" {
+		h.Merchant = DefaultMerchant
+	}
+	if name, ok := strings.CutPrefix(h.Merchant, "{http.request.header."); ok && strings.HasSuffix(name, "}") && !strings.ContainsAny(name[:len(name)-1], "{}") {
+		h.merchantHeader = textproto.CanonicalMIMEHeaderKey(name[:len(name)-1])
+	}
+	if h.Header == "" {
+		h.Header = "Authorization"
+	}
+	h.header = textproto.CanonicalMIMEHeaderKey(h.Header)
+	if h.Errors == "" {
+		h.Errors = "json"
+	}
+	if h.Config == "" {
+		return errors.New("token_broker: config is required: the path of the TOML merchant registry")
+	}
+	reg, err := config.Load(h.Config)
+	if err != nil {
+		return fmt.Errorf("token_broker: %w", err)
+	}
+	h.registry = reg
+	h.bindings = make(map[string]*binding, len(reg.Merchants))
+	for id, m := range reg.Merchants {
+		b, err := reg.Binding(id, h.Scopes)
+		if err != nil {
+			return fmt.Errorf("token_broker: %s: %w", h.Config, err)
+		}
+		b.Observer = h
+		h.bindings[id] = &binding{Binding: b, provider: m.Provider}
+	}
+
+	opts := broker.Options{
+		RefreshWindow: h.RefreshWindow,
+		Leeway:        time.Duration(h.Leeway),
+		FetchTimeout:  time.Duration(h.FetchTimeout),
+	}
+	h.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout)
+	val, _, err := brokers.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
+		return &pooledBroker{Broker: broker.New(opts)}, nil
+	})
+	if err != nil {
+		return err
+	}
+	h.broker = val.(*pooledBroker).Broker
+	h.logger.Debug("token broker provisioned", zap.String("config", h.Config),
+		zap.Int("merchants", len(h.bindings)), zap.Int("providers", len(reg.Providers)))
+	return nil
+}
+
+// Validate checks the handler's configuration.
+func (h *Handler) Validate() error {
+	if h.RefreshWindow < 0 || h.RefreshWindow >= 1 {
+		return fmt.Errorf("token_broker: refresh_window %g must be at least 0 and below 1", h.RefreshWindow)
+	}
+	if h.Errors != "json" && h.Errors != "caddy" {
+		return fmt.Errorf("token_broker: errors %q must be json or caddy", h.Errors)
+	}
+	if h.Leeway < 0 || h.FetchTimeout < 0 {
+		return errors.New("token_broker: leeway and fetch_timeout must not be negative")
+	}
+	return nil
+}
+
+// Cleanup releases the handler's hold on the shared token cache; the cache
+// lives on while another config (the one being loaded) uses it.
+func (h *Handler) Cleanup() error {
+	if h.poolKey != "" {
+		_, err := brokers.Delete(h.poolKey)
+		return err
+	}
+	return nil
+}
+
+// ServeHTTP sets the merchant's token on the request and calls next.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	merchant, status, code := h.merchantOf(r, repl)
+	if status != 0 {
+		return h.fail(w, repl, status, code, "", nil)
+	}
+	b, ok := h.bindings[merchant]
+	if !ok {
+		return h.fail(w, repl, http.StatusForbidden, "unknown_merchant", merchant, nil)
+	}
+	e, res, err := h.broker.Get(r.Context(), b.Binding)
+	if err != nil {
+		status, code := classify(err)
+		return h.fail(w, repl, status, code, merchant, err)
+	}
+	if h.merchantHeader != "" {
+		r.Header.Del(h.merchantHeader)
+	}
+	r.Header.Del("Authorization")
+	r.Header[h.header] = []string{e.Header()}
+
+	repl.Set("http.token_broker.merchant", merchant)
+	repl.Set("http.token_broker.organisation", b.Request.Organisation)
+	repl.Set("http.token_broker.provider", b.provider)
+	repl.Set("http.token_broker.fingerprint", e.Token().Fingerprint())
+	repl.Set("http.token_broker.cache", res.String())
+	return next.ServeHTTP(w, r)
+}
+
+// merchantOf reads and checks the merchant of a request. A non-zero status
+// means the request is refused with that status and error code.
+func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, int, string) {
+	var merchant string
+	if h.merchantHeader != "" {
+		vals := r.Header[h.merchantHeader]
+		if len(vals) > 1 {
+			return "", http.StatusBadRequest, "ambiguous_merchant"
+		}
+		if len(vals) == 1 {
+			merchant = vals[0]
+		}
+	} else {
+		merchant = repl.ReplaceAll(h.Merchant, "")
+	}
+	switch {
+	case merchant == "":
+		return "", http.StatusBadRequest, "missing_merchant"
+	case !config.ValidMerchantID(merchant):
+		return "", http.StatusBadRequest, "invalid_merchant"
+	}
+	return merchant, 0, ""
+}
+
+// errorMessages are the messages sent to callers, by error code. They tell
+// the caller what to do and reveal nothing about credentials or tokens.
+var errorMessages = map[string]string{
+	"missing_merchant":   "the request does not say which merchant it is for: set the merchant header (default X-Merchant-Id)",
+	"ambiguous_merchant": "the request names the merchant more than once: send one merchant header",
+	"invalid_merchant":   "the merchant id is malformed: 1 to 128 ASCII letters, digits and . _ - : @",
+	"unknown_merchant":   "this merchant is not in the token broker's registry",
+	"token_unavailable":  "the provider's token API failed; the request was not forwarded",
+	"token_timeout":      "the provider's token API did not answer in time; the request was not forwarded",
+	"token_refused":      "the provider refused to issue a token for this merchant; check the merchant's organisation, scopes and the partner credentials",
+	"client_gone":        "the request was cancelled while waiting for a token",
+}
+
+// errorBody is the JSON body of a refused request.
+type errorBody struct {
+	Error    string `json:"error"`
+	Message  string `json:"message"`
+	Merchant string `json:"merchant,omitempty"`
+}
+
+// classify maps a token failure to the caller's status and error code.
+func classify(err error) (int, string) {
+	var ae *broker.APIError
+	var re *broker.RequestError
+	switch {
+	case errors.Is(err, context.Canceled):
+		return 499, "client_gone"
+	case broker.IsTimeout(err):
+		return http.StatusGatewayTimeout, "token_timeout"
+	case errors.As(err, &re):
+		return http.StatusBadGateway, "token_refused"
+	case errors.As(err, &ae) && !ae.Temporary():
+		return http.StatusBadGateway, "token_refused"
+	}
+	return http.StatusBadGateway, "token_unavailable"
+}
+
+// fail answers a refused request. The cause is logged (it never holds a
+// secret) but not sent to the caller.
+func (h *Handler) fail(w http.ResponseWriter, repl *caddy.Replacer, status int, code, merchant string, cause error) error {
+	repl.Set("http.token_broker.error", code)
+	if cause != nil {
+		h.logger.Warn("no token for request", zap.String("merchant", merchant), zap.String("error_code", code),
+			zap.Int("status", status), zap.Error(cause))
+	}
+	msg := errorMessages[code]
+	if h.Errors == "caddy" {
+		err := errors.New(code + ": " + msg)
+		if cause != nil {
+			err = fmt.Errorf("%s: %s: %w", code, msg, cause)
+		}
+		return caddyhttp.Error(status, err)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	return json.NewEncoder(w).Encode(errorBody{Error: code, Message: msg, Merchant: merchant})
+}
+
+// Lookup implements broker.Observer; metrics hook in here.
+func (h *Handler) Lookup(*broker.Binding, broker.Result) {}
+
+// Fetched implements broker.Observer: one log line per token fetch.
+func (h *Handler) Fetched(_ context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
+	fields := []zap.Field{
+		zap.String("merchant", b.Request.Merchant),
+		zap.String("source", b.SourceID),
+		zap.Strings("scopes", b.Request.Scopes),
+		zap.Duration("duration", elapsed),
+		zap.Bool("background", background),
+	}
+	if err != nil {
+		h.logger.Warn("token fetch failed", append(fields, zap.Error(err))...)
+		return
+	}
+	h.logger.Info("token fetched", append(fields, zap.String("fingerprint", tok.Fingerprint()),
+		zap.Time("expiry", tok.Expiry))...)
+}
+
+// brokers holds the token caches shared by handlers across config reloads,
+// keyed by their settings.
+var brokers = caddy.NewUsagePool()
+
+type pooledBroker struct{ *broker.Broker }
+
+func (p *pooledBroker) Destruct() error {
+	p.Close()
+	return nil
+}
+
+// Interface guards.
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+	_ broker.Observer             = (*Handler)(nil)
+)

@@ -1,0 +1,169 @@
+package module
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+const testToken = "tok-SECRET-value"
+
+// newTestHandler returns a provisioned-looking handler for merchant "acme"
+// whose source answers with src.
+func newTestHandler(t *testing.T, src broker.SourceFunc, errorsMode string) *Handler {
+	t.Helper()
+	h := &Handler{Merchant: DefaultMerchant, Errors: errorsMode, logger: zap.NewNop(),
+		merchantHeader: "X-Merchant-Id", header: "Authorization"}
+	h.broker = broker.New(broker.Options{})
+	t.Cleanup(h.broker.Close)
+	b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
+	b.Observer = h
+	h.bindings = map[string]*binding{"acme": {Binding: b, provider: "nuapay"}}
+	return h
+}
+
+func okSource(calls *atomic.Int64) broker.SourceFunc {
+	return func(ctx context.Context, req broker.Request) (broker.Token, error) {
+		calls.Add(1)
+		return broker.Token{Value: testToken, Expiry: time.Now().Add(time.Hour)}, nil
+	}
+}
+
+// serve runs one request through h and returns the response and what next
+// received (nil when next was not called).
+func serve(t *testing.T, h *Handler, req *http.Request) (*httptest.ResponseRecorder, *http.Request, error) {
+	t.Helper()
+	repl := caddy.NewReplacer()
+	req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, repl))
+	rec := httptest.NewRecorder()
+	var got *http.Request
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		got = r
+		return nil
+	})
+	err := h.ServeHTTP(rec, req, next)
+	return rec, got, err
+}
+
+func TestServeHTTPInjectsTokenAndStripsCallerHeaders(t *testing.T) {
+	var calls atomic.Int64
+	h := newTestHandler(t, okSource(&calls), "json")
+	req := httptest.NewRequest("GET", "/tpp/payments", nil)
+	req.Header.Set("X-Merchant-Id", "acme")
+	req.Header.Add("Authorization", "Bearer caller-chosen")
+	req.Header.Add("Authorization", "Basic Zm9vOmJhcg==")
+	_, got, err := serve(t, h, req)
+	if err != nil || got == nil {
+		t.Fatalf("next not called: %v", err)
+	}
+	if v := got.Header.Values("Authorization"); len(v) != 1 || v[0] != "Bearer "+testToken {
+		t.Fatalf("Authorization = %q", v)
+	}
+	if v := got.Header.Values("X-Merchant-Id"); len(v) != 0 {
+		t.Fatalf("merchant header reached next: %q", v)
+	}
+	repl := got.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	for k, want := range map[string]string{
+		"http.token_broker.merchant":     "acme",
+		"http.token_broker.organisation": "org-acme",
+		"http.token_broker.provider":     "nuapay",
+		"http.token_broker.fingerprint":  broker.Fingerprint(testToken),
+		"http.token_broker.cache":        "miss",
+	} {
+		if v, _ := repl.GetString(k); v != want {
+			t.Errorf("{%s} = %q, want %q", k, v, want)
+		}
+	}
+}
+
+func TestCustomHeader(t *testing.T) {
+	var calls atomic.Int64
+	h := newTestHandler(t, okSource(&calls), "json")
+	h.header = "X-Api-Token"
+	req := httptest.NewRequest("GET", "/", nil)
+	req.Header.Set("X-Merchant-Id", "acme")
+	req.Header.Set("X-Api-Token", "caller-chosen")
+	req.Header.Set("Authorization", "Bearer caller-chosen")
+	_, got, _ := serve(t, h, req)
+	if got.Header.Get("X-Api-Token") != "Bearer "+testToken || got.Header.Get("Authorization") != "" {
+		t.Fatalf("headers = %v", got.Header)
+	}
+}
+
+func TestServeHTTPRefusals(t *testing.T) {
+	tests := []struct {
+		name       string
+		merchants  []string // X-Merchant-Id values
+		srcErr     error
+		wantStatus int
+		wantCode   string
+	}{
+		{"missing merchant", nil, nil, 400, "missing_merchant"},
+		{"empty merchant", []string{""}, nil, 400, "missing_merchant"},
+		{"two merchant headers", []string{"acme", "globex"}, nil, 400, "ambiguous_merchant"},
+		{"path in merchant", []string{"acme/../x"}, nil, 400, "invalid_merchant"},
+		{"control character", []string{"ac\x01me"}, nil, 400, "invalid_merchant"},
+		{"unicode look-alike", []string{"аcme"}, nil, 400, "invalid_merchant"}, // Cyrillic а
+		{"too long", []string{strings.Repeat("a", 129)}, nil, 400, "invalid_merchant"},
+		{"unknown merchant", []string{"globex"}, nil, 403, "unknown_merchant"},
+		{"token API 5xx", []string{"acme"}, &broker.APIError{Provider: "nuapay", StatusCode: 503}, 502, "token_unavailable"},
+		{"token API refuses", []string{"acme"}, &broker.APIError{Provider: "nuapay", StatusCode: 401, Code: "40100"}, 502, "token_refused"},
+		{"token API timeout", []string{"acme"}, context.DeadlineExceeded, 504, "token_timeout"},
+	}
+	for _, tt := range tests {
+		for _, mode := range []string{"json", "caddy"} {
+			t.Run(tt.name+"/"+mode, func(t *testing.T) {
+				h := newTestHandler(t, func(ctx context.Context, req broker.Request) (broker.Token, error) {
+					if tt.srcErr != nil {
+						return broker.Token{}, tt.srcErr
+					}
+					return broker.Token{Value: testToken, Expiry: time.Now().Add(time.Hour)}, nil
+				}, mode)
+				req := httptest.NewRequest("GET", "/", nil)
+				req.Header.Set("Authorization", "Bearer caller")
+				for _, m := range tt.merchants {
+					req.Header.Add("X-Merchant-Id", m)
+				}
+				rec, got, err := serve(t, h, req)
+				if got != nil {
+					t.Fatal("refused request was forwarded")
+				}
+				if mode == "caddy" {
+					var he caddyhttp.HandlerError
+					if !errors.As(err, &he) || he.StatusCode != tt.wantStatus || !strings.HasPrefix(he.Err.Error(), tt.wantCode) {
+						t.Fatalf("err = %#v, want caddyhttp.Error %d %s", err, tt.wantStatus, tt.wantCode)
+					}
+					if strings.Contains(err.Error(), testToken) {
+						t.Fatal("error leaks the token")
+					}
+					return
+				}
+				if err != nil || rec.Code != tt.wantStatus {
+					t.Fatalf("status %d err %v, want %d", rec.Code, err, tt.wantStatus)
+				}
+				var body errorBody
+				if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil || body.Error != tt.wantCode || body.Message == "" {
+					t.Fatalf("body %s (%v)", rec.Body, err)
+				}
+				if rec.Header().Get("Content-Type") != "application/json" {
+					t.Fatalf("content type %q", rec.Header().Get("Content-Type"))
+				}
+				if strings.Contains(rec.Body.String(), testToken) || strings.Contains(rec.Body.String(), "\x01") {
+					t.Fatalf("body leaks: %s", rec.Body)
+				}
+			})
+		}
+	}
+}
