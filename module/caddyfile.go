@@ -5,12 +5,14 @@ import (
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 func init() {
+	httpcaddyfile.RegisterGlobalOption("token_broker", parseGlobalOption)
 	httpcaddyfile.RegisterHandlerDirective("token_broker", parseCaddyfile)
 	// After request_header, so a route can still shape the merchant header;
 	// before handle, route and reverse_proxy, so the token is set before
@@ -26,25 +28,20 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
-//	token_broker [<matcher>] [<config.toml>] {
-//	    config         <config.toml>
-//	    merchant       <placeholder>
-//	    scopes         <scope...>
-//	    header         <name>
-//	    refresh_window <fraction|percent>
-//	    leeway         <duration>
-//	    fetch_timeout  <duration>
-//	    errors         json|caddy
+//	token_broker [<matcher>] {
+//	    merchant <placeholder>
+//	    scopes   <scope...>
+//	    header   <name>
+//	    errors   json|caddy
+//	    config   <config.toml>
 //	}
 //
-// Unknown, repeated and malformed subdirectives are errors.
+// The block is optional. Unknown, repeated and malformed subdirectives are
+// errors.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
 	if d.NextArg() {
-		h.Config = d.Val()
-	}
-	if d.NextArg() {
-		return d.ArgErr()
+		return d.Errf("token_broker takes no arguments (got '%s'): name the merchant registry with the token_broker global option's config", d.Val())
 	}
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
@@ -55,18 +52,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		seen[sub] = true
 		switch sub {
 		case "config", "merchant", "header", "errors":
-			var v string
-			if !d.Args(&v) {
-				return d.ArgErr()
-			}
-			if d.NextArg() {
-				return d.ArgErr()
+			v, err := oneArg(d)
+			if err != nil {
+				return err
 			}
 			switch sub {
 			case "config":
-				if h.Config != "" {
-					return d.Err("config given twice: as an argument and as a subdirective")
-				}
 				h.Config = v
 			case "merchant":
 				h.Merchant = v
@@ -83,38 +74,79 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if len(h.Scopes) == 0 {
 				return d.ArgErr()
 			}
+		default:
+			return d.Errf("unrecognized subdirective '%s'", sub)
+		}
+	}
+	return nil
+}
+
+// parseGlobalOption reads the token_broker global option. Syntax:
+//
+//	token_broker {
+//	    config         <config.toml>
+//	    refresh_window <fraction|percent>
+//	    leeway         <duration>
+//	    fetch_timeout  <duration>
+//	}
+func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
+	var app App
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		return nil, err
+	}
+	return httpcaddyfile.App{Name: "token_broker", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// UnmarshalCaddyfile sets up the app from the token_broker global option.
+func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // option name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for d.NextBlock(0) {
+		sub := d.Val()
+		if seen[sub] {
+			return d.Errf("duplicate subdirective '%s'", sub)
+		}
+		seen[sub] = true
+		v, err := oneArg(d)
+		if err != nil {
+			return err
+		}
+		switch sub {
+		case "config":
+			a.Config = v
 		case "refresh_window":
-			var v string
-			if !d.Args(&v) || d.NextArg() {
-				return d.ArgErr()
-			}
 			f, err := parseFraction(v)
 			if err != nil {
-				return d.Errf("refresh_window '%s': %v", v, err)
+				return d.Errf("refresh_window '%s': want a fraction between 0 and 1 such as 0.25 or 25%%", v)
 			}
-			h.RefreshWindow = f
+			a.RefreshWindow = f
 		case "leeway", "fetch_timeout":
-			var v string
-			if !d.Args(&v) || d.NextArg() {
-				return d.ArgErr()
-			}
 			dur, err := caddy.ParseDuration(v)
 			if err != nil || dur <= 0 {
 				return d.Errf("%s '%s': want a positive duration like 2s", sub, v)
 			}
 			if sub == "leeway" {
-				h.Leeway = caddy.Duration(dur)
+				a.Leeway = caddy.Duration(dur)
 			} else {
-				h.FetchTimeout = caddy.Duration(dur)
+				a.FetchTimeout = caddy.Duration(dur)
 			}
 		default:
 			return d.Errf("unrecognized subdirective '%s'", sub)
 		}
 	}
-	if h.Config == "" {
-		return d.Err("token_broker needs the path of the TOML merchant registry: token_broker <config.toml>")
-	}
 	return nil
+}
+
+// oneArg reads exactly one argument of a subdirective.
+func oneArg(d *caddyfile.Dispenser) (string, error) {
+	var v string
+	if !d.Args(&v) || d.NextArg() {
+		return "", d.ArgErr()
+	}
+	return v, nil
 }
 
 // parseFraction reads "0.25" or "25%".
@@ -133,5 +165,8 @@ func parseFraction(v string) (float64, error) {
 	return f, nil
 }
 
-// Interface guard.
-var _ caddyfile.Unmarshaler = (*Handler)(nil)
+// Interface guards.
+var (
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*App)(nil)
+)

@@ -56,8 +56,9 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // `errors caddy` they are returned as caddyhttp.Errors instead, for
 // handle_errors routes.
 type Handler struct {
-	// Config is the path of the TOML merchant registry (providers and
-	// merchants). Required.
+	// Config is the path of a TOML merchant registry for this handler
+	// only. Default: the registry of the token_broker app (the
+	// `token_broker` global option).
 	Config string `json:"config,omitempty"`
 
 	// Merchant is a placeholder selecting the merchant a request is for.
@@ -72,18 +73,6 @@ type Handler struct {
 	// "Bearer <token>". Default: Authorization.
 	Header string `json:"header,omitempty"`
 
-	// RefreshWindow is the last part of a token's lifetime, a fraction
-	// between 0 and 1, in which requests still get the cached token and one
-	// background refresh starts. Default 0.25.
-	RefreshWindow float64 `json:"refresh_window,omitempty"`
-
-	// Leeway is how long a token must still be valid to be used. Default 1s.
-	Leeway caddy.Duration `json:"leeway,omitempty"`
-
-	// FetchTimeout bounds one token fetch, including its retries.
-	// Default 30s; the provider's own timeout applies to each call.
-	FetchTimeout caddy.Duration `json:"fetch_timeout,omitempty"`
-
 	// Errors chooses how failures are answered: "json" (default) writes a
 	// small JSON body; "caddy" returns a caddyhttp.Error so that the
 	// server's handle_errors routes answer.
@@ -93,7 +82,6 @@ type Handler struct {
 	bindings       map[string]*binding
 	merchantHeader string // canonical header name when Merchant is a plain header placeholder
 	header         string // canonical Header
-	poolKey        string
 	broker         *broker.Broker
 	logger         *zap.Logger
 }
@@ -112,12 +100,16 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision loads the merchant registry, builds one broker binding per
-// merchant and attaches the handler to the shared token cache.
+// Provision builds one broker binding per merchant of the registry, with
+// this route's scopes, and attaches the handler to the app's token cache.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
-	repl := caddy.NewReplacer()
-	h.Config = repl.ReplaceKnown(h.Config, "")
+	appIface, err := ctx.App("token_broker")
+	if err != nil {
+		return err
+	}
+	app := appIface.(*App)
+	h.broker = app.broker
 	if h.Merchant == "" {
 		h.Merchant = DefaultMerchant
 	}
@@ -131,62 +123,31 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Errors == "" {
 		h.Errors = "json"
 	}
-	if h.Config == "" {
-		return errors.New("token_broker: config is required: the path of the TOML merchant registry")
+	reg := app.registry
+	if h.Config != "" {
+		if reg, err = loadRegistry(h.Config); err != nil {
+			return err
+		}
 	}
-	reg, err := config.Load(h.Config)
-	if err != nil {
-		return fmt.Errorf("token_broker: %w", err)
+	if reg == nil {
+		return errors.New("token_broker: no merchant registry: set `config <file.toml>` in the token_broker global option (or in this handler)")
 	}
-	h.registry = reg
 	h.bindings = make(map[string]*binding, len(reg.Merchants))
 	for id, m := range reg.Merchants {
 		b, err := reg.Binding(id, h.Scopes)
 		if err != nil {
-			return fmt.Errorf("token_broker: %s: %w", h.Config, err)
+			return fmt.Errorf("token_broker: %s: %w", reg.Path, err)
 		}
 		b.Observer = h
 		h.bindings[id] = &binding{Binding: b, provider: m.Provider}
 	}
-
-	opts := broker.Options{
-		RefreshWindow: h.RefreshWindow,
-		Leeway:        time.Duration(h.Leeway),
-		FetchTimeout:  time.Duration(h.FetchTimeout),
-	}
-	h.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout)
-	val, _, err := brokers.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
-		return &pooledBroker{Broker: broker.New(opts)}, nil
-	})
-	if err != nil {
-		return err
-	}
-	h.broker = val.(*pooledBroker).Broker
-	h.logger.Debug("token broker provisioned", zap.String("config", h.Config),
-		zap.Int("merchants", len(h.bindings)), zap.Int("providers", len(reg.Providers)))
 	return nil
 }
 
 // Validate checks the handler's configuration.
 func (h *Handler) Validate() error {
-	if h.RefreshWindow < 0 || h.RefreshWindow >= 1 {
-		return fmt.Errorf("token_broker: refresh_window %g must be at least 0 and below 1", h.RefreshWindow)
-	}
 	if h.Errors != "json" && h.Errors != "caddy" {
 		return fmt.Errorf("token_broker: errors %q must be json or caddy", h.Errors)
-	}
-	if h.Leeway < 0 || h.FetchTimeout < 0 {
-		return errors.New("token_broker: leeway and fetch_timeout must not be negative")
-	}
-	return nil
-}
-
-// Cleanup releases the handler's hold on the shared token cache; the cache
-// lives on while another config (the one being loaded) uses it.
-func (h *Handler) Cleanup() error {
-	if h.poolKey != "" {
-		_, err := brokers.Delete(h.poolKey)
-		return err
 	}
 	return nil
 }
@@ -324,22 +285,10 @@ func (h *Handler) Fetched(_ context.Context, b *broker.Binding, tok broker.Token
 		zap.Time("expiry", tok.Expiry))...)
 }
 
-// brokers holds the token caches shared by handlers across config reloads,
-// keyed by their settings.
-var brokers = caddy.NewUsagePool()
-
-type pooledBroker struct{ *broker.Broker }
-
-func (p *pooledBroker) Destruct() error {
-	p.Close()
-	return nil
-}
-
 // Interface guards.
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
-	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 	_ broker.Observer             = (*Handler)(nil)
 )

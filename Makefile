@@ -1,0 +1,48 @@
+# Caddy Token Broker. `make run` starts the sidecar against the local sandbox;
+# `make test` runs every test (unit, integration, adapt fixtures, xcaddy build).
+
+GO            ?= go
+BIN           ?= bin
+CADDY_VERSION ?= v2.11.9
+XCADDY        ?= github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5
+
+# The embedded default: sandbox on 127.0.0.1:9080, sidecar on 127.0.0.1:8080.
+SANDBOX_ADDR   ?= 127.0.0.1:9080
+export SANDBOX_URL    ?= http://$(SANDBOX_ADDR)
+export NUAPAY_API_KEY ?= sandbox-partner-key
+
+.PHONY: all build run test test-unit test-xcaddy xcaddy fmt vet clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/caddy ./cmd/caddy
+	$(GO) build -o $(BIN)/sandbox ./cmd/sandbox
+
+# Starts the sandbox in the background and Caddy in the foreground; Ctrl-C
+# stops Caddy, and the trap stops the sandbox by its process id.
+run: build
+	@$(BIN)/sandbox -listen $(SANDBOX_ADDR) -api-key "$(NUAPAY_API_KEY)" & sandbox=$$!; \
+	trap 'kill $$sandbox 2>/dev/null' EXIT INT TERM; \
+	echo "sandbox on $(SANDBOX_URL) (pid $$sandbox); try:"; \
+	echo "  curl -s -H 'X-Merchant-Id: acme' http://127.0.0.1:8080/tpp/payments"; \
+	$(BIN)/caddy run --config Caddyfile --adapter caddyfile
+
+test: vet
+	$(GO) test -race -count=1 ./...
+
+# Builds a Caddy with this plugin the way users do, with xcaddy.
+xcaddy:
+	XCADDY_SKIP_CLEANUP=0 $(GO) run $(XCADDY) build $(CADDY_VERSION) \
+		--with github.com/tokenbroker/caddy-token-broker=. \
+		--output $(BIN)/caddy-xcaddy
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo 'gofmt: run make fmt'; exit 1; }
+
+clean:
+	rm -rf $(BIN)

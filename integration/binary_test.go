@@ -1,0 +1,89 @@
+package integration
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// buildBinaries builds cmd/caddy and cmd/sandbox the way `make build` does.
+func buildBinaries(t *testing.T) (caddyBin, sandboxBin string) {
+	t.Helper()
+	dir := t.TempDir()
+	for _, pkg := range []string{"caddy", "sandbox"} {
+		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, pkg), "./cmd/"+pkg)
+		cmd.Dir = repoRoot(t)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("go build ./cmd/%s: %v\n%s", pkg, err, out)
+		}
+	}
+	return filepath.Join(dir, "caddy"), filepath.Join(dir, "sandbox")
+}
+
+// startProcess starts a command and stops it, by its process id, when the
+// test ends. Its output goes to the returned buffer.
+func startProcess(t *testing.T, dir string, env []string, name string, args ...string) *bytes.Buffer {
+	t.Helper()
+	var out bytes.Buffer
+	cmd := exec.Command(name, args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+		if t.Failed() {
+			t.Logf("%s output:\n%s", filepath.Base(name), out.String())
+		}
+	})
+	return &out
+}
+
+// TestMakeRunDefault does what a newcomer does after `make run`: the built
+// binaries, the root Caddyfile and its embedded sandbox registry, then the
+// curl of the README.
+func TestMakeRunDefault(t *testing.T) {
+	caddyBin, sandboxBin := buildBinaries(t)
+	root := repoRoot(t)
+	addrFile := filepath.Join(t.TempDir(), "sandbox.addr")
+	startProcess(t, root, nil, sandboxBin, "-listen", "127.0.0.1:0", "-api-key", "make-run-key", "-addr-file", addrFile)
+	var sandboxAddr string
+	for deadline := time.Now().Add(10 * time.Second); sandboxAddr == ""; time.Sleep(20 * time.Millisecond) {
+		b, _ := os.ReadFile(addrFile)
+		sandboxAddr = strings.TrimSpace(string(b))
+		if time.Now().After(deadline) {
+			t.Fatal("the sandbox did not write its address")
+		}
+	}
+
+	port, adminPort := freePort(t), freePort(t)
+	env := []string{
+		"SANDBOX_URL=http://" + sandboxAddr, "NUAPAY_API_KEY=make-run-key",
+		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort),
+		"HOME=" + t.TempDir(), "XDG_DATA_HOME=" + t.TempDir(), "XDG_CONFIG_HOME=" + t.TempDir(),
+	}
+	startProcess(t, root, env, caddyBin, "run", "--config", "Caddyfile", "--adapter", "caddyfile")
+	waitListening(t, fmt.Sprintf("127.0.0.1:%d", port))
+
+	e := getEcho(t, fmt.Sprintf("http://127.0.0.1:%d/tpp/payments", port), "X-Merchant-Id", "acme")
+	a := e.Authorization
+	if !a.Present || !a.Valid || !a.IssuedBySandbox || a.Organisation != "org-acme" || a.Scheme != "Bearer" {
+		t.Fatalf("the sandbox saw %+v; want a valid Bearer token for org-acme", a)
+	}
+}

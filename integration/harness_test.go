@@ -1,0 +1,180 @@
+// Package integration runs the token broker inside a real Caddy, in this
+// process or as the built binary, against the sandbox, over real HTTP on
+// 127.0.0.1.
+package integration
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
+	_ "github.com/tokenbroker/caddy-token-broker/module"
+)
+
+const (
+	apiKey     = "it-partner-key-7f3c1d"
+	oneIDID    = "it-oneid-client"
+	oneIDSecret = "it-oneid-secret-9a8b"
+)
+
+// repoRoot is the repository's top folder.
+func repoRoot(t testing.TB) string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Dir(filepath.Dir(file))
+}
+
+// freePort returns a port on 127.0.0.1 that was free a moment ago.
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startSandbox serves an in-process sandbox on 127.0.0.1 and points the
+// environment of the configs at it.
+func startSandbox(t testing.TB) (*sandbox.Server, string) {
+	t.Helper()
+	sb := sandbox.New(sandbox.Config{
+		APIKeys: []string{apiKey},
+		Organisations: []sandbox.Organisation{
+			{ID: "org-acme", Name: "Acme"}, {ID: "org-globex", Name: "Globex"}, {ID: "org-initech", Name: "Initech"},
+		},
+		OneIDClients: map[string]string{oneIDID: oneIDSecret},
+	})
+	ts := httptest.NewServer(sb)
+	t.Cleanup(ts.Close)
+	t.Setenv("SANDBOX_URL", ts.URL)
+	t.Setenv("NUAPAY_API", ts.URL)
+	t.Setenv("NUAPAY_API_KEY", apiKey)
+	return sb, ts.URL
+}
+
+// startCaddy adapts a Caddyfile and runs it in this process on a free
+// port, returning the server's base URL. TOKEN_BROKER_PORT and
+// TOKEN_BROKER_ADMIN_PORT are set for the Caddyfile to use.
+func startCaddy(t testing.TB, caddyfile string) string {
+	t.Helper()
+	port := freePort(t)
+	t.Setenv("TOKEN_BROKER_PORT", strconv.Itoa(port))
+	t.Setenv("TOKEN_BROKER_ADMIN_PORT", strconv.Itoa(freePort(t)))
+	loadCaddy(t, caddyfile)
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping caddy: %v", err)
+		}
+	})
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitListening(t, fmt.Sprintf("127.0.0.1:%d", port))
+	return base
+}
+
+// loadCaddy adapts and loads (or reloads) a Caddyfile in this process.
+func loadCaddy(t testing.TB, caddyfile string) {
+	t.Helper()
+	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatalf("adapting Caddyfile: %v", err)
+	}
+	for _, w := range warnings {
+		t.Logf("caddyfile warning: %s", w)
+	}
+	if err := caddy.Load(cfg, true); err != nil {
+		t.Fatalf("loading config: %v", err)
+	}
+}
+
+func waitListening(t testing.TB, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is not listening: %v", addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// echo is what the sandbox's echo upstream reports.
+type echo struct {
+	Method        string            `json:"method"`
+	Path          string            `json:"path"`
+	Host          string            `json:"host"`
+	Headers       map[string]any    `json:"headers"`
+	Authorization echoAuthorization `json:"authorization"`
+}
+
+type echoAuthorization struct {
+	Present         bool     `json:"present"`
+	Scheme          string   `json:"scheme"`
+	Fingerprint     string   `json:"fingerprint"`
+	IssuedBySandbox bool     `json:"issued_by_sandbox"`
+	Valid           bool     `json:"valid"`
+	Organisation    string   `json:"organisation"`
+	Scopes          []string `json:"scopes"`
+}
+
+// get sends a GET with headers (name, value pairs) and returns status and body.
+func get(t testing.TB, url string, headers ...string) (int, []byte) {
+	t.Helper()
+	req, err := http.NewRequest("GET", url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Add(headers[i], headers[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, body
+}
+
+// getEcho GETs through the broker and decodes the sandbox's echo.
+func getEcho(t testing.TB, url string, headers ...string) echo {
+	t.Helper()
+	status, body := get(t, url, headers...)
+	if status != http.StatusOK {
+		t.Fatalf("GET %s: %d %s", url, status, body)
+	}
+	var e echo
+	if err := json.Unmarshal(body, &e); err != nil {
+		t.Fatalf("echo body %s: %v", body, err)
+	}
+	return e
+}
+
+func readFile(t testing.TB, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}

@@ -1,0 +1,141 @@
+package module
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+func init() {
+	caddy.RegisterModule(App{})
+}
+
+// App is the token_broker app: the merchant registry shared by every
+// token_broker handler, and the settings of the token cache. It is
+// configured with the `token_broker` global option in a Caddyfile. The cache
+// itself outlives the app: it is kept across config reloads as long as its
+// settings do not change.
+type App struct {
+	// Config is the path of the TOML merchant registry (providers and
+	// merchants) that handlers use unless they name their own.
+	Config string `json:"config,omitempty"`
+
+	// RefreshWindow is the last part of a token's lifetime, a fraction
+	// between 0 and 1, in which requests still get the cached token and one
+	// background refresh starts. Default 0.25.
+	RefreshWindow float64 `json:"refresh_window,omitempty"`
+
+	// Leeway is how long a token must still be valid to be used: a token
+	// closer to its expiry is fetched anew. Default 1s.
+	Leeway caddy.Duration `json:"leeway,omitempty"`
+
+	// FetchTimeout bounds one token fetch, whoever waits on it. Default 30s;
+	// each provider's own timeout applies to each call.
+	FetchTimeout caddy.Duration `json:"fetch_timeout,omitempty"`
+
+	registry *config.Registry
+	broker   *broker.Broker
+	poolKey  string
+	logger   *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "token_broker",
+		New: func() caddy.Module { return new(App) },
+	}
+}
+
+// Provision loads the merchant registry and attaches the app to the shared
+// token cache.
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	if err := a.validate(); err != nil {
+		return err
+	}
+	if a.Config != "" {
+		reg, err := loadRegistry(a.Config)
+		if err != nil {
+			return err
+		}
+		a.registry = reg
+		a.logger.Info("merchant registry loaded", zap.String("config", reg.Path),
+			zap.Int("merchants", len(reg.Merchants)), zap.Int("providers", len(reg.Providers)))
+	}
+	opts := broker.Options{
+		RefreshWindow: a.RefreshWindow,
+		Leeway:        time.Duration(a.Leeway),
+		FetchTimeout:  time.Duration(a.FetchTimeout),
+	}
+	a.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout)
+	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
+		return &pooledBroker{Broker: broker.New(opts)}, nil
+	})
+	if err != nil {
+		return err
+	}
+	a.broker = val.(*pooledBroker).Broker
+	return nil
+}
+
+func (a *App) validate() error {
+	if a.RefreshWindow < 0 || a.RefreshWindow >= 1 {
+		return fmt.Errorf("token_broker: refresh_window %g must be at least 0 and below 1", a.RefreshWindow)
+	}
+	if a.Leeway < 0 || a.FetchTimeout < 0 {
+		return errors.New("token_broker: leeway and fetch_timeout must not be negative")
+	}
+	return nil
+}
+
+// loadRegistry loads a TOML registry; the path may hold placeholders such
+// as {env.TOKEN_BROKER_CONFIG}.
+func loadRegistry(path string) (*config.Registry, error) {
+	path = caddy.NewReplacer().ReplaceKnown(path, "")
+	reg, err := config.Load(path)
+	if err != nil {
+		return nil, fmt.Errorf("token_broker: %w", err)
+	}
+	return reg, nil
+}
+
+// Start does nothing: tokens are fetched on demand.
+func (a *App) Start() error { return nil }
+
+// Stop does nothing: the cache lives on for the next config.
+func (a *App) Stop() error { return nil }
+
+// Cleanup releases the app's hold on the shared token cache; the cache lives
+// on while another config (the one being loaded) uses it.
+func (a *App) Cleanup() error {
+	if a.poolKey != "" {
+		_, err := brokers.Delete(a.poolKey)
+		return err
+	}
+	return nil
+}
+
+// brokers holds the token caches shared across config reloads, keyed by
+// their settings.
+var brokers = caddy.NewUsagePool()
+
+type pooledBroker struct{ *broker.Broker }
+
+func (p *pooledBroker) Destruct() error {
+	p.Close()
+	return nil
+}
+
+// Interface guards.
+var (
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+)
