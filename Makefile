@@ -4,7 +4,7 @@
 GO            ?= go
 BIN           ?= bin
 CADDY_VERSION ?= v2.11.9
-XCADDY        ?= github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5
+XCADDY        ?= $(GO) tool xcaddy
 
 # The embedded default: sandbox on 127.0.0.1:9080, sidecar on 127.0.0.1:8080.
 SANDBOX_ADDR   ?= 127.0.0.1:9080
@@ -33,8 +33,8 @@ test: vet
 
 # Builds a Caddy with this plugin the way users do, with xcaddy.
 xcaddy:
-	XCADDY_SKIP_CLEANUP=0 $(GO) run $(XCADDY) build $(CADDY_VERSION) \
-		--with github.com/tokenbroker/caddy-token-broker=. \
+	$(XCADDY) build $(CADDY_VERSION) \
+		--with github.com/tokenbroker/caddy-token-broker@v0.0.0=. \
 		--output $(BIN)/caddy-xcaddy
 
 fmt:
