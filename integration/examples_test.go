@@ -120,8 +120,8 @@ func anyStrings(v any) []string {
 // testPKI is a throwaway CA with a server certificate and a client
 // certificate (standing in for an eIDAS QWAC).
 type testPKI struct {
-	pool                                    *x509.CertPool
-	server                                  tls.Certificate
+	pool                                  *x509.CertPool
+	server                                tls.Certificate
 	caFile, clientCertFile, clientKeyFile string
 }
 

@@ -27,8 +27,8 @@ import (
 )
 
 const (
-	apiKey     = "it-partner-key-7f3c1d"
-	oneIDID    = "it-oneid-client"
+	apiKey      = "it-partner-key-7f3c1d"
+	oneIDID     = "it-oneid-client"
 	oneIDSecret = "it-oneid-secret-9a8b"
 )
 
