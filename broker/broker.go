@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -47,8 +48,32 @@ type Options struct {
 	// CleanupInterval is how often expired tokens are dropped from memory.
 	// Default 1m.
 	CleanupInterval time.Duration
+	// MaxAttempts is how many times one fetch calls the Source when it
+	// fails with a temporary error (timeout, refused connection, 429, 5xx),
+	// waiting an exponential backoff with jitter in between, within the
+	// fetch's deadline. Default 3; 1 disables retries.
+	MaxAttempts int
+	// BackoffBase is the wait before the second attempt. Default 100ms.
+	BackoffBase time.Duration
+	// BackoffMax caps the wait between attempts. Default 2s. A provider's
+	// Retry-After is honoured when longer, if the deadline allows.
+	BackoffMax time.Duration
+	// FailureTTL is how long a failed fetch is remembered for its key:
+	// requests in that time get the same error without calling the token
+	// API again, so an outage does not multiply the load on the provider.
+	// A provider's Retry-After extends it. Default 2s; negative disables.
+	FailureTTL time.Duration
+	// BreakerThreshold is how many consecutive temporary failures of one
+	// source open its circuit breaker. Default 5; negative disables.
+	BreakerThreshold int
+	// BreakerCooldown is how long an open breaker refuses calls before it
+	// lets one probe through. Default 10s.
+	BreakerCooldown time.Duration
 	// Now is the clock. Default time.Now. Tests inject their own.
 	Now func() time.Time
+	// Sleep waits between attempts. Default: a timer. Tests inject their
+	// own so that backoff costs no time.
+	Sleep func(ctx context.Context, d time.Duration) error
 	// Observer is told about lookups and fetches (metrics, logs). Optional.
 	Observer Observer
 }
@@ -97,12 +122,19 @@ type Observer interface {
 	Fetched(ctx context.Context, b *Binding, tok Token, elapsed time.Duration, background bool, err error)
 }
 
+// BreakerObserver is an optional interface of an Observer: it is told when a
+// source's circuit breaker changes state.
+type BreakerObserver interface {
+	BreakerChanged(sourceID string, state BreakerState)
+}
+
 // Entry is a cached token with the Authorization header value built once.
 // Entries are immutable once cached, apart from their refresh bookkeeping.
 type Entry struct {
 	tok       Token
 	header    string
 	refreshAt time.Time
+	binding   *Binding
 
 	refreshing  atomic.Bool
 	nextAttempt atomic.Int64 // unix nanoseconds; earliest next background refresh
@@ -123,6 +155,10 @@ type Broker struct {
 	opts  Options
 	cache *gocache.Cache
 	group singleflight.Group
+
+	mu       sync.Mutex // orders cache writes with Purge's compare-and-delete
+	failures sync.Map   // key -> *failure
+	breakers sync.Map   // SourceID -> *breaker
 }
 
 // New returns a Broker. Call Close when done with it.
@@ -147,6 +183,27 @@ func New(opts Options) *Broker {
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.MaxAttempts <= 0 {
+		opts.MaxAttempts = DefaultMaxAttempts
+	}
+	if opts.BackoffBase <= 0 {
+		opts.BackoffBase = DefaultBackoffBase
+	}
+	if opts.BackoffMax <= 0 {
+		opts.BackoffMax = DefaultBackoffMax
+	}
+	if opts.FailureTTL == 0 {
+		opts.FailureTTL = DefaultFailureTTL
+	}
+	if opts.BreakerThreshold == 0 {
+		opts.BreakerThreshold = DefaultBreakerThreshold
+	}
+	if opts.BreakerCooldown <= 0 {
+		opts.BreakerCooldown = DefaultBreakerCooldown
+	}
+	if opts.Sleep == nil {
+		opts.Sleep = sleepCtx
 	}
 	return &Broker{opts: opts, cache: gocache.New(gocache.NoExpiration, opts.CleanupInterval)}
 }
@@ -184,6 +241,12 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 			br.observe(b, r)
 			return e, r, nil
 		}
+	}
+	if v, ok := br.failures.Load(b.key); ok {
+		if f := v.(*failure); now.Before(f.until) {
+			return nil, Miss, f.err
+		}
+		br.failures.Delete(b.key)
 	}
 	ch := br.group.DoChan(b.key, func() (any, error) {
 		return br.fetch(ctx, b, false)
@@ -232,7 +295,10 @@ func (br *Broker) refresh(ctx context.Context, b *Binding, e *Entry) {
 
 // fetch calls the Source and caches what it returns. It runs once per key at
 // a time (inside the singleflight group), detached from the cancellation of
-// the request that started it but keeping its values (trace context).
+// the request that started it but keeping its values (trace context) and
+// its deadline. Temporary failures are retried with backoff while the
+// deadline allows; the source's breaker may refuse the call; a failure is
+// remembered for FailureTTL.
 func (br *Broker) fetch(parent context.Context, b *Binding, background bool) (*Entry, error) {
 	now := br.opts.Now()
 	// A fetch that finished just before this one started may have left a
@@ -242,29 +308,133 @@ func (br *Broker) fetch(parent context.Context, b *Binding, background bool) (*E
 			return e, nil
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(parent), br.opts.FetchTimeout)
+	deadline := time.Now().Add(br.opts.FetchTimeout)
+	if d, ok := parent.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	ctx, cancel := context.WithDeadline(context.WithoutCancel(parent), deadline)
 	defer cancel()
-	start := time.Now()
-	tok, err := b.Source.Token(ctx, b.Request)
-	elapsed := time.Since(start)
+
+	tok, err := br.attempts(ctx, b, background, deadline)
 	now = br.opts.Now()
-	if err == nil {
-		err = br.check(b, &tok, now)
-	}
-	var e *Entry
-	if err == nil {
-		e = &Entry{tok: tok, header: "Bearer " + tok.Value.Reveal(), refreshAt: tok.Expiry}
-		if br.opts.RefreshWindow > 0 {
-			life := tok.Expiry.Sub(tok.IssuedAt)
-			e.refreshAt = tok.Expiry.Add(-time.Duration(float64(life) * br.opts.RefreshWindow))
+	if err != nil {
+		if br.opts.FailureTTL > 0 && !errors.Is(err, context.Canceled) {
+			ttl := max(br.opts.FailureTTL, RetryAfterOf(err))
+			br.failures.Store(b.key, &failure{err: err, until: now.Add(ttl)})
 		}
-		br.cache.Set(b.key, e, tok.Expiry.Sub(now))
+		return nil, err
 	}
-	if o := br.observer(b); o != nil {
-		o.Fetched(ctx, b, tok, elapsed, background, err)
+	br.failures.Delete(b.key)
+	e := &Entry{tok: tok, header: "Bearer " + tok.Value.Reveal(), refreshAt: tok.Expiry, binding: b}
+	if br.opts.RefreshWindow > 0 {
+		life := tok.Expiry.Sub(tok.IssuedAt)
+		e.refreshAt = tok.Expiry.Add(-time.Duration(float64(life) * br.opts.RefreshWindow))
 	}
-	return e, err
+	br.mu.Lock()
+	br.cache.Set(b.key, e, tok.Expiry.Sub(now))
+	br.mu.Unlock()
+	return e, nil
 }
+
+// attempts calls the Source up to MaxAttempts times while its failures are
+// temporary, the breaker lets calls through and the deadline allows.
+func (br *Broker) attempts(ctx context.Context, b *Binding, background bool, deadline time.Time) (Token, error) {
+	brk := br.breaker(b.SourceID)
+	obs := br.observer(b)
+	for attempt := 1; ; attempt++ {
+		now := br.opts.Now()
+		if br.opts.BreakerThreshold > 0 {
+			if ok, wait := brk.allow(now, br.opts.BreakerCooldown); !ok {
+				return Token{}, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait}
+			}
+		}
+		start := time.Now()
+		tok, err := b.Source.Token(ctx, b.Request)
+		elapsed := time.Since(start)
+		now = br.opts.Now()
+		if err == nil {
+			err = br.check(b, &tok, now)
+		}
+		if br.opts.BreakerThreshold > 0 {
+			if state, changed := brk.record(now, err, br.opts.BreakerThreshold, br.opts.BreakerCooldown); changed {
+				if bo, ok := obs.(BreakerObserver); ok {
+					bo.BreakerChanged(b.SourceID, state)
+				}
+			}
+		}
+		if obs != nil {
+			obs.Fetched(ctx, b, tok, elapsed, background, err)
+		}
+		if err == nil || !IsTemporary(err) || attempt >= br.opts.MaxAttempts {
+			return tok, err
+		}
+		wait := max(backoff(attempt, br.opts.BackoffBase, br.opts.BackoffMax), RetryAfterOf(err))
+		if time.Now().Add(wait).After(deadline) {
+			return tok, err
+		}
+		if br.opts.Sleep(ctx, wait) != nil {
+			return tok, err
+		}
+	}
+}
+
+func (br *Broker) breaker(sourceID string) *breaker {
+	if v, ok := br.breakers.Load(sourceID); ok {
+		return v.(*breaker)
+	}
+	v, _ := br.breakers.LoadOrStore(sourceID, &breaker{})
+	return v.(*breaker)
+}
+
+// BreakerState returns the state of a source's circuit breaker.
+func (br *Broker) BreakerState(sourceID string) BreakerState {
+	return br.breaker(sourceID).current()
+}
+
+// Purge drops the binding's cached token if it is still the one with the
+// given value, and reports whether it did. Callers that saw a token rejected
+// (401) purge it this way: a burst of rejections of one token causes one
+// new fetch, and a token fetched meanwhile is kept.
+func (br *Broker) Purge(b *Binding, rejected Secret) bool {
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	v, ok := br.cache.Get(b.key)
+	if !ok || v.(*Entry).tok.Value != rejected {
+		return false
+	}
+	br.cache.Delete(b.key)
+	return true
+}
+
+// PurgeMerchant drops every cached token of a merchant, whatever its
+// scopes, and returns the entries dropped.
+func (br *Broker) PurgeMerchant(merchant string) []*Entry {
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	var out []*Entry
+	for k, it := range br.cache.Items() {
+		if e := it.Object.(*Entry); e.binding.Request.Merchant == merchant {
+			br.cache.Delete(k)
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// Entries returns the cached, unexpired entries.
+func (br *Broker) Entries() []*Entry {
+	now := br.opts.Now()
+	var out []*Entry
+	for _, it := range br.cache.Items() {
+		if e := it.Object.(*Entry); e.tok.ValidAt(now, 0) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// Binding returns the binding the entry's token was fetched for.
+func (e *Entry) Binding() *Binding { return e.binding }
 
 // ErrExpiredToken is returned when a provider hands out a token that is
 // already expired, or about to be.

@@ -282,7 +282,7 @@ func TestFailedRefreshKeepsServingAndRetriesLater(t *testing.T) {
 	clock := newFakeClock()
 	src := &countingSource{clock: clock, life: 100 * time.Second}
 	obs := newObserver()
-	br := New(Options{Now: clock.Now, Observer: obs, RefreshRetry: 5 * time.Second})
+	br := New(Options{Now: clock.Now, Observer: obs, RefreshRetry: 5 * time.Second, MaxAttempts: 1})
 	b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
 	ctx := context.Background()
 	if _, err := br.Token(ctx, b); err != nil {
