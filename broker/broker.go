@@ -450,7 +450,8 @@ func (br *Broker) check(b *Binding, tok *Token, now time.Time) error {
 		tok.IssuedAt = now
 	}
 	if !tok.ValidAt(now, br.opts.Leeway) {
-		return fmt.Errorf("merchant %q: %w (expiry %s)", b.Request.Merchant, ErrExpiredToken, tok.Expiry.UTC().Format(time.RFC3339))
+		return &APIError{Provider: sourceType(b), StatusCode: 200, Code: "expired_token",
+			Description: fmt.Sprintf("merchant %q: expiry %s", b.Request.Merchant, tok.Expiry.UTC().Format(time.RFC3339)), Err: ErrExpiredToken}
 	}
 	return nil
 }

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/textproto"
+	"strconv"
 	"strings"
 	"time"
 
@@ -217,6 +218,9 @@ var errorMessages = map[string]string{
 	"token_timeout":      "the provider's token API did not answer in time; the request was not forwarded",
 	"token_refused":      "the provider refused to issue a token for this merchant; check the merchant's organisation, scopes and the partner credentials",
 	"client_gone":        "the request was cancelled while waiting for a token",
+	"token_api_down":     "the provider's token API keeps failing, so the broker is not calling it for a while; retry after the Retry-After delay",
+	"token_rate_limited": "the provider's token API asked the broker to slow down; retry after the Retry-After delay",
+	"token_bad_response": "the provider's token API answered with something that is not a usable token; the request was not forwarded",
 }
 
 // errorBody is the JSON body of a refused request.
@@ -230,13 +234,20 @@ type errorBody struct {
 func classify(err error) (int, string) {
 	var ae *broker.APIError
 	var re *broker.RequestError
+	var ue *broker.UnavailableError
 	switch {
 	case errors.Is(err, context.Canceled):
 		return 499, "client_gone"
+	case errors.As(err, &ue):
+		return http.StatusServiceUnavailable, "token_api_down"
 	case broker.IsTimeout(err):
 		return http.StatusGatewayTimeout, "token_timeout"
 	case errors.As(err, &re):
 		return http.StatusBadGateway, "token_refused"
+	case errors.As(err, &ae) && ae.StatusCode == http.StatusTooManyRequests:
+		return http.StatusServiceUnavailable, "token_rate_limited"
+	case errors.As(err, &ae) && ae.StatusCode >= 200 && ae.StatusCode < 300:
+		return http.StatusBadGateway, "token_bad_response"
 	case errors.As(err, &ae) && !ae.Temporary():
 		return http.StatusBadGateway, "token_refused"
 	}
@@ -250,6 +261,9 @@ func (h *Handler) fail(w http.ResponseWriter, repl *caddy.Replacer, status int, 
 	if cause != nil {
 		h.logger.Warn("no token for request", zap.String("merchant", merchant), zap.String("error_code", code),
 			zap.Int("status", status), zap.Error(cause))
+		if ra := broker.RetryAfterOf(cause); ra > 0 && status == http.StatusServiceUnavailable {
+			w.Header().Set("Retry-After", strconv.Itoa(int((ra+time.Second-1)/time.Second)))
+		}
 	}
 	msg := errorMessages[code]
 	if h.Errors == "caddy" {
