@@ -75,7 +75,7 @@ func NewHTTPClient(timeout time.Duration, tlsOpts TLSOptions) (*http.Client, err
 	tr.MaxIdleConnsPerHost = 16
 	return &http.Client{
 		Timeout:   timeout,
-		Transport: tr,
+		Transport: TracedTransport(tr),
 		CheckRedirect: func(*http.Request, []*http.Request) error {
 			return http.ErrUseLastResponse
 		},

@@ -39,10 +39,16 @@ type App struct {
 	// each provider's own timeout applies to each call.
 	FetchTimeout caddy.Duration `json:"fetch_timeout,omitempty"`
 
-	registry *config.Registry
-	broker   *broker.Broker
-	poolKey  string
-	logger   *zap.Logger
+	// Metrics configures the broker's Prometheus series (see
+	// MetricsConfig). They are always on; this only shapes their labels.
+	Metrics *MetricsConfig `json:"metrics,omitempty"`
+
+	registry   *config.Registry
+	metrics    *tokenMetrics
+	metricsKey string
+	broker     *broker.Broker
+	poolKey    string
+	logger     *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -82,6 +88,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	a.broker = val.(*pooledBroker).Broker
+	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
+	if a.metrics, err = loadMetrics(ctx.GetMetricsRegistry(), merchantLabel); err != nil {
+		return err
+	}
+	a.metricsKey = metricsPoolKey(merchantLabel)
 	return nil
 }
 
@@ -115,6 +126,9 @@ func (a *App) Stop() error { return nil }
 // Cleanup releases the app's hold on the shared token cache; the cache lives
 // on while another config (the one being loaded) uses it.
 func (a *App) Cleanup() error {
+	if a.metricsKey != "" {
+		metricsPool.Delete(a.metricsKey)
+	}
 	if a.poolKey != "" {
 		_, err := brokers.Delete(a.poolKey)
 		return err

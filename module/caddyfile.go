@@ -88,6 +88,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	    refresh_window <fraction|percent>
 //	    leeway         <duration>
 //	    fetch_timeout  <duration>
+//	    metrics_merchant_label
 //	}
 func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 	var app App
@@ -110,6 +111,13 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("duplicate subdirective '%s'", sub)
 		}
 		seen[sub] = true
+		if sub == "metrics_merchant_label" { // a flag: metrics.go
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			a.Metrics = &MetricsConfig{MerchantLabel: true}
+			continue
+		}
 		v, err := oneArg(d)
 		if err != nil {
 			return err

@@ -85,6 +85,7 @@ type Handler struct {
 	header         string // canonical Header
 	broker         *broker.Broker
 	logger         *zap.Logger
+	metrics        *handlerMetrics // see metrics.go
 }
 
 // binding is what the handler knows about one merchant on its route.
@@ -142,6 +143,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		b.Observer = h
 		h.bindings[id] = &binding{Binding: b, provider: m.Provider}
 	}
+	h.instrument(app.metrics)
 	return nil
 }
 
@@ -164,7 +166,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !ok {
 		return h.fail(w, repl, http.StatusForbidden, "unknown_merchant", merchant, nil)
 	}
-	e, res, err := h.broker.Get(r.Context(), b.Binding)
+	e, res, err := h.token(r.Context(), b) // tracing.go: the token span
 	if err != nil {
 		status, code := classify(err)
 		return h.fail(w, repl, status, code, merchant, err)
@@ -279,14 +281,19 @@ func (h *Handler) fail(w http.ResponseWriter, repl *caddy.Replacer, status int, 
 	return json.NewEncoder(w).Encode(errorBody{Error: code, Message: msg, Merchant: merchant})
 }
 
-// Lookup implements broker.Observer; metrics hook in here.
+// Lookup implements broker.Observer. Lookups are counted by each binding's
+// own observer (metrics.go), whose counters are resolved at provision time.
 func (h *Handler) Lookup(*broker.Binding, broker.Result) {}
 
 // Fetched implements broker.Observer: one log line per token fetch.
-func (h *Handler) Fetched(_ context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
+func (h *Handler) Fetched(ctx context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
+	provider := h.providerOf(b)
+	outcome := h.observeFetch(ctx, b, provider, elapsed, err)
 	fields := []zap.Field{
 		zap.String("merchant", b.Request.Merchant),
+		zap.String("provider", provider),
 		zap.String("source", b.SourceID),
+		zap.String("outcome", outcome),
 		zap.Strings("scopes", b.Request.Scopes),
 		zap.Duration("duration", elapsed),
 		zap.Bool("background", background),

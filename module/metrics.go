@@ -1,0 +1,266 @@
+package module
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// MetricsConfig configures the broker's Prometheus metrics, shown on Caddy's
+// /metrics (admin endpoint or `metrics` handler). The series are:
+//
+// Series | Labels | What
+// -------|--------|-----
+// `caddy_token_broker_token_requests_total` | provider, outcome | calls to a token API: outcome ok, or the error code a request would get (token_refused, token_unavailable, token_timeout, token_rate_limited, token_bad_response, client_gone)
+// `caddy_token_broker_token_request_duration_seconds` | provider | histogram of token API call latency
+// `caddy_token_broker_cache_lookups_total` | provider, result | tokens handed out: hit, refresh (a hit that started the background refresh), miss (waited on a fetch it started), shared (waited on a fetch another request started: the single-flight waiters)
+// `caddy_token_broker_token_purges_total` | provider | cached tokens dropped after the upstream rejected them (401)
+// `caddy_token_broker_breaker_state` | provider | circuit breaker of the token API: 0 closed, 1 half-open, 2 open
+//
+// With MerchantLabel, token_requests_total, cache_lookups_total and
+// token_purges_total also carry a merchant label.
+type MetricsConfig struct {
+	// MerchantLabel adds a merchant label to the per-request series. Off by
+	// default: with many merchants it multiplies the number of series.
+	MerchantLabel bool `json:"merchant_label,omitempty"`
+}
+
+// tokenMetrics are the broker's collectors. They are kept in a
+// caddy.UsagePool across config reloads, so counters keep counting; each
+// config's metrics registry registers them once.
+type tokenMetrics struct {
+	merchantLabel bool
+	tokenRequests *prometheus.CounterVec
+	fetchDuration *prometheus.HistogramVec
+	lookups       *prometheus.CounterVec
+	purges        *prometheus.CounterVec
+	breaker       *prometheus.GaugeVec
+}
+
+// metricsPool holds one tokenMetrics per label set.
+var metricsPool = caddy.NewUsagePool()
+
+func (m *tokenMetrics) Destruct() error { return nil }
+
+func metricsPoolKey(merchantLabel bool) string {
+	return fmt.Sprintf("metrics merchant_label=%t", merchantLabel)
+}
+
+// loadMetrics returns the shared collectors for the label set and registers
+// them in registry. Release them with metricsPool.Delete(metricsPoolKey(...)).
+func loadMetrics(registry *prometheus.Registry, merchantLabel bool) (*tokenMetrics, error) {
+	val, _, err := metricsPool.LoadOrNew(metricsPoolKey(merchantLabel), func() (caddy.Destructor, error) {
+		return newTokenMetrics(merchantLabel), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	m := val.(*tokenMetrics)
+	if registry != nil {
+		if err := m.register(registry); err != nil {
+			metricsPool.Delete(metricsPoolKey(merchantLabel))
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+func newTokenMetrics(merchantLabel bool) *tokenMetrics {
+	const ns, sub = "caddy", "token_broker"
+	perRequest := func(labels ...string) []string {
+		if merchantLabel {
+			labels = append(labels, "merchant")
+		}
+		return labels
+	}
+	return &tokenMetrics{
+		merchantLabel: merchantLabel,
+		tokenRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "token_requests_total",
+			Help: "Calls to a provider's token API, by outcome (ok or the error code).",
+		}, perRequest("provider", "outcome")),
+		fetchDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "token_request_duration_seconds",
+			Help:    "Latency of calls to a provider's token API.",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}, []string{"provider"}),
+		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "cache_lookups_total",
+			Help: "Tokens handed out to requests, by how the cache served them: hit, refresh, miss, shared (single-flight waiters).",
+		}, perRequest("provider", "result")),
+		purges: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "token_purges_total",
+			Help: "Cached tokens dropped because the upstream rejected them (401).",
+		}, perRequest("provider")),
+		breaker: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "breaker_state",
+			Help: "Circuit breaker of a provider's token API: 0 closed, 1 half-open, 2 open.",
+		}, []string{"provider"}),
+	}
+}
+
+// register adds the collectors to a config's registry; registering them
+// twice in one registry is not an error.
+func (m *tokenMetrics) register(registry *prometheus.Registry) error {
+	for _, c := range []prometheus.Collector{m.tokenRequests, m.fetchDuration, m.lookups, m.purges, m.breaker} {
+		if err := registry.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if errors.As(err, &are) && are.ExistingCollector == c {
+				continue
+			}
+			return fmt.Errorf("token_broker: registering metrics: %w", err)
+		}
+	}
+	return nil
+}
+
+// Purged counts a cached token dropped because the upstream rejected it.
+// merchant is ignored unless the merchant label is on.
+func (m *tokenMetrics) Purged(provider, merchant string) {
+	if m == nil {
+		return
+	}
+	m.purges.WithLabelValues(m.labels(merchant, provider)...).Inc()
+}
+
+// SetBreakerState sets the breaker gauge of a provider (0 closed,
+// 1 half-open, 2 open: the values of broker.BreakerState).
+func (m *tokenMetrics) SetBreakerState(provider string, state int) {
+	if m == nil {
+		return
+	}
+	m.breaker.WithLabelValues(provider).Set(float64(state))
+}
+
+// fetched counts one token API call.
+func (m *tokenMetrics) fetched(provider, merchant, outcome string, elapsed time.Duration) {
+	if m == nil {
+		return
+	}
+	m.tokenRequests.WithLabelValues(m.labels(merchant, provider, outcome)...).Inc()
+	m.fetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
+}
+
+// labels appends the merchant to the label values when the label is on.
+func (m *tokenMetrics) labels(merchant string, values ...string) []string {
+	if m.merchantLabel {
+		values = append(values, merchant)
+	}
+	return values
+}
+
+// lookupCounters are a binding's cache_lookups_total counters, one per
+// broker.Result, resolved at provision time so that counting a lookup is
+// one atomic add. Bindings of one provider share them unless the merchant
+// label is on.
+type lookupCounters [broker.Shared + 1]prometheus.Counter
+
+func (m *tokenMetrics) lookupCounters(provider, merchant string) *lookupCounters {
+	var c lookupCounters
+	for r := range c {
+		c[r] = m.lookups.WithLabelValues(m.labels(merchant, provider, broker.Result(r).String())...)
+	}
+	return &c
+}
+
+// observer is the broker.Observer of one binding: it counts lookups on its
+// pre-resolved counters and hands everything else to the handler (logs,
+// fetch metrics, breaker changes).
+type observer struct {
+	*Handler
+	lookups *lookupCounters
+}
+
+// Lookup counts a token handed out. It allocates nothing.
+func (o *observer) Lookup(_ *broker.Binding, r broker.Result) {
+	if int(r) < len(o.lookups) {
+		o.lookups[r].Inc()
+	}
+}
+
+// handlerMetrics is what a handler needs to count: the shared collectors
+// and the provider name of each source.
+type handlerMetrics struct {
+	*tokenMetrics
+	providers map[string]string // SourceID -> provider name
+}
+
+// instrument gives every binding of the handler an observer with its
+// counters resolved. Called at the end of Provision.
+func (h *Handler) instrument(m *tokenMetrics) {
+	h.metrics = &handlerMetrics{tokenMetrics: m, providers: make(map[string]string)}
+	if m == nil {
+		return
+	}
+	shared := map[string]*lookupCounters{} // by provider, without the merchant label
+	for id, b := range h.bindings {
+		h.metrics.providers[b.SourceID] = b.provider
+		var c *lookupCounters
+		if m.merchantLabel {
+			c = m.lookupCounters(b.provider, id)
+		} else if c = shared[b.provider]; c == nil {
+			c = m.lookupCounters(b.provider, "")
+			shared[b.provider] = c
+		}
+		b.Observer = &observer{Handler: h, lookups: c}
+	}
+}
+
+// BreakerChanged implements broker.BreakerObserver: it sets the breaker
+// gauge of the source's provider.
+func (h *Handler) BreakerChanged(sourceID string, state broker.BreakerState) {
+	if h.metrics == nil {
+		return
+	}
+	provider, ok := h.metrics.providers[sourceID]
+	if !ok {
+		provider, _, _ = strings.Cut(sourceID, "#")
+	}
+	h.metrics.SetBreakerState(provider, int(state))
+}
+
+// fetchOutcome is the outcome label of a token API call.
+func fetchOutcome(err error) string {
+	if err == nil {
+		return "ok"
+	}
+	_, code := classify(err)
+	return code
+}
+
+// observeFetch counts a token API call; Fetched calls it.
+func (h *Handler) observeFetch(_ context.Context, b *broker.Binding, provider string, elapsed time.Duration, err error) string {
+	outcome := fetchOutcome(err)
+	if h.metrics != nil {
+		h.metrics.fetched(provider, b.Request.Merchant, outcome, elapsed)
+	}
+	return outcome
+}
+
+// providerOf returns the provider name of a binding of this handler.
+func (h *Handler) providerOf(b *broker.Binding) string {
+	if h.metrics != nil {
+		if p, ok := h.metrics.providers[b.SourceID]; ok {
+			return p
+		}
+	}
+	if hb, ok := h.bindings[b.Request.Merchant]; ok {
+		return hb.provider
+	}
+	p, _, _ := strings.Cut(b.SourceID, "#")
+	return p
+}
+
+// Interface guards.
+var (
+	_ broker.Observer        = (*observer)(nil)
+	_ broker.BreakerObserver = (*observer)(nil)
+	_ caddy.Destructor       = (*tokenMetrics)(nil)
+)

@@ -1,0 +1,312 @@
+package module
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/zap"
+	zapobserver "go.uber.org/zap/zaptest/observer"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// clock is a settable test clock.
+type clock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *clock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *clock) Add(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+}
+
+// newMetricsHandler returns a handler for merchants acme and globex of
+// provider nuapay, on a broker with the clock, instrumented with fresh
+// collectors registered in reg.
+func newMetricsHandler(t *testing.T, src broker.SourceFunc, clk *clock, merchantLabel bool) (*Handler, *tokenMetrics, *prometheus.Registry) {
+	t.Helper()
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(),
+		merchantHeader: "X-Merchant-Id", header: "Authorization"}
+	h.broker = broker.New(broker.Options{Now: clk.Now, MaxAttempts: 1, FailureTTL: -1, BreakerThreshold: 2,
+		Sleep: func(context.Context, time.Duration) error { return nil }})
+	t.Cleanup(h.broker.Close)
+	h.bindings = map[string]*binding{}
+	for _, m := range []string{"acme", "globex"} {
+		b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
+		b.Observer = h
+		h.bindings[m] = &binding{Binding: b, provider: "nuapay"}
+	}
+	m := newTokenMetrics(merchantLabel)
+	reg := prometheus.NewPedanticRegistry()
+	if err := m.register(reg); err != nil {
+		t.Fatal(err)
+	}
+	h.instrument(m)
+	return h, m, reg
+}
+
+func merchantRequest(merchant string) *http.Request {
+	req := httptest.NewRequest("GET", "/", nil)
+	req.Header.Set("X-Merchant-Id", merchant)
+	return req
+}
+
+// TestMetricsScriptedSequence drives miss, hit, refresh-ahead, a failure
+// and an open breaker through the handler on an injected clock, and checks
+// every series exactly. The integration test cannot move Caddy's clock, so
+// refresh-ahead is counted here.
+func TestMetricsScriptedSequence(t *testing.T) {
+	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	var fail atomic.Bool
+	var calls atomic.Int64
+	refreshed := make(chan struct{}, 4)
+	src := func(ctx context.Context, req broker.Request) (broker.Token, error) {
+		defer func() { refreshed <- struct{}{} }()
+		calls.Add(1)
+		if fail.Load() {
+			return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 503}
+		}
+		now := clk.Now()
+		return broker.Token{Value: broker.Secret("tok-" + req.Merchant), IssuedAt: now, Expiry: now.Add(100 * time.Second)}, nil
+	}
+	h, m, reg := newMetricsHandler(t, src, clk, false)
+
+	mustServe := func(merchant string, want int) {
+		t.Helper()
+		rec, _, err := serve(t, h, merchantRequest(merchant))
+		if err != nil || rec.Code != want {
+			t.Fatalf("%s: status %d err %v, want %d", merchant, rec.Code, err, want)
+		}
+	}
+	mustServe("acme", 200) // miss
+	<-refreshed
+	mustServe("acme", 200) // hit
+	clk.Add(80 * time.Second)
+	mustServe("acme", 200) // refresh: in the last 25 %, starts the background refresh
+	<-refreshed
+	waitFor(t, func() bool { return h.broker.Entries()[0].RefreshAt().After(clk.Now()) })
+	mustServe("acme", 200) // hit on the refreshed token
+	fail.Store(true)
+	mustServe("globex", 502) // failure: a token API call with outcome token_unavailable
+	<-refreshed
+	mustServe("globex", 502) // second failure opens the breaker (threshold 2)
+	<-refreshed
+	mustServe("globex", 503) // breaker open: no call
+
+	expect := map[prometheus.Collector]map[string]float64{
+		m.lookups: {
+			`provider="nuapay",result="hit"`:     2,
+			`provider="nuapay",result="refresh"`: 1,
+			`provider="nuapay",result="miss"`:    1,
+			`provider="nuapay",result="shared"`:  0,
+		},
+		m.tokenRequests: {
+			`outcome="ok",provider="nuapay"`:                2,
+			`outcome="token_unavailable",provider="nuapay"`: 2,
+		},
+		m.breaker: {`provider="nuapay"`: float64(broker.BreakerOpen)},
+	}
+	checkSeries(t, reg, expect)
+	if n := histogramCount(t, reg, "caddy_token_broker_token_request_duration_seconds"); n != 4 {
+		t.Errorf("latency histogram count = %d, want 4", n)
+	}
+	if calls.Load() != 4 {
+		t.Errorf("token API calls = %d, want 4", calls.Load())
+	}
+
+	// A reload brings a new registry: the same collectors register again
+	// and keep counting.
+	reg2 := prometheus.NewPedanticRegistry()
+	if err := m.register(reg2); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.register(reg2); err != nil {
+		t.Fatalf("second registration in one registry: %v", err)
+	}
+	mustServe("acme", 200)
+	m.Purged("nuapay", "acme")
+	expect[m.lookups][`provider="nuapay",result="hit"`] = 3
+	expect[m.purges] = map[string]float64{`provider="nuapay"`: 1}
+	checkSeries(t, reg2, expect)
+}
+
+func TestMetricsSharedAndMerchantLabel(t *testing.T) {
+	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	release, started := make(chan struct{}), make(chan struct{}, 1)
+	src := func(ctx context.Context, req broker.Request) (broker.Token, error) {
+		started <- struct{}{}
+		<-release
+		now := clk.Now()
+		return broker.Token{Value: "tok", IssuedAt: now, Expiry: now.Add(time.Hour)}, nil
+	}
+	h, m, reg := newMetricsHandler(t, src, clk, true)
+	const n = 8
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() { serve(t, h, merchantRequest("acme")) })
+	}
+	<-started // the one fetch is in flight; requests arriving now share it
+	close(release)
+	wg.Wait()
+	miss := testutil.ToFloat64(m.lookups.WithLabelValues("nuapay", "miss", "acme"))
+	shared := testutil.ToFloat64(m.lookups.WithLabelValues("nuapay", "shared", "acme"))
+	hit := testutil.ToFloat64(m.lookups.WithLabelValues("nuapay", "hit", "acme"))
+	// Every request is counted once. (singleflight reports Shared to the
+	// caller that started the fetch too, so until broker.Get tells them
+	// apart the starter may be counted as shared rather than miss.)
+	if miss > 1 || miss+shared+hit != n {
+		t.Fatalf("miss %v shared %v hit %v, want at most 1 miss and %d in all", miss, shared, hit, n)
+	}
+	checkSeries(t, reg, map[prometheus.Collector]map[string]float64{
+		m.tokenRequests: {`merchant="acme",outcome="ok",provider="nuapay"`: 1},
+	})
+}
+
+func TestLookupAllocatesNothing(t *testing.T) {
+	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	h, _, _ := newMetricsHandler(t, func(context.Context, broker.Request) (broker.Token, error) {
+		return broker.Token{Value: "tok", Expiry: clk.Now().Add(time.Hour)}, nil
+	}, clk, false)
+	b := h.bindings["acme"].Binding
+	if n := testing.AllocsPerRun(100, func() { b.Observer.Lookup(b, broker.Hit) }); n != 0 {
+		t.Fatalf("Lookup allocates %v times", n)
+	}
+}
+
+func TestFetchLogLine(t *testing.T) {
+	core, logs := zapobserver.New(zap.InfoLevel)
+	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	h, _, _ := newMetricsHandler(t, func(context.Context, broker.Request) (broker.Token, error) {
+		return broker.Token{Value: testToken, Expiry: clk.Now().Add(time.Hour)}, nil
+	}, clk, false)
+	h.logger = zap.New(core)
+	if rec, _, _ := serve(t, h, merchantRequest("acme")); rec.Code != 200 {
+		t.Fatal(rec.Code)
+	}
+	entries := logs.FilterMessage("token fetched").All()
+	if len(entries) != 1 {
+		t.Fatalf("%d fetch log lines, want 1", len(entries))
+	}
+	f := entries[0].ContextMap()
+	for k, want := range map[string]any{"merchant": "acme", "provider": "nuapay", "outcome": "ok",
+		"fingerprint": broker.Fingerprint(testToken)} {
+		if f[k] != want {
+			t.Errorf("%s = %v, want %v", k, f[k], want)
+		}
+	}
+	if _, ok := f["duration"]; !ok {
+		t.Error("no duration")
+	}
+	for _, e := range logs.All() {
+		for _, v := range e.ContextMap() {
+			if s, ok := v.(string); ok && strings.Contains(s, testToken) {
+				t.Fatalf("log line %q carries the token", e.Message)
+			}
+		}
+	}
+}
+
+func TestGlobalOptionMetricsMerchantLabel(t *testing.T) {
+	var a App
+	if err := a.UnmarshalCaddyfile(caddyfile.NewTestDispenser("token_broker {\n metrics_merchant_label\n}")); err != nil {
+		t.Fatal(err)
+	}
+	if a.Metrics == nil || !a.Metrics.MerchantLabel {
+		t.Fatalf("metrics = %+v", a.Metrics)
+	}
+	err := (&App{}).UnmarshalCaddyfile(caddyfile.NewTestDispenser("token_broker {\n metrics_merchant_label yes\n}"))
+	if err == nil || !strings.Contains(err.Error(), "wrong argument count") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestRegisterConflictIsAnError(t *testing.T) {
+	reg := prometheus.NewPedanticRegistry()
+	if err := newTokenMetrics(false).register(reg); err != nil {
+		t.Fatal(err)
+	}
+	// Another set of collectors with the same names in the same registry.
+	if err := newTokenMetrics(false).register(reg); err == nil {
+		t.Fatal("want an error")
+	}
+}
+
+// checkSeries compares the samples of each collector, by label string.
+func checkSeries(t *testing.T, reg *prometheus.Registry, want map[prometheus.Collector]map[string]float64) {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		for _, mt := range mf.GetMetric() {
+			var labels []string
+			for _, l := range mt.GetLabel() {
+				labels = append(labels, l.GetName()+`="`+l.GetValue()+`"`)
+			}
+			v := mt.GetCounter().GetValue() + mt.GetGauge().GetValue()
+			got[mf.GetName()+"{"+strings.Join(labels, ",")+"}"] = v
+		}
+	}
+	for c, series := range want {
+		desc := make(chan *prometheus.Desc, 1)
+		c.Describe(desc)
+		name := fqName(<-desc)
+		for labels, v := range series {
+			key := name + "{" + labels + "}"
+			if g, ok := got[key]; (!ok && v != 0) || g != v {
+				t.Errorf("%s = %v (present %v), want %v", key, g, ok, v)
+			}
+		}
+	}
+}
+
+func fqName(d *prometheus.Desc) string {
+	s := d.String()
+	_, s, _ = strings.Cut(s, `fqName: "`)
+	s, _, _ = strings.Cut(s, `"`)
+	return s
+}
+
+func histogramCount(t *testing.T, reg *prometheus.Registry, name string) uint64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n uint64
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			for _, mt := range mf.GetMetric() {
+				n += mt.GetHistogram().GetSampleCount()
+			}
+		}
+	}
+	return n
+}
+
+// waitFor polls cond for up to 5 s (background refreshes run on their own
+// goroutine).
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met in 5s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}

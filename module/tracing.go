@@ -1,0 +1,61 @@
+package module
+
+import (
+	"context"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// tracerName is the instrumentation scope of the broker's spans.
+const tracerName = "github.com/tokenbroker/caddy-token-broker"
+
+// Span and attribute names. The token itself is never an attribute; its
+// fingerprint is.
+const (
+	tokenSpanName    = "token_broker.token"
+	attrMerchant     = attribute.Key("token_broker.merchant")
+	attrProvider     = attribute.Key("token_broker.provider")
+	attrScopesCount  = attribute.Key("token_broker.scopes.count")
+	attrCache        = attribute.Key("token_broker.cache")
+	attrOutcome      = attribute.Key("token_broker.outcome")
+	attrFingerprint  = attribute.Key("token_broker.fingerprint")
+	attrOrganisation = attribute.Key("token_broker.organisation")
+	outcomeOK        = "ok"
+)
+
+// token gets the binding's token from the broker. When the request is
+// traced (Caddy's `tracing` directive), the lookup gets a span
+// "token_broker.token" under the request's span, from the request span's
+// tracer provider (Caddy sets no global one); token API calls made for it
+// are its children. An untraced request costs nothing more than the lookup.
+func (h *Handler) token(ctx context.Context, b *binding) (*broker.Entry, broker.Result, error) {
+	parent := trace.SpanFromContext(ctx)
+	if !parent.IsRecording() {
+		return h.broker.Get(ctx, b.Binding)
+	}
+	ctx, span := parent.TracerProvider().Tracer(tracerName).Start(ctx, tokenSpanName,
+		trace.WithSpanKind(trace.SpanKindInternal),
+		trace.WithAttributes(
+			attrMerchant.String(b.Request.Merchant),
+			attrProvider.String(b.provider),
+			attrOrganisation.String(b.Request.Organisation),
+			attrScopesCount.Int(len(b.Request.Scopes)),
+		))
+	defer span.End()
+	e, res, err := h.broker.Get(ctx, b.Binding)
+	if err != nil {
+		_, code := classify(err)
+		span.SetAttributes(attrCache.String(res.String()), attrOutcome.String(code))
+		// Errors never carry a credential or a token (broker.Source's contract).
+		span.SetStatus(codes.Error, code)
+		span.RecordError(err)
+		return e, res, err
+	}
+	span.SetAttributes(attrCache.String(res.String()), attrOutcome.String(outcomeOK),
+		attrFingerprint.String(e.Token().Fingerprint()))
+	return e, res, nil
+}
