@@ -186,6 +186,16 @@ func (n *Nuapay) Revoke(ctx context.Context, org, tokenID string) error {
 	return err
 }
 
+// RevokeToken implements Revoker: it revokes the token by its id, or every
+// token of the organisation when the token has no id.
+func (n *Nuapay) RevokeToken(ctx context.Context, req Request, tok Token) error {
+	if tok.ID == "" {
+		_, err := n.RevokeAll(ctx, req.Organisation)
+		return err
+	}
+	return n.Revoke(ctx, req.Organisation, tok.ID)
+}
+
 // RevokeAll revokes every token of an organisation and returns how many
 // the provider revoked.
 func (n *Nuapay) RevokeAll(ctx context.Context, org string) (int, error) {
@@ -324,3 +334,9 @@ func redactURLError(err error) error {
 	}
 	return err
 }
+
+// Interface guards.
+var (
+	_ Source  = (*Nuapay)(nil)
+	_ Revoker = (*Nuapay)(nil)
+)

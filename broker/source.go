@@ -20,6 +20,13 @@ type Source interface {
 	Token(ctx context.Context, req Request) (Token, error)
 }
 
+// Revoker is implemented by sources whose provider can revoke a token it
+// issued (Nuapay's revoke endpoints, RFC 7009).
+type Revoker interface {
+	// RevokeToken revokes tok, which was issued for req.
+	RevokeToken(ctx context.Context, req Request, tok Token) error
+}
+
 // SourceFunc adapts a function to the Source interface.
 type SourceFunc func(ctx context.Context, req Request) (Token, error)
 

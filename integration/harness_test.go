@@ -125,6 +125,7 @@ type echo struct {
 	Host          string            `json:"host"`
 	Headers       map[string]any    `json:"headers"`
 	Authorization echoAuthorization `json:"authorization"`
+	BodyBytes     int               `json:"body_bytes"`
 }
 
 type echoAuthorization struct {

@@ -1,8 +1,10 @@
 package module
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -34,6 +36,11 @@ type App struct {
 	// Leeway is how long a token must still be valid to be used: a token
 	// closer to its expiry is fetched anew. Default 1s.
 	Leeway caddy.Duration `json:"leeway,omitempty"`
+
+	// RevokeOnShutdown revokes the cached tokens at their providers when
+	// Caddy stops (not on a config reload), for providers that support
+	// revocation. Useful with long-lived tokens. Default false.
+	RevokeOnShutdown bool `json:"revoke_on_shutdown,omitempty"`
 
 	// FetchTimeout bounds one token fetch, whoever waits on it. Default 30s;
 	// each provider's own timeout applies to each call.
@@ -82,12 +89,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout)
 	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
-		return &pooledBroker{Broker: broker.New(opts)}, nil
+		return &pooledBroker{Broker: broker.New(opts), logger: a.logger}, nil
 	})
 	if err != nil {
 		return err
 	}
-	a.broker = val.(*pooledBroker).Broker
+	pb := val.(*pooledBroker)
+	pb.revokeOnShutdown.Store(a.RevokeOnShutdown)
+	a.broker = pb.Broker
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
 	if a.metrics, err = loadMetrics(ctx.GetMetricsRegistry(), merchantLabel); err != nil {
 		return err
@@ -117,11 +126,18 @@ func loadRegistry(path string) (*config.Registry, error) {
 	return reg, nil
 }
 
-// Start does nothing: tokens are fetched on demand.
-func (a *App) Start() error { return nil }
+// Start makes the app the one the admin API serves. Tokens are fetched on
+// demand.
+func (a *App) Start() error {
+	current.Store(a)
+	return nil
+}
 
-// Stop does nothing: the cache lives on for the next config.
-func (a *App) Stop() error { return nil }
+// Stop leaves the cache to the next config.
+func (a *App) Stop() error {
+	current.CompareAndSwap(a, nil)
+	return nil
+}
 
 // Cleanup releases the app's hold on the shared token cache; the cache lives
 // on while another config (the one being loaded) uses it.
@@ -140,9 +156,26 @@ func (a *App) Cleanup() error {
 // their settings.
 var brokers = caddy.NewUsagePool()
 
-type pooledBroker struct{ *broker.Broker }
+// pooledBroker is a broker in the pool. Its Destruct runs when the last
+// config using it is gone: at shutdown, or when a reload changes the cache
+// settings.
+type pooledBroker struct {
+	*broker.Broker
+	revokeOnShutdown atomic.Bool
+	logger           *zap.Logger
+}
 
 func (p *pooledBroker) Destruct() error {
+	if p.revokeOnShutdown.Load() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		for _, res := range revokeEntries(ctx, p.Entries()) {
+			if p.logger != nil {
+				p.logger.Info("token revoked at shutdown", zap.String("merchant", res.Merchant),
+					zap.String("fingerprint", res.Fingerprint), zap.Bool("revoked", res.Revoked), zap.String("error", res.Error))
+			}
+		}
+	}
 	p.Close()
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
 )
 
 func init() {
@@ -34,6 +35,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    header   <name>
 //	    errors   json|caddy
 //	    config   <config.toml>
+//	    retry_on_401     invalid_token|any|off
+//	    retry_body_limit <size>
 //	}
 //
 // The block is optional. Unknown, repeated and malformed subdirectives are
@@ -69,6 +72,25 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				h.Errors = v
 			}
+		case "retry_on_401":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			if v != "invalid_token" && v != "any" && v != "off" {
+				return d.Errf("retry_on_401 must be invalid_token, any or off, not '%s'", v)
+			}
+			h.RetryOn401 = v
+		case "retry_body_limit":
+			v, err := oneArg(d)
+			if err != nil {
+				return err
+			}
+			n, err := humanize.ParseBytes(v)
+			if err != nil || n > 1<<30 {
+				return d.Errf("retry_body_limit '%s': want a size such as 64KiB (at most 1GiB)", v)
+			}
+			h.RetryBodyLimit = int64(n)
 		case "scopes":
 			h.Scopes = d.RemainingArgs()
 			if len(h.Scopes) == 0 {
@@ -116,6 +138,13 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			a.Metrics = &MetricsConfig{MerchantLabel: true}
+			continue
+		}
+		if sub == "revoke_on_shutdown" {
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			a.RevokeOnShutdown = true
 			continue
 		}
 		v, err := oneArg(d)

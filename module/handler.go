@@ -79,6 +79,17 @@ type Handler struct {
 	// server's handle_errors routes answer.
 	Errors string `json:"errors,omitempty"`
 
+	// RetryOn401 says which upstream 401 answers purge the token and retry
+	// the request once with a new one: "invalid_token" (default: a 401
+	// with `WWW-Authenticate: Bearer error="invalid_token"`), "any" (every
+	// 401) or "off". A 403 never purges.
+	RetryOn401 string `json:"retry_on_401,omitempty"`
+
+	// RetryBodyLimit is the largest request body, in bytes, kept in memory
+	// so that the request can be retried after a 401. Larger requests are
+	// streamed and not retried. Default 65536.
+	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
+
 	registry       *config.Registry
 	bindings       map[string]*binding
 	merchantHeader string // canonical header name when Merchant is a plain header placeholder
@@ -152,6 +163,14 @@ func (h *Handler) Validate() error {
 	if h.Errors != "json" && h.Errors != "caddy" {
 		return fmt.Errorf("token_broker: errors %q must be json or caddy", h.Errors)
 	}
+	switch h.RetryOn401 {
+	case "", "invalid_token", "any", "off":
+	default:
+		return fmt.Errorf("token_broker: retry_on_401 %q must be invalid_token, any or off", h.RetryOn401)
+	}
+	if h.RetryBodyLimit < 0 {
+		return fmt.Errorf("token_broker: retry_body_limit %d must not be negative", h.RetryBodyLimit)
+	}
 	return nil
 }
 
@@ -182,7 +201,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	repl.Set("http.token_broker.provider", b.provider)
 	repl.Set("http.token_broker.fingerprint", e.Token().Fingerprint())
 	repl.Set("http.token_broker.cache", res.String())
-	return next.ServeHTTP(w, r)
+	return h.forward(w, r, next, b, e)
 }
 
 // merchantOf reads and checks the merchant of a request. A non-zero status

@@ -1,0 +1,89 @@
+package integration
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// revokeAll revokes every sandbox token of an organisation, as an operator
+// would at Nuapay: the broker's cached token becomes invalid upstream.
+func revokeAll(t *testing.T, sandboxURL, org string) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", sandboxURL+"/organisations/"+org+"/tokens/revoke", nil)
+	req.SetBasicAuth(apiKey, "")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("revoke: %v %v", err, resp)
+	}
+	resp.Body.Close()
+}
+
+func post(t *testing.T, url string, body []byte) (int, echo) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", url, bytes.NewReader(body))
+	req.Header.Set("X-Merchant-Id", "acme")
+	req.Header.Set("X-Sandbox-Require-Token", "1") // the echo answers 401 invalid_token to a bad token
+	req.Header.Set("Idempotency-Key", "k-1")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Error(err)
+		return 0, echo{}
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	var e echo
+	_ = json.Unmarshal(raw, &e)
+	e.BodyBytes = len(body)
+	if resp.StatusCode == 200 {
+		var got struct {
+			BodyBytes int `json:"body_bytes"`
+		}
+		_ = json.Unmarshal(raw, &got)
+		e.BodyBytes = got.BodyBytes
+	}
+	return resp.StatusCode, e
+}
+
+func TestUpstream401PurgesOnceAndRetries(t *testing.T) {
+	sb, sandboxURL := startSandbox(t)
+	base := startCaddy(t, sandboxCaddyfile(t))
+	getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme")
+	revokeAll(t, sandboxURL, "org-acme")
+
+	const n = 100
+	body := []byte(`{"amount":"10.00","currency":"EUR"}`)
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			status, e := post(t, base+"/tpp/payments", body)
+			if status != 200 || !e.Authorization.Valid || e.BodyBytes != len(body) {
+				t.Errorf("status %d, authorization %+v, body %d bytes: want 200 with a valid token and the whole body", status, e.Authorization, e.BodyBytes)
+			}
+		}()
+	}
+	wg.Wait()
+	if got := sb.TokenRequests(); got != 2 {
+		t.Fatalf("token requests = %d, want 2 (the first and exactly one re-fetch)", got)
+	}
+
+	// A body over retry_body_limit (64 KiB) is streamed, so it cannot be
+	// sent again: the caller gets the 401, and the token is still purged.
+	revokeAll(t, sandboxURL, "org-acme")
+	big := []byte(strings.Repeat("x", 70<<10))
+	if status, _ := post(t, base+"/tpp/payments", big); status != http.StatusUnauthorized {
+		t.Fatalf("non-replayable request: status %d, want 401", status)
+	}
+	if status, e := post(t, base+"/tpp/payments", body); status != 200 || !e.Authorization.Valid {
+		t.Fatalf("next request: status %d, want 200 with a fresh token", status)
+	}
+	if got := sb.TokenRequests(); got != 3 {
+		t.Fatalf("token requests = %d, want 3", got)
+	}
+}

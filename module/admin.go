@@ -1,0 +1,169 @@
+package module
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+func init() {
+	caddy.RegisterModule(adminAPI{})
+}
+
+// current is the running token_broker app, for the admin API.
+var current atomic.Pointer[App]
+
+// adminAPI serves the token broker's admin routes under Caddy's admin
+// endpoint. Nothing it answers holds a token or a secret: tokens are shown
+// by fingerprint.
+//
+//	GET  /token_broker/tokens                      cached tokens
+//	POST /token_broker/merchants/{id}/purge        drop a merchant's cached tokens
+//	POST /token_broker/merchants/{id}/revoke       revoke them at the provider, then drop them
+type adminAPI struct{}
+
+// CaddyModule returns the Caddy module information.
+func (adminAPI) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.token_broker",
+		New: func() caddy.Module { return new(adminAPI) },
+	}
+}
+
+// Routes returns the admin routes.
+func (a adminAPI) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{
+		{Pattern: "/token_broker/tokens", Handler: caddy.AdminHandlerFunc(a.tokens)},
+		{Pattern: "/token_broker/merchants/", Handler: caddy.AdminHandlerFunc(a.merchant)},
+	}
+}
+
+// TokenInfo describes a cached token in the admin API: never the token.
+type TokenInfo struct {
+	// Merchant the token is for.
+	Merchant string `json:"merchant"`
+	// Source is the provider's ID (name#config-hash).
+	Source string `json:"source"`
+	// Organisation at the provider.
+	Organisation string `json:"organisation,omitempty"`
+	// Scopes asked for.
+	Scopes []string `json:"scopes"`
+	// Audience asked for, if any.
+	Audience string `json:"audience,omitempty"`
+	// Fingerprint is the first 8 hex digits of the token's SHA-256.
+	Fingerprint string `json:"fingerprint"`
+	// TokenID is the provider's id of the token (Nuapay), if any.
+	TokenID string `json:"token_id,omitempty"`
+	// Expiry of the token.
+	Expiry time.Time `json:"expiry"`
+	// RefreshAt is when the token enters its refresh window.
+	RefreshAt time.Time `json:"refresh_at"`
+}
+
+func tokenInfo(e *broker.Entry) TokenInfo {
+	b, t := e.Binding(), e.Token()
+	return TokenInfo{Merchant: b.Request.Merchant, Source: b.SourceID, Organisation: b.Request.Organisation,
+		Scopes: b.Request.Scopes, Audience: b.Request.Audience, Fingerprint: t.Fingerprint(),
+		TokenID: t.ID, Expiry: t.Expiry.UTC(), RefreshAt: e.RefreshAt().UTC()}
+}
+
+func running() (*App, error) {
+	app := current.Load()
+	if app == nil {
+		return nil, caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errors.New("the token_broker app is not running")}
+	}
+	return app, nil
+}
+
+func (adminAPI) tokens(w http.ResponseWriter, r *http.Request) error {
+	if r.Method != http.MethodGet {
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use GET")}
+	}
+	app, err := running()
+	if err != nil {
+		return err
+	}
+	out := []TokenInfo{}
+	for _, e := range app.broker.Entries() {
+		if m := r.URL.Query().Get("merchant"); m == "" || m == e.Binding().Request.Merchant {
+			out = append(out, tokenInfo(e))
+		}
+	}
+	slices.SortFunc(out, func(a, b TokenInfo) int {
+		return strings.Compare(a.Merchant+"\x00"+strings.Join(a.Scopes, " "), b.Merchant+"\x00"+strings.Join(b.Scopes, " "))
+	})
+	return writeJSON(w, map[string]any{"tokens": out})
+}
+
+// RevokeResult is the outcome of revoking one token at its provider.
+type RevokeResult struct {
+	TokenInfo
+	// Revoked is true when the provider confirmed the revocation.
+	Revoked bool `json:"revoked"`
+	// Error says why the revocation failed (no token or secret in it).
+	Error string `json:"error,omitempty"`
+}
+
+func (adminAPI) merchant(w http.ResponseWriter, r *http.Request) error {
+	rest := strings.TrimPrefix(r.URL.Path, "/token_broker/merchants/")
+	id, action, ok := strings.Cut(rest, "/")
+	if !ok || !config.ValidMerchantID(id) {
+		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("use /token_broker/merchants/{merchant}/purge or /revoke")}
+	}
+	if r.Method != http.MethodPost {
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use POST")}
+	}
+	app, err := running()
+	if err != nil {
+		return err
+	}
+	switch action {
+	case "purge":
+		entries := app.broker.PurgeMerchant(id)
+		return writeJSON(w, map[string]any{"merchant": id, "purged": len(entries)})
+	case "revoke":
+		entries := app.broker.PurgeMerchant(id)
+		results := revokeEntries(r.Context(), entries)
+		return writeJSON(w, map[string]any{"merchant": id, "results": results})
+	}
+	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge or revoke", action)}
+}
+
+// revokeEntries revokes each entry's token at its provider, where the
+// provider supports revocation.
+func revokeEntries(ctx context.Context, entries []*broker.Entry) []RevokeResult {
+	results := make([]RevokeResult, 0, len(entries))
+	for _, e := range entries {
+		res := RevokeResult{TokenInfo: tokenInfo(e)}
+		rv, ok := e.Binding().Source.(broker.Revoker)
+		if !ok {
+			res.Error = "the provider has no revocation endpoint"
+		} else if err := rv.RevokeToken(ctx, e.Binding().Request, e.Token()); err != nil {
+			res.Error = err.Error()
+		} else {
+			res.Revoked = true
+		}
+		results = append(results, res)
+	}
+	return results
+}
+
+func writeJSON(w http.ResponseWriter, v any) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	return json.NewEncoder(w).Encode(v)
+}
+
+// Interface guard.
+var _ caddy.AdminRouter = adminAPI{}
