@@ -1,0 +1,194 @@
+package oauth
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"sync"
+
+	"github.com/coreos/go-oidc/v3/oidc"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// Endpoints are a provider's endpoints, configured or discovered.
+type Endpoints struct {
+	// Token is the token endpoint used (the mTLS alias with
+	// tls_client_auth when the provider lists one).
+	Token string
+	// Revocation is the RFC 7009 revocation endpoint, empty when the
+	// provider has none.
+	Revocation string
+	// AuthMethods are the provider's token_endpoint_auth_methods_supported,
+	// when discovered.
+	AuthMethods []string
+}
+
+// DiscoveryError is a failed discovery of the provider's endpoints. The
+// next Token call discovers again.
+type DiscoveryError struct {
+	// Issuer is the issuer whose discovery document was wanted.
+	Issuer string
+	// Err is the cause.
+	Err error
+}
+
+// Error describes the failure.
+func (e *DiscoveryError) Error() string {
+	return fmt.Sprintf("oauth2 discovery of issuer %s failed: %v", e.Issuer, e.Err)
+}
+
+// Unwrap returns the cause.
+func (e *DiscoveryError) Unwrap() error { return e.Err }
+
+// endpoints resolves and caches the provider's endpoints.
+type endpoints struct {
+	cfg *Config
+	sf  singleflight.Group
+
+	mu  sync.Mutex
+	cur *Endpoints // nil until discovered, and again after Invalidate
+}
+
+func newEndpoints(cfg *Config) *endpoints {
+	e := &endpoints{cfg: cfg}
+	if cfg.TokenURL != "" {
+		e.cur = &Endpoints{Token: cfg.TokenURL, Revocation: cfg.RevocationURL}
+	}
+	return e
+}
+
+// get returns the endpoints, discovering them when they are not cached.
+// Concurrent callers share one discovery; a failure is returned to them and
+// not cached.
+func (e *endpoints) get(ctx context.Context) (*Endpoints, error) {
+	e.mu.Lock()
+	cur := e.cur
+	e.mu.Unlock()
+	if cur != nil {
+		return cur, nil
+	}
+	ch := e.sf.DoChan("", func() (any, error) {
+		// Discovery outlives a cancelled caller (others may wait on it),
+		// bounded by the client's timeout.
+		ep, err := e.discover(context.WithoutCancel(ctx))
+		if err != nil {
+			return nil, err
+		}
+		e.mu.Lock()
+		e.cur = ep
+		e.mu.Unlock()
+		return ep, nil
+	})
+	select {
+	case r := <-ch:
+		if r.Err != nil {
+			return nil, r.Err
+		}
+		return r.Val.(*Endpoints), nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// invalidate forgets discovered endpoints so that the next call discovers
+// again. Configured endpoints are kept.
+func (e *endpoints) invalidate() {
+	if e.cfg.Issuer == "" {
+		return
+	}
+	e.mu.Lock()
+	e.cur = nil
+	e.mu.Unlock()
+}
+
+// discoveryDoc holds the discovery fields that go-oidc does not expose.
+type discoveryDoc struct {
+	RevocationEndpoint string   `json:"revocation_endpoint"`
+	AuthMethods        []string `json:"token_endpoint_auth_methods_supported"`
+	MTLSAliases        struct {
+		TokenEndpoint      string `json:"token_endpoint"`
+		RevocationEndpoint string `json:"revocation_endpoint"`
+	} `json:"mtls_endpoint_aliases"`
+}
+
+// discover reads {issuer}/.well-known/openid-configuration with go-oidc,
+// which also checks that the document names the configured issuer.
+func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
+	fail := func(err error) (*Endpoints, error) {
+		return nil, &DiscoveryError{Issuer: e.cfg.Issuer, Err: err}
+	}
+	client := *e.cfg.Client
+	client.Transport = limitBody{client.Transport}
+	p, err := oidc.NewProvider(oidc.ClientContext(ctx, &client), e.cfg.Issuer)
+	if err != nil {
+		return fail(shorten(err))
+	}
+	var doc discoveryDoc
+	if err := p.Claims(&doc); err != nil {
+		return fail(fmt.Errorf("reading the discovery document: %w", err))
+	}
+	ep := &Endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods}
+	if e.cfg.AuthMethod == TLSClientAuth {
+		if a := doc.MTLSAliases.TokenEndpoint; a != "" {
+			ep.Token = a
+		}
+		if a := doc.MTLSAliases.RevocationEndpoint; a != "" {
+			ep.Revocation = a
+		}
+	}
+	if e.cfg.RevocationURL != "" {
+		ep.Revocation = e.cfg.RevocationURL
+	}
+	if ep.Token == "" {
+		return fail(errors.New("the discovery document has no token_endpoint"))
+	}
+	if err := checkURL("token_endpoint", ep.Token); err != nil {
+		return fail(err)
+	}
+	if ep.Revocation != "" {
+		if err := checkURL("revocation_endpoint", ep.Revocation); err != nil {
+			return fail(err)
+		}
+	}
+	return ep, nil
+}
+
+// supports reports whether the provider accepts method, as far as its
+// discovery document says (true when it says nothing).
+func (ep *Endpoints) supports(method AuthMethod) bool {
+	return len(ep.AuthMethods) == 0 || slices.Contains(ep.AuthMethods, string(method))
+}
+
+// shorten cuts an error message (go-oidc quotes the whole body of a failed
+// discovery response) to a readable length.
+func shorten(err error) error {
+	const max = 300
+	if s := err.Error(); len(s) > max {
+		return errors.New(s[:max] + "…")
+	}
+	return err
+}
+
+// limitBody caps response bodies at broker.MaxResponseBytes (go-oidc reads
+// the discovery document whole).
+type limitBody struct{ rt http.RoundTripper }
+
+func (l limitBody) RoundTrip(r *http.Request) (*http.Response, error) {
+	rt := l.rt
+	if rt == nil {
+		rt = http.DefaultTransport
+	}
+	resp, err := rt.RoundTrip(r)
+	if err == nil {
+		resp.Body = struct {
+			io.Reader
+			io.Closer
+		}{io.LimitReader(resp.Body, broker.MaxResponseBytes), resp.Body}
+	}
+	return resp, err
+}

@@ -1,0 +1,32 @@
+// Package oauth holds the broker's standard OAuth 2.0 token sources: the
+// client credentials grant (RFC 6749 §4.4) and the refresh token grant
+// (RFC 6749 §6) for merchants who consented through the authorization code
+// flow. Both implement broker.Source.
+//
+// The exchange itself goes through golang.org/x/oauth2 (its
+// clientcredentials package, whose documented grant_type override also
+// carries the refresh_token grant), with the request's context and the
+// provider's own HTTP client. Unlike x/oauth2's token sources, nothing here
+// shortens a token's life: Expiry is the provider's, and the broker's
+// refresh-ahead decides when to fetch the next one.
+//
+// Client authentication (RFC 6749 §2.3, RFC 7523, RFC 8705):
+//
+//	client_secret_basic  id and secret form-url-encoded, then HTTP Basic
+//	client_secret_post   client_id and client_secret in the form body
+//	private_key_jwt      a fresh signed assertion (PS256, ES256 or RS256) per request
+//	tls_client_auth      the TLS client certificate; client_id in the body
+//
+// The token endpoint is configured (TokenURL) or discovered from the issuer
+// with github.com/coreos/go-oidc/v3 (Issuer): the discovered endpoints are
+// cached, a discovery failure is not (the next call tries again), and a
+// token request that fails in transport or with 404 makes the next call
+// discover again.
+//
+// A token's lifetime comes from expires_in; without it, from the exp claim
+// of an access token that is a JWT (read, not verified: the token is opaque
+// to the broker); without either, from Config.DefaultLifetime.
+//
+// No error from this package holds a client secret, an assertion, a refresh
+// token or an access token.
+package oauth

@@ -1,0 +1,301 @@
+package oauth
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/oauth2"
+	"golang.org/x/oauth2/clientcredentials"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// core is what both sources share: the configuration, the endpoints and
+// the token request.
+type core struct {
+	cfg Config
+	ep  *endpoints
+}
+
+func newCore(cfg Config) (*core, error) {
+	if err := cfg.check(); err != nil {
+		return nil, fmt.Errorf("oauth2 provider %s: %w", cfg.Name, err)
+	}
+	c := &core{cfg: cfg}
+	c.ep = newEndpoints(&c.cfg)
+	return c, nil
+}
+
+// clientAuth returns the x/oauth2 settings and the extra form parameters of
+// the configured client authentication for a request to endpoint.
+func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyle, params url.Values, err error) {
+	params = url.Values{}
+	switch c.cfg.AuthMethod {
+	case ClientSecretBasic:
+		// x/oauth2 form-url-encodes the id and the secret before Basic
+		// encoding them, as RFC 6749 §2.3.1 says.
+		return c.cfg.ClientSecret.Reveal(), oauth2.AuthStyleInHeader, params, nil
+	case ClientSecretPost:
+		return c.cfg.ClientSecret.Reveal(), oauth2.AuthStyleInParams, params, nil
+	case PrivateKeyJWT:
+		aud := c.cfg.AssertionAudience
+		if aud == "" {
+			aud = endpoint
+		}
+		a, err := c.cfg.Signer.Assertion(c.cfg.ClientID, aud, c.cfg.Now())
+		if err != nil {
+			return "", 0, nil, err
+		}
+		params.Set("client_assertion_type", ClientAssertionType)
+		params.Set("client_assertion", a)
+		return "", oauth2.AuthStyleInParams, params, nil
+	}
+	// tls_client_auth: the certificate is the credential; client_id in
+	// the body (x/oauth2 sends it with AuthStyleInParams and no secret).
+	return "", oauth2.AuthStyleInParams, params, nil
+}
+
+// exchange sends one token request: grant holds the grant's own
+// parameters (none for client_credentials). It returns the parsed token and
+// the raw x/oauth2 token (for the refresh token).
+func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
+	ep, err := c.ep.get(ctx)
+	if err != nil {
+		return broker.Token{}, nil, err
+	}
+	secret, style, params, err := c.clientAuth(ep.Token)
+	if err != nil {
+		return broker.Token{}, nil, err
+	}
+	for k, v := range c.cfg.Params {
+		params.Set(k, v)
+	}
+	if aud := cmpOr(req.Audience, c.cfg.Audience); aud != "" {
+		params.Set("audience", aud)
+	}
+	if c.cfg.Resource != "" {
+		params.Set("resource", c.cfg.Resource)
+	}
+	for k, v := range grant {
+		params[k] = v
+	}
+	cc := clientcredentials.Config{
+		ClientID:       c.cfg.ClientID,
+		ClientSecret:   secret,
+		TokenURL:       ep.Token,
+		Scopes:         req.Scopes,
+		EndpointParams: params,
+		AuthStyle:      style,
+	}
+	secrets = append(secrets, secret, params.Get("client_assertion"))
+	sent := c.cfg.Now()
+	tok, err := cc.Token(context.WithValue(ctx, oauth2.HTTPClient, c.cfg.Client))
+	if err != nil {
+		return broker.Token{}, nil, c.tokenError(ep, err, secrets)
+	}
+	secrets = append(secrets, tok.AccessToken, tok.RefreshToken)
+	t, err := c.parse(tok, req, sent)
+	if err != nil {
+		return broker.Token{}, nil, scrubError(err, secrets)
+	}
+	return t, tok, nil
+}
+
+// tokenError turns an x/oauth2 failure into an *broker.APIError (the
+// provider answered) or a transport error, and invalidates discovered
+// endpoints when the endpoint may have moved.
+func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
+	var re *oauth2.RetrieveError
+	if errors.As(err, &re) {
+		ae := &broker.APIError{Provider: ProviderName, Code: re.ErrorCode, Description: scrub(re.ErrorDescription, secrets)}
+		if re.Response != nil {
+			ae.StatusCode = re.Response.StatusCode
+			ae.RetryAfter = retryAfter(re.Response.Header.Get("Retry-After"), c.cfg.Now())
+		}
+		if ae.StatusCode == http.StatusNotFound {
+			c.ep.invalidate()
+		}
+		if ae.Description == "" && ae.Code == "" {
+			ae.Description = http.StatusText(ae.StatusCode)
+		}
+		if ae.Code == "invalid_client" && !ep.supports(c.cfg.AuthMethod) {
+			ae.Description += fmt.Sprintf(" (the provider's discovery document lists token_endpoint_auth_methods_supported %q, without %s)", ep.AuthMethods, c.cfg.AuthMethod)
+		}
+		return ae
+	}
+	var ue *url.Error
+	var ne net.Error
+	switch {
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return fmt.Errorf("oauth2 token endpoint %s: %w", host(ep.Token), redactURLError(err))
+	case errors.As(err, &ue), errors.As(err, &ne), strings.HasPrefix(err.Error(), "oauth2: cannot fetch token"):
+		c.ep.invalidate()
+		return fmt.Errorf("oauth2 token endpoint %s: %w", host(ep.Token), redactURLError(err))
+	}
+	// x/oauth2 could not parse a success response. Its message may quote
+	// the body, so it is not repeated.
+	return &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "malformed_response",
+		Description: "the token response is not a JSON or form-encoded RFC 6749 §5.1 response with an access_token"}
+}
+
+// parse checks a successful response and computes the token's expiry.
+func (c *core) parse(tok *oauth2.Token, req broker.Request, sent time.Time) (broker.Token, error) {
+	typ := tok.TokenType
+	if typ != "" && !strings.EqualFold(typ, "bearer") {
+		return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "unsupported_token_type",
+			Description: fmt.Sprintf("token_type %q is not Bearer: the broker sends bearer tokens only (DPoP and MAC tokens need proof of possession)", short(typ))}
+	}
+	if typ == "" {
+		typ = "Bearer" // RFC 6749 requires it; its absence is read as bearer
+	}
+	if !validTokenValue(tok.AccessToken) {
+		return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "invalid_token_value",
+			Description: "the access token is empty, too long or contains characters not allowed in an HTTP header"}
+	}
+	expiry := c.expiry(tok, sent)
+	if req.Lifetime > 0 && sent.Add(req.Lifetime).Before(expiry) {
+		expiry = sent.Add(req.Lifetime)
+	}
+	t := broker.Token{Value: broker.Secret(tok.AccessToken), Type: typ, Expiry: expiry}
+	if s, ok := tok.Extra("scope").(string); ok {
+		t.Scopes = strings.Fields(s)
+	}
+	return t, nil
+}
+
+// expiry is sent + expires_in; failing that the exp of a JWT access token;
+// failing that sent + the default lifetime. Never zero.
+func (c *core) expiry(tok *oauth2.Token, sent time.Time) time.Time {
+	if secs, ok := expiresIn(tok.Extra("expires_in")); ok && secs > 0 {
+		return sent.Add(time.Duration(secs) * time.Second)
+	}
+	if exp, ok := JWTExpiry(tok.AccessToken); ok {
+		return exp
+	}
+	return sent.Add(c.cfg.DefaultLifetime)
+}
+
+// maxExpiresIn bounds expires_in (ten years) so that the duration cannot
+// overflow.
+const maxExpiresIn = 10 * 366 * 24 * 3600
+
+// expiresIn reads expires_in as JSON (a number, or a string holding one) or
+// form-encoded response values give it.
+func expiresIn(v any) (int64, bool) {
+	var n int64
+	switch x := v.(type) {
+	case float64:
+		n = int64(x)
+	case json.Number:
+		f, err := x.Float64()
+		if err != nil {
+			return 0, false
+		}
+		n = int64(f)
+	case string:
+		f, err := strconv.ParseFloat(strings.TrimSpace(x), 64)
+		if err != nil {
+			return 0, false
+		}
+		n = int64(f)
+	default:
+		return 0, false
+	}
+	return min(n, maxExpiresIn), true
+}
+
+// maxTokenLen bounds an access token's size (a large JWT is a few KiB).
+const maxTokenLen = 16 << 10
+
+// validTokenValue reports whether v can go into an HTTP header: non-empty
+// and without control characters, spaces or non-ASCII bytes.
+func validTokenValue(v string) bool {
+	if v == "" || len(v) > maxTokenLen {
+		return false
+	}
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; c <= ' ' || c >= 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// retryAfter reads a Retry-After header in seconds or as an HTTP date, at
+// most an hour.
+func retryAfter(v string, now time.Time) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if secs, err := strconv.Atoi(strings.TrimSpace(v)); err == nil {
+		if secs < 0 {
+			return 0
+		}
+		return time.Duration(min(secs, 3600)) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil && t.After(now) {
+		return min(t.Sub(now), time.Hour)
+	}
+	return 0
+}
+
+// scrub replaces every secret in s (a provider's error description, which
+// might echo what it was sent) with [REDACTED], and bounds its length.
+func scrub(s string, secrets []string) string {
+	for _, v := range secrets {
+		if len(v) >= 4 {
+			s = strings.ReplaceAll(s, v, broker.Redacted)
+		}
+	}
+	return short(s)
+}
+
+// scrubError scrubs the description of an *broker.APIError.
+func scrubError(err error, secrets []string) error {
+	var ae *broker.APIError
+	if errors.As(err, &ae) {
+		ae.Description = scrub(ae.Description, secrets)
+	}
+	return err
+}
+
+// short bounds a provider-supplied string quoted in an error.
+func short(s string) string {
+	const max = 500
+	if len(s) > max {
+		return s[:max] + "…"
+	}
+	return s
+}
+
+// host returns the host of a URL, for messages.
+func host(s string) string {
+	if u, err := url.Parse(s); err == nil && u.Host != "" {
+		return u.Host
+	}
+	return s
+}
+
+// redactURLError drops the URL (and so any query) from a *url.Error.
+func redactURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+func cmpOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}

@@ -1,0 +1,178 @@
+package oauth
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// secretValue is a distinctive secret: no error text may ever hold it.
+const secretValue = "cs-DISTINCTIVE:s3cr3t/+%&=9f8e"
+
+var (
+	rsaOnce sync.Once
+	rsaKey  *rsa.PrivateKey
+)
+
+// testRSAKey is one 2048-bit key shared by the tests (generation is slow).
+func testRSAKey(t testing.TB) *rsa.PrivateKey {
+	rsaOnce.Do(func() {
+		var err error
+		if rsaKey, err = rsa.GenerateKey(rand.Reader, 2048); err != nil {
+			panic(err)
+		}
+	})
+	return rsaKey
+}
+
+func testECKey(t testing.TB) *ecdsa.PrivateKey {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// keyPEM encodes key as PKCS#1 ("pkcs1"), PKCS#8 ("pkcs8") or SEC1 ("sec1").
+func keyPEM(t testing.TB, key crypto.Signer, format string) []byte {
+	var b *pem.Block
+	switch format {
+	case "pkcs1":
+		b = &pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key.(*rsa.PrivateKey))}
+	case "sec1":
+		der, err := x509.MarshalECPrivateKey(key.(*ecdsa.PrivateKey))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b = &pem.Block{Type: "EC PRIVATE KEY", Bytes: der}
+	default:
+		der, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b = &pem.Block{Type: "PRIVATE KEY", Bytes: der}
+	}
+	return pem.EncodeToMemory(b)
+}
+
+func mustSigner(t testing.TB, key crypto.Signer, alg, kid string) *Signer {
+	t.Helper()
+	s, err := NewSigner(key, alg, kid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// testPKI is a CA with a server certificate for 127.0.0.1 and client
+// certificates, written to files for broker.TLSOptions.
+type testPKI struct {
+	dir    string
+	ca     *x509.Certificate
+	caKey  *ecdsa.PrivateKey
+	CAFile string
+	Server tls.Certificate
+	Pool   *x509.CertPool
+}
+
+func newPKI(t *testing.T) *testPKI {
+	t.Helper()
+	p := &testPKI{dir: t.TempDir(), caKey: testECKey(t)}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &p.caKey.PublicKey, p.caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.ca, _ = x509.ParseCertificate(der)
+	p.Pool = x509.NewCertPool()
+	p.Pool.AddCert(p.ca)
+	p.CAFile = filepath.Join(p.dir, "ca.pem")
+	writeFile(t, p.CAFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+	certFile, keyFile := p.issue(t, "server", x509.ExtKeyUsageServerAuth)
+	if p.Server, err = tls.LoadX509KeyPair(certFile, keyFile); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// issue writes a certificate for cn (with IP SAN 127.0.0.1) and its key.
+func (p *testPKI) issue(t *testing.T, cn string, usage x509.ExtKeyUsage) (certFile, keyFile string) {
+	t.Helper()
+	key := testECKey(t)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage},
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.ca, &key.PublicKey, p.caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile = filepath.Join(p.dir, cn+".pem"), filepath.Join(p.dir, cn+".key")
+	writeFile(t, certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+	writeFile(t, keyFile, keyPEM(t, key, "pkcs8"))
+	return certFile, keyFile
+}
+
+// client returns an HTTP client trusting the CA, with cn's certificate
+// when cn is not empty.
+func (p *testPKI) client(t *testing.T, cn string) *http.Client {
+	t.Helper()
+	o := broker.TLSOptions{CAFile: p.CAFile}
+	if cn != "" {
+		o.CertFile, o.KeyFile = p.issue(t, cn, x509.ExtKeyUsageClientAuth)
+	}
+	c, err := broker.NewHTTPClient(5*time.Second, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func writeFile(t testing.TB, path string, data []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// fixedClock is a clock the tests move by hand.
+type fixedClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newClock() *fixedClock { return &fixedClock{t: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)} }
+
+func (c *fixedClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fixedClock) Add(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}

@@ -1,0 +1,269 @@
+package oauth
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// saveTimeout bounds the saving of a rotated refresh token, which goes on
+// when the request that caused the refresh is cancelled: the old token no
+// longer works, so losing the new one would lose the merchant's consent.
+const saveTimeout = 30 * time.Second
+
+// RefreshToken is a broker.Source for merchants who consented through the
+// authorization code flow: it exchanges each merchant's refresh token
+// (RFC 6749 §6) for access tokens. The refresh tokens live in a Store
+// under StoreKey(Config.Name, merchant).
+//
+// On Token it locks the merchant's key in the Store, loads the refresh
+// token, sends grant_type=refresh_token (with the client authentication,
+// and scope when the request has scopes), and when the provider rotates the
+// refresh token it saves the new one BEFORE returning the access token; then
+// it unlocks. A Token call that waited on the lock while another call for
+// the same merchant, scopes and audience refreshed gets that call's access
+// token instead of refreshing again. It is safe for concurrent use.
+type RefreshToken struct {
+	c     *core
+	store Store
+
+	mu      sync.Mutex
+	last    map[string]*refreshed    // by store key: the latest refresh
+	pending map[string]broker.Secret // rotated tokens whose Save failed
+}
+
+// refreshed is the result of one refresh.
+type refreshed struct {
+	gen uint64
+	req string // scopes and audience
+	tok broker.Token
+}
+
+// ConsentRequiredError is returned when a merchant's refresh token cannot be
+// used: the provider refused it (invalid_grant: expired, revoked or already
+// rotated), or none is stored. The merchant must consent again through the
+// authorization-code flow, and an operator must load the new refresh token
+// (admin API or caddy sub-command). It is permanent.
+type ConsentRequiredError struct {
+	// Provider is the provider's name.
+	Provider string
+	// Merchant is the merchant whose consent is needed.
+	Merchant string
+	// Err is the provider's refusal (*broker.APIError with Code
+	// "invalid_grant") or ErrNoRefreshToken.
+	Err error
+}
+
+// Error says what happened and what to do, without the refresh token.
+func (e *ConsentRequiredError) Error() string {
+	why := "the provider refused the refresh token"
+	var ae *broker.APIError
+	switch {
+	case errors.Is(e.Err, ErrNoRefreshToken):
+		why = "no refresh token is stored for it"
+	case errors.As(e.Err, &ae) && ae.Description != "":
+		why += fmt.Sprintf(" (%s: %s)", ae.Code, ae.Description)
+	case ae != nil:
+		why += fmt.Sprintf(" (%s)", ae.Code)
+	}
+	return fmt.Sprintf("merchant %q, oauth2 provider %q: %s: the merchant must consent again (authorization-code flow), then an operator must load the new refresh token", e.Merchant, e.Provider, why)
+}
+
+// Unwrap returns the cause and, when the cause is not the provider's
+// answer, a permanent *broker.RequestError so that the broker does not
+// retry.
+func (e *ConsentRequiredError) Unwrap() []error {
+	var ae *broker.APIError
+	if errors.As(e.Err, &ae) {
+		return []error{e.Err}
+	}
+	return []error{e.Err, &broker.RequestError{Merchant: e.Merchant, Field: "refresh_token", Reason: "no refresh token is stored"}}
+}
+
+// SaveError is returned when the provider rotated a refresh token and the
+// Store could not save the new one. The source keeps the new token in
+// memory, uses it for the next refresh, and tries to save it again first.
+type SaveError struct {
+	// Merchant is the merchant whose refresh token was rotated.
+	Merchant string
+	// Err is the Store's error.
+	Err error
+}
+
+// Error describes the failure.
+func (e *SaveError) Error() string {
+	return fmt.Sprintf("merchant %q: the provider rotated the refresh token but storing the new one failed: %v (it is kept in memory and saved again on the next request; if the broker stops first, the merchant must consent again)", e.Merchant, e.Err)
+}
+
+// Unwrap returns the Store's error.
+func (e *SaveError) Unwrap() error { return e.Err }
+
+// NewRefreshToken returns a refresh token source that keeps its refresh
+// tokens in store.
+func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
+	if store == nil {
+		return nil, fmt.Errorf("oauth2 provider %s: the refresh_token grant needs a refresh-token store", cfg.Name)
+	}
+	c, err := newCore(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &RefreshToken{c: c, store: store, last: map[string]*refreshed{}, pending: map[string]broker.Secret{}}, nil
+}
+
+// Type names the source type for the broker's errors and metrics.
+func (s *RefreshToken) Type() string { return ProviderName }
+
+// StoreKey returns the key of merchant's refresh token in the Store.
+func (s *RefreshToken) StoreKey(merchant string) string { return StoreKey(s.c.cfg.Name, merchant) }
+
+// Store returns the store of the refresh tokens.
+func (s *RefreshToken) Store() Store { return s.store }
+
+// SetRefreshToken stores a merchant's refresh token (obtained by the
+// operator after the merchant's consent), under the merchant's lock.
+func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt broker.Secret) error {
+	if rt == "" || !validTokenValue(rt.Reveal()) {
+		return errors.New("the refresh token is empty or contains characters not allowed in a token")
+	}
+	key := s.StoreKey(merchant)
+	unlock, err := s.store.Lock(ctx, key)
+	if err != nil {
+		return fmt.Errorf("merchant %q: locking the refresh token: %w", merchant, err)
+	}
+	defer unlock()
+	if err := s.store.Save(ctx, key, rt); err != nil {
+		return fmt.Errorf("merchant %q: saving the refresh token: %w", merchant, err)
+	}
+	s.mu.Lock()
+	delete(s.pending, key)
+	delete(s.last, key)
+	s.mu.Unlock()
+	return nil
+}
+
+// Token refreshes an access token for req.Merchant.
+func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
+	key := s.StoreKey(req.Merchant)
+	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
+	s.mu.Lock()
+	var gen uint64
+	if l := s.last[key]; l != nil {
+		gen = l.gen
+	}
+	s.mu.Unlock()
+
+	unlock, err := s.store.Lock(ctx, key)
+	if err != nil {
+		return broker.Token{}, fmt.Errorf("merchant %q: locking the refresh token: %w", req.Merchant, err)
+	}
+	defer unlock()
+
+	// Another call refreshed while this one waited: use its token.
+	s.mu.Lock()
+	l, pending := s.last[key], s.pending[key]
+	s.mu.Unlock()
+	if l != nil && l.gen != gen && l.req == want && l.tok.Expiry.After(s.c.cfg.Now()) {
+		return l.tok, nil
+	}
+
+	rt := pending
+	if pending != "" {
+		if err := s.save(ctx, key, pending); err != nil {
+			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
+		}
+	} else if rt, err = s.store.Load(ctx, key); errors.Is(err, ErrNoRefreshToken) || err == nil && rt == "" {
+		return broker.Token{}, &ConsentRequiredError{Provider: s.c.cfg.Name, Merchant: req.Merchant, Err: ErrNoRefreshToken}
+	} else if err != nil {
+		return broker.Token{}, fmt.Errorf("merchant %q: loading the refresh token: %w", req.Merchant, err)
+	}
+
+	grant := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt.Reveal()}}
+	tok, raw, err := s.c.exchange(ctx, req, grant, rt.Reveal())
+	if err != nil {
+		var ae *broker.APIError
+		if errors.As(err, &ae) && ae.Code == "invalid_grant" {
+			return broker.Token{}, &ConsentRequiredError{Provider: s.c.cfg.Name, Merchant: req.Merchant, Err: ae}
+		}
+		return broker.Token{}, err
+	}
+	// x/oauth2 hands back the old refresh token when the response has
+	// none: a different one means the provider rotated it.
+	if next := broker.Secret(raw.RefreshToken); next != "" && next != rt {
+		if !validTokenValue(raw.RefreshToken) {
+			return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: 200, Code: "invalid_refresh_token",
+				Description: "the rotated refresh token is too long or contains characters not allowed in a token"}
+		}
+		if err := s.save(ctx, key, next); err != nil {
+			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
+		}
+	}
+	s.mu.Lock()
+	var cur uint64
+	if l := s.last[key]; l != nil {
+		cur = l.gen
+	}
+	s.last[key] = &refreshed{gen: cur + 1, req: want, tok: tok}
+	s.mu.Unlock()
+	return tok, nil
+}
+
+// save stores a rotated refresh token, even when ctx is cancelled (the old
+// token is dead). On failure the token is kept in memory as pending.
+func (s *RefreshToken) save(ctx context.Context, key string, rt broker.Secret) error {
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), saveTimeout)
+	defer cancel()
+	err := s.store.Save(sctx, key, rt)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		s.pending[key] = rt
+		return err
+	}
+	delete(s.pending, key)
+	return nil
+}
+
+// Endpoints returns the provider's endpoints, discovering them if needed.
+func (s *RefreshToken) Endpoints(ctx context.Context) (Endpoints, error) {
+	ep, err := s.c.ep.get(ctx)
+	if err != nil {
+		return Endpoints{}, err
+	}
+	return *ep, nil
+}
+
+// Revoke revokes a token at the provider's revocation endpoint (RFC 7009).
+// hint is the token_type_hint ("access_token", "refresh_token") or empty.
+func (s *RefreshToken) Revoke(ctx context.Context, token broker.Secret, hint string) error {
+	return s.c.revoke(ctx, token, hint)
+}
+
+// RevokeMerchant revokes a merchant's stored refresh token at the provider
+// (token_type_hint=refresh_token). The stored token is left in place: the
+// caller decides whether to delete it.
+func (s *RefreshToken) RevokeMerchant(ctx context.Context, merchant string) error {
+	rt, err := s.store.Load(ctx, s.StoreKey(merchant))
+	if err != nil {
+		return fmt.Errorf("merchant %q: loading the refresh token: %w", merchant, err)
+	}
+	return s.c.revoke(ctx, rt, "refresh_token")
+}
+
+// RevokeToken implements broker.Revoker: it revokes an access token the
+// source issued (token_type_hint=access_token). The merchant's refresh
+// token is left alone: see RevokeMerchant.
+func (s *RefreshToken) RevokeToken(ctx context.Context, _ broker.Request, tok broker.Token) error {
+	return s.c.revoke(ctx, tok.Value, "access_token")
+}
+
+var (
+	_ broker.Source  = (*RefreshToken)(nil)
+	_ broker.Revoker = (*RefreshToken)(nil)
+)
