@@ -37,6 +37,10 @@ type App struct {
 	// closer to its expiry is fetched anew. Default 1s.
 	Leeway caddy.Duration `json:"leeway,omitempty"`
 
+	// Callers, when set, requires every caller to present a JWT and limits
+	// the merchants each caller may act for (see CallerPolicy).
+	Callers *CallerPolicy `json:"callers,omitempty"`
+
 	// RevokeOnShutdown revokes the cached tokens at their providers when
 	// Caddy stops (not on a config reload), for providers that support
 	// revocation. Useful with long-lived tokens. Default false.
@@ -72,6 +76,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	if err := a.validate(); err != nil {
 		return err
+	}
+	if a.Callers != nil {
+		if err := a.Callers.provision(ctx); err != nil {
+			return err
+		}
 	}
 	if a.Config != "" {
 		reg, err := loadRegistry(a.Config)

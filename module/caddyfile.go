@@ -140,6 +140,14 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.Metrics = &MetricsConfig{MerchantLabel: true}
 			continue
 		}
+		if sub == "callers" {
+			p, err := parseCallers(d)
+			if err != nil {
+				return err
+			}
+			a.Callers = p
+			continue
+		}
 		if sub == "revoke_on_shutdown" {
 			if d.NextArg() {
 				return d.ArgErr()
@@ -175,6 +183,50 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// parseCallers reads the callers block of the global option.
+func parseCallers(d *caddyfile.Dispenser) (*CallerPolicy, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	p := &CallerPolicy{Allow: map[string][]string{}}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if sub == "allow" {
+			args := d.RemainingArgs()
+			if len(args) < 2 {
+				return nil, d.Errf("allow needs a subject and at least one merchant (or *)")
+			}
+			p.Allow[args[0]] = append(p.Allow[args[0]], args[1:]...)
+			continue
+		}
+		if seen[sub] {
+			return nil, d.Errf("duplicate subdirective '%s'", sub)
+		}
+		seen[sub] = true
+		v, err := oneArg(d)
+		if err != nil {
+			return nil, err
+		}
+		switch sub {
+		case "issuer":
+			p.Issuer = v
+		case "audience":
+			p.Audience = v
+		case "jwks_url":
+			p.JWKSURL = v
+		case "header":
+			p.Header = v
+		default:
+			return nil, d.Errf("unrecognized callers subdirective '%s'", sub)
+		}
+	}
+	if p.Issuer == "" || p.Audience == "" {
+		return nil, d.Err("callers needs issuer and audience")
+	}
+	return p, nil
 }
 
 // oneArg reads exactly one argument of a subdirective.

@@ -90,7 +90,7 @@ type Handler struct {
 	// streamed and not retried. Default 65536.
 	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
 
-	registry       *config.Registry
+	callers        *CallerPolicy
 	bindings       map[string]*binding
 	merchantHeader string // canonical header name when Merchant is a plain header placeholder
 	header         string // canonical Header
@@ -123,6 +123,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	app := appIface.(*App)
 	h.broker = app.broker
+	h.callers = app.Callers
 	if h.Merchant == "" {
 		h.Merchant = DefaultMerchant
 	}
@@ -177,9 +178,22 @@ func (h *Handler) Validate() error {
 // ServeHTTP sets the merchant's token on the request and calls next.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	var caller string
+	if h.callers != nil {
+		sub, cerr := h.callers.authenticate(r)
+		if cerr != nil {
+			w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+			return h.fail(w, repl, cerr.status, cerr.code, "", cerr.err)
+		}
+		caller = sub
+		r.Header.Del(h.callers.header)
+	}
 	merchant, status, code := h.merchantOf(r, repl)
 	if status != 0 {
 		return h.fail(w, repl, status, code, "", nil)
+	}
+	if h.callers != nil && !h.callers.allows(caller, merchant) {
+		return h.fail(w, repl, http.StatusForbidden, "caller_forbidden", merchant, nil)
 	}
 	b, ok := h.bindings[merchant]
 	if !ok {
@@ -231,17 +245,20 @@ func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, int
 // errorMessages are the messages sent to callers, by error code. They tell
 // the caller what to do and reveal nothing about credentials or tokens.
 var errorMessages = map[string]string{
-	"missing_merchant":   "the request does not say which merchant it is for: set the merchant header (default X-Merchant-Id)",
-	"ambiguous_merchant": "the request names the merchant more than once: send one merchant header",
-	"invalid_merchant":   "the merchant id is malformed: 1 to 128 ASCII letters, digits and . _ - : @",
-	"unknown_merchant":   "this merchant is not in the token broker's registry",
-	"token_unavailable":  "the provider's token API failed; the request was not forwarded",
-	"token_timeout":      "the provider's token API did not answer in time; the request was not forwarded",
-	"token_refused":      "the provider refused to issue a token for this merchant; check the merchant's organisation, scopes and the partner credentials",
-	"client_gone":        "the request was cancelled while waiting for a token",
-	"token_api_down":     "the provider's token API keeps failing, so the broker is not calling it for a while; retry after the Retry-After delay",
-	"token_rate_limited": "the provider's token API asked the broker to slow down; retry after the Retry-After delay",
-	"token_bad_response": "the provider's token API answered with something that is not a usable token; the request was not forwarded",
+	"missing_merchant":        "the request does not say which merchant it is for: set the merchant header (default X-Merchant-Id)",
+	"ambiguous_merchant":      "the request names the merchant more than once: send one merchant header",
+	"invalid_merchant":        "the merchant id is malformed: 1 to 128 ASCII letters, digits and . _ - : @",
+	"unknown_merchant":        "this merchant is not in the token broker's registry",
+	"token_unavailable":       "the provider's token API failed; the request was not forwarded",
+	"token_timeout":           "the provider's token API did not answer in time; the request was not forwarded",
+	"token_refused":           "the provider refused to issue a token for this merchant; check the merchant's organisation, scopes and the partner credentials",
+	"client_gone":             "the request was cancelled while waiting for a token",
+	"caller_unauthenticated":  "the caller must present a valid JWT from the trusted issuer, for this sidecar's audience, as a Bearer token",
+	"caller_keys_unavailable": "the caller's JWT cannot be checked now: the issuer's keys are unavailable",
+	"caller_forbidden":        "this caller may not act for this merchant",
+	"token_api_down":          "the provider's token API keeps failing, so the broker is not calling it for a while; retry after the Retry-After delay",
+	"token_rate_limited":      "the provider's token API asked the broker to slow down; retry after the Retry-After delay",
+	"token_bad_response":      "the provider's token API answered with something that is not a usable token; the request was not forwarded",
 }
 
 // errorBody is the JSON body of a refused request.
