@@ -15,6 +15,7 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
 // Registry is a loaded, validated merchant registry. It is not modified
@@ -33,7 +34,7 @@ type Registry struct {
 type Provider struct {
 	// Name is the provider's name in the file.
 	Name string
-	// Type is the token API type ("nuapay").
+	// Type is the token API type ("nuapay", "oauth2").
 	Type string
 	// ID is Name + "#" + the first 12 hex characters of a SHA-256 over the
 	// provider's resolved configuration (type, base URL, secret values,
@@ -43,16 +44,38 @@ type Provider struct {
 	ID string
 	// Source issues the provider's tokens.
 	Source broker.Source
-	// BaseURL is the token API root, without trailing slash.
+	// BaseURL is a nuapay provider's token API root, without trailing
+	// slash.
 	BaseURL string
 	// Timeout bounds each token-API call.
 	Timeout time.Duration
-	// TokenLifetime is the lifetime asked for when a merchant sets none.
+	// TokenLifetime is the lifetime a nuapay provider asks for when a
+	// merchant sets none.
 	TokenLifetime time.Duration
 	// OrganisationsPath is the path of Nuapay's organisations list.
 	OrganisationsPath string
 	// TLS are the resolved TLS options (absolute paths, no key material).
 	TLS broker.TLSOptions
+	// Grant is an oauth2 provider's grant: GrantClientCredentials or
+	// GrantRefreshToken. With GrantRefreshToken, Source is an
+	// *oauth.RefreshToken whose store is Options.RefreshStore.
+	Grant string
+	// TokenURL is an oauth2 provider's configured token endpoint.
+	TokenURL string
+	// Issuer is an oauth2 provider's issuer (endpoints discovered).
+	Issuer string
+	// RevocationURL is an oauth2 provider's configured revocation endpoint.
+	RevocationURL string
+	// ClientID is an oauth2 provider's client identifier.
+	ClientID string
+	// AuthMethod is an oauth2 provider's client authentication method.
+	AuthMethod string
+	// PrivateKey is the absolute path of an oauth2 provider's
+	// private_key_jwt key (the path only, never the key).
+	PrivateKey string
+	// DefaultLifetime is an oauth2 provider's lifetime for tokens whose
+	// response gives none.
+	DefaultLifetime time.Duration
 	// Line is the line of the provider's table, 0 if unknown.
 	Line int
 }
@@ -67,7 +90,8 @@ type Merchant struct {
 	Organisation string
 	// Scopes are the default scopes, normalised (sorted, de-duplicated).
 	Scopes []string
-	// Lifetime is the token lifetime to ask for; 0 means the provider's.
+	// Lifetime is the token lifetime to ask for (nuapay), or the longest
+	// a token is kept (oauth2); 0 means the provider's.
 	Lifetime time.Duration
 	// Audience is the audience the token is for, if any.
 	Audience string
@@ -187,25 +211,47 @@ func (e *Error) Error() string {
 	return strings.Join(parts, ": ")
 }
 
+// Options are what the program gives the registry besides the file.
+type Options struct {
+	// RefreshStore keeps the refresh tokens of oauth2 providers with
+	// grant "refresh_token" (the Caddy module provides one on Caddy's
+	// storage). Without it, such a provider is a configuration error.
+	RefreshStore oauth.Store
+	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
+	LookupEnv func(string) (string, bool)
+}
+
 // Load reads and validates the TOML file at path, resolving secret
-// references from the environment and the file system.
-func Load(path string) (*Registry, error) {
+// references from the environment and the file system. It has no refresh
+// store: a provider with grant "refresh_token" is an error (see LoadWith).
+func Load(path string) (*Registry, error) { return LoadWith(path, Options{}) }
+
+// LoadWith is Load with options.
+func LoadWith(path string, opts Options) (*Registry, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, &Error{File: path, Msg: fmt.Sprintf("cannot read the registry: %v", err)}
 	}
-	return Parse(path, data, os.LookupEnv)
+	return ParseWith(path, data, opts)
 }
 
 // Parse is Load on data already read. lookupEnv resolves {env.NAME}
 // references (os.LookupEnv in production); path is used in messages and to
 // resolve relative file references against its folder.
 func Parse(path string, data []byte, lookupEnv func(string) (string, bool)) (*Registry, error) {
+	return ParseWith(path, data, Options{LookupEnv: lookupEnv})
+}
+
+// ParseWith is LoadWith on data already read.
+func ParseWith(path string, data []byte, opts Options) (*Registry, error) {
+	if opts.LookupEnv == nil {
+		opts.LookupEnv = os.LookupEnv
+	}
 	dir, err := filepath.Abs(filepath.Dir(path))
 	if err != nil {
 		dir = filepath.Dir(path)
 	}
-	p := &parser{file: path, dir: dir, env: lookupEnv, loc: locate(data)}
+	p := &parser{file: path, dir: dir, env: opts.LookupEnv, opts: opts, loc: locate(data)}
 	var doc document
 	md, err := toml.Decode(string(data), &doc)
 	if err != nil {
@@ -258,6 +304,7 @@ type parser struct {
 	file string
 	dir  string // absolute folder of the file
 	env  func(string) (string, bool)
+	opts Options
 	loc  locator
 	errs []error
 }

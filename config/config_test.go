@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
 // secretValue is a distinctive API key: no error text may ever hold it.
@@ -227,7 +228,7 @@ func TestBadConfigs(t *testing.T) {
 		{"unknown top-level table", badBase + "[merchant.beta]\nprovider = \"p\"\n", 10, "", "merchant", `unknown key "merchant"`},
 		{"key in the wrong case", edit(`provider = "p"`, `Provider = "p"`), 7, merch, "Provider", `unknown key "merchants.acme.Provider"`},
 		{"missing type", edit(`type = "nuapay"`, ``), 1, prov, "type", "missing: set it to one of nuapay"},
-		{"unknown type", edit(`"nuapay"`, `"nuapy"`), 2, prov, "type", `unknown provider type "nuapy" (known: nuapay)`},
+		{"unknown type", edit(`"nuapay"`, `"nuapy"`), 2, prov, "type", `unknown provider type "nuapy" (known: nuapay, oauth2)`},
 		{"missing base_url", edit(`base_url = "https://nuapay.example"`, ``), 1, prov, "base_url", "missing"},
 		{"base_url not http", edit(`https://nuapay.example`, `ftp://nuapay.example`), 3, prov, "base_url", `"ftp://nuapay.example" is not an http(s) URL`},
 		{"base_url with credentials", edit(`https://nuapay.example`, `https://user:`+secretValue+`@nuapay.example`), 3, prov, "base_url", "must not hold credentials"},
@@ -491,5 +492,231 @@ func TestErrorText(t *testing.T) {
 	e = &Error{File: "merchants.toml", Msg: "no merchants"}
 	if got := e.Error(); got != "merchants.toml: no merchants" {
 		t.Errorf("got %s", got)
+	}
+}
+
+// oauthBase is a valid oauth2 file: provider at lines 1-5, merchant at
+// lines 7-8.
+const oauthBase = `[providers.oneid]
+type = "oauth2"
+token_url = "https://api.oneid.example/v1/token"
+client_id = "partner-1"
+client_secret = "{env.NUAPAY_API_KEY}"
+
+[merchants.shop]
+provider = "oneid"
+`
+
+// writeKey writes a PKCS#8 EC P-256 key to dir/name and returns its path.
+func writeKey(t *testing.T, dir, name string) string {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, name)
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestOAuth2Providers(t *testing.T) {
+	dir := t.TempDir()
+	keyFile := writeKey(t, dir, "client.key")
+	certFile := filepath.Join(dir, "client.pem")
+	writeCert(t, certFile, filepath.Join(dir, "client-cert.key"))
+	data := []byte(oauthBase + `
+[providers.bank]
+type = "oauth2"
+issuer = "https://bank.example"
+client_id = "{env.SHOP_ORG}"
+private_key = "client.key"
+key_id = "k1"
+assertion_audience = "https://bank.example"
+resource = "https://api.bank.example"
+default_lifetime = "10m"
+  [providers.bank.params]
+  acr_values = "urn:bank:acr"
+
+[providers.fapi]
+type = "oauth2"
+token_url = "https://mtls.bank.example/token"
+client_id = "fapi-client"
+  [providers.fapi.tls]
+  client_cert = "client.pem"
+  client_key = "client-cert.key"
+
+[providers.consented]
+type = "oauth2"
+grant = "refresh_token"
+token_url = "https://bank.example/token"
+revocation_url = "https://bank.example/revoke"
+client_id = "rt-client"
+client_secret = "{env.NUAPAY_API_KEY}"
+auth_method = "client_secret_post"
+
+[merchants.acme]
+provider = "bank"
+scopes = ["accounts"]
+audience = "https://api.bank.example"
+token_lifetime = "1h"
+
+[merchants.globex]
+provider = "consented"
+`)
+	path := filepath.Join(dir, "merchants.toml")
+	store := oauth.NewMemoryStore()
+	reg, err := ParseWith(path, data, Options{LookupEnv: testEnv(), RefreshStore: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, grant, method string
+		source              any
+	}{
+		{"oneid", GrantClientCredentials, "client_secret_basic", &oauth.ClientCredentials{}},
+		{"bank", GrantClientCredentials, "private_key_jwt", &oauth.ClientCredentials{}},
+		{"fapi", GrantClientCredentials, "tls_client_auth", &oauth.ClientCredentials{}},
+		{"consented", GrantRefreshToken, "client_secret_post", &oauth.RefreshToken{}},
+	} {
+		p := reg.Providers[tc.name]
+		if p == nil || p.Type != "oauth2" || p.Grant != tc.grant || p.AuthMethod != tc.method || fmt.Sprintf("%T", p.Source) != fmt.Sprintf("%T", tc.source) {
+			t.Errorf("provider %s = %+v", tc.name, p)
+			continue
+		}
+		if s := fmt.Sprintf("%+v %#v", *p, *p); strings.Contains(s, secretValue) {
+			t.Errorf("provider %s prints its secret", tc.name)
+		}
+	}
+	if p := reg.Providers["bank"]; p.Issuer != "https://bank.example" || p.ClientID != "org-shop" || p.PrivateKey != keyFile || p.DefaultLifetime != 10*time.Minute {
+		t.Errorf("bank = %+v", p)
+	}
+	if rt, ok := reg.Providers["consented"].Source.(*oauth.RefreshToken); !ok || rt.Store() != oauth.Store(store) || rt.StoreKey("globex") != "consented/globex" {
+		t.Errorf("the refresh source does not use the given store and key")
+	}
+	b, err := reg.Binding("acme", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Request.Organisation != "" || b.Request.Audience != "https://api.bank.example" || b.Request.Lifetime != time.Hour {
+		t.Errorf("binding = %+v", b.Request)
+	}
+	if _, err := reg.Binding("shop", nil); err != nil {
+		t.Errorf("a merchant without organisation or scopes: %v", err)
+	}
+
+	// Without a store, a refresh_token provider is an error, not a
+	// memory store that would lose the tokens.
+	_, err = Parse(path, data, testEnv())
+	if err == nil || !strings.Contains(err.Error(), `provider "consented": field grant: "refresh_token" needs a durable refresh-token store`) {
+		t.Errorf("Parse without store = %v", err)
+	}
+
+	// The provider ID follows every field, the key file's bytes included.
+	base := reg.Providers["bank"].ID
+	for _, edit := range []struct{ old, new string }{
+		{`key_id = "k1"`, `key_id = "k2"`},
+		{`default_lifetime = "10m"`, `default_lifetime = "11m"`},
+		{`acr_values = "urn:bank:acr"`, `acr_values = "urn:bank:acr2"`},
+		{`resource = "https://api.bank.example"`, `resource = "https://api2.bank.example"`},
+		{`assertion_audience = "https://bank.example"`, `assertion_audience = "https://bank.example/token"`},
+		{`issuer = "https://bank.example"`, `issuer = "https://bank.example/v2"`},
+	} {
+		d := []byte(strings.Replace(string(data), edit.old, edit.new, 1))
+		r, err := ParseWith(path, d, Options{LookupEnv: testEnv(), RefreshStore: store})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Providers["bank"].ID == base {
+			t.Errorf("ID unchanged after %s -> %s", edit.old, edit.new)
+		}
+	}
+	writeKey(t, dir, "client.key")
+	if r, err := ParseWith(path, data, Options{LookupEnv: testEnv(), RefreshStore: store}); err != nil || r.Providers["bank"].ID == base {
+		t.Errorf("ID unchanged after the key file changed (%v)", err)
+	}
+	oneID := reg.Providers["oneid"].ID
+	if r, _ := ParseWith(path, data, Options{LookupEnv: testEnv("NUAPAY_API_KEY", "other"), RefreshStore: store}); r.Providers["oneid"].ID == oneID {
+		t.Errorf("ID unchanged after the client secret changed")
+	}
+}
+
+func TestOAuth2BadConfigs(t *testing.T) {
+	edit := func(old, new string) string {
+		if !strings.Contains(oauthBase, old) {
+			panic(old)
+		}
+		return strings.Replace(oauthBase, old, new, 1)
+	}
+	const prov = `provider "oneid"`
+	for _, tc := range []struct {
+		name, toml        string
+		line              int
+		entry, field, msg string
+	}{
+		{"base_url on oauth2", edit(`client_id =`, "base_url = \"https://x.example\"\nclient_id ="), 4, prov, "base_url", "not used by providers of type oauth2"},
+		{"token_lifetime on oauth2", edit(`client_id =`, "token_lifetime = \"1h\"\nclient_id ="), 4, prov, "token_lifetime", "not used by providers of type oauth2"},
+		{"client_id on nuapay", badBase + "client_id = \"x\"\n", 10, `merchant "acme"`, "client_id", `unknown key`},
+		{"both token_url and issuer", edit(`client_id =`, "issuer = \"https://x.example\"\nclient_id ="), 4, prov, "issuer", "set token_url or issuer, not both"},
+		{"neither token_url nor issuer", edit(`token_url = "https://api.oneid.example/v1/token"`, ``), 1, prov, "token_url", "missing: set the token endpoint URL, or issuer"},
+		{"token_url not http", edit(`https://api.oneid.example/v1/token`, `ftp://x`), 3, prov, "token_url", `"ftp://x" is not an http(s) URL`},
+		{"token_url with credentials", edit(`https://api.oneid.example`, `https://u:`+secretValue+`@api.oneid.example`), 3, prov, "token_url", "must not hold credentials"},
+		{"issuer with query", edit(`token_url = "https://api.oneid.example/v1/token"`, `issuer = "https://x.example?a=b"`), 3, prov, "issuer", "must not carry a query"},
+		{"missing client_id", edit(`client_id = "partner-1"`, ``), 1, prov, "client_id", "missing"},
+		{"clear-text client_secret", edit(`{env.NUAPAY_API_KEY}`, secretValue), 5, prov, "client_secret", "clear-text value (not shown)"},
+		{"unquoted client_secret", edit(`"{env.NUAPAY_API_KEY}"`, secretValue), 5, "", "", "the value of providers.oneid.client_secret is not valid TOML (details withheld"},
+		{"no credential at all", edit(`client_secret = "{env.NUAPAY_API_KEY}"`, ``), 1, prov, "auth_method", "missing: set client_secret, private_key or tls.client_cert"},
+		{"unknown auth_method", edit(`client_id =`, "auth_method = \"client_secret_jwt\"\nclient_id ="), 4, prov, "auth_method", `unknown method "client_secret_jwt"`},
+		{"secret with private_key_jwt", edit(`client_id =`, "auth_method = \"private_key_jwt\"\nprivate_key = \"k.pem\"\nclient_id ="), 7, prov, "client_secret", "not used by auth_method private_key_jwt"},
+		{"private_key_jwt without key", edit(`client_secret = "{env.NUAPAY_API_KEY}"`, `auth_method = "private_key_jwt"`), 1, prov, "private_key", "missing: auth_method private_key_jwt needs"},
+		{"private key missing file", edit(`client_secret = "{env.NUAPAY_API_KEY}"`, `private_key = "nokey.pem"`), 5, prov, "private_key", "nokey.pem: no such file"},
+		{"private key not a key", edit(`client_secret = "{env.NUAPAY_API_KEY}"`, `private_key = "/dev/null"`), 5, prov, "private_key", "not a regular file"},
+		{"bad signing_alg", edit(`client_secret = "{env.NUAPAY_API_KEY}"`, "private_key = \"k.pem\"\nsigning_alg = \"none\""), 6, prov, "signing_alg", `unknown algorithm "none"`},
+		{"key_id without private_key_jwt", edit(`client_id =`, "key_id = \"k1\"\nclient_id ="), 4, prov, "key_id", "only used by auth_method private_key_jwt"},
+		{"tls_client_auth without cert", edit(`client_secret = "{env.NUAPAY_API_KEY}"`, `auth_method = "tls_client_auth"`), 1, prov, "tls.client_cert", "missing: auth_method tls_client_auth"},
+		{"unknown grant", edit(`client_id =`, "grant = \"password\"\nclient_id ="), 4, prov, "grant", `unknown grant "password"`},
+		{"refresh_token without store", edit(`client_id =`, "grant = \"refresh_token\"\nclient_id ="), 4, prov, "grant", "needs a durable refresh-token store"},
+		{"reserved param", oauthBase[:strings.Index(oauthBase, "[merchants")] + "[providers.oneid.params]\nclient_id = \"x\"\n\n[merchants.shop]\nprovider = \"oneid\"\n", 8, prov, "params.client_id", "the broker sets client_id itself"},
+		{"param not a string", oauthBase[:strings.Index(oauthBase, "[merchants")] + "[providers.oneid.params]\nx = 1\n\n[merchants.shop]\nprovider = \"oneid\"\n", 8, prov, "params.x", "incompatible types"},
+		{"nested param", oauthBase[:strings.Index(oauthBase, "[merchants")] + "[providers.oneid.params.x]\ny = \"1\"\n\n[merchants.shop]\nprovider = \"oneid\"\n", 8, prov, "params.x.y", `unknown key "providers.oneid.params.x.y"`},
+		{"default_lifetime zero", edit(`client_id =`, "default_lifetime = \"0s\"\nclient_id ="), 4, prov, "default_lifetime", "must be positive"},
+		{"resource not absolute", edit(`client_id =`, "resource = \"api\"\nclient_id ="), 4, prov, "resource", "not an absolute URI"},
+		{"merchant lifetime too long", oauthBase + "token_lifetime = \"9000h\"\n", 9, `merchant "shop"`, "token_lifetime", "out of range 1s..8760h"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, "merchants.toml")
+			writeFile := func(name, content string) {
+				if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			writeKey(t, dir, "k.pem")
+			writeFile("junk.pem", "not a key")
+			_, err := Parse(path, []byte(tc.toml), testEnv())
+			if err == nil {
+				t.Fatal("Parse accepted the file")
+			}
+			if strings.Contains(err.Error(), secretValue) {
+				t.Errorf("the error reveals the secret: %v", err)
+			}
+			var found *Error
+			for _, e := range unwrapAll(err) {
+				if ce, ok := e.(*Error); ok && ce.Entry == tc.entry && ce.Field == tc.field && strings.Contains(ce.Msg, tc.msg) {
+					found = ce
+				}
+			}
+			if found == nil {
+				t.Fatalf("no error for entry %q field %q with %q in:\n%v", tc.entry, tc.field, tc.msg, err)
+			}
+			if found.Line != tc.line {
+				t.Errorf("line %d, want %d: %v", found.Line, tc.line, found)
+			}
+		})
 	}
 }

@@ -7,10 +7,10 @@ import (
 	"hash"
 	"io"
 	"net/http"
-	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -214,32 +214,16 @@ func (p *parser) provider(md *toml.MetaData, name string, prim toml.Primitive) (
 	fp := &fingerprint{sha256.New()}
 	fp.add("type", raw.Type)
 	pv := &Provider{Name: name, Type: raw.Type, Line: p.loc.line("providers", name)}
-
-	base, ok := e.expand("base_url", raw.BaseURL)
-	pv.BaseURL = strings.TrimRight(base, "/")
-	u, err := url.Parse(pv.BaseURL)
-	switch {
-	case !ok:
-	case pv.BaseURL == "":
-		e.errf("base_url", "missing: set the token API's http(s) URL")
-	case err != nil:
-		e.errf("base_url", "not a valid URL") // the parse error would repeat the value, which may hold credentials
-	case u.User != nil:
-		e.errf("base_url", "must not hold credentials (user:password@): put the API key in api_key")
-	case u.RawQuery != "" || u.Fragment != "" || strings.HasSuffix(pv.BaseURL, "?"):
-		e.errf("base_url", "must not carry a query or a fragment")
-	case u.Scheme != "https" && u.Scheme != "http" || u.Host == "":
-		e.errf("base_url", "%q is not an http(s) URL with a host", pv.BaseURL)
+	if pt != nil {
+		for _, k := range providerKeys {
+			if !slices.Contains(commonProviderKeys, k) && !slices.Contains(pt.keys, k) && md.IsDefined("providers", name, k) {
+				e.errf(k, "not used by providers of type %s (their keys: %s)", raw.Type, strings.Join(append(slices.Clone(commonProviderKeys), pt.keys...), ", "))
+			}
+		}
 	}
-	fp.add("base_url", pv.BaseURL)
 
 	pv.Timeout = e.duration("timeout", raw.Timeout, defTimeout, time.Nanosecond, maxTimeout)
-	pv.TokenLifetime = defLifetime
-	if pt != nil {
-		pv.TokenLifetime = e.duration("token_lifetime", raw.TokenLifetime, defLifetime, pt.minLifetime, pt.maxLifetime)
-	}
 	fp.add("timeout", pv.Timeout)
-	fp.add("token_lifetime", pv.TokenLifetime)
 
 	client := e.client(raw.TLS, pv, fp)
 	if pt == nil {

@@ -23,27 +23,94 @@ type document struct {
 	Merchants map[string]toml.Primitive `toml:"merchants"`
 }
 
-// providerTOML is one [providers.NAME] table.
+// providerTOML is one [providers.NAME] table. Which keys a provider may
+// set depends on its type (providerType.keys); type, timeout and tls are
+// common to all.
 type providerTOML struct {
-	// Type is the kind of token API: "nuapay". Required.
+	// Type is the kind of token API: "nuapay" or "oauth2". Required.
 	Type string `toml:"type"`
-	// BaseURL is the token API root, an http(s) URL without query,
-	// fragment or credentials, e.g. "https://sandbox.nuapay.com".
-	// Required. {env.NAME} references are expanded.
-	BaseURL string `toml:"base_url"`
-	// APIKey is the Nuapay partner API key: a secret reference,
-	// "{env.NAME}" or "{file.PATH}". Required for nuapay.
-	APIKey string `toml:"api_key"`
 	// Timeout bounds each token-API call. Default 10s, at most 5m.
 	Timeout *Duration `toml:"timeout"`
-	// TokenLifetime is the token lifetime asked for when a merchant sets
-	// none. Default 1h; nuapay accepts 10s..31556926s.
-	TokenLifetime *Duration `toml:"token_lifetime"`
-	// OrganisationsPath is the path of Nuapay's organisations list,
-	// default "/organisations". {env.NAME} references are expanded.
-	OrganisationsPath string `toml:"organisations_path"`
-	// TLS configures mutual TLS and the trusted CAs. Optional.
+	// TLS configures mutual TLS and the trusted CAs. Optional; required
+	// (with client_cert) for oauth2's tls_client_auth.
 	TLS *tlsTOML `toml:"tls"`
+
+	// BaseURL (nuapay) is the token API root, an http(s) URL without
+	// query, fragment or credentials, e.g. "https://sandbox.nuapay.com".
+	// Required. {env.NAME} references are expanded.
+	BaseURL string `toml:"base_url"`
+	// APIKey (nuapay) is the partner API key: a secret reference,
+	// "{env.NAME}" or "{file.PATH}". Required.
+	APIKey string `toml:"api_key"`
+	// TokenLifetime (nuapay) is the token lifetime asked for when a
+	// merchant sets none. Default 1h; Nuapay accepts 10s..31556926s.
+	TokenLifetime *Duration `toml:"token_lifetime"`
+	// OrganisationsPath (nuapay) is the path of Nuapay's organisations
+	// list, default "/organisations". {env.NAME} references are expanded.
+	OrganisationsPath string `toml:"organisations_path"`
+
+	// Grant (oauth2) is the grant used: "client_credentials" (default) or
+	// "refresh_token" (merchants who consented through the
+	// authorization-code flow; their refresh tokens live in the refresh
+	// store, never in this file).
+	Grant string `toml:"grant"`
+	// TokenURL (oauth2) is the token endpoint, e.g.
+	// "https://api.oneid.uk/v1/token". Exactly one of token_url and
+	// issuer. {env.NAME} references are expanded.
+	TokenURL string `toml:"token_url"`
+	// Issuer (oauth2) is the OpenID provider's issuer URL; the token and
+	// revocation endpoints are discovered from
+	// {issuer}/.well-known/openid-configuration. {env.NAME} references are
+	// expanded.
+	Issuer string `toml:"issuer"`
+	// RevocationURL (oauth2) is the RFC 7009 revocation endpoint.
+	// Optional; with issuer, the discovered one is the default.
+	RevocationURL string `toml:"revocation_url"`
+	// ClientID (oauth2) is the client identifier, in clear. Required.
+	// {env.NAME} references are expanded.
+	ClientID string `toml:"client_id"`
+	// ClientSecret (oauth2) is the client secret: a secret reference,
+	// "{env.NAME}" or "{file.PATH}". Required for client_secret_basic and
+	// client_secret_post, not allowed with the other methods.
+	ClientSecret string `toml:"client_secret"`
+	// AuthMethod (oauth2) is the client authentication method:
+	// client_secret_basic, client_secret_post, private_key_jwt or
+	// tls_client_auth. Default: client_secret_basic with a client_secret,
+	// private_key_jwt with a private_key, tls_client_auth with a
+	// tls.client_cert.
+	AuthMethod string `toml:"auth_method"`
+	// PrivateKey (oauth2, private_key_jwt) is the path of the PEM private
+	// key that signs the client assertions (PKCS#1, PKCS#8 or SEC1;
+	// unencrypted: protect the file instead). A plain path like
+	// tls.client_key, relative to this file's folder; {env.NAME}
+	// references are expanded.
+	PrivateKey string `toml:"private_key"`
+	// KeyID (oauth2, private_key_jwt) is the kid header of the
+	// assertions, as registered with the provider. Default the key's
+	// RFC 7638 SHA-256 thumbprint.
+	KeyID string `toml:"key_id"`
+	// SigningAlg (oauth2, private_key_jwt) is PS256, ES256 or RS256.
+	// Default PS256 for an RSA key, ES256 for an EC P-256 key.
+	SigningAlg string `toml:"signing_alg"`
+	// AssertionAudience (oauth2, private_key_jwt) is the aud claim of
+	// the assertions. Default the token endpoint URL; some servers want
+	// their issuer.
+	AssertionAudience string `toml:"assertion_audience"`
+	// Audience (oauth2) is sent as the audience parameter when the
+	// merchant sets none. Optional. {env.NAME} references are expanded.
+	Audience string `toml:"audience"`
+	// Resource (oauth2) is sent as the resource parameter (RFC 8707).
+	// Optional. {env.NAME} references are expanded.
+	Resource string `toml:"resource"`
+	// Params (oauth2) are extra form parameters of every token request,
+	// [providers.NAME.params]. They cannot replace the parameters the
+	// broker sets (grant_type, scope, client_id, ...). {env.NAME}
+	// references in the values are expanded.
+	Params map[string]string `toml:"params"`
+	// DefaultLifetime (oauth2) is the lifetime of a token whose response
+	// has no expires_in and that is not a JWT with an exp claim. Default
+	// 5m, at most 8760h.
+	DefaultLifetime *Duration `toml:"default_lifetime"`
 }
 
 // tlsTOML is a [providers.NAME.tls] table. Relative paths are resolved
@@ -84,11 +151,14 @@ type merchantTOML struct {
 // a type is adding one entry to providerTypes (and its keys to
 // providerTOML).
 type providerType struct {
+	// keys are the provider keys of this type, besides the common ones
+	// (commonProviderKeys).
+	keys []string
 	// needsScopes: every merchant must end up with at least one scope.
 	needsScopes bool
 	// needsOrganisation: every merchant must name its organisation.
 	needsOrganisation bool
-	// minLifetime and maxLifetime bound token_lifetime.
+	// minLifetime and maxLifetime bound the merchants' token_lifetime.
 	minLifetime, maxLifetime time.Duration
 	// build checks the type's own keys and returns the source. Every
 	// resolved value that shapes the source, secrets included, must be
@@ -96,19 +166,36 @@ type providerType struct {
 	build func(e *entry, raw *providerTOML, p *Provider, client *http.Client, fp *fingerprint) broker.Source
 }
 
+// commonProviderKeys are the keys every provider type takes.
+var commonProviderKeys = []string{"type", "timeout", "tls"}
+
 // providerTypes are the known provider types, by the name used in "type".
 var providerTypes = map[string]providerType{
 	"nuapay": {
+		keys:              []string{"base_url", "api_key", "token_lifetime", "organisations_path"},
 		needsScopes:       true,
 		needsOrganisation: true,
 		minLifetime:       broker.NuapayMinLifetime,
 		maxLifetime:       broker.NuapayMaxLifetime,
 		build:             buildNuapay,
 	},
+	"oauth2": {
+		keys: []string{"grant", "token_url", "issuer", "revocation_url", "client_id", "client_secret",
+			"auth_method", "private_key", "key_id", "signing_alg", "assertion_audience", "audience",
+			"resource", "params", "default_lifetime"},
+		minLifetime: time.Second,
+		maxLifetime: maxOAuthLifetime,
+		build:       buildOAuth2,
+	},
 }
 
 // buildNuapay returns a Nuapay Gatekeeper source.
 func buildNuapay(e *entry, raw *providerTOML, p *Provider, client *http.Client, fp *fingerprint) broker.Source {
+	p.BaseURL = e.httpURL("base_url", raw.BaseURL, false, "the token API's http(s) URL")
+	p.BaseURL = strings.TrimRight(p.BaseURL, "/")
+	fp.add("base_url", p.BaseURL)
+	p.TokenLifetime = e.duration("token_lifetime", raw.TokenLifetime, defLifetime, broker.NuapayMinLifetime, broker.NuapayMaxLifetime)
+	fp.add("token_lifetime", p.TokenLifetime)
 	key := e.secret("api_key", raw.APIKey, fp)
 	p.OrganisationsPath, _ = e.expand("organisations_path", raw.OrganisationsPath)
 	if p.OrganisationsPath == "" {
@@ -117,7 +204,7 @@ func buildNuapay(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 		e.errf("organisations_path", "%q must be a path starting with \"/\", without query or fragment", p.OrganisationsPath)
 	}
 	fp.add("organisations_path", p.OrganisationsPath)
-	if e.bad {
+	if e.bad || client == nil {
 		return nil
 	}
 	src, err := broker.NewNuapay(broker.NuapayConfig{
@@ -145,7 +232,7 @@ func typeNames() string {
 }
 
 // secretKeys are the keys whose values are secrets, in any entry.
-var secretKeys = []string{"api_key"}
+var secretKeys = []string{"api_key", "client_secret"}
 
 // Known keys, from the toml tags of the schema structs.
 var (
@@ -182,6 +269,8 @@ func unknownPart(k toml.Key) (int, []string) {
 			allowed = merchantKeys
 		case n == 4 && k[0] == "providers" && k[2] == "tls":
 			allowed = tlsKeys
+		case n == 4 && k[0] == "providers" && k[2] == "params":
+			continue // any parameter name
 		}
 		if !slices.Contains(allowed, k[n-1]) {
 			return n, allowed

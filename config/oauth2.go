@@ -1,0 +1,239 @@
+package config
+
+import (
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+)
+
+// Grants of oauth2 providers.
+const (
+	GrantClientCredentials = "client_credentials"
+	GrantRefreshToken      = "refresh_token"
+)
+
+// maxOAuthLifetime bounds default_lifetime and the token_lifetime of an
+// oauth2 merchant.
+const maxOAuthLifetime = 8760 * time.Hour
+
+// maxKeyFile bounds a private_key file.
+const maxKeyFile = 64 << 10
+
+// buildOAuth2 returns an OAuth 2.0 source: client credentials, or refresh
+// token with the store of the parser's Options.
+func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, fp *fingerprint) broker.Source {
+	cfg := oauth.Config{Name: p.Name, Client: client}
+
+	p.Grant = raw.Grant
+	switch p.Grant {
+	case "":
+		p.Grant = GrantClientCredentials
+	case GrantClientCredentials:
+	case GrantRefreshToken:
+		if e.p.opts.RefreshStore == nil {
+			e.errf("grant", "%q needs a durable refresh-token store, which this program does not provide: run the broker in Caddy (it keeps refresh tokens in Caddy's storage)", p.Grant)
+		}
+	default:
+		e.errf("grant", "unknown grant %q (known: %s, %s)", p.Grant, GrantClientCredentials, GrantRefreshToken)
+	}
+	fp.add("grant", p.Grant)
+
+	tokenSet, issuerSet := raw.TokenURL != "", raw.Issuer != ""
+	switch {
+	case tokenSet && issuerSet:
+		e.errf("issuer", "set token_url or issuer, not both")
+	case !tokenSet && !issuerSet:
+		e.errf("token_url", "missing: set the token endpoint URL, or issuer to discover it")
+	case tokenSet:
+		p.TokenURL = e.httpURL("token_url", raw.TokenURL, true, "the token endpoint URL")
+	default:
+		p.Issuer = e.httpURL("issuer", raw.Issuer, false, "the issuer URL")
+	}
+	if raw.RevocationURL != "" {
+		p.RevocationURL = e.httpURL("revocation_url", raw.RevocationURL, true, "the revocation endpoint URL")
+	}
+	fp.add("token_url", p.TokenURL)
+	fp.add("issuer", p.Issuer)
+	fp.add("revocation_url", p.RevocationURL)
+	cfg.TokenURL, cfg.Issuer, cfg.RevocationURL = p.TokenURL, p.Issuer, p.RevocationURL
+
+	p.ClientID = e.plain("client_id", raw.ClientID)
+	if raw.ClientID == "" {
+		e.errf("client_id", "missing: set the client identifier the provider issued")
+	}
+	fp.add("client_id", p.ClientID)
+	cfg.ClientID = p.ClientID
+
+	p.AuthMethod = raw.AuthMethod
+	if p.AuthMethod == "" {
+		switch {
+		case raw.ClientSecret != "":
+			p.AuthMethod = string(oauth.ClientSecretBasic)
+		case raw.PrivateKey != "":
+			p.AuthMethod = string(oauth.PrivateKeyJWT)
+		case p.TLS.CertFile != "":
+			p.AuthMethod = string(oauth.TLSClientAuth)
+		default:
+			e.errf("auth_method", "missing: set client_secret, private_key or tls.client_cert, or auth_method (one of %s)", authMethodNames())
+		}
+	} else if !slices.Contains(oauth.AuthMethods, oauth.AuthMethod(p.AuthMethod)) {
+		e.errf("auth_method", "unknown method %q (known: %s)", p.AuthMethod, authMethodNames())
+	}
+	fp.add("auth_method", p.AuthMethod)
+	cfg.AuthMethod = oauth.AuthMethod(p.AuthMethod)
+
+	usesSecret := cfg.AuthMethod == oauth.ClientSecretBasic || cfg.AuthMethod == oauth.ClientSecretPost
+	usesKey := cfg.AuthMethod == oauth.PrivateKeyJWT
+	switch {
+	case usesSecret:
+		cfg.ClientSecret = e.secret("client_secret", raw.ClientSecret, fp)
+	case raw.ClientSecret != "" && p.AuthMethod != "":
+		e.errf("client_secret", "not used by auth_method %s: remove it", p.AuthMethod)
+	}
+	for _, f := range []struct{ field, value string }{
+		{"private_key", raw.PrivateKey}, {"key_id", raw.KeyID}, {"signing_alg", raw.SigningAlg}, {"assertion_audience", raw.AssertionAudience},
+	} {
+		if f.value != "" && !usesKey && p.AuthMethod != "" {
+			e.errf(f.field, "only used by auth_method private_key_jwt (this provider uses %s)", p.AuthMethod)
+		}
+	}
+	if usesKey {
+		cfg.Signer = e.signer(raw, p, fp)
+		cfg.AssertionAudience = e.plain("assertion_audience", raw.AssertionAudience)
+		fp.add("assertion_audience", cfg.AssertionAudience)
+	}
+	if cfg.AuthMethod == oauth.TLSClientAuth && p.TLS.CertFile == "" {
+		e.errf("tls.client_cert", "missing: auth_method tls_client_auth authenticates with the TLS client certificate: set [providers.%s.tls] client_cert and client_key", p.Name)
+	}
+
+	cfg.Audience = e.plain("audience", raw.Audience)
+	cfg.Resource = e.plain("resource", raw.Resource)
+	fp.add("audience", cfg.Audience)
+	fp.add("resource", cfg.Resource)
+	if cfg.Resource != "" {
+		if u, err := url.Parse(cfg.Resource); err != nil || !u.IsAbs() || u.Fragment != "" {
+			e.errf("resource", "%q is not an absolute URI without fragment (RFC 8707)", cfg.Resource)
+		}
+	}
+	if len(raw.Params) > 0 {
+		cfg.Params = map[string]string{}
+		for _, k := range sortedKeys(raw.Params) {
+			field := "params." + k
+			switch {
+			case oauth.ReservedParam(k):
+				e.errf(field, "the broker sets %s itself: it cannot be configured", k)
+			case k == "" || hasControl(k):
+				e.errf(field, "invalid parameter name")
+			}
+			cfg.Params[k] = e.plain(field, raw.Params[k])
+			fp.add(field, cfg.Params[k])
+		}
+	}
+	p.DefaultLifetime = e.duration("default_lifetime", raw.DefaultLifetime, oauth.DefaultLifetime, time.Second, maxOAuthLifetime)
+	fp.add("default_lifetime", p.DefaultLifetime)
+	cfg.DefaultLifetime = p.DefaultLifetime
+
+	if e.bad || client == nil {
+		return nil
+	}
+	var src broker.Source
+	var err error
+	if p.Grant == GrantRefreshToken {
+		src, err = oauth.NewRefreshToken(cfg, e.p.opts.RefreshStore)
+	} else {
+		src, err = oauth.NewClientCredentials(cfg)
+	}
+	if err != nil {
+		e.errf("", "%v", err)
+		return nil
+	}
+	return src
+}
+
+// signer reads private_key and returns the assertion signer.
+func (e *entry) signer(raw *providerTOML, p *Provider, fp *fingerprint) *oauth.Signer {
+	path, ok := e.expand("private_key", raw.PrivateKey)
+	p.PrivateKey = e.p.abs(path)
+	fp.add("private_key", p.PrivateKey)
+	kid := e.plain("key_id", raw.KeyID)
+	fp.add("key_id", kid)
+	fp.add("signing_alg", raw.SigningAlg)
+	switch raw.SigningAlg {
+	case "", oauth.PS256, oauth.ES256, oauth.RS256:
+	default:
+		e.errf("signing_alg", "unknown algorithm %q (known: PS256, ES256, RS256)", raw.SigningAlg)
+		return nil
+	}
+	if !ok {
+		return nil
+	}
+	if p.PrivateKey == "" {
+		e.errf("private_key", "missing: auth_method private_key_jwt needs the path of the PEM private key")
+		return nil
+	}
+	b, err := readFile(p.PrivateKey, maxKeyFile)
+	if err != nil {
+		e.errf("private_key", "cannot read: %v", err)
+		return nil
+	}
+	fp.add("private_key.content", string(b))
+	key, err := oauth.ParsePrivateKey(b)
+	if err != nil {
+		e.errf("private_key", "%s: %v", p.PrivateKey, err)
+		return nil
+	}
+	s, err := oauth.NewSigner(key, raw.SigningAlg, kid)
+	if err != nil {
+		e.errf("signing_alg", "%v", err)
+		return nil
+	}
+	return s
+}
+
+// plain expands a non-secret value and refuses control characters.
+func (e *entry) plain(field, s string) string {
+	v, ok := e.expand(field, s)
+	if ok && hasControl(v) {
+		e.errf(field, "%q holds control characters", v)
+	}
+	return v
+}
+
+// httpURL expands and checks an http(s) URL without credentials or
+// fragment (nor query unless query is true); what names the value in the
+// "missing" message.
+func (e *entry) httpURL(field, raw string, query bool, what string) string {
+	v, ok := e.expand(field, raw)
+	if !ok {
+		return v
+	}
+	u, err := url.Parse(v)
+	switch {
+	case v == "":
+		e.errf(field, "missing: set %s", what)
+	case err != nil:
+		e.errf(field, "not a valid URL") // the parse error would repeat the value, which may hold credentials
+	case u.User != nil:
+		e.errf(field, "must not hold credentials (user:password@): use the provider's secret keys")
+	case u.Fragment != "" || strings.HasSuffix(v, "#"):
+		e.errf(field, "must not carry a fragment")
+	case !query && (u.RawQuery != "" || strings.HasSuffix(v, "?")):
+		e.errf(field, "must not carry a query or a fragment")
+	case u.Scheme != "https" && u.Scheme != "http" || u.Host == "":
+		e.errf(field, "%q is not an http(s) URL with a host", v)
+	}
+	return v
+}
+
+func authMethodNames() string {
+	s := make([]string, len(oauth.AuthMethods))
+	for i, m := range oauth.AuthMethods {
+		s[i] = string(m)
+	}
+	return strings.Join(s, ", ")
+}
