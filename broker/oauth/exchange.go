@@ -194,6 +194,8 @@ func expiresIn(v any) (int64, bool) {
 	switch x := v.(type) {
 	case float64:
 		n = int64(x)
+	case int64: // x/oauth2's Extra on a form-encoded response
+		n = x
 	case json.Number:
 		f, err := x.Float64()
 		if err != nil {

@@ -176,3 +176,12 @@ func (c *fixedClock) Add(d time.Duration) {
 	defer c.mu.Unlock()
 	c.t = c.t.Add(d)
 }
+
+// cryptoSigner is crypto.Signer, named for test tables.
+type cryptoSigner = crypto.Signer
+
+// serverConfig is a TLS server config with the PKI's server certificate
+// that asks for (and verifies, when given) client certificates.
+func (p *testPKI) serverConfig() *tls.Config {
+	return &tls.Config{Certificates: []tls.Certificate{p.Server}, ClientAuth: tls.VerifyClientCertIfGiven, ClientCAs: p.Pool}
+}

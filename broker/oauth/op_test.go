@@ -32,6 +32,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -378,4 +379,11 @@ func mtlsGate(w http.ResponseWriter, r *http.Request, st *testStorage) bool {
 	w.WriteHeader(http.StatusUnauthorized)
 	fmt.Fprint(w, `{"error":"invalid_client","error_description":"a client certificate for this client is required"}`)
 	return false
+}
+
+// TestMain silences the logs zitadel writes through slog's default logger
+// when it registers its routes.
+func TestMain(m *testing.M) {
+	slog.SetDefault(quiet)
+	os.Exit(m.Run())
 }

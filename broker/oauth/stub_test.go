@@ -1,0 +1,466 @@
+package oauth
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	jose "github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// unsignedJWT is a JWT-shaped token with the given exp (the signature is
+// never checked: the broker only reads exp).
+func testJWT(t *testing.T, exp time.Time) string {
+	t.Helper()
+	s, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.HS256, Key: []byte("0123456789abcdef0123456789abcdef")}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := jwt.Signed(s).Claims(jwt.Claims{Subject: "partner", Expiry: jwt.NewNumericDate(exp)}).Serialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// stub is a token endpoint answering with a fixed status, headers and body,
+// and recording the last request.
+type stub struct {
+	mu     sync.Mutex
+	status int
+	header http.Header
+	body   string
+	form   url.Values
+	auth   string
+	calls  atomic.Int64
+}
+
+func (s *stub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.calls.Add(1)
+	r.ParseForm()
+	s.mu.Lock()
+	s.form, s.auth = r.PostForm, r.Header.Get("Authorization")
+	status, body, header := s.status, s.body, s.header
+	s.mu.Unlock()
+	for k, v := range header {
+		w.Header()[k] = v
+	}
+	if w.Header().Get("Content-Type") == "" {
+		w.Header().Set("Content-Type", "application/json")
+	}
+	w.WriteHeader(status)
+	fmt.Fprint(w, body)
+}
+
+func startStub(t *testing.T, s *stub) *httptest.Server {
+	srv := httptest.NewServer(s)
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// TestOneIDShape: OneID's /v1/token answers, and how long each token is
+// kept.
+func TestOneIDShape(t *testing.T) {
+	clock := newClock()
+	now := clock.Now()
+	jwtExp := now.Add(2 * time.Hour).Truncate(time.Second)
+	tokJWT := testJWT(t, jwtExp)
+	s := &stub{}
+	srv := startStub(t, s)
+	src, err := NewClientCredentials(Config{TokenURL: srv.URL + "/v1/token", ClientID: "partner-1", ClientSecret: secretValue,
+		AuthMethod: ClientSecretPost, DefaultLifetime: 7 * time.Minute, Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, body string
+		lifetime   time.Duration // merchant's cap
+		want       time.Time
+	}{
+		{"expires_in 86400, lower-case bearer", fmt.Sprintf(`{"access_token":%q,"token_type":"bearer","expires_in":86400}`, tokJWT), 0, now.Add(24 * time.Hour)},
+		{"expires_in as a string", fmt.Sprintf(`{"access_token":%q,"token_type":"Bearer","expires_in":"86400"}`, tokJWT), 0, now.Add(24 * time.Hour)},
+		{"no expires_in: the JWT's exp", fmt.Sprintf(`{"access_token":%q,"token_type":"Bearer"}`, tokJWT), 0, jwtExp},
+		{"neither: the default lifetime", `{"access_token":"opaque-token-1","token_type":"BEARER"}`, 0, now.Add(7 * time.Minute)},
+		{"expires_in 0 counts as missing", `{"access_token":"opaque-token-1","token_type":"bearer","expires_in":0}`, 0, now.Add(7 * time.Minute)},
+		{"a merchant's token_lifetime caps it", fmt.Sprintf(`{"access_token":%q,"token_type":"bearer","expires_in":86400}`, tokJWT), time.Hour, now.Add(time.Hour)},
+		{"form-encoded answer", `access_token=opaque-token-2&token_type=bearer&expires_in=60`, 0, now.Add(time.Minute)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s.mu.Lock()
+			s.status, s.body, s.header = 200, tc.body, nil
+			if strings.HasPrefix(tc.body, "access_token=") {
+				s.header = http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}
+			}
+			s.mu.Unlock()
+			tok, err := src.Token(context.Background(), broker.Request{Merchant: "m", Lifetime: tc.lifetime})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tok.Expiry.Equal(tc.want) {
+				t.Errorf("Expiry = %s, want %s", tok.Expiry, tc.want)
+			}
+			if tok.Value == "" || tok.Expiry.IsZero() {
+				t.Errorf("token %+v", tok)
+			}
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if s.form.Get("grant_type") != "client_credentials" || s.form.Get("client_id") != "partner-1" || s.form.Get("client_secret") != secretValue || s.auth != "" {
+				t.Errorf("request form %v, Authorization %q", s.form, s.auth)
+			}
+		})
+	}
+}
+
+// TestTokenResponses: parameters sent, and every kind of failure as a
+// typed error without secrets.
+func TestTokenResponses(t *testing.T) {
+	s := &stub{}
+	srv := startStub(t, s)
+	clock := newClock()
+	src, err := NewClientCredentials(Config{TokenURL: srv.URL + "/token?tenant=a", ClientID: "id:with/specials", ClientSecret: secretValue,
+		Audience: "https://default-aud.example", Resource: "https://api.example", Params: map[string]string{"acr_values": "x"}, Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const tok = "at-VALUE-1234"
+	for _, tc := range []struct {
+		name   string
+		status int
+		header http.Header
+		body   string
+		code   string // "" for success
+		temp   bool
+		retry  time.Duration
+	}{
+		{"success", 200, nil, `{"access_token":"` + tok + `","token_type":"Bearer","expires_in":3600,"scope":"a b"}`, "", false, 0},
+		{"invalid_client", 401, nil, `{"error":"invalid_client","error_description":"bad secret ` + secretValue + `"}`, "invalid_client", false, 0},
+		{"invalid_scope", 400, nil, `{"error":"invalid_scope"}`, "invalid_scope", false, 0},
+		{"200 with error", 200, nil, `{"error":"access_denied","error_description":"nope"}`, "access_denied", false, 0},
+		{"429 Retry-After", 429, http.Header{"Retry-After": {"7"}}, `{"error":"slow_down"}`, "slow_down", true, 7 * time.Second},
+		{"503 HTML", 503, http.Header{"Content-Type": {"text/html"}}, `<html>down</html>`, "", true, 0},
+		{"DPoP token", 200, nil, `{"access_token":"` + tok + `","token_type":"DPoP","expires_in":60}`, "unsupported_token_type", false, 0},
+		{"MAC token", 200, nil, `{"access_token":"` + tok + `","token_type":"mac","expires_in":60}`, "unsupported_token_type", false, 0},
+		{"CR LF in token", 200, nil, `{"access_token":"` + tok + `\r\nX-Evil: 1","token_type":"Bearer"}`, "invalid_token_value", false, 0},
+		{"no access_token", 200, nil, `{"token_type":"Bearer"}`, "malformed_response", false, 0},
+		{"not JSON", 200, nil, `{"access_token":` + tok, "malformed_response", false, 0},
+		{"body over 1 MiB", 200, nil, `{"access_token":"` + strings.Repeat("a", broker.MaxResponseBytes) + `"}`, "malformed_response", false, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s.mu.Lock()
+			s.status, s.header, s.body = tc.status, tc.header, tc.body
+			s.mu.Unlock()
+			got, err := src.Token(context.Background(), broker.Request{Merchant: "m", Scopes: []string{"b", "a"}})
+			if tc.code == "" && tc.status == 200 {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got.Value.Reveal() != tok || !got.Expiry.Equal(clock.Now().Add(time.Hour)) || strings.Join(got.Scopes, " ") != "a b" {
+					t.Errorf("token %+v", got)
+				}
+				s.mu.Lock()
+				defer s.mu.Unlock()
+				want := "Basic " + base64.StdEncoding.EncodeToString([]byte(url.QueryEscape("id:with/specials")+":"+url.QueryEscape(secretValue)))
+				if s.auth != want {
+					t.Errorf("Authorization %q, want %q (RFC 6749 §2.3.1)", s.auth, want)
+				}
+				for k, v := range map[string]string{"grant_type": "client_credentials", "scope": "b a", "audience": "https://default-aud.example",
+					"resource": "https://api.example", "acr_values": "x", "client_secret": ""} {
+					if s.form.Get(k) != v {
+						t.Errorf("form %s = %q, want %q", k, s.form.Get(k), v)
+					}
+				}
+				return
+			}
+			var ae *broker.APIError
+			if !errors.As(err, &ae) {
+				t.Fatalf("err = %T %v", err, err)
+			}
+			if ae.Code != tc.code || ae.StatusCode != tc.status || ae.Provider != "oauth2" || ae.RetryAfter != tc.retry || broker.IsTemporary(err) != tc.temp {
+				t.Errorf("APIError %+v (temporary %v)", ae, broker.IsTemporary(err))
+			}
+			checkNoSecrets(t, err, tok)
+			if len(err.Error()) > 2000 {
+				t.Errorf("error of %d bytes", len(err.Error()))
+			}
+		})
+	}
+
+	// The request's audience wins over the configured one.
+	s.mu.Lock()
+	s.status, s.header, s.body = 200, nil, `{"access_token":"x1","token_type":"Bearer","expires_in":60}`
+	s.mu.Unlock()
+	if _, err := src.Token(context.Background(), broker.Request{Merchant: "m", Audience: "https://merchant-aud.example"}); err != nil {
+		t.Fatal(err)
+	}
+	if s.form.Get("audience") != "https://merchant-aud.example" || s.form.Has("scope") {
+		t.Errorf("form %v", s.form)
+	}
+}
+
+// TestAssertions: a private_key_jwt assertion per request, with the claims
+// of RFC 7523 §3, for every supported key encoding and algorithm.
+func TestAssertions(t *testing.T) {
+	s := &stub{status: 200, body: `{"access_token":"x","token_type":"Bearer","expires_in":60}`}
+	srv := startStub(t, s)
+	rsaK, ecK := testRSAKey(t), testECKey(t)
+	for _, tc := range []struct {
+		name, format, alg, kid string
+		key                    cryptoSigner
+		wantAlg                string
+	}{
+		{"RSA PKCS#1 default PS256", "pkcs1", "", "k1", rsaK, PS256},
+		{"RSA PKCS#8 RS256", "pkcs8", RS256, "k1", rsaK, RS256},
+		{"EC SEC1 default ES256", "sec1", "", "", ecK, ES256},
+		{"EC PKCS#8 ES256", "pkcs8", ES256, "k2", ecK, ES256},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			key, err := ParsePrivateKey(append([]byte("junk\n"), keyPEM(t, tc.key, tc.format)...))
+			if err != nil {
+				t.Fatal(err)
+			}
+			signer := mustSigner(t, key, tc.alg, tc.kid)
+			clock := newClock()
+			src, err := NewClientCredentials(Config{TokenURL: srv.URL + "/token", ClientID: "jwt-client", AuthMethod: PrivateKeyJWT, Signer: signer, Now: clock.Now})
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen := map[string]bool{}
+			for range 2 {
+				if _, err := src.Token(context.Background(), broker.Request{Merchant: "m"}); err != nil {
+					t.Fatal(err)
+				}
+				s.mu.Lock()
+				form := s.form
+				s.mu.Unlock()
+				if form.Get("client_assertion_type") != ClientAssertionType || form.Has("client_secret") {
+					t.Fatalf("form %v", form)
+				}
+				parsed, err := jwt.ParseSigned(form.Get("client_assertion"), []jose.SignatureAlgorithm{jose.SignatureAlgorithm(tc.wantAlg)})
+				if err != nil {
+					t.Fatalf("assertion: %v", err)
+				}
+				var c jwt.Claims
+				if err := parsed.Claims(key.Public(), &c); err != nil {
+					t.Fatalf("assertion signature: %v", err)
+				}
+				h := parsed.Headers[0]
+				wantKid := tc.kid
+				if wantKid == "" {
+					wantKid = signer.KeyID()
+				}
+				if h.KeyID != wantKid || h.KeyID == "" || h.Algorithm != tc.wantAlg {
+					t.Errorf("header kid %q alg %q", h.KeyID, h.Algorithm)
+				}
+				if c.Issuer != "jwt-client" || c.Subject != "jwt-client" || len(c.Audience) != 1 || c.Audience[0] != srv.URL+"/token" ||
+					c.ID == "" || seen[c.ID] || !c.IssuedAt.Time().Equal(clock.Now()) || c.Expiry.Time().Sub(c.IssuedAt.Time()) != AssertionLifetime {
+					t.Errorf("claims %+v", c)
+				}
+				seen[c.ID] = true
+			}
+		})
+	}
+}
+
+// TestKeysAndSigners: keys and algorithms that do not fit are refused.
+func TestKeysAndSigners(t *testing.T) {
+	rsaK, ecK := testRSAKey(t), testECKey(t)
+	for _, tc := range []struct {
+		name string
+		pem  []byte
+		alg  string
+		want string
+	}{
+		{"no PEM", []byte("hello"), "", "no PEM private key"},
+		{"certificate only", []byte("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"), "", "no PEM private key"},
+		{"encrypted PKCS#8", []byte("-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n"), "", "encrypted"},
+		{"corrupt key", []byte("-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n"), "", "not a valid key"},
+		{"ES256 with RSA", keyPEM(t, rsaK, "pkcs1"), ES256, "does not fit an RSA key"},
+		{"PS256 with EC", keyPEM(t, ecK, "sec1"), PS256, "does not fit an EC key"},
+		{"none", keyPEM(t, ecK, "sec1"), "none", "does not fit"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			key, err := ParsePrivateKey(tc.pem)
+			if err == nil {
+				_, err = NewSigner(key, tc.alg, "")
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("err = %v, want %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// TestRediscovery: a 404 or a transport failure at the discovered token
+// endpoint makes the next call discover again.
+func TestRediscovery(t *testing.T) {
+	var discoveries atomic.Int64
+	var tokenPath atomic.Value
+	tokenPath.Store("/old/token")
+	mux := http.NewServeMux()
+	var srv *httptest.Server
+	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
+		discoveries.Add(1)
+		json.NewEncoder(w).Encode(map[string]any{"issuer": srv.URL, "token_endpoint": srv.URL + tokenPath.Load().(string),
+			"token_endpoint_auth_methods_supported": []string{"client_secret_post"}})
+	})
+	mux.HandleFunc("/new/token", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprint(w, `{"access_token":"x","token_type":"Bearer","expires_in":60}`)
+	})
+	mux.HandleFunc("/old/token", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(401)
+		fmt.Fprint(w, `{"error":"invalid_client"}`)
+	})
+	srv = httptest.NewServer(mux)
+	defer srv.Close()
+	src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	// invalid_client: cached endpoints kept, and the hint names the
+	// methods the provider lists.
+	_, err = src.Token(ctx, broker.Request{})
+	var ae *broker.APIError
+	if !errors.As(err, &ae) || !strings.Contains(ae.Description, "client_secret_post") || discoveries.Load() != 1 {
+		t.Fatalf("Token = %v after %d discoveries", err, discoveries.Load())
+	}
+	_, _ = src.Token(ctx, broker.Request{})
+	if discoveries.Load() != 1 {
+		t.Fatalf("an API refusal made the source discover again")
+	}
+	// The endpoint moves: 404, then the next call discovers again.
+	tokenPath.Store("/new/token")
+	mux.HandleFunc("/gone/token", http.NotFound)
+	src2, _ := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue})
+	tokenPath.Store("/gone/token")
+	if _, err := src2.Token(ctx, broker.Request{}); !errors.As(err, &ae) || ae.StatusCode != 404 {
+		t.Fatalf("Token = %v", err)
+	}
+	tokenPath.Store("/new/token")
+	if _, err := src2.Token(ctx, broker.Request{}); err != nil {
+		t.Fatalf("Token after the 404 = %v", err)
+	}
+	if n := discoveries.Load(); n != 3 {
+		t.Errorf("%d discoveries, want 3", n)
+	}
+}
+
+// TestMTLSAlias: with tls_client_auth, the discovered
+// mtls_endpoint_aliases are used (RFC 8705 §5).
+func TestMTLSAlias(t *testing.T) {
+	pki := newPKI(t)
+	var gotCert atomic.Value
+	mux := http.NewServeMux()
+	srv := httptest.NewUnstartedServer(mux)
+	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
+		u := "https://" + r.Host
+		json.NewEncoder(w).Encode(map[string]any{"issuer": u, "token_endpoint": u + "/token", "revocation_endpoint": u + "/revoke",
+			"mtls_endpoint_aliases": map[string]string{"token_endpoint": u + "/mtls/token", "revocation_endpoint": u + "/mtls/revoke"}})
+	})
+	mux.HandleFunc("/mtls/token", func(w http.ResponseWriter, r *http.Request) {
+		if len(r.TLS.PeerCertificates) > 0 {
+			gotCert.Store(r.TLS.PeerCertificates[0].Subject.CommonName)
+		}
+		r.ParseForm()
+		if r.PostForm.Get("client_id") != "fapi" || r.PostForm.Has("client_secret") || r.Header.Get("Authorization") != "" {
+			http.Error(w, `{"error":"invalid_request"}`, 400)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprint(w, `{"access_token":"x","token_type":"Bearer","expires_in":60}`)
+	})
+	mux.HandleFunc("/mtls/revoke", func(w http.ResponseWriter, r *http.Request) {
+		r.ParseForm()
+		if r.PostForm.Get("token") != "x" || r.PostForm.Get("token_type_hint") != "access_token" {
+			w.WriteHeader(400)
+		}
+	})
+	srv.TLS = pki.serverConfig()
+	srv.StartTLS()
+	defer srv.Close()
+	src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "fapi", AuthMethod: TLSClientAuth, Client: pki.client(t, "fapi")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := src.Token(context.Background(), broker.Request{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gotCert.Load() != "fapi" {
+		t.Errorf("the mTLS alias saw certificate %v", gotCert.Load())
+	}
+	if err := src.RevokeToken(context.Background(), broker.Request{}, tok); err != nil {
+		t.Errorf("RevokeToken: %v", err)
+	}
+}
+
+// TestRevokeErrors: revocation failures are typed and carry no token.
+func TestRevokeErrors(t *testing.T) {
+	s := &stub{status: 503, header: http.Header{"Retry-After": {"30"}}, body: `{"error":"temporarily_unavailable","error_description":"token rt-SECRET-VALUE unknown"}`}
+	srv := startStub(t, s)
+	src, err := NewClientCredentials(Config{TokenURL: srv.URL + "/token", RevocationURL: srv.URL + "/revoke", ClientID: "c", ClientSecret: secretValue})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = src.Revoke(context.Background(), "rt-SECRET-VALUE", "refresh_token")
+	var ae *broker.APIError
+	if !errors.As(err, &ae) || ae.StatusCode != 503 || ae.RetryAfter != 30*time.Second || ae.Code != "temporarily_unavailable" {
+		t.Fatalf("Revoke = %v", err)
+	}
+	checkNoSecrets(t, err, "rt-SECRET-VALUE")
+	if s.form.Get("token_type_hint") != "refresh_token" || s.auth == "" {
+		t.Errorf("form %v auth %q", s.form, s.auth)
+	}
+	noRev, _ := NewClientCredentials(Config{TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue})
+	if err := noRev.Revoke(context.Background(), "x", ""); !errors.Is(err, ErrNoRevocationEndpoint) {
+		t.Errorf("Revoke without endpoint = %v", err)
+	}
+}
+
+// TestConfigErrors: NewClientCredentials refuses configurations that
+// cannot work, naming the problem and never the secret.
+func TestConfigErrors(t *testing.T) {
+	signer := mustSigner(t, testECKey(t), "", "")
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		want string
+	}{
+		{"no endpoint", Config{ClientID: "c", ClientSecret: secretValue}, "exactly one of token_url and issuer"},
+		{"both endpoints", Config{TokenURL: "https://a/t", Issuer: "https://a", ClientID: "c", ClientSecret: secretValue}, "exactly one"},
+		{"credentials in URL", Config{TokenURL: "https://u:" + secretValue + "@a/t", ClientID: "c", ClientSecret: secretValue}, "token_url"},
+		{"no client id", Config{TokenURL: "https://a/t", ClientSecret: secretValue}, "client_id is empty"},
+		{"basic without secret", Config{TokenURL: "https://a/t", ClientID: "c"}, "needs client_secret"},
+		{"jwt with secret", Config{TokenURL: "https://a/t", ClientID: "c", ClientSecret: secretValue, AuthMethod: PrivateKeyJWT, Signer: signer}, "takes no client_secret"},
+		{"jwt without key", Config{TokenURL: "https://a/t", ClientID: "c", AuthMethod: PrivateKeyJWT}, "private key is needed"},
+		{"tls without cert", Config{TokenURL: "https://a/t", ClientID: "c", AuthMethod: TLSClientAuth}, "client certificate"},
+		{"reserved param", Config{TokenURL: "https://a/t", ClientID: "c", ClientSecret: secretValue, Params: map[string]string{"grant_type": "password"}}, `"grant_type" is set by the source`},
+		{"unknown method", Config{TokenURL: "https://a/t", ClientID: "c", AuthMethod: "none"}, "unknown auth_method"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := NewClientCredentials(tc.cfg)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want %q", err, tc.want)
+			}
+			checkNoSecrets(t, err)
+		})
+	}
+	if _, err := NewRefreshToken(Config{TokenURL: "https://a/t", ClientID: "c", ClientSecret: secretValue}, nil); err == nil {
+		t.Error("a refresh source without store")
+	}
+}
