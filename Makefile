@@ -11,7 +11,12 @@ SANDBOX_ADDR   ?= 127.0.0.1:9080
 export SANDBOX_URL    ?= http://$(SANDBOX_ADDR)
 export NUAPAY_API_KEY ?= sandbox-partner-key
 
-.PHONY: all build run test test-unit test-xcaddy xcaddy fmt vet clean
+# Fuzz targets run by `make test`, each for FUZZTIME (package:target).
+FUZZTIME      ?= 8s
+FUZZ_TARGETS  := ./config:FuzzParse ./broker:FuzzParseNuapayToken ./broker:FuzzParseNuapayError \
+                 ./broker/oauth:FuzzTokenResponse ./module:FuzzMerchantSelector
+
+.PHONY: all build run test fuzz xcaddy fmt vet clean
 
 all: build
 
@@ -30,6 +35,16 @@ run: build
 
 test: vet
 	$(GO) test -race -count=1 ./...
+	$(MAKE) fuzz
+
+# Each fuzz target for a bounded time; the committed corpora in
+# testdata/fuzz run as plain tests in `go test` too.
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$pkg $$name ($(FUZZTIME))"; \
+		$(GO) test -run='^$$' -fuzz="^$$name$$" -fuzztime=$(FUZZTIME) $$pkg || exit 1; \
+	done
 
 # Builds a Caddy with this plugin the way users do, with xcaddy.
 xcaddy:

@@ -119,6 +119,10 @@ func (e *RequestError) Error() string {
 	return fmt.Sprintf("merchant %q: %s: %s", e.Merchant, e.Field, e.Reason)
 }
 
+// maxRetryAfter caps a provider's Retry-After: a broken or hostile value must
+// not silence a provider for days.
+const maxRetryAfter = time.Hour
+
 // parseRetryAfter reads a Retry-After header in seconds or as an HTTP date.
 func parseRetryAfter(v string, now time.Time) time.Duration {
 	if v == "" {
@@ -128,10 +132,10 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 		if secs < 0 {
 			return 0
 		}
-		return time.Duration(min(secs, 3600)) * time.Second
+		return min(time.Duration(min(secs, 3600))*time.Second, maxRetryAfter)
 	}
 	if t, err := http.ParseTime(v); err == nil && t.After(now) {
-		return t.Sub(now)
+		return min(t.Sub(now), maxRetryAfter)
 	}
 	return 0
 }
