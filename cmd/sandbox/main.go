@@ -1,8 +1,14 @@
-// Command sandbox serves the sandbox provider APIs (Nuapay Gatekeeper, OneID
-// and an echo upstream) on a local address for `make run` and tests.
+// Command sandbox serves the sandbox provider APIs (Nuapay Gatekeeper, OneID,
+// a bank's OAuth 2.0 authorization server and an echo upstream) on a local
+// address for `make run` and tests.
 //
 //	sandbox -listen 127.0.0.1:9080 -api-key KEY -orgs org-acme,org-globex \
-//	        -oneid-client id:secret -addr-file /tmp/sandbox.addr
+//	        -oneid-client id:secret -addr-file /tmp/sandbox.addr \
+//	        -bank-client id:secret -bank-client-key client.pub \
+//	        -bank-refresh-token "accounts payments"
+//
+// The bank's issuer is the base URL the sandbox is reached at (discovery at
+// /.well-known/openid-configuration), unless -bank-issuer sets it.
 package main
 
 import (
@@ -40,13 +46,28 @@ func run() error {
 	orgs := flag.String("orgs", "org-acme,org-globex,org-initech", "comma-separated organisation ids linked to the partner")
 	oneID := flag.String("oneid-client", "sandbox-oneid-client:sandbox-oneid-secret", "OneID client as id:secret")
 	addrFile := flag.String("addr-file", "", "write the actual listen address to this file once listening")
+	bankClient := flag.String("bank-client", "sandbox-bank-client:sandbox-bank-secret",
+		"demo client of the bank's authorization server as id:secret (id: for private_key_jwt only)")
+	bankKey := flag.String("bank-client-key", "", "PEM public key or certificate of the demo bank client, enabling private_key_jwt")
+	bankScopes := flag.String("bank-scopes", "", "space-separated scopes the demo bank client may ask for (default any)")
+	bankIssuer := flag.String("bank-issuer", "", "the bank's issuer URL (default the base URL of each request)")
+	bankLifetime := flag.Duration("bank-token-lifetime", time.Hour, "expires_in of the bank's access tokens")
+	bankRefresh := flag.String("bank-refresh-token", "", "print a refresh token of the demo bank client with these space-separated scopes at startup")
 	flag.Parse()
 
 	id, secret, ok := strings.Cut(*oneID, ":")
 	if !ok || id == "" {
 		return fmt.Errorf("-oneid-client %q: want id:secret", *oneID)
 	}
-	cfg := sandbox.Config{APIKeys: []string{*apiKey}, OneIDClients: map[string]string{id: secret}}
+	bc, err := demoBankClient(*bankClient, *bankKey, *bankScopes)
+	if err != nil {
+		return err
+	}
+	if *bankLifetime < time.Second {
+		return fmt.Errorf("-bank-token-lifetime %s: want at least 1s", *bankLifetime)
+	}
+	cfg := sandbox.Config{APIKeys: []string{*apiKey}, OneIDClients: map[string]string{id: secret},
+		BankClients: []sandbox.BankClient{bc}, BankIssuer: *bankIssuer, BankTokenLifetime: *bankLifetime}
 	for _, o := range strings.Split(*orgs, ",") {
 		if o = strings.TrimSpace(o); o != "" {
 			cfg.Organisations = append(cfg.Organisations, sandbox.Organisation{ID: o, Name: o, Code: strings.ToUpper(o)})
@@ -70,7 +91,12 @@ func run() error {
 	}
 	log.Printf("sandbox: listening on http://%s (%d organisations)", addr, len(cfg.Organisations))
 
-	srv := &http.Server{Handler: logRequests(sandbox.New(cfg)), ReadHeaderTimeout: 10 * time.Second}
+	sb := sandbox.New(cfg)
+	if *bankRefresh != "" {
+		// On stdout, apart from the log, so that a script can capture it.
+		fmt.Printf("bank refresh token for %s: %s\n", bc.ID, sb.IssueRefreshToken(bc.ID, strings.Fields(*bankRefresh)))
+	}
+	srv := &http.Server{Handler: logRequests(sb), ReadHeaderTimeout: 10 * time.Second}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	errc := make(chan error, 1)
@@ -90,6 +116,29 @@ func run() error {
 		return err
 	}
 	return nil
+}
+
+// demoBankClient builds the demo bank client from the flags.
+func demoBankClient(idSecret, keyFile, scopes string) (sandbox.BankClient, error) {
+	id, secret, ok := strings.Cut(idSecret, ":")
+	if !ok || id == "" {
+		return sandbox.BankClient{}, fmt.Errorf("-bank-client %q: want id:secret or id:", idSecret)
+	}
+	c := sandbox.BankClient{ID: id, Secret: secret, Scopes: strings.Fields(scopes)}
+	if keyFile != "" {
+		b, err := os.ReadFile(keyFile)
+		if err != nil {
+			return c, fmt.Errorf("-bank-client-key: %w", err)
+		}
+		if _, err := sandbox.ParsePublicKey(b); err != nil {
+			return c, fmt.Errorf("-bank-client-key %s: %w", keyFile, err)
+		}
+		c.PublicKeyPEM = b
+	}
+	if c.Secret == "" && c.PublicKeyPEM == nil {
+		return c, fmt.Errorf("-bank-client %q has no secret and no -bank-client-key: it could not authenticate", idSecret)
+	}
+	return c, nil
 }
 
 // statusWriter records the status code written.

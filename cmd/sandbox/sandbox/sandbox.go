@@ -1,12 +1,24 @@
 // Package sandbox is an in-memory imitation of the provider APIs the token
 // broker talks to: the Nuapay Gatekeeper token, revoke and organisation list
-// endpoints, the OneID partner token endpoint, and an echo upstream that
-// reports what reached it (never the token itself). It is meant for local
-// runs and integration tests, not for production.
+// endpoints, the OneID partner token endpoint, a bank's OAuth 2.0
+// authorization server (discovery, client credentials and rotating refresh
+// tokens, client_secret_basic, client_secret_post and private_key_jwt,
+// RFC 7009 revocation), and an echo upstream that reports what reached it
+// (never the token itself). It is meant for local runs and integration
+// tests, not for production.
+//
+// The bank's endpoints, below its issuer (by default the base URL a request
+// reached, http(s)://Host):
+//
+//	GET  /.well-known/openid-configuration
+//	GET  /oauth2/jwks
+//	POST /oauth2/token
+//	POST /oauth2/revoke
 package sandbox
 
 import (
 	"bytes"
+	"crypto/ecdsa"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
@@ -24,6 +36,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	jose "github.com/go-jose/go-jose/v4"
 )
 
 // Config of the sandbox.
@@ -36,6 +50,15 @@ type Config struct {
 	Organisations []Organisation
 	// OneIDClients maps OneID client_id to client_secret.
 	OneIDClients map[string]string
+	// BankClients are the clients of the bank's authorization server.
+	BankClients []BankClient
+	// BankIssuer is the bank's issuer: the sandbox's base URL as clients
+	// reach it (scheme://host[:port], no path). Empty means the base URL of
+	// each request, http(s)://Host.
+	BankIssuer string
+	// BankTokenLifetime is the expires_in of the bank's access tokens;
+	// default 1h.
+	BankTokenLifetime time.Duration
 	// Now is the clock; default time.Now. Tests inject one.
 	Now func() time.Time
 }
@@ -58,11 +81,17 @@ const (
 // Server is the sandbox; it implements http.Handler and is safe for
 // concurrent use.
 type Server struct {
-	cfg     Config
-	orgs    map[string]Organisation
-	key     []byte // HS256 key of the tokens it mints
-	tokReqs atomic.Int64
-	oneReqs atomic.Int64
+	cfg      Config
+	orgs     map[string]Organisation
+	key      []byte // HS256 key of the tokens it mints
+	tokReqs  atomic.Int64
+	oneReqs  atomic.Int64
+	bankReqs atomic.Int64
+	bankRevs atomic.Int64
+
+	bankClients map[string]*bankClient // read-only after New
+	bankKey     *ecdsa.PrivateKey      // signs the bank's access tokens
+	bankSigner  jose.Signer
 
 	mu       sync.Mutex
 	byToken  map[string]*token
@@ -70,16 +99,22 @@ type Server struct {
 	failN    int
 	failCode int
 	failRA   string
+	refresh  map[string]*refreshGrant // unused bank refresh tokens
+	jtis     map[string]time.Time     // client_id NUL jti of seen assertions, until their exp
 }
 
 type token struct {
-	id, access, org string // org is the client_id for OneID tokens
+	id, access, org string // org is the client_id for OneID and bank tokens
 	scopes          []string
 	created, expiry time.Time
 	revoked         time.Time // zero while active
+	bank            bool      // issued by the bank's authorization server
+	family          string    // bank: the refresh-token family it came from, if any
 }
 
-// New returns a sandbox serving cfg.
+// New returns a sandbox serving cfg. It panics when a bank client is
+// malformed (empty or duplicate ID, unreadable public key): check keys
+// with ParsePublicKey first.
 func New(cfg Config) *Server {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -90,6 +125,7 @@ func New(cfg Config) *Server {
 	for _, o := range cfg.Organisations {
 		s.orgs[o.ID] = o
 	}
+	s.newBank()
 	return s
 }
 
@@ -101,7 +137,7 @@ func (s *Server) TokenRequests() int64 { return s.tokReqs.Load() }
 // token endpoint, failed ones included.
 func (s *Server) OneIDTokenRequests() int64 { return s.oneReqs.Load() }
 
-// Fail makes the next n token requests (Nuapay and OneID together) answer
+// Fail makes the next n token requests (Nuapay, OneID and bank together) answer
 // status with the provider's error body, plus a Retry-After header when
 // retryAfter is not empty. n <= 0 cancels a scripted failure.
 func (s *Server) Fail(status int, retryAfter string, n int) {
@@ -110,7 +146,7 @@ func (s *Server) Fail(status int, retryAfter string, n int) {
 	s.failCode, s.failRA, s.failN = status, retryAfter, max(n, 0)
 }
 
-// Issued reports the organisation (the client_id for OneID tokens) and
+// Issued reports the organisation (the client_id for OneID and bank tokens) and
 // scopes of a token the sandbox issued, and whether it is still valid
 // (unexpired and unrevoked). For unknown tokens it returns "", nil, false.
 func (s *Server) Issued(tok string) (org string, scopes []string, valid bool) {
@@ -135,7 +171,7 @@ func (s *Server) lookup(tok string) (token, bool, bool) {
 	return c, true, t.revoked.IsZero() && s.cfg.Now().Before(t.expiry)
 }
 
-// ServeHTTP routes Gatekeeper, OneID and echo requests.
+// ServeHTTP routes Gatekeeper, OneID, bank and echo requests.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	seg, ok := segments(r.URL.EscapedPath())
 	is := func(parts ...string) bool {
@@ -152,6 +188,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case is("v1", "token"):
 		s.oneIDToken(w, r)
+	case is(".well-known", "openid-configuration"):
+		s.bankDiscovery(w, r)
+	case is("oauth2", "token"):
+		s.bankToken(w, r)
+	case is("oauth2", "revoke"):
+		s.bankRevoke(w, r)
+	case is("oauth2", "jwks"):
+		s.bankJWKS(w, r)
 	case is("organisations"), is("cust", "organisations"):
 		s.listOrgs(w, r)
 	case is("organisations", "*", "tokens"):
@@ -293,11 +337,12 @@ func (s *Server) requestToken(w http.ResponseWriter, r *http.Request, orgID stri
 		expiry: now.Add(time.Duration(exp) * time.Second)}
 	t.access = s.mint(map[string]any{"iss": "sandbox-gatekeeper", "sub": org.ID,
 		"scope": strings.Join(req.Scopes, " "), "iat": now.Unix(), "exp": t.expiry.Unix(), "jti": t.id})
+	c := *t // the copy written: a concurrent revoke may change t
 	s.mu.Lock()
 	s.byToken[t.access], s.byID[t.id] = t, t
 	s.mu.Unlock()
 	w.Header().Set("Cache-Control", "no-store")
-	s.writeToken(w, http.StatusCreated, *t)
+	s.writeToken(w, http.StatusCreated, c)
 }
 
 func hasEmpty(ss []string) bool {
