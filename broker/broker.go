@@ -135,7 +135,10 @@ type Entry struct {
 	header    string
 	refreshAt time.Time
 	binding   *Binding
+	// fingerprint of the token, computed once.
+	fingerprint string
 
+	stale       atomic.Bool // replaced by a newer token, or purged
 	refreshing  atomic.Bool
 	nextAttempt atomic.Int64 // unix nanoseconds; earliest next background refresh
 }
@@ -145,6 +148,9 @@ func (e *Entry) Token() Token { return e.tok }
 
 // Header returns "Bearer <token>", the value of the Authorization header.
 func (e *Entry) Header() string { return e.header }
+
+// Fingerprint is the token's fingerprint, computed once per token.
+func (e *Entry) Fingerprint() string { return e.fingerprint }
 
 // RefreshAt is when the entry enters its refresh window.
 func (e *Entry) RefreshAt() time.Time { return e.refreshAt }
@@ -209,7 +215,14 @@ func New(opts Options) *Broker {
 }
 
 // Close drops every cached token. Fetches in flight finish on their own.
-func (br *Broker) Close() { br.cache.Flush() }
+func (br *Broker) Close() {
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	for _, it := range br.cache.Items() {
+		it.Object.(*Entry).stale.Store(true)
+	}
+	br.cache.Flush()
+}
 
 // Token returns a valid token for the binding: from the cache, or from its
 // Source. It never returns a token closer than Leeway to its expiry.
@@ -229,8 +242,18 @@ func (br *Broker) Token(ctx context.Context, b *Binding) (Token, error) {
 // not cancel the fetch for the others.
 func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	now := br.opts.Now()
-	if v, ok := br.cache.Get(b.key); ok {
-		e := v.(*Entry)
+	// The binding remembers the entry it was last served: on the hot path
+	// no shared map is read and no lock is taken. An entry replaced by a
+	// newer token or purged is marked stale, and the cache is asked again.
+	e := b.current.Load()
+	if e == nil || e.stale.Load() || !e.tok.ValidAt(now, br.opts.Leeway) {
+		e = nil
+		if v, ok := br.cache.Get(b.key); ok {
+			e = v.(*Entry)
+			b.current.Store(e)
+		}
+	}
+	if e != nil {
 		if e.tok.ValidAt(now, br.opts.Leeway) {
 			r := Hit
 			if !now.Before(e.refreshAt) && now.UnixNano() >= e.nextAttempt.Load() &&
@@ -248,7 +271,9 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 		}
 		br.failures.Delete(b.key)
 	}
+	started := false // set by this lookup's fetch only, read after the channel
 	ch := br.group.DoChan(b.key, func() (any, error) {
+		started = true
 		return br.fetch(ctx, b, false)
 	})
 	select {
@@ -257,7 +282,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 			return nil, Miss, res.Err
 		}
 		r := Miss
-		if res.Shared {
+		if !started {
 			r = Shared
 		}
 		br.observe(b, r)
@@ -305,6 +330,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, background bool) (*E
 	// fresh token: do not fetch twice.
 	if v, ok := br.cache.Get(b.key); ok && !background {
 		if e := v.(*Entry); e.tok.ValidAt(now, br.opts.Leeway) {
+			b.current.Store(e)
 			return e, nil
 		}
 	}
@@ -315,7 +341,10 @@ func (br *Broker) fetch(parent context.Context, b *Binding, background bool) (*E
 	ctx, cancel := context.WithDeadline(context.WithoutCancel(parent), deadline)
 	defer cancel()
 
-	tok, err := br.attempts(ctx, b, background, deadline)
+	tok, report, err := br.attempts(ctx, b, background, deadline)
+	// The last attempt is reported once its outcome is in the cache (or
+	// remembered as a failure), so an observer sees a consistent state.
+	defer report()
 	now = br.opts.Now()
 	if err != nil {
 		if br.opts.FailureTTL > 0 && !errors.Is(err, context.Canceled) {
@@ -325,27 +354,35 @@ func (br *Broker) fetch(parent context.Context, b *Binding, background bool) (*E
 		return nil, err
 	}
 	br.failures.Delete(b.key)
-	e := &Entry{tok: tok, header: "Bearer " + tok.Value.Reveal(), refreshAt: tok.Expiry, binding: b}
+	e := &Entry{tok: tok, header: "Bearer " + tok.Value.Reveal(), refreshAt: tok.Expiry, binding: b,
+		fingerprint: tok.Fingerprint()}
 	if br.opts.RefreshWindow > 0 {
 		life := tok.Expiry.Sub(tok.IssuedAt)
 		e.refreshAt = tok.Expiry.Add(-time.Duration(float64(life) * br.opts.RefreshWindow))
 	}
 	br.mu.Lock()
+	if old, ok := br.cache.Get(b.key); ok {
+		old.(*Entry).stale.Store(true)
+	}
 	br.cache.Set(b.key, e, tok.Expiry.Sub(now))
 	br.mu.Unlock()
+	b.current.Store(e)
 	return e, nil
 }
 
 // attempts calls the Source up to MaxAttempts times while its failures are
-// temporary, the breaker lets calls through and the deadline allows.
-func (br *Broker) attempts(ctx context.Context, b *Binding, background bool, deadline time.Time) (Token, error) {
+// temporary, the breaker lets calls through and the deadline allows. Every
+// attempt but the last is reported to the observer here; the returned func
+// reports the last one.
+func (br *Broker) attempts(ctx context.Context, b *Binding, background bool, deadline time.Time) (Token, func(), error) {
 	brk := br.breaker(b.SourceID)
 	obs := br.observer(b)
+	report := func() {}
 	for attempt := 1; ; attempt++ {
 		now := br.opts.Now()
 		if br.opts.BreakerThreshold > 0 {
 			if ok, wait := brk.allow(now, br.opts.BreakerCooldown); !ok {
-				return Token{}, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait}
+				return Token{}, report, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait}
 			}
 		}
 		start := time.Now()
@@ -362,18 +399,21 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, background bool, dea
 				}
 			}
 		}
-		if obs != nil {
-			obs.Fetched(ctx, b, tok, elapsed, background, err)
+		report = func() {
+			if obs != nil {
+				obs.Fetched(ctx, b, tok, elapsed, background, err)
+			}
 		}
 		if err == nil || !IsTemporary(err) || attempt >= br.opts.MaxAttempts {
-			return tok, err
+			return tok, report, err
 		}
 		wait := max(backoff(attempt, br.opts.BackoffBase, br.opts.BackoffMax), RetryAfterOf(err))
 		if time.Now().Add(wait).After(deadline) {
-			return tok, err
+			return tok, report, err
 		}
+		report()
 		if br.opts.Sleep(ctx, wait) != nil {
-			return tok, err
+			return tok, func() {}, err
 		}
 	}
 }
@@ -402,6 +442,7 @@ func (br *Broker) Purge(b *Binding, rejected Secret) bool {
 	if !ok || v.(*Entry).tok.Value != rejected {
 		return false
 	}
+	v.(*Entry).stale.Store(true)
 	br.cache.Delete(b.key)
 	return true
 }
@@ -414,6 +455,7 @@ func (br *Broker) PurgeMerchant(merchant string) []*Entry {
 	var out []*Entry
 	for k, it := range br.cache.Items() {
 		if e := it.Object.(*Entry); e.binding.Request.Merchant == merchant {
+			e.stale.Store(true)
 			br.cache.Delete(k)
 			out = append(out, e)
 		}

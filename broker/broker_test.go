@@ -345,3 +345,47 @@ func contains(s, sub string) bool {
 	}
 	return false
 }
+
+// Two bindings with the same key (two routes, same scopes) share the
+// token; one binding's refresh is seen by the other as a hit, and a purge
+// by one is seen by the other.
+func TestBindingsSharingAKey(t *testing.T) {
+	clock := newFakeClock()
+	src := &countingSource{clock: clock, life: 100 * time.Second}
+	br := New(Options{Now: clock.Now, RefreshWindow: -1})
+	req := Request{Merchant: "acme", Organisation: "o", Scopes: []string{"a"}}
+	b1, b2 := NewBinding("s", src, req), NewBinding("s", src, req)
+	ctx := context.Background()
+	steps := []struct {
+		name    string
+		advance time.Duration
+		b       *Binding
+		purge   bool
+		want    string
+		wantRes Result
+	}{
+		{"b1 fetches", 0, b1, false, "tok-acme-1", Miss},
+		{"b2 shares it", 0, b2, false, "tok-acme-1", Hit},
+		{"expired: b1 fetches anew", 150 * time.Second, b1, false, "tok-acme-2", Miss},
+		{"b2 sees the new token as a hit", 0, b2, false, "tok-acme-2", Hit},
+		{"b2 purges it, b1 fetches anew", 0, b1, true, "tok-acme-3", Miss},
+		{"b2 sees token 3", 0, b2, false, "tok-acme-3", Hit},
+	}
+	for _, st := range steps {
+		clock.Add(st.advance)
+		if st.purge {
+			cur, _, _ := br.Get(ctx, b2)
+			if !br.Purge(b2, cur.Token().Value) {
+				t.Fatalf("%s: purge failed", st.name)
+			}
+		}
+		e, res, err := br.Get(ctx, st.b)
+		if err != nil || e.Token().Value.Reveal() != st.want || res != st.wantRes {
+			t.Fatalf("%s: got %v %s %v, want %s %s", st.name, e, res, err, st.want, st.wantRes)
+		}
+	}
+	br.Close()
+	if _, res, _ := br.Get(ctx, b1); res != Miss {
+		t.Fatalf("after Close: %s, want a miss", res)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -73,7 +74,9 @@ type Binding struct {
 	// that logs and metrics follow config reloads).
 	Observer Observer
 
-	key string
+	key     string
+	current atomic.Pointer[Entry] // the entry this binding was last served
+
 }
 
 // NewBinding returns a binding with its scopes sorted and de-duplicated and

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -12,8 +13,10 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -31,6 +34,8 @@ var current atomic.Pointer[App]
 //	GET  /token_broker/tokens                      cached tokens
 //	POST /token_broker/merchants/{id}/purge        drop a merchant's cached tokens
 //	POST /token_broker/merchants/{id}/revoke       revoke them at the provider, then drop them
+//	PUT  /token_broker/merchants/{id}/refresh_token {"refresh_token": "..."}: load a merchant's
+//	                                               refresh token (authorization-code merchants)
 type adminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -121,12 +126,18 @@ func (adminAPI) merchant(w http.ResponseWriter, r *http.Request) error {
 	if !ok || !config.ValidMerchantID(id) {
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("use /token_broker/merchants/{merchant}/purge or /revoke")}
 	}
-	if r.Method != http.MethodPost {
-		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use POST")}
-	}
 	app, err := running()
 	if err != nil {
 		return err
+	}
+	if action == "refresh_token" {
+		if r.Method != http.MethodPut {
+			return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use PUT")}
+		}
+		return setRefreshToken(w, r, app, id)
+	}
+	if r.Method != http.MethodPost {
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use POST")}
 	}
 	switch action {
 	case "purge":
@@ -157,6 +168,38 @@ func revokeEntries(ctx context.Context, entries []*broker.Entry) []RevokeResult 
 		results = append(results, res)
 	}
 	return results
+}
+
+// setRefreshToken stores the refresh token of a merchant whose provider
+// uses the refresh_token grant, and drops its cached access tokens.
+func setRefreshToken(w http.ResponseWriter, r *http.Request, app *App, merchant string) error {
+	if app.registry == nil {
+		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errors.New("no merchant registry is loaded")}
+	}
+	m, ok := app.registry.Merchants[merchant]
+	if !ok {
+		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("merchant %q is not in the registry", merchant)}
+	}
+	src, ok := app.registry.Providers[m.Provider].Source.(*oauth.RefreshToken)
+	if !ok {
+		return caddy.APIError{HTTPStatus: http.StatusConflict,
+			Err: fmt.Errorf("merchant %q: provider %q does not use the refresh_token grant", merchant, m.Provider)}
+	}
+	var body struct {
+		RefreshToken string `json:"refresh_token"`
+	}
+	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&body); err != nil || body.RefreshToken == "" ||
+		strings.ContainsAny(body.RefreshToken, "\r\n\x00") {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: errors.New(`the body must be {"refresh_token": "<token>"} with a non-empty token`)}
+	}
+	rt := broker.Secret(body.RefreshToken)
+	if err := src.SetRefreshToken(r.Context(), merchant, rt); err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: fmt.Errorf("storing the refresh token of %q: %w", merchant, err)}
+	}
+	app.broker.PurgeMerchant(merchant)
+	app.logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", m.Provider),
+		zap.String("fingerprint", rt.Fingerprint()))
+	return writeJSON(w, map[string]any{"merchant": merchant, "provider": m.Provider, "stored": true, "fingerprint": rt.Fingerprint()})
 }
 
 func writeJSON(w http.ResponseWriter, v any) error {

@@ -83,7 +83,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 	}
 	if a.Config != "" {
-		reg, err := loadRegistry(a.Config)
+		reg, err := loadRegistry(ctx, a.Config)
 		if err != nil {
 			return err
 		}
@@ -125,10 +125,10 @@ func (a *App) validate() error {
 }
 
 // loadRegistry loads a TOML registry; the path may hold placeholders such
-// as {env.TOKEN_BROKER_CONFIG}.
-func loadRegistry(path string) (*config.Registry, error) {
+// as {env.TOKEN_BROKER_CONFIG}. Refresh tokens are kept in Caddy's storage.
+func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
-	reg, err := config.Load(path)
+	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore{s: ctx.Storage()}})
 	if err != nil {
 		return nil, fmt.Errorf("token_broker: %w", err)
 	}

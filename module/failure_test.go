@@ -68,7 +68,7 @@ func failureHandler(t *testing.T, url string, clientTimeout time.Duration, opts 
 	for _, m := range []string{"acme", "globex"} {
 		b := broker.NewBinding("nuapay#t", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
 		b.Observer = h
-		h.bindings[m] = &binding{Binding: b, provider: "nuapay"}
+		h.bindings[m] = newBinding(b, "nuapay")
 	}
 	return h, &sleeps
 }

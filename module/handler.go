@@ -13,6 +13,7 @@ import (
 	"net/textproto"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -20,6 +21,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -103,7 +105,40 @@ type Handler struct {
 type binding struct {
 	*broker.Binding
 	provider string
+
+	// Placeholder values boxed once, so that setting them on every
+	// request does not allocate.
+	merchantV, organisationV, providerV any
+	// current caches, for the entry last served, its header value as a
+	// ready slice and its boxed fingerprint.
+	current atomic.Pointer[servedEntry]
 }
+
+// servedEntry is what a binding precomputed for one cache entry.
+type servedEntry struct {
+	entry       *broker.Entry
+	header      []string // cap 1: an append by a later handler copies it
+	fingerprint any
+}
+
+func newBinding(b *broker.Binding, provider string) *binding {
+	return &binding{Binding: b, provider: provider,
+		merchantV: b.Request.Merchant, organisationV: b.Request.Organisation, providerV: provider}
+}
+
+// served returns the precomputed values of e, computing them when the
+// binding's entry changed (a new token).
+func (b *binding) served(e *broker.Entry) *servedEntry {
+	if s := b.current.Load(); s != nil && s.entry == e {
+		return s
+	}
+	s := &servedEntry{entry: e, header: []string{e.Header()}, fingerprint: e.Fingerprint()}
+	b.current.Store(s)
+	return s
+}
+
+// cacheResults are the boxed values of {http.token_broker.cache}.
+var cacheResults = [...]any{broker.Hit: "hit", broker.RefreshAhead: "refresh", broker.Miss: "miss", broker.Shared: "shared"}
 
 // CaddyModule returns the Caddy module information.
 func (Handler) CaddyModule() caddy.ModuleInfo {
@@ -139,7 +174,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	reg := app.registry
 	if h.Config != "" {
-		if reg, err = loadRegistry(h.Config); err != nil {
+		if reg, err = loadRegistry(ctx, h.Config); err != nil {
 			return err
 		}
 	}
@@ -153,7 +188,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("token_broker: %s: %w", reg.Path, err)
 		}
 		b.Observer = h
-		h.bindings[id] = &binding{Binding: b, provider: m.Provider}
+		h.bindings[id] = newBinding(b, m.Provider)
 	}
 	h.instrument(app.metrics)
 	return nil
@@ -208,13 +243,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		r.Header.Del(h.merchantHeader)
 	}
 	r.Header.Del("Authorization")
-	r.Header[h.header] = []string{e.Header()}
+	served := b.served(e)
+	r.Header[h.header] = served.header
 
-	repl.Set("http.token_broker.merchant", merchant)
-	repl.Set("http.token_broker.organisation", b.Request.Organisation)
-	repl.Set("http.token_broker.provider", b.provider)
-	repl.Set("http.token_broker.fingerprint", e.Token().Fingerprint())
-	repl.Set("http.token_broker.cache", res.String())
+	repl.Set("http.token_broker.merchant", b.merchantV)
+	repl.Set("http.token_broker.organisation", b.organisationV)
+	repl.Set("http.token_broker.provider", b.providerV)
+	repl.Set("http.token_broker.fingerprint", served.fingerprint)
+	repl.Set("http.token_broker.cache", cacheResults[res])
 	return h.forward(w, r, next, b, e)
 }
 
@@ -273,9 +309,12 @@ func classify(err error) (int, string) {
 	var ae *broker.APIError
 	var re *broker.RequestError
 	var ue *broker.UnavailableError
+	var ce *oauth.ConsentRequiredError
 	switch {
 	case errors.Is(err, context.Canceled):
 		return 499, "client_gone"
+	case errors.As(err, &ce):
+		return http.StatusBadGateway, "consent_required"
 	case errors.As(err, &ue):
 		return http.StatusServiceUnavailable, "token_api_down"
 	case broker.IsTimeout(err):

@@ -33,7 +33,7 @@ func benchHandler(b *testing.B, n int) (*Handler, []string) {
 		ids[i] = fmt.Sprintf("merchant-%06d", i)
 		bd := broker.NewBinding("nuapay#bench", src, broker.Request{Merchant: ids[i], Organisation: "org-" + ids[i], Scopes: []string{"openbanking_pisp"}})
 		bd.Observer = h
-		h.bindings[ids[i]] = &binding{Binding: bd, provider: "nuapay"}
+		h.bindings[ids[i]] = newBinding(bd, "nuapay")
 		if _, _, err := h.broker.Get(context.Background(), bd); err != nil {
 			b.Fatal(err)
 		}

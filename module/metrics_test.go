@@ -46,7 +46,7 @@ func newMetricsHandler(t *testing.T, src broker.SourceFunc, clk *clock, merchant
 	for _, m := range []string{"acme", "globex"} {
 		b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
 		b.Observer = h
-		h.bindings[m] = &binding{Binding: b, provider: "nuapay"}
+		h.bindings[m] = newBinding(b, "nuapay")
 	}
 	m := newTokenMetrics(merchantLabel)
 	reg := prometheus.NewPedanticRegistry()

@@ -113,6 +113,9 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 // purge drops a token the upstream rejected, if it is still the cached one.
 func (h *Handler) purge(b *binding, rejected broker.Token) {
 	purged := h.broker.Purge(b.Binding, rejected.Value)
+	if purged && h.metrics != nil {
+		h.metrics.Purged(b.provider, b.Request.Merchant)
+	}
 	h.logger.Info("upstream rejected the token", zap.String("merchant", b.Request.Merchant),
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Bool("purged", purged))
 }

@@ -56,6 +56,6 @@ func (h *Handler) token(ctx context.Context, b *binding) (*broker.Entry, broker.
 		return e, res, err
 	}
 	span.SetAttributes(attrCache.String(res.String()), attrOutcome.String(outcomeOK),
-		attrFingerprint.String(e.Token().Fingerprint()))
+		attrFingerprint.String(e.Fingerprint()))
 	return e, res, nil
 }
