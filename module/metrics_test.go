@@ -163,11 +163,10 @@ func TestMetricsSharedAndMerchantLabel(t *testing.T) {
 	miss := testutil.ToFloat64(m.lookups.WithLabelValues("nuapay", "miss", "acme"))
 	shared := testutil.ToFloat64(m.lookups.WithLabelValues("nuapay", "shared", "acme"))
 	hit := testutil.ToFloat64(m.lookups.WithLabelValues("nuapay", "hit", "acme"))
-	// Every request is counted once. (singleflight reports Shared to the
-	// caller that started the fetch too, so until broker.Get tells them
-	// apart the starter may be counted as shared rather than miss.)
-	if miss > 1 || miss+shared+hit != n {
-		t.Fatalf("miss %v shared %v hit %v, want at most 1 miss and %d in all", miss, shared, hit, n)
+	// Every request is counted once: exactly one started the fetch (miss),
+	// the others waited on it (shared) or came after it (hit).
+	if miss != 1 || miss+shared+hit != n {
+		t.Fatalf("miss %v shared %v hit %v, want exactly 1 miss and %d in all", miss, shared, hit, n)
 	}
 	checkSeries(t, reg, map[prometheus.Collector]map[string]float64{
 		m.tokenRequests: {`merchant="acme",outcome="ok",provider="nuapay"`: 1},
