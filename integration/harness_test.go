@@ -50,16 +50,21 @@ func freePort(t testing.TB) int {
 }
 
 // startSandbox serves an in-process sandbox on 127.0.0.1 and points the
-// environment of the configs at it.
-func startSandbox(t testing.TB) (*sandbox.Server, string) {
+// environment of the configs at it. opts may change the sandbox's
+// configuration first (e.g. register bank clients).
+func startSandbox(t testing.TB, opts ...func(*sandbox.Config)) (*sandbox.Server, string) {
 	t.Helper()
-	sb := sandbox.New(sandbox.Config{
+	cfg := sandbox.Config{
 		APIKeys: []string{apiKey},
 		Organisations: []sandbox.Organisation{
 			{ID: "org-acme", Name: "Acme"}, {ID: "org-globex", Name: "Globex"}, {ID: "org-initech", Name: "Initech"},
 		},
 		OneIDClients: map[string]string{oneIDID: oneIDSecret},
-	})
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	sb := sandbox.New(cfg)
 	ts := httptest.NewServer(sb)
 	t.Cleanup(ts.Close)
 	t.Setenv("SANDBOX_URL", ts.URL)
