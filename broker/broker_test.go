@@ -389,3 +389,33 @@ func TestBindingsSharingAKey(t *testing.T) {
 		t.Fatalf("after Close: %s, want a miss", res)
 	}
 }
+
+type perMerchantSource struct{ *countingSource }
+
+func (perMerchantSource) PerMerchant() bool { return true }
+
+// Merchants of a refresh-token source never share a token, even with the
+// same organisation, scopes and audience; client-credentials merchants do.
+func TestPerMerchantSourcesKeyByMerchant(t *testing.T) {
+	clock := newFakeClock()
+	tests := []struct {
+		name      string
+		src       Source
+		wantShare bool
+	}{
+		{"client credentials", &countingSource{clock: clock, life: time.Hour}, true},
+		{"refresh token", perMerchantSource{&countingSource{clock: clock, life: time.Hour}}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			br := New(Options{Now: clock.Now})
+			a := NewBinding("bank#1", tt.src, Request{Merchant: "acme", Scopes: []string{"accounts"}})
+			b := NewBinding("bank#1", tt.src, Request{Merchant: "globex", Scopes: []string{"accounts"}})
+			ta, _ := br.Token(context.Background(), a)
+			tb, _ := br.Token(context.Background(), b)
+			if shared := ta.Value == tb.Value; shared != tt.wantShare || (a.Key() == b.Key()) != tt.wantShare {
+				t.Fatalf("acme %s, globex %s: shared=%v, want %v", ta.Value.Reveal(), tb.Value.Reveal(), shared, tt.wantShare)
+			}
+		})
+	}
+}

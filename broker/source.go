@@ -21,6 +21,14 @@ type Source interface {
 	Token(ctx context.Context, req Request) (Token, error)
 }
 
+// PerMerchant is implemented by sources whose tokens belong to one merchant
+// even when the request is otherwise the same (a refresh-token source holds
+// one refresh token per merchant): the merchant is then part of the cache
+// key, so that merchants never share a token.
+type PerMerchant interface {
+	PerMerchant() bool
+}
+
 // Revoker is implemented by sources whose provider can revoke a token it
 // issued (Nuapay's revoke endpoints, RFC 7009).
 type Revoker interface {
@@ -83,12 +91,16 @@ type Binding struct {
 // its cache key computed.
 func NewBinding(sourceID string, src Source, req Request) *Binding {
 	req.Scopes = NormaliseScopes(req.Scopes)
-	key := strings.Join([]string{sourceID, req.Organisation, strings.Join(req.Scopes, " "), req.Audience}, "\x00")
+	parts := []string{sourceID, req.Organisation, strings.Join(req.Scopes, " "), req.Audience}
+	if pm, ok := src.(PerMerchant); ok && pm.PerMerchant() {
+		parts = append(parts, req.Merchant)
+	}
+	key := strings.Join(parts, "\x00")
 	return &Binding{SourceID: sourceID, Source: src, Request: req, key: key}
 }
 
 // Key is the cache key of the binding: (source, organisation, sorted scopes,
-// audience).
+// audience), plus the merchant for PerMerchant sources.
 func (b *Binding) Key() string { return b.key }
 
 // NormaliseScopes returns the scopes sorted, trimmed and without duplicates

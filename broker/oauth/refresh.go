@@ -126,6 +126,10 @@ func (s *RefreshToken) StoreKey(merchant string) string { return StoreKey(s.c.cf
 // Store returns the store of the refresh tokens.
 func (s *RefreshToken) Store() Store { return s.store }
 
+// PerMerchant implements broker.PerMerchant: each merchant has its own
+// refresh token, so merchants never share an access token.
+func (s *RefreshToken) PerMerchant() bool { return true }
+
 // SetRefreshToken stores a merchant's refresh token (obtained by the
 // operator after the merchant's consent), under the merchant's lock.
 func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt broker.Secret) error {
