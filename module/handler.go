@@ -239,10 +239,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		status, code := classify(err)
 		return h.fail(w, repl, status, code, merchant, err)
 	}
+	// The keys are canonical already: delete without canonicalising again.
 	if h.merchantHeader != "" {
-		r.Header.Del(h.merchantHeader)
+		delete(r.Header, h.merchantHeader)
 	}
-	r.Header.Del("Authorization")
+	delete(r.Header, "Authorization")
 	served := b.served(e)
 	r.Header[h.header] = served.header
 

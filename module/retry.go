@@ -39,7 +39,101 @@ func (h *Handler) rejectsToken(status int, header http.Header) bool {
 	return false
 }
 
-var bufPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+// rejectRecorder passes a response through to the client unless its status
+// and headers say the token was rejected: such a response is held back in
+// buf, so that the request can be sent again. Recorders are pooled: the
+// request path allocates nothing for them.
+type rejectRecorder struct {
+	caddyhttp.ResponseWriterWrapper
+	h           *Handler
+	status      int
+	held        bool
+	wroteHeader bool
+	buf         bytes.Buffer
+}
+
+var recorderPool = sync.Pool{New: func() any { return new(rejectRecorder) }}
+
+func (rr *rejectRecorder) WriteHeader(status int) {
+	if rr.wroteHeader {
+		return
+	}
+	if status >= 100 && status < 200 && status != http.StatusSwitchingProtocols {
+		rr.ResponseWriter.WriteHeader(status) // informational: pass on, wait for the final one
+		return
+	}
+	rr.wroteHeader, rr.status = true, status
+	if rr.h.rejectsToken(status, rr.Header()) {
+		rr.held = true
+		return
+	}
+	rr.ResponseWriter.WriteHeader(status)
+}
+
+func (rr *rejectRecorder) Write(p []byte) (int, error) {
+	rr.WriteHeader(http.StatusOK)
+	if rr.held {
+		return rr.buf.Write(p)
+	}
+	return rr.ResponseWriter.Write(p)
+}
+
+func (rr *rejectRecorder) ReadFrom(r io.Reader) (int64, error) {
+	rr.WriteHeader(http.StatusOK)
+	if rr.held {
+		return rr.buf.ReadFrom(r)
+	}
+	return rr.ResponseWriterWrapper.ReadFrom(r)
+}
+
+// FlushError flushes a response that is passed through, and nothing of a
+// held one.
+func (rr *rejectRecorder) FlushError() error {
+	if rr.held {
+		return nil
+	}
+	return http.NewResponseController(rr.ResponseWriter).Flush()
+}
+
+// writeHeld sends the held response as it was.
+func (rr *rejectRecorder) writeHeld() error {
+	rr.ResponseWriter.WriteHeader(rr.status)
+	_, err := rr.ResponseWriter.Write(rr.buf.Bytes())
+	return err
+}
+
+// headerSnapshot remembers a header map's entries without allocating for
+// up to 8 keys (a Caddy response has a few at this point).
+type headerSnapshot struct {
+	n    int
+	keys [8]string
+	vals [8][]string
+	full http.Header
+}
+
+func (s *headerSnapshot) take(h http.Header) {
+	if len(h) > len(s.keys) {
+		s.full = h.Clone()
+		return
+	}
+	for k, v := range h {
+		s.keys[s.n], s.vals[s.n] = k, v
+		s.n++
+	}
+}
+
+// restore puts h back as it was when taken. Values appended since then do
+// not show: the saved slices keep their old length.
+func (s *headerSnapshot) restore(h http.Header) {
+	clear(h)
+	if s.full != nil {
+		maps.Copy(h, s.full)
+		return
+	}
+	for i := range s.n {
+		h[s.keys[i]] = s.vals[i]
+	}
+}
 
 // forward calls next with the token of e set. When the upstream rejects the
 // token (see rejectsToken), the token is purged if it is still the cached
@@ -78,26 +172,29 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 		r.Body = io.NopCloser(bytes.NewReader(body))
 	}
 
-	buf := bufPool.Get().(*bytes.Buffer)
-	buf.Reset()
-	defer bufPool.Put(buf)
 	// The first attempt's response headers land in w's header map even when
 	// its response is held back; keep what was there to start the retry
 	// from it.
-	before := w.Header().Clone()
-	rec := caddyhttp.NewResponseRecorder(w, buf, h.rejectsToken)
-	if err := next.ServeHTTP(rec, r); err != nil || !rec.Buffered() || rec.Status() == 0 {
-		return err // streamed through (or nothing written at all)
+	var before headerSnapshot
+	before.take(w.Header())
+	rec := recorderPool.Get().(*rejectRecorder)
+	rec.ResponseWriter, rec.h, rec.status, rec.held, rec.wroteHeader = w, h, 0, false, false
+	rec.buf.Reset()
+	defer func() {
+		rec.ResponseWriter, rec.h = nil, nil
+		recorderPool.Put(rec)
+	}()
+	if err := next.ServeHTTP(rec, r); err != nil || !rec.held {
+		return err // passed through
 	}
 
 	rejected := e.Token()
 	h.purge(b, rejected)
 	fresh, _, err := h.broker.Get(r.Context(), b.Binding)
 	if err != nil || fresh.Token().Value == rejected.Value {
-		return rec.WriteResponse() // nothing better to try: the caller gets the 401
+		return rec.writeHeld() // nothing better to try: the caller gets the 401
 	}
-	clear(w.Header())
-	maps.Copy(w.Header(), before)
+	before.restore(w.Header())
 	// The first attempt may still have a connection dial in flight that
 	// reads the request's variables; give the retry its own copy.
 	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
