@@ -484,7 +484,7 @@ var ErrExpiredToken = errors.New("the token API returned a token that is already
 
 // check validates what a Source returned before it is cached.
 func (br *Broker) check(b *Binding, tok *Token, now time.Time) error {
-	if !validTokenValue(tok.Value.Reveal()) {
+	if !ValidTokenValue(tok.Value.Reveal()) {
 		return &APIError{Provider: sourceType(b), StatusCode: 200, Code: "invalid_token_value",
 			Description: "the access token is empty, too long or contains characters not allowed in an HTTP header"}
 	}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -123,12 +124,13 @@ func (e *RequestError) Error() string {
 // not silence a provider for days.
 const maxRetryAfter = time.Hour
 
-// parseRetryAfter reads a Retry-After header in seconds or as an HTTP date.
-func parseRetryAfter(v string, now time.Time) time.Duration {
+// ParseRetryAfter reads a Retry-After header in seconds or as an HTTP date,
+// capped at one hour; 0 when absent or malformed.
+func ParseRetryAfter(v string, now time.Time) time.Duration {
 	if v == "" {
 		return 0
 	}
-	if secs, err := strconv.Atoi(v); err == nil {
+	if secs, err := strconv.Atoi(strings.TrimSpace(v)); err == nil {
 		if secs < 0 {
 			return 0
 		}

@@ -276,7 +276,7 @@ func (n *Nuapay) call(ctx context.Context, method, target string, body []byte, w
 	}
 	resp, err := n.cfg.Client.Do(hr)
 	if err != nil {
-		return nil, fmt.Errorf("nuapay token API %s: %w", n.base.Host, redactURLError(err))
+		return nil, fmt.Errorf("nuapay token API %s: %w", n.base.Host, RedactURLError(err))
 	}
 	defer resp.Body.Close()
 	data, err := readBody("nuapay", resp)
@@ -293,7 +293,7 @@ func (n *Nuapay) call(ctx context.Context, method, target string, body []byte, w
 // reading Nuapay's error envelope when there is one. "details" may be an
 // array or a single object; any field may be null.
 func ParseNuapayError(status int, retryAfter string, body []byte, now time.Time) *APIError {
-	ae := &APIError{Provider: "nuapay", StatusCode: status, RetryAfter: parseRetryAfter(retryAfter, now)}
+	ae := &APIError{Provider: "nuapay", StatusCode: status, RetryAfter: ParseRetryAfter(retryAfter, now)}
 	var env struct {
 		ReturnCode        *string         `json:"returnCode"`
 		ReturnDescription *string         `json:"returnDescription"`
@@ -324,10 +324,10 @@ func ParseNuapayError(status int, retryAfter string, body []byte, now time.Time)
 	return ae
 }
 
-// redactURLError drops the URL from a *url.Error: the URL holds no secret
-// here, but its organisation id is noise in a log line that already names
-// the merchant.
-func redactURLError(err error) error {
+// RedactURLError drops the URL (and so any query) from a *url.Error: a
+// token API's URL can carry an organisation id or a query that has no
+// place in a log line that already names the merchant and the host.
+func RedactURLError(err error) error {
 	var ue *url.Error
 	if errors.As(err, &ue) {
 		return ue.Err

@@ -73,10 +73,10 @@ func (t Token) ValidAt(now time.Time, leeway time.Duration) bool {
 	return t.Value != "" && now.Add(leeway).Before(t.Expiry)
 }
 
-// validTokenValue reports whether v can go into an HTTP header: non-empty
-// and without control characters, spaces or non-ASCII bytes (RFC 6750 b64token
-// is a strict subset of printable ASCII).
-func validTokenValue(v string) bool {
+// ValidTokenValue reports whether v can go into an HTTP header as a token:
+// non-empty, at most 16 KiB, and without control characters, spaces or
+// non-ASCII bytes (RFC 6750 b64token is a strict subset of printable ASCII).
+func ValidTokenValue(v string) bool {
 	if v == "" || len(v) > maxTokenLen {
 		return false
 	}

@@ -1,6 +1,7 @@
 package oauth
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -78,7 +79,7 @@ func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Value
 	for k, v := range c.cfg.Params {
 		params.Set(k, v)
 	}
-	if aud := cmpOr(req.Audience, c.cfg.Audience); aud != "" {
+	if aud := cmp.Or(req.Audience, c.cfg.Audience); aud != "" {
 		params.Set("audience", aud)
 	}
 	if c.cfg.Resource != "" {
@@ -118,7 +119,7 @@ func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
 		ae := &broker.APIError{Provider: ProviderName, Code: re.ErrorCode, Description: scrub(re.ErrorDescription, secrets)}
 		if re.Response != nil {
 			ae.StatusCode = re.Response.StatusCode
-			ae.RetryAfter = retryAfter(re.Response.Header.Get("Retry-After"), c.cfg.Now())
+			ae.RetryAfter = broker.ParseRetryAfter(re.Response.Header.Get("Retry-After"), c.cfg.Now())
 		}
 		if ae.StatusCode == http.StatusNotFound {
 			c.ep.invalidate()
@@ -135,10 +136,10 @@ func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
 	var ne net.Error
 	switch {
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		return fmt.Errorf("oauth2 token endpoint %s: %w", host(ep.Token), redactURLError(err))
+		return fmt.Errorf("oauth2 token endpoint %s: %w", host(ep.Token), broker.RedactURLError(err))
 	case errors.As(err, &ue), errors.As(err, &ne), strings.HasPrefix(err.Error(), "oauth2: cannot fetch token"):
 		c.ep.invalidate()
-		return fmt.Errorf("oauth2 token endpoint %s: %w", host(ep.Token), redactURLError(err))
+		return fmt.Errorf("oauth2 token endpoint %s: %w", host(ep.Token), broker.RedactURLError(err))
 	}
 	// x/oauth2 could not parse a success response. Its message may quote
 	// the body, so it is not repeated.
@@ -156,7 +157,7 @@ func (c *core) parse(tok *oauth2.Token, req broker.Request, sent time.Time) (bro
 	if typ == "" {
 		typ = "Bearer" // RFC 6749 requires it; its absence is read as bearer
 	}
-	if !validTokenValue(tok.AccessToken) {
+	if !broker.ValidTokenValue(tok.AccessToken) {
 		return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "invalid_token_value",
 			Description: "the access token is empty, too long or contains characters not allowed in an HTTP header"}
 	}
@@ -214,41 +215,6 @@ func expiresIn(v any) (int64, bool) {
 	return min(n, maxExpiresIn), true
 }
 
-// maxTokenLen bounds an access token's size (a large JWT is a few KiB).
-const maxTokenLen = 16 << 10
-
-// validTokenValue reports whether v can go into an HTTP header: non-empty
-// and without control characters, spaces or non-ASCII bytes.
-func validTokenValue(v string) bool {
-	if v == "" || len(v) > maxTokenLen {
-		return false
-	}
-	for i := 0; i < len(v); i++ {
-		if c := v[i]; c <= ' ' || c >= 0x7f {
-			return false
-		}
-	}
-	return true
-}
-
-// retryAfter reads a Retry-After header in seconds or as an HTTP date, at
-// most an hour.
-func retryAfter(v string, now time.Time) time.Duration {
-	if v == "" {
-		return 0
-	}
-	if secs, err := strconv.Atoi(strings.TrimSpace(v)); err == nil {
-		if secs < 0 {
-			return 0
-		}
-		return time.Duration(min(secs, 3600)) * time.Second
-	}
-	if t, err := http.ParseTime(v); err == nil && t.After(now) {
-		return min(t.Sub(now), time.Hour)
-	}
-	return 0
-}
-
 // scrub replaces every secret in s (a provider's error description, which
 // might echo what it was sent) with [REDACTED], and bounds its length.
 func scrub(s string, secrets []string) string {
@@ -284,20 +250,4 @@ func host(s string) string {
 		return u.Host
 	}
 	return s
-}
-
-// redactURLError drops the URL (and so any query) from a *url.Error.
-func redactURLError(err error) error {
-	var ue *url.Error
-	if errors.As(err, &ue) {
-		return ue.Err
-	}
-	return err
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }

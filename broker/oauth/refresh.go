@@ -133,7 +133,7 @@ func (s *RefreshToken) PerMerchant() bool { return true }
 // SetRefreshToken stores a merchant's refresh token (obtained by the
 // operator after the merchant's consent), under the merchant's lock.
 func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt broker.Secret) error {
-	if rt == "" || !validTokenValue(rt.Reveal()) {
+	if rt == "" || !broker.ValidTokenValue(rt.Reveal()) {
 		return errors.New("the refresh token is empty or contains characters not allowed in a token")
 	}
 	key := s.StoreKey(merchant)
@@ -200,7 +200,7 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 	// x/oauth2 hands back the old refresh token when the response has
 	// none: a different one means the provider rotated it.
 	if next := broker.Secret(raw.RefreshToken); next != "" && next != rt {
-		if !validTokenValue(raw.RefreshToken) {
+		if !broker.ValidTokenValue(raw.RefreshToken) {
 			return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: 200, Code: "invalid_refresh_token",
 				Description: "the rotated refresh token is too long or contains characters not allowed in a token"}
 		}

@@ -51,7 +51,7 @@ func (c *core) revoke(ctx context.Context, token broker.Secret, hint string) err
 	}
 	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, ep.Revocation, strings.NewReader(form.Encode()))
 	if err != nil {
-		return fmt.Errorf("oauth2 revoke: building the request: %w", redactURLError(err))
+		return fmt.Errorf("oauth2 revoke: building the request: %w", broker.RedactURLError(err))
 	}
 	if style == oauth2.AuthStyleInHeader {
 		// RFC 6749 §2.3.1, as x/oauth2 does for the token request.
@@ -61,7 +61,7 @@ func (c *core) revoke(ctx context.Context, token broker.Secret, hint string) err
 	hr.Header.Set("Accept", "application/json")
 	resp, err := c.cfg.Client.Do(hr)
 	if err != nil {
-		return fmt.Errorf("oauth2 revocation endpoint %s: %w", host(ep.Revocation), redactURLError(err))
+		return fmt.Errorf("oauth2 revocation endpoint %s: %w", host(ep.Revocation), broker.RedactURLError(err))
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, broker.MaxResponseBytes))
@@ -72,7 +72,7 @@ func (c *core) revoke(ctx context.Context, token broker.Secret, hint string) err
 		return nil
 	}
 	ae := &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode,
-		RetryAfter: retryAfter(resp.Header.Get("Retry-After"), c.cfg.Now())}
+		RetryAfter: broker.ParseRetryAfter(resp.Header.Get("Retry-After"), c.cfg.Now())}
 	var e struct {
 		Error       string `json:"error"`
 		Description string `json:"error_description"`
