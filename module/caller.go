@@ -2,6 +2,7 @@ package module
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net/http"
@@ -9,9 +10,11 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/coreos/go-oidc/v3/oidc"
+	gocache "github.com/patrickmn/go-cache"
 )
 
 // CallerPolicy makes callers prove who they are with a JWT (for example a
@@ -42,7 +45,15 @@ type CallerPolicy struct {
 	mu       sync.Mutex
 	verifier *oidc.IDTokenVerifier
 	ctx      context.Context
+	// verified remembers the subjects of JWTs already verified, by the
+	// SHA-256 of the JWT, until they expire (at most 5 minutes): a caller
+	// reusing its token costs a hash, not a signature check.
+	verified *gocache.Cache
 }
+
+// maxVerifiedTTL bounds how long a verified caller JWT is trusted without
+// checking it again.
+const maxVerifiedTTL = 5 * time.Minute
 
 // provision checks the policy and prepares its verifier.
 func (p *CallerPolicy) provision(ctx caddy.Context) error {
@@ -62,6 +73,7 @@ func (p *CallerPolicy) provision(ctx caddy.Context) error {
 	}
 	p.header = textproto.CanonicalMIMEHeaderKey(p.Header)
 	p.ctx = ctx
+	p.verified = gocache.New(maxVerifiedTTL, time.Minute)
 	if p.JWKSURL != "" {
 		p.verifier = oidc.NewVerifier(p.Issuer, oidc.NewRemoteKeySet(ctx, p.JWKSURL), p.config())
 	}
@@ -103,6 +115,11 @@ func (p *CallerPolicy) authenticate(r *http.Request) (string, *callerError) {
 	if !ok || !strings.EqualFold(scheme, "bearer") || jwt == "" {
 		return "", &callerError{http.StatusUnauthorized, "caller_unauthenticated", errors.New("no Bearer JWT in " + p.header)}
 	}
+	sum := sha256.Sum256([]byte(jwt))
+	key := string(sum[:])
+	if sub, ok := p.verified.Get(key); ok {
+		return sub.(string), nil
+	}
 	v, err := p.verifierFor(r.Context())
 	if err != nil {
 		return "", &callerError{http.StatusServiceUnavailable, "caller_keys_unavailable", err}
@@ -110,6 +127,9 @@ func (p *CallerPolicy) authenticate(r *http.Request) (string, *callerError) {
 	tok, err := v.Verify(r.Context(), jwt)
 	if err != nil {
 		return "", &callerError{http.StatusUnauthorized, "caller_unauthenticated", err}
+	}
+	if ttl := min(time.Until(tok.Expiry), maxVerifiedTTL); ttl > 0 {
+		p.verified.Set(key, tok.Subject, ttl)
 	}
 	return tok.Subject, nil
 }
