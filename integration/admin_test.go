@@ -66,6 +66,12 @@ func TestAdminAPI(t *testing.T) {
 		t.Fatalf("after revoke: %+v, want a new valid token", e)
 	}
 
+	// The partner's organisations, to onboard a merchant.
+	if status, body := adminCall(t, "GET", "/token_broker/providers/nuapay-sandbox/organisations"); status != 200 ||
+		!strings.Contains(body, `"id":"org-globex"`) || strings.Count(body, `"id":`) != 3 {
+		t.Fatalf("organisations: %d %s", status, body)
+	}
+
 	for _, tc := range []struct {
 		method, path string
 		want         int
@@ -74,6 +80,8 @@ func TestAdminAPI(t *testing.T) {
 		{"GET", "/token_broker/merchants/acme/purge", 405},
 		{"POST", "/token_broker/merchants/acme/explode", 404},
 		{"POST", "/token_broker/merchants/ac%0Ame/purge", 404},
+		{"GET", "/token_broker/providers/nobody/organisations", 404},
+		{"POST", "/token_broker/providers/nuapay-sandbox/organisations", 405},
 	} {
 		if status, body := adminCall(t, tc.method, tc.path); status != tc.want {
 			t.Errorf("%s %s: %d %s, want %d", tc.method, tc.path, status, body, tc.want)

@@ -34,6 +34,7 @@ var current atomic.Pointer[App]
 //	GET  /token_broker/tokens                      cached tokens
 //	POST /token_broker/merchants/{id}/purge        drop a merchant's cached tokens
 //	POST /token_broker/merchants/{id}/revoke       revoke them at the provider, then drop them
+//	GET  /token_broker/providers/{name}/organisations  the partner's organisations (Nuapay)
 //	PUT  /token_broker/merchants/{id}/refresh_token {"refresh_token": "..."}: load a merchant's
 //	                                               refresh token (authorization-code merchants)
 type adminAPI struct{}
@@ -51,6 +52,7 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{Pattern: "/token_broker/tokens", Handler: caddy.AdminHandlerFunc(a.tokens)},
 		{Pattern: "/token_broker/merchants/", Handler: caddy.AdminHandlerFunc(a.merchant)},
+		{Pattern: "/token_broker/providers/", Handler: caddy.AdminHandlerFunc(a.provider)},
 	}
 }
 
@@ -168,6 +170,35 @@ func revokeEntries(ctx context.Context, entries []*broker.Entry) []RevokeResult 
 		results = append(results, res)
 	}
 	return results
+}
+
+// provider serves GET /token_broker/providers/{name}/organisations: the
+// organisations linked to the partner at a Nuapay provider, to find the
+// encodedOrganisationId of a new merchant.
+func (adminAPI) provider(w http.ResponseWriter, r *http.Request) error {
+	name, action, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/token_broker/providers/"), "/")
+	if action != "organisations" {
+		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errors.New("use /token_broker/providers/{name}/organisations")}
+	}
+	if r.Method != http.MethodGet {
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use GET")}
+	}
+	app, err := running()
+	if err != nil {
+		return err
+	}
+	if app.registry == nil || app.registry.Providers[name] == nil {
+		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("provider %q is not in the registry", name)}
+	}
+	np, ok := app.registry.Providers[name].Source.(*broker.Nuapay)
+	if !ok {
+		return caddy.APIError{HTTPStatus: http.StatusConflict, Err: fmt.Errorf("provider %q is not a Nuapay provider", name)}
+	}
+	orgs, err := np.Organisations(r.Context())
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadGateway, Err: fmt.Errorf("listing the organisations of %q: %w", name, err)}
+	}
+	return writeJSON(w, map[string]any{"provider": name, "organisations": orgs})
 }
 
 // setRefreshToken stores the refresh token of a merchant whose provider
