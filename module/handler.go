@@ -109,15 +109,13 @@ type binding struct {
 	// Placeholder values boxed once, so that setting them on every
 	// request does not allocate.
 	merchantV, organisationV, providerV any
-	// current caches, for the entry last served, its header value as a
-	// ready slice and its boxed fingerprint.
+	// current caches, for the entry last served, its boxed fingerprint.
 	current atomic.Pointer[servedEntry]
 }
 
 // servedEntry is what a binding precomputed for one cache entry.
 type servedEntry struct {
 	entry       *broker.Entry
-	header      []string // cap 1: an append by a later handler copies it
 	fingerprint any
 }
 
@@ -132,7 +130,7 @@ func (b *binding) served(e *broker.Entry) *servedEntry {
 	if s := b.current.Load(); s != nil && s.entry == e {
 		return s
 	}
-	s := &servedEntry{entry: e, header: []string{e.Header()}, fingerprint: e.Fingerprint()}
+	s := &servedEntry{entry: e, fingerprint: e.Fingerprint()}
 	b.current.Store(s)
 	return s
 }
@@ -199,6 +197,11 @@ func (h *Handler) Validate() error {
 	if h.Errors != "json" && h.Errors != "caddy" {
 		return fmt.Errorf("token_broker: errors %q must be json or caddy", h.Errors)
 	}
+	// Caddy's logs redact these two headers only: a token in any other
+	// header would be logged in clear by reverse_proxy at debug level.
+	if c := textproto.CanonicalMIMEHeaderKey(h.Header); h.Header != "" && c != "Authorization" && c != "Proxy-Authorization" {
+		return fmt.Errorf("token_broker: header %q: the token can only be set in Authorization or Proxy-Authorization, which Caddy's logs redact", h.Header)
+	}
 	switch h.RetryOn401 {
 	case "", "invalid_token", "any", "off":
 	default:
@@ -245,7 +248,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	delete(r.Header, "Authorization")
 	served := b.served(e)
-	r.Header[h.header] = served.header
+	// A slice of its own: later handlers may change header values in place.
+	r.Header[h.header] = []string{e.Header()}
 
 	repl.Set("http.token_broker.merchant", b.merchantV)
 	repl.Set("http.token_broker.organisation", b.organisationV)
@@ -345,11 +349,10 @@ func (h *Handler) fail(w http.ResponseWriter, repl *caddy.Replacer, status int, 
 	}
 	msg := errorMessages[code]
 	if h.Errors == "caddy" {
-		err := errors.New(code + ": " + msg)
-		if cause != nil {
-			err = fmt.Errorf("%s: %s: %w", code, msg, cause)
-		}
-		return caddyhttp.Error(status, err)
+		// Only the code and the message: {http.error.message} may be shown
+		// to the caller, and the cause may quote the provider (it is
+		// logged above instead).
+		return caddyhttp.Error(status, errors.New(code+": "+msg))
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")

@@ -91,13 +91,13 @@ func TestServeHTTPInjectsTokenAndStripsCallerHeaders(t *testing.T) {
 func TestCustomHeader(t *testing.T) {
 	var calls atomic.Int64
 	h := newTestHandler(t, okSource(&calls), "json")
-	h.header = "X-Api-Token"
+	h.header = "Proxy-Authorization"
 	req := httptest.NewRequest("GET", "/", nil)
 	req.Header.Set("X-Merchant-Id", "acme")
-	req.Header.Set("X-Api-Token", "caller-chosen")
+	req.Header.Set("Proxy-Authorization", "caller-chosen")
 	req.Header.Set("Authorization", "Bearer caller-chosen")
 	_, got, _ := serve(t, h, req)
-	if got.Header.Get("X-Api-Token") != "Bearer "+testToken || got.Header.Get("Authorization") != "" {
+	if got.Header.Get("Proxy-Authorization") != "Bearer "+testToken || got.Header.Get("Authorization") != "" {
 		t.Fatalf("headers = %v", got.Header)
 	}
 }
@@ -164,6 +164,18 @@ func TestServeHTTPRefusals(t *testing.T) {
 					t.Fatalf("body leaks: %s", rec.Body)
 				}
 			})
+		}
+	}
+}
+
+func TestHeaderMustBeRedactedByCaddy(t *testing.T) {
+	for _, tt := range []struct {
+		header string
+		ok     bool
+	}{{"", true}, {"Authorization", true}, {"proxy-authorization", true}, {"X-Api-Key", false}, {"Cookie", false}} {
+		h := &Handler{Header: tt.header, Errors: "json"}
+		if err := h.Validate(); (err == nil) != tt.ok {
+			t.Errorf("header %q: Validate() = %v, want ok=%v", tt.header, err, tt.ok)
 		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"maps"
 	"net/http"
+	neturl "net/url"
 	"strings"
 	"sync"
 
@@ -177,6 +178,10 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	// from it.
 	var before headerSnapshot
 	before.take(w.Header())
+	// Handlers after this one may rewrite the request in place (rewrite,
+	// uri, handle_path strip the path): the retry must start from the
+	// request as it is now. Copies on the stack; the retry alone allocates.
+	method, host, requestURI, url := r.Method, r.Host, r.RequestURI, *r.URL
 	rec := recorderPool.Get().(*rejectRecorder)
 	rec.ResponseWriter, rec.h, rec.status, rec.held, rec.wroteHeader = w, h, 0, false, false
 	rec.buf.Reset()
@@ -200,6 +205,9 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	if vars, ok := r.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); ok {
 		r = r.WithContext(context.WithValue(r.Context(), caddyhttp.VarsCtxKey, maps.Clone(vars)))
 	}
+	r.Method, r.Host, r.RequestURI = method, host, requestURI
+	r.URL = new(neturl.URL)
+	*r.URL = url
 	r.Header[h.header] = []string{fresh.Header()}
 	if body != nil {
 		r.Body = io.NopCloser(bytes.NewReader(body))
