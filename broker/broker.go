@@ -318,6 +318,10 @@ func (br *Broker) refresh(ctx context.Context, b *Binding, e *Entry) {
 	}()
 }
 
+// maxFailureTTL caps how long a failure is remembered, whatever Retry-After
+// the provider asked for.
+const maxFailureTTL = 30 * time.Second
+
 // fetch calls the Source and caches what it returns. It runs once per key at
 // a time (inside the singleflight group), detached from the cancellation of
 // the request that started it but keeping its values (trace context) and
@@ -334,10 +338,10 @@ func (br *Broker) fetch(parent context.Context, b *Binding, background bool) (*E
 			return e, nil
 		}
 	}
+	// Only FetchTimeout bounds the fetch: it is shared, so the deadline of
+	// the request that happened to start it must not cut it short for the
+	// others (each waiter gives up on its own context).
 	deadline := time.Now().Add(br.opts.FetchTimeout)
-	if d, ok := parent.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
 	ctx, cancel := context.WithDeadline(context.WithoutCancel(parent), deadline)
 	defer cancel()
 
@@ -348,7 +352,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, background bool) (*E
 	now = br.opts.Now()
 	if err != nil {
 		if br.opts.FailureTTL > 0 && !errors.Is(err, context.Canceled) {
-			ttl := max(br.opts.FailureTTL, RetryAfterOf(err))
+			ttl := min(max(br.opts.FailureTTL, RetryAfterOf(err)), maxFailureTTL)
 			br.failures.Store(b.key, &failure{err: err, until: now.Add(ttl)})
 		}
 		return nil, err
@@ -442,25 +446,33 @@ func (br *Broker) Purge(b *Binding, rejected Secret) bool {
 	if !ok || v.(*Entry).tok.Value != rejected {
 		return false
 	}
+
 	v.(*Entry).stale.Store(true)
 	br.cache.Delete(b.key)
 	return true
 }
 
-// PurgeMerchant drops every cached token of a merchant, whatever its
-// scopes, and returns the entries dropped.
-func (br *Broker) PurgeMerchant(merchant string) []*Entry {
+// PurgeMatching drops every cached token whose binding matches, and
+// returns the entries dropped. Tokens can be shared by merchants (same
+// source, organisation, scopes and audience), so the admin API matches
+// on those, not on the merchant that happened to fetch the token.
+func (br *Broker) PurgeMatching(match func(*Binding) bool) []*Entry {
 	br.mu.Lock()
 	defer br.mu.Unlock()
 	var out []*Entry
 	for k, it := range br.cache.Items() {
-		if e := it.Object.(*Entry); e.binding.Request.Merchant == merchant {
+		if e := it.Object.(*Entry); match(e.binding) {
 			e.stale.Store(true)
 			br.cache.Delete(k)
 			out = append(out, e)
 		}
 	}
 	return out
+}
+
+// PurgeMerchant drops every cached token fetched for a merchant.
+func (br *Broker) PurgeMerchant(merchant string) []*Entry {
+	return br.PurgeMatching(func(b *Binding) bool { return b.Request.Merchant == merchant })
 }
 
 // Entries returns the cached, unexpired entries.

@@ -419,3 +419,40 @@ func TestPerMerchantSourcesKeyByMerchant(t *testing.T) {
 		})
 	}
 }
+
+// A 429 throttles one client: it is remembered for its key but does not
+// count towards the provider's breaker; 5xx do.
+func TestBreakerCountsOnlyProviderFailures(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		status int
+		want   BreakerState
+	}{
+		{"429s leave it closed", 429, BreakerClosed},
+		{"503s open it", 503, BreakerOpen},
+		{"401s leave it closed", 401, BreakerClosed},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &countingSource{clock: clock, life: time.Hour}
+			src.set(nil, &APIError{Provider: "nuapay", StatusCode: tt.status, RetryAfter: 3 * time.Hour})
+			br := New(Options{Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 3, Sleep: func(context.Context, time.Duration) error { return nil }})
+			for i := range 6 {
+				b := NewBinding("s", src, Request{Merchant: fmt.Sprintf("m%d", i), Organisation: fmt.Sprint(i), Scopes: []string{"a"}})
+				br.Token(context.Background(), b)
+			}
+			if got := br.BreakerState("s"); got != tt.want {
+				t.Fatalf("breaker %s, want %s", got, tt.want)
+			}
+			// Failure memory never exceeds 30 s, whatever Retry-After said.
+			b := NewBinding("s", src, Request{Merchant: "m0", Organisation: "0", Scopes: []string{"a"}})
+			clock.Add(31 * time.Second)
+			src.set(nil, nil)
+			if tt.want == BreakerClosed {
+				if _, err := br.Token(context.Background(), b); err != nil {
+					t.Fatalf("31 s later: %v, want the failure forgotten", err)
+				}
+			}
+		})
+	}
+}

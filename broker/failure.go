@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
 	"sync"
 	"time"
 )
@@ -108,7 +109,9 @@ func (b *breaker) record(now time.Time, err error, threshold int, cooldown time.
 	defer b.mu.Unlock()
 	before := b.state
 	switch {
-	case err == nil || !IsTemporary(err):
+	case err == nil || !IsTemporary(err) || isRateLimit(err):
+		// A 429 throttles one client or organisation; it is remembered for
+		// its key (Retry-After) but says nothing about the provider's health.
 		if err == nil || b.state == BreakerHalfOpen {
 			b.state, b.failures = BreakerClosed, 0
 		}
@@ -155,4 +158,10 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// isRateLimit reports whether err is a 429 from the token API.
+func isRateLimit(err error) bool {
+	var ae *APIError
+	return errors.As(err, &ae) && ae.StatusCode == http.StatusTooManyRequests
 }

@@ -141,16 +141,42 @@ func (adminAPI) merchant(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodPost {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use POST")}
 	}
+	match := merchantTokens(app, id)
 	switch action {
 	case "purge":
-		entries := app.broker.PurgeMerchant(id)
+		entries := app.broker.PurgeMatching(match)
 		return writeJSON(w, map[string]any{"merchant": id, "purged": len(entries)})
 	case "revoke":
-		entries := app.broker.PurgeMerchant(id)
+		entries := app.broker.PurgeMatching(match)
 		results := revokeEntries(r.Context(), entries)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
 	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge or revoke", action)}
+}
+
+// merchantTokens matches the cached tokens a merchant is served: those of
+// its provider and organisation (a token can be shared by merchants with
+// the same source, organisation, scopes and audience, and a Nuapay
+// revocation without a token id revokes the whole organisation), and,
+// for per-merchant sources, its own.
+func merchantTokens(app *App, merchant string) func(*broker.Binding) bool {
+	var m *config.Merchant
+	var sourceID string
+	if app.registry != nil {
+		if m = app.registry.Merchants[merchant]; m != nil {
+			sourceID = app.registry.Providers[m.Provider].ID
+		}
+	}
+	return func(b *broker.Binding) bool {
+		if b.Request.Merchant == merchant {
+			return true
+		}
+		if m == nil || b.SourceID != sourceID || b.Request.Organisation != m.Organisation {
+			return false
+		}
+		pm, ok := b.Source.(broker.PerMerchant)
+		return !ok || !pm.PerMerchant()
+	}
 }
 
 // revokeEntries revokes each entry's token at its provider, where the

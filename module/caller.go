@@ -49,7 +49,15 @@ type CallerPolicy struct {
 	// SHA-256 of the JWT, until they expire (at most 5 minutes): a caller
 	// reusing its token costs a hash, not a signature check.
 	verified *gocache.Cache
+	retryAt  time.Time // no discovery before, after a failed one
 }
+
+// discoveryClient fetches the caller issuer's discovery document and keys.
+var discoveryClient = &http.Client{Timeout: 10 * time.Second}
+
+// discoveryRetry is how long a failed discovery of the caller issuer is
+// remembered.
+const discoveryRetry = 5 * time.Second
 
 // maxVerifiedTTL bounds how long a verified caller JWT is trusted without
 // checking it again.
@@ -75,7 +83,7 @@ func (p *CallerPolicy) provision(ctx caddy.Context) error {
 	p.ctx = ctx
 	p.verified = gocache.New(maxVerifiedTTL, time.Minute)
 	if p.JWKSURL != "" {
-		p.verifier = oidc.NewVerifier(p.Issuer, oidc.NewRemoteKeySet(ctx, p.JWKSURL), p.config())
+		p.verifier = oidc.NewVerifier(p.Issuer, oidc.NewRemoteKeySet(oidc.ClientContext(ctx, discoveryClient), p.JWKSURL), p.config())
 	}
 	return nil
 }
@@ -93,8 +101,16 @@ func (p *CallerPolicy) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, 
 	if p.verifier != nil {
 		return p.verifier, nil
 	}
-	prov, err := oidc.NewProvider(oidc.ClientContext(p.ctx, http.DefaultClient), p.Issuer)
+	if time.Now().Before(p.retryAt) {
+		return nil, fmt.Errorf("discovering the caller issuer %s: failed less than %s ago", p.Issuer, discoveryRetry)
+	}
+	// Bounded: requests wait on this (one at a time), so a slow issuer
+	// must not hold them, and a failing one is not asked on every request.
+	dctx, cancel := context.WithTimeout(oidc.ClientContext(p.ctx, discoveryClient), 10*time.Second)
+	defer cancel()
+	prov, err := oidc.NewProvider(dctx, p.Issuer)
 	if err != nil {
+		p.retryAt = time.Now().Add(discoveryRetry)
 		return nil, fmt.Errorf("discovering the caller issuer %s: %w", p.Issuer, err)
 	}
 	p.verifier = prov.Verifier(p.config())

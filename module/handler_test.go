@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -177,5 +178,47 @@ func TestHeaderMustBeRedactedByCaddy(t *testing.T) {
 		if err := h.Validate(); (err == nil) != tt.ok {
 			t.Errorf("header %q: Validate() = %v, want ok=%v", tt.header, err, tt.ok)
 		}
+	}
+}
+
+// With retry_on_401 any, every 401 counts, so a token is only purged once
+// it is a second old: callers cannot turn 401s into a token request each.
+func TestRetryOnAny401PurgesOnlyTokensASecondOld(t *testing.T) {
+	for _, tt := range []struct {
+		name       string
+		age        time.Duration
+		wantStatus int
+		wantCalls  int64
+	}{
+		{"fresh token: kept, the caller gets the 401", 0, 401, 1},
+		{"older token: purged and the request retried", 2 * time.Second, 200, 2},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var calls atomic.Int64
+			h := newTestHandler(t, func(ctx context.Context, req broker.Request) (broker.Token, error) {
+				n := calls.Add(1)
+				return broker.Token{Value: broker.Secret(fmt.Sprintf("tok-%d", n)), IssuedAt: time.Now().Add(-tt.age), Expiry: time.Now().Add(time.Hour)}, nil
+			}, "json")
+			h.RetryOn401 = "any"
+			req := httptest.NewRequest("GET", "/", nil)
+			req.Header.Set("X-Merchant-Id", "acme")
+			repl := caddy.NewReplacer()
+			req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, repl))
+			rec := httptest.NewRecorder()
+			next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				if r.Header.Get("Authorization") == "Bearer tok-1" {
+					w.WriteHeader(401) // no WWW-Authenticate at all
+					return nil
+				}
+				w.WriteHeader(200)
+				return nil
+			})
+			if err := h.ServeHTTP(rec, req, next); err != nil {
+				t.Fatal(err)
+			}
+			if rec.Code != tt.wantStatus || calls.Load() != tt.wantCalls {
+				t.Fatalf("status %d, %d token calls; want %d, %d", rec.Code, calls.Load(), tt.wantStatus, tt.wantCalls)
+			}
+		})
 	}
 }

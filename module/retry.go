@@ -9,6 +9,7 @@ import (
 	neturl "net/url"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -215,8 +216,18 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	return next.ServeHTTP(w, r)
 }
 
+// minPurgeAge: with retry_on_401 any, a token younger than this is not
+// purged. Any 401 then counts, including ones a caller can provoke at will
+// (a wrong resource), and each purge costs a token request: this bounds
+// them to one per token per second. With invalid_token the upstream says
+// the token itself is bad, and it is purged at once.
+const minPurgeAge = time.Second
+
 // purge drops a token the upstream rejected, if it is still the cached one.
 func (h *Handler) purge(b *binding, rejected broker.Token) {
+	if h.RetryOn401 == "any" && time.Since(rejected.IssuedAt) < minPurgeAge {
+		return
+	}
 	purged := h.broker.Purge(b.Binding, rejected.Value)
 	if purged && h.metrics != nil {
 		h.metrics.Purged(b.provider, b.Request.Merchant)
