@@ -286,7 +286,16 @@ func (n *Nuapay) call(ctx context.Context, method, target string, body []byte, w
 	if resp.StatusCode == want || (resp.StatusCode >= 200 && resp.StatusCode < 300) {
 		return data, nil
 	}
-	return nil, ParseNuapayError(resp.StatusCode, resp.Header.Get("Retry-After"), data, n.cfg.Now())
+	ae := ParseNuapayError(resp.StatusCode, resp.Header.Get("Retry-After"), data, n.cfg.Now())
+	// A provider that echoes what it was sent must not put the key in our
+	// logs: scrub it, plain and as the Basic credential.
+	scrub := strings.NewReplacer(n.cfg.APIKey.Reveal(), Redacted, strings.TrimPrefix(n.auth, "Basic "), Redacted)
+	ae.Code, ae.Description = scrub.Replace(ae.Code), scrub.Replace(ae.Description)
+	for i := range ae.Details {
+		d := &ae.Details[i]
+		d.Code, d.Description, d.Field = scrub.Replace(d.Code), scrub.Replace(d.Description), scrub.Replace(d.Field)
+	}
+	return nil, ae
 }
 
 // ParseNuapayError turns a non-2xx Gatekeeper answer into an *APIError,

@@ -150,6 +150,8 @@ func TestNuapayErrors(t *testing.T) {
 		{name: "201 html", status: 201, body: `<html>`, wantCode: "malformed_response"},
 		{name: "201 mac token", status: 201, body: `{"data":{"accessToken":"x","tokenType":"MAC"}}`, wantCode: "unsupported_token_type"},
 		{name: "201 revoked", status: 201, body: `{"data":{"accessToken":"x","tokenType":"BEARER","status":"REVOKED"}}`, wantCode: "inactive_token"},
+		{name: "echoes the key", status: 401, body: `{"returnCode":"40100","returnDescription":"bad key partner-key (cGFydG5lci1rZXk6)","details":[{"field":"partner-key"}]}`,
+			wantCode: "40100", wantDesc: "bad key [REDACTED] ([REDACTED])", wantDetail: "[REDACTED]"},
 		{name: "body over the cap", status: 201, body: `{"data":"` + strings.Repeat("x", MaxResponseBytes) + `"}`, wantCode: "response_too_large"},
 	}
 	for _, tt := range tests {
