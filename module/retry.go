@@ -56,6 +56,9 @@ type rejectRecorder struct {
 
 var recorderPool = sync.Pool{New: func() any { return new(rejectRecorder) }}
 
+// maxPooledBody is the largest held-response buffer kept for reuse.
+const maxPooledBody = 64 << 10
+
 func (rr *rejectRecorder) WriteHeader(status int) {
 	if rr.wroteHeader {
 		return
@@ -188,6 +191,9 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	rec.buf.Reset()
 	defer func() {
 		rec.ResponseWriter, rec.h = nil, nil
+		if rec.buf.Cap() > maxPooledBody {
+			rec.buf = bytes.Buffer{} // do not keep a large held body's memory in the pool
+		}
 		recorderPool.Put(rec)
 	}()
 	if err := next.ServeHTTP(rec, r); err != nil || !rec.held {
