@@ -66,6 +66,9 @@ func TestUpstream401PurgesOnceAndRetries(t *testing.T) {
 			if status != 200 || !e.Authorization.Valid || e.BodyBytes != len(body) {
 				t.Errorf("status %d, authorization %+v, body %d bytes: want 200 with a valid token and the whole body", status, e.Authorization, e.BodyBytes)
 			}
+			if got := anyStrings(e.Headers["Idempotency-Key"]); len(got) != 1 || got[0] != "k-1" {
+				t.Errorf("Idempotency-Key at the upstream = %v, want k-1 unchanged", got)
+			}
 		}()
 	}
 	wg.Wait()

@@ -35,6 +35,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    header   <name>
 //	    errors   json|caddy
 //	    config   <config.toml>
+//	    interaction_id
 //	    retry_on_401     invalid_token|any|off
 //	    retry_body_limit <size>
 //	}
@@ -72,6 +73,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				h.Errors = v
 			}
+		case "interaction_id":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.InteractionID = true
 		case "retry_on_401":
 			v, err := oneArg(d)
 			if err != nil {

@@ -27,6 +27,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			}`,
 			want: Handler{Config: "/etc/tb/merchants.toml", Merchant: "{http.request.header.X-Org}",
 				Scopes: []string{"openbanking_aisp", "openbanking_pisp"}, Header: "X-Api-Token", Errors: "caddy"}},
+		{name: "interaction id", input: "token_broker {\n interaction_id\n}", want: Handler{InteractionID: true}},
+		{name: "interaction id with an argument", input: "token_broker {\n interaction_id yes\n}", wantErr: "wrong argument count"},
 		{name: "retry", input: "token_broker {\n retry_on_401 any\n retry_body_limit 1MiB\n}", want: Handler{RetryOn401: "any", RetryBodyLimit: 1 << 20}},
 		{name: "bad retry", input: "token_broker {\n retry_on_401 always\n}", wantErr: "retry_on_401 must be"},
 		{name: "bad body limit", input: "token_broker {\n retry_body_limit lots\n}", wantErr: "retry_body_limit 'lots'"},

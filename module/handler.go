@@ -18,6 +18,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/google/uuid"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -28,6 +29,9 @@ import (
 func init() {
 	caddy.RegisterModule(Handler{})
 }
+
+// interactionIDHeader is x-fapi-interaction-id in canonical form.
+const interactionIDHeader = "X-Fapi-Interaction-Id"
 
 // DefaultMerchant is the default merchant selector.
 const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
@@ -80,6 +84,12 @@ type Handler struct {
 	// small JSON body; "caddy" returns a caddyhttp.Error so that the
 	// server's handle_errors routes answer.
 	Errors string `json:"errors,omitempty"`
+
+	// InteractionID, when true, gives a request that carries no
+	// x-fapi-interaction-id (UK Open Banking, FAPI) a new random UUID in
+	// that header, so that the call can be followed end to end. One the
+	// caller sent is passed on unchanged. Default false.
+	InteractionID bool `json:"interaction_id,omitempty"`
 
 	// RetryOn401 says which upstream 401 answers purge the token and retry
 	// the request once with a new one: "invalid_token" (default: a 401
@@ -256,6 +266,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	repl.Set("http.token_broker.provider", b.providerV)
 	repl.Set("http.token_broker.fingerprint", served.fingerprint)
 	repl.Set("http.token_broker.cache", cacheResults[res])
+	if h.InteractionID && len(r.Header[interactionIDHeader]) == 0 {
+		r.Header[interactionIDHeader] = []string{uuid.NewString()}
+	}
 	return h.forward(w, r, next, b, e)
 }
 

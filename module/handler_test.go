@@ -14,6 +14,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/google/uuid"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -218,6 +219,37 @@ func TestRetryOnAny401PurgesOnlyTokensASecondOld(t *testing.T) {
 			}
 			if rec.Code != tt.wantStatus || calls.Load() != tt.wantCalls {
 				t.Fatalf("status %d, %d token calls; want %d, %d", rec.Code, calls.Load(), tt.wantStatus, tt.wantCalls)
+			}
+		})
+	}
+}
+
+func TestInteractionID(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		on     bool
+		sent   string
+		wantID func(string) bool
+	}{
+		{"off: nothing added", false, "", func(v string) bool { return v == "" }},
+		{"on: a new UUID", true, "", func(v string) bool { _, err := uuid.Parse(v); return err == nil }},
+		{"on: the caller's passed on", true, "93bac548-d2de-4546-b106-880a5018460d", func(v string) bool { return v == "93bac548-d2de-4546-b106-880a5018460d" }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var calls atomic.Int64
+			h := newTestHandler(t, okSource(&calls), "json")
+			h.InteractionID = tt.on
+			req := httptest.NewRequest("GET", "/", nil)
+			req.Header.Set("X-Merchant-Id", "acme")
+			if tt.sent != "" {
+				req.Header.Set("x-fapi-interaction-id", tt.sent)
+			}
+			_, got, err := serve(t, h, req)
+			if err != nil || got == nil {
+				t.Fatal(err)
+			}
+			if v := got.Header.Get("x-fapi-interaction-id"); !tt.wantID(v) {
+				t.Fatalf("x-fapi-interaction-id = %q", v)
 			}
 		})
 	}
