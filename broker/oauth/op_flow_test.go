@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -159,33 +160,43 @@ func TestDiscoveryAgainstZitadel(t *testing.T) {
 	}
 }
 
-// TestDiscoveryServerDownThenUp: the issuer does not listen at first.
+// TestDiscoveryServerDownThenUp: at first the issuer's address drops every
+// connection (as a host that is down would); then the authorization server
+// answers on it.
 func TestDiscoveryServerDownThenUp(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr().String()
-	ln.Close()
-	src, err := NewClientCredentials(Config{Issuer: "http://" + addr, ClientID: "c", ClientSecret: secretValue})
+	dl := &droppingListener{Listener: ln}
+	dl.down.Store(true)
+	srv := startOPOn(t, dl, &testClient{id: "c", secret: secretValue, method: oidc.AuthMethodBasic})
+	src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := src.Token(context.Background(), broker.Request{Merchant: "m"}); err == nil || !broker.IsTemporary(err) {
 		t.Fatalf("Token with the issuer down = %v, want a temporary error", err)
 	}
-
-	// The same address, now served by the authorization server.
-	ln, err = net.Listen("tcp", addr)
-	if err != nil {
-		t.Skipf("cannot listen on %s again: %v", addr, err)
-	}
-	srv := startOPOn(t, ln, &testClient{id: "c", secret: secretValue, method: oidc.AuthMethodBasic})
-	if srv.URL != "http://"+addr {
-		t.Fatalf("issuer %s", srv.URL)
-	}
+	dl.down.Store(false)
 	if _, err := src.Token(context.Background(), broker.Request{Merchant: "m"}); err != nil {
 		t.Fatalf("Token once the issuer is up = %v", err)
+	}
+}
+
+// droppingListener closes every connection it accepts while down.
+type droppingListener struct {
+	net.Listener
+	down atomic.Bool
+}
+
+func (l *droppingListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil || !l.down.Load() {
+			return c, err
+		}
+		c.Close()
 	}
 }
 
