@@ -3,6 +3,7 @@ package oauth
 import (
 	"cmp"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -97,6 +98,9 @@ func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Value
 		AuthStyle:      style,
 	}
 	secrets = append(secrets, secret, params.Get("client_assertion"))
+	if secret != "" { // the Basic credential, should a provider echo the header
+		secrets = append(secrets, base64.StdEncoding.EncodeToString([]byte(url.QueryEscape(c.cfg.ClientID)+":"+url.QueryEscape(secret))))
+	}
 	sent := c.cfg.Now()
 	tok, err := cc.Token(context.WithValue(ctx, oauth2.HTTPClient, c.cfg.Client))
 	if err != nil {
@@ -116,7 +120,7 @@ func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Value
 func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
-		ae := &broker.APIError{Provider: ProviderName, Code: re.ErrorCode, Description: scrub(re.ErrorDescription, secrets)}
+		ae := &broker.APIError{Provider: ProviderName, Code: scrub(re.ErrorCode, secrets), Description: scrub(re.ErrorDescription, secrets)}
 		if re.Response != nil {
 			ae.StatusCode = re.Response.StatusCode
 			ae.RetryAfter = broker.ParseRetryAfter(re.Response.Header.Get("Retry-After"), c.cfg.Now())
@@ -219,8 +223,12 @@ func expiresIn(v any) (int64, bool) {
 // might echo what it was sent) with [REDACTED], and bounds its length.
 func scrub(s string, secrets []string) string {
 	for _, v := range secrets {
-		if len(v) >= 4 {
-			s = strings.ReplaceAll(s, v, broker.Redacted)
+		if len(v) < 4 {
+			continue
+		}
+		// As sent, form-encoded, and inside a Basic credential.
+		for _, form := range []string{v, url.QueryEscape(v), base64.StdEncoding.EncodeToString([]byte(v))} {
+			s = strings.ReplaceAll(s, form, broker.Redacted)
 		}
 	}
 	return short(s)

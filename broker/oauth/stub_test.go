@@ -126,6 +126,9 @@ func TestOneIDShape(t *testing.T) {
 
 // TestTokenResponses: parameters sent, and every kind of failure as a
 // typed error without secrets.
+// basicCred is the Basic credential of TestTokenResponses' client.
+var basicCred = base64.StdEncoding.EncodeToString([]byte(url.QueryEscape("id:with/specials") + ":" + url.QueryEscape(secretValue)))
+
 func TestTokenResponses(t *testing.T) {
 	s := &stub{}
 	srv := startStub(t, s)
@@ -147,6 +150,8 @@ func TestTokenResponses(t *testing.T) {
 	}{
 		{"success", 200, nil, `{"access_token":"` + tok + `","token_type":"Bearer","expires_in":3600,"scope":"a b"}`, "", false, 0},
 		{"invalid_client", 401, nil, `{"error":"invalid_client","error_description":"bad secret ` + secretValue + `"}`, "invalid_client", false, 0},
+		{"echoes the Basic header", 401, nil, `{"error":"invalid_client","error_description":"got Basic ` + basicCred + `"}`, "invalid_client", false, 0},
+		{"echoes the form-encoded secret", 400, nil, `{"error":"invalid_request","error_description":"client_secret=` + url.QueryEscape(secretValue) + `"}`, "invalid_request", false, 0},
 		{"invalid_scope", 400, nil, `{"error":"invalid_scope"}`, "invalid_scope", false, 0},
 		{"200 with error", 200, nil, `{"error":"access_denied","error_description":"nope"}`, "access_denied", false, 0},
 		{"429 Retry-After", 429, http.Header{"Retry-After": {"7"}}, `{"error":"slow_down"}`, "slow_down", true, 7 * time.Second},
@@ -191,7 +196,7 @@ func TestTokenResponses(t *testing.T) {
 			if ae.Code != tc.code || ae.StatusCode != tc.status || ae.Provider != "oauth2" || ae.RetryAfter != tc.retry || broker.IsTemporary(err) != tc.temp {
 				t.Errorf("APIError %+v (temporary %v)", ae, broker.IsTemporary(err))
 			}
-			checkNoSecrets(t, err, tok)
+			checkNoSecrets(t, err, tok, basicCred, url.QueryEscape(secretValue))
 			if len(err.Error()) > 2000 {
 				t.Errorf("error of %d bytes", len(err.Error()))
 			}
