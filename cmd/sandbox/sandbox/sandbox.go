@@ -451,32 +451,19 @@ func (s *Server) listOrgs(w http.ResponseWriter, r *http.Request) {
 
 // --- OneID ---
 
-func oneIDError(w http.ResponseWriter, status int, code, desc string) {
-	writeJSON(w, status, map[string]string{"error": code, "error_description": desc})
-}
-
 func (s *Server) oneIDToken(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		oneIDError(w, http.StatusMethodNotAllowed, "invalid_request", "use POST")
+		oauthError(w, http.StatusMethodNotAllowed, "invalid_request", "use POST")
 		return
 	}
 	s.oneReqs.Add(1)
-	if status, ra, ok := s.takeFail(); ok {
-		if ra != "" {
-			w.Header().Set("Retry-After", ra)
-		}
-		code := map[int]string{400: "invalid_request", 401: "invalid_client", 403: "access_denied",
-			429: "temporarily_unavailable", 503: "temporarily_unavailable"}[status]
-		if code == "" {
-			code = "server_error"
-		}
-		oneIDError(w, status, code, "scripted sandbox failure")
+	if s.scriptedOAuthFailure(w) {
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
 	if err := r.ParseForm(); err != nil {
-		oneIDError(w, http.StatusBadRequest, "invalid_request", "malformed form body")
+		oauthError(w, http.StatusBadRequest, "invalid_request", "malformed form body")
 		return
 	}
 	id, secret, basic := r.BasicAuth()
@@ -491,16 +478,16 @@ func (s *Server) oneIDToken(w http.ResponseWriter, r *http.Request) {
 		if basic {
 			w.Header().Set("WWW-Authenticate", `Basic realm="oneid"`)
 		}
-		oneIDError(w, http.StatusUnauthorized, "invalid_client", "unknown client or wrong secret")
+		oauthError(w, http.StatusUnauthorized, "invalid_client", "unknown client or wrong secret")
 		return
 	}
 	switch gt := r.PostForm.Get("grant_type"); gt {
 	case "client_credentials":
 	case "":
-		oneIDError(w, http.StatusBadRequest, "invalid_request", "grant_type is required")
+		oauthError(w, http.StatusBadRequest, "invalid_request", "grant_type is required")
 		return
 	default:
-		oneIDError(w, http.StatusBadRequest, "unsupported_grant_type", "only client_credentials is supported")
+		oauthError(w, http.StatusBadRequest, "unsupported_grant_type", "only client_credentials is supported")
 		return
 	}
 	now := s.cfg.Now()
