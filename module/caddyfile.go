@@ -50,10 +50,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		sub := d.Val()
-		if seen[sub] {
-			return d.Errf("duplicate subdirective '%s'", sub)
+		if err := once(d, seen); err != nil {
+			return err
 		}
-		seen[sub] = true
 		switch sub {
 		case "config", "merchant", "header", "errors":
 			v, err := oneArg(d)
@@ -74,8 +73,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.Errors = v
 			}
 		case "interaction_id":
-			if d.NextArg() {
-				return d.ArgErr()
+			if err := noArgs(d); err != nil {
+				return err
 			}
 			h.InteractionID = true
 		case "retry_on_401":
@@ -135,13 +134,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		sub := d.Val()
-		if seen[sub] {
-			return d.Errf("duplicate subdirective '%s'", sub)
+		if err := once(d, seen); err != nil {
+			return err
 		}
-		seen[sub] = true
 		if sub == "metrics_merchant_label" { // a flag: metrics.go
-			if d.NextArg() {
-				return d.ArgErr()
+			if err := noArgs(d); err != nil {
+				return err
 			}
 			a.Metrics = &MetricsConfig{MerchantLabel: true}
 			continue
@@ -155,8 +153,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			continue
 		}
 		if sub == "revoke_on_shutdown" {
-			if d.NextArg() {
-				return d.ArgErr()
+			if err := noArgs(d); err != nil {
+				return err
 			}
 			a.RevokeOnShutdown = true
 			continue
@@ -208,10 +206,9 @@ func parseCallers(d *caddyfile.Dispenser) (*CallerPolicy, error) {
 			p.Allow[args[0]] = append(p.Allow[args[0]], args[1:]...)
 			continue
 		}
-		if seen[sub] {
-			return nil, d.Errf("duplicate subdirective '%s'", sub)
+		if err := once(d, seen); err != nil {
+			return nil, err
 		}
-		seen[sub] = true
 		v, err := oneArg(d)
 		if err != nil {
 			return nil, err
@@ -233,6 +230,23 @@ func parseCallers(d *caddyfile.Dispenser) (*CallerPolicy, error) {
 		return nil, d.Err("callers needs issuer and audience")
 	}
 	return p, nil
+}
+
+// once fails on the second occurrence of a subdirective in a block.
+func once(d *caddyfile.Dispenser, seen map[string]bool) error {
+	if seen[d.Val()] {
+		return d.Errf("duplicate subdirective '%s'", d.Val())
+	}
+	seen[d.Val()] = true
+	return nil
+}
+
+// noArgs fails when a flag subdirective has arguments.
+func noArgs(d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return nil
 }
 
 // oneArg reads exactly one argument of a subdirective.
