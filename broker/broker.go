@@ -271,24 +271,36 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 		}
 		br.failures.Delete(b.key)
 	}
-	started := false // set by this lookup's fetch only, read after the channel
-	ch := br.group.DoChan(b.key, func() (any, error) {
-		started = true
-		return br.fetch(ctx, b, false)
-	})
-	select {
-	case res := <-ch:
-		if res.Err != nil {
-			return nil, Miss, res.Err
+	// A lookup can join a fetch that started earlier (a background
+	// refresh, say); its token is checked again like a cached one, and if
+	// it is no longer usable the lookup waits for one more fetch.
+	for attempt := 0; ; attempt++ {
+		started := false // set by this lookup's fetch only, read after the channel
+		ch := br.group.DoChan(b.key, func() (any, error) {
+			started = true
+			return br.fetch(ctx, b, false)
+		})
+		select {
+		case res := <-ch:
+			if res.Err != nil {
+				return nil, Miss, res.Err
+			}
+			e := res.Val.(*Entry)
+			if !e.tok.ValidAt(br.opts.Now(), br.opts.Leeway) {
+				if !started && attempt == 0 {
+					continue
+				}
+				return nil, Miss, fmt.Errorf("merchant %q: %w", b.Request.Merchant, ErrExpiredToken)
+			}
+			r := Miss
+			if !started {
+				r = Shared
+			}
+			br.observe(b, r)
+			return e, r, nil
+		case <-ctx.Done():
+			return nil, Miss, fmt.Errorf("merchant %q: waiting for a token: %w", b.Request.Merchant, context.Cause(ctx))
 		}
-		r := Miss
-		if !started {
-			r = Shared
-		}
-		br.observe(b, r)
-		return res.Val.(*Entry), r, nil
-	case <-ctx.Done():
-		return nil, Miss, fmt.Errorf("merchant %q: waiting for a token: %w", b.Request.Merchant, context.Cause(ctx))
 	}
 }
 

@@ -97,10 +97,7 @@ func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Value
 		EndpointParams: params,
 		AuthStyle:      style,
 	}
-	secrets = append(secrets, secret, params.Get("client_assertion"))
-	if secret != "" { // the Basic credential, should a provider echo the header
-		secrets = append(secrets, base64.StdEncoding.EncodeToString([]byte(url.QueryEscape(c.cfg.ClientID)+":"+url.QueryEscape(secret))))
-	}
+	secrets = append(secrets, c.sent(secret, params.Get("client_assertion"))...)
 	sent := c.cfg.Now()
 	tok, err := cc.Token(context.WithValue(ctx, oauth2.HTTPClient, c.cfg.Client))
 	if err != nil {
@@ -221,6 +218,17 @@ func expiresIn(v any) (int64, bool) {
 
 // scrub replaces every secret in s (a provider's error description, which
 // might echo what it was sent) with [REDACTED], and bounds its length.
+// sent lists the secrets one request sends, for scrub: the client secret,
+// its Basic credential (should a provider echo the header) and any
+// assertion.
+func (c *core) sent(secret, assertion string) []string {
+	out := []string{secret, assertion}
+	if secret != "" {
+		out = append(out, base64.StdEncoding.EncodeToString([]byte(url.QueryEscape(c.cfg.ClientID)+":"+url.QueryEscape(secret))))
+	}
+	return out
+}
+
 func scrub(s string, secrets []string) string {
 	for _, v := range secrets {
 		if len(v) < 4 {

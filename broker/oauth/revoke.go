@@ -78,8 +78,9 @@ func (c *core) revoke(ctx context.Context, token broker.Secret, hint string) err
 		Description string `json:"error_description"`
 	}
 	if json.Unmarshal(data, &e) == nil {
-		ae.Code = short(e.Error)
-		ae.Description = scrub(e.Description, []string{token.Reveal(), secret, form.Get("client_assertion")})
+		secrets := append(c.sent(secret, form.Get("client_assertion")), token.Reveal())
+		ae.Code = scrub(e.Error, secrets)
+		ae.Description = scrub(e.Description, secrets)
 	}
 	if ae.Code == "" && ae.Description == "" {
 		ae.Description = http.StatusText(resp.StatusCode)
