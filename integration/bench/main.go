@@ -1,0 +1,124 @@
+// Command bench compares, as separate processes on 127.0.0.1, the token
+// broker sidecar (bin/caddy with token_broker on three routes and a Nuapay
+// registry of N explicit merchants) with a plain Caddy (the same binary and
+// routes, reverse_proxy with a static `header_up Authorization`), both in
+// front of one minimal upstream, the sidecar fetching tokens from the
+// sandbox's Nuapay Gatekeeper. Load comes from wrk with a random merchant
+// per request. For each merchant count it measures start, reload and RSS
+// (idle, then with every merchant's token cached), then runs interleaved
+// rounds (sidecar, plain, plain, sidecar, ...) after a warm-up and reports
+// the medians of requests/s, p99 and the server's CPU per request (from
+// /proc/PID/stat) and the ratios sidecar/plain, as a markdown table.
+//
+//	make bench                 # installs wrk if missing, builds, runs the defaults
+//	go run ./integration/bench [-merchants 1,1000,100000] [-rounds 7] [-round 5s] ...
+//	BENCH_QUICK=1 make bench   # smoke test: 1 round of 2 s, 1 s warm-up and settle
+//
+// Every process it starts is stopped by its pid; the run ends by itself,
+// and -timeout bounds it.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// options of one run.
+type options struct {
+	bin         string
+	build       bool
+	merchants   []int
+	rounds      int
+	round       time.Duration
+	warmup      time.Duration
+	settle      time.Duration
+	connections int
+	threads     int
+	wildcard    int
+	keep        bool
+}
+
+func main() {
+	log.SetFlags(0)
+	if len(os.Args) > 1 && (os.Args[1] == "upstream" || os.Args[1] == "tokenapi") {
+		if err := serveHelper(os.Args[1], os.Args[2:]); err != nil {
+			log.Fatalf("bench %s: %v", os.Args[1], err)
+		}
+		return
+	}
+	o, timeout, err := parseFlags(os.Args[1:], os.Getenv("BENCH_QUICK") == "1")
+	if err != nil {
+		log.Fatal(err)
+	}
+	// Stop every process on interrupt or when the run exceeds -timeout.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		select {
+		case s := <-sig:
+			log.Printf("bench: %s: stopping", s)
+		case <-time.After(timeout):
+			log.Printf("bench: the run exceeded -timeout %s: stopping", timeout)
+		}
+		stopAll()
+		os.Exit(2)
+	}()
+	err = runBench(o)
+	stopAll()
+	if err != nil {
+		log.Fatal("bench: ", err)
+	}
+}
+
+func parseFlags(args []string, quick bool) (options, time.Duration, error) {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	o := options{}
+	rounds, round, warmup, settle := 7, 5*time.Second, 3*time.Second, 5*time.Second
+	if quick {
+		rounds, round, warmup, settle = 1, 2*time.Second, time.Second, time.Second
+	}
+	fs.StringVar(&o.bin, "bin", "bin", "folder of bin/caddy")
+	fs.BoolVar(&o.build, "build", true, "build bin/caddy (./cmd/caddy) first")
+	counts := fs.String("merchants", "1,1000,100000", "comma-separated merchant counts of the registry")
+	fs.IntVar(&o.rounds, "rounds", rounds, "measured rounds per server and merchant count (BENCH_QUICK=1: 1)")
+	fs.DurationVar(&o.round, "round", round, "duration of one wrk round (BENCH_QUICK=1: 2s)")
+	fs.DurationVar(&o.warmup, "warmup", warmup, "unmeasured wrk warm-up per server and merchant count (BENCH_QUICK=1: 1s)")
+	fs.DurationVar(&o.settle, "settle", settle, "wait before reading RSS after start and after the token warm-up (BENCH_QUICK=1: 1s)")
+	fs.IntVar(&o.connections, "connections", 32, "wrk connections")
+	fs.IntVar(&o.threads, "threads", 2, "wrk threads")
+	fs.IntVar(&o.wildcard, "wildcard", 1_000_000, "distinct merchant ids of the wildcard case (0 skips it)")
+	fs.BoolVar(&o.keep, "keep", false, "keep the temporary folder (registries, Caddyfiles, process logs)")
+	timeout := fs.Duration("timeout", 45*time.Minute, "stop everything and fail after this long")
+	if err := fs.Parse(args); err != nil {
+		return o, 0, err
+	}
+	var err error
+	if o.merchants, err = parseCounts(*counts); err != nil {
+		return o, 0, err
+	}
+	if o.rounds < 1 || o.round < time.Second || o.connections < 1 || o.threads < 1 || o.connections < o.threads {
+		return o, 0, fmt.Errorf("flags: want -rounds >= 1, -round >= 1s, -threads >= 1 and -connections >= -threads")
+	}
+	return o, *timeout, nil
+}
+
+// parseCounts reads "1,1000,100000" (underscores allowed: 100_000).
+func parseCounts(s string) ([]int, error) {
+	var out []int
+	for f := range strings.SplitSeq(s, ",") {
+		f = strings.ReplaceAll(strings.TrimSpace(f), "_", "")
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 1 || n > 9_999_999 {
+			return nil, fmt.Errorf("-merchants %q: %q is not a count from 1 to 9999999", s, f)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}

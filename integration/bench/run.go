@@ -1,0 +1,375 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// server is a running Caddy (the sidecar or the plain one).
+type server struct {
+	p      *proc
+	port   int
+	admin  int
+	config string // its Caddyfile
+}
+
+func (s *server) url() string { return fmt.Sprintf("http://127.0.0.1:%d%s", s.port, benchPath) }
+
+// countResult is everything measured for one merchant count.
+type countResult struct {
+	Merchants      int
+	Start          time.Duration
+	Reload         time.Duration
+	RSSIdle        int64
+	RSSAfterReload int64
+	RSSWarm        int64
+	WarmTokens     int64 // token requests of the warm-up
+	WarmTime       time.Duration
+	RoundTokens    int64 // token requests during the wrk rounds (want 0)
+	Sidecar, Plain []round
+}
+
+// env is what every merchant count shares.
+type env struct {
+	o         options
+	dir       string
+	caddy     string // bin/caddy
+	upstream  string // host:port
+	tokenAPI  string // base URL
+	plain     *server
+	tick      time.Duration
+	plainInfo string
+}
+
+func runBench(o options) error {
+	wrk, err := exec.LookPath("wrk")
+	if err != nil {
+		return errors.New("wrk not found in $PATH: install it (apt-get install -y wrk), as `make bench` does")
+	}
+	dir, err := os.MkdirTemp("", "tb-bench-")
+	if err != nil {
+		return err
+	}
+	if o.keep {
+		fmt.Fprintf(os.Stderr, "bench: keeping %s\n", dir)
+	} else {
+		defer os.RemoveAll(dir)
+	}
+	e := &env{o: o, dir: dir, caddy: filepath.Join(o.bin, "caddy"), tick: clockTick()}
+	if o.build {
+		goBin := os.Getenv("GO")
+		if goBin == "" {
+			goBin = "go"
+		}
+		progress("building %s", e.caddy)
+		if out, _, err := run(15*time.Minute, goBin, "build", "-o", e.caddy, "./cmd/caddy"); err != nil {
+			return fmt.Errorf("go build ./cmd/caddy: %v\n%s", err, out)
+		}
+	}
+	if e.caddy, err = filepath.Abs(e.caddy); err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+
+	// The upstream and the token API, each its own process.
+	up, err := start(dir, "upstream", nil, self, "upstream", "-addr-file", filepath.Join(dir, "upstream.addr"))
+	if err != nil {
+		return err
+	}
+	if e.upstream, err = readAddrFile(up, filepath.Join(dir, "upstream.addr"), time.Minute); err != nil {
+		return err
+	}
+	maxN := 0
+	for _, n := range o.merchants {
+		maxN = max(maxN, n)
+	}
+	ta, err := start(dir, "tokenapi", []string{apiKeyEnv + "=" + apiKey}, self, "tokenapi",
+		"-addr-file", filepath.Join(dir, "tokenapi.addr"), "-orgs", fmt.Sprint(maxN))
+	if err != nil {
+		return err
+	}
+	addr, err := readAddrFile(ta, filepath.Join(dir, "tokenapi.addr"), time.Minute)
+	if err != nil {
+		return err
+	}
+	e.tokenAPI = "http://" + addr
+
+	// The plain Caddy runs for the whole run.
+	t0 := time.Now()
+	if e.plain, err = e.startCaddy("plain", ""); err != nil {
+		return err
+	}
+	plainStart, err := waitHTTP(e.plain.p, e.plain.url(), nil, t0, 5*time.Minute)
+	if err != nil {
+		return err
+	}
+	time.Sleep(o.settle)
+	plainRSS, err := rss(e.plain.p.pid())
+	if err != nil {
+		return err
+	}
+	e.plainInfo = fmt.Sprintf("plain Caddy (static header): start %s, idle RSS %s", secs(plainStart), mib(plainRSS))
+
+	var results []countResult
+	for _, n := range o.merchants {
+		r, err := e.measure(n, wrk)
+		if err != nil {
+			return fmt.Errorf("%d merchants: %w", n, err)
+		}
+		results = append(results, r)
+	}
+	wildcard := ""
+	if o.wildcard > 0 {
+		if _, err := wildcardRegistryTOML(o.wildcard, e.tokenAPI); err != nil {
+			wildcard = err.Error()
+		}
+	}
+	fmt.Print(report(machine(), e.describe(), e.plainInfo, results, wildcard))
+	return nil
+}
+
+func (e *env) describe() string {
+	return fmt.Sprintf("wrk -t%d -c%d, random merchant per request on %s; %d interleaved rounds of %s per server after a %s warm-up; RSS read %s after start and after the token warm-up; reload = `caddy reload --force` with the registry unchanged",
+		e.o.threads, e.o.connections, benchPath, e.o.rounds, e.o.round, e.o.warmup, e.o.settle)
+}
+
+// startCaddy starts bin/caddy with the 3-route Caddyfile; registry == ""
+// makes the plain Caddy.
+func (e *env) startCaddy(name, registry string) (*server, error) {
+	s := &server{}
+	var err error
+	if s.port, err = freePort(); err != nil {
+		return nil, err
+	}
+	if s.admin, err = freePort(); err != nil {
+		return nil, err
+	}
+	s.config = filepath.Join(e.dir, name+".Caddyfile")
+	if err := os.WriteFile(s.config, []byte(caddyfile(s.port, s.admin, e.upstream, registry)), 0o644); err != nil {
+		return nil, err
+	}
+	// Caddy's data and config folders in the run's folder: nothing of the
+	// user's Caddy storage is read or written.
+	env := []string{apiKeyEnv + "=" + apiKey, "XDG_DATA_HOME=" + filepath.Join(e.dir, "data"), "XDG_CONFIG_HOME=" + filepath.Join(e.dir, "config")}
+	s.p, err = start(e.dir, name, env, e.caddy, "run", "--config", s.config, "--adapter", "caddyfile")
+	return s, err
+}
+
+// measure runs everything for n merchants with a fresh sidecar.
+func (e *env) measure(n int, wrk string) (countResult, error) {
+	r := countResult{Merchants: n}
+	name := fmt.Sprintf("sidecar-%d", n)
+	registry := filepath.Join(e.dir, fmt.Sprintf("merchants-%d.toml", n))
+	if err := os.WriteFile(registry, []byte(registryTOML(n, e.tokenAPI)), 0o644); err != nil {
+		return r, err
+	}
+	script := filepath.Join(e.dir, fmt.Sprintf("random-%d.lua", n))
+	if err := os.WriteFile(script, []byte(wrkScript(n)), 0o644); err != nil {
+		return r, err
+	}
+
+	progress("%d merchants: start", n)
+	t0 := time.Now()
+	side, err := e.startCaddy(name, registry)
+	if err != nil {
+		return r, err
+	}
+	defer side.p.stop()
+	// Without a merchant header the broker answers at once (no token):
+	// any answer means the listener is up with the config loaded.
+	if r.Start, err = waitHTTP(side.p, side.url(), nil, t0, 10*time.Minute); err != nil {
+		return r, err
+	}
+	time.Sleep(e.o.settle)
+	if r.RSSIdle, err = rss(side.p.pid()); err != nil {
+		return r, err
+	}
+
+	progress("%d merchants: reload", n)
+	out, d, err := run(10*time.Minute, e.caddy, "reload", "--config", side.config, "--adapter", "caddyfile",
+		"--address", fmt.Sprintf("127.0.0.1:%d", side.admin), "--force")
+	if err != nil {
+		return r, fmt.Errorf("caddy reload: %v\n%s", err, out)
+	}
+	r.Reload = d
+	if r.RSSAfterReload, err = rss(side.p.pid()); err != nil {
+		return r, err
+	}
+
+	progress("%d merchants: token warm-up", n)
+	before, err := e.tokenCount()
+	if err != nil {
+		return r, err
+	}
+	t1 := time.Now()
+	if err := warm(side.url(), n); err != nil {
+		return r, err
+	}
+	r.WarmTime = time.Since(t1)
+	after, err := e.tokenCount()
+	if err != nil {
+		return r, err
+	}
+	r.WarmTokens = after - before
+	time.Sleep(e.o.settle)
+	if r.RSSWarm, err = rss(side.p.pid()); err != nil {
+		return r, err
+	}
+
+	progress("%d merchants: wrk warm-up and %d rounds", n, e.o.rounds)
+	for _, s := range []*server{side, e.plain} {
+		if _, err := e.wrk(wrk, script, s, e.o.warmup); err != nil {
+			return r, err
+		}
+	}
+	if before, err = e.tokenCount(); err != nil {
+		return r, err
+	}
+	for i := range e.o.rounds {
+		order := []*server{side, e.plain}
+		if i%2 == 1 { // ABBA: neither server always runs first
+			order = []*server{e.plain, side}
+		}
+		for _, s := range order {
+			rd, err := e.wrk(wrk, script, s, e.o.round)
+			if err != nil {
+				return r, err
+			}
+			if s == side {
+				r.Sidecar = append(r.Sidecar, rd)
+			} else {
+				r.Plain = append(r.Plain, rd)
+			}
+		}
+	}
+	if after, err = e.tokenCount(); err != nil {
+		return r, err
+	}
+	r.RoundTokens = after - before
+	return r, nil
+}
+
+// wrk runs one round against s and reads the server's CPU around it.
+func (e *env) wrk(wrk, script string, s *server, d time.Duration) (round, error) {
+	secs := max(1, int(d.Round(time.Second)/time.Second))
+	c0, err := cpuTicks(s.p.pid())
+	if err != nil {
+		return round{}, fmt.Errorf("%s: %w", s.p.name, err)
+	}
+	out, _, err := run(d+2*time.Minute, wrk, "-t", fmt.Sprint(e.o.threads), "-c", fmt.Sprint(e.o.connections),
+		"-d", fmt.Sprintf("%ds", secs), "--timeout", "10s", "-s", script, fmt.Sprintf("http://127.0.0.1:%d", s.port))
+	if err != nil {
+		return round{}, fmt.Errorf("wrk against %s: %v\n%s", s.p.name, err, out)
+	}
+	c1, err := cpuTicks(s.p.pid())
+	if err != nil {
+		return round{}, fmt.Errorf("%s: %w", s.p.name, err)
+	}
+	rd, err := parseWrk(out)
+	if err != nil {
+		return round{}, fmt.Errorf("wrk against %s: %w\n%s", s.p.name, err, out)
+	}
+	rd.CPUTicks, rd.ClockTick = c1-c0, e.tick
+	return rd, nil
+}
+
+// tokenCount asks the token API how many token requests it served.
+func (e *env) tokenCount() (int64, error) {
+	resp, err := http.Get(e.tokenAPI + tokenCountPath)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	return parseCount(string(b))
+}
+
+// warm requests every merchant once, 64 at a time, and fails unless each
+// got 200.
+func warm(url string, n int) error {
+	const workers = 64
+	client := &http.Client{Timeout: time.Minute, Transport: &http.Transport{
+		MaxIdleConnsPerHost: workers, MaxIdleConns: workers, DisableCompression: true}}
+	defer client.CloseIdleConnections()
+	var next, failed atomic.Int64
+	var first atomic.Value
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n {
+					return
+				}
+				req, _ := http.NewRequest("GET", url, nil)
+				req.Header.Set("X-Merchant-Id", merchantID(i))
+				resp, err := client.Do(req)
+				if err == nil {
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusOK {
+						err = fmt.Errorf("merchant %s: status %d", merchantID(i), resp.StatusCode)
+					}
+				}
+				if err != nil {
+					failed.Add(1)
+					first.CompareAndSwap(nil, err.Error())
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if f := failed.Load(); f > 0 {
+		return fmt.Errorf("token warm-up: %d of %d requests failed, first: %v (see the sidecar's log)", f, n, first.Load())
+	}
+	return nil
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func progress(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "bench %s: %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+// machine describes the machine and the moment of the run.
+func machine() string {
+	model := "unknown"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.SplitSeq(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				model = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	load := ""
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		load = strings.Join(strings.Fields(string(b))[:3], " ")
+	}
+	return fmt.Sprintf("%d CPUs (%s), %s/%s, %s, load average %s, %s", runtime.NumCPU(), model, runtime.GOOS, runtime.GOARCH,
+		runtime.Version(), load, time.Now().UTC().Format("2006-01-02 15:04 UTC"))
+}
