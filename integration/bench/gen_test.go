@@ -1,0 +1,170 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	"github.com/tokenbroker/caddy-token-broker/config"
+	_ "github.com/tokenbroker/caddy-token-broker/module"
+)
+
+// The generated registry is one the broker loads: n merchants, each with
+// the organisation of the same index, the API key from the environment.
+func TestRegistryTOML(t *testing.T) {
+	env := func(k string) (string, bool) {
+		if k == apiKeyEnv {
+			return apiKey, true
+		}
+		return "", false
+	}
+	for _, n := range []int{1, 1000, 12345} {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			reg, err := config.Parse("merchants.toml", []byte(registryTOML(n, "http://127.0.0.1:9")), env)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(reg.Merchants) != n || len(reg.Providers) != 1 {
+				t.Fatalf("%d merchants and %d providers, want %d and 1", len(reg.Merchants), len(reg.Providers), n)
+			}
+			for _, i := range []int{0, n / 2, n - 1} {
+				m := reg.Merchants[merchantID(i)]
+				if m == nil || m.Organisation != orgID(i) {
+					t.Errorf("merchant %s: %+v, want organisation %s", merchantID(i), m, orgID(i))
+				}
+			}
+		})
+	}
+	if _, err := wildcardRegistryTOML(1_000_000, "http://127.0.0.1:9"); err != errWildcardUnavailable {
+		t.Errorf("wildcard: %v, want %v until the registry has a wildcard form", err, errWildcardUnavailable)
+	}
+}
+
+// Both Caddyfiles adapt, with the same three routes; only the sidecar's
+// have token_broker, only the plain one's a static Authorization header.
+func TestCaddyfiles(t *testing.T) {
+	for _, tc := range []struct {
+		name, registry string
+		want, not      []string
+	}{
+		{name: "sidecar", registry: "/tmp/merchants.toml",
+			want: []string{`"handler":"token_broker"`, `"config":"/tmp/merchants.toml"`, `"listen":["127.0.0.1:4001"]`, `"admin":{"listen":"127.0.0.1:4002"`},
+			not:  []string{"Bearer static"}},
+		{name: "plain", want: []string{`"Authorization":["Bearer static"]`, `"listen":["127.0.0.1:4001"]`},
+			not: []string{"token_broker"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile(4001, 4002, "127.0.0.1:4003", tc.registry)), map[string]any{"filename": tc.name})
+			if err != nil {
+				t.Fatal(err)
+			}
+			js := string(out)
+			for _, w := range tc.want {
+				if !strings.Contains(js, w) {
+					t.Errorf("adapted config lacks %s:\n%s", w, js)
+				}
+			}
+			for _, w := range tc.not {
+				if strings.Contains(js, w) {
+					t.Errorf("adapted config has %s:\n%s", w, js)
+				}
+			}
+			if got := strings.Count(js, `"upstreams":[{"dial":"127.0.0.1:4003"}]`); got != len(routes) {
+				t.Errorf("%d reverse_proxy handlers, want %d", got, len(routes))
+			}
+			var v any
+			if err := json.Unmarshal(out, &v); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// wrk runs the generated script: each request carries a merchant of the
+// registry, the picks spread over them, and done() prints a line parseWrk
+// reads. Skipped where wrk is not installed (`make bench` installs it).
+func TestWrkScript(t *testing.T) {
+	wrk, err := exec.LookPath("wrk")
+	if err != nil {
+		t.Skip("wrk not installed")
+	}
+	const n = 50
+	var mu sync.Mutex
+	seen := map[string]int{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen[r.URL.Path+" "+r.Header.Get("X-Merchant-Id")]++
+		mu.Unlock()
+	}))
+	defer srv.Close()
+	script := filepath.Join(t.TempDir(), "random.lua")
+	if err := os.WriteFile(script, []byte(wrkScript(n)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := run(time.Minute, wrk, "-t", "2", "-c", "4", "-d", "1s", "-s", script, srv.URL)
+	if err != nil {
+		t.Fatalf("wrk: %v\n%s", err, out)
+	}
+	rd, err := parseWrk(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	valid := map[string]bool{}
+	for i := range n {
+		valid[benchPath+" "+merchantID(i)] = true
+	}
+	var total int64
+	for k, c := range seen {
+		if !valid[k] {
+			t.Errorf("request %q (%d times): not a registry merchant on %s", k, c, benchPath)
+		}
+		total += int64(c)
+	}
+	// wrk counts the requests completed within its duration; the server
+	// may see a few more.
+	if rd.Requests == 0 || rd.Requests > total || rd.Errors != 0 || rd.P99 <= 0 {
+		t.Errorf("wrk result %+v; the server saw %d requests", rd, total)
+	}
+	if total >= 10*n && len(seen) < n/2 {
+		t.Errorf("%d requests hit only %d of %d merchants: not random", total, len(seen), n)
+	}
+}
+
+func TestReport(t *testing.T) {
+	tick := 10 * time.Millisecond
+	r := countResult{Merchants: 100000, Start: 4800 * time.Millisecond, Reload: 3200 * time.Millisecond,
+		RSSIdle: 512 << 20, RSSAfterReload: 704 << 20, RSSWarm: 600 << 20, WarmTokens: 100000, WarmTime: 40 * time.Second,
+		Sidecar: []round{{Requests: 9300, Duration: time.Second, P99: 21 * time.Millisecond, CPUTicks: 119, ClockTick: tick}},
+		Plain:   []round{{Requests: 10000, Duration: time.Second, P99: 20 * time.Millisecond, CPUTicks: 100, ClockTick: tick}},
+	}
+	out := report("2 CPUs", "wrk", "plain", []countResult{r}, errWildcardUnavailable.Error())
+	for _, want := range []string{
+		"| 100 000 | 4.80 s | 3.20 s (RSS 704 MiB after) | 512 MiB | 600 MiB | 1.28 | 0.93 | 1.05 |",
+		"| 100 000 | sidecar | 1 | 9300 | 21.00 ms | 128.0 µs | 0 | warm-up 100000 in 40.00 s (2500/s); rounds 0 |",
+		"| 100 000 | plain | 1 | 10000 | 20.00 ms | 100.0 µs | 0 | |",
+		"wildcard: not available",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q:\n%s", want, out)
+		}
+	}
+	for n, want := range map[int]string{1: "1", 999: "999", 1000: "1 000", 100000: "100 000", 1000000: "1 000 000"} {
+		if got := thousands(n); got != want {
+			t.Errorf("thousands(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
