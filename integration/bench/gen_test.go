@@ -113,7 +113,7 @@ func TestWrkScript(t *testing.T) {
 	if err := os.WriteFile(script, []byte(wrkScript(n)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, _, err := run(time.Minute, wrk, "-t", "2", "-c", "4", "-d", "1s", "-s", script, srv.URL)
+	out, _, err := run(time.Minute, wrk, "-t", "2", "-c", "4", "-d", "2s", "-s", script, srv.URL)
 	if err != nil {
 		t.Fatalf("wrk: %v\n%s", err, out)
 	}

@@ -6,6 +6,11 @@
 // the heap per cached token. Everything listens on 127.0.0.1 and stops when
 // the run ends; the run is bounded by its flags.
 //
+// Its figures are in-process: client, sidecar, upstream and sandbox share
+// one process (heap, GC, scheduler) and it does not measure CPU per
+// request. The end-to-end comparison as separate processes is
+// integration/bench (`make bench`).
+//
 //	go run ./integration/loadtest [-clients 32] [-rounds 3] [-round 3s] [-merchants 100000] [-burst 1000] [-steady 35s]
 package main
 
