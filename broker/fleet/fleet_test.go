@@ -424,7 +424,11 @@ func TestPurgeCompareAndDelete(t *testing.T) {
 func TestRedisDownAndBack(t *testing.T) {
 	r := startRedis(t)
 	keys := testKeys(t, 1)
-	fast := func(o *Options) { o.Timeout = 50 * time.Millisecond; o.BreakerThreshold = 3; o.BreakerCooldown = time.Minute }
+	fast := func(o *Options) {
+		o.Timeout = 50 * time.Millisecond
+		o.BreakerThreshold = 3
+		o.BreakerCooldown = time.Minute
+	}
 	a, b := newNode(t, r, keys, fast), newNode(t, r, keys, fast)
 	ctx := testCtx(t)
 	var m minter
