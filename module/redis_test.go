@@ -3,13 +3,18 @@ package module
 import (
 	"context"
 	"encoding/base64"
+	"encoding/json"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy" // the example proxies
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
@@ -141,4 +146,33 @@ type brokerToken = broker.Token
 
 func mintOne(context.Context) (broker.Token, error) {
 	return broker.Token{Value: "minted", Expiry: time.Now().Add(time.Hour)}, nil
+}
+
+// The example's Caddyfile adapts to a redis block whose secrets stay
+// placeholders (resolved at provision, never written into the JSON).
+func TestExampleFleetRedisAdapts(t *testing.T) {
+	body, err := os.ReadFile(filepath.Join("..", "examples", "fleet-redis", "Caddyfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt(body, map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(warnings) > 0 {
+		t.Fatalf("warnings: %v", warnings)
+	}
+	var cfg struct {
+		Apps struct {
+			TokenBroker App `json:"token_broker"`
+		} `json:"apps"`
+	}
+	if err := json.Unmarshal(out, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	want := &RedisConfig{Address: []string{"127.0.0.1:6379"}, Password: "{env.REDIS_PASSWORD}", KeyPrefix: "token_broker:",
+		EncryptionKey: "{env.TOKEN_CACHE_KEY}", Timeout: caddy.Duration(50 * time.Millisecond)}
+	if got := cfg.Apps.TokenBroker.Redis; !reflect.DeepEqual(got, want) {
+		t.Fatalf("redis = %+v\nwant %+v", got, want)
+	}
 }
