@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -571,5 +572,60 @@ func TestRefreshTokenStore(t *testing.T) {
 	}
 	if rt, _ := sa.Load(ctx, "bank/m1"); rt.Reveal() != "rt-secret-41" {
 		t.Fatalf("after 40 serialised rotations the token is %s; want rt-secret-41 (a rotation was lost)", rt.Reveal())
+	}
+}
+
+// A Redis that accepts connections but never answers: every call gives up
+// after the timeout, lookups mint locally without error, and the breaker
+// then keeps the dead server out.
+func TestSilentRedisIsBypassed(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c) // read nothing, answer nothing
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	uo := &redis.UniversalOptions{Addrs: []string{l.Addr().String()}}
+	ClientOptions(uo, 50*time.Millisecond)
+	rdb := redis.NewUniversalClient(uo)
+	obs := &counters{}
+	clock := &fakeClock{now: time.Now()}
+	c, err := New(Options{Client: rdb, Keys: testKeys(t, 1), Timeout: 50 * time.Millisecond, Now: clock.Now, Observer: obs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); rdb.Close() })
+	ctx := testCtx(t)
+	var m minter
+	for i := 0; i < 5; i++ {
+		tok, adopted, err := c.Fetch(ctx, testKey, usable, m.mint)
+		if err != nil || adopted || tok.Value == "" {
+			t.Fatalf("lookup %d with a silent redis: adopted=%v err=%v", i, adopted, err)
+		}
+	}
+	if m.n.Load() != 5 || obs.bypass.Load() != 5 {
+		t.Fatalf("mints=%d bypassed=%d; want 5 and 5", m.n.Load(), obs.bypass.Load())
+	}
+	if got := obs.errs.Load(); got != DefaultBreakerThreshold {
+		t.Fatalf("redis errors = %d; want %d, then the breaker keeps redis out", got, DefaultBreakerThreshold)
 	}
 }
