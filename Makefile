@@ -16,7 +16,7 @@ FUZZTIME      ?= 8s
 FUZZ_TARGETS  := ./config:FuzzParse ./broker:FuzzParseNuapayToken ./broker:FuzzParseNuapayError \
                  ./broker/oauth:FuzzTokenResponse ./module:FuzzMerchantSelector
 
-.PHONY: all build run test fuzz xcaddy fmt vet clean
+.PHONY: all build run test fuzz redis xcaddy fmt vet clean
 
 all: build
 
@@ -33,9 +33,15 @@ run: build
 	echo "  curl -s -H 'X-Merchant-Id: acme' http://127.0.0.1:8080/tpp/payments"; \
 	$(BIN)/caddy run --config Caddyfile --adapter caddyfile
 
-test: vet
+test: vet redis
 	$(GO) test -race -count=1 ./...
 	$(MAKE) fuzz
+
+# The fleet tests start Debian's redis-server on a free loopback port;
+# install it when missing (as root, or with sudo).
+redis:
+	@command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server) || \
+		(sudo apt-get update && sudo apt-get install -y redis-server)
 
 # Each fuzz target for a bounded time; the committed corpora in
 # testdata/fuzz run as plain tests in `go test` too.

@@ -54,12 +54,18 @@ type App struct {
 	// MetricsConfig). They are always on; this only shapes their labels.
 	Metrics *MetricsConfig `json:"metrics,omitempty"`
 
+	// Redis, when set, shares tokens and refresh tokens with the other
+	// brokers of a fleet through Redis (see RedisConfig). Default: none.
+	Redis *RedisConfig `json:"redis,omitempty"`
+
 	registry   *config.Registry
 	metrics    *tokenMetrics
 	metricsKey string
 	broker     *broker.Broker
 	poolKey    string
 	logger     *zap.Logger
+	fleet      *fleetTier
+	fleetKey   string
 }
 
 // CaddyModule returns the Caddy module information.
@@ -82,8 +88,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 			return err
 		}
 	}
+	if a.Redis != nil {
+		var err error
+		if a.fleet, a.fleetKey, err = a.Redis.provision(ctx, time.Duration(a.FetchTimeout), a.logger); err != nil {
+			return err
+		}
+	}
 	if a.Config != "" {
-		reg, err := loadRegistry(ctx, a.Config)
+		reg, err := loadRegistryStore(ctx, a.Config, a.refreshStore(ctx))
 		if err != nil {
 			return err
 		}
@@ -96,7 +108,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 		Leeway:        time.Duration(a.Leeway),
 		FetchTimeout:  time.Duration(a.FetchTimeout),
 	}
-	a.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout)
+	a.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s %s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout, a.fleetKey)
+	// TODO(issue 10): set opts.Shared = a.fleet.cache (when a.fleet != nil) once broker.Options.Shared exists.
 	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
 		return &pooledBroker{Broker: broker.New(opts), logger: a.logger}, nil
 	})
@@ -151,6 +164,9 @@ func (a *App) Stop() error {
 // Cleanup releases the app's hold on the shared token cache; the cache lives
 // on while another config (the one being loaded) uses it.
 func (a *App) Cleanup() error {
+	if a.fleetKey != "" {
+		_, _ = fleets.Delete(a.fleetKey)
+	}
 	if a.metricsKey != "" {
 		metricsPool.Delete(a.metricsKey)
 	}

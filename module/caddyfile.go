@@ -152,6 +152,14 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.Callers = p
 			continue
 		}
+		if sub == "redis" { // redis.go
+			r, err := parseRedis(d)
+			if err != nil {
+				return err
+			}
+			a.Redis = r
+			continue
+		}
 		if sub == "revoke_on_shutdown" {
 			if err := noArgs(d); err != nil {
 				return err

@@ -1,0 +1,499 @@
+// Package fleet is the shared token tier (L2) of a fleet of brokers, on
+// Redis: an implementation of broker.SharedCache, and of oauth.Store for
+// merchants' refresh tokens.
+//
+// What it keeps in Redis, under Options.KeyPrefix (default "token_broker:"):
+//
+//	tok:<name>      a token: its 8-hex fingerprint, then the token sealed
+//	                (internal/seal, AES-256-GCM); expires with the token
+//	lock:<name>     the key's fleet lock (github.com/bsm/redislock): a
+//	                random owner token, expiry Options.LockTTL
+//	rt:<name>       a merchant's refresh token, sealed; no expiry
+//	lock:rt:<name>  the lock that serialises a merchant's refreshes
+//	events          the pub/sub channel: "set", "unlock" and "purge"
+//	                announcements (a purge carries its cache key sealed)
+//
+// <name> is the HMAC-SHA-256 of the cache key under a subkey of the
+// encryption key (hex), so Redis shows no merchant id, unless
+// Options.PlainKeys is set. The cache key is the associated data of each
+// sealed value, so a value copied under another name does not open.
+//
+// Every Redis call is bounded by Options.Timeout. Consecutive failures open
+// a breaker: for Options.BreakerCooldown lookups mint directly, without
+// Redis; then sharing resumes by itself. No lookup fails because of Redis.
+package fleet
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/bsm/redislock"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
+)
+
+// Defaults of Options.
+const (
+	// DefaultKeyPrefix starts every Redis key the broker writes.
+	DefaultKeyPrefix = "token_broker:"
+	// DefaultTimeout bounds one Redis call.
+	DefaultTimeout = 50 * time.Millisecond
+	// DefaultLockTTL is the expiry of a key's fleet lock: longer than the
+	// broker's default fetch timeout, so a lock outlives the mint it
+	// guards unless its holder dies.
+	DefaultLockTTL = broker.DefaultFetchTimeout + 5*time.Second
+	// DefaultBreakerThreshold is how many Redis failures in a row open the
+	// breaker.
+	DefaultBreakerThreshold = 3
+	// DefaultBreakerCooldown is how long an open breaker keeps Redis out.
+	DefaultBreakerCooldown = 5 * time.Second
+)
+
+// ErrUnavailable is returned (wrapped) by Purge and the refresh token Store
+// while the breaker keeps Redis out.
+var ErrUnavailable = errors.New("fleet: Redis is unavailable (breaker open after consecutive errors); retrying by itself after the cooldown")
+
+// Options configure a Cache. Client and Keys are required.
+type Options struct {
+	// Client is the Redis client (single node, cluster or sentinel). The
+	// Cache does not close it. Build it with ClientOptions' settings so that
+	// a dead Redis fails fast.
+	Client redis.UniversalClient
+	// Keys seal what is stored and derive the hashed key names.
+	Keys *seal.Keyring
+	// KeyPrefix starts every Redis key and the channel name. Default
+	// "token_broker:". Brokers that share tokens must use the same prefix
+	// (and the same encryption key).
+	KeyPrefix string
+	// PlainKeys puts cache keys (which contain merchant ids) in Redis key
+	// names in clear, for debugging. Default false: names are hashed.
+	PlainKeys bool
+	// Timeout bounds each Redis call. Default 50ms.
+	Timeout time.Duration
+	// LockTTL is the expiry of a key's fleet lock: if its holder dies, the
+	// others take over after at most this long. It must be at least the
+	// broker's fetch timeout. Default 35s.
+	LockTTL time.Duration
+	// BreakerThreshold is how many consecutive Redis failures open the
+	// breaker. Default 3.
+	BreakerThreshold int
+	// BreakerCooldown is how long the open breaker keeps Redis out before
+	// calls are tried again. Default 5s.
+	BreakerCooldown time.Duration
+	// Now is the breaker's clock and the one that computes the stored
+	// token's remaining life. Default time.Now.
+	Now func() time.Time
+	// Observer is told about hits, misses, errors, waits (metrics).
+	// Optional.
+	Observer Observer
+	// Logger receives breaker changes and undecryptable values, never a
+	// token or a key in clear. Optional.
+	Logger *zap.Logger
+}
+
+// ClientOptions sets the timeouts of o so that no Redis call outlives
+// timeout (dial included) and a dead Redis is not retried in a loop. Use it
+// on the options of the client given to New.
+func ClientOptions(o *redis.UniversalOptions, timeout time.Duration) {
+	if timeout <= 0 {
+		timeout = DefaultTimeout
+	}
+	o.ContextTimeoutEnabled = true
+	o.DialTimeout = max(timeout, 250*time.Millisecond)
+	o.ReadTimeout = timeout
+	o.WriteTimeout = timeout
+	o.PoolTimeout = timeout
+	o.MaxRetries = 1
+	o.MinRetryBackoff = time.Millisecond
+	o.MaxRetryBackoff = 5 * time.Millisecond
+}
+
+// Cache is the Redis shared tier. Create it with New; Close it when done.
+// It is safe for concurrent use.
+type Cache struct {
+	opts     Options
+	rdb      redis.UniversalClient
+	keys     *seal.Keyring
+	nameKeys [][]byte
+	locker   *redislock.Client
+	node     string
+	channel  string
+	br       *breaker
+	obs      Observer
+	log      *zap.Logger
+
+	mu      sync.Mutex
+	waiters map[string]map[chan struct{}]struct{}
+	onPurge []func(key, fingerprint string)
+
+	ps   *redis.PubSub
+	done chan struct{}
+}
+
+// New returns a Cache on opts.Client and subscribes to the fleet's channel.
+// It does not fail when Redis is down: the Cache then mints locally until
+// Redis answers.
+func New(opts Options) (*Cache, error) {
+	if opts.Client == nil {
+		return nil, errors.New("fleet: Options.Client is required")
+	}
+	if opts.Keys == nil {
+		return nil, errors.New("fleet: Options.Keys is required (the encryption key)")
+	}
+	if opts.KeyPrefix == "" {
+		opts.KeyPrefix = DefaultKeyPrefix
+	}
+	if opts.Timeout <= 0 {
+		opts.Timeout = DefaultTimeout
+	}
+	if opts.LockTTL <= 0 {
+		opts.LockTTL = DefaultLockTTL
+	}
+	if opts.BreakerThreshold <= 0 {
+		opts.BreakerThreshold = DefaultBreakerThreshold
+	}
+	if opts.BreakerCooldown <= 0 {
+		opts.BreakerCooldown = DefaultBreakerCooldown
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Observer == nil {
+		opts.Observer = NopObserver{}
+	}
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	id := make([]byte, 8)
+	if _, err := rand.Read(id); err != nil {
+		return nil, fmt.Errorf("fleet: node id: %w", err)
+	}
+	c := &Cache{
+		opts:     opts,
+		rdb:      opts.Client,
+		keys:     opts.Keys,
+		nameKeys: opts.Keys.Derive("token_broker redis key names"),
+		locker:   redislock.New(opts.Client),
+		node:     hex.EncodeToString(id),
+		channel:  opts.KeyPrefix + "events",
+		obs:      opts.Observer,
+		log:      opts.Logger,
+		waiters:  map[string]map[chan struct{}]struct{}{},
+		done:     make(chan struct{}),
+	}
+	c.br = &breaker{threshold: opts.BreakerThreshold, cooldown: opts.BreakerCooldown, now: opts.Now,
+		onChange: func(open bool) {
+			if open {
+				c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
+					zap.Duration("cooldown", opts.BreakerCooldown))
+			} else {
+				c.log.Info("redis available again: sharing tokens with the fleet")
+			}
+		}}
+	c.ps = c.rdb.Subscribe(context.Background())
+	// Wait (briefly) for the subscription to be confirmed, so that this
+	// node hears announcements made right after New returns. If Redis is
+	// down, the channel resubscribes when it comes back.
+	sctx, cancel := context.WithTimeout(context.Background(), max(opts.Timeout, time.Second))
+	if err := c.ps.Subscribe(sctx, c.channel); err == nil {
+		_, _ = c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second))
+	}
+	cancel()
+	go c.listen(c.ps.Channel(redis.WithChannelSize(1024)))
+	return c, nil
+}
+
+// Close stops listening to the fleet's announcements. It does not close
+// the Redis client.
+func (c *Cache) Close() error {
+	err := c.ps.Close()
+	<-c.done
+	return err
+}
+
+// Node is this Cache's random id in the fleet's announcements.
+func (c *Cache) Node() string { return c.node }
+
+// name is the Redis name part for a cache key: hashed with the current
+// key's subkey unless PlainKeys.
+func (c *Cache) name(key string) string { return c.nameWith(c.nameKeys[0], key) }
+
+func (c *Cache) nameWith(nameKey []byte, key string) string {
+	if c.opts.PlainKeys {
+		return key
+	}
+	m := hmac.New(sha256.New, nameKey)
+	m.Write([]byte(key))
+	return hex.EncodeToString(m.Sum(nil))
+}
+
+// TokenKey is the Redis key that holds the token of cache key key.
+func (c *Cache) TokenKey(key string) string { return c.opts.KeyPrefix + "tok:" + c.name(key) }
+
+// lockKey is the Redis key of a subject's fleet lock.
+func (c *Cache) lockKey(subject string) string { return c.opts.KeyPrefix + "lock:" + subject }
+
+// do runs one Redis call bounded by the timeout, through the breaker.
+// redis.Nil and redislock.ErrNotObtained are answers, not failures.
+func (c *Cache) do(ctx context.Context, op string, fn func(context.Context) error) error {
+	if !c.br.allow() {
+		return ErrUnavailable
+	}
+	cctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
+	defer cancel()
+	err := fn(cctx)
+	switch {
+	case err == nil, errors.Is(err, redis.Nil), errors.Is(err, redislock.ErrNotObtained), errors.Is(err, redislock.ErrLockNotHeld):
+		c.br.success()
+	case ctx.Err() != nil:
+		// The caller gave up: not Redis's fault.
+	default:
+		c.br.failure()
+		c.obs.L2Error(op)
+	}
+	return err
+}
+
+// wireToken is a Token as sealed in Redis.
+type wireToken struct {
+	Value    string   `json:"v"`
+	Type     string   `json:"t,omitempty"`
+	Expiry   int64    `json:"e"`
+	ID       string   `json:"id,omitempty"`
+	Scopes   []string `json:"s,omitempty"`
+	IssuedAt int64    `json:"i,omitempty"`
+}
+
+// fpLen is the length of the clear fingerprint in front of a stored token,
+// which the purge script compares.
+const fpLen = 8
+
+// tokenAD is the associated data of a stored token: the cache key and the
+// fingerprint in front of it.
+func tokenAD(key, fp string) []byte { return []byte("tok\x00" + key + "\x00" + fp) }
+
+// encode seals tok for key: its fingerprint, then the sealed token.
+func (c *Cache) encode(key string, tok broker.Token) ([]byte, error) {
+	w := wireToken{Value: tok.Value.Reveal(), Type: tok.Type, Expiry: tok.Expiry.UnixNano(), ID: tok.ID, Scopes: tok.Scopes}
+	if !tok.IssuedAt.IsZero() {
+		w.IssuedAt = tok.IssuedAt.UnixNano()
+	}
+	pt, err := json.Marshal(w)
+	if err != nil {
+		return nil, err
+	}
+	fp := tok.Fingerprint()
+	sealed, err := c.keys.Seal(pt, tokenAD(key, fp))
+	if err != nil {
+		return nil, err
+	}
+	return append([]byte(fp), sealed...), nil
+}
+
+// decode opens a stored token of key; ok is false (and the value counted)
+// when it does not open.
+func (c *Cache) decode(key string, b []byte) (broker.Token, bool) {
+	if len(b) < fpLen {
+		c.undecryptable(key, seal.ErrMalformed)
+		return broker.Token{}, false
+	}
+	fp := string(b[:fpLen])
+	pt, err := c.keys.Open(b[fpLen:], tokenAD(key, fp))
+	if err != nil {
+		c.undecryptable(key, err)
+		return broker.Token{}, false
+	}
+	var w wireToken
+	if err := json.Unmarshal(pt, &w); err != nil || w.Value == "" {
+		c.undecryptable(key, errors.New("the sealed value is not a token"))
+		return broker.Token{}, false
+	}
+	tok := broker.Token{Value: broker.Secret(w.Value), Type: w.Type, Expiry: time.Unix(0, w.Expiry), ID: w.ID, Scopes: w.Scopes}
+	if w.IssuedAt != 0 {
+		tok.IssuedAt = time.Unix(0, w.IssuedAt)
+	}
+	return tok, true
+}
+
+func (c *Cache) undecryptable(key string, err error) {
+	c.obs.Undecryptable()
+	c.log.Warn("ignoring a value in redis that does not open (another encryption key, or altered); it will be replaced",
+		zap.String("redis_key", c.TokenKey(key)), zap.Error(err))
+}
+
+// read returns the token stored for key. found is false when there is none
+// or it does not open; err is a Redis failure. After a key rotation, a
+// token stored under the old key's name (by nodes not yet rotated) is found
+// too.
+func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found bool, err error) {
+	for i, nk := range c.nameKeys {
+		if i > 0 && c.opts.PlainKeys {
+			break
+		}
+		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
+		var b []byte
+		err = c.do(ctx, "get", func(ctx context.Context) error {
+			var err error
+			b, err = c.rdb.Get(ctx, name).Bytes()
+			return err
+		})
+		if errors.Is(err, redis.Nil) {
+			continue
+		}
+		if err != nil {
+			return broker.Token{}, false, err
+		}
+		if tok, found = c.decode(key, b); found {
+			return tok, true, nil
+		}
+	}
+	return broker.Token{}, false, nil
+}
+
+// write stores tok for key until its expiry. Failures are only counted: the
+// token is still used.
+func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
+	ttl := tok.Expiry.Sub(c.opts.Now())
+	if ttl < time.Millisecond {
+		return
+	}
+	b, err := c.encode(key, tok)
+	if err != nil {
+		c.log.Error("sealing a token for redis", zap.Error(err))
+		return
+	}
+	_ = c.do(ctx, "set", func(ctx context.Context) error {
+		return c.rdb.Set(ctx, c.TokenKey(key), b, ttl).Err()
+	})
+}
+
+// Fetch implements broker.SharedCache.
+func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
+	bypass := func() (broker.Token, bool, error) {
+		c.obs.Bypassed()
+		tok, err := mint(ctx)
+		return tok, false, err
+	}
+	tok, found, err := c.read(ctx, key)
+	if err != nil {
+		return bypass()
+	}
+	if found && usable(tok) {
+		c.obs.L2Hit()
+		return tok, true, nil
+	}
+	c.obs.L2Miss()
+
+	subject := "tok:" + c.name(key)
+	wake, stop := c.watch(subject)
+	defer stop()
+	waited := false
+	for {
+		l, err := c.obtain(ctx, subject)
+		if err == nil {
+			return c.fetchLocked(ctx, key, subject, l, waited, usable, mint)
+		}
+		if !errors.Is(err, errNotObtained) {
+			if ctx.Err() != nil {
+				return broker.Token{}, false, ctx.Err()
+			}
+			return bypass()
+		}
+		if !waited {
+			waited = true
+			c.obs.LockWait()
+		}
+		if err := c.waitLock(ctx, subject, wake); err != nil {
+			if ctx.Err() != nil {
+				return broker.Token{}, false, ctx.Err()
+			}
+			return bypass()
+		}
+		tok, found, err := c.read(ctx, key)
+		if err != nil {
+			return bypass()
+		}
+		if found && usable(tok) {
+			c.obs.Adopted()
+			return tok, true, nil
+		}
+	}
+}
+
+// fetchLocked is Fetch under the key's lock: read again, mint, store,
+// release, announce.
+func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, waited bool, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
+	kind := "unlock"
+	defer func() {
+		l.release()
+		c.publish(ctx, event{Kind: kind, Subject: subject})
+	}()
+	tok, found, err := c.read(ctx, key)
+	if err == nil && found && usable(tok) {
+		c.obs.Adopted()
+		return tok, true, nil
+	}
+	tok, err = mint(ctx)
+	if err != nil {
+		return broker.Token{}, false, err
+	}
+	c.write(context.WithoutCancel(ctx), key, tok)
+	kind = "set"
+	return tok, false, nil
+}
+
+// Purge implements broker.SharedCache: a compare-and-delete by
+// fingerprint, then an announcement to every node.
+func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
+	for i, nk := range c.nameKeys {
+		if i > 0 && c.opts.PlainKeys {
+			break
+		}
+		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
+		err := c.do(ctx, "purge", func(ctx context.Context) error {
+			return purgeScript.Run(ctx, c.rdb, []string{name}, fingerprint).Err()
+		})
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return fmt.Errorf("fleet: purging %s: %w", name, err)
+		}
+	}
+	sealed, err := c.keys.Seal([]byte(key), purgeAD(c.name(key)))
+	if err != nil {
+		return err
+	}
+	return c.publish(ctx, event{Kind: "purge", Subject: "tok:" + c.name(key), Fingerprint: fingerprint, Key: sealed})
+}
+
+// purgeScript deletes KEYS[1] if its value starts with the fingerprint
+// ARGV[1], or whatever it holds if ARGV[1] is empty; it returns 1 when it
+// deleted.
+var purgeScript = redis.NewScript(`
+local v = redis.call("GET", KEYS[1])
+if not v then return 0 end
+if ARGV[1] == "" or string.sub(v, 1, ` + fmt.Sprint(fpLen) + `) == ARGV[1] then
+	return redis.call("DEL", KEYS[1])
+end
+return 0
+`)
+
+func purgeAD(name string) []byte { return []byte("purge\x00" + name) }
+
+// OnPurge implements broker.SharedCache.
+func (c *Cache) OnPurge(fn func(key, fingerprint string)) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.onPurge = append(c.onPurge, fn)
+}
+
+var _ broker.SharedCache = (*Cache)(nil)

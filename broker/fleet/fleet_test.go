@@ -1,0 +1,631 @@
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
+)
+
+// counters is an Observer that counts.
+type counters struct {
+	hit, miss, errs, wait, adopted, inval, undec, bypass atomic.Int64
+}
+
+func (c *counters) L2Hit()                { c.hit.Add(1) }
+func (c *counters) L2Miss()               { c.miss.Add(1) }
+func (c *counters) L2Error(string)        { c.errs.Add(1) }
+func (c *counters) LockWait()             { c.wait.Add(1) }
+func (c *counters) Adopted()              { c.adopted.Add(1) }
+func (c *counters) InvalidationReceived() { c.inval.Add(1) }
+func (c *counters) Undecryptable()        { c.undec.Add(1) }
+func (c *counters) Bypassed()             { c.bypass.Add(1) }
+
+// fakeClock is the breaker's clock, moved by the test.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+}
+
+// node is one broker of the fleet under test.
+type node struct {
+	*Cache
+	obs   *counters
+	clock *fakeClock
+}
+
+func testKeys(t *testing.T, current byte, old ...byte) *seal.Keyring {
+	t.Helper()
+	var olds [][]byte
+	for _, b := range old {
+		olds = append(olds, bytes.Repeat([]byte{b}, seal.KeySize))
+	}
+	kr, err := seal.New(bytes.Repeat([]byte{current}, seal.KeySize), olds...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kr
+}
+
+// newNode starts a Cache on r. Redis calls get a generous timeout (the
+// machine is shared) unless mod sets another.
+func newNode(t *testing.T, r *redisServer, keys *seal.Keyring, mod func(*Options)) *node {
+	t.Helper()
+	clock := &fakeClock{now: time.Now()}
+	obs := &counters{}
+	opts := Options{Keys: keys, Timeout: 5 * time.Second, LockTTL: 10 * time.Second, Now: clock.Now, Observer: obs}
+	if mod != nil {
+		mod(&opts)
+	}
+	uo := &redis.UniversalOptions{Addrs: []string{r.Addr()}}
+	ClientOptions(uo, opts.Timeout)
+	rdb := redis.NewUniversalClient(uo)
+	opts.Client = rdb
+	c, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); rdb.Close() })
+	return &node{Cache: c, obs: obs, clock: clock}
+}
+
+// minter counts mints and hands out distinct tokens valid for an hour.
+type minter struct {
+	n    atomic.Int64
+	gate chan struct{} // when set, each mint waits for it
+	in   chan struct{} // when set, each mint signals it started
+}
+
+func (m *minter) mint(ctx context.Context) (broker.Token, error) {
+	if m.in != nil {
+		m.in <- struct{}{}
+	}
+	if m.gate != nil {
+		select {
+		case <-m.gate:
+		case <-ctx.Done():
+			return broker.Token{}, ctx.Err()
+		}
+	}
+	n := m.n.Add(1)
+	now := time.Now()
+	return broker.Token{Value: broker.Secret(fmt.Sprintf("secret-token-%d-abcdef", n)), Type: "Bearer",
+		Expiry: now.Add(time.Hour), IssuedAt: now, ID: fmt.Sprint(n)}, nil
+}
+
+func usable(tok broker.Token) bool { return tok.ValidAt(time.Now(), time.Second) }
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+const testKey = "nuapay|merchant-42|payments accounts|"
+
+func TestFleetMintsOncePerKey(t *testing.T) {
+	r := startRedis(t)
+	keys := testKeys(t, 1)
+	a, b := newNode(t, r, keys, nil), newNode(t, r, keys, nil)
+	ctx := testCtx(t)
+	var m minter
+	var wg sync.WaitGroup
+	errs := make(chan error, 100)
+	values := make(chan string, 100)
+	for i := 0; i < 50; i++ {
+		for _, n := range []*node{a, b} {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				tok, _, err := n.Fetch(ctx, testKey, usable, m.mint)
+				if err != nil {
+					errs <- err
+					return
+				}
+				values <- tok.Value.Reveal()
+			}()
+		}
+	}
+	wg.Wait()
+	close(errs)
+	close(values)
+	for err := range errs {
+		t.Error(err)
+	}
+	if got := m.n.Load(); got != 1 {
+		t.Fatalf("mint called %d times by 2 nodes x 50 concurrent lookups; want 1", got)
+	}
+	for v := range values {
+		if v != "secret-token-1-abcdef" {
+			t.Fatalf("a lookup got %q; want the one minted token", v)
+		}
+	}
+	// A third lookup is a plain L2 hit.
+	if _, adopted, err := b.Fetch(ctx, testKey, usable, m.mint); err != nil || !adopted {
+		t.Fatalf("Fetch after the mint: adopted=%v err=%v; want an L2 hit", adopted, err)
+	}
+	if b.obs.hit.Load() == 0 || a.obs.errs.Load()+b.obs.errs.Load() != 0 {
+		t.Fatalf("hits=%d errors=%d", b.obs.hit.Load(), a.obs.errs.Load()+b.obs.errs.Load())
+	}
+}
+
+// The waiter is woken by the holder's announcement: the lock TTL is 10s and
+// nothing polls, so returning well before it proves pub/sub did it.
+func TestWaiterWokenByAnnouncement(t *testing.T) {
+	r := startRedis(t)
+	keys := testKeys(t, 1)
+	a, b := newNode(t, r, keys, nil), newNode(t, r, keys, nil)
+	ctx := testCtx(t)
+	holder := &minter{gate: make(chan struct{}), in: make(chan struct{}, 1)}
+	aDone := make(chan error, 1)
+	go func() {
+		_, _, err := a.Fetch(ctx, testKey, usable, holder.mint)
+		aDone <- err
+	}()
+	<-holder.in // a holds the lock and is minting
+	var waiter minter
+	type result struct {
+		tok     broker.Token
+		adopted bool
+		err     error
+		at      time.Time
+	}
+	bDone := make(chan result, 1)
+	go func() {
+		tok, adopted, err := b.Fetch(ctx, testKey, usable, waiter.mint)
+		bDone <- result{tok, adopted, err, time.Now()}
+	}()
+	for b.obs.wait.Load() == 0 { // b is waiting for a's lock
+		select {
+		case res := <-bDone:
+			t.Fatalf("b returned without waiting: %+v", res)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	released := time.Now()
+	close(holder.gate)
+	if err := <-aDone; err != nil {
+		t.Fatal(err)
+	}
+	res := <-bDone
+	if res.err != nil || !res.adopted || waiter.n.Load() != 0 || res.tok.Value.Reveal() != "secret-token-1-abcdef" {
+		t.Fatalf("waiter: adopted=%v err=%v mints=%d", res.adopted, res.err, waiter.n.Load())
+	}
+	// The lock would have expired 10s after it was taken: the waiter was
+	// woken by the announcement, not by the expiry.
+	if waited := res.at.Sub(released); waited > 5*time.Second {
+		t.Fatalf("the waiter returned %s after the holder published; want it woken by pub/sub, long before the 10s lock TTL", waited)
+	}
+	if b.obs.adopted.Load() != 1 {
+		t.Fatalf("adopted = %d; want 1", b.obs.adopted.Load())
+	}
+}
+
+// A lock left by a dead node expires and a waiter takes it over.
+func TestLockOfDeadHolderIsTakenOver(t *testing.T) {
+	r := startRedis(t)
+	a := newNode(t, r, testKeys(t, 1), nil)
+	ctx := testCtx(t)
+	raw := r.client()
+	lockKey := a.lockKey("tok:" + a.name(testKey))
+	if err := raw.Set(ctx, lockKey, "dead-node", 300*time.Millisecond).Err(); err != nil {
+		t.Fatal(err)
+	}
+	var m minter
+	tok, adopted, err := a.Fetch(ctx, testKey, usable, m.mint)
+	if err != nil || adopted || m.n.Load() != 1 || tok.Value == "" {
+		t.Fatalf("Fetch: adopted=%v err=%v mints=%d", adopted, err, m.n.Load())
+	}
+	if a.obs.wait.Load() != 1 {
+		t.Fatalf("lock waits = %d; want 1", a.obs.wait.Load())
+	}
+}
+
+// What Redis holds reveals neither the token nor the merchant.
+func TestRedisHoldsCiphertext(t *testing.T) {
+	r := startRedis(t)
+	a := newNode(t, r, testKeys(t, 1), nil)
+	ctx := testCtx(t)
+	var m minter
+	tok, _, err := a.Fetch(ctx, testKey, usable, m.mint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := a.Store()
+	if err := rt.Save(ctx, "bank/merchant-42", "secret-refresh-token"); err != nil {
+		t.Fatal(err)
+	}
+	raw := r.client()
+	names, err := raw.Keys(ctx, "*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(names) != 2 {
+		t.Fatalf("redis keys = %q; want a token and a refresh token", names)
+	}
+	for _, name := range names {
+		if !strings.HasPrefix(name, DefaultKeyPrefix) || strings.Contains(name, "merchant-42") {
+			t.Fatalf("redis key %q: want the prefix and no merchant id", name)
+		}
+		v, err := raw.Get(ctx, name).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, secret := range []string{tok.Value.Reveal(), "secret-token", "secret-refresh-token", "merchant-42"} {
+			if strings.Contains(v, secret) {
+				t.Fatalf("redis value of %q contains %q in clear", name, secret)
+			}
+		}
+	}
+	if ttl := raw.TTL(ctx, a.TokenKey(testKey)).Val(); ttl <= 0 || ttl > time.Hour {
+		t.Fatalf("token TTL = %s; want the token's remaining life", ttl)
+	}
+}
+
+// A value another key sealed, or garbage, is ignored, counted and replaced.
+func TestUndecryptableValueIgnored(t *testing.T) {
+	r := startRedis(t)
+	plain := func(o *Options) { o.PlainKeys = true } // same names whatever the key
+	a := newNode(t, r, testKeys(t, 1), plain)
+	b := newNode(t, r, testKeys(t, 2), plain)
+	ctx := testCtx(t)
+	var m minter
+	if _, _, err := a.Fetch(ctx, testKey, usable, m.mint); err != nil {
+		t.Fatal(err)
+	}
+	// b's key is not a's: the value does not open.
+	tok, adopted, err := b.Fetch(ctx, testKey, usable, m.mint)
+	if err != nil || adopted || m.n.Load() != 2 {
+		t.Fatalf("b: adopted=%v err=%v mints=%d; want a mint of its own", adopted, err, m.n.Load())
+	}
+	if b.obs.undec.Load() == 0 {
+		t.Fatal("the undecryptable value was not counted")
+	}
+	// b replaced it: b now hits, with its own token.
+	again, adopted, err := b.Fetch(ctx, testKey, usable, m.mint)
+	if err != nil || !adopted || again.Value != tok.Value {
+		t.Fatalf("b again: adopted=%v err=%v", adopted, err)
+	}
+	// Garbage and a value moved from another key are ignored too.
+	raw := r.client()
+	other := "nuapay|merchant-7|payments|"
+	if err := raw.Set(ctx, b.TokenKey(other), raw.Get(ctx, b.TokenKey(testKey)).Val(), time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	before := b.obs.undec.Load()
+	if _, adopted, err := b.Fetch(ctx, other, usable, m.mint); err != nil || adopted {
+		t.Fatalf("a value moved to another key was adopted (adopted=%v err=%v)", adopted, err)
+	}
+	if err := raw.Set(ctx, b.TokenKey(testKey), "not a sealed value", time.Hour).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, adopted, err := b.Fetch(ctx, testKey, usable, m.mint); err != nil || adopted {
+		t.Fatalf("garbage was adopted (adopted=%v err=%v)", adopted, err)
+	}
+	if got := b.obs.undec.Load() - before; got < 2 {
+		t.Fatalf("undecryptable count grew by %d; want 2 or more", got)
+	}
+}
+
+// After a rotation (new key current, old key listed), a node adopts what
+// a not-yet-rotated node stored, and seals with the new key.
+func TestKeyRotation(t *testing.T) {
+	r := startRedis(t)
+	oldNode := newNode(t, r, testKeys(t, 1), nil)
+	rotated := newNode(t, r, testKeys(t, 2, 1), nil)
+	newOnly := newNode(t, r, testKeys(t, 2), nil)
+	ctx := testCtx(t)
+	var m minter
+	tok, _, err := oldNode.Fetch(ctx, testKey, usable, m.mint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, adopted, err := rotated.Fetch(ctx, testKey, usable, m.mint)
+	if err != nil || !adopted || got.Value != tok.Value || m.n.Load() != 1 {
+		t.Fatalf("rotated node: adopted=%v err=%v mints=%d; want the old node's token", adopted, err, m.n.Load())
+	}
+	// The rotated node seals with the new key: a node with only the new
+	// key opens its refresh token.
+	if err := rotated.Store().Save(ctx, "bank/m1", "rt-1"); err != nil {
+		t.Fatal(err)
+	}
+	if rt, err := newOnly.Store().Load(ctx, "bank/m1"); err != nil || rt.Reveal() != "rt-1" {
+		t.Fatalf("new-key node Load = %v", err)
+	}
+	// A refresh token saved before the rotation is still found and opened.
+	if err := oldNode.Store().Save(ctx, "bank/m2", "rt-2"); err != nil {
+		t.Fatal(err)
+	}
+	if rt, err := rotated.Store().Load(ctx, "bank/m2"); err != nil || rt.Reveal() != "rt-2" {
+		t.Fatalf("rotated node Load of an old refresh token = %v", err)
+	}
+}
+
+// Purge deletes only the token with the given fingerprint, and the other
+// nodes hear of it.
+func TestPurgeCompareAndDelete(t *testing.T) {
+	r := startRedis(t)
+	keys := testKeys(t, 1)
+	a, b := newNode(t, r, keys, nil), newNode(t, r, keys, nil)
+	ctx := testCtx(t)
+	type purge struct{ key, fp string }
+	heardA, heardB := make(chan purge, 10), make(chan purge, 10)
+	a.OnPurge(func(k, fp string) { heardA <- purge{k, fp} })
+	b.OnPurge(func(k, fp string) { heardB <- purge{k, fp} })
+	var m minter
+	tok, _, err := a.Fetch(ctx, testKey, usable, m.mint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := r.client()
+	if err := a.Purge(ctx, testKey, "00000000"); err != nil {
+		t.Fatal(err)
+	}
+	if n := raw.Exists(ctx, a.TokenKey(testKey)).Val(); n != 1 {
+		t.Fatal("a purge with another fingerprint deleted the token")
+	}
+	if err := a.Purge(ctx, testKey, tok.Fingerprint()); err != nil {
+		t.Fatal(err)
+	}
+	if n := raw.Exists(ctx, a.TokenKey(testKey)).Val(); n != 0 {
+		t.Fatal("a purge with the token's fingerprint did not delete it")
+	}
+	want := []purge{{testKey, "00000000"}, {testKey, tok.Fingerprint()}}
+	for i, w := range want {
+		select {
+		case got := <-heardB:
+			if got != w {
+				t.Fatalf("b heard purge %d = %+v; want %+v", i, got, w)
+			}
+		case <-ctx.Done():
+			t.Fatalf("b did not hear purge %d", i)
+		}
+	}
+	// b purges; once a has heard it, a has handled its own purges before
+	// (one channel, in order) and must not have called its callback.
+	if err := b.Purge(ctx, testKey, ""); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case got := <-heardA:
+		if got != (purge{testKey, ""}) {
+			t.Fatalf("a heard %+v; want only b's purge", got)
+		}
+	case <-ctx.Done():
+		t.Fatal("a did not hear b's purge")
+	}
+	if len(heardA) != 0 {
+		t.Fatal("a's OnPurge fired for its own purge")
+	}
+	if a.obs.inval.Load() != 1 || b.obs.inval.Load() != 2 {
+		t.Fatalf("invalidations received: a=%d b=%d; want 1 and 2", a.obs.inval.Load(), b.obs.inval.Load())
+	}
+}
+
+// Redis killed: lookups mint locally, without error, bounded by the
+// timeout; the breaker then keeps Redis out; Redis back: sharing resumes.
+func TestRedisDownAndBack(t *testing.T) {
+	r := startRedis(t)
+	keys := testKeys(t, 1)
+	fast := func(o *Options) {
+		o.Timeout = 50 * time.Millisecond
+		o.BreakerThreshold = 3
+		o.BreakerCooldown = time.Minute
+	}
+	a, b := newNode(t, r, keys, fast), newNode(t, r, keys, fast)
+	ctx := testCtx(t)
+	var m minter
+	if _, _, err := a.Fetch(ctx, testKey, usable, m.mint); err != nil {
+		t.Fatal(err)
+	}
+	r.kill()
+	for i := 0; i < 10; i++ {
+		before := m.n.Load()
+		start := time.Now()
+		tok, adopted, err := b.Fetch(ctx, fmt.Sprintf("down-%d", i), usable, m.mint)
+		if err != nil || adopted || tok.Value == "" || m.n.Load() != before+1 {
+			t.Fatalf("lookup %d with redis down: adopted=%v err=%v", i, adopted, err)
+		}
+		if d := time.Since(start); d > 10*time.Second {
+			t.Fatalf("lookup %d took %s with redis down", i, d)
+		}
+	}
+	if b.obs.bypass.Load() != 10 || b.obs.errs.Load() < 3 {
+		t.Fatalf("bypassed=%d errors=%d; want 10 bypasses and the breaker's errors", b.obs.bypass.Load(), b.obs.errs.Load())
+	}
+	errsWhenOpen := b.obs.errs.Load()
+	if _, _, err := b.Fetch(ctx, "down-open", usable, m.mint); err != nil {
+		t.Fatal(err)
+	}
+	if b.obs.errs.Load() != errsWhenOpen {
+		t.Fatal("the open breaker still called redis")
+	}
+	if err := b.Purge(ctx, testKey, ""); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Purge with the breaker open = %v; want ErrUnavailable", err)
+	}
+
+	r.restart()
+	deadline := time.Now().Add(20 * time.Second)
+	for i := 0; ; i++ {
+		a.clock.Advance(time.Minute)
+		b.clock.Advance(time.Minute)
+		key := fmt.Sprintf("back-%d", i)
+		if _, _, err := a.Fetch(ctx, key, usable, m.mint); err != nil {
+			t.Fatal(err)
+		}
+		_, adopted, err := b.Fetch(ctx, key, usable, m.mint)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if adopted {
+			break // b used the token a stored: sharing resumed
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("sharing did not resume after redis came back")
+		}
+	}
+}
+
+// Refresh tokens round-trip sealed, and two nodes' Locks exclude each other.
+func TestRefreshTokenStore(t *testing.T) {
+	r := startRedis(t)
+	keys := testKeys(t, 1)
+	a, b := newNode(t, r, keys, nil), newNode(t, r, keys, nil)
+	ctx := testCtx(t)
+	sa, sb := a.Store(), b.Store()
+	if _, err := sa.Load(ctx, "bank/m1"); err == nil || !strings.Contains(err.Error(), "no refresh token") {
+		t.Fatalf("Load of nothing = %v; want ErrNoRefreshToken", err)
+	}
+	if err := sa.Save(ctx, "bank/m1", "rt-secret-1"); err != nil {
+		t.Fatal(err)
+	}
+	if rt, err := sb.Load(ctx, "bank/m1"); err != nil || rt.Reveal() != "rt-secret-1" {
+		t.Fatalf("b Load = %v", err)
+	}
+	// Moved under another merchant, it does not open.
+	raw := r.client()
+	if err := raw.Set(ctx, sa.redisKey(a.nameKeys[0], "bank/m2"), raw.Get(ctx, sa.redisKey(a.nameKeys[0], "bank/m1")).Val(), 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sb.Load(ctx, "bank/m2"); !errors.Is(err, ErrRefreshTokenSealed) {
+		t.Fatalf("Load of a moved value = %v; want ErrRefreshTokenSealed", err)
+	}
+
+	unlock, err := sa.Lock(ctx, "bank/m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	_, err = sb.Lock(short, "bank/m1")
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("b locked while a holds the lock: %v", err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		unlockB, err := sb.Lock(ctx, "bank/m1")
+		if err == nil {
+			unlockB()
+		}
+		got <- err
+	}()
+	unlock()
+	if err := <-got; err != nil {
+		t.Fatalf("b Lock after a unlocked: %v", err)
+	}
+
+	// Alternating refreshes from two nodes, many goroutines each: one at a
+	// time, and every refresh sees the previous one's token.
+	var inside atomic.Int64
+	var wg sync.WaitGroup
+	failures := make(chan string, 40)
+	for i := 0; i < 20; i++ {
+		for _, s := range []*Store{sa, sb} {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				unlock, err := s.Lock(ctx, "bank/m1")
+				if err != nil {
+					failures <- err.Error()
+					return
+				}
+				defer unlock()
+				if inside.Add(1) != 1 {
+					failures <- "two holders at once"
+				}
+				defer inside.Add(-1)
+				rt, err := s.Load(ctx, "bank/m1")
+				if err != nil {
+					failures <- err.Error()
+					return
+				}
+				var n int
+				fmt.Sscanf(rt.Reveal(), "rt-secret-%d", &n)
+				if err := s.Save(ctx, "bank/m1", broker.Secret(fmt.Sprintf("rt-secret-%d", n+1))); err != nil {
+					failures <- err.Error()
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	close(failures)
+	for f := range failures {
+		t.Error(f)
+	}
+	if rt, _ := sa.Load(ctx, "bank/m1"); rt.Reveal() != "rt-secret-41" {
+		t.Fatalf("after 40 serialised rotations the token is %s; want rt-secret-41 (a rotation was lost)", rt.Reveal())
+	}
+}
+
+// A Redis that accepts connections but never answers: every call gives up
+// after the timeout, lookups mint locally without error, and the breaker
+// then keeps the dead server out.
+func TestSilentRedisIsBypassed(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c) // read nothing, answer nothing
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	uo := &redis.UniversalOptions{Addrs: []string{l.Addr().String()}}
+	ClientOptions(uo, 50*time.Millisecond)
+	rdb := redis.NewUniversalClient(uo)
+	obs := &counters{}
+	clock := &fakeClock{now: time.Now()}
+	c, err := New(Options{Client: rdb, Keys: testKeys(t, 1), Timeout: 50 * time.Millisecond, Now: clock.Now, Observer: obs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); rdb.Close() })
+	ctx := testCtx(t)
+	var m minter
+	for i := 0; i < 5; i++ {
+		tok, adopted, err := c.Fetch(ctx, testKey, usable, m.mint)
+		if err != nil || adopted || tok.Value == "" {
+			t.Fatalf("lookup %d with a silent redis: adopted=%v err=%v", i, adopted, err)
+		}
+	}
+	if m.n.Load() != 5 || obs.bypass.Load() != 5 {
+		t.Fatalf("mints=%d bypassed=%d; want 5 and 5", m.n.Load(), obs.bypass.Load())
+	}
+	if got := obs.errs.Load(); got != DefaultBreakerThreshold {
+		t.Fatalf("redis errors = %d; want %d, then the breaker keeps redis out", got, DefaultBreakerThreshold)
+	}
+}

@@ -1,0 +1,125 @@
+package seal
+
+import (
+	"bytes"
+	"encoding/base64"
+	"errors"
+	"strings"
+	"testing"
+)
+
+func testKey(b byte) []byte { return bytes.Repeat([]byte{b}, KeySize) }
+
+func TestSealOpen(t *testing.T) {
+	a, err := New(testKey(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := New(testKey(2))
+	rotated, _ := New(testKey(2), testKey(1)) // new key B, old key A
+	sealed, err := a.Seal([]byte("the-token"), []byte("key-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(sealed, []byte("the-token")) {
+		t.Fatal("sealed value contains the plaintext")
+	}
+	tampered := append([]byte(nil), sealed...)
+	tampered[len(tampered)-1] ^= 1
+	tests := []struct {
+		name    string
+		kr      *Keyring
+		sealed  []byte
+		ad      string
+		want    string
+		wantErr error
+	}{
+		{name: "same key and ad", kr: a, sealed: sealed, ad: "key-1", want: "the-token"},
+		{name: "other ad (value moved to another key)", kr: a, sealed: sealed, ad: "key-2", wantErr: ErrOpen},
+		{name: "other key", kr: b, sealed: sealed, ad: "key-1", wantErr: ErrUnknownKey},
+		{name: "rotated: old key still opens", kr: rotated, sealed: sealed, ad: "key-1", want: "the-token"},
+		{name: "tampered", kr: a, sealed: tampered, ad: "key-1", wantErr: ErrOpen},
+		{name: "not sealed", kr: a, sealed: []byte("the-token"), ad: "key-1", wantErr: ErrMalformed},
+		{name: "empty", kr: a, sealed: nil, ad: "key-1", wantErr: ErrMalformed},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := tt.kr.Open(tt.sealed, []byte(tt.ad))
+			if !errors.Is(err, tt.wantErr) {
+				t.Fatalf("Open error = %v; want %v", err, tt.wantErr)
+			}
+			if string(got) != tt.want {
+				t.Fatalf("Open = %q; want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestRotationSealsWithNewKey(t *testing.T) {
+	a, _ := New(testKey(1))
+	rotated, _ := New(testKey(2), testKey(1))
+	b, _ := New(testKey(2))
+	sealed, err := rotated.Seal([]byte("v"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Open(sealed, nil); !errors.Is(err, ErrUnknownKey) {
+		t.Fatalf("old key alone opened a value sealed after rotation: %v", err)
+	}
+	if got, err := b.Open(sealed, nil); err != nil || string(got) != "v" {
+		t.Fatalf("new key: %q, %v", got, err)
+	}
+	if !rotated.Current(sealed) {
+		t.Fatal("Current = false for a value sealed with the current key")
+	}
+	old, _ := a.Seal([]byte("v"), nil)
+	if rotated.Current(old) {
+		t.Fatal("Current = true for a value sealed with the old key")
+	}
+	if d := rotated.Derive("names"); len(d) != 2 || bytes.Equal(d[0], d[1]) || bytes.Equal(d[0], testKey(2)) {
+		t.Fatal("Derive: want one distinct subkey per key, not the key itself")
+	}
+}
+
+func TestSealUsesFreshNonces(t *testing.T) {
+	a, _ := New(testKey(1))
+	x, _ := a.Seal([]byte("v"), nil)
+	y, _ := a.Seal([]byte("v"), nil)
+	if bytes.Equal(x, y) {
+		t.Fatal("two seals of one value are equal: the nonce is not random")
+	}
+}
+
+func TestKeys(t *testing.T) {
+	secret := base64.StdEncoding.EncodeToString(testKey(7))
+	tests := []struct {
+		name, in string
+		wantErr  string
+	}{
+		{name: "std", in: secret},
+		{name: "with newline, as in a file", in: secret + "\n"},
+		{name: "raw url", in: base64.RawURLEncoding.EncodeToString(testKey(7))},
+		{name: "short", in: base64.StdEncoding.EncodeToString(testKey(7)[:16]), wantErr: "16 bytes; want 32"},
+		{name: "not base64", in: "not base64!" + secret, wantErr: "not valid base64"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			k, err := ParseKey(tt.in)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("ParseKey error = %v; want %q", err, tt.wantErr)
+				}
+				if strings.Contains(err.Error(), secret) {
+					t.Fatal("the error reveals the key")
+				}
+				return
+			}
+			if err != nil || !bytes.Equal(k, testKey(7)) {
+				t.Fatalf("ParseKey = %x, %v", k, err)
+			}
+		})
+	}
+	if _, err := New(testKey(1), testKey(2)[:5]); err == nil || !strings.Contains(err.Error(), "old encryption key 1 is 5 bytes") {
+		t.Fatalf("New with a short old key: %v", err)
+	}
+}
