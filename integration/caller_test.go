@@ -5,6 +5,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -55,6 +56,7 @@ func TestCallerPolicy(t *testing.T) {
 			"\t\t\tallow system:serviceaccount:payments:api acme\n\t\t\tallow system:serviceaccount:ops:admin *\n\t\t}\n", 1)
 	base := startCaddy(t, cf)
 
+	const noToken, badToken = `Bearer realm="token_broker"`, `Bearer realm="token_broker", error="invalid_token"`
 	payments := iss.token(t, issURL, "system:serviceaccount:payments:api", "token-broker", time.Now().Add(time.Hour))
 	admin := iss.token(t, issURL, "system:serviceaccount:ops:admin", "token-broker", time.Now().Add(time.Hour))
 	tests := []struct {
@@ -63,16 +65,19 @@ func TestCallerPolicy(t *testing.T) {
 		merchant   string
 		wantStatus int
 		wantError  string
+		// wantChallenge is the WWW-Authenticate answer (RFC 6750 §3.1):
+		// no error code without a token, invalid_token for a bad one.
+		wantChallenge string
 	}{
-		{"allowed merchant", payments, "acme", 200, ""},
-		{"other merchant", payments, "globex", 403, "caller_forbidden"},
-		{"wildcard", admin, "globex", 200, ""},
-		{"no JWT", "", "acme", 401, "caller_unauthenticated"},
-		{"expired", iss.token(t, issURL, "system:serviceaccount:payments:api", "token-broker", time.Now().Add(-time.Minute)), "acme", 401, "caller_unauthenticated"},
-		{"wrong audience", iss.token(t, issURL, "system:serviceaccount:payments:api", "someone-else", time.Now().Add(time.Hour)), "acme", 401, "caller_unauthenticated"},
-		{"wrong issuer", iss.token(t, "https://evil", "system:serviceaccount:payments:api", "token-broker", time.Now().Add(time.Hour)), "acme", 401, "caller_unauthenticated"},
-		{"garbage", "not.a.jwt", "acme", 401, "caller_unauthenticated"},
-		{"unknown subject", iss.token(t, issURL, "system:serviceaccount:x:y", "token-broker", time.Now().Add(time.Hour)), "acme", 403, "caller_forbidden"},
+		{"allowed merchant", payments, "acme", 200, "", ""},
+		{"other merchant", payments, "globex", 403, "caller_forbidden", ""},
+		{"wildcard", admin, "globex", 200, "", ""},
+		{"no JWT", "", "acme", 401, "caller_unauthenticated", noToken},
+		{"expired", iss.token(t, issURL, "system:serviceaccount:payments:api", "token-broker", time.Now().Add(-time.Minute)), "acme", 401, "caller_unauthenticated", badToken},
+		{"wrong audience", iss.token(t, issURL, "system:serviceaccount:payments:api", "someone-else", time.Now().Add(time.Hour)), "acme", 401, "caller_unauthenticated", badToken},
+		{"wrong issuer", iss.token(t, "https://evil", "system:serviceaccount:payments:api", "token-broker", time.Now().Add(time.Hour)), "acme", 401, "caller_unauthenticated", badToken},
+		{"garbage", "not.a.jwt", "acme", 401, "caller_unauthenticated", badToken},
+		{"unknown subject", iss.token(t, issURL, "system:serviceaccount:x:y", "token-broker", time.Now().Add(time.Hour)), "acme", 403, "caller_forbidden", ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -81,9 +86,12 @@ func TestCallerPolicy(t *testing.T) {
 			if tt.jwt != "" {
 				headers = append(headers, "Authorization", "Bearer "+tt.jwt)
 			}
-			status, body := get(t, base+"/tpp/payments", headers...)
+			status, hdr, body := getWithHeader(t, base+"/tpp/payments", headers...)
 			if status != tt.wantStatus || (tt.wantError != "" && !strings.Contains(string(body), `"`+tt.wantError+`"`)) {
 				t.Fatalf("got %d %s, want %d %s", status, body, tt.wantStatus, tt.wantError)
+			}
+			if got := hdr.Get("WWW-Authenticate"); got != tt.wantChallenge {
+				t.Fatalf("WWW-Authenticate %q, want %q", got, tt.wantChallenge)
 			}
 			if tt.wantStatus == 200 {
 				var e echo
@@ -99,4 +107,24 @@ func TestCallerPolicy(t *testing.T) {
 			}
 		})
 	}
+}
+
+// getWithHeader sends a GET with headers (name, value pairs) and returns
+// status, response header and body.
+func getWithHeader(t testing.TB, url string, headers ...string) (int, http.Header, []byte) {
+	t.Helper()
+	req, err := http.NewRequest("GET", url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Add(headers[i], headers[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header, body
 }
