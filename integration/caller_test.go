@@ -5,10 +5,15 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/json"
+	"encoding/pem"
 	"io"
+	"log"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,20 +26,47 @@ import (
 type issuer struct {
 	url    string
 	signer jose.Signer
+	// jwks is the key set it serves; fetches counts requests to it.
+	jwks    []byte
+	fetches atomic.Int64
+	// caFile is a PEM file trusting its certificate (TLS issuers only).
+	caFile string
 }
 
-func newIssuer(t *testing.T) *issuer {
+func newIssuer(t *testing.T) *issuer { return startIssuer(t, false) }
+
+// startIssuer starts an issuer, over HTTPS with a self-signed certificate
+// (its own CA, not in the system roots) when withTLS is set.
+func startIssuer(t *testing.T, withTLS bool) *issuer {
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	jwk := jose.JSONWebKey{Key: key.Public(), KeyID: "k1", Algorithm: "ES256", Use: "sig"}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		json.NewEncoder(w).Encode(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{jwk}})
-	}))
-	t.Cleanup(srv.Close)
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: "k1"}}, nil)
+	jwks, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{jwk}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &issuer{url: srv.URL, signer: signer}
+	iss := &issuer{jwks: jwks}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		iss.fetches.Add(1)
+		w.Write(jwks)
+	}))
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // handshakes refused by untrusting clients
+	if withTLS {
+		srv.StartTLS()
+		iss.caFile = filepath.Join(t.TempDir(), "issuer-ca.pem")
+		pemBytes := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
+		if err := os.WriteFile(iss.caFile, pemBytes, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		srv.Start()
+	}
+	t.Cleanup(srv.Close)
+	iss.url = srv.URL
+	iss.signer, err = jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: "k1"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return iss
 }
 
 func (i *issuer) token(t *testing.T, iss, sub, aud string, exp time.Time) string {
@@ -127,4 +159,48 @@ func getWithHeader(t testing.TB, url string, headers ...string) (int, http.Heade
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, resp.Header, body
+}
+
+// TestCallerPolicyKeySources loads the callers block through Caddy with
+// each way of getting the issuer's keys: ca_file trusts an issuer behind
+// TLS with a CA of its own (without it the keys are unavailable), and
+// jwks_file needs no request to the issuer at all.
+func TestCallerPolicyKeySources(t *testing.T) {
+	startSandbox(t)
+	const issURL = "https://kubernetes.default.svc"
+	tlsIss := startIssuer(t, true)
+	fileIss := newIssuer(t)
+	jwksFile := filepath.Join(t.TempDir(), "jwks.json")
+	if err := os.WriteFile(jwksFile, fileIss.jwks, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name       string
+		iss        *issuer
+		keys       string // the callers lines that give the keys
+		wantStatus int
+		wantFetch  bool
+	}{
+		{"ca_file", tlsIss, "jwks_url " + tlsIss.url + "\n\t\t\tca_file " + tlsIss.caFile, 200, true},
+		{"system roots", tlsIss, "jwks_url " + tlsIss.url, 503, false},
+		{"jwks_file", fileIss, "jwks_file " + jwksFile, 200, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cf := strings.Replace(sandboxCaddyfile(t), "\t\tconfig {$TOKEN_BROKER_CONFIG:examples/sandbox/merchants.toml}\n",
+				"\t\tconfig {$TOKEN_BROKER_CONFIG:examples/sandbox/merchants.toml}\n"+
+					"\t\tcallers {\n\t\t\tissuer "+issURL+"\n\t\t\taudience token-broker\n\t\t\t"+tt.keys+"\n"+
+					"\t\t\tallow system:serviceaccount:payments:api acme\n\t\t}\n", 1)
+			base := startCaddy(t, cf)
+			before := tt.iss.fetches.Load()
+			tok := tt.iss.token(t, issURL, "system:serviceaccount:payments:api", "token-broker", time.Now().Add(time.Hour))
+			status, body := get(t, base+"/tpp/payments", "X-Merchant-Id", "acme", "Authorization", "Bearer "+tok)
+			if status != tt.wantStatus {
+				t.Fatalf("got %d %s, want %d", status, body, tt.wantStatus)
+			}
+			if fetched := tt.iss.fetches.Load() > before; fetched != tt.wantFetch {
+				t.Fatalf("key set fetched: %v, want %v", fetched, tt.wantFetch)
+			}
+		})
+	}
 }
