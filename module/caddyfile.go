@@ -228,7 +228,20 @@ func parseCallers(d *caddyfile.Dispenser) (*CallerPolicy, error) {
 			p.Audience = v
 		case "jwks_url":
 			p.JWKSURL = v
+		case "jwks_file":
+			p.JWKSFile = v
+		case "ca_file":
+			p.CAFile = v
+		case "refresh_interval":
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur <= 0 {
+				return nil, d.Errf("refresh_interval '%s': want a positive duration like 30s", v)
+			}
+			p.RefreshInterval = caddy.Duration(dur)
 		case "header":
+			if !IsLogRedactedHeader(v) {
+				return nil, d.Errf("callers header '%s': the caller JWT can only be in Authorization or Proxy-Authorization, which Caddy's logs redact", v)
+			}
 			p.Header = v
 		default:
 			return nil, d.Errf("unrecognized callers subdirective '%s'", sub)
@@ -236,6 +249,9 @@ func parseCallers(d *caddyfile.Dispenser) (*CallerPolicy, error) {
 	}
 	if p.Issuer == "" || p.Audience == "" {
 		return nil, d.Err("callers needs issuer and audience")
+	}
+	if p.JWKSFile != "" && (p.JWKSURL != "" || p.CAFile != "") {
+		return nil, d.Err("callers: jwks_file holds the keys: drop jwks_url and ca_file, which would not be used")
 	}
 	return p, nil
 }

@@ -3,10 +3,13 @@ package module
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/textproto"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -22,6 +25,13 @@ import (
 // merchants each may act for. Without a policy, any caller that can reach the
 // sidecar acts for any merchant, which is why the default Caddyfile binds to
 // 127.0.0.1 only.
+//
+// The issuer's keys are fetched at most once per RefreshInterval for tokens
+// whose key id (kid) is known, at most once per 5 s for a kid not seen
+// before (a key rotation), and again when they are 5 minutes old: a forged
+// token costs the issuer nothing. A verified JWT is trusted until it
+// expires, for at most 5 minutes, without being checked again: revoking
+// it at the issuer is not seen before then.
 type CallerPolicy struct {
 	// Issuer is the JWT issuer (iss) to trust. Required.
 	Issuer string `json:"issuer,omitempty"`
@@ -33,8 +43,25 @@ type CallerPolicy struct {
 	// jwks_uri of the issuer's OpenID discovery document.
 	JWKSURL string `json:"jwks_url,omitempty"`
 
-	// Header carries the caller's JWT, as "Bearer <jwt>". Default
-	// Authorization. It is removed before the request goes upstream.
+	// JWKSFile is a file holding the issuer's public keys as a JWK set
+	// (RFC 7517), read when the config is loaded: no discovery and no key
+	// fetch ever happen; a key rotation needs a new file and a reload.
+	// Excludes jwks_url and ca_file.
+	JWKSFile string `json:"jwks_file,omitempty"`
+
+	// CAFile is a PEM file of the CA certificates trusted for the
+	// issuer's discovery document and key set. It replaces the system
+	// roots for these two requests (include a public CA in the file if
+	// jwks_uri is on a public host). Default: the system roots.
+	CAFile string `json:"ca_file,omitempty"`
+
+	// RefreshInterval is the shortest time between two fetches of the
+	// issuer's key set caused by tokens whose kid is known. Default 30s.
+	RefreshInterval caddy.Duration `json:"refresh_interval,omitempty"`
+
+	// Header carries the caller's JWT, as "Bearer <jwt>": Authorization
+	// (default) or Proxy-Authorization, the request headers Caddy's logs
+	// redact. It is removed before the request goes upstream.
 	Header string `json:"header,omitempty"`
 
 	// Allow maps a caller's subject (sub) to the merchants it may act
@@ -42,6 +69,9 @@ type CallerPolicy struct {
 	Allow map[string][]string `json:"allow,omitempty"`
 
 	header   string
+	client   *http.Client
+	keys     *keySet
+	now      func() time.Time // tests move it
 	mu       sync.Mutex
 	verifier *oidc.IDTokenVerifier
 	ctx      context.Context
@@ -52,8 +82,19 @@ type CallerPolicy struct {
 	retryAt  time.Time // no discovery before, after a failed one
 }
 
-// discoveryClient fetches the caller issuer's discovery document and keys.
-var discoveryClient = &http.Client{Timeout: 10 * time.Second}
+// LogRedactedHeaders are the request headers that may carry a credential:
+// Caddy's access logs redact them (unless should_log_credentials is set),
+// and reverse_proxy's debug logs too. Any other header is logged in clear.
+var LogRedactedHeaders = []string{"Authorization", "Proxy-Authorization"}
+
+// IsLogRedactedHeader reports whether Caddy's logs redact the request
+// header name (in any case).
+func IsLogRedactedHeader(name string) bool {
+	return slices.Contains(LogRedactedHeaders, textproto.CanonicalMIMEHeaderKey(name))
+}
+
+// discoveryTimeout bounds one discovery or key-set request.
+const discoveryTimeout = 10 * time.Second
 
 // discoveryRetry is how long a failed discovery of the caller issuer is
 // remembered.
@@ -62,6 +103,9 @@ const discoveryRetry = 5 * time.Second
 // maxVerifiedTTL bounds how long a verified caller JWT is trusted without
 // checking it again.
 const maxVerifiedTTL = 5 * time.Minute
+
+// challengeRealm is the realm of the WWW-Authenticate challenge.
+const challengeRealm = "token_broker"
 
 // provision checks the policy and prepares its verifier.
 func (p *CallerPolicy) provision(ctx caddy.Context) error {
@@ -79,57 +123,135 @@ func (p *CallerPolicy) provision(ctx caddy.Context) error {
 	if p.Header == "" {
 		p.Header = "Authorization"
 	}
+	if !IsLogRedactedHeader(p.Header) {
+		return fmt.Errorf("token_broker callers: header %q: the caller JWT can only be in Authorization or Proxy-Authorization, which Caddy's logs redact; another header would be logged in clear", p.Header)
+	}
+	if p.RefreshInterval < 0 {
+		return fmt.Errorf("token_broker callers: refresh_interval %s must not be negative", time.Duration(p.RefreshInterval))
+	}
+	if p.JWKSFile != "" && (p.JWKSURL != "" || p.CAFile != "") {
+		return errors.New("token_broker callers: jwks_file holds the keys: drop jwks_url and ca_file, which would not be used")
+	}
 	p.header = textproto.CanonicalMIMEHeaderKey(p.Header)
+	if p.now == nil {
+		p.now = time.Now
+	}
 	p.ctx = ctx
 	p.verified = gocache.New(maxVerifiedTTL, time.Minute)
+	interval := time.Duration(p.RefreshInterval)
+	if interval == 0 {
+		interval = DefaultKeysRefreshInterval
+	}
+	repl := caddy.NewReplacer()
+	if p.JWKSFile != "" {
+		path := repl.ReplaceKnown(p.JWKSFile, "")
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("token_broker callers: jwks_file: %w", err)
+		}
+		keys, err := parseJWKS(data)
+		if err != nil {
+			return fmt.Errorf("token_broker callers: jwks_file %s: %w", path, err)
+		}
+		p.keys = &keySet{keys: keys, now: p.now}
+		p.verifier = oidc.NewVerifier(p.Issuer, p.keys, p.config())
+		return nil
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	if p.CAFile != "" {
+		path := repl.ReplaceKnown(p.CAFile, "")
+		pem, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("token_broker callers: ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("token_broker callers: ca_file %s: no PEM certificate in it", path)
+		}
+		tr.TLSClientConfig.RootCAs = pool
+	}
+	p.client = &http.Client{Transport: tr, Timeout: discoveryTimeout,
+		// Discovery and keys are public: a redirect is not followed to
+		// somewhere the operator did not name.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	p.keys = &keySet{url: p.JWKSURL, client: p.client, interval: interval, now: p.now}
 	if p.JWKSURL != "" {
-		p.verifier = oidc.NewVerifier(p.Issuer, oidc.NewRemoteKeySet(oidc.ClientContext(ctx, discoveryClient), p.JWKSURL), p.config())
+		p.verifier = oidc.NewVerifier(p.Issuer, p.keys, p.config())
 	}
 	return nil
 }
 
 func (p *CallerPolicy) config() *oidc.Config {
-	return &oidc.Config{ClientID: p.Audience,
-		SupportedSigningAlgs: []string{oidc.RS256, oidc.RS384, oidc.RS512, oidc.ES256, oidc.ES384, oidc.ES512, oidc.PS256, oidc.PS384, oidc.PS512, oidc.EdDSA}}
+	algs := make([]string, len(callerAlgs))
+	for i, a := range callerAlgs {
+		algs[i] = string(a)
+	}
+	return &oidc.Config{ClientID: p.Audience, SupportedSigningAlgs: algs, Now: p.now}
 }
 
-// verifierFor returns the verifier, discovering the issuer's keys on first
-// use; a failed discovery is tried again on the next request.
+// verifierFor returns the verifier, discovering the issuer's key-set URL
+// on first use; a failed discovery is tried again after discoveryRetry.
 func (p *CallerPolicy) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.verifier != nil {
 		return p.verifier, nil
 	}
-	if time.Now().Before(p.retryAt) {
+	if p.now().Before(p.retryAt) {
 		return nil, fmt.Errorf("discovering the caller issuer %s: failed less than %s ago", p.Issuer, discoveryRetry)
 	}
 	// Bounded: requests wait on this (one at a time), so a slow issuer
 	// must not hold them, and a failing one is not asked on every request.
-	dctx, cancel := context.WithTimeout(oidc.ClientContext(p.ctx, discoveryClient), 10*time.Second)
+	dctx, cancel := context.WithTimeout(oidc.ClientContext(p.ctx, p.client), discoveryTimeout)
 	defer cancel()
 	prov, err := oidc.NewProvider(dctx, p.Issuer)
 	if err != nil {
-		p.retryAt = time.Now().Add(discoveryRetry)
+		p.retryAt = p.now().Add(discoveryRetry)
 		return nil, fmt.Errorf("discovering the caller issuer %s: %w", p.Issuer, err)
 	}
-	p.verifier = prov.Verifier(p.config())
+	var meta struct {
+		JWKSURI string `json:"jwks_uri"`
+	}
+	if err := prov.Claims(&meta); err != nil || meta.JWKSURI == "" {
+		p.retryAt = p.now().Add(discoveryRetry)
+		return nil, fmt.Errorf("discovering the caller issuer %s: no jwks_uri in its discovery document; set jwks_url", p.Issuer)
+	}
+	p.keys.url = meta.JWKSURI // before any use of p.keys: set under p.mu, read after
+	p.verifier = oidc.NewVerifier(p.Issuer, p.keys, p.config())
 	return p.verifier, nil
 }
 
-// callerError is a refused caller: status 401 or 403 and an error code.
+// callerError is a refused caller: status 401 or 503 and an error code.
 type callerError struct {
 	status int
 	code   string
 	err    error
+	// presented says the caller sent a Bearer token (that failed), so the
+	// challenge carries error="invalid_token" (RFC 6750 §3.1).
+	presented bool
+}
+
+// challenge is the WWW-Authenticate value of the refusal, "" for none. A
+// request without a Bearer token gets the scheme and realm only, with no
+// error code (RFC 6750 §3.1); a token that fails gets invalid_token.
+func (e *callerError) challenge() string {
+	switch {
+	case e.status != http.StatusUnauthorized:
+		return ""
+	case e.presented:
+		return `Bearer realm="` + challengeRealm + `", error="invalid_token"`
+	}
+	return `Bearer realm="` + challengeRealm + `"`
 }
 
 // authenticate verifies the caller's JWT and returns its subject.
 func (p *CallerPolicy) authenticate(r *http.Request) (string, *callerError) {
 	raw := r.Header.Get(p.header)
-	scheme, jwt, ok := strings.Cut(raw, " ")
-	if !ok || !strings.EqualFold(scheme, "bearer") || jwt == "" {
-		return "", &callerError{http.StatusUnauthorized, "caller_unauthenticated", errors.New("no Bearer JWT in " + p.header)}
+	scheme, jwt, _ := strings.Cut(raw, " ")
+	jwt = strings.TrimSpace(jwt)
+	if !strings.EqualFold(scheme, "bearer") || jwt == "" {
+		return "", &callerError{status: http.StatusUnauthorized, code: "caller_unauthenticated", err: errors.New("no Bearer JWT in " + p.header)}
 	}
 	sum := sha256.Sum256([]byte(jwt))
 	key := string(sum[:])
@@ -138,13 +260,17 @@ func (p *CallerPolicy) authenticate(r *http.Request) (string, *callerError) {
 	}
 	v, err := p.verifierFor(r.Context())
 	if err != nil {
-		return "", &callerError{http.StatusServiceUnavailable, "caller_keys_unavailable", err}
+		return "", &callerError{status: http.StatusServiceUnavailable, code: "caller_keys_unavailable", err: err}
 	}
-	tok, err := v.Verify(r.Context(), jwt)
+	var unavailable bool
+	tok, err := v.Verify(context.WithValue(r.Context(), keysUnavailableKey{}, &unavailable), jwt)
 	if err != nil {
-		return "", &callerError{http.StatusUnauthorized, "caller_unauthenticated", err}
+		if unavailable {
+			return "", &callerError{status: http.StatusServiceUnavailable, code: "caller_keys_unavailable", err: err}
+		}
+		return "", &callerError{status: http.StatusUnauthorized, code: "caller_unauthenticated", err: err, presented: true}
 	}
-	if ttl := min(time.Until(tok.Expiry), maxVerifiedTTL); ttl > 0 {
+	if ttl := min(tok.Expiry.Sub(p.now()), maxVerifiedTTL); ttl > 0 {
 		p.verified.Set(key, tok.Subject, ttl)
 	}
 	return tok.Subject, nil

@@ -231,7 +231,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.callers != nil {
 		sub, cerr := h.callers.authenticate(r)
 		if cerr != nil {
-			w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+			if c := cerr.challenge(); c != "" { // caller.go: RFC 6750 §3.1
+				w.Header().Set("WWW-Authenticate", c)
+			}
 			return h.fail(w, repl, cerr.status, cerr.code, "", cerr.err)
 		}
 		caller = sub
