@@ -131,13 +131,15 @@ func (r *Registry) Binding(merchantID string, scopes []string) (*broker.Binding,
 }
 
 // ValidMerchantID reports whether s can be a merchant id: 1 to 128 ASCII
-// letters, digits and . _ - : @ , starting with a letter or a digit.
+// letters, digits and . _ - : @, starting with a letter or a digit. A comma
+// is refused: an intermediary folds two header values into one with ", ",
+// which must not make a valid id.
 func ValidMerchantID(s string) bool {
 	if s == "" || len(s) > 128 || !isAlnum(s[0]) {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
-		if !isAlnum(s[i]) && strings.IndexByte("._-:@,", s[i]) < 0 {
+		if !isAlnum(s[i]) && strings.IndexByte("._-:@", s[i]) < 0 {
 			return false
 		}
 	}

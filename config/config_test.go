@@ -458,7 +458,8 @@ scopes = ["openbanking_pisp"]
 
 func TestValidMerchantID(t *testing.T) {
 	for s, want := range map[string]bool{
-		"acme": true, "A1": true, "shop@example.com": true, "a:b,c_d-e.f": true, "0": true,
+		"acme": true, "A1": true, "shop@example.com": true, "a:b_c-d.e": true, "0": true,
+		"a:b,c_d-e.f": false, "acme, globex": false, "acme,globex": false,
 		strings.Repeat("a", 128): true, strings.Repeat("a", 129): false,
 		"": false, "-acme": false, ".acme": false, "a b": false, "a/b": false, "a%2F": false,
 		"a\r\nb": false, "a\x00": false, "аcme": false, "acme\u200b": false, "a#b": false,

@@ -197,7 +197,7 @@ func (e *entry) duration(field string, d *Duration, def, min, max time.Duration)
 func (p *parser) provider(md *toml.MetaData, name string, prim toml.Primitive) (*Provider, string) {
 	e := p.entry("providers", name)
 	if !ValidMerchantID(name) {
-		e.errf("", "invalid provider name: use 1 to 128 ASCII letters, digits and . _ - : @ , starting with a letter or a digit")
+		e.errf("", "invalid provider name: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
 	var raw providerTOML
 	if !e.decode(md, prim, &raw) {
@@ -290,7 +290,7 @@ func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client
 func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, defined map[string]string) *Merchant {
 	e := p.entry("merchants", id)
 	if !ValidMerchantID(id) {
-		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ , starting with a letter or a digit")
+		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
 	var raw merchantTOML
 	if !e.decode(md, prim, &raw) {

@@ -32,7 +32,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	token_broker [<matcher>] {
 //	    merchant <placeholder>
 //	    scopes   <scope...>
-//	    header   <name>
+//	    header   Authorization
 //	    errors   json|caddy
 //	    config   <config.toml>
 //	    interaction_id
@@ -65,6 +65,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			case "merchant":
 				h.Merchant = v
 			case "header":
+				if err := validHeader(v); err != nil {
+					return d.Err(err.Error())
+				}
 				h.Header = v
 			case "errors":
 				if v != "json" && v != "caddy" {
@@ -92,8 +95,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			n, err := humanize.ParseBytes(v)
-			if err != nil || n > 1<<30 {
-				return d.Errf("retry_body_limit '%s': want a size such as 64KiB (at most 1GiB)", v)
+			if err != nil || n > MaxRetryBodyLimit {
+				return d.Errf("retry_body_limit '%s': want a size such as 64KiB (at most 16MiB: each retryable request holds its body in memory)", v)
 			}
 			h.RetryBodyLimit = int64(n)
 		case "scopes":

@@ -22,11 +22,14 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				config /etc/tb/merchants.toml
 				merchant {http.request.header.X-Org}
 				scopes openbanking_aisp openbanking_pisp
-				header X-Api-Token
+				header authorization
 				errors caddy
 			}`,
 			want: Handler{Config: "/etc/tb/merchants.toml", Merchant: "{http.request.header.X-Org}",
-				Scopes: []string{"openbanking_aisp", "openbanking_pisp"}, Header: "X-Api-Token", Errors: "caddy"}},
+				Scopes: []string{"openbanking_aisp", "openbanking_pisp"}, Header: "authorization", Errors: "caddy"}},
+		{name: "Proxy-Authorization header", input: "token_broker {\n header Proxy-Authorization\n}", wantErr: "reverse_proxy removes Proxy-Authorization"},
+		{name: "other header", input: "token_broker {\n header X-Api-Token\n}", wantErr: "only be set in Authorization, which Caddy's logs redact, at Testfile:2"},
+		{name: "body limit too large", input: "token_broker {\n retry_body_limit 1GiB\n}", wantErr: "at most 16MiB"},
 		{name: "interaction id", input: "token_broker {\n interaction_id\n}", want: Handler{InteractionID: true}},
 		{name: "interaction id with an argument", input: "token_broker {\n interaction_id yes\n}", wantErr: "wrong argument count"},
 		{name: "retry", input: "token_broker {\n retry_on_401 any\n retry_body_limit 1MiB\n}", want: Handler{RetryOn401: "any", RetryBodyLimit: 1 << 20}},
@@ -34,10 +37,10 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{name: "bad body limit", input: "token_broker {\n retry_body_limit lots\n}", wantErr: "retry_body_limit 'lots'"},
 		{name: "argument", input: `token_broker merchants.toml`, wantErr: "takes no arguments (got 'merchants.toml')"},
 		{name: "unknown", input: "token_broker {\n  scope x\n}", wantErr: "unrecognized subdirective 'scope', at Testfile:2"},
-		{name: "duplicate", input: "token_broker {\n header A\n header B\n}", wantErr: "duplicate subdirective 'header', at Testfile:3"},
+		{name: "duplicate", input: "token_broker {\n errors json\n errors caddy\n}", wantErr: "duplicate subdirective 'errors', at Testfile:3"},
 		{name: "empty scopes", input: "token_broker {\n scopes\n}", wantErr: "wrong argument count"},
 		{name: "bad errors", input: "token_broker {\n errors html\n}", wantErr: "errors must be json or caddy"},
-		{name: "extra arg", input: "token_broker {\n header A B\n}", wantErr: "wrong argument count"},
+		{name: "extra arg", input: "token_broker {\n header Authorization B\n}", wantErr: "wrong argument count"},
 		{name: "broker setting on a route", input: "token_broker {\n leeway 2s\n}", wantErr: "unrecognized subdirective 'leeway'"},
 	}
 	for _, tt := range tests {

@@ -6,12 +6,10 @@ package module
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/textproto"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -22,7 +20,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -42,9 +39,11 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // cache, shared by every token_broker handler with the same broker settings
 // and kept across config reloads, or from the merchant's provider.
 //
-// Before the request goes on, the merchant header (when the merchant comes
-// from a header) and any Authorization header the caller sent are removed:
-// nothing the caller sends can override the injected token.
+// Before the request goes on, the outbound-header contract (headers.go) is
+// applied: the caller's credentials, the merchant header and the caller-JWT
+// header are removed, Connection options and trailers naming them are
+// removed or refused, and the token is set: nothing the caller sends can
+// remove, replace or reveal the injected token.
 //
 // This handler sets these placeholders (never the token itself):
 //
@@ -57,8 +56,9 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // `{http.token_broker.cache}` | How the token was found: hit, refresh, miss, shared
 // `{http.token_broker.error}` | On failure, the error code sent to the caller
 //
-// Errors are answered with a JSON body {"error", "message", "merchant"}:
-// 400 when the merchant is missing or malformed, 403 when it is not in the
+// Errors are answered with a JSON body {"error", "message", "merchant"}
+// (errors.go): 400 when the merchant is missing or malformed or a trailer
+// names a header the broker owns, 405 for TRACE, 403 when the merchant is not in the
 // registry, 502 when the token API fails, 504 when it times out. With
 // `errors caddy` they are returned as caddyhttp.Errors instead, for
 // handle_errors routes.
@@ -77,7 +77,10 @@ type Handler struct {
 	Scopes []string `json:"scopes,omitempty"`
 
 	// Header is the request header the token is set in, as
-	// "Bearer <token>". Default: Authorization.
+	// "Bearer <token>". Default and only accepted value: Authorization.
+	// Proxy-Authorization is refused: reverse_proxy removes it as a
+	// hop-by-hop header, so the upstream would get no credential; any
+	// other header would be logged in clear by Caddy.
 	Header string `json:"header,omitempty"`
 
 	// Errors chooses how failures are answered: "json" (default) writes a
@@ -98,8 +101,12 @@ type Handler struct {
 	RetryOn401 string `json:"retry_on_401,omitempty"`
 
 	// RetryBodyLimit is the largest request body, in bytes, kept in memory
-	// so that the request can be retried after a 401. Larger requests are
-	// streamed and not retried. Default 65536.
+	// so that the request can be retried after a 401: only a body whose
+	// length is known in advance (Content-Length) is kept. Larger bodies,
+	// bodies of unknown length (chunked) and requests marked
+	// `Incremental: ?1` are streamed as they arrive and not retried (the
+	// caller gets the 401; the token is still purged). Default 65536, at
+	// most 16 MiB.
 	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
 
 	callers        *CallerPolicy
@@ -114,7 +121,8 @@ type Handler struct {
 // binding is what the handler knows about one merchant on its route.
 type binding struct {
 	*broker.Binding
-	provider string
+	provider     string // the provider's name in the registry
+	providerType string // its type ("nuapay", "oauth2"), for messages
 
 	// Placeholder values boxed once, so that setting them on every
 	// request does not allocate.
@@ -197,10 +205,25 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("token_broker: %s: %w", reg.Path, err)
 		}
 		b.Observer = h
-		h.bindings[id] = newBinding(b, m.Provider)
+		nb := newBinding(b, m.Provider)
+		if p := reg.Providers[m.Provider]; p != nil {
+			nb.providerType = p.Type
+		}
+		h.bindings[id] = nb
 	}
 	h.instrument(app.metrics)
 	return nil
+}
+
+// validHeader checks the header the token is set in: see Validate.
+func validHeader(name string) error {
+	switch textproto.CanonicalMIMEHeaderKey(name) {
+	case "", "Authorization":
+		return nil
+	case "Proxy-Authorization":
+		return fmt.Errorf("header %q: reverse_proxy removes Proxy-Authorization before the upstream (it is hop-by-hop), so the upstream would get no credential: use Authorization (the default)", name)
+	}
+	return fmt.Errorf("header %q: the token can only be set in Authorization, which Caddy's logs redact", name)
 }
 
 // Validate checks the handler's configuration.
@@ -208,25 +231,36 @@ func (h *Handler) Validate() error {
 	if h.Errors != "json" && h.Errors != "caddy" {
 		return fmt.Errorf("token_broker: errors %q must be json or caddy", h.Errors)
 	}
-	// Caddy's logs redact these two headers only: a token in any other
-	// header would be logged in clear by reverse_proxy at debug level.
-	if c := textproto.CanonicalMIMEHeaderKey(h.Header); h.Header != "" && c != "Authorization" && c != "Proxy-Authorization" {
-		return fmt.Errorf("token_broker: header %q: the token can only be set in Authorization or Proxy-Authorization, which Caddy's logs redact", h.Header)
+	// Caddy's logs redact Authorization and Proxy-Authorization only: a
+	// token in any other header would be logged in clear by reverse_proxy
+	// at debug level. Proxy-Authorization is hop-by-hop (RFC 9110
+	// §11.7.2): reverse_proxy always removes it, so the upstream would get
+	// no credential and answer 401 to every request. That leaves
+	// Authorization.
+	if err := validHeader(h.Header); err != nil {
+		return fmt.Errorf("token_broker: %w", err)
 	}
 	switch h.RetryOn401 {
 	case "", "invalid_token", "any", "off":
 	default:
 		return fmt.Errorf("token_broker: retry_on_401 %q must be invalid_token, any or off", h.RetryOn401)
 	}
-	if h.RetryBodyLimit < 0 {
-		return fmt.Errorf("token_broker: retry_body_limit %d must not be negative", h.RetryBodyLimit)
+	if h.RetryBodyLimit < 0 || h.RetryBodyLimit > MaxRetryBodyLimit {
+		return fmt.Errorf("token_broker: retry_body_limit %d: must be between 0 (the default, %d bytes) and %d bytes (%d MiB); the body of each retryable request is held in memory",
+			h.RetryBodyLimit, DefaultRetryBodyLimit, MaxRetryBodyLimit, MaxRetryBodyLimit>>20)
 	}
 	return nil
 }
 
-// ServeHTTP sets the merchant's token on the request and calls next.
+// ServeHTTP sets the merchant's token on the request and calls next. What
+// the request carries when it goes on is decided by the outbound-header
+// contract (headers.go).
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	out := h.outbound()
+	if status, code := out.check(r); status != 0 {
+		return h.fail(w, repl, refusal{status: status, code: code})
+	}
 	var caller string
 	if h.callers != nil {
 		sub, cerr := h.callers.authenticate(r)
@@ -234,35 +268,28 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			if c := cerr.challenge(); c != "" { // caller.go: RFC 6750 §3.1
 				w.Header().Set("WWW-Authenticate", c)
 			}
-			return h.fail(w, repl, cerr.status, cerr.code, "", cerr.err)
+			return h.fail(w, repl, refusal{status: cerr.status, code: cerr.code, cause: cerr.err})
 		}
 		caller = sub
-		r.Header.Del(h.callers.header)
 	}
 	merchant, status, code := h.merchantOf(r, repl)
 	if status != 0 {
-		return h.fail(w, repl, status, code, "", nil)
+		return h.fail(w, repl, refusal{status: status, code: code})
 	}
 	if h.callers != nil && !h.callers.allows(caller, merchant) {
-		return h.fail(w, repl, http.StatusForbidden, "caller_forbidden", merchant, nil)
+		return h.fail(w, repl, refusal{status: http.StatusForbidden, code: "caller_forbidden", merchant: merchant})
 	}
 	b, ok := h.bindings[merchant]
 	if !ok {
-		return h.fail(w, repl, http.StatusForbidden, "unknown_merchant", merchant, nil)
+		return h.fail(w, repl, refusal{status: http.StatusForbidden, code: "unknown_merchant", merchant: merchant})
 	}
 	e, res, err := h.token(r.Context(), b) // tracing.go: the token span
 	if err != nil {
 		status, code := classify(err)
-		return h.fail(w, repl, status, code, merchant, err)
+		return h.fail(w, repl, refusal{status: status, code: code, merchant: merchant, providerType: b.providerType, cause: err})
 	}
-	// The keys are canonical already: delete without canonicalising again.
-	if h.merchantHeader != "" {
-		delete(r.Header, h.merchantHeader)
-	}
-	delete(r.Header, "Authorization")
 	served := b.served(e)
-	// A slice of its own: later handlers may change header values in place.
-	r.Header[h.header] = []string{e.Header()}
+	out.prepare(r, e.Header())
 
 	repl.Set("http.token_broker.merchant", b.merchantV)
 	repl.Set("http.token_broker.organisation", b.organisationV)
@@ -272,7 +299,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.InteractionID && len(r.Header[interactionIDHeader]) == 0 {
 		r.Header[interactionIDHeader] = []string{uuid.NewString()}
 	}
-	return h.forward(w, r, next, b, e)
+	return h.forward(w, r, next, out, b, e)
 }
 
 // merchantOf reads and checks the merchant of a request. A non-zero status
@@ -297,83 +324,6 @@ func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, int
 		return "", http.StatusBadRequest, "invalid_merchant"
 	}
 	return merchant, 0, ""
-}
-
-// errorMessages are the messages sent to callers, by error code. They tell
-// the caller what to do and reveal nothing about credentials or tokens.
-var errorMessages = map[string]string{
-	"missing_merchant":        "the request does not say which merchant it is for: set the merchant header (default X-Merchant-Id)",
-	"ambiguous_merchant":      "the request names the merchant more than once: send one merchant header",
-	"invalid_merchant":        "the merchant id is malformed: 1 to 128 ASCII letters, digits and . _ - : @",
-	"unknown_merchant":        "this merchant is not in the token broker's registry",
-	"token_unavailable":       "the provider's token API failed; the request was not forwarded",
-	"token_timeout":           "the provider's token API did not answer in time; the request was not forwarded",
-	"token_refused":           "the provider refused to issue a token for this merchant; check the merchant's organisation, scopes and the partner credentials",
-	"client_gone":             "the request was cancelled while waiting for a token",
-	"caller_unauthenticated":  "the caller must present a valid JWT from the trusted issuer, for this sidecar's audience, as a Bearer token",
-	"caller_keys_unavailable": "the caller's JWT cannot be checked now: the issuer's keys are unavailable",
-	"caller_forbidden":        "this caller may not act for this merchant",
-	"token_api_down":          "the provider's token API keeps failing, so the broker is not calling it for a while; retry after the Retry-After delay",
-	"token_rate_limited":      "the provider's token API asked the broker to slow down; retry after the Retry-After delay",
-	"token_bad_response":      "the provider's token API answered with something that is not a usable token; the request was not forwarded",
-}
-
-// errorBody is the JSON body of a refused request.
-type errorBody struct {
-	Error    string `json:"error"`
-	Message  string `json:"message"`
-	Merchant string `json:"merchant,omitempty"`
-}
-
-// classify maps a token failure to the caller's status and error code.
-func classify(err error) (int, string) {
-	var ae *broker.APIError
-	var re *broker.RequestError
-	var ue *broker.UnavailableError
-	var ce *oauth.ConsentRequiredError
-	switch {
-	case errors.Is(err, context.Canceled):
-		return 499, "client_gone"
-	case errors.As(err, &ce):
-		return http.StatusBadGateway, "consent_required"
-	case errors.As(err, &ue):
-		return http.StatusServiceUnavailable, "token_api_down"
-	case broker.IsTimeout(err):
-		return http.StatusGatewayTimeout, "token_timeout"
-	case errors.As(err, &re):
-		return http.StatusBadGateway, "token_refused"
-	case errors.As(err, &ae) && ae.StatusCode == http.StatusTooManyRequests:
-		return http.StatusServiceUnavailable, "token_rate_limited"
-	case errors.As(err, &ae) && ae.StatusCode >= 200 && ae.StatusCode < 300:
-		return http.StatusBadGateway, "token_bad_response"
-	case errors.As(err, &ae) && !ae.Temporary():
-		return http.StatusBadGateway, "token_refused"
-	}
-	return http.StatusBadGateway, "token_unavailable"
-}
-
-// fail answers a refused request. The cause is logged (it never holds a
-// secret) but not sent to the caller.
-func (h *Handler) fail(w http.ResponseWriter, repl *caddy.Replacer, status int, code, merchant string, cause error) error {
-	repl.Set("http.token_broker.error", code)
-	if cause != nil {
-		h.logger.Warn("no token for request", zap.String("merchant", merchant), zap.String("error_code", code),
-			zap.Int("status", status), zap.Error(cause))
-		if ra := broker.RetryAfterOf(cause); ra > 0 && status == http.StatusServiceUnavailable {
-			w.Header().Set("Retry-After", strconv.Itoa(int((ra+time.Second-1)/time.Second)))
-		}
-	}
-	msg := errorMessages[code]
-	if h.Errors == "caddy" {
-		// Only the code and the message: {http.error.message} may be shown
-		// to the caller, and the cause may quote the provider (it is
-		// logged above instead).
-		return caddyhttp.Error(status, errors.New(code+": "+msg))
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Cache-Control", "no-store")
-	w.WriteHeader(status)
-	return json.NewEncoder(w).Encode(errorBody{Error: code, Message: msg, Merchant: merchant})
 }
 
 // Lookup implements broker.Observer. Lookups are counted by each binding's

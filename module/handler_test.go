@@ -90,20 +90,6 @@ func TestServeHTTPInjectsTokenAndStripsCallerHeaders(t *testing.T) {
 	}
 }
 
-func TestCustomHeader(t *testing.T) {
-	var calls atomic.Int64
-	h := newTestHandler(t, okSource(&calls), "json")
-	h.header = "Proxy-Authorization"
-	req := httptest.NewRequest("GET", "/", nil)
-	req.Header.Set("X-Merchant-Id", "acme")
-	req.Header.Set("Proxy-Authorization", "caller-chosen")
-	req.Header.Set("Authorization", "Bearer caller-chosen")
-	_, got, _ := serve(t, h, req)
-	if got.Header.Get("Proxy-Authorization") != "Bearer "+testToken || got.Header.Get("Authorization") != "" {
-		t.Fatalf("headers = %v", got.Header)
-	}
-}
-
 func TestServeHTTPRefusals(t *testing.T) {
 	tests := []struct {
 		name       string
@@ -115,6 +101,9 @@ func TestServeHTTPRefusals(t *testing.T) {
 		{"missing merchant", nil, nil, 400, "missing_merchant"},
 		{"empty merchant", []string{""}, nil, 400, "missing_merchant"},
 		{"two merchant headers", []string{"acme", "globex"}, nil, 400, "ambiguous_merchant"},
+		{"the same merchant twice", []string{"acme", "acme"}, nil, 400, "ambiguous_merchant"},
+		{"two merchants folded into one header", []string{"acme, globex"}, nil, 400, "invalid_merchant"},
+		{"comma in merchant", []string{"acme,globex"}, nil, 400, "invalid_merchant"},
 		{"path in merchant", []string{"acme/../x"}, nil, 400, "invalid_merchant"},
 		{"control character", []string{"ac\x01me"}, nil, 400, "invalid_merchant"},
 		{"unicode look-alike", []string{"аcme"}, nil, 400, "invalid_merchant"}, // Cyrillic а
@@ -170,11 +159,14 @@ func TestServeHTTPRefusals(t *testing.T) {
 	}
 }
 
+// The token goes in Authorization only: Caddy's logs redact it, and
+// reverse_proxy passes it on (Proxy-Authorization is hop-by-hop: it would
+// never reach the upstream).
 func TestHeaderMustBeRedactedByCaddy(t *testing.T) {
 	for _, tt := range []struct {
 		header string
 		ok     bool
-	}{{"", true}, {"Authorization", true}, {"proxy-authorization", true}, {"X-Api-Key", false}, {"Cookie", false}} {
+	}{{"", true}, {"Authorization", true}, {"proxy-authorization", false}, {"Proxy-Authorization", false}, {"X-Api-Key", false}, {"Cookie", false}} {
 		h := &Handler{Header: tt.header, Errors: "json"}
 		if err := h.Validate(); (err == nil) != tt.ok {
 			t.Errorf("header %q: Validate() = %v, want ok=%v", tt.header, err, tt.ok)

@@ -21,6 +21,16 @@ import (
 // request rejected with 401 can be sent again with a new token.
 const DefaultRetryBodyLimit = 64 << 10
 
+// MaxRetryBodyLimit is the largest retry_body_limit accepted: each
+// retryable request in flight holds its body in memory.
+const MaxRetryBodyLimit = 16 << 20
+
+// maxHeldBody is the largest 401 response body held back while the
+// request is retried. A longer one is passed on to the caller as it comes
+// (the token is still purged, the request is not retried): the broker never
+// holds an unbounded upstream answer.
+const maxHeldBody = 64 << 10
+
 // rejectsToken reports whether an upstream answer says the token is no good
 // and should be purged: by default a 401 with
 // `WWW-Authenticate: Bearer error="invalid_token"` (RFC 6750 §3.1); with
@@ -42,14 +52,18 @@ func (h *Handler) rejectsToken(status int, header http.Header) bool {
 }
 
 // rejectRecorder passes a response through to the client unless its status
-// and headers say the token was rejected: such a response is held back in
-// buf, so that the request can be sent again. Recorders are pooled: the
-// request path allocates nothing for them.
+// and headers say the token was rejected (rejected): such a response is held
+// back in buf (held), up to maxHeldBody bytes, so that the request can be
+// sent again. With hold false, or past maxHeldBody, it is passed through and
+// only rejected is recorded. Recorders are pooled: the request path
+// allocates nothing for them.
 type rejectRecorder struct {
 	caddyhttp.ResponseWriterWrapper
 	h           *Handler
+	hold        bool // the request can be retried: hold a rejection back
 	status      int
-	held        bool
+	rejected    bool // the upstream rejected the token
+	held        bool // the rejection is held back in buf
 	wroteHeader bool
 	buf         bytes.Buffer
 }
@@ -69,8 +83,11 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 	}
 	rr.wroteHeader, rr.status = true, status
 	if rr.h.rejectsToken(status, rr.Header()) {
-		rr.held = true
-		return
+		rr.rejected = true
+		if rr.hold {
+			rr.held = true
+			return
+		}
 	}
 	rr.ResponseWriter.WriteHeader(status)
 }
@@ -78,7 +95,12 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 func (rr *rejectRecorder) Write(p []byte) (int, error) {
 	rr.WriteHeader(http.StatusOK)
 	if rr.held {
-		return rr.buf.Write(p)
+		if rr.buf.Len()+len(p) <= maxHeldBody {
+			return rr.buf.Write(p)
+		}
+		if err := rr.release(); err != nil {
+			return 0, err
+		}
 	}
 	return rr.ResponseWriter.Write(p)
 }
@@ -86,7 +108,8 @@ func (rr *rejectRecorder) Write(p []byte) (int, error) {
 func (rr *rejectRecorder) ReadFrom(r io.Reader) (int64, error) {
 	rr.WriteHeader(http.StatusOK)
 	if rr.held {
-		return rr.buf.ReadFrom(r)
+		// Through Write, which bounds what is held.
+		return io.Copy(struct{ io.Writer }{rr}, r)
 	}
 	return rr.ResponseWriterWrapper.ReadFrom(r)
 }
@@ -98,6 +121,15 @@ func (rr *rejectRecorder) FlushError() error {
 		return nil
 	}
 	return http.NewResponseController(rr.ResponseWriter).Flush()
+}
+
+// release stops holding a rejection that grew past maxHeldBody: what was
+// held is sent, and the rest will follow as it comes.
+func (rr *rejectRecorder) release() error {
+	rr.held = false
+	err := rr.writeHeld()
+	rr.buf.Reset()
+	return err
 }
 
 // writeHeld sends the held response as it was.
@@ -141,40 +173,20 @@ func (s *headerSnapshot) restore(h http.Header) {
 }
 
 // forward calls next with the token of e set. When the upstream rejects the
-// token (see rejectsToken), the token is purged if it is still the cached
-// one, so a burst of rejections causes one new fetch, and the request is
-// sent once more with the new token, provided its body could be kept
-// (at most retry_body_limit bytes). Otherwise the caller gets the 401.
-func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *binding, e *broker.Entry) error {
+// token (see rejectsToken) of a request that still carried it as it left
+// (outbound.carries), the token is purged if it is still the cached one, so
+// a burst of rejections causes one new fetch; a 401 to a request that did
+// not carry it (a later handler removed it) purges nothing. The request is
+// then sent once more with the new token, provided it is replayable (see
+// replayBody) and the 401's body was at most maxHeldBody bytes. Otherwise
+// the caller gets the 401.
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound, b *binding, e *broker.Entry) error {
 	if h.RetryOn401 == "off" {
 		return next.ServeHTTP(w, r)
 	}
-	var body []byte
-	if r.Body != nil && r.Body != http.NoBody {
-		limit := h.RetryBodyLimit
-		if limit == 0 {
-			limit = DefaultRetryBodyLimit
-		}
-		kept, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
-		if err != nil {
-			return caddyhttp.Error(http.StatusBadRequest, err)
-		}
-		if int64(len(kept)) > limit {
-			// Too large to keep: stream it and let a 401 through, but
-			// still purge a rejected token for the requests that follow.
-			r.Body = struct {
-				io.Reader
-				io.Closer
-			}{io.MultiReader(bytes.NewReader(kept), r.Body), r.Body}
-			rec := caddyhttp.NewResponseRecorder(w, nil, nil)
-			err := next.ServeHTTP(rec, r)
-			if h.rejectsToken(rec.Status(), rec.Header()) {
-				h.purge(b, e.Token())
-			}
-			return err
-		}
-		body = kept
-		r.Body = io.NopCloser(bytes.NewReader(body))
+	replayable, body, err := h.replayBody(r, out)
+	if err != nil {
+		return err
 	}
 
 	// The first attempt's response headers land in w's header map even when
@@ -187,7 +199,8 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	// request as it is now. Copies on the stack; the retry alone allocates.
 	method, host, requestURI, url := r.Method, r.Host, r.RequestURI, *r.URL
 	rec := recorderPool.Get().(*rejectRecorder)
-	rec.ResponseWriter, rec.h, rec.status, rec.held, rec.wroteHeader = w, h, 0, false, false
+	rec.ResponseWriter, rec.h, rec.hold = w, h, replayable
+	rec.status, rec.rejected, rec.held, rec.wroteHeader = 0, false, false, false
 	rec.buf.Reset()
 	defer func() {
 		rec.ResponseWriter, rec.h = nil, nil
@@ -196,12 +209,23 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 		}
 		recorderPool.Put(rec)
 	}()
-	if err := next.ServeHTTP(rec, r); err != nil || !rec.held {
+	if err := next.ServeHTTP(rec, r); err != nil || !rec.rejected {
 		return err // passed through
 	}
 
 	rejected := e.Token()
+	if !out.carries(r, e.Header()) {
+		h.logger.Warn("upstream answered 401 to a request whose token header a later handler changed or removed; the token is kept",
+			zap.String("merchant", b.Request.Merchant), zap.String("fingerprint", rejected.Fingerprint()))
+		if rec.held {
+			return rec.writeHeld()
+		}
+		return nil
+	}
 	h.purge(b, rejected)
+	if !rec.held {
+		return nil // passed through: not replayable, or a long 401 body
+	}
 	fresh, _, err := h.broker.Get(r.Context(), b.Binding)
 	if err != nil || fresh.Token().Value == rejected.Value {
 		return rec.writeHeld() // nothing better to try: the caller gets the 401
@@ -215,11 +239,48 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	r.Method, r.Host, r.RequestURI = method, host, requestURI
 	r.URL = new(neturl.URL)
 	*r.URL = url
-	r.Header[h.header] = []string{fresh.Header()}
+	out.setToken(r, fresh.Header())
 	if body != nil {
 		r.Body = io.NopCloser(bytes.NewReader(body))
 	}
 	return next.ServeHTTP(w, r)
+}
+
+// replayBody decides whether r can be sent twice and, if it has a body,
+// reads it into memory. A request can be sent twice when it has no body, or
+// a body whose length is known (Content-Length) and at most
+// retry_body_limit, and it is not marked `Incremental: ?1`. Nothing else is
+// read before forwarding: a body of unknown length (chunked) may be a
+// stream whose end is far away, and waiting for it would stall the upload.
+func (h *Handler) replayBody(r *http.Request, out outbound) (bool, []byte, error) {
+	if out.incremental(r) {
+		return false, nil, nil
+	}
+	if r.Body == nil || r.Body == http.NoBody {
+		return true, nil, nil
+	}
+	limit := h.RetryBodyLimit
+	if limit == 0 {
+		limit = DefaultRetryBodyLimit
+	}
+	if r.ContentLength < 0 || r.ContentLength > limit {
+		return false, nil, nil
+	}
+	kept, err := io.ReadAll(io.LimitReader(r.Body, r.ContentLength+1))
+	if err != nil {
+		return false, nil, caddyhttp.Error(http.StatusBadRequest, err)
+	}
+	if int64(len(kept)) > r.ContentLength {
+		// More than announced (the server does not allow it; a handler
+		// may have changed the body): stream it, do not retry.
+		r.Body = struct {
+			io.Reader
+			io.Closer
+		}{io.MultiReader(bytes.NewReader(kept), r.Body), r.Body}
+		return false, nil, nil
+	}
+	r.Body = io.NopCloser(bytes.NewReader(kept))
+	return true, kept, nil
 }
 
 // minPurgeAge: with retry_on_401 any, a token younger than this is not

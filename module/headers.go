@@ -1,0 +1,194 @@
+package module
+
+import (
+	"io"
+	"net/http"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// outbound is the outbound-header contract: what the token_broker handler
+// guarantees about a request it passes on to the next handler (normally
+// reverse_proxy), whatever the caller sent. It is the one place that
+// decides; ServeHTTP and the 401 retry both go through it.
+//
+// The headers the contract owns are the caller's credentials
+// (Authorization, Proxy-Authorization), the header the token is set in,
+// the merchant header (when the merchant is read from a header), the
+// caller-JWT header (with a caller policy) and x-fapi-interaction-id when
+// the handler adds it (interaction_id). For these:
+//
+//   - Removed: every value the caller sent of Authorization,
+//     Proxy-Authorization, the token header, the merchant header and the
+//     caller-JWT header. A caller's x-fapi-interaction-id is passed on.
+//   - Set: the token header, to exactly one value, "Bearer <token>"; on a
+//     401 retry, to the new token.
+//   - Connection: every option of the caller's Connection header that names
+//     an owned header is removed (reverse_proxy would otherwise drop the
+//     injected token as a hop-by-hop header, the upstream would answer 401
+//     and each request would cost a token request). Other options stay, so
+//     "Connection: Upgrade" (websockets) still works. A Connection header
+//     left empty is removed.
+//   - Trailers: a request that declares a trailer naming an owned header
+//     (the Trailer header) is refused with 400 forbidden_trailer before any
+//     token lookup; an undeclared trailer naming one, which HTTP/1.1 lets a
+//     client send after a chunked body, is dropped when the body ends, before
+//     reverse_proxy copies the trailers upstream.
+//   - TRACE is refused with 405: an upstream answering it would echo the
+//     injected token back to the caller.
+//   - Incremental: a request with `Incremental: ?1` (Caddy's convention for
+//     a body that must be forwarded as it arrives) is never buffered and
+//     never retried after a 401; see [outbound.incremental].
+//
+// Proxy-Authorization can not be the token header: it is hop-by-hop (RFC
+// 9110 §11.7.2) and reverse_proxy always removes it, so the upstream would
+// get no credential (see Handler.Validate).
+type outbound struct {
+	token       string // canonical header the token is set in
+	merchant    string // canonical merchant header; "" when not read from a header
+	caller      string // canonical caller-JWT header; "" without a caller policy
+	interaction bool   // the handler adds x-fapi-interaction-id
+}
+
+// outbound returns the handler's contract. It is computed from the
+// handler's fields, so it costs nothing to build per request.
+func (h *Handler) outbound() outbound {
+	o := outbound{token: h.header, merchant: h.merchantHeader, interaction: h.InteractionID}
+	if o.token == "" {
+		o.token = "Authorization"
+	}
+	if h.callers != nil {
+		o.caller = h.callers.header
+	}
+	return o
+}
+
+// owns reports whether the header name (any case) is one of the contract's.
+func (o outbound) owns(name string) bool {
+	return strings.EqualFold(name, "Authorization") || strings.EqualFold(name, "Proxy-Authorization") ||
+		strings.EqualFold(name, o.token) ||
+		o.merchant != "" && strings.EqualFold(name, o.merchant) ||
+		o.caller != "" && strings.EqualFold(name, o.caller) ||
+		o.interaction && strings.EqualFold(name, interactionIDHeader)
+}
+
+// check refuses, before any token lookup, what the contract cannot make
+// safe: a TRACE (405) and a declared trailer naming an owned header (400).
+// A zero status means the request may go on.
+func (o outbound) check(r *http.Request) (int, string) {
+	if r.Method == http.MethodTrace {
+		return http.StatusMethodNotAllowed, "method_refused"
+	}
+	for name := range r.Trailer {
+		if o.owns(name) {
+			return http.StatusBadRequest, "forbidden_trailer"
+		}
+	}
+	return 0, ""
+}
+
+// prepare applies the contract to a request about to be passed on with the
+// token header value v ("Bearer <token>").
+func (o outbound) prepare(r *http.Request, v string) {
+	// The keys are canonical already: delete without canonicalising again.
+	delete(r.Header, "Authorization")
+	delete(r.Header, "Proxy-Authorization")
+	if o.merchant != "" {
+		delete(r.Header, o.merchant)
+	}
+	if o.caller != "" {
+		delete(r.Header, o.caller)
+	}
+	if r.Trailer != nil && r.Body != nil && r.Body != http.NoBody {
+		r.Body = &trailerFilter{ReadCloser: r.Body, r: r, o: o}
+	}
+	o.setToken(r, v)
+}
+
+// setToken sets the token header to v (also on a retry, from the request as
+// later handlers left it) and removes Connection options naming owned
+// headers.
+func (o outbound) setToken(r *http.Request, v string) {
+	// A slice of its own: later handlers may change header values in place.
+	r.Header[o.token] = []string{v}
+	if c, ok := r.Header["Connection"]; ok {
+		o.cleanConnection(r.Header, c)
+	}
+}
+
+// cleanConnection removes from the Connection header c of h every option
+// naming an owned header. It allocates only when there is one.
+func (o outbound) cleanConnection(h http.Header, c []string) {
+	dirty := false
+	for _, f := range c {
+		for opt := range strings.SplitSeq(f, ",") {
+			if o.owns(strings.TrimSpace(opt)) {
+				dirty = true
+			}
+		}
+	}
+	if !dirty {
+		return
+	}
+	var kept []string
+	for _, f := range c {
+		for opt := range strings.SplitSeq(f, ",") {
+			if opt = strings.TrimSpace(opt); opt != "" && !o.owns(opt) {
+				kept = append(kept, opt)
+			}
+		}
+	}
+	if len(kept) == 0 {
+		delete(h, "Connection")
+		return
+	}
+	h["Connection"] = []string{strings.Join(kept, ", ")}
+}
+
+// carries reports whether r, as later handlers left it, still carries the
+// token header value v exactly once and no Connection option would remove
+// it. A 401 to a request that did not carry the broker's token says nothing
+// about the token: it must not purge it (a purge costs a token request).
+func (o outbound) carries(r *http.Request, v string) bool {
+	if vals := r.Header[o.token]; len(vals) != 1 || vals[0] != v {
+		return false
+	}
+	for _, f := range r.Header["Connection"] {
+		for opt := range strings.SplitSeq(f, ",") {
+			if strings.EqualFold(strings.TrimSpace(opt), o.token) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// incremental reports whether the request asks to be forwarded as it
+// arrives (`Incremental: ?1`): its body is never buffered, so it cannot be
+// sent again after a 401.
+func (outbound) incremental(r *http.Request) bool {
+	return caddyhttp.IsIncremental(r.Header)
+}
+
+// trailerFilter drops trailers naming owned headers when the body ends,
+// before reverse_proxy (which reads the trailers at EOF) sees them. The
+// server fills r.Trailer, a map shared with every shallow copy of the
+// request, when the body's last chunk is read.
+type trailerFilter struct {
+	io.ReadCloser
+	r *http.Request
+	o outbound
+}
+
+func (t *trailerFilter) Read(p []byte) (int, error) {
+	n, err := t.ReadCloser.Read(p)
+	if err == io.EOF {
+		for name := range t.r.Trailer {
+			if t.o.owns(name) {
+				delete(t.r.Trailer, name)
+			}
+		}
+	}
+	return n, err
+}

@@ -1,0 +1,383 @@
+package module
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// TestOutboundContract: what reaches the next handler, whatever the caller
+// sent. Connection options naming an owned header are removed, so that
+// reverse_proxy cannot drop the injected token as hop-by-hop.
+func TestOutboundContract(t *testing.T) {
+	tests := []struct {
+		name           string
+		interaction    bool
+		callerHeader   string // with a caller policy
+		sent           [][2]string
+		wantConnection []string // nil: no Connection header
+		wantAbsent     []string
+	}{
+		{name: "caller credentials and the merchant header removed",
+			sent: [][2]string{{"Authorization", "Bearer caller"}, {"Authorization", "Basic eDp5"},
+				{"Proxy-Authorization", "Basic eDp5"}},
+			wantAbsent: []string{"Proxy-Authorization", "X-Merchant-Id"}},
+		{name: "Connection naming the token header",
+			sent:       [][2]string{{"Connection", "Authorization"}},
+			wantAbsent: []string{"Connection"}},
+		{name: "Connection option in any case and spacing",
+			sent:           [][2]string{{"Connection", "  aUtHoRiZaTiOn  ,keep-alive"}},
+			wantConnection: []string{"keep-alive"}},
+		{name: "Connection in two fields",
+			sent:           [][2]string{{"Connection", "keep-alive"}, {"Connection", "Proxy-Authorization, X-Merchant-Id"}},
+			wantConnection: []string{"keep-alive"}},
+		{name: "websocket upgrade kept",
+			sent:           [][2]string{{"Connection", "Upgrade, Authorization"}, {"Upgrade", "websocket"}},
+			wantConnection: []string{"Upgrade"}},
+		{name: "unrelated options kept untouched",
+			sent:           [][2]string{{"Connection", "X-Custom, keep-alive"}, {"X-Custom", "1"}},
+			wantConnection: []string{"X-Custom, keep-alive"}},
+		{name: "interaction id the broker adds",
+			interaction: true,
+			sent:        [][2]string{{"Connection", "X-Fapi-Interaction-Id"}},
+			wantAbsent:  []string{"Connection"}},
+		{name: "interaction id the broker does not add is the caller's",
+			sent:           [][2]string{{"Connection", "x-fapi-interaction-id"}},
+			wantConnection: []string{"x-fapi-interaction-id"}},
+		{name: "caller JWT header",
+			callerHeader: "X-Caller-Jwt",
+			sent:         [][2]string{{"Connection", "X-Caller-Jwt"}, {"X-Caller-Jwt", "eyJ..."}},
+			wantAbsent:   []string{"Connection", "X-Caller-Jwt"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := &Handler{header: "Authorization", merchantHeader: "X-Merchant-Id", InteractionID: tt.interaction}
+			if tt.callerHeader != "" {
+				h.callers = &CallerPolicy{header: tt.callerHeader}
+			}
+			r := httptest.NewRequest("GET", "/", nil)
+			r.Header.Set("X-Merchant-Id", "acme")
+			for _, kv := range tt.sent {
+				r.Header.Add(kv[0], kv[1])
+			}
+			h.outbound().prepare(r, "Bearer "+testToken)
+			if v := r.Header.Values("Authorization"); !slices.Equal(v, []string{"Bearer " + testToken}) {
+				t.Errorf("Authorization = %q, want the token once", v)
+			}
+			if got := r.Header["Connection"]; !slices.Equal(got, tt.wantConnection) {
+				t.Errorf("Connection = %q, want %q", got, tt.wantConnection)
+			}
+			for _, name := range tt.wantAbsent {
+				if v, ok := r.Header[name]; ok {
+					t.Errorf("%s = %q, want it removed", name, v)
+				}
+			}
+			if !h.outbound().carries(r, "Bearer "+testToken) {
+				t.Error("carries = false after prepare")
+			}
+		})
+	}
+}
+
+func TestOutboundCarries(t *testing.T) {
+	const v = "Bearer " + testToken
+	o := outbound{token: "Authorization"}
+	for _, tt := range []struct {
+		name string
+		hdr  http.Header
+		want bool
+	}{
+		{"as set", http.Header{"Authorization": {v}}, true},
+		{"removed by a later handler", http.Header{}, false},
+		{"replaced", http.Header{"Authorization": {"Bearer other"}}, false},
+		{"added to", http.Header{"Authorization": {v, "Bearer other"}}, false},
+		{"named in Connection again", http.Header{"Authorization": {v}, "Connection": {"close, authorization"}}, false},
+		{"other Connection options", http.Header{"Authorization": {v}, "Connection": {"Upgrade"}}, true},
+	} {
+		if got := o.carries(&http.Request{Header: tt.hdr}, v); got != tt.want {
+			t.Errorf("%s: carries = %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}
+
+// TestOutboundCheck: refused before any token lookup.
+func TestOutboundCheck(t *testing.T) {
+	for _, tt := range []struct {
+		name       string
+		method     string
+		trailers   []string
+		wantStatus int
+		wantCode   string
+	}{
+		{"plain", "POST", nil, 0, ""},
+		{"harmless trailer", "POST", []string{"X-Checksum"}, 0, ""},
+		{"Authorization trailer", "POST", []string{"Authorization"}, 400, "forbidden_trailer"},
+		{"Proxy-Authorization trailer", "POST", []string{"Proxy-Authorization"}, 400, "forbidden_trailer"},
+		{"merchant trailer", "POST", []string{"X-Checksum", "X-Merchant-Id"}, 400, "forbidden_trailer"},
+		{"caller JWT trailer", "POST", []string{"X-Caller-Jwt"}, 400, "forbidden_trailer"},
+		{"TRACE", "TRACE", nil, 405, "method_refused"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var calls atomic.Int64
+			h := newTestHandler(t, okSource(&calls), "json")
+			h.callers = &CallerPolicy{header: "X-Caller-Jwt"}
+			r := httptest.NewRequest(tt.method, "/", strings.NewReader("x"))
+			r.Header.Set("X-Merchant-Id", "acme")
+			for _, name := range tt.trailers {
+				if r.Trailer == nil {
+					r.Trailer = http.Header{}
+				}
+				r.Trailer[name] = nil
+			}
+			status, code := h.outbound().check(r)
+			if status != tt.wantStatus || code != tt.wantCode {
+				t.Fatalf("check = %d %q, want %d %q", status, code, tt.wantStatus, tt.wantCode)
+			}
+			if status == 0 {
+				return
+			}
+			// Refused before the caller policy, the merchant and the token.
+			rec, got, _ := serve(t, h, r)
+			if got != nil || rec.Code != tt.wantStatus || !strings.Contains(rec.Body.String(), tt.wantCode) || calls.Load() != 0 {
+				t.Fatalf("forwarded %v, %d %s, %d token calls: want %d %s and no token call", got != nil, rec.Code, rec.Body, calls.Load(), tt.wantStatus, tt.wantCode)
+			}
+		})
+	}
+}
+
+// trailingBody fills its request's trailers when it ends, as net/http does
+// with a chunked body's trailer section.
+type trailingBody struct {
+	io.Reader
+	r        *http.Request
+	trailers http.Header
+}
+
+func (b *trailingBody) Read(p []byte) (int, error) {
+	n, err := b.Reader.Read(p)
+	if err == io.EOF {
+		for k, v := range b.trailers {
+			b.r.Trailer[k] = v
+		}
+	}
+	return n, err
+}
+
+func (*trailingBody) Close() error { return nil }
+
+// TestUndeclaredTrailersDropped: a trailer naming an owned header that the
+// caller did not declare arrives with the end of the body; it is gone by the
+// time the next handler sees the end.
+func TestUndeclaredTrailersDropped(t *testing.T) {
+	var calls atomic.Int64
+	h := newTestHandler(t, okSource(&calls), "json")
+	h.RetryOn401 = "off"
+	r := httptest.NewRequest("POST", "/", nil)
+	r.Header.Set("X-Merchant-Id", "acme")
+	r.ContentLength = -1
+	r.Trailer = http.Header{"X-Checksum": nil}
+	r.Body = &trailingBody{Reader: strings.NewReader("payload"), r: r, trailers: http.Header{
+		"X-Checksum": {"abc"}, "Authorization": {"Bearer x"}, "X-Merchant-Id": {"globex"}}}
+	repl := caddy.NewReplacer()
+	r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, repl))
+	var trailers http.Header
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		if _, err := io.Copy(io.Discard, r.Body); err != nil {
+			return err
+		}
+		trailers = r.Trailer.Clone()
+		return nil
+	})
+	if err := h.ServeHTTP(httptest.NewRecorder(), r, next); err != nil {
+		t.Fatal(err)
+	}
+	want := http.Header{"X-Checksum": {"abc"}}
+	if len(trailers) != 1 || trailers.Get("X-Checksum") != "abc" {
+		t.Fatalf("trailers at next = %v, want %v", trailers, want)
+	}
+}
+
+// reject401 answers like an upstream that does not accept the token.
+func reject401(w http.ResponseWriter) {
+	w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+	w.WriteHeader(http.StatusUnauthorized)
+}
+
+// TestUpstream401WithoutTheTokenKeepsIt: a later handler removed the token
+// (or a Connection option would have): the 401 is not about the token, so
+// it is neither purged nor fetched again.
+func TestUpstream401WithoutTheTokenKeepsIt(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		alter func(http.Header)
+	}{
+		{"token removed", func(h http.Header) { delete(h, "Authorization") }},
+		{"token replaced", func(h http.Header) { h.Set("Authorization", "Bearer nope") }},
+		{"Connection naming it added", func(h http.Header) { h.Set("Connection", "Authorization") }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var calls atomic.Int64
+			h := newTestHandler(t, okSource(&calls), "json")
+			next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				tt.alter(r.Header)
+				reject401(w)
+				return nil
+			})
+			for range 5 {
+				r := httptest.NewRequest("GET", "/", nil)
+				r.Header.Set("X-Merchant-Id", "acme")
+				r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+				rec := httptest.NewRecorder()
+				if err := h.ServeHTTP(rec, r, next); err != nil || rec.Code != 401 {
+					t.Fatalf("status %d err %v, want the upstream's 401", rec.Code, err)
+				}
+			}
+			if calls.Load() != 1 {
+				t.Fatalf("token requests = %d, want 1", calls.Load())
+			}
+		})
+	}
+}
+
+// TestRetryBuffersOnlyKnownSmallBodies: a body is read before forwarding
+// only when its length is known and small and it is not Incremental; a
+// streamed upload reaches the next handler before it ends, and is not
+// retried.
+func TestRetryBuffersOnlyKnownSmallBodies(t *testing.T) {
+	for _, tt := range []struct {
+		name        string
+		length      int64 // Content-Length; -1 chunked
+		incremental bool
+		wantRetry   bool
+	}{
+		{"known small length: buffered and retried", 7, false, true},
+		{"chunked: streamed", -1, false, false},
+		{"Incremental with a known length: streamed", 7, true, false},
+		{"Incremental chunked: streamed", -1, true, false},
+		{"over retry_body_limit: streamed", 1 << 20, false, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var calls atomic.Int64
+			h := newTestHandler(t, func(ctx context.Context, req broker.Request) (broker.Token, error) {
+				n := calls.Add(1)
+				return broker.Token{Value: broker.Secret("tok-" + string(rune('0'+n))), Expiry: time.Now().Add(time.Hour)}, nil
+			}, "json")
+			pr, pw := io.Pipe()
+			defer pw.Close()
+			r := httptest.NewRequest("POST", "/", nil)
+			r.Body, r.ContentLength = pr, tt.length
+			r.Header.Set("X-Merchant-Id", "acme")
+			if tt.incremental {
+				r.Header.Set("Incremental", "?1")
+			}
+			r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+
+			reached := make(chan struct{}, 2)
+			var bodies []string
+			next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				reached <- struct{}{}
+				b, _ := io.ReadAll(r.Body)
+				bodies = append(bodies, string(b))
+				if r.Header.Get("Authorization") == "Bearer tok-1" {
+					reject401(w)
+					return nil
+				}
+				w.WriteHeader(200)
+				return nil
+			})
+			rec := httptest.NewRecorder()
+			done := make(chan error, 1)
+			go func() { done <- h.ServeHTTP(rec, r, next) }()
+			if tt.wantRetry {
+				pw.Write([]byte("payload"))
+				pw.Close()
+			}
+			select {
+			case <-reached:
+			case <-time.After(20 * time.Second):
+				t.Fatal("the next handler was not reached before the body ended: the upload stalls")
+			}
+			if !tt.wantRetry {
+				pw.Write([]byte("payload"))
+				pw.Close()
+			}
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			wantStatus, wantBodies := 401, []string{"payload"}
+			if tt.wantRetry {
+				wantStatus, wantBodies = 200, []string{"payload", "payload"}
+			}
+			if rec.Code != wantStatus || !slices.Equal(bodies, wantBodies) {
+				t.Fatalf("status %d, bodies at next %q; want %d, %q", rec.Code, bodies, wantStatus, wantBodies)
+			}
+		})
+	}
+}
+
+// TestHeld401BodyIsBounded: a 401 is held back so that the request can be
+// retried, but only up to maxHeldBody: a longer answer goes on to the
+// caller as it comes (and the token is still purged).
+func TestHeld401BodyIsBounded(t *testing.T) {
+	var calls atomic.Int64
+	h := newTestHandler(t, okSource(&calls), "json")
+	const size = 1 << 20
+	chunk := bytes.Repeat([]byte("x"), 4<<10)
+	rec := httptest.NewRecorder()
+	var passedOnEarly bool
+	var attempts int
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		attempts++
+		reject401(w)
+		for range size / len(chunk) {
+			if _, err := w.Write(chunk); err != nil {
+				return err
+			}
+		}
+		passedOnEarly = rec.Body.Len() > 0
+		return nil
+	})
+	r := httptest.NewRequest("GET", "/", nil)
+	r.Header.Set("X-Merchant-Id", "acme")
+	r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+	if err := h.ServeHTTP(rec, r, next); err != nil {
+		t.Fatal(err)
+	}
+	if !passedOnEarly {
+		t.Fatal("a 1 MiB 401 body was held in memory instead of passed on")
+	}
+	if rec.Code != 401 || rec.Body.Len() != size || attempts != 1 {
+		t.Fatalf("status %d, %d bytes, %d attempts; want the whole 401 and no retry", rec.Code, rec.Body.Len(), attempts)
+	}
+	if _, _, err := h.broker.Get(context.Background(), h.bindings["acme"].Binding); err != nil || calls.Load() != 2 {
+		t.Fatalf("token requests = %d (%v), want 2: the rejected token was purged", calls.Load(), err)
+	}
+}
+
+func TestRetryBodyLimitValidated(t *testing.T) {
+	for _, tt := range []struct {
+		limit int64
+		ok    bool
+	}{{-1, false}, {0, true}, {64 << 10, true}, {MaxRetryBodyLimit, true}, {MaxRetryBodyLimit + 1, false}, {1 << 40, false}} {
+		h := &Handler{Errors: "json", RetryBodyLimit: tt.limit}
+		err := h.Validate()
+		if (err == nil) != tt.ok {
+			t.Errorf("retry_body_limit %d: Validate() = %v, want ok=%v", tt.limit, err, tt.ok)
+		}
+		if err != nil && !strings.Contains(err.Error(), "retry_body_limit") {
+			t.Errorf("error %q does not name retry_body_limit", err)
+		}
+	}
+}
