@@ -388,6 +388,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values) (Res
 	if err := a.src.SetRefreshToken(ctx, rec.Merchant, rt); err != nil {
 		return res, a.fail(ReasonStoreFailure, rec.Merchant, err)
 	}
+	a.src.consented(rec.Merchant)
 	res.Fingerprint = rt.Fingerprint()
 	return res, nil
 }
@@ -474,4 +475,64 @@ func (a *AuthCode) endpoints(ctx context.Context) (*authEndpoints, error) {
 	}
 	a.ep = ep
 	return ep, nil
+}
+
+// ConsentStatus is what the source knows of a merchant's consent, in this
+// process: never the refresh token.
+type ConsentStatus struct {
+	// LastRefresh is the last successful refresh, zero if none yet.
+	LastRefresh time.Time
+	// ConsentRequiredSince is when the provider last refused the refresh
+	// token (or none was stored), zero when the last refresh worked or a
+	// consent completed since.
+	ConsentRequiredSince time.Time
+}
+
+type consentStatus struct {
+	mu sync.Mutex
+	ConsentStatus
+}
+
+func (s *RefreshToken) statusOf(merchant string) *consentStatus {
+	v, _ := s.status.LoadOrStore(merchant, &consentStatus{})
+	return v.(*consentStatus)
+}
+
+// note records the outcome of a refresh for the merchant's ConsentStatus.
+func (s *RefreshToken) note(merchant string, err error) {
+	var cr *ConsentRequiredError
+	switch {
+	case err == nil:
+		st := s.statusOf(merchant)
+		st.mu.Lock()
+		st.LastRefresh, st.ConsentRequiredSince = s.c.cfg.Now(), time.Time{}
+		st.mu.Unlock()
+	case errors.As(err, &cr):
+		st := s.statusOf(merchant)
+		st.mu.Lock()
+		if st.ConsentRequiredSince.IsZero() {
+			st.ConsentRequiredSince = s.c.cfg.Now()
+		}
+		st.mu.Unlock()
+	}
+}
+
+// consented clears the merchant's consent-required mark.
+func (s *RefreshToken) consented(merchant string) {
+	st := s.statusOf(merchant)
+	st.mu.Lock()
+	st.ConsentRequiredSince = time.Time{}
+	st.mu.Unlock()
+}
+
+// ConsentStatus returns what this process knows of merchant's consent.
+func (s *RefreshToken) ConsentStatus(merchant string) ConsentStatus {
+	v, ok := s.status.Load(merchant)
+	if !ok {
+		return ConsentStatus{}
+	}
+	st := v.(*consentStatus)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.ConsentStatus
 }

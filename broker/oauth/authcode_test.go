@@ -491,7 +491,13 @@ func TestConsentAgainAfterInvalidGrant(t *testing.T) {
 	if !errors.As(err, &cr) || cr.Merchant != "acme" {
 		t.Fatalf("Token with a revoked refresh token = %v, want *ConsentRequiredError", err)
 	}
+	if st := f.src.ConsentStatus("acme"); st.ConsentRequiredSince.IsZero() {
+		t.Errorf("status after invalid_grant = %+v, want consent required", st)
+	}
 	f.consent(t, "acme")
+	if st := f.src.ConsentStatus("acme"); !st.ConsentRequiredSince.IsZero() {
+		t.Errorf("status after the new consent = %+v", st)
+	}
 	if tok, err := f.src.Token(ctx, broker.Request{Merchant: "acme"}); err != nil || tok.Value == "" {
 		t.Fatalf("Token after the new consent = %v", err)
 	}
