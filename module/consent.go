@@ -188,6 +188,10 @@ func (c *Consent) callback(w http.ResponseWriter, r *http.Request) {
 	c.done(span, "callback", res.Merchant, err)
 	if err == nil {
 		c.app.broker.PurgeMerchant(res.Merchant)
+		c.app.broker.ForgetFailures(func(err error) bool {
+			var cr *oauth.ConsentRequiredError
+			return errors.As(err, &cr) && cr.Merchant == res.Merchant && cr.Provider == c.Provider
+		})
 		c.logger.Info("refresh token stored by consent", zap.String("provider", c.Provider),
 			zap.String("merchant", res.Merchant), zap.String("fingerprint", res.Fingerprint))
 	}

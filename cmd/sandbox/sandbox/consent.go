@@ -170,3 +170,19 @@ func (s *Server) idToken(iss, client, nonce string, now time.Time) (string, erro
 	}
 	return jwt.Signed(sig).Claims(claims).Serialize()
 }
+
+// RevokeRefreshTokens revokes every refresh token of the bank's client
+// clientID, as a bank does when a merchant withdraws its consent; the next
+// refresh is invalid_grant. It returns how many were revoked.
+func (s *Server) RevokeRefreshTokens(clientID string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for k, g := range s.refresh {
+		if g.client == clientID {
+			delete(s.refresh, k)
+			n++
+		}
+	}
+	return n
+}
