@@ -210,3 +210,48 @@ func consentStates(t *testing.T, adminURL string) map[string]map[string]any {
 	}
 	return m
 }
+
+// TestConsentLinkCallerPolicy: with a caller policy, the sidecar gives a
+// consent link only to a caller allowed for the merchant.
+func TestConsentLinkCallerPolicy(t *testing.T) {
+	cbPort := freePort(t)
+	site := "http://127.0.0.1:" + strconv.Itoa(cbPort)
+	_, sbURL := startSandbox(t, func(c *sandbox.Config) {
+		c.BankClients = append(c.BankClients, sandbox.BankClient{ID: "consent-client", Secret: "consent-secret-1",
+			Scopes: []string{"accounts"}, RedirectURIs: []string{site + "/consent/callback"}})
+	})
+	for k, v := range map[string]string{"BANK_ISSUER": sbURL, "BANK_API": sbURL, "BANK_CLIENT_ID": "consent-client",
+		"BANK_CLIENT_SECRET": "consent-secret-1", "CONSENT_CALLBACK": site + "/consent/callback",
+		"APP_RETURN_URL": "https://app.partner.example/consent/", "CONSENT_SITE": site} {
+		t.Setenv(k, v)
+	}
+	iss := newIssuer(t)
+	const issURL = "https://kubernetes.default.svc"
+	cf := useExample(t, "bank-consent")
+	cf = strings.Replace(cf, "\ttoken_broker {\n", "\tstorage file_system "+t.TempDir()+"\n\ttoken_broker {\n"+
+		"\t\tcallers {\n\t\t\tissuer "+issURL+"\n\t\t\taudience token-broker\n\t\t\tjwks_url "+iss.url+"\n"+
+		"\t\t\tallow system:serviceaccount:payments:api acme\n\t\t}\n", 1)
+	base := startCaddy(t, cf)
+	payments := "Bearer " + iss.token(t, issURL, "system:serviceaccount:payments:api", "token-broker", time.Now().Add(time.Hour))
+	rows := []struct {
+		name, merchant, auth string
+		status               int
+		code                 string
+	}{
+		{"allowed", "acme", payments, 200, ""},
+		{"merchant not allowed", "globex", payments, 403, "merchant_not_allowed"},
+		{"no JWT", "acme", "", 401, "caller_unauthenticated"},
+	}
+	for _, tc := range rows {
+		t.Run(tc.name, func(t *testing.T) {
+			var h []string
+			if tc.auth != "" {
+				h = []string{"Authorization", tc.auth}
+			}
+			status, body := consentLink(t, base, tc.merchant, "", h...)
+			if status != tc.status || tc.code != "" && body["error"] != tc.code || tc.code == "" && body["url"] == "" {
+				t.Errorf("%d %v, want %d %s", status, body, tc.status, tc.code)
+			}
+		})
+	}
+}
