@@ -205,7 +205,10 @@ func (a *AuthCode) ReturnURLAllowed(u string) bool {
 		if err != nil || !strings.EqualFold(pe.Scheme, pu.Scheme) || !strings.EqualFold(pe.Host, pu.Host) {
 			continue
 		}
-		if pu.Path == pe.Path || strings.HasSuffix(pe.Path, "/") && strings.HasPrefix(pu.Path, pe.Path) && !strings.Contains(pu.Path, "/../") {
+		if slices.Contains(strings.Split(pu.Path, "/"), "..") {
+			return false
+		}
+		if pu.Path == pe.Path || strings.HasSuffix(pe.Path, "/") && strings.HasPrefix(pu.Path, pe.Path) {
 			return true
 		}
 	}

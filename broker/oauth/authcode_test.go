@@ -450,6 +450,10 @@ func TestAuthCodeRefusals(t *testing.T) {
 			_, err := f.flow.NewLink(ctx, "acme", "https://app.partner.example/other", "")
 			return err
 		}},
+		{"return URL escaping the allowed path", false, ReasonReturnURL, func(t *testing.T, f *consentFixture) error {
+			_, err := f.flow.NewLink(ctx, "acme", "https://app.partner.example/consent/%2e%2e/admin", "")
+			return err
+		}},
 	}
 	for _, tc := range rows {
 		t.Run(tc.name, func(t *testing.T) {
