@@ -76,6 +76,9 @@ type Provider struct {
 	// DefaultLifetime is an oauth2 provider's lifetime for tokens whose
 	// response gives none.
 	DefaultLifetime time.Duration
+	// Consent is the authorization-code flow of a refresh_token provider
+	// with a consent table; nil otherwise.
+	Consent *oauth.AuthCode
 	// Line is the line of the provider's table, 0 if unknown.
 	Line int
 }
@@ -219,6 +222,10 @@ type Options struct {
 	// grant "refresh_token" (the Caddy module provides one on Caddy's
 	// storage). Without it, such a provider is a configuration error.
 	RefreshStore oauth.Store
+	// ConsentStore keeps the consents in progress of providers with a
+	// consent table (the Caddy module provides one on Caddy's storage).
+	// Default: in memory.
+	ConsentStore oauth.PendingStore
 	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
 	LookupEnv func(string) (string, bool)
 }

@@ -138,13 +138,20 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	fp.add("default_lifetime", p.DefaultLifetime)
 	cfg.DefaultLifetime = p.DefaultLifetime
 
+	if raw.Consent != nil && p.Grant != GrantRefreshToken {
+		e.consent(raw.Consent, p, nil)
+	}
 	if e.bad || client == nil {
 		return nil
 	}
 	var src broker.Source
 	var err error
 	if p.Grant == GrantRefreshToken {
-		src, err = oauth.NewRefreshToken(cfg, e.p.opts.RefreshStore)
+		var rt *oauth.RefreshToken
+		if rt, err = oauth.NewRefreshToken(cfg, e.p.opts.RefreshStore); err == nil {
+			src = rt
+			e.consent(raw.Consent, p, rt)
+		}
 	} else {
 		src, err = oauth.NewClientCredentials(cfg)
 	}

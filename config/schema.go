@@ -111,6 +111,9 @@ type providerTOML struct {
 	// has no expires_in and that is not a JWT with an exp claim. Default
 	// 5m, at most 8760h.
 	DefaultLifetime *Duration `toml:"default_lifetime"`
+	// Consent (oauth2, grant refresh_token) is the merchants' consent
+	// through the sidecar, [providers.NAME.consent] (see consentTOML).
+	Consent *consentTOML `toml:"consent"`
 }
 
 // tlsTOML is a [providers.NAME.tls] table. Relative paths are resolved
@@ -182,7 +185,7 @@ var providerTypes = map[string]providerType{
 	"oauth2": {
 		keys: []string{"grant", "token_url", "issuer", "revocation_url", "client_id", "client_secret",
 			"auth_method", "private_key", "key_id", "signing_alg", "assertion_audience", "audience",
-			"resource", "params", "default_lifetime"},
+			"resource", "params", "default_lifetime", "consent"},
 		minLifetime: time.Second,
 		maxLifetime: maxOAuthLifetime,
 		build:       buildOAuth2,
@@ -269,6 +272,8 @@ func unknownPart(k toml.Key) (int, []string) {
 			allowed = merchantKeys
 		case n == 4 && k[0] == "providers" && k[2] == "tls":
 			allowed = tlsKeys
+		case n == 4 && k[0] == "providers" && k[2] == "consent":
+			allowed = consentKeys
 		case n == 4 && k[0] == "providers" && k[2] == "params":
 			continue // any parameter name
 		}

@@ -52,10 +52,18 @@ type testClient struct {
 	method oidc.AuthMethod
 	keys   map[string]crypto.PublicKey // private_key_jwt: by kid
 	tls    bool                        // tls_client_auth
+	// redirects are the registered redirect URIs (authorization-code
+	// tests); default https://merchant.example/cb.
+	redirects []string
 }
 
-func (c *testClient) GetID() string                       { return c.id }
-func (c *testClient) RedirectURIs() []string              { return []string{"https://merchant.example/cb"} }
+func (c *testClient) GetID() string { return c.id }
+func (c *testClient) RedirectURIs() []string {
+	if c.redirects != nil {
+		return c.redirects
+	}
+	return []string{"https://merchant.example/cb"}
+}
 func (c *testClient) PostLogoutRedirectURIs() []string    { return nil }
 func (c *testClient) ApplicationType() op.ApplicationType { return op.ApplicationTypeWeb }
 func (c *testClient) AuthMethod() oidc.AuthMethod         { return c.method }
@@ -176,6 +184,10 @@ func (s *testStorage) TokenRequestByRefreshToken(_ context.Context, rt string) (
 // CreateAccessAndRefreshTokens rotates the refresh token: the old one
 // stops working.
 func (s *testStorage) CreateAccessAndRefreshTokens(_ context.Context, req op.TokenRequest, current string) (string, string, time.Time, error) {
+	if current == "" { // the authorization-code grant: a first refresh token
+		rt := s.seedRefreshToken(req.(op.AuthRequest).GetClientID(), req.GetSubject(), req.GetScopes()...)
+		return uuid.NewString(), rt, time.Now().Add(5 * time.Minute), nil
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	t, ok := s.refresh[current]
@@ -275,6 +287,9 @@ type opOptions struct {
 	clientCAs *x509.CertPool
 	// ln is the listener to serve on; default a new one on 127.0.0.1.
 	ln net.Listener
+	// wrap, when set, wraps the server's handler (authorization-code
+	// tests: login page, PAR).
+	wrap func(p *op.Provider, st *testStorage, h http.Handler) http.Handler
 }
 
 // startOPOn starts a plain-HTTP OP on ln.
@@ -327,6 +342,9 @@ func startOP(t *testing.T, o opOptions, clients ...*testClient) *testOP {
 		op.WithFallbackLogger(quiet))
 
 	top := &testOP{URL: issuer, Storage: st, Server: srv}
+	if o.wrap != nil {
+		handler = o.wrap(provider, st, handler)
+	}
 	srv.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/.well-known/openid-configuration" && top.DiscoveryDown.Load() {
 			http.Error(w, "discovery is down", http.StatusServiceUnavailable)

@@ -36,6 +36,7 @@ type RefreshToken struct {
 	mu      sync.Mutex
 	last    map[string]*refreshed    // by store key: the latest refresh
 	pending map[string]broker.Secret // rotated tokens whose Save failed
+	status  sync.Map                 // merchant -> *consentStatus (authcode.go)
 }
 
 // refreshed is the result of one refresh.
@@ -153,7 +154,8 @@ func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt 
 }
 
 // Token refreshes an access token for req.Merchant.
-func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
+func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.Token, err error) {
+	defer func() { s.note(req.Merchant, err) }()
 	key := s.StoreKey(req.Merchant)
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	s.mu.Lock()

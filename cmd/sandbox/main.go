@@ -53,6 +53,8 @@ func run() error {
 	bankIssuer := flag.String("bank-issuer", "", "the bank's issuer URL (default the base URL of each request)")
 	bankLifetime := flag.Duration("bank-token-lifetime", time.Hour, "expires_in of the bank's access tokens")
 	bankRefresh := flag.String("bank-refresh-token", "", "print a refresh token of the demo bank client with these space-separated scopes at startup")
+	bankRedirects := flag.String("bank-redirect-uris", "http://127.0.0.1:8443/consent/callback",
+		"space-separated redirect URIs of the demo bank client, for the consent flow (examples/bank-consent)")
 	flag.Parse()
 
 	id, secret, ok := strings.Cut(*oneID, ":")
@@ -63,6 +65,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	bc.RedirectURIs = strings.Fields(*bankRedirects)
 	if *bankLifetime < time.Second {
 		return fmt.Errorf("-bank-token-lifetime %s: want at least 1s", *bankLifetime)
 	}

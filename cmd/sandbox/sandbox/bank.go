@@ -36,6 +36,9 @@ type BankClient struct {
 	PublicKeyPEM []byte
 	// Scopes are the scopes the client may ask for; empty means any.
 	Scopes []string
+	// RedirectURIs are the client's registered redirect URIs, for the
+	// authorization-code grant (consent.go); empty disables it.
+	RedirectURIs []string
 }
 
 // Bank authorization server defaults and limits.
@@ -117,6 +120,7 @@ func ParsePublicKey(pemBytes []byte) (crypto.PublicKey, error) {
 func (s *Server) newBank() {
 	s.bankClients = map[string]*bankClient{}
 	s.refresh = map[string]*refreshGrant{}
+	s.codes = map[string]*authCode{}
 	s.jtis = map[string]time.Time{}
 	for _, c := range s.cfg.BankClients {
 		if c.ID == "" {
@@ -239,6 +243,7 @@ func (s *Server) bankDiscovery(w http.ResponseWriter, r *http.Request) {
 		"subject_types_supported":                               []string{"public"},
 		"id_token_signing_alg_values_supported":                 []string{"ES256"},
 	}
+	consentDiscovery(doc, iss)
 	var scopes []string
 	for _, c := range s.bankClients {
 		scopes = append(scopes, c.Scopes...)
@@ -437,8 +442,24 @@ func (s *Server) bankToken(w http.ResponseWriter, r *http.Request) {
 	f := r.PostForm
 	asked := strings.Fields(f.Get("scope"))
 	var scopes []string
-	refresh, family := "", ""
+	refresh, family, idToken := "", "", ""
 	switch gt := f.Get("grant_type"); gt {
+	case "authorization_code":
+		g, ok := s.redeemCode(w, f, c)
+		if !ok {
+			return
+		}
+		scopes, family = g.scopes, strings.ToLower(rand.Text())
+		if slices.Contains(g.scopes, "openid") {
+			var err error
+			if idToken, err = s.idToken(s.bankIssuer(r), c.ID, g.nonce, s.cfg.Now()); err != nil {
+				oauthError(w, http.StatusInternalServerError, "server_error", "signing the ID token failed")
+				return
+			}
+		}
+		s.mu.Lock()
+		refresh = s.newRefreshLocked(c.ID, family, g.scopes)
+		s.mu.Unlock()
 	case "client_credentials":
 		if bad := c.disallowed(asked); bad != "" {
 			oauthError(w, http.StatusBadRequest, "invalid_scope", fmt.Sprintf("scope %q is not allowed for this client", bad))
@@ -475,7 +496,7 @@ func (s *Server) bankToken(w http.ResponseWriter, r *http.Request) {
 		oauthError(w, http.StatusBadRequest, "invalid_request", "grant_type is required")
 		return
 	default:
-		oauthError(w, http.StatusBadRequest, "unsupported_grant_type", "only client_credentials and refresh_token are supported")
+		oauthError(w, http.StatusBadRequest, "unsupported_grant_type", "only client_credentials, refresh_token and authorization_code are supported")
 		return
 	}
 
@@ -507,6 +528,9 @@ func (s *Server) bankToken(w http.ResponseWriter, r *http.Request) {
 	}
 	if refresh != "" {
 		body["refresh_token"] = refresh
+	}
+	if idToken != "" {
+		body["id_token"] = idToken
 	}
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("Pragma", "no-cache")

@@ -153,7 +153,7 @@ func TestBankDiscovery(t *testing.T) {
 			}
 			for k, v := range map[string]string{
 				"token_endpoint_auth_methods_supported": "[client_secret_basic client_secret_post private_key_jwt]",
-				"grant_types_supported":                 "[client_credentials refresh_token]",
+				"grant_types_supported":                 "[client_credentials refresh_token authorization_code]",
 				"scopes_supported":                      "[accounts payments]",
 			} {
 				if got := fmt.Sprint(r.body[k]); got != v {

@@ -100,6 +100,7 @@ type Server struct {
 	failCode int
 	failRA   string
 	refresh  map[string]*refreshGrant // unused bank refresh tokens
+	codes    map[string]*authCode     // unused authorization codes (consent.go)
 	jtis     map[string]time.Time     // client_id NUL jti of seen assertions, until their exp
 }
 
@@ -194,6 +195,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.bankToken(w, r)
 	case is("oauth2", "revoke"):
 		s.bankRevoke(w, r)
+	case is("oauth2", "authorize"):
+		s.bankAuthorize(w, r)
 	case is("oauth2", "jwks"):
 		s.bankJWKS(w, r)
 	case is("organisations"), is("cust", "organisations"):

@@ -1,0 +1,48 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+)
+
+// TestForgetFailures: a remembered failure answers lookups until it is
+// forgotten; then the next lookup fetches at once. Others stay remembered.
+func TestForgetFailures(t *testing.T) {
+	clock := newFakeClock()
+	br := New(Options{Now: clock.Now, FailureTTL: time.Minute})
+	fails := func(merchant string) (*countingSource, *Binding, error) {
+		err := &RequestError{Merchant: merchant, Field: "refresh_token", Reason: "no refresh token is stored"}
+		src := &countingSource{clock: clock, life: time.Hour}
+		src.set(nil, err)
+		return src, NewBinding("s-"+merchant, src, Request{Merchant: merchant}), err
+	}
+	acmeSrc, acme, acmeErr := fails("acme")
+	_, globex, globexErr := fails("globex")
+	for _, c := range []struct {
+		b   *Binding
+		err error
+	}{{acme, acmeErr}, {globex, globexErr}, {acme, acmeErr}} {
+		if _, err := br.Token(context.Background(), c.b); !errors.Is(err, c.err) {
+			t.Fatalf("Token = %v", err)
+		}
+	}
+	if got := acmeSrc.calls.Load(); got != 1 {
+		t.Fatalf("%d fetches for acme, want 1 (the second lookup is answered from memory)", got)
+	}
+	acmeSrc.set(nil, nil)
+	n := br.ForgetFailures(func(err error) bool {
+		var re *RequestError
+		return errors.As(err, &re) && re.Merchant == "acme"
+	})
+	if n != 1 {
+		t.Fatalf("forgot %d failures, want 1", n)
+	}
+	if _, err := br.Token(context.Background(), acme); err != nil {
+		t.Fatalf("Token after forgetting = %v", err)
+	}
+	if _, err := br.Token(context.Background(), globex); !errors.Is(err, globexErr) {
+		t.Fatalf("globex's failure was forgotten too: %v", err)
+	}
+}

@@ -1,0 +1,541 @@
+package oauth
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/coreos/go-oidc/v3/oidc"
+	"golang.org/x/oauth2"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// Consent defaults.
+const (
+	// DefaultLinkTTL is how long a consent link can be opened.
+	DefaultLinkTTL = 10 * time.Minute
+	// StateTTL is how long the merchant has, once the link is opened, to
+	// log in and consent at the provider.
+	StateTTL = 15 * time.Minute
+)
+
+// Reasons of a *ConsentError, also the outcome sent to the return URL and
+// the reason label of the consent metrics.
+const (
+	ReasonUnknownState    = "unknown_state"
+	ReasonExpired         = "expired"
+	ReasonWrongProvider   = "wrong_provider"
+	ReasonWrongCallback   = "wrong_callback"
+	ReasonWrongIssuer     = "wrong_issuer"
+	ReasonDenied          = "denied"
+	ReasonExchangeFailed  = "exchange_failed"
+	ReasonNoRefreshToken  = "no_refresh_token"
+	ReasonInvalidIDToken  = "invalid_id_token"
+	ReasonReturnURL       = "return_url_not_allowed"
+	ReasonProviderFailure = "provider_unavailable"
+	ReasonStoreFailure    = "store_failed"
+)
+
+// ConsentError is a refused or failed step of the authorization-code
+// flow. Its message names what was wrong and never holds a code, a token,
+// a state or a verifier.
+type ConsentError struct {
+	// Reason is one of the Reason constants.
+	Reason string
+	// Provider is the provider's name.
+	Provider string
+	// Merchant is the merchant, when known.
+	Merchant string
+	// Err is the cause.
+	Err error
+}
+
+// Error describes the failure.
+func (e *ConsentError) Error() string {
+	who := fmt.Sprintf("oauth2 provider %q", e.Provider)
+	if e.Merchant != "" {
+		who = fmt.Sprintf("merchant %q, %s", e.Merchant, who)
+	}
+	return fmt.Sprintf("consent refused (%s): %s: %v", e.Reason, who, e.Err)
+}
+
+// Unwrap returns the cause.
+func (e *ConsentError) Unwrap() error { return e.Err }
+
+// AuthCodeConfig configures the authorization-code flow (the merchant's
+// consent) of a refresh-token provider.
+type AuthCodeConfig struct {
+	// RedirectURIs are the registered callback URLs, each ending in
+	// "/callback"; the consent link of one is the same URL ending in
+	// "/start". At least one.
+	RedirectURIs []string
+	// ReturnURLs is the allow-list of the app's return URLs: a return URL
+	// is allowed when it has the scheme and host of an entry and its path
+	// is the entry's path, or under it when the entry's path ends in "/".
+	ReturnURLs []string
+	// Scopes are the scopes of the authorization request. Default
+	// "openid offline_access" (offline_access is what OpenID providers want
+	// before issuing a refresh token).
+	Scopes []string
+	// PAR pushes the authorization request (RFC 9126) even when the
+	// provider does not require it. A provider whose discovery document
+	// sets require_pushed_authorization_requests always gets PAR.
+	PAR bool
+	// AuthorizationURL is the authorization endpoint. Default: from the
+	// discovery document; required when the provider has a token_url
+	// instead of an issuer.
+	AuthorizationURL string
+	// PARURL is the pushed authorization request endpoint. Default: from
+	// the discovery document.
+	PARURL string
+	// LinkTTL is how long a consent link can be opened. Default
+	// DefaultLinkTTL.
+	LinkTTL time.Duration
+}
+
+// AuthCode runs the authorization-code flow with PKCE (S256) for the
+// merchants of a RefreshToken source, and stores the refresh token it gets
+// in the source's Store, as SetRefreshToken does. It is safe for
+// concurrent use.
+type AuthCode struct {
+	src  *RefreshToken
+	cfg  AuthCodeConfig
+	pend *Pendings
+
+	mu   sync.Mutex
+	ep   *authEndpoints
+	retr time.Time // no discovery before, after a failed one
+
+	// noVerifier drops the PKCE verifier from the code exchange (tests:
+	// the server must refuse).
+	noVerifier bool
+}
+
+// authEndpoints are what the flow needs from the provider.
+type authEndpoints struct {
+	issuer      string
+	auth        string
+	par         string
+	requirePAR  bool
+	issResponse bool // authorization_response_iss_parameter_supported
+	verifier    *oidc.IDTokenVerifier
+}
+
+// NewAuthCode returns the consent flow of src, keeping its links and
+// states in pend.
+func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCode, error) {
+	name := src.c.cfg.Name
+	var errs []error
+	if len(cfg.RedirectURIs) == 0 {
+		errs = append(errs, errors.New("no redirect_uris: set the callback URLs registered with the provider"))
+	}
+	for _, u := range cfg.RedirectURIs {
+		if err := checkURL("redirect_uri", u); err != nil {
+			errs = append(errs, err)
+		} else if pu, _ := url.Parse(u); !strings.HasSuffix(pu.Path, "/callback") || pu.RawQuery != "" {
+			errs = append(errs, fmt.Errorf("redirect_uri %q must end in /callback, without a query", u))
+		}
+	}
+	for _, u := range cfg.ReturnURLs {
+		if err := checkURL("return_url", u); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if cfg.AuthorizationURL == "" && src.c.cfg.Issuer == "" {
+		errs = append(errs, errors.New("authorization_url is needed when the provider has a token_url instead of an issuer"))
+	}
+	for _, f := range []struct{ name, v string }{{"authorization_url", cfg.AuthorizationURL}, {"par_url", cfg.PARURL}} {
+		if f.v != "" {
+			if err := checkURL(f.name, f.v); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if len(cfg.Scopes) == 0 {
+		cfg.Scopes = []string{"openid", "offline_access"}
+	}
+	if slices.Contains(cfg.Scopes, "openid") && src.c.cfg.Issuer == "" {
+		errs = append(errs, errors.New("scope openid needs an issuer (to verify the ID token)"))
+	}
+	if cfg.LinkTTL < 0 {
+		errs = append(errs, errors.New("consent link TTL is negative"))
+	}
+	if cfg.LinkTTL == 0 {
+		cfg.LinkTTL = DefaultLinkTTL
+	}
+	if pend == nil || pend.Store == nil {
+		errs = append(errs, errors.New("no store for the consents in progress"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("oauth2 provider %s, consent: %w", name, err)
+	}
+	if pend.Now == nil {
+		pend.Now = src.c.cfg.Now
+	}
+	return &AuthCode{src: src, cfg: cfg, pend: pend}, nil
+}
+
+// Provider returns the provider's name.
+func (a *AuthCode) Provider() string { return a.src.c.cfg.Name }
+
+// Source returns the refresh-token source the consents feed.
+func (a *AuthCode) Source() *RefreshToken { return a.src }
+
+// Config returns the flow's configuration, defaults filled in.
+func (a *AuthCode) Config() AuthCodeConfig { return a.cfg }
+
+func (a *AuthCode) fail(reason, merchant string, err error) *ConsentError {
+	return &ConsentError{Reason: reason, Provider: a.Provider(), Merchant: merchant, Err: err}
+}
+
+// ReturnURLAllowed reports whether u is on the allow-list.
+func (a *AuthCode) ReturnURLAllowed(u string) bool {
+	pu, err := url.Parse(u)
+	if err != nil || pu.User != nil || pu.Fragment != "" || pu.Host == "" {
+		return false
+	}
+	for _, e := range a.cfg.ReturnURLs {
+		pe, err := url.Parse(e)
+		if err != nil || !strings.EqualFold(pe.Scheme, pu.Scheme) || !strings.EqualFold(pe.Host, pu.Host) {
+			continue
+		}
+		if slices.Contains(strings.Split(pu.Path, "/"), "..") {
+			return false
+		}
+		if pu.Path == pe.Path || strings.HasSuffix(pe.Path, "/") && strings.HasPrefix(pu.Path, pe.Path) {
+			return true
+		}
+	}
+	return false
+}
+
+// Link is a consent link handed to the app.
+type Link struct {
+	// URL is the one-time URL the merchant's browser opens.
+	URL string
+	// Expires is when it stops being accepted.
+	Expires time.Time
+}
+
+// NewLink creates a one-time consent link for merchant, on the registered
+// callback URL whose host is callbackHost (default the first one).
+// returnURL, optional, must be on the allow-list.
+func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHost string) (Link, error) {
+	if returnURL != "" && !a.ReturnURLAllowed(returnURL) {
+		return Link{}, a.fail(ReasonReturnURL, merchant, fmt.Errorf("return URL %q is not on the provider's return_urls allow-list", returnURL))
+	}
+	redirect := a.cfg.RedirectURIs[0]
+	if callbackHost != "" {
+		i := slices.IndexFunc(a.cfg.RedirectURIs, func(u string) bool { pu, _ := url.Parse(u); return strings.EqualFold(pu.Host, callbackHost) })
+		if i < 0 {
+			return Link{}, a.fail(ReasonWrongCallback, merchant, fmt.Errorf("no redirect_uri on host %q", callbackHost))
+		}
+		redirect = a.cfg.RedirectURIs[i]
+	}
+	id := randomString(32)
+	exp := a.pend.now().Add(a.cfg.LinkTTL)
+	rec := Pending{Provider: a.Provider(), Merchant: merchant, ReturnURL: returnURL, RedirectURI: redirect, Expires: exp}
+	if err := a.pend.put(ctx, kindLink, id, rec); err != nil {
+		return Link{}, a.fail(ReasonStoreFailure, merchant, err)
+	}
+	start := strings.TrimSuffix(redirect, "callback") + "start?" + url.Values{"link": {id}}.Encode()
+	return Link{URL: start, Expires: exp}, nil
+}
+
+// Start consumes a consent link (arriving at the callback URL's host
+// host) and returns the provider's authorization URL to redirect the
+// browser to, after pushing the request when PAR is on. The returned
+// Pending says whose consent it is.
+func (a *AuthCode) Start(ctx context.Context, linkID, host string) (string, Pending, error) {
+	rec, err := a.pend.take(ctx, kindLink, linkID)
+	if err != nil {
+		return "", rec, a.pendingError(rec, err, "consent link")
+	}
+	if rec.Provider != a.Provider() {
+		return "", rec, a.fail(ReasonWrongProvider, rec.Merchant, fmt.Errorf("the consent link is for provider %q", rec.Provider))
+	}
+	if pu, _ := url.Parse(rec.RedirectURI); host != "" && !strings.EqualFold(pu.Host, host) {
+		return "", rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for %s, not %s", pu.Host, host))
+	}
+	ep, err := a.endpoints(ctx)
+	if err != nil {
+		return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)
+	}
+	state := randomString(32)
+	rec.Verifier = oauth2.GenerateVerifier()
+	if slices.Contains(a.cfg.Scopes, "openid") {
+		rec.Nonce = randomString(16)
+	}
+	rec.Expires = a.pend.now().Add(StateTTL)
+	params := url.Values{
+		"response_type":         {"code"},
+		"client_id":             {a.src.c.cfg.ClientID},
+		"redirect_uri":          {rec.RedirectURI},
+		"scope":                 {strings.Join(a.cfg.Scopes, " ")},
+		"state":                 {state},
+		"code_challenge":        {oauth2.S256ChallengeFromVerifier(rec.Verifier)},
+		"code_challenge_method": {"S256"},
+	}
+	if rec.Nonce != "" {
+		params.Set("nonce", rec.Nonce)
+	}
+	if a.src.c.cfg.Resource != "" {
+		params.Set("resource", a.src.c.cfg.Resource)
+	}
+	if err := a.pend.put(ctx, kindState, state, rec); err != nil {
+		return "", rec, a.fail(ReasonStoreFailure, rec.Merchant, err)
+	}
+	if ep.requirePAR || a.cfg.PAR {
+		if ep.par == "" {
+			return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, errors.New("PAR is on but the provider has no pushed_authorization_request_endpoint: set par_url"))
+		}
+		uri, err := a.push(ctx, ep.par, params)
+		if err != nil {
+			return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)
+		}
+		params = url.Values{"client_id": {a.src.c.cfg.ClientID}, "request_uri": {uri}}
+	}
+	return withQuery(ep.auth, params), rec, nil
+}
+
+// withQuery appends params to u's query.
+func withQuery(u string, params url.Values) string {
+	sep := "?"
+	if strings.Contains(u, "?") {
+		sep = "&"
+	}
+	return u + sep + params.Encode()
+}
+
+// pendingError turns a failed take into a *ConsentError.
+func (a *AuthCode) pendingError(rec Pending, err error, what string) error {
+	switch {
+	case errors.Is(err, errExpired):
+		return a.fail(ReasonExpired, rec.Merchant, fmt.Errorf("the %s has expired: ask the app for a new consent link", what))
+	case errors.Is(err, ErrUnknownPending):
+		return a.fail(ReasonUnknownState, "", fmt.Errorf("the %s is unknown or already used: ask the app for a new consent link", what))
+	}
+	return a.fail(ReasonStoreFailure, "", fmt.Errorf("reading the %s: %w", what, err))
+}
+
+// Result is the outcome of a callback, as far as it is known.
+type Result struct {
+	// Merchant who consented.
+	Merchant string
+	// ReturnURL to send the browser to, if any.
+	ReturnURL string
+	// Fingerprint of the stored refresh token.
+	Fingerprint string
+}
+
+// Callback handles the provider's redirect to the callback URL (on host
+// host, with query q): it consumes the state, checks the issuer (RFC 9207),
+// exchanges the code with the PKCE verifier, verifies the ID token if any,
+// and stores the refresh token. The Result is filled as far as the state
+// was known, also on errors, so that the browser can be sent back.
+func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values) (Result, error) {
+	rec, err := a.pend.take(ctx, kindState, q.Get("state"))
+	res := Result{Merchant: rec.Merchant, ReturnURL: rec.ReturnURL}
+	if err != nil {
+		if !errors.Is(err, errExpired) {
+			res = Result{}
+		}
+		return res, a.pendingError(rec, err, "authorization state")
+	}
+	if rec.Provider != a.Provider() {
+		return Result{}, a.fail(ReasonWrongProvider, rec.Merchant, fmt.Errorf("the authorization state was issued for provider %q", rec.Provider))
+	}
+	if pu, _ := url.Parse(rec.RedirectURI); !strings.EqualFold(pu.Host, host) {
+		return res, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the callback arrived at %s, the request named %s", host, pu.Host))
+	}
+	ep, err := a.endpoints(ctx)
+	if err != nil {
+		return res, a.fail(ReasonProviderFailure, rec.Merchant, err)
+	}
+	if iss, ok := q["iss"]; ok || ep.issResponse {
+		if len(iss) != 1 || ep.issuer == "" || iss[0] != ep.issuer {
+			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response's iss %q is not the provider's issuer %q (RFC 9207: a mix-up attack or a misconfigured issuer)", short(strings.Join(iss, ",")), ep.issuer))
+		}
+	}
+	if code := q.Get("error"); code != "" {
+		desc := short(q.Get("error_description"))
+		return res, a.fail(ReasonDenied, rec.Merchant, fmt.Errorf("the provider answered %s: %s", short(code), desc))
+	}
+	code := q.Get("code")
+	if code == "" {
+		return res, a.fail(ReasonExchangeFailed, rec.Merchant, errors.New("the callback has neither code nor error"))
+	}
+	grant := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {rec.RedirectURI}}
+	if !a.noVerifier {
+		grant.Set("code_verifier", rec.Verifier)
+	}
+	_, raw, err := a.src.c.exchange(ctx, broker.Request{Merchant: rec.Merchant}, grant, code, rec.Verifier)
+	if err != nil {
+		return res, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err))
+	}
+	if rec.Nonce != "" || raw.Extra("id_token") != nil {
+		if err := a.verifyIDToken(ctx, ep, raw, rec.Nonce); err != nil {
+			return res, a.fail(ReasonInvalidIDToken, rec.Merchant, err)
+		}
+	}
+	rt := broker.Secret(raw.RefreshToken)
+	if rt == "" {
+		return res, a.fail(ReasonNoRefreshToken, rec.Merchant, errors.New("the token response has no refresh_token: ask for the scope the provider wants for one (offline_access) and check that the client may use the refresh_token grant"))
+	}
+	if err := a.src.SetRefreshToken(ctx, rec.Merchant, rt); err != nil {
+		return res, a.fail(ReasonStoreFailure, rec.Merchant, err)
+	}
+	a.src.consented(rec.Merchant)
+	res.Fingerprint = rt.Fingerprint()
+	return res, nil
+}
+
+// verifyIDToken checks the ID token with go-oidc (signature, issuer,
+// audience, expiry) and its nonce.
+func (a *AuthCode) verifyIDToken(ctx context.Context, ep *authEndpoints, raw *oauth2.Token, nonce string) error {
+	s, _ := raw.Extra("id_token").(string)
+	if s == "" {
+		return errors.New("the token response has no id_token although openid was asked for")
+	}
+	if ep.verifier == nil {
+		return errors.New("an id_token came back but the provider has no issuer to verify it with")
+	}
+	tok, err := ep.verifier.Verify(oidc.ClientContext(ctx, a.src.c.cfg.Client), s)
+	if err != nil {
+		return fmt.Errorf("the ID token does not verify: %w", err)
+	}
+	if tok.Nonce != nonce {
+		return errors.New("the ID token's nonce is not the one sent")
+	}
+	return nil
+}
+
+// authDiscovery holds the discovery fields the flow reads beyond go-oidc's.
+type authDiscovery struct {
+	PAR         string `json:"pushed_authorization_request_endpoint"`
+	RequirePAR  bool   `json:"require_pushed_authorization_requests"`
+	IssResponse bool   `json:"authorization_response_iss_parameter_supported"`
+	MTLSAliases struct {
+		PAR string `json:"pushed_authorization_request_endpoint"`
+	} `json:"mtls_endpoint_aliases"`
+}
+
+// endpoints returns the authorization endpoints, discovering them on first
+// use; a failed discovery is retried after 5 seconds.
+func (a *AuthCode) endpoints(ctx context.Context) (*authEndpoints, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.ep != nil {
+		return a.ep, nil
+	}
+	cfg := a.src.c.cfg
+	ep := &authEndpoints{auth: a.cfg.AuthorizationURL, par: a.cfg.PARURL}
+	if cfg.Issuer != "" {
+		now := cfg.Now()
+		if now.Before(a.retr) {
+			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New("failed a few seconds ago")}
+		}
+		client := *cfg.Client
+		client.Transport = limitBody{client.Transport}
+		dctx, cancel := context.WithTimeout(oidc.ClientContext(ctx, &client), 30*time.Second)
+		defer cancel()
+		p, err := oidc.NewProvider(dctx, cfg.Issuer)
+		if err != nil {
+			a.retr = now.Add(5 * time.Second)
+			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: shorten(err)}
+		}
+		var doc authDiscovery
+		if err := p.Claims(&doc); err != nil {
+			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: err}
+		}
+		ep.issuer = cfg.Issuer
+		if ep.auth == "" {
+			ep.auth = p.Endpoint().AuthURL
+		}
+		if ep.par == "" {
+			ep.par = doc.PAR
+			if cfg.AuthMethod == TLSClientAuth && doc.MTLSAliases.PAR != "" {
+				ep.par = doc.MTLSAliases.PAR
+			}
+		}
+		ep.requirePAR, ep.issResponse = doc.RequirePAR, doc.IssResponse
+		ep.verifier = p.VerifierContext(oidc.ClientContext(context.WithoutCancel(ctx), &client),
+			&oidc.Config{ClientID: cfg.ClientID, Now: cfg.Now})
+	}
+	if err := checkURL("authorization_endpoint", ep.auth); err != nil {
+		return nil, err
+	}
+	if ep.par != "" {
+		if err := checkURL("pushed_authorization_request_endpoint", ep.par); err != nil {
+			return nil, err
+		}
+	}
+	a.ep = ep
+	return ep, nil
+}
+
+// ConsentStatus is what the source knows of a merchant's consent, in this
+// process: never the refresh token.
+type ConsentStatus struct {
+	// LastRefresh is the last successful refresh, zero if none yet.
+	LastRefresh time.Time
+	// ConsentRequiredSince is when the provider last refused the refresh
+	// token (or none was stored), zero when the last refresh worked or a
+	// consent completed since.
+	ConsentRequiredSince time.Time
+}
+
+type consentStatus struct {
+	mu sync.Mutex
+	ConsentStatus
+}
+
+func (s *RefreshToken) statusOf(merchant string) *consentStatus {
+	v, _ := s.status.LoadOrStore(merchant, &consentStatus{})
+	return v.(*consentStatus)
+}
+
+// note records the outcome of a refresh for the merchant's ConsentStatus.
+func (s *RefreshToken) note(merchant string, err error) {
+	var cr *ConsentRequiredError
+	switch {
+	case err == nil:
+		st := s.statusOf(merchant)
+		st.mu.Lock()
+		st.LastRefresh, st.ConsentRequiredSince = s.c.cfg.Now(), time.Time{}
+		st.mu.Unlock()
+	case errors.As(err, &cr):
+		st := s.statusOf(merchant)
+		st.mu.Lock()
+		if st.ConsentRequiredSince.IsZero() {
+			st.ConsentRequiredSince = s.c.cfg.Now()
+		}
+		st.mu.Unlock()
+	}
+}
+
+// consented clears the merchant's consent-required mark.
+func (s *RefreshToken) consented(merchant string) {
+	st := s.statusOf(merchant)
+	st.mu.Lock()
+	st.ConsentRequiredSince = time.Time{}
+	st.mu.Unlock()
+}
+
+// ConsentStatus returns what this process knows of merchant's consent.
+func (s *RefreshToken) ConsentStatus(merchant string) ConsentStatus {
+	v, ok := s.status.Load(merchant)
+	if !ok {
+		return ConsentStatus{}
+	}
+	st := v.(*consentStatus)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.ConsentStatus
+}

@@ -1,0 +1,96 @@
+package config
+
+import (
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+)
+
+// consentTOML is a [providers.NAME.consent] table: the authorization-code
+// flow through which the merchants of a refresh_token provider consent
+// (the token_broker_consent handler). {env.NAME} references are expanded
+// in every value.
+type consentTOML struct {
+	// RedirectURIs are the callback URLs registered with the provider, one
+	// per callback domain, each ending in "/callback", e.g.
+	// "https://callback.partnerdomain.com/consent/callback". The consent
+	// link of one is the same URL ending in "/start". Required.
+	RedirectURIs []string `toml:"redirect_uris"`
+	// ReturnURLs is the allow-list of the app's return URLs, where the
+	// browser is sent after the callback: same scheme and host, and the
+	// same path or, for an entry ending in "/", a path under it.
+	ReturnURLs []string `toml:"return_urls"`
+	// Scopes are the scopes of the authorization request. Default
+	// ["openid", "offline_access"].
+	Scopes []string `toml:"scopes"`
+	// PAR pushes the authorization request (RFC 9126) even when the
+	// provider does not require it (FAPI 2.0). Default false; a provider
+	// whose discovery document requires PAR always gets it.
+	PAR bool `toml:"par"`
+	// AuthorizationURL is the authorization endpoint. Default: from the
+	// issuer's discovery document; required with token_url.
+	AuthorizationURL string `toml:"authorization_url"`
+	// PARURL is the pushed authorization request endpoint. Default: from
+	// the discovery document.
+	PARURL string `toml:"par_url"`
+	// LinkTTL is how long a consent link can be opened, a Go duration
+	// ("10m"). Default 10m, at most 24h.
+	LinkTTL *Duration `toml:"link_ttl"`
+}
+
+// consentKeys are the keys of a consent table.
+var consentKeys = tomlKeys(consentTOML{})
+
+// maxLinkTTL bounds consent.link_ttl.
+const maxLinkTTL = 24 * time.Hour
+
+// consent resolves the consent table of a refresh_token provider and
+// returns its flow (nil when there is none or it has problems).
+func (e *entry) consent(raw *consentTOML, p *Provider, src *oauth.RefreshToken) *oauth.AuthCode {
+	if raw == nil {
+		return nil
+	}
+	if p.Grant != GrantRefreshToken {
+		e.errf("consent", "only providers with grant %q take a consent table (this one uses %s)", GrantRefreshToken, p.Grant)
+		return nil
+	}
+	cfg := oauth.AuthCodeConfig{PAR: raw.PAR}
+	list := func(field string, in []string, url bool) []string {
+		out := make([]string, 0, len(in))
+		for _, v := range in {
+			if url {
+				out = append(out, e.httpURL(field, v, field == "consent.return_urls", "a URL"))
+			} else {
+				out = append(out, e.plain(field, v))
+			}
+		}
+		return out
+	}
+	cfg.RedirectURIs = list("consent.redirect_uris", raw.RedirectURIs, true)
+	cfg.ReturnURLs = list("consent.return_urls", raw.ReturnURLs, true)
+	cfg.Scopes = list("consent.scopes", raw.Scopes, false)
+	if raw.AuthorizationURL != "" {
+		cfg.AuthorizationURL = e.httpURL("consent.authorization_url", raw.AuthorizationURL, true, "the authorization endpoint")
+	}
+	if raw.PARURL != "" {
+		cfg.PARURL = e.httpURL("consent.par_url", raw.PARURL, false, "the PAR endpoint")
+	}
+	cfg.LinkTTL = e.duration("consent.link_ttl", raw.LinkTTL, oauth.DefaultLinkTTL, 10*time.Second, maxLinkTTL)
+	if len(raw.RedirectURIs) == 0 {
+		e.errf("consent.redirect_uris", "missing: set the callback URLs registered with the provider (https://callback.example.com/consent/callback)")
+	}
+	if e.bad || src == nil {
+		return nil
+	}
+	store := e.p.opts.ConsentStore
+	if store == nil {
+		store = &oauth.MemoryPendingStore{}
+	}
+	flow, err := oauth.NewAuthCode(src, cfg, &oauth.Pendings{Store: store})
+	if err != nil {
+		e.errf("consent", "%v", err)
+		return nil
+	}
+	p.Consent = flow
+	return flow
+}

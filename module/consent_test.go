@@ -1,0 +1,31 @@
+package module
+
+import (
+	"testing"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// TestConsentCaddyfile: the directive's syntax; mistakes are errors.
+func TestConsentCaddyfile(t *testing.T) {
+	rows := []struct {
+		in      string
+		want    Consent
+		wantErr bool
+	}{
+		{"token_broker_consent bank", Consent{Provider: "bank"}, false},
+		{"token_broker_consent bank {\n links\n}", Consent{Provider: "bank", Links: true}, false},
+		{"token_broker_consent", Consent{}, true},
+		{"token_broker_consent bank other", Consent{}, true},
+		{"token_broker_consent bank {\n links\n links\n}", Consent{}, true},
+		{"token_broker_consent bank {\n links yes\n}", Consent{}, true},
+		{"token_broker_consent bank {\n start\n}", Consent{}, true},
+	}
+	for _, tc := range rows {
+		var c Consent
+		err := c.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
+		if (err != nil) != tc.wantErr || err == nil && (c.Provider != tc.want.Provider || c.Links != tc.want.Links) {
+			t.Errorf("%q: %+v, %v", tc.in, c, err)
+		}
+	}
+}
