@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
@@ -73,7 +74,7 @@ func TestGoodFile(t *testing.T) {
 	if !strings.HasPrefix(p.ID, "nuapay-sandbox#") || len(p.ID) != len("nuapay-sandbox#")+12 {
 		t.Errorf("ID = %q", p.ID)
 	}
-	if _, ok := p.Source.(*broker.Nuapay); !ok {
+	if _, ok := p.Source.(*nuapay.Source); !ok {
 		t.Errorf("Source is %T", p.Source)
 	}
 	if s := fmt.Sprintf("%+v %#v", *p, *p); strings.Contains(s, secretValue) {

@@ -4,11 +4,11 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // Grants of oauth2 providers.
@@ -79,10 +79,10 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 		case p.TLS.CertFile != "":
 			p.AuthMethod = string(oauth.TLSClientAuth)
 		default:
-			e.errf("auth_method", "missing: set client_secret, private_key or tls.client_cert, or auth_method (one of %s)", authMethodNames())
+			e.errf("auth_method", "missing: set client_secret, private_key or tls.client_cert, or auth_method (one of %s)", oauth.AuthMethodNames())
 		}
 	} else if !slices.Contains(oauth.AuthMethods, oauth.AuthMethod(p.AuthMethod)) {
-		e.errf("auth_method", "unknown method %q (known: %s)", p.AuthMethod, authMethodNames())
+		e.errf("auth_method", "unknown method %q (known: %s)", p.AuthMethod, oauth.AuthMethodNames())
 	}
 	fp.add("auth_method", p.AuthMethod)
 	cfg.AuthMethod = oauth.AuthMethod(p.AuthMethod)
@@ -204,36 +204,18 @@ func (e *entry) plain(field, s string) string {
 	return v
 }
 
-// httpURL expands and checks an http(s) URL without credentials or
-// fragment (nor query unless query is true); what names the value in the
-// "missing" message.
+// httpURL expands and checks an http(s) URL with the one endpoint URL
+// validator (no credentials, no fragment, no query unless query is true);
+// what names the value in the "missing" message.
 func (e *entry) httpURL(field, raw string, query bool, what string) string {
 	v, ok := e.expand(field, raw)
 	if !ok {
 		return v
 	}
-	u, err := url.Parse(v)
-	switch {
-	case v == "":
+	if v == "" {
 		e.errf(field, "missing: set %s", what)
-	case err != nil:
-		e.errf(field, "not a valid URL") // the parse error would repeat the value, which may hold credentials
-	case u.User != nil:
-		e.errf(field, "must not hold credentials (user:password@): use the provider's secret keys")
-	case u.Fragment != "" || strings.HasSuffix(v, "#"):
-		e.errf(field, "must not carry a fragment")
-	case !query && (u.RawQuery != "" || strings.HasSuffix(v, "?")):
-		e.errf(field, "must not carry a query or a fragment")
-	case u.Scheme != "https" && u.Scheme != "http" || u.Host == "":
-		e.errf(field, "%q is not an http(s) URL with a host", v)
+	} else if err := httpclient.CheckURL(v, query); err != nil {
+		e.errf(field, "%v", err)
 	}
 	return v
-}
-
-func authMethodNames() string {
-	s := make([]string, len(oauth.AuthMethods))
-	for i, m := range oauth.AuthMethods {
-		s[i] = string(m)
-	}
-	return strings.Join(s, ", ")
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 )
 
 // document is the whole TOML file. Entries are decoded one by one (as
@@ -175,8 +176,8 @@ var providerTypes = map[string]providerType{
 		keys:              []string{"base_url", "api_key", "token_lifetime", "organisations_path"},
 		needsScopes:       true,
 		needsOrganisation: true,
-		minLifetime:       broker.NuapayMinLifetime,
-		maxLifetime:       broker.NuapayMaxLifetime,
+		minLifetime:       nuapay.MinLifetime,
+		maxLifetime:       nuapay.MaxLifetime,
 		build:             buildNuapay,
 	},
 	"oauth2": {
@@ -194,7 +195,7 @@ func buildNuapay(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	p.BaseURL = e.httpURL("base_url", raw.BaseURL, false, "the token API's http(s) URL")
 	p.BaseURL = strings.TrimRight(p.BaseURL, "/")
 	fp.add("base_url", p.BaseURL)
-	p.TokenLifetime = e.duration("token_lifetime", raw.TokenLifetime, defLifetime, broker.NuapayMinLifetime, broker.NuapayMaxLifetime)
+	p.TokenLifetime = e.duration("token_lifetime", raw.TokenLifetime, defLifetime, nuapay.MinLifetime, nuapay.MaxLifetime)
 	fp.add("token_lifetime", p.TokenLifetime)
 	key := e.secret("api_key", raw.APIKey, fp)
 	p.OrganisationsPath, _ = e.expand("organisations_path", raw.OrganisationsPath)
@@ -207,7 +208,7 @@ func buildNuapay(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	if e.bad || client == nil {
 		return nil
 	}
-	src, err := broker.NewNuapay(broker.NuapayConfig{
+	src, err := nuapay.New(nuapay.Config{
 		BaseURL:           p.BaseURL,
 		APIKey:            key,
 		Lifetime:          p.TokenLifetime,
