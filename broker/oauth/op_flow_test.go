@@ -74,7 +74,10 @@ func TestClientAuthMethodsAgainstZitadel(t *testing.T) {
 		{"basic: unknown client", plain, plainCfg("nobody", ClientSecretBasic, secretValue), "invalid_client"},
 		{"private_key_jwt: wrong audience", plain, jwtCfg(mustSigner(t, rsaK, PS256, "rsa-1"), "https://elsewhere.example"), "invalid_grant|invalid_client"},
 		{"private_key_jwt: unregistered key", plain, jwtCfg(mustSigner(t, otherK, ES256, "ec-1"), plain.URL), "invalid_grant|invalid_client"},
-		{"tls_client_auth: no client certificate", mtls, mtlsCfg(pki.client(t, "")), "invalid_client"},
+		// A client from broker.NewHTTPClient without a certificate is
+		// refused by NewClientCredentials; behind a transport it cannot
+		// see into, the server's refusal is what is checked.
+		{"tls_client_auth: no client certificate", mtls, mtlsCfg(opaqueClient(pki.client(t, ""))), "invalid_client"},
 		{"tls_client_auth: another client's certificate", mtls, mtlsCfg(pki.client(t, "someone-else")), "invalid_client"},
 	}
 	for _, tc := range rows {
@@ -439,3 +442,15 @@ func TestRevokeRefreshTokenAgainstZitadel(t *testing.T) {
 		t.Errorf("Token after revocation = %v", err)
 	}
 }
+
+// opaqueClient hides c's transport behind a wrapper that
+// httpclient.HasClientCert cannot see into.
+func opaqueClient(c *http.Client) *http.Client {
+	cc := *c
+	cc.Transport = opaqueTransport{c.Transport}
+	return &cc
+}
+
+type opaqueTransport struct{ rt http.RoundTripper }
+
+func (o opaqueTransport) RoundTrip(r *http.Request) (*http.Response, error) { return o.rt.RoundTrip(r) }
