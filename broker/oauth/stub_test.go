@@ -365,11 +365,15 @@ func TestRediscovery(t *testing.T) {
 	}
 }
 
-// TestMTLSAlias: with tls_client_auth, the discovered
-// mtls_endpoint_aliases are used (RFC 8705 §5).
+// TestMTLSAlias: a client that presents a TLS client certificate uses the
+// discovered mtls_endpoint_aliases (RFC 8705 §5) for the token and
+// revocation endpoints whatever its client authentication (FAPI:
+// private_key_jwt over mTLS), so that its tokens are certificate-bound; a
+// client without one uses the plain endpoints.
 func TestMTLSAlias(t *testing.T) {
 	pki := newPKI(t)
-	var gotCert atomic.Value
+	key := testECKey(t)
+	var calls sync.Map // path -> the client certificate's CN ("" without)
 	mux := http.NewServeMux()
 	srv := httptest.NewUnstartedServer(mux)
 	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
@@ -377,40 +381,71 @@ func TestMTLSAlias(t *testing.T) {
 		json.NewEncoder(w).Encode(map[string]any{"issuer": u, "token_endpoint": u + "/token", "revocation_endpoint": u + "/revoke",
 			"mtls_endpoint_aliases": map[string]string{"token_endpoint": u + "/mtls/token", "revocation_endpoint": u + "/mtls/revoke"}})
 	})
-	mux.HandleFunc("/mtls/token", func(w http.ResponseWriter, r *http.Request) {
+	record := func(r *http.Request) {
+		cn := ""
 		if len(r.TLS.PeerCertificates) > 0 {
-			gotCert.Store(r.TLS.PeerCertificates[0].Subject.CommonName)
+			cn = r.TLS.PeerCertificates[0].Subject.CommonName
 		}
+		calls.Store(r.URL.Path, cn)
 		r.ParseForm()
-		if r.PostForm.Get("client_id") != "fapi" || r.PostForm.Has("client_secret") || r.Header.Get("Authorization") != "" {
-			http.Error(w, `{"error":"invalid_request"}`, 400)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		fmt.Fprint(w, `{"access_token":"x","token_type":"Bearer","expires_in":60}`)
-	})
-	mux.HandleFunc("/mtls/revoke", func(w http.ResponseWriter, r *http.Request) {
-		r.ParseForm()
-		if r.PostForm.Get("token") != "x" || r.PostForm.Get("token_type_hint") != "access_token" {
-			w.WriteHeader(400)
-		}
-	})
+	}
+	for _, p := range []string{"/token", "/mtls/token"} {
+		mux.HandleFunc(p, func(w http.ResponseWriter, r *http.Request) {
+			record(r)
+			if r.PostForm.Get("client_id") != "fapi" || r.PostForm.Has("client_secret") {
+				http.Error(w, `{"error":"invalid_request"}`, 400)
+				return
+			}
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprint(w, `{"access_token":"x","token_type":"Bearer","expires_in":60}`)
+		})
+	}
+	for _, p := range []string{"/revoke", "/mtls/revoke"} {
+		mux.HandleFunc(p, func(w http.ResponseWriter, r *http.Request) {
+			record(r)
+			if r.PostForm.Get("token") != "x" || r.PostForm.Get("token_type_hint") != "access_token" {
+				w.WriteHeader(400)
+			}
+		})
+	}
 	srv.TLS = pki.serverConfig()
 	srv.StartTLS()
 	defer srv.Close()
-	src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "fapi", AuthMethod: TLSClientAuth, Client: pki.client(t, "fapi")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tok, err := src.Token(context.Background(), broker.Request{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if gotCert.Load() != "fapi" {
-		t.Errorf("the mTLS alias saw certificate %v", gotCert.Load())
-	}
-	if err := src.RevokeToken(context.Background(), broker.Request{}, tok); err != nil {
-		t.Errorf("RevokeToken: %v", err)
+
+	for _, tc := range []struct {
+		name   string
+		cfg    Config
+		prefix string // of the endpoints called
+		cn     string // the certificate they saw
+	}{
+		{"tls_client_auth", Config{AuthMethod: TLSClientAuth, Client: pki.client(t, "fapi")}, "/mtls", "fapi"},
+		{"private_key_jwt with a transport certificate", Config{AuthMethod: PrivateKeyJWT, Signer: mustSigner(t, key, "", "k1"), Client: pki.client(t, "fapi")}, "/mtls", "fapi"},
+		{"private_key_jwt without certificate", Config{AuthMethod: PrivateKeyJWT, Signer: mustSigner(t, key, "", "k1"), Client: pki.client(t, "")}, "", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			calls.Clear()
+			cfg := tc.cfg
+			cfg.Issuer, cfg.ClientID = srv.URL, "fapi"
+			src, err := NewClientCredentials(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tok, err := src.Token(context.Background(), broker.Request{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := src.RevokeToken(context.Background(), broker.Request{}, tok); err != nil {
+				t.Errorf("RevokeToken: %v", err)
+			}
+			for _, p := range []string{"/token", "/revoke"} {
+				cn, ok := calls.Load(tc.prefix + p)
+				if !ok || cn != tc.cn {
+					got := map[string]any{}
+					calls.Range(func(k, v any) bool { got[k.(string)] = v; return true })
+					t.Errorf("%s%s not called with certificate %q; calls (path: certificate) %v", tc.prefix, p, tc.cn, got)
+				}
+			}
+		})
 	}
 }
 
