@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -234,5 +235,46 @@ func TestNuapayRevokeAndOrganisations(t *testing.T) {
 		"GET /cust/organisations?pagenumber=1&pagesize=100", "GET /cust/organisations?pagenumber=2&pagesize=100"}
 	if strings.Join(paths, "\n") != strings.Join(want, "\n") {
 		t.Fatalf("calls:\n%s\nwant:\n%s", strings.Join(paths, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+// TestRevokeTokenNeverRevokesTheOrganisation: RevokeToken revokes one token
+// by its id; a token without an id is left alone (ErrNoTokenID, no call),
+// never by revoking every token of the organisation, other instances'
+// included.
+func TestRevokeTokenNeverRevokesTheOrganisation(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		id      string
+		want    []string
+		wantErr error
+	}{
+		{"with an id", "t1", []string{"POST /organisations/o1/tokens/t1/revoke"}, nil},
+		{"without an id", "", nil, ErrNoTokenID},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			var paths []string
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				mu.Lock()
+				paths = append(paths, r.Method+" "+r.URL.RequestURI())
+				mu.Unlock()
+				io.WriteString(w, `{"uri":"x","data":{"uri":"x","revokedTokensCount":3}}`)
+			}))
+			defer srv.Close()
+			n, err := New(Config{BaseURL: srv.URL, APIKey: "partner-key"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = n.RevokeToken(context.Background(), broker.Request{Merchant: "acme", Organisation: "o1"}, broker.Token{Value: "tok", ID: tc.id})
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("RevokeToken = %v, want %v", err, tc.wantErr)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if strings.Join(paths, "\n") != strings.Join(tc.want, "\n") {
+				t.Fatalf("calls %q, want %q", paths, tc.want)
+			}
+		})
 	}
 }
