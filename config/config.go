@@ -37,10 +37,15 @@ type Provider struct {
 	// Type is the token API type ("nuapay", "oauth2").
 	Type string
 	// ID is Name + "#" + the first 12 hex characters of a SHA-256 over the
-	// provider's resolved configuration (type, base URL, secret values,
-	// timeout, lifetime, TLS paths and the bytes of the files they name).
-	// It namespaces the token cache: it changes whenever anything about
-	// the provider does, and only then.
+	// non-secret part of the provider's resolved configuration (type,
+	// URLs, client id, auth method, timeout, lifetimes, parameters, the
+	// bytes of the TLS certificate and CA files, the public key of a
+	// private_key_jwt key). No secret value (API key, client secret, TLS
+	// or JWT private key) goes into it, so it is no oracle for a secret;
+	// and every process of a fleet with the same configuration computes
+	// the same ID (a shared cache is keyed by it). It namespaces the token
+	// cache: it changes when the provider's endpoint or identity does; a
+	// secret rotation keeps it, and so the cached tokens.
 	ID string
 	// Source issues the provider's tokens.
 	Source broker.Source

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"crypto/x509"
 	"net/http"
 	"net/url"
 	"slices"
@@ -91,7 +92,7 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	usesKey := cfg.AuthMethod == oauth.PrivateKeyJWT
 	switch {
 	case usesSecret:
-		cfg.ClientSecret = e.secret("client_secret", raw.ClientSecret, fp)
+		cfg.ClientSecret = e.secret("client_secret", raw.ClientSecret)
 	case raw.ClientSecret != "" && p.AuthMethod != "":
 		e.errf("client_secret", "not used by auth_method %s: remove it", p.AuthMethod)
 	}
@@ -159,7 +160,6 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 func (e *entry) signer(raw *providerTOML, p *Provider, fp *fingerprint) *oauth.Signer {
 	path, ok := e.expand("private_key", raw.PrivateKey)
 	p.PrivateKey = e.p.abs(path)
-	fp.add("private_key", p.PrivateKey)
 	kid := e.plain("key_id", raw.KeyID)
 	fp.add("key_id", kid)
 	fp.add("signing_alg", raw.SigningAlg)
@@ -181,12 +181,18 @@ func (e *entry) signer(raw *providerTOML, p *Provider, fp *fingerprint) *oauth.S
 		e.errf("private_key", "cannot read: %v", err)
 		return nil
 	}
-	fp.add("private_key.content", string(b))
 	key, err := oauth.ParsePrivateKey(b)
 	if err != nil {
 		e.errf("private_key", "%s: %v", p.PrivateKey, err)
 		return nil
 	}
+	// The public key stands for the private one in the ID.
+	pub, err := x509.MarshalPKIXPublicKey(key.Public())
+	if err != nil {
+		e.errf("private_key", "%s: %v", p.PrivateKey, err)
+		return nil
+	}
+	fp.add("private_key.public", string(pub))
 	s, err := oauth.NewSigner(key, raw.SigningAlg, kid)
 	if err != nil {
 		e.errf("signing_alg", "%v", err)

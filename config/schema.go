@@ -162,8 +162,8 @@ type providerType struct {
 	// minLifetime and maxLifetime bound the merchants' token_lifetime.
 	minLifetime, maxLifetime time.Duration
 	// build checks the type's own keys and returns the source. Every
-	// resolved value that shapes the source, secrets included, must be
-	// fed to fp so that the provider ID follows it.
+	// resolved non-secret value that shapes the source must be fed to fp
+	// so that the provider ID follows it; secret values never are.
 	build func(e *entry, raw *providerTOML, p *Provider, client *http.Client, fp *fingerprint) broker.Source
 }
 
@@ -197,7 +197,7 @@ func buildNuapay(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	fp.add("base_url", p.BaseURL)
 	p.TokenLifetime = e.duration("token_lifetime", raw.TokenLifetime, defLifetime, nuapay.MinLifetime, nuapay.MaxLifetime)
 	fp.add("token_lifetime", p.TokenLifetime)
-	key := e.secret("api_key", raw.APIKey, fp)
+	key := e.secret("api_key", raw.APIKey)
 	p.OrganisationsPath, _ = e.expand("organisations_path", raw.OrganisationsPath)
 	if p.OrganisationsPath == "" {
 		p.OrganisationsPath = "/organisations"
