@@ -222,6 +222,12 @@ type Options struct {
 	// grant "refresh_token" (the Caddy module provides one on Caddy's
 	// storage). Without it, such a provider is a configuration error.
 	RefreshStore oauth.Store
+	// StoreNamespace names this registry in the keys of RefreshStore, so
+	// that two registries with a provider of the same name keep their
+	// refresh tokens apart (see oauth.StoreKey). Not secret. Default the
+	// registry's path as given (the same on every host of a fleet that
+	// uses one configuration).
+	StoreNamespace string
 	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
 	LookupEnv func(string) (string, bool)
 }
@@ -251,6 +257,9 @@ func Parse(path string, data []byte, lookupEnv func(string) (string, bool)) (*Re
 func ParseWith(path string, data []byte, opts Options) (*Registry, error) {
 	if opts.LookupEnv == nil {
 		opts.LookupEnv = os.LookupEnv
+	}
+	if opts.StoreNamespace == "" {
+		opts.StoreNamespace = path
 	}
 	dir, err := filepath.Abs(filepath.Dir(path))
 	if err != nil {

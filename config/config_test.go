@@ -625,7 +625,7 @@ provider = "consented"
 	if p := reg.Providers["bank"]; p.Issuer != "https://bank.example" || p.ClientID != "org-shop" || p.PrivateKey != keyFile || p.DefaultLifetime != 10*time.Minute {
 		t.Errorf("bank = %+v", p)
 	}
-	if rt, ok := reg.Providers["consented"].Source.(*oauth.RefreshToken); !ok || rt.Store() != oauth.Store(store) || rt.StoreKey("globex") != "consented/globex" {
+	if rt, ok := reg.Providers["consented"].Source.(*oauth.RefreshToken); !ok || rt.Store() != oauth.Store(store) || rt.StoreKey("globex") != oauth.StoreKey(oauth.Config{Name: "consented", StoreNamespace: path, TokenURL: "https://bank.example/token", ClientID: "rt-client"}, "globex") {
 		t.Errorf("the refresh source does not use the given store and key")
 	}
 	b, err := reg.Binding("acme", nil)

@@ -16,7 +16,7 @@ import (
 // storageStore keeps merchants' refresh tokens in Caddy's storage (the file
 // system by default, under the data directory), so that a rotated refresh
 // token survives a restart and is shared by every instance using the same
-// storage. Keys are oauth.StoreKey(provider, merchant).
+// storage. Keys are oauth.StoreKey(provider config, merchant).
 type storageStore struct {
 	s certmagic.Storage
 }

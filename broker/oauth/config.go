@@ -61,6 +61,10 @@ type Config struct {
 	// Name names the provider in errors and in refresh-token store keys
 	// (see StoreKey). It should be stable across configuration changes.
 	Name string
+	// StoreNamespace names the owner of the refresh tokens in the Store
+	// (the registry), so that two registries with a provider of the same
+	// name sharing one Store keep apart. Not secret. Optional.
+	StoreNamespace string
 	// TokenURL is the token endpoint. Exactly one of TokenURL and Issuer.
 	TokenURL string
 	// Issuer is the OpenID provider's issuer URL: the token endpoint (and

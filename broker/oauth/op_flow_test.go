@@ -230,7 +230,7 @@ func newRefreshFixture(t *testing.T, method AuthMethod) *refreshFixture {
 	}
 	f := &refreshFixture{srv: srv, store: NewMemoryStore(), cfg: cfg}
 	f.rt0 = srv.Storage.seedRefreshToken(c.id, "id1", "openid", "accounts")
-	if err := f.store.Save(context.Background(), StoreKey("bank", refreshMerchant), broker.Secret(f.rt0)); err != nil {
+	if err := f.store.Save(context.Background(), StoreKey(f.cfg, refreshMerchant), broker.Secret(f.rt0)); err != nil {
 		t.Fatal(err)
 	}
 	return f
@@ -247,7 +247,7 @@ func (f *refreshFixture) source(t *testing.T, store Store) *RefreshToken {
 
 func (f *refreshFixture) stored(t *testing.T) string {
 	t.Helper()
-	rt, err := f.store.Load(context.Background(), StoreKey("bank", refreshMerchant))
+	rt, err := f.store.Load(context.Background(), StoreKey(f.cfg, refreshMerchant))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -353,7 +353,7 @@ func TestRefreshInvalidGrant(t *testing.T) {
 		setup func(*MemoryStore)
 		cause func(error) bool
 	}{
-		{"revoked token", func(s *MemoryStore) { s.Save(context.Background(), StoreKey("bank", refreshMerchant), dead) },
+		{"revoked token", func(s *MemoryStore) { s.Save(context.Background(), StoreKey(f.cfg, refreshMerchant), dead) },
 			func(err error) bool {
 				var ae *broker.APIError
 				return errors.As(err, &ae) && ae.Code == "invalid_grant"
@@ -427,8 +427,12 @@ func TestRefreshSaveFailure(t *testing.T) {
 // refresh token; the next refresh needs consent.
 func TestRevokeRefreshTokenAgainstZitadel(t *testing.T) {
 	f := newRefreshFixture(t, ClientSecretBasic)
-	// The revocation endpoint is discovered.
+	// The revocation endpoint is discovered. The refresh token is stored
+	// for the issuer: one stored for a token_url is not sent elsewhere.
 	f.cfg.TokenURL, f.cfg.Issuer = "", f.srv.URL
+	if err := f.store.Save(context.Background(), StoreKey(f.cfg, refreshMerchant), broker.Secret(f.rt0)); err != nil {
+		t.Fatal(err)
+	}
 	src := f.source(t, f.store)
 	if err := src.RevokeMerchant(context.Background(), refreshMerchant); err != nil {
 		t.Fatalf("RevokeMerchant: %v", err)

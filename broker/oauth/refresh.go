@@ -20,7 +20,7 @@ const saveTimeout = 30 * time.Second
 // RefreshToken is a broker.Source for merchants who consented through the
 // authorization code flow: it exchanges each merchant's refresh token
 // (RFC 6749 §6) for access tokens. The refresh tokens live in a Store
-// under StoreKey(Config.Name, merchant).
+// under StoreKey(Config, merchant).
 //
 // On Token it locks the merchant's key in the Store, loads the refresh
 // token, sends grant_type=refresh_token (with the client authentication,
@@ -121,7 +121,7 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 func (s *RefreshToken) Type() string { return ProviderName }
 
 // StoreKey returns the key of merchant's refresh token in the Store.
-func (s *RefreshToken) StoreKey(merchant string) string { return StoreKey(s.c.cfg.Name, merchant) }
+func (s *RefreshToken) StoreKey(merchant string) string { return StoreKey(s.c.cfg, merchant) }
 
 // Store returns the store of the refresh tokens.
 func (s *RefreshToken) Store() Store { return s.store }

@@ -1,6 +1,10 @@
 package oauth
 
 import (
+	"cmp"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
 	"context"
 	"errors"
 	"sync"
@@ -27,10 +31,22 @@ type Store interface {
 	Lock(ctx context.Context, key string) (unlock func(), err error)
 }
 
-// StoreKey is the key under which a merchant's refresh token is stored:
-// the provider's name (as in the registry file, not its versioned ID, so
-// that a configuration change keeps the tokens), "/", the merchant id.
-func StoreKey(provider, merchant string) string { return provider + "/" + merchant }
+// StoreKey is the key under which a merchant's refresh token of the
+// provider cfg describes is stored: "<name>/<endpoint id>/<merchant>".
+// The endpoint id is the first 12 hex characters of a SHA-256 over what
+// a refresh token is bound to, none of it secret: cfg.StoreNamespace (the
+// registry), the issuer (or, without one, the token URL) and the client
+// id. So a refresh token is only ever sent to the endpoint and client it
+// was issued to (an issuer or token_url change starts without one), and
+// two registries with a provider of the same name keep apart; a change of
+// anything else (secret, timeouts, scopes) keeps the tokens.
+func StoreKey(cfg Config, merchant string) string {
+	h := sha256.New()
+	for _, v := range []string{cfg.StoreNamespace, cmp.Or(cfg.Issuer, cfg.TokenURL), cfg.ClientID} {
+		fmt.Fprintf(h, "%d:%s", len(v), v)
+	}
+	return cmp.Or(cfg.Name, ProviderName) + "/" + hex.EncodeToString(h.Sum(nil))[:12] + "/" + merchant
+}
 
 // MemoryStore is a Store in memory, for tests and demos: its tokens do not
 // survive the process. The zero value is ready to use.

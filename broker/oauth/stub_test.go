@@ -504,3 +504,69 @@ func TestConfigErrors(t *testing.T) {
 		t.Error("a refresh source without store")
 	}
 }
+
+// TestRefreshStoreKey: a stored refresh token is only sent to the endpoint
+// and client it was stored for. A provider whose issuer or token_url
+// changes (same name) finds no refresh token instead of sending the old
+// one to the new endpoint; two registries with a provider of one name on
+// one store keep their own tokens; a secret change keeps the key.
+func TestRefreshStoreKey(t *testing.T) {
+	oldSrv := startStub(t, &stub{status: 200, body: `{"access_token":"at","token_type":"Bearer","expires_in":60}`})
+	newStub := &stub{status: 200, body: `{"access_token":"at","token_type":"Bearer","expires_in":60}`}
+	newSrv := startStub(t, newStub)
+	base := Config{Name: "bank", TokenURL: oldSrv.URL + "/token", ClientID: "c", ClientSecret: secretValue}
+	with := func(edit func(*Config)) Config { c := base; edit(&c); return c }
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name     string
+		other    Config
+		sameKey  bool
+		refreshB bool // the other source refreshes with the stored token
+	}{
+		{"token_url change", with(func(c *Config) { c.TokenURL = newSrv.URL + "/token" }), false, false},
+		{"issuer instead of token_url", with(func(c *Config) { c.TokenURL, c.Issuer = "", newSrv.URL }), false, false},
+		{"client_id change", with(func(c *Config) { c.ClientID = "c2"; c.TokenURL = newSrv.URL + "/token" }), false, false},
+		{"another registry", with(func(c *Config) { c.StoreNamespace = "/etc/other.toml"; c.TokenURL = newSrv.URL + "/token" }), false, false},
+		{"secret rotation", with(func(c *Config) { c.ClientSecret = secretValue + "2" }), true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			store := NewMemoryStore()
+			a, err := NewRefreshToken(base, store)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := a.SetRefreshToken(ctx, "acme", "rt-OLD-ENDPOINT-1234"); err != nil {
+				t.Fatal(err)
+			}
+			b, err := NewRefreshToken(tc.other, store)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (a.StoreKey("acme") == b.StoreKey("acme")) != tc.sameKey {
+				t.Fatalf("keys %q and %q, want same=%v", a.StoreKey("acme"), b.StoreKey("acme"), tc.sameKey)
+			}
+			newStub.mu.Lock()
+			newStub.form = nil
+			newStub.mu.Unlock()
+			_, err = b.Token(ctx, broker.Request{Merchant: "acme"})
+			var ce *ConsentRequiredError
+			if tc.refreshB {
+				if err != nil {
+					t.Fatalf("Token after a secret rotation: %v", err)
+				}
+				return
+			}
+			if !errors.As(err, &ce) || !errors.Is(err, ErrNoRefreshToken) {
+				t.Fatalf("Token = %v, want ConsentRequiredError (no refresh token)", err)
+			}
+			newStub.mu.Lock()
+			defer newStub.mu.Unlock()
+			if newStub.form.Get("refresh_token") != "" {
+				t.Fatalf("the old endpoint's refresh token was sent to the new one")
+			}
+			if rt, err := store.Load(ctx, a.StoreKey("acme")); err != nil || rt != "rt-OLD-ENDPOINT-1234" {
+				t.Fatalf("the first provider's token was overwritten: %v", err)
+			}
+		})
+	}
+}
