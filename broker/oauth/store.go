@@ -2,11 +2,11 @@ package oauth
 
 import (
 	"cmp"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"fmt"
-	"context"
 	"errors"
+	"fmt"
 	"sync"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
