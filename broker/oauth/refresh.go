@@ -34,9 +34,16 @@ type RefreshToken struct {
 	store Store
 
 	mu      sync.Mutex
-	last    map[string]*refreshed    // by store key: the latest refresh
+	gen     uint64                   // counts refreshes
+	last    map[string]*refreshed    // by store key: the latest refresh, while its token is valid
 	pending map[string]broker.Secret // rotated tokens whose Save failed
+	sweep   int                      // refreshes until the next sweep of last
 }
+
+// sweepEvery is how many refreshes pass between two sweeps of the expired
+// entries of RefreshToken.last: the map holds at most the merchants whose
+// last access token is still valid, plus sweepEvery.
+const sweepEvery = 64
 
 // refreshed is the result of one refresh.
 type refreshed struct {
@@ -209,11 +216,17 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 		}
 	}
 	s.mu.Lock()
-	var cur uint64
-	if l := s.last[key]; l != nil {
-		cur = l.gen
+	s.gen++
+	s.last[key] = &refreshed{gen: s.gen, req: want, tok: tok}
+	if s.sweep--; s.sweep <= 0 {
+		s.sweep = sweepEvery
+		now := s.c.cfg.Now()
+		for k, l := range s.last {
+			if !l.tok.Expiry.After(now) {
+				delete(s.last, k)
+			}
+		}
 	}
-	s.last[key] = &refreshed{gen: cur + 1, req: want, tok: tok}
 	s.mu.Unlock()
 	return tok, nil
 }

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
 )
 
 // ErrNoRefreshToken is returned by Store.Load when no refresh token is
@@ -53,7 +54,7 @@ func StoreKey(cfg Config, merchant string) string {
 type MemoryStore struct {
 	mu     sync.Mutex
 	tokens map[string]broker.Secret
-	locks  map[string]chan struct{}
+	locks  keylock.Map
 	saves  int
 }
 
@@ -92,23 +93,7 @@ func (m *MemoryStore) Saves() int {
 
 // Lock implements Store with one lock per key.
 func (m *MemoryStore) Lock(ctx context.Context, key string) (func(), error) {
-	m.mu.Lock()
-	if m.locks == nil {
-		m.locks = map[string]chan struct{}{}
-	}
-	ch, ok := m.locks[key]
-	if !ok {
-		ch = make(chan struct{}, 1)
-		m.locks[key] = ch
-	}
-	m.mu.Unlock()
-	select {
-	case ch <- struct{}{}:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	var once sync.Once
-	return func() { once.Do(func() { <-ch }) }, nil
+	return m.locks.Lock(ctx, key)
 }
 
 var _ Store = (*MemoryStore)(nil)

@@ -570,3 +570,39 @@ func TestRefreshStoreKey(t *testing.T) {
 		})
 	}
 }
+
+// TestRefreshStateIsBounded: the last access token kept per merchant (to
+// hand to a call that waited on the merchant's lock) is dropped once
+// expired, and the store's locks are dropped once released: refreshing
+// ever more merchants over time does not grow the source.
+func TestRefreshStateIsBounded(t *testing.T) {
+	srv := startStub(t, &stub{status: 200, body: `{"access_token":"at","token_type":"Bearer","expires_in":60}`})
+	clock := newClock()
+	store := NewMemoryStore()
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: clock.Now}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for round := range 5 {
+		for i := range 100 {
+			m := fmt.Sprintf("m%d-%d", round, i)
+			if err := src.SetRefreshToken(ctx, m, "rt-1234"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := src.Token(ctx, broker.Request{Merchant: m}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		clock.Add(2 * time.Minute) // every token of this round expires
+	}
+	src.mu.Lock()
+	n := len(src.last)
+	src.mu.Unlock()
+	if n > 100+sweepEvery {
+		t.Errorf("%d last tokens kept for 500 merchants of whom 100 have a valid one", n)
+	}
+	if n := store.locks.Len(); n != 0 {
+		t.Errorf("%d store locks left after every refresh finished", n)
+	}
+}
