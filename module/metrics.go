@@ -160,7 +160,7 @@ func (m *tokenMetrics) labels(merchant string, values ...string) []string {
 // broker.Result, resolved at provision time so that counting a lookup is
 // one atomic add. Bindings of one provider share them unless the merchant
 // label is on.
-type lookupCounters [broker.Shared + 1]prometheus.Counter
+type lookupCounters [broker.Adopted + 1]prometheus.Counter
 
 func (m *tokenMetrics) lookupCounters(provider, merchant string) *lookupCounters {
 	var c lookupCounters
