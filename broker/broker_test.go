@@ -282,7 +282,7 @@ func TestFailedRefreshKeepsServingAndRetriesLater(t *testing.T) {
 	clock := newFakeClock()
 	src := &countingSource{clock: clock, life: 100 * time.Second}
 	obs := newObserver()
-	br := New(Options{Now: clock.Now, Observer: obs, RefreshRetry: 5 * time.Second, MaxAttempts: 1})
+	br := New(Options{Now: clock.Now, Observer: obs, FailureTTL: 5 * time.Second, MaxAttempts: 1})
 	b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
 	ctx := context.Background()
 	if _, err := br.Token(ctx, b); err != nil {
@@ -307,10 +307,10 @@ func TestFailedRefreshKeepsServingAndRetriesLater(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	for range 3 {
-		br.Token(ctx, b) // inside RefreshRetry: no new attempt
+		br.Token(ctx, b) // inside the failure memory: no new attempt
 	}
 	if got := src.calls.Load(); got != 2 {
-		t.Fatalf("calls = %d, want 2 (no retry before RefreshRetry)", got)
+		t.Fatalf("calls = %d, want 2 (no retry while the failure memory holds)", got)
 	}
 	src.set(nil, nil)
 	clock.Add(6 * time.Second)
@@ -444,13 +444,14 @@ func TestBreakerCountsOnlyProviderFailures(t *testing.T) {
 			if got := br.BreakerState("s"); got != tt.want {
 				t.Fatalf("breaker %s, want %s", got, tt.want)
 			}
-			// Failure memory never exceeds 30 s, whatever Retry-After said.
+			// Failure memory never exceeds MaxRetryAfterMemory, whatever
+			// Retry-After said.
 			b := NewBinding("s", src, Request{Merchant: "m0", Organisation: "0", Scopes: []string{"a"}})
-			clock.Add(31 * time.Second)
+			clock.Add(MaxRetryAfterMemory + time.Second)
 			src.set(nil, nil)
 			if tt.want == BreakerClosed {
 				if _, err := br.Token(context.Background(), b); err != nil {
-					t.Fatalf("31 s later: %v, want the failure forgotten", err)
+					t.Fatalf("MaxRetryAfterMemory later: %v, want the failure forgotten", err)
 				}
 			}
 		})

@@ -141,3 +141,53 @@ func ParseRetryAfter(v string, now time.Time) time.Duration {
 	}
 	return 0
 }
+
+// ErrExpiredToken is returned when a provider hands out a token that is
+// already expired, or about to be.
+var ErrExpiredToken = errors.New("the token API returned a token that is already expired (check the clocks and the configured token lifetime)")
+
+// UnavailableError is returned without calling the token API: the source's
+// circuit breaker is open after repeated failures. RetryAfter says when the
+// next attempt will be let through; Err is the provider failure that
+// opened the breaker (or the last failure of this fetch), so that callers
+// can still tell what went wrong.
+type UnavailableError struct {
+	// SourceID is the source whose breaker is open.
+	SourceID string
+	// RetryAfter is how long until the breaker lets a probe through.
+	RetryAfter time.Duration
+	// Err is the last provider failure behind the open breaker, if known.
+	Err error
+}
+
+// Error describes the open breaker and the failure behind it.
+func (e *UnavailableError) Error() string {
+	msg := fmt.Sprintf("token API of %s is failing: not called for another %s (circuit breaker open)", e.SourceID, e.RetryAfter.Round(time.Millisecond))
+	if e.Err != nil {
+		msg += "; last failure: " + e.Err.Error()
+	}
+	return msg
+}
+
+// Unwrap returns the provider failure behind the open breaker.
+func (e *UnavailableError) Unwrap() error { return e.Err }
+
+// RetryAfterOf returns how long a caller should wait before trying again
+// after err, or 0 when nobody said. An open breaker's wait comes first.
+func RetryAfterOf(err error) time.Duration {
+	var ue *UnavailableError
+	if errors.As(err, &ue) {
+		return ue.RetryAfter
+	}
+	var ae *APIError
+	if errors.As(err, &ae) {
+		return ae.RetryAfter
+	}
+	return 0
+}
+
+// isRateLimit reports whether err is a 429 from the token API.
+func isRateLimit(err error) bool {
+	var ae *APIError
+	return errors.As(err, &ae) && ae.StatusCode == http.StatusTooManyRequests
+}

@@ -70,8 +70,9 @@ type Request struct {
 type Binding struct {
 	// SourceID names the source and the version of its configuration
 	// (for example "nuapay-sandbox#3f2a9c01"). Tokens are shared between
-	// bindings with the same SourceID, organisation, scopes and audience,
-	// so a SourceID must change whenever the source's configuration does.
+	// bindings with the same SourceID, organisation, scopes, audience and
+	// lifetime, so a SourceID must change whenever the source's
+	// configuration does.
 	SourceID string
 	// Source is where tokens come from.
 	Source Source
@@ -91,7 +92,7 @@ type Binding struct {
 // its cache key computed.
 func NewBinding(sourceID string, src Source, req Request) *Binding {
 	req.Scopes = NormaliseScopes(req.Scopes)
-	parts := []string{sourceID, req.Organisation, strings.Join(req.Scopes, " "), req.Audience}
+	parts := []string{sourceID, req.Organisation, strings.Join(req.Scopes, " "), req.Audience, req.Lifetime.String()}
 	if pm, ok := src.(PerMerchant); ok && pm.PerMerchant() {
 		parts = append(parts, req.Merchant)
 	}
@@ -100,7 +101,7 @@ func NewBinding(sourceID string, src Source, req Request) *Binding {
 }
 
 // Key is the cache key of the binding: (source, organisation, sorted scopes,
-// audience), plus the merchant for PerMerchant sources.
+// audience, requested lifetime), plus the merchant for PerMerchant sources.
 func (b *Binding) Key() string { return b.key }
 
 // NormaliseScopes returns the scopes sorted, trimmed and without duplicates

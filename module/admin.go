@@ -77,13 +77,44 @@ type TokenInfo struct {
 	Expiry time.Time `json:"expiry"`
 	// RefreshAt is when the token enters its refresh window.
 	RefreshAt time.Time `json:"refresh_at"`
+	// Origin is where the token came from: "minted" (this instance called
+	// the token API) or "shared" (adopted from the shared tier).
+	Origin string `json:"origin"`
+	// NextRefresh is the earliest time a refresh-ahead may call the token
+	// API: RefreshAt, or the end of the key's backoff if later. Only in
+	// GET /token_broker/tokens.
+	NextRefresh *time.Time `json:"next_refresh,omitempty"`
+	// LastRefreshError is the error code (as a request would get it,
+	// e.g. token_rate_limited) of the key's last failed fetch, until a
+	// fetch succeeds. Never the provider's text.
+	LastRefreshError string `json:"last_refresh_error,omitempty"`
+	// BackoffUntil is when the key's failure memory stops answering for
+	// it (no token API call before), if it holds.
+	BackoffUntil *time.Time `json:"backoff_until,omitempty"`
+	// Failures counts the key's consecutive failed fetches.
+	Failures int `json:"failures,omitempty"`
 }
 
 func tokenInfo(e *broker.Entry) TokenInfo {
 	b, t := e.Binding(), e.Token()
 	return TokenInfo{Merchant: b.Request.Merchant, Source: b.SourceID, Organisation: b.Request.Organisation,
 		Scopes: b.Request.Scopes, Audience: b.Request.Audience, Fingerprint: t.Fingerprint(),
-		TokenID: t.ID, Expiry: t.Expiry.UTC(), RefreshAt: e.RefreshAt().UTC()}
+		TokenID: t.ID, Expiry: t.Expiry.UTC(), RefreshAt: e.RefreshAt().UTC(), Origin: e.Origin()}
+}
+
+// withPolicy adds the failure policy's state of the entry's key.
+func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
+	next := p.NextRefresh.UTC()
+	ti.NextRefresh = &next
+	if p.LastError != nil {
+		_, ti.LastRefreshError = classify(p.LastError)
+	}
+	if !p.BackoffUntil.IsZero() {
+		until := p.BackoffUntil.UTC()
+		ti.BackoffUntil = &until
+	}
+	ti.Failures = p.Failures
+	return ti
 }
 
 func running() (*App, error) {
@@ -105,7 +136,7 @@ func (adminAPI) tokens(w http.ResponseWriter, r *http.Request) error {
 	out := []TokenInfo{}
 	for _, e := range app.broker.Entries() {
 		if m := r.URL.Query().Get("merchant"); m == "" || m == e.Binding().Request.Merchant {
-			out = append(out, tokenInfo(e))
+			out = append(out, tokenInfo(e).withPolicy(app.broker.Policy(e)))
 		}
 	}
 	slices.SortFunc(out, func(a, b TokenInfo) int {

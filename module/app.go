@@ -112,7 +112,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 		FetchTimeout:  time.Duration(a.FetchTimeout),
 	}
 	a.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s %s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout, a.fleetKey)
-	// TODO(issue 10): set opts.Shared = a.fleet.cache (when a.fleet != nil) once broker.Options.Shared exists.
+	if a.fleet != nil {
+		// The fleet tier is part of the pool key: a broker is never shared
+		// by configurations with different tiers.
+		opts.Shared = a.fleet.cache
+	}
 	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
 		return &pooledBroker{Broker: broker.New(opts), logger: a.logger}, nil
 	})

@@ -155,7 +155,7 @@ func (b *binding) served(e *broker.Entry) *servedEntry {
 
 // cacheResults are the boxed values of {http.token_broker.cache}.
 var cacheResults = [...]any{broker.Hit: broker.Hit.String(), broker.RefreshAhead: broker.RefreshAhead.String(),
-	broker.Miss: broker.Miss.String(), broker.Shared: broker.Shared.String()}
+	broker.Miss: broker.Miss.String(), broker.Shared: broker.Shared.String(), broker.Adopted: broker.Adopted.String()}
 
 // CaddyModule returns the Caddy module information.
 func (Handler) CaddyModule() caddy.ModuleInfo {

@@ -20,10 +20,13 @@ import (
 // -------|--------|-----
 // `caddy_token_broker_token_requests_total` | provider, outcome | calls to a token API: outcome ok, or the error code a request would get (token_refused, token_unavailable, token_timeout, token_rate_limited, token_bad_response, client_gone)
 // `caddy_token_broker_token_request_duration_seconds` | provider | histogram of token API call latency
-// `caddy_token_broker_cache_lookups_total` | provider, result | tokens handed out: hit, refresh (a hit that started the background refresh), miss (waited on a fetch it started), shared (waited on a fetch another request started: the single-flight waiters)
+// `caddy_token_broker_cache_lookups_total` | provider, result | tokens handed out: hit, refresh (a hit that started the background refresh), miss (waited on a fetch it started), shared (waited on a fetch another request started: the single-flight waiters), adopted (a fetch it started took the token from the shared tier)
 // `caddy_token_broker_token_purges_total` | provider | cached tokens dropped after the upstream rejected them (401)
 // `caddy_token_broker_breaker_state` | provider | circuit breaker of the token API: 0 closed, 1 half-open, 2 open
+// `caddy_token_broker_keys_backing_off` | provider | cache keys whose last fetch failed and which are held in failure memory (their fetches answer the remembered error without calling the token API until their backoff ends)
 //
+// token_purges_total, breaker_state and keys_backing_off are exported (as 0)
+// for every provider from provisioning, not only after a first change.
 // With MerchantLabel, token_requests_total, cache_lookups_total and
 // token_purges_total also carry a merchant label.
 type MetricsConfig struct {
@@ -42,6 +45,7 @@ type tokenMetrics struct {
 	lookups       *prometheus.CounterVec
 	purges        *prometheus.CounterVec
 	breaker       *prometheus.GaugeVec
+	backingOff    *prometheus.GaugeVec
 }
 
 // metricsPool holds one tokenMetrics per label set.
@@ -103,13 +107,17 @@ func newTokenMetrics(merchantLabel bool) *tokenMetrics {
 			Namespace: ns, Subsystem: sub, Name: "breaker_state",
 			Help: "Circuit breaker of a provider's token API: 0 closed, 1 half-open, 2 open.",
 		}, []string{"provider"}),
+		backingOff: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "keys_backing_off",
+			Help: "Cache keys held in failure memory after a failed fetch: their fetches answer the remembered error without calling the token API.",
+		}, []string{"provider"}),
 	}
 }
 
 // register adds the collectors to a config's registry; registering them
 // twice in one registry is not an error.
 func (m *tokenMetrics) register(registry *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{m.tokenRequests, m.fetchDuration, m.lookups, m.purges, m.breaker} {
+	for _, c := range []prometheus.Collector{m.tokenRequests, m.fetchDuration, m.lookups, m.purges, m.breaker, m.backingOff} {
 		if err := registry.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) && are.ExistingCollector == c {
@@ -160,7 +168,7 @@ func (m *tokenMetrics) labels(merchant string, values ...string) []string {
 // broker.Result, resolved at provision time so that counting a lookup is
 // one atomic add. Bindings of one provider share them unless the merchant
 // label is on.
-type lookupCounters [broker.Shared + 1]prometheus.Counter
+type lookupCounters [broker.Adopted + 1]prometheus.Counter
 
 func (m *tokenMetrics) lookupCounters(provider, merchant string) *lookupCounters {
 	var c lookupCounters
@@ -210,6 +218,29 @@ func (h *Handler) instrument(m *tokenMetrics) {
 			shared[b.provider] = c
 		}
 		b.Observer = &observer{Handler: h, lookups: c}
+		// Series that change rarely are exported from the start, so that
+		// dashboards and alerts see 0 rather than nothing.
+		m.purges.WithLabelValues(m.labels(id, b.provider)...)
+		m.backingOff.WithLabelValues(b.provider)
+		state := broker.BreakerClosed
+		if h.broker != nil {
+			state = h.broker.BreakerState(b.SourceID)
+		}
+		m.breaker.WithLabelValues(b.provider).Set(float64(state))
+	}
+}
+
+// BackingOff implements broker.BackoffObserver: it counts the keys held in
+// failure memory, by provider.
+func (h *Handler) BackingOff(b *broker.Binding, on bool) {
+	if h.metrics == nil || h.metrics.tokenMetrics == nil {
+		return
+	}
+	g := h.metrics.backingOff.WithLabelValues(h.providerOf(b))
+	if on {
+		g.Inc()
+	} else {
+		g.Dec()
 	}
 }
 
@@ -262,5 +293,6 @@ func (h *Handler) providerOf(b *broker.Binding) string {
 var (
 	_ broker.Observer        = (*observer)(nil)
 	_ broker.BreakerObserver = (*observer)(nil)
+	_ broker.BackoffObserver = (*observer)(nil)
 	_ caddy.Destructor       = (*tokenMetrics)(nil)
 )

@@ -37,10 +37,17 @@ func (c *clock) Add(d time.Duration) {
 // collectors registered in reg.
 func newMetricsHandler(t *testing.T, src broker.SourceFunc, clk *clock, merchantLabel bool) (*Handler, *tokenMetrics, *prometheus.Registry) {
 	t.Helper()
+	return newMetricsHandlerWith(t, src, merchantLabel, broker.Options{Now: clk.Now, MaxAttempts: 1, FailureTTL: -1, BreakerThreshold: 2})
+}
+
+// newMetricsHandlerWith is newMetricsHandler with the broker's options
+// (Sleep is set to not sleep).
+func newMetricsHandlerWith(t *testing.T, src broker.SourceFunc, merchantLabel bool, opts broker.Options) (*Handler, *tokenMetrics, *prometheus.Registry) {
+	t.Helper()
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(),
 		merchantHeader: "X-Merchant-Id", header: "Authorization"}
-	h.broker = broker.New(broker.Options{Now: clk.Now, MaxAttempts: 1, FailureTTL: -1, BreakerThreshold: 2,
-		Sleep: func(context.Context, time.Duration) error { return nil }})
+	opts.Sleep = func(context.Context, time.Duration) error { return nil }
+	h.broker = broker.New(opts)
 	t.Cleanup(h.broker.Close)
 	h.bindings = map[string]*binding{}
 	for _, m := range []string{"acme", "globex"} {
@@ -170,6 +177,72 @@ func TestMetricsSharedAndMerchantLabel(t *testing.T) {
 	}
 	checkSeries(t, reg, map[prometheus.Collector]map[string]float64{
 		m.tokenRequests: {`merchant="acme",outcome="ok",provider="nuapay"`: 1},
+	})
+}
+
+// The breaker opening mid-retry counts each call once; breaker_state,
+// token_purges_total and keys_backing_off exist from provisioning; half-open
+// is reported (the probe sees the gauge at 1); a failing key is counted as
+// backing off until a success.
+func TestMetricsPolicyState(t *testing.T) {
+	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	var fail atomic.Bool
+	var calls atomic.Int64
+	var m *tokenMetrics
+	var duringProbe atomic.Value
+	src := func(ctx context.Context, req broker.Request) (broker.Token, error) {
+		calls.Add(1)
+		duringProbe.Store(testutil.ToFloat64(m.breaker.WithLabelValues("nuapay")))
+		if fail.Load() {
+			return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 503}
+		}
+		now := clk.Now()
+		return broker.Token{Value: broker.Secret("tok-" + req.Merchant), IssuedAt: now, Expiry: now.Add(time.Hour)}, nil
+	}
+	h, m, reg := newMetricsHandlerWith(t, src, false, broker.Options{Now: clk.Now, MaxAttempts: 3, BreakerThreshold: 2, BreakerCooldown: 10 * time.Second})
+	present := func(name string) bool {
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == name && len(mf.GetMetric()) > 0 {
+				return true
+			}
+		}
+		return false
+	}
+	for _, name := range []string{"caddy_token_broker_breaker_state", "caddy_token_broker_token_purges_total", "caddy_token_broker_keys_backing_off"} {
+		if !present(name) {
+			t.Errorf("%s not exported before any request", name)
+		}
+	}
+	fail.Store(true)
+	if rec, _, _ := serve(t, h, merchantRequest("globex")); rec.Code != 503 {
+		t.Fatalf("status %d, want 503 (breaker opened mid-retry)", rec.Code)
+	}
+	checkSeries(t, reg, map[prometheus.Collector]map[string]float64{
+		m.tokenRequests: {`outcome="token_unavailable",provider="nuapay"`: 2},
+		m.breaker:       {`provider="nuapay"`: float64(broker.BreakerOpen)},
+		m.backingOff:    {`provider="nuapay"`: 1},
+	})
+	if n := histogramCount(t, reg, "caddy_token_broker_token_request_duration_seconds"); n != 2 || calls.Load() != 2 {
+		t.Fatalf("latency histogram count = %d for %d calls, want 2", n, calls.Load())
+	}
+	// After the cooldown the probe runs with the breaker half-open, and
+	// closes it.
+	fail.Store(false)
+	clk.Add(11 * time.Second)
+	if rec, _, _ := serve(t, h, merchantRequest("globex")); rec.Code != 200 {
+		t.Fatalf("after the cooldown: %d", rec.Code)
+	}
+	if v := duringProbe.Load(); v != float64(broker.BreakerHalfOpen) {
+		t.Fatalf("breaker gauge during the probe = %v, want half-open (1)", v)
+	}
+	checkSeries(t, reg, map[prometheus.Collector]map[string]float64{
+		m.tokenRequests: {`outcome="token_unavailable",provider="nuapay"`: 2, `outcome="ok",provider="nuapay"`: 1},
+		m.breaker:       {`provider="nuapay"`: float64(broker.BreakerClosed)},
+		m.backingOff:    {`provider="nuapay"`: 0},
 	})
 }
 

@@ -1,0 +1,115 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// Token returns a valid token for the binding: from the cache, or from its
+// Source. It never returns a token closer than Leeway to its expiry.
+func (br *Broker) Token(ctx context.Context, b *Binding) (Token, error) {
+	e, _, err := br.Get(ctx, b)
+	if err != nil {
+		return Token{}, err
+	}
+	return e.tok, nil
+}
+
+// Get returns the cache entry holding a valid token for the binding and how
+// it was served. A cached token in its refresh window is returned at once and
+// one background refresh is started (unless the key's last refresh failed
+// and its failure memory still holds). Without a usable cached token, Get
+// waits for the one fetch in flight for the binding's key (starting it if
+// needed) or for ctx to end, whichever comes first; a caller giving up does
+// not cancel the fetch for the others.
+//
+// A hit takes no lock, reads no shared map and allocates nothing.
+func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
+	now := br.opts.Now()
+	// The binding remembers the entry it was last served: on the hot path
+	// no shared map is read and no lock is taken. An entry replaced by a
+	// newer token or purged is marked stale, and the cache is asked again.
+	e := b.current.Load()
+	if e == nil || e.stale.Load() || !e.tok.ValidAt(now, br.opts.Leeway) {
+		e = nil
+		if v, ok := br.cache.Get(b.key); ok {
+			e = v.(*Entry)
+			b.current.Store(e)
+		}
+	}
+	if e != nil && e.tok.ValidAt(now, br.opts.Leeway) {
+		r := Hit
+		if !now.Before(e.refreshAt) && e.refreshDue(now) && e.refreshing.CompareAndSwap(false, true) {
+			r = RefreshAhead
+			br.refresh(ctx, b, e)
+		}
+		br.observe(b, r)
+		return e, r, nil
+	}
+	// A lookup can join a fetch that started earlier (a background
+	// refresh, say); its token is checked again like a cached one, and if
+	// it is no longer usable the lookup waits for one more fetch.
+	for attempt := 0; ; attempt++ {
+		started := false // set by this lookup's fetch only, read after the channel
+		ch := br.group.DoChan(b.key, func() (any, error) {
+			started = true
+			return br.fetch(ctx, b, nil)
+		})
+		select {
+		case res := <-ch:
+			if res.Err != nil {
+				return nil, Miss, res.Err
+			}
+			e := res.Val.(*Entry)
+			if !e.tok.ValidAt(br.opts.Now(), br.opts.Leeway) {
+				if !started && attempt == 0 {
+					continue
+				}
+				return nil, Miss, fmt.Errorf("merchant %q: %w", b.Request.Merchant, ErrExpiredToken)
+			}
+			r := Miss
+			switch {
+			case !started:
+				r = Shared
+			case e.origin == OriginShared:
+				r = Adopted
+			}
+			br.observe(b, r)
+			return e, r, nil
+		case <-ctx.Done():
+			return nil, Miss, fmt.Errorf("merchant %q: waiting for a token: %w", b.Request.Merchant, context.Cause(ctx))
+		}
+	}
+}
+
+// refreshDue reports whether a refresh-ahead of e may start at now: its last
+// refresh did not fail, or that failure's memory no longer holds.
+func (e *Entry) refreshDue(now time.Time) bool {
+	f := e.retry.Load()
+	return f == nil || !f.holds(now)
+}
+
+// refresh starts the background refresh of e. It goes through the same
+// singleflight and the same policy as a foreground fetch.
+func (br *Broker) refresh(ctx context.Context, b *Binding, e *Entry) {
+	go func() {
+		defer e.refreshing.Store(false)
+		br.group.Do(b.key, func() (any, error) {
+			return br.fetch(ctx, b, e)
+		})
+	}()
+}
+
+func (br *Broker) observer(b *Binding) Observer {
+	if b.Observer != nil {
+		return b.Observer
+	}
+	return br.opts.Observer
+}
+
+func (br *Broker) observe(b *Binding, r Result) {
+	if o := br.observer(b); o != nil {
+		o.Lookup(b, r)
+	}
+}

@@ -1,0 +1,212 @@
+package broker
+
+import (
+	"context"
+	"time"
+)
+
+// Defaults of Options.
+const (
+	DefaultRefreshWindow    = 0.25
+	DefaultLeeway           = time.Second
+	DefaultFetchTimeout     = 30 * time.Second
+	DefaultCleanupInterval  = time.Minute
+	DefaultMaxAttempts      = 3
+	DefaultBackoffBase      = 100 * time.Millisecond
+	DefaultBackoffMax       = 2 * time.Second
+	DefaultFailureTTL       = 2 * time.Second
+	DefaultFailureMax       = time.Minute
+	DefaultBreakerThreshold = 5
+	DefaultBreakerCooldown  = 10 * time.Second
+)
+
+// MaxRetryAfterMemory caps how long a key honours a provider's Retry-After:
+// longer values (up to the hour ParseRetryAfter accepts) are cut to this, so
+// that a broken or hostile header cannot silence a key for long.
+const MaxRetryAfterMemory = 10 * time.Minute
+
+// Options configure a Broker. The zero value gives the defaults.
+type Options struct {
+	// RefreshWindow is the last part of a token's lifetime, as a fraction
+	// between 0 and 1, in which a request is still served the cached token
+	// but starts one background refresh. Default 0.25 (the last 25 %).
+	// A negative value disables refresh-ahead.
+	RefreshWindow float64
+	// Leeway is how long a token must still be valid to be handed out: a
+	// token closer to its expiry than this counts as expired, so it cannot
+	// expire on its way to the provider. Default 1s.
+	Leeway time.Duration
+	// FetchTimeout bounds one fetch (all its attempts), whoever waits on it.
+	// Default 30s.
+	FetchTimeout time.Duration
+	// CleanupInterval is how often expired tokens, forgotten failures and
+	// idle breakers are dropped from memory. Default 1m.
+	CleanupInterval time.Duration
+	// MaxAttempts is how many times one fetch calls the Source when it
+	// fails with a temporary error (timeout, refused connection, 429, 5xx),
+	// waiting an exponential backoff with jitter in between, within the
+	// fetch's deadline. Default 3; 1 disables retries.
+	MaxAttempts int
+	// BackoffBase is the wait before the second attempt of one fetch.
+	// Default 100ms.
+	BackoffBase time.Duration
+	// BackoffMax caps the wait between attempts of one fetch. Default 2s. A
+	// provider's Retry-After up to BackoffMax is waited (within the
+	// deadline); a longer one ends the fetch, and the key's failure memory
+	// holds it, so no caller sleeps through it.
+	BackoffMax time.Duration
+	// FailureTTL is how long the first failed fetch of a key is remembered:
+	// until then every fetch of that key, foreground or refresh-ahead, gets
+	// the same error without calling the token API. Each further
+	// consecutive failure of the key doubles it, up to FailureMax; a
+	// provider's Retry-After lengthens it (up to MaxRetryAfterMemory). A
+	// success forgets it. Default 2s; negative disables the memory (a
+	// failed refresh-ahead still waits DefaultFailureTTL before the next).
+	FailureTTL time.Duration
+	// FailureMax caps the exponential failure memory of a key. Default 1m.
+	FailureMax time.Duration
+	// BreakerThreshold is how many consecutive temporary failures of one
+	// source open its circuit breaker. 429s do not count (they throttle a
+	// client, and are remembered per key). Default 5; negative disables.
+	BreakerThreshold int
+	// BreakerCooldown is how long an open breaker refuses calls before it
+	// lets one probe through (half-open). A provider's Retry-After does not
+	// lengthen it: it is kept in the failure memory of the key that got it.
+	// Default 10s.
+	BreakerCooldown time.Duration
+	// Shared is the optional second cache tier shared by a fleet of
+	// brokers. Nil (the default) keeps every token in this process only.
+	Shared SharedCache
+	// Now is the clock. Default time.Now. Tests inject their own.
+	Now func() time.Time
+	// Sleep waits between attempts. Default: a timer. Tests inject their
+	// own so that backoff costs no time.
+	Sleep func(ctx context.Context, d time.Duration) error
+	// Observer is told about lookups and fetches (metrics, logs). Optional.
+	Observer Observer
+}
+
+// withDefaults returns the options with every zero value replaced by its
+// default.
+func (o Options) withDefaults() Options {
+	if o.RefreshWindow == 0 {
+		o.RefreshWindow = DefaultRefreshWindow
+	}
+	if o.RefreshWindow > 1 {
+		o.RefreshWindow = 1
+	}
+	if o.Leeway == 0 {
+		o.Leeway = DefaultLeeway
+	}
+	if o.FetchTimeout == 0 {
+		o.FetchTimeout = DefaultFetchTimeout
+	}
+	if o.CleanupInterval == 0 {
+		o.CleanupInterval = DefaultCleanupInterval
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.MaxAttempts <= 0 {
+		o.MaxAttempts = DefaultMaxAttempts
+	}
+	if o.BackoffBase <= 0 {
+		o.BackoffBase = DefaultBackoffBase
+	}
+	if o.BackoffMax <= 0 {
+		o.BackoffMax = DefaultBackoffMax
+	}
+	if o.FailureTTL == 0 {
+		o.FailureTTL = DefaultFailureTTL
+	}
+	if o.FailureMax <= 0 {
+		o.FailureMax = DefaultFailureMax
+	}
+	if o.BreakerThreshold == 0 {
+		o.BreakerThreshold = DefaultBreakerThreshold
+	}
+	if o.BreakerCooldown <= 0 {
+		o.BreakerCooldown = DefaultBreakerCooldown
+	}
+	if o.Sleep == nil {
+		o.Sleep = sleepCtx
+	}
+	return o
+}
+
+// sleepCtx waits d or until ctx ends.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Result says how a lookup was served.
+type Result uint8
+
+// Lookup results.
+const (
+	// Hit: a cached token, not yet in its refresh window.
+	Hit Result = iota
+	// RefreshAhead: a cached token in its refresh window; this lookup
+	// started the one background refresh.
+	RefreshAhead
+	// Miss: no usable token was cached; this lookup waited on a fetch it
+	// started, which minted a token.
+	Miss
+	// Shared: no usable token was cached; this lookup waited on a fetch
+	// another lookup had started.
+	Shared
+	// Adopted: no usable token was cached; this lookup started a fetch
+	// that adopted a token from the shared tier (Options.Shared) instead
+	// of calling the token API.
+	Adopted
+)
+
+// String names the result for logs, metrics and placeholders.
+func (r Result) String() string {
+	switch r {
+	case Hit:
+		return "hit"
+	case RefreshAhead:
+		return "refresh"
+	case Miss:
+		return "miss"
+	case Shared:
+		return "shared"
+	case Adopted:
+		return "adopted"
+	}
+	return "unknown"
+}
+
+// Observer is told what the broker does. Implementations must be fast and
+// safe for concurrent use; Lookup runs on every request.
+type Observer interface {
+	// Lookup is called once per successful Get with how it was served.
+	Lookup(b *Binding, r Result)
+	// Fetched is called after every call to a Source, with the token
+	// (never log its Value) or the error, and how long the call took.
+	// background is true for refresh-ahead fetches.
+	Fetched(ctx context.Context, b *Binding, tok Token, elapsed time.Duration, background bool, err error)
+}
+
+// BreakerObserver is an optional interface of an Observer: it is told when a
+// source's circuit breaker changes state (closed, open, half-open).
+type BreakerObserver interface {
+	BreakerChanged(sourceID string, state BreakerState)
+}
+
+// BackoffObserver is an optional interface of an Observer: it is told when a
+// key starts being held in failure memory (backing off: its fetches answer
+// the remembered error without calling the token API) and when it stops
+// (a success, or the memory was forgotten). Calls for one key alternate,
+// true then false, and go to the observer of the binding that failed.
+type BackoffObserver interface {
+	BackingOff(b *Binding, on bool)
+}

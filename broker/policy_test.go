@@ -1,0 +1,289 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// scriptedSource answers every call with err, or a token living life on the
+// fake clock when err is nil.
+type scriptedSource struct {
+	clock *fakeClock
+	life  time.Duration
+	calls atomic.Int64
+	mu    sync.Mutex
+	err   error
+}
+
+func (s *scriptedSource) set(err error) { s.mu.Lock(); s.err = err; s.mu.Unlock() }
+
+func (s *scriptedSource) Token(_ context.Context, req Request) (Token, error) {
+	n := s.calls.Add(1)
+	s.mu.Lock()
+	err := s.err
+	s.mu.Unlock()
+	if err != nil {
+		return Token{}, err
+	}
+	now := s.clock.Now()
+	return Token{Value: Secret(fmt.Sprintf("tok-%s-%d", req.Merchant, n)), IssuedAt: now, Expiry: now.Add(s.life)}, nil
+}
+
+// settle waits until no refresh-ahead of b's cached entry is in flight, so
+// that a scripted sequence of lookups is deterministic. It waits for a
+// goroutine, not for time to pass.
+func settle(t *testing.T, br *Broker, b *Binding) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		v, ok := br.cache.Get(b.key)
+		if !ok || !v.(*Entry).refreshing.Load() {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("refresh-ahead still in flight after 10s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+var noSleep = func(context.Context, time.Duration) error { return nil }
+
+// A minute of traffic (a lookup every 100 ms) against a provider that keeps
+// failing, foreground (cold key) and refresh-ahead (warm key, in its
+// window): the token API is called at most a handful of times, Retry-After
+// is honoured, and callers keep getting the same answer.
+func TestOnePolicyForEveryCall(t *testing.T) {
+	rateLimited := &APIError{Provider: "oauth2", StatusCode: http.StatusTooManyRequests, Code: "slow_down", RetryAfter: 60 * time.Second}
+	invalidClient := &APIError{Provider: "oauth2", StatusCode: http.StatusUnauthorized, Code: "invalid_client"}
+	down := &APIError{Provider: "oauth2", StatusCode: http.StatusServiceUnavailable}
+	tests := []struct {
+		name     string
+		err      error
+		warm     bool // a cached token in its refresh window, valid for the whole minute
+		maxCalls int64
+	}{
+		{"refresh-ahead: 429 Retry-After 60", rateLimited, true, 1},
+		{"refresh-ahead: invalid_client", invalidClient, true, 5},
+		// 5 fetches of up to 3 attempts each (temporary errors are
+		// retried within a fetch).
+		{"refresh-ahead: 503", down, true, 15},
+		{"foreground: 429 Retry-After 60", rateLimited, false, 1},
+		{"foreground: invalid_client", invalidClient, false, 5},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &scriptedSource{clock: clock, life: 400 * time.Second}
+			// No breaker: this is about the per-key policy.
+			br := New(Options{Now: clock.Now, Sleep: noSleep, BreakerThreshold: -1})
+			b := NewBinding("bank#1", src, Request{Merchant: "acme", Scopes: []string{"accounts"}})
+			ctx := context.Background()
+			if tt.warm {
+				if _, err := br.Token(ctx, b); err != nil {
+					t.Fatal(err)
+				}
+				clock.Add(310 * time.Second) // in the last 25 %, 89 s left
+			}
+			src.set(tt.err)
+			before := src.calls.Load()
+			for i := range 600 {
+				e, _, err := br.Get(ctx, b)
+				if tt.warm {
+					if err != nil || e.Token().Value.Reveal() != "tok-acme-1" {
+						t.Fatalf("lookup %d: %v, want the cached token", i, err)
+					}
+				} else if !errors.Is(err, tt.err) {
+					t.Fatalf("lookup %d: %v, want %v", i, err, tt.err)
+				}
+				settle(t, br, b)
+				clock.Add(100 * time.Millisecond)
+			}
+			if got := src.calls.Load() - before; got < 1 || got > tt.maxCalls {
+				t.Fatalf("token API calls in a minute = %d, want 1..%d", got, tt.maxCalls)
+			}
+		})
+	}
+}
+
+// A failed refresh-ahead does not suspend the next one when the clock goes
+// back: the failure memory only holds between the failure and its end.
+func TestBackwardClockJumpDoesNotSuspendRefresh(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: time.Hour}
+	br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: -1})
+	b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
+	ctx := context.Background()
+	if _, err := br.Token(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(50 * time.Minute)
+	src.set(&APIError{Provider: "nuapay", StatusCode: 503})
+	br.Get(ctx, b) // starts the refresh, which fails
+	settle(t, br, b)
+	if got := src.calls.Load(); got != 2 {
+		t.Fatalf("calls %d, want 2", got)
+	}
+	src.set(nil)
+	clock.Add(-2 * time.Minute) // NTP steps the clock back; still in the window
+	br.Get(ctx, b)
+	settle(t, br, b)
+	if got := src.calls.Load(); got != 3 {
+		t.Fatalf("calls %d after the clock went back, want 3 (the refresh is not suspended)", got)
+	}
+	if tok, _ := br.Token(ctx, b); tok.Value.Reveal() != "tok-acme-3" {
+		t.Fatalf("token %s, want the refreshed tok-acme-3", tok.Value.Reveal())
+	}
+}
+
+// forget is a compare-and-delete: a newer failure stored meanwhile stays.
+func TestForgetKeepsANewerFailure(t *testing.T) {
+	br := New(Options{})
+	older, newer := &failure{err: errors.New("old")}, &failure{err: errors.New("new")}
+	br.failures.Store("k", older)
+	br.failures.Store("k", newer)
+	br.forget("k", older)
+	if v, ok := br.failures.Load("k"); !ok || v.(*failure) != newer {
+		t.Fatalf("the newer failure was dropped")
+	}
+	br.forget("k", newer)
+	if _, ok := br.failures.Load("k"); ok {
+		t.Fatalf("the failure was not forgotten")
+	}
+}
+
+// Failure memory and breakers keyed by source ID (a new ID per config
+// change) are dropped once unused, so they do not grow with reloads.
+func TestPolicyStateIsBounded(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: time.Hour}
+	src.set(&APIError{Provider: "nuapay", StatusCode: 503})
+	br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1})
+	ctx := context.Background()
+	for i := range 100 {
+		b := NewBinding(fmt.Sprintf("nuapay#%d", i), src, Request{Merchant: "acme", Scopes: []string{"a"}})
+		if _, err := br.Token(ctx, b); err == nil {
+			t.Fatal("want a failure")
+		}
+		clock.Add(time.Second)
+	}
+	count := func(m *sync.Map) (n int) {
+		m.Range(func(any, any) bool { n++; return true })
+		return n
+	}
+	if f, b := count(&br.failures), count(&br.breakers); f != 100 || b != 100 {
+		t.Fatalf("%d failures and %d breakers, want 100 of each", f, b)
+	}
+	clock.Add(DefaultFailureMax + 2*DefaultCleanupInterval)
+	src.set(nil)
+	b := NewBinding("nuapay#new", src, Request{Merchant: "acme", Scopes: []string{"a"}})
+	if _, err := br.Token(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	if f, b := count(&br.failures), count(&br.breakers); f != 0 || b > 1 {
+		t.Fatalf("%d failures and %d breakers left, want 0 and at most 1", f, b)
+	}
+}
+
+// breakerLog records fetches and breaker changes.
+type breakerLog struct {
+	mu      sync.Mutex
+	fetched int
+	states  []BreakerState
+	backoff map[bool]int
+}
+
+func (o *breakerLog) Lookup(*Binding, Result) {}
+func (o *breakerLog) Fetched(context.Context, *Binding, Token, time.Duration, bool, error) {
+	o.mu.Lock()
+	o.fetched++
+	o.mu.Unlock()
+}
+func (o *breakerLog) BreakerChanged(_ string, s BreakerState) {
+	o.mu.Lock()
+	o.states = append(o.states, s)
+	o.mu.Unlock()
+}
+func (o *breakerLog) BackingOff(_ *Binding, on bool) {
+	o.mu.Lock()
+	if o.backoff == nil {
+		o.backoff = map[bool]int{}
+	}
+	o.backoff[on]++
+	o.mu.Unlock()
+}
+
+// The breaker opening mid-retry: each call is reported once, the caller's
+// error still carries the provider's answer, the cooldown is the configured
+// one whatever Retry-After said, and half-open is reported.
+func TestBreakerOpeningMidRetry(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: time.Hour}
+	src.set(&APIError{Provider: "nuapay", StatusCode: 503})
+	obs := &breakerLog{}
+	br := New(Options{Now: clock.Now, Sleep: noSleep, Observer: obs, MaxAttempts: 3, BreakerThreshold: 2, BreakerCooldown: 10 * time.Second})
+	ctx := context.Background()
+	_, err := br.Token(ctx, NewBinding("s", src, Request{Merchant: "acme", Organisation: "acme", Scopes: []string{"a"}}))
+	var ue *UnavailableError
+	var ae *APIError
+	if !errors.As(err, &ue) || !errors.As(err, &ae) || ae.StatusCode != 503 {
+		t.Fatalf("err %v: want an UnavailableError wrapping the 503", err)
+	}
+	if ue.RetryAfter != 10*time.Second {
+		t.Fatalf("breaker retry after %s, want the 10s cooldown", ue.RetryAfter)
+	}
+	if calls := src.calls.Load(); calls != 2 || obs.fetched != 2 {
+		t.Fatalf("%d calls, %d reported; want 2 and 2", calls, obs.fetched)
+	}
+	// After the cooldown another key's fetch is the probe.
+	clock.Add(11 * time.Second)
+	src.set(nil)
+	if _, err := br.Token(ctx, NewBinding("s", src, Request{Merchant: "globex", Organisation: "globex", Scopes: []string{"a"}})); err != nil {
+		t.Fatalf("probe after the cooldown: %v", err)
+	}
+	// A Retry-After of an hour opens the breaker for the cooldown only
+	// (the hour is kept in the failing keys' memory).
+	src.set(&APIError{Provider: "nuapay", StatusCode: 503, RetryAfter: time.Hour})
+	for _, m := range []string{"m1", "m2"} {
+		br.Token(ctx, NewBinding("s", src, Request{Merchant: m, Organisation: m, Scopes: []string{"a"}}))
+	}
+	clock.Add(11 * time.Second)
+	src.set(nil)
+	if _, err := br.Token(ctx, NewBinding("s", src, Request{Merchant: "m3", Organisation: "m3", Scopes: []string{"a"}})); err != nil {
+		t.Fatalf("probe after the cooldown, despite Retry-After 1h: %v", err)
+	}
+	if _, err := br.Token(ctx, NewBinding("s", src, Request{Merchant: "m1", Organisation: "m1", Scopes: []string{"a"}})); !errors.As(err, &ae) || ae.RetryAfter != time.Hour {
+		t.Fatalf("m1: %v, want its remembered 503 with Retry-After", err)
+	}
+	want := []BreakerState{BreakerOpen, BreakerHalfOpen, BreakerClosed, BreakerOpen, BreakerHalfOpen, BreakerClosed}
+	if fmt.Sprint(obs.states) != fmt.Sprint(want) {
+		t.Fatalf("breaker changes %v, want %v", obs.states, want)
+	}
+	if obs.backoff[true] != 3 {
+		t.Fatalf("backing off reported %v, want three keys on", obs.backoff)
+	}
+}
+
+// The requested lifetime is part of the cache key.
+func TestLifetimeKeysTheCache(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: time.Hour}
+	br := New(Options{Now: clock.Now})
+	get := func(life time.Duration) string {
+		tok, err := br.Token(context.Background(), NewBinding("s", src, Request{Merchant: "acme", Organisation: "o", Scopes: []string{"a"}, Lifetime: life}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok.Value.Reveal()
+	}
+	short, long, longAgain := get(10*time.Second), get(time.Hour), get(time.Hour)
+	if short == long || long != longAgain || src.calls.Load() != 2 {
+		t.Fatalf("tokens %s %s %s after %d calls: want one per lifetime", short, long, longAgain, src.calls.Load())
+	}
+}

@@ -1,0 +1,144 @@
+package broker
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+)
+
+// memShared is an in-memory SharedCache for tests: one lock for the whole
+// fleet, tokens kept in a map, purges announced to every node.
+type memShared struct {
+	mu      sync.Mutex // the fleet lock, held while minting
+	tokens  map[string]Token
+	onPurge []func(key, fingerprint string)
+	mints   int
+	adopted int
+}
+
+func newMemShared() *memShared { return &memShared{tokens: map[string]Token{}} }
+
+func (s *memShared) Fetch(ctx context.Context, key string, usable func(Token) bool, mint func(context.Context) (Token, error)) (Token, bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if tok, ok := s.tokens[key]; ok && usable(tok) {
+		s.adopted++
+		return tok, true, nil
+	}
+	s.mints++
+	tok, err := mint(ctx)
+	if err != nil {
+		return Token{}, false, err
+	}
+	s.tokens[key] = tok
+	return tok, false, nil
+}
+
+func (s *memShared) Purge(_ context.Context, key, fingerprint string) error {
+	s.mu.Lock()
+	if tok, ok := s.tokens[key]; ok && (fingerprint == "" || tok.Fingerprint() == fingerprint) {
+		delete(s.tokens, key)
+	}
+	fns := append([]func(string, string){}, s.onPurge...)
+	s.mu.Unlock()
+	for _, fn := range fns {
+		fn(key, fingerprint)
+	}
+	return nil
+}
+
+func (s *memShared) OnPurge(fn func(key, fingerprint string)) {
+	s.mu.Lock()
+	s.onPurge = append(s.onPurge, fn)
+	s.mu.Unlock()
+}
+
+// Two brokers sharing a tier: one mint for both; the second adopts the
+// token (reported as Adopted, listed as shared); a purge on one drops the
+// token from the other's memory too; a refresh-ahead adopts only a token
+// that outlives the one being refreshed.
+func TestSharedCacheTwoBrokersOneMint(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: 100 * time.Second}
+	shared := newMemShared()
+	obs := newObserver()
+	a := New(Options{Now: clock.Now, Shared: shared, Observer: obs})
+	b := New(Options{Now: clock.Now, Shared: shared, Observer: obs})
+	req := Request{Merchant: "acme", Organisation: "o", Scopes: []string{"a"}}
+	ba, bb := NewBinding("s", src, req), NewBinding("s", src, req)
+	ctx := context.Background()
+
+	ea, ra, err := a.Get(ctx, ba)
+	if err != nil || ra != Miss || ea.Origin() != OriginMinted {
+		t.Fatalf("a: %v %s %v, want a minted miss", ea, ra, err)
+	}
+	eb, rb, err := b.Get(ctx, bb)
+	if err != nil || rb != Adopted || eb.Origin() != OriginShared || eb.Token().Value != ea.Token().Value {
+		t.Fatalf("b: %s %v, want the adopted token", rb, err)
+	}
+	if n := src.calls.Load(); n != 1 {
+		t.Fatalf("token API calls = %d, want 1 for two brokers", n)
+	}
+	if _, rb, _ := b.Get(ctx, bb); rb != Hit {
+		t.Fatalf("b again: %s, want a hit from memory", rb)
+	}
+
+	// A 401 on a's token: purged in a, in the tier, and in b.
+	if !a.Purge(ba, ea.Token().Value) {
+		t.Fatal("purge failed")
+	}
+	if len(b.Entries()) != 0 {
+		t.Fatal("b still holds the purged token")
+	}
+	eb, rb, err = b.Get(ctx, bb)
+	if err != nil || rb != Miss || eb.Token().Value == ea.Token().Value || src.calls.Load() != 2 {
+		t.Fatalf("b after the purge: %s %v, calls %d; want a new mint", rb, err, src.calls.Load())
+	}
+	// a adopts b's new token.
+	if ea, ra, _ = a.Get(ctx, ba); ra != Adopted || ea.Token().Value != eb.Token().Value {
+		t.Fatalf("a after the purge: %s, want b's token adopted", ra)
+	}
+
+	// Refresh-ahead: b refreshes first (mint); a, in its window too, must
+	// adopt b's new token, not its own old one from the tier.
+	clock.Add(80 * time.Second)
+	if _, rb, _ = b.Get(ctx, bb); rb != RefreshAhead {
+		t.Fatalf("b in the window: %s", rb)
+	}
+	settle(t, b, bb)
+	if n := src.calls.Load(); n != 3 {
+		t.Fatalf("calls %d, want 3 after b's refresh", n)
+	}
+	if _, ra, _ = a.Get(ctx, ba); ra != RefreshAhead {
+		t.Fatalf("a in the window: %s", ra)
+	}
+	settle(t, a, ba)
+	ea, _, _ = a.Get(ctx, ba)
+	eb, _, _ = b.Get(ctx, bb)
+	if n := src.calls.Load(); n != 3 || ea.Token().Value != eb.Token().Value || ea.Origin() != OriginShared {
+		t.Fatalf("calls %d, a's token origin %s: want a to adopt b's refreshed token", n, ea.Origin())
+	}
+
+	// PurgeMatching also purges the tier and the other node.
+	if out := a.PurgeMerchant("acme"); len(out) != 1 {
+		t.Fatalf("purged %d", len(out))
+	}
+	if len(b.Entries()) != 0 || len(shared.tokens) != 0 {
+		t.Fatal("PurgeMatching did not reach the tier and the other node")
+	}
+}
+
+// A token in the tier that is expired (or about to be) is not adopted.
+func TestSharedCacheRefusesUnusableTokens(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: time.Hour}
+	shared := newMemShared()
+	br := New(Options{Now: clock.Now, Shared: shared})
+	b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
+	shared.tokens[b.Key()] = Token{Value: "stale", IssuedAt: clock.Now(), Expiry: clock.Now().Add(500 * time.Millisecond)}
+	e, r, err := br.Get(context.Background(), b)
+	if err != nil || r != Miss || e.Token().Value == "stale" || src.calls.Load() != 1 {
+		t.Fatalf("%s %v: want a mint instead of the token inside the leeway", r, err)
+	}
+}

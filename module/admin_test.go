@@ -1,0 +1,71 @@
+package module
+
+import (
+	"context"
+	"encoding/json"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// The token list shows each entry's origin and the failure policy's state
+// of its key: next refresh attempt, last refresh error code, backoff end;
+// never the token.
+func TestAdminTokenListShowsPolicyState(t *testing.T) {
+	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	var fail atomic.Bool
+	const secret = "tok-admin-secret"
+	src := broker.SourceFunc(func(ctx context.Context, req broker.Request) (broker.Token, error) {
+		if fail.Load() {
+			return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: 60 * time.Second}
+		}
+		now := clk.Now()
+		return broker.Token{Value: secret, IssuedAt: now, Expiry: now.Add(100 * time.Second)}, nil
+	})
+	br := broker.New(broker.Options{Now: clk.Now, Sleep: func(context.Context, time.Duration) error { return nil }})
+	t.Cleanup(br.Close)
+	prev := current.Swap(&App{broker: br})
+	t.Cleanup(func() { current.Store(prev) })
+	b := broker.NewBinding("nuapay#t", src, broker.Request{Merchant: "acme", Organisation: "org-acme"})
+	ctx := context.Background()
+	if _, err := br.Token(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	list := func() TokenInfo {
+		t.Helper()
+		rec := httptest.NewRecorder()
+		if err := (adminAPI{}).tokens(rec, httptest.NewRequest("GET", "/token_broker/tokens", nil)); err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(rec.Body.String(), secret) {
+			t.Fatalf("admin output carries the token: %s", rec.Body)
+		}
+		var out struct{ Tokens []TokenInfo }
+		if err := json.Unmarshal(rec.Body.Bytes(), &out); err != nil || len(out.Tokens) != 1 {
+			t.Fatalf("%s: %v", rec.Body, err)
+		}
+		return out.Tokens[0]
+	}
+	ti := list()
+	refreshAt := clk.Now().Add(75 * time.Second).UTC()
+	if ti.Origin != broker.OriginMinted || ti.NextRefresh == nil || !ti.NextRefresh.Equal(refreshAt) || ti.LastRefreshError != "" || ti.BackoffUntil != nil {
+		t.Fatalf("healthy entry: %+v", ti)
+	}
+	// In the refresh window the provider answers 429 Retry-After 60.
+	fail.Store(true)
+	clk.Add(80 * time.Second)
+	if _, err := br.Token(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return list().LastRefreshError != "" })
+	ti = list()
+	until := clk.Now().Add(60 * time.Second).UTC()
+	if ti.LastRefreshError != "token_rate_limited" || ti.BackoffUntil == nil || !ti.BackoffUntil.Equal(until) ||
+		!ti.NextRefresh.Equal(until) || ti.Failures != 1 {
+		t.Fatalf("entry after a failed refresh: %+v; want token_rate_limited, backing off until %s", ti, until)
+	}
+}
