@@ -53,7 +53,7 @@ var providerMessages = map[string]map[string]string{
 		"token_refused": "Nuapay refused to issue a token for this merchant; check the merchant's organisation (encodedOrganisationId), its scopes and the partner API key",
 	},
 	"oauth2": {
-		"token_refused": "the authorization server refused to issue a token for this merchant; check the client id and credentials (client_secret or key), the scopes and audience, and the client's registration at the provider",
+		"token_refused": "the authorization server refused to issue a token for this merchant; check the client id and credentials (secret or signing key), the scopes and audience, and the client's registration at the provider",
 	},
 }
 
