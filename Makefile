@@ -10,6 +10,11 @@ XCADDY        ?= $(GO) tool xcaddy
 SANDBOX_ADDR   ?= 127.0.0.1:9080
 export SANDBOX_URL    ?= http://$(SANDBOX_ADDR)
 export NUAPAY_API_KEY ?= sandbox-partner-key
+# The sandbox bank's consent site (the root Caddyfile's second site, on
+# loopback) and its demo client's secret (examples/sandbox/merchants.toml).
+SANDBOX_CONSENT_ADDR ?= 127.0.0.1:8081
+export SANDBOX_CONSENT_SITE ?= http://$(SANDBOX_CONSENT_ADDR)
+export SANDBOX_BANK_SECRET  ?= sandbox-bank-secret
 
 # Fuzz targets run by `make test`, each for FUZZTIME (package:target).
 FUZZTIME      ?= 8s
@@ -27,10 +32,17 @@ build:
 # Starts the sandbox in the background and Caddy in the foreground; Ctrl-C
 # stops Caddy, and the trap stops the sandbox by its process id.
 run: build
-	@$(BIN)/sandbox -listen $(SANDBOX_ADDR) -api-key "$(NUAPAY_API_KEY)" & sandbox=$$!; \
+	@$(BIN)/sandbox -listen $(SANDBOX_ADDR) -api-key "$(NUAPAY_API_KEY)" \
+		-bank-client "sandbox-bank-client:$(SANDBOX_BANK_SECRET)" \
+		-bank-redirect-uris "$(SANDBOX_CONSENT_SITE)/consent/callback" & sandbox=$$!; \
 	trap 'kill $$sandbox 2>/dev/null' EXIT INT TERM; \
 	echo "sandbox on $(SANDBOX_URL) (pid $$sandbox); try:"; \
 	echo "  curl -s -H 'X-Merchant-Id: acme' http://127.0.0.1:8080/tpp/payments"; \
+	echo "merchant consent at the sandbox bank (hooli): get a consent link,"; \
+	echo "  curl -s -X POST http://127.0.0.1:8080/consent/links -d '{\"merchant\":\"hooli\"}'"; \
+	echo "open its \"url\" ($(SANDBOX_CONSENT_SITE)/consent/start?link=...) in a browser, press Approve, then:"; \
+	echo "  curl -s -H 'X-Merchant-Id: hooli' http://127.0.0.1:8080/accounts"; \
+	echo "  curl -s 127.0.0.1:2019/token_broker/consent/merchants"; \
 	$(BIN)/caddy run --config Caddyfile --adapter caddyfile
 
 test: vet redis

@@ -23,7 +23,7 @@ const separator = "\n----------\n"
 // `go test ./integration -run TestAdapt -update` after changing one on purpose.
 func TestAdaptRepositoryCaddyfiles(t *testing.T) {
 	for _, env := range []string{"TOKEN_BROKER_PORT", "TOKEN_BROKER_ADMIN_PORT", "TOKEN_BROKER_CONFIG", "SANDBOX_URL",
-		"NUAPAY_API", "PARTNER_API", "PARTNER_API_HOST", "QWAC_CERT", "QWAC_KEY", "PARTNER_CA_FILE", "ONEID_API", "BANK_API", "CONSENT_SITE"} {
+		"NUAPAY_API", "PARTNER_API", "PARTNER_API_HOST", "QWAC_CERT", "QWAC_KEY", "PARTNER_CA_FILE", "ONEID_API", "BANK_API", "CONSENT_SITE", "SANDBOX_CONSENT_SITE"} {
 		t.Setenv(env, "") // the Caddyfiles' defaults, whatever this shell has
 		os.Unsetenv(env)
 	}

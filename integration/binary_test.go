@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -57,12 +58,18 @@ func startProcess(t *testing.T, dir string, env []string, name string, args ...s
 
 // TestMakeRunDefault does what a newcomer does after `make run`: the built
 // binaries, the root Caddyfile and its embedded sandbox registry, then the
-// curl of the README.
+// curl of the README, and the merchant consent `make run` prints: a consent
+// link from the sidecar, the sandbox bank's approve page, the callback on
+// the loopback consent site, then hooli's calls get tokens by refresh.
 func TestMakeRunDefault(t *testing.T) {
 	caddyBin, sandboxBin := buildBinaries(t)
 	root := repoRoot(t)
 	addrFile := filepath.Join(t.TempDir(), "sandbox.addr")
-	startProcess(t, root, nil, sandboxBin, "-listen", "127.0.0.1:0", "-api-key", "make-run-key", "-addr-file", addrFile)
+	consentPort := freePort(t)
+	consentSite := fmt.Sprintf("http://127.0.0.1:%d", consentPort)
+	// The flags of the Makefile's run target.
+	startProcess(t, root, nil, sandboxBin, "-listen", "127.0.0.1:0", "-api-key", "make-run-key", "-addr-file", addrFile,
+		"-bank-client", "sandbox-bank-client:make-run-bank-secret", "-bank-redirect-uris", consentSite+"/consent/callback")
 	var sandboxAddr string
 	for deadline := time.Now().Add(10 * time.Second); sandboxAddr == ""; time.Sleep(20 * time.Millisecond) {
 		b, _ := os.ReadFile(addrFile)
@@ -75,6 +82,7 @@ func TestMakeRunDefault(t *testing.T) {
 	port, adminPort := freePort(t), freePort(t)
 	env := []string{
 		"SANDBOX_URL=http://" + sandboxAddr, "NUAPAY_API_KEY=make-run-key",
+		"SANDBOX_CONSENT_SITE=" + consentSite, "SANDBOX_BANK_SECRET=make-run-bank-secret",
 		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort),
 		"HOME=" + t.TempDir(), "XDG_DATA_HOME=" + t.TempDir(), "XDG_CONFIG_HOME=" + t.TempDir(),
 	}
@@ -85,5 +93,29 @@ func TestMakeRunDefault(t *testing.T) {
 	a := e.Authorization
 	if !a.Present || !a.Valid || !a.IssuedBySandbox || a.Organisation != "org-acme" || a.Scheme != "Bearer" {
 		t.Fatalf("the sandbox saw %+v; want a valid Bearer token for org-acme", a)
+	}
+
+	// Merchant consent at the sandbox bank, as the banner says.
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitListening(t, fmt.Sprintf("127.0.0.1:%d", consentPort))
+	if status, body := get(t, base+"/accounts", "X-Merchant-Id", "hooli"); status != http.StatusBadGateway || !strings.Contains(string(body), "consent_required") {
+		t.Fatalf("hooli before consent: %d %s, want 502 consent_required", status, body)
+	}
+	status, link := consentLink(t, base, "hooli", "")
+	if status != http.StatusOK || !strings.HasPrefix(link["url"], consentSite+"/consent/start?link=") {
+		t.Fatalf("consent link: %d %v, want a link on %s", status, link, consentSite)
+	}
+	if _, final := consentThrough(t, link["url"]); final != nil {
+		t.Fatalf("the callback redirected to %s, want the thank-you page", final)
+	}
+	a = getEcho(t, base+"/accounts", "X-Merchant-Id", "hooli").Authorization
+	if !a.Valid || a.Organisation != "sandbox-bank-client" || a.Scheme != "Bearer" {
+		t.Fatalf("hooli after consent: the sandbox saw %+v; want a valid bank token", a)
+	}
+	if st := consentStates(t, fmt.Sprintf("http://127.0.0.1:%d", adminPort))["hooli"]; st["has_refresh_token"] != true || st["consent_required"] != false {
+		t.Errorf("admin consent state of hooli: %v", st)
+	}
+	if status, _ := get(t, consentSite+"/tpp/payments", "X-Merchant-Id", "acme"); status != http.StatusNotFound {
+		t.Errorf("the consent site proxied a call: %d, want 404", status)
 	}
 }

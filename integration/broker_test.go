@@ -2,6 +2,7 @@ package integration
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -14,8 +15,18 @@ import (
 // sandboxCaddyfile is the root Caddyfile with the registry path made
 // absolute, so the tests do not depend on their working directory.
 func sandboxCaddyfile(t *testing.T) string {
-	t.Setenv("TOKEN_BROKER_CONFIG", filepath.Join(repoRoot(t), "examples/sandbox/merchants.toml"))
+	sandboxRegistryEnv(t)
 	return readFile(t, filepath.Join(repoRoot(t), "Caddyfile"))
+}
+
+// sandboxRegistryEnv sets the environment of the embedded registry
+// (examples/sandbox/merchants.toml) beyond what startSandbox sets: its
+// path, and the sandbox bank's client secret and consent site (on a free
+// loopback port, which the root Caddyfile listens on).
+func sandboxRegistryEnv(t *testing.T) {
+	t.Setenv("TOKEN_BROKER_CONFIG", filepath.Join(repoRoot(t), "examples/sandbox/merchants.toml"))
+	t.Setenv("SANDBOX_BANK_SECRET", "sandbox-bank-secret")
+	t.Setenv("SANDBOX_CONSENT_SITE", fmt.Sprintf("http://127.0.0.1:%d", freePort(t)))
 }
 
 func TestRootCaddyfileInjectsMerchantToken(t *testing.T) {

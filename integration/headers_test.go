@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -67,7 +66,7 @@ func (u *recordingUpstream) requests() []seen {
 // headersCaddyfile is one token_broker route to the recording upstream,
 // for the sandbox merchants (acme at the sandbox's Nuapay Gatekeeper).
 func headersCaddyfile(t *testing.T, upstream, handlerBlock string) string {
-	t.Setenv("TOKEN_BROKER_CONFIG", filepath.Join(repoRoot(t), "examples/sandbox/merchants.toml"))
+	sandboxRegistryEnv(t)
 	t.Setenv("UPSTREAM_URL", upstream)
 	return `{
 	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}

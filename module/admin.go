@@ -260,7 +260,8 @@ func (adminAPI) provider(w http.ResponseWriter, r *http.Request) error {
 }
 
 // setRefreshToken stores the refresh token of a merchant whose provider
-// uses the refresh_token grant, and drops its cached access tokens.
+// uses the refresh_token grant, drops its cached access tokens and forgets
+// its remembered consent_required, so that its next call refreshes at once.
 func setRefreshToken(w http.ResponseWriter, r *http.Request, app *App, merchant string) error {
 	if app.registry == nil {
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errors.New("no merchant registry is loaded")}
@@ -286,6 +287,7 @@ func setRefreshToken(w http.ResponseWriter, r *http.Request, app *App, merchant 
 		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: fmt.Errorf("storing the refresh token of %q: %w", merchant, err)}
 	}
 	app.broker.PurgeMerchant(merchant)
+	forgetConsentRequired(app.broker, m.Provider, merchant)
 	app.logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", m.Provider),
 		zap.String("fingerprint", rt.Fingerprint()))
 	return writeJSON(w, map[string]any{"merchant": merchant, "provider": m.Provider, "stored": true, "fingerprint": rt.Fingerprint()})

@@ -23,6 +23,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -188,10 +189,7 @@ func (c *Consent) callback(w http.ResponseWriter, r *http.Request) {
 	c.done(span, "callback", res.Merchant, err)
 	if err == nil {
 		c.app.broker.PurgeMerchant(res.Merchant)
-		c.app.broker.ForgetFailures(func(err error) bool {
-			var cr *oauth.ConsentRequiredError
-			return errors.As(err, &cr) && cr.Merchant == res.Merchant && cr.Provider == c.Provider
-		})
+		forgetConsentRequired(c.app.broker, c.Provider, res.Merchant)
 		c.logger.Info("refresh token stored by consent", zap.String("provider", c.Provider),
 			zap.String("merchant", res.Merchant), zap.String("fingerprint", res.Fingerprint))
 	}
@@ -211,6 +209,16 @@ func (c *Consent) callback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	page(w, http.StatusOK, "Thank you: your consent is recorded. You can close this window.")
+}
+
+// forgetConsentRequired drops the broker's remembered consent_required of
+// a merchant at a provider, once it has a new refresh token (by consent or
+// through the admin API), so that its next call refreshes at once.
+func forgetConsentRequired(br *broker.Broker, provider, merchant string) {
+	br.ForgetFailures(func(err error) bool {
+		var cr *oauth.ConsentRequiredError
+		return errors.As(err, &cr) && cr.Merchant == merchant && cr.Provider == provider
+	})
 }
 
 // consentMessage is the page text of a refused step: what happened and
