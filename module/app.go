@@ -66,6 +66,9 @@ type App struct {
 	logger     *zap.Logger
 	fleet      *fleetTier
 	fleetKey   string
+	tables     *tables     // binding tables, by registry and route scopes
+	listing    *orgListing // the wildcard's organisation listing, if restricted
+	listingKey string
 }
 
 // CaddyModule returns the Caddy module information.
@@ -80,6 +83,7 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // token cache.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
+	a.tables = &tables{}
 	if err := a.validate(); err != nil {
 		return err
 	}
@@ -100,6 +104,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 			return err
 		}
 		a.registry = reg
+		if a.listing, a.listingKey, err = loadListing(reg, a.logger); err != nil {
+			return err
+		}
 		a.logger.Info("merchant registry loaded", zap.String("config", reg.Path),
 			zap.Int("merchants", len(reg.Merchants)), zap.Int("providers", len(reg.Providers)))
 	}
@@ -164,6 +171,9 @@ func (a *App) Stop() error {
 // Cleanup releases the app's hold on the shared token cache; the cache lives
 // on while another config (the one being loaded) uses it.
 func (a *App) Cleanup() error {
+	if a.listingKey != "" {
+		_, _ = listings.Delete(a.listingKey)
+	}
 	if a.fleetKey != "" {
 		_, _ = fleets.Delete(a.fleetKey)
 	}

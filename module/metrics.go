@@ -189,28 +189,49 @@ func (o *observer) Lookup(_ *broker.Binding, r broker.Result) {
 // and the provider name of each source.
 type handlerMetrics struct {
 	*tokenMetrics
-	providers map[string]string // SourceID -> provider name
+	providers map[string]string          // SourceID -> provider name
+	shared    map[string]*lookupCounters // provider name -> counters, without the merchant label
 }
 
 // instrument gives every binding of the handler an observer with its
 // counters resolved. Called at the end of Provision.
 func (h *Handler) instrument(m *tokenMetrics) {
-	h.metrics = &handlerMetrics{tokenMetrics: m, providers: make(map[string]string)}
-	if m == nil {
-		return
-	}
-	shared := map[string]*lookupCounters{} // by provider, without the merchant label
-	for id, b := range h.bindings {
-		h.metrics.providers[b.SourceID] = b.provider
-		var c *lookupCounters
-		if m.merchantLabel {
-			c = m.lookupCounters(b.provider, id)
-		} else if c = shared[b.provider]; c == nil {
-			c = m.lookupCounters(b.provider, "")
-			shared[b.provider] = c
+	h.metrics = &handlerMetrics{tokenMetrics: m, providers: make(map[string]string), shared: map[string]*lookupCounters{}}
+	if m != nil && h.bindings != nil && h.bindings.reg != nil {
+		for name, p := range h.bindings.reg.Providers {
+			h.metrics.providers[p.ID] = name
+			if !m.merchantLabel {
+				h.metrics.shared[name] = m.lookupCounters(name, "")
+			}
 		}
-		b.Observer = &observer{Handler: h, lookups: c}
 	}
+	if h.bindings != nil {
+		h.bindings.each(func(id string, b *binding) {
+			if m != nil {
+				h.metrics.providers[b.SourceID] = b.provider
+			}
+			b.Observer = h.observerFor(id, b)
+		})
+	}
+}
+
+// observerFor returns the observer of a new binding: the handler, with
+// the binding's lookup counters.
+func (h *Handler) observerFor(id string, b *binding) broker.Observer {
+	m := h.metrics
+	if m == nil || m.tokenMetrics == nil {
+		return h
+	}
+	var c *lookupCounters
+	if m.merchantLabel {
+		c = m.lookupCounters(b.provider, id)
+	} else if c = m.shared[b.provider]; c == nil {
+		// A provider added by hand (tests): counters made once here,
+		// before the handler serves.
+		c = m.lookupCounters(b.provider, "")
+		m.shared[b.provider] = c
+	}
+	return &observer{Handler: h, lookups: c}
 }
 
 // BreakerChanged implements broker.BreakerObserver: it sets the breaker
@@ -251,8 +272,10 @@ func (h *Handler) providerOf(b *broker.Binding) string {
 			return p
 		}
 	}
-	if hb, ok := h.bindings[b.Request.Merchant]; ok {
-		return hb.provider
+	if h.bindings != nil {
+		if hb := h.bindings.peek(b.Request.Merchant); hb != nil {
+			return hb.provider
+		}
 	}
 	p, _, _ := strings.Cut(b.SourceID, "#")
 	return p
