@@ -13,7 +13,7 @@ export NUAPAY_API_KEY ?= sandbox-partner-key
 
 # Fuzz targets run by `make test`, each for FUZZTIME (package:target).
 FUZZTIME      ?= 8s
-FUZZ_TARGETS  := ./config:FuzzParse ./broker:FuzzParseNuapayToken ./broker:FuzzParseNuapayError \
+FUZZ_TARGETS  := ./config:FuzzParse ./broker/nuapay:FuzzParseToken ./broker/nuapay:FuzzParseError \
                  ./broker/oauth:FuzzTokenResponse ./module:FuzzMerchantSelector
 
 .PHONY: all build run test fuzz redis xcaddy fmt vet clean

@@ -3,7 +3,6 @@ package broker
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"strings"
 	"time"
 )
 
@@ -91,8 +90,3 @@ func ValidTokenValue(v string) bool {
 
 // maxTokenLen bounds an access token's size (a large JWT is a few KiB).
 const maxTokenLen = 16 << 10
-
-// isBearer reports whether a token_type names a bearer token, ignoring case.
-func isBearer(tokenType string) bool {
-	return strings.EqualFold(tokenType, "bearer")
-}

@@ -40,10 +40,15 @@ type Provider struct {
 	// Type is the token API type ("nuapay", "oauth2").
 	Type string
 	// ID is Name + "#" + the first 12 hex characters of a SHA-256 over the
-	// provider's resolved configuration (type, base URL, secret values,
-	// timeout, lifetime, TLS paths and the bytes of the files they name).
-	// It namespaces the token cache: it changes whenever anything about
-	// the provider does, and only then.
+	// non-secret part of the provider's resolved configuration (type,
+	// URLs, client id, auth method, timeout, lifetimes, parameters, the
+	// bytes of the TLS certificate and CA files, the public key of a
+	// private_key_jwt key). No secret value (API key, client secret, TLS
+	// or JWT private key) goes into it, so it is no oracle for a secret;
+	// and every process of a fleet with the same configuration computes
+	// the same ID (a shared cache is keyed by it). It namespaces the token
+	// cache: it changes when the provider's endpoint or identity does; a
+	// secret rotation keeps it, and so the cached tokens.
 	ID string
 	// Source issues the provider's tokens.
 	Source broker.Source
@@ -210,6 +215,12 @@ type Options struct {
 	// consent table (the Caddy module provides one on Caddy's storage).
 	// Default: in memory.
 	ConsentStore oauth.PendingStore
+	// StoreNamespace names this registry in the keys of RefreshStore, so
+	// that two registries with a provider of the same name keep their
+	// refresh tokens apart (see oauth.StoreKey). Not secret. Default the
+	// registry's path as given (the same on every host of a fleet that
+	// uses one configuration).
+	StoreNamespace string
 	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
 	LookupEnv func(string) (string, bool)
 }
@@ -239,6 +250,9 @@ func Parse(path string, data []byte, lookupEnv func(string) (string, bool)) (*Re
 func ParseWith(path string, data []byte, opts Options) (*Registry, error) {
 	if opts.LookupEnv == nil {
 		opts.LookupEnv = os.LookupEnv
+	}
+	if opts.StoreNamespace == "" {
+		opts.StoreNamespace = path
 	}
 	dir, err := filepath.Abs(filepath.Dir(path))
 	if err != nil {

@@ -5,10 +5,12 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -24,6 +26,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
@@ -73,7 +76,7 @@ func TestGoodFile(t *testing.T) {
 	if !strings.HasPrefix(p.ID, "nuapay-sandbox#") || len(p.ID) != len("nuapay-sandbox#")+12 {
 		t.Errorf("ID = %q", p.ID)
 	}
-	if _, ok := p.Source.(*broker.Nuapay); !ok {
+	if _, ok := p.Source.(*nuapay.Source); !ok {
 		t.Errorf("Source is %T", p.Source)
 	}
 	if s := fmt.Sprintf("%+v %#v", *p, *p); strings.Contains(s, secretValue) {
@@ -128,6 +131,32 @@ scopes = ["s"]
 	}
 }
 
+// TestProviderIDHoldsNoSecret: two configurations that differ only in a
+// secret value give the same provider ID, and the ID holds nothing derived
+// from the secret (no hash of it, however short): it is no offline oracle
+// for a low-entropy API key, and a secret rotation keeps the cached tokens.
+func TestProviderIDHoldsNoSecret(t *testing.T) {
+	good := readGood(t)
+	var ids []string
+	for _, key := range []string{"a", "ab", secretValue, secretValue + "2", "1234"} {
+		reg := mustParse(t, "testdata/good.toml", good, testEnv("NUAPAY_API_KEY", key))
+		id := reg.Providers["nuapay-sandbox"].ID
+		ids = append(ids, id)
+		sum := sha256.Sum256([]byte(key))
+		for _, derived := range []string{key, broker.Fingerprint(key), hex.EncodeToString(sum[:])[:12]} {
+			if strings.Contains(id, derived) && len(derived) > 2 {
+				t.Errorf("ID %s holds %q, derived from the API key", id, derived)
+			}
+		}
+	}
+	for _, id := range ids[1:] {
+		if id != ids[0] {
+			t.Errorf("IDs differ with the API key alone: %q", ids)
+			break
+		}
+	}
+}
+
 func TestProviderID(t *testing.T) {
 	good := readGood(t)
 	base := mustParse(t, "testdata/good.toml", good, testEnv())
@@ -140,7 +169,7 @@ func TestProviderID(t *testing.T) {
 		{"same config", good, testEnv(), false},
 		{"merchant change", []byte(strings.Replace(string(good), `"org-acme"`, `"org-other"`, 1)), testEnv(), false},
 		{"base_url", good, testEnv("NUAPAY_BASE_URL", "https://nuapay.example/v2"), true},
-		{"api key value", good, testEnv("NUAPAY_API_KEY", secretValue+"2"), true},
+		{"api key value", good, testEnv("NUAPAY_API_KEY", secretValue+"2"), false},
 		{"timeout", []byte(strings.Replace(string(good), `timeout = "10s"`, `timeout = "11s"`, 1)), testEnv(), true},
 		{"token_lifetime", []byte(strings.Replace(string(good), `token_lifetime = "1h"`, `token_lifetime = "2h"`, 1)), testEnv(), true},
 		{"organisations_path", []byte(strings.Replace(string(good), `"/organisations"`, `"/cust/organisations"`, 1)), testEnv(), true},
@@ -597,7 +626,7 @@ provider = "consented"
 	if p := reg.Providers["bank"]; p.Issuer != "https://bank.example" || p.ClientID != "org-shop" || p.PrivateKey != keyFile || p.DefaultLifetime != 10*time.Minute {
 		t.Errorf("bank = %+v", p)
 	}
-	if rt, ok := reg.Providers["consented"].Source.(*oauth.RefreshToken); !ok || rt.Store() != oauth.Store(store) || rt.StoreKey("globex") != "consented/globex" {
+	if rt, ok := reg.Providers["consented"].Source.(*oauth.RefreshToken); !ok || rt.Store() != oauth.Store(store) || rt.StoreKey("globex") != oauth.StoreKey(oauth.Config{Name: "consented", StoreNamespace: path, TokenURL: "https://bank.example/token", ClientID: "rt-client"}, "globex") {
 		t.Errorf("the refresh source does not use the given store and key")
 	}
 	b, err := reg.Binding("acme", nil)
@@ -642,8 +671,8 @@ provider = "consented"
 		t.Errorf("ID unchanged after the key file changed (%v)", err)
 	}
 	oneID := reg.Providers["oneid"].ID
-	if r, _ := ParseWith(path, data, Options{LookupEnv: testEnv("NUAPAY_API_KEY", "other"), RefreshStore: store}); r.Providers["oneid"].ID == oneID {
-		t.Errorf("ID unchanged after the client secret changed")
+	if r, _ := ParseWith(path, data, Options{LookupEnv: testEnv("NUAPAY_API_KEY", "other"), RefreshStore: store}); r.Providers["oneid"].ID != oneID {
+		t.Errorf("ID changed with the client secret: it must hold nothing derived from a secret")
 	}
 }
 

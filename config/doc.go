@@ -54,7 +54,10 @@
 // key of another type is an error. For oauth2 merchants, organisation and
 // scopes are optional. Refresh tokens (grant "refresh_token") never live in
 // this file: they are kept in the refresh store under
-// "<provider name>/<merchant id>" (oauth.StoreKey).
+// "<provider name>/<endpoint id>/<merchant id>" (oauth.StoreKey), where the
+// endpoint id hashes the registry's path, the issuer (or token_url) and the
+// client_id: a refresh token is never sent to another endpoint or client,
+// and is kept across other changes (a secret rotation among them).
 //
 // Secrets (api_key, client_secret) must be exactly one reference: {env.NAME} reads an
 // environment variable, {file.PATH} the content of a file with its trailing

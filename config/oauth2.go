@@ -1,14 +1,15 @@
 package config
 
 import (
+	"crypto/x509"
 	"net/http"
 	"net/url"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // Grants of oauth2 providers.
@@ -27,7 +28,7 @@ const maxKeyFile = 64 << 10
 // buildOAuth2 returns an OAuth 2.0 source: client credentials, or refresh
 // token with the store of the parser's Options.
 func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, fp *fingerprint) broker.Source {
-	cfg := oauth.Config{Name: p.Name, Client: client}
+	cfg := oauth.Config{Name: p.Name, StoreNamespace: e.p.opts.StoreNamespace, Client: client}
 
 	p.Grant = raw.Grant
 	switch p.Grant {
@@ -79,10 +80,10 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 		case p.TLS.CertFile != "":
 			p.AuthMethod = string(oauth.TLSClientAuth)
 		default:
-			e.errf("auth_method", "missing: set client_secret, private_key or tls.client_cert, or auth_method (one of %s)", authMethodNames())
+			e.errf("auth_method", "missing: set client_secret, private_key or tls.client_cert, or auth_method (one of %s)", oauth.AuthMethodNames())
 		}
 	} else if !slices.Contains(oauth.AuthMethods, oauth.AuthMethod(p.AuthMethod)) {
-		e.errf("auth_method", "unknown method %q (known: %s)", p.AuthMethod, authMethodNames())
+		e.errf("auth_method", "unknown method %q (known: %s)", p.AuthMethod, oauth.AuthMethodNames())
 	}
 	fp.add("auth_method", p.AuthMethod)
 	cfg.AuthMethod = oauth.AuthMethod(p.AuthMethod)
@@ -91,7 +92,7 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	usesKey := cfg.AuthMethod == oauth.PrivateKeyJWT
 	switch {
 	case usesSecret:
-		cfg.ClientSecret = e.secret("client_secret", raw.ClientSecret, fp)
+		cfg.ClientSecret = e.secret("client_secret", raw.ClientSecret)
 	case raw.ClientSecret != "" && p.AuthMethod != "":
 		e.errf("client_secret", "not used by auth_method %s: remove it", p.AuthMethod)
 	}
@@ -166,7 +167,6 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 func (e *entry) signer(raw *providerTOML, p *Provider, fp *fingerprint) *oauth.Signer {
 	path, ok := e.expand("private_key", raw.PrivateKey)
 	p.PrivateKey = e.p.abs(path)
-	fp.add("private_key", p.PrivateKey)
 	kid := e.plain("key_id", raw.KeyID)
 	fp.add("key_id", kid)
 	fp.add("signing_alg", raw.SigningAlg)
@@ -188,12 +188,18 @@ func (e *entry) signer(raw *providerTOML, p *Provider, fp *fingerprint) *oauth.S
 		e.errf("private_key", "cannot read: %v", err)
 		return nil
 	}
-	fp.add("private_key.content", string(b))
 	key, err := oauth.ParsePrivateKey(b)
 	if err != nil {
 		e.errf("private_key", "%s: %v", p.PrivateKey, err)
 		return nil
 	}
+	// The public key stands for the private one in the ID.
+	pub, err := x509.MarshalPKIXPublicKey(key.Public())
+	if err != nil {
+		e.errf("private_key", "%s: %v", p.PrivateKey, err)
+		return nil
+	}
+	fp.add("private_key.public", string(pub))
 	s, err := oauth.NewSigner(key, raw.SigningAlg, kid)
 	if err != nil {
 		e.errf("signing_alg", "%v", err)
@@ -211,36 +217,18 @@ func (e *entry) plain(field, s string) string {
 	return v
 }
 
-// httpURL expands and checks an http(s) URL without credentials or
-// fragment (nor query unless query is true); what names the value in the
-// "missing" message.
+// httpURL expands and checks an http(s) URL with the one endpoint URL
+// validator (no credentials, no fragment, no query unless query is true);
+// what names the value in the "missing" message.
 func (e *entry) httpURL(field, raw string, query bool, what string) string {
 	v, ok := e.expand(field, raw)
 	if !ok {
 		return v
 	}
-	u, err := url.Parse(v)
-	switch {
-	case v == "":
+	if v == "" {
 		e.errf(field, "missing: set %s", what)
-	case err != nil:
-		e.errf(field, "not a valid URL") // the parse error would repeat the value, which may hold credentials
-	case u.User != nil:
-		e.errf(field, "must not hold credentials (user:password@): use the provider's secret keys")
-	case u.Fragment != "" || strings.HasSuffix(v, "#"):
-		e.errf(field, "must not carry a fragment")
-	case !query && (u.RawQuery != "" || strings.HasSuffix(v, "?")):
-		e.errf(field, "must not carry a query or a fragment")
-	case u.Scheme != "https" && u.Scheme != "http" || u.Host == "":
-		e.errf(field, "%q is not an http(s) URL with a host", v)
+	} else if err := httpclient.CheckURL(v, query); err != nil {
+		e.errf(field, "%v", err)
 	}
 	return v
-}
-
-func authMethodNames() string {
-	s := make([]string, len(oauth.AuthMethods))
-	for i, m := range oauth.AuthMethods {
-		s[i] = string(m)
-	}
-	return strings.Join(s, ", ")
 }

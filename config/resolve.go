@@ -92,9 +92,10 @@ func (e *entry) expand(field, s string) (string, bool) {
 	return s, ok
 }
 
-// secret resolves a secret reference, {env.NAME} or {file.PATH}, and feeds
-// the value to fp. Messages name the variable or the file, never the value.
-func (e *entry) secret(field, ref string, fp *fingerprint) broker.Secret {
+// secret resolves a secret reference, {env.NAME} or {file.PATH}. Messages
+// name the variable or the file, never the value. The value never goes
+// into the provider ID.
+func (e *entry) secret(field, ref string) broker.Secret {
 	const use = "use a reference, {env.NAME} or {file.PATH}"
 	var v string
 	if name, ok := cut(ref, "{env.", "}"); ok {
@@ -122,7 +123,6 @@ func (e *entry) secret(field, ref string, fp *fingerprint) broker.Secret {
 	} else {
 		e.errf(field, "holds a clear-text value (not shown): %s", use)
 	}
-	fp.add(field, v)
 	return broker.Secret(v)
 }
 
@@ -164,11 +164,14 @@ func readFile(path string, max int64) ([]byte, error) {
 	return b, err
 }
 
-// fingerprint hashes a provider's resolved configuration into its ID.
+// fingerprint hashes the non-secret part of a provider's resolved
+// configuration into its ID: never a secret value, nor anything derived
+// from one (a private key contributes its public key, a TLS client
+// certificate its bytes, which are public; the client key nothing).
 type fingerprint struct{ h hash.Hash }
 
-// add feeds one named value, length-prefixed so that values cannot run
-// into each other.
+// add feeds one named non-secret value, length-prefixed so that values
+// cannot run into each other.
 func (f *fingerprint) add(name string, value any) {
 	s := fmt.Sprint(value)
 	fmt.Fprintf(f.h, "%d:%s=%d:", len(name), name, len(s))
@@ -238,8 +241,10 @@ func (p *parser) provider(md *toml.MetaData, name string, prim toml.Primitive) (
 	return pv, raw.Type
 }
 
-// client resolves the TLS options, feeds the paths and file contents to fp
-// and returns the HTTP client for the provider (nil on problems).
+// client resolves the TLS options, feeds the server name and the bytes of
+// the certificate files (public; never the key's) to fp and returns the
+// HTTP client for the provider (nil on problems). Paths are left out of
+// the ID: hosts of a fleet may keep the same files in other folders.
 func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client {
 	if raw == nil {
 		raw = &tlsTOML{}
@@ -259,7 +264,6 @@ func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client
 	} {
 		path, ok := e.expand(f.field, f.raw)
 		*f.path = e.p.abs(path)
-		fp.add(f.field, *f.path)
 		if *f.path == "" || !ok {
 			continue
 		}
@@ -267,7 +271,9 @@ func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client
 		if err != nil {
 			e.errf(f.field, "cannot read: %v", err)
 		}
-		fp.add(f.field+".content", string(b))
+		if f.field != "tls.client_key" {
+			fp.add(f.field+".content", string(b))
+		}
 	}
 	switch {
 	case o.CertFile != "" && o.KeyFile == "":

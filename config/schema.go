@@ -11,6 +11,7 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 )
 
 // document is the whole TOML file. Entries are decoded one by one (as
@@ -164,8 +165,8 @@ type providerType struct {
 	// minLifetime and maxLifetime bound the merchants' token_lifetime.
 	minLifetime, maxLifetime time.Duration
 	// build checks the type's own keys and returns the source. Every
-	// resolved value that shapes the source, secrets included, must be
-	// fed to fp so that the provider ID follows it.
+	// resolved non-secret value that shapes the source must be fed to fp
+	// so that the provider ID follows it; secret values never are.
 	build func(e *entry, raw *providerTOML, p *Provider, client *http.Client, fp *fingerprint) broker.Source
 }
 
@@ -178,8 +179,8 @@ var providerTypes = map[string]providerType{
 		keys:              []string{"base_url", "api_key", "token_lifetime", "organisations_path"},
 		needsScopes:       true,
 		needsOrganisation: true,
-		minLifetime:       broker.NuapayMinLifetime,
-		maxLifetime:       broker.NuapayMaxLifetime,
+		minLifetime:       nuapay.MinLifetime,
+		maxLifetime:       nuapay.MaxLifetime,
 		build:             buildNuapay,
 	},
 	"oauth2": {
@@ -190,38 +191,6 @@ var providerTypes = map[string]providerType{
 		maxLifetime: maxOAuthLifetime,
 		build:       buildOAuth2,
 	},
-}
-
-// buildNuapay returns a Nuapay Gatekeeper source.
-func buildNuapay(e *entry, raw *providerTOML, p *Provider, client *http.Client, fp *fingerprint) broker.Source {
-	p.BaseURL = e.httpURL("base_url", raw.BaseURL, false, "the token API's http(s) URL")
-	p.BaseURL = strings.TrimRight(p.BaseURL, "/")
-	fp.add("base_url", p.BaseURL)
-	p.TokenLifetime = e.duration("token_lifetime", raw.TokenLifetime, defLifetime, broker.NuapayMinLifetime, broker.NuapayMaxLifetime)
-	fp.add("token_lifetime", p.TokenLifetime)
-	key := e.secret("api_key", raw.APIKey, fp)
-	p.OrganisationsPath, _ = e.expand("organisations_path", raw.OrganisationsPath)
-	if p.OrganisationsPath == "" {
-		p.OrganisationsPath = "/organisations"
-	} else if !strings.HasPrefix(p.OrganisationsPath, "/") || strings.ContainsAny(p.OrganisationsPath, "?#") {
-		e.errf("organisations_path", "%q must be a path starting with \"/\", without query or fragment", p.OrganisationsPath)
-	}
-	fp.add("organisations_path", p.OrganisationsPath)
-	if e.bad || client == nil {
-		return nil
-	}
-	src, err := broker.NewNuapay(broker.NuapayConfig{
-		BaseURL:           p.BaseURL,
-		APIKey:            key,
-		Lifetime:          p.TokenLifetime,
-		OrganisationsPath: p.OrganisationsPath,
-		Client:            client,
-	})
-	if err != nil {
-		e.errf("", "%v", err)
-		return nil
-	}
-	return src
 }
 
 // typeNames lists the known provider types for messages.

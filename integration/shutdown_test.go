@@ -8,8 +8,10 @@ import (
 	"github.com/caddyserver/caddy/v2"
 )
 
-// TestRevokeOnShutdown: with revoke_on_shutdown, a reload keeps the cached
-// token valid at the provider, and stopping Caddy revokes it.
+// TestRevokeOnShutdown: with revoke_on_shutdown, reloads keep the cached
+// tokens valid at the provider, also a reload that changes the cache
+// settings (refresh_window, leeway, fetch_timeout: a new broker), and
+// stopping Caddy revokes them all, the replaced broker's included.
 func TestRevokeOnShutdown(t *testing.T) {
 	sb, _ := startSandbox(t)
 	rec := &tokenRecorder{next: sb}
@@ -36,6 +38,23 @@ func TestRevokeOnShutdown(t *testing.T) {
 	}
 	if e := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme"); !e.Authorization.Valid || sb.TokenRequests() != 2 {
 		t.Fatalf("after the reload: %+v, %d token requests", e.Authorization, sb.TokenRequests())
+	}
+
+	// A reload that changes the cache settings replaces the broker.
+	loadCaddy(t, strings.Replace(cf, "\t\trevoke_on_shutdown\n", "\t\trevoke_on_shutdown\n\t\tleeway 2s\n", 1))
+	for _, tok := range tokens {
+		if _, _, valid := sb.Issued(tok); !valid {
+			t.Fatal("a reload that changed leeway revoked a cached token")
+		}
+	}
+	if e := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme"); !e.Authorization.Valid {
+		t.Fatalf("after the second reload: %+v", e.Authorization)
+	}
+	rec.mu.Lock()
+	tokens = append([]string(nil), rec.tokens...)
+	rec.mu.Unlock()
+	if len(tokens) != 3 {
+		t.Fatalf("%d tokens issued, want 3 (the new broker fetches its own)", len(tokens))
 	}
 
 	if err := caddy.Stop(); err != nil {

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -216,7 +217,7 @@ func (adminAPI) provider(w http.ResponseWriter, r *http.Request) error {
 	if app.registry == nil || app.registry.Providers[name] == nil {
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("provider %q is not in the registry", name)}
 	}
-	np, ok := app.registry.Providers[name].Source.(*broker.Nuapay)
+	np, ok := app.registry.Providers[name].Source.(*nuapay.Source)
 	if !ok {
 		return caddy.APIError{HTTPStatus: http.StatusConflict, Err: fmt.Errorf("provider %q is not a Nuapay provider", name)}
 	}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -62,6 +64,7 @@ type App struct {
 	metrics    *tokenMetrics
 	metricsKey string
 	broker     *broker.Broker
+	pooled     *pooledBroker
 	poolKey    string
 	logger     *zap.Logger
 	fleet      *fleetTier
@@ -125,7 +128,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	pb := val.(*pooledBroker)
 	pb.revokeOnShutdown.Store(a.RevokeOnShutdown)
-	a.broker = pb.Broker
+	a.broker, a.pooled = pb.Broker, pb
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
 	if a.metrics, err = loadMetrics(ctx.GetMetricsRegistry(), merchantLabel); err != nil {
 		return err
@@ -198,20 +201,62 @@ type pooledBroker struct {
 	*broker.Broker
 	revokeOnShutdown atomic.Bool
 	logger           *zap.Logger
+
+	mu        sync.Mutex
+	inherited []*broker.Entry // tokens of the brokers that reloads replaced
 }
 
-func (p *pooledBroker) Destruct() error {
-	if p.revokeOnShutdown.Load() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		for _, res := range revokeEntries(ctx, p.Entries()) {
-			if p.logger != nil {
-				p.logger.Info("token revoked at shutdown", zap.String("merchant", res.Merchant),
-					zap.String("fingerprint", res.Fingerprint), zap.Bool("revoked", res.Revoked), zap.String("error", res.Error))
-			}
+// shuttingDown reports whether Caddy is stopping for good (the process
+// exits, or the running config is stopped without a new one), rather than
+// reloading. A variable for tests.
+var shuttingDown = func() bool { return caddy.Exiting() || caddy.ActiveContext().Context == nil }
+
+// inherit takes over the tokens of a broker that a reload replaced, so
+// that they are revoked at shutdown (if still valid then) like this
+// broker's own.
+func (p *pooledBroker) inherit(entries []*broker.Entry) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	now := time.Now()
+	p.inherited = slices.DeleteFunc(p.inherited, func(e *broker.Entry) bool { return !e.Token().ValidAt(now, 0) })
+	p.inherited = append(p.inherited, entries...)
+}
+
+// tokens are the broker's cached tokens and the inherited ones still valid.
+func (p *pooledBroker) tokens() []*broker.Entry {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := p.Entries()
+	now := time.Now()
+	for _, e := range p.inherited {
+		if e.Token().ValidAt(now, 0) {
+			out = append(out, e)
 		}
 	}
-	p.Close()
+	return out
+}
+
+// Destruct closes the broker. A reload never revokes: the running app's
+// broker inherits the tokens, to revoke them at shutdown. At shutdown,
+// with revoke_on_shutdown, the tokens are revoked at their providers.
+func (p *pooledBroker) Destruct() error {
+	defer p.Close()
+	entries := p.tokens()
+	if next := current.Load(); next != nil && next.pooled != nil && next.pooled != p {
+		next.pooled.inherit(entries)
+		return nil
+	}
+	if !p.revokeOnShutdown.Load() || !shuttingDown() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, res := range revokeEntries(ctx, entries) {
+		if p.logger != nil {
+			p.logger.Info("token revoked at shutdown", zap.String("merchant", res.Merchant),
+				zap.String("fingerprint", res.Fingerprint), zap.Bool("revoked", res.Revoked), zap.String("error", res.Error))
+		}
+	}
 	return nil
 }
 

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 )
 
 // scriptedGatekeeper is a Nuapay token API that answers the first `ok`
@@ -52,7 +53,7 @@ func status(code int, body string, header ...string) func(w http.ResponseWriter)
 func failureHandler(t *testing.T, url string, clientTimeout time.Duration, opts broker.Options) (*Handler, *atomic.Int64) {
 	t.Helper()
 	client, _ := broker.NewHTTPClient(clientTimeout, broker.TLSOptions{})
-	src, err := broker.NewNuapay(broker.NuapayConfig{BaseURL: url, APIKey: "canary-api-key", Client: client})
+	src, err := nuapay.New(nuapay.Config{BaseURL: url, APIKey: "canary-api-key", Client: client})
 	if err != nil {
 		t.Fatal(err)
 	}

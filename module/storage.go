@@ -5,18 +5,18 @@ import (
 	"errors"
 	"io/fs"
 	"net/url"
-	"sync"
 
 	"github.com/caddyserver/certmagic"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
 )
 
 // storageStore keeps merchants' refresh tokens in Caddy's storage (the file
 // system by default, under the data directory), so that a rotated refresh
 // token survives a restart and is shared by every instance using the same
-// storage. Keys are oauth.StoreKey(provider, merchant).
+// storage. Keys are oauth.StoreKey(provider config, merchant).
 type storageStore struct {
 	s certmagic.Storage
 }
@@ -24,10 +24,11 @@ type storageStore struct {
 // refreshTokenPrefix is where refresh tokens live in Caddy's storage.
 const refreshTokenPrefix = "token_broker/refresh_tokens/"
 
-// localLocks serialise refreshes of one key inside this process before the
-// storage lock (which, on the file system, polls) serialises them across
-// processes.
-var localLocks sync.Map // key -> *sync.Mutex
+// localLocks serialise refreshes of one key inside this process (across
+// the registries of a reload too) before the storage lock (which, on the
+// file system, polls) serialises them across processes. It holds only the
+// keys being refreshed.
+var localLocks keylock.Map
 
 func storageKey(key string) string { return refreshTokenPrefix + url.PathEscape(key) }
 
@@ -51,17 +52,18 @@ func (st storageStore) Save(ctx context.Context, key string, rt broker.Secret) e
 // Lock serialises refreshes of key in this process and, through the
 // storage's lock, across instances.
 func (st storageStore) Lock(ctx context.Context, key string) (func(), error) {
-	v, _ := localLocks.LoadOrStore(key, new(sync.Mutex))
-	mu := v.(*sync.Mutex)
-	mu.Lock()
+	unlockLocal, err := localLocks.Lock(ctx, key)
+	if err != nil {
+		return nil, err
+	}
 	name := storageKey(key) + ".lock"
 	if err := st.s.Lock(ctx, name); err != nil {
-		mu.Unlock()
+		unlockLocal()
 		return nil, err
 	}
 	return func() {
 		_ = st.s.Unlock(context.WithoutCancel(ctx), name)
-		mu.Unlock()
+		unlockLocal()
 	}, nil
 }
 

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 	"net/url"
 	"slices"
 	"strings"
@@ -360,12 +362,12 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values) (Res
 	}
 	if iss, ok := q["iss"]; ok || ep.issResponse {
 		if len(iss) != 1 || ep.issuer == "" || iss[0] != ep.issuer {
-			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response's iss %q is not the provider's issuer %q (RFC 9207: a mix-up attack or a misconfigured issuer)", short(strings.Join(iss, ",")), ep.issuer))
+			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response's iss %q is not the provider's issuer %q (RFC 9207: a mix-up attack or a misconfigured issuer)", scrub.Truncate(strings.Join(iss, ","), scrub.MaxText), ep.issuer))
 		}
 	}
 	if code := q.Get("error"); code != "" {
-		desc := short(q.Get("error_description"))
-		return res, a.fail(ReasonDenied, rec.Merchant, fmt.Errorf("the provider answered %s: %s", short(code), desc))
+		desc := scrub.Truncate(q.Get("error_description"), scrub.MaxText)
+		return res, a.fail(ReasonDenied, rec.Merchant, fmt.Errorf("the provider answered %s: %s", scrub.Truncate(code, scrub.MaxText), desc))
 	}
 	code := q.Get("code")
 	if code == "" {
@@ -442,13 +444,13 @@ func (a *AuthCode) endpoints(ctx context.Context) (*authEndpoints, error) {
 			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New("failed a few seconds ago")}
 		}
 		client := *cfg.Client
-		client.Transport = limitBody{client.Transport}
+		client.Transport = httpclient.LimitBody(client.Transport)
 		dctx, cancel := context.WithTimeout(oidc.ClientContext(ctx, &client), 30*time.Second)
 		defer cancel()
 		p, err := oidc.NewProvider(dctx, cfg.Issuer)
 		if err != nil {
 			a.retr = now.Add(5 * time.Second)
-			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: shorten(err)}
+			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New(scrub.Truncate(err.Error(), 300))}
 		}
 		var doc authDiscovery
 		if err := p.Claims(&doc); err != nil {

@@ -285,7 +285,7 @@ func TestAuthCodeFlowAgainstZitadel(t *testing.T) {
 			if wantPAR := tc.par || tc.requirePAR; (f.shim.pushed.Load() == 1) != wantPAR {
 				t.Errorf("pushed %d requests, PAR wanted: %v", f.shim.pushed.Load(), wantPAR)
 			}
-			rt, err := f.store.Load(context.Background(), StoreKey("bank", "acme"))
+			rt, err := f.store.Load(context.Background(), f.src.StoreKey("acme"))
 			if err != nil || !f.op.Storage.refreshTokenValid(rt.Reveal()) {
 				t.Fatalf("stored refresh token: %v (valid at the server: false)", err)
 			}
@@ -485,7 +485,7 @@ func TestConsentAgainAfterInvalidGrant(t *testing.T) {
 	f := newConsentFixture(t, &consentShim{}, ClientSecretBasic, false)
 	ctx := context.Background()
 	f.consent(t, "acme")
-	rt, _ := f.store.Load(ctx, StoreKey("bank", "acme"))
+	rt, _ := f.store.Load(ctx, f.src.StoreKey("acme"))
 	f.op.Storage.mu.Lock()
 	delete(f.op.Storage.refresh, rt.Reveal()) // revoked at the bank
 	f.op.Storage.mu.Unlock()

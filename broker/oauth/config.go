@@ -4,12 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/url"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // AuthMethod is a client authentication method, named as in the OAuth
@@ -61,6 +61,10 @@ type Config struct {
 	// Name names the provider in errors and in refresh-token store keys
 	// (see StoreKey). It should be stable across configuration changes.
 	Name string
+	// StoreNamespace names the owner of the refresh tokens in the Store
+	// (the registry), so that two registries with a provider of the same
+	// name sharing one Store keep apart. Not secret. Optional.
+	StoreNamespace string
 	// TokenURL is the token endpoint. Exactly one of TokenURL and Issuer.
 	TokenURL string
 	// Issuer is the OpenID provider's issuer URL: the token endpoint (and
@@ -141,12 +145,12 @@ func (c *Config) check() error {
 			errs = append(errs, fmt.Errorf("auth_method %s takes no client_secret", c.AuthMethod))
 		}
 	default:
-		errs = append(errs, fmt.Errorf("unknown auth_method %q (known: %s)", c.AuthMethod, joinMethods()))
+		errs = append(errs, fmt.Errorf("unknown auth_method %q (known: %s)", c.AuthMethod, AuthMethodNames()))
 	}
 	if (c.AuthMethod == PrivateKeyJWT) != (c.Signer != nil) {
 		errs = append(errs, errors.New("a private key is needed with auth_method private_key_jwt, and only with it"))
 	}
-	if c.AuthMethod == TLSClientAuth && !hasClientCert(c.Client) {
+	if has, known := httpclient.HasClientCert(c.Client); c.AuthMethod == TLSClientAuth && !has && known {
 		errs = append(errs, errors.New("auth_method tls_client_auth needs an HTTP client with a client certificate"))
 	}
 	for k := range c.Params {
@@ -161,7 +165,7 @@ func (c *Config) check() error {
 		c.DefaultLifetime = DefaultLifetime
 	}
 	if c.Client == nil {
-		c.Client, _ = broker.NewHTTPClient(10*time.Second, broker.TLSOptions{})
+		c.Client, _ = httpclient.New(10*time.Second, httpclient.TLSOptions{})
 	}
 	if c.Now == nil {
 		c.Now = time.Now
@@ -172,7 +176,9 @@ func (c *Config) check() error {
 	return errors.Join(errs...)
 }
 
-func joinMethods() string {
+// AuthMethodNames lists the supported client authentication methods for
+// messages: "client_secret_basic, client_secret_post, ...".
+func AuthMethodNames() string {
 	s := make([]string, len(AuthMethods))
 	for i, m := range AuthMethods {
 		s[i] = string(m)
@@ -180,35 +186,10 @@ func joinMethods() string {
 	return strings.Join(s, ", ")
 }
 
-// checkURL accepts an absolute http(s) URL without credentials or fragment.
-// The value itself is quoted: a URL holds no secret once credentials are
-// refused, and they are refused without quoting.
+// checkURL checks an endpoint URL with the one validator, naming field.
 func checkURL(field, s string) error {
-	u, err := url.Parse(s)
-	switch {
-	case err != nil:
-		return fmt.Errorf("%s is not a valid URL", field)
-	case u.User != nil:
-		return fmt.Errorf("%s must not hold credentials (user:password@)", field)
-	case u.Scheme != "https" && u.Scheme != "http" || u.Host == "":
-		return fmt.Errorf("%s %q is not an http(s) URL with a host", field, s)
-	case u.Fragment != "":
-		return fmt.Errorf("%s %q must not carry a fragment", field, s)
+	if err := httpclient.CheckURL(s, true); err != nil {
+		return fmt.Errorf("%s: %w", field, err)
 	}
 	return nil
-}
-
-// hasClientCert reports whether c presents a TLS client certificate, as
-// far as can be seen: a transport other than *http.Transport (a tracing
-// wrapper, a test double) is given the benefit of the doubt.
-func hasClientCert(c *http.Client) bool {
-	if c == nil {
-		return false
-	}
-	tr, ok := c.Transport.(*http.Transport)
-	if !ok {
-		return c.Transport != nil
-	}
-	return tr.TLSClientConfig != nil &&
-		(len(tr.TLSClientConfig.Certificates) > 0 || tr.TLSClientConfig.GetClientCertificate != nil)
 }

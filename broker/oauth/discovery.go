@@ -4,21 +4,20 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net/http"
 	"slices"
 	"sync"
 
 	"github.com/coreos/go-oidc/v3/oidc"
 	"golang.org/x/sync/singleflight"
 
-	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // Endpoints are a provider's endpoints, configured or discovered.
 type Endpoints struct {
-	// Token is the token endpoint used (the mTLS alias with
-	// tls_client_auth when the provider lists one).
+	// Token is the token endpoint used (the mTLS alias when the client
+	// presents a TLS client certificate and the provider lists one).
 	Token string
 	// Revocation is the RFC 7009 revocation endpoint, empty when the
 	// provider has none.
@@ -123,17 +122,21 @@ func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
 		return nil, &DiscoveryError{Issuer: e.cfg.Issuer, Err: err}
 	}
 	client := *e.cfg.Client
-	client.Transport = limitBody{client.Transport}
+	client.Transport = httpclient.LimitBody(client.Transport)
 	p, err := oidc.NewProvider(oidc.ClientContext(ctx, &client), e.cfg.Issuer)
 	if err != nil {
-		return fail(shorten(err))
+		// go-oidc quotes the whole body of a failed discovery response.
+		return fail(errors.New(scrub.Truncate(err.Error(), 300)))
 	}
 	var doc discoveryDoc
 	if err := p.Claims(&doc); err != nil {
 		return fail(fmt.Errorf("reading the discovery document: %w", err))
 	}
 	ep := &Endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods}
-	if e.cfg.AuthMethod == TLSClientAuth {
+	// RFC 8705 §5: a client that holds a TLS client certificate uses the
+	// mTLS aliases whatever its client authentication, so that its tokens
+	// are certificate-bound (FAPI: private_key_jwt over mTLS).
+	if e.mtls() {
 		if a := doc.MTLSAliases.TokenEndpoint; a != "" {
 			ep.Token = a
 		}
@@ -164,31 +167,9 @@ func (ep *Endpoints) supports(method AuthMethod) bool {
 	return len(ep.AuthMethods) == 0 || slices.Contains(ep.AuthMethods, string(method))
 }
 
-// shorten cuts an error message (go-oidc quotes the whole body of a failed
-// discovery response) to a readable length.
-func shorten(err error) error {
-	const max = 300
-	if s := err.Error(); len(s) > max {
-		return errors.New(s[:max] + "…")
-	}
-	return err
-}
-
-// limitBody caps response bodies at broker.MaxResponseBytes (go-oidc reads
-// the discovery document whole).
-type limitBody struct{ rt http.RoundTripper }
-
-func (l limitBody) RoundTrip(r *http.Request) (*http.Response, error) {
-	rt := l.rt
-	if rt == nil {
-		rt = http.DefaultTransport
-	}
-	resp, err := rt.RoundTrip(r)
-	if err == nil {
-		resp.Body = struct {
-			io.Reader
-			io.Closer
-		}{io.LimitReader(resp.Body, broker.MaxResponseBytes), resp.Body}
-	}
-	return resp, err
+// mtls reports whether the token requests go out with a TLS client
+// certificate: then the mtls_endpoint_aliases are used.
+func (e *endpoints) mtls() bool {
+	has, _ := httpclient.HasClientCert(e.cfg.Client)
+	return has || e.cfg.AuthMethod == TLSClientAuth
 }

@@ -18,6 +18,8 @@ import (
 	"golang.org/x/oauth2/clientcredentials"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // core is what both sources share: the configuration, the endpoints and
@@ -117,7 +119,7 @@ func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Value
 func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
-		ae := &broker.APIError{Provider: ProviderName, Code: scrub(re.ErrorCode, secrets), Description: scrub(re.ErrorDescription, secrets)}
+		ae := &broker.APIError{Provider: ProviderName, Code: scrub.Secrets(re.ErrorCode, secrets...), Description: scrub.Secrets(re.ErrorDescription, secrets...)}
 		if re.Response != nil {
 			ae.StatusCode = re.Response.StatusCode
 			ae.RetryAfter = broker.ParseRetryAfter(re.Response.Header.Get("Retry-After"), c.cfg.Now())
@@ -137,10 +139,10 @@ func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
 	var ne net.Error
 	switch {
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		return fmt.Errorf("oauth2 token endpoint %s: %w", host(ep.Token), broker.RedactURLError(err))
+		return fmt.Errorf("oauth2 token endpoint %s: %w", httpclient.Host(ep.Token), httpclient.RedactURLError(err))
 	case errors.As(err, &ue), errors.As(err, &ne), strings.HasPrefix(err.Error(), "oauth2: cannot fetch token"):
 		c.ep.invalidate()
-		return fmt.Errorf("oauth2 token endpoint %s: %w", host(ep.Token), broker.RedactURLError(err))
+		return fmt.Errorf("oauth2 token endpoint %s: %w", httpclient.Host(ep.Token), httpclient.RedactURLError(err))
 	}
 	// x/oauth2 could not parse a success response. Its message may quote
 	// the body, so it is not repeated.
@@ -151,9 +153,9 @@ func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
 // parse checks a successful response and computes the token's expiry.
 func (c *core) parse(tok *oauth2.Token, req broker.Request, sent time.Time) (broker.Token, error) {
 	typ := tok.TokenType
-	if typ != "" && !strings.EqualFold(typ, "bearer") {
+	if typ != "" && !httpclient.IsBearer(typ) {
 		return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "unsupported_token_type",
-			Description: fmt.Sprintf("token_type %q is not Bearer: the broker sends bearer tokens only (DPoP and MAC tokens need proof of possession)", short(typ))}
+			Description: fmt.Sprintf("token_type %q is not Bearer: the broker sends bearer tokens only (DPoP and MAC tokens need proof of possession)", scrub.Truncate(typ, scrub.MaxText))}
 	}
 	if typ == "" {
 		typ = "Bearer" // RFC 6749 requires it; its absence is read as bearer
@@ -216,10 +218,8 @@ func expiresIn(v any) (int64, bool) {
 	return min(n, maxExpiresIn), true
 }
 
-// scrub replaces every secret in s (a provider's error description, which
-// might echo what it was sent) with [REDACTED], and bounds its length.
-// sent lists the secrets one request sends, for scrub: the client secret,
-// its Basic credential (should a provider echo the header) and any
+// sent lists the secrets one request sends, for scrub.Secrets: the client
+// secret, its Basic credential (should a provider echo the header) and any
 // assertion.
 func (c *core) sent(secret, assertion string) []string {
 	out := []string{secret, assertion}
@@ -229,41 +229,11 @@ func (c *core) sent(secret, assertion string) []string {
 	return out
 }
 
-func scrub(s string, secrets []string) string {
-	for _, v := range secrets {
-		if len(v) < 4 {
-			continue
-		}
-		// As sent, form-encoded, and inside a Basic credential.
-		for _, form := range []string{v, url.QueryEscape(v), base64.StdEncoding.EncodeToString([]byte(v))} {
-			s = strings.ReplaceAll(s, form, broker.Redacted)
-		}
-	}
-	return short(s)
-}
-
 // scrubError scrubs the description of an *broker.APIError.
 func scrubError(err error, secrets []string) error {
 	var ae *broker.APIError
 	if errors.As(err, &ae) {
-		ae.Description = scrub(ae.Description, secrets)
+		ae.Description = scrub.Secrets(ae.Description, secrets...)
 	}
 	return err
-}
-
-// short bounds a provider-supplied string quoted in an error.
-func short(s string) string {
-	const max = 500
-	if len(s) > max {
-		return s[:max] + "…"
-	}
-	return s
-}
-
-// host returns the host of a URL, for messages.
-func host(s string) string {
-	if u, err := url.Parse(s); err == nil && u.Host != "" {
-		return u.Host
-	}
-	return s
 }

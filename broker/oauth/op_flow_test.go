@@ -74,7 +74,10 @@ func TestClientAuthMethodsAgainstZitadel(t *testing.T) {
 		{"basic: unknown client", plain, plainCfg("nobody", ClientSecretBasic, secretValue), "invalid_client"},
 		{"private_key_jwt: wrong audience", plain, jwtCfg(mustSigner(t, rsaK, PS256, "rsa-1"), "https://elsewhere.example"), "invalid_grant|invalid_client"},
 		{"private_key_jwt: unregistered key", plain, jwtCfg(mustSigner(t, otherK, ES256, "ec-1"), plain.URL), "invalid_grant|invalid_client"},
-		{"tls_client_auth: no client certificate", mtls, mtlsCfg(pki.client(t, "")), "invalid_client"},
+		// A client from broker.NewHTTPClient without a certificate is
+		// refused by NewClientCredentials; behind a transport it cannot
+		// see into, the server's refusal is what is checked.
+		{"tls_client_auth: no client certificate", mtls, mtlsCfg(opaqueClient(pki.client(t, ""))), "invalid_client"},
 		{"tls_client_auth: another client's certificate", mtls, mtlsCfg(pki.client(t, "someone-else")), "invalid_client"},
 	}
 	for _, tc := range rows {
@@ -227,7 +230,7 @@ func newRefreshFixture(t *testing.T, method AuthMethod) *refreshFixture {
 	}
 	f := &refreshFixture{srv: srv, store: NewMemoryStore(), cfg: cfg}
 	f.rt0 = srv.Storage.seedRefreshToken(c.id, "id1", "openid", "accounts")
-	if err := f.store.Save(context.Background(), StoreKey("bank", refreshMerchant), broker.Secret(f.rt0)); err != nil {
+	if err := f.store.Save(context.Background(), StoreKey(f.cfg, refreshMerchant), broker.Secret(f.rt0)); err != nil {
 		t.Fatal(err)
 	}
 	return f
@@ -244,7 +247,7 @@ func (f *refreshFixture) source(t *testing.T, store Store) *RefreshToken {
 
 func (f *refreshFixture) stored(t *testing.T) string {
 	t.Helper()
-	rt, err := f.store.Load(context.Background(), StoreKey("bank", refreshMerchant))
+	rt, err := f.store.Load(context.Background(), StoreKey(f.cfg, refreshMerchant))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -350,7 +353,7 @@ func TestRefreshInvalidGrant(t *testing.T) {
 		setup func(*MemoryStore)
 		cause func(error) bool
 	}{
-		{"revoked token", func(s *MemoryStore) { s.Save(context.Background(), StoreKey("bank", refreshMerchant), dead) },
+		{"revoked token", func(s *MemoryStore) { s.Save(context.Background(), StoreKey(f.cfg, refreshMerchant), dead) },
 			func(err error) bool {
 				var ae *broker.APIError
 				return errors.As(err, &ae) && ae.Code == "invalid_grant"
@@ -424,8 +427,12 @@ func TestRefreshSaveFailure(t *testing.T) {
 // refresh token; the next refresh needs consent.
 func TestRevokeRefreshTokenAgainstZitadel(t *testing.T) {
 	f := newRefreshFixture(t, ClientSecretBasic)
-	// The revocation endpoint is discovered.
+	// The revocation endpoint is discovered. The refresh token is stored
+	// for the issuer: one stored for a token_url is not sent elsewhere.
 	f.cfg.TokenURL, f.cfg.Issuer = "", f.srv.URL
+	if err := f.store.Save(context.Background(), StoreKey(f.cfg, refreshMerchant), broker.Secret(f.rt0)); err != nil {
+		t.Fatal(err)
+	}
 	src := f.source(t, f.store)
 	if err := src.RevokeMerchant(context.Background(), refreshMerchant); err != nil {
 		t.Fatalf("RevokeMerchant: %v", err)
@@ -439,3 +446,15 @@ func TestRevokeRefreshTokenAgainstZitadel(t *testing.T) {
 		t.Errorf("Token after revocation = %v", err)
 	}
 }
+
+// opaqueClient hides c's transport behind a wrapper that
+// httpclient.HasClientCert cannot see into.
+func opaqueClient(c *http.Client) *http.Client {
+	cc := *c
+	cc.Transport = opaqueTransport{c.Transport}
+	return &cc
+}
+
+type opaqueTransport struct{ rt http.RoundTripper }
+
+func (o opaqueTransport) RoundTrip(r *http.Request) (*http.Response, error) { return o.rt.RoundTrip(r) }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 	"io"
 	"net/http"
 	"net/url"
@@ -35,7 +37,7 @@ func (a *AuthCode) push(ctx context.Context, endpoint string, params url.Values)
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(form.Encode()))
 	if err != nil {
-		return "", fmt.Errorf("PAR endpoint %s: %w", host(endpoint), err)
+		return "", fmt.Errorf("PAR endpoint %s: %w", httpclient.Host(endpoint), err)
 	}
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	req.Header.Set("Accept", "application/json")
@@ -45,12 +47,12 @@ func (a *AuthCode) push(ctx context.Context, endpoint string, params url.Values)
 	secrets := c.sent(secret, auth.Get("client_assertion"))
 	resp, err := c.cfg.Client.Do(req)
 	if err != nil {
-		return "", fmt.Errorf("PAR endpoint %s: %w", host(endpoint), broker.RedactURLError(err))
+		return "", fmt.Errorf("PAR endpoint %s: %w", httpclient.Host(endpoint), broker.RedactURLError(err))
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, broker.MaxResponseBytes))
 	if err != nil {
-		return "", fmt.Errorf("PAR endpoint %s: reading the answer: %w", host(endpoint), err)
+		return "", fmt.Errorf("PAR endpoint %s: reading the answer: %w", httpclient.Host(endpoint), err)
 	}
 	var out struct {
 		RequestURI  string `json:"request_uri"`
@@ -60,15 +62,15 @@ func (a *AuthCode) push(ctx context.Context, endpoint string, params url.Values)
 	}
 	_ = json.Unmarshal(body, &out)
 	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK || out.Error != "" {
-		ae := &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode, Code: scrub(out.Error, secrets),
-			Description: scrub(out.Description, secrets)}
+		ae := &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode, Code: scrub.Secrets(out.Error, secrets...),
+			Description: scrub.Secrets(out.Description, secrets...)}
 		if ae.Code == "" && ae.Description == "" {
 			ae.Description = http.StatusText(resp.StatusCode)
 		}
-		return "", fmt.Errorf("PAR endpoint %s refused the request: %w", host(endpoint), ae)
+		return "", fmt.Errorf("PAR endpoint %s refused the request: %w", httpclient.Host(endpoint), ae)
 	}
 	if out.RequestURI == "" || len(out.RequestURI) > 2048 {
-		return "", fmt.Errorf("PAR endpoint %s: the answer has no usable request_uri", host(endpoint))
+		return "", fmt.Errorf("PAR endpoint %s: the answer has no usable request_uri", httpclient.Host(endpoint))
 	}
 	return out.RequestURI, nil
 }

@@ -20,7 +20,7 @@ const saveTimeout = 30 * time.Second
 // RefreshToken is a broker.Source for merchants who consented through the
 // authorization code flow: it exchanges each merchant's refresh token
 // (RFC 6749 §6) for access tokens. The refresh tokens live in a Store
-// under StoreKey(Config.Name, merchant).
+// under StoreKey(Config, merchant).
 //
 // On Token it locks the merchant's key in the Store, loads the refresh
 // token, sends grant_type=refresh_token (with the client authentication,
@@ -34,10 +34,17 @@ type RefreshToken struct {
 	store Store
 
 	mu      sync.Mutex
-	last    map[string]*refreshed    // by store key: the latest refresh
+	gen     uint64                   // counts refreshes
+	last    map[string]*refreshed    // by store key: the latest refresh, while its token is valid
 	pending map[string]broker.Secret // rotated tokens whose Save failed
 	status  sync.Map                 // merchant -> *consentStatus (authcode.go)
+	sweep   int                      // refreshes until the next sweep of last
 }
+
+// sweepEvery is how many refreshes pass between two sweeps of the expired
+// entries of RefreshToken.last: the map holds at most the merchants whose
+// last access token is still valid, plus sweepEvery.
+const sweepEvery = 64
 
 // refreshed is the result of one refresh.
 type refreshed struct {
@@ -122,7 +129,7 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 func (s *RefreshToken) Type() string { return ProviderName }
 
 // StoreKey returns the key of merchant's refresh token in the Store.
-func (s *RefreshToken) StoreKey(merchant string) string { return StoreKey(s.c.cfg.Name, merchant) }
+func (s *RefreshToken) StoreKey(merchant string) string { return StoreKey(s.c.cfg, merchant) }
 
 // Store returns the store of the refresh tokens.
 func (s *RefreshToken) Store() Store { return s.store }
@@ -211,11 +218,17 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 		}
 	}
 	s.mu.Lock()
-	var cur uint64
-	if l := s.last[key]; l != nil {
-		cur = l.gen
+	s.gen++
+	s.last[key] = &refreshed{gen: s.gen, req: want, tok: tok}
+	if s.sweep--; s.sweep <= 0 {
+		s.sweep = sweepEvery
+		now := s.c.cfg.Now()
+		for k, l := range s.last {
+			if !l.tok.Expiry.After(now) {
+				delete(s.last, k)
+			}
+		}
 	}
-	s.last[key] = &refreshed{gen: cur + 1, req: want, tok: tok}
 	s.mu.Unlock()
 	return tok, nil
 }

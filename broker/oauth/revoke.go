@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"strings"
@@ -13,6 +12,8 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // ErrNoRevocationEndpoint is returned by Revoke when the provider has no
@@ -51,7 +52,7 @@ func (c *core) revoke(ctx context.Context, token broker.Secret, hint string) err
 	}
 	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, ep.Revocation, strings.NewReader(form.Encode()))
 	if err != nil {
-		return fmt.Errorf("oauth2 revoke: building the request: %w", broker.RedactURLError(err))
+		return fmt.Errorf("oauth2 revoke: building the request: %w", httpclient.RedactURLError(err))
 	}
 	if style == oauth2.AuthStyleInHeader {
 		// RFC 6749 §2.3.1, as x/oauth2 does for the token request.
@@ -61,12 +62,12 @@ func (c *core) revoke(ctx context.Context, token broker.Secret, hint string) err
 	hr.Header.Set("Accept", "application/json")
 	resp, err := c.cfg.Client.Do(hr)
 	if err != nil {
-		return fmt.Errorf("oauth2 revocation endpoint %s: %w", host(ep.Revocation), broker.RedactURLError(err))
+		return fmt.Errorf("oauth2 revocation endpoint %s: %w", httpclient.Host(ep.Revocation), httpclient.RedactURLError(err))
 	}
 	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, broker.MaxResponseBytes))
+	data, _, err := httpclient.ReadBody(resp.Body)
 	if err != nil {
-		return fmt.Errorf("oauth2 revocation endpoint %s: reading the response: %w", host(ep.Revocation), err)
+		return fmt.Errorf("oauth2 revocation endpoint %s: reading the response: %w", httpclient.Host(ep.Revocation), err)
 	}
 	if resp.StatusCode == http.StatusOK {
 		return nil
@@ -79,8 +80,8 @@ func (c *core) revoke(ctx context.Context, token broker.Secret, hint string) err
 	}
 	if json.Unmarshal(data, &e) == nil {
 		secrets := append(c.sent(secret, form.Get("client_assertion")), token.Reveal())
-		ae.Code = scrub(e.Error, secrets)
-		ae.Description = scrub(e.Description, secrets)
+		ae.Code = scrub.Secrets(e.Error, secrets...)
+		ae.Description = scrub.Secrets(e.Description, secrets...)
 	}
 	if ae.Code == "" && ae.Description == "" {
 		ae.Description = http.StatusText(resp.StatusCode)

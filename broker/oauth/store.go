@@ -1,11 +1,16 @@
 package oauth
 
 import (
+	"cmp"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"fmt"
 	"sync"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
 )
 
 // ErrNoRefreshToken is returned by Store.Load when no refresh token is
@@ -27,17 +32,29 @@ type Store interface {
 	Lock(ctx context.Context, key string) (unlock func(), err error)
 }
 
-// StoreKey is the key under which a merchant's refresh token is stored:
-// the provider's name (as in the registry file, not its versioned ID, so
-// that a configuration change keeps the tokens), "/", the merchant id.
-func StoreKey(provider, merchant string) string { return provider + "/" + merchant }
+// StoreKey is the key under which a merchant's refresh token of the
+// provider cfg describes is stored: "<name>/<endpoint id>/<merchant>".
+// The endpoint id is the first 12 hex characters of a SHA-256 over what
+// a refresh token is bound to, none of it secret: cfg.StoreNamespace (the
+// registry), the issuer (or, without one, the token URL) and the client
+// id. So a refresh token is only ever sent to the endpoint and client it
+// was issued to (an issuer or token_url change starts without one), and
+// two registries with a provider of the same name keep apart; a change of
+// anything else (secret, timeouts, scopes) keeps the tokens.
+func StoreKey(cfg Config, merchant string) string {
+	h := sha256.New()
+	for _, v := range []string{cfg.StoreNamespace, cmp.Or(cfg.Issuer, cfg.TokenURL), cfg.ClientID} {
+		fmt.Fprintf(h, "%d:%s", len(v), v)
+	}
+	return cmp.Or(cfg.Name, ProviderName) + "/" + hex.EncodeToString(h.Sum(nil))[:12] + "/" + merchant
+}
 
 // MemoryStore is a Store in memory, for tests and demos: its tokens do not
 // survive the process. The zero value is ready to use.
 type MemoryStore struct {
 	mu     sync.Mutex
 	tokens map[string]broker.Secret
-	locks  map[string]chan struct{}
+	locks  keylock.Map
 	saves  int
 }
 
@@ -76,23 +93,7 @@ func (m *MemoryStore) Saves() int {
 
 // Lock implements Store with one lock per key.
 func (m *MemoryStore) Lock(ctx context.Context, key string) (func(), error) {
-	m.mu.Lock()
-	if m.locks == nil {
-		m.locks = map[string]chan struct{}{}
-	}
-	ch, ok := m.locks[key]
-	if !ok {
-		ch = make(chan struct{}, 1)
-		m.locks[key] = ch
-	}
-	m.mu.Unlock()
-	select {
-	case ch <- struct{}{}:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	var once sync.Once
-	return func() { once.Do(func() { <-ch }) }, nil
+	return m.locks.Lock(ctx, key)
 }
 
 var _ Store = (*MemoryStore)(nil)

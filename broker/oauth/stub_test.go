@@ -365,11 +365,15 @@ func TestRediscovery(t *testing.T) {
 	}
 }
 
-// TestMTLSAlias: with tls_client_auth, the discovered
-// mtls_endpoint_aliases are used (RFC 8705 §5).
+// TestMTLSAlias: a client that presents a TLS client certificate uses the
+// discovered mtls_endpoint_aliases (RFC 8705 §5) for the token and
+// revocation endpoints whatever its client authentication (FAPI:
+// private_key_jwt over mTLS), so that its tokens are certificate-bound; a
+// client without one uses the plain endpoints.
 func TestMTLSAlias(t *testing.T) {
 	pki := newPKI(t)
-	var gotCert atomic.Value
+	key := testECKey(t)
+	var calls sync.Map // path -> the client certificate's CN ("" without)
 	mux := http.NewServeMux()
 	srv := httptest.NewUnstartedServer(mux)
 	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
@@ -377,40 +381,71 @@ func TestMTLSAlias(t *testing.T) {
 		json.NewEncoder(w).Encode(map[string]any{"issuer": u, "token_endpoint": u + "/token", "revocation_endpoint": u + "/revoke",
 			"mtls_endpoint_aliases": map[string]string{"token_endpoint": u + "/mtls/token", "revocation_endpoint": u + "/mtls/revoke"}})
 	})
-	mux.HandleFunc("/mtls/token", func(w http.ResponseWriter, r *http.Request) {
+	record := func(r *http.Request) {
+		cn := ""
 		if len(r.TLS.PeerCertificates) > 0 {
-			gotCert.Store(r.TLS.PeerCertificates[0].Subject.CommonName)
+			cn = r.TLS.PeerCertificates[0].Subject.CommonName
 		}
+		calls.Store(r.URL.Path, cn)
 		r.ParseForm()
-		if r.PostForm.Get("client_id") != "fapi" || r.PostForm.Has("client_secret") || r.Header.Get("Authorization") != "" {
-			http.Error(w, `{"error":"invalid_request"}`, 400)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		fmt.Fprint(w, `{"access_token":"x","token_type":"Bearer","expires_in":60}`)
-	})
-	mux.HandleFunc("/mtls/revoke", func(w http.ResponseWriter, r *http.Request) {
-		r.ParseForm()
-		if r.PostForm.Get("token") != "x" || r.PostForm.Get("token_type_hint") != "access_token" {
-			w.WriteHeader(400)
-		}
-	})
+	}
+	for _, p := range []string{"/token", "/mtls/token"} {
+		mux.HandleFunc(p, func(w http.ResponseWriter, r *http.Request) {
+			record(r)
+			if r.PostForm.Get("client_id") != "fapi" || r.PostForm.Has("client_secret") {
+				http.Error(w, `{"error":"invalid_request"}`, 400)
+				return
+			}
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprint(w, `{"access_token":"x","token_type":"Bearer","expires_in":60}`)
+		})
+	}
+	for _, p := range []string{"/revoke", "/mtls/revoke"} {
+		mux.HandleFunc(p, func(w http.ResponseWriter, r *http.Request) {
+			record(r)
+			if r.PostForm.Get("token") != "x" || r.PostForm.Get("token_type_hint") != "access_token" {
+				w.WriteHeader(400)
+			}
+		})
+	}
 	srv.TLS = pki.serverConfig()
 	srv.StartTLS()
 	defer srv.Close()
-	src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "fapi", AuthMethod: TLSClientAuth, Client: pki.client(t, "fapi")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tok, err := src.Token(context.Background(), broker.Request{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if gotCert.Load() != "fapi" {
-		t.Errorf("the mTLS alias saw certificate %v", gotCert.Load())
-	}
-	if err := src.RevokeToken(context.Background(), broker.Request{}, tok); err != nil {
-		t.Errorf("RevokeToken: %v", err)
+
+	for _, tc := range []struct {
+		name   string
+		cfg    Config
+		prefix string // of the endpoints called
+		cn     string // the certificate they saw
+	}{
+		{"tls_client_auth", Config{AuthMethod: TLSClientAuth, Client: pki.client(t, "fapi")}, "/mtls", "fapi"},
+		{"private_key_jwt with a transport certificate", Config{AuthMethod: PrivateKeyJWT, Signer: mustSigner(t, key, "", "k1"), Client: pki.client(t, "fapi")}, "/mtls", "fapi"},
+		{"private_key_jwt without certificate", Config{AuthMethod: PrivateKeyJWT, Signer: mustSigner(t, key, "", "k1"), Client: pki.client(t, "")}, "", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			calls.Clear()
+			cfg := tc.cfg
+			cfg.Issuer, cfg.ClientID = srv.URL, "fapi"
+			src, err := NewClientCredentials(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tok, err := src.Token(context.Background(), broker.Request{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := src.RevokeToken(context.Background(), broker.Request{}, tok); err != nil {
+				t.Errorf("RevokeToken: %v", err)
+			}
+			for _, p := range []string{"/token", "/revoke"} {
+				cn, ok := calls.Load(tc.prefix + p)
+				if !ok || cn != tc.cn {
+					got := map[string]any{}
+					calls.Range(func(k, v any) bool { got[k.(string)] = v; return true })
+					t.Errorf("%s%s not called with certificate %q; calls (path: certificate) %v", tc.prefix, p, tc.cn, got)
+				}
+			}
+		})
 	}
 }
 
@@ -467,5 +502,107 @@ func TestConfigErrors(t *testing.T) {
 	}
 	if _, err := NewRefreshToken(Config{TokenURL: "https://a/t", ClientID: "c", ClientSecret: secretValue}, nil); err == nil {
 		t.Error("a refresh source without store")
+	}
+}
+
+// TestRefreshStoreKey: a stored refresh token is only sent to the endpoint
+// and client it was stored for. A provider whose issuer or token_url
+// changes (same name) finds no refresh token instead of sending the old
+// one to the new endpoint; two registries with a provider of one name on
+// one store keep their own tokens; a secret change keeps the key.
+func TestRefreshStoreKey(t *testing.T) {
+	oldSrv := startStub(t, &stub{status: 200, body: `{"access_token":"at","token_type":"Bearer","expires_in":60}`})
+	newStub := &stub{status: 200, body: `{"access_token":"at","token_type":"Bearer","expires_in":60}`}
+	newSrv := startStub(t, newStub)
+	base := Config{Name: "bank", TokenURL: oldSrv.URL + "/token", ClientID: "c", ClientSecret: secretValue}
+	with := func(edit func(*Config)) Config { c := base; edit(&c); return c }
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name     string
+		other    Config
+		sameKey  bool
+		refreshB bool // the other source refreshes with the stored token
+	}{
+		{"token_url change", with(func(c *Config) { c.TokenURL = newSrv.URL + "/token" }), false, false},
+		{"issuer instead of token_url", with(func(c *Config) { c.TokenURL, c.Issuer = "", newSrv.URL }), false, false},
+		{"client_id change", with(func(c *Config) { c.ClientID = "c2"; c.TokenURL = newSrv.URL + "/token" }), false, false},
+		{"another registry", with(func(c *Config) { c.StoreNamespace = "/etc/other.toml"; c.TokenURL = newSrv.URL + "/token" }), false, false},
+		{"secret rotation", with(func(c *Config) { c.ClientSecret = secretValue + "2" }), true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			store := NewMemoryStore()
+			a, err := NewRefreshToken(base, store)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := a.SetRefreshToken(ctx, "acme", "rt-OLD-ENDPOINT-1234"); err != nil {
+				t.Fatal(err)
+			}
+			b, err := NewRefreshToken(tc.other, store)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (a.StoreKey("acme") == b.StoreKey("acme")) != tc.sameKey {
+				t.Fatalf("keys %q and %q, want same=%v", a.StoreKey("acme"), b.StoreKey("acme"), tc.sameKey)
+			}
+			newStub.mu.Lock()
+			newStub.form = nil
+			newStub.mu.Unlock()
+			_, err = b.Token(ctx, broker.Request{Merchant: "acme"})
+			var ce *ConsentRequiredError
+			if tc.refreshB {
+				if err != nil {
+					t.Fatalf("Token after a secret rotation: %v", err)
+				}
+				return
+			}
+			if !errors.As(err, &ce) || !errors.Is(err, ErrNoRefreshToken) {
+				t.Fatalf("Token = %v, want ConsentRequiredError (no refresh token)", err)
+			}
+			newStub.mu.Lock()
+			defer newStub.mu.Unlock()
+			if newStub.form.Get("refresh_token") != "" {
+				t.Fatalf("the old endpoint's refresh token was sent to the new one")
+			}
+			if rt, err := store.Load(ctx, a.StoreKey("acme")); err != nil || rt != "rt-OLD-ENDPOINT-1234" {
+				t.Fatalf("the first provider's token was overwritten: %v", err)
+			}
+		})
+	}
+}
+
+// TestRefreshStateIsBounded: the last access token kept per merchant (to
+// hand to a call that waited on the merchant's lock) is dropped once
+// expired, and the store's locks are dropped once released: refreshing
+// ever more merchants over time does not grow the source.
+func TestRefreshStateIsBounded(t *testing.T) {
+	srv := startStub(t, &stub{status: 200, body: `{"access_token":"at","token_type":"Bearer","expires_in":60}`})
+	clock := newClock()
+	store := NewMemoryStore()
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: clock.Now}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for round := range 5 {
+		for i := range 100 {
+			m := fmt.Sprintf("m%d-%d", round, i)
+			if err := src.SetRefreshToken(ctx, m, "rt-1234"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := src.Token(ctx, broker.Request{Merchant: m}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		clock.Add(2 * time.Minute) // every token of this round expires
+	}
+	src.mu.Lock()
+	n := len(src.last)
+	src.mu.Unlock()
+	if n > 100+sweepEvery {
+		t.Errorf("%d last tokens kept for 500 merchants of whom 100 have a valid one", n)
+	}
+	if n := store.locks.Len(); n != 0 {
+		t.Errorf("%d store locks left after every refresh finished", n)
 	}
 }

@@ -1,4 +1,4 @@
-package broker
+package nuapay
 
 import (
 	"context"
@@ -9,8 +9,11 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
 // gatekeeper is a scripted Gatekeeper token endpoint that records what it got.
@@ -35,11 +38,11 @@ func (g *gatekeeper) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	io.WriteString(w, g.body)
 }
 
-func newNuapayTest(t *testing.T, g *gatekeeper) *Nuapay {
+func newNuapayTest(t *testing.T, g *gatekeeper) *Source {
 	t.Helper()
 	srv := httptest.NewServer(g)
 	t.Cleanup(srv.Close)
-	n, err := NewNuapay(NuapayConfig{BaseURL: srv.URL + "/gk/", APIKey: "partner-key", Lifetime: time.Hour})
+	n, err := New(Config{BaseURL: srv.URL + "/gk/", APIKey: "partner-key", Lifetime: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,7 +57,7 @@ func TestNuapayTokenRequest(t *testing.T) {
 	sent := time.Now()
 	g := &gatekeeper{status: 201, body: strings.Replace(okEnvelope, "%d", "32503680000000", 1)}
 	n := newNuapayTest(t, g)
-	tok, err := n.Token(context.Background(), Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}, Lifetime: 15 * time.Minute})
+	tok, err := n.Token(context.Background(), broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}, Lifetime: 15 * time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,7 +82,7 @@ func TestNuapayTokenRequest(t *testing.T) {
 func TestNuapayExpiryTimeIsMilliseconds(t *testing.T) {
 	now := time.Now()
 	body := []byte(strings.Replace(okEnvelope, "%d", jsonInt(now.Add(10*time.Second).UnixMilli()), 1))
-	tok, err := ParseNuapayToken(body, now, time.Hour)
+	tok, err := ParseToken(body, now, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,9 +111,9 @@ func TestNuapayOrganisationIDCannotChangeThePath(t *testing.T) {
 		t.Run(tt.org, func(t *testing.T) {
 			g := &gatekeeper{status: 201, body: strings.Replace(okEnvelope, "%d", "32503680000000", 1)}
 			n := newNuapayTest(t, g)
-			_, err := n.Token(context.Background(), Request{Merchant: "m", Organisation: tt.org, Scopes: []string{"s"}})
+			_, err := n.Token(context.Background(), broker.Request{Merchant: "m", Organisation: tt.org, Scopes: []string{"s"}})
 			if tt.wantPath == "" {
-				var re *RequestError
+				var re *broker.RequestError
 				if !errors.As(err, &re) || g.gotPath != "" {
 					t.Fatalf("err = %v, path = %q: want refusal before sending", err, g.gotPath)
 				}
@@ -152,18 +155,18 @@ func TestNuapayErrors(t *testing.T) {
 		{name: "201 revoked", status: 201, body: `{"data":{"accessToken":"x","tokenType":"BEARER","status":"REVOKED"}}`, wantCode: "inactive_token"},
 		{name: "echoes the key", status: 401, body: `{"returnCode":"40100","returnDescription":"bad key partner-key (cGFydG5lci1rZXk6)","details":[{"field":"partner-key"}]}`,
 			wantCode: "40100", wantDesc: "bad key [REDACTED] ([REDACTED])", wantDetail: "[REDACTED]"},
-		{name: "body over the cap", status: 201, body: `{"data":"` + strings.Repeat("x", MaxResponseBytes) + `"}`, wantCode: "response_too_large"},
+		{name: "body over the cap", status: 201, body: `{"data":"` + strings.Repeat("x", broker.MaxResponseBytes) + `"}`, wantCode: "response_too_large"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			n := newNuapayTest(t, &gatekeeper{status: tt.status, body: tt.body, header: tt.header})
-			_, err := n.Token(context.Background(), Request{Merchant: "acme", Organisation: "o", Scopes: []string{"s"}})
-			var ae *APIError
+			_, err := n.Token(context.Background(), broker.Request{Merchant: "acme", Organisation: "o", Scopes: []string{"s"}})
+			var ae *broker.APIError
 			if !errors.As(err, &ae) {
-				t.Fatalf("err = %v (%T), want *APIError", err, err)
+				t.Fatalf("err = %v (%T), want *broker.APIError", err, err)
 			}
-			if ae.StatusCode != tt.status || ae.Code != tt.wantCode || ae.RetryAfter != tt.wantRetry || IsTemporary(err) != tt.wantTemp {
-				t.Fatalf("got %+v temporary=%v", ae, IsTemporary(err))
+			if ae.StatusCode != tt.status || ae.Code != tt.wantCode || ae.RetryAfter != tt.wantRetry || broker.IsTemporary(err) != tt.wantTemp {
+				t.Fatalf("got %+v temporary=%v", ae, broker.IsTemporary(err))
 			}
 			if tt.wantDesc != "" && ae.Description != tt.wantDesc {
 				t.Fatalf("description = %q, want %q", ae.Description, tt.wantDesc)
@@ -183,19 +186,19 @@ func TestNuapayTimeoutAndRefused(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-block }))
 	defer srv.Close()
 	defer close(block)
-	n, _ := NewNuapay(NuapayConfig{BaseURL: srv.URL, APIKey: "k"})
+	n, _ := New(Config{BaseURL: srv.URL, APIKey: "k"})
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	_, err := n.Token(ctx, Request{Merchant: "m", Organisation: "o", Scopes: []string{"s"}})
-	if !IsTimeout(err) || !IsTemporary(err) {
+	_, err := n.Token(ctx, broker.Request{Merchant: "m", Organisation: "o", Scopes: []string{"s"}})
+	if !broker.IsTimeout(err) || !broker.IsTemporary(err) {
 		t.Fatalf("err = %v: want a temporary timeout", err)
 	}
 
 	dead := httptest.NewServer(http.NotFoundHandler())
 	dead.Close()
-	n, _ = NewNuapay(NuapayConfig{BaseURL: dead.URL, APIKey: "k"})
-	_, err = n.Token(context.Background(), Request{Merchant: "m", Organisation: "o", Scopes: []string{"s"}})
-	if err == nil || IsTimeout(err) || !IsTemporary(err) {
+	n, _ = New(Config{BaseURL: dead.URL, APIKey: "k"})
+	_, err = n.Token(context.Background(), broker.Request{Merchant: "m", Organisation: "o", Scopes: []string{"s"}})
+	if err == nil || broker.IsTimeout(err) || !broker.IsTemporary(err) {
 		t.Fatalf("err = %v: want a temporary non-timeout error", err)
 	}
 }
@@ -216,7 +219,7 @@ func TestNuapayRevokeAndOrganisations(t *testing.T) {
 		}
 	}))
 	defer srv.Close()
-	n, _ := NewNuapay(NuapayConfig{BaseURL: srv.URL, APIKey: "k", OrganisationsPath: "/cust/organisations"})
+	n, _ := New(Config{BaseURL: srv.URL, APIKey: "k", OrganisationsPath: "/cust/organisations"})
 	ctx := context.Background()
 	if err := n.Revoke(ctx, "o1", "t1"); err != nil {
 		t.Fatal(err)
@@ -232,5 +235,46 @@ func TestNuapayRevokeAndOrganisations(t *testing.T) {
 		"GET /cust/organisations?pagenumber=1&pagesize=100", "GET /cust/organisations?pagenumber=2&pagesize=100"}
 	if strings.Join(paths, "\n") != strings.Join(want, "\n") {
 		t.Fatalf("calls:\n%s\nwant:\n%s", strings.Join(paths, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+// TestRevokeTokenNeverRevokesTheOrganisation: RevokeToken revokes one token
+// by its id; a token without an id is left alone (ErrNoTokenID, no call),
+// never by revoking every token of the organisation, other instances'
+// included.
+func TestRevokeTokenNeverRevokesTheOrganisation(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		id      string
+		want    []string
+		wantErr error
+	}{
+		{"with an id", "t1", []string{"POST /organisations/o1/tokens/t1/revoke"}, nil},
+		{"without an id", "", nil, ErrNoTokenID},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			var paths []string
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				mu.Lock()
+				paths = append(paths, r.Method+" "+r.URL.RequestURI())
+				mu.Unlock()
+				io.WriteString(w, `{"uri":"x","data":{"uri":"x","revokedTokensCount":3}}`)
+			}))
+			defer srv.Close()
+			n, err := New(Config{BaseURL: srv.URL, APIKey: "partner-key"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = n.RevokeToken(context.Background(), broker.Request{Merchant: "acme", Organisation: "o1"}, broker.Token{Value: "tok", ID: tc.id})
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("RevokeToken = %v, want %v", err, tc.wantErr)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if strings.Join(paths, "\n") != strings.Join(tc.want, "\n") {
+				t.Fatalf("calls %q, want %q", paths, tc.want)
+			}
+		})
 	}
 }

@@ -1,15 +1,17 @@
-package broker
+package nuapay
 
 import (
 	"net/http"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
-// FuzzParseNuapayToken: any body either parses into a token that can go
+// FuzzParseToken: any body either parses into a token that can go
 // into a header and expires no later than asked, or fails with an
-// *APIError; it never panics.
-func FuzzParseNuapayToken(f *testing.F) {
+// *broker.APIError; it never panics.
+func FuzzParseToken(f *testing.F) {
 	f.Add([]byte(`{"data":{"id":"t1","accessToken":"eyJ.a.b","tokenType":"BEARER","expiryTime":1545062272000,"status":"ACTIVE"}}`))
 	f.Add([]byte(`{"data":{"accessToken":"x","tokenType":"bearer","expiryTime":-1}}`))
 	f.Add([]byte(`{"data":null}`))
@@ -17,10 +19,10 @@ func FuzzParseNuapayToken(f *testing.F) {
 	f.Add([]byte(`{"data":{"accessToken":"a\r\nb","expiryTime":99999999999999999999}}`))
 	sent := time.Unix(1_700_000_000, 0)
 	f.Fuzz(func(t *testing.T, body []byte) {
-		tok, err := ParseNuapayToken(body, sent, time.Hour)
+		tok, err := ParseToken(body, sent, time.Hour)
 		if err != nil {
-			if _, ok := err.(*APIError); !ok {
-				t.Fatalf("error %T is not an *APIError", err)
+			if _, ok := err.(*broker.APIError); !ok {
+				t.Fatalf("error %T is not an *broker.APIError", err)
 			}
 			return
 		}
@@ -30,15 +32,15 @@ func FuzzParseNuapayToken(f *testing.F) {
 	})
 }
 
-// FuzzParseNuapayError: any error body gives an *APIError with the status
+// FuzzParseError: any error body gives an *broker.APIError with the status
 // kept and a description; it never panics.
-func FuzzParseNuapayError(f *testing.F) {
+func FuzzParseError(f *testing.F) {
 	f.Add(422, "", []byte(`{"returnCode":"42200","returnDescription":"Invalid","details":[{"code":"1","field":"expiresIn"}]}`))
 	f.Add(400, "", []byte(`{"returnCode":null,"details":{"code":"1"}}`))
 	f.Add(429, "7", []byte(`{}`))
 	f.Add(503, "Wed, 21 Oct 2015 07:28:00 GMT", []byte(`<html>`))
 	f.Fuzz(func(t *testing.T, status int, retryAfter string, body []byte) {
-		ae := ParseNuapayError(status, retryAfter, body, time.Unix(1_700_000_000, 0))
+		ae := ParseError(status, retryAfter, body, time.Unix(1_700_000_000, 0))
 		if ae.StatusCode != status || (ae.Description == "" && http.StatusText(status) != "") {
 			t.Fatalf("%+v", ae)
 		}

@@ -1,0 +1,356 @@
+// Package nuapay is the token source of Nuapay Gatekeeper (Open Banking and
+// E-Mandates partner tokens): POST /organisations/{encodedOrganisationId}/tokens
+// with the partner API key as HTTP Basic user name and an empty password.
+// The Nuapay envelope is not RFC 6749, so this client is its own.
+package nuapay
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
+)
+
+// Nuapay lifetime bounds for expiresIn, in seconds.
+const (
+	MinLifetime = 10 * time.Second
+	MaxLifetime = 31556926 * time.Second
+)
+
+// Config configures a Nuapay Gatekeeper token source.
+type Config struct {
+	// BaseURL is the Gatekeeper API root, e.g. https://api.nuapay.com,
+	// https://sandbox.nuapay.com, or a white-labelled partner domain.
+	BaseURL string
+	// APIKey is the partner API key, sent as the Basic user name with an
+	// empty password.
+	APIKey broker.Secret
+	// Lifetime is the expiresIn sent when a request does not set one.
+	// Nuapay's own default is 10s; default here 1h.
+	Lifetime time.Duration
+	// OrganisationsPath is the path of the organisations list, default
+	// "/organisations" (newer APIs: "/cust/organisations").
+	OrganisationsPath string
+	// Client makes the calls (timeouts, client certificate). Default: a
+	// client from broker.NewHTTPClient with a 10s timeout.
+	Client *http.Client
+	// Now is the clock used for Retry-After dates. Default time.Now.
+	Now func() time.Time
+}
+
+// Source is a broker.Source for Nuapay Open Banking and E-Mandates partner
+// tokens: POST /organisations/{encodedOrganisationId}/tokens with HTTP
+// Basic auth (the partner API key and an empty password). It is safe for
+// concurrent use.
+type Source struct {
+	cfg  Config
+	base *url.URL
+	auth string
+}
+
+// New returns a Nuapay source.
+func New(cfg Config) (*Source, error) {
+	if err := httpclient.CheckURL(cfg.BaseURL, false); err != nil {
+		return nil, fmt.Errorf("base_url: %w", err)
+	}
+	u, _ := url.Parse(strings.TrimRight(cfg.BaseURL, "/"))
+	if cfg.APIKey == "" {
+		return nil, errors.New("api_key is empty")
+	}
+	if cfg.Lifetime == 0 {
+		cfg.Lifetime = time.Hour
+	}
+	if cfg.Lifetime < MinLifetime || cfg.Lifetime > MaxLifetime {
+		return nil, fmt.Errorf("token lifetime %s is outside Nuapay's range 10s..%s", cfg.Lifetime, MaxLifetime)
+	}
+	if cfg.OrganisationsPath == "" {
+		cfg.OrganisationsPath = "/organisations"
+	}
+	if cfg.Client == nil {
+		cfg.Client, _ = httpclient.New(10*time.Second, httpclient.TLSOptions{})
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	// Basic base64("<API_KEY>:"): the empty password and its colon matter.
+	r := &http.Request{Header: http.Header{}}
+	r.SetBasicAuth(cfg.APIKey.Reveal(), "")
+	return &Source{cfg: cfg, base: u, auth: r.Header.Get("Authorization")}, nil
+}
+
+// Type names the source type.
+func (s *Source) Type() string { return "nuapay" }
+
+// orgURL returns base + /organisations/{org}{suffix} with org escaped as one
+// path segment. An organisation id that is empty, "." or ".." is refused:
+// escaping alone would leave those able to change the path.
+func (s *Source) orgURL(merchant, org, suffix string) (string, error) {
+	if org == "" || org == "." || org == ".." {
+		return "", &broker.RequestError{Merchant: merchant, Field: "organisation", Reason: fmt.Sprintf("%q is not a valid encodedOrganisationId", org)}
+	}
+	u := *s.base
+	esc := strings.ReplaceAll(url.PathEscape(org), ".", "%2E")
+	u.RawPath = u.EscapedPath() + "/organisations/" + esc + suffix
+	u.Path, _ = url.PathUnescape(u.RawPath)
+	return u.String(), nil
+}
+
+type nuapayTokenRequest struct {
+	Scopes    []string `json:"scopes"`
+	ExpiresIn int64    `json:"expiresIn"`
+}
+
+// nuapayToken is the "data" of Gatekeeper's token envelope.
+type nuapayToken struct {
+	ID          string   `json:"id"`
+	AccessToken string   `json:"accessToken"`
+	TokenType   string   `json:"tokenType"`
+	ExpiryTime  *int64   `json:"expiryTime"`
+	Scopes      []string `json:"scopes"`
+	Status      string   `json:"status"`
+}
+
+type nuapayEnvelope[T any] struct {
+	Data *T `json:"data"`
+}
+
+// Token requests a token for req.Organisation with req.Scopes, asking for
+// req.Lifetime (or the configured lifetime).
+func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
+	if len(req.Scopes) == 0 {
+		return broker.Token{}, &broker.RequestError{Merchant: req.Merchant, Field: "scopes", Reason: "Nuapay needs at least one scope"}
+	}
+	life := req.Lifetime
+	if life == 0 {
+		life = s.cfg.Lifetime
+	}
+	if life < MinLifetime || life > MaxLifetime {
+		return broker.Token{}, &broker.RequestError{Merchant: req.Merchant, Field: "token_lifetime", Reason: fmt.Sprintf("%s is outside Nuapay's range 10s..%s", life, MaxLifetime)}
+	}
+	target, err := s.orgURL(req.Merchant, req.Organisation, "/tokens")
+	if err != nil {
+		return broker.Token{}, err
+	}
+	body, _ := json.Marshal(nuapayTokenRequest{Scopes: req.Scopes, ExpiresIn: int64(life / time.Second)})
+	sent := s.cfg.Now()
+	data, err := s.call(ctx, http.MethodPost, target, body, http.StatusCreated)
+	if err != nil {
+		return broker.Token{}, err
+	}
+	return ParseToken(data, sent, life)
+}
+
+// ParseToken parses a Gatekeeper token response body (the 201
+// envelope). sent is when the request was sent and life the lifetime asked
+// for; they give the expiry when the response has no expiryTime.
+func ParseToken(body []byte, sent time.Time, life time.Duration) (broker.Token, error) {
+	var env nuapayEnvelope[nuapayToken]
+	if err := json.Unmarshal(body, &env); err != nil {
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "malformed_response", Err: errors.New("token response is not the JSON envelope")}
+	}
+	d := env.Data
+	if d == nil || d.AccessToken == "" {
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "malformed_response", Description: "token response has no data.accessToken"}
+	}
+	if d.TokenType != "" && !httpclient.IsBearer(d.TokenType) {
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "unsupported_token_type", Description: fmt.Sprintf("tokenType %q is not BEARER", d.TokenType)}
+	}
+	if d.Status != "" && !strings.EqualFold(d.Status, "ACTIVE") {
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "inactive_token", Description: fmt.Sprintf("token status is %q", d.Status)}
+	}
+	expiry := sent.Add(life)
+	if d.ExpiryTime != nil {
+		// Never trust the provider for longer than asked: a clock skew or
+		// an absurd value would otherwise keep a dead token cached.
+		if e := time.UnixMilli(*d.ExpiryTime); e.Before(expiry) {
+			expiry = e
+		}
+	}
+	return broker.Token{Value: broker.Secret(d.AccessToken), Type: "Bearer", Expiry: expiry, ID: d.ID, Scopes: d.Scopes}, nil
+}
+
+// Revoke revokes one long-lived token of an organisation.
+func (s *Source) Revoke(ctx context.Context, org, tokenID string) error {
+	if tokenID == "" {
+		return errors.New("nuapay revoke: the token has no id")
+	}
+	target, err := s.orgURL("", org, "/tokens/"+strings.ReplaceAll(url.PathEscape(tokenID), ".", "%2E")+"/revoke")
+	if err != nil {
+		return err
+	}
+	_, err = s.call(ctx, http.MethodPost, target, nil, http.StatusOK)
+	return err
+}
+
+// ErrNoTokenID is returned by RevokeToken for a token without an id: it is
+// not revoked. Revoking it would take revoking every token of the
+// organisation, other instances' and other partners' tools' included.
+var ErrNoTokenID = errors.New("nuapay revoke: the token has no id, so it cannot be revoked alone; it was left to expire (revoking all the organisation's tokens would revoke other instances' too)")
+
+// RevokeToken implements broker.Revoker: it revokes the token by its id.
+// A token without an id is never revoked (ErrNoTokenID, no call): the
+// broker revokes its own tokens only, never the organisation's others.
+func (s *Source) RevokeToken(ctx context.Context, req broker.Request, tok broker.Token) error {
+	if tok.ID == "" {
+		return ErrNoTokenID
+	}
+	return s.Revoke(ctx, req.Organisation, tok.ID)
+}
+
+// RevokeAll revokes every token of an organisation, whoever holds them,
+// and returns how many the provider revoked. The broker never calls it; it
+// is for an operator who means it.
+func (s *Source) RevokeAll(ctx context.Context, org string) (int, error) {
+	target, err := s.orgURL("", org, "/tokens/revoke")
+	if err != nil {
+		return 0, err
+	}
+	body, err := s.call(ctx, http.MethodPost, target, nil, http.StatusOK)
+	if err != nil {
+		return 0, err
+	}
+	var env nuapayEnvelope[struct {
+		Count int `json:"revokedTokensCount"`
+	}]
+	if err := json.Unmarshal(body, &env); err != nil || env.Data == nil {
+		return 0, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusOK, Code: "malformed_response", Description: "revoke response has no data"}
+	}
+	return env.Data.Count, nil
+}
+
+// Organisation is one entry of Gatekeeper's organisations list.
+type Organisation struct {
+	// ID is the encodedOrganisationId to use in token requests.
+	ID string `json:"id"`
+	// Name is the organisation's name.
+	Name string `json:"name"`
+	// Code is the organisation's code.
+	Code string `json:"code"`
+	// Status is ACTIVE or another Nuapay status.
+	Status string `json:"status"`
+}
+
+// Organisations returns every organisation linked to the partner, reading
+// all pages.
+func (s *Source) Organisations(ctx context.Context) ([]Organisation, error) {
+	var out []Organisation
+	for page := 1; ; page++ {
+		u := *s.base
+		u.Path += s.cfg.OrganisationsPath
+		u.RawPath = ""
+		u.RawQuery = url.Values{"pagenumber": {fmt.Sprint(page)}, "pagesize": {"100"}}.Encode()
+		body, err := s.call(ctx, http.MethodGet, u.String(), nil, http.StatusOK)
+		if err != nil {
+			return nil, err
+		}
+		var env struct {
+			Data []Organisation `json:"data"`
+			Page struct {
+				TotalPages int `json:"totalPages"`
+			} `json:"page"`
+		}
+		if err := json.Unmarshal(body, &env); err != nil {
+			return nil, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusOK, Code: "malformed_response", Err: err}
+		}
+		out = append(out, env.Data...)
+		if page >= env.Page.TotalPages || len(env.Data) == 0 || page >= 10000 {
+			return out, nil
+		}
+	}
+}
+
+// call sends one Gatekeeper request and returns the body of an answer with
+// the wanted status (200 is accepted where 201 is documented); any other
+// answer becomes an *broker.APIError built from Nuapay's error envelope.
+func (s *Source) call(ctx context.Context, method, target string, body []byte, want int) ([]byte, error) {
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	hr, err := http.NewRequestWithContext(ctx, method, target, rd)
+	if err != nil {
+		return nil, fmt.Errorf("nuapay: building request: %w", err)
+	}
+	hr.Header.Set("Authorization", s.auth)
+	hr.Header.Set("Accept", "application/json")
+	if body != nil {
+		hr.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := s.cfg.Client.Do(hr)
+	if err != nil {
+		return nil, fmt.Errorf("nuapay token API %s: %w", s.base.Host, httpclient.RedactURLError(err))
+	}
+	defer resp.Body.Close()
+	data, tooLarge, err := httpclient.ReadBody(resp.Body)
+	if err != nil {
+		return nil, fmt.Errorf("nuapay token API %s: reading the response: %w", s.base.Host, err)
+	}
+	if tooLarge {
+		return nil, &broker.APIError{Provider: "nuapay", StatusCode: resp.StatusCode, Code: "response_too_large",
+			Description: fmt.Sprintf("response body is over %d bytes", httpclient.MaxResponseBytes)}
+	}
+	if resp.StatusCode == want || (resp.StatusCode >= 200 && resp.StatusCode < 300) {
+		return data, nil
+	}
+	ae := ParseError(resp.StatusCode, resp.Header.Get("Retry-After"), data, s.cfg.Now())
+	// A provider that echoes what it was sent must not put the key in our
+	// logs: scrub it, plain and as the Basic credential.
+	secrets := []string{s.cfg.APIKey.Reveal(), strings.TrimPrefix(s.auth, "Basic ")}
+	ae.Code, ae.Description = scrub.Secrets(ae.Code, secrets...), scrub.Secrets(ae.Description, secrets...)
+	for i := range ae.Details {
+		d := &ae.Details[i]
+		d.Code, d.Description, d.Field = scrub.Secrets(d.Code, secrets...), scrub.Secrets(d.Description, secrets...), scrub.Secrets(d.Field, secrets...)
+	}
+	return nil, ae
+}
+
+// ParseError turns a non-2xx Gatekeeper answer into an *broker.APIError,
+// reading Nuapay's error envelope when there is one. "details" may be an
+// array or a single object; any field may be null.
+func ParseError(status int, retryAfter string, body []byte, now time.Time) *broker.APIError {
+	ae := &broker.APIError{Provider: "nuapay", StatusCode: status, RetryAfter: broker.ParseRetryAfter(retryAfter, now)}
+	var env struct {
+		ReturnCode        *string         `json:"returnCode"`
+		ReturnDescription *string         `json:"returnDescription"`
+		Details           json.RawMessage `json:"details"`
+	}
+	if err := json.Unmarshal(body, &env); err != nil {
+		ae.Description = http.StatusText(status)
+		return ae
+	}
+	if env.ReturnCode != nil {
+		ae.Code = *env.ReturnCode
+	}
+	if env.ReturnDescription != nil {
+		ae.Description = *env.ReturnDescription
+	}
+	var one broker.ErrorDetail
+	switch d := bytes.TrimSpace(env.Details); {
+	case len(d) > 0 && d[0] == '[':
+		_ = json.Unmarshal(d, &ae.Details)
+	case len(d) > 0 && d[0] == '{':
+		if json.Unmarshal(d, &one) == nil {
+			ae.Details = []broker.ErrorDetail{one}
+		}
+	}
+	if ae.Description == "" {
+		ae.Description = http.StatusText(status)
+	}
+	return ae
+}
+
+// Interface guards.
+var (
+	_ broker.Source  = (*Source)(nil)
+	_ broker.Revoker = (*Source)(nil)
+)

@@ -1,0 +1,205 @@
+// Package httpclient holds the wire helpers of the token sources that are
+// not API: the provider HTTP client (TLS options, tracing, no redirects),
+// the cap on response bodies, the one validator of endpoint URLs and the
+// redaction of URLs from transport errors.
+package httpclient
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+)
+
+// MaxResponseBytes caps how much of a token API's response body is read.
+const MaxResponseBytes = 1 << 20
+
+// TLSOptions configure the TLS client side of a provider connection: a client
+// certificate for mutual TLS (Nuapay Technical Service Provider mode with an
+// eIDAS QWAC, RFC 8705 tls_client_auth and certificate-bound tokens) and the
+// CAs to trust.
+type TLSOptions struct {
+	// CertFile is a PEM client certificate chain; KeyFile its PEM key.
+	// Both or neither.
+	CertFile string
+	// KeyFile is the PEM private key of CertFile.
+	KeyFile string
+	// CAFile is a PEM bundle of CAs trusted for the provider's server
+	// certificate, instead of the system roots.
+	CAFile string
+	// ServerName overrides the name checked in the server certificate.
+	ServerName string
+}
+
+// Config returns the tls.Config these options describe, or nil when they are
+// all empty.
+func (o TLSOptions) Config() (*tls.Config, error) {
+	if o == (TLSOptions{}) {
+		return nil, nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: o.ServerName}
+	if (o.CertFile == "") != (o.KeyFile == "") {
+		return nil, errors.New("client_cert and client_key must be given together")
+	}
+	if o.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(o.CertFile, o.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("loading client certificate %s: %w", o.CertFile, err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	if o.CAFile != "" {
+		pem, err := os.ReadFile(o.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("reading CA bundle: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("CA bundle %s holds no PEM certificate", o.CAFile)
+		}
+		cfg.RootCAs = pool
+	}
+	return cfg, nil
+}
+
+// New returns a client for a token API: its own connection pool, the given
+// overall timeout per call, and the TLS options. Redirects are not followed:
+// a token API that redirects is misconfigured, and following it would send
+// the credentials elsewhere. HasClientCert tells whether it presents a
+// client certificate.
+func New(timeout time.Duration, tlsOpts TLSOptions) (*http.Client, error) {
+	tlsCfg, err := tlsOpts.Config()
+	if err != nil {
+		return nil, err
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = tlsCfg
+	tr.MaxIdleConnsPerHost = 16
+	return &http.Client{
+		Timeout:   timeout,
+		Transport: &transport{RoundTripper: Traced(tr), cert: hasCert(tr)},
+		CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse
+		},
+	}, nil
+}
+
+// transport is the outer transport of a client from New: it remembers
+// whether the TLS configuration inside (hidden by the tracing wrapper)
+// presents a client certificate.
+type transport struct {
+	http.RoundTripper
+	cert bool
+}
+
+func hasCert(tr *http.Transport) bool {
+	c := tr.TLSClientConfig
+	return c != nil && (len(c.Certificates) > 0 || c.GetClientCertificate != nil)
+}
+
+// HasClientCert reports whether c presents a TLS client certificate, and
+// whether that is known: for a client from New, or one with a plain
+// *http.Transport, it is; for any other transport (a test double, a
+// wrapper) known is false.
+func HasClientCert(c *http.Client) (has, known bool) {
+	if c == nil {
+		return false, true
+	}
+	switch tr := c.Transport.(type) {
+	case *transport:
+		return tr.cert, true
+	case *http.Transport:
+		return hasCert(tr), true
+	case nil:
+		return false, true
+	}
+	return false, false
+}
+
+// ReadBody reads at most MaxResponseBytes of a response body; tooLarge
+// reports a larger one (whose body is then not returned).
+func ReadBody(r io.Reader) (body []byte, tooLarge bool, err error) {
+	body, err = io.ReadAll(io.LimitReader(r, MaxResponseBytes+1))
+	if err != nil {
+		return nil, false, err
+	}
+	if len(body) > MaxResponseBytes {
+		return nil, true, nil
+	}
+	return body, false, nil
+}
+
+// LimitBody wraps rt (nil: http.DefaultTransport) so that no response body
+// yields more than MaxResponseBytes, for libraries that read bodies whole
+// (go-oidc's discovery).
+func LimitBody(rt http.RoundTripper) http.RoundTripper { return limitBody{rt} }
+
+type limitBody struct{ rt http.RoundTripper }
+
+func (l limitBody) RoundTrip(r *http.Request) (*http.Response, error) {
+	rt := l.rt
+	if rt == nil {
+		rt = http.DefaultTransport
+	}
+	resp, err := rt.RoundTrip(r)
+	if err == nil {
+		resp.Body = struct {
+			io.Reader
+			io.Closer
+		}{io.LimitReader(resp.Body, MaxResponseBytes), resp.Body}
+	}
+	return resp, err
+}
+
+// CheckURL is the one validator of a provider endpoint URL: absolute
+// http(s) with a host, without credentials or fragment, and without query
+// unless query is true. The message never quotes a URL that holds
+// credentials; callers prefix the field.
+func CheckURL(s string, query bool) error {
+	u, err := url.Parse(s)
+	switch {
+	case s == "":
+		return errors.New("missing")
+	case err != nil:
+		return errors.New("not a valid URL") // the parse error would repeat the value, which may hold credentials
+	case u.User != nil:
+		return errors.New("must not hold credentials (user:password@): use the provider's secret keys")
+	case u.Fragment != "" || strings.HasSuffix(s, "#"):
+		return errors.New("must not carry a fragment")
+	case !query && (u.RawQuery != "" || strings.HasSuffix(s, "?")):
+		return errors.New("must not carry a query")
+	case u.Scheme != "https" && u.Scheme != "http" || u.Host == "":
+		return fmt.Errorf("%q is not an http(s) URL with a host", s)
+	}
+	return nil
+}
+
+// Host returns the host of a URL, for messages (s itself when it has none).
+func Host(s string) string {
+	if u, err := url.Parse(s); err == nil && u.Host != "" {
+		return u.Host
+	}
+	return s
+}
+
+// RedactURLError drops the URL (and so any query) from a *url.Error: a
+// token API's URL can carry an organisation id or a query that has no
+// place in a log line that already names the merchant and the host.
+func RedactURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+// IsBearer reports whether a token type names a bearer token, ignoring
+// case ("Bearer", "BEARER", "bearer"). An empty type is not bearer: the
+// callers decide what its absence means.
+func IsBearer(tokenType string) bool { return strings.EqualFold(tokenType, "bearer") }
