@@ -11,7 +11,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
-	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -26,7 +26,7 @@ import (
 // config reload keeps the last good list and its schedule.
 type orgListing struct {
 	provider string // the provider's name, for logs and the admin API
-	list     func(context.Context) ([]broker.Organisation, error)
+	list     func(context.Context) ([]nuapay.Organisation, error)
 	every    time.Duration
 	logger   *zap.Logger
 
@@ -40,7 +40,7 @@ type orgListing struct {
 // listings are the organisation listings shared across reloads.
 var listings = caddy.NewUsagePool()
 
-func newOrgListing(provider string, list func(context.Context) ([]broker.Organisation, error), every time.Duration, logger *zap.Logger) *orgListing {
+func newOrgListing(provider string, list func(context.Context) ([]nuapay.Organisation, error), every time.Duration, logger *zap.Logger) *orgListing {
 	return &orgListing{provider: provider, list: list, every: every, logger: logger}
 }
 
@@ -52,7 +52,7 @@ func loadListing(reg *config.Registry, logger *zap.Logger) (*orgListing, string,
 		return nil, "", nil
 	}
 	p := reg.Providers[reg.Wildcard.Provider]
-	np, ok := p.Source.(*broker.Nuapay)
+	np, ok := p.Source.(*nuapay.Source)
 	if !ok {
 		return nil, "", fmt.Errorf("token_broker: %s: merchant \"*\": field only_listed_organisations: provider %q cannot list its organisations", reg.Path, p.Name)
 	}
