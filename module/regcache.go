@@ -137,3 +137,7 @@ func sortedNames[V any](m map[string]V) []string {
 	slices.Sort(names)
 	return names
 }
+
+// RegistryParses returns how many registry files this process has parsed:
+// a reload that changes nothing the registry depends on parses none.
+func RegistryParses() int64 { return registryParses.Load() }
