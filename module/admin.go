@@ -238,8 +238,8 @@ func (adminAPI) provider(w http.ResponseWriter, r *http.Request) error {
 func refreshListing(w http.ResponseWriter, r *http.Request, app *App, name string) error {
 	l := app.listing
 	if l == nil || l.provider != name {
-		return caddy.APIError{HTTPStatus: http.StatusNotFound,
-			Err: fmt.Errorf("provider %q restricts no wildcard merchant entry (only_listed_organisations)", name)}
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed,
+			Err: fmt.Errorf("method not allowed: use GET; POST refreshes the list of a provider that restricts the wildcard merchant entry (only_listed_organisations), which %q does not", name)}
 	}
 	n, err := l.Refresh(r.Context())
 	if err != nil {
