@@ -27,6 +27,9 @@ type Registry struct {
 	Providers map[string]*Provider
 	// Merchants are the merchants by merchant id.
 	Merchants map[string]*Merchant
+	// Wildcard is the [merchants."*"] entry serving every other merchant
+	// id, nil when the file has none.
+	Wildcard *Wildcard
 }
 
 // Provider is a resolved [providers.NAME] table. It holds no secret in
@@ -112,30 +115,11 @@ type Merchant struct {
 // unknown, a scope is malformed, or the merchant ends up without scopes
 // where its provider type needs some.
 func (r *Registry) Binding(merchantID string, scopes []string) (*broker.Binding, error) {
-	m, ok := r.Merchants[merchantID]
+	m, _, ok := r.Merchant(merchantID)
 	if !ok {
 		return nil, fmt.Errorf("unknown merchant %q", merchantID)
 	}
-	p := r.Providers[m.Provider]
-	sc := m.Scopes
-	if s := broker.NormaliseScopes(scopes); len(s) > 0 {
-		for _, v := range s {
-			if !validScope(v) {
-				return nil, fmt.Errorf("merchant %q: scope %q is not a valid scope token", merchantID, v)
-			}
-		}
-		sc = s
-	}
-	if len(sc) == 0 && providerTypes[p.Type].needsScopes {
-		return nil, fmt.Errorf("merchant %q: provider %q (type %s) needs at least one scope: set the merchant's scopes or the route's", merchantID, p.Name, p.Type)
-	}
-	return broker.NewBinding(p.ID, p.Source, broker.Request{
-		Merchant:     m.ID,
-		Organisation: m.Organisation,
-		Scopes:       sc,
-		Audience:     m.Audience,
-		Lifetime:     m.Lifetime,
-	}), nil
+	return r.bindingFor(m, scopes)
 }
 
 // ValidMerchantID reports whether s can be a merchant id: 1 to 128 ASCII
@@ -300,6 +284,10 @@ func ParseWith(path string, data []byte, opts Options) (*Registry, error) {
 		}
 	}
 	for _, id := range sortedKeys(doc.Merchants) {
+		if id == WildcardID {
+			reg.Wildcard = p.wildcard(&md, doc.Merchants[id], defined)
+			continue
+		}
 		if m := p.merchant(&md, id, doc.Merchants[id], defined); m != nil {
 			reg.Merchants[id] = m
 		}

@@ -295,7 +295,7 @@ func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client
 // defined holds the type of every provider in the file, valid or not.
 func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, defined map[string]string) *Merchant {
 	e := p.entry("merchants", id)
-	if !ValidMerchantID(id) {
+	if id != WildcardID && !ValidMerchantID(id) {
 		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
 	var raw merchantTOML

@@ -237,6 +237,8 @@ func unknownPart(k toml.Key) (int, []string) {
 			continue // an entry name, checked with the entry
 		case n == 3 && k[0] == "providers":
 			allowed = providerKeys
+		case n == 3 && k[1] == WildcardID:
+			allowed = wildcardKeys
 		case n == 3:
 			allowed = merchantKeys
 		case n == 4 && k[0] == "providers" && k[2] == "tls":

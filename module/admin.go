@@ -36,6 +36,7 @@ var current atomic.Pointer[App]
 //	POST /token_broker/merchants/{id}/purge        drop a merchant's cached tokens
 //	POST /token_broker/merchants/{id}/revoke       revoke them at the provider, then drop them
 //	GET  /token_broker/providers/{name}/organisations  the partner's organisations (Nuapay)
+//	POST /token_broker/providers/{name}/organisations  read again the list restricting the wildcard merchant entry
 //	PUT  /token_broker/merchants/{id}/refresh_token {"refresh_token": "..."}: load a merchant's
 //	                                               refresh token (authorization-code merchants)
 type adminAPI struct{}
@@ -238,12 +239,15 @@ func (adminAPI) provider(w http.ResponseWriter, r *http.Request) error {
 	if action != "organisations" {
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errors.New("use /token_broker/providers/{name}/organisations")}
 	}
-	if r.Method != http.MethodGet {
-		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use GET")}
+	if r.Method != http.MethodGet && r.Method != http.MethodPost {
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use GET, or POST to refresh the wildcard's list")}
 	}
 	app, err := running()
 	if err != nil {
 		return err
+	}
+	if r.Method == http.MethodPost {
+		return refreshListing(w, r, app, name)
 	}
 	if app.registry == nil || app.registry.Providers[name] == nil {
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("provider %q is not in the registry", name)}
@@ -257,6 +261,23 @@ func (adminAPI) provider(w http.ResponseWriter, r *http.Request) error {
 		return caddy.APIError{HTTPStatus: http.StatusBadGateway, Err: fmt.Errorf("listing the organisations of %q: %w", name, err)}
 	}
 	return writeJSON(w, map[string]any{"provider": name, "organisations": orgs})
+}
+
+// refreshListing serves POST /token_broker/providers/{name}/organisations:
+// the organisations list that restricts the wildcard merchant entry is read
+// again now. On failure the last good list stays in force (502).
+func refreshListing(w http.ResponseWriter, r *http.Request, app *App, name string) error {
+	l := app.listing
+	if l == nil || l.provider != name {
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed,
+			Err: fmt.Errorf("method not allowed: use GET; POST refreshes the list of a provider that restricts the wildcard merchant entry (only_listed_organisations), which %q does not", name)}
+	}
+	n, err := l.Refresh(r.Context())
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadGateway,
+			Err: fmt.Errorf("listing the organisations of %q: %w (the last good list stays in force)", name, err)}
+	}
+	return writeJSON(w, map[string]any{"provider": name, "organisations": n, "refreshed": true})
 }
 
 // setRefreshToken stores the refresh token of a merchant whose provider

@@ -60,15 +60,19 @@ type App struct {
 	// brokers of a fleet through Redis (see RedisConfig). Default: none.
 	Redis *RedisConfig `json:"redis,omitempty"`
 
-	registry   *config.Registry
-	metrics    *tokenMetrics
-	metricsKey string
-	broker     *broker.Broker
-	pooled     *pooledBroker
-	poolKey    string
-	logger     *zap.Logger
-	fleet      *fleetTier
-	fleetKey   string
+	registry    *config.Registry
+	metrics     *tokenMetrics
+	metricsKey  string
+	broker      *broker.Broker
+	pooled      *pooledBroker
+	poolKey     string
+	logger      *zap.Logger
+	fleet       *fleetTier
+	fleetKey    string
+	tables      *tables     // binding tables, by registry and route scopes
+	listing     *orgListing // the wildcard's organisation listing, if restricted
+	listingKey  string
+	registryKey string // the registry's key in the registries pool
 }
 
 // CaddyModule returns the Caddy module information.
@@ -83,6 +87,7 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // token cache.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
+	a.tables = &tables{}
 	if err := a.validate(); err != nil {
 		return err
 	}
@@ -98,11 +103,15 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 	}
 	if a.Config != "" {
-		reg, err := loadRegistryStore(ctx, a.Config, a.refreshStore(ctx))
+		reg, key, err := loadRegistryStore(ctx, a.Config, a.refreshStore(ctx), "store "+a.fleetKey)
 		if err != nil {
 			return err
 		}
+		a.registryKey = key
 		a.registry = reg
+		if a.listing, a.listingKey, err = loadListing(reg, a.logger); err != nil {
+			return err
+		}
 		a.logger.Info("merchant registry loaded", zap.String("config", reg.Path),
 			zap.Int("merchants", len(reg.Merchants)), zap.Int("providers", len(reg.Providers)))
 	}
@@ -171,6 +180,12 @@ func (a *App) Stop() error {
 // Cleanup releases the app's hold on the shared token cache; the cache lives
 // on while another config (the one being loaded) uses it.
 func (a *App) Cleanup() error {
+	if a.listingKey != "" {
+		_, _ = listings.Delete(a.listingKey)
+	}
+	if a.registryKey != "" {
+		_, _ = registries.Delete(a.registryKey)
+	}
 	if a.fleetKey != "" {
 		_, _ = fleets.Delete(a.fleetKey)
 	}

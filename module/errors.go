@@ -25,15 +25,18 @@ import (
 // caller what to do and reveal nothing about credentials or tokens.
 var messages = map[string]string{
 	// The request itself (outbound.check, merchantOf, the caller policy).
-	"method_refused":          "TRACE is not forwarded: the upstream would echo the injected credential back",
-	"forbidden_trailer":       "the request declares a trailer naming a header the token broker sets or reads (Authorization, Proxy-Authorization, the merchant or caller header): send these as headers, never as trailers",
-	"missing_merchant":        "the request does not say which merchant it is for: set the merchant header (default X-Merchant-Id)",
-	"ambiguous_merchant":      "the request names the merchant more than once: send one merchant header with one value",
-	"invalid_merchant":        "the merchant id is malformed: 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or digit",
-	"unknown_merchant":        "this merchant is not in the token broker's registry",
-	"caller_unauthenticated":  "the caller must present a valid JWT from the trusted issuer, for this sidecar's audience, as a Bearer token",
-	"caller_keys_unavailable": "the caller's JWT cannot be checked now: the issuer's keys are unavailable",
-	"caller_forbidden":        "this caller may not act for this merchant",
+	"method_refused":            "TRACE is not forwarded: the upstream would echo the injected credential back",
+	"forbidden_trailer":         "the request declares a trailer naming a header the token broker sets or reads (Authorization, Proxy-Authorization, the merchant or caller header): send these as headers, never as trailers",
+	"missing_merchant":          "the request does not say which merchant it is for: set the merchant header (default X-Merchant-Id)",
+	"ambiguous_merchant":        "the request names the merchant more than once: send one merchant header with one value",
+	"invalid_merchant":          "the merchant id is malformed: 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or digit",
+	"unknown_merchant":          "this merchant is not in the token broker's registry",
+	"unlisted_organisation":     "this merchant's organisation is not among the organisations the provider lists for the partner, which the registry's wildcard entry is restricted to",
+	"organisations_unavailable": "the provider's list of organisations, which the registry's wildcard entry is restricted to, could not be read yet; retry later",
+	"too_many_merchants":        "the token broker serves as many merchants through its wildcard entry as max_active allows, and none has been idle long enough to make room; retry later",
+	"caller_unauthenticated":    "the caller must present a valid JWT from the trusted issuer, for this sidecar's audience, as a Bearer token",
+	"caller_keys_unavailable":   "the caller's JWT cannot be checked now: the issuer's keys are unavailable",
+	"caller_forbidden":          "this caller may not act for this merchant",
 
 	// The token API (classify).
 	"token_unavailable":  "the provider's token API failed; the request was not forwarded",

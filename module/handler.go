@@ -110,9 +110,10 @@ type Handler struct {
 	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
 
 	callers        *CallerPolicy
-	bindings       map[string]*binding
-	merchantHeader string // canonical header name when Merchant is a plain header placeholder
-	header         string // canonical Header
+	bindings       *bindingTable // created on first use, shared by the config's routes with the same scopes
+	listingKey     string        // the pooled organisation listing of a handler's own registry
+	merchantHeader string        // canonical header name when Merchant is a plain header placeholder
+	header         string        // canonical Header
 	broker         *broker.Broker
 	logger         *zap.Logger
 	metrics        *handlerMetrics // see metrics.go
@@ -129,6 +130,10 @@ type binding struct {
 	merchantV, organisationV, providerV any
 	// current caches, for the entry last served, its boxed fingerprint.
 	current atomic.Pointer[servedEntry]
+	// wild: served through the wildcard entry, so bounded and evictable;
+	// lastUsed is then its last use, in unix nanoseconds (coarse).
+	wild     bool
+	lastUsed atomic.Int64
 }
 
 // servedEntry is what a binding precomputed for one cache entry.
@@ -165,8 +170,10 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision builds one broker binding per merchant of the registry, with
-// this route's scopes, and attaches the handler to the app's token cache.
+// Provision attaches the handler to the app's token cache and to the
+// binding table of its registry and scopes. Bindings are made on each
+// merchant's first request (bindings.go), so that a registry of any size
+// costs nothing here.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
 	appIface, err := ctx.App("token_broker")
@@ -198,20 +205,49 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if reg == nil {
 		return errors.New("token_broker: no merchant registry: set `config <file.toml>` in the token_broker global option (or in this handler)")
 	}
-	h.bindings = make(map[string]*binding, len(reg.Merchants))
-	for id, m := range reg.Merchants {
-		b, err := reg.Binding(id, h.Scopes)
+	if err := checkRouteScopes(reg, h.Scopes); err != nil {
+		return err
+	}
+	if h.Config != "" {
+		listing, key, err := loadListing(reg, h.logger)
 		if err != nil {
-			return fmt.Errorf("token_broker: %s: %w", reg.Path, err)
+			return err
 		}
-		b.Observer = h
-		nb := newBinding(b, m.Provider)
-		if p := reg.Providers[m.Provider]; p != nil {
-			nb.providerType = p.Type
-		}
-		h.bindings[id] = nb
+		h.listingKey = key
+		h.bindings = newBindingTable(reg, h.Scopes, listing)
+	} else {
+		h.bindings = app.tables.table(reg, h.Scopes, app.listing)
 	}
 	h.instrument(app.metrics)
+	return nil
+}
+
+// checkRouteScopes fails when the route's scopes cannot serve the
+// registry's merchants: a malformed scope. The merchants' own scopes were
+// checked when the registry was loaded.
+func checkRouteScopes(reg *config.Registry, scopes []string) error {
+	if len(scopes) == 0 {
+		return nil
+	}
+	id := ""
+	for id = range reg.Merchants {
+		break
+	}
+	if id == "" {
+		id = "x" // served by the wildcard
+	}
+	if _, err := reg.Binding(id, scopes); err != nil {
+		return fmt.Errorf("token_broker: %s: route scopes: %w", reg.Path, err)
+	}
+	return nil
+}
+
+// Cleanup releases the handler's own organisation listing, if any.
+func (h *Handler) Cleanup() error {
+	if h.listingKey != "" {
+		_, err := listings.Delete(h.listingKey)
+		return err
+	}
 	return nil
 }
 
@@ -279,9 +315,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.callers != nil && !h.callers.allows(caller, merchant) {
 		return h.fail(w, repl, refusal{status: http.StatusForbidden, code: "caller_forbidden", merchant: merchant})
 	}
-	b, ok := h.bindings[merchant]
-	if !ok {
-		return h.fail(w, repl, refusal{status: http.StatusForbidden, code: "unknown_merchant", merchant: merchant})
+	b, rf := h.bindings.get(h, merchant)
+	if rf != nil {
+		return h.fail(w, repl, *rf)
 	}
 	e, res, err := h.token(r.Context(), b) // tracing.go: the token span
 	if err != nil {
@@ -355,6 +391,7 @@ func (h *Handler) Fetched(ctx context.Context, b *broker.Binding, tok broker.Tok
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 	_ broker.Observer             = (*Handler)(nil)
 )

@@ -27,13 +27,13 @@ func benchHandler(b *testing.B, n int) (*Handler, []string) {
 	src := broker.SourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
 		return broker.Token{Value: broker.Secret(req.Organisation + "." + strings.Repeat("x", 580)), Expiry: time.Now().Add(time.Hour)}, nil
 	})
-	h.bindings = make(map[string]*binding, n)
+	h.bindings = newBindingTable(nil, nil, nil)
 	ids := make([]string, n)
 	for i := range ids {
 		ids[i] = fmt.Sprintf("merchant-%06d", i)
 		bd := broker.NewBinding("nuapay#bench", src, broker.Request{Merchant: ids[i], Organisation: "org-" + ids[i], Scopes: []string{"openbanking_pisp"}})
 		bd.Observer = h
-		h.bindings[ids[i]] = newBinding(bd, "nuapay")
+		h.bindings.set(ids[i], newBinding(bd, "nuapay"))
 		if _, _, err := h.broker.Get(context.Background(), bd); err != nil {
 			b.Fatal(err)
 		}

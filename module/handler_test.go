@@ -32,7 +32,8 @@ func newTestHandler(t *testing.T, src broker.SourceFunc, errorsMode string) *Han
 	t.Cleanup(h.broker.Close)
 	b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
 	b.Observer = h
-	h.bindings = map[string]*binding{"acme": newBinding(b, "nuapay")}
+	h.bindings = newBindingTable(nil, nil, nil)
+	h.bindings.set("acme", newBinding(b, "nuapay"))
 	return h
 }
 

@@ -197,37 +197,49 @@ func (o *observer) Lookup(_ *broker.Binding, r broker.Result) {
 // and the provider name of each source.
 type handlerMetrics struct {
 	*tokenMetrics
-	providers map[string]string // SourceID -> provider name
+	providers map[string]string          // SourceID -> provider name
+	shared    map[string]*lookupCounters // provider name -> counters, without the merchant label
 }
 
 // instrument gives every binding of the handler an observer with its
 // counters resolved. Called at the end of Provision.
 func (h *Handler) instrument(m *tokenMetrics) {
-	h.metrics = &handlerMetrics{tokenMetrics: m, providers: make(map[string]string)}
-	if m == nil {
-		return
-	}
-	shared := map[string]*lookupCounters{} // by provider, without the merchant label
-	for id, b := range h.bindings {
-		h.metrics.providers[b.SourceID] = b.provider
-		var c *lookupCounters
-		if m.merchantLabel {
-			c = m.lookupCounters(b.provider, id)
-		} else if c = shared[b.provider]; c == nil {
-			c = m.lookupCounters(b.provider, "")
-			shared[b.provider] = c
+	h.metrics = &handlerMetrics{tokenMetrics: m, providers: make(map[string]string), shared: map[string]*lookupCounters{}}
+	if m != nil && h.bindings != nil && h.bindings.reg != nil {
+		for name, p := range h.bindings.reg.Providers {
+			h.metrics.providers[p.ID] = name
+			if !m.merchantLabel {
+				h.metrics.shared[name] = m.lookupCounters(name, "")
+			}
+			h.exportZero(name, p.ID)
 		}
-		b.Observer = &observer{Handler: h, lookups: c}
-		// Series that change rarely are exported from the start, so that
-		// dashboards and alerts see 0 rather than nothing.
-		m.purges.WithLabelValues(m.labels(id, b.provider)...)
-		m.backingOff.WithLabelValues(b.provider)
-		state := broker.BreakerClosed
-		if h.broker != nil {
-			state = h.broker.BreakerState(b.SourceID)
-		}
-		m.breaker.WithLabelValues(b.provider).Set(float64(state))
 	}
+	if h.bindings != nil {
+		h.bindings.each(func(id string, b *binding) {
+			if m != nil {
+				if _, known := h.metrics.providers[b.SourceID]; !known {
+					h.exportZero(b.provider, b.SourceID)
+				}
+				h.metrics.providers[b.SourceID] = b.provider
+			}
+			b.Observer = h.observerFor(id, b)
+		})
+	}
+}
+
+// exportZero exports the series of a provider that change rarely from
+// provisioning on, so that dashboards and alerts see 0 rather than nothing.
+func (h *Handler) exportZero(provider, sourceID string) {
+	m := h.metrics.tokenMetrics
+	if !m.merchantLabel {
+		m.purges.WithLabelValues(m.labels("", provider)...)
+	}
+	m.backingOff.WithLabelValues(provider)
+	state := broker.BreakerClosed
+	if h.broker != nil {
+		state = h.broker.BreakerState(sourceID)
+	}
+	m.breaker.WithLabelValues(provider).Set(float64(state))
 }
 
 // BackingOff implements broker.BackoffObserver: it counts the keys held in
@@ -242,6 +254,25 @@ func (h *Handler) BackingOff(b *broker.Binding, on bool) {
 	} else {
 		g.Dec()
 	}
+}
+
+// observerFor returns the observer of a new binding: the handler, with
+// the binding's lookup counters.
+func (h *Handler) observerFor(id string, b *binding) broker.Observer {
+	m := h.metrics
+	if m == nil || m.tokenMetrics == nil {
+		return h
+	}
+	var c *lookupCounters
+	if m.merchantLabel {
+		c = m.lookupCounters(b.provider, id)
+	} else if c = m.shared[b.provider]; c == nil {
+		// A provider added by hand (tests): counters made once here,
+		// before the handler serves.
+		c = m.lookupCounters(b.provider, "")
+		m.shared[b.provider] = c
+	}
+	return &observer{Handler: h, lookups: c}
 }
 
 // BreakerChanged implements broker.BreakerObserver: it sets the breaker
@@ -282,8 +313,10 @@ func (h *Handler) providerOf(b *broker.Binding) string {
 			return p
 		}
 	}
-	if hb, ok := h.bindings[b.Request.Merchant]; ok {
-		return hb.provider
+	if h.bindings != nil {
+		if hb := h.bindings.peek(b.Request.Merchant); hb != nil {
+			return hb.provider
+		}
 	}
 	p, _, _ := strings.Cut(b.SourceID, "#")
 	return p

@@ -16,6 +16,7 @@ var codeStatus = map[string]string{
 	"caller_keys_unavailable": "503", "caller_forbidden": "403", "token_unavailable": "502", "token_timeout": "504",
 	"token_refused": "502", "consent_required": "502", "client_gone": "499", "token_api_down": "503",
 	"token_rate_limited": "503", "token_bad_response": "502",
+	"unlisted_organisation": "403", "organisations_unavailable": "503", "too_many_merchants": "503",
 }
 
 // TestREADMEFailureTable: every error code the handler answers with has a

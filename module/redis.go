@@ -278,14 +278,11 @@ func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
 	return storageStore{s: ctx.Storage()}
 }
 
-// loadRegistryStore is loadRegistry with the refresh tokens in store.
-func loadRegistryStore(ctx caddy.Context, path string, store oauth.Store) (*config.Registry, error) {
+// loadRegistryStore is loadRegistry with the refresh tokens in store; the
+// registry is kept across reloads (regcache.go) and key is its pool key.
+func loadRegistryStore(ctx caddy.Context, path string, store oauth.Store, storeKey string) (reg *config.Registry, key string, err error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
-	reg, err := config.LoadWith(path, config.Options{RefreshStore: store})
-	if err != nil {
-		return nil, fmt.Errorf("token_broker: %w", err)
-	}
-	return reg, nil
+	return loadPooled(path, config.Options{RefreshStore: store}, storeKey)
 }
 
 // parseRedis reads the redis block of the token_broker global option.

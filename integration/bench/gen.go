@@ -33,17 +33,18 @@ func registryTOML(n int, tokenAPI string) string {
 	return b.String()
 }
 
-// errWildcardUnavailable: the registry has no wildcard merchant entry yet
-// (issue 9, part 3).
-var errWildcardUnavailable = errors.New("wildcard: not available (the registry has no wildcard merchant entry yet)")
-
-// wildcardRegistryTOML is the hook for the wildcard case: one wildcard
-// entry serving ids distinct merchant ids. Once the registry has a wildcard
-// form, return it here (organisation = "{merchant}", the token API knowing
-// orgs named like the merchant ids) and the driver measures it like the
-// explicit counts.
+// wildcardRegistryTOML is the registry of the wildcard case: one
+// [merchants."*"] entry serving distinct merchant ids, with organisation =
+// "{merchant}" (the token API issues tokens for orgs named like the
+// merchant ids) and an active set as large as the ids driven, so that the
+// run measures lookups, not evictions.
 func wildcardRegistryTOML(distinct int, tokenAPI string) (string, error) {
-	return "", errWildcardUnavailable
+	if distinct < 1 {
+		return "", errors.New("wildcard: distinct must be at least 1")
+	}
+	return fmt.Sprintf("[providers.nuapay]\ntype = \"nuapay\"\nbase_url = %q\napi_key = \"{env.%s}\"\ntimeout = \"10s\"\ntoken_lifetime = \"6h\"\n\n"+
+		"[merchants.\"*\"]\nprovider = \"nuapay\"\norganisation = \"{merchant}\"\nscopes = [\"openbanking_pisp\"]\nmax_active = %d\nidle_timeout = \"12h\"\n",
+		tokenAPI, apiKeyEnv, distinct), nil
 }
 
 // routes are the three routes of both servers; wrk drives benchPath.

@@ -1,0 +1,162 @@
+package config
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// WildcardID is the name of the wildcard merchant table,
+// [merchants."*"]: the entry that serves every merchant id the registry
+// has no table for.
+const WildcardID = "*"
+
+// MerchantPlaceholder is replaced by the merchant id in the string fields
+// of the wildcard entry (organisation, scopes, audience), e.g.
+// organisation = "{merchant}" when the app sends Nuapay's
+// encodedOrganisationId as the merchant id.
+const MerchantPlaceholder = "{merchant}"
+
+// Defaults of the wildcard entry.
+const (
+	// DefaultMaxActive is the default max_active of the wildcard entry.
+	DefaultMaxActive = 100_000
+	// DefaultIdleTimeout is the default idle_timeout of the wildcard entry.
+	DefaultIdleTimeout = 2 * time.Hour
+	// DefaultOrganisationsRefresh is the default organisations_refresh.
+	DefaultOrganisationsRefresh = 10 * time.Minute
+)
+
+// Wildcard is a resolved [merchants."*"] table.
+type Wildcard struct {
+	// Merchant is the template: its Organisation, Scopes and Audience may
+	// hold {merchant}. Its ID is "*".
+	Merchant
+	// MaxActive bounds the merchants served through the wildcard at one
+	// time: a new merchant beyond it evicts merchants idle longer than
+	// IdleTimeout, or is refused (503) when none is.
+	MaxActive int
+	// IdleTimeout is how long a merchant served through the wildcard must
+	// have gone unused before it can be evicted.
+	IdleTimeout time.Duration
+	// OnlyListed restricts the wildcard to the organisations that the
+	// provider's organisations list (Nuapay GET /organisations, all pages)
+	// holds: any other merchant gets 403 without a token request.
+	OnlyListed bool
+	// OrganisationsRefresh is how often that list is read again.
+	OrganisationsRefresh time.Duration
+}
+
+// wildcardTOML holds the keys of the wildcard entry besides a merchant's.
+type wildcardTOML struct {
+	// MaxActive is the most merchants served through the wildcard at one
+	// time. Default 100000.
+	MaxActive *int `toml:"max_active"`
+	// IdleTimeout is how long a merchant must have gone unused before it
+	// can be evicted ("2h" by default, Go duration syntax).
+	IdleTimeout *Duration `toml:"idle_timeout"`
+	// OnlyListedOrganisations restricts the wildcard to the organisations
+	// the provider lists (nuapay only). Default false.
+	OnlyListedOrganisations bool `toml:"only_listed_organisations"`
+	// OrganisationsRefresh is how often the list is read ("10m" by
+	// default).
+	OrganisationsRefresh *Duration `toml:"organisations_refresh"`
+}
+
+// wildcardKeys are the keys of [merchants."*"].
+var wildcardKeys = append(tomlKeys(merchantTOML{}), tomlKeys(wildcardTOML{})...)
+
+// wildcard resolves the [merchants."*"] table; nil if it has problems.
+func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive, defined map[string]string) *Wildcard {
+	m := p.merchant(md, WildcardID, prim, defined)
+	if m == nil {
+		return nil
+	}
+	e := p.entry("merchants", WildcardID)
+	var raw wildcardTOML
+	if !e.decode(md, prim, &raw) {
+		return nil
+	}
+	w := &Wildcard{Merchant: *m, MaxActive: DefaultMaxActive}
+	if raw.MaxActive != nil {
+		if w.MaxActive = *raw.MaxActive; w.MaxActive < 1 {
+			e.errf("max_active", "%d: must be at least 1", w.MaxActive)
+		}
+	}
+	w.IdleTimeout = e.duration("idle_timeout", raw.IdleTimeout, DefaultIdleTimeout, time.Second, 30*24*time.Hour)
+	w.OrganisationsRefresh = e.duration("organisations_refresh", raw.OrganisationsRefresh, DefaultOrganisationsRefresh, 10*time.Second, 24*time.Hour)
+	w.OnlyListed = raw.OnlyListedOrganisations
+	if w.OnlyListed && defined[m.Provider] != "nuapay" {
+		e.errf("only_listed_organisations", "provider %q is of type %s: only nuapay providers list their organisations", m.Provider, defined[m.Provider])
+	}
+	if raw.OrganisationsRefresh != nil && !w.OnlyListed {
+		e.errf("organisations_refresh", "set only with only_listed_organisations = true")
+	}
+	for _, f := range []struct{ field, v string }{{"organisation", m.Organisation}, {"audience", m.Audience}, {"scopes", strings.Join(m.Scopes, " ")}} {
+		if s := strings.ReplaceAll(f.v, MerchantPlaceholder, ""); strings.ContainsAny(s, "{}") {
+			e.errf(f.field, "%q: the only placeholder allowed here is {merchant} ({env.NAME} references are expanded when the file is read)", f.v)
+		}
+	}
+	if e.bad {
+		return nil
+	}
+	return w
+}
+
+// For returns the wildcard entry resolved for a merchant id, which must be
+// valid (ValidMerchantID): {merchant} replaced by the id.
+func (w *Wildcard) For(id string) *Merchant {
+	m := w.Merchant
+	m.ID = id
+	m.Organisation = strings.ReplaceAll(m.Organisation, MerchantPlaceholder, id)
+	m.Audience = strings.ReplaceAll(m.Audience, MerchantPlaceholder, id)
+	if slices.ContainsFunc(m.Scopes, func(s string) bool { return strings.Contains(s, MerchantPlaceholder) }) {
+		m.Scopes = slices.Clone(m.Scopes)
+		for i, s := range m.Scopes {
+			m.Scopes[i] = strings.ReplaceAll(s, MerchantPlaceholder, id)
+		}
+	}
+	return &m
+}
+
+// Merchant returns the merchant with this id: its explicit entry, or the
+// wildcard entry resolved for it. ok is false when neither serves it (or
+// the id is not a valid merchant id).
+func (r *Registry) Merchant(id string) (m *Merchant, wildcard bool, ok bool) {
+	if m, ok := r.Merchants[id]; ok {
+		return m, false, true
+	}
+	if r.Wildcard == nil || !ValidMerchantID(id) {
+		return nil, false, false
+	}
+	return r.Wildcard.For(id), true, true
+}
+
+// bindingFor is Binding on a resolved merchant.
+func (r *Registry) bindingFor(m *Merchant, scopes []string) (*broker.Binding, error) {
+	p := r.Providers[m.Provider]
+	sc := m.Scopes
+	if s := broker.NormaliseScopes(scopes); len(s) > 0 {
+		for _, v := range s {
+			if !validScope(v) {
+				return nil, fmt.Errorf("merchant %q: scope %q is not a valid scope token", m.ID, v)
+			}
+		}
+		sc = s
+	}
+	if len(sc) == 0 && providerTypes[p.Type].needsScopes {
+		return nil, fmt.Errorf("merchant %q: provider %q (type %s) needs at least one scope: set the merchant's scopes or the route's", m.ID, p.Name, p.Type)
+	}
+	return broker.NewBinding(p.ID, p.Source, broker.Request{
+		Merchant:     m.ID,
+		Organisation: m.Organisation,
+		Scopes:       sc,
+		Audience:     m.Audience,
+		Lifetime:     m.Lifetime,
+	}), nil
+}

@@ -1,0 +1,102 @@
+package config
+
+import (
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+const wildcardFile = `
+[providers.nuapay]
+type = "nuapay"
+base_url = "{env.NUAPAY_BASE_URL}"
+api_key = "{env.NUAPAY_API_KEY}"
+
+[providers.oneid]
+type = "oauth2"
+token_url = "https://oneid.example/token"
+client_id = "c"
+client_secret = "{env.NUAPAY_API_KEY}"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme-explicit"
+scopes = ["openbanking_pisp"]
+
+[merchants."*"]
+provider = "nuapay"
+organisation = "{merchant}"
+scopes = ["openbanking_pisp", "tenant:{merchant}"]
+max_active = 3
+idle_timeout = "5m"
+only_listed_organisations = true
+organisations_refresh = "1m"
+`
+
+// TestWildcardEntry: the wildcard serves any valid id with {merchant}
+// substituted, explicit entries win, and its own keys are read.
+func TestWildcardEntry(t *testing.T) {
+	reg, err := Parse("w.toml", []byte(wildcardFile), testEnv())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := reg.Wildcard
+	if w == nil || w.MaxActive != 3 || w.IdleTimeout != 5*time.Minute || !w.OnlyListed || w.OrganisationsRefresh != time.Minute {
+		t.Fatalf("wildcard = %+v", w)
+	}
+	if _, ok := reg.Merchants[WildcardID]; ok {
+		t.Fatal("the wildcard must not be an explicit merchant")
+	}
+	for _, tt := range []struct {
+		id, org  string
+		scopes   []string
+		wildcard bool
+		ok       bool
+	}{
+		{"acme", "org-acme-explicit", []string{"openbanking_pisp"}, false, true},
+		{"ORG-123_x", "ORG-123_x", []string{"openbanking_pisp", "tenant:ORG-123_x"}, true, true},
+		{"..", "", nil, false, false},
+		{"a/b", "", nil, false, false},
+		{"", "", nil, false, false},
+	} {
+		b, err := reg.Binding(tt.id, nil)
+		if !tt.ok {
+			if err == nil {
+				t.Errorf("%q: want an error", tt.id)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("%q: %v", tt.id, err)
+		}
+		if b.Request.Merchant != tt.id || b.Request.Organisation != tt.org || !slices.Equal(b.Request.Scopes, tt.scopes) {
+			t.Errorf("%q: request %+v, want org %q scopes %v", tt.id, b.Request, tt.org, tt.scopes)
+		}
+		if _, wild, _ := reg.Merchant(tt.id); wild != tt.wildcard {
+			t.Errorf("%q: wildcard = %v", tt.id, wild)
+		}
+	}
+	// The template is not modified by a substitution.
+	if !slices.Contains(w.Scopes, "tenant:{merchant}") || w.Organisation != "{merchant}" {
+		t.Fatalf("template changed: %+v", w.Merchant)
+	}
+}
+
+func TestWildcardErrors(t *testing.T) {
+	base := strings.Split(wildcardFile, `[merchants."*"]`)[0]
+	for _, tt := range []struct{ name, entry, want string }{
+		{"unknown key", "provider = \"nuapay\"\norganisation = \"{merchant}\"\nscopes = [\"a\"]\nmax_activ = 3", `w.toml:22: merchant "*": field max_activ: unknown key`},
+		{"bad max", "provider = \"nuapay\"\norganisation = \"{merchant}\"\nscopes = [\"a\"]\nmax_active = 0", `merchant "*": field max_active: 0: must be at least 1`},
+		{"listing needs nuapay", "provider = \"oneid\"\nscopes = [\"a\"]\nonly_listed_organisations = true", `field only_listed_organisations: provider "oneid" is of type oauth2`},
+		{"refresh without listing", "provider = \"nuapay\"\norganisation = \"{merchant}\"\nscopes = [\"a\"]\norganisations_refresh = \"1m\"", `field organisations_refresh: set only with only_listed_organisations`},
+		{"other placeholder", "provider = \"nuapay\"\norganisation = \"{id}\"\nscopes = [\"a\"]", `field organisation: "{id}": the only placeholder allowed here is {merchant}`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse("w.toml", []byte(base+"[merchants.\"*\"]\n"+tt.entry+"\n"), testEnv())
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("error %v, want %q", err, tt.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,84 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
+	"github.com/tokenbroker/caddy-token-broker/module"
+)
+
+// TestReloadLargeRegistryNoTokenRequests: with a 10 000-merchant registry
+// and warm tokens, a config reload parses the registry file again 0
+// times and causes 0 token requests; the wildcard entry serves ids the
+// file does not list.
+func TestReloadLargeRegistryNoTokenRequests(t *testing.T) {
+	const n, warm = 10_000, 50
+	var orgs []sandbox.Organisation
+	for i := 0; i < warm; i++ {
+		orgs = append(orgs, sandbox.Organisation{ID: fmt.Sprintf("org-%05d", i), Name: "m"})
+	}
+	orgs = append(orgs, sandbox.Organisation{ID: "WILD-1", Name: "w"})
+	sb, _ := startSandbox(t, func(c *sandbox.Config) { c.Organisations = append(c.Organisations, orgs...) })
+	var b strings.Builder
+	b.WriteString("[providers.nuapay]\ntype = \"nuapay\"\nbase_url = \"{env.NUAPAY_API}\"\napi_key = \"{env.NUAPAY_API_KEY}\"\n\n")
+	b.WriteString("[merchants.\"*\"]\nprovider = \"nuapay\"\norganisation = \"{merchant}\"\nscopes = [\"openbanking_pisp\"]\n\n")
+	for i := 0; i < n; i++ {
+		fmt.Fprintf(&b, "[merchants.m%05d]\nprovider = \"nuapay\"\norganisation = \"org-%05d\"\nscopes = [\"openbanking_pisp\"]\n\n", i, i)
+	}
+	path := filepath.Join(t.TempDir(), "merchants.toml")
+	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cf := `{
+	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
+	token_broker {
+		config ` + path + `
+	}
+}
+http://127.0.0.1:{$TOKEN_BROKER_PORT} {
+	bind 127.0.0.1
+	handle /tpp/accounts* {
+		token_broker {
+			scopes openbanking_aisp
+		}
+		reverse_proxy {$SANDBOX_URL}
+	}
+	handle {
+		token_broker
+		reverse_proxy {$SANDBOX_URL}
+	}
+}
+`
+	base := startCaddy(t, cf)
+	fingerprints := map[string]string{}
+	for _, m := range []string{"m00000", "m00049", "m00007", "WILD-1"} {
+		fingerprints[m] = getEcho(t, base+"/tpp/payments", "X-Merchant-Id", m).Authorization.Fingerprint
+	}
+	for i := 0; i < warm; i++ {
+		getEcho(t, base+"/tpp/payments", "X-Merchant-Id", fmt.Sprintf("m%05d", i))
+	}
+	tokens, parses := sb.TokenRequests(), module.RegistryParses()
+	if tokens != warm+1 {
+		t.Fatalf("warm-up: %d token requests, want %d", tokens, warm+1)
+	}
+
+	loadCaddy(t, strings.Replace(cf, "bind 127.0.0.1", "bind 127.0.0.1\n\theader X-Reloaded yes", 1))
+	if got := module.RegistryParses() - parses; got != 0 {
+		t.Fatalf("the reload parsed the unchanged registry %d times", got)
+	}
+	for i := 0; i < warm; i++ {
+		getEcho(t, base+"/tpp/payments", "X-Merchant-Id", fmt.Sprintf("m%05d", i))
+	}
+	for m, fp := range fingerprints {
+		if got := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", m).Authorization.Fingerprint; got != fp {
+			t.Errorf("%s: token %s after the reload, was %s", m, got, fp)
+		}
+	}
+	if got := sb.TokenRequests() - tokens; got != 0 {
+		t.Fatalf("the reload caused %d token requests, want 0", got)
+	}
+}
