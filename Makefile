@@ -21,7 +21,7 @@ FUZZTIME      ?= 8s
 FUZZ_TARGETS  := ./config:FuzzParse ./broker/nuapay:FuzzParseToken ./broker/nuapay:FuzzParseError \
                  ./broker/oauth:FuzzTokenResponse ./module:FuzzMerchantSelector
 
-.PHONY: all build run test fuzz redis xcaddy fmt vet clean
+.PHONY: all build run test fuzz xcaddy fmt vet clean
 
 all: build
 
@@ -45,15 +45,20 @@ run: build
 	echo "  curl -s 127.0.0.1:2019/token_broker/consent/merchants"; \
 	$(BIN)/caddy run --config Caddyfile --adapter caddyfile
 
-test: vet redis
+test: vet tools
 	$(GO) test -race -count=1 ./...
 	$(MAKE) fuzz
 
 # The fleet tests start Debian's redis-server on a free loopback port;
 # install it when missing (as root, or with sudo).
-redis:
-	@command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server) || \
-		(sudo apt-get update && sudo apt-get install -y redis-server)
+# wrk runs in the benchmark driver's own test (and in `make bench`).
+tools:
+	@missing=""; for t in redis-server wrk; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing from Debian"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y $$missing; \
+		else sudo apt-get update && sudo apt-get install -y $$missing; fi; \
+	fi
 
 # Each fuzz target for a bounded time; the committed corpora in
 # testdata/fuzz run as plain tests in `go test` too.
@@ -88,8 +93,7 @@ clean:
 # 2 CPUs; BENCH_QUICK=1 (1 round of 2 s) smoke-tests it in about 3. Flags go
 # in BENCH_FLAGS (e.g. BENCH_FLAGS='-merchants 1,1000 -rounds 9'). Installs
 # wrk from Debian when missing. The figures go in BENCHMARKS.md.
-.PHONY: bench
-bench:
-	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+.PHONY: bench tools
+bench: tools
 	$(GO) build -o $(BIN)/bench ./integration/bench
 	GO=$(GO) $(BIN)/bench -bin $(BIN) $(BENCH_FLAGS)
