@@ -1,0 +1,395 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
+)
+
+// The fleet tests run three (or more) real `caddy run` processes built from
+// cmd/caddy, with the same Caddyfile (examples/fleet-redis) and registry,
+// sharing one real redis-server, against an in-process sandbox whose token
+// API counts the mints.
+
+var (
+	fleetBuildOnce sync.Once
+	fleetCaddyBin  string
+	fleetBuildErr  error
+	fleetBuildDir  string
+)
+
+// fleetCaddy builds cmd/caddy once per test binary.
+func fleetCaddy(t *testing.T) string {
+	t.Helper()
+	fleetBuildOnce.Do(func() {
+		fleetBuildDir, fleetBuildErr = os.MkdirTemp("", "fleet-caddy-")
+		if fleetBuildErr != nil {
+			return
+		}
+		cmd := exec.Command("go", "build", "-o", filepath.Join(fleetBuildDir, "caddy"), "./cmd/caddy")
+		cmd.Dir = repoRoot(t)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fleetBuildErr = fmt.Errorf("go build ./cmd/caddy: %v\n%s", err, out)
+			return
+		}
+		fleetCaddyBin = filepath.Join(fleetBuildDir, "caddy")
+	})
+	if fleetBuildErr != nil {
+		t.Fatal(fleetBuildErr)
+	}
+	return fleetCaddyBin
+}
+
+// redisProc is a real redis-server started by a test on a free loopback
+// port, stopped by its pid.
+type redisProc struct {
+	t    *testing.T
+	port int
+	cmd  *exec.Cmd
+	exit chan struct{}
+}
+
+// startRedisServer starts Debian's redis-server without persistence on a
+// free 127.0.0.1 port. Without redis-server the test is skipped, except
+// under CI (env CI set), where it fails.
+func startRedisServer(t *testing.T) *redisProc {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("redis-server is not installed (apt-get install -y redis-server): %v", err)
+		}
+		t.Skipf("redis-server is not installed (apt-get install -y redis-server; make test does it): %v", err)
+	}
+	r := &redisProc{t: t}
+	t.Cleanup(r.kill)
+	var err error
+	for attempt := 0; attempt < 5; attempt++ {
+		r.port = freePort(t)
+		if err = r.start(); err == nil {
+			return r
+		}
+	}
+	t.Fatalf("starting redis-server: %v", err)
+	return nil
+}
+
+func (r *redisProc) addr() string { return "127.0.0.1:" + strconv.Itoa(r.port) }
+
+func (r *redisProc) start() error {
+	cmd := exec.Command("redis-server", "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning")
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	exit := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exit) }()
+	r.cmd, r.exit = cmd, exit
+	c := redis.NewClient(&redis.Options{Addr: r.addr(), MaxRetries: -1})
+	defer c.Close()
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		select {
+		case <-exit:
+			r.cmd = nil
+			return fmt.Errorf("redis-server on port %d exited (port taken?)", r.port)
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		err := c.Ping(ctx).Err()
+		cancel()
+		if err == nil {
+			return nil
+		}
+	}
+	r.kill()
+	return fmt.Errorf("redis-server on port %d did not answer within 15s", r.port)
+}
+
+// kill stops the server by its pid (SIGKILL: a crash) and waits for it.
+func (r *redisProc) kill() {
+	if r.cmd == nil {
+		return
+	}
+	_ = r.cmd.Process.Kill()
+	<-r.exit
+	r.cmd = nil
+}
+
+// restart starts the server again on the same port.
+func (r *redisProc) restart() {
+	r.t.Helper()
+	var err error
+	for attempt := 0; attempt < 50; attempt++ {
+		if err = r.start(); err == nil {
+			return
+		}
+		time.Sleep(100 * time.Millisecond) // the port may linger briefly
+	}
+	r.t.Fatalf("restarting redis-server on port %d: %v", r.port, err)
+}
+
+// cli runs redis-cli against the server and returns its output.
+func (r *redisProc) cli(args ...string) string {
+	r.t.Helper()
+	out, err := exec.Command("redis-cli", append([]string{"-p", strconv.Itoa(r.port)}, args...)...).CombinedOutput()
+	if err != nil {
+		r.t.Fatalf("redis-cli %v: %v\n%s", args, err, out)
+	}
+	return string(out)
+}
+
+// newCacheKey returns a fresh base64 AES-256 key.
+func newCacheKey() string {
+	b := make([]byte, 32)
+	rand.Read(b)
+	return base64.StdEncoding.EncodeToString(b)
+}
+
+// fleetNode is one sidecar process of a fleet.
+type fleetNode struct {
+	base, admin string
+	stop        func()
+	out         *bytes.Buffer
+}
+
+// fleetEnv is what every node of a fleet shares.
+type fleetEnv struct {
+	t          *testing.T
+	bin        string
+	sb         *sandbox.Server
+	sandboxURL string
+	redis      *redisProc
+	registry   string
+	key        string
+	oldKeys    string
+}
+
+// fleetOrgs are the organisations of the fleet registry: one per merchant,
+// so that every merchant has its own token (cache key).
+const fleetMerchants = 40
+
+// newFleetEnv starts the sandbox (tokens of lifetime as the registry asks)
+// and a redis-server, and writes a registry of merchants m00..m39, each in
+// its own organisation, with token_lifetime lifetime.
+func newFleetEnv(t *testing.T, lifetime string) *fleetEnv {
+	t.Helper()
+	bin := fleetCaddy(t)
+	r := startRedisServer(t)
+	var orgs []sandbox.Organisation
+	for i := range fleetMerchants {
+		orgs = append(orgs, sandbox.Organisation{ID: fmt.Sprintf("org-m%02d", i), Name: fmt.Sprintf("M%02d", i)})
+	}
+	sb, url := startSandbox(t, func(c *sandbox.Config) { c.Organisations = append(c.Organisations, orgs...) })
+	var reg strings.Builder
+	fmt.Fprintf(&reg, "[providers.nuapay-sandbox]\ntype = \"nuapay\"\nbase_url = %q\napi_key = \"{env.NUAPAY_API_KEY}\"\ntimeout = \"5s\"\ntoken_lifetime = %q\n",
+		url, lifetime)
+	for i := range fleetMerchants {
+		fmt.Fprintf(&reg, "\n[merchants.m%02d]\nprovider = \"nuapay-sandbox\"\norganisation = \"org-m%02d\"\nscopes = [\"openbanking_pisp\"]\n", i, i)
+	}
+	path := filepath.Join(t.TempDir(), "merchants.toml")
+	if err := os.WriteFile(path, []byte(reg.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return &fleetEnv{t: t, bin: bin, sb: sb, sandboxURL: url, redis: r, registry: path, key: newCacheKey()}
+}
+
+// startNode starts one `caddy run` of examples/fleet-redis on free ports.
+func (f *fleetEnv) startNode() *fleetNode {
+	t := f.t
+	t.Helper()
+	port, adminPort := freePort(t), freePort(t)
+	dir := t.TempDir()
+	env := append(os.Environ(),
+		"SANDBOX_URL="+f.sandboxURL, "NUAPAY_API_KEY="+apiKey,
+		"TOKEN_BROKER_CONFIG="+f.registry, "REDIS_ADDR="+f.redis.addr(), "TOKEN_CACHE_KEY="+f.key,
+		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort),
+		"HOME="+dir, "XDG_DATA_HOME="+filepath.Join(dir, "data"), "XDG_CONFIG_HOME="+filepath.Join(dir, "config"))
+	caddyfile := filepath.Join(repoRoot(t), "examples", "fleet-redis", "Caddyfile")
+	if f.oldKeys != "" {
+		// The example's Caddyfile with the rotation's old key added.
+		src := readFile(t, caddyfile)
+		src = strings.Replace(src, "encryption_key {env.TOKEN_CACHE_KEY}",
+			"encryption_key {env.TOKEN_CACHE_KEY}\n\t\t\tencryption_keys_old {env.TOKEN_CACHE_KEYS_OLD}", 1)
+		caddyfile = filepath.Join(dir, "Caddyfile")
+		if err := os.WriteFile(caddyfile, []byte(src), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		env = append(env, "TOKEN_CACHE_KEYS_OLD="+f.oldKeys)
+	}
+	var out bytes.Buffer
+	cmd := exec.Command(f.bin, "run", "--config", caddyfile, "--adapter", "caddyfile")
+	cmd.Dir, cmd.Env, cmd.Stdout, cmd.Stderr = dir, env, &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			_ = cmd.Process.Signal(os.Interrupt)
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				_ = cmd.Process.Kill()
+				<-done
+			}
+		})
+	}
+	n := &fleetNode{base: fmt.Sprintf("http://127.0.0.1:%d", port), admin: fmt.Sprintf("http://127.0.0.1:%d", adminPort), stop: stop, out: &out}
+	t.Cleanup(func() {
+		stop()
+		if t.Failed() {
+			t.Logf("caddy %s output:\n%s", n.base, out.String())
+		}
+	})
+	// Generous: the machine is shared; an exited process fails at once.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+			c.Close()
+			return n
+		}
+		select {
+		case <-done:
+			t.Fatalf("caddy run exited before listening:\n%s", out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("caddy on port %d is not listening after 30s", port)
+		}
+	}
+}
+
+// startFleet starts n nodes.
+func (f *fleetEnv) startFleet(n int) []*fleetNode {
+	nodes := make([]*fleetNode, n)
+	for i := range nodes {
+		nodes[i] = f.startNode()
+	}
+	return nodes
+}
+
+// fleetClient has room for many concurrent connections per node.
+var fleetClient = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 200, MaxConnsPerHost: 0}, Timeout: 30 * time.Second}
+
+// call sends GET /tpp/payments for merchant to node with optional extra
+// headers; it returns the status and the echo (zero if not 200).
+func (n *fleetNode) call(merchant string, headers ...string) (int, echo, error) {
+	req, _ := http.NewRequest("GET", n.base+"/tpp/payments", nil)
+	req.Header.Set("X-Merchant-Id", merchant)
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Set(headers[i], headers[i+1])
+	}
+	resp, err := fleetClient.Do(req)
+	if err != nil {
+		return 0, echo{}, err
+	}
+	defer resp.Body.Close()
+	var e echo
+	if resp.StatusCode == http.StatusOK {
+		if err := json.NewDecoder(resp.Body).Decode(&e); err != nil {
+			return resp.StatusCode, e, err
+		}
+	} else {
+		var b bytes.Buffer
+		b.ReadFrom(resp.Body)
+		return resp.StatusCode, e, fmt.Errorf("%d %s", resp.StatusCode, b.String())
+	}
+	return resp.StatusCode, e, nil
+}
+
+// mustCall calls and fails the test unless a valid token reached the upstream.
+func (n *fleetNode) mustCall(t *testing.T, merchant string, headers ...string) echo {
+	t.Helper()
+	status, e, err := n.call(merchant, headers...)
+	if err != nil || status != http.StatusOK || !e.Authorization.Valid {
+		t.Fatalf("%s for %s: status %d, %v, authorization %+v", n.base, merchant, status, err, e.Authorization)
+	}
+	return e
+}
+
+// tokens returns the node's admin token list for merchant.
+func (n *fleetNode) tokens(t *testing.T, merchant string) []map[string]any {
+	t.Helper()
+	resp, err := http.Get(n.admin + "/token_broker/tokens?merchant=" + merchant)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out struct {
+		Tokens []map[string]any `json:"tokens"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		t.Fatal(err)
+	}
+	return out.Tokens
+}
+
+// concurrently runs n calls, call i on nodes[i%len(nodes)], all at once.
+func concurrently(n int, nodes []*fleetNode, call func(i int, node *fleetNode)) {
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			call(i, nodes[i%len(nodes)])
+		}()
+	}
+	close(start)
+	wg.Wait()
+}
+
+// TestFleetColdBurstMintsOnce: 300 concurrent cold requests spread over
+// three sidecars sharing one Redis make exactly one token request, and the
+// nodes that did not mint say the token is "shared".
+func TestFleetColdBurstMintsOnce(t *testing.T) {
+	f := newFleetEnv(t, "1h")
+	nodes := f.startFleet(3)
+	var failed atomic.Int64
+	fps := sync.Map{}
+	concurrently(300, nodes, func(i int, n *fleetNode) {
+		status, e, err := n.call("m00")
+		if err != nil || status != http.StatusOK || !e.Authorization.Valid {
+			failed.Add(1)
+			t.Errorf("request %d on %s: %d %v", i, n.base, status, err)
+			return
+		}
+		fps.Store(e.Authorization.Fingerprint, true)
+	})
+	if got := f.sb.TokenRequests(); got != 1 {
+		t.Errorf("token requests = %d, want exactly 1 for the fleet", got)
+	}
+	distinct := 0
+	fps.Range(func(any, any) bool { distinct++; return true })
+	if distinct != 1 {
+		t.Errorf("the upstream saw %d different tokens, want 1", distinct)
+	}
+	origins := map[string]int{}
+	for _, n := range nodes {
+		for _, tok := range n.tokens(t, "m00") {
+			origins[fmt.Sprint(tok["origin"])]++
+		}
+	}
+	if origins["minted"] != 1 || origins["shared"] != 2 {
+		t.Errorf("origins in the admin lists = %v, want 1 minted and 2 shared", origins)
+	}
+}
