@@ -393,3 +393,68 @@ func TestFleetColdBurstMintsOnce(t *testing.T) {
 		t.Errorf("origins in the admin lists = %v, want 1 minted and 2 shared", origins)
 	}
 }
+
+// TestFleetUpstream401BurstAndAdminPurge: the fleet's token is revoked at
+// the provider; 100 concurrent calls spread over three sidecars all get the
+// upstream's 401 invalid_token for it, and the fleet mints one replacement
+// (every call succeeds on its retry). Then an admin purge on one node makes
+// the other two stop serving that token within 1 s.
+func TestFleetUpstream401BurstAndAdminPurge(t *testing.T) {
+	f := newFleetEnv(t, "1h")
+	nodes := f.startFleet(3)
+	var old string
+	for _, n := range nodes {
+		old = n.mustCall(t, "m00").Authorization.Fingerprint
+	}
+	if got := f.sb.TokenRequests(); got != 1 {
+		t.Fatalf("token requests after warming = %d, want 1", got)
+	}
+	revokeAll(t, f.sandboxURL, "org-m00")
+
+	var fresh sync.Map
+	concurrently(100, nodes, func(i int, n *fleetNode) {
+		status, e, err := n.call("m00", "X-Sandbox-Require-Token", "1")
+		if err != nil || status != http.StatusOK || !e.Authorization.Valid {
+			t.Errorf("request %d on %s: %d %v %+v", i, n.base, status, err, e.Authorization)
+			return
+		}
+		fresh.Store(e.Authorization.Fingerprint, true)
+	})
+	if got := f.sb.TokenRequests(); got != 2 {
+		t.Fatalf("token requests = %d, want 2 (the first and one replacement for the fleet)", got)
+	}
+	var cur string
+	fresh.Range(func(k, _ any) bool { cur = k.(string); return true })
+	if cur == old || cur == "" {
+		t.Fatalf("the upstream saw %q after the purge, the revoked token was %q", cur, old)
+	}
+	for _, n := range nodes {
+		n.mustCall(t, "m00") // every node holds the replacement in memory
+	}
+
+	// Admin purge on node 0: the others drop the token (pub/sub) within 1 s.
+	resp, err := http.Post(nodes[0].admin+"/token_broker/merchants/m00/purge", "application/json", nil)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("admin purge: %v %v", err, resp)
+	}
+	resp.Body.Close()
+	purgedAt := time.Now()
+	for _, n := range nodes[1:] {
+		for {
+			held := false
+			for _, tok := range n.tokens(t, "m00") {
+				held = held || tok["fingerprint"] == cur
+			}
+			if !held {
+				break
+			}
+			if time.Since(purgedAt) > time.Second {
+				t.Fatalf("%s still holds the purged token %s 1 s after the admin purge on another node", n.base, cur)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	if e := nodes[2].mustCall(t, "m00"); e.Authorization.Fingerprint == cur {
+		t.Errorf("node 2 served the purged token %s", cur)
+	}
+}
