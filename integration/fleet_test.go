@@ -458,3 +458,97 @@ func TestFleetUpstream401BurstAndAdminPurge(t *testing.T) {
 		t.Errorf("node 2 served the purged token %s", cur)
 	}
 }
+
+// TestFleetRedisKilledUnderLoad: redis-server is killed (SIGKILL, by pid)
+// while three sidecars serve a warm merchant and a stream of cold ones: no
+// request fails. Redis is then started again on the same port and, without
+// restarting Caddy, sharing resumes: a new cold merchant called on the
+// three nodes is minted once. Each node's breaker keeps Redis out for its
+// cooldown (5 s) after the failures, so the test waits for that real time,
+// polling with a fresh merchant every 500 ms.
+func TestFleetRedisKilledUnderLoad(t *testing.T) {
+	f := newFleetEnv(t, "1h")
+	nodes := f.startFleet(3)
+	for _, n := range nodes {
+		n.mustCall(t, "m00")
+	}
+	var (
+		next     atomic.Int64 // the next cold merchant
+		calls    atomic.Int64
+		failures atomic.Int64
+		killed   atomic.Bool
+		stop     = make(chan struct{})
+		wg       sync.WaitGroup
+	)
+	next.Store(1)
+	const coldUntil = 20 // m01..m19 are used under load, the rest after
+	for w := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				m := "m00"
+				if w%2 == 1 && i%10 == 0 {
+					// m01..m04 before the kill, m05..m19 after.
+					limit := int64(5)
+					if killed.Load() {
+						limit = coldUntil
+					}
+					if k := next.Add(1) - 1; k < limit {
+						m = fmt.Sprintf("m%02d", k)
+					} else {
+						next.Add(-1)
+					}
+				}
+				calls.Add(1)
+				if status, e, err := nodes[(w+i)%3].call(m); err != nil || status != http.StatusOK || !e.Authorization.Valid {
+					failures.Add(1)
+					t.Errorf("%s under load: %d %v", m, status, err)
+				}
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond) // load before the kill
+	f.redis.kill()
+	killed.Store(true)
+	killedAt := calls.Load()
+	time.Sleep(1500 * time.Millisecond) // load while Redis is down
+	close(stop)
+	wg.Wait()
+	if failures.Load() != 0 || calls.Load() == killedAt {
+		t.Fatalf("%d of %d requests failed (%d after the kill), want 0", failures.Load(), calls.Load(), calls.Load()-killedAt)
+	}
+	if next.Load() <= 6 {
+		t.Fatalf("no cold merchant was called after the kill")
+	}
+	t.Logf("%d requests, %d after the kill, cold merchants m01..m%02d", calls.Load(), calls.Load()-killedAt, min(next.Load(), coldUntil)-1)
+
+	f.redis.restart()
+	deadline := time.Now().Add(20 * time.Second)
+	for k := coldUntil; ; k++ {
+		if k >= fleetMerchants || time.Now().After(deadline) {
+			t.Fatalf("sharing did not resume within 20 s of Redis's restart")
+		}
+		m := fmt.Sprintf("m%02d", k)
+		before := f.sb.TokenRequests()
+		for _, n := range nodes {
+			n.mustCall(t, m)
+		}
+		if f.sb.TokenRequests()-before == 1 {
+			break
+		}
+		time.Sleep(500 * time.Millisecond) // the breakers' cooldown is real time in the processes
+	}
+	// Shared again: another new merchant, concurrently on the three.
+	m := fmt.Sprintf("m%02d", fleetMerchants-1)
+	before := f.sb.TokenRequests()
+	concurrently(30, nodes, func(i int, n *fleetNode) { n.mustCall(t, m) })
+	if got := f.sb.TokenRequests() - before; got != 1 {
+		t.Errorf("a cold merchant after Redis came back: %d token requests, want 1", got)
+	}
+}
