@@ -9,9 +9,11 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -162,6 +164,56 @@ func newCacheKey() string {
 	return base64.StdEncoding.EncodeToString(b)
 }
 
+// tokenTap serves a sandbox and keeps every access token its Nuapay token
+// API issues, so that a test can look for them where they must not be.
+type tokenTap struct {
+	url  string
+	mu   sync.Mutex
+	seen []string
+}
+
+func (tp *tokenTap) tokens() []string {
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	return slices.Clone(tp.seen)
+}
+
+// startTappedSandbox is startSandbox behind a tokenTap; SANDBOX_URL and
+// NUAPAY_API point at the tap.
+func startTappedSandbox(t *testing.T, opts ...func(*sandbox.Config)) (*sandbox.Server, *tokenTap) {
+	t.Helper()
+	sb, _ := startSandbox(t, opts...)
+	tap := &tokenTap{}
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost || !strings.HasSuffix(r.URL.Path, "/tokens") {
+			sb.ServeHTTP(w, r)
+			return
+		}
+		rec := httptest.NewRecorder()
+		sb.ServeHTTP(rec, r)
+		var body struct {
+			Data struct {
+				AccessToken string `json:"accessToken"`
+			} `json:"data"`
+		}
+		if json.Unmarshal(rec.Body.Bytes(), &body) == nil && body.Data.AccessToken != "" {
+			tap.mu.Lock()
+			tap.seen = append(tap.seen, body.Data.AccessToken)
+			tap.mu.Unlock()
+		}
+		for k, v := range rec.Header() {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(rec.Code)
+		w.Write(rec.Body.Bytes())
+	}))
+	t.Cleanup(ts.Close)
+	tap.url = ts.URL
+	t.Setenv("SANDBOX_URL", ts.URL)
+	t.Setenv("NUAPAY_API", ts.URL)
+	return sb, tap
+}
+
 // fleetNode is one sidecar process of a fleet.
 type fleetNode struct {
 	base, admin string
@@ -174,6 +226,7 @@ type fleetEnv struct {
 	t          *testing.T
 	bin        string
 	sb         *sandbox.Server
+	tap        *tokenTap
 	sandboxURL string
 	redis      *redisProc
 	registry   string
@@ -196,7 +249,8 @@ func newFleetEnv(t *testing.T, lifetime string) *fleetEnv {
 	for i := range fleetMerchants {
 		orgs = append(orgs, sandbox.Organisation{ID: fmt.Sprintf("org-m%02d", i), Name: fmt.Sprintf("M%02d", i)})
 	}
-	sb, url := startSandbox(t, func(c *sandbox.Config) { c.Organisations = append(c.Organisations, orgs...) })
+	sb, tap := startTappedSandbox(t, func(c *sandbox.Config) { c.Organisations = append(c.Organisations, orgs...) })
+	url := tap.url
 	var reg strings.Builder
 	fmt.Fprintf(&reg, "[providers.nuapay-sandbox]\ntype = \"nuapay\"\nbase_url = %q\napi_key = \"{env.NUAPAY_API_KEY}\"\ntimeout = \"5s\"\ntoken_lifetime = %q\n",
 		url, lifetime)
@@ -207,7 +261,7 @@ func newFleetEnv(t *testing.T, lifetime string) *fleetEnv {
 	if err := os.WriteFile(path, []byte(reg.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return &fleetEnv{t: t, bin: bin, sb: sb, sandboxURL: url, redis: r, registry: path, key: newCacheKey()}
+	return &fleetEnv{t: t, bin: bin, sb: sb, tap: tap, sandboxURL: url, redis: r, registry: path, key: newCacheKey()}
 }
 
 // startNode starts one `caddy run` of examples/fleet-redis on free ports.
@@ -550,5 +604,70 @@ func TestFleetRedisKilledUnderLoad(t *testing.T) {
 	concurrently(30, nodes, func(i int, n *fleetNode) { n.mustCall(t, m) })
 	if got := f.sb.TokenRequests() - before; got != 1 {
 		t.Errorf("a cold merchant after Redis came back: %d token requests, want 1", got)
+	}
+}
+
+// TestExampleFleetRedis runs examples/fleet-redis as its README says, with
+// a real redis-server: tokens for its merchants, stored in Redis under
+// hashed names (no merchant id) as ciphertext (no token, no fingerprint
+// of the scopes or organisation in clear).
+func TestExampleFleetRedis(t *testing.T) {
+	r := startRedisServer(t)
+	sb, tap := startTappedSandbox(t)
+	t.Setenv("REDIS_ADDR", r.addr())
+	t.Setenv("TOKEN_CACHE_KEY", newCacheKey())
+	base := startCaddy(t, useExample(t, "fleet-redis"))
+
+	for _, tt := range []struct{ merchant, path, org string }{
+		{"acme", "/tpp/payments", "org-acme"},
+		{"globex", "/tpp/accounts/1", "org-globex"},
+	} {
+		a := getEcho(t, base+tt.path, "X-Merchant-Id", tt.merchant).Authorization
+		if !a.Valid || a.Organisation != tt.org {
+			t.Fatalf("%s %s: %+v, want a valid token for %s", tt.merchant, tt.path, a, tt.org)
+		}
+	}
+	if sb.TokenRequests() != 2 {
+		t.Errorf("token requests = %d, want 2", sb.TokenRequests())
+	}
+	if len(tap.tokens()) != 2 {
+		t.Fatalf("the tap saw %d tokens, want 2", len(tap.tokens()))
+	}
+	assertRedisSealed(t, r, tap.tokens(), "acme", "globex", "org-acme", "org-globex", "openbanking")
+}
+
+// assertRedisSealed reads every key and value straight from Redis with
+// redis-cli and fails if one shows any of the tokens or clear words.
+func assertRedisSealed(t *testing.T, r *redisProc, tokens []string, clear ...string) {
+	t.Helper()
+	keys := strings.Fields(r.cli("--scan"))
+	if len(keys) == 0 {
+		t.Fatal("redis-cli --scan: no keys: nothing was shared")
+	}
+	values := 0
+	for _, k := range keys {
+		for _, c := range clear {
+			if strings.Contains(k, c) {
+				t.Errorf("Redis key %q shows %q in clear", k, c)
+			}
+		}
+		if typ := strings.TrimSpace(r.cli("TYPE", k)); typ != "string" {
+			continue
+		}
+		v := r.cli("--no-raw", "GET", k)
+		values++
+		for _, tok := range tokens {
+			if strings.Contains(v, tok) || strings.Contains(v, tok[:16]) || strings.Contains(v, tok[len(tok)-16:]) {
+				t.Errorf("Redis value of %q holds a token in clear", k)
+			}
+		}
+		for _, c := range clear {
+			if strings.Contains(v, c) {
+				t.Errorf("Redis value of %q shows %q in clear", k, c)
+			}
+		}
+	}
+	if values == 0 {
+		t.Errorf("no string value among the keys %v", keys)
 	}
 }
