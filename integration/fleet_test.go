@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -167,9 +168,13 @@ func newCacheKey() string {
 // tokenTap serves a sandbox and keeps every access token its Nuapay token
 // API issues, so that a test can look for them where they must not be.
 type tokenTap struct {
-	url  string
-	mu   sync.Mutex
-	seen []string
+	url string
+	// lifetime, when set, shortens every Nuapay token's expiryTime to now
+	// plus lifetime (the sandbox's minimum is 10 s): the broker takes the
+	// earlier of the asked and the answered expiry.
+	lifetime atomic.Int64
+	mu       sync.Mutex
+	seen     []string
 }
 
 func (tp *tokenTap) tokens() []string {
@@ -191,21 +196,27 @@ func startTappedSandbox(t *testing.T, opts ...func(*sandbox.Config)) (*sandbox.S
 		}
 		rec := httptest.NewRecorder()
 		sb.ServeHTTP(rec, r)
-		var body struct {
-			Data struct {
-				AccessToken string `json:"accessToken"`
-			} `json:"data"`
-		}
-		if json.Unmarshal(rec.Body.Bytes(), &body) == nil && body.Data.AccessToken != "" {
-			tap.mu.Lock()
-			tap.seen = append(tap.seen, body.Data.AccessToken)
-			tap.mu.Unlock()
+		raw := rec.Body.Bytes()
+		var body map[string]any
+		if json.Unmarshal(raw, &body) == nil {
+			if data, ok := body["data"].(map[string]any); ok {
+				if tok, ok := data["accessToken"].(string); ok && tok != "" {
+					tap.mu.Lock()
+					tap.seen = append(tap.seen, tok)
+					tap.mu.Unlock()
+				}
+				if d := time.Duration(tap.lifetime.Load()); d > 0 {
+					data["expiryTime"] = time.Now().Add(d).UnixMilli()
+					raw, _ = json.Marshal(body)
+				}
+			}
 		}
 		for k, v := range rec.Header() {
 			w.Header()[k] = v
 		}
+		w.Header().Del("Content-Length")
 		w.WriteHeader(rec.Code)
-		w.Write(rec.Body.Bytes())
+		w.Write(raw)
 	}))
 	t.Cleanup(ts.Close)
 	tap.url = ts.URL
@@ -669,5 +680,47 @@ func assertRedisSealed(t *testing.T, r *redisProc, tokens []string, clear ...str
 	}
 	if values == 0 {
 		t.Errorf("no string value among the keys %v", keys)
+	}
+}
+
+// TestFleetSteadyTrafficMintsOncePerLifetime: three sidecars serve steady
+// traffic for one merchant over about three lifetimes of a 5 s token (the
+// token API answers an expiryTime 5 s ahead; refresh window default, the
+// last 25 %: one refresh-ahead every 3.75 s). The fleet mints about once
+// per refresh period: at most ceil(12 s / 3.75 s) + 1 = 5 mints, where three
+// sidecars refreshing on their own would make about 3 × 4 = 12. The
+// lifetime is real time in the processes, hence the 12 s of traffic.
+func TestFleetSteadyTrafficMintsOncePerLifetime(t *testing.T) {
+	f := newFleetEnv(t, "10s")
+	const lifetime, traffic = 5 * time.Second, 12 * time.Second
+	f.tap.lifetime.Store(int64(lifetime))
+	nodes := f.startFleet(3)
+	var calls, failures atomic.Int64
+	start := time.Now()
+	var wg sync.WaitGroup
+	for _, n := range nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Since(start) < traffic {
+				calls.Add(1)
+				if status, e, err := n.call("m00"); err != nil || status != http.StatusOK || !e.Authorization.Valid {
+					failures.Add(1)
+					t.Errorf("%s: %d %v %+v", n.base, status, err, e.Authorization)
+				}
+				time.Sleep(20 * time.Millisecond) // a steady rate, not a wait for a state
+			}
+		}()
+	}
+	wg.Wait()
+	mints := f.sb.TokenRequests()
+	periods := float64(traffic) / (float64(lifetime) * (1 - 0.25))
+	limit := int64(math.Ceil(periods)) + 1
+	t.Logf("%d calls, %d failed, %d mints over %s of %s tokens (limit %d)", calls.Load(), failures.Load(), mints, traffic, lifetime, limit)
+	if mints > limit {
+		t.Errorf("the fleet minted %d tokens over %s of %s tokens, want at most %d (one per refresh period)", mints, traffic, lifetime, limit)
+	}
+	if mints < 2 {
+		t.Errorf("the fleet minted %d tokens over %s of %s tokens: the short lifetime did not apply", mints, traffic, lifetime)
 	}
 }
