@@ -724,3 +724,71 @@ func TestFleetSteadyTrafficMintsOncePerLifetime(t *testing.T) {
 		t.Errorf("the fleet minted %d tokens over %s of %s tokens: the short lifetime did not apply", mints, traffic, lifetime)
 	}
 }
+
+// TestFleetKeyRotation: with traffic on three sidecars sealing with key A,
+// the sidecars are restarted one by one with key B and A as old: no request
+// fails, a value sealed under one key opens under the other (a restarted
+// node adopts tokens of nodes not yet rotated), and once all run key B the
+// fleet shares again (a cold merchant is minted once) and Redis holds only
+// ciphertext.
+func TestFleetKeyRotation(t *testing.T) {
+	f := newFleetEnv(t, "1h")
+	nodes := f.startFleet(3)
+	for _, n := range nodes {
+		n.mustCall(t, "m00")
+	}
+	var (
+		mu       sync.Mutex
+		calls    atomic.Int64
+		failures atomic.Int64
+		stop     = make(chan struct{})
+		wg       sync.WaitGroup
+	)
+	for w := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				mu.Lock()
+				n := nodes[(w+i)%3]
+				mu.Unlock()
+				calls.Add(1)
+				if status, e, err := n.call("m00"); err != nil || status != http.StatusOK || !e.Authorization.Valid {
+					failures.Add(1)
+					t.Errorf("during the rotation, %s: %d %v", n.base, status, err)
+				}
+				time.Sleep(5 * time.Millisecond) // a steady rate
+			}
+		}()
+	}
+	f.oldKeys, f.key = f.key, newCacheKey()
+	for i := range nodes {
+		fresh := f.startNode()
+		// A rotated node adopts the token sealed with the old key.
+		if e := fresh.mustCall(t, "m00"); f.sb.TokenRequests() != 1 {
+			t.Errorf("node %d rotated: %d token requests, want still 1 (the old token opens with the old key); served %s", i, f.sb.TokenRequests(), e.Authorization.Fingerprint)
+		}
+		mu.Lock()
+		old := nodes[i]
+		nodes[i] = fresh
+		mu.Unlock()
+		time.Sleep(200 * time.Millisecond) // calls that picked the old node reach it before it stops
+		old.stop()
+	}
+	close(stop)
+	wg.Wait()
+	if failures.Load() != 0 {
+		t.Fatalf("%d of %d requests failed during the rotation", failures.Load(), calls.Load())
+	}
+	before := f.sb.TokenRequests()
+	concurrently(30, nodes, func(i int, n *fleetNode) { n.mustCall(t, "m01") })
+	if got := f.sb.TokenRequests() - before; got != 1 {
+		t.Errorf("a cold merchant after the rotation: %d token requests, want 1", got)
+	}
+	assertRedisSealed(t, f.redis, f.tap.tokens(), "m00", "m01", "org-m0", "openbanking")
+}
