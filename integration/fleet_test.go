@@ -243,6 +243,10 @@ type fleetEnv struct {
 	registry   string
 	key        string
 	oldKeys    string
+	// caddyfile, when set, replaces examples/fleet-redis/Caddyfile;
+	// env is added to every node's environment.
+	caddyfile string
+	env       []string
 }
 
 // fleetOrgs are the organisations of the fleet registry: one per merchant,
@@ -287,6 +291,10 @@ func (f *fleetEnv) startNode() *fleetNode {
 		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort),
 		"HOME="+dir, "XDG_DATA_HOME="+filepath.Join(dir, "data"), "XDG_CONFIG_HOME="+filepath.Join(dir, "config"))
 	caddyfile := filepath.Join(repoRoot(t), "examples", "fleet-redis", "Caddyfile")
+	if f.caddyfile != "" {
+		caddyfile = f.caddyfile
+	}
+	env = append(env, f.env...)
 	if f.oldKeys != "" {
 		// The example's Caddyfile with the rotation's old key added.
 		src := readFile(t, caddyfile)
@@ -791,4 +799,91 @@ func TestFleetKeyRotation(t *testing.T) {
 		t.Errorf("a cold merchant after the rotation: %d token requests, want 1", got)
 	}
 	assertRedisSealed(t, f.redis, f.tap.tokens(), "m00", "m01", "org-m0", "openbanking")
+}
+
+// TestFleetRotatingRefreshTokenAlternateNodes: a merchant whose bank
+// rotates its refresh token at every use (the old one then fails with
+// invalid_grant) is served by two sidecars in turn; before each call the
+// access token is purged (fleet-wide), so every call refreshes, on
+// alternate nodes. The refresh token lives in Redis and refreshes are
+// serialised fleet-wide: the 20 calls all succeed, each refresh token is
+// used once, in order, and the consent is never lost.
+func TestFleetRotatingRefreshTokenAlternateNodes(t *testing.T) {
+	f := newFleetEnv(t, "1h")
+	bank := &rotatingBank{current: "rt-initial"}
+	tokenSrv := httptest.NewServer(bank)
+	t.Cleanup(tokenSrv.Close)
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, `{"authorization":{"present":true,"valid":%t}}`, strings.HasPrefix(r.Header.Get("Authorization"), "Bearer at-"))
+	}))
+	t.Cleanup(upstream.Close)
+	dir := t.TempDir()
+	f.registry = filepath.Join(dir, "merchants.toml")
+	toml := `[providers.bank]
+type = "oauth2"
+grant = "refresh_token"
+token_url = "` + tokenSrv.URL + `/token"
+client_id = "bank-client"
+client_secret = "{env.BANK_SECRET}"
+auth_method = "client_secret_basic"
+
+[merchants.m00]
+provider = "bank"
+scopes = ["accounts"]
+`
+	f.caddyfile = filepath.Join(dir, "Caddyfile")
+	caddyfile := `{
+	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
+	token_broker {
+		config {$TOKEN_BROKER_CONFIG}
+		redis {
+			address {$REDIS_ADDR}
+			encryption_key {env.TOKEN_CACHE_KEY}
+		}
+	}
+	persist_config off
+}
+http://:{$TOKEN_BROKER_PORT} {
+	bind 127.0.0.1
+	token_broker
+	reverse_proxy ` + upstream.URL + `
+}
+`
+	for path, content := range map[string]string{f.registry: toml, f.caddyfile: caddyfile} {
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.env = []string{"BANK_SECRET=bank-secret-xyz"}
+	nodes := f.startFleet(2)
+
+	req, _ := http.NewRequest(http.MethodPut, nodes[0].admin+"/token_broker/merchants/m00/refresh_token", strings.NewReader(`{"refresh_token":"rt-initial"}`))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("loading the refresh token on node 0: %v %v", err, resp)
+	}
+	resp.Body.Close()
+
+	const calls = 20
+	for i := range calls {
+		n := nodes[i%2]
+		if status, e, err := n.call("m00"); err != nil || status != http.StatusOK || !e.Authorization.Valid {
+			t.Fatalf("call %d on node %d: %d %v", i, i%2, status, err)
+		}
+		resp, err := http.Post(n.admin+"/token_broker/merchants/m00/purge", "application/json", nil)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("purge %d: %v %v", i, err, resp)
+		}
+		resp.Body.Close()
+	}
+	bank.mu.Lock()
+	defer bank.mu.Unlock()
+	want := []string{"rt-initial"}
+	for i := 1; i < calls; i++ {
+		want = append(want, fmt.Sprintf("rt-%d", i))
+	}
+	if got := strings.Join(bank.used, ","); got != strings.Join(want, ",") {
+		t.Errorf("refresh tokens used: %s\nwant each once, in order: %s", got, strings.Join(want, ","))
+	}
 }
