@@ -43,6 +43,9 @@ type options struct {
 	threads     int
 	wildcard    int
 	keep        bool
+	// fleet > 0 runs the fleet mode instead (fleet.go).
+	fleet          int
+	fleetLifetimes int
 }
 
 func main() {
@@ -70,7 +73,11 @@ func main() {
 		stopAll()
 		os.Exit(2)
 	}()
-	err = runBench(o)
+	if o.fleet > 0 {
+		err = runFleet(o)
+	} else {
+		err = runBench(o)
+	}
 	stopAll()
 	if err != nil {
 		log.Fatal("bench: ", err)
@@ -95,6 +102,8 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	fs.IntVar(&o.threads, "threads", 2, "wrk threads")
 	fs.IntVar(&o.wildcard, "wildcard", 1_000_000, "distinct merchant ids of the wildcard case (0 skips it)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary folder (registries, Caddyfiles, process logs)")
+	fs.IntVar(&o.fleet, "fleet", 0, "fleet mode: N sidecars sharing one redis-server; mints per key per lifetime and L2 latency (0: off)")
+	fs.IntVar(&o.fleetLifetimes, "fleet-lifetimes", 3, "fleet mode: token lifetimes (10 s each) of steady traffic")
 	timeout := fs.Duration("timeout", 45*time.Minute, "stop everything and fail after this long")
 	if err := fs.Parse(args); err != nil {
 		return o, 0, err
@@ -102,6 +111,9 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	var err error
 	if o.merchants, err = parseCounts(*counts); err != nil {
 		return o, 0, err
+	}
+	if o.fleet < 0 || o.fleetLifetimes < 1 {
+		return o, 0, fmt.Errorf("flags: want -fleet >= 0 and -fleet-lifetimes >= 1")
 	}
 	if o.rounds < 1 || o.round < time.Second || o.connections < 1 || o.threads < 1 || o.connections < o.threads {
 		return o, 0, fmt.Errorf("flags: want -rounds >= 1, -round >= 1s, -threads >= 1 and -connections >= -threads")
