@@ -163,6 +163,7 @@ func ParseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 		}
 		f.merchants = append(f.merchants, m)
 	}
+	f.compact()
 	return f
 }
 
