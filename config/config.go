@@ -282,7 +282,21 @@ type parser struct {
 	opts Options
 	data []byte  // the file's content, located on the first need
 	loc  locator // nil until then
+	ents locator // the entries' lines only, nil until the first need
 	errs []error
+}
+
+// entryLine returns the line of an entry (a provider's or a merchant's
+// table): the entries are located apart from their keys, at a quarter of
+// the cost.
+func (p *parser) entryLine(key ...string) int {
+	if p.loc != nil {
+		return p.loc.line(key...)
+	}
+	if p.ents == nil {
+		p.ents = locateDepth(p.data, 2)
+	}
+	return p.ents.line(key...)
 }
 
 // line returns the line of a key (see locator.line), locating the keys of

@@ -141,7 +141,7 @@ func ParseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 	}
 	f.merchantsType = md.Type("merchants")
 	if f.merchantsType != "" {
-		f.merchantsLine = p.line("merchants")
+		f.merchantsLine = p.entryLine("merchants")
 	}
 	for _, name := range sortedKeys(doc.Providers) {
 		f.providers = append(f.providers, p.rawProvider(&md, name, doc.Providers[name]))

@@ -220,7 +220,7 @@ func (p *parser) rawProvider(md *toml.MetaData, name string, prim toml.Primitive
 	if !ValidMerchantID(name) {
 		e.errf("", "invalid provider name: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
-	rp := &rawProvider{name: name, line: p.line("providers", name)}
+	rp := &rawProvider{name: name, line: p.entryLine("providers", name)}
 	rp.ok = e.decode(md, prim, &rp.raw)
 	rp.bad = e.bad
 	for _, k := range providerKeys {
@@ -345,7 +345,7 @@ func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive) (Me
 	if !e.decode(md, prim, &raw) {
 		return Merchant{ID: id}, merchantBad | merchantUndecoded
 	}
-	m := Merchant{ID: id, Provider: raw.Provider, Line: p.line("merchants", id)}
+	m := Merchant{ID: id, Provider: raw.Provider, Line: p.entryLine("merchants", id)}
 	var flags uint8
 
 	var ok bool
