@@ -1,12 +1,8 @@
 package config
 
 import (
-	"cmp"
 	"errors"
 	"fmt"
-	"math"
-	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -21,8 +17,12 @@ import (
 // Registry is a loaded, validated merchant registry. It is not modified
 // after Load, so it is safe for concurrent use.
 type Registry struct {
-	// Path is the file the registry was read from.
+	// Path is the file, directory or glob the registry was read from,
+	// as given.
 	Path string
+	// Files are the files it was read from, in the order they were
+	// merged.
+	Files []string
 	// Providers are the providers by name.
 	Providers map[string]*Provider
 	// Merchants are the merchants by merchant id.
@@ -225,18 +225,28 @@ type Options struct {
 	LookupEnv func(string) (string, bool)
 }
 
-// Load reads and validates the TOML file at path, resolving secret
+// Load reads and validates the registry at path, resolving secret
 // references from the environment and the file system. It has no refresh
 // store: a provider with grant "refresh_token" is an error (see LoadWith).
+// path is a file, a directory (every *.toml file in it) or a glob (see
+// Files).
 func Load(path string) (*Registry, error) { return LoadWith(path, Options{}) }
 
 // LoadWith is Load with options.
 func LoadWith(path string, opts Options) (*Registry, error) {
-	data, err := os.ReadFile(path)
+	paths, err := Files(path)
 	if err != nil {
-		return nil, &Error{File: path, Msg: fmt.Sprintf("cannot read the registry: %v", err)}
+		return nil, err
 	}
-	return ParseWith(path, data, opts)
+	srcs, err := ReadSources(paths)
+	if err != nil {
+		return nil, err
+	}
+	files := make([]*File, len(srcs))
+	for i, src := range srcs {
+		files[i] = ParseFile(src, opts.LookupEnv)
+	}
+	return Merge(path, srcs, files, opts)
 }
 
 // Parse is Load on data already read. lookupEnv resolves {env.NAME}
@@ -246,56 +256,10 @@ func Parse(path string, data []byte, lookupEnv func(string) (string, bool)) (*Re
 	return ParseWith(path, data, Options{LookupEnv: lookupEnv})
 }
 
-// ParseWith is LoadWith on data already read.
+// ParseWith is LoadWith on the data of one file already read.
 func ParseWith(path string, data []byte, opts Options) (*Registry, error) {
-	if opts.LookupEnv == nil {
-		opts.LookupEnv = os.LookupEnv
-	}
-	if opts.StoreNamespace == "" {
-		opts.StoreNamespace = path
-	}
-	dir, err := filepath.Abs(filepath.Dir(path))
-	if err != nil {
-		dir = filepath.Dir(path)
-	}
-	p := &parser{file: path, dir: dir, env: opts.LookupEnv, opts: opts, loc: locate(data)}
-	var doc document
-	md, err := toml.Decode(string(data), &doc)
-	if err != nil {
-		p.decodeError(err, true)
-		return nil, p.result()
-	}
-	p.checkKeys(md.Keys())
-	for _, k := range topKeys {
-		if t := md.Type(k); t != "" && t != "Hash" {
-			p.errs = append(p.errs, &Error{File: path, Line: p.loc.line(k), Field: k, Msg: fmt.Sprintf("must be a table of [%s.NAME] tables, not %s", k, typeName(t))})
-		} else if k == "merchants" && len(doc.Merchants) == 0 {
-			p.errs = append(p.errs, &Error{File: path, Line: p.loc.line(k), Msg: "no merchants: define at least one [merchants.ID] table"})
-		}
-	}
-
-	reg := &Registry{Path: path, Providers: map[string]*Provider{}, Merchants: map[string]*Merchant{}}
-	defined := map[string]string{} // the type of every provider in the file
-	for _, name := range sortedKeys(doc.Providers) {
-		pv, typ := p.provider(&md, name, doc.Providers[name])
-		defined[name] = typ
-		if pv != nil {
-			reg.Providers[name] = pv
-		}
-	}
-	for _, id := range sortedKeys(doc.Merchants) {
-		if id == WildcardID {
-			reg.Wildcard = p.wildcard(&md, doc.Merchants[id], defined)
-			continue
-		}
-		if m := p.merchant(&md, id, doc.Merchants[id], defined); m != nil {
-			reg.Merchants[id] = m
-		}
-	}
-	if err := p.result(); err != nil {
-		return nil, err
-	}
-	return reg, nil
+	src := []Source{{Path: path, Data: data}}
+	return Merge(path, src, []*File{ParseFile(src[0], opts.LookupEnv)}, opts)
 }
 
 // typeErrorRe matches BurntSushi's type errors, which are not ParseErrors.
@@ -316,20 +280,33 @@ type parser struct {
 	dir  string // absolute folder of the file
 	env  func(string) (string, bool)
 	opts Options
-	loc  locator
+	data []byte  // the file's content, located on the first need
+	loc  locator // nil until then
+	ents locator // the entries' lines only, nil until the first need
 	errs []error
 }
 
-// result joins the problems in file order (problems without a line last).
-func (p *parser) result() error {
-	line := func(err error) int {
-		if l := err.(*Error).Line; l > 0 {
-			return l
-		}
-		return math.MaxInt
+// entryLine returns the line of an entry (a provider's or a merchant's
+// table): the entries are located apart from their keys, at a quarter of
+// the cost.
+func (p *parser) entryLine(key ...string) int {
+	if p.loc != nil {
+		return p.loc.line(key...)
 	}
-	slices.SortStableFunc(p.errs, func(a, b error) int { return cmp.Compare(line(a), line(b)) })
-	return errors.Join(p.errs...)
+	if p.ents == nil {
+		p.ents = locateDepth(p.data, 2)
+	}
+	return p.ents.line(key...)
+}
+
+// line returns the line of a key (see locator.line), locating the keys of
+// the file on the first call: only messages need it, and a large file's
+// locator is large.
+func (p *parser) line(key ...string) int {
+	if p.loc == nil {
+		p.loc = locate(p.data)
+	}
+	return p.loc.line(key...)
 }
 
 // decodeError records an error of BurntSushi's decoder: a syntax error

@@ -13,7 +13,11 @@ import (
 // line 0.
 type locator map[string]int
 
-func locate(data []byte) locator {
+func locate(data []byte) locator { return locateDepth(data, 1<<30) }
+
+// locateDepth is locate for the keys of at most depth parts: with 2, the
+// entries ([merchants.acme]) only, a quarter of the map.
+func locateDepth(data []byte, depth int) locator {
 	loc := locator{}
 	var table []string
 	var inString string // the closing delimiter of an open multi-line string
@@ -29,7 +33,7 @@ func locate(data []byte) locator {
 			key, rest, ok := parseKey(strings.TrimPrefix(line[1:], "["))
 			if ok && strings.HasPrefix(rest, "]") {
 				table = key
-				for i := 1; i <= len(key); i++ {
+				for i := 1; i <= min(len(key), depth); i++ {
 					loc.set(key[:i], n+1)
 				}
 			}
@@ -40,7 +44,7 @@ func locate(data []byte) locator {
 			continue
 		}
 		full := append(table[:len(table):len(table)], key...)
-		for i := len(table) + 1; i <= len(full); i++ {
+		for i := len(table) + 1; i <= min(len(full), depth); i++ {
 			loc.set(full[:i], n+1)
 		}
 		for _, d := range []string{`"""`, `'''`} {

@@ -48,7 +48,7 @@ func (e *entry) errf(field, format string, args ...any) {
 		key = append(key, strings.Split(field, ".")...)
 	}
 	entry, _ := entryField(key)
-	e.p.errs = append(e.p.errs, &Error{File: e.p.file, Line: e.p.loc.line(key...), Entry: entry, Field: field, Msg: fmt.Sprintf(format, args...)})
+	e.p.errs = append(e.p.errs, &Error{File: e.p.file, Line: e.p.line(key...), Entry: entry, Field: field, Msg: fmt.Sprintf(format, args...)})
 }
 
 // decode decodes the entry's table into v; false when it could not.
@@ -195,17 +195,52 @@ func (e *entry) duration(field string, d *Duration, def, min, max time.Duration)
 	return v
 }
 
-// provider resolves a [providers.NAME] table. It returns the provider,
-// nil if it has problems, and its type as far as it could be read.
-func (p *parser) provider(md *toml.MetaData, name string, prim toml.Primitive) (*Provider, string) {
+// rawProvider is a [providers.NAME] table as decoded by ParseFile; Merge
+// resolves it.
+type rawProvider struct {
+	name string
+	line int
+	bad  bool // a problem was reported by ParseFile
+	ok   bool // decoded
+	raw  providerTOML
+	keys []string // the provider keys the table defines
+}
+
+// typ is the provider's type as far as it could be read.
+func (rp *rawProvider) typ() string {
+	if !rp.ok {
+		return ""
+	}
+	return rp.raw.Type
+}
+
+// rawProvider decodes a [providers.NAME] table.
+func (p *parser) rawProvider(md *toml.MetaData, name string, prim toml.Primitive) *rawProvider {
 	e := p.entry("providers", name)
 	if !ValidMerchantID(name) {
 		e.errf("", "invalid provider name: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
-	var raw providerTOML
-	if !e.decode(md, prim, &raw) {
-		return nil, ""
+	rp := &rawProvider{name: name, line: p.entryLine("providers", name)}
+	rp.ok = e.decode(md, prim, &rp.raw)
+	rp.bad = e.bad
+	for _, k := range providerKeys {
+		if rp.ok && md.IsDefined("providers", name, k) {
+			rp.keys = append(rp.keys, k)
+		}
 	}
+	return rp
+}
+
+// provider resolves a decoded [providers.NAME] table; nil if it has
+// problems.
+func (p *parser) provider(rp *rawProvider) *Provider {
+	if !rp.ok {
+		return nil
+	}
+	name := rp.name
+	e := p.entry("providers", name)
+	e.bad = rp.bad
+	raw := rp.raw
 	var pt *providerType
 	if t, ok := providerTypes[raw.Type]; ok {
 		pt = &t
@@ -216,10 +251,10 @@ func (p *parser) provider(md *toml.MetaData, name string, prim toml.Primitive) (
 	}
 	fp := &fingerprint{sha256.New()}
 	fp.add("type", raw.Type)
-	pv := &Provider{Name: name, Type: raw.Type, Line: p.loc.line("providers", name)}
+	pv := &Provider{Name: name, Type: raw.Type, Line: rp.line}
 	if pt != nil {
 		for _, k := range providerKeys {
-			if !slices.Contains(commonProviderKeys, k) && !slices.Contains(pt.keys, k) && md.IsDefined("providers", name, k) {
+			if !slices.Contains(commonProviderKeys, k) && !slices.Contains(pt.keys, k) && slices.Contains(rp.keys, k) {
 				e.errf(k, "not used by providers of type %s (their keys: %s)", raw.Type, strings.Join(append(slices.Clone(commonProviderKeys), pt.keys...), ", "))
 			}
 		}
@@ -230,15 +265,15 @@ func (p *parser) provider(md *toml.MetaData, name string, prim toml.Primitive) (
 
 	client := e.client(raw.TLS, pv, fp)
 	if pt == nil {
-		return nil, raw.Type
+		return nil
 	}
 	src := pt.build(e, &raw, pv, client, fp)
 	if e.bad {
-		return nil, raw.Type
+		return nil
 	}
 	pv.Source = src
 	pv.ID = name + "#" + hex.EncodeToString(fp.h.Sum(nil))[:12]
-	return pv, raw.Type
+	return pv
 }
 
 // client resolves the TLS options, feeds the server name and the bytes of
@@ -291,36 +326,34 @@ func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client
 	return c
 }
 
-// merchant resolves a [merchants.ID] table; nil if it has problems.
-// defined holds the type of every provider in the file, valid or not.
-func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, defined map[string]string) *Merchant {
+// Problems of a merchant found by ParseFile, which Merge needs.
+const (
+	merchantBad       = 1 << iota // a problem was reported
+	merchantUndecoded             // the table could not be decoded: nothing more to check
+	merchantOrgFailed             // the organisation's references could not be expanded
+)
+
+// merchant resolves what a [merchants.ID] table says by itself: the
+// checks against its provider, which may be defined in another file, are
+// checkMerchant's.
+func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive) (Merchant, uint8) {
 	e := p.entry("merchants", id)
 	if id != WildcardID && !ValidMerchantID(id) {
 		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
 	var raw merchantTOML
 	if !e.decode(md, prim, &raw) {
-		return nil
+		return Merchant{ID: id}, merchantBad | merchantUndecoded
 	}
-	m := &Merchant{ID: id, Provider: raw.Provider, Line: p.loc.line("merchants", id)}
-	typ, known := defined[raw.Provider]
-	var pt *providerType
-	if t, ok := providerTypes[typ]; ok {
-		pt = &t
-	}
-	switch {
-	case raw.Provider == "":
-		e.errf("provider", "missing (defined: %s)", definedNames(defined))
-	case !known:
-		e.errf("provider", "unknown provider %q (defined: %s)", raw.Provider, definedNames(defined))
-	}
+	m := Merchant{ID: id, Provider: raw.Provider, Line: p.entryLine("merchants", id)}
+	var flags uint8
 
 	var ok bool
 	m.Organisation, ok = e.expand("organisation", raw.Organisation)
 	switch {
 	case !ok:
-	case m.Organisation == "" && (pt == nil || pt.needsOrganisation):
-		e.errf("organisation", "missing: set the provider's id of the merchant's organisation")
+		flags |= merchantOrgFailed
+	case m.Organisation == "":
 	case m.Organisation == "." || m.Organisation == "..":
 		e.errf("organisation", "%q is not a valid organisation id", m.Organisation)
 	case hasControl(m.Organisation):
@@ -336,16 +369,9 @@ func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, def
 			e.errf("scopes", "%q is not a valid scope (printable ASCII without spaces, quotes or backslashes)", s)
 		}
 	}
-	if len(m.Scopes) == 0 && pt != nil && pt.needsScopes {
-		e.errf("scopes", "missing: provider %q (type %s) needs at least one scope", raw.Provider, typ)
-	}
 
 	if raw.TokenLifetime != nil {
-		lo, hi := time.Nanosecond, time.Duration(1<<63-1)
-		if pt != nil {
-			lo, hi = pt.minLifetime, pt.maxLifetime
-		}
-		m.Lifetime = e.duration("token_lifetime", raw.TokenLifetime, 0, lo, hi)
+		m.Lifetime = e.duration("token_lifetime", raw.TokenLifetime, 0, time.Nanosecond, time.Duration(1<<63-1))
 	}
 
 	m.Audience, _ = e.expand("audience", raw.Audience)
@@ -353,9 +379,41 @@ func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, def
 		e.errf("audience", "%q holds control characters", m.Audience)
 	}
 	if e.bad {
-		return nil
+		flags |= merchantBad
 	}
-	return m
+	return m, flags
+}
+
+// checkMerchant checks a merchant against its provider; false if it has
+// problems (flags are merchant's).
+func (p *parser) checkMerchant(m *Merchant, flags uint8, defined map[string]string) bool {
+	if flags&merchantUndecoded != 0 {
+		return false
+	}
+	e := p.entry("merchants", m.ID)
+	e.bad = flags&merchantBad != 0
+	typ, known := defined[m.Provider]
+	var pt *providerType
+	if t, ok := providerTypes[typ]; ok {
+		pt = &t
+	}
+	switch {
+	case m.Provider == "":
+		e.errf("provider", "missing (defined: %s)", definedNames(defined))
+	case !known:
+		e.errf("provider", "unknown provider %q (defined: %s)", m.Provider, definedNames(defined))
+	}
+	if flags&merchantOrgFailed == 0 && m.Organisation == "" && (pt == nil || pt.needsOrganisation) {
+		e.errf("organisation", "missing: set the provider's id of the merchant's organisation")
+	}
+	if len(m.Scopes) == 0 && pt != nil && pt.needsScopes {
+		e.errf("scopes", "missing: provider %q (type %s) needs at least one scope", m.Provider, typ)
+	}
+	if m.Lifetime > 0 && pt != nil {
+		d := Duration(m.Lifetime)
+		e.duration("token_lifetime", &d, 0, pt.minLifetime, pt.maxLifetime)
+	}
+	return !e.bad
 }
 
 func definedNames(defined map[string]string) string {

@@ -271,7 +271,7 @@ func (p *parser) checkKeys(keys []toml.Key) {
 		}
 		k = k[:n]
 		reported = append(reported, k)
-		e := &Error{File: p.file, Line: p.loc.line(k...), Msg: fmt.Sprintf("unknown key %q", k.String())}
+		e := &Error{File: p.file, Line: p.line(k...), Msg: fmt.Sprintf("unknown key %q", k.String())}
 		if len(allowed) > 0 {
 			e.Msg += " (known keys here: " + strings.Join(allowed, ", ") + ")"
 		}

@@ -71,18 +71,19 @@ type wildcardTOML struct {
 // wildcardKeys are the keys of [merchants."*"].
 var wildcardKeys = append(tomlKeys(merchantTOML{}), tomlKeys(wildcardTOML{})...)
 
-// wildcard resolves the [merchants."*"] table; nil if it has problems.
-func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive, defined map[string]string) *Wildcard {
-	m := p.merchant(md, WildcardID, prim, defined)
-	if m == nil {
-		return nil
+// wildcard resolves what the [merchants."*"] table says by itself (see
+// merchant); checkWildcard checks it against its provider.
+func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive) (*Wildcard, uint8) {
+	m, flags := p.merchant(md, WildcardID, prim)
+	w := &Wildcard{Merchant: m, MaxActive: DefaultMaxActive}
+	if flags != 0 {
+		return w, flags
 	}
 	e := p.entry("merchants", WildcardID)
 	var raw wildcardTOML
 	if !e.decode(md, prim, &raw) {
-		return nil
+		return w, merchantBad | merchantUndecoded
 	}
-	w := &Wildcard{Merchant: *m, MaxActive: DefaultMaxActive}
 	if raw.MaxActive != nil {
 		if w.MaxActive = *raw.MaxActive; w.MaxActive < 1 {
 			e.errf("max_active", "%d: must be at least 1", w.MaxActive)
@@ -91,9 +92,6 @@ func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive, defined map[st
 	w.IdleTimeout = e.duration("idle_timeout", raw.IdleTimeout, DefaultIdleTimeout, time.Second, 30*24*time.Hour)
 	w.OrganisationsRefresh = e.duration("organisations_refresh", raw.OrganisationsRefresh, DefaultOrganisationsRefresh, 10*time.Second, 24*time.Hour)
 	w.OnlyListed = raw.OnlyListedOrganisations
-	if w.OnlyListed && defined[m.Provider] != "nuapay" {
-		e.errf("only_listed_organisations", "provider %q is of type %s: only nuapay providers list their organisations", m.Provider, defined[m.Provider])
-	}
 	if raw.OrganisationsRefresh != nil && !w.OnlyListed {
 		e.errf("organisations_refresh", "set only with only_listed_organisations = true")
 	}
@@ -103,9 +101,22 @@ func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive, defined map[st
 		}
 	}
 	if e.bad {
-		return nil
+		flags |= merchantBad
 	}
-	return w
+	return w, flags
+}
+
+// checkWildcard checks the wildcard entry against its provider; false if
+// it has problems.
+func (p *parser) checkWildcard(w *Wildcard, flags uint8, defined map[string]string) bool {
+	if !p.checkMerchant(&w.Merchant, flags, defined) {
+		return false
+	}
+	if w.OnlyListed && defined[w.Provider] != "nuapay" {
+		p.entry("merchants", WildcardID).errf("only_listed_organisations", "provider %q is of type %s: only nuapay providers list their organisations", w.Provider, defined[w.Provider])
+		return false
+	}
+	return true
 }
 
 // For returns the wildcard entry resolved for a merchant id, which must be

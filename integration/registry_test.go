@@ -82,3 +82,85 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 		t.Fatalf("the reload caused %d token requests, want 0", got)
 	}
 }
+
+// TestReloadSplitRegistryParsesChangedFile: with a registry of 10 files of
+// 1 000 merchants (the provider in its own file) and warm tokens, a
+// reload after one merchants file changed parses that file only (1 parse)
+// and causes 0 token requests; the changed file's edit is served.
+func TestReloadSplitRegistryParsesChangedFile(t *testing.T) {
+	const files, n, warm = 10, 1000, 20
+	var orgs []sandbox.Organisation
+	for f := range files {
+		for i := range warm {
+			orgs = append(orgs, sandbox.Organisation{ID: fmt.Sprintf("org-%02d-%05d", f, i), Name: "m"})
+		}
+	}
+	orgs = append(orgs, sandbox.Organisation{ID: "org-moved", Name: "moved"})
+	sb, _ := startSandbox(t, func(c *sandbox.Config) { c.Organisations = append(c.Organisations, orgs...) })
+	dir := t.TempDir()
+	write := func(name, content string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	merchants := func(f int, moved string) string {
+		var b strings.Builder
+		for i := range n {
+			org := fmt.Sprintf("org-%02d-%05d", f, i)
+			if i == n-1 && moved != "" {
+				org = moved
+			}
+			fmt.Fprintf(&b, "[merchants.m%02d-%05d]\nprovider = \"nuapay\"\norganisation = %q\nscopes = [\"openbanking_pisp\"]\n\n", f, i, org)
+		}
+		return b.String()
+	}
+	write("00-providers.toml", "[providers.nuapay]\ntype = \"nuapay\"\nbase_url = \"{env.NUAPAY_API}\"\napi_key = \"{env.NUAPAY_API_KEY}\"\n")
+	for f := range files {
+		write(fmt.Sprintf("10-merchants-%02d.toml", f), merchants(f, ""))
+	}
+	cf := `{
+	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
+	token_broker {
+		config ` + dir + `
+	}
+}
+http://127.0.0.1:{$TOKEN_BROKER_PORT} {
+	bind 127.0.0.1
+	token_broker
+	reverse_proxy {$SANDBOX_URL}
+}
+`
+	base := startCaddy(t, cf)
+	fingerprints := map[string]string{}
+	for f := range files {
+		for i := range warm {
+			m := fmt.Sprintf("m%02d-%05d", f, i)
+			fingerprints[m] = getEcho(t, base+"/tpp/payments", "X-Merchant-Id", m).Authorization.Fingerprint
+		}
+	}
+	tokens, parses := sb.TokenRequests(), module.RegistryParses()
+	if tokens != files*warm {
+		t.Fatalf("warm-up: %d token requests, want %d", tokens, files*warm)
+	}
+
+	write("10-merchants-04.toml", merchants(4, "org-moved"))
+	loadCaddy(t, strings.Replace(cf, "bind 127.0.0.1", "bind 127.0.0.1\n\theader X-Reloaded yes", 1))
+	if got := module.RegistryParses() - parses; got != 1 {
+		t.Fatalf("the reload parsed %d registry files, want 1 (the changed one)", got)
+	}
+	for m, fp := range fingerprints {
+		if got := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", m).Authorization.Fingerprint; got != fp {
+			t.Errorf("%s: token %s after the reload, was %s", m, got, fp)
+		}
+	}
+	if got := sb.TokenRequests() - tokens; got != 0 {
+		t.Fatalf("the reload caused %d token requests, want 0", got)
+	}
+	// The edit is served: the moved merchant's token is for its new
+	// organisation (one token request, for it alone).
+	getEcho(t, base+"/tpp/payments", "X-Merchant-Id", fmt.Sprintf("m04-%05d", n-1))
+	if got := sb.TokenRequests() - tokens; got != 1 {
+		t.Fatalf("the edited merchant caused %d token requests, want 1", got)
+	}
+}

@@ -27,7 +27,10 @@ func init() {
 // settings do not change.
 type App struct {
 	// Config is the path of the TOML merchant registry (providers and
-	// merchants) that handlers use unless they name their own.
+	// merchants) that handlers use unless they name their own: a file, a
+	// directory (every *.toml file in it, sorted) or a glob
+	// ("/etc/token-broker/*.toml"). A reload parses again only the files
+	// that changed.
 	Config string `json:"config,omitempty"`
 
 	// RefreshWindow is the last part of a token's lifetime, a fraction

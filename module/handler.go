@@ -64,8 +64,9 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // handle_errors routes.
 type Handler struct {
 	// Config is the path of a TOML merchant registry for this handler
-	// only. Default: the registry of the token_broker app (the
-	// `token_broker` global option).
+	// only: a file, a directory (every *.toml file in it) or a glob.
+	// Default: the registry of the token_broker app (the `token_broker`
+	// global option).
 	Config string `json:"config,omitempty"`
 
 	// Merchant is a placeholder selecting the merchant a request is for.

@@ -1,0 +1,312 @@
+package config
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/BurntSushi/toml"
+)
+
+// A registry may be split across several files: Files lists them,
+// ParseFile parses each one alone (a loader may keep a parsed file while
+// its content does not change) and Merge puts them together. Providers
+// may be defined in one file and merchants in others; a provider or a
+// merchant defined twice is an error naming both places.
+
+// Source is one registry file as read.
+type Source struct {
+	// Path is the file's path, as named in messages; relative file
+	// references in it are resolved against its folder.
+	Path string
+	// Data is the file's content.
+	Data []byte
+}
+
+// File is one registry file parsed on its own: its providers decoded, its
+// merchants resolved (environment references expanded, scopes
+// normalised) but not yet checked against their providers, which may be
+// defined in another file. A File depends only on its path, its content
+// and the environment variables it names; it is not modified after
+// ParseFile, so one File may serve several Merges (concurrently too).
+type File struct {
+	// Path is the file's path.
+	Path string
+	// Merchants is how many [merchants.ID] tables the file holds,
+	// including the wildcard entry and entries with problems.
+	Merchants int
+
+	dir           string // absolute folder of the file
+	errs          []error
+	merchantsType string // the TOML type of "merchants", "" when absent
+	merchantsLine int
+	providers     []*rawProvider
+	merchants     []Merchant    // sorted by ID
+	flags         map[int]uint8 // merchant index -> problems, when any
+	wildcard      *Wildcard     // nil without [merchants."*"]
+	wildcardFlags uint8
+}
+
+// Files lists the files of the registry that pattern names: the file
+// itself; every *.toml file of a directory (names starting with "." left
+// out: editors' temporary files), sorted by name; or the files matching a
+// glob (filepath.Match syntax, e.g. "/etc/broker/merchants-*.toml"),
+// sorted. It fails when that is no file.
+func Files(pattern string) ([]string, error) {
+	if strings.ContainsAny(pattern, "*?[") {
+		matches, err := filepath.Glob(pattern)
+		if err != nil {
+			return nil, &Error{File: pattern, Msg: fmt.Sprintf("invalid glob: %v", err)}
+		}
+		var files []string
+		for _, m := range matches {
+			if fi, err := os.Stat(m); err == nil && fi.Mode().IsRegular() {
+				files = append(files, m)
+			}
+		}
+		if len(files) == 0 {
+			return nil, &Error{File: pattern, Msg: "no registry file matches the glob: check the path"}
+		}
+		slices.Sort(files)
+		return files, nil
+	}
+	fi, err := os.Stat(pattern)
+	if err != nil {
+		return nil, &Error{File: pattern, Msg: fmt.Sprintf("cannot read the registry: %v", err)}
+	}
+	if !fi.IsDir() {
+		return []string{pattern}, nil
+	}
+	entries, err := os.ReadDir(pattern)
+	if err != nil {
+		return nil, &Error{File: pattern, Msg: fmt.Sprintf("cannot read the registry directory: %v", err)}
+	}
+	var files []string
+	for _, e := range entries {
+		name := e.Name()
+		if strings.HasSuffix(name, ".toml") && !strings.HasPrefix(name, ".") && e.Type().IsRegular() {
+			files = append(files, filepath.Join(pattern, name))
+		}
+	}
+	if len(files) == 0 {
+		return nil, &Error{File: pattern, Msg: "the registry directory holds no *.toml file"}
+	}
+	return files, nil
+}
+
+// ReadSources reads the files named.
+func ReadSources(paths []string) ([]Source, error) {
+	srcs := make([]Source, len(paths))
+	for i, path := range paths {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, &Error{File: path, Msg: fmt.Sprintf("cannot read the registry: %v", err)}
+		}
+		srcs[i] = Source{Path: path, Data: data}
+	}
+	return srcs, nil
+}
+
+// ParseFile parses one registry file on its own. lookupEnv resolves the
+// {env.NAME} references of merchants (os.LookupEnv when nil). Its
+// problems are reported by Merge.
+func ParseFile(src Source, lookupEnv func(string) (string, bool)) *File {
+	if lookupEnv == nil {
+		lookupEnv = os.LookupEnv
+	}
+	dir, err := filepath.Abs(filepath.Dir(src.Path))
+	if err != nil {
+		dir = filepath.Dir(src.Path)
+	}
+	f := &File{Path: src.Path, dir: dir}
+	p := &parser{file: src.Path, dir: dir, env: lookupEnv, data: src.Data}
+	defer func() { f.errs = p.errs }()
+	var doc document
+	md, err := toml.Decode(string(src.Data), &doc)
+	if err != nil {
+		p.decodeError(err, true)
+		f.merchantsType = "error"
+		return f
+	}
+	p.checkKeys(md.Keys())
+	for _, k := range topKeys {
+		if t := md.Type(k); t != "" && t != "Hash" {
+			p.errs = append(p.errs, &Error{File: src.Path, Line: p.line(k), Field: k, Msg: fmt.Sprintf("must be a table of [%s.NAME] tables, not %s", k, typeName(t))})
+		}
+	}
+	f.merchantsType = md.Type("merchants")
+	if f.merchantsType != "" {
+		f.merchantsLine = p.entryLine("merchants")
+	}
+	for _, name := range sortedKeys(doc.Providers) {
+		f.providers = append(f.providers, p.rawProvider(&md, name, doc.Providers[name]))
+	}
+	f.Merchants = len(doc.Merchants)
+	ids := sortedKeys(doc.Merchants)
+	f.merchants = make([]Merchant, 0, len(ids))
+	for _, id := range ids {
+		if id == WildcardID {
+			f.wildcard, f.wildcardFlags = p.wildcard(&md, doc.Merchants[id])
+			continue
+		}
+		m, flags := p.merchant(&md, id, doc.Merchants[id])
+		if flags != 0 {
+			if f.flags == nil {
+				f.flags = map[int]uint8{}
+			}
+			f.flags[len(f.merchants)] = flags
+		}
+		f.merchants = append(f.merchants, m)
+	}
+	f.compact()
+	return f
+}
+
+// Merge puts parsed files together into a registry and resolves its
+// providers. name is the file, directory or glob the files came from
+// (Registry.Path); srcs[i] is what files[i] was parsed from (read again
+// only for the lines of problems). It reports every problem of every file,
+// by file then line.
+func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, error) {
+	if len(srcs) != len(files) {
+		return nil, fmt.Errorf("config.Merge: %d sources for %d files", len(srcs), len(files))
+	}
+	if opts.LookupEnv == nil {
+		opts.LookupEnv = os.LookupEnv
+	}
+	if opts.StoreNamespace == "" {
+		opts.StoreNamespace = name
+	}
+	ps := make([]*parser, len(files))
+	total, merchantsBad := 0, false
+	for i, f := range files {
+		ps[i] = &parser{file: f.Path, dir: f.dir, env: opts.LookupEnv, opts: opts, data: srcs[i].Data,
+			errs: slices.Clone(f.errs)}
+		total += len(f.merchants)
+		merchantsBad = merchantsBad || f.merchantsType != "" && f.merchantsType != "Hash"
+	}
+
+	dup := func(i int, kind, id string, line int, first at) {
+		f := files[first.file].Path
+		if first.line > 0 {
+			f += fmt.Sprintf(":%d", first.line)
+		}
+		ps[i].errs = append(ps[i].errs, &Error{File: files[i].Path, Line: line, Entry: fmt.Sprintf("%s %q", kind, id),
+			Msg: fmt.Sprintf("also defined at %s: define each %s once", f, kind)})
+	}
+
+	reg := &Registry{Path: name, Providers: map[string]*Provider{}, Merchants: make(map[string]*Merchant, total)}
+	defined := map[string]string{} // the type of every provider, valid or not
+	providerAt := map[string]at{}
+	type fileProvider struct {
+		file int
+		rp   *rawProvider
+	}
+	var providers []fileProvider
+	for i, f := range files {
+		reg.Files = append(reg.Files, f.Path)
+		for _, rp := range f.providers {
+			if first, ok := providerAt[rp.name]; ok {
+				dup(i, "provider", rp.name, rp.line, first)
+				continue
+			}
+			providerAt[rp.name] = at{i, rp.line}
+			defined[rp.name] = rp.typ()
+			providers = append(providers, fileProvider{i, rp})
+		}
+	}
+	for _, fp := range providers {
+		if pv := ps[fp.file].provider(fp.rp); pv != nil {
+			reg.Providers[fp.rp.name] = pv
+		}
+	}
+
+	var wildcardAt *at
+	entries := 0
+	for i, f := range files {
+		p := ps[i]
+		entries += f.Merchants
+		if w := f.wildcard; w != nil {
+			if wildcardAt != nil {
+				dup(i, "merchant", WildcardID, w.Line, *wildcardAt)
+			} else {
+				wildcardAt = &at{i, w.Line}
+				if p.checkWildcard(w, f.wildcardFlags, defined) {
+					reg.Wildcard = w
+				}
+			}
+		}
+		for j := range f.merchants {
+			m := &f.merchants[j]
+			if _, ok := reg.Merchants[m.ID]; ok {
+				dup(i, "merchant", m.ID, m.Line, firstDefinition(files[:i+1], m.ID))
+				continue
+			}
+			// A merchant with problems takes its place too, so that a
+			// second definition is reported; it is removed below.
+			reg.Merchants[m.ID] = m
+			if !p.checkMerchant(m, f.flags[j], defined) {
+				reg.Merchants[m.ID] = badMerchant
+			}
+		}
+	}
+	if entries == 0 && !merchantsBad {
+		e := &Error{File: name, Msg: "no merchants: define at least one [merchants.ID] table"}
+		if len(files) == 1 {
+			e.Line = files[0].merchantsLine
+		} else {
+			e.Msg = fmt.Sprintf("no merchants in any of its %d files: define at least one [merchants.ID] table", len(files))
+		}
+		ps[0].errs = append(ps[0].errs, e)
+	}
+
+	if len(ps) == 1 {
+		if err := ps[0].result(); err != nil {
+			return nil, err
+		}
+		return reg, nil
+	}
+	var errs []error
+	for _, p := range ps {
+		if err := p.result(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return reg, nil
+}
+
+// badMerchant marks, during Merge, a merchant id whose entry has problems.
+var badMerchant = &Merchant{}
+
+// firstDefinition returns where merchant id is first defined.
+func firstDefinition(files []*File, id string) at {
+	for i, f := range files {
+		if j, ok := slices.BinarySearchFunc(f.merchants, id, func(m Merchant, id string) int { return cmp.Compare(m.ID, id) }); ok {
+			return at{i, f.merchants[j].Line}
+		}
+	}
+	return at{}
+}
+
+// at is where an entry is defined: a file's index and a line.
+type at struct{ file, line int }
+
+// result joins the problems in file order (problems without a line last).
+func (p *parser) result() error {
+	line := func(err error) int {
+		if l := err.(*Error).Line; l > 0 {
+			return l
+		}
+		return math.MaxInt
+	}
+	slices.SortStableFunc(p.errs, func(a, b error) int { return cmp.Compare(line(a), line(b)) })
+	return errors.Join(p.errs...)
+}

@@ -1,0 +1,111 @@
+package module
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// writeSplitRegistry writes a registry of files files of n merchants each
+// (the provider in the first one) into dir; org is the organisation
+// prefix of the file at index changed.
+func writeSplitRegistry(t *testing.T, dir string, files, n, changed int, org string) {
+	t.Helper()
+	for f := range files {
+		var b strings.Builder
+		if f == 0 {
+			b.WriteString("[providers.nuapay]\ntype = \"nuapay\"\nbase_url = \"https://nuapay.example\"\napi_key = \"{env.REGCACHE_KEY}\"\n\n")
+		}
+		prefix := "org"
+		if f == changed {
+			prefix = org
+		}
+		for i := range n {
+			fmt.Fprintf(&b, "[merchants.m%02d-%05d]\nprovider = \"nuapay\"\norganisation = \"%s-%d\"\nscopes = [\"pisp\"]\n\n", f, i, prefix, i)
+		}
+		if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("merchants-%02d.toml", f)), []byte(b.String()), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestLoadPooledSplitRegistry: a registry of 10 files of 1 000 merchants
+// is parsed file by file; loading it again parses nothing and gives the
+// same registry; after one file changes, a load parses that file only,
+// and the providers are resolved to the same ID (cached tokens kept).
+func TestLoadPooledSplitRegistry(t *testing.T) {
+	dir := t.TempDir()
+	writeSplitRegistry(t, dir, 10, 1000, -1, "")
+	opts := config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }}
+	for _, pattern := range []string{dir, filepath.Join(dir, "merchants-*.toml")} {
+		t.Run(filepath.Base(pattern), func(t *testing.T) {
+			var keys []string
+			t.Cleanup(func() {
+				for _, k := range keys {
+					_, _ = registries.Delete(k)
+				}
+			})
+			load := func(wantParses int64) *config.Registry {
+				t.Helper()
+				before := RegistryParses()
+				reg, key, err := loadPooled(pattern, opts, "store")
+				if err != nil {
+					t.Fatal(err)
+				}
+				keys = append(keys, key)
+				if got := RegistryParses() - before; got != wantParses {
+					t.Fatalf("%d files parsed, want %d", got, wantParses)
+				}
+				if len(reg.Merchants) != 10_000 || len(reg.Files) != 10 {
+					t.Fatalf("%d merchants in %d files", len(reg.Merchants), len(reg.Files))
+				}
+				return reg
+			}
+			first := load(10)
+			if again := load(0); again != first {
+				t.Fatal("an unchanged registry was not reused")
+			}
+			writeSplitRegistry(t, dir, 10, 1000, 3, "new")
+			t.Cleanup(func() { writeSplitRegistry(t, dir, 10, 1000, -1, "") })
+			changed := load(1)
+			if got := changed.Merchants["m03-00007"].Organisation; got != "new-7" {
+				t.Fatalf("changed merchant's organisation %q", got)
+			}
+			if changed.Merchants["m04-00007"] != first.Merchants["m04-00007"] {
+				t.Error("a merchant of an unchanged file is not the one parsed before")
+			}
+			if changed.Providers["nuapay"].ID != first.Providers["nuapay"].ID {
+				t.Error("the provider ID changed: cached tokens would be lost")
+			}
+		})
+	}
+}
+
+// TestLoadPooledReleasesFiles: the parsed files go with the last registry
+// that holds them.
+func TestLoadPooledReleasesFiles(t *testing.T) {
+	dir := t.TempDir()
+	writeSplitRegistry(t, dir, 2, 3, -1, "")
+	opts := config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }}
+	_, key, err := loadPooled(dir, opts, "store")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fileKeys []string
+	registryFiles.Range(func(k, _ any) bool { fileKeys = append(fileKeys, k.(string)); return true })
+	if len(fileKeys) < 2 {
+		t.Fatalf("%d files in the pool", len(fileKeys))
+	}
+	if _, err := registries.Delete(key); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range fileKeys {
+		if refs, ok := registryFiles.References(k); ok {
+			t.Errorf("file %s still held (%d references)", k, refs)
+		}
+	}
+}
