@@ -98,10 +98,17 @@ func (br *Broker) Close() {
 }
 
 // newEntry builds the cache entry of a token.
+// The token's value is a slice of the header string, so that a cached
+// token's bytes are held once, not twice.
 func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
-	return &Entry{tok: tok, header: "Bearer " + tok.Value.Reveal(), refreshAt: br.refreshAt(tok), binding: b,
+	header := bearerPrefix + tok.Value.Reveal()
+	tok.Value = Secret(header[len(bearerPrefix):])
+	return &Entry{tok: tok, header: header, refreshAt: br.refreshAt(tok), binding: b,
 		origin: origin, fingerprint: tok.Fingerprint()}
 }
+
+// bearerPrefix starts the Authorization header value of a cached token.
+const bearerPrefix = "Bearer "
 
 // refreshAt is when tok enters its refresh window.
 func (br *Broker) refreshAt(tok Token) time.Time {
