@@ -92,8 +92,12 @@ clean:
 # 1 000 and 100 000 merchants, plus start, reload and RSS. About 6-8 minutes on
 # 2 CPUs; BENCH_QUICK=1 (1 round of 2 s) smoke-tests it in about 3. Flags go
 # in BENCH_FLAGS (e.g. BENCH_FLAGS='-merchants 1,1000 -rounds 9'). Installs
-# wrk from Debian when missing. The figures go in BENCHMARKS.md.
+# wrk from Debian when missing. Then the fleet mode: BENCH_FLEET sidecars
+# sharing one redis-server, mints per key per token lifetime and the latency
+# of an L1 miss served from Redis. The figures go in BENCHMARKS.md.
+BENCH_FLEET ?= 10
 .PHONY: bench tools
 bench: tools
 	$(GO) build -o $(BIN)/bench ./integration/bench
 	GO=$(GO) $(BIN)/bench -bin $(BIN) $(BENCH_FLAGS)
+	GO=$(GO) $(BIN)/bench -bin $(BIN) -build=false -fleet $(BENCH_FLEET) $(BENCH_FLAGS)
