@@ -50,12 +50,19 @@ type Policy struct {
 	BackoffUntil time.Time
 	// Failures is the number of consecutive failed fetches of the key.
 	Failures int
+	// PurgeHeldUntil is until when the key's purges by rejection are on
+	// hold (see RejectHoldBase); zero when they are not.
+	PurgeHeldUntil time.Time
+	// Strikes counts the key's replacement tokens rejected soon after
+	// they were cached (see Reject).
+	Strikes int
 }
 
 // Policy returns the failure policy's state for the key of a cached entry.
 func (br *Broker) Policy(e *Entry) Policy {
 	now := br.opts.Now()
 	p := Policy{NextRefresh: e.refreshAt}
+	p.PurgeHeldUntil, p.Strikes = br.RejectHold(e.binding.key)
 	f := e.retry.Load()
 	if v, ok := br.failures.Load(e.binding.key); ok {
 		f = v.(*failure)
@@ -275,6 +282,7 @@ func (br *Broker) sweep(now time.Time) {
 		}
 		return true
 	})
+	br.sweepRejections(now)
 	cutoff := now.Add(-br.opts.CleanupInterval)
 	br.breakers.Range(func(k, v any) bool {
 		if v.(*breaker).idle(cutoff) {
