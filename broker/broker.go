@@ -71,11 +71,12 @@ type Broker struct {
 	cache *gocache.Cache
 	group singleflight.Group
 
-	mu         sync.Mutex   // orders cache writes with Purge's compare-and-delete
-	failures   sync.Map     // key -> *failure
-	breakers   sync.Map     // SourceID -> *breaker
-	rejections sync.Map     // key -> *rejectState (reject.go)
-	lastSweep  atomic.Int64 // broker clock, unix nanoseconds
+	mu          sync.Mutex   // orders cache writes with Purge's compare-and-delete
+	failures    sync.Map     // key -> *failure
+	breakers    sync.Map     // SourceID -> *breaker
+	rejections  sync.Map     // key -> *rejectState (reject.go)
+	sourceHolds sync.Map     // SourceID -> *sourceHold (sourcehold.go)
+	lastSweep   atomic.Int64 // broker clock, unix nanoseconds
 }
 
 // New returns a Broker. Call Close when done with it.
