@@ -35,6 +35,7 @@ type Entry struct {
 	refreshAt time.Time
 	binding   *Binding
 	origin    string
+	cachedAt  time.Time // broker clock, when the entry was built
 	// fingerprint of the token, computed once.
 	fingerprint string
 
@@ -70,10 +71,12 @@ type Broker struct {
 	cache *gocache.Cache
 	group singleflight.Group
 
-	mu        sync.Mutex   // orders cache writes with Purge's compare-and-delete
-	failures  sync.Map     // key -> *failure
-	breakers  sync.Map     // SourceID -> *breaker
-	lastSweep atomic.Int64 // broker clock, unix nanoseconds
+	mu          sync.Mutex   // orders cache writes with Purge's compare-and-delete
+	failures    sync.Map     // key -> *failure
+	breakers    sync.Map     // SourceID -> *breaker
+	rejections  sync.Map     // key -> *rejectState (reject.go)
+	sourceHolds sync.Map     // SourceID -> *sourceHold (sourcehold.go)
+	lastSweep   atomic.Int64 // broker clock, unix nanoseconds
 }
 
 // New returns a Broker. Call Close when done with it.
@@ -104,7 +107,7 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	header := bearerPrefix + tok.Value.Reveal()
 	tok.Value = Secret(header[len(bearerPrefix):])
 	return &Entry{tok: tok, header: header, refreshAt: br.refreshAt(tok), binding: b,
-		origin: origin, fingerprint: tok.Fingerprint()}
+		origin: origin, fingerprint: tok.Fingerprint(), cachedAt: br.opts.Now()}
 }
 
 // bearerPrefix starts the Authorization header value of a cached token.
@@ -132,9 +135,9 @@ func (br *Broker) store(b *Binding, e *Entry, now time.Time) {
 }
 
 // Purge drops the binding's cached token if it is still the one with the
-// given value, and reports whether it did. Callers that saw a token rejected
-// (401) purge it this way: a burst of rejections of one token causes one
-// new fetch, and a token fetched meanwhile is kept. With a shared tier, the
+// given value, and reports whether it did: a token fetched meanwhile is
+// kept. It is not limited: callers that saw a token rejected (401) call
+// Reject, which limits purges by rejection per key. With a shared tier, the
 // token is purged there too (compare-and-delete on its fingerprint).
 func (br *Broker) Purge(b *Binding, rejected Secret) bool {
 	br.mu.Lock()

@@ -12,6 +12,8 @@ import (
 // whether a request is waiting (foreground) or a token is refreshed ahead of
 // its expiry (background):
 //
+//  0. the source's hold (sourcehold.go): a 429 with Retry-After or a bad
+//     credential holds every key of the source;
 //  1. failure memory per key: after a failed fetch, the key's fetches get
 //     the same error without calling, for FailureTTL doubled with each
 //     consecutive failure (capped at FailureMax) or the provider's
@@ -50,15 +52,32 @@ type Policy struct {
 	BackoffUntil time.Time
 	// Failures is the number of consecutive failed fetches of the key.
 	Failures int
+	// SourceBackoffUntil is until when the key's source is not called for
+	// any key (a 429 with Retry-After, or a bad credential); zero when no
+	// such hold is in force.
+	SourceBackoffUntil time.Time
+	// PurgeHeldUntil is until when the key's purges by rejection are on
+	// hold (see RejectHoldBase); zero when they are not.
+	PurgeHeldUntil time.Time
+	// Strikes counts the key's replacement tokens rejected soon after
+	// they were cached (see Reject).
+	Strikes int
 }
 
 // Policy returns the failure policy's state for the key of a cached entry.
 func (br *Broker) Policy(e *Entry) Policy {
 	now := br.opts.Now()
 	p := Policy{NextRefresh: e.refreshAt}
+	p.PurgeHeldUntil, p.Strikes = br.RejectHold(e.binding.key)
 	f := e.retry.Load()
 	if v, ok := br.failures.Load(e.binding.key); ok {
 		f = v.(*failure)
+	}
+	if until, err := br.SourceHold(e.binding.SourceID); err != nil {
+		p.SourceBackoffUntil = until
+		if until.After(p.NextRefresh) {
+			p.NextRefresh = until
+		}
 	}
 	if f != nil {
 		p.LastError, p.Failures = f.err, f.failures
@@ -167,6 +186,9 @@ func (br *Broker) usable(cur *Entry) func(Token) bool {
 // after a failed one: the key's failure memory, or (when the memory is
 // disabled) DefaultFailureTTL.
 func (br *Broker) refreshFailure(b *Binding, err error, now time.Time) *failure {
+	if h := br.sourceHeld(b, now); h != nil {
+		return &failure{err: h.err, at: now, until: h.until}
+	}
 	if v, ok := br.failures.Load(b.key); ok {
 		if f := v.(*failure); f.holds(now) {
 			return f
@@ -180,6 +202,9 @@ func (br *Broker) refreshFailure(b *Binding, err error, now time.Time) *failure 
 // the last call, for the caller to run once the outcome is stored.
 func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadline time.Time) (Token, func(), error) {
 	now := br.opts.Now()
+	if h := br.sourceHeld(b, now); h != nil {
+		return Token{}, func() {}, h.err
+	}
 	var prev *failure
 	if v, ok := br.failures.Load(b.key); ok {
 		prev = v.(*failure)
@@ -189,6 +214,7 @@ func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadlin
 	}
 	tok, calls, report, err := br.attempts(ctx, b, background, deadline)
 	now = br.opts.Now()
+	br.rememberSource(b, err, calls, now)
 	if err != nil {
 		br.remember(b, prev, err, calls, now)
 		return tok, report, err
@@ -275,6 +301,8 @@ func (br *Broker) sweep(now time.Time) {
 		}
 		return true
 	})
+	br.sweepRejections(now)
+	br.sweepSources(now)
 	cutoff := now.Add(-br.opts.CleanupInterval)
 	br.breakers.Range(func(k, v any) bool {
 		if v.(*breaker).idle(cutoff) {

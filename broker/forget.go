@@ -16,3 +16,30 @@ func (br *Broker) ForgetFailures(match func(error) bool) int {
 	})
 	return n
 }
+
+// ForgetSource drops everything the failure policy remembers about a
+// source: its hold (429 Retry-After, bad credential), the failure memory
+// of its keys, the failed refresh-ahead of its cached tokens and its
+// circuit breaker. Call it when the source's credential changed (a key
+// rotation plus a reload keeps its ID): the next lookup calls it at once.
+// It returns how many key failures were dropped.
+func (br *Broker) ForgetSource(sourceID string) int {
+	if v, ok := br.sourceHolds.Load(sourceID); ok && br.sourceHolds.CompareAndDelete(sourceID, v) {
+		sourceBackingOff(v.(*sourceHold).obs, sourceID, false)
+	}
+	n := 0
+	br.failures.Range(func(k, v any) bool {
+		if f := v.(*failure); f.b != nil && f.b.SourceID == sourceID {
+			br.forget(k.(string), f)
+			n++
+		}
+		return true
+	})
+	for _, it := range br.cache.Items() {
+		if e := it.Object.(*Entry); e.binding.SourceID == sourceID {
+			e.retry.Store(nil)
+		}
+	}
+	br.breakers.Delete(sourceID)
+	return n
+}

@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"errors"
+	"net/http"
 	"testing"
 	"time"
 )
@@ -44,5 +45,34 @@ func TestForgetFailures(t *testing.T) {
 	}
 	if _, err := br.Token(context.Background(), globex); !errors.Is(err, globexErr) {
 		t.Fatalf("globex's failure was forgotten too: %v", err)
+	}
+}
+
+// After invalid_client an operator rotates the key and reloads: the source
+// ID stays, and ForgetSource drops the key's memory, the source's hold and
+// its breaker, so the next Get calls the new source.
+func TestForgetSourceAfterRotation(t *testing.T) {
+	clock := newFakeClock()
+	bad := &scriptedSource{clock: clock, life: 400 * time.Second}
+	bad.set(&APIError{Provider: "nuapay", StatusCode: http.StatusUnauthorized, Code: "invalid_client"})
+	br := New(Options{Now: clock.Now, Sleep: noSleep})
+	for range 4 {
+		br.Get(context.Background(), NewBinding("nuapay#abc", bad, Request{Merchant: "m", Organisation: "o"}))
+		clock.Add(time.Second)
+	}
+	other := NewBinding("nuapay#other", bad, Request{Merchant: "x", Organisation: "o"})
+	br.Get(context.Background(), other)
+	if n := br.ForgetSource("nuapay#abc"); n != 1 {
+		t.Fatalf("ForgetSource dropped %d key failures, want 1", n)
+	}
+	good := &scriptedSource{clock: clock, life: 400 * time.Second}
+	if _, _, err := br.Get(context.Background(), NewBinding("nuapay#abc", good, Request{Merchant: "m", Organisation: "o"})); err != nil {
+		t.Fatalf("after ForgetSource: %v", err)
+	}
+	if good.calls.Load() != 1 {
+		t.Fatalf("calls to the new source = %d, want 1", good.calls.Load())
+	}
+	if until, _ := br.SourceHold("nuapay#other"); until.IsZero() {
+		t.Fatal("another source's hold was forgotten")
 	}
 }

@@ -50,6 +50,12 @@ type Provider struct {
 	// cache: it changes when the provider's endpoint or identity does; a
 	// secret rotation keeps it, and so the cached tokens.
 	ID string
+	// SecretVersion changes when a resolved secret value of the provider
+	// (API key, client secret) does: an HMAC-SHA256 of them under a random
+	// key of this process, never shown, logged or part of ID. The app
+	// compares it across reloads to forget the failures of the old
+	// secret. Empty for a provider without such a secret.
+	SecretVersion string
 	// Source issues the provider's tokens.
 	Source broker.Source
 	// BaseURL is a nuapay provider's token API root, without trailing

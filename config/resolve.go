@@ -34,6 +34,7 @@ type entry struct {
 	section string // "providers" or "merchants"
 	name    string
 	bad     bool
+	secrets hash.Hash // HMAC of the resolved secret values (secretversion.go)
 }
 
 func (p *parser) entry(section, name string) *entry {
@@ -123,6 +124,7 @@ func (e *entry) secret(field, ref string) broker.Secret {
 	} else {
 		e.errf(field, "holds a clear-text value (not shown): %s", use)
 	}
+	e.addSecret(field, v)
 	return broker.Secret(v)
 }
 
@@ -273,6 +275,7 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 	}
 	pv.Source = src
 	pv.ID = name + "#" + hex.EncodeToString(fp.h.Sum(nil))[:12]
+	pv.SecretVersion = e.secretVersion()
 	return pv
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -111,5 +112,52 @@ func TestUpstream401RetryAfterPathRewrite(t *testing.T) {
 	}
 	if sb.TokenRequests() != 2 {
 		t.Fatalf("token requests = %d, want 2", sb.TokenRequests())
+	}
+}
+
+// TestCallerProvoked401sMintNoTokens: a resource server answers 401
+// `Bearer error="invalid_token"` on one path whatever the token (a wrong
+// audience or tenant, and the caller picks the path). The first rejection
+// purges and retries once; the fresh token rejected too puts the key's
+// purges on hold, so ten requests cause at most two token requests, and
+// the caller gets the upstream's 401 each time.
+func TestCallerProvoked401sMintNoTokens(t *testing.T) {
+	sb, _ := startSandbox(t)
+	var mu sync.Mutex
+	tokens := map[string]bool{}
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		tokens[r.Header.Get("Authorization")] = true
+		mu.Unlock()
+		w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token", error_description="wrong audience"`)
+		w.WriteHeader(http.StatusUnauthorized)
+	}))
+	t.Cleanup(upstream.Close)
+	cf := strings.Replace(sandboxCaddyfile(t), "\thandle {\n\t\ttoken_broker\n",
+		"\thandle /other-tenant/* {\n\t\ttoken_broker\n\t\treverse_proxy "+upstream.URL+"\n\t}\n\n\thandle {\n\t\ttoken_broker\n", 1)
+	if !strings.Contains(cf, "handle /other-tenant/*") {
+		t.Fatal("the root Caddyfile changed: update this test")
+	}
+	base := startCaddy(t, cf)
+	for i := range 10 {
+		status, _ := get(t, base+"/other-tenant/payments", "X-Merchant-Id", "acme")
+		if status != http.StatusUnauthorized {
+			t.Fatalf("request %d: status %d, want the upstream's 401", i, status)
+		}
+	}
+	if got := sb.TokenRequests(); got < 1 || got > 2 {
+		t.Fatalf("token requests after 10 provoked 401s = %d, want 1 or 2", got)
+	}
+	// The key's token is still served to the other paths.
+	if e := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme"); !e.Authorization.Valid {
+		t.Fatalf("authorization at the sandbox: %+v, want the held, valid token", e.Authorization)
+	}
+	if got := sb.TokenRequests(); got > 2 {
+		t.Fatalf("token requests = %d, want at most 2", got)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(tokens) > 2 {
+		t.Fatalf("the upstream saw %d tokens, want at most 2", len(tokens))
 	}
 }

@@ -94,6 +94,17 @@ type TokenInfo struct {
 	BackoffUntil *time.Time `json:"backoff_until,omitempty"`
 	// Failures counts the key's consecutive failed fetches.
 	Failures int `json:"failures,omitempty"`
+	// SourceBackoffUntil is until when the key's provider configuration
+	// is not called for any key (a 429 with Retry-After, or a bad
+	// credential), if such a hold is in force.
+	SourceBackoffUntil *time.Time `json:"source_backoff_until,omitempty"`
+	// PurgeHeldUntil is until when upstream rejections (401) of the key's
+	// token do not purge it: its replacement token was rejected too, so
+	// the 401s are not about the token. Absent when no hold is in force.
+	PurgeHeldUntil *time.Time `json:"purge_held_until,omitempty"`
+	// RejectStrikes counts the key's replacement tokens rejected soon
+	// after they were cached (each doubles the hold).
+	RejectStrikes int `json:"reject_strikes,omitempty"`
 }
 
 func tokenInfo(e *broker.Entry) TokenInfo {
@@ -115,6 +126,15 @@ func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
 		ti.BackoffUntil = &until
 	}
 	ti.Failures = p.Failures
+	if !p.SourceBackoffUntil.IsZero() {
+		until := p.SourceBackoffUntil.UTC()
+		ti.SourceBackoffUntil = &until
+	}
+	if !p.PurgeHeldUntil.IsZero() {
+		until := p.PurgeHeldUntil.UTC()
+		ti.PurgeHeldUntil = &until
+	}
+	ti.RejectStrikes = p.Strikes
 	return ti
 }
 

@@ -138,6 +138,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	pb := val.(*pooledBroker)
 	pb.revokeOnShutdown.Store(a.RevokeOnShutdown)
 	a.broker, a.pooled = pb.Broker, pb
+	pb.secretsSeen(a.registry)
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
 	if a.metrics, err = loadMetrics(ctx.GetMetricsRegistry(), merchantLabel); err != nil {
 		return err
@@ -216,6 +217,33 @@ type pooledBroker struct {
 
 	mu        sync.Mutex
 	inherited []*broker.Entry // tokens of the brokers that reloads replaced
+	// secretVersions is the config.Provider.SecretVersion last seen per
+	// provider ID, so that a reload with a rotated secret (same ID)
+	// forgets the failures of the old one.
+	secretVersions map[string]string
+}
+
+// secretsSeen records the secret version of every provider of reg and
+// forgets the failure policy's memory of those whose secret changed since
+// the broker last saw them (see broker.ForgetSource).
+func (p *pooledBroker) secretsSeen(reg *config.Registry) {
+	if reg == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.secretVersions == nil {
+		p.secretVersions = map[string]string{}
+	}
+	for name, pv := range reg.Providers {
+		old, seen := p.secretVersions[pv.ID]
+		p.secretVersions[pv.ID] = pv.SecretVersion
+		if seen && old != pv.SecretVersion {
+			n := p.ForgetSource(pv.ID)
+			p.logger.Info("provider secret changed: its remembered failures are forgotten",
+				zap.String("provider", name), zap.String("source", pv.ID), zap.Int("keys", n))
+		}
+	}
 }
 
 // shuttingDown reports whether Caddy is stopping for good (the process

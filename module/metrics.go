@@ -22,13 +22,17 @@ import (
 // `caddy_token_broker_token_request_duration_seconds` | provider | histogram of token API call latency
 // `caddy_token_broker_cache_lookups_total` | provider, result | tokens handed out: hit, refresh (a hit that started the background refresh), miss (waited on a fetch it started), shared (waited on a fetch another request started: the single-flight waiters), adopted (a fetch it started took the token from the shared tier)
 // `caddy_token_broker_token_purges_total` | provider | cached tokens dropped after the upstream rejected them (401)
+// `caddy_token_broker_token_purges_suppressed_total` | provider | upstream rejections (401) that did not purge the token: the key's purges by rejection were on hold, as the token that replaced a rejected one was rejected too (the 401 is not about the token)
+// `caddy_token_broker_sources_backing_off` | provider | provider configurations whose token API is not called for any key: a 429 with Retry-After (until it has passed) or a bad credential (invalid_client, Nuapay 401; backoff doubling up to the failure memory's maximum)
 // `caddy_token_broker_breaker_state` | provider | circuit breaker of the token API: 0 closed, 1 half-open, 2 open
 // `caddy_token_broker_keys_backing_off` | provider | cache keys whose last fetch failed and which are held in failure memory (their fetches answer the remembered error without calling the token API until their backoff ends)
 //
-// token_purges_total, breaker_state and keys_backing_off are exported (as 0)
+// token_purges_total, token_purges_suppressed_total, breaker_state,
+// keys_backing_off and sources_backing_off are exported (as 0)
 // for every provider from provisioning, not only after a first change.
-// With MerchantLabel, token_requests_total, cache_lookups_total and
-// token_purges_total also carry a merchant label.
+// With MerchantLabel, token_requests_total, cache_lookups_total,
+// token_purges_total and token_purges_suppressed_total also carry a
+// merchant label.
 type MetricsConfig struct {
 	// MerchantLabel adds a merchant label to the per-request series. Off by
 	// default: with many merchants it multiplies the number of series.
@@ -44,6 +48,8 @@ type tokenMetrics struct {
 	fetchDuration *prometheus.HistogramVec
 	lookups       *prometheus.CounterVec
 	purges        *prometheus.CounterVec
+	purgesHeld    *prometheus.CounterVec
+	sourcesHeld   *prometheus.GaugeVec
 	breaker       *prometheus.GaugeVec
 	backingOff    *prometheus.GaugeVec
 }
@@ -103,6 +109,14 @@ func newTokenMetrics(merchantLabel bool) *tokenMetrics {
 			Namespace: ns, Subsystem: sub, Name: "token_purges_total",
 			Help: "Cached tokens dropped because the upstream rejected them (401).",
 		}, perRequest("provider")),
+		purgesHeld: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "token_purges_suppressed_total",
+			Help: "Upstream rejections (401) that did not purge the token: the key's purges by rejection were on hold, as its replacement token was rejected too.",
+		}, perRequest("provider")),
+		sourcesHeld: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "sources_backing_off",
+			Help: "Provider configurations whose token API is not called for any key: a 429 with Retry-After, or a bad credential (invalid_client, Nuapay 401).",
+		}, []string{"provider"}),
 		breaker: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "breaker_state",
 			Help: "Circuit breaker of a provider's token API: 0 closed, 1 half-open, 2 open.",
@@ -117,7 +131,7 @@ func newTokenMetrics(merchantLabel bool) *tokenMetrics {
 // register adds the collectors to a config's registry; registering them
 // twice in one registry is not an error.
 func (m *tokenMetrics) register(registry *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{m.tokenRequests, m.fetchDuration, m.lookups, m.purges, m.breaker, m.backingOff} {
+	for _, c := range []prometheus.Collector{m.tokenRequests, m.fetchDuration, m.lookups, m.purges, m.purgesHeld, m.sourcesHeld, m.breaker, m.backingOff} {
 		if err := registry.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) && are.ExistingCollector == c {
@@ -136,6 +150,16 @@ func (m *tokenMetrics) Purged(provider, merchant string) {
 		return
 	}
 	m.purges.WithLabelValues(m.labels(merchant, provider)...).Inc()
+}
+
+// PurgeHeld counts an upstream rejection that did not purge the token
+// (broker.RejectionHeld). merchant is ignored unless the merchant label is
+// on.
+func (m *tokenMetrics) PurgeHeld(provider, merchant string) {
+	if m == nil {
+		return
+	}
+	m.purgesHeld.WithLabelValues(m.labels(merchant, provider)...).Inc()
 }
 
 // SetBreakerState sets the breaker gauge of a provider (0 closed,
@@ -233,8 +257,10 @@ func (h *Handler) exportZero(provider, sourceID string) {
 	m := h.metrics.tokenMetrics
 	if !m.merchantLabel {
 		m.purges.WithLabelValues(m.labels("", provider)...)
+		m.purgesHeld.WithLabelValues(m.labels("", provider)...)
 	}
 	m.backingOff.WithLabelValues(provider)
+	m.sourcesHeld.WithLabelValues(provider)
 	state := broker.BreakerClosed
 	if h.broker != nil {
 		state = h.broker.BreakerState(sourceID)
@@ -249,6 +275,25 @@ func (h *Handler) BackingOff(b *broker.Binding, on bool) {
 		return
 	}
 	g := h.metrics.backingOff.WithLabelValues(h.providerOf(b))
+	if on {
+		g.Inc()
+	} else {
+		g.Dec()
+	}
+}
+
+// SourceBackingOff implements broker.SourceObserver: it counts the
+// provider configurations held after a 429 with Retry-After or a bad
+// credential.
+func (h *Handler) SourceBackingOff(sourceID string, on bool) {
+	if h.metrics == nil || h.metrics.tokenMetrics == nil {
+		return
+	}
+	provider, ok := h.metrics.providers[sourceID]
+	if !ok {
+		provider, _, _ = strings.Cut(sourceID, "#")
+	}
+	g := h.metrics.sourcesHeld.WithLabelValues(provider)
 	if on {
 		g.Inc()
 	} else {

@@ -243,7 +243,22 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	if body != nil {
 		r.Body = io.NopCloser(bytes.NewReader(body))
 	}
-	return next.ServeHTTP(w, r)
+	// The retry is passed through; a rejection of the fresh token too is
+	// reported to the broker, which then holds the key's purges (the 401
+	// is not about the token).
+	rec.ResponseWriter, rec.hold = w, false
+	rec.status, rec.rejected, rec.held, rec.wroteHeader = 0, false, false, false
+	rec.buf.Reset()
+	if err := next.ServeHTTP(rec, r); err != nil || !rec.rejected {
+		if err == nil && rec.status != 0 {
+			h.broker.Accepted(b.Binding, fresh.Token().Value)
+		}
+		return err
+	}
+	if out.carries(r, fresh.Header()) {
+		h.purge(b, fresh.Token())
+	}
+	return nil
 }
 
 // replayBody decides whether r can be sent twice and, if it has a body,
@@ -285,20 +300,25 @@ func (h *Handler) replayBody(r *http.Request, out outbound) (bool, []byte, error
 
 // minPurgeAge: with retry_on_401 any, a token younger than this is not
 // purged. Any 401 then counts, including ones a caller can provoke at will
-// (a wrong resource), and each purge costs a token request: this bounds
-// them to one per token per second. With invalid_token the upstream says
-// the token itself is bad, and it is purged at once.
+// (a wrong resource), and each purge costs a token request. In every mode,
+// the broker also limits purges by rejection per key (broker.Reject).
 const minPurgeAge = time.Second
 
-// purge drops a token the upstream rejected, if it is still the cached one.
+// purge reports a token the upstream rejected to the broker: it is purged
+// if it is still the cached one, unless the key's purges are on hold.
 func (h *Handler) purge(b *binding, rejected broker.Token) {
 	if h.RetryOn401 == "any" && time.Since(rejected.IssuedAt) < minPurgeAge {
 		return
 	}
-	purged := h.broker.Purge(b.Binding, rejected.Value)
-	if purged && h.metrics != nil {
-		h.metrics.Purged(b.provider, b.Request.Merchant)
+	outcome := h.broker.Reject(b.Binding, rejected.Value)
+	if h.metrics != nil {
+		switch outcome {
+		case broker.RejectionPurged:
+			h.metrics.Purged(b.provider, b.Request.Merchant)
+		case broker.RejectionHeld:
+			h.metrics.PurgeHeld(b.provider, b.Request.Merchant)
+		}
 	}
 	h.logger.Info("upstream rejected the token", zap.String("merchant", b.Request.Merchant),
-		zap.String("fingerprint", rejected.Fingerprint()), zap.Bool("purged", purged))
+		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
 }

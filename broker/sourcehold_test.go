@@ -1,0 +1,94 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"testing"
+	"time"
+)
+
+// A 429 with Retry-After throttles the source's API key, and a bad
+// credential fails every organisation: with 50 keys of one source and a
+// lookup every 100 ms for a minute (refresh-ahead and cold keys alike),
+// the source is called once for the 429 and a handful of times for the
+// bad credential. A Nuapay 403 (one organisation) stays per key.
+func TestSourceHoldAcrossKeys(t *testing.T) {
+	tests := []struct {
+		name     string
+		err      error
+		warm     bool
+		maxCalls int64
+		minCalls int64
+	}{
+		{"429 Retry-After 60", &APIError{Provider: "nuapay", StatusCode: http.StatusTooManyRequests, RetryAfter: 60 * time.Second}, false, 1, 1},
+		{"429 Retry-After 60, refresh-ahead", &APIError{Provider: "oauth2", StatusCode: http.StatusTooManyRequests, Code: "slow_down", RetryAfter: 60 * time.Second}, true, 1, 1},
+		{"invalid_client", &APIError{Provider: "oauth2", StatusCode: http.StatusUnauthorized, Code: "invalid_client"}, false, 6, 1},
+		{"Nuapay 401", &APIError{Provider: "nuapay", StatusCode: http.StatusUnauthorized}, true, 6, 1},
+		{"Nuapay 403 stays per key", &APIError{Provider: "nuapay", StatusCode: http.StatusForbidden}, false, 1000, 50},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &scriptedSource{clock: clock, life: 400 * time.Second}
+			br := New(Options{Now: clock.Now, Sleep: noSleep})
+			var bs []*Binding
+			for i := range 50 {
+				bs = append(bs, NewBinding("nuapay#1", src, Request{Merchant: fmt.Sprint("m", i), Organisation: fmt.Sprint("org", i)}))
+			}
+			if tt.warm {
+				for _, b := range bs {
+					if _, _, err := br.Get(context.Background(), b); err != nil {
+						t.Fatal(err)
+					}
+				}
+				clock.Add(350 * time.Second) // every key in its refresh window
+				src.calls.Store(0)
+			}
+			src.set(tt.err)
+			for i := range 600 {
+				b := bs[i%len(bs)]
+				br.Get(context.Background(), b)
+				settle(t, br, b)
+				clock.Add(100 * time.Millisecond)
+			}
+			got := src.calls.Load()
+			t.Logf("%d calls in a minute", got)
+			if got > tt.maxCalls || got < tt.minCalls {
+				t.Errorf("calls = %d, want %d..%d", got, tt.minCalls, tt.maxCalls)
+			}
+		})
+	}
+}
+
+// The hold shows in Policy and SourceHold, and a success forgets it.
+func TestSourceHoldVisibleAndForgotten(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: 400 * time.Second}
+	br := New(Options{Now: clock.Now, Sleep: noSleep})
+	a := NewBinding("nuapay#1", src, Request{Merchant: "a", Organisation: "oa"})
+	bb := NewBinding("nuapay#1", src, Request{Merchant: "b", Organisation: "ob"})
+	e, _, err := br.Get(context.Background(), a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.set(&APIError{Provider: "nuapay", StatusCode: http.StatusTooManyRequests, RetryAfter: 30 * time.Second})
+	if _, _, err := br.Get(context.Background(), bb); err == nil {
+		t.Fatal("want the 429")
+	}
+	until, herr := br.SourceHold("nuapay#1")
+	if herr == nil || !until.Equal(clock.Now().Add(30*time.Second)) {
+		t.Fatalf("SourceHold = %v, %v", until, herr)
+	}
+	if p := br.Policy(e); !p.SourceBackoffUntil.Equal(until) {
+		t.Fatalf("Policy.SourceBackoffUntil = %v, want %v", p.SourceBackoffUntil, until)
+	}
+	src.set(nil)
+	clock.Add(31 * time.Second)
+	if _, _, err := br.Get(context.Background(), bb); err != nil {
+		t.Fatal(err)
+	}
+	if until, _ := br.SourceHold("nuapay#1"); !until.IsZero() {
+		t.Fatal("the hold outlived a success")
+	}
+}
