@@ -37,6 +37,9 @@ import (
 
 	"github.com/bsm/redislock"
 	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -378,10 +381,43 @@ func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
 	})
 }
 
-// Fetch implements broker.SharedCache.
+// Fetch implements broker.SharedCache. When the fetch is traced, the
+// shared tier's work is a span "token_broker.l2" under the token span, with
+// how the token was obtained: "adopted" (from another node), "minted"
+// (under the fleet lock) or "bypassed" (Redis unavailable: minted locally).
+// The token span's token API calls made for a mint are its children.
 func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
+	parent := trace.SpanFromContext(ctx)
+	if !parent.IsRecording() {
+		var how string
+		return c.fetch(ctx, key, usable, mint, &how)
+	}
+	ctx, span := parent.TracerProvider().Tracer(tracerName).Start(ctx, l2SpanName, trace.WithSpanKind(trace.SpanKindInternal))
+	defer span.End()
+	var how string
+	tok, adopted, err := c.fetch(ctx, key, usable, mint, &how)
+	span.SetAttributes(attribute.String("token_broker.l2.outcome", how))
+	if err != nil {
+		// Errors come from the token API (no credential, broker.Source's
+		// contract) or from the context.
+		span.SetStatus(codes.Error, err.Error())
+	} else {
+		span.SetAttributes(attribute.String("token_broker.fingerprint", tok.Fingerprint()))
+	}
+	return tok, adopted, err
+}
+
+// Span names of the shared tier.
+const (
+	tracerName = "github.com/tokenbroker/caddy-token-broker"
+	l2SpanName = "token_broker.l2"
+)
+
+// fetch is Fetch; it sets *how to how the token was obtained.
+func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error), how *string) (broker.Token, bool, error) {
 	bypass := func() (broker.Token, bool, error) {
 		c.obs.Bypassed()
+		*how = "bypassed"
 		tok, err := mint(ctx)
 		return tok, false, err
 	}
@@ -391,6 +427,7 @@ func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token)
 	}
 	if found && usable(tok) {
 		c.obs.L2Hit()
+		*how = "adopted"
 		return tok, true, nil
 	}
 	c.obs.L2Miss()
@@ -402,7 +439,12 @@ func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token)
 	for {
 		l, err := c.obtain(ctx, subject)
 		if err == nil {
-			return c.fetchLocked(ctx, key, subject, l, waited, usable, mint)
+			*how = "minted"
+			tok, adopted, err := c.fetchLocked(ctx, key, subject, l, waited, usable, mint)
+			if adopted {
+				*how = "adopted"
+			}
+			return tok, adopted, err
 		}
 		if !errors.Is(err, errNotObtained) {
 			if ctx.Err() != nil {
@@ -426,6 +468,7 @@ func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token)
 		}
 		if found && usable(tok) {
 			c.obs.Adopted()
+			*how = "adopted"
 			return tok, true, nil
 		}
 	}
