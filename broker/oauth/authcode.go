@@ -462,7 +462,7 @@ func (a *AuthCode) endpoints(ctx context.Context) (*authEndpoints, error) {
 		}
 		if ep.par == "" {
 			ep.par = doc.PAR
-			if cfg.AuthMethod == TLSClientAuth && doc.MTLSAliases.PAR != "" {
+			if usesMTLS(&cfg) && doc.MTLSAliases.PAR != "" {
 				ep.par = doc.MTLSAliases.PAR
 			}
 		}

@@ -169,7 +169,13 @@ func (ep *Endpoints) supports(method AuthMethod) bool {
 
 // mtls reports whether the token requests go out with a TLS client
 // certificate: then the mtls_endpoint_aliases are used.
-func (e *endpoints) mtls() bool {
-	has, _ := httpclient.HasClientCert(e.cfg.Client)
-	return has || e.cfg.AuthMethod == TLSClientAuth
+func (e *endpoints) mtls() bool { return usesMTLS(e.cfg) }
+
+// usesMTLS reports whether requests of cfg to the authorization server go
+// out with a TLS client certificate (RFC 8705 §5): the token, revocation and
+// PAR requests then use the mtls_endpoint_aliases, whatever the client
+// authentication method, so that tokens are certificate-bound.
+func usesMTLS(cfg *Config) bool {
+	has, _ := httpclient.HasClientCert(cfg.Client)
+	return has || cfg.AuthMethod == TLSClientAuth
 }
