@@ -147,6 +147,12 @@ func (br *Broker) obtain(ctx context.Context, b *Binding, cur *Entry, mint func(
 		return tok, OriginMinted, err
 	}
 	usable := br.usable(cur)
+	if rejected := br.rejectedToken(b.key); rejected != "" {
+		// A token an upstream rejected is never adopted back from the
+		// shared tier, even if its purge there has not happened yet.
+		valid := usable
+		usable = func(t Token) bool { return t.Value != rejected && valid(t) }
+	}
 	tok, adopted, err := sh.Fetch(ctx, b.key, usable, mint)
 	if err != nil || !adopted {
 		return tok, OriginMinted, err

@@ -70,6 +70,7 @@ type rejectState struct {
 	strikes   int       // replacement tokens rejected soon after they were cached
 	holdUntil time.Time // no purge by rejection before this
 	purgedAt  time.Time // last purge by rejection
+	rejected  Secret    // the token that purge dropped: never adopted again
 	last      time.Time // last rejection, purged or not
 }
 
@@ -115,6 +116,10 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 	}
 	held := false
 	switch {
+	case st.rejected == rejected:
+		// The token purged before came back (another lookup adopted it
+		// from the shared tier before its purge there reached it): it is
+		// purged again, and that is no strike.
 	case now.Before(st.holdUntil) && st.holdUntil.Sub(now) <= RejectHoldMax:
 		held = true
 	case !st.purgedAt.IsZero() && !e.cachedAt.Before(st.purgedAt) && now.Sub(e.cachedAt) < max(RejectMinAge, holdWindow(st.strikes+1)):
@@ -124,7 +129,7 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 		st.holdUntil = now.Add(holdWindow(st.strikes))
 		held = true
 	default:
-		st.purgedAt = now
+		st.purgedAt, st.rejected = now, rejected
 	}
 	st.last = now
 	st.mu.Unlock()
@@ -137,6 +142,19 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 	br.mu.Unlock()
 	br.purgeShared(b.key, rejected.Fingerprint())
 	return RejectionPurged
+}
+
+// rejectedToken is the token of key last purged by rejection, which the
+// shared tier must not hand out again.
+func (br *Broker) rejectedToken(key string) Secret {
+	v, ok := br.rejections.Load(key)
+	if !ok {
+		return ""
+	}
+	st := v.(*rejectState)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.rejected
 }
 
 // Accepted tells the broker that the upstream accepted the binding's token

@@ -142,3 +142,44 @@ func TestSharedCacheRefusesUnusableTokens(t *testing.T) {
 		t.Fatalf("%s %v: want a mint instead of the token inside the leeway", r, err)
 	}
 }
+
+// lostPurges is a shared tier whose purges do not reach it (Redis timed out
+// on the purge, or a lookup read it before the purge landed): the rejected
+// token is still stored there.
+type lostPurges struct{ *memShared }
+
+func (lostPurges) Purge(context.Context, string, string) error { return nil }
+
+// A token an upstream rejected is never adopted back from the shared tier:
+// the next lookup mints, and the rejected token does not come back to earn
+// the key a strike (which would keep serving it, held).
+func TestRejectedTokenNotAdoptedBack(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: time.Hour}
+	shared := lostPurges{newMemShared()}
+	br := New(Options{Now: clock.Now, Shared: shared})
+	b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
+	first, _, err := br.Get(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rejected := first.Token().Value
+	if got := br.Reject(b, rejected); got != RejectionPurged {
+		t.Fatalf("first rejection: %s, want purged", got)
+	}
+	for i := range 3 {
+		e, _, err := br.Get(context.Background(), b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.Token().Value == rejected {
+			t.Fatalf("lookup %d: the rejected token was adopted back from the shared tier", i)
+		}
+	}
+	if got := br.Reject(b, rejected); got == RejectionHeld {
+		t.Fatal("a late rejection of the purged token put the key on hold")
+	}
+	if src.calls.Load() != 2 {
+		t.Fatalf("token API calls = %d, want 2 (the first token and its replacement)", src.calls.Load())
+	}
+}
