@@ -5,6 +5,7 @@ package integration
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
@@ -158,6 +160,13 @@ func get(t testing.TB, url string, headers ...string) (int, []byte) {
 		req.Header.Add(headers[i], headers[i+1])
 	}
 	resp, err := http.DefaultClient.Do(req)
+	for attempt := 1; err != nil && attempt < 3 && isReloadRace(err); attempt++ {
+		// A GET is idempotent: a connection refused or reset while a
+		// reload swaps Caddy's listeners is tried again.
+		t.Logf("GET %s: %v; trying again", url, err)
+		http.DefaultClient.CloseIdleConnections()
+		resp, err = http.DefaultClient.Do(req)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,6 +176,12 @@ func get(t testing.TB, url string, headers ...string) (int, []byte) {
 }
 
 // getEcho GETs through the broker and decodes the sandbox's echo.
+// isReloadRace reports whether err is what a connection caught by a reload
+// sees: reset, refused, or closed before an answer.
+func isReloadRace(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, io.EOF)
+}
+
 func getEcho(t testing.TB, url string, headers ...string) echo {
 	t.Helper()
 	status, body := get(t, url, headers...)
