@@ -2,7 +2,6 @@ package integration
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
@@ -15,16 +14,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
-
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
+	"github.com/tokenbroker/caddy-token-broker/internal/redistest"
 )
 
 // The fleet tests run three (or more) real `caddy run` processes built from
@@ -61,102 +58,9 @@ func fleetCaddy(t *testing.T) string {
 	return fleetCaddyBin
 }
 
-// redisProc is a real redis-server started by a test on a free loopback
-// port, stopped by its pid.
-type redisProc struct {
-	t    *testing.T
-	port int
-	cmd  *exec.Cmd
-	exit chan struct{}
-}
-
-// startRedisServer starts Debian's redis-server without persistence on a
-// free 127.0.0.1 port. Without redis-server the test is skipped, except
-// under CI (env CI set), where it fails.
-func startRedisServer(t *testing.T) *redisProc {
-	t.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("redis-server is not installed (apt-get install -y redis-server): %v", err)
-		}
-		t.Skipf("redis-server is not installed (apt-get install -y redis-server; make test does it): %v", err)
-	}
-	r := &redisProc{t: t}
-	t.Cleanup(r.kill)
-	var err error
-	for attempt := 0; attempt < 5; attempt++ {
-		r.port = freePort(t)
-		if err = r.start(); err == nil {
-			return r
-		}
-	}
-	t.Fatalf("starting redis-server: %v", err)
-	return nil
-}
-
-func (r *redisProc) addr() string { return "127.0.0.1:" + strconv.Itoa(r.port) }
-
-func (r *redisProc) start() error {
-	cmd := exec.Command("redis-server", "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning")
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	exit := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exit) }()
-	r.cmd, r.exit = cmd, exit
-	c := redis.NewClient(&redis.Options{Addr: r.addr(), MaxRetries: -1})
-	defer c.Close()
-	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		select {
-		case <-exit:
-			r.cmd = nil
-			return fmt.Errorf("redis-server on port %d exited (port taken?)", r.port)
-		default:
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		err := c.Ping(ctx).Err()
-		cancel()
-		if err == nil {
-			return nil
-		}
-	}
-	r.kill()
-	return fmt.Errorf("redis-server on port %d did not answer within 15s", r.port)
-}
-
-// kill stops the server by its pid (SIGKILL: a crash) and waits for it.
-func (r *redisProc) kill() {
-	if r.cmd == nil {
-		return
-	}
-	_ = r.cmd.Process.Kill()
-	<-r.exit
-	r.cmd = nil
-}
-
-// restart starts the server again on the same port.
-func (r *redisProc) restart() {
-	r.t.Helper()
-	var err error
-	for attempt := 0; attempt < 50; attempt++ {
-		if err = r.start(); err == nil {
-			return
-		}
-		time.Sleep(100 * time.Millisecond) // the port may linger briefly
-	}
-	r.t.Fatalf("restarting redis-server on port %d: %v", r.port, err)
-}
-
-// cli runs redis-cli against the server and returns its output.
-func (r *redisProc) cli(args ...string) string {
-	r.t.Helper()
-	out, err := exec.Command("redis-cli", append([]string{"-p", strconv.Itoa(r.port)}, args...)...).CombinedOutput()
-	if err != nil {
-		r.t.Fatalf("redis-cli %v: %v\n%s", args, err, out)
-	}
-	return string(out)
-}
+// startRedisServer starts a real redis-server for the test (see
+// redistest): skipped without redis-server, except under CI.
+func startRedisServer(t *testing.T) *redistest.Server { return redistest.Start(t) }
 
 // newCacheKey returns a fresh base64 AES-256 key.
 func newCacheKey() string {
@@ -239,7 +143,7 @@ type fleetEnv struct {
 	sb         *sandbox.Server
 	tap        *tokenTap
 	sandboxURL string
-	redis      *redisProc
+	redis      *redistest.Server
 	registry   string
 	key        string
 	oldKeys    string
@@ -287,7 +191,7 @@ func (f *fleetEnv) startNode() *fleetNode {
 	dir := t.TempDir()
 	env := append(os.Environ(),
 		"SANDBOX_URL="+f.sandboxURL, "NUAPAY_API_KEY="+apiKey,
-		"TOKEN_BROKER_CONFIG="+f.registry, "REDIS_ADDR="+f.redis.addr(), "TOKEN_CACHE_KEY="+f.key,
+		"TOKEN_BROKER_CONFIG="+f.registry, "REDIS_ADDR="+f.redis.Addr(), "TOKEN_CACHE_KEY="+f.key,
 		// The machine may be busy (a test suite beside this one): a Redis
 		// call that misses the example's 50 ms is bypassed by design, which
 		// these tests of fleet sharing must not depend on.
@@ -591,7 +495,7 @@ func TestFleetRedisKilledUnderLoad(t *testing.T) {
 		}()
 	}
 	time.Sleep(300 * time.Millisecond) // load before the kill
-	f.redis.kill()
+	f.redis.Kill()
 	killed.Store(true)
 	killedAt := calls.Load()
 	time.Sleep(1500 * time.Millisecond) // load while Redis is down
@@ -605,7 +509,7 @@ func TestFleetRedisKilledUnderLoad(t *testing.T) {
 	}
 	t.Logf("%d requests, %d after the kill, cold merchants m01..m%02d", calls.Load(), calls.Load()-killedAt, min(next.Load(), coldUntil)-1)
 
-	f.redis.restart()
+	f.redis.Restart()
 	deadline := time.Now().Add(20 * time.Second)
 	for k := coldUntil; ; k++ {
 		if k >= fleetMerchants || time.Now().After(deadline) {
@@ -637,7 +541,7 @@ func TestFleetRedisKilledUnderLoad(t *testing.T) {
 func TestExampleFleetRedis(t *testing.T) {
 	r := startRedisServer(t)
 	sb, tap := startTappedSandbox(t)
-	t.Setenv("REDIS_ADDR", r.addr())
+	t.Setenv("REDIS_ADDR", r.Addr())
 	t.Setenv("REDIS_TIMEOUT", "1s") // a busy machine must not bypass Redis
 	t.Setenv("TOKEN_CACHE_KEY", newCacheKey())
 	base := startCaddy(t, useExample(t, "fleet-redis"))
@@ -662,9 +566,9 @@ func TestExampleFleetRedis(t *testing.T) {
 
 // assertRedisSealed reads every key and value straight from Redis with
 // redis-cli and fails if one shows any of the tokens or clear words.
-func assertRedisSealed(t *testing.T, r *redisProc, tokens []string, clear ...string) {
+func assertRedisSealed(t *testing.T, r *redistest.Server, tokens []string, clear ...string) {
 	t.Helper()
-	keys := strings.Fields(r.cli("--scan"))
+	keys := strings.Fields(r.CLI("--scan"))
 	if len(keys) == 0 {
 		t.Fatal("redis-cli --scan: no keys: nothing was shared")
 	}
@@ -675,10 +579,10 @@ func assertRedisSealed(t *testing.T, r *redisProc, tokens []string, clear ...str
 				t.Errorf("Redis key %q shows %q in clear", k, c)
 			}
 		}
-		if typ := strings.TrimSpace(r.cli("TYPE", k)); typ != "string" {
+		if typ := strings.TrimSpace(r.CLI("TYPE", k)); typ != "string" {
 			continue
 		}
-		v := r.cli("--no-raw", "GET", k)
+		v := r.CLI("--no-raw", "GET", k)
 		values++
 		for _, tok := range tokens {
 			if strings.Contains(v, tok) || strings.Contains(v, tok[:16]) || strings.Contains(v, tok[len(tok)-16:]) {

@@ -15,6 +15,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/redistest"
 	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
@@ -67,7 +68,7 @@ func testKeys(t *testing.T, current byte, old ...byte) *seal.Keyring {
 
 // newNode starts a Cache on r. Redis calls get a generous timeout (the
 // machine is shared) unless mod sets another.
-func newNode(t *testing.T, r *redisServer, keys *seal.Keyring, mod func(*Options)) *node {
+func newNode(t *testing.T, r *redistest.Server, keys *seal.Keyring, mod func(*Options)) *node {
 	t.Helper()
 	clock := &fakeClock{now: time.Now()}
 	obs := &counters{}
@@ -224,7 +225,7 @@ func TestLockOfDeadHolderIsTakenOver(t *testing.T) {
 	r := startRedis(t)
 	a := newNode(t, r, testKeys(t, 1), nil)
 	ctx := testCtx(t)
-	raw := r.client()
+	raw := r.Client()
 	lockKey := a.lockKey("tok:" + a.name(testKey))
 	if err := raw.Set(ctx, lockKey, "dead-node", 300*time.Millisecond).Err(); err != nil {
 		t.Fatal(err)
@@ -253,7 +254,7 @@ func TestRedisHoldsCiphertext(t *testing.T) {
 	if err := rt.Save(ctx, "bank/merchant-42", "secret-refresh-token"); err != nil {
 		t.Fatal(err)
 	}
-	raw := r.client()
+	raw := r.Client()
 	names, err := raw.Keys(ctx, "*").Result()
 	if err != nil {
 		t.Fatal(err)
@@ -305,7 +306,7 @@ func TestUndecryptableValueIgnored(t *testing.T) {
 		t.Fatalf("b again: adopted=%v err=%v", adopted, err)
 	}
 	// Garbage and a value moved from another key are ignored too.
-	raw := r.client()
+	raw := r.Client()
 	other := "nuapay|merchant-7|payments|"
 	if err := raw.Set(ctx, b.TokenKey(other), raw.Get(ctx, b.TokenKey(testKey)).Val(), time.Hour).Err(); err != nil {
 		t.Fatal(err)
@@ -375,7 +376,7 @@ func TestPurgeCompareAndDelete(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	raw := r.client()
+	raw := r.Client()
 	if err := a.Purge(ctx, testKey, "00000000"); err != nil {
 		t.Fatal(err)
 	}
@@ -436,7 +437,7 @@ func TestRedisDownAndBack(t *testing.T) {
 	if _, _, err := a.Fetch(ctx, testKey, usable, m.mint); err != nil {
 		t.Fatal(err)
 	}
-	r.kill()
+	r.Kill()
 	for i := 0; i < 10; i++ {
 		before := m.n.Load()
 		start := time.Now()
@@ -462,7 +463,7 @@ func TestRedisDownAndBack(t *testing.T) {
 		t.Fatalf("Purge with the breaker open = %v; want ErrUnavailable", err)
 	}
 
-	r.restart()
+	r.Restart()
 	deadline := time.Now().Add(20 * time.Second)
 	for i := 0; ; i++ {
 		a.clock.Advance(time.Minute)
@@ -501,7 +502,7 @@ func TestRefreshTokenStore(t *testing.T) {
 		t.Fatalf("b Load = %v", err)
 	}
 	// Moved under another merchant, it does not open.
-	raw := r.client()
+	raw := r.Client()
 	if err := raw.Set(ctx, sa.redisKey(a.nameKeys[0], "bank/m2"), raw.Get(ctx, sa.redisKey(a.nameKeys[0], "bank/m1")).Val(), 0).Err(); err != nil {
 		t.Fatal(err)
 	}
