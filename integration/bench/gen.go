@@ -36,15 +36,17 @@ func registryTOML(n int, tokenAPI string) string {
 // wildcardRegistryTOML is the registry of the wildcard case: one
 // [merchants."*"] entry serving distinct merchant ids, with organisation =
 // "{merchant}" (the token API issues tokens for orgs named like the
-// merchant ids) and an active set as large as the ids driven, so that the
-// run measures lookups, not evictions.
-func wildcardRegistryTOML(distinct int, tokenAPI string) (string, error) {
-	if distinct < 1 {
-		return "", errors.New("wildcard: distinct must be at least 1")
+// merchant ids: tokenapi -merchant-orgs), max_active = active and
+// idle_timeout = wildcardIdle, so that the active set, not the ids seen,
+// bounds the memory: once it is full, a new id evicts those the sliding
+// window left (wildcardScript).
+func wildcardRegistryTOML(distinct, active int, tokenAPI string) (string, error) {
+	if distinct < 1 || active < 1 {
+		return "", errors.New("wildcard: distinct ids and max_active must be at least 1")
 	}
 	return fmt.Sprintf("[providers.nuapay]\ntype = \"nuapay\"\nbase_url = %q\napi_key = \"{env.%s}\"\ntimeout = \"10s\"\ntoken_lifetime = \"6h\"\n\n"+
-		"[merchants.\"*\"]\nprovider = \"nuapay\"\norganisation = \"{merchant}\"\nscopes = [\"openbanking_pisp\"]\nmax_active = %d\nidle_timeout = \"12h\"\n",
-		tokenAPI, apiKeyEnv, distinct), nil
+		"[merchants.\"*\"]\nprovider = \"nuapay\"\norganisation = \"{merchant}\"\nscopes = [\"openbanking_pisp\"]\nmax_active = %d\nidle_timeout = %q\n",
+		tokenAPI, apiKeyEnv, active, wildcardIdle.String()), nil
 }
 
 // routes are the three routes of both servers; wrk drives benchPath.

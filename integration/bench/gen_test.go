@@ -47,12 +47,12 @@ func TestRegistryTOML(t *testing.T) {
 			}
 		})
 	}
-	w, err := wildcardRegistryTOML(1_000_000, "http://127.0.0.1:9")
+	w, err := wildcardRegistryTOML(1_000_000, 50_000, "http://127.0.0.1:9")
 	if err != nil {
 		t.Fatal(err)
 	}
 	reg, err := config.Parse("w.toml", []byte(w), func(string) (string, bool) { return apiKey, true })
-	if err != nil || reg.Wildcard == nil || reg.Wildcard.MaxActive != 1_000_000 {
+	if err != nil || reg.Wildcard == nil || reg.Wildcard.MaxActive != 50_000 {
 		t.Fatalf("wildcard registry: %v", err)
 	}
 	if b, err := reg.Binding(merchantID(42), nil); err != nil || b.Request.Organisation != merchantID(42) {
@@ -177,5 +177,59 @@ func TestReport(t *testing.T) {
 		if got := thousands(n); got != want {
 			t.Errorf("thousands(%d) = %q, want %q", n, got, want)
 		}
+	}
+}
+
+// wrk runs the wildcard script: every id is a merchant id of the range,
+// the window slides (ids beyond the first window are reached), and ids
+// wrap around the range. Skipped where wrk is not installed.
+func TestWildcardScript(t *testing.T) {
+	wrk, err := exec.LookPath("wrk")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("wrk is not installed: make test installs it (make tools)")
+		}
+		t.Skip("wrk not installed (make tools installs it)")
+	}
+	const distinct, window = 200, 10
+	var mu sync.Mutex
+	seen := map[string]int{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen[r.Header.Get("X-Merchant-Id")]++
+		mu.Unlock()
+	}))
+	defer srv.Close()
+	script := filepath.Join(t.TempDir(), "wildcard.lua")
+	if err := os.WriteFile(script, []byte(wildcardScript(distinct, window, 2)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := run(time.Minute, wrk, "-t", "2", "-c", "4", "-d", "2s", "-s", script, srv.URL)
+	if err != nil {
+		t.Fatalf("wrk: %v\n%s", err, out)
+	}
+	if _, err := parseWrk(out); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	valid := map[string]bool{}
+	for i := range distinct {
+		valid[merchantID(i)] = true
+	}
+	var total int
+	for id, c := range seen {
+		if !valid[id] {
+			t.Errorf("merchant id %q (%d times) is not in the range of %d", id, c, distinct)
+		}
+		total += c
+	}
+	// The window moves by one id every wildcardStride requests: after
+	// wildcardStride*distinct requests it went round the whole range.
+	if total >= 2*wildcardStride*distinct && len(seen) < distinct*9/10 {
+		t.Errorf("%d requests reached %d of %d ids: the window does not slide", total, len(seen), distinct)
+	}
+	if total < 2*wildcardStride*distinct {
+		t.Logf("only %d requests (a busy machine): window not checked", total)
 	}
 }

@@ -9,6 +9,10 @@
 // rounds (sidecar, plain, plain, sidecar, ...) after a warm-up and reports
 // the medians of requests/s, p99 and the server's CPU per request (from
 // /proc/PID/stat) and the ratios sidecar/plain, as a markdown table.
+// Then the wildcard case (wildcard.go): a sidecar with one
+// [merchants."*"] entry and max_active, wrk with merchant ids from a
+// window sliding over -wildcard distinct ids for -wildcard-time; it
+// reports RSS against max_active and the mint rate the run reached.
 //
 //	make bench                 # installs wrk if missing, builds, runs the defaults
 //	go run ./integration/bench [-merchants 1,1000,100000] [-rounds 7] [-round 5s] ...
@@ -42,7 +46,11 @@ type options struct {
 	connections int
 	threads     int
 	wildcard    int
-	keep        bool
+	// wildcardActive is max_active of the wildcard case; wildcardTime
+	// its sidecar run (the plain Caddy runs a quarter of it).
+	wildcardActive int
+	wildcardTime   time.Duration
+	keep           bool
 	// fleet > 0 runs the fleet mode instead (fleet.go).
 	fleet          int
 	fleetLifetimes int
@@ -101,6 +109,8 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	fs.IntVar(&o.connections, "connections", 32, "wrk connections")
 	fs.IntVar(&o.threads, "threads", 2, "wrk threads")
 	fs.IntVar(&o.wildcard, "wildcard", 1_000_000, "distinct merchant ids of the wildcard case (0 skips it)")
+	fs.IntVar(&o.wildcardActive, "wildcard-active", 10_000, "max_active of the wildcard case")
+	fs.DurationVar(&o.wildcardTime, "wildcard-time", 40*time.Second, "wrk run of the sidecar in the wildcard case (the plain Caddy: a quarter of it)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary folder (registries, Caddyfiles, process logs)")
 	fs.IntVar(&o.fleet, "fleet", 0, "fleet mode: N sidecars sharing one redis-server; mints per key per lifetime and L2 latency (0: off)")
 	fs.IntVar(&o.fleetLifetimes, "fleet-lifetimes", 3, "fleet mode: token lifetimes (10 s each) of steady traffic")
@@ -114,6 +124,9 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	}
 	if o.fleet < 0 || o.fleetLifetimes < 1 {
 		return o, 0, fmt.Errorf("flags: want -fleet >= 0 and -fleet-lifetimes >= 1")
+	}
+	if o.wildcard > 0 && (o.wildcardActive < 1 || o.wildcardTime < 4*time.Second) {
+		return o, 0, fmt.Errorf("flags: want -wildcard-active >= 1 and -wildcard-time >= 4s")
 	}
 	if o.rounds < 1 || o.round < time.Second || o.connections < 1 || o.threads < 1 || o.connections < o.threads {
 		return o, 0, fmt.Errorf("flags: want -rounds >= 1, -round >= 1s, -threads >= 1 and -connections >= -threads")

@@ -48,6 +48,7 @@ type env struct {
 	upstream  string // host:port
 	tokenAPI  string // base URL
 	plain     *server
+	tokenProc *proc // the token API helper, for its CPU
 	tick      time.Duration
 	plainInfo string
 }
@@ -98,7 +99,7 @@ func runBench(o options) error {
 		maxN = max(maxN, n)
 	}
 	ta, err := start(dir, "tokenapi", []string{apiKeyEnv + "=" + apiKey}, self, "tokenapi",
-		"-addr-file", filepath.Join(dir, "tokenapi.addr"), "-orgs", fmt.Sprint(maxN))
+		"-addr-file", filepath.Join(dir, "tokenapi.addr"), "-orgs", fmt.Sprint(maxN), "-merchant-orgs", fmt.Sprint(o.wildcard))
 	if err != nil {
 		return err
 	}
@@ -107,6 +108,7 @@ func runBench(o options) error {
 		return err
 	}
 	e.tokenAPI = "http://" + addr
+	e.tokenProc = ta
 
 	// The plain Caddy runs for the whole run.
 	t0 := time.Now()
@@ -134,9 +136,11 @@ func runBench(o options) error {
 	}
 	wildcard := ""
 	if o.wildcard > 0 {
-		if _, err := wildcardRegistryTOML(o.wildcard, e.tokenAPI); err != nil {
-			wildcard = err.Error()
+		w, err := e.measureWildcard(wrk, o.wildcard, o.wildcardActive, o.wildcardTime)
+		if err != nil {
+			return fmt.Errorf("wildcard: %w", err)
 		}
+		wildcard = w.text()
 	}
 	fmt.Print(report(machine(), e.describe(), e.plainInfo, results, wildcard))
 	return nil

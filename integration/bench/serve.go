@@ -25,8 +25,10 @@ const tokenCountPath = "/_bench/token-requests"
 //
 //	bench upstream -addr-file F          a minimal upstream: 200 "ok\n", no log
 //	bench tokenapi -addr-file F -orgs N  the sandbox's Nuapay Gatekeeper with
-//	                                     N organisations (orgFormat), API key
-//	                                     from $BENCH_NUAPAY_API_KEY, no log
+//	  [-merchant-orgs M]                 N organisations (orgFormat) and M
+//	                                     named like merchant ids (the
+//	                                     wildcard case), API key from
+//	                                     $BENCH_NUAPAY_API_KEY, no log
 //
 // Both listen on 127.0.0.1:0, write the address to the file, and stop on
 // SIGTERM. bin/sandbox is not used for the token API: its -orgs flag cannot
@@ -36,6 +38,7 @@ func serveHelper(kind string, args []string) error {
 	fs := flag.NewFlagSet(kind, flag.ContinueOnError)
 	addrFile := fs.String("addr-file", "", "write the listen address to this file once listening")
 	orgs := fs.Int("orgs", 0, "tokenapi: organisations linked to the partner")
+	merchantOrgs := fs.Int("merchant-orgs", 0, "tokenapi: more organisations, named like the merchant ids (the wildcard case)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -52,9 +55,12 @@ func serveHelper(kind string, args []string) error {
 		if key == "" {
 			return fmt.Errorf("tokenapi: $%s is empty: set the partner API key the token API accepts", apiKeyEnv)
 		}
-		cfg := sandbox.Config{APIKeys: []string{key}, Organisations: make([]sandbox.Organisation, *orgs)}
+		cfg := sandbox.Config{APIKeys: []string{key}, Organisations: make([]sandbox.Organisation, *orgs, *orgs+*merchantOrgs)}
 		for i := range cfg.Organisations {
 			cfg.Organisations[i] = sandbox.Organisation{ID: orgID(i)}
+		}
+		for i := range *merchantOrgs {
+			cfg.Organisations = append(cfg.Organisations, sandbox.Organisation{ID: merchantID(i)})
 		}
 		sb := sandbox.New(cfg)
 		mux := http.NewServeMux()
