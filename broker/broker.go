@@ -11,6 +11,7 @@ package broker
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -103,9 +104,24 @@ func (br *Broker) Close() {
 // newEntry builds the cache entry of a token.
 // The token's value is a slice of the header string, so that a cached
 // token's bytes are held once, not twice.
+//
+// The granted scopes, when they are the binding's (the usual case), and
+// the common spellings of the token type are shared rather than kept per
+// token: up to three heap objects fewer per cached token, which every GC
+// cycle would otherwise visit (at 100 000 warm merchants the GC's mark
+// work is most of the CPU per request above a plain Caddy's).
 func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	header := bearerPrefix + tok.Value.Reveal()
 	tok.Value = Secret(header[len(bearerPrefix):])
+	if len(tok.Scopes) > 0 && slices.Equal(tok.Scopes, b.Request.Scopes) {
+		tok.Scopes = b.Request.Scopes
+	}
+	switch tok.Type {
+	case "Bearer":
+		tok.Type = "Bearer"
+	case "bearer":
+		tok.Type = "bearer"
+	}
 	return &Entry{tok: tok, header: header, refreshAt: br.refreshAt(tok), binding: b,
 		origin: origin, fingerprint: tok.Fingerprint(), cachedAt: br.opts.Now()}
 }

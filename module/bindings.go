@@ -33,6 +33,12 @@ type bindingTable struct {
 	m      sync.Map // merchant id -> *binding
 	mu     sync.Mutex
 	active atomic.Int64 // wildcard bindings in m
+	// noIdleUntil (unix ns, under mu) is the first moment a binding can be
+	// idle past idle_timeout, as the last eviction scan found it: while the
+	// table is full and nobody can be idle yet, a new merchant is refused
+	// without walking every binding under the lock.
+	noIdleUntil int64
+	scans       int // eviction scans, for tests
 }
 
 func newBindingTable(reg *config.Registry, scopes []string, listing *orgListing) *bindingTable {
@@ -103,7 +109,9 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 	}
 	now := t.now().UnixNano()
 	if wild && t.active.Load() >= int64(t.reg.Wildcard.MaxActive) {
-		t.evictIdle(now)
+		if now >= t.noIdleUntil {
+			t.evictIdle(now)
+		}
 		if t.active.Load() >= int64(t.reg.Wildcard.MaxActive) {
 			return nil, &refusal{status: http.StatusServiceUnavailable, code: "too_many_merchants", merchant: id}
 		}
@@ -127,18 +135,32 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 }
 
 // evictIdle removes the wildcard bindings unused for the wildcard's
-// idle_timeout. Called with t.mu held.
+// idle_timeout, and notes when the oldest one left can first be evicted
+// (lastUsed only grows, and new bindings are newer: none is evictable
+// before). Called with t.mu held.
 func (t *bindingTable) evictIdle(now int64) int {
 	idle := int64(t.reg.Wildcard.IdleTimeout)
 	n := 0
+	oldest := int64(-1)
+	t.scans++
 	t.m.Range(func(k, v any) bool {
-		if b := v.(*binding); b.wild && now-b.lastUsed.Load() > idle {
+		b := v.(*binding)
+		if !b.wild {
+			return true
+		}
+		if used := b.lastUsed.Load(); now-used > idle {
 			t.m.Delete(k)
 			t.active.Add(-1)
 			n++
+		} else if oldest < 0 || used < oldest {
+			oldest = used
 		}
 		return true
 	})
+	t.noIdleUntil = 0
+	if oldest >= 0 {
+		t.noIdleUntil = oldest + idle + 1
+	}
 	return n
 }
 

@@ -216,3 +216,32 @@ func TestWildcardEviction(t *testing.T) {
 		t.Fatalf("an evicted merchant coming back caused %d token requests, want its cached token", n-before)
 	}
 }
+
+// TestWildcardFullTableScansOnce: with the active set full and nobody
+// idle, new merchants are refused without walking the table again until
+// the oldest binding can be idle; then one scan evicts it and the new
+// merchant is served.
+func TestWildcardFullTableScansOnce(t *testing.T) {
+	env := newWildcardEnv(t, "max_active = 2\nidle_timeout = \"1m\"")
+	for _, m := range []string{"ORG1", "ORG2"} {
+		if status, _ := env.get(t, m); status != 200 {
+			t.Fatalf("%s: %d", m, status)
+		}
+	}
+	env.clk.Add(30 * time.Second)
+	for i := range 20 {
+		if status, _ := env.get(t, fmt.Sprintf("NEW%d", i)); status != http.StatusServiceUnavailable {
+			t.Fatalf("NEW%d with nobody idle: %d, want 503", i, status)
+		}
+	}
+	if env.h.bindings.scans != 1 {
+		t.Fatalf("%d eviction scans for 20 refusals, want 1", env.h.bindings.scans)
+	}
+	env.clk.Add(31 * time.Second) // ORG1 and ORG2 idle 61 s
+	if status, org := env.get(t, "ORG3"); status != 200 || org != "ORG3" {
+		t.Fatalf("ORG3 once the others are idle: %d %q", status, org)
+	}
+	if env.h.bindings.scans != 2 || env.h.bindings.peek("ORG1") != nil {
+		t.Fatalf("scans %d, ORG1 evicted %t: want 2 scans and ORG1 evicted", env.h.bindings.scans, env.h.bindings.peek("ORG1") == nil)
+	}
+}
