@@ -184,14 +184,14 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			a.RefreshWindow = f
 		case "leeway", "fetch_timeout":
-			dur, err := caddy.ParseDuration(v)
-			if err != nil || dur <= 0 {
-				return d.Errf("%s '%s': want a positive duration like 2s", sub, v)
+			dur, err := positiveDuration(d, sub, v, "2s")
+			if err != nil {
+				return err
 			}
 			if sub == "leeway" {
-				a.Leeway = caddy.Duration(dur)
+				a.Leeway = dur
 			} else {
-				a.FetchTimeout = caddy.Duration(dur)
+				a.FetchTimeout = dur
 			}
 		default:
 			return d.Errf("unrecognized subdirective '%s'", sub)
@@ -236,11 +236,11 @@ func parseCallers(d *caddyfile.Dispenser) (*CallerPolicy, error) {
 		case "ca_file":
 			p.CAFile = v
 		case "refresh_interval":
-			dur, err := caddy.ParseDuration(v)
-			if err != nil || dur <= 0 {
-				return nil, d.Errf("refresh_interval '%s': want a positive duration like 30s", v)
+			dur, err := positiveDuration(d, sub, v, "30s")
+			if err != nil {
+				return nil, err
 			}
-			p.RefreshInterval = caddy.Duration(dur)
+			p.RefreshInterval = dur
 		case "header":
 			if !IsLogRedactedHeader(v) {
 				return nil, d.Errf("callers header '%s': the caller JWT can only be in Authorization or Proxy-Authorization, which Caddy's logs redact", v)
@@ -283,6 +283,16 @@ func oneArg(d *caddyfile.Dispenser) (string, error) {
 		return "", d.ArgErr()
 	}
 	return v, nil
+}
+
+// positiveDuration reads the value v of subdirective sub as a positive
+// duration; the error names the subdirective and shows an example.
+func positiveDuration(d *caddyfile.Dispenser, sub, v, example string) (caddy.Duration, error) {
+	dur, err := caddy.ParseDuration(v)
+	if err != nil || dur <= 0 {
+		return 0, d.Errf("%s '%s': want a positive duration like %s", sub, v, example)
+	}
+	return caddy.Duration(dur), nil
 }
 
 // parseFraction reads "0.25" or "25%".

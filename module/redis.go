@@ -345,14 +345,14 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 			}
 			r.HashKeys = &b
 		case "timeout", "lock_ttl":
-			dur, err := caddy.ParseDuration(v)
-			if err != nil || dur <= 0 {
-				return nil, d.Errf("%s '%s': want a positive duration like 50ms", sub, v)
+			dur, err := positiveDuration(d, sub, v, "50ms")
+			if err != nil {
+				return nil, err
 			}
 			if sub == "timeout" {
-				r.Timeout = caddy.Duration(dur)
+				r.Timeout = dur
 			} else {
-				r.LockTTL = caddy.Duration(dur)
+				r.LockTTL = dur
 			}
 		default:
 			return nil, d.Errf("unrecognized redis subdirective '%s'", sub)
