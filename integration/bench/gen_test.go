@@ -104,13 +104,7 @@ func TestCaddyfiles(t *testing.T) {
 // registry, the picks spread over them, and done() prints a line parseWrk
 // reads. Skipped where wrk is not installed (`make bench` installs it).
 func TestWrkScript(t *testing.T) {
-	wrk, err := exec.LookPath("wrk")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("wrk is not installed: make test installs it (make tools)")
-		}
-		t.Skip("wrk not installed (make tools installs it)")
-	}
+	wrk := requireWrk(t)
 	const n = 50
 	var mu sync.Mutex
 	seen := map[string]int{}
@@ -184,13 +178,7 @@ func TestReport(t *testing.T) {
 // the window slides (ids beyond the first window are reached), and ids
 // wrap around the range. Skipped where wrk is not installed.
 func TestWildcardScript(t *testing.T) {
-	wrk, err := exec.LookPath("wrk")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("wrk is not installed: make test installs it (make tools)")
-		}
-		t.Skip("wrk not installed (make tools installs it)")
-	}
+	wrk := requireWrk(t)
 	const distinct, window = 200, 10
 	var mu sync.Mutex
 	seen := map[string]int{}
@@ -232,4 +220,18 @@ func TestWildcardScript(t *testing.T) {
 	if total < 2*wildcardStride*distinct {
 		t.Logf("only %d requests (a busy machine): window not checked", total)
 	}
+}
+
+// requireWrk returns wrk's path. Without wrk the test is skipped, except
+// under CI (env CI set), where it fails: `make test` installs it.
+func requireWrk(t *testing.T) string {
+	t.Helper()
+	wrk, err := exec.LookPath("wrk")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("wrk is not installed: make test installs it (make tools)")
+		}
+		t.Skip("wrk not installed (make tools installs it)")
+	}
+	return wrk
 }
