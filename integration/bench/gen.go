@@ -25,12 +25,24 @@ func orgID(i int) string      { return fmt.Sprintf(orgFormat, i) }
 func registryTOML(n int, tokenAPI string) string {
 	var b strings.Builder
 	b.Grow(100 + n*90)
-	fmt.Fprintf(&b, "[providers.nuapay]\ntype = \"nuapay\"\nbase_url = %q\napi_key = \"{env.%s}\"\ntimeout = \"10s\"\ntoken_lifetime = \"6h\"\n\n",
-		tokenAPI, apiKeyEnv)
+	b.WriteString(providersTOML(tokenAPI))
 	for i := range n {
-		fmt.Fprintf(&b, "[merchants.%s]\nprovider = \"nuapay\"\norganisation = %q\nscopes = [\"openbanking_pisp\"]\n\n", merchantID(i), orgID(i))
+		merchantTOML(&b, merchantID(i), orgID(i))
 	}
 	return b.String()
+}
+
+// providersTOML is the [providers.nuapay] table of every registry of the
+// driver: the token API's base URL, the API key from the environment,
+// tokens of 6 h.
+func providersTOML(tokenAPI string) string {
+	return fmt.Sprintf("[providers.nuapay]\ntype = \"nuapay\"\nbase_url = %q\napi_key = \"{env.%s}\"\ntimeout = \"10s\"\ntoken_lifetime = \"6h\"\n\n",
+		tokenAPI, apiKeyEnv)
+}
+
+// merchantTOML appends one explicit Nuapay merchant entry to b.
+func merchantTOML(b *strings.Builder, id, org string) {
+	fmt.Fprintf(b, "[merchants.%s]\nprovider = \"nuapay\"\norganisation = %q\nscopes = [\"openbanking_pisp\"]\n\n", id, org)
 }
 
 // wildcardRegistryTOML is the registry of the wildcard case: one

@@ -9,7 +9,12 @@
 // rounds (sidecar, plain, plain, sidecar, ...) after a warm-up and reports
 // the medians of requests/s, p99 and the server's CPU per request (from
 // /proc/PID/stat) and the ratios sidecar/plain, as a markdown table.
-// Then the wildcard case (wildcard.go): a sidecar with one
+// With the sidecar's Go runtime figures (GET /debug/vars of Caddy's admin
+// API) next to RSS. Then the split reload case (split.go): a registry
+// folder of -split-files files of -split-merchants merchants, one file
+// edited, `caddy reload` timed and the token requests it caused counted.
+// -profile DIR saves a CPU and a heap profile of the sidecar at the
+// largest merchant count. Then the wildcard case (wildcard.go): a sidecar with one
 // [merchants."*"] entry and max_active, wrk with merchant ids from a
 // window sliding over -wildcard distinct ids for -wildcard-time; it
 // reports RSS against max_active and the mint rate the run reached.
@@ -51,6 +56,12 @@ type options struct {
 	wildcardActive int
 	wildcardTime   time.Duration
 	keep           bool
+	// split is the split registry of the reload case (split.go);
+	// split.files == 0 skips it.
+	split splitLayout
+	// profile, when set, is the folder that receives a CPU and a heap
+	// profile of the sidecar at the largest merchant count.
+	profile string
 	// fleet > 0 runs the fleet mode instead (fleet.go).
 	fleet          int
 	fleetLifetimes int
@@ -111,6 +122,9 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	fs.IntVar(&o.wildcard, "wildcard", 1_000_000, "distinct merchant ids of the wildcard case (0 skips it)")
 	fs.IntVar(&o.wildcardActive, "wildcard-active", 10_000, "max_active of the wildcard case")
 	fs.DurationVar(&o.wildcardTime, "wildcard-time", 40*time.Second, "wrk run of the sidecar in the wildcard case (the plain Caddy: a quarter of it)")
+	fs.IntVar(&o.split.files, "split-files", 10, "split reload case: merchant files of the registry folder (0 skips the case)")
+	fs.IntVar(&o.split.perFile, "split-merchants", 10_000, "split reload case: merchants per file")
+	fs.StringVar(&o.profile, "profile", "", "save a 10 s CPU profile (under an extra wrk run) and a heap profile of the sidecar at the largest merchant count into this folder (off when empty)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary folder (registries, Caddyfiles, process logs)")
 	fs.IntVar(&o.fleet, "fleet", 0, "fleet mode: N sidecars sharing one redis-server; mints per key per lifetime and L2 latency (0: off)")
 	fs.IntVar(&o.fleetLifetimes, "fleet-lifetimes", 3, "fleet mode: token lifetimes (10 s each) of steady traffic")
@@ -127,6 +141,11 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	}
 	if o.wildcard > 0 && (o.wildcardActive < 1 || o.wildcardTime < 4*time.Second) {
 		return o, 0, fmt.Errorf("flags: want -wildcard-active >= 1 and -wildcard-time >= 4s")
+	}
+	if o.split.files != 0 {
+		if err := o.split.validate(); err != nil {
+			return o, 0, err
+		}
 	}
 	if o.rounds < 1 || o.round < time.Second || o.connections < 1 || o.threads < 1 || o.connections < o.threads {
 		return o, 0, fmt.Errorf("flags: want -rounds >= 1, -round >= 1s, -threads >= 1 and -connections >= -threads")

@@ -8,9 +8,10 @@ import (
 )
 
 // report renders the results as markdown: the summary table of issue 9
-// (one row per merchant count, ratios sidecar/plain of the medians), then
-// the medians themselves.
-func report(machine, method, plainInfo string, results []countResult, wildcard string) string {
+// (one row per merchant count, ratios sidecar/plain of the medians, and a
+// row for the split registry when measured), the reloads, the sidecar's Go
+// runtime figures next to RSS, then the medians themselves.
+func report(machine, method, plainInfo string, results []countResult, split *splitResult, wildcard string) string {
 	var b strings.Builder
 	b.WriteString("\n## End-to-end: sidecar vs Caddy with a static header (separate processes)\n\n")
 	fmt.Fprintf(&b, "- machine: %s\n- method: %s\n- %s\n\n", machine, method, plainInfo)
@@ -21,6 +22,19 @@ func report(machine, method, plainInfo string, results []countResult, wildcard s
 		fmt.Fprintf(&b, "| %s | %s | %s (RSS %s after) | %s | %s | %s | %s | %s |\n",
 			thousands(r.Merchants), secs(r.Start), secs(r.Reload), mib(r.RSSAfterReload), mib(r.RSSIdle), mib(r.RSSWarm),
 			ratioText(float64(s.CPU), float64(p.CPU)), ratioText(s.RPS, p.RPS), ratioText(float64(s.P99), float64(p.P99)))
+	}
+	if split != nil {
+		fmt.Fprintf(&b, "| %s in %d files × %s, one edited | %s | %s (RSS %s after) | %s | – | – | – | – |\n",
+			thousands(split.Files*split.PerFile), split.Files, thousands(split.PerFile), secs(split.Start),
+			secs(split.Reload), mib(split.RSSAfterReload), mib(split.RSSIdle))
+	}
+	b.WriteString(reloadsText(results, split))
+	b.WriteString(runtimeText(results))
+	for _, r := range results {
+		if len(r.Profiles) > 0 {
+			fmt.Fprintf(&b, "\nProfiles of the sidecar at %s merchants (an extra, unmeasured %d s wrk run after the rounds; `go tool pprof -top FILE`): %s\n",
+				thousands(r.Merchants), profileSeconds, strings.Join(r.Profiles, ", "))
+		}
 	}
 	if wildcard != "" {
 		fmt.Fprintf(&b, "\n%s\n", wildcard)
@@ -38,6 +52,72 @@ func report(machine, method, plainInfo string, results []countResult, wildcard s
 	}
 	return b.String()
 }
+
+// reloadsText is the table of reloads: the unchanged single file of the
+// largest merchant count and the split registry with one file edited.
+func reloadsText(results []countResult, split *splitResult) string {
+	var b strings.Builder
+	b.WriteString("\nReloads (wall time of `caddy reload --force`, from the command to its exit):\n\n")
+	b.WriteString("| registry | merchants | change | reload | RSS after | token requests caused by the reload (want 0) | edit took effect |\n")
+	b.WriteString("| --- | --- | --- | --- | --- | --- | --- |\n")
+	if len(results) > 0 {
+		r := results[0]
+		for _, x := range results[1:] {
+			if x.Merchants > r.Merchants {
+				r = x
+			}
+		}
+		fmt.Fprintf(&b, "| one file | %s | none | %s | %s | not measured (before the token warm-up) | – |\n",
+			thousands(r.Merchants), secs(r.Reload), mib(r.RSSAfterReload))
+	}
+	if split != nil {
+		fmt.Fprintf(&b, "| %d files × %s | %s → %s | one file: %s moved to %s, %s added | %s | %s | %d (reload + one request to each of %d warm merchants of unchanged entries) | %s (edited and added merchant: %d token requests, want 2) |\n",
+			split.Files, thousands(split.PerFile), thousands(split.Files*split.PerFile), thousands(split.Files*split.PerFile+1),
+			split.EditedID, split.EditedOrg, split.AddedID, secs(split.Reload), mib(split.RSSAfterReload),
+			split.ReloadTokens, split.Warmed, yesNo(split.EditTokens == 2), split.EditTokens)
+	}
+	return b.String()
+}
+
+// runtimeText is the table of the sidecar's Go runtime figures next to
+// its RSS, idle and with every merchant's token cached.
+func runtimeText(results []countResult) string {
+	var b strings.Builder
+	b.WriteString("\nGo runtime of the sidecar (admin API `/debug/vars` memstats, read with RSS; no GC forced; GC CPU fraction since start):\n\n")
+	b.WriteString("| merchants | when | RSS | heap in use | heap alloc | heap retained | next GC | heap objects | heap in use per merchant | heap objects per merchant | GC cycles | GC CPU fraction | Sys |\n")
+	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+	for _, r := range results {
+		for _, row := range []struct {
+			when string
+			rss  int64
+			m    memStats
+		}{{"idle", r.RSSIdle, r.MemIdle}, {"with tokens", r.RSSWarm, r.MemWarm}} {
+			m, n := row.m, float64(r.Merchants)
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %d | %s | %.1f | %d | %.3f | %s |\n",
+				thousands(r.Merchants), row.when, mib(row.rss), mibU(m.HeapInuse), mibU(m.HeapAlloc), mibU(m.retained()),
+				mibU(m.NextGC), m.HeapObjects, perMerchantBytes(float64(m.HeapInuse)/n), float64(m.HeapObjects)/n,
+				m.NumGC, m.GCCPUFraction, mibU(m.Sys))
+		}
+	}
+	return b.String()
+}
+
+// perMerchantBytes is a per-merchant size: bytes below 10 KiB, KiB above.
+func perMerchantBytes(x float64) string {
+	if x < 10<<10 {
+		return fmt.Sprintf("%.0f B", x)
+	}
+	return fmt.Sprintf("%.0f KiB", x/(1<<10))
+}
+
+func yesNo(ok bool) string {
+	if ok {
+		return "yes"
+	}
+	return "NO"
+}
+
+func mibU(b uint64) string { return mib(int64(b)) }
 
 // ratioText is a/b with 2 decimals; "n/a" when undefined.
 func ratioText(a, b float64) string {

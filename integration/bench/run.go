@@ -37,7 +37,11 @@ type countResult struct {
 	WarmTokens     int64 // token requests of the warm-up
 	WarmTime       time.Duration
 	RoundTokens    int64 // token requests during the wrk rounds (want 0)
-	Sidecar, Plain []round
+	// MemIdle and MemWarm are the sidecar's Go runtime figures when RSSIdle
+	// and RSSWarm were read.
+	MemIdle, MemWarm memStats
+	Profiles         []string // files of -profile, when taken
+	Sidecar, Plain   []round
 }
 
 // env is what every merchant count shares.
@@ -98,8 +102,12 @@ func runBench(o options) error {
 	for _, n := range o.merchants {
 		maxN = max(maxN, n)
 	}
+	orgs := maxN
+	if o.split.files > 0 {
+		orgs = max(orgs, o.split.orgs())
+	}
 	ta, err := start(dir, "tokenapi", []string{apiKeyEnv + "=" + apiKey}, self, "tokenapi",
-		"-addr-file", filepath.Join(dir, "tokenapi.addr"), "-orgs", fmt.Sprint(maxN), "-merchant-orgs", fmt.Sprint(o.wildcard))
+		"-addr-file", filepath.Join(dir, "tokenapi.addr"), "-orgs", fmt.Sprint(orgs), "-merchant-orgs", fmt.Sprint(o.wildcard))
 	if err != nil {
 		return err
 	}
@@ -128,11 +136,19 @@ func runBench(o options) error {
 
 	var results []countResult
 	for _, n := range o.merchants {
-		r, err := e.measure(n, wrk)
+		r, err := e.measure(n, wrk, o.profile != "" && n == maxN)
 		if err != nil {
 			return fmt.Errorf("%d merchants: %w", n, err)
 		}
 		results = append(results, r)
+	}
+	var split *splitResult
+	if o.split.files > 0 {
+		s, err := e.measureSplit(o.split)
+		if err != nil {
+			return fmt.Errorf("split registry (%d files × %d merchants): %w", o.split.files, o.split.perFile, err)
+		}
+		split = &s
 	}
 	wildcard := ""
 	if o.wildcard > 0 {
@@ -142,12 +158,12 @@ func runBench(o options) error {
 		}
 		wildcard = w.text()
 	}
-	fmt.Print(report(machine(), e.describe(), e.plainInfo, results, wildcard))
+	fmt.Print(report(machine(), e.describe(), e.plainInfo, results, split, wildcard))
 	return nil
 }
 
 func (e *env) describe() string {
-	return fmt.Sprintf("wrk -t%d -c%d, random merchant per request on %s; %d interleaved rounds of %s per server after a %s warm-up; RSS read %s after start and after the token warm-up; reload = `caddy reload --force` with the registry unchanged",
+	return fmt.Sprintf("wrk -t%d -c%d, random merchant per request on %s; %d interleaved rounds of %s per server after a %s warm-up; RSS and the Go runtime figures (admin API /debug/vars, no GC forced) read %s after start and after the token warm-up; reload = `caddy reload --force` with the registry unchanged, except in the split row (one file edited)",
 		e.o.threads, e.o.connections, benchPath, e.o.rounds, e.o.round, e.o.warmup, e.o.settle)
 }
 
@@ -173,8 +189,9 @@ func (e *env) startCaddy(name, registry string) (*server, error) {
 	return s, err
 }
 
-// measure runs everything for n merchants with a fresh sidecar.
-func (e *env) measure(n int, wrk string) (countResult, error) {
+// measure runs everything for n merchants with a fresh sidecar; with
+// profile, it saves the sidecar's profiles after the rounds (-profile).
+func (e *env) measure(n int, wrk string, profile bool) (countResult, error) {
 	r := countResult{Merchants: n}
 	name := fmt.Sprintf("sidecar-%d", n)
 	registry := filepath.Join(e.dir, fmt.Sprintf("merchants-%d.toml", n))
@@ -202,6 +219,9 @@ func (e *env) measure(n int, wrk string) (countResult, error) {
 	if r.RSSIdle, err = rss(side.p.pid()); err != nil {
 		return r, err
 	}
+	if r.MemIdle, err = side.memStats(); err != nil {
+		return r, err
+	}
 
 	progress("%d merchants: reload", n)
 	out, d, err := run(10*time.Minute, e.caddy, "reload", "--config", side.config, "--adapter", "caddyfile",
@@ -220,7 +240,7 @@ func (e *env) measure(n int, wrk string) (countResult, error) {
 		return r, err
 	}
 	t1 := time.Now()
-	if err := warm(side.url(), n); err != nil {
+	if err := warm(side.url(), n, merchantID); err != nil {
 		return r, err
 	}
 	r.WarmTime = time.Since(t1)
@@ -231,6 +251,9 @@ func (e *env) measure(n int, wrk string) (countResult, error) {
 	r.WarmTokens = after - before
 	time.Sleep(e.o.settle)
 	if r.RSSWarm, err = rss(side.p.pid()); err != nil {
+		return r, err
+	}
+	if r.MemWarm, err = side.memStats(); err != nil {
 		return r, err
 	}
 
@@ -264,6 +287,11 @@ func (e *env) measure(n int, wrk string) (countResult, error) {
 		return r, err
 	}
 	r.RoundTokens = after - before
+	if profile {
+		if r.Profiles, err = e.profile(wrk, script, side, n); err != nil {
+			return r, err
+		}
+	}
 	return r, nil
 }
 
@@ -305,9 +333,9 @@ func (e *env) tokenCount() (int64, error) {
 	return parseCount(string(b))
 }
 
-// warm requests every merchant once, 64 at a time, and fails unless each
-// got 200.
-func warm(url string, n int) error {
+// warm requests merchants id(0) … id(n-1) once each, 64 at a time, and
+// fails unless each got 200.
+func warm(url string, n int, id func(int) string) error {
 	const workers = 64
 	client := &http.Client{Timeout: time.Minute, Transport: &http.Transport{
 		MaxIdleConnsPerHost: workers, MaxIdleConns: workers, DisableCompression: true}}
@@ -323,13 +351,13 @@ func warm(url string, n int) error {
 					return
 				}
 				req, _ := http.NewRequest("GET", url, nil)
-				req.Header.Set("X-Merchant-Id", merchantID(i))
+				req.Header.Set("X-Merchant-Id", id(i))
 				resp, err := client.Do(req)
 				if err == nil {
 					io.Copy(io.Discard, resp.Body)
 					resp.Body.Close()
 					if resp.StatusCode != http.StatusOK {
-						err = fmt.Errorf("merchant %s: status %d", merchantID(i), resp.StatusCode)
+						err = fmt.Errorf("merchant %s: status %d", id(i), resp.StatusCode)
 					}
 				}
 				if err != nil {
