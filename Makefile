@@ -89,7 +89,9 @@ clean:
 # sidecar and a plain Caddy with a static `header_up Authorization` (same
 # binary, same 3 routes), one upstream, the sandbox token API, and wrk with a
 # random merchant per request; 7 interleaved rounds of 5 s per server for 1,
-# 1 000 and 100 000 merchants, plus start, reload and RSS. About 6-8 minutes on
+# 1 000 and 100 000 merchants, plus start, reload, RSS and the Go heap figures,
+# the reload of a registry of 10 files x 10 000 with one edited, and the
+# wildcard case. About 6-8 minutes on
 # 2 CPUs; BENCH_QUICK=1 (1 round of 2 s) smoke-tests it in about 3. Flags go
 # in BENCH_FLAGS (e.g. BENCH_FLAGS='-merchants 1,1000 -rounds 9'). Installs
 # wrk from Debian when missing. Then the fleet mode: BENCH_FLEET sidecars
