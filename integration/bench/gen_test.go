@@ -160,15 +160,20 @@ func TestReport(t *testing.T) {
 		HeapObjects: 2_000_000, NumGC: 12, GCCPUFraction: 0.0123, Sys: 500 << 20}
 	r.MemWarm = memStats{HeapInuse: 480 << 20, HeapAlloc: 470 << 20, HeapObjects: 2_500_000, NumGC: 30, Sys: 580 << 20}
 	r.Profiles = []string{"/p/sidecar-100000-cpu.pprof", "/p/sidecar-100000-heap.pprof"}
-	small := countResult{Merchants: 1, Reload: 100 * time.Millisecond}
+	r.ReloadWarm, r.ReloadWarmChecked = 400*time.Millisecond, 145
+	small := countResult{Merchants: 1, Reload: 100 * time.Millisecond, ReloadWarmTokens: 3, ReloadWarmChecked: 1}
 	split := &splitResult{Files: 10, PerFile: 10000, Start: 2 * time.Second, RSSIdle: 100 << 20, Reload: 300 * time.Millisecond,
 		RSSAfterReload: 120 << 20, Warmed: 145, ReloadTokens: 0, EditTokens: 2,
-		EditedID: merchantID(90000), AddedID: merchantID(100000), EditedOrg: orgID(100000), AddedOrg: orgID(100001)}
+		EditedID: merchantID(90000), AddedID: merchantID(100000), EditedOrg: orgID(100000), AddedOrg: orgID(100001),
+		MemIdle: memStats{HeapInuse: 50 << 20}, MemAfterReload: memStats{HeapInuse: 60 << 20}}
 	out := report("2 CPUs", "wrk", "plain", []countResult{small, r}, split, "wildcard: not measured in this test")
 	for _, want := range []string{
 		"| 100 000 | 4.80 s | 3.20 s (RSS 704 MiB after) | 512 MiB | 600 MiB | 1.28 | 0.93 | 1.05 |",
 		"| 100 000 in 10 files × 10 000, one edited | 2.00 s | 0.30 s (RSS 120 MiB after) | 100 MiB | – | – | – | – |",
-		"| one file | 100 000 | none | 3.20 s | 704 MiB |",
+		"| one file | 100 000 | none | 3.20 s before the token warm-up; 0.40 s with every token cached | 704 MiB | 0 (second reload + one request to each of 145 warm merchants) | – |",
+		"| one file | 1 | none | 0.10 s before the token warm-up; 0.00 s with every token cached | 0 MiB | 3 (second reload + one request to each of 1 warm merchants) | – |",
+		"| 100 000 in 10 files | idle | 100 MiB | 50 MiB |",
+		"| 100 001 in 10 files | after the edit's reload | 120 MiB | 60 MiB |",
 		"| 10 files × 10 000 | 100 000 → 100 001 | one file: m0090000 moved to org-0100000, m0100000 added | 0.30 s | 120 MiB | 0 (reload + one request to each of 145 warm merchants of unchanged entries) | yes (edited and added merchant: 2 token requests, want 2) |",
 		"| 100 000 | idle | 512 MiB | 400 MiB | 380 MiB | 440 MiB | 760 MiB | 2000000 | 4194 B | 20.0 | 12 | 0.012 | 500 MiB |",
 		"| 100 000 | with tokens | 600 MiB | 480 MiB | 470 MiB | 480 MiB | 0 MiB | 2500000 | 5033 B | 25.0 | 30 | 0.000 | 580 MiB |",

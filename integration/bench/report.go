@@ -29,7 +29,7 @@ func report(machine, method, plainInfo string, results []countResult, split *spl
 			secs(split.Reload), mib(split.RSSAfterReload), mib(split.RSSIdle))
 	}
 	b.WriteString(reloadsText(results, split))
-	b.WriteString(runtimeText(results))
+	b.WriteString(runtimeText(results, split))
 	for _, r := range results {
 		if len(r.Profiles) > 0 {
 			fmt.Fprintf(&b, "\nProfiles of the sidecar at %s merchants (an extra, unmeasured %d s wrk run after the rounds; `go tool pprof -top FILE`): %s\n",
@@ -53,22 +53,17 @@ func report(machine, method, plainInfo string, results []countResult, split *spl
 	return b.String()
 }
 
-// reloadsText is the table of reloads: the unchanged single file of the
-// largest merchant count and the split registry with one file edited.
+// reloadsText is the table of reloads: the unchanged single file of each
+// merchant count (before the token warm-up, then with every token cached)
+// and the split registry with one file edited.
 func reloadsText(results []countResult, split *splitResult) string {
 	var b strings.Builder
 	b.WriteString("\nReloads (wall time of `caddy reload --force`, from the command to its exit):\n\n")
 	b.WriteString("| registry | merchants | change | reload | RSS after | token requests caused by the reload (want 0) | edit took effect |\n")
 	b.WriteString("| --- | --- | --- | --- | --- | --- | --- |\n")
-	if len(results) > 0 {
-		r := results[0]
-		for _, x := range results[1:] {
-			if x.Merchants > r.Merchants {
-				r = x
-			}
-		}
-		fmt.Fprintf(&b, "| one file | %s | none | %s | %s | not measured (before the token warm-up) | – |\n",
-			thousands(r.Merchants), secs(r.Reload), mib(r.RSSAfterReload))
+	for _, r := range results {
+		fmt.Fprintf(&b, "| one file | %s | none | %s before the token warm-up; %s with every token cached | %s | %d (second reload + one request to each of %d warm merchants) | – |\n",
+			thousands(r.Merchants), secs(r.Reload), secs(r.ReloadWarm), mib(r.RSSAfterReload), r.ReloadWarmTokens, r.ReloadWarmChecked)
 	}
 	if split != nil {
 		fmt.Fprintf(&b, "| %d files × %s | %s → %s | one file: %s moved to %s, %s added | %s | %s | %d (reload + one request to each of %d warm merchants of unchanged entries) | %s (edited and added merchant: %d token requests, want 2) |\n",
@@ -79,25 +74,39 @@ func reloadsText(results []countResult, split *splitResult) string {
 	return b.String()
 }
 
+// memRow is one row of the Go runtime table.
+type memRow struct {
+	merchants int
+	label     string // the registry, when not one file
+	when      string
+	rss       int64
+	m         memStats
+}
+
 // runtimeText is the table of the sidecar's Go runtime figures next to
-// its RSS, idle and with every merchant's token cached.
-func runtimeText(results []countResult) string {
+// its RSS: idle and with every merchant's token cached for each merchant
+// count; idle and after the edit's reload for the split registry.
+func runtimeText(results []countResult, split *splitResult) string {
+	var rows []memRow
+	for _, r := range results {
+		rows = append(rows, memRow{r.Merchants, "", "idle", r.RSSIdle, r.MemIdle},
+			memRow{r.Merchants, "", "with tokens", r.RSSWarm, r.MemWarm})
+	}
+	if split != nil {
+		n, label := split.Files*split.PerFile, fmt.Sprintf(" in %d files", split.Files)
+		rows = append(rows, memRow{n, label, "idle", split.RSSIdle, split.MemIdle},
+			memRow{n + 1, label, "after the edit's reload", split.RSSAfterReload, split.MemAfterReload})
+	}
 	var b strings.Builder
 	b.WriteString("\nGo runtime of the sidecar (admin API `/debug/vars` memstats, read with RSS; no GC forced; GC CPU fraction since start):\n\n")
 	b.WriteString("| merchants | when | RSS | heap in use | heap alloc | heap retained | next GC | heap objects | heap in use per merchant | heap objects per merchant | GC cycles | GC CPU fraction | Sys |\n")
 	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
-	for _, r := range results {
-		for _, row := range []struct {
-			when string
-			rss  int64
-			m    memStats
-		}{{"idle", r.RSSIdle, r.MemIdle}, {"with tokens", r.RSSWarm, r.MemWarm}} {
-			m, n := row.m, float64(r.Merchants)
-			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s | %d | %s | %.1f | %d | %.3f | %s |\n",
-				thousands(r.Merchants), row.when, mib(row.rss), mibU(m.HeapInuse), mibU(m.HeapAlloc), mibU(m.retained()),
-				mibU(m.NextGC), m.HeapObjects, perMerchantBytes(float64(m.HeapInuse)/n), float64(m.HeapObjects)/n,
-				m.NumGC, m.GCCPUFraction, mibU(m.Sys))
-		}
+	for _, row := range rows {
+		m, n := row.m, float64(row.merchants)
+		fmt.Fprintf(&b, "| %s%s | %s | %s | %s | %s | %s | %s | %d | %s | %.1f | %d | %.3f | %s |\n",
+			thousands(row.merchants), row.label, row.when, mib(row.rss), mibU(m.HeapInuse), mibU(m.HeapAlloc), mibU(m.retained()),
+			mibU(m.NextGC), m.HeapObjects, perMerchantBytes(float64(m.HeapInuse)/n), float64(m.HeapObjects)/n,
+			m.NumGC, m.GCCPUFraction, mibU(m.Sys))
 	}
 	return b.String()
 }

@@ -41,7 +41,14 @@ type countResult struct {
 	// and RSSWarm were read.
 	MemIdle, MemWarm memStats
 	Profiles         []string // files of -profile, when taken
-	Sidecar, Plain   []round
+	// ReloadWarm is a second `caddy reload --force` with the registry
+	// unchanged, after the rounds (every token cached); ReloadWarmTokens
+	// the token requests of it and of one request to each of
+	// ReloadWarmChecked merchants spread over the registry (want 0).
+	ReloadWarm        time.Duration
+	ReloadWarmTokens  int64
+	ReloadWarmChecked int
+	Sidecar, Plain    []round
 }
 
 // env is what every merchant count shares.
@@ -163,7 +170,7 @@ func runBench(o options) error {
 }
 
 func (e *env) describe() string {
-	return fmt.Sprintf("wrk -t%d -c%d, random merchant per request on %s; %d interleaved rounds of %s per server after a %s warm-up; RSS and the Go runtime figures (admin API /debug/vars, no GC forced) read %s after start and after the token warm-up; reload = `caddy reload --force` with the registry unchanged, except in the split row (one file edited)",
+	return fmt.Sprintf("wrk -t%d -c%d, random merchant per request on %s; %d interleaved rounds of %s per server after a %s warm-up; RSS and the Go runtime figures (admin API /debug/vars, no GC forced) read %s after start and after the token warm-up; reload = `caddy reload --force` with the registry unchanged (before the token warm-up; again after the rounds), except in the split row (one file edited)",
 		e.o.threads, e.o.connections, benchPath, e.o.rounds, e.o.round, e.o.warmup, e.o.settle)
 }
 
@@ -224,12 +231,9 @@ func (e *env) measure(n int, wrk string, profile bool) (countResult, error) {
 	}
 
 	progress("%d merchants: reload", n)
-	out, d, err := run(10*time.Minute, e.caddy, "reload", "--config", side.config, "--adapter", "caddyfile",
-		"--address", fmt.Sprintf("127.0.0.1:%d", side.admin), "--force")
-	if err != nil {
-		return r, fmt.Errorf("caddy reload: %v\n%s", err, out)
+	if r.Reload, err = e.reload(side); err != nil {
+		return r, err
 	}
-	r.Reload = d
 	if r.RSSAfterReload, err = rss(side.p.pid()); err != nil {
 		return r, err
 	}
@@ -292,7 +296,40 @@ func (e *env) measure(n int, wrk string, profile bool) (countResult, error) {
 			return r, err
 		}
 	}
+
+	progress("%d merchants: reload with every token cached", n)
+	if before, err = e.tokenCount(); err != nil {
+		return r, err
+	}
+	if r.ReloadWarm, err = e.reload(side); err != nil {
+		return r, err
+	}
+	r.ReloadWarmChecked = min(n, reloadCheck)
+	spread := func(i int) string { return merchantID(i * (n / r.ReloadWarmChecked)) }
+	if err := warm(side.url(), r.ReloadWarmChecked, spread); err != nil {
+		return r, fmt.Errorf("after the reload with tokens cached: %w", err)
+	}
+	if after, err = e.tokenCount(); err != nil {
+		return r, err
+	}
+	r.ReloadWarmTokens = after - before
 	return r, nil
+}
+
+// reloadCheck is how many merchants, spread over the registry, are
+// requested after the reload with every token cached.
+const reloadCheck = 145
+
+// reload runs `caddy reload --force` against s (Caddy skips the reload of
+// an identical config without it) and returns its wall time, from the
+// command to its exit.
+func (e *env) reload(s *server) (time.Duration, error) {
+	out, d, err := run(10*time.Minute, e.caddy, "reload", "--config", s.config, "--adapter", "caddyfile",
+		"--address", fmt.Sprintf("127.0.0.1:%d", s.admin), "--force")
+	if err != nil {
+		return 0, fmt.Errorf("%s: caddy reload: %v\n%s", s.p.name, err, out)
+	}
+	return d, nil
 }
 
 // wrk runs one round against s and reads the server's CPU around it.

@@ -132,6 +132,9 @@ type splitResult struct {
 	EditTokens          int64 // token requests of one request each to the edited and the added merchant (want 2)
 	EditedID, AddedID   string
 	EditedOrg, AddedOrg string
+	// MemIdle and MemAfterReload are the sidecar's Go runtime figures when
+	// RSSIdle and RSSAfterReload were read.
+	MemIdle, MemAfterReload memStats
 }
 
 // measureSplit runs the split reload case: a fresh sidecar on the split
@@ -162,6 +165,9 @@ func (e *env) measureSplit(l splitLayout) (splitResult, error) {
 	if r.RSSIdle, err = rss(side.p.pid()); err != nil {
 		return r, err
 	}
+	if r.MemIdle, err = side.memStats(); err != nil {
+		return r, err
+	}
 	warmed := l.warmed()
 	r.Warmed = len(warmed)
 	byIndex := func(ids []string) func(int) string { return func(i int) string { return ids[i] } }
@@ -178,13 +184,13 @@ func (e *env) measureSplit(l splitLayout) (splitResult, error) {
 	if err != nil {
 		return r, err
 	}
-	out, d, err := run(10*time.Minute, e.caddy, "reload", "--config", side.config, "--adapter", "caddyfile",
-		"--address", fmt.Sprintf("127.0.0.1:%d", side.admin), "--force")
-	if err != nil {
-		return r, fmt.Errorf("caddy reload after the edit: %v\n%s", err, out)
+	if r.Reload, err = e.reload(side); err != nil {
+		return r, fmt.Errorf("after the edit: %w", err)
 	}
-	r.Reload = d
 	if r.RSSAfterReload, err = rss(side.p.pid()); err != nil {
+		return r, err
+	}
+	if r.MemAfterReload, err = side.memStats(); err != nil {
 		return r, err
 	}
 	if err := warm(side.url(), len(warmed), byIndex(warmed)); err != nil {
