@@ -50,6 +50,7 @@ type File struct {
 	flags         map[int]uint8 // merchant index -> problems, when any
 	wildcard      *Wildcard     // nil without [merchants."*"]
 	wildcardFlags uint8
+	topDefined    bool // the file defines [merchants] or [providers] itself
 }
 
 // Files lists the files of the registry that pattern names: the file
@@ -115,10 +116,24 @@ func ReadSources(paths []string) ([]Source, error) {
 // ParseFile parses one registry file on its own. lookupEnv resolves the
 // {env.NAME} references of merchants (os.LookupEnv when nil). Its
 // problems are reported by Merge.
+// A large file is parsed in chunks on the machine's cores (see
+// parseChunked), with the same result as a parse of the whole file:
+// lookupEnv may then be called from several goroutines at once.
 func ParseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 	if lookupEnv == nil {
 		lookupEnv = os.LookupEnv
 	}
+	if len(src.Data) >= relaxGCFrom {
+		defer relaxGC()()
+	}
+	if f := parseChunked(src, lookupEnv, chunks(len(src.Data))); f != nil {
+		return f
+	}
+	return parseFile(src, lookupEnv)
+}
+
+// parseFile is ParseFile in one piece.
+func parseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 	dir, err := filepath.Abs(filepath.Dir(src.Path))
 	if err != nil {
 		dir = filepath.Dir(src.Path)
@@ -133,7 +148,14 @@ func ParseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 		f.merchantsType = "error"
 		return f
 	}
-	p.checkKeys(md.Keys())
+	keys := md.Keys()
+	p.checkKeys(keys)
+	for _, k := range keys {
+		if len(k) == 1 {
+			f.topDefined = true
+			break
+		}
+	}
 	for _, k := range topKeys {
 		if t := md.Type(k); t != "" && t != "Hash" {
 			p.errs = append(p.errs, &Error{File: src.Path, Line: p.line(k), Field: k, Msg: fmt.Sprintf("must be a table of [%s.NAME] tables, not %s", k, typeName(t))})
