@@ -7,6 +7,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"sync"
+	"sync/atomic"
 )
 
 // A large registry file is parsed in chunks, concurrently: its text is
@@ -28,15 +29,14 @@ import (
 // defines a top-level key itself, sends the file to the whole-file parse,
 // which gives the problems with the exact messages and lines.
 
-// chunkBytes is the least text a chunk is worth: below it, the goroutine
-// and the join cost more than they save.
-const chunkBytes = 512 << 10
+// chunkBytes is the size of a chunk: small enough that the parser's
+// maps stay small (a parse of the whole file spends a third of its time
+// growing maps of hundreds of thousands of keys), large enough that the
+// join costs little.
+const chunkBytes = 64 << 10
 
-// chunks returns how many chunks a file of size bytes is parsed in: one
-// per core the Go scheduler may use, if each gets chunkBytes.
-func chunks(size int) int {
-	return max(1, min(runtime.GOMAXPROCS(0), size/chunkBytes))
-}
+// chunks returns how many chunks a file of size bytes is parsed in.
+func chunks(size int) int { return max(1, size/chunkBytes) }
 
 // chunkHeader starts the lines a file is split before.
 var chunkHeader = []byte("\n[merchants.")
@@ -72,10 +72,15 @@ func parseChunked(src Source, lookupEnv func(string) (string, bool), n int) *Fil
 	}
 	bounds := append(append([]int{0}, cuts...), len(src.Data))
 	files := make([]*File, len(bounds)-1)
+	// One worker per core the scheduler may use, each taking the next
+	// chunk.
+	var next atomic.Int64
 	var wg sync.WaitGroup
-	for i := range files {
+	for range min(runtime.GOMAXPROCS(0), len(files)) {
 		wg.Go(func() {
-			files[i] = parseFile(Source{Path: src.Path, Data: src.Data[bounds[i]:bounds[i+1]]}, lookupEnv)
+			for i := int(next.Add(1) - 1); i < len(files); i = int(next.Add(1) - 1) {
+				files[i] = parseFile(Source{Path: src.Path, Data: src.Data[bounds[i]:bounds[i+1]]}, lookupEnv)
+			}
 		})
 	}
 	wg.Wait()

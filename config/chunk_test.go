@@ -98,7 +98,7 @@ func TestParseChunked(t *testing.T) {
 // the chunked parse falls back to it.
 func TestParseFileChunkedErrors(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
-	base := string(benchRegistry(12_000)) // about 1.1 MB: 2 chunks
+	base := string(benchRegistry(12_000)) // about 1.1 MB: 17 chunks
 	if n := chunks(len(base)); n < 2 {
 		t.Fatalf("%d chunks", n)
 	}
