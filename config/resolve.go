@@ -75,6 +75,9 @@ var (
 // expand replaces the {env.NAME} references of a non-secret value; false
 // when one could not be resolved (and was reported).
 func (e *entry) expand(field, s string) (string, bool) {
+	if !strings.Contains(s, "{env.") {
+		return s, true
+	}
 	ok := true
 	s = envRef.ReplaceAllStringFunc(s, func(ref string) string {
 		name := ref[len("{env.") : len(ref)-1]
