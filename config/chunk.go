@@ -79,7 +79,10 @@ func parseChunked(src Source, lookupEnv func(string) (string, bool), n int) *Fil
 	for range min(runtime.GOMAXPROCS(0), len(files)) {
 		wg.Go(func() {
 			for i := int(next.Add(1) - 1); i < len(files); i = int(next.Add(1) - 1) {
-				files[i] = parseFile(Source{Path: src.Path, Data: src.Data[bounds[i]:bounds[i+1]]}, lookupEnv)
+				chunk := Source{Path: src.Path, Data: src.Data[bounds[i]:bounds[i+1]]}
+				if files[i] = parseDoc(chunk, lookupEnv, true); files[i] == nil {
+					files[i] = parseFile(chunk, lookupEnv)
+				}
 			}
 		})
 	}

@@ -40,7 +40,13 @@ var chunkCases = []struct {
 	{"wildcard in a later chunk", chunkProvider + chunkMerchants(0, 6) + "[merchants.\"*\"]\nprovider = \"p\"\norganisation = \"{merchant}\"\nscopes = [\"s\"]\n" + chunkMerchants(6, 3), false},
 	{"provider after merchants", chunkMerchants(0, 6) + strings.Replace(chunkProvider, "[providers.p]", "[providers.q]", 1) + chunkMerchants(6, 4) + chunkProvider, false},
 	{"multi-line array", chunkProvider + chunkMerchants(0, 4) + "[merchants.arr]\nprovider = \"p\"\norganisation = \"o\"\nscopes = [\n  \"a\",\n  \"b\",\n]\n" + chunkMerchants(4, 4), false},
+	{"every merchant key", chunkProvider + chunkMerchants(0, 4) + "[merchants.all]\nprovider = \"p\"\norganisation = \"{env.SHOP_ORG}\"\nscopes = [\"b\", \"a\", \"b\"]\ntoken_lifetime = \"2h\"\naudience = \"aud\"\n" + chunkMerchants(4, 4), false},
 
+	{"empty scopes", chunkProvider + chunkMerchants(0, 4) + "[merchants.e]\nprovider = \"p\"\norganisation = \"o\"\nscopes = []\n" + chunkMerchants(4, 4), false},
+	{"scope not a string", chunkProvider + chunkMerchants(0, 4) + "[merchants.e]\nprovider = \"p\"\norganisation = \"o\"\nscopes = [1]\n" + chunkMerchants(4, 4), true},
+	{"bad lifetime", chunkProvider + chunkMerchants(0, 4) + "[merchants.e]\nprovider = \"p\"\norganisation = \"o\"\nscopes = [\"s\"]\ntoken_lifetime = \"2 hours\"\n" + chunkMerchants(4, 4), true},
+	{"capitalised key", chunkProvider + chunkMerchants(0, 4) + "[merchants.e]\nProvider = \"p\"\norganisation = \"o\"\nscopes = [\"s\"]\n" + chunkMerchants(4, 4), true},
+	{"sub-table of a merchant", chunkProvider + chunkMerchants(0, 4) + "[merchants.e]\nprovider = \"p\"\norganisation = \"o\"\nscopes = [\"s\"]\n[merchants.e.x]\ny = 1\n" + chunkMerchants(4, 4), true},
 	{"multi-line basic string holding headers", chunkProvider + chunkMerchants(0, 3) + "[merchants.s]\nprovider = \"p\"\norganisation = \"o\"\nscopes = [\"s\"]\naudience = \"\"\"\n[merchants.fake]\nprovider = \"p\"\n[merchants.fake2]\n\"\"\"\n" + chunkMerchants(3, 4), true},
 	{"multi-line literal string holding headers", chunkProvider + chunkMerchants(0, 3) + "[merchants.s]\nprovider = \"p\"\norganisation = '''\n[merchants.fake]\norganisation = \"x\"\n'''\nscopes = [\"s\"]\n" + chunkMerchants(3, 4), true},
 	{"array holding a header line", chunkProvider + chunkMerchants(0, 3) + "[merchants.s]\nprovider = \"p\"\norganisation = \"o\"\nscopes = [\n[merchants.fake]\n]\n" + chunkMerchants(3, 4), true},
