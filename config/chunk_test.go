@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"reflect"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"testing"
 )
@@ -172,4 +173,52 @@ func FuzzParseChunked(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte, n uint8) {
 		checkChunked(t, data, 2+int(n%7))
 	})
+}
+
+// gcPercent reads the collector's percentage.
+func gcPercent() int {
+	p := debug.SetGCPercent(-1)
+	debug.SetGCPercent(p)
+	return p
+}
+
+// TestRelaxGC checks that a large parse relaxes the collector and
+// restores it after the last parse in progress, and leaves a collector
+// turned off alone.
+func TestRelaxGC(t *testing.T) {
+	defer debug.SetGCPercent(debug.SetGCPercent(100))
+	r1 := relaxGC()
+	if got := gcPercent(); got != 100*relaxGCFactor {
+		t.Fatalf("relaxed: %d", got)
+	}
+	r2 := relaxGC() // a concurrent parse
+	if got := gcPercent(); got != 100*relaxGCFactor {
+		t.Fatalf("relaxed twice: %d", got)
+	}
+	r1()
+	if got := gcPercent(); got != 100*relaxGCFactor {
+		t.Fatalf("one parse left: %d", got)
+	}
+	r2()
+	if got := gcPercent(); got != 100 {
+		t.Fatalf("restored: %d", got)
+	}
+
+	debug.SetGCPercent(-1) // GOGC=off
+	r := relaxGC()
+	if got := gcPercent(); got != -1 {
+		t.Fatalf("GOGC=off relaxed: %d", got)
+	}
+	r()
+	if got := gcPercent(); got != -1 {
+		t.Fatalf("GOGC=off restored: %d", got)
+	}
+
+	debug.SetGCPercent(50)
+	if _, err := ParseWith("merchants.toml", benchRegistry(12_000), Options{LookupEnv: benchEnv}); err != nil {
+		t.Fatal(err)
+	}
+	if got := gcPercent(); got != 50 {
+		t.Fatalf("after a large parse: %d", got)
+	}
 }
