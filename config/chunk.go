@@ -132,21 +132,38 @@ func joinChunks(files []*File, offsets []int) *File {
 	}
 	byName := func(a, b *rawProvider) int { return cmp.Compare(a.name, b.name) }
 	slices.SortFunc(out.providers, byName)
-	byID := func(a, b Merchant) int { return cmp.Compare(a.ID, b.ID) }
-	if !slices.IsSortedFunc(out.merchants, byID) {
-		slices.SortFunc(out.merchants, byID)
-	}
 	for i := 1; i < len(out.providers); i++ {
 		if out.providers[i-1].name == out.providers[i].name {
 			return nil
 		}
 	}
-	for i := 1; i < len(out.merchants); i++ {
-		if out.merchants[i-1].ID == out.merchants[i].ID {
-			return nil
+	// Each chunk's merchants are sorted and distinct: when every chunk's
+	// come after the previous chunk's (ids in file order), so are all.
+	if !chunksInOrder(files) {
+		slices.SortFunc(out.merchants, func(a, b Merchant) int { return cmp.Compare(a.ID, b.ID) })
+		for i := 1; i < len(out.merchants); i++ {
+			if out.merchants[i-1].ID == out.merchants[i].ID {
+				return nil
+			}
 		}
 	}
 	return out
+}
+
+// chunksInOrder reports whether the first merchant of every chunk comes
+// after the last merchant of the chunks before it.
+func chunksInOrder(files []*File) bool {
+	var last *Merchant
+	for _, f := range files {
+		if len(f.merchants) == 0 {
+			continue
+		}
+		if last != nil && f.merchants[0].ID <= last.ID {
+			return false
+		}
+		last = &f.merchants[len(f.merchants)-1]
+	}
+	return true
 }
 
 // shift moves a line of a chunk to the whole file; 0 (unknown) stays.

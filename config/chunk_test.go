@@ -59,6 +59,7 @@ var chunkCases = []struct {
 	{"merchants table defined twice", chunkProvider + chunkMerchants(0, 4) + "[merchants]\n" + chunkMerchants(4, 4) + "[merchants]\n", true},
 	{"sub-table in another chunk", chunkProvider + chunkMerchants(0, 4) + "[merchants.m02.extra]\nx = 1\n" + chunkMerchants(4, 4), true},
 	{"duplicate merchant across chunks", chunkProvider + chunkMerchants(0, 6) + chunkMerchants(2, 1) + chunkMerchants(6, 2), true},
+	{"duplicate merchant in id order", chunkProvider + chunkMerchants(0, 6) + chunkMerchants(5, 3), true},
 	{"duplicate provider across chunks", chunkProvider + chunkMerchants(0, 6) + chunkProvider + chunkMerchants(6, 2), true},
 	{"error in the last chunk", chunkProvider + chunkMerchants(0, 8) + "[merchants.bad]\nprovider = \"p\"\norganisation = 5\n", true},
 	{"syntax error in the last chunk", chunkProvider + chunkMerchants(0, 8) + "[merchants.bad]\nprovider = \"p\n", true},
