@@ -10,10 +10,11 @@ import (
 	"sync/atomic"
 )
 
-// A large registry file is parsed in chunks, concurrently: its text is
-// split before lines that start a [merchants.ID] table (at column 0), each
-// chunk is parsed on its own by parseFile, and the chunks' results are
-// joined. The result is the whole file's or the whole file is parsed
+// A large registry file is parsed in chunks, by a worker per core: its
+// text is split before lines that start a [merchants.ID] table (at column
+// 0), each chunk is parsed on its own (parseDoc with the merchants decoded
+// generically, or parseFile when that gives up), and the chunks' results
+// are joined. The result is the whole file's or the whole file is parsed
 // instead:
 //
 //   - a split inside a multi-line string, array or inline table leaves the
