@@ -21,7 +21,14 @@ func locateDepth(data []byte, depth int) locator {
 	loc := locator{}
 	var table []string
 	var inString string // the closing delimiter of an open multi-line string
-	for n, line := range strings.Split(string(data), "\n") {
+	text := string(data)
+	for n := 0; text != ""; n++ {
+		line := text
+		if i := strings.IndexByte(text, '\n'); i >= 0 {
+			line, text = text[:i], text[i+1:]
+		} else {
+			text = ""
+		}
 		line = strings.TrimSpace(line)
 		if inString != "" {
 			if strings.Count(line, inString)%2 == 1 {
@@ -38,6 +45,9 @@ func locateDepth(data []byte, depth int) locator {
 				}
 			}
 			continue
+		}
+		if len(table) >= depth && !strings.Contains(line, `""`) && !strings.Contains(line, "''") {
+			continue // a key below depth that opens no multi-line string
 		}
 		key, rest, ok := parseKey(line)
 		if !ok || !strings.HasPrefix(rest, "=") {

@@ -75,6 +75,9 @@ var (
 // expand replaces the {env.NAME} references of a non-secret value; false
 // when one could not be resolved (and was reported).
 func (e *entry) expand(field, s string) (string, bool) {
+	if !strings.Contains(s, "{env.") {
+		return s, true
+	}
 	ok := true
 	s = envRef.ReplaceAllStringFunc(s, func(ref string) string {
 		name := ref[len("{env.") : len(ref)-1]
@@ -340,14 +343,67 @@ const (
 // checks against its provider, which may be defined in another file, are
 // checkMerchant's.
 func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive) (Merchant, uint8) {
-	e := p.entry("merchants", id)
-	if id != WildcardID && !ValidMerchantID(id) {
-		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
-	}
+	e := p.checkedEntry(id)
 	var raw merchantTOML
 	if !e.decode(md, prim, &raw) {
 		return Merchant{ID: id}, merchantBad | merchantUndecoded
 	}
+	return p.resolveMerchant(e, id, &raw)
+}
+
+// checkedEntry returns the entry of merchant id, its id checked.
+func (p *parser) checkedEntry(id string) *entry {
+	e := p.entry("merchants", id)
+	if id != WildcardID && !ValidMerchantID(id) {
+		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
+	}
+	return e
+}
+
+// plainMerchant maps the generic decode of a [merchants.ID] table (a
+// map[string]any) to a merchantTOML as the typed decode would; false
+// when the table has a key that is not exactly a merchant key, or a value
+// not of its key's type (the typed decode reports it).
+func plainMerchant(md *toml.MetaData, id string, v any) (merchantTOML, bool) {
+	var raw merchantTOML
+	t, ok := v.(map[string]any)
+	if !ok || md.Type("merchants", id) != "Hash" {
+		return raw, false
+	}
+	for k, v := range t {
+		switch k {
+		case "provider":
+			raw.Provider, ok = v.(string)
+		case "organisation":
+			raw.Organisation, ok = v.(string)
+		case "audience":
+			raw.Audience, ok = v.(string)
+		case "scopes":
+			var a []any
+			if a, ok = v.([]any); ok {
+				raw.Scopes = make([]string, len(a))
+				for i := 0; i < len(a) && ok; i++ {
+					raw.Scopes[i], ok = a[i].(string)
+				}
+			}
+		case "token_lifetime":
+			var s string
+			if s, ok = v.(string); ok {
+				raw.TokenLifetime = new(Duration)
+				ok = raw.TokenLifetime.UnmarshalText([]byte(s)) == nil
+			}
+		default:
+			ok = false
+		}
+		if !ok {
+			return raw, false
+		}
+	}
+	return raw, true
+}
+
+// resolveMerchant is merchant on the decoded table.
+func (p *parser) resolveMerchant(e *entry, id string, raw *merchantTOML) (Merchant, uint8) {
 	m := Merchant{ID: id, Provider: raw.Provider, Line: p.entryLine("merchants", id)}
 	var flags uint8
 
