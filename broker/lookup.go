@@ -72,7 +72,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 			switch {
 			case !started:
 				r = Shared
-			case e.origin == OriginShared:
+			case e.adopted:
 				r = Adopted
 			}
 			br.observe(b, r)

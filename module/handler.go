@@ -121,43 +121,58 @@ type Handler struct {
 }
 
 // binding is what the handler knows about one merchant on its route.
+//
+// It is one heap object (with its cache key string): the broker binding is
+// embedded by value, its strings are the registry's, and its placeholder
+// values are the binding itself seen through the pointer types below, so
+// that a warm merchant costs the GC few objects to mark.
 type binding struct {
-	*broker.Binding
+	broker.Binding
 	provider     string // the provider's name in the registry
 	providerType string // its type ("nuapay", "oauth2"), for messages
 
-	// Placeholder values boxed once, so that setting them on every
-	// request does not allocate.
-	merchantV, organisationV, providerV any
-	// current caches, for the entry last served, its boxed fingerprint.
-	current atomic.Pointer[servedEntry]
 	// wild: served through the wildcard entry, so bounded and evictable;
 	// lastUsed is then its last use, in unix nanoseconds (coarse).
 	wild     bool
 	lastUsed atomic.Int64
 }
 
-// servedEntry is what a binding precomputed for one cache entry.
-type servedEntry struct {
-	entry       *broker.Entry
-	fingerprint any
+// newBinding returns the handler binding of a broker binding (copied: the
+// result embeds its own) for the named provider.
+func newBinding(bd *broker.Binding, provider string) *binding {
+	b := &binding{provider: provider}
+	b.Binding.InitFrom(bd)
+	b.Observer = bd.Observer
+	return b
 }
 
-func newBinding(b *broker.Binding, provider string) *binding {
-	return &binding{Binding: b, provider: provider,
-		merchantV: b.Request.Merchant, organisationV: b.Request.Organisation, providerV: provider}
-}
+// Placeholder values. A pointer stored in an interface is not boxed, so
+// setting these on every request allocates nothing; Caddy renders them
+// through fmt.Stringer (caddy.ToString, the vars matchers, log fields via
+// zap.Any) and CEL expressions through ref.Val (placeholders.go).
+type (
+	// merchantValue is {http.token_broker.merchant}.
+	merchantValue binding
+	// organisationValue is {http.token_broker.organisation}.
+	organisationValue binding
+	// providerValue is {http.token_broker.provider}.
+	providerValue binding
+	// fingerprintValue is {http.token_broker.fingerprint}: the fingerprint
+	// of the entry served to the request, rendered when used.
+	fingerprintValue broker.Entry
+)
 
-// served returns the precomputed values of e, computing them when the
-// binding's entry changed (a new token).
-func (b *binding) served(e *broker.Entry) *servedEntry {
-	if s := b.current.Load(); s != nil && s.entry == e {
-		return s
-	}
-	s := &servedEntry{entry: e, fingerprint: e.Fingerprint()}
-	b.current.Store(s)
-	return s
-}
+// String returns the merchant id.
+func (v *merchantValue) String() string { return v.Request.Merchant }
+
+// String returns the merchant's organisation.
+func (v *organisationValue) String() string { return v.Request.Organisation }
+
+// String returns the provider's name.
+func (v *providerValue) String() string { return v.provider }
+
+// String returns the token's fingerprint.
+func (v *fingerprintValue) String() string { return (*broker.Entry)(v).Fingerprint() }
 
 // cacheResults are the boxed values of {http.token_broker.cache}.
 var cacheResults = [...]any{broker.Hit: broker.Hit.String(), broker.RefreshAhead: broker.RefreshAhead.String(),
@@ -325,13 +340,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		status, code := classify(err)
 		return h.fail(w, repl, refusal{status: status, code: code, merchant: merchant, providerType: b.providerType, cause: err})
 	}
-	served := b.served(e)
 	out.prepare(r, e.Header())
 
-	repl.Set("http.token_broker.merchant", b.merchantV)
-	repl.Set("http.token_broker.organisation", b.organisationV)
-	repl.Set("http.token_broker.provider", b.providerV)
-	repl.Set("http.token_broker.fingerprint", served.fingerprint)
+	repl.Set("http.token_broker.merchant", (*merchantValue)(b))
+	repl.Set("http.token_broker.organisation", (*organisationValue)(b))
+	repl.Set("http.token_broker.provider", (*providerValue)(b))
+	repl.Set("http.token_broker.fingerprint", (*fingerprintValue)(e))
 	repl.Set("http.token_broker.cache", cacheResults[res])
 	if h.InteractionID && len(r.Header[interactionIDHeader]) == 0 {
 		r.Header[interactionIDHeader] = []string{uuid.NewString()}
