@@ -17,9 +17,12 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	gocache "github.com/patrickmn/go-cache"
 	"golang.org/x/sync/singleflight"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/noalloc"
 )
 
 // Origins of a cached token (Entry.Origin).
@@ -35,7 +38,8 @@ const (
 //
 // An entry is two heap objects: itself and one string holding the
 // Authorization header value followed by the token ID, of which the
-// token's Value and ID are slices. At 100 000 warm merchants the GC's mark
+// token's Value and ID are slices; its fingerprint's bytes are in the
+// entry. At 100 000 warm merchants the GC's mark
 // work, which is per object, is most of the CPU per request above a plain
 // Caddy's: see newEntry.
 type Entry struct {
@@ -45,10 +49,11 @@ type Entry struct {
 	refreshAt time.Time
 	binding   *Binding
 	cachedAt  time.Time // broker clock, when the entry was built
-	// fingerprint of the token (the first 4 bytes of its SHA-256),
-	// computed once; Fingerprint renders it.
-	fingerprint [4]byte
-	adopted     bool // OriginShared, else OriginMinted
+	// fingerprint of the token, computed once: a string whose bytes are
+	// fingerprintHex, in the entry itself (no object of its own).
+	fingerprint    string
+	fingerprintHex [8]byte
+	adopted        bool // OriginShared, else OriginMinted
 
 	stale      atomic.Bool // replaced by a newer token, or purged
 	refreshing atomic.Bool
@@ -64,13 +69,13 @@ func (e *Entry) Token() Token { return e.tok }
 // It does not allocate.
 func (e *Entry) Header() string { return e.header[:len(bearerPrefix)+len(e.tok.Value)] }
 
-// Fingerprint is the token's fingerprint (Fingerprint of its value). The
-// hash is computed once per token; each call allocates the 8-character
-// string.
-func (e *Entry) Fingerprint() string { return hex.EncodeToString(e.fingerprint[:]) }
+// Fingerprint is the token's fingerprint (Fingerprint of its value),
+// computed once per token. It does not allocate.
+func (e *Entry) Fingerprint() string { return e.fingerprint }
 
-// AppendFingerprint appends the token's fingerprint to dst.
-func (e *Entry) AppendFingerprint(dst []byte) []byte { return hex.AppendEncode(dst, e.fingerprint[:]) }
+// FingerprintValue is Fingerprint as an interface value holding a string,
+// without allocating (a Caddy placeholder's value on every request).
+func (e *Entry) FingerprintValue() any { return noalloc.String(&e.fingerprint) }
 
 // RefreshAt is when the entry enters its refresh window.
 func (e *Entry) RefreshAt() time.Time { return e.refreshAt }
@@ -125,7 +130,7 @@ func (br *Broker) Close() {
 // newEntry builds the cache entry of a token.
 // The token's value and ID are slices of the header string, so that a
 // cached token's bytes are held once, not twice, in one object; its
-// fingerprint is kept as 4 bytes, not as a string.
+// fingerprint's 8 bytes are in the entry, not in a string of their own.
 //
 // The granted scopes, when they are the binding's (the usual case), and
 // the common spellings of the token type are shared rather than kept per
@@ -152,7 +157,9 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	e := &Entry{tok: tok, header: header, refreshAt: br.refreshAt(tok), binding: b,
 		adopted: origin == OriginShared, cachedAt: br.opts.Now()}
 	sum := sha256.Sum256([]byte(value))
-	copy(e.fingerprint[:], sum[:4])
+	hex.Encode(e.fingerprintHex[:], sum[:4])
+	// The bytes are never written again: the string may point at them.
+	e.fingerprint = unsafe.String(&e.fingerprintHex[0], len(e.fingerprintHex))
 	return e
 }
 
@@ -216,7 +223,7 @@ func (br *Broker) PurgeMatching(match func(*Binding) bool) []*Entry {
 	}
 	br.mu.Unlock()
 	for _, e := range out {
-		br.purgeShared(e.binding.key, e.Fingerprint())
+		br.purgeShared(e.binding.key, e.fingerprint)
 	}
 	return out
 }
@@ -247,7 +254,7 @@ func (br *Broker) dropShared(key, fingerprint string) {
 	if !ok {
 		return
 	}
-	if e := v.(*Entry); fingerprint == "" || e.Fingerprint() == fingerprint {
+	if e := v.(*Entry); fingerprint == "" || e.fingerprint == fingerprint {
 		e.stale.Store(true)
 		br.cache.Delete(key)
 	}

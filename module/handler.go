@@ -21,6 +21,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/noalloc"
 )
 
 func init() {
@@ -124,8 +125,8 @@ type Handler struct {
 //
 // It is one heap object (with its cache key string): the broker binding is
 // embedded by value, its strings are the registry's, and its placeholder
-// values are the binding itself seen through the pointer types below, so
-// that a warm merchant costs the GC few objects to mark.
+// values point at its own fields, so that a warm merchant costs the GC few
+// objects to mark. Its strings are set once, before it is shared.
 type binding struct {
 	broker.Binding
 	provider     string // the provider's name in the registry
@@ -146,33 +147,14 @@ func newBinding(bd *broker.Binding, provider string) *binding {
 	return b
 }
 
-// Placeholder values. A pointer stored in an interface is not boxed, so
-// setting these on every request allocates nothing; Caddy renders them
-// through fmt.Stringer (caddy.ToString, the vars matchers, log fields via
-// zap.Any) and CEL expressions through ref.Val (placeholders.go).
-type (
-	// merchantValue is {http.token_broker.merchant}.
-	merchantValue binding
-	// organisationValue is {http.token_broker.organisation}.
-	organisationValue binding
-	// providerValue is {http.token_broker.provider}.
-	providerValue binding
-	// fingerprintValue is {http.token_broker.fingerprint}: the fingerprint
-	// of the entry served to the request, rendered when used.
-	fingerprintValue broker.Entry
-)
-
-// String returns the merchant id.
-func (v *merchantValue) String() string { return v.Request.Merchant }
-
-// String returns the merchant's organisation.
-func (v *organisationValue) String() string { return v.Request.Organisation }
-
-// String returns the provider's name.
-func (v *providerValue) String() string { return v.provider }
-
-// String returns the token's fingerprint.
-func (v *fingerprintValue) String() string { return (*broker.Entry)(v).Fingerprint() }
+// Placeholder values: the binding's own strings as interface values that
+// point at them (noalloc.String), so that setting them on every request
+// allocates nothing and a binding keeps no boxed copies. They are plain
+// strings to every consumer: caddy.ToString, the vars matchers, log
+// fields, CEL expressions.
+func (b *binding) merchantValue() any     { return noalloc.String(&b.Request.Merchant) }
+func (b *binding) organisationValue() any { return noalloc.String(&b.Request.Organisation) }
+func (b *binding) providerValue() any     { return noalloc.String(&b.provider) }
 
 // cacheResults are the boxed values of {http.token_broker.cache}.
 var cacheResults = [...]any{broker.Hit: broker.Hit.String(), broker.RefreshAhead: broker.RefreshAhead.String(),
@@ -342,10 +324,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	out.prepare(r, e.Header())
 
-	repl.Set("http.token_broker.merchant", (*merchantValue)(b))
-	repl.Set("http.token_broker.organisation", (*organisationValue)(b))
-	repl.Set("http.token_broker.provider", (*providerValue)(b))
-	repl.Set("http.token_broker.fingerprint", (*fingerprintValue)(e))
+	repl.Set("http.token_broker.merchant", b.merchantValue())
+	repl.Set("http.token_broker.organisation", b.organisationValue())
+	repl.Set("http.token_broker.provider", b.providerValue())
+	repl.Set("http.token_broker.fingerprint", e.FingerprintValue())
 	repl.Set("http.token_broker.cache", cacheResults[res])
 	if h.InteractionID && len(r.Header[interactionIDHeader]) == 0 {
 		r.Header[interactionIDHeader] = []string{uuid.NewString()}

@@ -63,7 +63,7 @@ func TestWarmMerchantHeap(t *testing.T) {
 			}
 			reg.Providers["nuapay"].Source = broker.SourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
 				return broker.Token{Value: broker.Secret(req.Organisation + "." + strings.Repeat("x", 580)), Type: "Bearer",
-					ID: fmt.Sprintf("%08x-0000-4000-8000-%012x", len(req.Organisation), time.Now().UnixNano()),
+					ID:     fmt.Sprintf("%08x-0000-4000-8000-%012x", len(req.Organisation), time.Now().UnixNano()),
 					Scopes: append([]string(nil), req.Scopes...), Expiry: time.Now().Add(time.Hour)}, nil
 			})
 			h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
