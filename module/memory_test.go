@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"go.uber.org/zap"
 
@@ -102,6 +103,34 @@ func TestWarmMerchantHeap(t *testing.T) {
 			}
 			if perBytes > 1400 {
 				t.Errorf("%.0f heap bytes per warm merchant, want at most 1400 with a 600-byte token", perBytes)
+			}
+		})
+	}
+}
+
+// TestBindingKeepsNoRequestString: a binding and its table key never
+// point into a request (its merchant header value would stay alive as
+// long as the binding): an explicit merchant's binding has the registry's
+// id, a wildcard merchant's a copy.
+func TestBindingKeepsNoRequestString(t *testing.T) {
+	env := newWildcardEnv(t, "")
+	for _, tt := range []struct{ merchant string }{{"acme"}, {"ORG1"}} {
+		header := strings.Clone(tt.merchant)
+		req := httptest.NewRequest("GET", "/tpp/payments", nil)
+		req.Header["X-Merchant-Id"] = []string{header}
+		if _, got, err := serve(t, env.h, req); err != nil || got == nil {
+			t.Fatalf("%s: %v", tt.merchant, err)
+		}
+		b := env.h.bindings.peek(tt.merchant)
+		if b == nil {
+			t.Fatalf("%s: no binding", tt.merchant)
+		}
+		if b.Request.Merchant != tt.merchant || unsafe.StringData(b.Request.Merchant) == unsafe.StringData(header) {
+			t.Errorf("%s: the binding's merchant id %q is the request's header string", tt.merchant, b.Request.Merchant)
+		}
+		env.h.bindings.each(func(id string, b *binding) {
+			if unsafe.StringData(id) == unsafe.StringData(header) {
+				t.Errorf("%s: the table's key is the request's header string", tt.merchant)
 			}
 		})
 	}
