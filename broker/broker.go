@@ -43,31 +43,56 @@ const (
 // work, which is per object, is most of the CPU per request above a plain
 // Caddy's: see newEntry.
 type Entry struct {
-	tok Token
-	// header is "Bearer " + token + token ID; Header is its prefix.
-	header    string
-	refreshAt time.Time
-	binding   *Binding
-	cachedAt  time.Time // broker clock, when the entry was built
+	// header is "Bearer " + token + token ID: Header is
+	// header[:valueEnd], the token header[len(bearerPrefix):valueEnd], its
+	// ID header[valueEnd:].
+	header   string
+	valueEnd int32
+	adopted  bool        // OriginShared, else OriginMinted
+	stale    atomic.Bool // replaced by a newer token, or purged
+	// refreshing: a refresh-ahead of this entry is in flight.
+	refreshing atomic.Bool
+	typ        string   // Token.Type
+	scopes     []string // Token.Scopes
+	// Times in unix nanoseconds (0: zero time): Token.Expiry and
+	// Token.IssuedAt, when the entry enters its refresh window, and when it
+	// was built (broker clock). Four time.Time would be 64 bytes more.
+	expiry, issuedAt, refreshAt, cachedAt int64
+	binding                               *Binding
 	// fingerprint of the token, computed once: a string whose bytes are
 	// fingerprintHex, in the entry itself (no object of its own).
 	fingerprint    string
 	fingerprintHex [8]byte
-	adopted        bool // OriginShared, else OriginMinted
-
-	stale      atomic.Bool // replaced by a newer token, or purged
-	refreshing atomic.Bool
 	// retry is the failure of the last refresh-ahead of this entry: no new
 	// refresh starts while it holds (see failure.holds).
 	retry atomic.Pointer[failure]
 }
 
-// Token returns the cached token.
-func (e *Entry) Token() Token { return e.tok }
+// Token returns the cached token. Its times have no monotonic clock
+// reading (they compare as wall-clock times).
+func (e *Entry) Token() Token {
+	return Token{Value: e.value(), Type: e.typ, Expiry: unixTime(e.expiry), ID: e.id(), Scopes: e.scopes, IssuedAt: unixTime(e.issuedAt)}
+}
+
+// value is the token itself.
+func (e *Entry) value() Secret { return Secret(e.header[len(bearerPrefix):e.valueEnd]) }
+
+// id is the provider's identifier of the token ("" when it has none).
+func (e *Entry) id() string {
+	if int(e.valueEnd) == len(e.header) {
+		return ""
+	}
+	return e.header[e.valueEnd:]
+}
+
+// validAt is Token().ValidAt without building the Token.
+func (e *Entry) validAt(now time.Time, leeway time.Duration) bool {
+	return int(e.valueEnd) > len(bearerPrefix) && now.Add(leeway).UnixNano() < e.expiry
+}
 
 // Header returns "Bearer <token>", the value of the Authorization header.
 // It does not allocate.
-func (e *Entry) Header() string { return e.header[:len(bearerPrefix)+len(e.tok.Value)] }
+func (e *Entry) Header() string { return e.header[:e.valueEnd] }
 
 // Fingerprint is the token's fingerprint (Fingerprint of its value),
 // computed once per token. It does not allocate.
@@ -78,7 +103,7 @@ func (e *Entry) Fingerprint() string { return e.fingerprint }
 func (e *Entry) FingerprintValue() any { return noalloc.String(&e.fingerprint) }
 
 // RefreshAt is when the entry enters its refresh window.
-func (e *Entry) RefreshAt() time.Time { return e.refreshAt }
+func (e *Entry) RefreshAt() time.Time { return unixTime(e.refreshAt) }
 
 // Origin says where the token came from: OriginMinted or OriginShared.
 func (e *Entry) Origin() string {
@@ -86,6 +111,22 @@ func (e *Entry) Origin() string {
 		return OriginShared
 	}
 	return OriginMinted
+}
+
+// unixNano is t in unix nanoseconds, 0 for the zero time.
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+// unixTime is the time of unixNano n.
+func unixTime(n int64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
 }
 
 // Binding returns the binding the entry's token was fetched for.
@@ -139,23 +180,21 @@ func (br *Broker) Close() {
 // work is most of the CPU per request above a plain Caddy's).
 func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	value := tok.Value.Reveal()
-	header := bearerPrefix + value + tok.ID
-	tok.Value = Secret(header[len(bearerPrefix) : len(bearerPrefix)+len(value)])
-	tok.ID = header[len(bearerPrefix)+len(value):]
-	if tok.ID == "" {
-		tok.ID = "" // no pointer to the header's end
+	scopes := tok.Scopes
+	if len(scopes) > 0 && slices.Equal(scopes, b.Request.Scopes) {
+		scopes = b.Request.Scopes
 	}
-	if len(tok.Scopes) > 0 && slices.Equal(tok.Scopes, b.Request.Scopes) {
-		tok.Scopes = b.Request.Scopes
-	}
-	switch tok.Type {
+	typ := tok.Type
+	switch typ {
 	case "Bearer":
-		tok.Type = "Bearer"
+		typ = "Bearer"
 	case "bearer":
-		tok.Type = "bearer"
+		typ = "bearer"
 	}
-	e := &Entry{tok: tok, header: header, refreshAt: br.refreshAt(tok), binding: b,
-		adopted: origin == OriginShared, cachedAt: br.opts.Now()}
+	e := &Entry{header: bearerPrefix + value + tok.ID, valueEnd: int32(len(bearerPrefix) + len(value)),
+		adopted: origin == OriginShared, typ: typ, scopes: scopes,
+		expiry: unixNano(tok.Expiry), issuedAt: unixNano(tok.IssuedAt), refreshAt: unixNano(br.refreshAt(tok)),
+		cachedAt: unixNano(br.opts.Now()), binding: b}
 	sum := sha256.Sum256([]byte(value))
 	hex.Encode(e.fingerprintHex[:], sum[:4])
 	// The bytes are never written again: the string may point at them.
@@ -182,7 +221,7 @@ func (br *Broker) store(b *Binding, e *Entry, now time.Time) {
 	if old, ok := br.cache.Get(b.key); ok {
 		old.(*Entry).stale.Store(true)
 	}
-	br.cache.Set(b.key, e, e.tok.Expiry.Sub(now))
+	br.cache.Set(b.key, e, time.Duration(e.expiry-now.UnixNano()))
 	br.mu.Unlock()
 	b.current.Store(e)
 }
@@ -195,7 +234,7 @@ func (br *Broker) store(b *Binding, e *Entry, now time.Time) {
 func (br *Broker) Purge(b *Binding, rejected Secret) bool {
 	br.mu.Lock()
 	v, ok := br.cache.Get(b.key)
-	if !ok || v.(*Entry).tok.Value != rejected {
+	if !ok || v.(*Entry).value() != rejected {
 		br.mu.Unlock()
 		return false
 	}
@@ -265,7 +304,7 @@ func (br *Broker) Entries() []*Entry {
 	now := br.opts.Now()
 	var out []*Entry
 	for _, it := range br.cache.Items() {
-		if e := it.Object.(*Entry); e.tok.ValidAt(now, 0) {
+		if e := it.Object.(*Entry); e.validAt(now, 0) {
 			out = append(out, e)
 		}
 	}
