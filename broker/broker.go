@@ -11,13 +11,18 @@ package broker
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	gocache "github.com/patrickmn/go-cache"
 	"golang.org/x/sync/singleflight"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/noalloc"
 )
 
 // Origins of a cached token (Entry.Origin).
@@ -30,37 +35,99 @@ const (
 
 // Entry is a cached token with the Authorization header value built once.
 // Entries are immutable once cached, apart from their refresh bookkeeping.
+//
+// An entry is two heap objects: itself (144 bytes) and one string holding
+// the Authorization header value followed by the token ID, of which the
+// token's value and ID are slices; its fingerprint's bytes and its times
+// are in the entry. At 100 000 warm merchants the GC's mark work, which is
+// per object, was most of the CPU per request above a plain Caddy's (issue
+// 9): see newEntry.
 type Entry struct {
-	tok       Token
-	header    string
-	refreshAt time.Time
-	binding   *Binding
-	origin    string
-	cachedAt  time.Time // broker clock, when the entry was built
-	// fingerprint of the token, computed once.
-	fingerprint string
-
-	stale      atomic.Bool // replaced by a newer token, or purged
+	// header is "Bearer " + token + token ID: Header is
+	// header[:valueEnd], the token header[len(bearerPrefix):valueEnd], its
+	// ID header[valueEnd:].
+	header   string
+	valueEnd int32
+	adopted  bool        // OriginShared, else OriginMinted
+	stale    atomic.Bool // replaced by a newer token, or purged
+	// refreshing: a refresh-ahead of this entry is in flight.
 	refreshing atomic.Bool
+	typ        string   // Token.Type
+	scopes     []string // Token.Scopes
+	// Times in unix nanoseconds (0: zero time): Token.Expiry and
+	// Token.IssuedAt, when the entry enters its refresh window, and when it
+	// was built (broker clock). Four time.Time would be 64 bytes more.
+	expiry, issuedAt, refreshAt, cachedAt int64
+	binding                               *Binding
+	// fingerprint of the token, computed once: a string whose bytes are
+	// fingerprintHex, in the entry itself (no object of its own).
+	fingerprint    string
+	fingerprintHex [8]byte
 	// retry is the failure of the last refresh-ahead of this entry: no new
 	// refresh starts while it holds (see failure.holds).
 	retry atomic.Pointer[failure]
 }
 
-// Token returns the cached token.
-func (e *Entry) Token() Token { return e.tok }
+// Token returns the cached token. Its times have no monotonic clock
+// reading (they compare as wall-clock times).
+func (e *Entry) Token() Token {
+	return Token{Value: e.value(), Type: e.typ, Expiry: unixTime(e.expiry), ID: e.id(), Scopes: e.scopes, IssuedAt: unixTime(e.issuedAt)}
+}
+
+// value is the token itself.
+func (e *Entry) value() Secret { return Secret(e.header[len(bearerPrefix):e.valueEnd]) }
+
+// id is the provider's identifier of the token ("" when it has none).
+func (e *Entry) id() string {
+	if int(e.valueEnd) == len(e.header) {
+		return ""
+	}
+	return e.header[e.valueEnd:]
+}
+
+// validAt is Token().ValidAt without building the Token.
+func (e *Entry) validAt(now time.Time, leeway time.Duration) bool {
+	return int(e.valueEnd) > len(bearerPrefix) && now.Add(leeway).UnixNano() < e.expiry
+}
 
 // Header returns "Bearer <token>", the value of the Authorization header.
-func (e *Entry) Header() string { return e.header }
+// It does not allocate.
+func (e *Entry) Header() string { return e.header[:e.valueEnd] }
 
-// Fingerprint is the token's fingerprint, computed once per token.
+// Fingerprint is the token's fingerprint (Fingerprint of its value),
+// computed once per token. It does not allocate.
 func (e *Entry) Fingerprint() string { return e.fingerprint }
 
+// FingerprintValue is Fingerprint as an interface value holding a string,
+// without allocating (a Caddy placeholder's value on every request).
+func (e *Entry) FingerprintValue() any { return noalloc.String(&e.fingerprint) }
+
 // RefreshAt is when the entry enters its refresh window.
-func (e *Entry) RefreshAt() time.Time { return e.refreshAt }
+func (e *Entry) RefreshAt() time.Time { return unixTime(e.refreshAt) }
 
 // Origin says where the token came from: OriginMinted or OriginShared.
-func (e *Entry) Origin() string { return e.origin }
+func (e *Entry) Origin() string {
+	if e.adopted {
+		return OriginShared
+	}
+	return OriginMinted
+}
+
+// unixNano is t in unix nanoseconds, 0 for the zero time.
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+// unixTime is the time of unixNano n.
+func unixTime(n int64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
 
 // Binding returns the binding the entry's token was fetched for.
 func (e *Entry) Binding() *Binding { return e.binding }
@@ -102,8 +169,9 @@ func (br *Broker) Close() {
 }
 
 // newEntry builds the cache entry of a token.
-// The token's value is a slice of the header string, so that a cached
-// token's bytes are held once, not twice.
+// The token's value and ID are slices of the header string, so that a
+// cached token's bytes are held once, not twice, in one object; its
+// fingerprint's 8 bytes are in the entry, not in a string of their own.
 //
 // The granted scopes, when they are the binding's (the usual case), and
 // the common spellings of the token type are shared rather than kept per
@@ -111,19 +179,27 @@ func (br *Broker) Close() {
 // cycle would otherwise visit (at 100 000 warm merchants the GC's mark
 // work is most of the CPU per request above a plain Caddy's).
 func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
-	header := bearerPrefix + tok.Value.Reveal()
-	tok.Value = Secret(header[len(bearerPrefix):])
-	if len(tok.Scopes) > 0 && slices.Equal(tok.Scopes, b.Request.Scopes) {
-		tok.Scopes = b.Request.Scopes
+	value := tok.Value.Reveal()
+	scopes := tok.Scopes
+	if len(scopes) > 0 && slices.Equal(scopes, b.Request.Scopes) {
+		scopes = b.Request.Scopes
 	}
-	switch tok.Type {
+	typ := tok.Type
+	switch typ {
 	case "Bearer":
-		tok.Type = "Bearer"
+		typ = "Bearer"
 	case "bearer":
-		tok.Type = "bearer"
+		typ = "bearer"
 	}
-	return &Entry{tok: tok, header: header, refreshAt: br.refreshAt(tok), binding: b,
-		origin: origin, fingerprint: tok.Fingerprint(), cachedAt: br.opts.Now()}
+	e := &Entry{header: bearerPrefix + value + tok.ID, valueEnd: int32(len(bearerPrefix) + len(value)),
+		adopted: origin == OriginShared, typ: typ, scopes: scopes,
+		expiry: unixNano(tok.Expiry), issuedAt: unixNano(tok.IssuedAt), refreshAt: unixNano(br.refreshAt(tok)),
+		cachedAt: unixNano(br.opts.Now()), binding: b}
+	sum := sha256.Sum256([]byte(value))
+	hex.Encode(e.fingerprintHex[:], sum[:4])
+	// The bytes are never written again: the string may point at them.
+	e.fingerprint = unsafe.String(&e.fingerprintHex[0], len(e.fingerprintHex))
+	return e
 }
 
 // bearerPrefix starts the Authorization header value of a cached token.
@@ -145,7 +221,7 @@ func (br *Broker) store(b *Binding, e *Entry, now time.Time) {
 	if old, ok := br.cache.Get(b.key); ok {
 		old.(*Entry).stale.Store(true)
 	}
-	br.cache.Set(b.key, e, e.tok.Expiry.Sub(now))
+	br.cache.Set(b.key, e, time.Duration(e.expiry-now.UnixNano()))
 	br.mu.Unlock()
 	b.current.Store(e)
 }
@@ -158,7 +234,7 @@ func (br *Broker) store(b *Binding, e *Entry, now time.Time) {
 func (br *Broker) Purge(b *Binding, rejected Secret) bool {
 	br.mu.Lock()
 	v, ok := br.cache.Get(b.key)
-	if !ok || v.(*Entry).tok.Value != rejected {
+	if !ok || v.(*Entry).value() != rejected {
 		br.mu.Unlock()
 		return false
 	}
@@ -228,7 +304,7 @@ func (br *Broker) Entries() []*Entry {
 	now := br.opts.Now()
 	var out []*Entry
 	for _, it := range br.cache.Items() {
-		if e := it.Object.(*Entry); e.tok.ValidAt(now, 0) {
+		if e := it.Object.(*Entry); e.validAt(now, 0) {
 			out = append(out, e)
 		}
 	}

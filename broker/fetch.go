@@ -67,7 +67,7 @@ type Policy struct {
 // Policy returns the failure policy's state for the key of a cached entry.
 func (br *Broker) Policy(e *Entry) Policy {
 	now := br.opts.Now()
-	p := Policy{NextRefresh: e.refreshAt}
+	p := Policy{NextRefresh: e.RefreshAt()}
 	p.PurgeHeldUntil, p.Strikes = br.RejectHold(e.binding.key)
 	f := e.retry.Load()
 	if v, ok := br.failures.Load(e.binding.key); ok {
@@ -104,7 +104,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry) (*Entry,
 	// fresh token: do not fetch twice.
 	if v, ok := br.cache.Get(b.key); ok {
 		e := v.(*Entry)
-		if e.tok.ValidAt(now, br.opts.Leeway) && (cur == nil || (e != cur && now.Before(e.refreshAt))) {
+		if e.validAt(now, br.opts.Leeway) && (cur == nil || (e != cur && now.UnixNano() < e.refreshAt)) {
 			b.current.Store(e)
 			return e, nil
 		}
@@ -184,7 +184,7 @@ func (br *Broker) usable(cur *Entry) func(Token) bool {
 		if t.IssuedAt.IsZero() || t.IssuedAt.After(now) {
 			t.IssuedAt = now
 		}
-		return t.Expiry.After(cur.tok.Expiry) && now.Before(br.refreshAt(t))
+		return t.Expiry.UnixNano() > cur.expiry && now.Before(br.refreshAt(t))
 	}
 }
 

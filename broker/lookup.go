@@ -13,7 +13,7 @@ func (br *Broker) Token(ctx context.Context, b *Binding) (Token, error) {
 	if err != nil {
 		return Token{}, err
 	}
-	return e.tok, nil
+	return e.Token(), nil
 }
 
 // Get returns the cache entry holding a valid token for the binding and how
@@ -31,16 +31,16 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	// no shared map is read and no lock is taken. An entry replaced by a
 	// newer token or purged is marked stale, and the cache is asked again.
 	e := b.current.Load()
-	if e == nil || e.stale.Load() || !e.tok.ValidAt(now, br.opts.Leeway) {
+	if e == nil || e.stale.Load() || !e.validAt(now, br.opts.Leeway) {
 		e = nil
 		if v, ok := br.cache.Get(b.key); ok {
 			e = v.(*Entry)
 			b.current.Store(e)
 		}
 	}
-	if e != nil && e.tok.ValidAt(now, br.opts.Leeway) {
+	if e != nil && e.validAt(now, br.opts.Leeway) {
 		r := Hit
-		if !now.Before(e.refreshAt) && e.refreshDue(now) && e.refreshing.CompareAndSwap(false, true) {
+		if now.UnixNano() >= e.refreshAt && e.refreshDue(now) && e.refreshing.CompareAndSwap(false, true) {
 			r = RefreshAhead
 			br.refresh(ctx, b, e)
 		}
@@ -62,7 +62,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 				return nil, Miss, res.Err
 			}
 			e := res.Val.(*Entry)
-			if !e.tok.ValidAt(br.opts.Now(), br.opts.Leeway) {
+			if !e.validAt(br.opts.Now(), br.opts.Leeway) {
 				if !started && attempt == 0 {
 					continue
 				}
@@ -72,7 +72,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 			switch {
 			case !started:
 				r = Shared
-			case e.origin == OriginShared:
+			case e.adopted:
 				r = Adopted
 			}
 			br.observe(b, r)

@@ -102,7 +102,7 @@ func (s *rejectState) quiet(now time.Time) bool {
 func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 	br.mu.Lock()
 	v, ok := br.cache.Get(b.key)
-	if !ok || v.(*Entry).tok.Value != rejected {
+	if !ok || v.(*Entry).value() != rejected {
 		br.mu.Unlock()
 		return RejectionStale
 	}
@@ -122,7 +122,7 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 		// purged again, and that is no strike.
 	case now.Before(st.holdUntil) && st.holdUntil.Sub(now) <= RejectHoldMax:
 		held = true
-	case !st.purgedAt.IsZero() && !e.cachedAt.Before(st.purgedAt) && now.Sub(e.cachedAt) < max(RejectMinAge, holdWindow(st.strikes+1)):
+	case !st.purgedAt.IsZero() && e.cachedAt >= st.purgedAt.UnixNano() && now.Sub(unixTime(e.cachedAt)) < max(RejectMinAge, holdWindow(st.strikes+1)):
 		// The replacement of a rejected token is rejected too: the 401
 		// is not about the token.
 		st.strikes++
@@ -170,7 +170,7 @@ func (br *Broker) Accepted(b *Binding, tok Secret) {
 	br.mu.Lock()
 	cur, cached := br.cache.Get(b.key)
 	br.mu.Unlock()
-	if !cached || cur.(*Entry).tok.Value != tok {
+	if !cached || cur.(*Entry).value() != tok {
 		return
 	}
 	st := v.(*rejectState)

@@ -91,13 +91,28 @@ type Binding struct {
 // NewBinding returns a binding with its scopes sorted and de-duplicated and
 // its cache key computed.
 func NewBinding(sourceID string, src Source, req Request) *Binding {
+	b := new(Binding)
+	b.Init(sourceID, src, req)
+	return b
+}
+
+// Init fills b, a zero Binding, as NewBinding would: for a Binding
+// embedded by value in a larger struct (one heap object per binding
+// instead of two). b must not be in use yet.
+func (b *Binding) Init(sourceID string, src Source, req Request) {
 	req.Scopes = NormaliseScopes(req.Scopes)
 	parts := []string{sourceID, req.Organisation, strings.Join(req.Scopes, " "), req.Audience, req.Lifetime.String()}
 	if pm, ok := src.(PerMerchant); ok && pm.PerMerchant() {
 		parts = append(parts, req.Merchant)
 	}
-	key := strings.Join(parts, "\x00")
-	return &Binding{SourceID: sourceID, Source: src, Request: req, key: key}
+	b.SourceID, b.Source, b.Request, b.key = sourceID, src, req, strings.Join(parts, "\x00")
+}
+
+// InitFrom fills b, a zero Binding not in use yet, with o's configuration
+// and cache key (not its cached token nor its Observer): Init without
+// computing the key again.
+func (b *Binding) InitFrom(o *Binding) {
+	b.SourceID, b.Source, b.Request, b.key = o.SourceID, o.Source, o.Request, o.key
 }
 
 // Key is the cache key of the binding: (source, organisation, sorted scopes,
@@ -105,8 +120,13 @@ func NewBinding(sourceID string, src Source, req Request) *Binding {
 func (b *Binding) Key() string { return b.key }
 
 // NormaliseScopes returns the scopes sorted, trimmed and without duplicates
-// or empty strings. The input is not modified.
+// or empty strings. The input is not modified; when it is already
+// normalised it is returned itself (not a copy), so that bindings built
+// from one scope list share it: callers must not modify the result.
 func NormaliseScopes(scopes []string) []string {
+	if normalised(scopes) {
+		return scopes
+	}
 	out := make([]string, 0, len(scopes))
 	for _, s := range scopes {
 		if s = strings.TrimSpace(s); s != "" {
@@ -115,4 +135,15 @@ func NormaliseScopes(scopes []string) []string {
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
+}
+
+// normalised reports whether scopes are sorted, trimmed and without
+// duplicates or empty strings.
+func normalised(scopes []string) bool {
+	for i, s := range scopes {
+		if s == "" || strings.TrimSpace(s) != s || (i > 0 && scopes[i-1] >= s) {
+			return false
+		}
+	}
+	return true
 }

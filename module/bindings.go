@@ -1,11 +1,14 @@
 package module
 
 import (
+	"hash/maphash"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -14,7 +17,12 @@ import (
 // not the size of the registry. Every token_broker handler of a config
 // with the same registry and route scopes shares one table (App.table).
 //
-// A hit is a sync.Map read: no lock, no allocation. A miss (a merchant's
+// The table is sharded maps from merchant id to binding, each under a
+// read-write lock: a hit is one read lock of its shard and one map read,
+// no allocation. A map keyed by string keeps the key inline (a sync.Map
+// costs three or more heap objects per key, boxed key included), and the
+// key is the binding's own merchant id (the registry's string, or a copy
+// for a wildcard id), never the request's header. A miss (a merchant's
 // first request) resolves the merchant in the registry, explicit entry
 // first, then the wildcard entry, under the table's lock.
 //
@@ -26,13 +34,14 @@ import (
 // token request.
 type bindingTable struct {
 	reg     *config.Registry // nil for a table filled by hand (tests)
-	scopes  []string         // the route's scopes; nil: the merchants' own
+	scopes  []string         // the route's scopes, normalised; nil: the merchants' own
 	listing *orgListing      // nil unless the wildcard is restricted
 	now     func() time.Time
 
-	m      sync.Map // merchant id -> *binding
-	mu     sync.Mutex
-	active atomic.Int64 // wildcard bindings in m
+	seed   maphash.Seed
+	shards [tableShards]tableShard
+	mu     sync.Mutex   // serialises creations and evictions
+	active atomic.Int64 // wildcard bindings in the table
 	// noIdleUntil (unix ns, under mu) is the first moment a binding can be
 	// idle past idle_timeout, as the last eviction scan found it: while the
 	// table is full and nobody can be idle yet, a new merchant is refused
@@ -41,27 +50,74 @@ type bindingTable struct {
 	scans       int // eviction scans, for tests
 }
 
-func newBindingTable(reg *config.Registry, scopes []string, listing *orgListing) *bindingTable {
-	return &bindingTable{reg: reg, scopes: scopes, listing: listing, now: time.Now}
+// tableShards is the number of shards of a binding table: enough that
+// concurrent hits rarely share a lock word.
+const tableShards = 64
+
+// tableShard is one shard of a binding table, padded to its own cache
+// lines.
+type tableShard struct {
+	mu sync.RWMutex
+	m  map[string]*binding // merchant id -> binding
+	_  [64 - 8]byte
 }
 
-// set stores a binding made by hand (tests, benchmarks).
-func (t *bindingTable) set(id string, b *binding) { t.m.Store(id, b) }
+func newBindingTable(reg *config.Registry, scopes []string, listing *orgListing) *bindingTable {
+	if len(scopes) > 0 {
+		// Normalised once here, so that the bindings share this slice.
+		scopes = broker.NormaliseScopes(scopes)
+	}
+	return &bindingTable{reg: reg, scopes: scopes, listing: listing, now: time.Now, seed: maphash.MakeSeed()}
+}
+
+func (t *bindingTable) shard(id string) *tableShard {
+	return &t.shards[maphash.String(t.seed, id)%tableShards]
+}
+
+// load returns the binding of a merchant, or nil.
+func (t *bindingTable) load(id string) *binding {
+	s := t.shard(id)
+	s.mu.RLock()
+	b := s.m[id]
+	s.mu.RUnlock()
+	return b
+}
+
+// store adds a binding under its own merchant id.
+func (t *bindingTable) store(b *binding) {
+	id := b.Request.Merchant
+	s := t.shard(id)
+	s.mu.Lock()
+	if s.m == nil {
+		s.m = make(map[string]*binding)
+	}
+	s.m[id] = b
+	s.mu.Unlock()
+}
+
+// set stores a binding made by hand (tests, benchmarks); id must be its
+// merchant id.
+func (t *bindingTable) set(id string, b *binding) {
+	if id != b.Request.Merchant {
+		panic("bindingTable.set: id " + id + " is not the binding's merchant " + b.Request.Merchant)
+	}
+	t.store(b)
+}
 
 // peek returns the binding of a merchant if it exists.
-func (t *bindingTable) peek(id string) *binding {
-	if v, ok := t.m.Load(id); ok {
-		return v.(*binding)
-	}
-	return nil
-}
+func (t *bindingTable) peek(id string) *binding { return t.load(id) }
 
-// each calls f for every binding in the table.
+// each calls f for every binding in the table, a shard at a time under
+// its read lock: f must not change the table.
 func (t *bindingTable) each(f func(id string, b *binding)) {
-	t.m.Range(func(k, v any) bool {
-		f(k.(string), v.(*binding))
-		return true
-	})
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.RLock()
+		for id, b := range s.m {
+			f(id, b)
+		}
+		s.mu.RUnlock()
+	}
 }
 
 // touchEvery is the granularity of a wildcard binding's last use: the
@@ -71,8 +127,7 @@ const touchEvery = int64(time.Second)
 // get returns the binding of a valid merchant id, creating it on first
 // use; a non-nil refusal says why the merchant is not served.
 func (t *bindingTable) get(h *Handler, id string) (*binding, *refusal) {
-	if v, ok := t.m.Load(id); ok {
-		b := v.(*binding)
+	if b := t.load(id); b != nil {
 		if b.wild {
 			now := t.now().UnixNano()
 			if now-b.lastUsed.Load() >= touchEvery {
@@ -104,8 +159,8 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if v, ok := t.m.Load(id); ok {
-		return v.(*binding), nil
+	if b := t.load(id); b != nil {
+		return b, nil
 	}
 	now := t.now().UnixNano()
 	if wild && t.active.Load() >= int64(t.reg.Wildcard.MaxActive) {
@@ -115,6 +170,12 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 		if t.active.Load() >= int64(t.reg.Wildcard.MaxActive) {
 			return nil, &refusal{status: http.StatusServiceUnavailable, code: "too_many_merchants", merchant: id}
 		}
+	}
+	if wild {
+		// id is the request's header value: the binding must not keep
+		// the request's header strings alive. An explicit merchant's
+		// binding gets the registry's own id.
+		id = strings.Clone(id)
 	}
 	bd, err := t.reg.Binding(id, t.scopes)
 	if err != nil {
@@ -126,8 +187,8 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 	}
 	b.wild = wild
 	b.lastUsed.Store(now)
-	bd.Observer = h.observerFor(id, b)
-	t.m.Store(id, b)
+	b.Observer = h.observerFor(b)
+	t.store(b)
 	if wild {
 		t.active.Add(1)
 	}
@@ -143,20 +204,23 @@ func (t *bindingTable) evictIdle(now int64) int {
 	n := 0
 	oldest := int64(-1)
 	t.scans++
-	t.m.Range(func(k, v any) bool {
-		b := v.(*binding)
-		if !b.wild {
-			return true
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.Lock()
+		for id, b := range s.m {
+			if !b.wild {
+				continue
+			}
+			if used := b.lastUsed.Load(); now-used > idle {
+				delete(s.m, id)
+				t.active.Add(-1)
+				n++
+			} else if oldest < 0 || used < oldest {
+				oldest = used
+			}
 		}
-		if used := b.lastUsed.Load(); now-used > idle {
-			t.m.Delete(k)
-			t.active.Add(-1)
-			n++
-		} else if oldest < 0 || used < oldest {
-			oldest = used
-		}
-		return true
-	})
+		s.mu.Unlock()
+	}
 	t.noIdleUntil = 0
 	if oldest >= 0 {
 		t.noIdleUntil = oldest + idle + 1

@@ -21,6 +21,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/noalloc"
 )
 
 func init() {
@@ -121,43 +122,39 @@ type Handler struct {
 }
 
 // binding is what the handler knows about one merchant on its route.
+//
+// It is one heap object (with its cache key string): the broker binding is
+// embedded by value, its strings are the registry's, and its placeholder
+// values point at its own fields, so that a warm merchant costs the GC few
+// objects to mark. Its strings are set once, before it is shared.
 type binding struct {
-	*broker.Binding
+	broker.Binding
 	provider     string // the provider's name in the registry
 	providerType string // its type ("nuapay", "oauth2"), for messages
 
-	// Placeholder values boxed once, so that setting them on every
-	// request does not allocate.
-	merchantV, organisationV, providerV any
-	// current caches, for the entry last served, its boxed fingerprint.
-	current atomic.Pointer[servedEntry]
 	// wild: served through the wildcard entry, so bounded and evictable;
 	// lastUsed is then its last use, in unix nanoseconds (coarse).
 	wild     bool
 	lastUsed atomic.Int64
 }
 
-// servedEntry is what a binding precomputed for one cache entry.
-type servedEntry struct {
-	entry       *broker.Entry
-	fingerprint any
+// newBinding returns the handler binding of a broker binding (copied: the
+// result embeds its own) for the named provider.
+func newBinding(bd *broker.Binding, provider string) *binding {
+	b := &binding{provider: provider}
+	b.Binding.InitFrom(bd)
+	b.Observer = bd.Observer
+	return b
 }
 
-func newBinding(b *broker.Binding, provider string) *binding {
-	return &binding{Binding: b, provider: provider,
-		merchantV: b.Request.Merchant, organisationV: b.Request.Organisation, providerV: provider}
-}
-
-// served returns the precomputed values of e, computing them when the
-// binding's entry changed (a new token).
-func (b *binding) served(e *broker.Entry) *servedEntry {
-	if s := b.current.Load(); s != nil && s.entry == e {
-		return s
-	}
-	s := &servedEntry{entry: e, fingerprint: e.Fingerprint()}
-	b.current.Store(s)
-	return s
-}
+// Placeholder values: the binding's own strings as interface values that
+// point at them (noalloc.String), so that setting them on every request
+// allocates nothing and a binding keeps no boxed copies. They are plain
+// strings to every consumer: caddy.ToString, the vars matchers, log
+// fields, CEL expressions.
+func (b *binding) merchantValue() any     { return noalloc.String(&b.Request.Merchant) }
+func (b *binding) organisationValue() any { return noalloc.String(&b.Request.Organisation) }
+func (b *binding) providerValue() any     { return noalloc.String(&b.provider) }
 
 // cacheResults are the boxed values of {http.token_broker.cache}.
 var cacheResults = [...]any{broker.Hit: broker.Hit.String(), broker.RefreshAhead: broker.RefreshAhead.String(),
@@ -325,13 +322,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		status, code := classify(err)
 		return h.fail(w, repl, refusal{status: status, code: code, merchant: merchant, providerType: b.providerType, cause: err})
 	}
-	served := b.served(e)
 	out.prepare(r, e.Header())
 
-	repl.Set("http.token_broker.merchant", b.merchantV)
-	repl.Set("http.token_broker.organisation", b.organisationV)
-	repl.Set("http.token_broker.provider", b.providerV)
-	repl.Set("http.token_broker.fingerprint", served.fingerprint)
+	repl.Set("http.token_broker.merchant", b.merchantValue())
+	repl.Set("http.token_broker.organisation", b.organisationValue())
+	repl.Set("http.token_broker.provider", b.providerValue())
+	repl.Set("http.token_broker.fingerprint", e.FingerprintValue())
 	repl.Set("http.token_broker.cache", cacheResults[res])
 	if h.InteractionID && len(r.Header[interactionIDHeader]) == 0 {
 		r.Header[interactionIDHeader] = []string{uuid.NewString()}

@@ -29,12 +29,14 @@ func benchHandler(b *testing.B, n int) (*Handler, []string) {
 	})
 	h.bindings = newBindingTable(nil, nil, nil)
 	ids := make([]string, n)
+	scopes := []string{"openbanking_pisp"} // shared, as the registry's are
 	for i := range ids {
 		ids[i] = fmt.Sprintf("merchant-%06d", i)
-		bd := broker.NewBinding("nuapay#bench", src, broker.Request{Merchant: ids[i], Organisation: "org-" + ids[i], Scopes: []string{"openbanking_pisp"}})
+		bd := broker.NewBinding("nuapay#bench", src, broker.Request{Merchant: ids[i], Organisation: "org-" + ids[i], Scopes: scopes})
 		bd.Observer = h
-		h.bindings.set(ids[i], newBinding(bd, "nuapay"))
-		if _, _, err := h.broker.Get(context.Background(), bd); err != nil {
+		hb := newBinding(bd, "nuapay")
+		h.bindings.set(ids[i], hb)
+		if _, _, err := h.broker.Get(context.Background(), &hb.Binding); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -223,12 +224,16 @@ type handlerMetrics struct {
 	*tokenMetrics
 	providers map[string]string          // SourceID -> provider name
 	shared    map[string]*lookupCounters // provider name -> counters, without the merchant label
+
+	mu        sync.Mutex           // guards observers
+	observers map[string]*observer // provider name -> the observer its bindings share, without the merchant label
 }
 
 // instrument gives every binding of the handler an observer with its
 // counters resolved. Called at the end of Provision.
 func (h *Handler) instrument(m *tokenMetrics) {
-	h.metrics = &handlerMetrics{tokenMetrics: m, providers: make(map[string]string), shared: map[string]*lookupCounters{}}
+	h.metrics = &handlerMetrics{tokenMetrics: m, providers: make(map[string]string), shared: map[string]*lookupCounters{},
+		observers: map[string]*observer{}}
 	if m != nil && h.bindings != nil && h.bindings.reg != nil {
 		for name, p := range h.bindings.reg.Providers {
 			h.metrics.providers[p.ID] = name
@@ -246,7 +251,7 @@ func (h *Handler) instrument(m *tokenMetrics) {
 				}
 				h.metrics.providers[b.SourceID] = b.provider
 			}
-			b.Observer = h.observerFor(id, b)
+			b.Observer = h.observerFor(b)
 		})
 	}
 }
@@ -302,22 +307,31 @@ func (h *Handler) SourceBackingOff(sourceID string, on bool) {
 }
 
 // observerFor returns the observer of a new binding: the handler, with
-// the binding's lookup counters.
-func (h *Handler) observerFor(id string, b *binding) broker.Observer {
+// the binding's lookup counters. Without the merchant label, the bindings
+// of one provider share one observer (no heap object per binding).
+func (h *Handler) observerFor(b *binding) broker.Observer {
 	m := h.metrics
 	if m == nil || m.tokenMetrics == nil {
 		return h
 	}
-	var c *lookupCounters
 	if m.merchantLabel {
-		c = m.lookupCounters(b.provider, id)
-	} else if c = m.shared[b.provider]; c == nil {
+		return &observer{Handler: h, lookups: m.lookupCounters(b.provider, b.Request.Merchant)}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if o := m.observers[b.provider]; o != nil {
+		return o
+	}
+	c := m.shared[b.provider]
+	if c == nil {
 		// A provider added by hand (tests): counters made once here,
 		// before the handler serves.
 		c = m.lookupCounters(b.provider, "")
 		m.shared[b.provider] = c
 	}
-	return &observer{Handler: h, lookups: c}
+	o := &observer{Handler: h, lookups: c}
+	m.observers[b.provider] = o
+	return o
 }
 
 // BreakerChanged implements broker.BreakerObserver: it sets the breaker

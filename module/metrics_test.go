@@ -251,7 +251,7 @@ func TestLookupAllocatesNothing(t *testing.T) {
 	h, _, _ := newMetricsHandler(t, func(context.Context, broker.Request) (broker.Token, error) {
 		return broker.Token{Value: "tok", Expiry: clk.Now().Add(time.Hour)}, nil
 	}, clk, false)
-	b := h.bindings.peek("acme").Binding
+	b := &h.bindings.peek("acme").Binding
 	if n := testing.AllocsPerRun(100, func() { b.Observer.Lookup(b, broker.Hit) }); n != 0 {
 		t.Fatalf("Lookup allocates %v times", n)
 	}

@@ -226,7 +226,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	if !rec.held {
 		return nil // passed through: not replayable, or a long 401 body
 	}
-	fresh, _, err := h.broker.Get(r.Context(), b.Binding)
+	fresh, _, err := h.broker.Get(r.Context(), &b.Binding)
 	if err != nil || fresh.Token().Value == rejected.Value {
 		return rec.writeHeld() // nothing better to try: the caller gets the 401
 	}
@@ -251,7 +251,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	rec.buf.Reset()
 	if err := next.ServeHTTP(rec, r); err != nil || !rec.rejected {
 		if err == nil && rec.status != 0 {
-			h.broker.Accepted(b.Binding, fresh.Token().Value)
+			h.broker.Accepted(&b.Binding, fresh.Token().Value)
 		}
 		return err
 	}
@@ -310,7 +310,7 @@ func (h *Handler) purge(b *binding, rejected broker.Token) {
 	if h.RetryOn401 == "any" && time.Since(rejected.IssuedAt) < minPurgeAge {
 		return
 	}
-	outcome := h.broker.Reject(b.Binding, rejected.Value)
+	outcome := h.broker.Reject(&b.Binding, rejected.Value)
 	if h.metrics != nil {
 		switch outcome {
 		case broker.RejectionPurged:

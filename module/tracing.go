@@ -35,7 +35,7 @@ const (
 func (h *Handler) token(ctx context.Context, b *binding) (*broker.Entry, broker.Result, error) {
 	parent := trace.SpanFromContext(ctx)
 	if !parent.IsRecording() {
-		return h.broker.Get(ctx, b.Binding)
+		return h.broker.Get(ctx, &b.Binding)
 	}
 	ctx, span := parent.TracerProvider().Tracer(tracerName).Start(ctx, tokenSpanName,
 		trace.WithSpanKind(trace.SpanKindInternal),
@@ -46,7 +46,7 @@ func (h *Handler) token(ctx context.Context, b *binding) (*broker.Entry, broker.
 			attrScopesCount.Int(len(b.Request.Scopes)),
 		))
 	defer span.End()
-	e, res, err := h.broker.Get(ctx, b.Binding)
+	e, res, err := h.broker.Get(ctx, &b.Binding)
 	if err != nil {
 		_, code := classify(err)
 		span.SetAttributes(attrCache.String(res.String()), attrOutcome.String(code))

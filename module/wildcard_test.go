@@ -203,7 +203,7 @@ func TestWildcardEviction(t *testing.T) {
 		t.Fatal("a merchant in use was evicted")
 	}
 	// The request that held ORG1's binding still gets its token.
-	e, _, err := env.h.broker.Get(context.Background(), held.Binding)
+	e, _, err := env.h.broker.Get(context.Background(), &held.Binding)
 	if err != nil || e.Header() == "" {
 		t.Fatalf("held binding after eviction: %v", err)
 	}
