@@ -3,6 +3,7 @@ package module
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"net/http/httptest"
 	"runtime"
 	"strings"
@@ -10,6 +11,8 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -35,6 +38,51 @@ func liveHeap() (objects, bytes uint64) {
 	return ms.HeapObjects, ms.HeapAlloc
 }
 
+// warmRegistryHandler returns a handler serving a registry of n explicit
+// Nuapay merchants (warmMerchantsTOML), with tokens of a Nuapay JWT's size
+// and an ID, as a Nuapay source decodes them (fresh strings), and the
+// merchants' ids; its first merchant is warm, so that the lazily made
+// shared state (observer, maps' first tables) is not counted per merchant.
+func warmRegistryHandler(tb testing.TB, n int, scopes []string) (*Handler, []string, *config.Registry) {
+	tb.Helper()
+	reg, err := config.Parse("warm.toml", warmMerchantsTOML(n), func(string) (string, bool) { return "partner-key", true })
+	if err != nil {
+		tb.Fatal(err)
+	}
+	reg.Providers["nuapay"].Source = broker.SourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
+		return broker.Token{Value: broker.Secret(req.Organisation + "." + strings.Repeat("x", 580)), Type: "Bearer",
+			ID:     fmt.Sprintf("%08x-0000-4000-8000-%012x", len(req.Organisation), time.Now().UnixNano()),
+			Scopes: append([]string(nil), req.Scopes...), Expiry: time.Now().Add(time.Hour)}, nil
+	})
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
+	h.broker = broker.New(broker.Options{})
+	tb.Cleanup(h.broker.Close)
+	h.bindings = newBindingTable(reg, scopes, nil)
+	h.instrument(newTokenMetrics(false))
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("merchant-%06d", i)
+	}
+	warmMerchants(tb, h, ids[:1])
+	return h, ids, reg
+}
+
+// warmMerchants sends one request for each merchant through ServeHTTP,
+// each request's merchant header a string of its own.
+func warmMerchants(tb testing.TB, h *Handler, ids []string) {
+	tb.Helper()
+	for _, id := range ids {
+		req := httptest.NewRequest("GET", "/tpp/payments", nil)
+		req.Header["X-Merchant-Id"] = []string{strings.Clone(id)}
+		req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+		served := false
+		next := caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { served = true; return nil })
+		if err := h.ServeHTTP(httptest.NewRecorder(), req, next); err != nil || !served {
+			tb.Fatalf("%s: not served: %v", id, err)
+		}
+	}
+}
+
 // TestWarmMerchantHeap guards the heap cost of a warm merchant (its
 // binding and its cached token), which every GC cycle marks: at 100 000
 // warm merchants the GC's mark work, per object, was most of the CPU per
@@ -58,38 +106,9 @@ func TestWarmMerchantHeap(t *testing.T) {
 		{"route scopes", []string{"openbanking_aisp", "accounts"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			reg, err := config.Parse("warm.toml", warmMerchantsTOML(n), func(string) (string, bool) { return "partner-key", true })
-			if err != nil {
-				t.Fatal(err)
-			}
-			reg.Providers["nuapay"].Source = broker.SourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
-				return broker.Token{Value: broker.Secret(req.Organisation + "." + strings.Repeat("x", 580)), Type: "Bearer",
-					ID:     fmt.Sprintf("%08x-0000-4000-8000-%012x", len(req.Organisation), time.Now().UnixNano()),
-					Scopes: append([]string(nil), req.Scopes...), Expiry: time.Now().Add(time.Hour)}, nil
-			})
-			h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
-			h.broker = broker.New(broker.Options{})
-			t.Cleanup(h.broker.Close)
-			h.bindings = newBindingTable(reg, tt.scopes, nil)
-			h.instrument(newTokenMetrics(false))
-			// One request first: the lazily made shared state (observer,
-			// maps' first tables) is not per merchant.
-			if _, got, err := serve(t, h, merchantRequest("merchant-000000")); err != nil || got == nil {
-				t.Fatalf("warm-up: %v", err)
-			}
-			ids := make([]string, n)
-			for i := range ids {
-				ids[i] = fmt.Sprintf("merchant-%06d", i)
-			}
-
+			h, ids, reg := warmRegistryHandler(t, n, tt.scopes)
 			objects0, bytes0 := liveHeap()
-			for _, id := range ids[1:] {
-				req := httptest.NewRequest("GET", "/tpp/payments", nil)
-				req.Header["X-Merchant-Id"] = []string{strings.Clone(id)}
-				if _, got, err := serve(t, h, req); err != nil || got == nil {
-					t.Fatalf("%s: %v", id, err)
-				}
-			}
+			warmMerchants(t, h, ids[1:])
 			objects1, bytes1 := liveHeap()
 			runtime.KeepAlive(h)
 			runtime.KeepAlive(reg)
