@@ -142,3 +142,26 @@ func (o *Of[T]) New() *T {
 		o.mu.Unlock()
 	}
 }
+
+// Current reports whether x is a string of the chunk strings are being
+// cut from now (for tests: the last string made is, unless it was
+// larger than MaxString or made of empty parts).
+func (s *Strings) Current(x string) bool {
+	c := s.cur.Load()
+	if c == nil || len(x) == 0 {
+		return false
+	}
+	p, start := uintptr(unsafe.Pointer(unsafe.StringData(x))), uintptr(unsafe.Pointer(unsafe.SliceData(c.buf)))
+	return start <= p && p < start+uintptr(len(c.buf))
+}
+
+// Current reports whether p is a value of the chunk values are being
+// handed out from now (for tests: the last value made is).
+func (o *Of[T]) Current(p *T) bool {
+	c := o.cur.Load()
+	if c == nil || len(c.s) == 0 {
+		return false
+	}
+	start, q := uintptr(unsafe.Pointer(&c.s[0])), uintptr(unsafe.Pointer(p))
+	return start <= q && q < start+uintptr(len(c.s))*unsafe.Sizeof(c.s[0])
+}

@@ -51,7 +51,10 @@ func TestStringsShareChunks(t *testing.T) {
 	if unsafe.StringData(b) != (*byte)(unsafe.Add(unsafe.Pointer(unsafe.StringData(a)), len(a))) {
 		t.Error("the second string does not follow the first")
 	}
-	if large := s.Clone(strings.Repeat("x", MaxString+1)); s.chunkOf(large) != nil {
+	if !s.Current(b) {
+		t.Error("Current(last string) = false")
+	}
+	if large := s.Clone(strings.Repeat("x", MaxString+1)); s.chunkOf(large) != nil || s.Current(large) {
 		t.Error("a string larger than MaxString is in a chunk")
 	}
 	// A chunk that cannot hold a string is left for a new one.
@@ -144,8 +147,11 @@ func TestChunksCollected(t *testing.T) {
 		for range DefaultPerChunk {
 			o.New()
 		}
-		if &o.cur.Load().s[0] == v {
+		if &o.cur.Load().s[0] == v || o.Current(v) {
 			t.Fatal("no new chunk after a full one")
+		}
+		if !o.Current(o.New()) {
+			t.Error("Current(last value) = false")
 		}
 		runtime.GC()
 		runtime.GC()
