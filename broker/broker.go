@@ -39,7 +39,12 @@ import (
 // about twice the live bytes; a stale entry's memory (and its header's) is
 // kept until every entry of its chunk is gone, which is the same bound.
 // Keys (Binding.Pack) are those of bindings that live as long as their
-// configuration.
+// configuration. What keeps an entry alive beyond the cache is its
+// bindings' last served entry: a token leaving the cache unpins it from
+// the binding it was fetched for (Entry.unpin), and a discarded binding
+// should be unpinned (Binding.Unpin), so that a chunk of entries does not
+// keep, through the bindings of its stale entries, a discarded
+// configuration alive for longer than about one token lifetime.
 var (
 	entrySlab  slab.Of[Entry]
 	headerSlab slab.Strings
@@ -151,6 +156,18 @@ func unixTime(n int64) time.Time {
 	return time.Unix(0, n)
 }
 
+// unpin makes e no longer the last served entry of the binding it was
+// fetched for, if it still is: a token dropped from the cache or replaced
+// must not stay pinned by an idle binding, which would keep its chunk of
+// entries, and through their bindings perhaps a discarded configuration,
+// alive (see entrySlab). Other bindings sharing its key let go of it on
+// their next lookup, or when they are discarded (Binding.Unpin).
+func (e *Entry) unpin() {
+	if e.binding != nil {
+		e.binding.current.CompareAndSwap(e, nil)
+	}
+}
+
 // Binding returns the binding the entry's token was fetched for.
 func (e *Entry) Binding() *Binding { return e.binding }
 
@@ -176,11 +193,7 @@ func New(opts Options) *Broker {
 	// A token dropped from the cache (expired and cleaned up, purged) is
 	// no longer its binding's last served entry: an idle binding must not
 	// keep a chunk of entries (and one of headers) alive for ever.
-	br.cache.OnEvicted(func(_ string, v any) {
-		if e := v.(*Entry); e.binding != nil {
-			e.binding.current.CompareAndSwap(e, nil)
-		}
-	})
+	br.cache.OnEvicted(func(_ string, v any) { v.(*Entry).unpin() })
 	br.lastSweep.Store(opts.Now().UnixNano())
 	if opts.Shared != nil {
 		opts.Shared.OnPurge(br.dropShared)
@@ -193,7 +206,9 @@ func (br *Broker) Close() {
 	br.mu.Lock()
 	defer br.mu.Unlock()
 	for _, it := range br.cache.Items() {
-		it.Object.(*Entry).stale.Store(true)
+		e := it.Object.(*Entry)
+		e.stale.Store(true)
+		e.unpin()
 	}
 	br.cache.Flush()
 }
@@ -251,8 +266,10 @@ func (br *Broker) refreshAt(tok Token) time.Time {
 // entry there.
 func (br *Broker) store(b *Binding, e *Entry, now time.Time) {
 	br.mu.Lock()
-	if old, ok := br.cache.Get(b.key); ok {
-		old.(*Entry).stale.Store(true)
+	if v, ok := br.cache.Get(b.key); ok {
+		old := v.(*Entry)
+		old.stale.Store(true)
+		old.unpin()
 	}
 	br.cache.Set(b.key, e, time.Duration(e.expiry-now.UnixNano()))
 	br.mu.Unlock()

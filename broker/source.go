@@ -123,6 +123,12 @@ func (b *Binding) InitFrom(o *Binding) {
 // key keeps its whole 64 KiB chunk alive.
 func (b *Binding) Pack() { b.key = keySlab.Clone(b.key) }
 
+// Unpin forgets the entry the binding was last served: call it when the
+// binding is discarded (a config reload), so that it keeps no cached
+// token, nor the chunk of entries holding it (see Pack), alive. A lookup
+// through it afterwards still works (from the cache).
+func (b *Binding) Unpin() { b.current.Store(nil) }
+
 // Key is the cache key of the binding: (source, organisation, sorted scopes,
 // audience, requested lifetime), plus the merchant for PerMerchant sources.
 func (b *Binding) Key() string { return b.key }

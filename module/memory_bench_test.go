@@ -68,7 +68,7 @@ func readGCMark() (markSeconds float64, scanBytes, objects uint64) {
 //	GOMAXPROCS=2 go test -run '^$' -bench WarmMerchantsGC -benchtime 1x ./module
 func BenchmarkWarmMerchantsGC(b *testing.B) {
 	const n, gcs = 100_000, 20
-	var markUS, scanPer, objectsPer float64
+	var markUS, scanPer, objectsPer, liveMB float64
 	for b.Loop() {
 		h, ids, reg := warmRegistryHandler(b, n, nil)
 		runtime.GC()
@@ -82,6 +82,8 @@ func BenchmarkWarmMerchantsGC(b *testing.B) {
 			runtime.GC()
 		}
 		mark1, _, _ := readGCMark()
+		_, heap := liveHeap()
+		liveMB = float64(heap) / (1 << 20)
 		markUS = (mark1 - mark0) / gcs * 1e6
 		scanPer = float64(int64(scan1)-int64(scan0)) / n
 		objectsPer = float64(int64(objects1)-int64(objects0)) / n
@@ -92,4 +94,5 @@ func BenchmarkWarmMerchantsGC(b *testing.B) {
 	b.ReportMetric(markUS, "mark-us/GC")
 	b.ReportMetric(scanPer, "scan-B/merchant")
 	b.ReportMetric(objectsPer, "objects/merchant")
+	b.ReportMetric(liveMB, "live-MB")
 }
