@@ -7,9 +7,11 @@ import (
 	"net/http/httptest"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 	"unsafe"
+	"weak"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -44,6 +46,12 @@ func liveHeap() (objects, bytes uint64) {
 // merchants' ids; its first merchant is warm, so that the lazily made
 // shared state (observer, maps' first tables) is not counted per merchant.
 func warmRegistryHandler(tb testing.TB, n int, scopes []string) (*Handler, []string, *config.Registry) {
+	return warmRegistryHandlerAt(tb, n, scopes, time.Now)
+}
+
+// warmRegistryHandlerAt is warmRegistryHandler on the clock now (the
+// broker's, and the tokens' expiry).
+func warmRegistryHandlerAt(tb testing.TB, n int, scopes []string, now func() time.Time) (*Handler, []string, *config.Registry) {
 	tb.Helper()
 	reg, err := config.Parse("warm.toml", warmMerchantsTOML(n), func(string) (string, bool) { return "partner-key", true })
 	if err != nil {
@@ -52,19 +60,27 @@ func warmRegistryHandler(tb testing.TB, n int, scopes []string) (*Handler, []str
 	reg.Providers["nuapay"].Source = broker.SourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
 		return broker.Token{Value: broker.Secret(req.Organisation + "." + strings.Repeat("x", 580)), Type: "Bearer",
 			ID:     fmt.Sprintf("%08x-0000-4000-8000-%012x", len(req.Organisation), time.Now().UnixNano()),
-			Scopes: append([]string(nil), req.Scopes...), Expiry: time.Now().Add(time.Hour)}, nil
+			Scopes: append([]string(nil), req.Scopes...), Expiry: now().Add(time.Hour)}, nil
 	})
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
-	h.broker = broker.New(broker.Options{})
-	tb.Cleanup(h.broker.Close)
-	h.bindings = newBindingTable(reg, scopes, nil)
-	h.instrument(newTokenMetrics(false))
+	br := broker.New(broker.Options{Now: now})
+	tb.Cleanup(br.Close)
+	h := reloadedHandler(br, reg, scopes)
 	ids := make([]string, n)
 	for i := range ids {
 		ids[i] = fmt.Sprintf("merchant-%06d", i)
 	}
 	warmMerchants(tb, h, ids[:1])
 	return h, ids, reg
+}
+
+// reloadedHandler is a handler of a (new) config: its own binding table
+// of reg, on the broker br (the token cache is kept across reloads).
+func reloadedHandler(br *broker.Broker, reg *config.Registry, scopes []string) *Handler {
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
+	h.broker = br
+	h.bindings = newBindingTable(reg, scopes, nil)
+	h.instrument(newTokenMetrics(false))
+	return h
 }
 
 // warmMerchants sends one request for each merchant through ServeHTTP,
@@ -125,6 +141,46 @@ func TestWarmMerchantHeap(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestDiscardedConfigFreed: the bindings of explicit merchants are in
+// chunks of their table's own (and cached tokens in shared chunks whose
+// stale entries point at the bindings they were fetched for): a config
+// discarded by a reload is still freed once the tokens cached before the
+// reload, and those sharing their chunks, have been replaced, two token
+// lifetimes at most, not kept alive by the chunks of the config that
+// replaced it. Deterministic: the clock is injected and the table's
+// collection is seen through a weak pointer after two full GCs.
+func TestDiscardedConfigFreed(t *testing.T) {
+	const n = 300 // bindings and entries over several chunks
+	var mu sync.Mutex
+	clock := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	h1, ids, reg := warmRegistryHandlerAt(t, n, nil, now)
+	warmMerchants(t, h1, ids[1:])
+	old := weak.Make(h1.bindings)
+
+	// The reload: a new config's table on the same token cache, which
+	// serves the tokens cached before; the old handlers are cleaned up.
+	h2 := reloadedHandler(h1.broker, reg, nil)
+	warmMerchants(t, h2, ids)
+	if err := h1.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	h1 = nil
+	for round := 1; round <= 2; round++ {
+		// Past the tokens' expiry: every merchant gets a new one.
+		mu.Lock()
+		clock = clock.Add(2 * time.Hour)
+		mu.Unlock()
+		warmMerchants(t, h2, ids)
+	}
+	runtime.GC()
+	runtime.GC()
+	if old.Value() != nil {
+		t.Error("the discarded config's binding table is still alive two token lifetimes after the reload")
+	}
+	runtime.KeepAlive(h2)
 }
 
 // TestBindingKeepsNoRequestString: a binding and its table key never
