@@ -214,9 +214,10 @@ func (br *Broker) Close() {
 }
 
 // newEntry builds the cache entry of a token, in the slabs of entries and
-// headers. The token's value and ID are slices of the header string, so that a
-// cached token's bytes are held once, not twice, in one object; its
-// fingerprint's 8 bytes are in the entry, not in a string of their own.
+// headers (see entrySlab). The token's value and ID are slices of the
+// header string, so that a cached token's bytes are held once, not twice;
+// its fingerprint's 8 bytes are in the entry, not in a string of their
+// own.
 //
 // The granted scopes, when they are the binding's (the usual case), and
 // the common spellings of the token type are shared rather than kept per
