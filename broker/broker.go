@@ -44,7 +44,13 @@ import (
 // the binding it was fetched for (Entry.unpin), and a discarded binding
 // should be unpinned (Binding.Unpin), so that a chunk of entries does not
 // keep, through the bindings of its stale entries, a discarded
-// configuration alive for longer than about one token lifetime.
+// configuration alive for longer than about one token lifetime. Not
+// covered: a binding served a token fetched by another binding (a shared
+// key, or the first config after a reload) that then stays idle keeps it,
+// and its chunk, until its next lookup or until it is discarded: at most
+// the previous configuration stays alive that way. Tokens' bytes stay in
+// their chunk until it is freed (as an ordinary string's stay until it
+// is collected: neither is zeroed).
 var (
 	entrySlab  slab.Of[Entry]
 	headerSlab slab.Strings
