@@ -23,6 +23,38 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/tokenbroker/caddy-token-broker/internal/noalloc"
+	"github.com/tokenbroker/caddy-token-broker/internal/slab"
+)
+
+// The slabs of the cached tokens and of long-lived bindings' keys
+// (internal/slab), shared by every Broker: the GC marks a chunk of 128
+// entries or 64 KiB of strings as one object, instead of following a
+// pointer to each entry, header and key scattered over the heap.
+//
+// Memory: a chunk is freed once none of its values is referenced. A
+// cached token is replaced (refresh-ahead) or dropped (expiry, then the
+// cache's cleanup, which also unpins it from its binding; purge) within
+// its lifetime plus CleanupInterval, so the chunks of entries and headers
+// turn over within about one token lifetime, and hold in the worst case
+// about twice the live bytes; a stale entry's memory (and its header's) is
+// kept until every entry of its chunk is gone, which is the same bound.
+// Keys (Binding.Pack) are those of bindings that live as long as their
+// configuration. What keeps an entry alive beyond the cache is its
+// bindings' last served entry: a token leaving the cache unpins it from
+// the binding it was fetched for (Entry.unpin), and a discarded binding
+// should be unpinned (Binding.Unpin), so that a chunk of entries does not
+// keep, through the bindings of its stale entries, a discarded
+// configuration alive for longer than about one token lifetime. Not
+// covered: a binding served a token fetched by another binding (a shared
+// key, or the first config after a reload) that then stays idle keeps it,
+// and its chunk, until its next lookup or until it is discarded: at most
+// the previous configuration stays alive that way. Tokens' bytes stay in
+// their chunk until it is freed (as an ordinary string's stay until it
+// is collected: neither is zeroed).
+var (
+	entrySlab  slab.Of[Entry]
+	headerSlab slab.Strings
+	keySlab    slab.Strings
 )
 
 // Origins of a cached token (Entry.Origin).
@@ -36,12 +68,13 @@ const (
 // Entry is a cached token with the Authorization header value built once.
 // Entries are immutable once cached, apart from their refresh bookkeeping.
 //
-// An entry is two heap objects: itself (144 bytes) and one string holding
-// the Authorization header value followed by the token ID, of which the
-// token's value and ID are slices; its fingerprint's bytes and its times
-// are in the entry. At 100 000 warm merchants the GC's mark work, which is
-// per object, was most of the CPU per request above a plain Caddy's (issue
-// 9): see newEntry.
+// An entry is no heap object of its own: it is a value in a chunk of
+// entries (internal/slab), and its one string, the Authorization header
+// value followed by the token ID (of which the token's value and ID are
+// slices), is in a chunk of strings; its fingerprint's bytes and its times
+// are in the entry. At 100 000 warm merchants the GC's mark work, a cache
+// miss per pointer to a distinct small object, was most of the CPU per
+// request above a plain Caddy's (issue 9): see newEntry.
 type Entry struct {
 	// header is "Bearer " + token + token ID: Header is
 	// header[:valueEnd], the token header[len(bearerPrefix):valueEnd], its
@@ -129,6 +162,18 @@ func unixTime(n int64) time.Time {
 	return time.Unix(0, n)
 }
 
+// unpin makes e no longer the last served entry of the binding it was
+// fetched for, if it still is: a token dropped from the cache or replaced
+// must not stay pinned by an idle binding, which would keep its chunk of
+// entries, and through their bindings perhaps a discarded configuration,
+// alive (see entrySlab). Other bindings sharing its key let go of it on
+// their next lookup, or when they are discarded (Binding.Unpin).
+func (e *Entry) unpin() {
+	if e.binding != nil {
+		e.binding.current.CompareAndSwap(e, nil)
+	}
+}
+
 // Binding returns the binding the entry's token was fetched for.
 func (e *Entry) Binding() *Binding { return e.binding }
 
@@ -151,6 +196,10 @@ type Broker struct {
 func New(opts Options) *Broker {
 	opts = opts.withDefaults()
 	br := &Broker{opts: opts, cache: gocache.New(gocache.NoExpiration, opts.CleanupInterval)}
+	// A token dropped from the cache (expired and cleaned up, purged) is
+	// no longer its binding's last served entry: an idle binding must not
+	// keep a chunk of entries (and one of headers) alive for ever.
+	br.cache.OnEvicted(func(_ string, v any) { v.(*Entry).unpin() })
 	br.lastSweep.Store(opts.Now().UnixNano())
 	if opts.Shared != nil {
 		opts.Shared.OnPurge(br.dropShared)
@@ -163,15 +212,18 @@ func (br *Broker) Close() {
 	br.mu.Lock()
 	defer br.mu.Unlock()
 	for _, it := range br.cache.Items() {
-		it.Object.(*Entry).stale.Store(true)
+		e := it.Object.(*Entry)
+		e.stale.Store(true)
+		e.unpin()
 	}
 	br.cache.Flush()
 }
 
-// newEntry builds the cache entry of a token.
-// The token's value and ID are slices of the header string, so that a
-// cached token's bytes are held once, not twice, in one object; its
-// fingerprint's 8 bytes are in the entry, not in a string of their own.
+// newEntry builds the cache entry of a token, in the slabs of entries and
+// headers (see entrySlab). The token's value and ID are slices of the
+// header string, so that a cached token's bytes are held once, not twice;
+// its fingerprint's 8 bytes are in the entry, not in a string of their
+// own.
 //
 // The granted scopes, when they are the binding's (the usual case), and
 // the common spellings of the token type are shared rather than kept per
@@ -191,10 +243,13 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	case "bearer":
 		typ = "bearer"
 	}
-	e := &Entry{header: bearerPrefix + value + tok.ID, valueEnd: int32(len(bearerPrefix) + len(value)),
-		adopted: origin == OriginShared, typ: typ, scopes: scopes,
-		expiry: unixNano(tok.Expiry), issuedAt: unixNano(tok.IssuedAt), refreshAt: unixNano(br.refreshAt(tok)),
-		cachedAt: unixNano(br.opts.Now()), binding: b}
+	// The entry and its header are values in slabs (see entrySlab): a
+	// fresh zero Entry, not shared yet, filled field by field.
+	e := entrySlab.New()
+	e.header, e.valueEnd = headerSlab.Concat(bearerPrefix, value, tok.ID), int32(len(bearerPrefix)+len(value))
+	e.adopted, e.typ, e.scopes = origin == OriginShared, typ, scopes
+	e.expiry, e.issuedAt, e.refreshAt = unixNano(tok.Expiry), unixNano(tok.IssuedAt), unixNano(br.refreshAt(tok))
+	e.cachedAt, e.binding = unixNano(br.opts.Now()), b
 	sum := sha256.Sum256([]byte(value))
 	hex.Encode(e.fingerprintHex[:], sum[:4])
 	// The bytes are never written again: the string may point at them.
@@ -218,8 +273,10 @@ func (br *Broker) refreshAt(tok Token) time.Time {
 // entry there.
 func (br *Broker) store(b *Binding, e *Entry, now time.Time) {
 	br.mu.Lock()
-	if old, ok := br.cache.Get(b.key); ok {
-		old.(*Entry).stale.Store(true)
+	if v, ok := br.cache.Get(b.key); ok {
+		old := v.(*Entry)
+		old.stale.Store(true)
+		old.unpin()
 	}
 	br.cache.Set(b.key, e, time.Duration(e.expiry-now.UnixNano()))
 	br.mu.Unlock()

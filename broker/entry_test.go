@@ -91,3 +91,100 @@ func TestBindingInitInPlace(t *testing.T) {
 		t.Fatalf("keys %q %q, want %q; scopes %q", a.Key(), c.Key(), nb.Key(), a.Request.Scopes)
 	}
 }
+
+// TestEntriesInSlabs: cached entries, their header strings and packed
+// binding keys are cut from chunks (internal/slab), one after the other,
+// not allocated one object each, and read the same.
+func TestEntriesInSlabs(t *testing.T) {
+	src := SourceFunc(func(_ context.Context, req Request) (Token, error) {
+		return Token{Value: Secret("tok-" + req.Organisation), ID: "id-" + req.Organisation, Expiry: time.Now().Add(time.Hour)}, nil
+	})
+	br := New(Options{})
+	defer br.Close()
+	const n = 4
+	var entries [n]*Entry
+	var keys [n]string
+	for i := range n {
+		org := "org" + strings.Repeat("x", i)
+		b := NewBinding("src", src, Request{Merchant: "m", Organisation: org})
+		want := b.Key()
+		b.Pack()
+		if keys[i] = b.Key(); keys[i] != want {
+			t.Fatalf("packed key %q, want %q", keys[i], want)
+		}
+		e, _, err := br.Get(context.Background(), b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.Header() != "Bearer tok-"+org || e.Token().ID != "id-"+org || e.Binding() != b || br.cache.Items()[want].Object != e {
+			t.Fatalf("entry %d: header %q, id %q", i, e.Header(), e.Token().ID)
+		}
+		entries[i] = e
+	}
+	last := entries[n-1]
+	if !entrySlab.Current(last) || !headerSlab.Current(last.header) || !keySlab.Current(keys[n-1]) {
+		t.Errorf("last entry, its header, its key in the slabs' current chunks: %t, %t, %t, want all true",
+			entrySlab.Current(last), headerSlab.Current(last.header), keySlab.Current(keys[n-1]))
+	}
+	// Consecutive headers follow each other (a chunk boundary can
+	// separate one pair, not all).
+	for i := range n - 1 {
+		h := entries[i].header
+		if unsafe.StringData(entries[i+1].header) == (*byte)(unsafe.Add(unsafe.Pointer(unsafe.StringData(h)), len(h))) {
+			return
+		}
+	}
+	t.Error("no two consecutive headers are adjacent in memory")
+}
+
+// TestDroppedEntryUnpinsBinding: a token dropped from the cache (purged,
+// or expired and cleaned up) is no longer its binding's last served
+// entry, so that an idle binding does not keep a chunk of entries alive;
+// the binding's next lookup fetches a new token, as before.
+func TestDroppedEntryUnpinsBinding(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		drop func(br *Broker, b *Binding, e *Entry)
+	}{
+		{"purge", func(br *Broker, b *Binding, e *Entry) {
+			if !br.Purge(b, e.value()) {
+				t.Fatal("not purged")
+			}
+		}},
+		{"expired and cleaned up", func(br *Broker, b *Binding, e *Entry) {
+			// The cache's own expiry is on the real clock: 1ns, then
+			// its cleanup until the entry is gone.
+			br.cache.Set(b.key, e, time.Nanosecond)
+			for deadline := time.Now().Add(10 * time.Second); br.cache.ItemCount() > 0; {
+				if time.Now().After(deadline) {
+					t.Fatal("entry not cleaned up")
+				}
+				br.cache.DeleteExpired()
+			}
+		}},
+		{"purge matching", func(br *Broker, _ *Binding, _ *Entry) {
+			if len(br.PurgeMerchant("acme")) != 1 {
+				t.Fatal("not purged")
+			}
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &countingSource{clock: clock, life: time.Hour}
+			br := New(Options{Now: clock.Now})
+			defer br.Close()
+			b := NewBinding("nuapay#1", src, Request{Merchant: "acme", Organisation: "org-acme"})
+			e, _, err := br.Get(context.Background(), b)
+			if err != nil || b.current.Load() != e {
+				t.Fatalf("first lookup: %v", err)
+			}
+			tt.drop(br, b, e)
+			if b.current.Load() != nil {
+				t.Error("the binding still holds the dropped entry")
+			}
+			if e2, r, err := br.Get(context.Background(), b); err != nil || r != Miss || e2 == e || src.calls.Load() != 2 {
+				t.Errorf("lookup after the drop: %v, %v, %d token API calls, want a miss and 2", r, err, src.calls.Load())
+			}
+		})
+	}
+}

@@ -115,6 +115,20 @@ func (b *Binding) InitFrom(o *Binding) {
 	b.SourceID, b.Source, b.Request, b.key = o.SourceID, o.Source, o.Request, o.key
 }
 
+// Pack moves the binding's cache key into a slab shared by long-lived
+// bindings (internal/slab), so that the GC marks a chunk of keys rather
+// than one string per binding. Call it on a binding that lives as long as
+// its configuration (a registry merchant's), before it is used; not on
+// one evicted while the process runs (a wildcard merchant's): one live
+// key keeps its whole 64 KiB chunk alive.
+func (b *Binding) Pack() { b.key = keySlab.Clone(b.key) }
+
+// Unpin forgets the entry the binding was last served: call it when the
+// binding is discarded (a config reload), so that it keeps no cached
+// token, nor the chunk of entries holding it (see Pack), alive. A lookup
+// through it afterwards still works (from the cache).
+func (b *Binding) Unpin() { b.current.Store(nil) }
+
 // Key is the cache key of the binding: (source, organisation, sorted scopes,
 // audience, requested lifetime), plus the merchant for PerMerchant sources.
 func (b *Binding) Key() string { return b.key }

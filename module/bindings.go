@@ -10,6 +10,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/slab"
 )
 
 // bindingTable holds the bindings of one merchant registry for one scope
@@ -48,6 +49,13 @@ type bindingTable struct {
 	// without walking every binding under the lock.
 	noIdleUntil int64
 	scans       int // eviction scans, for tests
+
+	// packed holds the bindings of explicit registry merchants
+	// (newPacked), 128 of about 200 bytes a chunk: the table's own, so
+	// that a chunk never holds bindings of two configs (a live config's
+	// chunk would keep a discarded one alive through its bindings'
+	// observers, which point at their handlers and tables).
+	packed slab.Of[binding]
 }
 
 // tableShards is the number of shards of a binding table: enough that
@@ -181,11 +189,16 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 	if err != nil {
 		return nil, &refusal{status: http.StatusForbidden, code: "unknown_merchant", merchant: id, cause: err}
 	}
-	b := newBinding(bd, m.Provider)
+	var b *binding
+	if wild {
+		b = newBinding(bd, m.Provider)
+		b.wild = true
+	} else {
+		b = t.newPacked(bd, m.Provider)
+	}
 	if p := t.reg.Providers[m.Provider]; p != nil {
 		b.providerType = p.Type
 	}
-	b.wild = wild
 	b.lastUsed.Store(now)
 	b.Observer = h.observerFor(b)
 	t.store(b)
@@ -226,6 +239,24 @@ func (t *bindingTable) evictIdle(now int64) int {
 		t.noIdleUntil = oldest + idle + 1
 	}
 	return n
+}
+
+// newPacked returns the binding of an explicit registry merchant, which
+// stays in the table as long as its config: a value in the table's slab
+// (packed) and its cache key in the broker's slab of keys
+// (broker.Binding.Pack), so that the GC marks a chunk rather than two
+// objects per warm merchant (issue 9).
+func (t *bindingTable) newPacked(bd *broker.Binding, provider string) *binding {
+	b := t.packed.New()
+	initBinding(b, bd, provider)
+	b.Pack()
+	return b
+}
+
+// unpin unpins every binding's last served token (broker.Binding.Unpin):
+// the table's config is being discarded.
+func (t *bindingTable) unpin() {
+	t.each(func(_ string, b *binding) { b.Unpin() })
 }
 
 // tables are the binding tables of a config, by registry and scope set.

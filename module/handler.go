@@ -123,10 +123,12 @@ type Handler struct {
 
 // binding is what the handler knows about one merchant on its route.
 //
-// It is one heap object (with its cache key string): the broker binding is
-// embedded by value, its strings are the registry's, and its placeholder
-// values point at its own fields, so that a warm merchant costs the GC few
-// objects to mark. Its strings are set once, before it is shared.
+// It is no heap object of its own for an explicit merchant (a value in its
+// table's slab, its cache key in another: bindingTable.newPacked), one
+// for a wildcard merchant (newBinding): the broker binding is embedded by value, its strings
+// are the registry's, and its placeholder values point at its own fields,
+// so that a warm merchant costs the GC few objects to mark. Its strings are
+// set once, before it is shared.
 type binding struct {
 	broker.Binding
 	provider     string // the provider's name in the registry
@@ -139,12 +141,21 @@ type binding struct {
 }
 
 // newBinding returns the handler binding of a broker binding (copied: the
-// result embeds its own) for the named provider.
+// result embeds its own) for the named provider: an object of its own (a
+// wildcard merchant's, which can be evicted at any time, or one made by
+// hand). An explicit registry merchant's is made by
+// bindingTable.newPacked.
 func newBinding(bd *broker.Binding, provider string) *binding {
-	b := &binding{provider: provider}
+	b := new(binding)
+	initBinding(b, bd, provider)
+	return b
+}
+
+// initBinding fills b, a zero binding not shared yet.
+func initBinding(b *binding, bd *broker.Binding, provider string) {
+	b.provider = provider
 	b.Binding.InitFrom(bd)
 	b.Observer = bd.Observer
-	return b
 }
 
 // Placeholder values: the binding's own strings as interface values that
@@ -271,8 +282,14 @@ func checkRouteScopes(reg *config.Registry, scopes []string) error {
 	return nil
 }
 
-// Cleanup releases the handler's own organisation listing, if any.
+// Cleanup releases the handler's own organisation listing, if any, and
+// unpins the cached tokens of its bindings (the config is being
+// discarded): a binding's last served token would otherwise keep its
+// chunk of entries, and through it this config, alive (bindingTable.unpin).
 func (h *Handler) Cleanup() error {
+	if h.bindings != nil {
+		h.bindings.unpin()
+	}
 	if h.listingKey != "" {
 		_, err := listings.Delete(h.listingKey)
 		return err
