@@ -198,6 +198,15 @@ func placeholders(b *binding, e *broker.Entry, res broker.Result) caddy.Replacer
 	}
 }
 
+// setPlaceholders sets the placeholders of placeholders as static values.
+func setPlaceholders(repl *caddy.Replacer, b *binding, e *broker.Entry, res broker.Result) {
+	repl.Set(placeholderPrefix+"merchant", b.merchantValue())
+	repl.Set(placeholderPrefix+"organisation", b.organisationValue())
+	repl.Set(placeholderPrefix+"provider", b.providerValue())
+	repl.Set(placeholderPrefix+"fingerprint", e.FingerprintValue())
+	repl.Set(placeholderPrefix+"cache", cacheResults[res])
+}
+
 // cacheResults are the boxed values of {http.token_broker.cache}.
 var cacheResults = [...]any{broker.Hit: broker.Hit.String(), broker.RefreshAhead: broker.RefreshAhead.String(),
 	broker.Miss: broker.Miss.String(), broker.Shared: broker.Shared.String(), broker.Adopted: broker.Adopted.String()}
@@ -372,7 +381,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	out.prepare(r, e.Header())
 
-	repl.Map(placeholders(b, e, res))
+	if _, again := repl.Get(placeholderPrefix + "merchant"); again {
+		// A token_broker handler before this one served the request: static
+		// values, which the replacer reads before any provider, so that the
+		// placeholders name the token this handler set, as before.
+		setPlaceholders(repl, b, e, res)
+	} else {
+		repl.Map(placeholders(b, e, res))
+	}
 	if h.InteractionID && len(r.Header[interactionIDHeader]) == 0 {
 		r.Header[interactionIDHeader] = []string{uuid.NewString()}
 	}

@@ -247,3 +247,47 @@ func TestInteractionID(t *testing.T) {
 		})
 	}
 }
+
+// TestPlaceholdersNameTheLastHandlersToken: when two token_broker handlers
+// serve one request (the second one's token is the one that goes on), the
+// placeholders name the second one's merchant and token.
+func TestPlaceholdersNameTheLastHandlersToken(t *testing.T) {
+	var calls atomic.Int64
+	first := newTestHandler(t, okSource(&calls), "json")
+	second := newTestHandler(t, func(ctx context.Context, req broker.Request) (broker.Token, error) {
+		return broker.Token{Value: "tok-second", Expiry: time.Now().Add(time.Hour)}, nil
+	}, "json")
+	b := broker.NewBinding("oneid#test", second.bindings.peek("acme").Source, broker.Request{Merchant: "acme", Organisation: "org-second"})
+	b.Observer = second
+	second.bindings = newBindingTable(nil, nil, nil)
+	second.bindings.set("acme", newBinding(b, "oneid"))
+
+	req := httptest.NewRequest("GET", "/tpp/payments", nil)
+	req.Header.Set("X-Merchant-Id", "acme")
+	repl := caddy.NewReplacer()
+	req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, repl))
+	var got *http.Request
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		got = r
+		return nil
+	})
+	chain := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		r.Header.Set("X-Merchant-Id", "acme") // the first handler took it off
+		return second.ServeHTTP(w, r, next)
+	})
+	if err := first.ServeHTTP(httptest.NewRecorder(), req, chain); err != nil || got == nil {
+		t.Fatalf("next not reached: %v", err)
+	}
+	if v := got.Header.Get("Authorization"); v != "Bearer tok-second" {
+		t.Fatalf("Authorization = %q, want the second handler's token", v)
+	}
+	for k, want := range map[string]string{
+		"http.token_broker.organisation": "org-second",
+		"http.token_broker.provider":     "oneid",
+		"http.token_broker.fingerprint":  broker.Fingerprint("tok-second"),
+	} {
+		if v, _ := repl.GetString(k); v != want {
+			t.Errorf("{%s} = %q, want %q (the second handler's)", k, v, want)
+		}
+	}
+}

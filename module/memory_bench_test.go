@@ -73,7 +73,7 @@ func readGCMark() (markSeconds float64, scanBytes, objects uint64) {
 // and 460 bytes. Run with -count 1: a second run in the same process
 // starts with the first one's last chunk of entries current, which keeps
 // its stale entries' bindings (and their config) alive until the new
-// entries sharing that chunk are replaced (see broker.entrySlab).
+// entries sharing that chunk are replaced (see broker.entrySlabs).
 func BenchmarkWarmMerchantsGC(b *testing.B) {
 	const n, gcs = 100_000, 20
 	var markUS, scanPer, objectsPer, liveMB float64
