@@ -13,9 +13,12 @@
 //
 // Memory bound: a chunk lives as long as its longest-lived value. Use a
 // slab only for values that are all replaced or dropped within a bounded
-// time (a cached token within its lifetime: token chunks turn over within
-// one token lifetime, so in the worst case about twice the live bytes are
-// held) or that live as long as their configuration (a registry
+// time, and give values of very different lifetimes slabs of their own (a
+// cached token within its lifetime: the broker keeps one slab per
+// lifetime class, within a factor of two, so that a class's chunks turn
+// over within about two of its lifetimes and hold two to three times its
+// live bytes; one long-lived value in a chunk of short-lived ones would
+// keep the whole chunk) or that live as long as their configuration (a registry
 // merchant's binding). Do not use one for values evicted one at a time at
 // random moments (a wildcard merchant's binding): a chunk with one live
 // value among many dead would be kept whole.
