@@ -198,6 +198,28 @@ func (e *env) startCaddy(name, registry string) (*server, error) {
 
 // measure runs everything for n merchants with a fresh sidecar; with
 // profile, it saves the sidecar's profiles after the rounds (-profile).
+// startIdle starts a sidecar on registry and measures its start (until
+// the route answers: without a merchant header the broker answers at
+// once, so any answer means the listener is up with the config loaded),
+// then, -settle later, its idle RSS and Go runtime figures. The caller
+// stops the sidecar returned, also when err is not nil.
+func (e *env) startIdle(name, registry string, start *time.Duration, rssIdle *int64, mem *memStats) (*server, error) {
+	t0 := time.Now()
+	side, err := e.startCaddy(name, registry)
+	if err != nil {
+		return nil, err
+	}
+	if *start, err = waitHTTP(side.p, side.url(), nil, t0, 10*time.Minute); err != nil {
+		return side, err
+	}
+	time.Sleep(e.o.settle)
+	if *rssIdle, err = rss(side.p.pid()); err != nil {
+		return side, err
+	}
+	*mem, err = side.memStats()
+	return side, err
+}
+
 func (e *env) measure(n int, wrk string, profile bool) (countResult, error) {
 	r := countResult{Merchants: n}
 	name := fmt.Sprintf("sidecar-%d", n)
@@ -211,22 +233,11 @@ func (e *env) measure(n int, wrk string, profile bool) (countResult, error) {
 	}
 
 	progress("%d merchants: start", n)
-	t0 := time.Now()
-	side, err := e.startCaddy(name, registry)
+	side, err := e.startIdle(name, registry, &r.Start, &r.RSSIdle, &r.MemIdle)
+	if side != nil {
+		defer side.p.stop()
+	}
 	if err != nil {
-		return r, err
-	}
-	defer side.p.stop()
-	// Without a merchant header the broker answers at once (no token):
-	// any answer means the listener is up with the config loaded.
-	if r.Start, err = waitHTTP(side.p, side.url(), nil, t0, 10*time.Minute); err != nil {
-		return r, err
-	}
-	time.Sleep(e.o.settle)
-	if r.RSSIdle, err = rss(side.p.pid()); err != nil {
-		return r, err
-	}
-	if r.MemIdle, err = side.memStats(); err != nil {
 		return r, err
 	}
 

@@ -152,20 +152,11 @@ func (e *env) measureSplit(l splitLayout) (splitResult, error) {
 		return r, err
 	}
 	progress("split registry (%d files × %d merchants): start", l.files, l.perFile)
-	t0 := time.Now()
-	side, err := e.startCaddy("sidecar-split", dir)
+	side, err := e.startIdle("sidecar-split", dir, &r.Start, &r.RSSIdle, &r.MemIdle)
+	if side != nil {
+		defer side.p.stop()
+	}
 	if err != nil {
-		return r, err
-	}
-	defer side.p.stop()
-	if r.Start, err = waitHTTP(side.p, side.url(), nil, t0, 10*time.Minute); err != nil {
-		return r, err
-	}
-	time.Sleep(e.o.settle)
-	if r.RSSIdle, err = rss(side.p.pid()); err != nil {
-		return r, err
-	}
-	if r.MemIdle, err = side.memStats(); err != nil {
 		return r, err
 	}
 	warmed := l.warmed()
