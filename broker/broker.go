@@ -100,15 +100,23 @@ type Entry struct {
 	// ID header[valueEnd:].
 	header   string
 	valueEnd int32
-	adopted  bool        // OriginShared, else OriginMinted
-	stale    atomic.Bool // replaced by a newer token, or purged
+	adopted  bool // OriginShared, else OriginMinted
+	// wallExpiry: the token's expiry has no monotonic clock reading (an
+	// absolute time from the provider, or from the shared tier), so it is
+	// compared with the wall clock; an expiry computed from time.Now
+	// (expires_in) is compared on the monotonic clock.
+	wallExpiry bool
+	stale      atomic.Bool // replaced by a newer token, or purged
 	// refreshing: a refresh-ahead of this entry is in flight.
 	refreshing atomic.Bool
 	typ        string   // Token.Type
 	scopes     []string // Token.Scopes
-	// Times in nanoseconds since clockBase (0: zero time): Token.Expiry and
-	// Token.IssuedAt, when the entry enters its refresh window, and when it
-	// was built (broker clock). Four time.Time would be 64 bytes more.
+	// Times as int64 (0: zero time; four time.Time would be 64 bytes
+	// more), compared as the time.Time values they were would compare:
+	// Token.IssuedAt and when the entry was built (broker clock), in
+	// nanoseconds since clockBase; Token.Expiry and when the entry enters
+	// its refresh window, likewise, or in unix nanoseconds when wallExpiry
+	// (see stamp).
 	expiry, issuedAt, refreshAt, cachedAt int64
 	binding                               *Binding
 	// fingerprint of the token, computed once: a string whose bytes are
@@ -120,10 +128,11 @@ type Entry struct {
 	retry atomic.Pointer[failure]
 }
 
-// Token returns the cached token. Its times have no monotonic clock
-// reading (they compare as wall-clock times).
+// Token returns the cached token. Its times compare as the token's own
+// did: an expiry from time.Now keeps a monotonic clock reading (derived
+// from clockBase), an absolute one does not.
 func (e *Entry) Token() Token {
-	return Token{Value: e.value(), Type: e.typ, Expiry: baseTime(e.expiry), ID: e.id(), Scopes: e.scopes, IssuedAt: baseTime(e.issuedAt)}
+	return Token{Value: e.value(), Type: e.typ, Expiry: e.expiryTime(), ID: e.id(), Scopes: e.scopes, IssuedAt: baseTime(e.issuedAt)}
 }
 
 // value is the token itself.
@@ -139,7 +148,7 @@ func (e *Entry) id() string {
 
 // validAt is Token().ValidAt without building the Token.
 func (e *Entry) validAt(now time.Time, leeway time.Duration) bool {
-	return int(e.valueEnd) > len(bearerPrefix) && sinceBase(now.Add(leeway)) < e.expiry
+	return int(e.valueEnd) > len(bearerPrefix) && e.stamp(now.Add(leeway)) < e.expiry
 }
 
 // Header returns "Bearer <token>", the value of the Authorization header.
@@ -155,7 +164,38 @@ func (e *Entry) Fingerprint() string { return e.fingerprint }
 func (e *Entry) FingerprintValue() any { return noalloc.String(&e.fingerprint) }
 
 // RefreshAt is when the entry enters its refresh window.
-func (e *Entry) RefreshAt() time.Time { return baseTime(e.refreshAt) }
+func (e *Entry) RefreshAt() time.Time { return e.fromStamp(e.refreshAt) }
+
+// expiryTime is the token's expiry.
+func (e *Entry) expiryTime() time.Time { return e.fromStamp(e.expiry) }
+
+// stamp is t in the frame of the entry's expiry and refreshAt: unix
+// nanoseconds when wallExpiry, else nanoseconds since clockBase (0 for
+// the zero time either way).
+func (e *Entry) stamp(t time.Time) int64 {
+	if e.wallExpiry {
+		if t.IsZero() {
+			return 0
+		}
+		return t.UnixNano()
+	}
+	return sinceBase(t)
+}
+
+// fromStamp is the time of e.stamp n.
+func (e *Entry) fromStamp(n int64) time.Time {
+	if !e.wallExpiry {
+		return baseTime(n)
+	}
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
+
+// wallOnly reports whether t has no monotonic clock reading (Round(0)
+// strips it and changes nothing else).
+func wallOnly(t time.Time) bool { return t == t.Round(0) }
 
 // Origin says where the token came from: OriginMinted or OriginShared.
 func (e *Entry) Origin() string {
@@ -278,7 +318,8 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	e := sl.entries.New()
 	e.header, e.valueEnd = sl.headers.Concat(bearerPrefix, value, tok.ID), int32(len(bearerPrefix)+len(value))
 	e.adopted, e.typ, e.scopes = origin == OriginShared, typ, scopes
-	e.expiry, e.issuedAt, e.refreshAt = sinceBase(tok.Expiry), sinceBase(tok.IssuedAt), sinceBase(br.refreshAt(tok))
+	e.wallExpiry = wallOnly(tok.Expiry)
+	e.expiry, e.issuedAt, e.refreshAt = e.stamp(tok.Expiry), sinceBase(tok.IssuedAt), e.stamp(br.refreshAt(tok))
 	e.cachedAt, e.binding = sinceBase(br.opts.Now()), b
 	sum := sha256.Sum256([]byte(value))
 	hex.Encode(e.fingerprintHex[:], sum[:4])
@@ -308,7 +349,7 @@ func (br *Broker) store(b *Binding, e *Entry, now time.Time) {
 		old.stale.Store(true)
 		old.unpin()
 	}
-	br.cache.Set(b.key, e, time.Duration(e.expiry-sinceBase(now)))
+	br.cache.Set(b.key, e, time.Duration(e.expiry-e.stamp(now)))
 	br.mu.Unlock()
 	b.current.Store(e)
 }

@@ -254,3 +254,67 @@ func TestSlabsBoundedWithMixedLifetimes(t *testing.T) {
 	runtime.KeepAlive(shorts)
 	runtime.KeepAlive(longs)
 }
+
+// TestEntryTimesCompareAsTheTokens: an entry keeps its times as int64, in
+// the frame the token's own expiry would be compared in: the monotonic
+// clock for an expiry computed from time.Now, the wall clock for an
+// absolute one (a JWT exp, Nuapay's expiryTime, a token adopted from the
+// shared tier), and round-trips them. A refresh-ahead adopts only a
+// token that outlives the one it refreshes, whatever the frames.
+func TestEntryTimesCompareAsTheTokens(t *testing.T) {
+	now := time.Now() // with a monotonic reading
+	wall := func(t time.Time) time.Time { return t.Round(0) }
+	br := New(Options{Now: time.Now, RefreshWindow: 0.25})
+	defer br.Close()
+	b := NewBinding("src", nil, Request{Merchant: "m", Organisation: "o"})
+	for _, tc := range []struct {
+		name      string
+		expiry    time.Time
+		wantWall  bool
+		validNow  bool
+		validLate bool // at expiry + 1s
+	}{
+		{"expires_in (monotonic)", now.Add(time.Hour), false, true, false},
+		{"absolute expiry (wall clock)", wall(now.Add(time.Hour)), true, true, false},
+		{"absolute, already expired", wall(now.Add(-time.Second)), true, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := br.newEntry(b, Token{Value: "tok", Expiry: tc.expiry, IssuedAt: now}, OriginMinted)
+			if e.wallExpiry != tc.wantWall {
+				t.Fatalf("wallExpiry = %t, want %t", e.wallExpiry, tc.wantWall)
+			}
+			if got := e.Token().Expiry; !got.Equal(tc.expiry) {
+				t.Errorf("Token().Expiry = %v, want %v", got, tc.expiry)
+			}
+			if got := e.Token().IssuedAt; !got.Equal(now) {
+				t.Errorf("Token().IssuedAt = %v, want %v", got, now)
+			}
+			if got, want := e.RefreshAt(), br.refreshAt(Token{Expiry: tc.expiry, IssuedAt: now}); !got.Equal(want) {
+				t.Errorf("RefreshAt = %v, want %v", got, want)
+			}
+			if got := e.validAt(now, 0); got != tc.validNow {
+				t.Errorf("validAt(now) = %t, want %t", got, tc.validNow)
+			}
+			if got := e.validAt(tc.expiry.Add(time.Second), 0); got != tc.validLate {
+				t.Errorf("validAt(expiry+1s) = %t, want %t", got, tc.validLate)
+			}
+		})
+	}
+	// A refresh-ahead's token must outlive the one it refreshes.
+	cur := br.newEntry(b, Token{Value: "cur", Expiry: now.Add(time.Hour), IssuedAt: now.Add(-3 * time.Hour)}, OriginMinted)
+	for _, tc := range []struct {
+		name   string
+		expiry time.Time
+		want   bool
+	}{
+		{"expires 5s before the current token", now.Add(time.Hour - 5*time.Second), false},
+		{"the current token's own expiry", now.Add(time.Hour), false},
+		{"the current token's own expiry, as an absolute time", wall(now.Add(time.Hour)), false},
+		{"outlives it (monotonic)", now.Add(2 * time.Hour), true},
+		{"outlives it (absolute)", wall(now.Add(2 * time.Hour)), true},
+	} {
+		if got := br.usable(cur)(Token{Value: "new", Expiry: tc.expiry}); got != tc.want {
+			t.Errorf("%s: usable by the refresh = %t, want %t", tc.name, got, tc.want)
+		}
+	}
+}

@@ -104,7 +104,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry) (*Entry,
 	// fresh token: do not fetch twice.
 	if v, ok := br.cache.Get(b.key); ok {
 		e := v.(*Entry)
-		if e.validAt(now, br.opts.Leeway) && (cur == nil || (e != cur && sinceBase(now) < e.refreshAt)) {
+		if e.validAt(now, br.opts.Leeway) && (cur == nil || (e != cur && e.stamp(now) < e.refreshAt)) {
 			b.current.Store(e)
 			return e, nil
 		}
@@ -184,9 +184,15 @@ func (br *Broker) usable(cur *Entry) func(Token) bool {
 		if t.IssuedAt.IsZero() || t.IssuedAt.After(now) {
 			t.IssuedAt = now
 		}
-		return t.Expiry.UnixNano() > cur.expiry && now.Before(br.refreshAt(t))
+		return cur.stamp(t.Expiry) > cur.expiry+int64(outlivesBy) && now.Before(br.refreshAt(t))
 	}
 }
+
+// outlivesBy is how much longer than the token it refreshes a token must
+// live to be adopted by a refresh-ahead: more than the clocks' jitter, so
+// that the same token handed back (by the shared tier, with its expiry as
+// an absolute time) is not taken for a newer one.
+const outlivesBy = time.Second
 
 // refreshFailure is what holds back the next refresh-ahead of an entry
 // after a failed one: the key's failure memory, or (when the memory is

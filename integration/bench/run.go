@@ -196,8 +196,6 @@ func (e *env) startCaddy(name, registry string) (*server, error) {
 	return s, err
 }
 
-// measure runs everything for n merchants with a fresh sidecar; with
-// profile, it saves the sidecar's profiles after the rounds (-profile).
 // startIdle starts a sidecar on registry and measures its start (until
 // the route answers: without a merchant header the broker answers at
 // once, so any answer means the listener is up with the config loaded),
@@ -220,6 +218,8 @@ func (e *env) startIdle(name, registry string, start *time.Duration, rssIdle *in
 	return side, err
 }
 
+// measure runs everything for n merchants with a fresh sidecar; with
+// profile, it saves the sidecar's profiles after the rounds (-profile).
 func (e *env) measure(n int, wrk string, profile bool) (countResult, error) {
 	r := countResult{Merchants: n}
 	name := fmt.Sprintf("sidecar-%d", n)
