@@ -50,28 +50,8 @@ func runFleet(o options) error {
 		defer os.RemoveAll(dir)
 	}
 	e := &env{o: o, dir: dir, caddy: filepath.Join(o.bin, "caddy")}
-	if o.build {
-		goBin := os.Getenv("GO")
-		if goBin == "" {
-			goBin = "go"
-		}
-		progress("building %s", e.caddy)
-		if out, _, err := run(15*time.Minute, goBin, "build", "-o", e.caddy, "./cmd/caddy"); err != nil {
-			return fmt.Errorf("go build ./cmd/caddy: %v\n%s", err, out)
-		}
-	}
-	if e.caddy, err = filepath.Abs(e.caddy); err != nil {
-		return err
-	}
-	self, err := os.Executable()
+	self, err := e.prepare()
 	if err != nil {
-		return err
-	}
-	up, err := start(dir, "upstream", nil, self, "upstream", "-addr-file", filepath.Join(dir, "upstream.addr"))
-	if err != nil {
-		return err
-	}
-	if e.upstream, err = readAddrFile(up, filepath.Join(dir, "upstream.addr"), time.Minute); err != nil {
 		return err
 	}
 	n := fleetKeys + fleetProbes

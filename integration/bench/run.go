@@ -79,30 +79,9 @@ func runBench(o options) error {
 		defer os.RemoveAll(dir)
 	}
 	e := &env{o: o, dir: dir, caddy: filepath.Join(o.bin, "caddy"), tick: clockTick()}
-	if o.build {
-		goBin := os.Getenv("GO")
-		if goBin == "" {
-			goBin = "go"
-		}
-		progress("building %s", e.caddy)
-		if out, _, err := run(15*time.Minute, goBin, "build", "-o", e.caddy, "./cmd/caddy"); err != nil {
-			return fmt.Errorf("go build ./cmd/caddy: %v\n%s", err, out)
-		}
-	}
-	if e.caddy, err = filepath.Abs(e.caddy); err != nil {
-		return err
-	}
-	self, err := os.Executable()
-	if err != nil {
-		return err
-	}
-
 	// The upstream and the token API, each its own process.
-	up, err := start(dir, "upstream", nil, self, "upstream", "-addr-file", filepath.Join(dir, "upstream.addr"))
+	self, err := e.prepare()
 	if err != nil {
-		return err
-	}
-	if e.upstream, err = readAddrFile(up, filepath.Join(dir, "upstream.addr"), time.Minute); err != nil {
 		return err
 	}
 	maxN := 0
@@ -194,6 +173,35 @@ func (e *env) startCaddy(name, registry string) (*server, error) {
 	env := []string{apiKeyEnv + "=" + apiKey, "XDG_DATA_HOME=" + filepath.Join(e.dir, "data"), "XDG_CONFIG_HOME=" + filepath.Join(e.dir, "config")}
 	s.p, err = start(e.dir, name, env, e.caddy, "run", "--config", s.config, "--adapter", "caddyfile")
 	return s, err
+}
+
+// prepare builds bin/caddy when asked (-build), resolves the paths of
+// bin/caddy and of this driver, and starts the upstream helper process
+// in e.dir. It returns the driver's path, for the other helpers.
+func (e *env) prepare() (self string, err error) {
+	if e.o.build {
+		goBin := os.Getenv("GO")
+		if goBin == "" {
+			goBin = "go"
+		}
+		progress("building %s", e.caddy)
+		if out, _, err := run(15*time.Minute, goBin, "build", "-o", e.caddy, "./cmd/caddy"); err != nil {
+			return "", fmt.Errorf("go build ./cmd/caddy: %v\n%s", err, out)
+		}
+	}
+	if e.caddy, err = filepath.Abs(e.caddy); err != nil {
+		return "", err
+	}
+	if self, err = os.Executable(); err != nil {
+		return "", err
+	}
+	addrFile := filepath.Join(e.dir, "upstream.addr")
+	up, err := start(e.dir, "upstream", nil, self, "upstream", "-addr-file", addrFile)
+	if err != nil {
+		return "", err
+	}
+	e.upstream, err = readAddrFile(up, addrFile, time.Minute)
+	return self, err
 }
 
 // startIdle starts a sidecar on registry and measures its start (until
