@@ -198,13 +198,18 @@ func placeholders(b *binding, e *broker.Entry, res broker.Result) caddy.Replacer
 	}
 }
 
-// setPlaceholders sets the placeholders of placeholders as static values.
+// placeholderNames are the names after placeholderPrefix that
+// placeholders resolves.
+var placeholderNames = [...]string{"merchant", "organisation", "provider", "fingerprint", "cache"}
+
+// setPlaceholders sets the placeholders of placeholders as static values
+// (the rare request served by a second token_broker handler).
 func setPlaceholders(repl *caddy.Replacer, b *binding, e *broker.Entry, res broker.Result) {
-	repl.Set(placeholderPrefix+"merchant", b.merchantValue())
-	repl.Set(placeholderPrefix+"organisation", b.organisationValue())
-	repl.Set(placeholderPrefix+"provider", b.providerValue())
-	repl.Set(placeholderPrefix+"fingerprint", e.FingerprintValue())
-	repl.Set(placeholderPrefix+"cache", cacheResults[res])
+	get := placeholders(b, e, res)
+	for _, name := range placeholderNames {
+		v, _ := get(placeholderPrefix + name)
+		repl.Set(placeholderPrefix+name, v)
+	}
 }
 
 // cacheResults are the boxed values of {http.token_broker.cache}.

@@ -282,9 +282,11 @@ func TestPlaceholdersNameTheLastHandlersToken(t *testing.T) {
 		t.Fatalf("Authorization = %q, want the second handler's token", v)
 	}
 	for k, want := range map[string]string{
+		"http.token_broker.merchant":     "acme",
 		"http.token_broker.organisation": "org-second",
 		"http.token_broker.provider":     "oneid",
 		"http.token_broker.fingerprint":  broker.Fingerprint("tok-second"),
+		"http.token_broker.cache":        "miss",
 	} {
 		if v, _ := repl.GetString(k); v != want {
 			t.Errorf("{%s} = %q, want %q (the second handler's)", k, v, want)
