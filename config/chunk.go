@@ -3,6 +3,7 @@ package config
 import (
 	"bytes"
 	"cmp"
+	"math"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -209,7 +210,7 @@ func relaxGC() (restore func()) {
 			return func() {}
 		}
 		gcRelax.old = old
-		debug.SetGCPercent(old * relaxGCFactor)
+		debug.SetGCPercent(min(old, math.MaxInt32/relaxGCFactor) * relaxGCFactor) // no overflow for a huge GOGC
 	}
 	gcRelax.n++
 	return func() {
