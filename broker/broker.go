@@ -15,10 +15,10 @@ import (
 	"encoding/hex"
 	"math/bits"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
 	gocache "github.com/patrickmn/go-cache"
 	"golang.org/x/sync/singleflight"
@@ -89,15 +89,19 @@ const (
 //
 // An entry is no heap object of its own: it is a value in a chunk of
 // entries (internal/slab), and its one string, the Authorization header
-// value followed by the token ID (of which the token's value and ID are
-// slices), is in a chunk of strings; its fingerprint's bytes and its times
-// are in the entry. At 100 000 warm merchants the GC's mark work, a cache
-// miss per pointer to a distinct small object, was most of the CPU per
-// request above a plain Caddy's (issue 9): see newEntry.
+// value followed by the token ID and the fingerprint (of which the
+// token's value, ID and fingerprint are slices), is in a chunk of
+// strings; its times are in the entry, and its type and granted scopes
+// are shared with every entry that has the same (tokenMeta). At 100 000
+// warm merchants the GC's mark work, a cache miss per pointer to a
+// distinct small object, was most of the CPU per request above a plain
+// Caddy's, and the GC goal, twice the live heap, most of the RSS (issue
+// 9): see newEntry. 104 bytes (TestEntrySize).
 type Entry struct {
-	// header is "Bearer " + token + token ID: Header is
-	// header[:valueEnd], the token header[len(bearerPrefix):valueEnd], its
-	// ID header[valueEnd:].
+	// header is "Bearer " + token + token ID + fingerprint (8 hex
+	// digits): Header is header[:valueEnd], the token
+	// header[len(bearerPrefix):valueEnd], its ID
+	// header[valueEnd:len(header)-fingerprintLen].
 	header   string
 	valueEnd int32
 	adopted  bool // OriginShared, else OriginMinted
@@ -109,8 +113,7 @@ type Entry struct {
 	stale      atomic.Bool // replaced by a newer token, or purged
 	// refreshing: a refresh-ahead of this entry is in flight.
 	refreshing atomic.Bool
-	typ        string   // Token.Type
-	scopes     []string // Token.Scopes
+	meta       *tokenMeta // Token.Type and Token.Scopes, shared
 	// Times as int64 (0: zero time; four time.Time would be 64 bytes
 	// more), compared as the time.Time values they were would compare:
 	// Token.IssuedAt and when the entry was built (broker clock), in
@@ -119,20 +122,23 @@ type Entry struct {
 	// (see stamp).
 	expiry, issuedAt, refreshAt, cachedAt int64
 	binding                               *Binding
-	// fingerprint of the token, computed once: a string whose bytes are
-	// fingerprintHex, in the entry itself (no object of its own).
-	fingerprint    string
-	fingerprintHex [8]byte
+	// fingerprint of the token, computed once: the end of header (no
+	// object of its own); a field so that FingerprintValue can point at
+	// it.
+	fingerprint string
 	// retry is the failure of the last refresh-ahead of this entry: no new
 	// refresh starts while it holds (see failure.holds).
 	retry atomic.Pointer[failure]
 }
 
+// fingerprintLen is the length of a token's fingerprint (Fingerprint).
+const fingerprintLen = 8
+
 // Token returns the cached token. Its times compare as the token's own
 // did: an expiry from time.Now keeps a monotonic clock reading (derived
 // from clockBase), an absolute one does not.
 func (e *Entry) Token() Token {
-	return Token{Value: e.value(), Type: e.typ, Expiry: e.expiryTime(), ID: e.id(), Scopes: e.scopes, IssuedAt: baseTime(e.issuedAt)}
+	return Token{Value: e.value(), Type: e.meta.typ, Expiry: e.expiryTime(), ID: e.id(), Scopes: e.meta.scopes, IssuedAt: baseTime(e.issuedAt)}
 }
 
 // value is the token itself.
@@ -140,10 +146,11 @@ func (e *Entry) value() Secret { return Secret(e.header[len(bearerPrefix):e.valu
 
 // id is the provider's identifier of the token ("" when it has none).
 func (e *Entry) id() string {
-	if int(e.valueEnd) == len(e.header) {
+	end := len(e.header) - fingerprintLen
+	if int(e.valueEnd) == end {
 		return ""
 	}
-	return e.header[e.valueEnd:]
+	return e.header[e.valueEnd:end]
 }
 
 // validAt is Token().ValidAt without building the Token.
@@ -289,43 +296,88 @@ func (br *Broker) Close() {
 }
 
 // newEntry builds the cache entry of a token, in the slabs of entries and
-// headers (see entrySlabs). The token's value and ID are slices of the
-// header string, so that a cached token's bytes are held once, not twice;
-// its fingerprint's 8 bytes are in the entry, not in a string of their
-// own.
+// headers (see entrySlabs). The token's value, ID and fingerprint are
+// slices of the header string, so that a cached token's bytes are held
+// once, not twice.
 //
-// The granted scopes, when they are the binding's (the usual case), and
-// the common spellings of the token type are shared rather than kept per
-// token: up to three heap objects fewer per cached token, which every GC
-// cycle would otherwise visit (at 100 000 warm merchants the GC's mark
-// work is most of the CPU per request above a plain Caddy's).
+// The token type and granted scopes are shared (metaFor): at most one
+// pointer per cached token, which every GC cycle follows, instead of
+// 40 bytes of string and slice headers.
 func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	value := tok.Value.Reveal()
-	scopes := tok.Scopes
-	if len(scopes) > 0 && slices.Equal(scopes, b.Request.Scopes) {
-		scopes = b.Request.Scopes
-	}
-	typ := tok.Type
-	switch typ {
-	case "Bearer":
-		typ = "Bearer"
-	case "bearer":
-		typ = "bearer"
-	}
+	sum := sha256.Sum256([]byte(value))
+	var fp [fingerprintLen]byte
+	hex.Encode(fp[:], sum[:fingerprintLen/2])
 	// The entry and its header are values in slabs (see entrySlabs): a
 	// fresh zero Entry, not shared yet, filled field by field.
 	sl := &entrySlabs[lifetimeClass(tok.Lifetime())]
 	e := sl.entries.New()
-	e.header, e.valueEnd = sl.headers.Concat(bearerPrefix, value, tok.ID), int32(len(bearerPrefix)+len(value))
-	e.adopted, e.typ, e.scopes = origin == OriginShared, typ, scopes
+	e.header, e.valueEnd = sl.headers.Concat(bearerPrefix, value, tok.ID, string(fp[:])), int32(len(bearerPrefix)+len(value))
+	e.fingerprint = e.header[len(e.header)-fingerprintLen:]
+	e.adopted, e.meta = origin == OriginShared, metaFor(tok.Type, tok.Scopes, b.Request.Scopes)
 	e.wallExpiry = wallOnly(tok.Expiry)
 	e.expiry, e.issuedAt, e.refreshAt = e.stamp(tok.Expiry), sinceBase(tok.IssuedAt), e.stamp(br.refreshAt(tok))
 	e.cachedAt, e.binding = sinceBase(br.opts.Now()), b
-	sum := sha256.Sum256([]byte(value))
-	hex.Encode(e.fingerprintHex[:], sum[:4])
-	// The bytes are never written again: the string may point at them.
-	e.fingerprint = unsafe.String(&e.fingerprintHex[0], len(e.fingerprintHex))
 	return e
+}
+
+// tokenMeta is a token's type and granted scopes, shared by the entries
+// whose tokens have the same (see metaFor). Immutable.
+type tokenMeta struct {
+	typ    string
+	scopes []string
+}
+
+// metas interns tokenMeta values by type and scopes, up to maxMetas of
+// them: a provider answers with a handful of type spellings and scope
+// sets. Beyond the bound (a provider granting a different scope set per
+// token), an entry gets a tokenMeta of its own: correct, only larger.
+var metas struct {
+	sync.Mutex
+	m map[string]*tokenMeta
+}
+
+// maxMetas bounds metas.
+const maxMetas = 4096
+
+// metaFor returns the shared tokenMeta of a token type and granted
+// scopes; asked are the binding's scopes, whose slice is kept when the
+// grant equals them (the usual case), so that no copy is made.
+func metaFor(typ string, granted, asked []string) *tokenMeta {
+	if len(granted) > 0 && slices.Equal(granted, asked) {
+		granted = asked
+	}
+	var k strings.Builder
+	k.Grow(len(typ) + 1 + 16*len(granted))
+	k.WriteString(typ)
+	for _, s := range granted {
+		k.WriteByte(0)
+		k.WriteString(s)
+	}
+	key := k.String()
+	metas.Lock()
+	defer metas.Unlock()
+	if m := metas.m[key]; m != nil && (granted == nil) == (m.scopes == nil) {
+		return m
+	}
+	m := &tokenMeta{typ: strings.Clone(typ), scopes: granted}
+	if len(granted) > 0 && !sameSlice(granted, asked) {
+		// A slice of the caller's: keep a copy of our own.
+		m.scopes = slices.Clone(granted)
+	}
+	if metas.m == nil {
+		metas.m = map[string]*tokenMeta{}
+	}
+	if len(metas.m) < maxMetas {
+		metas.m[key] = m
+	}
+	return m
+}
+
+// sameSlice reports whether a and b are the same slice (same array, same
+// length).
+func sameSlice(a, b []string) bool {
+	return len(a) == len(b) && (len(a) == 0 || &a[0] == &b[0])
 }
 
 // bearerPrefix starts the Authorization header value of a cached token.
