@@ -132,6 +132,7 @@ func joinChunks(files []*File, offsets []int) *File {
 			out.merchants = append(out.merchants, m)
 		}
 	}
+	shareTerms(out.merchants)
 	byName := func(a, b *rawProvider) int { return cmp.Compare(a.name, b.name) }
 	slices.SortFunc(out.providers, byName)
 	for i := 1; i < len(out.providers); i++ {

@@ -3,6 +3,7 @@ package config
 import (
 	"reflect"
 	"strings"
+	"time"
 )
 
 // The decoder's strings are slices of the whole file's text: a registry
@@ -12,14 +13,14 @@ import (
 // shares equal values (measured with BenchmarkRegistryMemory).
 
 // compact gives the file's merchants, wildcard and providers strings of
-// their own: the merchants' ids, organisations and audiences in one block;
-// their provider names and scope lists shared by the merchants with
-// equal ones (a scope list is never modified: Wildcard.For copies it).
+// their own: the merchants' ids and organisations in one block; their
+// Terms (provider, scopes, lifetime, audience) shared by the merchants
+// with equal ones (a Terms is never modified: Wildcard.For copies it).
 func (f *File) compact() {
 	n := 0
 	for i := range f.merchants {
 		m := &f.merchants[i]
-		n += len(m.ID) + len(m.Organisation) + len(m.Audience)
+		n += len(m.ID) + len(m.Organisation)
 	}
 	var b strings.Builder
 	b.Grow(n)
@@ -27,7 +28,6 @@ func (f *File) compact() {
 		m := &f.merchants[i]
 		b.WriteString(m.ID)
 		b.WriteString(m.Organisation)
-		b.WriteString(m.Audience)
 	}
 	block, off := b.String(), 0
 	take := func(s string) string {
@@ -39,11 +39,17 @@ func (f *File) compact() {
 		return s
 	}
 	in := interner{}
+	terms := map[termsKey]*Terms{}
 	for i := range f.merchants {
 		m := &f.merchants[i]
-		m.ID, m.Organisation, m.Audience = take(m.ID), take(m.Organisation), take(m.Audience)
-		m.Provider = in.string(m.Provider)
-		m.Scopes = in.scopes(m.Scopes)
+		m.ID, m.Organisation = take(m.ID), take(m.Organisation)
+		k := m.Terms.key()
+		t := terms[k]
+		if t == nil {
+			t = &Terms{Provider: in.string(m.Provider), Scopes: in.scopes(m.Scopes), Lifetime: m.Lifetime, Audience: in.string(m.Audience)}
+			terms[k] = t
+		}
+		m.Terms = t
 	}
 	if w := f.wildcard; w != nil {
 		cloneStrings(reflect.ValueOf(w).Elem())
@@ -51,6 +57,33 @@ func (f *File) compact() {
 	for _, rp := range f.providers {
 		cloneStrings(reflect.ValueOf(rp).Elem())
 	}
+}
+
+// shareTerms makes the merchants with equal Terms share one (the
+// merchants of a file parsed in pieces: each piece has its own).
+func shareTerms(ms []Merchant) {
+	terms := map[termsKey]*Terms{}
+	for i := range ms {
+		m := &ms[i]
+		k := m.Terms.key()
+		if t := terms[k]; t != nil {
+			m.Terms = t
+		} else {
+			terms[k] = m.Terms
+		}
+	}
+}
+
+// key returns the termsKey of t.
+func (t *Terms) key() termsKey {
+	return termsKey{t.Provider, strings.Join(t.Scopes, "\x00"), t.Lifetime, t.Audience}
+}
+
+// termsKey identifies a merchant's Terms (scopes joined with NUL).
+type termsKey struct {
+	provider, scopes string
+	lifetime         time.Duration
+	audience         string
 }
 
 // interner shares equal strings and scope lists.

@@ -101,10 +101,25 @@ type Provider struct {
 type Merchant struct {
 	// ID is the merchant id, the name of its table.
 	ID string
-	// Provider is the name of the merchant's provider.
-	Provider string
 	// Organisation is the provider's id of the merchant's organisation.
 	Organisation string
+	// Terms are the merchant's provider, scopes, lifetime and audience
+	// (m.Provider, m.Scopes, m.Lifetime, m.Audience), shared with the
+	// other merchants of its file that have the same: never nil.
+	*Terms
+	// Line is the line of the merchant's table, 0 if unknown.
+	Line int
+}
+
+// Terms are what a merchant asks its provider for besides its
+// organisation. The merchants of a registry file that ask alike share one
+// Terms, so that 100 000 merchants of one provider hold one, not 100 000
+// (48 bytes per merchant instead of 104: issue 9). A Terms reachable from
+// a Registry is shared: never assign to its fields, give the merchant a
+// new one.
+type Terms struct {
+	// Provider is the name of the merchant's provider.
+	Provider string
 	// Scopes are the default scopes, normalised (sorted, de-duplicated).
 	Scopes []string
 	// Lifetime is the token lifetime to ask for (nuapay), or the longest
@@ -112,8 +127,6 @@ type Merchant struct {
 	Lifetime time.Duration
 	// Audience is the audience the token is for, if any.
 	Audience string
-	// Line is the line of the merchant's table, 0 if unknown.
-	Line int
 }
 
 // Binding returns the broker binding for a merchant. Non-empty scopes

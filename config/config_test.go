@@ -87,15 +87,19 @@ func TestGoodFile(t *testing.T) {
 	}
 
 	want := map[string]Merchant{
-		"acme":             {ID: "acme", Provider: "nuapay-sandbox", Organisation: "org-acme", Scopes: []string{"openbanking_aisp", "openbanking_pisp"}, Lifetime: 15 * time.Minute, Line: 22},
-		"shop@example.com": {ID: "shop@example.com", Provider: "nuapay-sandbox", Organisation: "org-shop", Scopes: []string{"openbanking_aisp", "openbanking_pisp_read"}, Line: 28},
-		"globex":           {ID: "globex", Provider: "nuapay-live", Organisation: "org-globex", Scopes: []string{"admin"}, Line: 33},
+		"acme":             {ID: "acme", Organisation: "org-acme", Terms: &Terms{Provider: "nuapay-sandbox", Scopes: []string{"openbanking_aisp", "openbanking_pisp"}, Lifetime: 15 * time.Minute}, Line: 22},
+		"shop@example.com": {ID: "shop@example.com", Organisation: "org-shop", Terms: &Terms{Provider: "nuapay-sandbox", Scopes: []string{"openbanking_aisp", "openbanking_pisp_read"}}, Line: 28},
+		"globex":           {ID: "globex", Organisation: "org-globex", Terms: &Terms{Provider: "nuapay-live", Scopes: []string{"admin"}}, Line: 33},
 	}
 	for id, w := range want {
 		m := reg.Merchants[id]
-		if m == nil || m.ID != w.ID || m.Provider != w.Provider || m.Organisation != w.Organisation ||
+		if m == nil {
+			t.Errorf("merchant %s missing", id)
+			continue
+		}
+		if m.ID != w.ID || m.Provider != w.Provider || m.Organisation != w.Organisation ||
 			!slices.Equal(m.Scopes, w.Scopes) || m.Lifetime != w.Lifetime || m.Audience != w.Audience || m.Line != w.Line {
-			t.Errorf("merchant %s = %+v, want %+v", id, m, w)
+			t.Errorf("merchant %s = %+v %+v, want %+v %+v", id, m, m.Terms, w, w.Terms)
 		}
 	}
 }

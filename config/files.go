@@ -340,7 +340,7 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 }
 
 // badMerchant marks, during Merge, a merchant id whose entry has problems.
-var badMerchant = &Merchant{}
+var badMerchant = &Merchant{Terms: new(Terms)}
 
 // firstDefinition returns where merchant id is first defined.
 func firstDefinition(files []*File, id string) at {

@@ -346,7 +346,7 @@ func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive) (Me
 	e := p.checkedEntry(id)
 	var raw merchantTOML
 	if !e.decode(md, prim, &raw) {
-		return Merchant{ID: id}, merchantBad | merchantUndecoded
+		return Merchant{ID: id, Terms: new(Terms)}, merchantBad | merchantUndecoded
 	}
 	return p.resolveMerchant(e, id, &raw)
 }
@@ -404,7 +404,7 @@ func plainMerchant(md *toml.MetaData, id string, v any) (merchantTOML, bool) {
 
 // resolveMerchant is merchant on the decoded table.
 func (p *parser) resolveMerchant(e *entry, id string, raw *merchantTOML) (Merchant, uint8) {
-	m := Merchant{ID: id, Provider: raw.Provider, Line: p.entryLine("merchants", id)}
+	m := Merchant{ID: id, Terms: &Terms{Provider: raw.Provider}, Line: p.entryLine("merchants", id)}
 	var flags uint8
 
 	var ok bool

@@ -125,12 +125,18 @@ func (w *Wildcard) For(id string) *Merchant {
 	m := w.Merchant
 	m.ID = id
 	m.Organisation = strings.ReplaceAll(m.Organisation, MerchantPlaceholder, id)
-	m.Audience = strings.ReplaceAll(m.Audience, MerchantPlaceholder, id)
-	if slices.ContainsFunc(m.Scopes, func(s string) bool { return strings.Contains(s, MerchantPlaceholder) }) {
-		m.Scopes = slices.Clone(m.Scopes)
-		for i, s := range m.Scopes {
-			m.Scopes[i] = strings.ReplaceAll(s, MerchantPlaceholder, id)
+	inScopes := slices.ContainsFunc(m.Scopes, func(s string) bool { return strings.Contains(s, MerchantPlaceholder) })
+	if inScopes || strings.Contains(m.Audience, MerchantPlaceholder) {
+		// The template's Terms are shared: the merchant gets its own.
+		t := *m.Terms
+		t.Audience = strings.ReplaceAll(t.Audience, MerchantPlaceholder, id)
+		if inScopes {
+			t.Scopes = slices.Clone(t.Scopes)
+			for i, s := range t.Scopes {
+				t.Scopes[i] = strings.ReplaceAll(s, MerchantPlaceholder, id)
+			}
 		}
+		m.Terms = &t
 	}
 	return &m
 }
