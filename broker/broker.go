@@ -302,8 +302,8 @@ func (br *Broker) Close() {
 func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	value := tok.Value.Reveal()
 	scopes := tok.Scopes
-	if len(scopes) > 0 && slices.Equal(scopes, b.Request.Scopes) {
-		scopes = b.Request.Scopes
+	if len(scopes) > 0 && slices.Equal(scopes, b.Scopes) {
+		scopes = b.Scopes
 	}
 	typ := tok.Type
 	switch typ {
@@ -397,7 +397,7 @@ func (br *Broker) PurgeMatching(match func(*Binding) bool) []*Entry {
 
 // PurgeMerchant drops every cached token fetched for a merchant.
 func (br *Broker) PurgeMerchant(merchant string) []*Entry {
-	return br.PurgeMatching(func(b *Binding) bool { return b.Request.Merchant == merchant })
+	return br.PurgeMatching(func(b *Binding) bool { return b.Merchant == merchant })
 }
 
 // purgeShared purges a token from the shared tier, if there is one. The

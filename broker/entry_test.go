@@ -89,8 +89,8 @@ func TestBindingInitInPlace(t *testing.T) {
 	}
 	a.Init("src", src, req)
 	c.InitFrom(nb)
-	if a.Key() != nb.Key() || c.Key() != nb.Key() || !slices.Equal(a.Request.Scopes, []string{"accounts", "payments"}) {
-		t.Fatalf("keys %q %q, want %q; scopes %q", a.Key(), c.Key(), nb.Key(), a.Request.Scopes)
+	if a.Key() != nb.Key() || c.Key() != nb.Key() || !slices.Equal(a.Scopes, []string{"accounts", "payments"}) {
+		t.Fatalf("keys %q %q, want %q; scopes %q", a.Key(), c.Key(), nb.Key(), a.Scopes)
 	}
 }
 
