@@ -314,7 +314,7 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	e := sl.entries.New()
 	e.header, e.valueEnd = sl.headers.Concat(bearerPrefix, value, tok.ID, string(fp[:])), int32(len(bearerPrefix)+len(value))
 	e.fingerprint = e.header[len(e.header)-fingerprintLen:]
-	e.adopted, e.meta = origin == OriginShared, metaFor(tok.Type, tok.Scopes, b.Request.Scopes)
+	e.adopted, e.meta = origin == OriginShared, metaFor(tok.Type, tok.Scopes, b.Scopes)
 	e.wallExpiry = wallOnly(tok.Expiry)
 	e.expiry, e.issuedAt, e.refreshAt = e.stamp(tok.Expiry), sinceBase(tok.IssuedAt), e.stamp(br.refreshAt(tok))
 	e.cachedAt, e.binding = sinceBase(br.opts.Now()), b
@@ -449,7 +449,7 @@ func (br *Broker) PurgeMatching(match func(*Binding) bool) []*Entry {
 
 // PurgeMerchant drops every cached token fetched for a merchant.
 func (br *Broker) PurgeMerchant(merchant string) []*Entry {
-	return br.PurgeMatching(func(b *Binding) bool { return b.Request.Merchant == merchant })
+	return br.PurgeMatching(func(b *Binding) bool { return b.Merchant == merchant })
 }
 
 // purgeShared purges a token from the shared tier, if there is one. The

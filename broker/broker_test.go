@@ -497,7 +497,7 @@ func TestEntrySharesScopesAndType(t *testing.T) {
 			if !slices.Equal(got.Scopes, tt.granted) {
 				t.Fatalf("scopes %q, want %q", got.Scopes, tt.granted)
 			}
-			shared := len(got.Scopes) > 0 && &got.Scopes[0] == &b.Request.Scopes[0]
+			shared := len(got.Scopes) > 0 && &got.Scopes[0] == &b.Scopes[0]
 			if shared != tt.wantShare {
 				t.Errorf("scopes shared with the binding: %t, want %t", shared, tt.wantShare)
 			}

@@ -92,8 +92,50 @@ func TestBindingInitInPlace(t *testing.T) {
 	}
 	a.Init("src", src, req)
 	c.InitFrom(nb)
-	if a.Key() != nb.Key() || c.Key() != nb.Key() || !slices.Equal(a.Request.Scopes, []string{"accounts", "payments"}) {
-		t.Fatalf("keys %q %q, want %q; scopes %q", a.Key(), c.Key(), nb.Key(), a.Request.Scopes)
+	if a.Key() != nb.Key() || c.Key() != nb.Key() || !slices.Equal(a.Scopes, []string{"accounts", "payments"}) {
+		t.Fatalf("keys %q %q, want %q; scopes %q", a.Key(), c.Key(), nb.Key(), a.Scopes)
+	}
+}
+
+// TestBindingProfileKeys: a binding under a shared Profile (NewBindingFor,
+// InitFor) has the cache key of a binding made alone (NewBinding), in the
+// layout the caches and a fleet's shared store are keyed by (source,
+// organisation, scopes, audience, lifetime, and the merchant for a
+// PerMerchant source, NUL-separated), and the Request its source is asked
+// for.
+func TestBindingProfileKeys(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		src  Source
+		want string
+	}{
+		{"shared tokens", &countingSource{}, "bank#1\x00org1\x00accounts payments\x00aud\x001h0m0s"},
+		{"per merchant", perMerchantSource{&countingSource{}}, "bank#1\x00org1\x00accounts payments\x00aud\x001h0m0s\x00m1"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			req := Request{Merchant: "m1", Organisation: "org1", Scopes: []string{"payments", "accounts", "payments"}, Audience: "aud", Lifetime: time.Hour}
+			p := NewProfile("bank#1", tt.src, req.Scopes, req.Audience, req.Lifetime)
+			a := NewBindingFor(p, "m1", "org1")
+			var c struct {
+				Binding
+				extra int
+			}
+			c.InitFor(p, "m1", "org1")
+			alone := NewBinding("bank#1", tt.src, req)
+			for _, b := range []*Binding{a, &c.Binding, alone} {
+				if b.Key() != tt.want {
+					t.Errorf("key %q, want %q", b.Key(), tt.want)
+				}
+			}
+			want := Request{Merchant: "m1", Organisation: "org1", Scopes: []string{"accounts", "payments"}, Audience: "aud", Lifetime: time.Hour}
+			if got := a.Request(); got.Merchant != want.Merchant || got.Organisation != want.Organisation || !slices.Equal(got.Scopes, want.Scopes) ||
+				got.Audience != want.Audience || got.Lifetime != want.Lifetime {
+				t.Errorf("Request() = %+v, want %+v", got, want)
+			}
+			if a.Profile != c.Profile || alone.Profile == p {
+				t.Error("bindings made from one profile must share it; NewBinding makes its own")
+			}
+		})
 	}
 }
 

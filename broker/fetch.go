@@ -353,7 +353,7 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, background bool, dea
 			}
 		}
 		start := time.Now()
-		tok, err := b.Source.Token(ctx, b.Request)
+		tok, err := b.Source.Token(ctx, b.Request())
 		elapsed := time.Since(start)
 		now = br.opts.Now()
 		if err == nil {
@@ -410,7 +410,7 @@ func (br *Broker) check(b *Binding, tok *Token, now time.Time) error {
 	}
 	if !tok.ValidAt(now, br.opts.Leeway) {
 		return &APIError{Provider: sourceType(b), StatusCode: 200, Code: "expired_token",
-			Description: fmt.Sprintf("merchant %q: expiry %s", b.Request.Merchant, tok.Expiry.UTC().Format(time.RFC3339)), Err: ErrExpiredToken}
+			Description: fmt.Sprintf("merchant %q: expiry %s", b.Merchant, tok.Expiry.UTC().Format(time.RFC3339)), Err: ErrExpiredToken}
 	}
 	return nil
 }

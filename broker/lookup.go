@@ -66,7 +66,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 				if !started && attempt == 0 {
 					continue
 				}
-				return nil, Miss, fmt.Errorf("merchant %q: %w", b.Request.Merchant, ErrExpiredToken)
+				return nil, Miss, fmt.Errorf("merchant %q: %w", b.Merchant, ErrExpiredToken)
 			}
 			r := Miss
 			switch {
@@ -78,7 +78,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 			br.observe(b, r)
 			return e, r, nil
 		case <-ctx.Done():
-			return nil, Miss, fmt.Errorf("merchant %q: waiting for a token: %w", b.Request.Merchant, context.Cause(ctx))
+			return nil, Miss, fmt.Errorf("merchant %q: waiting for a token: %w", b.Merchant, context.Cause(ctx))
 		}
 	}
 }

@@ -53,7 +53,7 @@ type Request struct {
 	// where the credentials alone select the account (OneID).
 	Organisation string
 	// Scopes are the scopes to ask for, sorted and without duplicates
-	// (NewBinding normalises them).
+	// (NewProfile normalises them).
 	Scopes []string
 	// Audience is the audience or resource the token is for, if the
 	// provider needs one.
@@ -63,11 +63,13 @@ type Request struct {
 	Lifetime time.Duration
 }
 
-// Binding ties a Request to the Source that serves it and to the cache key
-// under which its token is kept. Build bindings once, when configuration is
-// loaded, and reuse them for every request: the hot path then computes
-// nothing.
-type Binding struct {
+// Profile is what the bindings of one source, scope set, audience and
+// lifetime share: every merchant of a provider served with the same scopes
+// has the same one (config.Registry keeps one per provider, scope set,
+// audience and lifetime), so that a binding holds only what is its own
+// (merchant, organisation, cache key). A Profile is immutable once made
+// and safe for concurrent use; make it with NewProfile.
+type Profile struct {
 	// SourceID names the source and the version of its configuration
 	// (for example "nuapay-sandbox#3f2a9c01"). Tokens are shared between
 	// bindings with the same SourceID, organisation, scopes, audience and
@@ -76,8 +78,57 @@ type Binding struct {
 	SourceID string
 	// Source is where tokens come from.
 	Source Source
-	// Request is what is asked for.
-	Request Request
+	// Scopes are the scopes to ask for, sorted and without duplicates
+	// (NewProfile normalises them). Shared: never modify them.
+	Scopes []string
+	// Audience is the audience or resource the token is for, if the
+	// provider needs one.
+	Audience string
+	// Lifetime is the lifetime to ask for, where the provider lets the
+	// client choose. Zero means the source's default.
+	Lifetime time.Duration
+
+	perMerchant bool   // Source implements PerMerchant and says true
+	keySuffix   string // the cache key after the organisation: "\x00scopes\x00audience\x00lifetime"
+}
+
+// NewProfile returns the profile of a source for a scope set (normalised:
+// see NormaliseScopes), audience and lifetime.
+func NewProfile(sourceID string, src Source, scopes []string, audience string, lifetime time.Duration) *Profile {
+	p := &Profile{SourceID: sourceID, Source: src, Scopes: NormaliseScopes(scopes), Audience: audience, Lifetime: lifetime}
+	if pm, ok := src.(PerMerchant); ok && pm.PerMerchant() {
+		p.perMerchant = true
+	}
+	p.keySuffix = "\x00" + strings.Join(p.Scopes, " ") + "\x00" + audience + "\x00" + lifetime.String()
+	return p
+}
+
+// keyFor returns the cache key of a merchant's binding under p:
+// sourceID, organisation, scopes joined by spaces, audience, lifetime and,
+// for a PerMerchant source, merchant, separated by NUL bytes.
+func (p *Profile) keyFor(merchant, organisation string) string {
+	if p.perMerchant {
+		return p.SourceID + "\x00" + organisation + p.keySuffix + "\x00" + merchant
+	}
+	return p.SourceID + "\x00" + organisation + p.keySuffix
+}
+
+// Binding ties a merchant's Request to the Source that serves it and to
+// the cache key under which its token is kept. Build bindings once, when
+// configuration is loaded, and reuse them for every request: the hot path
+// then computes nothing. What the bindings of one provider and scope set
+// have in common is in their shared Profile (SourceID, Source, Scopes,
+// Audience, Lifetime are its fields, promoted).
+type Binding struct {
+	// Profile is the source, scopes, audience and lifetime, shared with
+	// the other bindings made from it. Never nil in a binding in use.
+	*Profile
+	// Merchant is the merchant the token is for. Used in errors and logs
+	// only; the provider sees Organisation.
+	Merchant string
+	// Organisation is the provider's identifier of the merchant's
+	// organisation (see Request.Organisation).
+	Organisation string
 	// Observer, when set, is told about this binding's lookups and fetches
 	// instead of the Broker's Observer (a Caddy handler sets its own, so
 	// that logs and metrics follow config reloads).
@@ -85,14 +136,30 @@ type Binding struct {
 
 	key     string
 	current atomic.Pointer[Entry] // the entry this binding was last served
+}
 
+// Request returns what is asked for: the merchant, its organisation and
+// the profile's scopes, audience and lifetime. It is built on each call
+// (the cold path: a fetch, a revocation, an error).
+func (b *Binding) Request() Request {
+	return Request{Merchant: b.Merchant, Organisation: b.Organisation, Scopes: b.Scopes, Audience: b.Audience, Lifetime: b.Lifetime}
 }
 
 // NewBinding returns a binding with its scopes sorted and de-duplicated and
-// its cache key computed.
+// its cache key computed, with a profile of its own: bindings that share
+// their source, scopes, audience and lifetime should rather share one
+// Profile (NewBindingFor).
 func NewBinding(sourceID string, src Source, req Request) *Binding {
 	b := new(Binding)
 	b.Init(sourceID, src, req)
+	return b
+}
+
+// NewBindingFor returns the binding of a merchant under a shared profile,
+// its cache key computed.
+func NewBindingFor(p *Profile, merchant, organisation string) *Binding {
+	b := new(Binding)
+	b.InitFor(p, merchant, organisation)
 	return b
 }
 
@@ -100,19 +167,20 @@ func NewBinding(sourceID string, src Source, req Request) *Binding {
 // embedded by value in a larger struct (one heap object per binding
 // instead of two). b must not be in use yet.
 func (b *Binding) Init(sourceID string, src Source, req Request) {
-	req.Scopes = NormaliseScopes(req.Scopes)
-	parts := []string{sourceID, req.Organisation, strings.Join(req.Scopes, " "), req.Audience, req.Lifetime.String()}
-	if pm, ok := src.(PerMerchant); ok && pm.PerMerchant() {
-		parts = append(parts, req.Merchant)
-	}
-	b.SourceID, b.Source, b.Request, b.key = sourceID, src, req, strings.Join(parts, "\x00")
+	b.InitFor(NewProfile(sourceID, src, req.Scopes, req.Audience, req.Lifetime), req.Merchant, req.Organisation)
 }
 
-// InitFrom fills b, a zero Binding not in use yet, with o's configuration
-// and cache key (not its cached token nor its Observer): Init without
-// computing the key again.
+// InitFor fills b, a zero Binding, as NewBindingFor would: for a Binding
+// embedded by value in a larger struct. b must not be in use yet.
+func (b *Binding) InitFor(p *Profile, merchant, organisation string) {
+	b.Profile, b.Merchant, b.Organisation, b.key = p, merchant, organisation, p.keyFor(merchant, organisation)
+}
+
+// InitFrom fills b, a zero Binding not in use yet, with o's profile,
+// merchant, organisation and cache key (not its cached token nor its
+// Observer): Init without computing the key again.
 func (b *Binding) InitFrom(o *Binding) {
-	b.SourceID, b.Source, b.Request, b.key = o.SourceID, o.Source, o.Request, o.key
+	b.Profile, b.Merchant, b.Organisation, b.key = o.Profile, o.Merchant, o.Organisation, o.key
 }
 
 // Pack moves the binding's cache key into a slab shared by long-lived

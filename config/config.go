@@ -15,7 +15,8 @@ import (
 )
 
 // Registry is a loaded, validated merchant registry. It is not modified
-// after Load, so it is safe for concurrent use.
+// after Load (but for its cache of binding profiles, under a lock), so it
+// is safe for concurrent use.
 type Registry struct {
 	// Path is the file, directory or glob the registry was read from,
 	// as given.
@@ -30,6 +31,8 @@ type Registry struct {
 	// Wildcard is the [merchants."*"] entry serving every other merchant
 	// id, nil when the file has none.
 	Wildcard *Wildcard
+
+	profiles profiles // shared by the bindings (bindingFor)
 }
 
 // Provider is a resolved [providers.NAME] table. It holds no secret in

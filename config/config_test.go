@@ -198,8 +198,8 @@ func TestBinding(t *testing.T) {
 	}
 	want := broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_aisp", "openbanking_pisp"}, Lifetime: 15 * time.Minute}
 	if def.SourceID != reg.Providers["nuapay-sandbox"].ID || def.Source != reg.Providers["nuapay-sandbox"].Source ||
-		def.Request.Merchant != want.Merchant || def.Request.Organisation != want.Organisation ||
-		!slices.Equal(def.Request.Scopes, want.Scopes) || def.Request.Lifetime != want.Lifetime {
+		def.Merchant != want.Merchant || def.Organisation != want.Organisation ||
+		!slices.Equal(def.Scopes, want.Scopes) || def.Lifetime != want.Lifetime {
 		t.Errorf("binding = %+v", def)
 	}
 
@@ -211,8 +211,8 @@ func TestBinding(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(a.Request.Scopes, []string{"openbanking_pisp", "openbanking_refund"}) {
-		t.Errorf("route scopes = %q", a.Request.Scopes)
+	if !slices.Equal(a.Scopes, []string{"openbanking_pisp", "openbanking_refund"}) {
+		t.Errorf("route scopes = %q", a.Scopes)
 	}
 	if a.Key() != b.Key() || a.Key() == def.Key() {
 		t.Errorf("keys: %q, %q, default %q", a.Key(), b.Key(), def.Key())
@@ -465,7 +465,7 @@ scopes = ["openbanking_pisp"]
 	if err != nil {
 		t.Fatal(err)
 	}
-	tok, err := b.Source.Token(context.Background(), b.Request)
+	tok, err := b.Source.Token(context.Background(), b.Request())
 	if err != nil {
 		t.Fatalf("token over mTLS: %v", err)
 	}
@@ -637,8 +637,8 @@ provider = "consented"
 	if err != nil {
 		t.Fatal(err)
 	}
-	if b.Request.Organisation != "" || b.Request.Audience != "https://api.bank.example" || b.Request.Lifetime != time.Hour {
-		t.Errorf("binding = %+v", b.Request)
+	if b.Organisation != "" || b.Audience != "https://api.bank.example" || b.Lifetime != time.Hour {
+		t.Errorf("binding = %+v", b.Request())
 	}
 	if _, err := reg.Binding("shop", nil); err != nil {
 		t.Errorf("a merchant without organisation or scopes: %v", err)

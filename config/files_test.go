@@ -71,7 +71,7 @@ func TestSplitRegistry(t *testing.T) {
 		t.Fatalf("registry: path %s, files %v, %d merchants, wildcard %v", reg.Path, reg.Files, len(reg.Merchants), reg.Wildcard)
 	}
 	b, err := reg.Binding("b1", nil)
-	if err != nil || b.Request.Organisation != "ob1" || b.SourceID != reg.Providers["p"].ID {
+	if err != nil || b.Organisation != "ob1" || b.SourceID != reg.Providers["p"].ID {
 		t.Fatalf("Binding(b1) = %+v, %v", b, err)
 	}
 	if m, wild, ok := reg.Merchant("zz"); !ok || !wild || m.Organisation != "zz" {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/BurntSushi/toml"
@@ -158,22 +159,85 @@ func (r *Registry) Merchant(id string) (m *Merchant, wildcard bool, ok bool) {
 func (r *Registry) bindingFor(m *Merchant, scopes []string) (*broker.Binding, error) {
 	p := r.Providers[m.Provider]
 	sc := m.Scopes
+	route := false
 	if s := broker.NormaliseScopes(scopes); len(s) > 0 {
 		for _, v := range s {
 			if !validScope(v) {
 				return nil, fmt.Errorf("merchant %q: scope %q is not a valid scope token", m.ID, v)
 			}
 		}
-		sc = s
+		sc, route = s, true
 	}
 	if len(sc) == 0 && providerTypes[p.Type].needsScopes {
 		return nil, fmt.Errorf("merchant %q: provider %q (type %s) needs at least one scope: set the merchant's scopes or the route's", m.ID, p.Name, p.Type)
 	}
-	return broker.NewBinding(p.ID, p.Source, broker.Request{
-		Merchant:     m.ID,
-		Organisation: m.Organisation,
-		Scopes:       sc,
-		Audience:     m.Audience,
-		Lifetime:     m.Lifetime,
-	}), nil
+	if !r.sharesProfile(m, route) {
+		// A wildcard merchant whose audience or scopes hold its own id:
+		// a profile of its own, which goes when the merchant is evicted.
+		return broker.NewBinding(p.ID, p.Source, broker.Request{
+			Merchant:     m.ID,
+			Organisation: m.Organisation,
+			Scopes:       sc,
+			Audience:     m.Audience,
+			Lifetime:     m.Lifetime,
+		}), nil
+	}
+	return broker.NewBindingFor(r.profile(p, sc, m.Audience, m.Lifetime), m.ID, m.Organisation), nil
+}
+
+// sharesProfile reports whether the binding of m (explicit, or resolved
+// from the wildcard entry) can use a profile shared in the registry:
+// false for a wildcard merchant whose audience, or scopes unless the
+// route's replace them, hold {merchant}, so that the registry does not
+// keep one profile per merchant id ever seen.
+func (r *Registry) sharesProfile(m *Merchant, routeScopes bool) bool {
+	if e, ok := r.Merchants[m.ID]; ok && e == m {
+		return true
+	}
+	w := r.Wildcard
+	if w == nil {
+		return false // a merchant made by hand: not the registry's
+	}
+	if strings.Contains(w.Audience, MerchantPlaceholder) {
+		return false
+	}
+	return routeScopes || !slices.ContainsFunc(w.Scopes, func(s string) bool { return strings.Contains(s, MerchantPlaceholder) })
+}
+
+// profiles are the broker profiles of a registry's bindings, one per
+// provider, scope set, audience and lifetime: every merchant binding
+// served with the same ones shares it (issue 9: about 100 bytes fewer
+// per warm merchant). They live as long as the registry.
+type profiles struct {
+	mu sync.Mutex
+	m  map[profileKey]*broker.Profile
+}
+
+// profileKey identifies a profile in a registry (the provider's name
+// there fixes its ID and Source).
+type profileKey struct {
+	provider string
+	scopes   string // joined by NUL bytes
+	audience string
+	lifetime time.Duration
+}
+
+// profile returns the registry's profile of p for the scopes (valid,
+// normalised or not), audience and lifetime, made on first use.
+func (r *Registry) profile(p *Provider, scopes []string, audience string, lifetime time.Duration) *broker.Profile {
+	scopes = broker.NormaliseScopes(scopes)
+	k := profileKey{provider: p.Name, scopes: strings.Join(scopes, "\x00"), audience: audience, lifetime: lifetime}
+	r.profiles.mu.Lock()
+	defer r.profiles.mu.Unlock()
+	if pr := r.profiles.m[k]; pr != nil {
+		return pr
+	}
+	if r.profiles.m == nil {
+		r.profiles.m = make(map[profileKey]*broker.Profile)
+	}
+	// A copy of the scopes: the profile outlives the caller's slice (a
+	// route's, a handler's configuration).
+	pr := broker.NewProfile(p.ID, p.Source, slices.Clone(scopes), audience, lifetime)
+	r.profiles.m[k] = pr
+	return pr
 }

@@ -1,10 +1,13 @@
 package config
 
 import (
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
 const wildcardFile = `
@@ -70,8 +73,8 @@ func TestWildcardEntry(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%q: %v", tt.id, err)
 		}
-		if b.Request.Merchant != tt.id || b.Request.Organisation != tt.org || !slices.Equal(b.Request.Scopes, tt.scopes) {
-			t.Errorf("%q: request %+v, want org %q scopes %v", tt.id, b.Request, tt.org, tt.scopes)
+		if b.Merchant != tt.id || b.Organisation != tt.org || !slices.Equal(b.Scopes, tt.scopes) {
+			t.Errorf("%q: request %+v, want org %q scopes %v", tt.id, b.Request(), tt.org, tt.scopes)
 		}
 		if _, wild, _ := reg.Merchant(tt.id); wild != tt.wildcard {
 			t.Errorf("%q: wildcard = %v", tt.id, wild)
@@ -96,6 +99,82 @@ func TestWildcardErrors(t *testing.T) {
 			_, err := Parse("w.toml", []byte(base+"[merchants.\"*\"]\n"+tt.entry+"\n"), testEnv())
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("error %v, want %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// TestBindingProfiles: the bindings of merchants with the same provider,
+// scopes, audience and lifetime share one broker.Profile, explicit or
+// through the wildcard entry; a wildcard merchant whose scopes or
+// audience hold its own id gets a profile of its own, which the registry
+// does not keep (no growth per merchant id seen); the cache keys are
+// those of a binding made alone (NewBinding).
+func TestBindingProfiles(t *testing.T) {
+	const file = `
+[providers.nuapay]
+type = "nuapay"
+base_url = "{env.NUAPAY_BASE_URL}"
+api_key = "{env.NUAPAY_API_KEY}"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+
+[merchants.shop]
+provider = "nuapay"
+organisation = "org-shop"
+scopes = ["openbanking_pisp"]
+
+[merchants.other]
+provider = "nuapay"
+organisation = "org-other"
+scopes = ["openbanking_pisp"]
+token_lifetime = "10m"
+`
+	for _, tt := range []struct {
+		name, wildcard string
+		shared         bool // wildcard merchants share a profile
+	}{
+		{"org placeholder", "organisation = \"{merchant}\"\nscopes = [\"openbanking_pisp\"]", true},
+		{"scope placeholder", "organisation = \"{merchant}\"\nscopes = [\"tenant:{merchant}\"]", false},
+		{"audience placeholder", "organisation = \"{merchant}\"\nscopes = [\"openbanking_pisp\"]\naudience = \"https://{merchant}.example\"", false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			reg, err := Parse("p.toml", []byte(file+"\n[merchants.\"*\"]\nprovider = \"nuapay\"\n"+tt.wildcard+"\n"), testEnv())
+			if err != nil {
+				t.Fatal(err)
+			}
+			bind := func(id string, scopes []string) *broker.Binding {
+				t.Helper()
+				b, err := reg.Binding(id, scopes)
+				if err != nil {
+					t.Fatal(err)
+				}
+				alone := broker.NewBinding(b.SourceID, b.Source, b.Request())
+				if b.Key() != alone.Key() {
+					t.Errorf("%s: key %q, want %q", id, b.Key(), alone.Key())
+				}
+				return b
+			}
+			acme, shop, other := bind("acme", nil), bind("shop", nil), bind("other", nil)
+			if acme.Profile != shop.Profile || acme.Profile == other.Profile {
+				t.Errorf("explicit merchants: acme and shop must share a profile, other (another lifetime) not")
+			}
+			if r1, r2 := bind("acme", []string{"accounts"}), bind("shop", []string{"accounts"}); r1.Profile != r2.Profile || r1.Profile == acme.Profile {
+				t.Errorf("route scopes: one profile of their own for both merchants")
+			}
+			n := len(reg.profiles.m)
+			w1, w2 := bind("w1", nil), bind("w2", nil)
+			if got := w1.Profile == w2.Profile; got != tt.shared {
+				t.Errorf("wildcard merchants share a profile: %v, want %v", got, tt.shared)
+			}
+			for i := range 10 {
+				bind(fmt.Sprintf("w-%d", i), nil)
+			}
+			if grown := len(reg.profiles.m) - n; grown > 1 {
+				t.Errorf("the registry kept %d profiles for 12 wildcard merchants, want at most 1", grown)
 			}
 		})
 	}

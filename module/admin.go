@@ -109,8 +109,8 @@ type TokenInfo struct {
 
 func tokenInfo(e *broker.Entry) TokenInfo {
 	b, t := e.Binding(), e.Token()
-	return TokenInfo{Merchant: b.Request.Merchant, Source: b.SourceID, Organisation: b.Request.Organisation,
-		Scopes: b.Request.Scopes, Audience: b.Request.Audience, Fingerprint: t.Fingerprint(),
+	return TokenInfo{Merchant: b.Merchant, Source: b.SourceID, Organisation: b.Organisation,
+		Scopes: b.Scopes, Audience: b.Audience, Fingerprint: t.Fingerprint(),
 		TokenID: t.ID, Expiry: t.Expiry.UTC(), RefreshAt: e.RefreshAt().UTC(), Origin: e.Origin()}
 }
 
@@ -156,7 +156,7 @@ func (adminAPI) tokens(w http.ResponseWriter, r *http.Request) error {
 	}
 	out := []TokenInfo{}
 	for _, e := range app.broker.Entries() {
-		if m := r.URL.Query().Get("merchant"); m == "" || m == e.Binding().Request.Merchant {
+		if m := r.URL.Query().Get("merchant"); m == "" || m == e.Binding().Merchant {
 			out = append(out, tokenInfo(e).withPolicy(app.broker.Policy(e)))
 		}
 	}
@@ -221,10 +221,10 @@ func merchantTokens(app *App, merchant string) func(*broker.Binding) bool {
 		}
 	}
 	return func(b *broker.Binding) bool {
-		if b.Request.Merchant == merchant {
+		if b.Merchant == merchant {
 			return true
 		}
-		if m == nil || b.SourceID != sourceID || b.Request.Organisation != m.Organisation {
+		if m == nil || b.SourceID != sourceID || b.Organisation != m.Organisation {
 			return false
 		}
 		pm, ok := b.Source.(broker.PerMerchant)
@@ -241,7 +241,7 @@ func revokeEntries(ctx context.Context, entries []*broker.Entry) []RevokeResult 
 		rv, ok := e.Binding().Source.(broker.Revoker)
 		if !ok {
 			res.Error = "the provider has no revocation endpoint"
-		} else if err := rv.RevokeToken(ctx, e.Binding().Request, e.Token()); err != nil {
+		} else if err := rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); err != nil {
 			res.Error = err.Error()
 		} else {
 			res.Revoked = true

@@ -49,9 +49,12 @@ type bindingTable struct {
 	// without walking every binding under the lock.
 	noIdleUntil int64
 	scans       int // eviction scans, for tests
+	// provs (under mu) are the providers' names and types, shared by
+	// their bindings (provider).
+	provs map[string]*bindingProvider
 
 	// packed holds the bindings of explicit registry merchants
-	// (newPacked), 128 of about 200 bytes a chunk: the table's own, so
+	// (newPacked), 128 of 104 bytes a chunk: the table's own, so
 	// that a chunk never holds bindings of two configs (a live config's
 	// chunk would keep a discarded one alive through its bindings'
 	// observers, which point at their handlers and tables).
@@ -93,7 +96,7 @@ func (t *bindingTable) load(id string) *binding {
 
 // store adds a binding under its own merchant id.
 func (t *bindingTable) store(b *binding) {
-	id := b.Request.Merchant
+	id := b.Merchant
 	s := t.shard(id)
 	s.mu.Lock()
 	if s.m == nil {
@@ -106,8 +109,8 @@ func (t *bindingTable) store(b *binding) {
 // set stores a binding made by hand (tests, benchmarks); id must be its
 // merchant id.
 func (t *bindingTable) set(id string, b *binding) {
-	if id != b.Request.Merchant {
-		panic("bindingTable.set: id " + id + " is not the binding's merchant " + b.Request.Merchant)
+	if id != b.Merchant {
+		panic("bindingTable.set: id " + id + " is not the binding's merchant " + b.Merchant)
 	}
 	t.store(b)
 }
@@ -142,7 +145,7 @@ func (t *bindingTable) get(h *Handler, id string) (*binding, *refusal) {
 				b.lastUsed.Store(now)
 			}
 			if t.listing != nil {
-				if status, code := t.listing.allows(b.Request.Organisation); status != 0 {
+				if status, code := t.listing.allows(b.Organisation); status != 0 {
 					return nil, &refusal{status: status, code: code, merchant: id}
 				}
 			}
@@ -189,15 +192,15 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 	if err != nil {
 		return nil, &refusal{status: http.StatusForbidden, code: "unknown_merchant", merchant: id, cause: err}
 	}
+	prov := t.provider(m.Provider)
 	var b *binding
 	if wild {
-		b = newBinding(bd, m.Provider)
+		// An object of its own: it can be evicted at any time.
+		b = new(binding)
+		initBinding(b, bd, prov)
 		b.wild = true
 	} else {
-		b = t.newPacked(bd, m.Provider)
-	}
-	if p := t.reg.Providers[m.Provider]; p != nil {
-		b.providerType = p.Type
+		b = t.newPacked(bd, prov)
 	}
 	b.lastUsed.Store(now)
 	b.Observer = h.observerFor(b)
@@ -246,11 +249,28 @@ func (t *bindingTable) evictIdle(now int64) int {
 // (packed) and its cache key in the broker's slab of keys
 // (broker.Binding.Pack), so that the GC marks a chunk rather than two
 // objects per warm merchant (issue 9).
-func (t *bindingTable) newPacked(bd *broker.Binding, provider string) *binding {
+func (t *bindingTable) newPacked(bd *broker.Binding, prov *bindingProvider) *binding {
 	b := t.packed.New()
-	initBinding(b, bd, provider)
+	initBinding(b, bd, prov)
 	b.Pack()
 	return b
+}
+
+// provider returns the table's bindingProvider of a registry provider,
+// made on first use. Called with t.mu held.
+func (t *bindingTable) provider(name string) *bindingProvider {
+	if p := t.provs[name]; p != nil {
+		return p
+	}
+	p := &bindingProvider{name: name}
+	if rp := t.reg.Providers[name]; rp != nil {
+		p.typ = rp.Type
+	}
+	if t.provs == nil {
+		t.provs = make(map[string]*bindingProvider)
+	}
+	t.provs[name] = p
+	return p
 }
 
 // unpin unpins every binding's last served token (broker.Binding.Unpin):

@@ -63,7 +63,7 @@ func TestRefusalMessagePerProviderType(t *testing.T) {
 			calls.Add(1)
 			return broker.Token{}, &broker.APIError{Provider: tt.typ, StatusCode: 401, Code: "invalid_client"}
 		}, "json")
-		h.bindings.peek("acme").providerType = tt.typ
+		h.bindings.peek("acme").prov.typ = tt.typ
 		req := httptest.NewRequest("GET", "/", nil)
 		req.Header.Set("X-Merchant-Id", "acme")
 		rec, _, _ := serve(t, h, req)

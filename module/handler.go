@@ -126,13 +126,15 @@ type Handler struct {
 // It is no heap object of its own for an explicit merchant (a value in its
 // table's slab, its cache key in another: bindingTable.newPacked), one
 // for a wildcard merchant (newBinding): the broker binding is embedded by value, its strings
-// are the registry's, and its placeholder values point at its own fields,
-// so that a warm merchant costs the GC few objects to mark. Its strings are
-// set once, before it is shared.
+// are the registry's, what it shares with the other merchants of its
+// provider and scopes is behind two pointers (the registry's
+// broker.Profile, the table's bindingProvider), and its placeholder values
+// point at fields, so that a warm merchant costs the GC few objects and
+// few bytes to mark (104 bytes: TestBindingSize). Its fields are set once,
+// before it is shared.
 type binding struct {
 	broker.Binding
-	provider     string // the provider's name in the registry
-	providerType string // its type ("nuapay", "oauth2"), for messages
+	prov *bindingProvider // the provider's name and type, shared
 
 	// wild: served through the wildcard entry, so bounded and evictable;
 	// lastUsed is then its last use, in unix nanoseconds (coarse).
@@ -140,32 +142,38 @@ type binding struct {
 	lastUsed atomic.Int64
 }
 
+// bindingProvider is what the bindings of one provider in a table share:
+// immutable once a binding points at it.
+type bindingProvider struct {
+	name string // the provider's name in the registry
+	typ  string // its type ("nuapay", "oauth2"), for messages
+}
+
 // newBinding returns the handler binding of a broker binding (copied: the
-// result embeds its own) for the named provider: an object of its own (a
-// wildcard merchant's, which can be evicted at any time, or one made by
-// hand). An explicit registry merchant's is made by
-// bindingTable.newPacked.
+// result embeds its own) for the named provider, with a bindingProvider
+// of its own: one made by hand (tests, benchmarks). A table's bindings
+// share their provider's (bindingTable.create).
 func newBinding(bd *broker.Binding, provider string) *binding {
 	b := new(binding)
-	initBinding(b, bd, provider)
+	initBinding(b, bd, &bindingProvider{name: provider})
 	return b
 }
 
 // initBinding fills b, a zero binding not shared yet.
-func initBinding(b *binding, bd *broker.Binding, provider string) {
-	b.provider = provider
+func initBinding(b *binding, bd *broker.Binding, prov *bindingProvider) {
+	b.prov = prov
 	b.Binding.InitFrom(bd)
 	b.Observer = bd.Observer
 }
 
-// Placeholder values: the binding's own strings as interface values that
-// point at them (noalloc.String), so that setting them on every request
-// allocates nothing and a binding keeps no boxed copies. They are plain
-// strings to every consumer: caddy.ToString, the vars matchers, log
-// fields, CEL expressions.
-func (b *binding) merchantValue() any     { return noalloc.String(&b.Request.Merchant) }
-func (b *binding) organisationValue() any { return noalloc.String(&b.Request.Organisation) }
-func (b *binding) providerValue() any     { return noalloc.String(&b.provider) }
+// Placeholder values: the binding's own strings, or its shared provider's
+// name, as interface values that point at them (noalloc.String), so that
+// setting them on every request allocates nothing and a binding keeps no
+// boxed copies. They are plain strings to every consumer: caddy.ToString,
+// the vars matchers, log fields, CEL expressions.
+func (b *binding) merchantValue() any     { return noalloc.String(&b.Merchant) }
+func (b *binding) organisationValue() any { return noalloc.String(&b.Organisation) }
+func (b *binding) providerValue() any     { return noalloc.String(&b.prov.name) }
 
 // placeholderPrefix starts the names of the placeholders a served request
 // gets.
@@ -382,7 +390,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	e, res, err := h.token(r.Context(), b) // tracing.go: the token span
 	if err != nil {
 		status, code := classify(err)
-		return h.fail(w, repl, refusal{status: status, code: code, merchant: merchant, providerType: b.providerType, cause: err})
+		return h.fail(w, repl, refusal{status: status, code: code, merchant: merchant, providerType: b.prov.typ, cause: err})
 	}
 	out.prepare(r, e.Header())
 
@@ -433,11 +441,11 @@ func (h *Handler) Fetched(ctx context.Context, b *broker.Binding, tok broker.Tok
 	provider := h.providerOf(b)
 	outcome := h.observeFetch(ctx, b, provider, elapsed, err)
 	fields := []zap.Field{
-		zap.String("merchant", b.Request.Merchant),
+		zap.String("merchant", b.Merchant),
 		zap.String("provider", provider),
 		zap.String("source", b.SourceID),
 		zap.String("outcome", outcome),
-		zap.Strings("scopes", b.Request.Scopes),
+		zap.Strings("scopes", b.Scopes),
 		zap.Duration("duration", elapsed),
 		zap.Bool("background", background),
 	}

@@ -247,9 +247,9 @@ func (h *Handler) instrument(m *tokenMetrics) {
 		h.bindings.each(func(id string, b *binding) {
 			if m != nil {
 				if _, known := h.metrics.providers[b.SourceID]; !known {
-					h.exportZero(b.provider, b.SourceID)
+					h.exportZero(b.prov.name, b.SourceID)
 				}
-				h.metrics.providers[b.SourceID] = b.provider
+				h.metrics.providers[b.SourceID] = b.prov.name
 			}
 			b.Observer = h.observerFor(b)
 		})
@@ -315,22 +315,22 @@ func (h *Handler) observerFor(b *binding) broker.Observer {
 		return h
 	}
 	if m.merchantLabel {
-		return &observer{Handler: h, lookups: m.lookupCounters(b.provider, b.Request.Merchant)}
+		return &observer{Handler: h, lookups: m.lookupCounters(b.prov.name, b.Merchant)}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if o := m.observers[b.provider]; o != nil {
+	if o := m.observers[b.prov.name]; o != nil {
 		return o
 	}
-	c := m.shared[b.provider]
+	c := m.shared[b.prov.name]
 	if c == nil {
 		// A provider added by hand (tests): counters made once here,
 		// before the handler serves.
-		c = m.lookupCounters(b.provider, "")
-		m.shared[b.provider] = c
+		c = m.lookupCounters(b.prov.name, "")
+		m.shared[b.prov.name] = c
 	}
 	o := &observer{Handler: h, lookups: c}
-	m.observers[b.provider] = o
+	m.observers[b.prov.name] = o
 	return o
 }
 
@@ -360,7 +360,7 @@ func fetchOutcome(err error) string {
 func (h *Handler) observeFetch(_ context.Context, b *broker.Binding, provider string, elapsed time.Duration, err error) string {
 	outcome := fetchOutcome(err)
 	if h.metrics != nil {
-		h.metrics.fetched(provider, b.Request.Merchant, outcome, elapsed)
+		h.metrics.fetched(provider, b.Merchant, outcome, elapsed)
 	}
 	return outcome
 }
@@ -373,8 +373,8 @@ func (h *Handler) providerOf(b *broker.Binding) string {
 		}
 	}
 	if h.bindings != nil {
-		if hb := h.bindings.peek(b.Request.Merchant); hb != nil {
-			return hb.provider
+		if hb := h.bindings.peek(b.Merchant); hb != nil {
+			return hb.prov.name
 		}
 	}
 	p, _, _ := strings.Cut(b.SourceID, "#")

@@ -216,7 +216,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	rejected := e.Token()
 	if !out.carries(r, e.Header()) {
 		h.logger.Warn("upstream answered 401 to a request whose token header a later handler changed or removed; the token is kept",
-			zap.String("merchant", b.Request.Merchant), zap.String("fingerprint", rejected.Fingerprint()))
+			zap.String("merchant", b.Merchant), zap.String("fingerprint", rejected.Fingerprint()))
 		if rec.held {
 			return rec.writeHeld()
 		}
@@ -314,11 +314,11 @@ func (h *Handler) purge(b *binding, rejected broker.Token) {
 	if h.metrics != nil {
 		switch outcome {
 		case broker.RejectionPurged:
-			h.metrics.Purged(b.provider, b.Request.Merchant)
+			h.metrics.Purged(b.prov.name, b.Merchant)
 		case broker.RejectionHeld:
-			h.metrics.PurgeHeld(b.provider, b.Request.Merchant)
+			h.metrics.PurgeHeld(b.prov.name, b.Merchant)
 		}
 	}
-	h.logger.Info("upstream rejected the token", zap.String("merchant", b.Request.Merchant),
+	h.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
 }

@@ -40,10 +40,10 @@ func (h *Handler) token(ctx context.Context, b *binding) (*broker.Entry, broker.
 	ctx, span := parent.TracerProvider().Tracer(tracerName).Start(ctx, tokenSpanName,
 		trace.WithSpanKind(trace.SpanKindInternal),
 		trace.WithAttributes(
-			attrMerchant.String(b.Request.Merchant),
-			attrProvider.String(b.provider),
-			attrOrganisation.String(b.Request.Organisation),
-			attrScopesCount.Int(len(b.Request.Scopes)),
+			attrMerchant.String(b.Merchant),
+			attrProvider.String(b.prov.name),
+			attrOrganisation.String(b.Organisation),
+			attrScopesCount.Int(len(b.Scopes)),
 		))
 	defer span.End()
 	e, res, err := h.broker.Get(ctx, &b.Binding)

@@ -55,7 +55,7 @@ func TestRegistryTOML(t *testing.T) {
 	if err != nil || reg.Wildcard == nil || reg.Wildcard.MaxActive != 50_000 {
 		t.Fatalf("wildcard registry: %v", err)
 	}
-	if b, err := reg.Binding(merchantID(42), nil); err != nil || b.Request.Organisation != merchantID(42) {
+	if b, err := reg.Binding(merchantID(42), nil); err != nil || b.Organisation != merchantID(42) {
 		t.Fatalf("wildcard binding: %v %+v", err, b)
 	}
 }
