@@ -425,6 +425,29 @@ func (br *Broker) Purge(b *Binding, rejected Secret) bool {
 	return true
 }
 
+// Drop forgets the token cached under the binding's key in this process,
+// if it is the one the binding was last served: neither revoked nor
+// purged from the shared tier (it is still valid there, for other nodes).
+// For a binding that goes away while its token is still valid (an evicted
+// wildcard merchant's), so that the tokens kept follow the bindings kept;
+// a lookup afterwards fetches again. It reports whether a token was
+// dropped.
+func (br *Broker) Drop(b *Binding) bool {
+	cur := b.current.Load()
+	if cur == nil {
+		return false
+	}
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	v, ok := br.cache.Get(b.key)
+	if !ok || v.(*Entry) != cur {
+		return false
+	}
+	cur.stale.Store(true)
+	br.cache.Delete(b.key)
+	return true
+}
+
 // PurgeMatching drops every cached token whose binding matches, and
 // returns the entries dropped. Tokens can be shared by merchants (same
 // source, organisation, scopes and audience), so the admin API matches

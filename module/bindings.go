@@ -29,10 +29,13 @@ import (
 //
 // Bindings served through the wildcard are bounded by its max_active: a
 // new one evicts those unused for idle_timeout, or is refused (503) when
-// none is idle. Eviction only removes a binding from the table: a request
-// in flight keeps its pointer, and the token stays in the broker's cache
-// until it expires, so a merchant that comes back gets it again without a
-// token request.
+// none is idle. Eviction removes a binding from the table (a request in
+// flight keeps its pointer and its token) and parks it: the tokens of the
+// last max_active merchants evicted stay in the broker's cache, so that a
+// merchant that comes back soon gets its token again without a token
+// request; an older one's is dropped (park). The tokens cached for
+// wildcard merchants are so bounded by twice max_active, however many
+// merchant ids the wildcard serves over time.
 type bindingTable struct {
 	reg     *config.Registry // nil for a table filled by hand (tests)
 	scopes  []string         // the route's scopes, normalised; nil: the merchants' own
@@ -49,6 +52,9 @@ type bindingTable struct {
 	// without walking every binding under the lock.
 	noIdleUntil int64
 	scans       int // eviction scans, for tests
+	// parked are the evicted wildcard bindings whose token is still
+	// cached, oldest first, at most max_active (under mu): see park.
+	parked []*binding
 	// provs (under mu) are the providers' names and types, shared by
 	// their bindings (provider).
 	provs map[string]*bindingProvider
@@ -176,7 +182,7 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 	now := t.now().UnixNano()
 	if wild && t.active.Load() >= int64(t.reg.Wildcard.MaxActive) {
 		if now >= t.noIdleUntil {
-			t.evictIdle(now)
+			t.evictIdle(now, h.broker, id)
 		}
 		if t.active.Load() >= int64(t.reg.Wildcard.MaxActive) {
 			return nil, &refusal{status: http.StatusServiceUnavailable, code: "too_many_merchants", merchant: id}
@@ -212,14 +218,16 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 }
 
 // evictIdle removes the wildcard bindings unused for the wildcard's
-// idle_timeout, and notes when the oldest one left can first be evicted
-// (lastUsed only grows, and new bindings are newer: none is evictable
-// before). Called with t.mu held.
-func (t *bindingTable) evictIdle(now int64) int {
+// idle_timeout and parks them (park; coming is the merchant whose
+// arrival evicts, which keeps its parked token), and notes when the
+// oldest one left can first be evicted (lastUsed only grows, and new
+// bindings are newer: none is evictable before). Called with t.mu held.
+func (t *bindingTable) evictIdle(now int64, br *broker.Broker, coming string) int {
 	idle := int64(t.reg.Wildcard.IdleTimeout)
 	n := 0
 	oldest := int64(-1)
 	t.scans++
+	var evicted []*binding
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.Lock()
@@ -230,6 +238,7 @@ func (t *bindingTable) evictIdle(now int64) int {
 			if used := b.lastUsed.Load(); now-used > idle {
 				delete(s.m, id)
 				t.active.Add(-1)
+				evicted = append(evicted, b)
 				n++
 			} else if oldest < 0 || used < oldest {
 				oldest = used
@@ -241,7 +250,30 @@ func (t *bindingTable) evictIdle(now int64) int {
 	if oldest >= 0 {
 		t.noIdleUntil = oldest + idle + 1
 	}
+	for _, b := range evicted {
+		t.park(b, br, coming)
+	}
 	return n
+}
+
+// park keeps an evicted wildcard binding's token cached while it is one
+// of the last max_active evicted; the token of the binding that so leaves
+// the parked set is dropped from the broker's cache (broker.Drop: this
+// process only, not revoked), unless its merchant is in the table again
+// or coming back (the merchant being added). Without it the cache would
+// hold a token for every merchant id seen within a token's lifetime:
+// 1 000 000 ids an hour with one-hour tokens are a million tokens,
+// whatever max_active says. Called with t.mu held.
+func (t *bindingTable) park(b *binding, br *broker.Broker, coming string) {
+	t.parked = append(t.parked, b)
+	for len(t.parked) > t.reg.Wildcard.MaxActive {
+		old := t.parked[0]
+		t.parked[0] = nil
+		t.parked = t.parked[1:]
+		if br != nil && old.Merchant != coming && t.load(old.Merchant) == nil {
+			br.Drop(&old.Binding)
+		}
+	}
 }
 
 // newPacked returns the binding of an explicit registry merchant, which

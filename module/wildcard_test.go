@@ -217,6 +217,46 @@ func TestWildcardEviction(t *testing.T) {
 	}
 }
 
+// TestWildcardParkedTokensBounded: the tokens of evicted wildcard
+// merchants stay cached for the last max_active evicted only: one that
+// comes back soon costs no token request, an older one's token was
+// dropped (one token request when it comes back), so the cache holds at
+// most twice max_active wildcard tokens however many ids were seen.
+func TestWildcardParkedTokensBounded(t *testing.T) {
+	env := newWildcardEnv(t, "max_active = 1\nidle_timeout = \"1m\"")
+	cached := func() int { return len(env.h.broker.Entries()) }
+	for _, m := range []string{"ORG1", "ORG2", "ORG3"} {
+		// Each evicts the one before (idle 2m > 1m): ORG1, then ORG2
+		// parked; parking ORG2 drops ORG1's token.
+		if status, org := env.get(t, m); status != 200 || org != m {
+			t.Fatalf("%s: %d %q", m, status, org)
+		}
+		env.clk.Add(2 * time.Minute)
+	}
+	if got := cached(); got != 2 {
+		t.Errorf("%d tokens cached, want 2: ORG3's (active) and ORG2's (parked); ORG1's dropped", got)
+	}
+	for _, tt := range []struct {
+		merchant string
+		requests int64
+	}{
+		{"ORG2", 0}, // parked: its token is still cached
+		{"ORG1", 1}, // dropped when ORG2 was parked
+	} {
+		before := env.sb.TokenRequests()
+		if status, org := env.get(t, tt.merchant); status != 200 || org != tt.merchant {
+			t.Fatalf("%s back: %d %q", tt.merchant, status, org)
+		}
+		if n := env.sb.TokenRequests() - before; n != tt.requests {
+			t.Errorf("%s back: %d token requests, want %d", tt.merchant, n, tt.requests)
+		}
+		env.clk.Add(2 * time.Minute)
+	}
+	if got, max := cached(), 2; got > max {
+		t.Errorf("%d tokens cached, want at most %d (twice max_active)", got, max)
+	}
+}
+
 // TestWildcardFullTableScansOnce: with the active set full and nobody
 // idle, new merchants are refused without walking the table again until
 // the oldest binding can be idle; then one scan evicts it and the new
