@@ -14,11 +14,14 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"math/bits"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"weak"
 
 	gocache "github.com/patrickmn/go-cache"
 	"golang.org/x/sync/singleflight"
@@ -328,17 +331,16 @@ type tokenMeta struct {
 	scopes []string
 }
 
-// metas interns tokenMeta values by type and scopes, up to maxMetas of
-// them: a provider answers with a handful of type spellings and scope
-// sets. Beyond the bound (a provider granting a different scope set per
-// token), an entry gets a tokenMeta of its own: correct, only larger.
+// metas interns tokenMeta values by type and grant: a provider answers
+// with a handful of type spellings and scope sets, so entries share a few.
+// The map holds weak pointers, and a tokenMeta's cleanup deletes its key
+// once no entry uses it: the map follows the distinct grants of the
+// tokens cached, whatever a provider or a caller does (a wildcard entry
+// with {merchant} in its scopes makes one grant per merchant id).
 var metas struct {
 	sync.Mutex
-	m map[string]*tokenMeta
+	m map[string]weak.Pointer[tokenMeta]
 }
-
-// maxMetas bounds metas.
-const maxMetas = 4096
 
 // metaFor returns the shared tokenMeta of a token type and granted
 // scopes; asked are the binding's scopes, whose slice is kept when the
@@ -347,17 +349,10 @@ func metaFor(typ string, granted, asked []string) *tokenMeta {
 	if len(granted) > 0 && slices.Equal(granted, asked) {
 		granted = asked
 	}
-	var k strings.Builder
-	k.Grow(len(typ) + 1 + 16*len(granted))
-	k.WriteString(typ)
-	for _, s := range granted {
-		k.WriteByte(0)
-		k.WriteString(s)
-	}
-	key := k.String()
+	key := metaKey(typ, granted)
 	metas.Lock()
 	defer metas.Unlock()
-	if m := metas.m[key]; m != nil && (granted == nil) == (m.scopes == nil) {
+	if m := metas.m[key].Value(); m != nil {
 		return m
 	}
 	m := &tokenMeta{typ: strings.Clone(typ), scopes: granted}
@@ -366,12 +361,36 @@ func metaFor(typ string, granted, asked []string) *tokenMeta {
 		m.scopes = slices.Clone(granted)
 	}
 	if metas.m == nil {
-		metas.m = map[string]*tokenMeta{}
+		metas.m = map[string]weak.Pointer[tokenMeta]{}
 	}
-	if len(metas.m) < maxMetas {
-		metas.m[key] = m
-	}
+	metas.m[key] = weak.Make(m)
+	runtime.AddCleanup(m, forgetMeta, key)
 	return m
+}
+
+// forgetMeta deletes key from metas if its tokenMeta is gone (a newer
+// one may have taken its place).
+func forgetMeta(key string) {
+	metas.Lock()
+	defer metas.Unlock()
+	if wp, ok := metas.m[key]; ok && wp.Value() == nil {
+		delete(metas.m, key)
+	}
+}
+
+// metaKey encodes a type and a grant without ambiguity: every part
+// length-prefixed, a nil grant apart from an empty one.
+func metaKey(typ string, granted []string) string {
+	b := make([]byte, 0, len(typ)+8+20*len(granted))
+	if granted == nil {
+		b = append(b, 'n')
+	}
+	for _, p := range append([]string{typ}, granted...) {
+		b = strconv.AppendInt(b, int64(len(p)), 10)
+		b = append(b, ':')
+		b = append(b, p...)
+	}
+	return string(b)
 }
 
 // sameSlice reports whether a and b are the same slice (same array, same

@@ -461,18 +461,24 @@ func TestBreakerCountsOnlyProviderFailures(t *testing.T) {
 	}
 }
 
+// entryShareRuns numbers the runs of TestEntrySharesScopesAndType.
+var entryShareRuns atomic.Int64
+
 // TestEntrySharesScopesAndType: a cached token whose granted scopes are
-// the binding's shares the binding's slice, and the tokens of two
+// the binding's shares the binding's slice (the first token of a grant:
+// each run asks for a scope of its own), and the tokens of two
 // merchants with the same type and grant share one tokenMeta: fewer heap
 // objects and bytes per cached token. Scopes that differ are kept as
 // granted.
 func TestEntrySharesScopesAndType(t *testing.T) {
+	run := fmt.Sprintf("run-%d", entryShareRuns.Add(1)) // sorts after "payments"
+	asked := []string{"payments", "accounts", run}
 	tests := []struct {
 		name      string
 		granted   []string
 		wantShare bool
 	}{
-		{"same scopes", []string{"accounts", "payments"}, true},
+		{"same scopes", []string{"accounts", "payments", run}, true},
 		{"other scopes", []string{"accounts"}, false},
 		{"none granted", nil, false},
 	}
@@ -488,7 +494,7 @@ func TestEntrySharesScopesAndType(t *testing.T) {
 			})
 			br := New(Options{})
 			defer br.Close()
-			b := NewBinding("src", src, Request{Merchant: "m1", Organisation: "org1", Scopes: []string{"payments", "accounts"}})
+			b := NewBinding("src", src, Request{Merchant: "m1", Organisation: "org1", Scopes: asked})
 			e, _, err := br.Get(context.Background(), b)
 			if err != nil {
 				t.Fatal(err)
@@ -504,7 +510,7 @@ func TestEntrySharesScopesAndType(t *testing.T) {
 			if got.Type != "Bearer" {
 				t.Errorf("type %q, want Bearer", got.Type)
 			}
-			b2 := NewBinding("src", src, Request{Merchant: "m2", Organisation: "org2", Scopes: []string{"payments", "accounts"}})
+			b2 := NewBinding("src", src, Request{Merchant: "m2", Organisation: "org2", Scopes: asked})
 			e2, _, err := br.Get(context.Background(), b2)
 			if err != nil {
 				t.Fatal(err)

@@ -378,9 +378,13 @@ func TestEntrySize(t *testing.T) {
 	}
 }
 
-// TestMetaForBounded: token types and grants are interned up to maxMetas;
-// past the bound every token still gets its own type and scopes right.
-func TestMetaForBounded(t *testing.T) {
+// TestMetaFor: token types and grants are interned, each with its own
+// key (no two encodings alike: "Bearer" granted ["x","y"] is not
+// "Bearer\x00x" granted ["y"]), and a tokenMeta no entry uses any more is
+// collected and its key forgotten, so that the map follows the grants of
+// the tokens cached (a wildcard with {merchant} in its scopes makes one
+// grant per merchant id).
+func TestMetaFor(t *testing.T) {
 	asked := []string{"a", "b"}
 	tests := []struct {
 		name    string
@@ -389,28 +393,53 @@ func TestMetaForBounded(t *testing.T) {
 		want    []string
 	}{
 		{"none", "Bearer", nil, nil},
+		{"empty", "Bearer", []string{}, []string{}},
 		{"asked", "Bearer", []string{"a", "b"}, asked},
 		{"other", "bearer", []string{"c"}, []string{"c"}},
+		{"nul in the type", "Bearer\x00x", []string{"y"}, []string{"y"}},
+		{"nul in a scope", "Bearer", []string{"x\x00y"}, []string{"x\x00y"}},
+		{"two scopes", "Bearer", []string{"x", "y"}, []string{"x", "y"}},
 	}
+	var keep []*tokenMeta // as cached entries would
 	for _, tt := range tests {
 		m := metaFor(tt.typ, tt.granted, asked)
-		if m.typ != tt.typ || !slices.Equal(m.scopes, tt.want) {
-			t.Errorf("%s: meta %q %q, want %q %q", tt.name, m.typ, m.scopes, tt.typ, tt.want)
+		if m.typ != tt.typ || !slices.Equal(m.scopes, tt.want) || (m.scopes == nil) != (tt.want == nil) {
+			t.Errorf("%s: meta %q %#v, want %q %#v", tt.name, m.typ, m.scopes, tt.typ, tt.want)
 		}
 		if again := metaFor(strings.Clone(tt.typ), slices.Clone(tt.granted), asked); again != m {
 			t.Errorf("%s: the same type and grant got a second tokenMeta", tt.name)
 		}
+		keep = append(keep, m)
 	}
-	for i := range maxMetas + 10 {
-		granted := []string{fmt.Sprintf("scope-%d", i)}
-		if m := metaFor("Bearer", granted, asked); m.scopes[0] != granted[0] {
-			t.Fatalf("grant %d: scopes %q", i, m.scopes)
+
+	// Grants no entry holds any more are forgotten.
+	for i := range 1000 {
+		metaFor("Bearer", []string{fmt.Sprintf("tenant:%d", i)}, asked)
+	}
+	forgotten := func() bool {
+		metas.Lock()
+		defer metas.Unlock()
+		for k := range metas.m {
+			if strings.Contains(k, "tenant:") {
+				return false
+			}
+		}
+		return true
+	}
+	// Cleanups run after a collection, on a goroutine of the runtime's:
+	// collect until they have (a wait for the runtime, not a timer).
+	deadline := time.Now().Add(30 * time.Second)
+	for !forgotten() {
+		if time.Now().After(deadline) {
+			t.Fatal("the tokenMetas of grants no entry holds are still in metas after 30 s of collections")
+		}
+		runtime.GC()
+		runtime.Gosched()
+	}
+	for i, tt := range tests {
+		if m := metaFor(tt.typ, tt.granted, asked); m != keep[i] {
+			t.Errorf("%s: a tokenMeta still in use was forgotten", tt.name)
 		}
 	}
-	metas.Lock()
-	n := len(metas.m)
-	metas.Unlock()
-	if n > maxMetas {
-		t.Errorf("%d interned metas, want at most %d", n, maxMetas)
-	}
+	runtime.KeepAlive(keep)
 }

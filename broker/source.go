@@ -121,7 +121,10 @@ func (p *Profile) keyFor(merchant, organisation string) string {
 // Audience, Lifetime are its fields, promoted).
 type Binding struct {
 	// Profile is the source, scopes, audience and lifetime, shared with
-	// the other bindings made from it. Never nil in a binding in use.
+	// the other bindings made from it. Never nil in a binding in use, and
+	// never assigned through a binding (b.Scopes = … would change every
+	// binding of the profile, under the same cache keys): make a new
+	// Profile (NewProfile) instead.
 	*Profile
 	// Merchant is the merchant the token is for. Used in errors and logs
 	// only; the provider sees Organisation.
