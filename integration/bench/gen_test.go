@@ -254,3 +254,28 @@ func requireWrk(t *testing.T) string {
 	}
 	return wrk
 }
+
+// TestWildcardText: the wildcard row and its RSS readings during the run
+// are in the report.
+func TestWildcardText(t *testing.T) {
+	for _, tt := range []struct {
+		name    string
+		samples []wildcardSample
+		want    []string
+	}{
+		{"no readings", nil, []string{"| 1 000 000 in 120.00 s | 10 000 |"}},
+		{"readings", []wildcardSample{{At: 20 * time.Second, RSS: 90 << 20, Tokens: 25_000}, {At: 40 * time.Second, RSS: 91 << 20, Tokens: 50_000}},
+			[]string{"20.00 s: 25 000 ids, 90 MiB; 40.00 s: 50 000 ids, 91 MiB."}},
+	} {
+		r := wildcardResult{Distinct: 1_000_000, Active: 10_000, Duration: 120 * time.Second, Samples: tt.samples}
+		out := r.text()
+		for _, w := range tt.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%s: report lacks %q:\n%s", tt.name, w, out)
+			}
+		}
+		if got := strings.Contains(out, "RSS of the sidecar during its run"); got != (len(tt.samples) > 0) {
+			t.Errorf("%s: readings line present %t, want %t", tt.name, got, len(tt.samples) > 0)
+		}
+	}
+}

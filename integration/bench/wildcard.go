@@ -17,7 +17,20 @@ type wildcardResult struct {
 	Tokens           int64         // token requests of the sidecar's run
 	TokenAPICPU      time.Duration // CPU of the token API helper during it
 	Duration         time.Duration
+	// Samples are the sidecar's RSS and the token requests so far, taken
+	// during its run: flat RSS while the ids reached grow is the bound.
+	Samples []wildcardSample
 }
+
+// wildcardSample is one reading during the wildcard run.
+type wildcardSample struct {
+	At     time.Duration // since the run started
+	RSS    int64
+	Tokens int64 // token requests since the run started: ids reached
+}
+
+// wildcardSamples is how many readings are taken during the run.
+const wildcardSamples = 6
 
 // wildcardIdle is the idle_timeout of the wildcard case: ids in the
 // window (active/4 ids) are requested about every active/4 requests, well
@@ -73,7 +86,13 @@ func (e *env) measureWildcard(wrk string, distinct, active int, d time.Duration)
 	if err != nil {
 		return r, err
 	}
-	if r.Sidecar, err = e.wrk(wrk, script, side, d); err != nil {
+	done := make(chan struct{})
+	sampled := make(chan []wildcardSample, 1)
+	go func() { sampled <- e.sampleWildcard(side.p.pid(), before, d, done) }()
+	r.Sidecar, err = e.wrk(wrk, script, side, d)
+	close(done)
+	r.Samples = <-sampled
+	if err != nil {
 		return r, err
 	}
 	c1, err := cpuTicks(e.tokenProc.pid())
@@ -93,6 +112,31 @@ func (e *env) measureWildcard(wrk string, distinct, active int, d time.Duration)
 		return r, err
 	}
 	return r, nil
+}
+
+// sampleWildcard reads the sidecar's RSS and the token requests made
+// since before, wildcardSamples times over d, until done.
+func (e *env) sampleWildcard(pid int, before int64, d time.Duration, done <-chan struct{}) []wildcardSample {
+	var out []wildcardSample
+	t0 := time.Now()
+	tick := time.NewTicker(d / wildcardSamples)
+	defer tick.Stop()
+	for {
+		select {
+		case <-done:
+			return out
+		case <-tick.C:
+			r, err := rss(pid)
+			if err != nil {
+				continue
+			}
+			n, err := e.tokenCount()
+			if err != nil {
+				continue
+			}
+			out = append(out, wildcardSample{At: time.Since(t0), RSS: r, Tokens: n - before})
+		}
+	}
 }
 
 // text renders the wildcard case for the report.
@@ -115,6 +159,16 @@ func (r wildcardResult) text() string {
 		ms(r.Sidecar.P99), ms(r.Plain.P99), r.Tokens, float64(r.Tokens)/secsRun, us(perMint), r.Sidecar.Errors)
 	fmt.Fprintf(&b, "\nEach token request is a distinct id reached (ids slide by one every %d requests, a window of max_active/4); "+
 		"idle_timeout %s; the run reaches the target only at a mint rate of %.0f/s.\n", wildcardStride, wildcardIdle, float64(r.Distinct)/r.Duration.Seconds())
+	if len(r.Samples) > 0 {
+		b.WriteString("\nRSS of the sidecar during its run (time: ids reached so far, RSS): ")
+		for i, s := range r.Samples {
+			if i > 0 {
+				b.WriteString("; ")
+			}
+			fmt.Fprintf(&b, "%s: %s ids, %s", secs(s.At), thousands(int(s.Tokens)), mib(s.RSS))
+		}
+		b.WriteString(".\n")
+	}
 	return b.String()
 }
 
