@@ -60,7 +60,7 @@ type bindingTable struct {
 	provs map[string]*bindingProvider
 
 	// packed holds the bindings of explicit registry merchants
-	// (newPacked), 128 of 104 bytes a chunk: the table's own, so
+	// (newPacked), 128 of 96 bytes a chunk: the table's own, so
 	// that a chunk never holds bindings of two configs (a live config's
 	// chunk would keep a discarded one alive through its bindings'
 	// observers, which point at their handlers and tables).
@@ -145,10 +145,9 @@ const touchEvery = int64(time.Second)
 // use; a non-nil refusal says why the merchant is not served.
 func (t *bindingTable) get(h *Handler, id string) (*binding, *refusal) {
 	if b := t.load(id); b != nil {
-		if b.wild {
-			now := t.now().UnixNano()
-			if now-b.lastUsed.Load() >= touchEvery {
-				b.lastUsed.Store(now)
+		if used := b.lastUsed.Load(); used != 0 { // wild
+			if now := t.now().UnixNano(); now-used >= touchEvery {
+				b.lastUsed.Store(max(now, 1))
 			}
 			if t.listing != nil {
 				if status, code := t.listing.allows(b.Organisation); status != 0 {
@@ -204,11 +203,10 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 		// An object of its own: it can be evicted at any time.
 		b = new(binding)
 		initBinding(b, bd, prov)
-		b.wild = true
+		b.lastUsed.Store(max(now, 1)) // wild
 	} else {
 		b = t.newPacked(bd, prov)
 	}
-	b.lastUsed.Store(now)
 	b.Observer = h.observerFor(b)
 	t.store(b)
 	if wild {
@@ -232,7 +230,7 @@ func (t *bindingTable) evictIdle(now int64, br *broker.Broker, coming string) in
 		s := &t.shards[i]
 		s.mu.Lock()
 		for id, b := range s.m {
-			if !b.wild {
+			if !b.wild() {
 				continue
 			}
 			if used := b.lastUsed.Load(); now-used > idle {

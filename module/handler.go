@@ -130,17 +130,21 @@ type Handler struct {
 // provider and scopes is behind two pointers (the registry's
 // broker.Profile, the table's bindingProvider), and its placeholder values
 // point at fields, so that a warm merchant costs the GC few objects and
-// few bytes to mark (104 bytes: TestBindingSize). Its fields are set once,
+// few bytes to mark (96 bytes, 128 of them an exact size class of the
+// allocator: TestBindingSize). Its fields are set once,
 // before it is shared.
 type binding struct {
 	broker.Binding
 	prov *bindingProvider // the provider's name and type, shared
 
-	// wild: served through the wildcard entry, so bounded and evictable;
-	// lastUsed is then its last use, in unix nanoseconds (coarse).
-	wild     bool
+	// lastUsed is, for a binding served through the wildcard entry (so
+	// bounded and evictable: wild), its last use in unix nanoseconds
+	// (coarse, never 0); 0 for an explicit merchant's.
 	lastUsed atomic.Int64
 }
+
+// wild reports whether the binding is served through the wildcard entry.
+func (b *binding) wild() bool { return b.lastUsed.Load() != 0 }
 
 // bindingProvider is what the bindings of one provider in a table share:
 // immutable once a binding points at it.

@@ -216,7 +216,7 @@ func TestBindingKeepsNoRequestString(t *testing.T) {
 	}
 }
 
-// TestBindingSize: a warm explicit merchant's binding is at most 104
+// TestBindingSize: a warm explicit merchant's binding is at most 96
 // bytes (issue 9: it was 200), because what the merchants of one provider
 // and scope set have in common is shared: the registry's broker.Profile
 // (source, scopes, audience, lifetime) and the table's bindingProvider
@@ -225,8 +225,8 @@ func TestBindingKeepsNoRequestString(t *testing.T) {
 // cached tokens are shared as before, and compact: the profile's tag and
 // the organisation.
 func TestBindingSize(t *testing.T) {
-	if size := unsafe.Sizeof(binding{}); size > 104 {
-		t.Errorf("binding is %d bytes, want at most 104", size)
+	if size := unsafe.Sizeof(binding{}); size > 96 {
+		t.Errorf("binding is %d bytes, want at most 96", size)
 	}
 	for _, tt := range []struct {
 		name   string
