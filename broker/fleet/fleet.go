@@ -32,6 +32,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
@@ -79,8 +80,10 @@ type Options struct {
 	// "token_broker:". Brokers that share tokens must use the same prefix
 	// (and the same encryption key).
 	KeyPrefix string
-	// PlainKeys puts cache keys (which contain merchant ids) in Redis key
-	// names in clear, for debugging. Default false: names are hashed.
+	// PlainKeys puts cache keys (which contain organisation ids) in Redis
+	// key names in clear, for debugging, their bytes that are not
+	// printable ASCII escaped as Go does (\x8b: a key starts with a binary
+	// tag of its source and scopes). Default false: names are hashed.
 	PlainKeys bool
 	// Timeout bounds each Redis call. Default 50ms.
 	Timeout time.Duration
@@ -234,7 +237,8 @@ func (c *Cache) name(key string) string { return c.nameWith(c.nameKeys[0], key) 
 
 func (c *Cache) nameWith(nameKey []byte, key string) string {
 	if c.opts.PlainKeys {
-		return key
+		q := strconv.QuoteToASCII(key) // injective, printable
+		return q[1 : len(q)-1]
 	}
 	m := hmac.New(sha256.New, nameKey)
 	m.Write([]byte(key))

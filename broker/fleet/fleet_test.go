@@ -630,3 +630,28 @@ func TestSilentRedisIsBypassed(t *testing.T) {
 		t.Fatalf("redis errors = %d; want %d, then the breaker keeps redis out", got, DefaultBreakerThreshold)
 	}
 }
+
+// TestPlainKeyNames: with PlainKeys, a Redis name shows the cache key in
+// printable ASCII (a key starts with a binary tag), and two keys never
+// share a name.
+func TestPlainKeyNames(t *testing.T) {
+	c := &Cache{opts: Options{PlainKeys: true}}
+	keys := []string{"\x8b\x01>\x11org1", "\\x8b\x01>\x11org1", "org1", "org1\x00m1", "\xff\xfeorg-é"}
+	seen := map[string]string{}
+	for _, k := range keys {
+		n := c.nameWith(nil, k)
+		for i := 0; i < len(n); i++ {
+			if n[i] < 0x20 || n[i] >= 0x7f {
+				t.Errorf("name %q of key %q is not printable ASCII", n, k)
+				break
+			}
+		}
+		if other, ok := seen[n]; ok {
+			t.Errorf("keys %q and %q share the name %q", other, k, n)
+		}
+		seen[n] = k
+	}
+	if n := c.nameWith(nil, "org1"); n != "org1" {
+		t.Errorf("name of a printable key %q, want it unchanged", n)
+	}
+}
