@@ -106,14 +106,17 @@ type Entry struct {
 	// header[len(bearerPrefix):valueEnd], its ID
 	// header[valueEnd:len(header)-fingerprintLen].
 	header   string
-	valueEnd int32
-	adopted  bool // OriginShared, else OriginMinted
+	valueEnd uint16 // tokens are at most maxTokenLen bytes
+	adopted  bool   // OriginShared, else OriginMinted
 	// wallExpiry: the token's expiry has no monotonic clock reading (an
 	// absolute time from the provider, or from the shared tier), so it is
 	// compared with the wall clock; an expiry computed from time.Now
 	// (expires_in) is compared on the monotonic clock.
 	wallExpiry bool
-	stale      atomic.Bool // replaced by a newer token, or purged
+	// sharedAcross: served to a binding of another merchant than its
+	// own (same source, organisation and scopes): Drop keeps it.
+	sharedAcross atomic.Bool
+	stale        atomic.Bool // replaced by a newer token, or purged
 	// refreshing: a refresh-ahead of this entry is in flight.
 	refreshing atomic.Bool
 	meta       *tokenMeta // Token.Type and Token.Scopes, shared
@@ -315,7 +318,7 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	// fresh zero Entry, not shared yet, filled field by field.
 	sl := &entrySlabs[lifetimeClass(tok.Lifetime())]
 	e := sl.entries.New()
-	e.header, e.valueEnd = sl.headers.Concat(bearerPrefix, value, tok.ID, string(fp[:])), int32(len(bearerPrefix)+len(value))
+	e.header, e.valueEnd = sl.headers.Concat(bearerPrefix, value, tok.ID, string(fp[:])), uint16(len(bearerPrefix)+len(value))
 	e.fingerprint = e.header[len(e.header)-fingerprintLen:]
 	e.adopted, e.meta = origin == OriginShared, metaFor(tok.Type, tok.Scopes, b.Scopes)
 	e.wallExpiry = wallOnly(tok.Expiry)
@@ -402,6 +405,20 @@ func sameSlice(a, b []string) bool {
 // bearerPrefix starts the Authorization header value of a cached token.
 const bearerPrefix = "Bearer "
 
+// Entry.valueEnd holds the end of the longest token (checked by every
+// path to newEntry: ValidTokenValue): this constant does not compile
+// otherwise.
+const _ = uint16(len(bearerPrefix) + maxTokenLen)
+
+// servedTo notes that e is being served to b: when b is another
+// merchant's binding than the one e was fetched for, e is shared across
+// merchants and Drop keeps it.
+func (e *Entry) servedTo(b *Binding) {
+	if e.binding != nil && b != e.binding && b.Merchant != e.binding.Merchant && !e.sharedAcross.Load() {
+		e.sharedAcross.Store(true)
+	}
+}
+
 // refreshAt is when tok enters its refresh window.
 func (br *Broker) refreshAt(tok Token) time.Time {
 	if br.opts.RefreshWindow <= 0 {
@@ -445,24 +462,27 @@ func (br *Broker) Purge(b *Binding, rejected Secret) bool {
 }
 
 // Drop forgets the token cached under the binding's key in this process,
-// if it is the one the binding was last served: neither revoked nor
-// purged from the shared tier (it is still valid there, for other nodes).
-// For a binding that goes away while its token is still valid (an evicted
-// wildcard merchant's), so that the tokens kept follow the bindings kept;
-// a lookup afterwards fetches again. It reports whether a token was
-// dropped.
+// unless it is another merchant's or has been served to another merchant
+// too (the same source, organisation and scopes: an explicit merchant and
+// a wildcard id naming its organisation, a wildcard entry with one
+// organisation for every id): neither revoked nor purged from the shared
+// tier (it is still valid there, for other nodes). For a binding that goes
+// away while its token is still valid (an evicted wildcard merchant's), so
+// that the tokens kept follow the merchants kept; a lookup afterwards
+// fetches again. It reports whether a token was dropped. A merchant served
+// the token while it is being dropped fetches again once.
 func (br *Broker) Drop(b *Binding) bool {
-	cur := b.current.Load()
-	if cur == nil {
-		return false
-	}
 	br.mu.Lock()
 	defer br.mu.Unlock()
 	v, ok := br.cache.Get(b.key)
-	if !ok || v.(*Entry) != cur {
+	if !ok {
 		return false
 	}
-	cur.stale.Store(true)
+	e := v.(*Entry)
+	if e.sharedAcross.Load() || e.binding == nil || e.binding.Merchant != b.Merchant {
+		return false
+	}
+	e.stale.Store(true)
 	br.cache.Delete(b.key)
 	return true
 }

@@ -105,6 +105,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry) (*Entry,
 	if v, ok := br.cache.Get(b.key); ok {
 		e := v.(*Entry)
 		if e.validAt(now, br.opts.Leeway) && (cur == nil || (e != cur && e.stamp(now) < e.refreshAt)) {
+			e.servedTo(b)
 			b.current.Store(e)
 			return e, nil
 		}

@@ -35,6 +35,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 		e = nil
 		if v, ok := br.cache.Get(b.key); ok {
 			e = v.(*Entry)
+			e.servedTo(b)
 			b.current.Store(e)
 		}
 	}
@@ -71,6 +72,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 			r := Miss
 			switch {
 			case !started:
+				e.servedTo(b)
 				r = Shared
 			case e.adopted:
 				r = Adopted

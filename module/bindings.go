@@ -54,7 +54,12 @@ type bindingTable struct {
 	scans       int // eviction scans, for tests
 	// parked are the evicted wildcard bindings whose token is still
 	// cached, oldest first, at most max_active (under mu): see park.
-	parked []*binding
+	// lastParked is the number of each parked merchant's latest parking
+	// (parkings counts them): a merchant evicted, back and evicted again
+	// is dropped only when its latest parking leaves.
+	parked     []parking
+	lastParked map[string]uint64
+	parkings   uint64
 	// provs (under mu) are the providers' names and types, shared by
 	// their bindings (provider).
 	provs map[string]*bindingProvider
@@ -263,15 +268,30 @@ func (t *bindingTable) evictIdle(now int64, br *broker.Broker, coming string) in
 // 1 000 000 ids an hour with one-hour tokens are a million tokens,
 // whatever max_active says. Called with t.mu held.
 func (t *bindingTable) park(b *binding, br *broker.Broker, coming string) {
-	t.parked = append(t.parked, b)
+	if t.lastParked == nil {
+		t.lastParked = map[string]uint64{}
+	}
+	t.parkings++
+	t.parked = append(t.parked, parking{b, t.parkings})
+	t.lastParked[b.Merchant] = t.parkings
 	for len(t.parked) > t.reg.Wildcard.MaxActive {
 		old := t.parked[0]
-		t.parked[0] = nil
+		t.parked[0] = parking{}
 		t.parked = t.parked[1:]
-		if br != nil && old.Merchant != coming && t.load(old.Merchant) == nil {
-			br.Drop(&old.Binding)
+		if t.lastParked[old.b.Merchant] != old.n {
+			continue // parked again since: its latest parking decides
+		}
+		delete(t.lastParked, old.b.Merchant)
+		if br != nil && old.b.Merchant != coming && t.load(old.b.Merchant) == nil {
+			br.Drop(&old.b.Binding)
 		}
 	}
+}
+
+// parking is a parked binding and the number of its parking.
+type parking struct {
+	b *binding
+	n uint64
 }
 
 // newPacked returns the binding of an explicit registry merchant, which

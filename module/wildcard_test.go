@@ -31,9 +31,16 @@ type wildcardEnv struct {
 
 func newWildcardEnv(t *testing.T, wildcard string) *wildcardEnv {
 	t.Helper()
+	return newWildcardEnvOrg(t, "{merchant}", wildcard)
+}
+
+// newWildcardEnvOrg is newWildcardEnv with the wildcard entry's
+// organisation template org.
+func newWildcardEnvOrg(t *testing.T, org, wildcard string) *wildcardEnv {
+	t.Helper()
 	env := &wildcardEnv{clk: &clock{now: time.Unix(1_700_000_000, 0)}}
 	env.sb = sandbox.New(sandbox.Config{APIKeys: []string{"partner-key"}, Organisations: []sandbox.Organisation{
-		{ID: "org-acme", Name: "Acme"}, {ID: "ORG1", Name: "One"}, {ID: "ORG2", Name: "Two"}, {ID: "ORG3", Name: "Three"}}})
+		{ID: "org-acme", Name: "Acme"}, {ID: "ORG1", Name: "One"}, {ID: "ORG2", Name: "Two"}, {ID: "ORG3", Name: "Three"}, {ID: "ORG4", Name: "Four"}}})
 	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if env.listDown.Load() && strings.HasSuffix(r.URL.Path, "/organisations") {
 			http.Error(w, `{"code":"unavailable"}`, http.StatusServiceUnavailable)
@@ -55,10 +62,10 @@ scopes = ["openbanking_pisp"]
 
 [merchants."*"]
 provider = "nuapay"
-organisation = "{merchant}"
+organisation = %q
 scopes = ["openbanking_pisp"]
 %s
-`, ts.URL, wildcard)
+`, ts.URL, org, wildcard)
 	reg, err := config.Parse("w.toml", []byte(toml), func(string) (string, bool) { return "partner-key", true })
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +149,7 @@ func TestWildcardListing(t *testing.T) {
 		t.Fatalf("outage before any list: %d, want 503", status)
 	}
 	env.listDown.Store(false)
-	if n, err := env.listing.Refresh(ctx); err != nil || n != 4 {
+	if n, err := env.listing.Refresh(ctx); err != nil || n != 5 {
 		t.Fatalf("refresh: %d %v", n, err)
 	}
 	before := env.sb.TokenRequests()
@@ -254,6 +261,43 @@ func TestWildcardParkedTokensBounded(t *testing.T) {
 	}
 	if got, max := cached(), 2; got > max {
 		t.Errorf("%d tokens cached, want at most %d (twice max_active)", got, max)
+	}
+}
+
+// TestWildcardParkingKeepsSharedTokens: a parked merchant's token is not
+// dropped while another merchant uses it too (an explicit merchant and a
+// wildcard id naming its organisation; a wildcard entry with one
+// organisation for every id), nor while the merchant was parked again
+// since: no extra token request in either case.
+func TestWildcardParkingKeepsSharedTokens(t *testing.T) {
+	for _, tt := range []struct {
+		name, org, wildcard string
+		steps               []string // merchant ids; "+2m" moves the clock
+		want                int64    // token requests over the steps
+	}{
+		{"explicit merchant shares the key", "{merchant}", "max_active = 1\nidle_timeout = \"1m\"",
+			[]string{"acme", "org-acme", "+2m", "ORG1", "+2m", "ORG2", "acme"}, 3},
+		{"one organisation for every id", "org-acme", "max_active = 1\nidle_timeout = \"1m\"",
+			[]string{"a1", "+2m", "a2", "+2m", "a3", "+2m", "a4", "+2m", "a5"}, 1},
+		{"evicted, back, evicted again", "{merchant}", "max_active = 2\nidle_timeout = \"1m\"",
+			[]string{"ORG1", "ORG2", "+2m", "ORG3", "ORG1", "+2m", "ORG4", "+2m", "ORG1"}, 4},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			env := newWildcardEnvOrg(t, tt.org, tt.wildcard)
+			before := env.sb.TokenRequests()
+			for _, step := range tt.steps {
+				if step == "+2m" {
+					env.clk.Add(2 * time.Minute)
+					continue
+				}
+				if status, _ := env.get(t, step); status != 200 {
+					t.Fatalf("%s: %d", step, status)
+				}
+			}
+			if n := env.sb.TokenRequests() - before; n != tt.want {
+				t.Errorf("%d token requests, want %d", n, tt.want)
+			}
+		})
 	}
 }
 
