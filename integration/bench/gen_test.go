@@ -265,7 +265,7 @@ func TestWildcardText(t *testing.T) {
 	}{
 		{"no readings", nil, []string{"| 1 000 000 in 120.00 s | 10 000 |"}},
 		{"readings", []wildcardSample{{At: 20 * time.Second, RSS: 90 << 20, Tokens: 25_000}, {At: 40 * time.Second, RSS: 91 << 20, Tokens: 50_000}},
-			[]string{"20.00 s: 25 000 ids, 90 MiB; 40.00 s: 50 000 ids, 91 MiB."}},
+			[]string{"20.00 s: 25 000 token requests, 90 MiB; 40.00 s: 50 000 token requests, 91 MiB."}},
 	} {
 		r := wildcardResult{Distinct: 1_000_000, Active: 10_000, Duration: 120 * time.Second, Samples: tt.samples}
 		out := r.text()

@@ -160,12 +160,12 @@ func (r wildcardResult) text() string {
 	fmt.Fprintf(&b, "\nEach token request is a distinct id reached (ids slide by one every %d requests, a window of max_active/4); "+
 		"idle_timeout %s; the run reaches the target only at a mint rate of %.0f/s.\n", wildcardStride, wildcardIdle, float64(r.Distinct)/r.Duration.Seconds())
 	if len(r.Samples) > 0 {
-		b.WriteString("\nRSS of the sidecar during its run (time: ids reached so far, RSS): ")
+		b.WriteString("\nRSS of the sidecar during its run (time: token requests so far, one per new id, RSS): ")
 		for i, s := range r.Samples {
 			if i > 0 {
 				b.WriteString("; ")
 			}
-			fmt.Fprintf(&b, "%s: %s ids, %s", secs(s.At), thousands(int(s.Tokens)), mib(s.RSS))
+			fmt.Fprintf(&b, "%s: %s token requests, %s", secs(s.At), thousands(int(s.Tokens)), mib(s.RSS))
 		}
 		b.WriteString(".\n")
 	}
