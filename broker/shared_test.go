@@ -183,3 +183,55 @@ func TestRejectedTokenNotAdoptedBack(t *testing.T) {
 		t.Fatalf("token API calls = %d, want 2 (the first token and its replacement)", src.calls.Load())
 	}
 }
+
+// TestDrop: Drop forgets a token in this broker's memory only (the
+// shared tier keeps it: the next lookup adopts it, no mint), and keeps a
+// token that was served to another merchant's binding with the same key
+// or that is another merchant's.
+func TestDrop(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		served   []string // merchants served the key's token, in order; the first fetches it
+		drop     string   // the merchant whose binding is dropped
+		dropped  bool
+		wantMint int // mints of the shared tier after the drop and one more lookup
+	}{
+		{"own token", []string{"m1"}, "m1", true, 0},
+		{"served to another merchant", []string{"m1", "m2"}, "m1", false, 0},
+		{"another merchant's", []string{"m1", "m2"}, "m2", false, 0},
+		{"nothing cached", nil, "m1", false, 1},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			shared := newMemShared()
+			br := New(Options{Now: clock.Now, Shared: shared})
+			defer br.Close()
+			src := &countingSource{clock: clock, life: time.Hour}
+			p := NewProfile("s", src, []string{"a"}, "", 0)
+			bindings := map[string]*Binding{"m1": NewBindingFor(p, "m1", "o"), "m2": NewBindingFor(p, "m2", "o")}
+			ctx := context.Background()
+			for _, m := range tt.served {
+				if _, _, err := br.Get(ctx, bindings[m]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			mints := shared.mints
+			if got := br.Drop(bindings[tt.drop]); got != tt.dropped {
+				t.Fatalf("Drop = %t, want %t", got, tt.dropped)
+			}
+			want := len(tt.served) > 0 && !tt.dropped
+			if _, cached := br.cache.Get(bindings[tt.drop].Key()); cached != want {
+				t.Errorf("token cached after Drop: %t, want %t", cached, want)
+			}
+			if _, _, err := br.Get(ctx, bindings[tt.drop]); err != nil {
+				t.Fatal(err)
+			}
+			if n := shared.mints - mints; n != tt.wantMint {
+				t.Errorf("%d mints after the drop, want %d (a dropped token is adopted from the shared tier)", n, tt.wantMint)
+			}
+			if tt.dropped && shared.adopted == 0 {
+				t.Error("the dropped token was not adopted from the shared tier: Drop must not purge it there")
+			}
+		})
+	}
+}
