@@ -394,9 +394,7 @@ func TestEntryTimesCompareAsTheTokens(t *testing.T) {
 // warm merchants every 10 bytes are 1 MB of live heap and about 2 MB of
 // RSS (the GC goal is twice the live heap: issue 9).
 func TestEntrySize(t *testing.T) {
-	if unsafe.Sizeof(uintptr(0)) != 8 {
-		t.Skip("sizes are for 64-bit platforms")
-	}
+	// An upper bound: on a 32-bit platform the Entry is smaller.
 	if got := unsafe.Sizeof(Entry{}); got > 104 {
 		t.Errorf("Entry is %d bytes, want at most 104", got)
 	}

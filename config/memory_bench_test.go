@@ -84,9 +84,7 @@ func BenchmarkRegistryLoad(b *testing.B) {
 // Measured: 110 bytes (166 when every Merchant held its own Terms' 56
 // bytes).
 func TestRegistryHeapPerMerchant(t *testing.T) {
-	if unsafe.Sizeof(uintptr(0)) != 8 {
-		t.Skip("sizes are for 64-bit platforms")
-	}
+	// Upper bounds: on a 32-bit platform every figure is smaller.
 	if got := unsafe.Sizeof(Merchant{}); got > 48 {
 		t.Errorf("Merchant is %d bytes, want at most 48", got)
 	}

@@ -99,6 +99,16 @@ func warmMerchants(tb testing.TB, h *Handler, ids []string) {
 	}
 }
 
+// routeScopeCases are a route without scopes of its own (the merchants'
+// are asked for) and a route with scopes of its own.
+var routeScopeCases = []struct {
+	name   string
+	scopes []string // the route's
+}{
+	{"merchant scopes", nil},
+	{"route scopes", []string{"openbanking_aisp", "accounts"}},
+}
+
 // TestWarmMerchantHeap guards the heap cost of a warm merchant (its
 // binding and its cached token), which every GC cycle marks: at 100 000
 // warm merchants the GC's mark work, per object, was most of the CPU per
@@ -119,13 +129,7 @@ func warmMerchants(tb testing.TB, h *Handler, ids []string) {
 // bytes.
 func TestWarmMerchantHeap(t *testing.T) {
 	const n = 10_000
-	for _, tt := range []struct {
-		name   string
-		scopes []string // the route's
-	}{
-		{"merchant scopes", nil},
-		{"route scopes", []string{"openbanking_aisp", "accounts"}},
-	} {
+	for _, tt := range routeScopeCases {
 		t.Run(tt.name, func(t *testing.T) {
 			h, ids, reg := warmRegistryHandler(t, n, tt.scopes)
 			objects0, bytes0 := liveHeap()
@@ -228,13 +232,7 @@ func TestBindingSize(t *testing.T) {
 	if size := unsafe.Sizeof(binding{}); size > 96 {
 		t.Errorf("binding is %d bytes, want at most 96", size)
 	}
-	for _, tt := range []struct {
-		name   string
-		scopes []string // the route's
-	}{
-		{"merchant scopes", nil},
-		{"route scopes", []string{"openbanking_aisp", "accounts"}},
-	} {
+	for _, tt := range routeScopeCases {
 		t.Run(tt.name, func(t *testing.T) {
 			h, ids, reg := warmRegistryHandler(t, 3, tt.scopes)
 			warmMerchants(t, h, ids[1:])
