@@ -253,27 +253,30 @@ func (t *bindingTable) evictIdle(now int64, br *broker.Broker, coming string) in
 	if oldest >= 0 {
 		t.noIdleUntil = oldest + idle + 1
 	}
-	for _, b := range evicted {
-		t.park(b, br, coming)
-	}
+	t.park(evicted, br, coming)
 	return n
 }
 
 // park keeps an evicted wildcard binding's token cached while it is one
-// of the last max_active evicted; the token of the binding that so leaves
+// of the last max_active evicted; the token of a binding that so leaves
 // the parked set is dropped from the broker's cache (broker.Drop: this
 // process only, not revoked), unless its merchant is in the table again
 // or coming back (the merchant being added). Without it the cache would
 // hold a token for every merchant id seen within a token's lifetime:
 // 1 000 000 ids an hour with one-hour tokens are a million tokens,
-// whatever max_active says. Called with t.mu held.
-func (t *bindingTable) park(b *binding, br *broker.Broker, coming string) {
+// whatever max_active says. The whole batch is parked before any is
+// dropped, so that a merchant parked earlier and again in this batch is
+// judged by this parking (the order of a batch is the map's, random).
+// Called with t.mu held.
+func (t *bindingTable) park(evicted []*binding, br *broker.Broker, coming string) {
 	if t.lastParked == nil {
 		t.lastParked = map[string]uint64{}
 	}
-	t.parkings++
-	t.parked = append(t.parked, parking{b, t.parkings})
-	t.lastParked[b.Merchant] = t.parkings
+	for _, b := range evicted {
+		t.parkings++
+		t.parked = append(t.parked, parking{b, t.parkings})
+		t.lastParked[b.Merchant] = t.parkings
+	}
 	for len(t.parked) > t.reg.Wildcard.MaxActive {
 		old := t.parked[0]
 		t.parked[0] = parking{}

@@ -329,3 +329,53 @@ func TestWildcardFullTableScansOnce(t *testing.T) {
 		t.Fatalf("scans %d, ORG1 evicted %t: want 2 scans and ORG1 evicted", env.h.bindings.scans, env.h.bindings.peek("ORG1") == nil)
 	}
 }
+
+// TestWildcardParkBatchOrder: a merchant parked, back, and parked again
+// in one eviction batch keeps its token whatever the batch's order (the
+// table's map order, random): the whole batch is parked before any token
+// is dropped. The earlier parking order and the batch are set by hand so
+// that each order is tested every run.
+func TestWildcardParkBatchOrder(t *testing.T) {
+	for _, order := range [][]string{{"ORG3", "ORG1"}, {"ORG1", "ORG3"}} {
+		t.Run(strings.Join(order, ","), func(t *testing.T) {
+			env := newWildcardEnv(t, "max_active = 2\nidle_timeout = \"1m\"")
+			tbl := env.h.bindings
+			get := func(m string) {
+				t.Helper()
+				if status, org := env.get(t, m); status != 200 || org != m {
+					t.Fatalf("%s: %d %q", m, status, org)
+				}
+			}
+			get("ORG1")
+			get("ORG2")
+			first := []*binding{tbl.load("ORG1"), tbl.load("ORG2")}
+			env.clk.Add(2 * time.Minute)
+			get("ORG3") // evicts and parks ORG1 and ORG2, in the map's order
+			tbl.mu.Lock()
+			tbl.parked, tbl.lastParked, tbl.parkings = nil, nil, 0
+			tbl.park(first, nil, "") // ORG1 first: the next parking pushes it out
+			tbl.mu.Unlock()
+			get("ORG1") // back: its parked token, no token request
+			env.clk.Add(2 * time.Minute)
+			// The eviction ORG4's arrival would make, in the chosen order.
+			tbl.mu.Lock()
+			var batch []*binding
+			for _, m := range order {
+				b := tbl.load(m)
+				s := tbl.shard(m)
+				s.mu.Lock()
+				delete(s.m, m)
+				s.mu.Unlock()
+				tbl.active.Add(-1)
+				batch = append(batch, b)
+			}
+			tbl.park(batch, env.h.broker, "ORG4")
+			tbl.mu.Unlock()
+			before := env.sb.TokenRequests()
+			get("ORG1")
+			if n := env.sb.TokenRequests() - before; n != 0 {
+				t.Errorf("ORG1 back after its second parking: %d token requests, want 0 (its token was dropped)", n)
+			}
+		})
+	}
+}
