@@ -63,6 +63,12 @@ type bindingTable struct {
 	// provs (under mu) are the providers' names and types, shared by
 	// their bindings (provider).
 	provs map[string]*bindingProvider
+	// held (under mu) is set, with the merchant label on, once a wildcard
+	// binding holds its merchant's series (tokenMetrics.holdMerchant):
+	// they are released when it is evicted (evictIdle) or its config is
+	// discarded (discard), which also stops holding new ones (discarded).
+	held      *tokenMetrics
+	discarded bool
 
 	// packed holds the bindings of explicit registry merchants
 	// (newPacked), 128 of 96 bytes a chunk: the table's own, so
@@ -212,7 +218,11 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 	} else {
 		b = t.newPacked(bd, prov)
 	}
-	b.Observer = h.observerFor(b)
+	hold := wild && !t.discarded && h.metrics != nil && h.metrics.tokenMetrics != nil && h.metrics.merchantLabel
+	b.Observer = h.observerFor(b, hold)
+	if hold {
+		t.held = h.metrics.tokenMetrics
+	}
 	t.store(b)
 	if wild {
 		t.active.Add(1)
@@ -252,6 +262,11 @@ func (t *bindingTable) evictIdle(now int64, br *broker.Broker, coming string) in
 	t.noIdleUntil = 0
 	if oldest >= 0 {
 		t.noIdleUntil = oldest + idle + 1
+	}
+	if t.held != nil {
+		for _, b := range evicted {
+			t.held.releaseMerchant(b.prov.name, b.Merchant)
+		}
 	}
 	t.park(evicted, br, coming)
 	return n
@@ -330,6 +345,26 @@ func (t *bindingTable) provider(name string) *bindingProvider {
 // the table's config is being discarded.
 func (t *bindingTable) unpin() {
 	t.each(func(_ string, b *binding) { b.Unpin() })
+}
+
+// discard releases the metrics series its wildcard bindings hold (see
+// held): its config is being discarded. Once for a table shared by
+// several handlers; bindings made after it hold none.
+func (t *bindingTable) discard() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.discarded {
+		return
+	}
+	t.discarded = true
+	if t.held == nil {
+		return
+	}
+	t.each(func(_ string, b *binding) {
+		if b.wild() {
+			t.held.releaseMerchant(b.prov.name, b.Merchant)
+		}
+	})
 }
 
 // tables are the binding tables of a config, by registry and scope set.

@@ -308,13 +308,16 @@ func checkRouteScopes(reg *config.Registry, scopes []string) error {
 	return nil
 }
 
-// Cleanup releases the handler's own organisation listing, if any, and
+// Cleanup releases the handler's own organisation listing, if any,
 // unpins the cached tokens of its bindings (the config is being
 // discarded): a binding's last served token would otherwise keep its
-// chunk of entries, and through it this config, alive (bindingTable.unpin).
+// chunk of entries, and through it this config, alive (bindingTable.unpin),
+// and releases the metrics series of its wildcard merchants
+// (bindingTable.discard).
 func (h *Handler) Cleanup() error {
 	if h.bindings != nil {
 		h.bindings.unpin()
+		h.bindings.discard()
 	}
 	if h.listingKey != "" {
 		_, err := listings.Delete(h.listingKey)

@@ -53,6 +53,64 @@ type tokenMetrics struct {
 	sourcesHeld   *prometheus.GaugeVec
 	breaker       *prometheus.GaugeVec
 	backingOff    *prometheus.GaugeVec
+
+	// wild counts, with the merchant label on, the wildcard bindings of
+	// every table of every config in the process that hold a merchant's
+	// series (holdMerchant): the last one evicted or discarded deletes
+	// them (releaseMerchant), so that the series follow the wildcard's
+	// active set, not every merchant id seen since start. Explicit
+	// merchants' series are bounded by the registry and kept.
+	wildMu sync.Mutex
+	wild   map[wildSeries]int
+}
+
+// wildSeries names the series of a wildcard merchant: its provider and id.
+type wildSeries struct{ provider, merchant string }
+
+// fetchOutcomes are the values of token_requests_total's outcome label
+// (fetchOutcome): a wildcard merchant's series are deleted by name.
+var fetchOutcomes = [...]string{"ok", "client_gone", "consent_required", "token_api_down", "token_timeout",
+	"token_refused", "token_rate_limited", "token_bad_response", "token_unavailable"}
+
+// holdMerchant resolves the lookup counters of a new wildcard binding of
+// merchant (merchant label on) and counts it among the holders of the
+// merchant's series, under the lock that releaseMerchant deletes them
+// under: counters resolved here are never deleted while a binding holds
+// them.
+func (m *tokenMetrics) holdMerchant(provider, merchant string) *lookupCounters {
+	m.wildMu.Lock()
+	defer m.wildMu.Unlock()
+	if m.wild == nil {
+		m.wild = map[wildSeries]int{}
+	}
+	m.wild[wildSeries{provider, merchant}]++
+	return m.lookupCounters(provider, merchant)
+}
+
+// releaseMerchant is the end of a wildcard binding that holdMerchant
+// counted (evicted, or its config discarded): the last one deletes the
+// merchant's series of that provider. A request still using the binding
+// may count once more into a deleted counter, or make a token_requests
+// series anew: a series, not a leak per merchant id.
+func (m *tokenMetrics) releaseMerchant(provider, merchant string) {
+	m.wildMu.Lock()
+	defer m.wildMu.Unlock()
+	k := wildSeries{provider, merchant}
+	if n := m.wild[k]; n > 1 {
+		m.wild[k] = n - 1
+		return
+	} else if n == 0 {
+		return
+	}
+	delete(m.wild, k)
+	for r := range len(lookupCounters{}) {
+		m.lookups.DeleteLabelValues(provider, broker.Result(r).String(), merchant)
+	}
+	for _, o := range fetchOutcomes {
+		m.tokenRequests.DeleteLabelValues(provider, o, merchant)
+	}
+	m.purges.DeleteLabelValues(provider, merchant)
+	m.purgesHeld.DeleteLabelValues(provider, merchant)
 }
 
 // metricsPool holds one tokenMetrics per label set.
@@ -251,7 +309,7 @@ func (h *Handler) instrument(m *tokenMetrics) {
 				}
 				h.metrics.providers[b.SourceID] = b.prov.name
 			}
-			b.Observer = h.observerFor(b)
+			b.Observer = h.observerFor(b, false)
 		})
 	}
 }
@@ -306,15 +364,20 @@ func (h *Handler) SourceBackingOff(sourceID string, on bool) {
 	}
 }
 
-// observerFor returns the observer of a new binding: the handler, with
-// the binding's lookup counters. Without the merchant label, the bindings
-// of one provider share one observer (no heap object per binding).
-func (h *Handler) observerFor(b *binding) broker.Observer {
+// observerFor returns the observer of a binding: the handler, with the
+// binding's lookup counters. Without the merchant label, the bindings of
+// one provider share one observer (no heap object per binding). With it,
+// a new wildcard binding (hold) is counted among its merchant's holders
+// (tokenMetrics.holdMerchant); the table releases it.
+func (h *Handler) observerFor(b *binding, hold bool) broker.Observer {
 	m := h.metrics
 	if m == nil || m.tokenMetrics == nil {
 		return h
 	}
 	if m.merchantLabel {
+		if hold {
+			return &observer{Handler: h, lookups: m.holdMerchant(b.prov.name, b.Merchant)}
+		}
 		return &observer{Handler: h, lookups: m.lookupCounters(b.prov.name, b.Merchant)}
 	}
 	m.mu.Lock()
