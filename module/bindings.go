@@ -263,7 +263,9 @@ func (t *bindingTable) evictIdle(now int64, br *broker.Broker, coming string) in
 	if oldest >= 0 {
 		t.noIdleUntil = oldest + idle + 1
 	}
-	if t.held != nil {
+	// After discard, every binding held was released by it, and those
+	// made since hold nothing: an eviction then releases nothing.
+	if t.held != nil && !t.discarded {
 		for _, b := range evicted {
 			t.held.releaseMerchant(b.prov.name, b.Merchant)
 		}

@@ -212,9 +212,16 @@ const discardedChildEnv = "TOKEN_BROKER_TEST_ALONE"
 
 // runAlone runs the test named name in a new process of the test binary,
 // with env set, and fails t with its output if it fails or did not run.
+// The child is killed if t ends first, and gets what is left of t's
+// deadline as its -test.timeout. Its coverage is not counted.
 func runAlone(t *testing.T, name, env string) {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^"+name+"$", "-test.count=1", "-test.v")
+	args := []string{"-test.run=^" + name + "$", "-test.count=1", "-test.v"}
+	if deadline, ok := t.Deadline(); ok {
+		// The child stops before this test's own deadline, and with it.
+		args = append(args, "-test.timeout="+time.Until(deadline).Truncate(time.Second).String())
+	}
+	cmd := exec.CommandContext(t.Context(), os.Args[0], args...)
 	cmd.Env = append(os.Environ(), env+"=1")
 	out, err := cmd.CombinedOutput()
 	if err != nil {

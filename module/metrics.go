@@ -19,7 +19,7 @@ import (
 //
 // Series | Labels | What
 // -------|--------|-----
-// `caddy_token_broker_token_requests_total` | provider, outcome | calls to a token API: outcome ok, or the error code a request would get (token_refused, token_unavailable, token_timeout, token_rate_limited, token_bad_response, client_gone)
+// `caddy_token_broker_token_requests_total` | provider, outcome | calls to a token API: outcome ok, or the error code a request would get (fetchOutcomes: token_refused, token_unavailable, token_timeout, token_rate_limited, token_bad_response, token_api_down, consent_required, client_gone)
 // `caddy_token_broker_token_request_duration_seconds` | provider | histogram of token API call latency
 // `caddy_token_broker_cache_lookups_total` | provider, result | tokens handed out: hit, refresh (a hit that started the background refresh), miss (waited on a fetch it started), shared (waited on a fetch another request started: the single-flight waiters), adopted (a fetch it started took the token from the shared tier)
 // `caddy_token_broker_token_purges_total` | provider | cached tokens dropped after the upstream rejected them (401)
@@ -33,7 +33,9 @@ import (
 // for every provider from provisioning, not only after a first change.
 // With MerchantLabel, token_requests_total, cache_lookups_total,
 // token_purges_total and token_purges_suppressed_total also carry a
-// merchant label.
+// merchant label; a wildcard merchant's series are deleted when its last
+// binding is evicted or discarded with its config, an explicit merchant's
+// kept (tokenMetrics.holdMerchant).
 type MetricsConfig struct {
 	// MerchantLabel adds a merchant label to the per-request series. Off by
 	// default: with many merchants it multiplies the number of series.
@@ -58,17 +60,24 @@ type tokenMetrics struct {
 	// every table of every config in the process that hold a merchant's
 	// series (holdMerchant): the last one evicted or discarded deletes
 	// them (releaseMerchant), so that the series follow the wildcard's
-	// active set, not every merchant id seen since start. Explicit
-	// merchants' series are bounded by the registry and kept.
-	wildMu sync.Mutex
-	wild   map[wildSeries]int
+	// active set, not every merchant id seen since start. explicit are
+	// the merchants an explicit binding resolved series for, in any
+	// config since start (bounded by the registries): their series are
+	// never deleted, as such a binding keeps counting into them.
+	wildMu   sync.Mutex
+	wild     map[wildSeries]int
+	explicit map[wildSeries]struct{}
 }
 
 // wildSeries names the series of a wildcard merchant: its provider and id.
 type wildSeries struct{ provider, merchant string }
 
 // fetchOutcomes are the values of token_requests_total's outcome label
-// (fetchOutcome): a wildcard merchant's series are deleted by name.
+// (fetchOutcome: "ok" and the codes classify returns), by which a
+// wildcard merchant's series are deleted (releaseMerchant): by name, as
+// DeletePartialMatch would walk every series at each eviction.
+// TestFetchOutcomesCoverClassify reads classify's source to keep the two
+// in step.
 var fetchOutcomes = [...]string{"ok", "client_gone", "consent_required", "token_api_down", "token_timeout",
 	"token_refused", "token_rate_limited", "token_bad_response", "token_unavailable"}
 
@@ -87,11 +96,28 @@ func (m *tokenMetrics) holdMerchant(provider, merchant string) *lookupCounters {
 	return m.lookupCounters(provider, merchant)
 }
 
+// explicitMerchant resolves the lookup counters of an explicit
+// merchant's binding (merchant label on) and keeps its series from
+// deletion: the merchant may have been served through a wildcard in
+// another config, whose release must not delete the counters this
+// binding counts into.
+func (m *tokenMetrics) explicitMerchant(provider, merchant string) *lookupCounters {
+	m.wildMu.Lock()
+	defer m.wildMu.Unlock()
+	if m.explicit == nil {
+		m.explicit = map[wildSeries]struct{}{}
+	}
+	m.explicit[wildSeries{provider, merchant}] = struct{}{}
+	return m.lookupCounters(provider, merchant)
+}
+
 // releaseMerchant is the end of a wildcard binding that holdMerchant
 // counted (evicted, or its config discarded): the last one deletes the
-// merchant's series of that provider. A request still using the binding
-// may count once more into a deleted counter, or make a token_requests
-// series anew: a series, not a leak per merchant id.
+// merchant's series of that provider, unless an explicit binding uses
+// them (explicitMerchant). Not covered: a request still using the
+// evicted binding may count once more into a deleted counter, and a token
+// request or purge it makes after the release creates that series anew,
+// which stays until the merchant is held and released again.
 func (m *tokenMetrics) releaseMerchant(provider, merchant string) {
 	m.wildMu.Lock()
 	defer m.wildMu.Unlock()
@@ -103,6 +129,9 @@ func (m *tokenMetrics) releaseMerchant(provider, merchant string) {
 		return
 	}
 	delete(m.wild, k)
+	if _, ok := m.explicit[k]; ok {
+		return
+	}
 	for r := range len(lookupCounters{}) {
 		m.lookups.DeleteLabelValues(provider, broker.Result(r).String(), merchant)
 	}
@@ -368,15 +397,19 @@ func (h *Handler) SourceBackingOff(sourceID string, on bool) {
 // binding's lookup counters. Without the merchant label, the bindings of
 // one provider share one observer (no heap object per binding). With it,
 // a new wildcard binding (hold) is counted among its merchant's holders
-// (tokenMetrics.holdMerchant); the table releases it.
+// (tokenMetrics.holdMerchant), which the table releases, and an explicit
+// binding's series are kept for good (tokenMetrics.explicitMerchant).
 func (h *Handler) observerFor(b *binding, hold bool) broker.Observer {
 	m := h.metrics
 	if m == nil || m.tokenMetrics == nil {
 		return h
 	}
 	if m.merchantLabel {
-		if hold {
+		switch {
+		case hold:
 			return &observer{Handler: h, lookups: m.holdMerchant(b.prov.name, b.Merchant)}
+		case !b.wild():
+			return &observer{Handler: h, lookups: m.explicitMerchant(b.prov.name, b.Merchant)}
 		}
 		return &observer{Handler: h, lookups: m.lookupCounters(b.prov.name, b.Merchant)}
 	}
