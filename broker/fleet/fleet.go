@@ -62,6 +62,10 @@ const (
 	DefaultBreakerThreshold = 3
 	// DefaultBreakerCooldown is how long an open breaker keeps Redis out.
 	DefaultBreakerCooldown = 5 * time.Second
+	// DefaultLockPoll is how long a node waiting for another's lock trusts
+	// the announcement channel before it looks at the lock and the token
+	// itself.
+	DefaultLockPoll = time.Second
 )
 
 // ErrUnavailable is returned (wrapped) by Purge and the refresh token Store
@@ -91,6 +95,14 @@ type Options struct {
 	// others take over after at most this long. It must be at least the
 	// broker's fetch timeout. Default 35s.
 	LockTTL time.Duration
+	// LockPoll bounds how long a node waiting for another node's lock
+	// waits for the announcement that the token is stored (or the lock
+	// released) before it checks the lock and the token itself, and again
+	// after each such wait. An announcement can be lost: the subscription
+	// reconnects after Redis restarts, or the holder's publish fails; the
+	// waiter then loses at most this, not the lock's TTL (a request's
+	// fetch timeout would end first). Default 1s.
+	LockPoll time.Duration
 	// BreakerThreshold is how many consecutive Redis failures open the
 	// breaker. Default 3.
 	BreakerThreshold int
@@ -165,6 +177,9 @@ func New(opts Options) (*Cache, error) {
 	}
 	if opts.LockTTL <= 0 {
 		opts.LockTTL = DefaultLockTTL
+	}
+	if opts.LockPoll <= 0 {
+		opts.LockPoll = DefaultLockPoll
 	}
 	if opts.BreakerThreshold <= 0 {
 		opts.BreakerThreshold = DefaultBreakerThreshold

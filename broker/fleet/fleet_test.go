@@ -169,11 +169,13 @@ func TestFleetMintsOncePerKey(t *testing.T) {
 }
 
 // The waiter is woken by the holder's announcement: the lock TTL is 10s and
-// nothing polls, so returning well before it proves pub/sub did it.
+// the waiter does not poll before a minute (LockPoll), so returning well
+// before it proves pub/sub did it.
 func TestWaiterWokenByAnnouncement(t *testing.T) {
 	r := startRedis(t)
 	keys := testKeys(t, 1)
-	a, b := newNode(t, r, keys, nil), newNode(t, r, keys, nil)
+	a := newNode(t, r, keys, nil)
+	b := newNode(t, r, keys, func(o *Options) { o.LockPoll = time.Minute })
 	ctx := testCtx(t)
 	holder := &minter{gate: make(chan struct{}), in: make(chan struct{}, 1)}
 	aDone := make(chan error, 1)
@@ -217,6 +219,57 @@ func TestWaiterWokenByAnnouncement(t *testing.T) {
 	}
 	if b.obs.adopted.Load() != 1 {
 		t.Fatalf("adopted = %d; want 1", b.obs.adopted.Load())
+	}
+}
+
+// TestWaiterAdoptsWithoutAnnouncement: the announcement is lost (after a
+// Redis restart the subscription reconnects by itself, later; a publish
+// can fail): a node waiting for another's lock still adopts the token the
+// holder stored, within LockPoll, not at the lock's expiry. The lock here
+// is held for 10 minutes and the test's context ends after 30 s: without
+// the poll the waiter would fail with the context. An integration run
+// under load saw 30 s of token_timeout for every request of a merchant
+// minted concurrently on three nodes just after Redis came back.
+func TestWaiterAdoptsWithoutAnnouncement(t *testing.T) {
+	r := startRedis(t)
+	keys := testKeys(t, 1)
+	holder := newNode(t, r, keys, nil)
+	b := newNode(t, r, keys, func(o *Options) { o.LockPoll = 100 * time.Millisecond })
+	ctx := testCtx(t)
+	lockKey := b.lockKey("tok:" + b.name(testKey))
+	// Another node holds the lock (and never announces anything).
+	if err := r.Client().Set(ctx, lockKey, "other-node", 10*time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		tok     broker.Token
+		adopted bool
+		err     error
+	}
+	var waiter minter
+	done := make(chan result, 1)
+	go func() {
+		tok, adopted, err := b.Fetch(ctx, testKey, usable, waiter.mint)
+		done <- result{tok, adopted, err}
+	}()
+	for b.obs.wait.Load() == 0 { // b is waiting for the lock
+		select {
+		case res := <-done:
+			t.Fatalf("b returned without waiting: %+v", res)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	// The holder stores its token without announcing it (write publishes
+	// nothing; fetchLocked's announcement is what is lost).
+	var m minter
+	tok, err := m.mint(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	holder.write(ctx, testKey, tok)
+	res := <-done
+	if res.err != nil || !res.adopted || waiter.n.Load() != 0 || res.tok.Value.Reveal() != tok.Value.Reveal() {
+		t.Fatalf("waiter: adopted=%v err=%v mints=%d; want the stored token adopted without a mint", res.adopted, res.err, waiter.n.Load())
 	}
 }
 

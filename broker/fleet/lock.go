@@ -66,8 +66,10 @@ func (h *held) release() {
 }
 
 // waitLock waits until an announcement about subject arrives, the lock
-// would expire (its holder died), or ctx is done. It returns an error only
-// when ctx is done or Redis fails.
+// would expire (its holder died), Options.LockPoll has passed (an
+// announcement may be lost: the caller then looks at the token and the
+// lock itself), or ctx is done. It returns an error only when ctx is done
+// or Redis fails.
 func (c *Cache) waitLock(ctx context.Context, subject string, wake <-chan struct{}) error {
 	var ttl time.Duration
 	err := c.do(ctx, "pttl", func(ctx context.Context) error {
@@ -84,7 +86,7 @@ func (c *Cache) waitLock(ctx context.Context, subject string, wake <-chan struct
 	case ttl <= 0:
 		ttl = c.opts.LockTTL // no expiry (not ours): wait at most one TTL
 	}
-	t := time.NewTimer(ttl)
+	t := time.NewTimer(min(ttl, c.opts.LockPoll))
 	defer t.Stop()
 	select {
 	case <-wake:
