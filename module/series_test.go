@@ -7,67 +7,108 @@ import (
 	"go/token"
 	"net/http/httptest"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// lookupSeries returns the cache_lookups_total series of merchant in reg
-// (result -> value).
-func lookupSeries(t *testing.T, reg *prometheus.Registry, merchant string) map[string]float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := map[string]float64{}
-	for _, mf := range mfs {
-		if mf.GetName() != "caddy_token_broker_cache_lookups_total" {
-			continue
-		}
-		for _, s := range mf.GetMetric() {
-			var m, r string
-			for _, l := range s.GetLabel() {
-				switch l.GetName() {
-				case "merchant":
-					m = l.GetValue()
-				case "result":
-					r = l.GetValue()
+// TestWildcardMerchantSeriesFollowActiveSet: with the merchant label on,
+// a wildcard merchant's series (cache lookups, token requests) are deleted
+// when its last binding in the process goes, evicted or with its config,
+// so that the series follow the active set, not every id seen. Kept: an
+// explicit merchant's; a merchant's still held by another table (another
+// route's scopes); a merchant's that the next config lists explicitly
+// (review finding); and a discarded table's late eviction releases
+// nothing, so another table's hold stays (review finding).
+//
+// Handlers: h1 (the env's wildcard table, max_active 1), h2 (another
+// route's table on the same registry), h3 (the next config: ORG1
+// explicit). Steps: "hN:ID" a request, "+2m" the clock, "discard hN" its
+// Cleanup.
+func TestWildcardMerchantSeriesFollowActiveSet(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		steps []string
+		want  map[string]bool // merchant -> has series
+		held  int             // wildcard merchants holding series at the end
+	}{
+		{"evicted", []string{"h1:ORG1", "+2m", "h1:ORG2"}, map[string]bool{"ORG1": false, "ORG2": true}, 1},
+		{"explicit kept", []string{"h1:acme", "+2m", "h1:ORG1", "+2m", "h1:ORG2", "discard h1"}, map[string]bool{"acme": true, "ORG1": false, "ORG2": false}, 0},
+		{"config discarded", []string{"h1:ORG1", "discard h1"}, map[string]bool{"ORG1": false}, 0},
+		{"held by another table", []string{"h1:ORG1", "h2:ORG1", "+2m", "h1:ORG2"}, map[string]bool{"ORG1": true, "ORG2": true}, 2},
+		{"released by both tables", []string{"h1:ORG1", "h2:ORG1", "+2m", "h1:ORG2", "discard h2"}, map[string]bool{"ORG1": false, "ORG2": true}, 1},
+		{"back after eviction", []string{"h1:ORG1", "+2m", "h1:ORG2", "+2m", "h1:ORG1"}, map[string]bool{"ORG1": true, "ORG2": false}, 1},
+		{"explicit in the next config", []string{"h1:ORG1", "h3:ORG1", "discard h1", "+2m", "h3:ORG1"}, map[string]bool{"ORG1": true}, 0},
+		{"discarded table evicts late", []string{"h1:ORG1", "h2:ORG1", "discard h1", "+2m", "h1:ORG2", "h2:ORG1"}, map[string]bool{"ORG1": true}, 1},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			env := newWildcardEnv(t, "max_active = 1\nidle_timeout = \"1m\"")
+			m := newTokenMetrics(true)
+			promReg := prometheus.NewRegistry()
+			if err := m.register(promReg); err != nil {
+				t.Fatal(err)
+			}
+			env.h.instrument(m)
+			handlers := map[string]*Handler{
+				"h1": env.h,
+				"h2": env.otherHandler(env.h.bindings.reg, []string{"openbanking_pisp"}, m),
+				"h3": env.otherHandler(explicitORG1(t), nil, m),
+			}
+			for _, step := range tt.steps {
+				switch {
+				case step == "+2m":
+					env.clk.Add(2 * time.Minute)
+				case strings.HasPrefix(step, "discard "):
+					if err := handlers[strings.TrimPrefix(step, "discard ")].Cleanup(); err != nil {
+						t.Fatal(err)
+					}
+				default:
+					name, id, _ := strings.Cut(step, ":")
+					if rec, got, err := serve(t, handlers[name], merchantRequest(id)); err != nil || got == nil {
+						t.Fatalf("%s: %d %v", step, rec.Code, err)
+					}
 				}
 			}
-			if m == merchant {
-				got[r] = s.GetCounter().GetValue()
+			series := merchantSeries(t, promReg)
+			for merchant, has := range tt.want {
+				got := series[merchant]
+				if has && !got["caddy_token_broker_cache_lookups_total"] {
+					t.Errorf("%s: no cache_lookups_total series, want them (got %v)", merchant, got)
+				}
+				if !has && len(got) > 0 {
+					t.Errorf("%s: series %v left, want none", merchant, got)
+				}
 			}
-		}
+			if len(m.wild) != tt.held {
+				t.Errorf("%d wildcard merchants held (%v), want %d", len(m.wild), m.wild, tt.held)
+			}
+		})
 	}
-	return got
 }
 
-// TestWildcardReleaseKeepsExplicitSeries (a review finding): a merchant
-// served through the wildcard in the old config and listed explicitly
-// (same provider name) in the new one keeps its series when the old
-// config is discarded: the new config's explicit binding counts into
-// them ("An explicit merchant's series stay", README).
-func TestWildcardReleaseKeepsExplicitSeries(t *testing.T) {
-	env := newWildcardEnv(t, "max_active = 2\nidle_timeout = \"1m\"")
-	m := newTokenMetrics(true)
-	promReg := prometheus.NewRegistry()
-	if err := m.register(promReg); err != nil {
-		t.Fatal(err)
-	}
-	h1 := env.h // the old config: ORG1 through the wildcard
-	h1.instrument(m)
+// otherHandler is a handler of reg with a table of its own (another
+// route's scopes, or another config) on env's broker and clock, counting
+// into m.
+func (env *wildcardEnv) otherHandler(reg *config.Registry, scopes []string, m *tokenMetrics) *Handler {
+	h := reloadedHandler(env.h.broker, reg, scopes)
+	h.bindings.now = env.clk.Now
+	h.instrument(m)
+	return h
+}
 
-	// The new config: ORG1 onboarded explicitly, same provider name.
+// explicitORG1 is a registry that lists ORG1 explicitly, on a sandbox of
+// its own, under the provider name of newWildcardEnv's.
+func explicitORG1(t *testing.T) *config.Registry {
+	t.Helper()
 	sb := sandbox.New(sandbox.Config{APIKeys: []string{"partner-key"}, Organisations: []sandbox.Organisation{{ID: "ORG1", Name: "One"}}})
 	ts := httptest.NewServer(sb)
 	t.Cleanup(ts.Close)
-	reg2, err := config.Parse("w2.toml", []byte(fmt.Sprintf(`
+	reg, err := config.Parse("next.toml", []byte(fmt.Sprintf(`
 [providers.nuapay]
 type = "nuapay"
 base_url = %q
@@ -81,70 +122,31 @@ scopes = ["openbanking_pisp"]
 	if err != nil {
 		t.Fatal(err)
 	}
-	h2 := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
-	h2.broker = h1.broker
-	h2.bindings = newBindingTable(reg2, nil, nil)
-	h2.bindings.now = env.clk.Now
-	h2.instrument(m)
-
-	for _, step := range []struct {
-		h  *Handler
-		id string
-	}{{h1, "ORG1"}, {h2, "ORG1"}} {
-		if rec, got, err := serve(t, step.h, merchantRequest(step.id)); err != nil || got == nil {
-			t.Fatalf("%s: %d %v", step.id, rec.Code, err)
-		}
-	}
-	if err := h1.Cleanup(); err != nil { // the old config is discarded
-		t.Fatal(err)
-	}
-	env.clk.Add(time.Second)
-	if rec, got, err := serve(t, h2, merchantRequest("ORG1")); err != nil || got == nil {
-		t.Fatalf("ORG1 after reload: %d %v", rec.Code, err)
-	}
-	got := lookupSeries(t, promReg, "ORG1")
-	if len(got) == 0 {
-		t.Fatalf("explicit ORG1 served by the live config has no cache_lookups_total series (deleted by the old config's wildcard release)")
-	}
+	return reg
 }
 
-// TestDiscardedTableEvictionReleasesNothing (a review finding): after
-// Cleanup (discard released every wildcard binding of the table), a
-// request still going through the old handler evicts; that eviction must
-// not release the evicted binding again, which would take away the hold
-// of the live config's binding of the same merchant and delete its series
-// while it counts.
-func TestDiscardedTableEvictionReleasesNothing(t *testing.T) {
-	env := newWildcardEnv(t, "max_active = 1\nidle_timeout = \"1m\"")
-	m := newTokenMetrics(true)
-	promReg := prometheus.NewRegistry()
-	if err := m.register(promReg); err != nil {
+// merchantSeries returns, for each value of the merchant label in reg,
+// the names of the metrics with a series of it.
+func merchantSeries(t *testing.T, reg *prometheus.Registry) map[string]map[string]bool {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
 		t.Fatal(err)
 	}
-	h1 := env.h // old config
-	h1.instrument(m)
-	h2 := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
-	h2.broker = h1.broker
-	h2.bindings = newBindingTable(h1.bindings.reg, nil, nil) // new config, same registry
-	h2.bindings.now = env.clk.Now
-	h2.instrument(m)
-	get := func(h *Handler, id string) {
-		t.Helper()
-		if rec, got, err := serve(t, h, merchantRequest(id)); err != nil || got == nil {
-			t.Fatalf("%s: %d %v", id, rec.Code, err)
+	series := map[string]map[string]bool{}
+	for _, mf := range mfs {
+		for _, s := range mf.GetMetric() {
+			for _, l := range s.GetLabel() {
+				if l.GetName() == "merchant" {
+					if series[l.GetValue()] == nil {
+						series[l.GetValue()] = map[string]bool{}
+					}
+					series[l.GetValue()][mf.GetName()] = true
+				}
+			}
 		}
 	}
-	get(h1, "ORG1")
-	get(h2, "ORG1") // two holders
-	if err := h1.Cleanup(); err != nil {
-		t.Fatal(err)
-	}
-	env.clk.Add(2 * time.Minute)
-	get(h1, "ORG2") // late request through the old handler: evicts ORG1 there
-	get(h2, "ORG1") // the live config's ORG1, never evicted
-	if got := lookupSeries(t, promReg, "ORG1"); len(got) == 0 {
-		t.Fatalf("ORG1, live in the new config, has no cache_lookups_total series (released twice by the old table)")
-	}
+	return series
 }
 
 // TestFetchOutcomesCoverClassify: every code classify can return (read

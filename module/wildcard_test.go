@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -376,97 +375,6 @@ func TestWildcardParkBatchOrder(t *testing.T) {
 			get("ORG1")
 			if n := env.sb.TokenRequests() - before; n != 0 {
 				t.Errorf("ORG1 back after its second parking: %d token requests, want 0 (its token was dropped)", n)
-			}
-		})
-	}
-}
-
-// TestWildcardMerchantSeriesFollowActiveSet: with the merchant label on,
-// a wildcard merchant's series (cache lookups, token requests) are deleted
-// when its last binding in the process goes, evicted or with its config,
-// so that the series follow the active set, not every id seen; an
-// explicit merchant's are kept, and a merchant still held by another
-// table (another route scope set) keeps its series.
-func TestWildcardMerchantSeriesFollowActiveSet(t *testing.T) {
-	type want map[string]bool // merchant -> has series
-	for _, tt := range []struct {
-		name  string
-		steps []string // "h1:ID", "h2:ID" requests; "+2m" moves the clock; "discard h1"
-		want  want
-	}{
-		{"evicted", []string{"h1:ORG1", "+2m", "h1:ORG2"}, want{"ORG1": false, "ORG2": true}},
-		{"explicit kept", []string{"h1:acme", "+2m", "h1:ORG1", "+2m", "h1:ORG2", "discard h1"}, want{"acme": true, "ORG1": false, "ORG2": false}},
-		{"config discarded", []string{"h1:ORG1", "discard h1"}, want{"ORG1": false}},
-		{"held by another table", []string{"h1:ORG1", "h2:ORG1", "+2m", "h1:ORG2"}, want{"ORG1": true, "ORG2": true}},
-		{"released by both tables", []string{"h1:ORG1", "h2:ORG1", "+2m", "h1:ORG2", "discard h2"}, want{"ORG1": false, "ORG2": true}},
-		{"back after eviction", []string{"h1:ORG1", "+2m", "h1:ORG2", "+2m", "h1:ORG1"}, want{"ORG1": true, "ORG2": false}},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			env := newWildcardEnv(t, "max_active = 1\nidle_timeout = \"1m\"")
-			m := newTokenMetrics(true)
-			promReg := prometheus.NewRegistry()
-			if err := m.register(promReg); err != nil {
-				t.Fatal(err)
-			}
-			h1 := env.h
-			h1.instrument(m)
-			// A second route with scopes of its own: a table of its own on
-			// the same registry, broker and metrics.
-			h2 := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
-			h2.broker = h1.broker
-			h2.bindings = newBindingTable(h1.bindings.reg, []string{"openbanking_pisp"}, nil)
-			h2.bindings.now = env.clk.Now
-			h2.instrument(m)
-			handlers := map[string]*Handler{"h1": h1, "h2": h2}
-			for _, step := range tt.steps {
-				switch {
-				case step == "+2m":
-					env.clk.Add(2 * time.Minute)
-				case strings.HasPrefix(step, "discard "):
-					if err := handlers[strings.TrimPrefix(step, "discard ")].Cleanup(); err != nil {
-						t.Fatal(err)
-					}
-				default:
-					name, id, _ := strings.Cut(step, ":")
-					if rec, got, err := serve(t, handlers[name], merchantRequest(id)); err != nil || got == nil {
-						t.Fatalf("%s: %d %v", step, rec.Code, err)
-					}
-				}
-			}
-			mfs, err := promReg.Gather()
-			if err != nil {
-				t.Fatal(err)
-			}
-			series := map[string]map[string]bool{} // merchant -> metric names
-			for _, mf := range mfs {
-				for _, s := range mf.GetMetric() {
-					for _, l := range s.GetLabel() {
-						if l.GetName() == "merchant" {
-							if series[l.GetValue()] == nil {
-								series[l.GetValue()] = map[string]bool{}
-							}
-							series[l.GetValue()][mf.GetName()] = true
-						}
-					}
-				}
-			}
-			for merchant, has := range tt.want {
-				got := series[merchant]
-				if has && !(got["caddy_token_broker_cache_lookups_total"]) {
-					t.Errorf("%s: no cache_lookups_total series, want them (got %v)", merchant, got)
-				}
-				if !has && len(got) > 0 {
-					t.Errorf("%s: series %v left, want none", merchant, got)
-				}
-			}
-			held := 0 // wildcard merchants with series
-			for merchant, has := range tt.want {
-				if has && merchant != "acme" {
-					held++
-				}
-			}
-			if len(m.wild) != held {
-				t.Errorf("%d wildcard merchants held (%v), want %d", len(m.wild), m.wild, held)
 			}
 		})
 	}
