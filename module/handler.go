@@ -421,7 +421,7 @@ func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, int
 	var merchant string
 	if h.merchantHeader != "" {
 		vals := r.Header[h.merchantHeader]
-		if len(vals) > 1 {
+		if len(vals) > 1 || hasUnderscoreTwin(r.Header, h.merchantHeader) {
 			return "", http.StatusBadRequest, "ambiguous_merchant"
 		}
 		if len(vals) == 1 {
@@ -437,6 +437,33 @@ func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, int
 		return "", http.StatusBadRequest, "invalid_merchant"
 	}
 	return merchant, 0, ""
+}
+
+// hasUnderscoreTwin reports whether hdr has a header whose name is name's
+// with an underscore for a hyphen (X-Merchant_Id beside X-Merchant-Id; Go
+// does not canonicalise such names, so it is another header to Caddy). It
+// is forwarded, and a server behind the proxy that folds underscores into
+// hyphens (CGI and WSGI environments, some proxies) could read it as the
+// merchant: another merchant than the one whose token is set. Such a
+// request names the merchant twice: refused as ambiguous.
+func hasUnderscoreTwin(hdr http.Header, name string) bool {
+	for k := range hdr {
+		if len(k) != len(name) || strings.IndexByte(k, '_') < 0 {
+			continue
+		}
+		twin := true
+		for i := 0; i < len(k) && twin; i++ {
+			a, b := k[i], name[i]
+			if a == '_' {
+				a = '-'
+			}
+			twin = a == b || ('A' <= a && a <= 'Z' && a+'a'-'A' == b) || ('a' <= a && a <= 'z' && a-('a'-'A') == b)
+		}
+		if twin {
+			return true
+		}
+	}
+	return false
 }
 
 // Lookup implements broker.Observer. Lookups are counted by each binding's

@@ -91,6 +91,47 @@ func TestServeHTTPInjectsTokenAndStripsCallerHeaders(t *testing.T) {
 	}
 }
 
+// TestMerchantHeaderUnderscoreTwin: a header whose name is the merchant
+// header's with underscores for hyphens, in any case, is refused as
+// ambiguous (a server behind the proxy may fold it into the merchant
+// header) and never forwarded; other names with underscores pass.
+func TestMerchantHeaderUnderscoreTwin(t *testing.T) {
+	for _, tt := range []struct {
+		name       string // the other header, sent raw
+		wantStatus int
+	}{
+		{"X-Merchant_Id", 400},
+		{"x_merchant_id", 400},
+		{"X_MERCHANT_ID", 400},
+		{"X_Merchant-Id", 400},
+		{"X-Merchant_Ids", 200},
+		{"X-Request_Id", 200},
+		{"X-Merchant-Id2", 200},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newTestHandler(t, func(ctx context.Context, req broker.Request) (broker.Token, error) {
+				return broker.Token{Value: testToken, Expiry: time.Now().Add(time.Hour)}, nil
+			}, "json")
+			req := httptest.NewRequest("GET", "/", nil)
+			req.Header.Set("X-Merchant-Id", "acme")
+			req.Header[tt.name] = []string{"globex"}
+			rec, got, err := serve(t, h, req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.wantStatus != 200 {
+				if got != nil || rec.Code != tt.wantStatus || !strings.Contains(rec.Body.String(), "ambiguous_merchant") {
+					t.Fatalf("%s beside X-Merchant-Id: %d %s, forwarded %t; want %d ambiguous_merchant, not forwarded", tt.name, rec.Code, rec.Body, got != nil, tt.wantStatus)
+				}
+				return
+			}
+			if got == nil {
+				t.Fatalf("%s beside X-Merchant-Id: refused %d %s, want it served", tt.name, rec.Code, rec.Body)
+			}
+		})
+	}
+}
+
 func TestServeHTTPRefusals(t *testing.T) {
 	tests := []struct {
 		name       string
