@@ -107,7 +107,11 @@ func (m *tokenMetrics) explicitMerchant(provider, merchant string) *lookupCounte
 	if m.explicit == nil {
 		m.explicit = map[wildSeries]struct{}{}
 	}
-	m.explicit[wildSeries{provider, merchant}] = struct{}{}
+	if _, ok := m.explicit[wildSeries{provider, merchant}]; !ok {
+		// Copies: the ids point into a registry's file, which must not
+		// stay alive after its config is discarded.
+		m.explicit[wildSeries{strings.Clone(provider), strings.Clone(merchant)}] = struct{}{}
+	}
 	return m.lookupCounters(provider, merchant)
 }
 
@@ -268,10 +272,14 @@ func (m *tokenMetrics) fetched(provider, merchant, outcome string, elapsed time.
 	m.fetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
 }
 
-// labels appends the merchant to the label values when the label is on.
+// labels appends the merchant to the label values when the label is on:
+// a copy, as a series it creates keeps its label values, and an explicit
+// merchant's id points into its registry's file, which must not stay
+// alive after its config is discarded. Called when a binding is made or
+// a token fetched or purged, not per request.
 func (m *tokenMetrics) labels(merchant string, values ...string) []string {
 	if m.merchantLabel {
-		values = append(values, merchant)
+		values = append(values, strings.Clone(merchant))
 	}
 	return values
 }
