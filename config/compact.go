@@ -75,11 +75,16 @@ func shareTerms(ms []Merchant) {
 }
 
 // key returns the termsKey of t.
-func (t *Terms) key() termsKey {
-	return termsKey{t.Provider, strings.Join(t.Scopes, "\x00"), t.Lifetime, t.Audience}
+func (t *Terms) key() termsKey { return keyOf(t.Provider, t.Scopes, t.Lifetime, t.Audience) }
+
+// keyOf returns the termsKey of a provider name, scope set, lifetime and
+// audience.
+func keyOf(provider string, scopes []string, lifetime time.Duration, audience string) termsKey {
+	return termsKey{provider, strings.Join(scopes, "\x00"), lifetime, audience}
 }
 
-// termsKey identifies a merchant's Terms (scopes joined with NUL).
+// termsKey identifies a merchant's Terms (scopes joined with NUL), and a
+// registry's binding profile (profiles).
 type termsKey struct {
 	provider, scopes string
 	lifetime         time.Duration

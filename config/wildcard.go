@@ -210,30 +210,21 @@ func (r *Registry) sharesProfile(m *Merchant, routeScopes bool) bool {
 // per warm merchant). They live as long as the registry.
 type profiles struct {
 	mu sync.Mutex
-	m  map[profileKey]*broker.Profile
-}
-
-// profileKey identifies a profile in a registry (the provider's name
-// there fixes its ID and Source).
-type profileKey struct {
-	provider string
-	scopes   string // joined by NUL bytes
-	audience string
-	lifetime time.Duration
+	m  map[termsKey]*broker.Profile // by provider name, scopes, lifetime, audience
 }
 
 // profile returns the registry's profile of p for the scopes (valid,
 // normalised or not), audience and lifetime, made on first use.
 func (r *Registry) profile(p *Provider, scopes []string, audience string, lifetime time.Duration) *broker.Profile {
 	scopes = broker.NormaliseScopes(scopes)
-	k := profileKey{provider: p.Name, scopes: strings.Join(scopes, "\x00"), audience: audience, lifetime: lifetime}
+	k := keyOf(p.Name, scopes, lifetime, audience)
 	r.profiles.mu.Lock()
 	defer r.profiles.mu.Unlock()
 	if pr := r.profiles.m[k]; pr != nil {
 		return pr
 	}
 	if r.profiles.m == nil {
-		r.profiles.m = make(map[profileKey]*broker.Profile)
+		r.profiles.m = make(map[termsKey]*broker.Profile)
 	}
 	// A copy of the scopes: the profile outlives the caller's slice (a
 	// route's, a handler's configuration).
