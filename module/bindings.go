@@ -235,9 +235,8 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 // arrival evicts, which keeps its parked token), and notes when the
 // oldest one left can first be evicted (lastUsed only grows, and new
 // bindings are newer: none is evictable before). Called with t.mu held.
-func (t *bindingTable) evictIdle(now int64, br *broker.Broker, coming string) int {
+func (t *bindingTable) evictIdle(now int64, br *broker.Broker, coming string) {
 	idle := int64(t.reg.Wildcard.IdleTimeout)
-	n := 0
 	oldest := int64(-1)
 	t.scans++
 	var evicted []*binding
@@ -252,7 +251,6 @@ func (t *bindingTable) evictIdle(now int64, br *broker.Broker, coming string) in
 				delete(s.m, id)
 				t.active.Add(-1)
 				evicted = append(evicted, b)
-				n++
 			} else if oldest < 0 || used < oldest {
 				oldest = used
 			}
@@ -271,7 +269,6 @@ func (t *bindingTable) evictIdle(now int64, br *broker.Broker, coming string) in
 		}
 	}
 	t.park(evicted, br, coming)
-	return n
 }
 
 // park keeps an evicted wildcard binding's token cached while it is one

@@ -448,18 +448,8 @@ func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, int
 // request names the merchant twice: refused as ambiguous.
 func hasUnderscoreTwin(hdr http.Header, name string) bool {
 	for k := range hdr {
-		if len(k) != len(name) || strings.IndexByte(k, '_') < 0 {
-			continue
-		}
-		twin := true
-		for i := 0; i < len(k) && twin; i++ {
-			a, b := k[i], name[i]
-			if a == '_' {
-				a = '-'
-			}
-			twin = a == b || ('A' <= a && a <= 'Z' && a+'a'-'A' == b) || ('a' <= a && a <= 'z' && a-('a'-'A') == b)
-		}
-		if twin {
+		// Only a name with an underscore is compared (and copied): rare.
+		if len(k) == len(name) && strings.IndexByte(k, '_') >= 0 && strings.EqualFold(strings.ReplaceAll(k, "_", "-"), name) {
 			return true
 		}
 	}
