@@ -65,12 +65,12 @@ type tokenMetrics struct {
 	// config since start (bounded by the registries): their series are
 	// never deleted, as such a binding keeps counting into them.
 	wildMu   sync.Mutex
-	wild     map[wildSeries]int
-	explicit map[wildSeries]struct{}
+	wild     map[seriesKey]int
+	explicit map[seriesKey]struct{}
 }
 
-// wildSeries names the series of a wildcard merchant: its provider and id.
-type wildSeries struct{ provider, merchant string }
+// seriesKey names the series of a merchant: its provider and id.
+type seriesKey struct{ provider, merchant string }
 
 // fetchOutcomes are the values of token_requests_total's outcome label
 // (fetchOutcome: "ok" and the codes classify returns), by which a
@@ -90,9 +90,9 @@ func (m *tokenMetrics) holdMerchant(provider, merchant string) *lookupCounters {
 	m.wildMu.Lock()
 	defer m.wildMu.Unlock()
 	if m.wild == nil {
-		m.wild = map[wildSeries]int{}
+		m.wild = map[seriesKey]int{}
 	}
-	m.wild[wildSeries{provider, merchant}]++
+	m.wild[seriesKey{provider, merchant}]++
 	return m.lookupCounters(provider, merchant)
 }
 
@@ -105,12 +105,12 @@ func (m *tokenMetrics) explicitMerchant(provider, merchant string) *lookupCounte
 	m.wildMu.Lock()
 	defer m.wildMu.Unlock()
 	if m.explicit == nil {
-		m.explicit = map[wildSeries]struct{}{}
+		m.explicit = map[seriesKey]struct{}{}
 	}
-	if _, ok := m.explicit[wildSeries{provider, merchant}]; !ok {
+	if _, ok := m.explicit[seriesKey{provider, merchant}]; !ok {
 		// Copies: the ids point into a registry's file, which must not
 		// stay alive after its config is discarded.
-		m.explicit[wildSeries{strings.Clone(provider), strings.Clone(merchant)}] = struct{}{}
+		m.explicit[seriesKey{strings.Clone(provider), strings.Clone(merchant)}] = struct{}{}
 	}
 	return m.lookupCounters(provider, merchant)
 }
@@ -125,7 +125,7 @@ func (m *tokenMetrics) explicitMerchant(provider, merchant string) *lookupCounte
 func (m *tokenMetrics) releaseMerchant(provider, merchant string) {
 	m.wildMu.Lock()
 	defer m.wildMu.Unlock()
-	k := wildSeries{provider, merchant}
+	k := seriesKey{provider, merchant}
 	if n := m.wild[k]; n > 1 {
 		m.wild[k] = n - 1
 		return
