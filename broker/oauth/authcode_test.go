@@ -48,7 +48,9 @@ type consentFixture struct {
 	clock *fixedClock
 }
 
-func newConsentFixture(t *testing.T, o optest.Options, method AuthMethod, par bool) *consentFixture {
+// newConsentFixture starts the server with the client "bank-client"
+// (changed by mods) and the flow of the provider "bank" against it.
+func newConsentFixture(t *testing.T, o optest.Options, method AuthMethod, par bool, mods ...func(*optest.Client)) *consentFixture {
 	t.Helper()
 	key := testRSAKey(t)
 	client := &optest.Client{ID: "bank-client", Secret: secretValue, Method: oidc.AuthMethodBasic, Redirects: []string{callbackURL}}
@@ -58,6 +60,9 @@ func newConsentFixture(t *testing.T, o optest.Options, method AuthMethod, par bo
 	case PrivateKeyJWT:
 		client.Secret, client.Method = "", oidc.AuthMethodPrivateKeyJWT
 		client.Keys = map[string]crypto.PublicKey{"k1": key.Public()}
+	}
+	for _, m := range mods {
+		m(client)
 	}
 	srv := optest.Start(t, o, client)
 	cfg := Config{Name: "bank", Issuer: srv.URL, ClientID: client.ID, AuthMethod: method}
