@@ -187,21 +187,11 @@ func (s *Server) handler(zh http.Handler) http.Handler {
 		case "/par":
 			s.par(w, r)
 		case "/authorize":
-			s.authorize(w, r, zh)
+			s.withIss(w, r, func(w http.ResponseWriter, r *http.Request) { s.authorize(w, r, zh) })
 		case "/login":
-			s.login(w, r)
+			s.withIss(w, r, s.login)
 		case "/authorize/callback":
-			rec := httptest.NewRecorder()
-			zh.ServeHTTP(rec, r)
-			loc := rec.Header().Get("Location")
-			if s.opts.Iss && loc != "" {
-				loc += "&iss=" + url.QueryEscape(s.URL)
-			}
-			if loc != "" {
-				w.Header().Set("Location", loc)
-			}
-			w.WriteHeader(rec.Code)
-			_, _ = w.Write(rec.Body.Bytes())
+			s.withIss(w, r, zh.ServeHTTP)
 		case "/oauth/token":
 			if err := r.ParseForm(); err != nil {
 				http.Error(w, "bad form", http.StatusBadRequest)
@@ -220,6 +210,29 @@ func (s *Server) handler(zh http.Handler) http.Handler {
 			zh.ServeHTTP(w, r)
 		}
 	})
+}
+
+// withIss serves r with h and, with Options.Iss, adds iss to a redirect
+// to the client (RFC 9207 §2: success and error responses alike).
+func (s *Server) withIss(w http.ResponseWriter, r *http.Request, h http.HandlerFunc) {
+	if !s.opts.Iss {
+		h(w, r)
+		return
+	}
+	rec := httptest.NewRecorder()
+	h(rec, r)
+	for k, v := range rec.Header() {
+		w.Header()[k] = v
+	}
+	if loc := rec.Header().Get("Location"); loc != "" && !strings.HasPrefix(loc, "/") && !strings.HasPrefix(loc, s.URL+"/") {
+		sep := "?"
+		if strings.Contains(loc, "?") {
+			sep = "&"
+		}
+		w.Header().Set("Location", loc+sep+"iss="+url.QueryEscape(s.URL))
+	}
+	w.WriteHeader(rec.Code)
+	_, _ = w.Write(rec.Body.Bytes())
 }
 
 // discovery is zitadel's document with the PAR endpoint and the iss
