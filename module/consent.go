@@ -44,6 +44,8 @@ func init() {
 //	GET  …/start?link=…   consume a one-time consent link, redirect to the provider
 //	GET  …/callback       the provider's redirect: check, exchange the code, store the refresh token,
 //	                      redirect to the app's return URL with merchant and outcome
+//	                      (ok or the refusal reason; with outcome provider_error, also
+//	                      error, the provider's error code)
 //
 // With links (on the localhost sidecar site) it serves instead:
 //

@@ -236,3 +236,25 @@ func doBearer(u, token string) (int, error) {
 	resp.Body.Close()
 	return resp.StatusCode, nil
 }
+
+// TestAuthCodePARRefused: a pushed request the provider refuses (here the
+// client's authentication) is a ReasonProviderError at Start, with the
+// provider's code and what to check, not an unavailable provider.
+func TestAuthCodePARRefused(t *testing.T) {
+	f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, true)
+	f.op.Storage.AddClient(&optest.Client{ID: "bank-client", Secret: "another-secret", Method: "client_secret_basic", Redirects: []string{callbackURL}})
+	link, err := f.flow.NewLink(context.Background(), "acme", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, _ := url.Parse(link.URL)
+	_, rec, err := f.flow.Start(context.Background(), u.Query().Get("link"), u.Host)
+	var ce *ConsentError
+	if !errors.As(err, &ce) || ce.Reason != ReasonProviderError || ce.Code != "invalid_client" || rec.Merchant != "acme" {
+		t.Fatalf("Start = %v, want provider_error invalid_client", err)
+	}
+	if !strings.Contains(err.Error(), "check the client's registration") {
+		t.Errorf("the error does not say what to check: %v", err)
+	}
+	checkNoSecrets(t, err, "another-secret")
+}
