@@ -169,7 +169,11 @@ func authParams(cfg AuthCodeConfig, resource string) (url.Values, error) {
 	}
 	if cfg.Claims != "" {
 		var obj map[string]json.RawMessage
-		if err := json.Unmarshal([]byte(cfg.Claims), &obj); err != nil {
+		err := json.Unmarshal([]byte(cfg.Claims), &obj)
+		if err == nil && obj == nil {
+			err = errors.New("it is null")
+		}
+		if err != nil {
 			errs = append(errs, fmt.Errorf("claims must be a JSON object (OpenID Connect Core §5.5): %v", err))
 		} else {
 			v.Set("claims", compactJSON(cfg.Claims))
@@ -178,6 +182,9 @@ func authParams(cfg AuthCodeConfig, resource string) (url.Values, error) {
 	if cfg.AuthorizationDetails != "" {
 		var details []map[string]json.RawMessage
 		err := json.Unmarshal([]byte(cfg.AuthorizationDetails), &details)
+		if err == nil && details == nil {
+			err = errors.New("it is null")
+		}
 		if err == nil {
 			for i, d := range details {
 				var typ string

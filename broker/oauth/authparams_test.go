@@ -121,6 +121,8 @@ func TestAuthCodeParamsInvalid(t *testing.T) {
 		{"acr value with a space", func(c *AuthCodeConfig) { c.ACRValues = []string{"a b"} }, "acr_values"},
 		{"claims not JSON", func(c *AuthCodeConfig) { c.Claims = `{"id_token":` }, "claims must be a JSON object"},
 		{"claims an array", func(c *AuthCodeConfig) { c.Claims = `[]` }, "claims must be a JSON object"},
+		{"claims null", func(c *AuthCodeConfig) { c.Claims = `null` }, "claims must be a JSON object"},
+		{"authorization_details null", func(c *AuthCodeConfig) { c.AuthorizationDetails = `null` }, "authorization_details must be a JSON array"},
 		{"authorization_details an object", func(c *AuthCodeConfig) { c.AuthorizationDetails = `{"type":"x"}` }, "authorization_details must be a JSON array"},
 		{"authorization_details without type", func(c *AuthCodeConfig) { c.AuthorizationDetails = `[{"type":"x"},{"actions":["read"]}]` }, `entry 1 has no string "type"`},
 		{"relative resource", func(c *AuthCodeConfig) { c.Resources = []string{"/accounts"} }, "resource"},
