@@ -36,6 +36,30 @@ type consentTOML struct {
 	// LinkTTL is how long a consent link can be opened, a Go duration
 	// ("10m"). Default 10m, at most 24h.
 	LinkTTL *Duration `toml:"link_ttl"`
+
+	// The authorization request's own parameters, sent on the
+	// authorization URL or, with PAR, in the pushed request.
+
+	// Prompt are prompt values (OpenID Connect Core §3.1.2.1): "login",
+	// "consent", "select_account". "consent" is always sent when scopes
+	// hold offline_access (OpenID Connect Core §11: without it a provider
+	// issues no refresh token). Optional.
+	Prompt []string `toml:"prompt"`
+	// ACRValues are the requested authentication context classes, in
+	// order of preference, e.g. ["urn:openbanking:psd2:sca"]. Optional.
+	ACRValues []string `toml:"acr_values"`
+	// Claims is the claims parameter (OpenID Connect Core §5.5) as a JSON
+	// object in a string, e.g. '{"id_token": {"acr": {"essential": true}}}'.
+	// Optional.
+	Claims string `toml:"claims"`
+	// AuthorizationDetails is the authorization_details parameter (RFC
+	// 9396, e.g. an Open Banking payment consent) as a JSON array in a
+	// string, each object with a string "type". Optional.
+	AuthorizationDetails string `toml:"authorization_details"`
+	// Resources are the resource indicators (RFC 8707) of the
+	// authorization request, absolute URIs. Default the provider's
+	// resource, if set.
+	Resources []string `toml:"resources"`
 }
 
 // consentKeys are the keys of a consent table.
@@ -75,6 +99,12 @@ func (e *entry) consent(raw *consentTOML, p *Provider, src *oauth.RefreshToken) 
 	if raw.PARURL != "" {
 		cfg.PARURL = e.httpURL("consent.par_url", raw.PARURL, false, "the PAR endpoint")
 	}
+	cfg.Prompt = list("consent.prompt", raw.Prompt, false)
+	cfg.ACRValues = list("consent.acr_values", raw.ACRValues, false)
+	cfg.Resources = list("consent.resources", raw.Resources, false)
+	// JSON may span lines: NewAuthCode checks it as JSON.
+	cfg.Claims, _ = e.expand("consent.claims", raw.Claims)
+	cfg.AuthorizationDetails, _ = e.expand("consent.authorization_details", raw.AuthorizationDetails)
 	cfg.LinkTTL = e.duration("consent.link_ttl", raw.LinkTTL, oauth.DefaultLinkTTL, 10*time.Second, maxLinkTTL)
 	if len(raw.RedirectURIs) == 0 {
 		e.errf("consent.redirect_uris", "missing: set the callback URLs registered with the provider (https://callback.example.com/consent/callback)")

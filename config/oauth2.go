@@ -3,7 +3,6 @@ package config
 import (
 	"crypto/x509"
 	"net/http"
-	"net/url"
 	"slices"
 	"time"
 
@@ -117,8 +116,8 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	fp.add("audience", cfg.Audience)
 	fp.add("resource", cfg.Resource)
 	if cfg.Resource != "" {
-		if u, err := url.Parse(cfg.Resource); err != nil || !u.IsAbs() || u.Fragment != "" {
-			e.errf("resource", "%q is not an absolute URI without fragment (RFC 8707)", cfg.Resource)
+		if err := oauth.CheckResource(cfg.Resource); err != nil {
+			e.errf("resource", "%v", err)
 		}
 	}
 	if len(raw.Params) > 0 {

@@ -44,6 +44,8 @@ func init() {
 //	GET  …/start?link=…   consume a one-time consent link, redirect to the provider
 //	GET  …/callback       the provider's redirect: check, exchange the code, store the refresh token,
 //	                      redirect to the app's return URL with merchant and outcome
+//	                      (ok or the refusal reason; with outcome provider_error, also
+//	                      error, the provider's error code)
 //
 // With links (on the localhost sidecar site) it serves instead:
 //
@@ -161,10 +163,17 @@ func (c *Consent) done(span trace.Span, step, merchant string, err error) {
 	c.metrics.steps.WithLabelValues(c.Provider, step, outcome).Inc()
 	span.SetAttributes(attrMerchant.String(merchant), attrOutcome.String(outcome))
 	fields := []zap.Field{zap.String("provider", c.Provider), zap.String("step", step), zap.String("merchant", merchant), zap.String("outcome", outcome)}
-	if err != nil {
+	switch {
+	case ce != nil && ce.Reason == oauth.ReasonProviderError:
+		// Not the merchant's doing: the error says what the operator
+		// should check or set.
+		span.SetStatus(codes.Error, outcome)
+		c.logger.Error("consent failed: the provider refused the authorization request; fix the provider's configuration",
+			append(fields, zap.String("provider_error", ce.Code), zap.String("error", err.Error()))...)
+	case err != nil:
 		span.SetStatus(codes.Error, outcome)
 		c.logger.Warn("consent refused", append(fields, zap.String("error", err.Error()))...)
-	} else {
+	default:
 		c.logger.Info("consent step", fields...)
 	}
 	span.End()
@@ -195,13 +204,18 @@ func (c *Consent) callback(w http.ResponseWriter, r *http.Request) {
 	}
 	if res.ReturnURL != "" {
 		outcome := "ok"
+		params := url.Values{"merchant": {res.Merchant}}
 		var ce *oauth.ConsentError
 		if errors.As(err, &ce) {
 			outcome = ce.Reason
+			if ce.Code != "" { // provider_error: the provider's error code
+				params.Set("error", ce.Code)
+			}
 		} else if err != nil {
 			outcome = "error"
 		}
-		http.Redirect(w, r, withParams(res.ReturnURL, url.Values{"merchant": {res.Merchant}, "outcome": {outcome}}), http.StatusSeeOther)
+		params.Set("outcome", outcome)
+		http.Redirect(w, r, withParams(res.ReturnURL, params), http.StatusSeeOther)
 		return
 	}
 	if err != nil {
@@ -235,6 +249,8 @@ func consentMessage(err error) string {
 		return "This consent link is unknown or was already used. Please ask for a new one."
 	case oauth.ReasonDenied:
 		return "The consent was not given at the bank."
+	case oauth.ReasonProviderError:
+		return "The bank could not process this consent request (" + ce.Code + "). This is a configuration problem of the service, not a decision of yours; its operator has been told. Please try again later with a new consent link."
 	case oauth.ReasonProviderFailure, oauth.ReasonStoreFailure:
 		return "The consent service is unavailable. Please try again later with a new consent link."
 	}

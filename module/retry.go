@@ -3,6 +3,7 @@ package module
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"maps"
 	"net/http"
@@ -11,10 +12,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
 // DefaultRetryBodyLimit is the largest request body buffered so that a
@@ -179,7 +182,10 @@ func (s *headerSnapshot) restore(h http.Header) {
 // not carry it (a later handler removed it) purges nothing. The request is
 // then sent once more with the new token, provided it is replayable (see
 // replayBody) and the 401's body was at most maxHeldBody bytes. Otherwise
-// the caller gets the 401.
+// the caller gets the 401, except when no new token can be had because the
+// merchant must consent again (the provider refused the refresh token, as
+// after a revocation of the whole grant): the caller then gets
+// consent_required, not the 401.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound, b *binding, e *broker.Entry) error {
 	if h.RetryOn401 == "off" {
 		return next.ServeHTTP(w, r)
@@ -227,6 +233,15 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 		return nil // passed through: not replayable, or a long 401 body
 	}
 	fresh, _, err := h.broker.Get(r.Context(), &b.Binding)
+	if cr := (*oauth.ConsentRequiredError)(nil); errors.As(err, &cr) {
+		// The provider refused the refresh (invalid_grant: the grant was
+		// revoked, which killed the rejected token too): the caller gets
+		// consent_required, as the next call would, not the 401.
+		before.restore(w.Header())
+		status, code := classify(err)
+		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+		return h.fail(w, repl, refusal{status: status, code: code, merchant: b.Merchant, providerType: b.prov.typ, cause: err})
+	}
 	if err != nil || fresh.Token().Value == rejected.Value {
 		return rec.writeHeld() // nothing better to try: the caller gets the 401
 	}

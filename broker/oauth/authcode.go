@@ -1,11 +1,14 @@
 package oauth
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
+	"net/http"
 	"net/url"
 	"slices"
 	"strings"
@@ -36,6 +39,7 @@ const (
 	ReasonWrongCallback   = "wrong_callback"
 	ReasonWrongIssuer     = "wrong_issuer"
 	ReasonDenied          = "denied"
+	ReasonProviderError   = "provider_error"
 	ReasonExchangeFailed  = "exchange_failed"
 	ReasonNoRefreshToken  = "no_refresh_token"
 	ReasonInvalidIDToken  = "invalid_id_token"
@@ -54,7 +58,12 @@ type ConsentError struct {
 	Provider string
 	// Merchant is the merchant, when known.
 	Merchant string
-	// Err is the cause.
+	// Code is the provider's error code of a ReasonProviderError
+	// (invalid_request, unauthorized_client, ...), "unknown" when the
+	// provider sent none or a malformed one.
+	Code string
+	// Err is the cause; for a ReasonProviderError it says what the
+	// operator can change.
 	Err error
 }
 
@@ -99,6 +108,127 @@ type AuthCodeConfig struct {
 	// LinkTTL is how long a consent link can be opened. Default
 	// DefaultLinkTTL.
 	LinkTTL time.Duration
+
+	// The authorization request's own parameters. They are sent on the
+	// authorization URL, or in the pushed request with PAR.
+
+	// Prompt are the prompt values (OpenID Connect Core §3.1.2.1): login,
+	// consent, select_account. consent is always sent when Scopes hold
+	// offline_access: a provider that follows OpenID Connect Core §11
+	// issues no refresh token otherwise. none is refused: a consent needs
+	// the merchant. Optional.
+	Prompt []string
+	// ACRValues are the requested authentication context classes
+	// (acr_values), in order of preference. Optional.
+	ACRValues []string
+	// Claims is the claims parameter (OpenID Connect Core §5.5): a JSON
+	// object. Optional.
+	Claims string
+	// AuthorizationDetails is the authorization_details parameter (RFC
+	// 9396), e.g. an Open Banking payment consent: a JSON array of
+	// objects, each with a string "type". Optional.
+	AuthorizationDetails string
+	// Resources are the resource indicators (RFC 8707) of the
+	// authorization request, one resource parameter each. Default the
+	// provider's Config.Resource, if any.
+	Resources []string
+}
+
+// Prompt values accepted in AuthCodeConfig.Prompt.
+var promptValues = []string{"login", "consent", "select_account"}
+
+// authParams checks the authorization-request parameters of cfg and
+// returns them as sent (prompt with consent when offline_access is asked
+// for, the JSON compacted); resource is the provider's default resource.
+func authParams(cfg AuthCodeConfig, resource string) (url.Values, error) {
+	var errs []error
+	v := url.Values{}
+	prompt := slices.Clone(cfg.Prompt)
+	for _, p := range cfg.Prompt {
+		switch {
+		case p == "none":
+			errs = append(errs, errors.New("prompt none cannot ask for a consent, which needs the merchant: remove it"))
+		case !slices.Contains(promptValues, p):
+			errs = append(errs, fmt.Errorf("prompt %q is unknown (known: %s)", p, strings.Join(promptValues, ", ")))
+		}
+	}
+	if slices.Contains(cfg.Scopes, "offline_access") && !slices.Contains(prompt, "consent") {
+		prompt = append(prompt, "consent") // OpenID Connect Core §11
+	}
+	if len(prompt) > 0 {
+		slices.Sort(prompt)
+		v.Set("prompt", strings.Join(slices.Compact(prompt), " "))
+	}
+	for _, a := range cfg.ACRValues {
+		if a == "" || strings.ContainsAny(a, " \t\r\n") {
+			errs = append(errs, fmt.Errorf("acr_values entry %q must be one non-empty value without spaces", a))
+		}
+	}
+	if len(cfg.ACRValues) > 0 {
+		v.Set("acr_values", strings.Join(cfg.ACRValues, " "))
+	}
+	if cfg.Claims != "" {
+		var obj map[string]json.RawMessage
+		err := json.Unmarshal([]byte(cfg.Claims), &obj)
+		if err == nil && obj == nil {
+			err = errors.New("it is null")
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("claims must be a JSON object (OpenID Connect Core §5.5): %v", err))
+		} else {
+			v.Set("claims", compactJSON(cfg.Claims))
+		}
+	}
+	if cfg.AuthorizationDetails != "" {
+		var details []map[string]json.RawMessage
+		err := json.Unmarshal([]byte(cfg.AuthorizationDetails), &details)
+		if err == nil && details == nil {
+			err = errors.New("it is null")
+		}
+		if err == nil {
+			for i, d := range details {
+				var typ string
+				if json.Unmarshal(d["type"], &typ) != nil || typ == "" {
+					err = fmt.Errorf("entry %d has no string \"type\"", i)
+					break
+				}
+			}
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("authorization_details must be a JSON array of objects, each with a string \"type\" (RFC 9396 §2): %v", err))
+		} else if len(details) > 0 {
+			v.Set("authorization_details", compactJSON(cfg.AuthorizationDetails))
+		}
+	}
+	resources := cfg.Resources
+	if len(resources) == 0 && resource != "" {
+		resources = []string{resource}
+	}
+	for _, r := range resources {
+		if err := CheckResource(r); err != nil {
+			errs = append(errs, err)
+		}
+		v.Add("resource", r)
+	}
+	return v, errors.Join(errs...)
+}
+
+// CheckResource checks a resource indicator: an absolute URI without a
+// fragment (RFC 8707 §2).
+func CheckResource(r string) error {
+	if u, err := url.Parse(r); err != nil || !u.IsAbs() || u.Fragment != "" || strings.ContainsAny(r, " \t\r\n") {
+		return fmt.Errorf("resource %q is not an absolute URI without fragment (RFC 8707)", r)
+	}
+	return nil
+}
+
+// compactJSON returns valid JSON s without insignificant space.
+func compactJSON(s string) string {
+	var b bytes.Buffer
+	if err := json.Compact(&b, []byte(s)); err != nil {
+		return s
+	}
+	return b.String()
 }
 
 // AuthCode runs the authorization-code flow with PKCE (S256) for the
@@ -106,9 +236,10 @@ type AuthCodeConfig struct {
 // in the source's Store, as SetRefreshToken does. It is safe for
 // concurrent use.
 type AuthCode struct {
-	src  *RefreshToken
-	cfg  AuthCodeConfig
-	pend *Pendings
+	src    *RefreshToken
+	cfg    AuthCodeConfig
+	pend   *Pendings
+	params url.Values // the authorization request's own parameters (authParams)
 
 	mu   sync.Mutex
 	ep   *authEndpoints
@@ -174,13 +305,15 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 	if pend == nil || pend.Store == nil {
 		errs = append(errs, errors.New("no store for the consents in progress"))
 	}
+	params, err := authParams(cfg, src.c.cfg.Resource)
+	errs = append(errs, err)
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("oauth2 provider %s, consent: %w", name, err)
 	}
 	if pend.Now == nil {
 		pend.Now = src.c.cfg.Now
 	}
-	return &AuthCode{src: src, cfg: cfg, pend: pend}, nil
+	return &AuthCode{src: src, cfg: cfg, pend: pend, params: params}, nil
 }
 
 // Provider returns the provider's name.
@@ -287,8 +420,8 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string) (string, Pend
 	if rec.Nonce != "" {
 		params.Set("nonce", rec.Nonce)
 	}
-	if a.src.c.cfg.Resource != "" {
-		params.Set("resource", a.src.c.cfg.Resource)
+	for k, v := range a.params {
+		params[k] = slices.Clone(v)
 	}
 	if err := a.pend.put(ctx, kindState, state, rec); err != nil {
 		return "", rec, a.fail(ReasonStoreFailure, rec.Merchant, err)
@@ -298,12 +431,58 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string) (string, Pend
 			return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, errors.New("PAR is on but the provider has no pushed_authorization_request_endpoint: set par_url"))
 		}
 		uri, err := a.push(ctx, ep.par, params)
+		var ae *broker.APIError
+		if errors.As(err, &ae) && ae.StatusCode >= 400 && ae.StatusCode < 500 && ae.StatusCode != http.StatusTooManyRequests {
+			ce := a.fail(ReasonProviderError, rec.Merchant, fmt.Errorf("%w; %s", err, a.providerHint(ae.Code, true)))
+			ce.Code = errorCode(ae.Code)
+			return "", rec, ce
+		}
 		if err != nil {
 			return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)
 		}
 		params = url.Values{"client_id": {a.src.c.cfg.ClientID}, "request_uri": {uri}}
 	}
 	return withQuery(ep.auth, params), rec, nil
+}
+
+// errorCode returns a provider's error code as it may be shown and sent on:
+// lower-case letters, digits and "_.-", at most 64 bytes; "unknown"
+// otherwise.
+func errorCode(code string) string {
+	if code == "" || len(code) > 64 || strings.ContainsFunc(code, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '_' || r == '.' || r == '-')
+	}) {
+		return "unknown"
+	}
+	return code
+}
+
+// providerHint tells the operator what to check or set when the provider
+// refuses the authorization request with code; pushed says whether the
+// request went through PAR.
+func (a *AuthCode) providerHint(code string, pushed bool) string {
+	table := fmt.Sprintf("[providers.%s.consent]", a.Provider())
+	switch code {
+	case "invalid_request":
+		if !pushed {
+			return "if the provider requires pushed authorization requests (PAR) for this client, which its discovery document need not say, set par = true in " + table +
+				"; otherwise check the request parameters there (prompt, acr_values, claims, authorization_details, resources)"
+		}
+		return "check the request parameters in " + table + " (prompt, acr_values, claims, authorization_details, resources) against what the provider accepts"
+	case "invalid_client", "unauthorized_client":
+		return "check the client's registration at the provider: client authentication, the authorization_code grant and the redirect_uris"
+	case "invalid_scope":
+		return "check scopes in " + table + " against the scopes the client may ask for"
+	case "unsupported_response_type":
+		return "the client must be registered for response_type code"
+	case "invalid_request_uri", "invalid_request_object":
+		return "the provider refused the pushed request: check its PAR endpoint (par_url) and the client's registration"
+	case "server_error", "temporarily_unavailable":
+		return "the provider failed: the merchant can try again later with a new consent link"
+	case "consent_required", "interaction_required", "login_required":
+		return "the provider wants the merchant's interaction: check prompt in " + table
+	}
+	return "check the client's registration at the provider and " + table
 }
 
 // withQuery appends params to u's query.
@@ -367,7 +546,14 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values) (Res
 	}
 	if code := q.Get("error"); code != "" {
 		desc := scrub.Truncate(q.Get("error_description"), scrub.MaxText)
-		return res, a.fail(ReasonDenied, rec.Merchant, fmt.Errorf("the provider answered %s: %s", scrub.Truncate(code, scrub.MaxText), desc))
+		if code == "access_denied" { // the merchant said no (RFC 6749 §4.1.2.1)
+			return res, a.fail(ReasonDenied, rec.Merchant, fmt.Errorf("the provider answered access_denied: %s", desc))
+		}
+		code = errorCode(code)
+		ce := a.fail(ReasonProviderError, rec.Merchant, fmt.Errorf("the provider refused the authorization request with %s: %s; %s",
+			code, desc, a.providerHint(code, ep.requirePAR || a.cfg.PAR)))
+		ce.Code = code
+		return res, ce
 	}
 	code := q.Get("code")
 	if code == "" {

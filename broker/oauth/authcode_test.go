@@ -1,198 +1,46 @@
 package oauth
 
-// The authorization-code flow against zitadel's OP (op_test.go). zitadel
-// has no pushed authorization requests, no RFC 9207 iss in its
-// authorization responses and no login page; consentShim adds these around
-// it, and only these: the authorization request, its validation (client,
-// redirect URI, PKCE challenge), the login state, the code, the code
-// exchange with its client authentication and PKCE check, the ID token and
-// the refresh tokens are zitadel's.
+// The authorization-code flow against zitadel's OP with the strict
+// defaults of a certified provider (internal/optest).
 
 import (
 	"context"
 	"crypto"
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/zitadel/oidc/v3/pkg/oidc"
-	"github.com/zitadel/oidc/v3/pkg/op"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/optest"
 )
 
 // callbackURL is the registered redirect URI of the consent tests.
 const callbackURL = "https://cb.partner.example/consent/callback"
 
-// consentShim adds PAR, iss and a login page to zitadel's OP.
-type consentShim struct {
-	requirePAR bool // the discovery document sets require_pushed_authorization_requests
-	iss        bool // authorization responses carry iss (RFC 9207)
-
-	pushed atomic.Int64
-	mu     sync.Mutex
-	reqs   map[string]url.Values // by request_uri
-}
-
-func (sh *consentShim) wrap(p *op.Provider, st *testStorage, h http.Handler) http.Handler {
-	sh.reqs = map[string]url.Values{}
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/.well-known/openid-configuration":
-			rec := httptest.NewRecorder()
-			h.ServeHTTP(rec, r)
-			var doc map[string]any
-			if err := json.Unmarshal(rec.Body.Bytes(), &doc); err != nil {
-				http.Error(w, "bad discovery", 500)
-				return
-			}
-			doc["pushed_authorization_request_endpoint"] = doc["issuer"].(string) + "/par"
-			doc["require_pushed_authorization_requests"] = sh.requirePAR
-			doc["authorization_response_iss_parameter_supported"] = sh.iss
-			w.Header().Set("Content-Type", "application/json")
-			_ = json.NewEncoder(w).Encode(doc)
-		case "/par":
-			sh.par(w, r, p, st)
-		case "/authorize":
-			if uri := r.URL.Query().Get("request_uri"); uri != "" {
-				sh.mu.Lock()
-				q, ok := sh.reqs[uri]
-				delete(sh.reqs, uri)
-				sh.mu.Unlock()
-				if !ok || q.Get("client_id") != r.URL.Query().Get("client_id") {
-					http.Error(w, "invalid_request_uri", http.StatusBadRequest)
-					return
-				}
-				r.URL.RawQuery = q.Encode()
-			} else if sh.requirePAR {
-				http.Error(w, "PAR required", http.StatusBadRequest)
-				return
-			}
-			h.ServeHTTP(w, r)
-		case "/login":
-			// The merchant logs in and approves.
-			if err := st.CheckUsernamePassword(r.FormValue("username"), r.FormValue("password"), r.FormValue("id")); err != nil {
-				http.Error(w, "login failed", http.StatusForbidden)
-				return
-			}
-			http.Redirect(w, r, "/authorize/callback?id="+url.QueryEscape(r.FormValue("id")), http.StatusFound)
-		case "/authorize/callback":
-			rec := httptest.NewRecorder()
-			h.ServeHTTP(rec, r)
-			loc := rec.Header().Get("Location")
-			if sh.iss && loc != "" {
-				loc += "&iss=" + url.QueryEscape("http://"+r.Host)
-			}
-			if loc != "" {
-				w.Header().Set("Location", loc)
-			}
-			w.WriteHeader(rec.Code)
-			_, _ = w.Write(rec.Body.Bytes())
-		default:
-			h.ServeHTTP(w, r)
-		}
-	})
-}
-
-// par is an RFC 9126 endpoint with zitadel's client authentication.
-func (sh *consentShim) par(w http.ResponseWriter, r *http.Request, p *op.Provider, st *testStorage) {
-	fail := func(code string) {
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(http.StatusUnauthorized)
-		_ = json.NewEncoder(w).Encode(map[string]string{"error": code})
-	}
-	if err := r.ParseForm(); err != nil {
-		fail("invalid_request")
-		return
-	}
-	f := r.PostForm
-	id := f.Get("client_id")
-	switch {
-	case f.Get("client_assertion_type") == oidc.ClientAssertionTypeJWTAssertion:
-		c, err := op.AuthorizePrivateJWTKey(op.ContextWithIssuer(r.Context(), "http://"+r.Host), f.Get("client_assertion"), p)
-		if err != nil || c.GetID() != id {
-			fail("invalid_client")
-			return
-		}
-	default:
-		user, pass, ok := r.BasicAuth()
-		if ok {
-			user, _ = url.QueryUnescape(user)
-			pass, _ = url.QueryUnescape(pass)
-		} else {
-			user, pass = id, f.Get("client_secret")
-		}
-		if user != id || st.AuthorizeClientIDSecret(r.Context(), id, pass) != nil {
-			fail("invalid_client")
-			return
-		}
-	}
-	q := url.Values{}
-	for k, v := range f {
-		switch k {
-		case "client_secret", "client_assertion", "client_assertion_type":
-		default:
-			q[k] = v
-		}
-	}
-	uri := "urn:ietf:params:oauth:request_uri:" + randomString(16)
-	sh.mu.Lock()
-	sh.reqs[uri] = q
-	sh.mu.Unlock()
-	sh.pushed.Add(1)
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusCreated)
-	_ = json.NewEncoder(w).Encode(map[string]any{"request_uri": uri, "expires_in": 60})
-}
-
-// noRedirect is a browser that does not follow redirects.
-var noRedirect = &http.Client{Timeout: 30 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-
 // approve plays the merchant's browser: it opens authURL, logs in and
 // approves at the server, and returns the query the server sends to the
 // callback URL.
-func approve(t *testing.T, issuer, authURL string) url.Values {
+func approve(t *testing.T, srv *optest.Server, authURL string) url.Values {
 	t.Helper()
-	next := func(resp *http.Response, err error) string {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusFound && resp.StatusCode != http.StatusSeeOther {
-			t.Fatalf("%s %s: status %d, want a redirect", resp.Request.Method, resp.Request.URL.Path, resp.StatusCode)
-		}
-		loc, err := resp.Request.URL.Parse(resp.Header.Get("Location"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return loc.String()
+	back, err := srv.Authorize(authURL, true)
+	if err != nil {
+		t.Fatal(err)
 	}
-	login, err := url.Parse(next(noRedirect.Get(authURL)))
-	if err != nil || login.Path != "/login" {
-		t.Fatalf("authorize redirected to %v, want the login page", login)
-	}
-	cb := next(noRedirect.PostForm(issuer+"/login", url.Values{"id": {login.Query().Get("id")}, "username": {"test-user2"}, "password": {"verysecure"}}))
-	back := next(noRedirect.Get(cb))
-	if !strings.HasPrefix(back, callbackURL+"?") {
+	if !strings.HasPrefix(back.String(), callbackURL+"?") {
 		t.Fatalf("the server redirected to %s, want the callback", back)
 	}
-	u, _ := url.Parse(back)
-	return u.Query()
+	return back.Query()
 }
 
 // consentFixture is a provider with the consent flow against zitadel.
 type consentFixture struct {
-	op    *testOP
-	shim  *consentShim
+	op    *optest.Server
 	store *MemoryStore
 	src   *RefreshToken
 	flow  *AuthCode
@@ -200,19 +48,24 @@ type consentFixture struct {
 	clock *fixedClock
 }
 
-func newConsentFixture(t *testing.T, shim *consentShim, method AuthMethod, par bool) *consentFixture {
+// newConsentFixture starts the server with the client "bank-client"
+// (changed by mods) and the flow of the provider "bank" against it.
+func newConsentFixture(t *testing.T, o optest.Options, method AuthMethod, par bool, mods ...func(*optest.Client)) *consentFixture {
 	t.Helper()
 	key := testRSAKey(t)
-	client := &testClient{id: "bank-client", secret: secretValue, method: oidc.AuthMethodBasic, redirects: []string{callbackURL}}
+	client := &optest.Client{ID: "bank-client", Secret: secretValue, Method: oidc.AuthMethodBasic, Redirects: []string{callbackURL}}
 	switch method {
 	case ClientSecretPost:
-		client.method = oidc.AuthMethodPost
+		client.Method = oidc.AuthMethodPost
 	case PrivateKeyJWT:
-		client.secret, client.method = "", oidc.AuthMethodPrivateKeyJWT
-		client.keys = map[string]crypto.PublicKey{"k1": key.Public()}
+		client.Secret, client.Method = "", oidc.AuthMethodPrivateKeyJWT
+		client.Keys = map[string]crypto.PublicKey{"k1": key.Public()}
 	}
-	srv := startOP(t, opOptions{wrap: shim.wrap}, client)
-	cfg := Config{Name: "bank", Issuer: srv.URL, ClientID: client.id, AuthMethod: method}
+	for _, m := range mods {
+		m(client)
+	}
+	srv := optest.Start(t, o, client)
+	cfg := Config{Name: "bank", Issuer: srv.URL, ClientID: client.ID, AuthMethod: method}
 	if method == PrivateKeyJWT {
 		cfg.Signer, cfg.AssertionAudience = mustSigner(t, key, PS256, "k1"), srv.URL
 	} else {
@@ -229,7 +82,7 @@ func newConsentFixture(t *testing.T, shim *consentShim, method AuthMethod, par b
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &consentFixture{op: srv, shim: shim, store: store, src: src, flow: flow, pend: pend, clock: clock}
+	return &consentFixture{op: srv, store: store, src: src, flow: flow, pend: pend, clock: clock}
 }
 
 // consent runs one whole consent for merchant and returns the callback's
@@ -249,7 +102,7 @@ func (f *consentFixture) consent(t *testing.T, merchant string) (url.Values, Res
 	if rec.Merchant != merchant {
 		t.Fatalf("Start is for %q", rec.Merchant)
 	}
-	q := approve(t, f.op.URL, authURL)
+	q := approve(t, f.op, authURL)
 	res, err := f.flow.Callback(ctx, u.Host, q)
 	if err != nil {
 		t.Fatalf("Callback: %v", err)
@@ -277,26 +130,26 @@ func TestAuthCodeFlowAgainstZitadel(t *testing.T) {
 	}
 	for _, tc := range rows {
 		t.Run(tc.name, func(t *testing.T) {
-			f := newConsentFixture(t, &consentShim{requirePAR: tc.requirePAR, iss: tc.iss}, tc.method, tc.par)
+			f := newConsentFixture(t, optest.Options{RequirePAR: tc.requirePAR, Iss: tc.iss}, tc.method, tc.par)
 			q, res := f.consent(t, "acme")
 			if res.Merchant != "acme" || res.ReturnURL != "https://app.partner.example/consent/done" || len(res.Fingerprint) != 8 {
 				t.Errorf("result %+v", res)
 			}
-			if wantPAR := tc.par || tc.requirePAR; (f.shim.pushed.Load() == 1) != wantPAR {
-				t.Errorf("pushed %d requests, PAR wanted: %v", f.shim.pushed.Load(), wantPAR)
+			if wantPAR := tc.par || tc.requirePAR; (f.op.Pushed.Load() == 1) != wantPAR {
+				t.Errorf("pushed %d requests, PAR wanted: %v", f.op.Pushed.Load(), wantPAR)
 			}
 			rt, err := f.store.Load(context.Background(), f.src.StoreKey("acme"))
-			if err != nil || !f.op.Storage.refreshTokenValid(rt.Reveal()) {
+			if err != nil || !f.op.Storage.RefreshTokenValid(rt.Reveal()) {
 				t.Fatalf("stored refresh token: %v (valid at the server: false)", err)
 			}
 			tok, err := f.src.Token(context.Background(), broker.Request{Merchant: "acme"})
 			if err != nil || tok.Value == "" {
 				t.Fatalf("Token after consent: %v", err)
 			}
-			if n := f.op.count("refresh_token"); n != 1 {
+			if n := f.op.Count("refresh_token"); n != 1 {
 				t.Errorf("%d refresh requests, want 1", n)
 			}
-			if n := f.op.count("authorization_code"); n != 1 {
+			if n := f.op.Count("authorization_code"); n != 1 {
 				t.Errorf("%d code exchanges, want 1", n)
 			}
 			// Nothing the flow keeps is readable in its store.
@@ -329,7 +182,7 @@ func TestAuthCodeRefusals(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		return approve(t, f.op.URL, authURL)
+		return approve(t, f.op, authURL)
 	}
 	const host = "cb.partner.example"
 	rows := []struct {
@@ -457,7 +310,7 @@ func TestAuthCodeRefusals(t *testing.T) {
 	}
 	for _, tc := range rows {
 		t.Run(tc.name, func(t *testing.T) {
-			f := newConsentFixture(t, &consentShim{iss: tc.iss}, ClientSecretBasic, false)
+			f := newConsentFixture(t, optest.Options{Iss: tc.iss}, ClientSecretBasic, false)
 			saves := 0
 			err := tc.run(t, f)
 			var ce *ConsentError
@@ -482,13 +335,13 @@ func TestAuthCodeRefusals(t *testing.T) {
 // token the merchant needs consent; a new consent restores the service
 // with the same source, without a restart.
 func TestConsentAgainAfterInvalidGrant(t *testing.T) {
-	f := newConsentFixture(t, &consentShim{}, ClientSecretBasic, false)
+	f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
 	ctx := context.Background()
 	f.consent(t, "acme")
 	rt, _ := f.store.Load(ctx, f.src.StoreKey("acme"))
-	f.op.Storage.mu.Lock()
-	delete(f.op.Storage.refresh, rt.Reveal()) // revoked at the bank
-	f.op.Storage.mu.Unlock()
+	if err := f.op.Revoke("bank-client", secretValue, rt.Reveal()); err != nil { // revoked at the bank
+		t.Fatal(err)
+	}
 
 	_, err := f.src.Token(ctx, broker.Request{Merchant: "acme"})
 	var cr *ConsentRequiredError
@@ -535,16 +388,4 @@ func TestPendingsSealed(t *testing.T) {
 	if _, err := p.take(ctx, kindState, secret); !errors.Is(err, ErrUnknownPending) {
 		t.Errorf("second take: %v", err)
 	}
-}
-
-// CodeExchange makes zitadel's legacy server refuse a code exchange
-// without the PKCE verifier when the authorization request had a
-// challenge, as RFC 9700 §2.1.1 requires: zitadel checks the verifier of a
-// confidential client only when one is sent (a PKCE downgrade).
-func (s opServer) CodeExchange(ctx context.Context, r *op.ClientRequest[oidc.AccessTokenRequest]) (*op.Response, error) {
-	authReq, err := op.AuthRequestByCode(ctx, s.Provider().Storage(), r.Data.Code)
-	if err == nil && authReq.GetCodeChallenge() != nil && r.Data.CodeVerifier == "" {
-		return nil, oidc.ErrInvalidRequest().WithDescription("code_verifier required")
-	}
-	return s.LegacyServer.CodeExchange(ctx, r)
 }

@@ -27,6 +27,15 @@
 // of an access token that is a JWT (read, not verified: the token is opaque
 // to the broker); without either, from Config.DefaultLifetime.
 //
+// AuthCode runs the merchants' consent (the authorization code flow with
+// PKCE S256, optionally pushed with PAR, RFC 9126). It sends prompt=consent
+// whenever offline_access is asked for (OpenID Connect Core §11) and the
+// configured prompt, acr_values, claims, authorization_details (RFC 9396)
+// and resource (RFC 8707) parameters. A callback with access_denied is the
+// merchant's denial (ReasonDenied); any other error of the provider is
+// ReasonProviderError, with the provider's code and what the operator can
+// change.
+//
 // No error from this package holds a client secret, an assertion, a refresh
 // token or an access token.
 package oauth

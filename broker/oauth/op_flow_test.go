@@ -15,6 +15,7 @@ import (
 	"github.com/zitadel/oidc/v3/pkg/oidc"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/optest"
 )
 
 // checkNoSecrets fails when err's text holds any of the secrets.
@@ -33,18 +34,18 @@ func checkNoSecrets(t *testing.T, err error, secrets ...string) {
 func TestClientAuthMethodsAgainstZitadel(t *testing.T) {
 	pki := newPKI(t)
 	rsaK, ecK, otherK := testRSAKey(t), testECKey(t), testECKey(t)
-	clients := []*testClient{
-		{id: "basic-client", secret: secretValue, method: oidc.AuthMethodBasic},
-		{id: "post-client", secret: secretValue, method: oidc.AuthMethodPost},
-		{id: "jwt-client", method: oidc.AuthMethodPrivateKeyJWT, keys: map[string]crypto.PublicKey{"rsa-1": rsaK.Public(), "ec-1": ecK.Public()}},
-		{id: "mtls-client", method: authMethodTLS, tls: true},
+	clients := []*optest.Client{
+		{ID: "basic-client", Secret: secretValue, Method: oidc.AuthMethodBasic},
+		{ID: "post-client", Secret: secretValue, Method: oidc.AuthMethodPost},
+		{ID: "jwt-client", Method: oidc.AuthMethodPrivateKeyJWT, Keys: map[string]crypto.PublicKey{"rsa-1": rsaK.Public(), "ec-1": ecK.Public()}},
+		{ID: "mtls-client", Method: optest.AuthMethodTLS, TLS: true},
 	}
-	plain := startOP(t, opOptions{}, clients...)
-	mtls := startOP(t, opOptions{tls: &pki.Server, clientCAs: pki.Pool}, clients...)
+	plain := optest.Start(t, optest.Options{}, clients...)
+	mtls := optest.Start(t, optest.Options{TLS: &pki.Server, ClientCAs: pki.Pool}, clients...)
 
 	type row struct {
 		name    string
-		srv     *testOP
+		srv     *optest.Server
 		cfg     Config
 		wantErr string // the APIError code, "" for success
 	}
@@ -134,7 +135,7 @@ func matchesAny(code, alternatives string) bool {
 // discovery (server answering 503, or not listening) is retried on the
 // next call, not cached.
 func TestDiscoveryAgainstZitadel(t *testing.T) {
-	srv := startOP(t, opOptions{}, &testClient{id: "c", secret: secretValue, method: oidc.AuthMethodBasic})
+	srv := optest.Start(t, optest.Options{}, &optest.Client{ID: "c", Secret: secretValue, Method: oidc.AuthMethodBasic})
 	src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue})
 	if err != nil {
 		t.Fatal(err)
@@ -173,7 +174,7 @@ func TestDiscoveryServerDownThenUp(t *testing.T) {
 	}
 	dl := &droppingListener{Listener: ln}
 	dl.down.Store(true)
-	srv := startOPOn(t, dl, &testClient{id: "c", secret: secretValue, method: oidc.AuthMethodBasic})
+	srv := optest.Start(t, optest.Options{Listener: dl}, &optest.Client{ID: "c", Secret: secretValue, Method: oidc.AuthMethodBasic})
 	src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue})
 	if err != nil {
 		t.Fatal(err)
@@ -206,7 +207,7 @@ func (l *droppingListener) Accept() (net.Conn, error) {
 // refreshFixture is a zitadel server with one client and a store seeded
 // with a merchant's refresh token.
 type refreshFixture struct {
-	srv   *testOP
+	srv   *optest.Server
 	store *MemoryStore
 	cfg   Config
 	rt0   string
@@ -217,19 +218,19 @@ const refreshMerchant = "acme"
 func newRefreshFixture(t *testing.T, method AuthMethod) *refreshFixture {
 	t.Helper()
 	k := testRSAKey(t)
-	c := &testClient{id: "bank-client", secret: secretValue, method: oidc.AuthMethodBasic}
-	cfg := Config{Name: "bank", ClientID: c.id, ClientSecret: secretValue}
+	c := &optest.Client{ID: "bank-client", Secret: secretValue, Method: oidc.AuthMethodBasic}
+	cfg := Config{Name: "bank", ClientID: c.ID, ClientSecret: secretValue}
 	if method == PrivateKeyJWT {
-		c.secret, c.method, c.keys = "", oidc.AuthMethodPrivateKeyJWT, map[string]crypto.PublicKey{"k1": k.Public()}
+		c.Secret, c.Method, c.Keys = "", oidc.AuthMethodPrivateKeyJWT, map[string]crypto.PublicKey{"k1": k.Public()}
 		cfg.ClientSecret, cfg.AuthMethod, cfg.Signer = "", PrivateKeyJWT, mustSigner(t, k, PS256, "k1")
 	}
-	srv := startOP(t, opOptions{}, c)
+	srv := optest.Start(t, optest.Options{}, c)
 	cfg.TokenURL = srv.URL + "/oauth/token"
 	if method == PrivateKeyJWT {
 		cfg.AssertionAudience = srv.URL
 	}
 	f := &refreshFixture{srv: srv, store: NewMemoryStore(), cfg: cfg}
-	f.rt0 = srv.Storage.seedRefreshToken(c.id, "id1", "openid", "accounts")
+	f.rt0 = srv.Storage.SeedRefreshToken(c.ID, "id1", "openid", "accounts")
 	if err := f.store.Save(context.Background(), StoreKey(f.cfg, refreshMerchant), broker.Secret(f.rt0)); err != nil {
 		t.Fatal(err)
 	}
@@ -267,8 +268,8 @@ func TestRefreshRotationAgainstZitadel(t *testing.T) {
 				t.Fatalf("first refresh: %v", err)
 			}
 			rt1 := f.stored(t)
-			if tok.Value == "" || rt1 == f.rt0 || !f.srv.Storage.refreshTokenValid(rt1) || f.srv.Storage.refreshTokenValid(f.rt0) {
-				t.Fatalf("after the first refresh: stored %q (was %q), valid %v", rt1, f.rt0, f.srv.Storage.refreshTokenValid(rt1))
+			if tok.Value == "" || rt1 == f.rt0 || !f.srv.Storage.RefreshTokenValid(rt1) || f.srv.Storage.RefreshTokenValid(f.rt0) {
+				t.Fatalf("after the first refresh: stored %q (was %q), valid %v", rt1, f.rt0, f.srv.Storage.RefreshTokenValid(rt1))
 			}
 
 			// A restart: a new source, the same store.
@@ -276,10 +277,10 @@ func TestRefreshRotationAgainstZitadel(t *testing.T) {
 			if err != nil {
 				t.Fatalf("refresh after restart: %v", err)
 			}
-			if rt2 := f.stored(t); rt2 == rt1 || !f.srv.Storage.refreshTokenValid(rt2) || tok2.Value == tok.Value {
-				t.Errorf("after the second refresh: stored %q, valid %v", rt2, f.srv.Storage.refreshTokenValid(rt2))
+			if rt2 := f.stored(t); rt2 == rt1 || !f.srv.Storage.RefreshTokenValid(rt2) || tok2.Value == tok.Value {
+				t.Errorf("after the second refresh: stored %q, valid %v", rt2, f.srv.Storage.RefreshTokenValid(rt2))
 			}
-			if n := f.srv.count("refresh_token"); n != 2 {
+			if n := f.srv.Count("refresh_token"); n != 2 {
 				t.Errorf("%d refresh requests, want 2", n)
 			}
 		})
@@ -321,7 +322,7 @@ func TestRefreshConcurrent(t *testing.T) {
 			t.Errorf("call %d got another token", i)
 		}
 	}
-	if got := f.srv.count("refresh_token"); got != 1 {
+	if got := f.srv.Count("refresh_token"); got != 1 {
 		t.Errorf("%d refresh requests for %d concurrent calls, want 1", got, n)
 	}
 }
@@ -418,7 +419,7 @@ func TestRefreshSaveFailure(t *testing.T) {
 	if _, err := src.Token(context.Background(), req); err != nil {
 		t.Fatalf("Token after the store recovered: %v", err)
 	}
-	if rt := f.stored(t); rt == f.rt0 || !f.srv.Storage.refreshTokenValid(rt) {
+	if rt := f.stored(t); rt == f.rt0 || !f.srv.Storage.RefreshTokenValid(rt) {
 		t.Errorf("stored refresh token %q is not the live one", rt)
 	}
 }
@@ -437,7 +438,7 @@ func TestRevokeRefreshTokenAgainstZitadel(t *testing.T) {
 	if err := src.RevokeMerchant(context.Background(), refreshMerchant); err != nil {
 		t.Fatalf("RevokeMerchant: %v", err)
 	}
-	if f.srv.Storage.refreshTokenValid(f.rt0) {
+	if f.srv.Storage.RefreshTokenValid(f.rt0) {
 		t.Fatal("the refresh token is still valid after revocation")
 	}
 	_, err := src.Token(context.Background(), broker.Request{Merchant: refreshMerchant})

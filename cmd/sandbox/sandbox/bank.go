@@ -457,9 +457,11 @@ func (s *Server) bankToken(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 		}
-		s.mu.Lock()
-		refresh = s.newRefreshLocked(c.ID, family, g.scopes)
-		s.mu.Unlock()
+		if slices.Contains(g.scopes, "offline_access") { // granted only with prompt=consent
+			s.mu.Lock()
+			refresh = s.newRefreshLocked(c.ID, family, g.scopes)
+			s.mu.Unlock()
+		}
 	case "client_credentials":
 		if bad := c.disallowed(asked); bad != "" {
 			oauthError(w, http.StatusBadRequest, "invalid_scope", fmt.Sprintf("scope %q is not allowed for this client", bad))

@@ -24,8 +24,11 @@ import (
 // code, the state and iss (RFC 9207), decision=deny with
 // error=access_denied. The code is single-use, valid one minute, and the
 // token endpoint redeems it only with the PKCE verifier and the same
-// redirect_uri; it gives an access token, a refresh token and, when
-// openid was asked, an ID token signed with the bank's key.
+// redirect_uri; it gives an access token, a refresh token when
+// offline_access was granted and, when openid was asked, an ID token
+// signed with the bank's key. As OpenID Connect Core §11 asks, the bank
+// grants offline_access only to a request whose prompt holds consent: a
+// request without it gets no refresh token.
 
 const (
 	bankAuthorizePath = "/oauth2/authorize"
@@ -111,7 +114,7 @@ func (s *Server) bankAuthorize(w http.ResponseWriter, r *http.Request) {
 	}
 	if r.Method == http.MethodGet {
 		params := url.Values{}
-		for _, k := range []string{"response_type", "client_id", "redirect_uri", "scope", "state", "nonce", "code_challenge", "code_challenge_method"} {
+		for _, k := range []string{"response_type", "client_id", "redirect_uri", "scope", "state", "nonce", "code_challenge", "code_challenge_method", "prompt"} {
 			if v := q.Get(k); v != "" {
 				params.Set(k, v)
 			}
@@ -123,6 +126,9 @@ func (s *Server) bankAuthorize(w http.ResponseWriter, r *http.Request) {
 	if q.Get("decision") != "approve" {
 		fail("access_denied", "the merchant denied the request")
 		return
+	}
+	if !slices.Contains(strings.Fields(q.Get("prompt")), "consent") { // OpenID Connect Core §11
+		scopes = slices.DeleteFunc(scopes, func(s string) bool { return s == "offline_access" })
 	}
 	code := strings.ToLower(rand.Text())
 	s.mu.Lock()
