@@ -25,7 +25,7 @@ import (
 // caller what to do and reveal nothing about credentials or tokens.
 var messages = map[string]string{
 	// The request itself (outbound.check, merchantOf, the caller policy).
-	"method_refused":            "TRACE is not forwarded: the upstream would echo the injected credential back",
+	"method_refused":            "TRACE and TRACK (in any letter case) are not forwarded: the upstream would echo the injected credential back",
 	"forbidden_trailer":         "the request declares a trailer naming a header the token broker sets or reads (Authorization, Proxy-Authorization, the merchant or caller header): send these as headers, never as trailers",
 	"missing_merchant":          "the request does not say which merchant it is for: set the merchant header (default X-Merchant-Id)",
 	"ambiguous_merchant":        "the request names the merchant more than once: send one merchant header with one value",

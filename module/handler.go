@@ -440,20 +440,35 @@ func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, int
 }
 
 // hasUnderscoreTwin reports whether hdr has a header whose name is name's
-// with an underscore for a hyphen (X-Merchant_Id beside X-Merchant-Id; Go
-// does not canonicalise such names, so it is another header to Caddy). It
-// is forwarded, and a server behind the proxy that folds underscores into
-// hyphens (CGI and WSGI environments, some proxies) could read it as the
-// merchant: another merchant than the one whose token is set. Such a
-// request names the merchant twice: refused as ambiguous.
+// with an underscore or a dot for a hyphen (X-Merchant_Id or X-Merchant.Id
+// beside X-Merchant-Id; Go does not canonicalise such names, so it is
+// another header to Caddy). A server behind the proxy that folds
+// underscores and dots into hyphens (CGI and FastCGI, PHP, WSGI) could read
+// it as the merchant: another merchant than the one whose token is set.
+// Such a request names the merchant twice: refused as ambiguous.
+//
+// Caddy's server drops every header name with an underscore or a dot before
+// any handler runs, unless the server's expected_underscore_headers or
+// expected_dot_headers keeps it (and then drops the hyphenated name): so
+// this sees a twin only where the operator asked Caddy to keep one.
 func hasUnderscoreTwin(hdr http.Header, name string) bool {
 	for k := range hdr {
-		// Only a name with an underscore is compared (and copied): rare.
-		if len(k) == len(name) && strings.IndexByte(k, '_') >= 0 && strings.EqualFold(strings.ReplaceAll(k, "_", "-"), name) {
+		// Only a name with an underscore or a dot is compared (and
+		// copied): rare.
+		if len(k) == len(name) && strings.ContainsAny(k, "_.") && strings.EqualFold(strings.Map(hyphenFold, k), name) {
 			return true
 		}
 	}
 	return false
+}
+
+// hyphenFold maps an underscore or a dot of a header name to a hyphen, as
+// CGI backends fold them (strings.Map).
+func hyphenFold(r rune) rune {
+	if r == '_' || r == '.' {
+		return '-'
+	}
+	return r
 }
 
 // Lookup implements broker.Observer. Lookups are counted by each binding's

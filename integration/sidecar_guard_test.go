@@ -1,0 +1,127 @@
+package integration
+
+import (
+	"encoding/json"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestEchoMethodsRefusedInAnyCase: TRACE and TRACK, in any letter case, are
+// refused with 405 method_refused before any token request and never reach
+// the upstream, which would echo the injected token back.
+func TestEchoMethodsRefusedInAnyCase(t *testing.T) {
+	sb, _ := startSandbox(t)
+	up := startRecordingUpstream(t)
+	base := startCaddy(t, headersCaddyfile(t, up.url, ""))
+	for _, method := range []string{"TRACE", "trace", "Trace", "TRACK", "track", "tRaCk"} {
+		resp, body := rawRequest(t, base, method+" /tpp/payments HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\nConnection: close\r\n\r\n")
+		if resp.StatusCode != http.StatusMethodNotAllowed || !strings.Contains(body, `"method_refused"`) {
+			t.Errorf("%s: %d %s, want 405 method_refused", method, resp.StatusCode, body)
+		}
+		if resp.Header.Get("Allow") == "" {
+			t.Errorf("%s: the 405 has no Allow header", method)
+		}
+	}
+	if n := len(up.requests()); n != 0 {
+		t.Fatalf("%d echo requests reached the upstream, want none", n)
+	}
+	if n := sb.TokenRequests(); n != 0 {
+		t.Fatalf("echo requests caused %d token requests, want none", n)
+	}
+	// Other methods, whatever their case, still go through.
+	for _, method := range []string{"GET", "get", "PROPFIND"} {
+		resp, body := rawRequest(t, base, method+" /tpp/payments HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\nConnection: close\r\n\r\n")
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("%s: %d %s, want 200", method, resp.StatusCode, body)
+		}
+	}
+}
+
+// TestUnderscoreMerchantHeaderThroughCaddy: Caddy drops every request
+// header whose name holds an underscore or a dot before any handler runs,
+// so by default an X-Merchant_Id never reaches the token broker nor the
+// upstream: beside X-Merchant-Id the request is served for X-Merchant-Id;
+// alone it is a request without a merchant. A server option that keeps it
+// (expected_underscore_headers, expected_dot_headers; Caddy then drops
+// X-Merchant-Id) makes every request carrying it ambiguous: refused. The
+// README says so.
+func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
+	sb, _ := startSandbox(t)
+	caddyfile := sandboxCaddyfile(t)
+	keeping := func(option string) string {
+		cf := strings.Replace(caddyfile, "persist_config off", "persist_config off\n\tservers {\n\t\t"+option+"\n\t}", 1)
+		if cf == caddyfile {
+			t.Fatal("the root Caddyfile has no persist_config line to add the servers option after")
+		}
+		return cf
+	}
+	underscoreKept := keeping("expected_underscore_headers X-Merchant_Id")
+	dotKept := keeping("expected_dot_headers X-Merchant.Id")
+	for _, tt := range []struct {
+		name      string
+		caddyfile string
+		headers   []string
+		status    int
+		code      string // for a refusal
+		org       string // for a 200
+	}{
+		{"both, default", caddyfile, []string{"X-Merchant-Id", "acme", "X-Merchant_Id", "globex"}, 200, "", "org-acme"},
+		{"both, underscore first", caddyfile, []string{"X-Merchant_Id", "globex", "X-Merchant-Id", "acme"}, 200, "", "org-acme"},
+		{"dot form beside", caddyfile, []string{"X-Merchant-Id", "acme", "X-Merchant.Id", "globex"}, 200, "", "org-acme"},
+		{"underscore alone", caddyfile, []string{"X-Merchant_Id", "globex"}, 400, "missing_merchant", ""},
+		{"both, underscore kept", underscoreKept, []string{"X-Merchant-Id", "acme", "X-Merchant_Id", "globex"}, 400, "ambiguous_merchant", ""},
+		{"underscore alone, kept", underscoreKept, []string{"X-Merchant_Id", "globex"}, 400, "ambiguous_merchant", ""},
+		{"hyphen alone, underscore kept", underscoreKept, []string{"X-Merchant-Id", "acme"}, 400, "missing_merchant", ""},
+		{"both, dot kept", dotKept, []string{"X-Merchant-Id", "acme", "X-Merchant.Id", "globex"}, 400, "ambiguous_merchant", ""},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			base := startCaddy(t, tt.caddyfile)
+			req := "GET /tpp/payments HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+			for i := 0; i+1 < len(tt.headers); i += 2 {
+				req += tt.headers[i] + ": " + tt.headers[i+1] + "\r\n"
+			}
+			resp, body := rawRequest(t, base, req+"\r\n")
+			if resp.StatusCode != tt.status {
+				t.Fatalf("%d %s, want %d", resp.StatusCode, body, tt.status)
+			}
+			if tt.code != "" {
+				var eb struct{ Error string }
+				if err := json.Unmarshal([]byte(body), &eb); err != nil || eb.Error != tt.code {
+					t.Fatalf("body %s, want error %q", body, tt.code)
+				}
+				return
+			}
+			var e echo
+			if err := json.Unmarshal([]byte(body), &e); err != nil {
+				t.Fatalf("echo %s: %v", body, err)
+			}
+			if !e.Authorization.Valid || e.Authorization.Organisation != tt.org {
+				t.Fatalf("upstream token %+v, want one for %s", e.Authorization, tt.org)
+			}
+			for name := range e.Headers {
+				if strings.ContainsAny(name, "_.") {
+					t.Errorf("header %s reached the upstream", name)
+				}
+			}
+		})
+	}
+	if sb.TokenRequests() == 0 {
+		t.Fatal("no token request at all: the cases did not reach the broker")
+	}
+
+	// The README describes this (Caddy's drop, the server options), not an
+	// answer Caddy never lets happen by default.
+	readme, err := os.ReadFile(filepath.Join(repoRoot(t), "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"drops every request header whose name contains an underscore or a dot",
+		"`expected_underscore_headers`", "`expected_dot_headers`"} {
+		if !strings.Contains(strings.Join(strings.Fields(string(readme)), " "), want) {
+			t.Errorf("README does not say %q", want)
+		}
+	}
+}
