@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -123,5 +124,30 @@ func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
 		if !strings.Contains(strings.Join(strings.Fields(string(readme)), " "), want) {
 			t.Errorf("README does not say %q", want)
 		}
+	}
+}
+
+// TestRetryAfterIsTheRealHold: a provider answering 429 with Retry-After:
+// 99999999 holds it for 10 minutes (the broker's cap), and callers are told
+// that hold, then what is left of it, not the provider's value nor another
+// cap. The provider is called once.
+func TestRetryAfterIsTheRealHold(t *testing.T) {
+	sb, _ := startSandbox(t)
+	base := startCaddy(t, sandboxCaddyfile(t))
+	sb.Fail(http.StatusTooManyRequests, "99999999", 1)
+	for i, merchant := range []string{"acme", "globex", "acme"} {
+		status, hdr, body := getWithHeader(t, base+"/tpp/payments", "X-Merchant-Id", merchant)
+		if status != http.StatusServiceUnavailable || !strings.Contains(string(body), `"token_rate_limited"`) {
+			t.Fatalf("%s: %d %s, want 503 token_rate_limited", merchant, status, body)
+		}
+		ra, err := strconv.Atoi(hdr.Get("Retry-After"))
+		// The hold is 600 s; later answers say what is left (whole
+		// seconds, rounded up), allowing a slow machine a minute.
+		if err != nil || ra > 600 || ra < 540 || (i == 0 && ra != 600) {
+			t.Fatalf("%s: Retry-After %q, want the 10-minute hold the broker applies (600 on the first answer, then what is left)", merchant, hdr.Get("Retry-After"))
+		}
+	}
+	if n := sb.TokenRequests(); n != 1 {
+		t.Fatalf("token requests = %d, want 1: the provider is held", n)
 	}
 }
