@@ -2,6 +2,7 @@ package integration
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -149,5 +150,86 @@ func TestRetryAfterIsTheRealHold(t *testing.T) {
 	}
 	if n := sb.TokenRequests(); n != 1 {
 		t.Fatalf("token requests = %d, want 1: the provider is held", n)
+	}
+}
+
+// guardCaddyfile writes a registry (the sandbox's Nuapay provider, the
+// explicit merchant acme, then extra TOML) and returns a Caddyfile: the
+// token_broker app on it with the global lines appDirectives, and a
+// loopback site with the lines site before a token_broker route to the
+// sandbox's echo.
+func guardCaddyfile(t *testing.T, extraTOML, appDirectives, site string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "merchants.toml")
+	toml := `[providers.nuapay]
+type = "nuapay"
+base_url = "{env.SANDBOX_URL}"
+api_key = "{env.NUAPAY_API_KEY}"
+timeout = "5s"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+` + extraTOML
+	if err := os.WriteFile(path, []byte(toml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TOKEN_BROKER_CONFIG", path)
+	return `{
+	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
+	token_broker {
+		config {$TOKEN_BROKER_CONFIG}
+` + appDirectives + `
+	}
+	persist_config off
+}
+
+http://:{$TOKEN_BROKER_PORT} {
+	bind 127.0.0.1
+` + site + `
+	handle {
+		token_broker
+		reverse_proxy {$SANDBOX_URL}
+	}
+}
+`
+}
+
+// TestFailingMerchantIDsKeepNoWildcardSlot: five merchant ids whose token
+// requests fail (organisations the provider does not know) fill a
+// wildcard with max_active = 5, yet merchants that can get a token are
+// served at once, not refused with too_many_merchants for idle_timeout.
+func TestFailingMerchantIDsKeepNoWildcardSlot(t *testing.T) {
+	sb, _ := startSandbox(t)
+	base := startCaddy(t, guardCaddyfile(t, `
+[merchants."*"]
+provider = "nuapay"
+organisation = "{merchant}"
+scopes = ["openbanking_pisp"]
+max_active = 5
+idle_timeout = "2h"
+`, "", ""))
+	for i := range 5 {
+		status, body := get(t, base+"/tpp/payments", "X-Merchant-Id", fmt.Sprint("org-unknown-", i))
+		if status != http.StatusBadGateway || !strings.Contains(string(body), `"token_refused"`) {
+			t.Fatalf("org-unknown-%d: %d %s, want 502 token_refused", i, status, body)
+		}
+	}
+	for _, org := range []string{"org-acme", "org-globex", "org-initech"} {
+		e := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", org)
+		if !e.Authorization.Valid || e.Authorization.Organisation != org {
+			t.Fatalf("%s: upstream token %+v, want one for %s", org, e.Authorization, org)
+		}
+	}
+	// Served merchants keep their slots: two more failing ids share the
+	// two slots left, and a sixth served merchant would be refused.
+	for i := 5; i < 8; i++ {
+		if status, body := get(t, base+"/tpp/payments", "X-Merchant-Id", fmt.Sprint("org-unknown-", i)); status != http.StatusBadGateway {
+			t.Fatalf("org-unknown-%d: %d %s, want 502", i, status, body)
+		}
+	}
+	if n := sb.TokenRequests(); n != 11 {
+		t.Fatalf("token requests = %d, want 11 (one per merchant id)", n)
 	}
 }

@@ -33,7 +33,7 @@ var messages = map[string]string{
 	"unknown_merchant":          "this merchant is not in the token broker's registry",
 	"unlisted_organisation":     "this merchant's organisation is not among the organisations the provider lists for the partner, which the registry's wildcard entry is restricted to",
 	"organisations_unavailable": "the provider's list of organisations, which the registry's wildcard entry is restricted to, could not be read yet; retry later",
-	"too_many_merchants":        "the token broker serves as many merchants through its wildcard entry as max_active allows, and none has been idle long enough to make room; retry later",
+	"too_many_merchants":        "the token broker serves as many merchants through its wildcard entry as max_active allows, each has been served a token and none has been idle long enough to make room; retry later",
 	"caller_unauthenticated":    "the caller must present a valid JWT from the trusted issuer, for this sidecar's audience, as a Bearer token",
 	"caller_keys_unavailable":   "the caller's JWT cannot be checked now: the issuer's keys are unavailable",
 	"caller_forbidden":          "this caller may not act for this merchant",

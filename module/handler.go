@@ -139,7 +139,8 @@ type binding struct {
 
 	// lastUsed is, for a binding served through the wildcard entry (so
 	// bounded and evictable: wild), its last use in unix nanoseconds
-	// (coarse, never 0); 0 for an explicit merchant's.
+	// (coarse, never 0), its lowest bit set once it was served a token
+	// (servedBit); 0 for an explicit merchant's.
 	lastUsed atomic.Int64
 }
 
@@ -399,6 +400,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		status, code := classify(err)
 		return h.fail(w, repl, refusal{status: status, code: code, merchant: merchant, providerType: b.prov.typ, cause: err})
 	}
+	b.markServed() // bindings.go: a wildcard merchant's slot is its own now
 	out.prepare(r, e.Header())
 
 	if _, again := repl.Get(placeholderPrefix + "merchant"); again {
