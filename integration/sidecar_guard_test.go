@@ -3,11 +3,14 @@ package integration
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 )
 
@@ -231,5 +234,68 @@ idle_timeout = "2h"
 	}
 	if n := sb.TokenRequests(); n != 11 {
 		t.Fatalf("token requests = %d, want 11 (one per merchant id)", n)
+	}
+}
+
+// TestOrganisationListingCappedInTotal: a provider whose organisations list
+// runs to 150 pages of about 0.95 MB is read up to the default budget over
+// all pages (max_organisations × 1 KiB), then refused with an error that
+// says what to change; the last good list stays in force: a listed
+// merchant is served, an organisation only the oversized list named is
+// not.
+func TestOrganisationListingCappedInTotal(t *testing.T) {
+	sb, sandboxURL := startSandbox(t)
+	var hostile atomic.Bool
+	var pages atomic.Int64
+	pad := strings.Repeat("x", 9500)
+	provider := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !hostile.Load() || r.URL.Path != "/organisations" {
+			sb.ServeHTTP(w, r)
+			return
+		}
+		pages.Add(1)
+		page, _ := strconv.Atoi(r.URL.Query().Get("pagenumber"))
+		var b strings.Builder
+		b.WriteString(`{"data":[`)
+		for i := range 100 {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			fmt.Fprintf(&b, `{"id":"org-hostile-%d","name":"%s"}`, (page-1)*100+i, pad)
+		}
+		b.WriteString(`],"page":{"totalPages":150}}`)
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, b.String())
+	}))
+	t.Cleanup(provider.Close)
+	t.Setenv("SANDBOX_URL", provider.URL) // the registry's provider
+	base := startCaddy(t, guardCaddyfile(t, `
+[merchants."*"]
+provider = "nuapay"
+organisation = "{merchant}"
+scopes = ["openbanking_pisp"]
+only_listed_organisations = true
+`, "", ""))
+	t.Setenv("SANDBOX_URL", sandboxURL)
+
+	if status, body := adminCall(t, "POST", "/token_broker/providers/nuapay/organisations"); status != http.StatusOK {
+		t.Fatalf("good list: %d %s", status, body)
+	}
+	hostile.Store(true)
+	status, body := adminCall(t, "POST", "/token_broker/providers/nuapay/organisations")
+	if status != http.StatusBadGateway || !strings.Contains(body, "not used") || !strings.Contains(body, "max_organisations") ||
+		!strings.Contains(body, "the last good list stays in force") {
+		t.Fatalf("oversized list: %d %s; want 502 saying the list is not used, what to raise, and that the last good list stays", status, body)
+	}
+	if n := pages.Load(); n >= 150 {
+		t.Errorf("the oversized list was read to its end (%d pages)", n)
+	}
+	for _, tt := range []struct {
+		merchant string
+		status   int
+	}{{"org-globex", 200}, {"org-hostile-1", 403}} {
+		if got, body := get(t, base+"/tpp/payments", "X-Merchant-Id", tt.merchant); got != tt.status {
+			t.Errorf("%s after the oversized list: %d %s, want %d", tt.merchant, got, body, tt.status)
+		}
 	}
 }
