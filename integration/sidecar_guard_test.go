@@ -12,6 +12,9 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
 // TestEchoMethodsRefusedInAnyCase: TRACE and TRACK, in any letter case, are
@@ -297,5 +300,150 @@ only_listed_organisations = true
 		if got, body := get(t, base+"/tpp/payments", "X-Merchant-Id", tt.merchant); got != tt.status {
 			t.Errorf("%s after the oversized list: %d %s, want %d", tt.merchant, got, body, tt.status)
 		}
+	}
+}
+
+// TestSidecarSiteRefusesForeignHostsAndCrossSite: with the documented
+// `http://:8080` site (the root Caddyfile), the token_broker routes and
+// the consent links endpoint answer loopback Host names only, and refuse
+// browsers' cross-site requests, before any token request and without
+// forwarding: a DNS-rebinding page (its own name as Host) and a page on
+// another site (a text/plain POST needs no preflight) get nothing. The
+// consent site, reached by merchants' browsers on the partner's domain,
+// is not restricted. allowed_hosts adds names.
+func TestSidecarSiteRefusesForeignHostsAndCrossSite(t *testing.T) {
+	sb, _ := startSandbox(t)
+	base := startCaddy(t, sandboxCaddyfile(t))
+	port := strings.TrimPrefix(base, "http://127.0.0.1:")
+	consentSite := os.Getenv("SANDBOX_CONSENT_SITE")
+	waitListening(t, strings.TrimPrefix(consentSite, "http://"))
+
+	type answer struct {
+		status int
+		code   string // the JSON error; "" for a success
+	}
+	call := func(t *testing.T, target, method, path, host string, headers ...string) (int, string) {
+		t.Helper()
+		req := method + " " + path + " HTTP/1.1\r\nHost: " + host + "\r\nConnection: close\r\n"
+		for i := 0; i+1 < len(headers); i += 2 {
+			req += headers[i] + ": " + headers[i+1] + "\r\n"
+		}
+		if method == "POST" {
+			body := `{"merchant":"hooli"}`
+			req += "Content-Type: text/plain\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body
+		} else {
+			req += "\r\n"
+		}
+		resp, body := rawRequest(t, target, req)
+		return resp.StatusCode, body
+	}
+	check := func(t *testing.T, status int, body string, want answer) {
+		t.Helper()
+		if status != want.status {
+			t.Fatalf("%d %s, want %d %s", status, body, want.status, want.code)
+		}
+		if want.code != "" {
+			var eb struct{ Error, Message string }
+			if err := json.Unmarshal([]byte(body), &eb); err != nil || eb.Error != want.code || eb.Message == "" {
+				t.Fatalf("body %s, want a JSON error %q with a message", body, want.code)
+			}
+		}
+	}
+	local := "127.0.0.1:" + port
+	for _, tt := range []struct {
+		name, method, path, host string
+		headers                  []string
+		want                     answer
+	}{
+		{"loopback IP", "GET", "/tpp/payments", local, nil, answer{200, ""}},
+		{"localhost", "GET", "/tpp/payments", "localhost:" + port, nil, answer{200, ""}},
+		{"LOCALHOST without port", "GET", "/tpp/payments", "LOCALHOST", nil, answer{200, ""}},
+		{"IPv6 loopback", "GET", "/tpp/payments", "[::1]:" + port, nil, answer{200, ""}},
+		{"rebinding name", "GET", "/tpp/payments", "attacker.example:" + port, nil, answer{421, "host_not_allowed"}},
+		{"name ending in localhost", "GET", "/tpp/payments", "localhost.attacker.example", nil, answer{421, "host_not_allowed"}},
+		{"cross-site fetch", "GET", "/tpp/payments", local, []string{"Sec-Fetch-Site", "cross-site"}, answer{403, "cross_site_request"}},
+		{"same-site fetch", "POST", "/tpp/payments", local, []string{"Sec-Fetch-Site", "same-site"}, answer{403, "cross_site_request"}},
+		{"same-origin fetch", "GET", "/tpp/payments", local, []string{"Sec-Fetch-Site", "same-origin"}, answer{200, ""}},
+		{"typed in the address bar", "GET", "/tpp/payments", local, []string{"Sec-Fetch-Site", "none"}, answer{200, ""}},
+		{"foreign Origin", "POST", "/tpp/payments", local, []string{"Origin", "https://attacker.example"}, answer{403, "cross_site_request"}},
+		{"null Origin", "POST", "/tpp/payments", local, []string{"Origin", "null"}, answer{403, "cross_site_request"}},
+		{"own Origin", "POST", "/tpp/payments", local, []string{"Origin", "http://" + local}, answer{200, ""}},
+		{"links, rebinding name", "POST", "/consent/links", "attacker.example:" + port, nil, answer{421, "host_not_allowed"}},
+		{"links, cross-site text/plain", "POST", "/consent/links", local, []string{"Sec-Fetch-Site", "cross-site"}, answer{403, "cross_site_request"}},
+		{"links, foreign Origin", "POST", "/consent/links", local, []string{"Origin", "https://attacker.example"}, answer{403, "cross_site_request"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			before := sb.TokenRequests()
+			status, body := call(t, base, tt.method, tt.path, tt.host, append([]string{"X-Merchant-Id", "acme"}, tt.headers...)...)
+			check(t, status, body, tt.want)
+			if tt.want.code != "" {
+				if n := sb.TokenRequests() - before; n != 0 {
+					t.Errorf("a refused request made %d token requests", n)
+				}
+				if strings.Contains(body, `"url"`) || strings.Contains(body, `"authorization"`) {
+					t.Errorf("a refused request got an answer from behind the guard: %s", body)
+				}
+			}
+		})
+	}
+	// The application's own link request still works.
+	if status, body := call(t, base, "POST", "/consent/links", local); status != http.StatusOK || !strings.Contains(body, `"url"`) {
+		t.Fatalf("links from the application: %d %s, want 200 with a link", status, body)
+	}
+	// The consent site answers merchants' browsers under the partner's
+	// name, cross-site navigations included (the bank redirects back).
+	status, body := call(t, consentSite, "GET", "/consent/start?link=unknown", "callback.partner.example", "Sec-Fetch-Site", "cross-site")
+	if status == http.StatusMisdirectedRequest || strings.Contains(body, "host_not_allowed") || strings.Contains(body, "cross_site_request") {
+		t.Fatalf("consent site: %d %s, want the consent handler's own answer", status, body)
+	}
+
+	// allowed_hosts adds names (any port); others stay refused.
+	loadCaddy(t, guardCaddyfile(t, "", "\t\tallowed_hosts sidecar.payments.svc 10.1.2.3", ""))
+	if status, body := get(t, base+"/tpp/payments", "X-Merchant-Id", "acme"); status != http.StatusOK { // get retries a reload's reset
+		t.Fatalf("after the reload: %d %s", status, body)
+	}
+	for _, tt := range []struct {
+		host string
+		want answer
+	}{
+		{"sidecar.payments.svc:" + port, answer{200, ""}},
+		{"SIDECAR.payments.svc.", answer{200, ""}},
+		{"10.1.2.3:" + port, answer{200, ""}},
+		{"localhost:" + port, answer{200, ""}},
+		{"other.payments.svc:" + port, answer{421, "host_not_allowed"}},
+	} {
+		t.Run("allowed_hosts "+tt.host, func(t *testing.T) {
+			status, body := call(t, base, "GET", "/tpp/payments", tt.host, "X-Merchant-Id", "acme")
+			check(t, status, body, tt.want)
+		})
+	}
+}
+
+// TestAllowedHostsConfig: allowed_hosts is parsed strictly, from a
+// Caddyfile (file and line) and from JSON.
+func TestAllowedHostsConfig(t *testing.T) {
+	startSandbox(t)
+	for _, tt := range []struct{ directive, want string }{
+		{"allowed_hosts", "allowed_hosts needs at least one host name"},
+		{"allowed_hosts sidecar:8080", `allowed_hosts[0] "sidecar:8080": want a host name or IP address without scheme or port`},
+		{"allowed_hosts http://sidecar", "without scheme or port"},
+		{"allowed_hosts a\n\t\tallowed_hosts b", "allowed_hosts"},
+	} {
+		cf := guardCaddyfile(t, "", "\t\t"+tt.directive, "")
+		_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), map[string]any{"filename": "Caddyfile"})
+		if err == nil || !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), "Caddyfile:") {
+			t.Errorf("%q: %v, want an error at a Caddyfile line saying %q", tt.directive, err, tt.want)
+		}
+	}
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(guardCaddyfile(t, "", "\t\tallowed_hosts sidecar.svc", "")), map[string]any{"filename": "Caddyfile"})
+	if err != nil || !strings.Contains(string(cfg), `"allowed_hosts":["sidecar.svc"]`) {
+		t.Fatalf("adapted: %v %s", err, cfg)
+	}
+	bad := strings.Replace(string(cfg), `"allowed_hosts":["sidecar.svc"]`, `"allowed_hosts":["sidecar.svc:80"]`, 1)
+	if err := caddy.Load([]byte(bad), true); err == nil || !strings.Contains(err.Error(), "allowed_hosts[0]") {
+		if err == nil {
+			caddy.Stop()
+		}
+		t.Fatalf("JSON allowed_hosts with a port: %v, want a load error naming allowed_hosts[0]", err)
 	}
 }

@@ -24,7 +24,10 @@ import (
 // messages are the messages sent to callers, by error code. They tell the
 // caller what to do and reveal nothing about credentials or tokens.
 var messages = map[string]string{
-	// The request itself (outbound.check, merchantOf, the caller policy).
+	// The request itself (siteGuard.check, outbound.check, merchantOf,
+	// the caller policy).
+	"host_not_allowed":          "this token broker answers requests addressed to a loopback name (localhost, 127.0.0.1, [::1]) or to a host its operator allows (allowed_hosts in the token_broker global option), not to this Host; the request was not forwarded",
+	"cross_site_request":        "a browser request from another site (Sec-Fetch-Site, or an Origin that is not this host) is not forwarded: the token broker serves the applications on its host, not web pages",
 	"method_refused":            "TRACE and TRACK (in any letter case) are not forwarded: the upstream would echo the injected credential back",
 	"forbidden_trailer":         "the request declares a trailer naming a header the token broker sets or reads (Authorization, Proxy-Authorization, the merchant or caller header): send these as headers, never as trailers",
 	"missing_merchant":          "the request does not say which merchant it is for: set the merchant header (default X-Merchant-Id)",

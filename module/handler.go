@@ -58,9 +58,11 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // `{http.token_broker.error}` | On failure, the error code sent to the caller
 //
 // Errors are answered with a JSON body {"error", "message", "merchant"}
-// (errors.go): 400 when the merchant is missing or malformed or a trailer
-// names a header the broker owns, 405 for TRACE, 403 when the merchant is not in the
-// registry, 502 when the token API fails, 504 when it times out. With
+// (errors.go): 421 for a Host that is not a loopback name nor in the app's
+// allowed_hosts, 403 for a browser's cross-site request (site.go), 400
+// when the merchant is missing or malformed or a trailer names a header
+// the broker owns, 405 for TRACE and TRACK, 403 when the merchant is not
+// in the registry, 502 when the token API fails, 504 when it times out. With
 // `errors caddy` they are returned as caddyhttp.Errors instead, for
 // handle_errors routes.
 type Handler struct {
@@ -112,6 +114,7 @@ type Handler struct {
 	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
 
 	callers        *CallerPolicy
+	site           *siteGuard    // the app's: which Host names and browser requests are served (site.go)
 	bindings       *bindingTable // created on first use, shared by the config's routes with the same scopes
 	listingKey     string        // the pooled organisation listing of a handler's own registry
 	merchantHeader string        // canonical header name when Merchant is a plain header placeholder
@@ -250,6 +253,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	app := appIface.(*App)
 	h.broker = app.broker
 	h.callers = app.Callers
+	h.site = &app.site
 	if h.Merchant == "" {
 		h.Merchant = DefaultMerchant
 	}
@@ -369,6 +373,11 @@ func (h *Handler) Validate() error {
 // contract (headers.go).
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	if h.site != nil { // nil only in a handler made by hand (tests)
+		if status, code, err := h.site.check(r); status != 0 {
+			return h.fail(w, repl, refusal{status: status, code: code, cause: err})
+		}
+	}
 	out := h.outbound()
 	if status, code := out.check(r); status != 0 {
 		return h.fail(w, repl, refusal{status: status, code: code})

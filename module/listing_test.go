@@ -24,9 +24,14 @@ import (
 // each with a name of pad bytes; the organisation ids are prefix1,
 // prefix2…
 type listingStandIn struct {
+	listingShape
+	served atomic.Int64 // pages answered
+}
+
+// listingShape is the shape of a stand-in's list.
+type listingShape struct {
 	pages, perPage, pad int
 	prefix              string
-	served              atomic.Int64 // pages answered
 }
 
 func (s *listingStandIn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -56,21 +61,21 @@ func (s *listingStandIn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func TestOrganisationListingBoundedInTotal(t *testing.T) {
 	for _, tt := range []struct {
 		name      string
-		hostile   listingStandIn
+		hostile   listingShape
 		limits    nuapay.ListLimits
 		limit     string // the ListTooLargeError's Limit
 		maxPages  int64  // pages the hostile reading may ask for
 		wantInMsg string
 	}{
-		{"150 pages of 0.95 MB, fewer organisations than allowed", listingStandIn{pages: 150, perPage: 100, pad: 9500, prefix: "HOSTILE"},
+		{"150 pages of 0.95 MB, fewer organisations than allowed", listingShape{pages: 150, perPage: 100, pad: 9500, prefix: "HOSTILE"},
 			nuapay.ListLimits{Organisations: 20_000}, "bytes", 22, "raise max_organisations"},
-		{"150 pages of 0.95 MB, a small max_organisations", listingStandIn{pages: 150, perPage: 100, pad: 9500, prefix: "HOSTILE"},
+		{"150 pages of 0.95 MB, a small max_organisations", listingShape{pages: 150, perPage: 100, pad: 9500, prefix: "HOSTILE"},
 			nuapay.ListLimits{Organisations: 1000}, "bytes", 2, "raise max_organisations"},
-		{"many small pages, organisations", listingStandIn{pages: 10_000, perPage: 100, pad: 10, prefix: "HOSTILE"},
+		{"many small pages, organisations", listingShape{pages: 10_000, perPage: 100, pad: 10, prefix: "HOSTILE"},
 			nuapay.ListLimits{Organisations: 2500}, "organisations", 26, "more than 2500 organisations"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			stand := &listingStandIn{pages: 3, perPage: 2, pad: 10, prefix: "ORG"} // ORG1..ORG6
+			stand := &listingStandIn{listingShape: listingShape{pages: 3, perPage: 2, pad: 10, prefix: "ORG"}} // ORG1..ORG6
 			var current atomic.Pointer[listingStandIn]
 			current.Store(stand)
 			ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { current.Load().ServeHTTP(w, r) }))
@@ -85,8 +90,8 @@ func TestOrganisationListingBoundedInTotal(t *testing.T) {
 				t.Fatalf("good list: %d, %v; want 6 organisations", n, err)
 			}
 
-			hostile := tt.hostile
-			current.Store(&hostile)
+			hostile := &listingStandIn{listingShape: tt.hostile}
+			current.Store(hostile)
 			n, err := l.Refresh(ctx)
 			var tooLarge *nuapay.ListTooLargeError
 			if !errors.As(err, &tooLarge) || tooLarge.Limit != tt.limit || !strings.Contains(err.Error(), tt.wantInMsg) {
