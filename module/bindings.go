@@ -31,7 +31,8 @@ import (
 // new one evicts those unused for idle_timeout, else the oldest one that
 // was never served a token (evictUnserved: a merchant id whose token
 // requests fail, or whose first one is still in flight, keeps no slot from
-// one that can get a token), or is refused (503) when there is neither. Eviction removes a binding from the table (a request in
+// one that can get a token), or is refused (503) when there is neither.
+// Eviction for idleness removes a binding from the table (a request in
 // flight keeps its pointer and its token) and parks it: the tokens of the
 // last max_active merchants evicted stay in the broker's cache, so that a
 // merchant that comes back soon gets its token again without a token

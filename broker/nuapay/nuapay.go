@@ -281,7 +281,7 @@ func (l ListLimits) withDefaults() ListLimits {
 type ListTooLargeError struct {
 	// Limit is what was exceeded: "organisations", "bytes" or "pages".
 	Limit string
-	// Max is the limit: organisations, or bytes.
+	// Max is the limit passed, in organisations, bytes or pages.
 	Max int64
 	// Pages is the number of pages read when the limit was passed.
 	Pages int
