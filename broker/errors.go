@@ -173,8 +173,15 @@ func (e *UnavailableError) Error() string {
 func (e *UnavailableError) Unwrap() error { return e.Err }
 
 // RetryAfterOf returns how long a caller should wait before trying again
-// after err, or 0 when nobody said. An open breaker's wait comes first.
+// after err, or 0 when nobody said. The broker's own hold comes first (a
+// failed fetch's error says how long the failure policy will not call the
+// token API for its key), then an open breaker's wait, then the provider's
+// Retry-After.
 func RetryAfterOf(err error) time.Duration {
+	var he *heldError
+	if errors.As(err, &he) {
+		return he.retryAfter
+	}
 	var ue *UnavailableError
 	if errors.As(err, &ue) {
 		return ue.RetryAfter

@@ -216,13 +216,13 @@ func (br *Broker) refreshFailure(b *Binding, err error, now time.Time) *failure 
 func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadline time.Time) (Token, func(), error) {
 	now := br.opts.Now()
 	if h := br.sourceHeld(b, now); h != nil {
-		return Token{}, func() {}, h.err
+		return Token{}, func() {}, br.held(b, h.err, now)
 	}
 	var prev *failure
 	if v, ok := br.failures.Load(b.key); ok {
 		prev = v.(*failure)
 		if prev.holds(now) {
-			return Token{}, func() {}, prev.err
+			return Token{}, func() {}, br.held(b, prev.err, now)
 		}
 	}
 	tok, calls, report, err := br.attempts(ctx, b, background, deadline)
@@ -230,12 +230,44 @@ func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadlin
 	br.rememberSource(b, err, calls, now)
 	if err != nil {
 		br.remember(b, prev, err, calls, now)
-		return tok, report, err
+		return tok, report, br.held(b, err, now)
 	}
 	if prev != nil {
 		br.forget(b.key, prev)
 	}
 	return tok, report, nil
+}
+
+// heldError is a failed fetch's error as the policy answers it: the token
+// API is not called for the key before RetryAfter has passed (the key's
+// failure memory or its source's hold, whichever ends last). It is what
+// RetryAfterOf reports, so that a caller is told the hold actually applied
+// (a provider's Retry-After is cut to MaxRetryAfterMemory; a later caller
+// is told what is left of it).
+type heldError struct {
+	err        error
+	retryAfter time.Duration
+}
+
+func (e *heldError) Error() string { return e.err.Error() }
+func (e *heldError) Unwrap() error { return e.err }
+
+// held returns err with the time left, at now, until the policy lets b's
+// key call the token API again; err itself when nothing holds it.
+func (br *Broker) held(b *Binding, err error, now time.Time) error {
+	var until time.Time
+	if h := br.sourceHeld(b, now); h != nil {
+		until = h.until
+	}
+	if v, ok := br.failures.Load(b.key); ok {
+		if f := v.(*failure); f.holds(now) && f.until.After(until) {
+			until = f.until
+		}
+	}
+	if !until.After(now) {
+		return err
+	}
+	return &heldError{err: err, retryAfter: until.Sub(now)}
 }
 
 // remember stores the failure memory of b's key after a failed fetch that

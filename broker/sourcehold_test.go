@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"testing"
@@ -90,5 +91,54 @@ func TestSourceHoldVisibleAndForgotten(t *testing.T) {
 	}
 	if until, _ := br.SourceHold("nuapay#1"); !until.IsZero() {
 		t.Fatal("the hold outlived a success")
+	}
+}
+
+// A caller is told the hold the policy actually applies, not the
+// provider's Retry-After: a 429 asking for a day holds the source for
+// MaxRetryAfterMemory, and RetryAfterOf says so, then what is left of it;
+// a refusal without Retry-After says how long the key's failure memory
+// holds it.
+func TestRetryAfterIsTheHoldApplied(t *testing.T) {
+	day := 24 * time.Hour
+	tests := []struct {
+		name  string
+		err   error
+		later time.Duration // a second lookup this much later
+		first time.Duration // RetryAfterOf the first failure
+		then  time.Duration // ... and of the second lookup's
+	}{
+		{"429 Retry-After a day", &APIError{Provider: "nuapay", StatusCode: http.StatusTooManyRequests, RetryAfter: day},
+			4 * time.Minute, MaxRetryAfterMemory, MaxRetryAfterMemory - 4*time.Minute},
+		{"429 Retry-After an hour (the parse cap)", &APIError{Provider: "oauth2", StatusCode: http.StatusTooManyRequests, RetryAfter: time.Hour},
+			9 * time.Minute, MaxRetryAfterMemory, time.Minute},
+		{"429 Retry-After 30s", &APIError{Provider: "nuapay", StatusCode: http.StatusTooManyRequests, RetryAfter: 30 * time.Second},
+			10 * time.Second, 30 * time.Second, 20 * time.Second},
+		{"503 without Retry-After: the key's memory", &APIError{Provider: "nuapay", StatusCode: http.StatusServiceUnavailable},
+			time.Second, DefaultFailureTTL, DefaultFailureTTL - time.Second},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &scriptedSource{clock: clock, life: time.Hour}
+			br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1})
+			b := NewBinding("nuapay#1", src, Request{Merchant: "m", Organisation: "o"})
+			src.set(tt.err)
+			_, _, err := br.Get(context.Background(), b)
+			if got := RetryAfterOf(err); got != tt.first {
+				t.Fatalf("first failure: RetryAfterOf = %s, want %s (%v)", got, tt.first, err)
+			}
+			if !errors.Is(err, tt.err) {
+				t.Fatalf("the error %v does not wrap the provider's %v", err, tt.err)
+			}
+			clock.Add(tt.later)
+			_, _, err = br.Get(context.Background(), b)
+			if got := RetryAfterOf(err); got != tt.then {
+				t.Fatalf("%s later: RetryAfterOf = %s, want %s", tt.later, got, tt.then)
+			}
+			if n := src.calls.Load(); n != 1 {
+				t.Fatalf("token API calls = %d, want 1 (held)", n)
+			}
+		})
 	}
 }

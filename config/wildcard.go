@@ -10,6 +10,7 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 )
 
 // WildcardID is the name of the wildcard merchant table,
@@ -31,6 +32,8 @@ const (
 	DefaultIdleTimeout = 2 * time.Hour
 	// DefaultOrganisationsRefresh is the default organisations_refresh.
 	DefaultOrganisationsRefresh = 10 * time.Minute
+	// maxMaxOrganisations bounds max_organisations.
+	maxMaxOrganisations = 10_000_000
 )
 
 // Wildcard is a resolved [merchants."*"] table.
@@ -51,6 +54,10 @@ type Wildcard struct {
 	OnlyListed bool
 	// OrganisationsRefresh is how often that list is read again.
 	OrganisationsRefresh time.Duration
+	// MaxOrganisations is the most organisations that list may hold (its
+	// pages together may total MaxOrganisations × 1 KiB): a longer list is
+	// an error, and the last good list stays in force.
+	MaxOrganisations int
 }
 
 // wildcardTOML holds the keys of the wildcard entry besides a merchant's.
@@ -67,6 +74,9 @@ type wildcardTOML struct {
 	// OrganisationsRefresh is how often the list is read ("10m" by
 	// default).
 	OrganisationsRefresh *Duration `toml:"organisations_refresh"`
+	// MaxOrganisations is the most organisations the list may hold
+	// (100000 by default).
+	MaxOrganisations *int `toml:"max_organisations"`
 }
 
 // wildcardKeys are the keys of [merchants."*"].
@@ -76,7 +86,7 @@ var wildcardKeys = append(tomlKeys(merchantTOML{}), tomlKeys(wildcardTOML{})...)
 // merchant); checkWildcard checks it against its provider.
 func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive) (*Wildcard, uint8) {
 	m, flags := p.merchant(md, WildcardID, prim)
-	w := &Wildcard{Merchant: m, MaxActive: DefaultMaxActive}
+	w := &Wildcard{Merchant: m, MaxActive: DefaultMaxActive, MaxOrganisations: nuapay.DefaultMaxOrganisations}
 	if flags != 0 {
 		return w, flags
 	}
@@ -95,6 +105,14 @@ func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive) (*Wildcard, ui
 	w.OnlyListed = raw.OnlyListedOrganisations
 	if raw.OrganisationsRefresh != nil && !w.OnlyListed {
 		e.errf("organisations_refresh", "set only with only_listed_organisations = true")
+	}
+	if raw.MaxOrganisations != nil {
+		if w.MaxOrganisations = *raw.MaxOrganisations; w.MaxOrganisations < 1 || w.MaxOrganisations > maxMaxOrganisations {
+			e.errf("max_organisations", "%d: must be between 1 and %d", w.MaxOrganisations, maxMaxOrganisations)
+		}
+		if !w.OnlyListed {
+			e.errf("max_organisations", "set only with only_listed_organisations = true")
+		}
 	}
 	for _, f := range []struct{ field, v string }{{"organisation", m.Organisation}, {"audience", m.Audience}, {"scopes", strings.Join(m.Scopes, " ")}} {
 		if s := strings.ReplaceAll(f.v, MerchantPlaceholder, ""); strings.ContainsAny(s, "{}") {

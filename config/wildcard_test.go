@@ -93,6 +93,8 @@ func TestWildcardErrors(t *testing.T) {
 		{"bad max", "provider = \"nuapay\"\norganisation = \"{merchant}\"\nscopes = [\"a\"]\nmax_active = 0", `merchant "*": field max_active: 0: must be at least 1`},
 		{"listing needs nuapay", "provider = \"oneid\"\nscopes = [\"a\"]\nonly_listed_organisations = true", `field only_listed_organisations: provider "oneid" is of type oauth2`},
 		{"refresh without listing", "provider = \"nuapay\"\norganisation = \"{merchant}\"\nscopes = [\"a\"]\norganisations_refresh = \"1m\"", `field organisations_refresh: set only with only_listed_organisations`},
+		{"max organisations without listing", "provider = \"nuapay\"\norganisation = \"{merchant}\"\nscopes = [\"a\"]\nmax_organisations = 10", `field max_organisations: set only with only_listed_organisations`},
+		{"bad max organisations", "provider = \"nuapay\"\norganisation = \"{merchant}\"\nscopes = [\"a\"]\nonly_listed_organisations = true\nmax_organisations = 0", `field max_organisations: 0: must be between 1 and 10000000`},
 		{"other placeholder", "provider = \"nuapay\"\norganisation = \"{id}\"\nscopes = [\"a\"]", `field organisation: "{id}": the only placeholder allowed here is {merchant}`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {

@@ -63,6 +63,17 @@ type App struct {
 	// brokers of a fleet through Redis (see RedisConfig). Default: none.
 	Redis *RedisConfig `json:"redis,omitempty"`
 
+	// AllowedHosts are the Host names, besides the loopback ones
+	// (localhost, 127.0.0.1, [::1], any port), that the token_broker
+	// handlers and the consent links endpoint answer: the names
+	// applications reach the sidecar by (a pod-local or service name).
+	// Host names or IP addresses, without scheme or port; "*" accepts any
+	// Host, which gives up the protection against DNS rebinding. A request
+	// for another Host is refused with 421 host_not_allowed, and a
+	// browser's cross-site request with 403 cross_site_request (site.go).
+	// Default: loopback names only.
+	AllowedHosts []string `json:"allowed_hosts,omitempty"`
+
 	registry    *config.Registry
 	metrics     *tokenMetrics
 	metricsKey  string
@@ -75,7 +86,8 @@ type App struct {
 	tables      *tables     // binding tables, by registry and route scopes
 	listing     *orgListing // the wildcard's organisation listing, if restricted
 	listingKey  string
-	registryKey string // the registry's key in the registries pool
+	registryKey string    // the registry's key in the registries pool
+	site        siteGuard // AllowedHosts, checked by the handlers (site.go)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -92,6 +104,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	a.tables = &tables{}
 	if err := a.validate(); err != nil {
+		return err
+	}
+	var err error
+	if a.site, err = newSiteGuard(a.AllowedHosts); err != nil {
 		return err
 	}
 	if a.Callers != nil {

@@ -28,8 +28,11 @@ import (
 // first, then the wildcard entry, under the table's lock.
 //
 // Bindings served through the wildcard are bounded by its max_active: a
-// new one evicts those unused for idle_timeout, or is refused (503) when
-// none is idle. Eviction removes a binding from the table (a request in
+// new one evicts those unused for idle_timeout, else the oldest one that
+// was never served a token (evictUnserved: a merchant id whose token
+// requests fail, or whose first one is still in flight, keeps no slot from
+// one that can get a token), or is refused (503) when there is neither.
+// Eviction for idleness removes a binding from the table (a request in
 // flight keeps its pointer and its token) and parks it: the tokens of the
 // last max_active merchants evicted stay in the broker's cache, so that a
 // merchant that comes back soon gets its token again without a token
@@ -60,6 +63,12 @@ type bindingTable struct {
 	parked     []parking
 	lastParked map[string]uint64
 	parkings   uint64
+	// unserved (under mu) are the wildcard bindings made, oldest first,
+	// among which those never served a token are evicted first
+	// (evictUnserved). A binding served since, or no longer in the table,
+	// is skipped when reached and dropped when the slice is compacted
+	// (queueUnserved), so that it holds at most twice the active bindings.
+	unserved []*binding
 	// provs (under mu) are the providers' names and types, shared by
 	// their bindings (provider).
 	provs map[string]*bindingProvider
@@ -158,7 +167,10 @@ func (t *bindingTable) get(h *Handler, id string) (*binding, *refusal) {
 	if b := t.load(id); b != nil {
 		if used := b.lastUsed.Load(); used != 0 { // wild
 			if now := t.now().UnixNano(); now-used >= touchEvery {
-				b.lastUsed.Store(max(now, 1))
+				// A lost race is another touch or markServed: either
+				// is as good (the use is coarse), and the served bit
+				// is kept.
+				b.lastUsed.CompareAndSwap(used, useStamp(now)|used&servedBit)
 			}
 			if t.listing != nil {
 				if status, code := t.listing.allows(b.Organisation); status != 0 {
@@ -194,7 +206,7 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 		if now >= t.noIdleUntil {
 			t.evictIdle(now, h.broker, id)
 		}
-		if t.active.Load() >= int64(t.reg.Wildcard.MaxActive) {
+		if t.active.Load() >= int64(t.reg.Wildcard.MaxActive) && !t.evictUnserved() {
 			return nil, &refusal{status: http.StatusServiceUnavailable, code: "too_many_merchants", merchant: id}
 		}
 	}
@@ -214,7 +226,7 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 		// An object of its own: it can be evicted at any time.
 		b = new(binding)
 		initBinding(b, bd, prov)
-		b.lastUsed.Store(max(now, 1)) // wild
+		b.lastUsed.Store(useStamp(now)) // wild, not served yet
 	} else {
 		b = t.newPacked(bd, prov)
 	}
@@ -226,8 +238,96 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 	t.store(b)
 	if wild {
 		t.active.Add(1)
+		t.queueUnserved(b)
 	}
 	return b, nil
+}
+
+// servedBit is the bit of a wildcard binding's lastUsed that is set once
+// the binding was served a token (markServed). The use is coarse (a
+// second), so its lowest bit is free; keeping the mark in the same word
+// keeps a binding at 96 bytes (TestBindingSize).
+const servedBit = 1
+
+// useStamp is lastUsed's value for a use at now (unix ns) without the
+// served bit: never 0 (0 marks an explicit merchant's binding).
+func useStamp(now int64) int64 { return max(now&^servedBit, 2) }
+
+// markServed notes that a wildcard binding was served a token: it is no
+// longer evicted before its idle_timeout (evictUnserved). Nothing for an
+// explicit merchant's binding; one atomic load once marked.
+func (b *binding) markServed() {
+	for {
+		u := b.lastUsed.Load()
+		if u == 0 || u&servedBit != 0 || b.lastUsed.CompareAndSwap(u, u|servedBit) {
+			return
+		}
+	}
+}
+
+// served reports whether a wildcard binding was ever served a token.
+func (b *binding) served() bool { return b.lastUsed.Load()&servedBit != 0 }
+
+// queueUnserved adds a new wildcard binding to the unserved queue,
+// compacting the queue first when it has grown to twice the active
+// bindings (so each binding is looked at a bounded number of times, and
+// the queue keeps no evicted binding alive for long). Called with t.mu
+// held.
+func (t *bindingTable) queueUnserved(b *binding) {
+	if len(t.unserved) >= 2*int(t.active.Load())+16 {
+		kept := t.unserved[:0]
+		for _, q := range t.unserved {
+			if !q.served() && t.load(q.Merchant) == q {
+				kept = append(kept, q)
+			}
+		}
+		clear(t.unserved[len(kept):])
+		t.unserved = kept
+	}
+	t.unserved = append(t.unserved, b)
+}
+
+// evictUnserved removes from the table the oldest wildcard binding that
+// was never served a token, and reports whether there was one. Its
+// merchant's token requests failed, or its first one is still in flight:
+// a request holding the binding completes, and a token it gets stays
+// cached (until it expires) for the merchant's next request. It is not
+// parked: it has no token to keep. Called with t.mu held.
+func (t *bindingTable) evictUnserved() bool {
+	for len(t.unserved) > 0 {
+		b := t.unserved[0]
+		t.unserved[0] = nil
+		t.unserved = t.unserved[1:]
+		if b.served() {
+			continue
+		}
+		s := t.shard(b.Merchant)
+		s.mu.Lock()
+		in := s.m[b.Merchant] == b
+		if in {
+			delete(s.m, b.Merchant)
+		}
+		s.mu.Unlock()
+		if !in {
+			continue // evicted as idle already
+		}
+		t.active.Add(-1)
+		t.release([]*binding{b})
+		return true
+	}
+	return false
+}
+
+// release releases the metrics series that evicted wildcard bindings
+// hold. After discard, every binding held was released by it, and those
+// made since hold nothing: then it releases nothing. Called with t.mu
+// held.
+func (t *bindingTable) release(evicted []*binding) {
+	if t.held != nil && !t.discarded {
+		for _, b := range evicted {
+			t.held.releaseMerchant(b.prov.name, b.Merchant)
+		}
+	}
 }
 
 // evictIdle removes the wildcard bindings unused for the wildcard's
@@ -261,13 +361,7 @@ func (t *bindingTable) evictIdle(now int64, br *broker.Broker, coming string) {
 	if oldest >= 0 {
 		t.noIdleUntil = oldest + idle + 1
 	}
-	// After discard, every binding held was released by it, and those
-	// made since hold nothing: an eviction then releases nothing.
-	if t.held != nil && !t.discarded {
-		for _, b := range evicted {
-			t.held.releaseMerchant(b.prov.name, b.Merchant)
-		}
-	}
+	t.release(evicted)
 	t.park(evicted, br, coming)
 }
 

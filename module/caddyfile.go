@@ -119,6 +119,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	    leeway         <duration>
 //	    fetch_timeout  <duration>
 //	    metrics_merchant_label
+//	    allowed_hosts  <host...>
 //	}
 func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 	var app App
@@ -145,6 +146,16 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.Metrics = &MetricsConfig{MerchantLabel: true}
+			continue
+		}
+		if sub == "allowed_hosts" { // site.go
+			a.AllowedHosts = d.RemainingArgs()
+			if len(a.AllowedHosts) == 0 {
+				return d.Errf("allowed_hosts needs at least one host name (or *)")
+			}
+			if _, err := newSiteGuard(a.AllowedHosts); err != nil {
+				return d.Errf("%v", err)
+			}
 			continue
 		}
 		if sub == "callers" {

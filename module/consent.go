@@ -290,6 +290,11 @@ type LinkResponse struct {
 
 // link serves POST …/links on the sidecar: the caller policy applies.
 func (c *Consent) link(w http.ResponseWriter, r *http.Request) {
+	if status, code, err := c.app.site.check(r); status != 0 { // site.go: as the token_broker handler
+		c.logger.Warn("consent link refused", zap.String("error_code", code), zap.Error(err))
+		linkError(w, status, code, message(code, ""))
+		return
+	}
 	var req LinkRequest
 	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<10)).Decode(&req); err != nil {
 		linkError(w, http.StatusBadRequest, "bad_request", `the body must be JSON: {"merchant": "...", "return_url": "..."}`)

@@ -24,8 +24,11 @@ import (
 // messages are the messages sent to callers, by error code. They tell the
 // caller what to do and reveal nothing about credentials or tokens.
 var messages = map[string]string{
-	// The request itself (outbound.check, merchantOf, the caller policy).
-	"method_refused":            "TRACE is not forwarded: the upstream would echo the injected credential back",
+	// The request itself (siteGuard.check, outbound.check, merchantOf,
+	// the caller policy).
+	"host_not_allowed":          "this token broker answers requests addressed to a loopback name (localhost, 127.0.0.1, [::1]) or to a host its operator allows (allowed_hosts in the token_broker global option), not to this Host; the request was not forwarded",
+	"cross_site_request":        "a browser request from another site (Sec-Fetch-Site, or an Origin that is not this host) is not forwarded: the token broker serves the applications on its host, not web pages",
+	"method_refused":            "TRACE and TRACK (in any letter case) are not forwarded: the upstream would echo the injected credential back",
 	"forbidden_trailer":         "the request declares a trailer naming a header the token broker sets or reads (Authorization, Proxy-Authorization, the merchant or caller header): send these as headers, never as trailers",
 	"missing_merchant":          "the request does not say which merchant it is for: set the merchant header (default X-Merchant-Id)",
 	"ambiguous_merchant":        "the request names the merchant more than once: send one merchant header with one value",
@@ -33,7 +36,7 @@ var messages = map[string]string{
 	"unknown_merchant":          "this merchant is not in the token broker's registry",
 	"unlisted_organisation":     "this merchant's organisation is not among the organisations the provider lists for the partner, which the registry's wildcard entry is restricted to",
 	"organisations_unavailable": "the provider's list of organisations, which the registry's wildcard entry is restricted to, could not be read yet; retry later",
-	"too_many_merchants":        "the token broker serves as many merchants through its wildcard entry as max_active allows, and none has been idle long enough to make room; retry later",
+	"too_many_merchants":        "the token broker serves as many merchants through its wildcard entry as max_active allows, each has been served a token and none has been idle long enough to make room; retry later",
 	"caller_unauthenticated":    "the caller must present a valid JWT from the trusted issuer, for this sidecar's audience, as a Bearer token",
 	"caller_keys_unavailable":   "the caller's JWT cannot be checked now: the issuer's keys are unavailable",
 	"caller_forbidden":          "this caller may not act for this merchant",

@@ -58,9 +58,11 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // `{http.token_broker.error}` | On failure, the error code sent to the caller
 //
 // Errors are answered with a JSON body {"error", "message", "merchant"}
-// (errors.go): 400 when the merchant is missing or malformed or a trailer
-// names a header the broker owns, 405 for TRACE, 403 when the merchant is not in the
-// registry, 502 when the token API fails, 504 when it times out. With
+// (errors.go): 421 for a Host that is not a loopback name nor in the app's
+// allowed_hosts, 403 for a browser's cross-site request (site.go), 400
+// when the merchant is missing or malformed or a trailer names a header
+// the broker owns, 405 for TRACE and TRACK, 403 when the merchant is not
+// in the registry, 502 when the token API fails, 504 when it times out. With
 // `errors caddy` they are returned as caddyhttp.Errors instead, for
 // handle_errors routes.
 type Handler struct {
@@ -112,6 +114,7 @@ type Handler struct {
 	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
 
 	callers        *CallerPolicy
+	site           *siteGuard    // the app's: which Host names and browser requests are served (site.go)
 	bindings       *bindingTable // created on first use, shared by the config's routes with the same scopes
 	listingKey     string        // the pooled organisation listing of a handler's own registry
 	merchantHeader string        // canonical header name when Merchant is a plain header placeholder
@@ -139,7 +142,8 @@ type binding struct {
 
 	// lastUsed is, for a binding served through the wildcard entry (so
 	// bounded and evictable: wild), its last use in unix nanoseconds
-	// (coarse, never 0); 0 for an explicit merchant's.
+	// (coarse, never 0), its lowest bit set once it was served a token
+	// (servedBit); 0 for an explicit merchant's.
 	lastUsed atomic.Int64
 }
 
@@ -249,6 +253,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	app := appIface.(*App)
 	h.broker = app.broker
 	h.callers = app.Callers
+	h.site = &app.site
 	if h.Merchant == "" {
 		h.Merchant = DefaultMerchant
 	}
@@ -368,6 +373,11 @@ func (h *Handler) Validate() error {
 // contract (headers.go).
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	if h.site != nil { // nil only in a handler made by hand (tests)
+		if status, code, err := h.site.check(r); status != 0 {
+			return h.fail(w, repl, refusal{status: status, code: code, cause: err})
+		}
+	}
 	out := h.outbound()
 	if status, code := out.check(r); status != 0 {
 		return h.fail(w, repl, refusal{status: status, code: code})
@@ -399,6 +409,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		status, code := classify(err)
 		return h.fail(w, repl, refusal{status: status, code: code, merchant: merchant, providerType: b.prov.typ, cause: err})
 	}
+	b.markServed() // bindings.go: a wildcard merchant's slot is its own now
 	out.prepare(r, e.Header())
 
 	if _, again := repl.Get(placeholderPrefix + "merchant"); again {
@@ -440,20 +451,35 @@ func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, int
 }
 
 // hasUnderscoreTwin reports whether hdr has a header whose name is name's
-// with an underscore for a hyphen (X-Merchant_Id beside X-Merchant-Id; Go
-// does not canonicalise such names, so it is another header to Caddy). It
-// is forwarded, and a server behind the proxy that folds underscores into
-// hyphens (CGI and WSGI environments, some proxies) could read it as the
-// merchant: another merchant than the one whose token is set. Such a
-// request names the merchant twice: refused as ambiguous.
+// with an underscore or a dot for a hyphen (X-Merchant_Id or X-Merchant.Id
+// beside X-Merchant-Id; Go does not canonicalise such names, so it is
+// another header to Caddy). A server behind the proxy that folds
+// underscores and dots into hyphens (CGI and FastCGI, PHP, WSGI) could read
+// it as the merchant: another merchant than the one whose token is set.
+// Such a request names the merchant twice: refused as ambiguous.
+//
+// Caddy's server drops every header name with an underscore or a dot before
+// any handler runs, unless the server's expected_underscore_headers or
+// expected_dot_headers keeps it (and then drops the hyphenated name): so
+// this sees a twin only where the operator asked Caddy to keep one.
 func hasUnderscoreTwin(hdr http.Header, name string) bool {
 	for k := range hdr {
-		// Only a name with an underscore is compared (and copied): rare.
-		if len(k) == len(name) && strings.IndexByte(k, '_') >= 0 && strings.EqualFold(strings.ReplaceAll(k, "_", "-"), name) {
+		// Only a name with an underscore or a dot is compared (and
+		// copied): rare.
+		if len(k) == len(name) && strings.ContainsAny(k, "_.") && strings.EqualFold(strings.Map(hyphenFold, k), name) {
 			return true
 		}
 	}
 	return false
+}
+
+// hyphenFold maps an underscore or a dot of a header name to a hyphen, as
+// CGI backends fold them (strings.Map).
+func hyphenFold(r rune) rune {
+	if r == '_' || r == '.' {
+		return '-'
+	}
+	return r
 }
 
 // Lookup implements broker.Observer. Lookups are counted by each binding's

@@ -104,6 +104,8 @@ func TestMerchantHeaderUnderscoreTwin(t *testing.T) {
 		{"x_merchant_id", 400},
 		{"X_MERCHANT_ID", 400},
 		{"X_Merchant-Id", 400},
+		{"X-Merchant.Id", 400},
+		{"x.merchant_id", 400},
 		{"X-Merchant_Ids", 200},
 		{"X-Request_Id", 200},
 		{"X-Merchant-Id2", 200},

@@ -35,8 +35,9 @@ import (
 //     token lookup; an undeclared trailer naming one, which HTTP/1.1 lets a
 //     client send after a chunked body, is dropped when the body ends, before
 //     reverse_proxy copies the trailers upstream.
-//   - TRACE is refused with 405: an upstream answering it would echo the
-//     injected token back to the caller.
+//   - TRACE and TRACK, in any letter case, are refused with 405: an
+//     upstream answering them echoes the request, injected token included,
+//     back to the caller (see echoes).
 //   - Incremental: a request with `Incremental: ?1` (Caddy's convention for
 //     a body that must be forwarded as it arrives) is never buffered and
 //     never retried after a 401; see [outbound.incremental].
@@ -74,10 +75,11 @@ func (o outbound) owns(name string) bool {
 }
 
 // check refuses, before any token lookup, what the contract cannot make
-// safe: a TRACE (405) and a declared trailer naming an owned header (400).
-// A zero status means the request may go on.
+// safe: a method that echoes the request (405, see echoes) and a declared
+// trailer naming an owned header (400). A zero status means the request
+// may go on.
 func (o outbound) check(r *http.Request) (int, string) {
-	if r.Method == http.MethodTrace {
+	if echoes(r.Method) {
 		return http.StatusMethodNotAllowed, "method_refused"
 	}
 	for name := range r.Trailer {
@@ -86,6 +88,15 @@ func (o outbound) check(r *http.Request) (int, string) {
 		}
 	}
 	return 0, ""
+}
+
+// echoes reports whether method asks the upstream to send the request back
+// as its answer: TRACE (RFC 9110 §9.3.8) and TRACK (IIS's TRACE), compared
+// in any letter case. Go's server passes the method on as the caller wrote
+// it, reverse_proxy forwards it so, and servers that compare methods
+// without regard to case (IIS among them) answer "trace" as TRACE.
+func echoes(method string) bool {
+	return strings.EqualFold(method, http.MethodTrace) || strings.EqualFold(method, "TRACK")
 }
 
 // prepare applies the contract to a request about to be passed on with the

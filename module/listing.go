@@ -18,15 +18,19 @@ import (
 // orgListing is the list of organisations a Nuapay provider says the
 // partner may act for (GET /organisations, every page), which restricts
 // the wildcard merchant entry when it sets only_listed_organisations. It
-// is read on a schedule and on demand from the admin API. A failed read
-// keeps the last good list; before the first good list every wildcard
-// merchant is refused with 503 (organisations_unavailable).
+// is read on a schedule and on demand from the admin API, keeping only the
+// organisation ids, within limits over all pages (the wildcard's
+// max_organisations, and bytes in proportion: nuapay.ListLimits). A failed
+// read, one past the limits included, keeps the last good list; before
+// the first good list every wildcard merchant is refused with 503
+// (organisations_unavailable).
 //
 // Listings live in a caddy.UsagePool keyed by the provider's ID, so that a
 // config reload keeps the last good list and its schedule.
 type orgListing struct {
 	provider string // the provider's name, for logs and the admin API
-	list     func(context.Context) ([]nuapay.Organisation, error)
+	list     organisationLister
+	limits   nuapay.ListLimits
 	every    time.Duration
 	logger   *zap.Logger
 
@@ -40,8 +44,12 @@ type orgListing struct {
 // listings are the organisation listings shared across reloads.
 var listings = caddy.NewUsagePool()
 
-func newOrgListing(provider string, list func(context.Context) ([]nuapay.Organisation, error), every time.Duration, logger *zap.Logger) *orgListing {
-	return &orgListing{provider: provider, list: list, every: every, logger: logger}
+// organisationLister reads a provider's organisations within limits,
+// calling visit for each one (nuapay.Source.EachOrganisation).
+type organisationLister func(ctx context.Context, limits nuapay.ListLimits, visit func(nuapay.Organisation)) error
+
+func newOrgListing(provider string, list organisationLister, limits nuapay.ListLimits, every time.Duration, logger *zap.Logger) *orgListing {
+	return &orgListing{provider: provider, list: list, limits: limits, every: every, logger: logger}
 }
 
 // loadListing returns the pooled listing of the registry's wildcard
@@ -56,9 +64,10 @@ func loadListing(reg *config.Registry, logger *zap.Logger) (*orgListing, string,
 	if !ok {
 		return nil, "", fmt.Errorf("token_broker: %s: merchant \"*\": field only_listed_organisations: provider %q cannot list its organisations", reg.Path, p.Name)
 	}
-	key := fmt.Sprintf("organisations %s every=%s", p.ID, reg.Wildcard.OrganisationsRefresh)
+	key := fmt.Sprintf("organisations %s every=%s max=%d", p.ID, reg.Wildcard.OrganisationsRefresh, reg.Wildcard.MaxOrganisations)
 	v, _, err := listings.LoadOrNew(key, func() (caddy.Destructor, error) {
-		l := newOrgListing(p.Name, np.Organisations, reg.Wildcard.OrganisationsRefresh, logger)
+		limits := nuapay.ListLimits{Organisations: reg.Wildcard.MaxOrganisations}
+		l := newOrgListing(p.Name, np.EachOrganisation, limits, reg.Wildcard.OrganisationsRefresh, logger)
 		l.start()
 		return l, nil
 	})
@@ -102,7 +111,8 @@ func (l *orgListing) Destruct() error {
 func (l *orgListing) Refresh(ctx context.Context) (int, error) {
 	l.refresh.Lock()
 	defer l.refresh.Unlock()
-	orgs, err := l.list(ctx)
+	m := make(map[string]struct{})
+	err := l.list(ctx, l.limits, func(o nuapay.Organisation) { m[o.ID] = struct{}{} })
 	if err != nil {
 		if l.logger != nil {
 			kept := "none yet: wildcard merchants are refused with 503"
@@ -112,10 +122,6 @@ func (l *orgListing) Refresh(ctx context.Context) (int, error) {
 			l.logger.Warn("listing the organisations failed; keeping "+kept, zap.String("provider", l.provider), zap.Error(err))
 		}
 		return 0, err
-	}
-	m := make(map[string]struct{}, len(orgs))
-	for _, o := range orgs {
-		m[o.ID] = struct{}{}
 	}
 	l.orgs.Store(&m)
 	l.good.Store(time.Now().UnixNano())

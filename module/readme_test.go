@@ -17,6 +17,7 @@ var codeStatus = map[string]string{
 	"token_refused": "502", "consent_required": "502", "client_gone": "499", "token_api_down": "503",
 	"token_rate_limited": "503", "token_bad_response": "502",
 	"unlisted_organisation": "403", "organisations_unavailable": "503", "too_many_merchants": "503",
+	"host_not_allowed": "421", "cross_site_request": "403",
 }
 
 // TestREADMEFailureTable: every error code the handler answers with has a

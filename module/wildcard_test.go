@@ -72,7 +72,7 @@ scopes = ["openbanking_pisp"]
 	}
 	if reg.Wildcard.OnlyListed {
 		src := reg.Providers["nuapay"].Source
-		env.listing = newOrgListing("nuapay", src.(*nuapay.Source).Organisations, time.Hour, zap.NewNop())
+		env.listing = newOrgListing("nuapay", src.(*nuapay.Source).EachOrganisation, nuapay.ListLimits{}, time.Hour, zap.NewNop())
 	}
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
 	h.broker = broker.New(broker.Options{Now: env.clk.Now, MaxAttempts: 1, FailureTTL: -1})

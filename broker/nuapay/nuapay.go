@@ -240,10 +240,84 @@ type Organisation struct {
 	Status string `json:"status"`
 }
 
+// Bounds of one reading of the organisations list, all pages together
+// (ListLimits).
+const (
+	// DefaultMaxOrganisations is the most organisations a list may hold
+	// unless ListLimits says otherwise.
+	DefaultMaxOrganisations = 100_000
+	// ListBytesPerOrganisation is the default byte budget of a reading
+	// per organisation allowed: an entry is about 150 bytes, so the
+	// budget is reached only by a list padded far beyond its count.
+	ListBytesPerOrganisation = 1 << 10
+	// MaxListPages is the most pages one reading asks for.
+	MaxListPages = 10_000
+)
+
+// ListLimits bound one reading of the organisations list, over all its
+// pages: a provider answering page after page, or pages of padding, ends
+// the reading with a *ListTooLargeError instead of growing memory.
+type ListLimits struct {
+	// Organisations is the most organisations the list may hold. Default
+	// DefaultMaxOrganisations.
+	Organisations int
+	// Bytes is the most response bytes read over all pages. Default
+	// Organisations × ListBytesPerOrganisation.
+	Bytes int64
+}
+
+func (l ListLimits) withDefaults() ListLimits {
+	if l.Organisations <= 0 {
+		l.Organisations = DefaultMaxOrganisations
+	}
+	if l.Bytes <= 0 {
+		l.Bytes = int64(l.Organisations) * ListBytesPerOrganisation
+	}
+	return l
+}
+
+// ListTooLargeError is returned when the organisations list goes past its
+// ListLimits: nothing of the reading is to be used.
+type ListTooLargeError struct {
+	// Limit is what was exceeded: "organisations", "bytes" or "pages".
+	Limit string
+	// Max is the limit passed, in organisations, bytes or pages.
+	Max int64
+	// Pages is the number of pages read when the limit was passed.
+	Pages int
+}
+
+// Error says which limit the list passed and what to change.
+func (e *ListTooLargeError) Error() string {
+	switch e.Limit {
+	case "pages":
+		return fmt.Sprintf("nuapay organisations list: more than %d pages; not used (the provider keeps announcing more pages)", e.Max)
+	case "bytes":
+		return fmt.Sprintf("nuapay organisations list: its answers passed %d bytes after %d pages; not used (the limit is max_organisations × %d bytes: raise max_organisations if the partner has that many organisations)", e.Max, e.Pages, ListBytesPerOrganisation)
+	}
+	return fmt.Sprintf("nuapay organisations list: more than %d organisations after %d pages; not used (raise max_organisations in the wildcard entry if the partner has that many)", e.Max, e.Pages)
+}
+
 // Organisations returns every organisation linked to the partner, reading
-// all pages.
+// all pages within the default ListLimits.
 func (s *Source) Organisations(ctx context.Context) ([]Organisation, error) {
 	var out []Organisation
+	err := s.EachOrganisation(ctx, ListLimits{}, func(o Organisation) { out = append(out, o) })
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// EachOrganisation reads every page of the organisations linked to the
+// partner and calls visit with each organisation, so that a caller keeps
+// only what it needs. Past lim (zero fields: the defaults) it stops with
+// a *ListTooLargeError; visit has then seen part of the list, which must
+// not be used.
+func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit func(Organisation)) error {
+	lim = lim.withDefaults()
+	var bytes int64
+	count := 0
 	for page := 1; ; page++ {
 		u := *s.base
 		u.Path += s.cfg.OrganisationsPath
@@ -251,7 +325,10 @@ func (s *Source) Organisations(ctx context.Context) ([]Organisation, error) {
 		u.RawQuery = url.Values{"pagenumber": {fmt.Sprint(page)}, "pagesize": {"100"}}.Encode()
 		body, err := s.call(ctx, http.MethodGet, u.String(), nil, http.StatusOK)
 		if err != nil {
-			return nil, err
+			return err
+		}
+		if bytes += int64(len(body)); bytes > lim.Bytes {
+			return &ListTooLargeError{Limit: "bytes", Max: lim.Bytes, Pages: page}
 		}
 		var env struct {
 			Data []Organisation `json:"data"`
@@ -260,11 +337,19 @@ func (s *Source) Organisations(ctx context.Context) ([]Organisation, error) {
 			} `json:"page"`
 		}
 		if err := json.Unmarshal(body, &env); err != nil {
-			return nil, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusOK, Code: "malformed_response", Err: err}
+			return &broker.APIError{Provider: "nuapay", StatusCode: http.StatusOK, Code: "malformed_response", Err: err}
 		}
-		out = append(out, env.Data...)
-		if page >= env.Page.TotalPages || len(env.Data) == 0 || page >= 10000 {
-			return out, nil
+		if count += len(env.Data); count > lim.Organisations {
+			return &ListTooLargeError{Limit: "organisations", Max: int64(lim.Organisations), Pages: page}
+		}
+		for _, o := range env.Data {
+			visit(o)
+		}
+		if page >= env.Page.TotalPages || len(env.Data) == 0 {
+			return nil
+		}
+		if page >= MaxListPages {
+			return &ListTooLargeError{Limit: "pages", Max: MaxListPages, Pages: page}
 		}
 	}
 }

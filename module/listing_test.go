@@ -1,0 +1,113 @@
+package module
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
+)
+
+// listingStandIn is a Nuapay organisations list (GET /organisations,
+// paged) whose pages a test shapes: pages pages of perPage organisations,
+// each with a name of pad bytes; the organisation ids are prefix1,
+// prefix2…
+type listingStandIn struct {
+	listingShape
+	served atomic.Int64 // pages answered
+}
+
+// listingShape is the shape of a stand-in's list.
+type listingShape struct {
+	pages, perPage, pad int
+	prefix              string
+}
+
+func (s *listingStandIn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !strings.HasSuffix(r.URL.Path, "/organisations") {
+		http.NotFound(w, r)
+		return
+	}
+	s.served.Add(1)
+	page, _ := strconv.Atoi(r.URL.Query().Get("pagenumber"))
+	type org struct {
+		ID   string `json:"id"`
+		Name string `json:"name"`
+	}
+	var data []org
+	for i := range s.perPage {
+		data = append(data, org{ID: fmt.Sprint(s.prefix, (page-1)*s.perPage+i+1), Name: strings.Repeat("x", s.pad)})
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(map[string]any{"data": data, "page": map[string]int{"totalPages": s.pages}})
+}
+
+// TestOrganisationListingBoundedInTotal: a provider answering page after
+// page (150 pages of about 0.95 MB, or many pages of small entries) ends
+// the reading at the limits over all pages, not at the last page: the
+// error says which limit and what to change, the reading stops there (few
+// pages asked for), and the last good list stays in force.
+func TestOrganisationListingBoundedInTotal(t *testing.T) {
+	for _, tt := range []struct {
+		name      string
+		hostile   listingShape
+		limits    nuapay.ListLimits
+		limit     string // the ListTooLargeError's Limit
+		maxPages  int64  // pages the hostile reading may ask for
+		wantInMsg string
+	}{
+		{"150 pages of 0.95 MB, fewer organisations than allowed", listingShape{pages: 150, perPage: 100, pad: 9500, prefix: "HOSTILE"},
+			nuapay.ListLimits{Organisations: 20_000}, "bytes", 22, "raise max_organisations"},
+		{"150 pages of 0.95 MB, a small max_organisations", listingShape{pages: 150, perPage: 100, pad: 9500, prefix: "HOSTILE"},
+			nuapay.ListLimits{Organisations: 1000}, "bytes", 2, "raise max_organisations"},
+		{"many small pages, organisations", listingShape{pages: 10_000, perPage: 100, pad: 10, prefix: "HOSTILE"},
+			nuapay.ListLimits{Organisations: 2500}, "organisations", 26, "more than 2500 organisations"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			stand := &listingStandIn{listingShape: listingShape{pages: 3, perPage: 2, pad: 10, prefix: "ORG"}} // ORG1..ORG6
+			var current atomic.Pointer[listingStandIn]
+			current.Store(stand)
+			ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { current.Load().ServeHTTP(w, r) }))
+			t.Cleanup(ts.Close)
+			src, err := nuapay.New(nuapay.Config{BaseURL: ts.URL, APIKey: broker.Secret("partner-key")})
+			if err != nil {
+				t.Fatal(err)
+			}
+			l := newOrgListing("nuapay", src.EachOrganisation, tt.limits, time.Hour, zap.NewNop())
+			ctx := context.Background()
+			if n, err := l.Refresh(ctx); err != nil || n != 6 {
+				t.Fatalf("good list: %d, %v; want 6 organisations", n, err)
+			}
+
+			hostile := &listingStandIn{listingShape: tt.hostile}
+			current.Store(hostile)
+			n, err := l.Refresh(ctx)
+			var tooLarge *nuapay.ListTooLargeError
+			if !errors.As(err, &tooLarge) || tooLarge.Limit != tt.limit || !strings.Contains(err.Error(), tt.wantInMsg) {
+				t.Fatalf("hostile list: %d, %v; want a ListTooLargeError on %s saying %q", n, err, tt.limit, tt.wantInMsg)
+			}
+			if got := hostile.served.Load(); got > tt.maxPages {
+				t.Errorf("the hostile reading asked for %d pages, want at most %d", got, tt.maxPages)
+			}
+			for _, tc := range []struct {
+				org    string
+				status int
+			}{{"ORG1", 0}, {"ORG6", 0}, {"HOSTILE1", http.StatusForbidden}} {
+				if status, code := l.allows(tc.org); status != tc.status {
+					t.Errorf("%s after the hostile list: %d %s, want %d (the last good list)", tc.org, status, code, tc.status)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,110 @@
+package module
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"strings"
+)
+
+// siteGuard decides whether a request may use the sidecar's site: the
+// token_broker handler and the consent links endpoint act for any merchant
+// with the partner's credentials, so they serve the applications on the
+// host (or those an operator names), never a web page.
+//
+//   - Host: a loopback name (localhost, 127.0.0.1 and the rest of
+//     127.0.0.0/8, [::1]; any port) or one of the app's allowed_hosts.
+//     Anything else is refused with 421 host_not_allowed: a page served
+//     from an attacker's name that resolves to 127.0.0.1 (DNS rebinding)
+//     is same-origin to the browser, which then lets it read the answers,
+//     but its requests carry the attacker's name as Host.
+//   - Browser requests from another origin: Sec-Fetch-Site other than
+//     same-origin or none, or (from browsers that do not send it) an
+//     Origin whose host is not the request's Host, are refused with 403
+//     cross_site_request: a page on any site could otherwise send
+//     requests (a text/plain POST needs no CORS preflight) that act with
+//     the merchants' tokens.
+//
+// A client that is not a browser sends neither header and a loopback or
+// allowed Host: it is not affected. The consent start and callback pages,
+// which merchants' browsers reach on the partner's public callback site,
+// are not guarded.
+type siteGuard struct {
+	anyHost bool                // allowed_hosts holds "*"
+	hosts   map[string]struct{} // the other allowed hosts, normalised (siteHost)
+}
+
+// newSiteGuard returns the guard of the app's allowed_hosts: host names or
+// IP addresses, without scheme or port, or "*" for any Host.
+func newSiteGuard(allowed []string) (siteGuard, error) {
+	g := siteGuard{hosts: map[string]struct{}{}}
+	for i, h := range allowed {
+		if h == "*" {
+			g.anyHost = true
+			continue
+		}
+		n := siteHost(h)
+		if n == "" || strings.ContainsAny(n, "/?#@*% ") || (strings.Contains(n, ":") && !isIP(n)) {
+			return siteGuard{}, fmt.Errorf("token_broker: allowed_hosts[%d] %q: want a host name or IP address without scheme or port (e.g. sidecar.payments.svc), or * for any host", i, h)
+		}
+		g.hosts[n] = struct{}{}
+	}
+	return g, nil
+}
+
+// check refuses a request the site must not serve; a zero status lets it
+// go on. The error, when non-nil, is for the log: it says what was refused
+// and what the operator can do.
+func (g *siteGuard) check(r *http.Request) (int, string, error) {
+	if !g.allowsHost(r.Host) {
+		return http.StatusMisdirectedRequest, "host_not_allowed",
+			fmt.Errorf("host %.100q is neither a loopback name nor in the token_broker app's allowed_hosts (add it there if applications reach the sidecar by that name)", r.Host)
+	}
+	if site := r.Header.Get("Sec-Fetch-Site"); site != "" {
+		if site != "same-origin" && site != "none" {
+			return http.StatusForbidden, "cross_site_request", fmt.Errorf("browser request with Sec-Fetch-Site %.20q", site)
+		}
+		return 0, "", nil
+	}
+	if origin := r.Header.Get("Origin"); origin != "" {
+		if u, err := url.Parse(origin); err != nil || u.Host == "" || !strings.EqualFold(u.Host, r.Host) {
+			return http.StatusForbidden, "cross_site_request", fmt.Errorf("browser request from origin %.100q, not %.100q", origin, r.Host)
+		}
+	}
+	return 0, "", nil
+}
+
+// allowsHost reports whether the Host header names a loopback host or an
+// allowed one. An empty Host (HTTP/1.0) never comes from a browser.
+func (g *siteGuard) allowsHost(hostport string) bool {
+	if hostport == "" || g.anyHost {
+		return true
+	}
+	h := hostport
+	if host, _, err := net.SplitHostPort(hostport); err == nil {
+		h = host
+	}
+	h = siteHost(h)
+	if h == "localhost" {
+		return true
+	}
+	if a, err := netip.ParseAddr(h); err == nil && a.IsLoopback() {
+		return true
+	}
+	_, ok := g.hosts[h]
+	return ok
+}
+
+// siteHost normalises a host name for comparison: lower case, without
+// IPv6 brackets and a final dot.
+func siteHost(h string) string {
+	h = strings.TrimSuffix(strings.TrimPrefix(h, "["), "]")
+	return strings.TrimSuffix(strings.ToLower(h), ".")
+}
+
+func isIP(h string) bool {
+	_, err := netip.ParseAddr(h)
+	return err == nil
+}
