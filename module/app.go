@@ -75,7 +75,8 @@ type App struct {
 	tables      *tables     // binding tables, by registry and route scopes
 	listing     *orgListing // the wildcard's organisation listing, if restricted
 	listingKey  string
-	registryKey string // the registry's key in the registries pool
+	registryKey string     // the registry's key in the registries pool
+	watched     *watchList // the registries of handlers with their own (health.go)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -91,6 +92,7 @@ func (App) CaddyModule() caddy.ModuleInfo {
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	a.tables = &tables{}
+	a.watched = &watchList{}
 	if err := a.validate(); err != nil {
 		return err
 	}
