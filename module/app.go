@@ -165,7 +165,7 @@ func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
 	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore{s: ctx.Storage()}, ConsentStore: storagePending{s: ctx.Storage()}})
 	if err != nil {
-		return nil, fmt.Errorf("token_broker: %w", err)
+		return nil, registryError(err)
 	}
 	return reg, nil
 }

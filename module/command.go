@@ -191,6 +191,18 @@ func runValidate(cmd *cobra.Command, _ []string) error {
 	return nil
 }
 
+// registryError is the error of a merchant registry that did not load,
+// as Caddy logs it: its problems one per line, each file:line first,
+// after a line that counts them and names the command that prints them
+// without the provisioning chain and the log's escapes around them.
+func registryError(err error) error {
+	n := len(config.ErrorLines(err))
+	if n <= 1 {
+		return fmt.Errorf("token_broker: %w", err)
+	}
+	return fmt.Errorf("token_broker: %d problems in the merchant registry, one per line below (`caddy token-broker validate --config <Caddyfile>` prints them alone):\n%w", n, err)
+}
+
 // registryPaths returns the merchant registries a JSON config names: the
 // token_broker app's config and the token_broker handlers' own, each once,
 // in the order found.
