@@ -11,6 +11,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"maps"
 	"math/big"
 	"net"
 	"net/http"
@@ -455,6 +456,65 @@ func TestExampleREADMEs(t *testing.T) {
 	for _, d := range dirs {
 		if d.IsDir() && !seen[d.Name()] {
 			t.Errorf("examples/%s: its README's commands are not run by TestExampleREADMEs", d.Name())
+		}
+	}
+}
+
+// portMentionRe finds the ports a file names: a Caddyfile's
+// {$VAR:1234} default, a shell ${VAR:-1234} default, a loopback
+// address's port, redis-server's --port.
+var portMentionRe = regexp.MustCompile(`\{\$\w+:(\d{2,5})\}|\$\{\w+:-(\d{2,5})\}|(?:127\.0\.0\.1|localhost):(\d{2,5})\b|--port (\d{2,5})\b`)
+
+// adminRe finds the admin address of a Caddyfile's global options.
+var adminRe = regexp.MustCompile(`(?m)^\s*admin\s+\S*:(?:\{\$\w+:(\d{2,5})\}|(\d{2,5}))\s*$`)
+
+// TestExamplePortsDistinct: no two examples, and no example and `make run`
+// (the root Caddyfile, the Makefile and the sandbox example), name the same
+// port, in their Caddyfiles, READMEs or registries: Caddy listens with
+// SO_REUSEPORT, so two of them started together would share a port
+// silently and answer each other's requests. Every example's Caddyfile
+// sets an admin address of its own.
+func TestExamplePortsDistinct(t *testing.T) {
+	root := repoRoot(t)
+	groups := map[string][]string{"make run": {
+		filepath.Join(root, "Caddyfile"), filepath.Join(root, "Makefile"), filepath.Join(root, "examples", "sandbox", "README.md"),
+	}}
+	dirs, err := os.ReadDir(filepath.Join(root, "examples"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range dirs {
+		if !d.IsDir() || d.Name() == "sandbox" {
+			continue
+		}
+		files, _ := filepath.Glob(filepath.Join(root, "examples", d.Name(), "*"))
+		groups["examples/"+d.Name()] = files
+		caddyfiles, _ := filepath.Glob(filepath.Join(root, "examples", d.Name(), "*Caddyfile"))
+		if len(caddyfiles) == 0 {
+			t.Errorf("examples/%s has no Caddyfile", d.Name())
+		}
+		for _, f := range caddyfiles {
+			if m := adminRe.FindStringSubmatch(readFile(t, f)); m == nil || m[1]+m[2] == "2019" {
+				t.Errorf("%s: set `admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT:<a port of its own>}` in the global options (Caddy's default, 2019, is make run's)", f)
+			}
+		}
+	}
+	owner := map[string]string{} // port -> group
+	for _, g := range slices.Sorted(maps.Keys(groups)) {
+		ports := map[string]bool{}
+		for _, f := range groups[g] {
+			for _, m := range portMentionRe.FindAllStringSubmatch(readFile(t, f), -1) {
+				ports[m[1]+m[2]+m[3]+m[4]] = true
+			}
+		}
+		if len(ports) == 0 {
+			t.Errorf("%s names no port", g)
+		}
+		for p := range ports {
+			if o, ok := owner[p]; ok {
+				t.Errorf("port %s is named by %s and by %s: give each its own", p, o, g)
+			}
+			owner[p] = g
 		}
 	}
 }
