@@ -151,8 +151,17 @@ func TestHealth(t *testing.T) {
 			if wantCode := map[bool]int{true: 0, false: 1}[tt.wantReady]; code != wantCode || strings.Count(out, "\n") != 1 || !strings.Contains(out, tt.wantReason) {
 				t.Errorf("token-broker health: exit %d, output %q; want exit %d, one line with %q", code, out, wantCode, tt.wantReason)
 			}
-			if out, code := runCommand(t, caddyBin, "token-broker", "health", "--live", "--address", admin); code != 0 || !strings.HasPrefix(out, "live:") {
+			// Without --address: $CADDY_ADMIN, as caddy reload finds it.
+			if out, code := runCommand(t, caddyBin, "CADDY_ADMIN="+admin, "token-broker", "health", "--live"); code != 0 || !strings.HasPrefix(out, "live:") {
 				t.Errorf("token-broker health --live: exit %d, output %q; want exit 0, live", code, out)
+			}
+			if tt.name == "ready" {
+				// The refresh-token command finds the admin API the same
+				// way (the broker answers: acme is a Nuapay merchant).
+				out, _ := runCommand(t, caddyBin, "CADDY_ADMIN="+admin, "token-broker-refresh-token", "--merchant", "acme")
+				if !strings.Contains(out, "does not use the refresh_token grant") {
+					t.Errorf("token-broker-refresh-token without --address: %q, want the broker's answer", out)
+				}
 			}
 		})
 	}
@@ -219,11 +228,17 @@ type health struct {
 }
 
 // runCommand runs the binary with args and returns its combined output
-// and exit status.
+// and exit status. Leading NAME=value arguments are set in its
+// environment; its standard input holds a line.
 func runCommand(t *testing.T, bin string, args ...string) (string, int) {
 	t.Helper()
+	env := append(os.Environ(), "HOME="+t.TempDir(), "XDG_DATA_HOME="+t.TempDir(), "XDG_CONFIG_HOME="+t.TempDir())
+	for len(args) > 0 && strings.Contains(args[0], "=") {
+		env, args = append(env, args[0]), args[1:]
+	}
 	cmd := exec.Command(bin, args...)
-	cmd.Env = append(os.Environ(), "HOME="+t.TempDir(), "XDG_DATA_HOME="+t.TempDir(), "XDG_CONFIG_HOME="+t.TempDir())
+	cmd.Env = env
+	cmd.Stdin = strings.NewReader("it-refresh-token\n")
 	out, err := cmd.CombinedOutput()
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
