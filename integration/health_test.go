@@ -86,7 +86,7 @@ func TestHealth(t *testing.T) {
 		wantProvider  string // the provider's status after one request for acme
 		wantLastError string
 	}{
-		{name: "ready", wantReady: true, wantReason: "ready: 1 registries loaded, no provider failing", wantProvider: "ok"},
+		{name: "ready", wantReady: true, wantReason: "ready: 1 merchant registry loaded, no provider failing", wantProvider: "ok"},
 		{name: "listing read", listed: true, wantReady: true, wantProvider: "ok"},
 		{name: "listing fails", listed: true, wrongKey: true, wantReason: `not ready: the organisations of provider "np"`,
 			wantProvider: "failing", wantLastError: "token_refused"},

@@ -187,11 +187,19 @@ func health(app *App) Health {
 	case !h.Ready:
 		h.Reason = "not ready: " + strings.Join(problems, "; ")
 	case len(failing) > 0:
-		h.Reason = fmt.Sprintf("ready: %d registries loaded; failing providers (reported, not a readiness failure): %s", len(regs), strings.Join(failing, ", "))
+		h.Reason = fmt.Sprintf("ready: %s; failing providers (reported, not a readiness failure): %s", loaded(len(regs)), strings.Join(failing, ", "))
 	default:
-		h.Reason = fmt.Sprintf("ready: %d registries loaded, no provider failing", len(regs))
+		h.Reason = fmt.Sprintf("ready: %s, no provider failing", loaded(len(regs)))
 	}
 	return h
+}
+
+// loaded says how many registries are loaded.
+func loaded(n int) string {
+	if n == 1 {
+		return "1 merchant registry loaded"
+	}
+	return fmt.Sprintf("%d merchant registries loaded", n)
 }
 
 // listingCheck checks that an organisation listing was read at least once.
