@@ -227,6 +227,24 @@ func (e *Error) Error() string {
 	return strings.Join(parts, ": ")
 }
 
+// ErrorLines returns the problems of a Load error one per line, each
+// starting with its file:line: the error of a registry with several
+// problems joins them (errors.Join), which prints on one line inside a
+// JSON log.
+func ErrorLines(err error) []string {
+	if err == nil {
+		return nil
+	}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		var lines []string
+		for _, e := range j.Unwrap() {
+			lines = append(lines, ErrorLines(e)...)
+		}
+		return lines
+	}
+	return strings.Split(err.Error(), "\n")
+}
+
 // Options are what the program gives the registry besides the file.
 type Options struct {
 	// RefreshStore keeps the refresh tokens of oauth2 providers with

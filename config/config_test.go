@@ -257,6 +257,14 @@ func TestBadConfigs(t *testing.T) {
 		{"unquoted secret", edit(`"{env.NUAPAY_API_KEY}"`, secretValue), 4, "", "", "the value of providers.p.api_key is not valid TOML (details withheld"},
 		{"unknown merchant key", badBase + `scope = ["x"]` + "\n", 10, merch, "scope", `unknown key "merchants.acme.scope"`},
 		{"unknown provider key", edit(`type =`, "apikey = 1\ntype ="), 2, prov, "apikey", `unknown key "providers.p.apikey"`},
+		// A misspelt key: the nearest key of the provider's type, and the
+		// keys of that type only (no oauth2 keys for a nuapay provider).
+		{"misspelt nuapay key", edit(`type =`, "token_lifetme = \"1h\"\ntype ="), 2, prov, "token_lifetme",
+			`unknown key "providers.p.token_lifetme": did you mean "token_lifetime"? (the keys of a provider of type nuapay: type, timeout, tls, base_url, api_key, token_lifetime, organisations_path)`},
+		{"misspelt oauth2 key", "[providers.p]\ntype = \"oauth2\"\ntoken_url = \"https://as.example/token\"\nclient_id = \"c\"\nclientsecret = \"{env.NUAPAY_API_KEY}\"\n\n[merchants.acme]\nprovider = \"p\"\n", 5, prov, "clientsecret",
+			`unknown key "providers.p.clientsecret": did you mean "client_secret"? (the keys of a provider of type oauth2: type, timeout, tls, grant, token_url,`},
+		{"misspelt merchant key", badBase + `scope = ["x"]` + "\n", 10, merch, "scope", `unknown key "merchants.acme.scope": did you mean "scopes"? (known keys here: provider,`},
+		{"unknown key, nothing near", edit(`type =`, "colour = 1\ntype ="), 2, prov, "colour", `unknown key "providers.p.colour" (the keys of a provider of type nuapay:`},
 		{"unknown tls key", badBase + "[providers.p.tls]\ncert = \"x\"\n", 11, prov, "tls.cert", `unknown key "providers.p.tls.cert"`},
 		{"unknown top-level table", badBase + "[merchant.beta]\nprovider = \"p\"\n", 10, "", "merchant", `unknown key "merchant"`},
 		{"key in the wrong case", edit(`provider = "p"`, `Provider = "p"`), 7, merch, "Provider", `unknown key "merchants.acme.Provider"`},

@@ -168,7 +168,15 @@ func parseDoc(src Source, lookupEnv func(string) (string, bool), plain bool) *Fi
 		return f
 	}
 	keys := md.Keys()
-	p.checkKeys(keys)
+	p.checkKeys(keys, func(name string) string {
+		var t struct {
+			Type string `toml:"type"`
+		}
+		if prim, ok := doc.Providers[name]; ok {
+			_ = md.PrimitiveDecode(prim, &t) // a bad type is reported with the provider
+		}
+		return t.Type
+	})
 	for _, k := range keys {
 		if len(k) == 1 {
 			f.topDefined = true

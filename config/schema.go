@@ -232,20 +232,39 @@ func tomlKeys(v any) []string {
 	return keys
 }
 
+// providerKeysOf returns the keys a provider of type typ takes, and
+// what to call such a provider in messages; every provider key when the
+// type is not known.
+func providerKeysOf(typ string) ([]string, string) {
+	pt, ok := providerTypes[typ]
+	if !ok {
+		return providerKeys, ""
+	}
+	return append(slices.Clone(commonProviderKeys), pt.keys...), fmt.Sprintf("a provider of type %s", typ)
+}
+
 // unknownPart returns the length of the shortest prefix of k that the
-// schema does not know, with the keys allowed in its place; 0 when k is
-// known. Every prefix is checked because implicit tables ([merchant.acme]
-// defines "merchant") are not themselves listed by MetaData.Keys.
-func unknownPart(k toml.Key) (int, []string) {
+// schema does not know, with the keys allowed in its place and what they
+// are the keys of ("" for "here"); 0 when k is known. Every prefix is
+// checked because implicit tables ([merchant.acme] defines "merchant")
+// are not themselves listed by MetaData.Keys. typeOf gives a provider's
+// type: a provider's unknown key is shown the keys of its type only. A key
+// of another provider type is known here: the provider's resolution
+// reports it (not used by providers of this type).
+func unknownPart(k toml.Key, typeOf func(provider string) string) (int, []string, string) {
 	for n := 1; n <= len(k); n++ {
 		var allowed []string
+		what := ""
 		switch {
 		case n == 1:
 			allowed = topKeys
 		case n == 2:
 			continue // an entry name, checked with the entry
 		case n == 3 && k[0] == "providers":
-			allowed = providerKeys
+			if slices.Contains(providerKeys, k[2]) {
+				continue
+			}
+			allowed, what = providerKeysOf(typeOf(k[1]))
 		case n == 3 && k[1] == WildcardID:
 			allowed = wildcardKeys
 		case n == 3:
@@ -258,31 +277,41 @@ func unknownPart(k toml.Key) (int, []string) {
 			continue // any parameter name
 		}
 		if !slices.Contains(allowed, k[n-1]) {
-			return n, allowed
+			return n, allowed, what
 		}
 	}
-	return 0, nil
+	return 0, nil, ""
 }
 
 // checkKeys reports every key of the file that the schema does not know,
-// once per unknown subtree. The comparison is exact: BurntSushi's decoder
-// also matches keys case-insensitively (so MetaData.Undecoded would let
-// "Provider" through), hence the check of MetaData.Keys against the schema.
-func (p *parser) checkKeys(keys []toml.Key) {
+// once per unknown subtree, with the nearest known key when one is close
+// (a misspelling) and the keys allowed there. The comparison is exact:
+// BurntSushi's decoder also matches keys case-insensitively (so
+// MetaData.Undecoded would let "Provider" through), hence the check of
+// MetaData.Keys against the schema.
+func (p *parser) checkKeys(keys []toml.Key, typeOf func(provider string) string) {
 	var reported []toml.Key
 	for _, k := range keys {
 		if slices.ContainsFunc(reported, func(r toml.Key) bool { return len(r) <= len(k) && slices.Equal(r, k[:len(r)]) }) {
 			continue
 		}
-		n, allowed := unknownPart(k)
+		n, allowed, what := unknownPart(k, typeOf)
 		if n == 0 {
 			continue
 		}
 		k = k[:n]
 		reported = append(reported, k)
 		e := &Error{File: p.file, Line: p.line(k...), Msg: fmt.Sprintf("unknown key %q", k.String())}
+		if s := nearest(k[n-1], allowed); s != "" {
+			e.Msg += fmt.Sprintf(": did you mean %q?", s)
+		}
 		if len(allowed) > 0 {
-			e.Msg += " (known keys here: " + strings.Join(allowed, ", ") + ")"
+			if what == "" {
+				what = "known keys here"
+			} else {
+				what = "the keys of " + what
+			}
+			e.Msg += " (" + what + ": " + strings.Join(allowed, ", ") + ")"
 		}
 		e.Entry, e.Field = entryField(k)
 		p.errs = append(p.errs, e)

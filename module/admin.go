@@ -39,6 +39,8 @@ var current atomic.Pointer[App]
 //	POST /token_broker/providers/{name}/organisations  read again the list restricting the wildcard merchant entry
 //	PUT  /token_broker/merchants/{id}/refresh_token {"refresh_token": "..."}: load a merchant's
 //	                                               refresh token (authorization-code merchants)
+//	GET  /token_broker/health                      readiness: 200 ready, 503 not (health.go)
+//	GET  /token_broker/health/live                 liveness: 200 when the app runs
 type adminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -55,6 +57,8 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: "/token_broker/tokens", Handler: caddy.AdminHandlerFunc(a.tokens)},
 		{Pattern: "/token_broker/merchants/", Handler: caddy.AdminHandlerFunc(a.merchant)},
 		{Pattern: "/token_broker/providers/", Handler: caddy.AdminHandlerFunc(a.provider)},
+		{Pattern: "/token_broker/health", Handler: caddy.AdminHandlerFunc(a.health)},
+		{Pattern: "/token_broker/health/", Handler: caddy.AdminHandlerFunc(a.health)},
 	}
 }
 

@@ -86,8 +86,9 @@ type App struct {
 	tables      *tables     // binding tables, by registry and route scopes
 	listing     *orgListing // the wildcard's organisation listing, if restricted
 	listingKey  string
-	registryKey string    // the registry's key in the registries pool
-	site        siteGuard // AllowedHosts, checked by the handlers (site.go)
+	registryKey string     // the registry's key in the registries pool
+	site        siteGuard  // AllowedHosts, checked by the handlers (site.go)
+	watched     *watchList // the registries of handlers with their own (health.go)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -103,6 +104,7 @@ func (App) CaddyModule() caddy.ModuleInfo {
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	a.tables = &tables{}
+	a.watched = &watchList{}
 	if err := a.validate(); err != nil {
 		return err
 	}
@@ -179,7 +181,7 @@ func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
 	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore{s: ctx.Storage()}, ConsentStore: storagePending{s: ctx.Storage()}})
 	if err != nil {
-		return nil, fmt.Errorf("token_broker: %w", err)
+		return nil, registryError(err)
 	}
 	return reg, nil
 }

@@ -33,7 +33,7 @@ var messages = map[string]string{
 	"missing_merchant":          "the request does not say which merchant it is for: set the merchant header (default X-Merchant-Id)",
 	"ambiguous_merchant":        "the request names the merchant more than once: send one merchant header with one value",
 	"invalid_merchant":          "the merchant id is malformed: 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or digit",
-	"unknown_merchant":          "this merchant is not in the token broker's registry",
+	"unknown_merchant":          "this merchant is not in the token broker's registry: check the merchant id the request sends; if it is right, the token broker's operator must add the merchant to the registry (a [merchants.ID] table) and reload, and until then retrying will not help",
 	"unlisted_organisation":     "this merchant's organisation is not among the organisations the provider lists for the partner, which the registry's wildcard entry is restricted to",
 	"organisations_unavailable": "the provider's list of organisations, which the registry's wildcard entry is restricted to, could not be read yet; retry later",
 	"too_many_merchants":        "the token broker serves as many merchants through its wildcard entry as max_active allows, each has been served a token and none has been idle long enough to make room; retry later",
@@ -44,7 +44,7 @@ var messages = map[string]string{
 	// The token API (classify).
 	"token_unavailable":  "the provider's token API failed; the request was not forwarded",
 	"token_timeout":      "the provider's token API did not answer in time; the request was not forwarded",
-	"token_refused":      "the provider refused to issue a token for this merchant; check the merchant's entry in the registry, its scopes and the provider's credentials",
+	"token_refused":      "the provider refused to issue a token for this merchant (the token broker's log has its answer): the token broker's operator must check the merchant's entry in the registry, its scopes and the provider's credentials; retrying will not help until then",
 	"consent_required":   "the merchant's consent at the provider is missing, expired or revoked: the merchant must consent again (token_broker_consent start URL), or an operator must load a new refresh token; the request was not forwarded",
 	"client_gone":        "the request was cancelled while waiting for a token",
 	"token_api_down":     "the provider's token API keeps failing, so the broker is not calling it for a while; retry after the Retry-After delay",
@@ -56,10 +56,10 @@ var messages = map[string]string{
 // "oauth2"), where what to check is worded differently.
 var providerMessages = map[string]map[string]string{
 	"nuapay": {
-		"token_refused": "Nuapay refused to issue a token for this merchant; check the merchant's organisation (encodedOrganisationId), its scopes and the partner API key",
+		"token_refused": "Nuapay refused to issue a token for this merchant (the token broker's log has Nuapay's answer): the token broker's operator must check the partner API key, and the merchant's organisation (encodedOrganisationId) and scopes in the registry; retrying will not help until then",
 	},
 	"oauth2": {
-		"token_refused": "the authorization server refused to issue a token for this merchant; check the client id and credentials (secret or signing key), the scopes and audience, and the client's registration at the provider",
+		"token_refused": "the authorization server refused to issue a token for this merchant (the token broker's log has its answer): the token broker's operator must check the client id and credentials (secret or signing key), the scopes and audience, and the client's registration at the provider; retrying will not help until then",
 	},
 }
 

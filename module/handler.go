@@ -286,6 +286,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.listingKey = key
 		h.bindings = newBindingTable(reg, h.Scopes, listing)
+		app.watch(reg, listing)
 	} else {
 		h.bindings = app.tables.table(reg, h.Scopes, app.listing)
 	}

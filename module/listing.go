@@ -35,8 +35,9 @@ type orgListing struct {
 	logger   *zap.Logger
 
 	orgs    atomic.Pointer[map[string]struct{}]
-	good    atomic.Int64 // unix nanoseconds of the last good read
-	refresh sync.Mutex   // one read at a time
+	good    atomic.Int64                   // unix nanoseconds of the last good read
+	failed  atomic.Pointer[listingFailure] // the last read, if it failed
+	refresh sync.Mutex                     // one read at a time
 	stop    chan struct{}
 	done    chan struct{}
 }
@@ -114,6 +115,7 @@ func (l *orgListing) Refresh(ctx context.Context) (int, error) {
 	m := make(map[string]struct{})
 	err := l.list(ctx, l.limits, func(o nuapay.Organisation) { m[o.ID] = struct{}{} })
 	if err != nil {
+		l.failed.Store(&listingFailure{err: err, at: time.Now()})
 		if l.logger != nil {
 			kept := "none yet: wildcard merchants are refused with 503"
 			if m := l.orgs.Load(); m != nil {
@@ -125,10 +127,17 @@ func (l *orgListing) Refresh(ctx context.Context) (int, error) {
 	}
 	l.orgs.Store(&m)
 	l.good.Store(time.Now().UnixNano())
+	l.failed.Store(nil)
 	if l.logger != nil {
 		l.logger.Info("organisations listed", zap.String("provider", l.provider), zap.Int("organisations", len(m)))
 	}
 	return len(m), nil
+}
+
+// listingFailure is a failed read of the organisations list.
+type listingFailure struct {
+	err error
+	at  time.Time
 }
 
 // allows says whether org is listed: a zero status when it is, 403

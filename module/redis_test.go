@@ -170,7 +170,7 @@ func TestExampleFleetRedisAdapts(t *testing.T) {
 	if err := json.Unmarshal(out, &cfg); err != nil {
 		t.Fatal(err)
 	}
-	want := &RedisConfig{Address: []string{"127.0.0.1:6379"}, KeyPrefix: "token_broker:",
+	want := &RedisConfig{Address: []string{"127.0.0.1:6390"}, KeyPrefix: "token_broker:",
 		EncryptionKey: "{env.TOKEN_CACHE_KEY}", Timeout: caddy.Duration(50 * time.Millisecond)}
 	if got := cfg.Apps.TokenBroker.Redis; !reflect.DeepEqual(got, want) {
 		t.Fatalf("redis = %+v\nwant %+v", got, want)

@@ -87,11 +87,11 @@ var (
 func loadPooled(path string, opts config.Options, storeKey string) (*config.Registry, string, error) {
 	paths, err := config.Files(path)
 	if err != nil {
-		return nil, "", fmt.Errorf("token_broker: %w", err)
+		return nil, "", registryError(err)
 	}
 	srcs, err := config.ReadSources(paths)
 	if err != nil {
-		return nil, "", fmt.Errorf("token_broker: %w", err)
+		return nil, "", registryError(err)
 	}
 	lookup := opts.LookupEnv
 	if lookup == nil {
@@ -137,7 +137,7 @@ func loadPooled(path string, opts config.Options, storeKey string) (*config.Regi
 		reg, err := config.Merge(path, srcs, parsed, opts)
 		if err != nil {
 			releaseFiles(fileKeys)
-			return nil, fmt.Errorf("token_broker: %w", err)
+			return nil, registryError(err)
 		}
 		return &pooledRegistry{reg: reg, files: providerFiles(reg), parsed: parsed, fileKeys: fileKeys}, nil
 	})
@@ -152,7 +152,7 @@ func loadPooled(path string, opts config.Options, storeKey string) (*config.Regi
 		reg, err := config.Merge(path, srcs, pr.parsed, opts)
 		_, _ = registries.Delete(key)
 		if err != nil {
-			return nil, "", fmt.Errorf("token_broker: %w", err)
+			return nil, "", registryError(err)
 		}
 		return reg, "", nil
 	}

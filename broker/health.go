@@ -1,0 +1,59 @@
+package broker
+
+import "time"
+
+// SourceHealth is what the broker knows of one source's recent failures,
+// for health reports. It calls nothing: it is what the fetches of
+// requests and refreshes left behind.
+type SourceHealth struct {
+	// Breaker is the state of the source's circuit breaker.
+	Breaker BreakerState
+	// HeldUntil is until when the source's token API is not called for
+	// any key (a 429 with Retry-After, or a bad credential); zero when no
+	// such hold is in force.
+	HeldUntil time.Time
+	// HoldError is the failure behind HeldUntil.
+	HoldError error
+	// FailingKeys counts the source's keys held in failure memory now:
+	// their last fetch failed and their backoff has not ended.
+	FailingKeys int
+	// LastError is the most recent failure of those keys, nil when none.
+	LastError error
+	// LastFailure is when LastError happened (broker clock).
+	LastFailure time.Time
+}
+
+// Failing reports whether the source has failed recently: its breaker is
+// not closed, it is held, or some of its keys are in failure memory.
+func (h SourceHealth) Failing() bool {
+	return h.Breaker != BreakerClosed || !h.HeldUntil.IsZero() || h.FailingKeys > 0
+}
+
+// SourcesHealth returns the health of the given sources, by source ID, in
+// one pass over the failure memory.
+func (br *Broker) SourcesHealth(sourceIDs ...string) map[string]SourceHealth {
+	out := make(map[string]SourceHealth, len(sourceIDs))
+	for _, id := range sourceIDs {
+		h := SourceHealth{Breaker: br.BreakerState(id)}
+		h.HeldUntil, h.HoldError = br.SourceHold(id)
+		out[id] = h
+	}
+	now := br.opts.Now()
+	br.failures.Range(func(_, v any) bool {
+		f := v.(*failure)
+		if f.b == nil || !f.holds(now) {
+			return true
+		}
+		h, ok := out[f.b.SourceID]
+		if !ok {
+			return true
+		}
+		h.FailingKeys++
+		if h.LastError == nil || f.at.After(h.LastFailure) {
+			h.LastError, h.LastFailure = f.err, f.at
+		}
+		out[f.b.SourceID] = h
+		return true
+	})
+	return out
+}

@@ -1,0 +1,67 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"testing"
+	"time"
+)
+
+// TestSourcesHealth: failed fetches show as failing keys of their source
+// (not of another), until their failure memory ends; a breaker opened or a
+// source held by a bad credential shows too; a source that never failed is
+// healthy.
+func TestSourcesHealth(t *testing.T) {
+	down := &APIError{Provider: "nuapay", StatusCode: http.StatusServiceUnavailable}
+	badKey := &APIError{Provider: "nuapay", StatusCode: http.StatusUnauthorized}
+	tests := []struct {
+		name        string
+		err         error
+		merchants   int
+		later       time.Duration // the clock moves on before the report
+		wantKeys    int
+		wantBreaker BreakerState
+		wantHeld    bool
+	}{
+		{"healthy", nil, 2, 0, 0, BreakerClosed, false},
+		{"one key down", down, 1, 0, 1, BreakerClosed, false},
+		{"breaker opens", down, 3, 0, 3, BreakerOpen, false},
+		{"bad credential holds the source", badKey, 1, 0, 1, BreakerClosed, true},
+		{"failure memory ended", down, 1, time.Hour, 0, BreakerClosed, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &scriptedSource{clock: clock, life: time.Hour}
+			src.set(tt.err)
+			other := &scriptedSource{clock: clock, life: time.Hour}
+			br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: 3})
+			for i := range tt.merchants {
+				b := NewBinding("s#1", src, Request{Merchant: fmt.Sprintf("m%d", i), Organisation: fmt.Sprint(i), Scopes: []string{"a"}})
+				if _, err := br.Token(context.Background(), b); !errors.Is(err, tt.err) {
+					t.Fatalf("fetch %d: %v, want %v", i, err, tt.err)
+				}
+			}
+			if _, err := br.Token(context.Background(), NewBinding("o#1", other, Request{Merchant: "x", Scopes: []string{"a"}})); err != nil {
+				t.Fatal(err)
+			}
+			clock.Add(tt.later)
+			got := br.SourcesHealth("s#1", "o#1")
+			h := got["s#1"]
+			if h.FailingKeys != tt.wantKeys || h.Breaker != tt.wantBreaker || !h.HeldUntil.IsZero() != tt.wantHeld {
+				t.Errorf("health %+v, want %d failing keys, breaker %s, held %v", h, tt.wantKeys, tt.wantBreaker, tt.wantHeld)
+			}
+			if tt.wantKeys > 0 && !errors.Is(h.LastError, tt.err) {
+				t.Errorf("last error %v, want %v", h.LastError, tt.err)
+			}
+			if wantFailing := tt.wantKeys > 0 || tt.wantHeld || tt.wantBreaker != BreakerClosed; h.Failing() != wantFailing {
+				t.Errorf("Failing() = %v, want %v", h.Failing(), wantFailing)
+			}
+			if o := got["o#1"]; o.Failing() {
+				t.Errorf("the other source is reported failing: %+v", o)
+			}
+		})
+	}
+}
