@@ -36,6 +36,16 @@ type consentTOML struct {
 	// LinkTTL is how long a consent link can be opened, a Go duration
 	// ("10m"). Default 10m, at most 24h.
 	LinkTTL *Duration `toml:"link_ttl"`
+	// MaxPendingLinks is how many unused, unexpired consent links one
+	// merchant may have; more are answered 429. Default 5.
+	MaxPendingLinks *int `toml:"max_pending_links"`
+	// MerchantLinksPerMinute is how many consent links one merchant may
+	// get per minute (as many at once); more are answered 429. Default 5.
+	MerchantLinksPerMinute *int `toml:"merchant_links_per_minute"`
+	// LinksPerMinute is how many consent links the provider hands out per
+	// minute, all merchants together (as many at once); more are answered
+	// 429. Default 60.
+	LinksPerMinute *int `toml:"links_per_minute"`
 }
 
 // consentKeys are the keys of a consent table.
@@ -43,6 +53,21 @@ var consentKeys = tomlKeys(consentTOML{})
 
 // maxLinkTTL bounds consent.link_ttl.
 const maxLinkTTL = 24 * time.Hour
+
+// maxLinkLimit bounds the consent link limits.
+const maxLinkLimit = 100_000
+
+// linkLimit resolves a consent link limit: def when unset, else 1 to
+// maxLinkLimit.
+func (e *entry) linkLimit(field string, v *int, def int) int {
+	switch {
+	case v == nil:
+		return def
+	case *v < 1 || *v > maxLinkLimit:
+		e.errf(field, "%d is out of range 1..%d", *v, maxLinkLimit)
+	}
+	return *v
+}
 
 // consent resolves the consent table of a refresh_token provider and
 // returns its flow (nil when there is none or it has problems).
@@ -76,6 +101,11 @@ func (e *entry) consent(raw *consentTOML, p *Provider, src *oauth.RefreshToken) 
 		cfg.PARURL = e.httpURL("consent.par_url", raw.PARURL, false, "the PAR endpoint")
 	}
 	cfg.LinkTTL = e.duration("consent.link_ttl", raw.LinkTTL, oauth.DefaultLinkTTL, 10*time.Second, maxLinkTTL)
+	cfg.Limits = oauth.LinkLimits{
+		MaxPending:        e.linkLimit("consent.max_pending_links", raw.MaxPendingLinks, oauth.DefaultMaxPendingLinks),
+		MerchantPerMinute: e.linkLimit("consent.merchant_links_per_minute", raw.MerchantLinksPerMinute, oauth.DefaultMerchantLinksPerMinute),
+		PerMinute:         e.linkLimit("consent.links_per_minute", raw.LinksPerMinute, oauth.DefaultLinksPerMinute),
+	}
 	if len(raw.RedirectURIs) == 0 {
 		e.errf("consent.redirect_uris", "missing: set the callback URLs registered with the provider (https://callback.example.com/consent/callback)")
 	}
