@@ -116,6 +116,9 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("token_broker_consent: provider %q: the token_broker app has no registry (set its config)", c.Provider)
 	}
 	if c.Provider == "" {
+		if !hasConsent(c.reg) {
+			return fmt.Errorf("token_broker_consent: links: no provider of the registry %s has a consent table ([providers.NAME.consent])", c.reg.Path)
+		}
 		c.metrics, err = loadConsentMetrics(ctx.GetMetricsRegistry())
 		return err
 	}
@@ -162,15 +165,15 @@ func page(w http.ResponseWriter, status int, msg string) {
 }
 
 // span starts a span for a consent step under the request's span.
-func (c *Consent) span(r *http.Request, step string) (context.Context, trace.Span) {
+func (c *Consent) span(r *http.Request, provider, step string) (context.Context, trace.Span) {
 	parent := trace.SpanFromContext(r.Context())
 	return parent.TracerProvider().Tracer(tracerName).Start(r.Context(), "token_broker.consent."+step,
-		trace.WithAttributes(attrProvider.String(c.Provider)))
+		trace.WithAttributes(attrProvider.String(provider)))
 }
 
 // done records a step's outcome: metric, span and log, never a code,
 // token, link or state.
-func (c *Consent) done(span trace.Span, step, merchant string, err error) {
+func (c *Consent) done(span trace.Span, provider, step, merchant string, err error) {
 	outcome := "ok"
 	var ce *oauth.ConsentError
 	switch {
@@ -179,13 +182,18 @@ func (c *Consent) done(span trace.Span, step, merchant string, err error) {
 	case err != nil:
 		outcome = "error"
 	}
-	c.metrics.steps.WithLabelValues(c.Provider, step, outcome).Inc()
+	c.metrics.steps.WithLabelValues(provider, step, outcome).Inc()
 	span.SetAttributes(attrMerchant.String(merchant), attrOutcome.String(outcome))
-	fields := []zap.Field{zap.String("provider", c.Provider), zap.String("step", step), zap.String("merchant", merchant), zap.String("outcome", outcome)}
-	if err != nil {
+	fields := []zap.Field{zap.String("provider", provider), zap.String("step", step), zap.String("merchant", merchant), zap.String("outcome", outcome)}
+	var le *oauth.LinkLimitError
+	switch {
+	case errors.As(err, &le): // a flood of these is counted, not logged one by one
+		span.SetStatus(codes.Error, outcome)
+		c.logger.Debug("consent link refused", append(fields, zap.String("error", err.Error()))...)
+	case err != nil:
 		span.SetStatus(codes.Error, outcome)
 		c.logger.Warn("consent refused", append(fields, zap.String("error", err.Error()))...)
-	} else {
+	default:
 		c.logger.Info("consent step", fields...)
 	}
 	span.End()
@@ -194,14 +202,14 @@ func (c *Consent) done(span trace.Span, step, merchant string, err error) {
 // start consumes a consent link, binds the browser with its consent
 // cookie (the one it has, or a new one) and redirects to the provider.
 func (c *Consent) start(w http.ResponseWriter, r *http.Request) {
-	ctx, span := c.span(r, "start")
+	ctx, span := c.span(r, c.Provider, "start")
 	name, secure := browserCookie(r)
 	browser := oauth.NewBrowser()
 	if ck, err := r.Cookie(name); err == nil && validBrowser(ck.Value) {
 		browser = oauth.Browser(ck.Value)
 	}
 	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host, browser)
-	c.done(span, "start", rec.Merchant, err)
+	c.done(span, c.Provider, "start", rec.Merchant, err)
 	if err != nil {
 		page(w, http.StatusBadRequest, consentMessage(err))
 		return
@@ -249,14 +257,14 @@ func validBrowser(v string) bool {
 
 // callback finishes the consent and sends the browser back to the app.
 func (c *Consent) callback(w http.ResponseWriter, r *http.Request) {
-	ctx, span := c.span(r, "callback")
+	ctx, span := c.span(r, c.Provider, "callback")
 	var browser oauth.Browser // none: refused if the state is bound
 	name, _ := browserCookie(r)
 	if ck, cerr := r.Cookie(name); cerr == nil {
 		browser = oauth.Browser(ck.Value)
 	}
 	res, err := c.flow.Callback(ctx, r.Host, r.URL.Query(), browser)
-	c.done(span, "callback", res.Merchant, err)
+	c.done(span, c.Provider, "callback", res.Merchant, err)
 	if err == nil {
 		c.app.broker.PurgeMerchant(res.Merchant)
 		forgetConsentRequired(c.app.broker, c.Provider, res.Merchant)
@@ -368,9 +376,13 @@ func (c *Consent) link(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	ctx, span := c.span(r, "link")
+	provider := c.Provider
+	if m := c.reg.Merchants[req.Merchant]; m != nil {
+		provider = m.Provider
+	}
+	ctx, span := c.span(r, provider, "link")
 	link, status, err := createLink(ctx, c.reg, req)
-	c.done(span, "link", req.Merchant, err)
+	c.done(span, provider, "link", req.Merchant, err)
 	if err != nil {
 		code := "bad_request"
 		var ce *oauth.ConsentError
