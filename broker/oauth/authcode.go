@@ -256,7 +256,9 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 // the authorization state to the browser (see Browser).
 func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Browser) (string, Pending, error) {
 	rec, err := a.pend.take(ctx, kindLink, linkID)
-	a.limits.used(rec.Merchant, storeKey(kindLink, linkID))
+	if rec.Merchant != "" {
+		a.limits.used(rec.Merchant, storeKey(kindLink, linkID))
+	}
 	if err != nil {
 		return "", rec, a.pendingError(rec, err, "consent link")
 	}
