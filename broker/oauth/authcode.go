@@ -353,7 +353,11 @@ type Result struct {
 // same browser secret: another browser gets ReasonWrongBrowser, without a
 // Result, and the state stays.
 func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, browser ...Browser) (Result, error) {
-	rec, err := a.pend.takeFrom(ctx, kindState, q.Get("state"), append(browser, "")[0])
+	var from Browser // none: refused for a state bound to a browser
+	if len(browser) > 0 {
+		from = browser[0]
+	}
+	rec, err := a.pend.takeFrom(ctx, kindState, q.Get("state"), from)
 	res := Result{Merchant: rec.Merchant, ReturnURL: rec.ReturnURL}
 	if err != nil {
 		if !errors.Is(err, errExpired) {
