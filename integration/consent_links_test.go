@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -359,24 +360,68 @@ func heapAfterGC() uint64 {
 // it: the consents in progress are in the storage, not in the process.
 func TestConsentLinksSurviveRestart(t *testing.T) {
 	s := startConsentSite(t, "")
-	restart := func() {
-		t.Helper()
-		if err := caddy.Stop(); err != nil {
-			t.Fatal(err)
-		}
-		loadCaddy(t, s.caddyfile)
-		waitListening(t, strings.TrimPrefix(s.site, "http://"))
-	}
 	link := mustConsentLink(t, s, "acme")
-	restart()
+	s.restart(t)
 	browser := newBrowser()
 	callback := approveAtBank(t, browser, link)
-	restart()
+	s.restart(t)
 	resp, body := browse(t, browser, http.MethodGet, callback, nil)
 	if resp.StatusCode != http.StatusOK || !strings.Contains(body, "consent is recorded") {
 		t.Fatalf("callback after restart: %d %s", resp.StatusCode, body)
 	}
 	if e := getEcho(t, s.base+"/accounts", "X-Merchant-Id", "acme"); !e.Authorization.Valid {
 		t.Fatalf("proxied call: %+v", e.Authorization)
+	}
+}
+
+// restart stops Caddy and starts it again on the same configuration and
+// storage: nothing of the process's state survives.
+func (s *consentSite) restart(t *testing.T) {
+	t.Helper()
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	loadCaddy(t, s.caddyfile)
+	waitListening(t, strings.TrimPrefix(s.site, "http://"))
+}
+
+// TestConsentSweep: an instance with a consent provider deletes the
+// expired links and states from the storage (at start, then every
+// minute), and leaves the others and what is not a consent.
+func TestConsentSweep(t *testing.T) {
+	s := startConsentSite(t, "")
+	dir := filepath.Join(s.storage, "token_broker", "consents")
+	write := func(name string, expires time.Time) string {
+		p := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		v := binary.BigEndian.AppendUint64(nil, uint64(expires.Unix()))
+		if err := os.WriteFile(p, append(v, "sealed"...), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	hexName := func(c string) string { return strings.Repeat(c, 64) }
+	expiredLink := write("link/"+hexName("a"), time.Now().Add(-time.Second))
+	expiredState := write("state/"+hexName("b"), time.Now().Add(-time.Hour))
+	pending := write("link/"+hexName("c"), time.Now().Add(time.Hour))
+	other := write("link/not-a-consent", time.Now().Add(-time.Hour))
+	s.restart(t)
+	for wait, deadline := 10*time.Millisecond, time.Now().Add(30*time.Second); ; wait = min(2*wait, time.Second) {
+		_, e1 := os.Stat(expiredLink)
+		_, e2 := os.Stat(expiredState)
+		if os.IsNotExist(e1) && os.IsNotExist(e2) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("expired consents still stored: %v %v", e1, e2)
+		}
+		time.Sleep(wait)
+	}
+	for _, p := range []string{pending, other} {
+		if _, err := os.Stat(p); err != nil {
+			t.Errorf("%s: %v", filepath.Base(p), err)
+		}
 	}
 }
