@@ -294,6 +294,16 @@ func TestConsentLinkLimits(t *testing.T) {
 			t.Errorf("%s: %d %+v Retry-After %q, want 429 %s", tc.merchant, resp.StatusCode, out, resp.Header.Get("Retry-After"), tc.code)
 		}
 	}
+	// The admin API's links are the same links, under the same limits.
+	resp, err := http.Post(s.admin+"/token_broker/consent/links", "application/json", strings.NewReader(`{"merchant": "acme"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if ra, err := strconv.Atoi(resp.Header.Get("Retry-After")); resp.StatusCode != http.StatusTooManyRequests || err != nil || ra < 1 || !strings.Contains(string(b), "max_pending_links") {
+		t.Errorf("admin link: %d %s Retry-After %q, want 429", resp.StatusCode, b, resp.Header.Get("Retry-After"))
+	}
 }
 
 // TestConsentLinkFlood: 20 000 link requests with 2 KiB return URLs
