@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -25,9 +26,12 @@ import (
 
 // newBrowser is a browser with its own cookie jar that does not follow
 // redirects (the tests follow them).
+// It trusts any server certificate (the HTTPS site's is from Caddy's
+// internal CA).
 func newBrowser() *http.Client {
 	jar, _ := cookiejar.New(nil) // never fails without options
 	return &http.Client{Timeout: 30 * time.Second, Jar: jar,
+		Transport:     &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}},
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 }
 
@@ -83,11 +87,22 @@ type consentSite struct {
 }
 
 // startConsentSite writes the registry (extra is added to each consent
-// table) and starts Caddy.
+// table) and starts Caddy, the callback site on plain HTTP.
 func startConsentSite(t *testing.T, extra string) *consentSite {
 	t.Helper()
+	return startConsentSiteOn(t, extra, "http")
+}
+
+// startConsentSiteOn is startConsentSite with the callback site on scheme:
+// "https" serves it with a certificate from Caddy's internal CA.
+func startConsentSiteOn(t *testing.T, extra, scheme string) *consentSite {
+	t.Helper()
 	cbPort := freePort(t)
-	site := "http://127.0.0.1:" + strconv.Itoa(cbPort)
+	site := scheme + "://127.0.0.1:" + strconv.Itoa(cbPort)
+	siteTLS, globalTLS := "", ""
+	if scheme == "https" {
+		siteTLS, globalTLS = "\ttls internal\n", "\tskip_install_trust\n\tauto_https disable_redirects\n"
+	}
 	sb, sbURL := startSandbox(t, func(c *sandbox.Config) {
 		for _, p := range []string{"bank", "bank2"} {
 			c.BankClients = append(c.BankClients, sandbox.BankClient{ID: p + "-client", Secret: "consent-secret-1",
@@ -118,7 +133,7 @@ client_secret = "{env.CONSENT_SECRET}"
 	}
 	storage := filepath.Join(dir, "storage")
 	cf := fmt.Sprintf(`{
-	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
+%s	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
 	storage file_system %s
 	token_broker {
 		config %s
@@ -138,7 +153,7 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 }
 
 %s {
-	handle /consent/bank/* {
+%s	handle /consent/bank/* {
 		token_broker_consent bank
 	}
 	handle /consent/bank2/* {
@@ -148,9 +163,20 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 		respond 404
 	}
 }
-`, storage, filepath.Join(dir, "merchants.toml"), sbURL, site)
+`, globalTLS, storage, filepath.Join(dir, "merchants.toml"), sbURL, site, siteTLS)
 	base := startCaddy(t, cf)
 	waitListening(t, "127.0.0.1:"+strconv.Itoa(cbPort))
+	for wait, deadline := 10*time.Millisecond, time.Now().Add(30*time.Second); ; wait = min(2*wait, time.Second) {
+		resp, err := newBrowser().Get(site + "/other") // the certificate is issued in the background
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %v", site, err)
+		}
+		time.Sleep(wait)
+	}
 	return &consentSite{sb: sb, base: base, site: site, admin: "http://127.0.0.1:" + getenv(t, "TOKEN_BROKER_ADMIN_PORT"), storage: storage, caddyfile: cf}
 }
 
@@ -185,24 +211,37 @@ func TestConsentLinksOneEndpointForEveryProvider(t *testing.T) {
 // merchant and sends the bank's page to a victim, whose browser (another
 // cookie jar) approves and reaches the callback: refused with a page that
 // says so, no refresh token for the merchant; the state is not used up by
-// the refusal. The cookie is HttpOnly, SameSite=Lax, for the whole site.
+// the refusal. The cookie is HttpOnly, SameSite=Lax, for the whole site;
+// on HTTPS it is __Host- prefixed and Secure.
 func TestConsentCallbackBoundToBrowser(t *testing.T) {
-	s := startConsentSite(t, "")
+	for _, tc := range []struct {
+		scheme, cookie string
+		secure         bool
+	}{{"http", "token_broker_consent", false}, {"https", "__Host-token_broker_consent", true}} {
+		t.Run(tc.scheme, func(t *testing.T) { testCallbackBoundToBrowser(t, tc.scheme, tc.cookie, tc.secure) })
+	}
+}
+
+func testCallbackBoundToBrowser(t *testing.T, scheme, cookie string, secure bool) {
+	s := startConsentSiteOn(t, "", scheme)
 	_, link := consentLink(t, s.base, "acme", "https://app.partner.example/app/consent/done")
 	attacker, victim := newBrowser(), newBrowser()
 	callback := approveAtBank(t, attacker, link["url"])
 
 	site, _ := url.Parse(s.site)
 	cookies := attacker.Jar.Cookies(site)
-	if len(cookies) != 1 || cookies[0].Name != "token_broker_consent" {
-		t.Fatalf("cookies after start: %v", cookies)
+	if len(cookies) != 1 || cookies[0].Name != cookie {
+		t.Fatalf("cookies after start: %v, want %s", cookies, cookie)
 	}
 	resp, _ := browse(t, newBrowser(), http.MethodGet, mustConsentLink(t, s, "globex"), nil)
 	setCookie := resp.Header.Get("Set-Cookie")
-	for _, attr := range []string{"token_broker_consent=", "Path=/", "HttpOnly", "SameSite=Lax", "Max-Age=900"} {
+	for _, attr := range []string{cookie + "=", "Path=/", "HttpOnly", "SameSite=Lax", "Max-Age=900"} {
 		if !strings.Contains(setCookie, attr) {
 			t.Errorf("Set-Cookie %q lacks %s", setCookie, attr)
 		}
+	}
+	if strings.Contains(setCookie, "Secure") != secure || strings.Contains(setCookie, "Domain") {
+		t.Errorf("Set-Cookie %q: want Secure %v and no Domain", setCookie, secure)
 	}
 
 	resp, body := browse(t, victim, http.MethodGet, callback, nil)
