@@ -282,3 +282,19 @@ func TestCallbackRefusesAnotherBrowser(t *testing.T) {
 		t.Fatalf("the starting browser: %+v, %v", res, err)
 	}
 }
+
+// TestLinkLimiterKeepsNoStateForRefusals: a flood over many merchants
+// that the provider's rate refuses leaves nothing in the limiter.
+func TestLinkLimiterKeepsNoStateForRefusals(t *testing.T) {
+	clock := newClock()
+	l := newLinkLimiter(LinkLimits{PerMinute: 2})
+	for i := range 1000 {
+		err := l.admit(fmt.Sprint("merchant-", i), clock.Now())
+		if (err == nil) != (i < 2) {
+			t.Fatalf("merchant %d: %v", i, err)
+		}
+	}
+	if n := l.merchants(); n != 2 {
+		t.Errorf("the limiter holds %d merchants, want the 2 admitted", n)
+	}
+}

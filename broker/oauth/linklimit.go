@@ -116,9 +116,8 @@ func (l *linkLimiter) admit(merchant string, now time.Time) *LinkLimitError {
 	defer l.mu.Unlock()
 	l.pruneLocked(now)
 	ml := l.m[merchant]
-	if ml == nil {
+	if ml == nil { // kept only once admitted: refusals leave no state
 		ml = &merchantLinks{lim: perMinute(l.lim.MerchantPerMinute)}
-		l.m[merchant] = ml
 	}
 	ml.links = slices.DeleteFunc(ml.links, func(p pendingLink) bool { return !now.Before(p.expires) })
 	if len(ml.links) >= l.lim.MaxPending {
@@ -138,6 +137,7 @@ func (l *linkLimiter) admit(merchant string, now time.Time) *LinkLimitError {
 		return &LinkLimitError{Reason: ReasonLinkRate, Merchant: merchant, RetryAfter: d,
 			Limit: fmt.Sprintf("the provider handed out its %d consent links per minute (links_per_minute)", l.lim.PerMinute)}
 	}
+	l.m[merchant] = ml
 	return nil
 }
 
