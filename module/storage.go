@@ -183,16 +183,12 @@ func isPendingKey(k string) bool {
 
 var _ oauth.PendingStore = storagePending{}
 
-// pendingSweepInterval is how often the expired consents are deleted
-// from the storage.
-const pendingSweepInterval = time.Minute
-
 // pendingSweepers run one sweep of token_broker/consents/ per storage,
 // kept across reloads.
 var pendingSweepers = caddy.NewUsagePool()
 
 // pendingSweeper deletes the expired consents of a storage every
-// pendingSweepInterval, until destructed.
+// oauth.PendingSweepInterval, until destructed.
 type pendingSweeper struct {
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -224,7 +220,7 @@ func startPendingSweeper(ctx caddy.Context, logger *zap.Logger) (string, error) 
 		p := &pendingSweeper{cancel: cancel, done: make(chan struct{})}
 		go func() {
 			defer close(p.done)
-			t := time.NewTicker(pendingSweepInterval)
+			t := time.NewTicker(oauth.PendingSweepInterval)
 			defer t.Stop()
 			for {
 				if deleted, left, err := st.sweep(sctx, time.Now()); err != nil && sctx.Err() == nil {

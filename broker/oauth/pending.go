@@ -41,8 +41,9 @@ type PendingStore interface {
 	Take(ctx context.Context, key string) ([]byte, error)
 }
 
-// PendingSweepInterval is how often MemoryPendingStore drops the values
-// whose expiry has passed (on its next use after the interval).
+// PendingSweepInterval is how often expired consents are dropped: by
+// MemoryPendingStore on its next use after the interval, and by the Caddy
+// module's sweep of its storage.
 const PendingSweepInterval = time.Minute
 
 // MemoryPendingStore is a PendingStore in memory: single-use, but lost
