@@ -60,6 +60,17 @@ type consentTOML struct {
 	// authorization request, absolute URIs. Default the provider's
 	// resource, if set.
 	Resources []string `toml:"resources"`
+
+	// MaxPendingLinks is how many unused, unexpired consent links one
+	// merchant may have; more are answered 429. Default 5.
+	MaxPendingLinks *int `toml:"max_pending_links"`
+	// MerchantLinksPerMinute is how many consent links one merchant may
+	// get per minute (as many at once); more are answered 429. Default 5.
+	MerchantLinksPerMinute *int `toml:"merchant_links_per_minute"`
+	// LinksPerMinute is how many consent links the provider hands out per
+	// minute, all merchants together (as many at once); more are answered
+	// 429. Default 60.
+	LinksPerMinute *int `toml:"links_per_minute"`
 }
 
 // consentKeys are the keys of a consent table.
@@ -67,6 +78,21 @@ var consentKeys = tomlKeys(consentTOML{})
 
 // maxLinkTTL bounds consent.link_ttl.
 const maxLinkTTL = 24 * time.Hour
+
+// maxLinkLimit bounds the consent link limits.
+const maxLinkLimit = 100_000
+
+// linkLimit resolves a consent link limit: def when unset, else 1 to
+// maxLinkLimit.
+func (e *entry) linkLimit(field string, v *int, def int) int {
+	switch {
+	case v == nil:
+		return def
+	case *v < 1 || *v > maxLinkLimit:
+		e.errf(field, "%d is out of range 1..%d", *v, maxLinkLimit)
+	}
+	return *v
+}
 
 // consent resolves the consent table of a refresh_token provider and
 // returns its flow (nil when there is none or it has problems).
@@ -106,6 +132,11 @@ func (e *entry) consent(raw *consentTOML, p *Provider, src *oauth.RefreshToken) 
 	cfg.Claims, _ = e.expand("consent.claims", raw.Claims)
 	cfg.AuthorizationDetails, _ = e.expand("consent.authorization_details", raw.AuthorizationDetails)
 	cfg.LinkTTL = e.duration("consent.link_ttl", raw.LinkTTL, oauth.DefaultLinkTTL, 10*time.Second, maxLinkTTL)
+	cfg.Limits = oauth.LinkLimits{
+		MaxPending:        e.linkLimit("consent.max_pending_links", raw.MaxPendingLinks, oauth.DefaultMaxPendingLinks),
+		MerchantPerMinute: e.linkLimit("consent.merchant_links_per_minute", raw.MerchantLinksPerMinute, oauth.DefaultMerchantLinksPerMinute),
+		PerMinute:         e.linkLimit("consent.links_per_minute", raw.LinksPerMinute, oauth.DefaultLinksPerMinute),
+	}
 	if len(raw.RedirectURIs) == 0 {
 		e.errf("consent.redirect_uris", "missing: set the callback URLs registered with the provider (https://callback.example.com/consent/callback)")
 	}

@@ -44,6 +44,16 @@ func TestConsentTable(t *testing.T) {
 	if !flow.ReturnURLAllowed("https://app.partner.example/consent/done?x=1") || flow.ReturnURLAllowed("https://app.partner.example/other") {
 		t.Error("return URL allow-list")
 	}
+	if l := cfg.Limits; l != (oauth.LinkLimits{MaxPending: oauth.DefaultMaxPendingLinks, MerchantPerMinute: oauth.DefaultMerchantLinksPerMinute, PerMinute: oauth.DefaultLinksPerMinute}) {
+		t.Errorf("default link limits %+v", l)
+	}
+	limited, err := ParseWith("m.toml", []byte(strings.Replace(consentProvider, `par = true`, "max_pending_links = 2\n  merchant_links_per_minute = 3\n  links_per_minute = 4", 1)), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l := limited.Providers["bank"].Consent.Config().Limits; l != (oauth.LinkLimits{MaxPending: 2, MerchantPerMinute: 3, PerMinute: 4}) {
+		t.Errorf("link limits %+v", l)
+	}
 
 	rows := []struct {
 		name, old, new, want string
@@ -53,6 +63,9 @@ func TestConsentTable(t *testing.T) {
 		{"client credentials", `grant = "refresh_token"`, `grant = "client_credentials"`, `field consent: only providers with grant "refresh_token"`},
 		{"no redirect", `redirect_uris = ["https://cb1.partner.example/consent/callback", "https://cb2.partner.example/consent/callback"]`, ``, `field consent.redirect_uris: missing`},
 		{"ttl out of range", `link_ttl = "5m"`, `link_ttl = "48h"`, `field consent.link_ttl: 48h0m0s is out of range`},
+		{"no pending link", `link_ttl = "5m"`, `max_pending_links = 0`, `m.toml:12: provider "bank": field consent.max_pending_links: 0 is out of range 1..100000`},
+		{"negative merchant rate", `link_ttl = "5m"`, `merchant_links_per_minute = -1`, `field consent.merchant_links_per_minute: -1 is out of range`},
+		{"rate too high", `link_ttl = "5m"`, `links_per_minute = 1000000`, `field consent.links_per_minute: 1000000 is out of range`},
 	}
 	for _, tc := range rows {
 		t.Run(tc.name, func(t *testing.T) {

@@ -15,8 +15,9 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 )
 
-// consentBrowser does not follow redirects: the test follows them.
-var consentBrowser = &http.Client{Timeout: 30 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+// consentBrowser does not follow redirects: the test follows them. It
+// keeps cookies, as the consent site binds a consent to its browser.
+var consentBrowser = newBrowser()
 
 // hop sends a request and checks the consent site's headers when the
 // answer comes from it.

@@ -116,18 +116,15 @@ func (adminConsent) links(w http.ResponseWriter, r *http.Request) error {
 	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<10)).Decode(&req); err != nil || req.Merchant == "" {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: errors.New(`the body must be {"merchant": "...", "return_url": "..."}`)}
 	}
-	if app.registry == nil || app.registry.Merchants[req.Merchant] == nil {
-		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("merchant %q is not in the registry", req.Merchant)}
+	if app.registry == nil {
+		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("merchant %q is not in the registry: the app has none", req.Merchant)}
 	}
-	p := app.registry.Providers[app.registry.Merchants[req.Merchant].Provider]
-	if p.Consent == nil {
-		return caddy.APIError{HTTPStatus: http.StatusConflict, Err: fmt.Errorf("merchant %q: provider %q has no consent table ([providers.%s.consent])", req.Merchant, p.Name, p.Name)}
-	}
-	link, status, err := createLink(r.Context(), app.registry, p.Consent, req)
+	link, status, err := createLink(r.Context(), app.registry, req)
 	if err != nil {
+		setRetryAfter(w, err)
 		return caddy.APIError{HTTPStatus: status, Err: err}
 	}
-	app.logger.Info("consent link created", zapMerchant(req.Merchant), zapProvider(p.Name))
+	app.logger.Info("consent link created", zapMerchant(req.Merchant), zapProvider(link.Provider))
 	return writeJSON(w, link)
 }
 

@@ -87,6 +87,7 @@ type App struct {
 	listing     *orgListing // the wildcard's organisation listing, if restricted
 	listingKey  string
 	registryKey string     // the registry's key in the registries pool
+	sweeperKey  string     // the consents sweeper's key in pendingSweepers
 	site        siteGuard  // AllowedHosts, checked by the handlers (site.go)
 	watched     *watchList // the registries of handlers with their own (health.go)
 }
@@ -130,6 +131,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		a.registryKey = key
 		a.registry = reg
+		if hasConsent(reg) {
+			if a.sweeperKey, err = startPendingSweeper(ctx, a.logger); err != nil {
+				return err
+			}
+		}
 		if a.listing, a.listingKey, err = loadListing(reg, a.logger); err != nil {
 			return err
 		}
@@ -207,6 +213,9 @@ func (a *App) Cleanup() error {
 	}
 	if a.registryKey != "" {
 		_, _ = registries.Delete(a.registryKey)
+	}
+	if a.sweeperKey != "" {
+		_, _ = pendingSweepers.Delete(a.sweeperKey)
 	}
 	if a.fleetKey != "" {
 		_, _ = fleets.Delete(a.fleetKey)

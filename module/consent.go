@@ -2,14 +2,17 @@ package module
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"html"
 	"io"
-	"io/fs"
+	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -17,7 +20,6 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/caddyserver/certmagic"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
@@ -41,33 +43,48 @@ func init() {
 // On the public callback site (a domain of the provider's redirect_uris,
 // with Caddy's automatic HTTPS) it serves, under any path prefix:
 //
-//	GET  …/start?link=…   consume a one-time consent link, redirect to the provider
-//	GET  …/callback       the provider's redirect: check, exchange the code, store the refresh token,
-//	                      redirect to the app's return URL with merchant and outcome
-//	                      (ok or the refusal reason; with outcome provider_error, also
-//	                      error, the provider's error code)
+//	GET  …/start?link=…   consume a one-time consent link, set the browser's consent cookie,
+//	                      redirect to the provider
+//	GET  …/callback       the provider's redirect: check the state and that the browser holds its
+//	                      cookie, exchange the code, store the refresh token, redirect to the app's
+//	                      return URL with merchant and outcome (ok or the refusal reason; with
+//	                      outcome provider_error, also error, the provider's error code)
+//
+// The consent cookie binds the authorization state to the browser that
+// opened the link (RFC 9700 §4.7.1): "__Host-token_broker_consent"
+// (Secure, HttpOnly, SameSite=Lax, Path=/) on HTTPS or a host that is not
+// loopback, "token_broker_consent" (HttpOnly, SameSite=Lax, Path=/) on
+// plain HTTP to a loopback host. A callback without the cookie of the
+// browser that started it is refused (403, outcome wrong_browser) and its
+// state is left for that browser.
 //
 // With links (on the localhost sidecar site) it serves instead:
 //
 //	POST …/links  {"merchant": "acme", "return_url": "https://app…", "callback_host": "cb1…"}
 //	              → {"url": "https://cb1…/consent/start?link=…", "expires": "…"}
 //
-// where the app's caller policy, when configured, decides which merchants a
-// caller may ask links for. Everything else is 404. Every answer sets
+// for the merchants of every provider with a consent table: the link is
+// for the merchant's provider (Provider is not needed). The app's caller
+// policy, when configured, decides which merchants a caller may ask links
+// for; the provider's link limits answer 429 with Retry-After.
+// Everything else is 404. Every answer sets
 // Cache-Control: no-store and Referrer-Policy: no-referrer; the requests are
 // left out of Caddy's access log (their URLs hold a code, a state or a
 // link), and the handler logs each outcome without them.
 //
 // The consents in progress live in Caddy's storage, sealed: several
 // instances with several callback domains share them when they share the
-// storage (as they must for the refresh tokens), and they survive reloads.
+// storage (as they must for the refresh tokens), and they survive reloads
+// and restarts; expired ones are swept (see storagePending).
 type Consent struct {
 	// Provider is the name of the provider (in the registry) whose consents
-	// this handler runs. Required.
+	// this handler runs. Required without Links; with Links it is
+	// optional and only checked (links are for the merchant's provider).
 	Provider string `json:"provider,omitempty"`
 
-	// Links serves the consent-link API instead of start and callback. Put
-	// it on the localhost sidecar site, never on the public one.
+	// Links serves the consent-link API instead of start and callback, for
+	// the merchants of every provider with a consent table. Put it on the
+	// localhost sidecar site, never on the public one.
 	Links bool `json:"links,omitempty"`
 
 	app     *App
@@ -94,11 +111,18 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 	}
 	c.app = appIface.(*App)
 	c.reg = c.app.registry
-	if c.Provider == "" {
+	if c.Provider == "" && !c.Links {
 		return errors.New("token_broker_consent: provider is required: name the refresh_token provider whose merchants consent here")
 	}
 	if c.reg == nil {
 		return fmt.Errorf("token_broker_consent: provider %q: the token_broker app has no registry (set its config)", c.Provider)
+	}
+	if c.Provider == "" {
+		if !hasConsent(c.reg) {
+			return fmt.Errorf("token_broker_consent: links: no provider of the registry %s has a consent table ([providers.NAME.consent])", c.reg.Path)
+		}
+		c.metrics, err = loadConsentMetrics(ctx.GetMetricsRegistry())
+		return err
 	}
 	p := c.reg.Providers[c.Provider]
 	switch {
@@ -143,15 +167,15 @@ func page(w http.ResponseWriter, status int, msg string) {
 }
 
 // span starts a span for a consent step under the request's span.
-func (c *Consent) span(r *http.Request, step string) (context.Context, trace.Span) {
+func (c *Consent) span(r *http.Request, provider, step string) (context.Context, trace.Span) {
 	parent := trace.SpanFromContext(r.Context())
 	return parent.TracerProvider().Tracer(tracerName).Start(r.Context(), "token_broker.consent."+step,
-		trace.WithAttributes(attrProvider.String(c.Provider)))
+		trace.WithAttributes(attrProvider.String(provider)))
 }
 
 // done records a step's outcome: metric, span and log, never a code,
 // token, link or state.
-func (c *Consent) done(span trace.Span, step, merchant string, err error) {
+func (c *Consent) done(span trace.Span, provider, step, merchant string, err error) {
 	outcome := "ok"
 	var ce *oauth.ConsentError
 	switch {
@@ -160,10 +184,14 @@ func (c *Consent) done(span trace.Span, step, merchant string, err error) {
 	case err != nil:
 		outcome = "error"
 	}
-	c.metrics.steps.WithLabelValues(c.Provider, step, outcome).Inc()
+	c.metrics.steps.WithLabelValues(provider, step, outcome).Inc()
 	span.SetAttributes(attrMerchant.String(merchant), attrOutcome.String(outcome))
-	fields := []zap.Field{zap.String("provider", c.Provider), zap.String("step", step), zap.String("merchant", merchant), zap.String("outcome", outcome)}
+	fields := []zap.Field{zap.String("provider", provider), zap.String("step", step), zap.String("merchant", merchant), zap.String("outcome", outcome)}
+	var le *oauth.LinkLimitError
 	switch {
+	case errors.As(err, &le): // a flood of these is counted, not logged one by one
+		span.SetStatus(codes.Error, outcome)
+		c.logger.Debug("consent link refused", append(fields, zap.String("error", err.Error()))...)
 	case ce != nil && ce.Reason == oauth.ReasonProviderError:
 		// Not the merchant's doing: the error says what the operator
 		// should check or set.
@@ -179,23 +207,72 @@ func (c *Consent) done(span trace.Span, step, merchant string, err error) {
 	span.End()
 }
 
-// start consumes a consent link and redirects to the provider.
+// start consumes a consent link, binds the browser with its consent
+// cookie (the one it has, or a new one) and redirects to the provider.
 func (c *Consent) start(w http.ResponseWriter, r *http.Request) {
-	ctx, span := c.span(r, "start")
-	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host)
-	c.done(span, "start", rec.Merchant, err)
+	ctx, span := c.span(r, c.Provider, "start")
+	name, secure := browserCookie(r)
+	browser := oauth.NewBrowser()
+	if ck, err := r.Cookie(name); err == nil && validBrowser(ck.Value) {
+		browser = oauth.Browser(ck.Value)
+	}
+	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host, browser)
+	c.done(span, c.Provider, "start", rec.Merchant, err)
 	if err != nil {
 		page(w, http.StatusBadRequest, consentMessage(err))
 		return
 	}
+	http.SetCookie(w, &http.Cookie{Name: name, Value: string(browser), Path: "/", MaxAge: int(oauth.StateTTL / time.Second),
+		Secure: secure, HttpOnly: true, SameSite: http.SameSiteLaxMode})
 	http.Redirect(w, r, authURL, http.StatusSeeOther)
+}
+
+// browserCookie is the name of the consent cookie for r and whether it is
+// Secure: "__Host-" prefixed and Secure unless r is plain HTTP to a
+// loopback host (a browser keeps no Secure cookie from plain HTTP, but
+// one behind a TLS-terminating proxy is on HTTPS).
+func browserCookie(r *http.Request) (name string, secure bool) {
+	if r.TLS == nil && isLoopbackHost(r.Host) {
+		return consentCookie, false
+	}
+	return "__Host-" + consentCookie, true
+}
+
+// consentCookie is the consent cookie's name, without prefix.
+const consentCookie = "token_broker_consent"
+
+// isLoopbackHost reports whether a Host header names the local machine:
+// localhost, 127.0.0.0/8 or ::1, with any port.
+func isLoopbackHost(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.Trim(host, "[]"), ".")
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
+}
+
+// validBrowser reports whether v looks like a browser secret made by
+// oauth.NewBrowser (32 random bytes, base64url): another value is
+// replaced by a new one.
+func validBrowser(v string) bool {
+	b, err := base64.RawURLEncoding.DecodeString(v)
+	return err == nil && len(b) == 32
 }
 
 // callback finishes the consent and sends the browser back to the app.
 func (c *Consent) callback(w http.ResponseWriter, r *http.Request) {
-	ctx, span := c.span(r, "callback")
-	res, err := c.flow.Callback(ctx, r.Host, r.URL.Query())
-	c.done(span, "callback", res.Merchant, err)
+	ctx, span := c.span(r, c.Provider, "callback")
+	var browser oauth.Browser // none: refused if the state is bound
+	name, _ := browserCookie(r)
+	if ck, cerr := r.Cookie(name); cerr == nil {
+		browser = oauth.Browser(ck.Value)
+	}
+	res, err := c.flow.Callback(ctx, r.Host, r.URL.Query(), browser)
+	c.done(span, c.Provider, "callback", res.Merchant, err)
 	if err == nil {
 		c.app.broker.PurgeMerchant(res.Merchant)
 		forgetConsentRequired(c.app.broker, c.Provider, res.Merchant)
@@ -219,7 +296,12 @@ func (c *Consent) callback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err != nil {
-		page(w, http.StatusBadRequest, consentMessage(err))
+		status := http.StatusBadRequest
+		var ce *oauth.ConsentError
+		if errors.As(err, &ce) && ce.Reason == oauth.ReasonWrongBrowser {
+			status = http.StatusForbidden
+		}
+		page(w, status, consentMessage(err))
 		return
 	}
 	page(w, http.StatusOK, "Thank you: your consent is recorded. You can close this window.")
@@ -251,6 +333,9 @@ func consentMessage(err error) string {
 		return "The consent was not given at the bank."
 	case oauth.ReasonProviderError:
 		return "The bank could not process this consent request (" + ce.Code + "). This is a configuration problem of the service, not a decision of yours; its operator has been told. Please try again later with a new consent link."
+	case oauth.ReasonWrongBrowser:
+		return "This consent was started in another browser, or this browser did not keep its consent cookie. " +
+			"For your safety it was not completed here. Open the consent link you were given in this browser, or ask for a new one."
 	case oauth.ReasonProviderFailure, oauth.ReasonStoreFailure:
 		return "The consent service is unavailable. Please try again later with a new consent link."
 	}
@@ -311,15 +396,20 @@ func (c *Consent) link(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	ctx, span := c.span(r, "link")
-	link, status, err := createLink(ctx, c.reg, c.flow, req)
-	c.done(span, "link", req.Merchant, err)
+	provider := c.Provider
+	if m := c.reg.Merchants[req.Merchant]; m != nil {
+		provider = m.Provider
+	}
+	ctx, span := c.span(r, provider, "link")
+	link, status, err := createLink(ctx, c.reg, req)
+	c.done(span, provider, "link", req.Merchant, err)
 	if err != nil {
 		code := "bad_request"
 		var ce *oauth.ConsentError
 		if errors.As(err, &ce) {
 			code = ce.Reason
 		}
+		setRetryAfter(w, err)
 		linkError(w, status, code, err.Error())
 		return
 	}
@@ -327,21 +417,29 @@ func (c *Consent) link(w http.ResponseWriter, r *http.Request) {
 	_ = json.NewEncoder(w).Encode(link)
 }
 
-// createLink checks that the merchant consents through flow's provider and
-// creates its link; status is the HTTP status of a failure.
-func createLink(ctx context.Context, reg *config.Registry, flow *oauth.AuthCode, req LinkRequest) (LinkResponse, int, error) {
+// createLink creates the link of the merchant's provider; status is the
+// HTTP status of a failure: 404 for a merchant not in the registry, 409
+// for one whose provider has no consent table, 400 for a return URL or
+// callback host refused, 429 for a link limit.
+func createLink(ctx context.Context, reg *config.Registry, req LinkRequest) (LinkResponse, int, error) {
 	m := reg.Merchants[req.Merchant]
 	if m == nil {
 		return LinkResponse{}, http.StatusNotFound, fmt.Errorf("merchant %q is not in the registry %s", req.Merchant, reg.Path)
 	}
-	if m.Provider != flow.Provider() {
-		return LinkResponse{}, http.StatusConflict, fmt.Errorf("merchant %q belongs to provider %q, not %q", req.Merchant, m.Provider, flow.Provider())
+	p := reg.Providers[m.Provider]
+	if p == nil || p.Consent == nil {
+		return LinkResponse{}, http.StatusConflict, fmt.Errorf("merchant %q: provider %q has no consent table ([providers.%s.consent])", req.Merchant, m.Provider, m.Provider)
 	}
+	flow := p.Consent
 	link, err := flow.NewLink(ctx, req.Merchant, req.ReturnURL, req.CallbackHost)
 	if err != nil {
 		status := http.StatusInternalServerError
 		var ce *oauth.ConsentError
-		if errors.As(err, &ce) && (ce.Reason == oauth.ReasonReturnURL || ce.Reason == oauth.ReasonWrongCallback) {
+		var le *oauth.LinkLimitError
+		switch {
+		case errors.As(err, &le):
+			status = http.StatusTooManyRequests
+		case errors.As(err, &ce) && (ce.Reason == oauth.ReasonReturnURL || ce.Reason == oauth.ReasonWrongCallback):
 			status = http.StatusBadRequest
 		}
 		return LinkResponse{}, status, err
@@ -349,10 +447,30 @@ func createLink(ctx context.Context, reg *config.Registry, flow *oauth.AuthCode,
 	return LinkResponse{Merchant: req.Merchant, Provider: flow.Provider(), URL: link.URL, Expires: link.Expires.UTC()}, 0, nil
 }
 
+// setRetryAfter sets Retry-After (whole seconds, rounded up) when err is a
+// link limit.
+func setRetryAfter(w http.ResponseWriter, err error) {
+	var le *oauth.LinkLimitError
+	if errors.As(err, &le) {
+		w.Header().Set("Retry-After", strconv.FormatInt(retryAfterSeconds(le.RetryAfter), 10))
+	}
+}
+
+// retryAfterSeconds is d in whole seconds, rounded up, at least 1.
+func retryAfterSeconds(d time.Duration) int64 {
+	return max(1, int64((d+time.Second-1)/time.Second))
+}
+
+// linkError writes a JSON error: {"error": code, "message": msg}, and
+// "retry_after" (seconds) when Retry-After is set.
 func linkError(w http.ResponseWriter, status int, code, msg string) {
 	w.Header().Set("Content-Type", "application/json")
+	body := map[string]any{"error": code, "message": msg}
+	if ra, err := strconv.Atoi(w.Header().Get("Retry-After")); err == nil {
+		body["retry_after"] = ra
+	}
 	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(map[string]string{"error": code, "message": msg})
+	_ = json.NewEncoder(w).Encode(body)
 }
 
 // consentMetrics count consent steps.
@@ -399,42 +517,6 @@ func (c *Consent) Cleanup() error {
 	return nil
 }
 
-// storagePending keeps consents in progress in Caddy's storage, under
-// token_broker/consents/. Take holds the storage lock of the key, so a
-// link or state is used once across the instances sharing the storage.
-type storagePending struct {
-	s certmagic.Storage
-}
-
-const pendingPrefix = "token_broker/consents/"
-
-// Put implements oauth.PendingStore.
-func (st storagePending) Put(ctx context.Context, key string, val []byte, _ time.Time) error {
-	return st.s.Store(ctx, pendingPrefix+key, val)
-}
-
-// Take implements oauth.PendingStore.
-func (st storagePending) Take(ctx context.Context, key string) ([]byte, error) {
-	name := pendingPrefix + key
-	if err := st.s.Lock(ctx, name+".lock"); err != nil {
-		return nil, err
-	}
-	defer func() { _ = st.s.Unlock(context.WithoutCancel(ctx), name+".lock") }()
-	b, err := st.s.Load(ctx, name)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, oauth.ErrUnknownPending
-	}
-	if err != nil {
-		return nil, err
-	}
-	if err := st.s.Delete(ctx, name); err != nil {
-		return nil, fmt.Errorf("consuming the consent record: %w", err)
-	}
-	return b, nil
-}
-
-var _ oauth.PendingStore = storagePending{}
-
 func parseConsentCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	var c Consent
 	err := c.UnmarshalCaddyfile(h.Dispenser)
@@ -443,15 +525,16 @@ func parseConsentCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler,
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
-//	token_broker_consent [<matcher>] <provider> {
+//	token_broker_consent [<matcher>] [<provider>] {
 //	    links
 //	}
+//
+// The provider is required without links.
 func (c *Consent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
-	if !d.NextArg() {
-		return d.Err("token_broker_consent needs the provider's name")
+	if d.NextArg() {
+		c.Provider = d.Val()
 	}
-	c.Provider = d.Val()
 	if d.NextArg() {
 		return d.ArgErr()
 	}
@@ -469,6 +552,9 @@ func (c *Consent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		default:
 			return d.Errf("unrecognized subdirective '%s'", d.Val())
 		}
+	}
+	if c.Provider == "" && !c.Links {
+		return d.Err("token_broker_consent needs the provider's name (or the links subdirective)")
 	}
 	return nil
 }

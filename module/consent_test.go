@@ -15,7 +15,9 @@ func TestConsentCaddyfile(t *testing.T) {
 	}{
 		{"token_broker_consent bank", Consent{Provider: "bank"}, false},
 		{"token_broker_consent bank {\n links\n}", Consent{Provider: "bank", Links: true}, false},
+		{"token_broker_consent {\n links\n}", Consent{Links: true}, false},
 		{"token_broker_consent", Consent{}, true},
+		{"token_broker_consent {\n}", Consent{}, true},
 		{"token_broker_consent bank other", Consent{}, true},
 		{"token_broker_consent bank {\n links\n links\n}", Consent{}, true},
 		{"token_broker_consent bank {\n links yes\n}", Consent{}, true},

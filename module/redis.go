@@ -278,11 +278,12 @@ func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
 	return storageStore{s: ctx.Storage()}
 }
 
-// loadRegistryStore is loadRegistry with the refresh tokens in store; the
-// registry is kept across reloads (regcache.go) and key is its pool key.
+// loadRegistryStore is loadRegistry with the refresh tokens in store and
+// the consents in progress in Caddy's storage; the registry is kept across
+// reloads (regcache.go) and key is its pool key.
 func loadRegistryStore(ctx caddy.Context, path string, store oauth.Store, storeKey string) (reg *config.Registry, key string, err error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
-	return loadPooled(path, config.Options{RefreshStore: store}, storeKey)
+	return loadPooled(path, config.Options{RefreshStore: store, ConsentStore: storagePending{s: ctx.Storage()}}, storeKey+" consents in "+storageID(ctx.Storage()))
 }
 
 // parseRedis reads the redis block of the token_broker global option.

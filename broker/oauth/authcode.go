@@ -88,7 +88,8 @@ type AuthCodeConfig struct {
 	RedirectURIs []string
 	// ReturnURLs is the allow-list of the app's return URLs: a return URL
 	// is allowed when it has the scheme and host of an entry and its path
-	// is the entry's path, or under it when the entry's path ends in "/".
+	// is the entry's path, or under it when the entry's path ends in "/",
+	// as a browser resolves it (see ReturnURLAllowed).
 	ReturnURLs []string
 	// Scopes are the scopes of the authorization request. Default
 	// "openid offline_access" (offline_access is what OpenID providers want
@@ -132,6 +133,9 @@ type AuthCodeConfig struct {
 	// authorization request, one resource parameter each. Default the
 	// provider's Config.Resource, if any.
 	Resources []string
+
+	// Limits bound the links handed out (zero fields: defaults).
+	Limits LinkLimits
 }
 
 // Prompt values accepted in AuthCodeConfig.Prompt.
@@ -240,6 +244,7 @@ type AuthCode struct {
 	cfg    AuthCodeConfig
 	pend   *Pendings
 	params url.Values // the authorization request's own parameters (authParams)
+	limits *linkLimiter
 
 	mu   sync.Mutex
 	ep   *authEndpoints
@@ -302,6 +307,10 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 	if cfg.LinkTTL == 0 {
 		cfg.LinkTTL = DefaultLinkTTL
 	}
+	if l := cfg.Limits; l.MaxPending < 0 || l.MerchantPerMinute < 0 || l.PerMinute < 0 {
+		errs = append(errs, errors.New("consent link limits must not be negative"))
+	}
+	cfg.Limits = cfg.Limits.withDefaults()
 	if pend == nil || pend.Store == nil {
 		errs = append(errs, errors.New("no store for the consents in progress"))
 	}
@@ -313,7 +322,7 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 	if pend.Now == nil {
 		pend.Now = src.c.cfg.Now
 	}
-	return &AuthCode{src: src, cfg: cfg, pend: pend, params: params}, nil
+	return &AuthCode{src: src, cfg: cfg, pend: pend, params: params, limits: newLinkLimiter(cfg.Limits)}, nil
 }
 
 // Provider returns the provider's name.
@@ -329,26 +338,9 @@ func (a *AuthCode) fail(reason, merchant string, err error) *ConsentError {
 	return &ConsentError{Reason: reason, Provider: a.Provider(), Merchant: merchant, Err: err}
 }
 
-// ReturnURLAllowed reports whether u is on the allow-list.
-func (a *AuthCode) ReturnURLAllowed(u string) bool {
-	pu, err := url.Parse(u)
-	if err != nil || pu.User != nil || pu.Fragment != "" || pu.Host == "" {
-		return false
-	}
-	for _, e := range a.cfg.ReturnURLs {
-		pe, err := url.Parse(e)
-		if err != nil || !strings.EqualFold(pe.Scheme, pu.Scheme) || !strings.EqualFold(pe.Host, pu.Host) {
-			continue
-		}
-		if slices.Contains(strings.Split(pu.Path, "/"), "..") {
-			return false
-		}
-		if pu.Path == pe.Path || strings.HasSuffix(pe.Path, "/") && strings.HasPrefix(pu.Path, pe.Path) {
-			return true
-		}
-	}
-	return false
-}
+// ReturnURLAllowed reports whether u is on the allow-list, as a browser
+// resolves it (see checkReturnURL).
+func (a *AuthCode) ReturnURLAllowed(u string) bool { return checkReturnURL(a.cfg.ReturnURLs, u) == nil }
 
 // Link is a consent link handed to the app.
 type Link struct {
@@ -360,10 +352,13 @@ type Link struct {
 
 // NewLink creates a one-time consent link for merchant, on the registered
 // callback URL whose host is callbackHost (default the first one).
-// returnURL, optional, must be on the allow-list.
+// returnURL, optional, must be on the allow-list. LinkLimits apply: a
+// refusal is a *ConsentError wrapping a *LinkLimitError.
 func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHost string) (Link, error) {
-	if returnURL != "" && !a.ReturnURLAllowed(returnURL) {
-		return Link{}, a.fail(ReasonReturnURL, merchant, fmt.Errorf("return URL %q is not on the provider's return_urls allow-list", returnURL))
+	if returnURL != "" {
+		if err := checkReturnURL(a.cfg.ReturnURLs, returnURL); err != nil {
+			return Link{}, a.fail(ReasonReturnURL, merchant, fmt.Errorf("return URL %q refused: %w", scrub.Truncate(returnURL, 200), err))
+		}
 	}
 	redirect := a.cfg.RedirectURIs[0]
 	if callbackHost != "" {
@@ -373,12 +368,17 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 		}
 		redirect = a.cfg.RedirectURIs[i]
 	}
+	now := a.pend.now()
+	if lerr := a.limits.admit(merchant, now); lerr != nil {
+		return Link{}, a.fail(lerr.Reason, merchant, lerr)
+	}
 	id := randomString(32)
-	exp := a.pend.now().Add(a.cfg.LinkTTL)
+	exp := now.Add(a.cfg.LinkTTL)
 	rec := Pending{Provider: a.Provider(), Merchant: merchant, ReturnURL: returnURL, RedirectURI: redirect, Expires: exp}
 	if err := a.pend.put(ctx, kindLink, id, rec); err != nil {
 		return Link{}, a.fail(ReasonStoreFailure, merchant, err)
 	}
+	a.limits.created(merchant, storeKey(kindLink, id), exp)
 	start := strings.TrimSuffix(redirect, "callback") + "start?" + url.Values{"link": {id}}.Encode()
 	return Link{URL: start, Expires: exp}, nil
 }
@@ -386,9 +386,13 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 // Start consumes a consent link (arriving at the callback URL's host
 // host) and returns the provider's authorization URL to redirect the
 // browser to, after pushing the request when PAR is on. The returned
-// Pending says whose consent it is.
-func (a *AuthCode) Start(ctx context.Context, linkID, host string) (string, Pending, error) {
+// Pending says whose consent it is. A browser secret, when given, binds
+// the authorization state to the browser (see Browser).
+func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Browser) (string, Pending, error) {
 	rec, err := a.pend.take(ctx, kindLink, linkID)
+	if rec.Merchant != "" {
+		a.limits.used(rec.Merchant, storeKey(kindLink, linkID))
+	}
 	if err != nil {
 		return "", rec, a.pendingError(rec, err, "consent link")
 	}
@@ -408,6 +412,9 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string) (string, Pend
 		rec.Nonce = randomString(16)
 	}
 	rec.Expires = a.pend.now().Add(StateTTL)
+	if len(browser) > 0 {
+		rec.Browser = browser[0].hash()
+	}
 	params := url.Values{
 		"response_type":         {"code"},
 		"client_id":             {a.src.c.cfg.ClientID},
@@ -497,6 +504,8 @@ func withQuery(u string, params url.Values) string {
 // pendingError turns a failed take into a *ConsentError.
 func (a *AuthCode) pendingError(rec Pending, err error, what string) error {
 	switch {
+	case errors.Is(err, errWrongBrowser):
+		return a.fail(ReasonWrongBrowser, rec.Merchant, fmt.Errorf("the %s was started in another browser (its consent cookie is missing or differs): it is left for that browser", what))
 	case errors.Is(err, errExpired):
 		return a.fail(ReasonExpired, rec.Merchant, fmt.Errorf("the %s has expired: ask the app for a new consent link", what))
 	case errors.Is(err, ErrUnknownPending):
@@ -519,9 +528,16 @@ type Result struct {
 // host, with query q): it consumes the state, checks the issuer (RFC 9207),
 // exchanges the code with the PKCE verifier, verifies the ID token if any,
 // and stores the refresh token. The Result is filled as far as the state
-// was known, also on errors, so that the browser can be sent back.
-func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values) (Result, error) {
-	rec, err := a.pend.take(ctx, kindState, q.Get("state"))
+// was known, also on errors, so that the browser can be sent back. A state
+// that Start bound to a browser is only accepted, and consumed, with the
+// same browser secret: another browser gets ReasonWrongBrowser, without a
+// Result, and the state stays.
+func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, browser ...Browser) (Result, error) {
+	var from Browser // none: refused for a state bound to a browser
+	if len(browser) > 0 {
+		from = browser[0]
+	}
+	rec, err := a.pend.takeFrom(ctx, kindState, q.Get("state"), from)
 	res := Result{Merchant: rec.Merchant, ReturnURL: rec.ReturnURL}
 	if err != nil {
 		if !errors.Is(err, errExpired) {

@@ -373,7 +373,7 @@ func TestPendingsSealed(t *testing.T) {
 	}
 	for k, v := range ms.m {
 		for _, s := range []string{secret, rec.Verifier, "acme", base64.RawURLEncoding.EncodeToString([]byte(secret))} {
-			if strings.Contains(k, s) || strings.Contains(string(v), s) {
+			if strings.Contains(k, s) || strings.Contains(string(v.val), s) {
 				t.Errorf("the store shows %q", s)
 			}
 		}

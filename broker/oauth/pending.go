@@ -2,10 +2,9 @@ package oauth
 
 import (
 	"context"
-	"crypto/aes"
-	"crypto/cipher"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -13,10 +12,13 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
-// ErrUnknownPending is returned by PendingStore.Take when nothing is stored
-// under the key: it never was, it was already taken, or it was dropped.
+// ErrUnknownPending is returned by PendingStore.Get and Take when nothing
+// is stored under the key: it never was, it was already taken, or it was
+// dropped.
 var ErrUnknownPending = errors.New("unknown or already used")
 
 // PendingStore keeps the consents in progress (consent links and
@@ -24,50 +26,115 @@ var ErrUnknownPending = errors.New("unknown or already used")
 // that uses them. Values are sealed by Pendings: a store sees neither the
 // link, the state nor the PKCE verifier. Implementations: the Caddy module
 // keeps them in Caddy's storage (shared by the instances sharing it, and
-// surviving a reload); tests use MemoryPendingStore. Implementations must
-// be safe for concurrent use.
+// surviving a restart); tests use MemoryPendingStore. Implementations must
+// be safe for concurrent use, and should drop values whose expiry has
+// passed (Pendings checks the expiry of what it reads anyway).
 type PendingStore interface {
-	// Put stores val under key. expires is a hint for clean-up: Pendings
-	// checks the expiry itself.
+	// Put stores val under key until expires.
 	Put(ctx context.Context, key string, val []byte, expires time.Time) error
+	// Get returns the value under key without deleting it, or an error
+	// wrapping ErrUnknownPending when there is none.
+	Get(ctx context.Context, key string) ([]byte, error)
 	// Take returns the value under key and deletes it, atomically: of
 	// concurrent Takes of one key at most one gets the value. It returns an
 	// error wrapping ErrUnknownPending when there is none.
 	Take(ctx context.Context, key string) ([]byte, error)
 }
 
+// PendingSweepInterval is how often expired consents are dropped: by
+// MemoryPendingStore on its next use after the interval, and by the Caddy
+// module's sweep of its storage.
+const PendingSweepInterval = time.Minute
+
 // MemoryPendingStore is a PendingStore in memory: single-use, but lost
-// with the process and not shared between instances. The zero value is
-// ready to use.
+// with the process and not shared between instances. It drops expired
+// values at most PendingSweepInterval after their expiry, on its next use
+// (or on Sweep). The zero value is ready to use.
 type MemoryPendingStore struct {
-	mu sync.Mutex
-	m  map[string][]byte
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+
+	mu    sync.Mutex
+	m     map[string]memoryPending
+	swept time.Time // last sweep
+}
+
+type memoryPending struct {
+	val     []byte
+	expires time.Time
+}
+
+func (s *MemoryPendingStore) now() time.Time {
+	if s.Now == nil {
+		return time.Now()
+	}
+	return s.Now()
+}
+
+// sweepLocked drops expired values once per PendingSweepInterval.
+func (s *MemoryPendingStore) sweepLocked(now time.Time) {
+	if now.Sub(s.swept) < PendingSweepInterval {
+		return
+	}
+	s.swept = now
+	for k, v := range s.m {
+		if !now.Before(v.expires) {
+			delete(s.m, k)
+		}
+	}
+}
+
+// Sweep drops the values whose expiry has passed and returns how many
+// are left.
+func (s *MemoryPendingStore) Sweep() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.swept = time.Time{}
+	s.sweepLocked(s.now())
+	return len(s.m)
 }
 
 // Put implements PendingStore.
-func (s *MemoryPendingStore) Put(_ context.Context, key string, val []byte, _ time.Time) error {
+func (s *MemoryPendingStore) Put(_ context.Context, key string, val []byte, expires time.Time) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.m == nil {
-		s.m = map[string][]byte{}
+		s.m = map[string]memoryPending{}
 	}
-	s.m[key] = val
+	s.sweepLocked(s.now())
+	s.m[key] = memoryPending{val: val, expires: expires}
 	return nil
+}
+
+// get returns the value under key, expired or not (Pendings tells an
+// expired record from an unknown one while it is not swept).
+func (s *MemoryPendingStore) get(key string) ([]byte, error) {
+	s.sweepLocked(s.now())
+	v, ok := s.m[key]
+	if !ok {
+		return nil, ErrUnknownPending
+	}
+	return v.val, nil
+}
+
+// Get implements PendingStore.
+func (s *MemoryPendingStore) Get(_ context.Context, key string) ([]byte, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.get(key)
 }
 
 // Take implements PendingStore.
 func (s *MemoryPendingStore) Take(_ context.Context, key string) ([]byte, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	v, ok := s.m[key]
-	if !ok {
-		return nil, ErrUnknownPending
-	}
+	v, err := s.get(key)
 	delete(s.m, key)
-	return v, nil
+	return v, err
 }
 
-// Len returns how many values are stored.
+// Len returns how many values are stored, expired ones not yet swept
+// included.
 func (s *MemoryPendingStore) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -91,15 +158,43 @@ type Pending struct {
 	Verifier string `json:"v,omitempty"`
 	// Nonce is the OpenID nonce, when openid is asked for.
 	Nonce string `json:"n,omitempty"`
+	// Browser is the hex SHA-256 of the secret of the browser that opened
+	// the link (authorization states started with a Browser only).
+	Browser string `json:"b,omitempty"`
 	// Expires is when the link or the state stops being accepted.
 	Expires time.Time `json:"e"`
 }
 
+// Browser is the secret of the browser that runs a consent: a random value
+// that the consent site keeps in a cookie. Start seals its SHA-256 into the
+// authorization state, and Callback then accepts the state only from a
+// browser that presents the same secret (RFC 9700 §4.7.1), so that a state
+// started by one browser cannot be completed by another.
+type Browser string
+
+// NewBrowser returns a new random browser secret.
+func NewBrowser() Browser { return Browser(randomString(32)) }
+
+// hash is the hex SHA-256 of the secret, "" for none.
+func (b Browser) hash() string {
+	if b == "" {
+		return ""
+	}
+	h := sha256.Sum256([]byte("token_broker consent browser\x00" + b))
+	return hex.EncodeToString(h[:])
+}
+
+// ReasonWrongBrowser is the refusal of a callback from a browser other
+// than the one that opened the consent link (its cookie is missing or
+// differs); the state is left for the right browser.
+const ReasonWrongBrowser = "wrong_browser"
+
 // Pendings seals consents in progress into a PendingStore. A record is
 // stored under a key derived from its secret (the link id or the state) by
-// SHA-256, and encrypted (AES-256-GCM) with another key derived from the
-// same secret: whoever reads the store learns nothing usable, and only the
-// holder of the link or state can open its record, once.
+// SHA-256, and sealed (internal/seal: AES-256-GCM) with another key
+// derived from the same secret: whoever reads the store learns nothing
+// usable, and only the holder of the link or state can open its record,
+// once.
 type Pendings struct {
 	// Store keeps the sealed records.
 	Store PendingStore
@@ -137,10 +232,10 @@ func storeKey(kind, secret string) string {
 	return kind + "/" + hex.EncodeToString(derive("key", kind, secret))
 }
 
-func aead(kind, secret string) cipher.AEAD {
-	block, _ := aes.NewCipher(derive("seal", kind, secret)) // a 32-byte key never fails
-	g, _ := cipher.NewGCM(block)
-	return g
+// keyring is the sealing key of a secret's record.
+func keyring(kind, secret string) *seal.Keyring {
+	kr, _ := seal.New(derive("seal", kind, secret)) // a 32-byte key never fails
+	return kr
 }
 
 // put seals rec under secret.
@@ -149,32 +244,21 @@ func (p *Pendings) put(ctx context.Context, kind, secret string, rec Pending) er
 	if err != nil {
 		return err
 	}
-	g := aead(kind, secret)
-	nonce := make([]byte, g.NonceSize())
-	_, _ = rand.Read(nonce)
-	sealed := g.Seal(nonce, nonce, plain, []byte(kind))
-	if err := p.Store.Put(ctx, storeKey(kind, secret), sealed, rec.Expires); err != nil {
+	key := storeKey(kind, secret)
+	sealed, err := keyring(kind, secret).Seal(plain, []byte(key))
+	if err != nil {
+		return fmt.Errorf("sealing the consent %s: %w", kind, err)
+	}
+	if err := p.Store.Put(ctx, key, sealed, rec.Expires); err != nil {
 		return fmt.Errorf("storing the consent %s: %w", kind, err)
 	}
 	return nil
 }
 
-// take opens and consumes the record of secret: ErrUnknownPending when
-// there is none (or it does not open), *ConsentError "expired" when it has
-// expired.
-func (p *Pendings) take(ctx context.Context, kind, secret string) (Pending, error) {
-	if secret == "" || len(secret) > 512 {
-		return Pending{}, ErrUnknownPending
-	}
-	sealed, err := p.Store.Take(ctx, storeKey(kind, secret))
-	if err != nil {
-		return Pending{}, err
-	}
-	g := aead(kind, secret)
-	if len(sealed) < g.NonceSize() {
-		return Pending{}, ErrUnknownPending
-	}
-	plain, err := g.Open(nil, sealed[:g.NonceSize()], sealed[g.NonceSize():], []byte(kind))
+// open unseals the record of secret: ErrUnknownPending when it does not
+// open, errExpired (with the record) when it has expired.
+func (p *Pendings) open(kind, secret string, sealed []byte) (Pending, error) {
+	plain, err := keyring(kind, secret).Open(sealed, []byte(storeKey(kind, secret)))
 	if err != nil {
 		return Pending{}, ErrUnknownPending
 	}
@@ -188,4 +272,42 @@ func (p *Pendings) take(ctx context.Context, kind, secret string) (Pending, erro
 	return rec, nil
 }
 
-var errExpired = errors.New("expired")
+// take opens and consumes the record of secret: ErrUnknownPending when
+// there is none (or it does not open), errExpired when it has expired.
+func (p *Pendings) take(ctx context.Context, kind, secret string) (Pending, error) {
+	if secret == "" || len(secret) > 512 {
+		return Pending{}, ErrUnknownPending
+	}
+	sealed, err := p.Store.Take(ctx, storeKey(kind, secret))
+	if err != nil {
+		return Pending{}, err
+	}
+	return p.open(kind, secret, sealed)
+}
+
+// takeFrom is take for a record that a browser binds: the record is read
+// first and consumed only when browser is the one it was started with
+// (or it was started without one); otherwise the record stays and the
+// error is errWrongBrowser.
+func (p *Pendings) takeFrom(ctx context.Context, kind, secret string, browser Browser) (Pending, error) {
+	if secret == "" || len(secret) > 512 {
+		return Pending{}, ErrUnknownPending
+	}
+	sealed, err := p.Store.Get(ctx, storeKey(kind, secret))
+	if err != nil {
+		return Pending{}, err
+	}
+	rec, err := p.open(kind, secret, sealed)
+	if err == nil && rec.Browser != "" && subtle.ConstantTimeCompare([]byte(rec.Browser), []byte(browser.hash())) != 1 {
+		return rec, errWrongBrowser
+	}
+	if err != nil && !errors.Is(err, errExpired) {
+		return rec, err
+	}
+	return p.take(ctx, kind, secret)
+}
+
+var (
+	errExpired      = errors.New("expired")
+	errWrongBrowser = errors.New("opened in another browser")
+)

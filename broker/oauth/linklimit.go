@@ -1,0 +1,183 @@
+package oauth
+
+import (
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// Defaults of LinkLimits.
+const (
+	// DefaultMaxPendingLinks is how many unused, unexpired consent links
+	// one merchant may have.
+	DefaultMaxPendingLinks = 5
+	// DefaultMerchantLinksPerMinute is how many consent links one merchant
+	// may get per minute.
+	DefaultMerchantLinksPerMinute = 5
+	// DefaultLinksPerMinute is how many consent links a provider hands out
+	// per minute, all merchants together.
+	DefaultLinksPerMinute = 60
+	// MaxReturnURLLength is the longest return URL a consent link takes,
+	// in bytes.
+	MaxReturnURLLength = 2048
+)
+
+// Reasons of a link refused by LinkLimits (see LinkLimitError).
+const (
+	// ReasonTooManyLinks: the merchant has LinkLimits.MaxPending unused
+	// links that have not expired.
+	ReasonTooManyLinks = "too_many_pending_links"
+	// ReasonLinkRate: the merchant's or the provider's link rate is spent.
+	ReasonLinkRate = "rate_limited"
+)
+
+// LinkLimits bound the consent links a provider hands out, so that a
+// caller asking for links in a loop cannot fill the store. Each process
+// applies them to the links it creates; a link it sees used (its start)
+// no longer counts. Zero fields take their defaults.
+type LinkLimits struct {
+	// MaxPending is how many unused, unexpired links one merchant may
+	// have. Default DefaultMaxPendingLinks.
+	MaxPending int
+	// MerchantPerMinute is how many links one merchant may get per minute
+	// (as many at once). Default DefaultMerchantLinksPerMinute.
+	MerchantPerMinute int
+	// PerMinute is how many links the provider hands out per minute, all
+	// merchants together (as many at once). Default DefaultLinksPerMinute.
+	PerMinute int
+}
+
+// withDefaults fills the zero fields.
+func (l LinkLimits) withDefaults() LinkLimits {
+	if l.MaxPending == 0 {
+		l.MaxPending = DefaultMaxPendingLinks
+	}
+	if l.MerchantPerMinute == 0 {
+		l.MerchantPerMinute = DefaultMerchantLinksPerMinute
+	}
+	if l.PerMinute == 0 {
+		l.PerMinute = DefaultLinksPerMinute
+	}
+	return l
+}
+
+// LinkLimitError is a consent link refused by LinkLimits: the caller may
+// ask again after RetryAfter. It never holds a link.
+type LinkLimitError struct {
+	// Reason is ReasonTooManyLinks or ReasonLinkRate.
+	Reason string
+	// Merchant asked for.
+	Merchant string
+	// Limit describes the limit reached.
+	Limit string
+	// RetryAfter is when a link can be had again, at the earliest.
+	RetryAfter time.Duration
+}
+
+// Error describes the refusal and when to ask again.
+func (e *LinkLimitError) Error() string {
+	return fmt.Sprintf("%s: ask again in %s", e.Limit, e.RetryAfter.Round(time.Second))
+}
+
+// linkLimiter applies LinkLimits. It knows the links it created by store
+// key and expiry, per merchant, until they expire or are used.
+type linkLimiter struct {
+	lim LinkLimits
+
+	mu     sync.Mutex
+	all    *rate.Limiter
+	m      map[string]*merchantLinks
+	pruned time.Time
+}
+
+type merchantLinks struct {
+	lim   *rate.Limiter
+	links []pendingLink
+}
+
+type pendingLink struct {
+	key     string
+	expires time.Time
+}
+
+func newLinkLimiter(l LinkLimits) *linkLimiter {
+	l = l.withDefaults()
+	return &linkLimiter{lim: l, all: perMinute(l.PerMinute), m: map[string]*merchantLinks{}}
+}
+
+func perMinute(n int) *rate.Limiter { return rate.NewLimiter(rate.Limit(float64(n)/60), n) }
+
+// admit reserves a link for merchant at now, or says why not.
+func (l *linkLimiter) admit(merchant string, now time.Time) *LinkLimitError {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.pruneLocked(now)
+	ml := l.m[merchant]
+	if ml == nil { // kept only once admitted: refusals leave no state
+		ml = &merchantLinks{lim: perMinute(l.lim.MerchantPerMinute)}
+	}
+	ml.links = slices.DeleteFunc(ml.links, func(p pendingLink) bool { return !now.Before(p.expires) })
+	if len(ml.links) >= l.lim.MaxPending {
+		return &LinkLimitError{Reason: ReasonTooManyLinks, Merchant: merchant, RetryAfter: ml.links[0].expires.Sub(now),
+			Limit: fmt.Sprintf("the merchant has %d unused consent links (max_pending_links): one must expire or be used first", len(ml.links))}
+	}
+	mr := ml.lim.ReserveN(now, 1)
+	if d := mr.DelayFrom(now); d > 0 {
+		mr.CancelAt(now)
+		return &LinkLimitError{Reason: ReasonLinkRate, Merchant: merchant, RetryAfter: d,
+			Limit: fmt.Sprintf("the merchant got its %d consent links per minute (merchant_links_per_minute)", l.lim.MerchantPerMinute)}
+	}
+	ar := l.all.ReserveN(now, 1)
+	if d := ar.DelayFrom(now); d > 0 {
+		ar.CancelAt(now)
+		mr.CancelAt(now)
+		return &LinkLimitError{Reason: ReasonLinkRate, Merchant: merchant, RetryAfter: d,
+			Limit: fmt.Sprintf("the provider handed out its %d consent links per minute (links_per_minute)", l.lim.PerMinute)}
+	}
+	l.m[merchant] = ml
+	return nil
+}
+
+// created records a link of merchant, stored under key until expires.
+func (l *linkLimiter) created(merchant, key string, expires time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if ml := l.m[merchant]; ml != nil {
+		i, _ := slices.BinarySearchFunc(ml.links, expires, func(p pendingLink, t time.Time) int { return p.expires.Compare(t) })
+		ml.links = slices.Insert(ml.links, i, pendingLink{key: key, expires: expires})
+	}
+}
+
+// used forgets the link stored under key: it no longer counts.
+func (l *linkLimiter) used(merchant, key string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if ml := l.m[merchant]; ml != nil {
+		ml.links = slices.DeleteFunc(ml.links, func(p pendingLink) bool { return p.key == key })
+	}
+}
+
+// pruneLocked drops, once a minute, the merchants without links whose
+// rate is back to full: they are as if never seen.
+func (l *linkLimiter) pruneLocked(now time.Time) {
+	if now.Sub(l.pruned) < time.Minute {
+		return
+	}
+	l.pruned = now
+	for id, ml := range l.m {
+		ml.links = slices.DeleteFunc(ml.links, func(p pendingLink) bool { return !now.Before(p.expires) })
+		if len(ml.links) == 0 && ml.lim.TokensAt(now) >= float64(l.lim.MerchantPerMinute) {
+			delete(l.m, id)
+		}
+	}
+}
+
+// merchants returns how many merchants the limiter holds (tests).
+func (l *linkLimiter) merchants() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.m)
+}

@@ -1,0 +1,64 @@
+package oauth
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+
+	whatwg "github.com/nlnwa/whatwg-url/url"
+)
+
+// checkReturnURL reports why u is not on the allow-list, nil when it is.
+// A return URL is allowed when the browser, resolving it as the WHATWG URL
+// standard says (backslashes as slashes, dot segments in any encoding
+// resolved, tabs and newlines dropped), lands on the scheme and host of an
+// entry and on its path, or under it for an entry ending in "/"; and when
+// neither the browser nor the app's server can read it differently: it
+// holds no control character, space or backslash, its path is what the
+// browser requests (no dot segment, however encoded), and no path segment
+// holds ";" (a path parameter, "..;" to some servers) or an encoded
+// "/", "\" or ";". User info and fragments are refused.
+func checkReturnURL(allow []string, u string) error {
+	if len(u) > MaxReturnURLLength {
+		return fmt.Errorf("it is %d bytes long; at most %d", len(u), MaxReturnURLLength)
+	}
+	for _, c := range []byte(u) {
+		if c <= ' ' || c == 0x7f || c == '\\' {
+			return errors.New("it holds a control character, a space or a backslash")
+		}
+	}
+	if strings.Contains(u, "#") {
+		return errors.New("it has a fragment")
+	}
+	bu, err := whatwg.Parse(u)
+	if err != nil || bu.Username() != "" || bu.Password() != "" || bu.Host() == "" || (bu.Scheme() != "https" && bu.Scheme() != "http") {
+		return errors.New("it is not an absolute http(s) URL without user info")
+	}
+	nu, err := url.Parse(u)
+	if err != nil || nu.Opaque != "" || strings.ToLower(nu.Host) != bu.Host() {
+		return errors.New("its host does not read the same in a browser and on a server: write it in lower case, without default port")
+	}
+	path := bu.Pathname()
+	if nu.EscapedPath() != path && !(nu.EscapedPath() == "" && path == "/") {
+		return errors.New("a browser would request another path (dot segments or encoding)")
+	}
+	for _, seg := range strings.Split(path, "/") {
+		lower := strings.ToLower(seg)
+		dec, err := url.PathUnescape(seg)
+		if err != nil || dec == "." || dec == ".." || strings.ContainsAny(dec, ";\\") || strings.Contains(lower, "%2f") || strings.ContainsFunc(dec, func(r rune) bool { return r < ' ' || r == 0x7f }) {
+			return errors.New("its path has a dot segment, a \";\" or an encoded \"/\", \"\\\" or control character")
+		}
+	}
+	for _, e := range allow {
+		eu, err := whatwg.Parse(e)
+		if err != nil || eu.Scheme() != bu.Scheme() || eu.Host() != bu.Host() {
+			continue
+		}
+		ep := eu.Pathname()
+		if path == ep || strings.HasSuffix(ep, "/") && strings.HasPrefix(path, ep) {
+			return nil
+		}
+	}
+	return errors.New("it is not on the provider's return_urls allow-list")
+}

@@ -1,0 +1,148 @@
+package module
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+)
+
+// testClock is a clock that tests move.
+type testClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *testClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *testClock) Add(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// storageFlow is a consent flow keeping its links and states in the
+// file-system storage at dir: one per instance.
+func storageFlow(t *testing.T, dir string, clock *testClock) *oauth.AuthCode {
+	t.Helper()
+	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.example/token", ClientID: "c", ClientSecret: "s", Now: clock.Now}, oauth.NewMemoryStore())
+	if err != nil {
+		t.Fatal(err)
+	}
+	flow, err := oauth.NewAuthCode(src, oauth.AuthCodeConfig{RedirectURIs: []string{"https://cb.partner.example/consent/callback"},
+		ReturnURLs: []string{"https://app.partner.example/consent/"}, AuthorizationURL: "https://bank.example/authorize", Scopes: []string{"offline_access"}},
+		&oauth.Pendings{Store: storagePending{s: &certmagic.FileStorage{Path: dir}}, Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return flow
+}
+
+// TestStoragePendingSharedSealedSwept: two instances on one storage
+// folder: a link made by one opens at the other, once; the storage holds
+// neither link, merchant nor return URL; the sweep deletes what has
+// expired, and only that.
+func TestStoragePendingSharedSealedSwept(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	clock := &testClock{t: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)}
+	a, b := storageFlow(t, dir, clock), storageFlow(t, dir, clock)
+	const ret = "https://app.partner.example/consent/done-marker"
+	link, err := a.NewLink(ctx, "merchant-marker", ret, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := mustQuery(t, link.URL, "link")
+	_ = filepath.WalkDir(filepath.Join(dir, "token_broker"), func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		data, _ := os.ReadFile(p)
+		for _, s := range []string{id, "merchant-marker", "done-marker"} {
+			if strings.Contains(p, s) || strings.Contains(string(data), s) {
+				t.Errorf("%s shows %q", p, s)
+			}
+		}
+		return nil
+	})
+	authURL, rec, err := b.Start(ctx, id, "cb.partner.example", oauth.NewBrowser())
+	if err != nil || rec.Merchant != "merchant-marker" || mustQuery(t, authURL, "state") == "" {
+		t.Fatalf("start at the second instance: %v %+v", err, rec)
+	}
+	var ce *oauth.ConsentError
+	if _, _, err := a.Start(ctx, id, "cb.partner.example"); !errors.As(err, &ce) || ce.Reason != oauth.ReasonUnknownState {
+		t.Fatalf("the link opened twice: %v", err)
+	}
+
+	st := storagePending{s: &certmagic.FileStorage{Path: dir}}
+	if _, err := a.NewLink(ctx, "globex", "", ""); err != nil { // expires after the state above
+		t.Fatal(err)
+	}
+	if deleted, left, err := st.sweep(ctx, clock.Now()); err != nil || deleted != 0 || left != 2 {
+		t.Fatalf("sweep before expiry: %d deleted, %d left, %v", deleted, left, err)
+	}
+	clock.Add(oauth.DefaultLinkTTL) // the link expires; the state (StateTTL) not yet
+	if deleted, left, err := st.sweep(ctx, clock.Now()); err != nil || deleted != 1 || left != 1 {
+		t.Fatalf("sweep after the link's expiry: %d deleted, %d left, %v", deleted, left, err)
+	}
+	clock.Add(oauth.StateTTL)
+	if deleted, left, err := st.sweep(ctx, clock.Now()); err != nil || deleted != 1 || left != 0 {
+		t.Fatalf("sweep after the state's expiry: %d deleted, %d left, %v", deleted, left, err)
+	}
+	for _, kind := range []string{"link", "state"} {
+		if files, _ := os.ReadDir(filepath.Join(dir, "token_broker", "consents", kind)); len(files) != 0 {
+			t.Errorf("%d %s files left after the sweep", len(files), kind)
+		}
+	}
+}
+
+func mustQuery(t *testing.T, u, name string) string {
+	t.Helper()
+	pu, err := url.Parse(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pu.Query().Get(name)
+}
+
+// TestBrowserCookie: the consent cookie is __Host- prefixed and Secure
+// except on plain HTTP to a loopback host.
+func TestBrowserCookie(t *testing.T) {
+	rows := []struct {
+		host   string
+		tls    bool
+		name   string
+		secure bool
+	}{
+		{"callback.partner.example", true, "__Host-token_broker_consent", true},
+		{"callback.partner.example", false, "__Host-token_broker_consent", true}, // TLS ends at a proxy in front
+		{"127.0.0.1:8081", false, "token_broker_consent", false},
+		{"127.0.0.2", false, "token_broker_consent", false},
+		{"localhost:8081", false, "token_broker_consent", false},
+		{"LOCALHOST.", false, "token_broker_consent", false},
+		{"[::1]:8081", false, "token_broker_consent", false},
+		{"localhost:8443", true, "__Host-token_broker_consent", true},
+		{"localhost.evil.example", false, "__Host-token_broker_consent", true},
+		{"10.0.0.1", false, "__Host-token_broker_consent", true},
+	}
+	for _, tc := range rows {
+		r := httptest.NewRequest("GET", "/consent/start", nil)
+		r.Host = tc.host
+		if tc.tls {
+			r.TLS = &tls.ConnectionState{}
+		}
+		if name, secure := browserCookie(r); name != tc.name || secure != tc.secure {
+			t.Errorf("%s (TLS %v): %s secure %v, want %s %v", tc.host, tc.tls, name, secure, tc.name, tc.secure)
+		}
+	}
+}
