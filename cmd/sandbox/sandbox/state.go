@@ -1,6 +1,7 @@
 package sandbox
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -50,7 +51,7 @@ func (s *Server) PersistState(path string) error {
 	grants := map[string]*refreshGrant{}
 	if b != nil {
 		var st stateFile
-		dec := json.NewDecoder(strings.NewReader(string(b)))
+		dec := json.NewDecoder(bytes.NewReader(b))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&st); err != nil {
 			return fmt.Errorf("sandbox state %s: %v (delete the file to start afresh)", path, err)
