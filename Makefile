@@ -25,18 +25,28 @@ FUZZTIME      ?= 20000x
 FUZZ_TARGETS  := ./config:FuzzParse ./broker/nuapay:FuzzParseToken ./broker/nuapay:FuzzParseError \
                  ./broker/oauth:FuzzTokenResponse ./module:FuzzMerchantSelector
 
-.PHONY: all build run test fuzz xcaddy fmt vet clean
+.PHONY: all build run test fuzz xcaddy fmt vet clean image image-xcaddy
 
 all: build
 
+# -v lists each package as it is compiled: a first build (modules to
+# download, Caddy to compile) takes 2-4 minutes, later ones seconds.
 build:
-	$(GO) build -o $(BIN)/caddy ./cmd/caddy
-	$(GO) build -o $(BIN)/sandbox ./cmd/sandbox
+	@echo "build: $(BIN)/caddy (a first build downloads modules and compiles Caddy: 2-4 minutes; then seconds)"
+	$(GO) build -v -o $(BIN)/caddy ./cmd/caddy
+	@echo "build: $(BIN)/sandbox"
+	$(GO) build -v -o $(BIN)/sandbox ./cmd/sandbox
 
 # Starts the sandbox in the background and Caddy in the foreground; Ctrl-C
-# stops Caddy, and the trap stops the sandbox by its process id.
+# stops Caddy, and the trap stops the sandbox by its process id. Both keep
+# their state in RUN_DIR under the checkout (Caddy's data and config folders,
+# the sandbox bank's refresh tokens), so a restart keeps the merchants'
+# consent; `rm -rf .run` starts afresh.
+RUN_DIR ?= .run
 run: build
-	@$(BIN)/sandbox -listen $(SANDBOX_ADDR) -api-key "$(NUAPAY_API_KEY)" \
+	@echo "run: state in $(RUN_DIR)/ (rm -rf $(RUN_DIR) to start afresh)"; \
+	mkdir -p $(RUN_DIR)/data $(RUN_DIR)/config; \
+	$(BIN)/sandbox -listen $(SANDBOX_ADDR) -api-key "$(NUAPAY_API_KEY)" -state $(RUN_DIR)/sandbox \
 		-bank-client "sandbox-bank-client:$(SANDBOX_BANK_SECRET)" \
 		-bank-redirect-uris "$(SANDBOX_CONSENT_SITE)/consent/callback" & sandbox=$$!; \
 	trap 'kill $$sandbox 2>/dev/null' EXIT INT TERM; \
@@ -47,17 +57,20 @@ run: build
 	echo "open its \"url\" ($(SANDBOX_CONSENT_SITE)/consent/start?link=...) in a browser, press Approve, then:"; \
 	echo "  curl -s -H 'X-Merchant-Id: hooli' http://127.0.0.1:8080/accounts"; \
 	echo "  curl -s 127.0.0.1:2019/token_broker/consent/merchants"; \
-	$(BIN)/caddy run --config Caddyfile --adapter caddyfile
+	XDG_DATA_HOME="$(abspath $(RUN_DIR))/data" XDG_CONFIG_HOME="$(abspath $(RUN_DIR))/config" \
+		$(BIN)/caddy run --config Caddyfile --adapter caddyfile
 
 test: vet tools
 	$(GO) test -race -count=1 ./...
+	cd deploy/kubernetes && $(GO) vet ./... && $(GO) test -count=1 ./...
 	$(MAKE) fuzz
 
 # The fleet tests start Debian's redis-server on a free loopback port;
-# install it when missing (as root, or with sudo).
+# install it when missing (as root, or with sudo). The image test builds
+# with Debian's podman.
 # wrk runs in the benchmark driver's own test (and in `make bench`).
 tools:
-	@missing=""; for t in redis-server wrk; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in redis-server wrk podman; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing from Debian"; \
 		if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y $$missing; \
@@ -78,6 +91,27 @@ xcaddy:
 	$(XCADDY) build $(CADDY_VERSION) \
 		--with github.com/tokenbroker/caddy-token-broker@v0.0.0=. \
 		--output $(BIN)/caddy-xcaddy
+
+# Container images (podman; PODMAN=docker works too). `make image` needs no
+# registry: the static Caddy of this checkout (CGO_ENABLED=0) on `scratch`
+# with this host's CA certificates (Containerfile.scratch), from the context
+# $(BIN)/image. `make image-xcaddy` builds the Caddy way (Containerfile:
+# xcaddy in the caddy:<version>-builder image, then the caddy image), which
+# pulls both images.
+PODMAN   ?= podman
+IMAGE    ?= localhost/caddy-token-broker:dev
+CA_CERTS ?= /etc/ssl/certs/ca-certificates.crt
+image:
+	@command -v $(firstword $(PODMAN)) >/dev/null || { echo "make image needs podman: apt-get install -y podman (make tools does)"; exit 1; }
+	@echo "image: building $(BIN)/image/caddy (static, CGO_ENABLED=0)"
+	rm -rf $(BIN)/image && mkdir -p $(BIN)/image/data $(BIN)/image/config
+	CGO_ENABLED=0 $(GO) build -v -trimpath -o $(BIN)/image/caddy ./cmd/caddy
+	cp $(CA_CERTS) $(BIN)/image/ca-certificates.crt
+	@echo "image: $(PODMAN) build $(IMAGE)"
+	$(PODMAN) build -f Containerfile.scratch -t $(IMAGE) $(BIN)/image
+
+image-xcaddy:
+	$(PODMAN) build -f Containerfile --build-arg CADDY_VERSION=$(CADDY_VERSION:v%=%) -t $(IMAGE) .
 
 fmt:
 	gofmt -w $$(git ls-files '*.go')

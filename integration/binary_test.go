@@ -69,7 +69,8 @@ func TestMakeRunDefault(t *testing.T) {
 	consentSite := fmt.Sprintf("http://127.0.0.1:%d", consentPort)
 	// The flags of the Makefile's run target.
 	startProcess(t, root, nil, sandboxBin, "-listen", "127.0.0.1:0", "-api-key", "make-run-key", "-addr-file", addrFile,
-		"-bank-client", "sandbox-bank-client:make-run-bank-secret", "-bank-redirect-uris", consentSite+"/consent/callback")
+		"-bank-client", "sandbox-bank-client:make-run-bank-secret", "-bank-redirect-uris", consentSite+"/consent/callback",
+		"-state", t.TempDir())
 	var sandboxAddr string
 	for deadline := time.Now().Add(10 * time.Second); sandboxAddr == ""; time.Sleep(20 * time.Millisecond) {
 		b, _ := os.ReadFile(addrFile)

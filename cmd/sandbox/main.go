@@ -5,7 +5,7 @@
 //	sandbox -listen 127.0.0.1:9080 -api-key KEY -orgs org-acme,org-globex \
 //	        -oneid-client id:secret -addr-file /tmp/sandbox.addr \
 //	        -bank-client id:secret -bank-client-key client.pub \
-//	        -bank-refresh-token "accounts payments"
+//	        -bank-refresh-token "accounts payments" -state .run/sandbox
 //
 // The bank's issuer is the base URL the sandbox is reached at (discovery at
 // /.well-known/openid-configuration), unless -bank-issuer sets it.
@@ -28,6 +28,10 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 )
+
+// stateFileName is the file in the -state folder that keeps the bank's
+// refresh tokens.
+const stateFileName = "bank-state.json"
 
 func main() {
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
@@ -55,6 +59,7 @@ func run() error {
 	bankRefresh := flag.String("bank-refresh-token", "", "print a refresh token of the demo bank client with these space-separated scopes at startup")
 	bankRedirects := flag.String("bank-redirect-uris", "http://127.0.0.1:8443/consent/callback",
 		"space-separated redirect URIs of the demo bank client, for the consent flow (examples/bank-consent)")
+	stateDir := flag.String("state", "", "keep the bank's refresh tokens in DIR/"+stateFileName+" across restarts (default: in memory)")
 	flag.Parse()
 
 	id, secret, ok := strings.Cut(*oneID, ":")
@@ -95,6 +100,15 @@ func run() error {
 	log.Printf("sandbox: listening on http://%s (%d organisations)", addr, len(cfg.Organisations))
 
 	sb := sandbox.New(cfg)
+	if *stateDir != "" {
+		if err := os.MkdirAll(*stateDir, 0o700); err != nil {
+			return fmt.Errorf("-state: %w", err)
+		}
+		if err := sb.PersistState(filepath.Join(*stateDir, stateFileName)); err != nil {
+			return err
+		}
+		log.Printf("sandbox: state in %s", filepath.Join(*stateDir, stateFileName))
+	}
 	if *bankRefresh != "" {
 		// On stdout, apart from the log, so that a script can capture it.
 		fmt.Printf("bank refresh token for %s: %s\n", bc.ID, sb.IssueRefreshToken(bc.ID, strings.Fields(*bankRefresh)))

@@ -182,6 +182,7 @@ func (s *Server) RefreshTokenValid(tok string) bool {
 func (s *Server) newRefreshLocked(client, family string, scopes []string) string {
 	tok := "rt-" + rand.Text() + rand.Text()
 	s.refresh[tok] = &refreshGrant{client: client, family: family, scopes: scopes}
+	s.saveStateLocked()
 	return tok
 }
 
@@ -580,6 +581,7 @@ func (s *Server) bankRevoke(w http.ResponseWriter, r *http.Request) {
 	}
 	if g := s.refresh[tok]; g != nil && g.client == c.ID {
 		delete(s.refresh, tok)
+		s.saveStateLocked()
 		for _, t := range s.byToken {
 			if t.bank && t.family == g.family && t.org == c.ID && t.revoked.IsZero() {
 				t.revoked = now

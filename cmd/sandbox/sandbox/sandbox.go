@@ -102,6 +102,8 @@ type Server struct {
 	refresh  map[string]*refreshGrant // unused bank refresh tokens
 	codes    map[string]*authCode     // unused authorization codes (consent.go)
 	jtis     map[string]time.Time     // client_id NUL jti of seen assertions, until their exp
+
+	statePath string // the file that keeps the refresh tokens (state.go); empty: memory only
 }
 
 type token struct {

@@ -1,0 +1,161 @@
+package integration
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// syncBuffer is a bytes.Buffer safe for a process writing and a test
+// reading at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// makeRun is one `make run` started by a test in a process group of its
+// own (make, the shell, the sandbox, Caddy), stopped through that group's
+// id.
+type makeRun struct {
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan struct{}
+}
+
+func startMakeRun(t *testing.T, env []string, vars ...string) *makeRun {
+	t.Helper()
+	m := &makeRun{out: &syncBuffer{}, done: make(chan struct{})}
+	m.cmd = exec.Command("make", append([]string{"run"}, vars...)...)
+	m.cmd.Dir = repoRoot(t)
+	m.cmd.Env = append(os.Environ(), env...)
+	m.cmd.Stdout, m.cmd.Stderr = m.out, m.out
+	m.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := m.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { m.cmd.Wait(); close(m.done) }()
+	t.Cleanup(func() {
+		m.stop(t)
+		if t.Failed() {
+			t.Logf("make run output:\n%s", m.out.String())
+		}
+	})
+	return m
+}
+
+// stop sends SIGTERM to the process group, as Ctrl-C in a terminal
+// reaches every process of the foreground job, and waits for make to end.
+func (m *makeRun) stop(t *testing.T) {
+	t.Helper()
+	select {
+	case <-m.done:
+		return
+	default:
+	}
+	_ = syscall.Kill(-m.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-m.done:
+	case <-time.After(30 * time.Second):
+		_ = syscall.Kill(-m.cmd.Process.Pid, syscall.SIGKILL)
+		<-m.done
+	}
+}
+
+// waitUp waits until addr accepts connections; make run builds first, so
+// the deadline is generous. It fails at once if make ends.
+func (m *makeRun) waitUp(t *testing.T, addr string) {
+	t.Helper()
+	delay := 20 * time.Millisecond
+	for deadline := time.Now().Add(10 * time.Minute); ; {
+		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-m.done:
+			t.Fatalf("make run ended before %s listened:\n%s", addr, m.out.String())
+		case <-time.After(delay):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not listen within 10 minutes", addr)
+		}
+		delay = min(2*delay, time.Second)
+	}
+}
+
+// TestMakeRunKeepsConsentAcrossRestarts runs `make run` as a newcomer does,
+// gives the sandbox bank's merchant hooli its consent, stops everything
+// (Ctrl-C), runs `make run` again, and calls for hooli: the broker's
+// refresh token (in Caddy's data folder under RUN_DIR) and the sandbox's
+// record of it (the sandbox's -state under RUN_DIR) both survived, so the
+// call gets a token by refresh without a new consent. It also checks that
+// make run says what it is doing while it builds.
+func TestMakeRunKeepsConsentAcrossRestarts(t *testing.T) {
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Skipf("make is not installed: %v", err)
+	}
+	runDir, bin := t.TempDir(), t.TempDir()
+	sandboxPort, port, adminPort, consentPort := freePort(t), freePort(t), freePort(t), freePort(t)
+	vars := []string{"BIN=" + bin, "RUN_DIR=" + runDir,
+		fmt.Sprintf("SANDBOX_ADDR=127.0.0.1:%d", sandboxPort), fmt.Sprintf("SANDBOX_CONSENT_ADDR=127.0.0.1:%d", consentPort)}
+	// HOME elsewhere: without RUN_DIR's folders Caddy would use the
+	// user's ~/.local/share/caddy; this test must not.
+	env := []string{"HOME=" + t.TempDir(), "XDG_DATA_HOME=", "XDG_CONFIG_HOME=",
+		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort)}
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	consentSite := fmt.Sprintf("http://127.0.0.1:%d", consentPort)
+
+	first := startMakeRun(t, env, vars...)
+	first.waitUp(t, fmt.Sprintf("127.0.0.1:%d", port))
+	first.waitUp(t, fmt.Sprintf("127.0.0.1:%d", consentPort))
+	if out := first.out.String(); !strings.Contains(out, "build: "+bin+"/caddy (a first build") || !strings.Contains(out, "run: state in "+runDir) {
+		t.Errorf("make run did not say what it does; its output:\n%s", out)
+	}
+	status, link := consentLink(t, base, "hooli", "")
+	if status != http.StatusOK || !strings.HasPrefix(link["url"], consentSite+"/consent/start?link=") {
+		t.Fatalf("consent link: %d %v, want a link on %s", status, link, consentSite)
+	}
+	if _, final := consentThrough(t, link["url"]); final != nil {
+		t.Fatalf("the callback redirected to %s, want the thank-you page", final)
+	}
+	if a := getEcho(t, base+"/accounts", "X-Merchant-Id", "hooli").Authorization; !a.Valid || a.Organisation != "sandbox-bank-client" {
+		t.Fatalf("hooli after consent: the sandbox saw %+v; want a valid bank token", a)
+	}
+	first.stop(t)
+
+	second := startMakeRun(t, env, vars...)
+	second.waitUp(t, fmt.Sprintf("127.0.0.1:%d", port))
+	status, body := get(t, base+"/accounts", "X-Merchant-Id", "hooli")
+	if status != http.StatusOK {
+		t.Fatalf("hooli after a restart of make run: %d %s, want 200 with a token by refresh (consent kept)", status, body)
+	}
+	if a := getEcho(t, base+"/accounts", "X-Merchant-Id", "hooli").Authorization; !a.Valid || a.Organisation != "sandbox-bank-client" {
+		t.Errorf("hooli after the restart: the sandbox saw %+v; want a valid bank token", a)
+	}
+	for _, p := range []string{"sandbox/bank-state.json", "data/caddy"} {
+		if _, err := os.Stat(filepath.Join(runDir, p)); err != nil {
+			t.Errorf("RUN_DIR has no %s: %v", p, err)
+		}
+	}
+}
