@@ -93,7 +93,9 @@ type Options struct {
 	Timeout time.Duration
 	// LockTTL is the expiry of a key's fleet lock: if its holder dies, the
 	// others take over after at most this long. It must be at least the
-	// broker's fetch timeout. Default 35s.
+	// broker's fetch timeout. It also bounds a lookup's wait for another
+	// node's lock: one that has waited this long mints without the lock.
+	// A lock found without expiry is given half of it. Default 35s.
 	LockTTL time.Duration
 	// LockPoll bounds how long a node waiting for another node's lock
 	// waits for the announcement that the token is stored (or the lock
@@ -455,6 +457,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 	wake, stop := c.watch(subject)
 	defer stop()
 	waited := false
+	var waitingSince time.Time
 	for {
 		l, err := c.obtain(ctx, subject)
 		if err == nil {
@@ -471,9 +474,18 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			}
 			return bypass()
 		}
-		if !waited {
-			waited = true
+		switch {
+		case !waited:
+			waited, waitingSince = true, c.opts.Now()
 			c.obs.LockWait()
+		case c.opts.Now().Sub(waitingSince) >= c.opts.LockTTL:
+			// No lock of ours is held longer than a mint takes (the fetch
+			// timeout, at most LockTTL): this one is stuck.
+			c.log.Warn("waited lock_ttl for another node's lock of a key: minting without it",
+				zap.String("redis_key", c.lockKey(subject)), zap.Duration("lock_ttl", c.opts.LockTTL))
+			*how = "bypassed"
+			c.obs.Bypassed()
+			return c.mintUnlocked(ctx, key, subject, mint)
 		}
 		if err := c.waitLock(ctx, subject, wake); err != nil {
 			if ctx.Err() != nil {
@@ -512,6 +524,18 @@ func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, w
 	}
 	c.write(context.WithoutCancel(ctx), key, tok)
 	kind = "set"
+	return tok, false, nil
+}
+
+// mintUnlocked mints without the key's lock, stores the token and
+// announces it, so that the other nodes waiting on the same lock adopt it.
+func (c *Cache) mintUnlocked(ctx context.Context, key, subject string, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
+	tok, err := mint(ctx)
+	if err != nil {
+		return broker.Token{}, false, err
+	}
+	c.write(context.WithoutCancel(ctx), key, tok)
+	_ = c.publish(ctx, event{Kind: "set", Subject: subject})
 	return tok, false, nil
 }
 

@@ -114,8 +114,11 @@ func (m *minter) mint(ctx context.Context) (broker.Token, error) {
 
 func usable(tok broker.Token) bool { return tok.ValidAt(time.Now(), time.Second) }
 
-func testCtx(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+func testCtx(t *testing.T) context.Context { return testCtxFor(t, 30*time.Second) }
+
+// testCtxFor is a context that ends after d or with the test.
+func testCtxFor(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx
 }
