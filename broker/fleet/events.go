@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 
 	"github.com/redis/go-redis/v9"
@@ -22,6 +23,10 @@ type event struct {
 	// Key is the purged cache key, sealed (purge only), so that nodes can
 	// drop it from memory while Redis shows no merchant id.
 	Key []byte `json:"key,omitempty"`
+	// Floor is the oldest version of the key's token still accepted and
+	// until when to remember it (two big-endian unix nanoseconds), sealed
+	// (purge only, when the purging node had seen the token).
+	Floor []byte `json:"fl,omitempty"`
 }
 
 // publish announces e to every node, this one included. A failure is only
@@ -60,6 +65,15 @@ func (c *Cache) listen(ch <-chan *redis.Message) {
 			c.log.Warn("ignoring a purge announcement that does not open (another encryption key?)", zap.Error(err))
 			continue
 		}
+		name := e.Subject[len(prefix):]
+		if len(e.Floor) > 0 {
+			if fl, err := c.keys.Open(e.Floor, floorAD(name)); err == nil && len(fl) == 16 {
+				c.vers.raise(string(key), int64(binary.BigEndian.Uint64(fl)), int64(binary.BigEndian.Uint64(fl[8:])), c.opts.Now())
+			}
+		}
+		// The floor is raised before the callbacks drop the token, so
+		// that a lookup that misses memory afterwards does not adopt the
+		// token back if it is written back to Redis.
 		c.mu.Lock()
 		fns := append([]func(string, string){}, c.onPurge...)
 		c.mu.Unlock()

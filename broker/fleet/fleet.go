@@ -28,6 +28,7 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -153,6 +154,9 @@ type Cache struct {
 	obs      Observer
 	log      *zap.Logger
 
+	vers     *versions // the token versions seen (version.go)
+	rts      rtVersions
+
 	mu      sync.Mutex
 	waiters map[string]map[chan struct{}]struct{}
 	onPurge []func(key, fingerprint string)
@@ -214,6 +218,8 @@ func New(opts Options) (*Cache, error) {
 		log:      opts.Logger,
 		waiters:  map[string]map[chan struct{}]struct{}{},
 		done:     make(chan struct{}),
+		vers:     newVersions(),
+		rts:      rtVersions{m: map[string]rtSeen{}},
 	}
 	c.br = &breaker{threshold: opts.BreakerThreshold, cooldown: opts.BreakerCooldown, now: opts.Now,
 		onChange: func(open bool) {
@@ -297,6 +303,9 @@ type wireToken struct {
 	ID       string   `json:"id,omitempty"`
 	Scopes   []string `json:"s,omitempty"`
 	IssuedAt int64    `json:"i,omitempty"`
+	// Version orders the values of one key (version.go); 0 in values
+	// written before versions existed.
+	Version int64 `json:"w,omitempty"`
 }
 
 // fpLen is the length of the clear fingerprint in front of a stored token,
@@ -307,9 +316,10 @@ const fpLen = 8
 // fingerprint in front of it.
 func tokenAD(key, fp string) []byte { return []byte("tok\x00" + key + "\x00" + fp) }
 
-// encode seals tok for key: its fingerprint, then the sealed token.
-func (c *Cache) encode(key string, tok broker.Token) ([]byte, error) {
-	w := wireToken{Value: tok.Value.Reveal(), Type: tok.Type, Expiry: tok.Expiry.UnixNano(), ID: tok.ID, Scopes: tok.Scopes}
+// encode seals tok for key, as version ver: its fingerprint, then the
+// sealed token.
+func (c *Cache) encode(key string, tok broker.Token, ver int64) ([]byte, error) {
+	w := wireToken{Value: tok.Value.Reveal(), Type: tok.Type, Expiry: tok.Expiry.UnixNano(), ID: tok.ID, Scopes: tok.Scopes, Version: ver}
 	if !tok.IssuedAt.IsZero() {
 		w.IssuedAt = tok.IssuedAt.UnixNano()
 	}
@@ -325,29 +335,37 @@ func (c *Cache) encode(key string, tok broker.Token) ([]byte, error) {
 	return append([]byte(fp), sealed...), nil
 }
 
-// decode opens a stored token of key; ok is false (and the value counted)
-// when it does not open.
-func (c *Cache) decode(key string, b []byte) (broker.Token, bool) {
+// decode opens a stored token of key and returns it with its version; ok
+// is false (and the value counted) when it does not open.
+func (c *Cache) decode(key string, b []byte) (tok broker.Token, ver int64, ok bool) {
 	if len(b) < fpLen {
 		c.undecryptable(key, seal.ErrMalformed)
-		return broker.Token{}, false
+		return broker.Token{}, 0, false
 	}
 	fp := string(b[:fpLen])
 	pt, err := c.keys.Open(b[fpLen:], tokenAD(key, fp))
 	if err != nil {
 		c.undecryptable(key, err)
-		return broker.Token{}, false
+		return broker.Token{}, 0, false
 	}
 	var w wireToken
 	if err := json.Unmarshal(pt, &w); err != nil || w.Value == "" {
 		c.undecryptable(key, errors.New("the sealed value is not a token"))
-		return broker.Token{}, false
+		return broker.Token{}, 0, false
 	}
-	tok := broker.Token{Value: broker.Secret(w.Value), Type: w.Type, Expiry: time.Unix(0, w.Expiry), ID: w.ID, Scopes: w.Scopes}
+	tok = broker.Token{Value: broker.Secret(w.Value), Type: w.Type, Expiry: time.Unix(0, w.Expiry), ID: w.ID, Scopes: w.Scopes}
 	if w.IssuedAt != 0 {
 		tok.IssuedAt = time.Unix(0, w.IssuedAt)
 	}
-	return tok, true
+	return tok, w.Version, true
+}
+
+// rolledBack counts and logs a value older than the newest this node has
+// seen for its key, which is then ignored.
+func (c *Cache) rolledBack(redisKey string) {
+	c.obs.RolledBack()
+	c.log.Warn("ignoring a value in redis older than one this node has seen for its key (an old value written back: a purged token, a spent refresh token, or a failover that lost the newest write)",
+		zap.String("redis_key", redisKey))
 }
 
 func (c *Cache) undecryptable(key string, err error) {
@@ -356,10 +374,10 @@ func (c *Cache) undecryptable(key string, err error) {
 		zap.String("redis_key", c.TokenKey(key)), zap.Error(err))
 }
 
-// read returns the token stored for key. found is false when there is none
-// or it does not open; err is a Redis failure. After a key rotation, a
-// token stored under the old key's name (by nodes not yet rotated) is found
-// too.
+// read returns the token stored for key. found is false when there is none,
+// it does not open, or it is older than one this node has seen for key
+// (version.go); err is a Redis failure. After a key rotation, a token
+// stored under the old key's name (by nodes not yet rotated) is found too.
 func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found bool, err error) {
 	for i, nk := range c.nameKeys {
 		if i > 0 && c.opts.PlainKeys {
@@ -378,9 +396,17 @@ func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found b
 		if err != nil {
 			return broker.Token{}, false, err
 		}
-		if tok, found = c.decode(key, b); found {
-			return tok, true, nil
+		tok, ver, ok := c.decode(key, b)
+		if !ok {
+			continue
 		}
+		now := c.opts.Now()
+		if !c.vers.accept(key, ver, now) {
+			c.rolledBack(name)
+			continue
+		}
+		c.vers.saw(key, ver, tok.Fingerprint(), tok.Expiry, now)
+		return tok, true, nil
 	}
 	return broker.Token{}, false, nil
 }
@@ -388,11 +414,14 @@ func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found b
 // write stores tok for key until its expiry. Failures are only counted: the
 // token is still used.
 func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
-	ttl := tok.Expiry.Sub(c.opts.Now())
+	now := c.opts.Now()
+	ttl := tok.Expiry.Sub(now)
 	if ttl < time.Millisecond {
 		return
 	}
-	b, err := c.encode(key, tok)
+	ver := c.vers.next(key, now)
+	c.vers.saw(key, ver, tok.Fingerprint(), tok.Expiry, now)
+	b, err := c.encode(key, tok, ver)
 	if err != nil {
 		c.log.Error("sealing a token for redis", zap.Error(err))
 		return
@@ -540,40 +569,60 @@ func (c *Cache) mintUnlocked(ctx context.Context, key, subject string, mint func
 }
 
 // Purge implements broker.SharedCache: a compare-and-delete by
-// fingerprint, then an announcement to every node.
+// fingerprint, then an announcement to every node. No version up to the
+// purged token's is accepted afterwards, on this node and on those that
+// hear the announcement (version.go).
 func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 	for i, nk := range c.nameKeys {
 		if i > 0 && c.opts.PlainKeys {
 			break
 		}
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
+		var deleted string
 		err := c.do(ctx, "purge", func(ctx context.Context) error {
-			return purgeScript.Run(ctx, c.rdb, []string{name}, fingerprint).Err()
+			var err error
+			deleted, err = purgeScript.Run(ctx, c.rdb, []string{name}, fingerprint).Text()
+			return err
 		})
 		if err != nil && !errors.Is(err, redis.Nil) {
 			return fmt.Errorf("fleet: purging %s: %w", name, err)
 		}
+		if len(deleted) > 0 {
+			if tok, ver, ok := c.decode(key, []byte(deleted)); ok {
+				c.vers.saw(key, ver, tok.Fingerprint(), tok.Expiry, c.opts.Now())
+			}
+		}
 	}
-	sealed, err := c.keys.Seal([]byte(key), purgeAD(c.name(key)))
-	if err != nil {
+	e := event{Kind: "purge", Subject: "tok:" + c.name(key), Fingerprint: fingerprint}
+	var err error
+	if e.Key, err = c.keys.Seal([]byte(key), purgeAD(c.name(key))); err != nil {
 		return err
 	}
-	return c.publish(ctx, event{Kind: "purge", Subject: "tok:" + c.name(key), Fingerprint: fingerprint, Key: sealed})
+	if floor, until, ok := c.vers.purge(key, fingerprint, c.opts.Now()); ok {
+		if e.Floor, err = c.keys.Seal(binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(floor)), uint64(until)), floorAD(c.name(key))); err != nil {
+			return err
+		}
+	}
+	return c.publish(ctx, e)
 }
 
 // purgeScript deletes KEYS[1] if its value starts with the fingerprint
-// ARGV[1], or whatever it holds if ARGV[1] is empty; it returns 1 when it
-// deleted.
+// ARGV[1], or whatever it holds if ARGV[1] is empty; it returns the value
+// it deleted, or false.
 var purgeScript = redis.NewScript(`
 local v = redis.call("GET", KEYS[1])
-if not v then return 0 end
+if not v then return false end
 if ARGV[1] == "" or string.sub(v, 1, ` + fmt.Sprint(fpLen) + `) == ARGV[1] then
-	return redis.call("DEL", KEYS[1])
+	redis.call("DEL", KEYS[1])
+	return v
 end
-return 0
+return false
 `)
 
 func purgeAD(name string) []byte { return []byte("purge\x00" + name) }
+
+// floorAD is the associated data of a purge announcement's floor.
+func floorAD(name string) []byte { return []byte("purge-floor\x00" + name) }
 
 // OnPurge implements broker.SharedCache.
 func (c *Cache) OnPurge(fn func(key, fingerprint string)) {

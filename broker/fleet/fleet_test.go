@@ -21,7 +21,7 @@ import (
 
 // counters is an Observer that counts.
 type counters struct {
-	hit, miss, errs, wait, adopted, inval, undec, bypass atomic.Int64
+	hit, miss, errs, wait, adopted, inval, undec, bypass, rolledBack atomic.Int64
 }
 
 func (c *counters) L2Hit()                { c.hit.Add(1) }
@@ -32,6 +32,7 @@ func (c *counters) Adopted()              { c.adopted.Add(1) }
 func (c *counters) InvalidationReceived() { c.inval.Add(1) }
 func (c *counters) Undecryptable()        { c.undec.Add(1) }
 func (c *counters) Bypassed()             { c.bypass.Add(1) }
+func (c *counters) RolledBack()           { c.rolledBack.Add(1) }
 
 // fakeClock is the breaker's clock, moved by the test.
 type fakeClock struct {
