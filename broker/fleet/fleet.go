@@ -154,8 +154,8 @@ type Cache struct {
 	obs      Observer
 	log      *zap.Logger
 
-	vers     *versions // the token versions seen (version.go)
-	rts      rtVersions
+	vers *versions // the token versions seen (version.go)
+	rts  rtVersions
 
 	mu      sync.Mutex
 	waiters map[string]map[chan struct{}]struct{}
