@@ -1,0 +1,77 @@
+package broker
+
+// A purge must also reach the fetches of its key in flight. A fetch that
+// got a token (from the shared tier, say) just before the purge, and caches
+// it just after the purge dropped the cached token, would otherwise serve
+// the purged token until it expires: the purge announced by another node
+// found nothing to drop, and the token came back afterwards. So each fetch
+// is registered while it runs; a purge of its key records the purged
+// fingerprint in it (under Broker.mu, as the cache writes are); the fetch
+// does not cache a token so named, and fetches once more without it.
+
+// flight is a fetch in progress: the fingerprints of its key's tokens
+// purged while it ran ("" for any). Guarded by Broker.mu.
+type flight struct {
+	purged []string
+}
+
+// maxFlightPurges bounds flight.purged; beyond it, any token counts as
+// purged.
+const maxFlightPurges = 8
+
+// beginFlight registers a fetch of key; end it with endFlight. There is one
+// fetch per key at a time (the singleflight group).
+func (br *Broker) beginFlight(key string) *flight {
+	f := &flight{}
+	br.mu.Lock()
+	if br.flights == nil {
+		br.flights = map[string]*flight{}
+	}
+	br.flights[key] = f
+	br.mu.Unlock()
+	return f
+}
+
+// endFlight unregisters the fetch f of key.
+func (br *Broker) endFlight(key string, f *flight) {
+	br.mu.Lock()
+	if br.flights[key] == f {
+		delete(br.flights, key)
+	}
+	br.mu.Unlock()
+}
+
+// purgedLocked tells the fetch of key in flight, if any, that the token
+// with fingerprint fp ("" for any) was purged. Call it with br.mu held.
+func (br *Broker) purgedLocked(key, fp string) {
+	f := br.flights[key]
+	if f == nil {
+		return
+	}
+	if len(f.purged) >= maxFlightPurges {
+		f.purged, fp = f.purged[:0], ""
+	}
+	f.purged = append(f.purged, fp)
+}
+
+// namesLocked reports whether a purge named the token with fingerprint fp
+// while f ran. Call it with br.mu held; f may be nil (nothing purged).
+func (f *flight) namesLocked(fp string) bool {
+	if f == nil {
+		return false
+	}
+	for _, p := range f.purged {
+		if p == "" || p == fp {
+			return true
+		}
+	}
+	return false
+}
+
+// purgedDuring reports whether a purge named the token with fingerprint fp
+// while f ran.
+func (br *Broker) purgedDuring(f *flight, fp string) bool {
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	return f.namesLocked(fp)
+}
