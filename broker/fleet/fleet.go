@@ -4,14 +4,24 @@
 //
 // What it keeps in Redis, under Options.KeyPrefix (default "token_broker:"):
 //
-//	tok:<name>      a token: its 8-hex fingerprint, then the token sealed
-//	                (internal/seal, AES-256-GCM); expires with the token
+//	tok:<name>      a token: its 8-hex fingerprint, then the token and
+//	                its version sealed (internal/seal, AES-256-GCM);
+//	                expires with the token
 //	lock:<name>     the key's fleet lock (github.com/bsm/redislock): a
 //	                random owner token, expiry Options.LockTTL
-//	rt:<name>       a merchant's refresh token, sealed; no expiry
+//	rt:<name>       a merchant's refresh token and its version, sealed;
+//	                no expiry
 //	lock:rt:<name>  the lock that serialises a merchant's refreshes
 //	events          the pub/sub channel: "set", "unlock" and "purge"
-//	                announcements (a purge carries its cache key sealed)
+//	                announcements (a purge carries its cache key and the
+//	                purged version sealed)
+//	purges          a stream of the last purge announcements (about
+//	                1000), read back by a node whose subscription
+//	                reconnected, and by a new node
+//
+// Versions (version.go) make a value older than one a node has seen for
+// its key, or than a purge it heard of, unusable: an old sealed value
+// written back is not served again.
 //
 // <name> is the HMAC-SHA-256 of the cache key under a subkey of the
 // encryption key (hex), so Redis shows no merchant id, unless
@@ -161,8 +171,9 @@ type Cache struct {
 	waiters map[string]map[chan struct{}]struct{}
 	onPurge []func(key, fingerprint string)
 
-	ps   *redis.PubSub
-	done chan struct{}
+	ps     *redis.PubSub
+	done   chan struct{}
+	logged string // the last purge log entry applied; the listener's
 }
 
 // New returns a Cache on opts.Client and subscribes to the fleet's channel.
@@ -218,6 +229,7 @@ func New(opts Options) (*Cache, error) {
 		log:      opts.Logger,
 		waiters:  map[string]map[chan struct{}]struct{}{},
 		done:     make(chan struct{}),
+		logged:   "0-0",
 		vers:     newVersions(),
 		rts:      rtVersions{m: map[string]rtSeen{}},
 	}
@@ -234,12 +246,16 @@ func New(opts Options) (*Cache, error) {
 	// Wait (briefly) for the subscription to be confirmed, so that this
 	// node hears announcements made right after New returns. If Redis is
 	// down, the channel resubscribes when it comes back.
+	// The purges logged before are applied once subscribed: the listener
+	// catches up at each confirmation of the subscription.
 	sctx, cancel := context.WithTimeout(context.Background(), max(opts.Timeout, time.Second))
 	if err := c.ps.Subscribe(sctx, c.channel); err == nil {
-		_, _ = c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second))
+		if _, err := c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); err == nil {
+			c.catchUp()
+		}
 	}
 	cancel()
-	go c.listen(c.ps.Channel(redis.WithChannelSize(1024)))
+	go c.listen(c.ps.ChannelWithSubscriptions(redis.WithChannelSize(1024)))
 	return c, nil
 }
 
@@ -603,7 +619,7 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			return err
 		}
 	}
-	return c.publish(ctx, e)
+	return c.publishPurge(ctx, e)
 }
 
 // purgeScript deletes KEYS[1] if its value starts with the fingerprint

@@ -71,13 +71,19 @@ func testKeys(t *testing.T, current byte, old ...byte) *seal.Keyring {
 // machine is shared) unless mod sets another.
 func newNode(t *testing.T, r *redistest.Server, keys *seal.Keyring, mod func(*Options)) *node {
 	t.Helper()
+	return newNodeAt(t, r.Addr(), keys, mod)
+}
+
+// newNodeAt is newNode on the Redis at addr.
+func newNodeAt(t *testing.T, addr string, keys *seal.Keyring, mod func(*Options)) *node {
+	t.Helper()
 	clock := &fakeClock{now: time.Now()}
 	obs := &counters{}
 	opts := Options{Keys: keys, Timeout: 5 * time.Second, LockTTL: 10 * time.Second, Now: clock.Now, Observer: obs}
 	if mod != nil {
 		mod(&opts)
 	}
-	uo := &redis.UniversalOptions{Addrs: []string{r.Addr()}}
+	uo := &redis.UniversalOptions{Addrs: []string{addr}}
 	ClientOptions(uo, opts.Timeout)
 	rdb := redis.NewUniversalClient(uo)
 	opts.Client = rdb
