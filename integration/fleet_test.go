@@ -422,6 +422,7 @@ func TestFleetUpstream401BurstAndAdminPurge(t *testing.T) {
 	purgedAt := time.Now()
 	for _, n := range nodes[1:] {
 		for {
+			asked := time.Now() // a slow answer under load is not a late purge
 			held := false
 			for _, tok := range n.tokens(t, "m00") {
 				held = held || tok["fingerprint"] == cur
@@ -429,7 +430,7 @@ func TestFleetUpstream401BurstAndAdminPurge(t *testing.T) {
 			if !held {
 				break
 			}
-			if time.Since(purgedAt) > time.Second {
+			if asked.Sub(purgedAt) > time.Second {
 				t.Fatalf("%s still holds the purged token %s 1 s after the admin purge on another node", n.base, cur)
 			}
 			time.Sleep(10 * time.Millisecond)

@@ -450,7 +450,8 @@ func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
 // Fetch implements broker.SharedCache. When the fetch is traced, the
 // shared tier's work is a span "token_broker.l2" under the token span, with
 // how the token was obtained: "adopted" (from another node), "minted"
-// (under the fleet lock) or "bypassed" (Redis unavailable: minted locally).
+// (under the fleet lock) or "bypassed" (Redis unavailable, or another
+// node's lock waited on for Options.LockTTL: minted locally).
 // The token span's token API calls made for a mint are its children.
 func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
 	parent := trace.SpanFromContext(ctx)
