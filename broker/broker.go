@@ -266,13 +266,14 @@ type Broker struct {
 	cache *gocache.Cache
 	group singleflight.Group
 
-	mu          sync.Mutex         // orders cache writes with Purge's compare-and-delete
-	failures    sync.Map           // key -> *failure
-	breakers    sync.Map           // SourceID -> *breaker
-	rejections  sync.Map           // key -> *rejectState (reject.go)
-	sourceHolds sync.Map           // SourceID -> *sourceHold (sourcehold.go)
-	flights     map[string]*flight // key -> its fetch in flight (inflight.go); guarded by mu
-	lastSweep   atomic.Int64       // broker clock, unix nanoseconds
+	mu          sync.Mutex          // orders cache writes with Purge's compare-and-delete
+	failures    sync.Map            // key -> *failure
+	breakers    sync.Map            // SourceID -> *breaker
+	rejections  sync.Map            // key -> *rejectState (reject.go)
+	sourceHolds sync.Map            // SourceID -> *sourceHold (sourcehold.go)
+	flights     map[string]*flight  // key -> its fetch in flight (inflight.go); guarded by mu
+	purging     map[string][]string // key -> fingerprints being purged from the shared tier; guarded by mu
+	lastSweep   atomic.Int64        // broker clock, unix nanoseconds
 }
 
 // New returns a Broker. Call Close when done with it.
@@ -468,7 +469,7 @@ func (br *Broker) Purge(b *Binding, rejected Secret) bool {
 	}
 	v.(*Entry).stale.Store(true)
 	br.cache.Delete(b.key)
-	br.purgedLocked(b.key, rejected.Fingerprint())
+	br.purgingLocked(b.key, rejected.Fingerprint())
 	br.mu.Unlock()
 	br.purgeShared(b.key, rejected.Fingerprint())
 	return true
@@ -512,7 +513,7 @@ func (br *Broker) PurgeMatching(match func(*Binding) bool) []*Entry {
 		if e := it.Object.(*Entry); match(e.binding) {
 			e.stale.Store(true)
 			br.cache.Delete(k)
-			br.purgedLocked(k, e.fingerprint)
+			br.purgingLocked(k, e.fingerprint)
 			out = append(out, e)
 		}
 	}
@@ -535,6 +536,7 @@ func (br *Broker) purgeShared(key, fingerprint string) {
 	if br.opts.Shared == nil {
 		return
 	}
+	defer br.purgedShared(key, fingerprint)
 	ctx, cancel := context.WithTimeout(context.Background(), br.opts.FetchTimeout)
 	defer cancel()
 	_ = br.opts.Shared.Purge(ctx, key, fingerprint)

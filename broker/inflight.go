@@ -1,5 +1,7 @@
 package broker
 
+import "slices"
+
 // A purge must also reach the fetches of its key in flight. A fetch that
 // got a token (from the shared tier, say) just before the purge, and caches
 // it just after the purge dropped the cached token, would otherwise serve
@@ -7,7 +9,13 @@ package broker
 // found nothing to drop, and the token came back afterwards. So each fetch
 // is registered while it runs; a purge of its key records the purged
 // fingerprint in it (under Broker.mu, as the cache writes are); the fetch
-// does not cache a token so named, and fetches once more without it.
+// neither adopts nor caches a token so named, and fetches once more
+// without it.
+//
+// A purge made here drops the cached token before the shared tier has
+// purged it: until it has, a fetch of the key could adopt the token back
+// from there. So the purge is also recorded as in progress, and a fetch
+// that starts meanwhile takes it as made during its run.
 
 // flight is a fetch in progress: the fingerprints of its key's tokens
 // purged while it ran ("" for any). Guarded by Broker.mu.
@@ -24,6 +32,7 @@ const maxFlightPurges = 8
 func (br *Broker) beginFlight(key string) *flight {
 	f := &flight{}
 	br.mu.Lock()
+	f.purged = append(f.purged, br.purging[key]...)
 	if br.flights == nil {
 		br.flights = map[string]*flight{}
 	}
@@ -74,4 +83,35 @@ func (br *Broker) purgedDuring(f *flight, fp string) bool {
 	br.mu.Lock()
 	defer br.mu.Unlock()
 	return f.namesLocked(fp)
+}
+
+// purgingLocked records that this broker purges the token of key with
+// fingerprint fp: the fetch in flight, and those that start before the
+// shared tier has purged it too (purgeShared), neither adopt nor cache it.
+// Call it with br.mu held.
+func (br *Broker) purgingLocked(key, fp string) {
+	br.purgedLocked(key, fp)
+	if br.opts.Shared == nil {
+		return
+	}
+	if br.purging == nil {
+		br.purging = map[string][]string{}
+	}
+	br.purging[key] = append(br.purging[key], fp)
+}
+
+// purgedShared ends what purgingLocked began, once the shared tier has
+// purged the token.
+func (br *Broker) purgedShared(key, fp string) {
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	fps := br.purging[key]
+	if i := slices.Index(fps, fp); i >= 0 {
+		fps = slices.Delete(fps, i, i+1)
+	}
+	if len(fps) == 0 {
+		delete(br.purging, key)
+	} else {
+		br.purging[key] = fps
+	}
 }

@@ -141,3 +141,78 @@ func TestPurgeReachesFetchInFlight(t *testing.T) {
 		})
 	}
 }
+
+// pausedPurge is a node's real shared tier with a pause before Purge: the
+// broker has dropped the token from memory, Redis still holds it.
+type pausedPurge struct {
+	*fleet.Cache
+	purging chan struct{} // receives when a Purge starts
+	resume  chan struct{} // the Purge goes on when this is closed
+}
+
+func (p *pausedPurge) Purge(ctx context.Context, key, fingerprint string) error {
+	p.purging <- struct{}{}
+	<-p.resume
+	return p.Cache.Purge(ctx, key, fingerprint)
+}
+
+// TestPurgerDoesNotAdoptItsPurgedToken: a node purges a token (admin
+// purge, upstream rejection); before Redis has deleted it, a lookup on the
+// same node misses memory and reads Redis. It must not adopt the token
+// being purged: it mints a new one, and the node never caches the purged
+// token again. Before, the node adopted its own purged token back and
+// served it until it expired.
+func TestPurgerDoesNotAdoptItsPurgedToken(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		purge func(a *broker.Broker, b *broker.Binding, tok broker.Token)
+	}{
+		{"admin purge", func(a *broker.Broker, b *broker.Binding, _ broker.Token) {
+			a.PurgeMatching(func(x *broker.Binding) bool { return x.Merchant == b.Merchant })
+		}},
+		{"purge", func(a *broker.Broker, b *broker.Binding, tok broker.Token) {
+			if !a.Purge(b, tok.Value) {
+				t.Error("Purge found nothing to purge")
+			}
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			r := redistest.Start(t)
+			src := &countingSource{}
+			pa := &pausedPurge{Cache: newCache(t, r), purging: make(chan struct{}, 1), resume: make(chan struct{})}
+			a := broker.New(broker.Options{Shared: pa})
+			t.Cleanup(a.Close)
+			req := broker.Request{Merchant: "acme", Organisation: "org-1", Scopes: []string{"payments"}}
+			ba, other := broker.NewBinding("nuapay", src, req), broker.NewBinding("nuapay", src, req)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			old, err := a.Token(ctx, ba)
+			if err != nil {
+				t.Fatal(err)
+			}
+			purged := make(chan struct{})
+			go func() {
+				defer close(purged)
+				tt.purge(a, ba, old)
+			}()
+			<-pa.purging // dropped from memory, still in Redis
+			tok, err := a.Token(ctx, other)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tok.Value == old.Value {
+				t.Errorf("a lookup during the purge got the token being purged")
+			}
+			close(pa.resume)
+			<-purged
+			for _, e := range a.Entries() {
+				if e.Fingerprint() == old.Fingerprint() {
+					t.Fatalf("the node caches the token it purged")
+				}
+			}
+			if tok, err := a.Token(ctx, ba); err != nil || tok.Value == old.Value {
+				t.Fatalf("the node serves the token it purged (err %v)", err)
+			}
+		})
+	}
+}
