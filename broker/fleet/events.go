@@ -54,7 +54,7 @@ func (c *Cache) listen(ch <-chan any) {
 		switch m := m.(type) {
 		case *redis.Subscription:
 			if m.Kind == "subscribe" {
-				c.catchUp()
+				c.catchUp(true)
 			}
 		case *redis.Message:
 			var e event
@@ -62,18 +62,21 @@ func (c *Cache) listen(ch <-chan any) {
 				continue
 			}
 			c.notify(e.Subject)
-			c.heard(e)
+			c.heard(e, true)
 		}
 	}
 }
 
 // heard handles another node's purge announcement: the floor of the key's
-// versions is raised, then the OnPurge callbacks drop the token.
-func (c *Cache) heard(e event) {
+// versions is raised, then the OnPurge callbacks drop the token. count
+// says whether it is counted as received.
+func (c *Cache) heard(e event, count bool) {
 	if e.Kind != "purge" || e.Node == c.node {
 		return
 	}
-	c.obs.InvalidationReceived()
+	if count {
+		c.obs.InvalidationReceived()
+	}
 	const prefix = "tok:"
 	if len(e.Subject) <= len(prefix) || e.Subject[:len(prefix)] != prefix {
 		return
@@ -127,9 +130,9 @@ func (c *Cache) publishPurge(ctx context.Context, e event) error {
 
 // catchUp applies the purges logged since the last catch-up (at New: the
 // whole log, so that a new node refuses the recently purged tokens if they
-// are written back). A purge heard twice is harmless: it drops the token
-// it names, if still cached.
-func (c *Cache) catchUp() {
+// are written back; those are not counted as received). A purge heard
+// twice is harmless: it drops the token it names, if still cached.
+func (c *Cache) catchUp(count bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), max(c.opts.Timeout, time.Second))
 	defer cancel()
 	// Not through the breaker: the subscription was just confirmed, so
@@ -144,7 +147,7 @@ func (c *Cache) catchUp() {
 		c.logged = m.ID
 		var e event
 		if s, ok := m.Values["e"].(string); ok && json.Unmarshal([]byte(s), &e) == nil {
-			c.heard(e)
+			c.heard(e, count)
 		}
 	}
 }

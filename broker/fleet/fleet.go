@@ -251,7 +251,7 @@ func New(opts Options) (*Cache, error) {
 	sctx, cancel := context.WithTimeout(context.Background(), max(opts.Timeout, time.Second))
 	if err := c.ps.Subscribe(sctx, c.channel); err == nil {
 		if _, err := c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); err == nil {
-			c.catchUp()
+			c.catchUp(false)
 		}
 	}
 	cancel()
