@@ -157,15 +157,16 @@ func (br *Broker) obtain(ctx context.Context, b *Binding, cur *Entry, mint func(
 		return tok, OriginMinted, err
 	}
 	usable := br.usable(cur)
-	rejected := br.rejectedToken(b.key)
-	valid := usable
-	usable = func(t Token) bool {
-		// A token an upstream rejected, or one purged while this fetch
-		// runs, is never adopted back from the shared tier, even if its
-		// purge there has not happened yet.
-		return (rejected == "" || t.Value != rejected) && !br.purgedDuring(f, t.Fingerprint()) && valid(t)
+	if rejected := br.rejectedToken(b.key); rejected != "" {
+		// A token an upstream rejected is never adopted back from the
+		// shared tier, even if its purge there has not happened yet.
+		valid := usable
+		usable = func(t Token) bool { return t.Value != rejected && valid(t) }
 	}
-	tok, adopted, err := sh.Fetch(ctx, b.key, usable, mint)
+	// Nor is a token purged while this fetch runs (inflight.go); one
+	// purged after the tier handed it out is not cached (fetch).
+	adoptable := func(t Token) bool { return usable(t) && !br.purgedDuring(f, t.Fingerprint()) }
+	tok, adopted, err := sh.Fetch(ctx, b.key, adoptable, mint)
 	if err != nil || !adopted {
 		return tok, OriginMinted, err
 	}
