@@ -173,7 +173,7 @@ type Cache struct {
 
 	ps     *redis.PubSub
 	done   chan struct{}
-	logged string // the last purge log entry applied; the listener's
+	logged string // the last purge log entry applied (New's, then the listener's)
 }
 
 // New returns a Cache on opts.Client and subscribes to the fleet's channel.
@@ -244,10 +244,10 @@ func New(opts Options) (*Cache, error) {
 		}}
 	c.ps = c.rdb.Subscribe(context.Background())
 	// Wait (briefly) for the subscription to be confirmed, so that this
-	// node hears announcements made right after New returns. If Redis is
-	// down, the channel resubscribes when it comes back.
-	// The purges logged before are applied once subscribed: the listener
-	// catches up at each confirmation of the subscription.
+	// node hears announcements made right after New returns, then apply
+	// the purges logged before. If Redis is down, the channel subscribes
+	// when it comes back, and the listener catches up at each
+	// confirmation of the subscription.
 	sctx, cancel := context.WithTimeout(context.Background(), max(opts.Timeout, time.Second))
 	if err := c.ps.Subscribe(sctx, c.channel); err == nil {
 		if _, err := c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); err == nil {
