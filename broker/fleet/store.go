@@ -130,9 +130,9 @@ func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
 			if rt, _, err = s.rtOpen(key, newest.sealed); err != nil {
 				return "", fmt.Errorf("fleet: refresh token of %s: %w", key, ErrRefreshTokenSealed)
 			}
-			current := s.redisKey(s.c.nameKeys[0], key)
+			// Put back unless it changed meanwhile (a Save elsewhere).
 			_ = s.c.do(context.WithoutCancel(ctx), "set", func(ctx context.Context) error {
-				return s.c.rdb.Set(ctx, current, newest.sealed, 0).Err()
+				return restoreScript.Run(ctx, s.c.rdb, []string{name}, b, newest.sealed).Err()
 			})
 		}
 		return rt, nil
@@ -205,5 +205,13 @@ func (s *Store) Lock(ctx context.Context, key string) (func(), error) {
 		}
 	}
 }
+
+// restoreScript sets KEYS[1] to ARGV[2] if it still holds ARGV[1].
+var restoreScript = redis.NewScript(`
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+	return redis.call("SET", KEYS[1], ARGV[2])
+end
+return false
+`)
 
 var _ oauth.Store = (*Store)(nil)
