@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"context"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -82,58 +81,4 @@ func TestFleetPurgeUnderLoad(t *testing.T) {
 		t.Fatalf("%d of %d requests failed", failures.Load(), calls.Load())
 	}
 	t.Logf("%d purges, %d requests, %d token requests", rounds, calls.Load(), f.sb.TokenRequests())
-}
-
-// TestFleetPurgedTokenWrittenBack: someone with write access to Redis (and
-// not the encryption key) copies a merchant's sealed token, and after an
-// admin purge writes it back to its key. Neither the sidecar that purged
-// nor the one that held the token serves it again (it used to come back
-// with "origin": "shared"): each mints anew instead.
-func TestFleetPurgedTokenWrittenBack(t *testing.T) {
-	f := newFleetEnv(t, "1h")
-	nodes := f.startFleet(2)
-	var purged string
-	for _, n := range nodes {
-		purged = n.mustCall(t, "m00").Authorization.Fingerprint
-	}
-	rdb := f.redis.Client()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	names, err := rdb.Keys(ctx, "token_broker:tok:*").Result()
-	if err != nil || len(names) != 1 {
-		t.Fatalf("token keys in redis: %q, %v; want the merchant's one", names, err)
-	}
-	copied, err := rdb.Get(ctx, names[0]).Bytes()
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.Post(nodes[0].admin+"/token_broker/merchants/m00/purge", "application/json", nil)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("admin purge: %v %v", err, resp)
-	}
-	resp.Body.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	for len(nodes[1].tokens(t, "m00")) != 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("node 1 did not drop the purged token")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	for i, n := range nodes {
-		if err := rdb.Set(ctx, names[0], copied, time.Hour).Err(); err != nil {
-			t.Fatal(err)
-		}
-		before := f.sb.TokenRequests()
-		if got := n.mustCall(t, "m00").Authorization.Fingerprint; got == purged {
-			t.Fatalf("node %d served the purged token %s written back to redis", i, purged)
-		}
-		if got := f.sb.TokenRequests() - before; got != 1 {
-			t.Errorf("node %d: %d token requests; want 1 (a new token)", i, got)
-		}
-		for _, tok := range n.tokens(t, "m00") {
-			if tok["fingerprint"] == purged {
-				t.Errorf("node %d lists the purged token (origin %v)", i, tok["origin"])
-			}
-		}
-	}
 }
