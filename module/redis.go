@@ -474,4 +474,7 @@ func (m *fleetMetrics) Bypassed() { m.bypassed.Inc() }
 func (m *fleetMetrics) RolledBack() { m.rolledBack.Inc() }
 
 // Interface guards.
-var _ fleet.Observer = (*fleetMetrics)(nil)
+var (
+	_ fleet.Observer         = (*fleetMetrics)(nil)
+	_ fleet.RollbackObserver = (*fleetMetrics)(nil)
+)

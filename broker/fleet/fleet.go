@@ -379,7 +379,9 @@ func (c *Cache) decode(key string, b []byte) (tok broker.Token, ver int64, ok bo
 // rolledBack counts and logs a value older than the newest this node has
 // seen for its key, which is then ignored.
 func (c *Cache) rolledBack(redisKey string) {
-	c.obs.RolledBack()
+	if o, ok := c.obs.(RollbackObserver); ok {
+		o.RolledBack()
+	}
 	c.log.Warn("ignoring a value in redis older than one this node has seen for its key (an old value written back: a purged token, a spent refresh token, or a failover that lost the newest write)",
 		zap.String("redis_key", redisKey))
 }

@@ -32,6 +32,11 @@ type Observer interface {
 	// because Redis was unavailable (breaker open, error or timeout), or
 	// without the key's lock after waiting Options.LockTTL for it.
 	Bypassed()
+}
+
+// RollbackObserver is implemented by an Observer that also counts
+// rollbacks; the Cache calls RolledBack when the Observer has it.
+type RollbackObserver interface {
 	// RolledBack is called when a value in Redis is older than one this
 	// node has seen for its key: an old value written back (a purged
 	// token, a spent refresh token) or a failover that lost the newest
@@ -71,4 +76,7 @@ func (NopObserver) Bypassed() {}
 // RolledBack implements Observer.
 func (NopObserver) RolledBack() {}
 
-var _ Observer = NopObserver{}
+var (
+	_ Observer         = NopObserver{}
+	_ RollbackObserver = NopObserver{}
+)
