@@ -505,7 +505,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 	wake, stop := c.watch(subject)
 	defer stop()
 	waited := false
-	var waitingSince time.Time
+	var waitingSince, waitingSinceWall time.Time
 	for {
 		l, err := c.obtain(ctx, subject)
 		if err == nil {
@@ -524,11 +524,13 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 		}
 		switch {
 		case !waited:
-			waited, waitingSince = true, c.opts.Now()
+			waited, waitingSince, waitingSinceWall = true, c.opts.Now(), time.Now()
 			c.obs.LockWait()
-		case c.opts.Now().Sub(waitingSince) >= c.opts.LockTTL:
+		case c.opts.Now().Sub(waitingSince) >= c.opts.LockTTL || time.Since(waitingSinceWall) >= c.opts.LockTTL:
 			// No lock of ours is held longer than a mint takes (the fetch
-			// timeout, at most LockTTL): this one is stuck.
+			// timeout, at most LockTTL): this one is stuck. The wait runs
+			// on real timers, so it is measured on the real clock as well
+			// as on Options.Now.
 			c.log.Warn("waited lock_ttl for another node's lock of a key: minting without it",
 				zap.String("redis_key", c.lockKey(subject)), zap.Duration("lock_ttl", c.opts.LockTTL))
 			*how = "bypassed"

@@ -62,53 +62,67 @@ func TestLockWithoutExpiry(t *testing.T) {
 // TestLockWaitBoundedByLockTTL: a lookup that has waited the lock TTL for
 // another node's lock (held longer than any mint of this fleet takes: here
 // a lock of ten minutes) mints without it, stores and announces its token,
-// rather than wait for its context to end.
+// rather than wait for its context to end. The wait is measured on the
+// injected clock and on the real one its timers run on.
 func TestLockWaitBoundedByLockTTL(t *testing.T) {
-	r := startRedis(t)
-	keys := testKeys(t, 1)
-	n := newNode(t, r, keys, func(o *Options) {
-		o.LockTTL = 10 * time.Second
-		o.LockPoll = 20 * time.Millisecond
-	})
-	other := newNode(t, r, keys, nil)
-	ctx := testCtx(t)
-	lockKey := n.lockKey("tok:" + n.name(testKey))
-	if err := r.Client().Set(ctx, lockKey, "stuck-node", 10*time.Minute).Err(); err != nil {
-		t.Fatal(err)
-	}
-	type result struct {
-		tok     broker.Token
-		adopted bool
-		err     error
-	}
-	var m minter
-	done := make(chan result, 1)
-	go func() {
-		tok, adopted, err := n.Fetch(ctx, testKey, usable, m.mint)
-		done <- result{tok, adopted, err}
-	}()
-	for n.obs.wait.Load() == 0 {
-		select {
-		case res := <-done:
-			t.Fatalf("returned without waiting: %+v", res)
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
-	select {
-	case res := <-done:
-		t.Fatalf("returned before the lock TTL had passed: %+v", res)
-	case <-time.After(100 * time.Millisecond):
-	}
-	n.clock.Advance(10 * time.Second)
-	res := <-done
-	if res.err != nil || res.adopted || m.n.Load() != 1 || n.obs.bypass.Load() != 1 {
-		t.Fatalf("after waiting the lock TTL: adopted=%v err=%v mints=%d bypassed=%d; want one mint without the lock",
-			res.adopted, res.err, m.n.Load(), n.obs.bypass.Load())
-	}
-	// The token is shared: another node adopts it.
-	var m2 minter
-	tok, adopted, err := other.Fetch(ctx, testKey, usable, m2.mint)
-	if err != nil || !adopted || tok.Value != res.tok.Value || m2.n.Load() != 0 {
-		t.Fatalf("another node: adopted=%v err=%v mints=%d; want the token adopted", adopted, err, m2.n.Load())
+	for _, tt := range []struct {
+		name    string
+		lockTTL time.Duration
+		advance bool // move the injected clock by the lock TTL
+	}{
+		{"injected clock", 10 * time.Second, true},
+		{"real time", 500 * time.Millisecond, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			r := startRedis(t)
+			keys := testKeys(t, 1)
+			n := newNode(t, r, keys, func(o *Options) {
+				o.LockTTL = tt.lockTTL
+				o.LockPoll = 20 * time.Millisecond
+			})
+			other := newNode(t, r, keys, nil)
+			ctx := testCtx(t)
+			lockKey := n.lockKey("tok:" + n.name(testKey))
+			if err := r.Client().Set(ctx, lockKey, "stuck-node", 10*time.Minute).Err(); err != nil {
+				t.Fatal(err)
+			}
+			type result struct {
+				tok     broker.Token
+				adopted bool
+				err     error
+			}
+			var m minter
+			done := make(chan result, 1)
+			go func() {
+				tok, adopted, err := n.Fetch(ctx, testKey, usable, m.mint)
+				done <- result{tok, adopted, err}
+			}()
+			for n.obs.wait.Load() == 0 {
+				select {
+				case res := <-done:
+					t.Fatalf("returned without waiting: %+v", res)
+				case <-time.After(5 * time.Millisecond):
+				}
+			}
+			if tt.advance {
+				select {
+				case res := <-done:
+					t.Fatalf("returned before the lock TTL had passed: %+v", res)
+				case <-time.After(100 * time.Millisecond):
+				}
+				n.clock.Advance(tt.lockTTL)
+			}
+			res := <-done
+			if res.err != nil || res.adopted || m.n.Load() != 1 || n.obs.bypass.Load() != 1 {
+				t.Fatalf("after waiting the lock TTL: adopted=%v err=%v mints=%d bypassed=%d; want one mint without the lock",
+					res.adopted, res.err, m.n.Load(), n.obs.bypass.Load())
+			}
+			// The token is shared: another node adopts it.
+			var m2 minter
+			tok, adopted, err := other.Fetch(ctx, testKey, usable, m2.mint)
+			if err != nil || !adopted || tok.Value != res.tok.Value || m2.n.Load() != 0 {
+				t.Fatalf("another node: adopted=%v err=%v mints=%d; want the token adopted", adopted, err, m2.n.Load())
+			}
+		})
 	}
 }
