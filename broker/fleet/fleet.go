@@ -106,7 +106,8 @@ type Options struct {
 	// others take over after at most this long. It must be at least the
 	// broker's fetch timeout. It also bounds a lookup's wait for another
 	// node's lock: one that has waited this long mints without the lock.
-	// A lock found without expiry is given half of it. Default 35s.
+	// A token's lock found without expiry is taken as expired; a refresh
+	// token's is given half of LockTTL. Default 35s.
 	LockTTL time.Duration
 	// LockPoll bounds how long a node waiting for another node's lock
 	// waits for the announcement that the token is stored (or the lock

@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"time"
 
@@ -105,16 +106,21 @@ func (c *Cache) waitLock(ctx context.Context, subject string, wake <-chan struct
 	return nil
 }
 
-// repairLock gives subject's lock an expiry of half the lock TTL if it has
-// none, and returns that expiry (0 when the key changed meanwhile). No lock
-// this package takes is without expiry: obtain sets Options.LockTTL and a
-// live holder sets it again every third of it. A lock key without one was
-// left by an operator, a bug or a failover that lost the expiry, and would
-// stall its key for ever; half the TTL lets a live holder's keep-alive come
-// first (it then keeps its lock), and frees the key of a dead one within
-// that time.
+// repairLock gives subject's lock an expiry if it has none, and returns
+// that expiry (0 when the key changed meanwhile). No lock this package
+// takes is without expiry: obtain sets Options.LockTTL and a live holder
+// sets it again every third of it. A lock key without one was left by an
+// operator, a bug or a failover that lost the expiry, and would stall its
+// key for ever. A token's lock is taken as expired at once: if its holder
+// is alive after all, the cost is a second token. A refresh token's lock
+// gets half the lock TTL, which lets a live holder's keep-alive come first
+// (it then keeps its lock: two refreshes could spend a rotating refresh
+// token twice) and frees the key of a dead one within that time.
 func (c *Cache) repairLock(ctx context.Context, subject string) (time.Duration, error) {
 	ttl := c.opts.LockTTL / 2
+	if strings.HasPrefix(subject, "tok:") {
+		ttl = time.Millisecond
+	}
 	var set int64
 	err := c.do(ctx, "lock", func(ctx context.Context) error {
 		var err error

@@ -9,17 +9,18 @@ import (
 
 // TestLockWithoutExpiry: a lock key without expiry (set by hand, a bug, a
 // failover that lost it) no longer stalls its key until every lookup times
-// out: the first waiter gives it half the lock TTL, and once that runs out
-// a lookup takes the lock and mints once; a refresh token's lock is taken
-// the same way. The context is five times the lock TTL: before the repair
-// the lookups waited for it to end and failed.
+// out: a token's lock is taken as expired, and a lookup takes the lock and
+// mints once; a refresh token's lock is given half the lock TTL, then
+// taken. The context is five times the lock TTL: before, the lookups
+// waited for it to end and failed.
 func TestLockWithoutExpiry(t *testing.T) {
 	for _, tt := range []struct {
 		name    string
+		grace   bool // the lock keeps half the lock TTL for a live holder
 		subject func(n *node) string
 		take    func(n *node) error
 	}{
-		{"token", func(n *node) string { return "tok:" + n.name(testKey) }, func(n *node) error {
+		{"token", false, func(n *node) string { return "tok:" + n.name(testKey) }, func(n *node) error {
 			var m minter
 			tok, adopted, err := n.Fetch(testCtxFor(t, 10*time.Second), testKey, usable, m.mint)
 			if err == nil && (adopted || m.n.Load() != 1 || tok.Value == "") {
@@ -27,7 +28,7 @@ func TestLockWithoutExpiry(t *testing.T) {
 			}
 			return err
 		}},
-		{"refresh token", func(n *node) string { return "rt:" + n.name("bank/m1") }, func(n *node) error {
+		{"refresh token", true, func(n *node) string { return "rt:" + n.name("bank/m1") }, func(n *node) error {
 			unlock, err := n.Store().Lock(testCtxFor(t, 10*time.Second), "bank/m1")
 			if err == nil {
 				unlock()
@@ -46,8 +47,12 @@ func TestLockWithoutExpiry(t *testing.T) {
 			if err := raw.Set(testCtx(t), lockKey, "left-without-expiry", 0).Err(); err != nil {
 				t.Fatal(err)
 			}
+			start := time.Now()
 			if err := tt.take(n); err != nil {
 				t.Fatalf("with a lock without expiry: %v; want it repaired and taken", err)
+			}
+			if took := time.Since(start); tt.grace && took < 900*time.Millisecond {
+				t.Errorf("took the lock after %s; want it left to a live holder for half the lock TTL (1s)", took)
 			}
 			if n.obs.bypass.Load() != 0 {
 				t.Errorf("bypassed = %d; want the lock taken, not bypassed", n.obs.bypass.Load())
