@@ -266,12 +266,14 @@ type Broker struct {
 	cache *gocache.Cache
 	group singleflight.Group
 
-	mu          sync.Mutex   // orders cache writes with Purge's compare-and-delete
-	failures    sync.Map     // key -> *failure
-	breakers    sync.Map     // SourceID -> *breaker
-	rejections  sync.Map     // key -> *rejectState (reject.go)
-	sourceHolds sync.Map     // SourceID -> *sourceHold (sourcehold.go)
-	lastSweep   atomic.Int64 // broker clock, unix nanoseconds
+	mu          sync.Mutex          // orders cache writes with Purge's compare-and-delete
+	failures    sync.Map            // key -> *failure
+	breakers    sync.Map            // SourceID -> *breaker
+	rejections  sync.Map            // key -> *rejectState (reject.go)
+	sourceHolds sync.Map            // SourceID -> *sourceHold (sourcehold.go)
+	flights     map[string]*flight  // key -> its fetch in flight (inflight.go); guarded by mu
+	purging     map[string][]string // key -> fingerprints being purged from the shared tier; guarded by mu
+	lastSweep   atomic.Int64        // broker clock, unix nanoseconds
 }
 
 // New returns a Broker. Call Close when done with it.
@@ -430,8 +432,18 @@ func (br *Broker) refreshAt(tok Token) time.Time {
 
 // store caches e under its binding's key, replacing (and marking stale) the
 // entry there.
-func (br *Broker) store(b *Binding, e *Entry, now time.Time) {
+func (br *Broker) store(b *Binding, e *Entry, now time.Time) { br.storeFetched(b, e, now, nil) }
+
+// storeFetched is store for the fetch f: it does not cache e (and marks it
+// stale) when a purge named e's token while f ran (inflight.go), and
+// reports whether it cached it.
+func (br *Broker) storeFetched(b *Binding, e *Entry, now time.Time, f *flight) bool {
 	br.mu.Lock()
+	if f.namesLocked(e.fingerprint) {
+		br.mu.Unlock()
+		e.stale.Store(true)
+		return false
+	}
 	if v, ok := br.cache.Get(b.key); ok {
 		old := v.(*Entry)
 		old.stale.Store(true)
@@ -440,6 +452,7 @@ func (br *Broker) store(b *Binding, e *Entry, now time.Time) {
 	br.cache.Set(b.key, e, time.Duration(e.expiry-e.stamp(now)))
 	br.mu.Unlock()
 	b.current.Store(e)
+	return true
 }
 
 // Purge drops the binding's cached token if it is still the one with the
@@ -456,6 +469,7 @@ func (br *Broker) Purge(b *Binding, rejected Secret) bool {
 	}
 	v.(*Entry).stale.Store(true)
 	br.cache.Delete(b.key)
+	br.purgingLocked(b.key, rejected.Fingerprint())
 	br.mu.Unlock()
 	br.purgeShared(b.key, rejected.Fingerprint())
 	return true
@@ -499,6 +513,7 @@ func (br *Broker) PurgeMatching(match func(*Binding) bool) []*Entry {
 		if e := it.Object.(*Entry); match(e.binding) {
 			e.stale.Store(true)
 			br.cache.Delete(k)
+			br.purgingLocked(k, e.fingerprint)
 			out = append(out, e)
 		}
 	}
@@ -521,6 +536,7 @@ func (br *Broker) purgeShared(key, fingerprint string) {
 	if br.opts.Shared == nil {
 		return
 	}
+	defer br.purgedShared(key, fingerprint)
 	ctx, cancel := context.WithTimeout(context.Background(), br.opts.FetchTimeout)
 	defer cancel()
 	_ = br.opts.Shared.Purge(ctx, key, fingerprint)
@@ -531,6 +547,7 @@ func (br *Broker) purgeShared(key, fingerprint string) {
 func (br *Broker) dropShared(key, fingerprint string) {
 	br.mu.Lock()
 	defer br.mu.Unlock()
+	br.purgedLocked(key, fingerprint)
 	v, ok := br.cache.Get(key)
 	if !ok {
 		return

@@ -126,22 +126,31 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry) (*Entry,
 		report = r
 		return tok, err
 	}
-	tok, origin, err := br.obtain(ctx, b, cur, mint)
-	now = br.opts.Now()
-	if err != nil {
-		if cur != nil {
-			cur.retry.Store(br.refreshFailure(b, err, now))
+	f := br.beginFlight(b.key)
+	defer br.endFlight(b.key, f)
+	for attempt := 0; ; attempt++ {
+		tok, origin, err := br.obtain(ctx, b, cur, mint, f)
+		now = br.opts.Now()
+		if err != nil {
+			if cur != nil {
+				cur.retry.Store(br.refreshFailure(b, err, now))
+			}
+			return nil, err
 		}
-		return nil, err
+		e := br.newEntry(b, tok, origin)
+		if br.storeFetched(b, e, now, f) || attempt > 0 {
+			// A token purged twice while fetched is handed to the
+			// lookups waiting for it, never cached.
+			return e, nil
+		}
+		// A purge named the token while it was fetched: once more,
+		// without it (inflight.go).
 	}
-	e := br.newEntry(b, tok, origin)
-	br.store(b, e, now)
-	return e, nil
 }
 
 // obtain gets a token from the shared tier when there is one (adopting a
 // usable stored token, or minting once for the fleet), else by minting.
-func (br *Broker) obtain(ctx context.Context, b *Binding, cur *Entry, mint func(context.Context) (Token, error)) (Token, string, error) {
+func (br *Broker) obtain(ctx context.Context, b *Binding, cur *Entry, mint func(context.Context) (Token, error), f *flight) (Token, string, error) {
 	sh := br.opts.Shared
 	if sh == nil {
 		tok, err := mint(ctx)
@@ -154,7 +163,10 @@ func (br *Broker) obtain(ctx context.Context, b *Binding, cur *Entry, mint func(
 		valid := usable
 		usable = func(t Token) bool { return t.Value != rejected && valid(t) }
 	}
-	tok, adopted, err := sh.Fetch(ctx, b.key, usable, mint)
+	// Nor is a token purged while this fetch runs (inflight.go); one
+	// purged after the tier handed it out is not cached (fetch).
+	adoptable := func(t Token) bool { return usable(t) && !br.purgedDuring(f, t.Fingerprint()) }
+	tok, adopted, err := sh.Fetch(ctx, b.key, adoptable, mint)
 	if err != nil || !adopted {
 		return tok, OriginMinted, err
 	}

@@ -139,6 +139,7 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 	}
 	e.stale.Store(true)
 	br.cache.Delete(b.key)
+	br.purgingLocked(b.key, rejected.Fingerprint())
 	br.mu.Unlock()
 	br.purgeShared(b.key, rejected.Fingerprint())
 	return RejectionPurged

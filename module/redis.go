@@ -50,7 +50,8 @@ import (
 // `caddy_token_broker_l2_lookups_total{result="hit|miss"}`,
 // `caddy_token_broker_l2_errors_total{op}`, `caddy_token_broker_l2_lock_waits_total`,
 // `caddy_token_broker_l2_adopted_total`, `caddy_token_broker_l2_invalidations_received_total`,
-// `caddy_token_broker_l2_undecryptable_total`, `caddy_token_broker_l2_bypassed_total`.
+// `caddy_token_broker_l2_undecryptable_total`, `caddy_token_broker_l2_bypassed_total`,
+// `caddy_token_broker_l2_rolled_back_total`.
 type RedisConfig struct {
 	// Address is the Redis address (host:port), or several: the nodes of a
 	// cluster, or sentinels when MasterName is set.
@@ -411,6 +412,7 @@ type fleetMetrics struct {
 	invalidations prometheus.Counter
 	undecryptable prometheus.Counter
 	bypassed      prometheus.Counter
+	rolledBack    prometheus.Counter
 }
 
 func newFleetMetrics() *fleetMetrics {
@@ -427,12 +429,13 @@ func newFleetMetrics() *fleetMetrics {
 		adopted:       counter("l2_adopted_total", "Lookups that used a token another broker minted instead of minting."),
 		invalidations: counter("l2_invalidations_received_total", "Purges announced by other brokers of the fleet."),
 		undecryptable: counter("l2_undecryptable_total", "Values in Redis that did not open with the configured keys (ignored)."),
-		bypassed:      counter("l2_bypassed_total", "Lookups that minted without the shared tier because Redis was unavailable."),
+		bypassed:      counter("l2_bypassed_total", "Lookups that minted without the shared tier because Redis was unavailable, or without the key's lock after waiting lock_ttl for it."),
+		rolledBack:    counter("l2_rolled_back_total", "Values in Redis older than one this broker had seen for their key (an old value written back), ignored."),
 	}
 }
 
 func (m *fleetMetrics) register(registry *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{m.lookups, m.errors, m.lockWaits, m.adopted, m.invalidations, m.undecryptable, m.bypassed} {
+	for _, c := range []prometheus.Collector{m.lookups, m.errors, m.lockWaits, m.adopted, m.invalidations, m.undecryptable, m.bypassed, m.rolledBack} {
 		if err := registry.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) && are.ExistingCollector == c {
@@ -468,5 +471,11 @@ func (m *fleetMetrics) Undecryptable() { m.undecryptable.Inc() }
 // Bypassed implements fleet.Observer.
 func (m *fleetMetrics) Bypassed() { m.bypassed.Inc() }
 
+// RolledBack implements fleet.Observer.
+func (m *fleetMetrics) RolledBack() { m.rolledBack.Inc() }
+
 // Interface guards.
-var _ fleet.Observer = (*fleetMetrics)(nil)
+var (
+	_ fleet.Observer         = (*fleetMetrics)(nil)
+	_ fleet.RollbackObserver = (*fleetMetrics)(nil)
+)

@@ -2,7 +2,10 @@ package fleet
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
+	"errors"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
@@ -22,6 +25,10 @@ type event struct {
 	// Key is the purged cache key, sealed (purge only), so that nodes can
 	// drop it from memory while Redis shows no merchant id.
 	Key []byte `json:"key,omitempty"`
+	// Floor is the oldest version of the key's token still accepted and
+	// until when to remember it (two big-endian unix nanoseconds), sealed
+	// (purge only, when the purging node had seen the token).
+	Floor []byte `json:"fl,omitempty"`
 }
 
 // publish announces e to every node, this one included. A failure is only
@@ -38,33 +45,109 @@ func (c *Cache) publish(ctx context.Context, e event) error {
 }
 
 // listen handles the channel's messages until the subscription is closed.
-func (c *Cache) listen(ch <-chan *redis.Message) {
+// A subscription confirmed again (the connection was lost and go-redis
+// subscribed anew) may have missed announcements: the purges are then
+// read back from the purge log (catchUp).
+func (c *Cache) listen(ch <-chan any) {
 	defer close(c.done)
 	for m := range ch {
-		var e event
-		if err := json.Unmarshal([]byte(m.Payload), &e); err != nil {
-			continue
+		switch m := m.(type) {
+		case *redis.Subscription:
+			if m.Kind == "subscribe" {
+				c.catchUp(true)
+			}
+		case *redis.Message:
+			var e event
+			if err := json.Unmarshal([]byte(m.Payload), &e); err != nil {
+				continue
+			}
+			c.notify(e.Subject)
+			c.heard(e, true)
 		}
-		c.notify(e.Subject)
-		if e.Kind != "purge" || e.Node == c.node {
-			continue
-		}
+	}
+}
+
+// heard handles another node's purge announcement: the floor of the key's
+// versions is raised, then the OnPurge callbacks drop the token. count
+// says whether it is counted as received.
+func (c *Cache) heard(e event, count bool) {
+	if e.Kind != "purge" || e.Node == c.node {
+		return
+	}
+	if count {
 		c.obs.InvalidationReceived()
-		const prefix = "tok:"
-		if len(e.Subject) <= len(prefix) || e.Subject[:len(prefix)] != prefix {
-			continue
+	}
+	const prefix = "tok:"
+	if len(e.Subject) <= len(prefix) || e.Subject[:len(prefix)] != prefix {
+		return
+	}
+	name := e.Subject[len(prefix):]
+	key, err := c.keys.Open(e.Key, purgeAD(name))
+	if err != nil {
+		c.obs.Undecryptable()
+		c.log.Warn("ignoring a purge announcement that does not open (another encryption key?)", zap.Error(err))
+		return
+	}
+	if len(e.Floor) > 0 {
+		if fl, err := c.keys.Open(e.Floor, floorAD(name)); err == nil && len(fl) == 16 {
+			c.vers.raise(string(key), int64(binary.BigEndian.Uint64(fl)), int64(binary.BigEndian.Uint64(fl[8:])), c.opts.Now())
 		}
-		key, err := c.keys.Open(e.Key, purgeAD(e.Subject[len(prefix):]))
-		if err != nil {
-			c.obs.Undecryptable()
-			c.log.Warn("ignoring a purge announcement that does not open (another encryption key?)", zap.Error(err))
-			continue
-		}
-		c.mu.Lock()
-		fns := append([]func(string, string){}, c.onPurge...)
-		c.mu.Unlock()
-		for _, fn := range fns {
-			fn(string(key), e.Fingerprint)
+	}
+	// The floor is raised before the callbacks drop the token, so that a
+	// lookup that misses memory afterwards does not adopt the token back
+	// if it is written back to Redis.
+	c.mu.Lock()
+	fns := append([]func(string, string){}, c.onPurge...)
+	c.mu.Unlock()
+	for _, fn := range fns {
+		fn(string(key), e.Fingerprint)
+	}
+}
+
+// purgeLogLen is about how many purges the purge log keeps.
+const purgeLogLen = 1000
+
+// purgeLog is the Redis stream that keeps the last purge announcements,
+// for the nodes whose subscription was down when they were made.
+func (c *Cache) purgeLog() string { return c.opts.KeyPrefix + "purges" }
+
+// publishPurge logs a purge announcement in the purge log, then publishes
+// it.
+func (c *Cache) publishPurge(ctx context.Context, e event) error {
+	e.Node = c.node
+	b, err := json.Marshal(e)
+	if err != nil {
+		return err
+	}
+	ctx = context.WithoutCancel(ctx)
+	logErr := c.do(ctx, "publish", func(ctx context.Context) error {
+		return c.rdb.XAdd(ctx, &redis.XAddArgs{Stream: c.purgeLog(), MaxLen: purgeLogLen, Approx: true, Values: []any{"e", b}}).Err()
+	})
+	return errors.Join(logErr, c.do(ctx, "publish", func(ctx context.Context) error {
+		return c.rdb.Publish(ctx, c.channel, b).Err()
+	}))
+}
+
+// catchUp applies the purges logged since the last catch-up (at New: the
+// whole log, so that a new node refuses the recently purged tokens if they
+// are written back; those are not counted as received). A purge heard
+// twice is harmless: it drops the token it names, if still cached.
+func (c *Cache) catchUp(count bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), max(c.opts.Timeout, time.Second))
+	defer cancel()
+	// Not through the breaker: the subscription was just confirmed, so
+	// Redis answers, and the breaker may still be open from the outage.
+	entries, err := c.rdb.XRange(ctx, c.purgeLog(), "("+c.logged, "+").Result()
+	if err != nil {
+		c.log.Warn("reading the purge log after the announcement channel reconnected; purges announced meanwhile may be missed until the tokens expire",
+			zap.Error(err))
+		return
+	}
+	for _, m := range entries {
+		c.logged = m.ID
+		var e event
+		if s, ok := m.Values["e"].(string); ok && json.Unmarshal([]byte(s), &e) == nil {
+			c.heard(e, count)
 		}
 	}
 }

@@ -4,14 +4,24 @@
 //
 // What it keeps in Redis, under Options.KeyPrefix (default "token_broker:"):
 //
-//	tok:<name>      a token: its 8-hex fingerprint, then the token sealed
-//	                (internal/seal, AES-256-GCM); expires with the token
+//	tok:<name>      a token: its 8-hex fingerprint, then the token and
+//	                its version sealed (internal/seal, AES-256-GCM);
+//	                expires with the token
 //	lock:<name>     the key's fleet lock (github.com/bsm/redislock): a
 //	                random owner token, expiry Options.LockTTL
-//	rt:<name>       a merchant's refresh token, sealed; no expiry
+//	rt:<name>       a merchant's refresh token and its version, sealed;
+//	                no expiry
 //	lock:rt:<name>  the lock that serialises a merchant's refreshes
 //	events          the pub/sub channel: "set", "unlock" and "purge"
-//	                announcements (a purge carries its cache key sealed)
+//	                announcements (a purge carries its cache key and the
+//	                purged version sealed)
+//	purges          a stream of the last purge announcements (about
+//	                1000), read back by a node whose subscription
+//	                reconnected, and by a new node
+//
+// Versions (version.go) make a value older than one a node has seen for
+// its key, or than a purge it heard of, unusable: an old sealed value
+// written back is not served again.
 //
 // <name> is the HMAC-SHA-256 of the cache key under a subkey of the
 // encryption key (hex), so Redis shows no merchant id, unless
@@ -28,6 +38,7 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -93,7 +104,10 @@ type Options struct {
 	Timeout time.Duration
 	// LockTTL is the expiry of a key's fleet lock: if its holder dies, the
 	// others take over after at most this long. It must be at least the
-	// broker's fetch timeout. Default 35s.
+	// broker's fetch timeout. It also bounds a lookup's wait for another
+	// node's lock: one that has waited this long mints without the lock.
+	// A token's lock found without expiry is taken as expired; a refresh
+	// token's is given half of LockTTL. Default 35s.
 	LockTTL time.Duration
 	// LockPoll bounds how long a node waiting for another node's lock
 	// waits for the announcement that the token is stored (or the lock
@@ -151,12 +165,16 @@ type Cache struct {
 	obs      Observer
 	log      *zap.Logger
 
+	vers *versions // the token versions seen (version.go)
+	rts  rtVersions
+
 	mu      sync.Mutex
 	waiters map[string]map[chan struct{}]struct{}
 	onPurge []func(key, fingerprint string)
 
-	ps   *redis.PubSub
-	done chan struct{}
+	ps     *redis.PubSub
+	done   chan struct{}
+	logged string // the last purge log entry applied (New's, then the listener's)
 }
 
 // New returns a Cache on opts.Client and subscribes to the fleet's channel.
@@ -212,6 +230,9 @@ func New(opts Options) (*Cache, error) {
 		log:      opts.Logger,
 		waiters:  map[string]map[chan struct{}]struct{}{},
 		done:     make(chan struct{}),
+		logged:   "0-0",
+		vers:     newVersions(),
+		rts:      rtVersions{m: map[string]rtSeen{}},
 	}
 	c.br = &breaker{threshold: opts.BreakerThreshold, cooldown: opts.BreakerCooldown, now: opts.Now,
 		onChange: func(open bool) {
@@ -224,14 +245,18 @@ func New(opts Options) (*Cache, error) {
 		}}
 	c.ps = c.rdb.Subscribe(context.Background())
 	// Wait (briefly) for the subscription to be confirmed, so that this
-	// node hears announcements made right after New returns. If Redis is
-	// down, the channel resubscribes when it comes back.
+	// node hears announcements made right after New returns, then apply
+	// the purges logged before. If Redis is down, the channel subscribes
+	// when it comes back, and the listener catches up at each
+	// confirmation of the subscription.
 	sctx, cancel := context.WithTimeout(context.Background(), max(opts.Timeout, time.Second))
 	if err := c.ps.Subscribe(sctx, c.channel); err == nil {
-		_, _ = c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second))
+		if _, err := c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); err == nil {
+			c.catchUp(false)
+		}
 	}
 	cancel()
-	go c.listen(c.ps.Channel(redis.WithChannelSize(1024)))
+	go c.listen(c.ps.ChannelWithSubscriptions(redis.WithChannelSize(1024)))
 	return c, nil
 }
 
@@ -295,6 +320,9 @@ type wireToken struct {
 	ID       string   `json:"id,omitempty"`
 	Scopes   []string `json:"s,omitempty"`
 	IssuedAt int64    `json:"i,omitempty"`
+	// Version orders the values of one key (version.go); 0 in values
+	// written before versions existed.
+	Version int64 `json:"w,omitempty"`
 }
 
 // fpLen is the length of the clear fingerprint in front of a stored token,
@@ -305,9 +333,10 @@ const fpLen = 8
 // fingerprint in front of it.
 func tokenAD(key, fp string) []byte { return []byte("tok\x00" + key + "\x00" + fp) }
 
-// encode seals tok for key: its fingerprint, then the sealed token.
-func (c *Cache) encode(key string, tok broker.Token) ([]byte, error) {
-	w := wireToken{Value: tok.Value.Reveal(), Type: tok.Type, Expiry: tok.Expiry.UnixNano(), ID: tok.ID, Scopes: tok.Scopes}
+// encode seals tok for key, as version ver: its fingerprint, then the
+// sealed token.
+func (c *Cache) encode(key string, tok broker.Token, ver int64) ([]byte, error) {
+	w := wireToken{Value: tok.Value.Reveal(), Type: tok.Type, Expiry: tok.Expiry.UnixNano(), ID: tok.ID, Scopes: tok.Scopes, Version: ver}
 	if !tok.IssuedAt.IsZero() {
 		w.IssuedAt = tok.IssuedAt.UnixNano()
 	}
@@ -323,29 +352,39 @@ func (c *Cache) encode(key string, tok broker.Token) ([]byte, error) {
 	return append([]byte(fp), sealed...), nil
 }
 
-// decode opens a stored token of key; ok is false (and the value counted)
-// when it does not open.
-func (c *Cache) decode(key string, b []byte) (broker.Token, bool) {
+// decode opens a stored token of key and returns it with its version; ok
+// is false (and the value counted) when it does not open.
+func (c *Cache) decode(key string, b []byte) (tok broker.Token, ver int64, ok bool) {
 	if len(b) < fpLen {
 		c.undecryptable(key, seal.ErrMalformed)
-		return broker.Token{}, false
+		return broker.Token{}, 0, false
 	}
 	fp := string(b[:fpLen])
 	pt, err := c.keys.Open(b[fpLen:], tokenAD(key, fp))
 	if err != nil {
 		c.undecryptable(key, err)
-		return broker.Token{}, false
+		return broker.Token{}, 0, false
 	}
 	var w wireToken
 	if err := json.Unmarshal(pt, &w); err != nil || w.Value == "" {
 		c.undecryptable(key, errors.New("the sealed value is not a token"))
-		return broker.Token{}, false
+		return broker.Token{}, 0, false
 	}
-	tok := broker.Token{Value: broker.Secret(w.Value), Type: w.Type, Expiry: time.Unix(0, w.Expiry), ID: w.ID, Scopes: w.Scopes}
+	tok = broker.Token{Value: broker.Secret(w.Value), Type: w.Type, Expiry: time.Unix(0, w.Expiry), ID: w.ID, Scopes: w.Scopes}
 	if w.IssuedAt != 0 {
 		tok.IssuedAt = time.Unix(0, w.IssuedAt)
 	}
-	return tok, true
+	return tok, w.Version, true
+}
+
+// rolledBack counts and logs a value older than the newest this node has
+// seen for its key, which is then ignored.
+func (c *Cache) rolledBack(redisKey string) {
+	if o, ok := c.obs.(RollbackObserver); ok {
+		o.RolledBack()
+	}
+	c.log.Warn("ignoring a value in redis older than one this node has seen for its key (an old value written back: a purged token, a spent refresh token, or a failover that lost the newest write)",
+		zap.String("redis_key", redisKey))
 }
 
 func (c *Cache) undecryptable(key string, err error) {
@@ -354,10 +393,10 @@ func (c *Cache) undecryptable(key string, err error) {
 		zap.String("redis_key", c.TokenKey(key)), zap.Error(err))
 }
 
-// read returns the token stored for key. found is false when there is none
-// or it does not open; err is a Redis failure. After a key rotation, a
-// token stored under the old key's name (by nodes not yet rotated) is found
-// too.
+// read returns the token stored for key. found is false when there is none,
+// it does not open, or it is older than one this node has seen for key
+// (version.go); err is a Redis failure. After a key rotation, a token
+// stored under the old key's name (by nodes not yet rotated) is found too.
 func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found bool, err error) {
 	for i, nk := range c.nameKeys {
 		if i > 0 && c.opts.PlainKeys {
@@ -376,9 +415,17 @@ func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found b
 		if err != nil {
 			return broker.Token{}, false, err
 		}
-		if tok, found = c.decode(key, b); found {
-			return tok, true, nil
+		tok, ver, ok := c.decode(key, b)
+		if !ok {
+			continue
 		}
+		now := c.opts.Now()
+		if !c.vers.accept(key, ver, now) {
+			c.rolledBack(name)
+			continue
+		}
+		c.vers.saw(key, ver, tok.Fingerprint(), tok.Expiry, now)
+		return tok, true, nil
 	}
 	return broker.Token{}, false, nil
 }
@@ -386,11 +433,14 @@ func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found b
 // write stores tok for key until its expiry. Failures are only counted: the
 // token is still used.
 func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
-	ttl := tok.Expiry.Sub(c.opts.Now())
+	now := c.opts.Now()
+	ttl := tok.Expiry.Sub(now)
 	if ttl < time.Millisecond {
 		return
 	}
-	b, err := c.encode(key, tok)
+	ver := c.vers.next(key, now)
+	c.vers.saw(key, ver, tok.Fingerprint(), tok.Expiry, now)
+	b, err := c.encode(key, tok, ver)
 	if err != nil {
 		c.log.Error("sealing a token for redis", zap.Error(err))
 		return
@@ -403,7 +453,8 @@ func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
 // Fetch implements broker.SharedCache. When the fetch is traced, the
 // shared tier's work is a span "token_broker.l2" under the token span, with
 // how the token was obtained: "adopted" (from another node), "minted"
-// (under the fleet lock) or "bypassed" (Redis unavailable: minted locally).
+// (under the fleet lock) or "bypassed" (Redis unavailable, or another
+// node's lock waited on for Options.LockTTL: minted locally).
 // The token span's token API calls made for a mint are its children.
 func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
 	parent := trace.SpanFromContext(ctx)
@@ -455,6 +506,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 	wake, stop := c.watch(subject)
 	defer stop()
 	waited := false
+	var waitingSince, waitingSinceWall time.Time
 	for {
 		l, err := c.obtain(ctx, subject)
 		if err == nil {
@@ -471,9 +523,20 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			}
 			return bypass()
 		}
-		if !waited {
-			waited = true
+		switch {
+		case !waited:
+			waited, waitingSince, waitingSinceWall = true, c.opts.Now(), time.Now()
 			c.obs.LockWait()
+		case c.opts.Now().Sub(waitingSince) >= c.opts.LockTTL || time.Since(waitingSinceWall) >= c.opts.LockTTL:
+			// No lock of ours is held longer than a mint takes (the fetch
+			// timeout, at most LockTTL): this one is stuck. The wait runs
+			// on real timers, so it is measured on the real clock as well
+			// as on Options.Now.
+			c.log.Warn("waited lock_ttl for another node's lock of a key: minting without it",
+				zap.String("redis_key", c.lockKey(subject)), zap.Duration("lock_ttl", c.opts.LockTTL))
+			*how = "bypassed"
+			c.obs.Bypassed()
+			return c.mintUnlocked(ctx, key, subject, mint)
 		}
 		if err := c.waitLock(ctx, subject, wake); err != nil {
 			if ctx.Err() != nil {
@@ -515,41 +578,73 @@ func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, w
 	return tok, false, nil
 }
 
+// mintUnlocked mints without the key's lock, stores the token and
+// announces it, so that the other nodes waiting on the same lock adopt it.
+func (c *Cache) mintUnlocked(ctx context.Context, key, subject string, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
+	tok, err := mint(ctx)
+	if err != nil {
+		return broker.Token{}, false, err
+	}
+	c.write(context.WithoutCancel(ctx), key, tok)
+	_ = c.publish(ctx, event{Kind: "set", Subject: subject})
+	return tok, false, nil
+}
+
 // Purge implements broker.SharedCache: a compare-and-delete by
-// fingerprint, then an announcement to every node.
+// fingerprint, then an announcement to every node. No version up to the
+// purged token's is accepted afterwards, on this node and on those that
+// hear the announcement (version.go).
 func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 	for i, nk := range c.nameKeys {
 		if i > 0 && c.opts.PlainKeys {
 			break
 		}
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
+		var deleted string
 		err := c.do(ctx, "purge", func(ctx context.Context) error {
-			return purgeScript.Run(ctx, c.rdb, []string{name}, fingerprint).Err()
+			var err error
+			deleted, err = purgeScript.Run(ctx, c.rdb, []string{name}, fingerprint).Text()
+			return err
 		})
 		if err != nil && !errors.Is(err, redis.Nil) {
 			return fmt.Errorf("fleet: purging %s: %w", name, err)
 		}
+		if len(deleted) > 0 {
+			if tok, ver, ok := c.decode(key, []byte(deleted)); ok {
+				c.vers.saw(key, ver, tok.Fingerprint(), tok.Expiry, c.opts.Now())
+			}
+		}
 	}
-	sealed, err := c.keys.Seal([]byte(key), purgeAD(c.name(key)))
-	if err != nil {
+	e := event{Kind: "purge", Subject: "tok:" + c.name(key), Fingerprint: fingerprint}
+	var err error
+	if e.Key, err = c.keys.Seal([]byte(key), purgeAD(c.name(key))); err != nil {
 		return err
 	}
-	return c.publish(ctx, event{Kind: "purge", Subject: "tok:" + c.name(key), Fingerprint: fingerprint, Key: sealed})
+	if floor, until, ok := c.vers.purge(key, fingerprint, c.opts.Now()); ok {
+		if e.Floor, err = c.keys.Seal(binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(floor)), uint64(until)), floorAD(c.name(key))); err != nil {
+			return err
+		}
+	}
+	return c.publishPurge(ctx, e)
 }
 
 // purgeScript deletes KEYS[1] if its value starts with the fingerprint
-// ARGV[1], or whatever it holds if ARGV[1] is empty; it returns 1 when it
-// deleted.
+// ARGV[1], or whatever it holds if ARGV[1] is empty; it returns the value
+// it deleted, or false.
 var purgeScript = redis.NewScript(`
 local v = redis.call("GET", KEYS[1])
-if not v then return 0 end
+if not v then return false end
 if ARGV[1] == "" or string.sub(v, 1, ` + fmt.Sprint(fpLen) + `) == ARGV[1] then
-	return redis.call("DEL", KEYS[1])
+	redis.call("DEL", KEYS[1])
+	return v
 end
-return 0
+return false
 `)
 
 func purgeAD(name string) []byte { return []byte("purge\x00" + name) }
+
+// floorAD is the associated data of a purge announcement's floor.
+func floorAD(name string) []byte { return []byte("purge-floor\x00" + name) }
 
 // OnPurge implements broker.SharedCache.
 func (c *Cache) OnPurge(fn func(key, fingerprint string)) {

@@ -21,7 +21,7 @@ import (
 
 // counters is an Observer that counts.
 type counters struct {
-	hit, miss, errs, wait, adopted, inval, undec, bypass atomic.Int64
+	hit, miss, errs, wait, adopted, inval, undec, bypass, rolledBack atomic.Int64
 }
 
 func (c *counters) L2Hit()                { c.hit.Add(1) }
@@ -32,6 +32,7 @@ func (c *counters) Adopted()              { c.adopted.Add(1) }
 func (c *counters) InvalidationReceived() { c.inval.Add(1) }
 func (c *counters) Undecryptable()        { c.undec.Add(1) }
 func (c *counters) Bypassed()             { c.bypass.Add(1) }
+func (c *counters) RolledBack()           { c.rolledBack.Add(1) }
 
 // fakeClock is the breaker's clock, moved by the test.
 type fakeClock struct {
@@ -70,13 +71,19 @@ func testKeys(t *testing.T, current byte, old ...byte) *seal.Keyring {
 // machine is shared) unless mod sets another.
 func newNode(t *testing.T, r *redistest.Server, keys *seal.Keyring, mod func(*Options)) *node {
 	t.Helper()
+	return newNodeAt(t, r.Addr(), keys, mod)
+}
+
+// newNodeAt is newNode on the Redis at addr.
+func newNodeAt(t *testing.T, addr string, keys *seal.Keyring, mod func(*Options)) *node {
+	t.Helper()
 	clock := &fakeClock{now: time.Now()}
 	obs := &counters{}
 	opts := Options{Keys: keys, Timeout: 5 * time.Second, LockTTL: 10 * time.Second, Now: clock.Now, Observer: obs}
 	if mod != nil {
 		mod(&opts)
 	}
-	uo := &redis.UniversalOptions{Addrs: []string{r.Addr()}}
+	uo := &redis.UniversalOptions{Addrs: []string{addr}}
 	ClientOptions(uo, opts.Timeout)
 	rdb := redis.NewUniversalClient(uo)
 	opts.Client = rdb
@@ -114,8 +121,11 @@ func (m *minter) mint(ctx context.Context) (broker.Token, error) {
 
 func usable(tok broker.Token) bool { return tok.ValidAt(time.Now(), time.Second) }
 
-func testCtx(t *testing.T) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+func testCtx(t *testing.T) context.Context { return testCtxFor(t, 30*time.Second) }
+
+// testCtxFor is a context that ends after d or with the test.
+func testCtxFor(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx
 }

@@ -2,10 +2,13 @@ package fleet
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/bsm/redislock"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
 )
 
 // held is a fleet lock this node holds. While held, a goroutine extends it
@@ -68,8 +71,9 @@ func (h *held) release() {
 // waitLock waits until an announcement about subject arrives, the lock
 // would expire (its holder died), Options.LockPoll has passed (an
 // announcement may be lost: the caller then looks at the token and the
-// lock itself), or ctx is done. It returns an error only when ctx is done
-// or Redis fails.
+// lock itself), or ctx is done. A lock without expiry is given one first
+// (see repairLock). It returns an error only when ctx is done or Redis
+// fails.
 func (c *Cache) waitLock(ctx context.Context, subject string, wake <-chan struct{}) error {
 	var ttl time.Duration
 	err := c.do(ctx, "pttl", func(ctx context.Context) error {
@@ -83,8 +87,13 @@ func (c *Cache) waitLock(ctx context.Context, subject string, wake <-chan struct
 	switch {
 	case ttl == -2: // go-redis reports "no such key" as -2
 		return nil // released meanwhile: try again now
-	case ttl <= 0:
-		ttl = c.opts.LockTTL // no expiry (not ours): wait at most one TTL
+	case ttl == -1: // a key without expiry
+		if ttl, err = c.repairLock(ctx, subject); err != nil {
+			return err
+		}
+		if ttl <= 0 {
+			return nil // released or repaired by another node meanwhile: look again
+		}
 	}
 	t := time.NewTimer(min(ttl, c.opts.LockPoll))
 	defer t.Stop()
@@ -96,6 +105,48 @@ func (c *Cache) waitLock(ctx context.Context, subject string, wake <-chan struct
 	}
 	return nil
 }
+
+// repairLock gives subject's lock an expiry if it has none, and returns
+// that expiry (0 when the key changed meanwhile). No lock this package
+// takes is without expiry: obtain sets Options.LockTTL and a live holder
+// sets it again every third of it. A lock key without one was left by an
+// operator, a bug or a failover that lost the expiry, and would stall its
+// key for ever. A token's lock is taken as expired at once: if its holder
+// is alive after all, the cost is a second token. A refresh token's lock
+// gets half the lock TTL, which lets a live holder's keep-alive come first
+// (it then keeps its lock: two refreshes could spend a rotating refresh
+// token twice) and frees the key of a dead one within that time.
+func (c *Cache) repairLock(ctx context.Context, subject string) (time.Duration, error) {
+	ttl := c.opts.LockTTL / 2
+	if strings.HasPrefix(subject, "tok:") {
+		ttl = time.Millisecond
+	}
+	var set int64
+	err := c.do(ctx, "lock", func(ctx context.Context) error {
+		var err error
+		set, err = repairScript.Run(ctx, c.rdb, []string{c.lockKey(subject)}, ttl.Milliseconds()).Int64()
+		return err
+	})
+	if err != nil {
+		return 0, err
+	}
+	if set == 0 {
+		return 0, nil
+	}
+	c.log.Warn("a fleet lock in redis had no expiry (set by hand, a bug, or a failover that lost it): gave it one; the key is free once it expires",
+		zap.String("redis_key", c.lockKey(subject)), zap.Duration("expiry", ttl))
+	return ttl, nil
+}
+
+// repairScript sets the expiry ARGV[1] (milliseconds) of KEYS[1] if the key
+// exists without one (PEXPIRE ... NX, which Redis 7 has, for any Redis);
+// it returns 1 when it set it.
+var repairScript = redis.NewScript(`
+if redis.call("PTTL", KEYS[1]) == -1 then
+	return redis.call("PEXPIRE", KEYS[1], ARGV[1])
+end
+return 0
+`)
 
 // errNotObtained is the lock library's answer when another node holds
 // the lock.

@@ -29,8 +29,20 @@ type Observer interface {
 	// ignored (treated as absent).
 	Undecryptable()
 	// Bypassed is called when a lookup minted without the shared tier
-	// because Redis was unavailable (breaker open, error or timeout).
+	// because Redis was unavailable (breaker open, error or timeout), or
+	// without the key's lock after waiting Options.LockTTL for it.
 	Bypassed()
+}
+
+// RollbackObserver is implemented by an Observer that also counts
+// rollbacks; the Cache calls RolledBack when the Observer has it.
+type RollbackObserver interface {
+	// RolledBack is called when a value in Redis is older than one this
+	// node has seen for its key: an old value written back (a purged
+	// token, a spent refresh token) or a failover that lost the newest
+	// write. A token is ignored (treated as absent); a refresh token is
+	// replaced by the newer one this node holds.
+	RolledBack()
 }
 
 // NopObserver is an Observer that does nothing. Embed it to implement only
@@ -61,4 +73,10 @@ func (NopObserver) Undecryptable() {}
 // Bypassed implements Observer.
 func (NopObserver) Bypassed() {}
 
-var _ Observer = NopObserver{}
+// RolledBack implements Observer.
+func (NopObserver) RolledBack() {}
+
+var (
+	_ Observer         = NopObserver{}
+	_ RollbackObserver = NopObserver{}
+)

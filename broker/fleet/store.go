@@ -2,8 +2,10 @@ package fleet
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
@@ -23,8 +25,66 @@ var ErrRefreshTokenSealed = errors.New("the stored refresh token does not open w
 // Unlike tokens, a refresh token cannot be minted again, so when Redis is
 // unavailable Load and Lock fail (the broker reports the fetch as failed)
 // rather than risk two nodes spending one rotating refresh token.
+//
+// Each saved refresh token carries a version (version.go), and the node
+// keeps the newest sealed value it has loaded or saved per key. A value in
+// Redis older than that one (a spent rotating refresh token written back,
+// or a failover that lost the newest write) is never handed out: Load
+// returns the newer one and writes it back. The node keeps one sealed value
+// per refresh-token key it has used: as many as the merchants with a
+// refresh token.
 type Store struct {
 	c *Cache
+}
+
+// rtVersions is the newest refresh token a node has seen per key.
+type rtVersions struct {
+	mu sync.Mutex
+	m  map[string]rtSeen
+}
+
+// rtSeen is a key's newest refresh token: its version and its sealed value.
+type rtSeen struct {
+	ver    int64
+	sealed []byte
+}
+
+// rtMarker starts a versioned refresh token's sealed plaintext, before its
+// version (8 bytes, big-endian) and the token; a value without it (written
+// before versions existed) is a bare token of version 0. A refresh token
+// has no control character, so the two cannot be confused.
+const rtMarker = 0x01
+
+// rtOpen opens a sealed refresh token of key: the token and its version.
+func (s *Store) rtOpen(key string, sealed []byte) (broker.Secret, int64, error) {
+	pt, err := s.c.keys.Open(sealed, rtAD(key))
+	if err != nil {
+		return "", 0, err
+	}
+	if len(pt) > 9 && pt[0] == rtMarker {
+		return broker.Secret(pt[9:]), int64(binary.BigEndian.Uint64(pt[1:9])), nil
+	}
+	return broker.Secret(pt), 0, nil
+}
+
+// newer records sealed (version ver) as key's newest refresh token if it
+// is not older than the one recorded, and returns the newest.
+func (r *rtVersions) newer(key string, ver int64, sealed []byte) rtSeen {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	cur, ok := r.m[key]
+	if ok && ver < cur.ver {
+		return cur
+	}
+	cur = rtSeen{ver: ver, sealed: sealed}
+	r.m[key] = cur
+	return cur
+}
+
+func (r *rtVersions) get(key string) rtSeen {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.m[key]
 }
 
 // Store returns the refresh token store that shares this Cache's client,
@@ -57,31 +117,61 @@ func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
 		if err != nil {
 			return "", fmt.Errorf("fleet: loading the refresh token of %s from redis: %w", key, err)
 		}
-		pt, err := s.c.keys.Open(b, rtAD(key))
+		rt, ver, err := s.rtOpen(key, b)
 		if err != nil {
 			s.c.obs.Undecryptable()
 			s.c.log.Warn("a refresh token in redis does not open", zap.String("redis_key", name), zap.Error(err))
 			return "", fmt.Errorf("fleet: refresh token of %s (%s): %w", key, name, ErrRefreshTokenSealed)
 		}
-		return broker.Secret(pt), nil
+		if newest := s.c.rts.newer(key, ver, b); newest.ver > ver {
+			// An older value than this node has seen: never spend it;
+			// use the newer one and put it back.
+			s.c.rolledBack(name)
+			if rt, _, err = s.rtOpen(key, newest.sealed); err != nil {
+				return "", fmt.Errorf("fleet: refresh token of %s: %w", key, ErrRefreshTokenSealed)
+			}
+			// Put back unless it changed meanwhile (a Save elsewhere).
+			_ = s.c.do(context.WithoutCancel(ctx), "set", func(ctx context.Context) error {
+				return restoreScript.Run(ctx, s.c.rdb, []string{name}, b, newest.sealed).Err()
+			})
+		}
+		return rt, nil
 	}
 	return "", fmt.Errorf("fleet: %w under %s", oauth.ErrNoRefreshToken, key)
 }
 
 // Save implements oauth.Store: the refresh token is sealed and stored
-// without expiry; a copy under an old key's name is then deleted.
+// without expiry, as a version above the stored one and any this node has
+// seen; a copy under an old key's name is then deleted.
 func (s *Store) Save(ctx context.Context, key string, rt broker.Secret) error {
-	sealed, err := s.c.keys.Seal([]byte(rt.Reveal()), rtAD(key))
+	name := s.redisKey(s.c.nameKeys[0], key)
+	ctx = context.WithoutCancel(ctx)
+	ver := max(s.c.opts.Now().UnixNano(), s.c.rts.get(key).ver+1)
+	var stored []byte
+	err := s.c.do(ctx, "get", func(ctx context.Context) error {
+		var err error
+		stored, err = s.c.rdb.Get(ctx, name).Bytes()
+		return err
+	})
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return fmt.Errorf("fleet: saving the refresh token of %s to redis: %w", key, err)
+	}
+	if len(stored) > 0 {
+		if _, v, err := s.rtOpen(key, stored); err == nil {
+			ver = max(ver, v+1)
+		}
+	}
+	pt := append(binary.BigEndian.AppendUint64([]byte{rtMarker}, uint64(ver)), rt.Reveal()...)
+	sealed, err := s.c.keys.Seal(pt, rtAD(key))
 	if err != nil {
 		return err
 	}
-	name := s.redisKey(s.c.nameKeys[0], key)
-	ctx = context.WithoutCancel(ctx)
 	if err := s.c.do(ctx, "set", func(ctx context.Context) error {
 		return s.c.rdb.Set(ctx, name, sealed, 0).Err()
 	}); err != nil {
 		return fmt.Errorf("fleet: saving the refresh token of %s to redis: %w", key, err)
 	}
+	s.c.rts.newer(key, ver, sealed)
 	if !s.c.opts.PlainKeys {
 		for _, nk := range s.c.nameKeys[1:] {
 			old := s.redisKey(nk, key)
@@ -115,5 +205,13 @@ func (s *Store) Lock(ctx context.Context, key string) (func(), error) {
 		}
 	}
 }
+
+// restoreScript sets KEYS[1] to ARGV[2] if it still holds ARGV[1].
+var restoreScript = redis.NewScript(`
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+	return redis.call("SET", KEYS[1], ARGV[2])
+end
+return false
+`)
 
 var _ oauth.Store = (*Store)(nil)

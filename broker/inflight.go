@@ -1,0 +1,117 @@
+package broker
+
+import "slices"
+
+// A purge must also reach the fetches of its key in flight. A fetch that
+// got a token (from the shared tier, say) just before the purge, and caches
+// it just after the purge dropped the cached token, would otherwise serve
+// the purged token until it expires: the purge announced by another node
+// found nothing to drop, and the token came back afterwards. So each fetch
+// is registered while it runs; a purge of its key records the purged
+// fingerprint in it (under Broker.mu, as the cache writes are); the fetch
+// neither adopts nor caches a token so named, and fetches once more
+// without it.
+//
+// A purge made here drops the cached token before the shared tier has
+// purged it: until it has, a fetch of the key could adopt the token back
+// from there. So the purge is also recorded as in progress, and a fetch
+// that starts meanwhile takes it as made during its run.
+
+// flight is a fetch in progress: the fingerprints of its key's tokens
+// purged while it ran ("" for any). Guarded by Broker.mu.
+type flight struct {
+	purged []string
+}
+
+// maxFlightPurges bounds flight.purged; beyond it, any token counts as
+// purged.
+const maxFlightPurges = 8
+
+// beginFlight registers a fetch of key; end it with endFlight. There is one
+// fetch per key at a time (the singleflight group).
+func (br *Broker) beginFlight(key string) *flight {
+	f := &flight{}
+	br.mu.Lock()
+	f.purged = append(f.purged, br.purging[key]...)
+	if br.flights == nil {
+		br.flights = map[string]*flight{}
+	}
+	br.flights[key] = f
+	br.mu.Unlock()
+	return f
+}
+
+// endFlight unregisters the fetch f of key.
+func (br *Broker) endFlight(key string, f *flight) {
+	br.mu.Lock()
+	if br.flights[key] == f {
+		delete(br.flights, key)
+	}
+	br.mu.Unlock()
+}
+
+// purgedLocked tells the fetch of key in flight, if any, that the token
+// with fingerprint fp ("" for any) was purged. Call it with br.mu held.
+func (br *Broker) purgedLocked(key, fp string) {
+	f := br.flights[key]
+	if f == nil {
+		return
+	}
+	if len(f.purged) >= maxFlightPurges {
+		f.purged, fp = f.purged[:0], ""
+	}
+	f.purged = append(f.purged, fp)
+}
+
+// namesLocked reports whether a purge named the token with fingerprint fp
+// while f ran. Call it with br.mu held; f may be nil (nothing purged).
+func (f *flight) namesLocked(fp string) bool {
+	if f == nil {
+		return false
+	}
+	for _, p := range f.purged {
+		if p == "" || p == fp {
+			return true
+		}
+	}
+	return false
+}
+
+// purgedDuring reports whether a purge named the token with fingerprint fp
+// while f ran.
+func (br *Broker) purgedDuring(f *flight, fp string) bool {
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	return f.namesLocked(fp)
+}
+
+// purgingLocked records that this broker purges the token of key with
+// fingerprint fp: the fetch in flight, and those that start before the
+// shared tier has purged it too (purgeShared), neither adopt nor cache it.
+// Call it with br.mu held.
+func (br *Broker) purgingLocked(key, fp string) {
+	br.purgedLocked(key, fp)
+	if br.opts.Shared == nil {
+		return
+	}
+	if br.purging == nil {
+		br.purging = map[string][]string{}
+	}
+	br.purging[key] = append(br.purging[key], fp)
+}
+
+// purgedShared ends what purgingLocked began, once the shared tier has
+// purged the token.
+func (br *Broker) purgedShared(key, fp string) {
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	fps := br.purging[key]
+	if i := slices.Index(fps, fp); i >= 0 {
+		fps = slices.Delete(fps, i, i+1)
+	}
+	if len(fps) == 0 {
+		delete(br.purging, key)
+	} else {
+		br.purging[key] = fps
+	}
+}
