@@ -19,8 +19,15 @@ import (
 func TestFleetLockWithoutExpiry(t *testing.T) {
 	f := newFleetEnv(t, "1h")
 	src := readFile(t, filepath.Join(repoRoot(t), "examples", "fleet-redis", "Caddyfile"))
-	src = strings.Replace(src, "\t\tconfig {$TOKEN_BROKER_CONFIG:merchants.toml}", "\t\tconfig {$TOKEN_BROKER_CONFIG:merchants.toml}\n\t\tfetch_timeout 4s", 1)
-	src = strings.Replace(src, "\t\t\ttimeout {$REDIS_TIMEOUT:50ms}", "\t\t\ttimeout {$REDIS_TIMEOUT:50ms}\n\t\t\tlock_ttl 4s", 1)
+	for _, r := range [][2]string{
+		{"\ttoken_broker {\n", "\ttoken_broker {\n\t\tfetch_timeout 4s\n"},
+		{"\t\t\ttimeout {$REDIS_TIMEOUT:50ms}\n", "\t\t\ttimeout {$REDIS_TIMEOUT:50ms}\n\t\t\tlock_ttl 4s\n"},
+	} {
+		if !strings.Contains(src, r[0]) {
+			t.Fatalf("examples/fleet-redis/Caddyfile has no %q to set the test's timeouts after", r[0])
+		}
+		src = strings.Replace(src, r[0], r[1], 1)
+	}
 	f.caddyfile = filepath.Join(t.TempDir(), "Caddyfile")
 	if err := os.WriteFile(f.caddyfile, []byte(src), 0o600); err != nil {
 		t.Fatal(err)
