@@ -3,7 +3,6 @@ package broker
 import (
 	"context"
 	"fmt"
-	"time"
 )
 
 // Token returns a valid token for the binding: from the cache, or from its
@@ -19,7 +18,7 @@ func (br *Broker) Token(ctx context.Context, b *Binding) (Token, error) {
 // Get returns the cache entry holding a valid token for the binding and how
 // it was served. A cached token in its refresh window is returned at once and
 // one background refresh is started (unless the key's last refresh failed
-// and its failure memory still holds). Without a usable cached token, Get
+// and the hold the policy applied to it has not ended). Without a usable cached token, Get
 // waits for the one fetch in flight for the binding's key (starting it if
 // needed) or for ctx to end, whichever comes first; a caller giving up does
 // not cancel the fetch for the others.
@@ -41,9 +40,13 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	}
 	if e != nil && e.validAt(now, br.opts.Leeway) {
 		r := Hit
-		if e.stamp(now) >= e.refreshAt && e.refreshDue(now) && e.refreshing.CompareAndSwap(false, true) {
-			r = RefreshAhead
-			br.refresh(ctx, b, e)
+		if e.stamp(now) >= e.refreshAt && e.refreshing.CompareAndSwap(false, true) {
+			if br.pol.refreshDue(b, now) {
+				r = RefreshAhead
+				br.refresh(ctx, b, e)
+			} else {
+				e.refreshing.Store(false)
+			}
 		}
 		br.observe(b, r)
 		return e, r, nil
@@ -83,13 +86,6 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 			return nil, Miss, fmt.Errorf("merchant %q: waiting for a token: %w", b.Merchant, context.Cause(ctx))
 		}
 	}
-}
-
-// refreshDue reports whether a refresh-ahead of e may start at now: its last
-// refresh did not fail, or that failure's memory no longer holds.
-func (e *Entry) refreshDue(now time.Time) bool {
-	f := e.retry.Load()
-	return f == nil || !f.holds(now)
 }
 
 // refresh starts the background refresh of e. It goes through the same
