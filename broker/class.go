@@ -13,10 +13,14 @@ type Class uint8
 
 // Classes of token API failures.
 const (
+	// ClassPermanent: a refusal about this key only (unknown
+	// organisation, consent required, invalid scope, a malformed answer):
+	// remembered for the key, never retried within a fetch.
+	ClassPermanent Class = iota
 	// ClassTemporary: the provider or the network failed (timeout,
 	// refused connection, 5xx). Retried within a fetch with backoff,
 	// remembered for the key, counted by the source's breaker.
-	ClassTemporary Class = iota
+	ClassTemporary
 	// ClassRateLimited: the provider throttles the source's credential
 	// (429). Retried within a fetch when its Retry-After is short; a
 	// Retry-After holds every key of the source. The breaker ignores it.
@@ -25,10 +29,6 @@ const (
 	// API key or client secret): every key of the source is held, with a
 	// backoff doubled at each consecutive refusal.
 	ClassCredential
-	// ClassPermanent: a refusal about this key only (unknown
-	// organisation, consent required, invalid scope, a malformed answer):
-	// remembered for the key, never retried within a fetch.
-	ClassPermanent
 )
 
 // Classifier is an optional interface of a Source: it classifies the
