@@ -170,8 +170,8 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, background bool, dea
 		if err != nil {
 			class = classOf(b.Source, err)
 		}
-		if state, changed := br.pol.called(b, err, class, now); changed && bo != nil {
-			bo.BreakerChanged(b.SourceID, state)
+		if from, to := br.pol.called(b, err, class, now); from != to && bo != nil {
+			bo.BreakerChanged(b.SourceID, to)
 		}
 		report = func() {
 			if obs != nil {

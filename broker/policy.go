@@ -323,10 +323,10 @@ func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, 
 }
 
 // called tells the breaker of b's source how a call let through by allow
-// ended, and returns its new state and whether it changed.
-func (p *policy) called(b *Binding, err error, c Class, now time.Time) (BreakerState, bool) {
+// ended, and returns its state before and after.
+func (p *policy) called(b *Binding, err error, c Class, now time.Time) (from, to BreakerState) {
 	if p.opts.BreakerThreshold <= 0 {
-		return BreakerClosed, false
+		return BreakerClosed, BreakerClosed
 	}
 	o := breaker.Answered
 	switch {

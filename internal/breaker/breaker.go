@@ -98,11 +98,11 @@ func (b *Breaker) Allow(now time.Time) (ok bool, wait time.Duration, changed boo
 }
 
 // Record notes the outcome of a call Allow let through, with the error
-// behind a failure, and returns the new state and whether it changed.
-func (b *Breaker) Record(now time.Time, o Outcome, err error) (State, bool) {
+// behind a failure, and returns the state before and after it.
+func (b *Breaker) Record(now time.Time, o Outcome, err error) (from, to State) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	before := b.state
+	from = b.state
 	b.lastUsed = now
 	switch o {
 	case Healthy:
@@ -118,7 +118,7 @@ func (b *Breaker) Record(now time.Time, o Outcome, err error) (State, bool) {
 		}
 	}
 	b.probeUntil = time.Time{}
-	return b.state, b.state != before
+	return from, b.state
 }
 
 // State returns the breaker's state.
