@@ -280,7 +280,7 @@ func New(opts Options) *Broker {
 	// no longer its binding's last served entry: an idle binding must not
 	// keep a chunk of entries (and one of headers) alive for ever.
 	br.cache.OnEvicted(func(_ string, v any) { v.(*Entry).unpin() })
-	br.pol = policy{opts: &br.opts, lastSweep: opts.Now()}
+	br.pol = newPolicy(&br.opts)
 	if opts.Shared != nil {
 		opts.Shared.OnPurge(br.dropShared)
 	}

@@ -54,7 +54,6 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry) (*Entry,
 			}
 			return nil, err
 		}
-		br.pol.refreshed(b)
 		e := br.newEntry(b, tok, origin)
 		if br.storeFetched(b, e, now, f) || attempt > 0 {
 			// A token purged twice while fetched is handed to the

@@ -44,6 +44,7 @@ type BreakerState = breaker.State
 
 // policy is the failure policy's state. Its methods are called outside
 // Broker.mu, or with Broker.mu held before policy.mu, never the reverse.
+// Observers are told outside policy.mu.
 type policy struct {
 	opts *Options
 
@@ -53,19 +54,40 @@ type policy struct {
 	lastSweep time.Time
 }
 
+func newPolicy(opts *Options) policy {
+	return policy{opts: opts, keys: map[string]*keyState{}, sources: map[string]*sourceState{}, lastSweep: opts.Now()}
+}
+
+// hold is a remembered failure: until when it refuses calls, how many
+// failures in a row it counts. err is nil when nothing is remembered; the
+// observer obs was told it started (a key's memory, a source's hold).
+type hold struct {
+	err       error
+	at, until time.Time
+	failures  int
+	obs       Observer
+}
+
+// active reports whether h refuses calls at now: a clock that went back
+// before the failure does not extend it.
+func (h *hold) active(now time.Time) bool {
+	return h.err != nil && !now.Before(h.at) && now.Before(h.until)
+}
+
+// consecutive is how many failures h counts if the next one is at now: 0
+// unless h ended less than FailureMax ago.
+func (h *hold) consecutive(now time.Time, failureMax time.Duration) int {
+	if h.err == nil || now.Before(h.at) || !now.Before(h.until.Add(failureMax)) {
+		return 0
+	}
+	return h.failures
+}
+
 // keyState is the policy's state for one key.
 type keyState struct {
-	b   *Binding // the binding that last failed, for its source and observer
-	obs Observer // told BackingOff(true) while backingOff
-
-	// Failure memory: the last failure, when it happened, until when the
-	// key's fetches answer it without calling, how many in a row.
-	err        error
-	at, until  time.Time
-	failures   int
-	backingOff bool
-	// refreshUntil: no refresh-ahead before this, after a failed one.
-	refreshUntil time.Time
+	b       *Binding // for its source, and for the observer told of mem
+	mem     hold     // failure memory
+	refresh hold     // after a failed refresh-ahead: no new one before until
 
 	// Purges by rejection (reject.go).
 	strikes   int
@@ -77,20 +99,9 @@ type keyState struct {
 
 // sourceState is the policy's state for one source.
 type sourceState struct {
-	brk breaker.Breaker
-	// The source hold: its failure, when it was set, until when, how many
-	// refused credentials in a row; obs was told SourceBackingOff(true)
-	// while held is set.
-	err       error
-	at, until time.Time
-	failures  int
-	held      bool
-	obs       Observer
+	brk  breaker.Breaker
+	hold hold // a 429's Retry-After, or a refused credential
 }
-
-// within reports whether now lies in [at, until): a clock that went back
-// before at does not extend a hold.
-func within(now, at, until time.Time) bool { return !now.Before(at) && now.Before(until) }
 
 // notes are observer calls made once policy.mu is released.
 type notes []func()
@@ -104,9 +115,6 @@ func (n notes) run() {
 func (p *policy) key(b *Binding) *keyState {
 	ks := p.keys[b.key]
 	if ks == nil {
-		if p.keys == nil {
-			p.keys = map[string]*keyState{}
-		}
 		ks = &keyState{b: b}
 		p.keys[b.key] = ks
 	}
@@ -116,28 +124,23 @@ func (p *policy) key(b *Binding) *keyState {
 func (p *policy) source(id string) *sourceState {
 	ss := p.sources[id]
 	if ss == nil {
-		if p.sources == nil {
-			p.sources = map[string]*sourceState{}
-		}
 		ss = &sourceState{brk: breaker.Breaker{Threshold: p.opts.BreakerThreshold, Cooldown: p.opts.BreakerCooldown}}
 		p.sources[id] = ss
 	}
 	return ss
 }
 
-// admit returns the error that refuses a call for b's key at now (its
-// source's hold or its failure memory, with the hold applied), nil when
-// the call may go out.
-func (p *policy) admit(b *Binding, now time.Time) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if ss := p.sources[b.SourceID]; ss != nil && ss.held && within(now, ss.at, ss.until) {
-		return p.heldLocked(b, ss.err, now)
+// holdsLocked returns the source hold or key memory refusing b's key at
+// now, the one that ends last, or nil.
+func (p *policy) holdsLocked(b *Binding, now time.Time) *hold {
+	var h *hold
+	if ss := p.sources[b.SourceID]; ss != nil && ss.hold.active(now) {
+		h = &ss.hold
 	}
-	if ks := p.keys[b.key]; ks != nil && ks.err != nil && within(now, ks.at, ks.until) {
-		return p.heldLocked(b, ks.err, now)
+	if ks := p.keys[b.key]; ks != nil && ks.mem.active(now) && (h == nil || ks.mem.until.After(h.until)) {
+		h = &ks.mem
 	}
-	return nil
+	return h
 }
 
 // heldError is a failed fetch's error as the policy answers it: the token
@@ -152,27 +155,24 @@ type heldError struct {
 func (e *heldError) Error() string { return e.err.Error() }
 func (e *heldError) Unwrap() error { return e.err }
 
-// holdUntilLocked is until when the policy refuses b's key at now (zero
-// when it does not).
-func (p *policy) holdUntilLocked(b *Binding, now time.Time) time.Time {
-	var until time.Time
-	if ss := p.sources[b.SourceID]; ss != nil && ss.held && within(now, ss.at, ss.until) {
-		until = ss.until
-	}
-	if ks := p.keys[b.key]; ks != nil && ks.err != nil && within(now, ks.at, ks.until) && ks.until.After(until) {
-		until = ks.until
-	}
-	return until
-}
-
 // heldLocked returns err with the time left until the policy lets b's key
 // call again; err itself when nothing holds it.
 func (p *policy) heldLocked(b *Binding, err error, now time.Time) error {
-	until := p.holdUntilLocked(b, now)
-	if !until.After(now) {
-		return err
+	if h := p.holdsLocked(b, now); h != nil {
+		return &heldError{err: err, retryAfter: h.until.Sub(now)}
 	}
-	return &heldError{err: err, retryAfter: until.Sub(now)}
+	return err
+}
+
+// admit returns the error that refuses a call for b's key at now (the
+// remembered failure, with the hold applied), nil when it may go out.
+func (p *policy) admit(b *Binding, now time.Time) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if h := p.holdsLocked(b, now); h != nil {
+		return &heldError{err: h.err, retryAfter: h.until.Sub(now)}
+	}
+	return nil
 }
 
 // backoffFor is the memory of the n-th consecutive failure (n ≥ 1).
@@ -186,7 +186,8 @@ func (p *policy) backoffFor(n int) time.Duration {
 // record notes the outcome of a fetch of b's key that made calls calls to
 // the Source (0: refused by the breaker) and ended with err, of class c:
 // a success forgets the key's memory and its source's hold; a failure is
-// remembered. It returns err as the policy answers it (with the hold
+// remembered for the key and, when c says it is the credential's, for
+// the source. It returns err as the policy answers it (with the hold
 // applied).
 func (p *policy) record(b *Binding, err error, c Class, calls int, now time.Time) error {
 	var n notes
@@ -195,7 +196,7 @@ func (p *policy) record(b *Binding, err error, c Class, calls int, now time.Time
 	defer p.mu.Unlock()
 	if err == nil {
 		if ss := p.sources[b.SourceID]; ss != nil {
-			n = p.releaseSourceLocked(b.SourceID, ss, n)
+			n = ss.release(b.SourceID, n)
 		}
 		if ks := p.keys[b.key]; ks != nil {
 			n = ks.forget(n)
@@ -206,73 +207,54 @@ func (p *policy) record(b *Binding, err error, c Class, calls int, now time.Time
 		return p.heldLocked(b, err, now)
 	}
 	if calls > 0 {
-		n = p.holdSourceLocked(b, err, c, now, n)
+		ss := p.source(b.SourceID)
+		var wait time.Duration
+		k := ss.hold.failures
+		switch {
+		case c == ClassRateLimited && RetryAfterOf(err) > 0:
+			wait = min(RetryAfterOf(err), MaxRetryAfterMemory)
+		case c == ClassCredential:
+			k = ss.hold.consecutive(now, p.opts.FailureMax) + 1
+			wait = p.backoffFor(k)
+		}
+		if wait > 0 {
+			if ss.hold.err == nil {
+				ss.hold.obs = observerOf(b, p.opts)
+				n = append(n, sourceBackingOff(ss.hold.obs, b.SourceID, true))
+			}
+			ss.hold.err, ss.hold.at, ss.hold.until, ss.hold.failures = err, now, now.Add(wait), k
+		}
 	}
 	ks := p.key(b)
-	k := 0
-	if ks.err != nil && !now.Before(ks.at) && now.Before(ks.until.Add(p.opts.FailureMax)) {
-		k = ks.failures // consecutive: the previous memory ended recently
-	}
-	var wait time.Duration
-	if calls == 0 {
-		// Refused by the breaker: nothing new was learnt about the key.
-		wait = RetryAfterOf(err)
-	} else {
+	k := ks.mem.consecutive(now, p.opts.FailureMax)
+	wait := RetryAfterOf(err) // refused by the breaker: nothing new was learnt about the key
+	if calls > 0 {
 		k++
-		wait = max(p.backoffFor(k), min(RetryAfterOf(err), MaxRetryAfterMemory))
+		wait = max(p.backoffFor(k), min(wait, MaxRetryAfterMemory))
 	}
-	ks.err, ks.at, ks.until, ks.failures = err, now, now.Add(wait), k
-	if !ks.backingOff {
-		ks.backingOff, ks.b, ks.obs = true, b, observerOf(b, p.opts)
-		n = append(n, backingOff(ks.obs, b, true))
+	if ks.mem.err == nil {
+		ks.b, ks.mem.obs = b, observerOf(b, p.opts)
+		n = append(n, backingOff(ks.mem.obs, b, true))
 	}
+	ks.mem.err, ks.mem.at, ks.mem.until, ks.mem.failures = err, now, now.Add(wait), k
 	return p.heldLocked(b, err, now)
 }
 
-// holdSourceLocked holds b's source after err, when err is about the
-// source's credential (class c).
-func (p *policy) holdSourceLocked(b *Binding, err error, c Class, now time.Time, n notes) notes {
-	ss := p.source(b.SourceID)
-	var wait time.Duration
-	k := ss.failures
-	switch {
-	case c == ClassRateLimited && RetryAfterOf(err) > 0:
-		wait = min(RetryAfterOf(err), MaxRetryAfterMemory)
-		if !ss.held {
-			k = 0
-		}
-	case c == ClassCredential:
-		if !ss.held || now.Before(ss.at) || !now.Before(ss.until.Add(p.opts.FailureMax)) {
-			k = 0
-		}
-		k++
-		wait = p.backoffFor(k)
-	default:
-		return n
+// release ends the source's hold.
+func (ss *sourceState) release(id string, n notes) notes {
+	if ss.hold.err != nil {
+		n = append(n, sourceBackingOff(ss.hold.obs, id, false))
 	}
-	ss.err, ss.at, ss.until, ss.failures = err, now, now.Add(wait), k
-	if !ss.held {
-		ss.held, ss.obs = true, observerOf(b, p.opts)
-		n = append(n, sourceBackingOff(ss.obs, b.SourceID, true))
-	}
-	return n
-}
-
-// releaseSourceLocked ends the hold of source id.
-func (p *policy) releaseSourceLocked(id string, ss *sourceState, n notes) notes {
-	if ss.held {
-		n = append(n, sourceBackingOff(ss.obs, id, false))
-	}
-	ss.err, ss.at, ss.until, ss.failures, ss.held, ss.obs = nil, time.Time{}, time.Time{}, 0, false, nil
+	ss.hold = hold{}
 	return n
 }
 
 // forget drops the key's failure memory and refresh hold.
 func (ks *keyState) forget(n notes) notes {
-	if ks.backingOff {
-		n = append(n, backingOff(ks.obs, ks.b, false))
+	if ks.mem.err != nil {
+		n = append(n, backingOff(ks.mem.obs, ks.b, false))
 	}
-	ks.err, ks.at, ks.until, ks.failures, ks.backingOff, ks.obs, ks.refreshUntil = nil, time.Time{}, time.Time{}, 0, false, nil, time.Time{}
+	ks.mem, ks.refresh = hold{}, hold{}
 	return n
 }
 
@@ -282,34 +264,19 @@ func (ks *keyState) forget(n notes) notes {
 func (p *policy) refreshFailed(b *Binding, err error, now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	until := p.holdUntilLocked(b, now)
-	ks := p.key(b)
-	if until.IsZero() {
-		until = now.Add(max(p.opts.FailureTTL, DefaultFailureTTL))
-		if ks.err == nil {
-			ks.err, ks.at = err, now
-		}
+	until := now.Add(max(p.opts.FailureTTL, DefaultFailureTTL))
+	if h := p.holdsLocked(b, now); h != nil {
+		until = h.until
 	}
-	ks.refreshUntil = until
+	p.key(b).refresh = hold{err: err, at: now, until: until}
 }
 
-// refreshed lifts the refresh hold of b's key: it has a new token.
-func (p *policy) refreshed(b *Binding) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if ks := p.keys[b.key]; ks != nil {
-		ks.refreshUntil = time.Time{}
-	}
-}
-
-// refreshDue reports whether a refresh-ahead of b's key may start at now:
-// no failed refresh holds it back (a clock that went back before that
-// failure does not).
+// refreshDue reports whether a refresh-ahead of b's key may start at now.
 func (p *policy) refreshDue(b *Binding, now time.Time) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ks := p.keys[b.key]
-	return ks == nil || !within(now, ks.at, ks.refreshUntil)
+	return ks == nil || !ks.refresh.active(now)
 }
 
 // allow asks the breaker of b's source whether a call may go out at now.
@@ -342,8 +309,11 @@ func (p *policy) called(b *Binding, err error, c Class, now time.Time) (from, to
 	return p.source(b.SourceID).brk.Record(now, o, err)
 }
 
-// maybeSweep runs sweep at most once per CleanupInterval (or at once when
-// the clock went back).
+// maybeSweep runs the sweep at most once per CleanupInterval (or at once
+// when the clock went back): it forgets memories and holds that ended
+// FailureMax ago (or lie in the future of a clock that went back), and
+// drops the state of keys and sources that keeps nothing, so that state
+// keyed by source ID (a new ID per configuration change) does not grow.
 func (p *policy) maybeSweep(now time.Time) {
 	var n notes
 	defer func() { n.run() }()
@@ -353,31 +323,26 @@ func (p *policy) maybeSweep(now time.Time) {
 		return
 	}
 	p.lastSweep = now
+	ended := func(h *hold) bool {
+		return h.err != nil && (now.Before(h.at) || !now.Before(h.until.Add(p.opts.FailureMax)))
+	}
 	for k, ks := range p.keys {
-		if ks.err != nil && (now.Before(ks.at) || !now.Before(later(ks.until, ks.refreshUntil).Add(p.opts.FailureMax))) {
+		if ended(&ks.mem) || (ks.mem.err == nil && ended(&ks.refresh)) {
 			n = ks.forget(n)
 		}
-		if ks.err == nil && !within(now, ks.at, ks.refreshUntil) && ks.rejectQuiet(now) && !now.Before(ks.purgedAt.Add(RejectHoldMax)) {
+		if ks.mem.err == nil && ks.refresh.err == nil && ks.rejectQuiet(now) && !now.Before(ks.purgedAt.Add(RejectHoldMax)) {
 			delete(p.keys, k)
 		}
 	}
 	cutoff := now.Add(-p.opts.CleanupInterval)
 	for id, ss := range p.sources {
-		if ss.held && (now.Before(ss.at) || !now.Before(ss.until.Add(p.opts.FailureMax))) {
-			n = p.releaseSourceLocked(id, ss, n)
+		if ended(&ss.hold) {
+			n = ss.release(id, n)
 		}
-		if !ss.held && ss.brk.Idle(cutoff) {
+		if ss.hold.err == nil && ss.brk.Idle(cutoff) {
 			delete(p.sources, id)
 		}
 	}
-}
-
-// later returns the later of a and b.
-func later(a, b time.Time) time.Time {
-	if a.After(b) {
-		return a
-	}
-	return b
 }
 
 func observerOf(b *Binding, o *Options) Observer {
@@ -434,6 +399,14 @@ type Policy struct {
 	Strikes int
 }
 
+// later returns the later of a and b.
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
 // Policy returns the failure policy's state for the key of a cached entry.
 func (br *Broker) Policy(e *Entry) Policy {
 	now := br.opts.Now()
@@ -442,20 +415,22 @@ func (br *Broker) Policy(e *Entry) Policy {
 	p := &br.pol
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if ss := p.sources[b.SourceID]; ss != nil && ss.held && within(now, ss.at, ss.until) {
-		out.SourceBackoffUntil = ss.until
-		out.NextRefresh = later(out.NextRefresh, ss.until)
+	if ss := p.sources[b.SourceID]; ss != nil && ss.hold.active(now) {
+		out.SourceBackoffUntil = ss.hold.until
 	}
 	if ks := p.keys[b.key]; ks != nil {
-		out.LastError, out.Failures = ks.err, ks.failures
-		out.PurgeHeldUntil, out.Strikes = ks.rejectHold(now), ks.strikes
-		for _, until := range []time.Time{ks.until, ks.refreshUntil} {
-			if ks.err != nil && within(now, ks.at, until) && until.After(out.BackoffUntil) {
-				out.BackoffUntil = until
+		out.LastError, out.Failures = ks.mem.err, ks.mem.failures
+		if out.LastError == nil {
+			out.LastError = ks.refresh.err
+		}
+		for _, h := range []*hold{&ks.mem, &ks.refresh} {
+			if h.active(now) {
+				out.BackoffUntil = later(out.BackoffUntil, h.until)
 			}
 		}
-		out.NextRefresh = later(out.NextRefresh, out.BackoffUntil)
+		out.PurgeHeldUntil, out.Strikes = ks.rejectHold(now), ks.strikes
 	}
+	out.NextRefresh = later(out.NextRefresh, later(out.SourceBackoffUntil, out.BackoffUntil))
 	return out
 }
 
@@ -466,8 +441,8 @@ func (br *Broker) SourceHold(sourceID string) (until time.Time, err error) {
 	p := &br.pol
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if ss := p.sources[sourceID]; ss != nil && ss.held && within(now, ss.at, ss.until) {
-		return ss.until, ss.err
+	if ss := p.sources[sourceID]; ss != nil && ss.hold.active(now) {
+		return ss.hold.until, ss.hold.err
 	}
 	return time.Time{}, nil
 }
@@ -497,7 +472,7 @@ func (br *Broker) ForgetFailures(match func(error) bool) int {
 	defer p.mu.Unlock()
 	c := 0
 	for _, ks := range p.keys {
-		if ks.err != nil && match(ks.err) {
+		if ks.mem.err != nil && match(ks.mem.err) {
 			n = ks.forget(n)
 			c++
 		}
@@ -518,14 +493,16 @@ func (br *Broker) ForgetSource(sourceID string) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if ss := p.sources[sourceID]; ss != nil {
-		n = p.releaseSourceLocked(sourceID, ss, n)
+		n = ss.release(sourceID, n)
 		delete(p.sources, sourceID)
 	}
 	c := 0
 	for _, ks := range p.keys {
-		if ks.err != nil && ks.b.SourceID == sourceID {
+		if ks.b.SourceID == sourceID && (ks.mem.err != nil || ks.refresh.err != nil) {
+			if ks.mem.err != nil {
+				c++
+			}
 			n = ks.forget(n)
-			c++
 		}
 	}
 	return c
@@ -545,16 +522,13 @@ func (br *Broker) SourcesHealth(sourceIDs ...string) map[string]SourceHealth {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, ks := range p.keys {
-		if ks.err == nil || !within(now, ks.at, ks.until) {
-			continue
-		}
 		h, ok := out[ks.b.SourceID]
-		if !ok {
+		if !ok || !ks.mem.active(now) {
 			continue
 		}
 		h.FailingKeys++
-		if h.LastError == nil || ks.at.After(h.LastFailure) {
-			h.LastError, h.LastFailure = ks.err, ks.at
+		if h.LastError == nil || ks.mem.at.After(h.LastFailure) {
+			h.LastError, h.LastFailure = ks.mem.err, ks.mem.at
 		}
 		out[ks.b.SourceID] = h
 	}
