@@ -133,7 +133,7 @@ func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadlin
 		return Token{}, func() {}, err
 	}
 	tok, calls, class, report, err := br.attempts(ctx, b, background, deadline)
-	return tok, report, br.pol.record(b, err, class, calls, br.opts.Now())
+	return tok, report, br.pol.record(b, br.observer(b), err, class, calls, br.opts.Now())
 }
 
 // attempts calls the Source up to MaxAttempts times while its failures are

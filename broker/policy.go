@@ -184,12 +184,13 @@ func (p *policy) backoffFor(n int) time.Duration {
 }
 
 // record notes the outcome of a fetch of b's key that made calls calls to
-// the Source (0: refused by the breaker) and ended with err, of class c:
+// the Source (0: refused by the breaker) and ended with err, of class c;
+// obs is b's observer, told when a memory or hold starts and ends:
 // a success forgets the key's memory and its source's hold; a failure is
 // remembered for the key and, when c says it is the credential's, for
 // the source. It returns err as the policy answers it (with the hold
 // applied).
-func (p *policy) record(b *Binding, err error, c Class, calls int, now time.Time) error {
+func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int, now time.Time) error {
 	var n notes
 	defer func() { n.run() }()
 	p.mu.Lock()
@@ -219,7 +220,7 @@ func (p *policy) record(b *Binding, err error, c Class, calls int, now time.Time
 		}
 		if wait > 0 {
 			if ss.hold.err == nil {
-				ss.hold.obs = observerOf(b, p.opts)
+				ss.hold.obs = obs
 				n = append(n, sourceBackingOff(ss.hold.obs, b.SourceID, true))
 			}
 			ss.hold.err, ss.hold.at, ss.hold.until, ss.hold.failures = err, now, now.Add(wait), k
@@ -233,7 +234,7 @@ func (p *policy) record(b *Binding, err error, c Class, calls int, now time.Time
 		wait = max(p.backoffFor(k), min(wait, MaxRetryAfterMemory))
 	}
 	if ks.mem.err == nil {
-		ks.b, ks.mem.obs = b, observerOf(b, p.opts)
+		ks.b, ks.mem.obs = b, obs
 		n = append(n, backingOff(ks.mem.obs, b, true))
 	}
 	ks.mem.err, ks.mem.at, ks.mem.until, ks.mem.failures = err, now, now.Add(wait), k
@@ -343,13 +344,6 @@ func (p *policy) maybeSweep(now time.Time) {
 			delete(p.sources, id)
 		}
 	}
-}
-
-func observerOf(b *Binding, o *Options) Observer {
-	if b.Observer != nil {
-		return b.Observer
-	}
-	return o.Observer
 }
 
 func backingOff(obs Observer, b *Binding, on bool) func() {
