@@ -58,10 +58,10 @@ func newPolicy(opts *Options) policy {
 	return policy{opts: opts, keys: map[string]*keyState{}, sources: map[string]*sourceState{}, lastSweep: opts.Now()}
 }
 
-// hold is a remembered failure: until when it refuses calls, how many
+// failure is a remembered failure: until when it refuses calls, how many
 // failures in a row it counts. err is nil when nothing is remembered; the
 // observer obs was told it started (a key's memory, a source's hold).
-type hold struct {
+type failure struct {
 	err       error
 	at, until time.Time
 	failures  int
@@ -70,13 +70,13 @@ type hold struct {
 
 // active reports whether h refuses calls at now: a clock that went back
 // before the failure does not extend it.
-func (h *hold) active(now time.Time) bool {
+func (h *failure) active(now time.Time) bool {
 	return h.err != nil && !now.Before(h.at) && now.Before(h.until)
 }
 
 // consecutive is how many failures h counts if the next one is at now: 0
 // unless h ended less than FailureMax ago.
-func (h *hold) consecutive(now time.Time, failureMax time.Duration) int {
+func (h *failure) consecutive(now time.Time, failureMax time.Duration) int {
 	if h.err == nil || now.Before(h.at) || !now.Before(h.until.Add(failureMax)) {
 		return 0
 	}
@@ -86,8 +86,8 @@ func (h *hold) consecutive(now time.Time, failureMax time.Duration) int {
 // keyState is the policy's state for one key.
 type keyState struct {
 	b       *Binding // for its source, and for the observer told of mem
-	mem     hold     // failure memory
-	refresh hold     // after a failed refresh-ahead: no new one before until
+	mem     failure  // failure memory
+	refresh failure  // after a failed refresh-ahead: no new one before until
 
 	// Purges by rejection (reject.go).
 	strikes   int
@@ -100,7 +100,7 @@ type keyState struct {
 // sourceState is the policy's state for one source.
 type sourceState struct {
 	brk  breaker.Breaker
-	hold hold // a 429's Retry-After, or a refused credential
+	hold failure // a 429's Retry-After, or a refused credential
 }
 
 // notes are observer calls made once policy.mu is released.
@@ -132,8 +132,8 @@ func (p *policy) source(id string) *sourceState {
 
 // holdsLocked returns the source hold or key memory refusing b's key at
 // now, the one that ends last, or nil.
-func (p *policy) holdsLocked(b *Binding, now time.Time) *hold {
-	var h *hold
+func (p *policy) holdsLocked(b *Binding, now time.Time) *failure {
+	var h *failure
 	if ss := p.sources[b.SourceID]; ss != nil && ss.hold.active(now) {
 		h = &ss.hold
 	}
@@ -246,7 +246,7 @@ func (ss *sourceState) release(id string, n notes) notes {
 	if ss.hold.err != nil {
 		n = append(n, sourceBackingOff(ss.hold.obs, id, false))
 	}
-	ss.hold = hold{}
+	ss.hold = failure{}
 	return n
 }
 
@@ -255,7 +255,7 @@ func (ks *keyState) forget(n notes) notes {
 	if ks.mem.err != nil {
 		n = append(n, backingOff(ks.mem.obs, ks.b, false))
 	}
-	ks.mem, ks.refresh = hold{}, hold{}
+	ks.mem, ks.refresh = failure{}, failure{}
 	return n
 }
 
@@ -269,7 +269,7 @@ func (p *policy) refreshFailed(b *Binding, err error, now time.Time) {
 	if h := p.holdsLocked(b, now); h != nil {
 		until = h.until
 	}
-	p.key(b).refresh = hold{err: err, at: now, until: until}
+	p.key(b).refresh = failure{err: err, at: now, until: until}
 }
 
 // refreshDue reports whether a refresh-ahead of b's key may start at now.
@@ -324,7 +324,7 @@ func (p *policy) maybeSweep(now time.Time) {
 		return
 	}
 	p.lastSweep = now
-	ended := func(h *hold) bool {
+	ended := func(h *failure) bool {
 		return h.err != nil && (now.Before(h.at) || !now.Before(h.until.Add(p.opts.FailureMax)))
 	}
 	for k, ks := range p.keys {
@@ -417,7 +417,7 @@ func (br *Broker) Policy(e *Entry) Policy {
 		if out.LastError == nil {
 			out.LastError = ks.refresh.err
 		}
-		for _, h := range []*hold{&ks.mem, &ks.refresh} {
+		for _, h := range []*failure{&ks.mem, &ks.refresh} {
 			if h.active(now) {
 				out.BackoffUntil = later(out.BackoffUntil, h.until)
 			}
