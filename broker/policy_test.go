@@ -325,3 +325,50 @@ func TestLifetimeKeysTheCache(t *testing.T) {
 		t.Fatalf("tokens %s %s %s after %d calls: want one per lifetime", short, long, longAgain, src.calls.Load())
 	}
 }
+
+// fixedClass is a source that classifies every error as class.
+type fixedClass struct {
+	*scriptedSource
+	class Class
+}
+
+func (s fixedClass) Classify(error) Class { return s.class }
+
+// The source's class of an error, not its shape, decides retries, the
+// breaker and the source hold: the same 503 is retried and opens the
+// breaker as temporary, is tried once per memory as permanent, and holds
+// every key of the source as a refused credential.
+func TestSourceClassGovernsThePolicy(t *testing.T) {
+	down := &APIError{Provider: "custom", StatusCode: http.StatusServiceUnavailable}
+	tests := []struct {
+		name        string
+		class       Class
+		wantCalls   int64 // one fetch of each of 3 keys
+		wantBreaker BreakerState
+		wantHeld    bool
+	}{
+		{"temporary", ClassTemporary, 4, BreakerOpen, false}, // 2 attempts twice, then the breaker refuses
+		{"permanent", ClassPermanent, 3, BreakerClosed, false},
+		{"rate limited", ClassRateLimited, 6, BreakerClosed, false}, // no Retry-After: no source hold
+		{"credential", ClassCredential, 1, BreakerClosed, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &scriptedSource{clock: clock, life: time.Hour}
+			src.set(down)
+			br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 2, BreakerThreshold: 4})
+			for i := range 3 {
+				b := NewBinding("custom#1", fixedClass{src, tt.class}, Request{Merchant: fmt.Sprint("m", i), Organisation: fmt.Sprint(i)})
+				if _, err := br.Token(context.Background(), b); !errors.Is(err, down) {
+					t.Fatalf("fetch %d: %v, want the 503", i, err)
+				}
+			}
+			until, _ := br.SourceHold("custom#1")
+			if got := src.calls.Load(); got != tt.wantCalls || br.BreakerState("custom#1") != tt.wantBreaker || until.IsZero() == tt.wantHeld {
+				t.Fatalf("calls %d, breaker %s, held until %v; want %d, %s, held %v",
+					got, br.BreakerState("custom#1"), until, tt.wantCalls, tt.wantBreaker, tt.wantHeld)
+			}
+		})
+	}
+}
