@@ -3,10 +3,13 @@
 // organisation, scopes, audience, lifetime), makes sure that only one fetch
 // per key is in flight, and refreshes tokens ahead of their expiry so that
 // requests do not wait. Every call to a token API, foreground or
-// refresh-ahead, goes through one policy (fetch.go): failure memory per key
-// with exponential backoff and Retry-After, retries within a fetch, and a
-// circuit breaker per source (breaker.go). It does not import Caddy, so it
-// can be used, tested and benchmarked on its own.
+// refresh-ahead, goes through one failure policy (policy.go) with one state
+// per key and one per source: a source hold (a 429's Retry-After, a refused
+// credential), the key's failure memory with exponential backoff, the
+// source's circuit breaker, and retries with backoff within a fetch. Each
+// source classifies its own errors (Classifier); a refused fetch's error
+// says how long the hold applied still lasts (RetryAfterOf). It does not
+// import Caddy, so it can be used, tested and benchmarked on its own.
 package broker
 
 import (
@@ -132,9 +135,6 @@ type Entry struct {
 	// object of its own); a field so that FingerprintValue can point at
 	// it.
 	fingerprint string
-	// retry is the failure of the last refresh-ahead of this entry: no new
-	// refresh starts while it holds (see failure.holds).
-	retry atomic.Pointer[failure]
 }
 
 // fingerprintLen is the length of a token's fingerprint (Fingerprint).
@@ -266,14 +266,10 @@ type Broker struct {
 	cache *gocache.Cache
 	group singleflight.Group
 
-	mu          sync.Mutex          // orders cache writes with Purge's compare-and-delete
-	failures    sync.Map            // key -> *failure
-	breakers    sync.Map            // SourceID -> *breaker
-	rejections  sync.Map            // key -> *rejectState (reject.go)
-	sourceHolds sync.Map            // SourceID -> *sourceHold (sourcehold.go)
-	flights     map[string]*flight  // key -> its fetch in flight (inflight.go); guarded by mu
-	purging     map[string][]string // key -> fingerprints being purged from the shared tier; guarded by mu
-	lastSweep   atomic.Int64        // broker clock, unix nanoseconds
+	mu      sync.Mutex          // orders cache writes with Purge's compare-and-delete
+	pol     policy              // the failure policy (policy.go)
+	flights map[string]*flight  // key -> its fetch in flight (inflight.go); guarded by mu
+	purging map[string][]string // key -> fingerprints being purged from the shared tier; guarded by mu
 }
 
 // New returns a Broker. Call Close when done with it.
@@ -284,7 +280,7 @@ func New(opts Options) *Broker {
 	// no longer its binding's last served entry: an idle binding must not
 	// keep a chunk of entries (and one of headers) alive for ever.
 	br.cache.OnEvicted(func(_ string, v any) { v.(*Entry).unpin() })
-	br.lastSweep.Store(opts.Now().UnixNano())
+	br.pol = newPolicy(&br.opts)
 	if opts.Shared != nil {
 		opts.Shared.OnPurge(br.dropShared)
 	}

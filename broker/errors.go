@@ -192,9 +192,3 @@ func RetryAfterOf(err error) time.Duration {
 	}
 	return 0
 }
-
-// isRateLimit reports whether err is a 429 from the token API.
-func isRateLimit(err error) bool {
-	var ae *APIError
-	return errors.As(err, &ae) && ae.StatusCode == http.StatusTooManyRequests
-}

@@ -28,32 +28,3 @@ type SourceHealth struct {
 func (h SourceHealth) Failing() bool {
 	return h.Breaker != BreakerClosed || !h.HeldUntil.IsZero() || h.FailingKeys > 0
 }
-
-// SourcesHealth returns the health of the given sources, by source ID, in
-// one pass over the failure memory.
-func (br *Broker) SourcesHealth(sourceIDs ...string) map[string]SourceHealth {
-	out := make(map[string]SourceHealth, len(sourceIDs))
-	for _, id := range sourceIDs {
-		h := SourceHealth{Breaker: br.BreakerState(id)}
-		h.HeldUntil, h.HoldError = br.SourceHold(id)
-		out[id] = h
-	}
-	now := br.opts.Now()
-	br.failures.Range(func(_, v any) bool {
-		f := v.(*failure)
-		if f.b == nil || !f.holds(now) {
-			return true
-		}
-		h, ok := out[f.b.SourceID]
-		if !ok {
-			return true
-		}
-		h.FailingKeys++
-		if h.LastError == nil || f.at.After(h.LastFailure) {
-			h.LastError, h.LastFailure = f.err, f.at
-		}
-		out[f.b.SourceID] = h
-		return true
-	})
-	return out
-}

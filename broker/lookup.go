@@ -3,7 +3,6 @@ package broker
 import (
 	"context"
 	"fmt"
-	"time"
 )
 
 // Token returns a valid token for the binding: from the cache, or from its
@@ -41,9 +40,13 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	}
 	if e != nil && e.validAt(now, br.opts.Leeway) {
 		r := Hit
-		if e.stamp(now) >= e.refreshAt && e.refreshDue(now) && e.refreshing.CompareAndSwap(false, true) {
-			r = RefreshAhead
-			br.refresh(ctx, b, e)
+		if e.stamp(now) >= e.refreshAt && e.refreshing.CompareAndSwap(false, true) {
+			if br.pol.refreshDue(b, now) {
+				r = RefreshAhead
+				br.refresh(ctx, b, e)
+			} else {
+				e.refreshing.Store(false)
+			}
 		}
 		br.observe(b, r)
 		return e, r, nil
@@ -83,13 +86,6 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 			return nil, Miss, fmt.Errorf("merchant %q: waiting for a token: %w", b.Merchant, context.Cause(ctx))
 		}
 	}
-}
-
-// refreshDue reports whether a refresh-ahead of e may start at now: its last
-// refresh did not fail, or that failure's memory no longer holds.
-func (e *Entry) refreshDue(now time.Time) bool {
-	f := e.retry.Load()
-	return f == nil || !f.holds(now)
 }
 
 // refresh starts the background refresh of e. It goes through the same

@@ -65,9 +65,10 @@ type Options struct {
 	FailureTTL time.Duration
 	// FailureMax caps the exponential failure memory of a key. Default 1m.
 	FailureMax time.Duration
-	// BreakerThreshold is how many consecutive temporary failures of one
-	// source open its circuit breaker. 429s do not count (they throttle a
-	// client, and are remembered per key). Default 5; negative disables.
+	// BreakerThreshold is how many consecutive temporary failures
+	// (ClassTemporary) of one source open its circuit breaker. 429s do not
+	// count (they throttle a client: see ClassRateLimited). Default 5;
+	// negative disables.
 	BreakerThreshold int
 	// BreakerCooldown is how long an open breaker refuses calls before it
 	// lets one probe through (half-open). A provider's Retry-After does not

@@ -35,6 +35,16 @@ func (s *scriptedSource) Token(_ context.Context, req Request) (Token, error) {
 	return Token{Value: Secret(fmt.Sprintf("tok-%s-%d", req.Merchant, n)), IssuedAt: now, Expiry: now.Add(s.life)}, nil
 }
 
+// Classify stands in for the providers' sources: a 401 or OAuth's
+// invalid_client refuses the source's credential.
+func (s *scriptedSource) Classify(err error) Class {
+	var ae *APIError
+	if errors.As(err, &ae) && (ae.Code == "invalid_client" || ae.StatusCode == http.StatusUnauthorized) {
+		return ClassCredential
+	}
+	return DefaultClass(err)
+}
+
 // settle waits until no refresh-ahead of b's cached entry is in flight, so
 // that a scripted sequence of lookups is deterministic. It waits for a
 // goroutine, not for time to pass.
@@ -142,19 +152,46 @@ func TestBackwardClockJumpDoesNotSuspendRefresh(t *testing.T) {
 	}
 }
 
-// forget is a compare-and-delete: a newer failure stored meanwhile stays.
-func TestForgetKeepsANewerFailure(t *testing.T) {
-	br := New(Options{})
-	older, newer := &failure{err: errors.New("old")}, &failure{err: errors.New("new")}
-	br.failures.Store("k", older)
-	br.failures.Store("k", newer)
-	br.forget("k", older)
-	if v, ok := br.failures.Load("k"); !ok || v.(*failure) != newer {
-		t.Fatalf("the newer failure was dropped")
+// The observer is told a key backs off once, when its memory starts, and
+// that it stops once, when a success, ForgetFailures or the sweep ends it.
+func TestBackingOffAlternates(t *testing.T) {
+	down := &APIError{Provider: "nuapay", StatusCode: 503}
+	tests := []struct {
+		name string
+		end  func(br *Broker, src *scriptedSource, b *Binding, clock *fakeClock)
+	}{
+		{"success", func(br *Broker, src *scriptedSource, b *Binding, clock *fakeClock) {
+			src.set(nil)
+			clock.Add(time.Hour)
+			br.Token(context.Background(), b)
+		}},
+		{"ForgetFailures", func(br *Broker, _ *scriptedSource, _ *Binding, _ *fakeClock) {
+			br.ForgetFailures(func(error) bool { return true })
+		}},
+		{"sweep", func(br *Broker, _ *scriptedSource, _ *Binding, clock *fakeClock) {
+			clock.Add(DefaultFailureMax + 2*DefaultCleanupInterval)
+			br.Token(context.Background(), NewBinding("other", &scriptedSource{clock: clock, life: time.Hour}, Request{Merchant: "x"}))
+		}},
 	}
-	br.forget("k", newer)
-	if _, ok := br.failures.Load("k"); ok {
-		t.Fatalf("the failure was not forgotten")
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &scriptedSource{clock: clock, life: time.Hour}
+			src.set(down)
+			obs := &breakerLog{}
+			br := New(Options{Now: clock.Now, Sleep: noSleep, Observer: obs, MaxAttempts: 1, BreakerThreshold: -1})
+			b := NewBinding("s", src, Request{Merchant: "acme"})
+			for range 3 {
+				br.Token(context.Background(), b)
+				clock.Add(10 * time.Second) // past each memory: three failures in a row
+			}
+			tt.end(br, src, b, clock)
+			obs.mu.Lock()
+			defer obs.mu.Unlock()
+			if obs.backoff[true] != 1 || obs.backoff[false] != 1 {
+				t.Fatalf("BackingOff calls %v, want one true and one false", obs.backoff)
+			}
+		})
 	}
 }
 
@@ -173,11 +210,12 @@ func TestPolicyStateIsBounded(t *testing.T) {
 		}
 		clock.Add(time.Second)
 	}
-	count := func(m *sync.Map) (n int) {
-		m.Range(func(any, any) bool { n++; return true })
-		return n
+	count := func() (keys, sources int) {
+		br.pol.mu.Lock()
+		defer br.pol.mu.Unlock()
+		return len(br.pol.keys), len(br.pol.sources)
 	}
-	if f, b := count(&br.failures), count(&br.breakers); f != 100 || b != 100 {
+	if f, b := count(); f != 100 || b != 100 {
 		t.Fatalf("%d failures and %d breakers, want 100 of each", f, b)
 	}
 	clock.Add(DefaultFailureMax + 2*DefaultCleanupInterval)
@@ -186,7 +224,7 @@ func TestPolicyStateIsBounded(t *testing.T) {
 	if _, err := br.Token(ctx, b); err != nil {
 		t.Fatal(err)
 	}
-	if f, b := count(&br.failures), count(&br.breakers); f != 0 || b > 1 {
+	if f, b := count(); f != 0 || b > 1 {
 		t.Fatalf("%d failures and %d breakers left, want 0 and at most 1", f, b)
 	}
 }
@@ -285,5 +323,52 @@ func TestLifetimeKeysTheCache(t *testing.T) {
 	short, long, longAgain := get(10*time.Second), get(time.Hour), get(time.Hour)
 	if short == long || long != longAgain || src.calls.Load() != 2 {
 		t.Fatalf("tokens %s %s %s after %d calls: want one per lifetime", short, long, longAgain, src.calls.Load())
+	}
+}
+
+// fixedClass is a source that classifies every error as class.
+type fixedClass struct {
+	*scriptedSource
+	class Class
+}
+
+func (s fixedClass) Classify(error) Class { return s.class }
+
+// The source's class of an error, not its shape, decides retries, the
+// breaker and the source hold: the same 503 is retried and opens the
+// breaker as temporary, is tried once per memory as permanent, and holds
+// every key of the source as a refused credential.
+func TestSourceClassGovernsThePolicy(t *testing.T) {
+	down := &APIError{Provider: "custom", StatusCode: http.StatusServiceUnavailable}
+	tests := []struct {
+		name        string
+		class       Class
+		wantCalls   int64 // one fetch of each of 3 keys
+		wantBreaker BreakerState
+		wantHeld    bool
+	}{
+		{"temporary", ClassTemporary, 4, BreakerOpen, false}, // 2 attempts twice, then the breaker refuses
+		{"permanent", ClassPermanent, 3, BreakerClosed, false},
+		{"rate limited", ClassRateLimited, 6, BreakerClosed, false}, // no Retry-After: no source hold
+		{"credential", ClassCredential, 1, BreakerClosed, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &scriptedSource{clock: clock, life: time.Hour}
+			src.set(down)
+			br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 2, BreakerThreshold: 4})
+			for i := range 3 {
+				b := NewBinding("custom#1", fixedClass{src, tt.class}, Request{Merchant: fmt.Sprint("m", i), Organisation: fmt.Sprint(i)})
+				if _, err := br.Token(context.Background(), b); !errors.Is(err, down) {
+					t.Fatalf("fetch %d: %v, want the 503", i, err)
+				}
+			}
+			until, _ := br.SourceHold("custom#1")
+			if got := src.calls.Load(); got != tt.wantCalls || br.BreakerState("custom#1") != tt.wantBreaker || until.IsZero() == tt.wantHeld {
+				t.Fatalf("calls %d, breaker %s, held until %v; want %d, %s, held %v",
+					got, br.BreakerState("custom#1"), until, tt.wantCalls, tt.wantBreaker, tt.wantHeld)
+			}
+		})
 	}
 }

@@ -1,9 +1,6 @@
 package broker
 
-import (
-	"sync"
-	"time"
-)
+import "time"
 
 // Purges by rejection are limited per key: an upstream's 401 is not always
 // about the token (a resource server answers invalid_token for a wrong
@@ -64,16 +61,6 @@ func (r Rejection) String() string {
 	return "stale"
 }
 
-// rejectState is the purge-by-rejection memory of one key.
-type rejectState struct {
-	mu        sync.Mutex
-	strikes   int       // replacement tokens rejected soon after they were cached
-	holdUntil time.Time // no purge by rejection before this
-	purgedAt  time.Time // last purge by rejection
-	rejected  Secret    // the token that purge dropped: never adopted again
-	last      time.Time // last rejection, purged or not
-}
-
 // holdWindow is the hold after the n-th strike (n ≥ 1).
 func holdWindow(n int) time.Duration {
 	if n < 1 {
@@ -85,14 +72,21 @@ func holdWindow(n int) time.Duration {
 	return min(RejectHoldBase<<(n-1), RejectHoldMax)
 }
 
-// quiet reports whether the key saw no rejection for a full window after
-// its hold ended (or the clock went back): its strikes are forgotten.
-func (s *rejectState) quiet(now time.Time) bool {
-	since := s.holdUntil
-	if s.last.After(since) {
-		since = s.last
+// rejectQuiet reports whether the key saw no rejection for a full window
+// after its hold ended (or the clock went back): its strikes are
+// forgotten.
+func (ks *keyState) rejectQuiet(now time.Time) bool {
+	since := later(ks.holdUntil, ks.lastRej)
+	return now.Before(ks.lastRej) || !now.Before(since.Add(holdWindow(ks.strikes)))
+}
+
+// rejectHold is until when the key's purges by rejection are on hold at
+// now; zero when they are not.
+func (ks *keyState) rejectHold(now time.Time) time.Time {
+	if now.Before(ks.holdUntil) {
+		return ks.holdUntil
 	}
-	return now.Before(s.last) || !now.Before(since.Add(holdWindow(s.strikes)))
+	return time.Time{}
 }
 
 // Reject is what a caller that saw the upstream reject the binding's token
@@ -107,33 +101,7 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 		return RejectionStale
 	}
 	e := v.(*Entry)
-	now := br.opts.Now()
-	sv, _ := br.rejections.LoadOrStore(b.key, &rejectState{})
-	st := sv.(*rejectState)
-	st.mu.Lock()
-	if st.strikes > 0 && st.quiet(now) {
-		st.strikes, st.holdUntil = 0, time.Time{}
-	}
-	held := false
-	switch {
-	case st.rejected == rejected:
-		// The token purged before came back (another lookup adopted it
-		// from the shared tier before its purge there reached it): it is
-		// purged again, and that is no strike.
-	case now.Before(st.holdUntil) && st.holdUntil.Sub(now) <= RejectHoldMax:
-		held = true
-	case !st.purgedAt.IsZero() && e.cachedAt >= sinceBase(st.purgedAt) && now.Sub(baseTime(e.cachedAt)) < max(RejectMinAge, holdWindow(st.strikes+1)):
-		// The replacement of a rejected token is rejected too: the 401
-		// is not about the token.
-		st.strikes++
-		st.holdUntil = now.Add(holdWindow(st.strikes))
-		held = true
-	default:
-		st.purgedAt, st.rejected = now, rejected
-	}
-	st.last = now
-	st.mu.Unlock()
-	if held {
+	if br.pol.rejectHeld(b, rejected, baseTime(e.cachedAt), br.opts.Now()) {
 		br.mu.Unlock()
 		return RejectionHeld
 	}
@@ -145,17 +113,47 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 	return RejectionPurged
 }
 
+// rejectHeld notes a rejection at now of b's cached token rejected,
+// cached at cachedAt, and reports whether it is held (kept) rather than
+// purged.
+func (p *policy) rejectHeld(b *Binding, rejected Secret, cachedAt, now time.Time) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ks := p.key(b)
+	if ks.strikes > 0 && ks.rejectQuiet(now) {
+		ks.strikes, ks.holdUntil = 0, time.Time{}
+	}
+	held := false
+	switch {
+	case ks.rejected == rejected:
+		// The token purged before came back (another lookup adopted it
+		// from the shared tier before its purge there reached it): it is
+		// purged again, and that is no strike.
+	case now.Before(ks.holdUntil) && ks.holdUntil.Sub(now) <= RejectHoldMax:
+		held = true
+	case !ks.purgedAt.IsZero() && !cachedAt.Before(ks.purgedAt) && now.Sub(cachedAt) < max(RejectMinAge, holdWindow(ks.strikes+1)):
+		// The replacement of a rejected token is rejected too: the 401
+		// is not about the token.
+		ks.strikes++
+		ks.holdUntil = now.Add(holdWindow(ks.strikes))
+		held = true
+	default:
+		ks.purgedAt, ks.rejected = now, rejected
+	}
+	ks.lastRej = now
+	return held
+}
+
 // rejectedToken is the token of key last purged by rejection, which the
 // shared tier must not hand out again.
 func (br *Broker) rejectedToken(key string) Secret {
-	v, ok := br.rejections.Load(key)
-	if !ok {
-		return ""
+	p := &br.pol
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ks := p.keys[key]; ks != nil {
+		return ks.rejected
 	}
-	st := v.(*rejectState)
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	return st.rejected
+	return ""
 }
 
 // Accepted tells the broker that the upstream accepted the binding's token
@@ -164,52 +162,16 @@ func (br *Broker) rejectedToken(key string) Secret {
 // this token counts as a first one again. Only the retry of a rejected
 // request is evidence: a caller cannot choose its outcome.
 func (br *Broker) Accepted(b *Binding, tok Secret) {
-	v, ok := br.rejections.Load(b.key)
-	if !ok {
-		return
-	}
 	br.mu.Lock()
 	cur, cached := br.cache.Get(b.key)
 	br.mu.Unlock()
 	if !cached || cur.(*Entry).value() != tok {
 		return
 	}
-	st := v.(*rejectState)
-	st.mu.Lock()
-	if !br.opts.Now().Before(st.holdUntil) {
-		st.purgedAt = time.Time{}
+	p := &br.pol
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ks := p.keys[b.key]; ks != nil && !br.opts.Now().Before(ks.holdUntil) {
+		ks.purgedAt = time.Time{}
 	}
-	st.mu.Unlock()
-}
-
-// RejectHold returns until when purges by rejection of the key are on hold
-// and how many strikes it has; zero when no hold is in force.
-func (br *Broker) RejectHold(key string) (until time.Time, strikes int) {
-	v, ok := br.rejections.Load(key)
-	if !ok {
-		return time.Time{}, 0
-	}
-	st := v.(*rejectState)
-	now := br.opts.Now()
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if now.Before(st.holdUntil) {
-		return st.holdUntil, st.strikes
-	}
-	return time.Time{}, st.strikes
-}
-
-// sweepRejections drops the memory of keys that would forget their
-// strikes anyway.
-func (br *Broker) sweepRejections(now time.Time) {
-	br.rejections.Range(func(k, v any) bool {
-		st := v.(*rejectState)
-		st.mu.Lock()
-		done := st.quiet(now) && !now.Before(st.purgedAt.Add(RejectHoldMax))
-		st.mu.Unlock()
-		if done {
-			br.rejections.CompareAndDelete(k, v)
-		}
-		return true
-	})
 }

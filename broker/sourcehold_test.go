@@ -13,7 +13,8 @@ import (
 // credential fails every organisation: with 50 keys of one source and a
 // lookup every 100 ms for a minute (refresh-ahead and cold keys alike),
 // the source is called once for the 429 and a handful of times for the
-// bad credential. A Nuapay 403 (one organisation) stays per key.
+// bad credential. A Nuapay 403 (one organisation) stays per key, and so does
+// any error of a source that does not classify it as its credential's.
 func TestSourceHoldAcrossKeys(t *testing.T) {
 	tests := []struct {
 		name     string
@@ -21,21 +22,29 @@ func TestSourceHoldAcrossKeys(t *testing.T) {
 		warm     bool
 		maxCalls int64
 		minCalls int64
+		plain    bool // the source does not classify its errors
 	}{
-		{"429 Retry-After 60", &APIError{Provider: "nuapay", StatusCode: http.StatusTooManyRequests, RetryAfter: 60 * time.Second}, false, 1, 1},
-		{"429 Retry-After 60, refresh-ahead", &APIError{Provider: "oauth2", StatusCode: http.StatusTooManyRequests, Code: "slow_down", RetryAfter: 60 * time.Second}, true, 1, 1},
-		{"invalid_client", &APIError{Provider: "oauth2", StatusCode: http.StatusUnauthorized, Code: "invalid_client"}, false, 6, 1},
-		{"Nuapay 401", &APIError{Provider: "nuapay", StatusCode: http.StatusUnauthorized}, true, 6, 1},
-		{"Nuapay 403 stays per key", &APIError{Provider: "nuapay", StatusCode: http.StatusForbidden}, false, 1000, 50},
+		{"429 Retry-After 60", &APIError{Provider: "nuapay", StatusCode: http.StatusTooManyRequests, RetryAfter: 60 * time.Second}, false, 1, 1, false},
+		{"429 Retry-After 60, refresh-ahead", &APIError{Provider: "oauth2", StatusCode: http.StatusTooManyRequests, Code: "slow_down", RetryAfter: 60 * time.Second}, true, 1, 1, false},
+		{"invalid_client", &APIError{Provider: "oauth2", StatusCode: http.StatusUnauthorized, Code: "invalid_client"}, false, 6, 1, false},
+		{"Nuapay 401", &APIError{Provider: "nuapay", StatusCode: http.StatusUnauthorized}, true, 6, 1, false},
+		{"Nuapay 403 stays per key", &APIError{Provider: "nuapay", StatusCode: http.StatusForbidden}, false, 1000, 50, false},
+		// The core knows no provider's codes: only the source says its
+		// credential was refused.
+		{"invalid_client from a source that does not classify stays per key", &APIError{Provider: "oauth2", StatusCode: http.StatusUnauthorized, Code: "invalid_client"}, false, 1000, 50, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			clock := newFakeClock()
 			src := &scriptedSource{clock: clock, life: 400 * time.Second}
 			br := New(Options{Now: clock.Now, Sleep: noSleep})
+			var source Source = src
+			if tt.plain {
+				source = SourceFunc(src.Token)
+			}
 			var bs []*Binding
 			for i := range 50 {
-				bs = append(bs, NewBinding("nuapay#1", src, Request{Merchant: fmt.Sprint("m", i), Organisation: fmt.Sprint("org", i)}))
+				bs = append(bs, NewBinding("nuapay#1", source, Request{Merchant: fmt.Sprint("m", i), Organisation: fmt.Sprint("org", i)}))
 			}
 			if tt.warm {
 				for _, b := range bs {

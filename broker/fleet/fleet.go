@@ -29,8 +29,10 @@
 // sealed value, so a value copied under another name does not open.
 //
 // Every Redis call is bounded by Options.Timeout. Consecutive failures open
-// a breaker: for Options.BreakerCooldown lookups mint directly, without
-// Redis; then sharing resumes by itself. No lookup fails because of Redis.
+// a breaker (internal/breaker, the one the broker uses for token APIs): for
+// Options.BreakerCooldown lookups mint directly, without Redis; then one
+// call probes Redis, and sharing resumes when it answers. No lookup fails
+// because of Redis.
 package fleet
 
 import (
@@ -55,6 +57,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/breaker"
 	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
@@ -121,7 +124,8 @@ type Options struct {
 	// breaker. Default 3.
 	BreakerThreshold int
 	// BreakerCooldown is how long the open breaker keeps Redis out before
-	// calls are tried again. Default 5s.
+	// one call probes it (the others keep out until the probe answers).
+	// Default 5s.
 	BreakerCooldown time.Duration
 	// Now is the breaker's clock and the one that computes the stored
 	// token's remaining life. Default time.Now.
@@ -161,7 +165,7 @@ type Cache struct {
 	locker   *redislock.Client
 	node     string
 	channel  string
-	br       *breaker
+	br       *breaker.Breaker
 	obs      Observer
 	log      *zap.Logger
 
@@ -234,15 +238,7 @@ func New(opts Options) (*Cache, error) {
 		vers:     newVersions(),
 		rts:      rtVersions{m: map[string]rtSeen{}},
 	}
-	c.br = &breaker{threshold: opts.BreakerThreshold, cooldown: opts.BreakerCooldown, now: opts.Now,
-		onChange: func(open bool) {
-			if open {
-				c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
-					zap.Duration("cooldown", opts.BreakerCooldown))
-			} else {
-				c.log.Info("redis available again: sharing tokens with the fleet")
-			}
-		}}
+	c.br = &breaker.Breaker{Threshold: opts.BreakerThreshold, Cooldown: opts.BreakerCooldown}
 	c.ps = c.rdb.Subscribe(context.Background())
 	// Wait (briefly) for the subscription to be confirmed, so that this
 	// node hears announcements made right after New returns, then apply
@@ -294,20 +290,27 @@ func (c *Cache) lockKey(subject string) string { return c.opts.KeyPrefix + "lock
 // do runs one Redis call bounded by the timeout, through the breaker.
 // redis.Nil and redislock.ErrNotObtained are answers, not failures.
 func (c *Cache) do(ctx context.Context, op string, fn func(context.Context) error) error {
-	if !c.br.allow() {
+	if ok, _, _, _ := c.br.Allow(c.opts.Now()); !ok {
 		return ErrUnavailable
 	}
 	cctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
 	defer cancel()
 	err := fn(cctx)
+	outcome := breaker.Failed
 	switch {
 	case err == nil, errors.Is(err, redis.Nil), errors.Is(err, redislock.ErrNotObtained), errors.Is(err, redislock.ErrLockNotHeld):
-		c.br.success()
+		outcome = breaker.Healthy
 	case ctx.Err() != nil:
-		// The caller gave up: not Redis's fault.
+		outcome = breaker.Unknown // the caller gave up: not Redis's fault
 	default:
-		c.br.failure()
 		c.obs.L2Error(op)
+	}
+	switch from, to := c.br.Record(c.opts.Now(), outcome, err); {
+	case from == breaker.Closed && to == breaker.Open:
+		c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
+			zap.Duration("cooldown", c.opts.BreakerCooldown))
+	case from != breaker.Closed && to == breaker.Closed:
+		c.log.Info("redis available again: sharing tokens with the fleet")
 	}
 	return err
 }

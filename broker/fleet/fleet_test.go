@@ -692,6 +692,19 @@ func TestSilentRedisIsBypassed(t *testing.T) {
 	if got := obs.errs.Load(); got != DefaultBreakerThreshold {
 		t.Fatalf("redis errors = %d; want %d, then the breaker keeps redis out", got, DefaultBreakerThreshold)
 	}
+	// After each cooldown one call probes the still silent Redis, and its
+	// failure keeps Redis out for another cooldown.
+	for round := 1; round <= 2; round++ {
+		clock.Advance(DefaultBreakerCooldown)
+		for i := 0; i < 5; i++ {
+			if _, _, err := c.Fetch(ctx, testKey, usable, m.mint); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got, want := obs.errs.Load(), int64(DefaultBreakerThreshold+round); got != want {
+			t.Fatalf("redis errors after %d cooldowns = %d; want %d (one probe each)", round, got, want)
+		}
+	}
 }
 
 // TestPlainKeyNames: with PlainKeys, a Redis name shows the cache key in

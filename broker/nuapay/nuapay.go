@@ -91,6 +91,17 @@ func New(cfg Config) (*Source, error) {
 // Type names the source type.
 func (s *Source) Type() string { return "nuapay" }
 
+// Classify implements broker.Classifier: Gatekeeper's 401 refuses the API
+// key, which every organisation of the source shares; its other refusals
+// (403, 404, 422) can be about one organisation.
+func (s *Source) Classify(err error) broker.Class {
+	var ae *broker.APIError
+	if errors.As(err, &ae) && ae.StatusCode == http.StatusUnauthorized {
+		return broker.ClassCredential
+	}
+	return broker.DefaultClass(err)
+}
+
 // orgURL returns base + /organisations/{org}{suffix} with org escaped as one
 // path segment. An organisation id that is empty, "." or ".." is refused:
 // escaping alone would leave those able to change the path.

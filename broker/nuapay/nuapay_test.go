@@ -137,24 +137,25 @@ func TestNuapayErrors(t *testing.T) {
 		wantRetry  time.Duration
 		wantTemp   bool
 		wantDetail string
+		wantClass  broker.Class
 	}{
 		{name: "401 envelope", status: 401, body: `{"returnCode":"40100","returnDescription":"Unauthorized","details":null}`,
-			wantCode: "40100", wantDesc: "Unauthorized"},
+			wantCode: "40100", wantDesc: "Unauthorized", wantClass: broker.ClassCredential},
 		{name: "422 details array", status: 422, body: `{"returnCode":"42200","returnDescription":"Invalid request","details":[{"code":"8888","description":"must be >= 10","field":"expiresIn","resourceUri":null}]}`,
 			wantCode: "42200", wantDetail: "expiresIn"},
 		{name: "400 details object", status: 400, body: `{"returnCode":"40000","returnDescription":"Invalid request","details":{"code":"1","description":"bad","field":"scopes"}}`,
 			wantCode: "40000", wantDetail: "scopes"},
 		{name: "nulls everywhere", status: 403, body: `{"returnCode":null,"returnDescription":null,"details":null}`, wantDesc: "Forbidden"},
 		{name: "429 retry-after", status: 429, body: `{"returnCode":"42900"}`, header: http.Header{"Retry-After": {"7"}},
-			wantCode: "42900", wantRetry: 7 * time.Second, wantTemp: true},
-		{name: "503 html", status: 503, body: `<html>down</html>`, wantDesc: "Service Unavailable", wantTemp: true},
+			wantCode: "42900", wantRetry: 7 * time.Second, wantTemp: true, wantClass: broker.ClassRateLimited},
+		{name: "503 html", status: 503, body: `<html>down</html>`, wantDesc: "Service Unavailable", wantTemp: true, wantClass: broker.ClassTemporary},
 		{name: "201 without token", status: 201, body: `{"data":{}}`, wantCode: "malformed_response"},
 		{name: "201 truncated json", status: 201, body: `{"data":{"accessTok`, wantCode: "malformed_response"},
 		{name: "201 html", status: 201, body: `<html>`, wantCode: "malformed_response"},
 		{name: "201 mac token", status: 201, body: `{"data":{"accessToken":"x","tokenType":"MAC"}}`, wantCode: "unsupported_token_type"},
 		{name: "201 revoked", status: 201, body: `{"data":{"accessToken":"x","tokenType":"BEARER","status":"REVOKED"}}`, wantCode: "inactive_token"},
 		{name: "echoes the key", status: 401, body: `{"returnCode":"40100","returnDescription":"bad key partner-key (cGFydG5lci1rZXk6)","details":[{"field":"partner-key"}]}`,
-			wantCode: "40100", wantDesc: "bad key [REDACTED] ([REDACTED])", wantDetail: "[REDACTED]"},
+			wantCode: "40100", wantDesc: "bad key [REDACTED] ([REDACTED])", wantDetail: "[REDACTED]", wantClass: broker.ClassCredential},
 		{name: "body over the cap", status: 201, body: `{"data":"` + strings.Repeat("x", broker.MaxResponseBytes) + `"}`, wantCode: "response_too_large"},
 	}
 	for _, tt := range tests {
@@ -167,6 +168,9 @@ func TestNuapayErrors(t *testing.T) {
 			}
 			if ae.StatusCode != tt.status || ae.Code != tt.wantCode || ae.RetryAfter != tt.wantRetry || broker.IsTemporary(err) != tt.wantTemp {
 				t.Fatalf("got %+v temporary=%v", ae, broker.IsTemporary(err))
+			}
+			if c := n.Classify(err); c != tt.wantClass {
+				t.Fatalf("class %d, want %d", c, tt.wantClass)
 			}
 			if tt.wantDesc != "" && ae.Description != tt.wantDesc {
 				t.Fatalf("description = %q, want %q", ae.Description, tt.wantDesc)

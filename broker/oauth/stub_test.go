@@ -147,21 +147,22 @@ func TestTokenResponses(t *testing.T) {
 		code   string // "" for success
 		temp   bool
 		retry  time.Duration
+		class  broker.Class
 	}{
-		{"success", 200, nil, `{"access_token":"` + tok + `","token_type":"Bearer","expires_in":3600,"scope":"a b"}`, "", false, 0},
-		{"invalid_client", 401, nil, `{"error":"invalid_client","error_description":"bad secret ` + secretValue + `"}`, "invalid_client", false, 0},
-		{"echoes the Basic header", 401, nil, `{"error":"invalid_client","error_description":"got Basic ` + basicCred + `"}`, "invalid_client", false, 0},
-		{"echoes the form-encoded secret", 400, nil, `{"error":"invalid_request","error_description":"client_secret=` + url.QueryEscape(secretValue) + `"}`, "invalid_request", false, 0},
-		{"invalid_scope", 400, nil, `{"error":"invalid_scope"}`, "invalid_scope", false, 0},
-		{"200 with error", 200, nil, `{"error":"access_denied","error_description":"nope"}`, "access_denied", false, 0},
-		{"429 Retry-After", 429, http.Header{"Retry-After": {"7"}}, `{"error":"slow_down"}`, "slow_down", true, 7 * time.Second},
-		{"503 HTML", 503, http.Header{"Content-Type": {"text/html"}}, `<html>down</html>`, "", true, 0},
-		{"DPoP token", 200, nil, `{"access_token":"` + tok + `","token_type":"DPoP","expires_in":60}`, "unsupported_token_type", false, 0},
-		{"MAC token", 200, nil, `{"access_token":"` + tok + `","token_type":"mac","expires_in":60}`, "unsupported_token_type", false, 0},
-		{"CR LF in token", 200, nil, `{"access_token":"` + tok + `\r\nX-Evil: 1","token_type":"Bearer"}`, "invalid_token_value", false, 0},
-		{"no access_token", 200, nil, `{"token_type":"Bearer"}`, "malformed_response", false, 0},
-		{"not JSON", 200, nil, `{"access_token":` + tok, "malformed_response", false, 0},
-		{"body over 1 MiB", 200, nil, `{"access_token":"` + strings.Repeat("a", broker.MaxResponseBytes) + `"}`, "malformed_response", false, 0},
+		{"success", 200, nil, `{"access_token":"` + tok + `","token_type":"Bearer","expires_in":3600,"scope":"a b"}`, "", false, 0, 0},
+		{"invalid_client", 401, nil, `{"error":"invalid_client","error_description":"bad secret ` + secretValue + `"}`, "invalid_client", false, 0, broker.ClassCredential},
+		{"echoes the Basic header", 401, nil, `{"error":"invalid_client","error_description":"got Basic ` + basicCred + `"}`, "invalid_client", false, 0, broker.ClassCredential},
+		{"echoes the form-encoded secret", 400, nil, `{"error":"invalid_request","error_description":"client_secret=` + url.QueryEscape(secretValue) + `"}`, "invalid_request", false, 0, broker.ClassPermanent},
+		{"invalid_scope", 400, nil, `{"error":"invalid_scope"}`, "invalid_scope", false, 0, broker.ClassPermanent},
+		{"200 with error", 200, nil, `{"error":"access_denied","error_description":"nope"}`, "access_denied", false, 0, broker.ClassPermanent},
+		{"429 Retry-After", 429, http.Header{"Retry-After": {"7"}}, `{"error":"slow_down"}`, "slow_down", true, 7 * time.Second, broker.ClassRateLimited},
+		{"503 HTML", 503, http.Header{"Content-Type": {"text/html"}}, `<html>down</html>`, "", true, 0, broker.ClassTemporary},
+		{"DPoP token", 200, nil, `{"access_token":"` + tok + `","token_type":"DPoP","expires_in":60}`, "unsupported_token_type", false, 0, broker.ClassPermanent},
+		{"MAC token", 200, nil, `{"access_token":"` + tok + `","token_type":"mac","expires_in":60}`, "unsupported_token_type", false, 0, broker.ClassPermanent},
+		{"CR LF in token", 200, nil, `{"access_token":"` + tok + `\r\nX-Evil: 1","token_type":"Bearer"}`, "invalid_token_value", false, 0, broker.ClassPermanent},
+		{"no access_token", 200, nil, `{"token_type":"Bearer"}`, "malformed_response", false, 0, broker.ClassPermanent},
+		{"not JSON", 200, nil, `{"access_token":` + tok, "malformed_response", false, 0, broker.ClassPermanent},
+		{"body over 1 MiB", 200, nil, `{"access_token":"` + strings.Repeat("a", broker.MaxResponseBytes) + `"}`, "malformed_response", false, 0, broker.ClassPermanent},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s.mu.Lock()
@@ -195,6 +196,9 @@ func TestTokenResponses(t *testing.T) {
 			}
 			if ae.Code != tc.code || ae.StatusCode != tc.status || ae.Provider != "oauth2" || ae.RetryAfter != tc.retry || broker.IsTemporary(err) != tc.temp {
 				t.Errorf("APIError %+v (temporary %v)", ae, broker.IsTemporary(err))
+			}
+			if c := src.Classify(err); c != tc.class {
+				t.Errorf("class %d, want %d", c, tc.class)
 			}
 			checkNoSecrets(t, err, tok, basicCred, url.QueryEscape(secretValue))
 			if len(err.Error()) > 2000 {

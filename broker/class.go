@@ -1,0 +1,67 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"net/http"
+)
+
+// Class is what a failed token request tells the failure policy: whom the
+// failure concerns (the key, or the source's credential) and whether trying
+// again soon may help.
+type Class uint8
+
+// Classes of token API failures.
+const (
+	// ClassPermanent: a refusal about this key only (unknown
+	// organisation, consent required, invalid scope, a malformed answer):
+	// remembered for the key, never retried within a fetch.
+	ClassPermanent Class = iota
+	// ClassTemporary: the provider or the network failed (timeout,
+	// refused connection, 5xx). Retried within a fetch with backoff,
+	// remembered for the key, counted by the source's breaker.
+	ClassTemporary
+	// ClassRateLimited: the provider throttles the source's credential
+	// (429). Retried within a fetch when its Retry-After is short; a
+	// Retry-After holds every key of the source. The breaker ignores it.
+	ClassRateLimited
+	// ClassCredential: the source's credential itself was refused (a bad
+	// API key or client secret): every key of the source is held, with a
+	// backoff doubled at each consecutive refusal.
+	ClassCredential
+)
+
+// Classifier is an optional interface of a Source: it classifies the
+// errors its Token returns, since only the source knows what its
+// provider's answers mean (which status or code says the credential is
+// bad). Sources without it get DefaultClass.
+type Classifier interface {
+	Classify(err error) Class
+}
+
+// DefaultClass classifies err from its shape alone: a 429 is
+// ClassRateLimited, a temporary failure (IsTemporary) ClassTemporary, and
+// anything else ClassPermanent. Sources' Classify methods fall back on it.
+func DefaultClass(err error) Class {
+	var ae *APIError
+	switch {
+	case errors.As(err, &ae) && ae.StatusCode == http.StatusTooManyRequests:
+		return ClassRateLimited
+	case IsTemporary(err):
+		return ClassTemporary
+	}
+	return ClassPermanent
+}
+
+// classOf classifies an error of src's Token call: the source's own
+// classification when it has one. Cancellation is not classified (the
+// caller reports it as nobody's failure).
+func classOf(src Source, err error) Class {
+	if errors.Is(err, context.Canceled) {
+		return ClassPermanent
+	}
+	if c, ok := src.(Classifier); ok {
+		return c.Classify(err)
+	}
+	return DefaultClass(err)
+}

@@ -1,0 +1,530 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/breaker"
+)
+
+// The failure policy governs every call to a token API, whether a request
+// waits for it (foreground) or a token is refreshed ahead of its expiry
+// (background). It keeps one state per key and one per source, both on
+// the broker clock, and answers before any call:
+//
+//   - a source hold (a 429 with Retry-After, capped at
+//     MaxRetryAfterMemory; or a refused credential, FailureTTL doubled at
+//     each consecutive one up to FailureMax) refuses every key of the
+//     source;
+//   - the key's failure memory (FailureTTL doubled at each consecutive
+//     failure up to FailureMax, or the provider's Retry-After if longer)
+//     refuses the key; after a failed refresh-ahead, no new one starts
+//     before the hold applied to it ends;
+//   - the source's circuit breaker (internal/breaker) refuses calls after
+//     BreakerThreshold consecutive temporary failures;
+//   - a fetch calls up to MaxAttempts times while its failures are
+//     temporary, with backoff and jitter, within FetchTimeout.
+//
+// The source classifies its errors (Classifier). A refused fetch's error
+// carries the hold applied, so RetryAfterOf tells callers what is left of
+// it. The key's state also limits purges by rejection (reject.go). One
+// sweep, at most once per CleanupInterval, drops the state that ended.
+
+// Breaker states of a source (the values are those of the metrics gauge).
+const (
+	BreakerClosed   = breaker.Closed
+	BreakerHalfOpen = breaker.HalfOpen
+	BreakerOpen     = breaker.Open
+)
+
+// BreakerState is the state of a source's circuit breaker.
+type BreakerState = breaker.State
+
+// policy is the failure policy's state. Its methods are called outside
+// Broker.mu, or with Broker.mu held before policy.mu, never the reverse.
+// Observers are told outside policy.mu.
+type policy struct {
+	opts *Options
+
+	mu        sync.Mutex
+	keys      map[string]*keyState    // by cache key
+	sources   map[string]*sourceState // by SourceID
+	lastSweep time.Time
+}
+
+func newPolicy(opts *Options) policy {
+	return policy{opts: opts, keys: map[string]*keyState{}, sources: map[string]*sourceState{}, lastSweep: opts.Now()}
+}
+
+// failure is a remembered failure: until when it refuses calls, how many
+// failures in a row it counts. err is nil when nothing is remembered; the
+// observer obs was told it started (a key's memory, a source's hold).
+type failure struct {
+	err       error
+	at, until time.Time
+	failures  int
+	obs       Observer
+}
+
+// active reports whether h refuses calls at now: a clock that went back
+// before the failure does not extend it.
+func (h *failure) active(now time.Time) bool {
+	return h.err != nil && !now.Before(h.at) && now.Before(h.until)
+}
+
+// consecutive is how many failures h counts if the next one is at now: 0
+// unless h ended less than FailureMax ago.
+func (h *failure) consecutive(now time.Time, failureMax time.Duration) int {
+	if h.err == nil || now.Before(h.at) || !now.Before(h.until.Add(failureMax)) {
+		return 0
+	}
+	return h.failures
+}
+
+// keyState is the policy's state for one key.
+type keyState struct {
+	b       *Binding // for its source, and for the observer told of mem
+	mem     failure  // failure memory
+	refresh failure  // after a failed refresh-ahead: no new one before until
+
+	// Purges by rejection (reject.go).
+	strikes   int
+	holdUntil time.Time // no purge by rejection before this
+	purgedAt  time.Time // last purge by rejection
+	rejected  Secret    // the token that purge dropped: never adopted again
+	lastRej   time.Time // last rejection, purged or not
+}
+
+// sourceState is the policy's state for one source.
+type sourceState struct {
+	brk  breaker.Breaker
+	hold failure // a 429's Retry-After, or a refused credential
+}
+
+// notes are observer calls made once policy.mu is released.
+type notes []func()
+
+func (n notes) run() {
+	for _, f := range n {
+		f()
+	}
+}
+
+func (p *policy) key(b *Binding) *keyState {
+	ks := p.keys[b.key]
+	if ks == nil {
+		ks = &keyState{b: b}
+		p.keys[b.key] = ks
+	}
+	return ks
+}
+
+func (p *policy) source(id string) *sourceState {
+	ss := p.sources[id]
+	if ss == nil {
+		ss = &sourceState{brk: breaker.Breaker{Threshold: p.opts.BreakerThreshold, Cooldown: p.opts.BreakerCooldown}}
+		p.sources[id] = ss
+	}
+	return ss
+}
+
+// holdsLocked returns the source hold or key memory refusing b's key at
+// now, the one that ends last, or nil.
+func (p *policy) holdsLocked(b *Binding, now time.Time) *failure {
+	var h *failure
+	if ss := p.sources[b.SourceID]; ss != nil && ss.hold.active(now) {
+		h = &ss.hold
+	}
+	if ks := p.keys[b.key]; ks != nil && ks.mem.active(now) && (h == nil || ks.mem.until.After(h.until)) {
+		h = &ks.mem
+	}
+	return h
+}
+
+// heldError is a failed fetch's error as the policy answers it: the token
+// API is not called for the key before RetryAfter has passed (the key's
+// failure memory or its source's hold, whichever ends last). RetryAfterOf
+// reports it, so a caller is told the hold actually applied.
+type heldError struct {
+	err        error
+	retryAfter time.Duration
+}
+
+func (e *heldError) Error() string { return e.err.Error() }
+func (e *heldError) Unwrap() error { return e.err }
+
+// heldLocked returns err with the time left until the policy lets b's key
+// call again; err itself when nothing holds it.
+func (p *policy) heldLocked(b *Binding, err error, now time.Time) error {
+	if h := p.holdsLocked(b, now); h != nil {
+		return &heldError{err: err, retryAfter: h.until.Sub(now)}
+	}
+	return err
+}
+
+// admit returns the error that refuses a call for b's key at now (the
+// remembered failure, with the hold applied), nil when it may go out.
+func (p *policy) admit(b *Binding, now time.Time) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if h := p.holdsLocked(b, now); h != nil {
+		return &heldError{err: h.err, retryAfter: h.until.Sub(now)}
+	}
+	return nil
+}
+
+// backoffFor is the memory of the n-th consecutive failure (n ≥ 1).
+func (p *policy) backoffFor(n int) time.Duration {
+	if n >= 31 {
+		return p.opts.FailureMax
+	}
+	return min(p.opts.FailureTTL<<(n-1), p.opts.FailureMax)
+}
+
+// record notes the outcome of a fetch of b's key that made calls calls to
+// the Source (0: refused by the breaker) and ended with err, of class c;
+// obs is b's observer, told when a memory or hold starts and ends:
+// a success forgets the key's memory and its source's hold; a failure is
+// remembered for the key and, when c says it is the credential's, for
+// the source. It returns err as the policy answers it (with the hold
+// applied).
+func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int, now time.Time) error {
+	var n notes
+	defer func() { n.run() }()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err == nil {
+		if ss := p.sources[b.SourceID]; ss != nil {
+			n = ss.release(b.SourceID, n)
+		}
+		if ks := p.keys[b.key]; ks != nil {
+			n = ks.forget(n)
+		}
+		return nil
+	}
+	if p.opts.FailureTTL < 0 || errors.Is(err, context.Canceled) {
+		return p.heldLocked(b, err, now)
+	}
+	if calls > 0 {
+		ss := p.source(b.SourceID)
+		var wait time.Duration
+		k := ss.hold.failures
+		switch {
+		case c == ClassRateLimited && RetryAfterOf(err) > 0:
+			wait = min(RetryAfterOf(err), MaxRetryAfterMemory)
+		case c == ClassCredential:
+			k = ss.hold.consecutive(now, p.opts.FailureMax) + 1
+			wait = p.backoffFor(k)
+		}
+		if wait > 0 {
+			if ss.hold.err == nil {
+				ss.hold.obs = obs
+				n = append(n, sourceBackingOff(ss.hold.obs, b.SourceID, true))
+			}
+			ss.hold.err, ss.hold.at, ss.hold.until, ss.hold.failures = err, now, now.Add(wait), k
+		}
+	}
+	ks := p.key(b)
+	k := ks.mem.consecutive(now, p.opts.FailureMax)
+	wait := RetryAfterOf(err) // refused by the breaker: nothing new was learnt about the key
+	if calls > 0 {
+		k++
+		wait = max(p.backoffFor(k), min(wait, MaxRetryAfterMemory))
+	}
+	if ks.mem.err == nil {
+		ks.b, ks.mem.obs = b, obs
+		n = append(n, backingOff(ks.mem.obs, b, true))
+	}
+	ks.mem.err, ks.mem.at, ks.mem.until, ks.mem.failures = err, now, now.Add(wait), k
+	return p.heldLocked(b, err, now)
+}
+
+// release ends the source's hold.
+func (ss *sourceState) release(id string, n notes) notes {
+	if ss.hold.err != nil {
+		n = append(n, sourceBackingOff(ss.hold.obs, id, false))
+	}
+	ss.hold = failure{}
+	return n
+}
+
+// forget drops the key's failure memory and refresh hold.
+func (ks *keyState) forget(n notes) notes {
+	if ks.mem.err != nil {
+		n = append(n, backingOff(ks.mem.obs, ks.b, false))
+	}
+	ks.mem, ks.refresh = failure{}, failure{}
+	return n
+}
+
+// refreshFailed holds back the next refresh-ahead of b's key after a
+// failed one: until the hold the policy applies to the key, or (when the
+// failure memory is disabled) for DefaultFailureTTL.
+func (p *policy) refreshFailed(b *Binding, err error, now time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	until := now.Add(max(p.opts.FailureTTL, DefaultFailureTTL))
+	if h := p.holdsLocked(b, now); h != nil {
+		until = h.until
+	}
+	p.key(b).refresh = failure{err: err, at: now, until: until}
+}
+
+// refreshDue reports whether a refresh-ahead of b's key may start at now.
+func (p *policy) refreshDue(b *Binding, now time.Time) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ks := p.keys[b.key]
+	return ks == nil || !ks.refresh.active(now)
+}
+
+// allow asks the breaker of b's source whether a call may go out at now.
+func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, changed bool, cause error) {
+	if p.opts.BreakerThreshold <= 0 {
+		return true, 0, false, nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.source(b.SourceID).brk.Allow(now)
+}
+
+// called tells the breaker of b's source how a call let through by allow
+// ended, and returns its state before and after.
+func (p *policy) called(b *Binding, err error, c Class, now time.Time) (from, to BreakerState) {
+	if p.opts.BreakerThreshold <= 0 {
+		return BreakerClosed, BreakerClosed
+	}
+	o := breaker.Answered
+	switch {
+	case err == nil:
+		o = breaker.Healthy
+	case errors.Is(err, context.Canceled):
+		o = breaker.Unknown
+	case c == ClassTemporary:
+		o = breaker.Failed
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.source(b.SourceID).brk.Record(now, o, err)
+}
+
+// maybeSweep runs the sweep at most once per CleanupInterval (or at once
+// when the clock went back): it forgets memories and holds that ended
+// FailureMax ago (or lie in the future of a clock that went back), and
+// drops the state of keys and sources that keeps nothing, so that state
+// keyed by source ID (a new ID per configuration change) does not grow.
+func (p *policy) maybeSweep(now time.Time) {
+	var n notes
+	defer func() { n.run() }()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !now.Before(p.lastSweep) && now.Sub(p.lastSweep) < p.opts.CleanupInterval {
+		return
+	}
+	p.lastSweep = now
+	ended := func(h *failure) bool {
+		return h.err != nil && (now.Before(h.at) || !now.Before(h.until.Add(p.opts.FailureMax)))
+	}
+	for k, ks := range p.keys {
+		if ended(&ks.mem) || (ks.mem.err == nil && ended(&ks.refresh)) {
+			n = ks.forget(n)
+		}
+		if ks.mem.err == nil && ks.refresh.err == nil && ks.rejectQuiet(now) && !now.Before(ks.purgedAt.Add(RejectHoldMax)) {
+			delete(p.keys, k)
+		}
+	}
+	cutoff := now.Add(-p.opts.CleanupInterval)
+	for id, ss := range p.sources {
+		if ended(&ss.hold) {
+			n = ss.release(id, n)
+		}
+		if ss.hold.err == nil && ss.brk.Idle(cutoff) {
+			delete(p.sources, id)
+		}
+	}
+}
+
+func backingOff(obs Observer, b *Binding, on bool) func() {
+	return func() {
+		if bo, ok := obs.(BackoffObserver); ok {
+			bo.BackingOff(b, on)
+		}
+	}
+}
+
+func sourceBackingOff(obs Observer, sourceID string, on bool) func() {
+	return func() {
+		if so, ok := obs.(SourceObserver); ok {
+			so.SourceBackingOff(sourceID, on)
+		}
+	}
+}
+
+// SourceObserver is an optional interface of an Observer: it is told when a
+// source starts being held (its token API is not called for any key, see
+// Broker.SourceHold) and when it stops.
+type SourceObserver interface {
+	SourceBackingOff(sourceID string, on bool)
+}
+
+// Policy is the failure policy's state for one key, for the admin API.
+type Policy struct {
+	// NextRefresh is the earliest time a refresh-ahead may call the token
+	// API: the entry's refresh time, or the end of its backoff if later.
+	NextRefresh time.Time
+	// LastError is the key's last fetch failure, nil after a success.
+	LastError error
+	// BackoffUntil is when the failure memory stops answering for the key;
+	// zero when it does not hold.
+	BackoffUntil time.Time
+	// Failures is the number of consecutive failed fetches of the key.
+	Failures int
+	// SourceBackoffUntil is until when the key's source is not called for
+	// any key (a 429 with Retry-After, or a bad credential); zero when no
+	// such hold is in force.
+	SourceBackoffUntil time.Time
+	// PurgeHeldUntil is until when the key's purges by rejection are on
+	// hold (see RejectHoldBase); zero when they are not.
+	PurgeHeldUntil time.Time
+	// Strikes counts the key's replacement tokens rejected soon after
+	// they were cached (see Reject).
+	Strikes int
+}
+
+// later returns the later of a and b.
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// Policy returns the failure policy's state for the key of a cached entry.
+func (br *Broker) Policy(e *Entry) Policy {
+	now := br.opts.Now()
+	b := e.binding
+	out := Policy{NextRefresh: e.RefreshAt()}
+	p := &br.pol
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ss := p.sources[b.SourceID]; ss != nil && ss.hold.active(now) {
+		out.SourceBackoffUntil = ss.hold.until
+	}
+	if ks := p.keys[b.key]; ks != nil {
+		out.LastError, out.Failures = ks.mem.err, ks.mem.failures
+		if out.LastError == nil {
+			out.LastError = ks.refresh.err
+		}
+		for _, h := range []*failure{&ks.mem, &ks.refresh} {
+			if h.active(now) {
+				out.BackoffUntil = later(out.BackoffUntil, h.until)
+			}
+		}
+		out.PurgeHeldUntil, out.Strikes = ks.rejectHold(now), ks.strikes
+	}
+	out.NextRefresh = later(out.NextRefresh, later(out.SourceBackoffUntil, out.BackoffUntil))
+	return out
+}
+
+// SourceHold returns until when a source's token API is not called for any
+// key, and the failure behind it; zero when no hold is in force.
+func (br *Broker) SourceHold(sourceID string) (until time.Time, err error) {
+	now := br.opts.Now()
+	p := &br.pol
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ss := p.sources[sourceID]; ss != nil && ss.hold.active(now) {
+		return ss.hold.until, ss.hold.err
+	}
+	return time.Time{}, nil
+}
+
+// BreakerState returns the state of a source's circuit breaker (closed for a
+// source that has none yet).
+func (br *Broker) BreakerState(sourceID string) BreakerState {
+	p := &br.pol
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ss := p.sources[sourceID]; ss != nil {
+		return ss.brk.State()
+	}
+	return BreakerClosed
+}
+
+// ForgetFailures drops the remembered fetch failures (see
+// Options.FailureTTL) whose error match selects, so that the next lookup of
+// their keys fetches again at once: after a merchant's new consent, say,
+// its remembered consent_required must not outlive the cause. It returns
+// how many were dropped.
+func (br *Broker) ForgetFailures(match func(error) bool) int {
+	var n notes
+	defer func() { n.run() }()
+	p := &br.pol
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	c := 0
+	for _, ks := range p.keys {
+		if ks.mem.err != nil && match(ks.mem.err) {
+			n = ks.forget(n)
+			c++
+		}
+	}
+	return c
+}
+
+// ForgetSource drops everything the failure policy remembers about a
+// source: its hold (429 Retry-After, bad credential), its circuit breaker,
+// and the failure memory and refresh holds of its keys. Call it when the
+// source's credential changed (a key rotation plus a reload keeps its
+// ID): the next lookup calls it at once. It returns how many key failures
+// were dropped.
+func (br *Broker) ForgetSource(sourceID string) int {
+	var n notes
+	defer func() { n.run() }()
+	p := &br.pol
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if ss := p.sources[sourceID]; ss != nil {
+		n = ss.release(sourceID, n)
+		delete(p.sources, sourceID)
+	}
+	c := 0
+	for _, ks := range p.keys {
+		if ks.b.SourceID == sourceID && (ks.mem.err != nil || ks.refresh.err != nil) {
+			if ks.mem.err != nil {
+				c++
+			}
+			n = ks.forget(n)
+		}
+	}
+	return c
+}
+
+// SourcesHealth returns the health of the given sources, by source ID, in
+// one pass over the failure memory.
+func (br *Broker) SourcesHealth(sourceIDs ...string) map[string]SourceHealth {
+	now := br.opts.Now()
+	out := make(map[string]SourceHealth, len(sourceIDs))
+	for _, id := range sourceIDs {
+		h := SourceHealth{Breaker: br.BreakerState(id)}
+		h.HeldUntil, h.HoldError = br.SourceHold(id)
+		out[id] = h
+	}
+	p := &br.pol
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, ks := range p.keys {
+		h, ok := out[ks.b.SourceID]
+		if !ok || !ks.mem.active(now) {
+			continue
+		}
+		h.FailingKeys++
+		if h.LastError == nil || ks.mem.at.After(h.LastFailure) {
+			h.LastError, h.LastFailure = ks.mem.err, ks.mem.at
+		}
+		out[ks.b.SourceID] = h
+	}
+	return out
+}

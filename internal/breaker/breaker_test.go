@@ -1,0 +1,90 @@
+package breaker
+
+import (
+	"errors"
+	"testing"
+	"time"
+)
+
+// step is one call against the breaker: the clock moves by advance, then
+// Allow is asked; when it lets the call through, outcome is recorded.
+type step struct {
+	advance time.Duration
+	outcome Outcome
+	allowed bool  // what Allow must answer
+	state   State // the state after the step
+}
+
+func TestBreaker(t *testing.T) {
+	const cooldown = 10 * time.Second
+	fail := func(s State) step { return step{outcome: Failed, allowed: true, state: s} }
+	refused := func(s State) step { return step{allowed: false, state: s} }
+	tests := []struct {
+		name  string
+		steps []step
+	}{
+		{"opens after the threshold", []step{fail(Closed), fail(Closed), fail(Open), refused(Open)}},
+		{"a success resets the count", []step{fail(Closed), fail(Closed), {outcome: Healthy, allowed: true}, fail(Closed), fail(Closed), fail(Open)}},
+		{"an answer keeps the count", []step{fail(Closed), fail(Closed), {outcome: Answered, allowed: true}, fail(Open)}},
+		{"one probe after the cooldown, its success closes", []step{fail(Closed), fail(Closed), fail(Open),
+			{advance: cooldown, outcome: Healthy, allowed: true, state: Closed}, fail(Closed)}},
+		{"the probe's failure opens again", []step{fail(Closed), fail(Closed), fail(Open),
+			{advance: cooldown, outcome: Failed, allowed: true, state: Open}, {advance: cooldown - time.Second, state: Open}}},
+		{"an answer to the probe closes", []step{fail(Closed), fail(Closed), fail(Open),
+			{advance: cooldown, outcome: Answered, allowed: true, state: Closed}}},
+		{"a caller giving up releases the probe", []step{fail(Closed), fail(Closed), fail(Open),
+			{advance: cooldown, outcome: Unknown, allowed: true, state: HalfOpen}, {outcome: Healthy, allowed: true, state: Closed}}},
+		{"a clock gone back does not extend the cooldown", []step{fail(Closed), fail(Closed), fail(Open),
+			{advance: -time.Hour, outcome: Healthy, allowed: true, state: Closed}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := &Breaker{Threshold: 3, Cooldown: cooldown}
+			now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+			for i, s := range tt.steps {
+				now = now.Add(s.advance)
+				ok, wait, _, _ := b.Allow(now)
+				if ok != s.allowed {
+					t.Fatalf("step %d: allowed %v, want %v", i, ok, s.allowed)
+				}
+				if ok {
+					b.Record(now, s.outcome, errors.New("down"))
+				} else if wait <= 0 || wait > cooldown {
+					t.Fatalf("step %d: wait %s", i, wait)
+				}
+				if got := b.State(); got != s.state {
+					t.Fatalf("step %d: state %s, want %s", i, got, s.state)
+				}
+			}
+		})
+	}
+}
+
+// In half-open only one call at a time probes; one never reported stops
+// blocking after a cooldown.
+func TestBreakerOneProbe(t *testing.T) {
+	b := &Breaker{Threshold: 1, Cooldown: time.Minute}
+	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	b.Allow(now)
+	b.Record(now, Failed, errors.New("down"))
+	now = now.Add(time.Minute)
+	if ok, _, changed, _ := b.Allow(now); !ok || !changed {
+		t.Fatalf("probe: allowed %v changed %v, want both", ok, changed)
+	}
+	if ok, _, _, cause := b.Allow(now); ok || cause == nil {
+		t.Fatalf("a second call during the probe: allowed %v, cause %v", ok, cause)
+	}
+	if b.Idle(now.Add(time.Hour)) {
+		t.Fatal("idle with a probe out")
+	}
+	now = now.Add(time.Minute)
+	if ok, _, _, _ := b.Allow(now); !ok {
+		t.Fatal("a lost probe still blocks after a cooldown")
+	}
+	if from, to := b.Record(now, Healthy, nil); from != HalfOpen || to != Closed {
+		t.Fatalf("Record: %s -> %s", from, to)
+	}
+	if !b.Idle(now.Add(time.Second)) {
+		t.Fatal("a closed, unused breaker is not idle")
+	}
+}
