@@ -262,8 +262,6 @@ type Options struct {
 	// uses one configuration).
 	StoreNamespace string
 	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
-	// It may be called from several goroutines at once: a large file is
-	// parsed in chunks concurrently (see ParseFile).
 	LookupEnv func(string) (string, bool)
 }
 

@@ -360,48 +360,6 @@ func (p *parser) checkedEntry(id string) *entry {
 	return e
 }
 
-// plainMerchant maps the generic decode of a [merchants.ID] table (a
-// map[string]any) to a merchantTOML as the typed decode would; false
-// when the table has a key that is not exactly a merchant key, or a value
-// not of its key's type (the typed decode reports it).
-func plainMerchant(md *toml.MetaData, id string, v any) (merchantTOML, bool) {
-	var raw merchantTOML
-	t, ok := v.(map[string]any)
-	if !ok || md.Type("merchants", id) != "Hash" {
-		return raw, false
-	}
-	for k, v := range t {
-		switch k {
-		case "provider":
-			raw.Provider, ok = v.(string)
-		case "organisation":
-			raw.Organisation, ok = v.(string)
-		case "audience":
-			raw.Audience, ok = v.(string)
-		case "scopes":
-			var a []any
-			if a, ok = v.([]any); ok {
-				raw.Scopes = make([]string, len(a))
-				for i := 0; i < len(a) && ok; i++ {
-					raw.Scopes[i], ok = a[i].(string)
-				}
-			}
-		case "token_lifetime":
-			var s string
-			if s, ok = v.(string); ok {
-				raw.TokenLifetime = new(Duration)
-				ok = raw.TokenLifetime.UnmarshalText([]byte(s)) == nil
-			}
-		default:
-			ok = false
-		}
-		if !ok {
-			return raw, false
-		}
-	}
-	return raw, true
-}
-
 // resolveMerchant is merchant on the decoded table.
 func (p *parser) resolveMerchant(e *entry, id string, raw *merchantTOML) (Merchant, uint8) {
 	m := Merchant{ID: id, Terms: &Terms{Provider: raw.Provider}, Line: p.entryLine("merchants", id)}

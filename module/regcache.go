@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"runtime/debug"
 	"slices"
 	"sync/atomic"
 
@@ -35,18 +34,6 @@ var registryFiles = caddy.NewUsagePool()
 
 // registryParses counts the registry files parsed (for tests).
 var registryParses atomic.Int64
-
-// releaseAfterMerchants is how many merchant entries a load must parse
-// before the memory of the parse goes back to the operating system at
-// once: BurntSushi/toml leaves about 5 KB of garbage per merchant (570 MB
-// for 100 000), which the runtime would otherwise keep mapped for minutes
-// (idle RSS 440 MiB for a 20 MiB live heap). Smaller loads leave it to the
-// runtime's background scavenger.
-const releaseAfterMerchants = 10_000
-
-// releaseMemory returns the parse's garbage to the operating system
-// (a variable for tests).
-var releaseMemory = debug.FreeOSMemory
 
 // pooledRegistry is a registry in the pool, with the fingerprint of the
 // provider files (TLS, private keys) it was resolved with, and the parsed
@@ -115,18 +102,10 @@ func loadPooled(path string, opts config.Options, storeKey string) (*config.Regi
 	key := "registry " + hex.EncodeToString(h.Sum(nil))
 	v, loaded, err := registries.LoadOrNew(key, func() (caddy.Destructor, error) {
 		parsed := make([]*config.File, len(srcs))
-		merchants := 0 // parsed by this load (files in the pool not counted)
-		defer func() {
-			if merchants > releaseAfterMerchants {
-				releaseMemory()
-			}
-		}()
 		for i, src := range srcs {
 			v, _, err := registryFiles.LoadOrNew(fileKeys[i], func() (caddy.Destructor, error) {
 				registryParses.Add(1)
-				f := config.ParseFile(src, lookup)
-				merchants += f.Merchants
-				return &pooledFile{f: f}, nil
+				return &pooledFile{f: config.ParseFile(src, lookup)}, nil
 			})
 			if err != nil {
 				releaseFiles(fileKeys[:i])
