@@ -100,6 +100,7 @@ func joinChunks(files []*File, offsets []int) *File {
 	for i, f := range files {
 		off := offsets[i]
 		out.Merchants += f.Merchants
+		out.inputs.add(f.inputs)
 		if f.merchantsType != "" && out.merchantsType == "" {
 			out.merchantsType, out.merchantsLine = f.merchantsType, shift(f.merchantsLine, off)
 		}

@@ -33,6 +33,7 @@ type Registry struct {
 	Wildcard *Wildcard
 
 	profiles profiles // shared by the bindings (bindingFor)
+	inputs   inputs   // what its entries read (Inputs)
 }
 
 // Provider is a resolved [providers.NAME] table. It holds no secret in
@@ -324,6 +325,8 @@ type parser struct {
 	loc  locator // nil until then
 	ents locator // the entries' lines only, nil until the first need
 	errs []error
+	// inputs are the variables and files read (inputs.go).
+	inputs inputs
 }
 
 // entryLine returns the line of an entry (a provider's or a merchant's

@@ -51,6 +51,7 @@ type File struct {
 	wildcard      *Wildcard     // nil without [merchants."*"]
 	wildcardFlags uint8
 	topDefined    bool // the file defines [merchants] or [providers] itself
+	inputs        inputs
 }
 
 // Files lists the files of the registry that pattern names: the file
@@ -135,7 +136,7 @@ func parseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 	}
 	f := &File{Path: src.Path, dir: dir}
 	p := &parser{file: src.Path, dir: dir, env: lookupEnv, data: src.Data}
-	defer func() { f.errs = p.errs }()
+	defer func() { f.errs, f.inputs = p.errs, p.inputs }()
 	var doc document
 	md, err := toml.Decode(string(src.Data), &doc)
 	if err != nil {
@@ -279,6 +280,10 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 				reg.Merchants[m.ID] = badMerchant
 			}
 		}
+	}
+	for i, f := range files {
+		reg.inputs.add(f.inputs)
+		reg.inputs.add(ps[i].inputs)
 	}
 	if entries == 0 && !merchantsBad {
 		e := &Error{File: name, Msg: "no merchants: define at least one [merchants.ID] table"}

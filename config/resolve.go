@@ -86,7 +86,7 @@ func (e *entry) expand(field, s string) (string, bool) {
 			ok = false
 			return ""
 		}
-		v, set := e.p.env(name)
+		v, set := e.p.lookupEnv(name)
 		if !set {
 			e.errf(field, "environment variable %s is not set", name)
 			ok = false
@@ -104,7 +104,7 @@ func (e *entry) secret(field, ref string) broker.Secret {
 	var v string
 	if name, ok := cut(ref, "{env.", "}"); ok {
 		var set bool
-		switch v, set = e.p.env(name); {
+		switch v, set = e.p.lookupEnv(name); {
 		case !envName.MatchString(name):
 			e.errf(field, "the reference names an invalid environment variable: %s", use)
 		case !set:
@@ -114,7 +114,7 @@ func (e *entry) secret(field, ref string) broker.Secret {
 		}
 	} else if path, ok := cut(ref, "{file.", "}"); ok && path != "" {
 		path = e.p.abs(path)
-		b, err := readFile(path, maxSecretFile)
+		b, err := e.p.readFile(path, maxSecretFile)
 		v = strings.TrimRight(string(b), "\r\n")
 		switch {
 		case err != nil:
@@ -308,7 +308,7 @@ func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client
 		if *f.path == "" || !ok {
 			continue
 		}
-		b, err := readFile(*f.path, maxTLSFile)
+		b, err := e.p.readFile(*f.path, maxTLSFile)
 		if err != nil {
 			e.errf(f.field, "cannot read: %v", err)
 		}

@@ -109,3 +109,67 @@ func TestLoadPooledReleasesFiles(t *testing.T) {
 		}
 	}
 }
+
+// TestLoadPooledInputs: a load after a variable a merchant reads changed
+// parses that file again; after a secret file changed, it resolves the
+// providers again without parsing; each time the next load reuses the
+// registry (no parse, the same object).
+func TestLoadPooledInputs(t *testing.T) {
+	dir := t.TempDir()
+	secret := filepath.Join(dir, "api.key")
+	write := func(path, content string) {
+		t.Helper()
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(secret, "key-1\n")
+	write(filepath.Join(dir, "merchants.toml"), "[providers.nuapay]\ntype = \"nuapay\"\nbase_url = \"https://nuapay.example\"\napi_key = \"{file.api.key}\"\n\n"+
+		"[merchants.acme]\nprovider = \"nuapay\"\norganisation = \"{env.ACME_ORG}\"\nscopes = [\"pisp\"]\n")
+	env := map[string]string{"ACME_ORG": "org-1"}
+	opts := config.Options{LookupEnv: func(k string) (string, bool) { v, ok := env[k]; return v, ok }}
+	var keys []string
+	t.Cleanup(func() {
+		for _, k := range keys {
+			_, _ = registries.Delete(k)
+		}
+	})
+	load := func(wantParses int64) *config.Registry {
+		t.Helper()
+		before := RegistryParses()
+		reg, key, err := loadPooled(dir, opts, "store")
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys = append(keys, key)
+		if got := RegistryParses() - before; got != wantParses {
+			t.Fatalf("%d files parsed, want %d", got, wantParses)
+		}
+		return reg
+	}
+	first := load(1)
+	if again := load(0); again != first {
+		t.Fatal("an unchanged registry was not reused")
+	}
+
+	env["ACME_ORG"] = "org-2"
+	moved := load(1)
+	if got := moved.Merchants["acme"].Organisation; got != "org-2" {
+		t.Fatalf("organisation %q after the variable changed, want org-2", got)
+	}
+	if again := load(0); again != moved {
+		t.Fatal("the registry loaded after the variable changed was not reused")
+	}
+
+	write(secret, "key-2\n")
+	rotated := load(0)
+	if rotated == moved || rotated.Providers["nuapay"].SecretVersion == moved.Providers["nuapay"].SecretVersion {
+		t.Fatal("the secret file changed but the provider was not resolved again")
+	}
+	if rotated.Providers["nuapay"].ID != moved.Providers["nuapay"].ID {
+		t.Error("the provider ID changed with the secret: cached tokens would be lost")
+	}
+	if again := load(0); again != rotated {
+		t.Fatal("the registry loaded after the secret changed was not reused")
+	}
+}
