@@ -128,33 +128,15 @@ func joinChunks(files []*File, offsets []int) *File {
 			return nil
 		}
 	}
-	// Each chunk's merchants are sorted and distinct: when every chunk's
-	// come after the previous chunk's (ids in file order), so are all.
-	if !chunksInOrder(files) {
-		slices.SortFunc(out.merchants, func(a, b Merchant) int { return cmp.Compare(a.ID, b.ID) })
-		for i := 1; i < len(out.merchants); i++ {
-			if out.merchants[i-1].ID == out.merchants[i].ID {
-				return nil
-			}
+	// Each chunk's merchants are sorted: in a file in id order, so are
+	// all, which the sort finds at once.
+	slices.SortFunc(out.merchants, func(a, b Merchant) int { return cmp.Compare(a.ID, b.ID) })
+	for i := 1; i < len(out.merchants); i++ {
+		if out.merchants[i-1].ID == out.merchants[i].ID {
+			return nil
 		}
 	}
 	return out
-}
-
-// chunksInOrder reports whether the first merchant of every chunk comes
-// after the last merchant of the chunks before it.
-func chunksInOrder(files []*File) bool {
-	var last *Merchant
-	for _, f := range files {
-		if len(f.merchants) == 0 {
-			continue
-		}
-		if last != nil && f.merchants[0].ID <= last.ID {
-			return false
-		}
-		last = &f.merchants[len(f.merchants)-1]
-	}
-	return true
 }
 
 // shift moves a line of a chunk to the whole file; 0 (unknown) stays.

@@ -118,7 +118,7 @@ type Merchant struct {
 // Terms are what a merchant asks its provider for besides its
 // organisation. The merchants of a registry file that ask alike share one
 // Terms, so that 100 000 merchants of one provider hold one, not 100 000
-// (48 bytes per merchant instead of 104: issue 9). A Terms reachable from
+// (a Merchant is 48 bytes). A Terms reachable from
 // a Registry is shared: never assign to its fields, give the merchant a
 // new one.
 type Terms struct {
