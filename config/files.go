@@ -32,8 +32,9 @@ type Source struct {
 // merchants resolved (environment references expanded, scopes
 // normalised) but not yet checked against their providers, which may be
 // defined in another file. A File depends only on its path, its content
-// and the environment variables it names; it is not modified after
-// ParseFile, so one File may serve several Merges (concurrently too).
+// and the environment variables its merchants read (Inputs); it is not
+// modified after ParseFile, so one File may serve several Merges
+// (concurrently too).
 type File struct {
 	// Path is the file's path.
 	Path string
