@@ -11,8 +11,8 @@ import (
 // memory of its own, in few blocks with few pointers for the garbage
 // collector to follow, and shares equal values (measured with
 // BenchmarkRegistryMemory). The providers' and the wildcard entry's
-// strings keep the text of the piece they were decoded from (at most
-// about chunkBytes, see chunk.go): a handful per registry.
+// strings keep the text they were decoded from alive: a chunk of about
+// chunkBytes (see chunk.go), or the whole file when it is not cut.
 
 // compact gives the file's merchants strings of their own: their ids and
 // organisations in one block; their Terms (provider, scopes, lifetime,
