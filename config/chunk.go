@@ -3,20 +3,16 @@ package config
 import (
 	"bytes"
 	"cmp"
-	"math"
-	"runtime"
-	"runtime/debug"
 	"slices"
-	"sync"
-	"sync/atomic"
 )
 
-// A large registry file is parsed in chunks, by a worker per core: its
+// A large registry file is parsed in chunks, one after the other: its
 // text is split before lines that start a [merchants.ID] table (at column
-// 0), each chunk is parsed on its own (parseDoc with the merchants decoded
-// generically, or parseFile when that gives up), and the chunks' results
-// are joined. The result is the whole file's or the whole file is parsed
-// instead:
+// 0), each chunk is parsed on its own (parseFile), and the chunks'
+// results are joined. A chunk's parse holds a few megabytes of decoder
+// state, a whole 100 000-merchant file's over 200 MB (which the process
+// would keep as RSS long after) and twice the CPU time. The result is the
+// whole file's or the whole file is parsed instead:
 //
 //   - a split inside a multi-line string, array or inline table leaves the
 //     earlier chunk unterminated: a parse error;
@@ -61,9 +57,9 @@ func splitPoints(data []byte, n int) []int {
 	return cuts
 }
 
-// parseChunked parses src in n chunks concurrently; nil when n < 2, when
-// src cannot be cut, or when the chunks' result could differ from the
-// whole file's (see above): the caller then parses the whole file.
+// parseChunked parses src in n chunks; nil when n < 2, when src cannot
+// be cut, or when the chunks' result could differ from the whole file's
+// (see above): the caller then parses the whole file.
 func parseChunked(src Source, lookupEnv func(string) (string, bool), n int) *File {
 	if n < 2 {
 		return nil
@@ -74,24 +70,15 @@ func parseChunked(src Source, lookupEnv func(string) (string, bool), n int) *Fil
 	}
 	bounds := append(append([]int{0}, cuts...), len(src.Data))
 	files := make([]*File, len(bounds)-1)
-	// One worker per core the scheduler may use, each taking the next
-	// chunk.
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range min(runtime.GOMAXPROCS(0), len(files)) {
-		wg.Go(func() {
-			for i := int(next.Add(1) - 1); i < len(files); i = int(next.Add(1) - 1) {
-				chunk := Source{Path: src.Path, Data: src.Data[bounds[i]:bounds[i+1]]}
-				if files[i] = parseDoc(chunk, lookupEnv, true); files[i] == nil {
-					files[i] = parseFile(chunk, lookupEnv)
-				}
-			}
-		})
-	}
-	wg.Wait()
 	offsets := make([]int, len(files))
-	for i := 1; i < len(files); i++ {
-		offsets[i] = offsets[i-1] + bytes.Count(src.Data[bounds[i-1]:bounds[i]], []byte{'\n'})
+	for i := range files {
+		if i > 0 {
+			offsets[i] = offsets[i-1] + bytes.Count(src.Data[bounds[i-1]:bounds[i]], []byte{'\n'})
+		}
+		files[i] = parseFile(Source{Path: src.Path, Data: src.Data[bounds[i]:bounds[i+1]]}, lookupEnv)
+		if len(files[i].errs) > 0 {
+			return nil
+		}
 	}
 	return joinChunks(files, offsets)
 }
@@ -113,6 +100,7 @@ func joinChunks(files []*File, offsets []int) *File {
 	for i, f := range files {
 		off := offsets[i]
 		out.Merchants += f.Merchants
+		out.inputs.add(f.inputs)
 		if f.merchantsType != "" && out.merchantsType == "" {
 			out.merchantsType, out.merchantsLine = f.merchantsType, shift(f.merchantsLine, off)
 		}
@@ -140,33 +128,15 @@ func joinChunks(files []*File, offsets []int) *File {
 			return nil
 		}
 	}
-	// Each chunk's merchants are sorted and distinct: when every chunk's
-	// come after the previous chunk's (ids in file order), so are all.
-	if !chunksInOrder(files) {
-		slices.SortFunc(out.merchants, func(a, b Merchant) int { return cmp.Compare(a.ID, b.ID) })
-		for i := 1; i < len(out.merchants); i++ {
-			if out.merchants[i-1].ID == out.merchants[i].ID {
-				return nil
-			}
+	// Each chunk's merchants are sorted: in a file in id order, so are
+	// all, which the sort finds at once.
+	slices.SortFunc(out.merchants, func(a, b Merchant) int { return cmp.Compare(a.ID, b.ID) })
+	for i := 1; i < len(out.merchants); i++ {
+		if out.merchants[i-1].ID == out.merchants[i].ID {
+			return nil
 		}
 	}
 	return out
-}
-
-// chunksInOrder reports whether the first merchant of every chunk comes
-// after the last merchant of the chunks before it.
-func chunksInOrder(files []*File) bool {
-	var last *Merchant
-	for _, f := range files {
-		if len(f.merchants) == 0 {
-			continue
-		}
-		if last != nil && f.merchants[0].ID <= last.ID {
-			return false
-		}
-		last = &f.merchants[len(f.merchants)-1]
-	}
-	return true
 }
 
 // shift moves a line of a chunk to the whole file; 0 (unknown) stays.
@@ -175,50 +145,4 @@ func shift(line, offset int) int {
 		return 0
 	}
 	return line + offset
-}
-
-// relaxGCFrom is the size of a registry file from which the garbage
-// collector is relaxed while it is parsed (see relaxGC): about 10 000
-// merchants.
-const relaxGCFrom = 1 << 20
-
-// relaxGCFactor multiplies the collector's GOGC percentage during a large
-// parse.
-const relaxGCFactor = 4
-
-// gcRelax counts the parses that relaxed the collector; the first one
-// keeps the percentage to restore.
-var gcRelax struct {
-	sync.Mutex
-	n   int
-	old int
-}
-
-// relaxGC lets the heap grow further between collections while a large
-// file is parsed: the parse allocates about 5 KB of short-lived garbage a
-// merchant, whose collections would otherwise take a quarter of the
-// parse. It returns the function that restores the collector, when the
-// last parse in progress ends. A collector turned off by the user
-// (GOGC=off) stays off, and a memory limit (GOMEMLIMIT) still holds:
-// the runtime collects when the heap nears it, whatever the percentage.
-func relaxGC() (restore func()) {
-	gcRelax.Lock()
-	defer gcRelax.Unlock()
-	if gcRelax.n == 0 {
-		old := debug.SetGCPercent(-1)
-		if old <= 0 {
-			debug.SetGCPercent(old)
-			return func() {}
-		}
-		gcRelax.old = old
-		debug.SetGCPercent(min(old, math.MaxInt32/relaxGCFactor) * relaxGCFactor) // no overflow for a huge GOGC
-	}
-	gcRelax.n++
-	return func() {
-		gcRelax.Lock()
-		defer gcRelax.Unlock()
-		if gcRelax.n--; gcRelax.n == 0 {
-			debug.SetGCPercent(gcRelax.old)
-		}
-	}
 }

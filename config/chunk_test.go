@@ -3,8 +3,6 @@ package config
 import (
 	"fmt"
 	"reflect"
-	"runtime"
-	"runtime/debug"
 	"strings"
 	"testing"
 )
@@ -105,7 +103,6 @@ func TestParseChunked(t *testing.T) {
 // any chunk reports it as the whole-file parse does (file, line, entry):
 // the chunked parse falls back to it.
 func TestParseFileChunkedErrors(t *testing.T) {
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
 	base := string(benchRegistry(12_000)) // about 1.1 MB: 17 chunks
 	if n := chunks(len(base)); n < 2 {
 		t.Fatalf("%d chunks", n)
@@ -141,7 +138,6 @@ func TestParseFileChunkedErrors(t *testing.T) {
 // TestParseFileChunkedLines checks that the lines of a chunked parse are
 // the whole file's, and that a large file is chunked at all.
 func TestParseFileChunkedLines(t *testing.T) {
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
 	data := benchRegistry(12_000)
 	src := Source{Path: "merchants.toml", Data: data}
 	chunked := parseChunked(src, benchEnv, chunks(len(data)))
@@ -174,52 +170,4 @@ func FuzzParseChunked(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte, n uint8) {
 		checkChunked(t, data, 2+int(n%7))
 	})
-}
-
-// gcPercent reads the collector's percentage.
-func gcPercent() int {
-	p := debug.SetGCPercent(-1)
-	debug.SetGCPercent(p)
-	return p
-}
-
-// TestRelaxGC checks that a large parse relaxes the collector and
-// restores it after the last parse in progress, and leaves a collector
-// turned off alone.
-func TestRelaxGC(t *testing.T) {
-	defer debug.SetGCPercent(debug.SetGCPercent(100))
-	r1 := relaxGC()
-	if got := gcPercent(); got != 100*relaxGCFactor {
-		t.Fatalf("relaxed: %d", got)
-	}
-	r2 := relaxGC() // a concurrent parse
-	if got := gcPercent(); got != 100*relaxGCFactor {
-		t.Fatalf("relaxed twice: %d", got)
-	}
-	r1()
-	if got := gcPercent(); got != 100*relaxGCFactor {
-		t.Fatalf("one parse left: %d", got)
-	}
-	r2()
-	if got := gcPercent(); got != 100 {
-		t.Fatalf("restored: %d", got)
-	}
-
-	debug.SetGCPercent(-1) // GOGC=off
-	r := relaxGC()
-	if got := gcPercent(); got != -1 {
-		t.Fatalf("GOGC=off relaxed: %d", got)
-	}
-	r()
-	if got := gcPercent(); got != -1 {
-		t.Fatalf("GOGC=off restored: %d", got)
-	}
-
-	debug.SetGCPercent(50)
-	if _, err := ParseWith("merchants.toml", benchRegistry(12_000), Options{LookupEnv: benchEnv}); err != nil {
-		t.Fatal(err)
-	}
-	if got := gcPercent(); got != 50 {
-		t.Fatalf("after a large parse: %d", got)
-	}
 }

@@ -1,21 +1,23 @@
 package config
 
 import (
-	"reflect"
 	"strings"
 	"time"
 )
 
-// The decoder's strings are slices of the whole file's text: a registry
-// that kept one of them would keep the whole file (about 90 bytes a
-// merchant). compact copies what a File keeps into memory of its own, in
-// few blocks with few pointers for the garbage collector to follow, and
-// shares equal values (measured with BenchmarkRegistryMemory).
+// The decoder's strings are slices of the text it decoded: a registry
+// that kept one of them would keep that text (about 90 bytes a
+// merchant). compact copies what a File keeps of its merchants into
+// memory of its own, in few blocks with few pointers for the garbage
+// collector to follow, and shares equal values (measured with
+// BenchmarkRegistryMemory). The providers' and the wildcard entry's
+// strings keep the text they were decoded from alive: a chunk of about
+// chunkBytes (see chunk.go), or the whole file when it is not cut.
 
-// compact gives the file's merchants, wildcard and providers strings of
-// their own: the merchants' ids and organisations in one block; their
-// Terms (provider, scopes, lifetime, audience) shared by the merchants
-// with equal ones (a Terms is never modified: Wildcard.For copies it).
+// compact gives the file's merchants strings of their own: their ids and
+// organisations in one block; their Terms (provider, scopes, lifetime,
+// audience) shared by the merchants with equal ones (a Terms is never
+// modified: Wildcard.For copies it).
 func (f *File) compact() {
 	n := 0
 	for i := range f.merchants {
@@ -50,12 +52,6 @@ func (f *File) compact() {
 			terms[k] = t
 		}
 		m.Terms = t
-	}
-	if w := f.wildcard; w != nil {
-		cloneStrings(reflect.ValueOf(w).Elem())
-	}
-	for _, rp := range f.providers {
-		cloneStrings(reflect.ValueOf(rp).Elem())
 	}
 }
 
@@ -128,45 +124,4 @@ func (in *interner) scopes(sc []string) []string {
 	}
 	in.lists[strings.Clone(key)] = v
 	return v
-}
-
-// cloneStrings replaces every string reachable from v (structs, pointers,
-// slices, maps; exported fields or not) by a copy.
-func cloneStrings(v reflect.Value) {
-	switch v.Kind() {
-	case reflect.String:
-		if v.CanSet() {
-			v.SetString(strings.Clone(v.String()))
-		}
-	case reflect.Pointer, reflect.Interface:
-		if !v.IsNil() {
-			cloneStrings(v.Elem())
-		}
-	case reflect.Struct:
-		for i := range v.NumField() {
-			f := v.Field(i)
-			if !f.CanSet() {
-				f = reflect.NewAt(f.Type(), f.Addr().UnsafePointer()).Elem()
-			}
-			cloneStrings(f)
-		}
-	case reflect.Slice, reflect.Array:
-		for i := range v.Len() {
-			cloneStrings(v.Index(i))
-		}
-	case reflect.Map:
-		if v.IsNil() {
-			return
-		}
-		c := reflect.MakeMapWithSize(v.Type(), v.Len())
-		for it := v.MapRange(); it.Next(); {
-			k, e := reflect.New(v.Type().Key()).Elem(), reflect.New(v.Type().Elem()).Elem()
-			k.Set(it.Key())
-			e.Set(it.Value())
-			cloneStrings(k)
-			cloneStrings(e)
-			c.SetMapIndex(k, e)
-		}
-		v.Set(c)
-	}
 }

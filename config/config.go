@@ -33,6 +33,7 @@ type Registry struct {
 	Wildcard *Wildcard
 
 	profiles profiles // shared by the bindings (bindingFor)
+	inputs   inputs   // what its entries read (Inputs)
 }
 
 // Provider is a resolved [providers.NAME] table. It holds no secret in
@@ -117,7 +118,7 @@ type Merchant struct {
 // Terms are what a merchant asks its provider for besides its
 // organisation. The merchants of a registry file that ask alike share one
 // Terms, so that 100 000 merchants of one provider hold one, not 100 000
-// (48 bytes per merchant instead of 104: issue 9). A Terms reachable from
+// (a Merchant is 48 bytes). A Terms reachable from
 // a Registry is shared: never assign to its fields, give the merchant a
 // new one.
 type Terms struct {
@@ -262,8 +263,6 @@ type Options struct {
 	// uses one configuration).
 	StoreNamespace string
 	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
-	// It may be called from several goroutines at once: a large file is
-	// parsed in chunks concurrently (see ParseFile).
 	LookupEnv func(string) (string, bool)
 }
 
@@ -326,6 +325,8 @@ type parser struct {
 	loc  locator // nil until then
 	ents locator // the entries' lines only, nil until the first need
 	errs []error
+	// inputs are the variables and files read (inputs.go).
+	inputs inputs
 }
 
 // entryLine returns the line of an entry (a provider's or a merchant's

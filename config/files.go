@@ -32,8 +32,9 @@ type Source struct {
 // merchants resolved (environment references expanded, scopes
 // normalised) but not yet checked against their providers, which may be
 // defined in another file. A File depends only on its path, its content
-// and the environment variables it names; it is not modified after
-// ParseFile, so one File may serve several Merges (concurrently too).
+// and the environment variables its merchants read (Inputs); it is not
+// modified after ParseFile, so one File may serve several Merges
+// (concurrently too).
 type File struct {
 	// Path is the file's path.
 	Path string
@@ -51,6 +52,7 @@ type File struct {
 	wildcard      *Wildcard     // nil without [merchants."*"]
 	wildcardFlags uint8
 	topDefined    bool // the file defines [merchants] or [providers] itself
+	inputs        inputs
 }
 
 // Files lists the files of the registry that pattern names: the file
@@ -115,16 +117,11 @@ func ReadSources(paths []string) ([]Source, error) {
 
 // ParseFile parses one registry file on its own. lookupEnv resolves the
 // {env.NAME} references of merchants (os.LookupEnv when nil). Its
-// problems are reported by Merge.
-// A large file is parsed in chunks on the machine's cores (see
-// parseChunked), with the same result as a parse of the whole file:
-// lookupEnv may then be called from several goroutines at once.
+// problems are reported by Merge. A large file is parsed in chunks (see
+// parseChunked), with the same result as a parse of the whole file.
 func ParseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 	if lookupEnv == nil {
 		lookupEnv = os.LookupEnv
-	}
-	if len(src.Data) >= relaxGCFrom {
-		defer relaxGC()()
 	}
 	if f := parseChunked(src, lookupEnv, chunks(len(src.Data))); f != nil {
 		return f
@@ -134,34 +131,15 @@ func ParseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 
 // parseFile is ParseFile in one piece.
 func parseFile(src Source, lookupEnv func(string) (string, bool)) *File {
-	return parseDoc(src, lookupEnv, false)
-}
-
-// parseDoc is parseFile. plain decodes the merchants generically and maps
-// them by hand (plainMerchant), at a third of the typed decode's cost; it
-// gives up (nil) on a syntax error, a wildcard entry, or a merchant table
-// that is not made of merchant keys with values of their types: the typed
-// decode then says what is wrong.
-func parseDoc(src Source, lookupEnv func(string) (string, bool), plain bool) *File {
 	dir, err := filepath.Abs(filepath.Dir(src.Path))
 	if err != nil {
 		dir = filepath.Dir(src.Path)
 	}
 	f := &File{Path: src.Path, dir: dir}
 	p := &parser{file: src.Path, dir: dir, env: lookupEnv, data: src.Data}
-	defer func() { f.errs = p.errs }()
+	defer func() { f.errs, f.inputs = p.errs, p.inputs }()
 	var doc document
-	var plainDoc plainDocument
-	var md toml.MetaData
-	if plain {
-		md, err = toml.Decode(string(src.Data), &plainDoc)
-		if _, wildcard := plainDoc.Merchants[WildcardID]; err != nil || wildcard {
-			return nil
-		}
-		doc.Providers = plainDoc.Providers
-	} else {
-		md, err = toml.Decode(string(src.Data), &doc)
-	}
+	md, err := toml.Decode(string(src.Data), &doc)
 	if err != nil {
 		p.decodeError(err, true)
 		f.merchantsType = "error"
@@ -195,12 +173,7 @@ func parseDoc(src Source, lookupEnv func(string) (string, bool), plain bool) *Fi
 	for _, name := range sortedKeys(doc.Providers) {
 		f.providers = append(f.providers, p.rawProvider(&md, name, doc.Providers[name]))
 	}
-	var ids []string
-	if plain {
-		ids = sortedKeys(plainDoc.Merchants)
-	} else {
-		ids = sortedKeys(doc.Merchants)
-	}
+	ids := sortedKeys(doc.Merchants)
 	f.Merchants = len(ids)
 	f.merchants = make([]Merchant, 0, len(ids))
 	for _, id := range ids {
@@ -208,17 +181,7 @@ func parseDoc(src Source, lookupEnv func(string) (string, bool), plain bool) *Fi
 			f.wildcard, f.wildcardFlags = p.wildcard(&md, doc.Merchants[id])
 			continue
 		}
-		var m Merchant
-		var flags uint8
-		if plain {
-			raw, ok := plainMerchant(&md, id, plainDoc.Merchants[id])
-			if !ok {
-				return nil
-			}
-			m, flags = p.resolveMerchant(p.checkedEntry(id), id, &raw)
-		} else {
-			m, flags = p.merchant(&md, id, doc.Merchants[id])
-		}
+		m, flags := p.merchant(&md, id, doc.Merchants[id])
 		if flags != 0 {
 			if f.flags == nil {
 				f.flags = map[int]uint8{}
@@ -318,6 +281,10 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 				reg.Merchants[m.ID] = badMerchant
 			}
 		}
+	}
+	for i, f := range files {
+		reg.inputs.add(f.inputs)
+		reg.inputs.add(ps[i].inputs)
 	}
 	if entries == 0 && !merchantsBad {
 		e := &Error{File: name, Msg: "no merchants: define at least one [merchants.ID] table"}

@@ -76,7 +76,7 @@ func BenchmarkRegistryLoad(b *testing.B) {
 }
 
 // TestRegistryHeapPerMerchant guards what a loaded registry holds per
-// explicit merchant (issue 9: RSS is about twice the live heap): its
+// explicit merchant (RSS is about twice the live heap): its
 // table's slot, its 48-byte Merchant and its id and organisation bytes,
 // with the provider, scopes, lifetime and audience shared (Terms).
 // Deterministic: a heap delta after full collections, not a timing.

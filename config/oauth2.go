@@ -182,7 +182,7 @@ func (e *entry) signer(raw *providerTOML, p *Provider, fp *fingerprint) *oauth.S
 		e.errf("private_key", "missing: auth_method private_key_jwt needs the path of the PEM private key")
 		return nil
 	}
-	b, err := readFile(p.PrivateKey, maxKeyFile)
+	b, err := e.p.readFile(p.PrivateKey, maxKeyFile)
 	if err != nil {
 		e.errf("private_key", "cannot read: %v", err)
 		return nil

@@ -86,7 +86,7 @@ func (e *entry) expand(field, s string) (string, bool) {
 			ok = false
 			return ""
 		}
-		v, set := e.p.env(name)
+		v, set := e.p.lookupEnv(name)
 		if !set {
 			e.errf(field, "environment variable %s is not set", name)
 			ok = false
@@ -104,7 +104,7 @@ func (e *entry) secret(field, ref string) broker.Secret {
 	var v string
 	if name, ok := cut(ref, "{env.", "}"); ok {
 		var set bool
-		switch v, set = e.p.env(name); {
+		switch v, set = e.p.lookupEnv(name); {
 		case !envName.MatchString(name):
 			e.errf(field, "the reference names an invalid environment variable: %s", use)
 		case !set:
@@ -114,7 +114,7 @@ func (e *entry) secret(field, ref string) broker.Secret {
 		}
 	} else if path, ok := cut(ref, "{file.", "}"); ok && path != "" {
 		path = e.p.abs(path)
-		b, err := readFile(path, maxSecretFile)
+		b, err := e.p.readFile(path, maxSecretFile)
 		v = strings.TrimRight(string(b), "\r\n")
 		switch {
 		case err != nil:
@@ -308,7 +308,7 @@ func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client
 		if *f.path == "" || !ok {
 			continue
 		}
-		b, err := readFile(*f.path, maxTLSFile)
+		b, err := e.p.readFile(*f.path, maxTLSFile)
 		if err != nil {
 			e.errf(f.field, "cannot read: %v", err)
 		}
@@ -358,48 +358,6 @@ func (p *parser) checkedEntry(id string) *entry {
 		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
 	return e
-}
-
-// plainMerchant maps the generic decode of a [merchants.ID] table (a
-// map[string]any) to a merchantTOML as the typed decode would; false
-// when the table has a key that is not exactly a merchant key, or a value
-// not of its key's type (the typed decode reports it).
-func plainMerchant(md *toml.MetaData, id string, v any) (merchantTOML, bool) {
-	var raw merchantTOML
-	t, ok := v.(map[string]any)
-	if !ok || md.Type("merchants", id) != "Hash" {
-		return raw, false
-	}
-	for k, v := range t {
-		switch k {
-		case "provider":
-			raw.Provider, ok = v.(string)
-		case "organisation":
-			raw.Organisation, ok = v.(string)
-		case "audience":
-			raw.Audience, ok = v.(string)
-		case "scopes":
-			var a []any
-			if a, ok = v.([]any); ok {
-				raw.Scopes = make([]string, len(a))
-				for i := 0; i < len(a) && ok; i++ {
-					raw.Scopes[i], ok = a[i].(string)
-				}
-			}
-		case "token_lifetime":
-			var s string
-			if s, ok = v.(string); ok {
-				raw.TokenLifetime = new(Duration)
-				ok = raw.TokenLifetime.UnmarshalText([]byte(s)) == nil
-			}
-		default:
-			ok = false
-		}
-		if !ok {
-			return raw, false
-		}
-	}
-	return raw, true
 }
 
 // resolveMerchant is merchant on the decoded table.

@@ -24,15 +24,6 @@ type document struct {
 	Merchants map[string]toml.Primitive `toml:"merchants"`
 }
 
-// plainDocument is document with the merchants decoded generically
-// (see parseDoc).
-type plainDocument struct {
-	// Providers are the token APIs, by provider name.
-	Providers map[string]toml.Primitive `toml:"providers"`
-	// Merchants are the merchants' tables, by merchant id.
-	Merchants map[string]any `toml:"merchants"`
-}
-
 // providerTOML is one [providers.NAME] table. Which keys a provider may
 // set depends on its type (providerType.keys); type, timeout and tls are
 // common to all.

@@ -224,7 +224,7 @@ func (r *Registry) sharesProfile(m *Merchant, routeScopes bool) bool {
 
 // profiles are the broker profiles of a registry's bindings, one per
 // provider, scope set, audience and lifetime: every merchant binding
-// served with the same ones shares it (issue 9: about 100 bytes fewer
+// served with the same ones shares it (about 100 bytes fewer
 // per warm merchant). They live as long as the registry.
 type profiles struct {
 	mu sync.Mutex

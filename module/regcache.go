@@ -4,12 +4,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"os"
-	"path/filepath"
-	"regexp"
-	"runtime/debug"
-	"slices"
+	"sync"
 	"sync/atomic"
 
 	"github.com/caddyserver/caddy/v2"
@@ -17,68 +13,85 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// registries keeps loaded registries across config reloads. A reload that
-// does not change the registry's files, the environment variables they
-// name, the {file.PATH} secrets they name, the TLS and key files of its
-// providers, or the store its refresh tokens go to, reuses the registry
+// registries keeps loaded registries across config reloads, by path,
+// refresh store and the content of the registry's files. A reload that
+// changes none of them, nor anything else the registry read
+// (config.Registry.Inputs: the environment variables, the {file.PATH}
+// secrets, the TLS and key files its entries name), reuses the registry
 // already loaded: no file is parsed again, and the providers' sources are
 // the same objects (their cached tokens were kept anyway: the cache is
-// keyed by provider ID).
+// keyed by provider ID). When only those inputs changed, the providers
+// are resolved again from the files as parsed.
 var registries = caddy.NewUsagePool()
 
 // registryFiles keeps the parsed files of the registries in the pool, by
-// path, content and the environment variables they name: when one file of
-// a registry split across several changes, a reload parses that file
-// only, and merges it with the others as parsed before. A registry in the
-// pool holds its files; a file goes when no registry holds it.
+// path and content: when one file of a registry split across several
+// changes, a reload parses that file only, and merges it with the others
+// as parsed before (again when an environment variable its merchants read
+// changed). A registry in the pool holds its files; a file goes when no
+// registry holds it.
 var registryFiles = caddy.NewUsagePool()
 
 // registryParses counts the registry files parsed (for tests).
 var registryParses atomic.Int64
 
-// releaseAfterMerchants is how many merchant entries a load must parse
-// before the memory of the parse goes back to the operating system at
-// once: BurntSushi/toml leaves about 5 KB of garbage per merchant (570 MB
-// for 100 000), which the runtime would otherwise keep mapped for minutes
-// (idle RSS 440 MiB for a 20 MiB live heap). Smaller loads leave it to the
-// runtime's background scavenger.
-const releaseAfterMerchants = 10_000
-
-// releaseMemory returns the parse's garbage to the operating system
-// (a variable for tests).
-var releaseMemory = debug.FreeOSMemory
-
-// pooledRegistry is a registry in the pool, with the fingerprint of the
-// provider files (TLS, private keys) it was resolved with, and the parsed
-// files it holds in registryFiles.
+// pooledRegistry is a registry in the pool with the parsed files it
+// holds in registryFiles. reg is replaced when an input it read changed;
+// a registry handed out before stays as it was.
 type pooledRegistry struct {
-	reg      *config.Registry
-	files    string
-	parsed   []*config.File
+	mu       sync.Mutex
+	reg      *config.Registry // nil until the first current
+	files    []*pooledFile
 	fileKeys []string
 }
 
 // Destruct releases the registry's parsed files.
 func (pr *pooledRegistry) Destruct() error {
-	releaseFiles(pr.fileKeys)
+	for _, k := range pr.fileKeys {
+		_, _ = registryFiles.Delete(k)
+	}
 	return nil
 }
 
-func releaseFiles(keys []string) {
-	for _, k := range keys {
-		_, _ = registryFiles.Delete(k)
+// current returns the registry, resolved again when something it read
+// changed since.
+func (pr *pooledRegistry) current(path string, srcs []config.Source, opts config.Options) (*config.Registry, error) {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	if pr.reg != nil && !config.Changed(pr.reg.Inputs(), opts.LookupEnv) {
+		return pr.reg, nil
 	}
+	parsed := make([]*config.File, len(srcs))
+	for i, pf := range pr.files {
+		parsed[i] = pf.current(srcs[i], opts.LookupEnv)
+	}
+	reg, err := config.Merge(path, srcs, parsed, opts)
+	if err != nil {
+		return nil, registryError(err)
+	}
+	pr.reg = reg
+	return reg, nil
 }
 
-// pooledFile is a parsed registry file in registryFiles.
-type pooledFile struct{ f *config.File }
+// pooledFile is a registry file in registryFiles, parsed on first use.
+type pooledFile struct {
+	mu sync.Mutex
+	f  *config.File
+}
 
 func (*pooledFile) Destruct() error { return nil }
 
-var (
-	envRefRe  = regexp.MustCompile(`\{env\.([A-Za-z_][A-Za-z0-9_]*)\}`)
-	fileRefRe = regexp.MustCompile(`\{file\.([^{}]+)\}`)
-)
+// current returns the parsed file, parsed again when an environment
+// variable it read changed since.
+func (pf *pooledFile) current(src config.Source, lookup func(string) (string, bool)) *config.File {
+	pf.mu.Lock()
+	defer pf.mu.Unlock()
+	if pf.f == nil || config.Changed(pf.f.Inputs(), lookup) {
+		registryParses.Add(1)
+		pf.f = config.ParseFile(src, lookup)
+	}
+	return pf.f
+}
 
 // loadPooled returns the registry at path (a file, a directory or a glob:
 // config.Files), from the pool when nothing it depends on changed, and
@@ -93,121 +106,40 @@ func loadPooled(path string, opts config.Options, storeKey string) (*config.Regi
 	if err != nil {
 		return nil, "", registryError(err)
 	}
-	lookup := opts.LookupEnv
-	if lookup == nil {
-		lookup = os.LookupEnv
+	if opts.LookupEnv == nil {
+		opts.LookupEnv = os.LookupEnv
 	}
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\x00%s\x00", path, storeKey)
+	fmt.Fprintf(h, "%d:%s\x00%d:%s\x00", len(path), path, len(storeKey), storeKey)
 	fileKeys := make([]string, len(srcs))
 	for i, src := range srcs {
-		fileKeys[i] = fileKey(src, lookup)
+		fileKeys[i] = fileKey(src)
 		fmt.Fprintf(h, "%s\x00", fileKeys[i])
-		dir := filepath.Dir(src.Path)
-		for _, m := range fileRefRe.FindAllSubmatch(src.Data, -1) {
-			p := string(m[1])
-			if !filepath.IsAbs(p) {
-				p = filepath.Join(dir, p)
-			}
-			fmt.Fprintf(h, "\x00file %s %s", p, fileSum(p))
-		}
 	}
 	key := "registry " + hex.EncodeToString(h.Sum(nil))
-	v, loaded, err := registries.LoadOrNew(key, func() (caddy.Destructor, error) {
-		parsed := make([]*config.File, len(srcs))
-		merchants := 0 // parsed by this load (files in the pool not counted)
-		defer func() {
-			if merchants > releaseAfterMerchants {
-				releaseMemory()
-			}
-		}()
-		for i, src := range srcs {
-			v, _, err := registryFiles.LoadOrNew(fileKeys[i], func() (caddy.Destructor, error) {
-				registryParses.Add(1)
-				f := config.ParseFile(src, lookup)
-				merchants += f.Merchants
-				return &pooledFile{f: f}, nil
-			})
-			if err != nil {
-				releaseFiles(fileKeys[:i])
-				return nil, err
-			}
-			parsed[i] = v.(*pooledFile).f
+	v, _, _ := registries.LoadOrNew(key, func() (caddy.Destructor, error) {
+		pr := &pooledRegistry{fileKeys: fileKeys, files: make([]*pooledFile, len(srcs))}
+		for i := range srcs {
+			f, _, _ := registryFiles.LoadOrNew(fileKeys[i], func() (caddy.Destructor, error) { return &pooledFile{}, nil })
+			pr.files[i] = f.(*pooledFile)
 		}
-		reg, err := config.Merge(path, srcs, parsed, opts)
-		if err != nil {
-			releaseFiles(fileKeys)
-			return nil, registryError(err)
-		}
-		return &pooledRegistry{reg: reg, files: providerFiles(reg), parsed: parsed, fileKeys: fileKeys}, nil
+		return pr, nil
 	})
+	reg, err := v.(*pooledRegistry).current(path, srcs, opts)
 	if err != nil {
+		_, _ = registries.Delete(key)
 		return nil, "", err
 	}
-	pr := v.(*pooledRegistry)
-	if loaded && providerFiles(pr.reg) != pr.files {
-		// A TLS or key file changed under the same registry: resolve the
-		// providers again, outside the pool (the files are as parsed: their
-		// content is the same, the key says so).
-		reg, err := config.Merge(path, srcs, pr.parsed, opts)
-		_, _ = registries.Delete(key)
-		if err != nil {
-			return nil, "", registryError(err)
-		}
-		return reg, "", nil
-	}
-	return pr.reg, key, nil
+	return reg, key, nil
 }
 
-// fileKey is the key of a registry file in registryFiles: its path, its
-// content and the values of the environment variables it names.
-func fileKey(src config.Source, lookup func(string) (string, bool)) string {
+// fileKey is the key of a registry file in registryFiles: its path and
+// its content.
+func fileKey(src config.Source) string {
 	h := sha256.New()
 	fmt.Fprintf(h, "%d:%s\x00", len(src.Path), src.Path)
 	h.Write(src.Data)
-	for _, m := range envRefRe.FindAllSubmatch(src.Data, -1) {
-		v, ok := lookup(string(m[1]))
-		fmt.Fprintf(h, "\x00env %s %t %d:%s", m[1], ok, len(v), v)
-	}
 	return "registry file " + hex.EncodeToString(h.Sum(nil))
-}
-
-// providerFiles fingerprints the files the providers were resolved with.
-func providerFiles(reg *config.Registry) string {
-	h := sha256.New()
-	for _, name := range sortedNames(reg.Providers) {
-		p := reg.Providers[name]
-		for _, f := range []string{p.TLS.CertFile, p.TLS.KeyFile, p.TLS.CAFile, p.PrivateKey} {
-			if f != "" {
-				fmt.Fprintf(h, "%s %s\x00", f, fileSum(f))
-			}
-		}
-	}
-	return hex.EncodeToString(h.Sum(nil))
-}
-
-// fileSum is the SHA-256 of a small file's content, or why it cannot be
-// read.
-func fileSum(path string) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return "error: " + err.Error()
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, io.LimitReader(f, 4<<20)); err != nil {
-		return "error: " + err.Error()
-	}
-	return hex.EncodeToString(h.Sum(nil))
-}
-
-func sortedNames[V any](m map[string]V) []string {
-	names := make([]string, 0, len(m))
-	for k := range m {
-		names = append(names, k)
-	}
-	slices.Sort(names)
-	return names
 }
 
 // RegistryParses returns how many registry files this process has parsed:

@@ -110,46 +110,66 @@ func TestLoadPooledReleasesFiles(t *testing.T) {
 	}
 }
 
-// TestLoadPooledReleasesParseMemory: a load that parses more than
-// releaseAfterMerchants merchant entries gives the parse's memory back to
-// the operating system once (idle RSS at 100 000 merchants: 440 -> 88
-// MiB); a smaller load, and a reload that parses nothing, do not.
-func TestLoadPooledReleasesParseMemory(t *testing.T) {
-	released := 0
-	saved := releaseMemory
-	releaseMemory = func() { released++ }
-	t.Cleanup(func() { releaseMemory = saved })
-	opts := config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }}
-	tests := []struct {
-		name         string
-		files, each  int
-		wantReleases int
-	}{
-		{"small registry", 2, 1000, 0},
-		{"one large file", 1, releaseAfterMerchants + 1, 1},
-		{"split registry over the threshold", 3, releaseAfterMerchants/3 + 1, 1},
+// TestLoadPooledInputs: a load after a variable a merchant reads changed
+// parses that file again; after a secret file changed, it resolves the
+// providers again without parsing; each time the next load reuses the
+// registry (no parse, the same object).
+func TestLoadPooledInputs(t *testing.T) {
+	dir := t.TempDir()
+	secret := filepath.Join(dir, "api.key")
+	write := func(path, content string) {
+		t.Helper()
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			dir := t.TempDir()
-			writeSplitRegistry(t, dir, tt.files, tt.each, -1, "")
-			released = 0
-			var keys []string
-			t.Cleanup(func() {
-				for _, k := range keys {
-					_, _ = registries.Delete(k)
-				}
-			})
-			for range 2 { // the second load reuses the registry: no parse
-				_, key, err := loadPooled(dir, opts, "store")
-				if err != nil {
-					t.Fatal(err)
-				}
-				keys = append(keys, key)
-			}
-			if released != tt.wantReleases {
-				t.Fatalf("memory released %d times, want %d", released, tt.wantReleases)
-			}
-		})
+	write(secret, "key-1\n")
+	write(filepath.Join(dir, "merchants.toml"), "[providers.nuapay]\ntype = \"nuapay\"\nbase_url = \"https://nuapay.example\"\napi_key = \"{file.api.key}\"\n\n"+
+		"[merchants.acme]\nprovider = \"nuapay\"\norganisation = \"{env.ACME_ORG}\"\nscopes = [\"pisp\"]\n")
+	env := map[string]string{"ACME_ORG": "org-1"}
+	opts := config.Options{LookupEnv: func(k string) (string, bool) { v, ok := env[k]; return v, ok }}
+	var keys []string
+	t.Cleanup(func() {
+		for _, k := range keys {
+			_, _ = registries.Delete(k)
+		}
+	})
+	load := func(wantParses int64) *config.Registry {
+		t.Helper()
+		before := RegistryParses()
+		reg, key, err := loadPooled(dir, opts, "store")
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys = append(keys, key)
+		if got := RegistryParses() - before; got != wantParses {
+			t.Fatalf("%d files parsed, want %d", got, wantParses)
+		}
+		return reg
+	}
+	first := load(1)
+	if again := load(0); again != first {
+		t.Fatal("an unchanged registry was not reused")
+	}
+
+	env["ACME_ORG"] = "org-2"
+	moved := load(1)
+	if got := moved.Merchants["acme"].Organisation; got != "org-2" {
+		t.Fatalf("organisation %q after the variable changed, want org-2", got)
+	}
+	if again := load(0); again != moved {
+		t.Fatal("the registry loaded after the variable changed was not reused")
+	}
+
+	write(secret, "key-2\n")
+	rotated := load(0)
+	if rotated == moved || rotated.Providers["nuapay"].SecretVersion == moved.Providers["nuapay"].SecretVersion {
+		t.Fatal("the secret file changed but the provider was not resolved again")
+	}
+	if rotated.Providers["nuapay"].ID != moved.Providers["nuapay"].ID {
+		t.Error("the provider ID changed with the secret: cached tokens would be lost")
+	}
+	if again := load(0); again != rotated {
+		t.Fatal("the registry loaded after the secret changed was not reused")
 	}
 }

@@ -1,0 +1,143 @@
+package integration
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
+	"github.com/tokenbroker/caddy-token-broker/module"
+)
+
+// TestReloadUsesChangedInputs: a file the registry names changes (a
+// {file.…} secret, a private_key_jwt key, a CA file) while the registry's
+// own file does not; a Caddy reload uses the new content (the token
+// request, refused before, succeeds), and the next unchanged reload
+// parses nothing and keeps using it.
+func TestReloadUsesChangedInputs(t *testing.T) {
+	tests := []struct {
+		name string
+		path string // the route asked for
+		// setup starts the token API, writes the registry into dir with
+		// the input in a state the token API refuses, and returns how to
+		// put the input right.
+		setup func(t *testing.T, dir string) (fix func())
+	}{
+		{"secret file", "/tpp/payments", func(t *testing.T, dir string) func() {
+			startSandbox(t)
+			keyFile := filepath.Join(dir, "api.key")
+			writeTestFile(t, keyFile, "it-rotated-away-key\n")
+			writeTestFile(t, filepath.Join(dir, "merchants.toml"), `[providers.nuapay]
+type = "nuapay"
+base_url = "{env.NUAPAY_API}"
+api_key = "{file.api.key}"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+`)
+			return func() { writeTestFile(t, keyFile, apiKey+"\n") }
+		}},
+		{"private_key_jwt key", "/open-banking/v3.1/aisp/accounts", func(t *testing.T, dir string) func() {
+			goodKey, pub := bankKey(t)
+			_, url := startSandbox(t, func(c *sandbox.Config) {
+				c.BankClients = append(c.BankClients, sandbox.BankClient{ID: bankClientID, PublicKeyPEM: pub, Scopes: []string{"accounts"}})
+			})
+			t.Setenv("BANK_ISSUER", url)
+			keyFile := filepath.Join(dir, "bank.key")
+			other, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+			if err != nil {
+				t.Fatal(err)
+			}
+			der, _ := x509.MarshalPKCS8PrivateKey(other)
+			writeTestFile(t, keyFile, string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})))
+			writeTestFile(t, filepath.Join(dir, "merchants.toml"), `[providers.bank]
+type = "oauth2"
+issuer = "{env.BANK_ISSUER}"
+client_id = "`+bankClientID+`"
+private_key = "bank.key"
+
+[merchants.acme]
+provider = "bank"
+scopes = ["accounts"]
+`)
+			return func() { writeTestFile(t, keyFile, readFile(t, goodKey)) }
+		}},
+		{"CA file", "/tpp/payments", func(t *testing.T, dir string) func() {
+			sb, _ := startSandbox(t)
+			pki, other := newTestPKI(t, "nuapay.test"), newTestPKI(t, "nuapay.test")
+			api := httptest.NewUnstartedServer(sb)
+			api.TLS = &tls.Config{Certificates: []tls.Certificate{pki.server}}
+			api.StartTLS()
+			t.Cleanup(api.Close)
+			t.Setenv("NUAPAY_TLS_API", api.URL)
+			caFile := filepath.Join(dir, "ca.pem")
+			writeTestFile(t, caFile, readFile(t, other.caFile))
+			writeTestFile(t, filepath.Join(dir, "merchants.toml"), `[providers.nuapay]
+type = "nuapay"
+base_url = "{env.NUAPAY_TLS_API}"
+api_key = "{env.NUAPAY_API_KEY}"
+  [providers.nuapay.tls]
+  ca_file = "ca.pem"
+  server_name = "nuapay.test"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+`)
+			return func() { writeTestFile(t, caFile, readFile(t, pki.caFile)) }
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			fix := tt.setup(t, dir)
+			cf := `{
+	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
+	token_broker {
+		config ` + filepath.Join(dir, "merchants.toml") + `
+	}
+}
+http://127.0.0.1:{$TOKEN_BROKER_PORT} {
+	bind 127.0.0.1
+	token_broker
+	reverse_proxy {$SANDBOX_URL}
+}
+`
+			base := startCaddy(t, cf)
+			if status, body := get(t, base+tt.path, "X-Merchant-Id", "acme"); status == http.StatusOK {
+				t.Fatalf("before the change: %d %s, want the token request refused", status, body)
+			}
+			fix()
+			loadCaddy(t, cf)
+			if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {
+				t.Fatalf("after the change and a reload: %+v, want a valid token", a)
+			}
+			parses := module.RegistryParses()
+			loadCaddy(t, cf)
+			if got := module.RegistryParses() - parses; got != 0 {
+				t.Errorf("the unchanged reload after the change parsed %d registry files, want 0", got)
+			}
+			if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {
+				t.Fatalf("after an unchanged reload: %+v, want a valid token", a)
+			}
+		})
+	}
+}
+
+func writeTestFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
