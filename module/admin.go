@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -123,7 +124,7 @@ func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
 	next := p.NextRefresh.UTC()
 	ti.NextRefresh = &next
 	if p.LastError != nil {
-		_, ti.LastRefreshError = classify(p.LastError)
+		ti.LastRefreshError = errcode.Classify(p.LastError).String()
 	}
 	if !p.BackoffUntil.IsZero() {
 		until := p.BackoffUntil.UTC()

@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
 // MetricsConfig configures the broker's Prometheus metrics, shown on Caddy's
@@ -19,7 +20,7 @@ import (
 //
 // Series | Labels | What
 // -------|--------|-----
-// `caddy_token_broker_token_requests_total` | provider, outcome | calls to a token API: outcome ok, or the error code a request would get (fetchOutcomes: token_refused, token_unavailable, token_timeout, token_rate_limited, token_bad_response, token_api_down, consent_required, client_gone)
+// `caddy_token_broker_token_requests_total` | provider, outcome | calls to a token API: outcome ok, or the error code a request would get (errcode.FetchCodes: client_gone, consent_required, token_api_down, token_timeout, token_rate_limited, token_bad_response, token_refused, token_unavailable)
 // `caddy_token_broker_token_request_duration_seconds` | provider | histogram of token API call latency
 // `caddy_token_broker_cache_lookups_total` | provider, result | tokens handed out: hit, refresh (a hit that started the background refresh), miss (waited on a fetch it started), shared (waited on a fetch another request started: the single-flight waiters), adopted (a fetch it started took the token from the shared tier)
 // `caddy_token_broker_token_purges_total` | provider | cached tokens dropped after the upstream rejected them (401)
@@ -71,15 +72,6 @@ type tokenMetrics struct {
 
 // seriesKey names the series of a merchant: its provider and id.
 type seriesKey struct{ provider, merchant string }
-
-// fetchOutcomes are the values of token_requests_total's outcome label
-// (fetchOutcome: "ok" and the codes classify returns), by which a
-// wildcard merchant's series are deleted (releaseMerchant): by name, as
-// DeletePartialMatch would walk every series at each eviction.
-// TestFetchOutcomesCoverClassify reads classify's source to keep the two
-// in step.
-var fetchOutcomes = [...]string{"ok", "client_gone", "consent_required", "token_api_down", "token_timeout",
-	"token_refused", "token_rate_limited", "token_bad_response", "token_unavailable"}
 
 // holdMerchant resolves the lookup counters of a new wildcard binding of
 // merchant (merchant label on) and counts it among the holders of the
@@ -139,8 +131,11 @@ func (m *tokenMetrics) releaseMerchant(provider, merchant string) {
 	for r := range len(lookupCounters{}) {
 		m.lookups.DeleteLabelValues(provider, broker.Result(r).String(), merchant)
 	}
-	for _, o := range fetchOutcomes {
-		m.tokenRequests.DeleteLabelValues(provider, o, merchant)
+	// By name, as DeletePartialMatch would walk every series at each
+	// eviction.
+	m.tokenRequests.DeleteLabelValues(provider, outcomeOK, merchant)
+	for _, c := range errcode.FetchCodes() {
+		m.tokenRequests.DeleteLabelValues(provider, c.String(), merchant)
 	}
 	m.purges.DeleteLabelValues(provider, merchant)
 	m.purgesHeld.DeleteLabelValues(provider, merchant)
@@ -454,10 +449,9 @@ func (h *Handler) BreakerChanged(sourceID string, state broker.BreakerState) {
 // fetchOutcome is the outcome label of a token API call.
 func fetchOutcome(err error) string {
 	if err == nil {
-		return "ok"
+		return outcomeOK
 	}
-	_, code := classify(err)
-	return code
+	return errcode.Classify(err).String()
 }
 
 // observeFetch counts a token API call; Fetched calls it.
