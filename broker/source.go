@@ -38,12 +38,6 @@ type Revoker interface {
 	RevokeToken(ctx context.Context, req Request, tok Token) error
 }
 
-// SourceFunc adapts a function to the Source interface.
-type SourceFunc func(ctx context.Context, req Request) (Token, error)
-
-// Token calls f.
-func (f SourceFunc) Token(ctx context.Context, req Request) (Token, error) { return f(ctx, req) }
-
 // Request describes the token wanted: for which organisation, with which
 // scopes and for how long.
 type Request struct {

@@ -19,7 +19,7 @@ func TestAdminTokenListShowsPolicyState(t *testing.T) {
 	clk := &clock{now: time.Unix(1_700_000_000, 0)}
 	var fail atomic.Bool
 	const secret = "tok-admin-secret"
-	src := broker.SourceFunc(func(ctx context.Context, req broker.Request) (broker.Token, error) {
+	src := sourceFunc(func(ctx context.Context, req broker.Request) (broker.Token, error) {
 		if fail.Load() {
 			return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: 60 * time.Second}
 		}

@@ -483,12 +483,8 @@ func hyphenFold(r rune) rune {
 	return r
 }
 
-// Lookup implements broker.Observer. Lookups are counted by each binding's
-// own observer (metrics.go), whose counters are resolved at provision time.
-func (h *Handler) Lookup(*broker.Binding, broker.Result) {}
-
-// Fetched implements broker.Observer: one log line per token fetch.
-func (h *Handler) Fetched(ctx context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
+// fetched logs a token fetch and counts it (observer.Fetched).
+func (h *Handler) fetched(ctx context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
 	provider := h.providerOf(b)
 	outcome := h.observeFetch(ctx, b, provider, elapsed, err)
 	fields := []zap.Field{
@@ -514,5 +510,4 @@ var (
 	_ caddy.Validator             = (*Handler)(nil)
 	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
-	_ broker.Observer             = (*Handler)(nil)
 )

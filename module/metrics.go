@@ -293,19 +293,35 @@ func (m *tokenMetrics) lookupCounters(provider, merchant string) *lookupCounters
 	return &c
 }
 
-// observer is the broker.Observer of one binding: it counts lookups on its
-// pre-resolved counters and hands everything else to the handler (logs,
-// fetch metrics, breaker changes).
+// observer is the broker.Observer of a handler's bindings: it counts
+// lookups on its pre-resolved counters and hands everything else to the
+// handler (logs, fetch metrics, breaker and backoff gauges).
 type observer struct {
-	*Handler
-	lookups *lookupCounters
+	h       *Handler
+	lookups *lookupCounters // nil: lookups are not counted
 }
 
 // Lookup counts a token handed out. It allocates nothing.
 func (o *observer) Lookup(_ *broker.Binding, r broker.Result) {
-	if int(r) < len(o.lookups) {
+	if o.lookups != nil && int(r) < len(o.lookups) {
 		o.lookups[r].Inc()
 	}
+}
+
+// Fetched logs and counts a token API call.
+func (o *observer) Fetched(ctx context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
+	o.h.fetched(ctx, b, tok, elapsed, background, err)
+}
+
+// BackingOff counts the keys held in failure memory.
+func (o *observer) BackingOff(b *broker.Binding, on bool) { o.h.backingOff(b, on) }
+
+// SourceBackingOff counts the provider configurations held.
+func (o *observer) SourceBackingOff(sourceID string, on bool) { o.h.sourceBackingOff(sourceID, on) }
+
+// BreakerChanged sets the breaker gauge of the source's provider.
+func (o *observer) BreakerChanged(sourceID string, state broker.BreakerState) {
+	o.h.breakerChanged(sourceID, state)
 }
 
 // handlerMetrics is what a handler needs to count: the shared collectors
@@ -363,9 +379,8 @@ func (h *Handler) exportZero(provider, sourceID string) {
 	m.breaker.WithLabelValues(provider).Set(float64(state))
 }
 
-// BackingOff implements broker.BackoffObserver: it counts the keys held in
-// failure memory, by provider.
-func (h *Handler) BackingOff(b *broker.Binding, on bool) {
+// backingOff counts the keys held in failure memory, by provider.
+func (h *Handler) backingOff(b *broker.Binding, on bool) {
 	if h.metrics == nil || h.metrics.tokenMetrics == nil {
 		return
 	}
@@ -377,10 +392,9 @@ func (h *Handler) BackingOff(b *broker.Binding, on bool) {
 	}
 }
 
-// SourceBackingOff implements broker.SourceObserver: it counts the
-// provider configurations held after a 429 with Retry-After or a bad
-// credential.
-func (h *Handler) SourceBackingOff(sourceID string, on bool) {
+// sourceBackingOff counts the provider configurations held after a 429
+// with Retry-After or a bad credential.
+func (h *Handler) sourceBackingOff(sourceID string, on bool) {
 	if h.metrics == nil || h.metrics.tokenMetrics == nil {
 		return
 	}
@@ -396,7 +410,7 @@ func (h *Handler) SourceBackingOff(sourceID string, on bool) {
 	}
 }
 
-// observerFor returns the observer of a binding: the handler, with the
+// observerFor returns the observer of a binding: the handler's, with the
 // binding's lookup counters. Without the merchant label, the bindings of
 // one provider share one observer (no heap object per binding). With it,
 // a new wildcard binding (hold) is counted among its merchant's holders
@@ -405,16 +419,16 @@ func (h *Handler) SourceBackingOff(sourceID string, on bool) {
 func (h *Handler) observerFor(b *binding, hold bool) broker.Observer {
 	m := h.metrics
 	if m == nil || m.tokenMetrics == nil {
-		return h
+		return &observer{h: h}
 	}
 	if m.merchantLabel {
 		switch {
 		case hold:
-			return &observer{Handler: h, lookups: m.holdMerchant(b.prov.name, b.Merchant)}
+			return &observer{h: h, lookups: m.holdMerchant(b.prov.name, b.Merchant)}
 		case !b.wild():
-			return &observer{Handler: h, lookups: m.explicitMerchant(b.prov.name, b.Merchant)}
+			return &observer{h: h, lookups: m.explicitMerchant(b.prov.name, b.Merchant)}
 		}
-		return &observer{Handler: h, lookups: m.lookupCounters(b.prov.name, b.Merchant)}
+		return &observer{h: h, lookups: m.lookupCounters(b.prov.name, b.Merchant)}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -428,14 +442,13 @@ func (h *Handler) observerFor(b *binding, hold bool) broker.Observer {
 		c = m.lookupCounters(b.prov.name, "")
 		m.shared[b.prov.name] = c
 	}
-	o := &observer{Handler: h, lookups: c}
+	o := &observer{h: h, lookups: c}
 	m.observers[b.prov.name] = o
 	return o
 }
 
-// BreakerChanged implements broker.BreakerObserver: it sets the breaker
-// gauge of the source's provider.
-func (h *Handler) BreakerChanged(sourceID string, state broker.BreakerState) {
+// breakerChanged sets the breaker gauge of the source's provider.
+func (h *Handler) breakerChanged(sourceID string, state broker.BreakerState) {
 	if h.metrics == nil {
 		return
 	}
@@ -454,7 +467,7 @@ func fetchOutcome(err error) string {
 	return errcode.Classify(err).String()
 }
 
-// observeFetch counts a token API call; Fetched calls it.
+// observeFetch counts a token API call; fetched calls it.
 func (h *Handler) observeFetch(_ context.Context, b *broker.Binding, provider string, elapsed time.Duration, err error) string {
 	outcome := fetchOutcome(err)
 	if h.metrics != nil {
@@ -484,5 +497,6 @@ var (
 	_ broker.Observer        = (*observer)(nil)
 	_ broker.BreakerObserver = (*observer)(nil)
 	_ broker.BackoffObserver = (*observer)(nil)
+	_ broker.SourceObserver  = (*observer)(nil)
 	_ caddy.Destructor       = (*tokenMetrics)(nil)
 )
