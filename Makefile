@@ -1,5 +1,5 @@
 # Caddy Token Broker. `make run` starts the sidecar against the local sandbox;
-# `make test` runs every test (unit, integration, adapt fixtures, xcaddy build).
+# `make test` runs the linters and every test (unit, integration, adapt fixtures, xcaddy build).
 
 GO            ?= go
 BIN           ?= bin
@@ -25,7 +25,7 @@ FUZZTIME      ?= 20000x
 FUZZ_TARGETS  := ./config:FuzzParse ./broker/nuapay:FuzzParseToken ./broker/nuapay:FuzzParseError \
                  ./broker/oauth:FuzzTokenResponse ./module:FuzzMerchantSelector
 
-.PHONY: all build run test fuzz xcaddy fmt vet clean image image-xcaddy
+.PHONY: all build run test lint fuzz xcaddy fmt vet clean image image-xcaddy
 
 all: build
 
@@ -60,7 +60,7 @@ run: build
 	XDG_DATA_HOME="$(abspath $(RUN_DIR))/data" XDG_CONFIG_HOME="$(abspath $(RUN_DIR))/config" \
 		$(BIN)/caddy run --config Caddyfile --adapter caddyfile
 
-test: vet tools
+test: vet lint tools
 	$(GO) test -race -count=1 -timeout 30m ./...
 	cd deploy/kubernetes && $(GO) vet ./... && $(GO) test -count=1 ./...
 	$(MAKE) fuzz
@@ -122,6 +122,26 @@ vet:
 
 clean:
 	rm -rf $(BIN)
+
+# The linters, as go tools (go.mod): staticcheck reports nothing; deadcode
+# finds no function that even the tests do not reach, and none that the
+# programs (cmd/...) do not reach outside the test-support packages
+# (DEADCODE_TEST_SUPPORT, reached by tests only). Every step runs and
+# says what it checks; any finding fails the target, listed under its step.
+DEADCODE_TEST_SUPPORT := internal/optest internal/redistest
+lint:
+	@fail=0; \
+	echo "lint: go tool staticcheck ./..."; \
+	$(GO) tool staticcheck ./... || { echo "lint: FAIL staticcheck: fix the findings above"; fail=1; }; \
+	echo "lint: go tool deadcode -test ./... (functions no program or test reaches)"; \
+	if ! out=$$($(GO) tool deadcode -test ./...); then fail=1; \
+	elif [ -n "$$out" ]; then echo "$$out"; echo "lint: FAIL deadcode -test: unreachable even from the tests, remove it"; fail=1; fi; \
+	echo "lint: go tool deadcode ./... (functions no program reaches, outside $(DEADCODE_TEST_SUPPORT))"; \
+	if ! out=$$($(GO) tool deadcode ./...); then fail=1; \
+	else rest=$$(printf '%s\n' "$$out" | grep -v -E '^($(subst $(eval) ,|,$(DEADCODE_TEST_SUPPORT)))/' || true); \
+		if [ -n "$$rest" ]; then echo "$$rest"; echo "lint: FAIL deadcode: product code only tests reach, remove it or move it into the test that uses it"; fail=1; fi; \
+	fi; \
+	if [ $$fail = 0 ]; then echo "lint: ok"; else exit 1; fi
 
 # The end-to-end comparison as separate processes (integration/bench): the
 # sidecar and a plain Caddy with a static `header_up Authorization` (same

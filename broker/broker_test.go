@@ -13,6 +13,12 @@ import (
 	"unsafe"
 )
 
+// SourceFunc adapts a function to the Source interface.
+type SourceFunc func(ctx context.Context, req Request) (Token, error)
+
+// Token calls f.
+func (f SourceFunc) Token(ctx context.Context, req Request) (Token, error) { return f(ctx, req) }
+
 // fakeClock is a clock that moves only when told to.
 type fakeClock struct {
 	mu sync.Mutex

@@ -38,12 +38,6 @@ type Revoker interface {
 	RevokeToken(ctx context.Context, req Request, tok Token) error
 }
 
-// SourceFunc adapts a function to the Source interface.
-type SourceFunc func(ctx context.Context, req Request) (Token, error)
-
-// Token calls f.
-func (f SourceFunc) Token(ctx context.Context, req Request) (Token, error) { return f(ctx, req) }
-
 // Request describes the token wanted: for which organisation, with which
 // scopes and for how long.
 type Request struct {
@@ -120,9 +114,8 @@ func NewProfile(sourceID string, src Source, scopes []string, audience string, l
 // keyFor returns the cache key of a merchant's binding under p: the
 // profile's tag (keyTagLen bytes) then the organisation, or for a
 // PerMerchant source the organisation's length, ':', the organisation and
-// the merchant. About 25 bytes, not the 55 that the source ID, scopes,
-// audience and lifetime spelled out took: 3 MB at 100 000 warm merchants
-// (issue 9).
+// the merchant: about 25 bytes, whatever the length of the source ID,
+// scopes and audience.
 func (p *Profile) keyFor(merchant, organisation string) string {
 	if p.perMerchant {
 		return p.keyTag + strconv.Itoa(len(organisation)) + ":" + organisation + merchant

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -30,7 +31,7 @@ var current atomic.Pointer[App]
 
 // adminAPI serves the token broker's admin routes under Caddy's admin
 // endpoint. Nothing it answers holds a token or a secret: tokens are shown
-// by fingerprint.
+// by fingerprint, refresh tokens are only said to exist.
 //
 //	GET  /token_broker/tokens                      cached tokens
 //	POST /token_broker/merchants/{id}/purge        drop a merchant's cached tokens
@@ -41,6 +42,10 @@ var current atomic.Pointer[App]
 //	                                               refresh token (authorization-code merchants)
 //	GET  /token_broker/health                      readiness: 200 ready, 503 not (health.go)
 //	GET  /token_broker/health/live                 liveness: 200 when the app runs
+//	POST /token_broker/consent/links               {"merchant": "acme", "return_url": "…", "callback_host": "…"}:
+//	                                               a one-time consent link (see Consent)
+//	GET  /token_broker/consent/merchants           the merchants of refresh_token providers and their
+//	                                               consent state (?provider=NAME to filter)
 type adminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -59,6 +64,8 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: "/token_broker/providers/", Handler: caddy.AdminHandlerFunc(a.provider)},
 		{Pattern: "/token_broker/health", Handler: caddy.AdminHandlerFunc(a.health)},
 		{Pattern: "/token_broker/health/", Handler: caddy.AdminHandlerFunc(a.health)},
+		{Pattern: "/token_broker/consent/links", Handler: caddy.AdminHandlerFunc(a.links)},
+		{Pattern: "/token_broker/consent/merchants", Handler: caddy.AdminHandlerFunc(a.merchants)},
 	}
 }
 
@@ -123,7 +130,7 @@ func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
 	next := p.NextRefresh.UTC()
 	ti.NextRefresh = &next
 	if p.LastError != nil {
-		_, ti.LastRefreshError = classify(p.LastError)
+		ti.LastRefreshError = errcode.Classify(p.LastError).String()
 	}
 	if !p.BackoffUntil.IsZero() {
 		until := p.BackoffUntil.UTC()

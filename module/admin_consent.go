@@ -15,35 +15,6 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
-func init() {
-	caddy.RegisterModule(adminConsent{})
-}
-
-// adminConsent serves the consent routes of the admin API. Nothing it
-// answers holds a token: refresh tokens are only said to exist.
-//
-//	POST /token_broker/consent/links     {"merchant": "acme", "return_url": "…", "callback_host": "…"}:
-//	                                     a one-time consent link (see Consent)
-//	GET  /token_broker/consent/merchants the merchants of refresh_token providers and their consent
-//	                                     state (?provider=NAME to filter)
-type adminConsent struct{}
-
-// CaddyModule returns the Caddy module information.
-func (adminConsent) CaddyModule() caddy.ModuleInfo {
-	return caddy.ModuleInfo{
-		ID:  "admin.api.token_broker_consent",
-		New: func() caddy.Module { return new(adminConsent) },
-	}
-}
-
-// Routes returns the admin routes.
-func (a adminConsent) Routes() []caddy.AdminRoute {
-	return []caddy.AdminRoute{
-		{Pattern: "/token_broker/consent/links", Handler: caddy.AdminHandlerFunc(a.links)},
-		{Pattern: "/token_broker/consent/merchants", Handler: caddy.AdminHandlerFunc(a.merchants)},
-	}
-}
-
 // ConsentState is a merchant's consent in the admin API: never a token.
 type ConsentState struct {
 	// Merchant id.
@@ -72,7 +43,8 @@ func timePtr(t time.Time) *time.Time {
 	return &u
 }
 
-func (adminConsent) merchants(w http.ResponseWriter, r *http.Request) error {
+// merchants serves GET /token_broker/consent/merchants.
+func (adminAPI) merchants(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use GET")}
 	}
@@ -104,7 +76,8 @@ func (adminConsent) merchants(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, map[string]any{"merchants": out})
 }
 
-func (adminConsent) links(w http.ResponseWriter, r *http.Request) error {
+// links serves POST /token_broker/consent/links.
+func (adminAPI) links(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodPost {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use POST")}
 	}
@@ -127,6 +100,3 @@ func (adminConsent) links(w http.ResponseWriter, r *http.Request) error {
 	app.logger.Info("consent link created", zapMerchant(req.Merchant), zapProvider(link.Provider))
 	return writeJSON(w, link)
 }
-
-// Interface guard.
-var _ caddy.AdminRouter = adminConsent{}

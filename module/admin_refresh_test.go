@@ -58,7 +58,7 @@ scopes = ["accounts"]
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
 		header: "Authorization", broker: app.broker}
 	b := broker.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Scopes: []string{"accounts"}})
-	b.Observer = h
+	b.Observer = &observer{h: h}
 	h.bindings = newBindingTable(nil, nil, nil)
 	h.bindings.set("acme", newBinding(b, "bank"))
 

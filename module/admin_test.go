@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
@@ -19,7 +21,7 @@ func TestAdminTokenListShowsPolicyState(t *testing.T) {
 	clk := &clock{now: time.Unix(1_700_000_000, 0)}
 	var fail atomic.Bool
 	const secret = "tok-admin-secret"
-	src := broker.SourceFunc(func(ctx context.Context, req broker.Request) (broker.Token, error) {
+	src := sourceFunc(func(ctx context.Context, req broker.Request) (broker.Token, error) {
 		if fail.Load() {
 			return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: 60 * time.Second}
 		}
@@ -67,5 +69,29 @@ func TestAdminTokenListShowsPolicyState(t *testing.T) {
 	if ti.LastRefreshError != "token_rate_limited" || ti.BackoffUntil == nil || !ti.BackoffUntil.Equal(until) ||
 		!ti.NextRefresh.Equal(until) || ti.Failures != 1 {
 		t.Fatalf("entry after a failed refresh: %+v; want token_rate_limited, backing off until %s", ti, until)
+	}
+}
+
+// TestOneAdminModule: every admin route, the consent ones included, is
+// served by the one admin module admin.api.token_broker.
+func TestOneAdminModule(t *testing.T) {
+	var ids []string
+	for _, m := range caddy.GetModules("admin.api") {
+		if strings.Contains(string(m.ID), "token_broker") {
+			ids = append(ids, string(m.ID))
+		}
+	}
+	if !slices.Equal(ids, []string{"admin.api.token_broker"}) {
+		t.Errorf("admin modules %v, want only admin.api.token_broker", ids)
+	}
+	var patterns []string
+	for _, r := range (adminAPI{}).Routes() {
+		patterns = append(patterns, r.Pattern)
+	}
+	for _, want := range []string{"/token_broker/tokens", "/token_broker/merchants/", "/token_broker/providers/",
+		"/token_broker/health", "/token_broker/consent/links", "/token_broker/consent/merchants"} {
+		if !slices.Contains(patterns, want) {
+			t.Errorf("admin routes %v: no %s", patterns, want)
+		}
 	}
 }

@@ -2,13 +2,13 @@ package module
 
 import (
 	"hash/maphash"
-	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/slab"
 )
@@ -173,8 +173,8 @@ func (t *bindingTable) get(h *Handler, id string) (*binding, *refusal) {
 				b.lastUsed.CompareAndSwap(used, useStamp(now)|used&servedBit)
 			}
 			if t.listing != nil {
-				if status, code := t.listing.allows(b.Organisation); status != 0 {
-					return nil, &refusal{status: status, code: code, merchant: id}
+				if code := t.listing.allows(b.Organisation); code != 0 {
+					return nil, &refusal{code: code, merchant: id}
 				}
 			}
 		}
@@ -185,15 +185,15 @@ func (t *bindingTable) get(h *Handler, id string) (*binding, *refusal) {
 
 func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 	if t.reg == nil {
-		return nil, &refusal{status: http.StatusForbidden, code: "unknown_merchant", merchant: id}
+		return nil, &refusal{code: errcode.UnknownMerchant, merchant: id}
 	}
 	m, wild, ok := t.reg.Merchant(id)
 	if !ok {
-		return nil, &refusal{status: http.StatusForbidden, code: "unknown_merchant", merchant: id}
+		return nil, &refusal{code: errcode.UnknownMerchant, merchant: id}
 	}
 	if wild && t.listing != nil {
-		if status, code := t.listing.allows(m.Organisation); status != 0 {
-			return nil, &refusal{status: status, code: code, merchant: id}
+		if code := t.listing.allows(m.Organisation); code != 0 {
+			return nil, &refusal{code: code, merchant: id}
 		}
 	}
 	t.mu.Lock()
@@ -207,7 +207,7 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 			t.evictIdle(now, h.broker, id)
 		}
 		if t.active.Load() >= int64(t.reg.Wildcard.MaxActive) && !t.evictUnserved() {
-			return nil, &refusal{status: http.StatusServiceUnavailable, code: "too_many_merchants", merchant: id}
+			return nil, &refusal{code: errcode.TooManyMerchants, merchant: id}
 		}
 	}
 	if wild {
@@ -218,7 +218,7 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 	}
 	bd, err := t.reg.Binding(id, t.scopes)
 	if err != nil {
-		return nil, &refusal{status: http.StatusForbidden, code: "unknown_merchant", merchant: id, cause: err}
+		return nil, &refusal{code: errcode.UnknownMerchant, merchant: id, cause: err}
 	}
 	prov := t.provider(m.Provider)
 	var b *binding

@@ -18,6 +18,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/coreos/go-oidc/v3/oidc"
 	gocache "github.com/patrickmn/go-cache"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
 // CallerPolicy makes callers prove who they are with a JWT (for example a
@@ -222,11 +224,11 @@ func (p *CallerPolicy) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, 
 	return p.verifier, nil
 }
 
-// callerError is a refused caller: status 401 or 503 and an error code.
+// callerError is a refused caller: CallerUnauthenticated (401) or
+// CallerKeysUnavailable (503).
 type callerError struct {
-	status int
-	code   string
-	err    error
+	code errcode.Code
+	err  error
 	// presented says the caller sent a Bearer token (that failed), so the
 	// challenge carries error="invalid_token" (RFC 6750 §3.1).
 	presented bool
@@ -237,7 +239,7 @@ type callerError struct {
 // error code (RFC 6750 §3.1); a token that fails gets invalid_token.
 func (e *callerError) challenge() string {
 	switch {
-	case e.status != http.StatusUnauthorized:
+	case e.code != errcode.CallerUnauthenticated:
 		return ""
 	case e.presented:
 		return `Bearer realm="` + challengeRealm + `", error="invalid_token"`
@@ -251,7 +253,7 @@ func (p *CallerPolicy) authenticate(r *http.Request) (string, *callerError) {
 	scheme, jwt, _ := strings.Cut(raw, " ")
 	jwt = strings.TrimSpace(jwt)
 	if !strings.EqualFold(scheme, "bearer") || jwt == "" {
-		return "", &callerError{status: http.StatusUnauthorized, code: "caller_unauthenticated", err: errors.New("no Bearer JWT in " + p.header)}
+		return "", &callerError{code: errcode.CallerUnauthenticated, err: errors.New("no Bearer JWT in " + p.header)}
 	}
 	sum := sha256.Sum256([]byte(jwt))
 	key := string(sum[:])
@@ -260,15 +262,15 @@ func (p *CallerPolicy) authenticate(r *http.Request) (string, *callerError) {
 	}
 	v, err := p.verifierFor(r.Context())
 	if err != nil {
-		return "", &callerError{status: http.StatusServiceUnavailable, code: "caller_keys_unavailable", err: err}
+		return "", &callerError{code: errcode.CallerKeysUnavailable, err: err}
 	}
 	var unavailable bool
 	tok, err := v.Verify(context.WithValue(r.Context(), keysUnavailableKey{}, &unavailable), jwt)
 	if err != nil {
 		if unavailable {
-			return "", &callerError{status: http.StatusServiceUnavailable, code: "caller_keys_unavailable", err: err}
+			return "", &callerError{code: errcode.CallerKeysUnavailable, err: err}
 		}
-		return "", &callerError{status: http.StatusUnauthorized, code: "caller_unauthenticated", err: err, presented: true}
+		return "", &callerError{code: errcode.CallerUnauthenticated, err: err, presented: true}
 	}
 	if ttl := min(tok.Expiry.Sub(p.now()), maxVerifiedTTL); ttl > 0 {
 		p.verified.Set(key, tok.Subject, ttl)

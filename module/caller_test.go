@@ -123,7 +123,7 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 			wg.Add(1)
 			send := func() {
 				defer wg.Done()
-				if _, cerr := authn(p, "Bearer "+tok(i)); cerr == nil || cerr.status != http.StatusUnauthorized {
+				if _, cerr := authn(p, "Bearer "+tok(i)); cerr == nil || cerr.code.Status() != http.StatusUnauthorized {
 					accepted.Add(1)
 				}
 			}
@@ -233,7 +233,7 @@ func TestCallerIssuerTrust(t *testing.T) {
 			switch {
 			case tt.wantStatus == 0 && (cerr != nil || sub != "payments"):
 				t.Fatalf("refused: %+v", cerr)
-			case tt.wantStatus != 0 && (cerr == nil || cerr.status != tt.wantStatus):
+			case tt.wantStatus != 0 && (cerr == nil || cerr.code.Status() != tt.wantStatus):
 				t.Fatalf("got %+v, want status %d", cerr, tt.wantStatus)
 			}
 			if calls := iss.JWKSFetches.Load() + iss.Discoveries.Load() - before; (calls > 0) != tt.wantCalls {

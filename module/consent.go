@@ -375,9 +375,9 @@ type LinkResponse struct {
 
 // link serves POST …/links on the sidecar: the caller policy applies.
 func (c *Consent) link(w http.ResponseWriter, r *http.Request) {
-	if status, code, err := c.app.site.check(r); status != 0 { // site.go: as the token_broker handler
-		c.logger.Warn("consent link refused", zap.String("error_code", code), zap.Error(err))
-		linkError(w, status, code, message(code, ""))
+	if code, err := c.app.site.check(r); code != 0 { // site.go: as the token_broker handler
+		c.logger.Warn("consent link refused", zap.String("error_code", code.String()), zap.Error(err))
+		linkError(w, code.Status(), code.String(), code.Message(""))
 		return
 	}
 	var req LinkRequest
@@ -388,7 +388,7 @@ func (c *Consent) link(w http.ResponseWriter, r *http.Request) {
 	if pol := c.app.Callers; pol != nil {
 		sub, cerr := pol.authenticate(r)
 		if cerr != nil {
-			linkError(w, cerr.status, cerr.code, "the caller must present a valid JWT from the trusted issuer as a Bearer token")
+			linkError(w, cerr.code.Status(), cerr.code.String(), "the caller must present a valid JWT from the trusted issuer as a Bearer token")
 			return
 		}
 		if !pol.allows(sub, req.Merchant) {

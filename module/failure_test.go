@@ -68,7 +68,7 @@ func failureHandler(t *testing.T, url string, clientTimeout time.Duration, opts 
 	h.bindings = newBindingTable(nil, nil, nil)
 	for _, m := range []string{"acme", "globex"} {
 		b := broker.NewBinding("nuapay#t", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
-		b.Observer = h
+		b.Observer = &observer{h: h}
 		h.bindings.set(m, newBinding(b, "nuapay"))
 	}
 	return h, &sleeps

@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/noalloc"
 )
@@ -58,7 +59,7 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // `{http.token_broker.error}` | On failure, the error code sent to the caller
 //
 // Errors are answered with a JSON body {"error", "message", "merchant"}
-// (errors.go): 421 for a Host that is not a loopback name nor in the app's
+// (errors.go; each code's status and message are in package errcode): 421 for a Host that is not a loopback name nor in the app's
 // allowed_hosts, 403 for a browser's cross-site request (site.go), 400
 // when the merchant is missing or malformed or a trailer names a header
 // the broker owns, 405 for TRACE and TRACK, 403 when the merchant is not
@@ -375,13 +376,13 @@ func (h *Handler) Validate() error {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if h.site != nil { // nil only in a handler made by hand (tests)
-		if status, code, err := h.site.check(r); status != 0 {
-			return h.fail(w, repl, refusal{status: status, code: code, cause: err})
+		if code, err := h.site.check(r); code != 0 {
+			return h.fail(w, repl, refusal{code: code, cause: err})
 		}
 	}
 	out := h.outbound()
-	if status, code := out.check(r); status != 0 {
-		return h.fail(w, repl, refusal{status: status, code: code})
+	if code := out.check(r); code != 0 {
+		return h.fail(w, repl, refusal{code: code})
 	}
 	var caller string
 	if h.callers != nil {
@@ -390,16 +391,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			if c := cerr.challenge(); c != "" { // caller.go: RFC 6750 §3.1
 				w.Header().Set("WWW-Authenticate", c)
 			}
-			return h.fail(w, repl, refusal{status: cerr.status, code: cerr.code, cause: cerr.err})
+			return h.fail(w, repl, refusal{code: cerr.code, cause: cerr.err})
 		}
 		caller = sub
 	}
-	merchant, status, code := h.merchantOf(r, repl)
-	if status != 0 {
-		return h.fail(w, repl, refusal{status: status, code: code})
+	merchant, code := h.merchantOf(r, repl)
+	if code != 0 {
+		return h.fail(w, repl, refusal{code: code})
 	}
 	if h.callers != nil && !h.callers.allows(caller, merchant) {
-		return h.fail(w, repl, refusal{status: http.StatusForbidden, code: "caller_forbidden", merchant: merchant})
+		return h.fail(w, repl, refusal{code: errcode.CallerForbidden, merchant: merchant})
 	}
 	b, rf := h.bindings.get(h, merchant)
 	if rf != nil {
@@ -407,8 +408,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	e, res, err := h.token(r.Context(), b) // tracing.go: the token span
 	if err != nil {
-		status, code := classify(err)
-		return h.fail(w, repl, refusal{status: status, code: code, merchant: merchant, providerType: b.prov.typ, cause: err})
+		return h.fail(w, repl, refusal{code: errcode.Classify(err), merchant: merchant, providerType: b.prov.typ, cause: err})
 	}
 	b.markServed() // bindings.go: a wildcard merchant's slot is its own now
 	out.prepare(r, e.Header())
@@ -427,14 +427,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	return h.forward(w, r, next, out, b, e)
 }
 
-// merchantOf reads and checks the merchant of a request. A non-zero status
-// means the request is refused with that status and error code.
-func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, int, string) {
+// merchantOf reads and checks the merchant of a request. A non-zero code
+// refuses the request.
+func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, errcode.Code) {
 	var merchant string
 	if h.merchantHeader != "" {
 		vals := r.Header[h.merchantHeader]
 		if len(vals) > 1 || hasUnderscoreTwin(r.Header, h.merchantHeader) {
-			return "", http.StatusBadRequest, "ambiguous_merchant"
+			return "", errcode.AmbiguousMerchant
 		}
 		if len(vals) == 1 {
 			merchant = vals[0]
@@ -444,11 +444,11 @@ func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, int
 	}
 	switch {
 	case merchant == "":
-		return "", http.StatusBadRequest, "missing_merchant"
+		return "", errcode.MissingMerchant
 	case !config.ValidMerchantID(merchant):
-		return "", http.StatusBadRequest, "invalid_merchant"
+		return "", errcode.InvalidMerchant
 	}
-	return merchant, 0, ""
+	return merchant, 0
 }
 
 // hasUnderscoreTwin reports whether hdr has a header whose name is name's
@@ -483,12 +483,8 @@ func hyphenFold(r rune) rune {
 	return r
 }
 
-// Lookup implements broker.Observer. Lookups are counted by each binding's
-// own observer (metrics.go), whose counters are resolved at provision time.
-func (h *Handler) Lookup(*broker.Binding, broker.Result) {}
-
-// Fetched implements broker.Observer: one log line per token fetch.
-func (h *Handler) Fetched(ctx context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
+// fetched logs a token fetch and counts it (observer.Fetched).
+func (h *Handler) fetched(ctx context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
 	provider := h.providerOf(b)
 	outcome := h.observeFetch(ctx, b, provider, elapsed, err)
 	fields := []zap.Field{
@@ -514,5 +510,4 @@ var (
 	_ caddy.Validator             = (*Handler)(nil)
 	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
-	_ broker.Observer             = (*Handler)(nil)
 )

@@ -24,7 +24,7 @@ func benchHandler(b *testing.B, n int) (*Handler, []string) {
 		merchantHeader: "X-Merchant-Id", header: "Authorization"}
 	h.broker = broker.New(broker.Options{})
 	b.Cleanup(h.broker.Close)
-	src := broker.SourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
+	src := sourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
 		return broker.Token{Value: broker.Secret(req.Organisation + "." + strings.Repeat("x", 580)), Expiry: time.Now().Add(time.Hour)}, nil
 	})
 	h.bindings = newBindingTable(nil, nil, nil)
@@ -33,7 +33,7 @@ func benchHandler(b *testing.B, n int) (*Handler, []string) {
 	for i := range ids {
 		ids[i] = fmt.Sprintf("merchant-%06d", i)
 		bd := broker.NewBinding("nuapay#bench", src, broker.Request{Merchant: ids[i], Organisation: "org-" + ids[i], Scopes: scopes})
-		bd.Observer = h
+		bd.Observer = &observer{h: h}
 		hb := newBinding(bd, "nuapay")
 		h.bindings.set(ids[i], hb)
 		if _, _, err := h.broker.Get(context.Background(), &hb.Binding); err != nil {

@@ -22,22 +22,30 @@ import (
 
 const testToken = "tok-SECRET-value"
 
+// sourceFunc adapts a function to broker.Source.
+type sourceFunc func(ctx context.Context, req broker.Request) (broker.Token, error)
+
+// Token calls f.
+func (f sourceFunc) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
+	return f(ctx, req)
+}
+
 // newTestHandler returns a provisioned-looking handler for merchant "acme"
 // whose source answers with src.
-func newTestHandler(t *testing.T, src broker.SourceFunc, errorsMode string) *Handler {
+func newTestHandler(t *testing.T, src sourceFunc, errorsMode string) *Handler {
 	t.Helper()
 	h := &Handler{Merchant: DefaultMerchant, Errors: errorsMode, logger: zap.NewNop(),
 		merchantHeader: "X-Merchant-Id", header: "Authorization"}
 	h.broker = broker.New(broker.Options{})
 	t.Cleanup(h.broker.Close)
 	b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
-	b.Observer = h
+	b.Observer = &observer{h: h}
 	h.bindings = newBindingTable(nil, nil, nil)
 	h.bindings.set("acme", newBinding(b, "nuapay"))
 	return h
 }
 
-func okSource(calls *atomic.Int64) broker.SourceFunc {
+func okSource(calls *atomic.Int64) sourceFunc {
 	return func(ctx context.Context, req broker.Request) (broker.Token, error) {
 		calls.Add(1)
 		return broker.Token{Value: testToken, Expiry: time.Now().Add(time.Hour)}, nil
@@ -301,7 +309,7 @@ func TestPlaceholdersNameTheLastHandlersToken(t *testing.T) {
 		return broker.Token{Value: "tok-second", Expiry: time.Now().Add(time.Hour)}, nil
 	}, "json")
 	b := broker.NewBinding("oneid#test", second.bindings.peek("acme").Source, broker.Request{Merchant: "acme", Organisation: "org-second"})
-	b.Observer = second
+	b.Observer = &observer{h: second}
 	second.bindings = newBindingTable(nil, nil, nil)
 	second.bindings.set("acme", newBinding(b, "oneid"))
 

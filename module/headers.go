@@ -6,6 +6,8 @@ import (
 	"strings"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
 // outbound is the outbound-header contract: what the token_broker handler
@@ -76,18 +78,18 @@ func (o outbound) owns(name string) bool {
 
 // check refuses, before any token lookup, what the contract cannot make
 // safe: a method that echoes the request (405, see echoes) and a declared
-// trailer naming an owned header (400). A zero status means the request
+// trailer naming an owned header (400). A zero code means the request
 // may go on.
-func (o outbound) check(r *http.Request) (int, string) {
+func (o outbound) check(r *http.Request) errcode.Code {
 	if echoes(r.Method) {
-		return http.StatusMethodNotAllowed, "method_refused"
+		return errcode.MethodRefused
 	}
 	for name := range r.Trailer {
 		if o.owns(name) {
-			return http.StatusBadRequest, "forbidden_trailer"
+			return errcode.ForbiddenTrailer
 		}
 	}
-	return 0, ""
+	return 0
 }
 
 // echoes reports whether method asks the upstream to send the request back

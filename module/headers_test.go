@@ -141,7 +141,8 @@ func TestOutboundCheck(t *testing.T) {
 				}
 				r.Trailer[name] = nil
 			}
-			status, code := h.outbound().check(r)
+			c := h.outbound().check(r)
+			status, code := c.Status(), c.String()
 			if status != tt.wantStatus || code != tt.wantCode {
 				t.Fatalf("check = %d %q, want %d %q", status, code, tt.wantStatus, tt.wantCode)
 			}

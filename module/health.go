@@ -16,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -232,7 +233,7 @@ func providerHealth(p *config.Provider, s broker.SourceHealth) ProviderHealth {
 			err = s.HoldError
 		}
 		if err != nil {
-			_, ph.LastError = classify(err)
+			ph.LastError = errcode.Classify(err).String()
 		} else {
 			ph.LastError = "token_api_down" // the breaker is open
 		}

@@ -3,7 +3,6 @@ package module
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -11,6 +10,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -143,13 +143,13 @@ type listingFailure struct {
 // allows says whether org is listed: a zero status when it is, 403
 // unlisted_organisation when not, 503 organisations_unavailable when no
 // list was ever read.
-func (l *orgListing) allows(org string) (int, string) {
+func (l *orgListing) allows(org string) errcode.Code {
 	m := l.orgs.Load()
 	if m == nil {
-		return http.StatusServiceUnavailable, "organisations_unavailable"
+		return errcode.OrganisationsUnavailable
 	}
 	if _, ok := (*m)[org]; !ok {
-		return http.StatusForbidden, "unlisted_organisation"
+		return errcode.UnlistedOrganisation
 	}
-	return 0, ""
+	return 0
 }

@@ -104,8 +104,8 @@ func TestOrganisationListingBoundedInTotal(t *testing.T) {
 				org    string
 				status int
 			}{{"ORG1", 0}, {"ORG6", 0}, {"HOSTILE1", http.StatusForbidden}} {
-				if status, code := l.allows(tc.org); status != tc.status {
-					t.Errorf("%s after the hostile list: %d %s, want %d (the last good list)", tc.org, status, code, tc.status)
+				if code := l.allows(tc.org); code.Status() != tc.status {
+					t.Errorf("%s after the hostile list: %d %s, want %d (the last good list)", tc.org, code.Status(), code, tc.status)
 				}
 			}
 		})

@@ -59,7 +59,7 @@ func warmRegistryHandlerAt(tb testing.TB, n int, scopes []string, now func() tim
 	if err != nil {
 		tb.Fatal(err)
 	}
-	reg.Providers["nuapay"].Source = broker.SourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
+	reg.Providers["nuapay"].Source = sourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
 		return broker.Token{Value: broker.Secret(req.Organisation + "." + strings.Repeat("x", 580)), Type: "Bearer",
 			ID:     fmt.Sprintf("%08x-0000-4000-8000-%012x", len(req.Organisation), time.Now().UnixNano()),
 			Scopes: append([]string(nil), req.Scopes...), Expiry: now().Add(time.Hour)}, nil

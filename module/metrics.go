@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
 // MetricsConfig configures the broker's Prometheus metrics, shown on Caddy's
@@ -19,7 +20,7 @@ import (
 //
 // Series | Labels | What
 // -------|--------|-----
-// `caddy_token_broker_token_requests_total` | provider, outcome | calls to a token API: outcome ok, or the error code a request would get (fetchOutcomes: token_refused, token_unavailable, token_timeout, token_rate_limited, token_bad_response, token_api_down, consent_required, client_gone)
+// `caddy_token_broker_token_requests_total` | provider, outcome | calls to a token API: outcome ok, or the error code a request would get (errcode.FetchCodes: client_gone, consent_required, token_api_down, token_timeout, token_rate_limited, token_bad_response, token_refused, token_unavailable)
 // `caddy_token_broker_token_request_duration_seconds` | provider | histogram of token API call latency
 // `caddy_token_broker_cache_lookups_total` | provider, result | tokens handed out: hit, refresh (a hit that started the background refresh), miss (waited on a fetch it started), shared (waited on a fetch another request started: the single-flight waiters), adopted (a fetch it started took the token from the shared tier)
 // `caddy_token_broker_token_purges_total` | provider | cached tokens dropped after the upstream rejected them (401)
@@ -71,15 +72,6 @@ type tokenMetrics struct {
 
 // seriesKey names the series of a merchant: its provider and id.
 type seriesKey struct{ provider, merchant string }
-
-// fetchOutcomes are the values of token_requests_total's outcome label
-// (fetchOutcome: "ok" and the codes classify returns), by which a
-// wildcard merchant's series are deleted (releaseMerchant): by name, as
-// DeletePartialMatch would walk every series at each eviction.
-// TestFetchOutcomesCoverClassify reads classify's source to keep the two
-// in step.
-var fetchOutcomes = [...]string{"ok", "client_gone", "consent_required", "token_api_down", "token_timeout",
-	"token_refused", "token_rate_limited", "token_bad_response", "token_unavailable"}
 
 // holdMerchant resolves the lookup counters of a new wildcard binding of
 // merchant (merchant label on) and counts it among the holders of the
@@ -139,8 +131,11 @@ func (m *tokenMetrics) releaseMerchant(provider, merchant string) {
 	for r := range len(lookupCounters{}) {
 		m.lookups.DeleteLabelValues(provider, broker.Result(r).String(), merchant)
 	}
-	for _, o := range fetchOutcomes {
-		m.tokenRequests.DeleteLabelValues(provider, o, merchant)
+	// By name, as DeletePartialMatch would walk every series at each
+	// eviction.
+	m.tokenRequests.DeleteLabelValues(provider, outcomeOK, merchant)
+	for _, c := range errcode.FetchCodes() {
+		m.tokenRequests.DeleteLabelValues(provider, c.String(), merchant)
 	}
 	m.purges.DeleteLabelValues(provider, merchant)
 	m.purgesHeld.DeleteLabelValues(provider, merchant)
@@ -298,19 +293,35 @@ func (m *tokenMetrics) lookupCounters(provider, merchant string) *lookupCounters
 	return &c
 }
 
-// observer is the broker.Observer of one binding: it counts lookups on its
-// pre-resolved counters and hands everything else to the handler (logs,
-// fetch metrics, breaker changes).
+// observer is the broker.Observer of a handler's bindings: it counts
+// lookups on its pre-resolved counters and hands everything else to the
+// handler (logs, fetch metrics, breaker and backoff gauges).
 type observer struct {
-	*Handler
-	lookups *lookupCounters
+	h       *Handler
+	lookups *lookupCounters // nil: lookups are not counted
 }
 
 // Lookup counts a token handed out. It allocates nothing.
 func (o *observer) Lookup(_ *broker.Binding, r broker.Result) {
-	if int(r) < len(o.lookups) {
+	if o.lookups != nil && int(r) < len(o.lookups) {
 		o.lookups[r].Inc()
 	}
+}
+
+// Fetched logs and counts a token API call.
+func (o *observer) Fetched(ctx context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
+	o.h.fetched(ctx, b, tok, elapsed, background, err)
+}
+
+// BackingOff counts the keys held in failure memory.
+func (o *observer) BackingOff(b *broker.Binding, on bool) { o.h.backingOff(b, on) }
+
+// SourceBackingOff counts the provider configurations held.
+func (o *observer) SourceBackingOff(sourceID string, on bool) { o.h.sourceBackingOff(sourceID, on) }
+
+// BreakerChanged sets the breaker gauge of the source's provider.
+func (o *observer) BreakerChanged(sourceID string, state broker.BreakerState) {
+	o.h.breakerChanged(sourceID, state)
 }
 
 // handlerMetrics is what a handler needs to count: the shared collectors
@@ -368,9 +379,8 @@ func (h *Handler) exportZero(provider, sourceID string) {
 	m.breaker.WithLabelValues(provider).Set(float64(state))
 }
 
-// BackingOff implements broker.BackoffObserver: it counts the keys held in
-// failure memory, by provider.
-func (h *Handler) BackingOff(b *broker.Binding, on bool) {
+// backingOff counts the keys held in failure memory, by provider.
+func (h *Handler) backingOff(b *broker.Binding, on bool) {
 	if h.metrics == nil || h.metrics.tokenMetrics == nil {
 		return
 	}
@@ -382,10 +392,9 @@ func (h *Handler) BackingOff(b *broker.Binding, on bool) {
 	}
 }
 
-// SourceBackingOff implements broker.SourceObserver: it counts the
-// provider configurations held after a 429 with Retry-After or a bad
-// credential.
-func (h *Handler) SourceBackingOff(sourceID string, on bool) {
+// sourceBackingOff counts the provider configurations held after a 429
+// with Retry-After or a bad credential.
+func (h *Handler) sourceBackingOff(sourceID string, on bool) {
 	if h.metrics == nil || h.metrics.tokenMetrics == nil {
 		return
 	}
@@ -401,7 +410,7 @@ func (h *Handler) SourceBackingOff(sourceID string, on bool) {
 	}
 }
 
-// observerFor returns the observer of a binding: the handler, with the
+// observerFor returns the observer of a binding: the handler's, with the
 // binding's lookup counters. Without the merchant label, the bindings of
 // one provider share one observer (no heap object per binding). With it,
 // a new wildcard binding (hold) is counted among its merchant's holders
@@ -410,16 +419,16 @@ func (h *Handler) SourceBackingOff(sourceID string, on bool) {
 func (h *Handler) observerFor(b *binding, hold bool) broker.Observer {
 	m := h.metrics
 	if m == nil || m.tokenMetrics == nil {
-		return h
+		return &observer{h: h}
 	}
 	if m.merchantLabel {
 		switch {
 		case hold:
-			return &observer{Handler: h, lookups: m.holdMerchant(b.prov.name, b.Merchant)}
+			return &observer{h: h, lookups: m.holdMerchant(b.prov.name, b.Merchant)}
 		case !b.wild():
-			return &observer{Handler: h, lookups: m.explicitMerchant(b.prov.name, b.Merchant)}
+			return &observer{h: h, lookups: m.explicitMerchant(b.prov.name, b.Merchant)}
 		}
-		return &observer{Handler: h, lookups: m.lookupCounters(b.prov.name, b.Merchant)}
+		return &observer{h: h, lookups: m.lookupCounters(b.prov.name, b.Merchant)}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -433,14 +442,13 @@ func (h *Handler) observerFor(b *binding, hold bool) broker.Observer {
 		c = m.lookupCounters(b.prov.name, "")
 		m.shared[b.prov.name] = c
 	}
-	o := &observer{Handler: h, lookups: c}
+	o := &observer{h: h, lookups: c}
 	m.observers[b.prov.name] = o
 	return o
 }
 
-// BreakerChanged implements broker.BreakerObserver: it sets the breaker
-// gauge of the source's provider.
-func (h *Handler) BreakerChanged(sourceID string, state broker.BreakerState) {
+// breakerChanged sets the breaker gauge of the source's provider.
+func (h *Handler) breakerChanged(sourceID string, state broker.BreakerState) {
 	if h.metrics == nil {
 		return
 	}
@@ -454,13 +462,12 @@ func (h *Handler) BreakerChanged(sourceID string, state broker.BreakerState) {
 // fetchOutcome is the outcome label of a token API call.
 func fetchOutcome(err error) string {
 	if err == nil {
-		return "ok"
+		return outcomeOK
 	}
-	_, code := classify(err)
-	return code
+	return errcode.Classify(err).String()
 }
 
-// observeFetch counts a token API call; Fetched calls it.
+// observeFetch counts a token API call; fetched calls it.
 func (h *Handler) observeFetch(_ context.Context, b *broker.Binding, provider string, elapsed time.Duration, err error) string {
 	outcome := fetchOutcome(err)
 	if h.metrics != nil {
@@ -490,5 +497,6 @@ var (
 	_ broker.Observer        = (*observer)(nil)
 	_ broker.BreakerObserver = (*observer)(nil)
 	_ broker.BackoffObserver = (*observer)(nil)
+	_ broker.SourceObserver  = (*observer)(nil)
 	_ caddy.Destructor       = (*tokenMetrics)(nil)
 )

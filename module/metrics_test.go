@@ -35,14 +35,14 @@ func (c *clock) Add(d time.Duration) {
 // newMetricsHandler returns a handler for merchants acme and globex of
 // provider nuapay, on a broker with the clock, instrumented with fresh
 // collectors registered in reg.
-func newMetricsHandler(t *testing.T, src broker.SourceFunc, clk *clock, merchantLabel bool) (*Handler, *tokenMetrics, *prometheus.Registry) {
+func newMetricsHandler(t *testing.T, src sourceFunc, clk *clock, merchantLabel bool) (*Handler, *tokenMetrics, *prometheus.Registry) {
 	t.Helper()
 	return newMetricsHandlerWith(t, src, merchantLabel, broker.Options{Now: clk.Now, MaxAttempts: 1, FailureTTL: -1, BreakerThreshold: 2})
 }
 
 // newMetricsHandlerWith is newMetricsHandler with the broker's options
 // (Sleep is set to not sleep).
-func newMetricsHandlerWith(t *testing.T, src broker.SourceFunc, merchantLabel bool, opts broker.Options) (*Handler, *tokenMetrics, *prometheus.Registry) {
+func newMetricsHandlerWith(t *testing.T, src sourceFunc, merchantLabel bool, opts broker.Options) (*Handler, *tokenMetrics, *prometheus.Registry) {
 	t.Helper()
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(),
 		merchantHeader: "X-Merchant-Id", header: "Authorization"}
@@ -52,7 +52,7 @@ func newMetricsHandlerWith(t *testing.T, src broker.SourceFunc, merchantLabel bo
 	h.bindings = newBindingTable(nil, nil, nil)
 	for _, m := range []string{"acme", "globex"} {
 		b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
-		b.Observer = h
+		b.Observer = &observer{h: h}
 		h.bindings.set(m, newBinding(b, "nuapay"))
 	}
 	m := newTokenMetrics(merchantLabel)

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
@@ -238,9 +239,8 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 		// revoked, which killed the rejected token too): the caller gets
 		// consent_required, as the next call would, not the 401.
 		before.restore(w.Header())
-		status, code := classify(err)
 		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-		return h.fail(w, repl, refusal{status: status, code: code, merchant: b.Merchant, providerType: b.prov.typ, cause: err})
+		return h.fail(w, repl, refusal{code: errcode.Classify(err), merchant: b.Merchant, providerType: b.prov.typ, cause: err})
 	}
 	if err != nil || fresh.Token().Value == rejected.Value {
 		return rec.writeHeld() // nothing better to try: the caller gets the 401

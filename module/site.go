@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"net/url"
 	"strings"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
 // siteGuard decides whether a request may use the sidecar's site: the
@@ -54,26 +56,26 @@ func newSiteGuard(allowed []string) (siteGuard, error) {
 	return g, nil
 }
 
-// check refuses a request the site must not serve; a zero status lets it
+// check refuses a request the site must not serve; a zero code lets it
 // go on. The error, when non-nil, is for the log: it says what was refused
 // and what the operator can do.
-func (g *siteGuard) check(r *http.Request) (int, string, error) {
+func (g *siteGuard) check(r *http.Request) (errcode.Code, error) {
 	if !g.allowsHost(r.Host) {
-		return http.StatusMisdirectedRequest, "host_not_allowed",
+		return errcode.HostNotAllowed,
 			fmt.Errorf("host %.100q is neither a loopback name nor in the token_broker app's allowed_hosts (add it there if applications reach the sidecar by that name)", r.Host)
 	}
 	if site := r.Header.Get("Sec-Fetch-Site"); site != "" {
 		if site != "same-origin" && site != "none" {
-			return http.StatusForbidden, "cross_site_request", fmt.Errorf("browser request with Sec-Fetch-Site %.20q", site)
+			return errcode.CrossSiteRequest, fmt.Errorf("browser request with Sec-Fetch-Site %.20q", site)
 		}
-		return 0, "", nil
+		return 0, nil
 	}
 	if origin := r.Header.Get("Origin"); origin != "" {
 		if u, err := url.Parse(origin); err != nil || u.Host == "" || !strings.EqualFold(u.Host, r.Host) {
-			return http.StatusForbidden, "cross_site_request", fmt.Errorf("browser request from origin %.100q, not %.100q", origin, r.Host)
+			return errcode.CrossSiteRequest, fmt.Errorf("browser request from origin %.100q, not %.100q", origin, r.Host)
 		}
 	}
-	return 0, "", nil
+	return 0, nil
 }
 
 // allowsHost reports whether the Host header names a loopback host or an

@@ -50,7 +50,8 @@ func TestSiteGuard(t *testing.T) {
 		for i := 0; i+1 < len(tt.headers); i += 2 {
 			r.Header.Set(tt.headers[i], tt.headers[i+1])
 		}
-		status, code, err := g.check(r)
+		c, err := g.check(r)
+		status, code := c.Status(), c.String()
 		if status != tt.status || code != tt.code || (status != 0) != (err != nil) {
 			t.Errorf("Host %q %v: %d %q %v, want %d %q", tt.host, tt.headers, status, code, err, tt.status, tt.code)
 		}
@@ -62,12 +63,12 @@ func TestSiteGuard(t *testing.T) {
 	}
 	r := httptest.NewRequest(http.MethodGet, "/", nil)
 	r.Host = "anything.example"
-	if status, _, _ := anyHost.check(r); status != 0 {
-		t.Errorf("allowed_hosts *: Host %q refused with %d", r.Host, status)
+	if code, _ := anyHost.check(r); code != 0 {
+		t.Errorf("allowed_hosts *: Host %q refused with %s", r.Host, code)
 	}
 	r.Header.Set("Sec-Fetch-Site", "cross-site")
-	if status, _, _ := anyHost.check(r); status != http.StatusForbidden {
-		t.Errorf("allowed_hosts *: a cross-site request got %d, want 403", status)
+	if code, _ := anyHost.check(r); code.Status() != http.StatusForbidden {
+		t.Errorf("allowed_hosts *: a cross-site request got %s, want 403", code)
 	}
 
 	for _, bad := range []string{"", "sidecar:8080", "http://sidecar", "side car", "a/b", "*.svc", "user@host"} {

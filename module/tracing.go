@@ -8,6 +8,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
 // tracerName is the instrumentation scope of the broker's spans.
@@ -48,7 +49,7 @@ func (h *Handler) token(ctx context.Context, b *binding) (*broker.Entry, broker.
 	defer span.End()
 	e, res, err := h.broker.Get(ctx, &b.Binding)
 	if err != nil {
-		_, code := classify(err)
+		code := errcode.Classify(err).String()
 		span.SetAttributes(attrCache.String(res.String()), attrOutcome.String(code))
 		// Errors never carry a credential or a token (broker.Source's contract).
 		span.SetStatus(codes.Error, code)

@@ -218,27 +218,6 @@ func (s *Source) RevokeToken(ctx context.Context, req broker.Request, tok broker
 	return s.Revoke(ctx, req.Organisation, tok.ID)
 }
 
-// RevokeAll revokes every token of an organisation, whoever holds them,
-// and returns how many the provider revoked. The broker never calls it; it
-// is for an operator who means it.
-func (s *Source) RevokeAll(ctx context.Context, org string) (int, error) {
-	target, err := s.orgURL("", org, "/tokens/revoke")
-	if err != nil {
-		return 0, err
-	}
-	body, err := s.call(ctx, http.MethodPost, target, nil, http.StatusOK)
-	if err != nil {
-		return 0, err
-	}
-	var env nuapayEnvelope[struct {
-		Count int `json:"revokedTokensCount"`
-	}]
-	if err := json.Unmarshal(body, &env); err != nil || env.Data == nil {
-		return 0, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusOK, Code: "malformed_response", Description: "revoke response has no data"}
-	}
-	return env.Data.Count, nil
-}
-
 // Organisation is one entry of Gatekeeper's organisations list.
 type Organisation struct {
 	// ID is the encodedOrganisationId to use in token requests.

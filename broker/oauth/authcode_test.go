@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -41,7 +42,7 @@ func approve(t *testing.T, srv *optest.Server, authURL string) url.Values {
 // consentFixture is a provider with the consent flow against zitadel.
 type consentFixture struct {
 	op    *optest.Server
-	store *MemoryStore
+	store *savingStore
 	src   *RefreshToken
 	flow  *AuthCode
 	pend  *Pendings
@@ -71,7 +72,7 @@ func newConsentFixture(t *testing.T, o optest.Options, method AuthMethod, par bo
 	} else {
 		cfg.ClientSecret = secretValue
 	}
-	store := NewMemoryStore()
+	store := &savingStore{}
 	src, err := NewRefreshToken(cfg, store)
 	if err != nil {
 		t.Fatal(err)
@@ -84,6 +85,21 @@ func newConsentFixture(t *testing.T, o optest.Options, method AuthMethod, par bo
 	}
 	return &consentFixture{op: srv, store: store, src: src, flow: flow, pend: pend, clock: clock}
 }
+
+// savingStore is a MemoryStore that counts the refresh tokens saved.
+type savingStore struct {
+	MemoryStore
+	saves atomic.Int64
+}
+
+// Save counts the save and stores rt.
+func (s *savingStore) Save(ctx context.Context, key string, rt broker.Secret) error {
+	s.saves.Add(1)
+	return s.MemoryStore.Save(ctx, key, rt)
+}
+
+// Saves returns how many times Save was called.
+func (s *savingStore) Saves() int { return int(s.saves.Load()) }
 
 // consent runs one whole consent for merchant and returns the callback's
 // query (already used) and result.
@@ -166,10 +182,6 @@ func TestAuthCodeFlowAgainstZitadel(t *testing.T) {
 // verifier.
 func TestAuthCodeRefusals(t *testing.T) {
 	ctx := context.Background()
-	type setup struct {
-		f    *consentFixture
-		host string
-	}
 	// begin opens a consent link and approves at the server; it returns
 	// the callback query, not yet used.
 	begin := func(t *testing.T, f *consentFixture) url.Values {

@@ -212,7 +212,11 @@ func TestRevocationRevokesTheGrant(t *testing.T) {
 	if got := call(); got != 200 {
 		t.Fatalf("API with the fresh token: %d", got)
 	}
-	if err := f.src.RevokeMerchant(context.Background(), "acme"); err != nil {
+	rt, err := f.store.Load(context.Background(), f.src.StoreKey("acme"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.src.Revoke(context.Background(), rt, "refresh_token"); err != nil {
 		t.Fatal(err)
 	}
 	if got := call(); got != 401 {

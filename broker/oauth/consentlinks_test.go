@@ -232,7 +232,7 @@ func TestConsentLinkFloodHeapBound(t *testing.T) {
 	if n := store.Len(); n != 1 {
 		t.Errorf("%d links stored after expiry, want 1", n)
 	}
-	if n := flow.limits.merchants(); n != 1 {
+	if n := heldMerchants(flow.limits); n != 1 {
 		t.Errorf("the limiter holds %d merchants after expiry, want 1", n)
 	}
 	if grown := int64(heapInUse()) - int64(base); grown > bound {
@@ -287,6 +287,13 @@ func TestCallbackRefusesAnotherBrowser(t *testing.T) {
 
 // TestLinkLimiterKeepsNoStateForRefusals: a flood over many merchants
 // that the provider's rate refuses leaves nothing in the limiter.
+// heldMerchants returns how many merchants the limiter holds state for.
+func heldMerchants(l *linkLimiter) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.m)
+}
+
 func TestLinkLimiterKeepsNoStateForRefusals(t *testing.T) {
 	clock := newClock()
 	l := newLinkLimiter(LinkLimits{PerMinute: 2})
@@ -296,7 +303,7 @@ func TestLinkLimiterKeepsNoStateForRefusals(t *testing.T) {
 			t.Fatalf("merchant %d: %v", i, err)
 		}
 	}
-	if n := l.merchants(); n != 2 {
+	if n := heldMerchants(l); n != 2 {
 		t.Errorf("the limiter holds %d merchants, want the 2 admitted", n)
 	}
 }

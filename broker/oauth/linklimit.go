@@ -174,10 +174,3 @@ func (l *linkLimiter) pruneLocked(now time.Time) {
 		}
 	}
 }
-
-// merchants returns how many merchants the limiter holds (tests).
-func (l *linkLimiter) merchants() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return len(l.m)
-}

@@ -435,8 +435,8 @@ func TestRevokeRefreshTokenAgainstZitadel(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := f.source(t, f.store)
-	if err := src.RevokeMerchant(context.Background(), refreshMerchant); err != nil {
-		t.Fatalf("RevokeMerchant: %v", err)
+	if err := src.Revoke(context.Background(), broker.Secret(f.rt0), "refresh_token"); err != nil {
+		t.Fatalf("Revoke: %v", err)
 	}
 	if f.srv.Storage.RefreshTokenValid(f.rt0) {
 		t.Fatal("the refresh token is still valid after revocation")

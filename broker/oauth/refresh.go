@@ -264,20 +264,9 @@ func (s *RefreshToken) Revoke(ctx context.Context, token broker.Secret, hint str
 	return s.c.revoke(ctx, token, hint)
 }
 
-// RevokeMerchant revokes a merchant's stored refresh token at the provider
-// (token_type_hint=refresh_token). The stored token is left in place: the
-// caller decides whether to delete it.
-func (s *RefreshToken) RevokeMerchant(ctx context.Context, merchant string) error {
-	rt, err := s.store.Load(ctx, s.StoreKey(merchant))
-	if err != nil {
-		return fmt.Errorf("merchant %q: loading the refresh token: %w", merchant, err)
-	}
-	return s.c.revoke(ctx, rt, "refresh_token")
-}
-
 // RevokeToken implements broker.Revoker: it revokes an access token the
 // source issued (token_type_hint=access_token). The merchant's refresh
-// token is left alone: see RevokeMerchant.
+// token is left alone.
 func (s *RefreshToken) RevokeToken(ctx context.Context, _ broker.Request, tok broker.Token) error {
 	return s.c.revoke(ctx, tok.Value, "access_token")
 }

@@ -55,7 +55,6 @@ type MemoryStore struct {
 	mu     sync.Mutex
 	tokens map[string]broker.Secret
 	locks  keylock.Map
-	saves  int
 }
 
 // NewMemoryStore returns an empty MemoryStore.
@@ -80,15 +79,7 @@ func (m *MemoryStore) Save(_ context.Context, key string, rt broker.Secret) erro
 		m.tokens = map[string]broker.Secret{}
 	}
 	m.tokens[key] = rt
-	m.saves++
 	return nil
-}
-
-// Saves returns how many times Save was called.
-func (m *MemoryStore) Saves() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.saves
 }
 
 // Lock implements Store with one lock per key.

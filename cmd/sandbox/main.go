@@ -139,7 +139,7 @@ func run() error {
 func demoBankClient(idSecret, keyFile, scopes string) (sandbox.BankClient, error) {
 	id, secret, ok := strings.Cut(idSecret, ":")
 	if !ok || id == "" {
-		return sandbox.BankClient{}, fmt.Errorf("-bank-client %q: want id:secret or id:", idSecret)
+		return sandbox.BankClient{}, fmt.Errorf("-bank-client %q: want id:secret, or id: with -bank-client-key (private_key_jwt)", idSecret)
 	}
 	c := sandbox.BankClient{ID: id, Secret: secret, Scopes: strings.Fields(scopes)}
 	if keyFile != "" {

@@ -56,9 +56,6 @@ func Start(t testing.TB) *Server {
 // Addr is the server's address, 127.0.0.1:port.
 func (r *Server) Addr() string { return "127.0.0.1:" + strconv.Itoa(r.port) }
 
-// Port is the server's port.
-func (r *Server) Port() int { return r.port }
-
 // start runs redis-server on r.port and waits until it answers.
 func (r *Server) start() error {
 	cmd := exec.Command("redis-server", "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",

@@ -135,12 +135,6 @@ func (kr *Keyring) Open(sealed, ad []byte) ([]byte, error) {
 	return nil, ErrOpen
 }
 
-// Current reports whether sealed was sealed with the current key (so it
-// need not be sealed again after a rotation).
-func (kr *Keyring) Current(sealed []byte) bool {
-	return len(sealed) >= headerSize && hmac.Equal(kr.keys[0].id[:], sealed[1:1+idSize])
-}
-
 // Derive returns, for each key (current first), a 32-byte subkey for
 // purpose, independent of the sealing key itself: for example the HMAC key
 // that turns cache keys into store key names.
