@@ -121,8 +121,10 @@ func TestMakeRunKeepsConsentAcrossRestarts(t *testing.T) {
 		fmt.Sprintf("SANDBOX_ADDR=127.0.0.1:%d", sandboxPort), fmt.Sprintf("SANDBOX_CONSENT_ADDR=127.0.0.1:%d", consentPort)}
 	// HOME elsewhere: without RUN_DIR's folders Caddy would use the
 	// user's ~/.local/share/caddy; this test must not.
-	env := []string{"HOME=" + t.TempDir(), "XDG_DATA_HOME=", "XDG_CONFIG_HOME=",
-		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort)}
+	// The Go caches stay the machine's: without them make run would
+	// download every module and compile Caddy again.
+	env := append(goCacheEnv(t), "HOME="+t.TempDir(), "XDG_DATA_HOME=", "XDG_CONFIG_HOME=",
+		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort))
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 	consentSite := fmt.Sprintf("http://127.0.0.1:%d", consentPort)
 
@@ -158,4 +160,19 @@ func TestMakeRunKeepsConsentAcrossRestarts(t *testing.T) {
 			t.Errorf("RUN_DIR has no %s: %v", p, err)
 		}
 	}
+}
+
+// goCacheEnv returns the Go module and build caches of the go command
+// running the tests, for a child that gets another HOME.
+func goCacheEnv(t *testing.T) []string {
+	t.Helper()
+	out, err := exec.Command("go", "env", "GOPATH", "GOMODCACHE", "GOCACHE").Output()
+	if err != nil {
+		t.Fatalf("go env: %v", err)
+	}
+	v := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(v) != 3 {
+		t.Fatalf("go env printed %q", out)
+	}
+	return []string{"GOPATH=" + v[0], "GOMODCACHE=" + v[1], "GOCACHE=" + v[2]}
 }
