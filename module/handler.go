@@ -112,7 +112,7 @@ type Handler struct {
 	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
 
 	callers        *CallerPolicy
-	site           *siteGuard    // the app's: which Host names and browser requests are served (site.go)
+	site           *siteGuard // the app's: which Host names and browser requests are served (site.go)
 	registry       *config.Registry
 	bindings       *bindingTable // shared by the config's routes with the same registry and scopes
 	listingKey     string        // the pooled organisation listing of a handler's own registry

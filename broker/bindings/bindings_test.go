@@ -187,7 +187,9 @@ func TestTableParking(t *testing.T) {
 	for _, order := range [][]string{{"c", "a"}, {"a", "c"}} {
 		tbl, _ := newTable(Limits{MaxActive: 2, IdleTimeout: time.Minute}, nil)
 		h := &hooks{}
-		mk := func(id string) *Binding { return &Binding{Binding: *broker.NewBinding("s", nil, broker.Request{Merchant: id})} }
+		mk := func(id string) *Binding {
+			return &Binding{Binding: *broker.NewBinding("s", nil, broker.Request{Merchant: id})}
+		}
 		tbl.wmu.Lock()
 		tbl.park([]*Binding{mk("a"), mk("b")}, h, "")
 		var batch []*Binding
