@@ -112,12 +112,12 @@ type Handler struct {
 	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
 
 	callers        *CallerPolicy
-	site           *siteGuard // the app's: which Host names and browser requests are served (site.go)
-	registry       *config.Registry
-	bindings       *bindingTable // shared by the config's routes with the same registry and scopes
-	listingKey     string        // the pooled organisation listing of a handler's own registry
-	merchantHeader string        // canonical header name when Merchant is a plain header placeholder
-	header         string        // canonical Header
+	site           *siteGuard       // the app's: which Host names and browser requests are served (site.go)
+	registry       *config.Registry // the app's, or the handler's own (Config)
+	bindings       *bindingTable    // shared by the config's routes with the same registry and scopes
+	listingKey     string           // the pooled organisation listing of a handler's own registry
+	merchantHeader string           // canonical header name when Merchant is a plain header placeholder
+	header         string           // canonical Header
 	broker         *broker.Broker
 	logger         *zap.Logger
 	metrics        *handlerMetrics // see metrics.go

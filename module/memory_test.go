@@ -257,3 +257,31 @@ func TestBindingsShareProfile(t *testing.T) {
 		})
 	}
 }
+
+// TestPlaceholdersDoNotAllocate: once a merchant's placeholder values
+// were asked for, asking again (every request whose log or a later
+// handler reads them) allocates nothing, and they are plain strings.
+func TestPlaceholdersDoNotAllocate(t *testing.T) {
+	h, ids, _ := warmRegistryHandler(t, 2, nil)
+	b := h.bindings.Peek(ids[0])
+	e, res, err := h.broker.Get(context.Background(), &b.Binding)
+	if err != nil {
+		t.Fatal(err)
+	}
+	get := placeholders(b, e, res)
+	for _, name := range placeholderNames {
+		if v, ok := get(placeholderPrefix + name); !ok {
+			t.Fatalf("%s: not resolved", name)
+		} else if _, isString := v.(string); !isString {
+			t.Errorf("%s: %T, want a string", name, v)
+		}
+	}
+	n := testing.AllocsPerRun(100, func() {
+		for _, name := range placeholderNames {
+			get(placeholderPrefix + name)
+		}
+	})
+	if n != 0 {
+		t.Errorf("resolving the placeholders again allocates %v times", n)
+	}
+}
