@@ -35,9 +35,10 @@ type Entry struct {
 	// it, so that its bytes are held once.
 	header string
 	// fingerprint is the token's fingerprint, a string in an interface
-	// value made once per token: handing it out as `any` on every request
-	// (a Caddy placeholder) costs no allocation.
-	fingerprint any
+	// value, made on first use (Fingerprint): handing it out as `any` on
+	// every request (a Caddy placeholder) then costs no allocation, and a
+	// token whose fingerprint nobody asks for costs no memory for it.
+	fingerprint atomic.Value
 	// The token's type, ID, granted scopes and times (Token).
 	typ, id                     string
 	scopes                      []string
@@ -75,12 +76,18 @@ func (e *Entry) validAt(now time.Time, leeway time.Duration) bool {
 func (e *Entry) Header() string { return e.header }
 
 // Fingerprint is the token's fingerprint (Fingerprint of its value),
-// computed once per token. It does not allocate.
-func (e *Entry) Fingerprint() string { return e.fingerprint.(string) }
+// computed once per token. It does not allocate after its first call.
+func (e *Entry) Fingerprint() string { return e.FingerprintValue().(string) }
 
 // FingerprintValue is Fingerprint as an interface value holding a string,
-// made once per token: it does not allocate.
-func (e *Entry) FingerprintValue() any { return e.fingerprint }
+// made on the first call: it does not allocate after that.
+func (e *Entry) FingerprintValue() any {
+	if v := e.fingerprint.Load(); v != nil {
+		return v
+	}
+	e.fingerprint.CompareAndSwap(nil, e.value().Fingerprint())
+	return e.fingerprint.Load()
+}
 
 // RefreshAt is when the entry enters its refresh window.
 func (e *Entry) RefreshAt() time.Time { return e.refreshAt }
@@ -159,7 +166,7 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	if typ == bearerType {
 		typ = bearerType
 	}
-	return &Entry{header: bearerPrefix + tok.Value.Reveal(), fingerprint: tok.Fingerprint(), typ: typ, id: tok.ID, scopes: scopes,
+	return &Entry{header: bearerPrefix + tok.Value.Reveal(), typ: typ, id: tok.ID, scopes: scopes,
 		expiry: tok.Expiry, issuedAt: tok.IssuedAt, refreshAt: br.refreshAt(tok), cachedAt: br.opts.Now(),
 		binding: b, adopted: origin == OriginShared}
 }

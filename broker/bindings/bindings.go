@@ -146,7 +146,14 @@ type Table struct {
 	provs     map[string]*Provider
 	held      Hooks // the hooks whose bindings hold series; nil if none do
 	discarded bool
+	// block holds the bindings of explicit merchants, which stay as long
+	// as the table: blockSize to a heap object rather than one each,
+	// fewer objects for every GC cycle to mark.
+	block []Binding
 }
+
+// blockSize is the number of explicit merchants' bindings in a block.
+const blockSize = 256
 
 // Config configures a Table.
 type Config struct {
@@ -262,7 +269,17 @@ func (t *Table) create(id string, h Hooks) (*Binding, error) {
 			return nil, ErrTooManyMerchants
 		}
 	}
-	b := &Binding{Provider: t.provider(provider, providerType)}
+	var b *Binding
+	if wild {
+		b = new(Binding) // evicted at any time: an object of its own
+	} else {
+		if len(t.block) == cap(t.block) {
+			t.block = make([]Binding, 0, blockSize)
+		}
+		t.block = t.block[:len(t.block)+1]
+		b = &t.block[len(t.block)-1]
+	}
+	b.Provider = t.provider(provider, providerType)
 	b.InitFor(bd.Profile, bd.Merchant, bd.Organisation)
 	b.Observer = bd.Observer
 	if wild {
