@@ -157,8 +157,8 @@ func TestBindingProfileKeys(t *testing.T) {
 
 // TestDroppedEntryUnpinsBinding: a token dropped from the cache (purged,
 // or expired and cleaned up) is no longer its binding's last served
-// entry, so that an idle binding does not keep a chunk of entries alive;
-// the binding's next lookup fetches a new token, as before.
+// entry, so that an idle binding does not keep it in memory; the
+// binding's next lookup fetches a new token.
 func TestDroppedEntryUnpinsBinding(t *testing.T) {
 	for _, tt := range []struct {
 		name string
