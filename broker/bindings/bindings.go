@@ -3,8 +3,9 @@
 // the size of the registry.
 //
 // A Table holds the bindings of one registry for one set of route
-// scopes. A hit is a read lock and a map read, without allocation.
-// Merchants served through the registry's wildcard entry are bounded:
+// scopes. A hit is a read lock and a map read, without allocation (and,
+// for a wildcard merchant, the table's lock at most once a second, to
+// note its use). Merchants served through the registry's wildcard entry are bounded:
 //
 //   - at most Limits.MaxActive at a time; a new one evicts those unused
 //     for Limits.IdleTimeout (an LRU list: no scan), else the oldest one
