@@ -39,13 +39,20 @@ type Entry struct {
 	// every request (a Caddy placeholder) then costs no allocation, and a
 	// token whose fingerprint nobody asks for costs no memory for it.
 	fingerprint atomic.Value
-	// The token's type, ID, granted scopes and times (Token).
-	typ, id                     string
-	scopes                      []string
-	expiry, issuedAt, refreshAt time.Time
-	cachedAt                    time.Time // when the entry was built (broker clock)
-	binding                     *Binding
-	adopted                     bool // OriginShared, else OriginMinted
+	id          string // the provider's identifier of the token
+	expiry      time.Time
+	// issuedBefore, refreshBefore and cachedBefore are the token's
+	// IssuedAt, when the entry enters its refresh window, and when the
+	// entry was built (broker clock), as durations before expiry:
+	// expiry.Add(-d) has expiry's monotonic clock reading, if any, so the
+	// times compare as the token's own expiry does.
+	issuedBefore, refreshBefore, cachedBefore time.Duration
+	// grant is the token's type and granted scopes when they are not the
+	// usual: type Bearer, and no scopes or (scopesAsked) the binding's.
+	grant       *grant
+	binding     *Binding
+	adopted     bool // OriginShared, else OriginMinted
+	scopesAsked bool // granted scopes are the binding's
 	// sharedAcross: served to a binding of another merchant than its
 	// own (same source, organisation and scopes): Drop keeps it.
 	sharedAcross atomic.Bool
@@ -57,11 +64,27 @@ type Entry struct {
 	retry atomic.Pointer[failure]
 }
 
+// grant is a token type and granted scopes.
+type grant struct {
+	typ    string
+	scopes []string
+}
+
 // Token returns the cached token. Its Scopes are shared with the entry:
 // never modify them.
 func (e *Entry) Token() Token {
-	return Token{Value: e.value(), Type: e.typ, Expiry: e.expiry, ID: e.id, Scopes: e.scopes, IssuedAt: e.issuedAt}
+	g := grant{typ: bearerType}
+	if e.grant != nil {
+		g = *e.grant
+	}
+	if e.scopesAsked {
+		g.scopes = e.binding.Scopes
+	}
+	return Token{Value: e.value(), Type: g.typ, Expiry: e.expiry, ID: e.id, Scopes: g.scopes, IssuedAt: e.expiry.Add(-e.issuedBefore)}
 }
+
+// cachedAt is when the entry was built.
+func (e *Entry) cachedAt() time.Time { return e.expiry.Add(-e.cachedBefore) }
 
 // value is the token itself.
 func (e *Entry) value() Secret { return Secret(e.header[len(bearerPrefix):]) }
@@ -90,7 +113,7 @@ func (e *Entry) FingerprintValue() any {
 }
 
 // RefreshAt is when the entry enters its refresh window.
-func (e *Entry) RefreshAt() time.Time { return e.refreshAt }
+func (e *Entry) RefreshAt() time.Time { return e.expiry.Add(-e.refreshBefore) }
 
 // Origin says where the token came from: OriginMinted or OriginShared.
 func (e *Entry) Origin() string {
@@ -155,20 +178,23 @@ func (br *Broker) Close() {
 }
 
 // newEntry builds the cache entry of a token. Granted scopes equal to the
-// binding's share the binding's slice, and the usual token type its
-// constant.
+// binding's are the binding's slice.
 func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
+	e := &Entry{header: bearerPrefix + tok.Value.Reveal(), id: tok.ID, expiry: tok.Expiry,
+		issuedBefore: tok.Expiry.Sub(tok.IssuedAt), refreshBefore: tok.Expiry.Sub(br.refreshAt(tok)),
+		cachedBefore: tok.Expiry.Sub(br.opts.Now()), binding: b, adopted: origin == OriginShared}
 	scopes := tok.Scopes
 	if len(scopes) > 0 && slices.Equal(scopes, b.Scopes) {
-		scopes = b.Scopes
+		e.scopesAsked, scopes = true, nil
 	}
-	typ := tok.Type
-	if typ == bearerType {
-		typ = bearerType
+	if tok.Type != bearerType || scopes != nil {
+		typ := tok.Type
+		if typ == bearerType {
+			typ = bearerType // the constant, not a decoded copy
+		}
+		e.grant = &grant{typ: typ, scopes: scopes}
 	}
-	return &Entry{header: bearerPrefix + tok.Value.Reveal(), typ: typ, id: tok.ID, scopes: scopes,
-		expiry: tok.Expiry, issuedAt: tok.IssuedAt, refreshAt: br.refreshAt(tok), cachedAt: br.opts.Now(),
-		binding: b, adopted: origin == OriginShared}
+	return e
 }
 
 // bearerPrefix starts the Authorization header value of a cached token.

@@ -104,7 +104,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry) (*Entry,
 	// fresh token: do not fetch twice.
 	if v, ok := br.cache.Get(b.key); ok {
 		e := v.(*Entry)
-		if e.validAt(now, br.opts.Leeway) && (cur == nil || (e != cur && now.Before(e.refreshAt))) {
+		if e.validAt(now, br.opts.Leeway) && (cur == nil || (e != cur && now.Before(e.RefreshAt()))) {
 			e.servedTo(b)
 			b.current.Store(e)
 			return e, nil

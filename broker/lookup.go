@@ -41,7 +41,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	}
 	if e != nil && e.validAt(now, br.opts.Leeway) {
 		r := Hit
-		if !now.Before(e.refreshAt) && e.refreshDue(now) && e.refreshing.CompareAndSwap(false, true) {
+		if !now.Before(e.RefreshAt()) && e.refreshDue(now) && e.refreshing.CompareAndSwap(false, true) {
 			r = RefreshAhead
 			br.refresh(ctx, b, e)
 		}

@@ -122,7 +122,7 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 		// purged again, and that is no strike.
 	case now.Before(st.holdUntil) && st.holdUntil.Sub(now) <= RejectHoldMax:
 		held = true
-	case !st.purgedAt.IsZero() && !e.cachedAt.Before(st.purgedAt) && now.Sub(e.cachedAt) < max(RejectMinAge, holdWindow(st.strikes+1)):
+	case !st.purgedAt.IsZero() && !e.cachedAt().Before(st.purgedAt) && now.Sub(e.cachedAt()) < max(RejectMinAge, holdWindow(st.strikes+1)):
 		// The replacement of a rejected token is rejected too: the 401
 		// is not about the token.
 		st.strikes++
