@@ -378,6 +378,8 @@ func plainMerchant(md *toml.MetaData, id string, v any) (merchantTOML, bool) {
 			raw.Organisation, ok = v.(string)
 		case "audience":
 			raw.Audience, ok = v.(string)
+		case "display_name":
+			raw.DisplayName, ok = v.(string)
 		case "scopes":
 			var a []any
 			if a, ok = v.([]any); ok {
@@ -436,6 +438,10 @@ func (p *parser) resolveMerchant(e *entry, id string, raw *merchantTOML) (Mercha
 	m.Audience, _ = e.expand("audience", raw.Audience)
 	if hasControl(m.Audience) {
 		e.errf("audience", "%q holds control characters", m.Audience)
+	}
+	m.DisplayName = e.displayName("display_name", raw.DisplayName)
+	if m.DisplayName != "" && id == WildcardID {
+		e.errf("display_name", "is per merchant: give it on the merchants' own tables, not on the wildcard entry")
 	}
 	if e.bad {
 		flags |= merchantBad
