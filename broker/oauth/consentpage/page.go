@@ -269,7 +269,7 @@ func (r *Renderer) Render(w http.ResponseWriter, acceptLanguage string, p Page) 
 	}
 	nonce := make([]byte, 16)
 	_, _ = rand.Read(nonce) // crypto/rand.Read never fails
-	d.Nonce = base64.StdEncoding.EncodeToString(nonce)
+	d.Nonce = base64.RawURLEncoding.EncodeToString(nonce)
 	var buf bytes.Buffer
 	t := r.tmpls[p.Name]
 	if t == nil {
