@@ -567,3 +567,20 @@ func TestConsentTemplatesReplacePages(t *testing.T) {
 		})
 	}
 }
+
+// resultPage follows a callback's redirect to its result page (a
+// Location "done?result=…", relative to the callback) with client, and
+// returns the page; ok is false when loc is not such a redirect.
+func resultPage(t *testing.T, client *http.Client, callback, loc string) (status int, page string, ok bool) {
+	t.Helper()
+	if !strings.HasPrefix(loc, "done?result=") {
+		return 0, "", false
+	}
+	base, err := url.Parse(callback)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, _ := url.Parse(loc)
+	resp, body := browse(t, client, http.MethodGet, base.ResolveReference(ref).String(), nil)
+	return resp.StatusCode, body, true
+}

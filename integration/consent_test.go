@@ -85,7 +85,10 @@ func consentThrough(t *testing.T, link string) (callback string, final *url.URL)
 		t.Fatalf("approve: %d to %s", resp.StatusCode, callback)
 	}
 	resp = hop(t, mustReq(t, http.MethodGet, callback, nil), true)
-	if resp.StatusCode == http.StatusOK { // no return URL: a thank-you page
+	if status, page, ok := resultPage(t, consentBrowser, callback, resp.Header.Get("Location")); ok { // no return URL: the result page
+		if status != http.StatusOK || !strings.Contains(page, "your consent is recorded") {
+			t.Fatalf("result page: %d %s", status, page)
+		}
 		return callback, nil
 	}
 	final, _ = url.Parse(resp.Header.Get("Location"))
@@ -139,11 +142,11 @@ func TestExampleBankConsent(t *testing.T) {
 	}
 
 	// Refusals.
-	if resp := hop(t, mustReq(t, http.MethodGet, callback, nil), true); resp.StatusCode != http.StatusBadRequest {
-		t.Errorf("replayed callback: %d, want 400", resp.StatusCode)
+	if resp := hop(t, mustReq(t, http.MethodGet, callback, nil), true); resp.StatusCode != http.StatusGone {
+		t.Errorf("replayed callback: %d, want 410", resp.StatusCode)
 	}
-	if resp := hop(t, mustReq(t, http.MethodGet, link["url"], nil), true); resp.StatusCode != http.StatusBadRequest {
-		t.Errorf("replayed link: %d, want 400", resp.StatusCode)
+	if resp := hop(t, mustReq(t, http.MethodGet, link["url"], nil), true); resp.StatusCode != http.StatusGone {
+		t.Errorf("replayed link: %d, want 410", resp.StatusCode)
 	}
 	if resp := hop(t, mustReq(t, http.MethodGet, site+"/consent/other", nil), true); resp.StatusCode != http.StatusNotFound {
 		t.Errorf("/consent/other: %d, want 404", resp.StatusCode)
