@@ -34,7 +34,7 @@ import (
 
 // pagesLogo is the partner logo of the test: an SVG as a data: URI.
 var pagesLogo = "data:image/svg+xml;base64," + base64.StdEncoding.EncodeToString([]byte(
-	`<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32" viewBox="0 0 32 32"><rect width="32" height="32" rx="8" fill="#0b6e4f"/>` +
+	`<svg xmlns="http://www.w3.org/2000/svg" width="32" height="32" viewBox="0 0 32 32"><rect width="32" height="32" rx="8" fill="#0b6e4f"/>`+
 		`<path d="M9 23 16 8l7 15h-4l-3-7-3 7z" fill="#fff"/></svg>`))
 
 // pagesSite is a consent site with branded pages.
@@ -192,8 +192,12 @@ func (f filePendingStore) Put(_ context.Context, key string, val []byte, _ time.
 	return os.WriteFile(path, append(b, val...), 0o600)
 }
 
-func (filePendingStore) Get(context.Context, string) ([]byte, error)  { return nil, oauth.ErrUnknownPending }
-func (filePendingStore) Take(context.Context, string) ([]byte, error) { return nil, oauth.ErrUnknownPending }
+func (filePendingStore) Get(context.Context, string) ([]byte, error) {
+	return nil, oauth.ErrUnknownPending
+}
+func (filePendingStore) Take(context.Context, string) ([]byte, error) {
+	return nil, oauth.ErrUnknownPending
+}
 
 // pageRecorder collects what a tab does: the requests, the documents'
 // statuses, and the errors of its console and log.
@@ -310,7 +314,10 @@ func TestConsentPagesInBrowser(t *testing.T) {
 		t.Helper()
 		var loc string
 		if err := chromedp.Do(ctx, chromedp.Navigate(s.link(t, merchant)), chromedp.WaitVisible(chromedp.CSS("button[value=approve]")),
-			chromedp.Func(func(ctx context.Context, tg *chromedp.Target) (err error) { loc, err = chromedp.Location()(ctx, tg); return err })); err != nil {
+			chromedp.Func(func(ctx context.Context, tg *chromedp.Target) (err error) {
+				loc, err = chromedp.Location()(ctx, tg)
+				return err
+			})); err != nil {
 			t.Fatal(err)
 		}
 		u, _ := url.Parse(loc)
