@@ -249,9 +249,7 @@ func (c *Consent) span(r *http.Request, provider, step string) (context.Context,
 // done records a step's outcome: metric, span and log, never a code,
 // token, link or state.
 func (c *Consent) done(span trace.Span, provider, step, merchant string, err error) {
-	outcome, _ := consentOutcome(err)
-	var ce *oauth.ConsentError
-	errors.As(err, &ce)
+	outcome, code := consentOutcome(err)
 	c.metrics.steps.WithLabelValues(provider, step, outcome).Inc()
 	span.SetAttributes(attrMerchant.String(merchant), attrOutcome.String(outcome))
 	fields := []zap.Field{zap.String("provider", provider), zap.String("step", step), zap.String("merchant", merchant), zap.String("outcome", outcome)}
@@ -260,12 +258,12 @@ func (c *Consent) done(span trace.Span, provider, step, merchant string, err err
 	case errors.As(err, &le): // a flood of these is counted, not logged one by one
 		span.SetStatus(codes.Error, outcome)
 		c.logger.Debug("consent link refused", append(fields, zap.String("error", err.Error()))...)
-	case ce != nil && ce.Reason == oauth.ReasonProviderError:
+	case outcome == oauth.ReasonProviderError:
 		// Not the merchant's doing: the error says what the operator
 		// should check or set.
 		span.SetStatus(codes.Error, outcome)
 		c.logger.Error("consent failed: the provider refused the authorization request; fix the provider's configuration",
-			append(fields, zap.String("provider_error", ce.Code), zap.String("error", err.Error()))...)
+			append(fields, zap.String("provider_error", code), zap.String("error", err.Error()))...)
 	case err != nil:
 		span.SetStatus(codes.Error, outcome)
 		c.logger.Warn("consent refused", append(fields, zap.String("error", err.Error()))...)
