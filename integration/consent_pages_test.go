@@ -365,14 +365,14 @@ func TestConsentPagesInBrowser(t *testing.T) {
 	var usedLink string
 	checks := []pageCheck{
 		{"success", 200, decide("acme", "approve"), []string{"Consent given", "Consent for Acme Ltd at Example Bank", "your consent is recorded", "available to Acme Payments", "close this window"}},
-		{"used", 410, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
+		{"used", 400, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
 			usedLink = s.link(t, "globex")
 			visit(t, ctx, usedLink) // opened once: to the bank
 			rec.reset()
 			visit(t, ctx, usedLink)
 		}, []string{"This consent link was already used", "ask Acme Payments for a new consent link"}},
 		{"denied", 200, decide("globex", "deny"), []string{"Consent not given", "Consent for globex at Example Bank", "not given at Example Bank", "ask Acme Payments for a new consent link"}},
-		{"expired", 410, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
+		{"expired", 400, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
 			link := s.expiredLink(t, "acme")
 			rec.reset()
 			visit(t, ctx, link)
@@ -537,7 +537,7 @@ func TestConsentTemplatesReplacePages(t *testing.T) {
 	}{
 		{"/", http.StatusNotFound, "<h1>Nothing at this address (404)</h1>"},
 		{"/consent/start", http.StatusBadRequest, "<h1>Custom missing</h1>"},
-		{"/consent/start?link=" + strings.Repeat("A", 43), http.StatusGone, "<h1>Custom used</h1>"},
+		{"/consent/start?link=" + strings.Repeat("A", 43), http.StatusBadRequest, "<h1>Custom used</h1>"},
 		{"/consent/done?result=x", http.StatusGone, "<h1>Custom gone</h1>"},
 	} {
 		status, body := get(t, s.site+tc.path)

@@ -142,11 +142,11 @@ func TestExampleBankConsent(t *testing.T) {
 	}
 
 	// Refusals.
-	if resp := hop(t, mustReq(t, http.MethodGet, callback, nil), true); resp.StatusCode != http.StatusGone {
-		t.Errorf("replayed callback: %d, want 410", resp.StatusCode)
+	if resp := hop(t, mustReq(t, http.MethodGet, callback, nil), true); resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("replayed callback: %d, want 400", resp.StatusCode)
 	}
-	if resp := hop(t, mustReq(t, http.MethodGet, link["url"], nil), true); resp.StatusCode != http.StatusGone {
-		t.Errorf("replayed link: %d, want 410", resp.StatusCode)
+	if resp := hop(t, mustReq(t, http.MethodGet, link["url"], nil), true); resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("replayed link: %d, want 400", resp.StatusCode)
 	}
 	if resp := hop(t, mustReq(t, http.MethodGet, site+"/consent/other", nil), true); resp.StatusCode != http.StatusNotFound {
 		t.Errorf("/consent/other: %d, want 404", resp.StatusCode)

@@ -65,8 +65,8 @@ type pageInfo struct {
 var pages = map[string]pageInfo{
 	PageSuccess:       {http.StatusOK, "ok"},
 	PageDenied:        {http.StatusOK, "info"},
-	PageExpired:       {http.StatusGone, "error"},
-	PageUsed:          {http.StatusGone, "error"},
+	PageExpired:       {http.StatusBadRequest, "error"},
+	PageUsed:          {http.StatusBadRequest, "error"},
 	PageMissing:       {http.StatusBadRequest, "error"},
 	PageInvalid:       {http.StatusBadRequest, "error"},
 	PageProviderError: {http.StatusBadGateway, "error"},
@@ -93,7 +93,7 @@ type Data struct {
 	// Page is the page's name: one of the Page constants ("success",
 	// "denied", ...).
 	Page string
-	// Status is the page's HTTP status (200 for success, 410 for an
+	// Status is the page's HTTP status (200 for success, 400 for an
 	// expired link, ...).
 	Status int
 	// Tone is "ok" (success), "error" (a failure) or "info" (denied, not
