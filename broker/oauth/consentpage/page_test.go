@@ -237,6 +237,18 @@ func TestResultsShownUntilExpiry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if store.Len() != 1 {
+		t.Fatalf("%d records stored", store.Len())
+	}
+	for _, key := range []string{id, "result/" + id} {
+		if _, err := store.Get(ctx, key); err == nil {
+			t.Errorf("the result is stored under %q: the key must not be the id", key)
+		}
+	}
+	stored, _ := store.Get(ctx, func() string { k, _ := resultKeys(id); return k }())
+	if strings.Contains(string(stored), "acme") || strings.Contains(string(stored), `"ok"`) {
+		t.Errorf("the stored result is readable: %q", stored)
+	}
 	for range 3 { // a reload shows it again
 		if res, ok := rs.Load(ctx, id); !ok || res.MerchantID != "acme" || res.Outcome != "ok" {
 			t.Fatalf("Load = %+v, %v", res, ok)
