@@ -56,25 +56,26 @@ const (
 
 // pageInfo is what a page is, besides its texts.
 type pageInfo struct {
-	status int
-	tone   string // ok, error or info
+	status    int
+	tone      string // ok, error or info
+	noOutcome bool   // not the outcome of a consent: no Outcome, no Code
 }
 
 // pages are the pages with their HTTP status and tone, in the order the
 // README lists them.
 var pages = map[string]pageInfo{
-	PageSuccess:       {http.StatusOK, "ok"},
-	PageDenied:        {http.StatusOK, "info"},
-	PageExpired:       {http.StatusBadRequest, "error"},
-	PageUsed:          {http.StatusBadRequest, "error"},
-	PageMissing:       {http.StatusBadRequest, "error"},
-	PageInvalid:       {http.StatusBadRequest, "error"},
-	PageProviderError: {http.StatusBadGateway, "error"},
-	PageFailed:        {http.StatusBadGateway, "error"},
-	PageUnavailable:   {http.StatusServiceUnavailable, "error"},
-	PageWrongBrowser:  {http.StatusForbidden, "error"},
-	PageNotFound:      {http.StatusNotFound, "info"},
-	PageGone:          {http.StatusGone, "info"},
+	PageSuccess:       {status: http.StatusOK, tone: "ok"},
+	PageDenied:        {status: http.StatusOK, tone: "info"},
+	PageExpired:       {status: http.StatusBadRequest, tone: "error"},
+	PageUsed:          {status: http.StatusBadRequest, tone: "error"},
+	PageMissing:       {status: http.StatusBadRequest, tone: "error", noOutcome: true},
+	PageInvalid:       {status: http.StatusBadRequest, tone: "error", noOutcome: true},
+	PageProviderError: {status: http.StatusBadGateway, tone: "error"},
+	PageFailed:        {status: http.StatusBadGateway, tone: "error"},
+	PageUnavailable:   {status: http.StatusServiceUnavailable, tone: "error"},
+	PageWrongBrowser:  {status: http.StatusForbidden, tone: "error"},
+	PageNotFound:      {status: http.StatusNotFound, tone: "info", noOutcome: true},
+	PageGone:          {status: http.StatusGone, tone: "info", noOutcome: true},
 }
 
 // Pages returns the names of all pages.
@@ -260,8 +261,10 @@ func text(lang, page, partner, merchant, bank string) Text {
 // X-Content-Type-Options. The caller sets the caching headers.
 func (r *Renderer) Render(w http.ResponseWriter, acceptLanguage string, p Page) {
 	d := r.data(p.Name, r.language(acceptLanguage), p.MerchantID, p.Merchant, p.Bank)
-	d.Outcome = p.Outcome
-	if d.Tone == "error" && p.Outcome != "" {
+	if !pages[p.Name].noOutcome {
+		d.Outcome = p.Outcome
+	}
+	if d.Tone == "error" && d.Outcome != "" {
 		d.Code = p.Outcome
 		if p.ProviderCode != "" {
 			d.Code += ":" + p.ProviderCode

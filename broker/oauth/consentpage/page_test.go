@@ -130,6 +130,11 @@ func TestRenderNamesAndCode(t *testing.T) {
 		t.Error("a denial shows no error code")
 	}
 	w = httptest.NewRecorder()
+	r.Render(w, "", Page{Name: PageMissing, Outcome: oauth.ReasonUnknownState})
+	if strings.Contains(w.Body.String(), "<code>") || w.Code != http.StatusBadRequest {
+		t.Errorf("a missing link is no consent outcome: %d %s", w.Code, w.Body)
+	}
+	w = httptest.NewRecorder()
 	r.Render(w, "", Page{Name: PageNotFound})
 	if w.Code != http.StatusNotFound || strings.Contains(w.Body.String(), "Consent for") {
 		t.Errorf("not found: %d %s", w.Code, w.Body)
