@@ -370,7 +370,7 @@ func TestConsentPagesInBrowser(t *testing.T) {
 			visit(t, ctx, usedLink) // opened once: to the bank
 			rec.reset()
 			visit(t, ctx, usedLink)
-		}, []string{"This consent link was already used", "ask Acme Payments for a new consent link"}},
+		}, []string{"This consent link was already used", "ask Acme Payments for a new consent link", "Reference: unknown_state"}},
 		{"denied", 200, decide("globex", "deny"), []string{"Consent not given", "Consent for globex at Example Bank", "not given at Example Bank", "ask Acme Payments for a new consent link"}},
 		{"expired", 400, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
 			link := s.expiredLink(t, "acme")
@@ -479,6 +479,9 @@ func checkPage(t *testing.T, site string, pc pageCheck, f pageFacts, rec *pageRe
 	}
 	if !strings.Contains(f.Text, "Acme Payments") || !f.Logo {
 		t.Errorf("partner name shown: %v, logo loaded: %v", strings.Contains(f.Text, "Acme Payments"), f.Logo)
+	}
+	if strings.Contains(f.Text, "Reference:") && !strings.Contains(strings.Join(pc.texts, "\n"), "Reference:") {
+		t.Error("the page shows a reference code, which only the failed consents have")
 	}
 	if strings.Contains(f.Text, "secret detail") {
 		t.Error("the page shows the provider's error description")
