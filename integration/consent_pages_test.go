@@ -411,6 +411,10 @@ func TestConsentPagesInBrowser(t *testing.T) {
 					if err := chromedp.Do(ctx, chromedp.EmulateViewport(width.width, width.height, opts...)); err != nil {
 						t.Fatal(err)
 					}
+					// A bound for the page's steps (the tab is open: the timeout
+					// ends the steps, not the browser), generous for a loaded machine.
+					ctx, cancelSteps := context.WithTimeout(ctx, 2*time.Minute)
+					defer cancelSteps()
 					if err := chromedp.Listen(ctx, rec.listen); err != nil {
 						t.Fatal(err)
 					}
