@@ -69,8 +69,9 @@ test: vet lint tools
 # install it when missing (as root, or with sudo). The image test builds
 # with Debian's podman.
 # wrk runs in the benchmark driver's own test (and in `make bench`).
+# The consent pages test drives Debian's chromium (headless).
 tools:
-	@missing=""; for t in redis-server wrk podman; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in redis-server wrk podman chromium; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing from Debian"; \
 		if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y $$missing; \

@@ -48,7 +48,7 @@ func (f *File) compact() {
 		k := m.Terms.key()
 		t := terms[k]
 		if t == nil {
-			t = &Terms{Provider: in.string(m.Provider), Scopes: in.scopes(m.Scopes), Lifetime: m.Lifetime, Audience: in.string(m.Audience)}
+			t = &Terms{Provider: in.string(m.Provider), Scopes: in.scopes(m.Scopes), Lifetime: m.Lifetime, Audience: in.string(m.Audience), DisplayName: m.DisplayName}
 			terms[k] = t
 		}
 		m.Terms = t
@@ -71,12 +71,16 @@ func shareTerms(ms []Merchant) {
 }
 
 // key returns the termsKey of t.
-func (t *Terms) key() termsKey { return keyOf(t.Provider, t.Scopes, t.Lifetime, t.Audience) }
+func (t *Terms) key() termsKey {
+	k := keyOf(t.Provider, t.Scopes, t.Lifetime, t.Audience)
+	k.displayName = t.DisplayName
+	return k
+}
 
 // keyOf returns the termsKey of a provider name, scope set, lifetime and
 // audience.
 func keyOf(provider string, scopes []string, lifetime time.Duration, audience string) termsKey {
-	return termsKey{provider, strings.Join(scopes, "\x00"), lifetime, audience}
+	return termsKey{provider: provider, scopes: strings.Join(scopes, "\x00"), lifetime: lifetime, audience: audience}
 }
 
 // termsKey identifies a merchant's Terms (scopes joined with NUL), and a
@@ -85,6 +89,7 @@ type termsKey struct {
 	provider, scopes string
 	lifetime         time.Duration
 	audience         string
+	displayName      string // Terms only, not profiles
 }
 
 // interner shares equal strings and scope lists.

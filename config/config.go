@@ -97,6 +97,9 @@ type Provider struct {
 	// Consent is the authorization-code flow of a refresh_token provider
 	// with a consent table; nil otherwise.
 	Consent *oauth.AuthCode
+	// DisplayName is the consent table's display_name, shown on the
+	// consent pages; empty when unset.
+	DisplayName string
 	// Line is the line of the provider's table, 0 if unknown.
 	Line int
 }
@@ -131,6 +134,10 @@ type Terms struct {
 	Lifetime time.Duration
 	// Audience is the audience the token is for, if any.
 	Audience string
+	// DisplayName is the merchant's display_name, shown on the consent
+	// pages; empty when it has none (the pages show its id). Merchants
+	// with a display name have Terms of their own.
+	DisplayName string
 }
 
 // Binding returns the broker binding for a merchant. Non-empty scopes

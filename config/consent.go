@@ -1,7 +1,9 @@
 package config
 
 import (
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
@@ -11,6 +13,11 @@ import (
 // (the token_broker_consent handler). {env.NAME} references are expanded
 // in every value.
 type consentTOML struct {
+	// DisplayName is the provider's name as merchants know it ("Example
+	// Bank"), shown on the consent pages; default "your bank" in the
+	// page's language. At most 100 characters, no control characters or
+	// surrounding spaces. Optional.
+	DisplayName string `toml:"display_name"`
 	// RedirectURIs are the callback URLs registered with the provider, one
 	// per callback domain, each ending in "/callback", e.g.
 	// "https://callback.partnerdomain.com/consent/callback". The consent
@@ -82,6 +89,16 @@ const maxLinkTTL = 24 * time.Hour
 // maxLinkLimit bounds the consent link limits.
 const maxLinkLimit = 100_000
 
+// displayName checks a display_name: at most 100 characters, valid
+// UTF-8, no control characters or surrounding spaces; "" when unset.
+func (e *entry) displayName(field, v string) string {
+	if v != "" && (utf8.RuneCountInString(v) > 100 || !utf8.ValidString(v) || hasControl(v) || v != strings.TrimSpace(v)) {
+		e.errf(field, "%q: use at most 100 characters, without control characters or surrounding spaces", v)
+		return ""
+	}
+	return v
+}
+
 // linkLimit resolves a consent link limit: def when unset, else 1 to
 // maxLinkLimit.
 func (e *entry) linkLimit(field string, v *int, def int) int {
@@ -104,6 +121,7 @@ func (e *entry) consent(raw *consentTOML, p *Provider, src *oauth.RefreshToken) 
 		e.errf("consent", "only providers with grant %q take a consent table (this one uses %s)", GrantRefreshToken, p.Grant)
 		return nil
 	}
+	p.DisplayName = e.displayName("consent.display_name", raw.DisplayName)
 	cfg := oauth.AuthCodeConfig{PAR: raw.PAR}
 	list := func(field string, in []string, url bool) []string {
 		out := make([]string, 0, len(in))

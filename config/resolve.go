@@ -395,6 +395,10 @@ func (p *parser) resolveMerchant(e *entry, id string, raw *merchantTOML) (Mercha
 	if hasControl(m.Audience) {
 		e.errf("audience", "%q holds control characters", m.Audience)
 	}
+	m.DisplayName = e.displayName("display_name", raw.DisplayName)
+	if m.DisplayName != "" && id == WildcardID {
+		e.errf("display_name", "is per merchant: give it on the merchants' own tables, not on the wildcard entry")
+	}
 	if e.bad {
 		flags |= merchantBad
 	}

@@ -149,6 +149,11 @@ type merchantTOML struct {
 	// Audience is the audience or resource the token is for, if the
 	// provider needs one. Optional. {env.NAME} references are expanded.
 	Audience string `toml:"audience"`
+	// DisplayName is the merchant's name as its people know it, shown on
+	// the consent pages ("Consent for Acme Ltd at Example Bank"); default
+	// the merchant id. At most 100 characters, no control characters or
+	// surrounding spaces. Not on the wildcard entry. Optional.
+	DisplayName string `toml:"display_name"`
 }
 
 // providerType is what the registry knows about one provider type. Adding

@@ -414,9 +414,9 @@ func TestConsentLinksSurviveRestart(t *testing.T) {
 	browser := newBrowser()
 	callback := approveAtBank(t, browser, link)
 	s.restart(t)
-	resp, body := browse(t, browser, http.MethodGet, callback, nil)
-	if resp.StatusCode != http.StatusOK || !strings.Contains(body, "consent is recorded") {
-		t.Fatalf("callback after restart: %d %s", resp.StatusCode, body)
+	resp, _ := browse(t, browser, http.MethodGet, callback, nil)
+	if status, body, ok := resultPage(t, browser, callback, resp.Header.Get("Location")); !ok || status != http.StatusOK || !strings.Contains(body, "consent is recorded") {
+		t.Fatalf("callback after restart: %d to %q, result page %d %s", resp.StatusCode, resp.Header.Get("Location"), status, body)
 	}
 	if e := getEcho(t, s.base+"/accounts", "X-Merchant-Id", "acme"); !e.Authorization.Valid {
 		t.Fatalf("proxied call: %+v", e.Authorization)

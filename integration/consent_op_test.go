@@ -98,6 +98,9 @@ func (b *strictBank) consent(t *testing.T, merchant string, approve bool, return
 	defer resp.Body.Close()
 	var page strings.Builder
 	_, _ = io.Copy(&page, resp.Body)
+	if status, page, ok := resultPage(t, consentBrowser, back.String(), resp.Header.Get("Location")); ok {
+		return nil, status, page
+	}
 	if resp.StatusCode == http.StatusSeeOther {
 		final, _ := url.Parse(resp.Header.Get("Location"))
 		return final, resp.StatusCode, ""
@@ -202,8 +205,8 @@ func TestConsentProviderErrorIsNotDenial(t *testing.T) {
 		log     string
 	}{
 		{"PAR required by registration, not sent", requirePAR, "", true, "provider_error", "invalid_request",
-			"could not process this consent request (invalid_request)", "set par = true in [providers.bank.consent]"},
-		{"merchant denies", nil, "", false, "denied", "", "The consent was not given at the bank.", ""},
+			"could not be processed at Example Bank", "set par = true in [providers.bank.consent]"},
+		{"merchant denies", nil, "", false, "denied", "", "The consent was not given at Example Bank", ""},
 		{"PAR required by registration, par = true", requirePAR, "  par = true", true, "ok", "", "Thank you", ""},
 	}
 	for _, tc := range rows {

@@ -85,7 +85,10 @@ func consentThrough(t *testing.T, link string) (callback string, final *url.URL)
 		t.Fatalf("approve: %d to %s", resp.StatusCode, callback)
 	}
 	resp = hop(t, mustReq(t, http.MethodGet, callback, nil), true)
-	if resp.StatusCode == http.StatusOK { // no return URL: a thank-you page
+	if status, page, ok := resultPage(t, consentBrowser, callback, resp.Header.Get("Location")); ok { // no return URL: the result page
+		if status != http.StatusOK || !strings.Contains(page, "your consent is recorded") {
+			t.Fatalf("result page: %d %s", status, page)
+		}
 		return callback, nil
 	}
 	final, _ = url.Parse(resp.Header.Get("Location"))

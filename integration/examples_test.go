@@ -415,7 +415,7 @@ func TestExampleREADMEs(t *testing.T) {
 			}},
 		{example: "bank-consent", ports: []string{"CONSENT_PORT"}, checks: []func(*testing.T, string){
 			wantText(`"error":"consent_required"`),
-			wantText("your consent is recorded"),
+			wantText("Back in the example app", "Consent of merchant acme: outcome ok."),
 			wantToken("sandbox-bank-client", "accounts"),
 			wantText(`"merchant":"acme"`, `"has_refresh_token":true`)}},
 	}

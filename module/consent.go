@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"html"
 	"io"
 	"net"
 	"net/http"
@@ -27,6 +26,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentpage"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -48,7 +48,14 @@ func init() {
 //	GET  …/callback       the provider's redirect: check the state and that the browser holds its
 //	                      cookie, exchange the code, store the refresh token, redirect to the app's
 //	                      return URL with merchant and outcome (ok or the refusal reason; with
-//	                      outcome provider_error, also error, the provider's error code)
+//	                      outcome provider_error, also error, the provider's error code); without
+//	                      a return URL, redirect to …/done
+//	GET  …/done?result=…  the outcome page of a callback, the same on every load for an hour
+//
+// Every other path, and every refusal, gets a page of its own
+// (broker/oauth/consentpage: the built-in pages, branded with Partner,
+// Logo and Accent, in Lang or the browser's language, or the operator's
+// Templates), with a strict Content-Security-Policy.
 //
 // The consent cookie binds the authorization state to the browser that
 // opened the link (RFC 9700 §4.7.1): "__Host-token_broker_consent"
@@ -87,11 +94,38 @@ type Consent struct {
 	// localhost sidecar site, never on the public one.
 	Links bool `json:"links,omitempty"`
 
+	// Partner is the partner's name on the consent pages. At most 100
+	// characters. Optional.
+	Partner string `json:"partner,omitempty"`
+	// Logo is the partner's logo on the consent pages: a base64 data: URI
+	// of a PNG, JPEG, GIF, WebP or SVG image (at most 64 KiB), or an
+	// absolute path on the consent site ("/brand/logo.svg") that the site
+	// serves; nothing is loaded from another origin. Optional.
+	Logo string `json:"logo,omitempty"`
+	// Accent is the pages' accent colour, a CSS hex colour (#rgb or
+	// #rrggbb). Default #1f5fbf.
+	Accent string `json:"accent,omitempty"`
+	// Lang fixes the pages' language: en, de or fr. Default: the best
+	// match of the browser's Accept-Language, else en.
+	Lang string `json:"lang,omitempty"`
+	// Templates is a directory of Go html/template files replacing the
+	// built-in pages: page.html for every page and/or <page>.html for one
+	// (success, denied, expired, used, missing, invalid, provider_error,
+	// failed, unavailable, wrong_browser, not_found, gone), _*.html for
+	// shared definitions. They are executed with consentpage.Data; each
+	// is parsed and executed against sample data at provision time, and a
+	// template that fails (syntax, unknown field) is refused with its file
+	// and line. Optional.
+	Templates string `json:"templates,omitempty"`
+
 	app     *App
 	flow    *oauth.AuthCode
 	reg     *config.Registry
 	logger  *zap.Logger
 	metrics *consentMetrics
+	pages   *consentpage.Renderer
+	results *consentpage.Results
+	bank    string // the provider's display name
 }
 
 // CaddyModule returns the Caddy module information.
@@ -114,6 +148,14 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 	if c.Provider == "" && !c.Links {
 		return errors.New("token_broker_consent: provider is required: name the refresh_token provider whose merchants consent here")
 	}
+	pageCfg := consentpage.Config{Partner: c.Partner, Logo: c.Logo, Accent: c.Accent, Lang: c.Lang, Templates: c.Templates}
+	if c.Links && pageCfg != (consentpage.Config{}) {
+		return errors.New("token_broker_consent: links: partner, logo, accent, lang and templates brand the pages of the public consent site, not the links endpoint: move them to the handler with the provider")
+	}
+	if c.pages, err = consentpage.New(pageCfg); err != nil {
+		return fmt.Errorf("token_broker_consent: %w", err)
+	}
+	c.results = &consentpage.Results{Store: storagePending{s: ctx.Storage()}}
 	if c.reg == nil {
 		return fmt.Errorf("token_broker_consent: provider %q: the token_broker app has no registry (set its config)", c.Provider)
 	}
@@ -132,6 +174,7 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("token_broker_consent: provider %q (%s line %d) has no consent table: add [providers.%s.consent] with redirect_uris", c.Provider, c.reg.Path, p.Line, c.Provider)
 	}
 	c.flow = p.Consent
+	c.bank = p.DisplayName
 	c.metrics, err = loadConsentMetrics(ctx.GetMetricsRegistry())
 	return err
 }
@@ -151,19 +194,49 @@ func (c *Consent) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		c.start(w, r)
 	case !c.Links && strings.HasSuffix(path, "/callback") && r.Method == http.MethodGet:
 		c.callback(w, r)
+	case !c.Links && strings.HasSuffix(path, "/done") && r.Method == http.MethodGet:
+		c.result(w, r)
 	default:
-		page(w, http.StatusNotFound, "Not found.")
+		c.render(w, r, consentpage.Page{Name: consentpage.PageNotFound})
 	}
 	return nil
 }
 
-// page writes a plain HTML page.
-func page(w http.ResponseWriter, status int, msg string) {
-	h := w.Header()
-	h.Set("Content-Type", "text/html; charset=utf-8")
-	h.Set("Content-Security-Policy", "default-src 'none'")
-	w.WriteHeader(status)
-	fmt.Fprintf(w, "<!doctype html><meta charset=utf-8><title>Consent</title><p>%s</p>\n", html.EscapeString(msg))
+// render writes a consent page, with the merchant's and the provider's
+// display names from the registry.
+func (c *Consent) render(w http.ResponseWriter, r *http.Request, p consentpage.Page) {
+	if p.MerchantID != "" {
+		if m, _, ok := c.reg.Merchant(p.MerchantID); ok {
+			p.Merchant = m.DisplayName
+		}
+	}
+	p.Bank = c.bank
+	c.pages.Render(w, r.Header.Get("Accept-Language"), p)
+}
+
+// result serves …/done: the page of a callback's stored result.
+func (c *Consent) result(w http.ResponseWriter, r *http.Request) {
+	res, ok := c.results.Load(r.Context(), r.URL.Query().Get("result"))
+	if !ok {
+		c.render(w, r, consentpage.Page{Name: consentpage.PageGone})
+		return
+	}
+	c.render(w, r, consentpage.Page{Name: consentpage.ForOutcome(res.Outcome), MerchantID: res.MerchantID,
+		Outcome: res.Outcome, ProviderCode: res.ProviderCode})
+}
+
+// consentOutcome is the outcome of a consent step: "ok", the
+// *oauth.ConsentError's reason (and the provider's error code of a
+// provider_error), or "error".
+func consentOutcome(err error) (outcome, code string) {
+	var ce *oauth.ConsentError
+	switch {
+	case err == nil:
+		return "ok", ""
+	case errors.As(err, &ce):
+		return ce.Reason, ce.Code
+	}
+	return "error", ""
 }
 
 // span starts a span for a consent step under the request's span.
@@ -176,14 +249,7 @@ func (c *Consent) span(r *http.Request, provider, step string) (context.Context,
 // done records a step's outcome: metric, span and log, never a code,
 // token, link or state.
 func (c *Consent) done(span trace.Span, provider, step, merchant string, err error) {
-	outcome := "ok"
-	var ce *oauth.ConsentError
-	switch {
-	case errors.As(err, &ce):
-		outcome = ce.Reason
-	case err != nil:
-		outcome = "error"
-	}
+	outcome, code := consentOutcome(err)
 	c.metrics.steps.WithLabelValues(provider, step, outcome).Inc()
 	span.SetAttributes(attrMerchant.String(merchant), attrOutcome.String(outcome))
 	fields := []zap.Field{zap.String("provider", provider), zap.String("step", step), zap.String("merchant", merchant), zap.String("outcome", outcome)}
@@ -192,12 +258,12 @@ func (c *Consent) done(span trace.Span, provider, step, merchant string, err err
 	case errors.As(err, &le): // a flood of these is counted, not logged one by one
 		span.SetStatus(codes.Error, outcome)
 		c.logger.Debug("consent link refused", append(fields, zap.String("error", err.Error()))...)
-	case ce != nil && ce.Reason == oauth.ReasonProviderError:
+	case outcome == oauth.ReasonProviderError:
 		// Not the merchant's doing: the error says what the operator
 		// should check or set.
 		span.SetStatus(codes.Error, outcome)
 		c.logger.Error("consent failed: the provider refused the authorization request; fix the provider's configuration",
-			append(fields, zap.String("provider_error", ce.Code), zap.String("error", err.Error()))...)
+			append(fields, zap.String("provider_error", code), zap.String("error", err.Error()))...)
 	case err != nil:
 		span.SetStatus(codes.Error, outcome)
 		c.logger.Warn("consent refused", append(fields, zap.String("error", err.Error()))...)
@@ -219,7 +285,9 @@ func (c *Consent) start(w http.ResponseWriter, r *http.Request) {
 	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host, browser)
 	c.done(span, c.Provider, "start", rec.Merchant, err)
 	if err != nil {
-		page(w, http.StatusBadRequest, consentMessage(err))
+		outcome, code := consentOutcome(err)
+		c.render(w, r, consentpage.Page{Name: consentpage.ForStart(r.URL.Query().Get("link"), outcome),
+			MerchantID: rec.Merchant, Outcome: outcome, ProviderCode: code})
 		return
 	}
 	http.SetCookie(w, &http.Cookie{Name: name, Value: string(browser), Path: "/", MaxAge: int(oauth.StateTTL / time.Second),
@@ -279,32 +347,30 @@ func (c *Consent) callback(w http.ResponseWriter, r *http.Request) {
 		c.logger.Info("refresh token stored by consent", zap.String("provider", c.Provider),
 			zap.String("merchant", res.Merchant), zap.String("fingerprint", res.Fingerprint))
 	}
+	outcome, code := consentOutcome(err)
 	if res.ReturnURL != "" {
-		outcome := "ok"
-		params := url.Values{"merchant": {res.Merchant}}
-		var ce *oauth.ConsentError
-		if errors.As(err, &ce) {
-			outcome = ce.Reason
-			if ce.Code != "" { // provider_error: the provider's error code
-				params.Set("error", ce.Code)
-			}
-		} else if err != nil {
-			outcome = "error"
+		params := url.Values{"merchant": {res.Merchant}, "outcome": {outcome}}
+		if code != "" { // provider_error: the provider's error code
+			params.Set("error", code)
 		}
-		params.Set("outcome", outcome)
 		http.Redirect(w, r, withParams(res.ReturnURL, params), http.StatusSeeOther)
 		return
 	}
-	if err != nil {
-		status := http.StatusBadRequest
-		var ce *oauth.ConsentError
-		if errors.As(err, &ce) && ce.Reason == oauth.ReasonWrongBrowser {
-			status = http.StatusForbidden
+	if res.Merchant != "" {
+		// The outcome of a known state goes to …/done, which shows it
+		// again on a reload (the state is consumed by now).
+		id, serr := c.results.Save(ctx, consentpage.Result{MerchantID: res.Merchant, Outcome: outcome, ProviderCode: code})
+		if serr == nil {
+			// Relative, so that it resolves against the path the browser
+			// used, whatever a handle_path stripped.
+			w.Header().Set("Location", "done?"+url.Values{"result": {id}}.Encode())
+			w.WriteHeader(http.StatusSeeOther)
+			return
 		}
-		page(w, status, consentMessage(err))
-		return
+		c.logger.Warn("consent result not stored: its page is shown once", zap.String("provider", c.Provider),
+			zap.String("merchant", res.Merchant), zap.Error(serr))
 	}
-	page(w, http.StatusOK, "Thank you: your consent is recorded. You can close this window.")
+	c.render(w, r, consentpage.Page{Name: consentpage.ForOutcome(outcome), MerchantID: res.Merchant, Outcome: outcome, ProviderCode: code})
 }
 
 // forgetConsentRequired drops the broker's remembered consent_required of
@@ -315,31 +381,6 @@ func forgetConsentRequired(br *broker.Broker, provider, merchant string) {
 		var cr *oauth.ConsentRequiredError
 		return errors.As(err, &cr) && cr.Merchant == merchant && cr.Provider == provider
 	})
-}
-
-// consentMessage is the page text of a refused step: what happened and
-// what to do, without the provider's or merchant's details.
-func consentMessage(err error) string {
-	var ce *oauth.ConsentError
-	if !errors.As(err, &ce) {
-		return "The consent could not be completed. Please ask for a new consent link."
-	}
-	switch ce.Reason {
-	case oauth.ReasonExpired:
-		return "This consent link has expired. Please ask for a new one."
-	case oauth.ReasonUnknownState:
-		return "This consent link is unknown or was already used. Please ask for a new one."
-	case oauth.ReasonDenied:
-		return "The consent was not given at the bank."
-	case oauth.ReasonProviderError:
-		return "The bank could not process this consent request (" + ce.Code + "). This is a configuration problem of the service, not a decision of yours; its operator has been told. Please try again later with a new consent link."
-	case oauth.ReasonWrongBrowser:
-		return "This consent was started in another browser, or this browser did not keep its consent cookie. " +
-			"For your safety it was not completed here. Open the consent link you were given in this browser, or ask for a new one."
-	case oauth.ReasonProviderFailure, oauth.ReasonStoreFailure:
-		return "The consent service is unavailable. Please try again later with a new consent link."
-	}
-	return "The consent could not be completed (" + ce.Reason + "). Please ask for a new consent link."
 }
 
 func withParams(u string, v url.Values) string {
@@ -527,9 +568,15 @@ func parseConsentCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler,
 //
 //	token_broker_consent [<matcher>] [<provider>] {
 //	    links
+//	    partner   <name>
+//	    logo      <data: URI | /path/on/the/site>
+//	    accent    "<#rrggbb>"   (quoted: an unquoted # starts a comment)
+//	    lang      <en|de|fr>
+//	    templates <directory>
 //	}
 //
-// The provider is required without links.
+// The provider is required without links; partner, logo, accent, lang
+// and templates (the consent pages) only go with a provider.
 func (c *Consent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
 	if d.NextArg() {
@@ -549,6 +596,30 @@ func (c *Consent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			c.Links = true
+		case "partner", "logo", "accent", "lang", "templates":
+			name := d.Val()
+			if !d.NextArg() {
+				if name == "accent" {
+					return d.Err(`accent needs a CSS hex colour, quoted: accent "#1f5fbf" (an unquoted # starts a comment)`)
+				}
+				return d.ArgErr()
+			}
+			v := d.Val()
+			if d.NextArg() {
+				return d.Errf("%s takes one value (quote a value with spaces)", name)
+			}
+			switch name {
+			case "partner":
+				c.Partner = v
+			case "logo":
+				c.Logo = v
+			case "accent":
+				c.Accent = v
+			case "lang":
+				c.Lang = v
+			case "templates":
+				c.Templates = v
+			}
 		default:
 			return d.Errf("unrecognized subdirective '%s'", d.Val())
 		}

@@ -80,7 +80,7 @@ var _ oauth.Store = storageStore{}
 
 // storagePending keeps consents in progress in Caddy's storage, under
 // token_broker/consents/ (link/<hash> and state/<hash>, see
-// oauth.Pendings): each value is its expiry (8 bytes, Unix seconds, big
+// oauth.Pendings; result/<hash>, see consentpage.Results): each value is its expiry (8 bytes, Unix seconds, big
 // endian) then the sealed record. Take holds the storage lock of the key,
 // so a link or state is used once across the instances sharing the
 // storage; sweepPending deletes the expired values.
@@ -139,7 +139,7 @@ func (st storagePending) Take(ctx context.Context, key string) ([]byte, error) {
 // left.
 func (st storagePending) sweep(ctx context.Context, now time.Time) (deleted, left int, err error) {
 	var errs []error
-	for _, kind := range []string{"link", "state"} {
+	for _, kind := range []string{"link", "state", "result"} {
 		keys, err := st.s.List(ctx, pendingPrefix+kind, false)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue

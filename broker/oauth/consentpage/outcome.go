@@ -1,0 +1,45 @@
+package consentpage
+
+import (
+	"encoding/base64"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+)
+
+// ForOutcome returns the page of a consent outcome: "ok" or a
+// *oauth.ConsentError's reason.
+func ForOutcome(outcome string) string {
+	switch outcome {
+	case "ok":
+		return PageSuccess
+	case oauth.ReasonDenied:
+		return PageDenied
+	case oauth.ReasonExpired:
+		return PageExpired
+	case oauth.ReasonUnknownState:
+		return PageUsed
+	case oauth.ReasonProviderError:
+		return PageProviderError
+	case oauth.ReasonWrongBrowser:
+		return PageWrongBrowser
+	case oauth.ReasonProviderFailure, oauth.ReasonStoreFailure:
+		return PageUnavailable
+	}
+	// exchange_failed, no_refresh_token, invalid_id_token, wrong_issuer,
+	// wrong_provider, wrong_callback and anything new.
+	return PageFailed
+}
+
+// ForStart returns the page of a refused /start: missing when there is no
+// link, invalid when it is not shaped like the links oauth.AuthCode hands
+// out (32 random bytes, base64url: cut short or garbled), else the page
+// of the outcome.
+func ForStart(link, outcome string) string {
+	if link == "" {
+		return PageMissing
+	}
+	if b, err := base64.RawURLEncoding.DecodeString(link); err != nil || len(b) != 32 {
+		return PageInvalid
+	}
+	return ForOutcome(outcome)
+}

@@ -1,0 +1,271 @@
+package consentpage
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+)
+
+func TestConfigRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		want string
+	}{
+		{"accent without #", Config{Accent: "1f5fbf"}, "accent"},
+		{"accent a name", Config{Accent: "red"}, "accent"},
+		{"accent with CSS", Config{Accent: "#fff;}body{"}, "accent"},
+		{"logo on another origin", Config{Logo: "https://cdn.example/logo.png"}, "logo"},
+		{"logo protocol-relative", Config{Logo: "//cdn.example/logo.png"}, "logo"},
+		{"logo relative", Config{Logo: "logo.png"}, "logo"},
+		{"logo javascript", Config{Logo: "javascript:alert(1)"}, "logo"},
+		{"logo data text", Config{Logo: "data:text/html;base64,PGI+"}, "logo"},
+		{"logo data bad base64", Config{Logo: "data:image/png;base64,!!!"}, "logo"},
+		{"logo data too big", Config{Logo: "data:image/png;base64," + strings.Repeat("A", MaxLogo)}, "logo"},
+		{"partner control", Config{Partner: "Acme\nPay"}, "partner"},
+		{"partner too long", Config{Partner: strings.Repeat("x", 101)}, "partner"},
+		{"lang unknown", Config{Lang: "xx"}, "lang"},
+		{"templates missing", Config{Templates: filepath.Join(t.TempDir(), "none")}, "not a readable directory"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := New(tc.cfg)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("New(%+v) = %v, want an error about %s", tc.cfg, err, tc.want)
+			}
+		})
+	}
+	for _, ok := range []Config{
+		{Accent: "#ABC"}, {Accent: "#1f5fbf"}, {Logo: "/brand/logo.svg"},
+		{Logo: "data:image/svg+xml;base64,PHN2Zy8+"}, {Partner: "Acme Payments"}, {Lang: "de"},
+	} {
+		if _, err := New(ok); err != nil {
+			t.Errorf("New(%+v) = %v", ok, err)
+		}
+	}
+}
+
+func TestLanguageChoice(t *testing.T) {
+	for _, tc := range []struct{ fixed, accept, want string }{
+		{"", "", "en"},
+		{"", "de-DE,de;q=0.9,en;q=0.5", "de"},
+		{"", "fr-CH, fr;q=0.9", "fr"},
+		{"", "es-ES,it;q=0.8", "en"},
+		{"", "en-GB;q=0.4,de-AT;q=0.8", "de"},
+		{"", "garbage;;;q=x", "en"},
+		{"fr", "de-DE", "fr"},
+	} {
+		r, err := New(Config{Lang: tc.fixed})
+		if err != nil {
+			t.Fatal(err)
+		}
+		w := httptest.NewRecorder()
+		r.Render(w, tc.accept, Page{Name: PageSuccess, MerchantID: "acme"})
+		if got := w.Header().Get("Content-Language"); got != tc.want || !strings.Contains(w.Body.String(), `<html lang="`+tc.want+`">`) {
+			t.Errorf("lang %q, Accept-Language %q: got %q, want %q", tc.fixed, tc.accept, got, tc.want)
+		}
+	}
+}
+
+var styleNonce = regexp.MustCompile(`<style nonce="([^"]+)">`)
+
+func TestRenderBuiltin(t *testing.T) {
+	r, err := New(Config{Partner: "Acme Payments", Accent: "#ffcc00", Logo: "data:image/svg+xml;base64,PHN2Zy8+"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range Pages() {
+		t.Run(p, func(t *testing.T) {
+			w := httptest.NewRecorder()
+			r.Render(w, "", Page{Name: p, MerchantID: "acme", Merchant: "Acme Ltd", Bank: "Example Bank", Outcome: "provider_error", ProviderCode: "invalid_request"})
+			body := w.Body.String()
+			if w.Code != Status(p) || w.Code == 0 {
+				t.Errorf("status %d, want %d", w.Code, Status(p))
+			}
+			m := styleNonce.FindStringSubmatch(body)
+			csp := w.Header().Get("Content-Security-Policy")
+			if m == nil || csp != CSP(m[1]) || !strings.Contains(csp, "default-src 'none'") || !strings.Contains(csp, "frame-ancestors 'none'") {
+				t.Errorf("CSP %q does not allow exactly the page's style nonce", csp)
+			}
+			for _, want := range []string{`<meta name="viewport" content="width=device-width, initial-scale=1">`, "<header>", "<main>", "<footer>", "<h1>",
+				"Acme Payments", `src="data:image/svg&#43;xml;base64,PHN2Zy8&#43;"`, "--accent:#ffcc00;--on-accent:#000000", languages["en"].pages[p].title} {
+				if !strings.Contains(body, want) {
+					t.Errorf("page lacks %q:\n%s", want, body)
+				}
+			}
+			if w.Header().Get("X-Content-Type-Options") != "nosniff" || !strings.HasPrefix(w.Header().Get("Content-Type"), "text/html") {
+				t.Errorf("headers %v", w.Header())
+			}
+			if strings.Contains(body, "{partner}") || strings.Contains(body, "{bank}") || strings.Contains(body, "{merchant}") {
+				t.Errorf("unfilled name in %s", body)
+			}
+		})
+	}
+}
+
+func TestRenderNamesAndCode(t *testing.T) {
+	r, _ := New(Config{})
+	w := httptest.NewRecorder()
+	r.Render(w, "", Page{Name: PageProviderError, MerchantID: "acme", Bank: "Example Bank", Outcome: "provider_error", ProviderCode: "invalid_request"})
+	for _, want := range []string{"Consent for acme at Example Bank", "could not be processed at Example Bank", "<code>provider_error:invalid_request</code>", "Please try again later with a new consent link from the service that sent you the link."} {
+		if !strings.Contains(w.Body.String(), want) {
+			t.Errorf("provider_error page lacks %q", want)
+		}
+	}
+	w = httptest.NewRecorder()
+	r.Render(w, "de", Page{Name: PageDenied, MerchantID: "acme", Merchant: "Acme GmbH", Outcome: "denied"})
+	for _, want := range []string{"Einwilligung für Acme GmbH bei Ihrer Bank", "nicht erteilt"} {
+		if !strings.Contains(w.Body.String(), want) {
+			t.Errorf("denied page lacks %q", want)
+		}
+	}
+	if strings.Contains(w.Body.String(), "<code>") {
+		t.Error("a denial shows no error code")
+	}
+	w = httptest.NewRecorder()
+	r.Render(w, "", Page{Name: PageMissing, Outcome: oauth.ReasonUnknownState})
+	if strings.Contains(w.Body.String(), "<code>") || w.Code != http.StatusBadRequest {
+		t.Errorf("a missing link is no consent outcome: %d %s", w.Code, w.Body)
+	}
+	w = httptest.NewRecorder()
+	r.Render(w, "", Page{Name: PageNotFound})
+	if w.Code != http.StatusNotFound || strings.Contains(w.Body.String(), "Consent for") {
+		t.Errorf("not found: %d %s", w.Code, w.Body)
+	}
+}
+
+func TestOnAccentContrast(t *testing.T) {
+	for _, tc := range []struct{ accent, want string }{
+		{"#1f5fbf", "#ffffff"}, {"#000", "#ffffff"}, {"#ffcc00", "#000000"}, {"#fff", "#000000"}, {"#595959", "#ffffff"}, {"#767676", "#000000"},
+	} {
+		if got := onAccent(tc.accent); got != tc.want {
+			t.Errorf("onAccent(%s) = %s, want %s", tc.accent, got, tc.want)
+		}
+	}
+}
+
+func writeTemplates(t *testing.T, files map[string]string) string {
+	dir := t.TempDir()
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+func TestTemplatesRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		files map[string]string
+		want  []string
+	}{
+		{"syntax error", map[string]string{"page.html": "<p>\n{{if .Page}}\n"}, []string{"page.html:3", "unexpected EOF"}},
+		{"unknown field", map[string]string{"page.html": "<p>{{.Page}}</p>\n<p>{{.Merchnat}}</p>"}, []string{"page.html:2", "Merchnat"}},
+		{"unknown field in a branch", map[string]string{"page.html": "{{.Page}}", "denied.html": "<p>\n{{if .Code}}{{.Text.Titel}}{{end}}"}, []string{"denied.html:2", "Titel"}},
+		{"unknown function", map[string]string{"page.html": "{{upper .Page}}"}, []string{"page.html:1", "upper"}},
+		{"misspelt page", map[string]string{"page.html": "x", "sucess.html": "x"}, []string{"sucess.html is not a page"}},
+		{"no page.html", map[string]string{"success.html": "x"}, []string{"no page.html", "denied.html"}},
+		{"empty", map[string]string{"README": "x"}, []string{"no .html file"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := writeTemplates(t, tc.files)
+			_, err := New(Config{Templates: dir})
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			for _, w := range append(tc.want, dir) {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestTemplatesReplaceEveryPage(t *testing.T) {
+	dir := writeTemplates(t, map[string]string{
+		"_layout.html": `{{define "head"}}<!doctype html><html lang="{{.Lang}}"><title>{{.Text.Title}}</title><style nonce="{{.Nonce}}">{{.CSS}}</style>{{end}}`,
+		"page.html":    `{{template "head" .}}<main>custom {{.Page}} {{.Status}} {{.MerchantID}} {{.Merchant}} {{.Bank}} {{.Outcome}} {{.Code}} {{.Partner}} {{.Logo}} {{.Accent}} {{.Tone}}</main>`,
+		"success.html": `{{template "head" .}}<main>custom success for {{.Merchant}}</main>`,
+	})
+	r, err := New(Config{Templates: dir, Partner: "P"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range Pages() {
+		w := httptest.NewRecorder()
+		r.Render(w, "fr", Page{Name: p, MerchantID: "acme", Merchant: "Acme", Outcome: "x"})
+		want := "custom " + p + " "
+		if p == PageSuccess {
+			want = "custom success for Acme"
+		}
+		if !strings.Contains(w.Body.String(), want) || !strings.Contains(w.Body.String(), `lang="fr"`) || w.Code != Status(p) {
+			t.Errorf("%s: %d %s", p, w.Code, w.Body)
+		}
+	}
+}
+
+func TestForStart(t *testing.T) {
+	good := strings.Repeat("A", 43)
+	for _, tc := range []struct{ link, outcome, want string }{
+		{"", oauth.ReasonUnknownState, PageMissing},
+		{"abc", oauth.ReasonUnknownState, PageInvalid},
+		{good[:40], oauth.ReasonUnknownState, PageInvalid},
+		{good[:42] + "!", oauth.ReasonUnknownState, PageInvalid},
+		{good, oauth.ReasonUnknownState, PageUsed},
+		{good, oauth.ReasonExpired, PageExpired},
+		{good, oauth.ReasonProviderError, PageProviderError},
+		{good, oauth.ReasonProviderFailure, PageUnavailable},
+		{good, oauth.ReasonWrongCallback, PageFailed},
+	} {
+		if got := ForStart(tc.link, tc.outcome); got != tc.want {
+			t.Errorf("ForStart(%q, %s) = %s, want %s", tc.link, tc.outcome, got, tc.want)
+		}
+	}
+}
+
+func TestResultsShownUntilExpiry(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	clock := func() time.Time { return now }
+	store := &oauth.MemoryPendingStore{Now: clock}
+	rs := &Results{Store: store, Now: clock}
+	ctx := context.Background()
+	id, err := rs.Save(ctx, Result{MerchantID: "acme", Outcome: "ok"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if store.Len() != 1 {
+		t.Fatalf("%d records stored", store.Len())
+	}
+	for _, key := range []string{id, "result/" + id} {
+		if _, err := store.Get(ctx, key); err == nil {
+			t.Errorf("the result is stored under %q: the key must not be the id", key)
+		}
+	}
+	stored, _ := store.Get(ctx, func() string { k, _ := resultKeys(id); return k }())
+	if strings.Contains(string(stored), "acme") || strings.Contains(string(stored), `"ok"`) {
+		t.Errorf("the stored result is readable: %q", stored)
+	}
+	for range 3 { // a reload shows it again
+		if res, ok := rs.Load(ctx, id); !ok || res.MerchantID != "acme" || res.Outcome != "ok" {
+			t.Fatalf("Load = %+v, %v", res, ok)
+		}
+	}
+	for _, bad := range []string{"", "x", id[:len(id)-1] + "A", strings.Repeat("A", 100)} {
+		if _, ok := rs.Load(ctx, bad); ok && bad != id {
+			t.Errorf("Load(%q) found a result", bad)
+		}
+	}
+	now = now.Add(ResultTTL)
+	if _, ok := rs.Load(ctx, id); ok {
+		t.Error("an expired result is shown")
+	}
+}

@@ -1,0 +1,60 @@
+package consentpage
+
+import (
+	"errors"
+	"fmt"
+	"html/template"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+)
+
+// loadTemplates parses the .html files of dir together and returns the
+// template of each page: <page>.html, else page.html.
+func loadTemplates(dir string) (map[string]*template.Template, error) {
+	files, err := filepath.Glob(filepath.Join(dir, "*.html"))
+	if err != nil {
+		return nil, fmt.Errorf("templates %s: %w", dir, err)
+	}
+	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+		return nil, fmt.Errorf("templates %s: not a readable directory (%v)", dir, err)
+	}
+	known := append(Pages(), "page")
+	var errs []error
+	for _, f := range files {
+		name := strings.TrimSuffix(filepath.Base(f), ".html")
+		if !strings.HasPrefix(name, "_") && !slices.Contains(known, name) {
+			errs = append(errs, fmt.Errorf("templates %s: %s is not a page: name it page.html (every page), one of %s.html, or start it with _ for shared templates",
+				dir, filepath.Base(f), strings.Join(Pages(), ".html, ")))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	if len(files) == 0 {
+		return nil, fmt.Errorf("templates %s: no .html file: add page.html (used for every page) or one file per page", dir)
+	}
+	set, err := template.New("").Option("missingkey=error").ParseFiles(files...)
+	if err != nil {
+		// html/template names the file (its base name) and the line.
+		return nil, fmt.Errorf("templates %s: %w", dir, err)
+	}
+	out := map[string]*template.Template{}
+	var missing []string
+	for _, p := range Pages() {
+		t := set.Lookup(p + ".html")
+		if t == nil {
+			t = set.Lookup("page.html")
+		}
+		if t == nil {
+			missing = append(missing, p+".html")
+			continue
+		}
+		out[p] = t
+	}
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("templates %s: no page.html and no %s: add page.html for the pages without a file of their own", dir, strings.Join(missing, ", "))
+	}
+	return out, nil
+}
