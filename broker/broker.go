@@ -219,10 +219,6 @@ func (br *Broker) refreshAt(tok Token) time.Time {
 	return tok.Expiry.Add(-time.Duration(float64(life) * br.opts.RefreshWindow))
 }
 
-// store caches e under its binding's key, replacing (and marking stale) the
-// entry there.
-func (br *Broker) store(b *Binding, e *Entry, now time.Time) { br.storeFetched(b, e, now, nil) }
-
 // storeFetched is store for the fetch f: it does not cache e (and marks it
 // stale) when a purge named e's token while f ran (inflight.go), and
 // reports whether it cached it.

@@ -246,10 +246,10 @@ func TestHeapBoundedWithMixedLifetimes(t *testing.T) {
 	li := 0
 	for r := range rounds {
 		for i, b := range shorts {
-			br.store(b, br.newEntry(b, tok(i, r, time.Hour), OriginMinted), now)
+			br.storeFetched(b, br.newEntry(b, tok(i, r, time.Hour), OriginMinted), now, nil)
 			if i%every == 0 {
 				b := longs[li%nLong]
-				br.store(b, br.newEntry(b, tok(li, r, ratio*time.Hour), OriginMinted), now)
+				br.storeFetched(b, br.newEntry(b, tok(li, r, ratio*time.Hour), OriginMinted), now, nil)
 				li++
 			}
 		}

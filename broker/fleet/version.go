@@ -142,10 +142,3 @@ func (v *versions) put(h uint64, s seen, now time.Time) {
 	}
 	v.sweepAt = max(2*len(v.m), minSweep)
 }
-
-// len is the number of records, for tests.
-func (v *versions) len() int {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return len(v.m)
-}

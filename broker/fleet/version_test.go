@@ -229,3 +229,10 @@ func TestVersionsAreBounded(t *testing.T) {
 		t.Error("a kept record does not refuse older versions")
 	}
 }
+
+// len is the number of records, for tests.
+func (v *versions) len() int {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return len(v.m)
+}
