@@ -59,7 +59,8 @@ scopes = ["accounts"]
 		header: "Authorization", broker: app.broker}
 	b := broker.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Scopes: []string{"accounts"}})
 	b.Observer = &observer{h: h}
-	h.bindings = handTable("bank", "", b)
+	h.bindings = newBindingTable(nil, nil, nil)
+	h.bindings.set("acme", newBinding(b, "bank"))
 
 	put := func(rt string) {
 		t.Helper()

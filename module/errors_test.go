@@ -23,7 +23,8 @@ func TestRefusalMessagePerProviderType(t *testing.T) {
 			calls.Add(1)
 			return broker.Token{}, &broker.APIError{Provider: tt.typ, StatusCode: 401, Code: "invalid_client"}
 		}, "json")
-		h.bindings = handTable("nuapay", tt.typ, &h.bindings.Peek("acme").Binding)
+		b := h.bindings.peek("acme")
+		b.prov = &bindingProvider{name: b.prov.name, typ: tt.typ} // a table's are shared: a new one
 		req := httptest.NewRequest("GET", "/", nil)
 		req.Header.Set("X-Merchant-Id", "acme")
 		rec, _, _ := serve(t, h, req)
