@@ -132,15 +132,6 @@ func (t *bindingTable) store(b *binding) {
 	s.mu.Unlock()
 }
 
-// set stores a binding made by hand (tests, benchmarks); id must be its
-// merchant id.
-func (t *bindingTable) set(id string, b *binding) {
-	if id != b.Merchant {
-		panic("bindingTable.set: id " + id + " is not the binding's merchant " + b.Merchant)
-	}
-	t.store(b)
-}
-
 // peek returns the binding of a merchant if it exists.
 func (t *bindingTable) peek(id string) *binding { return t.load(id) }
 

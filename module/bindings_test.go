@@ -6,6 +6,8 @@ import (
 	"net/http"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
 // TestWildcardUnservedMerchantsKeepNoSlot: merchant ids whose token
@@ -101,4 +103,23 @@ func TestWildcardEvictedInFlight(t *testing.T) {
 	if n := env.sb.TokenRequests() - before; n != 0 {
 		t.Fatalf("ORG1's next request made %d token requests, want its cached token", n)
 	}
+}
+
+// set stores a binding made by hand (tests, benchmarks); id must be its
+// merchant id.
+func (t *bindingTable) set(id string, b *binding) {
+	if id != b.Merchant {
+		panic("bindingTable.set: id " + id + " is not the binding's merchant " + b.Merchant)
+	}
+	t.store(b)
+}
+
+// newBinding returns the handler binding of a broker binding (copied: the
+// result embeds its own) for the named provider, with a bindingProvider
+// of its own: one made by hand (tests, benchmarks). A table's bindings
+// share their provider's (bindingTable.create).
+func newBinding(bd *broker.Binding, provider string) *binding {
+	b := new(binding)
+	initBinding(b, bd, &bindingProvider{name: provider})
+	return b
 }

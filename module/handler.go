@@ -158,16 +158,6 @@ type bindingProvider struct {
 	typ  string // its type ("nuapay", "oauth2"), for messages
 }
 
-// newBinding returns the handler binding of a broker binding (copied: the
-// result embeds its own) for the named provider, with a bindingProvider
-// of its own: one made by hand (tests, benchmarks). A table's bindings
-// share their provider's (bindingTable.create).
-func newBinding(bd *broker.Binding, provider string) *binding {
-	b := new(binding)
-	initBinding(b, bd, &bindingProvider{name: provider})
-	return b
-}
-
 // initBinding fills b, a zero binding not shared yet.
 func initBinding(b *binding, bd *broker.Binding, prov *bindingProvider) {
 	b.prov = prov

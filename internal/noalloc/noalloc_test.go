@@ -8,8 +8,9 @@ import (
 	"testing"
 )
 
+// holder puts name at an offset other than 0 of its object.
 type holder struct {
-	pad  [3]int64
+	_    [3]int64
 	name string
 }
 

@@ -84,9 +84,6 @@ func Pages() []string {
 		PageProviderError, PageFailed, PageUnavailable, PageWrongBrowser, PageNotFound, PageGone}
 }
 
-// Status returns the HTTP status of a page.
-func Status(page string) int { return pages[page].status }
-
 // Data is what a page template is executed with. Every field is set on
 // every page (empty when it does not apply); a template that names
 // another field is refused when it is loaded.

@@ -269,3 +269,6 @@ func TestResultsShownUntilExpiry(t *testing.T) {
 		t.Error("an expired result is shown")
 	}
 }
+
+// Status returns the HTTP status of a page.
+func Status(page string) int { return pages[page].status }
