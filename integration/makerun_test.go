@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -48,7 +49,7 @@ func startMakeRun(t *testing.T, env []string, vars ...string) *makeRun {
 	m := &makeRun{out: &syncBuffer{}, done: make(chan struct{})}
 	m.cmd = exec.Command("make", append([]string{"run"}, vars...)...)
 	m.cmd.Dir = repoRoot(t)
-	m.cmd.Env = append(os.Environ(), env...)
+	m.cmd.Env = append(withoutMakeVars(os.Environ()), env...)
 	m.cmd.Stdout, m.cmd.Stderr = m.out, m.out
 	m.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := m.cmd.Start(); err != nil {
@@ -175,4 +176,20 @@ func goCacheEnv(t *testing.T) []string {
 		t.Fatalf("go env printed %q", out)
 	}
 	return []string{"GOPATH=" + v[0], "GOMODCACHE=" + v[1], "GOCACHE=" + v[2]}
+}
+
+// withoutMakeVars drops from environ what an outer make (`make test`)
+// exports: its own flags, and the Makefile's exported variables, which
+// would override the defaults (`?=`) of the make run under test.
+func withoutMakeVars(environ []string) []string {
+	drop := []string{"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES",
+		"SANDBOX_URL", "NUAPAY_API_KEY", "SANDBOX_CONSENT_SITE", "SANDBOX_BANK_SECRET"}
+	var out []string
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		if !slices.Contains(drop, name) {
+			out = append(out, kv)
+		}
+	}
+	return out
 }
