@@ -400,7 +400,7 @@ type parking struct {
 // stays in the table as long as its config: a value in the table's slab
 // (packed) and its cache key in the broker's slab of keys
 // (broker.Binding.Pack), so that the GC marks a chunk rather than two
-// objects per warm merchant (issue 9).
+// objects per warm merchant.
 func (t *bindingTable) newPacked(bd *broker.Binding, prov *bindingProvider) *binding {
 	b := t.packed.New()
 	initBinding(b, bd, prov)

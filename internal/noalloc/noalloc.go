@@ -4,7 +4,7 @@
 // Storing a string in an interface (any) normally allocates a 16-byte box
 // for its header. A value set on every request (a Caddy placeholder) must
 // not allocate, and one box per long-lived object kept for that purpose
-// is one more heap object for every GC cycle to mark (issue 9: 100 000
+// is one more heap object for every GC cycle to mark (at 100 000
 // warm merchants). String makes the interface point at the string header
 // where it already lives.
 package noalloc

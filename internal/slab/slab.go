@@ -2,7 +2,7 @@
 // heap objects ("chunks"), so that the garbage collector, which marks
 // every cycle each object reachable from the roots, follows pointers that
 // nearly all land in a handful of large objects rather than one pointer
-// per small object scattered over the heap (issue 9: at 100 000 warm
+// per small object scattered over the heap (at 100 000 warm
 // merchants a cache miss per pointer to a distinct small object was most
 // of the GC's mark CPU).
 //
