@@ -141,7 +141,7 @@ lint:
 # (DEADCODE_TEST_SUPPORT) and fails when there is any. Not yet part of
 # `make test`: the remaining findings go with the slabs and the registry's
 # test-only entry points (README, Tests).
-DEADCODE_TEST_SUPPORT := internal/optest internal/redistest
+DEADCODE_TEST_SUPPORT := integration/optest integration/redistest
 lint-testonly:
 	@out=$$($(GO) tool deadcode ./...) || exit 1; \
 	rest=$$(printf '%s\n' "$$out" | grep -v -E '^($(subst $(eval) ,|,$(DEADCODE_TEST_SUPPORT)))/' || true); \

@@ -12,12 +12,12 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/tokenbroker/caddy-token-broker/internal/optest"
+	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
 // The consent flow through a real Caddy (examples/bank-consent) against a
 // real authorization server with a certified provider's strict defaults
-// (internal/optest: zitadel with PKCE for every client, OpenID Connect
+// (integration/optest: zitadel with PKCE for every client, OpenID Connect
 // Core §11, PAR required per client registration, RFC 7009 revocation of
 // the whole grant), whose resource server checks each token by
 // introspection.

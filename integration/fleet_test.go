@@ -21,7 +21,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
-	"github.com/tokenbroker/caddy-token-broker/internal/redistest"
+	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
 )
 
 // The fleet tests run three (or more) real `caddy run` processes built from

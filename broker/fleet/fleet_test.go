@@ -15,7 +15,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/internal/redistest"
+	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
 	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 

@@ -3,7 +3,7 @@ package fleet
 import (
 	"testing"
 
-	"github.com/tokenbroker/caddy-token-broker/internal/redistest"
+	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
 )
 
 // startRedis starts a real redis-server for the test (see redistest).

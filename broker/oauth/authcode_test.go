@@ -1,7 +1,7 @@
 package oauth
 
 // The authorization-code flow against zitadel's OP with the strict
-// defaults of a certified provider (internal/optest).
+// defaults of a certified provider (integration/optest).
 
 import (
 	"context"
@@ -18,7 +18,7 @@ import (
 	"github.com/zitadel/oidc/v3/pkg/oidc"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/internal/optest"
+	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
 // callbackURL is the registered redirect URI of the consent tests.

@@ -10,7 +10,7 @@ import (
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/internal/optest"
+	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
 // startConsent opens a consent link of f for merchant and returns the

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tokenbroker/caddy-token-broker/internal/optest"
+	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
 // TestReturnURLAllowList: return URLs as a browser (WHATWG URL parsing)

@@ -15,7 +15,7 @@ import (
 	"github.com/zitadel/oidc/v3/pkg/oidc"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/internal/optest"
+	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
 // checkNoSecrets fails when err's text holds any of the secrets.

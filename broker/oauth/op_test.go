@@ -2,14 +2,14 @@ package oauth
 
 // The broker's sources run against a real authorization server in these
 // tests: zitadel's OpenID provider with the strict defaults of a certified
-// one (internal/optest).
+// one (integration/optest).
 
 import (
 	"log/slog"
 	"os"
 	"testing"
 
-	"github.com/tokenbroker/caddy-token-broker/internal/optest"
+	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
 // TestMain silences the logs zitadel writes through slog's default logger
