@@ -122,7 +122,7 @@ func TestParseFileChunkedErrors(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			data := []byte(tc.data)
-			_, got := ParseWith("merchants.toml", data, Options{LookupEnv: benchEnv})
+			_, got := parseWith("merchants.toml", data, Options{LookupEnv: benchEnv})
 			src := Source{Path: "merchants.toml", Data: data}
 			_, want := Merge("merchants.toml", []Source{src}, []*File{parseFile(src, benchEnv)}, Options{LookupEnv: benchEnv})
 			if got == nil || want == nil || got.Error() != want.Error() {
@@ -147,7 +147,7 @@ func TestParseFileChunkedLines(t *testing.T) {
 	if whole := parseFile(src, benchEnv); !reflect.DeepEqual(chunked, whole) {
 		t.Fatal("the chunked parse differs from the whole file's")
 	}
-	reg, err := ParseWith("merchants.toml", data, Options{LookupEnv: benchEnv})
+	reg, err := parseWith("merchants.toml", data, Options{LookupEnv: benchEnv})
 	if err != nil {
 		t.Fatal(err)
 	}

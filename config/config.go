@@ -273,14 +273,10 @@ type Options struct {
 	LookupEnv func(string) (string, bool)
 }
 
-// Load reads and validates the registry at path, resolving secret
-// references from the environment and the file system. It has no refresh
-// store: a provider with grant "refresh_token" is an error (see LoadWith).
+// LoadWith reads and validates the registry at path, resolving secret
+// references from the environment (opts.LookupEnv) and the file system.
 // path is a file, a directory (every *.toml file in it) or a glob (see
 // Files).
-func Load(path string) (*Registry, error) { return LoadWith(path, Options{}) }
-
-// LoadWith is Load with options.
 func LoadWith(path string, opts Options) (*Registry, error) {
 	paths, err := Files(path)
 	if err != nil {
@@ -295,19 +291,6 @@ func LoadWith(path string, opts Options) (*Registry, error) {
 		files[i] = ParseFile(src, opts.LookupEnv)
 	}
 	return Merge(path, srcs, files, opts)
-}
-
-// Parse is Load on data already read. lookupEnv resolves {env.NAME}
-// references (os.LookupEnv in production); path is used in messages and to
-// resolve relative file references against its folder.
-func Parse(path string, data []byte, lookupEnv func(string) (string, bool)) (*Registry, error) {
-	return ParseWith(path, data, Options{LookupEnv: lookupEnv})
-}
-
-// ParseWith is LoadWith on the data of one file already read.
-func ParseWith(path string, data []byte, opts Options) (*Registry, error) {
-	src := []Source{{Path: path, Data: data}}
-	return Merge(path, src, []*File{ParseFile(src[0], opts.LookupEnv)}, opts)
 }
 
 // typeErrorRe matches BurntSushi's type errors, which are not ParseErrors.

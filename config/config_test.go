@@ -46,6 +46,18 @@ func testEnv(overrides ...string) func(string) (string, bool) {
 	return func(k string) (string, bool) { v, ok := env[k]; return v, ok }
 }
 
+// parse loads a registry of one file, path, whose content is data, as
+// LoadWith does (ParseFile, then Merge).
+func parse(path string, data []byte, lookupEnv func(string) (string, bool)) (*Registry, error) {
+	return parseWith(path, data, Options{LookupEnv: lookupEnv})
+}
+
+// parseWith is parse with options.
+func parseWith(path string, data []byte, opts Options) (*Registry, error) {
+	src := Source{Path: path, Data: data}
+	return Merge(path, []Source{src}, []*File{ParseFile(src, opts.LookupEnv)}, opts)
+}
+
 func readGood(t testing.TB) []byte {
 	data, err := os.ReadFile("testdata/good.toml")
 	if err != nil {
@@ -56,9 +68,9 @@ func readGood(t testing.TB) []byte {
 
 func mustParse(t *testing.T, path string, data []byte, env func(string) (string, bool)) *Registry {
 	t.Helper()
-	reg, err := Parse(path, data, env)
+	reg, err := parse(path, data, env)
 	if err != nil {
-		t.Fatalf("Parse: %v", err)
+		t.Fatalf("parse: %v", err)
 	}
 	return reg
 }
@@ -121,17 +133,17 @@ scopes = ["s"]
 	if err := os.WriteFile(path, []byte(data), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	reg, err := Load(path)
+	reg, err := LoadWith(path, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if reg.Path != path || reg.Merchants["m"] == nil {
 		t.Errorf("registry = %+v", reg)
 	}
-	_, err = Load(filepath.Join(dir, "missing.toml"))
+	_, err = LoadWith(filepath.Join(dir, "missing.toml"), Options{})
 	var ce *Error
 	if !errors.As(err, &ce) || !strings.Contains(err.Error(), "missing.toml") {
-		t.Errorf("Load(missing) = %v", err)
+		t.Errorf("LoadWith(missing) = %v", err)
 	}
 }
 
@@ -305,7 +317,7 @@ func TestBadConfigs(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			path := filepath.Join(dir, "merchants.toml")
-			reg, err := Parse(path, []byte(tc.toml), testEnv("EMPTY_KEY", ""))
+			reg, err := parse(path, []byte(tc.toml), testEnv("EMPTY_KEY", ""))
 			if err == nil || reg != nil {
 				t.Fatalf("Parse = %v, %v; want an error", reg, err)
 			}
@@ -366,7 +378,7 @@ scopes = ["s"]
 [merchants.b]
 provider = "q"
 `
-	_, err := Parse("m.toml", []byte(data), testEnv())
+	_, err := parse("m.toml", []byte(data), testEnv())
 	want := []string{
 		`m.toml:5: provider "p": field timeout: invalid duration "1 minute"`,
 		`m.toml:7: provider "q": field api_key: missing`,
@@ -491,7 +503,7 @@ scopes = ["openbanking_pisp"]
 
 	// A key that does not match the certificate.
 	writeCert(t, filepath.Join(certs, "other.pem"), keyFile)
-	_, err = Parse(path, data, env)
+	_, err = parse(path, data, env)
 	if err == nil || !strings.Contains(err.Error(), `provider "tsp": field tls: loading client certificate`) {
 		t.Errorf("mismatched key: %v", err)
 	}
@@ -613,7 +625,7 @@ provider = "consented"
 `)
 	path := filepath.Join(dir, "merchants.toml")
 	store := oauth.NewMemoryStore()
-	reg, err := ParseWith(path, data, Options{LookupEnv: testEnv(), RefreshStore: store})
+	reg, err := parseWith(path, data, Options{LookupEnv: testEnv(), RefreshStore: store})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -654,7 +666,7 @@ provider = "consented"
 
 	// Without a store, a refresh_token provider is an error, not a
 	// memory store that would lose the tokens.
-	_, err = Parse(path, data, testEnv())
+	_, err = parse(path, data, testEnv())
 	if err == nil || !strings.Contains(err.Error(), `provider "consented": field grant: "refresh_token" needs a durable refresh-token store`) {
 		t.Errorf("Parse without store = %v", err)
 	}
@@ -670,7 +682,7 @@ provider = "consented"
 		{`issuer = "https://bank.example"`, `issuer = "https://bank.example/v2"`},
 	} {
 		d := []byte(strings.Replace(string(data), edit.old, edit.new, 1))
-		r, err := ParseWith(path, d, Options{LookupEnv: testEnv(), RefreshStore: store})
+		r, err := parseWith(path, d, Options{LookupEnv: testEnv(), RefreshStore: store})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -679,11 +691,11 @@ provider = "consented"
 		}
 	}
 	writeKey(t, dir, "client.key")
-	if r, err := ParseWith(path, data, Options{LookupEnv: testEnv(), RefreshStore: store}); err != nil || r.Providers["bank"].ID == base {
+	if r, err := parseWith(path, data, Options{LookupEnv: testEnv(), RefreshStore: store}); err != nil || r.Providers["bank"].ID == base {
 		t.Errorf("ID unchanged after the key file changed (%v)", err)
 	}
 	oneID := reg.Providers["oneid"].ID
-	if r, _ := ParseWith(path, data, Options{LookupEnv: testEnv("NUAPAY_API_KEY", "other"), RefreshStore: store}); r.Providers["oneid"].ID != oneID {
+	if r, _ := parseWith(path, data, Options{LookupEnv: testEnv("NUAPAY_API_KEY", "other"), RefreshStore: store}); r.Providers["oneid"].ID != oneID {
 		t.Errorf("ID changed with the client secret: it must hold nothing derived from a secret")
 	}
 }
@@ -740,7 +752,7 @@ func TestOAuth2BadConfigs(t *testing.T) {
 			}
 			writeKey(t, dir, "k.pem")
 			writeFile("junk.pem", "not a key")
-			_, err := Parse(path, []byte(tc.toml), testEnv())
+			_, err := parse(path, []byte(tc.toml), testEnv())
 			if err == nil {
 				t.Fatal("Parse accepted the file")
 			}

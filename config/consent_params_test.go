@@ -19,7 +19,7 @@ func TestConsentRequestParams(t *testing.T) {
   authorization_details = '[{"type": "payment_initiation", "instructedAmount": {"currency": "EUR", "amount": "1.00"}}]'
   resources = ["https://api.bank.example/"]`
 	opts := Options{LookupEnv: testEnv(), RefreshStore: oauth.NewMemoryStore(), ConsentStore: &oauth.MemoryPendingStore{}}
-	reg, err := ParseWith("m.toml", []byte(strings.Replace(consentProvider, `link_ttl = "5m"`, params, 1)), opts)
+	reg, err := parseWith("m.toml", []byte(strings.Replace(consentProvider, `link_ttl = "5m"`, params, 1)), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,7 +43,7 @@ func TestConsentRequestParams(t *testing.T) {
 	for _, tc := range rows {
 		t.Run(tc.name, func(t *testing.T) {
 			data := strings.Replace(consentProvider, `link_ttl = "5m"`, `link_ttl = "5m"`+"\n  "+tc.new, 1)
-			_, err := ParseWith("m.toml", []byte(data), opts)
+			_, err := parseWith("m.toml", []byte(data), opts)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("err = %v, want %q", err, tc.want)
 			}

@@ -29,7 +29,7 @@ provider = "bank"
 // mistakes are reported with the field and the line.
 func TestConsentTable(t *testing.T) {
 	opts := Options{LookupEnv: testEnv(), RefreshStore: oauth.NewMemoryStore(), ConsentStore: &oauth.MemoryPendingStore{}}
-	reg, err := ParseWith("m.toml", []byte(consentProvider), opts)
+	reg, err := parseWith("m.toml", []byte(consentProvider), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +47,7 @@ func TestConsentTable(t *testing.T) {
 	if l := cfg.Limits; l != (oauth.LinkLimits{MaxPending: oauth.DefaultMaxPendingLinks, MerchantPerMinute: oauth.DefaultMerchantLinksPerMinute, PerMinute: oauth.DefaultLinksPerMinute}) {
 		t.Errorf("default link limits %+v", l)
 	}
-	limited, err := ParseWith("m.toml", []byte(strings.Replace(consentProvider, `par = true`, "max_pending_links = 2\n  merchant_links_per_minute = 3\n  links_per_minute = 4", 1)), opts)
+	limited, err := parseWith("m.toml", []byte(strings.Replace(consentProvider, `par = true`, "max_pending_links = 2\n  merchant_links_per_minute = 3\n  links_per_minute = 4", 1)), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +70,7 @@ func TestConsentTable(t *testing.T) {
 	for _, tc := range rows {
 		t.Run(tc.name, func(t *testing.T) {
 			data := strings.Replace(consentProvider, tc.old, tc.new, 1)
-			_, err := ParseWith("m.toml", []byte(data), opts)
+			_, err := parseWith("m.toml", []byte(data), opts)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("err = %v, want %q", err, tc.want)
 			}

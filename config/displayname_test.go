@@ -21,7 +21,7 @@ display_name = "Globex Corporation"
 [merchants.initech]
 provider = "bank"
 `
-	reg, err := ParseWith("m.toml", []byte(src), opts)
+	reg, err := parseWith("m.toml", []byte(src), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,7 +43,7 @@ provider = "bank"
 		{"on the wildcard", `[merchants.initech]`, "[merchants.\"*\"]\nprovider = \"bank\"\ndisplay_name = \"Every shop\"\n\n[merchants.initech]", "not on the wildcard entry"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := ParseWith("m.toml", []byte(strings.Replace(src, tc.old, tc.new, 1)), opts)
+			_, err := parseWith("m.toml", []byte(strings.Replace(src, tc.old, tc.new, 1)), opts)
 			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "m.toml") {
 				t.Fatalf("err = %v, want one naming m.toml and %q", err, tc.want)
 			}

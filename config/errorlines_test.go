@@ -11,7 +11,7 @@ import (
 func TestErrorLines(t *testing.T) {
 	file := "[providers.p]\ntype = \"nuapay\"\nbase_url = \"https://nuapay.example\"\napi_key = \"{env.NUAPAY_API_KEY}\"\ntoken_lifetme = \"1h\"\n\n" +
 		"[merchants.acme]\nprovider = \"q\"\norganisation = \"org-acme\"\nscope = [\"a\"]\n"
-	_, err := Parse("m.toml", []byte(file), testEnv())
+	_, err := parse("m.toml", []byte(file), testEnv())
 	got := ErrorLines(err)
 	want := []string{
 		`m.toml:5: provider "p": field token_lifetme: unknown key "providers.p.token_lifetme": did you mean "token_lifetime"? (the keys of a provider of type nuapay: type, timeout, tls, base_url, api_key, token_lifetime, organisations_path)`,

@@ -8,7 +8,7 @@ import (
 	"testing"
 )
 
-// FuzzParse checks that Parse never panics, that success means a usable
+// FuzzParse checks that parse never panics, that success means a usable
 // registry, and that failure means *Error values without the secret.
 func FuzzParse(f *testing.F) {
 	f.Add(readGood(f))
@@ -17,7 +17,7 @@ func FuzzParse(f *testing.F) {
 	path := filepath.Join("testdata", "merchants.toml") // relative files: those of testdata
 	env := testEnv()
 	f.Fuzz(func(t *testing.T, data []byte) {
-		reg, err := Parse(path, data, env)
+		reg, err := parse(path, data, env)
 		if err != nil {
 			if reg != nil {
 				t.Fatalf("a registry with an error: %v", err)

@@ -45,7 +45,7 @@ scopes = ["pisp"]
 	path := filepath.Join(dir, "merchants.toml")
 	env := map[string]string{"NUAPAY_BASE_URL": "https://nuapay.example", "SHOP_ORG": "org-shop"}
 	lookup := func(k string) (string, bool) { v, ok := env[k]; return v, ok }
-	reg, err := ParseWith(path, data, Options{LookupEnv: lookup})
+	reg, err := parseWith(path, data, Options{LookupEnv: lookup})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -46,7 +46,7 @@ func BenchmarkRegistryMemory(b *testing.B) {
 	var perMerchant float64
 	for b.Loop() {
 		before := heapAlloc()
-		reg, err := Parse("merchants.toml", data, benchEnv)
+		reg, err := parse("merchants.toml", data, benchEnv)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -69,7 +69,7 @@ func BenchmarkRegistryLoad(b *testing.B) {
 	data := benchRegistry(benchMerchants)
 	b.SetBytes(int64(len(data)))
 	for b.Loop() {
-		if _, err := Parse("merchants.toml", data, benchEnv); err != nil {
+		if _, err := parse("merchants.toml", data, benchEnv); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -91,7 +91,7 @@ func TestRegistryHeapPerMerchant(t *testing.T) {
 	const n = 20_000
 	data := benchRegistry(n)
 	before := heapAlloc()
-	reg, err := Parse("merchants.toml", data, benchEnv)
+	reg, err := parse("merchants.toml", data, benchEnv)
 	if err != nil {
 		t.Fatal(err)
 	}

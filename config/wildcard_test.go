@@ -40,7 +40,7 @@ organisations_refresh = "1m"
 // TestWildcardEntry: the wildcard serves any valid id with {merchant}
 // substituted, explicit entries win, and its own keys are read.
 func TestWildcardEntry(t *testing.T) {
-	reg, err := Parse("w.toml", []byte(wildcardFile), testEnv())
+	reg, err := parse("w.toml", []byte(wildcardFile), testEnv())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +98,7 @@ func TestWildcardErrors(t *testing.T) {
 		{"other placeholder", "provider = \"nuapay\"\norganisation = \"{id}\"\nscopes = [\"a\"]", `field organisation: "{id}": the only placeholder allowed here is {merchant}`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := Parse("w.toml", []byte(base+"[merchants.\"*\"]\n"+tt.entry+"\n"), testEnv())
+			_, err := parse("w.toml", []byte(base+"[merchants.\"*\"]\n"+tt.entry+"\n"), testEnv())
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("error %v, want %q", err, tt.want)
 			}
@@ -144,7 +144,7 @@ token_lifetime = "10m"
 		{"audience placeholder", "organisation = \"{merchant}\"\nscopes = [\"openbanking_pisp\"]\naudience = \"https://{merchant}.example\"", false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			reg, err := Parse("p.toml", []byte(file+"\n[merchants.\"*\"]\nprovider = \"nuapay\"\n"+tt.wildcard+"\n"), testEnv())
+			reg, err := parse("p.toml", []byte(file+"\n[merchants.\"*\"]\nprovider = \"nuapay\"\n"+tt.wildcard+"\n"), testEnv())
 			if err != nil {
 				t.Fatal(err)
 			}

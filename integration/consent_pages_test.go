@@ -160,7 +160,7 @@ func (s *pagesSite) link(t *testing.T, merchant string) string {
 // future, so that the sweeper leaves it.
 func (s *pagesSite) expiredLink(t *testing.T, merchant string) string {
 	t.Helper()
-	reg, err := config.ParseWith(s.toml, []byte(readFile(t, s.toml)), config.Options{LookupEnv: os.LookupEnv,
+	reg, err := config.LoadWith(s.toml, config.Options{LookupEnv: os.LookupEnv,
 		RefreshStore: oauth.NewMemoryStore(), ConsentStore: &oauth.MemoryPendingStore{}})
 	if err != nil {
 		t.Fatal(err)

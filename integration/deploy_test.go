@@ -68,7 +68,7 @@ func TestKubernetesConfig(t *testing.T) {
 		if err := os.WriteFile(path, []byte(strings.ReplaceAll(toml, mount, secrets+"/")), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		reg, err := config.Load(path)
+		reg, err := config.LoadWith(path, config.Options{})
 		if err != nil {
 			t.Fatalf("the registry of the ConfigMap does not load: %v", err)
 		}

@@ -45,7 +45,7 @@ client_secret = "{env.BANK_SECRET}"
 provider = "bank"
 scopes = ["accounts"]
 `
-	reg, err := config.ParseWith("merchants.toml", []byte(toml), config.Options{RefreshStore: oauth.NewMemoryStore(),
+	reg, err := loadTestRegistry(t, "merchants.toml", []byte(toml), config.Options{RefreshStore: oauth.NewMemoryStore(),
 		LookupEnv: func(k string) (string, bool) { return "bank-secret", k == "BANK_SECRET" }})
 	if err != nil {
 		t.Fatal(err)

@@ -35,7 +35,7 @@ func TestHealthCaddyfile(t *testing.T) {
 // registry included; not live without the app.
 func TestHealthAnswer(t *testing.T) {
 	reg := func(t *testing.T, name string) *config.Registry {
-		r, err := config.Parse(name, []byte(`[providers.np]
+		r, err := loadTestRegistry(t, name, []byte(`[providers.np]
 type = "nuapay"
 base_url = "https://nuapay.example"
 api_key = "{env.KEY}"
@@ -44,7 +44,7 @@ api_key = "{env.KEY}"
 provider = "np"
 organisation = "org-acme"
 scopes = ["a"]
-`), func(string) (string, bool) { return "partner-key", true })
+`), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -55,7 +55,7 @@ func warmRegistryHandler(tb testing.TB, n int, scopes []string) (*Handler, []str
 // broker's, and the tokens' expiry).
 func warmRegistryHandlerAt(tb testing.TB, n int, scopes []string, now func() time.Time) (*Handler, []string, *config.Registry) {
 	tb.Helper()
-	reg, err := config.Parse("warm.toml", warmMerchantsTOML(n), func(string) (string, bool) { return "partner-key", true })
+	reg, err := loadTestRegistry(tb, "warm.toml", warmMerchantsTOML(n), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -46,7 +46,7 @@ scopes = ["payments"]
 `
 	parse := func(secret string) *config.Registry {
 		t.Helper()
-		reg, err := config.ParseWith("merchants.toml", []byte(toml), config.Options{
+		reg, err := loadTestRegistry(t, "merchants.toml", []byte(toml), config.Options{
 			LookupEnv: func(k string) (string, bool) { return secret, k == "BANK_SECRET" }})
 		if err != nil {
 			t.Fatal(err)

@@ -104,7 +104,7 @@ func explicitORG1(t *testing.T) *config.Registry {
 	sb := sandbox.New(sandbox.Config{APIKeys: []string{"partner-key"}, Organisations: []sandbox.Organisation{{ID: "ORG1", Name: "One"}}})
 	ts := httptest.NewServer(sb)
 	t.Cleanup(ts.Close)
-	reg, err := config.Parse("next.toml", []byte(fmt.Sprintf(`
+	reg, err := loadTestRegistry(t, "next.toml", []byte(fmt.Sprintf(`
 [providers.nuapay]
 type = "nuapay"
 base_url = %q
@@ -114,7 +114,7 @@ api_key = "{env.K}"
 provider = "nuapay"
 organisation = "ORG1"
 scopes = ["openbanking_pisp"]
-`, ts.URL)), func(string) (string, bool) { return "partner-key", true })
+`, ts.URL)), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
 	if err != nil {
 		t.Fatal(err)
 	}

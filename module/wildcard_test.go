@@ -66,7 +66,7 @@ organisation = %q
 scopes = ["openbanking_pisp"]
 %s
 `, ts.URL, org, wildcard)
-	reg, err := config.Parse("w.toml", []byte(toml), func(string) (string, bool) { return "partner-key", true })
+	reg, err := loadTestRegistry(t, "w.toml", []byte(toml), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,6 +21,17 @@ import (
 	_ "github.com/tokenbroker/caddy-token-broker/module"
 )
 
+// loadTOML writes data to a file named name in a fresh folder and loads
+// it with config.LoadWith.
+func loadTOML(t *testing.T, name, data string, env func(string) (string, bool)) (*config.Registry, error) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(path, []byte(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return config.LoadWith(path, config.Options{LookupEnv: env})
+}
+
 // The generated registry is one the broker loads: n merchants, each with
 // the organisation of the same index, the API key from the environment.
 func TestRegistryTOML(t *testing.T) {
@@ -32,7 +43,7 @@ func TestRegistryTOML(t *testing.T) {
 	}
 	for _, n := range []int{1, 1000, 12345} {
 		t.Run(fmt.Sprint(n), func(t *testing.T) {
-			reg, err := config.Parse("merchants.toml", []byte(registryTOML(n, "http://127.0.0.1:9")), env)
+			reg, err := loadTOML(t, "merchants.toml", registryTOML(n, "http://127.0.0.1:9"), env)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -51,7 +62,7 @@ func TestRegistryTOML(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reg, err := config.Parse("w.toml", []byte(w), func(string) (string, bool) { return apiKey, true })
+	reg, err := loadTOML(t, "w.toml", w, func(string) (string, bool) { return apiKey, true })
 	if err != nil || reg.Wildcard == nil || reg.Wildcard.MaxActive != 50_000 {
 		t.Fatalf("wildcard registry: %v", err)
 	}
