@@ -71,7 +71,7 @@ func checkChunked(t *testing.T, data []byte, n int) bool {
 	t.Helper()
 	src := Source{Path: "testdata/merchants.toml", Data: data}
 	env := testEnv()
-	whole := parseFile(src, env)
+	whole := parseFile(src, env, 0, &compactor{})
 	chunked := parseChunked(src, env, n)
 	if chunked == nil {
 		return false
@@ -124,7 +124,7 @@ func TestParseFileChunkedErrors(t *testing.T) {
 			data := []byte(tc.data)
 			_, got := parseWith("merchants.toml", data, Options{LookupEnv: benchEnv})
 			src := Source{Path: "merchants.toml", Data: data}
-			_, want := Merge("merchants.toml", []Source{src}, []*File{parseFile(src, benchEnv)}, Options{LookupEnv: benchEnv})
+			_, want := Merge("merchants.toml", []Source{src}, []*File{parseFile(src, benchEnv, 0, &compactor{})}, Options{LookupEnv: benchEnv})
 			if got == nil || want == nil || got.Error() != want.Error() {
 				t.Fatalf("got %v\nwant (whole file) %v", got, want)
 			}
@@ -144,7 +144,7 @@ func TestParseFileChunkedLines(t *testing.T) {
 	if chunked == nil {
 		t.Fatal("not chunked")
 	}
-	if whole := parseFile(src, benchEnv); !reflect.DeepEqual(chunked, whole) {
+	if whole := parseFile(src, benchEnv, 0, &compactor{}); !reflect.DeepEqual(chunked, whole) {
 		t.Fatal("the chunked parse differs from the whole file's")
 	}
 	reg, err := parseWith("merchants.toml", data, Options{LookupEnv: benchEnv})

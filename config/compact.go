@@ -7,27 +7,34 @@ import (
 
 // The decoder's strings are slices of the text it decoded: a registry
 // that kept one of them would keep that text (about 90 bytes a
-// merchant). compact copies what a File keeps of its merchants into
+// merchant). A compactor copies what a File keeps of its merchants into
 // memory of its own, in few blocks with few pointers for the garbage
 // collector to follow, and shares equal values (measured with
 // BenchmarkRegistryMemory). The providers' and the wildcard entry's
 // strings keep the text they were decoded from alive: a chunk of about
 // chunkBytes (see chunk.go), or the whole file when it is not cut.
 
-// compact gives the file's merchants strings of their own: their ids and
+// compactor compacts the merchants of one file, chunk after chunk.
+type compactor struct {
+	terms map[termsKey]*Terms
+	strs  map[string]string
+	lists map[string][]string
+}
+
+// compact gives merchants strings of their own: their ids and
 // organisations in one block; their Terms (provider, scopes, lifetime,
-// audience) shared by the merchants with equal ones (a Terms is never
-// modified: Wildcard.For copies it).
-func (f *File) compact() {
+// audience, display name) shared by the merchants of the file with equal
+// ones (a Terms is never modified: Wildcard.For copies it).
+func (c *compactor) compact(merchants []Merchant) {
 	n := 0
-	for i := range f.merchants {
-		m := &f.merchants[i]
+	for i := range merchants {
+		m := &merchants[i]
 		n += len(m.ID) + len(m.Organisation)
 	}
 	var b strings.Builder
 	b.Grow(n)
-	for i := range f.merchants {
-		m := &f.merchants[i]
+	for i := range merchants {
+		m := &merchants[i]
 		b.WriteString(m.ID)
 		b.WriteString(m.Organisation)
 	}
@@ -40,33 +47,19 @@ func (f *File) compact() {
 		off += len(s)
 		return s
 	}
-	in := interner{}
-	terms := map[termsKey]*Terms{}
-	for i := range f.merchants {
-		m := &f.merchants[i]
+	if c.terms == nil {
+		c.terms = map[termsKey]*Terms{}
+	}
+	for i := range merchants {
+		m := &merchants[i]
 		m.ID, m.Organisation = take(m.ID), take(m.Organisation)
 		k := m.Terms.key()
-		t := terms[k]
+		t := c.terms[k]
 		if t == nil {
-			t = &Terms{Provider: in.string(m.Provider), Scopes: in.scopes(m.Scopes), Lifetime: m.Lifetime, Audience: in.string(m.Audience), DisplayName: m.DisplayName}
-			terms[k] = t
+			t = &Terms{Provider: c.string(m.Provider), Scopes: c.scopes(m.Scopes), Lifetime: m.Lifetime, Audience: c.string(m.Audience), DisplayName: m.DisplayName}
+			c.terms[k] = t
 		}
 		m.Terms = t
-	}
-}
-
-// shareTerms makes the merchants with equal Terms share one (the
-// merchants of a file parsed in pieces: each piece has its own).
-func shareTerms(ms []Merchant) {
-	terms := map[termsKey]*Terms{}
-	for i := range ms {
-		m := &ms[i]
-		k := m.Terms.key()
-		if t := terms[k]; t != nil {
-			m.Terms = t
-		} else {
-			terms[k] = m.Terms
-		}
 	}
 }
 
@@ -92,41 +85,32 @@ type termsKey struct {
 	displayName      string // Terms only, not profiles
 }
 
-// interner shares equal strings and scope lists.
-type interner struct {
-	strs  map[string]string
-	lists map[string][]string
-}
-
-func (in *interner) string(s string) string {
-	if v, ok := in.strs[s]; ok {
+// string returns s, shared with the equal strings before.
+func (c *compactor) string(s string) string {
+	if v, ok := c.strs[s]; ok {
 		return v
 	}
-	if in.strs == nil {
-		in.strs = map[string]string{}
+	if c.strs == nil {
+		c.strs = map[string]string{}
 	}
 	v := strings.Clone(s)
-	in.strs[v] = v
+	c.strs[v] = v
 	return v
 }
 
-func (in *interner) scopes(sc []string) []string {
-	var key string
-	if len(sc) == 1 {
-		key = sc[0]
-	} else {
-		key = strings.Join(sc, " ") // scopes hold no space
-	}
-	if v, ok := in.lists[key]; ok {
+// scopes returns sc, shared with the equal scope lists before.
+func (c *compactor) scopes(sc []string) []string {
+	key := strings.Join(sc, " ") // scopes hold no space
+	if v, ok := c.lists[key]; ok {
 		return v
 	}
-	if in.lists == nil {
-		in.lists = map[string][]string{}
+	if c.lists == nil {
+		c.lists = map[string][]string{}
 	}
 	v := make([]string, len(sc))
 	for i, s := range sc {
-		v[i] = in.string(s)
+		v[i] = c.string(s)
 	}
-	in.lists[strings.Clone(key)] = v
+	c.lists[strings.Clone(key)] = v
 	return v
 }

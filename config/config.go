@@ -1,14 +1,11 @@
 package config
 
 import (
-	"errors"
 	"fmt"
-	"regexp"
 	"slices"
 	"strings"
 	"time"
 
-	"github.com/BurntSushi/toml"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
@@ -293,9 +290,6 @@ func LoadWith(path string, opts Options) (*Registry, error) {
 	return Merge(path, srcs, files, opts)
 }
 
-// typeErrorRe matches BurntSushi's type errors, which are not ParseErrors.
-var typeErrorRe = regexp.MustCompile(`(?s)^toml: line (\d+) \(last key "((?:[^"\\]|\\.)*)"\): (.*)$`)
-
 func sortedKeys[V any](m map[string]V) []string {
 	keys := make([]string, 0, len(m))
 	for k := range m {
@@ -303,76 +297,4 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	slices.Sort(keys)
 	return keys
-}
-
-// parser collects the problems of one file.
-type parser struct {
-	file string
-	dir  string // absolute folder of the file
-	env  func(string) (string, bool)
-	opts Options
-	data []byte  // the file's content, located on the first need
-	loc  locator // nil until then
-	ents locator // the entries' lines only, nil until the first need
-	errs []error
-	// inputs are the variables and files read (inputs.go).
-	inputs inputs
-}
-
-// entryLine returns the line of an entry (a provider's or a merchant's
-// table): the entries are located apart from their keys, at a quarter of
-// the cost.
-func (p *parser) entryLine(key ...string) int {
-	if p.loc != nil {
-		return p.loc.line(key...)
-	}
-	if p.ents == nil {
-		p.ents = locateDepth(p.data, 2)
-	}
-	return p.ents.line(key...)
-}
-
-// line returns the line of a key (see locator.line), locating the keys of
-// the file on the first call: only messages need it, and a large file's
-// locator is large.
-func (p *parser) line(key ...string) int {
-	if p.loc == nil {
-		p.loc = locate(p.data)
-	}
-	return p.loc.line(key...)
-}
-
-// decodeError records an error of BurntSushi's decoder: a syntax error
-// (from Parse) or a value of the wrong type (from an entry's decoding).
-// Both carry the line. The last key names the field at fault only for the
-// latter: a syntax error's last key may be the previous line's.
-func (p *parser) decodeError(err error, syntax bool) {
-	e := &Error{File: p.file, Msg: strings.TrimPrefix(err.Error(), "toml: ")}
-	var key string
-	var pe toml.ParseError
-	if errors.As(err, &pe) {
-		e.Line, e.Msg, key = pe.Position.Line, pe.Message, pe.LastKey
-	} else if m := typeErrorRe.FindStringSubmatch(err.Error()); m != nil {
-		fmt.Sscan(m[1], &e.Line)
-		key, e.Msg = unquote(`"`+m[2]+`"`), m[3]
-	}
-	switch k := splitKey(key); {
-	case syntax && len(k) > 0 && slices.Contains(secretKeys, k[len(k)-1]):
-		// The parser quotes the text it stumbled on: here, a secret.
-		e.Msg = fmt.Sprintf("the value of %s is not valid TOML (details withheld, they could quote the secret): write a quoted reference such as \"{env.NAME}\"", key)
-	case syntax && key != "":
-		e.Msg += fmt.Sprintf(" (after key %q)", key)
-	case !syntax:
-		e.Entry, e.Field = entryField(k)
-	}
-	p.errs = append(p.errs, e)
-}
-
-// entryField splits a key into the entry it belongs to and the field
-// within it.
-func entryField(k toml.Key) (entry, field string) {
-	if len(k) >= 2 && (k[0] == "providers" || k[0] == "merchants") {
-		return fmt.Sprintf("%s %q", strings.TrimSuffix(k[0], "s"), k[1]), k[2:].String()
-	}
-	return "", k.String()
 }

@@ -115,6 +115,21 @@ func ReadSources(paths []string) ([]Source, error) {
 	return srcs, nil
 }
 
+// parser resolves the entries of one file, or of a chunk of one, and
+// collects their problems.
+type parser struct {
+	file   string
+	dir    string // absolute folder of the file
+	env    func(string) (string, bool)
+	opts   Options
+	data   []byte // the text parsed, located on the first problem
+	offset int    // the lines of the file before data
+	loc    locator
+	ents   locator // the entries only: a quarter of the cost of loc
+	errs   []error
+	inputs inputs // the variables and files read (inputs.go)
+}
+
 // ParseFile parses one registry file on its own. lookupEnv resolves the
 // {env.NAME} references of merchants (os.LookupEnv when nil). Its
 // problems are reported by Merge. A large file is parsed in chunks (see
@@ -126,17 +141,18 @@ func ParseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 	if f := parseChunked(src, lookupEnv, chunks(len(src.Data))); f != nil {
 		return f
 	}
-	return parseFile(src, lookupEnv)
+	return parseFile(src, lookupEnv, 0, &compactor{})
 }
 
-// parseFile is ParseFile in one piece.
-func parseFile(src Source, lookupEnv func(string) (string, bool)) *File {
+// parseFile parses src, a file or the chunk of one after its first
+// offset lines; c compacts its merchants.
+func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c *compactor) *File {
 	dir, err := filepath.Abs(filepath.Dir(src.Path))
 	if err != nil {
 		dir = filepath.Dir(src.Path)
 	}
 	f := &File{Path: src.Path, dir: dir}
-	p := &parser{file: src.Path, dir: dir, env: lookupEnv, data: src.Data}
+	p := &parser{file: src.Path, dir: dir, env: lookupEnv, data: src.Data, offset: offset}
 	defer func() { f.errs, f.inputs = p.errs, p.inputs }()
 	var doc document
 	md, err := toml.Decode(string(src.Data), &doc)
@@ -163,7 +179,7 @@ func parseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 	}
 	for _, k := range topKeys {
 		if t := md.Type(k); t != "" && t != "Hash" {
-			p.errs = append(p.errs, &Error{File: src.Path, Line: p.line(k), Field: k, Msg: fmt.Sprintf("must be a table of [%s.NAME] tables, not %s", k, typeName(t))})
+			p.problem([]string{k}, fmt.Sprintf("must be a table of [%s.NAME] tables, not %s", k, typeName(t)))
 		}
 	}
 	f.merchantsType = md.Type("merchants")
@@ -190,7 +206,7 @@ func parseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 		}
 		f.merchants = append(f.merchants, m)
 	}
-	f.compact()
+	c.compact(f.merchants)
 	return f
 }
 

@@ -1,9 +1,93 @@
 package config
 
 import (
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/BurntSushi/toml"
 )
+
+// problem records a problem with key, a TOML key whose first two parts
+// name the entry ([providers.NAME], [merchants.ID]) and the rest the
+// field, at the key's line.
+func (p *parser) problem(key []string, msg string) {
+	entry, field := entryField(key)
+	p.errs = append(p.errs, &Error{File: p.file, Line: p.line(key...), Entry: entry, Field: field, Msg: msg})
+}
+
+// entryField splits a key into the entry it belongs to and the field
+// within it.
+func entryField(k toml.Key) (entry, field string) {
+	if len(k) >= 2 && (k[0] == "providers" || k[0] == "merchants") {
+		return fmt.Sprintf("%s %q", strings.TrimSuffix(k[0], "s"), k[1]), k[2:].String()
+	}
+	return "", k.String()
+}
+
+// typeErrorRe matches BurntSushi's type errors, which are not ParseErrors.
+var typeErrorRe = regexp.MustCompile(`(?s)^toml: line (\d+) \(last key "((?:[^"\\]|\\.)*)"\): (.*)$`)
+
+// decodeError records an error of BurntSushi's decoder: a syntax error
+// (syntax, from toml.Decode) or a value of the wrong type (from an
+// entry's PrimitiveDecode). Both carry the line. The last key names the
+// field at fault only for the latter: a syntax error's last key may be
+// the previous line's.
+func (p *parser) decodeError(err error, syntax bool) {
+	e := &Error{File: p.file, Msg: strings.TrimPrefix(err.Error(), "toml: ")}
+	var key string
+	var pe toml.ParseError
+	if errors.As(err, &pe) {
+		e.Line, e.Msg, key = pe.Position.Line, pe.Message, pe.LastKey
+	} else if m := typeErrorRe.FindStringSubmatch(err.Error()); m != nil {
+		fmt.Sscan(m[1], &e.Line)
+		key, e.Msg = unquote(`"`+m[2]+`"`), m[3]
+	}
+	e.Line = p.fileLine(e.Line)
+	switch k := splitKey(key); {
+	case syntax && len(k) > 0 && slices.Contains(secretKeys, k[len(k)-1]):
+		// The parser quotes the text it stumbled on: here, a secret.
+		e.Msg = fmt.Sprintf("the value of %s is not valid TOML (details withheld, they could quote the secret): write a quoted reference such as \"{env.NAME}\"", key)
+	case syntax && key != "":
+		e.Msg += fmt.Sprintf(" (after key %q)", key)
+	case !syntax:
+		e.Entry, e.Field = entryField(k)
+	}
+	p.errs = append(p.errs, e)
+}
+
+// line returns the line of a key in the file (see locator.line), locating
+// every key of the text on the first call: only messages need it.
+func (p *parser) line(key ...string) int {
+	if p.loc == nil {
+		p.loc = locate(p.data)
+	}
+	return p.fileLine(p.loc.line(key...))
+}
+
+// entryLine returns the line of an entry (a provider's or a merchant's
+// table) in the file, locating the entries only.
+func (p *parser) entryLine(key ...string) int {
+	if p.loc != nil {
+		return p.line(key...)
+	}
+	if p.ents == nil {
+		p.ents = locateDepth(p.data, 2)
+	}
+	return p.fileLine(p.ents.line(key...))
+}
+
+// fileLine returns the line in the file of a line of the text parsed; 0
+// (unknown) stays 0.
+func (p *parser) fileLine(line int) int {
+	if line == 0 {
+		return 0
+	}
+	return line + p.offset
+}
 
 // locator maps keys (joined with NUL) to the line where the file first
 // defines them. BurntSushi/toml keeps key positions private, so the raw file

@@ -48,8 +48,7 @@ func (e *entry) errf(field, format string, args ...any) {
 	if field != "" {
 		key = append(key, strings.Split(field, ".")...)
 	}
-	entry, _ := entryField(key)
-	e.p.errs = append(e.p.errs, &Error{File: e.p.file, Line: e.p.line(key...), Entry: entry, Field: field, Msg: fmt.Sprintf(format, args...)})
+	e.p.problem(key, fmt.Sprintf(format, args...))
 }
 
 // decode decodes the entry's table into v; false when it could not.

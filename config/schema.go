@@ -297,9 +297,9 @@ func (p *parser) checkKeys(keys []toml.Key, typeOf func(provider string) string)
 		}
 		k = k[:n]
 		reported = append(reported, k)
-		e := &Error{File: p.file, Line: p.line(k...), Msg: fmt.Sprintf("unknown key %q", k.String())}
+		msg := fmt.Sprintf("unknown key %q", k.String())
 		if s := nearest(k[n-1], allowed); s != "" {
-			e.Msg += fmt.Sprintf(": did you mean %q?", s)
+			msg += fmt.Sprintf(": did you mean %q?", s)
 		}
 		if len(allowed) > 0 {
 			if what == "" {
@@ -307,9 +307,8 @@ func (p *parser) checkKeys(keys []toml.Key, typeOf func(provider string) string)
 			} else {
 				what = "the keys of " + what
 			}
-			e.Msg += " (" + what + ": " + strings.Join(allowed, ", ") + ")"
+			msg += " (" + what + ": " + strings.Join(allowed, ", ") + ")"
 		}
-		e.Entry, e.Field = entryField(k)
-		p.errs = append(p.errs, e)
+		p.problem(k, msg)
 	}
 }
