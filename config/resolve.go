@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"strings"
 	"time"
 
@@ -207,7 +206,6 @@ type rawProvider struct {
 	bad  bool // a problem was reported by ParseFile
 	ok   bool // decoded
 	raw  providerTOML
-	keys []string // the provider keys the table defines
 }
 
 // typ is the provider's type as far as it could be read.
@@ -227,11 +225,6 @@ func (p *parser) rawProvider(md *toml.MetaData, name string, prim toml.Primitive
 	rp := &rawProvider{name: name, line: p.entryLine("providers", name)}
 	rp.ok = e.decode(md, prim, &rp.raw)
 	rp.bad = e.bad
-	for _, k := range providerKeys {
-		if rp.ok && md.IsDefined("providers", name, k) {
-			rp.keys = append(rp.keys, k)
-		}
-	}
 	return rp
 }
 
@@ -256,13 +249,6 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 	fp := &fingerprint{sha256.New()}
 	fp.add("type", raw.Type)
 	pv := &Provider{Name: name, Type: raw.Type, Line: rp.line}
-	if pt != nil {
-		for _, k := range providerKeys {
-			if !slices.Contains(commonProviderKeys, k) && !slices.Contains(pt.keys, k) && slices.Contains(rp.keys, k) {
-				e.errf(k, "not used by providers of type %s (their keys: %s)", raw.Type, strings.Join(append(slices.Clone(commonProviderKeys), pt.keys...), ", "))
-			}
-		}
-	}
 
 	pv.Timeout = e.duration("timeout", raw.Timeout, defTimeout, time.Nanosecond, maxTimeout)
 	fp.add("timeout", pv.Timeout)

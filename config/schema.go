@@ -291,6 +291,13 @@ func (p *parser) checkKeys(keys []toml.Key, typeOf func(provider string) string)
 		if slices.ContainsFunc(reported, func(r toml.Key) bool { return len(r) <= len(k) && slices.Equal(r, k[:len(r)]) }) {
 			continue
 		}
+		if len(k) == 3 && k[0] == "providers" && slices.Contains(providerKeys, k[2]) {
+			typ := typeOf(k[1])
+			if allowed, what := providerKeysOf(typ); what != "" && !slices.Contains(allowed, k[2]) {
+				p.problem(k, fmt.Sprintf("not used by providers of type %s (their keys: %s)", typ, strings.Join(allowed, ", ")))
+			}
+			continue
+		}
 		n, allowed, what := unknownPart(k, typeOf)
 		if n == 0 {
 			continue
