@@ -312,17 +312,9 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 		ps[0].errs = append(ps[0].errs, e)
 	}
 
-	if len(ps) == 1 {
-		if err := ps[0].result(); err != nil {
-			return nil, err
-		}
-		return reg, nil
-	}
 	var errs []error
 	for _, p := range ps {
-		if err := p.result(); err != nil {
-			errs = append(errs, err)
-		}
+		errs = append(errs, p.sorted()...)
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
@@ -346,8 +338,8 @@ func firstDefinition(files []*File, id string) at {
 // at is where an entry is defined: a file's index and a line.
 type at struct{ file, line int }
 
-// result joins the problems in file order (problems without a line last).
-func (p *parser) result() error {
+// sorted returns the problems by line, those without a line last.
+func (p *parser) sorted() []error {
 	line := func(err error) int {
 		if l := err.(*Error).Line; l > 0 {
 			return l
@@ -355,5 +347,5 @@ func (p *parser) result() error {
 		return math.MaxInt
 	}
 	slices.SortStableFunc(p.errs, func(a, b error) int { return cmp.Compare(line(a), line(b)) })
-	return errors.Join(p.errs...)
+	return p.errs
 }
