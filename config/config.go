@@ -11,9 +11,9 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
-// Registry is a loaded, validated merchant registry. It is not modified
-// after Load (but for its cache of binding profiles, under a lock), so it
-// is safe for concurrent use.
+// Registry is a loaded, validated merchant registry (LoadWith, Merge). It
+// is not modified after, but for its cache of binding profiles (under a
+// lock), so it is safe for concurrent use.
 type Registry struct {
 	// Path is the file, directory or glob the registry was read from,
 	// as given.
@@ -117,10 +117,8 @@ type Merchant struct {
 
 // Terms are what a merchant asks its provider for besides its
 // organisation. The merchants of a registry file that ask alike share one
-// Terms, so that 100 000 merchants of one provider hold one, not 100 000
-// (a Merchant is 48 bytes). A Terms reachable from
-// a Registry is shared: never assign to its fields, give the merchant a
-// new one.
+// Terms. A Terms reachable from a Registry is shared: never assign to its
+// fields, give the merchant a new one.
 type Terms struct {
 	// Provider is the name of the merchant's provider.
 	Provider string
@@ -232,7 +230,7 @@ func (e *Error) Error() string {
 	return strings.Join(parts, ": ")
 }
 
-// ErrorLines returns the problems of a Load error one per line, each
+// ErrorLines returns the problems of a LoadWith error one per line, each
 // starting with its file:line: the error of a registry with several
 // problems joins them (errors.Join), which prints on one line inside a
 // JSON log.

@@ -199,14 +199,7 @@ var providerTypes = map[string]providerType{
 }
 
 // typeNames lists the known provider types for messages.
-func typeNames() string {
-	names := make([]string, 0, len(providerTypes))
-	for n := range providerTypes {
-		names = append(names, n)
-	}
-	slices.Sort(names)
-	return strings.Join(names, ", ")
-}
+func typeNames() string { return strings.Join(sortedKeys(providerTypes), ", ") }
 
 // secretKeys are the keys whose values are secrets, in any entry.
 var secretKeys = []string{"api_key", "client_secret"}

@@ -223,9 +223,8 @@ func (r *Registry) sharesProfile(m *Merchant, routeScopes bool) bool {
 }
 
 // profiles are the broker profiles of a registry's bindings, one per
-// provider, scope set, audience and lifetime: every merchant binding
-// served with the same ones shares it (about 100 bytes fewer
-// per warm merchant). They live as long as the registry.
+// provider, scope set, audience and lifetime, shared by every merchant
+// binding with the same ones. They live as long as the registry.
 type profiles struct {
 	mu sync.Mutex
 	m  map[termsKey]*broker.Profile // by provider name, scopes, lifetime, audience
