@@ -6,7 +6,6 @@ import (
 	"strings"
 	"time"
 
-
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
