@@ -197,7 +197,7 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 			f.wildcard, f.wildcardFlags = p.wildcard(&md, doc.Merchants[id])
 			continue
 		}
-		m, flags := p.merchant(&md, id, doc.Merchants[id])
+		_, m, flags := p.merchant(&md, id, doc.Merchants[id], &merchantTOML{})
 		if flags != 0 {
 			if f.flags == nil {
 				f.flags = map[int]uint8{}

@@ -324,25 +324,20 @@ const (
 	merchantOrgFailed             // the organisation's references could not be expanded
 )
 
-// merchant resolves what a [merchants.ID] table says by itself: the
-// checks against its provider, which may be defined in another file, are
-// checkMerchant's.
-func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive) (Merchant, uint8) {
-	e := p.checkedEntry(id)
-	var raw merchantTOML
-	if !e.decode(md, prim, &raw) {
-		return Merchant{ID: id, Terms: new(Terms)}, merchantBad | merchantUndecoded
-	}
-	return p.resolveMerchant(e, id, &raw)
-}
-
-// checkedEntry returns the entry of merchant id, its id checked.
-func (p *parser) checkedEntry(id string) *entry {
+// merchant decodes a [merchants.ID] table into raw (a *merchantTOML, or a
+// *wildcardTOML for the wildcard entry) and resolves what it says by
+// itself: the checks against its provider, which may be defined in
+// another file, are checkMerchant's.
+func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, raw interface{ merchantTable() *merchantTOML }) (*entry, Merchant, uint8) {
 	e := p.entry("merchants", id)
 	if id != WildcardID && !ValidMerchantID(id) {
 		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
-	return e
+	if !e.decode(md, prim, raw) {
+		return e, Merchant{ID: id, Terms: new(Terms)}, merchantBad | merchantUndecoded
+	}
+	m, flags := p.resolveMerchant(e, id, raw.merchantTable())
+	return e, m, flags
 }
 
 // resolveMerchant is merchant on the decoded table.

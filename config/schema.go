@@ -156,6 +156,10 @@ type merchantTOML struct {
 	DisplayName string `toml:"display_name"`
 }
 
+// merchantTable returns the merchant keys of a table: m, or the part of a
+// wildcardTOML that embeds it.
+func (m *merchantTOML) merchantTable() *merchantTOML { return m }
+
 // providerType is what the registry knows about one provider type. Adding
 // a type is adding one entry to providerTypes (and its keys to
 // providerTOML).
@@ -212,11 +216,17 @@ var (
 	merchantKeys = tomlKeys(merchantTOML{})
 )
 
+// tomlKeys returns the toml tags of a struct's fields, those of its
+// embedded structs included.
 func tomlKeys(v any) []string {
-	t := reflect.TypeOf(v)
-	keys := make([]string, t.NumField())
-	for i := range keys {
-		keys[i], _, _ = strings.Cut(t.Field(i).Tag.Get("toml"), ",")
+	var keys []string
+	for f := range reflect.TypeOf(v).Fields() {
+		if f.Anonymous {
+			keys = append(keys, tomlKeys(reflect.New(f.Type).Elem().Interface())...)
+			continue
+		}
+		key, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+		keys = append(keys, key)
 	}
 	return keys
 }

@@ -60,8 +60,10 @@ type Wildcard struct {
 	MaxOrganisations int
 }
 
-// wildcardTOML holds the keys of the wildcard entry besides a merchant's.
+// wildcardTOML is the [merchants."*"] table: a merchant's keys and its
+// own.
 type wildcardTOML struct {
+	merchantTOML
 	// MaxActive is the most merchants served through the wildcard at one
 	// time. Default 100000.
 	MaxActive *int `toml:"max_active"`
@@ -80,20 +82,16 @@ type wildcardTOML struct {
 }
 
 // wildcardKeys are the keys of [merchants."*"].
-var wildcardKeys = append(tomlKeys(merchantTOML{}), tomlKeys(wildcardTOML{})...)
+var wildcardKeys = tomlKeys(wildcardTOML{})
 
 // wildcard resolves what the [merchants."*"] table says by itself (see
 // merchant); checkWildcard checks it against its provider.
 func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive) (*Wildcard, uint8) {
-	m, flags := p.merchant(md, WildcardID, prim)
+	var raw wildcardTOML
+	e, m, flags := p.merchant(md, WildcardID, prim, &raw)
 	w := &Wildcard{Merchant: m, MaxActive: DefaultMaxActive, MaxOrganisations: nuapay.DefaultMaxOrganisations}
 	if flags != 0 {
 		return w, flags
-	}
-	e := p.entry("merchants", WildcardID)
-	var raw wildcardTOML
-	if !e.decode(md, prim, &raw) {
-		return w, merchantBad | merchantUndecoded
 	}
 	if raw.MaxActive != nil {
 		if w.MaxActive = *raw.MaxActive; w.MaxActive < 1 {
