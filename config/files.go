@@ -246,11 +246,6 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 	reg := &Registry{Path: name, Providers: map[string]*Provider{}, Merchants: make(map[string]*Merchant, total)}
 	defined := map[string]string{} // the type of every provider, valid or not
 	providerAt := map[string]at{}
-	type fileProvider struct {
-		file int
-		rp   *rawProvider
-	}
-	var providers []fileProvider
 	for i, f := range files {
 		reg.Files = append(reg.Files, f.Path)
 		for _, rp := range f.providers {
@@ -260,12 +255,9 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 			}
 			providerAt[rp.name] = at{i, rp.line}
 			defined[rp.name] = rp.typ()
-			providers = append(providers, fileProvider{i, rp})
-		}
-	}
-	for _, fp := range providers {
-		if pv := ps[fp.file].provider(fp.rp); pv != nil {
-			reg.Providers[fp.rp.name] = pv
+			if pv := ps[i].provider(rp); pv != nil {
+				reg.Providers[rp.name] = pv
+			}
 		}
 	}
 
@@ -279,9 +271,8 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 				dup(i, "merchant", WildcardID, w.Line, *wildcardAt)
 			} else {
 				wildcardAt = &at{i, w.Line}
-				if p.checkWildcard(w, f.wildcardFlags, defined) {
-					reg.Wildcard = w
-				}
+				p.checkWildcard(w, f.wildcardFlags, defined)
+				reg.Wildcard = w
 			}
 		}
 		for j := range f.merchants {
@@ -290,12 +281,8 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 				dup(i, "merchant", m.ID, m.Line, firstDefinition(files[:i+1], m.ID))
 				continue
 			}
-			// A merchant with problems takes its place too, so that a
-			// second definition is reported; it is removed below.
 			reg.Merchants[m.ID] = m
-			if !p.checkMerchant(m, f.flags[j], defined) {
-				reg.Merchants[m.ID] = badMerchant
-			}
+			p.checkMerchant(m, f.flags[j], defined)
 		}
 	}
 	for i, f := range files {
@@ -321,9 +308,6 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 	}
 	return reg, nil
 }
-
-// badMerchant marks, during Merge, a merchant id whose entry has problems.
-var badMerchant = &Merchant{Terms: new(Terms)}
 
 // firstDefinition returns where merchant id is first defined.
 func firstDefinition(files []*File, id string) at {

@@ -123,17 +123,11 @@ func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive) (*Wildcard, ui
 	return w, flags
 }
 
-// checkWildcard checks the wildcard entry against its provider; false if
-// it has problems.
-func (p *parser) checkWildcard(w *Wildcard, flags uint8, defined map[string]string) bool {
-	if !p.checkMerchant(&w.Merchant, flags, defined) {
-		return false
-	}
-	if w.OnlyListed && defined[w.Provider] != "nuapay" {
+// checkWildcard checks the wildcard entry against its provider.
+func (p *parser) checkWildcard(w *Wildcard, flags uint8, defined map[string]string) {
+	if p.checkMerchant(&w.Merchant, flags, defined) && w.OnlyListed && defined[w.Provider] != "nuapay" {
 		p.entry("merchants", WildcardID).errf("only_listed_organisations", "provider %q is of type %s: only nuapay providers list their organisations", w.Provider, defined[w.Provider])
-		return false
 	}
-	return true
 }
 
 // For returns the wildcard entry resolved for a merchant id, which must be
