@@ -371,10 +371,7 @@ func (p *parser) resolveMerchant(e *entry, id string, raw *merchantTOML) (Mercha
 		m.Lifetime = e.duration("token_lifetime", raw.TokenLifetime, 0, time.Nanosecond, time.Duration(1<<63-1))
 	}
 
-	m.Audience, _ = e.expand("audience", raw.Audience)
-	if hasControl(m.Audience) {
-		e.errf("audience", "%q holds control characters", m.Audience)
-	}
+	m.Audience = e.plain("audience", raw.Audience)
 	m.DisplayName = e.displayName("display_name", raw.DisplayName)
 	if m.DisplayName != "" && id == WildcardID {
 		e.errf("display_name", "is per merchant: give it on the merchants' own tables, not on the wildcard entry")
