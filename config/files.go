@@ -122,7 +122,7 @@ type parser struct {
 	dir    string // absolute folder of the file
 	env    func(string) (string, bool)
 	opts   Options
-	data   []byte // the text parsed, located on the first problem
+	data   []byte // the text parsed, located when a line is needed
 	offset int    // the lines of the file before data
 	loc    locator
 	ents   locator // the entries only: a quarter of the cost of loc
