@@ -50,7 +50,7 @@ func TestSourcesHealth(t *testing.T) {
 			clock.Add(tt.later)
 			got := br.SourcesHealth("s#1", "o#1")
 			h := got["s#1"]
-			if h.FailingKeys != tt.wantKeys || h.Breaker != tt.wantBreaker || !h.HeldUntil.IsZero() != tt.wantHeld {
+			if h.FailingKeys != tt.wantKeys || h.Breaker != tt.wantBreaker || !h.BackoffUntil.IsZero() != tt.wantHeld {
 				t.Errorf("health %+v, want %d failing keys, breaker %s, held %v", h, tt.wantKeys, tt.wantBreaker, tt.wantHeld)
 			}
 			if tt.wantKeys > 0 && !errors.Is(h.LastError, tt.err) {

@@ -364,7 +364,7 @@ func TestSourceClassGovernsThePolicy(t *testing.T) {
 					t.Fatalf("fetch %d: %v, want the 503", i, err)
 				}
 			}
-			until, _ := br.SourceHold("custom#1")
+			until, _ := br.SourceBackoff("custom#1")
 			if got := src.calls.Load(); got != tt.wantCalls || br.BreakerState("custom#1") != tt.wantBreaker || until.IsZero() == tt.wantHeld {
 				t.Fatalf("calls %d, breaker %s, held until %v; want %d, %s, held %v",
 					got, br.BreakerState("custom#1"), until, tt.wantCalls, tt.wantBreaker, tt.wantHeld)

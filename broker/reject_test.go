@@ -33,7 +33,7 @@ func TestRejectionsAreLimitedPerKey(t *testing.T) {
 					t.Fatal(err)
 				}
 				switch br.Reject(b, e.Token().Value) {
-				case RejectionHeld:
+				case RejectionKept:
 					held++
 				case RejectionPurged:
 					// The in-request retry with the fresh token is
@@ -42,7 +42,7 @@ func TestRejectionsAreLimitedPerKey(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					if br.Reject(b, e.Token().Value) == RejectionHeld {
+					if br.Reject(b, e.Token().Value) == RejectionKept {
 						held++
 					}
 				}
@@ -83,11 +83,11 @@ func TestRejectionHoldAndReset(t *testing.T) {
 	}
 	e2 := get()
 	clock.Add(5 * time.Second)
-	if r := br.Reject(b, e2.Token().Value); r != RejectionHeld {
+	if r := br.Reject(b, e2.Token().Value); r != RejectionKept {
 		t.Fatalf("rejection of the replacement: %v, want held", r)
 	}
-	if p := br.Policy(e2); p.Strikes != 1 || !p.PurgeHeldUntil.Equal(clock.Now().Add(RejectHoldBase)) {
-		t.Fatalf("policy = %+v, want 1 strike held for %s", p, RejectHoldBase)
+	if p := br.Policy(e2); p.Strikes != 1 || !p.PurgesPausedUntil.Equal(clock.Now().Add(RejectPauseBase)) {
+		t.Fatalf("policy = %+v, want 1 strike held for %s", p, RejectPauseBase)
 	}
 	if get() != e2 {
 		t.Fatal("the held token is not served")
@@ -98,7 +98,7 @@ func TestRejectionHoldAndReset(t *testing.T) {
 	if r := br.Reject(b, e2.Token().Value); r != RejectionPurged {
 		t.Fatalf("rejection after a quiet window: %v, want purged", r)
 	}
-	if p := br.Policy(get()); p.Strikes != 0 || !p.PurgeHeldUntil.IsZero() {
+	if p := br.Policy(get()); p.Strikes != 0 || !p.PurgesPausedUntil.IsZero() {
 		t.Fatalf("policy after reset = %+v", p)
 	}
 	if src.calls.Load() != 3 {

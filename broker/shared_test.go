@@ -176,7 +176,7 @@ func TestRejectedTokenNotAdoptedBack(t *testing.T) {
 			t.Fatalf("lookup %d: the rejected token was adopted back from the shared tier", i)
 		}
 	}
-	if got := br.Reject(b, rejected); got == RejectionHeld {
+	if got := br.Reject(b, rejected); got == RejectionKept {
 		t.Fatal("a late rejection of the purged token put the key on hold")
 	}
 	if src.calls.Load() != 2 {

@@ -15,7 +15,7 @@ import (
 // the source is called once for the 429 and a handful of times for the
 // bad credential. A Nuapay 403 (one organisation) stays per key, and so does
 // any error of a source that does not classify it as its credential's.
-func TestSourceHoldAcrossKeys(t *testing.T) {
+func TestSourceBackoffAcrossKeys(t *testing.T) {
 	tests := []struct {
 		name     string
 		err      error
@@ -71,8 +71,8 @@ func TestSourceHoldAcrossKeys(t *testing.T) {
 	}
 }
 
-// The hold shows in Policy and SourceHold, and a success forgets it.
-func TestSourceHoldVisibleAndForgotten(t *testing.T) {
+// The hold shows in Policy and SourceBackoff, and a success forgets it.
+func TestSourceBackoffVisibleAndForgotten(t *testing.T) {
 	clock := newFakeClock()
 	src := &scriptedSource{clock: clock, life: 400 * time.Second}
 	br := New(Options{Now: clock.Now, Sleep: noSleep})
@@ -86,9 +86,9 @@ func TestSourceHoldVisibleAndForgotten(t *testing.T) {
 	if _, _, err := br.Get(context.Background(), bb); err == nil {
 		t.Fatal("want the 429")
 	}
-	until, herr := br.SourceHold("nuapay#1")
+	until, herr := br.SourceBackoff("nuapay#1")
 	if herr == nil || !until.Equal(clock.Now().Add(30*time.Second)) {
-		t.Fatalf("SourceHold = %v, %v", until, herr)
+		t.Fatalf("SourceBackoff = %v, %v", until, herr)
 	}
 	if p := br.Policy(e); !p.SourceBackoffUntil.Equal(until) {
 		t.Fatalf("Policy.SourceBackoffUntil = %v, want %v", p.SourceBackoffUntil, until)
@@ -98,7 +98,7 @@ func TestSourceHoldVisibleAndForgotten(t *testing.T) {
 	if _, _, err := br.Get(context.Background(), bb); err != nil {
 		t.Fatal(err)
 	}
-	if until, _ := br.SourceHold("nuapay#1"); !until.IsZero() {
+	if until, _ := br.SourceBackoff("nuapay#1"); !until.IsZero() {
 		t.Fatal("the hold outlived a success")
 	}
 }
