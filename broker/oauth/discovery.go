@@ -94,6 +94,15 @@ func (e *endpoints) get(ctx context.Context) (*Endpoints, error) {
 	}
 }
 
+// Endpoints returns the provider's endpoints, discovering them if needed.
+func (c *core) Endpoints(ctx context.Context) (Endpoints, error) {
+	ep, err := c.ep.get(ctx)
+	if err != nil {
+		return Endpoints{}, err
+	}
+	return *ep, nil
+}
+
 // invalidate forgets discovered endpoints so that the next call discovers
 // again. Configured endpoints are kept.
 func (e *endpoints) invalidate() {

@@ -22,8 +22,9 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
-// core is what both sources share: the configuration, the endpoints and
-// the token request.
+// core is what both sources share, embedded in each: the configuration,
+// the endpoints, the token and revocation requests and the classification
+// of errors.
 type core struct {
 	cfg Config
 	ep  *endpoints
