@@ -323,8 +323,8 @@ type wireToken struct {
 	ID       string   `json:"id,omitempty"`
 	Scopes   []string `json:"s,omitempty"`
 	IssuedAt int64    `json:"i,omitempty"`
-	// Version orders the values of one key (version.go); 0 in values
-	// written before versions existed.
+	// Version orders the values of one key (version.go); 0 (absent) is
+	// older than every version.
 	Version int64 `json:"w,omitempty"`
 }
 

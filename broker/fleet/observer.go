@@ -18,8 +18,8 @@ type Observer interface {
 	// the key's lock.
 	LockWait()
 	// Adopted is called when, after a miss, a lookup used the token that
-	// another node minted (after waiting for it, or found under the lock)
-	// instead of minting one.
+	// another node minted (after waiting for it, or found under the lock),
+	// without minting one.
 	Adopted()
 	// InvalidationReceived is called for each purge announced by another
 	// node.

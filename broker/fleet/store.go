@@ -50,8 +50,8 @@ type rtSeen struct {
 }
 
 // rtMarker starts a versioned refresh token's sealed plaintext, before its
-// version (8 bytes, big-endian) and the token; a value without it (written
-// before versions existed) is a bare token of version 0. A refresh token
+// version (8 bytes, big-endian) and the token; a value without it is a
+// bare token of version 0. A refresh token
 // has no control character, so the two cannot be confused.
 const rtMarker = 0x01
 

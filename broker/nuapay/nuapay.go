@@ -246,7 +246,7 @@ const (
 
 // ListLimits bound one reading of the organisations list, over all its
 // pages: a provider answering page after page, or pages of padding, ends
-// the reading with a *ListTooLargeError instead of growing memory.
+// the reading with a *ListTooLargeError, so memory stays bounded.
 type ListLimits struct {
 	// Organisations is the most organisations the list may hold. Default
 	// DefaultMaxOrganisations.

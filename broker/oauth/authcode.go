@@ -100,8 +100,8 @@ type AuthCodeConfig struct {
 	// sets require_pushed_authorization_requests always gets PAR.
 	PAR bool
 	// AuthorizationURL is the authorization endpoint. Default: from the
-	// discovery document; required when the provider has a token_url
-	// instead of an issuer.
+	// discovery document; required when the provider has a token_url and
+	// no issuer.
 	AuthorizationURL string
 	// PARURL is the pushed authorization request endpoint. Default: from
 	// the discovery document.

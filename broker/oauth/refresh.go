@@ -28,7 +28,7 @@ const saveTimeout = 30 * time.Second
 // refresh token it saves the new one BEFORE returning the access token; then
 // it unlocks. A Token call that waited on the lock while another call for
 // the same merchant, scopes and audience refreshed gets that call's access
-// token instead of refreshing again. It is safe for concurrent use.
+// token without refreshing again. It is safe for concurrent use.
 type RefreshToken struct {
 	*core
 	store Store
