@@ -281,7 +281,7 @@ func (c *Cache) nameWith(nameKey []byte, key string) string {
 	return hex.EncodeToString(m.Sum(nil))
 }
 
-// TokenKey is the Redis key that holds the token of cache key key.
+// TokenKey is the Redis key that stores the token of cache key key.
 func (c *Cache) TokenKey(key string) string { return c.opts.KeyPrefix + "tok:" + c.name(key) }
 
 // lockKey is the Redis key of a subject's fleet lock.
@@ -632,7 +632,7 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 }
 
 // purgeScript deletes KEYS[1] if its value starts with the fingerprint
-// ARGV[1], or whatever it holds if ARGV[1] is empty; it returns the value
+// ARGV[1], or whatever it stores if ARGV[1] is empty; it returns the value
 // it deleted, or false.
 var purgeScript = redis.NewScript(`
 local v = redis.call("GET", KEYS[1])

@@ -41,7 +41,7 @@ type RollbackObserver interface {
 	// node has seen for its key: an old value written back (a purged
 	// token, a spent refresh token) or a failover that lost the newest
 	// write. A token is ignored (treated as absent); a refresh token is
-	// replaced by the newer one this node holds.
+	// replaced by the newer one this node has.
 	RolledBack()
 }
 

@@ -206,7 +206,7 @@ func (s *Store) Lock(ctx context.Context, key string) (func(), error) {
 	}
 }
 
-// restoreScript sets KEYS[1] to ARGV[2] if it still holds ARGV[1].
+// restoreScript sets KEYS[1] to ARGV[2] if it still stores ARGV[1].
 var restoreScript = redis.NewScript(`
 if redis.call("GET", KEYS[1]) == ARGV[1] then
 	return redis.call("SET", KEYS[1], ARGV[2])

@@ -49,7 +49,7 @@ const (
 )
 
 // ConsentError is a refused or failed step of the authorization-code
-// flow. Its message names what was wrong and never holds a code, a token,
+// flow. Its message names what was wrong and never contains a code, a token,
 // a state or a verifier.
 type ConsentError struct {
 	// Reason is one of the Reason constants.
@@ -114,7 +114,7 @@ type AuthCodeConfig struct {
 	// authorization URL, or in the pushed request with PAR.
 
 	// Prompt are the prompt values (OpenID Connect Core §3.1.2.1): login,
-	// consent, select_account. consent is always sent when Scopes hold
+	// consent, select_account. consent is always sent when Scopes contain
 	// offline_access: a provider that follows OpenID Connect Core §11
 	// issues no refresh token otherwise. none is refused: a consent needs
 	// the merchant. Optional.
@@ -620,7 +620,7 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *authEndpoints, raw *oa
 	return nil
 }
 
-// authDiscovery holds the discovery fields the flow reads beyond go-oidc's.
+// authDiscovery has the discovery fields the flow reads beyond go-oidc's.
 type authDiscovery struct {
 	PAR         string `json:"pushed_authorization_request_endpoint"`
 	RequirePAR  bool   `json:"require_pushed_authorization_requests"`

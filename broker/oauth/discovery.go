@@ -114,7 +114,7 @@ func (e *endpoints) invalidate() {
 	e.mu.Unlock()
 }
 
-// discoveryDoc holds the discovery fields that go-oidc does not expose.
+// discoveryDoc has the discovery fields that go-oidc does not expose.
 type discoveryDoc struct {
 	RevocationEndpoint string   `json:"revocation_endpoint"`
 	AuthMethods        []string `json:"token_endpoint_auth_methods_supported"`
@@ -142,7 +142,7 @@ func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
 		return fail(fmt.Errorf("reading the discovery document: %w", err))
 	}
 	ep := &Endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods}
-	// RFC 8705 §5: a client that holds a TLS client certificate uses the
+	// RFC 8705 §5: a client that has a TLS client certificate uses the
 	// mTLS aliases whatever its client authentication, so that its tokens
 	// are certificate-bound (FAPI: private_key_jwt over mTLS).
 	if e.mtls() {

@@ -68,7 +68,7 @@ func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyl
 	return "", oauth2.AuthStyleInParams, params, nil
 }
 
-// exchange sends one token request: grant holds the grant's own
+// exchange sends one token request: grant has the grant's own
 // parameters (none for client_credentials). It returns the parsed token and
 // the raw x/oauth2 token (for the refresh token).
 func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
@@ -192,7 +192,7 @@ func (c *core) expiry(tok *oauth2.Token, sent time.Time) time.Time {
 // overflow.
 const maxExpiresIn = 10 * 366 * 24 * 3600
 
-// expiresIn reads expires_in as JSON (a number, or a string holding one) or
+// expiresIn reads expires_in as JSON (a number, or a string containing one) or
 // form-encoded response values give it.
 func expiresIn(v any) (int64, bool) {
 	var n int64

@@ -142,7 +142,7 @@ func (s *MemoryPendingStore) Len() int {
 }
 
 // Pending is one consent in progress: a consent link not yet opened, or an
-// authorization request waiting for its callback. It holds the PKCE
+// authorization request waiting for its callback. It has the PKCE
 // verifier and the nonce, so it is only ever stored sealed.
 type Pending struct {
 	// Provider is the provider's name.
@@ -193,7 +193,7 @@ const ReasonWrongBrowser = "wrong_browser"
 // stored under a key derived from its secret (the link id or the state) by
 // SHA-256, and sealed (internal/seal: AES-256-GCM) with another key
 // derived from the same secret: whoever reads the store learns nothing
-// usable, and only the holder of the link or state can open its record,
+// usable, and only the bearer of the link or state can open its record,
 // once.
 type Pendings struct {
 	// Store keeps the sealed records.

@@ -42,7 +42,7 @@ type RefreshToken struct {
 }
 
 // sweepEvery is how many refreshes pass between two sweeps of the expired
-// entries of RefreshToken.last: the map holds at most the merchants whose
+// entries of RefreshToken.last: the map has at most the merchants whose
 // last access token is still valid, plus sweepEvery.
 const sweepEvery = 64
 
