@@ -281,8 +281,8 @@ func (c *Cache) nameWith(nameKey []byte, key string) string {
 	return hex.EncodeToString(m.Sum(nil))
 }
 
-// TokenKey is the Redis key that stores the token of cache key key.
-func (c *Cache) TokenKey(key string) string { return c.opts.KeyPrefix + "tok:" + c.name(key) }
+// tokenKey is the Redis key that stores the token of cache key key.
+func (c *Cache) tokenKey(key string) string { return c.opts.KeyPrefix + "tok:" + c.name(key) }
 
 // lockKey is the Redis key of a subject's fleet lock.
 func (c *Cache) lockKey(subject string) string { return c.opts.KeyPrefix + "lock:" + subject }
@@ -393,7 +393,7 @@ func (c *Cache) rolledBack(redisKey string) {
 func (c *Cache) undecryptable(key string, err error) {
 	c.obs.Undecryptable()
 	c.log.Warn("ignoring a value in redis that does not open (another encryption key, or altered); it will be replaced",
-		zap.String("redis_key", c.TokenKey(key)), zap.Error(err))
+		zap.String("redis_key", c.tokenKey(key)), zap.Error(err))
 }
 
 // read returns the token stored for key. found is false when there is none,
@@ -449,7 +449,7 @@ func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
 		return
 	}
 	_ = c.do(ctx, "set", func(ctx context.Context) error {
-		return c.rdb.Set(ctx, c.TokenKey(key), b, ttl).Err()
+		return c.rdb.Set(ctx, c.tokenKey(key), b, ttl).Err()
 	})
 }
 

@@ -48,8 +48,8 @@ const PendingSweepInterval = time.Minute
 
 // MemoryPendingStore is a PendingStore in memory: single-use, but lost
 // with the process and not shared between instances. It drops expired
-// values at most PendingSweepInterval after their expiry, on its next use
-// (or on Sweep). The zero value is ready to use.
+// values at most PendingSweepInterval after their expiry, on its next use.
+// The zero value is ready to use.
 type MemoryPendingStore struct {
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
@@ -82,16 +82,6 @@ func (s *MemoryPendingStore) sweepLocked(now time.Time) {
 			delete(s.m, k)
 		}
 	}
-}
-
-// Sweep drops the values whose expiry has passed and returns how many
-// are left.
-func (s *MemoryPendingStore) Sweep() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.swept = time.Time{}
-	s.sweepLocked(s.now())
-	return len(s.m)
 }
 
 // Put implements PendingStore.
