@@ -264,9 +264,6 @@ func (c *Cache) Close() error {
 	return err
 }
 
-// Node is this Cache's random id in the fleet's announcements.
-func (c *Cache) Node() string { return c.node }
-
 // name is the Redis name part for a cache key: hashed with the current
 // key's subkey unless PlainKeys.
 func (c *Cache) name(key string) string { return c.nameWith(c.nameKeys[0], key) }
