@@ -182,7 +182,7 @@ func (c *core) expiry(tok *oauth2.Token, sent time.Time) time.Time {
 	if secs, ok := expiresIn(tok.Extra("expires_in")); ok && secs > 0 {
 		return sent.Add(time.Duration(secs) * time.Second)
 	}
-	if exp, ok := JWTExpiry(tok.AccessToken); ok {
+	if exp, ok := jwtExpiry(tok.AccessToken); ok {
 		return exp
 	}
 	return sent.Add(c.cfg.DefaultLifetime)
