@@ -71,7 +71,7 @@ func TestSourceBackoffAcrossKeys(t *testing.T) {
 	}
 }
 
-// The hold shows in Policy and SourceBackoff, and a success forgets it.
+// The backoff shows in Policy and SourceBackoff, and a success ends it.
 func TestSourceBackoffVisibleAndForgotten(t *testing.T) {
 	clock := newFakeClock()
 	src := &scriptedSource{clock: clock, life: 400 * time.Second}
@@ -99,16 +99,16 @@ func TestSourceBackoffVisibleAndForgotten(t *testing.T) {
 		t.Fatal(err)
 	}
 	if until, _ := br.SourceBackoff("nuapay#1"); !until.IsZero() {
-		t.Fatal("the hold outlived a success")
+		t.Fatal("the source backoff outlived a success")
 	}
 }
 
-// A caller is told the hold the policy actually applies, not the
-// provider's Retry-After: a 429 asking for a day holds the source for
-// MaxRetryAfterMemory, and RetryAfterOf says so, then what is left of it;
-// a refusal without Retry-After says how long the key's failure memory
-// holds it.
-func TestRetryAfterIsTheHoldApplied(t *testing.T) {
+// A caller is told the backoff the policy actually applies, not the
+// provider's Retry-After: a 429 asking for a day puts the source in
+// backoff for MaxRetryAfterMemory, and RetryAfterOf says so, then what is
+// left of it; a refusal without Retry-After says how long the key's
+// backoff lasts.
+func TestRetryAfterIsTheBackoffApplied(t *testing.T) {
 	day := 24 * time.Hour
 	tests := []struct {
 		name  string
@@ -146,7 +146,7 @@ func TestRetryAfterIsTheHoldApplied(t *testing.T) {
 				t.Fatalf("%s later: RetryAfterOf = %s, want %s", tt.later, got, tt.then)
 			}
 			if n := src.calls.Load(); n != 1 {
-				t.Fatalf("token API calls = %d, want 1 (held)", n)
+				t.Fatalf("token API calls = %d, want 1 (in backoff)", n)
 			}
 		})
 	}
