@@ -23,11 +23,12 @@ const (
 	ClassTemporary
 	// ClassRateLimited: the provider throttles the source's credential
 	// (429). Retried within a fetch when its Retry-After is short; a
-	// Retry-After holds every key of the source. The breaker ignores it.
+	// Retry-After puts the whole source in backoff. The breaker ignores
+	// it.
 	ClassRateLimited
 	// ClassCredential: the source's credential itself was refused (a bad
-	// API key or client secret): every key of the source is held, with a
-	// backoff doubled at each consecutive refusal.
+	// API key or client secret): the whole source is in backoff, doubled
+	// at each consecutive refusal.
 	ClassCredential
 )
 

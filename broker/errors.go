@@ -13,7 +13,7 @@ import (
 
 // APIError is a failure reported by a provider's token API: an error status,
 // an error body, or a success status whose body could not be used.
-// Its fields come from the provider and never hold a credential or a token.
+// Its fields come from the provider and never contain a credential or a token.
 type APIError struct {
 	// Provider is the source type ("nuapay", "oauth2").
 	Provider string
@@ -134,7 +134,7 @@ func ParseRetryAfter(v string, now time.Time) time.Duration {
 		if secs < 0 {
 			return 0
 		}
-		return min(time.Duration(min(secs, 3600))*time.Second, maxRetryAfter)
+		return time.Duration(min(secs, int(maxRetryAfter/time.Second))) * time.Second
 	}
 	if t, err := http.ParseTime(v); err == nil && t.After(now) {
 		return min(t.Sub(now), maxRetryAfter)
@@ -173,12 +173,12 @@ func (e *UnavailableError) Error() string {
 func (e *UnavailableError) Unwrap() error { return e.Err }
 
 // RetryAfterOf returns how long a caller should wait before trying again
-// after err, or 0 when nobody said. The broker's own hold comes first (a
+// after err, or 0 when nobody said. The broker's own backoff comes first (a
 // failed fetch's error says how long the failure policy will not call the
 // token API for its key), then an open breaker's wait, then the provider's
 // Retry-After.
 func RetryAfterOf(err error) time.Duration {
-	var he *heldError
+	var he *backoffError
 	if errors.As(err, &he) {
 		return he.retryAfter
 	}

@@ -125,7 +125,7 @@ func (br *Broker) usable(cur *Entry) func(Token) bool {
 const outlivesBy = time.Second
 
 // mint calls the Source for b's key through the failure policy (policy.go):
-// the key's and its source's holds first, then attempts. It returns the
+// the key's and its source's backoffs first, then attempts. It returns the
 // report of the last call, for the caller to run once the outcome is
 // stored.
 func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadline time.Time) (Token, func(), error) {

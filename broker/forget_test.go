@@ -49,7 +49,7 @@ func TestForgetFailures(t *testing.T) {
 }
 
 // After invalid_client an operator rotates the key and reloads: the source
-// ID stays, and ForgetSource drops the key's memory, the source's hold and
+// ID stays, and ForgetSource drops the key's memory, the source's backoff and
 // its breaker, so the next Get calls the new source.
 func TestForgetSourceAfterRotation(t *testing.T) {
 	clock := newFakeClock()
@@ -72,7 +72,7 @@ func TestForgetSourceAfterRotation(t *testing.T) {
 	if good.calls.Load() != 1 {
 		t.Fatalf("calls to the new source = %d, want 1", good.calls.Load())
 	}
-	if until, _ := br.SourceHold("nuapay#other"); until.IsZero() {
-		t.Fatal("another source's hold was forgotten")
+	if until, _ := br.SourceBackoff("nuapay#other"); until.IsZero() {
+		t.Fatal("another source's backoff was forgotten")
 	}
 }

@@ -8,14 +8,14 @@ import "time"
 type SourceHealth struct {
 	// Breaker is the state of the source's circuit breaker.
 	Breaker BreakerState
-	// HeldUntil is until when the source's token API is not called for
+	// BackoffUntil is until when the source's token API is not called for
 	// any key (a 429 with Retry-After, or a bad credential); zero when no
-	// such hold is in force.
-	HeldUntil time.Time
-	// HoldError is the failure behind HeldUntil.
-	HoldError error
-	// FailingKeys counts the source's keys held in failure memory now:
-	// their last fetch failed and their backoff has not ended.
+	// source backoff applies.
+	BackoffUntil time.Time
+	// BackoffError is the failure behind BackoffUntil.
+	BackoffError error
+	// FailingKeys counts the source's keys in backoff now: their last
+	// fetch failed and their backoff has not ended.
 	FailingKeys int
 	// LastError is the most recent failure of those keys, nil when none.
 	LastError error
@@ -24,7 +24,7 @@ type SourceHealth struct {
 }
 
 // Failing reports whether the source has failed recently: its breaker is
-// not closed, it is held, or some of its keys are in failure memory.
+// not closed, it is in backoff, or some of its keys are.
 func (h SourceHealth) Failing() bool {
-	return h.Breaker != BreakerClosed || !h.HeldUntil.IsZero() || h.FailingKeys > 0
+	return h.Breaker != BreakerClosed || !h.BackoffUntil.IsZero() || h.FailingKeys > 0
 }

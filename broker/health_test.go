@@ -11,7 +11,7 @@ import (
 
 // TestSourcesHealth: failed fetches show as failing keys of their source
 // (not of another), until their failure memory ends; a breaker opened or a
-// source held by a bad credential shows too; a source that never failed is
+// source in backoff after a bad credential shows too; a source that never failed is
 // healthy.
 func TestSourcesHealth(t *testing.T) {
 	down := &APIError{Provider: "nuapay", StatusCode: http.StatusServiceUnavailable}
@@ -28,7 +28,7 @@ func TestSourcesHealth(t *testing.T) {
 		{"healthy", nil, 2, 0, 0, BreakerClosed, false},
 		{"one key down", down, 1, 0, 1, BreakerClosed, false},
 		{"breaker opens", down, 3, 0, 3, BreakerOpen, false},
-		{"bad credential holds the source", badKey, 1, 0, 1, BreakerClosed, true},
+		{"bad credential puts the source in backoff", badKey, 1, 0, 1, BreakerClosed, true},
 		{"failure memory ended", down, 1, time.Hour, 0, BreakerClosed, false},
 	}
 	for _, tt := range tests {
@@ -50,8 +50,8 @@ func TestSourcesHealth(t *testing.T) {
 			clock.Add(tt.later)
 			got := br.SourcesHealth("s#1", "o#1")
 			h := got["s#1"]
-			if h.FailingKeys != tt.wantKeys || h.Breaker != tt.wantBreaker || !h.HeldUntil.IsZero() != tt.wantHeld {
-				t.Errorf("health %+v, want %d failing keys, breaker %s, held %v", h, tt.wantKeys, tt.wantBreaker, tt.wantHeld)
+			if h.FailingKeys != tt.wantKeys || h.Breaker != tt.wantBreaker || !h.BackoffUntil.IsZero() != tt.wantHeld {
+				t.Errorf("health %+v, want %d failing keys, breaker %s, source backoff %v", h, tt.wantKeys, tt.wantBreaker, tt.wantHeld)
 			}
 			if tt.wantKeys > 0 && !errors.Is(h.LastError, tt.err) {
 				t.Errorf("last error %v, want %v", h.LastError, tt.err)

@@ -52,8 +52,8 @@ type Options struct {
 	BackoffBase time.Duration
 	// BackoffMax caps the wait between attempts of one fetch. Default 2s. A
 	// provider's Retry-After up to BackoffMax is waited (within the
-	// deadline); a longer one ends the fetch, and the key's failure memory
-	// holds it, so no caller sleeps through it.
+	// deadline); a longer one ends the fetch, and the key's backoff
+	// honours it, so no caller sleeps through it.
 	BackoffMax time.Duration
 	// FailureTTL is how long the first failed fetch of a key is remembered:
 	// until then every fetch of that key, foreground or refresh-ahead, gets
@@ -203,10 +203,10 @@ type BreakerObserver interface {
 	BreakerChanged(sourceID string, state BreakerState)
 }
 
-// BackoffObserver is an optional interface of an Observer: it is told when a
-// key starts being held in failure memory (backing off: its fetches answer
-// the remembered error without calling the token API) and when it stops
-// (a success, or the memory was forgotten). Calls for one key alternate,
+// BackoffObserver is an optional interface of an Observer: it is told when
+// a key's backoff starts (its fetches answer the remembered error without
+// calling the token API) and when it ends (a success, or the memory was
+// forgotten). Calls for one key alternate,
 // true then false, and go to the observer of the binding that failed.
 type BackoffObserver interface {
 	BackingOff(b *Binding, on bool)

@@ -14,22 +14,22 @@ import (
 // (background). It keeps one state per key and one per source, both on
 // the broker clock, and answers before any call:
 //
-//   - a source hold (a 429 with Retry-After, capped at
+//   - a source backoff (a 429 with Retry-After, capped at
 //     MaxRetryAfterMemory; or a refused credential, FailureTTL doubled at
 //     each consecutive one up to FailureMax) refuses every key of the
 //     source;
-//   - the key's failure memory (FailureTTL doubled at each consecutive
-//     failure up to FailureMax, or the provider's Retry-After if longer)
-//     refuses the key; after a failed refresh-ahead, no new one starts
-//     before the hold applied to it ends;
+//   - a key backoff, from the key's failure memory (FailureTTL doubled at
+//     each consecutive failure up to FailureMax, or the provider's
+//     Retry-After if longer), refuses the key; after a failed
+//     refresh-ahead, no new one starts before the key's backoff ends;
 //   - the source's circuit breaker (internal/breaker) refuses calls after
 //     BreakerThreshold consecutive temporary failures;
 //   - a fetch calls up to MaxAttempts times while its failures are
 //     temporary, with backoff and jitter, within FetchTimeout.
 //
 // The source classifies its errors (Classifier). A refused fetch's error
-// carries the hold applied, so RetryAfterOf tells callers what is left of
-// it. The key's state also limits purges by rejection (reject.go). One
+// carries the backoff applied, so RetryAfterOf tells callers what is left
+// of it. The key's state also limits purges by rejection (reject.go). One
 // sweep, at most once per CleanupInterval, drops the state that ended.
 
 // Breaker states of a source (the values are those of the metrics gauge).
@@ -60,7 +60,7 @@ func newPolicy(opts *Options) policy {
 
 // failure is a remembered failure: until when it refuses calls, how many
 // failures in a row it counts. err is nil when nothing is remembered; the
-// observer obs was told it started (a key's memory, a source's hold).
+// observer obs was told it started (a key's or a source's backoff).
 type failure struct {
 	err       error
 	at, until time.Time
@@ -90,17 +90,17 @@ type keyState struct {
 	refresh failure  // after a failed refresh-ahead: no new one before until
 
 	// Purges by rejection (reject.go).
-	strikes   int
-	holdUntil time.Time // no purge by rejection before this
-	purgedAt  time.Time // last purge by rejection
-	rejected  Secret    // the token that purge dropped: never adopted again
-	lastRej   time.Time // last rejection, purged or not
+	strikes     int
+	pausedUntil time.Time // no purge by rejection before this
+	purgedAt    time.Time // last purge by rejection
+	rejected    Secret    // the token that purge dropped: never adopted again
+	lastRej     time.Time // last rejection, purged or not
 }
 
 // sourceState is the policy's state for one source.
 type sourceState struct {
-	brk  breaker.Breaker
-	hold failure // a 429's Retry-After, or a refused credential
+	brk     breaker.Breaker
+	backoff failure // a 429's Retry-After, or a refused credential
 }
 
 // notes are observer calls made once policy.mu is released.
@@ -130,12 +130,12 @@ func (p *policy) source(id string) *sourceState {
 	return ss
 }
 
-// holdsLocked returns the source hold or key memory refusing b's key at
+// backoffLocked returns the source or key backoff refusing b's key at
 // now, the one that ends last, or nil.
-func (p *policy) holdsLocked(b *Binding, now time.Time) *failure {
+func (p *policy) backoffLocked(b *Binding, now time.Time) *failure {
 	var h *failure
-	if ss := p.sources[b.SourceID]; ss != nil && ss.hold.active(now) {
-		h = &ss.hold
+	if ss := p.sources[b.SourceID]; ss != nil && ss.backoff.active(now) {
+		h = &ss.backoff
 	}
 	if ks := p.keys[b.key]; ks != nil && ks.mem.active(now) && (h == nil || ks.mem.until.After(h.until)) {
 		h = &ks.mem
@@ -143,34 +143,34 @@ func (p *policy) holdsLocked(b *Binding, now time.Time) *failure {
 	return h
 }
 
-// heldError is a failed fetch's error as the policy answers it: the token
-// API is not called for the key before RetryAfter has passed (the key's
-// failure memory or its source's hold, whichever ends last). RetryAfterOf
-// reports it, so a caller is told the hold actually applied.
-type heldError struct {
+// backoffError is a failed fetch's error as the policy answers it: the
+// token API is not called for the key before retryAfter has passed (the
+// key's or its source's backoff, whichever ends last). RetryAfterOf
+// reports it, so a caller is told the backoff actually applied.
+type backoffError struct {
 	err        error
 	retryAfter time.Duration
 }
 
-func (e *heldError) Error() string { return e.err.Error() }
-func (e *heldError) Unwrap() error { return e.err }
+func (e *backoffError) Error() string { return e.err.Error() }
+func (e *backoffError) Unwrap() error { return e.err }
 
-// heldLocked returns err with the time left until the policy lets b's key
-// call again; err itself when nothing holds it.
-func (p *policy) heldLocked(b *Binding, err error, now time.Time) error {
-	if h := p.holdsLocked(b, now); h != nil {
-		return &heldError{err: err, retryAfter: h.until.Sub(now)}
+// withBackoffLocked returns err with the time left until the policy lets
+// b's key call again; err itself when no backoff applies.
+func (p *policy) withBackoffLocked(b *Binding, err error, now time.Time) error {
+	if h := p.backoffLocked(b, now); h != nil {
+		return &backoffError{err: err, retryAfter: h.until.Sub(now)}
 	}
 	return err
 }
 
 // admit returns the error that refuses a call for b's key at now (the
-// remembered failure, with the hold applied), nil when it may go out.
+// remembered failure, with the backoff applied), nil when it may go out.
 func (p *policy) admit(b *Binding, now time.Time) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if h := p.holdsLocked(b, now); h != nil {
-		return &heldError{err: h.err, retryAfter: h.until.Sub(now)}
+	if h := p.backoffLocked(b, now); h != nil {
+		return &backoffError{err: h.err, retryAfter: h.until.Sub(now)}
 	}
 	return nil
 }
@@ -185,10 +185,10 @@ func (p *policy) backoffFor(n int) time.Duration {
 
 // record notes the outcome of a fetch of b's key that made calls calls to
 // the Source (0: refused by the breaker) and ended with err, of class c;
-// obs is b's observer, told when a memory or hold starts and ends:
-// a success forgets the key's memory and its source's hold; a failure is
-// remembered for the key and, when c says it is the credential's, for
-// the source. It returns err as the policy answers it (with the hold
+// obs is b's observer, told when a backoff starts and ends: a success
+// ends the key's and its source's backoffs; a failure is remembered for
+// the key and, when c says it is the credential's or a 429's, for the
+// source. It returns err as the policy answers it (with the backoff
 // applied).
 func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int, now time.Time) error {
 	var n notes
@@ -205,25 +205,25 @@ func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int,
 		return nil
 	}
 	if p.opts.FailureTTL < 0 || errors.Is(err, context.Canceled) {
-		return p.heldLocked(b, err, now)
+		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 {
 		ss := p.source(b.SourceID)
 		var wait time.Duration
-		k := ss.hold.failures
+		k := ss.backoff.failures
 		switch {
 		case c == ClassRateLimited && RetryAfterOf(err) > 0:
 			wait = min(RetryAfterOf(err), MaxRetryAfterMemory)
 		case c == ClassCredential:
-			k = ss.hold.consecutive(now, p.opts.FailureMax) + 1
+			k = ss.backoff.consecutive(now, p.opts.FailureMax) + 1
 			wait = p.backoffFor(k)
 		}
 		if wait > 0 {
-			if ss.hold.err == nil {
-				ss.hold.obs = obs
-				n = append(n, sourceBackingOff(ss.hold.obs, b.SourceID, true))
+			if ss.backoff.err == nil {
+				ss.backoff.obs = obs
+				n = append(n, sourceBackingOff(ss.backoff.obs, b.SourceID, true))
 			}
-			ss.hold.err, ss.hold.at, ss.hold.until, ss.hold.failures = err, now, now.Add(wait), k
+			ss.backoff.err, ss.backoff.at, ss.backoff.until, ss.backoff.failures = err, now, now.Add(wait), k
 		}
 	}
 	ks := p.key(b)
@@ -238,19 +238,19 @@ func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int,
 		n = append(n, backingOff(ks.mem.obs, b, true))
 	}
 	ks.mem.err, ks.mem.at, ks.mem.until, ks.mem.failures = err, now, now.Add(wait), k
-	return p.heldLocked(b, err, now)
+	return p.withBackoffLocked(b, err, now)
 }
 
-// release ends the source's hold.
+// release ends the source's backoff.
 func (ss *sourceState) release(id string, n notes) notes {
-	if ss.hold.err != nil {
-		n = append(n, sourceBackingOff(ss.hold.obs, id, false))
+	if ss.backoff.err != nil {
+		n = append(n, sourceBackingOff(ss.backoff.obs, id, false))
 	}
-	ss.hold = failure{}
+	ss.backoff = failure{}
 	return n
 }
 
-// forget drops the key's failure memory and refresh hold.
+// forget drops the key's failure memory and refresh backoff.
 func (ks *keyState) forget(n notes) notes {
 	if ks.mem.err != nil {
 		n = append(n, backingOff(ks.mem.obs, ks.b, false))
@@ -259,14 +259,14 @@ func (ks *keyState) forget(n notes) notes {
 	return n
 }
 
-// refreshFailed holds back the next refresh-ahead of b's key after a
-// failed one: until the hold the policy applies to the key, or (when the
-// failure memory is disabled) for DefaultFailureTTL.
+// refreshFailed defers the next refresh-ahead of b's key after a failed
+// one: until the key's backoff ends, or (when the failure memory is
+// disabled) for DefaultFailureTTL.
 func (p *policy) refreshFailed(b *Binding, err error, now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	until := now.Add(max(p.opts.FailureTTL, DefaultFailureTTL))
-	if h := p.holdsLocked(b, now); h != nil {
+	if h := p.backoffLocked(b, now); h != nil {
 		until = h.until
 	}
 	p.key(b).refresh = failure{err: err, at: now, until: until}
@@ -311,7 +311,7 @@ func (p *policy) called(b *Binding, err error, c Class, now time.Time) (from, to
 }
 
 // maybeSweep runs the sweep at most once per CleanupInterval (or at once
-// when the clock went back): it forgets memories and holds that ended
+// when the clock went back): it forgets the backoffs that ended
 // FailureMax ago (or lie in the future of a clock that went back), and
 // drops the state of keys and sources that keeps nothing, so that state
 // keyed by source ID (a new ID per configuration change) does not grow.
@@ -331,16 +331,16 @@ func (p *policy) maybeSweep(now time.Time) {
 		if ended(&ks.mem) || (ks.mem.err == nil && ended(&ks.refresh)) {
 			n = ks.forget(n)
 		}
-		if ks.mem.err == nil && ks.refresh.err == nil && ks.rejectQuiet(now) && !now.Before(ks.purgedAt.Add(RejectHoldMax)) {
+		if ks.mem.err == nil && ks.refresh.err == nil && ks.rejectQuiet(now) && !now.Before(ks.purgedAt.Add(RejectPauseMax)) {
 			delete(p.keys, k)
 		}
 	}
 	cutoff := now.Add(-p.opts.CleanupInterval)
 	for id, ss := range p.sources {
-		if ended(&ss.hold) {
+		if ended(&ss.backoff) {
 			n = ss.release(id, n)
 		}
-		if ss.hold.err == nil && ss.brk.Idle(cutoff) {
+		if ss.backoff.err == nil && ss.brk.Idle(cutoff) {
 			delete(p.sources, id)
 		}
 	}
@@ -362,9 +362,9 @@ func sourceBackingOff(obs Observer, sourceID string, on bool) func() {
 	}
 }
 
-// SourceObserver is an optional interface of an Observer: it is told when a
-// source starts being held (its token API is not called for any key, see
-// Broker.SourceHold) and when it stops.
+// SourceObserver is an optional interface of an Observer: it is told when
+// a source's backoff starts (its token API is not called for any key, see
+// Broker.SourceBackoff) and when it ends.
 type SourceObserver interface {
 	SourceBackingOff(sourceID string, on bool)
 }
@@ -376,18 +376,18 @@ type Policy struct {
 	NextRefresh time.Time
 	// LastError is the key's last fetch failure, nil after a success.
 	LastError error
-	// BackoffUntil is when the failure memory stops answering for the key;
-	// zero when it does not hold.
+	// BackoffUntil is when the key's backoff ends; zero when none
+	// applies.
 	BackoffUntil time.Time
 	// Failures is the number of consecutive failed fetches of the key.
 	Failures int
 	// SourceBackoffUntil is until when the key's source is not called for
 	// any key (a 429 with Retry-After, or a bad credential); zero when no
-	// such hold is in force.
+	// source backoff applies.
 	SourceBackoffUntil time.Time
-	// PurgeHeldUntil is until when the key's purges by rejection are on
-	// hold (see RejectHoldBase); zero when they are not.
-	PurgeHeldUntil time.Time
+	// PurgesPausedUntil is until when the key's purges by rejection are
+	// paused (see RejectPauseBase); zero when they are not.
+	PurgesPausedUntil time.Time
 	// Strikes counts the key's replacement tokens rejected soon after
 	// they were cached (see Reject).
 	Strikes int
@@ -409,8 +409,8 @@ func (br *Broker) Policy(e *Entry) Policy {
 	p := &br.pol
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if ss := p.sources[b.SourceID]; ss != nil && ss.hold.active(now) {
-		out.SourceBackoffUntil = ss.hold.until
+	if ss := p.sources[b.SourceID]; ss != nil && ss.backoff.active(now) {
+		out.SourceBackoffUntil = ss.backoff.until
 	}
 	if ks := p.keys[b.key]; ks != nil {
 		out.LastError, out.Failures = ks.mem.err, ks.mem.failures
@@ -422,21 +422,21 @@ func (br *Broker) Policy(e *Entry) Policy {
 				out.BackoffUntil = later(out.BackoffUntil, h.until)
 			}
 		}
-		out.PurgeHeldUntil, out.Strikes = ks.rejectHold(now), ks.strikes
+		out.PurgesPausedUntil, out.Strikes = ks.purgePause(now), ks.strikes
 	}
 	out.NextRefresh = later(out.NextRefresh, later(out.SourceBackoffUntil, out.BackoffUntil))
 	return out
 }
 
-// SourceHold returns until when a source's token API is not called for any
-// key, and the failure behind it; zero when no hold is in force.
-func (br *Broker) SourceHold(sourceID string) (until time.Time, err error) {
+// SourceBackoff returns until when a source's token API is not called for
+// any key, and the failure behind it; zero when no backoff applies.
+func (br *Broker) SourceBackoff(sourceID string) (until time.Time, err error) {
 	now := br.opts.Now()
 	p := &br.pol
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if ss := p.sources[sourceID]; ss != nil && ss.hold.active(now) {
-		return ss.hold.until, ss.hold.err
+	if ss := p.sources[sourceID]; ss != nil && ss.backoff.active(now) {
+		return ss.backoff.until, ss.backoff.err
 	}
 	return time.Time{}, nil
 }
@@ -475,8 +475,8 @@ func (br *Broker) ForgetFailures(match func(error) bool) int {
 }
 
 // ForgetSource drops everything the failure policy remembers about a
-// source: its hold (429 Retry-After, bad credential), its circuit breaker,
-// and the failure memory and refresh holds of its keys. Call it when the
+// source: its backoff (429 Retry-After, bad credential), its circuit
+// breaker, and the failure memory and refresh backoffs of its keys. Call it when the
 // source's credential changed (a key rotation plus a reload keeps its
 // ID): the next lookup calls it at once. It returns how many key failures
 // were dropped.
@@ -509,7 +509,7 @@ func (br *Broker) SourcesHealth(sourceIDs ...string) map[string]SourceHealth {
 	out := make(map[string]SourceHealth, len(sourceIDs))
 	for _, id := range sourceIDs {
 		h := SourceHealth{Breaker: br.BreakerState(id)}
-		h.HeldUntil, h.HoldError = br.SourceHold(id)
+		h.BackoffUntil, h.BackoffError = br.SourceBackoff(id)
 		out[id] = h
 	}
 	p := &br.pol

@@ -123,7 +123,7 @@ func TestOnePolicyForEveryCall(t *testing.T) {
 }
 
 // A failed refresh-ahead does not suspend the next one when the clock goes
-// back: the failure memory only holds between the failure and its end.
+// back: the key's backoff lasts only between the failure and its end.
 func TestBackwardClockJumpDoesNotSuspendRefresh(t *testing.T) {
 	clock := newFakeClock()
 	src := &scriptedSource{clock: clock, life: time.Hour}
@@ -335,9 +335,9 @@ type fixedClass struct {
 func (s fixedClass) Classify(error) Class { return s.class }
 
 // The source's class of an error, not its shape, decides retries, the
-// breaker and the source hold: the same 503 is retried and opens the
-// breaker as temporary, is tried once per memory as permanent, and holds
-// every key of the source as a refused credential.
+// breaker and the source backoff: the same 503 is retried and opens the
+// breaker as temporary, is tried once per memory as permanent, and puts
+// the whole source in backoff as a refused credential.
 func TestSourceClassGovernsThePolicy(t *testing.T) {
 	down := &APIError{Provider: "custom", StatusCode: http.StatusServiceUnavailable}
 	tests := []struct {
@@ -349,7 +349,7 @@ func TestSourceClassGovernsThePolicy(t *testing.T) {
 	}{
 		{"temporary", ClassTemporary, 4, BreakerOpen, false}, // 2 attempts twice, then the breaker refuses
 		{"permanent", ClassPermanent, 3, BreakerClosed, false},
-		{"rate limited", ClassRateLimited, 6, BreakerClosed, false}, // no Retry-After: no source hold
+		{"rate limited", ClassRateLimited, 6, BreakerClosed, false}, // no Retry-After: no source backoff
 		{"credential", ClassCredential, 1, BreakerClosed, true},
 	}
 	for _, tt := range tests {
@@ -364,9 +364,9 @@ func TestSourceClassGovernsThePolicy(t *testing.T) {
 					t.Fatalf("fetch %d: %v, want the 503", i, err)
 				}
 			}
-			until, _ := br.SourceHold("custom#1")
+			until, _ := br.SourceBackoff("custom#1")
 			if got := src.calls.Load(); got != tt.wantCalls || br.BreakerState("custom#1") != tt.wantBreaker || until.IsZero() == tt.wantHeld {
-				t.Fatalf("calls %d, breaker %s, held until %v; want %d, %s, held %v",
+				t.Fatalf("calls %d, breaker %s, source backoff until %v; want %d, %s, backoff %v",
 					got, br.BreakerState("custom#1"), until, tt.wantCalls, tt.wantBreaker, tt.wantHeld)
 			}
 		})

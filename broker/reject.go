@@ -10,28 +10,28 @@ import "time"
 //   - the first rejection of a cached token purges it (the next lookup
 //     fetches a new one);
 //   - when a token cached after such a purge is itself rejected before it
-//     is RejectMinAge old (or the next hold window, if longer), the 401 is
-//     not about the token: it is not purged, it keeps being served, and
-//     every rejection of the key is held (not purged) for a window. Each
-//     such strike doubles the window, from RejectHoldBase up to
-//     RejectHoldMax;
+//     is RejectMinAge old (or the next pause, if longer), the 401 is not
+//     about the token: it is not purged, it keeps being served, and the
+//     key's purges by rejection pause (a rejection keeps the token). Each
+//     such strike doubles the pause, from RejectPauseBase up to
+//     RejectPauseMax;
 //   - a rejection the retry of the request shows to be about the token
 //     (the upstream accepts the new token, see Accepted) is no strike;
 //   - the strikes are forgotten once the key sees no rejection for a full
-//     window after its hold ended.
+//     pause after its pause ended.
 //
 // A caller provoking 401s at will thus causes at most one token request per
 // RejectMinAge and key (7 an hour with the first), and about one an hour
-// when it keeps provoking them (the holds grow to the hour).
+// when it keeps provoking them (the pauses grow to the hour).
 const (
 	// RejectMinAge is the age before which a token that replaced a
 	// rejected one is not purged by rejection.
 	RejectMinAge = 10 * time.Minute
-	// RejectHoldBase is the first hold window of a key whose replacement
-	// token was rejected too.
-	RejectHoldBase = time.Minute
-	// RejectHoldMax caps the hold window.
-	RejectHoldMax = time.Hour
+	// RejectPauseBase is the first pause of the purges by rejection of a
+	// key whose replacement token was rejected too.
+	RejectPauseBase = time.Minute
+	// RejectPauseMax caps the pause.
+	RejectPauseMax = time.Hour
 )
 
 // Rejection is the outcome of Broker.Reject.
@@ -45,9 +45,9 @@ const (
 	RejectionStale Rejection = iota
 	// RejectionPurged: the token was purged; the next lookup fetches.
 	RejectionPurged
-	// RejectionHeld: the key's purges are on hold (see RejectHoldBase): the
-	// token was kept and is still served.
-	RejectionHeld
+	// RejectionKept: the key's purges by rejection are paused (see
+	// RejectPauseBase): the token was kept and is still served.
+	RejectionKept
 )
 
 // String names the outcome for logs.
@@ -55,43 +55,43 @@ func (r Rejection) String() string {
 	switch r {
 	case RejectionPurged:
 		return "purged"
-	case RejectionHeld:
-		return "held"
+	case RejectionKept:
+		return "kept"
 	}
 	return "stale"
 }
 
-// holdWindow is the hold after the n-th strike (n ≥ 1).
-func holdWindow(n int) time.Duration {
+// pauseWindow is the pause after the n-th strike (n ≥ 1).
+func pauseWindow(n int) time.Duration {
 	if n < 1 {
 		n = 1
 	}
 	if n > 7 {
-		return RejectHoldMax
+		return RejectPauseMax
 	}
-	return min(RejectHoldBase<<(n-1), RejectHoldMax)
+	return min(RejectPauseBase<<(n-1), RejectPauseMax)
 }
 
-// rejectQuiet reports whether the key saw no rejection for a full window
-// after its hold ended (or the clock went back): its strikes are
+// rejectQuiet reports whether the key saw no rejection for a full pause
+// after its pause ended (or the clock went back): its strikes are
 // forgotten.
 func (ks *keyState) rejectQuiet(now time.Time) bool {
-	since := later(ks.holdUntil, ks.lastRej)
-	return now.Before(ks.lastRej) || !now.Before(since.Add(holdWindow(ks.strikes)))
+	since := later(ks.pausedUntil, ks.lastRej)
+	return now.Before(ks.lastRej) || !now.Before(since.Add(pauseWindow(ks.strikes)))
 }
 
-// rejectHold is until when the key's purges by rejection are on hold at
+// purgePause is until when the key's purges by rejection are paused at
 // now; zero when they are not.
-func (ks *keyState) rejectHold(now time.Time) time.Time {
-	if now.Before(ks.holdUntil) {
-		return ks.holdUntil
+func (ks *keyState) purgePause(now time.Time) time.Time {
+	if now.Before(ks.pausedUntil) {
+		return ks.pausedUntil
 	}
 	return time.Time{}
 }
 
 // Reject is what a caller that saw the upstream reject the binding's token
 // (401) calls: the token is purged if it is still the cached one, unless the
-// key's purges by rejection are on hold (see RejectHoldBase). A burst of
+// key's purges by rejection are paused (see RejectPauseBase). A burst of
 // rejections of one token causes at most one new fetch.
 func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 	br.mu.Lock()
@@ -101,9 +101,9 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 		return RejectionStale
 	}
 	e := v.(*Entry)
-	if br.pol.rejectHeld(b, rejected, baseTime(e.cachedAt), br.opts.Now()) {
+	if br.pol.rejectKept(b, rejected, baseTime(e.cachedAt), br.opts.Now()) {
 		br.mu.Unlock()
-		return RejectionHeld
+		return RejectionKept
 	}
 	e.stale.Store(true)
 	br.cache.Delete(b.key)
@@ -113,35 +113,35 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 	return RejectionPurged
 }
 
-// rejectHeld notes a rejection at now of b's cached token rejected,
-// cached at cachedAt, and reports whether it is held (kept) rather than
+// rejectKept notes a rejection at now of b's cached token rejected,
+// cached at cachedAt, and reports whether the token is kept rather than
 // purged.
-func (p *policy) rejectHeld(b *Binding, rejected Secret, cachedAt, now time.Time) bool {
+func (p *policy) rejectKept(b *Binding, rejected Secret, cachedAt, now time.Time) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ks := p.key(b)
 	if ks.strikes > 0 && ks.rejectQuiet(now) {
-		ks.strikes, ks.holdUntil = 0, time.Time{}
+		ks.strikes, ks.pausedUntil = 0, time.Time{}
 	}
-	held := false
+	kept := false
 	switch {
 	case ks.rejected == rejected:
 		// The token purged before came back (another lookup adopted it
 		// from the shared tier before its purge there reached it): it is
 		// purged again, and that is no strike.
-	case now.Before(ks.holdUntil) && ks.holdUntil.Sub(now) <= RejectHoldMax:
-		held = true
-	case !ks.purgedAt.IsZero() && !cachedAt.Before(ks.purgedAt) && now.Sub(cachedAt) < max(RejectMinAge, holdWindow(ks.strikes+1)):
+	case now.Before(ks.pausedUntil) && ks.pausedUntil.Sub(now) <= RejectPauseMax:
+		kept = true
+	case !ks.purgedAt.IsZero() && !cachedAt.Before(ks.purgedAt) && now.Sub(cachedAt) < max(RejectMinAge, pauseWindow(ks.strikes+1)):
 		// The replacement of a rejected token is rejected too: the 401
 		// is not about the token.
 		ks.strikes++
-		ks.holdUntil = now.Add(holdWindow(ks.strikes))
-		held = true
+		ks.pausedUntil = now.Add(pauseWindow(ks.strikes))
+		kept = true
 	default:
 		ks.purgedAt, ks.rejected = now, rejected
 	}
 	ks.lastRej = now
-	return held
+	return kept
 }
 
 // rejectedToken is the token of key last purged by rejection, which the
@@ -171,7 +171,7 @@ func (br *Broker) Accepted(b *Binding, tok Secret) {
 	p := &br.pol
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if ks := p.keys[b.key]; ks != nil && !br.opts.Now().Before(ks.holdUntil) {
+	if ks := p.keys[b.key]; ks != nil && !br.opts.Now().Before(ks.pausedUntil) {
 		ks.purgedAt = time.Time{}
 	}
 }

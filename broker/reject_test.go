@@ -26,15 +26,15 @@ func TestRejectionsAreLimitedPerKey(t *testing.T) {
 			src := &scriptedSource{clock: clock, life: 2 * time.Hour}
 			br := New(Options{Now: clock.Now, Sleep: noSleep, RefreshWindow: -1})
 			b := NewBinding("nuapay#1", src, Request{Merchant: "m", Organisation: "o"})
-			var held int
+			var kept int
 			for end := clock.Now().Add(time.Hour); clock.Now().Before(end); clock.Add(tt.every) {
 				e, _, err := br.Get(context.Background(), b)
 				if err != nil {
 					t.Fatal(err)
 				}
 				switch br.Reject(b, e.Token().Value) {
-				case RejectionHeld:
-					held++
+				case RejectionKept:
+					kept++
 				case RejectionPurged:
 					// The in-request retry with the fresh token is
 					// rejected too.
@@ -42,23 +42,23 @@ func TestRejectionsAreLimitedPerKey(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					if br.Reject(b, e.Token().Value) == RejectionHeld {
-						held++
+					if br.Reject(b, e.Token().Value) == RejectionKept {
+						kept++
 					}
 				}
 			}
-			t.Logf("%d token requests, %d rejections held", src.calls.Load(), held)
+			t.Logf("%d token requests, %d rejections kept the token", src.calls.Load(), kept)
 			if got := src.calls.Load(); got > tt.maxMints {
 				t.Errorf("token requests in an hour = %d, want at most %d", got, tt.maxMints)
 			}
-			if held == 0 {
-				t.Error("no rejection was held")
+			if kept == 0 {
+				t.Error("no rejection kept the token")
 			}
 		})
 	}
 }
 
-// A token rejected once is purged at once; the hold shows in Policy; the
+// A token rejected once is purged at once; the pause shows in Policy; the
 // strikes are forgotten after a quiet window, so a later real rejection
 // purges again.
 func TestRejectionHoldAndReset(t *testing.T) {
@@ -83,22 +83,22 @@ func TestRejectionHoldAndReset(t *testing.T) {
 	}
 	e2 := get()
 	clock.Add(5 * time.Second)
-	if r := br.Reject(b, e2.Token().Value); r != RejectionHeld {
-		t.Fatalf("rejection of the replacement: %v, want held", r)
+	if r := br.Reject(b, e2.Token().Value); r != RejectionKept {
+		t.Fatalf("rejection of the replacement: %v, want kept", r)
 	}
-	if p := br.Policy(e2); p.Strikes != 1 || !p.PurgeHeldUntil.Equal(clock.Now().Add(RejectHoldBase)) {
-		t.Fatalf("policy = %+v, want 1 strike held for %s", p, RejectHoldBase)
+	if p := br.Policy(e2); p.Strikes != 1 || !p.PurgesPausedUntil.Equal(clock.Now().Add(RejectPauseBase)) {
+		t.Fatalf("policy = %+v, want 1 strike, purges paused for %s", p, RejectPauseBase)
 	}
 	if get() != e2 {
-		t.Fatal("the held token is not served")
+		t.Fatal("the kept token is not served")
 	}
-	// Quiet for the hold and a full window after it, and older than
+	// Quiet for the pause and a full pause after it, and older than
 	// RejectMinAge: a rejection purges again.
 	clock.Add(RejectMinAge + time.Minute)
 	if r := br.Reject(b, e2.Token().Value); r != RejectionPurged {
 		t.Fatalf("rejection after a quiet window: %v, want purged", r)
 	}
-	if p := br.Policy(get()); p.Strikes != 0 || !p.PurgeHeldUntil.IsZero() {
+	if p := br.Policy(get()); p.Strikes != 0 || !p.PurgesPausedUntil.IsZero() {
 		t.Fatalf("policy after reset = %+v", p)
 	}
 	if src.calls.Load() != 3 {

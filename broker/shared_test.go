@@ -152,7 +152,7 @@ func (lostPurges) Purge(context.Context, string, string) error { return nil }
 
 // A token an upstream rejected is never adopted back from the shared tier:
 // the next lookup mints, and the rejected token does not come back to earn
-// the key a strike (which would keep serving it, held).
+// the key a strike (which would keep serving it: kept).
 func TestRejectedTokenNotAdoptedBack(t *testing.T) {
 	clock := newFakeClock()
 	src := &scriptedSource{clock: clock, life: time.Hour}
@@ -176,7 +176,7 @@ func TestRejectedTokenNotAdoptedBack(t *testing.T) {
 			t.Fatalf("lookup %d: the rejected token was adopted back from the shared tier", i)
 		}
 	}
-	if got := br.Reject(b, rejected); got == RejectionHeld {
+	if got := br.Reject(b, rejected); got == RejectionKept {
 		t.Fatal("a late rejection of the purged token put the key on hold")
 	}
 	if src.calls.Load() != 2 {

@@ -141,8 +141,8 @@ func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
 		until := p.SourceBackoffUntil.UTC()
 		ti.SourceBackoffUntil = &until
 	}
-	if !p.PurgeHeldUntil.IsZero() {
-		until := p.PurgeHeldUntil.UTC()
+	if !p.PurgesPausedUntil.IsZero() {
+		until := p.PurgesPausedUntil.UTC()
 		ti.PurgeHeldUntil = &until
 	}
 	ti.RejectStrikes = p.Strikes

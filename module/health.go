@@ -222,15 +222,15 @@ func listingCheck(l *orgListing) HealthCheck {
 // providerHealth reports a provider's source health.
 func providerHealth(p *config.Provider, s broker.SourceHealth) ProviderHealth {
 	ph := ProviderHealth{Name: p.Name, Type: p.Type, Status: "ok", Breaker: s.Breaker.String(), FailingKeys: s.FailingKeys}
-	if !s.HeldUntil.IsZero() {
-		until := s.HeldUntil.UTC()
+	if !s.BackoffUntil.IsZero() {
+		until := s.BackoffUntil.UTC()
 		ph.HeldUntil = &until
 	}
 	if s.Failing() {
 		ph.Status = "failing"
 		err := s.LastError
 		if err == nil {
-			err = s.HoldError
+			err = s.BackoffError
 		}
 		if err != nil {
 			ph.LastError = errcode.Classify(err).String()

@@ -52,7 +52,7 @@ type tokenMetrics struct {
 	fetchDuration *prometheus.HistogramVec
 	lookups       *prometheus.CounterVec
 	purges        *prometheus.CounterVec
-	purgesHeld    *prometheus.CounterVec
+	purgesKept    *prometheus.CounterVec
 	sourcesHeld   *prometheus.GaugeVec
 	breaker       *prometheus.GaugeVec
 	backingOff    *prometheus.GaugeVec
@@ -138,7 +138,7 @@ func (m *tokenMetrics) releaseMerchant(provider, merchant string) {
 		m.tokenRequests.DeleteLabelValues(provider, c.String(), merchant)
 	}
 	m.purges.DeleteLabelValues(provider, merchant)
-	m.purgesHeld.DeleteLabelValues(provider, merchant)
+	m.purgesKept.DeleteLabelValues(provider, merchant)
 }
 
 // metricsPool holds one tokenMetrics per label set.
@@ -196,7 +196,7 @@ func newTokenMetrics(merchantLabel bool) *tokenMetrics {
 			Namespace: ns, Subsystem: sub, Name: "token_purges_total",
 			Help: "Cached tokens dropped because the upstream rejected them (401).",
 		}, perRequest("provider")),
-		purgesHeld: prometheus.NewCounterVec(prometheus.CounterOpts{
+		purgesKept: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "token_purges_suppressed_total",
 			Help: "Upstream rejections (401) that did not purge the token: the key's purges by rejection were on hold, as its replacement token was rejected too.",
 		}, perRequest("provider")),
@@ -218,7 +218,7 @@ func newTokenMetrics(merchantLabel bool) *tokenMetrics {
 // register adds the collectors to a config's registry; registering them
 // twice in one registry is not an error.
 func (m *tokenMetrics) register(registry *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{m.tokenRequests, m.fetchDuration, m.lookups, m.purges, m.purgesHeld, m.sourcesHeld, m.breaker, m.backingOff} {
+	for _, c := range []prometheus.Collector{m.tokenRequests, m.fetchDuration, m.lookups, m.purges, m.purgesKept, m.sourcesHeld, m.breaker, m.backingOff} {
 		if err := registry.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) && are.ExistingCollector == c {
@@ -239,14 +239,14 @@ func (m *tokenMetrics) Purged(provider, merchant string) {
 	m.purges.WithLabelValues(m.labels(merchant, provider)...).Inc()
 }
 
-// PurgeHeld counts an upstream rejection that did not purge the token
-// (broker.RejectionHeld). merchant is ignored unless the merchant label is
+// PurgeKept counts an upstream rejection that did not purge the token
+// (broker.RejectionKept). merchant is ignored unless the merchant label is
 // on.
-func (m *tokenMetrics) PurgeHeld(provider, merchant string) {
+func (m *tokenMetrics) PurgeKept(provider, merchant string) {
 	if m == nil {
 		return
 	}
-	m.purgesHeld.WithLabelValues(m.labels(merchant, provider)...).Inc()
+	m.purgesKept.WithLabelValues(m.labels(merchant, provider)...).Inc()
 }
 
 // SetBreakerState sets the breaker gauge of a provider (0 closed,
@@ -368,7 +368,7 @@ func (h *Handler) exportZero(provider, sourceID string) {
 	m := h.metrics.tokenMetrics
 	if !m.merchantLabel {
 		m.purges.WithLabelValues(m.labels("", provider)...)
-		m.purgesHeld.WithLabelValues(m.labels("", provider)...)
+		m.purgesKept.WithLabelValues(m.labels("", provider)...)
 	}
 	m.backingOff.WithLabelValues(provider)
 	m.sourcesHeld.WithLabelValues(provider)

@@ -320,7 +320,7 @@ func (h *Handler) replayBody(r *http.Request, out outbound) (bool, []byte, error
 const minPurgeAge = time.Second
 
 // purge reports a token the upstream rejected to the broker: it is purged
-// if it is still the cached one, unless the key's purges are on hold.
+// if it is still the cached one, unless the key's purges by rejection are paused.
 func (h *Handler) purge(b *binding, rejected broker.Token) {
 	if h.RetryOn401 == "any" && time.Since(rejected.IssuedAt) < minPurgeAge {
 		return
@@ -330,8 +330,8 @@ func (h *Handler) purge(b *binding, rejected broker.Token) {
 		switch outcome {
 		case broker.RejectionPurged:
 			h.metrics.Purged(b.prov.name, b.Merchant)
-		case broker.RejectionHeld:
-			h.metrics.PurgeHeld(b.prov.name, b.Merchant)
+		case broker.RejectionKept:
+			h.metrics.PurgeKept(b.prov.name, b.Merchant)
 		}
 	}
 	h.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),

@@ -131,7 +131,7 @@ var rules = [count]rule{
 		fetch:   func(error) bool { return true }},
 }
 
-// isA reports whether err's chain holds an error of type E.
+// isA reports whether err's chain contains an error of type E.
 func isA[E error](err error) bool {
 	var e E
 	return errors.As(err, &e)

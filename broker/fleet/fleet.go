@@ -264,9 +264,6 @@ func (c *Cache) Close() error {
 	return err
 }
 
-// Node is this Cache's random id in the fleet's announcements.
-func (c *Cache) Node() string { return c.node }
-
 // name is the Redis name part for a cache key: hashed with the current
 // key's subkey unless PlainKeys.
 func (c *Cache) name(key string) string { return c.nameWith(c.nameKeys[0], key) }
@@ -281,8 +278,8 @@ func (c *Cache) nameWith(nameKey []byte, key string) string {
 	return hex.EncodeToString(m.Sum(nil))
 }
 
-// TokenKey is the Redis key that holds the token of cache key key.
-func (c *Cache) TokenKey(key string) string { return c.opts.KeyPrefix + "tok:" + c.name(key) }
+// tokenKey is the Redis key that stores the token of cache key key.
+func (c *Cache) tokenKey(key string) string { return c.opts.KeyPrefix + "tok:" + c.name(key) }
 
 // lockKey is the Redis key of a subject's fleet lock.
 func (c *Cache) lockKey(subject string) string { return c.opts.KeyPrefix + "lock:" + subject }
@@ -323,8 +320,8 @@ type wireToken struct {
 	ID       string   `json:"id,omitempty"`
 	Scopes   []string `json:"s,omitempty"`
 	IssuedAt int64    `json:"i,omitempty"`
-	// Version orders the values of one key (version.go); 0 in values
-	// written before versions existed.
+	// Version orders the values of one key (version.go); 0 (absent) is
+	// older than every version.
 	Version int64 `json:"w,omitempty"`
 }
 
@@ -393,7 +390,7 @@ func (c *Cache) rolledBack(redisKey string) {
 func (c *Cache) undecryptable(key string, err error) {
 	c.obs.Undecryptable()
 	c.log.Warn("ignoring a value in redis that does not open (another encryption key, or altered); it will be replaced",
-		zap.String("redis_key", c.TokenKey(key)), zap.Error(err))
+		zap.String("redis_key", c.tokenKey(key)), zap.Error(err))
 }
 
 // read returns the token stored for key. found is false when there is none,
@@ -449,7 +446,7 @@ func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
 		return
 	}
 	_ = c.do(ctx, "set", func(ctx context.Context) error {
-		return c.rdb.Set(ctx, c.TokenKey(key), b, ttl).Err()
+		return c.rdb.Set(ctx, c.tokenKey(key), b, ttl).Err()
 	})
 }
 
@@ -632,7 +629,7 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 }
 
 // purgeScript deletes KEYS[1] if its value starts with the fingerprint
-// ARGV[1], or whatever it holds if ARGV[1] is empty; it returns the value
+// ARGV[1], or whatever it stores if ARGV[1] is empty; it returns the value
 // it deleted, or false.
 var purgeScript = redis.NewScript(`
 local v = redis.call("GET", KEYS[1])

@@ -339,7 +339,7 @@ func TestRedisHoldsCiphertext(t *testing.T) {
 			}
 		}
 	}
-	if ttl := raw.TTL(ctx, a.TokenKey(testKey)).Val(); ttl <= 0 || ttl > time.Hour {
+	if ttl := raw.TTL(ctx, a.tokenKey(testKey)).Val(); ttl <= 0 || ttl > time.Hour {
 		t.Fatalf("token TTL = %s; want the token's remaining life", ttl)
 	}
 }
@@ -371,14 +371,14 @@ func TestUndecryptableValueIgnored(t *testing.T) {
 	// Garbage and a value moved from another key are ignored too.
 	raw := r.Client()
 	other := "nuapay|merchant-7|payments|"
-	if err := raw.Set(ctx, b.TokenKey(other), raw.Get(ctx, b.TokenKey(testKey)).Val(), time.Hour).Err(); err != nil {
+	if err := raw.Set(ctx, b.tokenKey(other), raw.Get(ctx, b.tokenKey(testKey)).Val(), time.Hour).Err(); err != nil {
 		t.Fatal(err)
 	}
 	before := b.obs.undec.Load()
 	if _, adopted, err := b.Fetch(ctx, other, usable, m.mint); err != nil || adopted {
 		t.Fatalf("a value moved to another key was adopted (adopted=%v err=%v)", adopted, err)
 	}
-	if err := raw.Set(ctx, b.TokenKey(testKey), "not a sealed value", time.Hour).Err(); err != nil {
+	if err := raw.Set(ctx, b.tokenKey(testKey), "not a sealed value", time.Hour).Err(); err != nil {
 		t.Fatal(err)
 	}
 	if _, adopted, err := b.Fetch(ctx, testKey, usable, m.mint); err != nil || adopted {
@@ -443,13 +443,13 @@ func TestPurgeCompareAndDelete(t *testing.T) {
 	if err := a.Purge(ctx, testKey, "00000000"); err != nil {
 		t.Fatal(err)
 	}
-	if n := raw.Exists(ctx, a.TokenKey(testKey)).Val(); n != 1 {
+	if n := raw.Exists(ctx, a.tokenKey(testKey)).Val(); n != 1 {
 		t.Fatal("a purge with another fingerprint deleted the token")
 	}
 	if err := a.Purge(ctx, testKey, tok.Fingerprint()); err != nil {
 		t.Fatal(err)
 	}
-	if n := raw.Exists(ctx, a.TokenKey(testKey)).Val(); n != 0 {
+	if n := raw.Exists(ctx, a.tokenKey(testKey)).Val(); n != 0 {
 		t.Fatal("a purge with the token's fingerprint did not delete it")
 	}
 	want := []purge{{testKey, "00000000"}, {testKey, tok.Fingerprint()}}

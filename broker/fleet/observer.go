@@ -18,8 +18,8 @@ type Observer interface {
 	// the key's lock.
 	LockWait()
 	// Adopted is called when, after a miss, a lookup used the token that
-	// another node minted (after waiting for it, or found under the lock)
-	// instead of minting one.
+	// another node minted (after waiting for it, or found under the lock),
+	// without minting one.
 	Adopted()
 	// InvalidationReceived is called for each purge announced by another
 	// node.
@@ -41,7 +41,7 @@ type RollbackObserver interface {
 	// node has seen for its key: an old value written back (a purged
 	// token, a spent refresh token) or a failover that lost the newest
 	// write. A token is ignored (treated as absent); a refresh token is
-	// replaced by the newer one this node holds.
+	// replaced by the newer one this node has.
 	RolledBack()
 }
 

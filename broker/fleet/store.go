@@ -50,8 +50,8 @@ type rtSeen struct {
 }
 
 // rtMarker starts a versioned refresh token's sealed plaintext, before its
-// version (8 bytes, big-endian) and the token; a value without it (written
-// before versions existed) is a bare token of version 0. A refresh token
+// version (8 bytes, big-endian) and the token; a value without it is a
+// bare token of version 0. A refresh token
 // has no control character, so the two cannot be confused.
 const rtMarker = 0x01
 
@@ -206,7 +206,7 @@ func (s *Store) Lock(ctx context.Context, key string) (func(), error) {
 	}
 }
 
-// restoreScript sets KEYS[1] to ARGV[2] if it still holds ARGV[1].
+// restoreScript sets KEYS[1] to ARGV[2] if it still stores ARGV[1].
 var restoreScript = redis.NewScript(`
 if redis.call("GET", KEYS[1]) == ARGV[1] then
 	return redis.call("SET", KEYS[1], ARGV[2])

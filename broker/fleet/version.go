@@ -20,13 +20,13 @@ import (
 // node that hears it.
 //
 // What a node has not seen it cannot refuse: a node that started after the
-// purge, or never read the key, accepts what Redis holds.
+// purge, or never read the key, accepts what Redis stores.
 
 // versions is what a node remembers of the token versions it has seen.
 // Records are kept while the newest token they describe is valid: a value
 // older than that token has expired too (a key's tokens have one
-// lifetime), so the map holds about as many records as the node holds
-// tokens. Keys are 64-bit hashes, and records hold no pointer, so the
+// lifetime), so the map has about as many records as the node has
+// tokens. Keys are 64-bit hashes, and records contain no pointer, so the
 // garbage collector does not scan the map.
 type versions struct {
 	mu      sync.Mutex

@@ -37,7 +37,7 @@ func TestPurgedTokenWrittenBackIsRefused(t *testing.T) {
 	if tok, adopted, err := holder.Fetch(ctx, testKey, usable, m.mint); err != nil || !adopted || tok.Value != old.Value {
 		t.Fatalf("holder: adopted=%v err=%v; want the token adopted", adopted, err)
 	}
-	copied, err := raw.Get(ctx, purger.TokenKey(testKey)).Bytes()
+	copied, err := raw.Get(ctx, purger.tokenKey(testKey)).Bytes()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,7 +51,7 @@ func TestPurgedTokenWrittenBackIsRefused(t *testing.T) {
 		n    *node
 	}{{"the purging node", purger}, {"a node that held it", holder}, {"a node that heard the purge", listener}} {
 		t.Run(tt.name, func(t *testing.T) {
-			if err := raw.Set(ctx, purger.TokenKey(testKey), copied, time.Hour).Err(); err != nil {
+			if err := raw.Set(ctx, purger.tokenKey(testKey), copied, time.Hour).Err(); err != nil {
 				t.Fatal(err)
 			}
 			before := m.n.Load()
@@ -80,14 +80,14 @@ func TestNewestTokenVersionKept(t *testing.T) {
 	if _, _, err := a.Fetch(ctx, testKey, usable, m.mint); err != nil {
 		t.Fatal(err)
 	}
-	first, _ := raw.Get(ctx, a.TokenKey(testKey)).Bytes()
+	first, _ := raw.Get(ctx, a.tokenKey(testKey)).Bytes()
 	// A refresh: a newer token replaces it.
 	newer, _ := m.mint(ctx)
 	a.write(ctx, testKey, newer)
 	if tok, adopted, err := b.Fetch(ctx, testKey, usable, m.mint); err != nil || !adopted || tok.Value != newer.Value {
 		t.Fatalf("b: adopted=%v err=%v; want the newer token", adopted, err)
 	}
-	if err := raw.Set(ctx, a.TokenKey(testKey), first, time.Hour).Err(); err != nil {
+	if err := raw.Set(ctx, a.tokenKey(testKey), first, time.Hour).Err(); err != nil {
 		t.Fatal(err)
 	}
 	for name, n := range map[string]*node{"writer": a, "reader": b} {

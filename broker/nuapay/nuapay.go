@@ -233,7 +233,7 @@ type Organisation struct {
 // Bounds of one reading of the organisations list, all pages together
 // (ListLimits).
 const (
-	// DefaultMaxOrganisations is the most organisations a list may hold
+	// DefaultMaxOrganisations is the most organisations a list may contain
 	// unless ListLimits says otherwise.
 	DefaultMaxOrganisations = 100_000
 	// ListBytesPerOrganisation is the default byte budget of a reading
@@ -246,9 +246,9 @@ const (
 
 // ListLimits bound one reading of the organisations list, over all its
 // pages: a provider answering page after page, or pages of padding, ends
-// the reading with a *ListTooLargeError instead of growing memory.
+// the reading with a *ListTooLargeError, so memory stays bounded.
 type ListLimits struct {
-	// Organisations is the most organisations the list may hold. Default
+	// Organisations is the most organisations the list may contain. Default
 	// DefaultMaxOrganisations.
 	Organisations int
 	// Bytes is the most response bytes read over all pages. Default

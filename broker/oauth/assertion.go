@@ -160,11 +160,11 @@ var jwtAlgorithms = []jose.SignatureAlgorithm{
 	jose.ES256, jose.ES384, jose.ES512, jose.HS256, jose.HS384, jose.HS512, jose.EdDSA,
 }
 
-// JWTExpiry reads the exp claim of an access token that is a signed JWT,
+// jwtExpiry reads the exp claim of an access token that is a signed JWT,
 // without verifying it: the token is opaque to the broker, which only wants
 // to know how long to keep it. ok is false when the token is not a JWS
 // compact serialisation or has no exp.
-func JWTExpiry(token string) (exp time.Time, ok bool) {
+func jwtExpiry(token string) (exp time.Time, ok bool) {
 	if strings.Count(token, ".") != 2 {
 		return time.Time{}, false
 	}

@@ -49,7 +49,7 @@ const (
 )
 
 // ConsentError is a refused or failed step of the authorization-code
-// flow. Its message names what was wrong and never holds a code, a token,
+// flow. Its message names what was wrong and never contains a code, a token,
 // a state or a verifier.
 type ConsentError struct {
 	// Reason is one of the Reason constants.
@@ -100,8 +100,8 @@ type AuthCodeConfig struct {
 	// sets require_pushed_authorization_requests always gets PAR.
 	PAR bool
 	// AuthorizationURL is the authorization endpoint. Default: from the
-	// discovery document; required when the provider has a token_url
-	// instead of an issuer.
+	// discovery document; required when the provider has a token_url and
+	// no issuer.
 	AuthorizationURL string
 	// PARURL is the pushed authorization request endpoint. Default: from
 	// the discovery document.
@@ -114,7 +114,7 @@ type AuthCodeConfig struct {
 	// authorization URL, or in the pushed request with PAR.
 
 	// Prompt are the prompt values (OpenID Connect Core §3.1.2.1): login,
-	// consent, select_account. consent is always sent when Scopes hold
+	// consent, select_account. consent is always sent when Scopes contain
 	// offline_access: a provider that follows OpenID Connect Core §11
 	// issues no refresh token otherwise. none is refused: a consent needs
 	// the merchant. Optional.
@@ -268,7 +268,7 @@ type authEndpoints struct {
 // NewAuthCode returns the consent flow of src, keeping its links and
 // states in pend.
 func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCode, error) {
-	name := src.c.cfg.Name
+	name := src.cfg.Name
 	var errs []error
 	if len(cfg.RedirectURIs) == 0 {
 		errs = append(errs, errors.New("no redirect_uris: set the callback URLs registered with the provider"))
@@ -285,7 +285,7 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 			errs = append(errs, err)
 		}
 	}
-	if cfg.AuthorizationURL == "" && src.c.cfg.Issuer == "" {
+	if cfg.AuthorizationURL == "" && src.cfg.Issuer == "" {
 		errs = append(errs, errors.New("authorization_url is needed when the provider has a token_url instead of an issuer"))
 	}
 	for _, f := range []struct{ name, v string }{{"authorization_url", cfg.AuthorizationURL}, {"par_url", cfg.PARURL}} {
@@ -298,7 +298,7 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 	if len(cfg.Scopes) == 0 {
 		cfg.Scopes = []string{"openid", "offline_access"}
 	}
-	if slices.Contains(cfg.Scopes, "openid") && src.c.cfg.Issuer == "" {
+	if slices.Contains(cfg.Scopes, "openid") && src.cfg.Issuer == "" {
 		errs = append(errs, errors.New("scope openid needs an issuer (to verify the ID token)"))
 	}
 	if cfg.LinkTTL < 0 {
@@ -314,19 +314,19 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 	if pend == nil || pend.Store == nil {
 		errs = append(errs, errors.New("no store for the consents in progress"))
 	}
-	params, err := authParams(cfg, src.c.cfg.Resource)
+	params, err := authParams(cfg, src.cfg.Resource)
 	errs = append(errs, err)
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("oauth2 provider %s, consent: %w", name, err)
 	}
 	if pend.Now == nil {
-		pend.Now = src.c.cfg.Now
+		pend.Now = src.cfg.Now
 	}
 	return &AuthCode{src: src, cfg: cfg, pend: pend, params: params, limits: newLinkLimiter(cfg.Limits)}, nil
 }
 
 // Provider returns the provider's name.
-func (a *AuthCode) Provider() string { return a.src.c.cfg.Name }
+func (a *AuthCode) Provider() string { return a.src.cfg.Name }
 
 // Source returns the refresh-token source the consents feed.
 func (a *AuthCode) Source() *RefreshToken { return a.src }
@@ -417,7 +417,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Br
 	}
 	params := url.Values{
 		"response_type":         {"code"},
-		"client_id":             {a.src.c.cfg.ClientID},
+		"client_id":             {a.src.cfg.ClientID},
 		"redirect_uri":          {rec.RedirectURI},
 		"scope":                 {strings.Join(a.cfg.Scopes, " ")},
 		"state":                 {state},
@@ -447,7 +447,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Br
 		if err != nil {
 			return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)
 		}
-		params = url.Values{"client_id": {a.src.c.cfg.ClientID}, "request_uri": {uri}}
+		params = url.Values{"client_id": {a.src.cfg.ClientID}, "request_uri": {uri}}
 	}
 	return withQuery(ep.auth, params), rec, nil
 }
@@ -579,7 +579,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if !a.noVerifier {
 		grant.Set("code_verifier", rec.Verifier)
 	}
-	_, raw, err := a.src.c.exchange(ctx, broker.Request{Merchant: rec.Merchant}, grant, code, rec.Verifier)
+	_, raw, err := a.src.exchange(ctx, broker.Request{Merchant: rec.Merchant}, grant, code, rec.Verifier)
 	if err != nil {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err))
 	}
@@ -610,7 +610,7 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *authEndpoints, raw *oa
 	if ep.verifier == nil {
 		return errors.New("an id_token came back but the provider has no issuer to verify it with")
 	}
-	tok, err := ep.verifier.Verify(oidc.ClientContext(ctx, a.src.c.cfg.Client), s)
+	tok, err := ep.verifier.Verify(oidc.ClientContext(ctx, a.src.cfg.Client), s)
 	if err != nil {
 		return fmt.Errorf("the ID token does not verify: %w", err)
 	}
@@ -620,7 +620,7 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *authEndpoints, raw *oa
 	return nil
 }
 
-// authDiscovery holds the discovery fields the flow reads beyond go-oidc's.
+// authDiscovery has the discovery fields the flow reads beyond go-oidc's.
 type authDiscovery struct {
 	PAR         string `json:"pushed_authorization_request_endpoint"`
 	RequirePAR  bool   `json:"require_pushed_authorization_requests"`
@@ -638,7 +638,7 @@ func (a *AuthCode) endpoints(ctx context.Context) (*authEndpoints, error) {
 	if a.ep != nil {
 		return a.ep, nil
 	}
-	cfg := a.src.c.cfg
+	cfg := a.src.cfg
 	ep := &authEndpoints{auth: a.cfg.AuthorizationURL, par: a.cfg.PARURL}
 	if cfg.Issuer != "" {
 		now := cfg.Now()
@@ -712,13 +712,13 @@ func (s *RefreshToken) note(merchant string, err error) {
 	case err == nil:
 		st := s.statusOf(merchant)
 		st.mu.Lock()
-		st.LastRefresh, st.ConsentRequiredSince = s.c.cfg.Now(), time.Time{}
+		st.LastRefresh, st.ConsentRequiredSince = s.cfg.Now(), time.Time{}
 		st.mu.Unlock()
 	case errors.As(err, &cr):
 		st := s.statusOf(merchant)
 		st.mu.Lock()
 		if st.ConsentRequiredSince.IsZero() {
-			st.ConsentRequiredSince = s.c.cfg.Now()
+			st.ConsentRequiredSince = s.cfg.Now()
 		}
 		st.mu.Unlock()
 	}

@@ -253,7 +253,7 @@ func TestAuthCodeRefusals(t *testing.T) {
 		}},
 		{"callback for another provider", false, ReasonWrongProvider, func(t *testing.T, f *consentFixture) error {
 			q := begin(t, f)
-			cfg := f.src.c.cfg
+			cfg := f.src.cfg
 			cfg.Name = "other-bank"
 			other, err := NewRefreshToken(cfg, f.store)
 			if err != nil {

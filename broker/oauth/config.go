@@ -53,7 +53,7 @@ var reservedParams = []string{
 }
 
 // ReservedParam reports whether name is a form parameter the sources set
-// themselves and Config.Params may therefore not hold.
+// themselves and Config.Params may therefore not contain.
 func ReservedParam(name string) bool { return slices.Contains(reservedParams, name) }
 
 // Config configures an OAuth 2.0 token source.

@@ -191,7 +191,10 @@ func TestMemoryPendingStoreDropsExpired(t *testing.T) {
 		t.Errorf("%d values after the short ones expired, want 50", n)
 	}
 	clock.Add(time.Hour)
-	if n := s.Sweep(); n != 0 {
+	if _, err := s.Get(ctx, "0"); !errors.Is(err, ErrUnknownPending) {
+		t.Fatalf("Get of a value swept = %v, want ErrUnknownPending", err)
+	}
+	if n := s.Len(); n != 0 {
 		t.Errorf("%d values after all expired, want 0", n)
 	}
 }

@@ -94,6 +94,15 @@ func (e *endpoints) get(ctx context.Context) (*Endpoints, error) {
 	}
 }
 
+// Endpoints returns the provider's endpoints, discovering them if needed.
+func (c *core) Endpoints(ctx context.Context) (Endpoints, error) {
+	ep, err := c.ep.get(ctx)
+	if err != nil {
+		return Endpoints{}, err
+	}
+	return *ep, nil
+}
+
 // invalidate forgets discovered endpoints so that the next call discovers
 // again. Configured endpoints are kept.
 func (e *endpoints) invalidate() {
@@ -105,7 +114,7 @@ func (e *endpoints) invalidate() {
 	e.mu.Unlock()
 }
 
-// discoveryDoc holds the discovery fields that go-oidc does not expose.
+// discoveryDoc has the discovery fields that go-oidc does not expose.
 type discoveryDoc struct {
 	RevocationEndpoint string   `json:"revocation_endpoint"`
 	AuthMethods        []string `json:"token_endpoint_auth_methods_supported"`
@@ -133,7 +142,7 @@ func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
 		return fail(fmt.Errorf("reading the discovery document: %w", err))
 	}
 	ep := &Endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods}
-	// RFC 8705 §5: a client that holds a TLS client certificate uses the
+	// RFC 8705 §5: a client that has a TLS client certificate uses the
 	// mTLS aliases whatever its client authentication, so that its tokens
 	// are certificate-bound (FAPI: private_key_jwt over mTLS).
 	if e.mtls() {

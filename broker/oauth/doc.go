@@ -1,4 +1,4 @@
-// Package oauth holds the broker's standard OAuth 2.0 token sources: the
+// Package oauth has the broker's standard OAuth 2.0 token sources: the
 // client credentials grant (RFC 6749 §4.4) and the refresh token grant
 // (RFC 6749 §6) for merchants who consented through the authorization code
 // flow. Both implement broker.Source.
@@ -36,6 +36,6 @@
 // ReasonProviderError, with the provider's code and what the operator can
 // change.
 //
-// No error from this package holds a client secret, an assertion, a refresh
+// No error from this package contains a client secret, an assertion, a refresh
 // token or an access token.
 package oauth

@@ -22,8 +22,9 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
-// core is what both sources share: the configuration, the endpoints and
-// the token request.
+// core is what both sources share, embedded in each: the configuration,
+// the endpoints, the token and revocation requests and the classification
+// of errors.
 type core struct {
 	cfg Config
 	ep  *endpoints
@@ -67,7 +68,7 @@ func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyl
 	return "", oauth2.AuthStyleInParams, params, nil
 }
 
-// exchange sends one token request: grant holds the grant's own
+// exchange sends one token request: grant has the grant's own
 // parameters (none for client_credentials). It returns the parsed token and
 // the raw x/oauth2 token (for the refresh token).
 func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
@@ -181,7 +182,7 @@ func (c *core) expiry(tok *oauth2.Token, sent time.Time) time.Time {
 	if secs, ok := expiresIn(tok.Extra("expires_in")); ok && secs > 0 {
 		return sent.Add(time.Duration(secs) * time.Second)
 	}
-	if exp, ok := JWTExpiry(tok.AccessToken); ok {
+	if exp, ok := jwtExpiry(tok.AccessToken); ok {
 		return exp
 	}
 	return sent.Add(c.cfg.DefaultLifetime)
@@ -191,7 +192,7 @@ func (c *core) expiry(tok *oauth2.Token, sent time.Time) time.Time {
 // overflow.
 const maxExpiresIn = 10 * 366 * 24 * 3600
 
-// expiresIn reads expires_in as JSON (a number, or a string holding one) or
+// expiresIn reads expires_in as JSON (a number, or a string containing one) or
 // form-encoded response values give it.
 func expiresIn(v any) (int64, bool) {
 	var n int64

@@ -65,7 +65,7 @@ func (l LinkLimits) withDefaults() LinkLimits {
 }
 
 // LinkLimitError is a consent link refused by LinkLimits: the caller may
-// ask again after RetryAfter. It never holds a link.
+// ask again after RetryAfter. It never contains a link.
 type LinkLimitError struct {
 	// Reason is ReasonTooManyLinks or ReasonLinkRate.
 	Reason string

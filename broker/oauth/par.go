@@ -19,7 +19,7 @@ import (
 // push sends a pushed authorization request (RFC 9126) with params,
 // authenticated as the token requests are, and returns the request_uri.
 func (a *AuthCode) push(ctx context.Context, endpoint string, params url.Values) (string, error) {
-	c := a.src.c
+	c := a.src.core
 	secret, style, auth, err := c.clientAuth(endpoint)
 	if err != nil {
 		return "", err

@@ -48,8 +48,8 @@ const PendingSweepInterval = time.Minute
 
 // MemoryPendingStore is a PendingStore in memory: single-use, but lost
 // with the process and not shared between instances. It drops expired
-// values at most PendingSweepInterval after their expiry, on its next use
-// (or on Sweep). The zero value is ready to use.
+// values at most PendingSweepInterval after their expiry, on its next use.
+// The zero value is ready to use.
 type MemoryPendingStore struct {
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
@@ -82,16 +82,6 @@ func (s *MemoryPendingStore) sweepLocked(now time.Time) {
 			delete(s.m, k)
 		}
 	}
-}
-
-// Sweep drops the values whose expiry has passed and returns how many
-// are left.
-func (s *MemoryPendingStore) Sweep() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.swept = time.Time{}
-	s.sweepLocked(s.now())
-	return len(s.m)
 }
 
 // Put implements PendingStore.
@@ -142,7 +132,7 @@ func (s *MemoryPendingStore) Len() int {
 }
 
 // Pending is one consent in progress: a consent link not yet opened, or an
-// authorization request waiting for its callback. It holds the PKCE
+// authorization request waiting for its callback. It has the PKCE
 // verifier and the nonce, so it is only ever stored sealed.
 type Pending struct {
 	// Provider is the provider's name.
@@ -193,7 +183,7 @@ const ReasonWrongBrowser = "wrong_browser"
 // stored under a key derived from its secret (the link id or the state) by
 // SHA-256, and sealed (internal/seal: AES-256-GCM) with another key
 // derived from the same secret: whoever reads the store learns nothing
-// usable, and only the holder of the link or state can open its record,
+// usable, and only the bearer of the link or state can open its record,
 // once.
 type Pendings struct {
 	// Store keeps the sealed records.

@@ -28,9 +28,9 @@ const saveTimeout = 30 * time.Second
 // refresh token it saves the new one BEFORE returning the access token; then
 // it unlocks. A Token call that waited on the lock while another call for
 // the same merchant, scopes and audience refreshed gets that call's access
-// token instead of refreshing again. It is safe for concurrent use.
+// token without refreshing again. It is safe for concurrent use.
 type RefreshToken struct {
-	c     *core
+	*core
 	store Store
 
 	mu      sync.Mutex
@@ -42,7 +42,7 @@ type RefreshToken struct {
 }
 
 // sweepEvery is how many refreshes pass between two sweeps of the expired
-// entries of RefreshToken.last: the map holds at most the merchants whose
+// entries of RefreshToken.last: the map has at most the merchants whose
 // last access token is still valid, plus sweepEvery.
 const sweepEvery = 64
 
@@ -122,14 +122,14 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &RefreshToken{c: c, store: store, last: map[string]*refreshed{}, pending: map[string]broker.Secret{}}, nil
+	return &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]broker.Secret{}}, nil
 }
 
 // Type names the source type for the broker's errors and metrics.
 func (s *RefreshToken) Type() string { return ProviderName }
 
 // StoreKey returns the key of merchant's refresh token in the Store.
-func (s *RefreshToken) StoreKey(merchant string) string { return StoreKey(s.c.cfg, merchant) }
+func (s *RefreshToken) StoreKey(merchant string) string { return StoreKey(s.cfg, merchant) }
 
 // Store returns the store of the refresh tokens.
 func (s *RefreshToken) Store() Store { return s.store }
@@ -182,7 +182,7 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	s.mu.Lock()
 	l, pending := s.last[key], s.pending[key]
 	s.mu.Unlock()
-	if l != nil && l.gen != gen && l.req == want && l.tok.Expiry.After(s.c.cfg.Now()) {
+	if l != nil && l.gen != gen && l.req == want && l.tok.Expiry.After(s.cfg.Now()) {
 		return l.tok, nil
 	}
 
@@ -192,17 +192,17 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
 		}
 	} else if rt, err = s.store.Load(ctx, key); errors.Is(err, ErrNoRefreshToken) || err == nil && rt == "" {
-		return broker.Token{}, &ConsentRequiredError{Provider: s.c.cfg.Name, Merchant: req.Merchant, Err: ErrNoRefreshToken}
+		return broker.Token{}, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ErrNoRefreshToken}
 	} else if err != nil {
 		return broker.Token{}, fmt.Errorf("merchant %q: loading the refresh token: %w", req.Merchant, err)
 	}
 
 	grant := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt.Reveal()}}
-	tok, raw, err := s.c.exchange(ctx, req, grant, rt.Reveal())
+	tok, raw, err := s.exchange(ctx, req, grant, rt.Reveal())
 	if err != nil {
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.Code == "invalid_grant" {
-			return broker.Token{}, &ConsentRequiredError{Provider: s.c.cfg.Name, Merchant: req.Merchant, Err: ae}
+			return broker.Token{}, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ae}
 		}
 		return broker.Token{}, err
 	}
@@ -222,7 +222,7 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	s.last[key] = &refreshed{gen: s.gen, req: want, tok: tok}
 	if s.sweep--; s.sweep <= 0 {
 		s.sweep = sweepEvery
-		now := s.c.cfg.Now()
+		now := s.cfg.Now()
 		for k, l := range s.last {
 			if !l.tok.Expiry.After(now) {
 				delete(s.last, k)
@@ -249,29 +249,8 @@ func (s *RefreshToken) save(ctx context.Context, key string, rt broker.Secret) e
 	return nil
 }
 
-// Endpoints returns the provider's endpoints, discovering them if needed.
-func (s *RefreshToken) Endpoints(ctx context.Context) (Endpoints, error) {
-	ep, err := s.c.ep.get(ctx)
-	if err != nil {
-		return Endpoints{}, err
-	}
-	return *ep, nil
-}
-
-// Revoke revokes a token at the provider's revocation endpoint (RFC 7009).
-// hint is the token_type_hint ("access_token", "refresh_token") or empty.
-func (s *RefreshToken) Revoke(ctx context.Context, token broker.Secret, hint string) error {
-	return s.c.revoke(ctx, token, hint)
-}
-
-// RevokeToken implements broker.Revoker: it revokes an access token the
-// source issued (token_type_hint=access_token). The merchant's refresh
-// token is left alone.
-func (s *RefreshToken) RevokeToken(ctx context.Context, _ broker.Request, tok broker.Token) error {
-	return s.c.revoke(ctx, tok.Value, "access_token")
-}
-
 var (
-	_ broker.Source  = (*RefreshToken)(nil)
-	_ broker.Revoker = (*RefreshToken)(nil)
+	_ broker.Source     = (*RefreshToken)(nil)
+	_ broker.Revoker    = (*RefreshToken)(nil)
+	_ broker.Classifier = (*RefreshToken)(nil)
 )

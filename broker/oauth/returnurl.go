@@ -15,9 +15,9 @@ import (
 // resolved, tabs and newlines dropped), lands on the scheme and host of an
 // entry and on its path, or under it for an entry ending in "/"; and when
 // neither the browser nor the app's server can read it differently: it
-// holds no control character, space or backslash, its path is what the
+// contains no control character, space or backslash, its path is what the
 // browser requests (no dot segment, however encoded), and no path segment
-// holds ";" (a path parameter, "..;" to some servers) or an encoded
+// contains ";" (a path parameter, "..;" to some servers) or an encoded
 // "/", "\" or ";". User info and fragments are refused.
 func checkReturnURL(allow []string, u string) error {
 	if len(u) > MaxReturnURLLength {
@@ -25,7 +25,7 @@ func checkReturnURL(allow []string, u string) error {
 	}
 	for _, c := range []byte(u) {
 		if c <= ' ' || c == 0x7f || c == '\\' {
-			return errors.New("it holds a control character, a space or a backslash")
+			return errors.New("it contains a control character, a space or a backslash")
 		}
 	}
 	if strings.Contains(u, "#") {

@@ -20,10 +20,19 @@ import (
 // revocation endpoint (none configured, none discovered).
 var ErrNoRevocationEndpoint = errors.New("the oauth2 provider has no revocation endpoint: set revocation_url")
 
-// revoke sends an RFC 7009 revocation request: a form POST of token and
-// token_type_hint with the configured client authentication. 200 is
-// success, even for a token the provider does not know.
-func (c *core) revoke(ctx context.Context, token broker.Secret, hint string) error {
+// RevokeToken implements broker.Revoker: it revokes an access token the
+// source issued (token_type_hint=access_token). A merchant's refresh token
+// is left alone.
+func (c *core) RevokeToken(ctx context.Context, _ broker.Request, tok broker.Token) error {
+	return c.Revoke(ctx, tok.Value, "access_token")
+}
+
+// Revoke sends an RFC 7009 revocation request: a form POST of token and
+// token_type_hint ("access_token", "refresh_token" or empty) with the
+// configured client authentication. 200 is success, even for a token the
+// provider does not know. It fails with ErrNoRevocationEndpoint when the
+// provider has none.
+func (c *core) Revoke(ctx context.Context, token broker.Secret, hint string) error {
 	if token == "" {
 		return errors.New("oauth2 revoke: the token is empty")
 	}

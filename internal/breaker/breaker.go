@@ -4,7 +4,7 @@
 // Cooldown, then lets one probe through (half-open): the probe's success
 // closes it, its failure opens it again for another Cooldown. A probe that
 // is never reported stops blocking after a Cooldown. Times come from the
-// caller, so tests move a clock instead of sleeping.
+// caller, so tests move a clock and never sleep.
 package breaker
 
 import (

@@ -15,7 +15,7 @@ import (
 // the source is called once for the 429 and a handful of times for the
 // bad credential. A Nuapay 403 (one organisation) stays per key, and so does
 // any error of a source that does not classify it as its credential's.
-func TestSourceHoldAcrossKeys(t *testing.T) {
+func TestSourceBackoffAcrossKeys(t *testing.T) {
 	tests := []struct {
 		name     string
 		err      error
@@ -71,8 +71,8 @@ func TestSourceHoldAcrossKeys(t *testing.T) {
 	}
 }
 
-// The hold shows in Policy and SourceHold, and a success forgets it.
-func TestSourceHoldVisibleAndForgotten(t *testing.T) {
+// The backoff shows in Policy and SourceBackoff, and a success ends it.
+func TestSourceBackoffVisibleAndForgotten(t *testing.T) {
 	clock := newFakeClock()
 	src := &scriptedSource{clock: clock, life: 400 * time.Second}
 	br := New(Options{Now: clock.Now, Sleep: noSleep})
@@ -86,9 +86,9 @@ func TestSourceHoldVisibleAndForgotten(t *testing.T) {
 	if _, _, err := br.Get(context.Background(), bb); err == nil {
 		t.Fatal("want the 429")
 	}
-	until, herr := br.SourceHold("nuapay#1")
+	until, herr := br.SourceBackoff("nuapay#1")
 	if herr == nil || !until.Equal(clock.Now().Add(30*time.Second)) {
-		t.Fatalf("SourceHold = %v, %v", until, herr)
+		t.Fatalf("SourceBackoff = %v, %v", until, herr)
 	}
 	if p := br.Policy(e); !p.SourceBackoffUntil.Equal(until) {
 		t.Fatalf("Policy.SourceBackoffUntil = %v, want %v", p.SourceBackoffUntil, until)
@@ -98,17 +98,17 @@ func TestSourceHoldVisibleAndForgotten(t *testing.T) {
 	if _, _, err := br.Get(context.Background(), bb); err != nil {
 		t.Fatal(err)
 	}
-	if until, _ := br.SourceHold("nuapay#1"); !until.IsZero() {
-		t.Fatal("the hold outlived a success")
+	if until, _ := br.SourceBackoff("nuapay#1"); !until.IsZero() {
+		t.Fatal("the source backoff outlived a success")
 	}
 }
 
-// A caller is told the hold the policy actually applies, not the
-// provider's Retry-After: a 429 asking for a day holds the source for
-// MaxRetryAfterMemory, and RetryAfterOf says so, then what is left of it;
-// a refusal without Retry-After says how long the key's failure memory
-// holds it.
-func TestRetryAfterIsTheHoldApplied(t *testing.T) {
+// A caller is told the backoff the policy actually applies, not the
+// provider's Retry-After: a 429 asking for a day puts the source in
+// backoff for MaxRetryAfterMemory, and RetryAfterOf says so, then what is
+// left of it; a refusal without Retry-After says how long the key's
+// backoff lasts.
+func TestRetryAfterIsTheBackoffApplied(t *testing.T) {
 	day := 24 * time.Hour
 	tests := []struct {
 		name  string
@@ -146,7 +146,7 @@ func TestRetryAfterIsTheHoldApplied(t *testing.T) {
 				t.Fatalf("%s later: RetryAfterOf = %s, want %s", tt.later, got, tt.then)
 			}
 			if n := src.calls.Load(); n != 1 {
-				t.Fatalf("token API calls = %d, want 1 (held)", n)
+				t.Fatalf("token API calls = %d, want 1 (in backoff)", n)
 			}
 		})
 	}
