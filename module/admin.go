@@ -19,6 +19,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -339,7 +340,7 @@ func setRefreshToken(w http.ResponseWriter, r *http.Request, app *App, merchant 
 		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: fmt.Errorf("storing the refresh token of %q: %w", merchant, err)}
 	}
 	app.broker.PurgeMerchant(merchant)
-	forgetConsentRequired(app.broker, m.Provider, merchant)
+	consentweb.ForgetConsentRequired(app.broker, m.Provider, merchant)
 	app.logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", m.Provider),
 		zap.String("fingerprint", rt.Fingerprint()))
 	return writeJSON(w, map[string]any{"merchant": merchant, "provider": m.Provider, "stored": true, "fingerprint": rt.Fingerprint()})
