@@ -151,7 +151,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if a.fleet != nil {
 		// The fleet tier is part of the pool key: a broker is never shared
 		// by configurations with different tiers.
-		opts.Shared = a.fleet.cache
+		opts.Shared = a.fleet.Cache
 	}
 	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
 		return &pooledBroker{Broker: broker.New(opts), logger: a.logger}, nil
