@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -318,7 +319,7 @@ func (p *pooledBroker) Destruct() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	for _, res := range revokeEntries(ctx, entries) {
+	for _, res := range adminapi.Revoke(ctx, entries) {
 		if p.logger != nil {
 			p.logger.Info("token revoked at shutdown", zap.String("merchant", res.Merchant),
 				zap.String("fingerprint", res.Fingerprint), zap.Bool("revoked", res.Revoked), zap.String("error", res.Error))
