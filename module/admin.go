@@ -1,24 +1,18 @@
 package module
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
-	"slices"
 	"strings"
 	"sync/atomic"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
-	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
-	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -69,86 +63,6 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 	}
 }
 
-// TokenInfo describes a cached token in the admin API: never the token.
-type TokenInfo struct {
-	// Merchant the token is for.
-	Merchant string `json:"merchant"`
-	// Source is the provider's ID (name#config-hash).
-	Source string `json:"source"`
-	// Organisation at the provider.
-	Organisation string `json:"organisation,omitempty"`
-	// Scopes asked for.
-	Scopes []string `json:"scopes"`
-	// Audience asked for, if any.
-	Audience string `json:"audience,omitempty"`
-	// Fingerprint is the first 8 hex digits of the token's SHA-256.
-	Fingerprint string `json:"fingerprint"`
-	// TokenID is the provider's id of the token (Nuapay), if any.
-	TokenID string `json:"token_id,omitempty"`
-	// Expiry of the token.
-	Expiry time.Time `json:"expiry"`
-	// RefreshAt is when the token enters its refresh window.
-	RefreshAt time.Time `json:"refresh_at"`
-	// Origin is where the token came from: "minted" (this instance called
-	// the token API) or "shared" (adopted from the shared tier).
-	Origin string `json:"origin"`
-	// NextRefresh is the earliest time a refresh-ahead may call the token
-	// API: RefreshAt, or the end of the key's backoff if later. Only in
-	// GET /token_broker/tokens.
-	NextRefresh *time.Time `json:"next_refresh,omitempty"`
-	// LastRefreshError is the error code (as a request would get it,
-	// e.g. token_rate_limited) of the key's last failed fetch, until a
-	// fetch succeeds. Never the provider's text.
-	LastRefreshError string `json:"last_refresh_error,omitempty"`
-	// BackoffUntil is when the key's failure memory stops answering for
-	// it (no token API call before), if it holds.
-	BackoffUntil *time.Time `json:"backoff_until,omitempty"`
-	// Failures counts the key's consecutive failed fetches.
-	Failures int `json:"failures,omitempty"`
-	// SourceBackoffUntil is until when the key's provider configuration
-	// is not called for any key (a 429 with Retry-After, or a bad
-	// credential), if such a hold is in force.
-	SourceBackoffUntil *time.Time `json:"source_backoff_until,omitempty"`
-	// PurgeHeldUntil is until when upstream rejections (401) of the key's
-	// token do not purge it: its replacement token was rejected too, so
-	// the 401s are not about the token. Absent when no hold is in force.
-	PurgeHeldUntil *time.Time `json:"purge_held_until,omitempty"`
-	// RejectStrikes counts the key's replacement tokens rejected soon
-	// after they were cached (each doubles the hold).
-	RejectStrikes int `json:"reject_strikes,omitempty"`
-}
-
-func tokenInfo(e *broker.Entry) TokenInfo {
-	b, t := e.Binding(), e.Token()
-	return TokenInfo{Merchant: b.Merchant, Source: b.SourceID, Organisation: b.Organisation,
-		Scopes: b.Scopes, Audience: b.Audience, Fingerprint: t.Fingerprint(),
-		TokenID: t.ID, Expiry: t.Expiry.UTC(), RefreshAt: e.RefreshAt().UTC(), Origin: e.Origin()}
-}
-
-// withPolicy adds the failure policy's state of the entry's key.
-func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
-	next := p.NextRefresh.UTC()
-	ti.NextRefresh = &next
-	if p.LastError != nil {
-		ti.LastRefreshError = errcode.Classify(p.LastError).String()
-	}
-	if !p.BackoffUntil.IsZero() {
-		until := p.BackoffUntil.UTC()
-		ti.BackoffUntil = &until
-	}
-	ti.Failures = p.Failures
-	if !p.SourceBackoffUntil.IsZero() {
-		until := p.SourceBackoffUntil.UTC()
-		ti.SourceBackoffUntil = &until
-	}
-	if !p.PurgesPausedUntil.IsZero() {
-		until := p.PurgesPausedUntil.UTC()
-		ti.PurgeHeldUntil = &until
-	}
-	ti.RejectStrikes = p.Strikes
-	return ti
-}
-
 func running() (*App, error) {
 	app := current.Load()
 	if app == nil {
@@ -165,25 +79,7 @@ func (adminAPI) tokens(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out := []TokenInfo{}
-	for _, e := range app.broker.Entries() {
-		if m := r.URL.Query().Get("merchant"); m == "" || m == e.Binding().Merchant {
-			out = append(out, tokenInfo(e).withPolicy(app.broker.Policy(e)))
-		}
-	}
-	slices.SortFunc(out, func(a, b TokenInfo) int {
-		return strings.Compare(a.Merchant+"\x00"+strings.Join(a.Scopes, " "), b.Merchant+"\x00"+strings.Join(b.Scopes, " "))
-	})
-	return writeJSON(w, map[string]any{"tokens": out})
-}
-
-// RevokeResult is the outcome of revoking one token at its provider.
-type RevokeResult struct {
-	TokenInfo
-	// Revoked is true when the provider confirmed the revocation.
-	Revoked bool `json:"revoked"`
-	// Error says why the revocation failed (no token or secret in it).
-	Error string `json:"error,omitempty"`
+	return writeJSON(w, map[string]any{"tokens": adminapi.Tokens(app.broker, r.URL.Query().Get("merchant"))})
 }
 
 func (adminAPI) merchant(w http.ResponseWriter, r *http.Request) error {
@@ -205,61 +101,17 @@ func (adminAPI) merchant(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodPost {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use POST")}
 	}
-	match := merchantTokens(app, id)
+	match := adminapi.MerchantTokens(app.registry, id)
 	switch action {
 	case "purge":
 		entries := app.broker.PurgeMatching(match)
 		return writeJSON(w, map[string]any{"merchant": id, "purged": len(entries)})
 	case "revoke":
 		entries := app.broker.PurgeMatching(match)
-		results := revokeEntries(r.Context(), entries)
+		results := adminapi.Revoke(r.Context(), entries)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
 	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge or revoke", action)}
-}
-
-// merchantTokens matches the cached tokens a merchant is served: those of
-// its provider and organisation (a token can be shared by merchants with
-// the same source, organisation, scopes and audience, and a Nuapay
-// revocation without a token id revokes the whole organisation), and,
-// for per-merchant sources, its own.
-func merchantTokens(app *App, merchant string) func(*broker.Binding) bool {
-	var m *config.Merchant
-	var sourceID string
-	if app.registry != nil {
-		if m = app.registry.Merchants[merchant]; m != nil {
-			sourceID = app.registry.Providers[m.Provider].ID
-		}
-	}
-	return func(b *broker.Binding) bool {
-		if b.Merchant == merchant {
-			return true
-		}
-		if m == nil || b.SourceID != sourceID || b.Organisation != m.Organisation {
-			return false
-		}
-		pm, ok := b.Source.(broker.PerMerchant)
-		return !ok || !pm.PerMerchant()
-	}
-}
-
-// revokeEntries revokes each entry's token at its provider, where the
-// provider supports revocation.
-func revokeEntries(ctx context.Context, entries []*broker.Entry) []RevokeResult {
-	results := make([]RevokeResult, 0, len(entries))
-	for _, e := range entries {
-		res := RevokeResult{TokenInfo: tokenInfo(e)}
-		rv, ok := e.Binding().Source.(broker.Revoker)
-		if !ok {
-			res.Error = "the provider has no revocation endpoint"
-		} else if err := rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); err != nil {
-			res.Error = err.Error()
-		} else {
-			res.Revoked = true
-		}
-		results = append(results, res)
-	}
-	return results
 }
 
 // provider serves GET /token_broker/providers/{name}/organisations: the
@@ -311,38 +163,20 @@ func refreshListing(w http.ResponseWriter, r *http.Request, app *App, name strin
 	return writeJSON(w, map[string]any{"provider": name, "organisations": n, "refreshed": true})
 }
 
-// setRefreshToken stores the refresh token of a merchant whose provider
-// uses the refresh_token grant, drops its cached access tokens and forgets
-// its remembered consent_required, so that its next call refreshes at once.
+// setRefreshToken serves PUT /token_broker/merchants/{id}/refresh_token
+// (adminapi.SetRefreshToken).
 func setRefreshToken(w http.ResponseWriter, r *http.Request, app *App, merchant string) error {
-	if app.registry == nil {
-		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errors.New("no merchant registry is loaded")}
+	provider, fingerprint, err := adminapi.SetRefreshToken(r, app.registry, app.broker, merchant)
+	if err != nil {
+		var ae *adminapi.Error
+		if errors.As(err, &ae) {
+			return caddy.APIError{HTTPStatus: ae.Status, Err: ae.Err}
+		}
+		return err
 	}
-	m, ok := app.registry.Merchants[merchant]
-	if !ok {
-		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("merchant %q is not in the registry", merchant)}
-	}
-	src, ok := app.registry.Providers[m.Provider].Source.(*oauth.RefreshToken)
-	if !ok {
-		return caddy.APIError{HTTPStatus: http.StatusConflict,
-			Err: fmt.Errorf("merchant %q: provider %q does not use the refresh_token grant", merchant, m.Provider)}
-	}
-	var body struct {
-		RefreshToken string `json:"refresh_token"`
-	}
-	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&body); err != nil || body.RefreshToken == "" ||
-		strings.ContainsAny(body.RefreshToken, "\r\n\x00") {
-		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: errors.New(`the body must be {"refresh_token": "<token>"} with a non-empty token`)}
-	}
-	rt := broker.Secret(body.RefreshToken)
-	if err := src.SetRefreshToken(r.Context(), merchant, rt); err != nil {
-		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: fmt.Errorf("storing the refresh token of %q: %w", merchant, err)}
-	}
-	app.broker.PurgeMerchant(merchant)
-	forgetConsentRequired(app.broker, m.Provider, merchant)
-	app.logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", m.Provider),
-		zap.String("fingerprint", rt.Fingerprint()))
-	return writeJSON(w, map[string]any{"merchant": merchant, "provider": m.Provider, "stored": true, "fingerprint": rt.Fingerprint()})
+	app.logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", provider),
+		zap.String("fingerprint", fingerprint))
+	return writeJSON(w, map[string]any{"merchant": merchant, "provider": provider, "stored": true, "fingerprint": fingerprint})
 }
 
 func writeJSON(w http.ResponseWriter, v any) error {

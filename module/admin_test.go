@@ -12,6 +12,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 )
 
 // The token list shows each entry's origin and the failure policy's state
@@ -37,7 +38,7 @@ func TestAdminTokenListShowsPolicyState(t *testing.T) {
 	if _, err := br.Token(ctx, b); err != nil {
 		t.Fatal(err)
 	}
-	list := func() TokenInfo {
+	list := func() adminapi.TokenInfo {
 		t.Helper()
 		rec := httptest.NewRecorder()
 		if err := (adminAPI{}).tokens(rec, httptest.NewRequest("GET", "/token_broker/tokens", nil)); err != nil {
@@ -46,7 +47,7 @@ func TestAdminTokenListShowsPolicyState(t *testing.T) {
 		if strings.Contains(rec.Body.String(), secret) {
 			t.Fatalf("admin output carries the token: %s", rec.Body)
 		}
-		var out struct{ Tokens []TokenInfo }
+		var out struct{ Tokens []adminapi.TokenInfo }
 		if err := json.Unmarshal(rec.Body.Bytes(), &out); err != nil || len(out.Tokens) != 1 {
 			t.Fatalf("%s: %v", rec.Body, err)
 		}

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -151,7 +152,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if a.fleet != nil {
 		// The fleet tier is part of the pool key: a broker is never shared
 		// by configurations with different tiers.
-		opts.Shared = a.fleet.cache
+		opts.Shared = a.fleet.Cache
 	}
 	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
 		return &pooledBroker{Broker: broker.New(opts), logger: a.logger}, nil
@@ -318,7 +319,7 @@ func (p *pooledBroker) Destruct() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	for _, res := range revokeEntries(ctx, entries) {
+	for _, res := range adminapi.Revoke(ctx, entries) {
 		if p.logger != nil {
 			p.logger.Info("token revoked at shutdown", zap.String("merchant", res.Merchant),
 				zap.String("fingerprint", res.Fingerprint), zap.Bool("revoked", res.Revoked), zap.String("error", res.Error))

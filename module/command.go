@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -128,14 +129,14 @@ func runHealth(cmd *cobra.Command, _ []string) error {
 	return nil
 }
 
-// askHealth gets the Health from the admin API at addr. A 503 carries it
+// askHealth gets the probe.Health from the admin API at addr. A 503 carries it
 // too (caddycmd.AdminAPIRequest turns it into an error quoting the body).
-func askHealth(addr string, live bool) (Health, error) {
+func askHealth(addr string, live bool) (probe.Health, error) {
 	uri := "/token_broker/health"
 	if live {
 		uri += "/live"
 	}
-	var h Health
+	var h probe.Health
 	resp, err := caddycmd.AdminAPIRequest(addr, http.MethodGet, uri, nil, nil)
 	if err != nil {
 		msg := err.Error()

@@ -1,12 +1,9 @@
 package module
 
 import (
-	"encoding/json"
 	"fmt"
-	"maps"
 	"net/http"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -15,84 +12,20 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
-	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// This file answers "is the token broker ready, is it alive": the same
-// answer (Health) in three places, the admin API (GET
-// /token_broker/health, admin.go), the `caddy token-broker health`
-// command (command.go) and the token_broker_health handler, which an
-// operator serves on a port kubelet's probes can reach.
-//
-// Ready: every merchant registry is loaded and, where the wildcard entry
-// is restricted to the listed organisations (only_listed_organisations),
-// the list has been read at least once. Live: the token_broker app is
-// provisioned and running. A provider whose token API fails is reported
-// (Providers) but leaves the broker ready: taking the pod out of service
-// or restarting it would not mend the provider, and the other providers'
-// merchants are still served.
+// This file serves the health answer (package broker/probe) in three
+// places: the admin API (GET /token_broker/health, admin.go), the
+// `caddy token-broker health` command (command.go) and the
+// token_broker_health handler, which an operator serves on a port
+// kubelet's probes can reach.
 
 func init() {
 	caddy.RegisterModule(HealthHandler{})
 	httpcaddyfile.RegisterHandlerDirective("token_broker_health", parseHealthCaddyfile)
 	httpcaddyfile.RegisterDirectiveOrder("token_broker_health", httpcaddyfile.Before, "respond")
-}
-
-// Health is the token broker's health answer. It never holds a token or
-// a secret.
-type Health struct {
-	// Ready is true when every check passed: the broker can serve.
-	Ready bool `json:"ready"`
-	// Live is true when the token_broker app is running.
-	Live bool `json:"live"`
-	// Reason says in one line why the broker is not ready, or what is
-	// ready (and which providers are failing).
-	Reason string `json:"reason"`
-	// Checks are the readiness checks, each with its outcome.
-	Checks []HealthCheck `json:"checks"`
-	// Providers are the providers of the registries and what their
-	// recent token API calls left: reported, never a readiness failure.
-	Providers []ProviderHealth `json:"providers,omitempty"`
-}
-
-// HealthCheck is one readiness check.
-type HealthCheck struct {
-	// Name is "app", "registry" or "organisations".
-	Name string `json:"name"`
-	// OK is true when the check passed.
-	OK bool `json:"ok"`
-	// Detail says what was checked and found.
-	Detail string `json:"detail"`
-}
-
-// ProviderHealth is a provider's recent health, as the failures of its
-// token API calls left it (no call is made to find out).
-type ProviderHealth struct {
-	// Name is the provider's name in the registry.
-	Name string `json:"name"`
-	// Type is its type ("nuapay", "oauth2").
-	Type string `json:"type"`
-	// Registry is the registry it is defined in (its path, as given).
-	Registry string `json:"registry"`
-	// Status is "ok", or "failing" when its breaker is not closed, it is
-	// held, or some of its keys are in failure memory.
-	Status string `json:"status"`
-	// Breaker is the state of its circuit breaker: closed, half-open or
-	// open.
-	Breaker string `json:"breaker"`
-	// HeldUntil is until when its token API is not called for any key (a
-	// 429 with Retry-After, or a bad credential), if such a hold is in
-	// force.
-	HeldUntil *time.Time `json:"held_until,omitempty"`
-	// FailingKeys counts its cache keys whose last fetch failed and whose
-	// backoff has not ended.
-	FailingKeys int `json:"failing_keys,omitempty"`
-	// LastError is the error code (as a request gets it, e.g.
-	// token_unavailable) of its most recent failure. Never the provider's
-	// text.
-	LastError string `json:"last_error,omitempty"`
 }
 
 // watchedRegistry is a registry that a handler loaded itself (its own
@@ -136,109 +69,31 @@ func (a *App) registries() []watchedRegistry {
 }
 
 // health computes the health answer of app (nil: not running).
-func health(app *App) Health {
-	h := Health{Checks: []HealthCheck{}}
+func health(app *App) probe.Health {
 	if app == nil {
-		h.Checks = append(h.Checks, HealthCheck{Name: "app", Detail: "the token_broker app is not running: the loaded config has no token_broker global option or handler"})
-		h.Reason = "not live: " + h.Checks[0].Detail
-		return h
+		return probe.NotRunning()
 	}
-	h.Live = true
-	h.Checks = append(h.Checks, HealthCheck{Name: "app", OK: true, Detail: "the token_broker app is running"})
-	regs := app.registries()
-	if len(regs) == 0 {
-		h.Checks = append(h.Checks, HealthCheck{Name: "registry", Detail: "no merchant registry is loaded: set `config <file.toml>` in the token_broker global option"})
-	}
-	var ids []string
-	for _, w := range regs {
-		h.Checks = append(h.Checks, HealthCheck{Name: "registry", OK: true,
-			Detail: fmt.Sprintf("%s: %d merchants, %d providers", w.reg.Path, len(w.reg.Merchants), len(w.reg.Providers))})
+	var regs []probe.Registry
+	for _, w := range app.registries() {
+		pr := probe.Registry{Registry: w.reg}
 		if w.listing != nil {
-			h.Checks = append(h.Checks, listingCheck(w.listing))
+			pr.Listing = listingState(w.listing)
 		}
-		for _, p := range w.reg.Providers {
-			ids = append(ids, p.ID)
-		}
+		regs = append(regs, pr)
 	}
-	var sources map[string]broker.SourceHealth
-	if app.broker != nil {
-		sources = app.broker.SourcesHealth(ids...)
-	}
-	var failing []string
-	for _, w := range regs {
-		for _, name := range slices.Sorted(maps.Keys(w.reg.Providers)) {
-			p := w.reg.Providers[name]
-			ph := providerHealth(p, sources[p.ID])
-			ph.Registry = w.reg.Path
-			if ph.Status != "ok" {
-				failing = append(failing, fmt.Sprintf("%s (%s)", p.Name, ph.LastError))
-			}
-			h.Providers = append(h.Providers, ph)
-		}
-	}
-	h.Ready = true
-	var problems []string
-	for _, c := range h.Checks {
-		if !c.OK {
-			h.Ready = false
-			problems = append(problems, c.Detail)
-		}
-	}
-	switch {
-	case !h.Ready:
-		h.Reason = "not ready: " + strings.Join(problems, "; ")
-	case len(failing) > 0:
-		h.Reason = fmt.Sprintf("ready: %s; failing providers (reported, not a readiness failure): %s", loaded(len(regs)), strings.Join(failing, ", "))
-	default:
-		h.Reason = fmt.Sprintf("ready: %s, no provider failing", loaded(len(regs)))
-	}
-	return h
+	return probe.Running(regs, app.broker)
 }
 
-// loaded says how many registries are loaded.
-func loaded(n int) string {
-	if n == 1 {
-		return "1 merchant registry loaded"
-	}
-	return fmt.Sprintf("%d merchant registries loaded", n)
-}
-
-// listingCheck checks that an organisation listing was read at least once.
-func listingCheck(l *orgListing) HealthCheck {
-	c := HealthCheck{Name: "organisations"}
+// listingState is the state of an organisation listing.
+func listingState(l *orgListing) *probe.Listing {
+	st := &probe.Listing{Provider: l.provider}
 	if m := l.orgs.Load(); m != nil {
-		c.OK = true
-		c.Detail = fmt.Sprintf("provider %q lists %d organisations (read at %s)", l.provider, len(*m),
-			time.Unix(0, l.good.Load()).UTC().Format(time.RFC3339))
-		return c
+		st.Read, st.Count, st.ReadAt = true, len(*m), time.Unix(0, l.good.Load())
 	}
-	c.Detail = fmt.Sprintf("the organisations of provider %q (only_listed_organisations) were never read, so its wildcard merchants are refused", l.provider)
 	if f := l.failed.Load(); f != nil {
-		c.Detail += fmt.Sprintf("; the last read, at %s, failed: %v", f.at.UTC().Format(time.RFC3339), f.err)
+		st.FailedAt, st.Err = f.at, f.err
 	}
-	return c
-}
-
-// providerHealth reports a provider's source health.
-func providerHealth(p *config.Provider, s broker.SourceHealth) ProviderHealth {
-	ph := ProviderHealth{Name: p.Name, Type: p.Type, Status: "ok", Breaker: s.Breaker.String(), FailingKeys: s.FailingKeys}
-	if !s.BackoffUntil.IsZero() {
-		until := s.BackoffUntil.UTC()
-		ph.HeldUntil = &until
-	}
-	if s.Failing() {
-		ph.Status = "failing"
-		err := s.LastError
-		if err == nil {
-			err = s.BackoffError
-		}
-		if err != nil {
-			ph.LastError = errcode.Classify(err).String()
-		} else {
-			ph.LastError = "token_api_down" // the breaker is open
-		}
-	}
-	return ph
+	return st
 }
 
 // health serves GET /token_broker/health (readiness: 200 when ready,
@@ -256,34 +111,15 @@ func (adminAPI) health(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method not allowed: use GET")}
 	}
-	writeHealth(w, r, health(current.Load()), live)
+	probe.Write(w, r, health(current.Load()), live)
 	return nil
-}
-
-// writeHealth answers with h: 200 when ready (live: when live), 503
-// otherwise.
-func writeHealth(w http.ResponseWriter, r *http.Request, h Health, live bool) {
-	ok := h.Ready
-	if live {
-		ok = h.Live
-	}
-	status := http.StatusOK
-	if !ok {
-		status = http.StatusServiceUnavailable
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Cache-Control", "no-store")
-	w.WriteHeader(status)
-	if r.Method != http.MethodHead {
-		_ = json.NewEncoder(w).Encode(h)
-	}
 }
 
 // HealthHandler answers the token broker's health probes on a site of the
 // operator's choice, so that kubelet's httpGet probes, which reach the
 // pod's IP and not the sidecar's loopback listener or the admin API, can
 // ask: GET /ready answers 200 when the broker is ready and 503 when not,
-// GET /live 200 when the token_broker app runs; the body is the Health
+// GET /live 200 when the token_broker app runs; the body is the probe.Health
 // (JSON). Any other path is 404, any other method 405. It ends the route:
 // nothing is proxied.
 //
@@ -322,23 +158,16 @@ func (hh *HealthHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ cad
 	case "/live":
 		live = true
 	default:
-		writeHealthError(w, http.StatusNotFound, "not_found", "the token broker's health handler answers GET /ready (readiness) and GET /live (liveness)")
+		probe.WriteError(w, http.StatusNotFound, "not_found", "the token broker's health handler answers GET /ready (readiness) and GET /live (liveness)")
 		return nil
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
-		writeHealthError(w, http.StatusMethodNotAllowed, "method_not_allowed", "use GET")
+		probe.WriteError(w, http.StatusMethodNotAllowed, "method_not_allowed", "use GET")
 		return nil
 	}
-	writeHealth(w, r, health(hh.app), live)
+	probe.Write(w, r, health(hh.app), live)
 	return nil
-}
-
-func writeHealthError(w http.ResponseWriter, status int, code, msg string) {
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Cache-Control", "no-store")
-	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(errorBody{Error: code, Message: msg})
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:

@@ -1,28 +1,17 @@
 package module
 
 import (
-	"crypto/sha256"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/hex"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"os"
 	"strconv"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
-	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet/redisstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
-	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 // RedisConfig turns on the shared token tier: the brokers of a fleet keep
@@ -46,12 +35,7 @@ import (
 //	    lock_ttl       35s
 //	}
 //
-// Series on Caddy's /metrics (no labels carry a key or a merchant):
-// `caddy_token_broker_l2_lookups_total{result="hit|miss"}`,
-// `caddy_token_broker_l2_errors_total{op}`, `caddy_token_broker_l2_lock_waits_total`,
-// `caddy_token_broker_l2_adopted_total`, `caddy_token_broker_l2_invalidations_received_total`,
-// `caddy_token_broker_l2_undecryptable_total`, `caddy_token_broker_l2_bypassed_total`,
-// `caddy_token_broker_l2_rolled_back_total`.
+// The tier's series on Caddy's /metrics are those of redisstore.Metrics.
 type RedisConfig struct {
 	// Address is the Redis address (host:port), or several: the nodes of a
 	// cluster, or sentinels when MasterName is set.
@@ -110,18 +94,14 @@ type RedisTLS struct {
 	ServerName string `json:"server_name,omitempty"`
 }
 
-// fleetTier is a Redis client and its shared tier, kept across reloads in
-// fleets while the Redis settings do not change.
+// fleetTier is a shared tier kept across reloads in fleets while the
+// Redis settings do not change.
 type fleetTier struct {
-	client  redis.UniversalClient
-	cache   *fleet.Cache
-	metrics *fleetMetrics
+	*redisstore.Tier
 }
 
 // Destruct closes the tier and its client.
-func (f *fleetTier) Destruct() error {
-	return errors.Join(f.cache.Close(), f.client.Close())
-}
+func (f fleetTier) Destruct() error { return f.Close() }
 
 // fleets holds the shared tiers across config reloads, keyed by a hash of
 // their settings.
@@ -130,7 +110,6 @@ var fleets = caddy.NewUsagePool()
 // provision resolves placeholders, checks the settings and returns the
 // (pooled) shared tier and the key to release it with.
 func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, logger *zap.Logger) (*fleetTier, string, error) {
-	rc := *r
 	repl := caddy.NewReplacer()
 	resolve := func(field, v string) (string, error) {
 		out, err := repl.ReplaceOrErr(v, true, true)
@@ -139,142 +118,61 @@ func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, l
 		}
 		return out, nil
 	}
+	s := redisstore.Settings{Address: r.Address, MasterName: r.MasterName, DB: r.DB, KeyPrefix: r.KeyPrefix,
+		PlainKeys: r.HashKeys != nil && !*r.HashKeys, Timeout: time.Duration(r.Timeout), LockTTL: time.Duration(r.LockTTL),
+		FetchTimeout: fetchTimeout}
+	if r.TLS != nil {
+		s.TLS = &redisstore.TLS{CA: r.TLS.CA, Cert: r.TLS.Cert, Key: r.TLS.Key, ServerName: r.TLS.ServerName}
+	}
 	var err error
-	if r.Username != "" {
-		if rc.Username, err = resolve("username", r.Username); err != nil {
-			return nil, "", err
-		}
-	}
-	if r.Password != "" {
-		if rc.Password, err = resolve("password", r.Password); err != nil {
-			return nil, "", err
-		}
-	}
-	if len(rc.Address) == 0 {
-		return nil, "", errors.New("token_broker: redis: address is required (host:port, or several for a cluster)")
-	}
-	if rc.EncryptionKey == "" {
-		return nil, "", errors.New("token_broker: redis: encryption_key is required: 32 random bytes in base64 (head -c 32 /dev/urandom | base64), the same on every broker")
-	}
-	rc.EncryptionKey, err = resolve("encryption_key", rc.EncryptionKey)
-	if err != nil {
+	if s.Username, err = resolve("username", r.Username); err != nil {
 		return nil, "", err
 	}
-	current, err := seal.ParseKey(rc.EncryptionKey)
-	if err != nil {
-		return nil, "", fmt.Errorf("token_broker: redis: encryption_key: %w", err)
+	if s.Password, err = resolve("password", r.Password); err != nil {
+		return nil, "", err
 	}
-	var old [][]byte
-	rc.EncryptionKeysOld = append([]string(nil), r.EncryptionKeysOld...)
-	for i, k := range rc.EncryptionKeysOld {
-		if rc.EncryptionKeysOld[i], err = resolve(fmt.Sprintf("encryption_keys_old[%d]", i), k); err != nil {
+	if s.EncryptionKey, err = resolve("encryption_key", r.EncryptionKey); err != nil {
+		return nil, "", err
+	}
+	for i, k := range r.EncryptionKeysOld {
+		v, err := resolve(fmt.Sprintf("encryption_keys_old[%d]", i), k)
+		if err != nil {
 			return nil, "", err
 		}
-		raw, err := seal.ParseKey(rc.EncryptionKeysOld[i])
-		if err != nil {
-			return nil, "", fmt.Errorf("token_broker: redis: encryption_keys_old[%d]: %w", i, err)
-		}
-		old = append(old, raw)
+		s.EncryptionKeysOld = append(s.EncryptionKeysOld, v)
 	}
-	keys, err := seal.New(current, old...)
+	plan, err := redisstore.Prepare(s)
 	if err != nil {
 		return nil, "", fmt.Errorf("token_broker: redis: %w", err)
 	}
-	timeout := time.Duration(rc.Timeout)
-	if timeout < 0 || rc.LockTTL < 0 {
-		return nil, "", errors.New("token_broker: redis: timeout and lock_ttl must not be negative")
-	}
-	if timeout == 0 {
-		timeout = fleet.DefaultTimeout
-	}
-	if fetchTimeout <= 0 {
-		fetchTimeout = broker.DefaultFetchTimeout
-	}
-	lockTTL := time.Duration(rc.LockTTL)
-	if lockTTL == 0 {
-		lockTTL = fetchTimeout + 5*time.Second
-	}
-	if lockTTL < fetchTimeout {
-		return nil, "", fmt.Errorf("token_broker: redis: lock_ttl %s is shorter than fetch_timeout %s: a slow mint would lose its lock and the fleet would mint twice; raise lock_ttl", lockTTL, fetchTimeout)
-	}
-	uo := &redis.UniversalOptions{Addrs: rc.Address, MasterName: rc.MasterName, Username: rc.Username, Password: rc.Password, DB: rc.DB}
-	if rc.TLS != nil {
-		if uo.TLSConfig, err = rc.TLS.config(); err != nil {
-			return nil, "", err
-		}
-	}
-	fleet.ClientOptions(uo, timeout)
-
-	// The pool key is a hash of the resolved settings (secrets included, so
-	// a changed key builds a new tier), never the settings themselves.
-	settings, _ := json.Marshal(struct {
-		R       RedisConfig
-		Fetch   time.Duration
-		LockTTL time.Duration
-	}{rc, fetchTimeout, lockTTL})
-	sum := sha256.Sum256(settings)
-	key := "redis " + hex.EncodeToString(sum[:])
-	val, _, err := fleets.LoadOrNew(key, func() (caddy.Destructor, error) {
-		client := redis.NewUniversalClient(uo)
-		m := newFleetMetrics()
-		cache, err := fleet.New(fleet.Options{
-			Client: client, Keys: keys, KeyPrefix: rc.KeyPrefix, PlainKeys: rc.HashKeys != nil && !*rc.HashKeys,
-			Timeout: timeout, LockTTL: lockTTL, Observer: m, Logger: logger.Named("redis"),
-		})
+	val, _, err := fleets.LoadOrNew(plan.Key, func() (caddy.Destructor, error) {
+		tier, err := plan.Open(logger.Named("redis"))
 		if err != nil {
-			client.Close()
 			return nil, err
 		}
-		return &fleetTier{client: client, cache: cache, metrics: m}, nil
+		return fleetTier{tier}, nil
 	})
 	if err != nil {
 		return nil, "", fmt.Errorf("token_broker: redis: %w", err)
 	}
-	tier := val.(*fleetTier)
+	tier := val.(fleetTier)
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
-		if err := tier.metrics.register(reg); err != nil {
-			fleets.Delete(key)
-			return nil, "", err
+		if err := tier.Metrics.Register(reg); err != nil {
+			fleets.Delete(plan.Key)
+			return nil, "", fmt.Errorf("token_broker: %w", err)
 		}
 	}
-	logger.Info("sharing tokens through redis", zap.Strings("address", rc.Address),
-		zap.String("key_prefix", rc.KeyPrefix), zap.Bool("hash_keys", rc.HashKeys == nil || *rc.HashKeys),
-		zap.Duration("timeout", timeout), zap.Duration("lock_ttl", lockTTL), zap.Int("old_keys", len(old)))
-	return tier, key, nil
-}
-
-// config builds the client TLS configuration.
-func (t *RedisTLS) config() (*tls.Config, error) {
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
-	if t.CA != "" {
-		pem, err := os.ReadFile(t.CA)
-		if err != nil {
-			return nil, fmt.Errorf("token_broker: redis: tls ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("token_broker: redis: tls ca %s: no PEM certificate in it", t.CA)
-		}
-		cfg.RootCAs = pool
-	}
-	if (t.Cert == "") != (t.Key == "") {
-		return nil, errors.New("token_broker: redis: tls cert and key go together: set both or neither")
-	}
-	if t.Cert != "" {
-		pair, err := tls.LoadX509KeyPair(t.Cert, t.Key)
-		if err != nil {
-			return nil, fmt.Errorf("token_broker: redis: tls cert %s / key %s: %w", t.Cert, t.Key, err)
-		}
-		cfg.Certificates = []tls.Certificate{pair}
-	}
-	return cfg, nil
+	logger.Info("sharing tokens through redis", zap.Strings("address", s.Address),
+		zap.String("key_prefix", s.KeyPrefix), zap.Bool("hash_keys", !s.PlainKeys),
+		zap.Duration("timeout", plan.Timeout), zap.Duration("lock_ttl", plan.LockTTL), zap.Int("old_keys", plan.OldKeys))
+	return &tier, plan.Key, nil
 }
 
 // refreshStore is where the registry keeps refresh tokens: Redis when the
 // shared tier is on, else Caddy's storage.
 func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
 	if a.fleet != nil {
-		return a.fleet.cache.Store()
+		return a.fleet.Cache.Store()
 	}
 	return storageStore{s: ctx.Storage()}
 }
@@ -400,82 +298,3 @@ func parseRedisTLS(d *caddyfile.Dispenser) (*RedisTLS, error) {
 	}
 	return t, nil
 }
-
-// fleetMetrics counts what the shared tier does; it is the tier's
-// fleet.Observer. Its collectors live as long as the tier and are
-// registered in each config's metrics registry.
-type fleetMetrics struct {
-	lookups       *prometheus.CounterVec
-	errors        *prometheus.CounterVec
-	lockWaits     prometheus.Counter
-	adopted       prometheus.Counter
-	invalidations prometheus.Counter
-	undecryptable prometheus.Counter
-	bypassed      prometheus.Counter
-	rolledBack    prometheus.Counter
-}
-
-func newFleetMetrics() *fleetMetrics {
-	const ns, sub = "caddy", "token_broker"
-	counter := func(name, help string) prometheus.Counter {
-		return prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help})
-	}
-	return &fleetMetrics{
-		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "l2_lookups_total",
-			Help: "Reads of the shared (Redis) tier after a memory miss, by result: hit (a usable token) or miss."}, []string{"result"}),
-		errors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "l2_errors_total",
-			Help: "Redis calls that failed or timed out, by operation."}, []string{"op"}),
-		lockWaits:     counter("l2_lock_waits_total", "Lookups that waited for another broker of the fleet to mint."),
-		adopted:       counter("l2_adopted_total", "Lookups that used a token another broker minted instead of minting."),
-		invalidations: counter("l2_invalidations_received_total", "Purges announced by other brokers of the fleet."),
-		undecryptable: counter("l2_undecryptable_total", "Values in Redis that did not open with the configured keys (ignored)."),
-		bypassed:      counter("l2_bypassed_total", "Lookups that minted without the shared tier because Redis was unavailable, or without the key's lock after waiting lock_ttl for it."),
-		rolledBack:    counter("l2_rolled_back_total", "Values in Redis older than one this broker had seen for their key (an old value written back), ignored."),
-	}
-}
-
-func (m *fleetMetrics) register(registry *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{m.lookups, m.errors, m.lockWaits, m.adopted, m.invalidations, m.undecryptable, m.bypassed, m.rolledBack} {
-		if err := registry.Register(c); err != nil {
-			var are prometheus.AlreadyRegisteredError
-			if errors.As(err, &are) && are.ExistingCollector == c {
-				continue
-			}
-			return fmt.Errorf("token_broker: registering redis metrics: %w", err)
-		}
-	}
-	return nil
-}
-
-// L2Hit implements fleet.Observer.
-func (m *fleetMetrics) L2Hit() { m.lookups.WithLabelValues("hit").Inc() }
-
-// L2Miss implements fleet.Observer.
-func (m *fleetMetrics) L2Miss() { m.lookups.WithLabelValues("miss").Inc() }
-
-// L2Error implements fleet.Observer.
-func (m *fleetMetrics) L2Error(op string) { m.errors.WithLabelValues(op).Inc() }
-
-// LockWait implements fleet.Observer.
-func (m *fleetMetrics) LockWait() { m.lockWaits.Inc() }
-
-// Adopted implements fleet.Observer.
-func (m *fleetMetrics) Adopted() { m.adopted.Inc() }
-
-// InvalidationReceived implements fleet.Observer.
-func (m *fleetMetrics) InvalidationReceived() { m.invalidations.Inc() }
-
-// Undecryptable implements fleet.Observer.
-func (m *fleetMetrics) Undecryptable() { m.undecryptable.Inc() }
-
-// Bypassed implements fleet.Observer.
-func (m *fleetMetrics) Bypassed() { m.bypassed.Inc() }
-
-// RolledBack implements fleet.Observer.
-func (m *fleetMetrics) RolledBack() { m.rolledBack.Inc() }
-
-// Interface guards.
-var (
-	_ fleet.Observer         = (*fleetMetrics)(nil)
-	_ fleet.RollbackObserver = (*fleetMetrics)(nil)
-)

@@ -16,7 +16,6 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy" // the example proxies
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -127,19 +126,35 @@ func TestProvisionRedis(t *testing.T) {
 				t.Fatal("the pool key reveals the encryption key")
 			}
 			// Redis is down: a lookup mints locally, counted as bypassed.
-			tok, adopted, err := tier.cache.Fetch(context.Background(), "k", func(t brokerToken) bool { return true }, mintOne)
+			tok, adopted, err := tier.Cache.Fetch(context.Background(), "k", func(t brokerToken) bool { return true }, mintOne)
 			if err != nil || adopted || tok.Value != "minted" {
 				t.Fatalf("Fetch with redis down: adopted=%v err=%v", adopted, err)
 			}
 			reg := prometheus.NewRegistry()
-			if err := tier.metrics.register(reg); err != nil {
+			if err := tier.Metrics.Register(reg); err != nil {
 				t.Fatal(err)
 			}
-			if got := testutil.ToFloat64(tier.metrics.bypassed); got != 1 {
+			if got := counterValue(t, reg, "caddy_token_broker_l2_bypassed_total"); got != 1 {
 				t.Fatalf("bypassed = %g; want 1", got)
 			}
 		})
 	}
+}
+
+// counterValue is the value of the counter name in reg.
+func counterValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() == name && len(f.GetMetric()) == 1 {
+			return f.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("no counter %s", name)
+	return 0
 }
 
 type brokerToken = broker.Token

@@ -1,0 +1,221 @@
+// Package adminapi computes the answers of the token broker's admin
+// API: the cached tokens with their failure policy's state, the tokens a
+// merchant is served, their revocation, and a merchant's refresh token
+// loaded by hand. Nothing it answers holds a token or a secret: tokens
+// are shown by fingerprint, refresh tokens are only said to exist.
+package adminapi
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// Error is a refused admin request: its HTTP status and why.
+type Error struct {
+	// Status is the HTTP status of the answer.
+	Status int
+	// Err says why.
+	Err error
+}
+
+// Error implements error.
+func (e *Error) Error() string { return e.Err.Error() }
+
+// Unwrap returns Err.
+func (e *Error) Unwrap() error { return e.Err }
+
+// TokenInfo describes a cached token in the admin API: never the token.
+type TokenInfo struct {
+	// Merchant the token is for.
+	Merchant string `json:"merchant"`
+	// Source is the provider's ID (name#config-hash).
+	Source string `json:"source"`
+	// Organisation at the provider.
+	Organisation string `json:"organisation,omitempty"`
+	// Scopes asked for.
+	Scopes []string `json:"scopes"`
+	// Audience asked for, if any.
+	Audience string `json:"audience,omitempty"`
+	// Fingerprint is the first 8 hex digits of the token's SHA-256.
+	Fingerprint string `json:"fingerprint"`
+	// TokenID is the provider's id of the token (Nuapay), if any.
+	TokenID string `json:"token_id,omitempty"`
+	// Expiry of the token.
+	Expiry time.Time `json:"expiry"`
+	// RefreshAt is when the token enters its refresh window.
+	RefreshAt time.Time `json:"refresh_at"`
+	// Origin is where the token came from: "minted" (this instance called
+	// the token API) or "shared" (adopted from the shared tier).
+	Origin string `json:"origin"`
+	// NextRefresh is the earliest time a refresh-ahead may call the token
+	// API: RefreshAt, or the end of the key's backoff if later. Only in
+	// GET /token_broker/tokens.
+	NextRefresh *time.Time `json:"next_refresh,omitempty"`
+	// LastRefreshError is the error code (as a request would get it,
+	// e.g. token_rate_limited) of the key's last failed fetch, until a
+	// fetch succeeds. Never the provider's text.
+	LastRefreshError string `json:"last_refresh_error,omitempty"`
+	// BackoffUntil is when the key's failure memory stops answering for
+	// it (no token API call before), if it holds.
+	BackoffUntil *time.Time `json:"backoff_until,omitempty"`
+	// Failures counts the key's consecutive failed fetches.
+	Failures int `json:"failures,omitempty"`
+	// SourceBackoffUntil is until when the key's provider configuration
+	// is not called for any key (a 429 with Retry-After, or a bad
+	// credential), if such a backoff is in force.
+	SourceBackoffUntil *time.Time `json:"source_backoff_until,omitempty"`
+	// PurgesPausedUntil is until when upstream rejections (401) of the key's
+	// token do not purge it: its replacement token was rejected too, so
+	// the 401s are not about the token. Absent when purges are not paused.
+	PurgesPausedUntil *time.Time `json:"purge_held_until,omitempty"`
+	// RejectStrikes counts the key's replacement tokens rejected soon
+	// after they were cached (each doubles the hold).
+	RejectStrikes int `json:"reject_strikes,omitempty"`
+}
+
+func tokenInfo(e *broker.Entry) TokenInfo {
+	b, t := e.Binding(), e.Token()
+	return TokenInfo{Merchant: b.Merchant, Source: b.SourceID, Organisation: b.Organisation,
+		Scopes: b.Scopes, Audience: b.Audience, Fingerprint: t.Fingerprint(),
+		TokenID: t.ID, Expiry: t.Expiry.UTC(), RefreshAt: e.RefreshAt().UTC(), Origin: e.Origin()}
+}
+
+// withPolicy adds the failure policy's state of the entry's key.
+func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
+	next := p.NextRefresh.UTC()
+	ti.NextRefresh = &next
+	if p.LastError != nil {
+		ti.LastRefreshError = errcode.Classify(p.LastError).String()
+	}
+	if !p.BackoffUntil.IsZero() {
+		until := p.BackoffUntil.UTC()
+		ti.BackoffUntil = &until
+	}
+	ti.Failures = p.Failures
+	if !p.SourceBackoffUntil.IsZero() {
+		until := p.SourceBackoffUntil.UTC()
+		ti.SourceBackoffUntil = &until
+	}
+	if !p.PurgesPausedUntil.IsZero() {
+		until := p.PurgesPausedUntil.UTC()
+		ti.PurgesPausedUntil = &until
+	}
+	ti.RejectStrikes = p.Strikes
+	return ti
+}
+
+// Tokens are br's cached tokens (of merchant alone when it is not ""),
+// with their failure policy's state, sorted by merchant and scopes.
+func Tokens(br *broker.Broker, merchant string) []TokenInfo {
+	out := []TokenInfo{}
+	for _, e := range br.Entries() {
+		if merchant == "" || merchant == e.Binding().Merchant {
+			out = append(out, tokenInfo(e).withPolicy(br.Policy(e)))
+		}
+	}
+	slices.SortFunc(out, func(a, b TokenInfo) int {
+		return strings.Compare(a.Merchant+"\x00"+strings.Join(a.Scopes, " "), b.Merchant+"\x00"+strings.Join(b.Scopes, " "))
+	})
+	return out
+}
+
+// RevokeResult is the outcome of revoking one token at its provider.
+type RevokeResult struct {
+	TokenInfo
+	// Revoked is true when the provider confirmed the revocation.
+	Revoked bool `json:"revoked"`
+	// Error says why the revocation failed (no token or secret in it).
+	Error string `json:"error,omitempty"`
+}
+
+// MerchantTokens matches the cached tokens a merchant is served: those
+// of its provider and organisation in reg (a token can be shared by
+// merchants with the same source, organisation, scopes and audience, and
+// a Nuapay revocation without a token id revokes the whole
+// organisation), and, for per-merchant sources, its own. reg may be nil.
+func MerchantTokens(reg *config.Registry, merchant string) func(*broker.Binding) bool {
+	var m *config.Merchant
+	var sourceID string
+	if reg != nil {
+		if m = reg.Merchants[merchant]; m != nil {
+			sourceID = reg.Providers[m.Provider].ID
+		}
+	}
+	return func(b *broker.Binding) bool {
+		if b.Merchant == merchant {
+			return true
+		}
+		if m == nil || b.SourceID != sourceID || b.Organisation != m.Organisation {
+			return false
+		}
+		pm, ok := b.Source.(broker.PerMerchant)
+		return !ok || !pm.PerMerchant()
+	}
+}
+
+// Revoke revokes each entry's token at its provider, where the provider
+// supports revocation.
+func Revoke(ctx context.Context, entries []*broker.Entry) []RevokeResult {
+	results := make([]RevokeResult, 0, len(entries))
+	for _, e := range entries {
+		res := RevokeResult{TokenInfo: tokenInfo(e)}
+		rv, ok := e.Binding().Source.(broker.Revoker)
+		if !ok {
+			res.Error = "the provider has no revocation endpoint"
+		} else if err := rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); err != nil {
+			res.Error = err.Error()
+		} else {
+			res.Revoked = true
+		}
+		results = append(results, res)
+	}
+	return results
+}
+
+// SetRefreshToken stores the refresh token in r's body,
+// {"refresh_token": "..."}, for a merchant of reg whose provider uses
+// the refresh_token grant, drops br's cached access tokens of the
+// merchant and forgets its remembered consent_required, so that its next
+// call refreshes at once. It returns the merchant's provider and the
+// refresh token's fingerprint; a refusal is an *Error.
+func SetRefreshToken(r *http.Request, reg *config.Registry, br *broker.Broker, merchant string) (provider, fingerprint string, err error) {
+	if reg == nil {
+		return "", "", &Error{Status: http.StatusNotFound, Err: errors.New("no merchant registry is loaded")}
+	}
+	m, ok := reg.Merchants[merchant]
+	if !ok {
+		return "", "", &Error{Status: http.StatusNotFound, Err: fmt.Errorf("merchant %q is not in the registry", merchant)}
+	}
+	src, ok := reg.Providers[m.Provider].Source.(*oauth.RefreshToken)
+	if !ok {
+		return "", "", &Error{Status: http.StatusConflict,
+			Err: fmt.Errorf("merchant %q: provider %q does not use the refresh_token grant", merchant, m.Provider)}
+	}
+	var body struct {
+		RefreshToken string `json:"refresh_token"`
+	}
+	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&body); err != nil || body.RefreshToken == "" ||
+		strings.ContainsAny(body.RefreshToken, "\r\n\x00") {
+		return "", "", &Error{Status: http.StatusBadRequest, Err: errors.New(`the body must be {"refresh_token": "<token>"} with a non-empty token`)}
+	}
+	rt := broker.Secret(body.RefreshToken)
+	if err := src.SetRefreshToken(r.Context(), merchant, rt); err != nil {
+		return "", "", &Error{Status: http.StatusInternalServerError, Err: fmt.Errorf("storing the refresh token of %q: %w", merchant, err)}
+	}
+	br.PurgeMerchant(merchant)
+	consentweb.ForgetConsentRequired(br, m.Provider, merchant)
+	return m.Provider, rt.Fingerprint(), nil
+}

@@ -1,0 +1,101 @@
+package redisstore
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
+)
+
+// Metrics counts what the shared tier does; it is the tier's
+// fleet.Observer. Its collectors live as long as the tier; Register
+// adds them to a registry. No label carries a key or a merchant:
+//
+//	caddy_token_broker_l2_lookups_total{result="hit|miss"}
+//	caddy_token_broker_l2_errors_total{op}
+//	caddy_token_broker_l2_lock_waits_total
+//	caddy_token_broker_l2_adopted_total
+//	caddy_token_broker_l2_invalidations_received_total
+//	caddy_token_broker_l2_undecryptable_total
+//	caddy_token_broker_l2_bypassed_total
+//	caddy_token_broker_l2_rolled_back_total
+type Metrics struct {
+	lookups       *prometheus.CounterVec
+	errors        *prometheus.CounterVec
+	lockWaits     prometheus.Counter
+	adopted       prometheus.Counter
+	invalidations prometheus.Counter
+	undecryptable prometheus.Counter
+	bypassed      prometheus.Counter
+	rolledBack    prometheus.Counter
+}
+
+// NewMetrics creates the collectors.
+func NewMetrics() *Metrics {
+	const ns, sub = "caddy", "token_broker"
+	counter := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help})
+	}
+	return &Metrics{
+		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "l2_lookups_total",
+			Help: "Reads of the shared (Redis) tier after a memory miss, by result: hit (a usable token) or miss."}, []string{"result"}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "l2_errors_total",
+			Help: "Redis calls that failed or timed out, by operation."}, []string{"op"}),
+		lockWaits:     counter("l2_lock_waits_total", "Lookups that waited for another broker of the fleet to mint."),
+		adopted:       counter("l2_adopted_total", "Lookups that used a token another broker minted instead of minting."),
+		invalidations: counter("l2_invalidations_received_total", "Purges announced by other brokers of the fleet."),
+		undecryptable: counter("l2_undecryptable_total", "Values in Redis that did not open with the configured keys (ignored)."),
+		bypassed:      counter("l2_bypassed_total", "Lookups that minted without the shared tier because Redis was unavailable, or without the key's lock after waiting lock_ttl for it."),
+		rolledBack:    counter("l2_rolled_back_total", "Values in Redis older than one this broker had seen for their key (an old value written back), ignored."),
+	}
+}
+
+// Register adds the collectors to registry; registering them again is
+// not an error.
+func (m *Metrics) Register(registry *prometheus.Registry) error {
+	for _, c := range []prometheus.Collector{m.lookups, m.errors, m.lockWaits, m.adopted, m.invalidations, m.undecryptable, m.bypassed, m.rolledBack} {
+		if err := registry.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if errors.As(err, &are) && are.ExistingCollector == c {
+				continue
+			}
+			return fmt.Errorf("registering redis metrics: %w", err)
+		}
+	}
+	return nil
+}
+
+// L2Hit implements fleet.Observer.
+func (m *Metrics) L2Hit() { m.lookups.WithLabelValues("hit").Inc() }
+
+// L2Miss implements fleet.Observer.
+func (m *Metrics) L2Miss() { m.lookups.WithLabelValues("miss").Inc() }
+
+// L2Error implements fleet.Observer.
+func (m *Metrics) L2Error(op string) { m.errors.WithLabelValues(op).Inc() }
+
+// LockWait implements fleet.Observer.
+func (m *Metrics) LockWait() { m.lockWaits.Inc() }
+
+// Adopted implements fleet.Observer.
+func (m *Metrics) Adopted() { m.adopted.Inc() }
+
+// InvalidationReceived implements fleet.Observer.
+func (m *Metrics) InvalidationReceived() { m.invalidations.Inc() }
+
+// Undecryptable implements fleet.Observer.
+func (m *Metrics) Undecryptable() { m.undecryptable.Inc() }
+
+// Bypassed implements fleet.Observer.
+func (m *Metrics) Bypassed() { m.bypassed.Inc() }
+
+// RolledBack implements fleet.Observer.
+func (m *Metrics) RolledBack() { m.rolledBack.Inc() }
+
+// Interface guards.
+var (
+	_ fleet.Observer         = (*Metrics)(nil)
+	_ fleet.RollbackObserver = (*Metrics)(nil)
+)

@@ -1,0 +1,198 @@
+// Package redisstore opens the fleet's shared tier (package fleet) on a
+// Redis client: it checks the settings, builds the client's options and
+// TLS configuration, seals with the configured keys, and counts what the
+// tier does in Prometheus collectors.
+package redisstore
+
+import (
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
+)
+
+// Settings are the shared tier's settings, every placeholder resolved.
+// Error messages name each by its config name.
+type Settings struct {
+	// Address is one Redis server (host:port), the nodes of a cluster,
+	// or sentinels when MasterName is set. Required.
+	Address []string
+	// MasterName is the master that Sentinel monitors.
+	MasterName string
+	// Username is the Redis ACL user.
+	Username string
+	// Password is the Redis password; never logged.
+	Password string
+	// DB is the Redis database number.
+	DB int
+	// TLS, when set, connects with TLS.
+	TLS *TLS
+	// KeyPrefix starts every Redis key and the pub/sub channel.
+	KeyPrefix string
+	// EncryptionKey seals the values: 32 bytes, base64. Required.
+	EncryptionKey string
+	// EncryptionKeysOld are previous keys that still open values.
+	EncryptionKeysOld []string
+	// PlainKeys names Redis keys by the cache key, not its HMAC.
+	PlainKeys bool
+	// Timeout bounds each Redis call. Default fleet.DefaultTimeout.
+	Timeout time.Duration
+	// LockTTL is the expiry of a key's fleet lock, at least
+	// FetchTimeout. Default FetchTimeout plus 5s.
+	LockTTL time.Duration
+	// FetchTimeout is the broker's fetch timeout. Default
+	// broker.DefaultFetchTimeout.
+	FetchTimeout time.Duration
+}
+
+// TLS configures TLS to Redis.
+type TLS struct {
+	// CA is a PEM file of the authorities that sign the server's
+	// certificate. Default: the system roots.
+	CA string
+	// Cert is a PEM client certificate file (with Key).
+	Cert string
+	// Key is the PEM private key file of Cert.
+	Key string
+	// ServerName is the name expected in the server's certificate.
+	// Default: the host of the address.
+	ServerName string
+}
+
+// Plan is a checked Settings: what Open builds a tier from.
+type Plan struct {
+	// Key identifies the settings (secrets included, so that a changed
+	// key makes another plan) without revealing them.
+	Key string
+	// Timeout and LockTTL are the settings with their defaults.
+	Timeout, LockTTL time.Duration
+	// OldKeys counts the previous encryption keys.
+	OldKeys int
+
+	s    Settings
+	keys *seal.Keyring
+	opts *redis.UniversalOptions
+}
+
+// Prepare checks s, reads its TLS files and returns the plan of its tier.
+// Redis is not contacted.
+func Prepare(s Settings) (*Plan, error) {
+	if len(s.Address) == 0 {
+		return nil, errors.New("address is required (host:port, or several for a cluster)")
+	}
+	if s.EncryptionKey == "" {
+		return nil, errors.New("encryption_key is required: 32 random bytes in base64 (head -c 32 /dev/urandom | base64), the same on every broker")
+	}
+	current, err := seal.ParseKey(s.EncryptionKey)
+	if err != nil {
+		return nil, fmt.Errorf("encryption_key: %w", err)
+	}
+	var old [][]byte
+	for i, k := range s.EncryptionKeysOld {
+		raw, err := seal.ParseKey(k)
+		if err != nil {
+			return nil, fmt.Errorf("encryption_keys_old[%d]: %w", i, err)
+		}
+		old = append(old, raw)
+	}
+	keys, err := seal.New(current, old...)
+	if err != nil {
+		return nil, err
+	}
+	if s.Timeout < 0 || s.LockTTL < 0 {
+		return nil, errors.New("timeout and lock_ttl must not be negative")
+	}
+	if s.Timeout == 0 {
+		s.Timeout = fleet.DefaultTimeout
+	}
+	if s.FetchTimeout <= 0 {
+		s.FetchTimeout = broker.DefaultFetchTimeout
+	}
+	if s.LockTTL == 0 {
+		s.LockTTL = s.FetchTimeout + 5*time.Second
+	}
+	if s.LockTTL < s.FetchTimeout {
+		return nil, fmt.Errorf("lock_ttl %s is shorter than fetch_timeout %s: a slow mint would lose its lock and the fleet would mint twice; raise lock_ttl", s.LockTTL, s.FetchTimeout)
+	}
+	opts := &redis.UniversalOptions{Addrs: s.Address, MasterName: s.MasterName, Username: s.Username, Password: s.Password, DB: s.DB}
+	if s.TLS != nil {
+		if opts.TLSConfig, err = s.TLS.config(); err != nil {
+			return nil, err
+		}
+	}
+	fleet.ClientOptions(opts, s.Timeout)
+	settings, _ := json.Marshal(s)
+	sum := sha256.Sum256(settings)
+	return &Plan{Key: "redis " + hex.EncodeToString(sum[:]), Timeout: s.Timeout, LockTTL: s.LockTTL, OldKeys: len(old),
+		s: s, keys: keys, opts: opts}, nil
+}
+
+// config builds the client TLS configuration.
+func (t *TLS) config() (*tls.Config, error) {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
+	if t.CA != "" {
+		pem, err := os.ReadFile(t.CA)
+		if err != nil {
+			return nil, fmt.Errorf("tls ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("tls ca %s: no PEM certificate in it", t.CA)
+		}
+		cfg.RootCAs = pool
+	}
+	if (t.Cert == "") != (t.Key == "") {
+		return nil, errors.New("tls cert and key go together: set both or neither")
+	}
+	if t.Cert != "" {
+		pair, err := tls.LoadX509KeyPair(t.Cert, t.Key)
+		if err != nil {
+			return nil, fmt.Errorf("tls cert %s / key %s: %w", t.Cert, t.Key, err)
+		}
+		cfg.Certificates = []tls.Certificate{pair}
+	}
+	return cfg, nil
+}
+
+// Tier is a Redis client, the shared tier over it and the tier's
+// metrics. Close it when done.
+type Tier struct {
+	// Cache is the shared tier.
+	Cache *fleet.Cache
+	// Metrics count what the tier does.
+	Metrics *Metrics
+
+	client redis.UniversalClient
+}
+
+// Open creates the plan's client and tier; it does not wait for Redis.
+func (p *Plan) Open(logger *zap.Logger) (*Tier, error) {
+	client := redis.NewUniversalClient(p.opts)
+	m := NewMetrics()
+	cache, err := fleet.New(fleet.Options{
+		Client: client, Keys: p.keys, KeyPrefix: p.s.KeyPrefix, PlainKeys: p.s.PlainKeys,
+		Timeout: p.Timeout, LockTTL: p.LockTTL, Observer: m, Logger: logger,
+	})
+	if err != nil {
+		client.Close()
+		return nil, err
+	}
+	return &Tier{Cache: cache, Metrics: m, client: client}, nil
+}
+
+// Close closes the tier and its client.
+func (t *Tier) Close() error {
+	return errors.Join(t.Cache.Close(), t.client.Close())
+}

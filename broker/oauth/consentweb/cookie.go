@@ -1,0 +1,53 @@
+package consentweb
+
+import (
+	"encoding/base64"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+)
+
+// The consent cookie binds the authorization state to the browser that
+// opened the link (RFC 9700 §4.7.1): "__Host-token_broker_consent"
+// (Secure, HttpOnly, SameSite=Lax, Path=/) on HTTPS or a host that is not
+// loopback, "token_broker_consent" (HttpOnly, SameSite=Lax, Path=/) on
+// plain HTTP to a loopback host. A callback without the cookie of the
+// browser that started it is refused (outcome wrong_browser) and its
+// state is left for that browser.
+
+// browserCookie is the name of the consent cookie for r and whether it is
+// Secure: "__Host-" prefixed and Secure unless r is plain HTTP to a
+// loopback host (a browser keeps no Secure cookie from plain HTTP, but
+// one behind a TLS-terminating proxy is on HTTPS).
+func browserCookie(r *http.Request) (name string, secure bool) {
+	if r.TLS == nil && isLoopbackHost(r.Host) {
+		return consentCookie, false
+	}
+	return "__Host-" + consentCookie, true
+}
+
+// consentCookie is the consent cookie's name, without prefix.
+const consentCookie = "token_broker_consent"
+
+// isLoopbackHost reports whether a Host header names the local machine:
+// localhost, 127.0.0.0/8 or ::1, with any port.
+func isLoopbackHost(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.Trim(host, "[]"), ".")
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
+}
+
+// validBrowser reports whether v looks like a browser secret made by
+// oauth.NewBrowser (32 random bytes, base64url): another value is
+// replaced by a new one.
+func validBrowser(v string) bool {
+	b, err := base64.RawURLEncoding.DecodeString(v)
+	return err == nil && len(b) == 32
+}

@@ -1,0 +1,295 @@
+// Package consentweb serves the merchants' consent (the OAuth
+// authorization-code flow of broker/oauth) over plain net/http: the
+// public start, callback and result steps, the consent-link API, and
+// the merchants' consent state.
+//
+// On the public callback site a Handler serves, under any path prefix:
+//
+//	GET  …/start?link=…   consume a one-time consent link, set the browser's consent cookie,
+//	                      redirect to the provider
+//	GET  …/callback       the provider's redirect: check the state and that the browser holds its
+//	                      cookie, exchange the code, store the refresh token, redirect to the app's
+//	                      return URL with merchant and outcome (ok or the refusal reason; with
+//	                      outcome provider_error, also error, the provider's error code); without
+//	                      a return URL, redirect to …/done
+//	GET  …/done?result=…  the outcome page of a callback, the same on every load for an hour
+//
+// With Links (on the localhost sidecar site) it serves instead:
+//
+//	POST …/links  {"merchant": "acme", "return_url": "https://app…", "callback_host": "cb1…"}
+//	              → {"url": "https://cb1…/consent/start?link=…", "expires": "…"}
+//
+// Every other path, and every refusal, gets a page of broker/oauth/consentpage.
+// Each step is counted, traced under the request's span and logged,
+// never with a code, token, link or state.
+package consentweb
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentpage"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// Options are the parts of a Handler.
+type Options struct {
+	// Provider is the provider (in Registry) whose consents the handler
+	// runs. Required without Links; with Links it is optional and only
+	// checked (links are for the merchant's provider).
+	Provider string
+	// Links serves the consent-link API instead of start and callback.
+	Links bool
+	// Registry holds the merchants and their providers' consent flows.
+	Registry *config.Registry
+	// Broker's cached tokens of a merchant are dropped, and its
+	// remembered consent_required forgotten, once a callback stores the
+	// merchant's refresh token.
+	Broker *broker.Broker
+	// Gate admits the requests of the links API.
+	Gate Gate
+	// Pages renders the consent pages.
+	Pages *consentpage.Renderer
+	// Results keeps the outcomes of callbacks for …/done.
+	Results *consentpage.Results
+	// Steps counts the steps by provider, step and outcome.
+	Steps *prometheus.CounterVec
+	// Logger logs each step's outcome.
+	Logger *zap.Logger
+}
+
+// Handler serves the consent steps of one provider, or the links API.
+// It is safe for concurrent use.
+type Handler struct {
+	o    Options
+	flow *oauth.AuthCode
+	bank string // the provider's display name
+}
+
+// New checks that the registry has the consent flow the handler serves.
+func New(o Options) (*Handler, error) {
+	reg := o.Registry
+	if reg == nil {
+		return nil, fmt.Errorf("provider %q: the token_broker app has no registry (set its config)", o.Provider)
+	}
+	h := &Handler{o: o}
+	if o.Provider == "" {
+		for _, p := range reg.Providers {
+			if p.Consent != nil {
+				return h, nil
+			}
+		}
+		return nil, fmt.Errorf("links: no provider of the registry %s has a consent table ([providers.NAME.consent])", reg.Path)
+	}
+	p := reg.Providers[o.Provider]
+	switch {
+	case p == nil:
+		return nil, fmt.Errorf("provider %q is not in the registry %s", o.Provider, reg.Path)
+	case p.Consent == nil:
+		return nil, fmt.Errorf("provider %q (%s line %d) has no consent table: add [providers.%s.consent] with redirect_uris", o.Provider, reg.Path, p.Line, o.Provider)
+	}
+	h.flow = p.Consent
+	h.bank = p.DisplayName
+	return h, nil
+}
+
+// ServeHTTP serves start, callback, done or links; everything else is a
+// not_found page. Every answer sets Cache-Control: no-store and
+// Referrer-Policy: no-referrer.
+func (c *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	h := w.Header()
+	h.Set("Cache-Control", "no-store")
+	h.Set("Referrer-Policy", "no-referrer")
+	h.Set("X-Content-Type-Options", "nosniff")
+	path := r.URL.Path
+	links := c.o.Links
+	switch {
+	case links && strings.HasSuffix(path, "/links") && r.Method == http.MethodPost:
+		c.link(w, r)
+	case !links && strings.HasSuffix(path, "/start") && r.Method == http.MethodGet:
+		c.start(w, r)
+	case !links && strings.HasSuffix(path, "/callback") && r.Method == http.MethodGet:
+		c.callback(w, r)
+	case !links && strings.HasSuffix(path, "/done") && r.Method == http.MethodGet:
+		c.result(w, r)
+	default:
+		c.render(w, r, consentpage.Page{Name: consentpage.PageNotFound})
+	}
+}
+
+// render writes a consent page, with the merchant's and the provider's
+// display names from the registry.
+func (c *Handler) render(w http.ResponseWriter, r *http.Request, p consentpage.Page) {
+	if p.MerchantID != "" {
+		if m, _, ok := c.o.Registry.Merchant(p.MerchantID); ok {
+			p.Merchant = m.DisplayName
+		}
+	}
+	p.Bank = c.bank
+	c.o.Pages.Render(w, r.Header.Get("Accept-Language"), p)
+}
+
+// result serves …/done: the page of a callback's stored result.
+func (c *Handler) result(w http.ResponseWriter, r *http.Request) {
+	res, ok := c.o.Results.Load(r.Context(), r.URL.Query().Get("result"))
+	if !ok {
+		c.render(w, r, consentpage.Page{Name: consentpage.PageGone})
+		return
+	}
+	c.render(w, r, consentpage.Page{Name: consentpage.ForOutcome(res.Outcome), MerchantID: res.MerchantID,
+		Outcome: res.Outcome, ProviderCode: res.ProviderCode})
+}
+
+// outcomeOf is the outcome of a consent step: "ok", the
+// *oauth.ConsentError's reason (and the provider's error code of a
+// provider_error), or "error".
+func outcomeOf(err error) (outcome, code string) {
+	var ce *oauth.ConsentError
+	switch {
+	case err == nil:
+		return "ok", ""
+	case errors.As(err, &ce):
+		return ce.Reason, ce.Code
+	}
+	return "error", ""
+}
+
+// tracerName is the instrumentation scope of the consent spans.
+const tracerName = "github.com/tokenbroker/caddy-token-broker"
+
+// Span attributes.
+const (
+	attrMerchant = attribute.Key("token_broker.merchant")
+	attrProvider = attribute.Key("token_broker.provider")
+	attrOutcome  = attribute.Key("token_broker.outcome")
+)
+
+// span starts a span for a consent step under the request's span.
+func (c *Handler) span(r *http.Request, provider, step string) (context.Context, trace.Span) {
+	parent := trace.SpanFromContext(r.Context())
+	return parent.TracerProvider().Tracer(tracerName).Start(r.Context(), "token_broker.consent."+step,
+		trace.WithAttributes(attrProvider.String(provider)))
+}
+
+// done records a step's outcome: metric, span and log, never a code,
+// token, link or state.
+func (c *Handler) done(span trace.Span, provider, step, merchant string, err error) {
+	outcome, code := outcomeOf(err)
+	c.o.Steps.WithLabelValues(provider, step, outcome).Inc()
+	span.SetAttributes(attrMerchant.String(merchant), attrOutcome.String(outcome))
+	fields := []zap.Field{zap.String("provider", provider), zap.String("step", step), zap.String("merchant", merchant), zap.String("outcome", outcome)}
+	var le *oauth.LinkLimitError
+	switch {
+	case errors.As(err, &le): // a flood of these is counted, not logged one by one
+		span.SetStatus(codes.Error, outcome)
+		c.o.Logger.Debug("consent link refused", append(fields, zap.String("error", err.Error()))...)
+	case outcome == oauth.ReasonProviderError:
+		// Not the merchant's doing: the error says what the operator
+		// should check or set.
+		span.SetStatus(codes.Error, outcome)
+		c.o.Logger.Error("consent failed: the provider refused the authorization request; fix the provider's configuration",
+			append(fields, zap.String("provider_error", code), zap.String("error", err.Error()))...)
+	case err != nil:
+		span.SetStatus(codes.Error, outcome)
+		c.o.Logger.Warn("consent refused", append(fields, zap.String("error", err.Error()))...)
+	default:
+		c.o.Logger.Info("consent step", fields...)
+	}
+	span.End()
+}
+
+// start consumes a consent link, binds the browser with its consent
+// cookie (the one it has, or a new one) and redirects to the provider.
+func (c *Handler) start(w http.ResponseWriter, r *http.Request) {
+	provider := c.o.Provider
+	ctx, span := c.span(r, provider, "start")
+	name, secure := browserCookie(r)
+	browser := oauth.NewBrowser()
+	if ck, err := r.Cookie(name); err == nil && validBrowser(ck.Value) {
+		browser = oauth.Browser(ck.Value)
+	}
+	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host, browser)
+	c.done(span, provider, "start", rec.Merchant, err)
+	if err != nil {
+		outcome, code := outcomeOf(err)
+		c.render(w, r, consentpage.Page{Name: consentpage.ForStart(r.URL.Query().Get("link"), outcome),
+			MerchantID: rec.Merchant, Outcome: outcome, ProviderCode: code})
+		return
+	}
+	http.SetCookie(w, &http.Cookie{Name: name, Value: string(browser), Path: "/", MaxAge: int(oauth.StateTTL / time.Second),
+		Secure: secure, HttpOnly: true, SameSite: http.SameSiteLaxMode})
+	http.Redirect(w, r, authURL, http.StatusSeeOther)
+}
+
+// callback finishes the consent and sends the browser back to the app.
+func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
+	provider := c.o.Provider
+	ctx, span := c.span(r, provider, "callback")
+	var browser oauth.Browser // none: refused if the state is bound
+	name, _ := browserCookie(r)
+	if ck, cerr := r.Cookie(name); cerr == nil {
+		browser = oauth.Browser(ck.Value)
+	}
+	res, err := c.flow.Callback(ctx, r.Host, r.URL.Query(), browser)
+	c.done(span, provider, "callback", res.Merchant, err)
+	if err == nil {
+		c.o.Broker.PurgeMerchant(res.Merchant)
+		ForgetConsentRequired(c.o.Broker, provider, res.Merchant)
+		c.o.Logger.Info("refresh token stored by consent", zap.String("provider", provider),
+			zap.String("merchant", res.Merchant), zap.String("fingerprint", res.Fingerprint))
+	}
+	outcome, code := outcomeOf(err)
+	if res.ReturnURL != "" {
+		params := url.Values{"merchant": {res.Merchant}, "outcome": {outcome}}
+		if code != "" { // provider_error: the provider's error code
+			params.Set("error", code)
+		}
+		http.Redirect(w, r, withParams(res.ReturnURL, params), http.StatusSeeOther)
+		return
+	}
+	if res.Merchant != "" {
+		// The outcome of a known state goes to …/done, which shows it
+		// again on a reload (the state is consumed by now).
+		id, serr := c.o.Results.Save(ctx, consentpage.Result{MerchantID: res.Merchant, Outcome: outcome, ProviderCode: code})
+		if serr == nil {
+			// Relative, so that it resolves against the path the browser
+			// used, whatever a handle_path stripped.
+			w.Header().Set("Location", "done?"+url.Values{"result": {id}}.Encode())
+			w.WriteHeader(http.StatusSeeOther)
+			return
+		}
+		c.o.Logger.Warn("consent result not stored: its page is shown once", zap.String("provider", provider),
+			zap.String("merchant", res.Merchant), zap.Error(serr))
+	}
+	c.render(w, r, consentpage.Page{Name: consentpage.ForOutcome(outcome), MerchantID: res.Merchant, Outcome: outcome, ProviderCode: code})
+}
+
+// ForgetConsentRequired drops br's remembered consent_required of a
+// merchant at a provider, once it has a new refresh token (by consent or
+// through the admin API), so that its next call refreshes at once.
+func ForgetConsentRequired(br *broker.Broker, provider, merchant string) {
+	br.ForgetFailures(func(err error) bool {
+		var cr *oauth.ConsentRequiredError
+		return errors.As(err, &cr) && cr.Merchant == merchant && cr.Provider == provider
+	})
+}
+
+func withParams(u string, v url.Values) string {
+	if strings.Contains(u, "?") {
+		return u + "&" + v.Encode()
+	}
+	return u + "?" + v.Encode()
+}

@@ -1,0 +1,156 @@
+package consentweb
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// Gate admits the requests of the links API.
+type Gate interface {
+	// Site refuses a request that the site does not take, before its
+	// body is read; nil admits it.
+	Site(r *http.Request) *Refusal
+	// Caller refuses a request whose caller may not ask links for
+	// merchant; nil admits it.
+	Caller(r *http.Request, merchant string) *Refusal
+}
+
+// Refusal is the answer to a request that a Gate refuses.
+type Refusal struct {
+	// Status is the HTTP status.
+	Status int
+	// Code is the answer's error code.
+	Code string
+	// Message is the answer's message.
+	Message string
+	// Err is why, for the log; never sent.
+	Err error
+}
+
+// LinkRequest is the body of a consent-link request.
+type LinkRequest struct {
+	// Merchant whose consent is asked.
+	Merchant string `json:"merchant"`
+	// ReturnURL is where the browser goes after the callback; it must be
+	// on the provider's return_urls allow-list. Optional.
+	ReturnURL string `json:"return_url,omitempty"`
+	// CallbackHost picks the callback domain; default the first of the
+	// provider's redirect_uris.
+	CallbackHost string `json:"callback_host,omitempty"`
+}
+
+// LinkResponse is a created consent link.
+type LinkResponse struct {
+	// Merchant whose consent the link asks.
+	Merchant string `json:"merchant"`
+	// Provider whose consent it is.
+	Provider string `json:"provider"`
+	// URL is the one-time link for the merchant's browser.
+	URL string `json:"url"`
+	// Expires is when the link stops working.
+	Expires time.Time `json:"expires"`
+}
+
+// link serves POST …/links: the Gate applies.
+func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
+	if ref := c.o.Gate.Site(r); ref != nil {
+		c.o.Logger.Warn("consent link refused", zap.String("error_code", ref.Code), zap.Error(ref.Err))
+		linkError(w, ref.Status, ref.Code, ref.Message)
+		return
+	}
+	var req LinkRequest
+	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<10)).Decode(&req); err != nil {
+		linkError(w, http.StatusBadRequest, "bad_request", `the body must be JSON: {"merchant": "...", "return_url": "..."}`)
+		return
+	}
+	if ref := c.o.Gate.Caller(r, req.Merchant); ref != nil {
+		linkError(w, ref.Status, ref.Code, ref.Message)
+		return
+	}
+	provider := c.o.Provider
+	if m := c.o.Registry.Merchants[req.Merchant]; m != nil {
+		provider = m.Provider
+	}
+	ctx, span := c.span(r, provider, "link")
+	link, status, err := CreateLink(ctx, c.o.Registry, req)
+	c.done(span, provider, "link", req.Merchant, err)
+	if err != nil {
+		code := "bad_request"
+		var ce *oauth.ConsentError
+		if errors.As(err, &ce) {
+			code = ce.Reason
+		}
+		SetRetryAfter(w, err)
+		linkError(w, status, code, err.Error())
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(link)
+}
+
+// CreateLink creates the link of the merchant's provider; status is the
+// HTTP status of a failure: 404 for a merchant not in the registry, 409
+// for one whose provider has no consent table, 400 for a return URL or
+// callback host refused, 429 for a link limit.
+func CreateLink(ctx context.Context, reg *config.Registry, req LinkRequest) (LinkResponse, int, error) {
+	m := reg.Merchants[req.Merchant]
+	if m == nil {
+		return LinkResponse{}, http.StatusNotFound, fmt.Errorf("merchant %q is not in the registry %s", req.Merchant, reg.Path)
+	}
+	p := reg.Providers[m.Provider]
+	if p == nil || p.Consent == nil {
+		return LinkResponse{}, http.StatusConflict, fmt.Errorf("merchant %q: provider %q has no consent table ([providers.%s.consent])", req.Merchant, m.Provider, m.Provider)
+	}
+	flow := p.Consent
+	link, err := flow.NewLink(ctx, req.Merchant, req.ReturnURL, req.CallbackHost)
+	if err != nil {
+		status := http.StatusInternalServerError
+		var ce *oauth.ConsentError
+		var le *oauth.LinkLimitError
+		switch {
+		case errors.As(err, &le):
+			status = http.StatusTooManyRequests
+		case errors.As(err, &ce) && (ce.Reason == oauth.ReasonReturnURL || ce.Reason == oauth.ReasonWrongCallback):
+			status = http.StatusBadRequest
+		}
+		return LinkResponse{}, status, err
+	}
+	return LinkResponse{Merchant: req.Merchant, Provider: flow.Provider(), URL: link.URL, Expires: link.Expires.UTC()}, 0, nil
+}
+
+// SetRetryAfter sets Retry-After (whole seconds, rounded up) when err is
+// a link limit.
+func SetRetryAfter(w http.ResponseWriter, err error) {
+	var le *oauth.LinkLimitError
+	if errors.As(err, &le) {
+		w.Header().Set("Retry-After", strconv.FormatInt(retryAfterSeconds(le.RetryAfter), 10))
+	}
+}
+
+// retryAfterSeconds is d in whole seconds, rounded up, at least 1.
+func retryAfterSeconds(d time.Duration) int64 {
+	return max(1, int64((d+time.Second-1)/time.Second))
+}
+
+// linkError writes a JSON error: {"error": code, "message": msg}, and
+// "retry_after" (seconds) when Retry-After is set.
+func linkError(w http.ResponseWriter, status int, code, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	body := map[string]any{"error": code, "message": msg}
+	if ra, err := strconv.Atoi(w.Header().Get("Retry-After")); err == nil {
+		body["retry_after"] = ra
+	}
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(body)
+}
