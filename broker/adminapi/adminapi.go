@@ -1,7 +1,7 @@
 // Package adminapi computes the answers of the token broker's admin
 // API: the cached tokens with their failure policy's state, the tokens a
 // merchant is served, their revocation, and a merchant's refresh token
-// loaded by hand. Nothing it answers holds a token or a secret: tokens
+// loaded by hand. Nothing it answers contains a token or a secret: tokens
 // are shown by fingerprint, refresh tokens are only said to exist.
 package adminapi
 
@@ -69,7 +69,7 @@ type TokenInfo struct {
 	// fetch succeeds. Never the provider's text.
 	LastRefreshError string `json:"last_refresh_error,omitempty"`
 	// BackoffUntil is when the key's failure memory stops answering for
-	// it (no token API call before), if it holds.
+	// it (no token API call before), if it is in force.
 	BackoffUntil *time.Time `json:"backoff_until,omitempty"`
 	// Failures counts the key's consecutive failed fetches.
 	Failures int `json:"failures,omitempty"`
@@ -82,7 +82,7 @@ type TokenInfo struct {
 	// the 401s are not about the token. Absent when purges are not paused.
 	PurgesPausedUntil *time.Time `json:"purge_held_until,omitempty"`
 	// RejectStrikes counts the key's replacement tokens rejected soon
-	// after they were cached (each doubles the hold).
+	// after they were cached (each doubles the pause).
 	RejectStrikes int `json:"reject_strikes,omitempty"`
 }
 

@@ -24,7 +24,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// Health is the token broker's health answer. It never holds a token or
+// Health is the token broker's health answer. It never contains a token or
 // a secret.
 type Health struct {
 	// Ready is true when every check passed: the broker can serve.
