@@ -101,7 +101,7 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 		return RejectionStale
 	}
 	e := v.(*Entry)
-	if br.pol.rejectHeld(b, rejected, baseTime(e.cachedAt), br.opts.Now()) {
+	if br.pol.rejectHeld(b, rejected, e.cachedAt(), br.opts.Now()) {
 		br.mu.Unlock()
 		return RejectionHeld
 	}

@@ -189,27 +189,6 @@ func (b *Binding) InitFor(p *Profile, merchant, organisation string) {
 	b.Profile, b.Merchant, b.Organisation, b.key = p, merchant, organisation, p.keyFor(merchant, organisation)
 }
 
-// InitFrom fills b, a zero Binding not in use yet, with o's profile,
-// merchant, organisation and cache key (not its cached token nor its
-// Observer): Init without computing the key again.
-func (b *Binding) InitFrom(o *Binding) {
-	b.Profile, b.Merchant, b.Organisation, b.key = o.Profile, o.Merchant, o.Organisation, o.key
-}
-
-// Pack moves the binding's cache key into a slab shared by long-lived
-// bindings (internal/slab), so that the GC marks a chunk of keys rather
-// than one string per binding. Call it on a binding that lives as long as
-// its configuration (a registry merchant's), before it is used; not on
-// one evicted while the process runs (a wildcard merchant's): one live
-// key keeps its whole 64 KiB chunk alive.
-func (b *Binding) Pack() { b.key = keySlab.Clone(b.key) }
-
-// Unpin forgets the entry the binding was last served: call it when the
-// binding is discarded (a config reload), so that it keeps no cached
-// token, nor the chunk of entries holding it (see Pack), alive. A lookup
-// through it afterwards still works (from the cache).
-func (b *Binding) Unpin() { b.current.Store(nil) }
-
 // Key is the cache key of the binding, an opaque binary string: equal for
 // two bindings exactly when they have the same source ID, organisation,
 // sorted scopes, audience and requested lifetime, and for a PerMerchant

@@ -340,8 +340,8 @@ type handlerMetrics struct {
 func (h *Handler) instrument(m *tokenMetrics) {
 	h.metrics = &handlerMetrics{tokenMetrics: m, providers: make(map[string]string), shared: map[string]*lookupCounters{},
 		observers: map[string]*observer{}}
-	if m != nil && h.bindings != nil && h.bindings.reg != nil {
-		for name, p := range h.bindings.reg.Providers {
+	if m != nil && h.registry != nil {
+		for name, p := range h.registry.Providers {
 			h.metrics.providers[p.ID] = name
 			if !m.merchantLabel {
 				h.metrics.shared[name] = m.lookupCounters(name, "")
@@ -350,12 +350,12 @@ func (h *Handler) instrument(m *tokenMetrics) {
 		}
 	}
 	if h.bindings != nil {
-		h.bindings.each(func(id string, b *binding) {
+		h.bindings.Each(func(id string, b *binding) {
 			if m != nil {
 				if _, known := h.metrics.providers[b.SourceID]; !known {
-					h.exportZero(b.prov.name, b.SourceID)
+					h.exportZero(b.Provider.Name, b.SourceID)
 				}
-				h.metrics.providers[b.SourceID] = b.prov.name
+				h.metrics.providers[b.SourceID] = b.Provider.Name
 			}
 			b.Observer = h.observerFor(b, false)
 		})
@@ -424,26 +424,26 @@ func (h *Handler) observerFor(b *binding, hold bool) broker.Observer {
 	if m.merchantLabel {
 		switch {
 		case hold:
-			return &observer{h: h, lookups: m.holdMerchant(b.prov.name, b.Merchant)}
-		case !b.wild():
-			return &observer{h: h, lookups: m.explicitMerchant(b.prov.name, b.Merchant)}
+			return &observer{h: h, lookups: m.holdMerchant(b.Provider.Name, b.Merchant)}
+		case !b.Wild():
+			return &observer{h: h, lookups: m.explicitMerchant(b.Provider.Name, b.Merchant)}
 		}
-		return &observer{h: h, lookups: m.lookupCounters(b.prov.name, b.Merchant)}
+		return &observer{h: h, lookups: m.lookupCounters(b.Provider.Name, b.Merchant)}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if o := m.observers[b.prov.name]; o != nil {
+	if o := m.observers[b.Provider.Name]; o != nil {
 		return o
 	}
-	c := m.shared[b.prov.name]
+	c := m.shared[b.Provider.Name]
 	if c == nil {
 		// A provider added by hand (tests): counters made once here,
 		// before the handler serves.
-		c = m.lookupCounters(b.prov.name, "")
-		m.shared[b.prov.name] = c
+		c = m.lookupCounters(b.Provider.Name, "")
+		m.shared[b.Provider.Name] = c
 	}
 	o := &observer{h: h, lookups: c}
-	m.observers[b.prov.name] = o
+	m.observers[b.Provider.Name] = o
 	return o
 }
 
@@ -484,8 +484,8 @@ func (h *Handler) providerOf(b *broker.Binding) string {
 		}
 	}
 	if h.bindings != nil {
-		if hb := h.bindings.peek(b.Merchant); hb != nil {
-			return hb.prov.name
+		if hb := h.bindings.Peek(b.Merchant); hb != nil {
+			return hb.Provider.Name
 		}
 	}
 	p, _, _ := strings.Cut(b.SourceID, "#")

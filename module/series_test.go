@@ -52,7 +52,7 @@ func TestWildcardMerchantSeriesFollowActiveSet(t *testing.T) {
 			env.h.instrument(m)
 			handlers := map[string]*Handler{
 				"h1": env.h,
-				"h2": env.otherHandler(env.h.bindings.reg, []string{"openbanking_pisp"}, m),
+				"h2": env.otherHandler(env.h.registry, []string{"openbanking_pisp"}, m),
 				"h3": env.otherHandler(explicitORG1(t), nil, m),
 			}
 			for _, step := range tt.steps {
@@ -91,8 +91,7 @@ func TestWildcardMerchantSeriesFollowActiveSet(t *testing.T) {
 // route's scopes, or another config) on env's broker and clock, counting
 // into m.
 func (env *wildcardEnv) otherHandler(reg *config.Registry, scopes []string, m *tokenMetrics) *Handler {
-	h := reloadedHandler(env.h.broker, reg, scopes)
-	h.bindings.now = env.clk.Now
+	h := reloadedHandlerAt(env.h.broker, reg, scopes, env.clk.Now)
 	h.instrument(m)
 	return h
 }
