@@ -120,7 +120,7 @@ func (th *tableHooks) Made(b *binding, hold bool) bool {
 
 // Released implements bindings.Hooks.
 func (th *tableHooks) Released(b *binding) {
-	th.metrics.tokenMetrics.releaseMerchant(b.Provider.Name, b.Merchant)
+	th.metrics.series.Release(b.Provider.Name, b.Merchant)
 }
 
 // Drop implements bindings.Hooks.
