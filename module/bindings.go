@@ -2,8 +2,6 @@ package module
 
 import (
 	"errors"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -21,55 +19,24 @@ type binding = bindings.Binding
 // and route scopes shares one (App.tables).
 type bindingTable = bindings.Table
 
-// errUnknownMerchant: the registry has no such merchant and no wildcard.
-var errUnknownMerchant = errors.New("unknown merchant")
+// tables are the binding tables of a config, by registry and route
+// scopes (App.tables).
+type tables = bindings.Tables
 
 // newBindingTable returns the empty table of reg for a route's scopes
 // (nil: the merchants' own), restricted to listing's organisations when
 // it is not nil, on the clock now.
 func newBindingTable(reg *config.Registry, scopes []string, listing *orgListing, now func() time.Time) *bindingTable {
-	if len(scopes) > 0 {
-		// Normalised once here, so that the bindings share this slice.
-		scopes = broker.NormaliseScopes(scopes)
-	}
-	c := bindings.Config{Resolver: registryResolver{reg, scopes}, Now: now}
-	if reg.Wildcard != nil {
-		c.Limits = bindings.Limits{MaxActive: reg.Wildcard.MaxActive, IdleTimeout: reg.Wildcard.IdleTimeout}
-	}
-	if listing != nil {
-		c.Allow = listing.allowed
-	}
-	return bindings.New(c)
+	return bindings.ForRegistry(reg, scopes, listing.allow(), now)
 }
 
-// registryResolver resolves merchant ids in a registry, with the route's
-// scopes.
-type registryResolver struct {
-	reg    *config.Registry
-	scopes []string
-}
-
-// Resolve implements bindings.Resolver.
-func (r registryResolver) Resolve(id string) (*broker.Binding, string, string, bool, error) {
-	m, wild, ok := r.reg.Merchant(id)
-	if !ok {
-		return nil, "", "", false, errUnknownMerchant
+// allow returns the listing's check as bindings.Config.Allow: nil when
+// there is no listing.
+func (l *orgListing) allow() func(organisation string) error {
+	if l == nil {
+		return nil
 	}
-	if wild {
-		// id is the request's header value: the binding must not keep
-		// the request's header strings alive. An explicit merchant's
-		// binding gets the registry's own id.
-		id = strings.Clone(id)
-	}
-	bd, err := r.reg.Binding(id, r.scopes)
-	if err != nil {
-		return nil, "", "", false, err
-	}
-	typ := ""
-	if p := r.reg.Providers[m.Provider]; p != nil {
-		typ = p.Type
-	}
-	return bd, m.Provider, typ, wild, nil
+	return l.allowed
 }
 
 // binding returns the binding of a valid merchant id, made on first use;
@@ -85,7 +52,7 @@ func (h *Handler) binding(id string) (*binding, *refusal) {
 		return nil, &refusal{code: lr.code, merchant: id}
 	case errors.Is(err, bindings.ErrTooManyMerchants):
 		return nil, &refusal{code: errcode.TooManyMerchants, merchant: id}
-	case errors.Is(err, errUnknownMerchant):
+	case errors.Is(err, bindings.ErrUnknownMerchant):
 		return nil, &refusal{code: errcode.UnknownMerchant, merchant: id}
 	}
 	return nil, &refusal{code: errcode.UnknownMerchant, merchant: id, cause: err}
@@ -125,31 +92,3 @@ func (th *tableHooks) Released(b *binding) {
 
 // Drop implements bindings.Hooks.
 func (th *tableHooks) Drop(b *broker.Binding) { th.broker.Drop(b) }
-
-// tables are the binding tables of a config, by registry and scope set.
-type tables struct {
-	mu sync.Mutex
-	m  map[tableKey]*bindingTable
-}
-
-type tableKey struct {
-	reg    *config.Registry
-	scopes string
-}
-
-// table returns the table of reg for the route scopes, shared by every
-// handler of the config asking for the same.
-func (ts *tables) table(reg *config.Registry, scopes []string, listing *orgListing) *bindingTable {
-	ts.mu.Lock()
-	defer ts.mu.Unlock()
-	if ts.m == nil {
-		ts.m = map[tableKey]*bindingTable{}
-	}
-	k := tableKey{reg, strings.Join(scopes, " ")}
-	if t := ts.m[k]; t != nil {
-		return t
-	}
-	t := newBindingTable(reg, scopes, listing, time.Now)
-	ts.m[k] = t
-	return t
-}

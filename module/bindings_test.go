@@ -38,7 +38,7 @@ func (r handResolver) Resolve(id string) (*broker.Binding, string, string, bool,
 	if bd := r.m[id]; bd != nil {
 		return bd, r.provider, r.typ, false, nil
 	}
-	return nil, "", "", false, errUnknownMerchant
+	return nil, "", "", false, bindings.ErrUnknownMerchant
 }
 
 // keepObserver are bindings.Hooks that leave a binding's Observer as

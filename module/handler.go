@@ -232,7 +232,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.bindings = newBindingTable(reg, h.Scopes, listing, time.Now)
 		app.watch(reg, listing)
 	} else {
-		h.bindings = app.tables.table(reg, h.Scopes, app.listing)
+		h.bindings = app.tables.Table(reg, h.Scopes, app.listing.allow())
 	}
 	h.instrument(app.metrics)
 	return nil

@@ -20,6 +20,10 @@
 //
 // A request in flight keeps its binding (and its token) when the binding
 // is evicted meanwhile.
+//
+// ForRegistry makes the table of a config.Registry, Tables shares them
+// between the routes of a configuration, and Series keeps track of the
+// per-merchant metrics series that the bindings hold.
 package bindings
 
 import (
