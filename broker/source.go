@@ -136,19 +136,19 @@ type Binding struct {
 	// binding of the profile, under the same cache keys): make a new
 	// Profile (NewProfile) instead.
 	*Profile
+	current atomic.Pointer[Entry] // the entry this binding was last served
+	// Observer, when set, is told about this binding's lookups and fetches
+	// instead of the Broker's Observer (a Caddy handler sets its own, so
+	// that logs and metrics follow config reloads).
+	Observer Observer
 	// Merchant is the merchant the token is for. Used in errors and logs
 	// only; the provider sees Organisation.
 	Merchant string
 	// Organisation is the provider's identifier of the merchant's
 	// organisation (see Request.Organisation).
 	Organisation string
-	// Observer, when set, is told about this binding's lookups and fetches
-	// instead of the Broker's Observer (a Caddy handler sets its own, so
-	// that logs and metrics follow config reloads).
-	Observer Observer
 
-	key     string
-	current atomic.Pointer[Entry] // the entry this binding was last served
+	key string
 }
 
 // Request returns what is asked for: the merchant, its organisation and

@@ -88,14 +88,17 @@ func (p *Provider) NameValue() any { return p.nameValue }
 // Binding is a merchant's broker binding as a table holds it. Its fields
 // are set before it is shared, and never after (but Observer, see
 // broker.Binding).
+//
+// A hit reads wild and the broker binding's first fields: they come
+// first.
 type Binding struct {
+	wild *wildState // nil for an explicit merchant
 	broker.Binding
 	// Provider is the provider's name and type, shared by the table's
 	// bindings of that provider.
 	Provider *Provider
 
 	values atomic.Pointer[values] // made on first use (Values)
-	wild   *wildState             // nil for an explicit merchant
 }
 
 // values are a binding's strings as interface values.
