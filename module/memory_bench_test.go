@@ -66,9 +66,9 @@ func readGCMark() (markSeconds float64, scanBytes, objects uint64) {
 //
 //	GOMAXPROCS=1 go test -run '^$' -bench WarmMerchantsGC -benchtime 1x ./module
 //
-// Measured (GOMAXPROCS=1, machine loaded by other builds, 112 MB live
-// heap with the test's registry): 3.0 objects and 332 scannable bytes
-// per warm merchant; mark CPU 240–750 ms per GC over six runs.
+// Measured (GOMAXPROCS=1, 112 MB live heap with the test's registry):
+// 3.0 objects and 332 scannable bytes per warm merchant, 31–34 ms of mark
+// CPU per GC over four runs on a quiet machine.
 func BenchmarkWarmMerchantsGC(b *testing.B) {
 	const n, gcs = 100_000, 20
 	var markUS, scanPer, objectsPer, liveMB float64
