@@ -11,12 +11,10 @@ import (
 	"unsafe"
 )
 
-// TestEntryIsOneStringAndItself: the header, the token value and the
-// token ID and its fingerprint are one string (slices of it),
-// and what the accessors return is unchanged: Header is "Bearer <token>"
-// without the ID, Token().ID the ID, Fingerprint the fingerprint of the
-// value, FingerprintValue the same as a plain string.
-func TestEntryIsOneStringAndItself(t *testing.T) {
+// TestEntryAccessors: Header is "Bearer <token>" (the token's bytes held
+// once: the value is a slice of it), Token().ID the ID, Fingerprint the
+// fingerprint of the value, FingerprintValue the same as a plain string.
+func TestEntryAccessors(t *testing.T) {
 	for _, id := range []string{"", "6f1d2c3e-0000-4000-8000-1234567890ab"} {
 		t.Run("id="+id, func(t *testing.T) {
 			const value = "eyJhbGciOiJSUzI1NiJ9.payload.sig"
@@ -35,12 +33,6 @@ func TestEntryIsOneStringAndItself(t *testing.T) {
 			}
 			if unsafe.StringData(tok.Value.Reveal()) != unsafe.StringData(e.Header()[len("Bearer "):]) {
 				t.Error("the token value is not a slice of the header string")
-			}
-			if id != "" && unsafe.StringData(tok.ID) != unsafe.StringData(e.header[len(e.Header()):]) {
-				t.Error("the token ID is not a slice of the header string")
-			}
-			if unsafe.StringData(e.Fingerprint()) != unsafe.StringData(e.header[len(e.header)-fingerprintLen:]) {
-				t.Error("the fingerprint is not a slice of the header string")
 			}
 			if fp := Fingerprint(value); e.Fingerprint() != fp || e.FingerprintValue() != any(fp) || tok.Fingerprint() != fp {
 				t.Errorf("fingerprint %q, value %v, want %q", e.Fingerprint(), e.FingerprintValue(), fp)
@@ -80,7 +72,7 @@ func TestNormaliseScopesSharesNormalisedInput(t *testing.T) {
 	}
 }
 
-// TestBindingInitInPlace: a Binding filled in place (Init, InitFrom), as
+// TestBindingInitInPlace: a Binding filled in place (Init, InitFor), as
 // embedded in a larger struct, has the key and scopes NewBinding computes.
 func TestBindingInitInPlace(t *testing.T) {
 	src := &countingSource{}
@@ -91,7 +83,7 @@ func TestBindingInitInPlace(t *testing.T) {
 		extra int
 	}
 	a.Init("src", src, req)
-	c.InitFrom(nb)
+	c.InitFor(nb.Profile, nb.Merchant, nb.Organisation)
 	if a.Key() != nb.Key() || c.Key() != nb.Key() || !slices.Equal(a.Scopes, []string{"accounts", "payments"}) {
 		t.Fatalf("keys %q %q, want %q; scopes %q", a.Key(), c.Key(), nb.Key(), a.Scopes)
 	}
@@ -163,56 +155,10 @@ func TestBindingProfileKeys(t *testing.T) {
 	}
 }
 
-// TestEntriesInSlabs: cached entries, their header strings and packed
-// binding keys are cut from chunks (internal/slab), one after the other,
-// not allocated one object each, and read the same.
-func TestEntriesInSlabs(t *testing.T) {
-	src := SourceFunc(func(_ context.Context, req Request) (Token, error) {
-		return Token{Value: Secret("tok-" + req.Organisation), ID: "id-" + req.Organisation, Expiry: time.Now().Add(time.Hour)}, nil
-	})
-	br := New(Options{})
-	defer br.Close()
-	const n = 4
-	var entries [n]*Entry
-	var keys [n]string
-	for i := range n {
-		org := "org" + strings.Repeat("x", i)
-		b := NewBinding("src", src, Request{Merchant: "m", Organisation: org})
-		want := b.Key()
-		b.Pack()
-		if keys[i] = b.Key(); keys[i] != want {
-			t.Fatalf("packed key %q, want %q", keys[i], want)
-		}
-		e, _, err := br.Get(context.Background(), b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if e.Header() != "Bearer tok-"+org || e.Token().ID != "id-"+org || e.Binding() != b || br.cache.Items()[want].Object != e {
-			t.Fatalf("entry %d: header %q, id %q", i, e.Header(), e.Token().ID)
-		}
-		entries[i] = e
-	}
-	last := entries[n-1]
-	sl := &entrySlabs[lifetimeClass(last.Token().Lifetime())]
-	if !sl.entries.Current(last) || !sl.headers.Current(last.header) || !keySlab.Current(keys[n-1]) {
-		t.Errorf("last entry, its header, its key in the slabs' current chunks: %t, %t, %t, want all true",
-			sl.entries.Current(last), sl.headers.Current(last.header), keySlab.Current(keys[n-1]))
-	}
-	// Consecutive headers follow each other (a chunk boundary can
-	// separate one pair, not all).
-	for i := range n - 1 {
-		h := entries[i].header
-		if unsafe.StringData(entries[i+1].header) == (*byte)(unsafe.Add(unsafe.Pointer(unsafe.StringData(h)), len(h))) {
-			return
-		}
-	}
-	t.Error("no two consecutive headers are adjacent in memory")
-}
-
 // TestDroppedEntryUnpinsBinding: a token dropped from the cache (purged,
 // or expired and cleaned up) is no longer its binding's last served
-// entry, so that an idle binding does not keep a chunk of entries alive;
-// the binding's next lookup fetches a new token, as before.
+// entry, so that an idle binding does not keep it in memory; the
+// binding's next lookup fetches a new token.
 func TestDroppedEntryUnpinsBinding(t *testing.T) {
 	for _, tt := range []struct {
 		name string
@@ -261,14 +207,11 @@ func TestDroppedEntryUnpinsBinding(t *testing.T) {
 	}
 }
 
-// TestSlabsBoundedWithMixedLifetimes: tokens of very different lifetimes
+// TestHeapBoundedWithMixedLifetimes: tokens of very different lifetimes
 // refreshed side by side (many short-lived tokens, a few long-lived ones
-// minted in between) keep heap memory close to the live entries: entries
-// and headers are cut from one pair of slabs per lifetime class, so a
-// long-lived token does not keep a chunk of short-lived, long replaced
-// ones alive. With one slab for all lifetimes the heap held about 11
-// times the live entries here.
-func TestSlabsBoundedWithMixedLifetimes(t *testing.T) {
+// minted in between) keep heap memory close to the live entries: a
+// long-lived token keeps no short-lived, long replaced one alive.
+func TestHeapBoundedWithMixedLifetimes(t *testing.T) {
 	heap := func() uint64 {
 		runtime.GC()
 		runtime.GC()
@@ -314,21 +257,18 @@ func TestSlabsBoundedWithMixedLifetimes(t *testing.T) {
 	got := heap() - base
 	live := uint64(nShort+nLong) * (tokenBytes + 200)
 	t.Logf("heap %d KiB for about %d KiB of live entries (x%.1f)", got>>10, live>>10, float64(got)/float64(live))
-	// Chunks of entries and headers, and one partly filled chunk of each
-	// per class, on top of twice the live bytes.
 	if limit := 3 * live; got > limit {
-		t.Errorf("heap grew by %d KiB for about %d KiB of live entries (x%.1f), want at most x3: stale entries are kept alive by their chunks",
+		t.Errorf("heap grew by %d KiB for about %d KiB of live entries (x%.1f), want at most x3: stale entries are kept alive",
 			got>>10, live>>10, float64(got)/float64(live))
 	}
 	runtime.KeepAlive(shorts)
 	runtime.KeepAlive(longs)
 }
 
-// TestEntryTimesCompareAsTheTokens: an entry keeps its times as int64, in
-// the frame the token's own expiry would be compared in: the monotonic
-// clock for an expiry computed from time.Now, the wall clock for an
-// absolute one (a JWT exp, Nuapay's expiryTime, a token adopted from the
-// shared tier), and round-trips them. A refresh-ahead adopts only a
+// TestEntryTimesCompareAsTheTokens: an entry's times compare as the
+// token's own: on the monotonic clock for an expiry computed from
+// time.Now, on the wall clock for an absolute one (a JWT exp, Nuapay's
+// expiryTime, a token adopted from the shared tier). A refresh-ahead adopts only a
 // token that outlives the one it refreshes, whatever the frames.
 func TestEntryTimesCompareAsTheTokens(t *testing.T) {
 	now := time.Now() // with a monotonic reading
@@ -339,19 +279,15 @@ func TestEntryTimesCompareAsTheTokens(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
 		expiry    time.Time
-		wantWall  bool
 		validNow  bool
 		validLate bool // at expiry + 1s
 	}{
-		{"expires_in (monotonic)", now.Add(time.Hour), false, true, false},
-		{"absolute expiry (wall clock)", wall(now.Add(time.Hour)), true, true, false},
-		{"absolute, already expired", wall(now.Add(-time.Second)), true, false, false},
+		{"expires_in (monotonic)", now.Add(time.Hour), true, false},
+		{"absolute expiry (wall clock)", wall(now.Add(time.Hour)), true, false},
+		{"absolute, already expired", wall(now.Add(-time.Second)), false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := br.newEntry(b, Token{Value: "tok", Expiry: tc.expiry, IssuedAt: now}, OriginMinted)
-			if e.wallExpiry != tc.wantWall {
-				t.Fatalf("wallExpiry = %t, want %t", e.wallExpiry, tc.wantWall)
-			}
 			if got := e.Token().Expiry; !got.Equal(tc.expiry) {
 				t.Errorf("Token().Expiry = %v, want %v", got, tc.expiry)
 			}
@@ -386,82 +322,4 @@ func TestEntryTimesCompareAsTheTokens(t *testing.T) {
 			t.Errorf("%s: usable by the refresh = %t, want %t", tc.name, got, tc.want)
 		}
 	}
-}
-
-// TestEntrySize: a cached token costs its strings plus an Entry, which
-// is 104 bytes on 64-bit platforms (144 before its type and scopes were
-// shared and its fingerprint moved into the header string); at 100 000
-// warm merchants every 10 bytes are 1 MB of live heap and about 2 MB of
-// RSS (the GC goal is twice the live heap: issue 9).
-func TestEntrySize(t *testing.T) {
-	// An upper bound: on a 32-bit platform the Entry is smaller.
-	if got := unsafe.Sizeof(Entry{}); got > 104 {
-		t.Errorf("Entry is %d bytes, want at most 104", got)
-	}
-}
-
-// TestMetaFor: token types and grants are interned, each with its own
-// key (no two encodings alike: "Bearer" granted ["x","y"] is not
-// "Bearer\x00x" granted ["y"]), and a tokenMeta no entry uses any more is
-// collected and its key forgotten, so that the map follows the grants of
-// the tokens cached (a wildcard with {merchant} in its scopes makes one
-// grant per merchant id).
-func TestMetaFor(t *testing.T) {
-	asked := []string{"a", "b"}
-	tests := []struct {
-		name    string
-		typ     string
-		granted []string
-		want    []string
-	}{
-		{"none", "Bearer", nil, nil},
-		{"empty", "Bearer", []string{}, []string{}},
-		{"asked", "Bearer", []string{"a", "b"}, asked},
-		{"other", "bearer", []string{"c"}, []string{"c"}},
-		{"nul in the type", "Bearer\x00x", []string{"y"}, []string{"y"}},
-		{"nul in a scope", "Bearer", []string{"x\x00y"}, []string{"x\x00y"}},
-		{"two scopes", "Bearer", []string{"x", "y"}, []string{"x", "y"}},
-	}
-	var keep []*tokenMeta // as cached entries would
-	for _, tt := range tests {
-		m := metaFor(tt.typ, tt.granted, asked)
-		if m.typ != tt.typ || !slices.Equal(m.scopes, tt.want) || (m.scopes == nil) != (tt.want == nil) {
-			t.Errorf("%s: meta %q %#v, want %q %#v", tt.name, m.typ, m.scopes, tt.typ, tt.want)
-		}
-		if again := metaFor(strings.Clone(tt.typ), slices.Clone(tt.granted), asked); again != m {
-			t.Errorf("%s: the same type and grant got a second tokenMeta", tt.name)
-		}
-		keep = append(keep, m)
-	}
-
-	// Grants no entry holds any more are forgotten.
-	for i := range 1000 {
-		metaFor("Bearer", []string{fmt.Sprintf("tenant:%d", i)}, asked)
-	}
-	forgotten := func() bool {
-		metas.Lock()
-		defer metas.Unlock()
-		for k := range metas.m {
-			if strings.Contains(k, "tenant:") {
-				return false
-			}
-		}
-		return true
-	}
-	// Cleanups run after a collection, on a goroutine of the runtime's:
-	// collect until they have (a wait for the runtime, not a timer).
-	deadline := time.Now().Add(30 * time.Second)
-	for !forgotten() {
-		if time.Now().After(deadline) {
-			t.Fatal("the tokenMetas of grants no entry holds are still in metas after 30 s of collections")
-		}
-		runtime.GC()
-		runtime.Gosched()
-	}
-	for i, tt := range tests {
-		if m := metaFor(tt.typ, tt.granted, asked); m != keep[i] {
-			t.Errorf("%s: a tokenMeta still in use was forgotten", tt.name)
-		}
-	}
-	runtime.KeepAlive(keep)
 }

@@ -21,7 +21,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry) (*Entry,
 	// fresh token: do not fetch twice.
 	if v, ok := br.cache.Get(b.key); ok {
 		e := v.(*Entry)
-		if e.validAt(now, br.opts.Leeway) && (cur == nil || (e != cur && e.stamp(now) < e.refreshAt)) {
+		if e.validAt(now, br.opts.Leeway) && (cur == nil || (e != cur && now.Before(e.RefreshAt()))) {
 			e.servedTo(b)
 			b.current.Store(e)
 			return e, nil
@@ -114,7 +114,7 @@ func (br *Broker) usable(cur *Entry) func(Token) bool {
 		if t.IssuedAt.IsZero() || t.IssuedAt.After(now) {
 			t.IssuedAt = now
 		}
-		return cur.stamp(t.Expiry) > cur.expiry+int64(outlivesBy) && now.Before(br.refreshAt(t))
+		return t.Expiry.Sub(cur.expiry) > outlivesBy && now.Before(br.refreshAt(t))
 	}
 }
 

@@ -40,7 +40,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	}
 	if e != nil && e.validAt(now, br.opts.Leeway) {
 		r := Hit
-		if e.stamp(now) >= e.refreshAt && e.refreshing.CompareAndSwap(false, true) {
+		if !now.Before(e.RefreshAt()) && e.refreshing.CompareAndSwap(false, true) {
 			if br.pol.refreshDue(b, now) {
 				r = RefreshAhead
 				br.refresh(ctx, b, e)

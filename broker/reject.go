@@ -101,7 +101,7 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 		return RejectionStale
 	}
 	e := v.(*Entry)
-	if br.pol.rejectKept(b, rejected, baseTime(e.cachedAt), br.opts.Now()) {
+	if br.pol.rejectKept(b, rejected, e.cachedAt(), br.opts.Now()) {
 		br.mu.Unlock()
 		return RejectionKept
 	}

@@ -136,19 +136,19 @@ type Binding struct {
 	// binding of the profile, under the same cache keys): make a new
 	// Profile (NewProfile) instead.
 	*Profile
+	current atomic.Pointer[Entry] // the entry this binding was last served
+	// Observer, when set, is told about this binding's lookups and fetches
+	// instead of the Broker's Observer (a Caddy handler sets its own, so
+	// that logs and metrics follow config reloads).
+	Observer Observer
 	// Merchant is the merchant the token is for. Used in errors and logs
 	// only; the provider sees Organisation.
 	Merchant string
 	// Organisation is the provider's identifier of the merchant's
 	// organisation (see Request.Organisation).
 	Organisation string
-	// Observer, when set, is told about this binding's lookups and fetches
-	// instead of the Broker's Observer (a Caddy handler sets its own, so
-	// that logs and metrics follow config reloads).
-	Observer Observer
 
-	key     string
-	current atomic.Pointer[Entry] // the entry this binding was last served
+	key string
 }
 
 // Request returns what is asked for: the merchant, its organisation and
@@ -188,27 +188,6 @@ func (b *Binding) Init(sourceID string, src Source, req Request) {
 func (b *Binding) InitFor(p *Profile, merchant, organisation string) {
 	b.Profile, b.Merchant, b.Organisation, b.key = p, merchant, organisation, p.keyFor(merchant, organisation)
 }
-
-// InitFrom fills b, a zero Binding not in use yet, with o's profile,
-// merchant, organisation and cache key (not its cached token nor its
-// Observer): Init without computing the key again.
-func (b *Binding) InitFrom(o *Binding) {
-	b.Profile, b.Merchant, b.Organisation, b.key = o.Profile, o.Merchant, o.Organisation, o.key
-}
-
-// Pack moves the binding's cache key into a slab shared by long-lived
-// bindings (internal/slab), so that the GC marks a chunk of keys rather
-// than one string per binding. Call it on a binding that lives as long as
-// its configuration (a registry merchant's), before it is used; not on
-// one evicted while the process runs (a wildcard merchant's): one live
-// key keeps its whole 64 KiB chunk alive.
-func (b *Binding) Pack() { b.key = keySlab.Clone(b.key) }
-
-// Unpin forgets the entry the binding was last served: call it when the
-// binding is discarded (a config reload), so that it keeps no cached
-// token, nor the chunk of entries holding it (see Pack), alive. A lookup
-// through it afterwards still works (from the cache).
-func (b *Binding) Unpin() { b.current.Store(nil) }
 
 // Key is the cache key of the binding, an opaque binary string: equal for
 // two bindings exactly when they have the same source ID, organisation,

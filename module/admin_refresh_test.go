@@ -59,8 +59,7 @@ scopes = ["accounts"]
 		header: "Authorization", broker: app.broker}
 	b := broker.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Scopes: []string{"accounts"}})
 	b.Observer = &observer{h: h}
-	h.bindings = newBindingTable(nil, nil, nil)
-	h.bindings.set("acme", newBinding(b, "bank"))
+	h.bindings = handTable("bank", "", b)
 
 	put := func(rt string) {
 		t.Helper()

@@ -23,8 +23,7 @@ func TestRefusalMessagePerProviderType(t *testing.T) {
 			calls.Add(1)
 			return broker.Token{}, &broker.APIError{Provider: tt.typ, StatusCode: 401, Code: "invalid_client"}
 		}, "json")
-		b := h.bindings.peek("acme")
-		b.prov = &bindingProvider{name: b.prov.name, typ: tt.typ} // a table's are shared: a new one
+		h.bindings = handTable("nuapay", tt.typ, &h.bindings.Peek("acme").Binding)
 		req := httptest.NewRequest("GET", "/", nil)
 		req.Header.Set("X-Merchant-Id", "acme")
 		rec, _, _ := serve(t, h, req)

@@ -65,12 +65,13 @@ func failureHandler(t *testing.T, url string, clientTimeout time.Duration, opts 
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
 	h.broker = broker.New(opts)
 	t.Cleanup(h.broker.Close)
-	h.bindings = newBindingTable(nil, nil, nil)
+	var bds []*broker.Binding
 	for _, m := range []string{"acme", "globex"} {
 		b := broker.NewBinding("nuapay#t", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
 		b.Observer = &observer{h: h}
-		h.bindings.set(m, newBinding(b, "nuapay"))
+		bds = append(bds, b)
 	}
+	h.bindings = handTable("nuapay", "", bds...)
 	return h, &sleeps
 }
 

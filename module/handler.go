@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"net/textproto"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -22,7 +21,6 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/config"
-	"github.com/tokenbroker/caddy-token-broker/internal/noalloc"
 )
 
 func init() {
@@ -115,64 +113,16 @@ type Handler struct {
 	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
 
 	callers        *CallerPolicy
-	site           *siteGuard    // the app's: which Host names and browser requests are served (site.go)
-	bindings       *bindingTable // created on first use, shared by the config's routes with the same scopes
-	listingKey     string        // the pooled organisation listing of a handler's own registry
-	merchantHeader string        // canonical header name when Merchant is a plain header placeholder
-	header         string        // canonical Header
+	site           *siteGuard       // the app's: which Host names and browser requests are served (site.go)
+	registry       *config.Registry // the app's, or the handler's own (Config)
+	bindings       *bindingTable    // shared by the config's routes with the same registry and scopes
+	listingKey     string           // the pooled organisation listing of a handler's own registry
+	merchantHeader string           // canonical header name when Merchant is a plain header placeholder
+	header         string           // canonical Header
 	broker         *broker.Broker
 	logger         *zap.Logger
 	metrics        *handlerMetrics // see metrics.go
 }
-
-// binding is what the handler knows about one merchant on its route.
-//
-// It is no heap object of its own for an explicit merchant (a value in its
-// table's slab, its cache key in another: bindingTable.newPacked), one
-// for a wildcard merchant (newBinding): the broker binding is embedded by value, its strings
-// are the registry's, what it shares with the other merchants of its
-// provider and scopes is behind two pointers (the registry's
-// broker.Profile, the table's bindingProvider), and its placeholder values
-// point at fields, so that a warm merchant costs the GC few objects and
-// few bytes to mark (96 bytes, 128 of them an exact size class of the
-// allocator: TestBindingSize). Its fields are set once,
-// before it is shared.
-type binding struct {
-	broker.Binding
-	prov *bindingProvider // the provider's name and type, shared
-
-	// lastUsed is, for a binding served through the wildcard entry (so
-	// bounded and evictable: wild), its last use in unix nanoseconds
-	// (coarse, never 0), its lowest bit set once it was served a token
-	// (servedBit); 0 for an explicit merchant's.
-	lastUsed atomic.Int64
-}
-
-// wild reports whether the binding is served through the wildcard entry.
-func (b *binding) wild() bool { return b.lastUsed.Load() != 0 }
-
-// bindingProvider is what the bindings of one provider in a table share:
-// immutable once a binding points at it.
-type bindingProvider struct {
-	name string // the provider's name in the registry
-	typ  string // its type ("nuapay", "oauth2"), for messages
-}
-
-// initBinding fills b, a zero binding not shared yet.
-func initBinding(b *binding, bd *broker.Binding, prov *bindingProvider) {
-	b.prov = prov
-	b.Binding.InitFrom(bd)
-	b.Observer = bd.Observer
-}
-
-// Placeholder values: the binding's own strings, or its shared provider's
-// name, as interface values that point at them (noalloc.String), so that
-// setting them on every request allocates nothing and a binding keeps no
-// boxed copies. They are plain strings to every consumer: caddy.ToString,
-// the vars matchers, log fields, CEL expressions.
-func (b *binding) merchantValue() any     { return noalloc.String(&b.Merchant) }
-func (b *binding) organisationValue() any { return noalloc.String(&b.Organisation) }
-func (b *binding) providerValue() any     { return noalloc.String(&b.prov.name) }
 
 // placeholderPrefix starts the names of the placeholders a served request
 // gets.
@@ -191,11 +141,13 @@ func placeholders(b *binding, e *broker.Entry, res broker.Result) caddy.Replacer
 		}
 		switch name {
 		case "merchant":
-			return b.merchantValue(), true
+			v, _ := b.Values()
+			return v, true
 		case "organisation":
-			return b.organisationValue(), true
+			_, v := b.Values()
+			return v, true
 		case "provider":
-			return b.providerValue(), true
+			return b.Provider.NameValue(), true
 		case "fingerprint":
 			return e.FingerprintValue(), true
 		case "cache":
@@ -270,16 +222,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := checkRouteScopes(reg, h.Scopes); err != nil {
 		return err
 	}
+	h.registry = reg
 	if h.Config != "" {
 		listing, key, err := loadListing(reg, h.logger)
 		if err != nil {
 			return err
 		}
 		h.listingKey = key
-		h.bindings = newBindingTable(reg, h.Scopes, listing)
+		h.bindings = newBindingTable(reg, h.Scopes, listing, time.Now)
 		app.watch(reg, listing)
 	} else {
-		h.bindings = app.tables.table(reg, h.Scopes, app.listing)
+		h.bindings = app.tables.Table(reg, h.Scopes, app.listing.allow())
 	}
 	h.instrument(app.metrics)
 	return nil
@@ -305,16 +258,12 @@ func checkRouteScopes(reg *config.Registry, scopes []string) error {
 	return nil
 }
 
-// Cleanup releases the handler's own organisation listing, if any,
-// unpins the cached tokens of its bindings (the config is being
-// discarded): a binding's last served token would otherwise keep its
-// chunk of entries, and through it this config, alive (bindingTable.unpin),
-// and releases the metrics series of its wildcard merchants
-// (bindingTable.discard).
+// Cleanup releases the handler's own organisation listing, if any, and
+// the metrics series of its wildcard merchants (bindings.Table.Discard):
+// the config is being discarded.
 func (h *Handler) Cleanup() error {
 	if h.bindings != nil {
-		h.bindings.unpin()
-		h.bindings.discard()
+		h.bindings.Discard()
 	}
 	if h.listingKey != "" {
 		_, err := listings.Delete(h.listingKey)
@@ -392,15 +341,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.callers != nil && !h.callers.allows(caller, merchant) {
 		return h.fail(w, repl, refusal{code: errcode.CallerForbidden, merchant: merchant})
 	}
-	b, rf := h.bindings.get(h, merchant)
+	b, rf := h.binding(merchant)
 	if rf != nil {
 		return h.fail(w, repl, *rf)
 	}
 	e, res, err := h.token(r.Context(), b) // tracing.go: the token span
 	if err != nil {
-		return h.fail(w, repl, refusal{code: errcode.Classify(err), merchant: merchant, providerType: b.prov.typ, cause: err})
+		return h.fail(w, repl, refusal{code: errcode.Classify(err), merchant: merchant, providerType: b.Provider.Type, cause: err})
 	}
-	b.markServed() // bindings.go: a wildcard merchant's slot is its own now
+	h.bindings.Served(b) // a wildcard merchant's slot is its own now
 	out.prepare(r, e.Header())
 
 	if _, again := repl.Get(placeholderPrefix + "merchant"); again {

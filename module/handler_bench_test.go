@@ -27,16 +27,18 @@ func benchHandler(b *testing.B, n int) (*Handler, []string) {
 	src := sourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
 		return broker.Token{Value: broker.Secret(req.Organisation + "." + strings.Repeat("x", 580)), Expiry: time.Now().Add(time.Hour)}, nil
 	})
-	h.bindings = newBindingTable(nil, nil, nil)
 	ids := make([]string, n)
+	bds := make([]*broker.Binding, n)
 	scopes := []string{"openbanking_pisp"} // shared, as the registry's are
 	for i := range ids {
 		ids[i] = fmt.Sprintf("merchant-%06d", i)
 		bd := broker.NewBinding("nuapay#bench", src, broker.Request{Merchant: ids[i], Organisation: "org-" + ids[i], Scopes: scopes})
 		bd.Observer = &observer{h: h}
-		hb := newBinding(bd, "nuapay")
-		h.bindings.set(ids[i], hb)
-		if _, _, err := h.broker.Get(context.Background(), &hb.Binding); err != nil {
+		bds[i] = bd
+	}
+	h.bindings = handTable("nuapay", "", bds...)
+	for _, id := range ids {
+		if _, _, err := h.broker.Get(context.Background(), &h.bindings.Peek(id).Binding); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -40,8 +40,7 @@ func newTestHandler(t *testing.T, src sourceFunc, errorsMode string) *Handler {
 	t.Cleanup(h.broker.Close)
 	b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
 	b.Observer = &observer{h: h}
-	h.bindings = newBindingTable(nil, nil, nil)
-	h.bindings.set("acme", newBinding(b, "nuapay"))
+	h.bindings = handTable("nuapay", "", b)
 	return h
 }
 
@@ -308,10 +307,9 @@ func TestPlaceholdersNameTheLastHandlersToken(t *testing.T) {
 	second := newTestHandler(t, func(ctx context.Context, req broker.Request) (broker.Token, error) {
 		return broker.Token{Value: "tok-second", Expiry: time.Now().Add(time.Hour)}, nil
 	}, "json")
-	b := broker.NewBinding("oneid#test", second.bindings.peek("acme").Source, broker.Request{Merchant: "acme", Organisation: "org-second"})
+	b := broker.NewBinding("oneid#test", second.bindings.Peek("acme").Source, broker.Request{Merchant: "acme", Organisation: "org-second"})
 	b.Observer = &observer{h: second}
-	second.bindings = newBindingTable(nil, nil, nil)
-	second.bindings.set("acme", newBinding(b, "oneid"))
+	second.bindings = handTable("oneid", "", b)
 
 	req := httptest.NewRequest("GET", "/tpp/payments", nil)
 	req.Header.Set("X-Merchant-Id", "acme")

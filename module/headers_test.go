@@ -362,7 +362,7 @@ func TestHeld401BodyIsBounded(t *testing.T) {
 	if rec.Code != 401 || rec.Body.Len() != size || attempts != 1 {
 		t.Fatalf("status %d, %d bytes, %d attempts; want the whole 401 and no retry", rec.Code, rec.Body.Len(), attempts)
 	}
-	if _, _, err := h.broker.Get(context.Background(), &h.bindings.peek("acme").Binding); err != nil || calls.Load() != 2 {
+	if _, _, err := h.broker.Get(context.Background(), &h.bindings.Peek("acme").Binding); err != nil || calls.Load() != 2 {
 		t.Fatalf("token requests = %d (%v), want 2: the rejected token was purged", calls.Load(), err)
 	}
 }

@@ -60,20 +60,15 @@ func readGCMark() (markSeconds float64, scanBytes, objects uint64) {
 // CPU time, so it does not count waits for a busy machine, though a
 // machine whose caches are shared with a busy neighbour makes it
 // somewhat higher), the scannable heap bytes and the heap objects per
-// warm merchant (beyond the registry's own). The pointers the GC follows to distinct small objects
-// scattered in the heap each cost a cache miss (issue 9): this is the
-// figure the slabs (internal/slab) lower. Run it once, with the same
-// GOMAXPROCS for the figures to compare:
+// warm merchant (beyond the registry's own). Each pointer the GC follows
+// to a distinct small object scattered in the heap costs a cache miss.
+// Run it once, with the same GOMAXPROCS for the figures to compare:
 //
 //	GOMAXPROCS=1 go test -run '^$' -bench WarmMerchantsGC -benchtime 1x ./module
 //
-// Measured (GOMAXPROCS=1, -count 1, 131 MB live heap with the test's
-// registry): before the slabs 81 ms of mark CPU per GC, 4.0 objects and
-// 433 scannable bytes per warm merchant; with them 30 ms, 0.03 objects
-// and 460 bytes. Run with -count 1: a second run in the same process
-// starts with the first one's last chunk of entries current, which keeps
-// its stale entries' bindings (and their config) alive until the new
-// entries sharing that chunk are replaced (see broker.entrySlabs).
+// Measured (GOMAXPROCS=1, 112 MB live heap with the test's registry):
+// 3.0 objects and 332 scannable bytes per warm merchant, 31–34 ms of mark
+// CPU per GC over four runs on a quiet machine.
 func BenchmarkWarmMerchantsGC(b *testing.B) {
 	const n, gcs = 100_000, 20
 	var markUS, scanPer, objectsPer, liveMB float64

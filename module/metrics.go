@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
@@ -36,7 +37,7 @@ import (
 // token_purges_total and token_purges_suppressed_total also carry a
 // merchant label; a wildcard merchant's series are deleted when its last
 // binding is evicted or discarded with its config, an explicit merchant's
-// kept (tokenMetrics.holdMerchant).
+// kept (bindings.Series).
 type MetricsConfig struct {
 	// MerchantLabel adds a merchant label to the per-request series. Off by
 	// default: with many merchants it multiplies the number of series.
@@ -57,82 +58,19 @@ type tokenMetrics struct {
 	breaker       *prometheus.GaugeVec
 	backingOff    *prometheus.GaugeVec
 
-	// wild counts, with the merchant label on, the wildcard bindings of
-	// every table of every config in the process that hold a merchant's
-	// series (holdMerchant): the last one evicted or discarded deletes
-	// them (releaseMerchant), so that the series follow the wildcard's
-	// active set, not every merchant id seen since start. explicit are
-	// the merchants an explicit binding resolved series for, in any
-	// config since start (bounded by the registries): their series are
-	// never deleted, as such a binding keeps counting into them.
-	wildMu   sync.Mutex
-	wild     map[seriesKey]int
-	explicit map[seriesKey]struct{}
+	// series are the per-merchant series that exist, with the merchant
+	// label on: a wildcard merchant's follow the wildcard's active set, an
+	// explicit merchant's are kept (bindings.Series).
+	series *bindings.Series[*lookupCounters]
 }
 
-// seriesKey names the series of a merchant: its provider and id.
-type seriesKey struct{ provider, merchant string }
-
-// holdMerchant resolves the lookup counters of a new wildcard binding of
-// merchant (merchant label on) and counts it among the holders of the
-// merchant's series, under the lock that releaseMerchant deletes them
-// under: counters resolved here are never deleted while a binding holds
-// them.
-func (m *tokenMetrics) holdMerchant(provider, merchant string) *lookupCounters {
-	m.wildMu.Lock()
-	defer m.wildMu.Unlock()
-	if m.wild == nil {
-		m.wild = map[seriesKey]int{}
-	}
-	m.wild[seriesKey{provider, merchant}]++
-	return m.lookupCounters(provider, merchant)
-}
-
-// explicitMerchant resolves the lookup counters of an explicit
-// merchant's binding (merchant label on) and keeps its series from
-// deletion: the merchant may have been served through a wildcard in
-// another config, whose release must not delete the counters this
-// binding counts into.
-func (m *tokenMetrics) explicitMerchant(provider, merchant string) *lookupCounters {
-	m.wildMu.Lock()
-	defer m.wildMu.Unlock()
-	if m.explicit == nil {
-		m.explicit = map[seriesKey]struct{}{}
-	}
-	if _, ok := m.explicit[seriesKey{provider, merchant}]; !ok {
-		// Copies: the ids point into a registry's file, which must not
-		// stay alive after its config is discarded.
-		m.explicit[seriesKey{strings.Clone(provider), strings.Clone(merchant)}] = struct{}{}
-	}
-	return m.lookupCounters(provider, merchant)
-}
-
-// releaseMerchant is the end of a wildcard binding that holdMerchant
-// counted (evicted, or its config discarded): the last one deletes the
-// merchant's series of that provider, unless an explicit binding uses
-// them (explicitMerchant). Not covered: a request still using the
-// evicted binding may count once more into a deleted counter, and a token
-// request or purge it makes after the release creates that series anew,
-// which stays until the merchant is held and released again.
-func (m *tokenMetrics) releaseMerchant(provider, merchant string) {
-	m.wildMu.Lock()
-	defer m.wildMu.Unlock()
-	k := seriesKey{provider, merchant}
-	if n := m.wild[k]; n > 1 {
-		m.wild[k] = n - 1
-		return
-	} else if n == 0 {
-		return
-	}
-	delete(m.wild, k)
-	if _, ok := m.explicit[k]; ok {
-		return
-	}
+// removeMerchant deletes the per-merchant series of a merchant of a
+// provider (bindings.Series' remove), by name, as DeletePartialMatch
+// would walk every series at each eviction.
+func (m *tokenMetrics) removeMerchant(provider, merchant string) {
 	for r := range len(lookupCounters{}) {
 		m.lookups.DeleteLabelValues(provider, broker.Result(r).String(), merchant)
 	}
-	// By name, as DeletePartialMatch would walk every series at each
-	// eviction.
 	m.tokenRequests.DeleteLabelValues(provider, outcomeOK, merchant)
 	for _, c := range errcode.FetchCodes() {
 		m.tokenRequests.DeleteLabelValues(provider, c.String(), merchant)
@@ -177,7 +115,7 @@ func newTokenMetrics(merchantLabel bool) *tokenMetrics {
 		}
 		return labels
 	}
-	return &tokenMetrics{
+	m := &tokenMetrics{
 		merchantLabel: merchantLabel,
 		tokenRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "token_requests_total",
@@ -213,6 +151,8 @@ func newTokenMetrics(merchantLabel bool) *tokenMetrics {
 			Help: "Cache keys held in failure memory after a failed fetch: their fetches answer the remembered error without calling the token API.",
 		}, []string{"provider"}),
 	}
+	m.series = bindings.NewSeries(m.lookupCounters, m.removeMerchant)
+	return m
 }
 
 // register adds the collectors to a config's registry; registering them
@@ -340,8 +280,8 @@ type handlerMetrics struct {
 func (h *Handler) instrument(m *tokenMetrics) {
 	h.metrics = &handlerMetrics{tokenMetrics: m, providers: make(map[string]string), shared: map[string]*lookupCounters{},
 		observers: map[string]*observer{}}
-	if m != nil && h.bindings != nil && h.bindings.reg != nil {
-		for name, p := range h.bindings.reg.Providers {
+	if m != nil && h.registry != nil {
+		for name, p := range h.registry.Providers {
 			h.metrics.providers[p.ID] = name
 			if !m.merchantLabel {
 				h.metrics.shared[name] = m.lookupCounters(name, "")
@@ -350,12 +290,12 @@ func (h *Handler) instrument(m *tokenMetrics) {
 		}
 	}
 	if h.bindings != nil {
-		h.bindings.each(func(id string, b *binding) {
+		h.bindings.Each(func(id string, b *binding) {
 			if m != nil {
 				if _, known := h.metrics.providers[b.SourceID]; !known {
-					h.exportZero(b.prov.name, b.SourceID)
+					h.exportZero(b.Provider.Name, b.SourceID)
 				}
-				h.metrics.providers[b.SourceID] = b.prov.name
+				h.metrics.providers[b.SourceID] = b.Provider.Name
 			}
 			b.Observer = h.observerFor(b, false)
 		})
@@ -414,8 +354,8 @@ func (h *Handler) sourceBackingOff(sourceID string, on bool) {
 // binding's lookup counters. Without the merchant label, the bindings of
 // one provider share one observer (no heap object per binding). With it,
 // a new wildcard binding (hold) is counted among its merchant's holders
-// (tokenMetrics.holdMerchant), which the table releases, and an explicit
-// binding's series are kept for good (tokenMetrics.explicitMerchant).
+// (bindings.Series.Hold), which the table releases, and an explicit
+// binding's series are kept for good (bindings.Series.Keep).
 func (h *Handler) observerFor(b *binding, hold bool) broker.Observer {
 	m := h.metrics
 	if m == nil || m.tokenMetrics == nil {
@@ -424,26 +364,26 @@ func (h *Handler) observerFor(b *binding, hold bool) broker.Observer {
 	if m.merchantLabel {
 		switch {
 		case hold:
-			return &observer{h: h, lookups: m.holdMerchant(b.prov.name, b.Merchant)}
-		case !b.wild():
-			return &observer{h: h, lookups: m.explicitMerchant(b.prov.name, b.Merchant)}
+			return &observer{h: h, lookups: m.series.Hold(b.Provider.Name, b.Merchant)}
+		case !b.Wild():
+			return &observer{h: h, lookups: m.series.Keep(b.Provider.Name, b.Merchant)}
 		}
-		return &observer{h: h, lookups: m.lookupCounters(b.prov.name, b.Merchant)}
+		return &observer{h: h, lookups: m.lookupCounters(b.Provider.Name, b.Merchant)}
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if o := m.observers[b.prov.name]; o != nil {
+	if o := m.observers[b.Provider.Name]; o != nil {
 		return o
 	}
-	c := m.shared[b.prov.name]
+	c := m.shared[b.Provider.Name]
 	if c == nil {
 		// A provider added by hand (tests): counters made once here,
 		// before the handler serves.
-		c = m.lookupCounters(b.prov.name, "")
-		m.shared[b.prov.name] = c
+		c = m.lookupCounters(b.Provider.Name, "")
+		m.shared[b.Provider.Name] = c
 	}
 	o := &observer{h: h, lookups: c}
-	m.observers[b.prov.name] = o
+	m.observers[b.Provider.Name] = o
 	return o
 }
 
@@ -484,8 +424,8 @@ func (h *Handler) providerOf(b *broker.Binding) string {
 		}
 	}
 	if h.bindings != nil {
-		if hb := h.bindings.peek(b.Merchant); hb != nil {
-			return hb.prov.name
+		if hb := h.bindings.Peek(b.Merchant); hb != nil {
+			return hb.Provider.Name
 		}
 	}
 	p, _, _ := strings.Cut(b.SourceID, "#")

@@ -49,12 +49,13 @@ func newMetricsHandlerWith(t *testing.T, src sourceFunc, merchantLabel bool, opt
 	opts.Sleep = func(context.Context, time.Duration) error { return nil }
 	h.broker = broker.New(opts)
 	t.Cleanup(h.broker.Close)
-	h.bindings = newBindingTable(nil, nil, nil)
+	var bds []*broker.Binding
 	for _, m := range []string{"acme", "globex"} {
 		b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
 		b.Observer = &observer{h: h}
-		h.bindings.set(m, newBinding(b, "nuapay"))
+		bds = append(bds, b)
 	}
+	h.bindings = handTable("nuapay", "", bds...)
 	m := newTokenMetrics(merchantLabel)
 	reg := prometheus.NewPedanticRegistry()
 	if err := m.register(reg); err != nil {
@@ -251,7 +252,7 @@ func TestLookupAllocatesNothing(t *testing.T) {
 	h, _, _ := newMetricsHandler(t, func(context.Context, broker.Request) (broker.Token, error) {
 		return broker.Token{Value: "tok", Expiry: clk.Now().Add(time.Hour)}, nil
 	}, clk, false)
-	b := &h.bindings.peek("acme").Binding
+	b := &h.bindings.Peek("acme").Binding
 	if n := testing.AllocsPerRun(100, func() { b.Observer.Lookup(b, broker.Hit) }); n != 0 {
 		t.Fatalf("Lookup allocates %v times", n)
 	}

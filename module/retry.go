@@ -240,7 +240,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 		// consent_required, as the next call would, not the 401.
 		before.restore(w.Header())
 		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-		return h.fail(w, repl, refusal{code: errcode.Classify(err), merchant: b.Merchant, providerType: b.prov.typ, cause: err})
+		return h.fail(w, repl, refusal{code: errcode.Classify(err), merchant: b.Merchant, providerType: b.Provider.Type, cause: err})
 	}
 	if err != nil || fresh.Token().Value == rejected.Value {
 		return rec.writeHeld() // nothing better to try: the caller gets the 401
@@ -329,9 +329,9 @@ func (h *Handler) purge(b *binding, rejected broker.Token) {
 	if h.metrics != nil {
 		switch outcome {
 		case broker.RejectionPurged:
-			h.metrics.Purged(b.prov.name, b.Merchant)
+			h.metrics.Purged(b.Provider.Name, b.Merchant)
 		case broker.RejectionKept:
-			h.metrics.PurgeKept(b.prov.name, b.Merchant)
+			h.metrics.PurgeKept(b.Provider.Name, b.Merchant)
 		}
 	}
 	h.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),

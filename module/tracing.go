@@ -42,7 +42,7 @@ func (h *Handler) token(ctx context.Context, b *binding) (*broker.Entry, broker.
 		trace.WithSpanKind(trace.SpanKindInternal),
 		trace.WithAttributes(
 			attrMerchant.String(b.Merchant),
-			attrProvider.String(b.prov.name),
+			attrProvider.String(b.Provider.Name),
 			attrOrganisation.String(b.Organisation),
 			attrScopesCount.Int(len(b.Scopes)),
 		))

@@ -1,0 +1,55 @@
+package bindings
+
+import (
+	"slices"
+	"testing"
+)
+
+// TestSeries: a wildcard merchant's series are removed when its last
+// holder releases them, never while another holds them, never when an
+// explicit binding keeps them; a release without a hold removes nothing.
+func TestSeries(t *testing.T) {
+	for _, tt := range []struct {
+		name    string
+		steps   []string // "hold ID", "keep ID", "release ID"
+		removed []string // merchants whose series were removed, in order
+		held    int      // merchants held at the end
+	}{
+		{"hold then release", []string{"hold A", "release A"}, []string{"A"}, 0},
+		{"two holders", []string{"hold A", "hold A", "release A"}, nil, 1},
+		{"both release", []string{"hold A", "hold A", "release A", "release A"}, []string{"A"}, 0},
+		{"kept by an explicit binding", []string{"keep A", "hold A", "release A"}, nil, 0},
+		{"release without hold", []string{"release A"}, nil, 0},
+		{"held again after release", []string{"hold A", "release A", "hold A"}, []string{"A"}, 1},
+		{"merchants apart", []string{"hold A", "hold B", "release B"}, []string{"B"}, 1},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var removed []string
+			resolved := 0
+			s := NewSeries(func(_, merchant string) int { resolved++; return resolved },
+				func(provider, merchant string) {
+					if provider != "p" {
+						t.Errorf("removed provider %q, want p", provider)
+					}
+					removed = append(removed, merchant)
+				})
+			for _, step := range tt.steps {
+				op, id := step[:len(step)-2], step[len(step)-1:]
+				switch op {
+				case "hold":
+					s.Hold("p", id)
+				case "keep":
+					s.Keep("p", id)
+				case "release":
+					s.Release("p", id)
+				}
+			}
+			if !slices.Equal(removed, tt.removed) {
+				t.Errorf("removed %v, want %v", removed, tt.removed)
+			}
+			if len(s.wild) != tt.held {
+				t.Errorf("%d merchants held (%v), want %d", len(s.wild), s.wild, tt.held)
+			}
+		})
+	}
+}
