@@ -416,7 +416,7 @@ type LinkResponse struct {
 
 // link serves POST …/links on the sidecar: the caller policy applies.
 func (c *Consent) link(w http.ResponseWriter, r *http.Request) {
-	if code, err := c.app.site.check(r); code != 0 { // site.go: as the token_broker handler
+	if code, err := c.app.site.Check(r); code != 0 { // as the token_broker handler
 		c.logger.Warn("consent link refused", zap.String("error_code", code.String()), zap.Error(err))
 		linkError(w, code.Status(), code.String(), code.Message(""))
 		return
@@ -427,12 +427,12 @@ func (c *Consent) link(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if pol := c.app.Callers; pol != nil {
-		sub, cerr := pol.authenticate(r)
+		sub, cerr := pol.policy.Authenticate(r)
 		if cerr != nil {
-			linkError(w, cerr.code.Status(), cerr.code.String(), "the caller must present a valid JWT from the trusted issuer as a Bearer token")
+			linkError(w, cerr.Code.Status(), cerr.Code.String(), "the caller must present a valid JWT from the trusted issuer as a Bearer token")
 			return
 		}
-		if !pol.allows(sub, req.Merchant) {
+		if !pol.policy.Allows(sub, req.Merchant) {
 			linkError(w, http.StatusForbidden, "merchant_not_allowed", fmt.Sprintf("caller %q may not act for merchant %q", sub, req.Merchant))
 			return
 		}
