@@ -14,6 +14,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -84,8 +85,8 @@ type App struct {
 	logger      *zap.Logger
 	fleet       *fleetTier
 	fleetKey    string
-	tables      *tables     // binding tables, by registry and route scopes
-	listing     *orgListing // the wildcard's organisation listing, if restricted
+	tables      *tables          // binding tables, by registry and route scopes
+	listing     *listing.Listing // the wildcard's organisation listing, if restricted
 	listingKey  string
 	registryKey string       // the registry's key in the registries pool
 	sweeperKey  string       // the consents sweeper's key in pendingSweepers
@@ -213,7 +214,7 @@ func (a *App) Cleanup() error {
 		_, _ = listings.Delete(a.listingKey)
 	}
 	if a.registryKey != "" {
-		_, _ = registries.Delete(a.registryKey)
+		registries.Release(a.registryKey)
 	}
 	if a.sweeperKey != "" {
 		_, _ = pendingSweepers.Delete(a.sweeperKey)

@@ -9,6 +9,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/slab"
 )
@@ -42,7 +43,7 @@ import (
 type bindingTable struct {
 	reg     *config.Registry // nil for a table filled by hand (tests)
 	scopes  []string         // the route's scopes, normalised; nil: the merchants' own
-	listing *orgListing      // nil unless the wildcard is restricted
+	listing *listing.Listing // nil unless the wildcard is restricted
 	now     func() time.Time
 
 	seed   maphash.Seed
@@ -99,7 +100,7 @@ type tableShard struct {
 	_  [64 - 8]byte
 }
 
-func newBindingTable(reg *config.Registry, scopes []string, listing *orgListing) *bindingTable {
+func newBindingTable(reg *config.Registry, scopes []string, listing *listing.Listing) *bindingTable {
 	if len(scopes) > 0 {
 		// Normalised once here, so that the bindings share this slice.
 		scopes = broker.NormaliseScopes(scopes)
@@ -164,7 +165,7 @@ func (t *bindingTable) get(h *Handler, id string) (*binding, *refusal) {
 				b.lastUsed.CompareAndSwap(used, useStamp(now)|used&servedBit)
 			}
 			if t.listing != nil {
-				if code := t.listing.allows(b.Organisation); code != 0 {
+				if code := t.listing.Allows(b.Organisation); code != 0 {
 					return nil, &refusal{code: code, merchant: id}
 				}
 			}
@@ -183,7 +184,7 @@ func (t *bindingTable) create(h *Handler, id string) (*binding, *refusal) {
 		return nil, &refusal{code: errcode.UnknownMerchant, merchant: id}
 	}
 	if wild && t.listing != nil {
-		if code := t.listing.allows(m.Organisation); code != 0 {
+		if code := t.listing.Allows(m.Organisation); code != 0 {
 			return nil, &refusal{code: code, merchant: id}
 		}
 	}
@@ -464,7 +465,7 @@ type tableKey struct {
 
 // table returns the table of reg for the route scopes, shared by every
 // handler of the config asking for the same.
-func (ts *tables) table(reg *config.Registry, scopes []string, listing *orgListing) *bindingTable {
+func (ts *tables) table(reg *config.Registry, scopes []string, listing *listing.Listing) *bindingTable {
 	ts.mu.Lock()
 	defer ts.mu.Unlock()
 	if ts.m == nil {

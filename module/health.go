@@ -17,6 +17,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -100,7 +101,7 @@ type ProviderHealth struct {
 // health answer covers it besides the app's.
 type watchedRegistry struct {
 	reg     *config.Registry
-	listing *orgListing
+	listing *listing.Listing
 }
 
 // watchList are the registries handlers loaded themselves.
@@ -110,7 +111,7 @@ type watchList struct {
 }
 
 // watch adds a handler's own registry to the health answer.
-func (a *App) watch(reg *config.Registry, listing *orgListing) {
+func (a *App) watch(reg *config.Registry, listing *listing.Listing) {
 	if a.watched == nil {
 		return // an app not provisioned (tests)
 	}
@@ -204,17 +205,18 @@ func loaded(n int) string {
 }
 
 // listingCheck checks that an organisation listing was read at least once.
-func listingCheck(l *orgListing) HealthCheck {
+func listingCheck(l *listing.Listing) HealthCheck {
 	c := HealthCheck{Name: "organisations"}
-	if m := l.orgs.Load(); m != nil {
+	st := l.Status()
+	if st.Read {
 		c.OK = true
-		c.Detail = fmt.Sprintf("provider %q lists %d organisations (read at %s)", l.provider, len(*m),
-			time.Unix(0, l.good.Load()).UTC().Format(time.RFC3339))
+		c.Detail = fmt.Sprintf("provider %q lists %d organisations (read at %s)", l.Provider(), st.Organisations,
+			st.ReadAt.UTC().Format(time.RFC3339))
 		return c
 	}
-	c.Detail = fmt.Sprintf("the organisations of provider %q (only_listed_organisations) were never read, so its wildcard merchants are refused", l.provider)
-	if f := l.failed.Load(); f != nil {
-		c.Detail += fmt.Sprintf("; the last read, at %s, failed: %v", f.at.UTC().Format(time.RFC3339), f.err)
+	c.Detail = fmt.Sprintf("the organisations of provider %q (only_listed_organisations) were never read, so its wildcard merchants are refused", l.Provider())
+	if st.Err != nil {
+		c.Detail += fmt.Sprintf("; the last read, at %s, failed: %v", st.FailedAt.UTC().Format(time.RFC3339), st.Err)
 	}
 	return c
 }
