@@ -1,3 +1,9 @@
+// Package callers decides who may use the sidecar, in plain net/http: the
+// caller policy (Policy: a JWT from a trusted issuer, verified against the
+// issuer's key set, and the merchants each caller may act for) and the
+// site guard (Site: a loopback or allowed Host, no cross-site browser
+// request). It has no Caddy import; the module maps its refusals to
+// answers.
 package callers
 
 import (

@@ -1,3 +1,9 @@
+// Package outbound decides what a request carries when it leaves for the
+// upstream, in plain net/http: the outbound-header contract (Contract) and
+// the one retry after the upstream rejects the token (Retry: the body
+// replayed, the token purged, consent_required when no new token can be
+// had). It has no Caddy import; the module builds both per request from
+// the handler's settings and gives Retry its view of the broker (Tokens).
 package outbound
 
 import (
