@@ -62,11 +62,14 @@ func isolateVars(r *http.Request) *http.Request {
 // (outbound.Tokens), with the metrics and logs of rejections.
 type retryTokens struct{ h *Handler }
 
+// Get returns the binding's token from the broker.
 func (t retryTokens) Get(ctx context.Context, b *broker.Binding) (*broker.Entry, error) {
 	e, _, err := t.h.broker.Get(ctx, b)
 	return e, err
 }
 
+// Purge reports the rejected token to the broker, counts and logs the
+// outcome.
 func (t retryTokens) Purge(b *broker.Binding, rejected broker.Token) {
 	outcome := t.h.broker.Reject(b, rejected.Value)
 	if t.h.metrics != nil {
@@ -81,9 +84,14 @@ func (t retryTokens) Purge(b *broker.Binding, rejected broker.Token) {
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
 }
 
+// Kept logs a 401 that says nothing about the token.
 func (t retryTokens) Kept(b *broker.Binding, rejected broker.Token) {
 	t.h.logger.Warn("upstream answered 401 to a request whose token header a later handler changed or removed; the token is kept",
 		zap.String("merchant", b.Merchant), zap.String("fingerprint", rejected.Fingerprint()))
 }
 
+// Accepted reports the retry's accepted token to the broker.
 func (t retryTokens) Accepted(b *broker.Binding, tok broker.Secret) { t.h.broker.Accepted(b, tok) }
+
+// Interface guard.
+var _ outbound.Tokens = retryTokens{}
