@@ -63,9 +63,12 @@ func isolateVars(r *http.Request) *http.Request {
 type retryTokens struct{ h *Handler }
 
 // Get returns the binding's token from the broker.
-func (t retryTokens) Get(ctx context.Context, b *broker.Binding) (*broker.Entry, error) {
+func (t retryTokens) Get(ctx context.Context, b *broker.Binding) (outbound.Entry, error) {
 	e, _, err := t.h.broker.Get(ctx, b)
-	return e, err
+	if err != nil {
+		return nil, err
+	}
+	return e, nil
 }
 
 // Purge reports the rejected token to the broker, counts and logs the

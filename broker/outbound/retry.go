@@ -42,12 +42,20 @@ type Next interface {
 	ServeHTTP(http.ResponseWriter, *http.Request) error
 }
 
+// Entry is a token set on a request, as the retry sees it (*broker.Entry).
+type Entry interface {
+	// Header is the token header's value, "Bearer <token>".
+	Header() string
+	// Token is the token.
+	Token() broker.Token
+}
+
 // Tokens is what the retry asks of the token broker. Its methods are
 // called on the request's goroutine.
 type Tokens interface {
 	// Get returns the binding's token, fetching a new one when the cached
 	// one was purged.
-	Get(ctx context.Context, b *broker.Binding) (*broker.Entry, error)
+	Get(ctx context.Context, b *broker.Binding) (Entry, error)
 	// Purge reports a token the upstream rejected on a request that
 	// carried it: it is purged if it is still the cached one.
 	Purge(b *broker.Binding, rejected broker.Token)
@@ -283,7 +291,7 @@ func (s *headerSnapshot) restore(h http.Header) {
 // at most maxHeldBody bytes. Otherwise the caller gets the 401, except
 // when no new token can be had because the merchant must consent again:
 // Forward then writes nothing and returns a *ConsentError.
-func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e *broker.Entry) error {
+func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
 	if rt.Mode == "off" {
 		return next.ServeHTTP(w, r)
 	}
