@@ -1,6 +1,8 @@
 package integration
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -8,8 +10,33 @@ import (
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
-	"github.com/tokenbroker/caddy-token-broker/module"
 )
+
+// logParses adds to cf's global options a JSON log to a file, and returns
+// cf and a function that counts the registry files parsed so far, as the
+// log's "merchant registry parsed" lines report them.
+func logParses(t *testing.T, cf string) (string, func() int) {
+	t.Helper()
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	cf = strings.Replace(cf, "{\n\tadmin", "{\n\tlog {\n\t\toutput file "+logFile+"\n\t\tformat json\n\t}\n\tadmin", 1)
+	return cf, func() int {
+		data, err := os.ReadFile(logFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for line := range bytes.SplitSeq(data, []byte("\n")) {
+			var entry struct {
+				Msg   string `json:"msg"`
+				Files int    `json:"files_parsed"`
+			}
+			if json.Unmarshal(line, &entry) == nil && entry.Msg == "merchant registry parsed" {
+				n += entry.Files
+			}
+		}
+		return n
+	}
+}
 
 // TestReloadLargeRegistryNoTokenRequests: with a 10 000-merchant registry
 // and warm tokens, a config reload parses the registry file again 0
@@ -53,6 +80,7 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 	}
 }
 `
+	cf, registryParses := logParses(t, cf)
 	base := startCaddy(t, cf)
 	fingerprints := map[string]string{}
 	for _, m := range []string{"m00000", "m00049", "m00007", "WILD-1"} {
@@ -61,13 +89,13 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 	for i := 0; i < warm; i++ {
 		getEcho(t, base+"/tpp/payments", "X-Merchant-Id", fmt.Sprintf("m%05d", i))
 	}
-	tokens, parses := sb.TokenRequests(), module.RegistryParses()
+	tokens, parses := sb.TokenRequests(), registryParses()
 	if tokens != warm+1 {
 		t.Fatalf("warm-up: %d token requests, want %d", tokens, warm+1)
 	}
 
 	loadCaddy(t, strings.Replace(cf, "bind 127.0.0.1", "bind 127.0.0.1\n\theader X-Reloaded yes", 1))
-	if got := module.RegistryParses() - parses; got != 0 {
+	if got := registryParses() - parses; got != 0 {
 		t.Fatalf("the reload parsed the unchanged registry %d times", got)
 	}
 	for i := 0; i < warm; i++ {
@@ -131,6 +159,7 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 	reverse_proxy {$SANDBOX_URL}
 }
 `
+	cf, registryParses := logParses(t, cf)
 	base := startCaddy(t, cf)
 	fingerprints := map[string]string{}
 	for f := range files {
@@ -139,14 +168,14 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 			fingerprints[m] = getEcho(t, base+"/tpp/payments", "X-Merchant-Id", m).Authorization.Fingerprint
 		}
 	}
-	tokens, parses := sb.TokenRequests(), module.RegistryParses()
+	tokens, parses := sb.TokenRequests(), registryParses()
 	if tokens != files*warm {
 		t.Fatalf("warm-up: %d token requests, want %d", tokens, files*warm)
 	}
 
 	write("10-merchants-04.toml", merchants(4, "org-moved"))
 	loadCaddy(t, strings.Replace(cf, "bind 127.0.0.1", "bind 127.0.0.1\n\theader X-Reloaded yes", 1))
-	if got := module.RegistryParses() - parses; got != 1 {
+	if got := registryParses() - parses; got != 1 {
 		t.Fatalf("the reload parsed %d registry files, want 1 (the changed one)", got)
 	}
 	for m, fp := range fingerprints {

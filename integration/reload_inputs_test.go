@@ -14,7 +14,6 @@ import (
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
-	"github.com/tokenbroker/caddy-token-broker/module"
 )
 
 // TestReloadUsesChangedInputs: a file the registry names changes (a
@@ -114,6 +113,7 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 	reverse_proxy {$SANDBOX_URL}
 }
 `
+			cf, registryParses := logParses(t, cf)
 			base := startCaddy(t, cf)
 			if status, body := get(t, base+tt.path, "X-Merchant-Id", "acme"); status == http.StatusOK {
 				t.Fatalf("before the change: %d %s, want the token request refused", status, body)
@@ -123,9 +123,9 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 			if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {
 				t.Fatalf("after the change and a reload: %+v, want a valid token", a)
 			}
-			parses := module.RegistryParses()
+			parses := registryParses()
 			loadCaddy(t, cf)
-			if got := module.RegistryParses() - parses; got != 0 {
+			if got := registryParses() - parses; got != 0 {
 				t.Errorf("the unchanged reload after the change parsed %d registry files, want 0", got)
 			}
 			if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {

@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -135,12 +136,12 @@ func (adminAPI) provider(w http.ResponseWriter, r *http.Request) error {
 	if app.registry == nil || app.registry.Providers[name] == nil {
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("provider %q is not in the registry", name)}
 	}
-	np, ok := app.registry.Providers[name].Source.(*nuapay.Source)
+	lister, ok := app.registry.Providers[name].Source.(listing.OrganisationLister)
 	if !ok {
 		return caddy.APIError{HTTPStatus: http.StatusConflict, Err: fmt.Errorf("provider %q is not a Nuapay provider", name)}
 	}
-	orgs, err := np.Organisations(r.Context())
-	if err != nil {
+	var orgs []nuapay.Organisation
+	if err := lister.EachOrganisation(r.Context(), nuapay.ListLimits{}, func(o nuapay.Organisation) { orgs = append(orgs, o) }); err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadGateway, Err: fmt.Errorf("listing the organisations of %q: %w", name, err)}
 	}
 	return writeJSON(w, map[string]any{"provider": name, "organisations": orgs})
@@ -151,7 +152,7 @@ func (adminAPI) provider(w http.ResponseWriter, r *http.Request) error {
 // again now. On failure the last good list stays in force (502).
 func refreshListing(w http.ResponseWriter, r *http.Request, app *App, name string) error {
 	l := app.listing
-	if l == nil || l.provider != name {
+	if l == nil || l.Provider() != name {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed,
 			Err: fmt.Errorf("method not allowed: use GET; POST refreshes the list of a provider that restricts the wildcard merchant entry (only_listed_organisations), which %q does not", name)}
 	}

@@ -14,6 +14,8 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
+	"github.com/tokenbroker/caddy-token-broker/broker/callers"
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -71,7 +73,7 @@ type App struct {
 	// Host names or IP addresses, without scheme or port; "*" accepts any
 	// Host, which gives up the protection against DNS rebinding. A request
 	// for another Host is refused with 421 host_not_allowed, and a
-	// browser's cross-site request with 403 cross_site_request (site.go).
+	// browser's cross-site request with 403 cross_site_request (callers.Site).
 	// Default: loopback names only.
 	AllowedHosts []string `json:"allowed_hosts,omitempty"`
 
@@ -84,13 +86,13 @@ type App struct {
 	logger      *zap.Logger
 	fleet       *fleetTier
 	fleetKey    string
-	tables      *tables     // binding tables, by registry and route scopes
-	listing     *orgListing // the wildcard's organisation listing, if restricted
+	tables      *tables          // binding tables, by registry and route scopes
+	listing     *listing.Listing // the wildcard's organisation listing, if restricted
 	listingKey  string
-	registryKey string     // the registry's key in the registries pool
-	sweeperKey  string     // the consents sweeper's key in pendingSweepers
-	site        siteGuard  // AllowedHosts, checked by the handlers (site.go)
-	watched     *watchList // the registries of handlers with their own (health.go)
+	registryKey string       // the registry's key in the registries pool
+	sweeperKey  string       // the consents sweeper's key in pendingSweepers
+	site        callers.Site // AllowedHosts, checked by the handlers
+	watched     *watchList   // the registries of handlers with their own (health.go)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -111,7 +113,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	var err error
-	if a.site, err = newSiteGuard(a.AllowedHosts); err != nil {
+	if a.site, err = callers.NewSite(a.AllowedHosts); err != nil {
 		return err
 	}
 	if a.Callers != nil {
@@ -213,7 +215,7 @@ func (a *App) Cleanup() error {
 		_, _ = listings.Delete(a.listingKey)
 	}
 	if a.registryKey != "" {
-		_, _ = registries.Delete(a.registryKey)
+		registries.Release(a.registryKey)
 	}
 	if a.sweeperKey != "" {
 		_, _ = pendingSweepers.Delete(a.sweeperKey)

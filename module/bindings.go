@@ -7,6 +7,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -24,19 +25,24 @@ type bindingTable = bindings.Table
 type tables = bindings.Tables
 
 // newBindingTable returns the empty table of reg for a route's scopes
-// (nil: the merchants' own), restricted to listing's organisations when
-// it is not nil, on the clock now.
-func newBindingTable(reg *config.Registry, scopes []string, listing *orgListing, now func() time.Time) *bindingTable {
-	return bindings.ForRegistry(reg, scopes, listing.allow(), now)
+// (nil: the merchants' own), restricted to l's organisations when l is not
+// nil, on the clock now.
+func newBindingTable(reg *config.Registry, scopes []string, l *listing.Listing, now func() time.Time) *bindingTable {
+	return bindings.ForRegistry(reg, scopes, allowOf(l), now)
 }
 
-// allow returns the listing's check as bindings.Config.Allow: nil when
+// allowOf returns the listing's check as bindings.Config.Allow: nil when
 // there is no listing.
-func (l *orgListing) allow() func(organisation string) error {
+func allowOf(l *listing.Listing) func(organisation string) error {
 	if l == nil {
 		return nil
 	}
-	return l.allowed
+	return func(org string) error {
+		if code := l.Allows(org); code != 0 {
+			return &listingRefusal{code: code}
+		}
+		return nil
+	}
 }
 
 // binding returns the binding of a valid merchant id, made on first use;
@@ -59,18 +65,10 @@ func (h *Handler) binding(id string) (*binding, *refusal) {
 }
 
 // listingRefusal is the organisation listing's refusal of a wildcard
-// merchant (orgListing.allows).
+// merchant (listing.Listing.Allows).
 type listingRefusal struct{ code errcode.Code }
 
 func (e *listingRefusal) Error() string { return "organisation refused: " + e.code.String() }
-
-// allowed is allows as an error, for bindings.Config.Allow.
-func (l *orgListing) allowed(org string) error {
-	if code := l.allows(org); code != 0 {
-		return &listingRefusal{code: code}
-	}
-	return nil
-}
 
 // tableHooks are a handler's bindings.Hooks: the observer of a new
 // binding (its metrics series), their release, and the broker's Drop.

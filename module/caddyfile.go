@@ -10,6 +10,9 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/callers"
+	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 )
 
 func init() {
@@ -95,7 +98,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			n, err := humanize.ParseBytes(v)
-			if err != nil || n > MaxRetryBodyLimit {
+			if err != nil || n > outbound.MaxRetryBodyLimit {
 				return d.Errf("retry_body_limit '%s': want a size such as 64KiB (at most 16MiB: each retryable request holds its body in memory)", v)
 			}
 			h.RetryBodyLimit = int64(n)
@@ -148,12 +151,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.Metrics = &MetricsConfig{MerchantLabel: true}
 			continue
 		}
-		if sub == "allowed_hosts" { // site.go
+		if sub == "allowed_hosts" { // callers.Site
 			a.AllowedHosts = d.RemainingArgs()
 			if len(a.AllowedHosts) == 0 {
 				return d.Errf("allowed_hosts needs at least one host name (or *)")
 			}
-			if _, err := newSiteGuard(a.AllowedHosts); err != nil {
+			if _, err := callers.NewSite(a.AllowedHosts); err != nil {
 				return d.Errf("%v", err)
 			}
 			continue
@@ -253,7 +256,7 @@ func parseCallers(d *caddyfile.Dispenser) (*CallerPolicy, error) {
 			}
 			p.RefreshInterval = dur
 		case "header":
-			if !IsLogRedactedHeader(v) {
+			if !callers.IsCredentialHeader(v) {
 				return nil, d.Errf("callers header '%s': the caller JWT can only be in Authorization or Proxy-Authorization, which Caddy's logs redact", v)
 			}
 			p.Header = v

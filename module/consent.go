@@ -136,7 +136,7 @@ type consentGate struct{ app *App }
 
 // Site implements consentweb.Gate.
 func (g consentGate) Site(r *http.Request) *consentweb.Refusal {
-	code, err := g.app.site.check(r) // site.go
+	code, err := g.app.site.Check(r)
 	if code == 0 {
 		return nil
 	}
@@ -149,12 +149,12 @@ func (g consentGate) Caller(r *http.Request, merchant string) *consentweb.Refusa
 	if pol == nil {
 		return nil
 	}
-	sub, cerr := pol.authenticate(r)
+	sub, cerr := pol.policy.Authenticate(r)
 	if cerr != nil {
-		return &consentweb.Refusal{Status: cerr.code.Status(), Code: cerr.code.String(),
+		return &consentweb.Refusal{Status: cerr.Code.Status(), Code: cerr.Code.String(),
 			Message: "the caller must present a valid JWT from the trusted issuer as a Bearer token"}
 	}
-	if !pol.allows(sub, merchant) {
+	if !pol.policy.Allows(sub, merchant) {
 		return &consentweb.Refusal{Status: http.StatusForbidden, Code: "merchant_not_allowed",
 			Message: fmt.Sprintf("caller %q may not act for merchant %q", sub, merchant)}
 	}

@@ -15,20 +15,18 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/google/uuid"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 func init() {
 	caddy.RegisterModule(Handler{})
 }
-
-// interactionIDHeader is x-fapi-interaction-id in canonical form.
-const interactionIDHeader = "X-Fapi-Interaction-Id"
 
 // DefaultMerchant is the default merchant selector.
 const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
@@ -39,7 +37,7 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // cache, shared by every token_broker handler with the same broker settings
 // and kept across config reloads, or from the merchant's provider.
 //
-// Before the request goes on, the outbound-header contract (headers.go) is
+// Before the request goes on, the outbound-header contract (outbound.Contract) is
 // applied: the caller's credentials, the merchant header and the caller-JWT
 // header are removed, Connection options and trailers naming them are
 // removed or refused, and the token is set: nothing the caller sends can
@@ -58,7 +56,7 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 //
 // Errors are answered with a JSON body {"error", "message", "merchant"}
 // (errors.go; each code's status and message are in package errcode): 421 for a Host that is not a loopback name nor in the app's
-// allowed_hosts, 403 for a browser's cross-site request (site.go), 400
+// allowed_hosts, 403 for a browser's cross-site request (callers.Site), 400
 // when the merchant is missing or malformed or a trailer names a header
 // the broker owns, 405 for TRACE and TRACK, 403 when the merchant is not
 // in the registry, 502 when the token API fails, 504 when it times out. With
@@ -113,7 +111,7 @@ type Handler struct {
 	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
 
 	callers        *CallerPolicy
-	site           *siteGuard       // the app's: which Host names and browser requests are served (site.go)
+	site           *callers.Site    // the app's: which Host names and browser requests are served
 	registry       *config.Registry // the app's, or the handler's own (Config)
 	bindings       *bindingTable    // shared by the config's routes with the same registry and scopes
 	listingKey     string           // the pooled organisation listing of a handler's own registry
@@ -232,7 +230,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.bindings = newBindingTable(reg, h.Scopes, listing, time.Now)
 		app.watch(reg, listing)
 	} else {
-		h.bindings = app.tables.Table(reg, h.Scopes, app.listing.allow())
+		h.bindings = app.tables.Table(reg, h.Scopes, allowOf(app.listing))
 	}
 	h.instrument(app.metrics)
 	return nil
@@ -302,35 +300,35 @@ func (h *Handler) Validate() error {
 	default:
 		return fmt.Errorf("token_broker: retry_on_401 %q must be invalid_token, any or off", h.RetryOn401)
 	}
-	if h.RetryBodyLimit < 0 || h.RetryBodyLimit > MaxRetryBodyLimit {
+	if h.RetryBodyLimit < 0 || h.RetryBodyLimit > outbound.MaxRetryBodyLimit {
 		return fmt.Errorf("token_broker: retry_body_limit %d: must be between 0 (the default, %d bytes) and %d bytes (%d MiB); the body of each retryable request is held in memory",
-			h.RetryBodyLimit, DefaultRetryBodyLimit, MaxRetryBodyLimit, MaxRetryBodyLimit>>20)
+			h.RetryBodyLimit, outbound.DefaultRetryBodyLimit, outbound.MaxRetryBodyLimit, outbound.MaxRetryBodyLimit>>20)
 	}
 	return nil
 }
 
 // ServeHTTP sets the merchant's token on the request and calls next. What
 // the request carries when it goes on is decided by the outbound-header
-// contract (headers.go).
+// contract (outbound.Contract).
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if h.site != nil { // nil only in a handler made by hand (tests)
-		if code, err := h.site.check(r); code != 0 {
+		if code, err := h.site.Check(r); code != 0 {
 			return h.fail(w, repl, refusal{code: code, cause: err})
 		}
 	}
 	out := h.outbound()
-	if code := out.check(r); code != 0 {
+	if code := out.Check(r); code != 0 {
 		return h.fail(w, repl, refusal{code: code})
 	}
 	var caller string
 	if h.callers != nil {
-		sub, cerr := h.callers.authenticate(r)
+		sub, cerr := h.callers.policy.Authenticate(r)
 		if cerr != nil {
-			if c := cerr.challenge(); c != "" { // caller.go: RFC 6750 §3.1
+			if c := cerr.Challenge(); c != "" { // RFC 6750 §3.1
 				w.Header().Set("WWW-Authenticate", c)
 			}
-			return h.fail(w, repl, refusal{code: cerr.code, cause: cerr.err})
+			return h.fail(w, repl, refusal{code: cerr.Code, cause: cerr.Err})
 		}
 		caller = sub
 	}
@@ -338,7 +336,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if code != 0 {
 		return h.fail(w, repl, refusal{code: code})
 	}
-	if h.callers != nil && !h.callers.allows(caller, merchant) {
+	if h.callers != nil && !h.callers.policy.Allows(caller, merchant) {
 		return h.fail(w, repl, refusal{code: errcode.CallerForbidden, merchant: merchant})
 	}
 	b, rf := h.binding(merchant)
@@ -350,7 +348,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.fail(w, repl, refusal{code: errcode.Classify(err), merchant: merchant, providerType: b.Provider.Type, cause: err})
 	}
 	h.bindings.Served(b) // a wildcard merchant's slot is its own now
-	out.prepare(r, e.Header())
+	out.Prepare(r, e.Header())
 
 	if _, again := repl.Get(placeholderPrefix + "merchant"); again {
 		// A token_broker handler before this one served the request: static
@@ -359,9 +357,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		setPlaceholders(repl, b, e, res)
 	} else {
 		repl.Map(placeholders(b, e, res))
-	}
-	if h.InteractionID && len(r.Header[interactionIDHeader]) == 0 {
-		r.Header[interactionIDHeader] = []string{uuid.NewString()}
 	}
 	return h.forward(w, r, next, out, b, e)
 }

@@ -5,13 +5,13 @@ import (
 	"net/http"
 	"slices"
 	"sync"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -33,7 +33,7 @@ func init() {
 // health answer covers it besides the app's.
 type watchedRegistry struct {
 	reg     *config.Registry
-	listing *orgListing
+	listing *listing.Listing
 }
 
 // watchList are the registries handlers loaded themselves.
@@ -43,7 +43,7 @@ type watchList struct {
 }
 
 // watch adds a handler's own registry to the health answer.
-func (a *App) watch(reg *config.Registry, listing *orgListing) {
+func (a *App) watch(reg *config.Registry, listing *listing.Listing) {
 	if a.watched == nil {
 		return // an app not provisioned (tests)
 	}
@@ -85,15 +85,8 @@ func health(app *App) probe.Health {
 }
 
 // listingState is the state of an organisation listing.
-func listingState(l *orgListing) *probe.Listing {
-	st := &probe.Listing{Provider: l.provider}
-	if m := l.orgs.Load(); m != nil {
-		st.Read, st.Count, st.ReadAt = true, len(*m), time.Unix(0, l.good.Load())
-	}
-	if f := l.failed.Load(); f != nil {
-		st.FailedAt, st.Err = f.at, f.err
-	}
-	return st
+func listingState(l *listing.Listing) *probe.Listing {
+	return &probe.Listing{Provider: l.Provider(), Status: l.Status()}
 }
 
 // health serves GET /token_broker/health (readiness: 200 when ready,

@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -50,11 +51,11 @@ scopes = ["a"]
 		}
 		return r
 	}
-	listing := func(err error, read bool) *orgListing {
-		l := newOrgListing("np", func(_ context.Context, _ nuapay.ListLimits, visit func(nuapay.Organisation)) error {
+	newListing := func(err error, read bool) *listing.Listing {
+		l := listing.New("np", listerFunc(func(_ context.Context, _ nuapay.ListLimits, visit func(nuapay.Organisation)) error {
 			visit(nuapay.Organisation{ID: "org-acme"})
 			return err
-		}, nuapay.ListLimits{}, time.Minute, zap.NewNop())
+		}), nuapay.ListLimits{}, time.Minute, zap.NewNop())
 		if read {
 			_, _ = l.Refresh(context.Background())
 		}
@@ -65,8 +66,8 @@ scopes = ["a"]
 		name       string
 		app        bool
 		appReg     bool
-		handlerReg *orgListing // a handler's own registry with this listing (nil: none)
-		ownReg     bool        // a handler's own registry without listing
+		handlerReg *listing.Listing // a handler's own registry with this listing (nil: none)
+		ownReg     bool             // a handler's own registry without listing
 		wantReady  bool
 		wantLive   bool
 		wantReason string
@@ -75,11 +76,11 @@ scopes = ["a"]
 		{name: "no registry", app: true, wantLive: true, wantReason: "not ready: no merchant registry is loaded"},
 		{name: "the app's registry", app: true, appReg: true, wantReady: true, wantLive: true, wantReason: "ready: 1 merchant registry loaded, no provider failing"},
 		{name: "a handler's own registry", app: true, ownReg: true, wantReady: true, wantLive: true, wantReason: "ready: 1 merchant registry loaded"},
-		{name: "listing never read", app: true, appReg: true, handlerReg: listing(down, true), wantLive: true,
+		{name: "listing never read", app: true, appReg: true, handlerReg: newListing(down, true), wantLive: true,
 			wantReason: `not ready: the organisations of provider "np" (only_listed_organisations) were never read, so its wildcard merchants are refused; the last read, at `},
-		{name: "listing not read yet", app: true, appReg: true, handlerReg: listing(nil, false), wantLive: true,
+		{name: "listing not read yet", app: true, appReg: true, handlerReg: newListing(nil, false), wantLive: true,
 			wantReason: `were never read, so its wildcard merchants are refused`},
-		{name: "listing read", app: true, appReg: true, handlerReg: listing(nil, true), wantReady: true, wantLive: true, wantReason: "ready: 2 merchant registries loaded"},
+		{name: "listing read", app: true, appReg: true, handlerReg: newListing(nil, true), wantReady: true, wantLive: true, wantReason: "ready: 2 merchant registries loaded"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -106,4 +107,11 @@ scopes = ["a"]
 			}
 		})
 	}
+}
+
+// listerFunc is a function as a listing.OrganisationLister.
+type listerFunc func(ctx context.Context, limits nuapay.ListLimits, visit func(nuapay.Organisation)) error
+
+func (f listerFunc) EachOrganisation(ctx context.Context, limits nuapay.ListLimits, visit func(nuapay.Organisation)) error {
+	return f(ctx, limits, visit)
 }

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -26,7 +27,7 @@ type wildcardEnv struct {
 	listDown atomic.Bool
 	h        *Handler
 	clk      *clock
-	listing  *orgListing
+	listing  *listing.Listing
 }
 
 func newWildcardEnv(t *testing.T, wildcard string) *wildcardEnv {
@@ -72,7 +73,7 @@ scopes = ["openbanking_pisp"]
 	}
 	if reg.Wildcard.OnlyListed {
 		src := reg.Providers["nuapay"].Source
-		env.listing = newOrgListing("nuapay", src.(*nuapay.Source).EachOrganisation, nuapay.ListLimits{}, time.Hour, zap.NewNop())
+		env.listing = listing.New("nuapay", src.(listing.OrganisationLister), nuapay.ListLimits{}, time.Hour, zap.NewNop())
 	}
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
 	h.broker = broker.New(broker.Options{Now: env.clk.Now, MaxAttempts: 1, FailureTTL: -1})

@@ -21,6 +21,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -93,17 +94,7 @@ type Registry struct {
 type Listing struct {
 	// Provider whose organisations are listed.
 	Provider string
-	// Read is true once a read succeeded.
-	Read bool
-	// Count is the number of organisations of the last good read.
-	Count int
-	// ReadAt is when the last good read was.
-	ReadAt time.Time
-	// FailedAt is when the last failed read was, with its error Err
-	// (nil when no read failed).
-	FailedAt time.Time
-	// Err is the error of the last failed read.
-	Err error
+	listing.Status
 }
 
 // NotRunning is the answer when the token_broker app is not running.
@@ -178,7 +169,7 @@ func listingCheck(l *Listing) Check {
 	c := Check{Name: "organisations"}
 	if l.Read {
 		c.OK = true
-		c.Detail = fmt.Sprintf("provider %q lists %d organisations (read at %s)", l.Provider, l.Count,
+		c.Detail = fmt.Sprintf("provider %q lists %d organisations (read at %s)", l.Provider, l.Organisations,
 			l.ReadAt.UTC().Format(time.RFC3339))
 		return c
 	}

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 )
 
 // TestWrite: 200 when the asked state holds, else 503; HEAD gets no body.
@@ -46,9 +48,9 @@ func TestListingCheck(t *testing.T) {
 		wantOK bool
 		want   string
 	}{
-		{"read", Listing{Provider: "np", Read: true, Count: 3, ReadAt: at}, true, `provider "np" lists 3 organisations (read at 2026-01-02T03:04:05Z)`},
+		{"read", Listing{Provider: "np", Status: listing.Status{Read: true, Organisations: 3, ReadAt: at}}, true, `provider "np" lists 3 organisations (read at 2026-01-02T03:04:05Z)`},
 		{"never read", Listing{Provider: "np"}, false, "were never read, so its wildcard merchants are refused"},
-		{"failed", Listing{Provider: "np", FailedAt: at, Err: errors.New("down")}, false, "the last read, at 2026-01-02T03:04:05Z, failed: down"},
+		{"failed", Listing{Provider: "np", Status: listing.Status{FailedAt: at, Err: errors.New("down")}}, false, "the last read, at 2026-01-02T03:04:05Z, failed: down"},
 	}
 	for _, tt := range tests {
 		c := listingCheck(&tt.l)

@@ -1,19 +1,28 @@
-package module
+// Package outbound decides what a request carries when it leaves for the
+// upstream, in plain net/http: the outbound-header contract (Contract) and
+// the one retry after the upstream rejects the token (Retry: the body
+// replayed, the token purged, consent_required when no new token can be
+// had). It has no Caddy import; the module builds both per request from
+// the handler's settings and gives Retry its view of the broker (Tokens).
+package outbound
 
 import (
 	"io"
 	"net/http"
 	"strings"
 
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/google/uuid"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
-// outbound is the outbound-header contract: what the token_broker handler
+// InteractionIDHeader is x-fapi-interaction-id in canonical form.
+const InteractionIDHeader = "X-Fapi-Interaction-Id"
+
+// Contract is the outbound-header contract: what the token_broker handler
 // guarantees about a request it passes on to the next handler (normally
 // reverse_proxy), whatever the caller sent. It is the one place that
-// decides; ServeHTTP and the 401 retry both go through it.
+// decides; the handler and the 401 retry (Retry) both go through it.
 //
 // The headers the contract owns are the caller's credentials
 // (Authorization, Proxy-Authorization), the header the token is set in,
@@ -25,7 +34,8 @@ import (
 //     Proxy-Authorization, the token header, the merchant header and the
 //     caller-JWT header. A caller's x-fapi-interaction-id is passed on.
 //   - Set: the token header, to exactly one value, "Bearer <token>"; on a
-//     401 retry, to the new token.
+//     401 retry, to the new token. With Interaction, a request without
+//     x-fapi-interaction-id gets a new random UUID in it.
 //   - Connection: every option of the caller's Connection header that names
 //     an owned header is removed (reverse_proxy would otherwise drop the
 //     injected token as a hop-by-hop header, the upstream would answer 401
@@ -42,45 +52,41 @@ import (
 //     back to the caller (see echoes).
 //   - Incremental: a request with `Incremental: ?1` (Caddy's convention for
 //     a body that must be forwarded as it arrives) is never buffered and
-//     never retried after a 401; see [outbound.incremental].
+//     never retried after a 401; see Retry.Incremental.
 //
 // Proxy-Authorization can not be the token header: it is hop-by-hop (RFC
 // 9110 §11.7.2) and reverse_proxy always removes it, so the upstream would
-// get no credential (see Handler.Validate).
-type outbound struct {
-	token       string // canonical header the token is set in
-	merchant    string // canonical merchant header; "" when not read from a header
-	caller      string // canonical caller-JWT header; "" without a caller policy
-	interaction bool   // the handler adds x-fapi-interaction-id
-}
-
-// outbound returns the handler's contract. It is computed from the
-// handler's fields, so it costs nothing to build per request.
-func (h *Handler) outbound() outbound {
-	o := outbound{token: h.header, merchant: h.merchantHeader, interaction: h.InteractionID}
-	if o.token == "" {
-		o.token = "Authorization"
-	}
-	if h.callers != nil {
-		o.caller = h.callers.header
-	}
-	return o
+// get no credential.
+//
+// A Contract is a small value: build it per request from the handler's
+// settings.
+type Contract struct {
+	// Token is the canonical header the token is set in.
+	Token string
+	// Merchant is the canonical merchant header; "" when the merchant is
+	// not read from a header.
+	Merchant string
+	// Caller is the canonical caller-JWT header; "" without a caller
+	// policy.
+	Caller string
+	// Interaction says the handler adds x-fapi-interaction-id.
+	Interaction bool
 }
 
 // owns reports whether the header name (any case) is one of the contract's.
-func (o outbound) owns(name string) bool {
+func (o Contract) owns(name string) bool {
 	return strings.EqualFold(name, "Authorization") || strings.EqualFold(name, "Proxy-Authorization") ||
-		strings.EqualFold(name, o.token) ||
-		o.merchant != "" && strings.EqualFold(name, o.merchant) ||
-		o.caller != "" && strings.EqualFold(name, o.caller) ||
-		o.interaction && strings.EqualFold(name, interactionIDHeader)
+		strings.EqualFold(name, o.Token) ||
+		o.Merchant != "" && strings.EqualFold(name, o.Merchant) ||
+		o.Caller != "" && strings.EqualFold(name, o.Caller) ||
+		o.Interaction && strings.EqualFold(name, InteractionIDHeader)
 }
 
-// check refuses, before any token lookup, what the contract cannot make
+// Check refuses, before any token lookup, what the contract cannot make
 // safe: a method that echoes the request (405, see echoes) and a declared
 // trailer naming an owned header (400). A zero code means the request
 // may go on.
-func (o outbound) check(r *http.Request) errcode.Code {
+func (o Contract) Check(r *http.Request) errcode.Code {
 	if echoes(r.Method) {
 		return errcode.MethodRefused
 	}
@@ -101,30 +107,33 @@ func echoes(method string) bool {
 	return strings.EqualFold(method, http.MethodTrace) || strings.EqualFold(method, "TRACK")
 }
 
-// prepare applies the contract to a request about to be passed on with the
+// Prepare applies the contract to a request about to be passed on with the
 // token header value v ("Bearer <token>").
-func (o outbound) prepare(r *http.Request, v string) {
+func (o Contract) Prepare(r *http.Request, v string) {
 	// The keys are canonical already: delete without canonicalising again.
 	delete(r.Header, "Authorization")
 	delete(r.Header, "Proxy-Authorization")
-	if o.merchant != "" {
-		delete(r.Header, o.merchant)
+	if o.Merchant != "" {
+		delete(r.Header, o.Merchant)
 	}
-	if o.caller != "" {
-		delete(r.Header, o.caller)
+	if o.Caller != "" {
+		delete(r.Header, o.Caller)
 	}
 	if r.Trailer != nil && r.Body != nil && r.Body != http.NoBody {
 		r.Body = &trailerFilter{ReadCloser: r.Body, r: r, o: o}
 	}
 	o.setToken(r, v)
+	if o.Interaction && len(r.Header[InteractionIDHeader]) == 0 {
+		r.Header[InteractionIDHeader] = []string{uuid.NewString()}
+	}
 }
 
 // setToken sets the token header to v (also on a retry, from the request as
 // later handlers left it) and removes Connection options naming owned
 // headers.
-func (o outbound) setToken(r *http.Request, v string) {
+func (o Contract) setToken(r *http.Request, v string) {
 	// A slice of its own: later handlers may change header values in place.
-	r.Header[o.token] = []string{v}
+	r.Header[o.Token] = []string{v}
 	if c, ok := r.Header["Connection"]; ok {
 		o.cleanConnection(r.Header, c)
 	}
@@ -132,7 +141,7 @@ func (o outbound) setToken(r *http.Request, v string) {
 
 // cleanConnection removes from the Connection header c of h every option
 // naming an owned header. It allocates only when there is one.
-func (o outbound) cleanConnection(h http.Header, c []string) {
+func (o Contract) cleanConnection(h http.Header, c []string) {
 	dirty := false
 	for _, f := range c {
 		for opt := range strings.SplitSeq(f, ",") {
@@ -159,29 +168,22 @@ func (o outbound) cleanConnection(h http.Header, c []string) {
 	h["Connection"] = []string{strings.Join(kept, ", ")}
 }
 
-// carries reports whether r, as later handlers left it, still carries the
+// Carries reports whether r, as later handlers left it, still carries the
 // token header value v exactly once and no Connection option would remove
 // it. A 401 to a request that did not carry the broker's token says nothing
 // about the token: it must not purge it (a purge costs a token request).
-func (o outbound) carries(r *http.Request, v string) bool {
-	if vals := r.Header[o.token]; len(vals) != 1 || vals[0] != v {
+func (o Contract) Carries(r *http.Request, v string) bool {
+	if vals := r.Header[o.Token]; len(vals) != 1 || vals[0] != v {
 		return false
 	}
 	for _, f := range r.Header["Connection"] {
 		for opt := range strings.SplitSeq(f, ",") {
-			if strings.EqualFold(strings.TrimSpace(opt), o.token) {
+			if strings.EqualFold(strings.TrimSpace(opt), o.Token) {
 				return false
 			}
 		}
 	}
 	return true
-}
-
-// incremental reports whether the request asks to be forwarded as it
-// arrives (`Incremental: ?1`): its body is never buffered, so it cannot be
-// sent again after a 401.
-func (outbound) incremental(r *http.Request) bool {
-	return caddyhttp.IsIncremental(r.Header)
 }
 
 // trailerFilter drops trailers naming owned headers when the body ends,
@@ -191,7 +193,7 @@ func (outbound) incremental(r *http.Request) bool {
 type trailerFilter struct {
 	io.ReadCloser
 	r *http.Request
-	o outbound
+	o Contract
 }
 
 func (t *trailerFilter) Read(p []byte) (int, error) {

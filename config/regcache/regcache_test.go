@@ -1,4 +1,4 @@
-package module
+package regcache
 
 import (
 	"fmt"
@@ -33,31 +33,24 @@ func writeSplitRegistry(t *testing.T, dir string, files, n, changed int, org str
 	}
 }
 
-// TestLoadPooledSplitRegistry: a registry of 10 files of 1 000 merchants
+// TestLoadSplitRegistry: a registry of 10 files of 1 000 merchants
 // is parsed file by file; loading it again parses nothing and gives the
 // same registry; after one file changes, a load parses that file only,
 // and the providers are resolved to the same ID (cached tokens kept).
-func TestLoadPooledSplitRegistry(t *testing.T) {
+func TestLoadSplitRegistry(t *testing.T) {
 	dir := t.TempDir()
 	writeSplitRegistry(t, dir, 10, 1000, -1, "")
 	opts := config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }}
 	for _, pattern := range []string{dir, filepath.Join(dir, "merchants-*.toml")} {
 		t.Run(filepath.Base(pattern), func(t *testing.T) {
-			var keys []string
-			t.Cleanup(func() {
-				for _, k := range keys {
-					_, _ = registries.Delete(k)
-				}
-			})
-			load := func(wantParses int64) *config.Registry {
+			c := New()
+			load := func(wantParses int) *config.Registry {
 				t.Helper()
-				before := RegistryParses()
-				reg, key, err := loadPooled(pattern, opts, "store")
+				reg, _, got, err := c.Load(pattern, opts, "store")
 				if err != nil {
 					t.Fatal(err)
 				}
-				keys = append(keys, key)
-				if got := RegistryParses() - before; got != wantParses {
+				if got != wantParses {
 					t.Fatalf("%d files parsed, want %d", got, wantParses)
 				}
 				if len(reg.Merchants) != 10_000 || len(reg.Files) != 10 {
@@ -85,36 +78,31 @@ func TestLoadPooledSplitRegistry(t *testing.T) {
 	}
 }
 
-// TestLoadPooledReleasesFiles: the parsed files go with the last registry
+// TestLoadReleasesFiles: the parsed files go with the last registry
 // that holds them.
-func TestLoadPooledReleasesFiles(t *testing.T) {
+func TestLoadReleasesFiles(t *testing.T) {
 	dir := t.TempDir()
 	writeSplitRegistry(t, dir, 2, 3, -1, "")
 	opts := config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }}
-	_, key, err := loadPooled(dir, opts, "store")
+	c := New()
+	_, key, _, err := c.Load(dir, opts, "store")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var fileKeys []string
-	registryFiles.Range(func(k, _ any) bool { fileKeys = append(fileKeys, k.(string)); return true })
-	if len(fileKeys) < 2 {
-		t.Fatalf("%d files in the pool", len(fileKeys))
+	if len(c.files) < 2 {
+		t.Fatalf("%d files in the cache", len(c.files))
 	}
-	if _, err := registries.Delete(key); err != nil {
-		t.Fatal(err)
-	}
-	for _, k := range fileKeys {
-		if refs, ok := registryFiles.References(k); ok {
-			t.Errorf("file %s still held (%d references)", k, refs)
-		}
+	c.Release(key)
+	for k, f := range c.files {
+		t.Errorf("file %s still held (%d references)", k, f.refs)
 	}
 }
 
-// TestLoadPooledInputs: a load after a variable a merchant reads changed
+// TestLoadInputs: a load after a variable a merchant reads changed
 // parses that file again; after a secret file changed, it resolves the
 // providers again without parsing; each time the next load reuses the
 // registry (no parse, the same object).
-func TestLoadPooledInputs(t *testing.T) {
+func TestLoadInputs(t *testing.T) {
 	dir := t.TempDir()
 	secret := filepath.Join(dir, "api.key")
 	write := func(path, content string) {
@@ -128,21 +116,14 @@ func TestLoadPooledInputs(t *testing.T) {
 		"[merchants.acme]\nprovider = \"nuapay\"\norganisation = \"{env.ACME_ORG}\"\nscopes = [\"pisp\"]\n")
 	env := map[string]string{"ACME_ORG": "org-1"}
 	opts := config.Options{LookupEnv: func(k string) (string, bool) { v, ok := env[k]; return v, ok }}
-	var keys []string
-	t.Cleanup(func() {
-		for _, k := range keys {
-			_, _ = registries.Delete(k)
-		}
-	})
-	load := func(wantParses int64) *config.Registry {
+	c := New()
+	load := func(wantParses int) *config.Registry {
 		t.Helper()
-		before := RegistryParses()
-		reg, key, err := loadPooled(dir, opts, "store")
+		reg, _, got, err := c.Load(dir, opts, "store")
 		if err != nil {
 			t.Fatal(err)
 		}
-		keys = append(keys, key)
-		if got := RegistryParses() - before; got != wantParses {
+		if got != wantParses {
 			t.Fatalf("%d files parsed, want %d", got, wantParses)
 		}
 		return reg

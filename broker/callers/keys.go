@@ -1,4 +1,4 @@
-package module
+package callers
 
 import (
 	"context"
@@ -19,7 +19,7 @@ import (
 var callerAlgs = []jose.SignatureAlgorithm{jose.RS256, jose.RS384, jose.RS512, jose.ES256, jose.ES384,
 	jose.ES512, jose.PS256, jose.PS384, jose.PS512, jose.EdDSA}
 
-// DefaultKeysRefreshInterval is the default of CallerPolicy.RefreshInterval.
+// DefaultKeysRefreshInterval is the default of Config.RefreshInterval.
 const DefaultKeysRefreshInterval = 30 * time.Second
 
 // unknownKidGap is the shortest time between two key-set fetches caused

@@ -1,4 +1,4 @@
-package module
+package callers
 
 // A real OpenID provider for the caller-policy tests: zitadel's op
 // (github.com/zitadel/oidc/v3/pkg/op) with its example in-memory storage,

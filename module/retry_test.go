@@ -16,101 +16,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 )
-
-// TestOutboundContract: what reaches the next handler, whatever the caller
-// sent. Connection options naming an owned header are removed, so that
-// reverse_proxy cannot drop the injected token as hop-by-hop.
-func TestOutboundContract(t *testing.T) {
-	tests := []struct {
-		name           string
-		interaction    bool
-		callerHeader   string // with a caller policy
-		sent           [][2]string
-		wantConnection []string // nil: no Connection header
-		wantAbsent     []string
-	}{
-		{name: "caller credentials and the merchant header removed",
-			sent: [][2]string{{"Authorization", "Bearer caller"}, {"Authorization", "Basic eDp5"},
-				{"Proxy-Authorization", "Basic eDp5"}},
-			wantAbsent: []string{"Proxy-Authorization", "X-Merchant-Id"}},
-		{name: "Connection naming the token header",
-			sent:       [][2]string{{"Connection", "Authorization"}},
-			wantAbsent: []string{"Connection"}},
-		{name: "Connection option in any case and spacing",
-			sent:           [][2]string{{"Connection", "  aUtHoRiZaTiOn  ,keep-alive"}},
-			wantConnection: []string{"keep-alive"}},
-		{name: "Connection in two fields",
-			sent:           [][2]string{{"Connection", "keep-alive"}, {"Connection", "Proxy-Authorization, X-Merchant-Id"}},
-			wantConnection: []string{"keep-alive"}},
-		{name: "websocket upgrade kept",
-			sent:           [][2]string{{"Connection", "Upgrade, Authorization"}, {"Upgrade", "websocket"}},
-			wantConnection: []string{"Upgrade"}},
-		{name: "unrelated options kept untouched",
-			sent:           [][2]string{{"Connection", "X-Custom, keep-alive"}, {"X-Custom", "1"}},
-			wantConnection: []string{"X-Custom, keep-alive"}},
-		{name: "interaction id the broker adds",
-			interaction: true,
-			sent:        [][2]string{{"Connection", "X-Fapi-Interaction-Id"}},
-			wantAbsent:  []string{"Connection"}},
-		{name: "interaction id the broker does not add is the caller's",
-			sent:           [][2]string{{"Connection", "x-fapi-interaction-id"}},
-			wantConnection: []string{"x-fapi-interaction-id"}},
-		{name: "caller JWT header",
-			callerHeader: "X-Caller-Jwt",
-			sent:         [][2]string{{"Connection", "X-Caller-Jwt"}, {"X-Caller-Jwt", "eyJ..."}},
-			wantAbsent:   []string{"Connection", "X-Caller-Jwt"}},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			h := &Handler{header: "Authorization", merchantHeader: "X-Merchant-Id", InteractionID: tt.interaction}
-			if tt.callerHeader != "" {
-				h.callers = &CallerPolicy{header: tt.callerHeader}
-			}
-			r := httptest.NewRequest("GET", "/", nil)
-			r.Header.Set("X-Merchant-Id", "acme")
-			for _, kv := range tt.sent {
-				r.Header.Add(kv[0], kv[1])
-			}
-			h.outbound().prepare(r, "Bearer "+testToken)
-			if v := r.Header.Values("Authorization"); !slices.Equal(v, []string{"Bearer " + testToken}) {
-				t.Errorf("Authorization = %q, want the token once", v)
-			}
-			if got := r.Header["Connection"]; !slices.Equal(got, tt.wantConnection) {
-				t.Errorf("Connection = %q, want %q", got, tt.wantConnection)
-			}
-			for _, name := range tt.wantAbsent {
-				if v, ok := r.Header[name]; ok {
-					t.Errorf("%s = %q, want it removed", name, v)
-				}
-			}
-			if !h.outbound().carries(r, "Bearer "+testToken) {
-				t.Error("carries = false after prepare")
-			}
-		})
-	}
-}
-
-func TestOutboundCarries(t *testing.T) {
-	const v = "Bearer " + testToken
-	o := outbound{token: "Authorization"}
-	for _, tt := range []struct {
-		name string
-		hdr  http.Header
-		want bool
-	}{
-		{"as set", http.Header{"Authorization": {v}}, true},
-		{"removed by a later handler", http.Header{}, false},
-		{"replaced", http.Header{"Authorization": {"Bearer other"}}, false},
-		{"added to", http.Header{"Authorization": {v, "Bearer other"}}, false},
-		{"named in Connection again", http.Header{"Authorization": {v}, "Connection": {"close, authorization"}}, false},
-		{"other Connection options", http.Header{"Authorization": {v}, "Connection": {"Upgrade"}}, true},
-	} {
-		if got := o.carries(&http.Request{Header: tt.hdr}, v); got != tt.want {
-			t.Errorf("%s: carries = %v, want %v", tt.name, got, tt.want)
-		}
-	}
-}
 
 // TestOutboundCheck: refused before any token lookup.
 func TestOutboundCheck(t *testing.T) {
@@ -126,13 +33,11 @@ func TestOutboundCheck(t *testing.T) {
 		{"Authorization trailer", "POST", []string{"Authorization"}, 400, "forbidden_trailer"},
 		{"Proxy-Authorization trailer", "POST", []string{"Proxy-Authorization"}, 400, "forbidden_trailer"},
 		{"merchant trailer", "POST", []string{"X-Checksum", "X-Merchant-Id"}, 400, "forbidden_trailer"},
-		{"caller JWT trailer", "POST", []string{"X-Caller-Jwt"}, 400, "forbidden_trailer"},
 		{"TRACE", "TRACE", nil, 405, "method_refused"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			var calls atomic.Int64
 			h := newTestHandler(t, okSource(&calls), "json")
-			h.callers = &CallerPolicy{header: "X-Caller-Jwt"}
 			r := httptest.NewRequest(tt.method, "/", strings.NewReader("x"))
 			r.Header.Set("X-Merchant-Id", "acme")
 			for _, name := range tt.trailers {
@@ -141,7 +46,7 @@ func TestOutboundCheck(t *testing.T) {
 				}
 				r.Trailer[name] = nil
 			}
-			c := h.outbound().check(r)
+			c := h.outbound().Check(r)
 			status, code := c.Status(), c.String()
 			if status != tt.wantStatus || code != tt.wantCode {
 				t.Fatalf("check = %d %q, want %d %q", status, code, tt.wantStatus, tt.wantCode)
@@ -371,7 +276,7 @@ func TestRetryBodyLimitValidated(t *testing.T) {
 	for _, tt := range []struct {
 		limit int64
 		ok    bool
-	}{{-1, false}, {0, true}, {64 << 10, true}, {MaxRetryBodyLimit, true}, {MaxRetryBodyLimit + 1, false}, {1 << 40, false}} {
+	}{{-1, false}, {0, true}, {64 << 10, true}, {outbound.MaxRetryBodyLimit, true}, {outbound.MaxRetryBodyLimit + 1, false}, {1 << 40, false}} {
 		h := &Handler{Errors: "json", RetryBodyLimit: tt.limit}
 		err := h.Validate()
 		if (err == nil) != tt.ok {

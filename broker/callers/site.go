@@ -1,4 +1,4 @@
-package module
+package callers
 
 import (
 	"fmt"
@@ -11,7 +11,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
-// siteGuard decides whether a request may use the sidecar's site: the
+// Site decides whether a request may use the sidecar's site: the
 // token_broker handler and the consent links endpoint act for any merchant
 // with the partner's credentials, so they serve the applications on the
 // host (or those an operator names), never a web page.
@@ -33,15 +33,15 @@ import (
 // allowed Host: it is not affected. The consent start and callback pages,
 // which merchants' browsers reach on the partner's public callback site,
 // are not guarded.
-type siteGuard struct {
+type Site struct {
 	anyHost bool                // allowed_hosts holds "*"
 	hosts   map[string]struct{} // the other allowed hosts, normalised (siteHost)
 }
 
-// newSiteGuard returns the guard of the app's allowed_hosts: host names or
+// NewSite returns the guard of the app's allowed_hosts: host names or
 // IP addresses, without scheme or port, or "*" for any Host.
-func newSiteGuard(allowed []string) (siteGuard, error) {
-	g := siteGuard{hosts: map[string]struct{}{}}
+func NewSite(allowed []string) (Site, error) {
+	g := Site{hosts: map[string]struct{}{}}
 	for i, h := range allowed {
 		if h == "*" {
 			g.anyHost = true
@@ -49,17 +49,17 @@ func newSiteGuard(allowed []string) (siteGuard, error) {
 		}
 		n := siteHost(h)
 		if n == "" || strings.ContainsAny(n, "/?#@*% ") || (strings.Contains(n, ":") && !isIP(n)) {
-			return siteGuard{}, fmt.Errorf("token_broker: allowed_hosts[%d] %q: want a host name or IP address without scheme or port (e.g. sidecar.payments.svc), or * for any host", i, h)
+			return Site{}, fmt.Errorf("token_broker: allowed_hosts[%d] %q: want a host name or IP address without scheme or port (e.g. sidecar.payments.svc), or * for any host", i, h)
 		}
 		g.hosts[n] = struct{}{}
 	}
 	return g, nil
 }
 
-// check refuses a request the site must not serve; a zero code lets it
+// Check refuses a request the site must not serve; a zero code lets it
 // go on. The error, when non-nil, is for the log: it says what was refused
 // and what the operator can do.
-func (g *siteGuard) check(r *http.Request) (errcode.Code, error) {
+func (g *Site) Check(r *http.Request) (errcode.Code, error) {
 	if !g.allowsHost(r.Host) {
 		return errcode.HostNotAllowed,
 			fmt.Errorf("host %.100q is neither a loopback name nor in the token_broker app's allowed_hosts (add it there if applications reach the sidecar by that name)", r.Host)
@@ -80,7 +80,7 @@ func (g *siteGuard) check(r *http.Request) (errcode.Code, error) {
 
 // allowsHost reports whether the Host header names a loopback host or an
 // allowed one. An empty Host (HTTP/1.0) never comes from a browser.
-func (g *siteGuard) allowsHost(hostport string) bool {
+func (g *Site) allowsHost(hostport string) bool {
 	if hostport == "" || g.anyHost {
 		return true
 	}

@@ -1,4 +1,4 @@
-package module
+package callers
 
 import (
 	"net/http"
@@ -10,7 +10,7 @@ import (
 // any case; other names are misdirected; a browser's request from another
 // origin is refused whatever the Host.
 func TestSiteGuard(t *testing.T) {
-	g, err := newSiteGuard([]string{"Sidecar.Payments.SVC.", "10.1.2.3", "[fd00::7]"})
+	g, err := NewSite([]string{"Sidecar.Payments.SVC.", "10.1.2.3", "[fd00::7]"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,29 +50,29 @@ func TestSiteGuard(t *testing.T) {
 		for i := 0; i+1 < len(tt.headers); i += 2 {
 			r.Header.Set(tt.headers[i], tt.headers[i+1])
 		}
-		c, err := g.check(r)
+		c, err := g.Check(r)
 		status, code := c.Status(), c.String()
 		if status != tt.status || code != tt.code || (status != 0) != (err != nil) {
 			t.Errorf("Host %q %v: %d %q %v, want %d %q", tt.host, tt.headers, status, code, err, tt.status, tt.code)
 		}
 	}
 
-	anyHost, err := newSiteGuard([]string{"*"})
+	anyHost, err := NewSite([]string{"*"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	r := httptest.NewRequest(http.MethodGet, "/", nil)
 	r.Host = "anything.example"
-	if code, _ := anyHost.check(r); code != 0 {
+	if code, _ := anyHost.Check(r); code != 0 {
 		t.Errorf("allowed_hosts *: Host %q refused with %s", r.Host, code)
 	}
 	r.Header.Set("Sec-Fetch-Site", "cross-site")
-	if code, _ := anyHost.check(r); code.Status() != http.StatusForbidden {
+	if code, _ := anyHost.Check(r); code.Status() != http.StatusForbidden {
 		t.Errorf("allowed_hosts *: a cross-site request got %s, want 403", code)
 	}
 
 	for _, bad := range []string{"", "sidecar:8080", "http://sidecar", "side car", "a/b", "*.svc", "user@host"} {
-		if _, err := newSiteGuard([]string{bad}); err == nil {
+		if _, err := NewSite([]string{bad}); err == nil {
 			t.Errorf("allowed_hosts %q: accepted", bad)
 		}
 	}

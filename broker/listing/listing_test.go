@@ -1,4 +1,4 @@
-package module
+package listing
 
 import (
 	"context"
@@ -84,7 +84,7 @@ func TestOrganisationListingBoundedInTotal(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			l := newOrgListing("nuapay", src.EachOrganisation, tt.limits, time.Hour, zap.NewNop())
+			l := New("nuapay", src, tt.limits, time.Hour, zap.NewNop())
 			ctx := context.Background()
 			if n, err := l.Refresh(ctx); err != nil || n != 6 {
 				t.Fatalf("good list: %d, %v; want 6 organisations", n, err)
@@ -104,7 +104,7 @@ func TestOrganisationListingBoundedInTotal(t *testing.T) {
 				org    string
 				status int
 			}{{"ORG1", 0}, {"ORG6", 0}, {"HOSTILE1", http.StatusForbidden}} {
-				if code := l.allows(tc.org); code.Status() != tc.status {
+				if code := l.Allows(tc.org); code.Status() != tc.status {
 					t.Errorf("%s after the hostile list: %d %s, want %d (the last good list)", tc.org, code.Status(), code, tc.status)
 				}
 			}

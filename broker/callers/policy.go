@@ -1,0 +1,298 @@
+// Package callers decides who may use the sidecar, in plain net/http: the
+// caller policy (Policy: a JWT from a trusted issuer, verified against the
+// issuer's key set, and the merchants each caller may act for) and the
+// site guard (Site: a loopback or allowed Host, no cross-site browser
+// request). It has no Caddy import; the module maps its refusals to
+// answers.
+package callers
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/textproto"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/coreos/go-oidc/v3/oidc"
+	gocache "github.com/patrickmn/go-cache"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+)
+
+// Config is a caller policy's settings. The file paths are read as given
+// (placeholders already replaced).
+type Config struct {
+	// Issuer is the JWT issuer (iss) to trust. Required.
+	Issuer string
+	// Audience is the audience (aud) the JWT must carry. Required.
+	Audience string
+	// JWKSURL is where the issuer's signing keys are. Default: the
+	// jwks_uri of the issuer's OpenID discovery document.
+	JWKSURL string
+	// JWKSFile is a file holding the issuer's public keys as a JWK set
+	// (RFC 7517), read by New: no discovery and no key fetch ever
+	// happen. Excludes JWKSURL and CAFile.
+	JWKSFile string
+	// CAFile is a PEM file of the CA certificates trusted for the
+	// issuer's discovery document and key set, in place of the system
+	// roots.
+	CAFile string
+	// RefreshInterval is the shortest time between two fetches of the
+	// issuer's key set caused by tokens whose kid is known. Default
+	// DefaultKeysRefreshInterval.
+	RefreshInterval time.Duration
+	// Header carries the caller's JWT, as "Bearer <jwt>": Authorization
+	// (default) or Proxy-Authorization (CredentialHeaders).
+	Header string
+	// Allow maps a caller's subject (sub) to the merchants it may act
+	// for; "*" allows every merchant.
+	Allow map[string][]string
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+}
+
+// Policy makes callers prove who they are with a JWT (for example a
+// Kubernetes service-account token or a workload identity) and says which
+// merchants each may act for.
+//
+// The issuer's keys are fetched at most once per RefreshInterval for tokens
+// whose key id (kid) is known, at most once per 5 s for a kid not seen
+// before (a key rotation), and again when they are 5 minutes old: a forged
+// token costs the issuer nothing. A verified JWT is trusted until it
+// expires, for at most 5 minutes, without being checked again: revoking
+// it at the issuer is not seen before then. Safe for concurrent use.
+type Policy struct {
+	issuer   string
+	audience string
+	allow    map[string][]string
+	header   string
+	client   *http.Client
+	keys     *keySet
+	now      func() time.Time
+	mu       sync.Mutex
+	verifier *oidc.IDTokenVerifier
+	ctx      context.Context
+	// verified remembers the subjects of JWTs already verified, by the
+	// SHA-256 of the JWT, until they expire (at most 5 minutes): a caller
+	// reusing its token costs a hash, not a signature check.
+	verified *gocache.Cache
+	retryAt  time.Time // no discovery before, after a failed one
+}
+
+// CredentialHeaders are the request headers that may carry the caller's
+// JWT: Caddy's access logs redact them (unless should_log_credentials is
+// set), and reverse_proxy's debug logs too. Any other header is logged in
+// clear.
+var CredentialHeaders = []string{"Authorization", "Proxy-Authorization"}
+
+// IsCredentialHeader reports whether name (in any case) is one of
+// CredentialHeaders.
+func IsCredentialHeader(name string) bool {
+	return slices.Contains(CredentialHeaders, textproto.CanonicalMIMEHeaderKey(name))
+}
+
+// discoveryTimeout bounds one discovery or key-set request.
+const discoveryTimeout = 10 * time.Second
+
+// discoveryRetry is how long a failed discovery of the caller issuer is
+// remembered.
+const discoveryRetry = 5 * time.Second
+
+// maxVerifiedTTL bounds how long a verified caller JWT is trusted without
+// checking it again.
+const maxVerifiedTTL = 5 * time.Minute
+
+// challengeRealm is the realm of the WWW-Authenticate challenge.
+const challengeRealm = "token_broker"
+
+// New checks c and returns its policy. ctx bounds the policy's discovery
+// requests (the configuration's lifetime).
+func New(ctx context.Context, c Config) (*Policy, error) {
+	if c.Issuer == "" || c.Audience == "" {
+		return nil, errors.New("token_broker callers: issuer and audience are required")
+	}
+	if len(c.Allow) == 0 {
+		return nil, errors.New("token_broker callers: no allow rule: every caller would be refused")
+	}
+	for sub, merchants := range c.Allow {
+		if len(merchants) == 0 {
+			return nil, fmt.Errorf("token_broker callers: allow %q names no merchant", sub)
+		}
+	}
+	if c.Header == "" {
+		c.Header = "Authorization"
+	}
+	if !IsCredentialHeader(c.Header) {
+		return nil, fmt.Errorf("token_broker callers: header %q: the caller JWT can only be in Authorization or Proxy-Authorization, which Caddy's logs redact; another header would be logged in clear", c.Header)
+	}
+	if c.RefreshInterval < 0 {
+		return nil, fmt.Errorf("token_broker callers: refresh_interval %s must not be negative", c.RefreshInterval)
+	}
+	if c.JWKSFile != "" && (c.JWKSURL != "" || c.CAFile != "") {
+		return nil, errors.New("token_broker callers: jwks_file holds the keys: drop jwks_url and ca_file, which would not be used")
+	}
+	p := &Policy{issuer: c.Issuer, audience: c.Audience, allow: c.Allow, now: c.Now, ctx: ctx,
+		header: textproto.CanonicalMIMEHeaderKey(c.Header), verified: gocache.New(maxVerifiedTTL, time.Minute)}
+	if p.now == nil {
+		p.now = time.Now
+	}
+	interval := c.RefreshInterval
+	if interval == 0 {
+		interval = DefaultKeysRefreshInterval
+	}
+	if c.JWKSFile != "" {
+		data, err := os.ReadFile(c.JWKSFile)
+		if err != nil {
+			return nil, fmt.Errorf("token_broker callers: jwks_file: %w", err)
+		}
+		keys, err := parseJWKS(data)
+		if err != nil {
+			return nil, fmt.Errorf("token_broker callers: jwks_file %s: %w", c.JWKSFile, err)
+		}
+		p.keys = &keySet{keys: keys, now: p.now}
+		p.verifier = oidc.NewVerifier(p.issuer, p.keys, p.config())
+		return p, nil
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	if c.CAFile != "" {
+		pem, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("token_broker callers: ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("token_broker callers: ca_file %s: no PEM certificate in it", c.CAFile)
+		}
+		tr.TLSClientConfig.RootCAs = pool
+	}
+	p.client = &http.Client{Transport: tr, Timeout: discoveryTimeout,
+		// Discovery and keys are public: a redirect is not followed to
+		// somewhere the operator did not name.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	p.keys = &keySet{url: c.JWKSURL, client: p.client, interval: interval, now: p.now}
+	if c.JWKSURL != "" {
+		p.verifier = oidc.NewVerifier(p.issuer, p.keys, p.config())
+	}
+	return p, nil
+}
+
+func (p *Policy) config() *oidc.Config {
+	algs := make([]string, len(callerAlgs))
+	for i, a := range callerAlgs {
+		algs[i] = string(a)
+	}
+	return &oidc.Config{ClientID: p.audience, SupportedSigningAlgs: algs, Now: p.now}
+}
+
+// Header is the canonical name of the header that carries the caller's
+// JWT.
+func (p *Policy) Header() string { return p.header }
+
+// verifierFor returns the verifier, discovering the issuer's key-set URL
+// on first use; a failed discovery is tried again after discoveryRetry.
+func (p *Policy) verifierFor() (*oidc.IDTokenVerifier, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.verifier != nil {
+		return p.verifier, nil
+	}
+	if p.now().Before(p.retryAt) {
+		return nil, fmt.Errorf("discovering the caller issuer %s: failed less than %s ago", p.issuer, discoveryRetry)
+	}
+	// Bounded: requests wait on this (one at a time), so a slow issuer
+	// must not hold them, and a failing one is not asked on every request.
+	dctx, cancel := context.WithTimeout(oidc.ClientContext(p.ctx, p.client), discoveryTimeout)
+	defer cancel()
+	prov, err := oidc.NewProvider(dctx, p.issuer)
+	if err != nil {
+		p.retryAt = p.now().Add(discoveryRetry)
+		return nil, fmt.Errorf("discovering the caller issuer %s: %w", p.issuer, err)
+	}
+	var meta struct {
+		JWKSURI string `json:"jwks_uri"`
+	}
+	if err := prov.Claims(&meta); err != nil || meta.JWKSURI == "" {
+		p.retryAt = p.now().Add(discoveryRetry)
+		return nil, fmt.Errorf("discovering the caller issuer %s: no jwks_uri in its discovery document; set jwks_url", p.issuer)
+	}
+	p.keys.url = meta.JWKSURI // before any use of p.keys: set under p.mu, read after
+	p.verifier = oidc.NewVerifier(p.issuer, p.keys, p.config())
+	return p.verifier, nil
+}
+
+// Error is a refused caller: errcode.CallerUnauthenticated (401) or
+// errcode.CallerKeysUnavailable (503).
+type Error struct {
+	// Code is the refusal's error code.
+	Code errcode.Code
+	// Err says why, for the log.
+	Err error
+	// presented says the caller sent a Bearer token (that failed), so the
+	// challenge carries error="invalid_token" (RFC 6750 §3.1).
+	presented bool
+}
+
+// Error returns the reason of the refusal.
+func (e *Error) Error() string { return e.Err.Error() }
+
+// Unwrap returns the reason of the refusal.
+func (e *Error) Unwrap() error { return e.Err }
+
+// Challenge is the WWW-Authenticate value of the refusal, "" for none. A
+// request without a Bearer token gets the scheme and realm only, with no
+// error code (RFC 6750 §3.1); a token that fails gets invalid_token.
+func (e *Error) Challenge() string {
+	switch {
+	case e.Code != errcode.CallerUnauthenticated:
+		return ""
+	case e.presented:
+		return `Bearer realm="` + challengeRealm + `", error="invalid_token"`
+	}
+	return `Bearer realm="` + challengeRealm + `"`
+}
+
+// Authenticate verifies the caller's JWT and returns its subject.
+func (p *Policy) Authenticate(r *http.Request) (string, *Error) {
+	raw := r.Header.Get(p.header)
+	scheme, jwt, _ := strings.Cut(raw, " ")
+	jwt = strings.TrimSpace(jwt)
+	if !strings.EqualFold(scheme, "bearer") || jwt == "" {
+		return "", &Error{Code: errcode.CallerUnauthenticated, Err: errors.New("no Bearer JWT in " + p.header)}
+	}
+	sum := sha256.Sum256([]byte(jwt))
+	key := string(sum[:])
+	if sub, ok := p.verified.Get(key); ok {
+		return sub.(string), nil
+	}
+	v, err := p.verifierFor()
+	if err != nil {
+		return "", &Error{Code: errcode.CallerKeysUnavailable, Err: err}
+	}
+	var unavailable bool
+	tok, err := v.Verify(context.WithValue(r.Context(), keysUnavailableKey{}, &unavailable), jwt)
+	if err != nil {
+		if unavailable {
+			return "", &Error{Code: errcode.CallerKeysUnavailable, Err: err}
+		}
+		return "", &Error{Code: errcode.CallerUnauthenticated, Err: err, presented: true}
+	}
+	if ttl := min(tok.Expiry.Sub(p.now()), maxVerifiedTTL); ttl > 0 {
+		p.verified.Set(key, tok.Subject, ttl)
+	}
+	return tok.Subject, nil
+}
+
+// Allows reports whether subject may act for merchant.
+func (p *Policy) Allows(subject, merchant string) bool {
+	m := p.allow[subject]
+	return slices.Contains(m, merchant) || slices.Contains(m, "*")
+}

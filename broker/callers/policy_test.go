@@ -1,0 +1,288 @@
+package callers
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	jose "github.com/go-jose/go-jose/v4"
+)
+
+// fakeClock is a clock the test moves.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{t: time.Now()} }
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// provisioned makes the policy of c with clock (nil: the real one).
+func provisioned(t *testing.T, c *Config, clock *fakeClock) (*Policy, error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	if clock != nil {
+		c.Now = clock.now
+	}
+	if c.Allow == nil {
+		c.Allow = map[string][]string{"payments": {"acme"}}
+	}
+	return New(ctx, *c)
+}
+
+func mustProvision(t *testing.T, c *Config, clock *fakeClock) *Policy {
+	t.Helper()
+	p, err := provisioned(t, c, clock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// authn runs Authenticate on a request carrying the value in Authorization
+// ("" for none).
+func authn(p *Policy, authorization string) (string, *Error) {
+	r := httptest.NewRequest("GET", "/", nil)
+	if authorization != "" {
+		r.Header.Set("Authorization", authorization)
+	}
+	return p.Authenticate(r)
+}
+
+// forge changes a JWT's claims (and, if kid is not "", its kid) but keeps
+// its signature, which no longer matches.
+func forge(t *testing.T, token string, i int, kid string) string {
+	t.Helper()
+	parts := strings.Split(token, ".")
+	if kid != "" {
+		var hdr map[string]any
+		raw, _ := base64.RawURLEncoding.DecodeString(parts[0])
+		if err := json.Unmarshal(raw, &hdr); err != nil {
+			t.Fatal(err)
+		}
+		hdr["kid"] = kid
+		b, _ := json.Marshal(hdr)
+		parts[0] = base64.RawURLEncoding.EncodeToString(b)
+	}
+	var claims map[string]any
+	raw, _ := base64.RawURLEncoding.DecodeString(parts[1])
+	if err := json.Unmarshal(raw, &claims); err != nil {
+		t.Fatal(err)
+	}
+	claims["sub"] = fmt.Sprintf("forged-%d", i)
+	b, _ := json.Marshal(claims)
+	parts[1] = base64.RawURLEncoding.EncodeToString(b)
+	return strings.Join(parts, ".")
+}
+
+// TestCallerKeysRefreshRateLimited is issue 12's acceptance: forged tokens
+// with a known kid cost at most one key-set fetch per refresh interval,
+// made-up kids at most one per unknownKidGap, and a key rotation at the
+// issuer is still picked up.
+func TestCallerKeysRefreshRateLimited(t *testing.T) {
+	iss := startIssuer(t, false, "payments")
+	clock := newFakeClock()
+	p := mustProvision(t, &Config{Issuer: iss.URL, Audience: callerAudience}, clock)
+	good := iss.token(t, http.DefaultClient, "payments")
+
+	// refused sends n forged tokens, in parallel or one after the other
+	// (go-oidc's RemoteKeySet fetched once per token then).
+	refused := func(n int, parallel bool, tok func(i int) string) {
+		t.Helper()
+		var wg sync.WaitGroup
+		var accepted atomic.Int64
+		for i := range n {
+			wg.Add(1)
+			send := func() {
+				defer wg.Done()
+				if _, cerr := authn(p, "Bearer "+tok(i)); cerr == nil || cerr.Code.Status() != http.StatusUnauthorized {
+					accepted.Add(1)
+				}
+			}
+			if parallel {
+				go send()
+			} else {
+				send()
+			}
+		}
+		wg.Wait()
+		if accepted.Load() != 0 {
+			t.Fatalf("%d forged tokens were not refused with 401", accepted.Load())
+		}
+	}
+	fetches := func(want int64) {
+		t.Helper()
+		if got := iss.JWKSFetches.Load(); got != want {
+			t.Fatalf("key-set fetches = %d, want %d", got, want)
+		}
+	}
+
+	// 100 forged tokens with the issuer's kid: one fetch (the first
+	// verification ever), none after.
+	refused(100, false, func(i int) string { return forge(t, good, i, "") })
+	fetches(1)
+	if sub, cerr := authn(p, "Bearer "+good); cerr != nil || sub != "payments" {
+		t.Fatalf("good token: %q %+v", sub, cerr)
+	}
+	fetches(1)
+
+	// Made-up kids: nothing within unknownKidGap of the last fetch, then
+	// one fetch for all of them.
+	refused(20, true, func(i int) string { return forge(t, good, i, fmt.Sprintf("made-up-%d", i)) })
+	fetches(1)
+	clock.advance(unknownKidGap)
+	refused(20, true, func(i int) string { return forge(t, good, i, fmt.Sprintf("made-up-again-%d", i)) })
+	fetches(2)
+
+	// Known kid: after the interval, one fetch again, then none.
+	clock.advance(DefaultKeysRefreshInterval - time.Second)
+	refused(100, true, func(i int) string { return forge(t, good, 1000+i, "") })
+	fetches(2)
+	clock.advance(time.Second)
+	refused(100, true, func(i int) string { return forge(t, good, 2000+i, "") })
+	fetches(3)
+
+	// Rotation: a token signed with the new key is refused only within
+	// unknownKidGap of the last fetch, then accepted after one fetch.
+	iss.rotate(t)
+	rotated := iss.token(t, http.DefaultClient, "payments")
+	if _, cerr := authn(p, "Bearer "+rotated); cerr == nil {
+		t.Fatal("a new kid was fetched within unknownKidGap of the last fetch")
+	}
+	fetches(3)
+	clock.advance(unknownKidGap)
+	if sub, cerr := authn(p, "Bearer "+rotated); cerr != nil || sub != "payments" {
+		t.Fatalf("token signed with the rotated key: %q %+v", sub, cerr)
+	}
+	fetches(4)
+	if iss.Discoveries.Load() != 1 {
+		t.Fatalf("discoveries = %d, want 1", iss.Discoveries.Load())
+	}
+
+	// Keys older than keysMaxAge are fetched again once, so a key the
+	// issuer withdrew stops being trusted.
+	clock.advance(keysMaxAge)
+	if _, cerr := authn(p, "Bearer "+forge(t, rotated, 1, "")); cerr == nil {
+		t.Fatal("forged token accepted")
+	}
+	fetches(5)
+}
+
+// TestCallerIssuerTrust: an issuer behind TLS with a CA of its own is
+// trusted with ca_file only, and jwks_file needs no request at all.
+func TestCallerIssuerTrust(t *testing.T) {
+	iss := startIssuer(t, true, "payments")
+	good := iss.token(t, trusting(t, iss.CAFile), "payments")
+	other := startIssuer(t, true)
+	plain := startIssuer(t, false, "payments")
+	jwksFile := filepath.Join(t.TempDir(), "jwks.json")
+	if err := os.WriteFile(jwksFile, plain.jwksJSON(t), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	plainGood := plain.token(t, http.DefaultClient, "payments")
+
+	tests := []struct {
+		name       string
+		policy     *Config
+		token      string
+		wantStatus int // 0: accepted
+		wantCalls  bool
+	}{
+		{"ca_file, discovery", &Config{Issuer: iss.URL, CAFile: iss.CAFile}, good, 0, true},
+		{"ca_file, jwks_url", &Config{Issuer: iss.URL, CAFile: iss.CAFile, JWKSURL: iss.URL + "/keys"}, good, 0, true},
+		{"system roots only", &Config{Issuer: iss.URL}, good, http.StatusServiceUnavailable, false},
+		{"another CA", &Config{Issuer: iss.URL, CAFile: other.CAFile}, good, http.StatusServiceUnavailable, false},
+		{"another CA, jwks_url", &Config{Issuer: iss.URL, CAFile: other.CAFile, JWKSURL: iss.URL + "/keys"}, good, http.StatusServiceUnavailable, false},
+		{"jwks_file", &Config{Issuer: plain.URL, JWKSFile: jwksFile}, plainGood, 0, false},
+		{"jwks_file, forged", &Config{Issuer: plain.URL, JWKSFile: jwksFile}, forge(t, plainGood, 1, ""), http.StatusUnauthorized, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := iss.JWKSFetches.Load() + iss.Discoveries.Load()
+			tt.policy.Audience = callerAudience
+			p := mustProvision(t, tt.policy, nil)
+			sub, cerr := authn(p, "Bearer "+tt.token)
+			switch {
+			case tt.wantStatus == 0 && (cerr != nil || sub != "payments"):
+				t.Fatalf("refused: %+v", cerr)
+			case tt.wantStatus != 0 && (cerr == nil || cerr.Code.Status() != tt.wantStatus):
+				t.Fatalf("got %+v, want status %d", cerr, tt.wantStatus)
+			}
+			if calls := iss.JWKSFetches.Load() + iss.Discoveries.Load() - before; (calls > 0) != tt.wantCalls {
+				t.Fatalf("%d discovery and key-set requests served", calls)
+			}
+		})
+	}
+	if n := plain.JWKSFetches.Load() + plain.Discoveries.Load(); n != 0 {
+		t.Fatalf("jwks_file: %d requests to the issuer", n)
+	}
+}
+
+func TestCallerPolicyConfigErrors(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	private, _ := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: key, KeyID: "k1", Algorithm: "ES256"}}})
+	privateFile := write("private.json", string(private))
+	notPEM := write("not.pem", "hello")
+	tests := []struct {
+		name   string
+		policy *Config
+		want   string
+	}{
+		{"header not redacted", &Config{Header: "X-Caller-Token"}, `header "X-Caller-Token"`},
+		{"header Cookie", &Config{Header: "Cookie"}, "Caddy's logs redact"},
+		{"jwks_file and jwks_url", &Config{JWKSFile: privateFile, JWKSURL: "https://x/keys"}, "drop jwks_url"},
+		{"jwks_file and ca_file", &Config{JWKSFile: privateFile, CAFile: notPEM}, "drop jwks_url and ca_file"},
+		{"jwks_file private", &Config{JWKSFile: privateFile}, "private or symmetric key"},
+		{"jwks_file missing", &Config{JWKSFile: filepath.Join(dir, "nope.json")}, "no such file"},
+		{"jwks_file empty set", &Config{JWKSFile: write("empty.json", `{"keys":[]}`)}, "no usable signing key"},
+		{"ca_file not PEM", &Config{CAFile: notPEM}, "no PEM certificate"},
+		{"negative refresh_interval", &Config{RefreshInterval: -1}, "refresh_interval"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.policy.Issuer, tt.policy.Audience = "https://issuer.example", "token-broker"
+			_, err := provisioned(t, tt.policy, nil)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want %q", err, tt.want)
+			}
+		})
+	}
+	for _, h := range []string{"authorization", "Proxy-Authorization"} {
+		if _, err := provisioned(t, &Config{Issuer: "https://i", Audience: "a", Header: h}, nil); err != nil {
+			t.Fatalf("header %s: %v", h, err)
+		}
+	}
+}

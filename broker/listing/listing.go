@@ -1,0 +1,164 @@
+// Package listing keeps the list of organisations a provider says the
+// partner may act for, which restricts the wildcard merchant entry when it
+// sets only_listed_organisations. It has no Caddy import: the module keeps
+// listings across config reloads and serves their admin and health views.
+package listing
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
+)
+
+// OrganisationLister reads the organisations a provider says the partner
+// may act for, within limits, calling visit for each one; past the limits
+// it fails, and what visit saw must not be used. *nuapay.Source implements
+// it. Safe for concurrent use.
+type OrganisationLister interface {
+	EachOrganisation(ctx context.Context, limits nuapay.ListLimits, visit func(nuapay.Organisation)) error
+}
+
+// Listing is the list of organisations a provider says the partner may act
+// for (for Nuapay, GET /organisations, every page). It is read on a
+// schedule (Start) and on demand (Refresh), keeping only the organisation
+// ids, within limits over all pages (the wildcard's max_organisations, and
+// bytes in proportion: nuapay.ListLimits). A failed read, one past the
+// limits included, keeps the last good list; before the first good list
+// every organisation is refused with 503 (organisations_unavailable).
+// Safe for concurrent use.
+type Listing struct {
+	provider string // the provider's name, for logs and the admin API
+	list     OrganisationLister
+	limits   nuapay.ListLimits
+	every    time.Duration
+	logger   *zap.Logger
+
+	orgs    atomic.Pointer[map[string]struct{}]
+	good    atomic.Int64                   // unix nanoseconds of the last good read
+	failed  atomic.Pointer[listingFailure] // the last read, if it failed
+	refresh sync.Mutex                     // one read at a time
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+// New returns the listing of a provider, read every every once started;
+// logger may be nil.
+func New(provider string, list OrganisationLister, limits nuapay.ListLimits, every time.Duration, logger *zap.Logger) *Listing {
+	return &Listing{provider: provider, list: list, limits: limits, every: every, logger: logger}
+}
+
+// Provider is the name of the listed provider.
+func (l *Listing) Provider() string { return l.provider }
+
+// Start reads the list now and then every l.every, until Destruct.
+func (l *Listing) Start() {
+	l.stop, l.done = make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(l.done)
+		t := time.NewTicker(l.every)
+		defer t.Stop()
+		for {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			_, _ = l.Refresh(ctx)
+			cancel()
+			select {
+			case <-l.stop:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+}
+
+// Destruct stops the schedule.
+func (l *Listing) Destruct() error {
+	if l.stop != nil {
+		close(l.stop)
+		<-l.done
+	}
+	return nil
+}
+
+// Refresh reads the list now and returns how many organisations it holds.
+// On failure the last good list stays in force and the error is returned
+// (and logged).
+func (l *Listing) Refresh(ctx context.Context) (int, error) {
+	l.refresh.Lock()
+	defer l.refresh.Unlock()
+	m := make(map[string]struct{})
+	err := l.list.EachOrganisation(ctx, l.limits, func(o nuapay.Organisation) { m[o.ID] = struct{}{} })
+	if err != nil {
+		l.failed.Store(&listingFailure{err: err, at: time.Now()})
+		if l.logger != nil {
+			kept := "none yet: wildcard merchants are refused with 503"
+			if m := l.orgs.Load(); m != nil {
+				kept = fmt.Sprintf("the last good list (%d organisations)", len(*m))
+			}
+			l.logger.Warn("listing the organisations failed; keeping "+kept, zap.String("provider", l.provider), zap.Error(err))
+		}
+		return 0, err
+	}
+	l.orgs.Store(&m)
+	l.good.Store(time.Now().UnixNano())
+	l.failed.Store(nil)
+	if l.logger != nil {
+		l.logger.Info("organisations listed", zap.String("provider", l.provider), zap.Int("organisations", len(m)))
+	}
+	return len(m), nil
+}
+
+// listingFailure is a failed read of the organisations list.
+type listingFailure struct {
+	err error
+	at  time.Time
+}
+
+// Status is what a listing knows of its reads.
+type Status struct {
+	// Read says a good list was read at least once.
+	Read bool
+	// Organisations is the size of the list in force.
+	Organisations int
+	// ReadAt is when the list in force was read.
+	ReadAt time.Time
+	// Err is the last read's error when it failed, else nil.
+	Err error
+	// FailedAt is when the last read failed, when it did.
+	FailedAt time.Time
+}
+
+// Status returns what the listing knows of its reads.
+func (l *Listing) Status() Status {
+	var s Status
+	if m := l.orgs.Load(); m != nil {
+		s.Read, s.Organisations, s.ReadAt = true, len(*m), time.Unix(0, l.good.Load())
+	}
+	if f := l.failed.Load(); f != nil {
+		s.Err, s.FailedAt = f.err, f.at
+	}
+	return s
+}
+
+// Allows says whether org is listed: a zero code when it is, 403
+// unlisted_organisation when not, 503 organisations_unavailable when no
+// list was ever read.
+func (l *Listing) Allows(org string) errcode.Code {
+	m := l.orgs.Load()
+	if m == nil {
+		return errcode.OrganisationsUnavailable
+	}
+	if _, ok := (*m)[org]; !ok {
+		return errcode.UnlistedOrganisation
+	}
+	return 0
+}
+
+// Interface guard.
+var _ OrganisationLister = (*nuapay.Source)(nil)

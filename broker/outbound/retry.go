@@ -1,0 +1,420 @@
+package outbound
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	neturl "net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+)
+
+// DefaultRetryBodyLimit is the largest request body buffered so that a
+// request rejected with 401 can be sent again with a new token.
+const DefaultRetryBodyLimit = 64 << 10
+
+// MaxRetryBodyLimit is the largest retry_body_limit accepted: each
+// retryable request in flight holds its body in memory.
+const MaxRetryBodyLimit = 16 << 20
+
+// maxHeldBody is the largest 401 response body held back while the
+// request is retried. A longer one is passed on to the caller as it comes
+// (the token is still purged, the request is not retried): the broker never
+// holds an unbounded upstream answer.
+const maxHeldBody = 64 << 10
+
+// minPurgeAge: with Mode "any", a token younger than this is not purged.
+// Any 401 then counts, including ones a caller can provoke at will (a
+// wrong resource), and each purge costs a token request. In every mode,
+// the broker also limits purges by rejection per key (broker.Reject).
+const minPurgeAge = time.Second
+
+// Next is the handler a request is passed on to (caddyhttp.Handler).
+type Next interface {
+	ServeHTTP(http.ResponseWriter, *http.Request) error
+}
+
+// Entry is a token set on a request, as the retry sees it (*broker.Entry).
+type Entry interface {
+	// Header is the token header's value, "Bearer <token>".
+	Header() string
+	// Token is the token.
+	Token() broker.Token
+}
+
+// Tokens is what the retry asks of the token broker. Its methods are
+// called on the request's goroutine.
+type Tokens interface {
+	// Get returns the binding's token, fetching a new one when the cached
+	// one was purged.
+	Get(ctx context.Context, b *broker.Binding) (Entry, error)
+	// Purge reports a token the upstream rejected on a request that
+	// carried it: it is purged if it is still the cached one.
+	Purge(b *broker.Binding, rejected broker.Token)
+	// Kept reports a 401 to a request that no longer carried the token (a
+	// later handler changed or removed it): the token is kept.
+	Kept(b *broker.Binding, rejected broker.Token)
+	// Accepted reports that the upstream accepted the token of a retry.
+	Accepted(b *broker.Binding, tok broker.Secret)
+}
+
+// Retry sends a request once more, with a new token, when the upstream
+// rejects its token. It is a small value: build it per request from the
+// handler's settings.
+type Retry struct {
+	// Mode says which upstream 401 answers purge the token and retry the
+	// request: "invalid_token" or "" (a 401 with `WWW-Authenticate:
+	// Bearer error="invalid_token"`), "any" (every 401) or "off".
+	Mode string
+	// BodyLimit is the largest request body kept in memory for a retry.
+	// Default DefaultRetryBodyLimit.
+	BodyLimit int64
+	// Incremental reports whether a request's headers ask for its body to
+	// be forwarded as it arrives (`Incremental: ?1`): such a body is never
+	// buffered, so the request is not retried. nil: never.
+	Incremental func(http.Header) bool
+	// Isolate returns the request the retry sends, given the first
+	// attempt's: the handler gives it its own copy of per-request state a
+	// first attempt still in flight may read. nil: the same request.
+	Isolate func(*http.Request) *http.Request
+	// Tokens is the broker side.
+	Tokens Tokens
+}
+
+// ConsentError is returned by Forward, before any response is written,
+// when the upstream rejected the token and no new one can be had because
+// the merchant must consent again (the provider refused the refresh token
+// with invalid_grant, as after a revocation of the whole grant): the
+// caller is to be answered consent_required, not the 401.
+type ConsentError struct {
+	// Err is the refused fetch (an *oauth.ConsentRequiredError in its
+	// chain).
+	Err error
+}
+
+// Error describes the refused fetch.
+func (e *ConsentError) Error() string { return e.Err.Error() }
+
+// Unwrap returns the refused fetch.
+func (e *ConsentError) Unwrap() error { return e.Err }
+
+// BodyError is returned by Forward when the request's body could not be
+// read before it was passed on: a bad request (400).
+type BodyError struct {
+	// Err is the read error.
+	Err error
+}
+
+// Error describes the read error.
+func (e *BodyError) Error() string { return fmt.Sprintf("reading the request body: %v", e.Err) }
+
+// Unwrap returns the read error.
+func (e *BodyError) Unwrap() error { return e.Err }
+
+// rejectsToken reports whether an upstream answer says the token is no good
+// and should be purged: by default a 401 with
+// `WWW-Authenticate: Bearer error="invalid_token"` (RFC 6750 §3.1); in
+// Mode "any", every 401. A 403 (insufficient_scope, IP filtering) is not
+// about the token's validity and never purges.
+func rejectsToken(mode string, status int, header http.Header) bool {
+	if status != http.StatusUnauthorized {
+		return false
+	}
+	if mode == "any" {
+		return true
+	}
+	for _, v := range header.Values("WWW-Authenticate") {
+		if len(v) >= 6 && strings.EqualFold(v[:6], "bearer") && strings.Contains(v, `error="invalid_token"`) {
+			return true
+		}
+	}
+	return false
+}
+
+// rejectRecorder passes a response through to the client unless its status
+// and headers say the token was rejected (rejected): such a response is held
+// back in buf (held), up to maxHeldBody bytes, so that the request can be
+// sent again. With hold false, or past maxHeldBody, it is passed through and
+// only rejected is recorded. Recorders are pooled: the request path
+// allocates nothing for them.
+type rejectRecorder struct {
+	http.ResponseWriter
+	mode        string // Retry.Mode
+	hold        bool   // the request can be retried: hold a rejection back
+	status      int
+	rejected    bool // the upstream rejected the token
+	held        bool // the rejection is held back in buf
+	wroteHeader bool
+	buf         bytes.Buffer
+}
+
+var recorderPool = sync.Pool{New: func() any { return new(rejectRecorder) }}
+
+// maxPooledBody is the largest held-response buffer kept for reuse.
+const maxPooledBody = 64 << 10
+
+// reset prepares the recorder for an attempt written to w.
+func (rr *rejectRecorder) reset(w http.ResponseWriter, hold bool) {
+	rr.ResponseWriter, rr.hold = w, hold
+	rr.status, rr.rejected, rr.held, rr.wroteHeader = 0, false, false, false
+	rr.buf.Reset()
+}
+
+func (rr *rejectRecorder) WriteHeader(status int) {
+	if rr.wroteHeader {
+		return
+	}
+	if status >= 100 && status < 200 && status != http.StatusSwitchingProtocols {
+		rr.ResponseWriter.WriteHeader(status) // informational: pass on, wait for the final one
+		return
+	}
+	rr.wroteHeader, rr.status = true, status
+	if rejectsToken(rr.mode, status, rr.Header()) {
+		rr.rejected = true
+		if rr.hold {
+			rr.held = true
+			return
+		}
+	}
+	rr.ResponseWriter.WriteHeader(status)
+}
+
+func (rr *rejectRecorder) Write(p []byte) (int, error) {
+	rr.WriteHeader(http.StatusOK)
+	if rr.held {
+		if rr.buf.Len()+len(p) <= maxHeldBody {
+			return rr.buf.Write(p)
+		}
+		if err := rr.release(); err != nil {
+			return 0, err
+		}
+	}
+	return rr.ResponseWriter.Write(p)
+}
+
+func (rr *rejectRecorder) ReadFrom(r io.Reader) (int64, error) {
+	rr.WriteHeader(http.StatusOK)
+	if rr.held {
+		// Through Write, which bounds what is held.
+		return io.Copy(struct{ io.Writer }{rr}, r)
+	}
+	if rf, ok := rr.ResponseWriter.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(rr.ResponseWriter, r)
+}
+
+// Push passes a server push on to the underlying writer (http.Pusher).
+func (rr *rejectRecorder) Push(target string, opts *http.PushOptions) error {
+	if p, ok := rr.ResponseWriter.(http.Pusher); ok {
+		return p.Push(target, opts)
+	}
+	return http.ErrNotSupported
+}
+
+// Unwrap returns the underlying writer, for http.ResponseController.
+func (rr *rejectRecorder) Unwrap() http.ResponseWriter { return rr.ResponseWriter }
+
+// FlushError flushes a response that is passed through, and nothing of a
+// held one.
+func (rr *rejectRecorder) FlushError() error {
+	if rr.held {
+		return nil
+	}
+	return http.NewResponseController(rr.ResponseWriter).Flush()
+}
+
+// release stops holding a rejection that grew past maxHeldBody: what was
+// held is sent, and the rest will follow as it comes.
+func (rr *rejectRecorder) release() error {
+	rr.held = false
+	err := rr.writeHeld()
+	rr.buf.Reset()
+	return err
+}
+
+// writeHeld sends the held response as it was.
+func (rr *rejectRecorder) writeHeld() error {
+	rr.ResponseWriter.WriteHeader(rr.status)
+	_, err := rr.ResponseWriter.Write(rr.buf.Bytes())
+	return err
+}
+
+// headerSnapshot remembers a header map's entries without allocating for
+// up to 8 keys (a Caddy response has a few at this point).
+type headerSnapshot struct {
+	n    int
+	keys [8]string
+	vals [8][]string
+	full http.Header
+}
+
+func (s *headerSnapshot) take(h http.Header) {
+	if len(h) > len(s.keys) {
+		s.full = h.Clone()
+		return
+	}
+	for k, v := range h {
+		s.keys[s.n], s.vals[s.n] = k, v
+		s.n++
+	}
+}
+
+// restore puts h back as it was when taken. Values appended since then do
+// not show: the saved slices keep their old length.
+func (s *headerSnapshot) restore(h http.Header) {
+	clear(h)
+	if s.full != nil {
+		maps.Copy(h, s.full)
+		return
+	}
+	for i := range s.n {
+		h[s.keys[i]] = s.vals[i]
+	}
+}
+
+// Forward calls next with the token of e set (out.Prepare has set it).
+// When the upstream rejects the token (see rejectsToken) of a request that
+// still carried it as it left (Contract.Carries), the token is purged if
+// it is still the cached one, so a burst of rejections causes one new
+// fetch; a 401 to a request that did not carry it (a later handler removed
+// it) purges nothing. The request is then sent once more with the new
+// token, provided it is replayable (see replayBody) and the 401's body was
+// at most maxHeldBody bytes. Otherwise the caller gets the 401, except
+// when no new token can be had because the merchant must consent again:
+// Forward then writes nothing and returns a *ConsentError.
+func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
+	if rt.Mode == "off" {
+		return next.ServeHTTP(w, r)
+	}
+	replayable, body, err := rt.replayBody(r)
+	if err != nil {
+		return err
+	}
+
+	// The first attempt's response headers land in w's header map even when
+	// its response is held back; keep what was there to start the retry
+	// from it.
+	var before headerSnapshot
+	before.take(w.Header())
+	// Handlers after this one may rewrite the request in place (rewrite,
+	// uri, handle_path strip the path): the retry must start from the
+	// request as it is now. Copies on the stack; the retry alone allocates.
+	method, host, requestURI, url := r.Method, r.Host, r.RequestURI, *r.URL
+	rec := recorderPool.Get().(*rejectRecorder)
+	rec.mode = rt.Mode
+	rec.reset(w, replayable)
+	defer func() {
+		rec.ResponseWriter = nil
+		if rec.buf.Cap() > maxPooledBody {
+			rec.buf = bytes.Buffer{} // do not keep a large held body's memory in the pool
+		}
+		recorderPool.Put(rec)
+	}()
+	if err := next.ServeHTTP(rec, r); err != nil || !rec.rejected {
+		return err // passed through
+	}
+
+	rejected := e.Token()
+	if !out.Carries(r, e.Header()) {
+		rt.Tokens.Kept(b, rejected)
+		if rec.held {
+			return rec.writeHeld()
+		}
+		return nil
+	}
+	rt.purge(b, rejected)
+	if !rec.held {
+		return nil // passed through: not replayable, or a long 401 body
+	}
+	fresh, err := rt.Tokens.Get(r.Context(), b)
+	if cr := (*oauth.ConsentRequiredError)(nil); errors.As(err, &cr) {
+		// The provider refused the refresh (invalid_grant: the grant was
+		// revoked, which killed the rejected token too): the caller gets
+		// consent_required, as the next call would, not the 401.
+		before.restore(w.Header())
+		return &ConsentError{Err: err}
+	}
+	if err != nil || fresh.Token().Value == rejected.Value {
+		return rec.writeHeld() // nothing better to try: the caller gets the 401
+	}
+	before.restore(w.Header())
+	if rt.Isolate != nil {
+		r = rt.Isolate(r)
+	}
+	r.Method, r.Host, r.RequestURI = method, host, requestURI
+	r.URL = new(neturl.URL)
+	*r.URL = url
+	out.setToken(r, fresh.Header())
+	if body != nil {
+		r.Body = io.NopCloser(bytes.NewReader(body))
+	}
+	// The retry is passed through; a rejection of the fresh token too is
+	// reported to the broker, which then holds the key's purges (the 401
+	// is not about the token).
+	rec.reset(w, false)
+	if err := next.ServeHTTP(rec, r); err != nil || !rec.rejected {
+		if err == nil && rec.status != 0 {
+			rt.Tokens.Accepted(b, fresh.Token().Value)
+		}
+		return err
+	}
+	if out.Carries(r, fresh.Header()) {
+		rt.purge(b, fresh.Token())
+	}
+	return nil
+}
+
+// purge reports a rejected token to Tokens, except in Mode "any" a token
+// younger than minPurgeAge.
+func (rt Retry) purge(b *broker.Binding, rejected broker.Token) {
+	if rt.Mode == "any" && time.Since(rejected.IssuedAt) < minPurgeAge {
+		return
+	}
+	rt.Tokens.Purge(b, rejected)
+}
+
+// replayBody decides whether r can be sent twice and, if it has a body,
+// reads it into memory. A request can be sent twice when it has no body, or
+// a body whose length is known (Content-Length) and at most BodyLimit,
+// and it is not Incremental. Nothing else is read before forwarding: a
+// body of unknown length (chunked) may be a stream whose end is far away,
+// and waiting for it would stall the upload.
+func (rt Retry) replayBody(r *http.Request) (bool, []byte, error) {
+	if rt.Incremental != nil && rt.Incremental(r.Header) {
+		return false, nil, nil
+	}
+	if r.Body == nil || r.Body == http.NoBody {
+		return true, nil, nil
+	}
+	limit := rt.BodyLimit
+	if limit == 0 {
+		limit = DefaultRetryBodyLimit
+	}
+	if r.ContentLength < 0 || r.ContentLength > limit {
+		return false, nil, nil
+	}
+	kept, err := io.ReadAll(io.LimitReader(r.Body, r.ContentLength+1))
+	if err != nil {
+		return false, nil, &BodyError{Err: err}
+	}
+	if int64(len(kept)) > r.ContentLength {
+		// More than announced (the server does not allow it; a handler
+		// may have changed the body): stream it, do not retry.
+		r.Body = struct {
+			io.Reader
+			io.Closer
+		}{io.MultiReader(bytes.NewReader(kept), r.Body), r.Body}
+		return false, nil, nil
+	}
+	r.Body = io.NopCloser(bytes.NewReader(kept))
+	return true, kept, nil
+}

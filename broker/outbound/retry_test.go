@@ -1,0 +1,122 @@
+package outbound
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+)
+
+// entry is a token as the retry sees it.
+type entry struct{ tok broker.Token }
+
+func (e entry) Header() string      { return "Bearer " + string(e.tok.Value) }
+func (e entry) Token() broker.Token { return e.tok }
+
+// fakeTokens records what the retry reports and hands out fresh.
+type fakeTokens struct {
+	fresh    Entry
+	err      error
+	events   []string
+	accepted broker.Secret
+}
+
+func (f *fakeTokens) Get(context.Context, *broker.Binding) (Entry, error) {
+	f.events = append(f.events, "get")
+	return f.fresh, f.err
+}
+func (f *fakeTokens) Purge(_ *broker.Binding, t broker.Token) {
+	f.events = append(f.events, "purge "+string(t.Value))
+}
+func (f *fakeTokens) Kept(_ *broker.Binding, t broker.Token) {
+	f.events = append(f.events, "kept "+string(t.Value))
+}
+func (f *fakeTokens) Accepted(_ *broker.Binding, v broker.Secret) { f.accepted = v }
+
+// upstream answers 401 invalid_token to the token bad (any request when
+// bad is "*") and 200 otherwise; alter changes the request first.
+type upstream struct {
+	bad   string
+	alter func(*http.Request)
+	seen  []string
+}
+
+func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
+	if u.alter != nil {
+		u.alter(r)
+	}
+	u.seen = append(u.seen, r.Header.Get("Authorization"))
+	if u.bad == "*" || r.Header.Get("Authorization") == "Bearer "+u.bad {
+		w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+		w.WriteHeader(http.StatusUnauthorized)
+		return nil
+	}
+	w.WriteHeader(http.StatusOK)
+	return nil
+}
+
+// TestRetryForward: what the retry sends, answers and reports for each
+// upstream answer and broker outcome.
+func TestRetryForward(t *testing.T) {
+	old := entry{broker.Token{Value: "old"}}
+	fresh := entry{broker.Token{Value: "new"}}
+	consent := &oauth.ConsentRequiredError{}
+	for _, tt := range []struct {
+		name       string
+		mode       string
+		up         *upstream
+		fresh      Entry
+		err        error
+		wantStatus int // with no wantErr
+		wantSeen   []string
+		wantEvents []string
+		wantErr    any
+		wantOK     broker.Secret // Accepted
+	}{
+		{name: "accepted", up: &upstream{bad: "none"}, wantStatus: 200, wantSeen: []string{"Bearer old"}},
+		{name: "rejected, retried with a fresh token", up: &upstream{bad: "old"}, fresh: fresh, wantStatus: 200,
+			wantSeen: []string{"Bearer old", "Bearer new"}, wantEvents: []string{"purge old", "get"}, wantOK: "new"},
+		{name: "rejected, no better token", up: &upstream{bad: "old"}, fresh: old, wantStatus: 401,
+			wantSeen: []string{"Bearer old"}, wantEvents: []string{"purge old", "get"}},
+		{name: "rejected, fresh rejected too", up: &upstream{bad: "*"}, fresh: fresh, wantStatus: 401,
+			wantSeen: []string{"Bearer old", "Bearer new"}, wantEvents: []string{"purge old", "get", "purge new"}},
+		{name: "rejected, consent required", up: &upstream{bad: "old"}, err: consent,
+			wantSeen: []string{"Bearer old"}, wantEvents: []string{"purge old", "get"}, wantErr: new(*ConsentError)},
+		{name: "401 without the token: kept", up: &upstream{bad: "*", alter: func(r *http.Request) { r.Header.Del("Authorization") }},
+			wantStatus: 401, wantSeen: []string{""}, wantEvents: []string{"kept old"}},
+		{name: "off", mode: "off", up: &upstream{bad: "old"}, wantStatus: 401, wantSeen: []string{"Bearer old"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			tokens := &fakeTokens{fresh: tt.fresh, err: tt.err}
+			rt := Retry{Mode: tt.mode, Tokens: tokens}
+			out := Contract{Token: "Authorization"}
+			r := httptest.NewRequest("POST", "/pay", strings.NewReader("body"))
+			out.Prepare(r, old.Header())
+			w := httptest.NewRecorder()
+			err := rt.Forward(w, r, tt.up, out, &broker.Binding{}, old)
+			if tt.wantErr != nil {
+				if !errors.As(err, tt.wantErr) {
+					t.Fatalf("err = %v, want %T", err, tt.wantErr)
+				}
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			if tt.wantErr != nil && (w.Body.Len() > 0 || len(w.Header()) > 0) {
+				t.Errorf("a response was written: %d %v %q", w.Code, w.Header(), w.Body)
+			}
+			if tt.wantErr == nil && w.Code != tt.wantStatus {
+				t.Errorf("status %d, want %d", w.Code, tt.wantStatus)
+			}
+			if !slices.Equal(tt.up.seen, tt.wantSeen) || !slices.Equal(tokens.events, tt.wantEvents) || tokens.accepted != tt.wantOK {
+				t.Errorf("upstream saw %q, events %q, accepted %q; want %q, %q, %q",
+					tt.up.seen, tokens.events, tokens.accepted, tt.wantSeen, tt.wantEvents, tt.wantOK)
+			}
+		})
+	}
+}

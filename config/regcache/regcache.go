@@ -1,0 +1,183 @@
+// Package regcache keeps loaded merchant registries across config reloads,
+// by path, refresh store and the content of the registry's files. A load
+// that changes none of them, nor anything else the registry read
+// (config.Registry.Inputs: the environment variables, the {file.PATH}
+// secrets, the TLS and key files its entries name), reuses the registry
+// already loaded: no file is parsed again, and the providers' sources are
+// the same objects. When only those inputs changed, the providers are
+// resolved again from the files as parsed.
+//
+// The parsed files are kept by path and content: when one file of a
+// registry split across several changes, a load parses that file only,
+// and merges it with the others as parsed before (again when an
+// environment variable its merchants read changed). A registry in the
+// cache holds its files; a file goes when no registry holds it.
+package regcache
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// Cache holds registries and their parsed files while something uses
+// them (Load, Release). The zero value is not ready: use New. Safe for
+// concurrent use.
+type Cache struct {
+	mu    sync.Mutex
+	regs  map[string]*registry // by Load's key
+	files map[string]*file     // by fileKey
+}
+
+// New returns an empty cache.
+func New() *Cache {
+	return &Cache{regs: map[string]*registry{}, files: map[string]*file{}}
+}
+
+// registry is a registry in the cache with the parsed files it holds. reg
+// is replaced when an input it read changed; a registry handed out before
+// stays as it was.
+type registry struct {
+	refs     int // under Cache.mu
+	fileKeys []string
+
+	mu    sync.Mutex
+	reg   *config.Registry // nil until the first current
+	files []*file
+}
+
+// file is a registry file in the cache, parsed on first use.
+type file struct {
+	refs int // under Cache.mu
+
+	mu sync.Mutex
+	f  *config.File
+}
+
+// Load returns the registry at path (a file, a directory or a glob:
+// config.Files), from the cache when nothing it depends on changed, the
+// key to Release when it is no longer used, and how many of its files
+// this load parsed. storeKey names where refresh tokens go (the store is
+// fixed when the registry is resolved).
+func (c *Cache) Load(path string, opts config.Options, storeKey string) (reg *config.Registry, key string, parsed int, err error) {
+	paths, err := config.Files(path)
+	if err != nil {
+		return nil, "", 0, err
+	}
+	srcs, err := config.ReadSources(paths)
+	if err != nil {
+		return nil, "", 0, err
+	}
+	if opts.LookupEnv == nil {
+		opts.LookupEnv = os.LookupEnv
+	}
+	h := sha256.New()
+	fmt.Fprintf(h, "%d:%s\x00%d:%s\x00", len(path), path, len(storeKey), storeKey)
+	fileKeys := make([]string, len(srcs))
+	for i, src := range srcs {
+		fileKeys[i] = fileKey(src)
+		fmt.Fprintf(h, "%s\x00", fileKeys[i])
+	}
+	key = hex.EncodeToString(h.Sum(nil))
+	reg, parsed, err = c.hold(key, fileKeys).current(path, srcs, opts)
+	if err != nil {
+		c.Release(key)
+		return nil, "", parsed, err
+	}
+	return reg, key, parsed, nil
+}
+
+// hold returns the cached registry of key, adding it with its files if
+// it is new, and counts one more use of it.
+func (c *Cache) hold(key string, fileKeys []string) *registry {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	r := c.regs[key]
+	if r == nil {
+		r = &registry{fileKeys: fileKeys, files: make([]*file, len(fileKeys))}
+		for i, fk := range fileKeys {
+			f := c.files[fk]
+			if f == nil {
+				f = &file{}
+				c.files[fk] = f
+			}
+			f.refs++
+			r.files[i] = f
+		}
+		c.regs[key] = r
+	}
+	r.refs++
+	return r
+}
+
+// Release ends one use of the registry of key (from Load); the registry
+// and the files no other registry holds leave the cache with its last
+// use.
+func (c *Cache) Release(key string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	r := c.regs[key]
+	if r == nil {
+		return
+	}
+	if r.refs--; r.refs > 0 {
+		return
+	}
+	delete(c.regs, key)
+	for _, fk := range r.fileKeys {
+		if f := c.files[fk]; f != nil {
+			if f.refs--; f.refs == 0 {
+				delete(c.files, fk)
+			}
+		}
+	}
+}
+
+// current returns the registry, resolved again when something it read
+// changed since, and how many files it parsed for it.
+func (r *registry) current(path string, srcs []config.Source, opts config.Options) (*config.Registry, int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.reg != nil && !config.Changed(r.reg.Inputs(), opts.LookupEnv) {
+		return r.reg, 0, nil
+	}
+	files := make([]*config.File, len(srcs))
+	parsed := 0
+	for i, f := range r.files {
+		var again bool
+		files[i], again = f.current(srcs[i], opts.LookupEnv)
+		if again {
+			parsed++
+		}
+	}
+	reg, err := config.Merge(path, srcs, files, opts)
+	if err != nil {
+		return nil, parsed, err
+	}
+	r.reg = reg
+	return reg, parsed, nil
+}
+
+// current returns the parsed file, parsed again (parsed true) when an
+// environment variable it read changed since.
+func (f *file) current(src config.Source, lookup func(string) (string, bool)) (pf *config.File, parsed bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.f == nil || config.Changed(f.f.Inputs(), lookup) {
+		f.f, parsed = config.ParseFile(src, lookup), true
+	}
+	return f.f, parsed
+}
+
+// fileKey is the key of a registry file in the cache: its path and its
+// content.
+func fileKey(src config.Source) string {
+	h := sha256.New()
+	fmt.Fprintf(h, "%d:%s\x00", len(src.Path), src.Path)
+	h.Write(src.Data)
+	return hex.EncodeToString(h.Sum(nil))
+}
