@@ -25,7 +25,7 @@ FUZZTIME      ?= 20000x
 FUZZ_TARGETS  := ./config:FuzzParse ./broker/nuapay:FuzzParseToken ./broker/nuapay:FuzzParseError \
                  ./broker/oauth:FuzzTokenResponse ./module:FuzzMerchantSelector
 
-.PHONY: all build run test lint lint-testonly fuzz xcaddy fmt vet clean image image-xcaddy
+.PHONY: all build run test lint fuzz xcaddy fmt vet clean image image-xcaddy
 
 all: build
 
@@ -125,8 +125,11 @@ clean:
 	rm -rf $(BIN)
 
 # The linters, as go tools (go.mod), run by `make test`: staticcheck reports
-# nothing, and deadcode finds no function that even the tests do not reach.
-# Every step runs and says what it checks; any finding fails the target.
+# nothing; deadcode finds no function that even the tests do not reach, and
+# no product function that only tests reach (outside the test-support
+# packages of DEADCODE_TEST_SUPPORT). Every step runs and says what it
+# checks; any finding fails the target.
+DEADCODE_TEST_SUPPORT := integration/optest integration/redistest
 lint:
 	@fail=0; \
 	echo "lint: go tool staticcheck ./..."; \
@@ -134,19 +137,11 @@ lint:
 	echo "lint: go tool deadcode -test ./... (functions no program or test reaches)"; \
 	if ! out=$$($(GO) tool deadcode -test ./...); then fail=1; \
 	elif [ -n "$$out" ]; then echo "$$out"; echo "lint: FAIL deadcode -test: unreachable even from the tests, remove it"; fail=1; fi; \
+	echo "lint: go tool deadcode ./... (product functions only tests reach; test-support packages excepted)"; \
+	if ! out=$$($(GO) tool deadcode ./...); then fail=1; \
+	else rest=$$(printf '%s\n' "$$out" | grep -v -E '^($(subst $(eval) ,|,$(DEADCODE_TEST_SUPPORT)))/' || true); \
+	if [ -n "$$rest" ]; then echo "$$rest"; echo "lint: FAIL deadcode: product code only tests reach: move it into the tests or use it"; fail=1; fi; fi; \
 	if [ $$fail = 0 ]; then echo "lint: ok"; else exit 1; fi
-
-# Product code that only tests reach (test hooks and test-only API): lists
-# what `deadcode ./...` finds outside the test-support packages
-# (DEADCODE_TEST_SUPPORT) and fails when there is any. Not yet part of
-# `make test`: the remaining findings go with the slabs and the registry's
-# test-only entry points (README, Tests).
-DEADCODE_TEST_SUPPORT := integration/optest integration/redistest
-lint-testonly:
-	@out=$$($(GO) tool deadcode ./...) || exit 1; \
-	rest=$$(printf '%s\n' "$$out" | grep -v -E '^($(subst $(eval) ,|,$(DEADCODE_TEST_SUPPORT)))/' || true); \
-	if [ -n "$$rest" ]; then echo "$$rest"; echo "lint-testonly: product code only tests reach"; exit 1; fi; \
-	echo "lint-testonly: ok"
 
 # The end-to-end comparison as separate processes (integration/bench): the
 # sidecar and a plain Caddy with a static `header_up Authorization` (same
