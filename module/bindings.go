@@ -71,22 +71,15 @@ type listingRefusal struct{ code errcode.Code }
 func (e *listingRefusal) Error() string { return "organisation refused: " + e.code.String() }
 
 // tableHooks are a handler's bindings.Hooks: the observer of a new
-// binding (its metrics series), their release, and the broker's Drop.
+// binding and the release of its metrics series (telemetry.Recorder), and
+// the broker's Drop.
 type tableHooks Handler
 
-// Made implements bindings.Hooks: a wildcard binding holds its
-// merchant's series when the merchant label is on.
-func (th *tableHooks) Made(b *binding, hold bool) bool {
-	h := (*Handler)(th)
-	hold = hold && h.metrics != nil && h.metrics.tokenMetrics != nil && h.metrics.merchantLabel
-	b.Observer = h.observerFor(b, hold)
-	return hold
-}
+// Made implements bindings.Hooks.
+func (th *tableHooks) Made(b *binding, hold bool) bool { return th.metrics.Made(b, hold) }
 
 // Released implements bindings.Hooks.
-func (th *tableHooks) Released(b *binding) {
-	th.metrics.series.Release(b.Provider.Name, b.Merchant)
-}
+func (th *tableHooks) Released(b *binding) { th.metrics.Released(b) }
 
 // Drop implements bindings.Hooks.
 func (th *tableHooks) Drop(b *broker.Binding) { th.broker.Drop(b) }

@@ -68,10 +68,10 @@ func failureHandler(t *testing.T, url string, clientTimeout time.Duration, opts 
 	var bds []*broker.Binding
 	for _, m := range []string{"acme", "globex"} {
 		b := broker.NewBinding("nuapay#t", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
-		b.Observer = &observer{h: h}
 		bds = append(bds, b)
 	}
 	h.bindings = handTable("nuapay", "", bds...)
+	h.instrument(nil)
 	return h, &sleeps
 }
 

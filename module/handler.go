@@ -5,7 +5,6 @@
 package module
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -21,6 +20,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -119,7 +119,7 @@ type Handler struct {
 	header         string           // canonical Header
 	broker         *broker.Broker
 	logger         *zap.Logger
-	metrics        *handlerMetrics // see metrics.go
+	metrics        *telemetry.Recorder // see metrics.go
 }
 
 // placeholderPrefix starts the names of the placeholders a served request
@@ -343,7 +343,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if rf != nil {
 		return h.fail(w, repl, *rf)
 	}
-	e, res, err := h.token(r.Context(), b) // tracing.go: the token span
+	e, res, err := telemetry.Token(r.Context(), h.broker, b) // the token span of a traced request
 	if err != nil {
 		return h.fail(w, repl, refusal{code: errcode.Classify(err), merchant: merchant, providerType: b.Provider.Type, cause: err})
 	}
@@ -415,27 +415,6 @@ func hyphenFold(r rune) rune {
 		return '-'
 	}
 	return r
-}
-
-// fetched logs a token fetch and counts it (observer.Fetched).
-func (h *Handler) fetched(ctx context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
-	provider := h.providerOf(b)
-	outcome := h.observeFetch(ctx, b, provider, elapsed, err)
-	fields := []zap.Field{
-		zap.String("merchant", b.Merchant),
-		zap.String("provider", provider),
-		zap.String("source", b.SourceID),
-		zap.String("outcome", outcome),
-		zap.Strings("scopes", b.Scopes),
-		zap.Duration("duration", elapsed),
-		zap.Bool("background", background),
-	}
-	if err != nil {
-		h.logger.Warn("token fetch failed", append(fields, zap.Error(err))...)
-		return
-	}
-	h.logger.Info("token fetched", append(fields, zap.String("fingerprint", tok.Fingerprint()),
-		zap.Time("expiry", tok.Expiry))...)
 }
 
 // Interface guards.

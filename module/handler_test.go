@@ -39,8 +39,8 @@ func newTestHandler(t *testing.T, src sourceFunc, errorsMode string) *Handler {
 	h.broker = broker.New(broker.Options{})
 	t.Cleanup(h.broker.Close)
 	b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
-	b.Observer = &observer{h: h}
 	h.bindings = handTable("nuapay", "", b)
+	h.instrument(nil)
 	return h
 }
 
@@ -308,8 +308,8 @@ func TestPlaceholdersNameTheLastHandlersToken(t *testing.T) {
 		return broker.Token{Value: "tok-second", Expiry: time.Now().Add(time.Hour)}, nil
 	}, "json")
 	b := broker.NewBinding("oneid#test", second.bindings.Peek("acme").Source, broker.Request{Merchant: "acme", Organisation: "org-second"})
-	b.Observer = &observer{h: second}
 	second.bindings = handTable("oneid", "", b)
+	second.instrument(nil)
 
 	req := httptest.NewRequest("GET", "/tpp/payments", nil)
 	req.Header.Set("X-Merchant-Id", "acme")

@@ -74,17 +74,7 @@ func (t retryTokens) Get(ctx context.Context, b *broker.Binding) (outbound.Entry
 // Purge reports the rejected token to the broker, counts and logs the
 // outcome.
 func (t retryTokens) Purge(b *broker.Binding, rejected broker.Token) {
-	outcome := t.h.broker.Reject(b, rejected.Value)
-	if t.h.metrics != nil {
-		switch outcome {
-		case broker.RejectionPurged:
-			t.h.metrics.Purged(t.h.providerOf(b), b.Merchant)
-		case broker.RejectionKept:
-			t.h.metrics.PurgeKept(t.h.providerOf(b), b.Merchant)
-		}
-	}
-	t.h.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),
-		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
+	t.h.metrics.Rejected(b, rejected, t.h.broker.Reject(b, rejected.Value))
 }
 
 // Kept logs a 401 that says nothing about the token.
