@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 )
 
 const testToken = "tok-SECRET-value"
@@ -195,7 +196,7 @@ func TestServeHTTPRefusals(t *testing.T) {
 				if err != nil || rec.Code != tt.wantStatus {
 					t.Fatalf("status %d err %v, want %d", rec.Code, err, tt.wantStatus)
 				}
-				var body errorBody
+				var body admission.ErrorBody
 				if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil || body.Error != tt.wantCode || body.Message == "" {
 					t.Fatalf("body %s (%v)", rec.Body, err)
 				}

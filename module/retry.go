@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 )
@@ -40,7 +41,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	}
 	if ce := (*outbound.ConsentError)(nil); errors.As(err, &ce) {
 		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-		return h.fail(w, repl, refusal{code: errcode.Classify(ce.Err), merchant: b.Merchant, providerType: b.Provider.Type, cause: ce.Err})
+		return h.fail(w, repl, admission.Refusal{Code: errcode.Classify(ce.Err), Merchant: b.Merchant, ProviderType: b.Provider.Type, Cause: ce.Err})
 	}
 	if be := (*outbound.BodyError)(nil); errors.As(err, &be) {
 		return caddyhttp.Error(http.StatusBadRequest, be.Err)
