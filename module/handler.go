@@ -56,7 +56,7 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // `{http.token_broker.error}` | On failure, the error code sent to the caller
 //
 // Errors are answered with a JSON body {"error", "message", "merchant"}
-// (errors.go; each code's status and message are in package errcode): 421 for a Host that is not a loopback name nor in the app's
+// (admission.ErrorBody; each code's status and message are in package errcode): 421 for a Host that is not a loopback name nor in the app's
 // allowed_hosts, 403 for a browser's cross-site request (callers.Site), 400
 // when the merchant is missing or malformed or a trailer names a header
 // the broker owns, 405 for TRACE and TRACK, 403 when the merchant is not
@@ -120,7 +120,7 @@ type Handler struct {
 	header         string           // canonical Header
 	broker         *broker.Broker
 	logger         *zap.Logger
-	metrics        *telemetry.Recorder // see metrics.go
+	metrics        *telemetry.Recorder // counts and logs for the bindings (instrument)
 }
 
 // placeholderPrefix starts the names of the placeholders a served request
