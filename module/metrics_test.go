@@ -306,17 +306,6 @@ func TestGlobalOptionMetricsMerchantLabel(t *testing.T) {
 	}
 }
 
-func TestRegisterConflictIsAnError(t *testing.T) {
-	reg := prometheus.NewPedanticRegistry()
-	if err := telemetry.NewMetrics(false).Register(reg); err != nil {
-		t.Fatal(err)
-	}
-	// Another set of collectors with the same names in the same registry.
-	if err := telemetry.NewMetrics(false).Register(reg); err == nil {
-		t.Fatal("want an error")
-	}
-}
-
 // checkSeries compares the samples of each collector, by label string.
 func checkSeries(t *testing.T, reg *prometheus.Registry, want map[prometheus.Collector]map[string]float64) {
 	t.Helper()
