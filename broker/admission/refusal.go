@@ -19,15 +19,15 @@ import (
 
 // ErrorBody is the JSON body of a refused request.
 type ErrorBody struct {
-	Error    string `json:"error"`
-	Message  string `json:"message"`
-	Merchant string `json:"merchant,omitempty"`
+	Error    string `json:"error"`              // the error code (errcode.Code)
+	Message  string `json:"message"`            // the code's message for the provider type
+	Merchant string `json:"merchant,omitempty"` // the merchant, when known
 }
 
 // Refusal is a refused request; its status, message and Retry-After come
 // from the code (package errcode).
 type Refusal struct {
-	Code         errcode.Code
+	Code         errcode.Code // what the caller is told
 	Merchant     string // "" before the merchant is known
 	ProviderType string // "" before the provider is known
 	Cause        error  // logged, never sent to the caller
