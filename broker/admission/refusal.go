@@ -28,9 +28,9 @@ type ErrorBody struct {
 // from the code (package errcode).
 type Refusal struct {
 	Code         errcode.Code // what the caller is told
-	Merchant     string // "" before the merchant is known
-	ProviderType string // "" before the provider is known
-	Cause        error  // logged, never sent to the caller
+	Merchant     string       // "" before the merchant is known
+	ProviderType string       // "" before the provider is known
+	Cause        error        // logged, never sent to the caller
 }
 
 // Prepare logs the cause, if any (it never holds a secret), and sets the
