@@ -58,8 +58,8 @@ scopes = ["accounts"]
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
 		header: "Authorization", broker: app.broker}
 	b := broker.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Scopes: []string{"accounts"}})
-	b.Observer = &observer{h: h}
 	h.bindings = handTable("bank", "", b)
+	h.instrument(nil)
 
 	put := func(rt string) {
 		t.Helper()

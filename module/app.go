@@ -16,6 +16,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -78,7 +79,7 @@ type App struct {
 	AllowedHosts []string `json:"allowed_hosts,omitempty"`
 
 	registry    *config.Registry
-	metrics     *tokenMetrics
+	metrics     *telemetry.Metrics
 	metricsKey  string
 	broker      *broker.Broker
 	pooled      *pooledBroker

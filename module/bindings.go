@@ -1,12 +1,11 @@
 package module
 
 import (
-	"errors"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
-	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -28,65 +27,30 @@ type tables = bindings.Tables
 // (nil: the merchants' own), restricted to l's organisations when l is not
 // nil, on the clock now.
 func newBindingTable(reg *config.Registry, scopes []string, l *listing.Listing, now func() time.Time) *bindingTable {
-	return bindings.ForRegistry(reg, scopes, allowOf(l), now)
-}
-
-// allowOf returns the listing's check as bindings.Config.Allow: nil when
-// there is no listing.
-func allowOf(l *listing.Listing) func(organisation string) error {
-	if l == nil {
-		return nil
-	}
-	return func(org string) error {
-		if code := l.Allows(org); code != 0 {
-			return &listingRefusal{code: code}
-		}
-		return nil
-	}
+	return bindings.ForRegistry(reg, scopes, admission.Allow(l), now)
 }
 
 // binding returns the binding of a valid merchant id, made on first use;
 // a non-nil refusal says why the merchant is not served.
-func (h *Handler) binding(id string) (*binding, *refusal) {
+func (h *Handler) binding(id string) (*binding, *admission.Refusal) {
 	b, err := h.bindings.Get(id, (*tableHooks)(h))
-	if err == nil {
-		return b, nil
+	if err != nil {
+		rf := admission.Unbound(id, err)
+		return nil, &rf
 	}
-	var lr *listingRefusal
-	switch {
-	case errors.As(err, &lr):
-		return nil, &refusal{code: lr.code, merchant: id}
-	case errors.Is(err, bindings.ErrTooManyMerchants):
-		return nil, &refusal{code: errcode.TooManyMerchants, merchant: id}
-	case errors.Is(err, bindings.ErrUnknownMerchant):
-		return nil, &refusal{code: errcode.UnknownMerchant, merchant: id}
-	}
-	return nil, &refusal{code: errcode.UnknownMerchant, merchant: id, cause: err}
+	return b, nil
 }
-
-// listingRefusal is the organisation listing's refusal of a wildcard
-// merchant (listing.Listing.Allows).
-type listingRefusal struct{ code errcode.Code }
-
-func (e *listingRefusal) Error() string { return "organisation refused: " + e.code.String() }
 
 // tableHooks are a handler's bindings.Hooks: the observer of a new
-// binding (its metrics series), their release, and the broker's Drop.
+// binding and the release of its metrics series (telemetry.Recorder), and
+// the broker's Drop.
 type tableHooks Handler
 
-// Made implements bindings.Hooks: a wildcard binding holds its
-// merchant's series when the merchant label is on.
-func (th *tableHooks) Made(b *binding, hold bool) bool {
-	h := (*Handler)(th)
-	hold = hold && h.metrics != nil && h.metrics.tokenMetrics != nil && h.metrics.merchantLabel
-	b.Observer = h.observerFor(b, hold)
-	return hold
-}
+// Made implements bindings.Hooks.
+func (th *tableHooks) Made(b *binding, hold bool) bool { return th.metrics.Made(b, hold) }
 
 // Released implements bindings.Hooks.
-func (th *tableHooks) Released(b *binding) {
-	th.metrics.series.Release(b.Provider.Name, b.Merchant)
-}
+func (th *tableHooks) Released(b *binding) { th.metrics.Released(b) }
 
 // Drop implements bindings.Hooks.
 func (th *tableHooks) Drop(b *broker.Binding) { th.broker.Drop(b) }

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 )
 
 // TestRefusalMessagePerProviderType: the body an OAuth merchant's caller
@@ -27,7 +28,7 @@ func TestRefusalMessagePerProviderType(t *testing.T) {
 		req := httptest.NewRequest("GET", "/", nil)
 		req.Header.Set("X-Merchant-Id", "acme")
 		rec, _, _ := serve(t, h, req)
-		var body errorBody
+		var body admission.ErrorBody
 		if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil || body.Error != "token_refused" || !strings.Contains(body.Message, tt.want) {
 			t.Errorf("%s: %d %s, want token_refused mentioning %q", tt.typ, rec.Code, rec.Body, tt.want)
 		}

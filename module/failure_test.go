@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 )
 
@@ -68,10 +69,10 @@ func failureHandler(t *testing.T, url string, clientTimeout time.Duration, opts 
 	var bds []*broker.Binding
 	for _, m := range []string{"acme", "globex"} {
 		b := broker.NewBinding("nuapay#t", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
-		b.Observer = &observer{h: h}
 		bds = append(bds, b)
 	}
 	h.bindings = handTable("nuapay", "", bds...)
+	h.instrument(nil)
 	return h, &sleeps
 }
 
@@ -150,7 +151,7 @@ func TestTokenAPIFailureClasses(t *testing.T) {
 			if rec.Code != tt.wantStatus || rec.Header().Get("Retry-After") != tt.wantRetryAfter {
 				t.Fatalf("status %d Retry-After %q, want %d %q; body %s", rec.Code, rec.Header().Get("Retry-After"), tt.wantStatus, tt.wantRetryAfter, rec.Body)
 			}
-			var body errorBody
+			var body admission.ErrorBody
 			if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil || body.Error != tt.wantCode || body.Merchant != "globex" || body.Message == "" {
 				t.Fatalf("body %s, want error %s for globex", rec.Body, tt.wantCode)
 			}

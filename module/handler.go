@@ -5,7 +5,6 @@
 package module
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -18,9 +17,11 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -55,7 +56,7 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // `{http.token_broker.error}` | On failure, the error code sent to the caller
 //
 // Errors are answered with a JSON body {"error", "message", "merchant"}
-// (errors.go; each code's status and message are in package errcode): 421 for a Host that is not a loopback name nor in the app's
+// (admission.ErrorBody; each code's status and message are in package errcode): 421 for a Host that is not a loopback name nor in the app's
 // allowed_hosts, 403 for a browser's cross-site request (callers.Site), 400
 // when the merchant is missing or malformed or a trailer names a header
 // the broker owns, 405 for TRACE and TRACK, 403 when the merchant is not
@@ -119,7 +120,7 @@ type Handler struct {
 	header         string           // canonical Header
 	broker         *broker.Broker
 	logger         *zap.Logger
-	metrics        *handlerMetrics // see metrics.go
+	metrics        *telemetry.Recorder // counts and logs for the bindings (instrument)
 }
 
 // placeholderPrefix starts the names of the placeholders a served request
@@ -230,7 +231,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.bindings = newBindingTable(reg, h.Scopes, listing, time.Now)
 		app.watch(reg, listing)
 	} else {
-		h.bindings = app.tables.Table(reg, h.Scopes, allowOf(app.listing))
+		h.bindings = app.tables.Table(reg, h.Scopes, admission.Allow(app.listing))
 	}
 	h.instrument(app.metrics)
 	return nil
@@ -314,12 +315,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	if h.site != nil { // nil only in a handler made by hand (tests)
 		if code, err := h.site.Check(r); code != 0 {
-			return h.fail(w, repl, refusal{code: code, cause: err})
+			return h.fail(w, repl, admission.Refusal{Code: code, Cause: err})
 		}
 	}
 	out := h.outbound()
 	if code := out.Check(r); code != 0 {
-		return h.fail(w, repl, refusal{code: code})
+		return h.fail(w, repl, admission.Refusal{Code: code})
 	}
 	var caller string
 	if h.callers != nil {
@@ -328,24 +329,24 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			if c := cerr.Challenge(); c != "" { // RFC 6750 §3.1
 				w.Header().Set("WWW-Authenticate", c)
 			}
-			return h.fail(w, repl, refusal{code: cerr.Code, cause: cerr.Err})
+			return h.fail(w, repl, admission.Refusal{Code: cerr.Code, Cause: cerr.Err})
 		}
 		caller = sub
 	}
 	merchant, code := h.merchantOf(r, repl)
 	if code != 0 {
-		return h.fail(w, repl, refusal{code: code})
+		return h.fail(w, repl, admission.Refusal{Code: code})
 	}
 	if h.callers != nil && !h.callers.policy.Allows(caller, merchant) {
-		return h.fail(w, repl, refusal{code: errcode.CallerForbidden, merchant: merchant})
+		return h.fail(w, repl, admission.Refusal{Code: errcode.CallerForbidden, Merchant: merchant})
 	}
 	b, rf := h.binding(merchant)
 	if rf != nil {
 		return h.fail(w, repl, *rf)
 	}
-	e, res, err := h.token(r.Context(), b) // tracing.go: the token span
+	e, res, err := telemetry.Token(r.Context(), h.broker, b) // the token span of a traced request
 	if err != nil {
-		return h.fail(w, repl, refusal{code: errcode.Classify(err), merchant: merchant, providerType: b.Provider.Type, cause: err})
+		return h.fail(w, repl, admission.Refusal{Code: errcode.Classify(err), Merchant: merchant, ProviderType: b.Provider.Type, Cause: err})
 	}
 	h.bindings.Served(b) // a wildcard merchant's slot is its own now
 	out.Prepare(r, e.Header())
@@ -364,78 +365,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // merchantOf reads and checks the merchant of a request. A non-zero code
 // refuses the request.
 func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, errcode.Code) {
-	var merchant string
 	if h.merchantHeader != "" {
-		vals := r.Header[h.merchantHeader]
-		if len(vals) > 1 || hasUnderscoreTwin(r.Header, h.merchantHeader) {
-			return "", errcode.AmbiguousMerchant
-		}
-		if len(vals) == 1 {
-			merchant = vals[0]
-		}
-	} else {
-		merchant = repl.ReplaceAll(h.Merchant, "")
+		return admission.HeaderMerchant(r.Header, h.merchantHeader)
 	}
-	switch {
-	case merchant == "":
-		return "", errcode.MissingMerchant
-	case !config.ValidMerchantID(merchant):
-		return "", errcode.InvalidMerchant
-	}
-	return merchant, 0
-}
-
-// hasUnderscoreTwin reports whether hdr has a header whose name is name's
-// with an underscore or a dot for a hyphen (X-Merchant_Id or X-Merchant.Id
-// beside X-Merchant-Id; Go does not canonicalise such names, so it is
-// another header to Caddy). A server behind the proxy that folds
-// underscores and dots into hyphens (CGI and FastCGI, PHP, WSGI) could read
-// it as the merchant: another merchant than the one whose token is set.
-// Such a request names the merchant twice: refused as ambiguous.
-//
-// Caddy's server drops every header name with an underscore or a dot before
-// any handler runs, unless the server's expected_underscore_headers or
-// expected_dot_headers keeps it (and then drops the hyphenated name): so
-// this sees a twin only where the operator asked Caddy to keep one.
-func hasUnderscoreTwin(hdr http.Header, name string) bool {
-	for k := range hdr {
-		// Only a name with an underscore or a dot is compared (and
-		// copied): rare.
-		if len(k) == len(name) && strings.ContainsAny(k, "_.") && strings.EqualFold(strings.Map(hyphenFold, k), name) {
-			return true
-		}
-	}
-	return false
-}
-
-// hyphenFold maps an underscore or a dot of a header name to a hyphen, as
-// CGI backends fold them (strings.Map).
-func hyphenFold(r rune) rune {
-	if r == '_' || r == '.' {
-		return '-'
-	}
-	return r
-}
-
-// fetched logs a token fetch and counts it (observer.Fetched).
-func (h *Handler) fetched(ctx context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
-	provider := h.providerOf(b)
-	outcome := h.observeFetch(ctx, b, provider, elapsed, err)
-	fields := []zap.Field{
-		zap.String("merchant", b.Merchant),
-		zap.String("provider", provider),
-		zap.String("source", b.SourceID),
-		zap.String("outcome", outcome),
-		zap.Strings("scopes", b.Scopes),
-		zap.Duration("duration", elapsed),
-		zap.Bool("background", background),
-	}
-	if err != nil {
-		h.logger.Warn("token fetch failed", append(fields, zap.Error(err))...)
-		return
-	}
-	h.logger.Info("token fetched", append(fields, zap.String("fingerprint", tok.Fingerprint()),
-		zap.Time("expiry", tok.Expiry))...)
+	return admission.CheckMerchant(repl.ReplaceAll(h.Merchant, ""))
 }
 
 // Interface guards.

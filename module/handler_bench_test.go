@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 )
 
 // benchHandler returns a handler with n merchants of one provider, each
@@ -33,7 +34,6 @@ func benchHandler(b *testing.B, n int) (*Handler, []string) {
 	for i := range ids {
 		ids[i] = fmt.Sprintf("merchant-%06d", i)
 		bd := broker.NewBinding("nuapay#bench", src, broker.Request{Merchant: ids[i], Organisation: "org-" + ids[i], Scopes: scopes})
-		bd.Observer = &observer{h: h}
 		bds[i] = bd
 	}
 	h.bindings = handTable("nuapay", "", bds...)
@@ -42,7 +42,7 @@ func benchHandler(b *testing.B, n int) (*Handler, []string) {
 			b.Fatal(err)
 		}
 	}
-	h.instrument(newTokenMetrics(false))
+	h.instrument(telemetry.NewMetrics(false))
 	return h, ids
 }
 

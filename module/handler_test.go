@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 )
 
 const testToken = "tok-SECRET-value"
@@ -39,8 +40,8 @@ func newTestHandler(t *testing.T, src sourceFunc, errorsMode string) *Handler {
 	h.broker = broker.New(broker.Options{})
 	t.Cleanup(h.broker.Close)
 	b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
-	b.Observer = &observer{h: h}
 	h.bindings = handTable("nuapay", "", b)
+	h.instrument(nil)
 	return h
 }
 
@@ -195,7 +196,7 @@ func TestServeHTTPRefusals(t *testing.T) {
 				if err != nil || rec.Code != tt.wantStatus {
 					t.Fatalf("status %d err %v, want %d", rec.Code, err, tt.wantStatus)
 				}
-				var body errorBody
+				var body admission.ErrorBody
 				if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil || body.Error != tt.wantCode || body.Message == "" {
 					t.Fatalf("body %s (%v)", rec.Body, err)
 				}
@@ -308,8 +309,8 @@ func TestPlaceholdersNameTheLastHandlersToken(t *testing.T) {
 		return broker.Token{Value: "tok-second", Expiry: time.Now().Add(time.Hour)}, nil
 	}, "json")
 	b := broker.NewBinding("oneid#test", second.bindings.Peek("acme").Source, broker.Request{Merchant: "acme", Organisation: "org-second"})
-	b.Observer = &observer{h: second}
 	second.bindings = handTable("oneid", "", b)
+	second.instrument(nil)
 
 	req := httptest.NewRequest("GET", "/tpp/payments", nil)
 	req.Header.Set("X-Merchant-Id", "acme")

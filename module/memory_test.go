@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -85,7 +86,7 @@ func reloadedHandlerAt(br *broker.Broker, reg *config.Registry, scopes []string,
 	h.broker = br
 	h.registry = reg
 	h.bindings = newBindingTable(reg, scopes, nil, now)
-	h.instrument(newTokenMetrics(false))
+	h.instrument(telemetry.NewMetrics(false))
 	return h
 }
 

@@ -17,6 +17,7 @@ import (
 	zapobserver "go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 )
 
 // clock is a settable test clock.
@@ -35,14 +36,14 @@ func (c *clock) Add(d time.Duration) {
 // newMetricsHandler returns a handler for merchants acme and globex of
 // provider nuapay, on a broker with the clock, instrumented with fresh
 // collectors registered in reg.
-func newMetricsHandler(t *testing.T, src sourceFunc, clk *clock, merchantLabel bool) (*Handler, *tokenMetrics, *prometheus.Registry) {
+func newMetricsHandler(t *testing.T, src sourceFunc, clk *clock, merchantLabel bool) (*Handler, *telemetry.Metrics, *prometheus.Registry) {
 	t.Helper()
 	return newMetricsHandlerWith(t, src, merchantLabel, broker.Options{Now: clk.Now, MaxAttempts: 1, FailureTTL: -1, BreakerThreshold: 2})
 }
 
 // newMetricsHandlerWith is newMetricsHandler with the broker's options
 // (Sleep is set to not sleep).
-func newMetricsHandlerWith(t *testing.T, src sourceFunc, merchantLabel bool, opts broker.Options) (*Handler, *tokenMetrics, *prometheus.Registry) {
+func newMetricsHandlerWith(t *testing.T, src sourceFunc, merchantLabel bool, opts broker.Options) (*Handler, *telemetry.Metrics, *prometheus.Registry) {
 	t.Helper()
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(),
 		merchantHeader: "X-Merchant-Id", header: "Authorization"}
@@ -52,13 +53,12 @@ func newMetricsHandlerWith(t *testing.T, src sourceFunc, merchantLabel bool, opt
 	var bds []*broker.Binding
 	for _, m := range []string{"acme", "globex"} {
 		b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
-		b.Observer = &observer{h: h}
 		bds = append(bds, b)
 	}
 	h.bindings = handTable("nuapay", "", bds...)
-	m := newTokenMetrics(merchantLabel)
+	m := telemetry.NewMetrics(merchantLabel)
 	reg := prometheus.NewPedanticRegistry()
-	if err := m.register(reg); err != nil {
+	if err := m.Register(reg); err != nil {
 		t.Fatal(err)
 	}
 	h.instrument(m)
@@ -114,17 +114,17 @@ func TestMetricsScriptedSequence(t *testing.T) {
 	mustServe("globex", 503) // breaker open: no call
 
 	expect := map[prometheus.Collector]map[string]float64{
-		m.lookups: {
+		m.Lookups: {
 			`provider="nuapay",result="hit"`:     2,
 			`provider="nuapay",result="refresh"`: 1,
 			`provider="nuapay",result="miss"`:    1,
 			`provider="nuapay",result="shared"`:  0,
 		},
-		m.tokenRequests: {
+		m.TokenRequests: {
 			`outcome="ok",provider="nuapay"`:                2,
 			`outcome="token_unavailable",provider="nuapay"`: 2,
 		},
-		m.breaker: {`provider="nuapay"`: float64(broker.BreakerOpen)},
+		m.Breaker: {`provider="nuapay"`: float64(broker.BreakerOpen)},
 	}
 	checkSeries(t, reg, expect)
 	if n := histogramCount(t, reg, "caddy_token_broker_token_request_duration_seconds"); n != 4 {
@@ -137,16 +137,16 @@ func TestMetricsScriptedSequence(t *testing.T) {
 	// A reload brings a new registry: the same collectors register again
 	// and keep counting.
 	reg2 := prometheus.NewPedanticRegistry()
-	if err := m.register(reg2); err != nil {
+	if err := m.Register(reg2); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.register(reg2); err != nil {
+	if err := m.Register(reg2); err != nil {
 		t.Fatalf("second registration in one registry: %v", err)
 	}
 	mustServe("acme", 200)
 	m.Purged("nuapay", "acme")
-	expect[m.lookups][`provider="nuapay",result="hit"`] = 3
-	expect[m.purges] = map[string]float64{`provider="nuapay"`: 1}
+	expect[m.Lookups][`provider="nuapay",result="hit"`] = 3
+	expect[m.Purges] = map[string]float64{`provider="nuapay"`: 1}
 	checkSeries(t, reg2, expect)
 }
 
@@ -168,16 +168,16 @@ func TestMetricsSharedAndMerchantLabel(t *testing.T) {
 	<-started // the one fetch is in flight; requests arriving now share it
 	close(release)
 	wg.Wait()
-	miss := testutil.ToFloat64(m.lookups.WithLabelValues("nuapay", "miss", "acme"))
-	shared := testutil.ToFloat64(m.lookups.WithLabelValues("nuapay", "shared", "acme"))
-	hit := testutil.ToFloat64(m.lookups.WithLabelValues("nuapay", "hit", "acme"))
+	miss := testutil.ToFloat64(m.Lookups.WithLabelValues("nuapay", "miss", "acme"))
+	shared := testutil.ToFloat64(m.Lookups.WithLabelValues("nuapay", "shared", "acme"))
+	hit := testutil.ToFloat64(m.Lookups.WithLabelValues("nuapay", "hit", "acme"))
 	// Every request is counted once: exactly one started the fetch (miss),
 	// the others waited on it (shared) or came after it (hit).
 	if miss != 1 || miss+shared+hit != n {
 		t.Fatalf("miss %v shared %v hit %v, want exactly 1 miss and %d in all", miss, shared, hit, n)
 	}
 	checkSeries(t, reg, map[prometheus.Collector]map[string]float64{
-		m.tokenRequests: {`merchant="acme",outcome="ok",provider="nuapay"`: 1},
+		m.TokenRequests: {`merchant="acme",outcome="ok",provider="nuapay"`: 1},
 	})
 }
 
@@ -189,11 +189,11 @@ func TestMetricsPolicyState(t *testing.T) {
 	clk := &clock{now: time.Unix(1_700_000_000, 0)}
 	var fail atomic.Bool
 	var calls atomic.Int64
-	var m *tokenMetrics
+	var m *telemetry.Metrics
 	var duringProbe atomic.Value
 	src := func(ctx context.Context, req broker.Request) (broker.Token, error) {
 		calls.Add(1)
-		duringProbe.Store(testutil.ToFloat64(m.breaker.WithLabelValues("nuapay")))
+		duringProbe.Store(testutil.ToFloat64(m.Breaker.WithLabelValues("nuapay")))
 		if fail.Load() {
 			return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 503}
 		}
@@ -223,9 +223,9 @@ func TestMetricsPolicyState(t *testing.T) {
 		t.Fatalf("status %d, want 503 (breaker opened mid-retry)", rec.Code)
 	}
 	checkSeries(t, reg, map[prometheus.Collector]map[string]float64{
-		m.tokenRequests: {`outcome="token_unavailable",provider="nuapay"`: 2},
-		m.breaker:       {`provider="nuapay"`: float64(broker.BreakerOpen)},
-		m.backingOff:    {`provider="nuapay"`: 1},
+		m.TokenRequests: {`outcome="token_unavailable",provider="nuapay"`: 2},
+		m.Breaker:       {`provider="nuapay"`: float64(broker.BreakerOpen)},
+		m.BackingOff:    {`provider="nuapay"`: 1},
 	})
 	if n := histogramCount(t, reg, "caddy_token_broker_token_request_duration_seconds"); n != 2 || calls.Load() != 2 {
 		t.Fatalf("latency histogram count = %d for %d calls, want 2", n, calls.Load())
@@ -241,9 +241,9 @@ func TestMetricsPolicyState(t *testing.T) {
 		t.Fatalf("breaker gauge during the probe = %v, want half-open (1)", v)
 	}
 	checkSeries(t, reg, map[prometheus.Collector]map[string]float64{
-		m.tokenRequests: {`outcome="token_unavailable",provider="nuapay"`: 2, `outcome="ok",provider="nuapay"`: 1},
-		m.breaker:       {`provider="nuapay"`: float64(broker.BreakerClosed)},
-		m.backingOff:    {`provider="nuapay"`: 0},
+		m.TokenRequests: {`outcome="token_unavailable",provider="nuapay"`: 2, `outcome="ok",provider="nuapay"`: 1},
+		m.Breaker:       {`provider="nuapay"`: float64(broker.BreakerClosed)},
+		m.BackingOff:    {`provider="nuapay"`: 0},
 	})
 }
 
@@ -261,10 +261,11 @@ func TestLookupAllocatesNothing(t *testing.T) {
 func TestFetchLogLine(t *testing.T) {
 	core, logs := zapobserver.New(zap.InfoLevel)
 	clk := &clock{now: time.Unix(1_700_000_000, 0)}
-	h, _, _ := newMetricsHandler(t, func(context.Context, broker.Request) (broker.Token, error) {
+	h, m, _ := newMetricsHandler(t, func(context.Context, broker.Request) (broker.Token, error) {
 		return broker.Token{Value: testToken, Expiry: clk.Now().Add(time.Hour)}, nil
 	}, clk, false)
 	h.logger = zap.New(core)
+	h.instrument(m)
 	if rec, _, _ := serve(t, h, merchantRequest("acme")); rec.Code != 200 {
 		t.Fatal(rec.Code)
 	}
@@ -302,17 +303,6 @@ func TestGlobalOptionMetricsMerchantLabel(t *testing.T) {
 	err := (&App{}).UnmarshalCaddyfile(caddyfile.NewTestDispenser("token_broker {\n metrics_merchant_label yes\n}"))
 	if err == nil || !strings.Contains(err.Error(), "wrong argument count") {
 		t.Fatalf("err = %v", err)
-	}
-}
-
-func TestRegisterConflictIsAnError(t *testing.T) {
-	reg := prometheus.NewPedanticRegistry()
-	if err := newTokenMetrics(false).register(reg); err != nil {
-		t.Fatal(err)
-	}
-	// Another set of collectors with the same names in the same registry.
-	if err := newTokenMetrics(false).register(reg); err == nil {
-		t.Fatal("want an error")
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 )
@@ -40,7 +41,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	}
 	if ce := (*outbound.ConsentError)(nil); errors.As(err, &ce) {
 		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-		return h.fail(w, repl, refusal{code: errcode.Classify(ce.Err), merchant: b.Merchant, providerType: b.Provider.Type, cause: ce.Err})
+		return h.fail(w, repl, admission.Refusal{Code: errcode.Classify(ce.Err), Merchant: b.Merchant, ProviderType: b.Provider.Type, Cause: ce.Err})
 	}
 	if be := (*outbound.BodyError)(nil); errors.As(err, &be) {
 		return caddyhttp.Error(http.StatusBadRequest, be.Err)
@@ -74,17 +75,7 @@ func (t retryTokens) Get(ctx context.Context, b *broker.Binding) (outbound.Entry
 // Purge reports the rejected token to the broker, counts and logs the
 // outcome.
 func (t retryTokens) Purge(b *broker.Binding, rejected broker.Token) {
-	outcome := t.h.broker.Reject(b, rejected.Value)
-	if t.h.metrics != nil {
-		switch outcome {
-		case broker.RejectionPurged:
-			t.h.metrics.Purged(t.h.providerOf(b), b.Merchant)
-		case broker.RejectionKept:
-			t.h.metrics.PurgeKept(t.h.providerOf(b), b.Merchant)
-		}
-	}
-	t.h.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),
-		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
+	t.h.metrics.Rejected(b, rejected, t.h.broker.Reject(b, rejected.Value))
 }
 
 // Kept logs a 401 that says nothing about the token.

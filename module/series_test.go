@@ -9,6 +9,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -43,9 +44,9 @@ func TestWildcardMerchantSeriesFollowActiveSet(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			env := newWildcardEnv(t, "max_active = 1\nidle_timeout = \"1m\"")
-			m := newTokenMetrics(true)
+			m := telemetry.NewMetrics(true)
 			promReg := prometheus.NewRegistry()
-			if err := m.register(promReg); err != nil {
+			if err := m.Register(promReg); err != nil {
 				t.Fatal(err)
 			}
 			env.h.instrument(m)
@@ -86,7 +87,7 @@ func TestWildcardMerchantSeriesFollowActiveSet(t *testing.T) {
 // otherHandler is a handler of reg with a table of its own (another
 // route's scopes, or another config) on env's broker and clock, counting
 // into m.
-func (env *wildcardEnv) otherHandler(reg *config.Registry, scopes []string, m *tokenMetrics) *Handler {
+func (env *wildcardEnv) otherHandler(reg *config.Registry, scopes []string, m *telemetry.Metrics) *Handler {
 	h := reloadedHandlerAt(env.h.broker, reg, scopes, env.clk.Now)
 	h.instrument(m)
 	return h

@@ -15,6 +15,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -80,7 +81,7 @@ scopes = ["openbanking_pisp"]
 	t.Cleanup(h.broker.Close)
 	h.registry = reg
 	h.bindings = newBindingTable(reg, nil, env.listing, env.clk.Now)
-	h.instrument(newTokenMetrics(false))
+	h.instrument(telemetry.NewMetrics(false))
 	env.h = h
 	return env
 }

@@ -1,4 +1,4 @@
-package module
+package telemetry
 
 import (
 	"context"
@@ -8,6 +8,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
@@ -25,18 +26,17 @@ const (
 	attrOutcome      = attribute.Key("token_broker.outcome")
 	attrFingerprint  = attribute.Key("token_broker.fingerprint")
 	attrOrganisation = attribute.Key("token_broker.organisation")
-	outcomeOK        = "ok"
 )
 
-// token gets the binding's token from the broker. When the request is
-// traced (Caddy's `tracing` directive), the lookup gets a span
-// "token_broker.token" under the request's span, from the request span's
-// tracer provider (Caddy sets no global one); token API calls made for it
-// are its children. An untraced request costs nothing more than the lookup.
-func (h *Handler) token(ctx context.Context, b *binding) (*broker.Entry, broker.Result, error) {
+// Token gets the binding's token from br. When the request is traced (a
+// recording span in ctx), the lookup gets a span "token_broker.token"
+// under the request's span, from the request span's tracer provider (no
+// global one is assumed); token API calls made for it are its children.
+// An untraced request costs nothing more than the lookup.
+func Token(ctx context.Context, br *broker.Broker, b *bindings.Binding) (*broker.Entry, broker.Result, error) {
 	parent := trace.SpanFromContext(ctx)
 	if !parent.IsRecording() {
-		return h.broker.Get(ctx, &b.Binding)
+		return br.Get(ctx, &b.Binding)
 	}
 	ctx, span := parent.TracerProvider().Tracer(tracerName).Start(ctx, tokenSpanName,
 		trace.WithSpanKind(trace.SpanKindInternal),
@@ -47,7 +47,7 @@ func (h *Handler) token(ctx context.Context, b *binding) (*broker.Entry, broker.
 			attrScopesCount.Int(len(b.Scopes)),
 		))
 	defer span.End()
-	e, res, err := h.broker.Get(ctx, &b.Binding)
+	e, res, err := br.Get(ctx, &b.Binding)
 	if err != nil {
 		code := errcode.Classify(err).String()
 		span.SetAttributes(attrCache.String(res.String()), attrOutcome.String(code))
@@ -56,7 +56,7 @@ func (h *Handler) token(ctx context.Context, b *binding) (*broker.Entry, broker.
 		span.RecordError(err)
 		return e, res, err
 	}
-	span.SetAttributes(attrCache.String(res.String()), attrOutcome.String(outcomeOK),
+	span.SetAttributes(attrCache.String(res.String()), attrOutcome.String(OutcomeOK),
 		attrFingerprint.String(e.Fingerprint()))
 	return e, res, nil
 }

@@ -1,0 +1,95 @@
+// Package admission reads the merchant a request is for and answers the
+// requests the broker refuses, with plain net/http: the JSON error body,
+// Retry-After and Allow.
+package admission
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
+)
+
+// ErrorBody is the JSON body of a refused request.
+type ErrorBody struct {
+	Error    string `json:"error"`              // the error code (errcode.Code)
+	Message  string `json:"message"`            // the code's message for the provider type
+	Merchant string `json:"merchant,omitempty"` // the merchant, when known
+}
+
+// Refusal is a refused request; its status, message and Retry-After come
+// from the code (package errcode).
+type Refusal struct {
+	Code         errcode.Code // what the caller is told
+	Merchant     string       // "" before the merchant is known
+	ProviderType string       // "" before the provider is known
+	Cause        error        // logged, never sent to the caller
+}
+
+// Prepare logs the cause, if any (it never holds a secret), and sets the
+// refusal's headers in h: Retry-After when the cause says when to come
+// back, Allow for a refused method.
+func (rf Refusal) Prepare(h http.Header, logger *zap.Logger) {
+	if rf.Cause != nil {
+		logger.Warn("no token for request", zap.String("merchant", rf.Merchant), zap.String("error_code", rf.Code.String()),
+			zap.Int("status", rf.Code.Status()), zap.Error(rf.Cause))
+		if ra := rf.Code.RetryAfter(rf.Cause); ra > 0 {
+			h.Set("Retry-After", strconv.Itoa(int((ra+time.Second-1)/time.Second)))
+		}
+	}
+	if rf.Code == errcode.MethodRefused {
+		h.Set("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
+	}
+}
+
+// Write answers the refusal with its status and JSON body (ErrorBody),
+// not to be cached.
+func (rf Refusal) Write(w http.ResponseWriter) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(rf.Code.Status())
+	return json.NewEncoder(w).Encode(ErrorBody{Error: rf.Code.String(), Message: rf.Code.Message(rf.ProviderType), Merchant: rf.Merchant})
+}
+
+// Unbound returns the refusal of a valid merchant id whose binding
+// bindings.Table.Get did not give (err).
+func Unbound(merchant string, err error) Refusal {
+	var lr *listingRefusal
+	switch {
+	case errors.As(err, &lr):
+		return Refusal{Code: lr.code, Merchant: merchant}
+	case errors.Is(err, bindings.ErrTooManyMerchants):
+		return Refusal{Code: errcode.TooManyMerchants, Merchant: merchant}
+	case errors.Is(err, bindings.ErrUnknownMerchant):
+		return Refusal{Code: errcode.UnknownMerchant, Merchant: merchant}
+	}
+	return Refusal{Code: errcode.UnknownMerchant, Merchant: merchant, Cause: err}
+}
+
+// Allow returns the listing's check as bindings.Config.Allow: nil when
+// there is no listing. Its errors are answered by Unbound with the
+// listing's code.
+func Allow(l *listing.Listing) func(organisation string) error {
+	if l == nil {
+		return nil
+	}
+	return func(org string) error {
+		if code := l.Allows(org); code != 0 {
+			return &listingRefusal{code: code}
+		}
+		return nil
+	}
+}
+
+// listingRefusal is the organisation listing's refusal of a wildcard
+// merchant (listing.Listing.Allows).
+type listingRefusal struct{ code errcode.Code }
+
+func (e *listingRefusal) Error() string { return "organisation refused: " + e.code.String() }

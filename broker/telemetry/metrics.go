@@ -1,0 +1,204 @@
+// Package telemetry holds the broker's Prometheus collectors, the
+// broker.Observer of a handler's bindings (metrics and token fetch logs)
+// and the token span of a traced request.
+package telemetry
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+)
+
+// OutcomeOK is the outcome of a successful token API call (metrics, logs
+// and spans); a failed call's outcome is its error code.
+const OutcomeOK = "ok"
+
+// Metrics are the broker's collectors. They are meant to be shared across
+// config reloads, so counters keep counting; each config's metrics
+// registry registers them once (Register).
+type Metrics struct {
+	merchantLabel bool
+	// TokenRequests counts calls to a token API, by provider and outcome.
+	TokenRequests *prometheus.CounterVec
+	// FetchDuration is the histogram of token API call latency, by provider.
+	FetchDuration *prometheus.HistogramVec
+	// Lookups counts tokens handed out, by provider and broker.Result.
+	Lookups *prometheus.CounterVec
+	// Purges counts cached tokens dropped after an upstream 401.
+	Purges *prometheus.CounterVec
+	// PurgesKept counts upstream 401s that did not purge the token.
+	PurgesKept *prometheus.CounterVec
+	// SourcesHeld is the number of provider configurations backing off.
+	SourcesHeld *prometheus.GaugeVec
+	// Breaker is the breaker state of a provider's token API.
+	Breaker *prometheus.GaugeVec
+	// BackingOff is the number of cache keys held in failure memory.
+	BackingOff *prometheus.GaugeVec
+
+	// series are the per-merchant series that exist, with the merchant
+	// label on: a wildcard merchant's follow the wildcard's active set, an
+	// explicit merchant's are kept (bindings.Series).
+	series *bindings.Series[*LookupCounters]
+}
+
+// removeMerchant deletes the per-merchant series of a merchant of a
+// provider (bindings.Series' remove), by name, as DeletePartialMatch
+// would walk every series at each eviction.
+func (m *Metrics) removeMerchant(provider, merchant string) {
+	for r := range len(LookupCounters{}) {
+		m.Lookups.DeleteLabelValues(provider, broker.Result(r).String(), merchant)
+	}
+	m.TokenRequests.DeleteLabelValues(provider, OutcomeOK, merchant)
+	for _, c := range errcode.FetchCodes() {
+		m.TokenRequests.DeleteLabelValues(provider, c.String(), merchant)
+	}
+	m.Purges.DeleteLabelValues(provider, merchant)
+	m.PurgesKept.DeleteLabelValues(provider, merchant)
+}
+
+// Destruct implements caddy.Destructor: the collectors hold nothing to
+// release.
+func (m *Metrics) Destruct() error { return nil }
+
+// NewMetrics returns the collectors, with a merchant label on the
+// per-request series when merchantLabel is true.
+func NewMetrics(merchantLabel bool) *Metrics {
+	const ns, sub = "caddy", "token_broker"
+	perRequest := func(labels ...string) []string {
+		if merchantLabel {
+			labels = append(labels, "merchant")
+		}
+		return labels
+	}
+	m := &Metrics{
+		merchantLabel: merchantLabel,
+		TokenRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "token_requests_total",
+			Help: "Calls to a provider's token API, by outcome (ok or the error code).",
+		}, perRequest("provider", "outcome")),
+		FetchDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "token_request_duration_seconds",
+			Help:    "Latency of calls to a provider's token API.",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}, []string{"provider"}),
+		Lookups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "cache_lookups_total",
+			Help: "Tokens handed out to requests, by how the cache served them: hit, refresh, miss, shared (single-flight waiters).",
+		}, perRequest("provider", "result")),
+		Purges: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "token_purges_total",
+			Help: "Cached tokens dropped because the upstream rejected them (401).",
+		}, perRequest("provider")),
+		PurgesKept: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "token_purges_suppressed_total",
+			Help: "Upstream rejections (401) that did not purge the token: the key's purges by rejection were on hold, as its replacement token was rejected too.",
+		}, perRequest("provider")),
+		SourcesHeld: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "sources_backing_off",
+			Help: "Provider configurations whose token API is not called for any key: a 429 with Retry-After, or a bad credential (invalid_client, Nuapay 401).",
+		}, []string{"provider"}),
+		Breaker: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "breaker_state",
+			Help: "Circuit breaker of a provider's token API: 0 closed, 1 half-open, 2 open.",
+		}, []string{"provider"}),
+		BackingOff: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "keys_backing_off",
+			Help: "Cache keys held in failure memory after a failed fetch: their fetches answer the remembered error without calling the token API.",
+		}, []string{"provider"}),
+	}
+	m.series = bindings.NewSeries(m.lookupCounters, m.removeMerchant)
+	return m
+}
+
+// Register adds the collectors to a config's registry; registering them
+// twice in one registry is not an error.
+func (m *Metrics) Register(registry *prometheus.Registry) error {
+	for _, c := range []prometheus.Collector{m.TokenRequests, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesHeld, m.Breaker, m.BackingOff} {
+		if err := registry.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if errors.As(err, &are) && are.ExistingCollector == c {
+				continue
+			}
+			return fmt.Errorf("token_broker: registering metrics: %w", err)
+		}
+	}
+	return nil
+}
+
+// Purged counts a cached token dropped because the upstream rejected it.
+// merchant is ignored unless the merchant label is on.
+func (m *Metrics) Purged(provider, merchant string) {
+	if m == nil {
+		return
+	}
+	m.Purges.WithLabelValues(m.labels(merchant, provider)...).Inc()
+}
+
+// PurgeKept counts an upstream rejection that did not purge the token
+// (broker.RejectionKept). merchant is ignored unless the merchant label is
+// on.
+func (m *Metrics) PurgeKept(provider, merchant string) {
+	if m == nil {
+		return
+	}
+	m.PurgesKept.WithLabelValues(m.labels(merchant, provider)...).Inc()
+}
+
+// SetBreakerState sets the breaker gauge of a provider (0 closed,
+// 1 half-open, 2 open: the values of broker.BreakerState).
+func (m *Metrics) SetBreakerState(provider string, state int) {
+	if m == nil {
+		return
+	}
+	m.Breaker.WithLabelValues(provider).Set(float64(state))
+}
+
+// fetched counts one token API call.
+func (m *Metrics) fetched(provider, merchant, outcome string, elapsed time.Duration) {
+	if m == nil {
+		return
+	}
+	m.TokenRequests.WithLabelValues(m.labels(merchant, provider, outcome)...).Inc()
+	m.FetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
+}
+
+// labels appends the merchant to the label values when the label is on:
+// a copy, as a series it creates keeps its label values, and an explicit
+// merchant's id points into its registry's file, which must not stay
+// alive after its config is discarded. Called when a binding is made or
+// a token fetched or purged, not per request.
+func (m *Metrics) labels(merchant string, values ...string) []string {
+	if m.merchantLabel {
+		values = append(values, strings.Clone(merchant))
+	}
+	return values
+}
+
+// LookupCounters are a binding's cache_lookups_total counters, one per
+// broker.Result, resolved at provision time so that counting a lookup is
+// one atomic add. Bindings of one provider share them unless the merchant
+// label is on.
+type LookupCounters [broker.Adopted + 1]prometheus.Counter
+
+func (m *Metrics) lookupCounters(provider, merchant string) *LookupCounters {
+	var c LookupCounters
+	for r := range c {
+		c[r] = m.Lookups.WithLabelValues(m.labels(merchant, provider, broker.Result(r).String())...)
+	}
+	return &c
+}
+
+// fetchOutcome is the outcome label of a token API call.
+func fetchOutcome(err error) string {
+	if err == nil {
+		return OutcomeOK
+	}
+	return errcode.Classify(err).String()
+}

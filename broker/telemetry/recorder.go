@@ -1,0 +1,253 @@
+package telemetry
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+)
+
+// Recorder is what one handler counts and logs: the shared collectors,
+// the provider name of each source and the observers of its bindings.
+// A nil Recorder records nothing.
+type Recorder struct {
+	metrics   *Metrics                   // nil: nothing is counted
+	logger    *zap.Logger                // the token fetch and rejection logs
+	table     *bindings.Table            // the handler's bindings, for the provider of a binding
+	providers map[string]string          // SourceID -> provider name
+	shared    map[string]*LookupCounters // provider name -> counters, without the merchant label
+
+	mu        sync.Mutex           // guards observers
+	observers map[string]*Observer // provider name -> the observer its bindings share, without the merchant label
+}
+
+// NewRecorder returns the recorder of a handler whose sources are
+// providers (SourceID -> provider name) and whose bindings are in table
+// (nil: none yet), and gives every binding of table its observer. With
+// m, the rarely changing series of every provider are exported from now
+// on; breaker (nil: closed) gives a source's breaker state.
+func NewRecorder(m *Metrics, logger *zap.Logger, table *bindings.Table, providers map[string]string, breaker func(sourceID string) broker.BreakerState) *Recorder {
+	r := &Recorder{metrics: m, logger: logger, table: table, providers: make(map[string]string),
+		shared: map[string]*LookupCounters{}, observers: map[string]*Observer{}}
+	if m != nil {
+		for id, name := range providers {
+			r.providers[id] = name
+			if !m.merchantLabel {
+				r.shared[name] = m.lookupCounters(name, "")
+			}
+			r.exportZero(name, id, breaker)
+		}
+	}
+	if table != nil {
+		table.Each(func(_ string, b *bindings.Binding) {
+			if m != nil {
+				if _, known := r.providers[b.SourceID]; !known {
+					r.exportZero(b.Provider.Name, b.SourceID, breaker)
+				}
+				r.providers[b.SourceID] = b.Provider.Name
+			}
+			b.Observer = r.observerFor(b, false)
+		})
+	}
+	return r
+}
+
+// exportZero exports the series of a provider that change rarely, so
+// that dashboards and alerts see 0 rather than nothing.
+func (r *Recorder) exportZero(provider, sourceID string, breaker func(string) broker.BreakerState) {
+	m := r.metrics
+	if !m.merchantLabel {
+		m.Purges.WithLabelValues(m.labels("", provider)...)
+		m.PurgesKept.WithLabelValues(m.labels("", provider)...)
+	}
+	m.BackingOff.WithLabelValues(provider)
+	m.SourcesHeld.WithLabelValues(provider)
+	state := broker.BreakerClosed
+	if breaker != nil {
+		state = breaker(sourceID)
+	}
+	m.Breaker.WithLabelValues(provider).Set(float64(state))
+}
+
+// Made is bindings.Hooks.Made: it gives a new binding its observer. A
+// wildcard binding (hold) holds its merchant's series when the merchant
+// label is on; the result says whether it does.
+func (r *Recorder) Made(b *bindings.Binding, hold bool) bool {
+	hold = hold && r != nil && r.metrics != nil && r.metrics.merchantLabel
+	b.Observer = r.observerFor(b, hold)
+	return hold
+}
+
+// Released is bindings.Hooks.Released: the binding's hold on its
+// merchant's series ends.
+func (r *Recorder) Released(b *bindings.Binding) {
+	r.metrics.series.Release(b.Provider.Name, b.Merchant)
+}
+
+// observerFor returns the observer of a binding, with the binding's
+// lookup counters. Without the merchant label, the bindings of one
+// provider share one observer (no heap object per binding). With it, a
+// new wildcard binding (hold) is counted among its merchant's holders
+// (bindings.Series.Hold), which the table releases, and an explicit
+// binding's series are kept for good (bindings.Series.Keep).
+func (r *Recorder) observerFor(b *bindings.Binding, hold bool) broker.Observer {
+	if r == nil || r.metrics == nil {
+		return &Observer{r: r}
+	}
+	m := r.metrics
+	if m.merchantLabel {
+		switch {
+		case hold:
+			return &Observer{r: r, lookups: m.series.Hold(b.Provider.Name, b.Merchant)}
+		case !b.Wild():
+			return &Observer{r: r, lookups: m.series.Keep(b.Provider.Name, b.Merchant)}
+		}
+		return &Observer{r: r, lookups: m.lookupCounters(b.Provider.Name, b.Merchant)}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if o := r.observers[b.Provider.Name]; o != nil {
+		return o
+	}
+	c := r.shared[b.Provider.Name]
+	if c == nil {
+		// A provider added by hand (tests): counters made once here,
+		// before the handler serves.
+		c = m.lookupCounters(b.Provider.Name, "")
+		r.shared[b.Provider.Name] = c
+	}
+	o := &Observer{r: r, lookups: c}
+	r.observers[b.Provider.Name] = o
+	return o
+}
+
+// Rejected counts and logs the broker's answer to an upstream's
+// rejection of a token (broker.Broker.Reject).
+func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome broker.Rejection) {
+	if r == nil {
+		return
+	}
+	switch outcome {
+	case broker.RejectionPurged:
+		r.metrics.Purged(r.providerOf(b), b.Merchant)
+	case broker.RejectionKept:
+		r.metrics.PurgeKept(r.providerOf(b), b.Merchant)
+	}
+	r.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),
+		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
+}
+
+// fetched logs a token API call and counts it.
+func (r *Recorder) fetched(b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
+	provider := r.providerOf(b)
+	outcome := fetchOutcome(err)
+	r.metrics.fetched(provider, b.Merchant, outcome, elapsed)
+	fields := []zap.Field{
+		zap.String("merchant", b.Merchant),
+		zap.String("provider", provider),
+		zap.String("source", b.SourceID),
+		zap.String("outcome", outcome),
+		zap.Strings("scopes", b.Scopes),
+		zap.Duration("duration", elapsed),
+		zap.Bool("background", background),
+	}
+	if err != nil {
+		r.logger.Warn("token fetch failed", append(fields, zap.Error(err))...)
+		return
+	}
+	r.logger.Info("token fetched", append(fields, zap.String("fingerprint", tok.Fingerprint()),
+		zap.Time("expiry", tok.Expiry))...)
+}
+
+// providerOf returns the provider name of a binding of the handler.
+func (r *Recorder) providerOf(b *broker.Binding) string {
+	if p, ok := r.providers[b.SourceID]; ok {
+		return p
+	}
+	if r.table != nil {
+		if hb := r.table.Peek(b.Merchant); hb != nil {
+			return hb.Provider.Name
+		}
+	}
+	return r.sourceProvider(b.SourceID)
+}
+
+// sourceProvider returns the provider name of a source id: the known
+// one, or the id's part before "#".
+func (r *Recorder) sourceProvider(sourceID string) string {
+	if p, ok := r.providers[sourceID]; ok {
+		return p
+	}
+	p, _, _ := strings.Cut(sourceID, "#")
+	return p
+}
+
+// Observer is the broker.Observer of a handler's bindings: it counts
+// lookups on its pre-resolved counters and hands everything else to the
+// handler's Recorder (logs, fetch metrics, breaker and backoff gauges).
+type Observer struct {
+	r       *Recorder
+	lookups *LookupCounters // nil: lookups are not counted
+}
+
+// Lookup counts a token handed out. It allocates nothing.
+func (o *Observer) Lookup(_ *broker.Binding, res broker.Result) {
+	if o.lookups != nil && int(res) < len(o.lookups) {
+		o.lookups[res].Inc()
+	}
+}
+
+// Fetched logs and counts a token API call.
+func (o *Observer) Fetched(_ context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
+	if o.r != nil {
+		o.r.fetched(b, tok, elapsed, background, err)
+	}
+}
+
+// BackingOff counts the keys held in failure memory, by provider.
+func (o *Observer) BackingOff(b *broker.Binding, on bool) {
+	if o.r == nil || o.r.metrics == nil {
+		return
+	}
+	g := o.r.metrics.BackingOff.WithLabelValues(o.r.providerOf(b))
+	if on {
+		g.Inc()
+	} else {
+		g.Dec()
+	}
+}
+
+// SourceBackingOff counts the provider configurations held after a 429
+// with Retry-After or a bad credential.
+func (o *Observer) SourceBackingOff(sourceID string, on bool) {
+	if o.r == nil || o.r.metrics == nil {
+		return
+	}
+	g := o.r.metrics.SourcesHeld.WithLabelValues(o.r.sourceProvider(sourceID))
+	if on {
+		g.Inc()
+	} else {
+		g.Dec()
+	}
+}
+
+// BreakerChanged sets the breaker gauge of the source's provider.
+func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
+	if o.r == nil {
+		return
+	}
+	o.r.metrics.SetBreakerState(o.r.sourceProvider(sourceID), int(state))
+}
+
+// Interface guards.
+var (
+	_ broker.Observer        = (*Observer)(nil)
+	_ broker.BreakerObserver = (*Observer)(nil)
+	_ broker.BackoffObserver = (*Observer)(nil)
+	_ broker.SourceObserver  = (*Observer)(nil)
+)
