@@ -68,10 +68,13 @@ const (
 	DefaultKeyPrefix = "token_broker:"
 	// DefaultTimeout bounds one Redis call.
 	DefaultTimeout = 50 * time.Millisecond
-	// DefaultLockTTL is the expiry of a key's fleet lock: longer than the
-	// broker's default fetch timeout, so a lock outlives the mint it
-	// guards unless its holder dies.
-	DefaultLockTTL = broker.DefaultFetchTimeout + 5*time.Second
+	// LockMargin is how much longer than a fetch timeout a fleet lock's
+	// expiry is by default, so that a lock outlives the mint it guards
+	// unless the node that took it dies.
+	LockMargin = 5 * time.Second
+	// DefaultLockTTL is the expiry of a key's fleet lock with the broker's
+	// default fetch timeout.
+	DefaultLockTTL = broker.DefaultFetchTimeout + LockMargin
 	// DefaultBreakerThreshold is how many Redis failures in a row open the
 	// breaker.
 	DefaultBreakerThreshold = 3

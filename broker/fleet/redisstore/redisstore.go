@@ -49,7 +49,7 @@ type Settings struct {
 	// Timeout bounds each Redis call. Default fleet.DefaultTimeout.
 	Timeout time.Duration
 	// LockTTL is the expiry of a key's fleet lock, at least
-	// FetchTimeout. Default FetchTimeout plus 5s.
+	// FetchTimeout. Default FetchTimeout plus fleet.LockMargin.
 	LockTTL time.Duration
 	// FetchTimeout is the broker's fetch timeout. Default
 	// broker.DefaultFetchTimeout.
@@ -120,7 +120,7 @@ func Prepare(s Settings) (*Plan, error) {
 		s.FetchTimeout = broker.DefaultFetchTimeout
 	}
 	if s.LockTTL == 0 {
-		s.LockTTL = s.FetchTimeout + 5*time.Second
+		s.LockTTL = s.FetchTimeout + fleet.LockMargin
 	}
 	if s.LockTTL < s.FetchTimeout {
 		return nil, fmt.Errorf("lock_ttl %s is shorter than fetch_timeout %s: a slow mint would lose its lock and the fleet would mint twice; raise lock_ttl", s.LockTTL, s.FetchTimeout)
