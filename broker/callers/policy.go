@@ -205,7 +205,7 @@ func (p *Policy) verifierFor() (*oidc.IDTokenVerifier, error) {
 		return nil, fmt.Errorf("discovering the caller issuer %s: failed less than %s ago", p.issuer, discoveryRetry)
 	}
 	// Bounded: requests wait on this (one at a time), so a slow issuer
-	// must not hold them, and a failing one is not asked on every request.
+	// must not block them, and a failing one is not asked on every request.
 	dctx, cancel := context.WithTimeout(oidc.ClientContext(p.ctx, p.client), discoveryTimeout)
 	defer cancel()
 	prov, err := oidc.NewProvider(dctx, p.issuer)
