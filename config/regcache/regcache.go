@@ -38,7 +38,7 @@ func New() *Cache {
 	return &Cache{regs: map[string]*registry{}, files: map[string]*file{}}
 }
 
-// registry is a registry in the cache with the parsed files it holds. reg
+// registry is a registry in the cache with the parsed files it uses. reg
 // is replaced when an input it read changed; a registry handed out before
 // stays as it was.
 type registry struct {
