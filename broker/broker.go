@@ -3,13 +3,12 @@
 // organisation, scopes, audience, lifetime), makes sure that only one fetch
 // per key is in flight, and refreshes tokens ahead of their expiry so that
 // requests do not wait. Every call to a token API, foreground or
-// refresh-ahead, goes through one failure policy (policy.go) with one state
-// per key and one per source: a source hold (a 429's Retry-After, a refused
-// credential), the key's failure memory with exponential backoff, the
-// source's circuit breaker, and retries with backoff within a fetch. Each
-// source classifies its own errors (Classifier); a refused fetch's error
-// says how long the hold applied still lasts (RetryAfterOf). It does not
-// import Caddy, so it can be used, tested and benchmarked on its own.
+// refresh-ahead, goes through one failure policy (policy.go: a source
+// backoff, a key backoff, the source's circuit breaker, retries within a
+// fetch). Each source classifies its own errors (Classifier); a refused
+// fetch's error says how long its backoff still lasts (RetryAfterOf). It
+// does not import Caddy, so it can be used, tested and benchmarked on its
+// own.
 package broker
 
 import (
@@ -37,7 +36,7 @@ const (
 // 64 bytes: one cache line per hit.
 type Entry struct {
 	// header is "Bearer " + the token: the token's value is a slice of
-	// it, so that its bytes are held once; id shares its allocation
+	// it, so that its bytes are stored once; id shares its allocation
 	// (headerAndID).
 	header string
 	expiry time.Time

@@ -93,7 +93,7 @@ func BenchmarkHeapPerToken(b *testing.B) {
 		runtime.GC()
 		runtime.ReadMemStats(&after)
 		total := float64(after.HeapAlloc) - float64(before.HeapAlloc)
-		// The token value is held twice: the token itself and the
+		// The token value is stored twice: the token itself and the
 		// prebuilt "Bearer <token>" header.
 		tokenBytes := float64(benchTokenLen)
 		b.ReportMetric(total/n, "bytes/token")

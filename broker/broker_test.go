@@ -145,7 +145,7 @@ func TestRefreshAheadAndExpiry(t *testing.T) {
 	steps := []struct {
 		name      string
 		advance   time.Duration
-		gate      bool // hold the refresh so that many lookups see it in flight
+		gate      bool // block the refresh so that many lookups see it in flight
 		lookups   int
 		want      string
 		wantRes   Result

@@ -11,7 +11,7 @@ import (
 	"unsafe"
 )
 
-// TestEntryAccessors: Header is "Bearer <token>" (the token's bytes held
+// TestEntryAccessors: Header is "Bearer <token>" (the token's bytes stored
 // once: the value is a slice of it), Token().ID the ID, Fingerprint the
 // fingerprint of the value, FingerprintValue the same as a plain string.
 func TestEntryAccessors(t *testing.T) {

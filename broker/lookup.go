@@ -18,7 +18,7 @@ func (br *Broker) Token(ctx context.Context, b *Binding) (Token, error) {
 // Get returns the cache entry holding a valid token for the binding and how
 // it was served. A cached token in its refresh window is returned at once and
 // one background refresh is started (unless the key's last refresh failed
-// and its failure memory still holds). Without a usable cached token, Get
+// and its backoff has not ended). Without a usable cached token, Get
 // waits for the one fetch in flight for the binding's key (starting it if
 // needed) or for ctx to end, whichever comes first; a caller giving up does
 // not cancel the fetch for the others.

@@ -108,7 +108,7 @@ func TestRejectionHoldAndReset(t *testing.T) {
 
 // An operator revokes the replacement token too: the request's retry with
 // the next token is accepted (Accepted), so the rejection after it purges
-// at once instead of holding the revoked token.
+// the revoked token at once.
 func TestRejectionAfterAcceptedRetryPurges(t *testing.T) {
 	clock := newFakeClock()
 	src := &scriptedSource{clock: clock, life: time.Hour}

@@ -177,7 +177,7 @@ func TestRejectedTokenNotAdoptedBack(t *testing.T) {
 		}
 	}
 	if got := br.Reject(b, rejected); got == RejectionKept {
-		t.Fatal("a late rejection of the purged token put the key on hold")
+		t.Fatal("a late rejection of the purged token paused the key's purges")
 	}
 	if src.calls.Load() != 2 {
 		t.Fatalf("token API calls = %d, want 2 (the first token and its replacement)", src.calls.Load())

@@ -177,8 +177,7 @@ func NewBindingFor(p *Profile, merchant, organisation string) *Binding {
 }
 
 // Init fills b, a zero Binding, as NewBinding would: for a Binding
-// embedded by value in a larger struct (one heap object per binding
-// instead of two). b must not be in use yet.
+// embedded by value in a larger struct (one heap object per binding). b must not be in use yet.
 func (b *Binding) Init(sourceID string, src Source, req Request) {
 	b.InitFor(NewProfile(sourceID, src, req.Scopes, req.Audience, req.Lifetime), req.Merchant, req.Organisation)
 }

@@ -23,7 +23,7 @@
 //
 // ForRegistry makes the table of a config.Registry, Tables shares them
 // between the routes of a configuration, and Series keeps track of the
-// per-merchant metrics series that the bindings hold.
+// per-merchant metrics series that the bindings count into.
 package bindings
 
 import (
@@ -53,12 +53,13 @@ type Resolver interface {
 // Hooks is what a table tells its user about bindings.
 type Hooks interface {
 	// Made is called, under the table's lock, with a new binding before
-	// it is shared (to set its Observer); hold says that a wildcard
-	// binding may hold per-merchant series. It reports whether it did:
-	// Released is then called on these Hooks when such a binding leaves.
-	Made(b *Binding, hold bool) (held bool)
-	// Released is called for a wildcard binding that held series when it
-	// is evicted or its table discarded.
+	// it is shared (to set its Observer); track says that a wildcard
+	// binding may have per-merchant series tracked for it (Series). It
+	// reports whether it did: Released is then called on these Hooks when
+	// such a binding leaves.
+	Made(b *Binding, track bool) (tracked bool)
+	// Released is called for a wildcard binding whose series are tracked
+	// when it is evicted or its table discarded.
 	Released(b *Binding)
 	// Drop drops the cached token of a parked binding that leaves the
 	// parked set.
@@ -152,7 +153,7 @@ type Table struct {
 	parked    list.List  // wildcard bindings evicted for idleness, oldest first
 	parkedBy  map[string]*Binding
 	provs     map[string]*Provider
-	held      Hooks // the hooks whose bindings hold series; nil if none do
+	tracking  Hooks // the hooks that track their bindings' series; nil if none do
 	discarded bool
 	// block holds the bindings of explicit merchants, which stay as long
 	// as the table: blockSize to a heap object rather than one each,
@@ -295,7 +296,7 @@ func (t *Table) create(id string, h Hooks) (*Binding, error) {
 		b.wild.lastUsed.Store(now)
 	}
 	if h.Made(b, wild && !t.discarded) {
-		t.held = h
+		t.tracking = h
 	}
 	t.mu.Lock()
 	t.m[b.Merchant] = b
@@ -369,14 +370,14 @@ func (t *Table) evictUnserved() bool {
 	return true
 }
 
-// release tells the hooks holding series that evicted bindings left.
-// After Discard, nothing is held. Called with t.wmu held.
+// release tells the hooks tracking series that evicted bindings left.
+// After Discard, nothing is tracked. Called with t.wmu held.
 func (t *Table) release(evicted []*Binding) {
-	if t.held == nil || t.discarded {
+	if t.tracking == nil || t.discarded {
 		return
 	}
 	for _, b := range evicted {
-		t.held.Released(b)
+		t.tracking.Released(b)
 	}
 }
 
@@ -403,18 +404,18 @@ func (t *Table) park(evicted []*Binding, h Hooks, coming string) {
 	}
 }
 
-// Discard tells the hooks holding series that every wildcard binding
+// Discard tells the hooks tracking series that every wildcard binding
 // left (the table's configuration is being discarded). Bindings made
-// afterwards hold none. Once for a table shared by several users.
+// afterwards have none tracked. Once for a table shared by several users.
 func (t *Table) Discard() {
 	t.wmu.Lock()
 	defer t.wmu.Unlock()
 	if t.discarded {
 		return
 	}
-	if t.held != nil {
+	if t.tracking != nil {
 		for e := t.lru.Front(); e != nil; e = e.Next() {
-			t.held.Released(e.Value.(*Binding))
+			t.tracking.Released(e.Value.(*Binding))
 		}
 	}
 	t.discarded = true

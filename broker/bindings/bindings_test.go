@@ -29,12 +29,12 @@ func (r resolver) Resolve(id string) (*broker.Binding, string, string, bool, err
 // hooks record what a table tells them.
 type hooks struct {
 	mu       sync.Mutex
-	hold     bool
+	track    bool
 	released []string
 	dropped  []string
 }
 
-func (h *hooks) Made(b *Binding, hold bool) bool { return hold && h.hold }
+func (h *hooks) Made(b *Binding, track bool) bool { return track && h.track }
 func (h *hooks) Released(b *Binding) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -204,12 +204,12 @@ func TestTableParking(t *testing.T) {
 	}
 }
 
-// TestTableSeriesReleased: the hooks that held a wildcard merchant's
+// TestTableSeriesReleased: the hooks that track a wildcard merchant's
 // series are told when it is evicted and, for those left, when the table
-// is discarded; bindings made afterwards hold none.
+// is discarded; bindings made afterwards have none tracked.
 func TestTableSeriesReleased(t *testing.T) {
 	tbl, clk := newTable(Limits{MaxActive: 1, IdleTimeout: time.Minute}, nil)
-	h := &hooks{hold: true}
+	h := &hooks{track: true}
 	run(t, tbl, clk, h, []string{"x1", "a!", "+2m", "b", "c"})
 	// b, idle-evicted a's successor, never served, makes way for c.
 	if want := []string{"a", "b"}; !slices.Equal(h.released, want) {

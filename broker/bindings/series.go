@@ -8,10 +8,10 @@ import (
 // Series keeps track of which merchants' per-merchant metrics series
 // exist, so that those of wildcard merchants follow the wildcard's active
 // set rather than every merchant id seen since start. A wildcard binding
-// holds its merchant's series (Hold) until it is evicted or its table
-// discarded (Release): the last holder's release deletes them, unless an
-// explicit merchant's binding uses them (Keep). T is what a binding counts
-// into (its resolved counters).
+// is counted among its merchant's series users (Hold) until it is evicted
+// or its table discarded (Release): the last user's release deletes them,
+// unless an explicit merchant's binding pinned them (Keep). T is what a
+// binding counts into (its resolved counters).
 //
 // A Series is safe for concurrent use. Make it with NewSeries.
 type Series[T any] struct {
@@ -19,7 +19,7 @@ type Series[T any] struct {
 	remove  func(provider, merchant string)
 
 	mu       sync.Mutex
-	wild     map[seriesKey]int      // holders of a merchant's series
+	wild     map[seriesKey]int      // wildcard bindings using a merchant's series
 	explicit map[seriesKey]struct{} // merchants whose series are never deleted
 }
 
@@ -28,15 +28,15 @@ type seriesKey struct{ provider, merchant string }
 
 // NewSeries returns a Series that resolves a merchant's series with
 // resolve and deletes them with remove. Both are called under the
-// Series' lock: series resolved by Hold or Keep are never deleted while
-// they are held or kept.
+// Series' lock: series resolved by Hold are never deleted while a
+// binding counted by Hold uses them, nor ever once resolved by Keep.
 func NewSeries[T any](resolve func(provider, merchant string) T, remove func(provider, merchant string)) *Series[T] {
 	return &Series[T]{resolve: resolve, remove: remove,
 		wild: map[seriesKey]int{}, explicit: map[seriesKey]struct{}{}}
 }
 
 // Hold resolves the series of a new wildcard binding's merchant and
-// counts the binding among their holders.
+// counts the binding among their users.
 func (s *Series[T]) Hold(provider, merchant string) T {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -44,7 +44,7 @@ func (s *Series[T]) Hold(provider, merchant string) T {
 	return s.resolve(provider, merchant)
 }
 
-// Keep resolves the series of an explicit merchant's binding and keeps
+// Keep resolves the series of an explicit merchant's binding and pins
 // them for good: the merchant may be served through a wildcard in another
 // config, whose release must not delete the series this binding counts
 // into. The ids are copied: they may point into a registry's file, which
@@ -60,9 +60,9 @@ func (s *Series[T]) Keep(provider, merchant string) T {
 
 // Release is the end of a wildcard binding that Hold counted (evicted, or
 // its table discarded): the last one deletes the merchant's series,
-// unless Keep kept them. A request still using the evicted binding may
-// count once more into a deleted series, which then exists until the
-// merchant is held and released again.
+// unless Keep pinned them. A request still using the evicted binding may
+// count once more into a deleted series, which then exists until a
+// binding of the merchant is counted and released again.
 func (s *Series[T]) Release(provider, merchant string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

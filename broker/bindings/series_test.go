@@ -6,21 +6,22 @@ import (
 )
 
 // TestSeries: a wildcard merchant's series are removed when its last
-// holder releases them, never while another holds them, never when an
-// explicit binding keeps them; a release without a hold removes nothing.
+// user releases them, never while another uses them, never when an
+// explicit binding pinned them (Keep); a release without a Hold removes
+// nothing.
 func TestSeries(t *testing.T) {
 	for _, tt := range []struct {
 		name    string
 		steps   []string // "hold ID", "keep ID", "release ID"
 		removed []string // merchants whose series were removed, in order
-		held    int      // merchants held at the end
+		used    int      // merchants with users at the end
 	}{
 		{"hold then release", []string{"hold A", "release A"}, []string{"A"}, 0},
-		{"two holders", []string{"hold A", "hold A", "release A"}, nil, 1},
+		{"two users", []string{"hold A", "hold A", "release A"}, nil, 1},
 		{"both release", []string{"hold A", "hold A", "release A", "release A"}, []string{"A"}, 0},
-		{"kept by an explicit binding", []string{"keep A", "hold A", "release A"}, nil, 0},
+		{"pinned by an explicit binding", []string{"keep A", "hold A", "release A"}, nil, 0},
 		{"release without hold", []string{"release A"}, nil, 0},
-		{"held again after release", []string{"hold A", "release A", "hold A"}, []string{"A"}, 1},
+		{"counted again after release", []string{"hold A", "release A", "hold A"}, []string{"A"}, 1},
 		{"merchants apart", []string{"hold A", "hold B", "release B"}, []string{"B"}, 1},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -47,8 +48,8 @@ func TestSeries(t *testing.T) {
 			if !slices.Equal(removed, tt.removed) {
 				t.Errorf("removed %v, want %v", removed, tt.removed)
 			}
-			if len(s.wild) != tt.held {
-				t.Errorf("%d merchants held (%v), want %d", len(s.wild), s.wild, tt.held)
+			if len(s.wild) != tt.used {
+				t.Errorf("%d merchants with users (%v), want %d", len(s.wild), s.wild, tt.used)
 			}
 		})
 	}

@@ -10,7 +10,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
@@ -25,6 +24,7 @@ import (
 	gocache "github.com/patrickmn/go-cache"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // Config is a caller policy's settings. The file paths are read as given
@@ -164,13 +164,9 @@ func New(ctx context.Context, c Config) (*Policy, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
 	if c.CAFile != "" {
-		pem, err := os.ReadFile(c.CAFile)
+		pool, err := httpclient.CertPool(c.CAFile)
 		if err != nil {
 			return nil, fmt.Errorf("token_broker callers: ca_file: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("token_broker callers: ca_file %s: no PEM certificate in it", c.CAFile)
 		}
 		tr.TLSClientConfig.RootCAs = pool
 	}
@@ -209,7 +205,7 @@ func (p *Policy) verifierFor() (*oidc.IDTokenVerifier, error) {
 		return nil, fmt.Errorf("discovering the caller issuer %s: failed less than %s ago", p.issuer, discoveryRetry)
 	}
 	// Bounded: requests wait on this (one at a time), so a slow issuer
-	// must not hold them, and a failing one is not asked on every request.
+	// must not block them, and a failing one is not asked on every request.
 	dctx, cancel := context.WithTimeout(oidc.ClientContext(p.ctx, p.client), discoveryTimeout)
 	defer cancel()
 	prov, err := oidc.NewProvider(dctx, p.issuer)

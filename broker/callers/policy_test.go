@@ -100,7 +100,7 @@ func forge(t *testing.T, token string, i int, kid string) string {
 	return strings.Join(parts, ".")
 }
 
-// TestCallerKeysRefreshRateLimited is issue 12's acceptance: forged tokens
+// TestCallerKeysRefreshRateLimited: forged tokens
 // with a known kid cost at most one key-set fetch per refresh interval,
 // made-up kids at most one per unknownKidGap, and a key rotation at the
 // issuer is still picked up.

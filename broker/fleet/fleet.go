@@ -59,6 +59,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/internal/breaker"
 	"github.com/tokenbroker/caddy-token-broker/internal/seal"
+	"github.com/tokenbroker/caddy-token-broker/internal/spans"
 )
 
 // Defaults of Options.
@@ -67,10 +68,13 @@ const (
 	DefaultKeyPrefix = "token_broker:"
 	// DefaultTimeout bounds one Redis call.
 	DefaultTimeout = 50 * time.Millisecond
-	// DefaultLockTTL is the expiry of a key's fleet lock: longer than the
-	// broker's default fetch timeout, so a lock outlives the mint it
-	// guards unless its holder dies.
-	DefaultLockTTL = broker.DefaultFetchTimeout + 5*time.Second
+	// LockMargin is how much longer than a fetch timeout a fleet lock's
+	// expiry is by default, so that a lock outlives the mint it guards
+	// unless the node that took it dies.
+	LockMargin = 5 * time.Second
+	// DefaultLockTTL is the expiry of a key's fleet lock with the broker's
+	// default fetch timeout.
+	DefaultLockTTL = broker.DefaultFetchTimeout + LockMargin
 	// DefaultBreakerThreshold is how many Redis failures in a row open the
 	// breaker.
 	DefaultBreakerThreshold = 3
@@ -462,7 +466,7 @@ func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token)
 		var how string
 		return c.fetch(ctx, key, usable, mint, &how)
 	}
-	ctx, span := parent.TracerProvider().Tracer(tracerName).Start(ctx, l2SpanName, trace.WithSpanKind(trace.SpanKindInternal))
+	ctx, span := parent.TracerProvider().Tracer(spans.TracerName).Start(ctx, l2SpanName, trace.WithSpanKind(trace.SpanKindInternal))
 	defer span.End()
 	var how string
 	tok, adopted, err := c.fetch(ctx, key, usable, mint, &how)
@@ -472,16 +476,13 @@ func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token)
 		// contract) or from the context.
 		span.SetStatus(codes.Error, err.Error())
 	} else {
-		span.SetAttributes(attribute.String("token_broker.fingerprint", tok.Fingerprint()))
+		span.SetAttributes(spans.Fingerprint.String(tok.Fingerprint()))
 	}
 	return tok, adopted, err
 }
 
-// Span names of the shared tier.
-const (
-	tracerName = "github.com/tokenbroker/caddy-token-broker"
-	l2SpanName = "token_broker.l2"
-)
+// l2SpanName is the span of a lookup in the shared tier.
+const l2SpanName = "token_broker.l2"
 
 // fetch is Fetch; it sets *how to how the token was obtained.
 func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error), how *string) (broker.Token, bool, error) {

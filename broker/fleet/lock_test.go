@@ -8,15 +8,15 @@ import (
 )
 
 // TestLockWithoutExpiry: a lock key without expiry (set by hand, a bug, a
-// failover that lost it) no longer stalls its key until every lookup times
+// failover that lost it) does not stall its key until every lookup times
 // out: a token's lock is taken as expired, and a lookup takes the lock and
 // mints once; a refresh token's lock is given half the lock TTL, then
-// taken. The context is five times the lock TTL: before, the lookups
-// waited for it to end and failed.
+// taken. The context is five times the lock TTL, so a lookup that waited
+// for the context to end would fail.
 func TestLockWithoutExpiry(t *testing.T) {
 	for _, tt := range []struct {
 		name    string
-		grace   bool // the lock keeps half the lock TTL for a live holder
+		grace   bool // the lock keeps half the lock TTL for a live owner
 		subject func(n *node) string
 		take    func(n *node) error
 	}{

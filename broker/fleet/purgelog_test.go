@@ -80,10 +80,9 @@ func (p *proxy) setCut(cut bool) {
 }
 
 // TestPurgeMissedWhileDisconnected: a node's connection to Redis is cut
-// while another node purges a token it holds, so the announcement never
-// reaches it. Once it reconnects, it reads the purge back from the purge
-// log and drops the token. Before, it kept serving the token until it
-// expired.
+// while another node purges a token it has cached, so the announcement
+// never reaches it. Once it reconnects, it reads the purge back from the
+// purge log and drops the token rather than serve it until it expires.
 func TestPurgeMissedWhileDisconnected(t *testing.T) {
 	r := startRedis(t)
 	keys := testKeys(t, 1)

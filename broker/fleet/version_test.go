@@ -21,7 +21,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // TestPurgedTokenWrittenBackIsRefused: the sealed value of a purged token,
 // copied from Redis before the purge and written back to its key, opens
 // (it is the fleet's own ciphertext) but is older than the purge: the node
-// that purged, a node that held the token, and a node that only heard the
+// that purged, a node that cached the token, and a node that only heard the
 // purge announced all refuse it and mint a new token.
 func TestPurgedTokenWrittenBackIsRefused(t *testing.T) {
 	r := startRedis(t)
@@ -49,7 +49,7 @@ func TestPurgedTokenWrittenBackIsRefused(t *testing.T) {
 	for _, tt := range []struct {
 		name string
 		n    *node
-	}{{"the purging node", purger}, {"a node that held it", holder}, {"a node that heard the purge", listener}} {
+	}{{"the purging node", purger}, {"a node that cached it", holder}, {"a node that heard the purge", listener}} {
 		t.Run(tt.name, func(t *testing.T) {
 			if err := raw.Set(ctx, purger.tokenKey(testKey), copied, time.Hour).Err(); err != nil {
 				t.Fatal(err)

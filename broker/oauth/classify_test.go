@@ -9,8 +9,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
-// TestClassify: only a refused client authentication holds the whole
-// source; a merchant's refused or missing refresh token is that merchant's.
+// TestClassify: only a refused client authentication backs off the
+// whole source; a merchant's refused or missing refresh token is that merchant's.
 func TestClassify(t *testing.T) {
 	invalidClient := &broker.APIError{Provider: ProviderName, StatusCode: 401, Code: "invalid_client"}
 	invalidGrant := &broker.APIError{Provider: ProviderName, StatusCode: 400, Code: "invalid_grant"}

@@ -112,7 +112,7 @@ func TestLinkLimits(t *testing.T) {
 		{"pending links per merchant", LinkLimits{MaxPending: 2, MerchantPerMinute: 100, PerMinute: 100}, []step{
 			{merchant: "acme"}, {merchant: "acme", advance: time.Minute},
 			{merchant: "acme", reason: ReasonTooManyLinks, retry: DefaultLinkTTL - time.Minute},
-			{merchant: "globex"}, // another merchant is not held
+			{merchant: "globex"}, // another merchant is not limited
 			{merchant: "acme", advance: DefaultLinkTTL - time.Minute}, // the first expired
 			{merchant: "acme", reason: ReasonTooManyLinks, retry: time.Minute},
 		}},

@@ -292,7 +292,7 @@ func TestRefreshRotationAgainstZitadel(t *testing.T) {
 func TestRefreshConcurrent(t *testing.T) {
 	const n = 8
 	f := newRefreshFixture(t, ClientSecretBasic)
-	// The server holds the refresh until every call is in Token, waiting
+	// The server blocks the refresh until every call is in Token, waiting
 	// on the merchant's lock.
 	cs := &countingStore{MemoryStore: f.store, n: n, all: make(chan struct{})}
 	f.srv.BeforeToken = func(*http.Request) {

@@ -22,14 +22,14 @@ import (
 const DefaultRetryBodyLimit = 64 << 10
 
 // MaxRetryBodyLimit is the largest retry_body_limit accepted: each
-// retryable request in flight holds its body in memory.
+// retryable request in flight keeps its body in memory.
 const MaxRetryBodyLimit = 16 << 20
 
-// maxHeldBody is the largest 401 response body held back while the
+// maxBufferedBody is the largest 401 response body buffered while the
 // request is retried. A longer one is passed on to the caller as it comes
 // (the token is still purged, the request is not retried): the broker never
-// holds an unbounded upstream answer.
-const maxHeldBody = 64 << 10
+// buffers an unbounded upstream answer.
+const maxBufferedBody = 64 << 10
 
 // minPurgeAge: with Mode "any", a token younger than this is not purged.
 // Any 401 then counts, including ones a caller can provoke at will (a
@@ -140,31 +140,32 @@ func rejectsToken(mode string, status int, header http.Header) bool {
 }
 
 // rejectRecorder passes a response through to the client unless its status
-// and headers say the token was rejected (rejected): such a response is held
-// back in buf (held), up to maxHeldBody bytes, so that the request can be
-// sent again. With hold false, or past maxHeldBody, it is passed through and
+// and headers say the token was rejected (rejected): such a response is
+// buffered in buf (buffered), up to maxBufferedBody bytes, so that the
+// request can be sent again. With buffer false, or past maxBufferedBody, it
+// is passed through and
 // only rejected is recorded. Recorders are pooled: the request path
 // allocates nothing for them.
 type rejectRecorder struct {
 	http.ResponseWriter
 	mode        string // Retry.Mode
-	hold        bool   // the request can be retried: hold a rejection back
+	buffer      bool   // the request can be retried: buffer a rejection
 	status      int
 	rejected    bool // the upstream rejected the token
-	held        bool // the rejection is held back in buf
+	buffered    bool // the rejection is buffered in buf
 	wroteHeader bool
 	buf         bytes.Buffer
 }
 
 var recorderPool = sync.Pool{New: func() any { return new(rejectRecorder) }}
 
-// maxPooledBody is the largest held-response buffer kept for reuse.
+// maxPooledBody is the largest response buffer kept for reuse.
 const maxPooledBody = 64 << 10
 
 // reset prepares the recorder for an attempt written to w.
-func (rr *rejectRecorder) reset(w http.ResponseWriter, hold bool) {
-	rr.ResponseWriter, rr.hold = w, hold
-	rr.status, rr.rejected, rr.held, rr.wroteHeader = 0, false, false, false
+func (rr *rejectRecorder) reset(w http.ResponseWriter, buffer bool) {
+	rr.ResponseWriter, rr.buffer = w, buffer
+	rr.status, rr.rejected, rr.buffered, rr.wroteHeader = 0, false, false, false
 	rr.buf.Reset()
 }
 
@@ -179,8 +180,8 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 	rr.wroteHeader, rr.status = true, status
 	if rejectsToken(rr.mode, status, rr.Header()) {
 		rr.rejected = true
-		if rr.hold {
-			rr.held = true
+		if rr.buffer {
+			rr.buffered = true
 			return
 		}
 	}
@@ -189,11 +190,11 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 
 func (rr *rejectRecorder) Write(p []byte) (int, error) {
 	rr.WriteHeader(http.StatusOK)
-	if rr.held {
-		if rr.buf.Len()+len(p) <= maxHeldBody {
+	if rr.buffered {
+		if rr.buf.Len()+len(p) <= maxBufferedBody {
 			return rr.buf.Write(p)
 		}
-		if err := rr.release(); err != nil {
+		if err := rr.passOn(); err != nil {
 			return 0, err
 		}
 	}
@@ -202,8 +203,8 @@ func (rr *rejectRecorder) Write(p []byte) (int, error) {
 
 func (rr *rejectRecorder) ReadFrom(r io.Reader) (int64, error) {
 	rr.WriteHeader(http.StatusOK)
-	if rr.held {
-		// Through Write, which bounds what is held.
+	if rr.buffered {
+		// Through Write, which bounds what is buffered.
 		return io.Copy(struct{ io.Writer }{rr}, r)
 	}
 	if rf, ok := rr.ResponseWriter.(io.ReaderFrom); ok {
@@ -224,25 +225,25 @@ func (rr *rejectRecorder) Push(target string, opts *http.PushOptions) error {
 func (rr *rejectRecorder) Unwrap() http.ResponseWriter { return rr.ResponseWriter }
 
 // FlushError flushes a response that is passed through, and nothing of a
-// held one.
+// buffered one.
 func (rr *rejectRecorder) FlushError() error {
-	if rr.held {
+	if rr.buffered {
 		return nil
 	}
 	return http.NewResponseController(rr.ResponseWriter).Flush()
 }
 
-// release stops holding a rejection that grew past maxHeldBody: what was
-// held is sent, and the rest will follow as it comes.
-func (rr *rejectRecorder) release() error {
-	rr.held = false
-	err := rr.writeHeld()
+// passOn stops buffering a rejection that grew past maxBufferedBody: what
+// was buffered is sent, and the rest will follow as it comes.
+func (rr *rejectRecorder) passOn() error {
+	rr.buffered = false
+	err := rr.writeBuffered()
 	rr.buf.Reset()
 	return err
 }
 
-// writeHeld sends the held response as it was.
-func (rr *rejectRecorder) writeHeld() error {
+// writeBuffered sends the buffered response as it was.
+func (rr *rejectRecorder) writeBuffered() error {
 	rr.ResponseWriter.WriteHeader(rr.status)
 	_, err := rr.ResponseWriter.Write(rr.buf.Bytes())
 	return err
@@ -288,7 +289,7 @@ func (s *headerSnapshot) restore(h http.Header) {
 // fetch; a 401 to a request that did not carry it (a later handler removed
 // it) purges nothing. The request is then sent once more with the new
 // token, provided it is replayable (see replayBody) and the 401's body was
-// at most maxHeldBody bytes. Otherwise the caller gets the 401, except
+// at most maxBufferedBody bytes. Otherwise the caller gets the 401, except
 // when no new token can be had because the merchant must consent again:
 // Forward then writes nothing and returns a *ConsentError.
 func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
@@ -301,7 +302,7 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	}
 
 	// The first attempt's response headers land in w's header map even when
-	// its response is held back; keep what was there to start the retry
+	// its response is buffered; keep what was there to start the retry
 	// from it.
 	var before headerSnapshot
 	before.take(w.Header())
@@ -315,7 +316,7 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	defer func() {
 		rec.ResponseWriter = nil
 		if rec.buf.Cap() > maxPooledBody {
-			rec.buf = bytes.Buffer{} // do not keep a large held body's memory in the pool
+			rec.buf = bytes.Buffer{} // do not keep a large buffered body's memory in the pool
 		}
 		recorderPool.Put(rec)
 	}()
@@ -326,13 +327,13 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	rejected := e.Token()
 	if !out.Carries(r, e.Header()) {
 		rt.Tokens.Kept(b, rejected)
-		if rec.held {
-			return rec.writeHeld()
+		if rec.buffered {
+			return rec.writeBuffered()
 		}
 		return nil
 	}
 	rt.purge(b, rejected)
-	if !rec.held {
+	if !rec.buffered {
 		return nil // passed through: not replayable, or a long 401 body
 	}
 	fresh, err := rt.Tokens.Get(r.Context(), b)
@@ -344,7 +345,7 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		return &ConsentError{Err: err}
 	}
 	if err != nil || fresh.Token().Value == rejected.Value {
-		return rec.writeHeld() // nothing better to try: the caller gets the 401
+		return rec.writeBuffered() // nothing better to try: the caller gets the 401
 	}
 	before.restore(w.Header())
 	if rt.Isolate != nil {
@@ -358,7 +359,7 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		r.Body = io.NopCloser(bytes.NewReader(body))
 	}
 	// The retry is passed through; a rejection of the fresh token too is
-	// reported to the broker, which then holds the key's purges (the 401
+	// reported to the broker, which then pauses the key's purges (the 401
 	// is not about the token).
 	rec.reset(w, false)
 	if err := next.ServeHTTP(rec, r); err != nil || !rec.rejected {

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
@@ -43,6 +44,7 @@ func (f *fakeTokens) Accepted(_ *broker.Binding, v broker.Secret) { f.accepted =
 // bad is "*") and 200 otherwise; alter changes the request first.
 type upstream struct {
 	bad   string
+	plain bool // the 401 has no WWW-Authenticate
 	alter func(*http.Request)
 	seen  []string
 }
@@ -53,7 +55,9 @@ func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
 	}
 	u.seen = append(u.seen, r.Header.Get("Authorization"))
 	if u.bad == "*" || r.Header.Get("Authorization") == "Bearer "+u.bad {
-		w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+		if !u.plain {
+			w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+		}
 		w.WriteHeader(http.StatusUnauthorized)
 		return nil
 	}
@@ -65,11 +69,14 @@ func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
 // upstream answer and broker outcome.
 func TestRetryForward(t *testing.T) {
 	old := entry{broker.Token{Value: "old"}}
+	young := entry{broker.Token{Value: "old", IssuedAt: time.Now()}}
 	fresh := entry{broker.Token{Value: "new"}}
 	consent := &oauth.ConsentRequiredError{}
 	for _, tt := range []struct {
 		name       string
 		mode       string
+		first      Entry  // default old
+		body       string // default "body"
 		up         *upstream
 		fresh      Entry
 		err        error
@@ -91,15 +98,31 @@ func TestRetryForward(t *testing.T) {
 		{name: "401 without the token: kept", up: &upstream{bad: "*", alter: func(r *http.Request) { r.Header.Del("Authorization") }},
 			wantStatus: 401, wantSeen: []string{""}, wantEvents: []string{"kept old"}},
 		{name: "off", mode: "off", up: &upstream{bad: "old"}, wantStatus: 401, wantSeen: []string{"Bearer old"}},
+		{name: "plain 401: not about the token", up: &upstream{bad: "old", plain: true}, fresh: fresh, wantStatus: 401,
+			wantSeen: []string{"Bearer old"}},
+		{name: "any: plain 401 purges and retries", mode: "any", up: &upstream{bad: "old", plain: true}, fresh: fresh,
+			wantStatus: 200, wantSeen: []string{"Bearer old", "Bearer new"}, wantEvents: []string{"purge old", "get"}, wantOK: "new"},
+		{name: "any: a token younger than minPurgeAge is not purged", mode: "any", first: young,
+			up: &upstream{bad: "old", plain: true}, fresh: fresh, wantStatus: 200,
+			wantSeen: []string{"Bearer old", "Bearer new"}, wantEvents: []string{"get"}, wantOK: "new"},
+		{name: "body over the limit: purged, not retried", body: strings.Repeat("x", DefaultRetryBodyLimit+1),
+			up: &upstream{bad: "old"}, fresh: fresh, wantStatus: 401, wantSeen: []string{"Bearer old"}, wantEvents: []string{"purge old"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			tokens := &fakeTokens{fresh: tt.fresh, err: tt.err}
 			rt := Retry{Mode: tt.mode, Tokens: tokens}
 			out := Contract{Token: "Authorization"}
-			r := httptest.NewRequest("POST", "/pay", strings.NewReader("body"))
-			out.Prepare(r, old.Header())
+			first, body := tt.first, tt.body
+			if first == nil {
+				first = old
+			}
+			if body == "" {
+				body = "body"
+			}
+			r := httptest.NewRequest("POST", "/pay", strings.NewReader(body))
+			out.Prepare(r, first.Header())
 			w := httptest.NewRecorder()
-			err := rt.Forward(w, r, tt.up, out, &broker.Binding{}, old)
+			err := rt.Forward(w, r, tt.up, out, &broker.Binding{}, first)
 			if tt.wantErr != nil {
 				if !errors.As(err, tt.wantErr) {
 					t.Fatalf("err = %v, want %T", err, tt.wantErr)

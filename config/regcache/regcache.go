@@ -7,11 +7,11 @@
 // the same objects. When only those inputs changed, the providers are
 // resolved again from the files as parsed.
 //
-// The parsed files are kept by path and content: when one file of a
+// The parsed files are stored by path and content: when one file of a
 // registry split across several changes, a load parses that file only,
 // and merges it with the others as parsed before (again when an
 // environment variable its merchants read changed). A registry in the
-// cache holds its files; a file goes when no registry holds it.
+// cache refers to its files; a file goes when no registry refers to it.
 package regcache
 
 import (
@@ -24,7 +24,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// Cache holds registries and their parsed files while something uses
+// Cache stores registries and their parsed files while something uses
 // them (Load, Release). The zero value is not ready: use New. Safe for
 // concurrent use.
 type Cache struct {
@@ -38,7 +38,7 @@ func New() *Cache {
 	return &Cache{regs: map[string]*registry{}, files: map[string]*file{}}
 }
 
-// registry is a registry in the cache with the parsed files it holds. reg
+// registry is a registry in the cache with the parsed files it uses. reg
 // is replaced when an input it read changed; a registry handed out before
 // stays as it was.
 type registry struct {
@@ -83,7 +83,7 @@ func (c *Cache) Load(path string, opts config.Options, storeKey string) (reg *co
 		fmt.Fprintf(h, "%s\x00", fileKeys[i])
 	}
 	key = hex.EncodeToString(h.Sum(nil))
-	reg, parsed, err = c.hold(key, fileKeys).current(path, srcs, opts)
+	reg, parsed, err = c.use(key, fileKeys).current(path, srcs, opts)
 	if err != nil {
 		c.Release(key)
 		return nil, "", parsed, err
@@ -91,9 +91,9 @@ func (c *Cache) Load(path string, opts config.Options, storeKey string) (reg *co
 	return reg, key, parsed, nil
 }
 
-// hold returns the cached registry of key, adding it with its files if
+// use returns the cached registry of key, adding it with its files if
 // it is new, and counts one more use of it.
-func (c *Cache) hold(key string, fileKeys []string) *registry {
+func (c *Cache) use(key string, fileKeys []string) *registry {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	r := c.regs[key]
@@ -115,7 +115,7 @@ func (c *Cache) hold(key string, fileKeys []string) *registry {
 }
 
 // Release ends one use of the registry of key (from Load); the registry
-// and the files no other registry holds leave the cache with its last
+// and the files no other registry refers to leave the cache with its last
 // use.
 func (c *Cache) Release(key string) {
 	c.mu.Lock()

@@ -79,7 +79,7 @@ func TestLoadSplitRegistry(t *testing.T) {
 }
 
 // TestLoadReleasesFiles: the parsed files go with the last registry
-// that holds them.
+// that refers to them.
 func TestLoadReleasesFiles(t *testing.T) {
 	dir := t.TempDir()
 	writeSplitRegistry(t, dir, 2, 3, -1, "")
@@ -94,7 +94,7 @@ func TestLoadReleasesFiles(t *testing.T) {
 	}
 	c.Release(key)
 	for k, f := range c.files {
-		t.Errorf("file %s still held (%d references)", k, f.refs)
+		t.Errorf("file %s still cached (%d references)", k, f.refs)
 	}
 }
 

@@ -55,17 +55,27 @@ func (o TLSOptions) Config() (*tls.Config, error) {
 		cfg.Certificates = []tls.Certificate{cert}
 	}
 	if o.CAFile != "" {
-		pem, err := os.ReadFile(o.CAFile)
+		pool, err := CertPool(o.CAFile)
 		if err != nil {
-			return nil, fmt.Errorf("reading CA bundle: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("CA bundle %s holds no PEM certificate", o.CAFile)
+			return nil, fmt.Errorf("CA bundle: %w", err)
 		}
 		cfg.RootCAs = pool
 	}
 	return cfg, nil
+}
+
+// CertPool reads a PEM file of CA certificates into a pool. It fails when
+// the file cannot be read or contains no PEM certificate.
+func CertPool(file string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s: no PEM certificate in it", file)
+	}
+	return pool, nil
 }
 
 // New returns a client for a token API: its own connection pool, the given

@@ -7,12 +7,10 @@ package redisstore
 import (
 	"crypto/sha256"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -20,6 +18,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
@@ -50,7 +49,7 @@ type Settings struct {
 	// Timeout bounds each Redis call. Default fleet.DefaultTimeout.
 	Timeout time.Duration
 	// LockTTL is the expiry of a key's fleet lock, at least
-	// FetchTimeout. Default FetchTimeout plus 5s.
+	// FetchTimeout. Default FetchTimeout plus fleet.LockMargin.
 	LockTTL time.Duration
 	// FetchTimeout is the broker's fetch timeout. Default
 	// broker.DefaultFetchTimeout.
@@ -121,7 +120,7 @@ func Prepare(s Settings) (*Plan, error) {
 		s.FetchTimeout = broker.DefaultFetchTimeout
 	}
 	if s.LockTTL == 0 {
-		s.LockTTL = s.FetchTimeout + 5*time.Second
+		s.LockTTL = s.FetchTimeout + fleet.LockMargin
 	}
 	if s.LockTTL < s.FetchTimeout {
 		return nil, fmt.Errorf("lock_ttl %s is shorter than fetch_timeout %s: a slow mint would lose its lock and the fleet would mint twice; raise lock_ttl", s.LockTTL, s.FetchTimeout)
@@ -143,13 +142,9 @@ func Prepare(s Settings) (*Plan, error) {
 func (t *TLS) config() (*tls.Config, error) {
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
 	if t.CA != "" {
-		pem, err := os.ReadFile(t.CA)
+		pool, err := httpclient.CertPool(t.CA)
 		if err != nil {
 			return nil, fmt.Errorf("tls ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("tls ca %s: no PEM certificate in it", t.CA)
 		}
 		cfg.RootCAs = pool
 	}

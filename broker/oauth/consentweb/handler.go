@@ -34,7 +34,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
@@ -43,6 +42,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentpage"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/spans"
 )
 
 // Options are the parts of a Handler.
@@ -167,21 +167,11 @@ func outcomeOf(err error) (outcome, code string) {
 	return "error", ""
 }
 
-// tracerName is the instrumentation scope of the consent spans.
-const tracerName = "github.com/tokenbroker/caddy-token-broker"
-
-// Span attributes.
-const (
-	attrMerchant = attribute.Key("token_broker.merchant")
-	attrProvider = attribute.Key("token_broker.provider")
-	attrOutcome  = attribute.Key("token_broker.outcome")
-)
-
 // span starts a span for a consent step under the request's span.
 func (c *Handler) span(r *http.Request, provider, step string) (context.Context, trace.Span) {
 	parent := trace.SpanFromContext(r.Context())
-	return parent.TracerProvider().Tracer(tracerName).Start(r.Context(), "token_broker.consent."+step,
-		trace.WithAttributes(attrProvider.String(provider)))
+	return parent.TracerProvider().Tracer(spans.TracerName).Start(r.Context(), "token_broker.consent."+step,
+		trace.WithAttributes(spans.Provider.String(provider)))
 }
 
 // done records a step's outcome: metric, span and log, never a code,
@@ -189,7 +179,7 @@ func (c *Handler) span(r *http.Request, provider, step string) (context.Context,
 func (c *Handler) done(span trace.Span, provider, step, merchant string, err error) {
 	outcome, code := outcomeOf(err)
 	c.o.Steps.WithLabelValues(provider, step, outcome).Inc()
-	span.SetAttributes(attrMerchant.String(merchant), attrOutcome.String(outcome))
+	span.SetAttributes(spans.Merchant.String(merchant), spans.Outcome.String(outcome))
 	fields := []zap.Field{zap.String("provider", provider), zap.String("step", step), zap.String("merchant", merchant), zap.String("outcome", outcome)}
 	var le *oauth.LinkLimitError
 	switch {
