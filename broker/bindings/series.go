@@ -8,9 +8,9 @@ import (
 // Series keeps track of which merchants' per-merchant metrics series
 // exist, so that those of wildcard merchants follow the wildcard's active
 // set rather than every merchant id seen since start. A wildcard binding
-// is counted among its merchant's series users (Hold) until it is evicted
+// is counted among its merchant's series users (Use) until it is evicted
 // or its table discarded (Release): the last user's release deletes them,
-// unless an explicit merchant's binding pinned them (Keep). T is what a
+// unless an explicit merchant's binding pinned them (Pin). T is what a
 // binding counts into (its resolved counters).
 //
 // A Series is safe for concurrent use. Make it with NewSeries.
@@ -28,28 +28,28 @@ type seriesKey struct{ provider, merchant string }
 
 // NewSeries returns a Series that resolves a merchant's series with
 // resolve and deletes them with remove. Both are called under the
-// Series' lock: series resolved by Hold are never deleted while a
-// binding counted by Hold uses them, nor ever once resolved by Keep.
+// Series' lock: series resolved by Use are never deleted while a
+// binding counted by Use uses them, nor ever once resolved by Pin.
 func NewSeries[T any](resolve func(provider, merchant string) T, remove func(provider, merchant string)) *Series[T] {
 	return &Series[T]{resolve: resolve, remove: remove,
 		wild: map[seriesKey]int{}, explicit: map[seriesKey]struct{}{}}
 }
 
-// Hold resolves the series of a new wildcard binding's merchant and
+// Use resolves the series of a new wildcard binding's merchant and
 // counts the binding among their users.
-func (s *Series[T]) Hold(provider, merchant string) T {
+func (s *Series[T]) Use(provider, merchant string) T {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.wild[seriesKey{provider, merchant}]++
 	return s.resolve(provider, merchant)
 }
 
-// Keep resolves the series of an explicit merchant's binding and pins
+// Pin resolves the series of an explicit merchant's binding and pins
 // them for good: the merchant may be served through a wildcard in another
 // config, whose release must not delete the series this binding counts
 // into. The ids are copied: they may point into a registry's file, which
 // must not stay alive after its config is discarded.
-func (s *Series[T]) Keep(provider, merchant string) T {
+func (s *Series[T]) Pin(provider, merchant string) T {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if _, ok := s.explicit[seriesKey{provider, merchant}]; !ok {
@@ -58,9 +58,9 @@ func (s *Series[T]) Keep(provider, merchant string) T {
 	return s.resolve(provider, merchant)
 }
 
-// Release is the end of a wildcard binding that Hold counted (evicted, or
+// Release is the end of a wildcard binding that Use counted (evicted, or
 // its table discarded): the last one deletes the merchant's series,
-// unless Keep pinned them. A request still using the evicted binding may
+// unless Pin pinned them. A request still using the evicted binding may
 // count once more into a deleted series, which then exists until a
 // binding of the merchant is counted and released again.
 func (s *Series[T]) Release(provider, merchant string) {

@@ -7,7 +7,7 @@ import (
 
 // TestSeries: a wildcard merchant's series are removed when its last
 // user releases them, never while another uses them, never when an
-// explicit binding pinned them (Keep); a release without a Hold removes
+// explicit binding pinned them (Pin); a release without a Use removes
 // nothing.
 func TestSeries(t *testing.T) {
 	for _, tt := range []struct {
@@ -38,9 +38,9 @@ func TestSeries(t *testing.T) {
 				op, id := step[:len(step)-2], step[len(step)-1:]
 				switch op {
 				case "hold":
-					s.Hold("p", id)
+					s.Use("p", id)
 				case "keep":
-					s.Keep("p", id)
+					s.Pin("p", id)
 				case "release":
 					s.Release("p", id)
 				}

@@ -93,8 +93,8 @@ func (r *Recorder) Released(b *bindings.Binding) {
 // lookup counters. Without the merchant label, the bindings of one
 // provider share one observer (no heap object per binding). With it, a
 // new wildcard binding (hold) is counted among its merchant's holders
-// (bindings.Series.Hold), which the table releases, and an explicit
-// binding's series are kept for good (bindings.Series.Keep).
+// (bindings.Series.Use), which the table releases, and an explicit
+// binding's series are kept for good (bindings.Series.Pin).
 func (r *Recorder) observerFor(b *bindings.Binding, hold bool) broker.Observer {
 	if r == nil || r.metrics == nil {
 		return &Observer{r: r}
@@ -103,9 +103,9 @@ func (r *Recorder) observerFor(b *bindings.Binding, hold bool) broker.Observer {
 	if m.merchantLabel {
 		switch {
 		case hold:
-			return &Observer{r: r, lookups: m.series.Hold(b.Provider.Name, b.Merchant)}
+			return &Observer{r: r, lookups: m.series.Use(b.Provider.Name, b.Merchant)}
 		case !b.Wild():
-			return &Observer{r: r, lookups: m.series.Keep(b.Provider.Name, b.Merchant)}
+			return &Observer{r: r, lookups: m.series.Pin(b.Provider.Name, b.Merchant)}
 		}
 		return &Observer{r: r, lookups: m.lookupCounters(b.Provider.Name, b.Merchant)}
 	}

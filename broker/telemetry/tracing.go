@@ -3,30 +3,18 @@ package telemetry
 import (
 	"context"
 
-	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/internal/spans"
 )
 
-// tracerName is the instrumentation scope of the broker's spans.
-const tracerName = "github.com/tokenbroker/caddy-token-broker"
-
-// Span and attribute names. The token itself is never an attribute; its
-// fingerprint is.
-const (
-	tokenSpanName    = "token_broker.token"
-	attrMerchant     = attribute.Key("token_broker.merchant")
-	attrProvider     = attribute.Key("token_broker.provider")
-	attrScopesCount  = attribute.Key("token_broker.scopes.count")
-	attrCache        = attribute.Key("token_broker.cache")
-	attrOutcome      = attribute.Key("token_broker.outcome")
-	attrFingerprint  = attribute.Key("token_broker.fingerprint")
-	attrOrganisation = attribute.Key("token_broker.organisation")
-)
+// tokenSpanName is the span of a token lookup. The token itself is never
+// an attribute; its fingerprint is.
+const tokenSpanName = "token_broker.token"
 
 // Token gets the binding's token from br. When the request is traced (a
 // recording span in ctx), the lookup gets a span "token_broker.token"
@@ -38,25 +26,25 @@ func Token(ctx context.Context, br *broker.Broker, b *bindings.Binding) (*broker
 	if !parent.IsRecording() {
 		return br.Get(ctx, &b.Binding)
 	}
-	ctx, span := parent.TracerProvider().Tracer(tracerName).Start(ctx, tokenSpanName,
+	ctx, span := parent.TracerProvider().Tracer(spans.TracerName).Start(ctx, tokenSpanName,
 		trace.WithSpanKind(trace.SpanKindInternal),
 		trace.WithAttributes(
-			attrMerchant.String(b.Merchant),
-			attrProvider.String(b.Provider.Name),
-			attrOrganisation.String(b.Organisation),
-			attrScopesCount.Int(len(b.Scopes)),
+			spans.Merchant.String(b.Merchant),
+			spans.Provider.String(b.Provider.Name),
+			spans.Organisation.String(b.Organisation),
+			spans.ScopesCount.Int(len(b.Scopes)),
 		))
 	defer span.End()
 	e, res, err := br.Get(ctx, &b.Binding)
 	if err != nil {
 		code := errcode.Classify(err).String()
-		span.SetAttributes(attrCache.String(res.String()), attrOutcome.String(code))
+		span.SetAttributes(spans.Cache.String(res.String()), spans.Outcome.String(code))
 		// Errors never carry a credential or a token (broker.Source's contract).
 		span.SetStatus(codes.Error, code)
 		span.RecordError(err)
 		return e, res, err
 	}
-	span.SetAttributes(attrCache.String(res.String()), attrOutcome.String(OutcomeOK),
-		attrFingerprint.String(e.Fingerprint()))
+	span.SetAttributes(spans.Cache.String(res.String()), spans.Outcome.String(OutcomeOK),
+		spans.Fingerprint.String(e.Fingerprint()))
 	return e, res, nil
 }
