@@ -188,7 +188,7 @@ func (a *App) validate() error {
 // as {env.TOKEN_BROKER_CONFIG}. Refresh tokens are kept in Caddy's storage.
 func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
-	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore{s: ctx.Storage()}, ConsentStore: storagePending{s: ctx.Storage()}})
+	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore(ctx.Storage()), ConsentStore: storagePending(ctx.Storage())})
 	if err != nil {
 		return nil, registryError(err)
 	}

@@ -44,7 +44,7 @@ func init() {
 // The consents in progress live in Caddy's storage, sealed: several
 // instances with several callback domains share them when they share the
 // storage (as they must for the refresh tokens), and they survive reloads
-// and restarts; expired ones are swept (see storagePending).
+// and restarts; expired ones are swept (see kvstore.Pending).
 type Consent struct {
 	// Provider is the name of the provider (in the registry) whose consents
 	// this handler runs. Required without Links; with Links it is
@@ -115,7 +115,7 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 	}
 	c.web, err = consentweb.New(consentweb.Options{Provider: c.Provider, Links: c.Links, Registry: app.registry,
 		Broker: app.broker, Gate: consentGate{app: app}, Pages: pages,
-		Results: &consentpage.Results{Store: storagePending{s: ctx.Storage()}}, Steps: c.metrics.steps, Logger: ctx.Logger()})
+		Results: &consentpage.Results{Store: storagePending(ctx.Storage())}, Steps: c.metrics.steps, Logger: ctx.Logger()})
 	if err != nil {
 		return fmt.Errorf("token_broker_consent: %w", err)
 	}

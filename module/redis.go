@@ -174,7 +174,7 @@ func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
 	if a.fleet != nil {
 		return a.fleet.Cache.Store()
 	}
-	return storageStore{s: ctx.Storage()}
+	return storageStore(ctx.Storage())
 }
 
 // loadRegistryStore is loadRegistry with the refresh tokens in store and
@@ -182,7 +182,7 @@ func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
 // reloads (regcache.go) and key is its pool key.
 func loadRegistryStore(ctx caddy.Context, path string, store oauth.Store, storeKey string) (reg *config.Registry, key string, err error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
-	return loadPooled(ctx.Logger(), path, config.Options{RefreshStore: store, ConsentStore: storagePending{s: ctx.Storage()}}, storeKey+" consents in "+storageID(ctx.Storage()))
+	return loadPooled(ctx.Logger(), path, config.Options{RefreshStore: store, ConsentStore: storagePending(ctx.Storage())}, storeKey+" consents in "+storageID(ctx.Storage()))
 }
 
 // parseRedis reads the redis block of the token_broker global option.
