@@ -16,6 +16,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
+	"github.com/tokenbroker/caddy-token-broker/broker/command"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -190,7 +191,7 @@ func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
 	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore(ctx.Storage()), ConsentStore: storagePending(ctx.Storage())})
 	if err != nil {
-		return nil, registryError(err)
+		return nil, command.RegistryError(err)
 	}
 	return reg, nil
 }
