@@ -79,20 +79,8 @@ type RedisConfig struct {
 	LockTTL caddy.Duration `json:"lock_ttl,omitempty"`
 }
 
-// RedisTLS configures TLS to Redis.
-type RedisTLS struct {
-	// CA is a PEM file of the certificate authorities that sign the Redis
-	// server's certificate. Default: the system roots.
-	CA string `json:"ca,omitempty"`
-	// Cert is a PEM client certificate file, for Redis servers that require
-	// one (with Key).
-	Cert string `json:"cert,omitempty"`
-	// Key is the PEM private key file of Cert.
-	Key string `json:"key,omitempty"`
-	// ServerName is the name expected in the server's certificate. Default:
-	// the host of the address.
-	ServerName string `json:"server_name,omitempty"`
-}
+// RedisTLS configures TLS to Redis (redisstore.TLS).
+type RedisTLS = redisstore.TLS
 
 // fleetTier is a shared tier kept across reloads in fleets while the
 // Redis settings do not change.
@@ -119,11 +107,8 @@ func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, l
 		return out, nil
 	}
 	s := redisstore.Settings{Address: r.Address, MasterName: r.MasterName, DB: r.DB, KeyPrefix: r.KeyPrefix,
-		PlainKeys: r.HashKeys != nil && !*r.HashKeys, Timeout: time.Duration(r.Timeout), LockTTL: time.Duration(r.LockTTL),
+		TLS: r.TLS, PlainKeys: r.HashKeys != nil && !*r.HashKeys, Timeout: time.Duration(r.Timeout), LockTTL: time.Duration(r.LockTTL),
 		FetchTimeout: fetchTimeout}
-	if r.TLS != nil {
-		s.TLS = &redisstore.TLS{CA: r.TLS.CA, Cert: r.TLS.Cert, Key: r.TLS.Key, ServerName: r.TLS.ServerName}
-	}
 	var err error
 	if s.Username, err = resolve("username", r.Username); err != nil {
 		return nil, "", err
