@@ -114,7 +114,7 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 		return err
 	}
 	c.web, err = consentweb.New(consentweb.Options{Provider: c.Provider, Links: c.Links, Registry: app.registry,
-		Broker: app.broker, Gate: consentGate{app: app}, Pages: pages,
+		Broker: app.broker, Gate: app.consentGate(), Pages: pages,
 		Results: &consentpage.Results{Store: storagePending(ctx.Storage())}, Steps: c.metrics.steps, Logger: ctx.Logger()})
 	if err != nil {
 		return fmt.Errorf("token_broker_consent: %w", err)
@@ -127,37 +127,6 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 func (c *Consent) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	caddyhttp.SetVar(r.Context(), caddyhttp.LogSkipVar, true)
 	c.web.ServeHTTP(w, r)
-	return nil
-}
-
-// consentGate admits the requests of the links API with the app's site
-// check and caller policy, as the token_broker handler does.
-type consentGate struct{ app *App }
-
-// Site implements consentweb.Gate.
-func (g consentGate) Site(r *http.Request) *consentweb.Refusal {
-	code, err := g.app.site.Check(r)
-	if code == 0 {
-		return nil
-	}
-	return &consentweb.Refusal{Status: code.Status(), Code: code.String(), Message: code.Message(""), Err: err}
-}
-
-// Caller implements consentweb.Gate.
-func (g consentGate) Caller(r *http.Request, merchant string) *consentweb.Refusal {
-	pol := g.app.Callers
-	if pol == nil {
-		return nil
-	}
-	sub, cerr := pol.policy.Authenticate(r)
-	if cerr != nil {
-		return &consentweb.Refusal{Status: cerr.Code.Status(), Code: cerr.Code.String(),
-			Message: "the caller must present a valid JWT from the trusted issuer as a Bearer token"}
-	}
-	if !pol.policy.Allows(sub, merchant) {
-		return &consentweb.Refusal{Status: http.StatusForbidden, Code: "merchant_not_allowed",
-			Message: fmt.Sprintf("caller %q may not act for merchant %q", sub, merchant)}
-	}
 	return nil
 }
 
