@@ -99,32 +99,12 @@ var fleets = caddy.NewUsagePool()
 // (pooled) shared tier and the key to release it with.
 func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, logger *zap.Logger) (*fleetTier, string, error) {
 	repl := caddy.NewReplacer()
-	resolve := func(field, v string) (string, error) {
-		out, err := repl.ReplaceOrErr(v, true, true)
-		if err != nil {
-			return "", fmt.Errorf("token_broker: redis: %s: %w", field, err)
-		}
-		return out, nil
-	}
-	s := redisstore.Settings{Address: r.Address, MasterName: r.MasterName, DB: r.DB, KeyPrefix: r.KeyPrefix,
-		TLS: r.TLS, PlainKeys: r.HashKeys != nil && !*r.HashKeys, Timeout: time.Duration(r.Timeout), LockTTL: time.Duration(r.LockTTL),
-		FetchTimeout: fetchTimeout}
-	var err error
-	if s.Username, err = resolve("username", r.Username); err != nil {
-		return nil, "", err
-	}
-	if s.Password, err = resolve("password", r.Password); err != nil {
-		return nil, "", err
-	}
-	if s.EncryptionKey, err = resolve("encryption_key", r.EncryptionKey); err != nil {
-		return nil, "", err
-	}
-	for i, k := range r.EncryptionKeysOld {
-		v, err := resolve(fmt.Sprintf("encryption_keys_old[%d]", i), k)
-		if err != nil {
-			return nil, "", err
-		}
-		s.EncryptionKeysOld = append(s.EncryptionKeysOld, v)
+	s, err := redisstore.Settings{Address: r.Address, MasterName: r.MasterName, Username: r.Username, Password: r.Password,
+		DB: r.DB, TLS: r.TLS, KeyPrefix: r.KeyPrefix, EncryptionKey: r.EncryptionKey, EncryptionKeysOld: r.EncryptionKeysOld,
+		PlainKeys: r.HashKeys != nil && !*r.HashKeys, Timeout: time.Duration(r.Timeout), LockTTL: time.Duration(r.LockTTL),
+		FetchTimeout: fetchTimeout}.Resolve(func(v string) (string, error) { return repl.ReplaceOrErr(v, true, true) })
+	if err != nil {
+		return nil, "", fmt.Errorf("token_broker: redis: %w", err)
 	}
 	plan, err := redisstore.Prepare(s)
 	if err != nil {
