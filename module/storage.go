@@ -1,9 +1,7 @@
 package module
 
 import (
-	"context"
 	"fmt"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
@@ -37,17 +35,14 @@ func storagePending(s certmagic.Storage) kvstore.Pending {
 // kept across reloads.
 var pendingSweepers = caddy.NewUsagePool()
 
-// pendingSweeper deletes the expired consents of a storage every
-// oauth.PendingSweepInterval, until destructed.
+// pendingSweeper is a kvstore.Sweeper in pendingSweepers.
 type pendingSweeper struct {
-	cancel context.CancelFunc
-	done   chan struct{}
+	*kvstore.Sweeper
 }
 
 // Destruct stops the sweeper.
-func (p *pendingSweeper) Destruct() error {
-	p.cancel()
-	<-p.done
+func (p pendingSweeper) Destruct() error {
+	p.Stop()
 	return nil
 }
 
@@ -66,26 +61,7 @@ func startPendingSweeper(ctx caddy.Context, logger *zap.Logger) (string, error) 
 	st, id := storagePending(ctx.Storage()), storageID(ctx.Storage())
 	key := "consent sweeper " + id
 	_, _, err := pendingSweepers.LoadOrNew(key, func() (caddy.Destructor, error) {
-		sctx, cancel := context.WithCancel(context.Background())
-		p := &pendingSweeper{cancel: cancel, done: make(chan struct{})}
-		go func() {
-			defer close(p.done)
-			t := time.NewTicker(oauth.PendingSweepInterval)
-			defer t.Stop()
-			for {
-				if deleted, left, err := st.Sweep(sctx, time.Now()); err != nil && sctx.Err() == nil {
-					logger.Warn("sweeping the expired consents", zap.String("storage", id), zap.Error(err))
-				} else if deleted > 0 {
-					logger.Debug("expired consents deleted", zap.Int("deleted", deleted), zap.Int("pending", left))
-				}
-				select {
-				case <-sctx.Done():
-					return
-				case <-t.C:
-				}
-			}
-		}()
-		return p, nil
+		return pendingSweeper{kvstore.StartSweeper(st, oauth.PendingSweepInterval, logger, id)}, nil
 	})
 	return key, err
 }
