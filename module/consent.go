@@ -201,6 +201,7 @@ func (c *Consent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
+	pages := map[string]*string{"partner": &c.Partner, "logo": &c.Logo, "accent": &c.Accent, "lang": &c.Lang, "templates": &c.Templates}
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		if err := once(d, seen); err != nil {
@@ -224,18 +225,7 @@ func (c *Consent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if d.NextArg() {
 				return d.Errf("%s takes one value (quote a value with spaces)", name)
 			}
-			switch name {
-			case "partner":
-				c.Partner = v
-			case "logo":
-				c.Logo = v
-			case "accent":
-				c.Accent = v
-			case "lang":
-				c.Lang = v
-			case "templates":
-				c.Templates = v
-			}
+			*pages[name] = v
 		default:
 			return d.Errf("unrecognized subdirective '%s'", d.Val())
 		}

@@ -156,6 +156,8 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 		return nil, d.ArgErr()
 	}
 	r := &RedisConfig{}
+	fields := map[string]*string{"master_name": &r.MasterName, "username": &r.Username, "password": &r.Password,
+		"key_prefix": &r.KeyPrefix, "encryption_key": &r.EncryptionKey}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
@@ -186,23 +188,17 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 		if err != nil {
 			return nil, err
 		}
+		if field, ok := fields[sub]; ok {
+			*field = v
+			continue
+		}
 		switch sub {
-		case "master_name":
-			r.MasterName = v
-		case "username":
-			r.Username = v
-		case "password":
-			r.Password = v
 		case "db":
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 0 {
 				return nil, d.Errf("db '%s': want a database number such as 0", v)
 			}
 			r.DB = n
-		case "key_prefix":
-			r.KeyPrefix = v
-		case "encryption_key":
-			r.EncryptionKey = v
 		case "hash_keys":
 			b, err := strconv.ParseBool(v)
 			if err != nil {
@@ -238,6 +234,7 @@ func parseRedisTLS(d *caddyfile.Dispenser) (*RedisTLS, error) {
 		return nil, d.ArgErr()
 	}
 	t := &RedisTLS{}
+	fields := map[string]*string{"ca": &t.CA, "cert": &t.Cert, "key": &t.Key, "server_name": &t.ServerName}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
@@ -248,18 +245,11 @@ func parseRedisTLS(d *caddyfile.Dispenser) (*RedisTLS, error) {
 		if err != nil {
 			return nil, err
 		}
-		switch sub {
-		case "ca":
-			t.CA = v
-		case "cert":
-			t.Cert = v
-		case "key":
-			t.Key = v
-		case "server_name":
-			t.ServerName = v
-		default:
+		field, ok := fields[sub]
+		if !ok {
 			return nil, d.Errf("unrecognized redis tls subdirective '%s'", sub)
 		}
+		*field = v
 	}
 	return t, nil
 }
