@@ -13,7 +13,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
 )
 
-// Storage is the part of certmagic.Storage the stores use. Load, Stat
+// Storage is the part of certmagic.Storage the stores use. Load
 // and List fail with an error wrapping fs.ErrNotExist for a missing key;
 // Lock blocks until name is locked across the instances sharing the
 // storage. It is safe for concurrent use.
