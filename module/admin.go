@@ -12,8 +12,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
-	"github.com/tokenbroker/caddy-token-broker/broker/listing"
-	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -115,9 +113,9 @@ func (adminAPI) merchant(w http.ResponseWriter, r *http.Request) error {
 	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge or revoke", action)}
 }
 
-// provider serves GET /token_broker/providers/{name}/organisations: the
-// organisations linked to the partner at a Nuapay provider, to find the
-// encodedOrganisationId of a new merchant.
+// provider serves GET /token_broker/providers/{name}/organisations
+// (adminapi.Organisations) and POST, which reads again the list that
+// restricts the wildcard merchant entry (adminapi.RefreshListing).
 func (adminAPI) provider(w http.ResponseWriter, r *http.Request) error {
 	name, action, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/token_broker/providers/"), "/")
 	if action != "organisations" {
@@ -131,37 +129,27 @@ func (adminAPI) provider(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if r.Method == http.MethodPost {
-		return refreshListing(w, r, app, name)
+		n, err := adminapi.RefreshListing(r.Context(), app.listing, name)
+		if err != nil {
+			return apiError(err)
+		}
+		return writeJSON(w, map[string]any{"provider": name, "organisations": n, "refreshed": true})
 	}
-	if app.registry == nil || app.registry.Providers[name] == nil {
-		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("provider %q is not in the registry", name)}
-	}
-	lister, ok := app.registry.Providers[name].Source.(listing.OrganisationLister)
-	if !ok {
-		return caddy.APIError{HTTPStatus: http.StatusConflict, Err: fmt.Errorf("provider %q is not a Nuapay provider", name)}
-	}
-	var orgs []nuapay.Organisation
-	if err := lister.EachOrganisation(r.Context(), nuapay.ListLimits{}, func(o nuapay.Organisation) { orgs = append(orgs, o) }); err != nil {
-		return caddy.APIError{HTTPStatus: http.StatusBadGateway, Err: fmt.Errorf("listing the organisations of %q: %w", name, err)}
+	orgs, err := adminapi.Organisations(r.Context(), app.registry, name)
+	if err != nil {
+		return apiError(err)
 	}
 	return writeJSON(w, map[string]any{"provider": name, "organisations": orgs})
 }
 
-// refreshListing serves POST /token_broker/providers/{name}/organisations:
-// the organisations list that restricts the wildcard merchant entry is read
-// again now. On failure the last good list stays in force (502).
-func refreshListing(w http.ResponseWriter, r *http.Request, app *App, name string) error {
-	l := app.listing
-	if l == nil || l.Provider() != name {
-		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed,
-			Err: fmt.Errorf("method not allowed: use GET; POST refreshes the list of a provider that restricts the wildcard merchant entry (only_listed_organisations), which %q does not", name)}
+// apiError is the admin API's answer to err: an adminapi.Error's status,
+// else 500.
+func apiError(err error) error {
+	var ae *adminapi.Error
+	if errors.As(err, &ae) {
+		return caddy.APIError{HTTPStatus: ae.Status, Err: ae.Err}
 	}
-	n, err := l.Refresh(r.Context())
-	if err != nil {
-		return caddy.APIError{HTTPStatus: http.StatusBadGateway,
-			Err: fmt.Errorf("listing the organisations of %q: %w (the last good list stays in force)", name, err)}
-	}
-	return writeJSON(w, map[string]any{"provider": name, "organisations": n, "refreshed": true})
+	return err
 }
 
 // setRefreshToken serves PUT /token_broker/merchants/{id}/refresh_token
@@ -169,11 +157,7 @@ func refreshListing(w http.ResponseWriter, r *http.Request, app *App, name strin
 func setRefreshToken(w http.ResponseWriter, r *http.Request, app *App, merchant string) error {
 	provider, fingerprint, err := adminapi.SetRefreshToken(r, app.registry, app.broker, merchant)
 	if err != nil {
-		var ae *adminapi.Error
-		if errors.As(err, &ae) {
-			return caddy.APIError{HTTPStatus: ae.Status, Err: ae.Err}
-		}
-		return err
+		return apiError(err)
 	}
 	app.logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", provider),
 		zap.String("fingerprint", fingerprint))

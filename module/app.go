@@ -1,11 +1,8 @@
 package module
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"slices"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -13,9 +10,10 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
+	"github.com/tokenbroker/caddy-token-broker/broker/command"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
+	"github.com/tokenbroker/caddy-token-broker/broker/reload"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -158,15 +156,15 @@ func (a *App) Provision(ctx caddy.Context) error {
 		opts.Shared = a.fleet.Cache
 	}
 	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
-		return &pooledBroker{Broker: broker.New(opts), logger: a.logger}, nil
+		return &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.logger}}, nil
 	})
 	if err != nil {
 		return err
 	}
 	pb := val.(*pooledBroker)
 	pb.revokeOnShutdown.Store(a.RevokeOnShutdown)
-	a.broker, a.pooled = pb.Broker, pb
-	pb.secretsSeen(a.registry)
+	a.broker, a.pooled = pb.Broker.Broker, pb
+	pb.SecretsSeen(a.registry)
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
 	if a.metrics, err = loadMetrics(ctx.GetMetricsRegistry(), merchantLabel); err != nil {
 		return err
@@ -189,9 +187,9 @@ func (a *App) validate() error {
 // as {env.TOKEN_BROKER_CONFIG}. Refresh tokens are kept in Caddy's storage.
 func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
-	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore{s: ctx.Storage()}, ConsentStore: storagePending{s: ctx.Storage()}})
+	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore(ctx.Storage()), ConsentStore: storagePending(ctx.Storage())})
 	if err != nil {
-		return nil, registryError(err)
+		return nil, command.RegistryError(err)
 	}
 	return reg, nil
 }
@@ -238,43 +236,12 @@ func (a *App) Cleanup() error {
 // their settings.
 var brokers = caddy.NewUsagePool()
 
-// pooledBroker is a broker in the pool. Its Destruct runs when the last
-// config using it is gone: at shutdown, or when a reload changes the cache
-// settings.
+// pooledBroker is a broker in the pool (reload.Broker). Its Destruct runs
+// when the last config using it is gone: at shutdown, or when a reload
+// changes the cache settings.
 type pooledBroker struct {
-	*broker.Broker
+	*reload.Broker
 	revokeOnShutdown atomic.Bool
-	logger           *zap.Logger
-
-	mu        sync.Mutex
-	inherited []*broker.Entry // tokens of the brokers that reloads replaced
-	// secretVersions is the config.Provider.SecretVersion last seen per
-	// provider ID, so that a reload with a rotated secret (same ID)
-	// forgets the failures of the old one.
-	secretVersions map[string]string
-}
-
-// secretsSeen records the secret version of every provider of reg and
-// forgets the failure policy's memory of those whose secret changed since
-// the broker last saw them (see broker.ForgetSource).
-func (p *pooledBroker) secretsSeen(reg *config.Registry) {
-	if reg == nil {
-		return
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.secretVersions == nil {
-		p.secretVersions = map[string]string{}
-	}
-	for name, pv := range reg.Providers {
-		old, seen := p.secretVersions[pv.ID]
-		p.secretVersions[pv.ID] = pv.SecretVersion
-		if seen && old != pv.SecretVersion {
-			n := p.ForgetSource(pv.ID)
-			p.logger.Info("provider secret changed: its remembered failures are forgotten",
-				zap.String("provider", name), zap.String("source", pv.ID), zap.Int("keys", n))
-		}
-	}
 }
 
 // shuttingDown reports whether Caddy is stopping for good (the process
@@ -282,51 +249,18 @@ func (p *pooledBroker) secretsSeen(reg *config.Registry) {
 // reloading. A variable for tests.
 var shuttingDown = func() bool { return caddy.Exiting() || caddy.ActiveContext().Context == nil }
 
-// inherit takes over the tokens of a broker that a reload replaced, so
-// that they are revoked at shutdown (if still valid then) like this
-// broker's own.
-func (p *pooledBroker) inherit(entries []*broker.Entry) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	now := time.Now()
-	p.inherited = slices.DeleteFunc(p.inherited, func(e *broker.Entry) bool { return !e.Token().ValidAt(now, 0) })
-	p.inherited = append(p.inherited, entries...)
-}
-
-// tokens are the broker's cached tokens and the inherited ones still valid.
-func (p *pooledBroker) tokens() []*broker.Entry {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	out := p.Entries()
-	now := time.Now()
-	for _, e := range p.inherited {
-		if e.Token().ValidAt(now, 0) {
-			out = append(out, e)
-		}
-	}
-	return out
-}
-
 // Destruct closes the broker. A reload never revokes: the running app's
 // broker inherits the tokens, to revoke them at shutdown. At shutdown,
 // with revoke_on_shutdown, the tokens are revoked at their providers.
 func (p *pooledBroker) Destruct() error {
 	defer p.Close()
-	entries := p.tokens()
+	entries := p.Tokens()
 	if next := current.Load(); next != nil && next.pooled != nil && next.pooled != p {
-		next.pooled.inherit(entries)
+		next.pooled.Inherit(entries)
 		return nil
 	}
-	if !p.revokeOnShutdown.Load() || !shuttingDown() {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for _, res := range adminapi.Revoke(ctx, entries) {
-		if p.logger != nil {
-			p.logger.Info("token revoked at shutdown", zap.String("merchant", res.Merchant),
-				zap.String("fingerprint", res.Fingerprint), zap.Bool("revoked", res.Revoked), zap.String("error", res.Error))
-		}
+	if p.revokeOnShutdown.Load() && shuttingDown() {
+		p.Revoke(entries)
 	}
 	return nil
 }

@@ -220,6 +220,8 @@ func parseCallers(d *caddyfile.Dispenser) (*CallerPolicy, error) {
 		return nil, d.ArgErr()
 	}
 	p := &CallerPolicy{Allow: map[string][]string{}}
+	fields := map[string]*string{"issuer": &p.Issuer, "audience": &p.Audience, "jwks_url": &p.JWKSURL,
+		"jwks_file": &p.JWKSFile, "ca_file": &p.CAFile}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
@@ -238,17 +240,11 @@ func parseCallers(d *caddyfile.Dispenser) (*CallerPolicy, error) {
 		if err != nil {
 			return nil, err
 		}
+		if field, ok := fields[sub]; ok {
+			*field = v
+			continue
+		}
 		switch sub {
-		case "issuer":
-			p.Issuer = v
-		case "audience":
-			p.Audience = v
-		case "jwks_url":
-			p.JWKSURL = v
-		case "jwks_file":
-			p.JWKSFile = v
-		case "ca_file":
-			p.CAFile = v
 		case "refresh_interval":
 			dur, err := positiveDuration(d, sub, v, "30s")
 			if err != nil {

@@ -6,6 +6,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
 )
 
 // CallerPolicy makes callers prove who they are with a JWT (for example a
@@ -75,4 +76,14 @@ func (p *CallerPolicy) provision(ctx caddy.Context) error {
 		Allow:           p.Allow,
 	})
 	return err
+}
+
+// consentGate admits the requests of the consent links API with the
+// app's site check and caller policy (consentweb.CallerGate).
+func (a *App) consentGate() consentweb.CallerGate {
+	g := consentweb.CallerGate{Hosts: a.site}
+	if a.Callers != nil {
+		g.Policy = a.Callers.policy
+	}
+	return g
 }

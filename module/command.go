@@ -1,23 +1,15 @@
 package module
 
 import (
-	"bufio"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"maps"
-	"net/http"
 	"os"
-	"slices"
-	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
 
-	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
-	"github.com/tokenbroker/caddy-token-broker/broker/probe"
+	"github.com/tokenbroker/caddy-token-broker/broker/command"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -88,191 +80,54 @@ when there are none, 1 otherwise.
 	})
 }
 
-// errSilent fails a command whose message was printed already: exit
-// status 1, nothing more on the terminal.
-var errSilent = errors.New("token-broker: failed")
-
 // silentFailure fails cmd with exit status 1 without cobra's "Error:" line
-// or usage.
-func silentFailure(cmd *cobra.Command) error {
-	cmd.SilenceErrors, cmd.SilenceUsage = true, true
-	return errSilent
+// or usage when err is command.ErrFailed (its message is printed).
+func silentFailure(cmd *cobra.Command, err error) error {
+	if errors.Is(err, command.ErrFailed) {
+		cmd.SilenceErrors, cmd.SilenceUsage = true, true
+	}
+	return err
 }
 
-// runHealth is `caddy token-broker health`.
+// stdio are the streams of cmd.
+func stdio(cmd *cobra.Command) command.IO {
+	return command.IO{In: os.Stdin, Out: cmd.OutOrStdout(), Err: cmd.ErrOrStderr()}
+}
+
+// runHealth is `caddy token-broker health` (command.Health).
 func runHealth(cmd *cobra.Command, _ []string) error {
 	fl := caddycmd.Flags{FlagSet: cmd.Flags()}
-	live := fl.Bool("live")
 	addr, err := caddycmd.DetermineAdminAPIAddress(fl.String("address"), nil, fl.String("config"), fl.String("adapter"))
 	if err != nil {
 		fmt.Fprintf(cmd.ErrOrStderr(), "not ready: finding the admin address: %v\n", err)
-		return silentFailure(cmd)
+		return silentFailure(cmd, command.ErrFailed)
 	}
-	h, err := askHealth(addr, live)
-	if err != nil {
-		fmt.Fprintf(cmd.ErrOrStderr(), "not ready: %v\n", err)
-		return silentFailure(cmd)
-	}
-	ok := h.Ready
-	if live {
-		ok = h.Live
-	}
-	if !ok {
-		fmt.Fprintln(cmd.ErrOrStderr(), h.Reason)
-		return silentFailure(cmd)
-	}
-	if live {
-		fmt.Fprintln(cmd.OutOrStdout(), "live: the token_broker app is running")
-	} else {
-		fmt.Fprintln(cmd.OutOrStdout(), h.Reason)
-	}
-	return nil
+	return silentFailure(cmd, command.Health(stdio(cmd), caddycmd.AdminAPIRequest, addr, fl.Bool("live")))
 }
 
-// askHealth gets the probe.Health from the admin API at addr. A 503 carries it
-// too (caddycmd.AdminAPIRequest turns it into an error quoting the body).
-func askHealth(addr string, live bool) (probe.Health, error) {
-	uri := "/token_broker/health"
-	if live {
-		uri += "/live"
-	}
-	var h probe.Health
-	resp, err := caddycmd.AdminAPIRequest(addr, http.MethodGet, uri, nil, nil)
-	if err != nil {
-		msg := err.Error()
-		if i := strings.IndexByte(msg, '{'); i >= 0 && strings.Contains(msg, "HTTP 503") && json.Unmarshal([]byte(msg[i:]), &h) == nil && h.Reason != "" {
-			return h, nil
-		}
-		return h, fmt.Errorf("asking the token broker at admin address %s: %v", addr, err)
-	}
-	defer resp.Body.Close()
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&h); err != nil {
-		return h, fmt.Errorf("reading the health answer of admin address %s: %v", addr, err)
-	}
-	return h, nil
-}
-
-// runValidate is `caddy token-broker validate`.
+// runValidate is `caddy token-broker validate` (command.Validate).
 func runValidate(cmd *cobra.Command, _ []string) error {
 	fl := caddycmd.Flags{FlagSet: cmd.Flags()}
 	cfg, file, _, err := caddycmd.LoadConfig(fl.String("config"), fl.String("adapter"))
 	if err != nil {
 		fmt.Fprintf(cmd.ErrOrStderr(), "loading the config: %v\n", err)
-		return silentFailure(cmd)
+		return silentFailure(cmd, command.ErrFailed)
 	}
-	if file == "" {
-		fmt.Fprintln(cmd.ErrOrStderr(), "no config file: name one with --config, or run where a Caddyfile is")
-		return silentFailure(cmd)
-	}
-	paths, err := registryPaths(cfg)
-	if err != nil {
-		fmt.Fprintf(cmd.ErrOrStderr(), "%s: %v\n", file, err)
-		return silentFailure(cmd)
-	}
-	if len(paths) == 0 {
-		fmt.Fprintf(cmd.ErrOrStderr(), "%s names no merchant registry: set `config <file.toml>` in the token_broker global option\n", file)
-		return silentFailure(cmd)
-	}
-	failed := false
-	for _, path := range paths {
-		reg, err := config.LoadWith(caddy.NewReplacer().ReplaceKnown(path, ""),
-			config.Options{RefreshStore: oauth.NewMemoryStore()})
-		if err != nil {
-			failed = true
-			for _, line := range config.ErrorLines(err) {
-				fmt.Fprintln(cmd.ErrOrStderr(), line)
-			}
-			continue
-		}
-		fmt.Fprintf(cmd.OutOrStdout(), "%s: valid (%d merchants, %d providers)\n", path, len(reg.Merchants), len(reg.Providers))
-	}
-	if failed {
-		return silentFailure(cmd)
-	}
-	return nil
+	expand := func(path string) string { return caddy.NewReplacer().ReplaceKnown(path, "") }
+	return silentFailure(cmd, command.Validate(stdio(cmd), cfg, file, expand))
 }
 
-// registryError is the error of a merchant registry that did not load,
-// as Caddy logs it: its problems one per line, each file:line first,
-// after a line that counts them and names the command that prints them
-// without the provisioning chain and the log's escapes around them.
-func registryError(err error) error {
-	n := len(config.ErrorLines(err))
-	if n <= 1 {
-		return fmt.Errorf("token_broker: %w", err)
-	}
-	return fmt.Errorf("token_broker: %d problems in the merchant registry, one per line below (`caddy token-broker validate --config <Caddyfile>` prints them alone):\n%w", n, err)
-}
-
-// registryPaths returns the merchant registries a JSON config names: the
-// token_broker app's config and the token_broker handlers' own, each once,
-// in the order found.
-func registryPaths(cfg []byte) ([]string, error) {
-	var doc any
-	if err := json.Unmarshal(cfg, &doc); err != nil {
-		return nil, fmt.Errorf("reading the adapted config: %v", err)
-	}
-	var paths []string
-	add := func(p any) {
-		if s, ok := p.(string); ok && s != "" && !slices.Contains(paths, s) {
-			paths = append(paths, s)
-		}
-	}
-	if m, ok := doc.(map[string]any); ok {
-		if apps, ok := m["apps"].(map[string]any); ok {
-			if tb, ok := apps["token_broker"].(map[string]any); ok {
-				add(tb["config"])
-			}
-		}
-	}
-	var walk func(v any)
-	walk = func(v any) {
-		switch v := v.(type) {
-		case map[string]any:
-			if v["handler"] == "token_broker" {
-				add(v["config"])
-			}
-			for _, k := range slices.Sorted(maps.Keys(v)) {
-				walk(v[k])
-			}
-		case []any:
-			for _, e := range v {
-				walk(e)
-			}
-		}
-	}
-	walk(doc)
-	return paths, nil
-}
-
+// cmdRefreshToken is `caddy token-broker-refresh-token`
+// (command.RefreshToken); a failure exits with status 1.
 func cmdRefreshToken(fl caddycmd.Flags) (int, error) {
 	merchant := fl.String("merchant")
 	if !config.ValidMerchantID(merchant) {
-		return fail1(errors.New("--merchant is required: a merchant id of the registry"))
+		return 1, errors.New("--merchant is required: a merchant id of the registry")
 	}
-	line, err := bufio.NewReader(io.LimitReader(os.Stdin, 64<<10)).ReadString('\n')
-	if err != nil && !errors.Is(err, io.EOF) {
-		return fail1(fmt.Errorf("reading the refresh token from standard input: %w", err))
+	address := func() (string, error) { return caddycmd.DetermineAdminAPIAddress(fl.String("address"), nil, "", "") }
+	std := command.IO{In: os.Stdin, Out: os.Stdout, Err: os.Stderr}
+	if err := command.RefreshToken(std, caddycmd.AdminAPIRequest, address, merchant); err != nil {
+		return 1, err
 	}
-	rt := strings.TrimSpace(line)
-	if rt == "" {
-		return fail1(errors.New("no refresh token on standard input"))
-	}
-	body, _ := json.Marshal(map[string]string{"refresh_token": rt})
-	addr, err := caddycmd.DetermineAdminAPIAddress(fl.String("address"), nil, "", "")
-	if err != nil {
-		return fail1(err)
-	}
-	resp, err := caddycmd.AdminAPIRequest(addr, http.MethodPut,
-		"/token_broker/merchants/"+merchant+"/refresh_token", http.Header{"Content-Type": {"application/json"}}, strings.NewReader(string(body)))
-	if err != nil {
-		return fail1(err)
-	}
-	defer resp.Body.Close()
-	out, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	fmt.Println(strings.TrimSpace(string(out)))
 	return 0, nil
 }
-
-// fail1 is a failed command: exit status 1.
-func fail1(err error) (int, error) { return 1, err }

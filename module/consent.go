@@ -44,7 +44,7 @@ func init() {
 // The consents in progress live in Caddy's storage, sealed: several
 // instances with several callback domains share them when they share the
 // storage (as they must for the refresh tokens), and they survive reloads
-// and restarts; expired ones are swept (see storagePending).
+// and restarts; expired ones are swept (see kvstore.Pending).
 type Consent struct {
 	// Provider is the name of the provider (in the registry) whose consents
 	// this handler runs. Required without Links; with Links it is
@@ -114,8 +114,8 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 		return err
 	}
 	c.web, err = consentweb.New(consentweb.Options{Provider: c.Provider, Links: c.Links, Registry: app.registry,
-		Broker: app.broker, Gate: consentGate{app: app}, Pages: pages,
-		Results: &consentpage.Results{Store: storagePending{s: ctx.Storage()}}, Steps: c.metrics.steps, Logger: ctx.Logger()})
+		Broker: app.broker, Gate: app.consentGate(), Pages: pages,
+		Results: &consentpage.Results{Store: storagePending(ctx.Storage())}, Steps: c.metrics.steps, Logger: ctx.Logger()})
 	if err != nil {
 		return fmt.Errorf("token_broker_consent: %w", err)
 	}
@@ -127,37 +127,6 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 func (c *Consent) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	caddyhttp.SetVar(r.Context(), caddyhttp.LogSkipVar, true)
 	c.web.ServeHTTP(w, r)
-	return nil
-}
-
-// consentGate admits the requests of the links API with the app's site
-// check and caller policy, as the token_broker handler does.
-type consentGate struct{ app *App }
-
-// Site implements consentweb.Gate.
-func (g consentGate) Site(r *http.Request) *consentweb.Refusal {
-	code, err := g.app.site.Check(r)
-	if code == 0 {
-		return nil
-	}
-	return &consentweb.Refusal{Status: code.Status(), Code: code.String(), Message: code.Message(""), Err: err}
-}
-
-// Caller implements consentweb.Gate.
-func (g consentGate) Caller(r *http.Request, merchant string) *consentweb.Refusal {
-	pol := g.app.Callers
-	if pol == nil {
-		return nil
-	}
-	sub, cerr := pol.policy.Authenticate(r)
-	if cerr != nil {
-		return &consentweb.Refusal{Status: cerr.Code.Status(), Code: cerr.Code.String(),
-			Message: "the caller must present a valid JWT from the trusted issuer as a Bearer token"}
-	}
-	if !pol.policy.Allows(sub, merchant) {
-		return &consentweb.Refusal{Status: http.StatusForbidden, Code: "merchant_not_allowed",
-			Message: fmt.Sprintf("caller %q may not act for merchant %q", sub, merchant)}
-	}
 	return nil
 }
 
@@ -232,6 +201,7 @@ func (c *Consent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
+	pages := map[string]*string{"partner": &c.Partner, "logo": &c.Logo, "accent": &c.Accent, "lang": &c.Lang, "templates": &c.Templates}
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		if err := once(d, seen); err != nil {
@@ -255,18 +225,7 @@ func (c *Consent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if d.NextArg() {
 				return d.Errf("%s takes one value (quote a value with spaces)", name)
 			}
-			switch name {
-			case "partner":
-				c.Partner = v
-			case "logo":
-				c.Logo = v
-			case "accent":
-				c.Accent = v
-			case "lang":
-				c.Lang = v
-			case "templates":
-				c.Templates = v
-			}
+			*pages[name] = v
 		default:
 			return d.Errf("unrecognized subdirective '%s'", d.Val())
 		}

@@ -3,8 +3,6 @@ package module
 import (
 	"fmt"
 	"net/http"
-	"slices"
-	"sync"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -28,65 +26,32 @@ func init() {
 	httpcaddyfile.RegisterDirectiveOrder("token_broker_health", httpcaddyfile.Before, "respond")
 }
 
-// watchedRegistry is a registry that a handler loaded itself (its own
-// `config`), with its organisation listing (nil when not restricted): the
-// health answer covers it besides the app's.
-type watchedRegistry struct {
-	reg     *config.Registry
-	listing *listing.Listing
-}
-
-// watchList are the registries handlers loaded themselves.
-type watchList struct {
-	mu   sync.Mutex
-	regs []watchedRegistry
-}
+// watchList are the registries handlers loaded themselves (their own
+// `config`), which the health answer covers besides the app's.
+type watchList = probe.Watched
 
 // watch adds a handler's own registry to the health answer.
 func (a *App) watch(reg *config.Registry, listing *listing.Listing) {
 	if a.watched == nil {
 		return // an app not provisioned (tests)
 	}
-	a.watched.mu.Lock()
-	defer a.watched.mu.Unlock()
-	if !slices.ContainsFunc(a.watched.regs, func(w watchedRegistry) bool { return w.reg == reg }) {
-		a.watched.regs = append(a.watched.regs, watchedRegistry{reg: reg, listing: listing})
-	}
+	a.watched.Add(reg, listing)
 }
 
-// registries are the app's registry (first) and the handlers' own.
-func (a *App) registries() []watchedRegistry {
-	var out []watchedRegistry
-	if a.registry != nil {
-		out = append(out, watchedRegistry{reg: a.registry, listing: a.listing})
-	}
-	if a.watched == nil {
-		return out
-	}
-	a.watched.mu.Lock()
-	defer a.watched.mu.Unlock()
-	return append(out, a.watched.regs...)
-}
-
-// health computes the health answer of app (nil: not running).
+// health computes the health answer of app (nil: not running): the app's
+// registry first, then the handlers' own.
 func health(app *App) probe.Health {
 	if app == nil {
 		return probe.NotRunning()
 	}
 	var regs []probe.Registry
-	for _, w := range app.registries() {
-		pr := probe.Registry{Registry: w.reg}
-		if w.listing != nil {
-			pr.Listing = listingState(w.listing)
-		}
-		regs = append(regs, pr)
+	if app.registry != nil {
+		regs = append(regs, probe.Of(app.registry, app.listing))
+	}
+	if app.watched != nil {
+		regs = append(regs, app.watched.Registries()...)
 	}
 	return probe.Running(regs, app.broker)
-}
-
-// listingState is the state of an organisation listing.
-func listingState(l *listing.Listing) *probe.Listing {
-	return &probe.Listing{Provider: l.Provider(), Status: l.Status()}
 }
 
 // health serves GET /token_broker/health (readiness: 200 when ready,

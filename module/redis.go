@@ -79,20 +79,8 @@ type RedisConfig struct {
 	LockTTL caddy.Duration `json:"lock_ttl,omitempty"`
 }
 
-// RedisTLS configures TLS to Redis.
-type RedisTLS struct {
-	// CA is a PEM file of the certificate authorities that sign the Redis
-	// server's certificate. Default: the system roots.
-	CA string `json:"ca,omitempty"`
-	// Cert is a PEM client certificate file, for Redis servers that require
-	// one (with Key).
-	Cert string `json:"cert,omitempty"`
-	// Key is the PEM private key file of Cert.
-	Key string `json:"key,omitempty"`
-	// ServerName is the name expected in the server's certificate. Default:
-	// the host of the address.
-	ServerName string `json:"server_name,omitempty"`
-}
+// RedisTLS configures TLS to Redis (redisstore.TLS).
+type RedisTLS = redisstore.TLS
 
 // fleetTier is a shared tier kept across reloads in fleets while the
 // Redis settings do not change.
@@ -111,35 +99,12 @@ var fleets = caddy.NewUsagePool()
 // (pooled) shared tier and the key to release it with.
 func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, logger *zap.Logger) (*fleetTier, string, error) {
 	repl := caddy.NewReplacer()
-	resolve := func(field, v string) (string, error) {
-		out, err := repl.ReplaceOrErr(v, true, true)
-		if err != nil {
-			return "", fmt.Errorf("token_broker: redis: %s: %w", field, err)
-		}
-		return out, nil
-	}
-	s := redisstore.Settings{Address: r.Address, MasterName: r.MasterName, DB: r.DB, KeyPrefix: r.KeyPrefix,
+	s, err := redisstore.Settings{Address: r.Address, MasterName: r.MasterName, Username: r.Username, Password: r.Password,
+		DB: r.DB, TLS: r.TLS, KeyPrefix: r.KeyPrefix, EncryptionKey: r.EncryptionKey, EncryptionKeysOld: r.EncryptionKeysOld,
 		PlainKeys: r.HashKeys != nil && !*r.HashKeys, Timeout: time.Duration(r.Timeout), LockTTL: time.Duration(r.LockTTL),
-		FetchTimeout: fetchTimeout}
-	if r.TLS != nil {
-		s.TLS = &redisstore.TLS{CA: r.TLS.CA, Cert: r.TLS.Cert, Key: r.TLS.Key, ServerName: r.TLS.ServerName}
-	}
-	var err error
-	if s.Username, err = resolve("username", r.Username); err != nil {
-		return nil, "", err
-	}
-	if s.Password, err = resolve("password", r.Password); err != nil {
-		return nil, "", err
-	}
-	if s.EncryptionKey, err = resolve("encryption_key", r.EncryptionKey); err != nil {
-		return nil, "", err
-	}
-	for i, k := range r.EncryptionKeysOld {
-		v, err := resolve(fmt.Sprintf("encryption_keys_old[%d]", i), k)
-		if err != nil {
-			return nil, "", err
-		}
-		s.EncryptionKeysOld = append(s.EncryptionKeysOld, v)
+		FetchTimeout: fetchTimeout}.Resolve(func(v string) (string, error) { return repl.ReplaceOrErr(v, true, true) })
+	if err != nil {
+		return nil, "", fmt.Errorf("token_broker: redis: %w", err)
 	}
 	plan, err := redisstore.Prepare(s)
 	if err != nil {
@@ -174,7 +139,7 @@ func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
 	if a.fleet != nil {
 		return a.fleet.Cache.Store()
 	}
-	return storageStore{s: ctx.Storage()}
+	return storageStore(ctx.Storage())
 }
 
 // loadRegistryStore is loadRegistry with the refresh tokens in store and
@@ -182,7 +147,7 @@ func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
 // reloads (regcache.go) and key is its pool key.
 func loadRegistryStore(ctx caddy.Context, path string, store oauth.Store, storeKey string) (reg *config.Registry, key string, err error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
-	return loadPooled(ctx.Logger(), path, config.Options{RefreshStore: store, ConsentStore: storagePending{s: ctx.Storage()}}, storeKey+" consents in "+storageID(ctx.Storage()))
+	return loadPooled(ctx.Logger(), path, config.Options{RefreshStore: store, ConsentStore: storagePending(ctx.Storage())}, storeKey+" consents in "+storageID(ctx.Storage()))
 }
 
 // parseRedis reads the redis block of the token_broker global option.
@@ -191,6 +156,8 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 		return nil, d.ArgErr()
 	}
 	r := &RedisConfig{}
+	fields := map[string]*string{"master_name": &r.MasterName, "username": &r.Username, "password": &r.Password,
+		"key_prefix": &r.KeyPrefix, "encryption_key": &r.EncryptionKey}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
@@ -221,23 +188,17 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 		if err != nil {
 			return nil, err
 		}
+		if field, ok := fields[sub]; ok {
+			*field = v
+			continue
+		}
 		switch sub {
-		case "master_name":
-			r.MasterName = v
-		case "username":
-			r.Username = v
-		case "password":
-			r.Password = v
 		case "db":
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 0 {
 				return nil, d.Errf("db '%s': want a database number such as 0", v)
 			}
 			r.DB = n
-		case "key_prefix":
-			r.KeyPrefix = v
-		case "encryption_key":
-			r.EncryptionKey = v
 		case "hash_keys":
 			b, err := strconv.ParseBool(v)
 			if err != nil {
@@ -273,6 +234,7 @@ func parseRedisTLS(d *caddyfile.Dispenser) (*RedisTLS, error) {
 		return nil, d.ArgErr()
 	}
 	t := &RedisTLS{}
+	fields := map[string]*string{"ca": &t.CA, "cert": &t.Cert, "key": &t.Key, "server_name": &t.ServerName}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
@@ -283,18 +245,11 @@ func parseRedisTLS(d *caddyfile.Dispenser) (*RedisTLS, error) {
 		if err != nil {
 			return nil, err
 		}
-		switch sub {
-		case "ca":
-			t.CA = v
-		case "cert":
-			t.Cert = v
-		case "key":
-			t.Key = v
-		case "server_name":
-			t.ServerName = v
-		default:
+		field, ok := fields[sub]
+		if !ok {
 			return nil, d.Errf("unrecognized redis tls subdirective '%s'", sub)
 		}
+		*field = v
 	}
 	return t, nil
 }

@@ -3,6 +3,7 @@ package module
 import (
 	"go.uber.org/zap"
 
+	"github.com/tokenbroker/caddy-token-broker/broker/command"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/config/regcache"
 )
@@ -22,7 +23,7 @@ func loadPooled(logger *zap.Logger, path string, opts config.Options, storeKey s
 		logger.Info("merchant registry parsed", zap.String("config", path), zap.Int("files_parsed", parsed))
 	}
 	if err != nil {
-		return nil, "", registryError(err)
+		return nil, "", command.RegistryError(err)
 	}
 	return reg, key, nil
 }

@@ -56,18 +56,20 @@ type Settings struct {
 	FetchTimeout time.Duration
 }
 
-// TLS configures TLS to Redis.
+// TLS configures TLS to Redis. Its JSON form is the tls object of the
+// token_broker app's redis settings.
 type TLS struct {
-	// CA is a PEM file of the authorities that sign the server's
-	// certificate. Default: the system roots.
-	CA string
-	// Cert is a PEM client certificate file (with Key).
-	Cert string
+	// CA is a PEM file of the certificate authorities that sign the Redis
+	// server's certificate. Default: the system roots.
+	CA string `json:"ca,omitempty"`
+	// Cert is a PEM client certificate file, for Redis servers that require
+	// one (with Key).
+	Cert string `json:"cert,omitempty"`
 	// Key is the PEM private key file of Cert.
-	Key string
-	// ServerName is the name expected in the server's certificate.
-	// Default: the host of the address.
-	ServerName string
+	Key string `json:"key,omitempty"`
+	// ServerName is the name expected in the server's certificate. Default:
+	// the host of the address.
+	ServerName string `json:"server_name,omitempty"`
 }
 
 // Plan is a checked Settings: what Open builds a tier from.

@@ -1,4 +1,4 @@
-package module
+package kvstore
 
 import (
 	"context"
@@ -39,7 +39,7 @@ func storageFlow(t *testing.T, dir string, clock *testClock) *oauth.AuthCode {
 	}
 	flow, err := oauth.NewAuthCode(src, oauth.AuthCodeConfig{RedirectURIs: []string{"https://cb.partner.example/consent/callback"},
 		ReturnURLs: []string{"https://app.partner.example/consent/"}, AuthorizationURL: "https://bank.example/authorize", Scopes: []string{"offline_access"}},
-		&oauth.Pendings{Store: storagePending{s: &certmagic.FileStorage{Path: dir}}, Now: clock.Now})
+		&oauth.Pendings{Store: Pending{S: &certmagic.FileStorage{Path: dir}}, Now: clock.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,19 +82,19 @@ func TestStoragePendingSharedSealedSwept(t *testing.T) {
 		t.Fatalf("the link opened twice: %v", err)
 	}
 
-	st := storagePending{s: &certmagic.FileStorage{Path: dir}}
+	st := Pending{S: &certmagic.FileStorage{Path: dir}}
 	if _, err := a.NewLink(ctx, "globex", "", ""); err != nil { // expires after the state above
 		t.Fatal(err)
 	}
-	if deleted, left, err := st.sweep(ctx, clock.Now()); err != nil || deleted != 0 || left != 2 {
+	if deleted, left, err := st.Sweep(ctx, clock.Now()); err != nil || deleted != 0 || left != 2 {
 		t.Fatalf("sweep before expiry: %d deleted, %d left, %v", deleted, left, err)
 	}
 	clock.Add(oauth.DefaultLinkTTL) // the link expires; the state (StateTTL) not yet
-	if deleted, left, err := st.sweep(ctx, clock.Now()); err != nil || deleted != 1 || left != 1 {
+	if deleted, left, err := st.Sweep(ctx, clock.Now()); err != nil || deleted != 1 || left != 1 {
 		t.Fatalf("sweep after the link's expiry: %d deleted, %d left, %v", deleted, left, err)
 	}
 	clock.Add(oauth.StateTTL)
-	if deleted, left, err := st.sweep(ctx, clock.Now()); err != nil || deleted != 1 || left != 0 {
+	if deleted, left, err := st.Sweep(ctx, clock.Now()); err != nil || deleted != 1 || left != 0 {
 		t.Fatalf("sweep after the state's expiry: %d deleted, %d left, %v", deleted, left, err)
 	}
 	for _, kind := range []string{"link", "state"} {

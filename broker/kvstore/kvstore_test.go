@@ -1,4 +1,4 @@
-package module
+package kvstore
 
 import (
 	"context"
@@ -6,13 +6,16 @@ import (
 	"testing"
 
 	"github.com/caddyserver/certmagic"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
 )
 
 // TestStorageLocksAreBounded: the in-process locks of the refresh-token
 // storage hold only the keys being refreshed; one key is locked by one
 // caller at a time.
 func TestStorageLocksAreBounded(t *testing.T) {
-	st := storageStore{s: &certmagic.FileStorage{Path: t.TempDir()}}
+	var locks keylock.Map
+	st := Refresh{S: &certmagic.FileStorage{Path: t.TempDir()}, Locks: &locks}
 	ctx := context.Background()
 	for i := range 50 {
 		unlock, err := st.Lock(ctx, fmt.Sprintf("bank/0123456789ab/m%d", i))
@@ -21,7 +24,7 @@ func TestStorageLocksAreBounded(t *testing.T) {
 		}
 		unlock()
 	}
-	if n := localLocks.Len(); n != 0 {
+	if n := locks.Len(); n != 0 {
 		t.Fatalf("%d in-process locks left after every lock was released", n)
 	}
 }

@@ -1,9 +1,11 @@
-package module
+package reload
 
 import (
 	"context"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -53,16 +55,16 @@ scopes = ["payments"]
 		}
 		return reg
 	}
-	get := func(pb *pooledBroker, reg *config.Registry) error {
+	get := func(pb *Broker, reg *config.Registry) error {
 		p := reg.Providers["bank"]
 		_, _, err := pb.Get(context.Background(), broker.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Scopes: []string{"payments"}}))
 		return err
 	}
-	pb := &pooledBroker{Broker: broker.New(broker.Options{MaxAttempts: 1}), logger: zap.NewNop()}
+	pb := &Broker{Broker: broker.New(broker.Options{MaxAttempts: 1}), Logger: zap.NewNop()}
 	t.Cleanup(pb.Close)
 
 	old := parse("old-secret")
-	pb.secretsSeen(old)
+	pb.SecretsSeen(old)
 	if err := get(pb, old); err == nil || !strings.Contains(err.Error(), "invalid_client") {
 		t.Fatalf("with the old secret: %v, want invalid_client", err)
 	}
@@ -75,7 +77,7 @@ scopes = ["payments"]
 	if strings.Contains(pn.SecretVersion, "new-secret") || strings.Contains(pn.ID, pn.SecretVersion[:8]) {
 		t.Fatal("the secret version shows the secret, or is part of the ID")
 	}
-	pb.secretsSeen(rotated) // what Provision does on the reload
+	pb.SecretsSeen(rotated) // what Provision does on the reload
 	if err := get(pb, rotated); err != nil {
 		t.Fatalf("after rotation and reload: %v, want a token from the new secret", err)
 	}
@@ -83,5 +85,16 @@ scopes = ["payments"]
 		t.Fatalf("token API calls = %d, want 2", calls.Load())
 	}
 	// A reload without a change forgets nothing.
-	pb.secretsSeen(parse("new-secret"))
+	pb.SecretsSeen(parse("new-secret"))
+}
+
+// loadTestRegistry writes data to a file named name in a fresh folder and
+// loads it with config.LoadWith.
+func loadTestRegistry(tb testing.TB, name string, data []byte, opts config.Options) (*config.Registry, error) {
+	tb.Helper()
+	path := filepath.Join(tb.TempDir(), name)
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	return config.LoadWith(path, opts)
 }

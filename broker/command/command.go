@@ -1,0 +1,207 @@
+// Package command is the logic of the token broker's Caddy subcommands
+// (`caddy token-broker health|validate`, `caddy
+// token-broker-refresh-token`): the admin API client, the registry
+// checks and what they print. The Caddy command registration (package
+// module) finds the admin address and the config and calls it.
+package command
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	"slices"
+	"strings"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/broker/probe"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// ErrFailed fails a command whose message was printed already: exit
+// status 1, nothing more on the terminal.
+var ErrFailed = errors.New("token-broker: failed")
+
+// AdminRequest sends a request to the admin API at addr and returns its
+// answer; an answer other than 2xx is an error quoting its status ("HTTP
+// 503") and body (caddycmd.AdminAPIRequest).
+type AdminRequest func(addr, method, uri string, headers http.Header, body io.Reader) (*http.Response, error)
+
+// IO are a command's streams.
+type IO struct {
+	// In is standard input.
+	In io.Reader
+	// Out is standard output.
+	Out io.Writer
+	// Err is standard error.
+	Err io.Writer
+}
+
+// Health prints the health of the token broker at admin address addr
+// (readiness, or liveness with live): one line, on Out when it is ready
+// (live), else on Err with ErrFailed.
+func Health(std IO, request AdminRequest, addr string, live bool) error {
+	h, err := askHealth(request, addr, live)
+	if err != nil {
+		fmt.Fprintf(std.Err, "not ready: %v\n", err)
+		return ErrFailed
+	}
+	ok := h.Ready
+	if live {
+		ok = h.Live
+	}
+	if !ok {
+		fmt.Fprintln(std.Err, h.Reason)
+		return ErrFailed
+	}
+	if live {
+		fmt.Fprintln(std.Out, "live: the token_broker app is running")
+	} else {
+		fmt.Fprintln(std.Out, h.Reason)
+	}
+	return nil
+}
+
+// askHealth gets the probe.Health from the admin API at addr. A 503 carries it
+// too (the request's error quotes the body).
+func askHealth(request AdminRequest, addr string, live bool) (probe.Health, error) {
+	uri := "/token_broker/health"
+	if live {
+		uri += "/live"
+	}
+	var h probe.Health
+	resp, err := request(addr, http.MethodGet, uri, nil, nil)
+	if err != nil {
+		msg := err.Error()
+		if i := strings.IndexByte(msg, '{'); i >= 0 && strings.Contains(msg, "HTTP 503") && json.Unmarshal([]byte(msg[i:]), &h) == nil && h.Reason != "" {
+			return h, nil
+		}
+		return h, fmt.Errorf("asking the token broker at admin address %s: %v", addr, err)
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&h); err != nil {
+		return h, fmt.Errorf("reading the health answer of admin address %s: %v", addr, err)
+	}
+	return h, nil
+}
+
+// Validate loads the merchant registries that the JSON config cfg (read
+// from file) names and prints their problems on Err, one per line,
+// file:line first, and a line per valid registry on Out. expand resolves
+// the placeholders of a registry path. It returns ErrFailed when a
+// registry has problems or cfg names none.
+func Validate(std IO, cfg []byte, file string, expand func(string) string) error {
+	if file == "" {
+		fmt.Fprintln(std.Err, "no config file: name one with --config, or run where a Caddyfile is")
+		return ErrFailed
+	}
+	paths, err := registryPaths(cfg)
+	if err != nil {
+		fmt.Fprintf(std.Err, "%s: %v\n", file, err)
+		return ErrFailed
+	}
+	if len(paths) == 0 {
+		fmt.Fprintf(std.Err, "%s names no merchant registry: set `config <file.toml>` in the token_broker global option\n", file)
+		return ErrFailed
+	}
+	failed := false
+	for _, path := range paths {
+		reg, err := config.LoadWith(expand(path), config.Options{RefreshStore: oauth.NewMemoryStore()})
+		if err != nil {
+			failed = true
+			for _, line := range config.ErrorLines(err) {
+				fmt.Fprintln(std.Err, line)
+			}
+			continue
+		}
+		fmt.Fprintf(std.Out, "%s: valid (%d merchants, %d providers)\n", path, len(reg.Merchants), len(reg.Providers))
+	}
+	if failed {
+		return ErrFailed
+	}
+	return nil
+}
+
+// RegistryError is the error of a merchant registry that did not load,
+// as Caddy logs it: its problems one per line, each file:line first,
+// after a line that counts them and names the command that prints them
+// without the provisioning chain and the log's escapes around them.
+func RegistryError(err error) error {
+	n := len(config.ErrorLines(err))
+	if n <= 1 {
+		return fmt.Errorf("token_broker: %w", err)
+	}
+	return fmt.Errorf("token_broker: %d problems in the merchant registry, one per line below (`caddy token-broker validate --config <Caddyfile>` prints them alone):\n%w", n, err)
+}
+
+// registryPaths returns the merchant registries a JSON config names: the
+// token_broker app's config and the token_broker handlers' own, each once,
+// in the order found.
+func registryPaths(cfg []byte) ([]string, error) {
+	var doc any
+	if err := json.Unmarshal(cfg, &doc); err != nil {
+		return nil, fmt.Errorf("reading the adapted config: %v", err)
+	}
+	var paths []string
+	add := func(p any) {
+		if s, ok := p.(string); ok && s != "" && !slices.Contains(paths, s) {
+			paths = append(paths, s)
+		}
+	}
+	if m, ok := doc.(map[string]any); ok {
+		if apps, ok := m["apps"].(map[string]any); ok {
+			if tb, ok := apps["token_broker"].(map[string]any); ok {
+				add(tb["config"])
+			}
+		}
+	}
+	var walk func(v any)
+	walk = func(v any) {
+		switch v := v.(type) {
+		case map[string]any:
+			if v["handler"] == "token_broker" {
+				add(v["config"])
+			}
+			for _, k := range slices.Sorted(maps.Keys(v)) {
+				walk(v[k])
+			}
+		case []any:
+			for _, e := range v {
+				walk(e)
+			}
+		}
+	}
+	walk(doc)
+	return paths, nil
+}
+
+// RefreshToken reads merchant's refresh token on In and loads it into the
+// token broker at the admin address that address finds; it prints the
+// answer on Out.
+func RefreshToken(std IO, request AdminRequest, address func() (string, error), merchant string) error {
+	line, err := bufio.NewReader(io.LimitReader(std.In, 64<<10)).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("reading the refresh token from standard input: %w", err)
+	}
+	rt := strings.TrimSpace(line)
+	if rt == "" {
+		return errors.New("no refresh token on standard input")
+	}
+	body, _ := json.Marshal(map[string]string{"refresh_token": rt})
+	addr, err := address()
+	if err != nil {
+		return err
+	}
+	resp, err := request(addr, http.MethodPut, "/token_broker/merchants/"+merchant+"/refresh_token",
+		http.Header{"Content-Type": {"application/json"}}, strings.NewReader(string(body)))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	fmt.Fprintln(std.Out, strings.TrimSpace(string(out)))
+	return nil
+}

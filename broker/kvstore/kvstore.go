@@ -1,0 +1,81 @@
+// Package kvstore keeps merchants' refresh tokens and consents in progress
+// in a key-value storage with locks (the methods of Caddy's
+// certmagic.Storage that it uses): the file system by default, shared by
+// the instances that share the storage.
+package kvstore
+
+import (
+	"context"
+	"net/url"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
+)
+
+// Storage is the part of certmagic.Storage the stores use. Load
+// and List fail with an error wrapping fs.ErrNotExist for a missing key;
+// Lock blocks until name is locked across the instances sharing the
+// storage. It is safe for concurrent use.
+type Storage interface {
+	Lock(ctx context.Context, name string) error
+	Unlock(ctx context.Context, name string) error
+	Store(ctx context.Context, key string, value []byte) error
+	Load(ctx context.Context, key string) ([]byte, error)
+	Delete(ctx context.Context, key string) error
+	List(ctx context.Context, path string, recursive bool) ([]string, error)
+}
+
+// Refresh keeps merchants' refresh tokens in S, so that a rotated
+// refresh token survives a restart and is shared by every instance using
+// the same storage. Keys are oauth.StoreKey(provider config, merchant).
+type Refresh struct {
+	// S is the storage.
+	S Storage
+	// Locks serialise refreshes of one key inside this process (across
+	// the registries of a reload too) before the storage lock (which, on
+	// the file system, polls) serialises them across processes. Required.
+	Locks *keylock.Map
+}
+
+// RefreshTokenPrefix is where refresh tokens live in the storage.
+const RefreshTokenPrefix = "token_broker/refresh_tokens/"
+
+func refreshKey(key string) string { return RefreshTokenPrefix + url.PathEscape(key) }
+
+// Load returns the stored refresh token of key.
+func (st Refresh) Load(ctx context.Context, key string) (broker.Secret, error) {
+	b, err := st.S.Load(ctx, refreshKey(key))
+	if isNotExist(err) || (err == nil && len(b) == 0) {
+		return "", oauth.ErrNoRefreshToken
+	}
+	if err != nil {
+		return "", err
+	}
+	return broker.Secret(b), nil
+}
+
+// Save stores the refresh token of key, replacing the previous one.
+func (st Refresh) Save(ctx context.Context, key string, rt broker.Secret) error {
+	return st.S.Store(ctx, refreshKey(key), []byte(rt.Reveal()))
+}
+
+// Lock serialises refreshes of key in this process and, through the
+// storage's lock, across instances.
+func (st Refresh) Lock(ctx context.Context, key string) (func(), error) {
+	unlockLocal, err := st.Locks.Lock(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	name := refreshKey(key) + ".lock"
+	if err := st.S.Lock(ctx, name); err != nil {
+		unlockLocal()
+		return nil, err
+	}
+	return func() {
+		_ = st.S.Unlock(context.WithoutCancel(ctx), name)
+		unlockLocal()
+	}, nil
+}
+
+var _ oauth.Store = Refresh{}
