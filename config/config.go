@@ -134,6 +134,26 @@ type Terms struct {
 	DisplayName string
 }
 
+// CheckRouteScopes fails when a route's scopes, which replace the
+// merchants' own, cannot serve the registry's merchants: a malformed
+// scope. The merchants' own scopes are checked when the registry is loaded.
+func (r *Registry) CheckRouteScopes(scopes []string) error {
+	if len(scopes) == 0 {
+		return nil
+	}
+	id := ""
+	for id = range r.Merchants {
+		break
+	}
+	if id == "" {
+		id = "x" // served by the wildcard
+	}
+	if _, err := r.Binding(id, scopes); err != nil {
+		return fmt.Errorf("token_broker: %s: route scopes: %w", r.Path, err)
+	}
+	return nil
+}
+
 // Binding returns the broker binding for a merchant. Non-empty scopes
 // replace the merchant's default scopes. It fails when the merchant is
 // unknown, a scope is malformed, or the merchant ends up without scopes

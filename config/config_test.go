@@ -774,3 +774,33 @@ func TestOAuth2BadConfigs(t *testing.T) {
 		})
 	}
 }
+
+// TestCheckRouteScopes: a route's scopes pass when each is an RFC 6749
+// scope-token, and fail naming the registry otherwise.
+func TestCheckRouteScopes(t *testing.T) {
+	reg := mustParse(t, "testdata/good.toml", readGood(t), testEnv())
+	tests := []struct {
+		name    string
+		scopes  []string
+		wantErr string
+	}{
+		{"none: the merchants' own", nil, ""},
+		{"valid", []string{"accounts", "payments"}, ""},
+		{"space in a scope", []string{"a b"}, "route scopes"},
+		{"quote in a scope", []string{`a"b`}, "route scopes"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := reg.CheckRouteScopes(tt.scopes)
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatalf("CheckRouteScopes(%q) = %v, want nil", tt.scopes, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.Contains(err.Error(), "testdata/good.toml") {
+				t.Fatalf("CheckRouteScopes(%q) = %v, want an error with %q and the registry's path", tt.scopes, err, tt.wantErr)
+			}
+		})
+	}
+}

@@ -207,7 +207,7 @@ func (a *App) Stop() error {
 	return nil
 }
 
-// Cleanup releases the app's hold on the shared token cache; the cache lives
+// Cleanup ends the app's use of the shared token cache; the cache lives
 // on while another config (the one being loaded) uses it.
 func (a *App) Cleanup() error {
 	if a.listingKey != "" {

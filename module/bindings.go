@@ -11,7 +11,7 @@ import (
 )
 
 // binding is what the handler knows about one merchant on its route
-// (package bindings holds and bounds them).
+// (package bindings keeps and bounds them).
 type binding = bindings.Binding
 
 // bindingTable is the table of a registry's bindings for a route's
@@ -47,7 +47,7 @@ func (h *Handler) binding(id string) (*binding, *admission.Refusal) {
 type tableHooks Handler
 
 // Made implements bindings.Hooks.
-func (th *tableHooks) Made(b *binding, hold bool) bool { return th.metrics.Made(b, hold) }
+func (th *tableHooks) Made(b *binding, track bool) bool { return th.metrics.Made(b, track) }
 
 // Released implements bindings.Hooks.
 func (th *tableHooks) Released(b *binding) { th.metrics.Released(b) }

@@ -165,7 +165,7 @@ func loadConsentMetrics(registry *prometheus.Registry) (*consentMetrics, error) 
 	return m, nil
 }
 
-// Cleanup releases the handler's hold on the shared metrics.
+// Cleanup ends the handler's use of the shared metrics.
 func (c *Consent) Cleanup() error {
 	if c.metrics != nil {
 		_, err := metricsPool.Delete(consentMetricsKey)

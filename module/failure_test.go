@@ -134,7 +134,7 @@ func TestTokenAPIFailureClasses(t *testing.T) {
 			// under CPU load (-race, a parallel build) reading the 1 MiB
 			// body over the cap, or even the warming call, took longer,
 			// the timeout was retried as temporary, and the token API was
-			// called twice (the flake of issue 8, item 14). A timeout that
+			// called twice. A timeout that
 			// no healthy call reaches, and a token API that hangs until
 			// the client gives up, keep the cases apart under any load.
 			h, _ := failureHandler(t, srv.URL, time.Second, broker.Options{FetchTimeout: 30 * time.Second})

@@ -218,7 +218,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if reg == nil {
 		return errors.New("token_broker: no merchant registry: set `config <file.toml>` in the token_broker global option (or in this handler)")
 	}
-	if err := checkRouteScopes(reg, h.Scopes); err != nil {
+	if err := reg.CheckRouteScopes(h.Scopes); err != nil {
 		return err
 	}
 	h.registry = reg
@@ -234,26 +234,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.bindings = app.tables.Table(reg, h.Scopes, admission.Allow(app.listing))
 	}
 	h.instrument(app.metrics)
-	return nil
-}
-
-// checkRouteScopes fails when the route's scopes cannot serve the
-// registry's merchants: a malformed scope. The merchants' own scopes were
-// checked when the registry was loaded.
-func checkRouteScopes(reg *config.Registry, scopes []string) error {
-	if len(scopes) == 0 {
-		return nil
-	}
-	id := ""
-	for id = range reg.Merchants {
-		break
-	}
-	if id == "" {
-		id = "x" // served by the wildcard
-	}
-	if _, err := reg.Binding(id, scopes); err != nil {
-		return fmt.Errorf("token_broker: %s: route scopes: %w", reg.Path, err)
-	}
 	return nil
 }
 
@@ -354,7 +334,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if _, again := repl.Get(placeholderPrefix + "merchant"); again {
 		// A token_broker handler before this one served the request: static
 		// values, which the replacer reads before any provider, so that the
-		// placeholders name the token this handler set, as before.
+		// placeholders name the token this handler set.
 		setPlaceholders(repl, b, e, res)
 	} else {
 		repl.Map(placeholders(b, e, res))

@@ -19,10 +19,10 @@ import (
 // `caddy_token_broker_token_request_duration_seconds` | provider | histogram of token API call latency
 // `caddy_token_broker_cache_lookups_total` | provider, result | tokens handed out: hit, refresh (a hit that started the background refresh), miss (waited on a fetch it started), shared (waited on a fetch another request started: the single-flight waiters), adopted (a fetch it started took the token from the shared tier)
 // `caddy_token_broker_token_purges_total` | provider | cached tokens dropped after the upstream rejected them (401)
-// `caddy_token_broker_token_purges_suppressed_total` | provider | upstream rejections (401) that did not purge the token: the key's purges by rejection were on hold, as the token that replaced a rejected one was rejected too (the 401 is not about the token)
+// `caddy_token_broker_token_purges_suppressed_total` | provider | upstream rejections (401) that did not purge the token: the key's purges by rejection were paused, as the token that replaced a rejected one was rejected too (the 401 is not about the token)
 // `caddy_token_broker_sources_backing_off` | provider | provider configurations whose token API is not called for any key: a 429 with Retry-After (until it has passed) or a bad credential (invalid_client, Nuapay 401; backoff doubling up to the failure memory's maximum)
 // `caddy_token_broker_breaker_state` | provider | circuit breaker of the token API: 0 closed, 1 half-open, 2 open
-// `caddy_token_broker_keys_backing_off` | provider | cache keys whose last fetch failed and which are held in failure memory (their fetches answer the remembered error without calling the token API until their backoff ends)
+// `caddy_token_broker_keys_backing_off` | provider | cache keys whose last fetch failed and which are in failure memory (their fetches answer the remembered error without calling the token API until their backoff ends)
 //
 // token_purges_total, token_purges_suppressed_total, breaker_state,
 // keys_backing_off and sources_backing_off are exported (as 0)

@@ -233,10 +233,10 @@ func TestRetryBuffersOnlyKnownSmallBodies(t *testing.T) {
 	}
 }
 
-// TestHeld401BodyIsBounded: a 401 is held back so that the request can be
+// TestBuffered401BodyIsBounded: a 401 is held back so that the request can be
 // retried, but only up to maxHeldBody: a longer answer goes on to the
 // caller as it comes (and the token is still purged).
-func TestHeld401BodyIsBounded(t *testing.T) {
+func TestBuffered401BodyIsBounded(t *testing.T) {
 	var calls atomic.Int64
 	h := newTestHandler(t, okSource(&calls), "json")
 	const size = 1 << 20

@@ -18,10 +18,10 @@ import (
 // a wildcard merchant's series (cache lookups, token requests) are deleted
 // when its last binding in the process goes, evicted or with its config,
 // so that the series follow the active set, not every id seen. Kept: an
-// explicit merchant's; a merchant's still held by another table (another
+// explicit merchant's; a merchant's still used by another table (another
 // route's scopes); a merchant's that the next config lists explicitly;
 // and a discarded table's late eviction releases nothing, so another
-// table's hold stays.
+// table's use stays.
 //
 // Handlers: h1 (the env's wildcard table, max_active 1), h2 (another
 // route's table on the same registry), h3 (the next config: ORG1

@@ -39,7 +39,7 @@ type Metrics struct {
 	SourcesHeld *prometheus.GaugeVec
 	// Breaker is the breaker state of a provider's token API.
 	Breaker *prometheus.GaugeVec
-	// BackingOff is the number of cache keys held in failure memory.
+	// BackingOff is the number of cache keys in failure memory.
 	BackingOff *prometheus.GaugeVec
 
 	// series are the per-merchant series that exist, with the merchant
@@ -110,7 +110,7 @@ func NewMetrics(merchantLabel bool) *Metrics {
 		}, []string{"provider"}),
 		BackingOff: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "keys_backing_off",
-			Help: "Cache keys held in failure memory after a failed fetch: their fetches answer the remembered error without calling the token API.",
+			Help: "Cache keys in failure memory after a failed fetch: their fetches answer the remembered error without calling the token API.",
 		}, []string{"provider"}),
 	}
 	m.series = bindings.NewSeries(m.lookupCounters, m.removeMerchant)

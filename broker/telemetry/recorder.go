@@ -75,16 +75,17 @@ func (r *Recorder) exportZero(provider, sourceID string, breaker func(string) br
 }
 
 // Made is bindings.Hooks.Made: it gives a new binding its observer. A
-// wildcard binding (hold) holds its merchant's series when the merchant
-// label is on; the result says whether it does.
-func (r *Recorder) Made(b *bindings.Binding, hold bool) bool {
-	hold = hold && r != nil && r.metrics != nil && r.metrics.merchantLabel
-	b.Observer = r.observerFor(b, hold)
-	return hold
+// wildcard binding (track) uses its merchant's series, and is counted
+// among their users, when the merchant label is on; the result says
+// whether it is.
+func (r *Recorder) Made(b *bindings.Binding, track bool) bool {
+	track = track && r != nil && r.metrics != nil && r.metrics.merchantLabel
+	b.Observer = r.observerFor(b, track)
+	return track
 }
 
-// Released is bindings.Hooks.Released: the binding's hold on its
-// merchant's series ends.
+// Released is bindings.Hooks.Released: the binding stops using its
+// merchant's series.
 func (r *Recorder) Released(b *bindings.Binding) {
 	r.metrics.series.Release(b.Provider.Name, b.Merchant)
 }
@@ -209,7 +210,7 @@ func (o *Observer) Fetched(_ context.Context, b *broker.Binding, tok broker.Toke
 	}
 }
 
-// BackingOff counts the keys held in failure memory, by provider.
+// BackingOff counts the keys in failure memory, by provider.
 func (o *Observer) BackingOff(b *broker.Binding, on bool) {
 	if o.r == nil || o.r.metrics == nil {
 		return
