@@ -219,6 +219,11 @@ func (r *pageRecorder) listen(ev any) {
 	defer r.mu.Unlock()
 	switch ev := ev.(type) {
 	case *network.EventRequestWillBeSent:
+		// The browser's own favicon fetch (of the previous page too, which
+		// can come after a reset) is not something the page loads.
+		if ev.Type == network.ResourceTypeOther && strings.HasSuffix(ev.Request.URL, "/favicon.ico") {
+			return
+		}
 		r.requests = append(r.requests, ev.Request.URL)
 	case *network.EventResponseReceived:
 		if ev.Type == network.ResourceTypeDocument {
