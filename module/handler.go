@@ -1,7 +1,11 @@
 // Package module is the Caddy adapter of the token broker: the
-// http.handlers.token_broker handler, its Caddyfile directive and its
-// placeholders. It translates Caddy configuration into broker bindings; the
-// decisions are made in package broker.
+// token_broker app (global option), the handlers token_broker,
+// token_broker_consent and token_broker_health with their Caddyfile
+// directives and placeholders, the admin routes, the `caddy token-broker`
+// commands, and adapters to Caddy's storage, metrics registry, logger and
+// usage pools. It turns Caddy configuration into calls of packages without a
+// Caddy import, which make every decision: broker and its sub-packages, and
+// config.
 package module
 
 import (
