@@ -5,7 +5,6 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -19,6 +18,8 @@ import (
 	"time"
 
 	jose "github.com/go-jose/go-jose/v4"
+
+	"github.com/tokenbroker/caddy-token-broker/integration/jwttest"
 )
 
 // fakeClock is a clock the test moves.
@@ -74,32 +75,6 @@ func authn(p *Policy, authorization string) (string, *Error) {
 	return p.Authenticate(r)
 }
 
-// forge changes a JWT's claims (and, if kid is not "", its kid) but keeps
-// its signature, which no longer matches.
-func forge(t *testing.T, token string, i int, kid string) string {
-	t.Helper()
-	parts := strings.Split(token, ".")
-	if kid != "" {
-		var hdr map[string]any
-		raw, _ := base64.RawURLEncoding.DecodeString(parts[0])
-		if err := json.Unmarshal(raw, &hdr); err != nil {
-			t.Fatal(err)
-		}
-		hdr["kid"] = kid
-		b, _ := json.Marshal(hdr)
-		parts[0] = base64.RawURLEncoding.EncodeToString(b)
-	}
-	var claims map[string]any
-	raw, _ := base64.RawURLEncoding.DecodeString(parts[1])
-	if err := json.Unmarshal(raw, &claims); err != nil {
-		t.Fatal(err)
-	}
-	claims["sub"] = fmt.Sprintf("forged-%d", i)
-	b, _ := json.Marshal(claims)
-	parts[1] = base64.RawURLEncoding.EncodeToString(b)
-	return strings.Join(parts, ".")
-}
-
 // TestCallerKeysRefreshRateLimited: forged tokens
 // with a known kid cost at most one key-set fetch per refresh interval,
 // made-up kids at most one per unknownKidGap, and a key rotation at the
@@ -144,7 +119,7 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 
 	// 100 forged tokens with the issuer's kid: one fetch (the first
 	// verification ever), none after.
-	refused(100, false, func(i int) string { return forge(t, good, i, "") })
+	refused(100, false, func(i int) string { return jwttest.Forge(t, good, i, "") })
 	fetches(1)
 	if sub, cerr := authn(p, "Bearer "+good); cerr != nil || sub != "payments" {
 		t.Fatalf("good token: %q %+v", sub, cerr)
@@ -153,18 +128,18 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 
 	// Made-up kids: nothing within unknownKidGap of the last fetch, then
 	// one fetch for all of them.
-	refused(20, true, func(i int) string { return forge(t, good, i, fmt.Sprintf("made-up-%d", i)) })
+	refused(20, true, func(i int) string { return jwttest.Forge(t, good, i, fmt.Sprintf("made-up-%d", i)) })
 	fetches(1)
 	clock.advance(unknownKidGap)
-	refused(20, true, func(i int) string { return forge(t, good, i, fmt.Sprintf("made-up-again-%d", i)) })
+	refused(20, true, func(i int) string { return jwttest.Forge(t, good, i, fmt.Sprintf("made-up-again-%d", i)) })
 	fetches(2)
 
 	// Known kid: after the interval, one fetch again, then none.
 	clock.advance(DefaultKeysRefreshInterval - time.Second)
-	refused(100, true, func(i int) string { return forge(t, good, 1000+i, "") })
+	refused(100, true, func(i int) string { return jwttest.Forge(t, good, 1000+i, "") })
 	fetches(2)
 	clock.advance(time.Second)
-	refused(100, true, func(i int) string { return forge(t, good, 2000+i, "") })
+	refused(100, true, func(i int) string { return jwttest.Forge(t, good, 2000+i, "") })
 	fetches(3)
 
 	// Rotation: a token signed with the new key is refused only within
@@ -187,7 +162,7 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 	// Keys older than keysMaxAge are fetched again once, so a key the
 	// issuer withdrew stops being trusted.
 	clock.advance(keysMaxAge)
-	if _, cerr := authn(p, "Bearer "+forge(t, rotated, 1, "")); cerr == nil {
+	if _, cerr := authn(p, "Bearer "+jwttest.Forge(t, rotated, 1, "")); cerr == nil {
 		t.Fatal("forged token accepted")
 	}
 	fetches(5)
@@ -219,7 +194,7 @@ func TestCallerIssuerTrust(t *testing.T) {
 		{"another CA", &Config{Issuer: iss.URL, CAFile: other.CAFile}, good, http.StatusServiceUnavailable, false},
 		{"another CA, jwks_url", &Config{Issuer: iss.URL, CAFile: other.CAFile, JWKSURL: iss.URL + "/keys"}, good, http.StatusServiceUnavailable, false},
 		{"jwks_file", &Config{Issuer: plain.URL, JWKSFile: jwksFile}, plainGood, 0, false},
-		{"jwks_file, forged", &Config{Issuer: plain.URL, JWKSFile: jwksFile}, forge(t, plainGood, 1, ""), http.StatusUnauthorized, false},
+		{"jwks_file, forged", &Config{Issuer: plain.URL, JWKSFile: jwksFile}, jwttest.Forge(t, plainGood, 1, ""), http.StatusUnauthorized, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
