@@ -18,6 +18,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
 
 // wildcardEnv is a sandbox Nuapay (real HTTP on loopback) whose
@@ -68,7 +69,7 @@ organisation = %q
 scopes = ["openbanking_pisp"]
 %s
 `, ts.URL, org, wildcard)
-	reg, err := loadTestRegistry(t, "w.toml", []byte(toml), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+	reg, err := configtest.Load(t, "w.toml", []byte(toml), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
 	if err != nil {
 		t.Fatal(err)
 	}
