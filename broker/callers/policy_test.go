@@ -19,36 +19,17 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/jwttest"
 )
 
-// fakeClock is a clock the test moves.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newFakeClock() *fakeClock { return &fakeClock{t: time.Now()} }
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
-
 // provisioned makes the policy of c with clock (nil: the real one).
-func provisioned(t *testing.T, c *Config, clock *fakeClock) (*Policy, error) {
+func provisioned(t *testing.T, c *Config, clock *clocktest.Clock) (*Policy, error) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	if clock != nil {
-		c.Now = clock.now
+		c.Now = clock.Now
 	}
 	if c.Allow == nil {
 		c.Allow = map[string][]string{"payments": {"acme"}}
@@ -56,7 +37,7 @@ func provisioned(t *testing.T, c *Config, clock *fakeClock) (*Policy, error) {
 	return New(ctx, *c)
 }
 
-func mustProvision(t *testing.T, c *Config, clock *fakeClock) *Policy {
+func mustProvision(t *testing.T, c *Config, clock *clocktest.Clock) *Policy {
 	t.Helper()
 	p, err := provisioned(t, c, clock)
 	if err != nil {
@@ -81,7 +62,7 @@ func authn(p *Policy, authorization string) (string, *Error) {
 // issuer is still picked up.
 func TestCallerKeysRefreshRateLimited(t *testing.T) {
 	iss := startIssuer(t, false, "payments")
-	clock := newFakeClock()
+	clock := clocktest.New(time.Now())
 	p := mustProvision(t, &Config{Issuer: iss.URL, Audience: callerAudience}, clock)
 	good := iss.token(t, http.DefaultClient, "payments")
 
@@ -130,15 +111,15 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 	// one fetch for all of them.
 	refused(20, true, func(i int) string { return jwttest.Forge(t, good, i, fmt.Sprintf("made-up-%d", i)) })
 	fetches(1)
-	clock.advance(unknownKidGap)
+	clock.Add(unknownKidGap)
 	refused(20, true, func(i int) string { return jwttest.Forge(t, good, i, fmt.Sprintf("made-up-again-%d", i)) })
 	fetches(2)
 
 	// Known kid: after the interval, one fetch again, then none.
-	clock.advance(DefaultKeysRefreshInterval - time.Second)
+	clock.Add(DefaultKeysRefreshInterval - time.Second)
 	refused(100, true, func(i int) string { return jwttest.Forge(t, good, 1000+i, "") })
 	fetches(2)
-	clock.advance(time.Second)
+	clock.Add(time.Second)
 	refused(100, true, func(i int) string { return jwttest.Forge(t, good, 2000+i, "") })
 	fetches(3)
 
@@ -150,7 +131,7 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 		t.Fatal("a new kid was fetched within unknownKidGap of the last fetch")
 	}
 	fetches(3)
-	clock.advance(unknownKidGap)
+	clock.Add(unknownKidGap)
 	if sub, cerr := authn(p, "Bearer "+rotated); cerr != nil || sub != "payments" {
 		t.Fatalf("token signed with the rotated key: %q %+v", sub, cerr)
 	}
@@ -161,7 +142,7 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 
 	// Keys older than keysMaxAge are fetched again once, so a key the
 	// issuer withdrew stops being trusted.
-	clock.advance(keysMaxAge)
+	clock.Add(keysMaxAge)
 	if _, cerr := authn(p, "Bearer "+jwttest.Forge(t, rotated, 1, "")); cerr == nil {
 		t.Fatal("forged token accepted")
 	}
