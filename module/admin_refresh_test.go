@@ -13,6 +13,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
 
 // TestAdminRefreshTokenForgetsConsentRequired: after invalid_grant the
@@ -45,7 +46,7 @@ client_secret = "{env.BANK_SECRET}"
 provider = "bank"
 scopes = ["accounts"]
 `
-	reg, err := loadTestRegistry(t, "merchants.toml", []byte(toml), config.Options{RefreshStore: oauth.NewMemoryStore(),
+	reg, err := configtest.Load(t, "merchants.toml", []byte(toml), config.Options{RefreshStore: oauth.NewMemoryStore(),
 		LookupEnv: func(k string) (string, bool) { return "bank-secret", k == "BANK_SECRET" }})
 	if err != nil {
 		t.Fatal(err)

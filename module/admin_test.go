@@ -13,13 +13,14 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
 
 // The token list shows each entry's origin and the failure policy's state
 // of its key: next refresh attempt, last refresh error code, backoff end;
 // never the token.
 func TestAdminTokenListShowsPolicyState(t *testing.T) {
-	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	clk := clocktest.New(time.Unix(1_700_000_000, 0))
 	var fail atomic.Bool
 	const secret = "tok-admin-secret"
 	src := sourceFunc(func(ctx context.Context, req broker.Request) (broker.Token, error) {

@@ -5,9 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/json"
-	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -21,6 +19,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+
+	"github.com/tokenbroker/caddy-token-broker/integration/jwttest"
 )
 
 // mustProvision provisions p, allowing payments to act for acme when p
@@ -36,32 +36,6 @@ func mustProvision(t *testing.T, p *CallerPolicy) *CallerPolicy {
 		t.Fatal(err)
 	}
 	return p
-}
-
-// forge changes a JWT's claims (and, if kid is not "", its kid) but keeps
-// its signature, which no longer matches.
-func forge(t *testing.T, token string, i int, kid string) string {
-	t.Helper()
-	parts := strings.Split(token, ".")
-	if kid != "" {
-		var hdr map[string]any
-		raw, _ := base64.RawURLEncoding.DecodeString(parts[0])
-		if err := json.Unmarshal(raw, &hdr); err != nil {
-			t.Fatal(err)
-		}
-		hdr["kid"] = kid
-		b, _ := json.Marshal(hdr)
-		parts[0] = base64.RawURLEncoding.EncodeToString(b)
-	}
-	var claims map[string]any
-	raw, _ := base64.RawURLEncoding.DecodeString(parts[1])
-	if err := json.Unmarshal(raw, &claims); err != nil {
-		t.Fatal(err)
-	}
-	claims["sub"] = fmt.Sprintf("forged-%d", i)
-	b, _ := json.Marshal(claims)
-	parts[1] = base64.RawURLEncoding.EncodeToString(b)
-	return strings.Join(parts, ".")
 }
 
 func TestParseCallers(t *testing.T) {
@@ -162,7 +136,7 @@ func TestCallerChallenge(t *testing.T) {
 		{"garbage", []string{"Bearer not.a.jwt"}, "acme", 401, invalid},
 		{"expired", []string{"Bearer " + li.token(t, "payments", "token-broker", time.Now().Add(-time.Minute))}, "acme", 401, invalid},
 		{"wrong audience", []string{"Bearer " + li.token(t, "payments", "other", time.Now().Add(time.Hour))}, "acme", 401, invalid},
-		{"forged", []string{"Bearer " + forge(t, good, 1, "")}, "acme", 401, invalid},
+		{"forged", []string{"Bearer " + jwttest.Forge(t, good, 1, "")}, "acme", 401, invalid},
 		{"lower-case scheme", []string{"bearer " + good}, "acme", 200, ""},
 		{"allowed", []string{"Bearer " + good}, "acme", 200, ""},
 		{"merchant not allowed", []string{"Bearer " + good}, "globex", 403, ""},

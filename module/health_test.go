@@ -14,6 +14,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
 
 // TestHealthCaddyfile: the directive takes no argument and no block.
@@ -36,7 +37,7 @@ func TestHealthCaddyfile(t *testing.T) {
 // registry included; not live without the app.
 func TestHealthAnswer(t *testing.T) {
 	reg := func(t *testing.T, name string) *config.Registry {
-		r, err := loadTestRegistry(t, name, []byte(`[providers.np]
+		r, err := configtest.Load(t, name, []byte(`[providers.np]
 type = "nuapay"
 base_url = "https://nuapay.example"
 api_key = "{env.KEY}"

@@ -20,6 +20,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
 
 // warmMerchantsTOML is a registry of n explicit Nuapay merchants.
@@ -54,7 +55,7 @@ func warmRegistryHandler(tb testing.TB, n int, scopes []string) (*Handler, []str
 // broker's, and the tokens' expiry).
 func warmRegistryHandlerAt(tb testing.TB, n int, scopes []string, now func() time.Time) (*Handler, []string, *config.Registry) {
 	tb.Helper()
-	reg, err := loadTestRegistry(tb, "warm.toml", warmMerchantsTOML(n), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+	reg, err := configtest.Load(tb, "warm.toml", warmMerchantsTOML(n), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
 	if err != nil {
 		tb.Fatal(err)
 	}

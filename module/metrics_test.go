@@ -18,25 +18,13 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
-
-// clock is a settable test clock.
-type clock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func (c *clock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
-func (c *clock) Add(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
-}
 
 // newMetricsHandler returns a handler for merchants acme and globex of
 // provider nuapay, on a broker with the clock, instrumented with fresh
 // collectors registered in reg.
-func newMetricsHandler(t *testing.T, src sourceFunc, clk *clock, merchantLabel bool) (*Handler, *telemetry.Metrics, *prometheus.Registry) {
+func newMetricsHandler(t *testing.T, src sourceFunc, clk *clocktest.Clock, merchantLabel bool) (*Handler, *telemetry.Metrics, *prometheus.Registry) {
 	t.Helper()
 	return newMetricsHandlerWith(t, src, merchantLabel, broker.Options{Now: clk.Now, MaxAttempts: 1, FailureTTL: -1, BreakerThreshold: 2})
 }
@@ -76,7 +64,7 @@ func merchantRequest(merchant string) *http.Request {
 // every series exactly. The integration test cannot move Caddy's clock, so
 // refresh-ahead is counted here.
 func TestMetricsScriptedSequence(t *testing.T) {
-	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	clk := clocktest.New(time.Unix(1_700_000_000, 0))
 	var fail atomic.Bool
 	var calls atomic.Int64
 	refreshed := make(chan struct{}, 4)
@@ -151,7 +139,7 @@ func TestMetricsScriptedSequence(t *testing.T) {
 }
 
 func TestMetricsSharedAndMerchantLabel(t *testing.T) {
-	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	clk := clocktest.New(time.Unix(1_700_000_000, 0))
 	release, started := make(chan struct{}), make(chan struct{}, 1)
 	src := func(ctx context.Context, req broker.Request) (broker.Token, error) {
 		started <- struct{}{}
@@ -186,7 +174,7 @@ func TestMetricsSharedAndMerchantLabel(t *testing.T) {
 // is reported (the probe sees the gauge at 1); a failing key is counted as
 // backing off until a success.
 func TestMetricsPolicyState(t *testing.T) {
-	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	clk := clocktest.New(time.Unix(1_700_000_000, 0))
 	var fail atomic.Bool
 	var calls atomic.Int64
 	var m *telemetry.Metrics
@@ -248,7 +236,7 @@ func TestMetricsPolicyState(t *testing.T) {
 }
 
 func TestLookupAllocatesNothing(t *testing.T) {
-	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	clk := clocktest.New(time.Unix(1_700_000_000, 0))
 	h, _, _ := newMetricsHandler(t, func(context.Context, broker.Request) (broker.Token, error) {
 		return broker.Token{Value: "tok", Expiry: clk.Now().Add(time.Hour)}, nil
 	}, clk, false)
@@ -260,7 +248,7 @@ func TestLookupAllocatesNothing(t *testing.T) {
 
 func TestFetchLogLine(t *testing.T) {
 	core, logs := zapobserver.New(zap.InfoLevel)
-	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	clk := clocktest.New(time.Unix(1_700_000_000, 0))
 	h, m, _ := newMetricsHandler(t, func(context.Context, broker.Request) (broker.Token, error) {
 		return broker.Token{Value: testToken, Expiry: clk.Now().Add(time.Hour)}, nil
 	}, clk, false)

@@ -12,6 +12,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
 
 // TestWildcardMerchantSeriesFollowActiveSet: with the merchant label on,
@@ -100,7 +101,7 @@ func explicitORG1(t *testing.T) *config.Registry {
 	sb := sandbox.New(sandbox.Config{APIKeys: []string{"partner-key"}, Organisations: []sandbox.Organisation{{ID: "ORG1", Name: "One"}}})
 	ts := httptest.NewServer(sb)
 	t.Cleanup(ts.Close)
-	reg, err := loadTestRegistry(t, "next.toml", []byte(fmt.Sprintf(`
+	reg, err := configtest.Load(t, "next.toml", []byte(fmt.Sprintf(`
 [providers.nuapay]
 type = "nuapay"
 base_url = %q

@@ -18,6 +18,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
+	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
 
 // wildcardEnv is a sandbox Nuapay (real HTTP on loopback) whose
@@ -27,7 +29,7 @@ type wildcardEnv struct {
 	sb       *sandbox.Server
 	listDown atomic.Bool
 	h        *Handler
-	clk      *clock
+	clk      *clocktest.Clock
 	listing  *listing.Listing
 }
 
@@ -40,7 +42,7 @@ func newWildcardEnv(t *testing.T, wildcard string) *wildcardEnv {
 // organisation template org.
 func newWildcardEnvOrg(t *testing.T, org, wildcard string) *wildcardEnv {
 	t.Helper()
-	env := &wildcardEnv{clk: &clock{now: time.Unix(1_700_000_000, 0)}}
+	env := &wildcardEnv{clk: clocktest.New(time.Unix(1_700_000_000, 0))}
 	env.sb = sandbox.New(sandbox.Config{APIKeys: []string{"partner-key"}, Organisations: []sandbox.Organisation{
 		{ID: "org-acme", Name: "Acme"}, {ID: "ORG1", Name: "One"}, {ID: "ORG2", Name: "Two"}, {ID: "ORG3", Name: "Three"}, {ID: "ORG4", Name: "Four"}}})
 	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -68,7 +70,7 @@ organisation = %q
 scopes = ["openbanking_pisp"]
 %s
 `, ts.URL, org, wildcard)
-	reg, err := loadTestRegistry(t, "w.toml", []byte(toml), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+	reg, err := configtest.Load(t, "w.toml", []byte(toml), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
 
 // resolver serves ids starting with "x" as explicit merchants and every
@@ -46,28 +47,15 @@ func (h *hooks) Drop(b *broker.Binding) {
 	h.dropped = append(h.dropped, b.Merchant)
 }
 
-// clock is a settable clock.
-type clock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func (c *clock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
-func (c *clock) Add(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
-}
-
-func newTable(limits Limits, allow func(string) error) (*Table, *clock) {
-	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+func newTable(limits Limits, allow func(string) error) (*Table, *clocktest.Clock) {
+	clk := clocktest.New(time.Unix(1_700_000_000, 0))
 	p := broker.NewProfile("nuapay#1", nil, []string{"openbanking_pisp"}, "", 0)
 	return New(Config{Resolver: resolver{p}, Limits: limits, Allow: allow, Now: clk.Now}), clk
 }
 
 // step is a request for a merchant ("+1m" moves the clock); served says
 // that it got a token.
-func run(t *testing.T, tbl *Table, clk *clock, h Hooks, steps []string) []string {
+func run(t *testing.T, tbl *Table, clk *clocktest.Clock, h Hooks, steps []string) []string {
 	t.Helper()
 	var out []string
 	for _, s := range steps {

@@ -5,7 +5,6 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -19,35 +18,18 @@ import (
 	"time"
 
 	jose "github.com/go-jose/go-jose/v4"
+
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
+	"github.com/tokenbroker/caddy-token-broker/integration/jwttest"
 )
 
-// fakeClock is a clock the test moves.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newFakeClock() *fakeClock { return &fakeClock{t: time.Now()} }
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
-
 // provisioned makes the policy of c with clock (nil: the real one).
-func provisioned(t *testing.T, c *Config, clock *fakeClock) (*Policy, error) {
+func provisioned(t *testing.T, c *Config, clock *clocktest.Clock) (*Policy, error) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	if clock != nil {
-		c.Now = clock.now
+		c.Now = clock.Now
 	}
 	if c.Allow == nil {
 		c.Allow = map[string][]string{"payments": {"acme"}}
@@ -55,7 +37,7 @@ func provisioned(t *testing.T, c *Config, clock *fakeClock) (*Policy, error) {
 	return New(ctx, *c)
 }
 
-func mustProvision(t *testing.T, c *Config, clock *fakeClock) *Policy {
+func mustProvision(t *testing.T, c *Config, clock *clocktest.Clock) *Policy {
 	t.Helper()
 	p, err := provisioned(t, c, clock)
 	if err != nil {
@@ -74,39 +56,13 @@ func authn(p *Policy, authorization string) (string, *Error) {
 	return p.Authenticate(r)
 }
 
-// forge changes a JWT's claims (and, if kid is not "", its kid) but keeps
-// its signature, which no longer matches.
-func forge(t *testing.T, token string, i int, kid string) string {
-	t.Helper()
-	parts := strings.Split(token, ".")
-	if kid != "" {
-		var hdr map[string]any
-		raw, _ := base64.RawURLEncoding.DecodeString(parts[0])
-		if err := json.Unmarshal(raw, &hdr); err != nil {
-			t.Fatal(err)
-		}
-		hdr["kid"] = kid
-		b, _ := json.Marshal(hdr)
-		parts[0] = base64.RawURLEncoding.EncodeToString(b)
-	}
-	var claims map[string]any
-	raw, _ := base64.RawURLEncoding.DecodeString(parts[1])
-	if err := json.Unmarshal(raw, &claims); err != nil {
-		t.Fatal(err)
-	}
-	claims["sub"] = fmt.Sprintf("forged-%d", i)
-	b, _ := json.Marshal(claims)
-	parts[1] = base64.RawURLEncoding.EncodeToString(b)
-	return strings.Join(parts, ".")
-}
-
 // TestCallerKeysRefreshRateLimited: forged tokens
 // with a known kid cost at most one key-set fetch per refresh interval,
 // made-up kids at most one per unknownKidGap, and a key rotation at the
 // issuer is still picked up.
 func TestCallerKeysRefreshRateLimited(t *testing.T) {
 	iss := startIssuer(t, false, "payments")
-	clock := newFakeClock()
+	clock := clocktest.New(time.Now())
 	p := mustProvision(t, &Config{Issuer: iss.URL, Audience: callerAudience}, clock)
 	good := iss.token(t, http.DefaultClient, "payments")
 
@@ -144,7 +100,7 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 
 	// 100 forged tokens with the issuer's kid: one fetch (the first
 	// verification ever), none after.
-	refused(100, false, func(i int) string { return forge(t, good, i, "") })
+	refused(100, false, func(i int) string { return jwttest.Forge(t, good, i, "") })
 	fetches(1)
 	if sub, cerr := authn(p, "Bearer "+good); cerr != nil || sub != "payments" {
 		t.Fatalf("good token: %q %+v", sub, cerr)
@@ -153,18 +109,18 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 
 	// Made-up kids: nothing within unknownKidGap of the last fetch, then
 	// one fetch for all of them.
-	refused(20, true, func(i int) string { return forge(t, good, i, fmt.Sprintf("made-up-%d", i)) })
+	refused(20, true, func(i int) string { return jwttest.Forge(t, good, i, fmt.Sprintf("made-up-%d", i)) })
 	fetches(1)
-	clock.advance(unknownKidGap)
-	refused(20, true, func(i int) string { return forge(t, good, i, fmt.Sprintf("made-up-again-%d", i)) })
+	clock.Add(unknownKidGap)
+	refused(20, true, func(i int) string { return jwttest.Forge(t, good, i, fmt.Sprintf("made-up-again-%d", i)) })
 	fetches(2)
 
 	// Known kid: after the interval, one fetch again, then none.
-	clock.advance(DefaultKeysRefreshInterval - time.Second)
-	refused(100, true, func(i int) string { return forge(t, good, 1000+i, "") })
+	clock.Add(DefaultKeysRefreshInterval - time.Second)
+	refused(100, true, func(i int) string { return jwttest.Forge(t, good, 1000+i, "") })
 	fetches(2)
-	clock.advance(time.Second)
-	refused(100, true, func(i int) string { return forge(t, good, 2000+i, "") })
+	clock.Add(time.Second)
+	refused(100, true, func(i int) string { return jwttest.Forge(t, good, 2000+i, "") })
 	fetches(3)
 
 	// Rotation: a token signed with the new key is refused only within
@@ -175,7 +131,7 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 		t.Fatal("a new kid was fetched within unknownKidGap of the last fetch")
 	}
 	fetches(3)
-	clock.advance(unknownKidGap)
+	clock.Add(unknownKidGap)
 	if sub, cerr := authn(p, "Bearer "+rotated); cerr != nil || sub != "payments" {
 		t.Fatalf("token signed with the rotated key: %q %+v", sub, cerr)
 	}
@@ -186,8 +142,8 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 
 	// Keys older than keysMaxAge are fetched again once, so a key the
 	// issuer withdrew stops being trusted.
-	clock.advance(keysMaxAge)
-	if _, cerr := authn(p, "Bearer "+forge(t, rotated, 1, "")); cerr == nil {
+	clock.Add(keysMaxAge)
+	if _, cerr := authn(p, "Bearer "+jwttest.Forge(t, rotated, 1, "")); cerr == nil {
 		t.Fatal("forged token accepted")
 	}
 	fetches(5)
@@ -219,7 +175,7 @@ func TestCallerIssuerTrust(t *testing.T) {
 		{"another CA", &Config{Issuer: iss.URL, CAFile: other.CAFile}, good, http.StatusServiceUnavailable, false},
 		{"another CA, jwks_url", &Config{Issuer: iss.URL, CAFile: other.CAFile, JWKSURL: iss.URL + "/keys"}, good, http.StatusServiceUnavailable, false},
 		{"jwks_file", &Config{Issuer: plain.URL, JWKSFile: jwksFile}, plainGood, 0, false},
-		{"jwks_file, forged", &Config{Issuer: plain.URL, JWKSFile: jwksFile}, forge(t, plainGood, 1, ""), http.StatusUnauthorized, false},
+		{"jwks_file, forged", &Config{Issuer: plain.URL, JWKSFile: jwksFile}, jwttest.Forge(t, plainGood, 1, ""), http.StatusUnauthorized, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

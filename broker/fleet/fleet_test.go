@@ -15,6 +15,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
 	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
@@ -34,24 +35,11 @@ func (c *counters) Undecryptable()        { c.undec.Add(1) }
 func (c *counters) Bypassed()             { c.bypass.Add(1) }
 func (c *counters) RolledBack()           { c.rolledBack.Add(1) }
 
-// fakeClock is the breaker's clock, moved by the test.
-type fakeClock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
-}
-
 // node is one broker of the fleet under test.
 type node struct {
 	*Cache
 	obs   *counters
-	clock *fakeClock
+	clock *clocktest.Clock
 }
 
 func testKeys(t *testing.T, current byte, old ...byte) *seal.Keyring {
@@ -77,7 +65,7 @@ func newNode(t *testing.T, r *redistest.Server, keys *seal.Keyring, mod func(*Op
 // newNodeAt is newNode on the Redis at addr.
 func newNodeAt(t *testing.T, addr string, keys *seal.Keyring, mod func(*Options)) *node {
 	t.Helper()
-	clock := &fakeClock{now: time.Now()}
+	clock := clocktest.New(time.Now())
 	obs := &counters{}
 	opts := Options{Keys: keys, Timeout: 5 * time.Second, LockTTL: 10 * time.Second, Now: clock.Now, Observer: obs}
 	if mod != nil {
@@ -529,8 +517,8 @@ func TestRedisDownAndBack(t *testing.T) {
 	r.Restart()
 	deadline := time.Now().Add(20 * time.Second)
 	for i := 0; ; i++ {
-		a.clock.Advance(time.Minute)
-		b.clock.Advance(time.Minute)
+		a.clock.Add(time.Minute)
+		b.clock.Add(time.Minute)
 		key := fmt.Sprintf("back-%d", i)
 		if _, _, err := a.Fetch(ctx, key, usable, m.mint); err != nil {
 			t.Fatal(err)
@@ -672,7 +660,7 @@ func TestSilentRedisIsBypassed(t *testing.T) {
 	ClientOptions(uo, 50*time.Millisecond)
 	rdb := redis.NewUniversalClient(uo)
 	obs := &counters{}
-	clock := &fakeClock{now: time.Now()}
+	clock := clocktest.New(time.Now())
 	c, err := New(Options{Client: rdb, Keys: testKeys(t, 1), Timeout: 50 * time.Millisecond, Now: clock.Now, Observer: obs})
 	if err != nil {
 		t.Fatal(err)
@@ -695,7 +683,7 @@ func TestSilentRedisIsBypassed(t *testing.T) {
 	// After each cooldown one call probes the still silent Redis, and its
 	// failure keeps Redis out for another cooldown.
 	for round := 1; round <= 2; round++ {
-		clock.Advance(DefaultBreakerCooldown)
+		clock.Add(DefaultBreakerCooldown)
 		for i := 0; i < 5; i++ {
 			if _, _, err := c.Fetch(ctx, testKey, usable, m.mint); err != nil {
 				t.Fatal(err)

@@ -115,7 +115,7 @@ func TestLockWaitBoundedByLockTTL(t *testing.T) {
 					t.Fatalf("returned before the lock TTL had passed: %+v", res)
 				case <-time.After(100 * time.Millisecond):
 				}
-				n.clock.Advance(tt.lockTTL)
+				n.clock.Add(tt.lockTTL)
 			}
 			res := <-done
 			if res.err != nil || res.adopted || m.n.Load() != 1 || n.obs.bypass.Load() != 1 {

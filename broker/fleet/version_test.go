@@ -105,7 +105,7 @@ func TestVersionsAcrossSkewedClocks(t *testing.T) {
 	r := startRedis(t)
 	keys := testKeys(t, 1)
 	a, late := newNode(t, r, keys, nil), newNode(t, r, keys, nil)
-	late.clock.Advance(-time.Hour)
+	late.clock.Add(-time.Hour)
 	ctx := testCtx(t)
 	var m minter
 	tok, _, err := a.Fetch(ctx, testKey, usable, m.mint)
@@ -188,7 +188,7 @@ func TestRefreshTokenVersionsAcrossSkewedClocks(t *testing.T) {
 	r := startRedis(t)
 	keys := testKeys(t, 1)
 	a, late := newNode(t, r, keys, nil), newNode(t, r, keys, nil)
-	late.clock.Advance(-time.Hour)
+	late.clock.Add(-time.Hour)
 	ctx := testCtx(t)
 	if err := a.Store().Save(ctx, "bank/m1", "rt-old"); err != nil {
 		t.Fatal(err)

@@ -7,31 +7,18 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/certmagic"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
-
-// testClock is a clock that tests move.
-type testClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *testClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *testClock) Add(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
 
 // storageFlow is a consent flow keeping its links and states in the
 // file-system storage at dir: one per instance.
-func storageFlow(t *testing.T, dir string, clock *testClock) *oauth.AuthCode {
+func storageFlow(t *testing.T, dir string, clock *clocktest.Clock) *oauth.AuthCode {
 	t.Helper()
 	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.example/token", ClientID: "c", ClientSecret: "s", Now: clock.Now}, oauth.NewMemoryStore())
 	if err != nil {
@@ -53,7 +40,7 @@ func storageFlow(t *testing.T, dir string, clock *testClock) *oauth.AuthCode {
 func TestStoragePendingSharedSealedSwept(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	clock := &testClock{t: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)}
+	clock := clocktest.New(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC))
 	a, b := storageFlow(t, dir, clock), storageFlow(t, dir, clock)
 	const ret = "https://app.partner.example/consent/done-marker"
 	link, err := a.NewLink(ctx, "merchant-marker", ret, "")

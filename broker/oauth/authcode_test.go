@@ -18,6 +18,7 @@ import (
 	"github.com/zitadel/oidc/v3/pkg/oidc"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
@@ -46,7 +47,7 @@ type consentFixture struct {
 	src   *RefreshToken
 	flow  *AuthCode
 	pend  *Pendings
-	clock *fixedClock
+	clock *clocktest.Clock
 }
 
 // newConsentFixture starts the server with the client "bank-client"

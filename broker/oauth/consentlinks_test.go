@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
@@ -77,7 +78,7 @@ func TestReturnURLAllowList(t *testing.T) {
 
 // newLimitFlow is a consent flow on an in-memory store with the clock
 // clock, without discovery (links only).
-func newLimitFlow(t *testing.T, clock *fixedClock, limits LinkLimits) (*AuthCode, *MemoryPendingStore) {
+func newLimitFlow(t *testing.T, clock *clocktest.Clock, limits LinkLimits) (*AuthCode, *MemoryPendingStore) {
 	t.Helper()
 	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: "https://bank.example/token", ClientID: "c", ClientSecret: "s", Now: clock.Now}, NewMemoryStore())
 	if err != nil {

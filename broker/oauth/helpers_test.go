@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
 
 // secretValue is a distinctive secret: no error text may ever hold it.
@@ -157,25 +158,8 @@ func writeFile(t testing.TB, path string, data []byte) {
 	}
 }
 
-// fixedClock is a clock the tests move by hand.
-type fixedClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newClock() *fixedClock { return &fixedClock{t: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)} }
-
-func (c *fixedClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fixedClock) Add(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
+// newClock returns a test clock at a fixed date.
+func newClock() *clocktest.Clock { return clocktest.New(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)) }
 
 // cryptoSigner is crypto.Signer, named for test tables.
 type cryptoSigner = crypto.Signer

@@ -4,8 +4,6 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -14,6 +12,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
 
 // An operator rotates a client secret after invalid_client and reloads:
@@ -48,7 +47,7 @@ scopes = ["payments"]
 `
 	parse := func(secret string) *config.Registry {
 		t.Helper()
-		reg, err := loadTestRegistry(t, "merchants.toml", []byte(toml), config.Options{
+		reg, err := configtest.Load(t, "merchants.toml", []byte(toml), config.Options{
 			LookupEnv: func(k string) (string, bool) { return secret, k == "BANK_SECRET" }})
 		if err != nil {
 			t.Fatal(err)
@@ -86,15 +85,4 @@ scopes = ["payments"]
 	}
 	// A reload without a change forgets nothing.
 	pb.SecretsSeen(parse("new-secret"))
-}
-
-// loadTestRegistry writes data to a file named name in a fresh folder and
-// loads it with config.LoadWith.
-func loadTestRegistry(tb testing.TB, name string, data []byte, opts config.Options) (*config.Registry, error) {
-	tb.Helper()
-	path := filepath.Join(tb.TempDir(), name)
-	if err := os.WriteFile(path, data, 0o600); err != nil {
-		tb.Fatal(err)
-	}
-	return config.LoadWith(path, opts)
 }
