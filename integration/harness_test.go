@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -40,15 +41,27 @@ func repoRoot(t testing.TB) string {
 	return filepath.Dir(filepath.Dir(file))
 }
 
-// freePort returns a port on 127.0.0.1 that was free a moment ago.
+// handedOut are the ports freePort returned in this test binary. Caddy
+// binds with SO_REUSEPORT, so two of the tests' servers given the same port
+// (the kernel hands a closed port out again) would share it silently.
+var handedOut sync.Map
+
+// freePort returns a port on 127.0.0.1 that was free a moment ago (the
+// kernel's pick, port 0) and that no other caller of freePort in this test
+// binary got.
 func freePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if _, dup := handedOut.LoadOrStore(port, struct{}{}); !dup {
+			return port
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 // startSandbox serves an in-process sandbox on 127.0.0.1 and points the
