@@ -1,0 +1,163 @@
+// Package opstate is the operator's view of a token broker: the state of
+// each provider and each merchant (whether it can get a token, and if not
+// why), the fleet tier's health, and the events someone must act on. It
+// never holds or shows a token or a secret.
+package opstate
+
+import "time"
+
+// States of a merchant, worst first. A merchant with several cache keys
+// (route scopes, audiences) takes the worst state of its keys.
+const (
+	// StateRefused: the provider refused the credentials (invalid API key
+	// or client, token_refused).
+	StateRefused = "refused"
+	// StateUnknownOrganisation: the provider does not know the merchant's
+	// organisation.
+	StateUnknownOrganisation = "unknown_organisation"
+	// StateNeedsConsent: the merchant must grant consent (again) at its
+	// bank: no refresh token, or the provider refused it.
+	StateNeedsConsent = "needs_consent"
+	// StateBackingOff: the last token request failed (provider down, rate
+	// limited, bad answer) and the key is in failure memory.
+	StateBackingOff = "backing_off"
+	// StateRefreshing: a cached token is in its refresh window.
+	StateRefreshing = "refreshing"
+	// StateFresh: a cached token outside its refresh window.
+	StateFresh = "fresh"
+	// StateIdle: no cached token and nothing wrong (never asked for, or
+	// its token expired unused).
+	StateIdle = "idle"
+)
+
+// States are the merchant states, worst first.
+var States = []string{StateRefused, StateUnknownOrganisation, StateNeedsConsent, StateBackingOff, StateRefreshing, StateFresh, StateIdle}
+
+// Events emitted through Caddy's events app for what someone must act on.
+// Their data names the merchant, the provider and the error code, never a
+// token or a secret.
+const (
+	// EventConsentNeeded: a merchant needs consent (data: merchant,
+	// provider, error).
+	EventConsentNeeded = "merchant_consent_needed"
+	// EventConsentGranted: a merchant completed consent (data: merchant,
+	// provider).
+	EventConsentGranted = "merchant_consent_granted"
+	// EventTokenRefused: a provider refused a merchant's token request for
+	// good: invalid credentials or unknown organisation (data: merchant,
+	// provider, error).
+	EventTokenRefused = "merchant_token_refused"
+	// EventProviderFailing: a provider's token API fails: its breaker
+	// opened, or it is backing off (data: provider, error).
+	EventProviderFailing = "provider_failing"
+	// EventProviderRecovered: a failing provider answers again (data:
+	// provider).
+	EventProviderRecovered = "provider_recovered"
+	// EventFleetDown: the shared (Redis) tier is unavailable (data: error).
+	EventFleetDown = "fleet_tier_down"
+	// EventFleetRecovered: the shared tier answers again.
+	EventFleetRecovered = "fleet_tier_recovered"
+)
+
+// Query selects the merchants of a Report.
+type Query struct {
+	// Provider keeps the merchants of this provider only ("" for all).
+	Provider string
+	// State keeps the merchants in this state only ("" for all).
+	State string
+	// After is the cursor: merchants whose id sorts after it (the Next of
+	// the previous page).
+	After string
+	// Limit is the page size: default DefaultLimit, at most MaxLimit.
+	Limit int
+}
+
+// Page sizes of a Query.
+const (
+	DefaultLimit = 100
+	MaxLimit     = 1000
+)
+
+// Report is the answer of GET /token_broker/state.
+type Report struct {
+	// GeneratedAt is when the report was made.
+	GeneratedAt time.Time `json:"generated_at"`
+	// Providers are every provider of the registry, by name.
+	Providers []Provider `json:"providers"`
+	// Fleet is the shared tier's health, nil when none is configured.
+	Fleet *Fleet `json:"fleet,omitempty"`
+	// Counts are the merchants by state, over every merchant matching the
+	// query's provider (not only this page).
+	Counts map[string]int `json:"counts"`
+	// Total is how many merchants match the query (provider and state).
+	Total int `json:"total"`
+	// Merchants is one page of the matching merchants, sorted by id.
+	Merchants []Merchant `json:"merchants"`
+	// Next is the After of the next page; absent on the last page.
+	Next string `json:"next,omitempty"`
+}
+
+// Provider is the state of one provider's token API.
+type Provider struct {
+	// Name is the provider's name in the registry.
+	Name string `json:"name"`
+	// Type is its token API type ("nuapay", "oauth2").
+	Type string `json:"type"`
+	// Status sums it up: "ok", "failing" (recent failures),
+	// "backing_off" (not called for any key until BackoffUntil) or
+	// "open" (breaker open).
+	Status string `json:"status"`
+	// Breaker is the circuit breaker's state: closed, half-open, open.
+	Breaker string `json:"breaker"`
+	// BackoffUntil is until when the token API is not called for any key.
+	BackoffUntil *time.Time `json:"backoff_until,omitempty"`
+	// LastError is the error code of the last failed token request.
+	LastError string `json:"last_error,omitempty"`
+	// LastErrorAt is when it happened.
+	LastErrorAt *time.Time `json:"last_error_at,omitempty"`
+	// Requests counts token API calls over the last Window.
+	Requests int `json:"requests"`
+	// Failures counts the failed ones.
+	Failures int `json:"failures"`
+	// Window is the span Requests and Failures cover, e.g. "5m0s".
+	Window string `json:"window"`
+	// Merchants counts the provider's merchants in the registry (explicit)
+	// and the wildcard's active ones.
+	Merchants int `json:"merchants"`
+}
+
+// Fleet is the shared tier's health.
+type Fleet struct {
+	// Up is false while Redis is unavailable (the broker mints alone).
+	Up bool `json:"up"`
+	// Since is when Up last changed.
+	Since *time.Time `json:"since,omitempty"`
+	// LastError is the last Redis failure (no address credentials in it).
+	LastError string `json:"last_error,omitempty"`
+	// LastErrorAt is when it happened.
+	LastErrorAt *time.Time `json:"last_error_at,omitempty"`
+}
+
+// Merchant is the state of one merchant.
+type Merchant struct {
+	// Merchant is the merchant id.
+	Merchant string `json:"merchant"`
+	// Provider is its provider's name.
+	Provider string `json:"provider"`
+	// Organisation is its organisation at the provider, if any.
+	Organisation string `json:"organisation,omitempty"`
+	// Wildcard is true for a merchant served by the [merchants."*"] entry.
+	Wildcard bool `json:"wildcard,omitempty"`
+	// State is one of States.
+	State string `json:"state"`
+	// LastError is the error code of its last failed token request, kept
+	// after a success until another failure replaces it.
+	LastError string `json:"last_error,omitempty"`
+	// LastErrorAt is when it happened.
+	LastErrorAt *time.Time `json:"last_error_at,omitempty"`
+	// Expiry is the earliest expiry of its cached tokens, if any.
+	Expiry *time.Time `json:"expiry,omitempty"`
+	// BackoffUntil is until when its token requests answer the remembered
+	// error without calling the token API.
+	BackoffUntil *time.Time `json:"backoff_until,omitempty"`
+}
