@@ -30,8 +30,10 @@ const (
 	StateIdle = "idle"
 )
 
-// States are the merchant states, worst first.
-var States = []string{StateRefused, StateUnknownOrganisation, StateNeedsConsent, StateBackingOff, StateRefreshing, StateFresh, StateIdle}
+// States returns the merchant states, worst first.
+func States() []string {
+	return []string{StateRefused, StateUnknownOrganisation, StateNeedsConsent, StateBackingOff, StateRefreshing, StateFresh, StateIdle}
+}
 
 // Events emitted through Caddy's events app for what someone must act on.
 // Their data names the merchant, the provider and the error code, never a
