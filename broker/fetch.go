@@ -34,12 +34,15 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry) (*Entry,
 	ctx, cancel := context.WithDeadline(context.WithoutCancel(parent), deadline)
 	defer cancel()
 
-	// The last attempt is reported once its outcome is in the cache (or
-	// remembered as a failure), so an observer sees a consistent state.
+	// The last attempt and the fetch are reported once the outcome is in
+	// the cache (or remembered as a failure), so an observer sees a
+	// consistent state. A fetch that mints again (a purge named its first
+	// token) reports the first mint before the second.
 	report := func() {}
 	defer func() { report() }()
 	mint := func(ctx context.Context) (Token, error) {
 		tok, r, err := br.mint(ctx, b, cur != nil, deadline)
+		report()
 		report = r
 		return tok, err
 	}
@@ -126,26 +129,40 @@ const outlivesBy = time.Second
 
 // mint calls the Source for b's key through the failure policy (policy.go):
 // the key's and its source's backoffs first, then attempts. It returns the
-// report of the last call, for the caller to run once the outcome is
-// stored.
+// report of the last call and of the fetch (FetchObserver), for the
+// caller to run once the outcome is stored.
 func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadline time.Time) (Token, func(), error) {
 	if err := br.pol.admit(b, br.opts.Now()); err != nil {
 		return Token{}, func() {}, err
 	}
-	tok, calls, class, report, err := br.attempts(ctx, b, background, deadline)
-	return tok, report, br.pol.record(b, br.observer(b), err, class, calls, br.opts.Now())
+	obs := br.observer(b)
+	tok, f, class, last, err := br.attempts(ctx, b, obs, background, deadline)
+	err = br.pol.record(b, obs, err, class, len(f.Attempts), br.opts.Now())
+	fo, _ := obs.(FetchObserver)
+	if fo == nil || len(f.Attempts) == 0 {
+		return tok, last, err
+	}
+	f.Err = err
+	if err == nil {
+		f.Token = tok
+	}
+	return tok, func() {
+		last()
+		fo.FetchDone(ctx, b, f)
+	}, err
 }
 
 // attempts calls the Source up to MaxAttempts times while its failures are
 // temporary, the breaker lets calls through and the deadline allows. It
-// returns how many calls it made and the class of the last error. Every
-// call but the last is reported to the observer here, exactly once; the
-// returned func reports the last one.
-func (br *Broker) attempts(ctx context.Context, b *Binding, background bool, deadline time.Time) (Token, int, Class, func(), error) {
-	obs := br.observer(b)
+// returns the calls it made (f.Attempts, f.Elapsed) and the class of the
+// last error. Every call but the last is reported to obs here, exactly
+// once; the returned func reports the last one.
+func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, background bool, deadline time.Time) (Token, Fetch, Class, func(), error) {
 	bo, _ := obs.(BreakerObserver)
 	noop := func() {}
 	report := noop
+	f := Fetch{Background: background}
+	var first time.Time
 	var last error
 	var class Class
 	for attempt := 1; ; attempt++ {
@@ -157,11 +174,15 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, background bool, dea
 			if last != nil {
 				cause = last
 			}
-			return Token{}, attempt - 1, class, report, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Err: cause}
+			return Token{}, f, class, report, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Err: cause}
 		}
 		start := time.Now()
+		if attempt == 1 {
+			first = start
+		}
 		tok, err := b.Source.Token(ctx, b.Request())
-		elapsed := time.Since(start)
+		end := time.Now()
+		elapsed := end.Sub(start)
 		now := br.opts.Now()
 		if err == nil {
 			err = br.check(b, &tok, now)
@@ -169,6 +190,8 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, background bool, dea
 		if err != nil {
 			class = classOf(b.Source, err)
 		}
+		f.Attempts = append(f.Attempts, Attempt{Elapsed: elapsed, Err: err})
+		f.Elapsed = end.Sub(first)
 		if from, to := br.pol.called(b, err, class, now); from != to && bo != nil {
 			bo.BreakerChanged(b.SourceID, to)
 		}
@@ -179,21 +202,21 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, background bool, dea
 		}
 		retry := err != nil && !errors.Is(err, context.Canceled) && (class == ClassTemporary || class == ClassRateLimited)
 		if !retry || attempt >= br.opts.MaxAttempts {
-			return tok, attempt, class, report, err
+			return tok, f, class, report, err
 		}
 		// A Retry-After longer than BackoffMax ends the fetch: the key's
 		// failure memory honours it, no caller sleeps through it.
 		ra := RetryAfterOf(err)
 		wait = max(backoff(attempt, br.opts.BackoffBase, br.opts.BackoffMax), ra)
 		if ra > br.opts.BackoffMax || time.Now().Add(wait).After(deadline) {
-			return tok, attempt, class, report, err
+			return tok, f, class, report, err
 		}
 		// This call is reported now, and only now: a breaker refusing the
 		// next attempt returns without reporting it again.
 		report()
 		report, last = noop, err
 		if br.opts.Sleep(ctx, wait) != nil {
-			return tok, attempt, class, noop, err
+			return tok, f, class, noop, err
 		}
 	}
 }

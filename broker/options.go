@@ -193,8 +193,46 @@ type Observer interface {
 	Lookup(b *Binding, r Result)
 	// Fetched is called after every call to a Source, with the token
 	// (never log its Value) or the error, and how long the call took.
-	// background is true for refresh-ahead fetches.
+	// background is true for refresh-ahead fetches. A fetch may call the
+	// Source several times (Options.MaxAttempts): FetchObserver is told
+	// once per fetch.
 	Fetched(ctx context.Context, b *Binding, tok Token, elapsed time.Duration, background bool, err error)
+}
+
+// FetchObserver is an optional interface of an Observer: it is told once
+// per fetch that called the Source, after Fetched was told of its last
+// call and once the outcome is cached (or remembered as a failure). A
+// fetch the failure policy answered without a call (a backoff, an open
+// breaker) is not reported.
+type FetchObserver interface {
+	FetchDone(ctx context.Context, b *Binding, f Fetch)
+}
+
+// Fetch is a fetch that called the Source, for a FetchObserver.
+type Fetch struct {
+	// Token is the token obtained (never log its Value); zero when Err is
+	// set.
+	Token Token
+	// Err is the fetch's outcome as the failure policy answers it (an
+	// open breaker after the last call, or the last call's error, with
+	// the backoff applied: RetryAfterOf tells when the token API is
+	// called again); nil for a token.
+	Err error
+	// Attempts are the calls to the Source, in order; at least one.
+	Attempts []Attempt
+	// Elapsed runs from the start of the first call to the end of the
+	// last, the waits between attempts included.
+	Elapsed time.Duration
+	// Background is true for a refresh-ahead fetch.
+	Background bool
+}
+
+// Attempt is one call to a Source within a fetch.
+type Attempt struct {
+	// Elapsed is how long the call took.
+	Elapsed time.Duration
+	// Err is the call's error; nil when it returned a valid token.
+	Err error
 }
 
 // BreakerObserver is an optional interface of an Observer: it is told when a

@@ -143,26 +143,38 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
 }
 
-// fetched logs a token API call and counts it.
-func (r *Recorder) fetched(b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
-	provider := r.providerOf(b)
-	outcome := fetchOutcome(err)
-	r.metrics.fetched(provider, b.Merchant, outcome, elapsed)
+// fetched counts a token API call.
+func (r *Recorder) fetched(b *broker.Binding, elapsed time.Duration, err error) {
+	r.metrics.fetched(r.providerOf(b), b.Merchant, fetchOutcome(err), elapsed)
+}
+
+// fetchDone logs a fetch: one line with its calls to the token API
+// (attempts, and the outcome of each), its outcome and how long it took.
+func (r *Recorder) fetchDone(b *broker.Binding, f broker.Fetch) {
+	outcomes := make([]string, len(f.Attempts))
+	for i, a := range f.Attempts {
+		outcomes[i] = fetchOutcome(a.Err)
+	}
 	fields := []zap.Field{
 		zap.String("merchant", b.Merchant),
-		zap.String("provider", provider),
+		zap.String("provider", r.providerOf(b)),
 		zap.String("source", b.SourceID),
-		zap.String("outcome", outcome),
+		zap.String("outcome", fetchOutcome(f.Err)),
+		zap.Int("attempts", len(f.Attempts)),
+		zap.Strings("attempt_outcomes", outcomes),
 		zap.Strings("scopes", b.Scopes),
-		zap.Duration("duration", elapsed),
-		zap.Bool("background", background),
+		zap.Duration("duration", f.Elapsed),
+		zap.Bool("background", f.Background),
 	}
-	if err != nil {
-		r.logger.Warn("token fetch failed", append(fields, zap.Error(err))...)
+	if f.Err != nil {
+		if ra := broker.RetryAfterOf(f.Err); ra > 0 {
+			fields = append(fields, zap.Duration("retry_in", ra))
+		}
+		r.logger.Warn("token fetch failed", append(fields, zap.Error(f.Err))...)
 		return
 	}
-	r.logger.Info("token fetched", append(fields, zap.String("fingerprint", tok.Fingerprint()),
-		zap.Time("expiry", tok.Expiry))...)
+	r.logger.Info("token fetched", append(fields, zap.String("fingerprint", f.Token.Fingerprint()),
+		zap.Time("expiry", f.Token.Expiry))...)
 }
 
 // providerOf returns the provider name of a binding of the handler.
@@ -190,7 +202,8 @@ func (r *Recorder) sourceProvider(sourceID string) string {
 
 // Observer is the broker.Observer of a handler's bindings: it counts
 // lookups on its pre-resolved counters and hands everything else to the
-// handler's Recorder (logs, fetch metrics, breaker and backoff gauges).
+// handler's Recorder (fetch logs, fetch metrics, breaker and backoff
+// gauges).
 type Observer struct {
 	r       *Recorder
 	lookups *LookupCounters // nil: lookups are not counted
@@ -203,10 +216,19 @@ func (o *Observer) Lookup(_ *broker.Binding, res broker.Result) {
 	}
 }
 
-// Fetched logs and counts a token API call.
-func (o *Observer) Fetched(_ context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
+// Fetched counts a token API call (token_requests_total, the duration
+// histogram); FetchDone logs the fetch it belongs to.
+func (o *Observer) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, elapsed time.Duration, _ bool, err error) {
 	if o.r != nil {
-		o.r.fetched(b, tok, elapsed, background, err)
+		o.r.fetched(b, elapsed, err)
+	}
+}
+
+// FetchDone logs a fetch once, with its attempts: "token fetched" or
+// "token fetch failed".
+func (o *Observer) FetchDone(_ context.Context, b *broker.Binding, f broker.Fetch) {
+	if o.r != nil {
+		o.r.fetchDone(b, f)
 	}
 }
 
@@ -248,6 +270,7 @@ func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
 // Interface guards.
 var (
 	_ broker.Observer        = (*Observer)(nil)
+	_ broker.FetchObserver   = (*Observer)(nil)
 	_ broker.BreakerObserver = (*Observer)(nil)
 	_ broker.BackoffObserver = (*Observer)(nil)
 	_ broker.SourceObserver  = (*Observer)(nil)
