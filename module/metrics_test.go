@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -277,6 +278,69 @@ func TestFetchLogLine(t *testing.T) {
 				t.Fatalf("log line %q carries the token", e.Message)
 			}
 		}
+	}
+}
+
+// A fetch logs one line whatever its number of calls to the token API,
+// with each call's outcome, while token_requests_total counts every call.
+func TestFetchLogOneLinePerFetch(t *testing.T) {
+	down := &broker.APIError{Provider: "nuapay", StatusCode: 503}
+	refused := &broker.APIError{Provider: "nuapay", StatusCode: 401, Code: "invalid_client"}
+	for _, tt := range []struct {
+		name     string
+		calls    []error // the answer of each call, in order; nil: a token
+		breaker  int     // BreakerThreshold (0: none)
+		msg      string
+		outcome  string
+		outcomes []any
+		requests map[string]float64 // token_requests_total by outcome
+	}{
+		{"one call", []error{nil}, 0, "token fetched", "ok", []any{"ok"},
+			map[string]float64{`outcome="ok",provider="nuapay"`: 1}},
+		{"two retries then a token", []error{down, down, nil}, 0, "token fetched", "ok", []any{"token_unavailable", "token_unavailable", "ok"},
+			map[string]float64{`outcome="ok",provider="nuapay"`: 1, `outcome="token_unavailable",provider="nuapay"`: 2}},
+		{"three failures", []error{down, down, down}, 0, "token fetch failed", "token_unavailable", []any{"token_unavailable", "token_unavailable", "token_unavailable"},
+			map[string]float64{`outcome="token_unavailable",provider="nuapay"`: 3}},
+		{"breaker opens mid-retry", []error{down, down, nil}, 2, "token fetch failed", "token_api_down", []any{"token_unavailable", "token_unavailable"},
+			map[string]float64{`outcome="token_unavailable",provider="nuapay"`: 2}},
+		{"refused credential is not retried", []error{refused}, 0, "token fetch failed", "token_refused", []any{"token_refused"},
+			map[string]float64{`outcome="token_refused",provider="nuapay"`: 1}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clk := clocktest.New(time.Unix(1_700_000_000, 0))
+			var n atomic.Int64
+			src := func(context.Context, broker.Request) (broker.Token, error) {
+				i := n.Add(1) - 1
+				if err := tt.calls[i]; err != nil {
+					return broker.Token{}, err
+				}
+				return broker.Token{Value: testToken, Expiry: clk.Now().Add(time.Hour)}, nil
+			}
+			h, m, reg := newMetricsHandlerWith(t, src, false, broker.Options{Now: clk.Now, MaxAttempts: 3, BreakerThreshold: tt.breaker, BreakerCooldown: time.Minute})
+			core, logs := zapobserver.New(zap.InfoLevel)
+			h.logger = zap.New(core)
+			h.instrument(m)
+			serve(t, h, merchantRequest("acme"))
+			lines := logs.FilterMessageSnippet("token fetch").All()
+			if len(lines) != 1 {
+				t.Fatalf("%d fetch log lines, want 1: %v", len(lines), lines)
+			}
+			f := lines[0].ContextMap()
+			if lines[0].Message != tt.msg || f["outcome"] != tt.outcome || f["attempts"] != int64(len(tt.outcomes)) ||
+				f["merchant"] != "acme" || f["provider"] != "nuapay" || f["background"] != false {
+				t.Errorf("%s %v; want %s, outcome %s, %d attempts", lines[0].Message, f, tt.msg, tt.outcome, len(tt.outcomes))
+			}
+			if !reflect.DeepEqual(f["attempt_outcomes"], tt.outcomes) {
+				t.Errorf("attempt_outcomes = %v, want %v", f["attempt_outcomes"], tt.outcomes)
+			}
+			if _, ok := f["duration"]; !ok {
+				t.Error("no duration")
+			}
+			if _, ok := f["retry_in"]; ok != (tt.outcome != "ok") {
+				t.Errorf("retry_in = %v, want it on a failure only", f["retry_in"])
+			}
+			checkSeries(t, reg, map[prometheus.Collector]map[string]float64{m.TokenRequests: tt.requests})
+		})
 	}
 }
 
