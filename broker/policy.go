@@ -131,35 +131,67 @@ func (p *policy) source(id string) *sourceState {
 }
 
 // backoffLocked returns the source or key backoff refusing b's key at
-// now, the one that ends last, or nil.
-func (p *policy) backoffLocked(b *Binding, now time.Time) *failure {
-	var h *failure
+// now, the one that ends last, or nil; hold names it.
+func (p *policy) backoffLocked(b *Binding, now time.Time) (h *failure, hold Hold) {
 	if ss := p.sources[b.SourceID]; ss != nil && ss.backoff.active(now) {
-		h = &ss.backoff
+		h, hold = &ss.backoff, Hold{SourceID: b.SourceID}
 	}
 	if ks := p.keys[b.key]; ks != nil && ks.mem.active(now) && (h == nil || ks.mem.until.After(h.until)) {
-		h = &ks.mem
+		h, hold = &ks.mem, Hold{SourceID: b.SourceID, key: b.key}
 	}
-	return h
+	return h, hold
 }
 
 // backoffError is a failed fetch's error as the policy answers it: the
 // token API is not called for the key before retryAfter has passed (the
-// key's or its source's backoff, whichever ends last). RetryAfterOf
-// reports it, so a caller is told the backoff actually applied.
+// key's or its source's backoff, whichever ends last, named by hold).
+// RetryAfterOf reports it, so a caller is told the backoff actually
+// applied.
 type backoffError struct {
 	err        error
 	retryAfter time.Duration
+	hold       Hold
 }
 
 func (e *backoffError) Error() string { return e.err.Error() }
 func (e *backoffError) Unwrap() error { return e.err }
 
+// Hold names what the failure policy holds behind an error it answered
+// (HoldOf): a source (its circuit breaker open, or its backoff after a
+// 429 with Retry-After or a refused credential) or one key (its failure
+// memory). Holds are comparable: equal for the refusals of one source
+// hold, or of one key's. A map key to limit the logs of repeated
+// refusals; it prints nothing of the key.
+type Hold struct {
+	// SourceID is the source held, or the source of the key held.
+	SourceID string
+	key      string // the cache key held; "" when the source is
+}
+
+// Source reports whether the whole source is held, not one key.
+func (h Hold) Source() bool { return h.key == "" }
+
+// HoldOf returns the hold behind err when the failure policy answered it
+// (a backoff, with or without a call to the token API, or an open
+// breaker); false for any other error. An open breaker, also when a
+// key's memory repeats it, holds its source.
+func HoldOf(err error) (Hold, bool) {
+	var ue *UnavailableError
+	if errors.As(err, &ue) {
+		return Hold{SourceID: ue.SourceID}, true
+	}
+	var be *backoffError
+	if errors.As(err, &be) {
+		return be.hold, true
+	}
+	return Hold{}, false
+}
+
 // withBackoffLocked returns err with the time left until the policy lets
 // b's key call again; err itself when no backoff applies.
 func (p *policy) withBackoffLocked(b *Binding, err error, now time.Time) error {
-	if h := p.backoffLocked(b, now); h != nil {
-		return &backoffError{err: err, retryAfter: h.until.Sub(now)}
+	if h, hold := p.backoffLocked(b, now); h != nil {
+		return &backoffError{err: err, retryAfter: h.until.Sub(now), hold: hold}
 	}
 	return err
 }
@@ -169,8 +201,8 @@ func (p *policy) withBackoffLocked(b *Binding, err error, now time.Time) error {
 func (p *policy) admit(b *Binding, now time.Time) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if h := p.backoffLocked(b, now); h != nil {
-		return &backoffError{err: h.err, retryAfter: h.until.Sub(now)}
+	if h, hold := p.backoffLocked(b, now); h != nil {
+		return &backoffError{err: h.err, retryAfter: h.until.Sub(now), hold: hold}
 	}
 	return nil
 }
@@ -266,7 +298,7 @@ func (p *policy) refreshFailed(b *Binding, err error, now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	until := now.Add(max(p.opts.FailureTTL, DefaultFailureTTL))
-	if h := p.backoffLocked(b, now); h != nil {
+	if h, _ := p.backoffLocked(b, now); h != nil {
 		until = h.until
 	}
 	p.key(b).refresh = failure{err: err, at: now, until: until}

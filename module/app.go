@@ -10,12 +10,14 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/command"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/reload"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/lograte"
 )
 
 func init() {
@@ -92,6 +94,9 @@ type App struct {
 	sweeperKey  string       // the consents sweeper's key in pendingSweepers
 	site        callers.Site // AllowedHosts, checked by the handlers
 	watched     *watchList   // the registries of handlers with their own (health.go)
+
+	// refusals limits the handlers' logs of repeated refusals.
+	refusals *lograte.Limiter[broker.Hold]
 }
 
 // CaddyModule returns the Caddy module information.
@@ -107,6 +112,7 @@ func (App) CaddyModule() caddy.ModuleInfo {
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	a.tables = &tables{}
+	a.refusals = admission.NewRepeatLimiter(time.Now)
 	a.watched = &watchList{}
 	if err := a.validate(); err != nil {
 		return err

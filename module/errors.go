@@ -16,7 +16,7 @@ import (
 func (h *Handler) fail(w http.ResponseWriter, repl *caddy.Replacer, rf admission.Refusal) error {
 	code := rf.Code.String()
 	repl.Set("http.token_broker.error", code)
-	rf.Prepare(w.Header(), h.logger)
+	rf.Prepare(w.Header(), h.logger, h.refusals)
 	if h.Errors == "caddy" {
 		// Only the code and the message: {http.error.message} may be shown
 		// to the caller, and the cause may quote the provider (it is

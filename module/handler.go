@@ -27,6 +27,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/lograte"
 )
 
 func init() {
@@ -125,6 +126,10 @@ type Handler struct {
 	broker         *broker.Broker
 	logger         *zap.Logger
 	metrics        *telemetry.Recorder // counts and logs for the bindings (instrument)
+
+	// refusals is the app's: it limits the logs of repeated refusals
+	// (nil: not limited).
+	refusals *lograte.Limiter[broker.Hold]
 }
 
 // placeholderPrefix starts the names of the placeholders a served request
@@ -200,6 +205,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.broker = app.broker
 	h.callers = app.Callers
 	h.site = &app.site
+	h.refusals = app.refusals
 	if h.Merchant == "" {
 		h.Merchant = DefaultMerchant
 	}

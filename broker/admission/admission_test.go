@@ -70,7 +70,7 @@ func TestRefusalAnswer(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			rec := httptest.NewRecorder()
-			tt.rf.Prepare(rec.Header(), zap.NewNop())
+			tt.rf.Prepare(rec.Header(), zap.NewNop(), nil)
 			if err := tt.rf.Write(rec); err != nil {
 				t.Fatal(err)
 			}

@@ -12,9 +12,11 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
+	"github.com/tokenbroker/caddy-token-broker/internal/lograte"
 )
 
 // ErrorBody is the JSON body of a refused request.
@@ -35,11 +37,14 @@ type Refusal struct {
 
 // Prepare logs the cause, if any (it never holds a secret), and sets the
 // refusal's headers in h: Retry-After when the cause says when to come
-// back, Allow for a refused method.
-func (rf Refusal) Prepare(h http.Header, logger *zap.Logger) {
+// back, Allow for a refused method. A cause the broker's failure policy
+// answered (broker.HoldOf: a backoff or an open breaker) repeats the
+// same error on every request until the hold ends: its lines are
+// limited per hold by limit (nil: not limited), and the next line logged
+// says how many were left out ("suppressed", "suppressed_since").
+func (rf Refusal) Prepare(h http.Header, logger *zap.Logger, limit *lograte.Limiter[broker.Hold]) {
 	if rf.Cause != nil {
-		logger.Warn("no token for request", zap.String("merchant", rf.Merchant), zap.String("error_code", rf.Code.String()),
-			zap.Int("status", rf.Code.Status()), zap.Error(rf.Cause))
+		rf.log(logger, limit)
 		if ra := rf.Code.RetryAfter(rf.Cause); ra > 0 {
 			h.Set("Retry-After", strconv.Itoa(int((ra+time.Second-1)/time.Second)))
 		}
@@ -47,6 +52,37 @@ func (rf Refusal) Prepare(h http.Header, logger *zap.Logger) {
 	if rf.Code == errcode.MethodRefused {
 		h.Set("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
 	}
+}
+
+// RepeatInterval is how often Prepare logs the refusals of one hold of
+// the failure policy (broker.HoldOf).
+const RepeatInterval = time.Minute
+
+// NewRepeatLimiter returns a limiter for Prepare: one line per hold per
+// RepeatInterval, on the clock now.
+func NewRepeatLimiter(now func() time.Time) *lograte.Limiter[broker.Hold] {
+	return &lograte.Limiter[broker.Hold]{Every: RepeatInterval, Now: now}
+}
+
+// log logs the refusal's cause, unless limit leaves it out.
+func (rf Refusal) log(logger *zap.Logger, limit *lograte.Limiter[broker.Hold]) {
+	fields := []zap.Field{zap.String("merchant", rf.Merchant), zap.String("error_code", rf.Code.String()),
+		zap.Int("status", rf.Code.Status()), zap.Error(rf.Cause)}
+	if hold, held := broker.HoldOf(rf.Cause); held {
+		ok, left := limit.Allow(hold)
+		if !ok {
+			return
+		}
+		scope := "key"
+		if hold.Source() {
+			scope = "source"
+		}
+		fields = append(fields, zap.String("source", hold.SourceID), zap.String("held", scope))
+		if left.Count > 0 {
+			fields = append(fields, zap.Int("suppressed", left.Count), zap.Time("suppressed_since", left.Since))
+		}
+	}
+	logger.Warn("no token for request", fields...)
 }
 
 // Write answers the refusal with its status and JSON body (ErrorBody),
