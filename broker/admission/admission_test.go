@@ -7,9 +7,12 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
@@ -83,6 +86,71 @@ func TestRefusalAnswer(t *testing.T) {
 			}
 			if rec.Header().Get(tt.header) == "" || rec.Header().Get("Content-Type") != "application/json" {
 				t.Fatalf("headers %v", rec.Header())
+			}
+		})
+	}
+}
+
+// The refusals of one hold of the failure policy log one line per
+// RepeatInterval, the next one counting those left out; other causes and
+// other holds are logged apart.
+func TestRepeatedRefusalsLimited(t *testing.T) {
+	t0 := time.Unix(1_700_000_000, 0)
+	open := func(source string) error {
+		return &broker.UnavailableError{SourceID: source, RetryAfter: 30 * time.Second, Err: errors.New("503")}
+	}
+	type req struct {
+		at    time.Duration
+		cause error
+	}
+	type line struct {
+		source     string // "" for a cause without a hold
+		suppressed int64
+		since      time.Duration
+	}
+	other := errors.New("registry gone")
+	for _, tt := range []struct {
+		name  string
+		reqs  []req
+		lines []line
+	}{
+		{"one hold", []req{{0, open("a")}, {time.Second, open("a")}, {2 * time.Second, open("a")}, {time.Minute, open("a")}},
+			[]line{{"a", 0, 0}, {"a", 2, time.Second}}},
+		{"holds apart", []req{{0, open("a")}, {0, open("b")}, {time.Second, open("a")}, {time.Second, open("b")}},
+			[]line{{"a", 0, 0}, {"b", 0, 0}}},
+		{"not a hold: every line", []req{{0, other}, {0, other}}, []line{{"", 0, 0}, {"", 0, 0}}},
+		{"quiet then again: no count", []req{{0, open("a")}, {time.Hour, open("a")}}, []line{{"a", 0, 0}, {"a", 0, 0}}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			now := t0
+			limit := NewRepeatLimiter(func() time.Time { return now })
+			core, logs := observer.New(zap.InfoLevel)
+			logger := zap.New(core)
+			for _, r := range tt.reqs {
+				now = t0.Add(r.at)
+				rec := httptest.NewRecorder()
+				Refusal{Code: errcode.Classify(r.cause), Merchant: "acme", Cause: r.cause}.Prepare(rec.Header(), logger, limit)
+				if r.cause != other && rec.Header().Get("Retry-After") == "" {
+					t.Fatal("a refusal left out of the log lost its Retry-After")
+				}
+			}
+			got := logs.FilterMessage("no token for request").All()
+			if len(got) != len(tt.lines) {
+				t.Fatalf("%d lines, want %d: %v", len(got), len(tt.lines), got)
+			}
+			for i, want := range tt.lines {
+				f := got[i].ContextMap()
+				source, _ := f["source"].(string)
+				n, _ := f["suppressed"].(int64)
+				if source != want.source || n != want.suppressed || f["merchant"] != "acme" {
+					t.Errorf("line %d: %v; want source %q, %d suppressed", i, f, want.source, want.suppressed)
+				}
+				if want.suppressed > 0 && !f["suppressed_since"].(time.Time).Equal(t0.Add(want.since)) {
+					t.Errorf("line %d: suppressed_since %v, want %v", i, f["suppressed_since"], t0.Add(want.since))
+				}
+				if want.source != "" && f["held"] != "source" {
+					t.Errorf("line %d: held %v, want source", i, f["held"])
+				}
 			}
 		})
 	}
