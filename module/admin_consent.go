@@ -8,7 +8,6 @@ import (
 	"net/http"
 
 	"github.com/caddyserver/caddy/v2"
-	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
 )
@@ -49,10 +48,10 @@ func (adminAPI) links(w http.ResponseWriter, r *http.Request) error {
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("merchant %q is not in the registry: the app has none", req.Merchant)}
 	}
 	link, status, err := consentweb.CreateLink(r.Context(), app.registry, req)
+	consentweb.LogStep(app.logger, consentweb.ProviderOf(app.registry, req.Merchant), consentweb.StepLink, req.Merchant, err)
 	if err != nil {
 		consentweb.SetRetryAfter(w, err)
 		return caddy.APIError{HTTPStatus: status, Err: err}
 	}
-	app.logger.Info("consent link created", zap.String("merchant", req.Merchant), zap.String("provider", link.Provider))
 	return writeJSON(w, link)
 }

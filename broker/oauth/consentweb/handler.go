@@ -174,45 +174,68 @@ func (c *Handler) span(r *http.Request, provider, step string) (context.Context,
 		trace.WithAttributes(spans.Provider.String(provider)))
 }
 
-// done records a step's outcome: metric, span and log, never a code,
-// token, link or state.
+// Consent steps, as logged and counted.
+const (
+	// StepLink is the creation of a consent link (the links route or the
+	// admin API).
+	StepLink = "link"
+	// StepStart is the start of a consent in the merchant's browser.
+	StepStart = "start"
+	// StepCallback is the provider's redirect back with the outcome.
+	StepCallback = "callback"
+)
+
+// done records a step's outcome: metric, span and log (LogStep).
 func (c *Handler) done(span trace.Span, provider, step, merchant string, err error) {
-	outcome, code := outcomeOf(err)
+	outcome, _ := outcomeOf(err)
 	c.o.Steps.WithLabelValues(provider, step, outcome).Inc()
 	span.SetAttributes(spans.Merchant.String(merchant), spans.Outcome.String(outcome))
+	if err != nil {
+		span.SetStatus(codes.Error, outcome)
+	}
+	LogStep(c.o.Logger, provider, step, merchant, err)
+	span.End()
+}
+
+// LogStep logs the outcome of a consent step (StepLink, StepStart,
+// StepCallback) of a merchant at a provider, the same whichever way it
+// came (a link from the links route or from the admin API): "consent
+// step" for a success (Info), "consent refused" (Warn), "consent failed:
+// …" when the provider refused the authorization request (Error, the
+// operator must fix the provider's configuration), "consent link
+// refused" for a link limit (Debug: a flood of these is counted, not
+// logged one by one). Fields: provider, step, merchant, outcome (ok or
+// the refusal reason), and error (and provider_error) on a failure;
+// never a code, token, link or state.
+func LogStep(logger *zap.Logger, provider, step, merchant string, err error) {
+	outcome, code := outcomeOf(err)
 	fields := []zap.Field{zap.String("provider", provider), zap.String("step", step), zap.String("merchant", merchant), zap.String("outcome", outcome)}
 	var le *oauth.LinkLimitError
 	switch {
-	case errors.As(err, &le): // a flood of these is counted, not logged one by one
-		span.SetStatus(codes.Error, outcome)
-		c.o.Logger.Debug("consent link refused", append(fields, zap.String("error", err.Error()))...)
+	case errors.As(err, &le):
+		logger.Debug("consent link refused", append(fields, zap.String("error", err.Error()))...)
 	case outcome == oauth.ReasonProviderError:
-		// Not the merchant's doing: the error says what the operator
-		// should check or set.
-		span.SetStatus(codes.Error, outcome)
-		c.o.Logger.Error("consent failed: the provider refused the authorization request; fix the provider's configuration",
+		logger.Error("consent failed: the provider refused the authorization request; fix the provider's configuration",
 			append(fields, zap.String("provider_error", code), zap.String("error", err.Error()))...)
 	case err != nil:
-		span.SetStatus(codes.Error, outcome)
-		c.o.Logger.Warn("consent refused", append(fields, zap.String("error", err.Error()))...)
+		logger.Warn("consent refused", append(fields, zap.String("error", err.Error()))...)
 	default:
-		c.o.Logger.Info("consent step", fields...)
+		logger.Info("consent step", fields...)
 	}
-	span.End()
 }
 
 // start consumes a consent link, binds the browser with its consent
 // cookie (the one it has, or a new one) and redirects to the provider.
 func (c *Handler) start(w http.ResponseWriter, r *http.Request) {
 	provider := c.o.Provider
-	ctx, span := c.span(r, provider, "start")
+	ctx, span := c.span(r, provider, StepStart)
 	name, secure := browserCookie(r)
 	browser := oauth.NewBrowser()
 	if ck, err := r.Cookie(name); err == nil && validBrowser(ck.Value) {
 		browser = oauth.Browser(ck.Value)
 	}
 	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host, browser)
-	c.done(span, provider, "start", rec.Merchant, err)
+	c.done(span, provider, StepStart, rec.Merchant, err)
 	if err != nil {
 		outcome, code := outcomeOf(err)
 		c.render(w, r, consentpage.Page{Name: consentpage.ForStart(r.URL.Query().Get("link"), outcome),
@@ -227,14 +250,14 @@ func (c *Handler) start(w http.ResponseWriter, r *http.Request) {
 // callback finishes the consent and sends the browser back to the app.
 func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	provider := c.o.Provider
-	ctx, span := c.span(r, provider, "callback")
+	ctx, span := c.span(r, provider, StepCallback)
 	var browser oauth.Browser // none: refused if the state is bound
 	name, _ := browserCookie(r)
 	if ck, cerr := r.Cookie(name); cerr == nil {
 		browser = oauth.Browser(ck.Value)
 	}
 	res, err := c.flow.Callback(ctx, r.Host, r.URL.Query(), browser)
-	c.done(span, provider, "callback", res.Merchant, err)
+	c.done(span, provider, StepCallback, res.Merchant, err)
 	if err == nil {
 		c.o.Broker.PurgeMerchant(res.Merchant)
 		ForgetConsentRequired(c.o.Broker, provider, res.Merchant)

@@ -79,12 +79,12 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	provider := c.o.Provider
-	if m := c.o.Registry.Merchants[req.Merchant]; m != nil {
-		provider = m.Provider
+	if p := ProviderOf(c.o.Registry, req.Merchant); p != "" {
+		provider = p
 	}
-	ctx, span := c.span(r, provider, "link")
+	ctx, span := c.span(r, provider, StepLink)
 	link, status, err := CreateLink(ctx, c.o.Registry, req)
-	c.done(span, provider, "link", req.Merchant, err)
+	c.done(span, provider, StepLink, req.Merchant, err)
 	if err != nil {
 		code := "bad_request"
 		var ce *oauth.ConsentError
@@ -97,6 +97,15 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(link)
+}
+
+// ProviderOf returns the provider of a merchant of reg, "" for a
+// merchant it does not have.
+func ProviderOf(reg *config.Registry, merchant string) string {
+	if m := reg.Merchants[merchant]; m != nil {
+		return m.Provider
+	}
+	return ""
 }
 
 // CreateLink creates the link of the merchant's provider; status is the
