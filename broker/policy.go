@@ -161,7 +161,8 @@ func (e *backoffError) Unwrap() error { return e.err }
 // 429 with Retry-After or a refused credential) or one key (its failure
 // memory). Holds are comparable: equal for the refusals of one source
 // hold, or of one key's. A map key to limit the logs of repeated
-// refusals; it prints nothing of the key.
+// refusals; never log a Hold itself (it holds the binary cache key, see
+// Binding.Key): log its SourceID.
 type Hold struct {
 	// SourceID is the source held, or the source of the key held.
 	SourceID string
