@@ -96,21 +96,21 @@ func TestFetchObserverOncePerFetch(t *testing.T) {
 	}
 }
 
-// HoldOf names the hold behind the policy's answers: the key's failure
-// memory, or the whole source (its backoff after a refused credential,
-// its open breaker); equal holds for the refusals of one hold.
-func TestHoldOf(t *testing.T) {
+// BackoffOf names the backoff behind the policy's answers: the key's
+// failure memory, or the whole source (its backoff after a refused
+// credential, its open breaker); equal for the refusals of one backoff.
+func TestBackoffOf(t *testing.T) {
 	down := &APIError{Provider: "custom", StatusCode: http.StatusServiceUnavailable}
 	for _, tt := range []struct {
 		name          string
 		class         Class
 		breaker       int
 		failureTTL    time.Duration
-		first, second string // the hold of merchant m0's fetch, then m1's: "", "key" or "source"
+		first, second string // the backoff of merchant m0's fetch, then m1's: "", "key" or "source"
 	}{
 		{"key backoff", ClassTemporary, 0, 0, "key", "key"},
-		{"refused credential holds the source", ClassCredential, 0, 0, "source", "source"},
-		{"open breaker holds the source", ClassTemporary, 1, 0, "key", "source"},
+		{"refused credential backs the source off", ClassCredential, 0, 0, "source", "source"},
+		{"open breaker backs the source off", ClassTemporary, 1, 0, "key", "source"},
 		{"no failure memory", ClassPermanent, 0, -1, "", ""},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -118,18 +118,18 @@ func TestHoldOf(t *testing.T) {
 			src := &scriptedSource{clock: clock, life: time.Hour}
 			src.set(down)
 			br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: tt.breaker, BreakerCooldown: time.Minute, FailureTTL: tt.failureTTL})
-			hold := func(m string) (Hold, string) {
+			hold := func(m string) (Backoff, string) {
 				b := NewBinding("custom#1", fixedClass{src, tt.class}, Request{Merchant: m, Organisation: m})
 				_, err := br.Token(context.Background(), b)
 				if err == nil {
 					t.Fatalf("%s: no error", m)
 				}
-				h, ok := HoldOf(err)
+				h, ok := BackoffOf(err)
 				switch {
 				case !ok:
 					return h, ""
 				case h.SourceID != "custom#1":
-					t.Fatalf("%s: hold of source %q", m, h.SourceID)
+					t.Fatalf("%s: backoff of source %q", m, h.SourceID)
 				case h.Source():
 					return h, "source"
 				}
@@ -139,14 +139,14 @@ func TestHoldOf(t *testing.T) {
 			h1, s1 := hold("m1")
 			again, _ := hold("m0")
 			if s0 != tt.first || s1 != tt.second {
-				t.Fatalf("holds %q, %q; want %q, %q", s0, s1, tt.first, tt.second)
+				t.Fatalf("backoffs %q, %q; want %q, %q", s0, s1, tt.first, tt.second)
 			}
 			if again != h0 || (h0 == h1) != (tt.first == tt.second && tt.first != "key") {
-				t.Fatalf("holds %+v, %+v, m0 again %+v", h0, h1, again)
+				t.Fatalf("backoffs %+v, %+v, m0 again %+v", h0, h1, again)
 			}
 		})
 	}
-	if _, ok := HoldOf(errors.New("other")); ok {
-		t.Fatal("a plain error has a hold")
+	if _, ok := BackoffOf(errors.New("other")); ok {
+		t.Fatal("a plain error has a backoff")
 	}
 }

@@ -131,68 +131,68 @@ func (p *policy) source(id string) *sourceState {
 }
 
 // backoffLocked returns the source or key backoff refusing b's key at
-// now, the one that ends last, or nil; hold names it.
-func (p *policy) backoffLocked(b *Binding, now time.Time) (h *failure, hold Hold) {
+// now, the one that ends last, or nil; scope names it.
+func (p *policy) backoffLocked(b *Binding, now time.Time) (h *failure, scope Backoff) {
 	if ss := p.sources[b.SourceID]; ss != nil && ss.backoff.active(now) {
-		h, hold = &ss.backoff, Hold{SourceID: b.SourceID}
+		h, scope = &ss.backoff, Backoff{SourceID: b.SourceID}
 	}
 	if ks := p.keys[b.key]; ks != nil && ks.mem.active(now) && (h == nil || ks.mem.until.After(h.until)) {
-		h, hold = &ks.mem, Hold{SourceID: b.SourceID, key: b.key}
+		h, scope = &ks.mem, Backoff{SourceID: b.SourceID, key: b.key}
 	}
-	return h, hold
+	return h, scope
 }
 
 // backoffError is a failed fetch's error as the policy answers it: the
 // token API is not called for the key before retryAfter has passed (the
-// key's or its source's backoff, whichever ends last, named by hold).
+// key's or its source's backoff, whichever ends last, named by scope).
 // RetryAfterOf reports it, so a caller is told the backoff actually
 // applied.
 type backoffError struct {
 	err        error
 	retryAfter time.Duration
-	hold       Hold
+	scope      Backoff
 }
 
 func (e *backoffError) Error() string { return e.err.Error() }
 func (e *backoffError) Unwrap() error { return e.err }
 
-// Hold names what the failure policy holds behind an error it answered
-// (HoldOf): a source (its circuit breaker open, or its backoff after a
-// 429 with Retry-After or a refused credential) or one key (its failure
-// memory). Holds are comparable: equal for the refusals of one source
-// hold, or of one key's. A map key to limit the logs of repeated
-// refusals; never log a Hold itself (it holds the binary cache key, see
-// Binding.Key): log its SourceID.
-type Hold struct {
-	// SourceID is the source held, or the source of the key held.
+// Backoff names what the failure policy does not call the token API for,
+// behind an error it answered (BackoffOf): a source (its circuit breaker
+// open, or its backoff after a 429 with Retry-After or a refused
+// credential) or one key (its failure memory). Backoffs are comparable:
+// equal for the refusals of one source's backoff, or of one key's. A map
+// key to limit the logs of repeated refusals; never log a Backoff itself
+// (it holds the binary cache key, see Binding.Key): log its SourceID.
+type Backoff struct {
+	// SourceID is the source backing off, or the source of the key.
 	SourceID string
-	key      string // the cache key held; "" when the source is
+	key      string // the cache key backing off; "" when the source is
 }
 
-// Source reports whether the whole source is held, not one key.
-func (h Hold) Source() bool { return h.key == "" }
+// Source reports whether the whole source backs off, not one key.
+func (h Backoff) Source() bool { return h.key == "" }
 
-// HoldOf returns the hold behind err when the failure policy answered it
-// (a backoff, with or without a call to the token API, or an open
-// breaker); false for any other error. An open breaker, also when a
-// key's memory repeats it, holds its source.
-func HoldOf(err error) (Hold, bool) {
+// BackoffOf returns the backoff behind err when the failure policy
+// answered it (a backoff, with or without a call to the token API, or an
+// open breaker); false for any other error. An open breaker, also when a
+// key's memory repeats it, is its source's backoff.
+func BackoffOf(err error) (Backoff, bool) {
 	var ue *UnavailableError
 	if errors.As(err, &ue) {
-		return Hold{SourceID: ue.SourceID}, true
+		return Backoff{SourceID: ue.SourceID}, true
 	}
 	var be *backoffError
 	if errors.As(err, &be) {
-		return be.hold, true
+		return be.scope, true
 	}
-	return Hold{}, false
+	return Backoff{}, false
 }
 
 // withBackoffLocked returns err with the time left until the policy lets
 // b's key call again; err itself when no backoff applies.
 func (p *policy) withBackoffLocked(b *Binding, err error, now time.Time) error {
-	if h, hold := p.backoffLocked(b, now); h != nil {
-		return &backoffError{err: err, retryAfter: h.until.Sub(now), hold: hold}
+	if h, scope := p.backoffLocked(b, now); h != nil {
+		return &backoffError{err: err, retryAfter: h.until.Sub(now), scope: scope}
 	}
 	return err
 }
@@ -202,8 +202,8 @@ func (p *policy) withBackoffLocked(b *Binding, err error, now time.Time) error {
 func (p *policy) admit(b *Binding, now time.Time) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if h, hold := p.backoffLocked(b, now); h != nil {
-		return &backoffError{err: h.err, retryAfter: h.until.Sub(now), hold: hold}
+	if h, scope := p.backoffLocked(b, now); h != nil {
+		return &backoffError{err: h.err, retryAfter: h.until.Sub(now), scope: scope}
 	}
 	return nil
 }

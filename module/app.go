@@ -96,7 +96,7 @@ type App struct {
 	watched     *watchList   // the registries of handlers with their own (health.go)
 
 	// refusals limits the handlers' logs of repeated refusals.
-	refusals *lograte.Limiter[broker.Hold]
+	refusals *lograte.Limiter[broker.Backoff]
 }
 
 // CaddyModule returns the Caddy module information.

@@ -129,7 +129,7 @@ type Handler struct {
 
 	// refusals is the app's: it limits the logs of repeated refusals
 	// (nil: not limited).
-	refusals *lograte.Limiter[broker.Hold]
+	refusals *lograte.Limiter[broker.Backoff]
 }
 
 // placeholderPrefix starts the names of the placeholders a served request

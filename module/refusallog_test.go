@@ -45,8 +45,8 @@ func TestRepeatedRefusalLinesThroughTheHandler(t *testing.T) {
 	for _, e := range logs.FilterMessage("no token for request").All() {
 		f := e.ContextMap()
 		n, _ := f["suppressed"].(int64)
-		if f["held"] != "key" || f["source"] != "nuapay#test" {
-			t.Errorf("line %v: want held key, source nuapay#test", f)
+		if f["backoff"] != "key" || f["source"] != "nuapay#test" {
+			t.Errorf("line %v: want backoff key, source nuapay#test", f)
 		}
 		got = append(got, line{f["merchant"].(string), n})
 	}

@@ -91,7 +91,7 @@ func TestRefusalAnswer(t *testing.T) {
 	}
 }
 
-// The refusals of one hold of the failure policy log one line per
+// The refusals of one backoff of the failure policy log one line per
 // RepeatInterval, the next one counting those left out; other causes and
 // other holds are logged apart.
 func TestRepeatedRefusalsLimited(t *testing.T) {
@@ -104,7 +104,7 @@ func TestRepeatedRefusalsLimited(t *testing.T) {
 		cause error
 	}
 	type line struct {
-		source     string // "" for a cause without a hold
+		source     string // "" for a cause without a backoff
 		suppressed int64
 		since      time.Duration
 	}
@@ -114,11 +114,11 @@ func TestRepeatedRefusalsLimited(t *testing.T) {
 		reqs  []req
 		lines []line
 	}{
-		{"one hold", []req{{0, open("a")}, {time.Second, open("a")}, {2 * time.Second, open("a")}, {time.Minute, open("a")}},
+		{"one backoff", []req{{0, open("a")}, {time.Second, open("a")}, {2 * time.Second, open("a")}, {time.Minute, open("a")}},
 			[]line{{"a", 0, 0}, {"a", 2, time.Second}}},
 		{"holds apart", []req{{0, open("a")}, {0, open("b")}, {time.Second, open("a")}, {time.Second, open("b")}},
 			[]line{{"a", 0, 0}, {"b", 0, 0}}},
-		{"not a hold: every line", []req{{0, other}, {0, other}}, []line{{"", 0, 0}, {"", 0, 0}}},
+		{"not a backoff: every line", []req{{0, other}, {0, other}}, []line{{"", 0, 0}, {"", 0, 0}}},
 		{"quiet then again: no count", []req{{0, open("a")}, {time.Hour, open("a")}}, []line{{"a", 0, 0}, {"a", 0, 0}}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -148,8 +148,8 @@ func TestRepeatedRefusalsLimited(t *testing.T) {
 				if want.suppressed > 0 && !f["suppressed_since"].(time.Time).Equal(t0.Add(want.since)) {
 					t.Errorf("line %d: suppressed_since %v, want %v", i, f["suppressed_since"], t0.Add(want.since))
 				}
-				if want.source != "" && f["held"] != "source" {
-					t.Errorf("line %d: held %v, want source", i, f["held"])
+				if want.source != "" && f["backoff"] != "source" {
+					t.Errorf("line %d: backoff %v, want source", i, f["backoff"])
 				}
 			}
 		})

@@ -38,11 +38,11 @@ type Refusal struct {
 // Prepare logs the cause, if any (it never holds a secret), and sets the
 // refusal's headers in h: Retry-After when the cause says when to come
 // back, Allow for a refused method. A cause the broker's failure policy
-// answered (broker.HoldOf: a backoff or an open breaker) repeats the
-// same error on every request until the hold ends: its lines are
-// limited per hold by limit (nil: not limited), and the next line logged
+// answered (broker.BackoffOf: a backoff or an open breaker) repeats the
+// same error on every request until the backoff ends: its lines are
+// limited per backoff by limit (nil: not limited), and the next line logged
 // says how many were left out ("suppressed", "suppressed_since").
-func (rf Refusal) Prepare(h http.Header, logger *zap.Logger, limit *lograte.Limiter[broker.Hold]) {
+func (rf Refusal) Prepare(h http.Header, logger *zap.Logger, limit *lograte.Limiter[broker.Backoff]) {
 	if rf.Cause != nil {
 		rf.log(logger, limit)
 		if ra := rf.Code.RetryAfter(rf.Cause); ra > 0 {
@@ -54,30 +54,30 @@ func (rf Refusal) Prepare(h http.Header, logger *zap.Logger, limit *lograte.Limi
 	}
 }
 
-// RepeatInterval is how often Prepare logs the refusals of one hold of
-// the failure policy (broker.HoldOf).
+// RepeatInterval is how often Prepare logs the refusals of one backoff of
+// the failure policy (broker.BackoffOf).
 const RepeatInterval = time.Minute
 
-// NewRepeatLimiter returns a limiter for Prepare: one line per hold per
+// NewRepeatLimiter returns a limiter for Prepare: one line per backoff per
 // RepeatInterval, on the clock now.
-func NewRepeatLimiter(now func() time.Time) *lograte.Limiter[broker.Hold] {
-	return &lograte.Limiter[broker.Hold]{Every: RepeatInterval, Now: now}
+func NewRepeatLimiter(now func() time.Time) *lograte.Limiter[broker.Backoff] {
+	return &lograte.Limiter[broker.Backoff]{Every: RepeatInterval, Now: now}
 }
 
 // log logs the refusal's cause, unless limit leaves it out.
-func (rf Refusal) log(logger *zap.Logger, limit *lograte.Limiter[broker.Hold]) {
+func (rf Refusal) log(logger *zap.Logger, limit *lograte.Limiter[broker.Backoff]) {
 	fields := []zap.Field{zap.String("merchant", rf.Merchant), zap.String("error_code", rf.Code.String()),
 		zap.Int("status", rf.Code.Status()), zap.Error(rf.Cause)}
-	if hold, held := broker.HoldOf(rf.Cause); held {
-		ok, left := limit.Allow(hold)
+	if bo, ok := broker.BackoffOf(rf.Cause); ok {
+		ok, left := limit.Allow(bo)
 		if !ok {
 			return
 		}
 		scope := "key"
-		if hold.Source() {
+		if bo.Source() {
 			scope = "source"
 		}
-		fields = append(fields, zap.String("source", hold.SourceID), zap.String("held", scope))
+		fields = append(fields, zap.String("source", bo.SourceID), zap.String("backoff", scope))
 		if left.Count > 0 {
 			fields = append(fields, zap.Int("suppressed", left.Count), zap.Time("suppressed_since", left.Since))
 		}
