@@ -266,7 +266,7 @@ func TestBuild(t *testing.T) {
 	if got := page(r); !slices.Equal(got, []string{"c-unknown unknown_organisation"}) {
 		t.Errorf("after eviction: %q", got)
 	}
-	if _, ok := f.tracker.snapshot(f.clk.Now()).merchants["w-unknown"]; ok {
+	if _, ok := records(f.tracker)["w-unknown"]; ok {
 		t.Error("the tracker still remembers an evicted wildcard merchant")
 	}
 }

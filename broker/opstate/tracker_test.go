@@ -165,11 +165,11 @@ func TestTrackerRecords(t *testing.T) {
 	tr.Fetched("nuapay", "acme", nil)
 	tr.Fetched("nuapay", "globex", nil)
 	s := tr.snapshot(clk.Now())
-	m := s.merchants["acme"]
+	m := records(tr)["acme"]
 	if m.lastErr.String() != "token_unavailable" || !m.lastErrAt.Equal(failedAt) || m.failure != "" {
 		t.Errorf("acme after a success: %+v; want the last error kept, no failure", m)
 	}
-	if _, ok := s.merchants["globex"]; ok {
+	if _, ok := records(tr)["globex"]; ok {
 		t.Error("a merchant that never failed has a record")
 	}
 	if p := s.providers["nuapay"]; p.calls != 3 || p.failures != 1 || p.temporary != 1 || p.lastErr.String() != "token_unavailable" {
@@ -197,14 +197,14 @@ func TestTrackerBounded(t *testing.T) {
 	for i := range 100 {
 		tr.Fetched("nuapay", fmt.Sprintf("m%d", i), errDown)
 	}
-	if n := len(tr.snapshot(time.Now()).merchants); n != 10 {
+	if n := len(records(tr)); n != 10 {
 		t.Fatalf("%d merchants remembered, want at most 10", n)
 	}
-	if _, ok := tr.snapshot(time.Now()).merchants["m99"]; !ok {
+	if _, ok := records(tr)["m99"]; !ok {
 		t.Fatal("the newest merchant was dropped")
 	}
 	tr.Forget("m99")
-	if _, ok := tr.snapshot(time.Now()).merchants["m99"]; ok {
+	if _, ok := records(tr)["m99"]; ok {
 		t.Fatal("Forget kept the merchant")
 	}
 }
@@ -222,4 +222,11 @@ func TestRanksFollowStates(t *testing.T) {
 		rankOf(StateUnknownOrganisation) != rankUnknownOrganisation {
 		t.Error("the rank constants do not follow States")
 	}
+}
+
+// records copies the merchants a tracker remembers.
+func records(tr *Tracker) map[string]merchantRecord {
+	out := map[string]merchantRecord{}
+	tr.eachMerchant(func(id string, rec *merchantRecord) { out[id] = *rec })
+	return out
 }
