@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -166,5 +168,48 @@ func TestAdminState(t *testing.T) {
 		if status, rec := getState(t, tt.method, tt.query); status != tt.status {
 			t.Errorf("%s ?%s: status %d, want %d: %s", tt.method, tt.query, status, tt.status, rec.Body)
 		}
+	}
+}
+
+// TestStateCollectorRegistered: the app's collector exports the merchants
+// gauge from the same state as the admin route, and no l2_up without
+// redis.
+func TestStateCollectorRegistered(t *testing.T) {
+	app, h := stateApp(t)
+	for _, m := range []string{"m-down", "m-fresh", "m-refused"} {
+		if _, _, err := serve(t, h, merchantRequest(m)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reg := prometheus.NewPedanticRegistry()
+	if err := app.registerStateCollector(reg); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]float64{"refused": 1, "unknown_organisation": 0, "needs_consent": 0, "backing_off": 1, "refreshing": 0, "fresh": 1, "idle": 1}
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range families {
+		if f.GetName() == "caddy_token_broker_l2_up" {
+			t.Error("l2_up without redis")
+		}
+		if f.GetName() != "caddy_token_broker_merchants" {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["provider"] != "nuapay" {
+				t.Errorf("series of provider %q", labels["provider"])
+			}
+			got[labels["state"]] = m.GetGauge().GetValue()
+		}
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("merchants gauge %v, want %v", got, want)
 	}
 }

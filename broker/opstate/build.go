@@ -338,7 +338,7 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 			o.Status = "open"
 		case !h.BackoffUntil.IsZero():
 			o.Status = "backing_off"
-		case h.Breaker == broker.BreakerHalfOpen || rec.temporary > 0:
+		case h.Breaker == broker.BreakerHalfOpen || rec.lastCallFailed:
 			o.Status = "failing"
 		default:
 			o.Status = "ok"
@@ -357,9 +357,12 @@ type snapshot struct {
 
 // providerView is a provider's record summed up at a time.
 type providerView struct {
-	calls, failures, temporary int
-	lastErr                    errcode.Code
-	lastErrAt                  time.Time
+	calls, failures int
+	lastErr         errcode.Code
+	lastErrAt       time.Time
+	// lastCallFailed: the provider's last call failed for a reason of
+	// the provider's (not one merchant's refusal), within the window.
+	lastCallFailed bool
 }
 
 // snapshot copies what t knows at now.
@@ -368,8 +371,9 @@ func (t *Tracker) snapshot(now time.Time) snapshot {
 	defer t.mu.Unlock()
 	s := snapshot{window: t.span, providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
 	for name, p := range t.providers {
-		v := providerView{lastErr: p.lastErr, lastErrAt: p.lastErrAt}
-		v.calls, v.failures, v.temporary = p.calls.sum(now)
+		v := providerView{lastErr: p.lastErr, lastErrAt: p.lastErrAt,
+			lastCallFailed: p.lastCallFailed && now.Sub(p.lastErrAt) < t.span}
+		v.calls, v.failures = p.calls.sum(now)
 		s.providers[name] = v
 	}
 	return s
