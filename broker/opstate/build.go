@@ -4,6 +4,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -24,6 +25,16 @@ type Sources struct {
 	Tables []*bindings.Table
 	// Tracker is what the broker's observers told (required).
 	Tracker *Tracker
+	// Index keeps what is computed once per registry (nil: computed
+	// on each Build).
+	Index *Index
+}
+
+// Index keeps what Build computes once per registry: its merchants
+// sorted by id. Keep one with the registry (an app's), so that it goes
+// with it. The zero value is ready to use; it is safe for concurrent use.
+type Index struct {
+	last atomic.Pointer[registryIndex]
 }
 
 // rank is a merchant state's index in States(): lower is worse.
@@ -49,7 +60,7 @@ func rankOf(state string) rank {
 
 // registryIndex is a registry's explicit merchants sorted by id, with
 // their positions and their counts by provider, made once per registry
-// (Tracker.indexOf).
+// (Index).
 type registryIndex struct {
 	reg       *config.Registry
 	merchants []*config.Merchant
@@ -58,11 +69,13 @@ type registryIndex struct {
 	consent   map[string]*oauth.RefreshToken // refresh_token providers' sources
 }
 
-// indexOf returns the index of reg, made when reg is not the one indexed
-// last.
-func (t *Tracker) indexOf(reg *config.Registry) *registryIndex {
-	if idx := t.index.Load(); idx != nil && idx.reg == reg {
-		return idx
+// of returns the index of reg, made when reg is not the one indexed
+// last (every time on a nil Index).
+func (x *Index) of(reg *config.Registry) *registryIndex {
+	if x != nil {
+		if idx := x.last.Load(); idx != nil && idx.reg == reg {
+			return idx
+		}
 	}
 	idx := &registryIndex{reg: reg, merchants: slices.Collect(maps.Values(reg.Merchants)),
 		pos: make(map[string]int32, len(reg.Merchants)), count: map[string]int{}, consent: map[string]*oauth.RefreshToken{}}
@@ -76,7 +89,9 @@ func (t *Tracker) indexOf(reg *config.Registry) *registryIndex {
 			idx.consent[name] = src
 		}
 	}
-	t.index.Store(idx)
+	if x != nil {
+		x.last.Store(idx)
+	}
 	return idx
 }
 
@@ -147,7 +162,7 @@ type merchantView struct {
 // and the active wildcard merchants by provider.
 func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)) (snapshot, *registryIndex, map[string]int) {
 	t := s.Tracker
-	idx := t.indexOf(s.Registry)
+	idx := s.Index.of(s.Registry)
 	snap := t.snapshot(now)
 
 	entries := s.Broker.Entries()

@@ -3,8 +3,8 @@ package opstate
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -54,13 +54,10 @@ type Tracker struct {
 	merchants map[string]*merchantRecord
 	providers map[string]*providerRecord
 	fleet     fleetRecord
-
-	index atomic.Pointer[registryIndex] // the last registry's, for Build
 }
 
 // merchantRecord is what a Tracker remembers of a merchant.
 type merchantRecord struct {
-	provider  string
 	lastErr   errcode.Code
 	lastErrAt time.Time
 	// failure is the state the last token request's failure puts the
@@ -138,7 +135,7 @@ func (t *Tracker) provider(name string) *providerRecord {
 	p := t.providers[name]
 	if p == nil {
 		p = &providerRecord{calls: newWindow(t.span), held: map[string]bool{}, open: map[string]bool{}}
-		t.providers[name] = p
+		t.providers[strings.Clone(name)] = p
 	}
 	return p
 }
@@ -146,7 +143,7 @@ func (t *Tracker) provider(name string) *providerRecord {
 // merchant returns the record of a merchant, made on first use (an
 // arbitrary other is dropped beyond MaxMerchants). Called with t.mu
 // held.
-func (t *Tracker) merchant(id, provider string) *merchantRecord {
+func (t *Tracker) merchant(id string) *merchantRecord {
 	m := t.merchants[id]
 	if m == nil {
 		if len(t.merchants) >= t.maxLen {
@@ -155,10 +152,11 @@ func (t *Tracker) merchant(id, provider string) *merchantRecord {
 				break
 			}
 		}
-		m = &merchantRecord{provider: provider}
-		t.merchants[id] = m
+		m = &merchantRecord{}
+		// A copy: an explicit merchant's id points into its registry's
+		// file, which must not stay alive after a reload replaced it.
+		t.merchants[strings.Clone(id)] = m
 	}
-	m.provider = provider
 	return m
 }
 
@@ -226,7 +224,7 @@ func (t *Tracker) Fetched(provider, merchant string, err error) {
 		p.announce = false
 		evs = append(evs, event{EventProviderFailing, map[string]any{"provider": provider, "error": code.String()}})
 	}
-	m := t.merchant(merchant, provider)
+	m := t.merchant(merchant)
 	m.lastErr, m.lastErrAt, m.failure = code, now, state
 	data := map[string]any{"merchant": merchant, "provider": provider, "error": code.String()}
 	switch state {
