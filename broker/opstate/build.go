@@ -50,12 +50,35 @@ const (
 	rankIdle
 )
 
-// rankOf is the rank of a state; rankIdle for "".
+// rankOf is the rank of a state; rankIdle for "" or an unknown one.
 func rankOf(state string) rank {
-	if i := slices.Index(States(), state); i >= 0 {
-		return rank(i)
+	switch state {
+	case StateRefused:
+		return rankRefused
+	case StateUnknownOrganisation:
+		return rankUnknownOrganisation
+	case StateNeedsConsent:
+		return rankNeedsConsent
+	case StateBackingOff:
+		return rankBackingOff
+	case StateRefreshing:
+		return rankRefreshing
+	case StateFresh:
+		return rankFresh
 	}
 	return rankIdle
+}
+
+// byRank counts merchants by rank.
+type byRank [rankIdle + 1]int
+
+// counts returns c by state name, every state present.
+func (c *byRank) counts() map[string]int {
+	out := make(map[string]int, len(c))
+	for i, st := range States() {
+		out[st] = c[i]
+	}
+	return out
 }
 
 // registryIndex is a registry's explicit merchants sorted by id, with
@@ -263,18 +286,20 @@ func Build(s Sources, q Query, now time.Time) Report {
 	if q.Limit <= 0 || q.Limit > MaxLimit {
 		q.Limit = min(max(q.Limit, DefaultLimit), MaxLimit)
 	}
-	rep := Report{GeneratedAt: now.UTC(), Counts: map[string]int{}, Merchants: []Merchant{}}
-	for _, st := range States() {
-		rep.Counts[st] = 0
-	}
+	rep := Report{GeneratedAt: now.UTC(), Merchants: []Merchant{}}
+	var counts byRank
 	states := States()
+	want := rank(len(states)) // every state
+	if q.State != "" {
+		want = rankOf(q.State)
+	}
 	more := false
 	snap, idx, activeBy := walk(s, q.Provider, now, func(v *merchantView) {
-		state := states[v.rank]
-		rep.Counts[state]++
-		if q.State != "" && state != q.State {
+		counts[v.rank]++
+		if want < rank(len(states)) && v.rank != want {
 			return
 		}
+		state := states[v.rank]
 		rep.Total++
 		if v.id <= q.After {
 			return
@@ -293,6 +318,7 @@ func Build(s Sources, q Query, now time.Time) Report {
 		}
 		rep.Merchants = append(rep.Merchants, m)
 	})
+	rep.Counts = counts.counts()
 	if more {
 		rep.Next = rep.Merchants[len(rep.Merchants)-1].Merchant
 	}
@@ -308,19 +334,19 @@ func Build(s Sources, q Query, now time.Time) Report {
 // state (every state present, as in a Report's Counts), in one pass: for
 // the merchants gauge.
 func Counts(s Sources, now time.Time) map[string]map[string]int {
-	out := map[string]map[string]int{}
+	by := map[string]*byRank{}
 	for name := range s.Registry.Providers {
-		out[name] = map[string]int{}
-		for _, st := range States() {
-			out[name][st] = 0
-		}
+		by[name] = &byRank{}
 	}
-	states := States()
 	walk(s, "", now, func(v *merchantView) {
-		if c := out[v.provider]; c != nil {
-			c[states[v.rank]]++
+		if c := by[v.provider]; c != nil {
+			c[v.rank]++
 		}
 	})
+	out := make(map[string]map[string]int, len(by))
+	for name, c := range by {
+		out[name] = c.counts()
+	}
 	return out
 }
 
