@@ -357,12 +357,13 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 	for i, name := range names {
 		ids[i] = s.Registry.Providers[name].ID
 	}
+	mark := s.Tracker.mark()
 	health := s.Broker.SourcesHealth(ids...)
 	out := make([]Provider, 0, len(names))
 	for i, name := range names {
 		p := s.Registry.Providers[name]
-		s.Tracker.retainSources(name, func(id string) bool { return id == ids[i] })
 		h := health[ids[i]]
+		s.Tracker.reconcile(name, ids[i], h.Breaker != broker.BreakerClosed, !h.BackoffUntil.IsZero(), mark)
 		rec := snap.providers[name]
 		out = append(out, Provider{Name: name, Type: p.Type, Breaker: h.Breaker.String(), BackoffUntil: timePtr(h.BackoffUntil),
 			Requests: rec.calls, Failures: rec.failures, Window: snap.window.String(),

@@ -54,6 +54,7 @@ type Tracker struct {
 	merchants map[string]*merchantRecord
 	providers map[string]*providerRecord
 	fleet     fleetRecord
+	seq       uint64 // counts the changes of sources' states (SourceBackingOff, BreakerChanged)
 }
 
 // merchantRecord is what a Tracker remembers of a merchant.
@@ -76,8 +77,8 @@ type providerRecord struct {
 	calls     window
 	lastErr   errcode.Code
 	lastErrAt time.Time
-	held      map[string]bool // source IDs backing off
-	open      map[string]bool // source IDs whose breaker is not closed
+	held      map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
+	open      map[string]uint64 // source IDs whose breaker is not closed -> the change that said so
 	// failing: a source is held or its breaker is not closed.
 	failing bool
 	// announce: failing started, and EventProviderFailing waits for the
@@ -134,7 +135,7 @@ func (t *Tracker) send(evs []event) {
 func (t *Tracker) provider(name string) *providerRecord {
 	p := t.providers[name]
 	if p == nil {
-		p = &providerRecord{calls: newWindow(t.span), held: map[string]bool{}, open: map[string]bool{}}
+		p = &providerRecord{calls: newWindow(t.span), held: map[string]uint64{}, open: map[string]uint64{}}
 		t.providers[strings.Clone(name)] = p
 	}
 	return p
@@ -268,8 +269,9 @@ func (t *Tracker) Forget(merchant string) {
 // ends a backoff. It implements telemetry.Tap.
 func (t *Tracker) SourceBackingOff(provider, sourceID string, on bool) {
 	t.changeProvider(provider, func(p *providerRecord) {
+		t.seq++
 		if on {
-			p.held[sourceID] = true
+			p.held[sourceID] = t.seq
 		} else {
 			delete(p.held, sourceID)
 		}
@@ -280,10 +282,11 @@ func (t *Tracker) SourceBackingOff(provider, sourceID string, on bool) {
 // It implements telemetry.Tap.
 func (t *Tracker) BreakerChanged(provider, sourceID string, state broker.BreakerState) {
 	t.changeProvider(provider, func(p *providerRecord) {
+		t.seq++
 		if state == broker.BreakerClosed {
 			delete(p.open, sourceID)
 		} else {
-			p.open[sourceID] = true
+			p.open[sourceID] = t.seq
 		}
 	})
 }
@@ -311,31 +314,50 @@ func (t *Tracker) changeProvider(provider string, change func(p *providerRecord)
 	p.failing = failing
 }
 
-// retainSources forgets the backoffs and breakers of a provider's source
-// IDs that keep does not keep (an older configuration of the provider,
-// whose state the broker dropped without telling), emitting
+// mark returns the number of the tracker's last change of a source's
+// state: reconcile keeps what changed after it.
+func (t *Tracker) mark() uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.seq
+}
+
+// reconcile makes what the tracker knows of a provider's sources agree
+// with the broker, read after mark: only sourceID is the provider's now
+// (the others are older configurations, whose state the broker dropped
+// without telling), its breaker is open (not closed) or not, and it is
+// held or not. A change told after mark is kept: it is newer than what
+// was read. The broker drops a source's state without telling when it
+// forgets it (a rotated secret) or a configuration replaces it. It emits
 // EventProviderRecovered if the provider so stops failing.
-func (t *Tracker) retainSources(provider string, keep func(sourceID string) bool) {
+func (t *Tracker) reconcile(provider, sourceID string, open, held bool, mark uint64) {
+	stale := func(m map[string]uint64, id string, now bool) bool {
+		return id != sourceID || (!now && m[id] <= mark)
+	}
 	t.mu.Lock()
 	p := t.providers[provider]
-	stale := false
+	changed := false
 	if p != nil {
-		for _, m := range []map[string]bool{p.held, p.open} {
-			for id := range m {
-				stale = stale || !keep(id)
-			}
+		for id := range p.open {
+			changed = changed || stale(p.open, id, open)
+		}
+		for id := range p.held {
+			changed = changed || stale(p.held, id, held)
 		}
 	}
 	t.mu.Unlock()
-	if !stale {
+	if !changed {
 		return
 	}
 	t.changeProvider(provider, func(p *providerRecord) {
-		for _, m := range []map[string]bool{p.held, p.open} {
-			for id := range m {
-				if !keep(id) {
-					delete(m, id)
-				}
+		for id := range p.open {
+			if stale(p.open, id, open) {
+				delete(p.open, id)
+			}
+		}
+		for id := range p.held {
+			if stale(p.held, id, held) {
+				delete(p.held, id)
 			}
 		}
 	})
