@@ -43,7 +43,9 @@ type TrackerOptions struct {
 // It is told of token API calls (Fetched), not of requests: nothing runs
 // per request. It is safe for concurrent use. It keeps a record only for
 // merchants whose token requests failed; Forget drops one (a wildcard
-// merchant the binding table evicts).
+// merchant the binding table evicts). The records of a replaced
+// configuration's merchants are kept, up to MaxMerchants, so that a
+// merchant still failing after a reload is not announced again.
 type Tracker struct {
 	now    func() time.Time
 	emit   func(event string, data map[string]any)
