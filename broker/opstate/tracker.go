@@ -190,6 +190,12 @@ func failureState(err error, code errcode.Code) string {
 // nothing about the merchant. It implements telemetry.Tap.
 func (t *Tracker) Fetched(provider, merchant string, err error) {
 	now := t.now()
+	var code errcode.Code
+	var state string
+	if err != nil && !errors.Is(err, context.Canceled) {
+		code = errcode.Classify(err)
+		state = failureState(err, code)
+	}
 	var evs []event
 	defer func() { t.send(evs) }()
 	t.mu.Lock()
@@ -212,12 +218,10 @@ func (t *Tracker) Fetched(provider, merchant string, err error) {
 		}
 		return
 	}
-	if errors.Is(err, context.Canceled) {
+	if code == 0 { // cancelled
 		p.calls.add(now, false)
 		return
 	}
-	code := errcode.Classify(err)
-	state := failureState(err, code)
 	p.calls.add(now, true)
 	p.lastErr, p.lastErrAt = code, now
 	if state == StateBackingOff {
@@ -229,17 +233,19 @@ func (t *Tracker) Fetched(provider, merchant string, err error) {
 	}
 	m := t.merchant(merchant)
 	m.lastErr, m.lastErrAt, m.failure = code, now, state
-	data := map[string]any{"merchant": merchant, "provider": provider, "error": code.String()}
+	told := func(name string) {
+		evs = append(evs, event{name, map[string]any{"merchant": merchant, "provider": provider, "error": code.String()}})
+	}
 	switch state {
 	case StateRefused, StateUnknownOrganisation:
 		if !m.refusedTold {
 			m.refusedTold = true
-			evs = append(evs, event{EventTokenRefused, data})
+			told(EventTokenRefused)
 		}
 	case StateNeedsConsent:
 		if !m.consentNeeded {
 			m.consentNeeded = true
-			evs = append(evs, event{EventConsentNeeded, data})
+			told(EventConsentNeeded)
 		}
 	}
 }
