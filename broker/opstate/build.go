@@ -1,0 +1,450 @@
+package opstate
+
+import (
+	"maps"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// Sources are what Build reads: nothing in them is called over the
+// network.
+type Sources struct {
+	// Registry are the providers and the explicit merchants.
+	Registry *config.Registry
+	// Broker holds the cached tokens and the failure policy's state.
+	Broker *broker.Broker
+	// Tables are the binding tables whose wildcard merchants are active.
+	Tables []*bindings.Table
+	// Tracker is what the broker's observers told (required).
+	Tracker *Tracker
+	// Index keeps what is computed once per registry (nil: computed
+	// on each Build).
+	Index *Index
+}
+
+// Index keeps what Build computes once per registry: its merchants
+// sorted by id. Keep one with the registry (an app's), so that it goes
+// with it. The zero value is ready to use; it is safe for concurrent use.
+type Index struct {
+	last atomic.Pointer[registryIndex]
+}
+
+// rank is a merchant state's index in States(): lower is worse.
+type rank uint8
+
+const (
+	rankRefused rank = iota
+	rankUnknownOrganisation
+	rankNeedsConsent
+	rankBackingOff
+	rankRefreshing
+	rankFresh
+	rankIdle
+)
+
+// rankOf is the rank of a state; rankIdle for "" or an unknown one.
+func rankOf(state string) rank {
+	switch state {
+	case StateRefused:
+		return rankRefused
+	case StateUnknownOrganisation:
+		return rankUnknownOrganisation
+	case StateNeedsConsent:
+		return rankNeedsConsent
+	case StateBackingOff:
+		return rankBackingOff
+	case StateRefreshing:
+		return rankRefreshing
+	case StateFresh:
+		return rankFresh
+	}
+	return rankIdle
+}
+
+// byRank counts merchants by rank.
+type byRank [rankIdle + 1]int
+
+// counts returns c by state name, every state present.
+func (c *byRank) counts() map[string]int {
+	out := make(map[string]int, len(c))
+	for i, st := range States() {
+		out[st] = c[i]
+	}
+	return out
+}
+
+// registryIndex is a registry's explicit merchants sorted by id, with
+// their positions and their counts by provider, made once per registry
+// (Index).
+type registryIndex struct {
+	reg       *config.Registry
+	merchants []*config.Merchant
+	pos       map[string]int32               // merchant id -> its index in merchants
+	count     map[string]int                 // provider name -> explicit merchants
+	consent   map[string]*oauth.RefreshToken // refresh_token providers' sources
+}
+
+// of returns the index of reg, made when reg is not the one indexed
+// last (every time on a nil Index).
+func (x *Index) of(reg *config.Registry) *registryIndex {
+	if x != nil {
+		if idx := x.last.Load(); idx != nil && idx.reg == reg {
+			return idx
+		}
+	}
+	idx := &registryIndex{reg: reg, merchants: slices.Collect(maps.Values(reg.Merchants)),
+		pos: make(map[string]int32, len(reg.Merchants)), count: map[string]int{}, consent: map[string]*oauth.RefreshToken{}}
+	slices.SortFunc(idx.merchants, func(a, b *config.Merchant) int { return strings.Compare(a.ID, b.ID) })
+	for i, m := range idx.merchants {
+		idx.pos[m.ID] = int32(i)
+		idx.count[m.Provider]++
+	}
+	for name, p := range reg.Providers {
+		if src, ok := p.Source.(*oauth.RefreshToken); ok {
+			idx.consent[name] = src
+		}
+	}
+	if x != nil {
+		x.last.Store(idx)
+	}
+	return idx
+}
+
+// wild is an active wildcard merchant.
+type wild struct {
+	id, provider, organisation string
+}
+
+// known is what the broker and the tracker know of one merchant: the
+// worst of its keys' cache states, their earliest expiry, the backoff
+// ending last, and the tracker's record. Times are unix nanoseconds (0:
+// none), so that a known is small: there is one per merchant with a
+// cached token.
+type known struct {
+	rank         rank // of its keys
+	failure      rank // the tracker's failure state; rankIdle: none
+	lastErr      errcode.Code
+	expiry       int64
+	backoffUntil int64
+	backoffAt    int64
+	lastErrAt    int64
+	backoffErr   error
+}
+
+// knowledge is what the broker and the tracker know, by merchant: the
+// few merchants they know of in a dense slice, reached from an explicit
+// merchant's position (no map read in the pass over all merchants) or
+// from a wildcard merchant's id.
+type knowledge struct {
+	idx   *registryIndex
+	slot  []int32          // explicit merchant's position -> 1 + its index in dense; 0: unknown
+	other map[string]int32 // any other merchant id -> its index in dense
+	dense []known
+}
+
+// of returns what is known of merchant id, made empty on first use. The
+// pointer is valid until the next call.
+func (k *knowledge) of(id string) *known {
+	if p, ok := k.idx.pos[id]; ok {
+		if k.slot[p] == 0 {
+			k.dense = append(k.dense, known{rank: rankIdle, failure: rankIdle})
+			k.slot[p] = int32(len(k.dense))
+		}
+		return &k.dense[k.slot[p]-1]
+	}
+	i, ok := k.other[id]
+	if !ok {
+		k.dense = append(k.dense, known{rank: rankIdle, failure: rankIdle})
+		i = int32(len(k.dense) - 1)
+		k.other[id] = i
+	}
+	return &k.dense[i]
+}
+
+// merchantView is one merchant as a walk sees it.
+type merchantView struct {
+	id, provider, organisation string
+	wildcard                   bool
+	rank                       rank
+	known
+}
+
+// walk calls visit for every merchant of s (of provider only, when not
+// ""), sorted by id: the registry's explicit merchants and the active
+// wildcard ones, each with its state. It reads the cached entries, the
+// keys in backoff and the tracker's merchants once each, then passes over
+// the merchants. It returns the tracker's snapshot, the registry's index
+// and the active wildcard merchants by provider.
+func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)) (snapshot, *registryIndex, map[string]int) {
+	t := s.Tracker
+	idx := s.Index.of(s.Registry)
+	snap := t.snapshot(now)
+
+	entries := s.Broker.Entries()
+	kn := knowledge{idx: idx, slot: make([]int32, len(idx.merchants)), other: map[string]int32{},
+		dense: make([]known, 0, len(entries)+64)}
+	for _, e := range entries {
+		k := kn.of(e.Binding().Merchant)
+		r := rankFresh
+		if !now.Before(e.RefreshAt()) {
+			r = rankRefreshing
+		}
+		k.rank = min(k.rank, r)
+		if exp := e.Token().Expiry.UnixNano(); k.expiry == 0 || exp < k.expiry {
+			k.expiry = exp
+		}
+	}
+	s.Broker.Backoffs(func(b *broker.Binding, err error, at, until time.Time) {
+		k := kn.of(b.Merchant)
+		k.rank = min(k.rank, rankBackingOff)
+		if u := until.UnixNano(); u > k.backoffUntil {
+			k.backoffUntil, k.backoffErr, k.backoffAt = u, err, at.UnixNano()
+		}
+	})
+	t.eachMerchant(func(id string, rec *merchantRecord) {
+		k := kn.of(id)
+		k.failure, k.lastErr = rankOf(rec.failure), rec.lastErr
+		if !rec.lastErrAt.IsZero() {
+			k.lastErrAt = rec.lastErrAt.UnixNano()
+		}
+	})
+
+	var wilds []wild
+	for _, tb := range s.Tables {
+		tb.Each(func(id string, b *bindings.Binding) {
+			if b.Wild() {
+				wilds = append(wilds, wild{id: id, provider: b.Provider.Name, organisation: b.Organisation})
+			}
+		})
+	}
+	slices.SortFunc(wilds, func(a, b wild) int { return strings.Compare(a.id, b.id) })
+	wilds = slices.CompactFunc(wilds, func(a, b wild) bool { return a.id == b.id })
+	activeBy := map[string]int{}
+	for _, w := range wilds {
+		activeBy[w.provider]++
+	}
+
+	var v merchantView
+	one := func(id, prov, organisation string, wildcard bool, k *known) {
+		if provider != "" && prov != provider {
+			return
+		}
+		v = merchantView{id: id, provider: prov, organisation: organisation, wildcard: wildcard, rank: rankIdle}
+		if k != nil {
+			v.known, v.rank = *k, k.rank
+			if k.failure < rankBackingOff {
+				v.rank = min(v.rank, k.failure)
+			}
+		}
+		if src := idx.consent[prov]; src != nil && v.rank > rankNeedsConsent && !src.ConsentStatus(id).ConsentRequiredSince.IsZero() {
+			v.rank = rankNeedsConsent
+		}
+		visit(&v)
+	}
+	i, j := 0, 0
+	for i < len(idx.merchants) || j < len(wilds) {
+		if j == len(wilds) || (i < len(idx.merchants) && idx.merchants[i].ID < wilds[j].id) {
+			m := idx.merchants[i]
+			var k *known
+			if n := kn.slot[i]; n != 0 {
+				k = &kn.dense[n-1]
+			}
+			one(m.ID, m.Provider, m.Organisation, false, k)
+			i++
+			continue
+		}
+		w := wilds[j]
+		if i < len(idx.merchants) && idx.merchants[i].ID == w.id {
+			i++ // an explicit merchant's binding is not wild: never here
+		}
+		var k *known
+		if n, ok := kn.other[w.id]; ok {
+			k = &kn.dense[n]
+		}
+		one(w.id, w.provider, w.organisation, true, k)
+		j++
+	}
+	return snap, idx, activeBy
+}
+
+// Build computes the Report answering q at now: every provider of the
+// registry, the fleet tier's health, and the page of merchants (explicit
+// ones, including those without a cached token, and the wildcard's
+// active ones) that q selects, with the counts by state over every
+// merchant of q's provider. A merchant's state is the worst of its keys'.
+// It runs in one pass over the merchants (walk); the explicit merchants'
+// ids are sorted once per registry.
+func Build(s Sources, q Query, now time.Time) Report {
+	if q.Limit <= 0 || q.Limit > MaxLimit {
+		q.Limit = min(max(q.Limit, DefaultLimit), MaxLimit)
+	}
+	rep := Report{GeneratedAt: now.UTC(), Merchants: []Merchant{}}
+	var counts byRank
+	states := States()
+	want := rank(len(states)) // every state
+	if q.State != "" {
+		want = rankOf(q.State)
+	}
+	more := false
+	snap, idx, activeBy := walk(s, q.Provider, now, func(v *merchantView) {
+		counts[v.rank]++
+		if want < rank(len(states)) && v.rank != want {
+			return
+		}
+		state := states[v.rank]
+		rep.Total++
+		if v.id <= q.After {
+			return
+		}
+		if len(rep.Merchants) == q.Limit {
+			more = true
+			return
+		}
+		m := Merchant{Merchant: v.id, Provider: v.provider, Organisation: v.organisation, Wildcard: v.wildcard, State: state,
+			Expiry: unixPtr(v.expiry), BackoffUntil: unixPtr(v.backoffUntil)}
+		switch {
+		case v.lastErr != 0:
+			m.LastError, m.LastErrorAt = v.lastErr.String(), unixPtr(v.lastErrAt)
+		case v.backoffErr != nil:
+			m.LastError, m.LastErrorAt = errcode.Classify(v.backoffErr).String(), unixPtr(v.backoffAt)
+		}
+		rep.Merchants = append(rep.Merchants, m)
+	})
+	rep.Counts = counts.counts()
+	if more {
+		rep.Next = rep.Merchants[len(rep.Merchants)-1].Merchant
+	}
+	rep.Providers = providers(s, idx, snap, activeBy)
+	if snap.fleet.configured {
+		f := snap.fleet
+		rep.Fleet = &Fleet{Up: f.up, Since: timePtr(f.since), LastError: f.lastErr, LastErrorAt: timePtr(f.lastErrAt)}
+	}
+	return rep
+}
+
+// Counts returns the merchants of every provider of the registry by
+// state (every state present, as in a Report's Counts), in one pass: for
+// the merchants gauge.
+func Counts(s Sources, now time.Time) map[string]map[string]int {
+	by := map[string]*byRank{}
+	for name := range s.Registry.Providers {
+		by[name] = &byRank{}
+	}
+	walk(s, "", now, func(v *merchantView) {
+		if c := by[v.provider]; c != nil {
+			c[v.rank]++
+		}
+	})
+	out := make(map[string]map[string]int, len(by))
+	for name, c := range by {
+		out[name] = c.counts()
+	}
+	return out
+}
+
+// providers are the registry's providers' states, by name.
+func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string]int) []Provider {
+	names := slices.Sorted(maps.Keys(s.Registry.Providers))
+	ids := make([]string, len(names))
+	for i, name := range names {
+		ids[i] = s.Registry.Providers[name].ID
+	}
+	mark := s.Tracker.mark()
+	health := s.Broker.SourcesHealth(ids...)
+	out := make([]Provider, 0, len(names))
+	for i, name := range names {
+		p := s.Registry.Providers[name]
+		h := health[ids[i]]
+		s.Tracker.reconcile(name, ids[i], h.Breaker != broker.BreakerClosed, !h.BackoffUntil.IsZero(), mark)
+		rec := snap.providers[name]
+		out = append(out, Provider{Name: name, Type: p.Type, Breaker: h.Breaker.String(), BackoffUntil: timePtr(h.BackoffUntil),
+			Requests: rec.calls, Failures: rec.failures, Window: snap.window.String(),
+			Merchants: idx.count[name] + activeBy[name]})
+		o := &out[len(out)-1]
+		switch {
+		case rec.lastErr != 0:
+			o.LastError, o.LastErrorAt = rec.lastErr.String(), timePtr(rec.lastErrAt)
+		case h.LastError != nil:
+			o.LastError, o.LastErrorAt = errcode.Classify(h.LastError).String(), timePtr(h.LastFailure)
+		}
+		switch {
+		case h.Breaker == broker.BreakerOpen:
+			o.Status = "open"
+		case !h.BackoffUntil.IsZero():
+			o.Status = "backing_off"
+		case h.Breaker == broker.BreakerHalfOpen || rec.lastCallFailed:
+			o.Status = "failing"
+		default:
+			o.Status = "ok"
+		}
+	}
+	return out
+}
+
+// snapshot is a copy of what a Tracker knows of providers and the fleet
+// tier, for one Build.
+type snapshot struct {
+	window    time.Duration
+	providers map[string]providerView
+	fleet     fleetRecord
+}
+
+// providerView is a provider's record summed up at a time.
+type providerView struct {
+	calls, failures int
+	lastErr         errcode.Code
+	lastErrAt       time.Time
+	// lastCallFailed: the provider's last call failed for a reason of
+	// the provider's (not one merchant's refusal), within the window.
+	lastCallFailed bool
+}
+
+// snapshot copies what t knows at now.
+func (t *Tracker) snapshot(now time.Time) snapshot {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := snapshot{window: t.span, providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
+	for name, p := range t.providers {
+		v := providerView{lastErr: p.lastErr, lastErrAt: p.lastErrAt,
+			lastCallFailed: p.lastCallFailed && now.Sub(p.lastErrAt) < t.span}
+		v.calls, v.failures = p.calls.sum(now)
+		s.providers[name] = v
+	}
+	return s
+}
+
+// eachMerchant calls f, under the tracker's lock, for every merchant it
+// remembers: f must be quick and not call the tracker.
+func (t *Tracker) eachMerchant(f func(id string, rec *merchantRecord)) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for id, m := range t.merchants {
+		f(id, m)
+	}
+}
+
+// unixPtr is the time of unix nanoseconds ns in UTC, nil when 0.
+func unixPtr(ns int64) *time.Time {
+	if ns == 0 {
+		return nil
+	}
+	t := time.Unix(0, ns).UTC()
+	return &t
+}
+
+// timePtr is t in UTC, nil when zero.
+func timePtr(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	u := t.UTC()
+	return &u
+}

@@ -1,0 +1,412 @@
+package opstate
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+)
+
+// DefaultMaxMerchants bounds the merchants a Tracker remembers.
+const DefaultMaxMerchants = 250_000
+
+// TrackerOptions configure a Tracker. The zero value gives the defaults.
+type TrackerOptions struct {
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+	// Emit, when set, is told of each transition someone must act on
+	// (the Event* names), with data naming the merchant, the provider and
+	// the error code, never a token or a secret. It is called outside the
+	// tracker's lock, on the token fetch path: it must be quick.
+	Emit func(event string, data map[string]any)
+	// Window is the span of a provider's Requests and Failures. Default
+	// DefaultWindow.
+	Window time.Duration
+	// MaxMerchants bounds the merchants remembered (only those whose
+	// token requests failed are): beyond it, a new one replaces an
+	// arbitrary other. Default DefaultMaxMerchants.
+	MaxMerchants int
+}
+
+// Tracker learns from the broker's observer calls what the operator's
+// view needs besides what the broker keeps: each merchant's last error
+// (kept after a success) and whether its last token request was refused,
+// for an unknown organisation, or for lack of consent; each provider's
+// token requests over a sliding window and its last error; the fleet
+// tier's health. It emits an event on each transition (TrackerOptions.Emit),
+// never twice for the same state.
+//
+// It is told of token API calls (Fetched), not of requests: nothing runs
+// per request. It is safe for concurrent use. It keeps a record only for
+// merchants whose token requests failed; Forget drops one (a wildcard
+// merchant the binding table evicts). The records of a replaced
+// configuration's merchants are kept, up to MaxMerchants, so that a
+// merchant still failing after a reload is not announced again.
+type Tracker struct {
+	now    func() time.Time
+	emit   func(event string, data map[string]any)
+	span   time.Duration
+	maxLen int
+
+	mu        sync.Mutex
+	merchants map[string]*merchantRecord
+	providers map[string]*providerRecord
+	fleet     fleetRecord
+	seq       uint64 // counts the changes of sources' states (SourceBackingOff, BreakerChanged)
+}
+
+// merchantRecord is what a Tracker remembers of a merchant.
+type merchantRecord struct {
+	lastErr   errcode.Code
+	lastErrAt time.Time
+	// failure is the state the last token request's failure puts the
+	// merchant in (StateRefused, StateUnknownOrganisation,
+	// StateNeedsConsent, StateBackingOff); "" after a success.
+	failure string
+	// refusedTold: EventTokenRefused was emitted, and no success since.
+	refusedTold bool
+	// consentNeeded: EventConsentNeeded was emitted, and neither a
+	// success nor a consent since.
+	consentNeeded bool
+}
+
+// providerRecord is what a Tracker remembers of a provider.
+type providerRecord struct {
+	calls     window
+	lastErr   errcode.Code
+	lastErrAt time.Time
+	held      map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
+	open      map[string]uint64 // source IDs whose breaker is not closed -> the change that said so
+	// failing: a source is held or its breaker is not closed.
+	failing bool
+	// announce: failing started, and EventProviderFailing waits for the
+	// failure that caused it (the broker tells a backoff or a breaker
+	// change before the call's Fetched), to name its error.
+	announce bool
+	// lastCallFailed: the last call's outcome was a failure of the
+	// provider (not of one merchant: a refusal leaves it unchanged).
+	lastCallFailed bool
+}
+
+// fleetRecord is the fleet tier's health.
+type fleetRecord struct {
+	configured bool
+	up         bool
+	since      time.Time
+	lastErr    string
+	lastErrAt  time.Time
+}
+
+// event is an Emit call made once the tracker's lock is released.
+type event struct {
+	name string
+	data map[string]any
+}
+
+// NewTracker returns an empty Tracker.
+func NewTracker(o TrackerOptions) *Tracker {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Window <= 0 {
+		o.Window = DefaultWindow
+	}
+	if o.MaxMerchants <= 0 {
+		o.MaxMerchants = DefaultMaxMerchants
+	}
+	return &Tracker{now: o.Now, emit: o.Emit, span: o.Window, maxLen: o.MaxMerchants,
+		merchants: map[string]*merchantRecord{}, providers: map[string]*providerRecord{}}
+}
+
+// send emits the events, outside the lock.
+func (t *Tracker) send(evs []event) {
+	if t.emit == nil {
+		return
+	}
+	for _, e := range evs {
+		t.emit(e.name, e.data)
+	}
+}
+
+// provider returns the record of a provider, made on first use. Called
+// with t.mu held.
+func (t *Tracker) provider(name string) *providerRecord {
+	p := t.providers[name]
+	if p == nil {
+		p = &providerRecord{calls: newWindow(t.span), held: map[string]uint64{}, open: map[string]uint64{}}
+		t.providers[strings.Clone(name)] = p
+	}
+	return p
+}
+
+// merchant returns the record of a merchant, made on first use (an
+// arbitrary other is dropped beyond MaxMerchants). Called with t.mu
+// held.
+func (t *Tracker) merchant(id string) *merchantRecord {
+	m := t.merchants[id]
+	if m == nil {
+		if len(t.merchants) >= t.maxLen {
+			for other := range t.merchants {
+				delete(t.merchants, other)
+				break
+			}
+		}
+		m = &merchantRecord{}
+		// A copy: an explicit merchant's id points into its registry's
+		// file, which must not stay alive after a reload replaced it.
+		t.merchants[strings.Clone(id)] = m
+	}
+	return m
+}
+
+// FailureState returns the merchant state a failed token request puts
+// its merchant in: StateNeedsConsent (consent_required),
+// StateUnknownOrganisation (broker.ErrUnknownOrganisation), StateRefused
+// (token_refused: invalid credentials, a permanent refusal) or
+// StateBackingOff (the provider or the network failed).
+func FailureState(err error) string {
+	return failureState(err, errcode.Classify(err))
+}
+
+// failureState is FailureState of err, whose code is code.
+func failureState(err error, code errcode.Code) string {
+	switch {
+	case code == errcode.ConsentRequired:
+		return StateNeedsConsent
+	case errors.Is(err, broker.ErrUnknownOrganisation):
+		return StateUnknownOrganisation
+	case code == errcode.TokenRefused:
+		return StateRefused
+	}
+	return StateBackingOff
+}
+
+// Fetched notes a call to a provider's token API for a merchant and how
+// it ended (nil: a token). A cancelled call counts as a call, and says
+// nothing about the merchant. It implements telemetry.Tap.
+func (t *Tracker) Fetched(provider, merchant string, err error) {
+	now := t.now()
+	var code errcode.Code
+	var state string
+	if err != nil && !errors.Is(err, context.Canceled) {
+		code = errcode.Classify(err)
+		state = failureState(err, code)
+	}
+	var evs []event
+	defer func() { t.send(evs) }()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	p := t.provider(provider)
+	if err == nil {
+		p.calls.add(now, false)
+		p.lastCallFailed = false
+		m := t.merchants[merchant]
+		if m == nil {
+			return
+		}
+		m.failure, m.refusedTold = "", false
+		if m.consentNeeded {
+			// A success after consent_required: the consent was granted
+			// where this process did not see it (another broker of the
+			// fleet, or an operator's refresh token).
+			m.consentNeeded = false
+			evs = append(evs, event{EventConsentGranted, map[string]any{"merchant": merchant, "provider": provider}})
+		}
+		return
+	}
+	if code == 0 { // cancelled
+		p.calls.add(now, false)
+		return
+	}
+	p.calls.add(now, true)
+	p.lastErr, p.lastErrAt = code, now
+	if state == StateBackingOff {
+		p.lastCallFailed = true
+	}
+	if p.announce {
+		p.announce = false
+		evs = append(evs, event{EventProviderFailing, map[string]any{"provider": provider, "error": code.String()}})
+	}
+	m := t.merchant(merchant)
+	m.lastErr, m.lastErrAt, m.failure = code, now, state
+	told := func(name string) {
+		evs = append(evs, event{name, map[string]any{"merchant": merchant, "provider": provider, "error": code.String()}})
+	}
+	switch state {
+	case StateRefused, StateUnknownOrganisation:
+		if !m.refusedTold {
+			m.refusedTold = true
+			told(EventTokenRefused)
+		}
+	case StateNeedsConsent:
+		if !m.consentNeeded {
+			m.consentNeeded = true
+			told(EventConsentNeeded)
+		}
+	}
+}
+
+// ConsentGranted notes that a merchant completed consent at a provider
+// (its refresh token was stored): it emits EventConsentGranted and ends
+// the merchant's needs-consent state.
+func (t *Tracker) ConsentGranted(provider, merchant string) {
+	t.mu.Lock()
+	if m := t.merchants[merchant]; m != nil {
+		m.consentNeeded = false
+		if m.failure == StateNeedsConsent {
+			m.failure = ""
+		}
+	}
+	t.mu.Unlock()
+	t.send([]event{{EventConsentGranted, map[string]any{"merchant": merchant, "provider": provider}}})
+}
+
+// Forget drops what the tracker remembers of a merchant: a wildcard
+// merchant that left the binding table.
+func (t *Tracker) Forget(merchant string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.merchants, merchant)
+}
+
+// SourceBackingOff notes that a source of a provider starts (on) or
+// ends a backoff. It implements telemetry.Tap.
+func (t *Tracker) SourceBackingOff(provider, sourceID string, on bool) {
+	t.changeProvider(provider, func(p *providerRecord) {
+		t.seq++
+		if on {
+			p.held[sourceID] = t.seq
+		} else {
+			delete(p.held, sourceID)
+		}
+	})
+}
+
+// BreakerChanged notes a change of the breaker of a source of a provider.
+// It implements telemetry.Tap.
+func (t *Tracker) BreakerChanged(provider, sourceID string, state broker.BreakerState) {
+	t.changeProvider(provider, func(p *providerRecord) {
+		t.seq++
+		if state == broker.BreakerClosed {
+			delete(p.open, sourceID)
+		} else {
+			p.open[sourceID] = t.seq
+		}
+	})
+}
+
+// changeProvider applies change to a provider's record and, when whether
+// it fails (a breaker not closed, a source backing off) changed, emits
+// EventProviderRecovered, or EventProviderFailing with the next failure
+// (Fetched), which the broker tells after the change it caused.
+func (t *Tracker) changeProvider(provider string, change func(p *providerRecord)) {
+	var evs []event
+	defer func() { t.send(evs) }()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	p := t.provider(provider)
+	change(p)
+	failing := len(p.held) > 0 || len(p.open) > 0
+	switch {
+	case failing && !p.failing:
+		p.announce = true
+	case !failing && p.failing && p.announce:
+		p.announce = false // recovered before its failure was told: nothing to tell
+	case !failing && p.failing:
+		evs = append(evs, event{EventProviderRecovered, map[string]any{"provider": provider}})
+	}
+	p.failing = failing
+}
+
+// mark returns the number of the tracker's last change of a source's
+// state: reconcile keeps what changed after it.
+func (t *Tracker) mark() uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.seq
+}
+
+// reconcile makes what the tracker knows of a provider's sources agree
+// with the broker, read after mark: only sourceID is the provider's now
+// (the others are older configurations, whose state the broker dropped
+// without telling), its breaker is open (not closed) or not, and it is
+// held or not. A change told after mark is kept: it is newer than what
+// was read. The broker drops a source's state without telling when it
+// forgets it (a rotated secret) or a configuration replaces it. It emits
+// EventProviderRecovered if the provider so stops failing.
+func (t *Tracker) reconcile(provider, sourceID string, open, held bool, mark uint64) {
+	stale := func(m map[string]uint64, id string, now bool) bool {
+		return id != sourceID || (!now && m[id] <= mark)
+	}
+	t.mu.Lock()
+	p := t.providers[provider]
+	changed := false
+	if p != nil {
+		for id := range p.open {
+			changed = changed || stale(p.open, id, open)
+		}
+		for id := range p.held {
+			changed = changed || stale(p.held, id, held)
+		}
+	}
+	t.mu.Unlock()
+	if !changed {
+		return
+	}
+	t.changeProvider(provider, func(p *providerRecord) {
+		for id := range p.open {
+			if stale(p.open, id, open) {
+				delete(p.open, id)
+			}
+		}
+		for id := range p.held {
+			if stale(p.held, id, held) {
+				delete(p.held, id)
+			}
+		}
+	})
+}
+
+// SetFleet says whether a fleet (Redis) tier is configured and, when it
+// is, whether it is up now; the time of the last change is kept when the
+// tier's health does not change.
+func (t *Tracker) SetFleet(configured, up bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	f := &t.fleet
+	if !configured {
+		*f = fleetRecord{}
+		return
+	}
+	if !f.configured || f.up != up {
+		f.configured, f.up, f.since = true, up, t.now()
+	}
+}
+
+// FleetChanged notes that the fleet tier became unavailable (up false,
+// err the failure) or available again, and emits EventFleetDown or
+// EventFleetRecovered. It is fleet.Cache.OnAvailability's function.
+func (t *Tracker) FleetChanged(up bool, err error) {
+	now := t.now()
+	t.mu.Lock()
+	f := &t.fleet
+	if f.configured && f.up == up {
+		t.mu.Unlock()
+		return
+	}
+	f.configured, f.up, f.since = true, up, now
+	ev := event{EventFleetRecovered, map[string]any{}}
+	if !up {
+		f.lastErr, f.lastErrAt = "redis unavailable", now
+		if err != nil {
+			f.lastErr = err.Error()
+		}
+		ev = event{EventFleetDown, map[string]any{"error": f.lastErr}}
+	}
+	t.mu.Unlock()
+	t.send([]event{ev})
+}
