@@ -177,7 +177,7 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, background bool, dea
 			err = br.check(b, &tok, now)
 		}
 		if err != nil {
-			class = classOf(b.Source, err)
+			class = ClassOf(b.Source, err)
 		}
 		if from, to := br.pol.called(b, err, class, now); from != to && bo != nil {
 			bo.BreakerChanged(b.SourceID, to)

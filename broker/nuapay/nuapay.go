@@ -102,6 +102,14 @@ func (s *Source) Classify(err error) broker.Class {
 	return broker.DefaultClass(err)
 }
 
+// UnknownOrganisation reports whether err is Gatekeeper's answer that it
+// does not know the organisation a token was asked for: a 404 of the
+// token endpoint, whose only path parameter is the organisation.
+func UnknownOrganisation(err error) bool {
+	var ae *broker.APIError
+	return errors.As(err, &ae) && ae.Provider == "nuapay" && ae.StatusCode == http.StatusNotFound
+}
+
 // orgURL returns base + /organisations/{org}{suffix} with org escaped as one
 // path segment. An organisation id that is empty, "." or ".." is refused:
 // escaping alone would leave those able to change the path.
