@@ -111,12 +111,16 @@ func Check(ctx context.Context, reg *config.Registry, br *broker.Broker, b *brok
 	var ue *broker.UnavailableError
 	switch srcUntil, _ := br.SourceBackoff(b.SourceID); {
 	case errors.As(err, &ue):
-		why = fmt.Sprintf("%s's token API keeps failing (circuit breaker open)", m.Provider)
+		why = "its token API keeps failing (circuit breaker open)"
 	case !srcUntil.IsZero():
-		why = fmt.Sprintf("%s is not called for any merchant (its credentials were refused, or it asked to slow down)", m.Provider)
+		why = "it is not called for any merchant (its credentials were refused, or it asked to slow down)"
 	}
-	res.Message = fmt.Sprintf("not called: %s, so the broker does not call it before %s (in %s); the last answer: %s",
-		why, until.UTC().Format(time.RFC3339), until.Sub(now).Round(time.Second), advice)
+	last := ""
+	if res.ProviderStatus > 0 {
+		last = fmt.Sprintf(" (HTTP %d %s)", res.ProviderStatus, res.ProviderError)
+	}
+	res.Message = fmt.Sprintf("the broker does not call %s for this merchant before %s (in %s): %s; its last answer%s: %s",
+		m.Provider, until.UTC().Format(time.RFC3339), until.Sub(now).Round(time.Second), why, last, advice)
 	return res, nil
 }
 
