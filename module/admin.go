@@ -15,6 +15,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -30,6 +31,8 @@ var current atomic.Pointer[App]
 // by fingerprint, refresh tokens are only said to exist.
 //
 //	GET  /token_broker/tokens                      cached tokens
+//	GET  /token_broker/state                       every provider's and merchant's state (opstate.Report;
+//	                                               ?provider=&state=&after=&limit=, state.go)
 //	POST /token_broker/merchants/{id}/purge        drop a merchant's cached tokens
 //	POST /token_broker/merchants/{id}/revoke       revoke them at the provider, then drop them
 //	POST /token_broker/merchants/{id}/check        one token request for the merchant: what the
@@ -58,6 +61,7 @@ func (adminAPI) CaddyModule() caddy.ModuleInfo {
 func (a adminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{Pattern: "/token_broker/tokens", Handler: caddy.AdminHandlerFunc(a.tokens)},
+		{Pattern: "/token_broker/state", Handler: caddy.AdminHandlerFunc(a.state)},
 		{Pattern: "/token_broker/merchants/", Handler: caddy.AdminHandlerFunc(a.merchant)},
 		{Pattern: "/token_broker/providers/", Handler: caddy.AdminHandlerFunc(a.provider)},
 		{Pattern: "/token_broker/health", Handler: caddy.AdminHandlerFunc(a.health)},
@@ -123,12 +127,18 @@ func (adminAPI) merchant(w http.ResponseWriter, r *http.Request) error {
 
 // checkMerchant serves POST /token_broker/merchants/{id}/check
 // (adminapi.Check), on the merchant's binding of the app's routes when it
-// has one (its requests' observer sees the fetch).
+// has one (its requests' observer sees the fetch), else on one of its own
+// scopes whose fetch the operator's view is told of.
 func checkMerchant(w http.ResponseWriter, r *http.Request, app *App, merchant string) error {
 	var b *broker.Binding
 	if app.registry != nil {
 		if bound := app.tables.Bindings(app.registry, merchant); len(bound) > 0 {
 			b = &bound[0].Binding
+		} else if m, _, ok := app.registry.Merchant(merchant); ok && app.tracker != nil {
+			if bd, err := app.registry.Binding(merchant, nil); err == nil {
+				bd.Observer = telemetry.TapObserver{Tap: app.tracker, Provider: m.Provider}
+				b = bd
+			}
 		}
 	}
 	res, err := adminapi.Check(r.Context(), app.registry, app.broker, b, admission.Allow(app.listing), merchant, time.Now())
@@ -188,6 +198,9 @@ func setRefreshToken(w http.ResponseWriter, r *http.Request, app *App, merchant 
 	}
 	app.logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", provider),
 		zap.String("fingerprint", fingerprint))
+	if app.tracker != nil {
+		app.tracker.ConsentGranted(provider, merchant)
+	}
 	return writeJSON(w, map[string]any{"merchant": merchant, "provider": provider, "stored": true, "fingerprint": fingerprint})
 }
 

@@ -9,7 +9,6 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
-	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -134,9 +133,9 @@ func failureAdvice(reg *config.Registry, m *config.Merchant, wild bool, p *confi
 			fields = "api_key"
 		}
 		return fmt.Sprintf("the provider refused the credentials; check %s of [providers.%s] in %s", fields, p.Name, where(reg, p.Line))
-	case nuapay.UnknownOrganisation(err) && wild:
+	case errors.Is(err, broker.ErrUnknownOrganisation) && wild:
 		return fmt.Sprintf("the provider does not know organisation %q (the merchant id, served by the wildcard entry); check the id, or the partner's organisations", b.Organisation)
-	case nuapay.UnknownOrganisation(err):
+	case errors.Is(err, broker.ErrUnknownOrganisation):
 		return fmt.Sprintf("the provider does not know organisation %q; check organisation of [merchants.%s] in %s", b.Organisation, m.ID, where(reg, m.Line))
 	case code == errcode.ConsentRequired:
 		return code.Message(p.Type) + fmt.Sprintf(" (`caddy token-broker consent-link %s` prints a link)", b.Merchant)

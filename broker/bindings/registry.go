@@ -116,3 +116,16 @@ func (ts *Tables) Bindings(reg *config.Registry, id string) []*Binding {
 	}
 	return out
 }
+
+// Each calls f for every table, in no particular order.
+func (ts *Tables) Each(f func(t *Table)) {
+	ts.mu.Lock()
+	tables := make([]*Table, 0, len(ts.m))
+	for _, t := range ts.m {
+		tables = append(tables, t)
+	}
+	ts.mu.Unlock()
+	for _, t := range tables {
+		f(t)
+	}
+}
