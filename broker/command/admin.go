@@ -2,10 +2,12 @@ package command
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"regexp"
+	"strconv"
 	"strings"
 )
 
@@ -38,7 +40,24 @@ func askAdmin(request AdminRequest, addr, method, uri string, body any, v any) e
 	return nil
 }
 
-// adminError is the error of a failed admin request, in words.
+// refusal is the admin API's answer other than 2xx: its HTTP status and
+// its error message.
+type refusal struct {
+	status int
+	err    error
+}
+
+func (r *refusal) Error() string { return r.err.Error() }
+func (r *refusal) Unwrap() error { return r.err }
+
+// refusedWith reports whether err is the admin API's answer with status.
+func refusedWith(err error, status int) bool {
+	var r *refusal
+	return errors.As(err, &r) && r.status == status
+}
+
+// adminError is the error of a failed admin request, in words: a
+// *refusal when the admin API answered.
 func adminError(addr string, err error) error {
 	m := adminErrorRe.FindStringSubmatch(err.Error())
 	if m == nil {
@@ -51,8 +70,9 @@ func adminError(addr string, err error) error {
 	if json.Unmarshal([]byte(msg), &body) == nil && body.Error != "" {
 		msg = body.Error
 	}
+	status, _ := strconv.Atoi(m[1])
 	if strings.Contains(msg, "token_broker app is not running") {
-		return fmt.Errorf("the Caddy at admin address %s does not run the token_broker app: configure the token_broker global option", addr)
+		return &refusal{status, fmt.Errorf("the Caddy at admin address %s does not run the token_broker app: configure the token_broker global option", addr)}
 	}
-	return fmt.Errorf("the token broker at admin address %s answered HTTP %s: %s", addr, m[1], msg)
+	return &refusal{status, fmt.Errorf("the token broker at admin address %s answered HTTP %d: %s", addr, status, msg)}
 }

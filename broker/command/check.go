@@ -22,6 +22,10 @@ func ConsentLink(std IO, request AdminRequest, addr, merchant, returnURL string,
 	var link consentweb.LinkResponse
 	err := askAdmin(request, addr, http.MethodPost, "/token_broker/consent/links",
 		consentweb.LinkRequest{Merchant: merchant, ReturnURL: returnURL}, &link)
+	if refusedWith(err, http.StatusConflict) {
+		fmt.Fprintf(std.Err, "no consent link for %s: its provider does not use consent (only a provider with grant refresh_token and a consent table does); %v\n", merchant, err)
+		return ErrFailed
+	}
 	if err != nil {
 		fmt.Fprintf(std.Err, "no consent link for %s: %v\n", merchant, err)
 		return ErrFailed
