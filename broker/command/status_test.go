@@ -283,4 +283,3 @@ func TestCheck(t *testing.T) {
 		})
 	}
 }
-
