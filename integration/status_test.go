@@ -192,6 +192,16 @@ func TestOperatorStatus(t *testing.T) {
 		}
 	}
 
+	// A check of a merchant the apps' requests were served for uses their
+	// binding: refused again, or not called while its key is in backoff.
+	out, code = runCommand(t, caddyBin, "token-broker", "check", "ghost", "--address", admin)
+	t.Logf("$ caddy token-broker check ghost --address %s (exit %d)\n%s", admin, code, out)
+	wantGhost := fmt.Sprintf(`the provider does not know organisation "org-ghost"; check organisation of [merchants.ghost] in %s:34`, regPath)
+	if code != 1 || !strings.Contains(out, wantGhost) ||
+		!strings.HasPrefix(out, "ghost: REFUSED by nuapay (HTTP 404 40400): ") && !strings.HasPrefix(out, "ghost: NOT CALLED (nuapay): ") {
+		t.Errorf("check ghost: exit %d\n%s\nwant exit 1 and %q", code, out, wantGhost)
+	}
+
 	// The admin state.
 	status, body := get(t, "http://"+admin+"/token_broker/state")
 	noSecret("GET /token_broker/state", string(body))

@@ -106,7 +106,7 @@ func Check(ctx context.Context, reg *config.Registry, br *broker.Broker, b *brok
 	// that opened the breaker) is why.
 	until := now.Add(broker.RetryAfterOf(err))
 	res.NotCalledUntil = &until
-	why := fmt.Sprintf("merchant %q's last token request failed", merchant)
+	why := "the merchant's last token request failed"
 	var ue *broker.UnavailableError
 	switch srcUntil, _ := br.SourceBackoff(b.SourceID); {
 	case errors.As(err, &ue):
