@@ -1,6 +1,7 @@
 package command
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -47,14 +48,14 @@ func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.T
 			fmt.Fprintln(std.Err, err)
 			return ErrFailed
 		}
-		var out any
-		if err := json.Unmarshal(raw, &out); err != nil {
-			fmt.Fprintln(std.Err, err)
+		var out bytes.Buffer
+		if err := json.Indent(&out, raw, "", "  "); err != nil {
+			fmt.Fprintf(std.Err, "reading the state of admin address %s: %v\n", addr, err)
 			return ErrFailed
 		}
-		enc := json.NewEncoder(std.Out)
-		enc.SetIndent("", "  ")
-		return enc.Encode(out)
+		out.WriteByte('\n')
+		_, err := out.WriteTo(std.Out)
+		return err
 	}
 	var rep opstate.Report
 	if err := askAdmin(request, addr, http.MethodGet, stateURI(q.Provider, "", "", 1), nil, &rep); err != nil {
