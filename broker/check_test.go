@@ -19,6 +19,7 @@ func TestCheckForcesOneFetchThroughThePolicy(t *testing.T) {
 		name      string
 		warm      bool  // a token cached before the check
 		before    error // the failure of a lookup before the check (nil: none)
+		otherKey  bool  // that lookup is for another key of the source
 		err       error // the source's answer to the check
 		wantCalls int   // token API calls by the check
 		wantErr   error
@@ -28,7 +29,8 @@ func TestCheckForcesOneFetchThroughThePolicy(t *testing.T) {
 		{name: "warm: a new token replaces the cached one", warm: true, wantCalls: 1, wantToken: "tok-acme-2"},
 		{name: "refused credential: the cached token stays", warm: true, err: invalidKey, wantCalls: 1, wantErr: invalidKey, wantToken: "tok-acme-1"},
 		{name: "source in backoff: not called", before: invalidKey, wantCalls: 0, wantErr: invalidKey},
-		{name: "breaker open: not called", before: down, wantCalls: 0, wantErr: down},
+		{name: "key in backoff: not called", before: down, wantCalls: 0, wantErr: down},
+		{name: "breaker open: not called", before: down, otherKey: true, wantCalls: 0, wantErr: down},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -44,7 +46,11 @@ func TestCheckForcesOneFetchThroughThePolicy(t *testing.T) {
 			}
 			if tt.before != nil {
 				src.set(tt.before)
-				if _, err := br.Token(ctx, b); !errors.Is(err, tt.before) {
+				first := b
+				if tt.otherKey {
+					first = NewBinding("nuapay#1", src, Request{Merchant: "other", Organisation: "org-other", Scopes: []string{"a"}})
+				}
+				if _, err := br.Token(ctx, first); !errors.Is(err, tt.before) {
 					t.Fatalf("lookup before the check: %v, want %v", err, tt.before)
 				}
 			}
@@ -59,6 +65,10 @@ func TestCheckForcesOneFetchThroughThePolicy(t *testing.T) {
 			}
 			if tt.wantCalls == 0 && RetryAfterOf(err) <= 0 {
 				t.Fatalf("a check the policy refused must say for how long: %v", err)
+			}
+			var open *UnavailableError
+			if tt.otherKey != errors.As(err, &open) {
+				t.Fatalf("Check: %v; an open breaker's refusal is an UnavailableError, and only it", err)
 			}
 			if err == nil && (got.Entry == nil || got.Entry.Token().Value.Reveal() != tt.wantToken) {
 				t.Fatalf("Check's entry = %+v, want %s", got.Entry, tt.wantToken)
