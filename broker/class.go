@@ -54,10 +54,10 @@ func DefaultClass(err error) Class {
 	return ClassPermanent
 }
 
-// classOf classifies an error of src's Token call: the source's own
+// ClassOf classifies an error of src's Token call: the source's own
 // classification when it has one. Cancellation is not classified (the
 // caller reports it as nobody's failure).
-func classOf(src Source, err error) Class {
+func ClassOf(src Source, err error) Class {
 	if errors.Is(err, context.Canceled) {
 		return ClassPermanent
 	}

@@ -13,13 +13,15 @@ import (
 // request that started it but keeping its values (trace context); only
 // FetchTimeout bounds it. cur is the entry being refreshed ahead, nil for a
 // foreground fetch. With a shared tier, a usable token stored there is
-// adopted; otherwise mint runs the policy.
-func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry) (*Entry, error) {
+// adopted; otherwise mint runs the policy. A forced fetch (Check, force
+// not nil) neither takes a cached token nor adopts a stored one: it mints,
+// and counts its token API calls in force.
+func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *forced) (*Entry, error) {
 	now := br.opts.Now()
 	br.pol.maybeSweep(now)
 	// A fetch that finished just before this one started may have left a
 	// fresh token: do not fetch twice.
-	if v, ok := br.cache.Get(b.key); ok {
+	if v, ok := br.cache.Get(b.key); ok && force == nil {
 		e := v.(*Entry)
 		if e.validAt(now, br.opts.Leeway) && (cur == nil || (e != cur && now.Before(e.RefreshAt()))) {
 			e.servedTo(b)
@@ -41,15 +43,18 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry) (*Entry,
 	report := func() {}
 	defer func() { report() }()
 	mint := func(ctx context.Context) (Token, error) {
-		tok, r, err := br.mint(ctx, b, cur != nil, deadline)
+		tok, calls, r, err := br.mint(ctx, b, cur != nil, deadline)
 		report()
 		report = r
+		if force != nil {
+			force.calls += calls
+		}
 		return tok, err
 	}
 	f := br.beginFlight(b.key)
 	defer br.endFlight(b.key, f)
 	for attempt := 0; ; attempt++ {
-		tok, origin, err := br.obtain(ctx, b, cur, mint, f)
+		tok, origin, err := br.obtain(ctx, b, cur, mint, f, force != nil)
 		now = br.opts.Now()
 		if err != nil {
 			if cur != nil {
@@ -70,13 +75,18 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry) (*Entry,
 
 // obtain gets a token from the shared tier when there is one (adopting a
 // usable stored token, or minting once for the fleet), else by minting.
-func (br *Broker) obtain(ctx context.Context, b *Binding, cur *Entry, mint func(context.Context) (Token, error), f *flight) (Token, string, error) {
+// With mintOnly, no stored token is adopted: the tier mints under its lock
+// and stores the new token.
+func (br *Broker) obtain(ctx context.Context, b *Binding, cur *Entry, mint func(context.Context) (Token, error), f *flight, mintOnly bool) (Token, string, error) {
 	sh := br.opts.Shared
 	if sh == nil {
 		tok, err := mint(ctx)
 		return tok, OriginMinted, err
 	}
 	usable := br.usable(cur)
+	if mintOnly {
+		usable = func(Token) bool { return false }
+	}
 	if rejected := br.rejectedToken(b.key); rejected != "" {
 		// A token an upstream rejected is never adopted back from the
 		// shared tier, even if its purge there has not happened yet.
@@ -128,25 +138,26 @@ func (br *Broker) usable(cur *Entry) func(Token) bool {
 const outlivesBy = time.Second
 
 // mint calls the Source for b's key through the failure policy (policy.go):
-// the key's and its source's backoffs first, then attempts. It returns the
-// report of the last call and of the fetch (FetchObserver), for the
-// caller to run once the outcome is stored.
-func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadline time.Time) (Token, func(), error) {
+// the key's and its source's backoffs first, then attempts. It returns how
+// many calls it made and the report of the last call and of the fetch
+// (FetchObserver), for the caller to run once the outcome is stored.
+func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadline time.Time) (Token, int, func(), error) {
 	if err := br.pol.admit(b, br.opts.Now()); err != nil {
-		return Token{}, func() {}, err
+		return Token{}, 0, func() {}, err
 	}
 	obs := br.observer(b)
 	tok, f, class, last, err := br.attempts(ctx, b, obs, background, deadline)
-	err = br.pol.record(b, obs, err, class, len(f.Attempts), br.opts.Now())
+	calls := len(f.Attempts)
+	err = br.pol.record(b, obs, err, class, calls, br.opts.Now())
 	fo, _ := obs.(FetchObserver)
-	if fo == nil || len(f.Attempts) == 0 {
-		return tok, last, err
+	if fo == nil || calls == 0 {
+		return tok, calls, last, err
 	}
 	f.Err = err
 	if err == nil {
 		f.Token = tok
 	}
-	return tok, func() {
+	return tok, calls, func() {
 		last()
 		fo.FetchDone(ctx, b, f)
 	}, err
@@ -188,7 +199,7 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 			err = br.check(b, &tok, now)
 		}
 		if err != nil {
-			class = classOf(b.Source, err)
+			class = ClassOf(b.Source, err)
 		}
 		f.Attempts = append(f.Attempts, Attempt{Elapsed: elapsed, Err: err})
 		f.Elapsed = end.Sub(first)

@@ -58,7 +58,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 		started := false // set by this lookup's fetch only, read after the channel
 		ch := br.group.DoChan(b.key, func() (any, error) {
 			started = true
-			return br.fetch(ctx, b, nil)
+			return br.fetch(ctx, b, nil, nil)
 		})
 		select {
 		case res := <-ch:
@@ -94,7 +94,7 @@ func (br *Broker) refresh(ctx context.Context, b *Binding, e *Entry) {
 	go func() {
 		defer e.refreshing.Store(false)
 		br.group.Do(b.key, func() (any, error) {
-			return br.fetch(ctx, b, e)
+			return br.fetch(ctx, b, e, nil)
 		})
 	}()
 }

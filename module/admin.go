@@ -7,11 +7,15 @@ import (
 	"net/http"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -31,6 +35,8 @@ var current atomic.Pointer[App]
 //	                                               ?provider=&state=&after=&limit=, state.go)
 //	POST /token_broker/merchants/{id}/purge        drop a merchant's cached tokens
 //	POST /token_broker/merchants/{id}/revoke       revoke them at the provider, then drop them
+//	POST /token_broker/merchants/{id}/check        one token request for the merchant: what the
+//	                                               provider answered (adminapi.Check)
 //	GET  /token_broker/providers/{name}/organisations  the partner's organisations (Nuapay)
 //	POST /token_broker/providers/{name}/organisations  read again the list restricting the wildcard merchant entry
 //	PUT  /token_broker/merchants/{id}/refresh_token {"refresh_token": "..."}: load a merchant's
@@ -88,7 +94,7 @@ func (adminAPI) merchant(w http.ResponseWriter, r *http.Request) error {
 	rest := strings.TrimPrefix(r.URL.Path, "/token_broker/merchants/")
 	id, action, ok := strings.Cut(rest, "/")
 	if !ok || !config.ValidMerchantID(id) {
-		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("use /token_broker/merchants/{merchant}/purge or /revoke")}
+		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("use /token_broker/merchants/{merchant}/purge, /revoke or /check")}
 	}
 	app, err := running()
 	if err != nil {
@@ -103,6 +109,9 @@ func (adminAPI) merchant(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodPost {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use POST")}
 	}
+	if action == "check" {
+		return checkMerchant(w, r, app, id)
+	}
 	match := adminapi.MerchantTokens(app.registry, id)
 	switch action {
 	case "purge":
@@ -113,7 +122,32 @@ func (adminAPI) merchant(w http.ResponseWriter, r *http.Request) error {
 		results := adminapi.Revoke(r.Context(), entries)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
-	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge or revoke", action)}
+	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge, revoke or check", action)}
+}
+
+// checkMerchant serves POST /token_broker/merchants/{id}/check
+// (adminapi.Check), on the merchant's binding of the app's routes when it
+// has one (its requests' observer sees the fetch), else on one of its own
+// scopes whose fetch the operator's view is told of.
+func checkMerchant(w http.ResponseWriter, r *http.Request, app *App, merchant string) error {
+	var b *broker.Binding
+	if app.registry != nil {
+		if bound := app.tables.Bindings(app.registry, merchant); len(bound) > 0 {
+			b = &bound[0].Binding
+		} else if m, _, ok := app.registry.Merchant(merchant); ok && app.tracker != nil {
+			if bd, err := app.registry.Binding(merchant, nil); err == nil {
+				bd.Observer = telemetry.TapObserver{Tap: app.tracker, Provider: m.Provider}
+				b = bd
+			}
+		}
+	}
+	res, err := adminapi.Check(r.Context(), app.registry, app.broker, b, admission.Allow(app.listing), merchant, time.Now())
+	if err != nil {
+		return apiError(err)
+	}
+	app.logger.Info("merchant checked", zap.String("merchant", merchant), zap.String("provider", res.Provider),
+		zap.String("outcome", res.Outcome), zap.Bool("called", res.Called), zap.String("fingerprint", res.Fingerprint))
+	return writeJSON(w, res)
 }
 
 // provider serves GET /token_broker/providers/{name}/organisations

@@ -203,7 +203,7 @@ func (a *App) validate() error {
 // loadRegistry loads a TOML registry; the path may hold placeholders such
 // as {env.TOKEN_BROKER_CONFIG}. Refresh tokens are kept in Caddy's storage.
 func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
-	path = caddy.NewReplacer().ReplaceKnown(path, "")
+	path = registryExpand(path)
 	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore(ctx.Storage()), ConsentStore: storagePending(ctx.Storage())})
 	if err != nil {
 		return nil, command.RegistryError(err)

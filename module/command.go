@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
@@ -38,8 +39,8 @@ show in the process list or the shell history:
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "token-broker",
-		Usage: "health|validate [flags]",
-		Short: "Checks the running token broker's health, or validates its merchant registries",
+		Usage: "health|status|check|consent-link|validate [flags]",
+		Short: "Shows the running token broker's health and state, checks merchants, validates its merchant registries",
 		Long: `
 health asks a running Caddy, through its admin API, whether the token
 broker is ready (every merchant registry loaded, and the organisations list
@@ -55,6 +56,30 @@ one per line, file:line first, with nothing else on the line. It exits 0
 when there are none, 1 otherwise.
 
   caddy token-broker validate [--config <file>] [--adapter <name>]
+
+status prints the state of a running token broker (its admin API's
+GET /token_broker/state) as tables: the providers (breaker, backoff, token
+requests and failures of the last minutes, last error), the merchants
+needing attention (refused, unknown organisation, needing consent, backing
+off) and the merchants counted by state. --state lists the merchants in
+one state instead, --provider keeps one provider's, --json prints the
+report as JSON. It exits 1 when the instance cannot be asked.
+
+  caddy token-broker status [--address <admin address>] [--provider <name>] [--state <state>] [--json]
+
+check validates the config's merchant registries as validate does and,
+given a merchant, has the running token broker make one real token request
+for it (through its failure policy: a provider in backoff is not called)
+and prints what the provider answered, never the token. It exits 1 when
+the registries have problems or the token request fails.
+
+  caddy token-broker check [MERCHANT] [--config <file>] [--adapter <name>] [--address <admin address>]
+
+consent-link prints a one-time consent link for a merchant whose provider
+uses consent (authorization code with a consent table), to send to the
+merchant.
+
+  caddy token-broker consent-link MERCHANT [--return-url <url>] [--address <admin address>]
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			health := &cobra.Command{
@@ -63,9 +88,7 @@ when there are none, 1 otherwise.
 				Args:  cobra.NoArgs,
 				RunE:  runHealth,
 			}
-			health.Flags().String("address", "", "the admin API address (default: --config's admin address, else $CADDY_ADMIN or localhost:2019)")
-			health.Flags().StringP("config", "c", "", "the config file whose admin address to use")
-			health.Flags().StringP("adapter", "a", "", "the name of the config adapter to use")
+			adminFlags(health)
 			health.Flags().Bool("live", false, "check liveness (the token_broker app runs) instead of readiness")
 			validate := &cobra.Command{
 				Use:   "validate [--config <file>] [--adapter <name>]",
@@ -75,9 +98,47 @@ when there are none, 1 otherwise.
 			}
 			validate.Flags().StringP("config", "c", "", "the config file (default: ./Caddyfile)")
 			validate.Flags().StringP("adapter", "a", "", "the name of the config adapter to use")
-			cmd.AddCommand(health, validate)
+			status := &cobra.Command{
+				Use:   "status [--address <admin address>] [--provider <name>] [--state <state>] [--json]",
+				Short: "Prints the running token broker's providers, the merchants needing attention and the merchants by state",
+				Args:  cobra.NoArgs,
+				RunE:  runStatus,
+			}
+			adminFlags(status)
+			status.Flags().String("provider", "", "show this provider's merchants only")
+			status.Flags().String("state", "", "list the merchants in this state instead of those needing attention")
+			status.Flags().Bool("json", false, "print the report as JSON")
+			check := &cobra.Command{
+				Use:   "check [MERCHANT] [--config <file>] [--adapter <name>] [--address <admin address>]",
+				Short: "Validates the merchant registries; with a merchant, makes one token request for it and says what the provider answered",
+				Args:  cobra.MaximumNArgs(1),
+				RunE:  runCheck,
+			}
+			adminFlags(check)
+			link := &cobra.Command{
+				Use:   "consent-link MERCHANT [--return-url <url>] [--address <admin address>]",
+				Short: "Prints a one-time consent link for a merchant",
+				Args:  cobra.ExactArgs(1),
+				RunE:  runConsentLink,
+			}
+			adminFlags(link)
+			link.Flags().String("return-url", "", "where the merchant's browser goes after consent (on the provider's return_urls)")
+			cmd.AddCommand(health, validate, status, check, link)
 		},
 	})
+}
+
+// adminFlags adds the flags that find the admin address (adminAddress)
+// to cmd.
+func adminFlags(cmd *cobra.Command) {
+	cmd.Flags().String("address", "", "the admin API address (default: --config's admin address, else $CADDY_ADMIN or localhost:2019)")
+	cmd.Flags().StringP("config", "c", "", "the config file whose admin address to use")
+	cmd.Flags().StringP("adapter", "a", "", "the name of the config adapter to use")
+}
+
+// adminAddress is the admin address the flags of adminFlags name.
+func adminAddress(fl caddycmd.Flags) (string, error) {
+	return caddycmd.DetermineAdminAPIAddress(fl.String("address"), nil, fl.String("config"), fl.String("adapter"))
 }
 
 // silentFailure fails cmd with exit status 1 without cobra's "Error:" line
@@ -97,12 +158,54 @@ func stdio(cmd *cobra.Command) command.IO {
 // runHealth is `caddy token-broker health` (command.Health).
 func runHealth(cmd *cobra.Command, _ []string) error {
 	fl := caddycmd.Flags{FlagSet: cmd.Flags()}
-	addr, err := caddycmd.DetermineAdminAPIAddress(fl.String("address"), nil, fl.String("config"), fl.String("adapter"))
+	addr, err := adminAddress(fl)
 	if err != nil {
 		fmt.Fprintf(cmd.ErrOrStderr(), "not ready: finding the admin address: %v\n", err)
 		return silentFailure(cmd, command.ErrFailed)
 	}
 	return silentFailure(cmd, command.Health(stdio(cmd), caddycmd.AdminAPIRequest, addr, fl.Bool("live")))
+}
+
+// runStatus is `caddy token-broker status` (command.Status).
+func runStatus(cmd *cobra.Command, _ []string) error {
+	fl := caddycmd.Flags{FlagSet: cmd.Flags()}
+	addr, err := adminAddress(fl)
+	if err != nil {
+		fmt.Fprintf(cmd.ErrOrStderr(), "finding the admin address: %v\n", err)
+		return silentFailure(cmd, command.ErrFailed)
+	}
+	q := command.StatusQuery{Provider: fl.String("provider"), State: fl.String("state"), JSON: fl.Bool("json")}
+	return silentFailure(cmd, command.Status(stdio(cmd), caddycmd.AdminAPIRequest, addr, q, time.Now()))
+}
+
+// runConsentLink is `caddy token-broker consent-link` (command.ConsentLink).
+func runConsentLink(cmd *cobra.Command, args []string) error {
+	fl := caddycmd.Flags{FlagSet: cmd.Flags()}
+	addr, err := adminAddress(fl)
+	if err != nil {
+		fmt.Fprintf(cmd.ErrOrStderr(), "finding the admin address: %v\n", err)
+		return silentFailure(cmd, command.ErrFailed)
+	}
+	return silentFailure(cmd, command.ConsentLink(stdio(cmd), caddycmd.AdminAPIRequest, addr, args[0], fl.String("return-url"), time.Now()))
+}
+
+// runCheck is `caddy token-broker check` (command.Check): the config is
+// loaded as validate loads it.
+func runCheck(cmd *cobra.Command, args []string) error {
+	fl := caddycmd.Flags{FlagSet: cmd.Flags()}
+	cfg, file, _, err := caddycmd.LoadConfig(fl.String("config"), fl.String("adapter"))
+	if err != nil {
+		fmt.Fprintf(cmd.ErrOrStderr(), "loading the config: %v\n", err)
+		return silentFailure(cmd, command.ErrFailed)
+	}
+	merchant := ""
+	if len(args) == 1 {
+		merchant = args[0]
+	}
+	address := func() (string, error) {
+		return caddycmd.DetermineAdminAPIAddress(fl.String("address"), cfg, "", "")
+	}
+	return silentFailure(cmd, command.Check(stdio(cmd), caddycmd.AdminAPIRequest, cfg, file, registryExpand, address, merchant))
 }
 
 // runValidate is `caddy token-broker validate` (command.Validate).
@@ -113,9 +216,12 @@ func runValidate(cmd *cobra.Command, _ []string) error {
 		fmt.Fprintf(cmd.ErrOrStderr(), "loading the config: %v\n", err)
 		return silentFailure(cmd, command.ErrFailed)
 	}
-	expand := func(path string) string { return caddy.NewReplacer().ReplaceKnown(path, "") }
-	return silentFailure(cmd, command.Validate(stdio(cmd), cfg, file, expand))
+	return silentFailure(cmd, command.Validate(stdio(cmd), cfg, file, registryExpand))
 }
+
+// registryExpand resolves the placeholders of a registry path, as the
+// app does (loadRegistry).
+func registryExpand(path string) string { return caddy.NewReplacer().ReplaceKnown(path, "") }
 
 // cmdRefreshToken is `caddy token-broker-refresh-token`
 // (command.RefreshToken); a failure exits with status 1.

@@ -2,6 +2,7 @@ package bindings
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -88,6 +89,32 @@ func (ts *Tables) Table(reg *config.Registry, scopes []string, allow func(organi
 	t := ForRegistry(reg, scopes, allow, time.Now)
 	ts.m[k] = t
 	return t
+}
+
+// Bindings returns the bindings of merchant id that the tables of reg
+// hold, those of the merchants' own scopes first, then by route scopes.
+// A merchant not served yet has none.
+func (ts *Tables) Bindings(reg *config.Registry, id string) []*Binding {
+	ts.mu.Lock()
+	keys := make([]tablesKey, 0, len(ts.m))
+	for k := range ts.m {
+		if k.reg == reg {
+			keys = append(keys, k)
+		}
+	}
+	tables := make([]*Table, 0, len(keys))
+	slices.SortFunc(keys, func(a, b tablesKey) int { return strings.Compare(a.scopes, b.scopes) })
+	for _, k := range keys {
+		tables = append(tables, ts.m[k])
+	}
+	ts.mu.Unlock()
+	var out []*Binding
+	for _, t := range tables {
+		if b := t.Peek(id); b != nil {
+			out = append(out, b)
+		}
+	}
+	return out
 }
 
 // Each calls f for every table, in no particular order.

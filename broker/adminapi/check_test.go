@@ -1,0 +1,121 @@
+package adminapi
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// checkRegistry is a registry of a Nuapay provider at baseURL, whose API
+// key is key, with a merchant of a known organisation and one of an
+// unknown one.
+func checkRegistry(t *testing.T, baseURL, key string) *config.Registry {
+	t.Helper()
+	reg := fmt.Sprintf(`[providers.nuapay]
+type = "nuapay"
+base_url = %q
+api_key = "{env.CHECK_API_KEY}"
+timeout = "2s"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+
+[merchants.ghost]
+provider = "nuapay"
+organisation = "org-ghost"
+scopes = ["openbanking_pisp"]
+`, baseURL)
+	path := filepath.Join(t.TempDir(), "merchants.toml")
+	if err := os.WriteFile(path, []byte(reg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r, err := config.LoadWith(path, config.Options{LookupEnv: func(string) (string, bool) { return key, true }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// Check answers what the provider said to one token request, in words
+// that name the registry entry at fault; a second check of a refused
+// credential is not sent (the source is in backoff) and says until when.
+// The answer never carries the token or the API key.
+func TestCheck(t *testing.T) {
+	sb := httptest.NewServer(sandbox.New(sandbox.Config{APIKeys: []string{"good-key"},
+		Organisations: []sandbox.Organisation{{ID: "org-acme", Name: "Acme"}}}))
+	t.Cleanup(sb.Close)
+	tests := []struct {
+		name, key, merchant string
+		checks              int // checks in a row; the last one is compared
+		wantOK, wantCalled  bool
+		wantOutcome         string
+		wantStatus          int
+		wantMessage         []string
+	}{
+		{name: "ok", key: "good-key", merchant: "acme", checks: 1, wantOK: true, wantCalled: true, wantOutcome: "ok",
+			wantMessage: []string{"nuapay issued a token (fingerprint "}},
+		{name: "wrong API key", key: "bad-key", merchant: "acme", checks: 1, wantCalled: true, wantOutcome: "token_refused", wantStatus: 401,
+			wantMessage: []string{"the provider refused the credentials; check api_key of [providers.nuapay] in ", "merchants.toml:1"}},
+		{name: "wrong API key, checked again", key: "bad-key", merchant: "acme", checks: 2, wantOutcome: "token_refused", wantStatus: 401,
+			wantMessage: []string{"the broker does not call nuapay for this merchant before ", "it is not called for any merchant", "last answer (HTTP 401 40100)", "check api_key of [providers.nuapay]"}},
+		{name: "unknown organisation", key: "good-key", merchant: "ghost", checks: 1, wantCalled: true, wantOutcome: "token_refused", wantStatus: 404,
+			wantMessage: []string{`the provider does not know organisation "org-ghost"; check organisation of [merchants.ghost] in `, "merchants.toml:12"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			reg := checkRegistry(t, sb.URL, tt.key)
+			br := broker.New(broker.Options{Sleep: func(context.Context, time.Duration) error { return nil }})
+			t.Cleanup(br.Close)
+			var res CheckResult
+			var err error
+			for range tt.checks {
+				if res, err = Check(context.Background(), reg, br, nil, nil, tt.merchant, time.Now()); err != nil {
+					t.Fatal(err)
+				}
+			}
+			out, _ := json.Marshal(res)
+			if strings.Contains(string(out), tt.key) {
+				t.Fatalf("the answer carries the API key: %s", out)
+			}
+			if res.OK != tt.wantOK || res.Called != tt.wantCalled || res.Outcome != tt.wantOutcome || res.ProviderStatus != tt.wantStatus {
+				t.Fatalf("answer %s, want ok=%t called=%t outcome=%s status=%d", out, tt.wantOK, tt.wantCalled, tt.wantOutcome, tt.wantStatus)
+			}
+			for _, want := range tt.wantMessage {
+				if !strings.Contains(res.Message, want) {
+					t.Errorf("message %q does not say %q", res.Message, want)
+				}
+			}
+			if tt.wantOK {
+				es := br.Entries()
+				if len(es) != 1 || es[0].Fingerprint() != res.Fingerprint || strings.Contains(string(out), es[0].Token().Value.Reveal()) ||
+					res.ExpiresInSeconds <= 0 {
+					t.Fatalf("the checked token is not the one cached, or is shown: %s", out)
+				}
+			}
+			if !tt.wantCalled && (res.NotCalledUntil == nil || !res.NotCalledUntil.After(time.Now())) {
+				t.Fatalf("a check not sent must say until when: %s", out)
+			}
+		})
+	}
+	t.Run("unknown merchant", func(t *testing.T) {
+		reg := checkRegistry(t, sb.URL, "good-key")
+		br := broker.New(broker.Options{})
+		t.Cleanup(br.Close)
+		_, err := Check(context.Background(), reg, br, nil, nil, "nobody", time.Now())
+		if e, ok := err.(*Error); !ok || e.Status != 404 {
+			t.Fatalf("Check(nobody) = %v, want a 404 *Error", err)
+		}
+	})
+}

@@ -1,0 +1,55 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+)
+
+// forced is a fetch that calls the token API whatever is cached
+// (Broker.Check). calls is written by the fetch and read by the lookup
+// that started it once the fetch's result is received.
+type forced struct{ calls int }
+
+// Checked is the outcome of a Check.
+type Checked struct {
+	// Entry is the cached entry of the token the check's fetch obtained;
+	// nil when it failed.
+	Entry *Entry
+	// Calls is how many times the check called the token API: 0 when the
+	// failure policy refused the fetch (a key or source backoff, an open
+	// breaker: RetryAfterOf of the error says for how long) or when the
+	// check joined a fetch in flight.
+	Calls int
+	// Joined reports that a fetch of the key was in flight and the check
+	// took its outcome instead of starting one.
+	Joined bool
+}
+
+// Check fetches a new token for the binding from its Source, whatever is
+// cached: an operator's test of a merchant's credentials. It is a fetch
+// like any other: one per key at a time (a fetch in flight for the key is
+// joined instead), through the one failure policy (a backoff or an open
+// breaker refuses it without calling the token API), reported to the
+// binding's observer, and its token cached and, with a shared tier,
+// stored there (a token stored there is not adopted). A failed check
+// leaves the cached token, if any, in the cache. Check waits for the
+// fetch or for ctx to end.
+func (br *Broker) Check(ctx context.Context, b *Binding) (Checked, error) {
+	force := &forced{}
+	started := false // set by this check's fetch only, read after the channel
+	ch := br.group.DoChan(b.key, func() (any, error) {
+		started = true
+		return br.fetch(ctx, b, nil, force)
+	})
+	select {
+	case res := <-ch:
+		out := Checked{Joined: !started, Calls: force.calls}
+		if res.Err != nil {
+			return out, res.Err
+		}
+		out.Entry = res.Val.(*Entry)
+		return out, nil
+	case <-ctx.Done():
+		return Checked{}, fmt.Errorf("merchant %q: waiting for the check's token: %w", b.Merchant, context.Cause(ctx))
+	}
+}
