@@ -161,6 +161,7 @@ func setRefreshToken(w http.ResponseWriter, r *http.Request, app *App, merchant 
 	}
 	app.logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", provider),
 		zap.String("fingerprint", fingerprint))
+	app.consentGranted(provider, merchant)
 	return writeJSON(w, map[string]any{"merchant": merchant, "provider": provider, "stored": true, "fingerprint": fingerprint})
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/command"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
+	"github.com/tokenbroker/caddy-token-broker/broker/outbox"
 	"github.com/tokenbroker/caddy-token-broker/broker/reload"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -92,6 +93,8 @@ type App struct {
 	sweeperKey  string       // the consents sweeper's key in pendingSweepers
 	site        callers.Site // AllowedHosts, checked by the handlers
 	watched     *watchList   // the registries of handlers with their own (health.go)
+
+	events *outbox.Outbox // the events for Caddy's events app (events.go)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -109,6 +112,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.tables = &tables{}
 	a.watched = &watchList{}
 	if err := a.validate(); err != nil {
+		return err
+	}
+	if err := a.provisionEvents(ctx); err != nil {
 		return err
 	}
 	var err error
@@ -201,15 +207,21 @@ func (a *App) Start() error {
 	return nil
 }
 
-// Stop leaves the cache to the next config.
+// Stop leaves the cache to the next config and stops emitting events.
 func (a *App) Stop() error {
 	current.CompareAndSwap(a, nil)
+	if a.events != nil {
+		a.events.Stop()
+	}
 	return nil
 }
 
 // Cleanup ends the app's use of the shared token cache; the cache lives
 // on while another config (the one being loaded) uses it.
 func (a *App) Cleanup() error {
+	if a.events != nil {
+		a.events.Stop()
+	}
 	if a.listingKey != "" {
 		_, _ = listings.Delete(a.listingKey)
 	}

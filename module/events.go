@@ -1,0 +1,88 @@
+package module
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
+	"github.com/tokenbroker/caddy-token-broker/broker/outbox"
+)
+
+// eventQueueSize is how many events wait for the events app's handlers;
+// beyond it events are dropped, counted and logged (outbox.Outbox).
+const eventQueueSize = 1024
+
+// provisionEvents connects the app to Caddy's events app, as caddytls and
+// reverse_proxy do: ctx.App("events") returns the configured one, or an
+// empty one (no subscriptions) when the config has none. The events are
+// emitted with ctx, so their origin is the token_broker app (the
+// {event.module} placeholder is "token_broker").
+//
+// Caddy's Emit runs the subscribed handlers synchronously, and a handler
+// may be slow (an exec handler running a command in the foreground, a web
+// hook). The events come from the token path and from background
+// refreshes, which must not wait on them: emit only queues the event, and
+// one goroutine of the app hands the events to Emit in order. That
+// goroutine starts on Caddy's "started" event, once every app of the
+// config, the events app and its subscriptions included, has started
+// (events from the provisioning of a reload wait for it in the queue), and
+// stops with the app. When the handlers fall behind by eventQueueSize
+// events, later ones are dropped and a warning says how many so far.
+func (a *App) provisionEvents(ctx caddy.Context) error {
+	appIface, err := ctx.App("events")
+	if err != nil {
+		return fmt.Errorf("token_broker: getting the events app: %w", err)
+	}
+	events := appIface.(*caddyevents.App)
+	logger := a.logger
+	a.events = outbox.New(eventQueueSize, func(e outbox.Event) {
+		events.Emit(ctx, e.Name, e.Data)
+	}, func(e outbox.Event, total uint64) {
+		logger.Warn("event dropped: the events app's handlers fall behind; the admin state (GET /token_broker/state) has the merchants' and providers' states",
+			zap.String("event", e.Name), zap.Uint64("dropped_so_far", total), zap.Int("queue", eventQueueSize))
+	})
+	return events.On("started", startDelivery{a.events})
+}
+
+// emit emits a token broker event (one of opstate.Event*) through Caddy's
+// events app, without waiting for its handlers (see provisionEvents).
+// Of data it keeps the keys "merchant", "provider" and "error" (an error
+// code name) with string values, and nothing else, so that no token or
+// secret can reach an event. It does nothing on an app that was not
+// provisioned.
+func (a *App) emit(event string, data map[string]any) {
+	if a.events == nil {
+		return
+	}
+	kept := make(map[string]any, len(data))
+	for k, v := range data {
+		if s, ok := v.(string); ok && s != "" && (k == "merchant" || k == "provider" || k == "error") {
+			kept[k] = s
+		}
+	}
+	a.events.Put(outbox.Event{Name: event, Data: kept})
+}
+
+// consentGranted emits opstate.EventConsentGranted: a merchant's refresh
+// token was stored, by its consent (the token_broker_consent callback) or
+// by an operator through the admin API.
+func (a *App) consentGranted(provider, merchant string) {
+	a.emit(opstate.EventConsentGranted, map[string]any{"merchant": merchant, "provider": provider})
+}
+
+// startDelivery is the events app handler of Caddy's "started" event that
+// starts the delivery of the app's events.
+type startDelivery struct{ events *outbox.Outbox }
+
+// Handle starts the delivery.
+func (s startDelivery) Handle(context.Context, caddy.Event) error {
+	s.events.Start()
+	return nil
+}
+
+// Interface guard.
+var _ caddyevents.Handler = startDelivery{}
