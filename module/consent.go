@@ -116,7 +116,7 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 	c.web, err = consentweb.New(consentweb.Options{Provider: c.Provider, Links: c.Links, Registry: app.registry,
 		Broker: app.broker, Gate: app.consentGate(), Pages: pages,
 		Results: &consentpage.Results{Store: storagePending(ctx.Storage())}, Steps: c.metrics.steps, Logger: ctx.Logger(),
-		Granted: app.consentGranted})
+		Consented: app.tracker.ConsentGranted})
 	if err != nil {
 		return fmt.Errorf("token_broker_consent: %w", err)
 	}

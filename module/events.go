@@ -8,7 +8,6 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"go.uber.org/zap"
 
-	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbox"
 )
 
@@ -65,13 +64,6 @@ func (a *App) emit(event string, data map[string]any) {
 		}
 	}
 	a.events.Put(outbox.Event{Name: event, Data: kept})
-}
-
-// consentGranted emits opstate.EventConsentGranted: a merchant's refresh
-// token was stored, by its consent (the token_broker_consent callback) or
-// by an operator through the admin API.
-func (a *App) consentGranted(provider, merchant string) {
-	a.emit(opstate.EventConsentGranted, map[string]any{"merchant": merchant, "provider": provider})
 }
 
 // startDelivery is the events app handler of Caddy's "started" event that
