@@ -249,8 +249,10 @@ func TestEvents(t *testing.T) {
 		{"token refused: unknown organisation", call("ghost", "/tpp/payments", http.StatusBadGateway, "token_refused"),
 			[]eventlog.Line{{Name: opstate.EventTokenRefused, Data: map[string]any{"merchant": "ghost", "provider": "np", "error": "token_refused"}}}},
 		{"provider failing", func(t *testing.T) {
-			sb.Fail(http.StatusServiceUnavailable, "1", 1)
-			call("initech", "/tpp/payments", http.StatusServiceUnavailable, "")(t)
+			// Every attempt of the fetch is throttled: the provider is held
+			// for its Retry-After.
+			sb.Fail(http.StatusTooManyRequests, "1", 3)
+			call("initech", "/tpp/payments", http.StatusServiceUnavailable, "token_rate_limited")(t)
 		}, []eventlog.Line{{Name: opstate.EventProviderFailing, Data: map[string]any{"provider": "np", "error": "token_rate_limited"}}}},
 		{"provider recovered", func(t *testing.T) {
 			// The provider's Retry-After (1 s) ends, then acme gets a token.
