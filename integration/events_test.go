@@ -75,8 +75,9 @@ scopes = ["accounts"]
 `
 
 // eventsCaddyfile subscribes the tests' events handler to every event of
-// the token broker, with the Caddyfile's events global option.
-func eventsCaddyfile(logFile, storage, registry string) string {
+// the token broker, with the Caddyfile's events global option; tokenBroker
+// adds lines to the token_broker global option.
+func eventsCaddyfile(logFile, storage, registry, tokenBroker string) string {
 	var on strings.Builder
 	for _, e := range []string{opstate.EventConsentNeeded, opstate.EventConsentGranted, opstate.EventTokenRefused,
 		opstate.EventProviderFailing, opstate.EventProviderRecovered, opstate.EventFleetDown, opstate.EventFleetRecovered} {
@@ -90,7 +91,7 @@ func eventsCaddyfile(logFile, storage, registry string) string {
 %s	}
 	token_broker {
 		config %s
-	}
+%s	}
 }
 
 http://127.0.0.1:{$TOKEN_BROKER_PORT} {
@@ -109,7 +110,7 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 	bind 127.0.0.1
 	token_broker_consent bank
 }
-`, storage, on.String(), registry)
+`, storage, on.String(), registry, tokenBroker)
 }
 
 // readEvents reads the lines of the events handler's file (none while it
@@ -148,11 +149,15 @@ func hasEvent(lines []eventlog.Line, name string, data map[string]any) bool {
 
 // waitEvents waits until the file holds every wanted event: they reach
 // it from the broker's delivering goroutine, a moment after the request
-// that caused them.
-func waitEvents(t *testing.T, path string, want []eventlog.Line) []eventlog.Line {
+// that caused them. poke, if not nil, runs before each look (requests
+// that go on until the change shows).
+func waitEvents(t *testing.T, path string, want []eventlog.Line, poke func()) []eventlog.Line {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	for {
+		if poke != nil {
+			poke()
+		}
 		lines := readEvents(t, path)
 		missing := 0
 		for _, w := range want {
@@ -170,6 +175,75 @@ func waitEvents(t *testing.T, path string, want []eventlog.Line) []eventlog.Line
 	}
 }
 
+// eventsEnv is a Caddy built with the tests' events handler
+// (integration/eventcaddy) in front of the sandbox, with eventsRegistry.
+type eventsEnv struct {
+	sb          *sandbox.Server
+	base, admin string // the sidecar's and the admin endpoint's URLs
+	log         string // the events handler's file
+}
+
+// Secrets of eventsEnv, which no event may hold.
+const eventsBankSecret, eventsStaleKey = "events-bank-secret-5d1e", "events-stale-key-0b7a"
+
+// startEventsCaddy builds integration/eventcaddy and runs it with
+// eventsCaddyfile (tokenBroker added to the token_broker global option)
+// until the test ends.
+func startEventsCaddy(t *testing.T, tokenBroker string) *eventsEnv {
+	t.Helper()
+	dir := t.TempDir()
+	bin := goBuild(t, dir, "./integration/eventcaddy")
+	consentPort := freePort(t)
+	consentSite := "http://127.0.0.1:" + strconv.Itoa(consentPort)
+	sb, _ := startSandbox(t, func(c *sandbox.Config) {
+		c.BankClients = append(c.BankClients, sandbox.BankClient{ID: "events-bank-client", Secret: eventsBankSecret,
+			Scopes: []string{"accounts"}, RedirectURIs: []string{consentSite + "/consent/callback"}})
+	})
+	registry := filepath.Join(dir, "merchants.toml")
+	if err := os.WriteFile(registry, []byte(eventsRegistry), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e := &eventsEnv{sb: sb, log: filepath.Join(dir, "events.jsonl")}
+	cf := filepath.Join(dir, "Caddyfile")
+	if err := os.WriteFile(cf, []byte(eventsCaddyfile(e.log, filepath.Join(dir, "storage"), registry, tokenBroker)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	port, adminPort := freePort(t), freePort(t)
+	env := []string{"BANK_SECRET=" + eventsBankSecret, "STALE_API_KEY=" + eventsStaleKey, "CONSENT_SITE=" + consentSite,
+		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort),
+		"HOME=" + dir, "XDG_DATA_HOME=" + filepath.Join(dir, "data"), "XDG_CONFIG_HOME=" + filepath.Join(dir, "config")}
+	startProcess(t, dir, env, bin, "run", "--config", cf, "--adapter", "caddyfile")
+	waitListening(t, fmt.Sprintf("127.0.0.1:%d", port))
+	waitListening(t, fmt.Sprintf("127.0.0.1:%d", consentPort))
+	e.base = fmt.Sprintf("http://127.0.0.1:%d", port)
+	e.admin = fmt.Sprintf("http://127.0.0.1:%d", adminPort)
+	return e
+}
+
+// checkEventLines fails unless every event in the handler's file comes
+// from the token_broker app with the contract's data keys only, and none
+// holds one of secrets or a token the sandbox issued.
+func (e *eventsEnv) checkEventLines(t *testing.T, secrets ...string) {
+	t.Helper()
+	raw := readFile(t, e.log)
+	for _, l := range readEvents(t, e.log) {
+		if l.Origin != "token_broker" {
+			t.Errorf("event %s from origin %q, want token_broker", l.Name, l.Origin)
+		}
+		for k := range l.Data {
+			if k != "merchant" && k != "provider" && k != "error" {
+				t.Errorf("event %s: data key %q, want merchant, provider and error only", l.Name, k)
+			}
+		}
+	}
+	for _, secret := range append([]string{apiKey, eventsStaleKey, eventsBankSecret}, secrets...) {
+		if strings.Contains(raw, secret) {
+			t.Errorf("the events hold a key, secret or refresh token: %s", raw)
+		}
+	}
+	assertNoSandboxToken(t, e.sb, raw)
+}
+
 // TestEvents: a real Caddy built with the tests' events handler
 // (integration/eventcaddy) subscribes it to the token broker's events
 // with the Caddyfile's `events` global option, against the sandbox: a
@@ -180,33 +254,8 @@ func waitEvents(t *testing.T, path string, want []eventlog.Line) []eventlog.Line
 // file with its merchant, provider and error code, from origin
 // token_broker, and no line holds a key, a secret or a token.
 func TestEvents(t *testing.T) {
-	dir := t.TempDir()
-	bin := goBuild(t, dir, "./integration/eventcaddy")
-	consentPort := freePort(t)
-	consentSite := "http://127.0.0.1:" + strconv.Itoa(consentPort)
-	const bankSecret, staleKey = "events-bank-secret-5d1e", "events-stale-key-0b7a"
-	sb, _ := startSandbox(t, func(c *sandbox.Config) {
-		c.BankClients = append(c.BankClients, sandbox.BankClient{ID: "events-bank-client", Secret: bankSecret,
-			Scopes: []string{"accounts"}, RedirectURIs: []string{consentSite + "/consent/callback"}})
-	})
-	registry := filepath.Join(dir, "merchants.toml")
-	if err := os.WriteFile(registry, []byte(eventsRegistry), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	logFile := filepath.Join(dir, "events.jsonl")
-	cf := filepath.Join(dir, "Caddyfile")
-	if err := os.WriteFile(cf, []byte(eventsCaddyfile(logFile, filepath.Join(dir, "storage"), registry)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	port, adminPort := freePort(t), freePort(t)
-	env := []string{"BANK_SECRET=" + bankSecret, "STALE_API_KEY=" + staleKey, "CONSENT_SITE=" + consentSite,
-		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort),
-		"HOME=" + dir, "XDG_DATA_HOME=" + filepath.Join(dir, "data"), "XDG_CONFIG_HOME=" + filepath.Join(dir, "config")}
-	startProcess(t, dir, env, bin, "run", "--config", cf, "--adapter", "caddyfile")
-	waitListening(t, fmt.Sprintf("127.0.0.1:%d", port))
-	waitListening(t, fmt.Sprintf("127.0.0.1:%d", consentPort))
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	admin := fmt.Sprintf("http://127.0.0.1:%d", adminPort)
+	env := startEventsCaddy(t, "")
+	sb, base, admin := env.sb, env.base, env.admin
 	loadedRT := sb.IssueRefreshToken("events-bank-client", []string{"accounts"})
 
 	call := func(merchant, path string, wantStatus int, wantError string) func(t *testing.T) {
@@ -271,27 +320,62 @@ func TestEvents(t *testing.T) {
 	} {
 		if !t.Run(step.name, func(t *testing.T) {
 			step.do(t)
-			waitEvents(t, logFile, step.want)
+			waitEvents(t, env.log, step.want, nil)
 		}) {
 			break // the later steps build on this one
 		}
 	}
 
-	raw := readFile(t, logFile)
-	for _, l := range readEvents(t, logFile) {
-		if l.Origin != "token_broker" {
-			t.Errorf("event %s from origin %q, want token_broker", l.Name, l.Origin)
+	env.checkEventLines(t, loadedRT)
+}
+
+// TestEventsFleetTier: with a Redis tier, killing redis-server gives
+// fleet_tier_down (with the failure, no key in it) once the tier's breaker
+// opens, and restarting it fleet_tier_recovered once a lookup gets through
+// again; requests are served meanwhile (the broker mints alone).
+func TestEventsFleetTier(t *testing.T) {
+	r := startRedisServer(t)
+	cacheKey := newCacheKey()
+	env := startEventsCaddy(t, fmt.Sprintf("\t\tredis {\n\t\t\taddress %s\n\t\t\tencryption_key %s\n\t\t\ttimeout 1s\n\t\t}\n", r.Addr(), cacheKey))
+	// A lookup that misses the local cache asks Redis: acme's tokens are
+	// purged before each request.
+	lookup := func() {
+		req := mustReq(t, http.MethodPost, env.admin+"/token_broker/merchants/acme/purge", nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
 		}
-		for k := range l.Data {
-			if k != "merchant" && k != "provider" && k != "error" {
-				t.Errorf("event %s: data key %q, want merchant, provider and error only", l.Name, k)
+		resp.Body.Close()
+		if status, body := get(t, env.base+"/tpp/payments", "X-Merchant-Id", "acme"); status != http.StatusOK {
+			t.Fatalf("acme: %d %s, want 200 (with or without Redis)", status, body)
+		}
+	}
+	lookup()
+
+	r.Kill()
+	var down []eventlog.Line
+	deadline := time.Now().Add(20 * time.Second)
+	for down == nil {
+		lookup()
+		for _, l := range readEvents(t, env.log) {
+			if l.Name == opstate.EventFleetDown {
+				down = append(down, l)
 			}
 		}
-	}
-	for _, secret := range []string{apiKey, staleKey, bankSecret, loadedRT} {
-		if strings.Contains(raw, secret) {
-			t.Errorf("the events hold a key, secret or refresh token: %s", raw)
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s within 20 s of killing redis-server: %v", opstate.EventFleetDown, readEvents(t, env.log))
 		}
+		time.Sleep(100 * time.Millisecond)
 	}
-	assertNoSandboxToken(t, sb, raw)
+	if len(down) != 1 || len(down[0].Data) != 1 || down[0].Data["error"] == "" {
+		t.Errorf("%v, want one %s with the error alone", down, opstate.EventFleetDown)
+	}
+
+	r.Restart()
+	// The tier's breaker lets a lookup through after its cooldown (5 s).
+	waitEvents(t, env.log, []eventlog.Line{{Name: opstate.EventFleetRecovered, Data: map[string]any{}}}, func() {
+		lookup()
+		time.Sleep(200 * time.Millisecond)
+	})
+	env.checkEventLines(t, cacheKey)
 }
