@@ -10,7 +10,8 @@ import (
 )
 
 // TestSourcesHealth: failed fetches show as failing keys of their source
-// (not of another), until their failure memory ends; a breaker opened or a
+// (not of another) in SourcesHealth and Backoffs, until their failure
+// memory ends; a breaker opened or a
 // source in backoff after a bad credential shows too; a source that never failed is
 // healthy.
 func TestSourcesHealth(t *testing.T) {
@@ -61,6 +62,17 @@ func TestSourcesHealth(t *testing.T) {
 			}
 			if o := got["o#1"]; o.Failing() {
 				t.Errorf("the other source is reported failing: %+v", o)
+			}
+			// Backoffs visits the same keys, each with its failure.
+			visited := 0
+			br.Backoffs(func(b *Binding, err error, at, until time.Time) {
+				visited++
+				if b.SourceID != "s#1" || !errors.Is(err, tt.err) || at.After(clock.Now()) || !until.After(clock.Now()) {
+					t.Errorf("backoff of %s: %v at %s until %s (now %s)", b.Merchant, err, at, until, clock.Now())
+				}
+			})
+			if visited != tt.wantKeys {
+				t.Errorf("Backoffs visited %d keys, want %d", visited, tt.wantKeys)
 			}
 		})
 	}

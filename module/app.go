@@ -185,7 +185,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	a.metricsKey = metricsPoolKey(merchantLabel)
-	return nil
+	return a.registerStateCollector(ctx.GetMetricsRegistry())
 }
 
 func (a *App) validate() error {

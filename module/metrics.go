@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 )
 
@@ -23,6 +24,8 @@ import (
 // `caddy_token_broker_sources_backing_off` | provider | provider configurations whose token API is not called for any key: a 429 with Retry-After (until it has passed) or a bad credential (invalid_client, Nuapay 401; backoff doubling up to the failure memory's maximum)
 // `caddy_token_broker_breaker_state` | provider | circuit breaker of the token API: 0 closed, 1 half-open, 2 open
 // `caddy_token_broker_keys_backing_off` | provider | cache keys whose last fetch failed and which are in failure memory (their fetches answer the remembered error without calling the token API until their backoff ends)
+// `caddy_token_broker_merchants` | provider, state | merchants by state (refused, unknown_organisation, needs_consent, backing_off, refreshing, fresh, idle: opstate.States), the registry's explicit merchants and the wildcard's active ones, computed at scrape time (at most every 5s) from the state GET /token_broker/state reports
+// `caddy_token_broker_l2_up` | | with redis only: 1 while the shared tier is used, 0 while its breaker keeps Redis out
 //
 // token_purges_total, token_purges_suppressed_total, breaker_state,
 // keys_backing_off and sources_backing_off are exported (as 0)
@@ -84,6 +87,19 @@ func (h *Handler) instrument(m *telemetry.Metrics) {
 		tap = h.tracker
 	}
 	h.metrics = telemetry.NewRecorder(m, tap, h.logger, h.bindings, providers, breaker)
+}
+
+// registerStateCollector adds the collector of the app's operator's view
+// (opstate.Collector: the merchants by state, the fleet tier's health) to
+// the config's metrics registry.
+func (a *App) registerStateCollector(registry *prometheus.Registry) error {
+	if registry == nil {
+		return nil
+	}
+	if err := registry.Register(opstate.NewCollector(a.stateSources, nil, 0)); err != nil {
+		return fmt.Errorf("token_broker: registering the merchants and l2_up gauges: %w", err)
+	}
+	return nil
 }
 
 // Interface guard.

@@ -4,18 +4,23 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -166,5 +171,142 @@ func TestAdminState(t *testing.T) {
 		if status, rec := getState(t, tt.method, tt.query); status != tt.status {
 			t.Errorf("%s ?%s: status %d, want %d: %s", tt.method, tt.query, status, tt.status, rec.Body)
 		}
+	}
+}
+
+// TestStateCollectorRegistered: the app's collector exports the merchants
+// gauge from the same state as the admin route, and no l2_up without
+// redis.
+func TestStateCollectorRegistered(t *testing.T) {
+	app, h := stateApp(t)
+	for _, m := range []string{"m-down", "m-fresh", "m-refused"} {
+		if _, _, err := serve(t, h, merchantRequest(m)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reg := prometheus.NewPedanticRegistry()
+	if err := app.registerStateCollector(reg); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]float64{"refused": 1, "unknown_organisation": 0, "needs_consent": 0, "backing_off": 1, "refreshing": 0, "fresh": 1, "idle": 1}
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range families {
+		if f.GetName() == "caddy_token_broker_l2_up" {
+			t.Error("l2_up without redis")
+		}
+		if f.GetName() != "caddy_token_broker_merchants" {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["provider"] != "nuapay" {
+				t.Errorf("series of provider %q", labels["provider"])
+			}
+			got[labels["state"]] = m.GetGauge().GetValue()
+		}
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("merchants gauge %v, want %v", got, want)
+	}
+}
+
+// TestStateConsent: a merchant whose refresh token the bank refuses
+// needs consent (an event, once, and its state), and a refresh token
+// loaded through the admin API grants it (an event, once).
+func TestStateConsent(t *testing.T) {
+	bank := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if r.ParseForm() != nil || r.PostForm.Get("refresh_token") != "rt-new" {
+			w.WriteHeader(http.StatusBadRequest)
+			w.Write([]byte(`{"error":"invalid_grant"}`))
+			return
+		}
+		w.Write([]byte(`{"access_token":"at-after-consent","token_type":"Bearer","expires_in":3600}`))
+	}))
+	t.Cleanup(bank.Close)
+	reg, err := configtest.Load(t, "merchants.toml", []byte(`[providers.bank]
+type = "oauth2"
+grant = "refresh_token"
+token_url = "`+bank.URL+`/token"
+client_id = "tpp"
+client_secret = "{env.BANK_SECRET}"
+
+[merchants.acme]
+provider = "bank"
+scopes = ["accounts"]
+`), config.Options{RefreshStore: oauth.NewMemoryStore(), LookupEnv: func(k string) (string, bool) { return "bank-secret", k == "BANK_SECRET" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var events []string
+	app := &App{registry: reg, logger: zap.NewNop(), tables: &bindings.Tables{},
+		broker: broker.New(broker.Options{MaxAttempts: 1, FailureTTL: -1}),
+		tracker: opstate.NewTracker(opstate.TrackerOptions{Emit: func(event string, data map[string]any) {
+			mu.Lock()
+			defer mu.Unlock()
+			events = append(events, fmt.Sprintf("%s %v %v %v", event, data["merchant"], data["provider"], data["error"]))
+		}})}
+	t.Cleanup(app.broker.Close)
+	prev := current.Swap(app)
+	t.Cleanup(func() { current.Store(prev) })
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
+		header: "Authorization", broker: app.broker, tracker: app.tracker, registry: reg}
+	h.bindings = app.tables.Table(reg, nil, nil)
+	h.instrument(nil)
+	took := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		out := events
+		events = nil
+		return out
+	}
+	state := func() string {
+		t.Helper()
+		_, rec := getState(t, http.MethodGet, "")
+		var r opstate.Report
+		if err := json.Unmarshal(rec.Body.Bytes(), &r); err != nil || len(r.Merchants) != 1 {
+			t.Fatalf("%s: %v", rec.Body, err)
+		}
+		return r.Merchants[0].State + " " + r.Merchants[0].LastError
+	}
+	put := func(rt string) {
+		t.Helper()
+		req := httptest.NewRequest(http.MethodPut, "/token_broker/merchants/acme/refresh_token", strings.NewReader(`{"refresh_token":"`+rt+`"}`))
+		if err := setRefreshToken(httptest.NewRecorder(), req, app, "acme"); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	if got := state(); got != "idle " {
+		t.Fatalf("before any request: %q", got)
+	}
+	for range 3 {
+		if rec := request(t, h, "acme"); rec.Code != http.StatusBadGateway {
+			t.Fatalf("without a refresh token: %d %s", rec.Code, rec.Body)
+		}
+	}
+	if got := took(); !slices.Equal(got, []string{"merchant_consent_needed acme bank consent_required"}) {
+		t.Errorf("events %q", got)
+	}
+	if got := state(); got != "needs_consent consent_required" {
+		t.Errorf("state %q", got)
+	}
+	put("rt-new")
+	if rec := request(t, h, "acme"); rec.Code != http.StatusOK {
+		t.Fatalf("with a refresh token: %d %s", rec.Code, rec.Body)
+	}
+	if got := took(); !slices.Equal(got, []string{"merchant_consent_granted acme bank <nil>"}) {
+		t.Errorf("events %q", got)
+	}
+	if got := state(); got != "fresh consent_required" {
+		t.Errorf("state %q; want fresh, the last error kept", got)
 	}
 }

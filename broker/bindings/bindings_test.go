@@ -33,6 +33,7 @@ type hooks struct {
 	track    bool
 	released []string
 	dropped  []string
+	evicted  []string
 }
 
 func (h *hooks) Made(b *Binding, track bool) bool { return track && h.track }
@@ -40,6 +41,11 @@ func (h *hooks) Released(b *Binding) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.released = append(h.released, b.Merchant)
+}
+func (h *hooks) Evicted(b *Binding) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.evicted = append(h.evicted, b.Merchant)
 }
 func (h *hooks) Drop(b *broker.Binding) {
 	h.mu.Lock()
@@ -90,21 +96,26 @@ func TestTable(t *testing.T) {
 		want    []string
 		present []string
 		absent  []string
+		evicted []string // told to the hooks (Evicter)
 	}{
 		{"explicit merchants are not counted", []string{"a!", "b!", "x1", "x2", "x3"},
-			[]string{"ok", "ok", "ok", "ok", "ok"}, []string{"a", "b", "x1", "x2", "x3"}, nil},
+			[]string{"ok", "ok", "ok", "ok", "ok"}, []string{"a", "b", "x1", "x2", "x3"}, nil, nil},
 		{"full of served merchants in use", []string{"a!", "b!", "+30s", "c"},
-			[]string{"ok", "ok", "full"}, []string{"a", "b"}, []string{"c"}},
+			[]string{"ok", "ok", "full"}, []string{"a", "b"}, []string{"c"}, nil},
 		{"the idle one goes, the one used since stays", []string{"a!", "b!", "+50s", "a", "+20s", "c"},
-			[]string{"ok", "ok", "ok", "ok"}, []string{"a", "c"}, []string{"b"}},
+			[]string{"ok", "ok", "ok", "ok"}, []string{"a", "c"}, []string{"b"}, []string{"b"}},
 		{"the oldest never served goes first", []string{"a", "b!", "c", "d"},
-			[]string{"ok", "ok", "ok", "ok"}, []string{"b", "d"}, []string{"a", "c"}},
-		{"unknown", []string{"bad"}, []string{"refused"}, nil, []string{"bad"}},
+			[]string{"ok", "ok", "ok", "ok"}, []string{"b", "d"}, []string{"a", "c"}, []string{"a", "c"}},
+		{"unknown", []string{"bad"}, []string{"refused"}, nil, []string{"bad"}, nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			tbl, clk := newTable(Limits{MaxActive: 2, IdleTimeout: time.Minute}, nil)
-			if got := run(t, tbl, clk, &hooks{}, tt.steps); !slices.Equal(got, tt.want) {
+			h := &hooks{}
+			if got := run(t, tbl, clk, h, tt.steps); !slices.Equal(got, tt.want) {
 				t.Fatalf("got %q, want %q", got, tt.want)
+			}
+			if !slices.Equal(h.evicted, tt.evicted) {
+				t.Errorf("evicted %q, want %q", h.evicted, tt.evicted)
 			}
 			for _, id := range tt.present {
 				if tbl.Peek(id) == nil {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -483,10 +484,25 @@ func TestRedisDownAndBack(t *testing.T) {
 		o.BreakerCooldown = time.Minute
 	}
 	a, b := newNode(t, r, keys, fast), newNode(t, r, keys, fast)
+	var mu sync.Mutex
+	var told []string // OnAvailability's calls
+	b.OnAvailability(func(up bool, err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		told = append(told, fmt.Sprintf("up=%v failed=%v", up, err != nil))
+	})
+	availability := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(told)
+	}
 	ctx := testCtx(t)
 	var m minter
 	if _, _, err := a.Fetch(ctx, testKey, usable, m.mint); err != nil {
 		t.Fatal(err)
+	}
+	if !b.Available() {
+		t.Fatal("unavailable before any failure")
 	}
 	r.Kill()
 	for i := 0; i < 10; i++ {
@@ -513,6 +529,9 @@ func TestRedisDownAndBack(t *testing.T) {
 	if err := b.Purge(ctx, testKey, ""); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("Purge with the breaker open = %v; want ErrUnavailable", err)
 	}
+	if got := availability(); b.Available() || !slices.Equal(got, []string{"up=false failed=true"}) {
+		t.Fatalf("available %v, told %q; want unavailable, told once", b.Available(), got)
+	}
 
 	r.Restart()
 	deadline := time.Now().Add(20 * time.Second)
@@ -533,6 +552,9 @@ func TestRedisDownAndBack(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatal("sharing did not resume after redis came back")
 		}
+	}
+	if got := availability(); !b.Available() || !slices.Equal(got, []string{"up=false failed=true", "up=true failed=false"}) {
+		t.Fatalf("available %v, told %q; want available, told down then up", b.Available(), got)
 	}
 }
 

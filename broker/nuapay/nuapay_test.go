@@ -138,6 +138,9 @@ func TestNuapayErrors(t *testing.T) {
 		wantTemp   bool
 		wantDetail string
 		wantClass  broker.Class
+		// wantUnknown: the error says the organisation is unknown
+		// (broker.ErrUnknownOrganisation).
+		wantUnknown bool
 	}{
 		{name: "401 envelope", status: 401, body: `{"returnCode":"40100","returnDescription":"Unauthorized","details":null}`,
 			wantCode: "40100", wantDesc: "Unauthorized", wantClass: broker.ClassCredential},
@@ -145,6 +148,8 @@ func TestNuapayErrors(t *testing.T) {
 			wantCode: "42200", wantDetail: "expiresIn"},
 		{name: "400 details object", status: 400, body: `{"returnCode":"40000","returnDescription":"Invalid request","details":{"code":"1","description":"bad","field":"scopes"}}`,
 			wantCode: "40000", wantDetail: "scopes"},
+		{name: "404 unknown organisation", status: 404, body: `{"returnCode":"40400","returnDescription":"organisation not found","details":[{"field":"encodedOrganisationId"}]}`,
+			wantCode: "40400", wantDesc: "organisation not found", wantDetail: "encodedOrganisationId", wantUnknown: true},
 		{name: "nulls everywhere", status: 403, body: `{"returnCode":null,"returnDescription":null,"details":null}`, wantDesc: "Forbidden"},
 		{name: "429 retry-after", status: 429, body: `{"returnCode":"42900"}`, header: http.Header{"Retry-After": {"7"}},
 			wantCode: "42900", wantRetry: 7 * time.Second, wantTemp: true, wantClass: broker.ClassRateLimited},
@@ -171,6 +176,9 @@ func TestNuapayErrors(t *testing.T) {
 			}
 			if c := n.Classify(err); c != tt.wantClass {
 				t.Fatalf("class %d, want %d", c, tt.wantClass)
+			}
+			if errors.Is(err, broker.ErrUnknownOrganisation) != tt.wantUnknown {
+				t.Fatalf("%v: unknown organisation %v, want %v", err, !tt.wantUnknown, tt.wantUnknown)
 			}
 			if tt.wantDesc != "" && ae.Description != tt.wantDesc {
 				t.Fatalf("description = %q, want %q", ae.Description, tt.wantDesc)

@@ -47,21 +47,13 @@ func rankOf(state string) rank {
 	return rankIdle
 }
 
-// keys is what the broker keeps for a merchant's keys: the worst of
-// their cache states, the earliest expiry, and the backoff ending last.
-type keys struct {
-	rank         rank
-	expiry       time.Time
-	backoffUntil time.Time
-	backoffErr   error
-	backoffAt    time.Time
-}
-
-// registryIndex is a registry's explicit merchants sorted by id and
-// counted by provider, made once per registry (Tracker.indexOf).
+// registryIndex is a registry's explicit merchants sorted by id, with
+// their positions and their counts by provider, made once per registry
+// (Tracker.indexOf).
 type registryIndex struct {
 	reg       *config.Registry
 	merchants []*config.Merchant
+	pos       map[string]int32               // merchant id -> its index in merchants
 	count     map[string]int                 // provider name -> explicit merchants
 	consent   map[string]*oauth.RefreshToken // refresh_token providers' sources
 }
@@ -73,9 +65,10 @@ func (t *Tracker) indexOf(reg *config.Registry) *registryIndex {
 		return idx
 	}
 	idx := &registryIndex{reg: reg, merchants: slices.Collect(maps.Values(reg.Merchants)),
-		count: map[string]int{}, consent: map[string]*oauth.RefreshToken{}}
+		pos: make(map[string]int32, len(reg.Merchants)), count: map[string]int{}, consent: map[string]*oauth.RefreshToken{}}
 	slices.SortFunc(idx.merchants, func(a, b *config.Merchant) int { return strings.Compare(a.ID, b.ID) })
-	for _, m := range idx.merchants {
+	for i, m := range idx.merchants {
+		idx.pos[m.ID] = int32(i)
 		idx.count[m.Provider]++
 	}
 	for name, p := range reg.Providers {
@@ -92,52 +85,98 @@ type wild struct {
 	id, provider, organisation string
 }
 
+// known is what the broker and the tracker know of one merchant: the
+// worst of its keys' cache states, their earliest expiry, the backoff
+// ending last, and the tracker's record. Times are unix nanoseconds (0:
+// none), so that a known is small: there is one per merchant with a
+// cached token.
+type known struct {
+	rank         rank // of its keys
+	failure      rank // the tracker's failure state; rankIdle: none
+	lastErr      errcode.Code
+	expiry       int64
+	backoffUntil int64
+	backoffAt    int64
+	lastErrAt    int64
+	backoffErr   error
+}
+
+// knowledge is what the broker and the tracker know, by merchant: the
+// few merchants they know of in a dense slice, reached from an explicit
+// merchant's position (no map read in the pass over all merchants) or
+// from a wildcard merchant's id.
+type knowledge struct {
+	idx   *registryIndex
+	slot  []int32          // explicit merchant's position -> 1 + its index in dense; 0: unknown
+	other map[string]int32 // any other merchant id -> its index in dense
+	dense []known
+}
+
+// of returns what is known of merchant id, made empty on first use. The
+// pointer is valid until the next call.
+func (k *knowledge) of(id string) *known {
+	if p, ok := k.idx.pos[id]; ok {
+		if k.slot[p] == 0 {
+			k.dense = append(k.dense, known{rank: rankIdle, failure: rankIdle})
+			k.slot[p] = int32(len(k.dense))
+		}
+		return &k.dense[k.slot[p]-1]
+	}
+	i, ok := k.other[id]
+	if !ok {
+		k.dense = append(k.dense, known{rank: rankIdle, failure: rankIdle})
+		i = int32(len(k.dense) - 1)
+		k.other[id] = i
+	}
+	return &k.dense[i]
+}
+
 // merchantView is one merchant as a walk sees it.
 type merchantView struct {
 	id, provider, organisation string
 	wildcard                   bool
 	rank                       rank
-	keys                       keys
-	rec                        merchantRecord // zero when the tracker has none
+	known
 }
 
 // walk calls visit for every merchant of s (of provider only, when not
 // ""), sorted by id: the registry's explicit merchants and the active
-// wildcard ones, each with its state. One pass: each merchant costs a
-// few map reads. It returns the tracker's snapshot, the registry's
-// index and the active wildcard merchants by provider.
+// wildcard ones, each with its state. It reads the cached entries, the
+// keys in backoff and the tracker's merchants once each, then passes over
+// the merchants. It returns the tracker's snapshot, the registry's index
+// and the active wildcard merchants by provider.
 func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)) (snapshot, *registryIndex, map[string]int) {
 	t := s.Tracker
 	idx := t.indexOf(s.Registry)
 	snap := t.snapshot(now)
 
-	byMerchant := map[string]keys{}
-	for _, e := range s.Broker.Entries() {
-		m := e.Binding().Merchant
-		k, ok := byMerchant[m]
-		if !ok {
-			k.rank = rankIdle
-		}
+	entries := s.Broker.Entries()
+	kn := knowledge{idx: idx, slot: make([]int32, len(idx.merchants)), other: map[string]int32{},
+		dense: make([]known, 0, len(entries)+64)}
+	for _, e := range entries {
+		k := kn.of(e.Binding().Merchant)
 		r := rankFresh
 		if !now.Before(e.RefreshAt()) {
 			r = rankRefreshing
 		}
 		k.rank = min(k.rank, r)
-		if exp := e.Token().Expiry; k.expiry.IsZero() || exp.Before(k.expiry) {
+		if exp := e.Token().Expiry.UnixNano(); k.expiry == 0 || exp < k.expiry {
 			k.expiry = exp
 		}
-		byMerchant[m] = k
 	}
 	s.Broker.Backoffs(func(b *broker.Binding, err error, at, until time.Time) {
-		k, ok := byMerchant[b.Merchant]
-		if !ok {
-			k.rank = rankIdle
-		}
+		k := kn.of(b.Merchant)
 		k.rank = min(k.rank, rankBackingOff)
-		if until.After(k.backoffUntil) {
-			k.backoffUntil, k.backoffErr, k.backoffAt = until, err, at
+		if u := until.UnixNano(); u > k.backoffUntil {
+			k.backoffUntil, k.backoffErr, k.backoffAt = u, err, at.UnixNano()
 		}
-		byMerchant[b.Merchant] = k
+	})
+	t.eachMerchant(func(id string, rec *merchantRecord) {
+		k := kn.of(id)
+		k.failure, k.lastErr = rankOf(rec.failure), rec.lastErr
+		if !rec.lastErrAt.IsZero() {
+			k.lastErrAt = rec.lastErrAt.UnixNano()
+		}
 	})
 
 	var wilds []wild
@@ -156,18 +195,15 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 	}
 
 	var v merchantView
-	one := func(id, prov, organisation string, wildcard bool) {
+	one := func(id, prov, organisation string, wildcard bool, k *known) {
 		if provider != "" && prov != provider {
 			return
 		}
 		v = merchantView{id: id, provider: prov, organisation: organisation, wildcard: wildcard, rank: rankIdle}
-		if k, ok := byMerchant[id]; ok {
-			v.keys, v.rank = k, k.rank
-		}
-		if rec, ok := snap.merchants[id]; ok {
-			v.rec = rec
-			if fr := rankOf(rec.failure); fr < rankBackingOff {
-				v.rank = min(v.rank, fr)
+		if k != nil {
+			v.known, v.rank = *k, k.rank
+			if k.failure < rankBackingOff {
+				v.rank = min(v.rank, k.failure)
 			}
 		}
 		if src := idx.consent[prov]; src != nil && v.rank > rankNeedsConsent && !src.ConsentStatus(id).ConsentRequiredSince.IsZero() {
@@ -179,7 +215,11 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 	for i < len(idx.merchants) || j < len(wilds) {
 		if j == len(wilds) || (i < len(idx.merchants) && idx.merchants[i].ID < wilds[j].id) {
 			m := idx.merchants[i]
-			one(m.ID, m.Provider, m.Organisation, false)
+			var k *known
+			if n := kn.slot[i]; n != 0 {
+				k = &kn.dense[n-1]
+			}
+			one(m.ID, m.Provider, m.Organisation, false, k)
 			i++
 			continue
 		}
@@ -187,7 +227,11 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		if i < len(idx.merchants) && idx.merchants[i].ID == w.id {
 			i++ // an explicit merchant's binding is not wild: never here
 		}
-		one(w.id, w.provider, w.organisation, true)
+		var k *known
+		if n, ok := kn.other[w.id]; ok {
+			k = &kn.dense[n]
+		}
+		one(w.id, w.provider, w.organisation, true, k)
 		j++
 	}
 	return snap, idx, activeBy
@@ -225,12 +269,12 @@ func Build(s Sources, q Query, now time.Time) Report {
 			return
 		}
 		m := Merchant{Merchant: v.id, Provider: v.provider, Organisation: v.organisation, Wildcard: v.wildcard, State: state,
-			Expiry: timePtr(v.keys.expiry), BackoffUntil: timePtr(v.keys.backoffUntil)}
+			Expiry: unixPtr(v.expiry), BackoffUntil: unixPtr(v.backoffUntil)}
 		switch {
-		case v.rec.lastErr != 0:
-			m.LastError, m.LastErrorAt = v.rec.lastErr.String(), timePtr(v.rec.lastErrAt)
-		case v.keys.backoffErr != nil:
-			m.LastError, m.LastErrorAt = errcode.Classify(v.keys.backoffErr).String(), timePtr(v.keys.backoffAt)
+		case v.lastErr != 0:
+			m.LastError, m.LastErrorAt = v.lastErr.String(), unixPtr(v.lastErrAt)
+		case v.backoffErr != nil:
+			m.LastError, m.LastErrorAt = errcode.Classify(v.backoffErr).String(), unixPtr(v.backoffAt)
 		}
 		rep.Merchants = append(rep.Merchants, m)
 	})
@@ -294,7 +338,7 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 			o.Status = "open"
 		case !h.BackoffUntil.IsZero():
 			o.Status = "backing_off"
-		case h.Breaker == broker.BreakerHalfOpen || rec.temporary > 0:
+		case h.Breaker == broker.BreakerHalfOpen || rec.lastCallFailed:
 			o.Status = "failing"
 		default:
 			o.Status = "ok"
@@ -303,36 +347,55 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 	return out
 }
 
-// snapshot is a copy of what a Tracker knows, for one Build.
+// snapshot is a copy of what a Tracker knows of providers and the fleet
+// tier, for one Build.
 type snapshot struct {
 	window    time.Duration
-	merchants map[string]merchantRecord
 	providers map[string]providerView
 	fleet     fleetRecord
 }
 
 // providerView is a provider's record summed up at a time.
 type providerView struct {
-	calls, failures, temporary int
-	lastErr                    errcode.Code
-	lastErrAt                  time.Time
+	calls, failures int
+	lastErr         errcode.Code
+	lastErrAt       time.Time
+	// lastCallFailed: the provider's last call failed for a reason of
+	// the provider's (not one merchant's refusal), within the window.
+	lastCallFailed bool
 }
 
 // snapshot copies what t knows at now.
 func (t *Tracker) snapshot(now time.Time) snapshot {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	s := snapshot{window: t.span, merchants: make(map[string]merchantRecord, len(t.merchants)),
-		providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
-	for id, m := range t.merchants {
-		s.merchants[id] = *m
-	}
+	s := snapshot{window: t.span, providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
 	for name, p := range t.providers {
-		v := providerView{lastErr: p.lastErr, lastErrAt: p.lastErrAt}
-		v.calls, v.failures, v.temporary = p.calls.sum(now)
+		v := providerView{lastErr: p.lastErr, lastErrAt: p.lastErrAt,
+			lastCallFailed: p.lastCallFailed && now.Sub(p.lastErrAt) < t.span}
+		v.calls, v.failures = p.calls.sum(now)
 		s.providers[name] = v
 	}
 	return s
+}
+
+// eachMerchant calls f, under the tracker's lock, for every merchant it
+// remembers: f must be quick and not call the tracker.
+func (t *Tracker) eachMerchant(f func(id string, rec *merchantRecord)) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for id, m := range t.merchants {
+		f(id, m)
+	}
+}
+
+// unixPtr is the time of unix nanoseconds ns in UTC, nil when 0.
+func unixPtr(ns int64) *time.Time {
+	if ns == 0 {
+		return nil
+	}
+	t := time.Unix(0, ns).UTC()
+	return &t
 }
 
 // timePtr is t in UTC, nil when zero.

@@ -126,6 +126,8 @@ func newStateFixture(tb testing.TB) *stateFixture {
 			return broker.Token{}, errDown
 		case "consent":
 			return broker.Token{}, errConsent
+		case "throttled":
+			return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: 30 * time.Second}
 		}
 		now := f.clk.Now()
 		return broker.Token{Value: broker.Secret("secret-token-" + req.Organisation), IssuedAt: now, Expiry: now.Add(time.Hour)}, nil
@@ -212,8 +214,10 @@ func TestBuild(t *testing.T) {
 		t.Fatalf("providers %+v", all.Providers)
 	}
 	p := all.Providers[0]
-	if p.Requests != 7 || p.Failures != 5 || p.Status != "failing" || p.Breaker != "closed" || p.Window != "5m0s" || p.LastError == "" {
-		t.Errorf("provider nuapay: %+v; want 7 requests (f-refreshing's is older than the window), 5 failures, failing", p)
+	// Its last call that says something of the provider (w-fresh's; the
+	// refusal of w-unknown's organisation after it does not) worked.
+	if p.Requests != 7 || p.Failures != 5 || p.Status != "ok" || p.Breaker != "closed" || p.Window != "5m0s" || p.LastError != "token_refused" {
+		t.Errorf("provider nuapay: %+v; want 7 requests (f-refreshing's is older than the window), 5 failures, ok", p)
 	}
 	if all.Fleet != nil {
 		t.Errorf("fleet %+v without a fleet tier", all.Fleet)
@@ -266,7 +270,7 @@ func TestBuild(t *testing.T) {
 	if got := page(r); !slices.Equal(got, []string{"c-unknown unknown_organisation"}) {
 		t.Errorf("after eviction: %q", got)
 	}
-	if _, ok := f.tracker.snapshot(f.clk.Now()).merchants["w-unknown"]; ok {
+	if _, ok := records(f.tracker)["w-unknown"]; ok {
 		t.Error("the tracker still remembers an evicted wildcard merchant")
 	}
 }
@@ -279,7 +283,12 @@ func TestBuildProviderStatus(t *testing.T) {
 		Sleep: func(context.Context, time.Duration) error { return nil }})
 	t.Cleanup(f.br.Close)
 	f.tracker.SetFleet(true, true)
-	for range 3 {
+	_ = f.get(t, "d-down")
+	f.clk.Add(time.Second)
+	if p := Build(f.sources(), Query{Limit: 1}, f.clk.Now()).Providers[0]; p.Status != "failing" || p.Breaker != "closed" {
+		t.Errorf("provider after a failure: %+v", p)
+	}
+	for range 2 {
 		_ = f.get(t, "d-down")
 		f.clk.Add(time.Second)
 	}
@@ -300,6 +309,33 @@ func TestBuildProviderStatus(t *testing.T) {
 	r = Build(f.sources(), Query{Limit: 1}, f.clk.Now())
 	if r.Fleet.Up || r.Fleet.LastError != "redis: connection refused" || r.Fleet.LastErrorAt == nil {
 		t.Errorf("fleet %+v, want down", r.Fleet)
+	}
+}
+
+// TestBuildProviderBackingOff: a 429 with Retry-After holds the provider
+// (status backing_off, an event), and a success after it ends releases
+// it (an event).
+func TestBuildProviderBackingOff(t *testing.T) {
+	f := newStateFixture(t)
+	_ = f.get(t, "throttled")
+	r := Build(f.sources(), Query{Limit: 1}, f.clk.Now())
+	if p := r.Providers[0]; p.Status != "backing_off" || p.BackoffUntil == nil || !p.BackoffUntil.Equal(f.clk.Now().Add(30*time.Second)) ||
+		p.LastError != "token_rate_limited" {
+		t.Errorf("provider after a 429: %+v", p)
+	}
+	if got := f.events.take(); !slices.Equal(got, []string{"provider_failing provider=nuapay error=token_rate_limited"}) {
+		t.Errorf("events %q", got)
+	}
+	f.clk.Add(31 * time.Second)
+	if err := f.get(t, "a-fresh"); err != nil {
+		t.Fatal(err)
+	}
+	r = Build(f.sources(), Query{Limit: 1}, f.clk.Now())
+	if p := r.Providers[0]; p.BackoffUntil != nil || p.Status != "ok" {
+		t.Errorf("provider after a success: %+v", p)
+	}
+	if got := f.events.take(); !slices.Equal(got, []string{"provider_recovered provider=nuapay"}) {
+		t.Errorf("events %q", got)
 	}
 }
 

@@ -105,9 +105,10 @@ type Provider struct {
 	Name string `json:"name"`
 	// Type is its token API type ("nuapay", "oauth2").
 	Type string `json:"type"`
-	// Status sums it up: "ok", "failing" (recent failures),
-	// "backing_off" (not called for any key until BackoffUntil) or
-	// "open" (breaker open).
+	// Status sums it up: "ok", "failing" (its last call within Window
+	// failed for a reason of the provider's, not a refusal of one
+	// merchant; or its breaker is half-open), "backing_off" (not called
+	// for any key until BackoffUntil) or "open" (breaker open).
 	Status string `json:"status"`
 	// Breaker is the circuit breaker's state: closed, half-open, open.
 	Breaker string `json:"breaker"`

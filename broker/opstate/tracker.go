@@ -81,7 +81,15 @@ type providerRecord struct {
 	lastErrAt time.Time
 	held      map[string]bool // source IDs backing off
 	open      map[string]bool // source IDs whose breaker is not closed
-	failing   bool            // EventProviderFailing was emitted, not yet recovered
+	// failing: a source is held or its breaker is not closed.
+	failing bool
+	// announce: failing started, and EventProviderFailing waits for the
+	// failure that caused it (the broker tells a backoff or a breaker
+	// change before the call's Fetched), to name its error.
+	announce bool
+	// lastCallFailed: the last call's outcome was a failure of the
+	// provider (not of one merchant: a refusal leaves it unchanged).
+	lastCallFailed bool
 }
 
 // fleetRecord is the fleet tier's health.
@@ -160,7 +168,12 @@ func (t *Tracker) merchant(id, provider string) *merchantRecord {
 // (token_refused: invalid credentials, a permanent refusal) or
 // StateBackingOff (the provider or the network failed).
 func FailureState(err error) string {
-	switch code := errcode.Classify(err); {
+	return failureState(err, errcode.Classify(err))
+}
+
+// failureState is FailureState of err, whose code is code.
+func failureState(err error, code errcode.Code) string {
+	switch {
 	case code == errcode.ConsentRequired:
 		return StateNeedsConsent
 	case errors.Is(err, broker.ErrUnknownOrganisation):
@@ -182,7 +195,8 @@ func (t *Tracker) Fetched(provider, merchant string, err error) {
 	defer t.mu.Unlock()
 	p := t.provider(provider)
 	if err == nil {
-		p.calls.add(now, false, false)
+		p.calls.add(now, false)
+		p.lastCallFailed = false
 		m := t.merchants[merchant]
 		if m == nil {
 			return
@@ -198,13 +212,20 @@ func (t *Tracker) Fetched(provider, merchant string, err error) {
 		return
 	}
 	if errors.Is(err, context.Canceled) {
-		p.calls.add(now, false, false)
+		p.calls.add(now, false)
 		return
 	}
 	code := errcode.Classify(err)
-	state := FailureState(err)
-	p.calls.add(now, true, state == StateBackingOff)
+	state := failureState(err, code)
+	p.calls.add(now, true)
 	p.lastErr, p.lastErrAt = code, now
+	if state == StateBackingOff {
+		p.lastCallFailed = true
+	}
+	if p.announce {
+		p.announce = false
+		evs = append(evs, event{EventProviderFailing, map[string]any{"provider": provider, "error": code.String()}})
+	}
 	m := t.merchant(merchant, provider)
 	m.lastErr, m.lastErrAt, m.failure = code, now, state
 	data := map[string]any{"merchant": merchant, "provider": provider, "error": code.String()}
@@ -269,9 +290,10 @@ func (t *Tracker) BreakerChanged(provider, sourceID string, state broker.Breaker
 	})
 }
 
-// changeProvider applies change to a provider's record and emits
-// EventProviderFailing or EventProviderRecovered when whether it fails
-// (a breaker not closed, a source backing off) changed.
+// changeProvider applies change to a provider's record and, when whether
+// it fails (a breaker not closed, a source backing off) changed, emits
+// EventProviderRecovered, or EventProviderFailing with the next failure
+// (Fetched), which the broker tells after the change it caused.
 func (t *Tracker) changeProvider(provider string, change func(p *providerRecord)) {
 	var evs []event
 	defer func() { t.send(evs) }()
@@ -282,7 +304,9 @@ func (t *Tracker) changeProvider(provider string, change func(p *providerRecord)
 	failing := len(p.held) > 0 || len(p.open) > 0
 	switch {
 	case failing && !p.failing:
-		evs = append(evs, event{EventProviderFailing, map[string]any{"provider": provider, "error": p.lastErr.String()}})
+		p.announce = true
+	case !failing && p.failing && p.announce:
+		p.announce = false // recovered before its failure was told: nothing to tell
 	case !failing && p.failing:
 		evs = append(evs, event{EventProviderRecovered, map[string]any{"provider": provider}})
 	}

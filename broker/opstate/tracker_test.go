@@ -119,17 +119,24 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 		}},
 		{"provider", []step{
 			{"a failure", fetched("nuapay", "acme", errDown), nil},
-			{"breaker opens", func(tr *Tracker) { tr.BreakerChanged("nuapay", "nuapay#1", broker.BreakerOpen) }, []string{"provider_failing provider=nuapay error=token_unavailable"}},
+			{"breaker opens: told with the call that opened it", func(tr *Tracker) { tr.BreakerChanged("nuapay", "nuapay#1", broker.BreakerOpen) }, nil},
+			{"the call that opened it", fetched("nuapay", "acme", errDown), []string{"provider_failing provider=nuapay error=token_unavailable"}},
 			{"half-open: still failing", func(tr *Tracker) { tr.BreakerChanged("nuapay", "nuapay#1", broker.BreakerHalfOpen) }, nil},
+			{"the probe fails", fetched("nuapay", "acme", errDown), nil},
 			{"backoff starts meanwhile", func(tr *Tracker) { tr.SourceBackingOff("nuapay", "nuapay#1", true) }, nil},
 			{"breaker closes, backoff on", func(tr *Tracker) { tr.BreakerChanged("nuapay", "nuapay#1", broker.BreakerClosed) }, nil},
 			{"backoff ends", func(tr *Tracker) { tr.SourceBackingOff("nuapay", "nuapay#1", false) }, []string{"provider_recovered provider=nuapay"}},
 			{"backoff ends twice", func(tr *Tracker) { tr.SourceBackingOff("nuapay", "nuapay#1", false) }, nil},
 			{"a throttle", func(tr *Tracker) {
-				tr.Fetched("nuapay", "acme", errThrottle)
 				tr.SourceBackingOff("nuapay", "nuapay#1", true)
+				tr.Fetched("nuapay", "acme", errThrottle)
 			}, []string{"provider_failing provider=nuapay error=token_rate_limited"}},
 			{"an old configuration forgotten", func(tr *Tracker) { tr.retainSources("nuapay", func(id string) bool { return id == "nuapay#2" }) }, []string{"provider_recovered provider=nuapay"}},
+			{"held and released before its failure was told", func(tr *Tracker) {
+				tr.SourceBackingOff("nuapay", "nuapay#2", true)
+				tr.SourceBackingOff("nuapay", "nuapay#2", false)
+			}, nil},
+			{"a failure after that", fetched("nuapay", "acme", errDown), nil},
 		}},
 		{"fleet", []step{
 			{"configured, up", func(tr *Tracker) { tr.SetFleet(true, true) }, nil},
@@ -165,26 +172,26 @@ func TestTrackerRecords(t *testing.T) {
 	tr.Fetched("nuapay", "acme", nil)
 	tr.Fetched("nuapay", "globex", nil)
 	s := tr.snapshot(clk.Now())
-	m := s.merchants["acme"]
+	m := records(tr)["acme"]
 	if m.lastErr.String() != "token_unavailable" || !m.lastErrAt.Equal(failedAt) || m.failure != "" {
 		t.Errorf("acme after a success: %+v; want the last error kept, no failure", m)
 	}
-	if _, ok := s.merchants["globex"]; ok {
+	if _, ok := records(tr)["globex"]; ok {
 		t.Error("a merchant that never failed has a record")
 	}
-	if p := s.providers["nuapay"]; p.calls != 3 || p.failures != 1 || p.temporary != 1 || p.lastErr.String() != "token_unavailable" {
-		t.Errorf("provider: %+v; want 3 calls, 1 failure", p)
+	if p := s.providers["nuapay"]; p.calls != 3 || p.failures != 1 || p.lastCallFailed || p.lastErr.String() != "token_unavailable" {
+		t.Errorf("provider: %+v; want 3 calls, 1 failure, the last call a success", p)
 	}
 	for _, tt := range []struct {
-		after                     time.Duration
-		calls, failures, temporay int
+		after           time.Duration
+		calls, failures int
 	}{
-		{3*time.Minute + 50*time.Second, 3, 1, 1}, // 4m50s after the failure: still in the window
-		{20 * time.Second, 2, 0, 0},               // 5m10s: the failure slid out
-		{time.Minute, 0, 0, 0},                    // every call slid out
+		{3*time.Minute + 50*time.Second, 3, 1}, // 4m50s after the failure: still in the window
+		{20 * time.Second, 2, 0},               // 5m10s: the failure slid out
+		{time.Minute, 0, 0},                    // every call slid out
 	} {
 		clk.Add(tt.after)
-		if p := tr.snapshot(clk.Now()).providers["nuapay"]; p.calls != tt.calls || p.failures != tt.failures || p.temporary != tt.temporay {
+		if p := tr.snapshot(clk.Now()).providers["nuapay"]; p.calls != tt.calls || p.failures != tt.failures {
 			t.Errorf("at %s: %+v; want %d calls, %d failures", clk.Now().Sub(failedAt), p, tt.calls, tt.failures)
 		}
 	}
@@ -197,14 +204,14 @@ func TestTrackerBounded(t *testing.T) {
 	for i := range 100 {
 		tr.Fetched("nuapay", fmt.Sprintf("m%d", i), errDown)
 	}
-	if n := len(tr.snapshot(time.Now()).merchants); n != 10 {
+	if n := len(records(tr)); n != 10 {
 		t.Fatalf("%d merchants remembered, want at most 10", n)
 	}
-	if _, ok := tr.snapshot(time.Now()).merchants["m99"]; !ok {
+	if _, ok := records(tr)["m99"]; !ok {
 		t.Fatal("the newest merchant was dropped")
 	}
 	tr.Forget("m99")
-	if _, ok := tr.snapshot(time.Now()).merchants["m99"]; ok {
+	if _, ok := records(tr)["m99"]; ok {
 		t.Fatal("Forget kept the merchant")
 	}
 }
@@ -222,4 +229,11 @@ func TestRanksFollowStates(t *testing.T) {
 		rankOf(StateUnknownOrganisation) != rankUnknownOrganisation {
 		t.Error("the rank constants do not follow States")
 	}
+}
+
+// records copies the merchants a tracker remembers.
+func records(tr *Tracker) map[string]merchantRecord {
+	out := map[string]merchantRecord{}
+	tr.eachMerchant(func(id string, rec *merchantRecord) { out[id] = *rec })
+	return out
 }

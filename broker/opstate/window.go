@@ -11,10 +11,9 @@ const windowBuckets = 30
 
 // bucket counts the token API calls of one slice of a window.
 type bucket struct {
-	slot      int64 // which slice of time (unix ns / bucket width) it counts
-	calls     int32
-	failures  int32
-	temporary int32 // failures of the provider (not of one merchant)
+	slot     int64 // which slice of time (unix ns / bucket width) it counts
+	calls    int32
+	failures int32
 }
 
 // window counts token API calls over a sliding span of time, in
@@ -29,7 +28,7 @@ func newWindow(span time.Duration) window {
 }
 
 // add counts one call at now.
-func (w *window) add(now time.Time, failed, temporary bool) {
+func (w *window) add(now time.Time, failed bool) {
 	slot := now.UnixNano() / w.width
 	b := &w.buckets[slot%windowBuckets]
 	if b.slot != slot {
@@ -39,20 +38,17 @@ func (w *window) add(now time.Time, failed, temporary bool) {
 	if failed {
 		b.failures++
 	}
-	if temporary {
-		b.temporary++
-	}
 }
 
-// sum returns the calls, failures and temporary failures counted over
-// the window ending at now.
-func (w *window) sum(now time.Time) (calls, failures, temporary int) {
+// sum returns the calls and failures counted over the window ending at
+// now.
+func (w *window) sum(now time.Time) (calls, failures int) {
 	slot := now.UnixNano() / w.width
 	for i := range w.buckets {
 		b := &w.buckets[i]
 		if b.slot > slot-windowBuckets && b.slot <= slot {
-			calls, failures, temporary = calls+int(b.calls), failures+int(b.failures), temporary+int(b.temporary)
+			calls, failures = calls+int(b.calls), failures+int(b.failures)
 		}
 	}
-	return calls, failures, temporary
+	return calls, failures
 }

@@ -1,0 +1,56 @@
+package telemetry
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// tap records what a Recorder's observers tell it.
+type tap struct {
+	mu   sync.Mutex
+	told []string
+}
+
+func (t *tap) note(s string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.told = append(t.told, s)
+}
+
+func (t *tap) Fetched(provider, merchant string, err error) {
+	t.note(fmt.Sprintf("fetched %s %s failed=%v", provider, merchant, err != nil))
+}
+
+func (t *tap) SourceBackingOff(provider, sourceID string, on bool) {
+	t.note(fmt.Sprintf("backoff %s %s %v", provider, sourceID, on))
+}
+
+func (t *tap) BreakerChanged(provider, sourceID string, state broker.BreakerState) {
+	t.note(fmt.Sprintf("breaker %s %s %s", provider, sourceID, state))
+}
+
+// TestRecorderTap: the observers of a recorder, with metrics or without,
+// tell its tap what they see, with the provider's name of the source.
+func TestRecorderTap(t *testing.T) {
+	for _, metrics := range []*Metrics{nil, NewMetrics(false)} {
+		var tp tap
+		r := NewRecorder(metrics, &tp, zap.NewNop(), nil, map[string]string{"nuapay#1a2b": "nuapay"}, nil)
+		var o broker.Observer = &Observer{r: r}
+		b := broker.NewBinding("nuapay#1a2b", nil, broker.Request{Merchant: "acme"})
+		o.Fetched(context.Background(), b, broker.Token{}, 0, false, nil)
+		o.Fetched(context.Background(), b, broker.Token{}, 0, true, &broker.APIError{Provider: "nuapay", StatusCode: 503})
+		o.(broker.SourceObserver).SourceBackingOff("nuapay#1a2b", true)
+		o.(broker.BreakerObserver).BreakerChanged("other#9", broker.BreakerOpen)
+		want := []string{"fetched nuapay acme failed=false", "fetched nuapay acme failed=true", "backoff nuapay nuapay#1a2b true", "breaker other other#9 open"}
+		if !slices.Equal(tp.told, want) {
+			t.Errorf("metrics %v: told %q, want %q", metrics != nil, tp.told, want)
+		}
+	}
+}
