@@ -294,7 +294,9 @@ func TestEvents(t *testing.T) {
 			}
 		}, []eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "umbrella", "provider": "bank"}}}},
 		{"token refused: partner API key", call("stale", "/tpp/payments", http.StatusBadGateway, "token_refused"),
-			[]eventlog.Line{{Name: opstate.EventTokenRefused, Data: map[string]any{"merchant": "stale", "provider": "np-stale", "error": "token_refused"}}}},
+			// The refused credential also holds the provider's configuration.
+			[]eventlog.Line{{Name: opstate.EventTokenRefused, Data: map[string]any{"merchant": "stale", "provider": "np-stale", "error": "token_refused"}},
+				{Name: opstate.EventProviderFailing, Data: map[string]any{"provider": "np-stale", "error": "token_refused"}}}},
 		{"token refused: unknown organisation", call("ghost", "/tpp/payments", http.StatusBadGateway, "token_refused"),
 			[]eventlog.Line{{Name: opstate.EventTokenRefused, Data: map[string]any{"merchant": "ghost", "provider": "np", "error": "token_refused"}}}},
 		{"provider failing", func(t *testing.T) {
