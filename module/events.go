@@ -27,10 +27,12 @@ const eventQueueSize = 1024
 // refreshes, which must not wait on them: emit only queues the event, and
 // one goroutine of the app hands the events to Emit in order. That
 // goroutine starts on Caddy's "started" event, once every app of the
-// config, the events app and its subscriptions included, has started
-// (events from the provisioning of a reload wait for it in the queue), and
-// stops with the app. When the handlers fall behind by eventQueueSize
-// events, later ones are dropped and a warning says how many so far.
+// config has started: the events app builds its subscriptions in its
+// Start, which Caddy runs in no fixed order with the others, and Emit
+// reads them. Events emitted before then wait in the queue (TestEvents in
+// integration/ shows they arrive). The goroutine stops with the app. When
+// the handlers fall behind by eventQueueSize events, later ones are
+// dropped and a warning says how many so far.
 func (a *App) provisionEvents(ctx caddy.Context) error {
 	appIface, err := ctx.App("events")
 	if err != nil {
@@ -50,8 +52,8 @@ func (a *App) provisionEvents(ctx caddy.Context) error {
 // emit emits a token broker event (one of opstate.Event*) through Caddy's
 // events app, without waiting for its handlers (see provisionEvents).
 // Of data it keeps the keys "merchant", "provider" and "error" (an error
-// code name) with string values, and nothing else, so that no token or
-// secret can reach an event. It does nothing on an app that was not
+// code, or the fleet tier's failure) with non-empty string values, and
+// nothing else, so that no token or secret can reach an event. It does nothing on an app that was not
 // provisioned.
 func (a *App) emit(event string, data map[string]any) {
 	if a.events == nil {
