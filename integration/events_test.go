@@ -147,18 +147,18 @@ func hasEvent(lines []eventlog.Line, name string, data map[string]any) bool {
 	return false
 }
 
-// waitEvents waits until the file holds every wanted event: they reach
-// it from the broker's delivering goroutine, a moment after the request
-// that caused them. poke, if not nil, runs before each look (requests
-// that go on until the change shows).
-func waitEvents(t *testing.T, path string, want []eventlog.Line, poke func()) []eventlog.Line {
+// waitEvents waits until the file holds every wanted event after its
+// first from lines: they reach it from the broker's delivering goroutine,
+// a moment after the request that caused them. poke, if not nil, runs
+// before each look (requests that go on until the change shows).
+func waitEvents(t *testing.T, path string, from int, want []eventlog.Line, poke func()) []eventlog.Line {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		if poke != nil {
 			poke()
 		}
-		lines := readEvents(t, path)
+		lines := readEvents(t, path)[from:]
 		missing := 0
 		for _, w := range want {
 			if !hasEvent(lines, w.Name, w.Data) {
@@ -181,6 +181,7 @@ type eventsEnv struct {
 	sb          *sandbox.Server
 	base, admin string // the sidecar's and the admin endpoint's URLs
 	log         string // the events handler's file
+	caddyfile   string // the config's path
 }
 
 // Secrets of eventsEnv, which no event may hold.
@@ -203,8 +204,8 @@ func startEventsCaddy(t *testing.T, tokenBroker string) *eventsEnv {
 	if err := os.WriteFile(registry, []byte(eventsRegistry), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	e := &eventsEnv{sb: sb, log: filepath.Join(dir, "events.jsonl")}
 	cf := filepath.Join(dir, "Caddyfile")
+	e := &eventsEnv{sb: sb, log: filepath.Join(dir, "events.jsonl"), caddyfile: cf}
 	if err := os.WriteFile(cf, []byte(eventsCaddyfile(e.log, filepath.Join(dir, "storage"), registry, tokenBroker)), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -250,13 +251,28 @@ func (e *eventsEnv) checkEventLines(t *testing.T, secrets ...string) {
 // merchant that needs consent and then consents at the bank, a refresh
 // token loaded through the admin API, a token refused for a partner API
 // key the provider does not accept and for an organisation it does not
-// know, a provider failing and recovered. Each shows in the handler's
-// file with its merchant, provider and error code, from origin
+// know, a provider failing and recovered, then a refresh token loaded
+// after a config reload (the new app delivers). Each shows in the
+// handler's file with its merchant, provider and error code, from origin
 // token_broker, and no line holds a key, a secret or a token.
 func TestEvents(t *testing.T) {
 	env := startEventsCaddy(t, "")
 	sb, base, admin := env.sb, env.base, env.admin
-	loadedRT := sb.IssueRefreshToken("events-bank-client", []string{"accounts"})
+	loadedRT := []string{sb.IssueRefreshToken("events-bank-client", []string{"accounts"}),
+		sb.IssueRefreshToken("events-bank-client", []string{"accounts"})}
+	loadRT := func(merchant, rt string) {
+		t.Helper()
+		req := mustReq(t, http.MethodPut, admin+"/token_broker/merchants/"+merchant+"/refresh_token",
+			strings.NewReader(`{"refresh_token":"`+rt+`"}`))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("PUT %s's refresh_token: %d", merchant, resp.StatusCode)
+		}
+	}
 
 	call := func(merchant, path string, wantStatus int, wantError string) func(t *testing.T) {
 		return func(t *testing.T) {
@@ -281,18 +297,8 @@ func TestEvents(t *testing.T) {
 			consentThrough(t, link["url"])
 			call("hooli", "/accounts", http.StatusOK, "")(t)
 		}, []eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "hooli", "provider": "bank"}}}},
-		{"refresh token loaded by an operator", func(t *testing.T) {
-			req := mustReq(t, http.MethodPut, admin+"/token_broker/merchants/umbrella/refresh_token",
-				strings.NewReader(`{"refresh_token":"`+loadedRT+`"}`))
-			resp, err := http.DefaultClient.Do(req)
-			if err != nil {
-				t.Fatal(err)
-			}
-			resp.Body.Close()
-			if resp.StatusCode != http.StatusOK {
-				t.Fatalf("PUT refresh_token: %d", resp.StatusCode)
-			}
-		}, []eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "umbrella", "provider": "bank"}}}},
+		{"refresh token loaded by an operator", func(t *testing.T) { loadRT("umbrella", loadedRT[0]) },
+			[]eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "umbrella", "provider": "bank"}}}},
 		{"token refused: partner API key", call("stale", "/tpp/payments", http.StatusBadGateway, "token_refused"),
 			// The refused credential also holds the provider's configuration.
 			[]eventlog.Line{{Name: opstate.EventTokenRefused, Data: map[string]any{"merchant": "stale", "provider": "np-stale", "error": "token_refused"}},
@@ -319,16 +325,34 @@ func TestEvents(t *testing.T) {
 				time.Sleep(100 * time.Millisecond)
 			}
 		}, []eventlog.Line{{Name: opstate.EventProviderRecovered, Data: map[string]any{"provider": "np"}}}},
+		{"after a config reload", func(t *testing.T) {
+			// The same config, loaded again: a new token_broker app and
+			// events app; the new app delivers once Caddy has started them.
+			req := mustReq(t, http.MethodPost, admin+"/load", strings.NewReader(readFile(t, env.caddyfile)))
+			req.Header.Set("Content-Type", "text/caddyfile")
+			req.Header.Set("Cache-Control", "must-revalidate")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			http.DefaultClient.CloseIdleConnections()
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("POST /load: %d", resp.StatusCode)
+			}
+			loadRT("hooli", loadedRT[1])
+		}, []eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "hooli", "provider": "bank"}}}},
 	} {
 		if !t.Run(step.name, func(t *testing.T) {
+			from := len(readEvents(t, env.log))
 			step.do(t)
-			waitEvents(t, env.log, step.want, nil)
+			waitEvents(t, env.log, from, step.want, nil)
 		}) {
 			break // the later steps build on this one
 		}
 	}
 
-	env.checkEventLines(t, loadedRT)
+	env.checkEventLines(t, loadedRT...)
 }
 
 // TestEventsFleetTier: with a Redis tier, killing redis-server gives
@@ -373,9 +397,10 @@ func TestEventsFleetTier(t *testing.T) {
 		t.Errorf("%v, want one %s with the error alone", down, opstate.EventFleetDown)
 	}
 
+	from := len(readEvents(t, env.log))
 	r.Restart()
 	// The tier's breaker lets a lookup through after its cooldown (5 s).
-	waitEvents(t, env.log, []eventlog.Line{{Name: opstate.EventFleetRecovered, Data: map[string]any{}}}, func() {
+	waitEvents(t, env.log, from, []eventlog.Line{{Name: opstate.EventFleetRecovered, Data: map[string]any{}}}, func() {
 		lookup()
 		time.Sleep(200 * time.Millisecond)
 	})
