@@ -83,6 +83,7 @@ type App struct {
 	metricsKey  string
 	broker      *broker.Broker
 	tracker     *opstate.Tracker // the operator's view, kept with the broker (pooledBroker)
+	stateIndex  *opstate.Index   // the registry's merchants sorted, for the operator's view
 	pooled      *pooledBroker
 	poolKey     string
 	logger      *zap.Logger
@@ -113,6 +114,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	a.tables = &tables{}
 	a.watched = &watchList{}
+	a.stateIndex = &opstate.Index{}
 	if err := a.validate(); err != nil {
 		return err
 	}

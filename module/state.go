@@ -14,9 +14,11 @@ import (
 
 // stateSources are what the operator's view of the app is built from:
 // its registry (an empty one when it has none), its broker, the active
-// wildcard merchants of its binding tables and its tracker.
+// wildcard merchants of its binding tables, its tracker, and its
+// registry's index (kept with the app, so that it goes with the
+// registry).
 func (a *App) stateSources() opstate.Sources {
-	s := opstate.Sources{Registry: a.registry, Broker: a.broker, Tracker: a.tracker}
+	s := opstate.Sources{Registry: a.registry, Broker: a.broker, Tracker: a.tracker, Index: a.stateIndex}
 	if s.Registry == nil {
 		s.Registry = &config.Registry{}
 	}

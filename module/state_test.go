@@ -2,6 +2,7 @@ package module
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
@@ -310,3 +312,57 @@ scopes = ["accounts"]
 		t.Errorf("state %q; want fresh, the last error kept", got)
 	}
 }
+
+// TestStateFleetTier: with redis configured, the state has the fleet
+// tier, up until its breaker opens after consecutive failures (Redis is
+// down: nothing listens on port 1), and caddy_token_broker_l2_up says so.
+func TestStateFleetTier(t *testing.T) {
+	t.Setenv("TB_TEST_REDIS_KEY", base64.StdEncoding.EncodeToString([]byte(strings.Repeat("k", 32))))
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	app := &App{Redis: &RedisConfig{Address: []string{"127.0.0.1:1"}, EncryptionKey: "{env.TB_TEST_REDIS_KEY}", Timeout: caddy.Duration(20 * time.Millisecond)}}
+	if err := app.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = app.Cleanup() })
+	prev := current.Swap(app)
+	t.Cleanup(func() { current.Store(prev) })
+	l2Up := func() float64 {
+		t.Helper()
+		families, err := ctx.GetMetricsRegistry().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range families {
+			if f.GetName() == "caddy_token_broker_l2_up" {
+				return f.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		t.Fatal("no caddy_token_broker_l2_up")
+		return 0
+	}
+	tier := func() opstate.Fleet {
+		t.Helper()
+		_, rec := getState(t, http.MethodGet, "")
+		var r opstate.Report
+		if err := json.Unmarshal(rec.Body.Bytes(), &r); err != nil || r.Fleet == nil {
+			t.Fatalf("%s: %v", rec.Body, err)
+		}
+		return *r.Fleet
+	}
+	if f := tier(); !f.Up || f.Since == nil || l2Up() != 1 {
+		t.Fatalf("before any Redis call: %+v, l2_up %g", f, l2Up())
+	}
+	for i := range fleetBreakerThreshold {
+		if _, _, err := app.fleet.Cache.Fetch(context.Background(), fmt.Sprint("k", i), func(brokerToken) bool { return true }, mintOne); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if f := tier(); f.Up || f.LastError == "" || f.LastErrorAt == nil || l2Up() != 0 {
+		t.Fatalf("with Redis down: %+v, l2_up %g", f, l2Up())
+	}
+}
+
+// fleetBreakerThreshold is how many Redis failures open the fleet tier's
+// breaker (fleet.DefaultBreakerThreshold): a lookup makes at least one.
+const fleetBreakerThreshold = fleet.DefaultBreakerThreshold

@@ -4,6 +4,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -24,6 +25,16 @@ type Sources struct {
 	Tables []*bindings.Table
 	// Tracker is what the broker's observers told (required).
 	Tracker *Tracker
+	// Index keeps what is computed once per registry (nil: computed
+	// on each Build).
+	Index *Index
+}
+
+// Index keeps what Build computes once per registry: its merchants
+// sorted by id. Keep one with the registry (an app's), so that it goes
+// with it. The zero value is ready to use; it is safe for concurrent use.
+type Index struct {
+	last atomic.Pointer[registryIndex]
 }
 
 // rank is a merchant state's index in States(): lower is worse.
@@ -39,17 +50,40 @@ const (
 	rankIdle
 )
 
-// rankOf is the rank of a state; rankIdle for "".
+// rankOf is the rank of a state; rankIdle for "" or an unknown one.
 func rankOf(state string) rank {
-	if i := slices.Index(States(), state); i >= 0 {
-		return rank(i)
+	switch state {
+	case StateRefused:
+		return rankRefused
+	case StateUnknownOrganisation:
+		return rankUnknownOrganisation
+	case StateNeedsConsent:
+		return rankNeedsConsent
+	case StateBackingOff:
+		return rankBackingOff
+	case StateRefreshing:
+		return rankRefreshing
+	case StateFresh:
+		return rankFresh
 	}
 	return rankIdle
 }
 
+// byRank counts merchants by rank.
+type byRank [rankIdle + 1]int
+
+// counts returns c by state name, every state present.
+func (c *byRank) counts() map[string]int {
+	out := make(map[string]int, len(c))
+	for i, st := range States() {
+		out[st] = c[i]
+	}
+	return out
+}
+
 // registryIndex is a registry's explicit merchants sorted by id, with
 // their positions and their counts by provider, made once per registry
-// (Tracker.indexOf).
+// (Index).
 type registryIndex struct {
 	reg       *config.Registry
 	merchants []*config.Merchant
@@ -58,11 +92,13 @@ type registryIndex struct {
 	consent   map[string]*oauth.RefreshToken // refresh_token providers' sources
 }
 
-// indexOf returns the index of reg, made when reg is not the one indexed
-// last.
-func (t *Tracker) indexOf(reg *config.Registry) *registryIndex {
-	if idx := t.index.Load(); idx != nil && idx.reg == reg {
-		return idx
+// of returns the index of reg, made when reg is not the one indexed
+// last (every time on a nil Index).
+func (x *Index) of(reg *config.Registry) *registryIndex {
+	if x != nil {
+		if idx := x.last.Load(); idx != nil && idx.reg == reg {
+			return idx
+		}
 	}
 	idx := &registryIndex{reg: reg, merchants: slices.Collect(maps.Values(reg.Merchants)),
 		pos: make(map[string]int32, len(reg.Merchants)), count: map[string]int{}, consent: map[string]*oauth.RefreshToken{}}
@@ -76,7 +112,9 @@ func (t *Tracker) indexOf(reg *config.Registry) *registryIndex {
 			idx.consent[name] = src
 		}
 	}
-	t.index.Store(idx)
+	if x != nil {
+		x.last.Store(idx)
+	}
 	return idx
 }
 
@@ -147,7 +185,7 @@ type merchantView struct {
 // and the active wildcard merchants by provider.
 func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)) (snapshot, *registryIndex, map[string]int) {
 	t := s.Tracker
-	idx := t.indexOf(s.Registry)
+	idx := s.Index.of(s.Registry)
 	snap := t.snapshot(now)
 
 	entries := s.Broker.Entries()
@@ -248,18 +286,20 @@ func Build(s Sources, q Query, now time.Time) Report {
 	if q.Limit <= 0 || q.Limit > MaxLimit {
 		q.Limit = min(max(q.Limit, DefaultLimit), MaxLimit)
 	}
-	rep := Report{GeneratedAt: now.UTC(), Counts: map[string]int{}, Merchants: []Merchant{}}
-	for _, st := range States() {
-		rep.Counts[st] = 0
-	}
+	rep := Report{GeneratedAt: now.UTC(), Merchants: []Merchant{}}
+	var counts byRank
 	states := States()
+	want := rank(len(states)) // every state
+	if q.State != "" {
+		want = rankOf(q.State)
+	}
 	more := false
 	snap, idx, activeBy := walk(s, q.Provider, now, func(v *merchantView) {
-		state := states[v.rank]
-		rep.Counts[state]++
-		if q.State != "" && state != q.State {
+		counts[v.rank]++
+		if want < rank(len(states)) && v.rank != want {
 			return
 		}
+		state := states[v.rank]
 		rep.Total++
 		if v.id <= q.After {
 			return
@@ -278,6 +318,7 @@ func Build(s Sources, q Query, now time.Time) Report {
 		}
 		rep.Merchants = append(rep.Merchants, m)
 	})
+	rep.Counts = counts.counts()
 	if more {
 		rep.Next = rep.Merchants[len(rep.Merchants)-1].Merchant
 	}
@@ -293,19 +334,19 @@ func Build(s Sources, q Query, now time.Time) Report {
 // state (every state present, as in a Report's Counts), in one pass: for
 // the merchants gauge.
 func Counts(s Sources, now time.Time) map[string]map[string]int {
-	out := map[string]map[string]int{}
+	by := map[string]*byRank{}
 	for name := range s.Registry.Providers {
-		out[name] = map[string]int{}
-		for _, st := range States() {
-			out[name][st] = 0
-		}
+		by[name] = &byRank{}
 	}
-	states := States()
 	walk(s, "", now, func(v *merchantView) {
-		if c := out[v.provider]; c != nil {
-			c[states[v.rank]]++
+		if c := by[v.provider]; c != nil {
+			c[v.rank]++
 		}
 	})
+	out := make(map[string]map[string]int, len(by))
+	for name, c := range by {
+		out[name] = c.counts()
+	}
 	return out
 }
 
@@ -316,12 +357,13 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 	for i, name := range names {
 		ids[i] = s.Registry.Providers[name].ID
 	}
+	mark := s.Tracker.mark()
 	health := s.Broker.SourcesHealth(ids...)
 	out := make([]Provider, 0, len(names))
 	for i, name := range names {
 		p := s.Registry.Providers[name]
-		s.Tracker.retainSources(name, func(id string) bool { return id == ids[i] })
 		h := health[ids[i]]
+		s.Tracker.reconcile(name, ids[i], h.Breaker != broker.BreakerClosed, !h.BackoffUntil.IsZero(), mark)
 		rec := snap.providers[name]
 		out = append(out, Provider{Name: name, Type: p.Type, Breaker: h.Breaker.String(), BackoffUntil: timePtr(h.BackoffUntil),
 			Requests: rec.calls, Failures: rec.failures, Window: snap.window.String(),

@@ -51,7 +51,7 @@ func BenchmarkBuild(b *testing.B) {
 		bd.Observer = obs
 		_, _ = br.Token(context.Background(), bd)
 	}
-	s := Sources{Registry: reg, Broker: br, Tables: []*bindings.Table{table}, Tracker: tracker}
+	s := Sources{Registry: reg, Broker: br, Tables: []*bindings.Table{table}, Tracker: tracker, Index: &Index{}}
 	r := Build(s, Query{}, now)
 	if r.Total != n || r.Counts[StateFresh] == 0 || r.Counts[StateBackingOff] == 0 || r.Counts[StateRefused] == 0 || r.Counts[StateIdle] == 0 {
 		b.Fatalf("counts %v, total %d", r.Counts, r.Total)

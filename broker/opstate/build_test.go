@@ -96,6 +96,7 @@ type stateFixture struct {
 	reg     *config.Registry
 	table   *bindings.Table
 	tracker *Tracker
+	index   Index
 	rec     *telemetry.Recorder
 	events  emitted
 }
@@ -161,7 +162,7 @@ func (f *stateFixture) get(tb testing.TB, merchant string) error {
 }
 
 func (f *stateFixture) sources() Sources {
-	return Sources{Registry: f.reg, Broker: f.br, Tables: []*bindings.Table{f.table}, Tracker: f.tracker}
+	return Sources{Registry: f.reg, Broker: f.br, Tables: []*bindings.Table{f.table}, Tracker: f.tracker, Index: &f.index}
 }
 
 // page returns the merchants of a report as "id state".
@@ -185,6 +186,10 @@ func TestBuild(t *testing.T) {
 	}
 	f.clk.Add(time.Second)
 	all := Build(f.sources(), Query{}, f.clk.Now())
+	idx := f.index.last.Load()
+	if idx == nil || idx.reg != f.reg || len(idx.merchants) != len(f.reg.Merchants) {
+		t.Fatal("the registry's index is not kept")
+	}
 	want := []string{"a-fresh fresh", "b-refused refused", "c-unknown unknown_organisation", "d-down backing_off", "e-idle idle",
 		"f-refreshing refreshing", "g-consent needs_consent", "h-other fresh", "w-fresh fresh", "w-unknown unknown_organisation"}
 	if got := page(all); !slices.Equal(got, want) {
@@ -223,6 +228,9 @@ func TestBuild(t *testing.T) {
 		t.Errorf("fleet %+v without a fleet tier", all.Fleet)
 	}
 
+	if Build(f.sources(), Query{}, f.clk.Now()); f.index.last.Load() != idx {
+		t.Fatal("the registry's index was made again")
+	}
 	for _, tt := range []struct {
 		query      string
 		want       []string

@@ -3,8 +3,8 @@ package opstate
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -43,7 +43,9 @@ type TrackerOptions struct {
 // It is told of token API calls (Fetched), not of requests: nothing runs
 // per request. It is safe for concurrent use. It keeps a record only for
 // merchants whose token requests failed; Forget drops one (a wildcard
-// merchant the binding table evicts).
+// merchant the binding table evicts). The records of a replaced
+// configuration's merchants are kept, up to MaxMerchants, so that a
+// merchant still failing after a reload is not announced again.
 type Tracker struct {
 	now    func() time.Time
 	emit   func(event string, data map[string]any)
@@ -54,13 +56,11 @@ type Tracker struct {
 	merchants map[string]*merchantRecord
 	providers map[string]*providerRecord
 	fleet     fleetRecord
-
-	index atomic.Pointer[registryIndex] // the last registry's, for Build
+	seq       uint64 // counts the changes of sources' states (SourceBackingOff, BreakerChanged)
 }
 
 // merchantRecord is what a Tracker remembers of a merchant.
 type merchantRecord struct {
-	provider  string
 	lastErr   errcode.Code
 	lastErrAt time.Time
 	// failure is the state the last token request's failure puts the
@@ -79,8 +79,8 @@ type providerRecord struct {
 	calls     window
 	lastErr   errcode.Code
 	lastErrAt time.Time
-	held      map[string]bool // source IDs backing off
-	open      map[string]bool // source IDs whose breaker is not closed
+	held      map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
+	open      map[string]uint64 // source IDs whose breaker is not closed -> the change that said so
 	// failing: a source is held or its breaker is not closed.
 	failing bool
 	// announce: failing started, and EventProviderFailing waits for the
@@ -137,8 +137,8 @@ func (t *Tracker) send(evs []event) {
 func (t *Tracker) provider(name string) *providerRecord {
 	p := t.providers[name]
 	if p == nil {
-		p = &providerRecord{calls: newWindow(t.span), held: map[string]bool{}, open: map[string]bool{}}
-		t.providers[name] = p
+		p = &providerRecord{calls: newWindow(t.span), held: map[string]uint64{}, open: map[string]uint64{}}
+		t.providers[strings.Clone(name)] = p
 	}
 	return p
 }
@@ -146,7 +146,7 @@ func (t *Tracker) provider(name string) *providerRecord {
 // merchant returns the record of a merchant, made on first use (an
 // arbitrary other is dropped beyond MaxMerchants). Called with t.mu
 // held.
-func (t *Tracker) merchant(id, provider string) *merchantRecord {
+func (t *Tracker) merchant(id string) *merchantRecord {
 	m := t.merchants[id]
 	if m == nil {
 		if len(t.merchants) >= t.maxLen {
@@ -155,10 +155,11 @@ func (t *Tracker) merchant(id, provider string) *merchantRecord {
 				break
 			}
 		}
-		m = &merchantRecord{provider: provider}
-		t.merchants[id] = m
+		m = &merchantRecord{}
+		// A copy: an explicit merchant's id points into its registry's
+		// file, which must not stay alive after a reload replaced it.
+		t.merchants[strings.Clone(id)] = m
 	}
-	m.provider = provider
 	return m
 }
 
@@ -189,6 +190,12 @@ func failureState(err error, code errcode.Code) string {
 // nothing about the merchant. It implements telemetry.Tap.
 func (t *Tracker) Fetched(provider, merchant string, err error) {
 	now := t.now()
+	var code errcode.Code
+	var state string
+	if err != nil && !errors.Is(err, context.Canceled) {
+		code = errcode.Classify(err)
+		state = failureState(err, code)
+	}
 	var evs []event
 	defer func() { t.send(evs) }()
 	t.mu.Lock()
@@ -211,12 +218,10 @@ func (t *Tracker) Fetched(provider, merchant string, err error) {
 		}
 		return
 	}
-	if errors.Is(err, context.Canceled) {
+	if code == 0 { // cancelled
 		p.calls.add(now, false)
 		return
 	}
-	code := errcode.Classify(err)
-	state := failureState(err, code)
 	p.calls.add(now, true)
 	p.lastErr, p.lastErrAt = code, now
 	if state == StateBackingOff {
@@ -226,19 +231,21 @@ func (t *Tracker) Fetched(provider, merchant string, err error) {
 		p.announce = false
 		evs = append(evs, event{EventProviderFailing, map[string]any{"provider": provider, "error": code.String()}})
 	}
-	m := t.merchant(merchant, provider)
+	m := t.merchant(merchant)
 	m.lastErr, m.lastErrAt, m.failure = code, now, state
-	data := map[string]any{"merchant": merchant, "provider": provider, "error": code.String()}
+	told := func(name string) {
+		evs = append(evs, event{name, map[string]any{"merchant": merchant, "provider": provider, "error": code.String()}})
+	}
 	switch state {
 	case StateRefused, StateUnknownOrganisation:
 		if !m.refusedTold {
 			m.refusedTold = true
-			evs = append(evs, event{EventTokenRefused, data})
+			told(EventTokenRefused)
 		}
 	case StateNeedsConsent:
 		if !m.consentNeeded {
 			m.consentNeeded = true
-			evs = append(evs, event{EventConsentNeeded, data})
+			told(EventConsentNeeded)
 		}
 	}
 }
@@ -270,8 +277,9 @@ func (t *Tracker) Forget(merchant string) {
 // ends a backoff. It implements telemetry.Tap.
 func (t *Tracker) SourceBackingOff(provider, sourceID string, on bool) {
 	t.changeProvider(provider, func(p *providerRecord) {
+		t.seq++
 		if on {
-			p.held[sourceID] = true
+			p.held[sourceID] = t.seq
 		} else {
 			delete(p.held, sourceID)
 		}
@@ -282,10 +290,11 @@ func (t *Tracker) SourceBackingOff(provider, sourceID string, on bool) {
 // It implements telemetry.Tap.
 func (t *Tracker) BreakerChanged(provider, sourceID string, state broker.BreakerState) {
 	t.changeProvider(provider, func(p *providerRecord) {
+		t.seq++
 		if state == broker.BreakerClosed {
 			delete(p.open, sourceID)
 		} else {
-			p.open[sourceID] = true
+			p.open[sourceID] = t.seq
 		}
 	})
 }
@@ -313,31 +322,50 @@ func (t *Tracker) changeProvider(provider string, change func(p *providerRecord)
 	p.failing = failing
 }
 
-// retainSources forgets the backoffs and breakers of a provider's source
-// IDs that keep does not keep (an older configuration of the provider,
-// whose state the broker dropped without telling), emitting
+// mark returns the number of the tracker's last change of a source's
+// state: reconcile keeps what changed after it.
+func (t *Tracker) mark() uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.seq
+}
+
+// reconcile makes what the tracker knows of a provider's sources agree
+// with the broker, read after mark: only sourceID is the provider's now
+// (the others are older configurations, whose state the broker dropped
+// without telling), its breaker is open (not closed) or not, and it is
+// held or not. A change told after mark is kept: it is newer than what
+// was read. The broker drops a source's state without telling when it
+// forgets it (a rotated secret) or a configuration replaces it. It emits
 // EventProviderRecovered if the provider so stops failing.
-func (t *Tracker) retainSources(provider string, keep func(sourceID string) bool) {
+func (t *Tracker) reconcile(provider, sourceID string, open, held bool, mark uint64) {
+	stale := func(m map[string]uint64, id string, now bool) bool {
+		return id != sourceID || (!now && m[id] <= mark)
+	}
 	t.mu.Lock()
 	p := t.providers[provider]
-	stale := false
+	changed := false
 	if p != nil {
-		for _, m := range []map[string]bool{p.held, p.open} {
-			for id := range m {
-				stale = stale || !keep(id)
-			}
+		for id := range p.open {
+			changed = changed || stale(p.open, id, open)
+		}
+		for id := range p.held {
+			changed = changed || stale(p.held, id, held)
 		}
 	}
 	t.mu.Unlock()
-	if !stale {
+	if !changed {
 		return
 	}
 	t.changeProvider(provider, func(p *providerRecord) {
-		for _, m := range []map[string]bool{p.held, p.open} {
-			for id := range m {
-				if !keep(id) {
-					delete(m, id)
-				}
+		for id := range p.open {
+			if stale(p.open, id, open) {
+				delete(p.open, id)
+			}
+		}
+		for id := range p.held {
+			if stale(p.held, id, held) {
+				delete(p.held, id)
 			}
 		}
 	})

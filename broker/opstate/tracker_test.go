@@ -131,7 +131,17 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 				tr.SourceBackingOff("nuapay", "nuapay#1", true)
 				tr.Fetched("nuapay", "acme", errThrottle)
 			}, []string{"provider_failing provider=nuapay error=token_rate_limited"}},
-			{"an old configuration forgotten", func(tr *Tracker) { tr.retainSources("nuapay", func(id string) bool { return id == "nuapay#2" }) }, []string{"provider_recovered provider=nuapay"}},
+			{"an old configuration forgotten", func(tr *Tracker) { tr.reconcile("nuapay", "nuapay#2", false, false, tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
+			{"breaker opens", func(tr *Tracker) {
+				tr.BreakerChanged("nuapay", "nuapay#2", broker.BreakerOpen)
+				tr.Fetched("nuapay", "acme", errDown)
+			}, []string{"provider_failing provider=nuapay error=token_unavailable"}},
+			{"the broker, read before, says closed: newer, kept", func(tr *Tracker) {
+				mark := tr.mark()
+				tr.BreakerChanged("nuapay", "nuapay#2", broker.BreakerHalfOpen)
+				tr.reconcile("nuapay", "nuapay#2", false, false, mark)
+			}, nil},
+			{"the broker forgot the breaker (a rotated secret)", func(tr *Tracker) { tr.reconcile("nuapay", "nuapay#2", false, false, tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
 			{"held and released before its failure was told", func(tr *Tracker) {
 				tr.SourceBackingOff("nuapay", "nuapay#2", true)
 				tr.SourceBackingOff("nuapay", "nuapay#2", false)
