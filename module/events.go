@@ -2,6 +2,7 @@ package module
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/caddyserver/caddy/v2"
@@ -15,11 +16,13 @@ import (
 // beyond it events are dropped, counted and logged (outbox.Outbox).
 const eventQueueSize = 1024
 
-// provisionEvents connects the app to Caddy's events app, as caddytls and
-// reverse_proxy do: ctx.App("events") returns the configured one, or an
-// empty one (no subscriptions) when the config has none. The events are
-// emitted with ctx, so their origin is the token_broker app (the
-// {event.module} placeholder is "token_broker").
+// provisionEvents connects the app to Caddy's events app when the config
+// has one: the events global option (apps.events) holds the
+// subscriptions, so without it nothing would handle the events and emit
+// does nothing (an events app that another app loaded first, as caddytls
+// does, is used all the same). The events are emitted with ctx, so their
+// origin is the token_broker app (the {event.module} placeholder is
+// "token_broker").
 //
 // Caddy's Emit runs the subscribed handlers synchronously, and a handler
 // may be slow (an exec handler running a command in the foreground, a web
@@ -34,7 +37,10 @@ const eventQueueSize = 1024
 // the handlers fall behind by eventQueueSize events, later ones are
 // dropped and a warning says how many so far.
 func (a *App) provisionEvents(ctx caddy.Context) error {
-	appIface, err := ctx.App("events")
+	appIface, err := ctx.AppIfConfigured("events")
+	if errors.Is(err, caddy.ErrNotConfigured) {
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("token_broker: getting the events app: %w", err)
 	}
@@ -53,8 +59,8 @@ func (a *App) provisionEvents(ctx caddy.Context) error {
 // events app, without waiting for its handlers (see provisionEvents).
 // Of data it keeps the keys "merchant", "provider" and "error" (an error
 // code, or the fleet tier's failure) with non-empty string values, and
-// nothing else, so that no token or secret can reach an event. It does nothing on an app that was not
-// provisioned.
+// nothing else, so that no token or secret can reach an event. It does
+// nothing without an events app.
 func (a *App) emit(event string, data map[string]any) {
 	if a.events == nil {
 		return

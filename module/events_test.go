@@ -44,7 +44,7 @@ func TestEmitKeepsTheContractsData(t *testing.T) {
 	}
 }
 
-// TestEmitWithoutEvents: an app that was not provisioned (no events app)
+// TestEmitWithoutEvents: an app without an events app (none configured)
 // emits nothing, without failing.
 func TestEmitWithoutEvents(t *testing.T) {
 	(&App{}).emit(opstate.EventProviderRecovered, map[string]any{"provider": "np"})
