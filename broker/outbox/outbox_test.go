@@ -2,6 +2,7 @@ package outbox
 
 import (
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 )
@@ -124,5 +125,37 @@ func TestOutboxStop(t *testing.T) {
 	}
 	if reported {
 		t.Error("events refused after Stop were reported as dropped")
+	}
+}
+
+// TestOutboxConcurrentProducers: events put from several goroutines are
+// all delivered, each producer's in its order.
+func TestOutboxConcurrentProducers(t *testing.T) {
+	const producers, each = 8, 100
+	got := make(chan Event, producers*each)
+	o := New(producers*each, func(e Event) { got <- e }, func(Event, uint64) { t.Error("an event was dropped with room in the queue") })
+	t.Cleanup(o.Stop)
+	o.Start()
+	var wg sync.WaitGroup
+	for p := range producers {
+		wg.Go(func() {
+			for i := range each {
+				o.Put(Event{Name: fmt.Sprint("p", p), Data: map[string]any{"i": i}})
+			}
+		})
+	}
+	wg.Wait()
+	last := map[string]int{}
+	for range producers * each {
+		e := next(t, got)
+		i := e.Data["i"].(int)
+		prev, seen := last[e.Name]
+		if !seen {
+			prev = -1
+		}
+		if i != prev+1 {
+			t.Fatalf("%s: event %d after %d", e.Name, i, prev)
+		}
+		last[e.Name] = i
 	}
 }
