@@ -260,7 +260,7 @@ func TestEvents(t *testing.T) {
 	sb, base, admin := env.sb, env.base, env.admin
 	loadedRT := []string{sb.IssueRefreshToken("events-bank-client", []string{"accounts"}),
 		sb.IssueRefreshToken("events-bank-client", []string{"accounts"})}
-	loadRT := func(merchant, rt string) {
+	loadRT := func(t *testing.T, merchant, rt string) {
 		t.Helper()
 		req := mustReq(t, http.MethodPut, admin+"/token_broker/merchants/"+merchant+"/refresh_token",
 			strings.NewReader(`{"refresh_token":"`+rt+`"}`))
@@ -297,7 +297,7 @@ func TestEvents(t *testing.T) {
 			consentThrough(t, link["url"])
 			call("hooli", "/accounts", http.StatusOK, "")(t)
 		}, []eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "hooli", "provider": "bank"}}}},
-		{"refresh token loaded by an operator", func(t *testing.T) { loadRT("umbrella", loadedRT[0]) },
+		{"refresh token loaded by an operator", func(t *testing.T) { loadRT(t, "umbrella", loadedRT[0]) },
 			[]eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "umbrella", "provider": "bank"}}}},
 		{"token refused: partner API key", call("stale", "/tpp/payments", http.StatusBadGateway, "token_refused"),
 			// The refused credential also holds the provider's configuration.
@@ -340,7 +340,7 @@ func TestEvents(t *testing.T) {
 			if resp.StatusCode != http.StatusOK {
 				t.Fatalf("POST /load: %d", resp.StatusCode)
 			}
-			loadRT("hooli", loadedRT[1])
+			loadRT(t, "hooli", loadedRT[1])
 		}, []eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "hooli", "provider": "bank"}}}},
 	} {
 		if !t.Run(step.name, func(t *testing.T) {
