@@ -89,7 +89,7 @@ func TestAdminAPI(t *testing.T) {
 	}
 }
 
-// assertNoSandboxToken fails if body contains anything the sandbox
+// assertNoSandboxToken fails if body (admin output, events) contains anything the sandbox
 // recognises as one of its tokens.
 func assertNoSandboxToken(t *testing.T, sb interface {
 	Issued(string) (string, []string, bool)
@@ -97,7 +97,7 @@ func assertNoSandboxToken(t *testing.T, sb interface {
 	t.Helper()
 	for _, f := range strings.FieldsFunc(body, func(r rune) bool { return strings.ContainsRune("\" ,:{}[]", r) }) {
 		if org, _, _ := sb.Issued(f); org != "" {
-			t.Fatalf("admin output holds a token: %s", body)
+			t.Fatalf("the output holds a token: %s", body)
 		}
 	}
 }

@@ -17,14 +17,20 @@ import (
 func buildBinaries(t *testing.T) (caddyBin, sandboxBin string) {
 	t.Helper()
 	dir := t.TempDir()
-	for _, pkg := range []string{"caddy", "sandbox"} {
-		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, pkg), "./cmd/"+pkg)
-		cmd.Dir = repoRoot(t)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go build ./cmd/%s: %v\n%s", pkg, err, out)
-		}
+	return goBuild(t, dir, "./cmd/caddy"), goBuild(t, dir, "./cmd/sandbox")
+}
+
+// goBuild builds the command pkg (a path from the repository's top, such
+// as ./cmd/caddy) into dir and returns the binary's path.
+func goBuild(t *testing.T, dir, pkg string) string {
+	t.Helper()
+	bin := filepath.Join(dir, filepath.Base(pkg))
+	cmd := exec.Command("go", "build", "-o", bin, pkg)
+	cmd.Dir = repoRoot(t)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", pkg, err, out)
 	}
-	return filepath.Join(dir, "caddy"), filepath.Join(dir, "sandbox")
+	return bin
 }
 
 // startProcess starts a command and stops it, by its process id, when the

@@ -15,6 +15,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/command"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
+	"github.com/tokenbroker/caddy-token-broker/broker/outbox"
 	"github.com/tokenbroker/caddy-token-broker/broker/reload"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -100,6 +101,7 @@ type App struct {
 
 	// refusals limits the handlers' logs of repeated refusals.
 	refusals *lograte.Limiter[broker.Backoff]
+	events   *outbox.Outbox // the events for Caddy's events app (events.go)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -119,6 +121,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.watched = &watchList{}
 	a.stateIndex = &opstate.Index{}
 	if err := a.validate(); err != nil {
+		return err
+	}
+	if err := a.provisionEvents(ctx); err != nil {
 		return err
 	}
 	var err error
@@ -218,15 +223,21 @@ func (a *App) Start() error {
 	return nil
 }
 
-// Stop leaves the cache to the next config.
+// Stop leaves the cache to the next config and stops emitting events.
 func (a *App) Stop() error {
 	current.CompareAndSwap(a, nil)
+	if a.events != nil {
+		a.events.Stop()
+	}
 	return nil
 }
 
 // Cleanup ends the app's use of the shared token cache; the cache lives
 // on while another config (the one being loaded) uses it.
 func (a *App) Cleanup() error {
+	if a.events != nil {
+		a.events.Stop()
+	}
 	if a.listingKey != "" {
 		_, _ = listings.Delete(a.listingKey)
 	}

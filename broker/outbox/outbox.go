@@ -1,0 +1,105 @@
+// Package outbox hands events to a consumer that may be slow (Caddy's
+// events app runs its handlers synchronously, and a handler may run a
+// command or call a web hook) without making their producers wait: the
+// events queue up to a bound and one goroutine delivers them in order.
+package outbox
+
+import (
+	"sync"
+	"sync/atomic"
+)
+
+// Event is one event: its name and its data.
+type Event struct {
+	// Name is the event's name.
+	Name string
+	// Data is the event's data; it is not copied, so the producer must
+	// not change it after Put.
+	Data map[string]any
+}
+
+// Outbox queues events for one delivering goroutine. Put never blocks:
+// when the queue is full the event is dropped and counted. Events put
+// before Start wait in the queue for it. It is safe for concurrent use.
+type Outbox struct {
+	deliver func(Event)
+	dropped func(e Event, total uint64)
+
+	queue     chan Event
+	startOnce sync.Once
+	stopOnce  sync.Once
+	stop      chan struct{}
+
+	drops atomic.Uint64
+	full  atomic.Bool // a drop was reported and no event was queued since
+}
+
+// New returns an Outbox that queues up to size events for deliver. dropped,
+// if not nil, is called on the producer's goroutine with the first event
+// of each run of dropped events (a run ends when an event is queued again)
+// and the count of events dropped so far: enough to log a consumer that
+// falls behind without logging every event lost.
+func New(size int, deliver func(Event), dropped func(e Event, total uint64)) *Outbox {
+	return &Outbox{deliver: deliver, dropped: dropped, queue: make(chan Event, size),
+		stop: make(chan struct{})}
+}
+
+// Put queues e for delivery and reports whether it was queued: false when
+// the queue is full (the event is dropped and counted) or the Outbox is
+// stopped.
+func (o *Outbox) Put(e Event) bool {
+	select {
+	case <-o.stop:
+		return false
+	default:
+	}
+	select {
+	case o.queue <- e:
+		if o.full.Load() {
+			o.full.Store(false)
+		}
+		return true
+	default:
+	}
+	total := o.drops.Add(1)
+	if o.full.CompareAndSwap(false, true) && o.dropped != nil {
+		o.dropped(e, total)
+	}
+	return false
+}
+
+// Start starts delivering, in the order they were put, on one goroutine.
+// Calls after the first, and calls after Stop, do nothing.
+func (o *Outbox) Start() {
+	o.startOnce.Do(func() {
+		select {
+		case <-o.stop:
+		default:
+			go o.run()
+		}
+	})
+}
+
+// Stop stops delivering: the event being delivered ends, the queued ones
+// are dropped (not counted) and Put refuses new ones. It does not wait for
+// the delivery in hand, so a consumer that hangs does not hang the caller.
+// Calls after the first do nothing.
+func (o *Outbox) Stop() {
+	o.stopOnce.Do(func() { close(o.stop) })
+}
+
+func (o *Outbox) run() {
+	for {
+		select {
+		case <-o.stop:
+			return
+		case e := <-o.queue:
+			select {
+			case <-o.stop: // stopped while both were ready: stop wins
+				return
+			default:
+			}
+			o.deliver(e)
+		}
+	}
+}

@@ -1,0 +1,161 @@
+package outbox
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+)
+
+// recvWithin is the deadline for a delivery the test waits for; a loaded
+// machine may take a while to schedule the delivering goroutine.
+const recvWithin = 10 * time.Second
+
+func next(t *testing.T, ch <-chan Event) Event {
+	t.Helper()
+	select {
+	case e := <-ch:
+		return e
+	case <-time.After(recvWithin):
+		t.Fatal("no event delivered")
+		return Event{}
+	}
+}
+
+func ev(i int) Event { return Event{Name: fmt.Sprint("e", i), Data: map[string]any{"i": i}} }
+
+// TestOutboxDeliversInOrderAfterStart: events put before Start wait for
+// it; then they and the later ones arrive in the order they were put.
+func TestOutboxDeliversInOrderAfterStart(t *testing.T) {
+	got := make(chan Event, 10)
+	o := New(10, func(e Event) { got <- e }, nil)
+	t.Cleanup(o.Stop)
+	for i := range 3 {
+		if !o.Put(ev(i)) {
+			t.Fatalf("Put(%d) before Start refused", i)
+		}
+	}
+	select {
+	case e := <-got:
+		t.Fatalf("%s delivered before Start", e.Name)
+	default:
+	}
+	o.Start()
+	o.Start() // a second Start starts no second goroutine
+	for i := 3; i < 6; i++ {
+		o.Put(ev(i))
+	}
+	for i := range 6 {
+		if e := next(t, got); e.Name != ev(i).Name || e.Data["i"] != i {
+			t.Fatalf("delivery %d: %+v, want %+v", i, e, ev(i))
+		}
+	}
+}
+
+// TestOutboxNeverBlocksAndReportsRuns: with the consumer stuck, Put
+// queues up to the size, then drops and counts without blocking, and
+// reports the first drop of each run only.
+func TestOutboxNeverBlocksAndReportsRuns(t *testing.T) {
+	const size = 4
+	got := make(chan Event, 100)
+	// entered has room for every delivery: the consumer never waits on it.
+	entered, release := make(chan struct{}, 100), make(chan struct{})
+	type report struct {
+		name  string
+		total uint64
+	}
+	var reports []report // appended on the test's goroutine: Put calls dropped there
+	o := New(size, func(e Event) {
+		entered <- struct{}{}
+		<-release
+		got <- e
+	}, func(e Event, total uint64) { reports = append(reports, report{e.Name, total}) })
+	t.Cleanup(o.Stop)
+	o.Start()
+	o.Put(ev(0))
+	<-entered // the consumer holds e0 and waits
+	for i := 1; i <= size; i++ {
+		if !o.Put(ev(i)) {
+			t.Fatalf("Put(%d) refused with room in the queue", i)
+		}
+	}
+	for i := size + 1; i <= size+3; i++ { // 3 dropped: one run
+		if o.Put(ev(i)) {
+			t.Fatalf("Put(%d) queued in a full queue", i)
+		}
+	}
+	if want := []report{{"e5", 1}}; fmt.Sprint(reports) != fmt.Sprint(want) {
+		t.Fatalf("drop reports %v, want %v (the first of the run)", reports, want)
+	}
+
+	release <- struct{}{} // e0 done; e1 taken
+	<-entered
+	if e := next(t, got); e.Name != "e0" {
+		t.Fatalf("delivered %s, want e0", e.Name)
+	}
+	if !o.Put(ev(20)) { // room again: the run ends
+		t.Fatal("Put refused with room in the queue")
+	}
+	if o.Put(ev(21)) {
+		t.Fatal("Put queued in a full queue")
+	}
+	if want := []report{{"e5", 1}, {"e21", 4}}; fmt.Sprint(reports) != fmt.Sprint(want) {
+		t.Fatalf("drop reports %v, want %v (a second run)", reports, want)
+	}
+	close(release)
+	for _, want := range []string{"e1", "e2", "e3", "e4", "e20"} {
+		if e := next(t, got); e.Name != want {
+			t.Fatalf("delivered %s, want %s", e.Name, want)
+		}
+	}
+}
+
+// TestOutboxStop: a stopped Outbox refuses events without reporting drops,
+// and a Start after Stop delivers nothing.
+func TestOutboxStop(t *testing.T) {
+	reported := false
+	o := New(1, func(e Event) { t.Errorf("%s delivered after Stop", e.Name) },
+		func(Event, uint64) { reported = true })
+	o.Put(ev(0))
+	o.Stop()
+	o.Stop() // a second Stop is harmless
+	o.Start()
+	if o.Put(ev(1)) || o.Put(ev(2)) {
+		t.Error("Put after Stop queued an event")
+	}
+	if reported {
+		t.Error("events refused after Stop were reported as dropped")
+	}
+}
+
+// TestOutboxConcurrentProducers: events put from several goroutines are
+// all delivered, each producer's in its order.
+func TestOutboxConcurrentProducers(t *testing.T) {
+	const producers, each = 8, 100
+	got := make(chan Event, producers*each)
+	o := New(producers*each, func(e Event) { got <- e }, func(Event, uint64) { t.Error("an event was dropped with room in the queue") })
+	t.Cleanup(o.Stop)
+	o.Start()
+	var wg sync.WaitGroup
+	for p := range producers {
+		wg.Go(func() {
+			for i := range each {
+				o.Put(Event{Name: fmt.Sprint("p", p), Data: map[string]any{"i": i}})
+			}
+		})
+	}
+	wg.Wait()
+	last := map[string]int{}
+	for range producers * each {
+		e := next(t, got)
+		i := e.Data["i"].(int)
+		prev, seen := last[e.Name]
+		if !seen {
+			prev = -1
+		}
+		if i != prev+1 {
+			t.Fatalf("%s: event %d after %d", e.Name, i, prev)
+		}
+		last[e.Name] = i
+	}
+}
