@@ -163,16 +163,12 @@ func (t *Tracker) merchant(id string) *merchantRecord {
 	return m
 }
 
-// FailureState returns the merchant state a failed token request puts
-// its merchant in: StateNeedsConsent (consent_required),
-// StateUnknownOrganisation (broker.ErrUnknownOrganisation), StateRefused
-// (token_refused: invalid credentials, a permanent refusal) or
-// StateBackingOff (the provider or the network failed).
-func FailureState(err error) string {
-	return failureState(err, errcode.Classify(err))
-}
-
-// failureState is FailureState of err, whose code is code.
+// failureState returns the merchant state a failed token request puts
+// its merchant in, from its error and the error's code:
+// StateNeedsConsent (consent_required), StateUnknownOrganisation
+// (broker.ErrUnknownOrganisation), StateRefused (token_refused: invalid
+// credentials, a permanent refusal) or StateBackingOff (the provider or
+// the network failed).
 func failureState(err error, code errcode.Code) string {
 	switch {
 	case code == errcode.ConsentRequired:

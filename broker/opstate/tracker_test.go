@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
@@ -41,8 +42,8 @@ func TestFailureState(t *testing.T) {
 		{"a breaker open", &broker.UnavailableError{SourceID: "nuapay#1", Err: errDown}, StateBackingOff},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := FailureState(tt.err); got != tt.want {
-				t.Errorf("FailureState(%v) = %q, want %q", tt.err, got, tt.want)
+			if got := failureState(tt.err, errcode.Classify(tt.err)); got != tt.want {
+				t.Errorf("failureState(%v) = %q, want %q", tt.err, got, tt.want)
 			}
 		})
 	}
