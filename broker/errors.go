@@ -164,13 +164,20 @@ type UnavailableError struct {
 	SourceID string
 	// RetryAfter is how long until the breaker lets a probe through.
 	RetryAfter time.Duration
+	// Until is when the breaker lets a probe through (the broker's
+	// clock), so that the error, remembered and repeated, stays true.
+	Until time.Time
 	// Err is the last provider failure behind the open breaker, if known.
 	Err error
 }
 
 // Error describes the open breaker and the failure behind it.
 func (e *UnavailableError) Error() string {
-	msg := fmt.Sprintf("token API of %s is failing: not called for another %s (circuit breaker open)", e.SourceID, e.RetryAfter.Round(time.Millisecond))
+	when := "for another " + e.RetryAfter.Round(time.Millisecond).String()
+	if !e.Until.IsZero() {
+		when = "before " + e.Until.UTC().Format(time.RFC3339)
+	}
+	msg := fmt.Sprintf("token API of %s is failing: not called %s (circuit breaker open)", e.SourceID, when)
 	if e.Err != nil {
 		msg += "; last failure: " + e.Err.Error()
 	}

@@ -185,7 +185,7 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 			if last != nil {
 				cause = last
 			}
-			return Token{}, f, class, report, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Err: cause}
+			return Token{}, f, class, report, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Until: br.opts.Now().Add(wait), Err: cause}
 		}
 		start := time.Now()
 		if attempt == 1 {

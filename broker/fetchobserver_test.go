@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -148,5 +149,31 @@ func TestBackoffOf(t *testing.T) {
 	}
 	if _, ok := BackoffOf(errors.New("other")); ok {
 		t.Fatal("a plain error has a backoff")
+	}
+}
+
+// An open breaker's error, repeated by a key's failure memory, names when
+// the breaker lets a probe through, not the time that was left when it
+// first refused.
+func TestRepeatedBreakerErrorSaysUntilWhen(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: time.Hour}
+	src.set(&APIError{Provider: "custom", StatusCode: http.StatusServiceUnavailable})
+	br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: 1,
+		BreakerCooldown: 2 * time.Minute, FailureTTL: time.Hour, FailureMax: time.Hour})
+	token := func(m string) error {
+		_, err := br.Token(context.Background(), NewBinding("custom#1", fixedClass{src, ClassTemporary}, Request{Merchant: m, Organisation: m}))
+		if err == nil {
+			t.Fatalf("%s: no error", m)
+		}
+		return err
+	}
+	token("m0") // fails and opens the breaker
+	want := "not called before " + clock.Now().Add(2*time.Minute).UTC().Format(time.RFC3339)
+	for _, advance := range []time.Duration{0, 30 * time.Second, time.Minute} {
+		clock.Add(advance)
+		if err := token("m1"); !strings.Contains(err.Error(), want) {
+			t.Errorf("after %s more: %q, want it to contain %q", advance, err, want)
+		}
 	}
 }
