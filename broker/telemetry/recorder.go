@@ -66,6 +66,7 @@ func (r *Recorder) exportZero(provider, sourceID string, breaker func(string) br
 		m.PurgesKept.WithLabelValues(m.labels("", provider)...)
 	}
 	m.BackingOff.WithLabelValues(provider)
+	m.Refreshes.WithLabelValues(provider, OutcomeOK)
 	m.SourcesHeld.WithLabelValues(provider)
 	state := broker.BreakerClosed
 	if breaker != nil {
@@ -147,7 +148,7 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 func (r *Recorder) fetched(b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
 	provider := r.providerOf(b)
 	outcome := fetchOutcome(err)
-	r.metrics.fetched(provider, b.Merchant, outcome, elapsed)
+	r.metrics.fetched(provider, b.Merchant, outcome, elapsed, background)
 	fields := []zap.Field{
 		zap.String("merchant", b.Merchant),
 		zap.String("provider", provider),
