@@ -30,7 +30,9 @@ type APIError struct {
 	RetryAfter time.Duration
 	// Details are Nuapay's error details, if any.
 	Details []ErrorDetail
-	// Err is the underlying cause for a malformed response, if any.
+	// Err is the underlying cause, if any: a malformed response's, or
+	// ErrUnknownOrganisation when the source recognised the answer as
+	// the provider not knowing the organisation.
 	Err error
 }
 
@@ -141,6 +143,12 @@ func ParseRetryAfter(v string, now time.Time) time.Duration {
 	}
 	return 0
 }
+
+// ErrUnknownOrganisation is in the chain of a token request's error when
+// the provider does not know the merchant's organisation (Nuapay answers
+// 404 to a token request for it). It is permanent: the organisation id in
+// the registry must be corrected.
+var ErrUnknownOrganisation = errors.New("the provider does not know the merchant's organisation: check its organisation id in the registry")
 
 // ErrExpiredToken is returned when a provider hands out a token that is
 // already expired, or about to be.

@@ -502,6 +502,23 @@ func (br *Broker) ForgetSource(sourceID string) int {
 	return c
 }
 
+// Backoffs calls visit, under the failure policy's lock, for every key
+// in backoff now (its last fetch failed and its failure memory has not
+// ended), with the binding of its last failure, that failure, when it
+// happened and until when the key is not called. visit must be quick and
+// must not call the Broker.
+func (br *Broker) Backoffs(visit func(b *Binding, err error, at, until time.Time)) {
+	now := br.opts.Now()
+	p := &br.pol
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, ks := range p.keys {
+		if ks.mem.active(now) {
+			visit(ks.b, ks.mem.err, ks.mem.at, ks.mem.until)
+		}
+	}
+}
+
 // SourcesHealth returns the health of the given sources, by source ID, in
 // one pass over the failure memory.
 func (br *Broker) SourcesHealth(sourceIDs ...string) map[string]SourceHealth {

@@ -27,6 +27,8 @@ var current atomic.Pointer[App]
 // by fingerprint, refresh tokens are only said to exist.
 //
 //	GET  /token_broker/tokens                      cached tokens
+//	GET  /token_broker/state                       every provider's and merchant's state (opstate.Report;
+//	                                               ?provider=&state=&after=&limit=, state.go)
 //	POST /token_broker/merchants/{id}/purge        drop a merchant's cached tokens
 //	POST /token_broker/merchants/{id}/revoke       revoke them at the provider, then drop them
 //	GET  /token_broker/providers/{name}/organisations  the partner's organisations (Nuapay)
@@ -53,6 +55,7 @@ func (adminAPI) CaddyModule() caddy.ModuleInfo {
 func (a adminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{Pattern: "/token_broker/tokens", Handler: caddy.AdminHandlerFunc(a.tokens)},
+		{Pattern: "/token_broker/state", Handler: caddy.AdminHandlerFunc(a.state)},
 		{Pattern: "/token_broker/merchants/", Handler: caddy.AdminHandlerFunc(a.merchant)},
 		{Pattern: "/token_broker/providers/", Handler: caddy.AdminHandlerFunc(a.provider)},
 		{Pattern: "/token_broker/health", Handler: caddy.AdminHandlerFunc(a.health)},
@@ -161,6 +164,9 @@ func setRefreshToken(w http.ResponseWriter, r *http.Request, app *App, merchant 
 	}
 	app.logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", provider),
 		zap.String("fingerprint", fingerprint))
+	if app.tracker != nil {
+		app.tracker.ConsentGranted(provider, merchant)
+	}
 	return writeJSON(w, map[string]any{"merchant": merchant, "provider": provider, "stored": true, "fingerprint": fingerprint})
 }
 

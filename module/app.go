@@ -13,6 +13,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/command"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/reload"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -80,6 +81,7 @@ type App struct {
 	metrics     *telemetry.Metrics
 	metricsKey  string
 	broker      *broker.Broker
+	tracker     *opstate.Tracker // the operator's view, kept with the broker (pooledBroker)
 	pooled      *pooledBroker
 	poolKey     string
 	logger      *zap.Logger
@@ -156,14 +158,21 @@ func (a *App) Provision(ctx caddy.Context) error {
 		opts.Shared = a.fleet.Cache
 	}
 	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
-		return &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.logger}}, nil
+		return &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.logger},
+			tracker: opstate.NewTracker(opstate.TrackerOptions{Emit: emitRunning})}, nil
 	})
 	if err != nil {
 		return err
 	}
 	pb := val.(*pooledBroker)
 	pb.revokeOnShutdown.Store(a.RevokeOnShutdown)
-	a.broker, a.pooled = pb.Broker.Broker, pb
+	a.broker, a.pooled, a.tracker = pb.Broker.Broker, pb, pb.tracker
+	if a.fleet != nil {
+		a.tracker.SetFleet(true, a.fleet.Cache.Available())
+		a.fleet.Cache.OnAvailability(a.tracker.FleetChanged)
+	} else {
+		a.tracker.SetFleet(false, false)
+	}
 	pb.SecretsSeen(a.registry)
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
 	if a.metrics, err = loadMetrics(ctx.GetMetricsRegistry(), merchantLabel); err != nil {
@@ -242,6 +251,17 @@ var brokers = caddy.NewUsagePool()
 type pooledBroker struct {
 	*reload.Broker
 	revokeOnShutdown atomic.Bool
+	// tracker is the operator's view of the broker's merchants and
+	// providers: it lives as long as the broker whose observers feed it.
+	tracker *opstate.Tracker
+}
+
+// emitRunning emits an event of the operator's view through the running
+// app (App.emit); nothing when none runs.
+func emitRunning(event string, data map[string]any) {
+	if app := current.Load(); app != nil {
+		app.emit(event, data)
+	}
 }
 
 // shuttingDown reports whether Caddy is stopping for good (the process

@@ -42,8 +42,8 @@ func (h *Handler) binding(id string) (*binding, *admission.Refusal) {
 }
 
 // tableHooks are a handler's bindings.Hooks: the observer of a new
-// binding and the release of its metrics series (telemetry.Recorder), and
-// the broker's Drop.
+// binding and the release of its metrics series (telemetry.Recorder), the
+// broker's Drop, and the operator's view's Forget of an evicted merchant.
 type tableHooks Handler
 
 // Made implements bindings.Hooks.
@@ -54,3 +54,17 @@ func (th *tableHooks) Released(b *binding) { th.metrics.Released(b) }
 
 // Drop implements bindings.Hooks.
 func (th *tableHooks) Drop(b *broker.Binding) { th.broker.Drop(b) }
+
+// Evicted implements bindings.Evicter: the operator's view forgets the
+// evicted wildcard merchant.
+func (th *tableHooks) Evicted(b *binding) {
+	if th.tracker != nil {
+		th.tracker.Forget(b.Merchant)
+	}
+}
+
+// Interface guards.
+var (
+	_ bindings.Hooks   = (*tableHooks)(nil)
+	_ bindings.Evicter = (*tableHooks)(nil)
+)

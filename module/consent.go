@@ -115,7 +115,8 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 	}
 	c.web, err = consentweb.New(consentweb.Options{Provider: c.Provider, Links: c.Links, Registry: app.registry,
 		Broker: app.broker, Gate: app.consentGate(), Pages: pages,
-		Results: &consentpage.Results{Store: storagePending(ctx.Storage())}, Steps: c.metrics.steps, Logger: ctx.Logger()})
+		Results: &consentpage.Results{Store: storagePending(ctx.Storage())}, Steps: c.metrics.steps, Logger: ctx.Logger(),
+		Consented: app.tracker.ConsentGranted})
 	if err != nil {
 		return fmt.Errorf("token_broker_consent: %w", err)
 	}

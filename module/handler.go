@@ -24,6 +24,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -123,6 +124,7 @@ type Handler struct {
 	merchantHeader string           // canonical header name when Merchant is a plain header placeholder
 	header         string           // canonical Header
 	broker         *broker.Broker
+	tracker        *opstate.Tracker // the app's: the operator's view (nil in a handler made by hand)
 	logger         *zap.Logger
 	metrics        *telemetry.Recorder // counts and logs for the bindings (instrument)
 }
@@ -198,6 +200,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	app := appIface.(*App)
 	h.broker = app.broker
+	h.tracker = app.tracker
 	h.callers = app.Callers
 	h.site = &app.site
 	if h.Merchant == "" {

@@ -79,7 +79,11 @@ func (h *Handler) instrument(m *telemetry.Metrics) {
 	if h.broker != nil {
 		breaker = h.broker.BreakerState
 	}
-	h.metrics = telemetry.NewRecorder(m, h.logger, h.bindings, providers, breaker)
+	var tap telemetry.Tap
+	if h.tracker != nil {
+		tap = h.tracker
+	}
+	h.metrics = telemetry.NewRecorder(m, tap, h.logger, h.bindings, providers, breaker)
 }
 
 // Interface guard.

@@ -66,6 +66,14 @@ type Hooks interface {
 	Drop(b *broker.Binding)
 }
 
+// Evicter is an optional interface of Hooks: Evicted is called, under the
+// table's lock, for every wildcard binding evicted from the table (idle,
+// or never served a token), whether its series are tracked or not, so
+// that what is kept per merchant follows the merchants kept.
+type Evicter interface {
+	Evicted(b *Binding)
+}
+
 // Limits bound the merchants served through the wildcard entry.
 type Limits struct {
 	// MaxActive is the most wildcard merchants in the table at one time.
@@ -274,7 +282,7 @@ func (t *Table) create(id string, h Hooks) (*Binding, error) {
 	now := t.now().UnixNano()
 	if wild && t.lru.Len() >= t.limits.MaxActive {
 		t.evictIdle(now, h, id)
-		if t.lru.Len() >= t.limits.MaxActive && !t.evictUnserved() {
+		if t.lru.Len() >= t.limits.MaxActive && !t.evictUnserved(h) {
 			return nil, ErrTooManyMerchants
 		}
 	}
@@ -352,6 +360,7 @@ func (t *Table) evictIdle(now int64, h Hooks, coming string) {
 		evicted = append(evicted, b)
 	}
 	t.release(evicted)
+	t.evicted(evicted, h)
 	t.park(evicted, h, coming)
 }
 
@@ -359,7 +368,7 @@ func (t *Table) evictIdle(now int64, h Hooks, coming string) {
 // and reports whether there was one. It is not parked: it has no token
 // to keep (a token its request in flight gets stays cached until it
 // expires). Called with t.wmu held.
-func (t *Table) evictUnserved() bool {
+func (t *Table) evictUnserved(h Hooks) bool {
 	e := t.unserved.Front()
 	if e == nil {
 		return false
@@ -367,7 +376,18 @@ func (t *Table) evictUnserved() bool {
 	b := e.Value.(*Binding)
 	t.remove(b)
 	t.release([]*Binding{b})
+	t.evicted([]*Binding{b}, h)
 	return true
+}
+
+// evicted tells h, when it is an Evicter, that bindings were evicted.
+// Called with t.wmu held.
+func (t *Table) evicted(bs []*Binding, h Hooks) {
+	if ev, ok := h.(Evicter); ok {
+		for _, b := range bs {
+			ev.Evicted(b)
+		}
+	}
 }
 
 // release tells the hooks tracking series that evicted bindings left.

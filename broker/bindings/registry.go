@@ -89,3 +89,16 @@ func (ts *Tables) Table(reg *config.Registry, scopes []string, allow func(organi
 	ts.m[k] = t
 	return t
 }
+
+// Each calls f for every table, in no particular order.
+func (ts *Tables) Each(f func(t *Table)) {
+	ts.mu.Lock()
+	tables := make([]*Table, 0, len(ts.m))
+	for _, t := range ts.m {
+		tables = append(tables, t)
+	}
+	ts.mu.Unlock()
+	for _, t := range tables {
+		f(t)
+	}
+}

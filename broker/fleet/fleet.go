@@ -47,6 +47,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/bsm/redislock"
@@ -172,6 +173,9 @@ type Cache struct {
 	br       *breaker.Breaker
 	obs      Observer
 	log      *zap.Logger
+	// availability is told when Redis becomes unavailable and available
+	// again (OnAvailability).
+	availability atomic.Pointer[func(up bool, err error)]
 
 	vers *versions // the token versions seen (version.go)
 	rts  rtVersions
@@ -310,10 +314,36 @@ func (c *Cache) do(ctx context.Context, op string, fn func(context.Context) erro
 	case from == breaker.Closed && to == breaker.Open:
 		c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
 			zap.Duration("cooldown", c.opts.BreakerCooldown))
+		c.tellAvailability(false, err)
 	case from != breaker.Closed && to == breaker.Closed:
 		c.log.Info("redis available again: sharing tokens with the fleet")
+		c.tellAvailability(true, nil)
 	}
 	return err
+}
+
+// OnAvailability sets f (nil: none), replacing the previous one, to be
+// told when Redis becomes unavailable (the breaker opens after
+// consecutive failures: up is false, err the last failure) and when it
+// answers again (up true). f is called on the request path: it must be
+// quick.
+func (c *Cache) OnAvailability(f func(up bool, err error)) {
+	if f == nil {
+		c.availability.Store(nil)
+		return
+	}
+	c.availability.Store(&f)
+}
+
+// Available reports whether the tier uses Redis now: false while its
+// breaker keeps Redis out after consecutive failures.
+func (c *Cache) Available() bool { return c.br.State() != breaker.Open }
+
+// tellAvailability calls the OnAvailability function, if any.
+func (c *Cache) tellAvailability(up bool, err error) {
+	if f := c.availability.Load(); f != nil {
+		(*f)(up, err)
+	}
 }
 
 // wireToken is a Token as sealed in Redis.

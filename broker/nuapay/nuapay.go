@@ -136,7 +136,8 @@ type nuapayEnvelope[T any] struct {
 }
 
 // Token requests a token for req.Organisation with req.Scopes, asking for
-// req.Lifetime (or the configured lifetime).
+// req.Lifetime (or the configured lifetime). A 404 answer's error wraps
+// broker.ErrUnknownOrganisation.
 func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
 	if len(req.Scopes) == 0 {
 		return broker.Token{}, &broker.RequestError{Merchant: req.Merchant, Field: "scopes", Reason: "Nuapay needs at least one scope"}
@@ -156,6 +157,11 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 	sent := s.cfg.Now()
 	data, err := s.call(ctx, http.MethodPost, target, body, http.StatusCreated)
 	if err != nil {
+		var ae *broker.APIError
+		if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound && ae.Err == nil {
+			// Gatekeeper's 404 to a token request: no such organisation.
+			ae.Err = broker.ErrUnknownOrganisation
+		}
 		return broker.Token{}, err
 	}
 	return ParseToken(data, sent, life)

@@ -12,11 +12,28 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 )
 
+// Tap is told what a recorder's observers see, with the provider's name
+// resolved: the operator's view (opstate.Tracker) implements it. Its
+// methods are called on the token fetch path, not per request, and must
+// be quick and safe for concurrent use.
+type Tap interface {
+	// Fetched is told of a call to a provider's token API for a merchant
+	// and how it ended (nil: a token).
+	Fetched(provider, merchant string, err error)
+	// SourceBackingOff is told when a source's backoff starts and ends
+	// (broker.SourceObserver).
+	SourceBackingOff(provider, sourceID string, on bool)
+	// BreakerChanged is told when a source's breaker changes state
+	// (broker.BreakerObserver).
+	BreakerChanged(provider, sourceID string, state broker.BreakerState)
+}
+
 // Recorder is what one handler counts and logs: the shared collectors,
 // the provider name of each source and the observers of its bindings.
 // A nil Recorder records nothing.
 type Recorder struct {
 	metrics   *Metrics                   // nil: nothing is counted
+	tap       Tap                        // nil: nobody else is told
 	logger    *zap.Logger                // the token fetch and rejection logs
 	table     *bindings.Table            // the handler's bindings, for the provider of a binding
 	providers map[string]string          // SourceID -> provider name
@@ -30,9 +47,10 @@ type Recorder struct {
 // providers (SourceID -> provider name) and whose bindings are in table
 // (nil: none yet), and gives every binding of table its observer. With
 // m, the rarely changing series of every provider are exported from now
-// on; breaker (nil: closed) gives a source's breaker state.
-func NewRecorder(m *Metrics, logger *zap.Logger, table *bindings.Table, providers map[string]string, breaker func(sourceID string) broker.BreakerState) *Recorder {
-	r := &Recorder{metrics: m, logger: logger, table: table, providers: make(map[string]string),
+// on; breaker (nil: closed) gives a source's breaker state. tap (nil:
+// none) is told of fetches, source backoffs and breaker changes too.
+func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, providers map[string]string, breaker func(sourceID string) broker.BreakerState) *Recorder {
+	r := &Recorder{metrics: m, tap: tap, logger: logger, table: table, providers: make(map[string]string),
 		shared: map[string]*LookupCounters{}, observers: map[string]*Observer{}}
 	if m != nil {
 		for id, name := range providers {
@@ -204,10 +222,13 @@ func (o *Observer) Lookup(_ *broker.Binding, res broker.Result) {
 	}
 }
 
-// Fetched logs and counts a token API call.
+// Fetched logs and counts a token API call, and tells the tap.
 func (o *Observer) Fetched(_ context.Context, b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
 	if o.r != nil {
 		o.r.fetched(b, tok, elapsed, background, err)
+		if o.r.tap != nil {
+			o.r.tap.Fetched(o.r.providerOf(b), b.Merchant, err)
+		}
 	}
 }
 
@@ -225,9 +246,15 @@ func (o *Observer) BackingOff(b *broker.Binding, on bool) {
 }
 
 // SourceBackingOff counts the provider configurations held after a 429
-// with Retry-After or a bad credential.
+// with Retry-After or a bad credential, and tells the tap.
 func (o *Observer) SourceBackingOff(sourceID string, on bool) {
-	if o.r == nil || o.r.metrics == nil {
+	if o.r == nil {
+		return
+	}
+	if o.r.tap != nil {
+		o.r.tap.SourceBackingOff(o.r.sourceProvider(sourceID), sourceID, on)
+	}
+	if o.r.metrics == nil {
 		return
 	}
 	g := o.r.metrics.SourcesHeld.WithLabelValues(o.r.sourceProvider(sourceID))
@@ -238,10 +265,14 @@ func (o *Observer) SourceBackingOff(sourceID string, on bool) {
 	}
 }
 
-// BreakerChanged sets the breaker gauge of the source's provider.
+// BreakerChanged sets the breaker gauge of the source's provider, and
+// tells the tap.
 func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
 	if o.r == nil {
 		return
+	}
+	if o.r.tap != nil {
+		o.r.tap.BreakerChanged(o.r.sourceProvider(sourceID), sourceID, state)
 	}
 	o.r.metrics.SetBreakerState(o.r.sourceProvider(sourceID), int(state))
 }

@@ -69,6 +69,9 @@ type Options struct {
 	Steps *prometheus.CounterVec
 	// Logger logs each step's outcome.
 	Logger *zap.Logger
+	// Consented, when set, is told of each consent completed: a callback
+	// stored the merchant's refresh token.
+	Consented func(provider, merchant string)
 }
 
 // Handler serves the consent steps of one provider, or the links API.
@@ -238,6 +241,9 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	if err == nil {
 		c.o.Broker.PurgeMerchant(res.Merchant)
 		ForgetConsentRequired(c.o.Broker, provider, res.Merchant)
+		if c.o.Consented != nil {
+			c.o.Consented(provider, res.Merchant)
+		}
 		c.o.Logger.Info("refresh token stored by consent", zap.String("provider", provider),
 			zap.String("merchant", res.Merchant), zap.String("fingerprint", res.Fingerprint))
 	}

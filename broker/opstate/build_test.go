@@ -1,0 +1,351 @@
+package opstate
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/url"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
+	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
+	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
+)
+
+// sourceFunc is a provider's token API in a function.
+type sourceFunc func(ctx context.Context, req broker.Request) (broker.Token, error)
+
+func (f sourceFunc) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
+	return f(ctx, req)
+}
+
+// stateTOML has two Nuapay providers: merchants of nuapay whose
+// organisation names what its token API answers, one of nuapay2, and a
+// wildcard entry.
+const stateTOML = `
+[providers.nuapay]
+type = "nuapay"
+base_url = "http://127.0.0.1:1"
+api_key = "{env.K}"
+
+[providers.nuapay2]
+type = "nuapay"
+base_url = "http://127.0.0.1:2"
+api_key = "{env.K}"
+
+[merchants.a-fresh]
+provider = "nuapay"
+organisation = "ok"
+scopes = ["s"]
+
+[merchants.b-refused]
+provider = "nuapay"
+organisation = "refused"
+scopes = ["s"]
+
+[merchants.c-unknown]
+provider = "nuapay"
+organisation = "unknown"
+scopes = ["s"]
+
+[merchants.d-down]
+provider = "nuapay"
+organisation = "down"
+scopes = ["s"]
+
+[merchants.e-idle]
+provider = "nuapay"
+organisation = "idle"
+scopes = ["s"]
+
+[merchants.f-refreshing]
+provider = "nuapay"
+organisation = "early"
+scopes = ["s"]
+
+[merchants.g-consent]
+provider = "nuapay"
+organisation = "consent"
+scopes = ["s"]
+
+[merchants.h-other]
+provider = "nuapay2"
+organisation = "ok"
+scopes = ["s"]
+
+[merchants."*"]
+provider = "nuapay"
+organisation = "{merchant}"
+scopes = ["s"]
+max_active = 2
+`
+
+// stateFixture is a broker, a registry, a binding table and a tracker
+// fed by the table's observers, on a clock.
+type stateFixture struct {
+	clk     *clocktest.Clock
+	br      *broker.Broker
+	reg     *config.Registry
+	table   *bindings.Table
+	tracker *Tracker
+	rec     *telemetry.Recorder
+	events  emitted
+}
+
+// hooks are the table's bindings.Hooks: the recorder's observers, the
+// broker's Drop and the tracker's Forget.
+type hooks struct{ f *stateFixture }
+
+func (h hooks) Made(b *bindings.Binding, track bool) bool { return h.f.rec.Made(b, track) }
+func (h hooks) Released(b *bindings.Binding)              { h.f.rec.Released(b) }
+func (h hooks) Drop(b *broker.Binding)                    { h.f.br.Drop(b) }
+func (h hooks) Evicted(b *bindings.Binding)               { h.f.tracker.Forget(b.Merchant) }
+
+func newStateFixture(tb testing.TB) *stateFixture {
+	tb.Helper()
+	f := &stateFixture{clk: clocktest.New(time.Unix(1_700_000_000, 0))}
+	reg, err := configtest.Load(tb, "state.toml", []byte(stateTOML), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	src := sourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
+		switch req.Organisation {
+		case "refused":
+			return broker.Token{}, errRefused
+		case "unknown", "w-unknown":
+			return broker.Token{}, errUnknown
+		case "down":
+			return broker.Token{}, errDown
+		case "consent":
+			return broker.Token{}, errConsent
+		}
+		now := f.clk.Now()
+		return broker.Token{Value: broker.Secret("secret-token-" + req.Organisation), IssuedAt: now, Expiry: now.Add(time.Hour)}, nil
+	})
+	for _, p := range reg.Providers {
+		p.Source = src
+	}
+	f.reg = reg
+	f.br = broker.New(broker.Options{Now: f.clk.Now, MaxAttempts: 1, FailureTTL: time.Minute, FailureMax: time.Hour,
+		Sleep: func(context.Context, time.Duration) error { return nil }})
+	tb.Cleanup(f.br.Close)
+	f.tracker = NewTracker(TrackerOptions{Now: f.clk.Now, Emit: f.events.emit})
+	f.table = bindings.ForRegistry(reg, nil, nil, f.clk.Now)
+	f.rec = telemetry.NewRecorder(nil, f.tracker, zap.NewNop(), f.table, nil, nil)
+	return f
+}
+
+// get asks the broker for a merchant's token through the table, as the
+// handler does; it returns the error.
+func (f *stateFixture) get(tb testing.TB, merchant string) error {
+	tb.Helper()
+	b, err := f.table.Get(merchant, hooks{f})
+	if err != nil {
+		tb.Fatalf("%s: %v", merchant, err)
+	}
+	_, _, err = f.br.Get(context.Background(), &b.Binding)
+	if err == nil {
+		f.table.Served(b)
+	}
+	return err
+}
+
+func (f *stateFixture) sources() Sources {
+	return Sources{Registry: f.reg, Broker: f.br, Tables: []*bindings.Table{f.table}, Tracker: f.tracker}
+}
+
+// page returns the merchants of a report as "id state".
+func page(r Report) []string {
+	var out []string
+	for _, m := range r.Merchants {
+		out = append(out, m.Merchant+" "+m.State)
+	}
+	return out
+}
+
+// TestBuild: every merchant of the registry is in the report, including
+// the one never asked for (idle), each in its state; wildcard merchants
+// are there while active; filters, counts and pages.
+func TestBuild(t *testing.T) {
+	f := newStateFixture(t)
+	_ = f.get(t, "f-refreshing")
+	f.clk.Add(50 * time.Minute) // f-refreshing's token is in its refresh window
+	for _, m := range []string{"a-fresh", "b-refused", "c-unknown", "d-down", "g-consent", "h-other", "w-fresh", "w-unknown"} {
+		_ = f.get(t, m)
+	}
+	f.clk.Add(time.Second)
+	all := Build(f.sources(), Query{}, f.clk.Now())
+	want := []string{"a-fresh fresh", "b-refused refused", "c-unknown unknown_organisation", "d-down backing_off", "e-idle idle",
+		"f-refreshing refreshing", "g-consent needs_consent", "h-other fresh", "w-fresh fresh", "w-unknown unknown_organisation"}
+	if got := page(all); !slices.Equal(got, want) {
+		t.Fatalf("merchants %q, want %q", got, want)
+	}
+	wantCounts := map[string]int{StateRefused: 1, StateUnknownOrganisation: 2, StateNeedsConsent: 1, StateBackingOff: 1,
+		StateRefreshing: 1, StateFresh: 3, StateIdle: 1}
+	if !mapsEqual(all.Counts, wantCounts) || all.Total != 10 || all.Next != "" {
+		t.Errorf("counts %v total %d next %q; want %v, 10, none", all.Counts, all.Total, all.Next, wantCounts)
+	}
+	down := all.Merchants[3]
+	if down.LastError != "token_unavailable" || down.LastErrorAt == nil || down.BackoffUntil == nil ||
+		!down.BackoffUntil.Equal(down.LastErrorAt.Add(time.Minute)) || down.Expiry != nil {
+		t.Errorf("d-down: %+v; want token_unavailable, backing off a minute, no token", down)
+	}
+	if w := all.Merchants[9]; !w.Wildcard || w.Organisation != "w-unknown" || w.LastError != "token_refused" {
+		t.Errorf("w-unknown: %+v", w)
+	}
+	if a := all.Merchants[0]; a.Expiry == nil || a.LastError != "" || a.Wildcard {
+		t.Errorf("a-fresh: %+v", a)
+	}
+	body, _ := json.Marshal(all)
+	if strings.Contains(string(body), "secret-token") || strings.Contains(string(body), "partner-key") {
+		t.Fatalf("the report carries a secret: %s", body)
+	}
+	if len(all.Providers) != 2 || all.Providers[0].Name != "nuapay" || all.Providers[0].Merchants != 9 || all.Providers[1].Merchants != 1 {
+		t.Fatalf("providers %+v", all.Providers)
+	}
+	p := all.Providers[0]
+	if p.Requests != 7 || p.Failures != 5 || p.Status != "failing" || p.Breaker != "closed" || p.Window != "5m0s" || p.LastError == "" {
+		t.Errorf("provider nuapay: %+v; want 7 requests (f-refreshing's is older than the window), 5 failures, failing", p)
+	}
+	if all.Fleet != nil {
+		t.Errorf("fleet %+v without a fleet tier", all.Fleet)
+	}
+
+	for _, tt := range []struct {
+		query      string
+		want       []string
+		total      int
+		next       string
+		counts     int // merchants counted
+		fresh      int
+		refreshing int
+	}{
+		{"state=fresh", []string{"a-fresh fresh", "h-other fresh", "w-fresh fresh"}, 3, "", 10, 3, 1},
+		{"provider=nuapay2", []string{"h-other fresh"}, 1, "", 1, 1, 0},
+		{"provider=nuapay&state=fresh", []string{"a-fresh fresh", "w-fresh fresh"}, 2, "", 9, 2, 1},
+		{"limit=3", []string{"a-fresh fresh", "b-refused refused", "c-unknown unknown_organisation"}, 10, "c-unknown", 10, 3, 1},
+		{"limit=3&after=c-unknown", []string{"d-down backing_off", "e-idle idle", "f-refreshing refreshing"}, 10, "f-refreshing", 10, 3, 1},
+		{"limit=3&after=f-refreshing", []string{"g-consent needs_consent", "h-other fresh", "w-fresh fresh"}, 10, "w-fresh", 10, 3, 1},
+		{"limit=3&after=w-fresh", []string{"w-unknown unknown_organisation"}, 10, "", 10, 3, 1},
+		{"state=unknown_organisation&limit=1", []string{"c-unknown unknown_organisation"}, 2, "c-unknown", 10, 3, 1},
+		{"after=zzz", nil, 10, "", 10, 3, 1},
+		{"provider=none", nil, 0, "", 0, 0, 0},
+	} {
+		t.Run(tt.query, func(t *testing.T) {
+			v, _ := url.ParseQuery(tt.query)
+			q, err := ParseQuery(v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := Build(f.sources(), q, f.clk.Now())
+			n := 0
+			for _, c := range r.Counts {
+				n += c
+			}
+			if got := page(r); !slices.Equal(got, tt.want) || r.Total != tt.total || r.Next != tt.next || n != tt.counts ||
+				r.Counts[StateFresh] != tt.fresh || r.Counts[StateRefreshing] != tt.refreshing || len(r.Counts) != len(States()) {
+				t.Errorf("merchants %q total %d next %q counts %v; want %q, %d, %q, %d counted", got, r.Total, r.Next, r.Counts, tt.want, tt.total, tt.next, tt.counts)
+			}
+		})
+	}
+
+	// A wildcard merchant evicted from the table leaves the report and the
+	// tracker.
+	f.clk.Add(3 * time.Hour) // beyond the wildcard's idle timeout
+	_ = f.get(t, "w-new1")
+	_ = f.get(t, "w-new2")
+	r := Build(f.sources(), Query{State: StateUnknownOrganisation}, f.clk.Now())
+	if got := page(r); !slices.Equal(got, []string{"c-unknown unknown_organisation"}) {
+		t.Errorf("after eviction: %q", got)
+	}
+	if _, ok := f.tracker.snapshot(f.clk.Now()).merchants["w-unknown"]; ok {
+		t.Error("the tracker still remembers an evicted wildcard merchant")
+	}
+}
+
+// TestBuildProviderStatus: a provider's breaker and backoff make its
+// status; the fleet tier's health is reported when configured.
+func TestBuildProviderStatus(t *testing.T) {
+	f := newStateFixture(t)
+	f.br = broker.New(broker.Options{Now: f.clk.Now, MaxAttempts: 1, BreakerThreshold: 2, FailureTTL: time.Millisecond,
+		Sleep: func(context.Context, time.Duration) error { return nil }})
+	t.Cleanup(f.br.Close)
+	f.tracker.SetFleet(true, true)
+	for range 3 {
+		_ = f.get(t, "d-down")
+		f.clk.Add(time.Second)
+	}
+	r := Build(f.sources(), Query{Limit: 1}, f.clk.Now())
+	if p := r.Providers[0]; p.Status != "open" || p.Breaker != "open" || p.Requests != 2 || p.Failures != 2 || p.LastError != "token_unavailable" {
+		t.Errorf("provider after its breaker opened: %+v", p)
+	}
+	if r.Providers[1].Status != "ok" {
+		t.Errorf("the other provider: %+v", r.Providers[1])
+	}
+	if r.Fleet == nil || !r.Fleet.Up || r.Fleet.Since == nil {
+		t.Errorf("fleet %+v, want up", r.Fleet)
+	}
+	if !slices.Contains(f.events.take(), "provider_failing provider=nuapay error=token_unavailable") {
+		t.Error("no provider_failing event")
+	}
+	f.tracker.FleetChanged(false, fmt.Errorf("redis: connection refused"))
+	r = Build(f.sources(), Query{Limit: 1}, f.clk.Now())
+	if r.Fleet.Up || r.Fleet.LastError != "redis: connection refused" || r.Fleet.LastErrorAt == nil {
+		t.Errorf("fleet %+v, want down", r.Fleet)
+	}
+}
+
+func TestParseQuery(t *testing.T) {
+	for _, tt := range []struct {
+		query string
+		want  Query
+		err   string
+	}{
+		{"", Query{Limit: DefaultLimit}, ""},
+		{"provider=nuapay&state=refused&after=m-1&limit=5", Query{Provider: "nuapay", State: "refused", After: "m-1", Limit: 5}, ""},
+		{"limit=1000", Query{Limit: 1000}, ""},
+		{"state=broken", Query{}, `state "broken" is not a merchant state: use one of refused, unknown_organisation, needs_consent, backing_off, refreshing, fresh, idle`},
+		{"limit=0", Query{}, `limit "0": must be a whole number from 1 to 1000`},
+		{"limit=1001", Query{}, `limit "1001": must be a whole number from 1 to 1000`},
+		{"limit=ten", Query{}, `limit "ten": must be a whole number from 1 to 1000`},
+		{"after=%20x", Query{}, `after " x" is not a merchant id: pass the next of the previous page`},
+		{"stat=fresh", Query{}, `unknown parameter "stat": use provider, state, after, limit`},
+		{"state=fresh&state=idle", Query{}, `parameter "state" is given 2 times: give it once`},
+	} {
+		t.Run(tt.query, func(t *testing.T) {
+			v, _ := url.ParseQuery(tt.query)
+			q, err := ParseQuery(v)
+			if tt.err != "" {
+				if err == nil || err.Error() != tt.err {
+					t.Fatalf("error %v, want %s", err, tt.err)
+				}
+				return
+			}
+			if err != nil || q != tt.want {
+				t.Fatalf("%+v, %v; want %+v", q, err, tt.want)
+			}
+		})
+	}
+}
+
+func mapsEqual(a, b map[string]int) bool {
+	for k, v := range b {
+		if a[k] != v {
+			return false
+		}
+	}
+	for k, v := range a {
+		if b[k] != v {
+			return false
+		}
+	}
+	return true
+}

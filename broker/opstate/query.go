@@ -1,0 +1,45 @@
+package opstate
+
+import (
+	"fmt"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// queryParams are the parameters ParseQuery reads.
+var queryParams = []string{"provider", "state", "after", "limit"}
+
+// ParseQuery reads a Query from the parameters of GET /token_broker/state:
+// provider, state (one of States), after (a merchant id, the Next of the
+// previous page) and limit (1 to MaxLimit, default DefaultLimit). An
+// unknown, repeated or malformed parameter is an error that says which
+// and what is accepted.
+func ParseQuery(v url.Values) (Query, error) {
+	for name, vals := range v {
+		if !slices.Contains(queryParams, name) {
+			return Query{}, fmt.Errorf("unknown parameter %q: use %s", name, strings.Join(queryParams, ", "))
+		}
+		if len(vals) > 1 {
+			return Query{}, fmt.Errorf("parameter %q is given %d times: give it once", name, len(vals))
+		}
+	}
+	q := Query{Provider: v.Get("provider"), State: v.Get("state"), After: v.Get("after"), Limit: DefaultLimit}
+	if q.State != "" && !slices.Contains(States(), q.State) {
+		return Query{}, fmt.Errorf("state %q is not a merchant state: use one of %s", q.State, strings.Join(States(), ", "))
+	}
+	if q.After != "" && !config.ValidMerchantID(q.After) {
+		return Query{}, fmt.Errorf("after %q is not a merchant id: pass the next of the previous page", q.After)
+	}
+	if s := v.Get("limit"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 || n > MaxLimit {
+			return Query{}, fmt.Errorf("limit %q: must be a whole number from 1 to %d", s, MaxLimit)
+		}
+		q.Limit = n
+	}
+	return q, nil
+}

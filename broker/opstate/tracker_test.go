@@ -1,0 +1,225 @@
+package opstate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
+)
+
+// Errors as the sources return them.
+var (
+	errRefused  = &broker.APIError{Provider: "nuapay", StatusCode: 403, Code: "forbidden"}
+	errBadKey   = &broker.APIError{Provider: "nuapay", StatusCode: 401}
+	errUnknown  = &broker.APIError{Provider: "nuapay", StatusCode: 404, Err: broker.ErrUnknownOrganisation}
+	errDown     = &broker.APIError{Provider: "nuapay", StatusCode: 503}
+	errThrottle = &broker.APIError{Provider: "nuapay", StatusCode: 429}
+	errConsent  = &oauth.ConsentRequiredError{Provider: "bank", Merchant: "m", Err: oauth.ErrNoRefreshToken}
+)
+
+func TestFailureState(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		err  error
+		want string
+	}{
+		{"a permanent refusal", errRefused, StateRefused},
+		{"a refused API key", errBadKey, StateRefused},
+		{"a request that cannot succeed", &broker.RequestError{Merchant: "m", Field: "scopes", Reason: "none"}, StateRefused},
+		{"an unknown organisation", errUnknown, StateUnknownOrganisation},
+		{"a 404 the source did not recognise", &broker.APIError{Provider: "oauth2", StatusCode: 404}, StateRefused},
+		{"consent required", fmt.Errorf("wrapped: %w", errConsent), StateNeedsConsent},
+		{"provider down", errDown, StateBackingOff},
+		{"rate limited", errThrottle, StateBackingOff},
+		{"a timeout", context.DeadlineExceeded, StateBackingOff},
+		{"a breaker open", &broker.UnavailableError{SourceID: "nuapay#1", Err: errDown}, StateBackingOff},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := FailureState(tt.err); got != tt.want {
+				t.Errorf("FailureState(%v) = %q, want %q", tt.err, got, tt.want)
+			}
+		})
+	}
+}
+
+// emitted records the events a Tracker emits.
+type emitted struct{ events []string }
+
+func (e *emitted) emit(event string, data map[string]any) {
+	s := event
+	for _, k := range []string{"merchant", "provider", "error"} {
+		if v, ok := data[k]; ok {
+			s += fmt.Sprintf(" %s=%v", k, v)
+		}
+	}
+	e.events = append(e.events, s)
+}
+
+// take returns the events emitted since the last call.
+func (e *emitted) take() []string {
+	out := e.events
+	e.events = nil
+	return out
+}
+
+// TestTrackerEmitsTransitionsOnly drives a tracker through failures,
+// successes, consents, source backoffs, breakers and the fleet tier, and
+// checks the events after each step: one per transition, none for a
+// repeated failure.
+func TestTrackerEmitsTransitionsOnly(t *testing.T) {
+	type step struct {
+		name string
+		do   func(tr *Tracker)
+		want []string
+	}
+	fetched := func(provider, merchant string, err error) func(*Tracker) {
+		return func(tr *Tracker) { tr.Fetched(provider, merchant, err) }
+	}
+	repeat := func(n int, f func(*Tracker)) func(*Tracker) {
+		return func(tr *Tracker) {
+			for range n {
+				f(tr)
+			}
+		}
+	}
+	for _, tt := range []struct {
+		name  string
+		steps []step
+	}{
+		{"refusal", []step{
+			{"first refusal", fetched("nuapay", "acme", errRefused), []string{"merchant_token_refused merchant=acme provider=nuapay error=token_refused"}},
+			{"refused 1000 times more", repeat(1000, fetched("nuapay", "acme", errRefused)), nil},
+			{"another merchant", fetched("nuapay", "globex", errRefused), []string{"merchant_token_refused merchant=globex provider=nuapay error=token_refused"}},
+			{"a success", fetched("nuapay", "acme", nil), nil},
+			{"refused again after the success", fetched("nuapay", "acme", errRefused), []string{"merchant_token_refused merchant=acme provider=nuapay error=token_refused"}},
+		}},
+		{"unknown organisation", []step{
+			{"404", fetched("nuapay", "acme", errUnknown), []string{"merchant_token_refused merchant=acme provider=nuapay error=token_refused"}},
+			{"404 again", fetched("nuapay", "acme", errUnknown), nil},
+			{"then refused: still refused", fetched("nuapay", "acme", errRefused), nil},
+		}},
+		{"temporary failures are not refusals", []step{
+			{"503", repeat(10, fetched("nuapay", "acme", errDown)), nil},
+			{"cancelled", fetched("nuapay", "acme", context.Canceled), nil},
+		}},
+		{"consent", []step{
+			{"consent required", fetched("bank", "acme", errConsent), []string{"merchant_consent_needed merchant=acme provider=bank error=consent_required"}},
+			{"still required", repeat(5, fetched("bank", "acme", errConsent)), nil},
+			{"consent completed", func(tr *Tracker) { tr.ConsentGranted("bank", "acme") }, []string{"merchant_consent_granted merchant=acme provider=bank"}},
+			{"the success after it", fetched("bank", "acme", nil), nil},
+			{"lost again", fetched("bank", "acme", errConsent), []string{"merchant_consent_needed merchant=acme provider=bank error=consent_required"}},
+			{"granted elsewhere: a success", fetched("bank", "acme", nil), []string{"merchant_consent_granted merchant=acme provider=bank"}},
+			{"a success again", fetched("bank", "acme", nil), nil},
+		}},
+		{"provider", []step{
+			{"a failure", fetched("nuapay", "acme", errDown), nil},
+			{"breaker opens", func(tr *Tracker) { tr.BreakerChanged("nuapay", "nuapay#1", broker.BreakerOpen) }, []string{"provider_failing provider=nuapay error=token_unavailable"}},
+			{"half-open: still failing", func(tr *Tracker) { tr.BreakerChanged("nuapay", "nuapay#1", broker.BreakerHalfOpen) }, nil},
+			{"backoff starts meanwhile", func(tr *Tracker) { tr.SourceBackingOff("nuapay", "nuapay#1", true) }, nil},
+			{"breaker closes, backoff on", func(tr *Tracker) { tr.BreakerChanged("nuapay", "nuapay#1", broker.BreakerClosed) }, nil},
+			{"backoff ends", func(tr *Tracker) { tr.SourceBackingOff("nuapay", "nuapay#1", false) }, []string{"provider_recovered provider=nuapay"}},
+			{"backoff ends twice", func(tr *Tracker) { tr.SourceBackingOff("nuapay", "nuapay#1", false) }, nil},
+			{"a throttle", func(tr *Tracker) {
+				tr.Fetched("nuapay", "acme", errThrottle)
+				tr.SourceBackingOff("nuapay", "nuapay#1", true)
+			}, []string{"provider_failing provider=nuapay error=token_rate_limited"}},
+			{"an old configuration forgotten", func(tr *Tracker) { tr.retainSources("nuapay", func(id string) bool { return id == "nuapay#2" }) }, []string{"provider_recovered provider=nuapay"}},
+		}},
+		{"fleet", []step{
+			{"configured, up", func(tr *Tracker) { tr.SetFleet(true, true) }, nil},
+			{"up again", func(tr *Tracker) { tr.FleetChanged(true, nil) }, nil},
+			{"down", func(tr *Tracker) { tr.FleetChanged(false, errors.New("dial tcp 127.0.0.1:6379: connection refused")) }, []string{"fleet_tier_down error=dial tcp 127.0.0.1:6379: connection refused"}},
+			{"down again", func(tr *Tracker) { tr.FleetChanged(false, errors.New("i/o timeout")) }, nil},
+			{"back", func(tr *Tracker) { tr.FleetChanged(true, nil) }, []string{"fleet_tier_recovered"}},
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var e emitted
+			clk := clocktest.New(time.Unix(1_700_000_000, 0))
+			tr := NewTracker(TrackerOptions{Now: clk.Now, Emit: e.emit})
+			for _, s := range tt.steps {
+				s.do(tr)
+				if got := e.take(); !slices.Equal(got, s.want) {
+					t.Fatalf("%s: events %q, want %q", s.name, got, s.want)
+				}
+				clk.Add(time.Second)
+			}
+		})
+	}
+}
+
+// TestTrackerRecords: a merchant's last error and time are kept after a
+// success, its failure state is not; a provider's window slides.
+func TestTrackerRecords(t *testing.T) {
+	clk := clocktest.New(time.Unix(1_700_000_000, 0))
+	tr := NewTracker(TrackerOptions{Now: clk.Now})
+	failedAt := clk.Now()
+	tr.Fetched("nuapay", "acme", errDown)
+	clk.Add(time.Minute)
+	tr.Fetched("nuapay", "acme", nil)
+	tr.Fetched("nuapay", "globex", nil)
+	s := tr.snapshot(clk.Now())
+	m := s.merchants["acme"]
+	if m.lastErr.String() != "token_unavailable" || !m.lastErrAt.Equal(failedAt) || m.failure != "" {
+		t.Errorf("acme after a success: %+v; want the last error kept, no failure", m)
+	}
+	if _, ok := s.merchants["globex"]; ok {
+		t.Error("a merchant that never failed has a record")
+	}
+	if p := s.providers["nuapay"]; p.calls != 3 || p.failures != 1 || p.temporary != 1 || p.lastErr.String() != "token_unavailable" {
+		t.Errorf("provider: %+v; want 3 calls, 1 failure", p)
+	}
+	for _, tt := range []struct {
+		after                     time.Duration
+		calls, failures, temporay int
+	}{
+		{3*time.Minute + 50*time.Second, 3, 1, 1}, // 4m50s after the failure: still in the window
+		{20 * time.Second, 2, 0, 0},               // 5m10s: the failure slid out
+		{time.Minute, 0, 0, 0},                    // every call slid out
+	} {
+		clk.Add(tt.after)
+		if p := tr.snapshot(clk.Now()).providers["nuapay"]; p.calls != tt.calls || p.failures != tt.failures || p.temporary != tt.temporay {
+			t.Errorf("at %s: %+v; want %d calls, %d failures", clk.Now().Sub(failedAt), p, tt.calls, tt.failures)
+		}
+	}
+}
+
+// TestTrackerBounded: Forget drops a merchant; beyond MaxMerchants a new
+// merchant replaces another.
+func TestTrackerBounded(t *testing.T) {
+	tr := NewTracker(TrackerOptions{MaxMerchants: 10})
+	for i := range 100 {
+		tr.Fetched("nuapay", fmt.Sprintf("m%d", i), errDown)
+	}
+	if n := len(tr.snapshot(time.Now()).merchants); n != 10 {
+		t.Fatalf("%d merchants remembered, want at most 10", n)
+	}
+	if _, ok := tr.snapshot(time.Now()).merchants["m99"]; !ok {
+		t.Fatal("the newest merchant was dropped")
+	}
+	tr.Forget("m99")
+	if _, ok := tr.snapshot(time.Now()).merchants["m99"]; ok {
+		t.Fatal("Forget kept the merchant")
+	}
+}
+
+// TestRanksFollowStates: the ranks Build orders states by are States'
+// order.
+func TestRanksFollowStates(t *testing.T) {
+	for i, st := range States() {
+		if rankOf(st) != rank(i) {
+			t.Errorf("rank of %s is %d, want %d", st, rankOf(st), i)
+		}
+	}
+	if rankOf(StateRefused) != rankRefused || rankOf(StateIdle) != rankIdle || rankOf(StateBackingOff) != rankBackingOff ||
+		rankOf(StateNeedsConsent) != rankNeedsConsent || rankOf(StateFresh) != rankFresh || rankOf(StateRefreshing) != rankRefreshing ||
+		rankOf(StateUnknownOrganisation) != rankUnknownOrganisation {
+		t.Error("the rank constants do not follow States")
+	}
+}
