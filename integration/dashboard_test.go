@@ -21,16 +21,6 @@ const (
 	alertsFile    = "deploy/prometheus/token-broker-alerts.yml"
 )
 
-// dashboardVariables are the values the test gives the dashboard's
-// template variables: every provider, and a rate window that covers
-// several 1 s scrapes.
-var dashboardVariables = map[string]string{
-	"provider":        ".*",
-	"__rate_interval": "1m",
-	"__interval":      "1s",
-	"datasource":      "prometheus",
-}
-
 // TestDashboardQueriesReturnData runs a real Prometheus (Debian's
 // prometheus, on a free loopback port, scraping every second) against the
 // built Caddy of a fleet sidecar with a real redis-server, sends traffic
@@ -194,10 +184,12 @@ scrape_configs:
 
 // dashboardQueries returns the PromQL of every target of the dashboard's
 // panels (rows' panels included) and of its query variables, with the
-// template variables replaced by dashboardVariables' values. A variable
-// the test does not know fails the test.
+// template variables replaced: every provider, and a rate window that
+// covers several 1 s scrapes. A variable the test does not know fails the
+// test.
 func dashboardQueries(t *testing.T, path string) []string {
 	t.Helper()
+	variables := map[string]string{"provider": ".*", "__rate_interval": "1m"}
 	type target struct {
 		Expr string `json:"expr"`
 	}
@@ -224,9 +216,9 @@ func dashboardQueries(t *testing.T, path string) []string {
 	expand := func(where, expr string) string {
 		return variable.ReplaceAllStringFunc(expr, func(v string) string {
 			name := variable.FindStringSubmatch(v)[1]
-			value, ok := dashboardVariables[name]
+			value, ok := variables[name]
 			if !ok {
-				t.Errorf("%s: %s uses the variable $%s, which the test does not set (dashboardVariables)", path, where, name)
+				t.Errorf("%s: %s uses the variable $%s, which the test does not set", path, where, name)
 			}
 			return value
 		})

@@ -75,8 +75,9 @@ func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 	return r
 }
 
-// exportZero exports the series of a provider that change rarely, so
-// that dashboards and alerts see 0 rather than nothing.
+// exportZero exports the series of a provider that can stay unchanged
+// for long (purges, backoffs, breaker, refreshes), so that dashboards and
+// alerts see 0 rather than nothing.
 func (r *Recorder) exportZero(provider, sourceID string, breaker func(string) broker.BreakerState) {
 	m := r.metrics
 	if !m.merchantLabel {
