@@ -167,17 +167,21 @@ func (m *Metrics) SetBreakerState(provider string, state int) {
 	m.Breaker.WithLabelValues(provider).Set(float64(state))
 }
 
-// fetched counts one token API call, in Refreshes too when a background
-// refresh made it.
-func (m *Metrics) fetched(provider, merchant, outcome string, elapsed time.Duration, background bool) {
+// fetched counts one token API call.
+func (m *Metrics) fetched(provider, merchant, outcome string, elapsed time.Duration) {
 	if m == nil {
 		return
 	}
 	m.TokenRequests.WithLabelValues(m.labels(merchant, provider, outcome)...).Inc()
-	if background {
-		m.Refreshes.WithLabelValues(provider, outcome).Inc()
-	}
 	m.FetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
+}
+
+// refreshed counts one token API call of a background refresh.
+func (m *Metrics) refreshed(provider, outcome string) {
+	if m == nil {
+		return
+	}
+	m.Refreshes.WithLabelValues(provider, outcome).Inc()
 }
 
 // labels appends the merchant to the label values when the label is on:

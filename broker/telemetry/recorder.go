@@ -167,7 +167,10 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 func (r *Recorder) fetched(b *broker.Binding, tok broker.Token, elapsed time.Duration, background bool, err error) {
 	provider := r.providerOf(b)
 	outcome := fetchOutcome(err)
-	r.metrics.fetched(provider, b.Merchant, outcome, elapsed, background)
+	r.metrics.fetched(provider, b.Merchant, outcome, elapsed)
+	if background {
+		r.metrics.refreshed(provider, outcome)
+	}
 	fields := []zap.Field{
 		zap.String("merchant", b.Merchant),
 		zap.String("provider", provider),
