@@ -25,7 +25,7 @@ FUZZTIME      ?= 20000x
 FUZZ_TARGETS  := ./config:FuzzParse ./broker/nuapay:FuzzParseToken ./broker/nuapay:FuzzParseError \
                  ./broker/oauth:FuzzTokenResponse ./module:FuzzMerchantSelector
 
-.PHONY: all build run test lint fuzz xcaddy fmt vet clean image image-xcaddy
+.PHONY: all build run test lint fuzz rules xcaddy fmt vet clean image image-xcaddy
 
 all: build
 
@@ -63,6 +63,7 @@ run: build
 test: vet lint tools
 	$(GO) test -race -count=1 -timeout 30m ./...
 	cd deploy/kubernetes && $(GO) vet ./... && $(GO) test -count=1 ./...
+	$(MAKE) rules
 	$(MAKE) fuzz
 
 # The fleet tests start Debian's redis-server on a free loopback port;
@@ -70,13 +71,23 @@ test: vet lint tools
 # with Debian's podman.
 # wrk runs in the benchmark driver's own test (and in `make bench`).
 # The consent pages test drives Debian's chromium (headless).
+# Debian's prometheus has promtool too: `make rules` runs it, and the
+# dashboard test scrapes a sidecar with prometheus.
 tools:
-	@missing=""; for t in redis-server wrk podman chromium; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in redis-server wrk podman chromium prometheus; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing from Debian"; \
 		if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y $$missing; \
 		else sudo apt-get update && sudo apt-get install -y $$missing; fi; \
 	fi
+
+# The alerting rules of deploy/prometheus: promtool checks them and runs
+# their unit tests (token-broker-alerts_test.yml).
+RULES := deploy/prometheus/token-broker-alerts.yml
+rules:
+	@command -v promtool >/dev/null || { echo "make rules needs promtool: apt-get install -y prometheus (make tools does)"; exit 1; }
+	promtool check rules $(RULES)
+	promtool test rules $(RULES:.yml=_test.yml)
 
 # Each fuzz target for a bounded time; the committed corpora in
 # testdata/fuzz run as plain tests in `go test` too.

@@ -27,6 +27,9 @@ type Metrics struct {
 	merchantLabel bool
 	// TokenRequests counts calls to a token API, by provider and outcome.
 	TokenRequests *prometheus.CounterVec
+	// Refreshes counts the token API calls of background refreshes
+	// (refresh-ahead), by provider and outcome: a subset of TokenRequests.
+	Refreshes *prometheus.CounterVec
 	// FetchDuration is the histogram of token API call latency, by provider.
 	FetchDuration *prometheus.HistogramVec
 	// Lookups counts tokens handed out, by provider and broker.Result.
@@ -83,6 +86,10 @@ func NewMetrics(merchantLabel bool) *Metrics {
 			Namespace: ns, Subsystem: sub, Name: "token_requests_total",
 			Help: "Calls to a provider's token API, by outcome (ok or the error code).",
 		}, perRequest("provider", "outcome")),
+		Refreshes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "refreshes_total",
+			Help: "Calls to a provider's token API by a background refresh (refresh-ahead), by outcome (ok or the error code); also counted in token_requests_total.",
+		}, []string{"provider", "outcome"}),
 		FetchDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: ns, Subsystem: sub, Name: "token_request_duration_seconds",
 			Help:    "Latency of calls to a provider's token API.",
@@ -120,7 +127,7 @@ func NewMetrics(merchantLabel bool) *Metrics {
 // Register adds the collectors to a config's registry; registering them
 // twice in one registry is not an error.
 func (m *Metrics) Register(registry *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{m.TokenRequests, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesHeld, m.Breaker, m.BackingOff} {
+	for _, c := range []prometheus.Collector{m.TokenRequests, m.Refreshes, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesHeld, m.Breaker, m.BackingOff} {
 		if err := registry.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) && are.ExistingCollector == c {
@@ -167,6 +174,14 @@ func (m *Metrics) fetched(provider, merchant, outcome string, elapsed time.Durat
 	}
 	m.TokenRequests.WithLabelValues(m.labels(merchant, provider, outcome)...).Inc()
 	m.FetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
+}
+
+// refreshed counts one token API call of a background refresh.
+func (m *Metrics) refreshed(provider, outcome string) {
+	if m == nil {
+		return
+	}
+	m.Refreshes.WithLabelValues(provider, outcome).Inc()
 }
 
 // labels appends the merchant to the label values when the label is on:

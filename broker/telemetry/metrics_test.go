@@ -1,11 +1,15 @@
 package telemetry
 
 import (
+	"context"
 	"errors"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
@@ -52,5 +56,59 @@ func TestMerchantLabel(t *testing.T) {
 		if v := testutil.ToFloat64(c); v != 1 {
 			t.Errorf("merchant label %t: purges = %v, want 1", label, v)
 		}
+	}
+}
+
+// TestRefreshesCounted: a background refresh's token API call counts in
+// refreshes_total by provider and outcome, and in token_requests_total; a
+// foreground call only in token_requests_total. The ok series of each
+// provider is exported as 0 from the start.
+func TestRefreshesCounted(t *testing.T) {
+	m := NewMetrics(false)
+	r := NewRecorder(m, nil, zap.NewNop(), nil, map[string]string{"nuapay#1": "nuapay"}, nil)
+	if n := testutil.CollectAndCount(m.Refreshes); n != 1 {
+		t.Fatalf("refreshes_total has %d series before any call, want 1 (ok, 0)", n)
+	}
+	b := broker.NewBindingFor(broker.NewProfile("nuapay#1", nil, []string{"openbanking_pisp"}, "", 0), "acme", "org-acme")
+	o := &Observer{r: r}
+	limited := &broker.APIError{Provider: "nuapay", StatusCode: 429}
+	for _, c := range []struct {
+		background bool
+		err        error
+	}{
+		{false, nil},
+		{true, nil},
+		{true, nil},
+		{true, limited},
+		{false, limited},
+	} {
+		o.Fetched(context.Background(), b, broker.Token{}, time.Millisecond, c.background, c.err)
+	}
+	for _, tt := range []struct {
+		name    string
+		counter *prometheus.CounterVec
+		outcome string
+		want    float64
+	}{
+		{"refreshes", m.Refreshes, OutcomeOK, 2},
+		{"refreshes", m.Refreshes, "token_rate_limited", 1},
+		{"token requests", m.TokenRequests, OutcomeOK, 3},
+		{"token requests", m.TokenRequests, "token_rate_limited", 2},
+	} {
+		if got := testutil.ToFloat64(tt.counter.WithLabelValues("nuapay", tt.outcome)); got != tt.want {
+			t.Errorf("%s outcome %s = %v, want %v", tt.name, tt.outcome, got, tt.want)
+		}
+	}
+	reg := prometheus.NewPedanticRegistry()
+	if err := m.Register(reg); err != nil {
+		t.Fatal(err)
+	}
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(`
+# HELP caddy_token_broker_refreshes_total Calls to a provider's token API by a background refresh (refresh-ahead), by outcome (ok or the error code); also counted in token_requests_total.
+# TYPE caddy_token_broker_refreshes_total counter
+caddy_token_broker_refreshes_total{outcome="ok",provider="nuapay"} 2
+caddy_token_broker_refreshes_total{outcome="token_rate_limited",provider="nuapay"} 1
+`), "caddy_token_broker_refreshes_total"); err != nil {
+		t.Error(err)
 	}
 }

@@ -75,8 +75,9 @@ func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 	return r
 }
 
-// exportZero exports the series of a provider that change rarely, so
-// that dashboards and alerts see 0 rather than nothing.
+// exportZero exports the series of a provider that can stay unchanged
+// for long (purges, backoffs, breaker, refreshes), so that dashboards and
+// alerts see 0 rather than nothing.
 func (r *Recorder) exportZero(provider, sourceID string, breaker func(string) broker.BreakerState) {
 	m := r.metrics
 	if !m.merchantLabel {
@@ -84,6 +85,7 @@ func (r *Recorder) exportZero(provider, sourceID string, breaker func(string) br
 		m.PurgesKept.WithLabelValues(m.labels("", provider)...)
 	}
 	m.BackingOff.WithLabelValues(provider)
+	m.Refreshes.WithLabelValues(provider, OutcomeOK)
 	m.SourcesHeld.WithLabelValues(provider)
 	state := broker.BreakerClosed
 	if breaker != nil {
@@ -161,9 +163,14 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
 }
 
-// fetched counts a token API call.
-func (r *Recorder) fetched(b *broker.Binding, elapsed time.Duration, err error) {
-	r.metrics.fetched(r.providerOf(b), b.Merchant, fetchOutcome(err), elapsed)
+// fetched counts a token API call, and a background refresh's.
+func (r *Recorder) fetched(b *broker.Binding, elapsed time.Duration, background bool, err error) {
+	provider := r.providerOf(b)
+	outcome := fetchOutcome(err)
+	r.metrics.fetched(provider, b.Merchant, outcome, elapsed)
+	if background {
+		r.metrics.refreshed(provider, outcome)
+	}
 }
 
 // fetchDone logs a fetch: one line with its calls to the token API
@@ -236,9 +243,9 @@ func (o *Observer) Lookup(_ *broker.Binding, res broker.Result) {
 
 // Fetched counts a token API call (token_requests_total, the duration
 // histogram) and tells the tap; FetchDone logs the fetch it belongs to.
-func (o *Observer) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, elapsed time.Duration, _ bool, err error) {
+func (o *Observer) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, elapsed time.Duration, background bool, err error) {
 	if o.r != nil {
-		o.r.fetched(b, elapsed, err)
+		o.r.fetched(b, elapsed, background, err)
 		if o.r.tap != nil {
 			o.r.tap.Fetched(o.r.providerOf(b), b.Merchant, err)
 		}
