@@ -173,7 +173,7 @@ func TestHealthCommandWithoutCaddy(t *testing.T) {
 	caddyBin, _ := buildBinaries(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	out, code := runCommand(t, caddyBin, "token-broker", "health", "--address", addr)
-	if code != 1 || !strings.HasPrefix(out, "not ready: asking the token broker at admin address "+addr) || strings.Count(out, "\n") != 1 {
+	if code != 1 || !strings.HasPrefix(out, "not ready: cannot reach the admin API at "+addr+" ") || strings.Count(out, "\n") != 1 {
 		t.Errorf("exit %d, output %q; want exit 1, one line", code, out)
 	}
 }

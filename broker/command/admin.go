@@ -40,10 +40,11 @@ func askAdmin(request AdminRequest, addr, method, uri string, body any, v any) e
 	return nil
 }
 
-// refusal is the admin API's answer other than 2xx: its HTTP status and
-// its error message.
+// refusal is the admin API's answer other than 2xx: its HTTP status, its
+// body as the request's error quotes it, and its error message.
 type refusal struct {
 	status int
+	body   string
 	err    error
 }
 
@@ -63,16 +64,17 @@ func adminError(addr string, err error) error {
 	if m == nil {
 		return fmt.Errorf("cannot reach the admin API at %s (is Caddy running, and is this its admin address? --address names another): %v", addr, err)
 	}
-	msg := strings.TrimSpace(m[2])
-	var body struct {
+	body := strings.TrimSpace(m[2])
+	msg := body
+	var answer struct {
 		Error string `json:"error"`
 	}
-	if json.Unmarshal([]byte(msg), &body) == nil && body.Error != "" {
-		msg = body.Error
+	if json.Unmarshal([]byte(body), &answer) == nil && answer.Error != "" {
+		msg = answer.Error
 	}
 	status, _ := strconv.Atoi(m[1])
 	if strings.Contains(msg, "token_broker app is not running") {
-		return &refusal{status, fmt.Errorf("the Caddy at admin address %s does not run the token_broker app: configure the token_broker global option", addr)}
+		return &refusal{status, body, fmt.Errorf("the Caddy at admin address %s does not run the token_broker app: configure the token_broker global option", addr)}
 	}
-	return &refusal{status, fmt.Errorf("the token broker at admin address %s answered HTTP %d: %s", addr, status, msg)}
+	return &refusal{status, body, fmt.Errorf("the token broker at admin address %s answered HTTP %d: %s", addr, status, msg)}
 }

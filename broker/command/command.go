@@ -65,27 +65,23 @@ func Health(std IO, request AdminRequest, addr string, live bool) error {
 	return nil
 }
 
-// askHealth gets the probe.Health from the admin API at addr. A 503 carries it
-// too (the request's error quotes the body).
+// askHealth gets the probe.Health from the admin API at addr. A 503
+// carries it too (the admin API's refusal quotes the body).
 func askHealth(request AdminRequest, addr string, live bool) (probe.Health, error) {
 	uri := "/token_broker/health"
 	if live {
 		uri += "/live"
 	}
 	var h probe.Health
-	resp, err := request(addr, http.MethodGet, uri, nil, nil)
-	if err != nil {
-		msg := err.Error()
-		if i := strings.IndexByte(msg, '{'); i >= 0 && strings.Contains(msg, "HTTP 503") && json.Unmarshal([]byte(msg[i:]), &h) == nil && h.Reason != "" {
-			return h, nil
+	err := askAdmin(request, addr, http.MethodGet, uri, nil, &h)
+	var r *refusal
+	if errors.As(err, &r) && r.status == http.StatusServiceUnavailable {
+		var unhealthy probe.Health
+		if json.Unmarshal([]byte(r.body), &unhealthy) == nil && unhealthy.Reason != "" {
+			return unhealthy, nil
 		}
-		return h, fmt.Errorf("asking the token broker at admin address %s: %v", addr, err)
 	}
-	defer resp.Body.Close()
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&h); err != nil {
-		return h, fmt.Errorf("reading the health answer of admin address %s: %v", addr, err)
-	}
-	return h, nil
+	return h, err
 }
 
 // Validate loads the merchant registries that the JSON config cfg (read

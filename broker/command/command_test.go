@@ -3,6 +3,7 @@ package command
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"slices"
@@ -34,14 +35,21 @@ func TestRegistryPaths(t *testing.T) {
 	}
 }
 
+// Health prints the reason of a ready or unready instance, a 503's
+// included, and the admin API's error in words otherwise.
 func TestHealth(t *testing.T) {
+	// answer fails as caddycmd.AdminAPIRequest does: an answer other than
+	// 2xx is an error quoting its status and body.
 	answer := func(status int, body string) AdminRequest {
 		return func(_, _, _ string, _ http.Header, _ io.Reader) (*http.Response, error) {
 			if status != http.StatusOK {
-				return nil, errors.New("HTTP " + http.StatusText(status) + " " + body)
+				return nil, fmt.Errorf("caddy responded with error: HTTP %d: %s", status, body)
 			}
 			return &http.Response{StatusCode: status, Body: io.NopCloser(strings.NewReader(body))}, nil
 		}
+	}
+	unreachable := func(_, _, _ string, _ http.Header, _ io.Reader) (*http.Response, error) {
+		return nil, errors.New("performing request: dial tcp 127.0.0.1:1: connect: connection refused")
 	}
 	tests := []struct {
 		name            string
@@ -52,10 +60,14 @@ func TestHealth(t *testing.T) {
 	}{
 		{"ready", answer(200, `{"ready":true,"live":true,"reason":"ready: 1 registry"}`), false, false, "ready: 1 registry\n", ""},
 		{"live", answer(200, `{"ready":false,"live":true,"reason":"x"}`), true, false, "live: the token_broker app is running\n", ""},
-		{"not ready (503)", func(_, _, _ string, _ http.Header, _ io.Reader) (*http.Response, error) {
-			return nil, errors.New(`caddy responded with error: HTTP 503: {"ready":false,"reason":"not ready: loading"}`)
-		}, false, true, "", "not ready: loading\n"},
-		{"unreachable", answer(500, "boom"), false, true, "", "not ready: asking the token broker at admin address a: HTTP Internal Server Error boom\n"},
+		{"not ready (503)", answer(503, `{"ready":false,"reason":"not ready: loading"}`), false, true, "", "not ready: loading\n"},
+		{"not live (503, app not running)", answer(503, `{"ready":false,"live":false,"reason":"not live: the token_broker app is not running: the loaded config has no token_broker global option or handler"}`),
+			true, true, "", "not live: the token_broker app is not running: the loaded config has no token_broker global option or handler\n"},
+		{"admin error", answer(500, `{"error":"boom"}`), false, true, "", "not ready: the token broker at admin address a answered HTTP 500: boom\n"},
+		{"503 without a health answer", answer(503, `{"error":"busy"}`), false, true, "", "not ready: the token broker at admin address a answered HTTP 503: busy\n"},
+		{"not JSON", answer(200, "<html>"), false, true, "", "not ready: reading the answer of GET /token_broker/health at admin address a: invalid character '<' looking for beginning of value\n"},
+		{"unreachable", unreachable, false, true, "",
+			"not ready: cannot reach the admin API at a (is Caddy running, and is this its admin address? --address names another): performing request: dial tcp 127.0.0.1:1: connect: connection refused\n"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
