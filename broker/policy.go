@@ -535,20 +535,29 @@ func (br *Broker) ForgetSource(sourceID string) int {
 	return c
 }
 
-// Backoffs calls visit, under the failure policy's lock, for every key
-// in backoff now (its last fetch failed and its failure memory has not
-// ended), with the binding of its last failure, that failure, when it
-// happened and until when the key is not called. visit must be quick and
-// must not call the Broker.
+// Backoffs calls visit for every key in backoff now (its last fetch
+// failed and its failure memory has not ended), with the binding of its
+// last failure, that failure, when it happened and until when the key is
+// not called. The keys are copied under the failure policy's lock and
+// visited after it is released: visit may take its time.
 func (br *Broker) Backoffs(visit func(b *Binding, err error, at, until time.Time)) {
+	type held struct {
+		b         *Binding
+		err       error
+		at, until time.Time
+	}
 	now := br.opts.Now()
 	p := &br.pol
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	keys := make([]held, 0, len(p.keys))
 	for _, ks := range p.keys {
 		if ks.mem.active(now) {
-			visit(ks.b, ks.mem.err, ks.mem.at, ks.mem.until)
+			keys = append(keys, held{ks.b, ks.mem.err, ks.mem.at, ks.mem.until})
 		}
+	}
+	p.mu.Unlock()
+	for _, k := range keys {
+		visit(k.b, k.err, k.at, k.until)
 	}
 }
 
@@ -557,14 +566,19 @@ func (br *Broker) Backoffs(visit func(b *Binding, err error, at, until time.Time
 func (br *Broker) SourcesHealth(sourceIDs ...string) map[string]SourceHealth {
 	now := br.opts.Now()
 	out := make(map[string]SourceHealth, len(sourceIDs))
-	for _, id := range sourceIDs {
-		h := SourceHealth{Breaker: br.BreakerState(id)}
-		h.BackoffUntil, h.BackoffError = br.SourceBackoff(id)
-		out[id] = h
-	}
 	p := &br.pol
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	for _, id := range sourceIDs {
+		h := SourceHealth{Breaker: BreakerClosed}
+		if ss := p.sources[id]; ss != nil {
+			h.Breaker = ss.brk.State()
+			if ss.backoff.active(now) {
+				h.BackoffUntil, h.BackoffError, h.BackoffAt = ss.backoff.until, ss.backoff.err, ss.backoff.at
+			}
+		}
+		out[id] = h
+	}
 	for _, ks := range p.keys {
 		h, ok := out[ks.b.SourceID]
 		if !ok || !ks.mem.active(now) {

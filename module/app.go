@@ -216,9 +216,13 @@ func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
 	return reg, nil
 }
 
-// Start makes the app the one the admin API serves. Tokens are fetched on
-// demand.
+// Start makes the app the one the admin API serves, once the operator's
+// view agrees with the broker about the sources of the registries now
+// loaded (the app's and its handlers'). Tokens are fetched on demand.
 func (a *App) Start() error {
+	if a.tracker != nil {
+		opstate.Reconcile(a.stateSources())
+	}
 	current.Store(a)
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 // DefaultMaxMerchants bounds the merchants a Tracker remembers.
@@ -327,17 +328,21 @@ func (t *Tracker) mark() uint64 {
 }
 
 // reconcile makes what the tracker knows of a provider's sources agree
-// with the broker, read after mark: only sourceID is the provider's now
-// (the others are older configurations, whose state the broker dropped
-// without telling), its breaker is open (not closed) or not, and it is
-// held or not. A change told after mark is kept: it is newer than what
-// was read. The broker drops a source's state without telling when it
-// forgets it (a rotated secret) or a configuration replaces it. It emits
-// EventProviderRecovered if the provider so stops failing.
-func (t *Tracker) reconcile(provider, sourceID string, open, held bool, mark uint64) {
-	stale := func(m map[string]uint64, id string, now bool) bool {
-		return id != sourceID || (!now && m[id] <= mark)
+// with the broker, read after mark: only the sources of current are the
+// provider's now (the others are older configurations, whose state the
+// broker dropped without telling), each with its breaker open (not
+// closed) or not and held or not. A change told after mark is kept: it
+// is newer than what was read. The broker drops a source's state without
+// telling when it forgets it (a rotated secret) or a configuration
+// replaces it. It emits EventProviderRecovered if the provider so stops
+// failing.
+func (t *Tracker) reconcile(provider string, current map[string]broker.SourceHealth, mark uint64) {
+	stale := func(m map[string]uint64, id string, now func(broker.SourceHealth) bool) bool {
+		h, ok := current[id]
+		return !ok || (!now(h) && m[id] <= mark)
 	}
+	open := func(h broker.SourceHealth) bool { return h.Breaker != broker.BreakerClosed }
+	held := func(h broker.SourceHealth) bool { return !h.BackoffUntil.IsZero() }
 	t.mu.Lock()
 	p := t.providers[provider]
 	changed := false
@@ -365,6 +370,34 @@ func (t *Tracker) reconcile(provider, sourceID string, open, held bool, mark uin
 			}
 		}
 	})
+}
+
+// Reconcile makes what s's tracker knows of the sources of the providers
+// of s's registries (Registry and Others) agree with s's broker (see
+// Tracker.reconcile), and emits EventProviderRecovered for a provider
+// that so stops failing: a provider's sources are those that any of the
+// registries names for it. Call it when registries are loaded and
+// periodically (the Collector does, when it counts again): reading the
+// state (Build) does not, so that a read has no side effect.
+func Reconcile(s Sources) {
+	t := s.Tracker
+	mark := t.mark()
+	var ids []string
+	sources := map[string][]string{} // provider name -> its source IDs
+	for _, reg := range append([]*config.Registry{s.Registry}, s.Others...) {
+		for name, p := range reg.Providers {
+			ids = append(ids, p.ID)
+			sources[name] = append(sources[name], p.ID)
+		}
+	}
+	health := s.Broker.SourcesHealth(ids...)
+	for name, of := range sources {
+		current := make(map[string]broker.SourceHealth, len(of))
+		for _, id := range of {
+			current[id] = health[id]
+		}
+		t.reconcile(name, current, mark)
+	}
 }
 
 // SetFleet says whether a fleet (Redis) tier is configured and, when it

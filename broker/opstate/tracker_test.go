@@ -82,6 +82,13 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 	fetched := func(provider, merchant string, err error) func(*Tracker) {
 		return func(tr *Tracker) { tr.Fetched(provider, merchant, err) }
 	}
+	closed := func(ids ...string) map[string]broker.SourceHealth {
+		out := map[string]broker.SourceHealth{}
+		for _, id := range ids {
+			out[id] = broker.SourceHealth{Breaker: broker.BreakerClosed}
+		}
+		return out
+	}
 	repeat := func(n int, f func(*Tracker)) func(*Tracker) {
 		return func(tr *Tracker) {
 			for range n {
@@ -132,7 +139,7 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 				tr.SourceBackingOff("nuapay", "nuapay#1", true)
 				tr.Fetched("nuapay", "acme", errThrottle)
 			}, []string{"provider_failing provider=nuapay error=token_rate_limited"}},
-			{"an old configuration forgotten", func(tr *Tracker) { tr.reconcile("nuapay", "nuapay#2", false, false, tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
+			{"an old configuration forgotten", func(tr *Tracker) { tr.reconcile("nuapay", closed("nuapay#2"), tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
 			{"breaker opens", func(tr *Tracker) {
 				tr.BreakerChanged("nuapay", "nuapay#2", broker.BreakerOpen)
 				tr.Fetched("nuapay", "acme", errDown)
@@ -140,14 +147,23 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 			{"the broker, read before, says closed: newer, kept", func(tr *Tracker) {
 				mark := tr.mark()
 				tr.BreakerChanged("nuapay", "nuapay#2", broker.BreakerHalfOpen)
-				tr.reconcile("nuapay", "nuapay#2", false, false, mark)
+				tr.reconcile("nuapay", closed("nuapay#2"), mark)
 			}, nil},
-			{"the broker forgot the breaker (a rotated secret)", func(tr *Tracker) { tr.reconcile("nuapay", "nuapay#2", false, false, tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
+			{"the broker forgot the breaker (a rotated secret)", func(tr *Tracker) { tr.reconcile("nuapay", closed("nuapay#2"), tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
 			{"held and released before its failure was told", func(tr *Tracker) {
 				tr.SourceBackingOff("nuapay", "nuapay#2", true)
 				tr.SourceBackingOff("nuapay", "nuapay#2", false)
 			}, nil},
 			{"a failure after that", fetched("nuapay", "acme", errDown), nil},
+		}},
+		{"a provider name in two registries", []step{
+			{"the handler's registry's source throttled", func(tr *Tracker) {
+				tr.SourceBackingOff("nuapay", "handler#1", true)
+				tr.Fetched("nuapay", "acme", errThrottle)
+			}, []string{"provider_failing provider=nuapay error=token_rate_limited"}},
+			{"reconciled with both registries: still held", func(tr *Tracker) {
+				tr.reconcile("nuapay", map[string]broker.SourceHealth{"app#1": {}, "handler#1": {BackoffUntil: time.Unix(1_800_000_000, 0)}}, tr.mark())
+			}, nil},
 		}},
 		{"fleet", []step{
 			{"configured, up", func(tr *Tracker) { tr.SetFleet(true, true) }, nil},
