@@ -63,10 +63,15 @@ func TestSourcesHealth(t *testing.T) {
 			if o := got["o#1"]; o.Failing() {
 				t.Errorf("the other source is reported failing: %+v", o)
 			}
-			// Backoffs visits the same keys, each with its failure.
+			if tt.wantHeld && (h.BackoffAt.IsZero() || !h.BackoffAt.Before(h.BackoffUntil)) {
+				t.Errorf("source backoff at %s until %s: want its failure's time", h.BackoffAt, h.BackoffUntil)
+			}
+			// Backoffs visits the same keys, each with its failure, outside
+			// the failure policy's lock: visit may call the broker.
 			visited := 0
 			br.Backoffs(func(b *Binding, err error, at, until time.Time) {
 				visited++
+				_ = br.SourcesHealth(b.SourceID)
 				if b.SourceID != "s#1" || !errors.Is(err, tt.err) || at.After(clock.Now()) || !until.After(clock.Now()) {
 					t.Errorf("backoff of %s: %v at %s until %s (now %s)", b.Merchant, err, at, until, clock.Now())
 				}

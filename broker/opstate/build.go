@@ -303,7 +303,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 	})
 	t.eachMerchant(func(id string, rec *merchantRecord) {
 		k := kn.of(id)
-		k.failure, k.lastErr = rankOf(rec.failure), rec.lastErr
+		k.failure, k.lastErr = rankOf(rec.failure()), rec.lastErr
 		if !rec.lastErrAt.IsZero() {
 			k.lastErrAt = rec.lastErrAt.UnixNano()
 		}
@@ -506,7 +506,7 @@ func (t *Tracker) snapshot(now time.Time) snapshot {
 	s := snapshot{window: t.span, providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
 	for name, p := range t.providers {
 		v := providerView{lastErr: p.lastErr, lastErrAt: p.lastErrAt,
-			lastCallFailed: p.lastCallFailed && now.Sub(p.lastErrAt) < t.span}
+			lastCallFailed: p.lastCallFailed && now.Sub(p.lastFailAt) < t.span}
 		v.calls, v.failures = p.calls.sum(now)
 		s.providers[name] = v
 	}

@@ -3,6 +3,7 @@ package opstate
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -60,14 +61,19 @@ type Tracker struct {
 	seq       uint64 // counts the changes of sources' states (SourceBackingOff, BreakerChanged)
 }
 
+// maxKeyFailures bounds the cache keys of a merchant whose failures a
+// Tracker remembers: beyond it, a new key's failure replaces the oldest.
+const maxKeyFailures = 8
+
 // merchantRecord is what a Tracker remembers of a merchant.
 type merchantRecord struct {
 	lastErr   errcode.Code
 	lastErrAt time.Time
-	// failure is the state the last token request's failure puts the
-	// merchant in (StateRefused, StateUnknownOrganisation,
-	// StateNeedsConsent, StateBackingOff); "" after a success.
-	failure string
+	// failures are the states that the last token request of each of the
+	// merchant's cache keys that failed puts it in (StateRefused,
+	// StateUnknownOrganisation, StateNeedsConsent, StateBackingOff), at
+	// most maxKeyFailures; a success of a key drops its failure.
+	failures []keyFailure
 	// refusedTold: EventTokenRefused was emitted, and no success since.
 	refusedTold bool
 	// consentNeeded: EventConsentNeeded was emitted, and neither a
@@ -75,11 +81,61 @@ type merchantRecord struct {
 	consentNeeded bool
 }
 
+// keyFailure is the state a cache key's failed token request puts its
+// merchant in.
+type keyFailure struct {
+	key, state string
+}
+
+// failure returns the worst state of m's keys' failures; "" when none.
+func (m *merchantRecord) failure() string {
+	worst := ""
+	for _, f := range m.failures {
+		if worst == "" || rankOf(f.state) < rankOf(worst) {
+			worst = f.state
+		}
+	}
+	return worst
+}
+
+// failed notes the state a failure of key puts m in.
+func (m *merchantRecord) failed(key, state string) {
+	for i := range m.failures {
+		if m.failures[i].key == key {
+			m.failures[i].state = state
+			return
+		}
+	}
+	if len(m.failures) == maxKeyFailures {
+		m.failures = slices.Delete(m.failures, 0, 1)
+	}
+	// A copy: the key of an explicit merchant's binding points into its
+	// registry, which must not stay alive after a reload replaced it.
+	m.failures = append(m.failures, keyFailure{key: strings.Clone(key), state: state})
+}
+
+// succeeded drops the failure of key, and every needs-consent one: a
+// success proves that the merchant's consent holds.
+func (m *merchantRecord) succeeded(key string) {
+	m.failures = slices.DeleteFunc(m.failures, func(f keyFailure) bool { return f.key == key || f.state == StateNeedsConsent })
+}
+
+// refused reports whether a key of m is refused (StateRefused or
+// StateUnknownOrganisation).
+func (m *merchantRecord) refused() bool {
+	return slices.ContainsFunc(m.failures, func(f keyFailure) bool {
+		return f.state == StateRefused || f.state == StateUnknownOrganisation
+	})
+}
+
 // providerRecord is what a Tracker remembers of a provider.
 type providerRecord struct {
 	calls     window
 	lastErr   errcode.Code
 	lastErrAt time.Time
+	// lastFailAt is the time of the last failure of the provider's (not
+	// a refusal of one merchant's).
+	lastFailAt time.Time
 	held      map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
 	open      map[string]uint64 // source IDs whose breaker is not closed -> the change that said so
 	// failing: a source is held or its breaker is not closed.
@@ -182,11 +238,13 @@ func failureState(err error, code errcode.Code) string {
 	return StateBackingOff
 }
 
-// Fetched notes a call to a provider's token API for a merchant and how
-// it ended (nil: a token). A cancelled call counts as a call, and says
-// nothing about the merchant. It implements telemetry.Tap.
-func (t *Tracker) Fetched(provider, merchant string, err error) {
+// Fetched notes a call to a provider's token API for a binding (its
+// merchant and cache key) and how it ended (nil: a token). A cancelled
+// call counts as a call, and says nothing about the merchant. It
+// implements telemetry.Tap.
+func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
 	now := t.now()
+	merchant := b.Merchant
 	var code errcode.Code
 	var state string
 	if err != nil && !errors.Is(err, context.Canceled) {
@@ -205,7 +263,8 @@ func (t *Tracker) Fetched(provider, merchant string, err error) {
 		if m == nil {
 			return
 		}
-		m.failure, m.refusedTold = "", false
+		m.succeeded(b.Key())
+		m.refusedTold = m.refusedTold && m.refused()
 		if m.consentNeeded {
 			// A success after consent_required: the consent was granted
 			// where this process did not see it (another broker of the
@@ -222,16 +281,17 @@ func (t *Tracker) Fetched(provider, merchant string, err error) {
 	p.calls.add(now, true)
 	p.lastErr, p.lastErrAt = code, now
 	if state == StateBackingOff {
-		p.lastCallFailed = true
+		p.lastCallFailed, p.lastFailAt = true, now
 	}
 	if p.announce {
 		p.announce = false
 		evs = append(evs, event{EventProviderFailing, map[string]any{"provider": provider, "error": code.String()}})
 	}
 	m := t.merchant(merchant)
-	m.lastErr, m.lastErrAt, m.failure = code, now, state
+	m.lastErr, m.lastErrAt = code, now
+	m.failed(b.Key(), state)
 	told := func(name string) {
-		evs = append(evs, event{name, map[string]any{"merchant": merchant, "provider": provider, "error": code.String()}})
+		evs = append(evs, event{name, map[string]any{"merchant": merchant, "provider": provider, "error": code.String(), "state": state}})
 	}
 	switch state {
 	case StateRefused, StateUnknownOrganisation:
@@ -254,9 +314,7 @@ func (t *Tracker) ConsentGranted(provider, merchant string) {
 	t.mu.Lock()
 	if m := t.merchants[merchant]; m != nil {
 		m.consentNeeded = false
-		if m.failure == StateNeedsConsent {
-			m.failure = ""
-		}
+		m.failures = slices.DeleteFunc(m.failures, func(f keyFailure) bool { return f.state == StateNeedsConsent })
 	}
 	t.mu.Unlock()
 	t.send([]event{{EventConsentGranted, map[string]any{"merchant": merchant, "provider": provider}}})

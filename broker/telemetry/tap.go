@@ -22,7 +22,7 @@ func (TapObserver) Lookup(*broker.Binding, broker.Result) {}
 
 // Fetched implements broker.Observer: it tells Tap.
 func (o TapObserver) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, _ time.Duration, _ bool, err error) {
-	o.Tap.Fetched(o.Provider, b.Merchant, err)
+	o.Tap.Fetched(o.Provider, b, err)
 }
 
 // Interface guard.
