@@ -36,18 +36,20 @@ func States() []string {
 }
 
 // Events emitted through Caddy's events app for what someone must act on.
-// Their data names the merchant, the provider and the error code, never a
-// token or a secret.
+// Their data names the merchant, the provider, the error code and the
+// merchant's state, never a token or a secret (EventData keeps only
+// those).
 const (
 	// EventConsentNeeded: a merchant needs consent (data: merchant,
-	// provider, error).
+	// provider, error, state: StateNeedsConsent).
 	EventConsentNeeded = "merchant_consent_needed"
 	// EventConsentGranted: a merchant completed consent (data: merchant,
 	// provider).
 	EventConsentGranted = "merchant_consent_granted"
 	// EventTokenRefused: a provider refused a merchant's token request for
-	// good: invalid credentials or unknown organisation (data: merchant,
-	// provider, error).
+	// good (data: merchant, provider, error, state: StateRefused for
+	// invalid credentials, StateUnknownOrganisation for an organisation
+	// the provider does not know).
 	EventTokenRefused = "merchant_token_refused"
 	// EventProviderFailing: a provider's token API fails: its breaker
 	// opened, or it is backing off (data: provider, error).
@@ -55,11 +57,29 @@ const (
 	// EventProviderRecovered: a failing provider answers again (data:
 	// provider).
 	EventProviderRecovered = "provider_recovered"
-	// EventFleetDown: the shared (Redis) tier is unavailable (data: error).
+	// EventFleetDown: the shared (Redis) tier is unavailable (data: error,
+	// the kind of failure: "timeout", "refused" or "error").
 	EventFleetDown = "fleet_tier_down"
 	// EventFleetRecovered: the shared tier answers again.
 	EventFleetRecovered = "fleet_tier_recovered"
 )
+
+// EventData returns what an event may carry of data: the keys
+// "merchant", "provider", "error" and "state" with non-empty string
+// values, and nothing else, so that no token or secret can reach an
+// event.
+func EventData(data map[string]any) map[string]any {
+	kept := make(map[string]any, len(data))
+	for k, v := range data {
+		switch k {
+		case "merchant", "provider", "error", "state":
+			if s, ok := v.(string); ok && s != "" {
+				kept[k] = s
+			}
+		}
+	}
+	return kept
+}
 
 // Query selects the merchants of a Report.
 type Query struct {

@@ -6,11 +6,13 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // DefaultMaxMerchants bounds the merchants a Tracker remembers.
@@ -136,8 +138,8 @@ type providerRecord struct {
 	// lastFailAt is the time of the last failure of the provider's (not
 	// a refusal of one merchant's).
 	lastFailAt time.Time
-	held      map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
-	open      map[string]uint64 // source IDs whose breaker is not closed -> the change that said so
+	held       map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
+	open       map[string]uint64 // source IDs whose breaker is not closed -> the change that said so
 	// failing: a source is held or its breaker is not closed.
 	failing bool
 	// announce: failing started, and EventProviderFailing waits for the
@@ -474,6 +476,23 @@ func (t *Tracker) SetFleet(configured, up bool) {
 	}
 }
 
+// maxFleetError is the length the fleet tier's last error is cut to.
+const maxFleetError = 200
+
+// fleetErrorClass names the kind of a fleet tier failure for an event:
+// "timeout", "refused" (the connection was refused) or "error".
+func fleetErrorClass(err error) string {
+	switch {
+	case err == nil:
+		return "error"
+	case broker.IsTimeout(err):
+		return "timeout"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	}
+	return "error"
+}
+
 // FleetChanged notes that the fleet tier became unavailable (up false,
 // err the failure) or available again, and emits EventFleetDown or
 // EventFleetRecovered. It is fleet.Cache.OnAvailability's function.
@@ -490,9 +509,9 @@ func (t *Tracker) FleetChanged(up bool, err error) {
 	if !up {
 		f.lastErr, f.lastErrAt = "redis unavailable", now
 		if err != nil {
-			f.lastErr = err.Error()
+			f.lastErr = scrub.Truncate(err.Error(), maxFleetError)
 		}
-		ev = event{EventFleetDown, map[string]any{"error": f.lastErr}}
+		ev = event{EventFleetDown, map[string]any{"error": fleetErrorClass(err)}}
 	}
 	t.mu.Unlock()
 	t.send([]event{ev})

@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"os"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -60,6 +63,28 @@ func (e *emitted) emit(event string, data map[string]any) {
 		}
 	}
 	e.events = append(e.events, s)
+}
+
+// errRedisRefused is a refused connection to Redis, as a dial returns it.
+var errRedisRefused = &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
+
+// TestFleetErrorClass: a fleet tier failure's event names its kind, not
+// its text.
+func TestFleetErrorClass(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		want string
+	}{
+		{errRedisRefused, "refused"},
+		{fmt.Errorf("redis: %w", context.DeadlineExceeded), "timeout"},
+		{&net.OpError{Op: "read", Net: "tcp", Err: os.ErrDeadlineExceeded}, "timeout"},
+		{errors.New("NOAUTH Authentication required. redis://u:secret@10.0.0.1"), "error"},
+		{nil, "error"},
+	} {
+		if got := fleetErrorClass(tt.err); got != tt.want {
+			t.Errorf("%v: %q, want %q", tt.err, got, tt.want)
+		}
+	}
 }
 
 // bind returns a binding of merchant: its cache key is its merchant's
@@ -174,7 +199,7 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 		{"fleet", []step{
 			{"configured, up", func(tr *Tracker) { tr.SetFleet(true, true) }, nil},
 			{"up again", func(tr *Tracker) { tr.FleetChanged(true, nil) }, nil},
-			{"down", func(tr *Tracker) { tr.FleetChanged(false, errors.New("dial tcp 127.0.0.1:6379: connection refused")) }, []string{"fleet_tier_down error=dial tcp 127.0.0.1:6379: connection refused"}},
+			{"down", func(tr *Tracker) { tr.FleetChanged(false, errRedisRefused) }, []string{"fleet_tier_down error=refused"}},
 			{"down again", func(tr *Tracker) { tr.FleetChanged(false, errors.New("i/o timeout")) }, nil},
 			{"back", func(tr *Tracker) { tr.FleetChanged(true, nil) }, []string{"fleet_tier_recovered"}},
 		}},
