@@ -151,6 +151,7 @@ type backoffError struct {
 	err        error
 	retryAfter time.Duration
 	scope      Backoff
+	notCalled  bool // the policy refused the fetch before any call
 }
 
 func (e *backoffError) Error() string { return e.err.Error() }
@@ -188,6 +189,19 @@ func BackoffOf(err error) (Backoff, bool) {
 	return Backoff{}, false
 }
 
+// Called reports whether the fetch that ended with err called the token
+// API: false when the failure policy refused it without a call (a key's
+// or its source's backoff, an open breaker), also for the callers that
+// joined that fetch. True for nil and for any other error.
+func Called(err error) bool {
+	var be *backoffError
+	if errors.As(err, &be) {
+		return !be.notCalled
+	}
+	var ue *UnavailableError
+	return !errors.As(err, &ue)
+}
+
 // withBackoffLocked returns err with the time left until the policy lets
 // b's key call again; err itself when no backoff applies.
 func (p *policy) withBackoffLocked(b *Binding, err error, now time.Time) error {
@@ -203,7 +217,7 @@ func (p *policy) admit(b *Binding, now time.Time) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if h, scope := p.backoffLocked(b, now); h != nil {
-		return &backoffError{err: h.err, retryAfter: h.until.Sub(now), scope: scope}
+		return &backoffError{err: h.err, retryAfter: h.until.Sub(now), scope: scope, notCalled: true}
 	}
 	return nil
 }
