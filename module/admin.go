@@ -190,15 +190,16 @@ func apiError(err error) error {
 }
 
 // setRefreshToken serves PUT /token_broker/merchants/{id}/refresh_token
-// (adminapi.SetRefreshToken).
+// (adminapi.SetRefreshToken); the tracker is told of a consent granted,
+// not of a routine rotation.
 func setRefreshToken(w http.ResponseWriter, r *http.Request, app *App, merchant string) error {
-	provider, fingerprint, err := adminapi.SetRefreshToken(r, app.registry, app.broker, merchant)
+	provider, fingerprint, granted, err := adminapi.SetRefreshToken(r, app.registry, app.broker, merchant)
 	if err != nil {
 		return apiError(err)
 	}
 	app.logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", provider),
 		zap.String("fingerprint", fingerprint))
-	if app.tracker != nil {
+	if granted && app.tracker != nil {
 		app.tracker.ConsentGranted(provider, merchant)
 	}
 	return writeJSON(w, map[string]any{"merchant": merchant, "provider": provider, "stored": true, "fingerprint": fingerprint})

@@ -311,6 +311,10 @@ scopes = ["accounts"]
 	if got := state(); got != "fresh consent_required" {
 		t.Errorf("state %q; want fresh, the last error kept", got)
 	}
+	put("rt-rotated")
+	if got := took(); len(got) != 0 {
+		t.Errorf("a routine rotation: events %q, want none", got)
+	}
 }
 
 // TestStateFleetTier: with redis configured, the state has the fleet
