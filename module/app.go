@@ -82,6 +82,7 @@ type App struct {
 
 	registry    *config.Registry
 	metrics     *telemetry.Metrics
+	recorder    *telemetry.Recorder // of the bindings no handler made (checks)
 	metricsKey  string
 	broker      *broker.Broker
 	tracker     *opstate.Tracker // the operator's view, kept with the broker (pooledBroker)
@@ -192,6 +193,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	a.metricsKey = metricsPoolKey(merchantLabel)
+	a.instrument()
 	return a.registerStateCollector(ctx.GetMetricsRegistry())
 }
 

@@ -75,6 +75,14 @@ func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 	return r
 }
 
+// Observer returns the observer of a binding that no handler made (an
+// operator's check of a merchant no route has served): its fetches are
+// counted, logged and told to the tap, and its backoffs and breaker
+// changes recorded, as a handler binding's; its lookups are not counted.
+func (r *Recorder) Observer() broker.Observer {
+	return &Observer{r: r}
+}
+
 // exportZero exports the series of a provider that can stay unchanged
 // for long (purges, backoffs, breaker, refreshes), so that dashboards and
 // alerts see 0 rather than nothing.
