@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -535,9 +536,10 @@ func TestBuildSharedState(t *testing.T) {
 	}
 }
 
-// TestReconcile: reading the state emits nothing; Reconcile drops a
-// source the registries no longer name (provider_recovered) and keeps
-// one that another registry whose fetches the tracker is told of names.
+// TestReconcile: reading the state emits nothing; Reconcile (a scrape
+// runs it) drops a source the registries no longer name
+// (provider_recovered) and keeps one that another registry whose fetches
+// the tracker is told of names.
 func TestReconcile(t *testing.T) {
 	f := newStateFixture(t)
 	_ = f.get(t, "throttled") // the wildcard's merchant: a 429 holds nuapay's source
@@ -561,7 +563,9 @@ func TestReconcile(t *testing.T) {
 		{"a read", func(s Sources) { Build(s, Query{}, f.clk.Now()) }, nil, nil},
 		{"counts", func(s Sources) { Counts(s, f.clk.Now()) }, nil, nil},
 		{"a handler's registry still names the held source", Reconcile, []*config.Registry{f.reg}, nil},
-		{"no registry names it", Reconcile, nil, []string{"provider_recovered provider=nuapay"}},
+		{"a scrape, when no registry names it", func(s Sources) {
+			testutil.CollectAndCount(NewCollector(func() Sources { return s }, f.clk.Now, 0))
+		}, nil, []string{"provider_recovered provider=nuapay"}},
 	} {
 		s := f.sources()
 		s.Registry, s.Others = reloaded, tt.others
