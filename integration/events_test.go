@@ -242,8 +242,8 @@ func (e *eventsEnv) checkEventLines(t *testing.T, secrets ...string) {
 			t.Errorf("event %s from origin %q, want token_broker", l.Name, l.Origin)
 		}
 		for k := range l.Data {
-			if k != "merchant" && k != "provider" && k != "error" {
-				t.Errorf("event %s: data key %q, want merchant, provider and error only", l.Name, k)
+			if k != "merchant" && k != "provider" && k != "error" && k != "state" {
+				t.Errorf("event %s: data key %q, want merchant, provider, error and state only", l.Name, k)
 			}
 		}
 	}

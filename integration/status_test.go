@@ -164,7 +164,7 @@ func TestOperatorStatus(t *testing.T) {
 	t.Logf("$ caddy token-broker check badkey --config Caddyfile --address %s (exit %d)\n%s", admin, code, out)
 	noSecret("check", out)
 	wantCheck := fmt.Sprintf("badkey: REFUSED by nuapay_badkey (HTTP 401 40100): the provider refused the credentials; check api_key of [providers.nuapay_badkey] in %s:7", regPath)
-	if code != 1 || !strings.Contains(out, regPath+": valid (5 merchants, 4 providers)") || !strings.Contains(out, wantCheck) {
+	if code != 1 || !strings.Contains(out, regPath+": valid (6 merchants, 4 providers)") || !strings.Contains(out, wantCheck) {
 		t.Errorf("check badkey: exit %d\n%s\nwant exit 1, the registry valid, and %q", code, out, wantCheck)
 	}
 	// Checked again: the provider's credential is in backoff (2s after a
