@@ -176,6 +176,9 @@ type knowledge struct {
 // valid until the next call of each or of.
 func (k *knowledge) each(b *broker.Binding, f func(*known)) {
 	f(k.of(b.Merchant))
+	if len(k.idx.shared) == 0 {
+		return
+	}
 	for _, p := range k.idx.shared[b.Key()] {
 		if k.idx.merchants[p].ID != b.Merchant {
 			f(k.at(p))
@@ -339,10 +342,12 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		if src := idx.consent[prov]; src != nil && v.rank > rankNeedsConsent && !src.ConsentStatus(id).ConsentRequiredSince.IsZero() {
 			v.rank = rankNeedsConsent
 		}
-		if h, ok := held[prov]; ok && v.rank == rankIdle {
-			v.rank, v.backoffUntil, v.backoffAt, v.backoffErr = h.rank, h.until, h.at, h.err
-			if h.err != nil {
-				v.lastErr, v.lastErrAt = errcode.Classify(h.err), h.at
+		if v.rank == rankIdle && len(held) > 0 {
+			if h, ok := held[prov]; ok {
+				v.rank, v.backoffUntil, v.backoffAt, v.backoffErr = h.rank, h.until, h.at, h.err
+				if h.err != nil {
+					v.lastErr, v.lastErrAt = errcode.Classify(h.err), h.at
+				}
 			}
 		}
 		visit(&v)
