@@ -218,14 +218,15 @@ func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
 	return reg, nil
 }
 
-// Start makes the app the one the admin API serves, once the operator's
-// view agrees with the broker about the sources of the registries now
-// loaded (the app's and its handlers'). Tokens are fetched on demand.
+// Start makes the app the one the admin API serves and the one that
+// emits the operator's view's events, then makes that view agree with
+// the broker about the sources of the registries now loaded (the app's
+// and its handlers'). Tokens are fetched on demand.
 func (a *App) Start() error {
+	current.Store(a)
 	if a.tracker != nil {
 		opstate.Reconcile(a.stateSources())
 	}
-	current.Store(a)
 	return nil
 }
 

@@ -382,7 +382,10 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 // registry, the fleet tier's health, and the page of merchants (explicit
 // ones, including those without a cached token, and the wildcard's
 // active ones) that q selects, with the counts by state over every
-// merchant of q's provider. A merchant's state is the worst of its keys'.
+// merchant of q's provider. A merchant's state is the worst of its keys'
+// (those it shares with other merchants included); one without a token
+// or a state of its own takes its provider's hold (see hold). It only
+// reads: it emits no event (Reconcile does).
 // It runs in one pass over the merchants (walk); the explicit merchants'
 // ids are sorted once per registry.
 func Build(s Sources, q Query, now time.Time) Report {

@@ -7,10 +7,14 @@ package opstate
 import "time"
 
 // States of a merchant, worst first. A merchant with several cache keys
-// (route scopes, audiences) takes the worst state of its keys.
+// (route scopes, audiences) takes the worst state of its keys, including
+// a key it shares with other merchants (one organisation at a provider,
+// or a provider without organisations).
 const (
 	// StateRefused: the provider refused the credentials (invalid API key
-	// or client, token_refused).
+	// or client, token_refused), for this merchant's request or, while
+	// its provider's configuration is held after such a refusal, for
+	// another's.
 	StateRefused = "refused"
 	// StateUnknownOrganisation: the provider does not know the merchant's
 	// organisation.
@@ -19,7 +23,9 @@ const (
 	// bank: no refresh token, or the provider refused it.
 	StateNeedsConsent = "needs_consent"
 	// StateBackingOff: the last token request failed (provider down, rate
-	// limited, bad answer) and the key is in failure memory.
+	// limited, bad answer) and the key is in failure memory; or, for a
+	// merchant without a token, its provider's breaker is open or its
+	// configuration is held after a 429.
 	StateBackingOff = "backing_off"
 	// StateRefreshing: a cached token is in its refresh window.
 	StateRefreshing = "refreshing"

@@ -23,8 +23,8 @@ type TrackerOptions struct {
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
 	// Emit, when set, is told of each transition someone must act on
-	// (the Event* names), with data naming the merchant, the provider and
-	// the error code, never a token or a secret. It is called outside the
+	// (the Event* names), with data naming the merchant, the provider,
+	// the error code and the merchant's state, never a token or a secret. It is called outside the
 	// tracker's lock, on the token fetch path: it must be quick.
 	Emit func(event string, data map[string]any)
 	// Window is the span of a provider's Requests and Failures. Default
@@ -38,8 +38,9 @@ type TrackerOptions struct {
 
 // Tracker learns from the broker's observer calls what the operator's
 // view needs besides what the broker keeps: each merchant's last error
-// (kept after a success) and whether its last token request was refused,
-// for an unknown organisation, or for lack of consent; each provider's
+// (kept after a success) and, for each of its cache keys (a few at
+// most), whether the key's last token request was refused, for an
+// unknown organisation, or for lack of consent; each provider's
 // token requests over a sliding window and its last error; the fleet
 // tier's health. It emits an event on each transition (TrackerOptions.Emit),
 // never twice for the same state.
