@@ -149,6 +149,9 @@ func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadlin
 	tok, f, class, last, err := br.attempts(ctx, b, obs, background, deadline)
 	calls := len(f.Attempts)
 	err = br.pol.record(b, obs, err, class, calls, br.opts.Now())
+	if be := (*backoffError)(nil); calls == 0 && errors.As(err, &be) {
+		be.notCalled = true // refused by the breaker: record made be for this fetch
+	}
 	fo, _ := obs.(FetchObserver)
 	if fo == nil || calls == 0 {
 		return tok, calls, last, err

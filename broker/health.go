@@ -14,6 +14,8 @@ type SourceHealth struct {
 	BackoffUntil time.Time
 	// BackoffError is the failure behind BackoffUntil.
 	BackoffError error
+	// BackoffAt is when BackoffError happened (broker clock).
+	BackoffAt time.Time
 	// FailingKeys counts the source's keys in backoff now: their last
 	// fetch failed and their backoff has not ended.
 	FailingKeys int

@@ -63,10 +63,15 @@ func TestSourcesHealth(t *testing.T) {
 			if o := got["o#1"]; o.Failing() {
 				t.Errorf("the other source is reported failing: %+v", o)
 			}
-			// Backoffs visits the same keys, each with its failure.
+			if tt.wantHeld && (h.BackoffAt.IsZero() || !h.BackoffAt.Before(h.BackoffUntil)) {
+				t.Errorf("source backoff at %s until %s: want its failure's time", h.BackoffAt, h.BackoffUntil)
+			}
+			// Backoffs visits the same keys, each with its failure, outside
+			// the failure policy's lock: visit may call the broker.
 			visited := 0
 			br.Backoffs(func(b *Binding, err error, at, until time.Time) {
 				visited++
+				_ = br.SourcesHealth(b.SourceID)
 				if b.SourceID != "s#1" || !errors.Is(err, tt.err) || at.After(clock.Now()) || !until.After(clock.Now()) {
 					t.Errorf("backoff of %s: %v at %s until %s (now %s)", b.Merchant, err, at, until, clock.Now())
 				}
@@ -75,5 +80,45 @@ func TestSourcesHealth(t *testing.T) {
 				t.Errorf("Backoffs visited %d keys, want %d", visited, tt.wantKeys)
 			}
 		})
+	}
+}
+
+// TestCalled: Called tells a fetch that called the token API, even when
+// it left the key in backoff, from one the failure policy refused
+// without a call (a key's backoff, a source's, an open breaker).
+func TestCalled(t *testing.T) {
+	down := &APIError{Provider: "nuapay", StatusCode: http.StatusServiceUnavailable}
+	badKey := &APIError{Provider: "nuapay", StatusCode: http.StatusUnauthorized}
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: time.Hour}
+	br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: 2, FailureTTL: time.Minute})
+	fetch := func(merchant string) error {
+		_, err := br.Token(context.Background(), NewBinding("s#1", src, Request{Merchant: merchant, Organisation: merchant, Scopes: []string{"a"}}))
+		return err
+	}
+	for _, tt := range []struct {
+		name     string
+		answer   error
+		merchant string
+		called   bool
+	}{
+		{"a token", nil, "m0", true},
+		{"a failed call: its key backs off", down, "m1", true},
+		{"the key's backoff refuses", nil, "m1", false},
+		{"the second failure opens the breaker", down, "m2", true},
+		{"the open breaker refuses", nil, "m3", false},
+	} {
+		src.set(tt.answer)
+		if err := fetch(tt.merchant); Called(err) != tt.called {
+			t.Errorf("%s: Called(%v) = %v, want %v", tt.name, err, !tt.called, tt.called)
+		}
+	}
+	clock.Add(time.Hour)
+	src.set(badKey)
+	if err := fetch("m4"); !Called(err) {
+		t.Errorf("a refused credential: Called(%v) = false", err)
+	}
+	if err := fetch("m5"); Called(err) {
+		t.Errorf("the source's backoff refuses: Called(%v) = true", err)
 	}
 }

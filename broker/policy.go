@@ -151,6 +151,7 @@ type backoffError struct {
 	err        error
 	retryAfter time.Duration
 	scope      Backoff
+	notCalled  bool // the policy refused the fetch before any call
 }
 
 func (e *backoffError) Error() string { return e.err.Error() }
@@ -188,6 +189,19 @@ func BackoffOf(err error) (Backoff, bool) {
 	return Backoff{}, false
 }
 
+// Called reports whether the fetch that ended with err called the token
+// API: false when the failure policy refused it without a call (a key's
+// or its source's backoff, an open breaker), also for the callers that
+// joined that fetch. True for nil and for any other error.
+func Called(err error) bool {
+	var be *backoffError
+	if errors.As(err, &be) {
+		return !be.notCalled
+	}
+	var ue *UnavailableError
+	return !errors.As(err, &ue)
+}
+
 // withBackoffLocked returns err with the time left until the policy lets
 // b's key call again; err itself when no backoff applies.
 func (p *policy) withBackoffLocked(b *Binding, err error, now time.Time) error {
@@ -203,7 +217,7 @@ func (p *policy) admit(b *Binding, now time.Time) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if h, scope := p.backoffLocked(b, now); h != nil {
-		return &backoffError{err: h.err, retryAfter: h.until.Sub(now), scope: scope}
+		return &backoffError{err: h.err, retryAfter: h.until.Sub(now), scope: scope, notCalled: true}
 	}
 	return nil
 }
@@ -535,20 +549,29 @@ func (br *Broker) ForgetSource(sourceID string) int {
 	return c
 }
 
-// Backoffs calls visit, under the failure policy's lock, for every key
-// in backoff now (its last fetch failed and its failure memory has not
-// ended), with the binding of its last failure, that failure, when it
-// happened and until when the key is not called. visit must be quick and
-// must not call the Broker.
+// Backoffs calls visit for every key in backoff now (its last fetch
+// failed and its failure memory has not ended), with the binding of its
+// last failure, that failure, when it happened and until when the key is
+// not called. The keys are copied under the failure policy's lock and
+// visited after it is released: visit may take its time.
 func (br *Broker) Backoffs(visit func(b *Binding, err error, at, until time.Time)) {
+	type held struct {
+		b         *Binding
+		err       error
+		at, until time.Time
+	}
 	now := br.opts.Now()
 	p := &br.pol
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	keys := make([]held, 0, len(p.keys))
 	for _, ks := range p.keys {
 		if ks.mem.active(now) {
-			visit(ks.b, ks.mem.err, ks.mem.at, ks.mem.until)
+			keys = append(keys, held{ks.b, ks.mem.err, ks.mem.at, ks.mem.until})
 		}
+	}
+	p.mu.Unlock()
+	for _, k := range keys {
+		visit(k.b, k.err, k.at, k.until)
 	}
 }
 
@@ -557,14 +580,19 @@ func (br *Broker) Backoffs(visit func(b *Binding, err error, at, until time.Time
 func (br *Broker) SourcesHealth(sourceIDs ...string) map[string]SourceHealth {
 	now := br.opts.Now()
 	out := make(map[string]SourceHealth, len(sourceIDs))
-	for _, id := range sourceIDs {
-		h := SourceHealth{Breaker: br.BreakerState(id)}
-		h.BackoffUntil, h.BackoffError = br.SourceBackoff(id)
-		out[id] = h
-	}
 	p := &br.pol
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	for _, id := range sourceIDs {
+		h := SourceHealth{Breaker: BreakerClosed}
+		if ss := p.sources[id]; ss != nil {
+			h.Breaker = ss.brk.State()
+			if ss.backoff.active(now) {
+				h.BackoffUntil, h.BackoffError, h.BackoffAt = ss.backoff.until, ss.backoff.err, ss.backoff.at
+			}
+		}
+		out[id] = h
+	}
 	for _, ks := range p.keys {
 		h, ok := out[ks.b.SourceID]
 		if !ok || !ks.mem.active(now) {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -21,8 +22,9 @@ import (
 
 // eventsRegistry is the registry of TestEvents: acme and initech at the
 // sandbox's Nuapay, ghost with an organisation the sandbox does not know,
-// stale with a partner API key the sandbox does not accept, and hooli and
-// umbrella at the sandbox bank, consenting there.
+// stale with a partner API key the sandbox does not accept, and hooli,
+// umbrella, wayne and stark at the sandbox bank (hooli consents there,
+// the others get refresh tokens through the admin API).
 const eventsRegistry = `[providers.np]
 type = "nuapay"
 base_url = "{env.SANDBOX_URL}"
@@ -70,6 +72,14 @@ provider = "bank"
 scopes = ["accounts"]
 
 [merchants.umbrella]
+provider = "bank"
+scopes = ["accounts"]
+
+[merchants.wayne]
+provider = "bank"
+scopes = ["accounts"]
+
+[merchants.stark]
 provider = "bank"
 scopes = ["accounts"]
 `
@@ -232,8 +242,8 @@ func (e *eventsEnv) checkEventLines(t *testing.T, secrets ...string) {
 			t.Errorf("event %s from origin %q, want token_broker", l.Name, l.Origin)
 		}
 		for k := range l.Data {
-			if k != "merchant" && k != "provider" && k != "error" {
-				t.Errorf("event %s: data key %q, want merchant, provider and error only", l.Name, k)
+			if k != "merchant" && k != "provider" && k != "error" && k != "state" {
+				t.Errorf("event %s: data key %q, want merchant, provider, error and state only", l.Name, k)
 			}
 		}
 	}
@@ -258,8 +268,10 @@ func (e *eventsEnv) checkEventLines(t *testing.T, secrets ...string) {
 func TestEvents(t *testing.T) {
 	env := startEventsCaddy(t, "")
 	sb, base, admin := env.sb, env.base, env.admin
-	loadedRT := []string{sb.IssueRefreshToken("events-bank-client", []string{"accounts"}),
-		sb.IssueRefreshToken("events-bank-client", []string{"accounts"})}
+	var loadedRT []string
+	for range 4 {
+		loadedRT = append(loadedRT, sb.IssueRefreshToken("events-bank-client", []string{"accounts"}))
+	}
 	loadRT := func(t *testing.T, merchant, rt string) {
 		t.Helper()
 		req := mustReq(t, http.MethodPut, admin+"/token_broker/merchants/"+merchant+"/refresh_token",
@@ -288,7 +300,7 @@ func TestEvents(t *testing.T) {
 		want []eventlog.Line
 	}{
 		{"consent needed", call("hooli", "/accounts", http.StatusBadGateway, "consent_required"),
-			[]eventlog.Line{{Name: opstate.EventConsentNeeded, Data: map[string]any{"merchant": "hooli", "provider": "bank", "error": "consent_required"}}}},
+			[]eventlog.Line{{Name: opstate.EventConsentNeeded, Data: map[string]any{"merchant": "hooli", "provider": "bank", "error": "consent_required", "state": opstate.StateNeedsConsent}}}},
 		{"consent granted at the bank", func(t *testing.T) {
 			status, link := consentLink(t, base, "hooli", "")
 			if status != http.StatusOK {
@@ -299,12 +311,21 @@ func TestEvents(t *testing.T) {
 		}, []eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "hooli", "provider": "bank"}}}},
 		{"refresh token loaded by an operator", func(t *testing.T) { loadRT(t, "umbrella", loadedRT[0]) },
 			[]eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "umbrella", "provider": "bank"}}}},
+		{"a refresh token rotated: no event (the next merchant's event comes after where it would be)", func(t *testing.T) {
+			from := len(readEvents(t, env.log))
+			loadRT(t, "umbrella", loadedRT[1])
+			loadRT(t, "wayne", loadedRT[2])
+			lines := waitEvents(t, env.log, from, []eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "wayne", "provider": "bank"}}}, nil)
+			if hasEvent(lines, opstate.EventConsentGranted, map[string]any{"merchant": "umbrella", "provider": "bank"}) {
+				t.Errorf("a routine rotation of umbrella's refresh token emitted %s: %v", opstate.EventConsentGranted, lines)
+			}
+		}, nil},
 		{"token refused: partner API key", call("stale", "/tpp/payments", http.StatusBadGateway, "token_refused"),
 			// The refused credential also holds the provider's configuration.
-			[]eventlog.Line{{Name: opstate.EventTokenRefused, Data: map[string]any{"merchant": "stale", "provider": "np-stale", "error": "token_refused"}},
+			[]eventlog.Line{{Name: opstate.EventTokenRefused, Data: map[string]any{"merchant": "stale", "provider": "np-stale", "error": "token_refused", "state": opstate.StateRefused}},
 				{Name: opstate.EventProviderFailing, Data: map[string]any{"provider": "np-stale", "error": "token_refused"}}}},
 		{"token refused: unknown organisation", call("ghost", "/tpp/payments", http.StatusBadGateway, "token_refused"),
-			[]eventlog.Line{{Name: opstate.EventTokenRefused, Data: map[string]any{"merchant": "ghost", "provider": "np", "error": "token_refused"}}}},
+			[]eventlog.Line{{Name: opstate.EventTokenRefused, Data: map[string]any{"merchant": "ghost", "provider": "np", "error": "token_refused", "state": opstate.StateUnknownOrganisation}}}},
 		{"provider failing", func(t *testing.T) {
 			// Every attempt of the fetch is throttled: the provider is held
 			// for its Retry-After.
@@ -340,8 +361,8 @@ func TestEvents(t *testing.T) {
 			if resp.StatusCode != http.StatusOK {
 				t.Fatalf("POST /load: %d", resp.StatusCode)
 			}
-			loadRT(t, "hooli", loadedRT[1])
-		}, []eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "hooli", "provider": "bank"}}}},
+			loadRT(t, "stark", loadedRT[3])
+		}, []eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "stark", "provider": "bank"}}}},
 	} {
 		if !t.Run(step.name, func(t *testing.T) {
 			from := len(readEvents(t, env.log))
@@ -393,8 +414,8 @@ func TestEventsFleetTier(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if len(down) != 1 || len(down[0].Data) != 1 || down[0].Data["error"] == "" {
-		t.Errorf("%v, want one %s with the error alone", down, opstate.EventFleetDown)
+	if len(down) != 1 || len(down[0].Data) != 1 || !slices.Contains([]any{"refused", "timeout", "error"}, down[0].Data["error"]) {
+		t.Errorf("%v, want one %s with the kind of error alone", down, opstate.EventFleetDown)
 	}
 
 	from := len(readEvents(t, env.log))

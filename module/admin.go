@@ -15,7 +15,6 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
-	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -128,15 +127,16 @@ func (adminAPI) merchant(w http.ResponseWriter, r *http.Request) error {
 // checkMerchant serves POST /token_broker/merchants/{id}/check
 // (adminapi.Check), on the merchant's binding of the app's routes when it
 // has one (its requests' observer sees the fetch), else on one of its own
-// scopes whose fetch the operator's view is told of.
+// scopes, observed by the app's recorder: counted, logged and told to
+// the operator's view like a route's fetch.
 func checkMerchant(w http.ResponseWriter, r *http.Request, app *App, merchant string) error {
 	var b *broker.Binding
 	if app.registry != nil {
 		if bound := app.tables.Bindings(app.registry, merchant); len(bound) > 0 {
 			b = &bound[0].Binding
-		} else if m, _, ok := app.registry.Merchant(merchant); ok && app.tracker != nil {
+		} else if app.recorder != nil {
 			if bd, err := app.registry.Binding(merchant, nil); err == nil {
-				bd.Observer = telemetry.TapObserver{Tap: app.tracker, Provider: m.Provider}
+				bd.Observer = app.recorder.Observer()
 				b = bd
 			}
 		}
@@ -190,15 +190,16 @@ func apiError(err error) error {
 }
 
 // setRefreshToken serves PUT /token_broker/merchants/{id}/refresh_token
-// (adminapi.SetRefreshToken).
+// (adminapi.SetRefreshToken); the tracker is told of a consent granted,
+// not of a routine rotation.
 func setRefreshToken(w http.ResponseWriter, r *http.Request, app *App, merchant string) error {
-	provider, fingerprint, err := adminapi.SetRefreshToken(r, app.registry, app.broker, merchant)
+	provider, fingerprint, granted, err := adminapi.SetRefreshToken(r, app.registry, app.broker, merchant)
 	if err != nil {
 		return apiError(err)
 	}
 	app.logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", provider),
 		zap.String("fingerprint", fingerprint))
-	if app.tracker != nil {
+	if granted && app.tracker != nil {
 		app.tracker.ConsentGranted(provider, merchant)
 	}
 	return writeJSON(w, map[string]any{"merchant": merchant, "provider": provider, "stored": true, "fingerprint": fingerprint})

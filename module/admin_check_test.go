@@ -10,12 +10,15 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
+	zapobserver "go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
@@ -41,9 +44,11 @@ scopes = ["accounts"]
 	if err != nil {
 		t.Fatal(err)
 	}
-	app := &App{registry: reg, logger: zap.NewNop(), tables: &tables{}, tracker: opstate.NewTracker(opstate.TrackerOptions{}),
-		broker: broker.New(broker.Options{MaxAttempts: 1})}
+	core, logs := zapobserver.New(zap.InfoLevel)
+	app := &App{registry: reg, logger: zap.New(core), tables: &tables{}, tracker: opstate.NewTracker(opstate.TrackerOptions{}),
+		broker: broker.New(broker.Options{MaxAttempts: 1}), metrics: telemetry.NewMetrics(false)}
 	t.Cleanup(app.broker.Close)
+	app.instrument()
 	prev := current.Swap(app)
 	t.Cleanup(func() { current.Store(prev) })
 	tests := []struct {
@@ -82,5 +87,12 @@ scopes = ["accounts"]
 	rep := opstate.Build(app.stateSources(), opstate.Query{}, time.Now())
 	if len(rep.Merchants) != 1 || rep.Merchants[0].State != opstate.StateNeedsConsent {
 		t.Fatalf("the state after the check: %+v, want acme needing consent", rep.Merchants)
+	}
+	// The check's call is counted and logged like a route's.
+	if n := testutil.ToFloat64(app.metrics.TokenRequests.WithLabelValues("bank", "consent_required")); n != 1 {
+		t.Errorf("token_requests_total{provider=bank,outcome=consent_required} = %v, want 1", n)
+	}
+	if n := logs.FilterMessage("token fetch failed").FilterField(zap.String("merchant", "acme")).Len(); n != 1 {
+		t.Errorf("%d token fetch lines, want 1", n)
 	}
 }

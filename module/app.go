@@ -82,6 +82,7 @@ type App struct {
 
 	registry    *config.Registry
 	metrics     *telemetry.Metrics
+	recorder    *telemetry.Recorder // of the bindings no handler made (checks)
 	metricsKey  string
 	broker      *broker.Broker
 	tracker     *opstate.Tracker // the operator's view, kept with the broker (pooledBroker)
@@ -192,6 +193,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	a.metricsKey = metricsPoolKey(merchantLabel)
+	a.instrument()
 	return a.registerStateCollector(ctx.GetMetricsRegistry())
 }
 
@@ -216,10 +218,15 @@ func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
 	return reg, nil
 }
 
-// Start makes the app the one the admin API serves. Tokens are fetched on
-// demand.
+// Start makes the app the one the admin API serves and the one that
+// emits the operator's view's events, then makes that view agree with
+// the broker about the sources of the registries now loaded (the app's
+// and its handlers'). Tokens are fetched on demand.
 func (a *App) Start() error {
 	current.Store(a)
+	if a.tracker != nil {
+		opstate.Reconcile(a.stateSources())
+	}
 	return nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"go.uber.org/zap"
 
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbox"
 )
 
@@ -56,22 +57,14 @@ func (a *App) provisionEvents(ctx caddy.Context) error {
 }
 
 // emit emits a token broker event (one of opstate.Event*) through Caddy's
-// events app, without waiting for its handlers (see provisionEvents).
-// Of data it keeps the keys "merchant", "provider" and "error" (an error
-// code, or the fleet tier's failure) with non-empty string values, and
-// nothing else, so that no token or secret can reach an event. It does
-// nothing without an events app.
+// events app, without waiting for its handlers (see provisionEvents),
+// with what opstate.EventData keeps of data. It does nothing without an
+// events app.
 func (a *App) emit(event string, data map[string]any) {
 	if a.events == nil {
 		return
 	}
-	kept := make(map[string]any, len(data))
-	for k, v := range data {
-		if s, ok := v.(string); ok && s != "" && (k == "merchant" || k == "provider" || k == "error") {
-			kept[k] = s
-		}
-	}
-	a.events.Put(outbox.Event{Name: event, Data: kept})
+	a.events.Put(outbox.Event{Name: event, Data: opstate.EventData(data)})
 }
 
 // startDelivery is the events app handler of Caddy's "started" event that

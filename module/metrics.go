@@ -5,10 +5,13 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
+	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 // MetricsConfig configures the broker's Prometheus metrics, shown on Caddy's
@@ -72,21 +75,36 @@ func loadMetrics(registry *prometheus.Registry, merchantLabel bool) (*telemetry.
 // of the handler an observer with its counters resolved. Called at the
 // end of Provision.
 func (h *Handler) instrument(m *telemetry.Metrics) {
+	h.metrics = newRecorder(m, h.tracker, h.logger, h.bindings, h.registry, h.broker)
+}
+
+// instrument gives the app the telemetry.Recorder of the bindings no
+// handler made (a check of a merchant no route has served), on the
+// app's metrics, tracker and logger.
+func (a *App) instrument() {
+	a.recorder = newRecorder(a.metrics, a.tracker, a.logger, nil, a.registry, a.broker)
+}
+
+// newRecorder returns the telemetry.Recorder of the bindings of table
+// (nil: none), whose providers are reg's (nil: none known), on the
+// metrics m, telling tracker (nil: none) and br's breaker states (nil:
+// closed).
+func newRecorder(m *telemetry.Metrics, tracker *opstate.Tracker, logger *zap.Logger, table *bindings.Table, reg *config.Registry, br *broker.Broker) *telemetry.Recorder {
 	providers := make(map[string]string)
-	if h.registry != nil {
-		for name, p := range h.registry.Providers {
+	if reg != nil {
+		for name, p := range reg.Providers {
 			providers[p.ID] = name
 		}
 	}
 	var breaker func(sourceID string) broker.BreakerState
-	if h.broker != nil {
-		breaker = h.broker.BreakerState
+	if br != nil {
+		breaker = br.BreakerState
 	}
 	var tap telemetry.Tap
-	if h.tracker != nil {
-		tap = h.tracker
+	if tracker != nil {
+		tap = tracker
 	}
-	h.metrics = telemetry.NewRecorder(m, tap, h.logger, h.bindings, providers, breaker)
+	return telemetry.NewRecorder(m, tap, logger, table, providers, breaker)
 }
 
 // registerStateCollector adds the collector of the app's operator's view

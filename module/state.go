@@ -14,9 +14,9 @@ import (
 
 // stateSources are what the operator's view of the app is built from:
 // its registry (an empty one when it has none), its broker, the active
-// wildcard merchants of its binding tables, its tracker, and its
-// registry's index (kept with the app, so that it goes with the
-// registry).
+// wildcard merchants of its binding tables, its tracker, its registry's
+// index (kept with the app, so that it goes with the registry), and the
+// handlers' own registries, whose fetches the tracker is told of too.
 func (a *App) stateSources() opstate.Sources {
 	s := opstate.Sources{Registry: a.registry, Broker: a.broker, Tracker: a.tracker, Index: a.stateIndex}
 	if s.Registry == nil {
@@ -24,6 +24,11 @@ func (a *App) stateSources() opstate.Sources {
 	}
 	if a.tables != nil {
 		a.tables.Each(func(t *bindings.Table) { s.Tables = append(s.Tables, t) })
+	}
+	if a.watched != nil {
+		for _, r := range a.watched.Registries() {
+			s.Others = append(s.Others, r.Registry)
+		}
 	}
 	return s
 }

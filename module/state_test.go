@@ -311,6 +311,10 @@ scopes = ["accounts"]
 	if got := state(); got != "fresh consent_required" {
 		t.Errorf("state %q; want fresh, the last error kept", got)
 	}
+	put("rt-rotated")
+	if got := took(); len(got) != 0 {
+		t.Errorf("a routine rotation: events %q, want none", got)
+	}
 }
 
 // TestStateFleetTier: with redis configured, the state has the fleet
@@ -366,3 +370,56 @@ func TestStateFleetTier(t *testing.T) {
 // fleetBreakerThreshold is how many Redis failures open the fleet tier's
 // breaker (fleet.DefaultBreakerThreshold): a lookup makes at least one.
 const fleetBreakerThreshold = fleet.DefaultBreakerThreshold
+
+// TestStateHandlersRegistry: a handler with a registry of its own, whose
+// provider has the name of the app's, is held (a 429): the app's start
+// (a reload) and a scrape keep it failing (no provider_recovered), since
+// the handler's registry is among the operator's view's sources; reading
+// the state emits nothing.
+func TestStateHandlersRegistry(t *testing.T) {
+	app, _ := stateApp(t)
+	var mu sync.Mutex
+	var events []string
+	app.tracker = opstate.NewTracker(opstate.TrackerOptions{Emit: func(event string, data map[string]any) {
+		mu.Lock()
+		defer mu.Unlock()
+		events = append(events, fmt.Sprintf("%s %v", event, data["provider"]))
+	}})
+	app.watched = &watchList{}
+	took := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		out := events
+		events = nil
+		return out
+	}
+	own, err := configtest.Load(t, "own.toml", []byte(strings.Replace(stateAdminTOML, "127.0.0.1:1", "127.0.0.1:2", 1)),
+		config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	own.Providers["nuapay"].Source = sourceFunc(func(context.Context, broker.Request) (broker.Token, error) {
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: time.Minute}
+	})
+	app.watch(own, nil)
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
+		header: "Authorization", broker: app.broker, tracker: app.tracker, registry: own}
+	h.bindings = app.tables.Table(own, nil, nil)
+	h.instrument(nil)
+	if rec := request(t, h, "m-fresh"); rec.Code != http.StatusServiceUnavailable {
+		t.Fatalf("the handler's throttled provider: %d %s", rec.Code, rec.Body)
+	}
+	if got := took(); !slices.Equal(got, []string{"provider_failing nuapay"}) {
+		t.Fatalf("events %q", got)
+	}
+	if err := app.Start(); err != nil {
+		t.Fatal(err)
+	}
+	getState(t, http.MethodGet, "")
+	c := opstate.NewCollector(app.stateSources, nil, 0)
+	ch := make(chan prometheus.Metric, 100)
+	c.Collect(ch)
+	if got := took(); len(got) != 0 {
+		t.Errorf("events after a start, a read and a scrape: %q, want none", got)
+	}
+}

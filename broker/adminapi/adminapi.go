@@ -189,19 +189,21 @@ func Revoke(ctx context.Context, entries []*broker.Entry) []RevokeResult {
 // {"refresh_token": "..."}, for a merchant of reg whose provider uses
 // the refresh_token grant, drops br's cached access tokens of the
 // merchant and forgets its remembered consent_required, so that its next
-// call refreshes at once. It returns the merchant's provider and the
-// refresh token's fingerprint; a refusal is an *Error.
-func SetRefreshToken(r *http.Request, reg *config.Registry, br *broker.Broker, merchant string) (provider, fingerprint string, err error) {
+// call refreshes at once. It returns the merchant's provider, the
+// refresh token's fingerprint and whether it grants consent (the
+// merchant needed consent or had no refresh token; not a routine
+// rotation); a refusal is an *Error.
+func SetRefreshToken(r *http.Request, reg *config.Registry, br *broker.Broker, merchant string) (provider, fingerprint string, granted bool, err error) {
 	if reg == nil {
-		return "", "", &Error{Status: http.StatusNotFound, Err: errors.New("no merchant registry is loaded")}
+		return "", "", false, &Error{Status: http.StatusNotFound, Err: errors.New("no merchant registry is loaded")}
 	}
 	m, ok := reg.Merchants[merchant]
 	if !ok {
-		return "", "", &Error{Status: http.StatusNotFound, Err: fmt.Errorf("merchant %q is not in the registry", merchant)}
+		return "", "", false, &Error{Status: http.StatusNotFound, Err: fmt.Errorf("merchant %q is not in the registry", merchant)}
 	}
 	src, ok := reg.Providers[m.Provider].Source.(*oauth.RefreshToken)
 	if !ok {
-		return "", "", &Error{Status: http.StatusConflict,
+		return "", "", false, &Error{Status: http.StatusConflict,
 			Err: fmt.Errorf("merchant %q: provider %q does not use the refresh_token grant", merchant, m.Provider)}
 	}
 	var body struct {
@@ -209,13 +211,18 @@ func SetRefreshToken(r *http.Request, reg *config.Registry, br *broker.Broker, m
 	}
 	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&body); err != nil || body.RefreshToken == "" ||
 		strings.ContainsAny(body.RefreshToken, "\r\n\x00") {
-		return "", "", &Error{Status: http.StatusBadRequest, Err: errors.New(`the body must be {"refresh_token": "<token>"} with a non-empty token`)}
+		return "", "", false, &Error{Status: http.StatusBadRequest, Err: errors.New(`the body must be {"refresh_token": "<token>"} with a non-empty token`)}
 	}
 	rt := broker.Secret(body.RefreshToken)
+	granted = !src.ConsentStatus(merchant).ConsentRequiredSince.IsZero()
+	if !granted {
+		_, err := src.Store().Load(r.Context(), src.StoreKey(merchant))
+		granted = errors.Is(err, oauth.ErrNoRefreshToken)
+	}
 	if err := src.SetRefreshToken(r.Context(), merchant, rt); err != nil {
-		return "", "", &Error{Status: http.StatusInternalServerError, Err: fmt.Errorf("storing the refresh token of %q: %w", merchant, err)}
+		return "", "", false, &Error{Status: http.StatusInternalServerError, Err: fmt.Errorf("storing the refresh token of %q: %w", merchant, err)}
 	}
 	br.PurgeMerchant(merchant)
 	consentweb.ForgetConsentRequired(br, m.Provider, merchant)
-	return m.Provider, rt.Fingerprint(), nil
+	return m.Provider, rt.Fingerprint(), granted, nil
 }

@@ -81,7 +81,7 @@ func Check(ctx context.Context, reg *config.Registry, br *broker.Broker, b *brok
 	}
 	res := CheckResult{Merchant: merchant, Provider: m.Provider, ProviderType: p.Type}
 	checked, err := br.Check(ctx, b)
-	res.Called = checked.Calls > 0 || checked.Joined
+	res.Called = checked.Calls > 0 || (checked.Joined && broker.Called(err))
 	if err == nil {
 		tok := checked.Entry.Token()
 		res.OK, res.Outcome, res.Called = true, OutcomeOK, true

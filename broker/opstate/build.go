@@ -28,6 +28,10 @@ type Sources struct {
 	// Index keeps what is computed once per registry (nil: computed
 	// on each Build).
 	Index *Index
+	// Others are the registries whose token requests the tracker is told
+	// of besides Registry's (handlers' own): Reconcile covers their
+	// providers' sources; Build and Counts do not report them.
+	Others []*config.Registry
 }
 
 // Index keeps what Build computes once per registry: its merchants
@@ -82,14 +86,20 @@ func (c *byRank) counts() map[string]int {
 }
 
 // registryIndex is a registry's explicit merchants sorted by id, with
-// their positions and their counts by provider, made once per registry
-// (Index).
+// their positions, their counts by provider and the cache keys they
+// share, made once per registry (Index).
 type registryIndex struct {
 	reg       *config.Registry
 	merchants []*config.Merchant
 	pos       map[string]int32               // merchant id -> its index in merchants
 	count     map[string]int                 // provider name -> explicit merchants
 	consent   map[string]*oauth.RefreshToken // refresh_token providers' sources
+	// shared maps the cache key of the binding without route scopes
+	// (config.Registry.Binding) that two explicit merchants or more have
+	// (the same organisation at one provider, or none) to their
+	// positions: a token cached or a failure remembered under it is
+	// theirs alike.
+	shared map[string][]int32
 }
 
 // of returns the index of reg, made when reg is not the one indexed
@@ -103,9 +113,19 @@ func (x *Index) of(reg *config.Registry) *registryIndex {
 	idx := &registryIndex{reg: reg, merchants: slices.Collect(maps.Values(reg.Merchants)),
 		pos: make(map[string]int32, len(reg.Merchants)), count: map[string]int{}, consent: map[string]*oauth.RefreshToken{}}
 	slices.SortFunc(idx.merchants, func(a, b *config.Merchant) int { return strings.Compare(a.ID, b.ID) })
+	byKey := make(map[string][]int32, len(idx.merchants))
 	for i, m := range idx.merchants {
 		idx.pos[m.ID] = int32(i)
 		idx.count[m.Provider]++
+		if b, err := reg.Binding(m.ID, nil); err == nil {
+			byKey[b.Key()] = append(byKey[b.Key()], int32(i))
+		}
+	}
+	idx.shared = map[string][]int32{}
+	for key, at := range byKey {
+		if len(at) > 1 {
+			idx.shared[key] = at
+		}
 	}
 	for name, p := range reg.Providers {
 		if src, ok := p.Source.(*oauth.RefreshToken); ok {
@@ -150,15 +170,37 @@ type knowledge struct {
 	dense []known
 }
 
+// each calls f with what is known of every merchant whose key b's is:
+// b's merchant and the explicit merchants sharing b's key
+// (registryIndex.shared), each made empty on first use. The pointer is
+// valid until the next call of each or of.
+func (k *knowledge) each(b *broker.Binding, f func(*known)) {
+	f(k.of(b.Merchant))
+	if len(k.idx.shared) == 0 {
+		return
+	}
+	for _, p := range k.idx.shared[b.Key()] {
+		if k.idx.merchants[p].ID != b.Merchant {
+			f(k.at(p))
+		}
+	}
+}
+
+// at returns what is known of the explicit merchant at position p, made
+// empty on first use. The pointer is valid until the next call.
+func (k *knowledge) at(p int32) *known {
+	if k.slot[p] == 0 {
+		k.dense = append(k.dense, known{rank: rankIdle, failure: rankIdle})
+		k.slot[p] = int32(len(k.dense))
+	}
+	return &k.dense[k.slot[p]-1]
+}
+
 // of returns what is known of merchant id, made empty on first use. The
 // pointer is valid until the next call.
 func (k *knowledge) of(id string) *known {
 	if p, ok := k.idx.pos[id]; ok {
-		if k.slot[p] == 0 {
-			k.dense = append(k.dense, known{rank: rankIdle, failure: rankIdle})
-			k.slot[p] = int32(len(k.dense))
-		}
-		return &k.dense[k.slot[p]-1]
+		return k.at(p)
 	}
 	i, ok := k.other[id]
 	if !ok {
@@ -177,41 +219,94 @@ type merchantView struct {
 	known
 }
 
+// hold is the state that a provider whose source is in backoff or whose
+// breaker is open puts its merchants in when they have neither a cached
+// token nor a state of their own: their token requests answer the
+// source's error without calling its token API.
+type hold struct {
+	rank      rank
+	until, at int64 // unix nanoseconds; 0: none
+	err       error
+}
+
+// sourcesHealth returns the health of the source of every provider of
+// the registry, by provider name.
+func sourcesHealth(s Sources) map[string]broker.SourceHealth {
+	ids := make([]string, 0, len(s.Registry.Providers))
+	for _, p := range s.Registry.Providers {
+		ids = append(ids, p.ID)
+	}
+	health := s.Broker.SourcesHealth(ids...)
+	out := make(map[string]broker.SourceHealth, len(s.Registry.Providers))
+	for name, p := range s.Registry.Providers {
+		out[name] = health[p.ID]
+	}
+	return out
+}
+
+// holds returns the holds of the providers whose source is in backoff
+// (its state from its error: refused for a refused credential,
+// backing_off for a 429) or whose breaker is open (backing_off).
+func holds(health map[string]broker.SourceHealth) map[string]hold {
+	out := map[string]hold{}
+	for name, h := range health {
+		switch {
+		case !h.BackoffUntil.IsZero():
+			out[name] = hold{rank: rankOf(failureState(h.BackoffError, errcode.Classify(h.BackoffError))),
+				until: h.BackoffUntil.UnixNano(), at: h.BackoffAt.UnixNano(), err: h.BackoffError}
+		case h.Breaker == broker.BreakerOpen:
+			hd := hold{rank: rankBackingOff, err: h.LastError}
+			if !h.LastFailure.IsZero() {
+				hd.at = h.LastFailure.UnixNano()
+			}
+			out[name] = hd
+		}
+	}
+	return out
+}
+
 // walk calls visit for every merchant of s (of provider only, when not
 // ""), sorted by id: the registry's explicit merchants and the active
 // wildcard ones, each with its state. It reads the cached entries, the
-// keys in backoff and the tracker's merchants once each, then passes over
-// the merchants. It returns the tracker's snapshot, the registry's index
-// and the active wildcard merchants by provider.
-func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)) (snapshot, *registryIndex, map[string]int) {
+// keys in backoff, the sources' health and the tracker's merchants once
+// each, then passes over the merchants. It returns the tracker's
+// snapshot, the registry's index, the active wildcard merchants by
+// provider and the health of the providers' sources by name.
+func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)) (snapshot, *registryIndex, map[string]int, map[string]broker.SourceHealth) {
 	t := s.Tracker
 	idx := s.Index.of(s.Registry)
 	snap := t.snapshot(now)
+	health := sourcesHealth(s)
+	held := holds(health)
 
 	entries := s.Broker.Entries()
 	kn := knowledge{idx: idx, slot: make([]int32, len(idx.merchants)), other: map[string]int32{},
 		dense: make([]known, 0, len(entries)+64)}
 	for _, e := range entries {
-		k := kn.of(e.Binding().Merchant)
 		r := rankFresh
 		if !now.Before(e.RefreshAt()) {
 			r = rankRefreshing
 		}
-		k.rank = min(k.rank, r)
-		if exp := e.Token().Expiry.UnixNano(); k.expiry == 0 || exp < k.expiry {
-			k.expiry = exp
-		}
+		exp := e.Token().Expiry.UnixNano()
+		kn.each(e.Binding(), func(k *known) {
+			k.rank = min(k.rank, r)
+			if k.expiry == 0 || exp < k.expiry {
+				k.expiry = exp
+			}
+		})
 	}
 	s.Broker.Backoffs(func(b *broker.Binding, err error, at, until time.Time) {
-		k := kn.of(b.Merchant)
-		k.rank = min(k.rank, rankBackingOff)
-		if u := until.UnixNano(); u > k.backoffUntil {
-			k.backoffUntil, k.backoffErr, k.backoffAt = u, err, at.UnixNano()
-		}
+		u := until.UnixNano()
+		kn.each(b, func(k *known) {
+			k.rank = min(k.rank, rankBackingOff)
+			if u > k.backoffUntil {
+				k.backoffUntil, k.backoffErr, k.backoffAt = u, err, at.UnixNano()
+			}
+		})
 	})
 	t.eachMerchant(func(id string, rec *merchantRecord) {
 		k := kn.of(id)
-		k.failure, k.lastErr = rankOf(rec.failure), rec.lastErr
+		k.failure, k.lastErr = rankOf(rec.failure()), rec.lastErr
 		if !rec.lastErrAt.IsZero() {
 			k.lastErrAt = rec.lastErrAt.UnixNano()
 		}
@@ -247,6 +342,14 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		if src := idx.consent[prov]; src != nil && v.rank > rankNeedsConsent && !src.ConsentStatus(id).ConsentRequiredSince.IsZero() {
 			v.rank = rankNeedsConsent
 		}
+		if v.rank == rankIdle && len(held) > 0 {
+			if h, ok := held[prov]; ok {
+				v.rank, v.backoffUntil, v.backoffAt, v.backoffErr = h.rank, h.until, h.at, h.err
+				if h.err != nil {
+					v.lastErr, v.lastErrAt = errcode.Classify(h.err), h.at
+				}
+			}
+		}
 		visit(&v)
 	}
 	i, j := 0, 0
@@ -272,14 +375,17 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		one(w.id, w.provider, w.organisation, true, k)
 		j++
 	}
-	return snap, idx, activeBy
+	return snap, idx, activeBy, health
 }
 
 // Build computes the Report answering q at now: every provider of the
 // registry, the fleet tier's health, and the page of merchants (explicit
 // ones, including those without a cached token, and the wildcard's
 // active ones) that q selects, with the counts by state over every
-// merchant of q's provider. A merchant's state is the worst of its keys'.
+// merchant of q's provider. A merchant's state is the worst of its keys'
+// (those it shares with other merchants included); one without a token
+// or a state of its own takes its provider's hold (see hold). It only
+// reads: it emits no event (Reconcile does).
 // It runs in one pass over the merchants (walk); the explicit merchants'
 // ids are sorted once per registry.
 func Build(s Sources, q Query, now time.Time) Report {
@@ -294,7 +400,7 @@ func Build(s Sources, q Query, now time.Time) Report {
 		want = rankOf(q.State)
 	}
 	more := false
-	snap, idx, activeBy := walk(s, q.Provider, now, func(v *merchantView) {
+	snap, idx, activeBy, health := walk(s, q.Provider, now, func(v *merchantView) {
 		counts[v.rank]++
 		if want < rank(len(states)) && v.rank != want {
 			return
@@ -322,7 +428,7 @@ func Build(s Sources, q Query, now time.Time) Report {
 	if more {
 		rep.Next = rep.Merchants[len(rep.Merchants)-1].Merchant
 	}
-	rep.Providers = providers(s, idx, snap, activeBy)
+	rep.Providers = providers(s, idx, snap, activeBy, health)
 	if snap.fleet.configured {
 		f := snap.fleet
 		rep.Fleet = &Fleet{Up: f.up, Since: timePtr(f.since), LastError: f.lastErr, LastErrorAt: timePtr(f.lastErrAt)}
@@ -350,20 +456,14 @@ func Counts(s Sources, now time.Time) map[string]map[string]int {
 	return out
 }
 
-// providers are the registry's providers' states, by name.
-func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string]int) []Provider {
+// providers are the registry's providers' states, by name, from their
+// sources' health.
+func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string]int, health map[string]broker.SourceHealth) []Provider {
 	names := slices.Sorted(maps.Keys(s.Registry.Providers))
-	ids := make([]string, len(names))
-	for i, name := range names {
-		ids[i] = s.Registry.Providers[name].ID
-	}
-	mark := s.Tracker.mark()
-	health := s.Broker.SourcesHealth(ids...)
 	out := make([]Provider, 0, len(names))
-	for i, name := range names {
+	for _, name := range names {
 		p := s.Registry.Providers[name]
-		h := health[ids[i]]
-		s.Tracker.reconcile(name, ids[i], h.Breaker != broker.BreakerClosed, !h.BackoffUntil.IsZero(), mark)
+		h := health[name]
 		rec := snap.providers[name]
 		out = append(out, Provider{Name: name, Type: p.Type, Breaker: h.Breaker.String(), BackoffUntil: timePtr(h.BackoffUntil),
 			Requests: rec.calls, Failures: rec.failures, Window: snap.window.String(),
@@ -414,7 +514,7 @@ func (t *Tracker) snapshot(now time.Time) snapshot {
 	s := snapshot{window: t.span, providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
 	for name, p := range t.providers {
 		v := providerView{lastErr: p.lastErr, lastErrAt: p.lastErrAt,
-			lastCallFailed: p.lastCallFailed && now.Sub(p.lastErrAt) < t.span}
+			lastCallFailed: p.lastCallFailed && now.Sub(p.lastFailAt) < t.span}
 		v.calls, v.failures = p.calls.sum(now)
 		s.providers[name] = v
 	}

@@ -72,5 +72,5 @@ type tapObserver struct{ t *Tracker }
 func (o *tapObserver) Lookup(*broker.Binding, broker.Result) {}
 
 func (o *tapObserver) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, _ time.Duration, _ bool, err error) {
-	o.t.Fetched("nuapay", b.Merchant, err)
+	o.t.Fetched("nuapay", b, err)
 }

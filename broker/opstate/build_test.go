@@ -3,13 +3,16 @@ package opstate
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"net/http"
 	"net/url"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -25,6 +28,15 @@ type sourceFunc func(ctx context.Context, req broker.Request) (broker.Token, err
 
 func (f sourceFunc) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
 	return f(ctx, req)
+}
+
+// Classify says a 401 is the credential's, as the Nuapay source does.
+func (f sourceFunc) Classify(err error) broker.Class {
+	var ae *broker.APIError
+	if errors.As(err, &ae) && ae.StatusCode == http.StatusUnauthorized {
+		return broker.ClassCredential
+	}
+	return broker.DefaultClass(err)
 }
 
 // stateTOML has two Nuapay providers: merchants of nuapay whose
@@ -112,19 +124,31 @@ func (h hooks) Evicted(b *bindings.Binding)               { h.f.tracker.Forget(b
 
 func newStateFixture(tb testing.TB) *stateFixture {
 	tb.Helper()
+	return newFixtureOf(tb, stateTOML)
+}
+
+// newFixtureOf is the fixture of a registry whose providers' token API
+// answers by organisation: refused (403), unknown (404), down (503),
+// consent (consent_required), throttled (429 with Retry-After), bad-…
+// (401: the partner API key is refused), none (503), else a token.
+func newFixtureOf(tb testing.TB, toml string) *stateFixture {
+	tb.Helper()
 	f := &stateFixture{clk: clocktest.New(time.Unix(1_700_000_000, 0))}
-	reg, err := configtest.Load(tb, "state.toml", []byte(stateTOML), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+	reg, err := configtest.Load(tb, "state.toml", []byte(toml), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
 	if err != nil {
 		tb.Fatal(err)
 	}
 	src := sourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
+		if strings.HasPrefix(req.Organisation, "bad-") {
+			return broker.Token{}, errBadKey
+		}
 		switch req.Organisation {
+		case "", "down":
+			return broker.Token{}, errDown
 		case "refused":
 			return broker.Token{}, errRefused
 		case "unknown", "w-unknown":
 			return broker.Token{}, errUnknown
-		case "down":
-			return broker.Token{}, errDown
 		case "consent":
 			return broker.Token{}, errConsent
 		case "throttled":
@@ -392,4 +416,162 @@ func mapsEqual(a, b map[string]int) bool {
 		}
 	}
 	return true
+}
+
+// sharedTOML has merchants that share a cache key (the same
+// organisation at a provider, or none at a provider without
+// organisations) and merchants behind a refused partner API key.
+const sharedTOML = `
+[providers.nuapay]
+type = "nuapay"
+base_url = "http://127.0.0.1:1"
+api_key = "{env.K}"
+
+[providers.oneid]
+type = "oauth2"
+token_url = "http://127.0.0.1:2/token"
+client_id = "partner"
+client_secret = "{env.K}"
+
+[providers.badkey]
+type = "nuapay"
+base_url = "http://127.0.0.1:3"
+api_key = "{env.K}"
+
+[merchants.x1]
+provider = "nuapay"
+organisation = "shared"
+scopes = ["s"]
+
+[merchants.x2]
+provider = "nuapay"
+organisation = "shared"
+scopes = ["s"]
+
+[merchants.x3]
+provider = "nuapay"
+organisation = "alone"
+scopes = ["s"]
+
+[merchants.y1]
+provider = "oneid"
+scopes = ["s"]
+
+[merchants.y2]
+provider = "oneid"
+scopes = ["s"]
+
+[merchants.z1]
+provider = "badkey"
+organisation = "bad-1"
+scopes = ["s"]
+
+[merchants.z2]
+provider = "badkey"
+organisation = "bad-2"
+scopes = ["s"]
+
+[merchants.z3]
+provider = "badkey"
+organisation = "bad-3"
+scopes = ["s"]
+`
+
+// TestBuildSharedState: a merchant takes the state of the cache key it
+// shares with others (a token served to one, a failure of another), and
+// the merchants of a source in backoff without a token take the source's
+// state (a refused partner API key refuses them all).
+func TestBuildSharedState(t *testing.T) {
+	f := newFixtureOf(t, sharedTOML)
+	if err := f.get(t, "x2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.get(t, "y2"); err == nil {
+		t.Fatal("y2: a token from a provider that is down")
+	}
+	for _, m := range []string{"z1", "z2"} {
+		if err := f.get(t, m); err == nil {
+			t.Fatalf("%s: a token behind a refused API key", m)
+		}
+	}
+	f.clk.Add(time.Second)
+	r := Build(f.sources(), Query{}, f.clk.Now())
+	want := []string{"x1 fresh", "x2 fresh", "x3 idle", "y1 backing_off", "y2 backing_off", "z1 refused", "z2 refused", "z3 refused"}
+	if got := page(r); !slices.Equal(got, want) {
+		t.Fatalf("merchants %q, want %q", got, want)
+	}
+	for _, tt := range []struct {
+		merchant   string
+		lastError  string
+		backingOff bool
+		expiry     bool
+	}{
+		{"x1", "", false, true},
+		{"x2", "", false, true},
+		{"x3", "", false, false},
+		{"y1", "token_unavailable", true, false},
+		{"y2", "token_unavailable", true, false},
+		{"z1", "token_refused", true, false},
+		{"z2", "token_refused", true, false},
+		{"z3", "token_refused", true, false},
+	} {
+		t.Run(tt.merchant, func(t *testing.T) {
+			i := slices.IndexFunc(r.Merchants, func(m Merchant) bool { return m.Merchant == tt.merchant })
+			m := r.Merchants[i]
+			if m.LastError != tt.lastError || (m.BackoffUntil != nil) != tt.backingOff || (m.Expiry != nil) != tt.expiry ||
+				(m.LastErrorAt != nil) != (tt.lastError != "") {
+				t.Errorf("%+v; want last error %q, backing off %v, a token %v", m, tt.lastError, tt.backingOff, tt.expiry)
+			}
+		})
+	}
+	counts := Counts(f.sources(), f.clk.Now())
+	if c := counts["badkey"]; c[StateRefused] != 3 {
+		t.Errorf("badkey counts %v, want 3 refused", c)
+	}
+	if c := counts["oneid"]; c[StateBackingOff] != 2 {
+		t.Errorf("oneid counts %v, want 2 backing off", c)
+	}
+	if c := counts["nuapay"]; c[StateFresh] != 2 || c[StateIdle] != 1 {
+		t.Errorf("nuapay counts %v, want 2 fresh, 1 idle", c)
+	}
+}
+
+// TestReconcile: reading the state emits nothing; Reconcile (a scrape
+// runs it) drops a source the registries no longer name
+// (provider_recovered) and keeps one that another registry whose fetches
+// the tracker is told of names.
+func TestReconcile(t *testing.T) {
+	f := newStateFixture(t)
+	_ = f.get(t, "throttled") // the wildcard's merchant: a 429 holds nuapay's source
+	if got := f.events.take(); !slices.Equal(got, []string{"provider_failing provider=nuapay error=token_rate_limited"}) {
+		t.Fatalf("events %q", got)
+	}
+	reloaded, err := configtest.Load(t, "reloaded.toml", []byte(strings.Replace(stateTOML, "127.0.0.1:1", "127.0.0.1:9", 1)),
+		config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reloaded.Providers["nuapay"].ID == f.reg.Providers["nuapay"].ID {
+		t.Fatal("the reloaded provider kept its source ID")
+	}
+	for _, tt := range []struct {
+		name   string
+		do     func(s Sources)
+		others []*config.Registry
+		want   []string
+	}{
+		{"a read", func(s Sources) { Build(s, Query{}, f.clk.Now()) }, nil, nil},
+		{"counts", func(s Sources) { Counts(s, f.clk.Now()) }, nil, nil},
+		{"a handler's registry still names the held source", Reconcile, []*config.Registry{f.reg}, nil},
+		{"a scrape, when no registry names it", func(s Sources) {
+			testutil.CollectAndCount(NewCollector(func() Sources { return s }, f.clk.Now, 0))
+		}, nil, []string{"provider_recovered provider=nuapay"}},
+	} {
+		s := f.sources()
+		s.Registry, s.Others = reloaded, tt.others
+		tt.do(s)
+		if got := f.events.take(); !slices.Equal(got, tt.want) {
+			t.Errorf("%s: events %q, want %q", tt.name, got, tt.want)
+		}
+	}
 }

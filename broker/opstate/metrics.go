@@ -80,12 +80,13 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // countsOf returns the counts of s, computed again when older than
-// maxAge.
+// maxAge, after the tracker is reconciled with the broker (Reconcile).
 func (c *Collector) countsOf(s Sources) map[string]map[string]int {
 	now := c.now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.counts == nil || now.Sub(c.at) >= c.maxAge || now.Before(c.at) {
+		Reconcile(s)
 		c.counts, c.at = Counts(s, now), now
 	}
 	return c.counts

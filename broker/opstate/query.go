@@ -10,8 +10,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// queryParams are the parameters ParseQuery reads.
-var queryParams = []string{"provider", "state", "after", "limit"}
+// queryParams returns the parameters ParseQuery reads.
+func queryParams() []string { return []string{"provider", "state", "after", "limit"} }
 
 // ParseQuery reads a Query from the parameters of GET /token_broker/state:
 // provider, state (one of States), after (a merchant id, the Next of the
@@ -19,9 +19,10 @@ var queryParams = []string{"provider", "state", "after", "limit"}
 // unknown, repeated or malformed parameter is an error that says which
 // and what is accepted.
 func ParseQuery(v url.Values) (Query, error) {
+	params := queryParams()
 	for name, vals := range v {
-		if !slices.Contains(queryParams, name) {
-			return Query{}, fmt.Errorf("unknown parameter %q: use %s", name, strings.Join(queryParams, ", "))
+		if !slices.Contains(params, name) {
+			return Query{}, fmt.Errorf("unknown parameter %q: use %s", name, strings.Join(params, ", "))
 		}
 		if len(vals) > 1 {
 			return Query{}, fmt.Errorf("parameter %q is given %d times: give it once", name, len(vals))

@@ -7,10 +7,14 @@ package opstate
 import "time"
 
 // States of a merchant, worst first. A merchant with several cache keys
-// (route scopes, audiences) takes the worst state of its keys.
+// (route scopes, audiences) takes the worst state of its keys, including
+// a key it shares with other merchants (one organisation at a provider,
+// or a provider without organisations).
 const (
 	// StateRefused: the provider refused the credentials (invalid API key
-	// or client, token_refused).
+	// or client, token_refused), for this merchant's request or, while
+	// its provider's configuration is held after such a refusal, for
+	// another's.
 	StateRefused = "refused"
 	// StateUnknownOrganisation: the provider does not know the merchant's
 	// organisation.
@@ -19,7 +23,9 @@ const (
 	// bank: no refresh token, or the provider refused it.
 	StateNeedsConsent = "needs_consent"
 	// StateBackingOff: the last token request failed (provider down, rate
-	// limited, bad answer) and the key is in failure memory.
+	// limited, bad answer) and the key is in failure memory; or, for a
+	// merchant without a token, its provider's breaker is open or its
+	// configuration is held after a 429.
 	StateBackingOff = "backing_off"
 	// StateRefreshing: a cached token is in its refresh window.
 	StateRefreshing = "refreshing"
@@ -36,18 +42,20 @@ func States() []string {
 }
 
 // Events emitted through Caddy's events app for what someone must act on.
-// Their data names the merchant, the provider and the error code, never a
-// token or a secret.
+// Their data names the merchant, the provider, the error code and the
+// merchant's state, never a token or a secret (EventData keeps only
+// those).
 const (
 	// EventConsentNeeded: a merchant needs consent (data: merchant,
-	// provider, error).
+	// provider, error, state: StateNeedsConsent).
 	EventConsentNeeded = "merchant_consent_needed"
 	// EventConsentGranted: a merchant completed consent (data: merchant,
 	// provider).
 	EventConsentGranted = "merchant_consent_granted"
 	// EventTokenRefused: a provider refused a merchant's token request for
-	// good: invalid credentials or unknown organisation (data: merchant,
-	// provider, error).
+	// good (data: merchant, provider, error, state: StateRefused for
+	// invalid credentials, StateUnknownOrganisation for an organisation
+	// the provider does not know).
 	EventTokenRefused = "merchant_token_refused"
 	// EventProviderFailing: a provider's token API fails: its breaker
 	// opened, or it is backing off (data: provider, error).
@@ -55,11 +63,29 @@ const (
 	// EventProviderRecovered: a failing provider answers again (data:
 	// provider).
 	EventProviderRecovered = "provider_recovered"
-	// EventFleetDown: the shared (Redis) tier is unavailable (data: error).
+	// EventFleetDown: the shared (Redis) tier is unavailable (data: error,
+	// the kind of failure: "timeout", "refused" or "error").
 	EventFleetDown = "fleet_tier_down"
 	// EventFleetRecovered: the shared tier answers again.
 	EventFleetRecovered = "fleet_tier_recovered"
 )
+
+// EventData returns what an event may carry of data: the keys
+// "merchant", "provider", "error" and "state" with non-empty string
+// values, and nothing else, so that no token or secret can reach an
+// event.
+func EventData(data map[string]any) map[string]any {
+	kept := make(map[string]any, len(data))
+	for k, v := range data {
+		switch k {
+		case "merchant", "provider", "error", "state":
+			if s, ok := v.(string); ok && s != "" {
+				kept[k] = s
+			}
+		}
+	}
+	return kept
+}
 
 // Query selects the merchants of a Report.
 type Query struct {

@@ -3,12 +3,16 @@ package opstate
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // DefaultMaxMerchants bounds the merchants a Tracker remembers.
@@ -19,8 +23,8 @@ type TrackerOptions struct {
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
 	// Emit, when set, is told of each transition someone must act on
-	// (the Event* names), with data naming the merchant, the provider and
-	// the error code, never a token or a secret. It is called outside the
+	// (the Event* names), with data naming the merchant, the provider,
+	// the error code and the merchant's state, never a token or a secret. It is called outside the
 	// tracker's lock, on the token fetch path: it must be quick.
 	Emit func(event string, data map[string]any)
 	// Window is the span of a provider's Requests and Failures. Default
@@ -34,8 +38,9 @@ type TrackerOptions struct {
 
 // Tracker learns from the broker's observer calls what the operator's
 // view needs besides what the broker keeps: each merchant's last error
-// (kept after a success) and whether its last token request was refused,
-// for an unknown organisation, or for lack of consent; each provider's
+// (kept after a success) and, for each of its cache keys (a few at
+// most), whether the key's last token request was refused, for an
+// unknown organisation, or for lack of consent; each provider's
 // token requests over a sliding window and its last error; the fleet
 // tier's health. It emits an event on each transition (TrackerOptions.Emit),
 // never twice for the same state.
@@ -59,14 +64,19 @@ type Tracker struct {
 	seq       uint64 // counts the changes of sources' states (SourceBackingOff, BreakerChanged)
 }
 
+// maxKeyFailures bounds the cache keys of a merchant whose failures a
+// Tracker remembers: beyond it, a new key's failure replaces the oldest.
+const maxKeyFailures = 8
+
 // merchantRecord is what a Tracker remembers of a merchant.
 type merchantRecord struct {
 	lastErr   errcode.Code
 	lastErrAt time.Time
-	// failure is the state the last token request's failure puts the
-	// merchant in (StateRefused, StateUnknownOrganisation,
-	// StateNeedsConsent, StateBackingOff); "" after a success.
-	failure string
+	// failures are the states that the last token request of each of the
+	// merchant's cache keys that failed puts it in (StateRefused,
+	// StateUnknownOrganisation, StateNeedsConsent, StateBackingOff), at
+	// most maxKeyFailures; a success of a key drops its failure.
+	failures []keyFailure
 	// refusedTold: EventTokenRefused was emitted, and no success since.
 	refusedTold bool
 	// consentNeeded: EventConsentNeeded was emitted, and neither a
@@ -74,13 +84,63 @@ type merchantRecord struct {
 	consentNeeded bool
 }
 
+// keyFailure is the state a cache key's failed token request puts its
+// merchant in.
+type keyFailure struct {
+	key, state string
+}
+
+// failure returns the worst state of m's keys' failures; "" when none.
+func (m *merchantRecord) failure() string {
+	worst := ""
+	for _, f := range m.failures {
+		if worst == "" || rankOf(f.state) < rankOf(worst) {
+			worst = f.state
+		}
+	}
+	return worst
+}
+
+// failed notes the state a failure of key puts m in.
+func (m *merchantRecord) failed(key, state string) {
+	for i := range m.failures {
+		if m.failures[i].key == key {
+			m.failures[i].state = state
+			return
+		}
+	}
+	if len(m.failures) == maxKeyFailures {
+		m.failures = slices.Delete(m.failures, 0, 1)
+	}
+	// A copy: the key of an explicit merchant's binding points into its
+	// registry, which must not stay alive after a reload replaced it.
+	m.failures = append(m.failures, keyFailure{key: strings.Clone(key), state: state})
+}
+
+// succeeded drops the failure of key, and every needs-consent one: a
+// success proves that the merchant's consent holds.
+func (m *merchantRecord) succeeded(key string) {
+	m.failures = slices.DeleteFunc(m.failures, func(f keyFailure) bool { return f.key == key || f.state == StateNeedsConsent })
+}
+
+// refused reports whether a key of m is refused (StateRefused or
+// StateUnknownOrganisation).
+func (m *merchantRecord) refused() bool {
+	return slices.ContainsFunc(m.failures, func(f keyFailure) bool {
+		return f.state == StateRefused || f.state == StateUnknownOrganisation
+	})
+}
+
 // providerRecord is what a Tracker remembers of a provider.
 type providerRecord struct {
 	calls     window
 	lastErr   errcode.Code
 	lastErrAt time.Time
-	held      map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
-	open      map[string]uint64 // source IDs whose breaker is not closed -> the change that said so
+	// lastFailAt is the time of the last failure of the provider's (not
+	// a refusal of one merchant's).
+	lastFailAt time.Time
+	held       map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
+	open       map[string]uint64 // source IDs whose breaker is not closed -> the change that said so
 	// failing: a source is held or its breaker is not closed.
 	failing bool
 	// announce: failing started, and EventProviderFailing waits for the
@@ -181,11 +241,13 @@ func failureState(err error, code errcode.Code) string {
 	return StateBackingOff
 }
 
-// Fetched notes a call to a provider's token API for a merchant and how
-// it ended (nil: a token). A cancelled call counts as a call, and says
-// nothing about the merchant. It implements telemetry.Tap.
-func (t *Tracker) Fetched(provider, merchant string, err error) {
+// Fetched notes a call to a provider's token API for a binding (its
+// merchant and cache key) and how it ended (nil: a token). A cancelled
+// call counts as a call, and says nothing about the merchant. It
+// implements telemetry.Tap.
+func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
 	now := t.now()
+	merchant := b.Merchant
 	var code errcode.Code
 	var state string
 	if err != nil && !errors.Is(err, context.Canceled) {
@@ -204,7 +266,8 @@ func (t *Tracker) Fetched(provider, merchant string, err error) {
 		if m == nil {
 			return
 		}
-		m.failure, m.refusedTold = "", false
+		m.succeeded(b.Key())
+		m.refusedTold = m.refusedTold && m.refused()
 		if m.consentNeeded {
 			// A success after consent_required: the consent was granted
 			// where this process did not see it (another broker of the
@@ -221,16 +284,17 @@ func (t *Tracker) Fetched(provider, merchant string, err error) {
 	p.calls.add(now, true)
 	p.lastErr, p.lastErrAt = code, now
 	if state == StateBackingOff {
-		p.lastCallFailed = true
+		p.lastCallFailed, p.lastFailAt = true, now
 	}
 	if p.announce {
 		p.announce = false
 		evs = append(evs, event{EventProviderFailing, map[string]any{"provider": provider, "error": code.String()}})
 	}
 	m := t.merchant(merchant)
-	m.lastErr, m.lastErrAt, m.failure = code, now, state
+	m.lastErr, m.lastErrAt = code, now
+	m.failed(b.Key(), state)
 	told := func(name string) {
-		evs = append(evs, event{name, map[string]any{"merchant": merchant, "provider": provider, "error": code.String()}})
+		evs = append(evs, event{name, map[string]any{"merchant": merchant, "provider": provider, "error": code.String(), "state": state}})
 	}
 	switch state {
 	case StateRefused, StateUnknownOrganisation:
@@ -253,9 +317,7 @@ func (t *Tracker) ConsentGranted(provider, merchant string) {
 	t.mu.Lock()
 	if m := t.merchants[merchant]; m != nil {
 		m.consentNeeded = false
-		if m.failure == StateNeedsConsent {
-			m.failure = ""
-		}
+		m.failures = slices.DeleteFunc(m.failures, func(f keyFailure) bool { return f.state == StateNeedsConsent })
 	}
 	t.mu.Unlock()
 	t.send([]event{{EventConsentGranted, map[string]any{"merchant": merchant, "provider": provider}}})
@@ -327,17 +389,21 @@ func (t *Tracker) mark() uint64 {
 }
 
 // reconcile makes what the tracker knows of a provider's sources agree
-// with the broker, read after mark: only sourceID is the provider's now
-// (the others are older configurations, whose state the broker dropped
-// without telling), its breaker is open (not closed) or not, and it is
-// held or not. A change told after mark is kept: it is newer than what
-// was read. The broker drops a source's state without telling when it
-// forgets it (a rotated secret) or a configuration replaces it. It emits
-// EventProviderRecovered if the provider so stops failing.
-func (t *Tracker) reconcile(provider, sourceID string, open, held bool, mark uint64) {
-	stale := func(m map[string]uint64, id string, now bool) bool {
-		return id != sourceID || (!now && m[id] <= mark)
+// with the broker, read after mark: only the sources of current are the
+// provider's now (the others are older configurations, whose state the
+// broker dropped without telling), each with its breaker open (not
+// closed) or not and held or not. A change told after mark is kept: it
+// is newer than what was read. The broker drops a source's state without
+// telling when it forgets it (a rotated secret) or a configuration
+// replaces it. It emits EventProviderRecovered if the provider so stops
+// failing.
+func (t *Tracker) reconcile(provider string, current map[string]broker.SourceHealth, mark uint64) {
+	stale := func(m map[string]uint64, id string, now func(broker.SourceHealth) bool) bool {
+		h, ok := current[id]
+		return !ok || (!now(h) && m[id] <= mark)
 	}
+	open := func(h broker.SourceHealth) bool { return h.Breaker != broker.BreakerClosed }
+	held := func(h broker.SourceHealth) bool { return !h.BackoffUntil.IsZero() }
 	t.mu.Lock()
 	p := t.providers[provider]
 	changed := false
@@ -367,6 +433,34 @@ func (t *Tracker) reconcile(provider, sourceID string, open, held bool, mark uin
 	})
 }
 
+// Reconcile makes what s's tracker knows of the sources of the providers
+// of s's registries (Registry and Others) agree with s's broker (see
+// Tracker.reconcile), and emits EventProviderRecovered for a provider
+// that so stops failing: a provider's sources are those that any of the
+// registries names for it. Call it when registries are loaded and
+// periodically (the Collector does, when it counts again): reading the
+// state (Build) does not, so that a read has no side effect.
+func Reconcile(s Sources) {
+	t := s.Tracker
+	mark := t.mark()
+	var ids []string
+	sources := map[string][]string{} // provider name -> its source IDs
+	for _, reg := range append([]*config.Registry{s.Registry}, s.Others...) {
+		for name, p := range reg.Providers {
+			ids = append(ids, p.ID)
+			sources[name] = append(sources[name], p.ID)
+		}
+	}
+	health := s.Broker.SourcesHealth(ids...)
+	for name, of := range sources {
+		current := make(map[string]broker.SourceHealth, len(of))
+		for _, id := range of {
+			current[id] = health[id]
+		}
+		t.reconcile(name, current, mark)
+	}
+}
+
 // SetFleet says whether a fleet (Redis) tier is configured and, when it
 // is, whether it is up now; the time of the last change is kept when the
 // tier's health does not change.
@@ -381,6 +475,23 @@ func (t *Tracker) SetFleet(configured, up bool) {
 	if !f.configured || f.up != up {
 		f.configured, f.up, f.since = true, up, t.now()
 	}
+}
+
+// maxFleetError is the length the fleet tier's last error is cut to.
+const maxFleetError = 200
+
+// fleetErrorClass names the kind of a fleet tier failure for an event:
+// "timeout", "refused" (the connection was refused) or "error".
+func fleetErrorClass(err error) string {
+	switch {
+	case err == nil:
+		return "error"
+	case broker.IsTimeout(err):
+		return "timeout"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	}
+	return "error"
 }
 
 // FleetChanged notes that the fleet tier became unavailable (up false,
@@ -399,9 +510,9 @@ func (t *Tracker) FleetChanged(up bool, err error) {
 	if !up {
 		f.lastErr, f.lastErrAt = "redis unavailable", now
 		if err != nil {
-			f.lastErr = err.Error()
+			f.lastErr = scrub.Truncate(err.Error(), maxFleetError)
 		}
-		ev = event{EventFleetDown, map[string]any{"error": f.lastErr}}
+		ev = event{EventFleetDown, map[string]any{"error": fleetErrorClass(err)}}
 	}
 	t.mu.Unlock()
 	t.send([]event{ev})

@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"os"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -54,12 +57,40 @@ type emitted struct{ events []string }
 
 func (e *emitted) emit(event string, data map[string]any) {
 	s := event
-	for _, k := range []string{"merchant", "provider", "error"} {
+	for _, k := range []string{"merchant", "provider", "error", "state"} {
 		if v, ok := data[k]; ok {
 			s += fmt.Sprintf(" %s=%v", k, v)
 		}
 	}
 	e.events = append(e.events, s)
+}
+
+// errRedisRefused is a refused connection to Redis, as a dial returns it.
+var errRedisRefused = &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
+
+// TestFleetErrorClass: a fleet tier failure's event names its kind, not
+// its text.
+func TestFleetErrorClass(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		want string
+	}{
+		{errRedisRefused, "refused"},
+		{fmt.Errorf("redis: %w", context.DeadlineExceeded), "timeout"},
+		{&net.OpError{Op: "read", Net: "tcp", Err: os.ErrDeadlineExceeded}, "timeout"},
+		{errors.New("NOAUTH Authentication required. redis://u:secret@10.0.0.1"), "error"},
+		{nil, "error"},
+	} {
+		if got := fleetErrorClass(tt.err); got != tt.want {
+			t.Errorf("%v: %q, want %q", tt.err, got, tt.want)
+		}
+	}
+}
+
+// bind returns a binding of merchant: its cache key is its merchant's
+// and scopes' (none given: the merchant's only key).
+func bind(merchant string, scopes ...string) *broker.Binding {
+	return broker.NewBinding("nuapay#1", nil, broker.Request{Merchant: merchant, Organisation: merchant, Scopes: scopes})
 }
 
 // take returns the events emitted since the last call.
@@ -80,7 +111,14 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 		want []string
 	}
 	fetched := func(provider, merchant string, err error) func(*Tracker) {
-		return func(tr *Tracker) { tr.Fetched(provider, merchant, err) }
+		return func(tr *Tracker) { tr.Fetched(provider, bind(merchant), err) }
+	}
+	closed := func(ids ...string) map[string]broker.SourceHealth {
+		out := map[string]broker.SourceHealth{}
+		for _, id := range ids {
+			out[id] = broker.SourceHealth{Breaker: broker.BreakerClosed}
+		}
+		return out
 	}
 	repeat := func(n int, f func(*Tracker)) func(*Tracker) {
 		return func(tr *Tracker) {
@@ -94,14 +132,14 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 		steps []step
 	}{
 		{"refusal", []step{
-			{"first refusal", fetched("nuapay", "acme", errRefused), []string{"merchant_token_refused merchant=acme provider=nuapay error=token_refused"}},
+			{"first refusal", fetched("nuapay", "acme", errRefused), []string{"merchant_token_refused merchant=acme provider=nuapay error=token_refused state=refused"}},
 			{"refused 1000 times more", repeat(1000, fetched("nuapay", "acme", errRefused)), nil},
-			{"another merchant", fetched("nuapay", "globex", errRefused), []string{"merchant_token_refused merchant=globex provider=nuapay error=token_refused"}},
+			{"another merchant", fetched("nuapay", "globex", errRefused), []string{"merchant_token_refused merchant=globex provider=nuapay error=token_refused state=refused"}},
 			{"a success", fetched("nuapay", "acme", nil), nil},
-			{"refused again after the success", fetched("nuapay", "acme", errRefused), []string{"merchant_token_refused merchant=acme provider=nuapay error=token_refused"}},
+			{"refused again after the success", fetched("nuapay", "acme", errRefused), []string{"merchant_token_refused merchant=acme provider=nuapay error=token_refused state=refused"}},
 		}},
 		{"unknown organisation", []step{
-			{"404", fetched("nuapay", "acme", errUnknown), []string{"merchant_token_refused merchant=acme provider=nuapay error=token_refused"}},
+			{"404", fetched("nuapay", "acme", errUnknown), []string{"merchant_token_refused merchant=acme provider=nuapay error=token_refused state=unknown_organisation"}},
 			{"404 again", fetched("nuapay", "acme", errUnknown), nil},
 			{"then refused: still refused", fetched("nuapay", "acme", errRefused), nil},
 		}},
@@ -110,11 +148,11 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 			{"cancelled", fetched("nuapay", "acme", context.Canceled), nil},
 		}},
 		{"consent", []step{
-			{"consent required", fetched("bank", "acme", errConsent), []string{"merchant_consent_needed merchant=acme provider=bank error=consent_required"}},
+			{"consent required", fetched("bank", "acme", errConsent), []string{"merchant_consent_needed merchant=acme provider=bank error=consent_required state=needs_consent"}},
 			{"still required", repeat(5, fetched("bank", "acme", errConsent)), nil},
 			{"consent completed", func(tr *Tracker) { tr.ConsentGranted("bank", "acme") }, []string{"merchant_consent_granted merchant=acme provider=bank"}},
 			{"the success after it", fetched("bank", "acme", nil), nil},
-			{"lost again", fetched("bank", "acme", errConsent), []string{"merchant_consent_needed merchant=acme provider=bank error=consent_required"}},
+			{"lost again", fetched("bank", "acme", errConsent), []string{"merchant_consent_needed merchant=acme provider=bank error=consent_required state=needs_consent"}},
 			{"granted elsewhere: a success", fetched("bank", "acme", nil), []string{"merchant_consent_granted merchant=acme provider=bank"}},
 			{"a success again", fetched("bank", "acme", nil), nil},
 		}},
@@ -130,29 +168,38 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 			{"backoff ends twice", func(tr *Tracker) { tr.SourceBackingOff("nuapay", "nuapay#1", false) }, nil},
 			{"a throttle", func(tr *Tracker) {
 				tr.SourceBackingOff("nuapay", "nuapay#1", true)
-				tr.Fetched("nuapay", "acme", errThrottle)
+				tr.Fetched("nuapay", bind("acme"), errThrottle)
 			}, []string{"provider_failing provider=nuapay error=token_rate_limited"}},
-			{"an old configuration forgotten", func(tr *Tracker) { tr.reconcile("nuapay", "nuapay#2", false, false, tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
+			{"an old configuration forgotten", func(tr *Tracker) { tr.reconcile("nuapay", closed("nuapay#2"), tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
 			{"breaker opens", func(tr *Tracker) {
 				tr.BreakerChanged("nuapay", "nuapay#2", broker.BreakerOpen)
-				tr.Fetched("nuapay", "acme", errDown)
+				tr.Fetched("nuapay", bind("acme"), errDown)
 			}, []string{"provider_failing provider=nuapay error=token_unavailable"}},
 			{"the broker, read before, says closed: newer, kept", func(tr *Tracker) {
 				mark := tr.mark()
 				tr.BreakerChanged("nuapay", "nuapay#2", broker.BreakerHalfOpen)
-				tr.reconcile("nuapay", "nuapay#2", false, false, mark)
+				tr.reconcile("nuapay", closed("nuapay#2"), mark)
 			}, nil},
-			{"the broker forgot the breaker (a rotated secret)", func(tr *Tracker) { tr.reconcile("nuapay", "nuapay#2", false, false, tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
+			{"the broker forgot the breaker (a rotated secret)", func(tr *Tracker) { tr.reconcile("nuapay", closed("nuapay#2"), tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
 			{"held and released before its failure was told", func(tr *Tracker) {
 				tr.SourceBackingOff("nuapay", "nuapay#2", true)
 				tr.SourceBackingOff("nuapay", "nuapay#2", false)
 			}, nil},
 			{"a failure after that", fetched("nuapay", "acme", errDown), nil},
 		}},
+		{"a provider name in two registries", []step{
+			{"the handler's registry's source throttled", func(tr *Tracker) {
+				tr.SourceBackingOff("nuapay", "handler#1", true)
+				tr.Fetched("nuapay", bind("acme"), errThrottle)
+			}, []string{"provider_failing provider=nuapay error=token_rate_limited"}},
+			{"reconciled with both registries: still held", func(tr *Tracker) {
+				tr.reconcile("nuapay", map[string]broker.SourceHealth{"app#1": {}, "handler#1": {BackoffUntil: time.Unix(1_800_000_000, 0)}}, tr.mark())
+			}, nil},
+		}},
 		{"fleet", []step{
 			{"configured, up", func(tr *Tracker) { tr.SetFleet(true, true) }, nil},
 			{"up again", func(tr *Tracker) { tr.FleetChanged(true, nil) }, nil},
-			{"down", func(tr *Tracker) { tr.FleetChanged(false, errors.New("dial tcp 127.0.0.1:6379: connection refused")) }, []string{"fleet_tier_down error=dial tcp 127.0.0.1:6379: connection refused"}},
+			{"down", func(tr *Tracker) { tr.FleetChanged(false, errRedisRefused) }, []string{"fleet_tier_down error=refused"}},
 			{"down again", func(tr *Tracker) { tr.FleetChanged(false, errors.New("i/o timeout")) }, nil},
 			{"back", func(tr *Tracker) { tr.FleetChanged(true, nil) }, []string{"fleet_tier_recovered"}},
 		}},
@@ -178,13 +225,13 @@ func TestTrackerRecords(t *testing.T) {
 	clk := clocktest.New(time.Unix(1_700_000_000, 0))
 	tr := NewTracker(TrackerOptions{Now: clk.Now})
 	failedAt := clk.Now()
-	tr.Fetched("nuapay", "acme", errDown)
+	tr.Fetched("nuapay", bind("acme"), errDown)
 	clk.Add(time.Minute)
-	tr.Fetched("nuapay", "acme", nil)
-	tr.Fetched("nuapay", "globex", nil)
+	tr.Fetched("nuapay", bind("acme"), nil)
+	tr.Fetched("nuapay", bind("globex"), nil)
 	s := tr.snapshot(clk.Now())
 	m := records(tr)["acme"]
-	if m.lastErr.String() != "token_unavailable" || !m.lastErrAt.Equal(failedAt) || m.failure != "" {
+	if m.lastErr.String() != "token_unavailable" || !m.lastErrAt.Equal(failedAt) || m.failure() != "" {
 		t.Errorf("acme after a success: %+v; want the last error kept, no failure", m)
 	}
 	if _, ok := records(tr)["globex"]; ok {
@@ -213,7 +260,7 @@ func TestTrackerRecords(t *testing.T) {
 func TestTrackerBounded(t *testing.T) {
 	tr := NewTracker(TrackerOptions{MaxMerchants: 10})
 	for i := range 100 {
-		tr.Fetched("nuapay", fmt.Sprintf("m%d", i), errDown)
+		tr.Fetched("nuapay", bind(fmt.Sprintf("m%d", i)), errDown)
 	}
 	if n := len(records(tr)); n != 10 {
 		t.Fatalf("%d merchants remembered, want at most 10", n)
@@ -247,4 +294,67 @@ func records(tr *Tracker) map[string]merchantRecord {
 	out := map[string]merchantRecord{}
 	tr.eachMerchant(func(id string, rec *merchantRecord) { out[id] = *rec })
 	return out
+}
+
+// TestTrackerFailuresByKey: a merchant's failure state is the worst of
+// its keys' (a success of one key does not clear another's refusal; a
+// success proves consent for all), and a provider's last call failed for
+// the window after the provider's failure, whatever refusals of
+// merchants follow.
+func TestTrackerFailuresByKey(t *testing.T) {
+	a, b := bind("acme", "a"), bind("acme", "b")
+	for _, tt := range []struct {
+		name          string
+		calls         []func(tr *Tracker, clk *clocktest.Clock)
+		failure       string
+		failing       bool // the provider's last call failed, within the window
+		wantLastError string
+	}{
+		{"refused on a key, a success on another", []func(*Tracker, *clocktest.Clock){
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errRefused) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil) },
+		}, StateRefused, false, "token_refused"},
+		{"refused on a key, then its success", []func(*Tracker, *clocktest.Clock){
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errRefused) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, errDown) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil) },
+		}, StateBackingOff, false, "token_unavailable"},
+		{"consent lost on a key, a success on another", []func(*Tracker, *clocktest.Clock){
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errConsent) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil) },
+		}, "", false, "consent_required"},
+		{"more keys than remembered: the oldest goes", []func(*Tracker, *clocktest.Clock){
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errRefused) },
+			func(tr *Tracker, _ *clocktest.Clock) {
+				for i := range maxKeyFailures {
+					tr.Fetched("nuapay", bind("acme", fmt.Sprint(i)), errDown)
+				}
+			},
+		}, StateBackingOff, true, "token_unavailable"},
+		{"the provider failed, then hours of refusals", []func(*Tracker, *clocktest.Clock){
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, errDown) },
+			func(tr *Tracker, clk *clocktest.Clock) {
+				for range 120 {
+					tr.Fetched("nuapay", a, errRefused)
+					clk.Add(time.Minute)
+				}
+			},
+		}, StateRefused, false, "token_refused"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clk := clocktest.New(time.Unix(1_700_000_000, 0))
+			tr := NewTracker(TrackerOptions{Now: clk.Now})
+			for _, call := range tt.calls {
+				call(tr, clk)
+				clk.Add(time.Minute)
+			}
+			m := records(tr)["acme"]
+			if m.failure() != tt.failure || m.lastErr.String() != tt.wantLastError || len(m.failures) > maxKeyFailures {
+				t.Errorf("failure %q, last error %s, %d keys; want %q, %s", m.failure(), m.lastErr, len(m.failures), tt.failure, tt.wantLastError)
+			}
+			if p := tr.snapshot(clk.Now()).providers["nuapay"]; p.lastCallFailed != tt.failing {
+				t.Errorf("the provider's last call failed: %v, want %v", p.lastCallFailed, tt.failing)
+			}
+		})
+	}
 }

@@ -17,9 +17,9 @@ import (
 // methods are called on the token fetch path, not per request, and must
 // be quick and safe for concurrent use.
 type Tap interface {
-	// Fetched is told of a call to a provider's token API for a merchant
-	// and how it ended (nil: a token).
-	Fetched(provider, merchant string, err error)
+	// Fetched is told of a call to a provider's token API for a binding
+	// (its merchant and cache key) and how it ended (nil: a token).
+	Fetched(provider string, b *broker.Binding, err error)
 	// SourceBackingOff is told when a source's backoff starts and ends
 	// (broker.SourceObserver).
 	SourceBackingOff(provider, sourceID string, on bool)
@@ -73,6 +73,14 @@ func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 		})
 	}
 	return r
+}
+
+// Observer returns the observer of a binding that no handler made (an
+// operator's check of a merchant no route has served): its fetches are
+// counted, logged and told to the tap, and its backoffs and breaker
+// changes recorded, as a handler binding's; its lookups are not counted.
+func (r *Recorder) Observer() broker.Observer {
+	return &Observer{r: r}
 }
 
 // exportZero exports the series of a provider that can stay unchanged
@@ -247,7 +255,7 @@ func (o *Observer) Fetched(_ context.Context, b *broker.Binding, _ broker.Token,
 	if o.r != nil {
 		o.r.fetched(b, elapsed, background, err)
 		if o.r.tap != nil {
-			o.r.tap.Fetched(o.r.providerOf(b), b.Merchant, err)
+			o.r.tap.Fetched(o.r.providerOf(b), b, err)
 		}
 	}
 }

@@ -24,8 +24,8 @@ func (t *tap) note(s string) {
 	t.told = append(t.told, s)
 }
 
-func (t *tap) Fetched(provider, merchant string, err error) {
-	t.note(fmt.Sprintf("fetched %s %s failed=%v", provider, merchant, err != nil))
+func (t *tap) Fetched(provider string, b *broker.Binding, err error) {
+	t.note(fmt.Sprintf("fetched %s %s failed=%v", provider, b.Merchant, err != nil))
 }
 
 func (t *tap) SourceBackingOff(provider, sourceID string, on bool) {
