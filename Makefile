@@ -25,7 +25,7 @@ FUZZTIME      ?= 20000x
 FUZZ_TARGETS  := ./config:FuzzParse ./broker/nuapay:FuzzParseToken ./broker/nuapay:FuzzParseError \
                  ./broker/oauth:FuzzTokenResponse ./module:FuzzMerchantSelector
 
-.PHONY: all build run test lint fuzz rules xcaddy fmt vet clean image image-xcaddy
+.PHONY: all build run test test-go rules lint fuzz rules xcaddy fmt vet clean image image-xcaddy
 
 all: build
 
@@ -60,11 +60,16 @@ run: build
 	XDG_DATA_HOME="$(abspath $(RUN_DIR))/data" XDG_CONFIG_HOME="$(abspath $(RUN_DIR))/config" \
 		$(BIN)/caddy run --config Caddyfile --adapter caddyfile
 
-test: vet lint tools
-	$(GO) test -race -count=1 -timeout 30m ./...
+# The suite, the linters and the fuzz targets run side by side (the
+# integration tests wait on processes more than they compute); each one's
+# output is printed whole when it ends.
+test: vet tools
+	$(MAKE) --no-print-directory -j3 --output-sync=target test-go lint fuzz
 	cd deploy/kubernetes && $(GO) vet ./... && $(GO) test -count=1 ./...
-	$(MAKE) rules
-	$(MAKE) fuzz
+	$(MAKE) --no-print-directory rules
+
+test-go:
+	$(GO) test -race -count=1 -timeout 30m ./...
 
 # The fleet tests start Debian's redis-server on a free loopback port;
 # install it when missing (as root, or with sudo). The image test builds
