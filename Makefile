@@ -25,7 +25,7 @@ FUZZTIME      ?= 20000x
 FUZZ_TARGETS  := ./config:FuzzParse ./broker/nuapay:FuzzParseToken ./broker/nuapay:FuzzParseError \
                  ./broker/oauth:FuzzTokenResponse ./module:FuzzMerchantSelector
 
-.PHONY: all build run test test-go rules lint fuzz rules xcaddy fmt vet clean image image-xcaddy
+.PHONY: all build run test test-go rules lint fuzz xcaddy fmt vet clean image image-xcaddy
 
 all: build
 
