@@ -6,6 +6,7 @@ package integration
 import (
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -41,9 +42,25 @@ func repoRoot(t testing.TB) string {
 	return filepath.Dir(filepath.Dir(file))
 }
 
-// TestMain runs the tests, then removes the binaries they built (see
+// parallelTests is how many of this package's parallel tests run at once
+// unless -parallel says otherwise. The testing package's default, the
+// number of CPUs, suits tests that compute; these mostly wait on the
+// processes they start (Caddy, redis-server, prometheus, chromium, builds).
+const parallelTests = 8
+
+// TestMain runs the tests, parallelTests of the parallel ones at once
+// unless -parallel is given, then removes the binaries they built (see
 // builtOnce).
 func TestMain(m *testing.M) {
+	flag.Parse()
+	given := false
+	flag.Visit(func(f *flag.Flag) { given = given || f.Name == "test.parallel" })
+	if !given {
+		if err := flag.Set("test.parallel", strconv.Itoa(parallelTests)); err != nil {
+			fmt.Fprintf(os.Stderr, "setting -test.parallel: %v\n", err)
+			os.Exit(2)
+		}
+	}
 	code := m.Run()
 	removeBuilt()
 	os.Exit(code)
