@@ -220,7 +220,8 @@ func startEventsCaddy(t *testing.T, tokenBroker string) *eventsEnv {
 		t.Fatal(err)
 	}
 	port, adminPort := freePort(t), freePort(t)
-	env := []string{"SANDBOX_URL=" + sbURL, "NUAPAY_API_KEY=" + apiKey, "BANK_SECRET=" + eventsBankSecret, "STALE_API_KEY=" + eventsStaleKey, "CONSENT_SITE=" + consentSite,
+	env := []string{"SANDBOX_URL=" + sbURL, "NUAPAY_API_KEY=" + apiKey,
+		"BANK_SECRET=" + eventsBankSecret, "STALE_API_KEY=" + eventsStaleKey, "CONSENT_SITE=" + consentSite,
 		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort),
 		"HOME=" + dir, "XDG_DATA_HOME=" + filepath.Join(dir, "data"), "XDG_CONFIG_HOME=" + filepath.Join(dir, "config")}
 	startProcess(t, dir, env, bin, "run", "--config", cf, "--adapter", "caddyfile")

@@ -58,8 +58,8 @@ func (tp *tokenTap) tokens() []string {
 	return slices.Clone(tp.seen)
 }
 
-// startTappedSandbox is startSandbox behind a tokenTap; SANDBOX_URL and
-// NUAPAY_API point at the tap.
+// startTappedSandbox is startSandbox behind a tokenTap: SANDBOX_URL and
+// NUAPAY_API point at the tap, NUAPAY_API_KEY is apiKey.
 func startTappedSandbox(t *testing.T, opts ...func(*sandbox.Config)) (*sandbox.Server, *tokenTap) {
 	t.Helper()
 	sb, tap := serveTappedSandbox(t, opts...)
