@@ -8,29 +8,66 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 )
 
-// buildBinaries builds cmd/caddy and cmd/sandbox the way `make build` does.
+// buildBinaries builds cmd/caddy and cmd/sandbox the way `make build` does,
+// once per test binary (see builtOnce).
 func buildBinaries(t *testing.T) (caddyBin, sandboxBin string) {
 	t.Helper()
-	dir := t.TempDir()
-	return goBuild(t, dir, "./cmd/caddy"), goBuild(t, dir, "./cmd/sandbox")
+	return builtOnce(t, "./cmd/caddy"), builtOnce(t, "./cmd/sandbox")
 }
 
-// goBuild builds the command pkg (a path from the repository's top, such
-// as ./cmd/caddy) into dir and returns the binary's path.
-func goBuild(t *testing.T, dir, pkg string) string {
+// built are the commands this test binary built, by package path (a
+// *builtBinary each).
+var built sync.Map
+
+// builtBinary is one command built for the tests, in a folder of its own.
+type builtBinary struct {
+	once sync.Once
+	dir  string
+	path string
+	err  error
+}
+
+// builtOnce builds the command pkg (a path from the repository's top, such
+// as ./cmd/caddy) the first time a test asks for it and returns the
+// binary's path; tests that ask meanwhile wait for that build. The tests
+// only run the binaries; TestMain removes them at the end.
+func builtOnce(t *testing.T, pkg string) string {
 	t.Helper()
-	bin := filepath.Join(dir, filepath.Base(pkg))
-	cmd := exec.Command("go", "build", "-o", bin, pkg)
-	cmd.Dir = repoRoot(t)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build %s: %v\n%s", pkg, err, out)
+	v, _ := built.LoadOrStore(pkg, &builtBinary{})
+	b := v.(*builtBinary)
+	b.once.Do(func() {
+		if b.dir, b.err = os.MkdirTemp("", "integration-bin-"); b.err != nil {
+			return
+		}
+		bin := filepath.Join(b.dir, filepath.Base(pkg))
+		cmd := exec.Command("go", "build", "-o", bin, pkg)
+		cmd.Dir = repoRoot(t)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.err = fmt.Errorf("go build %s: %v\n%s", pkg, err, out)
+			return
+		}
+		b.path = bin
+	})
+	if b.err != nil {
+		t.Fatal(b.err)
 	}
-	return bin
+	return b.path
+}
+
+// removeBuilt removes the folders of the binaries builtOnce built.
+func removeBuilt() {
+	built.Range(func(_, v any) bool {
+		if dir := v.(*builtBinary).dir; dir != "" {
+			os.RemoveAll(dir)
+		}
+		return true
+	})
 }
 
 // startProcess starts a command and stops it, by its process id, when the
@@ -68,6 +105,7 @@ func startProcess(t *testing.T, dir string, env []string, name string, args ...s
 // link from the sidecar, the sandbox bank's approve page, the callback on
 // the loopback consent site, then hooli's calls get tokens by refresh.
 func TestMakeRunDefault(t *testing.T) {
+	t.Parallel()
 	caddyBin, sandboxBin := buildBinaries(t)
 	root := repoRoot(t)
 	addrFile := filepath.Join(t.TempDir(), "sandbox.addr")
@@ -112,7 +150,7 @@ func TestMakeRunDefault(t *testing.T) {
 	if status != http.StatusOK || !strings.HasPrefix(link["url"], consentSite+"/consent/start?link=") {
 		t.Fatalf("consent link: %d %v, want a link on %s", status, link, consentSite)
 	}
-	if _, final := consentThrough(t, link["url"]); final != nil {
+	if _, final := consentThrough(t, newBrowser(), link["url"]); final != nil {
 		t.Fatalf("the callback redirected to %s, want the thank-you page", final)
 	}
 	a = getEcho(t, base+"/accounts", "X-Merchant-Id", "hooli").Authorization

@@ -80,7 +80,8 @@ func (b *strictBank) consent(t *testing.T, merchant string, approve bool, return
 	if status != http.StatusOK {
 		t.Fatalf("consent link: %d %v", status, link)
 	}
-	resp := hop(t, mustReq(t, http.MethodGet, link["url"], nil), true)
+	browser := newBrowser()
+	resp := hop(t, browser, mustReq(t, http.MethodGet, link["url"], nil), true)
 	if resp.StatusCode != http.StatusSeeOther {
 		t.Fatalf("start: %d", resp.StatusCode)
 	}
@@ -91,14 +92,14 @@ func (b *strictBank) consent(t *testing.T, merchant string, approve bool, return
 	if !strings.HasPrefix(back.String(), b.site+"/consent/callback?") {
 		t.Fatalf("the server sent the browser to %s", back.Redacted())
 	}
-	resp, err = consentBrowser.Get(back.String())
+	resp, err = browser.Get(back.String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
 	var page strings.Builder
 	_, _ = io.Copy(&page, resp.Body)
-	if status, page, ok := resultPage(t, consentBrowser, back.String(), resp.Header.Get("Location")); ok {
+	if status, page, ok := resultPage(t, browser, back.String(), resp.Header.Get("Location")); ok {
 		return nil, status, page
 	}
 	if resp.StatusCode == http.StatusSeeOther {

@@ -15,15 +15,12 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 )
 
-// consentBrowser does not follow redirects: the test follows them. It
-// keeps cookies, as the consent site binds a consent to its browser.
-var consentBrowser = newBrowser()
-
-// hop sends a request and checks the consent site's headers when the
-// answer comes from it.
-func hop(t *testing.T, req *http.Request, fromConsent bool) *http.Response {
+// hop sends a request with browser (see newBrowser: it keeps cookies, as
+// the consent site binds a consent to its browser) and checks the consent
+// site's headers when the answer comes from it.
+func hop(t *testing.T, browser *http.Client, req *http.Request, fromConsent bool) *http.Response {
 	t.Helper()
-	resp, err := consentBrowser.Do(req)
+	resp, err := browser.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,9 +65,9 @@ func consentLink(t *testing.T, base, merchant, returnURL string, headers ...stri
 
 // consentThrough plays the merchant's browser from the link to the
 // return URL and returns the callback URL used and the final redirect.
-func consentThrough(t *testing.T, link string) (callback string, final *url.URL) {
+func consentThrough(t *testing.T, browser *http.Client, link string) (callback string, final *url.URL) {
 	t.Helper()
-	resp := hop(t, mustReq(t, http.MethodGet, link, nil), true)
+	resp := hop(t, browser, mustReq(t, http.MethodGet, link, nil), true)
 	if resp.StatusCode != http.StatusSeeOther {
 		t.Fatalf("start: %d", resp.StatusCode)
 	}
@@ -79,13 +76,13 @@ func consentThrough(t *testing.T, link string) (callback string, final *url.URL)
 	form.Set("decision", "approve")
 	req := mustReq(t, http.MethodPost, au.Scheme+"://"+au.Host+au.Path, strings.NewReader(form.Encode()))
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	resp = hop(t, req, false)
+	resp = hop(t, browser, req, false)
 	callback = resp.Header.Get("Location")
 	if resp.StatusCode != http.StatusSeeOther || !strings.Contains(callback, "/consent/callback?") {
 		t.Fatalf("approve: %d to %s", resp.StatusCode, callback)
 	}
-	resp = hop(t, mustReq(t, http.MethodGet, callback, nil), true)
-	if status, page, ok := resultPage(t, consentBrowser, callback, resp.Header.Get("Location")); ok { // no return URL: the result page
+	resp = hop(t, browser, mustReq(t, http.MethodGet, callback, nil), true)
+	if status, page, ok := resultPage(t, browser, callback, resp.Header.Get("Location")); ok { // no return URL: the result page
 		if status != http.StatusOK || !strings.Contains(page, "your consent is recorded") {
 			t.Fatalf("result page: %d %s", status, page)
 		}
@@ -123,6 +120,7 @@ func TestExampleBankConsent(t *testing.T) {
 	base := startCaddy(t, cf)
 	waitListening(t, "127.0.0.1:"+strconv.Itoa(cbPort))
 	adminURL := "http://127.0.0.1:" + getenv(t, "TOKEN_BROKER_ADMIN_PORT")
+	browser := newBrowser()
 
 	if status, _ := get(t, base+"/accounts", "X-Merchant-Id", "acme"); status != http.StatusBadGateway {
 		t.Errorf("before consent: %d, want 502 consent_required", status)
@@ -132,7 +130,7 @@ func TestExampleBankConsent(t *testing.T) {
 	if status != http.StatusOK || !strings.HasPrefix(link["url"], site+"/consent/start?link=") {
 		t.Fatalf("consent link: %d %v", status, link)
 	}
-	callback, final := consentThrough(t, link["url"])
+	callback, final := consentThrough(t, browser, link["url"])
 	if final == nil || final.Host != "app.partner.example" || final.Query().Get("merchant") != "acme" || final.Query().Get("outcome") != "ok" {
 		t.Fatalf("back to the app at %s", final)
 	}
@@ -142,13 +140,13 @@ func TestExampleBankConsent(t *testing.T) {
 	}
 
 	// Refusals.
-	if resp := hop(t, mustReq(t, http.MethodGet, callback, nil), true); resp.StatusCode != http.StatusBadRequest {
+	if resp := hop(t, browser, mustReq(t, http.MethodGet, callback, nil), true); resp.StatusCode != http.StatusBadRequest {
 		t.Errorf("replayed callback: %d, want 400", resp.StatusCode)
 	}
-	if resp := hop(t, mustReq(t, http.MethodGet, link["url"], nil), true); resp.StatusCode != http.StatusBadRequest {
+	if resp := hop(t, browser, mustReq(t, http.MethodGet, link["url"], nil), true); resp.StatusCode != http.StatusBadRequest {
 		t.Errorf("replayed link: %d, want 400", resp.StatusCode)
 	}
-	if resp := hop(t, mustReq(t, http.MethodGet, site+"/consent/other", nil), true); resp.StatusCode != http.StatusNotFound {
+	if resp := hop(t, browser, mustReq(t, http.MethodGet, site+"/consent/other", nil), true); resp.StatusCode != http.StatusNotFound {
 		t.Errorf("/consent/other: %d, want 404", resp.StatusCode)
 	}
 	if status, body := consentLink(t, base, "acme", "https://evil.example/consent/"); status != http.StatusBadRequest || body["error"] != "return_url_not_allowed" {
@@ -175,7 +173,7 @@ func TestExampleBankConsent(t *testing.T) {
 	}
 
 	_, link = consentLink(t, base, "acme", "")
-	if _, final := consentThrough(t, link["url"]); final != nil {
+	if _, final := consentThrough(t, browser, link["url"]); final != nil {
 		t.Errorf("without return URL the callback redirected to %s", final)
 	}
 	// Service comes back at once, without restart.

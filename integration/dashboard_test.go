@@ -31,6 +31,7 @@ const (
 // them all evaluated without error, and every metric they read must have
 // series.
 func TestDashboardQueriesReturnData(t *testing.T) {
+	t.Parallel()
 	queries := dashboardQueries(t, filepath.Join(repoRoot(t), dashboardFile))
 	promBin := requireBinary(t, "prometheus")
 

@@ -111,6 +111,7 @@ http://:{$TOKEN_BROKER_PORT} {
 // 1; a valid registry exits 0. `caddy validate` gives the problems one per
 // line after a line that counts them.
 func TestValidateCommand(t *testing.T) {
+	t.Parallel()
 	caddyBin, _ := buildBinaries(t)
 	dir := t.TempDir()
 	write := func(name, content string) string {
@@ -161,7 +162,8 @@ http://127.0.0.1:%d {
 }
 `, app, freePort(t), handler))
 	}
-	t.Setenv("VALIDATE_KEY", "validate-key-never-printed")
+	// The registries' API key, in the commands' environment.
+	const keyEnv = "VALIDATE_KEY=validate-key-never-printed"
 	wantBad := []string{
 		bad + `:5: provider "np": field token_lifetme: unknown key "providers.np.token_lifetme": did you mean "token_lifetime"? (the keys of a provider of type nuapay: type, timeout, tls, base_url, api_key, token_lifetime, organisations_path)`,
 		bad + `:8: merchant "acme": field provider: unknown provider "nq" (defined: np)`,
@@ -178,7 +180,7 @@ http://127.0.0.1:%d {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			cf := caddyfile(tt.app, tt.own)
-			out, code := runCommand(t, caddyBin, "token-broker", "validate", "--config", cf, "--adapter", "caddyfile")
+			out, code := runCommand(t, caddyBin, keyEnv, "token-broker", "validate", "--config", cf, "--adapter", "caddyfile")
 			var lines []string
 			for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
 				if !strings.HasPrefix(l, "{") {
@@ -196,7 +198,7 @@ http://127.0.0.1:%d {
 			}
 			// Caddy's own validate: a line counting the problems, then
 			// one problem per line (escaped inside its JSON log line).
-			out, code = runCommand(t, caddyBin, "validate", "--config", cf, "--adapter", "caddyfile")
+			out, code = runCommand(t, caddyBin, keyEnv, "validate", "--config", cf, "--adapter", "caddyfile")
 			want := regexp.QuoteMeta(`token_broker: 2 problems in the merchant registry, one per line below (`+"`caddy token-broker validate --config <Caddyfile>`"+` prints them alone):\n`) +
 				regexp.QuoteMeta(strings.ReplaceAll(strings.Join(wantBad, `\n`), `"`, `\"`))
 			if code != 1 || !regexp.MustCompile(want).MatchString(out) {

@@ -203,10 +203,10 @@ const eventsBankSecret, eventsStaleKey = "events-bank-secret-5d1e", "events-stal
 func startEventsCaddy(t *testing.T, tokenBroker string) *eventsEnv {
 	t.Helper()
 	dir := t.TempDir()
-	bin := goBuild(t, dir, "./integration/eventcaddy")
+	bin := builtOnce(t, "./integration/eventcaddy")
 	consentPort := freePort(t)
 	consentSite := "http://127.0.0.1:" + strconv.Itoa(consentPort)
-	sb, _ := startSandbox(t, func(c *sandbox.Config) {
+	sb, sbURL := serveSandbox(t, func(c *sandbox.Config) {
 		c.BankClients = append(c.BankClients, sandbox.BankClient{ID: "events-bank-client", Secret: eventsBankSecret,
 			Scopes: []string{"accounts"}, RedirectURIs: []string{consentSite + "/consent/callback"}})
 	})
@@ -220,7 +220,8 @@ func startEventsCaddy(t *testing.T, tokenBroker string) *eventsEnv {
 		t.Fatal(err)
 	}
 	port, adminPort := freePort(t), freePort(t)
-	env := []string{"BANK_SECRET=" + eventsBankSecret, "STALE_API_KEY=" + eventsStaleKey, "CONSENT_SITE=" + consentSite,
+	env := []string{"SANDBOX_URL=" + sbURL, "NUAPAY_API_KEY=" + apiKey,
+		"BANK_SECRET=" + eventsBankSecret, "STALE_API_KEY=" + eventsStaleKey, "CONSENT_SITE=" + consentSite,
 		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort),
 		"HOME=" + dir, "XDG_DATA_HOME=" + filepath.Join(dir, "data"), "XDG_CONFIG_HOME=" + filepath.Join(dir, "config")}
 	startProcess(t, dir, env, bin, "run", "--config", cf, "--adapter", "caddyfile")
@@ -266,6 +267,7 @@ func (e *eventsEnv) checkEventLines(t *testing.T, secrets ...string) {
 // handler's file with its merchant, provider and error code, from origin
 // token_broker, and no line holds a key, a secret or a token.
 func TestEvents(t *testing.T) {
+	t.Parallel()
 	env := startEventsCaddy(t, "")
 	sb, base, admin := env.sb, env.base, env.admin
 	var loadedRT []string
@@ -306,7 +308,7 @@ func TestEvents(t *testing.T) {
 			if status != http.StatusOK {
 				t.Fatalf("consent link: %d %v", status, link)
 			}
-			consentThrough(t, link["url"])
+			consentThrough(t, newBrowser(), link["url"])
 			call("hooli", "/accounts", http.StatusOK, "")(t)
 		}, []eventlog.Line{{Name: opstate.EventConsentGranted, Data: map[string]any{"merchant": "hooli", "provider": "bank"}}}},
 		{"refresh token loaded by an operator", func(t *testing.T) { loadRT(t, "umbrella", loadedRT[0]) },
@@ -381,6 +383,7 @@ func TestEvents(t *testing.T) {
 // opens, and restarting it fleet_tier_recovered once a lookup gets through
 // again; requests are served meanwhile (the broker mints alone).
 func TestEventsFleetTier(t *testing.T) {
+	t.Parallel()
 	r := startRedisServer(t)
 	cacheKey := newCacheKey()
 	env := startEventsCaddy(t, fmt.Sprintf("\t\tredis {\n\t\t\taddress %s\n\t\t\tencryption_key %s\n\t\t\ttimeout 1s\n\t\t}\n", r.Addr(), cacheKey))

@@ -376,6 +376,7 @@ func wantText(subs ...string) func(*testing.T, string) {
 // commands read), and checks what each foreground command printed. The
 // sandbox example is `make run` itself: TestMakeRunDefault runs it.
 func TestExampleREADMEs(t *testing.T) {
+	t.Parallel()
 	caddyBin, sandboxBin := buildBinaries(t)
 	ports := []string{"TOKEN_BROKER_PORT", "TOKEN_BROKER_ADMIN_PORT", "SANDBOX_PORT"}
 	tests := []struct {

@@ -29,35 +29,6 @@ import (
 // sharing one real redis-server, against an in-process sandbox whose token
 // API counts the mints.
 
-var (
-	fleetBuildOnce sync.Once
-	fleetCaddyBin  string
-	fleetBuildErr  error
-	fleetBuildDir  string
-)
-
-// fleetCaddy builds cmd/caddy once per test binary.
-func fleetCaddy(t *testing.T) string {
-	t.Helper()
-	fleetBuildOnce.Do(func() {
-		fleetBuildDir, fleetBuildErr = os.MkdirTemp("", "fleet-caddy-")
-		if fleetBuildErr != nil {
-			return
-		}
-		cmd := exec.Command("go", "build", "-o", filepath.Join(fleetBuildDir, "caddy"), "./cmd/caddy")
-		cmd.Dir = repoRoot(t)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			fleetBuildErr = fmt.Errorf("go build ./cmd/caddy: %v\n%s", err, out)
-			return
-		}
-		fleetCaddyBin = filepath.Join(fleetBuildDir, "caddy")
-	})
-	if fleetBuildErr != nil {
-		t.Fatal(fleetBuildErr)
-	}
-	return fleetCaddyBin
-}
-
 // startRedisServer starts a real redis-server for the test (see
 // redistest): skipped without redis-server, except under CI.
 func startRedisServer(t *testing.T) *redistest.Server { return redistest.Start(t) }
@@ -87,11 +58,22 @@ func (tp *tokenTap) tokens() []string {
 	return slices.Clone(tp.seen)
 }
 
-// startTappedSandbox is startSandbox behind a tokenTap; SANDBOX_URL and
-// NUAPAY_API point at the tap.
+// startTappedSandbox is startSandbox behind a tokenTap: SANDBOX_URL and
+// NUAPAY_API point at the tap, NUAPAY_API_KEY is apiKey.
 func startTappedSandbox(t *testing.T, opts ...func(*sandbox.Config)) (*sandbox.Server, *tokenTap) {
 	t.Helper()
-	sb, _ := startSandbox(t, opts...)
+	sb, tap := serveTappedSandbox(t, opts...)
+	t.Setenv("SANDBOX_URL", tap.url)
+	t.Setenv("NUAPAY_API", tap.url)
+	t.Setenv("NUAPAY_API_KEY", apiKey)
+	return sb, tap
+}
+
+// serveTappedSandbox is serveSandbox behind a tokenTap, at tap.url; it
+// leaves the environment alone.
+func serveTappedSandbox(t *testing.T, opts ...func(*sandbox.Config)) (*sandbox.Server, *tokenTap) {
+	t.Helper()
+	sb, _ := serveSandbox(t, opts...)
 	tap := &tokenTap{}
 	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodPost || !strings.HasSuffix(r.URL.Path, "/tokens") {
@@ -124,8 +106,6 @@ func startTappedSandbox(t *testing.T, opts ...func(*sandbox.Config)) (*sandbox.S
 	}))
 	t.Cleanup(ts.Close)
 	tap.url = ts.URL
-	t.Setenv("SANDBOX_URL", ts.URL)
-	t.Setenv("NUAPAY_API", ts.URL)
 	return sb, tap
 }
 
@@ -162,13 +142,13 @@ const fleetMerchants = 40
 // its own organisation, with token_lifetime lifetime.
 func newFleetEnv(t *testing.T, lifetime string) *fleetEnv {
 	t.Helper()
-	bin := fleetCaddy(t)
+	bin := builtOnce(t, "./cmd/caddy")
 	r := startRedisServer(t)
 	var orgs []sandbox.Organisation
 	for i := range fleetMerchants {
 		orgs = append(orgs, sandbox.Organisation{ID: fmt.Sprintf("org-m%02d", i), Name: fmt.Sprintf("M%02d", i)})
 	}
-	sb, tap := startTappedSandbox(t, func(c *sandbox.Config) { c.Organisations = append(c.Organisations, orgs...) })
+	sb, tap := serveTappedSandbox(t, func(c *sandbox.Config) { c.Organisations = append(c.Organisations, orgs...) })
 	url := tap.url
 	var reg strings.Builder
 	fmt.Fprintf(&reg, "[providers.nuapay-sandbox]\ntype = \"nuapay\"\nbase_url = %q\napi_key = \"{env.NUAPAY_API_KEY}\"\ntimeout = \"5s\"\ntoken_lifetime = %q\n",
@@ -449,6 +429,7 @@ func TestFleetUpstream401BurstAndAdminPurge(t *testing.T) {
 // cooldown (5 s) after the failures, so the test waits for that real time,
 // polling with a fresh merchant every 500 ms.
 func TestFleetRedisKilledUnderLoad(t *testing.T) {
+	t.Parallel()
 	f := newFleetEnv(t, "1h")
 	nodes := f.startFleet(3)
 	for _, n := range nodes {
@@ -609,6 +590,7 @@ func assertRedisSealed(t *testing.T, r *redistest.Server, tokens []string, clear
 // sidecars refreshing on their own would make about 3 × 4 = 12. The
 // lifetime is real time in the processes, hence the 12 s of traffic.
 func TestFleetSteadyTrafficMintsOncePerLifetime(t *testing.T) {
+	t.Parallel()
 	f := newFleetEnv(t, "10s")
 	const lifetime, traffic = 5 * time.Second, 12 * time.Second
 	f.tap.lifetime.Store(int64(lifetime))

@@ -6,6 +6,7 @@ package integration
 import (
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -41,6 +42,30 @@ func repoRoot(t testing.TB) string {
 	return filepath.Dir(filepath.Dir(file))
 }
 
+// parallelTests is how many of this package's parallel tests run at once
+// unless -parallel says otherwise. The testing package's default, the
+// number of CPUs, suits tests that compute; these mostly wait on the
+// processes they start (Caddy, redis-server, prometheus, chromium, builds).
+const parallelTests = 8
+
+// TestMain runs the tests, parallelTests of the parallel ones at once
+// unless -parallel is given, then removes the binaries they built (see
+// builtOnce).
+func TestMain(m *testing.M) {
+	flag.Parse()
+	given := false
+	flag.Visit(func(f *flag.Flag) { given = given || f.Name == "test.parallel" })
+	if !given {
+		if err := flag.Set("test.parallel", strconv.Itoa(parallelTests)); err != nil {
+			fmt.Fprintf(os.Stderr, "setting -test.parallel: %v\n", err)
+			os.Exit(2)
+		}
+	}
+	code := m.Run()
+	removeBuilt()
+	os.Exit(code)
+}
+
 // handedOut are the ports freePort returned in this test binary. Caddy
 // binds with SO_REUSEPORT, so two of the tests' servers given the same port
 // (the kernel hands a closed port out again) would share it silently.
@@ -64,10 +89,23 @@ func freePort(t testing.TB) int {
 	}
 }
 
-// startSandbox serves an in-process sandbox on 127.0.0.1 and points the
-// environment of the configs at it. opts may change the sandbox's
-// configuration first (e.g. register bank clients).
+// startSandbox serves an in-process sandbox on 127.0.0.1 (see
+// serveSandbox) and points the environment of the configs at it.
 func startSandbox(t testing.TB, opts ...func(*sandbox.Config)) (*sandbox.Server, string) {
+	t.Helper()
+	sb, url := serveSandbox(t, opts...)
+	t.Setenv("SANDBOX_URL", url)
+	t.Setenv("NUAPAY_API", url)
+	t.Setenv("NUAPAY_API_KEY", apiKey)
+	return sb, url
+}
+
+// serveSandbox serves an in-process sandbox on 127.0.0.1 until the test
+// ends and returns it and its URL; opts may change the sandbox's
+// configuration first (e.g. register bank clients). It leaves the
+// environment alone: a parallel test passes the URL and apiKey to the
+// processes it starts.
+func serveSandbox(t testing.TB, opts ...func(*sandbox.Config)) (*sandbox.Server, string) {
 	t.Helper()
 	cfg := sandbox.Config{
 		APIKeys: []string{apiKey},
@@ -82,9 +120,6 @@ func startSandbox(t testing.TB, opts ...func(*sandbox.Config)) (*sandbox.Server,
 	sb := sandbox.New(cfg)
 	ts := httptest.NewServer(sb)
 	t.Cleanup(ts.Close)
-	t.Setenv("SANDBOX_URL", ts.URL)
-	t.Setenv("NUAPAY_API", ts.URL)
-	t.Setenv("NUAPAY_API_KEY", apiKey)
 	return sb, ts.URL
 }
 

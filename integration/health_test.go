@@ -170,6 +170,7 @@ func TestHealth(t *testing.T) {
 // TestHealthCommandWithoutCaddy: no Caddy at the admin address: exit 1
 // and a line saying so.
 func TestHealthCommandWithoutCaddy(t *testing.T) {
+	t.Parallel()
 	caddyBin, _ := buildBinaries(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	out, code := runCommand(t, caddyBin, "token-broker", "health", "--address", addr)

@@ -52,6 +52,7 @@ func lastLines(s string, n int) string {
 // Caddy that lists the broker's modules, and the build host's CA
 // certificates.
 func TestMakeImage(t *testing.T) {
+	t.Parallel()
 	podman := podmanOrSkip(t)
 	dir := t.TempDir()
 	store := []string{"--root", filepath.Join(dir, "storage"), "--runroot", filepath.Join(dir, "run"), "--storage-driver", "vfs"}

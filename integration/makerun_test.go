@@ -113,6 +113,7 @@ func (m *makeRun) waitUp(t *testing.T, addr string) {
 // call gets a token by refresh without a new consent. It also checks that
 // make run says what it is doing while it builds.
 func TestMakeRunKeepsConsentAcrossRestarts(t *testing.T) {
+	t.Parallel()
 	if _, err := exec.LookPath("make"); err != nil {
 		t.Skipf("make is not installed: %v", err)
 	}
@@ -139,7 +140,7 @@ func TestMakeRunKeepsConsentAcrossRestarts(t *testing.T) {
 	if status != http.StatusOK || !strings.HasPrefix(link["url"], consentSite+"/consent/start?link=") {
 		t.Fatalf("consent link: %d %v, want a link on %s", status, link, consentSite)
 	}
-	if _, final := consentThrough(t, link["url"]); final != nil {
+	if _, final := consentThrough(t, newBrowser(), link["url"]); final != nil {
 		t.Fatalf("the callback redirected to %s, want the thank-you page", final)
 	}
 	if a := getEcho(t, base+"/accounts", "X-Merchant-Id", "hooli").Authorization; !a.Valid || a.Organisation != "sandbox-bank-client" {

@@ -50,6 +50,7 @@ func (b *rotatingBank) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // it is used, so a sidecar killed (SIGKILL) after a refresh refreshes again
 // after its restart with the token it persisted.
 func TestRefreshTokenSurvivesKill(t *testing.T) {
+	t.Parallel()
 	caddyBin, _ := buildBinaries(t)
 	bank := &rotatingBank{current: "rt-initial"}
 	tokenSrv := httptest.NewServer(bank)

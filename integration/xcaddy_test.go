@@ -11,6 +11,7 @@ import (
 // through `make xcaddy` (xcaddy, pinned as a go tool), and checks that it
 // lists the broker's modules.
 func TestMakeXcaddy(t *testing.T) {
+	t.Parallel()
 	bin := t.TempDir()
 	cmd := exec.Command("make", "xcaddy", "BIN="+bin)
 	cmd.Dir = repoRoot(t)
