@@ -19,22 +19,30 @@ import (
 // InteractionIDHeader is x-fapi-interaction-id in canonical form.
 const InteractionIDHeader = "X-Fapi-Interaction-Id"
 
+// DPoPHeader is the DPoP proof header (RFC 9449) in canonical form. Only
+// the broker's transport sets it, with a proof of the request it sends.
+const DPoPHeader = "Dpop"
+
 // Contract is the outbound-header contract: what the token_broker handler
 // guarantees about a request it passes on to the next handler (normally
 // reverse_proxy), whatever the caller sent. It is the one place that
 // decides; the handler and the 401 retry (Retry) both go through it.
 //
 // The headers the contract owns are the caller's credentials
-// (Authorization, Proxy-Authorization), the header the token is set in,
+// (Authorization, Proxy-Authorization, DPoP), the header the token is set in,
 // the merchant header (when the merchant is read from a header), the
 // caller-JWT header (with a caller policy) and x-fapi-interaction-id when
 // the handler adds it (interaction_id). For these:
 //
 //   - Removed: every value the caller sent of Authorization,
-//     Proxy-Authorization, the token header, the merchant header and the
-//     caller-JWT header. A caller's x-fapi-interaction-id is passed on.
-//   - Set: the token header, to exactly one value, "Bearer <token>"; on a
-//     401 retry, to the new token. With Interaction, a request without
+//     Proxy-Authorization, DPoP, the token header, the merchant header and
+//     the caller-JWT header. A caller's x-fapi-interaction-id is passed on.
+//     A DPoP proof is made for the request as it leaves, by the
+//     token_broker_dpop transport: nothing the caller sends can stand in
+//     for it or come with it.
+//   - Set: the token header, to exactly one value, "Bearer <token>" (or
+//     "DPoP <token>" for a DPoP-bound token); on a 401 retry, to the new
+//     token. With Interaction, a request without
 //     x-fapi-interaction-id gets a new random UUID in it.
 //   - Connection: every option of the caller's Connection header that names
 //     an owned header is removed (reverse_proxy would otherwise drop the
@@ -76,7 +84,7 @@ type Contract struct {
 // owns reports whether the header name (any case) is one of the contract's.
 func (o Contract) owns(name string) bool {
 	return strings.EqualFold(name, "Authorization") || strings.EqualFold(name, "Proxy-Authorization") ||
-		strings.EqualFold(name, o.Token) ||
+		strings.EqualFold(name, DPoPHeader) || strings.EqualFold(name, o.Token) ||
 		o.Merchant != "" && strings.EqualFold(name, o.Merchant) ||
 		o.Caller != "" && strings.EqualFold(name, o.Caller) ||
 		o.Interaction && strings.EqualFold(name, InteractionIDHeader)
@@ -108,11 +116,12 @@ func echoes(method string) bool {
 }
 
 // Prepare applies the contract to a request about to be passed on with the
-// token header value v ("Bearer <token>").
+// token header value v ("Bearer <token>" or "DPoP <token>").
 func (o Contract) Prepare(r *http.Request, v string) {
 	// The keys are canonical already: delete without canonicalising again.
 	delete(r.Header, "Authorization")
 	delete(r.Header, "Proxy-Authorization")
+	delete(r.Header, DPoPHeader)
 	if o.Merchant != "" {
 		delete(r.Header, o.Merchant)
 	}

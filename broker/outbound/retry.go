@@ -87,6 +87,9 @@ type Retry struct {
 	Isolate func(*http.Request) *http.Request
 	// Tokens is the broker side.
 	Tokens Tokens
+	// NonceChallenged, when set, is told about each upstream 401 that asks
+	// for a DPoP nonce (see nonceChallenge).
+	NonceChallenged func(b *broker.Binding)
 }
 
 // ConsentError is returned by Forward, before any response is written,
@@ -121,22 +124,44 @@ func (e *BodyError) Unwrap() error { return e.Err }
 
 // rejectsToken reports whether an upstream answer says the token is no good
 // and should be purged: by default a 401 with
-// `WWW-Authenticate: Bearer error="invalid_token"` (RFC 6750 §3.1); in
-// Mode "any", every 401. A 403 (insufficient_scope, IP filtering) is not
-// about the token's validity and never purges.
+// `WWW-Authenticate: Bearer error="invalid_token"` (RFC 6750 §3.1) or
+// `DPoP error="invalid_token"` (RFC 9449 §7.1); in Mode "any", every 401
+// but a nonce challenge (nonceChallenge). A 403 (insufficient_scope, IP
+// filtering) is not about the token's validity and never purges.
 func rejectsToken(mode string, status int, header http.Header) bool {
 	if status != http.StatusUnauthorized {
 		return false
 	}
 	if mode == "any" {
-		return true
+		return !nonceChallenge(status, header)
 	}
+	return challengeSays(header, `error="invalid_token"`)
+}
+
+// nonceChallenge reports whether an upstream answer asks for a DPoP proof
+// with the server's nonce (RFC 9449 §9): a 401 with
+// `WWW-Authenticate: DPoP error="use_dpop_nonce"`. The token is fine: the
+// request is sent once more, with the same token and a proof carrying the
+// nonce the answer's DPoP-Nonce header gave (the token_broker_dpop
+// transport remembers it).
+func nonceChallenge(status int, header http.Header) bool {
+	return status == http.StatusUnauthorized && challengeSays(header, `error="use_dpop_nonce"`)
+}
+
+// challengeSays reports whether a WWW-Authenticate challenge of the Bearer
+// or DPoP scheme carries param.
+func challengeSays(header http.Header, param string) bool {
 	for _, v := range header.Values("WWW-Authenticate") {
-		if len(v) >= 6 && strings.EqualFold(v[:6], "bearer") && strings.Contains(v, `error="invalid_token"`) {
+		if (hasPrefixFold(v, "bearer ") || hasPrefixFold(v, "dpop ")) && strings.Contains(v, param) {
 			return true
 		}
 	}
 	return false
+}
+
+// hasPrefixFold is strings.HasPrefix without regard to ASCII case.
+func hasPrefixFold(s, prefix string) bool {
+	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
 }
 
 // rejectRecorder passes a response through to the client unless its status
@@ -152,7 +177,8 @@ type rejectRecorder struct {
 	buffer      bool   // the request can be retried: buffer a rejection
 	status      int
 	rejected    bool // the upstream rejected the token
-	buffered    bool // the rejection is buffered in buf
+	challenged  bool // the upstream asked for a DPoP nonce (nonceChallenge)
+	buffered    bool // the rejection or challenge is buffered in buf
 	wroteHeader bool
 	buf         bytes.Buffer
 }
@@ -165,7 +191,7 @@ const maxPooledBody = 64 << 10
 // reset prepares the recorder for an attempt written to w.
 func (rr *rejectRecorder) reset(w http.ResponseWriter, buffer bool) {
 	rr.ResponseWriter, rr.buffer = w, buffer
-	rr.status, rr.rejected, rr.buffered, rr.wroteHeader = 0, false, false, false
+	rr.status, rr.rejected, rr.challenged, rr.buffered, rr.wroteHeader = 0, false, false, false, false
 	rr.buf.Reset()
 }
 
@@ -178,8 +204,9 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 		return
 	}
 	rr.wroteHeader, rr.status = true, status
-	if rejectsToken(rr.mode, status, rr.Header()) {
-		rr.rejected = true
+	rr.challenged = nonceChallenge(status, rr.Header())
+	rr.rejected = !rr.challenged && rejectsToken(rr.mode, status, rr.Header())
+	if rr.rejected || rr.challenged {
 		if rr.buffer {
 			rr.buffered = true
 			return
@@ -292,6 +319,10 @@ func (s *headerSnapshot) restore(h http.Header) {
 // at most maxBufferedBody bytes. Otherwise the caller gets the 401, except
 // when no new token can be had because the merchant must consent again:
 // Forward then writes nothing and returns a *ConsentError.
+//
+// A DPoP nonce challenge (nonceChallenge) purges nothing: the request is
+// sent once more with the same token, under the same replay rules, and
+// NonceChallenged is told.
 func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
 	if rt.Mode == "off" {
 		return next.ServeHTTP(w, r)
@@ -309,7 +340,7 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	// Handlers after this one may rewrite the request in place (rewrite,
 	// uri, handle_path strip the path): the retry must start from the
 	// request as it is now. Copies on the stack; the retry alone allocates.
-	method, host, requestURI, url := r.Method, r.Host, r.RequestURI, *r.URL
+	first := sent{method: r.Method, host: r.Host, requestURI: r.RequestURI, url: *r.URL, body: body}
 	rec := recorderPool.Get().(*rejectRecorder)
 	rec.mode = rt.Mode
 	rec.reset(w, replayable)
@@ -320,8 +351,18 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		}
 		recorderPool.Put(rec)
 	}()
-	if err := next.ServeHTTP(rec, r); err != nil || !rec.rejected {
+	if err := next.ServeHTTP(rec, r); err != nil || !rec.rejected && !rec.challenged {
 		return err // passed through
+	}
+	if rec.challenged {
+		if rt.NonceChallenged != nil {
+			rt.NonceChallenged(b)
+		}
+		if !rec.buffered {
+			return nil // passed through: not replayable, or a long 401 body
+		}
+		before.restore(w.Header())
+		return rt.again(w, r, next, out, b, e, rec, &first, false)
 	}
 
 	rejected := e.Token()
@@ -348,22 +389,36 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		return rec.writeBuffered() // nothing better to try: the caller gets the 401
 	}
 	before.restore(w.Header())
+	return rt.again(w, r, next, out, b, fresh, rec, &first, true)
+}
+
+// sent is a request as Forward got it, for a retry to start from.
+type sent struct {
+	method, host, requestURI string
+	url                      neturl.URL
+	body                     []byte // the kept body; nil: none
+}
+
+// again sends the request once more, as it was when Forward got it
+// (first), with the token of fresh, and passes the answer through. After a purge (purged), an answer
+// that accepts the fresh token is reported to the broker (Accepted). A
+// rejection of the token sent is reported too (Purge), and the broker then
+// pauses the key's purges (the 401 is not about the token).
+func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, fresh Entry,
+	rec *rejectRecorder, first *sent, purged bool) error {
 	if rt.Isolate != nil {
 		r = rt.Isolate(r)
 	}
-	r.Method, r.Host, r.RequestURI = method, host, requestURI
+	r.Method, r.Host, r.RequestURI = first.method, first.host, first.requestURI
 	r.URL = new(neturl.URL)
-	*r.URL = url
+	*r.URL = first.url
 	out.setToken(r, fresh.Header())
-	if body != nil {
-		r.Body = io.NopCloser(bytes.NewReader(body))
+	if first.body != nil {
+		r.Body = io.NopCloser(bytes.NewReader(first.body))
 	}
-	// The retry is passed through; a rejection of the fresh token too is
-	// reported to the broker, which then pauses the key's purges (the 401
-	// is not about the token).
 	rec.reset(w, false)
 	if err := next.ServeHTTP(rec, r); err != nil || !rec.rejected {
-		if err == nil && rec.status != 0 {
+		if err == nil && rec.status != 0 && purged {
 			rt.Tokens.Accepted(b, fresh.Token().Value)
 		}
 		return err

@@ -43,10 +43,12 @@ func (f *fakeTokens) Accepted(_ *broker.Binding, v broker.Secret) { f.accepted =
 // upstream answers 401 invalid_token to the token bad (any request when
 // bad is "*") and 200 otherwise; alter changes the request first.
 type upstream struct {
-	bad   string
-	plain bool // the 401 has no WWW-Authenticate
-	alter func(*http.Request)
-	seen  []string
+	bad    string
+	plain  bool   // the 401 has no WWW-Authenticate
+	scheme string // of the 401's challenge; default Bearer
+	nonce  int    // the first nonce requests are answered use_dpop_nonce
+	alter  func(*http.Request)
+	seen   []string
 }
 
 func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
@@ -54,9 +56,20 @@ func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
 		u.alter(r)
 	}
 	u.seen = append(u.seen, r.Header.Get("Authorization"))
+	if u.nonce > 0 {
+		u.nonce--
+		w.Header().Set("WWW-Authenticate", `DPoP error="use_dpop_nonce", error_description="Resource server requires nonce in DPoP proof"`)
+		w.Header().Set("DPoP-Nonce", "n-1")
+		w.WriteHeader(http.StatusUnauthorized)
+		return nil
+	}
 	if u.bad == "*" || r.Header.Get("Authorization") == "Bearer "+u.bad {
 		if !u.plain {
-			w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+			scheme := u.scheme
+			if scheme == "" {
+				scheme = "Bearer"
+			}
+			w.Header().Set("WWW-Authenticate", scheme+` error="invalid_token"`)
 		}
 		w.WriteHeader(http.StatusUnauthorized)
 		return nil
@@ -85,6 +98,7 @@ func TestRetryForward(t *testing.T) {
 		wantEvents []string
 		wantErr    any
 		wantOK     broker.Secret // Accepted
+		wantNonce  int           // NonceChallenged calls
 	}{
 		{name: "accepted", up: &upstream{bad: "none"}, wantStatus: 200, wantSeen: []string{"Bearer old"}},
 		{name: "rejected, retried with a fresh token", up: &upstream{bad: "old"}, fresh: fresh, wantStatus: 200,
@@ -105,12 +119,25 @@ func TestRetryForward(t *testing.T) {
 		{name: "any: a token younger than minPurgeAge is not purged", mode: "any", first: young,
 			up: &upstream{bad: "old", plain: true}, fresh: fresh, wantStatus: 200,
 			wantSeen: []string{"Bearer old", "Bearer new"}, wantEvents: []string{"get"}, wantOK: "new"},
+		{name: "DPoP invalid_token purges and retries", up: &upstream{bad: "old", scheme: "DPoP"}, fresh: fresh, wantStatus: 200,
+			wantSeen: []string{"Bearer old", "Bearer new"}, wantEvents: []string{"purge old", "get"}, wantOK: "new"},
+		{name: "nonce challenge: same token again, nothing purged", up: &upstream{bad: "none", nonce: 1}, wantStatus: 200,
+			wantSeen: []string{"Bearer old", "Bearer old"}, wantNonce: 1},
+		{name: "any: nonce challenge is not a rejection", mode: "any", up: &upstream{bad: "none", nonce: 1}, wantStatus: 200,
+			wantSeen: []string{"Bearer old", "Bearer old"}, wantNonce: 1},
+		{name: "nonce challenge twice: the second is the caller's", up: &upstream{bad: "none", nonce: 2}, wantStatus: 401,
+			wantSeen: []string{"Bearer old", "Bearer old"}, wantNonce: 1},
+		{name: "nonce challenge then the token rejected: purged", up: &upstream{bad: "old", nonce: 1}, wantStatus: 401,
+			wantSeen: []string{"Bearer old", "Bearer old"}, wantEvents: []string{"purge old"}, wantNonce: 1},
+		{name: "nonce challenge, body over the limit: passed on", body: strings.Repeat("x", DefaultRetryBodyLimit+1),
+			up: &upstream{bad: "none", nonce: 1}, wantStatus: 401, wantSeen: []string{"Bearer old"}, wantNonce: 1},
 		{name: "body over the limit: purged, not retried", body: strings.Repeat("x", DefaultRetryBodyLimit+1),
 			up: &upstream{bad: "old"}, fresh: fresh, wantStatus: 401, wantSeen: []string{"Bearer old"}, wantEvents: []string{"purge old"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			tokens := &fakeTokens{fresh: tt.fresh, err: tt.err}
-			rt := Retry{Mode: tt.mode, Tokens: tokens}
+			nonces := 0
+			rt := Retry{Mode: tt.mode, Tokens: tokens, NonceChallenged: func(*broker.Binding) { nonces++ }}
 			out := Contract{Token: "Authorization"}
 			first, body := tt.first, tt.body
 			if first == nil {
@@ -139,6 +166,9 @@ func TestRetryForward(t *testing.T) {
 			if !slices.Equal(tt.up.seen, tt.wantSeen) || !slices.Equal(tokens.events, tt.wantEvents) || tokens.accepted != tt.wantOK {
 				t.Errorf("upstream saw %q, events %q, accepted %q; want %q, %q, %q",
 					tt.up.seen, tokens.events, tokens.accepted, tt.wantSeen, tt.wantEvents, tt.wantOK)
+			}
+			if nonces != tt.wantNonce {
+				t.Errorf("%d nonce challenges reported, want %d", nonces, tt.wantNonce)
 			}
 		})
 	}
