@@ -6,16 +6,15 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/x509"
 	"encoding/base64"
-	"encoding/pem"
-	"errors"
 	"fmt"
 	"strings"
 	"time"
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/pemkey"
 )
 
 // Signing algorithms of client assertions. UK Open Banking and FAPI want
@@ -42,43 +41,18 @@ type Signer struct {
 
 // ParsePrivateKey reads the first private key of a PEM file: PKCS#1
 // ("RSA PRIVATE KEY"), PKCS#8 ("PRIVATE KEY") or SEC1 ("EC PRIVATE KEY").
-// Other blocks (certificates, "EC PARAMETERS") are skipped. Errors never
-// quote the key.
+// Other blocks (certificates, "EC PARAMETERS") are skipped. Only RSA and EC
+// keys sign client assertions. Errors never quote the key.
 func ParsePrivateKey(pemBytes []byte) (crypto.Signer, error) {
-	for rest := pemBytes; ; {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			return nil, errors.New("no PEM private key found (want RSA PRIVATE KEY, PRIVATE KEY or EC PRIVATE KEY)")
-		}
-		if _, enc := block.Headers["Proc-Type"]; enc {
-			return nil, errors.New("the private key is encrypted: provide it unencrypted, readable only by the broker")
-		}
-		var key any
-		var err error
-		switch block.Type {
-		case "RSA PRIVATE KEY":
-			key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
-		case "PRIVATE KEY":
-			key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
-		case "EC PRIVATE KEY":
-			key, err = x509.ParseECPrivateKey(block.Bytes)
-		case "ENCRYPTED PRIVATE KEY":
-			return nil, errors.New("the private key is encrypted (PKCS#8): provide it unencrypted, readable only by the broker")
-		default:
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("%s block is not a valid key", block.Type)
-		}
-		switch k := key.(type) {
-		case *rsa.PrivateKey:
-			return k, nil
-		case *ecdsa.PrivateKey:
-			return k, nil
-		}
-		return nil, fmt.Errorf("unsupported private key type %T: use an RSA or EC P-256 key", key)
+	key, err := pemkey.Parse(pemBytes)
+	if err != nil {
+		return nil, err
 	}
+	switch key.(type) {
+	case *rsa.PrivateKey, *ecdsa.PrivateKey:
+		return key, nil
+	}
+	return nil, fmt.Errorf("unsupported private key type %T: use an RSA or EC P-256 key", key)
 }
 
 // NewSigner returns a signer for key. alg is PS256, RS256 (RSA keys of at

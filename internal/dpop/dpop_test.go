@@ -1,0 +1,417 @@
+package dpop_test
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
+)
+
+var (
+	rsaOnce sync.Once
+	rsaKey  *rsa.PrivateKey
+)
+
+// testKeys returns one private key per supported kind; the RSA key is
+// made once (generation is slow).
+func testKeys(t testing.TB) map[string]crypto.Signer {
+	rsaOnce.Do(func() {
+		var err error
+		if rsaKey, err = rsa.GenerateKey(rand.Reader, 2048); err != nil {
+			panic(err)
+		}
+	})
+	ec, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, ed, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return map[string]crypto.Signer{dpop.ES256: ec, dpop.PS256: rsaKey, dpop.EdDSA: ed}
+}
+
+// pemOf encodes key as PKCS#8, or as SEC1 / PKCS#1 with format "legacy".
+func pemOf(t testing.TB, key crypto.Signer, format string) []byte {
+	var b *pem.Block
+	switch k := key.(type) {
+	case *ecdsa.PrivateKey:
+		if format == "legacy" {
+			der, err := x509.MarshalECPrivateKey(k)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b = &pem.Block{Type: "EC PRIVATE KEY", Bytes: der}
+		}
+	case *rsa.PrivateKey:
+		if format == "legacy" {
+			b = &pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(k)}
+		}
+	}
+	if b == nil {
+		der, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b = &pem.Block{Type: "PRIVATE KEY", Bytes: der}
+	}
+	return pem.EncodeToMemory(b)
+}
+
+// TestProof: each algorithm and PEM format gives proofs that go-jose
+// verifies with the embedded jwk, with the claims asked for, a fresh jti
+// each time and the key's thumbprint.
+func TestProof(t *testing.T) {
+	keys := testKeys(t)
+	now := time.Unix(1_800_000_000, 0)
+	for _, tc := range []struct {
+		alg, format, override string
+	}{
+		{dpop.ES256, "pkcs8", ""},
+		{dpop.ES256, "legacy", dpop.ES256},
+		{dpop.PS256, "pkcs8", ""},
+		{dpop.PS256, "legacy", dpop.PS256},
+		{dpop.EdDSA, "pkcs8", ""},
+		{dpop.EdDSA, "pkcs8", dpop.EdDSA},
+	} {
+		t.Run(tc.alg+"/"+tc.format+"/"+tc.override, func(t *testing.T) {
+			k, err := dpop.ParseKey(append([]byte("junk\n"), pemOf(t, keys[tc.alg], tc.format)...), tc.override)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if k.Alg() != tc.alg {
+				t.Errorf("Alg = %s, want %s", k.Alg(), tc.alg)
+			}
+			seen := map[string]bool{}
+			for _, c := range []struct{ htm, htu, ath, nonce string }{
+				{"POST", "https://as.example/token", "", ""},
+				{"GET", "https://rs.example/a%20b/c", dpop.ATH("tok"), "n-1_x.y~"},
+				{"PUT", `https://rs.example/quote"and\back`, "", ""},
+			} {
+				proof, err := k.Proof(c.htm, c.htu, c.ath, c.nonce, now)
+				if err != nil {
+					t.Fatal(err)
+				}
+				p, err := dpoptest.Verify(proof)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := dpoptest.Proof{Alg: tc.alg, JKT: k.Thumbprint(), JTI: p.JTI, HTM: c.htm, HTU: c.htu, IAT: now.Unix(), ATH: c.ath, Nonce: c.nonce}
+				if p != want {
+					t.Errorf("proof = %+v\nwant    %+v", p, want)
+				}
+				if len(p.JTI) < 22 || seen[p.JTI] {
+					t.Errorf("jti %q short or repeated", p.JTI)
+				}
+				seen[p.JTI] = true
+			}
+		})
+	}
+}
+
+// TestParseKeyRefused: keys and algorithms that do not fit are refused
+// with a message that says what to do.
+func TestParseKeyRefused(t *testing.T) {
+	keys := testKeys(t)
+	p384, err := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	small, err := rsa.GenerateKey(rand.Reader, 1024)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		pem  []byte
+		alg  string
+		want string
+	}{
+		{"no PEM", []byte("hello"), "", "no PEM private key"},
+		{"certificate only", []byte("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"), "", "no PEM private key"},
+		{"encrypted", []byte("-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n"), "", "encrypted"},
+		{"corrupt", []byte("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"), "", "not a valid key"},
+		{"P-384", pemOf(t, p384, "pkcs8"), "", "needs a P-256 key"},
+		{"RSA 1024", pemOf(t, small, "pkcs8"), "", "at least 2048"},
+		{"ES256 on RSA", pemOf(t, keys[dpop.PS256], "pkcs8"), dpop.ES256, `algorithm ES256 does not fit the key, which is for PS256: set alg = "PS256"`},
+		{"PS256 on EC", pemOf(t, keys[dpop.ES256], "pkcs8"), dpop.PS256, "does not fit the key, which is for ES256"},
+		{"ES256 on Ed25519", pemOf(t, keys[dpop.EdDSA], "pkcs8"), dpop.ES256, "which is for EdDSA"},
+		{"RS256", pemOf(t, keys[dpop.PS256], "pkcs8"), "RS256", `unknown DPoP algorithm "RS256" (known: ES256, PS256, EdDSA)`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := dpop.ParseKey(tc.pem, tc.alg)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("err = %v, want %q", err, tc.want)
+			}
+			if err != nil && strings.Contains(err.Error(), "BEGIN") {
+				t.Errorf("the error quotes the PEM: %v", err)
+			}
+		})
+	}
+}
+
+// TestThumbprint: the RFC 7638 §3.1 example key has the thumbprint the
+// RFC gives.
+func TestThumbprint(t *testing.T) {
+	// RFC 8037 Appendix A.1 and A.3: the Ed25519 key and its thumbprint.
+	seed := []byte{0x9d, 0x61, 0xb1, 0x9d, 0xef, 0xfd, 0x5a, 0x60, 0xba, 0x84, 0x4a, 0xf4, 0x92, 0xec, 0x2c, 0xc4,
+		0x44, 0x49, 0xc5, 0x69, 0x7b, 0x32, 0x69, 0x19, 0x70, 0x3b, 0xac, 0x03, 0x1c, 0xae, 0x7f, 0x60}
+	k, err := dpop.NewKey(ed25519.NewKeyFromSeed(seed), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := k.Thumbprint(), "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"; got != want {
+		t.Errorf("Thumbprint = %s, want %s", got, want)
+	}
+	if got, want := string(k.PublicJWK()), `{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}`; got != want {
+		t.Errorf("PublicJWK = %s, want %s", got, want)
+	}
+}
+
+// TestATHAndHTU: ath is RFC 9449's example; htu drops query, fragment and
+// default ports and lower-cases scheme and host.
+func TestATHAndHTU(t *testing.T) {
+	if got, want := dpop.ATH("Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU"), "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"; got != want {
+		t.Errorf("ATH = %s, want %s", got, want)
+	}
+	for _, tc := range []struct{ in, htu, origin string }{
+		{"https://server.example.com/token", "https://server.example.com/token", "https://server.example.com"},
+		{"HTTPS://Server.Example.COM:443/Path?q=1#frag", "https://server.example.com/Path", "https://server.example.com"},
+		{"http://127.0.0.1:8080", "http://127.0.0.1:8080/", "http://127.0.0.1:8080"},
+		{"http://h:80/a%2Fb/c", "http://h/a%2Fb/c", "http://h"},
+		{"http://h/c d", "http://h/c%20d", "http://h"},
+		{"https://h:8443/x", "https://h:8443/x", "https://h:8443"},
+	} {
+		u, err := url.Parse(tc.in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := dpop.HTU(u); got != tc.htu {
+			t.Errorf("HTU(%s) = %s, want %s", tc.in, got, tc.htu)
+		}
+		if got := dpop.Origin(u); got != tc.origin {
+			t.Errorf("Origin(%s) = %s, want %s", tc.in, got, tc.origin)
+		}
+	}
+}
+
+// TestNonceMemory: nonces are kept per origin, invalid ones ignored, and
+// at most 64 origins remembered.
+func TestNonceMemory(t *testing.T) {
+	k, err := dpop.NewKey(testKeys(t)[dpop.EdDSA], "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.SetNonce("https://a", "n1")
+	k.SetNonce("https://b", "n2")
+	k.SetNonce("https://a", `bad"nonce`)
+	k.SetNonce("https://a", "has space")
+	if k.Nonce("https://a") != "n1" || k.Nonce("https://b") != "n2" || k.Nonce("https://c") != "" {
+		t.Errorf("nonces a=%q b=%q c=%q", k.Nonce("https://a"), k.Nonce("https://b"), k.Nonce("https://c"))
+	}
+	for i := range 200 {
+		k.SetNonce(fmt.Sprintf("https://h%d", i), "n")
+	}
+	kept := 0
+	for _, o := range append([]string{"https://a", "https://b"}, func() []string {
+		var s []string
+		for i := range 200 {
+			s = append(s, fmt.Sprintf("https://h%d", i))
+		}
+		return s
+	}()...) {
+		if k.Nonce(o) != "" {
+			kept++
+		}
+	}
+	if kept != 64 || k.Nonce("https://h199") != "n" {
+		t.Errorf("%d origins kept (want 64), the newest %q", kept, k.Nonce("https://h199"))
+	}
+	if _, err := k.Proof("GET", "https://a/", "", "bad nonce", time.Now()); err == nil {
+		t.Error("a proof with an invalid nonce was made")
+	}
+}
+
+// TestNonceMemoryConcurrent: readers and writers of nonces race cleanly.
+func TestNonceMemoryConcurrent(t *testing.T) {
+	k, err := dpop.NewKey(testKeys(t)[dpop.EdDSA], "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Go(func() {
+			for i := range 500 {
+				o := fmt.Sprintf("https://h%d", i%80)
+				k.SetNonce(o, fmt.Sprintf("n%d-%d", g, i))
+				_ = k.Nonce(o)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// TestTransport: the transport signs each request with its own method and
+// URL, answers a nonce challenge (400 of a token endpoint, 401 of a
+// resource server) with one retry that replays the body, remembers the
+// nonce for the next request, and hands back a challenge it cannot answer.
+func TestTransport(t *testing.T) {
+	for _, tc := range []struct {
+		name           string
+		resourceServer bool
+		noReplay       bool
+		wantStatus     int
+		wantChallenges int64
+	}{
+		{"token endpoint", false, false, http.StatusOK, 1},
+		{"resource server", true, false, http.StatusOK, 1},
+		{"body not replayable", false, true, http.StatusBadRequest, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k, err := dpop.NewKey(testKeys(t)[dpop.ES256], "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			var bodies []string
+			gate := &dpoptest.Gate{Nonce: "srv-nonce-1", ResourceServer: tc.resourceServer}
+			gate.Next = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				p, _ := dpoptest.ProofFrom(r.Context())
+				if p.JKT != k.Thumbprint() {
+					t.Errorf("jkt %s, want %s", p.JKT, k.Thumbprint())
+				}
+				b, _ := io.ReadAll(r.Body)
+				bodies = append(bodies, string(b))
+				io.WriteString(w, "ok")
+			})
+			// The challenged attempt's body is read too: the gate reads
+			// nothing, so read it before the gate.
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if _, ok := r.Header["Dpop"]; !ok {
+					t.Error("no DPoP header")
+				}
+				gate.ServeHTTP(w, r)
+			}))
+			defer srv.Close()
+			var challenges int64
+			client := &http.Client{Transport: dpop.Transport(srv.Client().Transport, k, func() { challenges++ })}
+
+			send := func() *http.Response {
+				var body io.Reader = strings.NewReader("grant_type=client_credentials")
+				if tc.noReplay {
+					body = io.MultiReader(body) // no GetBody
+				}
+				req, err := http.NewRequest(http.MethodPost, srv.URL+"/token?x=1", body)
+				if err != nil {
+					t.Fatal(err)
+				}
+				resp, err := client.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				return resp
+			}
+			if resp := send(); resp.StatusCode != tc.wantStatus {
+				t.Fatalf("status %d, want %d", resp.StatusCode, tc.wantStatus)
+			}
+			if challenges != tc.wantChallenges || gate.Challenges.Load() != 1 {
+				t.Errorf("challenges: transport %d (want %d), server %d (want 1)", challenges, tc.wantChallenges, gate.Challenges.Load())
+			}
+			if u, _ := url.Parse(srv.URL); k.Nonce(dpop.Origin(u)) != "srv-nonce-1" {
+				t.Errorf("nonce not remembered for %s", dpop.Origin(u))
+			}
+			// The next request carries the nonce at once.
+			if resp := send(); resp.StatusCode != http.StatusOK {
+				t.Fatalf("second request: status %d", resp.StatusCode)
+			}
+			if gate.Challenges.Load() != 1 || gate.Refused.Load() != 0 {
+				t.Errorf("server: %d challenges, %d refusals", gate.Challenges.Load(), gate.Refused.Load())
+			}
+			for _, b := range bodies {
+				if b != "grant_type=client_credentials" {
+					t.Errorf("body %q", b)
+				}
+			}
+		})
+	}
+}
+
+// TestTransportOtherErrors: a 400 or 401 that is not a nonce challenge
+// comes back as is, body intact, without a retry.
+func TestTransportOtherErrors(t *testing.T) {
+	k, err := dpop.NewKey(testKeys(t)[dpop.EdDSA], "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		status int
+		hdr    string
+		body   string
+	}{
+		{http.StatusBadRequest, "", `{"error":"invalid_grant"}`},
+		{http.StatusUnauthorized, `DPoP error="invalid_token"`, `{"error":"invalid_token"}`},
+		{http.StatusBadRequest, "", strings.Repeat("x", 100<<10)},
+	} {
+		calls := 0
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			calls++
+			w.Header().Set("DPoP-Nonce", "n")
+			if tc.hdr != "" {
+				w.Header().Set("WWW-Authenticate", tc.hdr)
+			}
+			w.WriteHeader(tc.status)
+			io.WriteString(w, tc.body)
+		}))
+		client := &http.Client{Transport: dpop.Transport(nil, k, nil)}
+		resp, err := client.Post(srv.URL, "text/plain", strings.NewReader("b"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		srv.Close()
+		if calls != 1 || resp.StatusCode != tc.status || string(b) != tc.body {
+			t.Errorf("%d %q: %d calls, status %d, body of %d bytes", tc.status, tc.hdr, calls, resp.StatusCode, len(b))
+		}
+	}
+}
+
+// BenchmarkProof is the cost of one proof per algorithm: one signature and
+// the proof's bytes.
+func BenchmarkProof(b *testing.B) {
+	keys := testKeys(b)
+	ath := dpop.ATH("an-access-token")
+	for _, alg := range []string{dpop.EdDSA, dpop.ES256, dpop.PS256} {
+		k, err := dpop.NewKey(keys[alg], "")
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run(alg, func(b *testing.B) {
+			b.ReportAllocs()
+			now := time.Now()
+			for b.Loop() {
+				if _, err := k.Proof("GET", "https://api.example.com/v1/payments", ath, "nonce-value", now); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

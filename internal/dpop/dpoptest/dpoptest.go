@@ -1,0 +1,167 @@
+// Package dpoptest checks DPoP proofs (RFC 9449) for tests, independently
+// of package dpop: with go-jose, as a server would. Gate is the DPoP check
+// of a test token endpoint or resource server.
+package dpoptest
+
+import (
+	"context"
+	"crypto"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	jose "github.com/go-jose/go-jose/v4"
+)
+
+// Proof is a verified proof's header and claims.
+type Proof struct {
+	// Alg is the header's alg.
+	Alg string
+	// JKT is the RFC 7638 SHA-256 thumbprint of the header's jwk.
+	JKT string
+	// JTI, HTM, HTU, IAT, ATH and Nonce are the claims.
+	JTI, HTM, HTU string
+	IAT           int64
+	ATH, Nonce    string
+}
+
+// Verify parses a compact DPoP proof, checks its header (typ dpop+jwt, an
+// asymmetric alg, a public jwk) and its signature with that jwk, and
+// returns its header and claims. It checks no claim.
+func Verify(proof string) (Proof, error) {
+	jws, err := jose.ParseSignedCompact(proof, []jose.SignatureAlgorithm{jose.ES256, jose.PS256, jose.EdDSA, jose.RS256})
+	if err != nil {
+		return Proof{}, fmt.Errorf("not a JWS: %w", err)
+	}
+	h := jws.Signatures[0].Protected
+	if typ, _ := h.ExtraHeaders["typ"].(string); typ != "dpop+jwt" {
+		return Proof{}, fmt.Errorf("typ is %q, want dpop+jwt", typ)
+	}
+	if h.JSONWebKey == nil || !h.JSONWebKey.IsPublic() {
+		return Proof{}, errors.New("no public jwk in the header")
+	}
+	payload, err := jws.Verify(h.JSONWebKey)
+	if err != nil {
+		return Proof{}, fmt.Errorf("signature: %w", err)
+	}
+	tp, err := h.JSONWebKey.Thumbprint(crypto.SHA256)
+	if err != nil {
+		return Proof{}, err
+	}
+	var c struct {
+		JTI   string          `json:"jti"`
+		HTM   string          `json:"htm"`
+		HTU   string          `json:"htu"`
+		IAT   json.RawMessage `json:"iat"`
+		ATH   string          `json:"ath"`
+		Nonce string          `json:"nonce"`
+	}
+	if err := json.Unmarshal(payload, &c); err != nil {
+		return Proof{}, fmt.Errorf("claims: %w", err)
+	}
+	iat, err := strconv.ParseInt(string(c.IAT), 10, 64)
+	if err != nil {
+		return Proof{}, fmt.Errorf("iat %s is not an integer", c.IAT)
+	}
+	return Proof{Alg: h.Algorithm, JKT: base64.RawURLEncoding.EncodeToString(tp),
+		JTI: c.JTI, HTM: c.HTM, HTU: c.HTU, IAT: iat, ATH: c.ATH, Nonce: c.Nonce}, nil
+}
+
+// Gate is an http.Handler that lets a request through to Next only with a
+// valid DPoP proof for it: signature, htm the request's method, htu
+// "http://" + Host + path, iat within a minute of now, a jti not seen
+// before, and when Nonce is set that nonce. A request with a proof
+// without the nonce gets a nonce challenge: 400 {"error":
+// "use_dpop_nonce"} (a token endpoint) or, with ResourceServer, 401 with
+// WWW-Authenticate: DPoP error="use_dpop_nonce". Every answer carries the
+// DPoP-Nonce header when Nonce is set. Next finds the proof with
+// ProofFrom.
+type Gate struct {
+	// Next serves the requests that pass.
+	Next http.Handler
+	// Nonce is the nonce demanded, "" for none.
+	Nonce string
+	// ResourceServer answers as a resource server (401) rather than a
+	// token endpoint (400).
+	ResourceServer bool
+
+	// Challenges counts nonce challenges sent; Refused other refusals.
+	Challenges, Refused atomic.Int64
+
+	mu   sync.Mutex
+	jtis map[string]bool
+}
+
+type proofKey struct{}
+
+// ProofFrom returns the proof Gate verified for the request.
+func ProofFrom(ctx context.Context) (Proof, bool) {
+	p, ok := ctx.Value(proofKey{}).(Proof)
+	return p, ok
+}
+
+// ServeHTTP checks the proof.
+func (g *Gate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if g.Nonce != "" {
+		w.Header().Set("DPoP-Nonce", g.Nonce)
+	}
+	p, err := g.check(r)
+	switch {
+	case errors.Is(err, errNonce):
+		g.Challenges.Add(1)
+		if g.ResourceServer {
+			w.Header().Set("WWW-Authenticate", `DPoP error="use_dpop_nonce", error_description="Resource server requires nonce in DPoP proof"`)
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusBadRequest)
+		fmt.Fprint(w, `{"error":"use_dpop_nonce","error_description":"Authorization server requires nonce in DPoP proof"}`)
+		return
+	case err != nil:
+		g.Refused.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusBadRequest)
+		json.NewEncoder(w).Encode(map[string]string{"error": "invalid_dpop_proof", "error_description": err.Error()})
+		return
+	}
+	g.Next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), proofKey{}, p)))
+}
+
+var errNonce = errors.New("nonce missing or stale")
+
+func (g *Gate) check(r *http.Request) (Proof, error) {
+	vals := r.Header.Values("DPoP")
+	if len(vals) != 1 {
+		return Proof{}, fmt.Errorf("%d DPoP headers, want 1", len(vals))
+	}
+	p, err := Verify(vals[0])
+	if err != nil {
+		return Proof{}, err
+	}
+	if want := "http://" + r.Host + r.URL.Path; p.HTM != r.Method || p.HTU != want {
+		return Proof{}, fmt.Errorf("htm %q htu %q, want %q %q", p.HTM, p.HTU, r.Method, want)
+	}
+	if d := time.Since(time.Unix(p.IAT, 0)); d > time.Minute || d < -time.Minute {
+		return Proof{}, fmt.Errorf("iat is %s off", d)
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.jtis == nil {
+		g.jtis = map[string]bool{}
+	}
+	if p.JTI == "" || g.jtis[p.JTI] {
+		return Proof{}, fmt.Errorf("jti %q missing or replayed", p.JTI)
+	}
+	g.jtis[p.JTI] = true
+	if p.Nonce != g.Nonce {
+		return Proof{}, errNonce
+	}
+	return p, nil
+}

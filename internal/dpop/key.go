@@ -1,0 +1,158 @@
+// Package dpop makes DPoP proofs (RFC 9449): a Key signs, for each HTTP
+// request, a short JWT that proves possession of the key the access token
+// is bound to. The proof's header (typ dpop+jwt, alg, the public jwk) is
+// built once per key; a proof costs one signature and its own bytes.
+//
+// Transport adds proofs to token-endpoint and PAR requests and answers a
+// server's use_dpop_nonce challenge with one retry. A Key remembers the
+// last DPoP-Nonce of each server origin (Nonce, SetNonce).
+//
+// Proofs are credentials for a few seconds: never log one.
+package dpop
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rsa"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	jose "github.com/go-jose/go-jose/v4"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/pemkey"
+)
+
+// Signing algorithms of DPoP proofs.
+const (
+	// ES256 is ECDSA on P-256 with SHA-256, for EC P-256 keys.
+	ES256 = "ES256"
+	// PS256 is RSASSA-PSS with SHA-256, for RSA keys of at least 2048 bits.
+	PS256 = "PS256"
+	// EdDSA is Ed25519, for Ed25519 keys: the smallest and fastest proofs.
+	EdDSA = "EdDSA"
+)
+
+// Algs lists the supported algorithms, for messages.
+const Algs = "ES256, PS256, EdDSA"
+
+// minRSABits is the smallest RSA key accepted.
+const minRSABits = 2048
+
+// Key is a DPoP private key with its algorithm, public JWK, RFC 7638
+// thumbprint and the proof header made from them. It is safe for
+// concurrent use.
+type Key struct {
+	signer crypto.Signer
+	alg    string
+	jkt    string
+	jwk    []byte // the public JWK as JSON
+	// header is the base64url encoding of the proof's JOSE header,
+	// followed by ".": the first bytes of every proof.
+	header string
+	nonces nonces
+}
+
+// ParseKey reads a PEM private key (PKCS#8, SEC1 or PKCS#1; unencrypted)
+// and returns its DPoP Key. alg "" infers the algorithm from the key: EC
+// P-256 -> ES256, RSA (2048 bits or more) -> PS256, Ed25519 -> EdDSA. A
+// given alg must fit the key. Errors say what is wrong and what to do; they
+// never quote the key.
+func ParseKey(pemBytes []byte, alg string) (*Key, error) {
+	key, err := pemkey.Parse(pemBytes)
+	if err != nil {
+		return nil, err
+	}
+	return NewKey(key, alg)
+}
+
+// NewKey returns the DPoP Key of a private key (*ecdsa.PrivateKey on
+// P-256, *rsa.PrivateKey of 2048 bits or more, ed25519.PrivateKey). alg is
+// as for ParseKey.
+func NewKey(key crypto.Signer, alg string) (*Key, error) {
+	var want string
+	switch k := key.(type) {
+	case *ecdsa.PrivateKey:
+		if k.Curve != elliptic.P256() {
+			return nil, fmt.Errorf("the EC key is on %s: DPoP with ES256 needs a P-256 key (openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256)", k.Curve.Params().Name)
+		}
+		want = ES256
+	case *rsa.PrivateKey:
+		if n := k.N.BitLen(); n < minRSABits {
+			return nil, fmt.Errorf("the RSA key has %d bits: PS256 needs at least %d", n, minRSABits)
+		}
+		want = PS256
+	case ed25519.PrivateKey:
+		want = EdDSA
+	default:
+		return nil, fmt.Errorf("unsupported private key type %T: use an EC P-256 (ES256), RSA (PS256) or Ed25519 (EdDSA) key", key)
+	}
+	switch {
+	case alg == "":
+		alg = want
+	case alg != ES256 && alg != PS256 && alg != EdDSA:
+		return nil, fmt.Errorf("unknown DPoP algorithm %q (known: %s)", alg, Algs)
+	case alg != want:
+		return nil, fmt.Errorf("algorithm %s does not fit the key, which is for %s: set alg = %q or leave alg out", alg, want, want)
+	}
+	pub := jose.JSONWebKey{Key: key.Public()}
+	jwk, err := pub.MarshalJSON()
+	if err != nil {
+		return nil, fmt.Errorf("encoding the public key as a JWK: %w", err)
+	}
+	tp, err := pub.Thumbprint(crypto.SHA256)
+	if err != nil {
+		return nil, fmt.Errorf("computing the key thumbprint: %w", err)
+	}
+	h, err := json.Marshal(struct {
+		Typ string          `json:"typ"`
+		Alg string          `json:"alg"`
+		JWK json.RawMessage `json:"jwk"`
+	}{"dpop+jwt", alg, jwk})
+	if err != nil {
+		return nil, fmt.Errorf("encoding the proof header: %w", err)
+	}
+	return &Key{
+		signer: key,
+		alg:    alg,
+		jkt:    base64.RawURLEncoding.EncodeToString(tp),
+		jwk:    jwk,
+		header: base64.RawURLEncoding.EncodeToString(h) + ".",
+	}, nil
+}
+
+// Alg returns the proofs' signing algorithm: ES256, PS256 or EdDSA.
+func (k *Key) Alg() string { return k.alg }
+
+// Thumbprint returns the RFC 7638 SHA-256 thumbprint of the public key,
+// base64url-encoded: the jkt that a DPoP-bound token's cnf claim names and
+// the dpop_jkt of an authorization request. Public.
+func (k *Key) Thumbprint() string { return k.jkt }
+
+// PublicJWK returns the public key as a JWK (JSON), as the proofs carry it.
+func (k *Key) PublicJWK() []byte { return slices.Clone(k.jwk) }
+
+// String names the key by algorithm and thumbprint (never the private
+// key), for logs and admin output.
+func (k *Key) String() string { return k.alg + " " + k.jkt }
+
+// errNoKey is the error of a nil Key.
+var errNoKey = errors.New("no DPoP key")
+
+// checkNonce reports whether a DPoP-Nonce value is usable: 1 to 1024
+// NQCHAR (RFC 9449 §8.1: %x21 / %x23-5B / %x5D-7E). Such a value needs no
+// escaping in the proof's JSON.
+func checkNonce(n string) bool {
+	if n == "" || len(n) > maxNonce {
+		return false
+	}
+	return !strings.ContainsFunc(n, func(r rune) bool { return r < 0x21 || r == '"' || r == '\\' || r > 0x7e })
+}
+
+// maxNonce bounds a remembered nonce.
+const maxNonce = 1024

@@ -1,0 +1,176 @@
+package dpop
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// b64 is the encoding of JWS parts.
+var b64 = base64.RawURLEncoding
+
+// Proof returns a fresh DPoP proof (a compact JWS) for a request with
+// method htm to htu (see HTU) at now: header {typ: dpop+jwt, alg, jwk},
+// claims {jti: 128 random bits, htm, htu, iat, ath (when not empty: ATH of
+// the access token the request carries), nonce (when not empty: the
+// server's DPoP-Nonce)}. The header is the Key's, built once; the claims
+// are written straight into the proof's buffer. An invalid nonce (not
+// RFC 9449 NQCHAR) is refused.
+func (k *Key) Proof(htm, htu, ath, nonce string, now time.Time) (string, error) {
+	if k == nil {
+		return "", errNoKey
+	}
+	if nonce != "" && !checkNonce(nonce) {
+		return "", errors.New("DPoP proof: the server's nonce holds characters a nonce may not (RFC 9449 §8.1)")
+	}
+	var jti [16]byte
+	if _, err := rand.Read(jti[:]); err != nil {
+		return "", fmt.Errorf("DPoP proof: %w", err)
+	}
+	var cbuf [512]byte
+	c := append(cbuf[:0], `{"jti":"`...)
+	c = b64.AppendEncode(c, jti[:])
+	c = append(c, `","htm":`...)
+	c = appendJSONString(c, htm)
+	c = append(c, `,"htu":`...)
+	c = appendJSONString(c, htu)
+	c = append(c, `,"iat":`...)
+	c = strconv.AppendInt(c, now.Unix(), 10)
+	if ath != "" {
+		c = append(c, `,"ath":`...)
+		c = appendJSONString(c, ath)
+	}
+	if nonce != "" {
+		c = append(c, `,"nonce":"`...)
+		c = append(c, nonce...)
+		c = append(c, '"')
+	}
+	c = append(c, '}')
+
+	buf := make([]byte, 0, len(k.header)+b64.EncodedLen(len(c))+1+b64.EncodedLen(k.sigLen()))
+	buf = append(buf, k.header...)
+	buf = b64.AppendEncode(buf, c)
+	sig, err := k.sign(buf)
+	if err != nil {
+		return "", fmt.Errorf("DPoP proof: signing with %s: %w", k.alg, err)
+	}
+	buf = append(buf, '.')
+	buf = b64.AppendEncode(buf, sig)
+	return string(buf), nil
+}
+
+// sigLen is the length of the key's JWS signatures.
+func (k *Key) sigLen() int {
+	if r, ok := k.signer.(*rsa.PrivateKey); ok {
+		return r.Size()
+	}
+	return 64 // ES256: r and s, 32 bytes each; EdDSA: Ed25519
+}
+
+// sign returns the JWS signature of input (RFC 7518 §3.4, §3.5; RFC 8037).
+func (k *Key) sign(input []byte) ([]byte, error) {
+	switch key := k.signer.(type) {
+	case ed25519.PrivateKey:
+		return ed25519.Sign(key, input), nil
+	case *ecdsa.PrivateKey:
+		d := sha256.Sum256(input)
+		der, err := ecdsa.SignASN1(rand.Reader, key, d[:])
+		if err != nil {
+			return nil, err
+		}
+		return rawECDSA(der)
+	case *rsa.PrivateKey:
+		d := sha256.Sum256(input)
+		return rsa.SignPSS(rand.Reader, key, crypto.SHA256, d[:], &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash})
+	}
+	return nil, fmt.Errorf("unsupported key type %T", k.signer)
+}
+
+// errBadECDSA is the error of a signature rawECDSA cannot read.
+var errBadECDSA = errors.New("malformed ECDSA signature")
+
+// rawECDSA turns an ASN.1 DER ECDSA P-256 signature, SEQUENCE { INTEGER
+// r, INTEGER s }, into the JWS form: r and s as 32 big-endian bytes each.
+func rawECDSA(der []byte) ([]byte, error) {
+	if len(der) < 2 || der[0] != 0x30 || int(der[1]) != len(der)-2 || der[1] >= 0x80 {
+		return nil, errBadECDSA
+	}
+	sig := make([]byte, 64)
+	rest := der[2:]
+	for i := range 2 {
+		if len(rest) < 2 || rest[0] != 0x02 || int(rest[1]) > len(rest)-2 {
+			return nil, errBadECDSA
+		}
+		n := rest[2 : 2+int(rest[1])]
+		rest = rest[2+len(n):]
+		for len(n) > 0 && n[0] == 0 {
+			n = n[1:]
+		}
+		if len(n) > 32 {
+			return nil, errBadECDSA
+		}
+		copy(sig[32*(i+1)-len(n):32*(i+1)], n)
+	}
+	if len(rest) != 0 {
+		return nil, errBadECDSA
+	}
+	return sig, nil
+}
+
+// appendJSONString appends s as a JSON string. The values of a proof
+// (methods, URLs, hashes) are ASCII; quotes, backslashes and control
+// characters are escaped.
+func appendJSONString(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
+	for i := 0; i < len(s); i++ {
+		switch ch := s[i]; {
+		case ch == '"' || ch == '\\':
+			b = append(b, '\\', ch)
+		case ch < 0x20:
+			b = append(b, '\\', 'u', '0', '0', hex[ch>>4], hex[ch&0xf])
+		default:
+			b = append(b, ch)
+		}
+	}
+	return append(b, '"')
+}
+
+// ATH returns the ath claim of a proof that accompanies token:
+// base64url(SHA-256(token)).
+func ATH(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return b64.EncodeToString(sum[:])
+}
+
+// HTU returns the htu claim for a request to u (RFC 9449 §4.2): scheme,
+// host and path, without query or fragment; scheme and host lower-case,
+// the scheme's default port left out, an empty path "/".
+func HTU(u *url.URL) string {
+	path := u.EscapedPath()
+	if path == "" {
+		path = "/"
+	}
+	return Origin(u) + path
+}
+
+// Origin returns the origin of u, scheme://host[:port], lower-case and
+// without the scheme's default port: the key of a server's remembered
+// nonce (Nonce, SetNonce).
+func Origin(u *url.URL) string {
+	scheme, host := strings.ToLower(u.Scheme), strings.ToLower(u.Host)
+	if p := u.Port(); scheme == "https" && p == "443" || scheme == "http" && p == "80" {
+		host = strings.TrimSuffix(host, ":"+p)
+	}
+	return scheme + "://" + host
+}
