@@ -90,7 +90,18 @@ type Retry struct {
 	// NonceChallenged, when set, is told about each upstream 401 that asks
 	// for a DPoP nonce (see nonceChallenge).
 	NonceChallenged func(b *broker.Binding)
+	// DPoP is the request's DPoP binding; nil for a bearer token. An
+	// upstream answer to an attempt no transport signed (DPoP.Signed is
+	// false when the answer starts: the route lacks the DPoP transport) is
+	// dropped, and Forward returns ErrUnsigned without writing anything.
+	// This holds in every Mode, "off" included.
+	DPoP *DPoP
 }
+
+// ErrUnsigned is returned by Forward when a request with a DPoP-bound
+// token reached the upstream without a proof: no DPoP transport signed it.
+// Nothing of the upstream's answer was written.
+var ErrUnsigned = errors.New("a request with a DPoP-bound token was sent upstream without a DPoP proof: no DPoP transport signed it")
 
 // ConsentError is returned by Forward, before any response is written,
 // when the upstream rejected the token and no new one can be had because
@@ -175,6 +186,8 @@ type rejectRecorder struct {
 	http.ResponseWriter
 	mode        string // Retry.Mode
 	buffer      bool   // the request can be retried: buffer a rejection
+	dpop        *DPoP  // Retry.DPoP
+	unsigned    bool   // the answer is to an unsigned DPoP request: dropped
 	status      int
 	rejected    bool // the upstream rejected the token
 	challenged  bool // the upstream asked for a DPoP nonce (nonceChallenge)
@@ -191,7 +204,7 @@ const maxPooledBody = 64 << 10
 // reset prepares the recorder for an attempt written to w.
 func (rr *rejectRecorder) reset(w http.ResponseWriter, buffer bool) {
 	rr.ResponseWriter, rr.buffer = w, buffer
-	rr.status, rr.rejected, rr.challenged, rr.buffered, rr.wroteHeader = 0, false, false, false, false
+	rr.status, rr.rejected, rr.challenged, rr.buffered, rr.wroteHeader, rr.unsigned = 0, false, false, false, false, false
 	rr.buf.Reset()
 }
 
@@ -199,13 +212,19 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 	if rr.wroteHeader {
 		return
 	}
+	if rr.dpop != nil && !rr.dpop.Signed() {
+		rr.wroteHeader, rr.status, rr.unsigned = true, status, true
+		return
+	}
 	if status >= 100 && status < 200 && status != http.StatusSwitchingProtocols {
 		rr.ResponseWriter.WriteHeader(status) // informational: pass on, wait for the final one
 		return
 	}
 	rr.wroteHeader, rr.status = true, status
-	rr.challenged = nonceChallenge(status, rr.Header())
-	rr.rejected = !rr.challenged && rejectsToken(rr.mode, status, rr.Header())
+	if rr.mode != "off" {
+		rr.challenged = nonceChallenge(status, rr.Header())
+		rr.rejected = !rr.challenged && rejectsToken(rr.mode, status, rr.Header())
+	}
 	if rr.rejected || rr.challenged {
 		if rr.buffer {
 			rr.buffered = true
@@ -217,6 +236,9 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 
 func (rr *rejectRecorder) Write(p []byte) (int, error) {
 	rr.WriteHeader(http.StatusOK)
+	if rr.unsigned {
+		return len(p), nil
+	}
 	if rr.buffered {
 		if rr.buf.Len()+len(p) <= maxBufferedBody {
 			return rr.buf.Write(p)
@@ -230,8 +252,9 @@ func (rr *rejectRecorder) Write(p []byte) (int, error) {
 
 func (rr *rejectRecorder) ReadFrom(r io.Reader) (int64, error) {
 	rr.WriteHeader(http.StatusOK)
-	if rr.buffered {
-		// Through Write, which bounds what is buffered.
+	if rr.buffered || rr.unsigned {
+		// Through Write, which bounds what is buffered and drops what
+		// must not be sent.
 		return io.Copy(struct{ io.Writer }{rr}, r)
 	}
 	if rf, ok := rr.ResponseWriter.(io.ReaderFrom); ok {
@@ -252,9 +275,9 @@ func (rr *rejectRecorder) Push(target string, opts *http.PushOptions) error {
 func (rr *rejectRecorder) Unwrap() http.ResponseWriter { return rr.ResponseWriter }
 
 // FlushError flushes a response that is passed through, and nothing of a
-// buffered one.
+// buffered or dropped one.
 func (rr *rejectRecorder) FlushError() error {
-	if rr.buffered {
+	if rr.buffered || rr.unsigned {
 		return nil
 	}
 	return http.NewResponseController(rr.ResponseWriter).Flush()
@@ -324,34 +347,42 @@ func (s *headerSnapshot) restore(h http.Header) {
 // sent once more with the same token, under the same replay rules, and
 // NonceChallenged is told.
 func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
-	if rt.Mode == "off" {
+	if rt.Mode == "off" && rt.DPoP == nil {
 		return next.ServeHTTP(w, r)
 	}
-	replayable, body, err := rt.replayBody(r)
-	if err != nil {
-		return err
+	replayable, body := false, []byte(nil)
+	if rt.Mode != "off" {
+		var err error
+		if replayable, body, err = rt.replayBody(r); err != nil {
+			return err
+		}
 	}
 
 	// The first attempt's response headers land in w's header map even when
 	// its response is buffered; keep what was there to start the retry
 	// from it.
-	var before headerSnapshot
-	before.take(w.Header())
+	var first sent
+	first.before.take(w.Header())
 	// Handlers after this one may rewrite the request in place (rewrite,
 	// uri, handle_path strip the path): the retry must start from the
 	// request as it is now. Copies on the stack; the retry alone allocates.
-	first := sent{method: r.Method, host: r.Host, requestURI: r.RequestURI, url: *r.URL, body: body}
+	first.method, first.host, first.requestURI, first.url, first.body = r.Method, r.Host, r.RequestURI, *r.URL, body
 	rec := recorderPool.Get().(*rejectRecorder)
-	rec.mode = rt.Mode
+	rec.mode, rec.dpop = rt.Mode, rt.DPoP
 	rec.reset(w, replayable)
 	defer func() {
-		rec.ResponseWriter = nil
+		rec.ResponseWriter, rec.dpop = nil, nil
 		if rec.buf.Cap() > maxPooledBody {
 			rec.buf = bytes.Buffer{} // do not keep a large buffered body's memory in the pool
 		}
 		recorderPool.Put(rec)
 	}()
-	if err := next.ServeHTTP(rec, r); err != nil || !rec.rejected && !rec.challenged {
+	err := next.ServeHTTP(rec, r)
+	if rec.unsigned {
+		first.before.restore(w.Header())
+		return ErrUnsigned
+	}
+	if err != nil || !rec.rejected && !rec.challenged {
 		return err // passed through
 	}
 	if rec.challenged {
@@ -361,7 +392,7 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		if !rec.buffered {
 			return nil // passed through: not replayable, or a long 401 body
 		}
-		before.restore(w.Header())
+		first.before.restore(w.Header())
 		return rt.again(w, r, next, out, b, e, rec, &first, false)
 	}
 
@@ -382,13 +413,13 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		// The provider refused the refresh (invalid_grant: the grant was
 		// revoked, which killed the rejected token too): the caller gets
 		// consent_required, as the next call would, not the 401.
-		before.restore(w.Header())
+		first.before.restore(w.Header())
 		return &ConsentError{Err: err}
 	}
 	if err != nil || fresh.Token().Value == rejected.Value {
 		return rec.writeBuffered() // nothing better to try: the caller gets the 401
 	}
-	before.restore(w.Header())
+	first.before.restore(w.Header())
 	return rt.again(w, r, next, out, b, fresh, rec, &first, true)
 }
 
@@ -396,7 +427,8 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 type sent struct {
 	method, host, requestURI string
 	url                      neturl.URL
-	body                     []byte // the kept body; nil: none
+	body                     []byte         // the kept body; nil: none
+	before                   headerSnapshot // the response headers before the first attempt
 }
 
 // again sends the request once more, as it was when Forward got it
@@ -417,7 +449,12 @@ func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Con
 		r.Body = io.NopCloser(bytes.NewReader(first.body))
 	}
 	rec.reset(w, false)
-	if err := next.ServeHTTP(rec, r); err != nil || !rec.rejected {
+	err := next.ServeHTTP(rec, r)
+	if rec.unsigned {
+		first.before.restore(w.Header())
+		return ErrUnsigned
+	}
+	if err != nil || !rec.rejected {
 		if err == nil && rec.status != 0 && purged {
 			rt.Tokens.Accepted(b, fresh.Token().Value)
 		}

@@ -173,3 +173,58 @@ func TestRetryForward(t *testing.T) {
 		})
 	}
 }
+
+// TestRetryUnsigned: with a DPoP binding, an answer to a request no
+// transport signed is dropped and Forward says ErrUnsigned, in every mode;
+// a signed one passes, and a nonce challenge is retried and signed again.
+func TestRetryUnsigned(t *testing.T) {
+	k := testKey(t)
+	for _, tt := range []struct {
+		name     string
+		mode     string
+		sign     bool
+		nonce    int
+		wantErr  error
+		wantCode int
+		wantSeen int
+	}{
+		{name: "unsigned", wantErr: ErrUnsigned, wantSeen: 1},
+		{name: "unsigned, retry off", mode: "off", wantErr: ErrUnsigned, wantSeen: 1},
+		{name: "signed", sign: true, wantCode: 200, wantSeen: 1},
+		{name: "signed, retry off", mode: "off", sign: true, wantCode: 200, wantSeen: 1},
+		{name: "signed, nonce challenge retried", sign: true, nonce: 1, wantCode: 200, wantSeen: 2},
+		{name: "signed, retry off: nonce challenge passed on", mode: "off", sign: true, nonce: 1, wantCode: 401, wantSeen: 1},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			d := AcquireDPoP(k)
+			defer d.Release()
+			up := &upstream{bad: "none", nonce: tt.nonce}
+			if tt.sign {
+				up.alter = func(r *http.Request) {
+					if _, err := d.Sign(r, time.Now()); err != nil {
+						t.Error(err)
+					}
+				}
+			}
+			tokens := &fakeTokens{}
+			rt := Retry{Mode: tt.mode, Tokens: tokens, DPoP: d}
+			out := Contract{Token: "Authorization"}
+			r := httptest.NewRequest("GET", "/accounts", nil)
+			out.Prepare(r, "DPoP tok")
+			w := httptest.NewRecorder()
+			err := rt.Forward(w, r, up, out, &broker.Binding{}, entry{broker.Token{Value: "tok"}})
+			if !errors.Is(err, tt.wantErr) {
+				t.Fatalf("err %v, want %v", err, tt.wantErr)
+			}
+			if tt.wantErr != nil && (w.Body.Len() > 0 || len(w.Header()) > 0) {
+				t.Errorf("the unsigned request's answer was written: %v %q", w.Header(), w.Body)
+			}
+			if tt.wantErr == nil && w.Code != tt.wantCode {
+				t.Errorf("status %d, want %d", w.Code, tt.wantCode)
+			}
+			if len(up.seen) != tt.wantSeen || len(tokens.events) != 0 {
+				t.Errorf("upstream saw %d requests, events %q; want %d and none", len(up.seen), tokens.events, tt.wantSeen)
+			}
+		})
+	}
+}
