@@ -14,6 +14,7 @@ package broker
 import (
 	"context"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,8 +36,8 @@ const (
 // The fields a cache hit reads (Broker.Get) come first, within the first
 // 64 bytes: one cache line per hit.
 type Entry struct {
-	// header is "Bearer " + the token: the token's value is a slice of
-	// it, so that its bytes are stored once; id shares its allocation
+	// header is "Bearer " or, for a DPoP-bound token, "DPoP " + the
+	// token (prefixLen): the token's value is a slice of it, so that its bytes are stored once; id shares its allocation
 	// (headerAndID).
 	header string
 	expiry time.Time
@@ -91,14 +92,24 @@ func (e *Entry) Token() Token {
 func (e *Entry) cachedAt() time.Time { return e.expiry.Add(-e.cachedBefore) }
 
 // value is the token itself.
-func (e *Entry) value() Secret { return Secret(e.header[len(bearerPrefix):]) }
+func (e *Entry) value() Secret { return Secret(e.header[e.prefixLen():]) }
+
+// prefixLen is the length of the scheme that starts e.header.
+func (e *Entry) prefixLen() int {
+	if strings.HasPrefix(e.header, dpopPrefix) {
+		return len(dpopPrefix)
+	}
+	return len(bearerPrefix)
+}
 
 // validAt is Token().ValidAt without building the Token.
 func (e *Entry) validAt(now time.Time, leeway time.Duration) bool {
-	return len(e.header) > len(bearerPrefix) && now.Add(leeway).Before(e.expiry)
+	return len(e.header) > e.prefixLen() && now.Add(leeway).Before(e.expiry)
 }
 
-// Header returns "Bearer <token>", the value of the Authorization header.
+// Header returns the value of the Authorization header: "Bearer <token>",
+// or "DPoP <token>" for a DPoP-bound token (type DPoP, RFC 9449 §7.1),
+// which a request sends with a proof of its profile's key (Profile.DPoP).
 // It does not allocate.
 func (e *Entry) Header() string { return e.header }
 
@@ -200,17 +211,33 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	return e
 }
 
-// headerAndID returns "Bearer " + the token, and the token's ID, as two
-// strings sharing one allocation: a warm token costs the GC one object
-// for both.
+// headerAndID returns the Authorization header value (authScheme + the
+// token), and the token's ID, as two strings sharing one allocation: a
+// warm token costs the GC one object for both.
 func headerAndID(tok Token) (header, id string) {
-	all := bearerPrefix + tok.Value.Reveal() + tok.ID
+	all := authScheme(tok.Type) + tok.Value.Reveal() + tok.ID
 	n := len(all) - len(tok.ID)
 	return all[:n], all[n:]
 }
 
-// bearerPrefix starts the Authorization header value of a cached token.
-const bearerPrefix = "Bearer "
+// bearerPrefix starts the Authorization header value of a cached token;
+// dpopPrefix that of a DPoP-bound one.
+const (
+	bearerPrefix = "Bearer "
+	dpopPrefix   = "DPoP "
+)
+
+// DPoPType is the token type of a DPoP-bound access token (RFC 9449 §5).
+const DPoPType = "DPoP"
+
+// authScheme returns the Authorization header's start for a token of
+// type typ: "DPoP " for DPoP (any case), else "Bearer ".
+func authScheme(typ string) string {
+	if strings.EqualFold(typ, DPoPType) {
+		return dpopPrefix
+	}
+	return bearerPrefix
+}
 
 // bearerType is the usual spelling of a token type.
 const bearerType = "Bearer"

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 )
 
 // Source obtains access tokens from one provider's token API.
@@ -29,6 +31,15 @@ type Source interface {
 // key, so that merchants never share a token.
 type PerMerchant interface {
 	PerMerchant() bool
+}
+
+// DPoPBound is implemented by sources whose tokens can be bound to a DPoP
+// key (RFC 9449): every profile of such a source carries the key
+// (Profile.DPoP).
+type DPoPBound interface {
+	// DPoPKey returns the key the tokens are bound to, nil when they are
+	// bearer tokens.
+	DPoPKey() *dpop.Key
 }
 
 // Revoker is implemented by sources whose provider can revoke a token it
@@ -83,14 +94,21 @@ type Profile struct {
 	// Lifetime is the lifetime to ask for, where the provider lets the
 	// client choose. Zero means the source's default.
 	Lifetime time.Duration
+	// DPoP is the key the source's tokens are bound to (RFC 9449), from
+	// the source (DPoPBound); nil for bearer tokens. A request that
+	// carries a token of the profile ("DPoP <token>", Entry.Header) must
+	// carry a fresh proof signed with it. Its thumbprint is part of the
+	// profile's cache keys.
+	DPoP *dpop.Key
 
 	perMerchant bool   // Source implements PerMerchant and says true
 	keyTag      string // the cache keys' first keyTagLen bytes (see keyFor)
 }
 
 // keyTagLen is the length of a profile's key tag: the first bytes of the
-// SHA-256 of its source ID, scopes, audience, lifetime and whether its
-// source is PerMerchant, each length-prefixed. 128 bits: two profiles of
+// SHA-256 of its source ID, scopes, audience, lifetime, whether its
+// source is PerMerchant and, for a DPoP source, the key's thumbprint, each
+// length-prefixed. 128 bits: two profiles of
 // one process never share one by chance.
 const keyTagLen = 16
 
@@ -101,8 +119,14 @@ func NewProfile(sourceID string, src Source, scopes []string, audience string, l
 	if pm, ok := src.(PerMerchant); ok && pm.PerMerchant() {
 		p.perMerchant = true
 	}
+	parts := []string{sourceID, strings.Join(p.Scopes, " "), audience, lifetime.String(), strconv.FormatBool(p.perMerchant)}
+	if db, ok := src.(DPoPBound); ok {
+		if p.DPoP = db.DPoPKey(); p.DPoP != nil {
+			parts = append(parts, "dpop", p.DPoP.Thumbprint())
+		}
+	}
 	h := sha256.New()
-	for _, part := range []string{sourceID, strings.Join(p.Scopes, " "), audience, lifetime.String(), strconv.FormatBool(p.perMerchant)} {
+	for _, part := range parts {
 		h.Write(strconv.AppendInt(nil, int64(len(part)), 10))
 		h.Write([]byte{':'})
 		h.Write([]byte(part))

@@ -45,7 +45,8 @@ type Token struct {
 	// Value is the access token itself. It prints as [REDACTED].
 	Value Secret
 	// Type is the token type as the provider spelled it ("Bearer",
-	// "BEARER", "bearer"); the broker always sends "Bearer".
+	// "BEARER", "bearer", "DPoP"); the broker sends "Bearer", or "DPoP"
+	// for a DPoP-bound token (DPoPType, any case).
 	Type string
 	// Expiry is when the provider says the token stops working. A zero
 	// Expiry is not allowed: sources must fill it in (from the response or

@@ -37,4 +37,5 @@ var (
 	_ broker.Source     = (*ClientCredentials)(nil)
 	_ broker.Revoker    = (*ClientCredentials)(nil)
 	_ broker.Classifier = (*ClientCredentials)(nil)
+	_ broker.DPoPBound  = (*ClientCredentials)(nil)
 )

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
@@ -101,6 +102,16 @@ type Config struct {
 	// expires_in and that is not a JWT with an exp claim. Default
 	// DefaultLifetime.
 	DefaultLifetime time.Duration
+	// DPoP, when set, binds the tokens to this key (RFC 9449): every token
+	// request (each grant and client authentication, the code exchange)
+	// and pushed authorization request carries a proof, the server's
+	// use_dpop_nonce challenge is answered once, the answer must be
+	// token_type DPoP, and the authorization request names the key's
+	// thumbprint (dpop_jkt). For a public client the server binds the
+	// refresh token to the key as well: it is only usable with proofs of
+	// this key, which every refresh sends. Optional; nil means bearer
+	// tokens.
+	DPoP *dpop.Key
 	// Client makes the calls: its timeout, and for TLSClientAuth the
 	// client certificate (broker.NewHTTPClient). Default: a client from
 	// broker.NewHTTPClient with a 10s timeout and no client certificate.

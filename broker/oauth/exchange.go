@@ -18,6 +18,7 @@ import (
 	"golang.org/x/oauth2/clientcredentials"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
@@ -38,6 +39,10 @@ func newCore(cfg Config) (*core, error) {
 	c.ep = newEndpoints(&c.cfg)
 	return c, nil
 }
+
+// DPoPKey returns the key the source's tokens are bound to, nil for
+// bearer tokens (broker.DPoPBound: every profile of the source carries it).
+func (c *core) DPoPKey() *dpop.Key { return c.cfg.DPoP }
 
 // clientAuth returns the x/oauth2 settings and the extra form parameters of
 // the configured client authentication for a request to endpoint.

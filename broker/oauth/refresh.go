@@ -253,4 +253,5 @@ var (
 	_ broker.Source     = (*RefreshToken)(nil)
 	_ broker.Revoker    = (*RefreshToken)(nil)
 	_ broker.Classifier = (*RefreshToken)(nil)
+	_ broker.DPoPBound  = (*RefreshToken)(nil)
 )
