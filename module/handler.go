@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -132,6 +133,15 @@ type Handler struct {
 	// refusals is the app's: it limits the logs of repeated refusals
 	// (nil: not limited).
 	refusals *lograte.Limiter[broker.Backoff]
+
+	// nonceChallenged counts a resource server's DPoP nonce challenge
+	// (outbound.Retry.NonceChallenged); made once, in instrument.
+	nonceChallenged func(*broker.Binding)
+	// dpopUnsigned: a DPoP-bound request of this handler reached the
+	// upstream unsigned (its route lacks the token_broker_dpop
+	// transport); DPoP-bound requests are not forwarded any more. Made in
+	// Provision (nil: not known).
+	dpopUnsigned *atomic.Bool
 }
 
 // placeholderPrefix starts the names of the placeholders a served request
@@ -199,6 +209,7 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // costs nothing here.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	h.dpopUnsigned = new(atomic.Bool)
 	appIface, err := ctx.App("token_broker")
 	if err != nil {
 		return err

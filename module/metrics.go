@@ -29,6 +29,7 @@ import (
 // `caddy_token_broker_keys_backing_off` | provider | cache keys whose last fetch failed and which are in failure memory (their fetches answer the remembered error without calling the token API until their backoff ends)
 // `caddy_token_broker_merchants` | provider, state | merchants by state (refused, unknown_organisation, needs_consent, backing_off, refreshing, fresh, idle: opstate.States), the registry's explicit merchants and the wildcard's active ones, computed at scrape time (at most every 5s) from the state GET /token_broker/state reports
 // `caddy_token_broker_l2_up` | | with redis only: 1 while the shared tier is used, 0 while its breaker keeps Redis out
+// `caddy_token_broker_dpop_nonce_challenges_total` | provider, server | DPoP nonce challenges (use_dpop_nonce) answered with a retry: server token (the provider's token or PAR endpoint) or resource (an upstream behind a token_broker route)
 //
 // token_purges_total, token_purges_suppressed_total, breaker_state,
 // keys_backing_off and sources_backing_off are exported (as 0)
@@ -76,6 +77,7 @@ func loadMetrics(registry *prometheus.Registry, merchantLabel bool) (*telemetry.
 // end of Provision.
 func (h *Handler) instrument(m *telemetry.Metrics) {
 	h.metrics = newRecorder(m, h.tracker, h.logger, h.bindings, h.registry, h.broker)
+	h.nonceChallenged = h.metrics.NonceChallenged
 }
 
 // instrument gives the app the telemetry.Recorder of the bindings no

@@ -32,21 +32,52 @@ func (h *Handler) outbound() outbound.Contract {
 // forward calls next through the 401 retry of retry_on_401 and
 // retry_body_limit (outbound.Retry): a merchant who must consent again is
 // answered consent_required, an unreadable body 400.
+//
+// A DPoP-bound token (its provider's profile has a DPoP key) goes with the
+// request's binding to the key (outbound.DPoP, in the request variable
+// dpopVar), which the route's token_broker_dpop transport signs the
+// request with. When an answer comes to a request no transport signed, the
+// route lacks the transport: the answer is dropped, the caller gets 502
+// dpop_transport_missing, the error is logged once, and the handler
+// forwards no DPoP-bound request any more (until a reload).
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound.Contract, b *binding, e *broker.Entry) error {
 	rt := outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit, Incremental: caddyhttp.IsIncremental,
-		Isolate: isolateVars, Tokens: retryTokens{h}}
+		Isolate: isolateVars, Tokens: retryTokens{h}, NonceChallenged: h.nonceChallenged}
+	if k := b.DPoP; k != nil {
+		if h.dpopUnsigned != nil && h.dpopUnsigned.Load() {
+			return h.failForward(w, r, b, errcode.DPoPTransportMissing, outbound.ErrUnsigned)
+		}
+		d := outbound.AcquireDPoP(k)
+		defer d.Release()
+		caddyhttp.SetVar(r.Context(), dpopVar, d)
+		defer caddyhttp.SetVar(r.Context(), dpopVar, nil)
+		rt.DPoP = d
+	}
 	err := rt.Forward(w, r, next, out, &b.Binding, e)
 	if err == nil {
 		return nil
 	}
+	if errors.Is(err, outbound.ErrUnsigned) {
+		if h.dpopUnsigned == nil || h.dpopUnsigned.CompareAndSwap(false, true) {
+			h.logger.Error("a request with a DPoP-bound token reached the upstream without a DPoP proof: add `transport token_broker_dpop` to the reverse_proxy of this route; until a reload, its DPoP-bound requests are answered 502 dpop_transport_missing and not forwarded",
+				zap.String("merchant", b.Merchant), zap.String("provider", b.Provider.Name))
+		}
+		return h.failForward(w, r, b, errcode.DPoPTransportMissing, err)
+	}
 	if ce := (*outbound.ConsentError)(nil); errors.As(err, &ce) {
-		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-		return h.fail(w, repl, admission.Refusal{Code: errcode.Classify(ce.Err), Merchant: b.Merchant, ProviderType: b.Provider.Type, Cause: ce.Err})
+		return h.failForward(w, r, b, errcode.Classify(ce.Err), ce.Err)
 	}
 	if be := (*outbound.BodyError)(nil); errors.As(err, &be) {
 		return caddyhttp.Error(http.StatusBadRequest, be.Err)
 	}
 	return err
+}
+
+// failForward answers a request that was not forwarded, or whose answer
+// was dropped, with code.
+func (h *Handler) failForward(w http.ResponseWriter, r *http.Request, b *binding, code errcode.Code, cause error) error {
+	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	return h.fail(w, repl, admission.Refusal{Code: code, Merchant: b.Merchant, ProviderType: b.Provider.Type, Cause: cause})
 }
 
 // isolateVars gives a retry its own copy of Caddy's request variables: the

@@ -43,6 +43,9 @@ const (
 	CallerKeysUnavailable
 	CallerForbidden
 
+	// The route, after the token.
+	DPoPTransportMissing
+
 	// The token API, in Classify's order.
 	ClientGone
 	ConsentRequired
@@ -100,6 +103,8 @@ var rules = [count]rule{
 		message: "the caller's JWT cannot be checked now: the issuer's keys are unavailable"},
 	CallerForbidden: {name: "caller_forbidden", status: http.StatusForbidden,
 		message: "this caller may not act for this merchant"},
+	DPoPTransportMissing: {name: "dpop_transport_missing", status: http.StatusBadGateway,
+		message: "this merchant's provider binds its tokens to a DPoP key, but this route's reverse_proxy does not sign requests: the token broker's operator must add `transport token_broker_dpop` to it (a DPoP token is refused without its proof); the request was not forwarded"},
 
 	ClientGone: {name: "client_gone", status: 499, // nginx's "client closed request": logged, nobody reads it
 		message: "the request was cancelled while waiting for a token",

@@ -469,6 +469,11 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 			Requests: rec.calls, Failures: rec.failures, Window: snap.window.String(),
 			Merchants: idx.count[name] + activeBy[name]})
 		o := &out[len(out)-1]
+		if db, ok := p.Source.(broker.DPoPBound); ok {
+			if k := db.DPoPKey(); k != nil {
+				o.DPoP = &DPoPKey{Alg: k.Alg(), JKT: k.Thumbprint()}
+			}
+		}
 		switch {
 		case rec.lastErr != 0:
 			o.LastError, o.LastErrorAt = rec.lastErr.String(), timePtr(rec.lastErrAt)

@@ -2,6 +2,8 @@ package opstate
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,6 +23,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 )
 
 // sourceFunc is a provider's token API in a function.
@@ -573,5 +576,45 @@ func TestReconcile(t *testing.T) {
 		if got := f.events.take(); !slices.Equal(got, tt.want) {
 			t.Errorf("%s: events %q, want %q", tt.name, got, tt.want)
 		}
+	}
+}
+
+// dpopSource is a source whose tokens are bound to a DPoP key.
+type dpopSource struct {
+	broker.Source
+	key *dpop.Key
+}
+
+func (s dpopSource) DPoPKey() *dpop.Key { return s.key }
+
+// TestBuildProviderDPoP: a provider whose tokens are DPoP-bound shows its
+// key's algorithm and thumbprint, and nothing of the private key; a bearer
+// provider shows no dpop.
+func TestBuildProviderDPoP(t *testing.T) {
+	f := newStateFixture(t)
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := dpop.NewKey(priv, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := f.reg.Providers["nuapay2"]
+	p.Source = dpopSource{Source: p.Source, key: k}
+	r := Build(f.sources(), Query{Limit: 1}, f.clk.Now())
+	if r.Providers[0].DPoP != nil {
+		t.Errorf("bearer provider %s: dpop %+v", r.Providers[0].Name, r.Providers[0].DPoP)
+	}
+	want := DPoPKey{Alg: dpop.EdDSA, JKT: k.Thumbprint()}
+	if got := r.Providers[1].DPoP; got == nil || *got != want {
+		t.Fatalf("provider %s: dpop %+v, want %+v", r.Providers[1].Name, got, want)
+	}
+	out, err := json.Marshal(r.Providers[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(out), `"dpop":{"alg":"EdDSA","jkt":"`+k.Thumbprint()+`"}`) || strings.Contains(string(out), `"d":`) {
+		t.Errorf("JSON %s", out)
 	}
 }

@@ -153,6 +153,19 @@ type Provider struct {
 	// Merchants counts the provider's merchants in the registry (explicit)
 	// and the wildcard's active ones.
 	Merchants int `json:"merchants"`
+	// DPoP is the key the provider's tokens are bound to (RFC 9449); nil
+	// for bearer tokens.
+	DPoP *DPoPKey `json:"dpop,omitempty"`
+}
+
+// DPoPKey is a provider's DPoP key as the operator sees it: its public
+// side only.
+type DPoPKey struct {
+	// Alg is the proofs' algorithm: ES256, PS256 or EdDSA.
+	Alg string `json:"alg"`
+	// JKT is the key's RFC 7638 SHA-256 thumbprint, base64url: the
+	// cnf.jkt of the tokens bound to it.
+	JKT string `json:"jkt"`
 }
 
 // Fleet is the shared tier's health.

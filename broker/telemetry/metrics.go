@@ -44,6 +44,9 @@ type Metrics struct {
 	Breaker *prometheus.GaugeVec
 	// BackingOff is the number of cache keys in failure memory.
 	BackingOff *prometheus.GaugeVec
+	// NonceChallenges counts DPoP use_dpop_nonce challenges, by provider
+	// and server (ServerToken, ServerResource).
+	NonceChallenges *prometheus.CounterVec
 
 	// series are the per-merchant series that exist, with the merchant
 	// label on: a wildcard merchant's follow the wildcard's active set, an
@@ -119,6 +122,10 @@ func NewMetrics(merchantLabel bool) *Metrics {
 			Namespace: ns, Subsystem: sub, Name: "keys_backing_off",
 			Help: "Cache keys in failure memory after a failed fetch: their fetches answer the remembered error without calling the token API.",
 		}, []string{"provider"}),
+		NonceChallenges: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "dpop_nonce_challenges_total",
+			Help: "DPoP nonce challenges (use_dpop_nonce) answered with a retry, by the server that sent them: token (the token or PAR endpoint) or resource (an upstream).",
+		}, []string{"provider", "server"}),
 	}
 	m.series = bindings.NewSeries(m.lookupCounters, m.removeMerchant)
 	return m
@@ -127,7 +134,7 @@ func NewMetrics(merchantLabel bool) *Metrics {
 // Register adds the collectors to a config's registry; registering them
 // twice in one registry is not an error.
 func (m *Metrics) Register(registry *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{m.TokenRequests, m.Refreshes, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesHeld, m.Breaker, m.BackingOff} {
+	for _, c := range []prometheus.Collector{m.TokenRequests, m.Refreshes, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesHeld, m.Breaker, m.BackingOff, m.NonceChallenges} {
 		if err := registry.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) && are.ExistingCollector == c {
@@ -156,6 +163,23 @@ func (m *Metrics) PurgeKept(provider, merchant string) {
 		return
 	}
 	m.PurgesKept.WithLabelValues(m.labels(merchant, provider)...).Inc()
+}
+
+// The servers of a DPoP nonce challenge (NonceChallenged).
+const (
+	// ServerToken is a provider's token or PAR endpoint.
+	ServerToken = "token"
+	// ServerResource is an upstream behind a token_broker route.
+	ServerResource = "resource"
+)
+
+// NonceChallenged counts a DPoP nonce challenge of a provider's server
+// (ServerToken or ServerResource).
+func (m *Metrics) NonceChallenged(provider, server string) {
+	if m == nil {
+		return
+	}
+	m.NonceChallenges.WithLabelValues(provider, server).Inc()
 }
 
 // SetBreakerState sets the breaker gauge of a provider (0 closed,

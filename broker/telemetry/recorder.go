@@ -171,6 +171,15 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
 }
 
+// NonceChallenged counts a resource server's DPoP nonce challenge to a
+// request of b (telemetry.ServerResource).
+func (r *Recorder) NonceChallenged(b *broker.Binding) {
+	if r == nil {
+		return
+	}
+	r.metrics.NonceChallenged(r.providerOf(b), ServerResource)
+}
+
 // fetched counts a token API call, and a background refresh's.
 func (r *Recorder) fetched(b *broker.Binding, elapsed time.Duration, background bool, err error) {
 	provider := r.providerOf(b)

@@ -1,0 +1,116 @@
+package module
+
+import (
+	"context"
+	"maps"
+	"net/http"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
+)
+
+func init() {
+	caddy.RegisterModule(DPoPTransport{})
+}
+
+// dpopVar is the request variable (caddyhttp.VarsCtxKey) in which the
+// token_broker handler hands a DPoP-bound request's *outbound.DPoP to the
+// transport.
+const dpopVar = "token_broker.dpop"
+
+// DPoPTransport is Caddy's http transport (reverse_proxy's default, with
+// all its options) that signs the requests of the token_broker handler
+// whose token is DPoP-bound (RFC 9449): each attempt sent upstream gets a
+// fresh proof in the DPoP header, made for the method and URL the
+// upstream receives (after reverse_proxy chose the upstream and the route
+// rewrote the path, with the Host header sent), with ath the hash of the
+// token the request carries and the nonce the upstream's origin last sent.
+// The DPoP-Nonce of every answer is remembered for its origin; a
+// `use_dpop_nonce` 401 is retried once by the token_broker handler.
+// Requests without a DPoP-bound token pass through unchanged.
+//
+// A provider with a `[providers.X.dpop]` key needs this transport on
+// every reverse_proxy behind its token_broker routes:
+//
+//	reverse_proxy https://api.bank.example {
+//		transport token_broker_dpop {
+//			# any option of the http transport
+//		}
+//	}
+//
+// A route without it answers 502 (dpop_transport_missing): a DPoP-bound
+// token is never useful without its proof.
+type DPoPTransport struct {
+	reverseproxy.HTTPTransport
+}
+
+// CaddyModule returns the Caddy module information.
+func (DPoPTransport) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.reverse_proxy.transport.token_broker_dpop",
+		New: func() caddy.Module { return new(DPoPTransport) },
+	}
+}
+
+// UnmarshalCaddyfile sets up the transport from Caddyfile tokens: the
+// options of the http transport.
+//
+//	transport token_broker_dpop {
+//		<http transport options>
+//	}
+func (t *DPoPTransport) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	return t.HTTPTransport.UnmarshalCaddyfile(d)
+}
+
+// RoundTrip sends req, with a proof when the token_broker handler bound
+// it to a DPoP key.
+func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	d := dpopOf(req.Context())
+	if d == nil {
+		return t.HTTPTransport.RoundTrip(req)
+	}
+	t.SetScheme(req)
+	// The proof goes on a copy of the request: reverse_proxy logs the
+	// request it gave (debug "upstream roundtrip"), and a proof is never
+	// logged. Caddy redacts Authorization, not DPoP.
+	sent := new(http.Request)
+	*sent = *req
+	sent.Header = make(http.Header, len(req.Header)+1)
+	maps.Copy(sent.Header, req.Header)
+	origin, err := d.Sign(sent, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	resp, err := t.HTTPTransport.RoundTrip(sent)
+	if err == nil {
+		d.Observe(origin, resp.Header)
+	}
+	return resp, err
+}
+
+// dpopOf returns the DPoP binding the token_broker handler gave the
+// request, nil when none.
+func dpopOf(ctx context.Context) *outbound.DPoP {
+	d, _ := caddyhttp.GetVar(ctx, dpopVar).(*outbound.DPoP)
+	return d
+}
+
+// Interface guards: what reverse_proxy asks of its transport, and the
+// TLS, h2c, proxy protocol and Host header behaviour of the http
+// transport.
+var (
+	_ caddy.Provisioner                                = (*DPoPTransport)(nil)
+	_ caddy.CleanerUpper                               = (*DPoPTransport)(nil)
+	_ caddyfile.Unmarshaler                            = (*DPoPTransport)(nil)
+	_ http.RoundTripper                                = (*DPoPTransport)(nil)
+	_ reverseproxy.TLSTransport                        = (*DPoPTransport)(nil)
+	_ reverseproxy.H2CTransport                        = (*DPoPTransport)(nil)
+	_ reverseproxy.HealthCheckSchemeOverriderTransport = (*DPoPTransport)(nil)
+	_ reverseproxy.ProxyProtocolTransport              = (*DPoPTransport)(nil)
+	_ reverseproxy.RequestHeaderOpsTransport           = (*DPoPTransport)(nil)
+)
