@@ -22,10 +22,13 @@ import (
 // the proof key's thumbprint); a client with BankClient.DPoP must send one.
 // The echo upstream accepts such a token only as "Authorization: DPoP"
 // with a proof of the same key for that request (htm, htu, ath). A proof's
-// htu is the sandbox's base URL (Config.BankIssuer, else scheme://Host of
-// the request) and the request's path; its iat must be within
-// dpopWindow of now, and its jti is refused the second time. With
-// Config.DPoPNonce both demand the sandbox's DPoP-Nonce (use_dpop_nonce).
+// htu is the request's target URI without query (RFC 9449 section 4.3):
+// at the token endpoint the bank's token_endpoint (below Config.BankIssuer
+// when set), at the echo scheme://Host/path of the request as it arrives,
+// Host header included (behind a reverse proxy that keeps the client's
+// Host, that Host). Its iat must be within dpopWindow of now, and its jti
+// is refused the second time. With Config.DPoPNonce both demand the
+// sandbox's DPoP-Nonce (use_dpop_nonce).
 
 const (
 	// dpopWindow bounds |now - iat| of a proof; a jti is remembered that
@@ -192,7 +195,7 @@ func (s *Server) echoDPoP(r *http.Request, scheme, cred string, t token, a *Echo
 	if !dpopScheme {
 		return &dpopError{"invalid_token", "a DPoP-bound token presented as a bearer token"}
 	}
-	jkt, e := s.checkDPoP(r, s.bankIssuer(r)+r.URL.Path, cred)
+	jkt, e := s.checkDPoP(r, requestOrigin(r)+r.URL.Path, cred)
 	switch {
 	case e != nil:
 		return e

@@ -285,6 +285,34 @@ func TestEchoDPoP(t *testing.T) {
 		})
 	}
 
+	t.Run("htu names the Host a proxy kept", func(t *testing.T) {
+		for _, tc := range []struct {
+			htu   string
+			valid bool
+		}{
+			{"http://front.example:8080" + path, true},
+			{srv.URL + path, false},
+		} {
+			req, err := http.NewRequest("GET", srv.URL+path, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Host = "front.example:8080"
+			req.Header.Set("Authorization", "DPoP "+tok)
+			req.Header.Set("DPoP", k.proof(t, "dpop+jwt", with(echoClaims(), "htu", tc.htu)))
+			res, err := srv.Client().Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var e Echo
+			err = json.NewDecoder(res.Body).Decode(&e)
+			res.Body.Close()
+			if err != nil || e.Authorization.Valid != tc.valid {
+				t.Errorf("htu %s: %+v (%v), want valid %v", tc.htu, e.Authorization, err, tc.valid)
+			}
+		}
+	})
+
 	t.Run("replayed proof", func(t *testing.T) {
 		proof := k.proof(t, "dpop+jwt", echoClaims())
 		if _, a := echo(t, "DPoP "+tok, proof, true); !a.Valid {
