@@ -245,7 +245,7 @@ func TestNonce(t *testing.T) {
 		form      url.Values
 	}{
 		{"token", s.TokenURL, url.Values{"grant_type": {"client_credentials"}}},
-		{"PAR", s.PARURL, parForm(c.ID, "state", verifier(), "")},
+		{"PAR", s.PARURL, parForm(c.ID, "state", verifier(), "", "accounts")},
 	} {
 		t.Run(ep.name, func(t *testing.T) {
 			a := post(t, s, ep.url, c, maps.Clone(ep.form), p.proof(t, http.MethodPost, ep.url, "", time.Now()))
@@ -268,27 +268,29 @@ func TestCodeFlow(t *testing.T) {
 	s := Start(t, Options{Clients: []Client{confidential.Client, public.Client}})
 
 	tests := []struct {
-		name string
-		c    testClient
-		par  bool
+		name  string
+		c     testClient
+		par   bool
+		scope string
 		// rtBound: the refresh token is bound to the key (public clients).
 		rtBound bool
 	}{
-		{"confidential PAR", confidential, true, false},
-		{"confidential dpop_jkt in the URL", confidential, false, false},
-		{"public PAR", public, true, true},
+		{"confidential PAR", confidential, true, "accounts", false},
+		{"confidential dpop_jkt in the URL", confidential, false, "accounts", false},
+		{"confidential OpenID with consent", confidential, true, "openid offline_access accounts", false},
+		{"public PAR", public, true, "accounts", true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			p := newProver(t)
 			v := verifier()
-			code := authorize(t, s, tt.c, p, v, tt.par)
+			code := authorize(t, s, tt.c, p, v, tt.par, tt.scope)
 
 			exchange := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {redirect}, "code_verifier": {v}}
 			a := post(t, s, s.TokenURL, tt.c, exchange, p.proof(t, http.MethodPost, s.TokenURL, "", time.Now()))
 			at := requireDPoPToken(t, s, a, p)
-			if at.Subject != Subject || at.ClientID != tt.c.ID {
-				t.Errorf("sub %q client_id %q, want %s, %s", at.Subject, at.ClientID, Subject, tt.c.ID)
+			if at.Subject != Subject || at.ClientID != tt.c.ID || at.Scope != "accounts" {
+				t.Errorf("sub %q client_id %q scope %q, want %s, %s, accounts", at.Subject, at.ClientID, at.Scope, Subject, tt.c.ID)
 			}
 			if a.RefreshToken == "" {
 				t.Fatal("the code grant issued no refresh token")
@@ -312,19 +314,19 @@ func TestCodeFlow(t *testing.T) {
 	t.Run("code bound to dpop_jkt", func(t *testing.T) {
 		p, other := newProver(t), newProver(t)
 		v := verifier()
-		code := authorize(t, s, confidential, p, v, true)
+		code := authorize(t, s, confidential, p, v, true, "accounts")
 		exchange := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {redirect}, "code_verifier": {v}}
 		requireError(t, post(t, s, s.TokenURL, confidential, exchange, other.proof(t, http.MethodPost, s.TokenURL, "", time.Now())), "invalid_grant")
 	})
 }
 
-// authorize runs the authorization request of client c bound to p's key
-// (dpop_jkt), pushed (PAR, with a proof) or in the URL, approves it and
-// returns the code.
-func authorize(t testing.TB, s *Server, c testClient, p *prover, codeVerifier string, par bool) string {
+// authorize runs the authorization request of client c for scope, bound
+// to p's key (dpop_jkt), pushed (PAR, with a proof) or in the URL, approves
+// it and returns the code.
+func authorize(t testing.TB, s *Server, c testClient, p *prover, codeVerifier string, par bool, scope string) string {
 	t.Helper()
 	state := rand.Text()
-	form := parForm(c.ID, state, codeVerifier, p.jkt)
+	form := parForm(c.ID, state, codeVerifier, p.jkt, scope)
 	authURL := s.AuthURL + "?" + form.Encode()
 	if par {
 		a := post(t, s, s.PARURL, c, form, p.proof(t, http.MethodPost, s.PARURL, "", time.Now()))
@@ -333,7 +335,7 @@ func authorize(t testing.TB, s *Server, c testClient, p *prover, codeVerifier st
 		}
 		authURL = s.AuthURL + "?" + url.Values{"client_id": {c.ID}, "request_uri": {a.RequestURI}}.Encode()
 	}
-	code, gotState := s.Approve(t, http.DefaultClient, authURL)
+	code, gotState := s.Approve(t, nil, authURL)
 	if gotState != state {
 		t.Fatalf("state %q, want %q", gotState, state)
 	}
@@ -341,19 +343,24 @@ func authorize(t testing.TB, s *Server, c testClient, p *prover, codeVerifier st
 }
 
 // parForm is an authorization request of the code flow with PKCE, bound to
-// a DPoP key when jkt is not "".
-func parForm(clientID, state, codeVerifier, jkt string) url.Values {
+// a DPoP key when jkt is not "", as the broker sends it (with a nonce and
+// prompt=consent for OpenID scopes).
+func parForm(clientID, state, codeVerifier, jkt, scope string) url.Values {
 	form := url.Values{
 		"client_id":             {clientID},
 		"response_type":         {"code"},
 		"redirect_uri":          {"http://127.0.0.1:1/callback"},
-		"scope":                 {"accounts"},
+		"scope":                 {scope},
 		"state":                 {state},
 		"code_challenge":        {oauth2.S256ChallengeFromVerifier(codeVerifier)},
 		"code_challenge_method": {"S256"},
 	}
 	if jkt != "" {
 		form.Set("dpop_jkt", jkt)
+	}
+	if strings.Contains(scope, "openid") {
+		form.Set("nonce", rand.Text())
+		form.Set("prompt", "consent")
 	}
 	return form
 }
