@@ -31,10 +31,10 @@ type dpopAS struct {
 	tokenType string
 
 	mu       sync.Mutex
-	jkts     []string          // the proof jkt of each token request that passed
+	jkts     []string              // the proof jkt of each token request that passed
 	pushed   map[string]url.Values // request_uri -> the pushed request
-	codes    map[string]string // code -> dpop_jkt of its authorization request
-	refresh  map[string]string // refresh token -> jkt it is bound to
+	codes    map[string]string     // code -> dpop_jkt of its authorization request
+	refresh  map[string]string     // refresh token -> jkt it is bound to
 	issued   int
 	auth     string // the client authentication the token endpoint expects
 	clientID string
