@@ -78,12 +78,25 @@ test-go:
 # The consent pages test drives Debian's chromium (headless).
 # Debian's prometheus has promtool too: `make rules` runs it, and the
 # dashboard test scrapes a sidecar with prometheus.
+# The DPoP tests run a real authorization server, oidc-provider on Debian's
+# Node.js (integration/dpopas): npm ci installs the versions its
+# package-lock.json pins when node_modules does not hold them yet (the
+# marker file holds the lock's SHA-256; the tests run npm ci too when it
+# differs).
+DPOPAS := integration/dpopas
 tools:
 	@missing=""; for t in redis-server wrk podman chromium prometheus; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing from Debian"; \
 		if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y $$missing; \
 		else sudo apt-get update && sudo apt-get install -y $$missing; fi; \
+	fi
+	@cd $(DPOPAS) && want=$$(sha256sum package-lock.json | cut -d' ' -f1); \
+	if [ "$$(cat node_modules/.dpopas-installed 2>/dev/null)" != "$$want" ]; then \
+		echo "tools: npm ci in $(DPOPAS)"; \
+		npm ci --prefer-offline --no-audit --no-fund && printf %s "$$want" > node_modules/.dpopas-installed; \
 	fi
 
 # The alerting rules of deploy/prometheus: promtool checks them and runs
@@ -145,7 +158,7 @@ clean:
 # no product function that only tests reach (outside the test-support
 # packages of DEADCODE_TEST_SUPPORT). Every step runs and says what it
 # checks; any finding fails the target.
-DEADCODE_TEST_SUPPORT := integration/optest integration/redistest integration/jwttest integration/configtest integration/clocktest
+DEADCODE_TEST_SUPPORT := integration/optest integration/redistest integration/jwttest integration/configtest integration/clocktest integration/dpopas
 lint:
 	@fail=0; \
 	echo "lint: go tool staticcheck ./..."; \

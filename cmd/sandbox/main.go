@@ -8,7 +8,10 @@
 //	        -bank-refresh-token "accounts payments" -state .run/sandbox
 //
 // The bank's issuer is the base URL the sandbox is reached at (discovery at
-// /.well-known/openid-configuration), unless -bank-issuer sets it.
+// /.well-known/openid-configuration), unless -bank-issuer sets it. A token
+// request with a DPoP proof gets a DPoP-bound token, which the echo upstream
+// accepts only with a proof of the same key (-bank-client-dpop makes the
+// demo client's proofs mandatory, -dpop-nonce demands server nonces).
 package main
 
 import (
@@ -59,6 +62,8 @@ func run() error {
 	bankRefresh := flag.String("bank-refresh-token", "", "print a refresh token of the demo bank client with these space-separated scopes at startup")
 	bankRedirects := flag.String("bank-redirect-uris", "http://127.0.0.1:8443/consent/callback",
 		"space-separated redirect URIs of the demo bank client, for the consent flow (examples/bank-consent)")
+	bankDPoP := flag.Bool("bank-client-dpop", false, "the demo bank client must send a DPoP proof with each token request (DPoP-bound tokens)")
+	dpopNonce := flag.Bool("dpop-nonce", false, "the bank's token endpoint and the echo upstream demand a DPoP-Nonce in DPoP proofs")
 	stateDir := flag.String("state", "", "keep the bank's refresh tokens in DIR/"+stateFileName+" across restarts (default: in memory)")
 	flag.Parse()
 
@@ -71,11 +76,13 @@ func run() error {
 		return err
 	}
 	bc.RedirectURIs = strings.Fields(*bankRedirects)
+	bc.DPoP = *bankDPoP
 	if *bankLifetime < time.Second {
 		return fmt.Errorf("-bank-token-lifetime %s: want at least 1s", *bankLifetime)
 	}
 	cfg := sandbox.Config{APIKeys: []string{*apiKey}, OneIDClients: map[string]string{id: secret},
-		BankClients: []sandbox.BankClient{bc}, BankIssuer: *bankIssuer, BankTokenLifetime: *bankLifetime}
+		BankClients: []sandbox.BankClient{bc}, BankIssuer: *bankIssuer, BankTokenLifetime: *bankLifetime,
+		DPoPNonce: *dpopNonce}
 	for _, o := range strings.Split(*orgs, ",") {
 		if o = strings.TrimSpace(o); o != "" {
 			cfg.Organisations = append(cfg.Organisations, sandbox.Organisation{ID: o, Name: o, Code: strings.ToUpper(o)})

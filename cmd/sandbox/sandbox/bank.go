@@ -39,6 +39,9 @@ type BankClient struct {
 	// RedirectURIs are the client's registered redirect URIs, for the
 	// authorization-code grant (consent.go); empty disables it.
 	RedirectURIs []string
+	// DPoP makes every token request of the client carry a DPoP proof
+	// (dpop.go); without it a proof is optional and binds the token.
+	DPoP bool
 }
 
 // Bank authorization server defaults and limits.
@@ -245,6 +248,7 @@ func (s *Server) bankDiscovery(w http.ResponseWriter, r *http.Request) {
 		"id_token_signing_alg_values_supported":                 []string{"ES256"},
 	}
 	consentDiscovery(doc, iss)
+	dpopDiscovery(doc)
 	var scopes []string
 	for _, c := range s.bankClients {
 		scopes = append(scopes, c.Scopes...)
@@ -407,21 +411,29 @@ func (s *Server) checkAssertion(r *http.Request) (*bankClient, *authError) {
 	case claims.ID == "":
 		return nil, invalidClient(false, "the assertion has no jti")
 	}
-	key := c.ID + "\x00" + claims.ID
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if exp, seen := s.jtis[key]; seen && now.Before(exp) {
+	if !s.rememberJTI(c.ID+"\x00"+claims.ID, claims.Expiry.Time(), now) {
 		return nil, invalidClient(false, "the assertion's jti was already used")
 	}
+	return c, nil
+}
+
+// rememberJTI records a one-time JWT id (key: its kind, issuer and jti)
+// until exp; it reports false when key is already recorded and unexpired.
+func (s *Server) rememberJTI(key string, exp, now time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if until, seen := s.jtis[key]; seen && now.Before(until) {
+		return false
+	}
 	if len(s.jtis) >= 1024 {
-		for k, exp := range s.jtis {
-			if !now.Before(exp) {
+		for k, until := range s.jtis {
+			if !now.Before(until) {
 				delete(s.jtis, k)
 			}
 		}
 	}
-	s.jtis[key] = claims.Expiry.Time()
-	return c, nil
+	s.jtis[key] = exp
+	return true
 }
 
 func (s *Server) bankToken(w http.ResponseWriter, r *http.Request) {
@@ -440,13 +452,17 @@ func (s *Server) bankToken(w http.ResponseWriter, r *http.Request) {
 		e.write(w)
 		return
 	}
+	jkt, ok := s.tokenDPoP(w, r, c)
+	if !ok {
+		return
+	}
 	f := r.PostForm
 	asked := strings.Fields(f.Get("scope"))
 	var scopes []string
 	refresh, family, idToken := "", "", ""
 	switch gt := f.Get("grant_type"); gt {
 	case "authorization_code":
-		g, ok := s.redeemCode(w, f, c)
+		g, ok := s.redeemCode(w, f, c, jkt)
 		if !ok {
 			return
 		}
@@ -509,9 +525,13 @@ func (s *Server) bankToken(w http.ResponseWriter, r *http.Request) {
 		life = defaultBankLifetime
 	}
 	t := &token{id: strings.ToLower(rand.Text()), org: c.ID, scopes: slices.Clone(scopes), created: now,
-		expiry: now.Add(life), bank: true, family: family}
+		expiry: now.Add(life), bank: true, family: family, jkt: jkt}
 	claims := map[string]any{"iss": s.bankIssuer(r), "sub": c.ID, "client_id": c.ID, "aud": s.bankIssuer(r),
 		"iat": now.Unix(), "exp": t.expiry.Unix(), "jti": t.id}
+	tokenType := "Bearer"
+	if jkt != "" {
+		claims["cnf"], tokenType = map[string]string{"jkt": jkt}, "DPoP"
+	}
 	if len(scopes) > 0 {
 		claims["scope"] = strings.Join(scopes, " ")
 	}
@@ -525,7 +545,7 @@ func (s *Server) bankToken(w http.ResponseWriter, r *http.Request) {
 	s.byToken[access] = t
 	s.mu.Unlock()
 
-	body := map[string]any{"access_token": access, "token_type": "Bearer", "expires_in": int64(life / time.Second)}
+	body := map[string]any{"access_token": access, "token_type": tokenType, "expires_in": int64(life / time.Second)}
 	if len(scopes) > 0 {
 		body["scope"] = strings.Join(scopes, " ")
 	}

@@ -155,6 +155,7 @@ func TestBankDiscovery(t *testing.T) {
 				"token_endpoint_auth_methods_supported": "[client_secret_basic client_secret_post private_key_jwt]",
 				"grant_types_supported":                 "[client_credentials refresh_token authorization_code]",
 				"scopes_supported":                      "[accounts payments]",
+				"dpop_signing_alg_values_supported":     "[ES256 PS256 RS256 EdDSA]",
 			} {
 				if got := fmt.Sprint(r.body[k]); got != v {
 					t.Errorf("%s = %s, want %s", k, got, v)

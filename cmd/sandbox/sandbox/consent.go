@@ -38,6 +38,7 @@ const (
 // authCode is an issued, unused authorization code.
 type authCode struct {
 	client, redirect, challenge, nonce string
+	jkt                                string // dpop_jkt of the request: the code is redeemed only with a proof of that key
 	scopes                             []string
 	expiry                             time.Time
 }
@@ -114,7 +115,7 @@ func (s *Server) bankAuthorize(w http.ResponseWriter, r *http.Request) {
 	}
 	if r.Method == http.MethodGet {
 		params := url.Values{}
-		for _, k := range []string{"response_type", "client_id", "redirect_uri", "scope", "state", "nonce", "code_challenge", "code_challenge_method", "prompt"} {
+		for _, k := range []string{"response_type", "client_id", "redirect_uri", "scope", "state", "nonce", "code_challenge", "code_challenge_method", "prompt", "dpop_jkt"} {
 			if v := q.Get(k); v != "" {
 				params.Set(k, v)
 			}
@@ -133,14 +134,15 @@ func (s *Server) bankAuthorize(w http.ResponseWriter, r *http.Request) {
 	code := strings.ToLower(rand.Text())
 	s.mu.Lock()
 	s.codes[code] = &authCode{client: c.ID, redirect: redirect, challenge: q.Get("code_challenge"), nonce: q.Get("nonce"),
-		scopes: scopes, expiry: s.cfg.Now().Add(codeLifetime)}
+		jkt: q.Get("dpop_jkt"), scopes: scopes, expiry: s.cfg.Now().Add(codeLifetime)}
 	s.mu.Unlock()
 	back(url.Values{"code": {code}})
 }
 
-// redeemCode checks an authorization_code grant of client c; it returns
-// the code's scopes and nonce, or writes the error and returns false.
-func (s *Server) redeemCode(w http.ResponseWriter, f url.Values, c *bankClient) (*authCode, bool) {
+// redeemCode checks an authorization_code grant of client c, whose DPoP
+// proof has the key thumbprint jkt ("" without one); it returns the code's
+// scopes and nonce, or writes the error and returns false.
+func (s *Server) redeemCode(w http.ResponseWriter, f url.Values, c *bankClient, jkt string) (*authCode, bool) {
 	code := f.Get("code")
 	s.mu.Lock()
 	g := s.codes[code]
@@ -156,6 +158,8 @@ func (s *Server) redeemCode(w http.ResponseWriter, f url.Values, c *bankClient) 
 		oauthError(w, http.StatusBadRequest, "invalid_request", "code_verifier is required (PKCE)")
 	case subtle.ConstantTimeCompare([]byte(base64.RawURLEncoding.EncodeToString(sum[:])), []byte(g.challenge)) != 1:
 		oauthError(w, http.StatusBadRequest, "invalid_grant", "code_verifier does not match the code_challenge")
+	case g.jkt != "" && g.jkt != jkt:
+		oauthError(w, http.StatusBadRequest, "invalid_grant", "the code is bound to dpop_jkt: redeem it with a DPoP proof of that key")
 	default:
 		return g, true
 	}

@@ -3,8 +3,9 @@
 // endpoints, the OneID partner token endpoint, a bank's OAuth 2.0
 // authorization server (discovery, client credentials and rotating refresh
 // tokens, client_secret_basic, client_secret_post and private_key_jwt,
-// RFC 7009 revocation), and an echo upstream that reports what reached it
-// (never the token itself). It is meant for local runs and integration
+// RFC 7009 revocation, DPoP-bound tokens of RFC 9449), and an echo upstream
+// that reports what reached it (never the token itself) and checks DPoP
+// proofs. It is meant for local runs and integration
 // tests, not for production.
 //
 // The bank's endpoints, below its issuer (by default the base URL a request
@@ -59,6 +60,9 @@ type Config struct {
 	// BankTokenLifetime is the expires_in of the bank's access tokens;
 	// default 1h.
 	BankTokenLifetime time.Duration
+	// DPoPNonce makes the bank's token endpoint and the echo upstream
+	// demand the sandbox's DPoP-Nonce in DPoP proofs (dpop.go).
+	DPoPNonce bool
 	// Now is the clock; default time.Now. Tests inject one.
 	Now func() time.Time
 }
@@ -113,6 +117,7 @@ type token struct {
 	revoked         time.Time // zero while active
 	bank            bool      // issued by the bank's authorization server
 	family          string    // bank: the refresh-token family it came from, if any
+	jkt             string    // bank: the DPoP key thumbprint the token is bound to, if any
 }
 
 // New returns a sandbox serving cfg. It panics when a bank client is
@@ -527,6 +532,13 @@ type EchoAuth struct {
 	Valid           bool     `json:"valid"`
 	Organisation    string   `json:"organisation,omitempty"`
 	Scopes          []string `json:"scopes,omitempty"`
+	// JKT is the DPoP key thumbprint a bank token is bound to, if any.
+	JKT string `json:"jkt,omitempty"`
+	// DPoP is true when a DPoP-bound token came with a valid proof of its
+	// key for this request.
+	DPoP bool `json:"dpop,omitempty"`
+	// Refused says why the sandbox refuses the credentials, if it does.
+	Refused string `json:"refused,omitempty"`
 }
 
 // Echo is the body the echo upstream answers with; tests decode into it.
@@ -552,21 +564,29 @@ func (s *Server) echo(w http.ResponseWriter, r *http.Request) {
 			e.Headers[k] = strings.Join(v, ", ")
 		}
 	}
+	var refused *dpopError // a DPoP binding the request does not satisfy
 	if auth := r.Header.Values("Authorization"); len(auth) > 0 {
 		scheme, cred, _ := strings.Cut(auth[0], " ")
 		cred = strings.TrimSpace(cred)
 		sum := sha256.Sum256([]byte(cred))
 		e.Authorization = EchoAuth{Present: true, Scheme: scheme, Fingerprint: hex.EncodeToString(sum[:4])}
-		if strings.EqualFold(scheme, "Bearer") {
+		if strings.EqualFold(scheme, "Bearer") || strings.EqualFold(scheme, "DPoP") {
 			if t, ok, valid := s.lookup(cred); ok {
 				a := &e.Authorization
 				a.IssuedBySandbox, a.Valid, a.Organisation, a.Scopes = true, valid && len(auth) == 1, t.org, t.scopes
+				if refused = s.echoDPoP(r, scheme, cred, t, a); refused != nil {
+					a.Valid, a.Refused = false, refused.Error()
+				}
 			}
 		}
 	}
 	status := http.StatusOK
 	if r.Header.Get("X-Sandbox-Require-Token") == "1" && !e.Authorization.Valid {
-		w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+		if refused != nil {
+			s.dpopChallenge(w, refused)
+		} else {
+			w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+		}
 		status = http.StatusUnauthorized
 	}
 	writeJSON(w, status, e)

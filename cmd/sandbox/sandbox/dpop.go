@@ -1,0 +1,215 @@
+package sandbox
+
+import (
+	"crypto"
+	"crypto/hmac"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	jose "github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
+)
+
+// DPoP (RFC 9449) at the bank and the echo upstream. A token request with
+// a DPoP header gets a DPoP-bound access token (token_type DPoP, cnf.jkt
+// the proof key's thumbprint); a client with BankClient.DPoP must send one.
+// The echo upstream accepts such a token only as "Authorization: DPoP"
+// with a proof of the same key for that request (htm, htu, ath). A proof's
+// htu is the sandbox's base URL (Config.BankIssuer, else scheme://Host of
+// the request) and the request's path; its iat must be within
+// dpopWindow of now, and its jti is refused the second time. With
+// Config.DPoPNonce both demand the sandbox's DPoP-Nonce (use_dpop_nonce).
+
+const (
+	// dpopWindow bounds |now - iat| of a proof; a jti is remembered that
+	// long after its iat.
+	dpopWindow = 2 * time.Minute
+	// dpopNonceStep is how long a nonce is the current one; the previous
+	// one is accepted too.
+	dpopNonceStep = time.Minute
+)
+
+// dpopAlgs are the proof signature algorithms accepted.
+var dpopAlgs = []jose.SignatureAlgorithm{jose.ES256, jose.PS256, jose.RS256, jose.EdDSA}
+
+// dpopAlgNames are the names of dpopAlgs.
+func dpopAlgNames() []string {
+	algs := make([]string, len(dpopAlgs))
+	for i, a := range dpopAlgs {
+		algs[i] = string(a)
+	}
+	return algs
+}
+
+// dpopDiscovery adds the DPoP metadata (RFC 9449 section 5.1) to the
+// bank's discovery document.
+func dpopDiscovery(doc map[string]any) {
+	doc["dpop_signing_alg_values_supported"] = dpopAlgNames()
+}
+
+// dpopError is a refused proof: code is invalid_dpop_proof or
+// use_dpop_nonce (then the answer carries a fresh DPoP-Nonce).
+type dpopError struct {
+	code, desc string
+}
+
+func (e *dpopError) Error() string { return e.code + ": " + e.desc }
+
+// checkDPoP verifies the request's DPoP proof for htu (and, when
+// accessToken is not empty, its ath) and returns the proof key's
+// thumbprint; "" and nil when the request has no DPoP header.
+func (s *Server) checkDPoP(r *http.Request, htu, accessToken string) (string, *dpopError) {
+	proofs := r.Header.Values("DPoP")
+	switch len(proofs) {
+	case 0:
+		return "", nil
+	case 1:
+	default:
+		return "", &dpopError{"invalid_dpop_proof", "more than one DPoP header"}
+	}
+	invalid := func(format string, args ...any) (string, *dpopError) {
+		return "", &dpopError{"invalid_dpop_proof", fmt.Sprintf(format, args...)}
+	}
+	jws, err := jose.ParseSigned(proofs[0], dpopAlgs)
+	if err != nil || len(jws.Signatures) != 1 {
+		return invalid("the proof is not a JWS signed with ES256, PS256, RS256 or EdDSA")
+	}
+	h := jws.Signatures[0].Protected
+	if typ, _ := h.ExtraHeaders[jose.HeaderType].(string); typ != "dpop+jwt" {
+		return invalid("the proof's typ is not dpop+jwt")
+	}
+	if h.JSONWebKey == nil || !h.JSONWebKey.IsPublic() || !h.JSONWebKey.Valid() {
+		return invalid("the proof's header has no public jwk")
+	}
+	payload, err := jws.Verify(h.JSONWebKey)
+	if err != nil {
+		return invalid("the proof's signature does not verify with its jwk")
+	}
+	var claims struct {
+		JTI   string           `json:"jti"`
+		HTM   string           `json:"htm"`
+		HTU   string           `json:"htu"`
+		IAT   *jwt.NumericDate `json:"iat"`
+		ATH   string           `json:"ath"`
+		Nonce string           `json:"nonce"`
+	}
+	if err := json.Unmarshal(payload, &claims); err != nil {
+		return invalid("the proof's claims are not readable")
+	}
+	now := s.cfg.Now()
+	switch {
+	case claims.JTI == "":
+		return invalid("the proof has no jti")
+	case claims.HTM != r.Method:
+		return invalid("the proof's htm is not %s", r.Method)
+	case claims.HTU != htu:
+		return invalid("the proof's htu is not %s", htu)
+	case claims.IAT == nil:
+		return invalid("the proof has no iat")
+	case claims.IAT.Time().Before(now.Add(-dpopWindow)) || claims.IAT.Time().After(now.Add(dpopWindow)):
+		return invalid("the proof's iat is more than %s from now", dpopWindow)
+	case accessToken != "" && subtle.ConstantTimeCompare([]byte(claims.ATH), []byte(athOf(accessToken))) != 1:
+		return invalid("the proof's ath is not the hash of the access token")
+	case s.cfg.DPoPNonce && !s.validDPoPNonce(claims.Nonce, now):
+		return "", &dpopError{"use_dpop_nonce", "the proof must carry the DPoP-Nonce the sandbox sends"}
+	}
+	tp, err := h.JSONWebKey.Thumbprint(crypto.SHA256)
+	if err != nil {
+		return invalid("the proof's jwk has no thumbprint")
+	}
+	jkt := base64.RawURLEncoding.EncodeToString(tp)
+	if !s.rememberJTI("dpop\x00"+jkt+"\x00"+claims.JTI, claims.IAT.Time().Add(dpopWindow), now) {
+		return invalid("the proof's jti was already used")
+	}
+	return jkt, nil
+}
+
+// athOf is a proof's ath for an access token: base64url(SHA-256(token)).
+func athOf(accessToken string) string {
+	sum := sha256.Sum256([]byte(accessToken))
+	return base64.RawURLEncoding.EncodeToString(sum[:])
+}
+
+// dpopNonce is the nonce of the step that holds t: an HMAC of the step
+// number with the server's key.
+func (s *Server) dpopNonce(t time.Time) string {
+	m := hmac.New(sha256.New, s.key)
+	m.Write([]byte("dpop-nonce"))
+	m.Write(binary.BigEndian.AppendUint64(nil, uint64(t.UnixNano()/int64(dpopNonceStep))))
+	return base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+}
+
+// validDPoPNonce reports whether nonce is the current or the previous
+// step's nonce.
+func (s *Server) validDPoPNonce(nonce string, now time.Time) bool {
+	for _, t := range []time.Time{now, now.Add(-dpopNonceStep)} {
+		if hmac.Equal([]byte(nonce), []byte(s.dpopNonce(t))) {
+			return true
+		}
+	}
+	return false
+}
+
+// tokenDPoP checks the DPoP proof of a token request of client c and
+// returns its key thumbprint ("" without a proof, allowed unless c.DPoP);
+// it writes the error answer and returns false when the proof is refused.
+func (s *Server) tokenDPoP(w http.ResponseWriter, r *http.Request, c *bankClient) (string, bool) {
+	if s.cfg.DPoPNonce {
+		w.Header().Set("DPoP-Nonce", s.dpopNonce(s.cfg.Now()))
+	}
+	jkt, e := s.checkDPoP(r, s.bankIssuer(r)+bankTokenPath, "")
+	switch {
+	case e != nil:
+		oauthError(w, http.StatusBadRequest, e.code, e.desc)
+		return "", false
+	case jkt == "" && c.DPoP:
+		oauthError(w, http.StatusBadRequest, "invalid_dpop_proof", "this client's tokens are DPoP-bound: send a DPoP proof")
+		return "", false
+	}
+	return jkt, true
+}
+
+// echoDPoP checks that the echo's request presents token t as its binding
+// asks: a DPoP-bound token with "Authorization: DPoP" and a proof of its
+// key for this request, a bearer token with "Authorization: Bearer". It
+// records the outcome in a and returns the error to answer, if any.
+func (s *Server) echoDPoP(r *http.Request, scheme, cred string, t token, a *EchoAuth) *dpopError {
+	a.JKT = t.jkt
+	dpopScheme := strings.EqualFold(scheme, "DPoP")
+	if t.jkt == "" {
+		if dpopScheme {
+			return &dpopError{"invalid_token", "a bearer token presented with the DPoP scheme"}
+		}
+		return nil
+	}
+	if !dpopScheme {
+		return &dpopError{"invalid_token", "a DPoP-bound token presented as a bearer token"}
+	}
+	jkt, e := s.checkDPoP(r, s.bankIssuer(r)+r.URL.Path, cred)
+	switch {
+	case e != nil:
+		return e
+	case jkt == "":
+		return &dpopError{"invalid_token", "a DPoP-bound token without a DPoP proof"}
+	case jkt != t.jkt:
+		return &dpopError{"invalid_token", "the proof's key is not the one the token is bound to"}
+	}
+	a.DPoP = true
+	return nil
+}
+
+// dpopChallenge writes the echo's WWW-Authenticate for a refused DPoP
+// request (and a fresh DPoP-Nonce for use_dpop_nonce).
+func (s *Server) dpopChallenge(w http.ResponseWriter, e *dpopError) {
+	if e.code == "use_dpop_nonce" {
+		w.Header().Set("DPoP-Nonce", s.dpopNonce(s.cfg.Now()))
+	}
+	w.Header().Set("WWW-Authenticate", fmt.Sprintf(`DPoP algs="%s", error=%q, error_description=%q`, strings.Join(dpopAlgNames(), " "), e.code, e.desc))
+}
