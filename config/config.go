@@ -8,6 +8,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 )
 
 // Registry is a loaded, validated merchant registry (LoadWith, Merge). It
@@ -43,7 +44,7 @@ type Provider struct {
 	// non-secret part of the provider's resolved configuration (type,
 	// URLs, client id, auth method, timeout, lifetimes, parameters, the
 	// bytes of the TLS certificate and CA files, the public key of a
-	// private_key_jwt key). No secret value (API key, client secret, TLS
+	// private_key_jwt key, the thumbprint of a DPoP key). No secret value (API key, client secret, TLS
 	// or JWT private key) goes into it, so it is no oracle for a secret;
 	// and every process of a fleet with the same configuration computes
 	// the same ID (a shared cache is keyed by it). It namespaces the token
@@ -90,6 +91,11 @@ type Provider struct {
 	// DefaultLifetime is an oauth2 provider's lifetime for tokens whose
 	// response gives none.
 	DefaultLifetime time.Duration
+	// DPoP is the key an oauth2 provider's tokens are bound to
+	// ([providers.NAME.dpop]), nil for bearer tokens. Every profile of the
+	// provider carries it (broker.Profile.DPoP); its Thumbprint and Alg
+	// are public, the key itself never shown.
+	DPoP *dpop.Key
 	// Consent is the authorization-code flow of a refresh_token provider
 	// with a consent table; nil otherwise.
 	Consent *oauth.AuthCode

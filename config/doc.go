@@ -42,6 +42,9 @@
 //	resource = "https://api.bank.example"   # RFC 8707 resource parameter
 //	  [providers.bank.params]               # extra token-request parameters
 //	  acr_values = "urn:bank:acr"
+//	  [providers.bank.dpop]                 # optional: DPoP-bound tokens (RFC 9449), oauth2 only
+//	  key = "{file.dpop.pem}"               # PEM private key: {file.PATH}, {env.NAME} (the PEM) or a path
+//	  alg = "EdDSA"                         # ES256 | PS256 | EdDSA; default from the key (EC P-256, RSA, Ed25519)
 //
 //	[merchants.acme]
 //	provider = "nuapay-sandbox"

@@ -4,10 +4,12 @@ import (
 	"crypto/x509"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
@@ -138,6 +140,11 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	fp.add("default_lifetime", p.DefaultLifetime)
 	cfg.DefaultLifetime = p.DefaultLifetime
 
+	if raw.DPoP != nil {
+		p.DPoP = e.dpopKey(raw.DPoP, fp)
+		cfg.DPoP = p.DPoP
+	}
+
 	if raw.Consent != nil && p.Grant != GrantRefreshToken {
 		e.consent(raw.Consent, p, nil)
 	}
@@ -205,6 +212,67 @@ func (e *entry) signer(raw *providerTOML, p *Provider, fp *fingerprint) *oauth.S
 		return nil
 	}
 	return s
+}
+
+// dpopKey reads the [providers.NAME.dpop] key: a whole {file.PATH} or
+// {env.NAME} reference is a secret (the PEM itself), anything else a path
+// like private_key. The key's thumbprint and algorithm go into the
+// provider ID (public; the key never does).
+func (e *entry) dpopKey(raw *dpopTOML, fp *fingerprint) *dpop.Key {
+	const field = "dpop.key"
+	var pemBytes []byte
+	switch ref := raw.Key; {
+	case ref == "":
+		e.errf(field, "missing: set the PEM private key the tokens are bound to: {file.PATH}, {env.NAME} or a path")
+		return nil
+	case strings.Contains(ref, "-----BEGIN"):
+		e.errf(field, "holds a PEM key in clear (not shown): keep it in a file, readable only by the broker, and name it ({file.PATH} or a path), or in an environment variable ({env.NAME})")
+		return nil
+	case wholeRef(ref):
+		v := e.secret(field, ref)
+		if v == "" {
+			return nil
+		}
+		pemBytes = []byte(v.Reveal())
+	default:
+		path, ok := e.expand(field, ref)
+		if !ok {
+			return nil
+		}
+		path = e.p.abs(path)
+		b, err := e.p.readFile(path, maxKeyFile)
+		if err != nil {
+			e.errf(field, "cannot read: %v", err)
+			return nil
+		}
+		pemBytes = b
+	}
+	k, err := dpop.ParseKey(pemBytes, "")
+	if err != nil {
+		e.errf(field, "%v", err)
+		return nil
+	}
+	if raw.Alg != "" {
+		// The key is good: what is wrong now is alg.
+		if k, err = dpop.ParseKey(pemBytes, raw.Alg); err != nil {
+			e.errf("dpop.alg", "%v", err)
+			return nil
+		}
+	}
+	fp.add("dpop.jkt", k.Thumbprint())
+	fp.add("dpop.alg", k.Alg())
+	return k
+}
+
+// wholeRef reports whether s is exactly one {env.NAME} or {file.PATH}
+// reference.
+func wholeRef(s string) bool {
+	for _, prefix := range []string{"{env.", "{file."} {
+		if inner, ok := cut(s, prefix, "}"); ok && !strings.ContainsAny(inner, "{}") {
+			return true
+		}
+	}
+	return false
 }
 
 // plain expands a non-secret value and refuses control characters.

@@ -115,6 +115,31 @@ type providerTOML struct {
 	// Consent (oauth2, grant refresh_token) is the merchants' consent
 	// through the sidecar, [providers.NAME.consent] (see consentTOML).
 	Consent *consentTOML `toml:"consent"`
+	// DPoP (oauth2) binds the provider's tokens to a key (RFC 9449),
+	// [providers.NAME.dpop] (see dpopTOML). Optional: without it the
+	// tokens are bearer tokens.
+	DPoP *dpopTOML `toml:"dpop"`
+}
+
+// dpopTOML is a [providers.NAME.dpop] table: the key the provider's
+// tokens are bound to. Every token request carries a proof signed with
+// it, the provider must answer token_type DPoP, a consent names its
+// thumbprint (dpop_jkt), and proxied requests send "Authorization: DPoP
+// <token>" with a fresh proof. The key's thumbprint is part of the
+// provider ID: sidecars share tokens only when they hold the same key.
+type dpopTOML struct {
+	// Key is the PEM private key (PKCS#8, SEC1 or PKCS#1, unencrypted):
+	// an EC P-256, Ed25519 or RSA key of at least 2048 bits. Either a
+	// secret reference, "{file.PATH}" or "{env.NAME}" (a variable holding
+	// the PEM itself), or a plain path like private_key, relative to this
+	// file's folder ({env.NAME} references in it are expanded). One key
+	// per provider, the same on every node of a fleet. Required.
+	Key string `toml:"key"`
+	// Alg is the proofs' algorithm: ES256, PS256 or EdDSA. Default from
+	// the key: ES256 for EC P-256, PS256 for RSA, EdDSA for Ed25519 (the
+	// cheapest proofs: the recommended key when the provider accepts
+	// EdDSA). A given alg must fit the key.
+	Alg string `toml:"alg"`
 }
 
 // tlsTOML is a [providers.NAME.tls] table. Relative paths are resolved
@@ -195,7 +220,7 @@ var providerTypes = map[string]providerType{
 	"oauth2": {
 		keys: []string{"grant", "token_url", "issuer", "revocation_url", "client_id", "client_secret",
 			"auth_method", "private_key", "key_id", "signing_alg", "assertion_audience", "audience",
-			"resource", "params", "default_lifetime", "consent"},
+			"resource", "params", "default_lifetime", "consent", "dpop"},
 		minLifetime: time.Second,
 		maxLifetime: maxOAuthLifetime,
 		build:       buildOAuth2,
@@ -214,6 +239,7 @@ var (
 	providerKeys = tomlKeys(providerTOML{})
 	tlsKeys      = tomlKeys(tlsTOML{})
 	merchantKeys = tomlKeys(merchantTOML{})
+	dpopKeys     = tomlKeys(dpopTOML{})
 )
 
 // tomlKeys returns the toml tags of a struct's fields, those of its
@@ -272,6 +298,8 @@ func unknownPart(k toml.Key, typeOf func(provider string) string) (int, []string
 			allowed = tlsKeys
 		case n == 4 && k[0] == "providers" && k[2] == "consent":
 			allowed = consentKeys
+		case n == 4 && k[0] == "providers" && k[2] == "dpop":
+			allowed = dpopKeys
 		case n == 4 && k[0] == "providers" && k[2] == "params":
 			continue // any parameter name
 		}

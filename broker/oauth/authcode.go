@@ -427,6 +427,11 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Br
 	if rec.Nonce != "" {
 		params.Set("nonce", rec.Nonce)
 	}
+	if k := a.src.cfg.DPoP; k != nil {
+		// RFC 9449 §10: the code is bound to the key, so only a token
+		// request with its proofs can redeem it.
+		params.Set("dpop_jkt", k.Thumbprint())
+	}
 	for k, v := range a.params {
 		params[k] = slices.Clone(v)
 	}

@@ -10,7 +10,9 @@ import (
 // invalid_client (RFC 6749 §5.2: client authentication failed) refuses the
 // source's client credential, which every merchant of the source shares; a
 // refused or missing refresh token (ConsentRequiredError) is one
-// merchant's.
+// merchant's. A use_dpop_nonce that outlived the transport's one retry
+// (the server changed its nonce meanwhile) is temporary: the next attempt
+// carries the nonce remembered since.
 func (*core) Classify(err error) broker.Class {
 	var ce *ConsentRequiredError
 	var ae *broker.APIError
@@ -19,6 +21,8 @@ func (*core) Classify(err error) broker.Class {
 		return broker.ClassPermanent
 	case errors.As(err, &ae) && ae.Code == "invalid_client":
 		return broker.ClassCredential
+	case errors.As(err, &ae) && ae.Code == "use_dpop_nonce":
+		return broker.ClassTemporary
 	}
 	return broker.DefaultClass(err)
 }

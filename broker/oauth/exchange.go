@@ -29,14 +29,23 @@ import (
 type core struct {
 	cfg Config
 	ep  *endpoints
+	// tokenClient sends the token and PAR requests: cfg.Client, with a
+	// DPoP key behind dpop.Transport (a proof on each request, the
+	// server's nonce answered once).
+	tokenClient *http.Client
 }
 
 func newCore(cfg Config) (*core, error) {
 	if err := cfg.check(); err != nil {
 		return nil, fmt.Errorf("oauth2 provider %s: %w", cfg.Name, err)
 	}
-	c := &core{cfg: cfg}
+	c := &core{cfg: cfg, tokenClient: cfg.Client}
 	c.ep = newEndpoints(&c.cfg)
+	if cfg.DPoP != nil {
+		tc := *cfg.Client
+		tc.Transport = dpop.Transport(tc.Transport, cfg.DPoP, nil)
+		c.tokenClient = &tc
+	}
 	return c, nil
 }
 
@@ -107,7 +116,7 @@ func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Value
 	}
 	secrets = append(secrets, c.sent(secret, params.Get("client_assertion"))...)
 	sent := c.cfg.Now()
-	tok, err := cc.Token(context.WithValue(ctx, oauth2.HTTPClient, c.cfg.Client))
+	tok, err := cc.Token(context.WithValue(ctx, oauth2.HTTPClient, c.tokenClient))
 	if err != nil {
 		return broker.Token{}, nil, c.tokenError(ep, err, secrets)
 	}
@@ -158,13 +167,9 @@ func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
 
 // parse checks a successful response and computes the token's expiry.
 func (c *core) parse(tok *oauth2.Token, req broker.Request, sent time.Time) (broker.Token, error) {
-	typ := tok.TokenType
-	if typ != "" && !httpclient.IsBearer(typ) {
-		return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "unsupported_token_type",
-			Description: fmt.Sprintf("token_type %q is not Bearer: the broker sends bearer tokens only (DPoP and MAC tokens need proof of possession)", scrub.Truncate(typ, scrub.MaxText))}
-	}
-	if typ == "" {
-		typ = "Bearer" // RFC 6749 requires it; its absence is read as bearer
+	typ, err := c.tokenType(tok.TokenType)
+	if err != nil {
+		return broker.Token{}, err
 	}
 	if !broker.ValidTokenValue(tok.AccessToken) {
 		return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "invalid_token_value",
@@ -179,6 +184,32 @@ func (c *core) parse(tok *oauth2.Token, req broker.Request, sent time.Time) (bro
 		t.Scopes = strings.Fields(s)
 	}
 	return t, nil
+}
+
+// tokenType checks a response's token_type against what was asked for:
+// DPoP with a DPoP key (RFC 9449 §5: a server that answers Bearer did
+// not bind the token), else Bearer (its absence is read as bearer). It
+// returns the type as the broker caches it.
+func (c *core) tokenType(typ string) (string, error) {
+	shown := scrub.Truncate(typ, scrub.MaxText)
+	switch {
+	case c.cfg.DPoP != nil && strings.EqualFold(typ, broker.DPoPType):
+		return broker.DPoPType, nil
+	case c.cfg.DPoP != nil:
+		return "", &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "unsupported_token_type",
+			Description: fmt.Sprintf("provider %s answered token_type %q to a request with a DPoP proof, not DPoP: the token is not bound to the key (%s). "+
+				"Check that the server supports DPoP (dpop_signing_alg_values_supported lists %s) and that the client is registered for DPoP-bound tokens; "+
+				"or remove [providers.%s.dpop] to use bearer tokens", c.cfg.Name, shown, c.cfg.DPoP.Thumbprint(), c.cfg.DPoP.Alg(), c.cfg.Name)}
+	case typ == "":
+		return "Bearer", nil // RFC 6749 requires it; its absence is read as bearer
+	case httpclient.IsBearer(typ):
+		return typ, nil
+	case strings.EqualFold(typ, broker.DPoPType):
+		return "", &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "unsupported_token_type",
+			Description: fmt.Sprintf("provider %s answered token_type %q to a request without a DPoP proof: give the provider a DPoP key, [providers.%s.dpop] key = ..., or register the client for bearer tokens", c.cfg.Name, shown, c.cfg.Name)}
+	}
+	return "", &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "unsupported_token_type",
+		Description: fmt.Sprintf("provider %s answered token_type %q: the broker sends Bearer and DPoP tokens only", c.cfg.Name, shown)}
 }
 
 // expiry is sent + expires_in; failing that the exp of a JWT access token;

@@ -45,7 +45,7 @@ func (a *AuthCode) push(ctx context.Context, endpoint string, params url.Values)
 		req.SetBasicAuth(url.QueryEscape(c.cfg.ClientID), url.QueryEscape(secret))
 	}
 	secrets := c.sent(secret, auth.Get("client_assertion"))
-	resp, err := c.cfg.Client.Do(req)
+	resp, err := c.tokenClient.Do(req)
 	if err != nil {
 		return "", fmt.Errorf("PAR endpoint %s: %w", httpclient.Host(endpoint), broker.RedactURLError(err))
 	}

@@ -75,7 +75,7 @@ func Verify(proof string) (Proof, error) {
 
 // Gate is an http.Handler that lets a request through to Next only with a
 // valid DPoP proof for it: signature, htm the request's method, htu
-// "http://" + Host + path, iat within a minute of now, a jti not seen
+// "http://" (or "https://") + Host + path, iat within a minute of now, a jti not seen
 // before, and when Nonce is set that nonce. A request with a proof
 // without the nonce gets a nonce challenge: 400 {"error":
 // "use_dpop_nonce"} (a token endpoint) or, with ResourceServer, 401 with
@@ -145,7 +145,11 @@ func (g *Gate) check(r *http.Request) (Proof, error) {
 	if err != nil {
 		return Proof{}, err
 	}
-	if want := "http://" + r.Host + r.URL.Path; p.HTM != r.Method || p.HTU != want {
+	scheme := "http://"
+	if r.TLS != nil {
+		scheme = "https://"
+	}
+	if want := scheme + r.Host + r.URL.Path; p.HTM != r.Method || p.HTU != want {
 		return Proof{}, fmt.Errorf("htm %q htu %q, want %q %q", p.HTM, p.HTU, r.Method, want)
 	}
 	if d := time.Since(time.Unix(p.IAT, 0)); d > time.Minute || d < -time.Minute {

@@ -1,0 +1,348 @@
+package oauth
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
+)
+
+// dpopAS is a test authorization server whose token and PAR endpoints
+// demand DPoP proofs with a nonce (dpoptest.Gate): it checks the client
+// authentication of each method, binds codes and refresh tokens to the
+// key's thumbprint (dpop_jkt, the proof's jkt), and answers token_type
+// tokenType (DPoP unless set).
+type dpopAS struct {
+	t         *testing.T
+	srv       *httptest.Server
+	gate      *dpoptest.Gate
+	tokenType string
+
+	mu       sync.Mutex
+	jkts     []string              // the proof jkt of each token request that passed
+	pushed   map[string]url.Values // request_uri -> the pushed request
+	codes    map[string]string     // code -> dpop_jkt of its authorization request
+	refresh  map[string]string     // refresh token -> jkt it is bound to
+	issued   int
+	auth     string // the client authentication the token endpoint expects
+	clientID string
+}
+
+func newDPoPAS(t *testing.T, auth string, pki *testPKI) *dpopAS {
+	as := &dpopAS{t: t, auth: auth, clientID: "bank-client", tokenType: "DPoP",
+		pushed: map[string]url.Values{}, codes: map[string]string{}, refresh: map[string]string{}}
+	mux := http.NewServeMux()
+	as.gate = &dpoptest.Gate{Nonce: "as-nonce-1", Next: mux}
+	mux.HandleFunc("/token", as.token)
+	mux.HandleFunc("/par", as.par)
+	if pki != nil {
+		as.srv = httptest.NewUnstartedServer(as.gate)
+		as.srv.TLS = pki.serverConfig()
+		as.srv.StartTLS()
+	} else {
+		as.srv = httptest.NewServer(as.gate)
+	}
+	t.Cleanup(as.srv.Close)
+	return as
+}
+
+// fail answers an OAuth error.
+func fail(w http.ResponseWriter, status int, code string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	fmt.Fprintf(w, `{"error":%q}`, code)
+}
+
+// authenticated checks the client authentication of r.
+func (as *dpopAS) authenticated(r *http.Request) bool {
+	switch as.auth {
+	case "basic":
+		id, secret, ok := r.BasicAuth()
+		return ok && id == as.clientID && secret == url.QueryEscape(secretValue)
+	case "post":
+		return r.PostForm.Get("client_id") == as.clientID && r.PostForm.Get("client_secret") == secretValue
+	case "jwt":
+		return r.PostForm.Get("client_assertion_type") == ClientAssertionType && strings.Count(r.PostForm.Get("client_assertion"), ".") == 2
+	case "tls":
+		return r.TLS != nil && len(r.TLS.PeerCertificates) > 0 && r.PostForm.Get("client_id") == as.clientID
+	}
+	return false
+}
+
+func (as *dpopAS) token(w http.ResponseWriter, r *http.Request) {
+	p, _ := dpoptest.ProofFrom(r.Context())
+	if err := r.ParseForm(); err != nil || !as.authenticated(r) {
+		fail(w, http.StatusUnauthorized, "invalid_client")
+		return
+	}
+	as.mu.Lock()
+	defer as.mu.Unlock()
+	as.jkts = append(as.jkts, p.JKT)
+	switch r.PostForm.Get("grant_type") {
+	case "client_credentials":
+	case "authorization_code":
+		jkt, ok := as.codes[r.PostForm.Get("code")]
+		delete(as.codes, r.PostForm.Get("code"))
+		if !ok || jkt != p.JKT {
+			fail(w, http.StatusBadRequest, "invalid_grant")
+			return
+		}
+	case "refresh_token":
+		if jkt, ok := as.refresh[r.PostForm.Get("refresh_token")]; !ok || jkt != p.JKT {
+			fail(w, http.StatusBadRequest, "invalid_grant")
+			return
+		}
+	default:
+		fail(w, http.StatusBadRequest, "unsupported_grant_type")
+		return
+	}
+	as.issued++
+	rt := fmt.Sprintf("rt-%d", as.issued)
+	as.refresh[rt] = p.JKT
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(map[string]any{"access_token": fmt.Sprintf("at-%d", as.issued), "token_type": as.tokenType,
+		"expires_in": 300, "refresh_token": rt})
+}
+
+func (as *dpopAS) par(w http.ResponseWriter, r *http.Request) {
+	p, _ := dpoptest.ProofFrom(r.Context())
+	if err := r.ParseForm(); err != nil || !as.authenticated(r) {
+		fail(w, http.StatusUnauthorized, "invalid_client")
+		return
+	}
+	if jkt := r.PostForm.Get("dpop_jkt"); jkt != p.JKT {
+		fail(w, http.StatusBadRequest, "invalid_request")
+		return
+	}
+	as.mu.Lock()
+	defer as.mu.Unlock()
+	as.issued++
+	uri := fmt.Sprintf("urn:ietf:params:oauth:request_uri:%d", as.issued)
+	as.pushed[uri] = r.PostForm
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusCreated)
+	fmt.Fprintf(w, `{"request_uri":%q,"expires_in":60}`, uri)
+}
+
+// authorize plays the authorization endpoint for an authorization URL:
+// it takes the dpop_jkt of the request (or of its pushed request) and
+// returns the callback's query with a code bound to it.
+func (as *dpopAS) authorize(t *testing.T, authURL string) (url.Values, string) {
+	t.Helper()
+	u, err := url.Parse(authURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := u.Query()
+	as.mu.Lock()
+	defer as.mu.Unlock()
+	if uri := q.Get("request_uri"); uri != "" {
+		if q.Has("dpop_jkt") || q.Has("state") {
+			t.Error("a pushed authorization request repeats its parameters on the authorization URL")
+		}
+		q = as.pushed[uri]
+	}
+	jkt := q.Get("dpop_jkt")
+	as.issued++
+	code := fmt.Sprintf("code-%d", as.issued)
+	as.codes[code] = jkt
+	return url.Values{"code": {code}, "state": {q.Get("state")}}, jkt
+}
+
+func newTestDPoPKey(t *testing.T) *dpop.Key {
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := dpop.NewKey(priv, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// TestDPoPClientCredentials: with a DPoP key, the client credentials grant
+// sends a proof with every client authentication method, answers the
+// server's nonce challenge once, and gets a DPoP token; later requests
+// carry the remembered nonce at once.
+func TestDPoPClientCredentials(t *testing.T) {
+	pki := newPKI(t)
+	for _, tc := range []struct {
+		name string
+		auth string
+		cfg  Config
+	}{
+		{"client_secret_basic", "basic", Config{AuthMethod: ClientSecretBasic, ClientSecret: secretValue}},
+		{"client_secret_post", "post", Config{AuthMethod: ClientSecretPost, ClientSecret: secretValue}},
+		{"private_key_jwt", "jwt", Config{AuthMethod: PrivateKeyJWT, Signer: mustSigner(t, testECKey(t), "", "k1")}},
+		{"tls_client_auth", "tls", Config{AuthMethod: TLSClientAuth, Client: pki.client(t, "bank-client")}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			as := newDPoPAS(t, tc.auth, pki)
+			key := newTestDPoPKey(t)
+			cfg := tc.cfg
+			cfg.Name, cfg.TokenURL, cfg.ClientID, cfg.DPoP = "bank", as.srv.URL+"/token", as.clientID, key
+			if cfg.Client == nil {
+				cfg.Client = pki.client(t, "")
+			}
+			src, err := NewClientCredentials(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := range 2 {
+				tok, err := src.Token(context.Background(), broker.Request{Scopes: []string{"payments"}})
+				if err != nil {
+					t.Fatalf("token %d: %v", i, err)
+				}
+				if tok.Type != broker.DPoPType {
+					t.Errorf("token type %q, want DPoP", tok.Type)
+				}
+			}
+			if n := as.gate.Challenges.Load(); n != 1 {
+				t.Errorf("%d nonce challenges, want 1 (the second request knows the nonce)", n)
+			}
+			if as.gate.Refused.Load() != 0 || len(as.jkts) != 2 || as.jkts[0] != key.Thumbprint() || as.jkts[1] != key.Thumbprint() {
+				t.Errorf("refused %d; proofs of keys %q, want two of %s", as.gate.Refused.Load(), as.jkts, key.Thumbprint())
+			}
+			if b := broker.NewBinding("bank#1", src, broker.Request{}); b.DPoP != key {
+				t.Error("the source's profiles do not carry its DPoP key")
+			}
+		})
+	}
+}
+
+// TestDPoPTokenTypeChecked: a DPoP request answered with a bearer token,
+// and a bearer request answered with a DPoP token, fail with an error that
+// names the provider and what to check.
+func TestDPoPTokenTypeChecked(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		key     bool
+		answer  string
+		wantErr []string
+	}{
+		{"DPoP asked, Bearer answered", true, "Bearer", []string{`provider bank answered token_type "Bearer" to a request with a DPoP proof`, "dpop_signing_alg_values_supported lists EdDSA", "[providers.bank.dpop]"}},
+		{"DPoP asked, dpop answered", true, "dpop", nil},
+		{"bearer asked, DPoP answered", false, "DPoP", []string{`provider bank answered token_type "DPoP" to a request without a DPoP proof`, "[providers.bank.dpop] key"}},
+		{"MAC answered", false, "mac", []string{`token_type "mac"`, "Bearer and DPoP tokens only"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			as := newDPoPAS(t, "basic", nil)
+			as.tokenType = tc.answer
+			cfg := Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue}
+			if tc.key {
+				cfg.DPoP = newTestDPoPKey(t)
+			} else {
+				// A bearer client sends no proof: past the gate.
+				bare := httptest.NewServer(http.HandlerFunc(as.token))
+				t.Cleanup(bare.Close)
+				cfg.TokenURL = bare.URL + "/token"
+			}
+			src, err := NewClientCredentials(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tok, err := src.Token(context.Background(), broker.Request{})
+			if tc.wantErr == nil {
+				if err != nil || tok.Type != broker.DPoPType {
+					t.Fatalf("token type %q, err %v; want DPoP", tok.Type, err)
+				}
+				return
+			}
+			var ae *broker.APIError
+			if !errors.As(err, &ae) || ae.Code != "unsupported_token_type" || src.Classify(err) != broker.ClassPermanent {
+				t.Fatalf("err = %v, want a permanent unsupported_token_type APIError", err)
+			}
+			for _, want := range tc.wantErr {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("err = %v\nwant it to say %q", err, want)
+				}
+			}
+			checkNoSecrets(t, err, "at-1", "rt-1", secretValue)
+		})
+	}
+}
+
+// TestDPoPRefreshAndConsent: the consent flow (with and without PAR) sends
+// dpop_jkt, the code exchange and the refreshes send proofs of the key
+// the code and the refresh token are bound to, and every token is DPoP.
+func TestDPoPRefreshAndConsent(t *testing.T) {
+	for _, par := range []bool{false, true} {
+		t.Run(fmt.Sprintf("par=%t", par), func(t *testing.T) {
+			as := newDPoPAS(t, "post", nil)
+			key := newTestDPoPKey(t)
+			cfg := Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue,
+				AuthMethod: ClientSecretPost, DPoP: key}
+			store := &savingStore{}
+			src, err := NewRefreshToken(cfg, store)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pend := &Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now}
+			flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"offline_access"},
+				AuthorizationURL: as.srv.URL + "/authorize", PARURL: as.srv.URL + "/par", PAR: par}, pend)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			link, err := flow.NewLink(ctx, "m1", "", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			u, _ := url.Parse(link.URL)
+			authURL, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+			if err != nil {
+				t.Fatalf("Start: %v", err)
+			}
+			q, jkt := as.authorize(t, authURL)
+			if jkt != key.Thumbprint() {
+				t.Fatalf("the authorization request's dpop_jkt is %q, want %s", jkt, key.Thumbprint())
+			}
+			if _, err := flow.Callback(ctx, u.Host, q); err != nil {
+				t.Fatalf("Callback: %v", err)
+			}
+			for i := range 2 {
+				tok, err := src.Token(ctx, broker.Request{Merchant: "m1"})
+				if err != nil || tok.Type != broker.DPoPType {
+					t.Fatalf("refresh %d: type %q, err %v", i, tok.Type, err)
+				}
+			}
+			if as.gate.Challenges.Load() != 1 || as.gate.Refused.Load() != 0 {
+				t.Errorf("%d nonce challenges (want 1), %d refusals", as.gate.Challenges.Load(), as.gate.Refused.Load())
+			}
+			if len(as.jkts) != 3 {
+				t.Errorf("%d token requests passed, want 3 (exchange, two refreshes)", len(as.jkts))
+			}
+		})
+	}
+}
+
+// TestDPoPNonceRaceIsTemporary: a use_dpop_nonce that outlives the one
+// retry is a temporary failure.
+func TestDPoPNonceRaceIsTemporary(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("DPoP-Nonce", fmt.Sprintf("n-%d", len(r.Header.Get("DPoP"))%7))
+		fail(w, http.StatusBadRequest, "use_dpop_nonce")
+	}))
+	defer srv.Close()
+	src, err := NewClientCredentials(Config{Name: "bank", TokenURL: srv.URL, ClientID: "c", ClientSecret: secretValue, DPoP: newTestDPoPKey(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = src.Token(context.Background(), broker.Request{})
+	if src.Classify(err) != broker.ClassTemporary {
+		t.Errorf("err = %v: class %v, want temporary", err, src.Classify(err))
+	}
+}
