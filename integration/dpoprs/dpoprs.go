@@ -155,6 +155,9 @@ type Server struct {
 	nonceN   int
 	accepted []Seen
 	refused  []Refusal
+	// lastAuth and lastProof are the credentials of the last accepted
+	// request (LastCredentials).
+	lastAuth, lastProof string
 }
 
 // New returns a Server with opts.
@@ -209,6 +212,15 @@ func (s *Server) Refusals() []Refusal {
 	return append([]Refusal(nil), s.refused...)
 }
 
+// LastCredentials returns the Authorization and DPoP headers of the last
+// accepted request, for a test to replay them as an attacker who read them
+// would. Never log them.
+func (s *Server) LastCredentials() (authorization, proof string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastAuth, s.lastProof
+}
+
 // Challenges counts the refusals for a missing or stale nonce.
 func (s *Server) Challenges() int {
 	n := 0
@@ -247,6 +259,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	} else {
 		seen.Body = string(body)
 		s.accepted = append(s.accepted, seen)
+		s.lastAuth, s.lastProof = r.Header.Get("Authorization"), r.Header.Get("DPoP")
 	}
 	s.mu.Unlock()
 	if s.opts.Nonce {

@@ -1,0 +1,399 @@
+package integration
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/tokenbroker/caddy-token-broker/integration/dpopas"
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoprs"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+)
+
+// dpopAlgs are the proof algorithms, each a provider of the DPoP tests.
+var dpopAlgs = []string{dpop.ES256, dpop.PS256, dpop.EdDSA}
+
+// dpopKeyFile writes a new private key for alg (PKCS#8 PEM) into dir and
+// returns its path and the key as the broker reads it.
+func dpopKeyFile(t testing.TB, dir, alg string) (string, *dpop.Key) {
+	t.Helper()
+	var (
+		signer crypto.Signer
+		err    error
+	)
+	switch alg {
+	case dpop.ES256:
+		signer, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	case dpop.PS256:
+		signer, err = rsa.GenerateKey(rand.Reader, 2048)
+	case dpop.EdDSA:
+		_, signer, err = ed25519.GenerateKey(rand.Reader)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(signer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pemBytes := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+	path := filepath.Join(dir, strings.ToLower(alg)+".pem")
+	if err := os.WriteFile(path, pemBytes, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	k, err := dpop.ParseKey(pemBytes, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path, k
+}
+
+// dpopEnv is the broker in Caddy (in this process) in front of a real
+// DPoP resource server (dpoprs), with tokens from a real DPoP
+// authorization server (dpopas, node oidc-provider) that demands nonces,
+// as does the resource server. Each of dpopAlgs is a provider
+// ("bank-es256", ...) with a key of its own and one merchant ("m-es256",
+// ...).
+type dpopEnv struct {
+	as      *dpopas.Server
+	rs      *dpoprs.Server
+	base    string
+	keys    map[string]*dpop.Key // by merchant
+	logFile string
+}
+
+// dpopCaddyfile serves three routes to the resource server: /api/* with
+// the DPoP transport, /short/* with its prefix stripped and a /v2 prefix
+// added before the DPoP transport, and /bare/* without the transport. Every
+// log goes to DPOP_LOG at debug level, reverse_proxy's included.
+const dpopCaddyfile = `{
+	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
+	log {
+		output file {$DPOP_LOG}
+		level DEBUG
+	}
+	token_broker {
+		config {$DPOP_REGISTRY}
+	}
+	persist_config off
+}
+
+http://127.0.0.1:{$TOKEN_BROKER_PORT} {
+	bind 127.0.0.1
+	log {
+		output file {$DPOP_LOG}
+	}
+	handle /api/* {
+		token_broker
+		reverse_proxy {$DPOP_RS} {
+			transport token_broker_dpop
+		}
+	}
+	handle_path /short/* {
+		token_broker
+		rewrite * /v2{uri}
+		reverse_proxy {$DPOP_RS} {
+			transport token_broker_dpop {
+				dial_timeout 5s
+			}
+		}
+	}
+	handle /bare/* {
+		token_broker
+		reverse_proxy {$DPOP_RS}
+	}
+}
+`
+
+func startDPoPEnv(t *testing.T) *dpopEnv {
+	t.Helper()
+	const clientID, secret = "broker-client", "broker-secret-dpop"
+	as := dpopas.Start(t, dpopas.Options{Clients: []dpopas.Client{{ID: clientID, Secret: secret}}, RequireNonce: true})
+	rs := dpoprs.Start(t, dpoprs.Options{Keys: dpoprs.JWKSURL(as.JWKSURL), Issuer: as.Issuer, Nonce: true})
+	dir := t.TempDir()
+	env := &dpopEnv{as: as, rs: rs, keys: map[string]*dpop.Key{}, logFile: filepath.Join(dir, "caddy.log")}
+	var reg strings.Builder
+	for _, alg := range dpopAlgs {
+		name := strings.ToLower(alg)
+		path, k := dpopKeyFile(t, dir, alg)
+		env.keys["m-"+name] = k
+		fmt.Fprintf(&reg, `[providers.bank-%[1]s]
+type = "oauth2"
+token_url = %[2]q
+client_id = %[3]q
+client_secret = "{env.DPOP_CLIENT_SECRET}"
+auth_method = "client_secret_basic"
+
+[providers.bank-%[1]s.dpop]
+key = %[4]q
+
+[merchants.m-%[1]s]
+provider = "bank-%[1]s"
+scopes = ["accounts"]
+
+`, name, as.TokenURL, clientID, path)
+	}
+	regFile := filepath.Join(dir, "merchants.toml")
+	if err := os.WriteFile(regFile, []byte(reg.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("DPOP_CLIENT_SECRET", secret)
+	t.Setenv("DPOP_REGISTRY", regFile)
+	t.Setenv("DPOP_RS", rs.URL)
+	t.Setenv("DPOP_LOG", env.logFile)
+	env.base = startCaddy(t, dpopCaddyfile)
+	return env
+}
+
+// do sends a request through the broker for merchant, with the caller's
+// own credentials and DPoP header (which must not reach the upstream),
+// and returns the status and body.
+func (e *dpopEnv) do(t *testing.T, method, path, merchant, body string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, e.base+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("X-Merchant-Id", merchant)
+	req.Header.Set("Authorization", "Bearer caller-credential")
+	req.Header.Set("DPoP", "caller.forged.proof")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// direct sends a request straight to the resource server with the given
+// Authorization and DPoP headers ("" none), as an attacker holding them
+// would, with the Host header the broker sends (reverse_proxy passes the
+// caller's on), and returns the status.
+func (e *dpopEnv) direct(t *testing.T, method, path, authorization, proof string) int {
+	t.Helper()
+	req, err := http.NewRequest(method, e.rs.URL+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Host = strings.TrimPrefix(e.base, "http://")
+	if authorization != "" {
+		req.Header.Set("Authorization", authorization)
+	}
+	if proof != "" {
+		req.Header.Set("DPoP", proof)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// lastAccepted returns the resource server's last accepted request.
+func (e *dpopEnv) lastAccepted(t *testing.T) dpoprs.Seen {
+	t.Helper()
+	a := e.rs.Accepted()
+	if len(a) == 0 {
+		t.Fatalf("the resource server accepted nothing; refusals %+v", e.rs.Refusals())
+	}
+	return a[len(a)-1]
+}
+
+// lastRefusal returns the resource server's last refusal.
+func (e *dpopEnv) lastRefusal(t *testing.T) dpoprs.Refusal {
+	t.Helper()
+	r := e.rs.Refusals()
+	if len(r) == 0 {
+		t.Fatal("the resource server refused nothing")
+	}
+	return r[len(r)-1]
+}
+
+// TestDPoPThroughCaddy: the broker gets DPoP-bound tokens from a real
+// authorization server (client credentials, a nonce challenge at the token
+// endpoint) and sends each proxied request with "Authorization: DPoP" and
+// a fresh proof a strict resource server accepts, for each algorithm: the
+// resource server's nonce challenge is answered with one retry (the body
+// replayed), the proof names the URL the resource server receives after a
+// path rewrite, the caller's DPoP header never reaches it, a replayed
+// proof and a token without its proof are refused there, a route without
+// the DPoP transport answers 502 and stops forwarding, the metrics count
+// the challenges, the admin state shows the keys, and no log holds a
+// proof or a token.
+func TestDPoPThroughCaddy(t *testing.T) {
+	e := startDPoPEnv(t)
+	before := scrape(t, adminURL()+"/metrics")
+
+	for _, alg := range dpopAlgs {
+		merchant := "m-" + strings.ToLower(alg)
+		t.Run("client credentials/"+alg, func(t *testing.T) {
+			challenges := e.rs.Challenges()
+			if status, body := e.do(t, "GET", "/api/accounts/1", merchant, ""); status != http.StatusOK {
+				t.Fatalf("GET: %d %s; refusals %+v", status, body, e.rs.Refusals())
+			}
+			got := e.lastAccepted(t)
+			// reverse_proxy passes the caller's Host on: the URL received.
+			if got.JKT != e.keys[merchant].Thumbprint() || got.URL != e.base+"/api/accounts/1" || got.Subject == "" {
+				t.Errorf("accepted %+v, want the key %s at %s/api/accounts/1", got, e.keys[merchant].Thumbprint(), e.base)
+			}
+			if n := e.rs.Challenges() - challenges; n != 1 {
+				t.Errorf("%d nonce challenges at the resource server for the key's first request, want 1", n)
+			}
+			// The nonce is remembered: no challenge the second time.
+			if status, body := e.do(t, "GET", "/api/accounts/2", merchant, ""); status != http.StatusOK {
+				t.Fatalf("second GET: %d %s", status, body)
+			}
+			if n := e.rs.Challenges() - challenges; n != 1 {
+				t.Errorf("%d nonce challenges after the second request, want still 1", n)
+			}
+		})
+	}
+
+	merchant := "m-eddsa"
+	t.Run("new nonce: POST retried with its body", func(t *testing.T) {
+		e.rs.RotateNonce()
+		challenges := e.rs.Challenges()
+		const payment = `{"amount":"10.00","currency":"EUR"}`
+		if status, body := e.do(t, "POST", "/api/payments", merchant, payment); status != http.StatusOK {
+			t.Fatalf("POST: %d %s; refusals %+v", status, body, e.rs.Refusals())
+		}
+		if got := e.lastAccepted(t); got.Method != "POST" || got.Body != payment {
+			t.Errorf("accepted %+v, want the POST with its body", got)
+		}
+		if n := e.rs.Challenges() - challenges; n != 1 {
+			t.Errorf("%d challenges, want 1", n)
+		}
+	})
+
+	t.Run("path rewrite: htu is the URL received", func(t *testing.T) {
+		if status, body := e.do(t, "GET", "/short/accounts/7", merchant, ""); status != http.StatusOK {
+			t.Fatalf("GET: %d %s; refusals %+v", status, body, e.rs.Refusals())
+		}
+		if got := e.lastAccepted(t); got.URL != e.base+"/v2/accounts/7" {
+			t.Errorf("accepted %+v, want %s/v2/accounts/7", got, e.base)
+		}
+	})
+
+	t.Run("replayed proof refused", func(t *testing.T) {
+		if status, body := e.do(t, "GET", "/api/balances", merchant, ""); status != http.StatusOK {
+			t.Fatalf("GET: %d %s", status, body)
+		}
+		auth, proof := e.rs.LastCredentials()
+		if status := e.direct(t, "GET", "/api/balances", auth, proof); status != http.StatusUnauthorized {
+			t.Fatalf("replay: status %d, want 401", status)
+		}
+		if r := e.lastRefusal(t); r.Reason != dpoprs.ReasonReplay {
+			t.Errorf("replay refused for %q, want %q", r.Reason, dpoprs.ReasonReplay)
+		}
+	})
+
+	t.Run("token without its proof refused", func(t *testing.T) {
+		auth, _ := e.rs.LastCredentials()
+		token := strings.TrimPrefix(auth, "DPoP ")
+		for _, tc := range []struct{ auth, reason string }{
+			{auth, dpoprs.ReasonNoProof},
+			{"Bearer " + token, dpoprs.ReasonScheme},
+		} {
+			if status := e.direct(t, "GET", "/api/balances", tc.auth, ""); status != http.StatusUnauthorized {
+				t.Fatalf("status %d, want 401", status)
+			}
+			if r := e.lastRefusal(t); r.Reason != tc.reason {
+				t.Errorf("refused for %q, want %q", r.Reason, tc.reason)
+			}
+		}
+	})
+
+	t.Run("route without the DPoP transport", func(t *testing.T) {
+		refusals := len(e.rs.Refusals())
+		for i := range 2 {
+			status, body := e.do(t, "GET", "/bare/accounts", merchant, "")
+			if status != http.StatusBadGateway || !strings.Contains(body, "dpop_transport_missing") || !strings.Contains(body, "token_broker_dpop") {
+				t.Fatalf("request %d: %d %s, want 502 dpop_transport_missing naming the transport", i, status, body)
+			}
+		}
+		// The first request reached the resource server (which refused the
+		// token without its proof); the second was not sent.
+		if got := e.rs.Refusals()[refusals:]; len(got) != 1 || got[0].Reason != dpoprs.ReasonNoProof {
+			t.Errorf("refusals %+v, want one for the missing proof", got)
+		}
+	})
+
+	t.Run("metrics", func(t *testing.T) {
+		after := scrape(t, adminURL()+"/metrics")
+		want := map[string]float64{}
+		for _, alg := range dpopAlgs {
+			n := 1.0
+			if alg == dpop.EdDSA {
+				n = 2 // and the rotated nonce
+			}
+			want[fmt.Sprintf(`caddy_token_broker_dpop_nonce_challenges_total{provider="bank-%s",server="resource"}`, strings.ToLower(alg))] = n
+		}
+		checkDelta(t, "after the requests", before, after, want)
+	})
+
+	t.Run("admin state", func(t *testing.T) {
+		status, body := adminCall(t, "GET", "/token_broker/state")
+		if status != http.StatusOK {
+			t.Fatalf("state: %d %s", status, body)
+		}
+		var rep struct {
+			Providers []struct {
+				Name string `json:"name"`
+				DPoP *struct {
+					Alg string `json:"alg"`
+					JKT string `json:"jkt"`
+				} `json:"dpop"`
+			} `json:"providers"`
+		}
+		if err := json.Unmarshal([]byte(body), &rep); err != nil {
+			t.Fatal(err)
+		}
+		seen := 0
+		for _, p := range rep.Providers {
+			k := e.keys["m-"+strings.TrimPrefix(p.Name, "bank-")]
+			if k == nil {
+				continue
+			}
+			seen++
+			if p.DPoP == nil || p.DPoP.Alg != k.Alg() || p.DPoP.JKT != k.Thumbprint() {
+				t.Errorf("provider %s: dpop %+v, want %s %s", p.Name, p.DPoP, k.Alg(), k.Thumbprint())
+			}
+		}
+		if seen != len(dpopAlgs) {
+			t.Errorf("state shows %d of the %d DPoP providers: %s", seen, len(dpopAlgs), body)
+		}
+	})
+
+	t.Run("no proof or token in the logs", func(t *testing.T) {
+		auth, proof := e.rs.LastCredentials()
+		logs := readFile(t, e.logFile)
+		if !strings.Contains(logs, "upstream roundtrip") {
+			t.Fatal("reverse_proxy's debug log is not in the log file: the check would prove nothing")
+		}
+		token := strings.TrimPrefix(auth, "DPoP ")
+		jws := strings.Split(proof, ".")
+		for what, secret := range map[string]string{"a proof's signature": jws[len(jws)-1], "the token": token} {
+			if strings.Contains(logs, secret) {
+				t.Errorf("the log holds %s", what)
+			}
+		}
+		if strings.Contains(logs, `"Dpop":["ey`) {
+			t.Error("the log holds a DPoP proof header")
+		}
+	})
+}
