@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -396,4 +397,128 @@ func TestDPoPThroughCaddy(t *testing.T) {
 			t.Error("the log holds a DPoP proof header")
 		}
 	})
+}
+
+// dpopConsentCaddyfile is the sidecar (consent links, /api/* to the
+// resource server with the DPoP transport) and its consent site.
+const dpopConsentCaddyfile = `{
+	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
+	storage file_system {$DPOP_STORAGE}
+	token_broker {
+		config {$DPOP_REGISTRY}
+	}
+	persist_config off
+}
+
+http://127.0.0.1:{$TOKEN_BROKER_PORT} {
+	bind 127.0.0.1
+	handle /consent/links {
+		token_broker_consent bank {
+			links
+		}
+	}
+	handle /api/* {
+		token_broker
+		reverse_proxy {$DPOP_RS} {
+			transport token_broker_dpop
+		}
+	}
+}
+
+{$CONSENT_SITE} {
+	token_broker_consent bank
+}
+`
+
+// TestDPoPConsentThroughCaddy: a merchant consents at the real
+// authorization server (the authorization request names the key's
+// thumbprint, dpop_jkt); the broker then gets DPoP-bound tokens by refresh
+// (proofs and nonces at the token endpoint) and the resource server
+// accepts the proxied calls; after a purge the next call refreshes again
+// and the new token is bound to the same key.
+func TestDPoPConsentThroughCaddy(t *testing.T) {
+	cbPort := freePort(t)
+	site := fmt.Sprintf("http://127.0.0.1:%d", cbPort)
+	const clientID, secret = "consent-client", "consent-secret-dpop"
+	as := dpopas.Start(t, dpopas.Options{RequireNonce: true, Clients: []dpopas.Client{{ID: clientID, Secret: secret,
+		RedirectURIs: []string{site + "/consent/callback"}}}})
+	rs := dpoprs.Start(t, dpoprs.Options{Keys: dpoprs.JWKSURL(as.JWKSURL), Issuer: as.Issuer, Nonce: true})
+	dir := t.TempDir()
+	keyPath, key := dpopKeyFile(t, dir, dpop.EdDSA)
+	reg := fmt.Sprintf(`[providers.bank]
+type = "oauth2"
+grant = "refresh_token"
+issuer = %q
+client_id = %q
+client_secret = "{env.DPOP_CLIENT_SECRET}"
+  [providers.bank.consent]
+  redirect_uris = [%q]
+  scopes = ["openid", "offline_access", "accounts"]
+  [providers.bank.dpop]
+  key = %q
+
+[merchants.acme]
+provider = "bank"
+scopes = ["accounts"]
+`, as.Issuer, clientID, site+"/consent/callback", keyPath)
+	regFile := filepath.Join(dir, "merchants.toml")
+	if err := os.WriteFile(regFile, []byte(reg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("DPOP_CLIENT_SECRET", secret)
+	t.Setenv("DPOP_REGISTRY", regFile)
+	t.Setenv("DPOP_RS", rs.URL)
+	t.Setenv("DPOP_STORAGE", filepath.Join(dir, "storage"))
+	t.Setenv("CONSENT_SITE", site)
+	base := startCaddy(t, dpopConsentCaddyfile)
+	waitListening(t, fmt.Sprintf("127.0.0.1:%d", cbPort))
+
+	status, link := consentLink(t, base, "acme", "")
+	if status != http.StatusOK {
+		t.Fatalf("consent link: %d %v", status, link)
+	}
+	browser := newBrowser()
+	resp := hop(t, browser, mustReq(t, http.MethodGet, link["url"], nil), true)
+	authURL := resp.Header.Get("Location")
+	if resp.StatusCode != http.StatusSeeOther || !strings.HasPrefix(authURL, as.Issuer) {
+		t.Fatalf("consent start: %d to %q, want a redirect to the authorization server", resp.StatusCode, authURL)
+	}
+	code, state := as.Approve(t, nil, authURL)
+	callback := site + "/consent/callback?" + url.Values{"code": {code}, "state": {state}, "iss": {as.Issuer}}.Encode()
+	resp = hop(t, browser, mustReq(t, http.MethodGet, callback, nil), true)
+	if resp.StatusCode != http.StatusSeeOther {
+		t.Fatalf("callback: %d", resp.StatusCode)
+	}
+
+	call := func(path string) dpoprs.Seen {
+		t.Helper()
+		req := mustReq(t, http.MethodGet, base+path, nil)
+		req.Header.Set("X-Merchant-Id", "acme")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s: %d %s; refusals %+v", path, resp.StatusCode, body, rs.Refusals())
+		}
+		a := rs.Accepted()
+		return a[len(a)-1]
+	}
+	if got := call("/api/accounts"); got.JKT != key.Thumbprint() || got.URL != base+"/api/accounts" {
+		t.Fatalf("after consent: accepted %+v, want the key %s", got, key.Thumbprint())
+	}
+	first, _ := rs.LastCredentials()
+
+	purge := mustReq(t, http.MethodPost, adminURL()+"/token_broker/merchants/acme/purge", nil)
+	if resp, err := http.DefaultClient.Do(purge); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("purge: %v %v", resp, err)
+	}
+	if got := call("/api/accounts/2"); got.JKT != key.Thumbprint() {
+		t.Fatalf("after the refresh: accepted %+v, want the key %s", got, key.Thumbprint())
+	}
+	if second, _ := rs.LastCredentials(); second == first {
+		t.Error("the purged token was used again: no refresh")
+	}
 }
