@@ -1,15 +1,7 @@
 package integration
 
 import (
-	"crypto"
-	"crypto/ecdsa"
-	"crypto/ed25519"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/rsa"
-	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"net/http"
@@ -22,6 +14,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/integration/dpopas"
 	"github.com/tokenbroker/caddy-token-broker/integration/dpoprs"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // dpopAlgs are the proof algorithms, each a provider of the DPoP tests.
@@ -31,26 +24,10 @@ var dpopAlgs = []string{dpop.ES256, dpop.PS256, dpop.EdDSA}
 // returns its path and the key as the broker reads it.
 func dpopKeyFile(t testing.TB, dir, alg string) (string, *dpop.Key) {
 	t.Helper()
-	var (
-		signer crypto.Signer
-		err    error
-	)
-	switch alg {
-	case dpop.ES256:
-		signer, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	case dpop.PS256:
-		signer, err = rsa.GenerateKey(rand.Reader, 2048)
-	case dpop.EdDSA:
-		_, signer, err = ed25519.GenerateKey(rand.Reader)
-	}
+	pemBytes, err := dpoptest.KeyPEM(alg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(signer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pemBytes := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
 	path := filepath.Join(dir, strings.ToLower(alg)+".pem")
 	if err := os.WriteFile(path, pemBytes, 0o600); err != nil {
 		t.Fatal(err)

@@ -13,7 +13,9 @@
 // API) next to RSS. Then the split reload case (split.go): a registry
 // folder of -split-files files of -split-merchants merchants, one file
 // edited, `caddy reload` timed and the token requests it caused counted.
-// -profile DIR saves a CPU and a heap profile of the sidecar at the
+// -dpop runs the DPoP comparison instead (dpop.go): CPU per request of a
+// route whose tokens are DPoP-bound, per algorithm, against a bearer route
+// and the plain Caddy. -profile DIR saves a CPU and a heap profile of the sidecar at the
 // largest merchant count. Then the wildcard case (wildcard.go): a sidecar with one
 // [merchants."*"] entry and max_active, wrk with merchant ids from a
 // window sliding over -wildcard distinct ids for -wildcard-time; it
@@ -65,6 +67,8 @@ type options struct {
 	// fleet > 0 runs the fleet mode instead (fleet.go).
 	fleet          int
 	fleetLifetimes int
+	// dpop runs the DPoP comparison instead (dpop.go).
+	dpop bool
 }
 
 func main() {
@@ -92,9 +96,12 @@ func main() {
 		stopAll()
 		os.Exit(2)
 	}()
-	if o.fleet > 0 {
+	switch {
+	case o.dpop:
+		err = runDPoP(o)
+	case o.fleet > 0:
 		err = runFleet(o)
-	} else {
+	default:
 		err = runBench(o)
 	}
 	stopAll()
@@ -128,6 +135,7 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary folder (registries, Caddyfiles, process logs)")
 	fs.IntVar(&o.fleet, "fleet", 0, "fleet mode: N sidecars sharing one redis-server; mints per key per lifetime and L2 latency (0: off)")
 	fs.IntVar(&o.fleetLifetimes, "fleet-lifetimes", 3, "fleet mode: token lifetimes (10 s each) of steady traffic")
+	fs.BoolVar(&o.dpop, "dpop", false, "DPoP mode: CPU per request of a DPoP route per algorithm (ES256, PS256, EdDSA) vs a bearer route vs Caddy with a static header")
 	timeout := fs.Duration("timeout", 45*time.Minute, "stop everything and fail after this long")
 	if err := fs.Parse(args); err != nil {
 		return o, 0, err

@@ -26,9 +26,12 @@ const tokenCountPath = "/_bench/token-requests"
 //	bench upstream -addr-file F          a minimal upstream: 200 "ok\n", no log
 //	bench tokenapi -addr-file F -orgs N  the sandbox's Nuapay Gatekeeper with
 //	  [-merchant-orgs M]                 N organisations (orgFormat) and M
-//	                                     named like merchant ids (the
+//	  [-bank-client ID]                  named like merchant ids (the
 //	                                     wildcard case), API key from
-//	                                     $BENCH_NUAPAY_API_KEY, no log
+//	                                     $BENCH_NUAPAY_API_KEY, and its bank
+//	                                     with the client ID (secret
+//	                                     $BENCH_BANK_SECRET; DPoP or bearer
+//	                                     tokens), no log
 //
 // Both listen on 127.0.0.1:0, write the address to the file, and stop on
 // SIGTERM. bin/sandbox is not used for the token API: its -orgs flag cannot
@@ -39,6 +42,7 @@ func serveHelper(kind string, args []string) error {
 	addrFile := fs.String("addr-file", "", "write the listen address to this file once listening")
 	orgs := fs.Int("orgs", 0, "tokenapi: organisations linked to the partner")
 	merchantOrgs := fs.Int("merchant-orgs", 0, "tokenapi: more organisations, named like the merchant ids (the wildcard case)")
+	bankClient := fs.String("bank-client", "", "tokenapi: a client of the sandbox bank, secret from $"+bankSecretEnv)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -61,6 +65,9 @@ func serveHelper(kind string, args []string) error {
 		}
 		for i := range *merchantOrgs {
 			cfg.Organisations = append(cfg.Organisations, sandbox.Organisation{ID: merchantID(i)})
+		}
+		if *bankClient != "" {
+			cfg.BankClients = []sandbox.BankClient{{ID: *bankClient, Secret: os.Getenv(bankSecretEnv)}}
 		}
 		sb := sandbox.New(cfg)
 		mux := http.NewServeMux()
