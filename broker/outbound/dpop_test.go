@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -123,4 +124,33 @@ func TestDPoPObserve(t *testing.T) {
 			t.Errorf("%s: nonce %q, want %q", tc.url, p.Nonce, tc.want)
 		}
 	}
+}
+
+// BenchmarkDPoPSign: the work a DPoP-bound request adds in the transport,
+// Sign, against the proof alone (Key.Proof with the same claims): the
+// difference is the htu, ath and nonce lookup.
+func BenchmarkDPoPSign(b *testing.B) {
+	k := testKey(b)
+	now := time.Now()
+	req := httptest.NewRequest("GET", "http://127.0.0.1:8080/accounts/123?from=2026-01-01", nil)
+	req.Header.Set("Authorization", "DPoP "+strings.Repeat("t", 900))
+	b.Run("Sign", func(b *testing.B) {
+		d := AcquireDPoP(k)
+		defer d.Release()
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := d.Sign(req, now); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("Proof", func(b *testing.B) {
+		ath := dpop.ATH(strings.Repeat("t", 900))
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := k.Proof("GET", "http://127.0.0.1:8080/accounts/123", ath, "", now); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

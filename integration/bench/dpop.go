@@ -184,7 +184,7 @@ func dpopReport(machine string, e *env, cases []*dpopCase, plain []round) string
 	b.WriteString("| route | req/s | p99 | CPU per request | vs static header | vs bearer route | errors |\n")
 	b.WriteString("| --- | --- | --- | --- | --- | --- | --- |\n")
 	p := summarize(plain)
-	fmt.Fprintf(&b, "| Caddy, static header | %.0f | %s | %s | 1.00× | – | %d |\n", p.RPS, ms(p.P99), us(p.CPU), p.Errors)
+	fmt.Fprintf(&b, "| Caddy, static header | %.0f | %s | %s | 1.00 | – | %d |\n", p.RPS, ms(p.P99), us(p.CPU), p.Errors)
 	bearer := summarize(cases[0].rounds)
 	for _, c := range cases {
 		s := summarize(c.rounds)
