@@ -11,6 +11,11 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/dpopas"
 	"github.com/tokenbroker/caddy-token-broker/integration/dpoprs"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
@@ -497,5 +502,47 @@ scopes = ["accounts"]
 	}
 	if second, _ := rs.LastCredentials(); second == first {
 		t.Error("the purged token was used again: no refresh")
+	}
+}
+
+// TestDPoPREADMEConfig: the README's FAPI 2.0 configuration loads (its
+// key files made here): the provider's tokens are bound to the Ed25519 key,
+// and the Caddyfile adapts with the DPoP transport on the proxied route.
+func TestDPoPREADMEConfig(t *testing.T) {
+	readme := filepath.Join(repoRoot(t), "README.md")
+	dir := t.TempDir()
+	dpopPEM, err := dpoptest.KeyPEM(dpop.EdDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signingPEM, err := dpoptest.KeyPEM(dpop.ES256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string][]byte{"bank-dpop.pem": dpopPEM, "bank-signing.key": signingPEM} {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	toml := strings.ReplaceAll(readmeBlock(t, readme, "fapi2-dpop-toml"), "/etc/token-broker/", dir+"/")
+	regFile := filepath.Join(dir, "merchants.toml")
+	if err := os.WriteFile(regFile, []byte(toml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	reg, err := config.LoadWith(regFile, config.Options{RefreshStore: oauth.NewMemoryStore()})
+	if err != nil {
+		t.Fatalf("the README's merchants.toml: %v", err)
+	}
+	bound, ok := reg.Providers["bank"].Source.(broker.DPoPBound)
+	if !ok || bound.DPoPKey() == nil || bound.DPoPKey().Alg() != dpop.EdDSA {
+		t.Fatalf("the README's bank provider is not bound to an EdDSA DPoP key")
+	}
+
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(readmeBlock(t, readme, "fapi2-dpop-caddyfile")), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatalf("the README's Caddyfile: %v", err)
+	}
+	if !strings.Contains(string(cfg), `"protocol":"token_broker_dpop"`) || !strings.Contains(string(cfg), `"dial_timeout":5000000000`) {
+		t.Errorf("the README's Caddyfile adapts without the DPoP transport and its options: %s", cfg)
 	}
 }
