@@ -332,6 +332,24 @@ func TestDPoPRefreshAndConsent(t *testing.T) {
 	}
 }
 
+// TestDPoPProofRefused: a refused proof's error says which algorithm and
+// key signed it and what to check.
+func TestDPoPProofRefused(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fail(w, http.StatusBadRequest, "invalid_dpop_proof")
+	}))
+	defer srv.Close()
+	key := newTestDPoPKey(t)
+	src, err := NewClientCredentials(Config{Name: "bank", TokenURL: srv.URL, ClientID: "c", ClientSecret: secretValue, DPoP: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = src.Token(context.Background(), broker.Request{})
+	if err == nil || !strings.Contains(err.Error(), "signed with EdDSA by the key "+key.Thumbprint()) || !strings.Contains(err.Error(), "dpop_signing_alg_values_supported") {
+		t.Errorf("err = %v, want it to name the algorithm, the key and what to check", err)
+	}
+}
+
 // TestDPoPNonceRaceIsTemporary: a use_dpop_nonce that outlives the one
 // retry is a temporary failure.
 func TestDPoPNonceRaceIsTemporary(t *testing.T) {
