@@ -176,7 +176,7 @@ func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
 			ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",
 				c.cfg.DPoP.Alg(), c.cfg.DPoP.Thumbprint(), c.cfg.DPoP.Alg(), c.cfg.Name)
 		}
-				if ae.Code == "invalid_client" && !ep.supports(c.cfg.AuthMethod) {
+		if ae.Code == "invalid_client" && !ep.supports(c.cfg.AuthMethod) {
 			ae.Description += fmt.Sprintf(" (the provider's discovery document lists token_endpoint_auth_methods_supported %q, without %s)", ep.AuthMethods, c.cfg.AuthMethod)
 		}
 		return ae
