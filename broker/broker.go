@@ -37,8 +37,8 @@ const (
 // 64 bytes: one cache line per hit.
 type Entry struct {
 	// header is "Bearer " or, for a DPoP-bound token, "DPoP " + the
-	// token (prefixLen): the token's value is a slice of it, so that its bytes are stored once; id shares its allocation
-	// (headerAndID).
+	// token (prefixLen): the token's value is a slice of it, so that its
+	// bytes are stored once; id shares its allocation (headerAndID).
 	header string
 	expiry time.Time
 	// issuedBefore, refreshBefore and cachedBefore are the token's

@@ -108,8 +108,8 @@ type Profile struct {
 // keyTagLen is the length of a profile's key tag: the first bytes of the
 // SHA-256 of its source ID, scopes, audience, lifetime, whether its
 // source is PerMerchant and, for a DPoP source, the key's thumbprint, each
-// length-prefixed. 128 bits: two profiles of
-// one process never share one by chance.
+// length-prefixed. 128 bits: two profiles of one process never share one
+// by chance.
 const keyTagLen = 16
 
 // NewProfile returns the profile of a source for a scope set (normalised:

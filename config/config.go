@@ -291,6 +291,12 @@ type Options struct {
 	StoreNamespace string
 	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
 	LookupEnv func(string) (string, bool)
+	// OnDPoPNonce, when set, is called with the provider's name for each
+	// DPoP nonce challenge of a token or PAR endpoint that the provider's
+	// source answers with a new request (oauth.Config.OnDPoPNonce). It
+	// must be cheap and safe for concurrent use, and outlives a reload as
+	// long as the registry is in use.
+	OnDPoPNonce func(provider string)
 }
 
 // LoadWith reads and validates the registry at path, resolving secret

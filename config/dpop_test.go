@@ -1,6 +1,7 @@
 package config
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -9,12 +10,17 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // writeDPoPKey writes a PKCS#8 private key of kind "ec", "ed25519" or
@@ -219,5 +225,36 @@ AAAA
 				t.Errorf("line %d, want %d: %v", found.Line, tc.line, found)
 			}
 		})
+	}
+}
+
+// TestDPoPNonceHook: Options.OnDPoPNonce hears, by provider name, each
+// nonce challenge a DPoP provider's token endpoint sends.
+func TestDPoPNonceHook(t *testing.T) {
+	gate := &dpoptest.Gate{Nonce: "n-1", Next: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"access_token":"at","token_type":"DPoP","expires_in":60}`)
+	})}
+	srv := httptest.NewServer(gate)
+	defer srv.Close()
+	dir := t.TempDir()
+	writeDPoPKey(t, dir, "dpop.pem", "ed25519")
+	toml := strings.Replace(strings.Replace(dpopBase, "@KEYREF@", "dpop.pem", 1), "https://api.oneid.example/v1/token", srv.URL+"/token", 1)
+	var told []string
+	reg, err := parseWith(filepath.Join(dir, "merchants.toml"), []byte(toml), Options{LookupEnv: testEnv(), OnDPoPNonce: func(p string) { told = append(told, p) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := reg.Binding("shop", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if tok, err := b.Source.Token(context.Background(), b.Request()); err != nil || tok.Type != "DPoP" {
+			t.Fatalf("token type %q, err %v", tok.Type, err)
+		}
+	}
+	if !slices.Equal(told, []string{"oneid"}) {
+		t.Errorf("told %q, want one challenge of oneid", told)
 	}
 }

@@ -143,6 +143,9 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	if raw.DPoP != nil {
 		p.DPoP = e.dpopKey(raw.DPoP, fp)
 		cfg.DPoP = p.DPoP
+		if told, name := e.p.opts.OnDPoPNonce, p.Name; told != nil {
+			cfg.OnDPoPNonce = func() { told(name) }
+		}
 	}
 
 	if raw.Consent != nil && p.Grant != GrantRefreshToken {

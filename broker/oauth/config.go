@@ -105,13 +105,18 @@ type Config struct {
 	// DPoP, when set, binds the tokens to this key (RFC 9449): every token
 	// request (each grant and client authentication, the code exchange)
 	// and pushed authorization request carries a proof, the server's
-	// use_dpop_nonce challenge is answered once, the answer must be
+	// use_dpop_nonce challenge is answered by sending the request once
+	// more, built anew, with the server's nonce, the answer must be
 	// token_type DPoP, and the authorization request names the key's
 	// thumbprint (dpop_jkt). For a public client the server binds the
 	// refresh token to the key as well: it is only usable with proofs of
 	// this key, which every refresh sends. Optional; nil means bearer
 	// tokens.
 	DPoP *dpop.Key
+	// OnDPoPNonce, when set, is called for each DPoP nonce challenge of
+	// the token or PAR endpoint that is answered with a new request (for
+	// a metric). It must be cheap and safe for concurrent use.
+	OnDPoPNonce func()
 	// Client makes the calls: its timeout, and for TLSClientAuth the
 	// client certificate (broker.NewHTTPClient). Default: a client from
 	// broker.NewHTTPClient with a 10s timeout and no client certificate.

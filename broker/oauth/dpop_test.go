@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -194,6 +195,8 @@ func TestDPoPClientCredentials(t *testing.T) {
 			key := newTestDPoPKey(t)
 			cfg := tc.cfg
 			cfg.Name, cfg.TokenURL, cfg.ClientID, cfg.DPoP = "bank", as.srv.URL+"/token", as.clientID, key
+			var told atomic.Int64
+			cfg.OnDPoPNonce = func() { told.Add(1) }
 			if cfg.Client == nil {
 				cfg.Client = pki.client(t, "")
 			}
@@ -210,8 +213,8 @@ func TestDPoPClientCredentials(t *testing.T) {
 					t.Errorf("token type %q, want DPoP", tok.Type)
 				}
 			}
-			if n := as.gate.Challenges.Load(); n != 1 {
-				t.Errorf("%d nonce challenges, want 1 (the second request knows the nonce)", n)
+			if n := as.gate.Challenges.Load(); n != 1 || told.Load() != 1 {
+				t.Errorf("%d nonce challenges, %d told to OnDPoPNonce; want 1 (the second request knows the nonce)", n, told.Load())
 			}
 			if as.gate.Refused.Load() != 0 || len(as.jkts) != 2 || as.jkts[0] != key.Thumbprint() || as.jkts[1] != key.Thumbprint() {
 				t.Errorf("refused %d; proofs of keys %q, want two of %s", as.gate.Refused.Load(), as.jkts, key.Thumbprint())
@@ -326,6 +329,24 @@ func TestDPoPRefreshAndConsent(t *testing.T) {
 				t.Errorf("%d token requests passed, want 3 (exchange, two refreshes)", len(as.jkts))
 			}
 		})
+	}
+}
+
+// TestDPoPProofRefused: a refused proof's error says which algorithm and
+// key signed it and what to check.
+func TestDPoPProofRefused(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fail(w, http.StatusBadRequest, "invalid_dpop_proof")
+	}))
+	defer srv.Close()
+	key := newTestDPoPKey(t)
+	src, err := NewClientCredentials(Config{Name: "bank", TokenURL: srv.URL, ClientID: "c", ClientSecret: secretValue, DPoP: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = src.Token(context.Background(), broker.Request{})
+	if err == nil || !strings.Contains(err.Error(), "signed with EdDSA by the key "+key.Thumbprint()) || !strings.Contains(err.Error(), "dpop_signing_alg_values_supported") {
+		t.Errorf("err = %v, want it to name the algorithm, the key and what to check", err)
 	}
 }
 

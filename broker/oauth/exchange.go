@@ -31,7 +31,7 @@ type core struct {
 	ep  *endpoints
 	// tokenClient sends the token and PAR requests: cfg.Client, with a
 	// DPoP key behind dpop.Transport (a proof on each request, the
-	// server's nonce answered once).
+	// server's nonce remembered).
 	tokenClient *http.Client
 }
 
@@ -43,7 +43,7 @@ func newCore(cfg Config) (*core, error) {
 	c.ep = newEndpoints(&c.cfg)
 	if cfg.DPoP != nil {
 		tc := *cfg.Client
-		tc.Transport = dpop.Transport(tc.Transport, cfg.DPoP, nil)
+		tc.Transport = dpop.Transport(tc.Transport, cfg.DPoP)
 		c.tokenClient = &tc
 	}
 	return c, nil
@@ -82,10 +82,37 @@ func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyl
 	return "", oauth2.AuthStyleInParams, params, nil
 }
 
-// exchange sends one token request: grant has the grant's own
-// parameters (none for client_credentials). It returns the parsed token and
-// the raw x/oauth2 token (for the refresh token).
+// exchange sends a token request: grant has the grant's own parameters
+// (none for client_credentials). It returns the parsed token and the raw
+// x/oauth2 token (for the refresh token). A DPoP nonce challenge is
+// answered by building and sending the request once more (nonceRetry).
 func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
+	t, raw, err := c.exchangeOnce(ctx, req, grant, secrets...)
+	if c.nonceRetry(err) {
+		t, raw, err = c.exchangeOnce(ctx, req, grant, secrets...)
+	}
+	return t, raw, err
+}
+
+// nonceRetry reports whether a token or PAR request that failed with err
+// is to be sent once more: the server asked for its DPoP nonce
+// (use_dpop_nonce, RFC 9449 §8), which the transport remembered from the
+// answer's DPoP-Nonce header. The request is built again, not replayed: a
+// private_key_jwt assertion is used once (RFC 7523 §3), and the new proof
+// carries the nonce. Config.OnDPoPNonce is told.
+func (c *core) nonceRetry(err error) bool {
+	var ae *broker.APIError
+	if c.cfg.DPoP == nil || !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" {
+		return false
+	}
+	if c.cfg.OnDPoPNonce != nil {
+		c.cfg.OnDPoPNonce()
+	}
+	return true
+}
+
+// exchangeOnce builds and sends one token request (exchange).
+func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
 	ep, err := c.ep.get(ctx)
 	if err != nil {
 		return broker.Token{}, nil, err
@@ -144,6 +171,10 @@ func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
 		}
 		if ae.Description == "" && ae.Code == "" {
 			ae.Description = http.StatusText(ae.StatusCode)
+		}
+		if ae.Code == "invalid_dpop_proof" && c.cfg.DPoP != nil {
+			ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",
+				c.cfg.DPoP.Alg(), c.cfg.DPoP.Thumbprint(), c.cfg.DPoP.Alg(), c.cfg.Name)
 		}
 		if ae.Code == "invalid_client" && !ep.supports(c.cfg.AuthMethod) {
 			ae.Description += fmt.Sprintf(" (the provider's discovery document lists token_endpoint_auth_methods_supported %q, without %s)", ep.AuthMethods, c.cfg.AuthMethod)

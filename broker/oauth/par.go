@@ -17,8 +17,19 @@ import (
 )
 
 // push sends a pushed authorization request (RFC 9126) with params,
-// authenticated as the token requests are, and returns the request_uri.
+// authenticated as the token requests are, and returns the request_uri. A
+// DPoP nonce challenge is answered as the token requests' are
+// (nonceRetry).
 func (a *AuthCode) push(ctx context.Context, endpoint string, params url.Values) (string, error) {
+	uri, err := a.pushOnce(ctx, endpoint, params)
+	if a.src.nonceRetry(err) {
+		uri, err = a.pushOnce(ctx, endpoint, params)
+	}
+	return uri, err
+}
+
+// pushOnce builds and sends one pushed authorization request (push).
+func (a *AuthCode) pushOnce(ctx context.Context, endpoint string, params url.Values) (string, error) {
 	c := a.src.core
 	secret, style, auth, err := c.clientAuth(endpoint)
 	if err != nil {

@@ -2,6 +2,8 @@ package oauth
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -286,6 +288,10 @@ func TestAssertions(t *testing.T) {
 // TestKeysAndSigners: keys and algorithms that do not fit are refused.
 func TestKeysAndSigners(t *testing.T) {
 	rsaK, ecK := testRSAKey(t), testECKey(t)
+	_, edK, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name string
 		pem  []byte
@@ -299,6 +305,7 @@ func TestKeysAndSigners(t *testing.T) {
 		{"ES256 with RSA", keyPEM(t, rsaK, "pkcs1"), ES256, "does not fit an RSA key"},
 		{"PS256 with EC", keyPEM(t, ecK, "sec1"), PS256, "does not fit an EC key"},
 		{"none", keyPEM(t, ecK, "sec1"), "none", "does not fit"},
+		{"Ed25519", keyPEM(t, edK, "pkcs8"), "", "unsupported private key type ed25519.PrivateKey: use an RSA or EC P-256 key"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			key, err := ParsePrivateKey(tc.pem)

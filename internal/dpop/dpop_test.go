@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/pem"
 	"fmt"
 	"io"
@@ -47,6 +48,9 @@ func testKeys(t testing.TB) map[string]crypto.Signer {
 	}
 	return map[string]crypto.Signer{dpop.ES256: ec, dpop.PS256: rsaKey, dpop.EdDSA: ed}
 }
+
+// b64 is the base64url encoding of s.
+func b64(s string) string { return base64.RawURLEncoding.EncodeToString([]byte(s)) }
 
 // pemOf encodes key as PKCS#8, or as SEC1 / PKCS#1 with format "legacy".
 func pemOf(t testing.TB, key crypto.Signer, format string) []byte {
@@ -167,8 +171,8 @@ func TestParseKeyRefused(t *testing.T) {
 	}
 }
 
-// TestThumbprint: the RFC 7638 §3.1 example key has the thumbprint the
-// RFC gives.
+// TestThumbprint: RFC 8037's Ed25519 example key has the thumbprint the
+// RFC gives, and the proof header carries its public JWK.
 func TestThumbprint(t *testing.T) {
 	// RFC 8037 Appendix A.1 and A.3: the Ed25519 key and its thumbprint.
 	seed := []byte{0x9d, 0x61, 0xb1, 0x9d, 0xef, 0xfd, 0x5a, 0x60, 0xba, 0x84, 0x4a, 0xf4, 0x92, 0xec, 0x2c, 0xc4,
@@ -180,8 +184,13 @@ func TestThumbprint(t *testing.T) {
 	if got, want := k.Thumbprint(), "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"; got != want {
 		t.Errorf("Thumbprint = %s, want %s", got, want)
 	}
-	if got, want := string(k.PublicJWK()), `{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}`; got != want {
-		t.Errorf("PublicJWK = %s, want %s", got, want)
+	proof, err := k.Proof("GET", "https://rs.example/", "", "", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	header, _, _ := strings.Cut(proof, ".")
+	if got, want := header, b64(`{"typ":"dpop+jwt","alg":"EdDSA","jwk":{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}}`); got != want {
+		t.Errorf("proof header %s, want %s", got, want)
 	}
 }
 
@@ -269,130 +278,88 @@ func TestNonceMemoryConcurrent(t *testing.T) {
 }
 
 // TestTransport: the transport signs each request with its own method and
-// URL, answers a nonce challenge (400 of a token endpoint, 401 of a
-// resource server) with one retry that replays the body, remembers the
-// nonce for the next request, and hands back a challenge it cannot answer.
+// URL, remembers the nonce of every answer for the server's origin, and
+// the next proof to that origin carries it; the body goes through intact.
 func TestTransport(t *testing.T) {
-	for _, tc := range []struct {
-		name           string
-		resourceServer bool
-		noReplay       bool
-		wantStatus     int
-		wantChallenges int64
-	}{
-		{"token endpoint", false, false, http.StatusOK, 1},
-		{"resource server", true, false, http.StatusOK, 1},
-		{"body not replayable", false, true, http.StatusBadRequest, 0},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
+	for _, resourceServer := range []bool{false, true} {
+		t.Run(fmt.Sprintf("resourceServer=%t", resourceServer), func(t *testing.T) {
 			k, err := dpop.NewKey(testKeys(t)[dpop.ES256], "")
 			if err != nil {
 				t.Fatal(err)
 			}
 			var bodies []string
-			gate := &dpoptest.Gate{Nonce: "srv-nonce-1", ResourceServer: tc.resourceServer}
+			gate := &dpoptest.Gate{Nonce: "srv-nonce-1", ResourceServer: resourceServer}
 			gate.Next = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				p, _ := dpoptest.ProofFrom(r.Context())
-				if p.JKT != k.Thumbprint() {
-					t.Errorf("jkt %s, want %s", p.JKT, k.Thumbprint())
+				if p.JKT != k.Thumbprint() || p.HTU != "http://"+r.Host+"/token" || p.HTM != http.MethodPost {
+					t.Errorf("proof %+v", p)
 				}
 				b, _ := io.ReadAll(r.Body)
 				bodies = append(bodies, string(b))
 				io.WriteString(w, "ok")
 			})
-			// The challenged attempt's body is read too: the gate reads
-			// nothing, so read it before the gate.
-			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				if _, ok := r.Header["Dpop"]; !ok {
-					t.Error("no DPoP header")
-				}
-				gate.ServeHTTP(w, r)
-			}))
+			srv := httptest.NewServer(gate)
 			defer srv.Close()
-			var challenges int64
-			client := &http.Client{Transport: dpop.Transport(srv.Client().Transport, k, func() { challenges++ })}
-
-			send := func() *http.Response {
-				var body io.Reader = strings.NewReader("grant_type=client_credentials")
-				if tc.noReplay {
-					body = io.MultiReader(body) // no GetBody
-				}
-				req, err := http.NewRequest(http.MethodPost, srv.URL+"/token?x=1", body)
+			client := &http.Client{Transport: dpop.Transport(srv.Client().Transport, k)}
+			send := func() int {
+				req, err := http.NewRequest(http.MethodPost, srv.URL+"/token?x=1#f", strings.NewReader("grant_type=client_credentials"))
 				if err != nil {
 					t.Fatal(err)
 				}
+				req.Header.Set("DPoP", "a stale proof the transport replaces")
 				resp, err := client.Do(req)
 				if err != nil {
 					t.Fatal(err)
 				}
 				io.Copy(io.Discard, resp.Body)
 				resp.Body.Close()
-				return resp
+				if req.Header.Get("DPoP") != "a stale proof the transport replaces" {
+					t.Error("the transport changed the caller's request")
+				}
+				return resp.StatusCode
 			}
-			if resp := send(); resp.StatusCode != tc.wantStatus {
-				t.Fatalf("status %d, want %d", resp.StatusCode, tc.wantStatus)
+			want := http.StatusBadRequest
+			if resourceServer {
+				want = http.StatusUnauthorized
 			}
-			if challenges != tc.wantChallenges || gate.Challenges.Load() != 1 {
-				t.Errorf("challenges: transport %d (want %d), server %d (want 1)", challenges, tc.wantChallenges, gate.Challenges.Load())
+			if got := send(); got != want {
+				t.Fatalf("first request: status %d, want the nonce challenge %d", got, want)
 			}
 			if u, _ := url.Parse(srv.URL); k.Nonce(dpop.Origin(u)) != "srv-nonce-1" {
 				t.Errorf("nonce not remembered for %s", dpop.Origin(u))
 			}
-			// The next request carries the nonce at once.
-			if resp := send(); resp.StatusCode != http.StatusOK {
-				t.Fatalf("second request: status %d", resp.StatusCode)
-			}
-			if gate.Challenges.Load() != 1 || gate.Refused.Load() != 0 {
-				t.Errorf("server: %d challenges, %d refusals", gate.Challenges.Load(), gate.Refused.Load())
-			}
-			for _, b := range bodies {
-				if b != "grant_type=client_credentials" {
-					t.Errorf("body %q", b)
+			for i := range 2 {
+				if got := send(); got != http.StatusOK {
+					t.Fatalf("request %d with the nonce: status %d", i, got)
 				}
+			}
+			if gate.Challenges.Load() != 1 || gate.Refused.Load() != 0 || len(bodies) != 2 || bodies[0] != "grant_type=client_credentials" {
+				t.Errorf("server: %d challenges, %d refusals, bodies %q", gate.Challenges.Load(), gate.Refused.Load(), bodies)
 			}
 		})
 	}
 }
 
-// TestTransportOtherErrors: a 400 or 401 that is not a nonce challenge
-// comes back as is, body intact, without a retry.
-func TestTransportOtherErrors(t *testing.T) {
-	k, err := dpop.NewKey(testKeys(t)[dpop.EdDSA], "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, tc := range []struct {
-		status int
-		hdr    string
-		body   string
-	}{
-		{http.StatusBadRequest, "", `{"error":"invalid_grant"}`},
-		{http.StatusUnauthorized, `DPoP error="invalid_token"`, `{"error":"invalid_token"}`},
-		{http.StatusBadRequest, "", strings.Repeat("x", 100<<10)},
-	} {
-		calls := 0
-		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			calls++
-			w.Header().Set("DPoP-Nonce", "n")
-			if tc.hdr != "" {
-				w.Header().Set("WWW-Authenticate", tc.hdr)
-			}
-			w.WriteHeader(tc.status)
-			io.WriteString(w, tc.body)
-		}))
-		client := &http.Client{Transport: dpop.Transport(nil, k, nil)}
-		resp, err := client.Post(srv.URL, "text/plain", strings.NewReader("b"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		srv.Close()
-		if calls != 1 || resp.StatusCode != tc.status || string(b) != tc.body {
-			t.Errorf("%d %q: %d calls, status %d, body of %d bytes", tc.status, tc.hdr, calls, resp.StatusCode, len(b))
-		}
+// TestTransportKeyFailure: a proof that cannot be made fails the request
+// before it is sent, and its body is closed.
+func TestTransportKeyFailure(t *testing.T) {
+	calls := 0
+	srv := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { calls++ }))
+	defer srv.Close()
+	client := &http.Client{Transport: dpop.Transport(nil, nil)}
+	body := &closeRecorder{Reader: strings.NewReader("b")}
+	req, _ := http.NewRequest(http.MethodPost, srv.URL, body)
+	if _, err := client.Do(req); err == nil || calls != 0 || !body.closed {
+		t.Errorf("err %v, %d calls, body closed %t: want an error, no call, the body closed", err, calls, body.closed)
 	}
 }
+
+type closeRecorder struct {
+	io.Reader
+	closed bool
+}
+
+func (c *closeRecorder) Close() error { c.closed = true; return nil }
 
 // BenchmarkProof is the cost of one proof per algorithm: one signature and
 // the proof's bytes.

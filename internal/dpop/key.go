@@ -3,9 +3,9 @@
 // is bound to. The proof's header (typ dpop+jwt, alg, the public jwk) is
 // built once per key; a proof costs one signature and its own bytes.
 //
-// Transport adds proofs to token-endpoint and PAR requests and answers a
-// server's use_dpop_nonce challenge with one retry. A Key remembers the
-// last DPoP-Nonce of each server origin (Nonce, SetNonce).
+// Transport adds proofs to token-endpoint and PAR requests. A Key
+// remembers the last DPoP-Nonce of each server origin (Nonce, SetNonce),
+// which the next proof for that origin carries.
 //
 // Proofs are credentials for a few seconds: never log one.
 package dpop
@@ -20,7 +20,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 
 	jose "github.com/go-jose/go-jose/v4"
@@ -51,7 +50,6 @@ type Key struct {
 	signer crypto.Signer
 	alg    string
 	jkt    string
-	jwk    []byte // the public JWK as JSON
 	// header is the base64url encoding of the proof's JOSE header,
 	// followed by ".": the first bytes of every proof.
 	header string
@@ -121,7 +119,6 @@ func NewKey(key crypto.Signer, alg string) (*Key, error) {
 		signer: key,
 		alg:    alg,
 		jkt:    base64.RawURLEncoding.EncodeToString(tp),
-		jwk:    jwk,
 		header: base64.RawURLEncoding.EncodeToString(h) + ".",
 	}, nil
 }
@@ -133,13 +130,6 @@ func (k *Key) Alg() string { return k.alg }
 // base64url-encoded: the jkt that a DPoP-bound token's cnf claim names and
 // the dpop_jkt of an authorization request. Public.
 func (k *Key) Thumbprint() string { return k.jkt }
-
-// PublicJWK returns the public key as a JWK (JSON), as the proofs carry it.
-func (k *Key) PublicJWK() []byte { return slices.Clone(k.jwk) }
-
-// String names the key by algorithm and thumbprint (never the private
-// key), for logs and admin output.
-func (k *Key) String() string { return k.alg + " " + k.jkt }
 
 // errNoKey is the error of a nil Key.
 var errNoKey = errors.New("no DPoP key")

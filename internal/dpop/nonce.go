@@ -17,8 +17,11 @@ type nonces struct {
 }
 
 // Nonce returns the last DPoP-Nonce remembered for the server origin
-// (Origin), "" when none.
+// (Origin), "" when none (or k is nil).
 func (k *Key) Nonce(origin string) string {
+	if k == nil {
+		return ""
+	}
 	if m := k.nonces.cur.Load(); m != nil {
 		return (*m)[origin]
 	}
