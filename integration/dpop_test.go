@@ -327,6 +327,14 @@ func TestDPoPThroughCaddy(t *testing.T) {
 			want[fmt.Sprintf(`caddy_token_broker_dpop_nonce_challenges_total{provider="bank-%s",server="resource"}`, strings.ToLower(alg))] = n
 		}
 		checkDelta(t, "after the requests", before, after, want)
+		// The authorization server demands a nonce: each key's first token
+		// request was challenged (it may rotate its nonce meanwhile).
+		for _, alg := range dpopAlgs {
+			series := fmt.Sprintf(`caddy_token_broker_dpop_nonce_challenges_total{provider="bank-%s",server="token"}`, strings.ToLower(alg))
+			if after[series]-before[series] < 1 {
+				t.Errorf("%s went up by %v, want at least 1", series, after[series]-before[series])
+			}
+		}
 	})
 
 	t.Run("admin state", func(t *testing.T) {

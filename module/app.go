@@ -211,7 +211,8 @@ func (a *App) validate() error {
 // as {env.TOKEN_BROKER_CONFIG}. Refresh tokens are kept in Caddy's storage.
 func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
 	path = registryExpand(path)
-	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore(ctx.Storage()), ConsentStore: storagePending(ctx.Storage())})
+	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore(ctx.Storage()), ConsentStore: storagePending(ctx.Storage()),
+		OnDPoPNonce: tokenNonceChallenged})
 	if err != nil {
 		return nil, command.RegistryError(err)
 	}

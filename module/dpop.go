@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 )
 
 func init() {
@@ -98,6 +99,16 @@ func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 func dpopOf(ctx context.Context) *outbound.DPoP {
 	d, _ := caddyhttp.GetVar(ctx, dpopVar).(*outbound.DPoP)
 	return d
+}
+
+// tokenNonceChallenged counts a DPoP nonce challenge of provider's token
+// or PAR endpoint (config.Options.OnDPoPNonce) on the metrics of the app
+// running now: a registry outlives the config that loaded it
+// (regcache.go).
+func tokenNonceChallenged(provider string) {
+	if a := current.Load(); a != nil {
+		a.metrics.NonceChallenged(provider, telemetry.ServerToken)
+	}
 }
 
 // Interface guards: what reverse_proxy asks of its transport, and the

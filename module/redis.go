@@ -147,7 +147,8 @@ func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
 // reloads (regcache.go) and key is its pool key.
 func loadRegistryStore(ctx caddy.Context, path string, store oauth.Store, storeKey string) (reg *config.Registry, key string, err error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
-	return loadPooled(ctx.Logger(), path, config.Options{RefreshStore: store, ConsentStore: storagePending(ctx.Storage())}, storeKey+" consents in "+storageID(ctx.Storage()))
+	return loadPooled(ctx.Logger(), path, config.Options{RefreshStore: store, ConsentStore: storagePending(ctx.Storage()),
+		OnDPoPNonce: tokenNonceChallenged}, storeKey+" consents in "+storageID(ctx.Storage()))
 }
 
 // parseRedis reads the redis block of the token_broker global option.

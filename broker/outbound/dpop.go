@@ -48,7 +48,7 @@ func (d *DPoP) Signed() bool { return d.signed.Load() }
 
 // String describes the binding without the token: the key's algorithm and
 // thumbprint.
-func (d *DPoP) String() string { return "DPoP " + d.Key.String() }
+func (d *DPoP) String() string { return "DPoP " + d.Key.Alg() + " " + d.Key.Thumbprint() }
 
 // Sign sets the DPoP header of req, a request about to be sent upstream,
 // to a fresh proof for it: htm its method, htu its URL as the upstream
