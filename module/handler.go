@@ -41,7 +41,11 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 
 // Handler obtains a scoped OAuth token for the merchant a request is for and
 // sets it as "Authorization: Bearer <token>" before the request goes on to
-// the next handler (normally reverse_proxy). Tokens come from the broker's
+// the next handler (normally reverse_proxy); a token bound to the
+// provider's DPoP key goes as "Authorization: DPoP <token>", and the
+// route's reverse_proxy must use the token_broker_dpop transport
+// (DPoPTransport), which adds a proof to each request it sends (else 502
+// dpop_transport_missing). Tokens come from the broker's
 // cache, shared by every token_broker handler with the same broker settings
 // and kept across config reloads, or from the merchant's provider.
 //

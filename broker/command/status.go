@@ -130,7 +130,9 @@ func merchantsIn(request AdminRequest, addr, provider string, states []string, c
 	return listed, max(more-len(listed), 0), nil
 }
 
-// printProviders prints the providers' table and the fleet tier's line.
+// printProviders prints the providers' table, a line per provider whose
+// tokens are DPoP-bound (its key's algorithm and thumbprint) and the fleet
+// tier's line.
 func printProviders(w io.Writer, rep opstate.Report, now time.Time) {
 	fmt.Fprintln(w, "PROVIDERS")
 	if len(rep.Providers) == 0 {
@@ -144,6 +146,11 @@ func printProviders(w io.Writer, rep opstate.Report, now time.Time) {
 				when(p.BackoffUntil, now), p.Requests, p.Failures, p.Merchants, lastError(p.LastError, p.LastErrorAt, now))
 		}
 		tw.Flush()
+		for _, p := range rep.Providers {
+			if p.DPoP != nil {
+				fmt.Fprintf(w, "%s: DPoP-bound tokens, %s key %s\n", p.Name, p.DPoP.Alg, p.DPoP.JKT)
+			}
+		}
 	}
 	if f := rep.Fleet; f != nil {
 		up := "up"

@@ -283,3 +283,22 @@ func TestCheck(t *testing.T) {
 		})
 	}
 }
+
+// TestPrintProvidersDPoP: a provider whose tokens are DPoP-bound gets a
+// line with its key's algorithm and thumbprint; a bearer provider none.
+func TestPrintProvidersDPoP(t *testing.T) {
+	rep := opstate.Report{Providers: []opstate.Provider{
+		{Name: "bank", Type: "oauth2", Status: "ok", Breaker: "closed", Window: "5m0s",
+			DPoP: &opstate.DPoPKey{Alg: "EdDSA", JKT: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}},
+		{Name: "np", Type: "nuapay", Status: "ok", Breaker: "closed", Window: "5m0s"},
+	}}
+	var b bytes.Buffer
+	printProviders(&b, rep, time.Now())
+	out := b.String()
+	if !strings.Contains(out, "\nbank: DPoP-bound tokens, EdDSA key 0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I\n") {
+		t.Errorf("no DPoP line for bank:\n%s", out)
+	}
+	if strings.Contains(out, "np: DPoP") {
+		t.Errorf("a DPoP line for the bearer provider:\n%s", out)
+	}
+}
