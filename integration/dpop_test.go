@@ -53,6 +53,7 @@ func dpopKeyFile(t testing.TB, dir, alg string) (string, *dpop.Key) {
 type dpopEnv struct {
 	as      *dpopas.Server
 	rs      *dpoprs.Server
+	rsTLS   *dpoprs.Server // the same over HTTPS
 	base    string
 	keys    map[string]*dpop.Key // by merchant
 	logFile string
@@ -60,7 +61,8 @@ type dpopEnv struct {
 
 // dpopCaddyfile serves three routes to the resource server: /api/* with
 // the DPoP transport, /short/* with its prefix stripped and a /v2 prefix
-// added before the DPoP transport, and /bare/* without the transport. Every
+// added before the DPoP transport, /bare/* without the transport, and
+// /tls/* with the DPoP transport to the HTTPS resource server. Every
 // log goes to DPOP_LOG at debug level, reverse_proxy's included.
 const dpopCaddyfile = `{
 	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
@@ -98,6 +100,14 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 		token_broker
 		reverse_proxy {$DPOP_RS}
 	}
+	handle /tls/* {
+		token_broker
+		reverse_proxy {$DPOP_RS_TLS} {
+			transport token_broker_dpop {
+				tls_insecure_skip_verify
+			}
+		}
+	}
 }
 `
 
@@ -107,7 +117,8 @@ func startDPoPEnv(t *testing.T) *dpopEnv {
 	as := dpopas.Start(t, dpopas.Options{Clients: []dpopas.Client{{ID: clientID, Secret: secret}}, RequireNonce: true})
 	rs := dpoprs.Start(t, dpoprs.Options{Keys: dpoprs.JWKSURL(as.JWKSURL), Issuer: as.Issuer, Nonce: true})
 	dir := t.TempDir()
-	env := &dpopEnv{as: as, rs: rs, keys: map[string]*dpop.Key{}, logFile: filepath.Join(dir, "caddy.log")}
+	rsTLS := dpoprs.Start(t, dpoprs.Options{Keys: dpoprs.JWKSURL(as.JWKSURL), Issuer: as.Issuer, Nonce: true, TLS: true})
+	env := &dpopEnv{as: as, rs: rs, rsTLS: rsTLS, keys: map[string]*dpop.Key{}, logFile: filepath.Join(dir, "caddy.log")}
 	var reg strings.Builder
 	for _, alg := range dpopAlgs {
 		name := strings.ToLower(alg)
@@ -136,6 +147,7 @@ scopes = ["accounts"]
 	t.Setenv("DPOP_CLIENT_SECRET", secret)
 	t.Setenv("DPOP_REGISTRY", regFile)
 	t.Setenv("DPOP_RS", rs.URL)
+	t.Setenv("DPOP_RS_TLS", rsTLS.URL)
 	t.Setenv("DPOP_LOG", env.logFile)
 	env.base = startCaddy(t, dpopCaddyfile)
 	return env
@@ -213,7 +225,8 @@ func (e *dpopEnv) lastRefusal(t *testing.T) dpoprs.Refusal {
 // a fresh proof a strict resource server accepts, for each algorithm: the
 // resource server's nonce challenge is answered with one retry (the body
 // replayed), the proof names the URL the resource server receives after a
-// path rewrite, the caller's DPoP header never reaches it, a replayed
+// path rewrite and to an HTTPS upstream, the caller's DPoP header never
+// reaches it, a replayed
 // proof and a token without its proof are refused there, a route without
 // the DPoP transport answers 502 and stops forwarding, the metrics count
 // the challenges, the admin state shows the keys, and no log holds a
@@ -272,6 +285,19 @@ func TestDPoPThroughCaddy(t *testing.T) {
 		}
 	})
 
+	t.Run("https upstream: htu names the upstream", func(t *testing.T) {
+		if status, body := e.do(t, "GET", "/tls/accounts", merchant, ""); status != http.StatusOK {
+			t.Fatalf("GET: %d %s; refusals %+v", status, body, e.rsTLS.Refusals())
+		}
+		// reverse_proxy sends an HTTPS upstream its own host as Host.
+		if a := e.rsTLS.Accepted(); len(a) != 1 || a[0].URL != e.rsTLS.URL+"/tls/accounts" || a[0].JKT != e.keys[merchant].Thumbprint() {
+			t.Errorf("accepted %+v, want one request to %s/tls/accounts", a, e.rsTLS.URL)
+		}
+		if n := e.rsTLS.Challenges(); n != 1 {
+			t.Errorf("%d nonce challenges at the HTTPS server, want 1: its origin's nonce is its own", n)
+		}
+	})
+
 	t.Run("replayed proof refused", func(t *testing.T) {
 		if status, body := e.do(t, "GET", "/api/balances", merchant, ""); status != http.StatusOK {
 			t.Fatalf("GET: %d %s", status, body)
@@ -322,7 +348,7 @@ func TestDPoPThroughCaddy(t *testing.T) {
 		for _, alg := range dpopAlgs {
 			n := 1.0
 			if alg == dpop.EdDSA {
-				n = 2 // and the rotated nonce
+				n = 3 // and the rotated nonce, and the HTTPS server's first (a nonce per origin)
 			}
 			want[fmt.Sprintf(`caddy_token_broker_dpop_nonce_challenges_total{provider="bank-%s",server="resource"}`, strings.ToLower(alg))] = n
 		}

@@ -22,8 +22,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strconv"
 	"strings"
@@ -116,6 +116,9 @@ type Options struct {
 	Window time.Duration
 	// Now is the server's clock. Default time.Now.
 	Now func() time.Time
+	// TLS makes Start serve HTTPS (a self-signed certificate for
+	// 127.0.0.1): the proofs' htu then start with https.
+	TLS bool
 }
 
 // Seen is a request the server accepted.
@@ -173,19 +176,19 @@ func New(opts Options) *Server {
 	return s
 }
 
-// Start serves a new Server on 127.0.0.1 (a port the kernel picks) until
-// the test ends.
+// Start serves a new Server on 127.0.0.1 (a port the kernel picks), over
+// HTTPS with Options.TLS, until the test ends.
 func Start(t testing.TB, opts Options) *Server {
 	t.Helper()
 	s := New(opts)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	srv := httptest.NewUnstartedServer(s)
+	if opts.TLS {
+		srv.StartTLS()
+	} else {
+		srv.Start()
 	}
-	srv := &http.Server{Handler: s, ReadHeaderTimeout: 10 * time.Second}
-	go srv.Serve(l) //nolint:errcheck // ends with Close
-	t.Cleanup(func() { srv.Close() })
-	s.URL = "http://" + l.Addr().String()
+	t.Cleanup(srv.Close)
+	s.URL = srv.URL
 	return s
 }
 
