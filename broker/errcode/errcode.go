@@ -82,7 +82,7 @@ var rules = [count]rule{
 	MethodRefused: {name: "method_refused", status: http.StatusMethodNotAllowed,
 		message: "TRACE and TRACK (in any letter case) are not forwarded: the upstream would echo the injected credential back"},
 	ForbiddenTrailer: {name: "forbidden_trailer", status: http.StatusBadRequest,
-		message: "the request declares a trailer naming a header the token broker sets or reads (Authorization, Proxy-Authorization, the merchant or caller header): send these as headers, never as trailers"},
+		message: "the request declares a trailer naming a header the token broker sets or reads (Authorization, Proxy-Authorization, DPoP, the merchant or caller header): send these as headers, never as trailers"},
 	MissingMerchant: {name: "missing_merchant", status: http.StatusBadRequest,
 		message: "the request does not say which merchant it is for: set the merchant header (default X-Merchant-Id)"},
 	AmbiguousMerchant: {name: "ambiguous_merchant", status: http.StatusBadRequest,

@@ -118,6 +118,7 @@ func TestOutboundCheck(t *testing.T) {
 		{"harmless trailer", "POST", []string{"X-Checksum"}, 0, ""},
 		{"Authorization trailer", "POST", []string{"Authorization"}, 400, "forbidden_trailer"},
 		{"Proxy-Authorization trailer", "POST", []string{"Proxy-Authorization"}, 400, "forbidden_trailer"},
+		{"DPoP trailer", "POST", []string{"Dpop"}, 400, "forbidden_trailer"},
 		{"merchant trailer", "POST", []string{"X-Checksum", "X-Merchant-Id"}, 400, "forbidden_trailer"},
 		{"caller JWT trailer", "POST", []string{"X-Caller-Jwt"}, 400, "forbidden_trailer"},
 		{"TRACE", "TRACE", nil, 405, "method_refused"},
