@@ -76,14 +76,7 @@ func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return t.HTTPTransport.RoundTrip(req)
 	}
 	t.SetScheme(req)
-	// The proof goes on a copy of the request: reverse_proxy logs the
-	// request it gave (debug "upstream roundtrip"), and a proof is never
-	// logged. Caddy redacts Authorization, not DPoP.
-	sent := new(http.Request)
-	*sent = *req
-	sent.Header = make(http.Header, len(req.Header)+1)
-	maps.Copy(sent.Header, req.Header)
-	origin, err := d.Sign(sent, time.Now())
+	sent, origin, err := signedCopy(req, d, time.Now())
 	if err != nil {
 		return nil, err
 	}
@@ -92,6 +85,20 @@ func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		d.Observe(origin, resp.Header)
 	}
 	return resp, err
+}
+
+// signedCopy returns a shallow copy of req with a header map of its own
+// that carries the proof of d (outbound.DPoP.Sign), and the origin the
+// proof is for. The proof goes on a copy: reverse_proxy logs the request
+// it gave (debug "upstream roundtrip"), and a proof is never logged (Caddy
+// redacts Authorization, not DPoP).
+func signedCopy(req *http.Request, d *outbound.DPoP, now time.Time) (*http.Request, string, error) {
+	sent := new(http.Request)
+	*sent = *req
+	sent.Header = make(http.Header, len(req.Header)+1)
+	maps.Copy(sent.Header, req.Header)
+	origin, err := d.Sign(sent, now)
+	return sent, origin, err
 }
 
 // dpopOf returns the DPoP binding the token_broker handler gave the
