@@ -10,6 +10,12 @@
 // node_modules is missing or older than package-lock.json), runs it on a
 // port 127.0.0.1 chooses and stops it by its process id when the test ends.
 // Without Node.js the test fails: `make tools` installs it.
+//
+// package-lock.json pins oidc-provider 8.8.1, the newest release line that
+// supports Node.js 18 and 20 (Debian's and this project's machines); the 9
+// line asks for Node.js 22. To change it: `npm install --save-exact
+// oidc-provider@VERSION` in this folder; its .npmrc keeps download
+// addresses out of package-lock.json.
 package dpopas
 
 import (
