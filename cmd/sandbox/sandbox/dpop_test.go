@@ -201,14 +201,15 @@ func with2(h map[string]string, k, v string) map[string]string {
 	return h
 }
 
-// tamper changes the last character of a JWS's signature.
+// tamper changes a character inside a JWS's signature (not the last one,
+// whose low bits may be padding).
 func tamper(jws string) string {
-	last := jws[len(jws)-1]
+	i := len(jws) - 10
 	repl := byte('A')
-	if last == 'A' {
+	if jws[i] == 'A' {
 		repl = 'B'
 	}
-	return jws[:len(jws)-1] + string(repl)
+	return jws[:i] + string(repl) + jws[i+1:]
 }
 
 func TestEchoDPoP(t *testing.T) {
