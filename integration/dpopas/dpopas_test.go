@@ -193,7 +193,7 @@ func TestClientCredentials(t *testing.T) {
 		privateKeyJWTClient(t, Client{ID: "cc-jwt"}),
 	}
 	bearer := testClient{Client: Client{ID: "cc-bearer", Secret: "cc-bearer-secret-0123456789abcdef", AllowBearer: true}}
-	var opts Options
+	opts := Options{AccessTokenTTL: 5 * time.Minute}
 	for _, c := range append(clients, bearer) {
 		opts.Clients = append(opts.Clients, c.Client)
 	}
@@ -204,9 +204,10 @@ func TestClientCredentials(t *testing.T) {
 		t.Run(c.ID, func(t *testing.T) {
 			p := newProver(t)
 			proof := p.proof(t, http.MethodPost, s.TokenURL, "", time.Now())
-			at := requireDPoPToken(t, s, post(t, s, s.TokenURL, c, grant(), proof), p)
-			if at.ClientID != c.ID || at.Subject != c.ID || at.Scope != "payments" {
-				t.Errorf("client_id %q sub %q scope %q, want %s, %s, payments", at.ClientID, at.Subject, at.Scope, c.ID, c.ID)
+			a := post(t, s, s.TokenURL, c, grant(), proof)
+			at := requireDPoPToken(t, s, a, p)
+			if at.ClientID != c.ID || at.Subject != c.ID || at.Scope != "payments" || a.ExpiresIn != 300 {
+				t.Errorf("client_id %q sub %q scope %q expires_in %d, want %s, %s, payments, 300", at.ClientID, at.Subject, at.Scope, a.ExpiresIn, c.ID, c.ID)
 			}
 
 			t.Run("replayed proof", func(t *testing.T) {
