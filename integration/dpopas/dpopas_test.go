@@ -12,6 +12,8 @@ import (
 	"maps"
 	"net/http"
 	"net/url"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -367,3 +369,34 @@ func parForm(clientID, state, codeVerifier, jkt, scope string) url.Values {
 }
 
 func verifier() string { return oauth2.GenerateVerifier() }
+
+// TestServerLifetime: the server ends when its standard input closes (the
+// test process that started it is gone), and a machine without Node.js
+// fails the test with what to run.
+func TestServerLifetime(t *testing.T) {
+	if os.Getenv("DPOPAS_NO_NODE_CHILD") == "1" {
+		Start(t, Options{Clients: []Client{{ID: "c", Secret: "c-secret-0123456789abcdef"}}})
+		return
+	}
+
+	t.Run("standard input closed", func(t *testing.T) {
+		s := Start(t, Options{Clients: []Client{{ID: "c", Secret: "c-secret-0123456789abcdef"}}})
+		if err := s.stdin.Close(); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-s.exit:
+		case <-time.After(startTimeout):
+			t.Fatalf("the server still runs %s after its standard input closed", startTimeout)
+		}
+	})
+
+	t.Run("no node", func(t *testing.T) {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestServerLifetime$", "-test.count=1")
+		cmd.Env = append(os.Environ(), "DPOPAS_NO_NODE_CHILD=1", "PATH="+t.TempDir())
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "node is not installed: run make tools") {
+			t.Fatalf("without node on PATH: %v\n%s", err, out)
+		}
+	})
+}
