@@ -327,7 +327,7 @@ func TestEchoDPoP(t *testing.T) {
 }
 
 func TestDPoPNonce(t *testing.T) {
-	_, srv, clk := dpopBank(t, true)
+	s, srv, clk := dpopBank(t, true)
 	k := newDPoPKey(t, jose.ES256)
 
 	h := basicHdr("bound", "b0und")
@@ -371,8 +371,11 @@ func TestDPoPNonce(t *testing.T) {
 			if r.status != tc.want {
 				t.Fatalf("%d %s, want %d", r.status, r.raw, tc.want)
 			}
-			if tc.want == 401 && (r.header.Get("DPoP-Nonce") == "" || !strings.Contains(r.header.Get("WWW-Authenticate"), `error="use_dpop_nonce"`)) {
-				t.Errorf("challenge %q nonce %q, want use_dpop_nonce with a DPoP-Nonce", r.header.Get("WWW-Authenticate"), r.header.Get("DPoP-Nonce"))
+			if r.header.Get("DPoP-Nonce") != s.dpopNonce(clk.Now()) {
+				t.Errorf("DPoP-Nonce %q, want the current one", r.header.Get("DPoP-Nonce"))
+			}
+			if tc.want == 401 && !strings.Contains(r.header.Get("WWW-Authenticate"), `error="use_dpop_nonce"`) {
+				t.Errorf("challenge %q, want use_dpop_nonce", r.header.Get("WWW-Authenticate"))
 			}
 		})
 	}

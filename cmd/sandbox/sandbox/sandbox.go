@@ -575,7 +575,7 @@ func (s *Server) echo(w http.ResponseWriter, r *http.Request) {
 			if t, ok, valid := s.lookup(cred); ok {
 				a := &e.Authorization
 				a.IssuedBySandbox, a.Valid, a.Organisation, a.Scopes = true, valid && len(auth) == 1, t.org, t.scopes
-				if refused = s.echoDPoP(r, scheme, cred, t, a); refused != nil {
+				if refused = s.echoDPoP(w, r, scheme, cred, t, a); refused != nil {
 					a.Valid, a.Refused = false, refused.Error()
 				}
 			}
@@ -584,7 +584,7 @@ func (s *Server) echo(w http.ResponseWriter, r *http.Request) {
 	status := http.StatusOK
 	if r.Header.Get("X-Sandbox-Require-Token") == "1" && !e.Authorization.Valid {
 		if refused != nil {
-			s.dpopChallenge(w, refused)
+			dpopChallenge(w, refused)
 		} else {
 			w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
 		}
