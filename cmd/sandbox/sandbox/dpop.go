@@ -57,8 +57,9 @@ func dpopDiscovery(doc map[string]any) {
 	doc["dpop_signing_alg_values_supported"] = dpopAlgNames()
 }
 
-// dpopError is a refused proof: code is invalid_dpop_proof or
-// use_dpop_nonce (then the answer carries a fresh DPoP-Nonce).
+// dpopError is a refused DPoP request: code is invalid_dpop_proof,
+// use_dpop_nonce (the answer carries a fresh DPoP-Nonce) or, at the echo,
+// invalid_token (a token presented against its binding).
 type dpopError struct {
 	code, desc string
 }
