@@ -31,8 +31,8 @@ var (
 // consent link), signs in as Subject, grants the consent, and stops at the
 // first redirect out of the server (to the client's redirect URI), whose
 // code and state it returns. An error answer (error=...) fails the test.
-// client's Transport is used; Approve keeps its own cookies and redirect
-// rule.
+// It sends with client's Transport and Timeout (nil: http.DefaultClient's)
+// and keeps its own cookies and redirect rule.
 func (s *Server) Approve(t testing.TB, client *http.Client, authURL string) (code, state string) {
 	t.Helper()
 	callback := s.approve(t, client, authURL)
@@ -57,6 +57,9 @@ func (s *Server) approve(t testing.TB, client *http.Client, authURL string) *url
 	jar, err := cookiejar.New(nil)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if client == nil {
+		client = http.DefaultClient
 	}
 	var out *url.URL
 	c := &http.Client{

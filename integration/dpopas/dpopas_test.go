@@ -12,6 +12,8 @@ import (
 	"maps"
 	"net/http"
 	"net/url"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -193,7 +195,7 @@ func TestClientCredentials(t *testing.T) {
 		privateKeyJWTClient(t, Client{ID: "cc-jwt"}),
 	}
 	bearer := testClient{Client: Client{ID: "cc-bearer", Secret: "cc-bearer-secret-0123456789abcdef", AllowBearer: true}}
-	var opts Options
+	opts := Options{AccessTokenTTL: 5 * time.Minute}
 	for _, c := range append(clients, bearer) {
 		opts.Clients = append(opts.Clients, c.Client)
 	}
@@ -204,9 +206,10 @@ func TestClientCredentials(t *testing.T) {
 		t.Run(c.ID, func(t *testing.T) {
 			p := newProver(t)
 			proof := p.proof(t, http.MethodPost, s.TokenURL, "", time.Now())
-			at := requireDPoPToken(t, s, post(t, s, s.TokenURL, c, grant(), proof), p)
-			if at.ClientID != c.ID || at.Subject != c.ID || at.Scope != "payments" {
-				t.Errorf("client_id %q sub %q scope %q, want %s, %s, payments", at.ClientID, at.Subject, at.Scope, c.ID, c.ID)
+			a := post(t, s, s.TokenURL, c, grant(), proof)
+			at := requireDPoPToken(t, s, a, p)
+			if at.ClientID != c.ID || at.Subject != c.ID || at.Scope != "payments" || a.ExpiresIn != 300 {
+				t.Errorf("client_id %q sub %q scope %q expires_in %d, want %s, %s, payments, 300", at.ClientID, at.Subject, at.Scope, a.ExpiresIn, c.ID, c.ID)
 			}
 
 			t.Run("replayed proof", func(t *testing.T) {
@@ -245,7 +248,7 @@ func TestNonce(t *testing.T) {
 		form      url.Values
 	}{
 		{"token", s.TokenURL, url.Values{"grant_type": {"client_credentials"}}},
-		{"PAR", s.PARURL, parForm(c.ID, "state", verifier(), "")},
+		{"PAR", s.PARURL, parForm(c.ID, "state", verifier(), "", "accounts")},
 	} {
 		t.Run(ep.name, func(t *testing.T) {
 			a := post(t, s, ep.url, c, maps.Clone(ep.form), p.proof(t, http.MethodPost, ep.url, "", time.Now()))
@@ -268,27 +271,29 @@ func TestCodeFlow(t *testing.T) {
 	s := Start(t, Options{Clients: []Client{confidential.Client, public.Client}})
 
 	tests := []struct {
-		name string
-		c    testClient
-		par  bool
+		name  string
+		c     testClient
+		par   bool
+		scope string
 		// rtBound: the refresh token is bound to the key (public clients).
 		rtBound bool
 	}{
-		{"confidential PAR", confidential, true, false},
-		{"confidential dpop_jkt in the URL", confidential, false, false},
-		{"public PAR", public, true, true},
+		{"confidential PAR", confidential, true, "accounts", false},
+		{"confidential dpop_jkt in the URL", confidential, false, "accounts", false},
+		{"confidential OpenID with consent", confidential, true, "openid offline_access accounts", false},
+		{"public PAR", public, true, "accounts", true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			p := newProver(t)
 			v := verifier()
-			code := authorize(t, s, tt.c, p, v, tt.par)
+			code := authorize(t, s, tt.c, p, v, tt.par, tt.scope)
 
 			exchange := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {redirect}, "code_verifier": {v}}
 			a := post(t, s, s.TokenURL, tt.c, exchange, p.proof(t, http.MethodPost, s.TokenURL, "", time.Now()))
 			at := requireDPoPToken(t, s, a, p)
-			if at.Subject != Subject || at.ClientID != tt.c.ID {
-				t.Errorf("sub %q client_id %q, want %s, %s", at.Subject, at.ClientID, Subject, tt.c.ID)
+			if at.Subject != Subject || at.ClientID != tt.c.ID || at.Scope != "accounts" {
+				t.Errorf("sub %q client_id %q scope %q, want %s, %s, accounts", at.Subject, at.ClientID, at.Scope, Subject, tt.c.ID)
 			}
 			if a.RefreshToken == "" {
 				t.Fatal("the code grant issued no refresh token")
@@ -312,19 +317,19 @@ func TestCodeFlow(t *testing.T) {
 	t.Run("code bound to dpop_jkt", func(t *testing.T) {
 		p, other := newProver(t), newProver(t)
 		v := verifier()
-		code := authorize(t, s, confidential, p, v, true)
+		code := authorize(t, s, confidential, p, v, true, "accounts")
 		exchange := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {redirect}, "code_verifier": {v}}
 		requireError(t, post(t, s, s.TokenURL, confidential, exchange, other.proof(t, http.MethodPost, s.TokenURL, "", time.Now())), "invalid_grant")
 	})
 }
 
-// authorize runs the authorization request of client c bound to p's key
-// (dpop_jkt), pushed (PAR, with a proof) or in the URL, approves it and
-// returns the code.
-func authorize(t testing.TB, s *Server, c testClient, p *prover, codeVerifier string, par bool) string {
+// authorize runs the authorization request of client c for scope, bound
+// to p's key (dpop_jkt), pushed (PAR, with a proof) or in the URL, approves
+// it and returns the code.
+func authorize(t testing.TB, s *Server, c testClient, p *prover, codeVerifier string, par bool, scope string) string {
 	t.Helper()
 	state := rand.Text()
-	form := parForm(c.ID, state, codeVerifier, p.jkt)
+	form := parForm(c.ID, state, codeVerifier, p.jkt, scope)
 	authURL := s.AuthURL + "?" + form.Encode()
 	if par {
 		a := post(t, s, s.PARURL, c, form, p.proof(t, http.MethodPost, s.PARURL, "", time.Now()))
@@ -333,7 +338,7 @@ func authorize(t testing.TB, s *Server, c testClient, p *prover, codeVerifier st
 		}
 		authURL = s.AuthURL + "?" + url.Values{"client_id": {c.ID}, "request_uri": {a.RequestURI}}.Encode()
 	}
-	code, gotState := s.Approve(t, http.DefaultClient, authURL)
+	code, gotState := s.Approve(t, nil, authURL)
 	if gotState != state {
 		t.Fatalf("state %q, want %q", gotState, state)
 	}
@@ -341,13 +346,14 @@ func authorize(t testing.TB, s *Server, c testClient, p *prover, codeVerifier st
 }
 
 // parForm is an authorization request of the code flow with PKCE, bound to
-// a DPoP key when jkt is not "".
-func parForm(clientID, state, codeVerifier, jkt string) url.Values {
+// a DPoP key when jkt is not "", as the broker sends it (with a nonce and
+// prompt=consent for OpenID scopes).
+func parForm(clientID, state, codeVerifier, jkt, scope string) url.Values {
 	form := url.Values{
 		"client_id":             {clientID},
 		"response_type":         {"code"},
 		"redirect_uri":          {"http://127.0.0.1:1/callback"},
-		"scope":                 {"accounts"},
+		"scope":                 {scope},
 		"state":                 {state},
 		"code_challenge":        {oauth2.S256ChallengeFromVerifier(codeVerifier)},
 		"code_challenge_method": {"S256"},
@@ -355,7 +361,42 @@ func parForm(clientID, state, codeVerifier, jkt string) url.Values {
 	if jkt != "" {
 		form.Set("dpop_jkt", jkt)
 	}
+	if strings.Contains(scope, "openid") {
+		form.Set("nonce", rand.Text())
+		form.Set("prompt", "consent")
+	}
 	return form
 }
 
 func verifier() string { return oauth2.GenerateVerifier() }
+
+// TestServerLifetime: the server ends when its standard input closes (the
+// test process that started it is gone), and a machine without Node.js
+// fails the test with what to run.
+func TestServerLifetime(t *testing.T) {
+	if os.Getenv("DPOPAS_NO_NODE_CHILD") == "1" {
+		Start(t, Options{Clients: []Client{{ID: "c", Secret: "c-secret-0123456789abcdef"}}})
+		return
+	}
+
+	t.Run("standard input closed", func(t *testing.T) {
+		s := Start(t, Options{Clients: []Client{{ID: "c", Secret: "c-secret-0123456789abcdef"}}})
+		if err := s.stdin.Close(); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-s.exit:
+		case <-time.After(startTimeout):
+			t.Fatalf("the server still runs %s after its standard input closed", startTimeout)
+		}
+	})
+
+	t.Run("no node", func(t *testing.T) {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestServerLifetime$", "-test.count=1")
+		cmd.Env = append(os.Environ(), "DPOPAS_NO_NODE_CHILD=1", "PATH="+t.TempDir())
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "node is not installed: run make tools") {
+			t.Fatalf("without node on PATH: %v\n%s", err, out)
+		}
+	})
+}

@@ -194,6 +194,11 @@ func (s *Server) bankIssuer(r *http.Request) string {
 	if s.cfg.BankIssuer != "" {
 		return strings.TrimSuffix(s.cfg.BankIssuer, "/")
 	}
+	return requestOrigin(r)
+}
+
+// requestOrigin is the scheme and Host a request reached: http(s)://Host.
+func requestOrigin(r *http.Request) string {
 	scheme := "http"
 	if r.TLS != nil {
 		scheme = "https"

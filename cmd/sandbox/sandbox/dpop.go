@@ -22,10 +22,13 @@ import (
 // the proof key's thumbprint); a client with BankClient.DPoP must send one.
 // The echo upstream accepts such a token only as "Authorization: DPoP"
 // with a proof of the same key for that request (htm, htu, ath). A proof's
-// htu is the sandbox's base URL (Config.BankIssuer, else scheme://Host of
-// the request) and the request's path; its iat must be within
-// dpopWindow of now, and its jti is refused the second time. With
-// Config.DPoPNonce both demand the sandbox's DPoP-Nonce (use_dpop_nonce).
+// htu is the request's target URI without query (RFC 9449 section 4.3):
+// at the token endpoint the bank's token_endpoint (below Config.BankIssuer
+// when set), at the echo scheme://Host/path of the request as it arrives,
+// Host header included (behind a reverse proxy that keeps the client's
+// Host, that Host). Its iat must be within dpopWindow of now, and its jti
+// is refused the second time. With Config.DPoPNonce both demand the
+// sandbox's DPoP-Nonce (use_dpop_nonce).
 
 const (
 	// dpopWindow bounds |now - iat| of a proof; a jti is remembered that
@@ -54,8 +57,9 @@ func dpopDiscovery(doc map[string]any) {
 	doc["dpop_signing_alg_values_supported"] = dpopAlgNames()
 }
 
-// dpopError is a refused proof: code is invalid_dpop_proof or
-// use_dpop_nonce (then the answer carries a fresh DPoP-Nonce).
+// dpopError is a refused DPoP request: code is invalid_dpop_proof,
+// use_dpop_nonce (the answer carries a fresh DPoP-Nonce) or, at the echo,
+// invalid_token (a token presented against its binding).
 type dpopError struct {
 	code, desc string
 }
@@ -179,9 +183,14 @@ func (s *Server) tokenDPoP(w http.ResponseWriter, r *http.Request, c *bankClient
 // echoDPoP checks that the echo's request presents token t as its binding
 // asks: a DPoP-bound token with "Authorization: DPoP" and a proof of its
 // key for this request, a bearer token with "Authorization: Bearer". It
-// records the outcome in a and returns the error to answer, if any.
-func (s *Server) echoDPoP(r *http.Request, scheme, cred string, t token, a *EchoAuth) *dpopError {
+// records the outcome in a and returns the error to answer, if any. With
+// Config.DPoPNonce, the answer to a request that presents a DPoP-bound
+// token carries the current DPoP-Nonce.
+func (s *Server) echoDPoP(w http.ResponseWriter, r *http.Request, scheme, cred string, t token, a *EchoAuth) *dpopError {
 	a.JKT = t.jkt
+	if s.cfg.DPoPNonce && t.jkt != "" {
+		w.Header().Set("DPoP-Nonce", s.dpopNonce(s.cfg.Now()))
+	}
 	dpopScheme := strings.EqualFold(scheme, "DPoP")
 	if t.jkt == "" {
 		if dpopScheme {
@@ -192,7 +201,7 @@ func (s *Server) echoDPoP(r *http.Request, scheme, cred string, t token, a *Echo
 	if !dpopScheme {
 		return &dpopError{"invalid_token", "a DPoP-bound token presented as a bearer token"}
 	}
-	jkt, e := s.checkDPoP(r, s.bankIssuer(r)+r.URL.Path, cred)
+	jkt, e := s.checkDPoP(r, requestOrigin(r)+r.URL.Path, cred)
 	switch {
 	case e != nil:
 		return e
@@ -206,10 +215,7 @@ func (s *Server) echoDPoP(r *http.Request, scheme, cred string, t token, a *Echo
 }
 
 // dpopChallenge writes the echo's WWW-Authenticate for a refused DPoP
-// request (and a fresh DPoP-Nonce for use_dpop_nonce).
-func (s *Server) dpopChallenge(w http.ResponseWriter, e *dpopError) {
-	if e.code == "use_dpop_nonce" {
-		w.Header().Set("DPoP-Nonce", s.dpopNonce(s.cfg.Now()))
-	}
+// request.
+func dpopChallenge(w http.ResponseWriter, e *dpopError) {
 	w.Header().Set("WWW-Authenticate", fmt.Sprintf(`DPoP algs="%s", error=%q, error_description=%q`, strings.Join(dpopAlgNames(), " "), e.code, e.desc))
 }
