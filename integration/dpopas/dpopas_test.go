@@ -12,6 +12,8 @@ import (
 	"maps"
 	"net/http"
 	"net/url"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -193,7 +195,7 @@ func TestClientCredentials(t *testing.T) {
 		privateKeyJWTClient(t, Client{ID: "cc-jwt"}),
 	}
 	bearer := testClient{Client: Client{ID: "cc-bearer", Secret: "cc-bearer-secret-0123456789abcdef", AllowBearer: true}}
-	var opts Options
+	opts := Options{AccessTokenTTL: 5 * time.Minute}
 	for _, c := range append(clients, bearer) {
 		opts.Clients = append(opts.Clients, c.Client)
 	}
@@ -204,9 +206,10 @@ func TestClientCredentials(t *testing.T) {
 		t.Run(c.ID, func(t *testing.T) {
 			p := newProver(t)
 			proof := p.proof(t, http.MethodPost, s.TokenURL, "", time.Now())
-			at := requireDPoPToken(t, s, post(t, s, s.TokenURL, c, grant(), proof), p)
-			if at.ClientID != c.ID || at.Subject != c.ID || at.Scope != "payments" {
-				t.Errorf("client_id %q sub %q scope %q, want %s, %s, payments", at.ClientID, at.Subject, at.Scope, c.ID, c.ID)
+			a := post(t, s, s.TokenURL, c, grant(), proof)
+			at := requireDPoPToken(t, s, a, p)
+			if at.ClientID != c.ID || at.Subject != c.ID || at.Scope != "payments" || a.ExpiresIn != 300 {
+				t.Errorf("client_id %q sub %q scope %q expires_in %d, want %s, %s, payments, 300", at.ClientID, at.Subject, at.Scope, a.ExpiresIn, c.ID, c.ID)
 			}
 
 			t.Run("replayed proof", func(t *testing.T) {
@@ -366,3 +369,34 @@ func parForm(clientID, state, codeVerifier, jkt, scope string) url.Values {
 }
 
 func verifier() string { return oauth2.GenerateVerifier() }
+
+// TestServerLifetime: the server ends when its standard input closes (the
+// test process that started it is gone), and a machine without Node.js
+// fails the test with what to run.
+func TestServerLifetime(t *testing.T) {
+	if os.Getenv("DPOPAS_NO_NODE_CHILD") == "1" {
+		Start(t, Options{Clients: []Client{{ID: "c", Secret: "c-secret-0123456789abcdef"}}})
+		return
+	}
+
+	t.Run("standard input closed", func(t *testing.T) {
+		s := Start(t, Options{Clients: []Client{{ID: "c", Secret: "c-secret-0123456789abcdef"}}})
+		if err := s.stdin.Close(); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-s.exit:
+		case <-time.After(startTimeout):
+			t.Fatalf("the server still runs %s after its standard input closed", startTimeout)
+		}
+	})
+
+	t.Run("no node", func(t *testing.T) {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestServerLifetime$", "-test.count=1")
+		cmd.Env = append(os.Environ(), "DPOPAS_NO_NODE_CHILD=1", "PATH="+t.TempDir())
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "node is not installed: run make tools") {
+			t.Fatalf("without node on PATH: %v\n%s", err, out)
+		}
+	})
+}

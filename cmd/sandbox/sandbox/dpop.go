@@ -57,8 +57,9 @@ func dpopDiscovery(doc map[string]any) {
 	doc["dpop_signing_alg_values_supported"] = dpopAlgNames()
 }
 
-// dpopError is a refused proof: code is invalid_dpop_proof or
-// use_dpop_nonce (then the answer carries a fresh DPoP-Nonce).
+// dpopError is a refused DPoP request: code is invalid_dpop_proof,
+// use_dpop_nonce (the answer carries a fresh DPoP-Nonce) or, at the echo,
+// invalid_token (a token presented against its binding).
 type dpopError struct {
 	code, desc string
 }
@@ -182,9 +183,14 @@ func (s *Server) tokenDPoP(w http.ResponseWriter, r *http.Request, c *bankClient
 // echoDPoP checks that the echo's request presents token t as its binding
 // asks: a DPoP-bound token with "Authorization: DPoP" and a proof of its
 // key for this request, a bearer token with "Authorization: Bearer". It
-// records the outcome in a and returns the error to answer, if any.
-func (s *Server) echoDPoP(r *http.Request, scheme, cred string, t token, a *EchoAuth) *dpopError {
+// records the outcome in a and returns the error to answer, if any. With
+// Config.DPoPNonce, the answer to a request that presents a DPoP-bound
+// token carries the current DPoP-Nonce.
+func (s *Server) echoDPoP(w http.ResponseWriter, r *http.Request, scheme, cred string, t token, a *EchoAuth) *dpopError {
 	a.JKT = t.jkt
+	if s.cfg.DPoPNonce && t.jkt != "" {
+		w.Header().Set("DPoP-Nonce", s.dpopNonce(s.cfg.Now()))
+	}
 	dpopScheme := strings.EqualFold(scheme, "DPoP")
 	if t.jkt == "" {
 		if dpopScheme {
@@ -209,10 +215,7 @@ func (s *Server) echoDPoP(r *http.Request, scheme, cred string, t token, a *Echo
 }
 
 // dpopChallenge writes the echo's WWW-Authenticate for a refused DPoP
-// request (and a fresh DPoP-Nonce for use_dpop_nonce).
-func (s *Server) dpopChallenge(w http.ResponseWriter, e *dpopError) {
-	if e.code == "use_dpop_nonce" {
-		w.Header().Set("DPoP-Nonce", s.dpopNonce(s.cfg.Now()))
-	}
+// request.
+func dpopChallenge(w http.ResponseWriter, e *dpopError) {
 	w.Header().Set("WWW-Authenticate", fmt.Sprintf(`DPoP algs="%s", error=%q, error_description=%q`, strings.Join(dpopAlgNames(), " "), e.code, e.desc))
 }

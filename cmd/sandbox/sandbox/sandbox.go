@@ -5,8 +5,8 @@
 // tokens, client_secret_basic, client_secret_post and private_key_jwt,
 // RFC 7009 revocation, DPoP-bound tokens of RFC 9449), and an echo upstream
 // that reports what reached it (never the token itself) and checks DPoP
-// proofs. It is meant for local runs and integration
-// tests, not for production.
+// proofs. It is meant for local runs and integration tests, not for
+// production.
 //
 // The bank's endpoints, below its issuer (by default the base URL a request
 // reached, http(s)://Host):
@@ -537,7 +537,8 @@ type EchoAuth struct {
 	// DPoP is true when a DPoP-bound token came with a valid proof of its
 	// key for this request.
 	DPoP bool `json:"dpop,omitempty"`
-	// Refused says why the sandbox refuses the credentials, if it does.
+	// Refused says why the token's DPoP binding refuses this request
+	// (error code: description), if it does; it never holds the token.
 	Refused string `json:"refused,omitempty"`
 }
 
@@ -574,7 +575,7 @@ func (s *Server) echo(w http.ResponseWriter, r *http.Request) {
 			if t, ok, valid := s.lookup(cred); ok {
 				a := &e.Authorization
 				a.IssuedBySandbox, a.Valid, a.Organisation, a.Scopes = true, valid && len(auth) == 1, t.org, t.scopes
-				if refused = s.echoDPoP(r, scheme, cred, t, a); refused != nil {
+				if refused = s.echoDPoP(w, r, scheme, cred, t, a); refused != nil {
 					a.Valid, a.Refused = false, refused.Error()
 				}
 			}
@@ -583,7 +584,7 @@ func (s *Server) echo(w http.ResponseWriter, r *http.Request) {
 	status := http.StatusOK
 	if r.Header.Get("X-Sandbox-Require-Token") == "1" && !e.Authorization.Valid {
 		if refused != nil {
-			s.dpopChallenge(w, refused)
+			dpopChallenge(w, refused)
 		} else {
 			w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
 		}
