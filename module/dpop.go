@@ -46,6 +46,9 @@ const dpopVar = "token_broker.dpop"
 //
 // A route without it answers 502 (dpop_transport_missing): a DPoP-bound
 // token is never useful without its proof.
+//
+// In JSON it is `"transport": {"protocol": "token_broker_dpop", ...}` with
+// the fields of the http transport.
 type DPoPTransport struct {
 	reverseproxy.HTTPTransport
 }
