@@ -13,6 +13,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 
+	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
+
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -578,5 +580,62 @@ func TestDPoPREADMEConfig(t *testing.T) {
 	}
 	if !strings.Contains(string(cfg), `"protocol":"token_broker_dpop"`) || !strings.Contains(string(cfg), `"dial_timeout":5000000000`) {
 		t.Errorf("the README's Caddyfile adapts without the DPoP transport and its options: %s", cfg)
+	}
+}
+
+// TestExampleBankDPoP: examples/bank-dpop against the sandbox bank, which
+// requires DPoP proofs of the client and nonces at its token endpoint and
+// echo upstream: both merchants' calls reach the upstream with the one
+// token bound to the example's key and a valid proof of that key for each
+// call; the callers' own DPoP headers are gone.
+func TestExampleBankDPoP(t *testing.T) {
+	keys := t.TempDir()
+	pemBytes, err := dpoptest.KeyPEM(dpop.EdDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(keys, "bank-dpop.pem"), pemBytes, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	key, err := dpop.ParseKey(pemBytes, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const clientID = "dpop-example-client"
+	_, url := startSandbox(t, func(c *sandbox.Config) {
+		c.BankClients = append(c.BankClients, sandbox.BankClient{ID: clientID, Secret: "dpop-example-secret", DPoP: true})
+		c.DPoPNonce = true
+	})
+	t.Setenv("BANK_ISSUER", url)
+	t.Setenv("BANK_API", url)
+	t.Setenv("BANK_CLIENT_ID", clientID)
+	t.Setenv("BANK_CLIENT_SECRET", "dpop-example-secret")
+	t.Setenv("BANK_KEYS", keys)
+	base := startCaddy(t, useExample(t, "bank-dpop"))
+
+	fingerprints := map[string]bool{}
+	for _, c := range []struct{ merchant, path string }{
+		{"acme", "/open-banking/v3.1/aisp/accounts"},
+		{"globex", "/open-banking/v3.1/aisp/accounts/a-1"},
+		{"acme", "/open-banking/v3.1/aisp/accounts/a-1/balances"},
+	} {
+		// The echo answers 401 to a request it does not accept, as a
+		// resource server does (use_dpop_nonce to the first).
+		status, body := get(t, base+c.path, "X-Merchant-Id", c.merchant, "DPoP", "a-proof-of-the-caller", "X-Sandbox-Require-Token", "1")
+		var e sandbox.Echo
+		if err := json.Unmarshal(body, &e); err != nil || status != http.StatusOK {
+			t.Fatalf("%s %s: %d %s", c.merchant, c.path, status, body)
+		}
+		a := e.Authorization
+		if !a.Valid || !a.DPoP || a.Scheme != "DPoP" || a.JKT != key.Thumbprint() || a.Refused != "" || a.Organisation != clientID {
+			t.Errorf("%s %s: the upstream saw %+v, want a token of %s bound to %s with its proof", c.merchant, c.path, a, clientID, key.Thumbprint())
+		}
+		if e.Path != c.path {
+			t.Errorf("upstream path %q, want %q", e.Path, c.path)
+		}
+		fingerprints[a.Fingerprint] = true
+	}
+	if len(fingerprints) != 1 {
+		t.Errorf("%d tokens for the calls, want one shared by the merchants of one client", len(fingerprints))
 	}
 }

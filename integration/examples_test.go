@@ -359,6 +359,16 @@ func wantToken(org string, scopes ...string) func(*testing.T, string) {
 	}
 }
 
+// wantDPoPToken checks that the sandbox saw a valid DPoP-bound token of
+// org with scopes, with a valid proof of its key for the request.
+func wantDPoPToken(org string, scopes ...string) func(*testing.T, string) {
+	return func(t *testing.T, out string) {
+		t.Helper()
+		wantToken(org, scopes...)(t, out)
+		wantText(`"scheme":"DPoP"`, `"dpop":true`)(t, out)
+	}
+}
+
 // wantText checks that an output holds every one of subs.
 func wantText(subs ...string) func(*testing.T, string) {
 	return func(t *testing.T, out string) {
@@ -414,6 +424,8 @@ func TestExampleREADMEs(t *testing.T) {
 					t.Errorf("the sidecars used tokens %s and %s, want the one shared through Redis", a, b)
 				}
 			}},
+		{example: "bank-dpop", checks: []func(*testing.T, string){
+			wantDPoPToken("sandbox-bank-client", "accounts"), wantDPoPToken("sandbox-bank-client", "accounts")}},
 		{example: "bank-consent", ports: []string{"CONSENT_PORT"}, checks: []func(*testing.T, string){
 			wantText(`"error":"consent_required"`),
 			wantText("Back in the example app", "Consent of merchant acme: outcome ok."),
