@@ -251,6 +251,10 @@ type refusal struct {
 	reason, detail, code string
 }
 
+// ServeHTTP answers a request the checks accept 200 with its Seen as JSON,
+// and any other 401 with a `WWW-Authenticate: DPoP error=...` challenge
+// (use_dpop_nonce, invalid_dpop_proof or invalid_token); in nonce mode
+// every answer carries the current DPoP-Nonce. It records both.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	u := requestURL(r)
 	body, _ := io.ReadAll(io.LimitReader(r.Body, 1<<20))
