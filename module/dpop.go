@@ -50,6 +50,8 @@ const dpopVar = "token_broker.dpop"
 // In JSON it is `"transport": {"protocol": "token_broker_dpop", ...}` with
 // the fields of the http transport.
 type DPoPTransport struct {
+	// HTTPTransport is Caddy's http transport, which sends the requests:
+	// its fields are this transport's options (JSON and Caddyfile alike).
 	reverseproxy.HTTPTransport
 }
 
