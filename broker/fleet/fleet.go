@@ -200,6 +200,7 @@ func ClientOptions(o *redis.UniversalOptions, timeout, maxTimeout time.Duration)
 	maxTimeout = max(maxTimeout, timeout)
 	o.ContextTimeoutEnabled = true
 	o.DialTimeout = max(timeout, 250*time.Millisecond)
+	o.DialerRetries = 1
 	o.ReadTimeout = maxTimeout
 	o.WriteTimeout = maxTimeout
 	o.PoolTimeout = maxTimeout

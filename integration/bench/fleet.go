@@ -21,6 +21,9 @@ import (
 // fleet (target 1: one refresh per key per refresh period, whatever N), and
 // the latency added by an L1 miss served from L2: a merchant minted on
 // node 0, then called on node 1 (L1 miss, L2 hit) and again (L1 hit).
+// First, unless -fleet-burst 0, the cold burst (burst.go): -fleet-burst
+// merchants never seen before, requested at once on every sidecar while
+// -fleet-burners processes keep the CPUs busy.
 const (
 	fleetKeys     = 10               // merchants under steady traffic
 	fleetProbes   = 200              // merchants of the L2 latency probe
@@ -54,7 +57,7 @@ func runFleet(o options) error {
 	if err != nil {
 		return err
 	}
-	n := fleetKeys + fleetProbes
+	n := fleetKeys + fleetProbes + o.fleetBurst
 	ta, err := start(dir, "tokenapi", []string{apiKeyEnv + "=" + apiKey}, self, "tokenapi",
 		"-addr-file", filepath.Join(dir, "tokenapi.addr"), "-orgs", fmt.Sprint(n))
 	if err != nil {
@@ -104,6 +107,12 @@ func runFleet(o options) error {
 		nodes[i] = s
 	}
 	progress("%d sidecars and redis-server on %s", o.fleet, redisAddr)
+	var burst *burstResult
+	if o.fleetBurst > 0 {
+		if burst, err = e.coldBurst(nodes, self, fleetKeys+fleetProbes, o.fleetBurst, o.fleetBurners); err != nil {
+			return err
+		}
+	}
 	client := &http.Client{Timeout: time.Minute, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	call := func(s *server, m int) (time.Duration, error) {
 		req, _ := http.NewRequest("GET", s.url(), nil)
@@ -184,5 +193,8 @@ func runFleet(o options) error {
 	fmt.Printf("| L1 miss from L2: p50 / p99 | %s / %s |\n", pct(l2, .5), pct(l2, .99))
 	fmt.Printf("| L1 hit: p50 / p99 | %s / %s |\n", pct(l1, .5), pct(l1, .99))
 	fmt.Printf("| added by L2: p50 / p99 | %s / %s |\n", pct(l2, .5)-pct(l1, .5), pct(l2, .99)-pct(l1, .99))
+	if burst != nil {
+		burst.print(o.fleet)
+	}
 	return nil
 }
