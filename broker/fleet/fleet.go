@@ -4,9 +4,10 @@
 //
 // What it keeps in Redis, under Options.KeyPrefix (default "token_broker:"):
 //
-//	tok:<name>      a token: its 8-hex fingerprint, then the token and
-//	                its version sealed (internal/seal, AES-256-GCM);
-//	                expires with the token
+//	tok:<name>      a token: its 8-hex fingerprint, then the token (with
+//	                the refresh its minting node planned, which a node
+//	                adopting it keeps) and its version sealed
+//	                (internal/seal, AES-256-GCM); expires with the token
 //	lock:<name>     the key's fleet lock (github.com/bsm/redislock): a
 //	                random owner token, expiry Options.LockTTL
 //	rt:<name>       a merchant's refresh token and its version, sealed;
@@ -443,6 +444,9 @@ type wireToken struct {
 	ID       string   `json:"id,omitempty"`
 	Scopes   []string `json:"s,omitempty"`
 	IssuedAt int64    `json:"i,omitempty"`
+	// RefreshAt is the refresh the minting node planned (Unix ns); 0
+	// (absent) when none.
+	RefreshAt int64 `json:"r,omitempty"`
 	// Version orders the values of one key (version.go); 0 (absent) is
 	// older than every version.
 	Version int64 `json:"w,omitempty"`
@@ -462,6 +466,9 @@ func (c *Cache) encode(key string, tok broker.Token, ver int64) ([]byte, error) 
 	w := wireToken{Value: tok.Value.Reveal(), Type: tok.Type, Expiry: tok.Expiry.UnixNano(), ID: tok.ID, Scopes: tok.Scopes, Version: ver}
 	if !tok.IssuedAt.IsZero() {
 		w.IssuedAt = tok.IssuedAt.UnixNano()
+	}
+	if !tok.RefreshAt.IsZero() {
+		w.RefreshAt = tok.RefreshAt.UnixNano()
 	}
 	pt, err := json.Marshal(w)
 	if err != nil {
@@ -496,6 +503,9 @@ func (c *Cache) decode(key string, b []byte) (tok broker.Token, ver int64, ok bo
 	tok = broker.Token{Value: broker.Secret(w.Value), Type: w.Type, Expiry: time.Unix(0, w.Expiry), ID: w.ID, Scopes: w.Scopes}
 	if w.IssuedAt != 0 {
 		tok.IssuedAt = time.Unix(0, w.IssuedAt)
+	}
+	if w.RefreshAt != 0 {
+		tok.RefreshAt = time.Unix(0, w.RefreshAt)
 	}
 	return tok, w.Version, true
 }

@@ -203,9 +203,13 @@ func fleetMetrics(nodes []*server) (fleetCounts, error) {
 		add(&c.openings, "caddy_token_broker_l2_breaker_openings_total")
 	}
 	// A counter vector without any series yet is absent even where the
-	// build has it: errors with none so far read 0.
+	// build has it: it reads 0 when a plain counter of the same build is
+	// there (errors came with bypasses, timeouts with breaker openings).
 	if c.errs < 0 && c.bypassed >= 0 {
 		c.errs = 0
+	}
+	if c.timeouts < 0 && c.openings >= 0 {
+		c.timeouts = 0
 	}
 	return c, nil
 }
