@@ -37,9 +37,10 @@
 // after a call that timed out until one succeeds, never below
 // Options.Timeout nor above Options.MaxTimeout. A call that queues behind
 // a full pool of connections (a burst of lookups) gets one such bound more
-// per pool ahead of it, up to Options.MaxTimeout. A read (get, pttl) that
-// timed out is tried again with the longer bound, until one had
-// MaxTimeout, while its caller waits.
+// per pool ahead of it, up to Options.MaxTimeout. A call that timed out
+// (a read, a write of a sealed value, a lock taken or released; not a
+// purge or an announcement) is tried again with the longer bound, until
+// one had MaxTimeout, while its caller waits.
 //
 // One breaker (internal/breaker, the one the broker uses for token APIs)
 // keeps Redis out when it is gone, and tells the two apart:
@@ -353,17 +354,30 @@ func (c *Cache) tokenKey(key string) string { return c.opts.KeyPrefix + "tok:" +
 func (c *Cache) lockKey(subject string) string { return c.opts.KeyPrefix + "lock:" + subject }
 
 // do runs one Redis call through the breaker, bounded by the call's
-// adaptive timeout (timeout.go). A read (get, pttl) that timed out is run
-// again with the longer bound the timeout gives then, until a run had
-// Options.MaxTimeout, the breaker opens, or ctx ends. redis.Nil and
+// adaptive timeout (timeout.go). A call that timed out is run again with
+// the longer bound the timeout gives then, until a run had
+// Options.MaxTimeout, the breaker opens, or ctx ends, if op is one that
+// the Cache can run twice with the same effect (retried). redis.Nil and
 // redislock.ErrNotObtained are answers, not failures.
 func (c *Cache) do(ctx context.Context, op string, fn func(context.Context) error) error {
 	for {
 		again, err := c.doOnce(ctx, op, fn)
-		if !again || (op != "get" && op != "pttl") || ctx.Err() != nil {
+		if !again || !retried(op) || ctx.Err() != nil {
 			return err
 		}
 	}
+}
+
+// retried reports whether do runs op again after a timeout: reads; the
+// SET of a sealed value (the same value again); a lock taken, extended or
+// released with the same owner token (obtain). Not a purge (its script
+// returns what it deleted, once) nor an announcement.
+func retried(op string) bool {
+	switch op {
+	case "get", "pttl", "set", "lock", "unlock":
+		return true
+	}
+	return false
 }
 
 // doOnce is one run of do; again reports a timeout that a longer bound
