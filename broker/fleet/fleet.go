@@ -70,6 +70,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/bits"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -357,12 +358,14 @@ func (c *Cache) lockKey(subject string) string { return c.opts.KeyPrefix + "lock
 // adaptive timeout (timeout.go). A call that timed out is run again with
 // the longer bound the timeout gives then, until a run had
 // Options.MaxTimeout, the breaker opens, or ctx ends, if op is one that
-// the Cache can run twice with the same effect (retried). redis.Nil and
-// redislock.ErrNotObtained are answers, not failures.
+// the Cache can run twice with the same effect (retried); at most as many
+// runs as doublings take Options.Timeout to MaxTimeout, and one. redis.Nil
+// and redislock.ErrNotObtained are answers, not failures.
 func (c *Cache) do(ctx context.Context, op string, fn func(context.Context) error) error {
-	for {
+	runs := bits.Len64(uint64(c.opts.MaxTimeout/c.opts.Timeout)) + 1
+	for run := 1; ; run++ {
 		again, err := c.doOnce(ctx, op, fn)
-		if !again || !retried(op) || ctx.Err() != nil {
+		if !again || !retried(op) || run >= runs || ctx.Err() != nil {
 			return err
 		}
 	}
