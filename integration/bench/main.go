@@ -65,6 +65,7 @@ type options struct {
 	profile string
 	// fleet > 0 runs the fleet mode instead (fleet.go).
 	fleet          int
+	fleetLifetime  time.Duration
 	fleetLifetimes int
 	// fleetBurst is the number of cold merchants of the fleet's burst
 	// step (0 skips it), fleetBurners the CPU burners during it.
@@ -135,7 +136,8 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	fs.StringVar(&o.profile, "profile", "", "save a 10 s CPU profile (under an extra wrk run) and a heap profile of the sidecar at the largest merchant count into this folder (off when empty)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary folder (registries, Caddyfiles, process logs)")
 	fs.IntVar(&o.fleet, "fleet", 0, "fleet mode: N sidecars sharing one redis-server; mints per key per lifetime and L2 latency (0: off)")
-	fs.IntVar(&o.fleetLifetimes, "fleet-lifetimes", 3, "fleet mode: token lifetimes (10 s each) of steady traffic")
+	fs.DurationVar(&o.fleetLifetime, "fleet-lifetime", 10*time.Second, "fleet mode: the tokens' lifetime (token_lifetime; 10s is the token API's minimum)")
+	fs.IntVar(&o.fleetLifetimes, "fleet-lifetimes", 3, "fleet mode: token lifetimes (-fleet-lifetime each) of steady traffic")
 	fs.IntVar(&o.fleetBurst, "fleet-burst", 600, "fleet mode: cold merchants requested at once on every sidecar under CPU starvation, before the steady traffic (0 skips the step)")
 	fs.IntVar(&o.fleetBurners, "fleet-burners", 2*runtime.NumCPU(), "fleet mode: CPU burner processes during the cold burst")
 	timeout := fs.Duration("timeout", 45*time.Minute, "stop everything and fail after this long")
@@ -146,8 +148,8 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	if o.merchants, err = parseCounts(*counts); err != nil {
 		return o, 0, err
 	}
-	if o.fleet < 0 || o.fleetLifetimes < 1 || o.fleetBurst < 0 || o.fleetBurners < 0 {
-		return o, 0, fmt.Errorf("flags: want -fleet >= 0, -fleet-lifetimes >= 1, -fleet-burst >= 0 and -fleet-burners >= 0")
+	if o.fleet < 0 || o.fleetLifetime < 10*time.Second || o.fleetLifetimes < 1 || o.fleetBurst < 0 || o.fleetBurners < 0 {
+		return o, 0, fmt.Errorf("flags: want -fleet >= 0, -fleet-lifetime >= 10s, -fleet-lifetimes >= 1, -fleet-burst >= 0 and -fleet-burners >= 0")
 	}
 	if o.wildcard > 0 && (o.wildcardActive < 1 || o.wildcardTime < 4*time.Second) {
 		return o, 0, fmt.Errorf("flags: want -wildcard-active >= 1 and -wildcard-time >= 4s")
