@@ -41,7 +41,7 @@ type Entry struct {
 	header string
 	expiry time.Time
 	// issuedBefore, refreshBefore and cachedBefore are the token's
-	// IssuedAt, when the entry enters its refresh window, and when the
+	// IssuedAt, its planned refresh (Token.RefreshAt), and when the
 	// entry was built (broker clock), as durations before expiry:
 	// expiry.Add(-d) has expiry's monotonic clock reading, if any, so the
 	// times compare as the token's own expiry does.

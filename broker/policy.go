@@ -24,6 +24,11 @@ import (
 //     refresh-ahead, no new one starts before the key's backoff ends;
 //   - the source's circuit breaker (internal/breaker) refuses calls after
 //     BreakerThreshold consecutive temporary failures;
+//   - the provider's budget (Profile.Budget, package budget) is taken
+//     before each call: a caller waits its turn, a refresh-ahead never
+//     does; a refusal is answered without a call, with the budget's wait,
+//     and is not remembered; a refused refresh-ahead is tried again by a
+//     lookup after a short defer (refreshDenied);
 //   - a fetch calls up to MaxAttempts times while its failures are
 //     temporary, with backoff and jitter, within FetchTimeout.
 //
