@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
 // Source obtains access tokens from one provider's token API.
@@ -100,6 +101,11 @@ type Profile struct {
 	// carry a fresh proof signed with it. Its thumbprint is part of the
 	// profile's cache keys.
 	DPoP *dpop.Key
+	// Budget is the provider's token API budget, shared by all its
+	// profiles: every call to Source takes a request from it first. Nil:
+	// unlimited. Set it right after NewProfile, before the profile is in
+	// use; it is not part of the cache key.
+	Budget *budget.Budget
 
 	perMerchant bool   // Source implements PerMerchant and says true
 	keyTag      string // the cache keys' first keyTagLen bytes (see keyFor)

@@ -32,6 +32,7 @@ import (
 //	    encryption_keys_old <base64>...
 //	    hash_keys      true|false
 //	    timeout        50ms
+//	    timeout_max    2s
 //	    lock_ttl       35s
 //	}
 //
@@ -70,9 +71,16 @@ type RedisConfig struct {
 	// HashKeys names Redis keys by an HMAC of the cache key, so Redis does
 	// not show merchant ids. Default true.
 	HashKeys *bool `json:"hash_keys,omitempty"`
-	// Timeout bounds each Redis call; a slower Redis is treated as down
-	// (the broker mints locally). Default 50ms.
+	// Timeout is the shortest bound of a Redis call. Each call's bound
+	// follows how fast Redis answers (its recent latency, longer after a
+	// timeout and while calls queue for a connection), from Timeout to
+	// TimeoutMax. Redis that cannot be reached is treated as down at once
+	// (the broker mints locally); timeouts only when they last 5s (or
+	// twice TimeoutMax) without an answer. Default 50ms.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// TimeoutMax is the longest bound of a Redis call, from Timeout to a
+	// quarter of the fetch timeout. Default 2s (within those limits).
+	TimeoutMax caddy.Duration `json:"timeout_max,omitempty"`
 	// LockTTL is the expiry of a key's fleet lock, after which another
 	// broker takes over from one that died while minting. At least the
 	// fetch timeout. Default the fetch timeout plus 5s (35s).
@@ -101,7 +109,7 @@ func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, l
 	repl := caddy.NewReplacer()
 	s, err := redisstore.Settings{Address: r.Address, MasterName: r.MasterName, Username: r.Username, Password: r.Password,
 		DB: r.DB, TLS: r.TLS, KeyPrefix: r.KeyPrefix, EncryptionKey: r.EncryptionKey, EncryptionKeysOld: r.EncryptionKeysOld,
-		PlainKeys: r.HashKeys != nil && !*r.HashKeys, Timeout: time.Duration(r.Timeout), LockTTL: time.Duration(r.LockTTL),
+		PlainKeys: r.HashKeys != nil && !*r.HashKeys, Timeout: time.Duration(r.Timeout), MaxTimeout: time.Duration(r.TimeoutMax), LockTTL: time.Duration(r.LockTTL),
 		FetchTimeout: fetchTimeout}.Resolve(func(v string) (string, error) { return repl.ReplaceOrErr(v, true, true) })
 	if err != nil {
 		return nil, "", fmt.Errorf("token_broker: redis: %w", err)
@@ -129,7 +137,7 @@ func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, l
 	}
 	logger.Info("sharing tokens through redis", zap.Strings("address", s.Address),
 		zap.String("key_prefix", s.KeyPrefix), zap.Bool("hash_keys", !s.PlainKeys),
-		zap.Duration("timeout", plan.Timeout), zap.Duration("lock_ttl", plan.LockTTL), zap.Int("old_keys", plan.OldKeys))
+		zap.Duration("timeout", plan.Timeout), zap.Duration("timeout_max", plan.MaxTimeout), zap.Duration("lock_ttl", plan.LockTTL), zap.Int("old_keys", plan.OldKeys))
 	return &tier, plan.Key, nil
 }
 
@@ -206,14 +214,17 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 				return nil, d.Errf("hash_keys '%s': want true or false", v)
 			}
 			r.HashKeys = &b
-		case "timeout", "lock_ttl":
+		case "timeout", "timeout_max", "lock_ttl":
 			dur, err := positiveDuration(d, sub, v, "50ms")
 			if err != nil {
 				return nil, err
 			}
-			if sub == "timeout" {
+			switch sub {
+			case "timeout":
 				r.Timeout = dur
-			} else {
+			case "timeout_max":
+				r.TimeoutMax = dur
+			default:
 				r.LockTTL = dur
 			}
 		default:

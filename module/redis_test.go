@@ -47,13 +47,14 @@ func TestUnmarshalRedis(t *testing.T) {
 					encryption_keys_old {env.OLD1} {env.OLD2}
 					hash_keys false
 					timeout 80ms
+					timeout_max 3s
 					lock_ttl 40s
 				}
 			}`,
 			want: &RedisConfig{Address: []string{"a:6379", "b:6379"}, MasterName: "mymaster", Username: "{env.REDIS_USER}",
 				Password: "{env.REDIS_PASSWORD}", DB: 2, TLS: &RedisTLS{CA: "/ca.pem", Cert: "/c.pem", Key: "/k.pem", ServerName: "redis.internal"},
 				KeyPrefix: "tb:", EncryptionKey: "{file./run/secrets/k}", EncryptionKeysOld: []string{"{env.OLD1}", "{env.OLD2}"},
-				HashKeys: &no, Timeout: caddy.Duration(80 * time.Millisecond), LockTTL: caddy.Duration(40 * time.Second)}},
+				HashKeys: &no, Timeout: caddy.Duration(80 * time.Millisecond), TimeoutMax: caddy.Duration(3 * time.Second), LockTTL: caddy.Duration(40 * time.Second)}},
 		{name: "minimal with tls flag", input: "token_broker {\n redis {\n address r:6379\n encryption_key K\n tls\n }\n}",
 			want: &RedisConfig{Address: []string{"r:6379"}, EncryptionKey: "K", TLS: &RedisTLS{}}},
 		{name: "no key", input: "token_broker {\n redis {\n address r:6379\n }\n}", wantErr: "encryption_key is required"},
@@ -102,6 +103,10 @@ func TestProvisionRedis(t *testing.T) {
 		{name: "short key", cfg: RedisConfig{Address: addr, EncryptionKey: "{env.TB_TEST_SHORT_KEY}"}, wantErr: "encryption_key: seal: the key decodes to 20 bytes; want 32"},
 		{name: "short old key", cfg: RedisConfig{Address: addr, EncryptionKey: key, EncryptionKeysOld: []string{short}}, wantErr: "encryption_keys_old[0]"},
 		{name: "lock shorter than fetch", cfg: RedisConfig{Address: addr, EncryptionKey: key, LockTTL: caddy.Duration(time.Second)}, fetch: 5 * time.Second, wantErr: "lock_ttl 1s is shorter than fetch_timeout 5s"},
+		{name: "timeout_max shorter than timeout", cfg: RedisConfig{Address: addr, EncryptionKey: key, Timeout: caddy.Duration(time.Second), TimeoutMax: caddy.Duration(100 * time.Millisecond)},
+			wantErr: "timeout_max 100ms is shorter than timeout 1s"},
+		{name: "timeout_max beyond the fetch", cfg: RedisConfig{Address: addr, EncryptionKey: key, TimeoutMax: caddy.Duration(3 * time.Second)}, fetch: 10 * time.Second,
+			wantErr: "timeout_max 3s is longer than a quarter of fetch_timeout 10s"},
 		{name: "cert without key", cfg: RedisConfig{Address: addr, EncryptionKey: key, TLS: &RedisTLS{Cert: "/c.pem"}}, wantErr: "cert and key go together"},
 	}
 	for _, tt := range tests {

@@ -4,9 +4,10 @@
 //
 // What it keeps in Redis, under Options.KeyPrefix (default "token_broker:"):
 //
-//	tok:<name>      a token: its 8-hex fingerprint, then the token and
-//	                its version sealed (internal/seal, AES-256-GCM);
-//	                expires with the token
+//	tok:<name>      a token: its 8-hex fingerprint, then the token (with
+//	                the refresh its minting node planned, which a node
+//	                adopting it keeps) and its version sealed
+//	                (internal/seal, AES-256-GCM); expires with the token
 //	lock:<name>     the key's fleet lock (github.com/bsm/redislock): a
 //	                random owner token, expiry Options.LockTTL
 //	rt:<name>       a merchant's refresh token and its version, sealed;
@@ -28,11 +29,35 @@
 // Options.PlainKeys is set. The cache key is the associated data of each
 // sealed value, so a value copied under another name does not open.
 //
-// Every Redis call is bounded by Options.Timeout. Consecutive failures open
-// a breaker (internal/breaker, the one the broker uses for token APIs): for
-// Options.BreakerCooldown lookups mint directly, without Redis; then one
-// call probes Redis, and sharing resumes when it answers. No lookup fails
-// because of Redis.
+// # A slow Redis is not a dead one
+//
+// Every Redis call has a bound of its own (timeout.go), which adapts to how
+// fast Redis answers: the smoothed latency of the calls that succeeded plus
+// four times its mean deviation (RFC 6298's retransmission timer), doubled
+// after a call that timed out until one succeeds, never below
+// Options.Timeout nor above Options.MaxTimeout. A call that queues behind
+// a full pool of connections (a burst of lookups) gets one such bound more
+// per pool ahead of it, up to Options.MaxTimeout. A call that timed out
+// (a read, a write of a sealed value, a lock taken or released; not a
+// purge or an announcement) is tried again with the longer bound, until
+// one had MaxTimeout, while its caller waits.
+//
+// One breaker (internal/breaker, the one the broker uses for token APIs)
+// keeps Redis out when it is gone, and tells the two apart:
+//
+//   - a failure to reach Redis (connection refused or reset, no route, a
+//     dial that timed out, a closed connection) or an error answer counts
+//     at once: Options.BreakerThreshold of them in a row open the breaker;
+//   - a call that ran out of its bound is slow, not failed: timeouts count
+//     only once they have lasted Options.SlowSpan without any call
+//     succeeding in between, then each one counts as a failure. A burst
+//     of slow answers on busy CPUs does not open the breaker; a Redis that
+//     stopped answering opens it after SlowSpan and BreakerThreshold more
+//     timeouts.
+//
+// While the breaker is open (Options.BreakerCooldown) lookups mint
+// directly, without Redis; then one call probes Redis, and sharing resumes
+// when it answers. No lookup fails because of Redis.
 package fleet
 
 import (
@@ -45,6 +70,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/bits"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -67,8 +93,14 @@ import (
 const (
 	// DefaultKeyPrefix starts every Redis key the broker writes.
 	DefaultKeyPrefix = "token_broker:"
-	// DefaultTimeout bounds one Redis call.
+	// DefaultTimeout is the shortest bound of one Redis call.
 	DefaultTimeout = 50 * time.Millisecond
+	// DefaultMaxTimeout is the longest bound of one Redis call.
+	DefaultMaxTimeout = 2 * time.Second
+	// DefaultSlowSpan is how long Redis calls must keep timing out,
+	// without one succeeding, before timeouts count towards opening the
+	// breaker (at least twice Options.MaxTimeout).
+	DefaultSlowSpan = 5 * time.Second
 	// LockMargin is how much longer than a fetch timeout a fleet lock's
 	// expiry is by default, so that a lock outlives the mint it guards
 	// unless the node that took it dies.
@@ -77,7 +109,7 @@ const (
 	// default fetch timeout.
 	DefaultLockTTL = broker.DefaultFetchTimeout + LockMargin
 	// DefaultBreakerThreshold is how many Redis failures in a row open the
-	// breaker.
+	// breaker (timeouts count once they have lasted Options.SlowSpan).
 	DefaultBreakerThreshold = 3
 	// DefaultBreakerCooldown is how long an open breaker keeps Redis out.
 	DefaultBreakerCooldown = 5 * time.Second
@@ -89,13 +121,14 @@ const (
 
 // ErrUnavailable is returned (wrapped) by Purge and the refresh token Store
 // while the breaker keeps Redis out.
-var ErrUnavailable = errors.New("fleet: Redis is unavailable (breaker open after consecutive errors); retrying by itself after the cooldown")
+var ErrUnavailable = errors.New("fleet: Redis is unavailable (breaker open after consecutive failures, or timeouts that lasted slow_span); retrying by itself after the cooldown")
 
 // Options configure a Cache. Client and Keys are required.
 type Options struct {
 	// Client is the Redis client (single node, cluster or sentinel). The
 	// Cache does not close it. Build it with ClientOptions' settings so that
-	// a dead Redis fails fast.
+	// a dead Redis fails fast and the client's own timeouts leave the
+	// bound of each call to the Cache.
 	Client redis.UniversalClient
 	// Keys seal what is stored and derive the hashed key names.
 	Keys *seal.Keyring
@@ -108,8 +141,18 @@ type Options struct {
 	// printable ASCII escaped as Go does (\x8b: a key starts with a binary
 	// tag of its source and scopes). Default false: names are hashed.
 	PlainKeys bool
-	// Timeout bounds each Redis call. Default 50ms.
+	// Timeout is the shortest bound of a Redis call; the bound grows
+	// when Redis answers slower or calls queue for a connection (see the
+	// package documentation). Default 50ms.
 	Timeout time.Duration
+	// MaxTimeout is the longest bound of a Redis call, at least Timeout.
+	// A lookup makes a few calls, so keep it well under the broker's
+	// fetch timeout. Default 2s (Timeout when Timeout is longer).
+	MaxTimeout time.Duration
+	// SlowSpan is how long Redis calls must keep timing out, without one
+	// succeeding, before each further timeout counts towards opening the
+	// breaker. Default 5s, and at least twice MaxTimeout.
+	SlowSpan time.Duration
 	// LockTTL is the expiry of a key's fleet lock: if its holder dies, the
 	// others take over after at most this long. It must be at least the
 	// broker's fetch timeout. It also bounds a lookup's wait for another
@@ -126,7 +169,7 @@ type Options struct {
 	// fetch timeout would end first). Default 1s.
 	LockPoll time.Duration
 	// BreakerThreshold is how many consecutive Redis failures open the
-	// breaker. Default 3.
+	// breaker (timeouts count once they have lasted SlowSpan). Default 3.
 	BreakerThreshold int
 	// BreakerCooldown is how long the open breaker keeps Redis out before
 	// one call probes it (the others keep out until the probe answers).
@@ -143,18 +186,27 @@ type Options struct {
 	Logger *zap.Logger
 }
 
-// ClientOptions sets the timeouts of o so that no Redis call outlives
-// timeout (dial included) and a dead Redis is not retried in a loop. Use it
-// on the options of the client given to New.
-func ClientOptions(o *redis.UniversalOptions, timeout time.Duration) {
+// ClientOptions sets the timeouts of o for a Cache whose Options have
+// Timeout timeout and MaxTimeout maxTimeout (zero: their defaults): a dial
+// is bounded by timeout (at least 250ms), so a Redis that is not there
+// fails fast; reads, writes and the wait for a pool connection by
+// maxTimeout, and each call by the deadline the Cache gives it; a dead
+// Redis is not retried in a loop. Use it on the options of the client
+// given to New.
+func ClientOptions(o *redis.UniversalOptions, timeout, maxTimeout time.Duration) {
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
+	if maxTimeout <= 0 {
+		maxTimeout = DefaultMaxTimeout
+	}
+	maxTimeout = max(maxTimeout, timeout)
 	o.ContextTimeoutEnabled = true
 	o.DialTimeout = max(timeout, 250*time.Millisecond)
-	o.ReadTimeout = timeout
-	o.WriteTimeout = timeout
-	o.PoolTimeout = timeout
+	o.DialerRetries = 1
+	o.ReadTimeout = maxTimeout
+	o.WriteTimeout = maxTimeout
+	o.PoolTimeout = maxTimeout
 	o.MaxRetries = 1
 	o.MinRetryBackoff = time.Millisecond
 	o.MaxRetryBackoff = 5 * time.Millisecond
@@ -171,6 +223,7 @@ type Cache struct {
 	node     string
 	channel  string
 	br       *breaker.Breaker
+	timeouts *callTimeout
 	obs      Observer
 	log      *zap.Logger
 	// availability is told when Redis becomes unavailable and available
@@ -205,6 +258,14 @@ func New(opts Options) (*Cache, error) {
 	if opts.Timeout <= 0 {
 		opts.Timeout = DefaultTimeout
 	}
+	if opts.MaxTimeout <= 0 {
+		opts.MaxTimeout = DefaultMaxTimeout
+	}
+	opts.MaxTimeout = max(opts.MaxTimeout, opts.Timeout)
+	if opts.SlowSpan <= 0 {
+		opts.SlowSpan = DefaultSlowSpan
+	}
+	opts.SlowSpan = max(opts.SlowSpan, 2*opts.MaxTimeout)
 	if opts.LockTTL <= 0 {
 		opts.LockTTL = DefaultLockTTL
 	}
@@ -246,7 +307,8 @@ func New(opts Options) (*Cache, error) {
 		vers:     newVersions(),
 		rts:      rtVersions{m: map[string]rtSeen{}},
 	}
-	c.br = &breaker.Breaker{Threshold: opts.BreakerThreshold, Cooldown: opts.BreakerCooldown}
+	c.br = &breaker.Breaker{Threshold: opts.BreakerThreshold, Cooldown: opts.BreakerCooldown, SlowSpan: opts.SlowSpan}
+	c.timeouts = newCallTimeout(opts.Timeout, opts.MaxTimeout, poolSize(opts.Client))
 	c.ps = c.rdb.Subscribe(context.Background())
 	// Wait (briefly) for the subscription to be confirmed, so that this
 	// node hears announcements made right after New returns, then apply
@@ -292,34 +354,79 @@ func (c *Cache) tokenKey(key string) string { return c.opts.KeyPrefix + "tok:" +
 // lockKey is the Redis key of a subject's fleet lock.
 func (c *Cache) lockKey(subject string) string { return c.opts.KeyPrefix + "lock:" + subject }
 
-// do runs one Redis call bounded by the timeout, through the breaker.
-// redis.Nil and redislock.ErrNotObtained are answers, not failures.
+// do runs one Redis call through the breaker, bounded by the call's
+// adaptive timeout (timeout.go). A call that timed out is run again with
+// the longer bound the timeout gives then, until a run had
+// Options.MaxTimeout, the breaker opens, or ctx ends, if op is one that
+// the Cache can run twice with the same effect (retried); at most as many
+// runs as doublings take Options.Timeout to MaxTimeout, and one. redis.Nil
+// and redislock.ErrNotObtained are answers, not failures.
 func (c *Cache) do(ctx context.Context, op string, fn func(context.Context) error) error {
-	if ok, _, _, _ := c.br.Allow(c.opts.Now()); !ok {
-		return ErrUnavailable
+	runs := bits.Len64(uint64(c.opts.MaxTimeout/c.opts.Timeout)) + 1
+	for run := 1; ; run++ {
+		again, err := c.doOnce(ctx, op, fn)
+		if !again || !retried(op) || run >= runs || ctx.Err() != nil {
+			return err
+		}
 	}
-	cctx, cancel := context.WithTimeout(ctx, c.opts.Timeout)
-	defer cancel()
-	err := fn(cctx)
+}
+
+// retried reports whether do runs op again after a timeout: reads; the
+// SET of a sealed value (the same value again); a lock taken, extended or
+// released with the same owner token (obtain). Not a purge (its script
+// returns what it deleted, once) nor an announcement.
+func retried(op string) bool {
+	switch op {
+	case "get", "pttl", "set", "lock", "unlock":
+		return true
+	}
+	return false
+}
+
+// doOnce is one run of do; again reports a timeout that a longer bound
+// may cure (the breaker still lets calls through).
+func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) error) (again bool, err error) {
+	if ok, _, _, _ := c.br.Allow(c.opts.Now()); !ok {
+		return false, ErrUnavailable
+	}
+	call := c.timeouts.start()
+	started := time.Now()
+	cctx, cancel := context.WithTimeout(ctx, call.bound)
+	err = fn(cctx)
+	cancel()
 	outcome := breaker.Failed
 	switch {
 	case err == nil, errors.Is(err, redis.Nil), errors.Is(err, redislock.ErrNotObtained), errors.Is(err, redislock.ErrLockNotHeld):
 		outcome = breaker.Healthy
+		c.timeouts.succeeded(time.Since(started))
 	case ctx.Err() != nil:
 		outcome = breaker.Unknown // the caller gave up: not Redis's fault
+		c.timeouts.ended()
+	case classify(err) == kindSlow:
+		outcome = breaker.Slow
+		c.timeouts.timedOut(call)
+		c.obs.L2Error(op)
+		if o, ok := c.obs.(HealthObserver); ok {
+			o.L2Timeout(op)
+		}
 	default:
+		c.timeouts.ended()
 		c.obs.L2Error(op)
 	}
-	switch from, to := c.br.Record(c.opts.Now(), outcome, err); {
+	from, to := c.br.Record(c.opts.Now(), outcome, err)
+	switch {
 	case from == breaker.Closed && to == breaker.Open:
+		if o, ok := c.obs.(HealthObserver); ok {
+			o.BreakerOpened()
+		}
 		c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
-			zap.Duration("cooldown", c.opts.BreakerCooldown))
+			zap.Duration("cooldown", c.opts.BreakerCooldown), zap.Error(err))
 		c.tellAvailability(false, err)
 	case from != breaker.Closed && to == breaker.Closed:
 		c.log.Info("redis available again: sharing tokens with the fleet")
 		c.tellAvailability(true, nil)
 	}
-	return err
+	return outcome == breaker.Slow && to != breaker.Open && call.base < c.opts.MaxTimeout, err
 }
 
 // OnAvailability sets f (nil: none), replacing the previous one, to be
@@ -354,6 +461,9 @@ type wireToken struct {
 	ID       string   `json:"id,omitempty"`
 	Scopes   []string `json:"s,omitempty"`
 	IssuedAt int64    `json:"i,omitempty"`
+	// RefreshAt is the refresh the minting node planned (Unix ns); 0
+	// (absent) when none.
+	RefreshAt int64 `json:"r,omitempty"`
 	// Version orders the values of one key (version.go); 0 (absent) is
 	// older than every version.
 	Version int64 `json:"w,omitempty"`
@@ -373,6 +483,9 @@ func (c *Cache) encode(key string, tok broker.Token, ver int64) ([]byte, error) 
 	w := wireToken{Value: tok.Value.Reveal(), Type: tok.Type, Expiry: tok.Expiry.UnixNano(), ID: tok.ID, Scopes: tok.Scopes, Version: ver}
 	if !tok.IssuedAt.IsZero() {
 		w.IssuedAt = tok.IssuedAt.UnixNano()
+	}
+	if !tok.RefreshAt.IsZero() {
+		w.RefreshAt = tok.RefreshAt.UnixNano()
 	}
 	pt, err := json.Marshal(w)
 	if err != nil {
@@ -407,6 +520,9 @@ func (c *Cache) decode(key string, b []byte) (tok broker.Token, ver int64, ok bo
 	tok = broker.Token{Value: broker.Secret(w.Value), Type: w.Type, Expiry: time.Unix(0, w.Expiry), ID: w.ID, Scopes: w.Scopes}
 	if w.IssuedAt != 0 {
 		tok.IssuedAt = time.Unix(0, w.IssuedAt)
+	}
+	if w.RefreshAt != 0 {
+		tok.RefreshAt = time.Unix(0, w.RefreshAt)
 	}
 	return tok, w.Version, true
 }

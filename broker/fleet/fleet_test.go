@@ -23,7 +23,7 @@ import (
 
 // counters is an Observer that counts.
 type counters struct {
-	hit, miss, errs, wait, adopted, inval, undec, bypass, rolledBack atomic.Int64
+	hit, miss, errs, wait, adopted, inval, undec, bypass, rolledBack, timeouts, opened atomic.Int64
 }
 
 func (c *counters) L2Hit()                { c.hit.Add(1) }
@@ -35,6 +35,8 @@ func (c *counters) InvalidationReceived() { c.inval.Add(1) }
 func (c *counters) Undecryptable()        { c.undec.Add(1) }
 func (c *counters) Bypassed()             { c.bypass.Add(1) }
 func (c *counters) RolledBack()           { c.rolledBack.Add(1) }
+func (c *counters) L2Timeout(string)      { c.timeouts.Add(1) }
+func (c *counters) BreakerOpened()        { c.opened.Add(1) }
 
 // node is one broker of the fleet under test.
 type node struct {
@@ -73,7 +75,7 @@ func newNodeAt(t *testing.T, addr string, keys *seal.Keyring, mod func(*Options)
 		mod(&opts)
 	}
 	uo := &redis.UniversalOptions{Addrs: []string{addr}}
-	ClientOptions(uo, opts.Timeout)
+	ClientOptions(uo, opts.Timeout, opts.MaxTimeout)
 	rdb := redis.NewUniversalClient(uo)
 	opts.Client = rdb
 	c, err := New(opts)
@@ -650,8 +652,8 @@ func TestRefreshTokenStore(t *testing.T) {
 }
 
 // A Redis that accepts connections but never answers: every call gives up
-// after the timeout, lookups mint locally without error, and the breaker
-// then keeps the dead server out.
+// after its bound and lookups mint locally without error; it is taken as
+// slow for the slow span, then the breaker keeps the silent server out.
 func TestSilentRedisIsBypassed(t *testing.T) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -678,32 +680,51 @@ func TestSilentRedisIsBypassed(t *testing.T) {
 		}
 		mu.Unlock()
 	})
+	const timeout, maxTimeout, slowSpan = 50 * time.Millisecond, 200 * time.Millisecond, time.Second
 	uo := &redis.UniversalOptions{Addrs: []string{l.Addr().String()}}
-	ClientOptions(uo, 50*time.Millisecond)
+	ClientOptions(uo, timeout, maxTimeout)
 	rdb := redis.NewUniversalClient(uo)
 	obs := &counters{}
 	clock := clocktest.New(time.Now())
-	c, err := New(Options{Client: rdb, Keys: testKeys(t, 1), Timeout: 50 * time.Millisecond, Now: clock.Now, Observer: obs})
+	c, err := New(Options{Client: rdb, Keys: testKeys(t, 1), Timeout: timeout, MaxTimeout: maxTimeout, SlowSpan: slowSpan,
+		Now: clock.Now, Observer: obs})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close(); rdb.Close() })
 	ctx := testCtx(t)
 	var m minter
-	for i := 0; i < 5; i++ {
+	// Within the slow span a silent Redis is taken as slow: each lookup
+	// reads with longer bounds up to maxTimeout, then mints without it.
+	for i := 0; i < 3; i++ {
 		tok, adopted, err := c.Fetch(ctx, testKey, usable, m.mint)
 		if err != nil || adopted || tok.Value == "" {
 			t.Fatalf("lookup %d with a silent redis: adopted=%v err=%v", i, adopted, err)
 		}
 	}
-	if m.n.Load() != 5 || obs.bypass.Load() != 5 {
-		t.Fatalf("mints=%d bypassed=%d; want 5 and 5", m.n.Load(), obs.bypass.Load())
+	if m.n.Load() != 3 || obs.bypass.Load() != 3 || obs.timeouts.Load() < 3 || !c.Available() {
+		t.Fatalf("mints=%d bypassed=%d timeouts=%d available=%v; want 3, 3, at least 3, and the breaker closed",
+			m.n.Load(), obs.bypass.Load(), obs.timeouts.Load(), c.Available())
 	}
-	if got := obs.errs.Load(); got != DefaultBreakerThreshold {
-		t.Fatalf("redis errors = %d; want %d, then the breaker keeps redis out", got, DefaultBreakerThreshold)
+	// Once timeouts have lasted the slow span, each counts: the breaker
+	// opens after the threshold and keeps Redis out.
+	clock.Add(slowSpan)
+	errs := obs.errs.Load()
+	for i := 0; i < 5; i++ {
+		tok, adopted, err := c.Fetch(ctx, testKey, usable, m.mint)
+		if err != nil || adopted || tok.Value == "" {
+			t.Fatalf("lookup %d after the slow span: adopted=%v err=%v", i, adopted, err)
+		}
+	}
+	if m.n.Load() != 8 || obs.bypass.Load() != 8 || c.Available() || obs.opened.Load() != 1 {
+		t.Fatalf("mints=%d bypassed=%d available=%v opened=%d; want 8, 8, unavailable, opened once", m.n.Load(), obs.bypass.Load(), c.Available(), obs.opened.Load())
+	}
+	if got := obs.errs.Load() - errs; got != DefaultBreakerThreshold {
+		t.Fatalf("redis errors after the slow span = %d; want %d, then the breaker keeps redis out", got, DefaultBreakerThreshold)
 	}
 	// After each cooldown one call probes the still silent Redis, and its
-	// failure keeps Redis out for another cooldown.
+	// timeout keeps Redis out for another cooldown.
+	errs = obs.errs.Load()
 	for round := 1; round <= 2; round++ {
 		clock.Add(DefaultBreakerCooldown)
 		for i := 0; i < 5; i++ {
@@ -711,7 +732,7 @@ func TestSilentRedisIsBypassed(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if got, want := obs.errs.Load(), int64(DefaultBreakerThreshold+round); got != want {
+		if got, want := obs.errs.Load()-errs, int64(round); got != want {
 			t.Fatalf("redis errors after %d cooldowns = %d; want %d (one probe each)", round, got, want)
 		}
 	}

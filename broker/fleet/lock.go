@@ -2,6 +2,9 @@ package fleet
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"fmt"
 	"strings"
 	"sync"
 	"time"
@@ -22,13 +25,21 @@ type held struct {
 	wg   sync.WaitGroup
 }
 
-// obtain tries once to take subject's lock, with owner token and expiry
-// LockTTL. It returns redislock.ErrNotObtained when another node holds it.
+// obtain tries once to take subject's lock, with a random owner token and
+// expiry LockTTL. It returns redislock.ErrNotObtained when another node
+// holds it. The token is chosen before the call, so a call that timed out
+// and runs again (do) takes the lock it may already hold instead of
+// finding it held by someone.
 func (c *Cache) obtain(ctx context.Context, subject string) (*held, error) {
+	token := make([]byte, 16)
+	if _, err := rand.Read(token); err != nil {
+		return nil, fmt.Errorf("fleet: lock owner token: %w", err)
+	}
+	lo := &redislock.Options{Token: base64.RawURLEncoding.EncodeToString(token)}
 	var l *redislock.Lock
 	err := c.do(ctx, "lock", func(ctx context.Context) error {
 		var err error
-		l, err = c.locker.Obtain(ctx, c.lockKey(subject), c.opts.LockTTL, nil)
+		l, err = c.locker.Obtain(ctx, c.lockKey(subject), c.opts.LockTTL, lo)
 		return err
 	})
 	if err != nil {

@@ -45,6 +45,19 @@ type RollbackObserver interface {
 	RolledBack()
 }
 
+// HealthObserver is implemented by an Observer that also counts Redis
+// calls that timed out and openings of the tier's breaker; the Cache calls
+// them when the Observer has them.
+type HealthObserver interface {
+	// L2Timeout is called when a Redis call ran out of its bound (op as
+	// for L2Error, which is called too). A timeout is slow, not failed:
+	// it opens the breaker only when timeouts last (Options.SlowSpan).
+	L2Timeout(op string)
+	// BreakerOpened is called when the breaker opens: lookups mint
+	// without Redis for Options.BreakerCooldown.
+	BreakerOpened()
+}
+
 // NopObserver is an Observer that does nothing. Embed it to implement only
 // some methods.
 type NopObserver struct{}
@@ -76,7 +89,14 @@ func (NopObserver) Bypassed() {}
 // RolledBack implements Observer.
 func (NopObserver) RolledBack() {}
 
+// L2Timeout implements HealthObserver.
+func (NopObserver) L2Timeout(string) {}
+
+// BreakerOpened implements HealthObserver.
+func (NopObserver) BreakerOpened() {}
+
 var (
 	_ Observer         = NopObserver{}
 	_ RollbackObserver = NopObserver{}
+	_ HealthObserver   = NopObserver{}
 )

@@ -49,7 +49,7 @@ func newCache(t *testing.T, r *redistest.Server) *fleet.Cache {
 		t.Fatal(err)
 	}
 	uo := &redis.UniversalOptions{Addrs: []string{r.Addr()}}
-	fleet.ClientOptions(uo, 5*time.Second)
+	fleet.ClientOptions(uo, 5*time.Second, 0)
 	rdb := redis.NewUniversalClient(uo)
 	c, err := fleet.New(fleet.Options{Client: rdb, Keys: keys, Timeout: 5 * time.Second})
 	if err != nil {

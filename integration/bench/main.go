@@ -35,6 +35,7 @@ import (
 	"log"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -66,13 +67,21 @@ type options struct {
 	profile string
 	// fleet > 0 runs the fleet mode instead (fleet.go).
 	fleet          int
+	fleetLifetime  time.Duration
 	fleetLifetimes int
 	// dpop runs the DPoP comparison instead (dpop.go).
 	dpop bool
+	// fleetBurst is the number of cold merchants of the fleet's burst
+	// step (0 skips it), fleetBurners the CPU burners during it.
+	fleetBurst   int
+	fleetBurners int
 }
 
 func main() {
 	log.SetFlags(0)
+	if len(os.Args) > 1 && os.Args[1] == "burn" {
+		burn()
+	}
 	if len(os.Args) > 1 && (os.Args[1] == "upstream" || os.Args[1] == "tokenapi") {
 		if err := serveHelper(os.Args[1], os.Args[2:]); err != nil {
 			log.Fatalf("bench %s: %v", os.Args[1], err)
@@ -136,6 +145,10 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	fs.IntVar(&o.fleet, "fleet", 0, "fleet mode: N sidecars sharing one redis-server; mints per key per lifetime and L2 latency (0: off)")
 	fs.IntVar(&o.fleetLifetimes, "fleet-lifetimes", 3, "fleet mode: token lifetimes (10 s each) of steady traffic")
 	fs.BoolVar(&o.dpop, "dpop", false, "DPoP mode: CPU per request of a DPoP route per algorithm (ES256, PS256, EdDSA) vs a bearer route vs Caddy with a static header")
+	fs.DurationVar(&o.fleetLifetime, "fleet-lifetime", 10*time.Second, "fleet mode: the tokens' lifetime (token_lifetime; 10s is the token API's minimum)")
+	fs.IntVar(&o.fleetLifetimes, "fleet-lifetimes", 3, "fleet mode: token lifetimes (-fleet-lifetime each) of steady traffic")
+	fs.IntVar(&o.fleetBurst, "fleet-burst", 600, "fleet mode: cold merchants requested at once on every sidecar under CPU starvation, before the steady traffic (0 skips the step)")
+	fs.IntVar(&o.fleetBurners, "fleet-burners", 2*runtime.NumCPU(), "fleet mode: CPU burner processes during the cold burst")
 	timeout := fs.Duration("timeout", 45*time.Minute, "stop everything and fail after this long")
 	if err := fs.Parse(args); err != nil {
 		return o, 0, err
@@ -144,8 +157,8 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	if o.merchants, err = parseCounts(*counts); err != nil {
 		return o, 0, err
 	}
-	if o.fleet < 0 || o.fleetLifetimes < 1 {
-		return o, 0, fmt.Errorf("flags: want -fleet >= 0 and -fleet-lifetimes >= 1")
+	if o.fleet < 0 || o.fleetLifetime < 10*time.Second || o.fleetLifetimes < 1 || o.fleetBurst < 0 || o.fleetBurners < 0 {
+		return o, 0, fmt.Errorf("flags: want -fleet >= 0, -fleet-lifetime >= 10s, -fleet-lifetimes >= 1, -fleet-burst >= 0 and -fleet-burners >= 0")
 	}
 	if o.wildcard > 0 && (o.wildcardActive < 1 || o.wildcardTime < 4*time.Second) {
 		return o, 0, fmt.Errorf("flags: want -wildcard-active >= 1 and -wildcard-time >= 4s")

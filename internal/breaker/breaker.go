@@ -5,6 +5,13 @@
 // closes it, its failure opens it again for another Cooldown. A probe that
 // is never reported stops blocking after a Cooldown. Times come from the
 // caller, so tests move a clock and never sleep.
+//
+// A slow answer (outcome Slow: a call that timed out) is not a failure at
+// first: a burst of them says the service is busy, not gone. Slow outcomes
+// count as failures only once they have lasted SlowSpan without a healthy
+// answer in between; from then on each one counts like Failed, so a
+// service that stopped answering still opens the breaker, after SlowSpan
+// plus Threshold slow calls.
 package breaker
 
 import (
@@ -52,6 +59,10 @@ const (
 	// Unknown: nothing was learnt (the caller gave up); a probe is
 	// released without deciding.
 	Unknown
+	// Slow: the call timed out. Until slow outcomes have lasted SlowSpan
+	// without a Healthy or Answered one in between, it is treated as
+	// Unknown; after that, as Failed.
+	Slow
 )
 
 // Breaker is one circuit breaker. The zero value is a closed breaker that
@@ -62,6 +73,10 @@ type Breaker struct {
 	Threshold int
 	// Cooldown is how long the open breaker refuses calls before a probe.
 	Cooldown time.Duration
+	// SlowSpan is how long slow outcomes must last, without a healthy
+	// answer, before each one counts as a failure. Zero: a slow outcome
+	// is a failure at once.
+	SlowSpan time.Duration
 
 	mu         sync.Mutex
 	state      State
@@ -70,6 +85,7 @@ type Breaker struct {
 	probeUntil time.Time // a probe is out until this; zero when none
 	cause      error     // the failure that opened it
 	lastUsed   time.Time
+	slowSince  time.Time // the first slow outcome since the last healthy one; zero when none
 }
 
 // Allow reports whether a call may go out at now; if not, for how long
@@ -104,10 +120,14 @@ func (b *Breaker) Record(now time.Time, o Outcome, err error) (from, to State) {
 	defer b.mu.Unlock()
 	from = b.state
 	b.lastUsed = now
+	if o == Slow {
+		o = b.slow(now)
+	}
 	switch o {
 	case Healthy:
-		b.state, b.failures, b.cause = Closed, 0, nil
+		b.state, b.failures, b.cause, b.slowSince = Closed, 0, nil, time.Time{}
 	case Answered:
+		b.slowSince = time.Time{}
 		if b.state == HalfOpen {
 			b.state, b.failures, b.cause = Closed, 0, nil
 		}
@@ -119,6 +139,18 @@ func (b *Breaker) Record(now time.Time, o Outcome, err error) (from, to State) {
 	}
 	b.probeUntil = time.Time{}
 	return from, b.state
+}
+
+// slow is what a slow outcome at now counts as: Unknown while slow
+// outcomes have lasted less than SlowSpan, Failed after. b.mu is held.
+func (b *Breaker) slow(now time.Time) Outcome {
+	if b.slowSince.IsZero() || now.Before(b.slowSince) {
+		b.slowSince = now
+	}
+	if now.Sub(b.slowSince) < b.SlowSpan {
+		return Unknown
+	}
+	return Failed
 }
 
 // State returns the breaker's state.

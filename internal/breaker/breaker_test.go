@@ -88,3 +88,51 @@ func TestBreakerOneProbe(t *testing.T) {
 		t.Fatal("a closed, unused breaker is not idle")
 	}
 }
+
+// Slow outcomes open the breaker only once they have lasted SlowSpan
+// without a healthy answer; failures open it after Threshold as before.
+func TestBreakerSlow(t *testing.T) {
+	const span = 2 * time.Second
+	slow := func(advance time.Duration, s State) step {
+		return step{advance: advance, outcome: Slow, allowed: true, state: s}
+	}
+	tests := []struct {
+		name  string
+		steps []step
+	}{
+		{"a burst of slow answers keeps it closed", []step{slow(0, Closed), slow(0, Closed), slow(0, Closed),
+			slow(0, Closed), slow(0, Closed), slow(time.Second, Closed), slow(time.Second/2, Closed)}},
+		{"slow answers that last the span count as failures", []step{slow(0, Closed), slow(time.Second, Closed),
+			slow(time.Second, Closed), slow(0, Closed), slow(0, Open)}},
+		{"a healthy answer restarts the span", []step{slow(0, Closed), slow(1500*time.Millisecond, Closed),
+			{outcome: Healthy, allowed: true, state: Closed}, slow(time.Second, Closed), slow(time.Second, Closed),
+			slow(time.Second/2, Closed), slow(time.Second/2, Closed), slow(0, Closed), slow(0, Open)}},
+		{"an answer restarts the span", []step{slow(0, Closed), slow(1500*time.Millisecond, Closed),
+			{outcome: Answered, allowed: true, state: Closed}, slow(time.Second, Closed), slow(0, Closed), slow(0, Closed)}},
+		{"failures still open at the threshold", []step{slow(0, Closed), {outcome: Failed, allowed: true, state: Closed},
+			{outcome: Failed, allowed: true, state: Closed}, slow(0, Closed), {outcome: Failed, allowed: true, state: Open}}},
+		{"a slow probe within the span is released", []step{{outcome: Failed, allowed: true}, {outcome: Failed, allowed: true},
+			{outcome: Failed, allowed: true, state: Open}, slow(10*time.Second, HalfOpen), {outcome: Healthy, allowed: true, state: Closed}}},
+		{"a slow probe after the span opens again", []step{slow(0, Closed), slow(span, Closed), slow(0, Closed), slow(0, Open),
+			slow(10*time.Second, Open)}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := &Breaker{Threshold: 3, Cooldown: 10 * time.Second, SlowSpan: span}
+			now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+			for i, s := range tt.steps {
+				now = now.Add(s.advance)
+				ok, _, _, _ := b.Allow(now)
+				if ok != s.allowed {
+					t.Fatalf("step %d: allowed %v, want %v", i, ok, s.allowed)
+				}
+				if ok {
+					b.Record(now, s.outcome, errors.New("timeout"))
+				}
+				if got := b.State(); got != s.state {
+					t.Fatalf("step %d: state %s, want %s", i, got, s.state)
+				}
+			}
+		})
+	}
+}

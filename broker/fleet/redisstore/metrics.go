@@ -21,6 +21,8 @@ import (
 //	caddy_token_broker_l2_undecryptable_total
 //	caddy_token_broker_l2_bypassed_total
 //	caddy_token_broker_l2_rolled_back_total
+//	caddy_token_broker_l2_timeouts_total{op}
+//	caddy_token_broker_l2_breaker_openings_total
 type Metrics struct {
 	lookups       *prometheus.CounterVec
 	errors        *prometheus.CounterVec
@@ -30,6 +32,8 @@ type Metrics struct {
 	undecryptable prometheus.Counter
 	bypassed      prometheus.Counter
 	rolledBack    prometheus.Counter
+	timeouts      *prometheus.CounterVec
+	openings      prometheus.Counter
 }
 
 // NewMetrics creates the collectors.
@@ -49,13 +53,16 @@ func NewMetrics() *Metrics {
 		undecryptable: counter("l2_undecryptable_total", "Values in Redis that did not open with the configured keys (ignored)."),
 		bypassed:      counter("l2_bypassed_total", "Lookups that minted without the shared tier because Redis was unavailable, or without the key's lock after waiting lock_ttl for it."),
 		rolledBack:    counter("l2_rolled_back_total", "Values in Redis older than one this broker had seen for their key (an old value written back), ignored."),
+		timeouts: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "l2_timeouts_total",
+			Help: "Redis calls that ran out of their adaptive bound, by operation (also in l2_errors_total); they open the breaker only when they last slow_span."}, []string{"op"}),
+		openings: counter("l2_breaker_openings_total", "Times the Redis breaker opened: lookups then mint without the shared tier for the cooldown."),
 	}
 }
 
 // Register adds the collectors to registry; registering them again is
 // not an error.
 func (m *Metrics) Register(registry *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{m.lookups, m.errors, m.lockWaits, m.adopted, m.invalidations, m.undecryptable, m.bypassed, m.rolledBack} {
+	for _, c := range []prometheus.Collector{m.lookups, m.errors, m.lockWaits, m.adopted, m.invalidations, m.undecryptable, m.bypassed, m.rolledBack, m.timeouts, m.openings} {
 		if err := registry.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) && are.ExistingCollector == c {
@@ -94,8 +101,15 @@ func (m *Metrics) Bypassed() { m.bypassed.Inc() }
 // RolledBack implements fleet.Observer.
 func (m *Metrics) RolledBack() { m.rolledBack.Inc() }
 
+// L2Timeout implements fleet.HealthObserver.
+func (m *Metrics) L2Timeout(op string) { m.timeouts.WithLabelValues(op).Inc() }
+
+// BreakerOpened implements fleet.HealthObserver.
+func (m *Metrics) BreakerOpened() { m.openings.Inc() }
+
 // Interface guards.
 var (
 	_ fleet.Observer         = (*Metrics)(nil)
 	_ fleet.RollbackObserver = (*Metrics)(nil)
+	_ fleet.HealthObserver   = (*Metrics)(nil)
 )

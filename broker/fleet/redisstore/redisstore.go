@@ -46,8 +46,13 @@ type Settings struct {
 	EncryptionKeysOld []string
 	// PlainKeys names Redis keys by the cache key, not its HMAC.
 	PlainKeys bool
-	// Timeout bounds each Redis call. Default fleet.DefaultTimeout.
+	// Timeout is the shortest bound of a Redis call (fleet.Options).
+	// Default fleet.DefaultTimeout.
 	Timeout time.Duration
+	// MaxTimeout is the longest bound of a Redis call, from Timeout to a
+	// quarter of FetchTimeout. Default fleet.DefaultMaxTimeout, within
+	// those limits.
+	MaxTimeout time.Duration
 	// LockTTL is the expiry of a key's fleet lock, at least
 	// FetchTimeout. Default FetchTimeout plus fleet.LockMargin.
 	LockTTL time.Duration
@@ -77,8 +82,9 @@ type Plan struct {
 	// Key identifies the settings (secrets included, so that a changed
 	// key makes another plan) without revealing them.
 	Key string
-	// Timeout and LockTTL are the settings with their defaults.
-	Timeout, LockTTL time.Duration
+	// Timeout, MaxTimeout and LockTTL are the settings with their
+	// defaults.
+	Timeout, MaxTimeout, LockTTL time.Duration
 	// OldKeys counts the previous encryption keys.
 	OldKeys int
 
@@ -112,14 +118,22 @@ func Prepare(s Settings) (*Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	if s.Timeout < 0 || s.LockTTL < 0 {
-		return nil, errors.New("timeout and lock_ttl must not be negative")
+	if s.Timeout < 0 || s.MaxTimeout < 0 || s.LockTTL < 0 {
+		return nil, errors.New("timeout, timeout_max and lock_ttl must not be negative")
 	}
 	if s.Timeout == 0 {
 		s.Timeout = fleet.DefaultTimeout
 	}
 	if s.FetchTimeout <= 0 {
 		s.FetchTimeout = broker.DefaultFetchTimeout
+	}
+	switch {
+	case s.MaxTimeout == 0:
+		s.MaxTimeout = max(s.Timeout, min(fleet.DefaultMaxTimeout, s.FetchTimeout/4))
+	case s.MaxTimeout < s.Timeout:
+		return nil, fmt.Errorf("timeout_max %s is shorter than timeout %s: raise timeout_max (the longest bound of a Redis call) or lower timeout (the shortest)", s.MaxTimeout, s.Timeout)
+	case s.MaxTimeout > s.FetchTimeout/4:
+		return nil, fmt.Errorf("timeout_max %s is longer than a quarter of fetch_timeout %s: a lookup makes several Redis calls and would outlive its fetch; lower timeout_max", s.MaxTimeout, s.FetchTimeout)
 	}
 	if s.LockTTL == 0 {
 		s.LockTTL = s.FetchTimeout + fleet.LockMargin
@@ -133,10 +147,10 @@ func Prepare(s Settings) (*Plan, error) {
 			return nil, err
 		}
 	}
-	fleet.ClientOptions(opts, s.Timeout)
+	fleet.ClientOptions(opts, s.Timeout, s.MaxTimeout)
 	settings, _ := json.Marshal(s)
 	sum := sha256.Sum256(settings)
-	return &Plan{Key: "redis " + hex.EncodeToString(sum[:]), Timeout: s.Timeout, LockTTL: s.LockTTL, OldKeys: len(old),
+	return &Plan{Key: "redis " + hex.EncodeToString(sum[:]), Timeout: s.Timeout, MaxTimeout: s.MaxTimeout, LockTTL: s.LockTTL, OldKeys: len(old),
 		s: s, keys: keys, opts: opts}, nil
 }
 
@@ -180,7 +194,7 @@ func (p *Plan) Open(logger *zap.Logger) (*Tier, error) {
 	m := NewMetrics()
 	cache, err := fleet.New(fleet.Options{
 		Client: client, Keys: p.keys, KeyPrefix: p.s.KeyPrefix, PlainKeys: p.s.PlainKeys,
-		Timeout: p.Timeout, LockTTL: p.LockTTL, Observer: m, Logger: logger,
+		Timeout: p.Timeout, MaxTimeout: p.MaxTimeout, LockTTL: p.LockTTL, Observer: m, Logger: logger,
 	})
 	if err != nil {
 		client.Close()

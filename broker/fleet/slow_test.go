@@ -1,0 +1,85 @@
+package fleet
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+)
+
+// A cold burst of lookups on three nodes while Redis holds every command
+// (CLIENT PAUSE: a Redis starved of CPU): the calls outlive the bounds the
+// nodes had learnt, yet the fleet waits for Redis instead of each node
+// minting for itself, and no breaker opens. Then Redis dies (its process
+// killed): every node's breaker opens after a few lookups, without waiting
+// for the slow span.
+func TestSlowRedisKeepsTheFleet(t *testing.T) {
+	r := startRedis(t)
+	keys := testKeys(t, 1)
+	const timeout, maxTimeout = 10 * time.Millisecond, 3 * time.Second
+	real := func(o *Options) { o.Timeout, o.MaxTimeout, o.Now = timeout, maxTimeout, time.Now }
+	nodes := []*node{newNode(t, r, keys, real), newNode(t, r, keys, real), newNode(t, r, keys, real)}
+	ctx := testCtx(t)
+	var m minter
+	for i, n := range nodes {
+		if _, _, err := n.Fetch(ctx, fmt.Sprintf("warm-%d", i), usable, m.mint); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := m.n.Load()
+
+	const merchants = 200
+	const pause = 500 * time.Millisecond
+	if got := r.CLI("CLIENT", "PAUSE", fmt.Sprint(pause.Milliseconds()), "ALL"); got != "OK\n" {
+		t.Fatalf("CLIENT PAUSE: %q", got)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, merchants*len(nodes))
+	for _, n := range nodes {
+		for k := range merchants {
+			wg.Go(func() {
+				if _, _, err := n.Fetch(ctx, fmt.Sprintf("merchant-%d", k), usable, m.mint); err != nil {
+					errs <- err
+				}
+			})
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	var timeouts int64
+	for i, n := range nodes {
+		timeouts += n.obs.timeouts.Load()
+		if n.obs.bypass.Load() != 0 || n.obs.opened.Load() != 0 || !n.Available() {
+			t.Errorf("node %d: bypassed %d, breaker opened %d, available %v; want the fleet kept", i, n.obs.bypass.Load(), n.obs.opened.Load(), n.Available())
+		}
+	}
+	if got := m.n.Load() - before; got != merchants {
+		t.Errorf("token requests for %d merchants on %d nodes: %d; want %d", merchants, len(nodes), got, merchants)
+	}
+	if timeouts == 0 {
+		t.Fatalf("no call outlived its bound during a %s pause: the test did not make Redis slow", pause)
+	}
+	t.Logf("%d calls timed out during the burst; %d token requests", timeouts, m.n.Load()-before)
+
+	r.Kill()
+	for i, n := range nodes {
+		start := time.Now()
+		for k := 0; n.Available(); k++ {
+			if k == DefaultBreakerThreshold {
+				t.Fatalf("node %d: the breaker is still closed after %d lookups with redis dead", i, k)
+			}
+			if _, _, err := n.Fetch(ctx, fmt.Sprintf("dead-%d-%d", i, k), usable, m.mint); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if d := time.Since(start); d >= maxTimeout {
+			t.Errorf("node %d: the breaker opened %s after redis died; want at once, not after timeouts", i, d)
+		}
+		if n.obs.opened.Load() != 1 {
+			t.Errorf("node %d: breaker opened %d times; want once", i, n.obs.opened.Load())
+		}
+	}
+}
