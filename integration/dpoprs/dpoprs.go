@@ -134,6 +134,10 @@ type Seen struct {
 	Body string
 }
 
+// DetailNoAuthorization is the Refusal.Detail of a request without any
+// Authorization header (Reason ReasonScheme).
+const DetailNoAuthorization = "no Authorization header"
+
 // Refusal is a request the server refused.
 type Refusal struct {
 	// Method and URL are what the server received.
@@ -302,6 +306,9 @@ type tokenClaims struct {
 
 // check verifies a request; a non-nil refusal refuses it.
 func (s *Server) check(r *http.Request, u string) (Seen, *refusal) {
+	if _, ok := r.Header["Authorization"]; !ok {
+		return Seen{}, &refusal{ReasonScheme, DetailNoAuthorization, "invalid_token"}
+	}
 	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	if !strings.EqualFold(scheme, "DPoP") || token == "" {
 		return Seen{}, &refusal{ReasonScheme, "scheme " + strconv.Quote(scheme), "invalid_token"}
