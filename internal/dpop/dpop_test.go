@@ -153,7 +153,7 @@ func TestParseKeyRefused(t *testing.T) {
 		{"encrypted", []byte("-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n"), "", "encrypted"},
 		{"corrupt", []byte("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"), "", "not a valid key"},
 		{"P-384", pemOf(t, p384, "pkcs8"), "", "needs a P-256 key"},
-		{"RSA 1024", pemOf(t, small, "pkcs8"), "", "at least 2048"},
+		{"RSA 1024", pemOf(t, small, "pkcs8"), "", "at least 2048: make one with `openssl genpkey -algorithm RSA"},
 		{"ES256 on RSA", pemOf(t, keys[dpop.PS256], "pkcs8"), dpop.ES256, `algorithm ES256 does not fit the key, which is for PS256: set alg = "PS256"`},
 		{"PS256 on EC", pemOf(t, keys[dpop.ES256], "pkcs8"), dpop.PS256, "does not fit the key, which is for ES256"},
 		{"ES256 on Ed25519", pemOf(t, keys[dpop.EdDSA], "pkcs8"), dpop.ES256, "which is for EdDSA"},

@@ -82,7 +82,7 @@ func NewKey(key crypto.Signer, alg string) (*Key, error) {
 		want = ES256
 	case *rsa.PrivateKey:
 		if n := k.N.BitLen(); n < minRSABits {
-			return nil, fmt.Errorf("the RSA key has %d bits: PS256 needs at least %d", n, minRSABits)
+			return nil, fmt.Errorf("the RSA key has %d bits: PS256 needs at least %d: make one with `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:%d -out KEY.pem`, or an Ed25519 key (EdDSA, faster) with `openssl genpkey -algorithm ed25519 -out KEY.pem`", n, minRSABits, minRSABits)
 		}
 		want = PS256
 	case ed25519.PrivateKey:
