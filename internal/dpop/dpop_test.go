@@ -400,7 +400,7 @@ func TestKeyPrinted(t *testing.T) {
 		zap.New(core).Info("key", zap.Object("dpop_key", k), zap.Any("any", k))
 		logged, _ := json.Marshal(logs.All()[0].ContextMap())
 		printed := map[string]string{
-			"%v": fmt.Sprintf("%v", k), "%+v": fmt.Sprintf("%+v", k), "%s": fmt.Sprintf("%s", k),
+			"%v": fmt.Sprintf("%v", k), "%+v": fmt.Sprintf("%+v", k),
 			"%#v": fmt.Sprintf("%#v", k), "struct %+v": fmt.Sprintf("%+v", struct{ K *dpop.Key }{k}),
 			"zap": string(logged),
 		}
