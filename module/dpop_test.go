@@ -101,8 +101,14 @@ func TestDPoPHandler(t *testing.T) {
 
 	var got, sent http.Header
 	rec := httptest.NewRecorder()
-	if err := h.ServeHTTP(rec, caddyRequest(req.Clone(context.Background())), signing(&got, &sent)); err != nil || rec.Code != http.StatusOK {
+	signedReq := caddyRequest(req.Clone(context.Background()))
+	if err := h.ServeHTTP(rec, signedReq, signing(&got, &sent)); err != nil || rec.Code != http.StatusOK {
 		t.Fatalf("signed route: %d %v", rec.Code, err)
+	}
+	// The variables are not written once next returned: a dial
+	// reverse_proxy left running may read them.
+	if vars := signedReq.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); vars[dpopVar] == nil {
+		t.Error("the DPoP binding's variable was cleared after next returned")
 	}
 	if a, p := got.Values("Authorization"), got.Values("DPoP"); len(a) != 0 || len(p) != 0 {
 		t.Errorf("the request passed on carries Authorization %d values, DPoP %q: want neither before the transport", len(a), p)

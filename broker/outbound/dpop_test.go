@@ -155,7 +155,8 @@ func TestDPoPReleased(t *testing.T) {
 
 // BenchmarkDPoPSign: the work a DPoP-bound request adds in the transport,
 // Sign, against the proof alone (Key.Proof with the same claims): the
-// difference is the htu and the nonce lookup.
+// difference is the htu written from the URL, the nonce lookup and the
+// two header values.
 func BenchmarkDPoPSign(b *testing.B) {
 	k := testKey(b)
 	now := time.Now()
