@@ -21,6 +21,8 @@ import (
 
 	gocache "github.com/patrickmn/go-cache"
 	"golang.org/x/sync/singleflight"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 )
 
 // Origins of a cached token (Entry.Origin).
@@ -66,6 +68,9 @@ type Entry struct {
 	// every request (a Caddy placeholder) then costs no allocation, and a
 	// token whose fingerprint nobody asks for costs no memory for it.
 	fingerprint atomic.Value
+	// ath is the ath claim of the token's DPoP proofs (dpop.ATH), made
+	// on first use (ATH).
+	ath atomic.Pointer[string]
 	// grant is the token's type and granted scopes when they are not the
 	// usual: type Bearer, and no scopes or (scopesAsked) the binding's.
 	grant *grant
@@ -127,6 +132,18 @@ func (e *Entry) FingerprintValue() any {
 	}
 	e.fingerprint.CompareAndSwap(nil, e.value().Fingerprint())
 	return e.fingerprint.Load()
+}
+
+// ATH is the ath claim of a DPoP proof that accompanies the token
+// (dpop.ATH: base64url of its SHA-256), computed once per token: it does
+// not allocate after its first call.
+func (e *Entry) ATH() string {
+	if p := e.ath.Load(); p != nil {
+		return *p
+	}
+	a := dpop.ATH(string(e.value()))
+	e.ath.CompareAndSwap(nil, &a)
+	return *e.ath.Load()
 }
 
 // RefreshAt is when the entry's refresh-ahead is planned (Token.RefreshAt):

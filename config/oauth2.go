@@ -224,6 +224,7 @@ func (e *entry) signer(raw *providerTOML, p *Provider, fp *fingerprint) *oauth.S
 func (e *entry) dpopKey(raw *dpopTOML, fp *fingerprint) *dpop.Key {
 	const field = "dpop.key"
 	var pemBytes []byte
+	src := raw.Key // where the key was read: the reference or the file's path
 	switch ref := raw.Key; {
 	case ref == "":
 		e.errf(field, "missing: set the PEM private key the tokens are bound to: {file.PATH}, {env.NAME} or a path")
@@ -243,6 +244,7 @@ func (e *entry) dpopKey(raw *dpopTOML, fp *fingerprint) *dpop.Key {
 			return nil
 		}
 		path = e.p.abs(path)
+		src = path
 		b, err := e.p.readFile(path, maxKeyFile)
 		if err != nil {
 			e.errf(field, "cannot read: %v", err)
@@ -252,7 +254,7 @@ func (e *entry) dpopKey(raw *dpopTOML, fp *fingerprint) *dpop.Key {
 	}
 	k, err := dpop.ParseKey(pemBytes, "")
 	if err != nil {
-		e.errf(field, "%v", err)
+		e.errf(field, "the key in %s: %v", src, err)
 		return nil
 	}
 	if raw.Alg != "" {

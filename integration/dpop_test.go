@@ -337,10 +337,17 @@ func TestDPoPThroughCaddy(t *testing.T) {
 				t.Fatalf("request %d: %d %s, want 502 dpop_transport_missing naming the transport", i, status, body)
 			}
 		}
-		// The first request reached the resource server (which refused the
-		// token without its proof); the second was not sent.
-		if got := e.rs.Refusals()[refusals:]; len(got) != 1 || got[0].Reason != dpoprs.ReasonNoProof {
-			t.Errorf("refusals %+v, want one for the missing proof", got)
+		// Both requests reached the resource server without any
+		// credential: the token never leaves without its proof, and a
+		// route found without the transport is judged per request.
+		got := e.rs.Refusals()[refusals:]
+		if len(got) != 2 {
+			t.Fatalf("refusals %+v, want two", got)
+		}
+		for _, rf := range got {
+			if rf.Reason != dpoprs.ReasonScheme || rf.Detail != dpoprs.DetailNoAuthorization {
+				t.Errorf("refusal %+v, want %q: no Authorization header at all", rf, dpoprs.DetailNoAuthorization)
+			}
 		}
 	})
 

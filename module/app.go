@@ -159,6 +159,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		a.logger.Info("merchant registry loaded", zap.String("config", reg.Path),
 			zap.Int("merchants", len(reg.Merchants)), zap.Int("providers", len(reg.Providers)))
+		for name, p := range reg.Providers {
+			if p.DPoP != nil {
+				a.logger.Info("provider binds its tokens to a DPoP key", zap.String("provider", name), zap.Object("dpop_key", p.DPoP))
+			}
+		}
 	}
 	opts := broker.Options{
 		RefreshWindow: a.RefreshWindow,

@@ -25,15 +25,18 @@ func init() {
 const dpopVar = "token_broker.dpop"
 
 // DPoPTransport is Caddy's http transport (reverse_proxy's default, with
-// all its options) that signs the requests of the token_broker handler
-// whose token is DPoP-bound (RFC 9449): each attempt sent upstream gets a
-// fresh proof in the DPoP header, made for the method and URL the
+// all its options) that sends the requests of the token_broker handler
+// whose token is DPoP-bound (RFC 9449) with their token and its proof:
+// the handler does not put a DPoP-bound token on the request, and each
+// attempt this transport sends upstream gets "Authorization: DPoP <token>"
+// and a fresh proof in the DPoP header, made for the method and URL the
 // upstream receives (after reverse_proxy chose the upstream and the route
 // rewrote the path, with the Host header sent), with ath the hash of the
-// token the request carries and the nonce the upstream's origin last sent.
-// The DPoP-Nonce of every answer is remembered for its origin; a
-// `use_dpop_nonce` 401 is retried once by the token_broker handler.
-// Requests without a DPoP-bound token pass through unchanged.
+// token and the nonce the upstream last sent. Nonces are remembered per
+// upstream origin (the scheme and address reverse_proxy sends to, not the
+// Host header); a `use_dpop_nonce` 401 is retried once by the
+// token_broker handler. Requests without a DPoP-bound token pass through
+// unchanged.
 //
 // A provider with a `[providers.X.dpop]` key needs this transport on
 // every reverse_proxy behind its token_broker routes:
@@ -44,8 +47,9 @@ const dpopVar = "token_broker.dpop"
 //		}
 //	}
 //
-// A route without it answers 502 (dpop_transport_missing): a DPoP-bound
-// token is never useful without its proof.
+// A route without it sends its requests with no credential at all (the
+// token never leaves without its proof); a 401 answer to such a request
+// becomes 502 dpop_transport_missing.
 //
 // In JSON it is `"transport": {"protocol": "token_broker_dpop", ...}` with
 // the fields of the http transport.
@@ -81,29 +85,28 @@ func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return t.HTTPTransport.RoundTrip(req)
 	}
 	t.SetScheme(req)
-	sent, origin, err := signedCopy(req, d, time.Now())
+	sent, err := signedCopy(req, d, time.Now())
 	if err != nil {
 		return nil, err
 	}
 	resp, err := t.HTTPTransport.RoundTrip(sent)
 	if err == nil {
-		d.Observe(origin, resp.Header)
+		d.Observe(sent, resp.Header)
 	}
 	return resp, err
 }
 
 // signedCopy returns a shallow copy of req with a header map of its own
-// that carries the proof of d (outbound.DPoP.Sign), and the origin the
-// proof is for. The proof goes on a copy: reverse_proxy logs the request
-// it gave (debug "upstream roundtrip"), and a proof is never logged (Caddy
+// that carries the token of d and its proof (outbound.DPoP.Sign). They go
+// on a copy: reverse_proxy logs the request it gave (debug "upstream
+// roundtrip"), and neither a token nor a proof is ever logged (Caddy
 // redacts Authorization, not DPoP).
-func signedCopy(req *http.Request, d *outbound.DPoP, now time.Time) (*http.Request, string, error) {
+func signedCopy(req *http.Request, d *outbound.DPoP, now time.Time) (*http.Request, error) {
 	sent := new(http.Request)
 	*sent = *req
-	sent.Header = make(http.Header, len(req.Header)+1)
+	sent.Header = make(http.Header, len(req.Header)+2)
 	maps.Copy(sent.Header, req.Header)
-	origin, err := d.Sign(sent, now)
-	return sent, origin, err
+	return sent, d.Sign(sent, now)
 }
 
 // dpopOf returns the DPoP binding the token_broker handler gave the

@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -70,11 +69,13 @@ func caddyRequest(req *http.Request) *http.Request {
 
 // signing is reverse_proxy with the DPoP transport, upstream left out:
 // it signs the request as DPoPTransport.RoundTrip does, keeps the header
-// it would send in *sent, and answers 200.
-func signing(sent *http.Header) caddyhttp.HandlerFunc {
+// it would send in *sent, and answers 200. *got is the header of the
+// request it was given.
+func signing(got, sent *http.Header) caddyhttp.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
+		*got = r.Header
 		if d := dpopOf(r.Context()); d != nil {
-			out, _, err := signedCopy(r, d, time.Now())
+			out, err := signedCopy(r, d, time.Now())
 			if err != nil {
 				return err
 			}
@@ -85,22 +86,32 @@ func signing(sent *http.Header) caddyhttp.HandlerFunc {
 	}
 }
 
-// TestDPoPHandler: a DPoP-bound token goes as "Authorization: DPoP" with
-// the request's binding to the key for the transport, which signs it; a
-// route whose next does not sign gets 502 dpop_transport_missing, the
-// upstream's answer dropped, and its later DPoP requests are not
-// forwarded at all.
+// TestDPoPHandler: a DPoP-bound token is not set on the request; the
+// transport sets it, "Authorization: DPoP", with its proof, on the copy
+// it sends. A route whose next does not sign sends no credential at all:
+// a 401 to it becomes 502 dpop_transport_missing, the answer dropped, on
+// every such request (nothing is latched), and any other answer (a
+// respond handler's) passes through.
 func TestDPoPHandler(t *testing.T) {
 	h := dpopHandler(t, true)
-	h.dpopUnsigned = new(atomic.Bool)
 	req := httptest.NewRequest("GET", "/accounts", nil)
 	req.Header.Set("X-Merchant-Id", "acme")
+	req.Header.Set("Authorization", "Bearer caller")
 	req.Header.Set("DPoP", "caller-proof")
 
-	var sent http.Header
+	var got, sent http.Header
 	rec := httptest.NewRecorder()
-	if err := h.ServeHTTP(rec, caddyRequest(req.Clone(context.Background())), signing(&sent)); err != nil || rec.Code != http.StatusOK {
+	signedReq := caddyRequest(req.Clone(context.Background()))
+	if err := h.ServeHTTP(rec, signedReq, signing(&got, &sent)); err != nil || rec.Code != http.StatusOK {
 		t.Fatalf("signed route: %d %v", rec.Code, err)
+	}
+	// The variables are not written once next returned: a dial
+	// reverse_proxy left running may read them.
+	if vars := signedReq.Context().Value(caddyhttp.VarsCtxKey).(map[string]any); vars[dpopVar] == nil {
+		t.Error("the DPoP binding's variable was cleared after next returned")
+	}
+	if a, p := got.Values("Authorization"), got.Values("DPoP"); len(a) != 0 || len(p) != 0 {
+		t.Errorf("the request passed on carries Authorization %d values, DPoP %q: want neither before the transport", len(a), p)
 	}
 	if a := sent.Values("Authorization"); len(a) != 1 || !strings.HasPrefix(a[0], "DPoP dpop.") {
 		t.Errorf("Authorization sent: %d values, want one DPoP token", len(a))
@@ -109,40 +120,60 @@ func TestDPoPHandler(t *testing.T) {
 		t.Errorf("DPoP sent: %q, want one proof of the transport", p)
 	}
 
-	calls := 0
-	unsigned := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-		calls++
-		w.Header().Set("X-Upstream", "1")
-		w.WriteHeader(http.StatusUnauthorized)
-		_, err := w.Write([]byte(`{"upstream":"body"}`))
-		return err
-	})
-	for i := range 2 {
+	for _, tc := range []struct {
+		name     string
+		status   int
+		wantCode int
+	}{
+		{name: "401", status: http.StatusUnauthorized, wantCode: http.StatusBadGateway},
+		{name: "401 again: judged alone", status: http.StatusUnauthorized, wantCode: http.StatusBadGateway},
+		{name: "respond 200", status: http.StatusOK, wantCode: http.StatusOK},
+		{name: "respond 404", status: http.StatusNotFound, wantCode: http.StatusNotFound},
+	} {
+		var seen http.Header
+		unsigned := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+			seen = r.Header.Clone()
+			w.Header().Set("X-Upstream", "1")
+			w.WriteHeader(tc.status)
+			_, err := w.Write([]byte(`{"upstream":"body"}`))
+			return err
+		})
 		rec := httptest.NewRecorder()
 		if err := h.ServeHTTP(rec, caddyRequest(req.Clone(context.Background())), unsigned); err != nil {
 			t.Fatal(err)
 		}
-		if rec.Code != http.StatusBadGateway || !strings.Contains(rec.Body.String(), "dpop_transport_missing") ||
-			strings.Contains(rec.Body.String(), "upstream") || rec.Header().Get("X-Upstream") != "" {
-			t.Errorf("request %d without the transport: %d %v %s", i, rec.Code, rec.Header(), rec.Body)
+		if seen == nil {
+			t.Fatalf("%s: next not called", tc.name)
 		}
-	}
-	if calls != 1 {
-		t.Errorf("next called %d times, want once: a route found without the transport forwards no DPoP token", calls)
+		if _, ok := seen["Authorization"]; ok || len(seen.Values("DPoP")) != 0 {
+			t.Errorf("%s: the route without the transport sent Authorization %d values, DPoP %q: want no credential at all",
+				tc.name, len(seen.Values("Authorization")), seen.Values("DPoP"))
+		}
+		if rec.Code != tc.wantCode {
+			t.Errorf("%s: status %d, want %d", tc.name, rec.Code, tc.wantCode)
+		}
+		if tc.wantCode == http.StatusBadGateway && (!strings.Contains(rec.Body.String(), "dpop_transport_missing") ||
+			strings.Contains(rec.Body.String(), "upstream") || rec.Header().Get("X-Upstream") != "") {
+			t.Errorf("%s: %v %s: want dpop_transport_missing and nothing of the answer", tc.name, rec.Header(), rec.Body)
+		}
+		if tc.wantCode != http.StatusBadGateway && !strings.Contains(rec.Body.String(), "upstream") {
+			t.Errorf("%s: body %s: want the answer passed through", tc.name, rec.Body)
+		}
 	}
 }
 
 // TestDPoPHandlerAllocations: the handler's part of a DPoP request
 // allocates nothing more than a bearer request's; the difference is the
-// transport's signing (signedCopy: the proof, its htu and ath, and the
-// copy of the request that carries it).
+// transport's signing (signedCopy: the proof and the copy of the request
+// that carries it), and Sign allocates at most 2 more times than the
+// proof alone (Key.Proof).
 func TestDPoPHandlerAllocations(t *testing.T) {
 	req := httptest.NewRequest("GET", "/accounts", nil)
 	req.Header.Set("X-Merchant-Id", "acme")
 	measure := func(h *Handler) float64 {
 		rec := httptest.NewRecorder()
-		var sent http.Header
-		next := signing(&sent)
+		var got, sent http.Header
+		next := signing(&got, &sent)
 		return testing.AllocsPerRun(200, func() {
 			r := caddyRequest(req)
 			r.Header = http.Header{"X-Merchant-Id": {"acme"}}
@@ -155,16 +186,32 @@ func TestDPoPHandlerAllocations(t *testing.T) {
 
 	h := dpopHandler(t, true)
 	signReq := httptest.NewRequest("GET", "/accounts", nil)
-	signReq.Header.Set("Authorization", "DPoP dpop."+strings.Repeat("x", 580))
-	d := outbound.AcquireDPoP(h.bindings.Peek("acme").DPoP)
+	k := h.bindings.Peek("acme").DPoP
+	tok := "dpop." + strings.Repeat("x", 580)
+	d := outbound.AcquireDPoP(k)
 	defer d.Release()
-	sign := testing.AllocsPerRun(200, func() {
-		if _, _, err := signedCopy(signReq, d, time.Now()); err != nil {
+	d.SetToken("DPoP "+tok, dpop.ATH(tok))
+	copyAndSign := testing.AllocsPerRun(200, func() {
+		if _, err := signedCopy(signReq, d, time.Now()); err != nil {
 			t.Fatal(err)
 		}
 	})
-	t.Logf("allocations: bearer request %.0f, DPoP request %.0f, signing %.0f", bearer, bound, sign)
-	if bound > bearer+sign {
-		t.Errorf("a DPoP request allocates %.0f times, a bearer one %.0f and signing %.0f: the handler adds %.0f", bound, bearer, sign, bound-bearer-sign)
+	sign := testing.AllocsPerRun(200, func() {
+		if err := d.Sign(signReq, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+	})
+	ath := dpop.ATH(tok)
+	proof := testing.AllocsPerRun(200, func() {
+		if _, err := k.Proof("GET", "http://example.com/accounts", ath, "", time.Now()); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Logf("allocations: bearer request %.0f, DPoP request %.0f, signed copy %.0f, Sign %.0f, Proof %.0f", bearer, bound, copyAndSign, sign, proof)
+	if bound > bearer+copyAndSign {
+		t.Errorf("a DPoP request allocates %.0f times, a bearer one %.0f and the signed copy %.0f: the handler adds %.0f", bound, bearer, copyAndSign, bound-bearer-copyAndSign)
+	}
+	if sign > proof+2 {
+		t.Errorf("Sign allocates %.0f times, the proof alone %.0f: Sign adds %.0f, want at most 2", sign, proof, sign-proof)
 	}
 }

@@ -14,7 +14,6 @@ import (
 	"net/http"
 	"net/textproto"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -42,10 +41,11 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // Handler obtains a scoped OAuth token for the merchant a request is for and
 // sets it as "Authorization: Bearer <token>" before the request goes on to
 // the next handler (normally reverse_proxy); a token bound to the
-// provider's DPoP key goes as "Authorization: DPoP <token>", and the
-// route's reverse_proxy must use the token_broker_dpop transport
-// (DPoPTransport), which adds a proof to each request it sends (else 502
-// dpop_transport_missing). Tokens come from the broker's
+// provider's DPoP key is not set on the request: the route's
+// reverse_proxy must use the token_broker_dpop transport (DPoPTransport),
+// which sets "Authorization: DPoP <token>" and a fresh proof on each
+// request it sends. Without it the request leaves with no credential, and
+// a 401 answer to it becomes 502 dpop_transport_missing. Tokens come from the broker's
 // cache, shared by every token_broker handler with the same broker settings
 // and kept across config reloads, or from the merchant's provider.
 //
@@ -141,11 +141,6 @@ type Handler struct {
 	// nonceChallenged counts a resource server's DPoP nonce challenge
 	// (outbound.Retry.NonceChallenged); made once, in instrument.
 	nonceChallenged func(*broker.Binding)
-	// dpopUnsigned: a DPoP-bound request of this handler reached the
-	// upstream unsigned (its route lacks the token_broker_dpop
-	// transport); DPoP-bound requests are not forwarded any more. Made in
-	// Provision (nil: not known).
-	dpopUnsigned *atomic.Bool
 }
 
 // placeholderPrefix starts the names of the placeholders a served request
@@ -213,7 +208,6 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // costs nothing here.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
-	h.dpopUnsigned = new(atomic.Bool)
 	appIface, err := ctx.App("token_broker")
 	if err != nil {
 		return err

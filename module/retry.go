@@ -33,24 +33,28 @@ func (h *Handler) outbound() outbound.Contract {
 // retry_body_limit (outbound.Retry): a merchant who must consent again is
 // answered consent_required, an unreadable body 400.
 //
-// A DPoP-bound token (its provider's profile has a DPoP key) goes with the
-// request's binding to the key (outbound.DPoP, in the request variable
-// dpopVar), which the route's token_broker_dpop transport signs the
-// request with. When an answer comes to a request no transport signed, the
-// route lacks the transport: the answer is dropped, the caller gets 502
-// dpop_transport_missing, the error is logged once, and the handler
-// forwards no DPoP-bound request any more (until a reload).
+// A DPoP-bound token (its provider's profile has a DPoP key) is not put
+// on the request: it goes in the request's binding to the key
+// (outbound.DPoP, in the request variable dpopVar), from which the
+// route's token_broker_dpop transport puts it, with its proof, on the
+// copy it sends. A request no transport signed leaves without any
+// credential; when it is answered 401 (what an upstream answers a request
+// without credentials), the answer is dropped and the caller gets 502
+// dpop_transport_missing. Any other answer to it (a respond or
+// file_server handler's) passes through. Each request is judged alone:
+// nothing a caller does changes how the next request is handled.
+//
+// The request variable is set before next runs and never written after:
+// a connection dial reverse_proxy left running may still read the
+// variables.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound.Contract, b *binding, e *broker.Entry) error {
 	rt := outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit, Incremental: caddyhttp.IsIncremental,
 		Isolate: isolateVars, Tokens: retryTokens{h}, NonceChallenged: h.nonceChallenged}
-	if k := b.DPoP; k != nil {
-		if h.dpopUnsigned != nil && h.dpopUnsigned.Load() {
-			return h.failForward(w, r, b, errcode.DPoPTransportMissing, outbound.ErrUnsigned)
-		}
+	if k := b.DPoP; k != nil && outbound.IsDPoP(e.Header()) {
 		d := outbound.AcquireDPoP(k)
 		defer d.Release()
+		d.SetToken(e.Header(), e.ATH())
 		caddyhttp.SetVar(r.Context(), dpopVar, d)
-		defer caddyhttp.SetVar(r.Context(), dpopVar, nil)
 		rt.DPoP = d
 	}
 	err := rt.Forward(w, r, next, out, &b.Binding, e)
@@ -58,10 +62,6 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 		return nil
 	}
 	if errors.Is(err, outbound.ErrUnsigned) {
-		if h.dpopUnsigned == nil || h.dpopUnsigned.CompareAndSwap(false, true) {
-			h.logger.Error("a request with a DPoP-bound token reached the upstream without a DPoP proof: add `transport token_broker_dpop` to the reverse_proxy of this route; until a reload, its DPoP-bound requests are answered 502 dpop_transport_missing and not forwarded",
-				zap.String("merchant", b.Merchant), zap.String("provider", b.Provider.Name))
-		}
 		return h.failForward(w, r, b, errcode.DPoPTransportMissing, err)
 	}
 	if ce := (*outbound.ConsentError)(nil); errors.As(err, &ce) {

@@ -106,7 +106,7 @@ var rules = [count]rule{
 	CallerForbidden: {name: "caller_forbidden", status: http.StatusForbidden,
 		message: "this caller may not act for this merchant"},
 	DPoPTransportMissing: {name: "dpop_transport_missing", status: http.StatusBadGateway,
-		message: "this merchant's provider binds its tokens to a DPoP key, but this route's reverse_proxy does not sign requests: the token broker's operator must add `transport token_broker_dpop` to it (a DPoP token is refused without its proof); the request was not forwarded"},
+		message: "this merchant's provider binds its tokens to a DPoP key, but this route's reverse_proxy does not sign requests, so the request was sent without any credential and was answered 401: the token broker's operator must add `transport token_broker_dpop` to the route's reverse_proxy (a DPoP-bound token is only ever sent with its proof)"},
 
 	ClientGone: {name: "client_gone", status: 499, // nginx's "client closed request": logged, nobody reads it
 		message: "the request was cancelled while waiting for a token",

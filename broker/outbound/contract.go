@@ -40,10 +40,12 @@ const DPoPHeader = "Dpop"
 //     A DPoP proof is made for the request as it leaves, by the
 //     token_broker_dpop transport: nothing the caller sends can stand in
 //     for it or come with it.
-//   - Set: the token header, to exactly one value, "Bearer <token>" (or
-//     "DPoP <token>" for a DPoP-bound token); on a 401 retry, to the new
-//     token. With Interaction, a request without
-//     x-fapi-interaction-id gets a new random UUID in it.
+//   - Set: the token header, to exactly one value, "Bearer <token>"; on a
+//     401 retry, to the new token. A DPoP-bound token ("DPoP <token>") is
+//     not set on the request at all: it goes in the request's DPoP
+//     binding, and only the token_broker_dpop transport puts it, with its
+//     proof, on the copy it sends (DPoP.Sign). With Interaction, a request
+//     without x-fapi-interaction-id gets a new random UUID in it.
 //   - Connection: every option of the caller's Connection header that names
 //     an owned header is removed (reverse_proxy would otherwise drop the
 //     injected token as a hop-by-hop header, the upstream would answer 401
@@ -116,7 +118,8 @@ func echoes(method string) bool {
 }
 
 // Prepare applies the contract to a request about to be passed on with the
-// token header value v ("Bearer <token>" or "DPoP <token>").
+// token header value v: "Bearer <token>", or "DPoP <token>", which is
+// not set (see IsDPoP).
 func (o Contract) Prepare(r *http.Request, v string) {
 	// The keys are canonical already: delete without canonicalising again.
 	delete(r.Header, "Authorization")
@@ -138,11 +141,14 @@ func (o Contract) Prepare(r *http.Request, v string) {
 }
 
 // setToken sets the token header to v (also on a retry, from the request as
-// later handlers left it) and removes Connection options naming owned
-// headers.
+// later handlers left it), unless v is a DPoP-bound token (IsDPoP), and
+// removes Connection options naming owned headers.
 func (o Contract) setToken(r *http.Request, v string) {
-	// A slice of its own: later handlers may change header values in place.
-	r.Header[o.Token] = []string{v}
+	if !IsDPoP(v) {
+		// A slice of its own: later handlers may change header values in
+		// place.
+		r.Header[o.Token] = []string{v}
+	}
 	if c, ok := r.Header["Connection"]; ok {
 		o.cleanConnection(r.Header, c)
 	}
@@ -176,6 +182,11 @@ func (o Contract) cleanConnection(h http.Header, c []string) {
 	}
 	h["Connection"] = []string{strings.Join(kept, ", ")}
 }
+
+// IsDPoP reports whether the token header value v is a DPoP-bound token,
+// "DPoP <token>" (any case): such a token leaves only with its proof, set
+// by the transport (DPoP.Sign).
+func IsDPoP(v string) bool { return hasPrefixFold(v, "dpop ") }
 
 // Carries reports whether r, as later handlers left it, still carries the
 // token header value v exactly once and no Connection option would remove

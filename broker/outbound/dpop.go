@@ -3,7 +3,6 @@ package outbound
 import (
 	"net/http"
 	"net/url"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -11,94 +10,123 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 )
 
-// DPoP is a request's DPoP binding (RFC 9449), from the token_broker
-// handler, which set "Authorization: DPoP <token>", to the transport that
+// DPoP is a request's DPoP binding (RFC 9449): the DPoP-bound token the
+// token_broker handler chose for the request (the entry's header value,
+// "DPoP <token>", and the ath of its proofs), handed to the transport that
 // sends the request upstream and signs it there, where the URL the
 // upstream receives is known (after reverse_proxy chose the upstream and
-// rewrote the path). It is per request: take it with AcquireDPoP, give it
-// back with Release once the request is done.
+// rewrote the path). The handler never puts a DPoP-bound token on the
+// request itself: only Sign does, on the copy the transport sends, and
+// always with its proof, so that a route without the transport sends no
+// credential at all.
+//
+// It is per request: take it with AcquireDPoP, give it back with Release
+// once the request is done.
 type DPoP struct {
-	// Key signs the proofs.
-	Key *dpop.Key
-	// signed: a transport signed (or refused to sign) an attempt of the
-	// request: the route has a DPoP transport.
+	// key signs the proofs; nil once released.
+	key atomic.Pointer[dpop.Key]
+	// header is the token's Authorization value, "DPoP <token>"; ath the
+	// proofs' ath claim for it (SetToken).
+	header, ath string
+	// sent is the Authorization value of the last attempt signed.
+	sent string
+	// signed: a transport signed (or refused to sign) the current attempt
+	// of the request: the route has a DPoP transport.
 	signed atomic.Bool
 }
 
 var dpopPool = sync.Pool{New: func() any { return new(DPoP) }}
 
-// AcquireDPoP returns a DPoP binding to k for one request.
+// AcquireDPoP returns a DPoP binding to k for one request; SetToken gives
+// it its token.
 func AcquireDPoP(k *dpop.Key) *DPoP {
 	d := dpopPool.Get().(*DPoP)
-	d.Key = k
+	d.key.Store(k)
+	d.header, d.ath, d.sent = "", "", ""
 	d.signed.Store(false)
 	return d
 }
 
 // Release gives d back: the request and every attempt of it are done.
+// A released binding signs nothing; its String says it was released.
 func (d *DPoP) Release() {
-	d.Key = nil
+	d.key.Store(nil)
+	d.header, d.ath, d.sent = "", "", ""
 	dpopPool.Put(d)
 }
 
-// Signed reports whether a transport handled an attempt of the request
-// (Sign was called). A request that reached the upstream without is one
-// whose route lacks the DPoP transport.
+// SetToken sets the token the next attempt carries: header is the
+// Authorization value ("DPoP <token>", broker.Entry.Header) and ath the
+// proofs' ath claim for the token (broker.Entry.ATH). The attempt counts
+// as not signed until a transport signs it.
+func (d *DPoP) SetToken(header, ath string) {
+	d.header, d.ath = header, ath
+	d.signed.Store(false)
+}
+
+// Signed reports whether a transport handled the current attempt of the
+// request (Sign was called). An attempt answered without is one whose
+// route lacks the DPoP transport: it left with no credential.
 func (d *DPoP) Signed() bool { return d.signed.Load() }
 
-// String describes the binding without the token: the key's algorithm and
-// thumbprint.
-func (d *DPoP) String() string { return "DPoP " + d.Key.Alg() + " " + d.Key.Thumbprint() }
+// Carries reports whether the current attempt left signed with the
+// Authorization value v: a 401 to it is about that token.
+func (d *DPoP) Carries(v string) bool { return d.Signed() && d.sent != "" && d.sent == v }
 
-// Sign sets the DPoP header of req, a request about to be sent upstream,
-// to a fresh proof for it: htm its method, htu its URL as the upstream
-// receives it (scheme, the Host header or else the URL's host, path;
-// req.URL.Scheme must be set), ath the hash of the token of its
-// "Authorization: DPoP <token>" header, and the nonce the upstream's
-// origin last sent, if any. It returns that origin, for Observe. A
-// request whose Authorization is not a DPoP token (a later handler
-// replaced it) leaves without any DPoP header: a proof is only ever one of
-// ours, for the token the request carries.
-func (d *DPoP) Sign(req *http.Request, now time.Time) (origin string, err error) {
+// String describes the binding without the token: the key's algorithm and
+// thumbprint. It is safe on a released binding.
+func (d *DPoP) String() string {
+	k := d.key.Load()
+	if k == nil {
+		return "DPoP (released)"
+	}
+	return "DPoP " + k.Alg() + " " + k.Thumbprint()
+}
+
+// Sign puts the token on req, a request about to be sent upstream, with
+// its proof: "Authorization: DPoP <token>" and a DPoP header with a fresh
+// proof for req: htm its method, htu its URL as the upstream receives it
+// (scheme, the Host header or else the URL's host, path; req.URL.Scheme
+// must be set), ath the token's hash, and the nonce the upstream's origin
+// (req.URL's scheme and host: the upstream chosen, never the Host header
+// a caller sent) last sent, if any. Whatever Authorization and DPoP req
+// had is replaced. When no proof can be made, req leaves with neither
+// header: a DPoP-bound token never leaves without its proof.
+func (d *DPoP) Sign(req *http.Request, now time.Time) error {
 	d.signed.Store(true)
-	token, ok := dpopToken(req.Header)
-	if !ok {
-		delete(req.Header, DPoPHeader)
-		return "", nil
+	d.sent = ""
+	delete(req.Header, "Authorization")
+	delete(req.Header, DPoPHeader)
+	k := d.key.Load()
+	if k == nil || d.header == "" {
+		return nil
 	}
 	host := req.Host
 	if host == "" {
 		host = req.URL.Host
 	}
+	var ob [128]byte
+	origin := dpop.AppendOrigin(ob[:0], req.URL.Scheme, req.URL.Host)
 	u := url.URL{Scheme: req.URL.Scheme, Host: host, Path: req.URL.Path, RawPath: req.URL.RawPath}
-	origin = dpop.Origin(&u)
-	proof, err := d.Key.Proof(req.Method, dpop.HTU(&u), dpop.ATH(token), d.Key.Nonce(origin), now)
+	proof, err := k.ProofURL(req.Method, &u, d.ath, k.NonceOf(origin), now)
 	if err != nil {
-		delete(req.Header, DPoPHeader)
-		return "", err
+		return err
 	}
+	req.Header["Authorization"] = []string{d.header}
 	req.Header[DPoPHeader] = []string{proof}
-	return origin, nil
+	d.sent = d.header
+	return nil
 }
 
-// Observe remembers the DPoP-Nonce of an answer from origin (Sign's), for
-// the proofs that follow: a resource server may send a new one with any
-// answer (RFC 9449 §8.2).
-func (d *DPoP) Observe(origin string, h http.Header) {
-	if origin == "" {
+// Observe remembers the DPoP-Nonce of h, the answer to req (which Sign
+// signed), for the proofs that follow to req's origin: a resource server
+// may send a new one with any answer (RFC 9449 §8.2).
+func (d *DPoP) Observe(req *http.Request, h http.Header) {
+	n := h["Dpop-Nonce"]
+	k := d.key.Load()
+	if len(n) == 0 || k == nil {
 		return
 	}
-	if n := h["Dpop-Nonce"]; len(n) > 0 {
-		d.Key.SetNonce(origin, n[0])
-	}
-}
-
-// dpopToken returns the token of h's one "Authorization: DPoP <token>".
-func dpopToken(h http.Header) (string, bool) {
-	v := h["Authorization"]
-	if len(v) != 1 || !hasPrefixFold(v[0], "dpop ") {
-		return "", false
-	}
-	tok := strings.TrimLeft(v[0][len("dpop "):], " ")
-	return tok, tok != ""
+	var ob [128]byte
+	k.SetNonceOf(dpop.AppendOrigin(ob[:0], req.URL.Scheme, req.URL.Host), n[0])
 }

@@ -3,6 +3,8 @@ package outbound
 import (
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -25,11 +27,19 @@ func testKey(t testing.TB) *dpop.Key {
 	return k
 }
 
-// TestDPoPSign: the proof names the request as the upstream receives it
-// (Host header over the URL's host, the escaped path, no query), hashes
-// the token the request carries, replaces any DPoP header, and carries the
-// nonce the origin last sent; a request without a DPoP token leaves
-// without a DPoP header.
+// wantATH is the ath of token (RFC 9449 §4.2), computed here as the RFC
+// says: base64url(SHA-256(token)).
+func wantATH(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return base64.RawURLEncoding.EncodeToString(sum[:])
+}
+
+// TestDPoPSign: the token goes in Authorization with its proof, which
+// names the request as the upstream receives it (Host header over the
+// URL's host, the escaped path, no query), hashes the token, replaces any
+// Authorization and DPoP header, and carries the nonce the upstream's
+// origin (the URL's, not the Host header's) last sent; a binding without a
+// token sends neither header.
 func TestDPoPSign(t *testing.T) {
 	k := testKey(t)
 	now := time.Unix(1_800_000_000, 0)
@@ -38,59 +48,63 @@ func TestDPoPSign(t *testing.T) {
 		method    string
 		url       string
 		host      string // req.Host; "" none
-		auth      string
-		nonce     string // remembered for the origin first
-		wantHTU   string // "" no proof
+		token     string // SetToken; "" none
+		nonces    map[string]string
+		wantHTU   string // "" no token, no proof
 		wantNonce string
 	}{
-		{name: "URL host", method: "GET", url: "http://127.0.0.1:8080/accounts?x=1", auth: "DPoP tok-1",
+		{name: "URL host", method: "GET", url: "http://127.0.0.1:8080/accounts?x=1", token: "DPoP tok-1",
 			wantHTU: "http://127.0.0.1:8080/accounts"},
-		{name: "Host header", method: "POST", url: "https://10.0.0.1:8443/pay", host: "api.bank.test", auth: "DPoP tok-1",
+		{name: "Host header", method: "POST", url: "https://10.0.0.1:8443/pay", host: "api.bank.test", token: "DPoP tok-1",
 			wantHTU: "https://api.bank.test/pay"},
-		{name: "default port, escaped path", method: "GET", url: "https://api.bank.test:443/a%2Fb/c", auth: "DPoP tok-1",
+		{name: "default port, escaped path", method: "GET", url: "https://api.bank.test:443/a%2Fb/c", token: "DPoP tok-1",
 			wantHTU: "https://api.bank.test/a%2Fb/c"},
-		{name: "empty path", method: "GET", url: "http://rs.test", auth: "dpop tok-1", wantHTU: "http://rs.test/"},
-		{name: "remembered nonce", method: "GET", url: "http://rs.test/x", auth: "DPoP tok-1", nonce: "n-42",
-			wantHTU: "http://rs.test/x", wantNonce: "n-42"},
-		{name: "bearer token: no proof", method: "GET", url: "http://rs.test/x", auth: "Bearer tok-1"},
-		{name: "no token: no proof", method: "GET", url: "http://rs.test/x"},
+		{name: "upper case", method: "GET", url: "HTTP://RS.Test:80/A", token: "DPoP tok-1", wantHTU: "http://rs.test/A"},
+		{name: "empty path", method: "GET", url: "http://rs.test", token: "DPoP tok-1", wantHTU: "http://rs.test/"},
+		{name: "remembered nonce", method: "GET", url: "http://rs.test/x", token: "DPoP tok-1",
+			nonces: map[string]string{"http://rs.test": "n-42"}, wantHTU: "http://rs.test/x", wantNonce: "n-42"},
+		{name: "nonce of the upstream, not of the Host header", method: "GET", url: "http://10.0.0.1:8080/x", host: "rs.test",
+			token: "DPoP tok-1", nonces: map[string]string{"http://rs.test": "host-n", "http://10.0.0.1:8080": "up-n"},
+			wantHTU: "http://rs.test/x", wantNonce: "up-n"},
+		{name: "no token: no credential", method: "GET", url: "http://rs.test/x"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			req := httptest.NewRequest(tt.method, tt.url, nil)
 			req.Host = tt.host
-			if tt.auth != "" {
-				req.Header.Set("Authorization", tt.auth)
-			}
+			req.URL.Scheme = strings.ToLower(req.URL.Scheme)
+			req.Header.Set("Authorization", "Bearer caller")
 			req.Header.Set("DPoP", "caller-proof")
 			d := AcquireDPoP(k)
 			defer d.Release()
-			if tt.nonce != "" {
-				d.Observe("http://rs.test", http.Header{"Dpop-Nonce": {tt.nonce}})
+			if tt.token != "" {
+				d.SetToken(tt.token, wantATH(strings.TrimPrefix(tt.token, "DPoP ")))
 			}
-			origin, err := d.Sign(req, now)
-			if err != nil {
+			for origin, n := range tt.nonces {
+				k.SetNonce(origin, n)
+			}
+			if err := d.Sign(req, now); err != nil {
 				t.Fatal(err)
 			}
 			if !d.Signed() {
 				t.Error("Signed = false after Sign")
 			}
-			proofs := req.Header.Values("DPoP")
+			proofs, auth := req.Header.Values("DPoP"), req.Header.Values("Authorization")
 			if tt.wantHTU == "" {
-				if len(proofs) != 0 || origin != "" {
-					t.Fatalf("DPoP %q, origin %q: want none", proofs, origin)
+				if len(proofs) != 0 || len(auth) != 0 || d.Carries("") {
+					t.Fatalf("DPoP %q, Authorization %q: want neither", proofs, auth)
 				}
 				return
 			}
-			if len(proofs) != 1 {
-				t.Fatalf("DPoP %q: want one proof", proofs)
+			if len(proofs) != 1 || len(auth) != 1 || auth[0] != tt.token || !d.Carries(tt.token) {
+				t.Fatalf("DPoP %q, Authorization %q: want one proof and %q", proofs, auth, tt.token)
 			}
 			p, err := dpoptest.Verify(proofs[0])
 			if err != nil {
 				t.Fatal(err)
 			}
 			want := dpoptest.Proof{Alg: dpop.EdDSA, JKT: k.Thumbprint(), JTI: p.JTI, HTM: tt.method, HTU: tt.wantHTU,
-				IAT: now.Unix(), ATH: dpop.ATH("tok-1"), Nonce: tt.wantNonce}
+				IAT: now.Unix(), ATH: wantATH("tok-1"), Nonce: tt.wantNonce}
 			if p != want {
 				t.Errorf("proof %+v\nwant  %+v", p, want)
 			}
@@ -99,21 +113,19 @@ func TestDPoPSign(t *testing.T) {
 }
 
 // TestDPoPObserve: a nonce from any answer is used by the next proof to
-// that origin, not to another one.
+// that upstream origin, not to another one.
 func TestDPoPObserve(t *testing.T) {
 	d := AcquireDPoP(testKey(t))
 	defer d.Release()
+	d.SetToken("DPoP tok", wantATH("tok"))
 	req := httptest.NewRequest("GET", "http://rs.test/a", nil)
-	req.Header.Set("Authorization", "DPoP tok")
-	origin, err := d.Sign(req, time.Now())
-	if err != nil {
+	if err := d.Sign(req, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	d.Observe(origin, http.Header{"Dpop-Nonce": {"fresh"}})
+	d.Observe(req, http.Header{"Dpop-Nonce": {"fresh"}})
 	for _, tc := range []struct{ url, want string }{{"http://rs.test/b", "fresh"}, {"http://other.test/b", ""}} {
 		req := httptest.NewRequest("GET", tc.url, nil)
-		req.Header.Set("Authorization", "DPoP tok")
-		if _, err := d.Sign(req, time.Now()); err != nil {
+		if err := d.Sign(req, time.Now()); err != nil {
 			t.Fatal(err)
 		}
 		p, err := dpoptest.Verify(req.Header.Get("DPoP"))
@@ -126,26 +138,43 @@ func TestDPoPObserve(t *testing.T) {
 	}
 }
 
+// TestDPoPReleased: a released binding describes itself without its key
+// and signs nothing.
+func TestDPoPReleased(t *testing.T) {
+	k := testKey(t)
+	d := AcquireDPoP(k)
+	d.SetToken("DPoP tok", wantATH("tok"))
+	if got, want := d.String(), "DPoP EdDSA "+k.Thumbprint(); got != want || strings.Contains(got, "tok") {
+		t.Errorf("String %q, want %q", got, want)
+	}
+	d.Release()
+	if got := d.String(); got != "DPoP (released)" {
+		t.Errorf("String after Release %q", got)
+	}
+}
+
 // BenchmarkDPoPSign: the work a DPoP-bound request adds in the transport,
 // Sign, against the proof alone (Key.Proof with the same claims): the
-// difference is the htu, ath and nonce lookup.
+// difference is the htu written from the URL, the nonce lookup and the
+// two header values.
 func BenchmarkDPoPSign(b *testing.B) {
 	k := testKey(b)
 	now := time.Now()
+	tok := strings.Repeat("t", 900)
 	req := httptest.NewRequest("GET", "http://127.0.0.1:8080/accounts/123?from=2026-01-01", nil)
-	req.Header.Set("Authorization", "DPoP "+strings.Repeat("t", 900))
 	b.Run("Sign", func(b *testing.B) {
 		d := AcquireDPoP(k)
 		defer d.Release()
+		d.SetToken("DPoP "+tok, dpop.ATH(tok))
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := d.Sign(req, now); err != nil {
+			if err := d.Sign(req, now); err != nil {
 				b.Fatal(err)
 			}
 		}
 	})
 	b.Run("Proof", func(b *testing.B) {
-		ath := dpop.ATH(strings.Repeat("t", 900))
+		ath := dpop.ATH(tok)
 		b.ReportAllocs()
 		for b.Loop() {
 			if _, err := k.Proof("GET", "http://127.0.0.1:8080/accounts/123", ath, "", now); err != nil {

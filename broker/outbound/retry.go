@@ -44,8 +44,13 @@ type Next interface {
 
 // Entry is a token set on a request, as the retry sees it (*broker.Entry).
 type Entry interface {
-	// Header is the token header's value, "Bearer <token>".
+	// Header is the token header's value, "Bearer <token>" or, for a
+	// DPoP-bound token, "DPoP <token>".
 	Header() string
+	// ATH is the ath claim of the DPoP proofs that accompany the token
+	// (dpop.ATH), computed once per token; used for DPoP-bound tokens
+	// only.
+	ATH() string
 	// Token is the token.
 	Token() broker.Token
 }
@@ -72,7 +77,9 @@ type Tokens interface {
 type Retry struct {
 	// Mode says which upstream 401 answers purge the token and retry the
 	// request: "invalid_token" or "" (a 401 with `WWW-Authenticate:
-	// Bearer error="invalid_token"`), "any" (every 401) or "off".
+	// Bearer error="invalid_token"`), "any" (every 401) or "off". A DPoP
+	// nonce challenge to a DPoP-bound request is retried in every mode,
+	// "off" included.
 	Mode string
 	// BodyLimit is the largest request body kept in memory for a retry.
 	// Default DefaultRetryBodyLimit.
@@ -88,20 +95,27 @@ type Retry struct {
 	// Tokens is the broker side.
 	Tokens Tokens
 	// NonceChallenged, when set, is told about each upstream 401 that asks
-	// for a DPoP nonce (see nonceChallenge).
+	// for a DPoP nonce (see nonceChallenge) and is answered with a retry.
 	NonceChallenged func(b *broker.Binding)
-	// DPoP is the request's DPoP binding; nil for a bearer token. An
-	// upstream answer to an attempt no transport signed (DPoP.Signed is
-	// false when the answer starts: the route lacks the DPoP transport) is
-	// dropped, and Forward returns ErrUnsigned without writing anything.
+	// DPoP is the request's DPoP binding, with the token set (DPoP.SetToken);
+	// nil for a bearer token. The token leaves only on an attempt a
+	// transport signed. An attempt no transport signed (DPoP.Signed is
+	// false when its answer starts: the route lacks the DPoP transport, or
+	// a handler other than reverse_proxy answered) left without any
+	// credential: its answer passes through, except a 401, which is
+	// dropped and Forward returns ErrUnsigned without writing anything. A
+	// 401 is what an upstream answers a request without credentials; any
+	// other answer (a respond or file_server handler's) is the route's to
+	// give. Nothing is remembered between requests: each is judged alone.
 	// This holds in every Mode, "off" included.
 	DPoP *DPoP
 }
 
 // ErrUnsigned is returned by Forward when a request with a DPoP-bound
-// token reached the upstream without a proof: no DPoP transport signed it.
-// Nothing of the upstream's answer was written.
-var ErrUnsigned = errors.New("a request with a DPoP-bound token was sent upstream without a DPoP proof: no DPoP transport signed it")
+// token was answered 401 and no DPoP transport had signed it: it left
+// without its token (only the transport puts it on, with its proof).
+// Nothing of the answer was written.
+var ErrUnsigned = errors.New("a request with a DPoP-bound token was answered 401 without having been signed: no DPoP transport sent it, so it left without its token")
 
 // ConsentError is returned by Forward, before any response is written,
 // when the upstream rejected the token and no new one can be had because
@@ -187,7 +201,7 @@ type rejectRecorder struct {
 	mode        string // Retry.Mode
 	buffer      bool   // the request can be retried: buffer a rejection
 	dpop        *DPoP  // Retry.DPoP
-	unsigned    bool   // the answer is to an unsigned DPoP request: dropped
+	unsigned    bool   // the answer is a 401 to an unsigned DPoP request: dropped
 	status      int
 	rejected    bool // the upstream rejected the token
 	challenged  bool // the upstream asked for a DPoP nonce (nonceChallenge)
@@ -212,17 +226,24 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 	if rr.wroteHeader {
 		return
 	}
-	if rr.dpop != nil && !rr.dpop.Signed() {
-		rr.wroteHeader, rr.status, rr.unsigned = true, status, true
-		return
-	}
 	if status >= 100 && status < 200 && status != http.StatusSwitchingProtocols {
 		rr.ResponseWriter.WriteHeader(status) // informational: pass on, wait for the final one
 		return
 	}
 	rr.wroteHeader, rr.status = true, status
-	if rr.mode != "off" {
+	if rr.dpop != nil && !rr.dpop.Signed() {
+		// The attempt left without the token: nothing to purge or retry.
+		if status == http.StatusUnauthorized {
+			rr.unsigned = true
+			return
+		}
+		rr.ResponseWriter.WriteHeader(status)
+		return
+	}
+	if rr.mode != "off" || rr.dpop != nil {
 		rr.challenged = nonceChallenge(status, rr.Header())
+	}
+	if rr.mode != "off" {
 		rr.rejected = !rr.challenged && rejectsToken(rr.mode, status, rr.Header())
 	}
 	if rr.rejected || rr.challenged {
@@ -344,14 +365,14 @@ func (s *headerSnapshot) restore(h http.Header) {
 // Forward then writes nothing and returns a *ConsentError.
 //
 // A DPoP nonce challenge (nonceChallenge) purges nothing: the request is
-// sent once more with the same token, under the same replay rules, and
-// NonceChallenged is told.
+// sent once more with the same token, under the same replay rules (in
+// every Mode for a DPoP-bound token), and NonceChallenged is told.
 func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
 	if rt.Mode == "off" && rt.DPoP == nil {
 		return next.ServeHTTP(w, r)
 	}
 	replayable, body := false, []byte(nil)
-	if rt.Mode != "off" {
+	if rt.Mode != "off" || rt.DPoP != nil {
 		var err error
 		if replayable, body, err = rt.replayBody(r); err != nil {
 			return err
@@ -386,18 +407,18 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		return err // passed through
 	}
 	if rec.challenged {
-		if rt.NonceChallenged != nil {
-			rt.NonceChallenged(b)
-		}
 		if !rec.buffered {
 			return nil // passed through: not replayable, or a long 401 body
+		}
+		if rt.NonceChallenged != nil {
+			rt.NonceChallenged(b)
 		}
 		first.before.restore(w.Header())
 		return rt.again(w, r, next, out, b, e, rec, &first, false)
 	}
 
 	rejected := e.Token()
-	if !out.Carries(r, e.Header()) {
+	if !rt.carries(out, r, e.Header()) {
 		rt.Tokens.Kept(b, rejected)
 		if rec.buffered {
 			return rec.writeBuffered()
@@ -445,6 +466,9 @@ func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Con
 	r.URL = new(neturl.URL)
 	*r.URL = first.url
 	out.setToken(r, fresh.Header())
+	if rt.DPoP != nil {
+		rt.DPoP.SetToken(fresh.Header(), fresh.ATH())
+	}
 	if first.body != nil {
 		r.Body = io.NopCloser(bytes.NewReader(first.body))
 	}
@@ -460,10 +484,21 @@ func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Con
 		}
 		return err
 	}
-	if out.Carries(r, fresh.Header()) {
+	if rt.carries(out, r, fresh.Header()) {
 		rt.purge(b, fresh.Token())
 	}
 	return nil
+}
+
+// carries reports whether the attempt just answered carried the token
+// header value v as it left: for a DPoP-bound token, whether the
+// transport signed the attempt with it (DPoP.Carries); else whether r, as
+// later handlers left it, still carries it (Contract.Carries).
+func (rt Retry) carries(out Contract, r *http.Request, v string) bool {
+	if rt.DPoP != nil {
+		return rt.DPoP.Carries(v)
+	}
+	return out.Carries(r, v)
 }
 
 // purge reports a rejected token to Tokens, except in Mode "any" a token

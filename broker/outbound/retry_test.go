@@ -19,6 +19,12 @@ type entry struct{ tok broker.Token }
 
 func (e entry) Header() string      { return "Bearer " + string(e.tok.Value) }
 func (e entry) Token() broker.Token { return e.tok }
+func (e entry) ATH() string         { return wantATH(string(e.tok.Value)) }
+
+// dpopEntry is a DPoP-bound token as the retry sees it.
+type dpopEntry struct{ entry }
+
+func (e dpopEntry) Header() string { return "DPoP " + string(e.tok.Value) }
 
 // fakeTokens records what the retry reports and hands out fresh.
 type fakeTokens struct {
@@ -129,8 +135,8 @@ func TestRetryForward(t *testing.T) {
 			wantSeen: []string{"Bearer old", "Bearer old"}, wantNonce: 1},
 		{name: "nonce challenge then the token rejected: purged", up: &upstream{bad: "old", nonce: 1}, wantStatus: 401,
 			wantSeen: []string{"Bearer old", "Bearer old"}, wantEvents: []string{"purge old"}, wantNonce: 1},
-		{name: "nonce challenge, body over the limit: passed on", body: strings.Repeat("x", DefaultRetryBodyLimit+1),
-			up: &upstream{bad: "none", nonce: 1}, wantStatus: 401, wantSeen: []string{"Bearer old"}, wantNonce: 1},
+		{name: "nonce challenge, body over the limit: passed on, not counted", body: strings.Repeat("x", DefaultRetryBodyLimit+1),
+			up: &upstream{bad: "none", nonce: 1}, wantStatus: 401, wantSeen: []string{"Bearer old"}},
 		{name: "body over the limit: purged, not retried", body: strings.Repeat("x", DefaultRetryBodyLimit+1),
 			up: &upstream{bad: "old"}, fresh: fresh, wantStatus: 401, wantSeen: []string{"Bearer old"}, wantEvents: []string{"purge old"}},
 	} {
@@ -174,45 +180,99 @@ func TestRetryForward(t *testing.T) {
 	}
 }
 
-// TestRetryUnsigned: with a DPoP binding, an answer to a request no
-// transport signed is dropped and Forward says ErrUnsigned, in every mode;
-// a signed one passes, and a nonce challenge is retried and signed again.
-func TestRetryUnsigned(t *testing.T) {
+// TestRetryDPoP: with a DPoP binding, the request is passed on without
+// the token, which only a transport's Sign puts on; a 401 to an attempt no
+// transport signed is dropped and Forward says ErrUnsigned, in every mode,
+// while any other answer to it passes through, and nothing is remembered
+// for the next request; a signed request passes, a nonce challenge is
+// retried and signed again in every mode ("off" included), and a rejected
+// token is purged and retried with the fresh one.
+func TestRetryDPoP(t *testing.T) {
 	k := testKey(t)
 	for _, tt := range []struct {
-		name     string
-		mode     string
-		sign     bool
-		nonce    int
-		wantErr  error
-		wantCode int
-		wantSeen int
+		name       string
+		mode       string
+		sign       bool
+		status     int // the unsigned answer; default 401
+		nonce      int
+		bad        string
+		body       string
+		wantErr    error
+		wantCode   int
+		wantSeen   []string
+		wantEvents []string
+		wantNonce  int
 	}{
-		{name: "unsigned", wantErr: ErrUnsigned, wantSeen: 1},
-		{name: "unsigned, retry off", mode: "off", wantErr: ErrUnsigned, wantSeen: 1},
-		{name: "signed", sign: true, wantCode: 200, wantSeen: 1},
-		{name: "signed, retry off", mode: "off", sign: true, wantCode: 200, wantSeen: 1},
-		{name: "signed, nonce challenge retried", sign: true, nonce: 1, wantCode: 200, wantSeen: 2},
-		{name: "signed, retry off: nonce challenge passed on", mode: "off", sign: true, nonce: 1, wantCode: 401, wantSeen: 1},
+		{name: "unsigned 401", wantErr: ErrUnsigned, wantSeen: []string{""}},
+		{name: "unsigned 401, retry off", mode: "off", wantErr: ErrUnsigned, wantSeen: []string{""}},
+		{name: "unsigned 200 (respond): passed through", status: 200, wantCode: 200, wantSeen: []string{""}},
+		{name: "unsigned 404 (file_server): passed through", status: 404, wantCode: 404, wantSeen: []string{""}},
+		{name: "signed", sign: true, wantCode: 200, wantSeen: []string{"DPoP tok"}},
+		{name: "signed, retry off", mode: "off", sign: true, wantCode: 200, wantSeen: []string{"DPoP tok"}},
+		{name: "signed, nonce challenge retried", sign: true, nonce: 1, wantCode: 200,
+			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantNonce: 1},
+		{name: "signed, retry off: nonce challenge retried", mode: "off", sign: true, nonce: 1, wantCode: 200,
+			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantNonce: 1},
+		{name: "signed, retry off: nonce challenge, body over the limit", mode: "off", sign: true, nonce: 1,
+			body: strings.Repeat("x", DefaultRetryBodyLimit+1), wantCode: 401, wantSeen: []string{"DPoP tok"}},
+		{name: "signed, invalid_token: purged, retried with the fresh token", sign: true, bad: "tok", wantCode: 200,
+			wantSeen: []string{"DPoP tok", "DPoP new"}, wantEvents: []string{"purge tok", "get"}},
+		{name: "signed, retry off: invalid_token passed on", mode: "off", sign: true, bad: "tok", wantCode: 401,
+			wantSeen: []string{"DPoP tok"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			d := AcquireDPoP(k)
 			defer d.Release()
+			d.SetToken("DPoP tok", wantATH("tok"))
 			up := &upstream{bad: "none", nonce: tt.nonce}
+			unsignedStatus := tt.status
+			if unsignedStatus == 0 {
+				unsignedStatus = http.StatusUnauthorized
+			}
+			var next Next = up
 			if tt.sign {
 				up.alter = func(r *http.Request) {
-					if _, err := d.Sign(r, time.Now()); err != nil {
+					if err := d.Sign(r, time.Now()); err != nil {
 						t.Error(err)
 					}
 				}
+				if tt.bad != "" {
+					next = HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+						up.alter(r)
+						up.seen = append(up.seen, r.Header.Get("Authorization"))
+						if r.Header.Get("Authorization") == "DPoP "+tt.bad {
+							w.Header().Set("WWW-Authenticate", `DPoP error="invalid_token"`)
+							w.WriteHeader(http.StatusUnauthorized)
+							return nil
+						}
+						w.WriteHeader(http.StatusOK)
+						return nil
+					})
+				}
+			} else {
+				next = HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+					up.seen = append(up.seen, r.Header.Get("Authorization"))
+					w.WriteHeader(unsignedStatus)
+					_, err := w.Write([]byte("answer"))
+					return err
+				})
 			}
-			tokens := &fakeTokens{}
-			rt := Retry{Mode: tt.mode, Tokens: tokens, DPoP: d}
+			tokens := &fakeTokens{fresh: dpopEntry{entry{broker.Token{Value: "new"}}}}
+			nonces := 0
+			rt := Retry{Mode: tt.mode, Tokens: tokens, DPoP: d, NonceChallenged: func(*broker.Binding) { nonces++ }}
 			out := Contract{Token: "Authorization"}
-			r := httptest.NewRequest("GET", "/accounts", nil)
+			body := tt.body
+			if body == "" {
+				body = "body"
+			}
+			r := httptest.NewRequest("POST", "/accounts", strings.NewReader(body))
+			r.Header.Set("Authorization", "Bearer caller")
 			out.Prepare(r, "DPoP tok")
+			if a := r.Header.Values("Authorization"); len(a) != 0 {
+				t.Fatalf("Prepare set Authorization %q on a DPoP request", a)
+			}
 			w := httptest.NewRecorder()
-			err := rt.Forward(w, r, up, out, &broker.Binding{}, entry{broker.Token{Value: "tok"}})
+			err := rt.Forward(w, r, next, out, &broker.Binding{}, dpopEntry{entry{broker.Token{Value: "tok"}}})
 			if !errors.Is(err, tt.wantErr) {
 				t.Fatalf("err %v, want %v", err, tt.wantErr)
 			}
@@ -222,9 +282,15 @@ func TestRetryUnsigned(t *testing.T) {
 			if tt.wantErr == nil && w.Code != tt.wantCode {
 				t.Errorf("status %d, want %d", w.Code, tt.wantCode)
 			}
-			if len(up.seen) != tt.wantSeen || len(tokens.events) != 0 {
-				t.Errorf("upstream saw %d requests, events %q; want %d and none", len(up.seen), tokens.events, tt.wantSeen)
+			if !slices.Equal(up.seen, tt.wantSeen) || !slices.Equal(tokens.events, tt.wantEvents) || nonces != tt.wantNonce {
+				t.Errorf("upstream saw %q, events %q, %d nonce challenges; want %q, %q, %d",
+					up.seen, tokens.events, nonces, tt.wantSeen, tt.wantEvents, tt.wantNonce)
 			}
 		})
 	}
 }
+
+// HandlerFunc is a Next made of a function.
+type HandlerFunc func(http.ResponseWriter, *http.Request) error
+
+func (f HandlerFunc) ServeHTTP(w http.ResponseWriter, r *http.Request) error { return f(w, r) }

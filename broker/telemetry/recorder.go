@@ -172,7 +172,7 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 }
 
 // NonceChallenged counts a resource server's DPoP nonce challenge to a
-// request of b (telemetry.ServerResource).
+// request of b that was answered with a retry (telemetry.ServerResource).
 func (r *Recorder) NonceChallenged(b *broker.Binding) {
 	if r == nil {
 		return

@@ -6,9 +6,10 @@
 // thumbprint in cnf.jkt, signed with keys the server makes at start and
 // serves at its jwks_uri.
 //
-// Start installs the server's npm packages once (npm ci, when
-// node_modules is missing or older than package-lock.json), runs it on a
-// port 127.0.0.1 chooses and stops it by its process id when the test ends.
+// Start installs the server's npm packages once (npm ci, when the marker
+// file in node_modules does not hold the SHA-256 of package-lock.json:
+// never installed, or the lock file changed since), runs it on a port
+// 127.0.0.1 chooses and stops it by its process id when the test ends.
 // Without Node.js the test fails: `make tools` installs it.
 //
 // package-lock.json pins oidc-provider 8.8.1, the newest release line that

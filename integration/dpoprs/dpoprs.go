@@ -1,7 +1,8 @@
 // Package dpoprs is a resource server for tests that accepts DPoP-bound
 // access tokens (RFC 9449) only after checking everything a strict resource
 // server checks, with go-jose and independently of the broker's own DPoP
-// code: the Authorization scheme DPoP, exactly one DPoP proof, its type
+// code (the proof by dpoptest.Checker, the one proof check of the tests
+// and the sandbox): the Authorization scheme DPoP, exactly one DPoP proof, its type
 // dpop+jwt, its signature by the public key it embeds (jwk), its htm and
 // htu against the method and URL the server received, its ath against the
 // token, its iat within a window, its jti never seen before, optionally a
@@ -15,16 +16,12 @@ package dpoprs
 
 import (
 	"context"
-	"crypto"
-	"crypto/sha256"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -33,6 +30,8 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // Refusal reasons, as recorded in Refusal.Reason.
@@ -40,20 +39,20 @@ const (
 	ReasonScheme       = "authorization scheme is not DPoP"
 	ReasonNoProof      = "no DPoP proof"
 	ReasonManyProofs   = "more than one DPoP header"
-	ReasonProof        = "malformed or unverifiable DPoP proof"
-	ReasonType         = "proof typ is not dpop+jwt"
-	ReasonHTM          = "proof htm is not the request method"
-	ReasonHTU          = "proof htu is not the request URL"
-	ReasonATH          = "proof ath is not the hash of the token"
-	ReasonIAT          = "proof iat outside the window"
-	ReasonReplay       = "proof jti replayed"
-	ReasonNonce        = "proof nonce missing or stale"
+	ReasonProof        = dpoptest.ReasonProof
+	ReasonType         = dpoptest.ReasonType
+	ReasonHTM          = dpoptest.ReasonHTM
+	ReasonHTU          = dpoptest.ReasonHTU
+	ReasonATH          = dpoptest.ReasonATH
+	ReasonIAT          = dpoptest.ReasonIAT
+	ReasonReplay       = dpoptest.ReasonReplay
+	ReasonNonce        = dpoptest.ReasonNonce
 	ReasonToken        = "access token invalid"
 	ReasonBinding      = "token cnf.jkt is not the proof key's thumbprint"
 	ReasonUnknownKeyID = "access token signed by a key not in the JWKS"
 )
 
-// algs are the proof and token algorithms accepted.
+// algs are the token algorithms accepted.
 var algs = []jose.SignatureAlgorithm{jose.ES256, jose.ES384, jose.PS256, jose.RS256, jose.EdDSA}
 
 // KeySource returns the authorization server's public keys, to verify
@@ -134,6 +133,10 @@ type Seen struct {
 	Body string
 }
 
+// DetailNoAuthorization is the Refusal.Detail of a request without any
+// Authorization header (Reason ReasonScheme).
+const DetailNoAuthorization = "no Authorization header"
+
 // Refusal is a request the server refused.
 type Refusal struct {
 	// Method and URL are what the server received.
@@ -152,8 +155,10 @@ type Server struct {
 
 	opts Options
 
+	// proofs checks the proofs: signature, claims, jti replay.
+	proofs dpoptest.Checker
+
 	mu       sync.Mutex
-	seenJTI  map[string]time.Time
 	nonce    string
 	nonceN   int
 	accepted []Seen
@@ -171,7 +176,7 @@ func New(opts Options) *Server {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	s := &Server{opts: opts, seenJTI: make(map[string]time.Time)}
+	s := &Server{opts: opts, proofs: dpoptest.Checker{Window: opts.Window, Now: opts.Now}}
 	s.RotateNonce()
 	return s
 }
@@ -282,16 +287,6 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	json.NewEncoder(w).Encode(seen) //nolint:errcheck // best effort
 }
 
-// proofClaims are a DPoP proof's claims.
-type proofClaims struct {
-	JTI   string `json:"jti"`
-	HTM   string `json:"htm"`
-	HTU   string `json:"htu"`
-	IAT   int64  `json:"iat"`
-	ATH   string `json:"ath"`
-	Nonce string `json:"nonce"`
-}
-
 // tokenClaims are the access token's claims this server reads.
 type tokenClaims struct {
 	jwt.Claims
@@ -302,6 +297,9 @@ type tokenClaims struct {
 
 // check verifies a request; a non-nil refusal refuses it.
 func (s *Server) check(r *http.Request, u string) (Seen, *refusal) {
+	if _, ok := r.Header["Authorization"]; !ok {
+		return Seen{}, &refusal{ReasonScheme, DetailNoAuthorization, "invalid_token"}
+	}
 	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	if !strings.EqualFold(scheme, "DPoP") || token == "" {
 		return Seen{}, &refusal{ReasonScheme, "scheme " + strconv.Quote(scheme), "invalid_token"}
@@ -313,51 +311,21 @@ func (s *Server) check(r *http.Request, u string) (Seen, *refusal) {
 	case len(proofs) > 1:
 		return Seen{}, &refusal{ReasonManyProofs, strconv.Itoa(len(proofs)) + " headers", "invalid_dpop_proof"}
 	}
-	jws, err := jose.ParseSigned(proofs[0], algs)
-	if err != nil || len(jws.Signatures) != 1 {
-		return Seen{}, &refusal{ReasonProof, fmt.Sprint(err), "invalid_dpop_proof"}
+	want := dpoptest.Want{Method: r.Method, URL: u, AccessToken: token}
+	if s.opts.Nonce {
+		want.Nonce = s.currentNonce
 	}
-	h := jws.Signatures[0].Protected
-	if typ, _ := h.ExtraHeaders[jose.HeaderType].(string); typ != "dpop+jwt" {
-		return Seen{}, &refusal{ReasonType, "typ " + strconv.Quote(typ), "invalid_dpop_proof"}
+	p, err := s.proofs.Check(proofs[0], want)
+	if ce := (*dpoptest.CheckError)(nil); errors.As(err, &ce) {
+		code := "invalid_dpop_proof"
+		if ce.Reason == ReasonNonce {
+			code = "use_dpop_nonce"
+		}
+		return Seen{}, &refusal{ce.Reason, ce.Detail, code}
+	} else if err != nil {
+		return Seen{}, &refusal{ReasonProof, err.Error(), "invalid_dpop_proof"}
 	}
-	jwk := h.JSONWebKey
-	if jwk == nil || !jwk.IsPublic() || !jwk.Valid() {
-		return Seen{}, &refusal{ReasonProof, "no public jwk in the header", "invalid_dpop_proof"}
-	}
-	payload, err := jws.Verify(jwk)
-	if err != nil {
-		return Seen{}, &refusal{ReasonProof, "signature: " + err.Error(), "invalid_dpop_proof"}
-	}
-	var pc proofClaims
-	if err := json.Unmarshal(payload, &pc); err != nil {
-		return Seen{}, &refusal{ReasonProof, "claims: " + err.Error(), "invalid_dpop_proof"}
-	}
-	if pc.HTM != r.Method {
-		return Seen{}, &refusal{ReasonHTM, pc.HTM + " for " + r.Method, "invalid_dpop_proof"}
-	}
-	if !sameURL(pc.HTU, u) {
-		return Seen{}, &refusal{ReasonHTU, pc.HTU + " for " + u, "invalid_dpop_proof"}
-	}
-	sum := sha256.Sum256([]byte(token))
-	if pc.ATH != base64.RawURLEncoding.EncodeToString(sum[:]) {
-		return Seen{}, &refusal{ReasonATH, "", "invalid_dpop_proof"}
-	}
-	now := s.opts.Now()
-	if d := now.Sub(time.Unix(pc.IAT, 0)); d > s.opts.Window || d < -s.opts.Window {
-		return Seen{}, &refusal{ReasonIAT, "iat " + d.String() + " from now", "invalid_dpop_proof"}
-	}
-	if pc.JTI == "" {
-		return Seen{}, &refusal{ReasonProof, "no jti", "invalid_dpop_proof"}
-	}
-	if rf := s.checkNonceAndJTI(pc, now); rf != nil {
-		return Seen{}, rf
-	}
-	thumb, err := jwk.Thumbprint(crypto.SHA256)
-	if err != nil {
-		return Seen{}, &refusal{ReasonProof, "thumbprint: " + err.Error(), "invalid_dpop_proof"}
-	}
-	jkt := base64.RawURLEncoding.EncodeToString(thumb)
+	jkt, now := p.JKT, s.opts.Now()
 	tc, rf := s.verifyToken(r.Context(), token, now)
 	if rf != nil {
 		return Seen{}, rf
@@ -368,25 +336,11 @@ func (s *Server) check(r *http.Request, u string) (Seen, *refusal) {
 	return Seen{Method: r.Method, URL: u, JKT: jkt, Subject: tc.Subject}, nil
 }
 
-// checkNonceAndJTI refuses a proof without the current nonce (in nonce
-// mode) and a proof whose jti was seen within the window; it remembers the
-// jti of a proof it lets through.
-func (s *Server) checkNonceAndJTI(pc proofClaims, now time.Time) *refusal {
+// currentNonce reports whether nonce is the server's current one.
+func (s *Server) currentNonce(nonce string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.opts.Nonce && pc.Nonce != s.nonce {
-		return &refusal{ReasonNonce, "nonce " + strconv.Quote(pc.Nonce), "use_dpop_nonce"}
-	}
-	for jti, at := range s.seenJTI {
-		if now.Sub(at) > 2*s.opts.Window {
-			delete(s.seenJTI, jti)
-		}
-	}
-	if _, dup := s.seenJTI[pc.JTI]; dup {
-		return &refusal{ReasonReplay, "jti " + strconv.Quote(pc.JTI), "invalid_dpop_proof"}
-	}
-	s.seenJTI[pc.JTI] = now
-	return nil
+	return nonce == s.nonce
 }
 
 // verifyToken checks the access token's signature with the key source,
@@ -434,26 +388,4 @@ func (s *Server) key(ctx context.Context, kid string) (*jose.JSONWebKey, error) 
 		}
 	}
 	return nil, errors.New("no key with kid " + strconv.Quote(kid))
-}
-
-// sameURL compares two URLs as RFC 9449 §4.3 asks: scheme and host without
-// regard to case, a default port the same as none, the path exactly; a
-// query or fragment in htu is ignored.
-func sameURL(htu, received string) bool {
-	a, err1 := url.Parse(htu)
-	b, err2 := url.Parse(received)
-	if err1 != nil || err2 != nil {
-		return false
-	}
-	return strings.EqualFold(a.Scheme, b.Scheme) && hostPort(a) == hostPort(b) && a.EscapedPath() == b.EscapedPath()
-}
-
-// hostPort is u's host in lower case with its port, the scheme's default
-// port made explicit.
-func hostPort(u *url.URL) string {
-	port := u.Port()
-	if port == "" {
-		port = map[string]string{"http": "80", "https": "443"}[strings.ToLower(u.Scheme)]
-	}
-	return strings.ToLower(u.Hostname()) + ":" + port
 }

@@ -9,6 +9,7 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"io"
@@ -19,6 +20,10 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
@@ -153,7 +158,7 @@ func TestParseKeyRefused(t *testing.T) {
 		{"encrypted", []byte("-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n"), "", "encrypted"},
 		{"corrupt", []byte("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"), "", "not a valid key"},
 		{"P-384", pemOf(t, p384, "pkcs8"), "", "needs a P-256 key"},
-		{"RSA 1024", pemOf(t, small, "pkcs8"), "", "at least 2048"},
+		{"RSA 1024", pemOf(t, small, "pkcs8"), "", "at least 2048: make one with `openssl genpkey -algorithm RSA"},
 		{"ES256 on RSA", pemOf(t, keys[dpop.PS256], "pkcs8"), dpop.ES256, `algorithm ES256 does not fit the key, which is for PS256: set alg = "PS256"`},
 		{"PS256 on EC", pemOf(t, keys[dpop.ES256], "pkcs8"), dpop.PS256, "does not fit the key, which is for ES256"},
 		{"ES256 on Ed25519", pemOf(t, keys[dpop.EdDSA], "pkcs8"), dpop.ES256, "which is for EdDSA"},
@@ -380,5 +385,40 @@ func BenchmarkProof(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestKeyPrinted: however a Key is printed or logged, only its algorithm
+// and thumbprint show, never its private or public key material.
+func TestKeyPrinted(t *testing.T) {
+	for alg, priv := range testKeys(t) {
+		k, err := dpop.NewKey(priv, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		core, logs := observer.New(zapcore.InfoLevel)
+		zap.New(core).Info("key", zap.Object("dpop_key", k), zap.Any("any", k))
+		logged, _ := json.Marshal(logs.All()[0].ContextMap())
+		printed := map[string]string{
+			"%v": fmt.Sprintf("%v", k), "%+v": fmt.Sprintf("%+v", k),
+			"%#v": fmt.Sprintf("%#v", k), "struct %+v": fmt.Sprintf("%+v", struct{ K *dpop.Key }{k}),
+			"zap": string(logged),
+		}
+		for how, out := range printed {
+			if !strings.Contains(out, k.Thumbprint()) || !strings.Contains(out, alg) {
+				t.Errorf("%s %s: %s, want the alg and thumbprint", alg, how, out)
+			}
+			// Fields of a JWK, private ("d") or public ("x", "n"), and
+			// the Go field names of the key and its header.
+			for _, leak := range []string{`"d"`, `"x"`, `"n"`, "signer", "header", "nonces", "PrivateKey", "D:", "N:"} {
+				if strings.Contains(out, leak) {
+					t.Errorf("%s %s: %s shows %s", alg, how, out, leak)
+				}
+			}
+		}
+	}
+	var nilKey *dpop.Key
+	if got := nilKey.String(); got != "no DPoP key" {
+		t.Errorf("nil key: %q", got)
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"strings"
 
 	jose "github.com/go-jose/go-jose/v4"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/tokenbroker/caddy-token-broker/internal/pemkey"
 )
@@ -82,7 +83,7 @@ func NewKey(key crypto.Signer, alg string) (*Key, error) {
 		want = ES256
 	case *rsa.PrivateKey:
 		if n := k.N.BitLen(); n < minRSABits {
-			return nil, fmt.Errorf("the RSA key has %d bits: PS256 needs at least %d", n, minRSABits)
+			return nil, fmt.Errorf("the RSA key has %d bits: PS256 needs at least %d: make one with `openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:%d -out KEY.pem`, or an Ed25519 key (EdDSA, faster) with `openssl genpkey -algorithm ed25519 -out KEY.pem`", n, minRSABits, minRSABits)
 		}
 		want = PS256
 	case ed25519.PrivateKey:
@@ -130,6 +131,30 @@ func (k *Key) Alg() string { return k.alg }
 // base64url-encoded: the jkt that a DPoP-bound token's cnf claim names and
 // the dpop_jkt of an authorization request. Public.
 func (k *Key) Thumbprint() string { return k.jkt }
+
+// String describes the key by its public parts only, the algorithm and
+// the thumbprint: "EdDSA jkt=<thumbprint>". No key material is ever
+// printed, whatever the verb (%v, %+v, %s).
+func (k *Key) String() string {
+	if k == nil {
+		return "no DPoP key"
+	}
+	return k.alg + " jkt=" + k.jkt
+}
+
+// GoString is String, for %#v: a Key's fields hold the private key.
+func (k *Key) GoString() string { return "dpop.Key(" + k.String() + ")" }
+
+// MarshalLogObject logs the key as {alg, jkt} (zapcore.ObjectMarshaler):
+// never its private part.
+func (k *Key) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	if k == nil {
+		return nil
+	}
+	enc.AddString("alg", k.alg)
+	enc.AddString("jkt", k.jkt)
+	return nil
+}
 
 // errNoKey is the error of a nil Key.
 var errNoKey = errors.New("no DPoP key")

@@ -27,6 +27,17 @@ var b64 = base64.RawURLEncoding
 // are written straight into the proof's buffer. An invalid nonce (not
 // RFC 9449 NQCHAR) is refused.
 func (k *Key) Proof(htm, htu, ath, nonce string, now time.Time) (string, error) {
+	return k.proof(htm, nil, htu, ath, nonce, now)
+}
+
+// ProofURL is Proof for a request to u: its htu (HTU of u) is written
+// straight into the claims, without building it as a string first.
+func (k *Key) ProofURL(htm string, u *url.URL, ath, nonce string, now time.Time) (string, error) {
+	return k.proof(htm, u, "", ath, nonce, now)
+}
+
+// proof is Proof with htu made from u when u is not nil.
+func (k *Key) proof(htm string, u *url.URL, htu, ath, nonce string, now time.Time) (string, error) {
 	if k == nil {
 		return "", errNoKey
 	}
@@ -43,7 +54,13 @@ func (k *Key) Proof(htm, htu, ath, nonce string, now time.Time) (string, error) 
 	c = append(c, `","htm":`...)
 	c = appendJSONString(c, htm)
 	c = append(c, `,"htu":`...)
-	c = appendJSONString(c, htu)
+	if u != nil {
+		c = append(c, '"')
+		c = appendHTU(c, u, true)
+		c = append(c, '"')
+	} else {
+		c = appendJSONString(c, htu)
+	}
 	c = append(c, `,"iat":`...)
 	c = strconv.AppendInt(c, now.Unix(), 10)
 	if ath != "" {
@@ -84,11 +101,14 @@ func (k *Key) sign(input []byte) ([]byte, error) {
 		return ed25519.Sign(key, input), nil
 	case *ecdsa.PrivateKey:
 		d := sha256.Sum256(input)
-		der, err := ecdsa.SignASN1(rand.Reader, key, d[:])
+		r, s, err := ecdsa.Sign(rand.Reader, key, d[:])
 		if err != nil {
 			return nil, err
 		}
-		return rawECDSA(der)
+		sig := make([]byte, 64) // r and s, 32 big-endian bytes each (RFC 7518 §3.4)
+		r.FillBytes(sig[:32])
+		s.FillBytes(sig[32:])
+		return sig, nil
 	case *rsa.PrivateKey:
 		d := sha256.Sum256(input)
 		return rsa.SignPSS(rand.Reader, key, crypto.SHA256, d[:], &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash})
@@ -96,54 +116,28 @@ func (k *Key) sign(input []byte) ([]byte, error) {
 	return nil, fmt.Errorf("unsupported key type %T", k.signer)
 }
 
-// errBadECDSA is the error of a signature rawECDSA cannot read.
-var errBadECDSA = errors.New("malformed ECDSA signature")
-
-// rawECDSA turns an ASN.1 DER ECDSA P-256 signature, SEQUENCE { INTEGER
-// r, INTEGER s }, into the JWS form: r and s as 32 big-endian bytes each.
-func rawECDSA(der []byte) ([]byte, error) {
-	if len(der) < 2 || der[0] != 0x30 || int(der[1]) != len(der)-2 || der[1] >= 0x80 {
-		return nil, errBadECDSA
-	}
-	sig := make([]byte, 64)
-	rest := der[2:]
-	for i := range 2 {
-		if len(rest) < 2 || rest[0] != 0x02 || int(rest[1]) > len(rest)-2 {
-			return nil, errBadECDSA
-		}
-		n := rest[2 : 2+int(rest[1])]
-		rest = rest[2+len(n):]
-		for len(n) > 0 && n[0] == 0 {
-			n = n[1:]
-		}
-		if len(n) > 32 {
-			return nil, errBadECDSA
-		}
-		copy(sig[32*(i+1)-len(n):32*(i+1)], n)
-	}
-	if len(rest) != 0 {
-		return nil, errBadECDSA
-	}
-	return sig, nil
-}
-
 // appendJSONString appends s as a JSON string. The values of a proof
 // (methods, URLs, hashes) are ASCII; quotes, backslashes and control
 // characters are escaped.
 func appendJSONString(b []byte, s string) []byte {
-	const hex = "0123456789abcdef"
 	b = append(b, '"')
 	for i := 0; i < len(s); i++ {
-		switch ch := s[i]; {
-		case ch == '"' || ch == '\\':
-			b = append(b, '\\', ch)
-		case ch < 0x20:
-			b = append(b, '\\', 'u', '0', '0', hex[ch>>4], hex[ch&0xf])
-		default:
-			b = append(b, ch)
-		}
+		b = appendJSONByte(b, s[i])
 	}
 	return append(b, '"')
+}
+
+// appendJSONByte appends ch as it goes in a JSON string: quotes,
+// backslashes and control characters escaped.
+func appendJSONByte(b []byte, ch byte) []byte {
+	const hex = "0123456789abcdef"
+	switch {
+	case ch == '"' || ch == '\\':
+		return append(b, '\\', ch)
+	case ch < 0x20:
+		return append(b, '\\', 'u', '0', '0', hex[ch>>4], hex[ch&0xf])
+	}
+	return append(b, ch)
 }
 
 // ATH returns the ath claim of a proof that accompanies token:
@@ -157,20 +151,76 @@ func ATH(token string) string {
 // host and path, without query or fragment; scheme and host lower-case,
 // the scheme's default port left out, an empty path "/".
 func HTU(u *url.URL) string {
+	var b [256]byte
+	return string(appendHTU(b[:0], u, false))
+}
+
+// appendHTU appends HTU of u to b, escaped for a JSON string when json.
+func appendHTU(b []byte, u *url.URL, json bool) []byte {
+	b = appendOrigin(b, u.Scheme, u.Host, json)
 	path := u.EscapedPath()
 	if path == "" {
 		path = "/"
 	}
-	return Origin(u) + path
+	for i := 0; i < len(path); i++ {
+		if json {
+			b = appendJSONByte(b, path[i])
+		} else {
+			b = append(b, path[i])
+		}
+	}
+	return b
 }
 
 // Origin returns the origin of u, scheme://host[:port], lower-case and
 // without the scheme's default port: the key of a server's remembered
 // nonce (Nonce, SetNonce).
 func Origin(u *url.URL) string {
-	scheme, host := strings.ToLower(u.Scheme), strings.ToLower(u.Host)
-	if p := u.Port(); scheme == "https" && p == "443" || scheme == "http" && p == "80" {
-		host = strings.TrimSuffix(host, ":"+p)
+	var b [128]byte
+	return string(AppendOrigin(b[:0], u.Scheme, u.Host))
+}
+
+// AppendOrigin appends to b the origin of a server at scheme and host
+// (host[:port], as in url.URL.Host): Origin, without allocating when b has
+// room. It is the key of NonceOf and SetNonceOf.
+func AppendOrigin(b []byte, scheme, host string) []byte {
+	return appendOrigin(b, scheme, host, false)
+}
+
+// appendOrigin is AppendOrigin, escaped for a JSON string when json.
+func appendOrigin(b []byte, scheme, host string, json bool) []byte {
+	if p := defaultPort(scheme); p != "" && len(host) > len(p) && host[len(host)-len(p):] == p {
+		host = host[:len(host)-len(p)]
 	}
-	return scheme + "://" + host
+	b = appendLower(b, scheme, json)
+	b = append(b, "://"...)
+	return appendLower(b, host, json)
+}
+
+// defaultPort is ":443" for https, ":80" for http (any case), else "".
+func defaultPort(scheme string) string {
+	switch {
+	case strings.EqualFold(scheme, "https"):
+		return ":443"
+	case strings.EqualFold(scheme, "http"):
+		return ":80"
+	}
+	return ""
+}
+
+// appendLower appends s with ASCII letters in lower case, escaped for a
+// JSON string when json.
+func appendLower(b []byte, s string, json bool) []byte {
+	for i := 0; i < len(s); i++ {
+		ch := s[i]
+		if 'A' <= ch && ch <= 'Z' {
+			ch += 'a' - 'A'
+		}
+		if json {
+			b = appendJSONByte(b, ch)
+		} else {
+			b = append(b, ch)
+		}
+	}
+	return b
 }

@@ -19,6 +19,7 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // BankClient is a client registered at the bank's OAuth 2.0 authorization
@@ -124,7 +125,7 @@ func (s *Server) newBank() {
 	s.bankClients = map[string]*bankClient{}
 	s.refresh = map[string]*refreshGrant{}
 	s.codes = map[string]*authCode{}
-	s.jtis = map[string]time.Time{}
+	s.dpop = &dpoptest.Checker{Window: dpopWindow, Now: s.cfg.Now, JTIs: &s.jtis}
 	for _, c := range s.cfg.BankClients {
 		if c.ID == "" {
 			panic("sandbox: a bank client has an empty ID")
@@ -416,29 +417,10 @@ func (s *Server) checkAssertion(r *http.Request) (*bankClient, *authError) {
 	case claims.ID == "":
 		return nil, invalidClient(false, "the assertion has no jti")
 	}
-	if !s.rememberJTI(c.ID+"\x00"+claims.ID, claims.Expiry.Time(), now) {
+	if !s.jtis.Remember(c.ID+"\x00"+claims.ID, claims.Expiry.Time(), now) {
 		return nil, invalidClient(false, "the assertion's jti was already used")
 	}
 	return c, nil
-}
-
-// rememberJTI records a one-time JWT id (key: its kind, issuer and jti)
-// until exp; it reports false when key is already recorded and unexpired.
-func (s *Server) rememberJTI(key string, exp, now time.Time) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if until, seen := s.jtis[key]; seen && now.Before(until) {
-		return false
-	}
-	if len(s.jtis) >= 1024 {
-		for k, until := range s.jtis {
-			if !now.Before(until) {
-				delete(s.jtis, k)
-			}
-		}
-	}
-	s.jtis[key] = exp
-	return true
 }
 
 func (s *Server) bankToken(w http.ResponseWriter, r *http.Request) {

@@ -1,20 +1,18 @@
 package sandbox
 
 import (
-	"crypto"
 	"crypto/hmac"
 	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/base64"
 	"encoding/binary"
-	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
 	"time"
 
 	jose "github.com/go-jose/go-jose/v4"
-	"github.com/go-jose/go-jose/v4/jwt"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // DPoP (RFC 9449) at the bank and the echo upstream. A token request with
@@ -39,7 +37,7 @@ const (
 	dpopNonceStep = time.Minute
 )
 
-// dpopAlgs are the proof signature algorithms accepted.
+// dpopAlgs are the proof signature algorithms accepted (dpoptest.Verify's).
 var dpopAlgs = []jose.SignatureAlgorithm{jose.ES256, jose.PS256, jose.RS256, jose.EdDSA}
 
 // dpopAlgNames are the names of dpopAlgs.
@@ -67,8 +65,10 @@ type dpopError struct {
 func (e *dpopError) Error() string { return e.code + ": " + e.desc }
 
 // checkDPoP verifies the request's DPoP proof for htu (and, when
-// accessToken is not empty, its ath) and returns the proof key's
-// thumbprint; "" and nil when the request has no DPoP header.
+// accessToken is not empty, its ath) with the shared proof check
+// (dpoptest.Checker: signature, typ, jti, htm, htu, iat within dpopWindow,
+// ath, the nonce with Config.DPoPNonce, jti replay) and returns the proof
+// key's thumbprint; "" and nil when the request has no DPoP header.
 func (s *Server) checkDPoP(r *http.Request, htu, accessToken string) (string, *dpopError) {
 	proofs := r.Header.Values("DPoP")
 	switch len(proofs) {
@@ -78,67 +78,20 @@ func (s *Server) checkDPoP(r *http.Request, htu, accessToken string) (string, *d
 	default:
 		return "", &dpopError{"invalid_dpop_proof", "more than one DPoP header"}
 	}
-	invalid := func(format string, args ...any) (string, *dpopError) {
-		return "", &dpopError{"invalid_dpop_proof", fmt.Sprintf(format, args...)}
+	want := dpoptest.Want{Method: r.Method, URL: htu, AccessToken: accessToken}
+	if s.cfg.DPoPNonce {
+		now := s.cfg.Now()
+		want.Nonce = func(n string) bool { return s.validDPoPNonce(n, now) }
 	}
-	jws, err := jose.ParseSigned(proofs[0], dpopAlgs)
-	if err != nil || len(jws.Signatures) != 1 {
-		return invalid("the proof is not a JWS signed with ES256, PS256, RS256 or EdDSA")
-	}
-	h := jws.Signatures[0].Protected
-	if typ, _ := h.ExtraHeaders[jose.HeaderType].(string); typ != "dpop+jwt" {
-		return invalid("the proof's typ is not dpop+jwt")
-	}
-	if h.JSONWebKey == nil || !h.JSONWebKey.IsPublic() || !h.JSONWebKey.Valid() {
-		return invalid("the proof's header has no public jwk")
-	}
-	payload, err := jws.Verify(h.JSONWebKey)
-	if err != nil {
-		return invalid("the proof's signature does not verify with its jwk")
-	}
-	var claims struct {
-		JTI   string           `json:"jti"`
-		HTM   string           `json:"htm"`
-		HTU   string           `json:"htu"`
-		IAT   *jwt.NumericDate `json:"iat"`
-		ATH   string           `json:"ath"`
-		Nonce string           `json:"nonce"`
-	}
-	if err := json.Unmarshal(payload, &claims); err != nil {
-		return invalid("the proof's claims are not readable")
-	}
-	now := s.cfg.Now()
+	p, err := s.dpop.Check(proofs[0], want)
+	var ce *dpoptest.CheckError
 	switch {
-	case claims.JTI == "":
-		return invalid("the proof has no jti")
-	case claims.HTM != r.Method:
-		return invalid("the proof's htm is not %s", r.Method)
-	case claims.HTU != htu:
-		return invalid("the proof's htu is not %s", htu)
-	case claims.IAT == nil:
-		return invalid("the proof has no iat")
-	case claims.IAT.Time().Before(now.Add(-dpopWindow)) || claims.IAT.Time().After(now.Add(dpopWindow)):
-		return invalid("the proof's iat is more than %s from now", dpopWindow)
-	case accessToken != "" && subtle.ConstantTimeCompare([]byte(claims.ATH), []byte(athOf(accessToken))) != 1:
-		return invalid("the proof's ath is not the hash of the access token")
-	case s.cfg.DPoPNonce && !s.validDPoPNonce(claims.Nonce, now):
+	case errors.As(err, &ce) && ce.Reason == dpoptest.ReasonNonce:
 		return "", &dpopError{"use_dpop_nonce", "the proof must carry the DPoP-Nonce the sandbox sends"}
+	case err != nil:
+		return "", &dpopError{"invalid_dpop_proof", err.Error()}
 	}
-	tp, err := h.JSONWebKey.Thumbprint(crypto.SHA256)
-	if err != nil {
-		return invalid("the proof's jwk has no thumbprint")
-	}
-	jkt := base64.RawURLEncoding.EncodeToString(tp)
-	if !s.rememberJTI("dpop\x00"+jkt+"\x00"+claims.JTI, claims.IAT.Time().Add(dpopWindow), now) {
-		return invalid("the proof's jti was already used")
-	}
-	return jkt, nil
-}
-
-// athOf is a proof's ath for an access token: base64url(SHA-256(token)).
-func athOf(accessToken string) string {
-	sum := sha256.Sum256([]byte(accessToken))
-	return base64.RawURLEncoding.EncodeToString(sum[:])
+	return p.JKT, nil
 }
 
 // dpopNonce is the nonce of the step that holds t: an HMAC of the step

@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"net"
@@ -430,4 +431,10 @@ func TestBankDPoPCodeBinding(t *testing.T) {
 			}
 		})
 	}
+}
+
+// athOf is a proof's ath for an access token: base64url(SHA-256(token)).
+func athOf(accessToken string) string {
+	sum := sha256.Sum256([]byte(accessToken))
+	return base64.RawURLEncoding.EncodeToString(sum[:])
 }

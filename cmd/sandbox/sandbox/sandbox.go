@@ -39,6 +39,7 @@ import (
 	"time"
 
 	jose "github.com/go-jose/go-jose/v4"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // Config of the sandbox.
@@ -105,9 +106,14 @@ type Server struct {
 	failRA   string
 	refresh  map[string]*refreshGrant // unused bank refresh tokens
 	codes    map[string]*authCode     // unused authorization codes (consent.go)
-	jtis     map[string]time.Time     // client_id NUL jti of seen assertions, until their exp
 
 	statePath string // the file that keeps the refresh tokens (state.go); empty: memory only
+
+	// jtis holds the jtis of the assertions (client_id NUL jti) and DPoP
+	// proofs seen, until they expire.
+	jtis dpoptest.JTIs
+	// dpop checks DPoP proofs (dpop.go), with jtis.
+	dpop *dpoptest.Checker
 }
 
 type token struct {

@@ -12,9 +12,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
-	"sync"
 	"sync/atomic"
-	"time"
 
 	jose "github.com/go-jose/go-jose/v4"
 )
@@ -33,26 +31,27 @@ type Proof struct {
 
 // Verify parses a compact DPoP proof, checks its header (typ dpop+jwt, an
 // asymmetric alg, a public jwk) and its signature with that jwk, and
-// returns its header and claims. It checks no claim.
+// returns its header and claims. It checks no claim. A proof it cannot
+// read is a *CheckError (ReasonProof, or ReasonType).
 func Verify(proof string) (Proof, error) {
 	jws, err := jose.ParseSignedCompact(proof, []jose.SignatureAlgorithm{jose.ES256, jose.PS256, jose.EdDSA, jose.RS256})
 	if err != nil {
-		return Proof{}, fmt.Errorf("not a JWS: %w", err)
+		return Proof{}, &CheckError{ReasonProof, "not a JWS: " + err.Error()}
 	}
 	h := jws.Signatures[0].Protected
 	if typ, _ := h.ExtraHeaders["typ"].(string); typ != "dpop+jwt" {
-		return Proof{}, fmt.Errorf("typ is %q, want dpop+jwt", typ)
+		return Proof{}, &CheckError{ReasonType, "typ " + strconv.Quote(typ)}
 	}
-	if h.JSONWebKey == nil || !h.JSONWebKey.IsPublic() {
-		return Proof{}, errors.New("no public jwk in the header")
+	if h.JSONWebKey == nil || !h.JSONWebKey.IsPublic() || !h.JSONWebKey.Valid() {
+		return Proof{}, &CheckError{ReasonProof, "no public jwk in the header"}
 	}
 	payload, err := jws.Verify(h.JSONWebKey)
 	if err != nil {
-		return Proof{}, fmt.Errorf("signature: %w", err)
+		return Proof{}, &CheckError{ReasonProof, "signature: " + err.Error()}
 	}
 	tp, err := h.JSONWebKey.Thumbprint(crypto.SHA256)
 	if err != nil {
-		return Proof{}, err
+		return Proof{}, &CheckError{ReasonProof, "thumbprint: " + err.Error()}
 	}
 	var c struct {
 		JTI   string          `json:"jti"`
@@ -63,21 +62,21 @@ func Verify(proof string) (Proof, error) {
 		Nonce string          `json:"nonce"`
 	}
 	if err := json.Unmarshal(payload, &c); err != nil {
-		return Proof{}, fmt.Errorf("claims: %w", err)
+		return Proof{}, &CheckError{ReasonProof, "claims: " + err.Error()}
 	}
 	iat, err := strconv.ParseInt(string(c.IAT), 10, 64)
 	if err != nil {
-		return Proof{}, fmt.Errorf("iat %s is not an integer", c.IAT)
+		return Proof{}, &CheckError{ReasonProof, "iat " + strconv.Quote(string(c.IAT)) + " is not an integer"}
 	}
 	return Proof{Alg: h.Algorithm, JKT: base64.RawURLEncoding.EncodeToString(tp),
 		JTI: c.JTI, HTM: c.HTM, HTU: c.HTU, IAT: iat, ATH: c.ATH, Nonce: c.Nonce}, nil
 }
 
 // Gate is an http.Handler that lets a request through to Next only with a
-// valid DPoP proof for it: signature, htm the request's method, htu
-// "http://" (or "https://") + Host + path, iat within a minute of now, a jti not seen
-// before, and when Nonce is set that nonce. A request with a proof
-// without the nonce gets a nonce challenge: 400 {"error":
+// valid DPoP proof for it (Checker): signature, htm the request's method,
+// htu "http://" (or "https://") + Host + path, iat within a minute of now,
+// a jti not seen before, and when Nonce is set that nonce. A request with
+// a proof without the nonce gets a nonce challenge: 400 {"error":
 // "use_dpop_nonce"} (a token endpoint) or, with ResourceServer, 401 with
 // WWW-Authenticate: DPoP error="use_dpop_nonce". Every answer carries the
 // DPoP-Nonce header when Nonce is set. Next finds the proof with
@@ -94,8 +93,7 @@ type Gate struct {
 	// Challenges counts nonce challenges sent; Refused other refusals.
 	Challenges, Refused atomic.Int64
 
-	mu   sync.Mutex
-	jtis map[string]bool
+	checker Checker
 }
 
 type proofKey struct{}
@@ -112,8 +110,9 @@ func (g *Gate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("DPoP-Nonce", g.Nonce)
 	}
 	p, err := g.check(r)
+	var ce *CheckError
 	switch {
-	case errors.Is(err, errNonce):
+	case errors.As(err, &ce) && ce.Reason == ReasonNonce:
 		g.Challenges.Add(1)
 		if g.ResourceServer {
 			w.Header().Set("WWW-Authenticate", `DPoP error="use_dpop_nonce", error_description="Resource server requires nonce in DPoP proof"`)
@@ -134,38 +133,18 @@ func (g *Gate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	g.Next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), proofKey{}, p)))
 }
 
-var errNonce = errors.New("nonce missing or stale")
-
 func (g *Gate) check(r *http.Request) (Proof, error) {
 	vals := r.Header.Values("DPoP")
 	if len(vals) != 1 {
 		return Proof{}, fmt.Errorf("%d DPoP headers, want 1", len(vals))
 	}
-	p, err := Verify(vals[0])
-	if err != nil {
-		return Proof{}, err
-	}
 	scheme := "http://"
 	if r.TLS != nil {
 		scheme = "https://"
 	}
-	if want := scheme + r.Host + r.URL.Path; p.HTM != r.Method || p.HTU != want {
-		return Proof{}, fmt.Errorf("htm %q htu %q, want %q %q", p.HTM, p.HTU, r.Method, want)
+	want := Want{Method: r.Method, URL: scheme + r.Host + r.URL.Path}
+	if g.Nonce != "" {
+		want.Nonce = func(n string) bool { return n == g.Nonce }
 	}
-	if d := time.Since(time.Unix(p.IAT, 0)); d > time.Minute || d < -time.Minute {
-		return Proof{}, fmt.Errorf("iat is %s off", d)
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.jtis == nil {
-		g.jtis = map[string]bool{}
-	}
-	if p.JTI == "" || g.jtis[p.JTI] {
-		return Proof{}, fmt.Errorf("jti %q missing or replayed", p.JTI)
-	}
-	g.jtis[p.JTI] = true
-	if p.Nonce != g.Nonce {
-		return Proof{}, errNonce
-	}
-	return p, nil
+	return g.checker.Check(vals[0], want)
 }

@@ -1,0 +1,90 @@
+package dpoptest
+
+import (
+	"crypto/ed25519"
+	"crypto/rand"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+)
+
+// TestJTIs: a key is refused until it expires; expired keys are dropped
+// at most once per jtiSweep, not on every insert.
+func TestJTIs(t *testing.T) {
+	var j JTIs
+	t0 := time.Unix(1_800_000_000, 0)
+	if !j.Remember("a", t0.Add(time.Second), t0) || j.Remember("a", t0.Add(time.Second), t0) {
+		t.Fatal("a new key must be remembered and its replay refused")
+	}
+	// A sweep ran at t0: the next is due at t0 + jtiSweep.
+	for i, k := range []string{"b", "c", "d"} {
+		now := t0.Add(2*time.Second + time.Duration(i)*time.Second)
+		if !j.Remember(k, now.Add(time.Second), now) {
+			t.Fatalf("%s refused", k)
+		}
+	}
+	if n := j.Len(); n != 4 {
+		t.Errorf("%d keys held within the sweep interval, want 4 (no scan per insert)", n)
+	}
+	if !j.Remember("a", t0.Add(time.Hour), t0.Add(2*time.Second)) {
+		t.Error("an expired key refused")
+	}
+	later := t0.Add(jtiSweep)
+	if !j.Remember("e", later.Add(time.Second), later) {
+		t.Fatal("e refused")
+	}
+	if n := j.Len(); n != 2 { // "a" (until t0+1h) and "e"
+		t.Errorf("%d keys held after the sweep, want 2", n)
+	}
+}
+
+// TestCheckerReasons: each claim the Checker checks refuses with its
+// reason; a proof passes once.
+func TestCheckerReasons(t *testing.T) {
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := dpop.NewKey(priv, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(1_800_000_000, 0)
+	c := &Checker{Now: func() time.Time { return now }}
+	proof := func(htu, ath, nonce string, at time.Time) string {
+		p, err := k.Proof("GET", htu, ath, nonce, at)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	want := Want{Method: "GET", URL: "https://RS.test:443/a", AccessToken: "tok"}
+	ok := proof("https://rs.test/a", dpop.ATH("tok"), "", now)
+	for _, tc := range []struct {
+		name, proof string
+		want        Want
+		reason      string
+	}{
+		{"good", ok, want, ""},
+		{"replayed", ok, want, ReasonReplay},
+		{"not a JWS", "x.y", want, ReasonProof},
+		{"htm", proof("https://rs.test/a", dpop.ATH("tok"), "", now), Want{Method: "POST", URL: want.URL, AccessToken: "tok"}, ReasonHTM},
+		{"htu path", proof("https://rs.test/b", dpop.ATH("tok"), "", now), want, ReasonHTU},
+		{"htu with a query", proof("https://rs.test/a?x=1", dpop.ATH("tok"), "", now), want, ReasonHTU},
+		{"iat old", proof("https://rs.test/a", dpop.ATH("tok"), "", now.Add(-2*time.Minute)), want, ReasonIAT},
+		{"ath", proof("https://rs.test/a", dpop.ATH("other"), "", now), want, ReasonATH},
+		{"nonce", proof("https://rs.test/a", dpop.ATH("tok"), "n-1", now),
+			Want{Method: "GET", URL: want.URL, AccessToken: "tok", Nonce: func(n string) bool { return n == "n-2" }}, ReasonNonce},
+	} {
+		_, err := c.Check(tc.proof, tc.want)
+		var ce *CheckError
+		switch {
+		case tc.reason == "" && err != nil:
+			t.Errorf("%s: %v", tc.name, err)
+		case tc.reason != "" && (!errors.As(err, &ce) || ce.Reason != tc.reason):
+			t.Errorf("%s: %v, want %q", tc.name, err, tc.reason)
+		}
+	}
+}
