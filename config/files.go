@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
 // A registry may be split across several files: Files lists them,
@@ -305,6 +307,16 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
+	}
+	for _, pv := range reg.Providers {
+		if pv.RateLimit == (budget.Limit{}) {
+			continue
+		}
+		if opts.Budgets != nil {
+			pv.Budget = opts.Budgets(pv)
+		} else {
+			pv.Budget = budget.New(pv.Name, pv.RateLimit, budget.NewLocal(nil), nil)
+		}
 	}
 	return reg, nil
 }
