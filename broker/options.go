@@ -249,3 +249,13 @@ type BreakerObserver interface {
 type BackoffObserver interface {
 	BackingOff(b *Binding, on bool)
 }
+
+// PlanObserver is an optional interface of an Observer: it is told when a
+// cached token's refresh-ahead is planned (Token.RefreshAt), and, once per
+// token, when its refresh cannot get budget (Profile.Budget) before the
+// token's expiry less Leeway: the key goes cold and its next caller waits
+// for a token.
+type PlanObserver interface {
+	RefreshPlanned(b *Binding, at time.Time)
+	RefreshBehind(b *Binding, expiry time.Time)
+}

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
 // Source obtains access tokens from one provider's token API.
@@ -83,6 +85,11 @@ type Profile struct {
 	// Lifetime is the lifetime to ask for, where the provider lets the
 	// client choose. Zero means the source's default.
 	Lifetime time.Duration
+	// Budget is the provider's token API budget, shared by all its
+	// profiles: every call to Source takes a request from it first. Nil:
+	// unlimited. Set it right after NewProfile, before the profile is in
+	// use; it is not part of the cache key.
+	Budget *budget.Budget
 
 	perMerchant bool   // Source implements PerMerchant and says true
 	keyTag      string // the cache keys' first keyTagLen bytes (see keyFor)

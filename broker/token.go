@@ -60,6 +60,12 @@ type Token struct {
 	Scopes []string
 	// IssuedAt is when the broker received the token (broker clock).
 	IssuedAt time.Time
+	// RefreshAt is when the broker that minted the token planned its
+	// refresh-ahead (within its refresh window); a broker adopting the
+	// token from the shared tier keeps it, so that one node of a fleet
+	// refreshes when planned and the others adopt. Zero: the broker that
+	// caches the token plans it.
+	RefreshAt time.Time
 }
 
 // Fingerprint identifies the token in logs, spans and admin output.

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
@@ -51,6 +52,7 @@ const (
 	TokenRateLimited
 	TokenBadResponse
 	TokenRefused
+	BudgetExhausted
 	TokenUnavailable
 
 	count
@@ -126,6 +128,9 @@ var rules = [count]rule{
 		fetch: func(err error) bool {
 			return isA[*broker.RequestError](err) || apiError(func(e *broker.APIError) bool { return !e.Temporary() })(err)
 		}},
+	BudgetExhausted: {name: "budget_exhausted", status: http.StatusServiceUnavailable, retryAfter: true,
+		message: "the provider's token API rate limit, which the token broker spends on purpose, has no room for this request before its deadline; the token API was not called; retry after the Retry-After delay",
+		fetch:   func(err error) bool { return errors.Is(err, budget.ErrExhausted) }},
 	TokenUnavailable: {name: "token_unavailable", status: http.StatusBadGateway,
 		message: "the provider's token API failed; the request was not forwarded",
 		fetch:   func(error) bool { return true }},

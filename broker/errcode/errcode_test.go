@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
@@ -76,13 +77,15 @@ func TestClassify(t *testing.T) {
 		{&broker.APIError{Provider: "nuapay", StatusCode: 404}, TokenRefused},
 		{&broker.APIError{Provider: "nuapay", StatusCode: 503}, TokenUnavailable},
 		{&broker.APIError{Provider: "nuapay", StatusCode: 408}, TokenUnavailable},
+		{&budget.ExhaustedError{Provider: "bank", RetryAfter: time.Second}, BudgetExhausted},
+		{fmt.Errorf("merchant %q: %w", "acme", &budget.ExhaustedError{Provider: "bank"}), BudgetExhausted},
 		{errors.New("connection refused"), TokenUnavailable},
 	} {
 		if got := Classify(tt.err); got != tt.want {
 			t.Errorf("Classify(%v) = %s, want %s", tt.err, got, tt.want)
 		}
 	}
-	want := []Code{ClientGone, ConsentRequired, TokenAPIDown, TokenTimeout, TokenRateLimited, TokenBadResponse, TokenRefused, TokenUnavailable}
+	want := []Code{ClientGone, ConsentRequired, TokenAPIDown, TokenTimeout, TokenRateLimited, TokenBadResponse, TokenRefused, BudgetExhausted, TokenUnavailable}
 	if got := FetchCodes(); !slices.Equal(got, want) {
 		t.Errorf("FetchCodes() = %v, want %v", got, want)
 	}

@@ -1,0 +1,395 @@
+// Package budget spends a token API's rate limit on purpose: one Budget per
+// provider, a generic cell rate algorithm bucket in a Store (in this
+// process, or in Redis for a fleet), callers who wait for a token before
+// refresh-ahead, refreshes planned where the rate has room, and the
+// provider's own rate-limit headers lowering the rate until they pass.
+package budget
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// Priority is who a token request is for.
+type Priority uint8
+
+// Priorities.
+const (
+	// Foreground: a caller waits for the token (a cold key, an expired
+	// token). It waits its turn, up to its deadline.
+	Foreground Priority = iota
+	// Background: a refresh ahead of expiry. It never takes what a
+	// waiting caller needs, and never waits.
+	Background
+)
+
+// String names the priority for logs and metrics.
+func (p Priority) String() string {
+	if p == Background {
+		return "background"
+	}
+	return "foreground"
+}
+
+// ErrExhausted is in the chain of every *ExhaustedError.
+var ErrExhausted = errors.New("token API budget exhausted")
+
+// ExhaustedError is a token request the budget refused without calling the
+// token API.
+type ExhaustedError struct {
+	// Provider is the budget's name.
+	Provider string
+	// RetryAfter is how long until the budget expects to serve a request
+	// of the same priority (from the queue of waiting callers and the
+	// bucket).
+	RetryAfter time.Duration
+}
+
+// Error says whose budget is exhausted and for how long.
+func (e *ExhaustedError) Error() string {
+	return fmt.Sprintf("token API budget of provider %q exhausted: its rate limit has no room before the request's deadline; retry after %s",
+		e.Provider, e.RetryAfter.Round(time.Millisecond))
+}
+
+// Unwrap returns ErrExhausted.
+func (e *ExhaustedError) Unwrap() error { return ErrExhausted }
+
+// BackgroundShare is the part of the rate that refreshes are planned on
+// (Plan); the rest is kept for callers who wait.
+const BackgroundShare = 0.75
+
+// reserveShare is the part of the burst a background request leaves in the
+// bucket (at least one request when the burst is above 1).
+const reserveShare = 0.25
+
+// Option configures a Budget.
+type Option func(*Budget)
+
+// WithSleep replaces the timer a waiting caller sleeps on (tests move a
+// fake clock in it). sleep returns early with ctx's error when ctx ends.
+func WithSleep(sleep func(ctx context.Context, d time.Duration) error) Option {
+	return func(b *Budget) { b.sleep = sleep }
+}
+
+// WithFallback sets the limit of the in-process bucket that answers while
+// the Store fails (a Redis outage): a broker's share of a fleet's limit,
+// say (Limit.Share). Default: the budget's own limit.
+func WithFallback(l Limit) Option {
+	return func(b *Budget) { b.fallbackLimit = l }
+}
+
+// Budget is one provider's token API budget. It is safe for concurrent use;
+// all profiles of a provider share one.
+type Budget struct {
+	name          string
+	limit         Limit
+	fallbackLimit Limit
+	store         Store
+	fallback      Store // in-process, while store fails
+	now           func() time.Time
+	sleep         func(ctx context.Context, d time.Duration) error
+
+	mu sync.Mutex
+	// queue holds the callers waiting, in arrival order; only its head
+	// asks the store.
+	queue []*waiter
+	// nextAt is when the head of the queue expects to be served.
+	nextAt time.Time
+	// lowered applies until loweredUntil (Observe); closedUntil: the
+	// provider said no request is left before then.
+	lowered                   Limit
+	loweredUntil, closedUntil time.Time
+	remaining                 int // the bucket's last answer
+	used, exhausted           uint64
+	waitTotal                 time.Duration
+	cal                       calendar
+}
+
+// waiter is a caller in the queue; ready is closed when it is the head.
+type waiter struct{ ready chan struct{} }
+
+// New returns the budget of the provider name, spending l in s under the
+// key name, on the clock now (time.Now when nil). It panics when l is not
+// valid (Limit.Validate): check configuration first.
+func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *Budget {
+	if err := l.Validate(); err != nil {
+		panic("budget.New: provider " + name + ": " + err.Error())
+	}
+	if now == nil {
+		now = time.Now
+	}
+	b := &Budget{name: name, limit: l, fallbackLimit: l, store: s, now: now, sleep: sleepCtx}
+	for _, o := range opts {
+		o(b)
+	}
+	if err := b.fallbackLimit.Validate(); err != nil {
+		panic("budget.New: provider " + name + ": fallback " + err.Error())
+	}
+	b.fallback = NewLocal(now)
+	b.remaining = l.Burst
+	b.cal = newCalendar(l)
+	return b
+}
+
+// Name is the provider the budget is for.
+func (b *Budget) Name() string { return b.name }
+
+// Limit is the configured limit (before any lowering).
+func (b *Budget) Limit() Limit { return b.limit }
+
+// sleepCtx waits d or until ctx ends.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Take spends one token request. A Foreground request waits its turn
+// behind the callers already waiting (in arrival order) until the bucket
+// has room; when the queue or the bucket says it cannot be served before
+// deadline (on the budget's clock; zero: no deadline), it returns an
+// *ExhaustedError at once. A Background request is served only when no
+// caller waits here and the bucket keeps a reserve for callers; otherwise
+// it returns an *ExhaustedError at once. Take also returns ctx's error
+// when ctx ends while it waits, and a Store error only when the in-process
+// fallback fails too (never).
+func (b *Budget) Take(ctx context.Context, p Priority, deadline time.Time) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if d, ok := ctx.Deadline(); ok {
+		if dl := b.now().Add(time.Until(d)); deadline.IsZero() || dl.Before(deadline) {
+			deadline = dl
+		}
+	}
+	if p == Background {
+		return b.takeBackground(ctx)
+	}
+	return b.takeForeground(ctx, deadline)
+}
+
+// takeBackground is Take for a refresh.
+func (b *Budget) takeBackground(ctx context.Context) error {
+	now := b.now()
+	b.mu.Lock()
+	l := b.effectiveLocked(now)
+	if len(b.queue) > 0 || now.Before(b.closedUntil) {
+		eta := b.etaLocked(len(b.queue), now, l)
+		b.exhausted++
+		b.mu.Unlock()
+		return &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(now) + l.interval()}
+	}
+	b.mu.Unlock()
+	bg := l
+	bg.Burst = max(1, l.Burst-reserve(l.Burst))
+	res, err := b.allow(ctx, bg)
+	if err != nil {
+		return err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if res.Allowed > 0 {
+		b.used++
+		return nil
+	}
+	b.exhausted++
+	return &ExhaustedError{Provider: b.name, RetryAfter: res.RetryAfter}
+}
+
+// reserve is how much of a burst background requests leave to callers.
+func reserve(burst int) int {
+	if burst <= 1 {
+		return 0
+	}
+	return max(1, int(float64(burst)*reserveShare))
+}
+
+// takeForeground is Take for a caller.
+func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) error {
+	start := b.now()
+	w := &waiter{ready: make(chan struct{})}
+	b.mu.Lock()
+	if ahead := len(b.queue); ahead > 0 || start.Before(b.closedUntil) {
+		eta := b.etaLocked(ahead, start, b.effectiveLocked(start))
+		if !deadline.IsZero() && eta.After(deadline) {
+			b.exhausted++
+			b.mu.Unlock()
+			return &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(start)}
+		}
+	}
+	b.queue = append(b.queue, w)
+	if len(b.queue) == 1 {
+		close(w.ready)
+	}
+	b.mu.Unlock()
+
+	select {
+	case <-w.ready:
+	case <-ctx.Done():
+		b.leave(w, start, gaveUp)
+		return ctx.Err()
+	}
+	for {
+		now := b.now()
+		b.mu.Lock()
+		l, closed := b.effectiveLocked(now), b.closedUntil
+		b.mu.Unlock()
+		var wait time.Duration
+		if now.Before(closed) {
+			wait = closed.Sub(now)
+		} else {
+			res, err := b.allow(ctx, l)
+			if err != nil {
+				b.leave(w, start, gaveUp)
+				return err
+			}
+			if res.Allowed > 0 {
+				b.leave(w, start, served)
+				return nil
+			}
+			wait = res.RetryAfter
+		}
+		eta := now.Add(wait)
+		if !deadline.IsZero() && eta.After(deadline) {
+			b.leave(w, start, refused)
+			return &ExhaustedError{Provider: b.name, RetryAfter: wait}
+		}
+		b.mu.Lock()
+		b.nextAt = eta
+		b.mu.Unlock()
+		if err := b.sleep(ctx, wait); err != nil {
+			b.leave(w, start, gaveUp)
+			return err
+		}
+	}
+}
+
+// Outcomes of a caller leaving the queue.
+const (
+	gaveUp = iota // its context ended, or the store failed
+	served
+	refused
+)
+
+// leave takes w out of the queue, hands the head's turn on, and counts a
+// served or refused caller.
+func (b *Budget) leave(w *waiter, start time.Time, outcome int) {
+	now := b.now()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i, q := range b.queue {
+		if q == w {
+			b.queue = append(b.queue[:i], b.queue[i+1:]...)
+			if i == 0 && len(b.queue) > 0 {
+				close(b.queue[0].ready)
+			}
+			break
+		}
+	}
+	switch outcome {
+	case served:
+		b.used++
+		b.waitTotal += max(0, now.Sub(start))
+		b.nextAt = time.Time{}
+	case refused:
+		b.exhausted++
+	}
+}
+
+// etaLocked is when a caller with ahead callers before it expects to be
+// served under l: the head when the bucket said, each next one an interval
+// later, less what the bucket still held at its last answer.
+func (b *Budget) etaLocked(ahead int, now time.Time, l Limit) time.Time {
+	head := now
+	for _, t := range []time.Time{b.nextAt, b.closedUntil} {
+		if t.After(head) {
+			head = t
+		}
+	}
+	return head.Add(time.Duration(max(0, ahead-b.remaining)) * l.interval())
+}
+
+// effectiveLocked is the limit in force at now: the configured one, or the
+// one a provider's headers lowered it to.
+func (b *Budget) effectiveLocked(now time.Time) Limit {
+	if now.Before(b.loweredUntil) {
+		return b.lowered
+	}
+	return b.limit
+}
+
+// allow asks the store for one request under l; while the store fails, the
+// in-process bucket answers under the fallback limit.
+func (b *Budget) allow(ctx context.Context, l Limit) (Result, error) {
+	res, err := b.store.AllowN(ctx, b.name, l, 1)
+	if err != nil {
+		fl := b.fallbackLimit
+		if l.PerSecond() < fl.PerSecond() {
+			fl = l
+		}
+		if res, err = b.fallback.AllowN(ctx, b.name, fl, 1); err != nil {
+			return Result{}, fmt.Errorf("token API budget of provider %q: %w", b.name, err)
+		}
+	}
+	b.mu.Lock()
+	b.remaining = res.Remaining
+	b.mu.Unlock()
+	return res, nil
+}
+
+// State is a budget's state, for metrics and the admin state.
+type State struct {
+	// Name is the provider.
+	Name string
+	// Rate is the configured rate, in requests per second.
+	Rate float64
+	// Burst is the configured burst.
+	Burst int
+	// Effective is the rate in force, in requests per second: Rate, or
+	// lower while a provider's rate-limit headers say so (0 while they
+	// say nothing is left).
+	Effective float64
+	// LoweredUntil is when the provider's lowering ends; zero when none
+	// applies.
+	LoweredUntil time.Time
+	// Remaining is how many requests the bucket held at its last answer.
+	Remaining int
+	// Waiting is how many callers wait for their turn now.
+	Waiting int
+	// Used counts the requests served; Exhausted those refused.
+	Used, Exhausted uint64
+	// WaitTotal is how long the served callers waited in all.
+	WaitTotal time.Duration
+}
+
+// State returns the budget's state. It makes no Store call.
+func (b *Budget) State() State {
+	now := b.now()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	st := State{Name: b.name, Rate: b.limit.PerSecond(), Burst: b.limit.Burst, Effective: b.effectiveLocked(now).PerSecond(),
+		Remaining: b.remaining, Waiting: len(b.queue), Used: b.used, Exhausted: b.exhausted, WaitTotal: b.waitTotal}
+	if now.Before(b.loweredUntil) {
+		st.LoweredUntil = b.loweredUntil
+	}
+	if now.Before(b.closedUntil) {
+		st.Effective, st.LoweredUntil = 0, later(st.LoweredUntil, b.closedUntil)
+	}
+	return st
+}
+
+// later returns the later of a and b.
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}

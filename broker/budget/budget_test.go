@@ -1,0 +1,413 @@
+package budget
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+)
+
+// clock is a fake clock that moves only when told to.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newClock() *clock { return &clock{t: time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)} }
+
+func (c *clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// advance is a sleep that moves the clock by d at once.
+func (c *clock) advance(_ context.Context, d time.Duration) error {
+	c.Add(d)
+	return nil
+}
+
+// gatedSleep is a sleep that reports each wait on asleep and returns once
+// released, having moved the clock by the wait.
+type gatedSleep struct {
+	c       *clock
+	asleep  chan time.Duration
+	release chan struct{}
+}
+
+func newGatedSleep(c *clock) *gatedSleep {
+	return &gatedSleep{c: c, asleep: make(chan time.Duration, 16), release: make(chan struct{})}
+}
+
+func (g *gatedSleep) sleep(ctx context.Context, d time.Duration) error {
+	g.asleep <- d
+	select {
+	case <-g.release:
+		g.c.Add(d)
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func limit(rate, burst int, period time.Duration) Limit {
+	return Limit{Rate: rate, Burst: burst, Period: period}
+}
+
+func TestParseRate(t *testing.T) {
+	for _, tt := range []struct {
+		in      string
+		want    Limit
+		wantErr bool
+	}{
+		{in: "20/s", want: limit(20, 20, time.Second)},
+		{in: " 1200 / m ", want: limit(1200, 20, time.Minute)},
+		{in: "72000/h", want: limit(72000, 20, time.Hour)},
+		{in: "1/m", want: limit(1, 1, time.Minute)},
+		{in: "5/10s", want: limit(5, 1, 10*time.Second)},
+		{in: "3/500ms", want: limit(3, 6, 500*time.Millisecond)},
+		{in: "20", wantErr: true},
+		{in: "0/s", wantErr: true},
+		{in: "-1/s", wantErr: true},
+		{in: "1.5/s", wantErr: true},
+		{in: "20/day", wantErr: true},
+		{in: "20/0s", wantErr: true},
+		{in: "2000000000/s", wantErr: true},
+	} {
+		got, err := ParseRate(tt.in)
+		if (err != nil) != tt.wantErr || got != tt.want {
+			t.Errorf("ParseRate(%q) = %v, %v; want %v, error %v", tt.in, got, err, tt.want, tt.wantErr)
+		}
+	}
+	if got := limit(20, 20, time.Second).Share(3); got != limit(20, 6, 3*time.Second) {
+		t.Errorf("Share(3) = %v", got)
+	}
+}
+
+// TestLocalStoreRate: the in-process bucket lets a full burst through at
+// once, then the rate, whatever the callers ask.
+func TestLocalStoreRate(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		l    Limit
+		// every step requests `ask` at once, then the clock moves by step.
+		ask, steps int
+		step       time.Duration
+		want       int
+	}{
+		{"burst then nothing", limit(10, 10, time.Second), 100, 1, 0, 10},
+		{"burst then the rate", limit(10, 10, time.Second), 5, 20, 100 * time.Millisecond, 10 + 19},
+		{"burst of one", limit(10, 1, time.Second), 5, 20, 100 * time.Millisecond, 20},
+		{"per minute", limit(60, 1, time.Minute), 3, 120, 500 * time.Millisecond, 60},
+		{"within the rate", limit(10, 2, time.Second), 1, 50, 200 * time.Millisecond, 50},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newClock()
+			s := NewLocal(c.Now)
+			got := 0
+			for range tt.steps {
+				for range tt.ask {
+					res, err := s.AllowN(context.Background(), "p", tt.l, 1)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if res.Allowed > 0 {
+						got++
+					} else if res.RetryAfter <= 0 {
+						t.Fatalf("refused with RetryAfter %s", res.RetryAfter)
+					}
+				}
+				c.Add(tt.step)
+			}
+			if got != tt.want {
+				t.Errorf("allowed %d, want %d", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestForegroundRateAndBurst: callers one after another are served at the
+// rate after the burst, each waiting what the bucket says, and the budget
+// counts them.
+func TestForegroundRateAndBurst(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(5, 2, time.Second), NewLocal(c.Now), c.Now, WithSleep(c.advance))
+	start := c.Now()
+	var at []time.Duration
+	for range 12 {
+		if err := b.Take(context.Background(), Foreground, c.Now().Add(time.Minute)); err != nil {
+			t.Fatal(err)
+		}
+		at = append(at, c.Now().Sub(start))
+	}
+	// A burst of 2, then one per 200ms.
+	for i, d := range at {
+		want := time.Duration(max(0, i-1)) * 200 * time.Millisecond
+		if d != want {
+			t.Errorf("request %d served at +%s, want +%s", i, d, want)
+		}
+	}
+	st := b.State()
+	if st.Used != 12 || st.Exhausted != 0 || st.WaitTotal != 2*time.Second || st.Waiting != 0 || st.Rate != 5 || st.Burst != 2 {
+		t.Errorf("State = %+v", st)
+	}
+}
+
+// TestPriorities: a caller waiting goes before background refresh; a
+// background request leaves a reserve in the bucket; a caller that cannot
+// be served before its deadline is refused at once with the queue's wait.
+func TestPriorities(t *testing.T) {
+	c := newClock()
+	g := newGatedSleep(c)
+	b := New("bank", limit(4, 4, time.Second), NewLocal(c.Now), c.Now, WithSleep(g.sleep))
+	ctx := context.Background()
+	deadline := func(d time.Duration) time.Time { return c.Now().Add(d) }
+
+	// Background takes 3 of the burst of 4 and leaves 1 for callers.
+	for i := range 3 {
+		if err := b.Take(ctx, Background, time.Time{}); err != nil {
+			t.Fatalf("background %d: %v", i, err)
+		}
+	}
+	var ee *ExhaustedError
+	if err := b.Take(ctx, Background, time.Time{}); !errors.As(err, &ee) || !errors.Is(err, ErrExhausted) || ee.RetryAfter != 250*time.Millisecond || ee.Provider != "bank" {
+		t.Fatalf("background past the reserve: %v, want exhausted for 250ms", err)
+	}
+	if err := b.Take(ctx, Foreground, deadline(time.Second)); err != nil {
+		t.Fatalf("caller on the reserve: %v", err)
+	}
+
+	// The bucket is empty: a caller waits 250ms, at the head of the queue.
+	done := make(chan error, 1)
+	go func() { done <- b.Take(ctx, Foreground, deadline(time.Second)) }()
+	if d := <-g.asleep; d != 250*time.Millisecond {
+		t.Fatalf("head waits %s, want 250ms", d)
+	}
+	// Meanwhile background gets nothing, however full the bucket.
+	c.Add(time.Hour)
+	if err := b.Take(ctx, Background, time.Time{}); !errors.As(err, &ee) {
+		t.Fatalf("background while a caller waits: %v", err)
+	}
+	c.Add(-time.Hour)
+	// A caller behind it whose deadline comes before its turn is refused
+	// at once with the queue's estimate: the head at +250ms, then one
+	// interval per caller ahead.
+	err := b.Take(ctx, Foreground, deadline(400*time.Millisecond))
+	if !errors.As(err, &ee) || ee.RetryAfter != 500*time.Millisecond {
+		t.Fatalf("caller past its deadline: %v, want exhausted for 500ms", err)
+	}
+	if st := b.State(); st.Waiting != 1 {
+		t.Errorf("Waiting = %d, want 1", st.Waiting)
+	}
+	// One whose deadline allows it queues behind the head.
+	second := make(chan error, 1)
+	go func() { second <- b.Take(ctx, Foreground, deadline(time.Second)) }()
+	waitFor(t, func() bool { return b.State().Waiting == 2 })
+	close(g.release)
+	if err := <-done; err != nil {
+		t.Fatalf("head: %v", err)
+	}
+	if d := <-g.asleep; d != 250*time.Millisecond {
+		t.Fatalf("second waits %s, want 250ms", d)
+	}
+	if err := <-second; err != nil {
+		t.Fatalf("second: %v", err)
+	}
+	if st := b.State(); st.Used != 6 || st.Exhausted != 3 || st.Waiting != 0 {
+		t.Errorf("State = %+v", st)
+	}
+}
+
+// TestHeadRefusedPastDeadline: the head of the queue is refused when the
+// bucket's wait ends after its deadline, and the next caller takes its
+// turn.
+func TestHeadRefusedPastDeadline(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now, WithSleep(c.advance))
+	ctx := context.Background()
+	if err := b.Take(ctx, Foreground, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	var ee *ExhaustedError
+	if err := b.Take(ctx, Foreground, c.Now().Add(500*time.Millisecond)); !errors.As(err, &ee) || ee.RetryAfter != time.Second {
+		t.Fatalf("got %v, want exhausted for 1s", err)
+	}
+	if err := b.Take(ctx, Foreground, c.Now().Add(2*time.Second)); err != nil {
+		t.Fatalf("next caller: %v", err)
+	}
+	// A caller whose context ends leaves the queue uncounted.
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if err := b.Take(cctx, Foreground, time.Time{}); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled caller: %v", err)
+	}
+	if st := b.State(); st.Used != 2 || st.Exhausted != 1 || st.Waiting != 0 {
+		t.Errorf("State = %+v", st)
+	}
+}
+
+// failingStore always fails, like an unreachable Redis.
+type failingStore struct{}
+
+func (failingStore) AllowN(context.Context, string, Limit, int) (Result, error) {
+	return Result{}, errors.New("redis: connection refused")
+}
+
+// TestStoreFailureFallsBack: while the store fails, the in-process bucket
+// answers under the fallback limit.
+func TestStoreFailureFallsBack(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(10, 10, time.Second), failingStore{}, c.Now, WithFallback(limit(10, 10, time.Second).Share(5)))
+	served := 0
+	for range 10 {
+		if b.Take(context.Background(), Foreground, c.Now()) == nil {
+			served++
+		}
+	}
+	if served != 2 {
+		t.Errorf("served %d on the fallback, want its burst of 2", served)
+	}
+}
+
+// TestObserve: providers' rate-limit headers lower the budget until they
+// pass; malformed or absurd values change nothing or are capped.
+func TestObserve(t *testing.T) {
+	hdr := func(kv ...string) http.Header {
+		h := http.Header{}
+		for i := 0; i < len(kv); i += 2 {
+			h.Add(kv[i], kv[i+1])
+		}
+		return h
+	}
+	for _, tt := range []struct {
+		name      string
+		h         http.Header
+		effective float64
+		lowered   time.Duration // 0: no lowering
+	}{
+		{"draft structured", hdr("RateLimit", `"default";r=5;t=10`), 0.5, 10 * time.Second},
+		{"draft two policies, the tighter wins", hdr("RateLimit", `"burst";r=50;t=1, "daily";r=100;t=1000`), 0.1, 1000 * time.Second},
+		{"draft dictionary", hdr("RateLimit", `limit=100, remaining=2, reset=4`), 0.5, 4 * time.Second},
+		{"draft policy", hdr("RateLimit-Policy", `"default";q=60;w=60`), 1, time.Minute},
+		{"draft older policy", hdr("RateLimit-Policy", `30;w=60`), 0.5, time.Minute},
+		{"draft early fields", hdr("RateLimit-Remaining", "3", "RateLimit-Reset", "6"), 0.5, 6 * time.Second},
+		{"x- with seconds", hdr("X-RateLimit-Remaining", "1", "X-RateLimit-Reset", "2.5"), 0.4, 2500 * time.Millisecond},
+		{"x- with a Unix time", hdr("X-RateLimit-Remaining", "4", "X-RateLimit-Reset", "1795435220"), 0.2, 20 * time.Second},
+		{"none left closes", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "30"), 0, 30 * time.Second},
+		{"absurd reset capped", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "99999999"), 0, time.Hour},
+		{"plenty left", hdr("X-RateLimit-Remaining", "500", "X-RateLimit-Reset", "10"), 10, 0},
+		{"malformed", hdr("X-RateLimit-Remaining", "many", "X-RateLimit-Reset", "-3", "RateLimit", "r=;t=x"), 10, 0},
+		{"no headers", hdr(), 10, 0},
+		{"reset in the past", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "1795435100"), 10, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newClock() // 1795435200 in Unix time
+			b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now)
+			b.Observe(tt.h, c.Now())
+			st := b.State()
+			var until time.Time
+			if tt.lowered > 0 {
+				until = c.Now().Add(tt.lowered)
+			}
+			if st.Effective != tt.effective || !st.LoweredUntil.Equal(until) {
+				t.Errorf("Effective %v until %v, want %v until %v", st.Effective, st.LoweredUntil, tt.effective, until)
+			}
+			c.Add(tt.lowered)
+			if st := b.State(); st.Effective != 10 || !st.LoweredUntil.IsZero() {
+				t.Errorf("after the reset: Effective %v until %v, want 10 and no lowering", st.Effective, st.LoweredUntil)
+			}
+		})
+	}
+}
+
+// TestObserveGovernsTake: a lowered budget spreads what is left; a closed
+// one refuses callers whose deadline comes first and lets the others wait;
+// an answer that restricts nothing ends it.
+func TestObserveGovernsTake(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now, WithSleep(c.advance))
+	ctx := context.Background()
+	b.Observe(http.Header{"X-Ratelimit-Remaining": {"2"}, "X-Ratelimit-Reset": {"10"}}, c.Now())
+	start := c.Now()
+	for range 2 {
+		if err := b.Take(ctx, Foreground, start.Add(time.Minute)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := c.Now().Sub(start); got != 5*time.Second {
+		t.Errorf("2 requests left for 10s served over %s, want 5s", got)
+	}
+	b.Observe(http.Header{"Ratelimit": {`"d";r=0;t=20`}}, c.Now())
+	var ee *ExhaustedError
+	if err := b.Take(ctx, Background, time.Time{}); !errors.As(err, &ee) {
+		t.Fatalf("background while closed: %v", err)
+	}
+	if err := b.Take(ctx, Foreground, c.Now().Add(10*time.Second)); !errors.As(err, &ee) || ee.RetryAfter != 20*time.Second {
+		t.Fatalf("caller before the reset: %v, want exhausted for 20s", err)
+	}
+	before := c.Now()
+	if err := b.Take(ctx, Foreground, c.Now().Add(30*time.Second)); err != nil || c.Now().Sub(before) != 20*time.Second {
+		t.Fatalf("caller after the reset: %v after %s, want served after 20s", err, c.Now().Sub(before))
+	}
+	b.Observe(http.Header{"Ratelimit": {`"d";r=0;t=20`}}, c.Now())
+	b.Observe(http.Header{"Ratelimit": {`"d";r=1000;t=20`}}, c.Now())
+	if err := b.Take(ctx, Background, time.Time{}); err != nil {
+		t.Fatalf("background once the provider has room: %v", err)
+	}
+}
+
+// TestPlanSpreads: refreshes planned for one slot spill into the slots
+// before it, BackgroundShare of the rate each, and past the range go to
+// its start.
+func TestPlanSpreads(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		l    Limit
+		n    int
+		want map[time.Duration]int // offset before latest -> refreshes planned there
+	}{
+		{"4/s: 3 per second", limit(4, 4, time.Second), 10, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 1}},
+		{"1/s: 1 per 2s", limit(1, 1, time.Second), 3, map[time.Duration]int{0: 1, -2 * time.Second: 1, -4 * time.Second: 1}},
+		{"full: the earliest", limit(4, 4, time.Second), 20, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 3, -4 * time.Second: 3, -5 * time.Second: 5}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newClock()
+			b := New("bank", tt.l, NewLocal(c.Now), c.Now)
+			latest := c.Now().Add(time.Minute + 300*time.Millisecond)
+			earliest := latest.Add(-5 * time.Second)
+			got := map[time.Duration]int{}
+			for range tt.n {
+				got[b.Plan(earliest, latest).Sub(latest)]++
+			}
+			if len(got) != len(tt.want) {
+				t.Fatalf("planned %v, want %v", got, tt.want)
+			}
+			for d, n := range tt.want {
+				if got[d] != n {
+					t.Errorf("planned %v, want %v", got, tt.want)
+					break
+				}
+			}
+		})
+	}
+}
+
+// waitFor polls cond (goroutines reaching a channel), failing after 10s.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached in 10s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}

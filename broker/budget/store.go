@@ -1,0 +1,75 @@
+package budget
+
+import (
+	"context"
+	"sync"
+	"time"
+)
+
+// Store spends a generic cell rate algorithm (GCRA) bucket per key: shared
+// by a fleet (a Redis Store over redis_rate, whose AllowN this mirrors) or
+// in this process (NewLocal). Implementations must be safe for concurrent
+// use. The bucket keeps only its theoretical arrival time: calls for one
+// key may pass different Limits of the same Rate and Period (a smaller
+// Burst makes a call succeed only while the bucket keeps a reserve), or a
+// lowered Limit.
+type Store interface {
+	// AllowN spends n requests of key's bucket under l if it holds them,
+	// all or nothing. n = 0 spends nothing and reports Remaining.
+	AllowN(ctx context.Context, key string, l Limit, n int) (Result, error)
+}
+
+// Result is a Store's answer, field for field redis_rate's Result.
+type Result struct {
+	// Allowed is n when the requests were spent, 0 when they were not.
+	Allowed int
+	// Remaining is how many more requests the bucket holds now.
+	Remaining int
+	// RetryAfter is, when Allowed is 0, how long until n requests fit;
+	// negative or 0 when they were spent.
+	RetryAfter time.Duration
+	// ResetAfter is how long until the bucket is full again.
+	ResetAfter time.Duration
+}
+
+// local is the in-process Store.
+type local struct {
+	now func() time.Time
+
+	mu  sync.Mutex
+	tat map[string]time.Time // theoretical arrival time per key (one per budget)
+}
+
+// NewLocal returns an in-process Store on the clock now (time.Now when
+// nil). It computes what redis_rate computes, so that a budget behaves the
+// same with or without Redis. It never fails.
+func NewLocal(now func() time.Time) Store {
+	if now == nil {
+		now = time.Now
+	}
+	return &local{now: now, tat: map[string]time.Time{}}
+}
+
+// AllowN implements Store.
+func (s *local) AllowN(_ context.Context, key string, l Limit, n int) (Result, error) {
+	if err := l.Validate(); err != nil {
+		return Result{}, err
+	}
+	ei := l.interval()
+	now := s.now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tat := s.tat[key]
+	if tat.Before(now) {
+		tat = now
+	}
+	newTat := tat.Add(ei * time.Duration(n))
+	diff := now.Sub(newTat.Add(-ei * time.Duration(l.Burst)))
+	if diff < 0 {
+		return Result{RetryAfter: -diff, ResetAfter: tat.Sub(now)}, nil
+	}
+	if n > 0 {
+		s.tat[key] = newTat
+	}
+	return Result{Allowed: n, Remaining: int(diff / ei), RetryAfter: -1, ResetAfter: newTat.Sub(now)}, nil
+}
