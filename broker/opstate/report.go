@@ -68,6 +68,12 @@ const (
 	EventFleetDown = "fleet_tier_down"
 	// EventFleetRecovered: the shared tier answers again.
 	EventFleetRecovered = "fleet_tier_recovered"
+	// EventRefreshBehind: a merchant's planned refresh could not get its
+	// provider's token-request budget before the token's end: the key
+	// goes cold, and its next caller waits for a token or gets 503
+	// budget_exhausted (data: merchant, provider, error:
+	// "budget_exhausted"). Once per token.
+	EventRefreshBehind = "refresh_behind_plan"
 )
 
 // EventData returns what an event may carry of data: the keys
@@ -153,6 +159,34 @@ type Provider struct {
 	// Merchants counts the provider's merchants in the registry (explicit)
 	// and the wildcard's active ones.
 	Merchants int `json:"merchants"`
+	// Budget is the provider's token-request budget; absent without
+	// rate_limit.
+	Budget *Budget `json:"budget,omitempty"`
+}
+
+// Budget is the state of a provider's token-request budget (rate_limit).
+type Budget struct {
+	// Rate is the configured rate in requests per second: this sidecar's
+	// share without Redis, the fleet's with it.
+	Rate float64 `json:"rate"`
+	// Burst is the configured burst.
+	Burst int `json:"burst"`
+	// Effective is the rate in force: Rate, or lower while the provider's
+	// rate-limit headers say so (0 while they say nothing is left).
+	Effective float64 `json:"effective"`
+	// LoweredUntil is when the provider's lowering ends.
+	LoweredUntil *time.Time `json:"lowered_until,omitempty"`
+	// Remaining is how many requests the bucket held at its last answer.
+	Remaining int `json:"remaining"`
+	// Waiting is how many callers wait for their turn now.
+	Waiting int `json:"waiting"`
+	// Used counts the token requests it served; Exhausted those it
+	// refused (a caller got 503 budget_exhausted, or a refresh waits).
+	Used      uint64 `json:"used"`
+	Exhausted uint64 `json:"exhausted"`
+	// RefreshesBehind counts the planned refreshes that could not get
+	// budget before their token's end (EventRefreshBehind).
+	RefreshesBehind int `json:"refreshes_behind"`
 }
 
 // Fleet is the shared tier's health.
