@@ -113,7 +113,7 @@ type App struct {
 
 	// refusals limits the handlers' logs of repeated refusals.
 	refusals *lograte.Limiter[broker.Backoff]
-	events   *outbox.Outbox // the events for Caddy's events app (events.go)
+	events   *outbox.Outbox   // the events for Caddy's events app (events.go)
 	budgets  []*budget.Budget // the budgets this config holds (budget.go)
 }
 
