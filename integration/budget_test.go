@@ -245,3 +245,83 @@ func TestBudgetFleet(t *testing.T) {
 		t.Errorf("the stand-in saw %d token requests, want at least %d (a mint and a refresh per lifetime per key)", st.Total, min)
 	}
 }
+
+// budgetState is a provider's budget in the admin state.
+type budgetState struct {
+	Rate float64 `json:"rate"`
+	Used uint64  `json:"used"`
+}
+
+// adminBudget reads the budget of the only provider from the admin state.
+func adminBudget(t *testing.T, admin string) budgetState {
+	t.Helper()
+	status, body := get(t, admin+"/token_broker/state")
+	var rep struct {
+		Providers []struct {
+			Budget *budgetState `json:"budget"`
+		} `json:"providers"`
+	}
+	if err := json.Unmarshal(body, &rep); status != http.StatusOK || err != nil || len(rep.Providers) != 1 || rep.Providers[0].Budget == nil {
+		t.Fatalf("admin state: %d %s %v: want one provider with a budget", status, body, err)
+	}
+	return *rep.Providers[0].Budget
+}
+
+// TestBudgetKeptAcrossReload: a reload that keeps a provider's
+// rate_limit and the app's fleet_size keeps its budget (what it spent
+// stays spent); one that changes fleet_size gives it another, its share.
+func TestBudgetKeptAcrossReload(t *testing.T) {
+	_, url := startSandbox(t)
+	dir := t.TempDir()
+	registry := filepath.Join(dir, "merchants.toml")
+	writeTestFile(t, registry, fmt.Sprintf(`[providers.nuapay]
+type = "nuapay"
+base_url = %q
+api_key = "{env.NUAPAY_API_KEY}"
+rate_limit = "12/s"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+
+[merchants.globex]
+provider = "nuapay"
+organisation = "org-globex"
+scopes = ["openbanking_pisp"]
+`, url))
+	caddyfile := func(fleetSize int, header string) string {
+		return fmt.Sprintf(`{
+	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
+	token_broker {
+		config %s
+		fleet_size %d
+	}
+	persist_config off
+}
+
+http://127.0.0.1:{$TOKEN_BROKER_PORT} {
+	header X-Config %s
+	token_broker
+	reverse_proxy %s
+}
+`, registry, fleetSize, header, url)
+	}
+	base := startCaddy(t, caddyfile(2, "one"))
+	admin := "http://127.0.0.1:" + os.Getenv("TOKEN_BROKER_ADMIN_PORT")
+	getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme")
+	if b := adminBudget(t, admin); b.Rate != 6 || b.Used != 1 {
+		t.Fatalf("before the reload: budget %+v, want rate 6 (12/s over 2 sidecars) and 1 used", b)
+	}
+
+	loadCaddy(t, caddyfile(2, "two")) // the routes change, not the budget
+	getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "globex")
+	if b := adminBudget(t, admin); b.Rate != 6 || b.Used != 2 {
+		t.Errorf("after a reload that keeps the budget: %+v, want rate 6 and 2 used (the same budget)", b)
+	}
+
+	loadCaddy(t, caddyfile(3, "two"))
+	if b := adminBudget(t, admin); b.Rate != 4 || b.Used != 0 {
+		t.Errorf("after fleet_size 3: %+v, want another budget, rate 4 and none used", b)
+	}
+}
