@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -214,6 +215,12 @@ func TestBudgetFleet(t *testing.T) {
 	}
 	if limit := int64(standInRate + standInBurst); st.PeakWindow > limit {
 		t.Errorf("the stand-in saw %d token requests in one second, above its limit and burst %d", st.PeakWindow, limit)
+	}
+	// The fleet spent one bucket in Redis, under the provider's name and
+	// a hash of its URL.
+	keys, err := f.redis.Client().Keys(context.Background(), "rate:*").Result()
+	if err != nil || len(keys) != 1 || !strings.HasPrefix(keys[0], "rate:token_broker:budget:nuapay-sandbox:") || strings.Contains(keys[0], "127.0.0.1") {
+		t.Errorf("Redis keys of the budget %q (%v): want one, rate:token_broker:budget:nuapay-sandbox:HASH", keys, err)
 	}
 	// The admin state shows the budget each node spends.
 	for _, n := range nodes {

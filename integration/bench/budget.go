@@ -369,6 +369,9 @@ func (r *budgetResult) traffic(client *http.Client, nodes []*server, merchants i
 	for w := range workers {
 		wg.Go(func() {
 			start := time.Now()
+			if w >= merchants {
+				return
+			}
 			for round := 0; ; round++ {
 				for i := w; i < merchants; i += workers {
 					// Each merchant once per period, its calls spread over it.
