@@ -204,7 +204,9 @@ func page(r Report) []string {
 func TestBuild(t *testing.T) {
 	f := newStateFixture(t)
 	_ = f.get(t, "f-refreshing")
-	f.clk.Add(50 * time.Minute) // f-refreshing's token is in its refresh window
+	// f-refreshing's token is past its planned refresh: planned in its
+	// refresh window (the last quarter of its hour), before the last 90 s.
+	f.clk.Add(59 * time.Minute)
 	for _, m := range []string{"a-fresh", "b-refused", "c-unknown", "d-down", "g-consent", "h-other", "w-fresh", "w-unknown"} {
 		_ = f.get(t, m)
 	}

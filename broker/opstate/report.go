@@ -27,7 +27,8 @@ const (
 	// merchant without a token, its provider's breaker is open or its
 	// configuration is held after a 429.
 	StateBackingOff = "backing_off"
-	// StateRefreshing: a cached token is in its refresh window.
+	// StateRefreshing: a cached token is in its refresh window, past the
+	// point its refresh-ahead was planned for (broker.Token.RefreshAt).
 	StateRefreshing = "refreshing"
 	// StateFresh: a cached token outside its refresh window.
 	StateFresh = "fresh"
