@@ -41,7 +41,7 @@ type Entry struct {
 	header string
 	expiry time.Time
 	// issuedBefore, refreshBefore and cachedBefore are the token's
-	// IssuedAt, when the entry enters its refresh window, and when the
+	// IssuedAt, its planned refresh (Token.RefreshAt), and when the
 	// entry was built (broker clock), as durations before expiry:
 	// expiry.Add(-d) has expiry's monotonic clock reading, if any, so the
 	// times compare as the token's own expiry does.
@@ -53,8 +53,10 @@ type Entry struct {
 	// sharedAcross: served to a binding of another merchant than its
 	// own (same source, organisation and scopes): Drop keeps it.
 	sharedAcross atomic.Bool
-	adopted      bool // OriginShared, else OriginMinted
-	scopesAsked  bool // granted scopes are the binding's
+	// behind: the PlanObserver was told its refresh is behind.
+	behind      atomic.Bool
+	adopted     bool // OriginShared, else OriginMinted
+	scopesAsked bool // granted scopes are the binding's
 
 	issuedBefore, cachedBefore time.Duration
 	id                         string // the provider's identifier of the token
@@ -84,7 +86,7 @@ func (e *Entry) Token() Token {
 	if e.scopesAsked {
 		g.scopes = e.binding.Scopes
 	}
-	return Token{Value: e.value(), Type: g.typ, Expiry: e.expiry, ID: e.id, Scopes: g.scopes, IssuedAt: e.expiry.Add(-e.issuedBefore)}
+	return Token{Value: e.value(), Type: g.typ, Expiry: e.expiry, ID: e.id, Scopes: g.scopes, IssuedAt: e.expiry.Add(-e.issuedBefore), RefreshAt: e.RefreshAt()}
 }
 
 // cachedAt is when the entry was built.
@@ -116,7 +118,8 @@ func (e *Entry) FingerprintValue() any {
 	return e.fingerprint.Load()
 }
 
-// RefreshAt is when the entry enters its refresh window.
+// RefreshAt is when the entry's refresh-ahead is planned (Token.RefreshAt):
+// a lookup from then on starts it.
 func (e *Entry) RefreshAt() time.Time { return e.expiry.Add(-e.refreshBefore) }
 
 // Origin says where the token came from: OriginMinted or OriginShared.
@@ -179,12 +182,17 @@ func (br *Broker) Close() {
 	br.cache.Flush()
 }
 
-// newEntry builds the cache entry of a token. Granted scopes equal to the
-// binding's are the binding's slice.
+// newEntry builds the cache entry of a token, refreshed at its RefreshAt
+// (planned here when zero, or when refresh-ahead is off). Granted scopes
+// equal to the binding's are the binding's slice.
 func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	header, id := headerAndID(tok)
+	refresh := tok.RefreshAt
+	if refresh.IsZero() || !refresh.Before(tok.Expiry) || br.opts.RefreshWindow <= 0 {
+		refresh = br.planRefresh(b, tok, false)
+	}
 	e := &Entry{header: header, id: id, expiry: tok.Expiry,
-		issuedBefore: tok.Expiry.Sub(tok.IssuedAt), refreshBefore: tok.Expiry.Sub(br.refreshAt(tok)),
+		issuedBefore: tok.Expiry.Sub(tok.IssuedAt), refreshBefore: tok.Expiry.Sub(refresh),
 		cachedBefore: tok.Expiry.Sub(br.opts.Now()), binding: b, adopted: origin == OriginShared}
 	scopes := tok.Scopes
 	if len(scopes) > 0 && slices.Equal(scopes, b.Scopes) {
@@ -224,7 +232,8 @@ func (e *Entry) servedTo(b *Binding) {
 	}
 }
 
-// refreshAt is when tok enters its refresh window.
+// refreshAt is when tok enters its refresh window: the last RefreshWindow
+// of its lifetime (its expiry when refresh-ahead is off).
 func (br *Broker) refreshAt(tok Token) time.Time {
 	if br.opts.RefreshWindow <= 0 {
 		return tok.Expiry

@@ -153,7 +153,9 @@ func TestRefreshAheadAndExpiry(t *testing.T) {
 	}{
 		{"first request fetches", 0, false, 1, "tok-acme-1", Miss, 1},
 		{"before the window: hit", 74 * time.Second, false, 5, "tok-acme-1", Hit, 1},
-		{"in the window: old token served, one refresh", 2 * time.Second, true, 50, "tok-acme-1", RefreshAhead, 2},
+		// A token minted for a caller is planned at random before 97.5s
+		// (its life less late, max(100s/40, Leeway+1s)).
+		{"at the window's end: old token served, one refresh", 23500 * time.Millisecond, true, 50, "tok-acme-1", RefreshAhead, 2},
 		{"after the refresh: new token", 0, false, 1, "tok-acme-2", Hit, 2},
 		{"past the expiry of token 2: fetch anew", 200 * time.Second, false, 1, "tok-acme-3", Miss, 3},
 	}
@@ -289,17 +291,18 @@ func TestWaiterKeepsItsOwnContext(t *testing.T) {
 
 func TestFailedRefreshKeepsServingAndRetriesLater(t *testing.T) {
 	clock := newFakeClock()
-	src := &countingSource{clock: clock, life: 100 * time.Second}
+	src := &countingSource{clock: clock, life: 1000 * time.Second}
 	obs := newObserver()
 	br := New(Options{Now: clock.Now, Observer: obs, FailureTTL: 5 * time.Second, MaxAttempts: 1})
 	b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
 	ctx := context.Background()
-	if _, err := br.Token(ctx, b); err != nil {
+	e, _, err := br.Get(ctx, b)
+	if err != nil {
 		t.Fatal(err)
 	}
 	<-obs.fetched
 	src.set(nil, &APIError{Provider: "nuapay", StatusCode: 503})
-	clock.Add(80 * time.Second)
+	clock.Add(e.RefreshAt().Sub(clock.Now())) // at most 975s: 25s left
 	for range 3 {
 		if tok, err := br.Token(ctx, b); err != nil || tok.Value.Reveal() != "tok-acme-1" {
 			t.Fatalf("token %s, err %v", tok.Value.Reveal(), err)

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
 // APIError is a failure reported by a provider's token API: an error status,
@@ -190,8 +192,8 @@ func (e *UnavailableError) Unwrap() error { return e.Err }
 // RetryAfterOf returns how long a caller should wait before trying again
 // after err, or 0 when nobody said. The broker's own backoff comes first (a
 // failed fetch's error says how long the failure policy will not call the
-// token API for its key), then an open breaker's wait, then the provider's
-// Retry-After.
+// token API for its key), then an open breaker's wait, then an exhausted
+// budget's, then the provider's Retry-After.
 func RetryAfterOf(err error) time.Duration {
 	var he *backoffError
 	if errors.As(err, &he) {
@@ -200,6 +202,10 @@ func RetryAfterOf(err error) time.Duration {
 	var ue *UnavailableError
 	if errors.As(err, &ue) {
 		return ue.RetryAfter
+	}
+	var ee *budget.ExhaustedError
+	if errors.As(err, &ee) {
+		return ee.RetryAfter
 	}
 	var ae *APIError
 	if errors.As(err, &ae) {

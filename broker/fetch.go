@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
 // fetch obtains a token for b and caches it. It runs once per key at a time
@@ -35,6 +37,14 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 	deadline := time.Now().Add(br.opts.FetchTimeout)
 	ctx, cancel := context.WithDeadline(context.WithoutCancel(parent), deadline)
 	defer cancel()
+	// A caller waits its turn for budget within the fetch's deadline and
+	// that of the request that started it (broker clock).
+	by := now.Add(br.opts.FetchTimeout)
+	if d, ok := parent.Deadline(); ok {
+		if pd := now.Add(time.Until(d)); pd.Before(by) {
+			by = pd
+		}
+	}
 
 	// The last attempt and the fetch are reported once the outcome is in
 	// the cache (or remembered as a failure), so an observer sees a
@@ -43,11 +53,14 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 	report := func() {}
 	defer func() { report() }()
 	mint := func(ctx context.Context) (Token, error) {
-		tok, calls, r, err := br.mint(ctx, b, cur != nil, deadline)
+		tok, calls, r, err := br.mint(ctx, b, cur != nil, deadline, by)
 		report()
 		report = r
 		if force != nil {
 			force.calls += calls
+		}
+		if err == nil {
+			tok.RefreshAt = br.planRefresh(b, tok, cur != nil)
 		}
 		return tok, err
 	}
@@ -57,7 +70,10 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 		tok, origin, err := br.obtain(ctx, b, cur, mint, f, force != nil)
 		now = br.opts.Now()
 		if err != nil {
-			if cur != nil {
+			switch {
+			case cur != nil && errors.Is(err, budget.ErrExhausted) && !Called(err):
+				br.refreshDenied(b, cur, err, now)
+			case cur != nil:
 				br.pol.refreshFailed(b, err, now)
 			}
 			return nil, err
@@ -66,6 +82,9 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 		if br.storeFetched(b, e, now, f) || attempt > 0 {
 			// A token purged twice while fetched is handed to the
 			// lookups waiting for it, never cached.
+			if po, ok := br.observer(b).(PlanObserver); ok {
+				po.RefreshPlanned(b, e.RefreshAt())
+			}
 			return e, nil
 		}
 		// A purge named the token while it was fetched: once more,
@@ -141,13 +160,18 @@ const outlivesBy = time.Second
 // the key's and its source's backoffs first, then attempts. It returns how
 // many calls it made and the report of the last call and of the fetch
 // (FetchObserver), for the caller to run once the outcome is stored.
-func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadline time.Time) (Token, int, func(), error) {
+// deadline bounds the retries (wall clock), by a caller's wait for budget
+// (broker clock).
+func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, int, func(), error) {
 	if err := br.pol.admit(b, br.opts.Now()); err != nil {
 		return Token{}, 0, func() {}, err
 	}
 	obs := br.observer(b)
-	tok, f, class, last, err := br.attempts(ctx, b, obs, background, deadline)
+	tok, f, class, last, err := br.attempts(ctx, b, obs, background, deadline, by)
 	calls := len(f.Attempts)
+	if calls == 0 && errors.Is(err, budget.ErrExhausted) {
+		return tok, 0, last, refusedByBudget(b, err)
+	}
 	err = br.pol.record(b, obs, err, class, calls, br.opts.Now())
 	if be := (*backoffError)(nil); calls == 0 && errors.As(err, &be) {
 		be.notCalled = true // refused by the breaker: record made be for this fetch
@@ -167,11 +191,13 @@ func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadlin
 }
 
 // attempts calls the Source up to MaxAttempts times while its failures are
-// temporary, the breaker lets calls through and the deadline allows. It
-// returns the calls it made (f.Attempts, f.Elapsed) and the class of the
-// last error. Every call but the last is reported to obs here, exactly
-// once; the returned func reports the last one.
-func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, background bool, deadline time.Time) (Token, Fetch, Class, func(), error) {
+// temporary, the breaker and the budget let calls through and the deadline
+// allows. It returns the calls it made (f.Attempts, f.Elapsed) and the
+// class of the last error. Every call but the last is reported to obs
+// here, exactly once; the returned func reports the last one. A budget
+// refusing the first call ends the fetch with its *budget.ExhaustedError;
+// one refusing a retry, with the last call's error.
+func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
 	bo, _ := obs.(BreakerObserver)
 	noop := func() {}
 	report := noop
@@ -189,6 +215,13 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 				cause = last
 			}
 			return Token{}, f, class, report, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Until: br.opts.Now().Add(wait), Err: cause}
+		}
+		if err := br.takeBudget(ctx, b, background, by); err != nil {
+			br.pol.notCalled(b, br.opts.Now())
+			if last != nil {
+				err = last
+			}
+			return Token{}, f, class, report, err
 		}
 		start := time.Now()
 		if attempt == 1 {
@@ -266,4 +299,69 @@ func sourceType(b *Binding) string {
 		return t.Type()
 	}
 	return "token"
+}
+
+// takeBudget takes one token request from b's budget, if it has one: a
+// caller waits its turn up to by (broker clock), a refresh-ahead
+// (background) never waits.
+func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, by time.Time) error {
+	if b.Budget == nil {
+		return nil
+	}
+	p := budget.Foreground
+	if background {
+		p = budget.Background
+	}
+	return b.Budget.Take(ctx, p, by)
+}
+
+// Refresh-ahead denied budget: the next request after a short defer tries
+// again (the budget's wait, jittered, within these bounds), not the key's
+// failure backoff.
+const (
+	refreshDeferMin = 50 * time.Millisecond
+	refreshDeferMax = time.Second
+)
+
+// refreshDenied defers the next refresh-ahead of cur, which its budget
+// refused, and tells the PlanObserver once per token when the budget has
+// no room for it before cur can no longer be served.
+func (br *Broker) refreshDenied(b *Binding, cur *Entry, err error, now time.Time) {
+	wait := RetryAfterOf(err)
+	d := min(max(wait, refreshDeferMin), refreshDeferMax)
+	d += rand.N(d/2 + 1)
+	br.pol.refreshDeferred(b, err, now, now.Add(d))
+	end := cur.expiry.Add(-br.opts.Leeway)
+	if now.Add(max(wait, d)).Before(end) || !cur.behind.CompareAndSwap(false, true) {
+		return
+	}
+	if po, ok := br.observer(b).(PlanObserver); ok {
+		po.RefreshBehind(b, cur.expiry)
+	}
+}
+
+// planRefresh plans the refresh-ahead of tok, minted for b, in its refresh
+// window (see refreshAt) before expiry less late (late = max(life/40,
+// Leeway+1s), the window's end): a token minted by a refresh-ahead at
+// the window's end, one minted for a caller uniformly at random in the
+// window, so that tokens minted together do not refresh together. With a
+// budget, Budget.Plan moves the point earlier when its second is busy.
+func (br *Broker) planRefresh(b *Binding, tok Token, byRefresh bool) time.Time {
+	start := br.refreshAt(tok)
+	if br.opts.RefreshWindow <= 0 {
+		return start
+	}
+	late := max(tok.Lifetime()/40, br.opts.Leeway+time.Second)
+	end := tok.Expiry.Add(-late)
+	if !start.Before(end) {
+		return start
+	}
+	at := end
+	if !byRefresh {
+		at = start.Add(rand.N(end.Sub(start)))
+	}
+	if b.Budget != nil {
+		at = b.Budget.Plan(start, at)
+	}
+	return at
 }

@@ -16,9 +16,10 @@ func (br *Broker) Token(ctx context.Context, b *Binding) (Token, error) {
 }
 
 // Get returns the cache entry holding a valid token for the binding and how
-// it was served. A cached token in its refresh window is returned at once and
-// one background refresh is started (unless the key's last refresh failed
-// and its backoff has not ended). Without a usable cached token, Get
+// it was served. A cached token past its planned refresh is returned at
+// once and one background refresh is started (unless the key's last
+// refresh failed and its backoff has not ended, or its budget refused it
+// less than a second ago). Without a usable cached token, Get
 // waits for the one fetch in flight for the binding's key (starting it if
 // needed) or for ctx to end, whichever comes first; a caller giving up does
 // not cancel the fetch for the others.

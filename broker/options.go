@@ -28,7 +28,12 @@ const MaxRetryAfterMemory = 10 * time.Minute
 // Options configure a Broker. The zero value gives the defaults.
 type Options struct {
 	// RefreshWindow is the last part of a token's lifetime, as a fraction
-	// between 0 and 1, in which a request is still served the cached token
+	// between 0 and 1, in which its refresh-ahead is planned
+	// (Token.RefreshAt): at a random point for a token minted for a
+	// caller, so that tokens minted together do not refresh together; at
+	// expiry less max(lifetime/40, Leeway+1s) for a token minted by a
+	// refresh (earlier when its Profile.Budget has planned that second
+	// full). From that point a request is still served the cached token
 	// but starts one background refresh. Default 0.25 (the last 25 %).
 	// A negative value disables refresh-ahead.
 	RefreshWindow float64
@@ -152,9 +157,9 @@ type Result uint8
 
 // Lookup results.
 const (
-	// Hit: a cached token, not yet in its refresh window.
+	// Hit: a cached token, not yet at its planned refresh.
 	Hit Result = iota
-	// RefreshAhead: a cached token in its refresh window; this lookup
+	// RefreshAhead: a cached token past its planned refresh; this lookup
 	// started the one background refresh.
 	RefreshAhead
 	// Miss: no usable token was cached; this lookup waited on a fetch it

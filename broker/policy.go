@@ -24,6 +24,11 @@ import (
 //     refresh-ahead, no new one starts before the key's backoff ends;
 //   - the source's circuit breaker (internal/breaker) refuses calls after
 //     BreakerThreshold consecutive temporary failures;
+//   - the provider's budget (Profile.Budget, package budget) is taken
+//     before each call: a caller waits its turn, a refresh-ahead never
+//     does; a refusal is answered without a call, with the budget's wait,
+//     and is not remembered; a refused refresh-ahead is tried again by a
+//     lookup after a short defer (refreshDenied);
 //   - a fetch calls up to MaxAttempts times while its failures are
 //     temporary, with backoff and jitter, within FetchTimeout.
 //
@@ -191,8 +196,8 @@ func BackoffOf(err error) (Backoff, bool) {
 
 // Called reports whether the fetch that ended with err called the token
 // API: false when the failure policy refused it without a call (a key's
-// or its source's backoff, an open breaker), also for the callers that
-// joined that fetch. True for nil and for any other error.
+// or its source's backoff, an open breaker, an exhausted budget), also for
+// the callers that joined that fetch. True for nil and for any other error.
 func Called(err error) bool {
 	var be *backoffError
 	if errors.As(err, &be) {
@@ -317,6 +322,32 @@ func (p *policy) refreshFailed(b *Binding, err error, now time.Time) {
 		until = h.until
 	}
 	p.key(b).refresh = failure{err: err, at: now, until: until}
+}
+
+// refreshDeferred defers the next refresh-ahead of b's key until until:
+// its budget refused it (err).
+func (p *policy) refreshDeferred(b *Binding, err error, now, until time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.key(b).refresh = failure{err: err, at: now, until: until}
+}
+
+// refusedByBudget is a fetch of b's key that its budget refused before any
+// call, as the policy answers it: not called, retry after the budget's
+// wait. It is not remembered: the budget answers the next fetch itself.
+func refusedByBudget(b *Binding, err error) error {
+	return &backoffError{err: err, retryAfter: RetryAfterOf(err), scope: Backoff{SourceID: b.SourceID}, notCalled: true}
+}
+
+// notCalled tells the breaker of b's source that a call allow let through
+// did not go out (its budget refused it): a probe is released undecided.
+func (p *policy) notCalled(b *Binding, now time.Time) {
+	if p.opts.BreakerThreshold <= 0 {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.source(b.SourceID).brk.Record(now, breaker.Unknown, nil)
 }
 
 // refreshDue reports whether a refresh-ahead of b's key may start at now.

@@ -90,16 +90,17 @@ func TestOnePolicyForEveryCall(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			clock := newFakeClock()
-			src := &scriptedSource{clock: clock, life: 400 * time.Second}
+			src := &scriptedSource{clock: clock, life: 4000 * time.Second}
 			// No breaker: this is about the per-key policy.
 			br := New(Options{Now: clock.Now, Sleep: noSleep, BreakerThreshold: -1})
 			b := NewBinding("bank#1", src, Request{Merchant: "acme", Scopes: []string{"accounts"}})
 			ctx := context.Background()
 			if tt.warm {
-				if _, err := br.Token(ctx, b); err != nil {
+				e, _, err := br.Get(ctx, b)
+				if err != nil {
 					t.Fatal(err)
 				}
-				clock.Add(310 * time.Second) // in the last 25 %, 89 s left
+				clock.Add(e.RefreshAt().Sub(clock.Now())) // planned at most 3900 s: 100 s left
 			}
 			src.set(tt.err)
 			before := src.calls.Load()
@@ -130,10 +131,11 @@ func TestBackwardClockJumpDoesNotSuspendRefresh(t *testing.T) {
 	br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: -1})
 	b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
 	ctx := context.Background()
-	if _, err := br.Token(ctx, b); err != nil {
+	e, _, err := br.Get(ctx, b)
+	if err != nil {
 		t.Fatal(err)
 	}
-	clock.Add(50 * time.Minute)
+	clock.Add(e.RefreshAt().Sub(clock.Now()) + time.Minute) // planned before 58.5 min
 	src.set(&APIError{Provider: "nuapay", StatusCode: 503})
 	br.Get(ctx, b) // starts the refresh, which fails
 	settle(t, br, b)
@@ -141,7 +143,7 @@ func TestBackwardClockJumpDoesNotSuspendRefresh(t *testing.T) {
 		t.Fatalf("calls %d, want 2", got)
 	}
 	src.set(nil)
-	clock.Add(-2 * time.Minute) // NTP steps the clock back; still in the window
+	clock.Add(-30 * time.Second) // NTP steps the clock back; still past the planned refresh
 	br.Get(ctx, b)
 	settle(t, br, b)
 	if got := src.calls.Load(); got != 3 {

@@ -7,7 +7,7 @@ import (
 // SharedCache is the optional second cache tier (L2) that a fleet of brokers
 // shares, such as Redis (package broker/fleet). The broker consults it only
 // when its own memory (L1) has no usable token for a key, or when a token is
-// in its refresh window: a hit in memory never reaches it.
+// past its planned refresh: a hit in memory never reaches it.
 //
 // Implementations must be safe for concurrent use, must store tokens sealed
 // (never in clear), and must never make a lookup fail because the shared

@@ -99,10 +99,13 @@ func TestSharedCacheTwoBrokersOneMint(t *testing.T) {
 	if ea, ra, _ = a.Get(ctx, ba); ra != Adopted || ea.Token().Value != eb.Token().Value {
 		t.Fatalf("a after the purge: %s, want b's token adopted", ra)
 	}
+	if !ea.RefreshAt().Equal(eb.RefreshAt()) {
+		t.Fatalf("a adopted b's token planned for %v, want b's plan %v", ea.RefreshAt(), eb.RefreshAt())
+	}
 
-	// Refresh-ahead: b refreshes first (mint); a, in its window too, must
-	// adopt b's new token, not its own old one from the tier.
-	clock.Add(80 * time.Second)
+	// Refresh-ahead: b refreshes first (mint); a, at the same planned
+	// point, must adopt b's new token, not its own old one from the tier.
+	clock.Add(eb.RefreshAt().Sub(clock.Now()))
 	if _, rb, _ = b.Get(ctx, bb); rb != RefreshAhead {
 		t.Fatalf("b in the window: %s", rb)
 	}

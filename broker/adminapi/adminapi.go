@@ -55,7 +55,7 @@ type TokenInfo struct {
 	TokenID string `json:"token_id,omitempty"`
 	// Expiry of the token.
 	Expiry time.Time `json:"expiry"`
-	// RefreshAt is when the token enters its refresh window.
+	// RefreshAt is when the token's refresh-ahead is planned.
 	RefreshAt time.Time `json:"refresh_at"`
 	// Origin is where the token came from: "minted" (this instance called
 	// the token API) or "shared" (adopted from the shared tier).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"net/http/httptest"
 	"sync"
 	"testing"
 	"time"
@@ -81,6 +82,7 @@ func TestParseRate(t *testing.T) {
 		{in: "20/day", wantErr: true},
 		{in: "20/0s", wantErr: true},
 		{in: "2000000000/s", wantErr: true},
+		{in: "1000000000/1ms", wantErr: true},
 	} {
 		got, err := ParseRate(tt.in)
 		if (err != nil) != tt.wantErr || got != tt.want {
@@ -409,5 +411,25 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not reached in 10s")
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestTransportObserves: answers through Budget.Transport lower the budget.
+func TestTransportObserves(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("RateLimit", `"default";r=1;t=4`)
+		w.WriteHeader(http.StatusOK)
+	}))
+	defer srv.Close()
+	c := newClock()
+	b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now)
+	client := &http.Client{Transport: b.Transport(nil)}
+	resp, err := client.Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if st := b.State(); st.Effective != 0.25 || !st.LoweredUntil.Equal(c.Now().Add(4*time.Second)) {
+		t.Errorf("State after the answer: %+v, want 0.25/s for 4s", st)
 	}
 }

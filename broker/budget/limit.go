@@ -54,6 +54,9 @@ func ParseRate(s string) (Limit, error) {
 	}
 	l := Limit{Rate: n, Period: d}
 	l.Burst = l.secondsWorth()
+	if err := l.Validate(); err != nil {
+		return Limit{}, fmt.Errorf("rate %q: %w", s, err)
+	}
 	return l, nil
 }
 
@@ -82,6 +85,8 @@ func (l Limit) Validate() error {
 		return fmt.Errorf("rate limit: rate %d, want 1 to %d requests per period", l.Rate, maxRate)
 	case l.Period <= 0:
 		return fmt.Errorf("rate limit: period %s, want a positive duration", l.Period)
+	case l.interval() <= 0:
+		return fmt.Errorf("rate limit: %d per %s is more than one request per nanosecond", l.Rate, l.Period)
 	case l.Burst < 1:
 		return fmt.Errorf("rate limit: burst %d, want at least 1", l.Burst)
 	}

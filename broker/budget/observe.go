@@ -135,3 +135,28 @@ func delay(v string, now time.Time) (time.Duration, bool) {
 	d := time.Duration(min(f, maxLowering.Seconds()) * float64(time.Second))
 	return max(d, time.Millisecond), true
 }
+
+// Transport returns a RoundTripper that sends through base
+// (http.DefaultTransport when nil) and lets the budget Observe the headers
+// of every answer: wrap a provider's token API client with it.
+func (b *Budget) Transport(base http.RoundTripper) http.RoundTripper {
+	if base == nil {
+		base = http.DefaultTransport
+	}
+	return observing{base: base, b: b}
+}
+
+// observing is the RoundTripper of Budget.Transport.
+type observing struct {
+	base http.RoundTripper
+	b    *Budget
+}
+
+// RoundTrip implements http.RoundTripper.
+func (o observing) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := o.base.RoundTrip(r)
+	if err == nil {
+		o.b.Observe(resp.Header, o.b.now())
+	}
+	return resp, err
+}

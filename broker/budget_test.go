@@ -1,0 +1,395 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+)
+
+// planLog records what a PlanObserver is told.
+type planLog struct {
+	mu      sync.Mutex
+	planned map[string]time.Time // merchant -> last plan
+	behind  []time.Time          // expiries told
+}
+
+func newPlanLog() *planLog { return &planLog{planned: map[string]time.Time{}} }
+
+func (o *planLog) Lookup(*Binding, Result) {}
+func (o *planLog) Fetched(context.Context, *Binding, Token, time.Duration, bool, error) {
+}
+func (o *planLog) RefreshPlanned(b *Binding, at time.Time) {
+	o.mu.Lock()
+	o.planned[b.Merchant] = at
+	o.mu.Unlock()
+}
+func (o *planLog) RefreshBehind(_ *Binding, expiry time.Time) {
+	o.mu.Lock()
+	o.behind = append(o.behind, expiry)
+	o.mu.Unlock()
+}
+
+func (o *planLog) plannedFor(merchant string) time.Time {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.planned[merchant]
+}
+
+func (o *planLog) told() []time.Time {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return append([]time.Time(nil), o.behind...)
+}
+
+// callLog is a source that records the clock at each call.
+type callLog struct {
+	clock *fakeClock
+	life  time.Duration
+	mu    sync.Mutex
+	at    []time.Time
+}
+
+func (s *callLog) Token(_ context.Context, req Request) (Token, error) {
+	now := s.clock.Now()
+	s.mu.Lock()
+	s.at = append(s.at, now)
+	n := len(s.at)
+	s.mu.Unlock()
+	return Token{Value: Secret(fmt.Sprintf("tok-%s-%d", req.Merchant, n)), Expiry: now.Add(s.life)}, nil
+}
+
+func (s *callLog) calls() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.at)
+}
+
+// maxPerSecond is the most calls in any window [t, t+1s).
+func (s *callLog) maxPerSecond() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	most := 0
+	for i, t := range s.at {
+		n := 0
+		for _, u := range s.at[i:] {
+			if u.Sub(t) < time.Second {
+				n++
+			}
+		}
+		most = max(most, n)
+	}
+	return most
+}
+
+// bindings returns n bindings of one profile, of merchants m0, m1...
+func bindings(p *Profile, n int) []*Binding {
+	out := make([]*Binding, n)
+	for i := range out {
+		out[i] = NewBindingFor(p, fmt.Sprintf("m%d", i), fmt.Sprintf("org-%d", i))
+	}
+	return out
+}
+
+// TestColdBurstWithinBudget: K cold keys asked at once are served through
+// the budget: the token API never sees more than the GCRA allows in any
+// second of the fake clock (the rate, plus the burst above one), and every
+// caller gets a token within its deadline.
+func TestColdBurstWithinBudget(t *testing.T) {
+	for _, tt := range []struct {
+		name       string
+		l          budget.Limit
+		keys, most int
+	}{
+		{"5/s, no burst", budget.Limit{Rate: 5, Burst: 1, Period: time.Second}, 40, 5},
+		{"5/s, burst 5", budget.Limit{Rate: 5, Burst: 5, Period: time.Second}, 40, 9},
+		{"120/m, burst 2", budget.Limit{Rate: 120, Burst: 2, Period: time.Minute}, 30, 3},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &callLog{clock: clock, life: time.Hour}
+			var bud *budget.Budget
+			// A waiting caller's sleep moves the clock once every call
+			// already let through has been made, so that each call is
+			// logged at the time it was let through.
+			sleep := func(_ context.Context, d time.Duration) error {
+				waitUntil(t, func() bool { return src.calls() == int(bud.State().Used) })
+				clock.Add(d)
+				return nil
+			}
+			bud = budget.New("bank", tt.l, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+			br := New(Options{Now: clock.Now})
+			defer br.Close()
+			p := NewProfile("bank#1", src, []string{"a"}, "", 0)
+			p.Budget = bud
+			bs := bindings(p, tt.keys)
+			var wg sync.WaitGroup
+			errs := make([]error, len(bs))
+			for i, b := range bs {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					e, _, err := br.Get(context.Background(), b)
+					if err == nil && !e.validAt(clock.Now(), br.opts.Leeway) {
+						err = errors.New("expired token")
+					}
+					errs[i] = err
+				}()
+			}
+			wg.Wait()
+			for i, err := range errs {
+				if err != nil {
+					t.Errorf("key %d: %v", i, err)
+				}
+			}
+			if n := src.calls(); n != tt.keys {
+				t.Errorf("%d calls, want %d", n, tt.keys)
+			}
+			if most := src.maxPerSecond(); most > tt.most {
+				t.Errorf("%d calls in one second, want at most %d", most, tt.most)
+			}
+		})
+	}
+}
+
+// TestExhaustedAnsweredAtOnce: a caller whose turn comes after its deadline
+// is refused without a call, at once, with the budget's wait; the refusal
+// is not remembered for the key.
+func TestExhaustedAnsweredAtOnce(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: time.Hour}
+	never := func(context.Context, time.Duration) error { t.Error("a caller waited"); return nil }
+	bud := budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: time.Minute}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(never))
+	br := New(Options{Now: clock.Now, FetchTimeout: 30 * time.Second})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = bud
+	bs := bindings(p, 3)
+	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(10 * time.Second)
+	for _, b := range bs[1:] {
+		_, _, err := br.Get(context.Background(), b)
+		if !errors.Is(err, budget.ErrExhausted) || Called(err) || RetryAfterOf(err) != 50*time.Second {
+			t.Fatalf("%s: %v (called %t, retry after %s), want exhausted, not called, retry after 50s", b.Merchant, err, Called(err), RetryAfterOf(err))
+		}
+		if _, ok := BackoffOf(err); !ok {
+			t.Errorf("%s: the refusal names no backoff", b.Merchant)
+		}
+	}
+	if n := src.calls(); n != 1 {
+		t.Errorf("%d calls, want 1", n)
+	}
+	clock.Add(50 * time.Second)
+	if _, _, err := br.Get(context.Background(), bs[1]); err != nil {
+		t.Fatalf("once the budget has room: %v", err)
+	}
+}
+
+// TestTokensMintedTogetherRefreshSpread: tokens minted together for callers
+// get refresh points spread over their refresh window; with a budget, no
+// second holds more planned refreshes than its background share.
+func TestTokensMintedTogetherRefreshSpread(t *testing.T) {
+	const keys = 400
+	life := 100 * time.Second
+	for _, withBudget := range []bool{false, true} {
+		t.Run(fmt.Sprintf("budget %t", withBudget), func(t *testing.T) {
+			clock := newFakeClock()
+			src := &callLog{clock: clock, life: life}
+			obs := newPlanLog()
+			br := New(Options{Now: clock.Now, Observer: obs})
+			defer br.Close()
+			p := NewProfile("bank#1", src, nil, "", 0)
+			if withBudget {
+				// 27/s: 20 refreshes planned per second at most
+				// (BackgroundShare), 400 at random over 22.5 s would
+				// put more in some seconds. A burst of 400 mints them
+				// together.
+				p.Budget = budget.New("bank", budget.Limit{Rate: 27, Burst: keys, Period: time.Second}, budget.NewLocal(clock.Now), clock.Now)
+			}
+			start, end := clock.Now().Add(75*time.Second), clock.Now().Add(life-2500*time.Millisecond)
+			perBucket := map[int]int{} // 2.5 s buckets of the window
+			perSecond := map[int64]int{}
+			for _, b := range bindings(p, keys) {
+				e, _, err := br.Get(context.Background(), b)
+				if err != nil {
+					t.Fatal(err)
+				}
+				at := e.RefreshAt()
+				if at.Before(start) || !at.Before(end) {
+					t.Fatalf("%s: refresh planned at +%s, want in [+75s, +97.5s)", b.Merchant, at.Sub(clock.Now()))
+				}
+				if got := e.Token().RefreshAt; !got.Equal(at) || !obs.plannedFor(b.Merchant).Equal(at) {
+					t.Fatalf("%s: Token().RefreshAt %v, observer told %v, want %v", b.Merchant, got, obs.plannedFor(b.Merchant), at)
+				}
+				perBucket[int(at.Sub(start)/(2500*time.Millisecond))]++
+				perSecond[at.Unix()]++
+			}
+			// 9 buckets of 44 on average: each holds at least a few.
+			for i := range 9 {
+				if perBucket[i] < 15 {
+					t.Errorf("bucket %d of the window holds %d of %d refreshes: not spread (%v)", i, perBucket[i], keys, perBucket)
+				}
+			}
+			if withBudget {
+				// Refreshes with no room left before their point go to
+				// the window's start.
+				for s, n := range perSecond {
+					if n > 20 && s != start.Unix() {
+						t.Errorf("second %d holds %d planned refreshes, want at most 20", s, n)
+					}
+				}
+			}
+		})
+	}
+}
+
+// TestRefreshMintedPlannedLate: a token minted by a refresh-ahead is
+// planned at its expiry less late (max(life/40, Leeway+1s)), a second
+// earlier when the budget's plan for that second is full.
+func TestRefreshMintedPlannedLate(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		life time.Duration
+		late time.Duration
+		busy bool
+	}{
+		{"100s: life/40", 100 * time.Second, 2500 * time.Millisecond, false},
+		{"40s: Leeway+1s", 40 * time.Second, 2 * time.Second, false},
+		{"1h: life/40", time.Hour, 90 * time.Second, false},
+		{"100s, the late second busy", 100 * time.Second, 3500 * time.Millisecond, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &callLog{clock: clock, life: tt.life}
+			obs := newPlanLog()
+			br := New(Options{Now: clock.Now, Observer: obs})
+			defer br.Close()
+			p := NewProfile("bank#1", src, nil, "", 0)
+			p.Budget = budget.New("bank", budget.Limit{Rate: 4, Burst: 4, Period: time.Second}, budget.NewLocal(clock.Now), clock.Now)
+			b := NewBindingFor(p, "acme", "org")
+			e, _, err := br.Get(context.Background(), b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			clock.Add(e.RefreshAt().Sub(clock.Now()))
+			expiry := clock.Now().Add(tt.life) // of the refreshed token
+			if tt.busy {
+				for range 3 { // the background share of 4/s
+					p.Budget.Plan(expiry.Add(-tt.life), expiry.Add(-2500*time.Millisecond))
+				}
+			}
+			if _, r, err := br.Get(context.Background(), b); err != nil || r != RefreshAhead {
+				t.Fatalf("at the planned point: %s %v, want a refresh", r, err)
+			}
+			settle(t, br, b)
+			e, _, _ = br.Get(context.Background(), b)
+			if e.Token().Value.Reveal() != "tok-acme-2" {
+				t.Fatalf("token %s, want the refreshed one", e.Token().Value.Reveal())
+			}
+			if want := expiry.Add(-tt.late); !e.RefreshAt().Equal(want) || !e.Token().RefreshAt.Equal(want) || !obs.plannedFor("acme").Equal(want) {
+				t.Errorf("refresh planned %s before expiry, want %s", expiry.Sub(e.RefreshAt()), tt.late)
+			}
+		})
+	}
+}
+
+// TestMintsPerKeyPerLifetime: under steady lookups, each key is minted
+// about once per lifetime (planned late after the first refresh), and no
+// lookup gets an expired token.
+func TestMintsPerKeyPerLifetime(t *testing.T) {
+	const keys, lifetimes = 20, 10
+	life := 60 * time.Second
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: life}
+	br := New(Options{Now: clock.Now})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 20, Burst: 20, Period: time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	bs := bindings(p, keys)
+	steady := clock.Now().Add(life) // after the first, random, refresh
+	var before int
+	for clock.Now().Before(steady.Add(lifetimes * life)) {
+		if before == 0 && !clock.Now().Before(steady) {
+			before = src.calls()
+		}
+		for _, b := range bs {
+			e, _, err := br.Get(context.Background(), b)
+			if err != nil || !e.validAt(clock.Now(), br.opts.Leeway) {
+				t.Fatalf("%s at +%s: %v, want a valid token", b.Merchant, clock.Now().Sub(steady), err)
+			}
+			settle(t, br, b)
+		}
+		clock.Add(500 * time.Millisecond)
+	}
+	perLifetime := float64(src.calls()-before) / (keys * lifetimes)
+	t.Logf("%.3f mints per key per lifetime", perLifetime)
+	if perLifetime > 1.05 || perLifetime < 1 {
+		t.Errorf("%.3f mints per key per lifetime, want 1 to 1.05", perLifetime)
+	}
+}
+
+// TestRefreshBehind: a refresh-ahead the budget cannot serve before the
+// token's end is deferred (tried again at a later lookup, not after the
+// failure backoff), told once to the PlanObserver before any caller could
+// see an expired token, and callers never get one: past Leeway they wait
+// for a token like a cold key.
+func TestRefreshBehind(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: 100 * time.Second}
+	obs := newPlanLog()
+	br := New(Options{Now: clock.Now, Observer: obs})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Minute}, budget.NewLocal(clock.Now), clock.Now)
+	b := NewBindingFor(p, "acme", "org")
+	e, _, err := br.Get(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expiry := e.Token().Expiry
+	clock.Add(e.RefreshAt().Sub(clock.Now()))
+	refused, tries := p.Budget.State().Exhausted, uint64(0)
+	for ; clock.Now().Add(br.opts.Leeway).Before(expiry); clock.Add(2 * time.Second) { // longer than the defer (at most 1.5 s)
+		got, _, err := br.Get(context.Background(), b)
+		settle(t, br, b)
+		tries++
+		if err != nil || got != e {
+			t.Fatalf("at -%s: %v, want the cached token", expiry.Sub(clock.Now()), err)
+		}
+		if told := obs.told(); len(told) != 1 || !told[0].Equal(expiry) {
+			t.Fatalf("at -%s: RefreshBehind told %v, want once for %v", expiry.Sub(clock.Now()), told, expiry)
+		}
+	}
+	// Past Leeway the token is not served: the caller asks as for a cold
+	// key, and the budget refuses at once.
+	clock.Add(expiry.Add(-br.opts.Leeway / 2).Sub(clock.Now()))
+	if got, _, err := br.Get(context.Background(), b); !errors.Is(err, budget.ErrExhausted) || got != nil {
+		t.Fatalf("past Leeway: %v, want the budget's refusal and no token", err)
+	}
+	// Each lookup while the token was served tried the refresh again.
+	if n := p.Budget.State().Exhausted - refused; n != tries+1 {
+		t.Errorf("the budget refused %d requests, want one per lookup (%d)", n, tries+1)
+	}
+	if n := src.calls(); n != 1 {
+		t.Errorf("%d calls, want 1", n)
+	}
+}
+
+// waitUntil polls cond (goroutines reaching a point), failing after 10s.
+func waitUntil(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Error("condition not reached in 10s")
+			return
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+}
