@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
 	"time"
@@ -69,7 +70,9 @@ type Provider struct {
 	// the zero Limit means none.
 	RateLimit budget.Limit
 	// Budget spends RateLimit: every profile of the provider shares it
-	// (Options.Budgets makes it). Nil without rate_limit.
+	// (Options.Budgets makes it), and it observes the rate-limit headers
+	// of the provider's answers (budget.Budget.Transport on the
+	// provider's HTTP client). Nil without rate_limit.
 	Budget *budget.Budget
 	// TokenLifetime is the lifetime a nuapay provider asks for when a
 	// merchant sets none.
@@ -106,6 +109,8 @@ type Provider struct {
 	DisplayName string
 	// Line is the line of the provider's table, 0 if unknown.
 	Line int
+
+	client *http.Client // the provider's HTTP client, whose answers Budget observes
 }
 
 // Endpoint is the provider's token API as configured: an oauth2

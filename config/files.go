@@ -13,6 +13,7 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // A registry may be split across several files: Files lists them,
@@ -316,6 +317,10 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 			pv.Budget = opts.Budgets(pv)
 		} else {
 			pv.Budget = budget.New(pv.Name, pv.RateLimit, budget.NewLocal(nil), nil)
+		}
+		// Before any use of the client: its answers lower the budget.
+		if pv.Budget != nil && pv.client != nil {
+			httpclient.WrapTransport(pv.client, pv.Budget.Transport)
 		}
 	}
 	return reg, nil

@@ -1,6 +1,9 @@
 package config
 
 import (
+	"context"
+	"fmt"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -8,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 )
 
 func TestProviderRateLimit(t *testing.T) {
@@ -88,5 +92,40 @@ func TestProviderBudget(t *testing.T) {
 	}
 	if b := reg.Providers["nuapay-sandbox"].Budget; b == nil || b.State().Rate != 20 {
 		t.Errorf("default budget %v", b)
+	}
+}
+
+// TestProviderBudgetObservesAnswers: the rate-limit headers of the
+// provider's token answers lower its budget (the sandbox's limit says
+// nothing is left after its burst).
+func TestProviderBudgetObservesAnswers(t *testing.T) {
+	sb := sandbox.New(sandbox.Config{APIKeys: []string{"k"}, Organisations: []sandbox.Organisation{{ID: "org-acme"}},
+		TokenRateLimit: sandbox.RateLimit{Rate: 0.1, Burst: 1, Headers: true}})
+	srv := httptest.NewServer(sb)
+	t.Cleanup(srv.Close)
+	reg, err := parse(filepath.Join(t.TempDir(), "m.toml"), []byte(fmt.Sprintf(`[providers.p]
+type = "nuapay"
+base_url = %q
+api_key = "{env.K}"
+rate_limit = "5/s"
+
+[merchants.acme]
+provider = "p"
+organisation = "org-acme"
+scopes = ["s"]
+`, srv.URL)), func(string) (string, bool) { return "k", true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := reg.Binding("acme", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Source.Token(context.Background(), b.Request()); err != nil {
+		t.Fatal(err)
+	}
+	// RateLimit "token";r=0;t=10: none left for 10 s.
+	if st := reg.Providers["p"].Budget.State(); st.Effective != 0 || st.LoweredUntil.IsZero() {
+		t.Errorf("after an answer with none left: effective %g, lowered until %v; want 0 and a time", st.Effective, st.LoweredUntil)
 	}
 }

@@ -286,6 +286,7 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 	if pt == nil {
 		return nil
 	}
+	pv.client = client
 	src := pt.build(e, &raw, pv, client, fp)
 	if e.bad {
 		return nil
