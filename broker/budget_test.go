@@ -393,3 +393,53 @@ func waitUntil(t *testing.T, cond func() bool) {
 		time.Sleep(100 * time.Microsecond)
 	}
 }
+
+// TestCallerBeforeRefresh: while a caller of one key waits for budget, a
+// refresh-ahead of another key of the provider gets none and calls
+// nothing; the caller is served first.
+func TestCallerBeforeRefresh(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: 100 * time.Second}
+	asleep, release := make(chan time.Duration, 1), make(chan struct{})
+	sleep := func(ctx context.Context, d time.Duration) error {
+		asleep <- d
+		select {
+		case <-release:
+			clock.Add(d)
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	br := New(Options{Now: clock.Now})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 100 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+	bs := bindings(p, 2)
+	warm, cold := bs[0], bs[1]
+	e, _, err := br.Get(context.Background(), warm)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(e.RefreshAt().Sub(clock.Now()))
+	served := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(context.Background(), cold)
+		served <- err
+	}()
+	<-asleep // the caller waits its turn, at most 25 s
+	if _, r, err := br.Get(context.Background(), warm); err != nil || r != RefreshAhead {
+		t.Fatalf("warm key: %s %v, want the cached token and a refresh", r, err)
+	}
+	settle(t, br, warm)
+	if n := src.calls(); n != 1 {
+		t.Fatalf("%d calls while the caller waits, want 1 (the refresh got no budget)", n)
+	}
+	close(release)
+	if err := <-served; err != nil {
+		t.Fatalf("cold key: %v", err)
+	}
+	if n := src.calls(); n != 2 {
+		t.Fatalf("%d calls, want 2", n)
+	}
+}

@@ -112,8 +112,8 @@ type Budget struct {
 type waiter struct{ ready chan struct{} }
 
 // New returns the budget of the provider name, spending l in s under the
-// key name, on the clock now (time.Now when nil). It panics when l is not
-// valid (Limit.Validate): check configuration first.
+// key name, on the clock now (time.Now when nil). It panics when l or the
+// fallback limit is not valid (Limit.Validate): check configuration first.
 func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *Budget {
 	if err := l.Validate(); err != nil {
 		panic("budget.New: provider " + name + ": " + err.Error())

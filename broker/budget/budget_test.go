@@ -433,3 +433,18 @@ func TestTransportObserves(t *testing.T) {
 		t.Errorf("State after the answer: %+v, want 0.25/s for 4s", st)
 	}
 }
+
+func TestLimitString(t *testing.T) {
+	for _, tt := range []struct {
+		l    Limit
+		want string
+	}{
+		{limit(20, 20, time.Second), "20/s burst 20"},
+		{limit(1200, 20, time.Minute), "1200/m burst 20"},
+		{limit(5, 1, 10*time.Second), "5/10s burst 1"},
+	} {
+		if got := tt.l.String(); got != tt.want {
+			t.Errorf("%#v: %q, want %q", tt.l, got, tt.want)
+		}
+	}
+}

@@ -93,7 +93,7 @@ func (l Limit) Validate() error {
 	return nil
 }
 
-// String writes l as ParseRate reads it, with its burst.
+// String writes l for logs and admin output: "20/s burst 20".
 func (l Limit) String() string {
 	per := l.Period.String()
 	switch l.Period {

@@ -204,9 +204,7 @@ func page(r Report) []string {
 func TestBuild(t *testing.T) {
 	f := newStateFixture(t)
 	_ = f.get(t, "f-refreshing")
-	// f-refreshing's token is past its planned refresh: planned in its
-	// refresh window (the last quarter of its hour), before the last 90 s.
-	f.clk.Add(59 * time.Minute)
+	f.clk.Add(58*time.Minute + 30*time.Second) // past f-refreshing's planned refresh (before its last 90 s)
 	for _, m := range []string{"a-fresh", "b-refused", "c-unknown", "d-down", "g-consent", "h-other", "w-fresh", "w-unknown"} {
 		_ = f.get(t, m)
 	}
