@@ -185,7 +185,10 @@ lint:
 # sharing one redis-server, mints per key per token lifetime and the latency
 # of an L1 miss served from Redis. Then the DPoP comparison: CPU per request
 # of a DPoP route for ES256, PS256 and EdDSA vs a bearer route vs the plain
-# Caddy (about 3 minutes). The figures go in BENCHMARKS.md.
+# Caddy (about 3 minutes). Then the budget mode: sidecars and Redis
+# spending a provider's rate_limit against a token API that answers 429 above
+# it, with and without the budget (about 12 minutes). The figures go in
+# BENCHMARKS.md.
 BENCH_FLEET ?= 10
 .PHONY: bench tools
 bench: tools
@@ -193,3 +196,4 @@ bench: tools
 	GO=$(GO) $(BIN)/bench -bin $(BIN) $(BENCH_FLAGS)
 	GO=$(GO) $(BIN)/bench -bin $(BIN) -build=false -fleet $(BENCH_FLEET) $(BENCH_FLAGS)
 	GO=$(GO) $(BIN)/bench -bin $(BIN) -build=false -dpop $(BENCH_FLAGS)
+	GO=$(GO) $(BIN)/bench -bin $(BIN) -build=false -budget $(BENCH_FLAGS)

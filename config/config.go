@@ -2,11 +2,13 @@ package config
 
 import (
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 )
@@ -64,6 +66,15 @@ type Provider struct {
 	BaseURL string
 	// Timeout bounds each token-API call.
 	Timeout time.Duration
+	// RateLimit is the provider's token-request budget (rate_limit and
+	// rate_burst; the burst defaults to one second's worth of the rate);
+	// the zero Limit means none.
+	RateLimit budget.Limit
+	// Budget spends RateLimit: every profile of the provider shares it
+	// (Options.Budgets makes it), and it observes the rate-limit headers
+	// of the provider's answers (budget.Budget.Transport on the
+	// provider's HTTP client). Nil without rate_limit.
+	Budget *budget.Budget
 	// TokenLifetime is the lifetime a nuapay provider asks for when a
 	// merchant sets none.
 	TokenLifetime time.Duration
@@ -104,6 +115,21 @@ type Provider struct {
 	DisplayName string
 	// Line is the line of the provider's table, 0 if unknown.
 	Line int
+
+	client *http.Client // the provider's HTTP client, whose answers Budget observes
+}
+
+// Endpoint is the provider's token API as configured: an oauth2
+// provider's token_url or issuer, a nuapay provider's base_url. It names
+// the provider's budget in a shared store (hashed, never shown).
+func (p *Provider) Endpoint() string {
+	switch {
+	case p.TokenURL != "":
+		return p.TokenURL
+	case p.Issuer != "":
+		return p.Issuer
+	}
+	return p.BaseURL
 }
 
 // Merchant is a resolved [merchants.ID] table.
@@ -297,6 +323,12 @@ type Options struct {
 	// must be cheap and safe for concurrent use, and outlives a reload as
 	// long as the registry is in use.
 	OnDPoPNonce func(provider string)
+	// Budgets returns the budget of a provider with a rate_limit, which
+	// all its profiles share (Provider.Budget); it is called once per such
+	// provider when a registry is resolved without problems. The Caddy
+	// module shares budgets across reloads and through Redis. Default: a
+	// budget of the registry's own, in this process, with the whole limit.
+	Budgets func(p *Provider) *budget.Budget
 }
 
 // LoadWith reads and validates the registry at path, resolving secret

@@ -189,6 +189,7 @@ func TestProviderID(t *testing.T) {
 		{"timeout", []byte(strings.Replace(string(good), `timeout = "10s"`, `timeout = "11s"`, 1)), testEnv(), true},
 		{"token_lifetime", []byte(strings.Replace(string(good), `token_lifetime = "1h"`, `token_lifetime = "2h"`, 1)), testEnv(), true},
 		{"organisations_path", []byte(strings.Replace(string(good), `"/organisations"`, `"/cust/organisations"`, 1)), testEnv(), true},
+		{"rate_limit", []byte(strings.Replace(string(good), `timeout = "10s"`, "timeout = \"10s\"\nrate_limit = \"5/s\"", 1)), testEnv(), false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			reg := mustParse(t, "testdata/good.toml", tc.data, tc.env)
@@ -272,9 +273,9 @@ func TestBadConfigs(t *testing.T) {
 		// A misspelt key: the nearest key of the provider's type, and the
 		// keys of that type only (no oauth2 keys for a nuapay provider).
 		{"misspelt nuapay key", edit(`type =`, "token_lifetme = \"1h\"\ntype ="), 2, prov, "token_lifetme",
-			`unknown key "providers.p.token_lifetme": did you mean "token_lifetime"? (the keys of a provider of type nuapay: type, timeout, tls, base_url, api_key, token_lifetime, organisations_path)`},
+			`unknown key "providers.p.token_lifetme": did you mean "token_lifetime"? (the keys of a provider of type nuapay: type, timeout, tls, rate_limit, rate_burst, base_url, api_key, token_lifetime, organisations_path)`},
 		{"misspelt oauth2 key", "[providers.p]\ntype = \"oauth2\"\ntoken_url = \"https://as.example/token\"\nclient_id = \"c\"\nclientsecret = \"{env.NUAPAY_API_KEY}\"\n\n[merchants.acme]\nprovider = \"p\"\n", 5, prov, "clientsecret",
-			`unknown key "providers.p.clientsecret": did you mean "client_secret"? (the keys of a provider of type oauth2: type, timeout, tls, grant, token_url,`},
+			`unknown key "providers.p.clientsecret": did you mean "client_secret"? (the keys of a provider of type oauth2: type, timeout, tls, rate_limit, rate_burst, grant, token_url,`},
 		{"misspelt merchant key", badBase + `scope = ["x"]` + "\n", 10, merch, "scope", `unknown key "merchants.acme.scope": did you mean "scopes"? (known keys here: provider,`},
 		{"unknown key, nothing near", edit(`type =`, "colour = 1\ntype ="), 2, prov, "colour", `unknown key "providers.p.colour" (the keys of a provider of type nuapay:`},
 		{"unknown tls key", badBase + "[providers.p.tls]\ncert = \"x\"\n", 11, prov, "tls.cert", `unknown key "providers.p.tls.cert"`},
@@ -294,6 +295,11 @@ func TestBadConfigs(t *testing.T) {
 		{"bad duration", edit(`type =`, "timeout = \"10 seconds\"\ntype ="), 2, prov, "timeout", `invalid duration "10 seconds"`},
 		{"timeout too long", edit(`type =`, "timeout = \"6m\"\ntype ="), 2, prov, "timeout", "6m0s is out of range: at most 5m0s"},
 		{"timeout zero", edit(`type =`, "timeout = \"0s\"\ntype ="), 2, prov, "timeout", "0s is out of range: must be positive"},
+		{"rate_limit not a rate", edit(`type =`, "rate_limit = \"20 per second\"\ntype ="), 2, prov, "rate_limit", `rate "20 per second": want a count per unit, like 20/s, 1200/m or 72000/h`},
+		{"rate_limit zero", edit(`type =`, "rate_limit = \"0/s\"\ntype ="), 2, prov, "rate_limit", `rate "0/s": the count must be a whole number from 1`},
+		{"rate_limit not a string", edit(`type =`, "rate_limit = 20\ntype ="), 2, prov, "rate_limit", "incompatible types"},
+		{"rate_burst without rate_limit", edit(`type =`, "rate_burst = 5\ntype ="), 2, prov, "rate_burst", `needs rate_limit: set the provider's token-request limit, e.g. rate_limit = "20/s"`},
+		{"rate_burst zero", edit(`type =`, "rate_limit = \"20/s\"\nrate_burst = 0\ntype ="), 3, prov, "rate_burst", "0 is out of range 1..100000"},
 		{"provider lifetime too short", edit(`type =`, "token_lifetime = \"5s\"\ntype ="), 2, prov, "token_lifetime", "5s is out of range 10s..8765h"},
 		{"merchant lifetime too long", badBase + `token_lifetime = "9000h"` + "\n", 10, merch, "token_lifetime", "out of range"},
 		{"unknown provider", edit(`provider = "p"`, `provider = "nuapy"`), 7, merch, "provider", `unknown provider "nuapy" (defined: p)`},

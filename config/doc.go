@@ -10,6 +10,8 @@
 //	base_url = "{env.NUAPAY_BASE_URL}"      # http(s) URL without query, fragment or credentials
 //	api_key = "{env.NUAPAY_API_KEY}"        # secret: a reference, never the value itself
 //	timeout = "10s"                         # per token-API call; default 10s, at most 5m
+//	rate_limit = "20/s"                     # optional token-request budget: "N/s", "N/m" or "N/h"
+//	rate_burst = 5                          # optional, with rate_limit: requests at once after a quiet spell
 //	token_lifetime = "1h"                   # expiresIn asked for; default 1h, Nuapay range 10s..31556926s
 //	organisations_path = "/organisations"   # optional, "/cust/organisations" on newer APIs
 //
@@ -53,8 +55,8 @@
 //	token_lifetime = "15m"                  # optional: nuapay, overrides the provider's; oauth2, caps the token's lifetime
 //	audience = ""                           # optional
 //
-// Keys other than type, timeout and tls belong to one provider type: a
-// key of another type is an error. For oauth2 merchants, organisation and
+// Keys other than type, timeout, tls, rate_limit and rate_burst belong to
+// one provider type: a key of another type is an error. For oauth2 merchants, organisation and
 // scopes are optional. Refresh tokens (grant "refresh_token") never live in
 // this file: they are kept in the refresh store under
 // "<provider name>/<endpoint id>/<merchant id>" (oauth.StoreKey), where the

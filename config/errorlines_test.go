@@ -14,7 +14,7 @@ func TestErrorLines(t *testing.T) {
 	_, err := parse("m.toml", []byte(file), testEnv())
 	got := ErrorLines(err)
 	want := []string{
-		`m.toml:5: provider "p": field token_lifetme: unknown key "providers.p.token_lifetme": did you mean "token_lifetime"? (the keys of a provider of type nuapay: type, timeout, tls, base_url, api_key, token_lifetime, organisations_path)`,
+		`m.toml:5: provider "p": field token_lifetme: unknown key "providers.p.token_lifetme": did you mean "token_lifetime"? (the keys of a provider of type nuapay: type, timeout, tls, rate_limit, rate_burst, base_url, api_key, token_lifetime, organisations_path)`,
 		`m.toml:8: merchant "acme": field provider: unknown provider "q" (defined: p)`,
 		`m.toml:10: merchant "acme": field scope: unknown key "merchants.acme.scope": did you mean "scopes"? (known keys here: provider, organisation, scopes, token_lifetime, audience, display_name)`,
 	}

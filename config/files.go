@@ -11,6 +11,9 @@ import (
 	"strings"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // A registry may be split across several files: Files lists them,
@@ -305,6 +308,20 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
+	}
+	for _, pv := range reg.Providers {
+		if pv.RateLimit == (budget.Limit{}) {
+			continue
+		}
+		if opts.Budgets != nil {
+			pv.Budget = opts.Budgets(pv)
+		} else {
+			pv.Budget = budget.New(pv.Name, pv.RateLimit, budget.NewLocal(nil), nil)
+		}
+		// Before any use of the client: its answers lower the budget.
+		if pv.Budget != nil && pv.client != nil {
+			httpclient.WrapTransport(pv.client, pv.Budget.Transport)
+		}
 	}
 	return reg, nil
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
 // Limits on the files a registry names.
@@ -198,6 +199,32 @@ func (e *entry) duration(field string, d *Duration, def, min, max time.Duration)
 	return v
 }
 
+// maxRateBurst bounds rate_burst.
+const maxRateBurst = 100_000
+
+// rateLimit checks rate_limit and rate_burst; the zero Limit when
+// rate_limit is unset.
+func (e *entry) rateLimit(rate string, burst *int) budget.Limit {
+	if rate == "" {
+		if burst != nil {
+			e.errf("rate_burst", "needs rate_limit: set the provider's token-request limit, e.g. rate_limit = \"20/s\"")
+		}
+		return budget.Limit{}
+	}
+	l, err := budget.ParseRate(rate)
+	if err != nil {
+		e.errf("rate_limit", "%v", err)
+		return budget.Limit{}
+	}
+	if burst != nil {
+		if *burst < 1 || *burst > maxRateBurst {
+			e.errf("rate_burst", "%d is out of range 1..%d", *burst, maxRateBurst)
+		}
+		l.Burst = *burst
+	}
+	return l
+}
+
 // rawProvider is a [providers.NAME] table as decoded by ParseFile; Merge
 // resolves it.
 type rawProvider struct {
@@ -252,11 +279,14 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 
 	pv.Timeout = e.duration("timeout", raw.Timeout, defTimeout, time.Nanosecond, maxTimeout)
 	fp.add("timeout", pv.Timeout)
+	// Not in the ID: a new budget keeps the cached tokens.
+	pv.RateLimit = e.rateLimit(raw.RateLimit, raw.RateBurst)
 
 	client := e.client(raw.TLS, pv, fp)
 	if pt == nil {
 		return nil
 	}
+	pv.client = client
 	src := pt.build(e, &raw, pv, client, fp)
 	if e.bad {
 		return nil

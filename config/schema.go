@@ -35,6 +35,18 @@ type providerTOML struct {
 	// TLS configures mutual TLS and the trusted CAs. Optional; required
 	// (with client_cert) for oauth2's tls_client_auth.
 	TLS *tlsTOML `toml:"tls"`
+	// RateLimit is the provider's token-request budget: how many token
+	// requests (mints, refreshes, refresh-token grants) the token API
+	// accepts from this client, "20/s", "1200/m", "72000/h" or a count
+	// per Go duration ("5/10s"). Every
+	// profile of the provider spends it; a fleet sharing Redis spends it
+	// together, else each sidecar its share (the app's fleet_size).
+	// Optional: no budget when unset.
+	RateLimit string `toml:"rate_limit"`
+	// RateBurst is how many token requests of the budget may go at once
+	// after a quiet spell; only with rate_limit. Default one second's
+	// worth of rate_limit (at least 1), at most 100000.
+	RateBurst *int `toml:"rate_burst"`
 
 	// BaseURL (nuapay) is the token API root, an http(s) URL without
 	// query, fragment or credentials, e.g. "https://sandbox.nuapay.com".
@@ -205,7 +217,7 @@ type providerType struct {
 }
 
 // commonProviderKeys are the keys every provider type takes.
-var commonProviderKeys = []string{"type", "timeout", "tls"}
+var commonProviderKeys = []string{"type", "timeout", "tls", "rate_limit", "rate_burst"}
 
 // providerTypes are the known provider types, by the name used in "type".
 var providerTypes = map[string]providerType{

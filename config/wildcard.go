@@ -184,13 +184,9 @@ func (r *Registry) bindingFor(m *Merchant, scopes []string) (*broker.Binding, er
 	if !r.sharesProfile(m, route) {
 		// A wildcard merchant whose audience or scopes hold its own id:
 		// a profile of its own, which goes when the merchant is evicted.
-		return broker.NewBinding(p.ID, p.Source, broker.Request{
-			Merchant:     m.ID,
-			Organisation: m.Organisation,
-			Scopes:       sc,
-			Audience:     m.Audience,
-			Lifetime:     m.Lifetime,
-		}), nil
+		pr := broker.NewProfile(p.ID, p.Source, sc, m.Audience, m.Lifetime)
+		pr.Budget = p.Budget
+		return broker.NewBindingFor(pr, m.ID, m.Organisation), nil
 	}
 	return broker.NewBindingFor(r.profile(p, sc, m.Audience, m.Lifetime), m.ID, m.Organisation), nil
 }
@@ -238,6 +234,7 @@ func (r *Registry) profile(p *Provider, scopes []string, audience string, lifeti
 	// A copy of the scopes: the profile outlives the caller's slice (a
 	// route's, a handler's configuration).
 	pr := broker.NewProfile(p.ID, p.Source, slices.Clone(scopes), audience, lifetime)
+	pr.Budget = p.Budget
 	r.profiles.m[k] = pr
 	return pr
 }

@@ -165,7 +165,7 @@ http://127.0.0.1:%d {
 	// The registries' API key, in the commands' environment.
 	const keyEnv = "VALIDATE_KEY=validate-key-never-printed"
 	wantBad := []string{
-		bad + `:5: provider "np": field token_lifetme: unknown key "providers.np.token_lifetme": did you mean "token_lifetime"? (the keys of a provider of type nuapay: type, timeout, tls, base_url, api_key, token_lifetime, organisations_path)`,
+		bad + `:5: provider "np": field token_lifetme: unknown key "providers.np.token_lifetme": did you mean "token_lifetime"? (the keys of a provider of type nuapay: type, timeout, tls, rate_limit, rate_burst, base_url, api_key, token_lifetime, organisations_path)`,
 		bad + `:8: merchant "acme": field provider: unknown provider "nq" (defined: np)`,
 	}
 	for _, tt := range []struct {

@@ -55,13 +55,16 @@ func TestAdminTokenListShowsPolicyState(t *testing.T) {
 		return out.Tokens[0]
 	}
 	ti := list()
-	refreshAt := clk.Now().Add(75 * time.Second).UTC()
-	if ti.Origin != broker.OriginMinted || ti.NextRefresh == nil || !ti.NextRefresh.Equal(refreshAt) || ti.LastRefreshError != "" || ti.BackoffUntil != nil {
-		t.Fatalf("healthy entry: %+v", ti)
+	// The refresh is planned in the window: the last quarter of the
+	// token's 100 s, before its last 2.5 s.
+	earliest, latest := clk.Now().Add(75*time.Second), clk.Now().Add(97500*time.Millisecond)
+	if ti.Origin != broker.OriginMinted || ti.NextRefresh == nil || ti.NextRefresh.Before(earliest) || ti.NextRefresh.After(latest) ||
+		ti.LastRefreshError != "" || ti.BackoffUntil != nil {
+		t.Fatalf("healthy entry: %+v; want its next refresh from %s to %s", ti, earliest.UTC(), latest.UTC())
 	}
-	// In the refresh window the provider answers 429 Retry-After 60.
+	// Past the planned refresh the provider answers 429 Retry-After 60.
 	fail.Store(true)
-	clk.Add(80 * time.Second)
+	clk.Add(98 * time.Second)
 	if _, err := br.Token(ctx, b); err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/command"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
@@ -67,7 +68,17 @@ type App struct {
 
 	// Redis, when set, shares tokens and refresh tokens with the other
 	// brokers of a fleet through Redis (see RedisConfig). Default: none.
+	// With it, the providers' token-request budgets (rate_limit in the
+	// registry) are shared by the fleet too.
 	Redis *RedisConfig `json:"redis,omitempty"`
+
+	// FleetSize is how many sidecars spend the providers' token-request
+	// budgets (rate_limit in the registry) without Redis: each spends its
+	// share, rate_limit divided by FleetSize (and rate_burst too, at least
+	// 1). With redis the fleet shares each budget and FleetSize only sizes
+	// a sidecar's share while Redis is unavailable. Default 1 (the whole
+	// budget), at most 10000.
+	FleetSize int `json:"fleet_size,omitempty"`
 
 	// AllowedHosts are the Host names, besides the loopback ones
 	// (localhost, 127.0.0.1, [::1], any port), that the token_broker
@@ -102,7 +113,8 @@ type App struct {
 
 	// refusals limits the handlers' logs of repeated refusals.
 	refusals *lograte.Limiter[broker.Backoff]
-	events   *outbox.Outbox // the events for Caddy's events app (events.go)
+	events   *outbox.Outbox   // the events for Caddy's events app (events.go)
+	budgets  []*budget.Budget // the budgets this config holds (budget.go)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -143,12 +155,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 	}
 	if a.Config != "" {
-		reg, key, err := loadRegistryStore(ctx, a.Config, a.refreshStore(ctx), "store "+a.fleetKey)
+		reg, key, err := loadRegistryStore(ctx, a.Config, a.refreshStore(ctx), "store "+a.fleetKey+a.budgetKey(), a.budgetsFor())
 		if err != nil {
 			return err
 		}
 		a.registryKey = key
 		a.registry = reg
+		a.holdBudgets(reg)
 		if hasConsent(reg) {
 			if a.sweeperKey, err = startPendingSweeper(ctx, a.logger); err != nil {
 				return err
@@ -209,15 +222,22 @@ func (a *App) validate() error {
 	if a.Leeway < 0 || a.FetchTimeout < 0 {
 		return errors.New("token_broker: leeway and fetch_timeout must not be negative")
 	}
+	if a.FleetSize < 0 || a.FleetSize > maxFleetSize {
+		return fmt.Errorf("token_broker: fleet_size %d must be from 1 to %d (the sidecars that share the providers' rate limits)", a.FleetSize, maxFleetSize)
+	}
 	return nil
 }
 
+// maxFleetSize bounds fleet_size.
+const maxFleetSize = 10_000
+
 // loadRegistry loads a TOML registry; the path may hold placeholders such
-// as {env.TOKEN_BROKER_CONFIG}. Refresh tokens are kept in Caddy's storage.
-func loadRegistry(ctx caddy.Context, path string) (*config.Registry, error) {
+// as {env.TOKEN_BROKER_CONFIG}. Refresh tokens are kept in Caddy's
+// storage; budgets makes the providers' budgets (nil: the registry's own).
+func loadRegistry(ctx caddy.Context, path string, budgets func(*config.Provider) *budget.Budget) (*config.Registry, error) {
 	path = registryExpand(path)
 	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore(ctx.Storage()), ConsentStore: storagePending(ctx.Storage()),
-		OnDPoPNonce: tokenNonceChallenged})
+		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets})
 	if err != nil {
 		return nil, command.RegistryError(err)
 	}
@@ -254,6 +274,7 @@ func (a *App) Cleanup() error {
 	if a.listingKey != "" {
 		_, _ = listings.Delete(a.listingKey)
 	}
+	a.releaseBudgets()
 	if a.registryKey != "" {
 		registries.Release(a.registryKey)
 	}

@@ -121,6 +121,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	    refresh_window <fraction|percent>
 //	    leeway         <duration>
 //	    fetch_timeout  <duration>
+//	    fleet_size     <n>
 //	    metrics_merchant_label
 //	    allowed_hosts  <host...>
 //	}
@@ -197,6 +198,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("refresh_window '%s': want a fraction between 0 and 1 such as 0.25 or 25%%", v)
 			}
 			a.RefreshWindow = f
+		case "fleet_size":
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > maxFleetSize {
+				return d.Errf("fleet_size '%s': want the number of sidecars that share the providers' rate limits, from 1 to %d", v, maxFleetSize)
+			}
+			a.FleetSize = n
 		case "leeway", "fetch_timeout":
 			dur, err := positiveDuration(d, sub, v, "2s")
 			if err != nil {

@@ -233,9 +233,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	reg := app.registry
 	if h.Config != "" {
-		if reg, err = loadRegistry(ctx, h.Config); err != nil {
+		if reg, err = loadRegistry(ctx, h.Config, app.budgetsFor()); err != nil {
 			return err
 		}
+		app.holdBudgets(reg)
 	}
 	if reg == nil {
 		return errors.New("token_broker: no merchant registry: set `config <file.toml>` in the token_broker global option (or in this handler)")

@@ -90,8 +90,8 @@ func TestMetricsScriptedSequence(t *testing.T) {
 	mustServe("acme", 200) // miss
 	<-refreshed
 	mustServe("acme", 200) // hit
-	clk.Add(80 * time.Second)
-	mustServe("acme", 200) // refresh: in the last 25 %, starts the background refresh
+	clk.Add(98 * time.Second)
+	mustServe("acme", 200) // refresh: past its planned point (in the last 25 %, before the last 2.5 s), starts the background refresh
 	<-refreshed
 	waitFor(t, func() bool { return h.broker.Entries()[0].RefreshAt().After(clk.Now()) })
 	mustServe("acme", 200) // hit on the refreshed token

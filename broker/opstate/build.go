@@ -9,6 +9,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -474,6 +475,9 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 				o.DPoP = &DPoPKey{Alg: k.Alg(), JKT: k.Thumbprint()}
 			}
 		}
+		if p.Budget != nil {
+			o.Budget = budgetOf(p.Budget.State(), rec.behind)
+		}
 		switch {
 		case rec.lastErr != 0:
 			o.LastError, o.LastErrorAt = rec.lastErr.String(), timePtr(rec.lastErrAt)
@@ -494,6 +498,12 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 	return out
 }
 
+// budgetOf is the report of a budget's state.
+func budgetOf(st budget.State, behind int) *Budget {
+	return &Budget{Rate: st.Rate, Burst: st.Burst, Effective: st.Effective, LoweredUntil: timePtr(st.LoweredUntil),
+		Remaining: st.Remaining, Waiting: st.Waiting, Used: st.Used, Exhausted: st.Exhausted, RefreshesBehind: behind}
+}
+
 // snapshot is a copy of what a Tracker knows of providers and the fleet
 // tier, for one Build.
 type snapshot struct {
@@ -510,6 +520,8 @@ type providerView struct {
 	// lastCallFailed: the provider's last call failed for a reason of
 	// the provider's (not one merchant's refusal), within the window.
 	lastCallFailed bool
+	// behind counts the refreshes behind plan (providerRecord.behind).
+	behind int
 }
 
 // snapshot copies what t knows at now.
@@ -519,7 +531,7 @@ func (t *Tracker) snapshot(now time.Time) snapshot {
 	s := snapshot{window: t.span, providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
 	for name, p := range t.providers {
 		v := providerView{lastErr: p.lastErr, lastErrAt: p.lastErrAt,
-			lastCallFailed: p.lastCallFailed && now.Sub(p.lastFailAt) < t.span}
+			lastCallFailed: p.lastCallFailed && now.Sub(p.lastFailAt) < t.span, behind: p.behind}
 		v.calls, v.failures = p.calls.sum(now)
 		s.providers[name] = v
 	}

@@ -27,7 +27,8 @@ const (
 	// merchant without a token, its provider's breaker is open or its
 	// configuration is held after a 429.
 	StateBackingOff = "backing_off"
-	// StateRefreshing: a cached token is in its refresh window.
+	// StateRefreshing: a cached token is in its refresh window, past the
+	// point its refresh-ahead was planned for (broker.Token.RefreshAt).
 	StateRefreshing = "refreshing"
 	// StateFresh: a cached token outside its refresh window.
 	StateFresh = "fresh"
@@ -68,6 +69,12 @@ const (
 	EventFleetDown = "fleet_tier_down"
 	// EventFleetRecovered: the shared tier answers again.
 	EventFleetRecovered = "fleet_tier_recovered"
+	// EventRefreshBehind: a merchant's planned refresh could not get its
+	// provider's token-request budget before the token's end: the key
+	// goes cold, and its next caller waits for a token or gets 503
+	// budget_exhausted (data: merchant, provider, error:
+	// "budget_exhausted"). Once per token.
+	EventRefreshBehind = "refresh_behind_plan"
 )
 
 // EventData returns what an event may carry of data: the keys
@@ -156,6 +163,9 @@ type Provider struct {
 	// DPoP is the key the provider's tokens are bound to (RFC 9449); nil
 	// for bearer tokens.
 	DPoP *DPoPKey `json:"dpop,omitempty"`
+	// Budget is the provider's token-request budget; absent without
+	// rate_limit.
+	Budget *Budget `json:"budget,omitempty"`
 }
 
 // DPoPKey is a provider's DPoP key as the operator sees it: its public
@@ -166,6 +176,31 @@ type DPoPKey struct {
 	// JKT is the key's RFC 7638 SHA-256 thumbprint, base64url: the
 	// cnf.jkt of the tokens bound to it.
 	JKT string `json:"jkt"`
+}
+
+// Budget is the state of a provider's token-request budget (rate_limit).
+type Budget struct {
+	// Rate is the configured rate in requests per second: this sidecar's
+	// share without Redis, the fleet's with it.
+	Rate float64 `json:"rate"`
+	// Burst is the configured burst.
+	Burst int `json:"burst"`
+	// Effective is the rate in force: Rate, or lower while the provider's
+	// rate-limit headers say so (0 while they say nothing is left).
+	Effective float64 `json:"effective"`
+	// LoweredUntil is when the provider's lowering ends.
+	LoweredUntil *time.Time `json:"lowered_until,omitempty"`
+	// Remaining is how many requests the bucket held at its last answer.
+	Remaining int `json:"remaining"`
+	// Waiting is how many callers wait for their turn now.
+	Waiting int `json:"waiting"`
+	// Used counts the token requests it served; Exhausted those it
+	// refused (a caller got 503 budget_exhausted, or a refresh waits).
+	Used      uint64 `json:"used"`
+	Exhausted uint64 `json:"exhausted"`
+	// RefreshesBehind counts the planned refreshes that could not get
+	// budget before their token's end (EventRefreshBehind).
+	RefreshesBehind int `json:"refreshes_behind"`
 }
 
 // Fleet is the shared tier's health.

@@ -150,6 +150,9 @@ type providerRecord struct {
 	// lastCallFailed: the last call's outcome was a failure of the
 	// provider (not of one merchant: a refusal leaves it unchanged).
 	lastCallFailed bool
+	// behind counts the planned refreshes that could not get budget
+	// before their token's end.
+	behind int
 }
 
 // fleetRecord is the fleet tier's health.
@@ -308,6 +311,17 @@ func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
 			told(EventConsentNeeded)
 		}
 	}
+}
+
+// RefreshBehind notes that a binding's planned refresh cannot get its
+// provider's budget before its token's end, and emits
+// EventRefreshBehind. It implements telemetry.PlanTap.
+func (t *Tracker) RefreshBehind(provider string, b *broker.Binding, _ time.Time) {
+	t.mu.Lock()
+	t.provider(provider).behind++
+	t.mu.Unlock()
+	t.send([]event{{EventRefreshBehind, map[string]any{"merchant": b.Merchant, "provider": provider,
+		"error": errcode.BudgetExhausted.String()}}})
 }
 
 // ConsentGranted notes that a merchant completed consent at a provider

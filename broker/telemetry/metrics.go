@@ -13,6 +13,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
@@ -47,6 +48,15 @@ type Metrics struct {
 	// NonceChallenges counts DPoP use_dpop_nonce challenges, by provider
 	// and server (ServerToken, ServerResource).
 	NonceChallenges *prometheus.CounterVec
+	// BudgetUsed counts the token API calls that took a request from
+	// their provider's budget (rate_limit), by provider and priority
+	// (budget.Priority: foreground, background).
+	BudgetUsed *prometheus.CounterVec
+	// RefreshesPlanned counts refresh-ahead plans, by provider and when:
+	// "ahead" (a token's refresh was planned in its refresh window),
+	// "behind" (a planned refresh could not get budget before the token's
+	// end, once per token).
+	RefreshesPlanned *prometheus.CounterVec
 
 	// series are the per-merchant series that exist, with the merchant
 	// label on: a wildcard merchant's follow the wildcard's active set, an
@@ -126,6 +136,14 @@ func NewMetrics(merchantLabel bool) *Metrics {
 			Namespace: ns, Subsystem: sub, Name: "dpop_nonce_challenges_total",
 			Help: "DPoP nonce challenges (use_dpop_nonce) answered with a retry, by the server that sent them: token (the token or PAR endpoint) or resource (an upstream).",
 		}, []string{"provider", "server"}),
+		BudgetUsed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "budget_used_total",
+			Help: "Token API calls that took a request from their provider's budget (rate_limit), by priority: foreground (a caller waits), background (refresh-ahead).",
+		}, []string{"provider", "priority"}),
+		RefreshesPlanned: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "refreshes_planned_total",
+			Help: "Refresh-ahead plans: when=ahead, a token's refresh planned in its refresh window; when=behind, a planned refresh that could not get budget before the token's end (its key goes cold; once per token).",
+		}, []string{"provider", "when"}),
 	}
 	m.series = bindings.NewSeries(m.lookupCounters, m.removeMerchant)
 	return m
@@ -134,7 +152,8 @@ func NewMetrics(merchantLabel bool) *Metrics {
 // Register adds the collectors to a config's registry; registering them
 // twice in one registry is not an error.
 func (m *Metrics) Register(registry *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{m.TokenRequests, m.Refreshes, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesHeld, m.Breaker, m.BackingOff, m.NonceChallenges} {
+	for _, c := range []prometheus.Collector{m.TokenRequests, m.Refreshes, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesHeld, m.Breaker, m.BackingOff, m.NonceChallenges,
+		m.BudgetUsed, m.RefreshesPlanned} {
 		if err := registry.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) && are.ExistingCollector == c {
@@ -198,6 +217,33 @@ func (m *Metrics) fetched(provider, merchant, outcome string, elapsed time.Durat
 	}
 	m.TokenRequests.WithLabelValues(m.labels(merchant, provider, outcome)...).Inc()
 	m.FetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
+}
+
+// budgetUsed counts one token API call that took a request from its
+// provider's budget.
+func (m *Metrics) budgetUsed(provider string, background bool) {
+	if m == nil {
+		return
+	}
+	p := budget.Foreground
+	if background {
+		p = budget.Background
+	}
+	m.BudgetUsed.WithLabelValues(provider, p.String()).Inc()
+}
+
+// Refresh plans (the when label of refreshes_planned_total).
+const (
+	PlannedAhead  = "ahead"
+	PlannedBehind = "behind"
+)
+
+// planned counts a refresh plan of a provider's token.
+func (m *Metrics) planned(provider, when string) {
+	if m == nil {
+		return
+	}
+	m.RefreshesPlanned.WithLabelValues(provider, when).Inc()
 }
 
 // refreshed counts one token API call of a background refresh.

@@ -28,6 +28,13 @@ type Tap interface {
 	BreakerChanged(provider, sourceID string, state broker.BreakerState)
 }
 
+// PlanTap is an optional interface of a Tap: it is told when a binding's
+// planned refresh cannot get budget before its token's end
+// (broker.PlanObserver), once per token.
+type PlanTap interface {
+	RefreshBehind(provider string, b *broker.Binding, expiry time.Time)
+}
+
 // Recorder is what one handler counts and logs: the shared collectors,
 // the provider name of each source and the observers of its bindings.
 // A nil Recorder records nothing.
@@ -188,6 +195,9 @@ func (r *Recorder) fetched(b *broker.Binding, elapsed time.Duration, background 
 	if background {
 		r.metrics.refreshed(provider, outcome)
 	}
+	if b.Budget != nil {
+		r.metrics.budgetUsed(provider, background)
+	}
 }
 
 // fetchDone logs a fetch: one line with its calls to the token API
@@ -322,8 +332,29 @@ func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
 	o.r.metrics.SetBreakerState(o.r.sourceProvider(sourceID), int(state))
 }
 
+// RefreshPlanned counts a token's planned refresh-ahead.
+func (o *Observer) RefreshPlanned(b *broker.Binding, _ time.Time) {
+	if o.r != nil {
+		o.r.metrics.planned(o.r.providerOf(b), PlannedAhead)
+	}
+}
+
+// RefreshBehind counts a planned refresh that cannot get budget before
+// its token's end, and tells the tap.
+func (o *Observer) RefreshBehind(b *broker.Binding, expiry time.Time) {
+	if o.r == nil {
+		return
+	}
+	provider := o.r.providerOf(b)
+	o.r.metrics.planned(provider, PlannedBehind)
+	if pt, ok := o.r.tap.(PlanTap); ok {
+		pt.RefreshBehind(provider, b, expiry)
+	}
+}
+
 // Interface guards.
 var (
+	_ broker.PlanObserver    = (*Observer)(nil)
 	_ broker.Observer        = (*Observer)(nil)
 	_ broker.FetchObserver   = (*Observer)(nil)
 	_ broker.BreakerObserver = (*Observer)(nil)

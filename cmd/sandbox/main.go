@@ -5,13 +5,18 @@
 //	sandbox -listen 127.0.0.1:9080 -api-key KEY -orgs org-acme,org-globex \
 //	        -oneid-client id:secret -addr-file /tmp/sandbox.addr \
 //	        -bank-client id:secret -bank-client-key client.pub \
-//	        -bank-refresh-token "accounts payments" -state .run/sandbox
+//	        -bank-refresh-token "accounts payments" -state .run/sandbox \
+//	        -token-rate 10 -token-burst 5 -token-rate-headers -nuapay-max-lifetime 5s
 //
 // The bank's issuer is the base URL the sandbox is reached at (discovery at
 // /.well-known/openid-configuration), unless -bank-issuer sets it. A token
 // request with a DPoP proof gets a DPoP-bound token, which the echo upstream
 // accepts only with a proof of the same key (-bank-client-dpop makes the
 // demo client's proofs mandatory, -dpop-nonce demands server nonces).
+// /.well-known/openid-configuration), unless -bank-issuer sets it. With
+// -token-rate the token endpoints together accept that many requests per
+// second (429 with Retry-After above it); GET /_sandbox/token-stats
+// answers their per-second counts.
 package main
 
 import (
@@ -64,6 +69,10 @@ func run() error {
 		"space-separated redirect URIs of the demo bank client, for the consent flow (examples/bank-consent)")
 	bankDPoP := flag.Bool("bank-client-dpop", false, "the demo bank client must send a DPoP proof with each token request (DPoP-bound tokens)")
 	dpopNonce := flag.Bool("dpop-nonce", false, "the bank's token endpoint and the echo upstream demand a DPoP-Nonce in DPoP proofs")
+	tokenRate := flag.Float64("token-rate", 0, "token requests per second the token endpoints accept together, 429 above it (0: no limit)")
+	tokenBurst := flag.Int("token-burst", 1, "token requests the token endpoints accept at once, with -token-rate")
+	tokenHeaders := flag.Bool("token-rate-headers", false, "add RateLimit and X-RateLimit-* headers to token answers, with -token-rate")
+	nuapayLife := flag.Duration("nuapay-max-lifetime", 0, "cap the life of Nuapay tokens, e.g. 5s (0: expiresIn as asked)")
 	stateDir := flag.String("state", "", "keep the bank's refresh tokens in DIR/"+stateFileName+" across restarts (default: in memory)")
 	flag.Parse()
 
@@ -80,9 +89,15 @@ func run() error {
 	if *bankLifetime < time.Second {
 		return fmt.Errorf("-bank-token-lifetime %s: want at least 1s", *bankLifetime)
 	}
+	if *tokenRate < 0 || *tokenBurst < 1 || *nuapayLife < 0 {
+		return fmt.Errorf("-token-rate %g, -token-burst %d, -nuapay-max-lifetime %s: want a rate >= 0, a burst >= 1 and a lifetime >= 0",
+			*tokenRate, *tokenBurst, *nuapayLife)
+	}
 	cfg := sandbox.Config{APIKeys: []string{*apiKey}, OneIDClients: map[string]string{id: secret},
 		BankClients: []sandbox.BankClient{bc}, BankIssuer: *bankIssuer, BankTokenLifetime: *bankLifetime,
-		DPoPNonce: *dpopNonce}
+		DPoPNonce:         *dpopNonce,
+		NuapayMaxLifetime: *nuapayLife,
+		TokenRateLimit:    sandbox.RateLimit{Rate: *tokenRate, Burst: *tokenBurst, Headers: *tokenHeaders}}
 	for _, o := range strings.Split(*orgs, ",") {
 		if o = strings.TrimSpace(o); o != "" {
 			cfg.Organisations = append(cfg.Organisations, sandbox.Organisation{ID: o, Name: o, Code: strings.ToUpper(o)})

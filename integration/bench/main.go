@@ -20,6 +20,9 @@
 // [merchants."*"] entry and max_active, wrk with merchant ids from a
 // window sliding over -wildcard distinct ids for -wildcard-time; it
 // reports RSS against max_active and the mint rate the run reached.
+// -budget runs the budget mode instead (budget.go): sidecars and Redis
+// spending a provider's rate_limit against a rate-limited token API, with
+// and without the budget.
 //
 //	make bench                 # installs wrk if missing, builds, runs the defaults
 //	go run ./integration/bench [-merchants 1,1000,100000] [-rounds 7] [-round 5s] ...
@@ -65,6 +68,8 @@ type options struct {
 	// profile, when set, is the folder that receives a CPU and a heap
 	// profile of the sidecar at the largest merchant count.
 	profile string
+	// budget is the budget mode (budget.go); budget.on runs it instead.
+	budget budgetOptions
 	// fleet > 0 runs the fleet mode instead (fleet.go).
 	fleet          int
 	fleetLifetime  time.Duration
@@ -108,6 +113,8 @@ func main() {
 	switch {
 	case o.dpop:
 		err = runDPoP(o)
+	case o.budget.on:
+		err = runBudget(o)
 	case o.fleet > 0:
 		err = runFleet(o)
 	default:
@@ -140,6 +147,7 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	fs.DurationVar(&o.wildcardTime, "wildcard-time", wildcardTime, "wrk run of the sidecar in the wildcard case (the plain Caddy: a quarter of it; BENCH_QUICK=1: 20s); about 14m reaches all of -wildcard ids at this machine's mint rate")
 	fs.IntVar(&o.split.files, "split-files", 10, "split reload case: merchant files of the registry folder (0 skips the case)")
 	fs.IntVar(&o.split.perFile, "split-merchants", 10_000, "split reload case: merchants per file")
+	budgetFlags(fs, &o.budget)
 	fs.StringVar(&o.profile, "profile", "", "save a 10 s CPU profile (under an extra wrk run) and a heap profile of the sidecar at the largest merchant count into this folder (off when empty)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary folder (registries, Caddyfiles, process logs)")
 	fs.IntVar(&o.fleet, "fleet", 0, "fleet mode: N sidecars sharing one redis-server; mints per key per lifetime and L2 latency (0: off)")
@@ -162,6 +170,9 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	}
 	if o.wildcard > 0 && (o.wildcardActive < 1 || o.wildcardTime < 4*time.Second) {
 		return o, 0, fmt.Errorf("flags: want -wildcard-active >= 1 and -wildcard-time >= 4s")
+	}
+	if err := o.budget.validate(); err != nil {
+		return o, 0, err
 	}
 	if o.split.files != 0 {
 		if err := o.split.validate(); err != nil {

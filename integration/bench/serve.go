@@ -32,6 +32,12 @@ const tokenCountPath = "/_bench/token-requests"
 //	                                     with the client ID (secret
 //	                                     $BENCH_BANK_SECRET; DPoP or bearer
 //	                                     tokens), no log
+//	  [-rate R -burst B]                 named like merchant ids (the
+//	                                     wildcard case), API key from
+//	                                     $BENCH_NUAPAY_API_KEY, no log; with
+//	                                     -rate, 429 above R token requests
+//	                                     per second (burst B), statistics at
+//	                                     sandbox.TokenStatsPath
 //
 // Both listen on 127.0.0.1:0, write the address to the file, and stop on
 // SIGTERM. bin/sandbox is not used for the token API: its -orgs flag cannot
@@ -43,6 +49,8 @@ func serveHelper(kind string, args []string) error {
 	orgs := fs.Int("orgs", 0, "tokenapi: organisations linked to the partner")
 	merchantOrgs := fs.Int("merchant-orgs", 0, "tokenapi: more organisations, named like the merchant ids (the wildcard case)")
 	bankClient := fs.String("bank-client", "", "tokenapi: a client of the sandbox bank, secret from $"+bankSecretEnv)
+	rate := fs.Float64("rate", 0, "tokenapi: token requests per second accepted, 429 above (0: no limit)")
+	burst := fs.Int("burst", 1, "tokenapi: token requests accepted at once, with -rate")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -59,7 +67,8 @@ func serveHelper(kind string, args []string) error {
 		if key == "" {
 			return fmt.Errorf("tokenapi: $%s is empty: set the partner API key the token API accepts", apiKeyEnv)
 		}
-		cfg := sandbox.Config{APIKeys: []string{key}, Organisations: make([]sandbox.Organisation, *orgs, *orgs+*merchantOrgs)}
+		cfg := sandbox.Config{APIKeys: []string{key}, Organisations: make([]sandbox.Organisation, *orgs, *orgs+*merchantOrgs),
+			TokenRateLimit: sandbox.RateLimit{Rate: *rate, Burst: *burst}}
 		for i := range cfg.Organisations {
 			cfg.Organisations[i] = sandbox.Organisation{ID: orgID(i)}
 		}

@@ -132,6 +132,20 @@ func HasClientCert(c *http.Client) (has, known bool) {
 	return false, false
 }
 
+// WrapTransport replaces c's transport with wrap of it (an observer of
+// the answers, say), keeping what HasClientCert knows of it. Call it
+// before c is in use.
+func WrapTransport(c *http.Client, wrap func(http.RoundTripper) http.RoundTripper) {
+	switch tr := c.Transport.(type) {
+	case *transport:
+		c.Transport = &transport{RoundTripper: wrap(tr.RoundTripper), cert: tr.cert}
+	case *http.Transport:
+		c.Transport = &transport{RoundTripper: wrap(tr), cert: hasCert(tr)}
+	default:
+		c.Transport = wrap(c.Transport)
+	}
+}
+
 // ReadBody reads at most MaxResponseBytes of a response body; tooLarge
 // reports a larger one (whose body is then not returned).
 func ReadBody(r io.Reader) (body []byte, tooLarge bool, err error) {

@@ -207,3 +207,7 @@ func (p *Plan) Open(logger *zap.Logger) (*Tier, error) {
 func (t *Tier) Close() error {
 	return errors.Join(t.Cache.Close(), t.client.Close())
 }
+
+// Client is the tier's Redis client, for the broker's other users of the
+// same Redis (the token-request budgets); the tier closes it.
+func (t *Tier) Client() redis.UniversalClient { return t.client }

@@ -426,7 +426,7 @@ func (s *Server) checkAssertion(r *http.Request) (*bankClient, *authError) {
 func (s *Server) bankToken(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodPost {
 		s.bankReqs.Add(1)
-		if s.scriptedOAuthFailure(w) {
+		if !s.gateToken(w, rateLimitedOAuth) || s.scriptedOAuthFailure(w) {
 			return
 		}
 	}

@@ -6,7 +6,9 @@
 // RFC 7009 revocation, DPoP-bound tokens of RFC 9449), and an echo upstream
 // that reports what reached it (never the token itself) and checks DPoP
 // proofs. It is meant for local runs and integration tests, not for
-// production.
+// production. Optionally it enforces a rate limit on its
+// token endpoints (429 with Retry-After above it) and it counts their
+// requests per second, answered at GET /_sandbox/token-stats (ratelimit.go).
 //
 // The bank's endpoints, below its issuer (by default the base URL a request
 // reached, http(s)://Host):
@@ -64,6 +66,14 @@ type Config struct {
 	// DPoPNonce makes the bank's token endpoint and the echo upstream
 	// demand the sandbox's DPoP-Nonce in DPoP proofs (dpop.go).
 	DPoPNonce bool
+	// NuapayMaxLifetime, when set, caps the life of the Nuapay tokens: the
+	// expiryTime answered is the earlier of expiresIn and now plus it, so
+	// that tests run with tokens of a few seconds (expiresIn is at least
+	// 10 s).
+	NuapayMaxLifetime time.Duration
+	// TokenRateLimit is the rate limit of the token endpoints (see
+	// RateLimit); the zero value enforces none.
+	TokenRateLimit RateLimit
 	// Now is the clock; default time.Now. Tests inject one.
 	Now func() time.Time
 }
@@ -93,6 +103,7 @@ type Server struct {
 	oneReqs  atomic.Int64
 	bankReqs atomic.Int64
 	bankRevs atomic.Int64
+	gate     *tokenGate // rate limit and statistics of the token endpoints (ratelimit.go)
 
 	bankClients map[string]*bankClient // read-only after New
 	bankKey     *ecdsa.PrivateKey      // signs the bank's access tokens
@@ -134,7 +145,7 @@ func New(cfg Config) *Server {
 		cfg.Now = time.Now
 	}
 	s := &Server{cfg: cfg, orgs: map[string]Organisation{}, key: make([]byte, 32),
-		byToken: map[string]*token{}, byID: map[string]*token{}}
+		byToken: map[string]*token{}, byID: map[string]*token{}, gate: newTokenGate(cfg.TokenRateLimit, cfg.Now)}
 	rand.Read(s.key)
 	for _, o := range cfg.Organisations {
 		s.orgs[o.ID] = o
@@ -212,6 +223,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.bankAuthorize(w, r)
 	case is("oauth2", "jwks"):
 		s.bankJWKS(w, r)
+	case r.URL.Path == TokenStatsPath:
+		s.tokenStats(w, r)
 	case is("organisations"), is("cust", "organisations"):
 		s.listOrgs(w, r)
 	case is("organisations", "*", "tokens"):
@@ -306,6 +319,9 @@ func (s *Server) takeFail() (int, string, bool) {
 func (s *Server) requestToken(w http.ResponseWriter, r *http.Request, orgID string) {
 	if r.Method == http.MethodPost {
 		s.tokReqs.Add(1)
+		if !s.gateToken(w, rateLimitedNuapay) {
+			return
+		}
 		if code, ra, ok := s.takeFail(); ok {
 			if ra != "" {
 				w.Header().Set("Retry-After", ra)
@@ -349,8 +365,12 @@ func (s *Server) requestToken(w http.ResponseWriter, r *http.Request, orgID stri
 		return
 	}
 	now := s.cfg.Now()
+	life := time.Duration(exp) * time.Second
+	if m := s.cfg.NuapayMaxLifetime; m > 0 {
+		life = min(life, m)
+	}
 	t := &token{id: strings.ToLower(rand.Text()), org: org.ID, scopes: req.Scopes, created: now,
-		expiry: now.Add(time.Duration(exp) * time.Second)}
+		expiry: now.Add(life)}
 	t.access = s.mint(map[string]any{"iss": "sandbox-gatekeeper", "sub": org.ID,
 		"scope": strings.Join(req.Scopes, " "), "iat": now.Unix(), "exp": t.expiry.Unix(), "jti": t.id})
 	c := *t // the copy written: a concurrent revoke may change t
@@ -474,7 +494,7 @@ func (s *Server) oneIDToken(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.oneReqs.Add(1)
-	if s.scriptedOAuthFailure(w) {
+	if !s.gateToken(w, rateLimitedOAuth) || s.scriptedOAuthFailure(w) {
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)

@@ -1,0 +1,60 @@
+package budgets
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+
+	"github.com/go-redis/redis_rate/v10"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+)
+
+// Store is a budget.Store in Redis, over the generic cell rate algorithm
+// of github.com/go-redis/redis_rate on the broker's go-redis client: every
+// broker of a fleet spends the same Redis key per provider, and the Redis
+// server's clock decides, so the fleet together stays within the
+// provider's limit. redis_rate names its keys
+// "rate:" + key: with the store's prefix, a budget's Redis key is
+// "rate:" + prefix + "budget:" + the budget's key (a Redis ACL for the
+// broker must allow it). Safe for concurrent use.
+type Store struct {
+	lim    *redis_rate.Limiter
+	prefix string
+}
+
+// New returns a Store on client whose keys start with prefix (the fleet's
+// key prefix, e.g. "token_broker:"). The Store does not close the client.
+func New(client redis.UniversalClient, prefix string) *Store {
+	return &Store{lim: redis_rate.NewLimiter(client), prefix: prefix}
+}
+
+// AllowN spends n requests of the budget key under l (n = 0 reads what
+// remains without spending). RetryAfter is zero when n is allowed.
+func (s *Store) AllowN(ctx context.Context, key string, l budget.Limit, n int) (budget.Result, error) {
+	res, err := s.lim.AllowN(ctx, s.prefix+"budget:"+key, limitOf(l), n)
+	if err != nil {
+		return budget.Result{}, err
+	}
+	return budget.Result{Allowed: res.Allowed, Remaining: res.Remaining,
+		RetryAfter: max(res.RetryAfter, 0), ResetAfter: max(res.ResetAfter, 0)}, nil
+}
+
+// limitOf is l in redis_rate's terms (the same fields).
+func limitOf(l budget.Limit) redis_rate.Limit {
+	return redis_rate.Limit{Rate: l.Rate, Burst: l.Burst, Period: l.Period}
+}
+
+// Key is the budget key of a provider: its name and the first 12 hex
+// characters of the SHA-256 of its token endpoint, so that two registries
+// that give one name to different token APIs keep two budgets, and the key
+// holds no secret (a URL with credentials is refused by the registry; only
+// its hash is used anyway).
+func Key(provider, tokenURL string) string {
+	sum := sha256.Sum256([]byte(tokenURL))
+	return provider + ":" + hex.EncodeToString(sum[:])[:12]
+}
+
+// Interface guard.
+var _ budget.Store = (*Store)(nil)

@@ -1,0 +1,77 @@
+package budgets
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
+)
+
+func TestKey(t *testing.T) {
+	a := Key("nuapay", "https://api.example/organisations")
+	b := Key("nuapay", "https://other.example/organisations")
+	if a == b || !strings.HasPrefix(a, "nuapay:") || len(a) != len("nuapay:")+12 || strings.Contains(a, "example") {
+		t.Errorf("keys %q and %q: want nuapay: and 12 hex characters, different per URL", a, b)
+	}
+}
+
+// TestSharedBudget spends one budget from two clients, as two brokers of a
+// fleet do, on a real redis-server. The rate is one request per 100 s, so
+// that the test does not depend on how fast it runs.
+func TestSharedBudget(t *testing.T) {
+	srv := redistest.Start(t)
+	ctx := context.Background()
+	var stores [2]*Store
+	for i := range stores {
+		c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+		t.Cleanup(func() { c.Close() })
+		stores[i] = New(c, "tb-test:")
+	}
+	l := budget.Limit{Rate: 1, Period: 100 * time.Second, Burst: 3}
+	key := Key("nuapay", "https://api.example")
+	for i, st := range []struct {
+		store, n, allowed, remaining int
+		spent                        int // the bucket is full again after spent*100 s
+	}{
+		{0, 0, 0, 3, 0}, // a read spends nothing
+		{0, 2, 2, 1, 2},
+		{1, 1, 1, 0, 3},
+		{1, 1, 0, 0, 3},
+		{0, 1, 0, 0, 3},
+	} {
+		res, err := stores[st.store].AllowN(ctx, key, l, st.n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Allowed != st.allowed || res.Remaining != st.remaining {
+			t.Errorf("step %d: allowed %d remaining %d, want %d %d", i, res.Allowed, res.Remaining, st.allowed, st.remaining)
+		}
+		denied := st.n > 0 && st.allowed == 0
+		if denied != (res.RetryAfter > 0) || denied && (res.RetryAfter > 100*time.Second || res.RetryAfter < 90*time.Second) {
+			t.Errorf("step %d: RetryAfter %s (denied %v)", i, res.RetryAfter, denied)
+		}
+		if full := time.Duration(st.spent) * 100 * time.Second; res.ResetAfter > full || res.ResetAfter < full-10*time.Second {
+			t.Errorf("step %d: ResetAfter %s, want about %s", i, res.ResetAfter, full)
+		}
+	}
+	// Another provider's budget is its own.
+	if res, err := stores[1].AllowN(ctx, Key("nuapay", "https://other.example"), l, 1); err != nil || res.Allowed != 1 {
+		t.Errorf("another key: %+v %v", res, err)
+	}
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	defer c.Close()
+	keys, err := c.Keys(ctx, "*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys {
+		if !strings.HasPrefix(k, "rate:tb-test:budget:nuapay:") {
+			t.Errorf("Redis key %q: want rate:tb-test:budget:nuapay:HASH", k)
+		}
+	}
+}

@@ -1,0 +1,131 @@
+package config
+
+import (
+	"context"
+	"fmt"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
+)
+
+func TestProviderRateLimit(t *testing.T) {
+	good := string(readGood(t))
+	for _, tc := range []struct {
+		name, keys string
+		want       budget.Limit
+	}{
+		{"none", "", budget.Limit{}},
+		{"per second", `rate_limit = "20/s"`, budget.Limit{Rate: 20, Period: time.Second, Burst: 20}},
+		{"per minute with burst", "rate_limit = \"1200/m\"\nrate_burst = 5", budget.Limit{Rate: 1200, Period: time.Minute, Burst: 5}},
+		{"per hour", `rate_limit = "7200/h"`, budget.Limit{Rate: 7200, Period: time.Hour, Burst: 2}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			data := strings.Replace(good, `timeout = "10s"`, "timeout = \"10s\"\n"+tc.keys, 1)
+			reg := mustParse(t, "testdata/good.toml", []byte(data), testEnv())
+			if got := reg.Providers["nuapay-sandbox"].RateLimit; got != tc.want {
+				t.Errorf("RateLimit %+v, want %+v", got, tc.want)
+			}
+			if got := reg.Providers["nuapay-live"].RateLimit; got != (budget.Limit{}) {
+				t.Errorf("the other provider's RateLimit %+v, want none", got)
+			}
+		})
+	}
+}
+
+// TestProviderBudget: the profiles of a provider share its budget, made
+// by Options.Budgets once per provider with a rate_limit.
+func TestProviderBudget(t *testing.T) {
+	good := strings.Replace(string(readGood(t)), `timeout = "10s"`, "timeout = \"10s\"\nrate_limit = \"20/s\"", 1)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "merchants.toml")
+	if err := os.WriteFile(path, []byte(good), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "nuapay-live.key"), []byte("k\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var asked []string
+	made := budget.New("nuapay-sandbox", budget.Limit{Rate: 20, Period: time.Second, Burst: 20}, budget.NewLocal(nil), nil)
+	reg, err := LoadWith(path, Options{LookupEnv: testEnv(), Budgets: func(p *Provider) *budget.Budget {
+		asked = append(asked, p.Name+" "+p.Endpoint())
+		return made
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "nuapay-sandbox " + reg.Providers["nuapay-sandbox"].BaseURL; len(asked) != 1 || asked[0] != want {
+		t.Errorf("Budgets asked for %q, want [%q]", asked, want)
+	}
+	if reg.Providers["nuapay-sandbox"].Budget != made || reg.Providers["nuapay-live"].Budget != nil {
+		t.Error("Provider.Budget: want the made budget for nuapay-sandbox, none for nuapay-live")
+	}
+	seen := 0
+	for id, m := range reg.Merchants {
+		for _, scopes := range [][]string{nil, {"other_scope"}} {
+			b, err := reg.Binding(id, scopes)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := reg.Providers[m.Provider].Budget
+			if b.Budget != want {
+				t.Errorf("merchant %s scopes %v: budget %p, want %p", id, scopes, b.Budget, want)
+			}
+			if want != nil {
+				seen++
+			}
+		}
+	}
+	if seen == 0 {
+		t.Fatal("no merchant of the budgeted provider")
+	}
+
+	// Without Options.Budgets the registry makes its own.
+	reg, err = LoadWith(path, Options{LookupEnv: testEnv()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := reg.Providers["nuapay-sandbox"].Budget; b == nil || b.State().Rate != 20 {
+		t.Errorf("default budget %v", b)
+	}
+}
+
+// TestProviderBudgetObservesAnswers: the rate-limit headers of the
+// provider's token answers lower its budget (the sandbox's limit says
+// nothing is left after its burst).
+func TestProviderBudgetObservesAnswers(t *testing.T) {
+	sb := sandbox.New(sandbox.Config{APIKeys: []string{"k"}, Organisations: []sandbox.Organisation{{ID: "org-acme"}},
+		TokenRateLimit: sandbox.RateLimit{Rate: 0.1, Burst: 1, Headers: true}})
+	srv := httptest.NewServer(sb)
+	t.Cleanup(srv.Close)
+	reg, err := parse(filepath.Join(t.TempDir(), "m.toml"), []byte(fmt.Sprintf(`[providers.p]
+type = "nuapay"
+base_url = %q
+api_key = "{env.K}"
+rate_limit = "5/s"
+
+[merchants.acme]
+provider = "p"
+organisation = "org-acme"
+scopes = ["s"]
+`, srv.URL)), func(string) (string, bool) { return "k", true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := reg.Binding("acme", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Source.Token(context.Background(), b.Request()); err != nil {
+		t.Fatal(err)
+	}
+	// RateLimit "token";r=0;t=10: none left for 10 s.
+	if st := reg.Providers["p"].Budget.State(); st.Effective != 0 || st.LoweredUntil.IsZero() {
+		t.Errorf("after an answer with none left: effective %g, lowered until %v; want 0 and a time", st.Effective, st.LoweredUntil)
+	}
+}

@@ -1,0 +1,69 @@
+package module
+
+import (
+	"strconv"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/broker/budgets"
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// budgetKeeper keeps the providers' token-request budgets across config
+// reloads (budgets.Keeper): a reload that keeps a provider's rate_limit,
+// endpoint, fleet_size and Redis settings keeps its budget, with its
+// bucket, queue and plans.
+var budgetKeeper = budgets.NewKeeper(nil)
+
+// budgetsFor returns the config.Options.Budgets of the app's registries:
+// with the redis tier, one budget per provider shared by the fleet
+// through Redis (redis_rate on the tier's client; this sidecar's share
+// while Redis fails); without it, this sidecar's share of each provider's
+// rate_limit (divided by fleet_size).
+func (a *App) budgetsFor() func(p *config.Provider) *budget.Budget {
+	var shared budget.Store
+	storeID := ""
+	if a.fleet != nil {
+		prefix := a.Redis.KeyPrefix
+		if prefix == "" {
+			prefix = fleet.DefaultKeyPrefix
+		}
+		shared, storeID = budgets.New(a.fleet.Client(), prefix), a.fleetKey
+	}
+	n := a.FleetSize
+	return func(p *config.Provider) *budget.Budget {
+		return budgetKeeper.Budget(budgets.Spec{Provider: p.Name, Endpoint: p.Endpoint(), Limit: p.RateLimit, FleetSize: n}, shared, storeID)
+	}
+}
+
+// budgetKey is the part of a registry's pool key that its budgets depend
+// on besides the Redis settings: a registry resolved for another
+// fleet_size has other budgets.
+func (a *App) budgetKey() string {
+	return " fleet_size=" + strconv.Itoa(max(a.FleetSize, 1))
+}
+
+// holdBudgets keeps the budgets of reg's providers (the app's registry,
+// a handler's own) while this config uses them; releaseBudgets (Cleanup)
+// ends it. Called while the config is provisioned.
+func (a *App) holdBudgets(reg *config.Registry) {
+	var held []*budget.Budget
+	for _, p := range reg.Providers {
+		if p.Budget != nil {
+			held = append(held, p.Budget)
+		}
+	}
+	budgetKeeper.Hold(held)
+	a.budgets = append(a.budgets, held...)
+}
+
+// releaseBudgets ends the app's holds on budgets (holdBudgets).
+func (a *App) releaseBudgets() {
+	budgetKeeper.Release(a.budgets)
+	a.budgets = nil
+}
+
+// Interface guard: the operator's view hears of refreshes behind plan.
+var _ telemetry.PlanTap = (*opstate.Tracker)(nil)
