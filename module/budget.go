@@ -19,8 +19,9 @@ var budgetKeeper = budgets.NewKeeper(nil)
 
 // budgetsFor returns the config.Options.Budgets of the app's registries:
 // with the redis tier, one budget per provider shared by the fleet
-// through Redis (redis_rate on the tier's client; this sidecar's share
-// while Redis fails); without it, this sidecar's share of each provider's
+// through Redis (redis_rate on the tier's client, each call through the
+// tier's breaker and adaptive bound; this sidecar's share while Redis
+// fails or the breaker is open); without it, this sidecar's share of each provider's
 // rate_limit (divided by fleet_size).
 func (a *App) budgetsFor() func(p *config.Provider) *budget.Budget {
 	var shared budget.Store
@@ -30,7 +31,7 @@ func (a *App) budgetsFor() func(p *config.Provider) *budget.Budget {
 		if prefix == "" {
 			prefix = fleet.DefaultKeyPrefix
 		}
-		shared, storeID = budgets.New(a.fleet.Client(), prefix), a.fleetKey
+		shared, storeID = budgets.New(a.fleet.Client(), prefix, a.fleet.Cache), a.fleetKey
 	}
 	n := a.FleetSize
 	return func(p *config.Provider) *budget.Budget {

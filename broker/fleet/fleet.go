@@ -371,6 +371,19 @@ func (c *Cache) do(ctx context.Context, op string, fn func(context.Context) erro
 	}
 }
 
+// Run runs fn as one Redis call of the tier, named op in metrics: through
+// the breaker (ErrUnavailable while it keeps Redis out) and
+// within the current adaptive bound of a call, once: not tried again after
+// a timeout. Its outcome counts as any call of the tier's (the bound's
+// latency, the breaker). For the broker's other users of the fleet's Redis
+// (the token-request budgets), so that a slow or dead Redis costs them no
+// more than it costs a lookup, and they fall back while the breaker is
+// open. op must not be one of the tier's retried calls.
+func (c *Cache) Run(ctx context.Context, op string, fn func(context.Context) error) error {
+	_, err := c.doOnce(ctx, op, fn)
+	return err
+}
+
 // retried reports whether do runs op again after a timeout: reads; the
 // SET of a sealed value (the same value again); a lock taken, extended or
 // released with the same owner token (obtain). Not a purge (its script
