@@ -62,6 +62,12 @@ type App struct {
 	// each provider's own timeout applies to each call.
 	FetchTimeout caddy.Duration `json:"fetch_timeout,omitempty"`
 
+	// BudgetWait is the longest a request waits its turn for a provider's
+	// token API budget (rate_limit in the registry) before it is answered
+	// 503 budget_exhausted with a Retry-After from the budget's queue, so
+	// that the gateway answers fast instead of holding callers. Default 5s.
+	BudgetWait caddy.Duration `json:"budget_wait,omitempty"`
+
 	// Metrics configures the broker's Prometheus series (see
 	// MetricsConfig). They are always on; this only shapes their labels.
 	Metrics *MetricsConfig `json:"metrics,omitempty"`
@@ -182,8 +188,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		RefreshWindow: a.RefreshWindow,
 		Leeway:        time.Duration(a.Leeway),
 		FetchTimeout:  time.Duration(a.FetchTimeout),
+		BudgetWait:    time.Duration(a.BudgetWait),
 	}
-	a.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s %s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout, a.fleetKey)
+	a.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s budget_wait=%s %s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout, opts.BudgetWait, a.fleetKey)
 	if a.fleet != nil {
 		// The fleet tier is part of the pool key: a broker is never shared
 		// by configurations with different tiers.
@@ -219,8 +226,8 @@ func (a *App) validate() error {
 	if a.RefreshWindow < 0 || a.RefreshWindow >= 1 {
 		return fmt.Errorf("token_broker: refresh_window %g must be at least 0 and below 1", a.RefreshWindow)
 	}
-	if a.Leeway < 0 || a.FetchTimeout < 0 {
-		return errors.New("token_broker: leeway and fetch_timeout must not be negative")
+	if a.Leeway < 0 || a.FetchTimeout < 0 || a.BudgetWait < 0 {
+		return errors.New("token_broker: leeway, fetch_timeout and budget_wait must not be negative")
 	}
 	if a.FleetSize < 0 || a.FleetSize > maxFleetSize {
 		return fmt.Errorf("token_broker: fleet_size %d must be from 1 to %d (the sidecars that share the providers' rate limits)", a.FleetSize, maxFleetSize)

@@ -91,6 +91,9 @@ func New(cfg Config) (*Source, error) {
 // Type names the source type.
 func (s *Source) Type() string { return "nuapay" }
 
+// CallTimeout implements broker.CallBounded: the HTTP client's timeout.
+func (s *Source) CallTimeout() time.Duration { return s.cfg.Client.Timeout }
+
 // Classify implements broker.Classifier: Gatekeeper's 401 refuses the API
 // key, which every organisation of the source shares; its other refusals
 // (403, 404, 422) can be about one organisation.
@@ -432,6 +435,7 @@ func ParseError(status int, retryAfter string, body []byte, now time.Time) *brok
 
 // Interface guards.
 var (
-	_ broker.Source  = (*Source)(nil)
-	_ broker.Revoker = (*Source)(nil)
+	_ broker.Source      = (*Source)(nil)
+	_ broker.Revoker     = (*Source)(nil)
+	_ broker.CallBounded = (*Source)(nil)
 )
