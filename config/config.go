@@ -325,10 +325,12 @@ type Options struct {
 	OnDPoPNonce func(provider string)
 	// Budgets returns the budget of a provider with a rate_limit, which
 	// all its profiles share (Provider.Budget); it is called once per such
-	// provider when a registry is resolved without problems. The Caddy
-	// module shares budgets across reloads and through Redis. Default: a
-	// budget of the registry's own, in this process, with the whole limit.
-	Budgets func(p *Provider) *budget.Budget
+	// provider when a registry is resolved without problems; its error
+	// (a budget the app's settings cannot make) is the registry's, given
+	// where the provider is defined. The Caddy module shares budgets
+	// across reloads and through Redis. Default: a budget of the
+	// registry's own, in this process, with the whole limit.
+	Budgets func(p *Provider) (*budget.Budget, error)
 }
 
 // LoadWith reads and validates the registry at path, resolving secret

@@ -309,12 +309,19 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
+	var budgetErrs []error
 	for _, pv := range reg.Providers {
 		if pv.RateLimit == (budget.Limit{}) {
 			continue
 		}
 		if opts.Budgets != nil {
-			pv.Budget = opts.Budgets(pv)
+			b, err := opts.Budgets(pv)
+			if err != nil {
+				at := providerAt[pv.Name]
+				budgetErrs = append(budgetErrs, &Error{File: files[at.file].Path, Line: at.line, Entry: fmt.Sprintf("provider %q", pv.Name), Field: "rate_limit", Msg: err.Error()})
+				continue
+			}
+			pv.Budget = b
 		} else {
 			pv.Budget = budget.New(pv.Name, pv.RateLimit, budget.NewLocal(nil), nil)
 		}
@@ -322,6 +329,9 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 		if pv.Budget != nil && pv.client != nil {
 			httpclient.WrapTransport(pv.client, pv.Budget.Transport)
 		}
+	}
+	if len(budgetErrs) > 0 {
+		return nil, errors.Join(budgetErrs...)
 	}
 	return reg, nil
 }

@@ -2,6 +2,7 @@ package config
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http/httptest"
 	"os"
@@ -52,9 +53,9 @@ func TestProviderBudget(t *testing.T) {
 	}
 	var asked []string
 	made := budget.New("nuapay-sandbox", budget.Limit{Rate: 20, Period: time.Second, Burst: 20}, budget.NewLocal(nil), nil)
-	reg, err := LoadWith(path, Options{LookupEnv: testEnv(), Budgets: func(p *Provider) *budget.Budget {
+	reg, err := LoadWith(path, Options{LookupEnv: testEnv(), Budgets: func(p *Provider) (*budget.Budget, error) {
 		asked = append(asked, p.Name+" "+p.Endpoint())
-		return made
+		return made, nil
 	}})
 	if err != nil {
 		t.Fatal(err)
@@ -83,6 +84,16 @@ func TestProviderBudget(t *testing.T) {
 	}
 	if seen == 0 {
 		t.Fatal("no merchant of the budgeted provider")
+	}
+
+	// A budget the app cannot make fails the load, where the provider is
+	// defined.
+	_, err = LoadWith(path, Options{LookupEnv: testEnv(), Budgets: func(p *Provider) (*budget.Budget, error) {
+		return nil, errors.New("set fleet_size")
+	}})
+	if want := `merchants.toml:`; err == nil || !strings.Contains(err.Error(), want) ||
+		!strings.Contains(err.Error(), `provider "nuapay-sandbox": field rate_limit: set fleet_size`) {
+		t.Errorf("Budgets failing: error %v, want the provider's file, line, name, rate_limit and the reason", err)
 	}
 
 	// Without Options.Budgets the registry makes its own.

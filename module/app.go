@@ -81,9 +81,10 @@ type App struct {
 	// FleetSize is how many sidecars spend the providers' token-request
 	// budgets (rate_limit in the registry) without Redis: each spends its
 	// share, rate_limit divided by FleetSize (and rate_burst too, at least
-	// 1). With redis the fleet shares each budget and FleetSize only sizes
-	// a sidecar's share while Redis is unavailable. Default 1 (the whole
-	// budget), at most 10000.
+	// 1). With redis the fleet shares each budget and FleetSize sizes a
+	// sidecar's share while Redis is unavailable: it is then required when
+	// a provider has a rate_limit (the load fails without it). Default 1
+	// (the whole budget) without redis, at most 10000.
 	FleetSize int `json:"fleet_size,omitempty"`
 
 	// AllowedHosts are the Host names, besides the loopback ones
@@ -241,7 +242,7 @@ const maxFleetSize = 10_000
 // loadRegistry loads a TOML registry; the path may hold placeholders such
 // as {env.TOKEN_BROKER_CONFIG}. Refresh tokens are kept in Caddy's
 // storage; budgets makes the providers' budgets (nil: the registry's own).
-func loadRegistry(ctx caddy.Context, path string, budgets func(*config.Provider) *budget.Budget) (*config.Registry, error) {
+func loadRegistry(ctx caddy.Context, path string, budgets func(*config.Provider) (*budget.Budget, error)) (*config.Registry, error) {
 	path = registryExpand(path)
 	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore(ctx.Storage()), ConsentStore: storagePending(ctx.Storage()),
 		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets})

@@ -23,7 +23,7 @@ var budgetKeeper = budgets.NewKeeper(nil)
 // tier's breaker and adaptive bound; this sidecar's share while Redis
 // fails or the breaker is open); without it, this sidecar's share of each provider's
 // rate_limit (divided by fleet_size).
-func (a *App) budgetsFor() func(p *config.Provider) *budget.Budget {
+func (a *App) budgetsFor() func(p *config.Provider) (*budget.Budget, error) {
 	var shared budget.Store
 	storeID := ""
 	if a.fleet != nil {
@@ -34,7 +34,7 @@ func (a *App) budgetsFor() func(p *config.Provider) *budget.Budget {
 		shared, storeID = budgets.New(a.fleet.Client(), prefix, a.fleet.Cache), a.fleetKey
 	}
 	n := a.FleetSize
-	return func(p *config.Provider) *budget.Budget {
+	return func(p *config.Provider) (*budget.Budget, error) {
 		return budgetKeeper.Budget(budgets.Spec{Provider: p.Name, Endpoint: p.Endpoint(), Limit: p.RateLimit, FleetSize: n}, shared, storeID)
 	}
 }

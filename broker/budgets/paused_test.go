@@ -41,7 +41,10 @@ func TestBudgetPausedRedis(t *testing.T) {
 	// 3 per 100 s: the whole limit lets 3 requests through at once, a
 	// third of it (fleet_size 3) one.
 	spec := Spec{Provider: "nuapay", Endpoint: "https://api.example", Limit: budget.Limit{Rate: 3, Period: 100 * time.Second, Burst: 3}, FleetSize: 3}
-	b := NewKeeper(nil).Budget(spec, New(client, "tb-test:", cache), "redis")
+	b, err := NewKeeper(nil).Budget(spec, New(client, "tb-test:", cache), "redis")
+	if err != nil {
+		t.Fatal(err)
+	}
 	take := func() (time.Duration, bool) {
 		t.Helper()
 		start := time.Now()
