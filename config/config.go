@@ -67,7 +67,7 @@ type Provider struct {
 	// Timeout bounds each token-API call.
 	Timeout time.Duration
 	// RateLimit is the provider's token-request budget (rate_limit and
-	// rate_burst; the burst defaults to one second's worth of the rate);
+	// rate_burst, from 1 to one second's worth of the rate, its default);
 	// the zero Limit means none.
 	RateLimit budget.Limit
 	// Budget spends RateLimit: every profile of the provider shares it
