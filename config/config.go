@@ -72,8 +72,9 @@ type Provider struct {
 	RateLimit budget.Limit
 	// Budget spends RateLimit: every profile of the provider shares it
 	// (Options.Budgets makes it), and it observes the rate-limit headers
-	// of the provider's answers (budget.Budget.Transport on the
-	// provider's HTTP client). Nil without rate_limit.
+	// of the provider's token answers (budget.Budget.Transport on the
+	// token requests of the provider's HTTP client, not its listings,
+	// revocations, discovery or keys). Nil without rate_limit.
 	Budget *budget.Budget
 	// TokenLifetime is the lifetime a nuapay provider asks for when a
 	// merchant sets none.

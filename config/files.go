@@ -325,9 +325,11 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 		} else {
 			pv.Budget = budget.New(pv.Name, pv.RateLimit, budget.NewLocal(nil), nil)
 		}
-		// Before any use of the client: its answers lower the budget.
+		// Before any use of the client: the answers of its token requests
+		// (not of listings, revocations, discovery or keys) lower the
+		// budget.
 		if pv.Budget != nil && pv.client != nil {
-			httpclient.WrapTransport(pv.client, pv.Budget.Transport)
+			httpclient.WrapTransport(pv.client, httpclient.TokenAnswers(pv.Budget.Transport))
 		}
 	}
 	if len(budgetErrs) > 0 {

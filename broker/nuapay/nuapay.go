@@ -158,7 +158,7 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 	}
 	body, _ := json.Marshal(nuapayTokenRequest{Scopes: req.Scopes, ExpiresIn: int64(life / time.Second)})
 	sent := s.cfg.Now()
-	data, err := s.call(ctx, http.MethodPost, target, body, http.StatusCreated)
+	data, err := s.call(httpclient.TokenRequest(ctx), http.MethodPost, target, body, http.StatusCreated)
 	if err != nil {
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound && ae.Err == nil {

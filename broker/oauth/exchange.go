@@ -146,7 +146,7 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 	}
 	secrets = append(secrets, c.sent(secret, params.Get("client_assertion"))...)
 	sent := c.cfg.Now()
-	tok, err := cc.Token(context.WithValue(ctx, oauth2.HTTPClient, c.tokenClient))
+	tok, err := cc.Token(context.WithValue(httpclient.TokenRequest(ctx), oauth2.HTTPClient, c.tokenClient))
 	if err != nil {
 		return broker.Token{}, nil, c.tokenError(ep, err, secrets)
 	}
