@@ -125,13 +125,6 @@ func (k *Keeper) Release(budgets []*budget.Budget) {
 	}
 }
 
-// Len returns how many budgets the Keeper keeps.
-func (k *Keeper) Len() int {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	return len(k.byKey)
-}
-
 // keyed spends a shared store under a fixed key, whatever key the budget
 // asks for.
 type keyed struct {
