@@ -122,7 +122,7 @@ func TestColdBurstWithinBudget(t *testing.T) {
 				return nil
 			}
 			bud = budget.New("bank", tt.l, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
-			br := New(Options{Now: clock.Now})
+			br := New(Options{Now: clock.Now, BudgetWait: time.Minute})
 			defer br.Close()
 			p := NewProfile("bank#1", src, []string{"a"}, "", 0)
 			p.Budget = bud
@@ -411,7 +411,7 @@ func TestCallerBeforeRefresh(t *testing.T) {
 			return ctx.Err()
 		}
 	}
-	br := New(Options{Now: clock.Now})
+	br := New(Options{Now: clock.Now, BudgetWait: 30 * time.Second})
 	defer br.Close()
 	p := NewProfile("bank#1", src, nil, "", 0)
 	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 100 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
@@ -441,5 +441,116 @@ func TestCallerBeforeRefresh(t *testing.T) {
 	}
 	if n := src.calls(); n != 2 {
 		t.Fatalf("%d calls, want 2", n)
+	}
+}
+
+// boundedSource is a callLog whose calls are bounded (CallBounded) and
+// fail with errs[i] at call i+1 (nil: a token).
+type boundedSource struct {
+	callLog
+	bound time.Duration
+	errs  []error
+}
+
+func (s *boundedSource) CallTimeout() time.Duration { return s.bound }
+
+func (s *boundedSource) Token(ctx context.Context, req Request) (Token, error) {
+	tok, err := s.callLog.Token(ctx, req)
+	if n := s.calls(); n <= len(s.errs) && s.errs[n-1] != nil {
+		return Token{}, s.errs[n-1]
+	}
+	return tok, err
+}
+
+// TestBudgetWaitBounds: a caller queues for budget only as long as
+// BudgetWait allows and as leaves the token API call its bound before the
+// fetch's deadline; beyond either it is refused at once with the queue's
+// wait, without a call.
+func TestBudgetWaitBounds(t *testing.T) {
+	for _, tt := range []struct {
+		name       string
+		period     time.Duration // between two requests of the budget
+		budgetWait time.Duration
+		bound      time.Duration // the source's call timeout
+		served     bool
+	}{
+		{"within BudgetWait", 4 * time.Second, 0, 10 * time.Second, true},
+		{"beyond the default BudgetWait", 10 * time.Second, 0, 10 * time.Second, false},
+		{"a longer BudgetWait", 10 * time.Second, 15 * time.Second, 10 * time.Second, true},
+		{"leaves the call its bound", 25 * time.Second, time.Minute, 10 * time.Second, false},
+		{"the bound fits", 19 * time.Second, time.Minute, 10 * time.Second, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}, bound: tt.bound}
+			slept := time.Duration(0)
+			sleep := func(_ context.Context, d time.Duration) error {
+				slept += d
+				clock.Add(d)
+				return nil
+			}
+			br := New(Options{Now: clock.Now, FetchTimeout: 30 * time.Second, BudgetWait: tt.budgetWait})
+			defer br.Close()
+			p := NewProfile("bank#1", src, nil, "", 0)
+			p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: tt.period}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+			bs := bindings(p, 2)
+			if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+				t.Fatal(err)
+			}
+			_, _, err := br.Get(context.Background(), bs[1])
+			if tt.served {
+				if err != nil || src.calls() != 2 || slept != tt.period {
+					t.Fatalf("%v, %d calls after %s asleep; want a token after %s", err, src.calls(), slept, tt.period)
+				}
+				return
+			}
+			if !errors.Is(err, budget.ErrExhausted) || Called(err) || RetryAfterOf(err) != tt.period || slept != 0 {
+				t.Fatalf("%v (called %t, retry after %s, asleep %s), want exhausted at once, retry after %s", err, Called(err), RetryAfterOf(err), slept, tt.period)
+			}
+			if n := src.calls(); n != 1 {
+				t.Errorf("%d calls, want 1", n)
+			}
+		})
+	}
+}
+
+// TestDeadlineAfterBudgetWait: a call that runs out of time after its
+// caller waited for budget counts neither against the source's breaker
+// nor in the key's failure memory; the same error without a wait does.
+func TestDeadlineAfterBudgetWait(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		period time.Duration // between two requests of the budget
+		held   bool
+	}{
+		{"after a wait", 2 * time.Second, false},
+		{"without a wait", time.Millisecond, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			timeout := fmt.Errorf("token API: %w", context.DeadlineExceeded)
+			src := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}, errs: []error{nil, timeout}}
+			sleep := func(_ context.Context, d time.Duration) error {
+				clock.Add(d)
+				return nil
+			}
+			br := New(Options{Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1})
+			defer br.Close()
+			p := NewProfile("bank#1", src, nil, "", 0)
+			p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: tt.period}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+			bs := bindings(p, 2)
+			if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+				t.Fatal(err)
+			}
+			clock.Add(time.Second)
+			if _, _, err := br.Get(context.Background(), bs[1]); !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("%v, want the call's deadline error", err)
+			}
+			remembered := 0
+			br.Backoffs(func(*Binding, error, time.Time, time.Time) { remembered++ })
+			if st := br.BreakerState("bank#1"); (st == BreakerOpen) != tt.held || (remembered == 1) != tt.held {
+				t.Errorf("breaker %v, %d keys remembered; want held against the provider: %t", st, remembered, tt.held)
+			}
+		})
 	}
 }

@@ -37,14 +37,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 	deadline := time.Now().Add(br.opts.FetchTimeout)
 	ctx, cancel := context.WithDeadline(context.WithoutCancel(parent), deadline)
 	defer cancel()
-	// A caller waits its turn for budget within the fetch's deadline and
-	// that of the request that started it (broker clock).
-	by := now.Add(br.opts.FetchTimeout)
-	if d, ok := parent.Deadline(); ok {
-		if pd := now.Add(time.Until(d)); pd.Before(by) {
-			by = pd
-		}
-	}
+	by := br.budgetBy(parent, b, now)
 
 	// The last attempt and the fetch are reported once the outcome is in
 	// the cache (or remembered as a failure), so an observer sees a
@@ -172,7 +165,11 @@ func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadlin
 	if calls == 0 && errors.Is(err, budget.ErrExhausted) {
 		return tok, 0, last, refusedByBudget(b, err)
 	}
-	err = br.pol.record(b, obs, err, class, calls, br.opts.Now())
+	if f.cutByWait {
+		err = br.pol.unrecorded(b, err, br.opts.Now())
+	} else {
+		err = br.pol.record(b, obs, err, class, calls, br.opts.Now())
+	}
 	if be := (*backoffError)(nil); calls == 0 && errors.As(err, &be) {
 		be.notCalled = true // refused by the breaker: record made be for this fetch
 	}
@@ -216,6 +213,7 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 			}
 			return Token{}, f, class, report, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Until: br.opts.Now().Add(wait), Err: cause}
 		}
+		before := br.opts.Now()
 		if err := br.takeBudget(ctx, b, background, by); err != nil {
 			br.pol.notCalled(b, br.opts.Now())
 			if last != nil {
@@ -223,6 +221,7 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 			}
 			return Token{}, f, class, report, err
 		}
+		waited := br.opts.Now().After(before)
 		start := time.Now()
 		if attempt == 1 {
 			first = start
@@ -237,9 +236,12 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 		if err != nil {
 			class = ClassOf(b.Source, err)
 		}
+		// A call the budget made wait and that then ran out of time says
+		// nothing about the provider.
+		f.cutByWait = waited && errors.Is(err, context.DeadlineExceeded)
 		f.Attempts = append(f.Attempts, Attempt{Elapsed: elapsed, Err: err})
 		f.Elapsed = end.Sub(first)
-		if from, to := br.pol.called(b, err, class, now); from != to && bo != nil {
+		if from, to := br.pol.called(b, err, class, f.cutByWait, now); from != to && bo != nil {
 			bo.BreakerChanged(b.SourceID, to)
 		}
 		report = func() {
@@ -299,6 +301,49 @@ func sourceType(b *Binding) string {
 		return t.Type()
 	}
 	return "token"
+}
+
+// budgetBy is until when (broker clock) a caller of the fetch of b's key
+// started at now waits its turn for budget: Options.BudgetWait at most,
+// and early enough to leave the token API call its bound (callBound)
+// before the fetch's deadline and that of the request that started it. A
+// caller whose deadline is closer than the bound does not queue: it is
+// served when the budget has room at once, else refused at once.
+func (br *Broker) budgetBy(parent context.Context, b *Binding, now time.Time) time.Time {
+	end := now.Add(br.opts.FetchTimeout)
+	if d, ok := parent.Deadline(); ok {
+		if pd := now.Add(time.Until(d)); pd.Before(end) {
+			end = pd
+		}
+	}
+	by := end.Add(-callBound(b.Source))
+	if w := now.Add(br.opts.BudgetWait); w.Before(by) {
+		by = w
+	}
+	return by
+}
+
+// CallBounded is implemented by sources whose calls to the token API have
+// a bound (their HTTP client's timeout): a caller's wait for budget ends
+// early enough to leave a call that long.
+type CallBounded interface {
+	// CallTimeout is the longest one call to the token API takes; 0 when
+	// it is not bounded.
+	CallTimeout() time.Duration
+}
+
+// defaultCallBound is the time a caller's wait for budget leaves the token
+// API call of a source that states no bound (CallBounded).
+const defaultCallBound = time.Second
+
+// callBound is the time a wait for budget leaves src's call.
+func callBound(src Source) time.Duration {
+	if cb, ok := src.(CallBounded); ok {
+		if d := cb.CallTimeout(); d > 0 {
+			return d
+		}
+	}
+	return defaultCallBound
 }
 
 // takeBudget takes one token request from b's budget, if it has one: a

@@ -18,6 +18,7 @@ const (
 	DefaultFailureMax       = time.Minute
 	DefaultBreakerThreshold = 5
 	DefaultBreakerCooldown  = 10 * time.Second
+	DefaultBudgetWait       = 5 * time.Second
 )
 
 // MaxRetryAfterMemory caps how long a key honours a provider's Retry-After:
@@ -80,6 +81,13 @@ type Options struct {
 	// lengthen it: it is kept in the failure memory of the key that got it.
 	// Default 10s.
 	BreakerCooldown time.Duration
+	// BudgetWait is the longest a caller waits its turn for its
+	// provider's token API budget (Profile.Budget): a caller the queue
+	// cannot serve within it (or before its own deadline, less the time
+	// the token API call may take) is refused at once with
+	// budget.ErrExhausted and the queue's wait as its Retry-After, so a
+	// gateway answers fast rather than holding callers. Default 5s.
+	BudgetWait time.Duration
 	// Shared is the optional second cache tier shared by a fleet of
 	// brokers. Nil (the default) keeps every token in this process only.
 	Shared SharedCache
@@ -133,6 +141,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.BreakerCooldown <= 0 {
 		o.BreakerCooldown = DefaultBreakerCooldown
+	}
+	if o.BudgetWait <= 0 {
+		o.BudgetWait = DefaultBudgetWait
 	}
 	if o.Sleep == nil {
 		o.Sleep = sleepCtx
@@ -230,6 +241,8 @@ type Fetch struct {
 	Elapsed time.Duration
 	// Background is true for a refresh-ahead fetch.
 	Background bool
+
+	cutByWait bool // the last call ran out of time after a wait for budget
 }
 
 // Attempt is one call to a Source within a fetch.

@@ -25,9 +25,12 @@ import (
 //   - the source's circuit breaker (internal/breaker) refuses calls after
 //     BreakerThreshold consecutive temporary failures;
 //   - the provider's budget (Profile.Budget, package budget) is taken
-//     before each call: a caller waits its turn, a refresh-ahead never
-//     does; a refusal is answered without a call, with the budget's wait,
-//     and is not remembered; a refused refresh-ahead is tried again by a
+//     before each call: a caller waits its turn (at most BudgetWait, and
+//     leaving the call its bound before the fetch's deadline, budgetBy),
+//     a refresh-ahead never does; a refusal is answered without a call,
+//     with the budget's wait, and is not remembered; a call that runs out
+//     of time after such a wait is neither held against the breaker nor
+//     remembered for the key; a refused refresh-ahead is tried again by a
 //     lookup after a short defer (refreshDenied);
 //   - a fetch calls up to MaxAttempts times while its failures are
 //     temporary, with backoff and jitter, within FetchTimeout.
@@ -293,6 +296,15 @@ func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int,
 	return p.withBackoffLocked(b, err, now)
 }
 
+// unrecorded returns err, of a fetch of b's key whose call ran out of time
+// after a wait for budget, as the policy answers it without remembering
+// it: the wait, not the provider, cut the call short.
+func (p *policy) unrecorded(b *Binding, err error, now time.Time) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.withBackoffLocked(b, err, now)
+}
+
 // release ends the source's backoff.
 func (ss *sourceState) release(id string, n notes) notes {
 	if ss.backoff.err != nil {
@@ -370,7 +382,9 @@ func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, 
 
 // called tells the breaker of b's source how a call let through by allow
 // ended, and returns its state before and after.
-func (p *policy) called(b *Binding, err error, c Class, now time.Time) (from, to BreakerState) {
+// cutByWait: the call ran out of time after a wait for budget, which
+// tells nothing about the source (undecided, like a canceled call).
+func (p *policy) called(b *Binding, err error, c Class, cutByWait bool, now time.Time) (from, to BreakerState) {
 	if p.opts.BreakerThreshold <= 0 {
 		return BreakerClosed, BreakerClosed
 	}
@@ -378,7 +392,7 @@ func (p *policy) called(b *Binding, err error, c Class, now time.Time) (from, to
 	switch {
 	case err == nil:
 		o = breaker.Healthy
-	case errors.Is(err, context.Canceled):
+	case errors.Is(err, context.Canceled) || cutByWait:
 		o = breaker.Unknown
 	case c == ClassTemporary:
 		o = breaker.Failed

@@ -67,13 +67,14 @@ type Provider struct {
 	// Timeout bounds each token-API call.
 	Timeout time.Duration
 	// RateLimit is the provider's token-request budget (rate_limit and
-	// rate_burst; the burst defaults to one second's worth of the rate);
+	// rate_burst, from 1 to one second's worth of the rate, its default);
 	// the zero Limit means none.
 	RateLimit budget.Limit
 	// Budget spends RateLimit: every profile of the provider shares it
 	// (Options.Budgets makes it), and it observes the rate-limit headers
-	// of the provider's answers (budget.Budget.Transport on the
-	// provider's HTTP client). Nil without rate_limit.
+	// of the provider's token answers (budget.Budget.Transport on the
+	// token requests of the provider's HTTP client, not its listings,
+	// revocations, discovery or keys). Nil without rate_limit.
 	Budget *budget.Budget
 	// TokenLifetime is the lifetime a nuapay provider asks for when a
 	// merchant sets none.
@@ -325,10 +326,12 @@ type Options struct {
 	OnDPoPNonce func(provider string)
 	// Budgets returns the budget of a provider with a rate_limit, which
 	// all its profiles share (Provider.Budget); it is called once per such
-	// provider when a registry is resolved without problems. The Caddy
-	// module shares budgets across reloads and through Redis. Default: a
-	// budget of the registry's own, in this process, with the whole limit.
-	Budgets func(p *Provider) *budget.Budget
+	// provider when a registry is resolved without problems; its error
+	// (a budget the app's settings cannot make) is the registry's, given
+	// where the provider is defined. The Caddy module shares budgets
+	// across reloads and through Redis. Default: a budget of the
+	// registry's own, in this process, with the whole limit.
+	Budgets func(p *Provider) (*budget.Budget, error)
 }
 
 // LoadWith reads and validates the registry at path, resolving secret

@@ -11,7 +11,7 @@
 //	api_key = "{env.NUAPAY_API_KEY}"        # secret: a reference, never the value itself
 //	timeout = "10s"                         # per token-API call; default 10s, at most 5m
 //	rate_limit = "20/s"                     # optional token-request budget: "N/s", "N/m" or "N/h"
-//	rate_burst = 5                          # optional, with rate_limit: requests at once after a quiet spell
+//	rate_burst = 5                          # optional, with rate_limit: requests at once after a quiet spell, 1 to one second's worth
 //	token_lifetime = "1h"                   # expiresIn asked for; default 1h, Nuapay range 10s..31556926s
 //	organisations_path = "/organisations"   # optional, "/cust/organisations" on newer APIs
 //

@@ -309,19 +309,31 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
+	var budgetErrs []error
 	for _, pv := range reg.Providers {
 		if pv.RateLimit == (budget.Limit{}) {
 			continue
 		}
 		if opts.Budgets != nil {
-			pv.Budget = opts.Budgets(pv)
+			b, err := opts.Budgets(pv)
+			if err != nil {
+				at := providerAt[pv.Name]
+				budgetErrs = append(budgetErrs, &Error{File: files[at.file].Path, Line: at.line, Entry: fmt.Sprintf("provider %q", pv.Name), Field: "rate_limit", Msg: err.Error()})
+				continue
+			}
+			pv.Budget = b
 		} else {
 			pv.Budget = budget.New(pv.Name, pv.RateLimit, budget.NewLocal(nil), nil)
 		}
-		// Before any use of the client: its answers lower the budget.
+		// Before any use of the client: the answers of its token requests
+		// (not of listings, revocations, discovery or keys) lower the
+		// budget.
 		if pv.Budget != nil && pv.client != nil {
-			httpclient.WrapTransport(pv.client, pv.Budget.Transport)
+			httpclient.WrapTransport(pv.client, httpclient.TokenAnswers(pv.Budget.Transport))
 		}
+	}
+	if len(budgetErrs) > 0 {
+		return nil, errors.Join(budgetErrs...)
 	}
 	return reg, nil
 }

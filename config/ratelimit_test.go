@@ -2,7 +2,9 @@ package config
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -11,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 )
 
@@ -52,9 +55,9 @@ func TestProviderBudget(t *testing.T) {
 	}
 	var asked []string
 	made := budget.New("nuapay-sandbox", budget.Limit{Rate: 20, Period: time.Second, Burst: 20}, budget.NewLocal(nil), nil)
-	reg, err := LoadWith(path, Options{LookupEnv: testEnv(), Budgets: func(p *Provider) *budget.Budget {
+	reg, err := LoadWith(path, Options{LookupEnv: testEnv(), Budgets: func(p *Provider) (*budget.Budget, error) {
 		asked = append(asked, p.Name+" "+p.Endpoint())
-		return made
+		return made, nil
 	}})
 	if err != nil {
 		t.Fatal(err)
@@ -83,6 +86,16 @@ func TestProviderBudget(t *testing.T) {
 	}
 	if seen == 0 {
 		t.Fatal("no merchant of the budgeted provider")
+	}
+
+	// A budget the app cannot make fails the load, where the provider is
+	// defined.
+	_, err = LoadWith(path, Options{LookupEnv: testEnv(), Budgets: func(p *Provider) (*budget.Budget, error) {
+		return nil, errors.New("set fleet_size")
+	}})
+	if want := `merchants.toml:`; err == nil || !strings.Contains(err.Error(), want) ||
+		!strings.Contains(err.Error(), `provider "nuapay-sandbox": field rate_limit: set fleet_size`) {
+		t.Errorf("Budgets failing: error %v, want the provider's file, line, name, rate_limit and the reason", err)
 	}
 
 	// Without Options.Budgets the registry makes its own.
@@ -127,5 +140,53 @@ scopes = ["s"]
 	// RateLimit "token";r=0;t=10: none left for 10 s.
 	if st := reg.Providers["p"].Budget.State(); st.Effective != 0 || st.LoweredUntil.IsZero() {
 		t.Errorf("after an answer with none left: effective %g, lowered until %v; want 0 and a time", st.Effective, st.LoweredUntil)
+	}
+}
+
+// TestProviderBudgetObservesTokenAnswersOnly: the rate-limit headers on the
+// answers of the provider's other calls (the organisations list, a
+// revocation) leave the token budget as it is; those of a token answer
+// lower it.
+func TestProviderBudgetObservesTokenAnswersOnly(t *testing.T) {
+	sb := sandbox.New(sandbox.Config{APIKeys: []string{"k"}, Organisations: []sandbox.Organisation{{ID: "org-acme"}}})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-RateLimit-Remaining", "0")
+		w.Header().Set("X-RateLimit-Reset", "10")
+		sb.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	reg, err := parse(filepath.Join(t.TempDir(), "m.toml"), []byte(fmt.Sprintf(`[providers.p]
+type = "nuapay"
+base_url = %q
+api_key = "{env.K}"
+rate_limit = "5/s"
+
+[merchants.acme]
+provider = "p"
+organisation = "org-acme"
+scopes = ["s"]
+`, srv.URL)), func(string) (string, bool) { return "k", true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	pv := reg.Providers["p"]
+	src := pv.Source.(*nuapay.Source)
+	ctx := context.Background()
+	if _, err := src.Organisations(ctx); err != nil {
+		t.Fatal(err)
+	}
+	_ = src.Revoke(ctx, "org-acme", "no-such-token") // its answer, whatever it is, carries the headers
+	if st := pv.Budget.State(); st.Effective != 5 || !st.LoweredUntil.IsZero() {
+		t.Errorf("after the organisations list and a revocation: effective %g, lowered until %v; want 5 and never", st.Effective, st.LoweredUntil)
+	}
+	b, err := reg.Binding("acme", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Source.Token(ctx, b.Request()); err != nil {
+		t.Fatal(err)
+	}
+	if st := pv.Budget.State(); st.Effective != 0 || st.LoweredUntil.IsZero() {
+		t.Errorf("after a token answer with none left: effective %g, lowered until %v; want 0 and a time", st.Effective, st.LoweredUntil)
 	}
 }

@@ -199,11 +199,8 @@ func (e *entry) duration(field string, d *Duration, def, min, max time.Duration)
 	return v
 }
 
-// maxRateBurst bounds rate_burst.
-const maxRateBurst = 100_000
-
-// rateLimit checks rate_limit and rate_burst; the zero Limit when
-// rate_limit is unset.
+// rateLimit checks rate_limit and rate_burst (from 1 to one second's worth
+// of the rate, its default); the zero Limit when rate_limit is unset.
 func (e *entry) rateLimit(rate string, burst *int) budget.Limit {
 	if rate == "" {
 		if burst != nil {
@@ -217,8 +214,11 @@ func (e *entry) rateLimit(rate string, burst *int) budget.Limit {
 		return budget.Limit{}
 	}
 	if burst != nil {
-		if *burst < 1 || *burst > maxRateBurst {
-			e.errf("rate_burst", "%d is out of range 1..%d", *burst, maxRateBurst)
+		// ParseRate's burst is one second's worth of the rate, the most
+		// a provider counting its limit over time accepts at once.
+		if *burst < 1 || *burst > l.Burst {
+			e.errf("rate_burst", "%d is out of range 1..%d: at most one second's worth of rate_limit %q; lower rate_burst, or leave it out for %d", *burst, l.Burst, rate, l.Burst)
+			return budget.Limit{}
 		}
 		l.Burst = *burst
 	}

@@ -30,8 +30,10 @@ const (
 	budgetLifetimes = 3
 	// The stand-in's limit, and the registry's budget below it.
 	standInRate, standInBurst = 10, 5
+	budgetRate                = 8
 	budgetRateLimit           = "8/s"
 	budgetBurst               = 3
+	budgetSidecars            = 3 // the Caddyfile's fleet_size
 )
 
 // budgetCaddyfile is examples/fleet-redis's sidecar with fleet_size, a
@@ -130,13 +132,16 @@ func budgetCall(n *fleetNode, merchant string) budgetAnswer {
 // TestBudgetFleet: 100 merchants over 30 organisations warmed in one
 // burst on three sidecars, then served for three token lifetimes. The
 // stand-in never sees more token requests in any one-second window than
-// its limit and burst and answers no 429; cold callers get a token or 503
-// budget_exhausted with a Retry-After, never a timeout; warm callers get
-// a valid token every time.
+// the budget (rate_limit and rate_burst) and answers no 429; cold callers
+// get a token or 503 budget_exhausted with a Retry-After, never a timeout;
+// warm callers get a valid token every time; the fleet mints a key no
+// more often than once per half lifetime (its refresh window), not once
+// per sidecar.
 func TestBudgetFleet(t *testing.T) {
 	t.Parallel()
 	f := newBudgetEnv(t)
-	nodes := f.startFleet(3)
+	nodes := f.startFleet(budgetSidecars)
+	start := time.Now()
 
 	// The cold burst: every merchant at once, spread over the nodes.
 	answers := make([]budgetAnswer, budgetMerchants)
@@ -213,8 +218,17 @@ func TestBudgetFleet(t *testing.T) {
 	if st.Limited != 0 {
 		t.Errorf("the stand-in answered %d token requests 429: the budget let more through than its limit", st.Limited)
 	}
-	if limit := int64(standInRate + standInBurst); st.PeakWindow > limit {
-		t.Errorf("the stand-in saw %d token requests in one second, above its limit and burst %d", st.PeakWindow, limit)
+	if limit := int64(budgetRate + budgetBurst); st.PeakWindow > limit {
+		t.Errorf("the stand-in saw %d token requests in one second, above the budget's rate_limit and rate_burst %d", st.PeakWindow, limit)
+	}
+	// At most a mint per key and a refresh per half lifetime (the refresh
+	// window starts there) since the cold burst: a fleet that minted per
+	// sidecar would need about three times as many.
+	lifetimes := time.Since(start).Seconds() / budgetLifetime.Seconds()
+	t.Logf("%.2f token requests per key per lifetime over %.1f lifetimes", float64(st.Total)/budgetOrgs/lifetimes, lifetimes)
+	if most := int64(budgetOrgs * (1 + int(2*lifetimes))); st.Total > most {
+		t.Errorf("the stand-in saw %d token requests for %d keys over %.1f lifetimes, want at most %d (one per key, then one per half lifetime)",
+			st.Total, budgetOrgs, lifetimes, most)
 	}
 	// The fleet spent one bucket in Redis, under the provider's name and
 	// a hash of its URL.
@@ -243,13 +257,63 @@ func TestBudgetFleet(t *testing.T) {
 		if err != nil || len(rep.Providers) != 1 || rep.Providers[0].Budget == nil {
 			t.Fatalf("%s state: %v %+v: want one provider with a budget", n.admin, err, rep)
 		}
-		if b := rep.Providers[0].Budget; b.Rate != 8 || b.Burst != budgetBurst {
-			t.Errorf("%s state: budget rate %g burst %d, want 8 and %d", n.admin, b.Rate, b.Burst, budgetBurst)
+		if b := rep.Providers[0].Budget; b.Rate != budgetRate || b.Burst != budgetBurst {
+			t.Errorf("%s state: budget rate %g burst %d, want %d and %d", n.admin, b.Rate, b.Burst, budgetRate, budgetBurst)
 		}
 	}
 	// Every key is minted once, then refreshed about once per lifetime.
 	if min := int64(budgetOrgs * (1 + budgetLifetimes - 1)); st.Total < min {
 		t.Errorf("the stand-in saw %d token requests, want at least %d (a mint and a refresh per lifetime per key)", st.Total, min)
+	}
+}
+
+// TestBudgetFleetRedisDown: with Redis killed under three sidecars
+// (fleet_size 3), each spends its share of the budget (rate_limit / 3,
+// rate_burst / 3) in its fallback bucket while minting for itself: cold
+// bursts on every sidecar never make the stand-in see more token requests
+// in a second than the budget, and no 429 (each spending the whole limit
+// would be three times that, above the stand-in's limit).
+func TestBudgetFleetRedisDown(t *testing.T) {
+	t.Parallel()
+	f := newBudgetEnv(t)
+	nodes := f.startFleet(budgetSidecars)
+	f.redis.Kill()
+
+	answers := make([]budgetAnswer, budgetMerchants)
+	tokens := 0
+	for round := range 4 {
+		if round > 0 {
+			time.Sleep(time.Second)
+		}
+		concurrently(budgetMerchants, nodes, func(i int, n *fleetNode) {
+			if answers[i].status != http.StatusOK {
+				answers[i] = budgetCall(n, fmt.Sprintf("b%03d", i))
+			}
+		})
+	}
+	for i, a := range answers {
+		switch {
+		case a.err != nil:
+			t.Errorf("b%03d: no answer: %v", i, a.err)
+		case a.status == http.StatusOK && a.valid:
+			tokens++
+		case a.status == http.StatusServiceUnavailable && a.code == "budget_exhausted" && a.retryAfter >= 1:
+		default:
+			t.Errorf("b%03d: %d %q Retry-After %d: want a valid token or 503 budget_exhausted with Retry-After", i, a.status, a.code, a.retryAfter)
+		}
+	}
+	st := f.sb.TokenStats()
+	t.Logf("Redis down: %d of %d merchants served; stand-in: %d token requests, %d in a sliding second, %d answered 429",
+		tokens, budgetMerchants, st.Total, st.PeakWindow, st.Limited)
+	if tokens == 0 {
+		t.Error("no merchant got a token with Redis down: want each sidecar to spend its share")
+	}
+	if st.Limited != 0 {
+		t.Errorf("the stand-in answered %d token requests 429 with Redis down: the sidecars spent more than their shares", st.Limited)
+	}
+	if limit := int64(budgetRate + budgetBurst); st.PeakWindow > limit {
+		t.Errorf("with Redis down the stand-in saw %d token requests in one second, above the budget's %d: want each of %d sidecars to spend its share",
+			st.PeakWindow, limit, budgetSidecars)
 	}
 }
 

@@ -62,6 +62,12 @@ type App struct {
 	// each provider's own timeout applies to each call.
 	FetchTimeout caddy.Duration `json:"fetch_timeout,omitempty"`
 
+	// BudgetWait is the longest a request waits its turn for a provider's
+	// token API budget (rate_limit in the registry) before it is answered
+	// 503 budget_exhausted with a Retry-After from the budget's queue, so
+	// that the gateway answers fast instead of holding callers. Default 5s.
+	BudgetWait caddy.Duration `json:"budget_wait,omitempty"`
+
 	// Metrics configures the broker's Prometheus series (see
 	// MetricsConfig). They are always on; this only shapes their labels.
 	Metrics *MetricsConfig `json:"metrics,omitempty"`
@@ -75,9 +81,10 @@ type App struct {
 	// FleetSize is how many sidecars spend the providers' token-request
 	// budgets (rate_limit in the registry) without Redis: each spends its
 	// share, rate_limit divided by FleetSize (and rate_burst too, at least
-	// 1). With redis the fleet shares each budget and FleetSize only sizes
-	// a sidecar's share while Redis is unavailable. Default 1 (the whole
-	// budget), at most 10000.
+	// 1). With redis the fleet shares each budget and FleetSize sizes a
+	// sidecar's share while Redis is unavailable: it is then required when
+	// a provider has a rate_limit (the load fails without it). Default 1
+	// (the whole budget) without redis, at most 10000.
 	FleetSize int `json:"fleet_size,omitempty"`
 
 	// AllowedHosts are the Host names, besides the loopback ones
@@ -182,8 +189,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		RefreshWindow: a.RefreshWindow,
 		Leeway:        time.Duration(a.Leeway),
 		FetchTimeout:  time.Duration(a.FetchTimeout),
+		BudgetWait:    time.Duration(a.BudgetWait),
 	}
-	a.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s %s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout, a.fleetKey)
+	a.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s budget_wait=%s %s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout, opts.BudgetWait, a.fleetKey)
 	if a.fleet != nil {
 		// The fleet tier is part of the pool key: a broker is never shared
 		// by configurations with different tiers.
@@ -219,8 +227,8 @@ func (a *App) validate() error {
 	if a.RefreshWindow < 0 || a.RefreshWindow >= 1 {
 		return fmt.Errorf("token_broker: refresh_window %g must be at least 0 and below 1", a.RefreshWindow)
 	}
-	if a.Leeway < 0 || a.FetchTimeout < 0 {
-		return errors.New("token_broker: leeway and fetch_timeout must not be negative")
+	if a.Leeway < 0 || a.FetchTimeout < 0 || a.BudgetWait < 0 {
+		return errors.New("token_broker: leeway, fetch_timeout and budget_wait must not be negative")
 	}
 	if a.FleetSize < 0 || a.FleetSize > maxFleetSize {
 		return fmt.Errorf("token_broker: fleet_size %d must be from 1 to %d (the sidecars that share the providers' rate limits)", a.FleetSize, maxFleetSize)
@@ -234,7 +242,7 @@ const maxFleetSize = 10_000
 // loadRegistry loads a TOML registry; the path may hold placeholders such
 // as {env.TOKEN_BROKER_CONFIG}. Refresh tokens are kept in Caddy's
 // storage; budgets makes the providers' budgets (nil: the registry's own).
-func loadRegistry(ctx caddy.Context, path string, budgets func(*config.Provider) *budget.Budget) (*config.Registry, error) {
+func loadRegistry(ctx caddy.Context, path string, budgets func(*config.Provider) (*budget.Budget, error)) (*config.Registry, error) {
 	path = registryExpand(path)
 	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore(ctx.Storage()), ConsentStore: storagePending(ctx.Storage()),
 		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets})

@@ -19,10 +19,11 @@ var budgetKeeper = budgets.NewKeeper(nil)
 
 // budgetsFor returns the config.Options.Budgets of the app's registries:
 // with the redis tier, one budget per provider shared by the fleet
-// through Redis (redis_rate on the tier's client; this sidecar's share
-// while Redis fails); without it, this sidecar's share of each provider's
+// through Redis (redis_rate on the tier's client, each call through the
+// tier's breaker and adaptive bound; this sidecar's share while Redis
+// fails or the breaker is open); without it, this sidecar's share of each provider's
 // rate_limit (divided by fleet_size).
-func (a *App) budgetsFor() func(p *config.Provider) *budget.Budget {
+func (a *App) budgetsFor() func(p *config.Provider) (*budget.Budget, error) {
 	var shared budget.Store
 	storeID := ""
 	if a.fleet != nil {
@@ -30,10 +31,10 @@ func (a *App) budgetsFor() func(p *config.Provider) *budget.Budget {
 		if prefix == "" {
 			prefix = fleet.DefaultKeyPrefix
 		}
-		shared, storeID = budgets.New(a.fleet.Client(), prefix), a.fleetKey
+		shared, storeID = budgets.New(a.fleet.Client(), prefix, a.fleet.Cache), a.fleetKey
 	}
 	n := a.FleetSize
-	return func(p *config.Provider) *budget.Budget {
+	return func(p *config.Provider) (*budget.Budget, error) {
 		return budgetKeeper.Budget(budgets.Spec{Provider: p.Name, Endpoint: p.Endpoint(), Limit: p.RateLimit, FleetSize: n}, shared, storeID)
 	}
 }

@@ -121,6 +121,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	    refresh_window <fraction|percent>
 //	    leeway         <duration>
 //	    fetch_timeout  <duration>
+//	    budget_wait    <duration>
 //	    fleet_size     <n>
 //	    metrics_merchant_label
 //	    allowed_hosts  <host...>
@@ -204,15 +205,18 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("fleet_size '%s': want the number of sidecars that share the providers' rate limits, from 1 to %d", v, maxFleetSize)
 			}
 			a.FleetSize = n
-		case "leeway", "fetch_timeout":
+		case "leeway", "fetch_timeout", "budget_wait":
 			dur, err := positiveDuration(d, sub, v, "2s")
 			if err != nil {
 				return err
 			}
-			if sub == "leeway" {
+			switch sub {
+			case "leeway":
 				a.Leeway = dur
-			} else {
+			case "fetch_timeout":
 				a.FetchTimeout = dur
+			default:
+				a.BudgetWait = dur
 			}
 		default:
 			return d.Errf("unrecognized subdirective '%s'", sub)

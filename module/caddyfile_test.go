@@ -80,6 +80,8 @@ func TestUnmarshalGlobalOption(t *testing.T) {
 				Leeway: caddy.Duration(2 * time.Second), FetchTimeout: caddy.Duration(5 * time.Second)}},
 		{name: "fraction", input: "token_broker {\n refresh_window 0.5\n}", want: App{RefreshWindow: 0.5}},
 		{name: "fleet size", input: "token_broker {\n fleet_size 3\n}", want: App{FleetSize: 3}},
+		{name: "budget wait", input: "token_broker {\n budget_wait 2s\n}", want: App{BudgetWait: caddy.Duration(2 * time.Second)}},
+		{name: "budget wait junk", input: "token_broker {\n budget_wait soon\n}", wantErr: "budget_wait 'soon'"},
 		{name: "fleet size zero", input: "token_broker {\n fleet_size 0\n}", wantErr: "fleet_size '0': want the number of sidecars that share the providers' rate limits, from 1 to 10000, at Testfile:2"},
 		{name: "fleet size junk", input: "token_broker {\n fleet_size three\n}", wantErr: "fleet_size 'three'"},
 		{name: "window 100%", input: "token_broker {\n refresh_window 100%\n}", wantErr: "refresh_window '100%'"},

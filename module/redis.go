@@ -155,7 +155,7 @@ func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
 // the consents in progress in Caddy's storage; the registry is kept across
 // reloads (regcache.go) and key is its pool key. storeKey names the
 // store and whatever budgets depends on.
-func loadRegistryStore(ctx caddy.Context, path string, store oauth.Store, storeKey string, budgets func(*config.Provider) *budget.Budget) (reg *config.Registry, key string, err error) {
+func loadRegistryStore(ctx caddy.Context, path string, store oauth.Store, storeKey string, budgets func(*config.Provider) (*budget.Budget, error)) (reg *config.Registry, key string, err error) {
 	path = caddy.NewReplacer().ReplaceKnown(path, "")
 	return loadPooled(ctx.Logger(), path, config.Options{RefreshStore: store, ConsentStore: storagePending(ctx.Storage()),
 		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets},

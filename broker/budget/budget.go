@@ -81,6 +81,17 @@ func WithFallback(l Limit) Option {
 	return func(b *Budget) { b.fallbackLimit = l }
 }
 
+// WithLocalShare says the budget spends one of n equal shares of the
+// provider's limit in a store of its own (each of n sidecars without a
+// shared Store, its Limit the provider's Limit.Share(n)): a provider's
+// rate-limit answer speaks for the whole API key, so Observe lowers the
+// budget to the n-th share of what it says is left. Default 1: the
+// budget's store is shared by every client of the key (Redis), or it is
+// the only one.
+func WithLocalShare(n int) Option {
+	return func(b *Budget) { b.shareOf = max(n, 1) }
+}
+
 // Budget is one provider's token API budget. It is safe for concurrent use;
 // all profiles of a provider share one.
 type Budget struct {
@@ -91,6 +102,7 @@ type Budget struct {
 	fallback      Store // in-process, while store fails
 	now           func() time.Time
 	sleep         func(ctx context.Context, d time.Duration) error
+	shareOf       int // WithLocalShare
 
 	mu sync.Mutex
 	// queue holds the callers waiting, in arrival order; only its head
@@ -121,7 +133,7 @@ func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *B
 	if now == nil {
 		now = time.Now
 	}
-	b := &Budget{name: name, limit: l, fallbackLimit: l, store: s, now: now, sleep: sleepCtx}
+	b := &Budget{name: name, limit: l, fallbackLimit: l, store: s, now: now, sleep: sleepCtx, shareOf: 1}
 	for _, o := range opts {
 		o(b)
 	}

@@ -330,6 +330,36 @@ func TestObserve(t *testing.T) {
 	}
 }
 
+// TestObserveLocalShare: a provider's answer speaks for the whole API key;
+// a budget spending a local share of it (WithLocalShare) is lowered to its
+// share of what is left.
+func TestObserveLocalShare(t *testing.T) {
+	h := http.Header{"X-Ratelimit-Remaining": {"20"}, "X-Ratelimit-Reset": {"10"}} // 2/s for the key
+	for _, tt := range []struct {
+		name      string
+		fleet     int
+		opts      []Option
+		effective float64
+	}{
+		{"one sidecar", 1, nil, 2},
+		{"shared store", 4, nil, 2},
+		{"a share of 4", 4, []Option{WithLocalShare(4)}, 0.5},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newClock()
+			l := limit(10, 10, time.Second)
+			if len(tt.opts) > 0 {
+				l = l.Share(tt.fleet)
+			}
+			b := New("bank", l, NewLocal(c.Now), c.Now, tt.opts...)
+			b.Observe(h, c.Now())
+			if st := b.State(); st.Effective != tt.effective || !st.LoweredUntil.Equal(c.Now().Add(10*time.Second)) {
+				t.Errorf("Effective %v until %v, want %v for 10s", st.Effective, st.LoweredUntil, tt.effective)
+			}
+		})
+	}
+}
+
 // TestObserveGovernsTake: a lowered budget spreads what is left; a closed
 // one refuses callers whose deadline comes first and lets the others wait;
 // an answer that restricts nothing ends it.

@@ -27,7 +27,8 @@ type quota struct {
 // RateLimit-Remaining/-Reset, and the common X-RateLimit-Remaining/-Reset
 // (a reset in seconds or as a Unix time). The most restrictive quota read
 // applies until its reset (at most an hour): a rate below the configured
-// one lowers the budget, none left closes it until then. An answer whose
+// one (for a local share, WithLocalShare, its share of the rate) lowers
+// the budget, none left closes it until then. An answer whose
 // quotas restrict nothing ends a lowering; one without a well-formed quota
 // leaves the budget as it is (malformed values are ignored). A 429 with
 // Retry-After is the failure policy's, not the budget's.
@@ -50,12 +51,14 @@ func (b *Budget) Observe(h http.Header, now time.Time) {
 		return
 	}
 	until := now.Add(best.reset)
+	// Spread evenly: a burst on top would spend twice what is left. What
+	// is left is the whole key's: this budget's share of it.
+	lowered := Limit{Rate: best.remaining, Burst: 1, Period: best.reset}.Share(b.shareOf)
 	switch {
 	case best.remaining == 0:
 		b.closedUntil = until
-	case float64(best.remaining)/best.reset.Seconds() < b.limit.PerSecond():
-		// Spread evenly: a burst on top would spend twice what is left.
-		b.lowered, b.loweredUntil = Limit{Rate: best.remaining, Burst: 1, Period: best.reset}, until
+	case lowered.PerSecond() < b.limit.PerSecond():
+		b.lowered, b.loweredUntil = lowered, until
 	}
 }
 

@@ -25,9 +25,11 @@ type Spec struct {
 	Endpoint string
 	// Limit is the provider's rate_limit and rate_burst.
 	Limit budget.Limit
-	// FleetSize is how many sidecars spend the limit without a shared
-	// store: each spends its share (budget.Limit.Share). 0 or 1: the whole
-	// limit.
+	// FleetSize is how many sidecars spend the limit: without a shared
+	// store each spends its share (budget.Limit.Share) always, with one
+	// while the store fails. 0 (not set): one sidecar, the whole limit;
+	// refused with a shared store, where a fleet of unknown size would
+	// spend the whole limit on every sidecar while the store fails.
 	FleetSize int
 }
 
@@ -62,27 +64,35 @@ func NewKeeper(now func() time.Time) *Keeper {
 // storeID, such as a Store on the fleet's Redis) the whole limit, spent by
 // every sidecar under Key(spec.Provider, spec.Endpoint), and this
 // sidecar's share while the store fails; with shared nil, this sidecar's
-// share (budget.Limit.Share of the fleet size) in a local bucket. A budget made
-// before for the same spec and store is returned while it is held, or
-// until the next Release.
-func (k *Keeper) Budget(spec Spec, shared budget.Store, storeID string) *budget.Budget {
+// share (budget.Limit.Share of the fleet size) in a local bucket, which
+// lowers itself to its share of what the provider's rate-limit answers say
+// is left (budget.WithLocalShare). A budget made before for the same spec
+// and store is returned while it is held, or until the next Release. It
+// returns an error, and no budget, when shared is set and
+// spec.FleetSize is not.
+func (k *Keeper) Budget(spec Spec, shared budget.Store, storeID string) (*budget.Budget, error) {
+	if shared != nil && spec.FleetSize < 1 {
+		return nil, fmt.Errorf("provider %q has rate_limit %s, shared by the fleet through redis, but fleet_size is not set: "+
+			"set the token_broker app's fleet_size to the number of sidecars sharing this Redis, so that while Redis fails each spends "+
+			"rate_limit / fleet_size, not the whole limit", spec.Provider, spec.Limit)
+	}
 	n := max(spec.FleetSize, 1)
 	key := fmt.Sprintf("%q %q %q %s fleet_size=%d", storeID, spec.Provider, spec.Endpoint, spec.Limit, n)
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if e := k.byKey[key]; e != nil {
-		return e.b
+		return e.b, nil
 	}
 	var b *budget.Budget
 	if shared != nil {
 		b = budget.New(spec.Provider, spec.Limit, keyed{shared, Key(spec.Provider, spec.Endpoint)}, k.now,
 			budget.WithFallback(spec.Limit.Share(n)))
 	} else {
-		b = budget.New(spec.Provider, spec.Limit.Share(n), budget.NewLocal(k.now), k.now)
+		b = budget.New(spec.Provider, spec.Limit.Share(n), budget.NewLocal(k.now), k.now, budget.WithLocalShare(n))
 	}
 	e := &kept{key: key, b: b}
 	k.byKey[key], k.byBudget[b] = e, e
-	return b
+	return b, nil
 }
 
 // Hold marks budgets (from Budget) as used by a configuration; nil
@@ -113,13 +123,6 @@ func (k *Keeper) Release(budgets []*budget.Budget) {
 			delete(k.byKey, e.key)
 		}
 	}
-}
-
-// Len returns how many budgets the Keeper keeps.
-func (k *Keeper) Len() int {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	return len(k.byKey)
 }
 
 // keyed spends a shared store under a fixed key, whatever key the budget

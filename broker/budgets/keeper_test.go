@@ -2,6 +2,7 @@ package budgets
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -28,21 +29,29 @@ func TestKeeper(t *testing.T) {
 	}
 	spec := Spec{Provider: "nuapay", Endpoint: "https://api.example", Limit: l, FleetSize: 4}
 
-	local := k.Budget(spec, nil, "")
+	budgetOf := func(spec Spec, shared budget.Store, storeID string) *budget.Budget {
+		t.Helper()
+		b, err := k.Budget(spec, shared, storeID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	local := budgetOf(spec, nil, "")
 	if st := local.State(); st.Rate != 5 || st.Burst != 5 || st.Name != "nuapay" {
 		t.Errorf("local budget of a fleet of 4: rate %g burst %d name %q, want 5 5 nuapay", st.Rate, st.Burst, st.Name)
 	}
-	if again := k.Budget(spec, nil, ""); again != local {
+	if again := budgetOf(spec, nil, ""); again != local {
 		t.Error("the same spec made a second budget")
 	}
 	other := spec
 	other.FleetSize = 2
-	if b := k.Budget(other, nil, ""); b == local || b.State().Rate != 10 {
+	if b := budgetOf(other, nil, ""); b == local || b.State().Rate != 10 {
 		t.Errorf("fleet size 2: the same budget or rate %g", b.State().Rate)
 	}
 
 	cs := &countingStore{Store: budget.NewLocal(now)}
-	shared := k.Budget(spec, cs, "redis A")
+	shared := budgetOf(spec, cs, "redis A")
 	if shared == local || shared.State().Rate != 20 {
 		t.Errorf("shared budget: rate %g, want the whole 20", shared.State().Rate)
 	}
@@ -52,7 +61,7 @@ func TestKeeper(t *testing.T) {
 	if want := Key("nuapay", "https://api.example"); len(cs.keys) != 1 || cs.keys[0] != want {
 		t.Errorf("shared store keys %q, want [%q]", cs.keys, want)
 	}
-	if b := k.Budget(spec, cs, "redis B"); b == shared {
+	if b := budgetOf(spec, cs, "redis B"); b == shared {
 		t.Error("another store got the same budget")
 	}
 
@@ -60,17 +69,43 @@ func TestKeeper(t *testing.T) {
 	k.Hold([]*budget.Budget{local, shared})
 	k.Hold([]*budget.Budget{shared, nil}) // the next configuration
 	k.Release([]*budget.Budget{local, shared})
-	if got := k.Len(); got != 1 {
+	if got := keptLen(k); got != 1 {
 		t.Errorf("after the first release: %d budgets kept, want 1 (shared)", got)
 	}
-	if b := k.Budget(spec, cs, "redis A"); b != shared {
+	if b := budgetOf(spec, cs, "redis A"); b != shared {
 		t.Error("a held budget was not kept")
 	}
-	if b := k.Budget(spec, nil, ""); b == local {
+	if b := budgetOf(spec, nil, ""); b == local {
 		t.Error("a released budget was kept")
 	}
 	k.Release([]*budget.Budget{shared})
-	if got := k.Len(); got != 0 {
+	if got := keptLen(k); got != 0 {
 		t.Errorf("after the last release: %d budgets kept", got)
 	}
+}
+
+// TestKeeperSharedNeedsFleetSize: a budget shared through a store needs
+// the fleet size, which gives each sidecar its share while the store
+// fails; without a shared store one sidecar spends the whole limit.
+func TestKeeperSharedNeedsFleetSize(t *testing.T) {
+	k := NewKeeper(nil)
+	spec := Spec{Provider: "nuapay", Endpoint: "https://api.example", Limit: budget.Limit{Rate: 20, Period: time.Second, Burst: 20}}
+	b, err := k.Budget(spec, budget.NewLocal(nil), "redis A")
+	if b != nil || err == nil || !strings.Contains(err.Error(), `provider "nuapay"`) || !strings.Contains(err.Error(), "set the token_broker app's fleet_size") {
+		t.Errorf("shared, fleet_size unset: budget %v, error %v; want an error naming the provider and fleet_size", b, err)
+	}
+	if b, err := k.Budget(spec, nil, ""); err != nil || b.State().Rate != 20 {
+		t.Errorf("local, fleet_size unset: %v; want the whole limit", err)
+	}
+	spec.FleetSize = 1
+	if b, err := k.Budget(spec, budget.NewLocal(nil), "redis A"); err != nil || b.State().Rate != 20 {
+		t.Errorf("shared, fleet_size 1: %v; want the whole limit", err)
+	}
+}
+
+// keptLen returns how many budgets k keeps.
+func keptLen(k *Keeper) int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return len(k.byKey)
 }

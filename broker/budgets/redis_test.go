@@ -30,7 +30,7 @@ func TestSharedBudget(t *testing.T) {
 	for i := range stores {
 		c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
 		t.Cleanup(func() { c.Close() })
-		stores[i] = New(c, "tb-test:")
+		stores[i] = New(c, "tb-test:", nil)
 	}
 	l := budget.Limit{Rate: 1, Period: 100 * time.Second, Burst: 3}
 	key := Key("nuapay", "https://api.example")

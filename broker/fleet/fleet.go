@@ -39,8 +39,12 @@
 // a full pool of connections (a burst of lookups) gets one such bound more
 // per pool ahead of it, up to Options.MaxTimeout. A call that timed out
 // (a read, a write of a sealed value, a lock taken or released; not a
-// purge or an announcement) is tried again with the longer bound, until
-// one had MaxTimeout, while its caller waits.
+// purge, an announcement or a Run) is tried again with the longer bound,
+// until one had MaxTimeout, while its caller waits. A lookup's calls
+// before its mint last at most MaxTimeout together (then it mints without
+// Redis); after the mint, storing and announcing the token take at most
+// MaxTimeout together, and releasing the lock MaxTimeout; the mint itself
+// runs on the caller's context.
 //
 // One breaker (internal/breaker, the one the broker uses for token APIs)
 // keeps Redis out when it is gone, and tells the two apart:
@@ -361,14 +365,69 @@ func (c *Cache) lockKey(subject string) string { return c.opts.KeyPrefix + "lock
 // the Cache can run twice with the same effect (retried); at most as many
 // runs as doublings take Options.Timeout to MaxTimeout, and one. redis.Nil
 // and redislock.ErrNotObtained are answers, not failures.
+//
+// Within a lookup (ctx from withRedisTime), the runs of all its calls
+// together last at most the lookup's Redis time: each run's bound is cut
+// to what is left, and a call with nothing left returns errRedisTimeSpent
+// without running.
 func (c *Cache) do(ctx context.Context, op string, fn func(context.Context) error) error {
 	runs := bits.Len64(uint64(c.opts.MaxTimeout/c.opts.Timeout)) + 1
+	left := redisTimeOf(ctx)
 	for run := 1; ; run++ {
-		again, err := c.doOnce(ctx, op, fn)
+		var limit time.Duration
+		if left != nil {
+			if limit = time.Duration(left.Load()); limit <= 0 {
+				return errRedisTimeSpent
+			}
+		}
+		started := time.Now()
+		again, err := c.doOnce(ctx, op, fn, limit)
+		if left != nil {
+			left.Add(-int64(time.Since(started)))
+		}
 		if !again || !retried(op) || run >= runs || ctx.Err() != nil {
 			return err
 		}
 	}
+}
+
+// errRedisTimeSpent is do's answer to a call of a lookup that has spent
+// its Redis time: the lookup goes on without Redis.
+var errRedisTimeSpent = errors.New("fleet: the lookup spent its Redis time (timeout_max) on slow calls")
+
+// redisTimeKey is the context key of a lookup's Redis time.
+type redisTimeKey struct{}
+
+// withRedisTime returns ctx whose Redis calls (do) may last d together
+// (nanoseconds left, shared by the calls); d <= 0: no such limit, for a
+// mint's own calls within a lookup.
+func withRedisTime(ctx context.Context, d time.Duration) context.Context {
+	if d <= 0 {
+		return context.WithValue(ctx, redisTimeKey{}, (*atomic.Int64)(nil))
+	}
+	left := new(atomic.Int64)
+	left.Store(int64(d))
+	return context.WithValue(ctx, redisTimeKey{}, left)
+}
+
+// redisTimeOf returns the Redis time left to ctx's calls, nil when
+// unlimited.
+func redisTimeOf(ctx context.Context) *atomic.Int64 {
+	left, _ := ctx.Value(redisTimeKey{}).(*atomic.Int64)
+	return left
+}
+
+// Run runs fn as one Redis call of the tier, named op in metrics: through
+// the breaker (ErrUnavailable while it keeps Redis out) and
+// within the current adaptive bound of a call, once: not tried again after
+// a timeout. Its outcome counts as any call of the tier's (the bound's
+// latency, the breaker). For the broker's other users of the fleet's Redis
+// (the token-request budgets), so that a slow or dead Redis costs them no
+// more than it costs a lookup, and they fall back while the breaker is
+// open. op must not be one of the tier's retried calls.
+func (c *Cache) Run(ctx context.Context, op string, fn func(context.Context) error) error {
+	_, err := c.doOnce(ctx, op, fn, 0)
+	return err
 }
 
 // retried reports whether do runs op again after a timeout: reads; the
@@ -383,15 +442,21 @@ func retried(op string) bool {
 	return false
 }
 
-// doOnce is one run of do; again reports a timeout that a longer bound
-// may cure (the breaker still lets calls through).
-func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) error) (again bool, err error) {
+// doOnce is one run of do, within limit (0: none) as well as its adaptive
+// bound; again reports a timeout that a longer bound may cure (the
+// breaker still lets calls through). A run that timed out within a limit
+// shorter than its bound teaches nothing about Redis's speed.
+func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) error, limit time.Duration) (again bool, err error) {
 	if ok, _, _, _ := c.br.Allow(c.opts.Now()); !ok {
 		return false, ErrUnavailable
 	}
 	call := c.timeouts.start()
+	bound, cut := call.bound, limit > 0 && limit < call.bound
+	if cut {
+		bound = limit
+	}
 	started := time.Now()
-	cctx, cancel := context.WithTimeout(ctx, call.bound)
+	cctx, cancel := context.WithTimeout(ctx, bound)
 	err = fn(cctx)
 	cancel()
 	outcome := breaker.Failed
@@ -399,8 +464,8 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	case err == nil, errors.Is(err, redis.Nil), errors.Is(err, redislock.ErrNotObtained), errors.Is(err, redislock.ErrLockNotHeld):
 		outcome = breaker.Healthy
 		c.timeouts.succeeded(time.Since(started))
-	case ctx.Err() != nil:
-		outcome = breaker.Unknown // the caller gave up: not Redis's fault
+	case ctx.Err() != nil, cut && classify(err) == kindSlow:
+		outcome = breaker.Unknown // the caller gave up, or a cut run ran out: not Redis's fault
 		c.timeouts.ended()
 	case classify(err) == kindSlow:
 		outcome = breaker.Slow
@@ -631,7 +696,17 @@ func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token)
 const l2SpanName = "token_broker.l2"
 
 // fetch is Fetch; it sets *how to how the token was obtained.
+//
+// The lookup's Redis calls before the mint last at most
+// Options.MaxTimeout together (withRedisTime); then it mints without
+// Redis. The mint runs on the caller's context, its own calls to Redis (a
+// refresh token's) not counted in the lookup's; storing and announcing the
+// token get MaxTimeout of their own (afterMint), as does releasing the
+// lock (held.release).
 func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error), how *string) (broker.Token, bool, error) {
+	callerMint, mintCtx := mint, withRedisTime(ctx, 0)
+	mint = func(context.Context) (broker.Token, error) { return callerMint(mintCtx) }
+	ctx = withRedisTime(ctx, c.opts.MaxTimeout)
 	bypass := func() (broker.Token, bool, error) {
 		c.obs.Bypassed()
 		*how = "bypassed"
@@ -707,9 +782,10 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 // release, announce.
 func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, waited bool, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
 	kind := "unlock"
+	after := c.afterMint(ctx)
 	defer func() {
 		l.release()
-		c.publish(ctx, event{Kind: kind, Subject: subject})
+		c.publish(after, event{Kind: kind, Subject: subject})
 	}()
 	tok, found, err := c.read(ctx, key)
 	if err == nil && found && usable(tok) {
@@ -720,7 +796,7 @@ func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, w
 	if err != nil {
 		return broker.Token{}, false, err
 	}
-	c.write(context.WithoutCancel(ctx), key, tok)
+	c.write(after, key, tok)
 	kind = "set"
 	return tok, false, nil
 }
@@ -732,9 +808,17 @@ func (c *Cache) mintUnlocked(ctx context.Context, key, subject string, mint func
 	if err != nil {
 		return broker.Token{}, false, err
 	}
-	c.write(context.WithoutCancel(ctx), key, tok)
-	_ = c.publish(ctx, event{Kind: "set", Subject: subject})
+	after := c.afterMint(ctx)
+	c.write(after, key, tok)
+	_ = c.publish(after, event{Kind: "set", Subject: subject})
 	return tok, false, nil
+}
+
+// afterMint is the context of a lookup's calls after its mint (store,
+// announce): not cancelled with the caller's, with Options.MaxTimeout of
+// Redis time of its own.
+func (c *Cache) afterMint(ctx context.Context) context.Context {
+	return withRedisTime(context.WithoutCancel(ctx), c.opts.MaxTimeout)
 }
 
 // Purge implements broker.SharedCache: a compare-and-delete by

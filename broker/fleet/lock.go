@@ -67,13 +67,14 @@ func (h *held) keepAlive() {
 	}
 }
 
-// release releases the lock if this node still owns it. When Redis is
-// down, the lock expires by itself.
+// release releases the lock if this node still owns it, its runs lasting
+// at most Options.MaxTimeout together. When Redis is down, the lock
+// expires by itself.
 func (h *held) release() {
 	h.once.Do(func() {
 		close(h.stop)
 		h.wg.Wait()
-		_ = h.c.do(context.Background(), "unlock", func(ctx context.Context) error {
+		_ = h.c.do(withRedisTime(context.Background(), h.c.opts.MaxTimeout), "unlock", func(ctx context.Context) error {
 			return h.lock.Release(ctx)
 		})
 	})

@@ -1,10 +1,13 @@
 package fleet
 
 import (
+	"context"
 	"fmt"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
 // A cold burst of lookups on three nodes while Redis holds every command
@@ -81,5 +84,62 @@ func TestSlowRedisKeepsTheFleet(t *testing.T) {
 		if n.obs.opened.Load() != 1 {
 			t.Errorf("node %d: breaker opened %d times; want once", i, n.obs.opened.Load())
 		}
+	}
+}
+
+// Cold lookups while Redis holds every command (CLIENT PAUSE): the Redis
+// calls of a lookup last at most timeout_max together (a timed-out GET is
+// tried again from the current bound, but not past that), then the lookup
+// mints without Redis; the mint runs on the caller's context, its
+// deadline the caller's, not what Redis left.
+func TestPausedRedisBoundsALookup(t *testing.T) {
+	r := startRedis(t)
+	const timeout, maxTimeout = 10 * time.Millisecond, 400 * time.Millisecond
+	n := newNode(t, r, testKeys(t, 1), func(o *Options) { o.Timeout, o.MaxTimeout, o.Now = timeout, maxTimeout, time.Now })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	callerDeadline, _ := ctx.Deadline()
+	var m minter
+	if _, _, err := n.Fetch(ctx, "warm", usable, m.mint); err != nil {
+		t.Fatal(err)
+	}
+
+	if got := r.CLI("CLIENT", "PAUSE", "5000", "ALL"); got != "OK\n" {
+		t.Fatalf("CLIENT PAUSE: %q", got)
+	}
+	const lookups = 20
+	took := make([]time.Duration, lookups)
+	errs := make(chan error, lookups)
+	var wg sync.WaitGroup
+	for i := range lookups {
+		wg.Go(func() {
+			start := time.Now()
+			_, _, err := n.Fetch(ctx, fmt.Sprintf("cold-%d", i), usable, func(mctx context.Context) (broker.Token, error) {
+				if d, ok := mctx.Deadline(); !ok || !d.Equal(callerDeadline) {
+					return broker.Token{}, fmt.Errorf("the mint's deadline is %v (set %v), want the caller's %v", d, ok, callerDeadline)
+				}
+				return m.mint(mctx)
+			})
+			took[i] = time.Since(start)
+			if err != nil {
+				errs <- err
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	// Without the limit a lookup's GET alone runs 10, 20, 40 ... 400 ms:
+	// over a second. The margin is for busy CPUs.
+	limit := maxTimeout + 300*time.Millisecond
+	for i, d := range took {
+		if d > limit {
+			t.Errorf("lookup %d with Redis paused took %s; want its Redis calls within timeout_max %s (at most %s)", i, d, maxTimeout, limit)
+		}
+	}
+	if got := n.obs.bypass.Load(); got != lookups {
+		t.Errorf("%d lookups bypassed Redis, want %d", got, lookups)
 	}
 }

@@ -91,6 +91,9 @@ func New(cfg Config) (*Source, error) {
 // Type names the source type.
 func (s *Source) Type() string { return "nuapay" }
 
+// CallTimeout implements broker.CallBounded: the HTTP client's timeout.
+func (s *Source) CallTimeout() time.Duration { return s.cfg.Client.Timeout }
+
 // Classify implements broker.Classifier: Gatekeeper's 401 refuses the API
 // key, which every organisation of the source shares; its other refusals
 // (403, 404, 422) can be about one organisation.
@@ -155,7 +158,7 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 	}
 	body, _ := json.Marshal(nuapayTokenRequest{Scopes: req.Scopes, ExpiresIn: int64(life / time.Second)})
 	sent := s.cfg.Now()
-	data, err := s.call(ctx, http.MethodPost, target, body, http.StatusCreated)
+	data, err := s.call(httpclient.TokenRequest(ctx), http.MethodPost, target, body, http.StatusCreated)
 	if err != nil {
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound && ae.Err == nil {
@@ -432,6 +435,7 @@ func ParseError(status int, retryAfter string, body []byte, now time.Time) *brok
 
 // Interface guards.
 var (
-	_ broker.Source  = (*Source)(nil)
-	_ broker.Revoker = (*Source)(nil)
+	_ broker.Source      = (*Source)(nil)
+	_ broker.Revoker     = (*Source)(nil)
+	_ broker.CallBounded = (*Source)(nil)
 )

@@ -34,8 +34,9 @@ func (s *ClientCredentials) Token(ctx context.Context, req broker.Request) (brok
 }
 
 var (
-	_ broker.Source     = (*ClientCredentials)(nil)
-	_ broker.Revoker    = (*ClientCredentials)(nil)
-	_ broker.Classifier = (*ClientCredentials)(nil)
-	_ broker.DPoPBound  = (*ClientCredentials)(nil)
+	_ broker.Source      = (*ClientCredentials)(nil)
+	_ broker.Revoker     = (*ClientCredentials)(nil)
+	_ broker.Classifier  = (*ClientCredentials)(nil)
+	_ broker.DPoPBound   = (*ClientCredentials)(nil)
+	_ broker.CallBounded = (*ClientCredentials)(nil)
 )

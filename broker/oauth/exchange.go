@@ -53,6 +53,9 @@ func newCore(cfg Config) (*core, error) {
 // bearer tokens (broker.DPoPBound: every profile of the source carries it).
 func (c *core) DPoPKey() *dpop.Key { return c.cfg.DPoP }
 
+// CallTimeout implements broker.CallBounded: the HTTP client's timeout.
+func (c *core) CallTimeout() time.Duration { return c.cfg.Client.Timeout }
+
 // clientAuth returns the x/oauth2 settings and the extra form parameters of
 // the configured client authentication for a request to endpoint.
 func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyle, params url.Values, err error) {
@@ -143,7 +146,7 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 	}
 	secrets = append(secrets, c.sent(secret, params.Get("client_assertion"))...)
 	sent := c.cfg.Now()
-	tok, err := cc.Token(context.WithValue(ctx, oauth2.HTTPClient, c.tokenClient))
+	tok, err := cc.Token(context.WithValue(httpclient.TokenRequest(ctx), oauth2.HTTPClient, c.tokenClient))
 	if err != nil {
 		return broker.Token{}, nil, c.tokenError(ep, err, secrets)
 	}

@@ -250,8 +250,9 @@ func (s *RefreshToken) save(ctx context.Context, key string, rt broker.Secret) e
 }
 
 var (
-	_ broker.Source     = (*RefreshToken)(nil)
-	_ broker.Revoker    = (*RefreshToken)(nil)
-	_ broker.Classifier = (*RefreshToken)(nil)
-	_ broker.DPoPBound  = (*RefreshToken)(nil)
+	_ broker.Source      = (*RefreshToken)(nil)
+	_ broker.Revoker     = (*RefreshToken)(nil)
+	_ broker.Classifier  = (*RefreshToken)(nil)
+	_ broker.DPoPBound   = (*RefreshToken)(nil)
+	_ broker.CallBounded = (*RefreshToken)(nil)
 )

@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 )
 
@@ -41,8 +42,8 @@ import (
 //     organisations: token requests per key per lifetime once warm.
 //
 // The merchants share organisations (-budget-orgs: the cache keys): the
-// keys' refreshes must fit the rate (keys / lifetime below three quarters
-// of it, the share planned for refreshes).
+// keys' refreshes must fit the rate (keys / lifetime at most three
+// quarters of it, the share planned for refreshes; validate refuses more).
 type budgetOptions struct {
 	on           bool
 	merchants    int
@@ -63,7 +64,7 @@ const budgetPeriod = 10 * time.Second
 func budgetFlags(fs *flag.FlagSet, b *budgetOptions) {
 	fs.BoolVar(&b.on, "budget", false, "budget mode: sidecars and redis-server spend a provider's rate_limit against a token API that answers 429 above it, with and without the budget (budget.go)")
 	fs.IntVar(&b.merchants, "budget-merchants", 2000, "budget mode: merchants")
-	fs.IntVar(&b.orgs, "budget-orgs", 1000, "budget mode: their organisations (cache keys); keys per lifetime must fit three quarters of the rate")
+	fs.IntVar(&b.orgs, "budget-orgs", 800, "budget mode: their organisations (cache keys); keys per lifetime must fit three quarters of the rate")
 	fs.IntVar(&b.sidecars, "budget-sidecars", 3, "budget mode: sidecars of the budget and no-budget steps")
 	fs.IntVar(&b.rate, "budget-rate", 20, "budget mode: token requests per second, the registry's rate_limit and the token API's limit (its burst: one second's worth)")
 	fs.DurationVar(&b.lifetime, "budget-lifetime", time.Minute, "budget mode: token_lifetime")
@@ -81,6 +82,10 @@ func (b budgetOptions) validate() error {
 	if b.merchants < 1 || b.orgs < 1 || b.orgs > b.merchants || b.sidecars < 1 || b.rate < 1 || b.lifetimes < 1 || b.steady < 0 ||
 		b.lifetime < 10*time.Second || b.warm <= 0 || b.fetchTimeout < time.Second {
 		return errors.New("flags: want -budget-merchants >= -budget-orgs >= 1, -budget-sidecars >= 1, -budget-rate >= 1, -budget-lifetimes >= 1, -budget-steady >= 0, -budget-lifetime >= 10s (the token API's minimum), -budget-warm > 0 and -budget-fetch-timeout >= 1s")
+	}
+	if need, most := float64(b.orgs)/b.lifetime.Seconds(), budget.BackgroundShare*float64(b.rate); need > most {
+		return fmt.Errorf("flags: %d keys (-budget-orgs) of %s tokens need %.1f refreshes per second, more than three quarters of -budget-rate %d (%.1f/s, the share planned for refreshes): lower -budget-orgs to at most %d, or raise -budget-lifetime or -budget-rate",
+			b.orgs, b.lifetime, need, b.rate, most, int(most*b.lifetime.Seconds()))
 	}
 	return nil
 }

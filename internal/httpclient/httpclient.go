@@ -5,6 +5,7 @@
 package httpclient
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -227,3 +228,42 @@ func RedactURLError(err error) error {
 // case ("Bearer", "BEARER", "bearer"). An empty type is not bearer: the
 // callers decide what its absence means.
 func IsBearer(tokenType string) bool { return strings.EqualFold(tokenType, "bearer") }
+
+// tokenRequestKey marks the context of a request to a token endpoint.
+type tokenRequestKey struct{}
+
+// TokenRequest returns ctx marked as a token request's: the requests made
+// with it ask a token endpoint for a token (a mint, a refresh, a grant),
+// and a transport of TokenAnswers shows their answers to its observer.
+func TokenRequest(ctx context.Context) context.Context {
+	return context.WithValue(ctx, tokenRequestKey{}, true)
+}
+
+// IsTokenRequest reports whether ctx was marked by TokenRequest.
+func IsTokenRequest(ctx context.Context) bool {
+	marked, _ := ctx.Value(tokenRequestKey{}).(bool)
+	return marked
+}
+
+// TokenAnswers returns a wrap for WrapTransport that sends the requests
+// marked by TokenRequest through observe(base) and the others (listings,
+// revocations, discovery, keys) straight to base: a provider's token
+// budget observes the answers of its token endpoint only.
+func TokenAnswers(observe func(http.RoundTripper) http.RoundTripper) func(http.RoundTripper) http.RoundTripper {
+	return func(base http.RoundTripper) http.RoundTripper {
+		return tokenAnswers{base: base, observed: observe(base)}
+	}
+}
+
+// tokenAnswers is the RoundTripper of TokenAnswers.
+type tokenAnswers struct {
+	base, observed http.RoundTripper
+}
+
+// RoundTrip implements http.RoundTripper.
+func (t tokenAnswers) RoundTrip(r *http.Request) (*http.Response, error) {
+	if IsTokenRequest(r.Context()) {
+		return t.observed.RoundTrip(r)
+	}
+	return t.base.RoundTrip(r)
+}
