@@ -554,3 +554,52 @@ func TestDeadlineAfterBudgetWait(t *testing.T) {
 		})
 	}
 }
+
+// TestRateLimitedHoldsBudget: a 429 with Retry-After from a provider with a
+// budget closes the budget until then (other keys are refused with its
+// wait, without a call) and is remembered neither for the source nor for
+// the key; without a budget, the source backs off.
+func TestRateLimitedHoldsBudget(t *testing.T) {
+	for _, withBudget := range []bool{true, false} {
+		t.Run(fmt.Sprintf("budget %t", withBudget), func(t *testing.T) {
+			clock := newFakeClock()
+			limited := &APIError{Provider: "bank", StatusCode: 429, RetryAfter: 30 * time.Second}
+			src := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}, errs: []error{limited}}
+			br := New(Options{Now: clock.Now, MaxAttempts: 1})
+			defer br.Close()
+			p := NewProfile("bank#1", src, nil, "", 0)
+			var bud *budget.Budget
+			if withBudget {
+				bud = budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, budget.NewLocal(clock.Now), clock.Now)
+				p.Budget = bud
+			}
+			bs := bindings(p, 2)
+			if _, _, err := br.Get(context.Background(), bs[0]); !errors.Is(err, limited) {
+				t.Fatalf("%v, want the 429", err)
+			}
+			until, _ := br.SourceBackoff("bank#1")
+			remembered := 0
+			br.Backoffs(func(*Binding, error, time.Time, time.Time) { remembered++ })
+			_, _, err := br.Get(context.Background(), bs[1])
+			if !withBudget {
+				if !until.Equal(clock.Now().Add(30*time.Second)) || remembered != 1 || Called(err) {
+					t.Fatalf("source backoff until %v, %d keys remembered, other key: %v; want the source held 30s", until, remembered, err)
+				}
+				return
+			}
+			if !until.IsZero() || remembered != 0 {
+				t.Errorf("source backoff until %v, %d keys remembered; want neither", until, remembered)
+			}
+			if st := bud.State(); !st.LoweredUntil.Equal(clock.Now().Add(30*time.Second)) || st.Effective != 0 {
+				t.Errorf("budget %+v, want closed for 30s", st)
+			}
+			if !errors.Is(err, budget.ErrExhausted) || Called(err) || RetryAfterOf(err) != 30*time.Second {
+				t.Fatalf("other key: %v (called %t, retry after %s), want exhausted for 30s", err, Called(err), RetryAfterOf(err))
+			}
+			clock.Add(30 * time.Second)
+			if _, _, err := br.Get(context.Background(), bs[1]); err != nil || src.calls() != 2 {
+				t.Fatalf("once the budget opened: %v after %d calls", err, src.calls())
+			}
+		})
+	}
+}

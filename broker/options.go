@@ -3,6 +3,8 @@ package broker
 import (
 	"context"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
 // Defaults of Options.
@@ -23,8 +25,9 @@ const (
 
 // MaxRetryAfterMemory caps how long a key honours a provider's Retry-After:
 // longer values (up to the hour ParseRetryAfter accepts) are cut to this, so
-// that a broken or hostile header cannot silence a key for long.
-const MaxRetryAfterMemory = 10 * time.Minute
+// that a broken or hostile header cannot silence a key for long. It is the
+// budgets' cap (budget.MaxHold): one cap for every answer of a provider.
+const MaxRetryAfterMemory = budget.MaxHold
 
 // Options configure a Broker. The zero value gives the defaults.
 type Options struct {

@@ -14,10 +14,13 @@ import (
 // (background). It keeps one state per key and one per source, both on
 // the broker clock, and answers before any call:
 //
-//   - a source backoff (a 429 with Retry-After, capped at
-//     MaxRetryAfterMemory; or a refused credential, FailureTTL doubled at
-//     each consecutive one up to FailureMax) refuses every key of the
-//     source;
+//   - a source backoff (a 429 with Retry-After from a provider without a
+//     budget, capped at MaxRetryAfterMemory; or a refused credential,
+//     FailureTTL doubled at each consecutive one up to FailureMax) refuses
+//     every key of the source; for a provider with a budget, a 429 with
+//     Retry-After closes the budget until then instead (Budget.Hold, same
+//     cap) and is not remembered for the source nor the key: callers queue
+//     for the budget or are refused with its wait, refreshes wait;
 //   - a key backoff, from the key's failure memory (FailureTTL doubled at
 //     each consecutive failure up to FailureMax, or the provider's
 //     Retry-After if longer), refuses the key; after a failed
@@ -260,6 +263,12 @@ func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int,
 		return nil
 	}
 	if p.opts.FailureTTL < 0 || errors.Is(err, context.Canceled) {
+		return p.withBackoffLocked(b, err, now)
+	}
+	if calls > 0 && c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {
+		// The budget holds every key of the provider until then; it
+		// answers the next fetches itself.
+		b.Budget.Hold(now, RetryAfterOf(err))
 		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 {

@@ -3,6 +3,12 @@
 // process, or in Redis for a fleet), callers who wait for a token before
 // refresh-ahead, refreshes planned where the rate has room, and the
 // provider's own rate-limit headers lowering the rate until they pass.
+//
+// A provider's 429 with Retry-After closes its budget until then (Hold,
+// called by the broker's failure policy): callers queue or are refused
+// with the budget's wait, refreshes are refused; a provider without a
+// budget is held by the policy's source backoff instead. Every hold is
+// capped at MaxHold.
 package budget
 
 import (
