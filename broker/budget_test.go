@@ -178,8 +178,8 @@ func TestExhaustedAnsweredAtOnce(t *testing.T) {
 		if !errors.Is(err, budget.ErrExhausted) || Called(err) || RetryAfterOf(err) != 50*time.Second {
 			t.Fatalf("%s: %v (called %t, retry after %s), want exhausted, not called, retry after 50s", b.Merchant, err, Called(err), RetryAfterOf(err))
 		}
-		if _, ok := BackoffOf(err); !ok {
-			t.Errorf("%s: the refusal names no backoff", b.Merchant)
+		if bo, ok := BackoffOf(err); !ok || !bo.Budget() || bo.Source() || bo == (Backoff{SourceID: "bank#1"}) {
+			t.Errorf("%s: the refusal names %+v, want the budget's backoff, apart from the source's", b.Merchant, bo)
 		}
 	}
 	if n := src.calls(); n != 1 {

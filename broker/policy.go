@@ -171,7 +171,7 @@ func (e *backoffError) Unwrap() error { return e.err }
 // Backoff names what the failure policy does not call the token API for,
 // behind an error it answered (BackoffOf): a source (its circuit breaker
 // open, or its backoff after a 429 with Retry-After or a refused
-// credential) or one key (its failure memory). Backoffs are comparable:
+// credential), one key (its failure memory), or a source's budget. Backoffs are comparable:
 // equal for the refusals of one source's backoff, or of one key's. A map
 // key to limit the logs of repeated refusals; never log a Backoff itself
 // (it holds the binary cache key, see Binding.Key): log its SourceID.
@@ -179,10 +179,16 @@ type Backoff struct {
 	// SourceID is the source backing off, or the source of the key.
 	SourceID string
 	key      string // the cache key backing off; "" when the source is
+	budget   bool   // the source's token API budget refused (refusedByBudget)
 }
 
-// Source reports whether the whole source backs off, not one key.
-func (h Backoff) Source() bool { return h.key == "" }
+// Source reports whether the whole source backs off (its breaker or its
+// backoff), not one key nor its budget.
+func (h Backoff) Source() bool { return h.key == "" && !h.budget }
+
+// Budget reports whether the provider's token API budget refused the call
+// (Profile.Budget): its own scope, apart from the source's backoff.
+func (h Backoff) Budget() bool { return h.budget }
 
 // BackoffOf returns the backoff behind err when the failure policy
 // answered it (a backoff, with or without a call to the token API, or an
@@ -357,7 +363,7 @@ func (p *policy) refreshDeferred(b *Binding, err error, now, until time.Time) {
 // call, as the policy answers it: not called, retry after the budget's
 // wait. It is not remembered: the budget answers the next fetch itself.
 func refusedByBudget(b *Binding, err error) error {
-	return &backoffError{err: err, retryAfter: RetryAfterOf(err), scope: Backoff{SourceID: b.SourceID}, notCalled: true}
+	return &backoffError{err: err, retryAfter: RetryAfterOf(err), scope: Backoff{SourceID: b.SourceID, budget: true}, notCalled: true}
 }
 
 // notCalled tells the breaker of b's source that a call allow let through
