@@ -603,3 +603,80 @@ func TestRateLimitedHoldsBudget(t *testing.T) {
 		})
 	}
 }
+
+// TestProbeDoesNotQueue: the half-open breaker's probe is not held in the
+// budget's queue: without room at once it is refused by the budget and the
+// probe released undecided; once the budget has room, the probe goes.
+func TestProbeDoesNotQueue(t *testing.T) {
+	clock := newFakeClock()
+	down := &APIError{Provider: "bank", StatusCode: 503}
+	src := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}, errs: []error{down}}
+	never := func(_ context.Context, d time.Duration) error {
+		t.Error("the probe waited for budget")
+		clock.Add(d)
+		return nil
+	}
+	br := New(Options{Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: 10 * time.Second, FailureTTL: -1, BudgetWait: time.Minute})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 20 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(never))
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); !errors.Is(err, down) || br.BreakerState("bank#1") != BreakerOpen {
+		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.BreakerState("bank#1"))
+	}
+	clock.Add(10 * time.Second)
+	if _, _, err := br.Get(context.Background(), bs[1]); !errors.Is(err, budget.ErrExhausted) || RetryAfterOf(err) != 10*time.Second {
+		t.Fatalf("probe without budget: %v (retry after %s), want exhausted for 10s", err, RetryAfterOf(err))
+	}
+	clock.Add(10 * time.Second)
+	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || br.BreakerState("bank#1") != BreakerClosed || src.calls() != 2 {
+		t.Fatalf("probe with budget: %v, breaker %v, %d calls; want a token and the breaker closed", err, br.BreakerState("bank#1"), src.calls())
+	}
+}
+
+// TestBreakerOpenedDuringBudgetWait: a caller that waited for budget while
+// another call opened the breaker is refused by the breaker, without a
+// call.
+func TestBreakerOpenedDuringBudgetWait(t *testing.T) {
+	clock := newFakeClock()
+	src := &countingSource{clock: clock, life: time.Hour}
+	gate := make(chan struct{})
+	down := &APIError{Provider: "bank", StatusCode: 503}
+	src.set(gate, down)
+	asleep, release := make(chan struct{}), make(chan struct{})
+	sleep := func(ctx context.Context, d time.Duration) error {
+		close(asleep)
+		<-release
+		clock.Add(d)
+		return nil
+	}
+	br := New(Options{Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: time.Minute, BudgetWait: time.Minute})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+	bs := bindings(p, 2)
+	failed := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(context.Background(), bs[0])
+		failed <- err
+	}()
+	waitUntil(t, func() bool { return src.calls.Load() == 1 })
+	waited := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(context.Background(), bs[1])
+		waited <- err
+	}()
+	<-asleep
+	close(gate)
+	if err := <-failed; !errors.Is(err, down) || br.BreakerState("bank#1") != BreakerOpen {
+		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.BreakerState("bank#1"))
+	}
+	close(release)
+	var ue *UnavailableError
+	if err := <-waited; !errors.As(err, &ue) || Called(err) {
+		t.Fatalf("after the wait: %v (called %t), want the open breaker's refusal", err, Called(err))
+	}
+	if n := src.calls.Load(); n != 1 {
+		t.Errorf("%d calls, want 1", n)
+	}
+}

@@ -202,19 +202,34 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 	var first time.Time
 	var last error
 	var class Class
-	for attempt := 1; ; attempt++ {
-		ok, wait, halfOpen, cause := br.pol.allow(b, br.opts.Now())
+	// callAllowed asks the breaker whether a call may go out now; it returns
+	// the refusal, or whether the call is the half-open breaker's probe.
+	callAllowed := func() (probe bool, refused error) {
+		ok, wait, halfOpen, probe, cause := br.pol.allow(b, br.opts.Now())
 		if halfOpen && bo != nil {
 			bo.BreakerChanged(b.SourceID, BreakerHalfOpen)
 		}
-		if !ok {
-			if last != nil {
-				cause = last
-			}
-			return Token{}, f, class, report, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Until: br.opts.Now().Add(wait), Err: cause}
+		if ok {
+			return probe, nil
 		}
+		if last != nil {
+			cause = last
+		}
+		return false, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Until: br.opts.Now().Add(wait), Err: cause}
+	}
+	for attempt := 1; ; attempt++ {
+		probe, refused := callAllowed()
+		if refused != nil {
+			return Token{}, f, class, report, refused
+		}
+		// A half-open breaker's probe does not queue for budget: it goes
+		// now or is released undecided.
 		before := br.opts.Now()
-		if err := br.takeBudget(ctx, b, background, by); err != nil {
+		takeBy := by
+		if probe {
+			takeBy = before
+		}
+		if err := br.takeBudget(ctx, b, background, takeBy); err != nil {
 			br.pol.notCalled(b, br.opts.Now())
 			if last != nil {
 				err = last
@@ -222,6 +237,13 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 			return Token{}, f, class, report, err
 		}
 		waited := br.opts.Now().After(before)
+		if waited {
+			// The breaker may have opened while this call waited for
+			// budget: ask it again (the budget taken is spent).
+			if _, refused := callAllowed(); refused != nil {
+				return Token{}, f, class, report, refused
+			}
+		}
 		start := time.Now()
 		if attempt == 1 {
 			first = start
@@ -256,7 +278,7 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 		// A Retry-After longer than BackoffMax ends the fetch: the key's
 		// failure memory honours it, no caller sleeps through it.
 		ra := RetryAfterOf(err)
-		wait = max(backoff(attempt, br.opts.BackoffBase, br.opts.BackoffMax), ra)
+		wait := max(backoff(attempt, br.opts.BackoffBase, br.opts.BackoffMax), ra)
 		if ra > br.opts.BackoffMax || time.Now().Add(wait).After(deadline) {
 			return tok, f, class, report, err
 		}

@@ -386,13 +386,17 @@ func (p *policy) refreshDue(b *Binding, now time.Time) bool {
 }
 
 // allow asks the breaker of b's source whether a call may go out at now.
-func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, changed bool, cause error) {
+// changed: this call moved the breaker to half-open; probe: the call is
+// the half-open breaker's probe.
+func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, changed, probe bool, cause error) {
 	if p.opts.BreakerThreshold <= 0 {
-		return true, 0, false, nil
+		return true, 0, false, false, nil
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.source(b.SourceID).brk.Allow(now)
+	brk := &p.source(b.SourceID).brk
+	ok, wait, changed, cause = brk.Allow(now)
+	return ok, wait, changed, ok && brk.State() == BreakerHalfOpen, cause
 }
 
 // called tells the breaker of b's source how a call let through by allow
