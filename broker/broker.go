@@ -56,8 +56,9 @@ type Entry struct {
 	// sharedAcross: served to a binding of another merchant than its
 	// own (same source, organisation and scopes): Drop keeps it.
 	sharedAcross atomic.Bool
-	// behind: the PlanObserver was told its refresh is behind.
-	behind      atomic.Bool
+	// behind: the PlanObserver was told its refresh is behind;
+	// deferred: its budget deferred a refresh-ahead of it.
+	behind, deferred atomic.Bool
 	adopted     bool // OriginShared, else OriginMinted
 	scopesAsked bool // granted scopes are the binding's
 
@@ -218,6 +219,15 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	refresh := tok.RefreshAt
 	if refresh.IsZero() || !refresh.Before(tok.Expiry) || br.opts.RefreshWindow <= 0 {
 		refresh = br.planRefresh(b, tok, false)
+	} else {
+		// A plan made elsewhere (an adopted token) stays in the refresh
+		// window and leaves a refresh time before the token goes.
+		if start := br.refreshAt(tok); refresh.Before(start) {
+			refresh = start
+		}
+		if end := tok.Expiry.Add(-br.opts.Leeway - time.Second); refresh.After(end) {
+			refresh = end
+		}
 	}
 	e := &Entry{header: header, id: id, expiry: tok.Expiry,
 		issuedBefore: tok.Expiry.Sub(tok.IssuedAt), refreshBefore: tok.Expiry.Sub(refresh),

@@ -680,3 +680,69 @@ func TestBreakerOpenedDuringBudgetWait(t *testing.T) {
 		t.Errorf("%d calls, want 1", n)
 	}
 }
+
+// TestRefreshBehindSparseLookups: a refresh the budget deferred with room
+// before the token's end is not reported; when no lookup comes until the
+// token is past expiry less Leeway, the first lookup then reports it, once.
+func TestRefreshBehindSparseLookups(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: 100 * time.Second}
+	obs := newPlanLog()
+	br := New(Options{Now: clock.Now, Observer: obs})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 5 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	b := NewBindingFor(p, "acme", "org")
+	e, _, err := br.Get(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(e.RefreshAt().Sub(clock.Now()))
+	if err := p.Budget.Take(context.Background(), budget.Foreground, time.Time{}); err != nil {
+		t.Fatal(err) // another key's caller spends the budget
+	}
+	if _, r, err := br.Get(context.Background(), b); err != nil || r != RefreshAhead {
+		t.Fatalf("%s %v, want the cached token and a refresh", r, err)
+	}
+	settle(t, br, b)
+	if told := obs.told(); len(told) != 0 || src.calls() != 1 {
+		t.Fatalf("RefreshBehind told %v after %d calls, want nothing yet (the budget has room before the end)", told, src.calls())
+	}
+	clock.Add(e.Token().Expiry.Add(-br.opts.Leeway / 2).Sub(clock.Now()))
+	for range 2 {
+		if _, _, err := br.Get(context.Background(), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if told := obs.told(); len(told) != 1 || !told[0].Equal(e.Token().Expiry) {
+		t.Errorf("RefreshBehind told %v, want once for %v", told, e.Token().Expiry)
+	}
+}
+
+// TestAdoptedRefreshAtClamped: a refresh time planned elsewhere (an
+// adopted token) is kept within the token's refresh window and before its
+// expiry less Leeway and a second.
+func TestAdoptedRefreshAtClamped(t *testing.T) {
+	clock := newFakeClock()
+	br := New(Options{Now: clock.Now})
+	defer br.Close()
+	p := NewProfile("bank#1", &callLog{clock: clock, life: time.Hour}, nil, "", 0)
+	b := NewBindingFor(p, "acme", "org")
+	now := clock.Now()
+	expiry := now.Add(100 * time.Second)
+	for _, tt := range []struct {
+		name            string
+		refreshAt, want time.Time
+	}{
+		{"in the window", now.Add(90 * time.Second), now.Add(90 * time.Second)},
+		{"before the window", now.Add(time.Second), now.Add(75 * time.Second)},
+		{"past expiry less Leeway", expiry.Add(-time.Second / 2), expiry.Add(-2 * time.Second)},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			tok := Token{Value: "tok", IssuedAt: now, Expiry: expiry, RefreshAt: tt.refreshAt}
+			if got := br.newEntry(b, tok, OriginShared).RefreshAt(); !got.Equal(tt.want) {
+				t.Errorf("RefreshAt %v, want %v", got, tt.want)
+			}
+		})
+	}
+}

@@ -398,12 +398,22 @@ func (br *Broker) refreshDenied(b *Binding, cur *Entry, err error, now time.Time
 	d := min(max(wait, refreshDeferMin), refreshDeferMax)
 	d += rand.N(d/2 + 1)
 	br.pol.refreshDeferred(b, err, now, now.Add(d))
+	cur.deferred.Store(true)
 	end := cur.expiry.Add(-br.opts.Leeway)
-	if now.Add(max(wait, d)).Before(end) || !cur.behind.CompareAndSwap(false, true) {
+	if now.Add(max(wait, d)).Before(end) {
+		return
+	}
+	br.refreshBehind(b, cur)
+}
+
+// refreshBehind tells the PlanObserver, once per token, that e's refresh
+// will not happen before e can no longer be served.
+func (br *Broker) refreshBehind(b *Binding, e *Entry) {
+	if !e.behind.CompareAndSwap(false, true) {
 		return
 	}
 	if po, ok := br.observer(b).(PlanObserver); ok {
-		po.RefreshBehind(b, cur.expiry)
+		po.RefreshBehind(b, e.expiry)
 	}
 }
 

@@ -31,6 +31,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	// no shared map is read and no lock is taken. An entry replaced by a
 	// newer token or purged is marked stale, and the cache is asked again.
 	e := b.current.Load()
+	last := e
 	if e == nil || e.stale.Load() || !e.validAt(now, br.opts.Leeway) {
 		e = nil
 		if v, ok := br.cache.Get(b.key); ok {
@@ -51,6 +52,14 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 		}
 		br.observe(b, r)
 		return e, r, nil
+	}
+	if e == nil {
+		e = last
+	}
+	if e != nil && e.deferred.Load() && !e.stale.Load() {
+		// Its budget deferred its refresh and no lookup came before it
+		// could no longer be served: the refresh is behind.
+		br.refreshBehind(b, e)
 	}
 	// A lookup can join a fetch that started earlier (a background
 	// refresh, say); its token is checked again like a cached one, and if

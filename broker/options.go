@@ -275,7 +275,9 @@ type BackoffObserver interface {
 // cached token's refresh-ahead is planned (Token.RefreshAt), and, once per
 // token, when its refresh cannot get budget (Profile.Budget) before the
 // token's expiry less Leeway: the key goes cold and its next caller waits
-// for a token.
+// for a token. It is told when the budget refuses the refresh with a wait
+// past that point, or, when lookups are sparse, by the first lookup that
+// finds the token past it with its refresh deferred by the budget.
 type PlanObserver interface {
 	RefreshPlanned(b *Binding, at time.Time)
 	RefreshBehind(b *Binding, expiry time.Time)
