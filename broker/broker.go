@@ -59,8 +59,8 @@ type Entry struct {
 	// behind: the PlanObserver was told its refresh is behind;
 	// deferred: its budget deferred a refresh-ahead of it.
 	behind, deferred atomic.Bool
-	adopted     bool // OriginShared, else OriginMinted
-	scopesAsked bool // granted scopes are the binding's
+	adopted          bool // OriginShared, else OriginMinted
+	scopesAsked      bool // granted scopes are the binding's
 
 	issuedBefore, cachedBefore time.Duration
 	id                         string // the provider's identifier of the token
