@@ -56,11 +56,11 @@ type Entry struct {
 	// sharedAcross: served to a binding of another merchant than its
 	// own (same source, organisation and scopes): Drop keeps it.
 	sharedAcross atomic.Bool
-	// behind: the PlanObserver was told its refresh is behind;
-	// deferred: its budget deferred a refresh-ahead of it.
-	behind, deferred atomic.Bool
-	adopted          bool // OriginShared, else OriginMinted
-	scopesAsked      bool // granted scopes are the binding's
+	// behind: the PlanObserver was told its refresh is behind.
+	behind      atomic.Bool
+	deferred    atomic.Bool // its budget deferred a refresh-ahead of it
+	adopted     bool // OriginShared, else OriginMinted
+	scopesAsked bool // granted scopes are the binding's
 
 	issuedBefore, cachedBefore time.Duration
 	id                         string // the provider's identifier of the token
