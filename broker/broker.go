@@ -53,12 +53,13 @@ type Entry struct {
 	stale         atomic.Bool // replaced by a newer token, or purged
 	// refreshing: a refresh-ahead of this entry is in flight.
 	refreshing atomic.Bool
+	// deferred: its budget deferred a refresh-ahead of it.
+	deferred atomic.Bool
 	// sharedAcross: served to a binding of another merchant than its
 	// own (same source, organisation and scopes): Drop keeps it.
 	sharedAcross atomic.Bool
 	// behind: the PlanObserver was told its refresh is behind.
 	behind      atomic.Bool
-	deferred    atomic.Bool // its budget deferred a refresh-ahead of it
 	adopted     bool // OriginShared, else OriginMinted
 	scopesAsked bool // granted scopes are the binding's
 
