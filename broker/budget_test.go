@@ -746,3 +746,27 @@ func TestAdoptedRefreshAtClamped(t *testing.T) {
 		})
 	}
 }
+
+// TestRefreshPlannedOnlyForMinted: the PlanObserver is told of the planned
+// refresh of a token the broker minted, not of one it adopted from the
+// shared tier (planned where it was minted).
+func TestRefreshPlannedOnlyForMinted(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: time.Hour}
+	shared := newMemShared()
+	minter, adopter := newPlanLog(), newPlanLog()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	for _, obs := range []*planLog{minter, adopter} {
+		br := New(Options{Now: clock.Now, Shared: shared, Observer: obs})
+		defer br.Close()
+		if _, _, err := br.Get(context.Background(), NewBindingFor(p, "acme", "org")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if src.calls() != 1 || shared.adopted != 1 {
+		t.Fatalf("%d calls, %d adopted; want one mint and one adoption", src.calls(), shared.adopted)
+	}
+	if minter.plannedFor("acme").IsZero() || !adopter.plannedFor("acme").IsZero() {
+		t.Errorf("planned: minter %v, adopter %v; want the minter's plan only", minter.plannedFor("acme"), adopter.plannedFor("acme"))
+	}
+}

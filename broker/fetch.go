@@ -74,8 +74,9 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 		e := br.newEntry(b, tok, origin)
 		if br.storeFetched(b, e, now, f) || attempt > 0 {
 			// A token purged twice while fetched is handed to the
-			// lookups waiting for it, never cached.
-			if po, ok := br.observer(b).(PlanObserver); ok {
+			// lookups waiting for it, never cached. An adopted token's
+			// refresh was planned where it was minted.
+			if po, ok := br.observer(b).(PlanObserver); ok && origin == OriginMinted {
 				po.RefreshPlanned(b, e.RefreshAt())
 			}
 			return e, nil

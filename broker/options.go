@@ -271,8 +271,10 @@ type BackoffObserver interface {
 	BackingOff(b *Binding, on bool)
 }
 
-// PlanObserver is an optional interface of an Observer: it is told when a
-// cached token's refresh-ahead is planned (Token.RefreshAt), and, once per
+// PlanObserver is an optional interface of an Observer: it is told when
+// the refresh-ahead of a token this broker minted is planned
+// (Token.RefreshAt; an adopted token's was planned where it was minted),
+// and, once per
 // token, when its refresh cannot get budget (Profile.Budget) before the
 // token's expiry less Leeway: the key goes cold and its next caller waits
 // for a token. It is told when the budget refuses the refresh with a wait
