@@ -52,12 +52,19 @@ type ExhaustedError struct {
 	// of the same priority (from the queue of waiting callers and the
 	// bucket).
 	RetryAfter time.Duration
+	// Priority is the refused request's.
+	Priority Priority
 }
 
-// Error says whose budget is exhausted and for how long.
+// Error says whose budget is exhausted, for which request and for how
+// long.
 func (e *ExhaustedError) Error() string {
-	return fmt.Sprintf("token API budget of provider %q exhausted: its rate limit has no room before the request's deadline; retry after %s",
-		e.Provider, e.RetryAfter.Round(time.Millisecond))
+	why := "its rate limit has no room before the request's deadline"
+	if e.Priority == Background {
+		why = "a refresh-ahead gets none while callers wait, the provider's limit is closed, or only the callers' reserve is left"
+	}
+	return fmt.Sprintf("token API budget of provider %q exhausted: %s; retry after %s",
+		e.Provider, why, e.RetryAfter.Round(time.Millisecond))
 }
 
 // Unwrap returns ErrExhausted.
@@ -98,6 +105,14 @@ func WithLocalShare(n int) Option {
 	return func(b *Budget) { b.shareOf = max(n, 1) }
 }
 
+// WithSharedBy says the budget's Store is shared by n sidecars (a fleet on
+// one Redis), each spending the whole limit: each plans its refreshes
+// (Plan) on an n-th of the rate's BackgroundShare, so that the fleet's
+// plans together fit it. Default 1.
+func WithSharedBy(n int) Option {
+	return func(b *Budget) { b.sharedBy = max(n, 1) }
+}
+
 // Budget is one provider's token API budget. It is safe for concurrent use;
 // all profiles of a provider share one.
 type Budget struct {
@@ -109,6 +124,7 @@ type Budget struct {
 	now           func() time.Time
 	sleep         func(ctx context.Context, d time.Duration) error
 	shareOf       int // WithLocalShare
+	sharedBy      int // WithSharedBy
 
 	mu sync.Mutex
 	// queue holds the callers waiting, in arrival order; only its head
@@ -139,7 +155,7 @@ func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *B
 	if now == nil {
 		now = time.Now
 	}
-	b := &Budget{name: name, limit: l, fallbackLimit: l, store: s, now: now, sleep: sleepCtx, shareOf: 1}
+	b := &Budget{name: name, limit: l, fallbackLimit: l, store: s, now: now, sleep: sleepCtx, shareOf: 1, sharedBy: 1}
 	for _, o := range opts {
 		o(b)
 	}
@@ -148,15 +164,9 @@ func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *B
 	}
 	b.fallback = NewLocal(now)
 	b.remaining = l.Burst
-	b.cal = newCalendar(l)
+	b.cal = newCalendar(l.Share(b.sharedBy))
 	return b
 }
-
-// Name is the provider the budget is for.
-func (b *Budget) Name() string { return b.name }
-
-// Limit is the configured limit (before any lowering).
-func (b *Budget) Limit() Limit { return b.limit }
 
 // sleepCtx waits d or until ctx ends.
 func sleepCtx(ctx context.Context, d time.Duration) error {
@@ -203,7 +213,7 @@ func (b *Budget) takeBackground(ctx context.Context) error {
 		eta := b.etaLocked(len(b.queue), now, l)
 		b.exhausted++
 		b.mu.Unlock()
-		return &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(now) + l.interval()}
+		return &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(now) + l.interval(), Priority: Background}
 	}
 	b.mu.Unlock()
 	bg := l
@@ -219,7 +229,7 @@ func (b *Budget) takeBackground(ctx context.Context) error {
 		return nil
 	}
 	b.exhausted++
-	return &ExhaustedError{Provider: b.name, RetryAfter: res.RetryAfter}
+	return &ExhaustedError{Provider: b.name, RetryAfter: res.RetryAfter, Priority: Background}
 }
 
 // reserve is how much of a burst background requests leave to callers.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -446,14 +447,16 @@ func TestPlanSpreads(t *testing.T) {
 		l    Limit
 		n    int
 		want map[time.Duration]int // offset before latest -> refreshes planned there
+		opts []Option
 	}{
-		{"4/s: 3 per second", limit(4, 4, time.Second), 10, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 1}},
-		{"1/s: 1 per 2s", limit(1, 1, time.Second), 3, map[time.Duration]int{0: 1, -2 * time.Second: 1, -4 * time.Second: 1}},
-		{"full: the earliest", limit(4, 4, time.Second), 20, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 3, -4 * time.Second: 3, -5 * time.Second: 5}},
+		{"8/s shared by 2: 3 per second each", limit(8, 8, time.Second), 10, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 1}, []Option{WithSharedBy(2)}},
+		{"4/s: 3 per second", limit(4, 4, time.Second), 10, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 1}, nil},
+		{"1/s: 1 per 2s", limit(1, 1, time.Second), 3, map[time.Duration]int{0: 1, -2 * time.Second: 1, -4 * time.Second: 1}, nil},
+		{"full: the earliest", limit(4, 4, time.Second), 20, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 3, -4 * time.Second: 3, -5 * time.Second: 5}, nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c := newClock()
-			b := New("bank", tt.l, NewLocal(c.Now), c.Now)
+			b := New("bank", tt.l, NewLocal(c.Now), c.Now, tt.opts...)
 			latest := c.Now().Add(time.Minute + 300*time.Millisecond)
 			earliest := latest.Add(-5 * time.Second)
 			got := map[time.Duration]int{}
@@ -516,6 +519,29 @@ func TestLimitString(t *testing.T) {
 	} {
 		if got := tt.l.String(); got != tt.want {
 			t.Errorf("%#v: %q, want %q", tt.l, got, tt.want)
+		}
+	}
+}
+
+// TestExhaustedErrorText: a refusal says why for its priority.
+func TestExhaustedErrorText(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(1, 1, time.Minute), NewLocal(c.Now), c.Now)
+	ctx := context.Background()
+	if err := b.Take(ctx, Foreground, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		p    Priority
+		want string
+	}{
+		{Foreground, "no room before the request's deadline"},
+		{Background, "a refresh-ahead gets none"},
+	} {
+		err := b.Take(ctx, tt.p, c.Now().Add(time.Second))
+		var ee *ExhaustedError
+		if !errors.As(err, &ee) || ee.Priority != tt.p || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: %v, want an exhausted error saying %q", tt.p, err, tt.want)
 		}
 	}
 }
