@@ -691,7 +691,7 @@ func TestRefreshBehindSparseLookups(t *testing.T) {
 	br := New(Options{Now: clock.Now, Observer: obs})
 	defer br.Close()
 	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 5 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 500 * time.Millisecond}, budget.NewLocal(clock.Now), clock.Now)
 	b := NewBindingFor(p, "acme", "org")
 	e, _, err := br.Get(context.Background(), b)
 	if err != nil {

@@ -225,19 +225,18 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 		}
 		// A half-open breaker's probe does not queue for budget: it goes
 		// now or is released undecided.
-		before := br.opts.Now()
 		takeBy := by
 		if probe {
-			takeBy = before
+			takeBy = br.opts.Now()
 		}
-		if err := br.takeBudget(ctx, b, background, takeBy); err != nil {
+		waited, err := br.takeBudget(ctx, b, background, takeBy)
+		if err != nil {
 			br.pol.notCalled(b, br.opts.Now())
 			if last != nil {
 				err = last
 			}
 			return Token{}, f, class, report, err
 		}
-		waited := br.opts.Now().After(before)
 		if waited {
 			// The breaker may have opened while this call waited for
 			// budget: ask it again (the budget taken is spent).
@@ -371,16 +370,16 @@ func callBound(src Source) time.Duration {
 
 // takeBudget takes one token request from b's budget, if it has one: a
 // caller waits its turn up to by (broker clock), a refresh-ahead
-// (background) never waits.
-func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, by time.Time) error {
+// (background) never waits. It reports whether the request waited.
+func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, by time.Time) (waited bool, err error) {
 	if b.Budget == nil {
-		return nil
+		return false, nil
 	}
 	p := budget.Foreground
 	if background {
 		p = budget.Background
 	}
-	return b.Budget.Take(ctx, p, by)
+	return b.Budget.TakeWaited(ctx, p, by)
 }
 
 // Refresh-ahead denied budget: the next request after a short defer tries

@@ -190,8 +190,15 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // when ctx ends while it waits, and a Store error only when the in-process
 // fallback fails too (never).
 func (b *Budget) Take(ctx context.Context, p Priority, deadline time.Time) error {
+	_, err := b.TakeWaited(ctx, p, deadline)
+	return err
+}
+
+// TakeWaited is Take, and also reports whether the request waited its
+// turn (behind other callers, or for the bucket or a closing to pass).
+func (b *Budget) TakeWaited(ctx context.Context, p Priority, deadline time.Time) (waited bool, err error) {
 	if err := ctx.Err(); err != nil {
-		return err
+		return false, err
 	}
 	if d, ok := ctx.Deadline(); ok {
 		if dl := b.now().Add(time.Until(d)); deadline.IsZero() || dl.Before(deadline) {
@@ -199,7 +206,7 @@ func (b *Budget) Take(ctx context.Context, p Priority, deadline time.Time) error
 		}
 	}
 	if p == Background {
-		return b.takeBackground(ctx)
+		return false, b.takeBackground(ctx)
 	}
 	return b.takeForeground(ctx, deadline)
 }
@@ -240,8 +247,8 @@ func reserve(burst int) int {
 	return max(1, int(float64(burst)*reserveShare))
 }
 
-// takeForeground is Take for a caller.
-func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) error {
+// takeForeground is TakeWaited for a caller.
+func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) (waited bool, err error) {
 	start := b.now()
 	w := &waiter{ready: make(chan struct{})}
 	b.mu.Lock()
@@ -250,12 +257,14 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) error {
 		if !deadline.IsZero() && eta.After(deadline) {
 			b.exhausted++
 			b.mu.Unlock()
-			return &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(start)}
+			return false, &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(start)}
 		}
 	}
 	b.queue = append(b.queue, w)
 	if len(b.queue) == 1 {
 		close(w.ready)
+	} else {
+		waited = true
 	}
 	b.mu.Unlock()
 
@@ -263,7 +272,7 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) error {
 	case <-w.ready:
 	case <-ctx.Done():
 		b.leave(w, start, gaveUp)
-		return ctx.Err()
+		return waited, ctx.Err()
 	}
 	for {
 		now := b.now()
@@ -277,25 +286,26 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) error {
 			res, err := b.allow(ctx, l)
 			if err != nil {
 				b.leave(w, start, gaveUp)
-				return err
+				return waited, err
 			}
 			if res.Allowed > 0 {
 				b.leave(w, start, served)
-				return nil
+				return waited, nil
 			}
 			wait = res.RetryAfter
 		}
 		eta := now.Add(wait)
 		if !deadline.IsZero() && eta.After(deadline) {
 			b.leave(w, start, refused)
-			return &ExhaustedError{Provider: b.name, RetryAfter: wait}
+			return waited, &ExhaustedError{Provider: b.name, RetryAfter: wait}
 		}
 		b.mu.Lock()
 		b.nextAt = eta
 		b.mu.Unlock()
+		waited = true
 		if err := b.sleep(ctx, wait); err != nil {
 			b.leave(w, start, gaveUp)
-			return err
+			return waited, err
 		}
 	}
 }
