@@ -183,6 +183,7 @@ type Broker struct {
 	mu      sync.Mutex          // orders cache writes with Purge's compare-and-delete
 	pol     policy              // the failure policy (policy.go)
 	flights map[string]*flight  // key -> its fetch in flight (inflight.go); guarded by mu
+	waiting map[string]int      // key -> lookups waiting for its fetch (inflight.go); guarded by mu
 	purging map[string][]string // key -> fingerprints being purged from the shared tier; guarded by mu
 }
 

@@ -770,3 +770,41 @@ func TestRefreshPlannedOnlyForMinted(t *testing.T) {
 		t.Errorf("planned: minter %v, adopter %v; want the minter's plan only", minter.plannedFor("acme"), adopter.plannedFor("acme"))
 	}
 }
+
+// TestFetchLeavesQueueWhenCallersGone: a fetch waiting for budget gives
+// up its place in the queue once every lookup waiting for it has gone; a
+// later lookup starts a fetch of its own.
+func TestFetchLeavesQueueWhenCallersGone(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: time.Hour}
+	asleep := make(chan struct{}, 1)
+	sleep := func(ctx context.Context, d time.Duration) error {
+		asleep <- struct{}{}
+		<-ctx.Done() // the budget's wait ends only when its fetch gives up
+		return ctx.Err()
+	}
+	br := New(Options{Now: clock.Now, BudgetWait: time.Minute})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	gone := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(ctx, bs[1])
+		gone <- err
+	}()
+	<-asleep
+	cancel()
+	if err := <-gone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("%v, want the caller's cancellation", err)
+	}
+	waitUntil(t, func() bool { return p.Budget.State().Waiting == 0 })
+	clock.Add(10 * time.Second)
+	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || src.calls() != 2 {
+		t.Fatalf("a later lookup: %v after %d calls, want a token", err, src.calls())
+	}
+}

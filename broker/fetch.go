@@ -38,6 +38,14 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 	ctx, cancel := context.WithDeadline(context.WithoutCancel(parent), deadline)
 	defer cancel()
 	by := br.budgetBy(parent, b, now)
+	// A fetch started by a lookup waits for budget while a lookup waits
+	// for it (waitFor); a refresh-ahead never waits, a Check's caller
+	// waits for its answer.
+	bctx, giveUp := ctx, context.CancelFunc(nil)
+	if cur == nil && force == nil {
+		bctx, giveUp = context.WithCancel(ctx)
+		defer giveUp()
+	}
 
 	// The last attempt and the fetch are reported once the outcome is in
 	// the cache (or remembered as a failure), so an observer sees a
@@ -46,7 +54,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 	report := func() {}
 	defer func() { report() }()
 	mint := func(ctx context.Context) (Token, error) {
-		tok, calls, r, err := br.mint(ctx, b, cur != nil, deadline, by)
+		tok, calls, r, err := br.mint(ctx, bctx, b, cur != nil, deadline, by)
 		report()
 		report = r
 		if force != nil {
@@ -57,7 +65,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 		}
 		return tok, err
 	}
-	f := br.beginFlight(b.key)
+	f := br.beginFlight(b.key, giveUp)
 	defer br.endFlight(b.key, f)
 	for attempt := 0; ; attempt++ {
 		tok, origin, err := br.obtain(ctx, b, cur, mint, f, force != nil)
@@ -155,13 +163,13 @@ const outlivesBy = time.Second
 // many calls it made and the report of the last call and of the fetch
 // (FetchObserver), for the caller to run once the outcome is stored.
 // deadline bounds the retries (wall clock), by a caller's wait for budget
-// (broker clock).
-func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, int, func(), error) {
+// (broker clock); bctx, derived from ctx, ends that wait early.
+func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, int, func(), error) {
 	if err := br.pol.admit(b, br.opts.Now()); err != nil {
 		return Token{}, 0, func() {}, err
 	}
 	obs := br.observer(b)
-	tok, f, class, last, err := br.attempts(ctx, b, obs, background, deadline, by)
+	tok, f, class, last, err := br.attempts(ctx, bctx, b, obs, background, deadline, by)
 	calls := len(f.Attempts)
 	if calls == 0 && errors.Is(err, budget.ErrExhausted) {
 		return tok, 0, last, refusedByBudget(b, err)
@@ -195,7 +203,7 @@ func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadlin
 // here, exactly once; the returned func reports the last one. A budget
 // refusing the first call ends the fetch with its *budget.ExhaustedError;
 // one refusing a retry, with the last call's error.
-func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
+func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, obs Observer, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
 	bo, _ := obs.(BreakerObserver)
 	noop := func() {}
 	report := noop
@@ -229,7 +237,7 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 		if probe {
 			takeBy = br.opts.Now()
 		}
-		waited, err := br.takeBudget(ctx, b, background, takeBy)
+		waited, err := br.takeBudget(bctx, b, background, takeBy)
 		if err != nil {
 			br.pol.notCalled(b, br.opts.Now())
 			if last != nil {

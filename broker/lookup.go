@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 )
 
@@ -64,6 +65,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	// A lookup can join a fetch that started earlier (a background
 	// refresh, say); its token is checked again like a cached one, and if
 	// it is no longer usable the lookup waits for one more fetch.
+	defer br.waitFor(b.key)()
 	for attempt := 0; ; attempt++ {
 		started := false // set by this lookup's fetch only, read after the channel
 		ch := br.group.DoChan(b.key, func() (any, error) {
@@ -73,6 +75,11 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 		select {
 		case res := <-ch:
 			if res.Err != nil {
+				if !started && attempt == 0 && errors.Is(res.Err, context.Canceled) && ctx.Err() == nil {
+					// The fetch joined gave up its wait for budget as
+					// its lookups had left: ask again.
+					continue
+				}
 				return nil, Miss, res.Err
 			}
 			e := res.Val.(*Entry)
