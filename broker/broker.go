@@ -53,6 +53,8 @@ type Entry struct {
 	stale         atomic.Bool // replaced by a newer token, or purged
 	// refreshing: a refresh-ahead of this entry is in flight.
 	refreshing atomic.Bool
+	// deferred: its budget deferred a refresh-ahead of it.
+	deferred atomic.Bool
 	// sharedAcross: served to a binding of another merchant than its
 	// own (same source, organisation and scopes): Drop keeps it.
 	sharedAcross atomic.Bool
@@ -181,6 +183,7 @@ type Broker struct {
 	mu      sync.Mutex          // orders cache writes with Purge's compare-and-delete
 	pol     policy              // the failure policy (policy.go)
 	flights map[string]*flight  // key -> its fetch in flight (inflight.go); guarded by mu
+	waiting map[string]int      // key -> lookups waiting for its fetch (inflight.go); guarded by mu
 	purging map[string][]string // key -> fingerprints being purged from the shared tier; guarded by mu
 }
 
@@ -218,6 +221,15 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	refresh := tok.RefreshAt
 	if refresh.IsZero() || !refresh.Before(tok.Expiry) || br.opts.RefreshWindow <= 0 {
 		refresh = br.planRefresh(b, tok, false)
+	} else {
+		// A plan made elsewhere (an adopted token) stays in the refresh
+		// window and leaves a refresh time before the token goes.
+		if start := br.refreshAt(tok); refresh.Before(start) {
+			refresh = start
+		}
+		if end := tok.Expiry.Add(-br.opts.Leeway - time.Second); refresh.After(end) {
+			refresh = end
+		}
 	}
 	e := &Entry{header: header, id: id, expiry: tok.Expiry,
 		issuedBefore: tok.Expiry.Sub(tok.IssuedAt), refreshBefore: tok.Expiry.Sub(refresh),

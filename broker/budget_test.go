@@ -178,8 +178,8 @@ func TestExhaustedAnsweredAtOnce(t *testing.T) {
 		if !errors.Is(err, budget.ErrExhausted) || Called(err) || RetryAfterOf(err) != 50*time.Second {
 			t.Fatalf("%s: %v (called %t, retry after %s), want exhausted, not called, retry after 50s", b.Merchant, err, Called(err), RetryAfterOf(err))
 		}
-		if _, ok := BackoffOf(err); !ok {
-			t.Errorf("%s: the refusal names no backoff", b.Merchant)
+		if bo, ok := BackoffOf(err); !ok || !bo.Budget() || bo.Source() || bo == (Backoff{SourceID: "bank#1"}) {
+			t.Errorf("%s: the refusal names %+v, want the budget's backoff, apart from the source's", b.Merchant, bo)
 		}
 	}
 	if n := src.calls(); n != 1 {
@@ -552,5 +552,259 @@ func TestDeadlineAfterBudgetWait(t *testing.T) {
 				t.Errorf("breaker %v, %d keys remembered; want held against the provider: %t", st, remembered, tt.held)
 			}
 		})
+	}
+}
+
+// TestRateLimitedHoldsBudget: a 429 with Retry-After from a provider with a
+// budget closes the budget until then (other keys are refused with its
+// wait, without a call) and is remembered neither for the source nor for
+// the key; without a budget, the source backs off.
+func TestRateLimitedHoldsBudget(t *testing.T) {
+	for _, withBudget := range []bool{true, false} {
+		t.Run(fmt.Sprintf("budget %t", withBudget), func(t *testing.T) {
+			clock := newFakeClock()
+			limited := &APIError{Provider: "bank", StatusCode: 429, RetryAfter: 30 * time.Second}
+			src := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}, errs: []error{limited}}
+			br := New(Options{Now: clock.Now, MaxAttempts: 1})
+			defer br.Close()
+			p := NewProfile("bank#1", src, nil, "", 0)
+			var bud *budget.Budget
+			if withBudget {
+				bud = budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, budget.NewLocal(clock.Now), clock.Now)
+				p.Budget = bud
+			}
+			bs := bindings(p, 2)
+			if _, _, err := br.Get(context.Background(), bs[0]); !errors.Is(err, limited) {
+				t.Fatalf("%v, want the 429", err)
+			}
+			until, _ := br.SourceBackoff("bank#1")
+			remembered := 0
+			br.Backoffs(func(*Binding, error, time.Time, time.Time) { remembered++ })
+			_, _, err := br.Get(context.Background(), bs[1])
+			if !withBudget {
+				if !until.Equal(clock.Now().Add(30*time.Second)) || remembered != 1 || Called(err) {
+					t.Fatalf("source backoff until %v, %d keys remembered, other key: %v; want the source held 30s", until, remembered, err)
+				}
+				return
+			}
+			if !until.IsZero() || remembered != 0 {
+				t.Errorf("source backoff until %v, %d keys remembered; want neither", until, remembered)
+			}
+			if st := bud.State(); !st.LoweredUntil.Equal(clock.Now().Add(30*time.Second)) || st.Effective != 0 {
+				t.Errorf("budget %+v, want closed for 30s", st)
+			}
+			if !errors.Is(err, budget.ErrExhausted) || Called(err) || RetryAfterOf(err) != 30*time.Second {
+				t.Fatalf("other key: %v (called %t, retry after %s), want exhausted for 30s", err, Called(err), RetryAfterOf(err))
+			}
+			clock.Add(30 * time.Second)
+			if _, _, err := br.Get(context.Background(), bs[1]); err != nil || src.calls() != 2 {
+				t.Fatalf("once the budget opened: %v after %d calls", err, src.calls())
+			}
+		})
+	}
+}
+
+// TestProbeDoesNotQueue: the half-open breaker's probe is not held in the
+// budget's queue: without room at once it is refused by the budget and the
+// probe released undecided; once the budget has room, the probe goes.
+func TestProbeDoesNotQueue(t *testing.T) {
+	clock := newFakeClock()
+	down := &APIError{Provider: "bank", StatusCode: 503}
+	src := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}, errs: []error{down}}
+	never := func(_ context.Context, d time.Duration) error {
+		t.Error("the probe waited for budget")
+		clock.Add(d)
+		return nil
+	}
+	br := New(Options{Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: 10 * time.Second, FailureTTL: -1, BudgetWait: time.Minute})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 20 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(never))
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); !errors.Is(err, down) || br.BreakerState("bank#1") != BreakerOpen {
+		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.BreakerState("bank#1"))
+	}
+	clock.Add(10 * time.Second)
+	if _, _, err := br.Get(context.Background(), bs[1]); !errors.Is(err, budget.ErrExhausted) || RetryAfterOf(err) != 10*time.Second {
+		t.Fatalf("probe without budget: %v (retry after %s), want exhausted for 10s", err, RetryAfterOf(err))
+	}
+	clock.Add(10 * time.Second)
+	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || br.BreakerState("bank#1") != BreakerClosed || src.calls() != 2 {
+		t.Fatalf("probe with budget: %v, breaker %v, %d calls; want a token and the breaker closed", err, br.BreakerState("bank#1"), src.calls())
+	}
+}
+
+// TestBreakerOpenedDuringBudgetWait: a caller that waited for budget while
+// another call opened the breaker is refused by the breaker, without a
+// call.
+func TestBreakerOpenedDuringBudgetWait(t *testing.T) {
+	clock := newFakeClock()
+	src := &countingSource{clock: clock, life: time.Hour}
+	gate := make(chan struct{})
+	down := &APIError{Provider: "bank", StatusCode: 503}
+	src.set(gate, down)
+	asleep, release := make(chan struct{}), make(chan struct{})
+	sleep := func(ctx context.Context, d time.Duration) error {
+		close(asleep)
+		<-release
+		clock.Add(d)
+		return nil
+	}
+	br := New(Options{Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: time.Minute, BudgetWait: time.Minute})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+	bs := bindings(p, 2)
+	failed := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(context.Background(), bs[0])
+		failed <- err
+	}()
+	waitUntil(t, func() bool { return src.calls.Load() == 1 })
+	waited := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(context.Background(), bs[1])
+		waited <- err
+	}()
+	<-asleep
+	close(gate)
+	if err := <-failed; !errors.Is(err, down) || br.BreakerState("bank#1") != BreakerOpen {
+		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.BreakerState("bank#1"))
+	}
+	close(release)
+	var ue *UnavailableError
+	if err := <-waited; !errors.As(err, &ue) || Called(err) {
+		t.Fatalf("after the wait: %v (called %t), want the open breaker's refusal", err, Called(err))
+	}
+	if n := src.calls.Load(); n != 1 {
+		t.Errorf("%d calls, want 1", n)
+	}
+}
+
+// TestRefreshBehindSparseLookups: a refresh the budget deferred with room
+// before the token's end is not reported; when no lookup comes until the
+// token is past expiry less Leeway, the first lookup then reports it, once.
+func TestRefreshBehindSparseLookups(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: 100 * time.Second}
+	obs := newPlanLog()
+	br := New(Options{Now: clock.Now, Observer: obs})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 500 * time.Millisecond}, budget.NewLocal(clock.Now), clock.Now)
+	b := NewBindingFor(p, "acme", "org")
+	e, _, err := br.Get(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(e.RefreshAt().Sub(clock.Now()))
+	if err := p.Budget.Take(context.Background(), budget.Foreground, time.Time{}); err != nil {
+		t.Fatal(err) // another key's caller spends the budget
+	}
+	if _, r, err := br.Get(context.Background(), b); err != nil || r != RefreshAhead {
+		t.Fatalf("%s %v, want the cached token and a refresh", r, err)
+	}
+	settle(t, br, b)
+	if told := obs.told(); len(told) != 0 || src.calls() != 1 {
+		t.Fatalf("RefreshBehind told %v after %d calls, want nothing yet (the budget has room before the end)", told, src.calls())
+	}
+	clock.Add(e.Token().Expiry.Add(-br.opts.Leeway / 2).Sub(clock.Now()))
+	for range 2 {
+		if _, _, err := br.Get(context.Background(), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if told := obs.told(); len(told) != 1 || !told[0].Equal(e.Token().Expiry) {
+		t.Errorf("RefreshBehind told %v, want once for %v", told, e.Token().Expiry)
+	}
+}
+
+// TestAdoptedRefreshAtClamped: a refresh time planned elsewhere (an
+// adopted token) is kept within the token's refresh window and before its
+// expiry less Leeway and a second.
+func TestAdoptedRefreshAtClamped(t *testing.T) {
+	clock := newFakeClock()
+	br := New(Options{Now: clock.Now})
+	defer br.Close()
+	p := NewProfile("bank#1", &callLog{clock: clock, life: time.Hour}, nil, "", 0)
+	b := NewBindingFor(p, "acme", "org")
+	now := clock.Now()
+	expiry := now.Add(100 * time.Second)
+	for _, tt := range []struct {
+		name            string
+		refreshAt, want time.Time
+	}{
+		{"in the window", now.Add(90 * time.Second), now.Add(90 * time.Second)},
+		{"before the window", now.Add(time.Second), now.Add(75 * time.Second)},
+		{"past expiry less Leeway", expiry.Add(-time.Second / 2), expiry.Add(-2 * time.Second)},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			tok := Token{Value: "tok", IssuedAt: now, Expiry: expiry, RefreshAt: tt.refreshAt}
+			if got := br.newEntry(b, tok, OriginShared).RefreshAt(); !got.Equal(tt.want) {
+				t.Errorf("RefreshAt %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestRefreshPlannedOnlyForMinted: the PlanObserver is told of the planned
+// refresh of a token the broker minted, not of one it adopted from the
+// shared tier (planned where it was minted).
+func TestRefreshPlannedOnlyForMinted(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: time.Hour}
+	shared := newMemShared()
+	minter, adopter := newPlanLog(), newPlanLog()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	for _, obs := range []*planLog{minter, adopter} {
+		br := New(Options{Now: clock.Now, Shared: shared, Observer: obs})
+		defer br.Close()
+		if _, _, err := br.Get(context.Background(), NewBindingFor(p, "acme", "org")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if src.calls() != 1 || shared.adopted != 1 {
+		t.Fatalf("%d calls, %d adopted; want one mint and one adoption", src.calls(), shared.adopted)
+	}
+	if minter.plannedFor("acme").IsZero() || !adopter.plannedFor("acme").IsZero() {
+		t.Errorf("planned: minter %v, adopter %v; want the minter's plan only", minter.plannedFor("acme"), adopter.plannedFor("acme"))
+	}
+}
+
+// TestFetchLeavesQueueWhenCallersGone: a fetch waiting for budget gives
+// up its place in the queue once every lookup waiting for it has gone; a
+// later lookup starts a fetch of its own.
+func TestFetchLeavesQueueWhenCallersGone(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: time.Hour}
+	asleep := make(chan struct{}, 1)
+	sleep := func(ctx context.Context, d time.Duration) error {
+		asleep <- struct{}{}
+		<-ctx.Done() // the budget's wait ends only when its fetch gives up
+		return ctx.Err()
+	}
+	br := New(Options{Now: clock.Now, BudgetWait: time.Minute})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	gone := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(ctx, bs[1])
+		gone <- err
+	}()
+	<-asleep
+	cancel()
+	if err := <-gone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("%v, want the caller's cancellation", err)
+	}
+	waitUntil(t, func() bool { return p.Budget.State().Waiting == 0 })
+	clock.Add(10 * time.Second)
+	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || src.calls() != 2 {
+		t.Fatalf("a later lookup: %v after %d calls, want a token", err, src.calls())
 	}
 }

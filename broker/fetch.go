@@ -38,6 +38,14 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 	ctx, cancel := context.WithDeadline(context.WithoutCancel(parent), deadline)
 	defer cancel()
 	by := br.budgetBy(parent, b, now)
+	// A fetch started by a lookup waits for budget while a lookup waits
+	// for it (waitFor); a refresh-ahead never waits, a Check's caller
+	// waits for its answer.
+	bctx, giveUp := ctx, context.CancelFunc(nil)
+	if cur == nil && force == nil {
+		bctx, giveUp = context.WithCancel(ctx)
+		defer giveUp()
+	}
 
 	// The last attempt and the fetch are reported once the outcome is in
 	// the cache (or remembered as a failure), so an observer sees a
@@ -46,7 +54,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 	report := func() {}
 	defer func() { report() }()
 	mint := func(ctx context.Context) (Token, error) {
-		tok, calls, r, err := br.mint(ctx, b, cur != nil, deadline, by)
+		tok, calls, r, err := br.mint(ctx, bctx, b, cur != nil, deadline, by)
 		report()
 		report = r
 		if force != nil {
@@ -57,7 +65,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 		}
 		return tok, err
 	}
-	f := br.beginFlight(b.key)
+	f := br.beginFlight(b.key, giveUp)
 	defer br.endFlight(b.key, f)
 	for attempt := 0; ; attempt++ {
 		tok, origin, err := br.obtain(ctx, b, cur, mint, f, force != nil)
@@ -74,8 +82,9 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 		e := br.newEntry(b, tok, origin)
 		if br.storeFetched(b, e, now, f) || attempt > 0 {
 			// A token purged twice while fetched is handed to the
-			// lookups waiting for it, never cached.
-			if po, ok := br.observer(b).(PlanObserver); ok {
+			// lookups waiting for it, never cached. An adopted token's
+			// refresh was planned where it was minted.
+			if po, ok := br.observer(b).(PlanObserver); ok && origin == OriginMinted {
 				po.RefreshPlanned(b, e.RefreshAt())
 			}
 			return e, nil
@@ -154,13 +163,13 @@ const outlivesBy = time.Second
 // many calls it made and the report of the last call and of the fetch
 // (FetchObserver), for the caller to run once the outcome is stored.
 // deadline bounds the retries (wall clock), by a caller's wait for budget
-// (broker clock).
-func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, int, func(), error) {
+// (broker clock); bctx, derived from ctx, ends that wait early.
+func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, int, func(), error) {
 	if err := br.pol.admit(b, br.opts.Now()); err != nil {
 		return Token{}, 0, func() {}, err
 	}
 	obs := br.observer(b)
-	tok, f, class, last, err := br.attempts(ctx, b, obs, background, deadline, by)
+	tok, f, class, last, err := br.attempts(ctx, bctx, b, obs, background, deadline, by)
 	calls := len(f.Attempts)
 	if calls == 0 && errors.Is(err, budget.ErrExhausted) {
 		return tok, 0, last, refusedByBudget(b, err)
@@ -194,7 +203,7 @@ func (br *Broker) mint(ctx context.Context, b *Binding, background bool, deadlin
 // here, exactly once; the returned func reports the last one. A budget
 // refusing the first call ends the fetch with its *budget.ExhaustedError;
 // one refusing a retry, with the last call's error.
-func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
+func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, obs Observer, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
 	bo, _ := obs.(BreakerObserver)
 	noop := func() {}
 	report := noop
@@ -202,26 +211,47 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 	var first time.Time
 	var last error
 	var class Class
-	for attempt := 1; ; attempt++ {
-		ok, wait, halfOpen, cause := br.pol.allow(b, br.opts.Now())
+	// callAllowed asks the breaker whether a call may go out now; it returns
+	// the refusal, or whether the call is the half-open breaker's probe.
+	callAllowed := func() (probe bool, refused error) {
+		ok, wait, halfOpen, probe, cause := br.pol.allow(b, br.opts.Now())
 		if halfOpen && bo != nil {
 			bo.BreakerChanged(b.SourceID, BreakerHalfOpen)
 		}
-		if !ok {
-			if last != nil {
-				cause = last
-			}
-			return Token{}, f, class, report, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Until: br.opts.Now().Add(wait), Err: cause}
+		if ok {
+			return probe, nil
 		}
-		before := br.opts.Now()
-		if err := br.takeBudget(ctx, b, background, by); err != nil {
+		if last != nil {
+			cause = last
+		}
+		return false, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Until: br.opts.Now().Add(wait), Err: cause}
+	}
+	for attempt := 1; ; attempt++ {
+		probe, refused := callAllowed()
+		if refused != nil {
+			return Token{}, f, class, report, refused
+		}
+		// A half-open breaker's probe does not queue for budget: it goes
+		// now or is released undecided.
+		takeBy := by
+		if probe {
+			takeBy = br.opts.Now()
+		}
+		waited, err := br.takeBudget(bctx, b, background, takeBy)
+		if err != nil {
 			br.pol.notCalled(b, br.opts.Now())
 			if last != nil {
 				err = last
 			}
 			return Token{}, f, class, report, err
 		}
-		waited := br.opts.Now().After(before)
+		if waited {
+			// The breaker may have opened while this call waited for
+			// budget: ask it again (the budget taken is spent).
+			if _, refused := callAllowed(); refused != nil {
+				return Token{}, f, class, report, refused
+			}
+		}
 		start := time.Now()
 		if attempt == 1 {
 			first = start
@@ -256,7 +286,7 @@ func (br *Broker) attempts(ctx context.Context, b *Binding, obs Observer, backgr
 		// A Retry-After longer than BackoffMax ends the fetch: the key's
 		// failure memory honours it, no caller sleeps through it.
 		ra := RetryAfterOf(err)
-		wait = max(backoff(attempt, br.opts.BackoffBase, br.opts.BackoffMax), ra)
+		wait := max(backoff(attempt, br.opts.BackoffBase, br.opts.BackoffMax), ra)
 		if ra > br.opts.BackoffMax || time.Now().Add(wait).After(deadline) {
 			return tok, f, class, report, err
 		}
@@ -348,16 +378,16 @@ func callBound(src Source) time.Duration {
 
 // takeBudget takes one token request from b's budget, if it has one: a
 // caller waits its turn up to by (broker clock), a refresh-ahead
-// (background) never waits.
-func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, by time.Time) error {
+// (background) never waits. It reports whether the request waited.
+func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, by time.Time) (waited bool, err error) {
 	if b.Budget == nil {
-		return nil
+		return false, nil
 	}
 	p := budget.Foreground
 	if background {
 		p = budget.Background
 	}
-	return b.Budget.Take(ctx, p, by)
+	return b.Budget.TakeWaited(ctx, p, by)
 }
 
 // Refresh-ahead denied budget: the next request after a short defer tries
@@ -376,12 +406,22 @@ func (br *Broker) refreshDenied(b *Binding, cur *Entry, err error, now time.Time
 	d := min(max(wait, refreshDeferMin), refreshDeferMax)
 	d += rand.N(d/2 + 1)
 	br.pol.refreshDeferred(b, err, now, now.Add(d))
+	cur.deferred.Store(true)
 	end := cur.expiry.Add(-br.opts.Leeway)
-	if now.Add(max(wait, d)).Before(end) || !cur.behind.CompareAndSwap(false, true) {
+	if now.Add(max(wait, d)).Before(end) {
+		return
+	}
+	br.refreshBehind(b, cur)
+}
+
+// refreshBehind tells the PlanObserver, once per token, that e's refresh
+// will not happen before e can no longer be served.
+func (br *Broker) refreshBehind(b *Binding, e *Entry) {
+	if !e.behind.CompareAndSwap(false, true) {
 		return
 	}
 	if po, ok := br.observer(b).(PlanObserver); ok {
-		po.RefreshBehind(b, cur.expiry)
+		po.RefreshBehind(b, e.expiry)
 	}
 }
 

@@ -21,6 +21,9 @@ import "slices"
 // purged while it ran ("" for any). Guarded by Broker.mu.
 type flight struct {
 	purged []string
+	// giveUp ends the fetch's wait for budget: set for a fetch started by
+	// a lookup, called when the last lookup waiting for it left.
+	giveUp func()
 }
 
 // maxFlightPurges bounds flight.purged; beyond it, any token counts as
@@ -28,17 +31,45 @@ type flight struct {
 const maxFlightPurges = 8
 
 // beginFlight registers a fetch of key; end it with endFlight. There is one
-// fetch per key at a time (the singleflight group).
-func (br *Broker) beginFlight(key string) *flight {
-	f := &flight{}
+// fetch per key at a time (the singleflight group). giveUp, nil for a
+// fetch no lookup waits for, ends its wait for budget (waitFor).
+func (br *Broker) beginFlight(key string, giveUp func()) *flight {
+	f := &flight{giveUp: giveUp}
 	br.mu.Lock()
 	f.purged = append(f.purged, br.purging[key]...)
 	if br.flights == nil {
 		br.flights = map[string]*flight{}
 	}
 	br.flights[key] = f
+	if giveUp != nil && br.waiting[key] == 0 {
+		giveUp() // its lookups left before it started
+	}
 	br.mu.Unlock()
 	return f
+}
+
+// waitFor counts a lookup waiting for the fetch of key; call the returned
+// func when it stops waiting. When the last lookup waiting has left, the
+// fetch in flight gives up its place in the budget's queue (flight.giveUp):
+// nobody waits for its token.
+func (br *Broker) waitFor(key string) (done func()) {
+	br.mu.Lock()
+	if br.waiting == nil {
+		br.waiting = map[string]int{}
+	}
+	br.waiting[key]++
+	br.mu.Unlock()
+	return func() {
+		br.mu.Lock()
+		defer br.mu.Unlock()
+		if br.waiting[key]--; br.waiting[key] > 0 {
+			return
+		}
+		delete(br.waiting, key)
+		if f := br.flights[key]; f != nil && f.giveUp != nil {
+			f.giveUp()
+		}
+	}
 }
 
 // endFlight unregisters the fetch f of key.

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 )
 
@@ -31,6 +32,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	// no shared map is read and no lock is taken. An entry replaced by a
 	// newer token or purged is marked stale, and the cache is asked again.
 	e := b.current.Load()
+	last := e
 	if e == nil || e.stale.Load() || !e.validAt(now, br.opts.Leeway) {
 		e = nil
 		if v, ok := br.cache.Get(b.key); ok {
@@ -52,9 +54,18 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 		br.observe(b, r)
 		return e, r, nil
 	}
+	if e == nil {
+		e = last
+	}
+	if e != nil && e.deferred.Load() && !e.stale.Load() {
+		// Its budget deferred its refresh and no lookup came before it
+		// could no longer be served: the refresh is behind.
+		br.refreshBehind(b, e)
+	}
 	// A lookup can join a fetch that started earlier (a background
 	// refresh, say); its token is checked again like a cached one, and if
 	// it is no longer usable the lookup waits for one more fetch.
+	defer br.waitFor(b.key)()
 	for attempt := 0; ; attempt++ {
 		started := false // set by this lookup's fetch only, read after the channel
 		ch := br.group.DoChan(b.key, func() (any, error) {
@@ -64,6 +75,11 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 		select {
 		case res := <-ch:
 			if res.Err != nil {
+				if !started && attempt == 0 && errors.Is(res.Err, context.Canceled) && ctx.Err() == nil {
+					// The fetch joined gave up its wait for budget as
+					// its lookups had left: ask again.
+					continue
+				}
 				return nil, Miss, res.Err
 			}
 			e := res.Val.(*Entry)

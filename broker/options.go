@@ -3,6 +3,8 @@ package broker
 import (
 	"context"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
 // Defaults of Options.
@@ -23,8 +25,9 @@ const (
 
 // MaxRetryAfterMemory caps how long a key honours a provider's Retry-After:
 // longer values (up to the hour ParseRetryAfter accepts) are cut to this, so
-// that a broken or hostile header cannot silence a key for long.
-const MaxRetryAfterMemory = 10 * time.Minute
+// that a broken or hostile header cannot silence a key for long. It is the
+// budgets' cap (budget.MaxHold): one cap for every answer of a provider.
+const MaxRetryAfterMemory = budget.MaxHold
 
 // Options configure a Broker. The zero value gives the defaults.
 type Options struct {
@@ -268,11 +271,15 @@ type BackoffObserver interface {
 	BackingOff(b *Binding, on bool)
 }
 
-// PlanObserver is an optional interface of an Observer: it is told when a
-// cached token's refresh-ahead is planned (Token.RefreshAt), and, once per
+// PlanObserver is an optional interface of an Observer: it is told when
+// the refresh-ahead of a token this broker minted is planned
+// (Token.RefreshAt; an adopted token's was planned where it was minted),
+// and, once per
 // token, when its refresh cannot get budget (Profile.Budget) before the
 // token's expiry less Leeway: the key goes cold and its next caller waits
-// for a token.
+// for a token. It is told when the budget refuses the refresh with a wait
+// past that point, or, when lookups are sparse, by the first lookup that
+// finds the token past it with its refresh deferred by the budget.
 type PlanObserver interface {
 	RefreshPlanned(b *Binding, at time.Time)
 	RefreshBehind(b *Binding, expiry time.Time)

@@ -14,10 +14,13 @@ import (
 // (background). It keeps one state per key and one per source, both on
 // the broker clock, and answers before any call:
 //
-//   - a source backoff (a 429 with Retry-After, capped at
-//     MaxRetryAfterMemory; or a refused credential, FailureTTL doubled at
-//     each consecutive one up to FailureMax) refuses every key of the
-//     source;
+//   - a source backoff (a 429 with Retry-After from a provider without a
+//     budget, capped at MaxRetryAfterMemory; or a refused credential,
+//     FailureTTL doubled at each consecutive one up to FailureMax) refuses
+//     every key of the source; for a provider with a budget, a 429 with
+//     Retry-After closes the budget until then instead (Budget.Hold, same
+//     cap) and is not remembered for the source nor the key: callers queue
+//     for the budget or are refused with its wait, refreshes wait;
 //   - a key backoff, from the key's failure memory (FailureTTL doubled at
 //     each consecutive failure up to FailureMax, or the provider's
 //     Retry-After if longer), refuses the key; after a failed
@@ -168,7 +171,7 @@ func (e *backoffError) Unwrap() error { return e.err }
 // Backoff names what the failure policy does not call the token API for,
 // behind an error it answered (BackoffOf): a source (its circuit breaker
 // open, or its backoff after a 429 with Retry-After or a refused
-// credential) or one key (its failure memory). Backoffs are comparable:
+// credential), one key (its failure memory), or a source's budget. Backoffs are comparable:
 // equal for the refusals of one source's backoff, or of one key's. A map
 // key to limit the logs of repeated refusals; never log a Backoff itself
 // (it holds the binary cache key, see Binding.Key): log its SourceID.
@@ -176,10 +179,16 @@ type Backoff struct {
 	// SourceID is the source backing off, or the source of the key.
 	SourceID string
 	key      string // the cache key backing off; "" when the source is
+	budget   bool   // the source's token API budget refused (refusedByBudget)
 }
 
-// Source reports whether the whole source backs off, not one key.
-func (h Backoff) Source() bool { return h.key == "" }
+// Source reports whether the whole source backs off (its breaker or its
+// backoff), not one key nor its budget.
+func (h Backoff) Source() bool { return h.key == "" && !h.budget }
+
+// Budget reports whether the provider's token API budget refused the call
+// (Profile.Budget): its own scope, apart from the source's backoff.
+func (h Backoff) Budget() bool { return h.budget }
 
 // BackoffOf returns the backoff behind err when the failure policy
 // answered it (a backoff, with or without a call to the token API, or an
@@ -260,6 +269,12 @@ func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int,
 		return nil
 	}
 	if p.opts.FailureTTL < 0 || errors.Is(err, context.Canceled) {
+		return p.withBackoffLocked(b, err, now)
+	}
+	if calls > 0 && c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {
+		// The budget holds every key of the provider until then; it
+		// answers the next fetches itself.
+		b.Budget.Hold(now, RetryAfterOf(err))
 		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 {
@@ -348,7 +363,7 @@ func (p *policy) refreshDeferred(b *Binding, err error, now, until time.Time) {
 // call, as the policy answers it: not called, retry after the budget's
 // wait. It is not remembered: the budget answers the next fetch itself.
 func refusedByBudget(b *Binding, err error) error {
-	return &backoffError{err: err, retryAfter: RetryAfterOf(err), scope: Backoff{SourceID: b.SourceID}, notCalled: true}
+	return &backoffError{err: err, retryAfter: RetryAfterOf(err), scope: Backoff{SourceID: b.SourceID, budget: true}, notCalled: true}
 }
 
 // notCalled tells the breaker of b's source that a call allow let through
@@ -371,13 +386,17 @@ func (p *policy) refreshDue(b *Binding, now time.Time) bool {
 }
 
 // allow asks the breaker of b's source whether a call may go out at now.
-func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, changed bool, cause error) {
+// changed: this call moved the breaker to half-open; probe: the call is
+// the half-open breaker's probe.
+func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, changed, probe bool, cause error) {
 	if p.opts.BreakerThreshold <= 0 {
-		return true, 0, false, nil
+		return true, 0, false, false, nil
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.source(b.SourceID).brk.Allow(now)
+	brk := &p.source(b.SourceID).brk
+	ok, wait, changed, cause = brk.Allow(now)
+	return ok, wait, changed, ok && brk.State() == BreakerHalfOpen, cause
 }
 
 // called tells the breaker of b's source how a call let through by allow

@@ -31,7 +31,7 @@ import (
 // `caddy_token_broker_l2_up` | | with redis only: 1 while the shared tier is used, 0 while its breaker keeps Redis out
 // `caddy_token_broker_dpop_nonce_challenges_total` | provider, server | DPoP nonce challenges (use_dpop_nonce) answered with a retry: server token (the provider's token or PAR endpoint) or resource (an upstream behind a token_broker route)
 // `caddy_token_broker_budget_used_total` | provider, priority | token API calls that took a request from the provider's budget (rate_limit): priority foreground (a caller waits) or background (refresh-ahead)
-// `caddy_token_broker_refreshes_planned_total` | provider, when | refresh plans: ahead (a token's refresh planned in its window), behind (a planned refresh that cannot get budget before the token's end)
+// `caddy_token_broker_refreshes_planned_total` | provider, when | refresh plans: ahead (the refresh of a token this broker minted, planned in its window), behind (a planned refresh that cannot get budget before the token's end)
 // `caddy_token_broker_budget_rate`, `..._budget_remaining`, `..._budget_queue_length` | provider | the budget's rate in force, the requests its bucket held at its last answer, the callers waiting (opstate.Collector, at scrape time)
 // `caddy_token_broker_budget_exhausted_total`, `..._budget_queue_wait_seconds_total` | provider | token requests the budget refused; the time its served callers waited in all
 //

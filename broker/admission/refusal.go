@@ -74,8 +74,11 @@ func (rf Refusal) log(logger *zap.Logger, limit *lograte.Limiter[broker.Backoff]
 			return
 		}
 		scope := "key"
-		if bo.Source() {
+		switch {
+		case bo.Source():
 			scope = "source"
+		case bo.Budget():
+			scope = "budget"
 		}
 		fields = append(fields, zap.String("source", bo.SourceID), zap.String("backoff", scope))
 		if left.Count > 0 {

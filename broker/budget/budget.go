@@ -3,6 +3,12 @@
 // process, or in Redis for a fleet), callers who wait for a token before
 // refresh-ahead, refreshes planned where the rate has room, and the
 // provider's own rate-limit headers lowering the rate until they pass.
+//
+// A provider's 429 with Retry-After closes its budget until then (Hold,
+// called by the broker's failure policy): callers queue or are refused
+// with the budget's wait, refreshes are refused; a provider without a
+// budget is held by the policy's source backoff instead. Every hold is
+// capped at MaxHold.
 package budget
 
 import (
@@ -46,12 +52,19 @@ type ExhaustedError struct {
 	// of the same priority (from the queue of waiting callers and the
 	// bucket).
 	RetryAfter time.Duration
+	// Priority is the refused request's.
+	Priority Priority
 }
 
-// Error says whose budget is exhausted and for how long.
+// Error says whose budget is exhausted, for which request and for how
+// long.
 func (e *ExhaustedError) Error() string {
-	return fmt.Sprintf("token API budget of provider %q exhausted: its rate limit has no room before the request's deadline; retry after %s",
-		e.Provider, e.RetryAfter.Round(time.Millisecond))
+	why := "its rate limit has no room before the request's deadline"
+	if e.Priority == Background {
+		why = "a refresh-ahead gets none while callers wait, the provider's limit is closed, or only the callers' reserve is left"
+	}
+	return fmt.Sprintf("token API budget of provider %q exhausted: %s; retry after %s",
+		e.Provider, why, e.RetryAfter.Round(time.Millisecond))
 }
 
 // Unwrap returns ErrExhausted.
@@ -92,6 +105,14 @@ func WithLocalShare(n int) Option {
 	return func(b *Budget) { b.shareOf = max(n, 1) }
 }
 
+// WithSharedBy says the budget's Store is shared by n sidecars (a fleet on
+// one Redis), each spending the whole limit: each plans its refreshes
+// (Plan) on an n-th of the rate's BackgroundShare, so that the fleet's
+// plans together fit it. Default 1.
+func WithSharedBy(n int) Option {
+	return func(b *Budget) { b.sharedBy = max(n, 1) }
+}
+
 // Budget is one provider's token API budget. It is safe for concurrent use;
 // all profiles of a provider share one.
 type Budget struct {
@@ -103,6 +124,7 @@ type Budget struct {
 	now           func() time.Time
 	sleep         func(ctx context.Context, d time.Duration) error
 	shareOf       int // WithLocalShare
+	sharedBy      int // WithSharedBy
 
 	mu sync.Mutex
 	// queue holds the callers waiting, in arrival order; only its head
@@ -133,7 +155,7 @@ func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *B
 	if now == nil {
 		now = time.Now
 	}
-	b := &Budget{name: name, limit: l, fallbackLimit: l, store: s, now: now, sleep: sleepCtx, shareOf: 1}
+	b := &Budget{name: name, limit: l, fallbackLimit: l, store: s, now: now, sleep: sleepCtx, shareOf: 1, sharedBy: 1}
 	for _, o := range opts {
 		o(b)
 	}
@@ -142,15 +164,9 @@ func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *B
 	}
 	b.fallback = NewLocal(now)
 	b.remaining = l.Burst
-	b.cal = newCalendar(l)
+	b.cal = newCalendar(l.Share(b.sharedBy))
 	return b
 }
-
-// Name is the provider the budget is for.
-func (b *Budget) Name() string { return b.name }
-
-// Limit is the configured limit (before any lowering).
-func (b *Budget) Limit() Limit { return b.limit }
 
 // sleepCtx waits d or until ctx ends.
 func sleepCtx(ctx context.Context, d time.Duration) error {
@@ -174,8 +190,15 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // when ctx ends while it waits, and a Store error only when the in-process
 // fallback fails too (never).
 func (b *Budget) Take(ctx context.Context, p Priority, deadline time.Time) error {
+	_, err := b.TakeWaited(ctx, p, deadline)
+	return err
+}
+
+// TakeWaited is Take, and also reports whether the request waited its
+// turn (behind other callers, or for the bucket or a closing to pass).
+func (b *Budget) TakeWaited(ctx context.Context, p Priority, deadline time.Time) (waited bool, err error) {
 	if err := ctx.Err(); err != nil {
-		return err
+		return false, err
 	}
 	if d, ok := ctx.Deadline(); ok {
 		if dl := b.now().Add(time.Until(d)); deadline.IsZero() || dl.Before(deadline) {
@@ -183,7 +206,7 @@ func (b *Budget) Take(ctx context.Context, p Priority, deadline time.Time) error
 		}
 	}
 	if p == Background {
-		return b.takeBackground(ctx)
+		return false, b.takeBackground(ctx)
 	}
 	return b.takeForeground(ctx, deadline)
 }
@@ -197,7 +220,7 @@ func (b *Budget) takeBackground(ctx context.Context) error {
 		eta := b.etaLocked(len(b.queue), now, l)
 		b.exhausted++
 		b.mu.Unlock()
-		return &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(now) + l.interval()}
+		return &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(now) + l.interval(), Priority: Background}
 	}
 	b.mu.Unlock()
 	bg := l
@@ -213,7 +236,7 @@ func (b *Budget) takeBackground(ctx context.Context) error {
 		return nil
 	}
 	b.exhausted++
-	return &ExhaustedError{Provider: b.name, RetryAfter: res.RetryAfter}
+	return &ExhaustedError{Provider: b.name, RetryAfter: res.RetryAfter, Priority: Background}
 }
 
 // reserve is how much of a burst background requests leave to callers.
@@ -224,8 +247,8 @@ func reserve(burst int) int {
 	return max(1, int(float64(burst)*reserveShare))
 }
 
-// takeForeground is Take for a caller.
-func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) error {
+// takeForeground is TakeWaited for a caller.
+func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) (waited bool, err error) {
 	start := b.now()
 	w := &waiter{ready: make(chan struct{})}
 	b.mu.Lock()
@@ -234,12 +257,14 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) error {
 		if !deadline.IsZero() && eta.After(deadline) {
 			b.exhausted++
 			b.mu.Unlock()
-			return &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(start)}
+			return false, &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(start)}
 		}
 	}
 	b.queue = append(b.queue, w)
 	if len(b.queue) == 1 {
 		close(w.ready)
+	} else {
+		waited = true
 	}
 	b.mu.Unlock()
 
@@ -247,7 +272,7 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) error {
 	case <-w.ready:
 	case <-ctx.Done():
 		b.leave(w, start, gaveUp)
-		return ctx.Err()
+		return waited, ctx.Err()
 	}
 	for {
 		now := b.now()
@@ -261,25 +286,26 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) error {
 			res, err := b.allow(ctx, l)
 			if err != nil {
 				b.leave(w, start, gaveUp)
-				return err
+				return waited, err
 			}
 			if res.Allowed > 0 {
 				b.leave(w, start, served)
-				return nil
+				return waited, nil
 			}
 			wait = res.RetryAfter
 		}
 		eta := now.Add(wait)
 		if !deadline.IsZero() && eta.After(deadline) {
 			b.leave(w, start, refused)
-			return &ExhaustedError{Provider: b.name, RetryAfter: wait}
+			return waited, &ExhaustedError{Provider: b.name, RetryAfter: wait}
 		}
 		b.mu.Lock()
 		b.nextAt = eta
 		b.mu.Unlock()
+		waited = true
 		if err := b.sleep(ctx, wait); err != nil {
 			b.leave(w, start, gaveUp)
-			return err
+			return waited, err
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -296,7 +297,7 @@ func TestObserve(t *testing.T) {
 		lowered   time.Duration // 0: no lowering
 	}{
 		{"draft structured", hdr("RateLimit", `"default";r=5;t=10`), 0.5, 10 * time.Second},
-		{"draft two policies, the tighter wins", hdr("RateLimit", `"burst";r=50;t=1, "daily";r=100;t=1000`), 0.1, 1000 * time.Second},
+		{"draft two policies, the tighter wins", hdr("RateLimit", `"burst";r=50;t=1, "daily";r=100;t=1000`), 0.1, MaxHold},
 		{"draft dictionary", hdr("RateLimit", `limit=100, remaining=2, reset=4`), 0.5, 4 * time.Second},
 		{"draft policy", hdr("RateLimit-Policy", `"default";q=60;w=60`), 1, time.Minute},
 		{"draft older policy", hdr("RateLimit-Policy", `30;w=60`), 0.5, time.Minute},
@@ -304,7 +305,9 @@ func TestObserve(t *testing.T) {
 		{"x- with seconds", hdr("X-RateLimit-Remaining", "1", "X-RateLimit-Reset", "2.5"), 0.4, 2500 * time.Millisecond},
 		{"x- with a Unix time", hdr("X-RateLimit-Remaining", "4", "X-RateLimit-Reset", "1795435220"), 0.2, 20 * time.Second},
 		{"none left closes", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "30"), 0, 30 * time.Second},
-		{"absurd reset capped", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "99999999"), 0, time.Hour},
+		{"absurd reset capped", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "99999999"), 0, MaxHold},
+		{"x- with a Unix time in milliseconds", hdr("X-RateLimit-Remaining", "4", "X-RateLimit-Reset", "1795435220000"), 0.2, 20 * time.Second},
+		{"x- with a Unix time in milliseconds, passed", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "1795435100000"), 10, 0},
 		{"plenty left", hdr("X-RateLimit-Remaining", "500", "X-RateLimit-Reset", "10"), 10, 0},
 		{"malformed", hdr("X-RateLimit-Remaining", "many", "X-RateLimit-Reset", "-3", "RateLimit", "r=;t=x"), 10, 0},
 		{"no headers", hdr(), 10, 0},
@@ -391,8 +394,47 @@ func TestObserveGovernsTake(t *testing.T) {
 	}
 	b.Observe(http.Header{"Ratelimit": {`"d";r=0;t=20`}}, c.Now())
 	b.Observe(http.Header{"Ratelimit": {`"d";r=1000;t=20`}}, c.Now())
+	if err := b.Take(ctx, Background, time.Time{}); !errors.As(err, &ee) {
+		t.Fatalf("background after a late answer with room: %v, want the budget still closed", err)
+	}
+	b.Observe(http.Header{"Ratelimit": {`"d";r=0;t=5`}}, c.Now())
+	if st := b.State(); !st.LoweredUntil.Equal(c.Now().Add(20 * time.Second)) {
+		t.Errorf("closed until %v after a shorter closing, want %v", st.LoweredUntil, c.Now().Add(20*time.Second))
+	}
+	c.Add(20 * time.Second)
 	if err := b.Take(ctx, Background, time.Time{}); err != nil {
-		t.Fatalf("background once the provider has room: %v", err)
+		t.Fatalf("background once the closing ended: %v", err)
+	}
+}
+
+// TestHold: a 429's Retry-After closes the budget until then (at most
+// MaxHold), never shorter than a closing in force.
+func TestHold(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		holds []time.Duration
+		want  time.Duration
+	}{
+		{"one", []time.Duration{30 * time.Second}, 30 * time.Second},
+		{"a shorter one after", []time.Duration{30 * time.Second, 5 * time.Second}, 30 * time.Second},
+		{"a longer one after", []time.Duration{5 * time.Second, 30 * time.Second}, 30 * time.Second},
+		{"capped", []time.Duration{time.Hour}, MaxHold},
+		{"none", []time.Duration{0}, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newClock()
+			b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now)
+			for _, d := range tt.holds {
+				b.Hold(c.Now(), d)
+			}
+			var want time.Time
+			if tt.want > 0 {
+				want = c.Now().Add(tt.want)
+			}
+			if st := b.State(); !st.LoweredUntil.Equal(want) || (st.Effective == 0) != (tt.want > 0) {
+				t.Errorf("closed until %v (effective %v), want %v", st.LoweredUntil, st.Effective, want)
+			}
+		})
 	}
 }
 
@@ -405,14 +447,16 @@ func TestPlanSpreads(t *testing.T) {
 		l    Limit
 		n    int
 		want map[time.Duration]int // offset before latest -> refreshes planned there
+		opts []Option
 	}{
-		{"4/s: 3 per second", limit(4, 4, time.Second), 10, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 1}},
-		{"1/s: 1 per 2s", limit(1, 1, time.Second), 3, map[time.Duration]int{0: 1, -2 * time.Second: 1, -4 * time.Second: 1}},
-		{"full: the earliest", limit(4, 4, time.Second), 20, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 3, -4 * time.Second: 3, -5 * time.Second: 5}},
+		{"8/s shared by 2: 3 per second each", limit(8, 8, time.Second), 10, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 1}, []Option{WithSharedBy(2)}},
+		{"4/s: 3 per second", limit(4, 4, time.Second), 10, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 1}, nil},
+		{"1/s: 1 per 2s", limit(1, 1, time.Second), 3, map[time.Duration]int{0: 1, -2 * time.Second: 1, -4 * time.Second: 1}, nil},
+		{"full: the earliest", limit(4, 4, time.Second), 20, map[time.Duration]int{0: 3, -time.Second: 3, -2 * time.Second: 3, -3 * time.Second: 3, -4 * time.Second: 3, -5 * time.Second: 5}, nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c := newClock()
-			b := New("bank", tt.l, NewLocal(c.Now), c.Now)
+			b := New("bank", tt.l, NewLocal(c.Now), c.Now, tt.opts...)
 			latest := c.Now().Add(time.Minute + 300*time.Millisecond)
 			earliest := latest.Add(-5 * time.Second)
 			got := map[time.Duration]int{}
@@ -475,6 +519,40 @@ func TestLimitString(t *testing.T) {
 	} {
 		if got := tt.l.String(); got != tt.want {
 			t.Errorf("%#v: %q, want %q", tt.l, got, tt.want)
+		}
+	}
+}
+
+// TestExhaustedErrorText: a refusal says why for its priority.
+func TestExhaustedErrorText(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(1, 1, time.Minute), NewLocal(c.Now), c.Now)
+	ctx := context.Background()
+	if err := b.Take(ctx, Foreground, time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		p    Priority
+		want string
+	}{
+		{Foreground, "no room before the request's deadline"},
+		{Background, "a refresh-ahead gets none"},
+	} {
+		err := b.Take(ctx, tt.p, c.Now().Add(time.Second))
+		var ee *ExhaustedError
+		if !errors.As(err, &ee) || ee.Priority != tt.p || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: %v, want an exhausted error saying %q", tt.p, err, tt.want)
+		}
+	}
+}
+
+// TestTakeWaited: TakeWaited reports whether the request waited its turn.
+func TestTakeWaited(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now, WithSleep(c.advance))
+	for i, want := range []bool{false, true} {
+		if waited, err := b.TakeWaited(context.Background(), Foreground, time.Time{}); err != nil || waited != want {
+			t.Errorf("request %d: waited %t, %v; want waited %t", i+1, waited, err, want)
 		}
 	}
 }

@@ -8,12 +8,23 @@ import (
 	"time"
 )
 
-// maxLowering caps how long one answer's headers lower a budget: a broken
-// or hostile header cannot silence a provider for longer.
-const maxLowering = time.Hour
+// MaxHold caps how long one answer of a provider holds back its token API
+// calls: its rate-limit headers lowering or closing a budget, its
+// Retry-After closing it (Budget.Hold) or, without a budget, the broker's
+// memory of it. A broken or hostile header cannot silence a provider for
+// longer.
+const MaxHold = 10 * time.Minute
 
-// epochSeconds: a reset above it is a Unix time, not a delay.
-const epochSeconds = 1_000_000_000
+// maxReset caps the window a quota is read over: a day, like the longest
+// period ParseRate accepts. How long the quota holds is capped at MaxHold.
+const maxReset = 24 * time.Hour
+
+// A reset at or above epochSeconds is a Unix time in seconds, not a delay;
+// at or above epochMillis, a Unix time in milliseconds.
+const (
+	epochSeconds = 1_000_000_000
+	epochMillis  = 1_000_000_000_000
+)
 
 // quota is what a provider's headers say: remaining requests until reset.
 type quota struct {
@@ -26,12 +37,15 @@ type quota struct {
 // remaining=, reset=) and RateLimit-Policy (q=, w=), the draft's early
 // RateLimit-Remaining/-Reset, and the common X-RateLimit-Remaining/-Reset
 // (a reset in seconds or as a Unix time). The most restrictive quota read
-// applies until its reset (at most an hour): a rate below the configured
+// applies until its reset (at most MaxHold): a rate below the configured
 // one (for a local share, WithLocalShare, its share of the rate) lowers
 // the budget, none left closes it until then. An answer whose
 // quotas restrict nothing ends a lowering; one without a well-formed quota
-// leaves the budget as it is (malformed values are ignored). A 429 with
-// Retry-After is the failure policy's, not the budget's.
+// leaves the budget as it is (malformed values are ignored). A closed
+// budget is never reopened by an answer (one sent before it closed may
+// arrive after): it stays closed until the latest end any answer gave. A
+// 429's Retry-After closes it through Hold, which the broker's failure
+// policy calls.
 func (b *Budget) Observe(h http.Header, now time.Time) {
 	qs := quotas(h, now)
 	if len(qs) == 0 {
@@ -39,7 +53,7 @@ func (b *Budget) Observe(h http.Header, now time.Time) {
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.loweredUntil, b.closedUntil = time.Time{}, time.Time{}
+	b.loweredUntil = time.Time{}
 	best, found := quota{}, false
 	for _, q := range qs {
 		if found && float64(q.remaining)/q.reset.Seconds() >= float64(best.remaining)/best.reset.Seconds() {
@@ -50,13 +64,13 @@ func (b *Budget) Observe(h http.Header, now time.Time) {
 	if !found {
 		return
 	}
-	until := now.Add(best.reset)
+	until := now.Add(min(best.reset, MaxHold))
 	// Spread evenly: a burst on top would spend twice what is left. What
 	// is left is the whole key's: this budget's share of it.
 	lowered := Limit{Rate: best.remaining, Burst: 1, Period: best.reset}.Share(b.shareOf)
 	switch {
 	case best.remaining == 0:
-		b.closedUntil = until
+		b.closedUntil = later(b.closedUntil, until)
 	case lowered.PerSecond() < b.limit.PerSecond():
 		b.lowered, b.loweredUntil = lowered, until
 	}
@@ -123,20 +137,37 @@ func count(v string) (int, bool) {
 }
 
 // delay reads a reset in seconds (fractions allowed) or as a Unix time in
-// seconds, as a positive delay from now capped at maxLowering.
+// seconds or milliseconds, as a positive delay from now capped at
+// maxReset.
 func delay(v string, now time.Time) (time.Duration, bool) {
 	f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
 	if err != nil || f <= 0 || math.IsInf(f, 0) || math.IsNaN(f) {
 		return 0, false
 	}
-	if f >= epochSeconds {
+	switch {
+	case f >= epochMillis:
+		f = time.UnixMilli(int64(min(f, math.MaxInt64/2))).Sub(now).Seconds()
+	case f >= epochSeconds:
 		f = time.Unix(int64(f), 0).Sub(now).Seconds()
-		if f <= 0 {
-			return 0, false
-		}
 	}
-	d := time.Duration(min(f, maxLowering.Seconds()) * float64(time.Second))
+	if f <= 0 {
+		return 0, false
+	}
+	d := time.Duration(min(f, maxReset.Seconds()) * float64(time.Second))
 	return max(d, time.Millisecond), true
+}
+
+// Hold closes the budget for d from now (at most MaxHold): the provider
+// answered 429 with a Retry-After of d. Callers queue (or are refused
+// with the budget's wait when their deadline comes first) and refreshes
+// are refused until then. It never shortens a closing.
+func (b *Budget) Hold(now time.Time, d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.closedUntil = later(b.closedUntil, now.Add(min(d, MaxHold)))
 }
 
 // Transport returns a RoundTripper that sends through base

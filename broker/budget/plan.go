@@ -9,8 +9,12 @@ import (
 const maxPlanSteps = 4096
 
 // calendar counts the refreshes planned per slot: slots of width seconds,
-// each with room for capacity refreshes (BackgroundShare of the configured
-// rate, at least one per slot). Guarded by Budget.mu.
+// each with room for capacity refreshes (BackgroundShare of this
+// sidecar's part of the configured rate, see WithSharedBy; at least one
+// per slot). A count stays until its slot has passed, also when the token
+// it was planned for is dropped or replaced before its refresh: the
+// calendar may then see a slot fuller than it is, which moves later plans
+// earlier, never past their window. Guarded by Budget.mu.
 type calendar struct {
 	width     int64 // seconds
 	capacity  int32
@@ -42,8 +46,8 @@ func floorDiv(a, b int64) int64 {
 
 // Plan picks when a refresh planned in [earliest, latest] goes: latest,
 // or the latest time a whole number of slots before it whose slot has
-// room for one more planned refresh (BackgroundShare of the configured
-// rate per second), else earliest. The refresh is counted in its slot.
+// room for one more planned refresh (BackgroundShare of this sidecar's
+// part of the configured rate per second, see calendar), else earliest. The refresh is counted in its slot.
 // latest before earliest plans at earliest.
 func (b *Budget) Plan(earliest, latest time.Time) time.Time {
 	now := b.now()

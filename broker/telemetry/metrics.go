@@ -142,7 +142,7 @@ func NewMetrics(merchantLabel bool) *Metrics {
 		}, []string{"provider", "priority"}),
 		RefreshesPlanned: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "refreshes_planned_total",
-			Help: "Refresh-ahead plans: when=ahead, a token's refresh planned in its refresh window; when=behind, a planned refresh that could not get budget before the token's end (its key goes cold; once per token).",
+			Help: "Refresh-ahead plans: when=ahead, the refresh of a token minted by this broker planned in its refresh window (adopted tokens are not counted); when=behind, a planned refresh that could not get budget before the token's end (its key goes cold; once per token).",
 		}, []string{"provider", "when"}),
 	}
 	m.series = bindings.NewSeries(m.lookupCounters, m.removeMerchant)

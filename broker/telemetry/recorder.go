@@ -332,7 +332,8 @@ func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
 	o.r.metrics.SetBreakerState(o.r.sourceProvider(sourceID), int(state))
 }
 
-// RefreshPlanned counts a token's planned refresh-ahead.
+// RefreshPlanned counts the planned refresh-ahead of a token the broker
+// minted.
 func (o *Observer) RefreshPlanned(b *broker.Binding, _ time.Time) {
 	if o.r != nil {
 		o.r.metrics.planned(o.r.providerOf(b), PlannedAhead)
