@@ -86,7 +86,7 @@ func (k *Keeper) Budget(spec Spec, shared budget.Store, storeID string) (*budget
 	var b *budget.Budget
 	if shared != nil {
 		b = budget.New(spec.Provider, spec.Limit, keyed{shared, Key(spec.Provider, spec.Endpoint)}, k.now,
-			budget.WithFallback(spec.Limit.Share(n)))
+			budget.WithFallback(spec.Limit.Share(n)), budget.WithSharedBy(n))
 	} else {
 		b = budget.New(spec.Provider, spec.Limit.Share(n), budget.NewLocal(k.now), k.now, budget.WithLocalShare(n))
 	}
