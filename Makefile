@@ -158,7 +158,7 @@ clean:
 # no product function that only tests reach (outside the test-support
 # packages of DEADCODE_TEST_SUPPORT). Every step runs and says what it
 # checks; any finding fails the target.
-DEADCODE_TEST_SUPPORT := integration/optest integration/redistest integration/jwttest integration/configtest integration/clocktest integration/dpopas integration/dpoprs internal/dpop/dpoptest
+DEADCODE_TEST_SUPPORT := integration/optest integration/redistest integration/jwttest integration/configtest integration/clocktest integration/dpopas integration/dpoprs internal/dpop/dpoptest broker/brokertest
 lint:
 	@fail=0; \
 	echo "lint: go tool staticcheck ./..."; \

@@ -121,8 +121,8 @@ func TestColdBurstWithinBudget(t *testing.T) {
 				clock.Add(d)
 				return nil
 			}
-			bud = budget.New("bank", tt.l, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
-			br := New(Options{Now: clock.Now, BudgetWait: time.Minute})
+			bud = budget.New("bank", tt.l, budget.NewLocal(clock.Now), clock.Now)
+			br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
 			defer br.Close()
 			p := NewProfile("bank#1", src, []string{"a"}, "", 0)
 			p.Budget = bud
@@ -163,8 +163,8 @@ func TestExhaustedAnsweredAtOnce(t *testing.T) {
 	clock := newFakeClock()
 	src := &callLog{clock: clock, life: time.Hour}
 	never := func(context.Context, time.Duration) error { t.Error("a caller waited"); return nil }
-	bud := budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: time.Minute}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(never))
-	br := New(Options{Now: clock.Now, FetchTimeout: 30 * time.Second})
+	bud := budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: time.Minute}, budget.NewLocal(clock.Now), clock.Now)
+	br := New(Options{Sleep: never, Now: clock.Now, FetchTimeout: 30 * time.Second})
 	defer br.Close()
 	p := NewProfile("bank#1", src, nil, "", 0)
 	p.Budget = bud
@@ -411,10 +411,10 @@ func TestCallerBeforeRefresh(t *testing.T) {
 			return ctx.Err()
 		}
 	}
-	br := New(Options{Now: clock.Now, BudgetWait: 30 * time.Second})
+	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: 30 * time.Second})
 	defer br.Close()
 	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 100 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 100 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
 	bs := bindings(p, 2)
 	warm, cold := bs[0], bs[1]
 	e, _, err := br.Get(context.Background(), warm)
@@ -489,10 +489,10 @@ func TestBudgetWaitBounds(t *testing.T) {
 				clock.Add(d)
 				return nil
 			}
-			br := New(Options{Now: clock.Now, FetchTimeout: 30 * time.Second, BudgetWait: tt.budgetWait})
+			br := New(Options{Sleep: sleep, Now: clock.Now, FetchTimeout: 30 * time.Second, BudgetWait: tt.budgetWait})
 			defer br.Close()
 			p := NewProfile("bank#1", src, nil, "", 0)
-			p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: tt.period}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+			p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: tt.period}, budget.NewLocal(clock.Now), clock.Now)
 			bs := bindings(p, 2)
 			if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
 				t.Fatal(err)
@@ -534,10 +534,10 @@ func TestDeadlineAfterBudgetWait(t *testing.T) {
 				clock.Add(d)
 				return nil
 			}
-			br := New(Options{Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1})
+			br := New(Options{Sleep: sleep, Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1})
 			defer br.Close()
 			p := NewProfile("bank#1", src, nil, "", 0)
-			p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: tt.period}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+			p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: tt.period}, budget.NewLocal(clock.Now), clock.Now)
 			bs := bindings(p, 2)
 			if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
 				t.Fatal(err)
@@ -616,10 +616,10 @@ func TestProbeDoesNotQueue(t *testing.T) {
 		clock.Add(d)
 		return nil
 	}
-	br := New(Options{Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: 10 * time.Second, FailureTTL: -1, BudgetWait: time.Minute})
+	br := New(Options{Sleep: never, Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: 10 * time.Second, FailureTTL: -1, BudgetWait: time.Minute})
 	defer br.Close()
 	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 20 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(never))
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 20 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
 	bs := bindings(p, 2)
 	if _, _, err := br.Get(context.Background(), bs[0]); !errors.Is(err, down) || br.BreakerState("bank#1") != BreakerOpen {
 		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.BreakerState("bank#1"))
@@ -650,10 +650,10 @@ func TestBreakerOpenedDuringBudgetWait(t *testing.T) {
 		clock.Add(d)
 		return nil
 	}
-	br := New(Options{Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: time.Minute, BudgetWait: time.Minute})
+	br := New(Options{Sleep: sleep, Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: time.Minute, BudgetWait: time.Minute})
 	defer br.Close()
 	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
 	bs := bindings(p, 2)
 	failed := make(chan error, 1)
 	go func() {
@@ -783,10 +783,10 @@ func TestFetchLeavesQueueWhenCallersGone(t *testing.T) {
 		<-ctx.Done() // the budget's wait ends only when its fetch gives up
 		return ctx.Err()
 	}
-	br := New(Options{Now: clock.Now, BudgetWait: time.Minute})
+	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
 	defer br.Close()
 	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now, budget.WithSleep(sleep))
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
 	bs := bindings(p, 2)
 	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
 		t.Fatal(err)

@@ -72,7 +72,7 @@ func TestNormaliseScopesSharesNormalisedInput(t *testing.T) {
 	}
 }
 
-// TestBindingInitInPlace: a Binding filled in place (Init, InitFor), as
+// TestBindingInitInPlace: a Binding filled in place (InitFor), as
 // embedded in a larger struct, has the key and scopes NewBinding computes.
 func TestBindingInitInPlace(t *testing.T) {
 	src := &countingSource{}
@@ -82,7 +82,7 @@ func TestBindingInitInPlace(t *testing.T) {
 		Binding
 		extra int
 	}
-	a.Init("src", src, req)
+	a.InitFor(NewProfile("src", src, req.Scopes, req.Audience, req.Lifetime), req.Merchant, req.Organisation)
 	c.InitFor(nb.Profile, nb.Merchant, nb.Organisation)
 	if a.Key() != nb.Key() || c.Key() != nb.Key() || !slices.Equal(a.Scopes, []string{"accounts", "payments"}) {
 		t.Fatalf("keys %q %q, want %q; scopes %q", a.Key(), c.Key(), nb.Key(), a.Scopes)

@@ -387,7 +387,7 @@ func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, b
 	if background {
 		p = budget.Background
 	}
-	return b.Budget.TakeWaited(ctx, p, by)
+	return b.Budget.TakeWaited(ctx, p, by, br.opts.Sleep)
 }
 
 // Refresh-ahead denied budget: the next request after a short defer tries

@@ -188,28 +188,12 @@ func (b *Binding) Request() Request {
 	return Request{Merchant: b.Merchant, Organisation: b.Organisation, Scopes: b.Scopes, Audience: b.Audience, Lifetime: b.Lifetime}
 }
 
-// NewBinding returns a binding with its scopes sorted and de-duplicated and
-// its cache key computed, with a profile of its own: bindings that share
-// their source, scopes, audience and lifetime should rather share one
-// Profile (NewBindingFor).
-func NewBinding(sourceID string, src Source, req Request) *Binding {
-	b := new(Binding)
-	b.Init(sourceID, src, req)
-	return b
-}
-
 // NewBindingFor returns the binding of a merchant under a shared profile,
 // its cache key computed.
 func NewBindingFor(p *Profile, merchant, organisation string) *Binding {
 	b := new(Binding)
 	b.InitFor(p, merchant, organisation)
 	return b
-}
-
-// Init fills b, a zero Binding, as NewBinding would: for a Binding
-// embedded by value in a larger struct (one heap object per binding). b must not be in use yet.
-func (b *Binding) Init(sourceID string, src Source, req Request) {
-	b.InitFor(NewProfile(sourceID, src, req.Scopes, req.Audience, req.Lifetime), req.Merchant, req.Organisation)
 }
 
 // InitFor fills b, a zero Binding, as NewBindingFor would: for a Binding

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 )
 
 const wildcardFile = `
@@ -154,7 +155,7 @@ token_lifetime = "10m"
 				if err != nil {
 					t.Fatal(err)
 				}
-				alone := broker.NewBinding(b.SourceID, b.Source, b.Request())
+				alone := brokertest.NewBinding(b.SourceID, b.Source, b.Request())
 				if b.Key() != alone.Key() {
 					t.Errorf("%s: key %q, want %q", id, b.Key(), alone.Key())
 				}

@@ -13,6 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
 
@@ -34,7 +35,7 @@ func TestAdminTokenListShowsPolicyState(t *testing.T) {
 	t.Cleanup(br.Close)
 	prev := current.Swap(&App{broker: br})
 	t.Cleanup(func() { current.Store(prev) })
-	b := broker.NewBinding("nuapay#t", src, broker.Request{Merchant: "acme", Organisation: "org-acme"})
+	b := brokertest.NewBinding("nuapay#t", src, broker.Request{Merchant: "acme", Organisation: "org-acme"})
 	ctx := context.Background()
 	if _, err := br.Token(ctx, b); err != nil {
 		t.Fatal(err)

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 )
@@ -50,7 +51,7 @@ func dpopHandler(t *testing.T, bound bool) *Handler {
 		merchantHeader: "X-Merchant-Id", header: "Authorization"}
 	h.broker = broker.New(broker.Options{})
 	t.Cleanup(h.broker.Close)
-	b := broker.NewBinding("bank#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"accounts"}})
+	b := brokertest.NewBinding("bank#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"accounts"}})
 	h.bindings = handTable("bank", "oauth2", b)
 	if _, _, err := h.broker.Get(context.Background(), b); err != nil {
 		t.Fatal(err)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 )
 
@@ -68,7 +69,7 @@ func failureHandler(t *testing.T, url string, clientTimeout time.Duration, opts 
 	t.Cleanup(h.broker.Close)
 	var bds []*broker.Binding
 	for _, m := range []string{"acme", "globex"} {
-		b := broker.NewBinding("nuapay#t", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
+		b := brokertest.NewBinding("nuapay#t", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
 		bds = append(bds, b)
 	}
 	h.bindings = handTable("nuapay", "", bds...)

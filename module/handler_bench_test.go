@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 )
 
@@ -33,7 +34,7 @@ func benchHandler(b *testing.B, n int) (*Handler, []string) {
 	scopes := []string{"openbanking_pisp"} // shared, as the registry's are
 	for i := range ids {
 		ids[i] = fmt.Sprintf("merchant-%06d", i)
-		bd := broker.NewBinding("nuapay#bench", src, broker.Request{Merchant: ids[i], Organisation: "org-" + ids[i], Scopes: scopes})
+		bd := brokertest.NewBinding("nuapay#bench", src, broker.Request{Merchant: ids[i], Organisation: "org-" + ids[i], Scopes: scopes})
 		bds[i] = bd
 	}
 	h.bindings = handTable("nuapay", "", bds...)

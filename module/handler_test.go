@@ -19,6 +19,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 )
 
 const testToken = "tok-SECRET-value"
@@ -39,7 +40,7 @@ func newTestHandler(t *testing.T, src sourceFunc, errorsMode string) *Handler {
 		merchantHeader: "X-Merchant-Id", header: "Authorization"}
 	h.broker = broker.New(broker.Options{})
 	t.Cleanup(h.broker.Close)
-	b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
+	b := brokertest.NewBinding("nuapay#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
 	h.bindings = handTable("nuapay", "", b)
 	h.instrument(nil)
 	return h
@@ -308,7 +309,7 @@ func TestPlaceholdersNameTheLastHandlersToken(t *testing.T) {
 	second := newTestHandler(t, func(ctx context.Context, req broker.Request) (broker.Token, error) {
 		return broker.Token{Value: "tok-second", Expiry: time.Now().Add(time.Hour)}, nil
 	}, "json")
-	b := broker.NewBinding("oneid#test", second.bindings.Peek("acme").Source, broker.Request{Merchant: "acme", Organisation: "org-second"})
+	b := brokertest.NewBinding("oneid#test", second.bindings.Peek("acme").Source, broker.Request{Merchant: "acme", Organisation: "org-second"})
 	second.bindings = handTable("oneid", "", b)
 	second.instrument(nil)
 

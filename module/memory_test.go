@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
@@ -247,7 +248,7 @@ func TestBindingsShareProfile(t *testing.T) {
 				wantScopes = tt.scopes
 			}
 			p := reg.Providers["nuapay"]
-			alone := broker.NewBinding(p.ID, p.Source, broker.Request{Merchant: ids[1], Organisation: "org-000001", Scopes: wantScopes})
+			alone := brokertest.NewBinding(p.ID, p.Source, broker.Request{Merchant: ids[1], Organisation: "org-000001", Scopes: wantScopes})
 			if a.Key() != alone.Key() || len(a.Key()) > 16+len("org-000001") {
 				t.Errorf("cache key %q (%d bytes), want %q, at most %d bytes", a.Key(), len(a.Key()), alone.Key(), 16+len("org-000001"))
 			}

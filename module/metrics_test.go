@@ -18,6 +18,7 @@ import (
 	zapobserver "go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
@@ -41,7 +42,7 @@ func newMetricsHandlerWith(t *testing.T, src sourceFunc, merchantLabel bool, opt
 	t.Cleanup(h.broker.Close)
 	var bds []*broker.Binding
 	for _, m := range []string{"acme", "globex"} {
-		b := broker.NewBinding("nuapay#test", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
+		b := brokertest.NewBinding("nuapay#test", src, broker.Request{Merchant: m, Organisation: "org-" + m, Scopes: []string{"openbanking_pisp"}})
 		bds = append(bds, b)
 	}
 	h.bindings = handTable("nuapay", "", bds...)

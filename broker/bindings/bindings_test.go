@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
 
@@ -187,7 +188,7 @@ func TestTableParking(t *testing.T) {
 		tbl, _ := newTable(Limits{MaxActive: 2, IdleTimeout: time.Minute}, nil)
 		h := &hooks{}
 		mk := func(id string) *Binding {
-			return &Binding{Binding: *broker.NewBinding("s", nil, broker.Request{Merchant: id})}
+			return &Binding{Binding: *brokertest.NewBinding("s", nil, broker.Request{Merchant: id})}
 		}
 		tbl.wmu.Lock()
 		tbl.park([]*Binding{mk("a"), mk("b")}, h, "")

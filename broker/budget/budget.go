@@ -81,12 +81,6 @@ const reserveShare = 0.25
 // Option configures a Budget.
 type Option func(*Budget)
 
-// WithSleep replaces the timer a waiting caller sleeps on (tests move a
-// fake clock in it). sleep returns early with ctx's error when ctx ends.
-func WithSleep(sleep func(ctx context.Context, d time.Duration) error) Option {
-	return func(b *Budget) { b.sleep = sleep }
-}
-
 // WithFallback sets the limit of the in-process bucket that answers while
 // the Store fails (a Redis outage): a broker's share of a fleet's limit,
 // say (Limit.Share). Default: the budget's own limit.
@@ -190,13 +184,15 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // when ctx ends while it waits, and a Store error only when the in-process
 // fallback fails too (never).
 func (b *Budget) Take(ctx context.Context, p Priority, deadline time.Time) error {
-	_, err := b.TakeWaited(ctx, p, deadline)
+	_, err := b.TakeWaited(ctx, p, deadline, nil)
 	return err
 }
 
 // TakeWaited is Take, and also reports whether the request waited its
 // turn (behind other callers, or for the bucket or a closing to pass).
-func (b *Budget) TakeWaited(ctx context.Context, p Priority, deadline time.Time) (waited bool, err error) {
+// A caller waits in sleep (the broker's, so that its tests move their
+// clock in it); nil: a timer.
+func (b *Budget) TakeWaited(ctx context.Context, p Priority, deadline time.Time, sleep func(ctx context.Context, d time.Duration) error) (waited bool, err error) {
 	if err := ctx.Err(); err != nil {
 		return false, err
 	}
@@ -208,7 +204,7 @@ func (b *Budget) TakeWaited(ctx context.Context, p Priority, deadline time.Time)
 	if p == Background {
 		return false, b.takeBackground(ctx)
 	}
-	return b.takeForeground(ctx, deadline)
+	return b.takeForeground(ctx, deadline, sleep)
 }
 
 // takeBackground is Take for a refresh.
@@ -248,7 +244,10 @@ func reserve(burst int) int {
 }
 
 // takeForeground is TakeWaited for a caller.
-func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) (waited bool, err error) {
+func (b *Budget) takeForeground(ctx context.Context, deadline time.Time, sleep func(ctx context.Context, d time.Duration) error) (waited bool, err error) {
+	if sleep == nil {
+		sleep = b.sleep
+	}
 	start := b.now()
 	w := &waiter{ready: make(chan struct{})}
 	b.mu.Lock()
@@ -303,7 +302,7 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time) (waited
 		b.nextAt = eta
 		b.mu.Unlock()
 		waited = true
-		if err := b.sleep(ctx, wait); err != nil {
+		if err := sleep(ctx, wait); err != nil {
 			b.leave(w, start, gaveUp)
 			return waited, err
 		}

@@ -551,7 +551,7 @@ func TestTakeWaited(t *testing.T) {
 	c := newClock()
 	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now, WithSleep(c.advance))
 	for i, want := range []bool{false, true} {
-		if waited, err := b.TakeWaited(context.Background(), Foreground, time.Time{}); err != nil || waited != want {
+		if waited, err := b.TakeWaited(context.Background(), Foreground, time.Time{}, nil); err != nil || waited != want {
 			t.Errorf("request %d: waited %t, %v; want waited %t", i+1, waited, err, want)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
 	"github.com/tokenbroker/caddy-token-broker/internal/seal"
@@ -90,7 +91,7 @@ func TestPurgeReachesFetchInFlight(t *testing.T) {
 			heard := make(chan string, 4)
 			cb.OnPurge(func(_, fp string) { heard <- fp }) // after B's broker: its drop is done
 			req := broker.Request{Merchant: "acme", Organisation: "org-1", Scopes: []string{"payments"}}
-			ba, bb := broker.NewBinding("nuapay", src, req), broker.NewBinding("nuapay", src, req)
+			ba, bb := brokertest.NewBinding("nuapay", src, req), brokertest.NewBinding("nuapay", src, req)
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 
@@ -183,7 +184,7 @@ func TestPurgerDoesNotAdoptItsPurgedToken(t *testing.T) {
 			a := broker.New(broker.Options{Shared: pa})
 			t.Cleanup(a.Close)
 			req := broker.Request{Merchant: "acme", Organisation: "org-1", Scopes: []string{"payments"}}
-			ba, other := broker.NewBinding("nuapay", src, req), broker.NewBinding("nuapay", src, req)
+			ba, other := brokertest.NewBinding("nuapay", src, req), brokertest.NewBinding("nuapay", src, req)
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			old, err := a.Token(ctx, ba)

@@ -16,6 +16,7 @@ import (
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
@@ -219,7 +220,7 @@ func TestDPoPClientCredentials(t *testing.T) {
 			if as.gate.Refused.Load() != 0 || len(as.jkts) != 2 || as.jkts[0] != key.Thumbprint() || as.jkts[1] != key.Thumbprint() {
 				t.Errorf("refused %d; proofs of keys %q, want two of %s", as.gate.Refused.Load(), as.jkts, key.Thumbprint())
 			}
-			if b := broker.NewBinding("bank#1", src, broker.Request{}); b.DPoP != key {
+			if b := brokertest.NewBinding("bank#1", src, broker.Request{}); b.DPoP != key {
 				t.Error("the source's profiles do not carry its DPoP key")
 			}
 		})

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
@@ -90,7 +91,7 @@ func TestFleetErrorClass(t *testing.T) {
 // bind returns a binding of merchant: its cache key is its merchant's
 // and scopes' (none given: the merchant's only key).
 func bind(merchant string, scopes ...string) *broker.Binding {
-	return broker.NewBinding("nuapay#1", nil, broker.Request{Merchant: merchant, Organisation: merchant, Scopes: scopes})
+	return brokertest.NewBinding("nuapay#1", nil, broker.Request{Merchant: merchant, Organisation: merchant, Scopes: scopes})
 }
 
 // take returns the events emitted since the last call.

@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
@@ -56,7 +57,7 @@ scopes = ["payments"]
 	}
 	get := func(pb *Broker, reg *config.Registry) error {
 		p := reg.Providers["bank"]
-		_, _, err := pb.Get(context.Background(), broker.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Scopes: []string{"payments"}}))
+		_, _, err := pb.Get(context.Background(), brokertest.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Scopes: []string{"payments"}}))
 		return err
 	}
 	pb := &Broker{Broker: broker.New(broker.Options{MaxAttempts: 1}), Logger: zap.NewNop()}

@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
@@ -33,7 +34,7 @@ func TestRecorderBudget(t *testing.T) {
 	p := broker.NewProfile("nuapay#1a2b", nil, []string{"s"}, "", 0)
 	p.Budget = budget.New("nuapay", l, budget.NewLocal(nil), nil)
 	withBudget := broker.NewBindingFor(p, "acme", "org-acme")
-	without := broker.NewBinding("nuapay#1a2b", nil, broker.Request{Merchant: "plain"})
+	without := brokertest.NewBinding("nuapay#1a2b", nil, broker.Request{Merchant: "plain"})
 
 	ctx := context.Background()
 	o.Fetched(ctx, withBudget, broker.Token{}, 0, false, nil)

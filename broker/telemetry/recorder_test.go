@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 )
 
 // tap records what a Recorder's observers tell it.
@@ -43,7 +44,7 @@ func TestRecorderTap(t *testing.T) {
 		var tp tap
 		r := NewRecorder(metrics, &tp, zap.NewNop(), nil, map[string]string{"nuapay#1a2b": "nuapay"}, nil)
 		var o broker.Observer = &Observer{r: r}
-		b := broker.NewBinding("nuapay#1a2b", nil, broker.Request{Merchant: "acme"})
+		b := brokertest.NewBinding("nuapay#1a2b", nil, broker.Request{Merchant: "acme"})
 		o.Fetched(context.Background(), b, broker.Token{}, 0, false, nil)
 		o.Fetched(context.Background(), b, broker.Token{}, 0, true, &broker.APIError{Provider: "nuapay", StatusCode: 503})
 		o.(broker.SourceObserver).SourceBackingOff("nuapay#1a2b", true)
