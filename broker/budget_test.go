@@ -808,3 +808,25 @@ func TestFetchLeavesQueueWhenCallersGone(t *testing.T) {
 		t.Fatalf("a later lookup: %v after %d calls, want a token", err, src.calls())
 	}
 }
+
+// TestCallBoundLongerThanFetch: a source whose call bound is longer than
+// the fetch's timeout leaves no time to queue: a caller is served when the
+// budget has room at once, and otherwise refused at once with a positive
+// Retry-After (never 0, which would send no header at all).
+func TestCallBoundLongerThanFetch(t *testing.T) {
+	clock := newFakeClock()
+	never := func(context.Context, time.Duration) error { t.Error("a caller waited"); return nil }
+	src := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}, bound: 5 * time.Second}
+	br := New(Options{Sleep: never, Now: clock.Now, FetchTimeout: 3 * time.Second})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+		t.Fatalf("first caller, budget with room: %v, want a token", err)
+	}
+	_, _, err := br.Get(context.Background(), bs[1])
+	if !errors.Is(err, budget.ErrExhausted) || RetryAfterOf(err) <= 0 {
+		t.Fatalf("second caller: %v (retry after %s), want exhausted with a positive retry after", err, RetryAfterOf(err))
+	}
+}

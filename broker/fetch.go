@@ -350,6 +350,9 @@ func (br *Broker) budgetBy(parent context.Context, b *Binding, now time.Time) ti
 	if w := now.Add(br.opts.BudgetWait); w.Before(by) {
 		by = w
 	}
+	if by.Before(now) {
+		by = now // no time to wait: served at once, or refused at once
+	}
 	return by
 }
 

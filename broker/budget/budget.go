@@ -162,6 +162,10 @@ func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *B
 	return b
 }
 
+// minRetryAfter is the least wait a refused caller is told: never 0 (no
+// Retry-After at all); the header rounds it up to a whole second.
+const minRetryAfter = time.Millisecond
+
 // sleepCtx waits d or until ctx ends.
 func sleepCtx(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
@@ -252,11 +256,12 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time, sleep f
 	w := &waiter{ready: make(chan struct{})}
 	b.mu.Lock()
 	if ahead := len(b.queue); ahead > 0 || start.Before(b.closedUntil) {
-		eta := b.etaLocked(ahead, start, b.effectiveLocked(start))
+		l := b.effectiveLocked(start)
+		eta := b.etaLocked(ahead, start, l)
 		if !deadline.IsZero() && eta.After(deadline) {
 			b.exhausted++
 			b.mu.Unlock()
-			return false, &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(start)}
+			return false, &ExhaustedError{Provider: b.name, RetryAfter: max(eta.Sub(start), minRetryAfter)}
 		}
 	}
 	b.queue = append(b.queue, w)
@@ -296,7 +301,7 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time, sleep f
 		eta := now.Add(wait)
 		if !deadline.IsZero() && eta.After(deadline) {
 			b.leave(w, start, refused)
-			return waited, &ExhaustedError{Provider: b.name, RetryAfter: wait}
+			return waited, &ExhaustedError{Provider: b.name, RetryAfter: max(wait, minRetryAfter)}
 		}
 		b.mu.Lock()
 		b.nextAt = eta

@@ -556,3 +556,23 @@ func TestTakeWaited(t *testing.T) {
 		}
 	}
 }
+
+// denyingStore refuses every request without saying when to come back,
+// as redis_rate can when a request needs more than the burst.
+type denyingStore struct{}
+
+func (denyingStore) AllowN(context.Context, string, Limit, int) (Result, error) {
+	return Result{}, nil
+}
+
+// TestRefusalSaysWhen: a refused caller is always told a positive wait,
+// also when the store does not say when and the deadline has passed: a
+// zero would send no Retry-After at all.
+func TestRefusalSaysWhen(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(1, 1, time.Second), denyingStore{}, c.Now, WithSleep(c.advance))
+	var ee *ExhaustedError
+	if err := b.Take(context.Background(), Foreground, c.Now().Add(-time.Second)); !errors.As(err, &ee) || ee.RetryAfter <= 0 {
+		t.Fatalf("got %v, want exhausted with a positive retry after", err)
+	}
+}

@@ -114,5 +114,8 @@ func (l Limit) secondsWorth() int {
 
 // interval is the time between two requests at l's rate.
 func (l Limit) interval() time.Duration {
+	if l.Rate <= 0 {
+		return l.Period
+	}
 	return l.Period / time.Duration(l.Rate)
 }

@@ -151,7 +151,6 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	fs.StringVar(&o.profile, "profile", "", "save a 10 s CPU profile (under an extra wrk run) and a heap profile of the sidecar at the largest merchant count into this folder (off when empty)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary folder (registries, Caddyfiles, process logs)")
 	fs.IntVar(&o.fleet, "fleet", 0, "fleet mode: N sidecars sharing one redis-server; mints per key per lifetime and L2 latency (0: off)")
-	fs.IntVar(&o.fleetLifetimes, "fleet-lifetimes", 3, "fleet mode: token lifetimes (10 s each) of steady traffic")
 	fs.BoolVar(&o.dpop, "dpop", false, "DPoP mode: CPU per request of a DPoP route per algorithm (ES256, PS256, EdDSA) vs a bearer route vs Caddy with a static header")
 	fs.DurationVar(&o.fleetLifetime, "fleet-lifetime", 10*time.Second, "fleet mode: the tokens' lifetime (token_lifetime; 10s is the token API's minimum)")
 	fs.IntVar(&o.fleetLifetimes, "fleet-lifetimes", 3, "fleet mode: token lifetimes (-fleet-lifetime each) of steady traffic")
