@@ -336,9 +336,8 @@ func sourceType(b *Binding) string {
 // budgetBy is until when (broker clock) a caller of the fetch of b's key
 // started at now waits its turn for budget: Options.BudgetWait at most,
 // and early enough to leave the token API call its bound (callBound)
-// before the fetch's deadline and that of the request that started it. A
-// caller whose deadline is closer than the bound does not queue: it is
-// served when the budget has room at once, else refused at once.
+// before the fetch's deadline and that of the request that started it,
+// or half of what is left when the bound does not fit.
 func (br *Broker) budgetBy(parent context.Context, b *Binding, now time.Time) time.Time {
 	end := now.Add(br.opts.FetchTimeout)
 	if d, ok := parent.Deadline(); ok {
@@ -346,7 +345,10 @@ func (br *Broker) budgetBy(parent context.Context, b *Binding, now time.Time) ti
 			end = pd
 		}
 	}
-	by := end.Add(-callBound(b.Source))
+	// The call keeps its bound, or half the time left when its bound
+	// does not fit (a provider timeout longer than the fetch's): a caller
+	// may then wait the other half.
+	by := end.Add(-min(callBound(b.Source), end.Sub(now)/2))
 	if w := now.Add(br.opts.BudgetWait); w.Before(by) {
 		by = w
 	}
