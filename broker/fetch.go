@@ -392,6 +392,18 @@ func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, b
 	if background {
 		p = budget.Background
 	}
+	// What the fetch spent before its turn (the shared tier's lock, an
+	// earlier attempt) counts: the call still keeps its time.
+	if d, ok := ctx.Deadline(); ok {
+		now := br.opts.Now()
+		end := now.Add(time.Until(d))
+		if late := end.Add(-min(callBound(b.Source), end.Sub(now)/2)); late.Before(by) {
+			by = late
+		}
+		if by.Before(now) {
+			by = now
+		}
+	}
 	return b.Budget.TakeWaited(ctx, p, by, br.opts.Sleep)
 }
 
