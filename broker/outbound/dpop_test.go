@@ -53,8 +53,8 @@ func TestDPoPSign(t *testing.T) {
 		wantHTU   string // "" no token, no proof
 		wantNonce string
 	}{
-		{name: "URL host", method: "GET", url: "http://127.0.0.1:8080/accounts?x=1", token: "DPoP tok-1",
-			wantHTU: "http://127.0.0.1:8080/accounts"},
+		{name: "URL host", method: "GET", url: "http://upstream.test:8443/accounts?x=1", token: "DPoP tok-1",
+			wantHTU: "http://upstream.test:8443/accounts"},
 		{name: "Host header", method: "POST", url: "https://10.0.0.1:8443/pay", host: "api.bank.test", token: "DPoP tok-1",
 			wantHTU: "https://api.bank.test/pay"},
 		{name: "default port, escaped path", method: "GET", url: "https://api.bank.test:443/a%2Fb/c", token: "DPoP tok-1",
@@ -161,7 +161,7 @@ func BenchmarkDPoPSign(b *testing.B) {
 	k := testKey(b)
 	now := time.Now()
 	tok := strings.Repeat("t", 900)
-	req := httptest.NewRequest("GET", "http://127.0.0.1:8080/accounts/123?from=2026-01-01", nil)
+	req := httptest.NewRequest("GET", "http://upstream.test:8443/accounts/123?from=2026-01-01", nil)
 	b.Run("Sign", func(b *testing.B) {
 		d := AcquireDPoP(k)
 		defer d.Release()
@@ -177,7 +177,7 @@ func BenchmarkDPoPSign(b *testing.B) {
 		ath := dpop.ATH(tok)
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := k.Proof("GET", "http://127.0.0.1:8080/accounts/123", ath, "", now); err != nil {
+			if _, err := k.Proof("GET", "http://upstream.test:8443/accounts/123", ath, "", now); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -208,7 +208,7 @@ func TestATHAndHTU(t *testing.T) {
 	for _, tc := range []struct{ in, htu, origin string }{
 		{"https://server.example.com/token", "https://server.example.com/token", "https://server.example.com"},
 		{"HTTPS://Server.Example.COM:443/Path?q=1#frag", "https://server.example.com/Path", "https://server.example.com"},
-		{"http://127.0.0.1:8080", "http://127.0.0.1:8080/", "http://127.0.0.1:8080"},
+		{"http://upstream.test:8443", "http://upstream.test:8443/", "http://upstream.test:8443"},
 		{"http://h:80/a%2Fb/c", "http://h/a%2Fb/c", "http://h"},
 		{"http://h/c d", "http://h/c%20d", "http://h"},
 		{"https://h:8443/x", "https://h:8443/x", "https://h:8443"},
