@@ -2,12 +2,9 @@ package config
 
 import (
 	"context"
-	"crypto"
 	"crypto/ecdsa"
-	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
 	"io"
@@ -23,28 +20,14 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
-// writeDPoPKey writes a PKCS#8 private key of kind "ec", "ed25519" or
-// "rsa" to dir/name and returns its path and PEM.
-func writeDPoPKey(t *testing.T, dir, name, kind string) (string, string) {
+// writeDPoPKey writes a new PKCS#8 private key for alg (dpoptest.KeyPEM:
+// ES256, EdDSA or PS256) to dir/name and returns its path and PEM.
+func writeDPoPKey(t *testing.T, dir, name, alg string) (string, string) {
 	t.Helper()
-	var key crypto.Signer
-	var err error
-	switch kind {
-	case "ec":
-		key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	case "ed25519":
-		_, key, err = ed25519.GenerateKey(rand.Reader)
-	case "rsa":
-		key, err = rsa.GenerateKey(rand.Reader, 2048)
-	}
+	data, err := dpoptest.KeyPEM(alg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	data := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
 	path := filepath.Join(dir, name)
 	if err := os.WriteFile(path, data, 0o600); err != nil {
 		t.Fatal(err)
@@ -72,9 +55,9 @@ provider = "oneid"
 // the key (not its place), and a changed key file is an input change.
 func TestDPoPConfig(t *testing.T) {
 	dir := t.TempDir()
-	ecPath, ecPEM := writeDPoPKey(t, dir, "dpop-ec.pem", "ec")
-	edPath, _ := writeDPoPKey(t, dir, "dpop-ed.pem", "ed25519")
-	rsaPath, _ := writeDPoPKey(t, dir, "dpop-rsa.pem", "rsa")
+	ecPath, ecPEM := writeDPoPKey(t, dir, "dpop-ec.pem", "ES256")
+	edPath, _ := writeDPoPKey(t, dir, "dpop-ed.pem", "EdDSA")
+	rsaPath, _ := writeDPoPKey(t, dir, "dpop-rsa.pem", "PS256")
 	path := filepath.Join(dir, "merchants.toml")
 	env := testEnv("DPOP_PEM", ecPEM, "KEYDIR", dir)
 	ids := map[string]string{}
@@ -147,7 +130,7 @@ func TestDPoPConfig(t *testing.T) {
 	if Changed(reg.Inputs(), env) {
 		t.Fatal("Changed with nothing changed")
 	}
-	writeDPoPKey(t, dir, "dpop-ec.pem", "ec")
+	writeDPoPKey(t, dir, "dpop-ec.pem", "ES256")
 	if !Changed(reg.Inputs(), env) {
 		t.Error("Changed misses the rotated key file")
 	}
@@ -165,7 +148,7 @@ func TestDPoPConfig(t *testing.T) {
 // nuapay provider are reported with file, line, entry and field.
 func TestDPoPBadConfigs(t *testing.T) {
 	dir := t.TempDir()
-	writeDPoPKey(t, dir, "ec.pem", "ec")
+	writeDPoPKey(t, dir, "ec.pem", "ES256")
 	if err := os.WriteFile(filepath.Join(dir, "junk.pem"), []byte("not a key"), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -238,7 +221,7 @@ func TestDPoPNonceHook(t *testing.T) {
 	srv := httptest.NewServer(gate)
 	defer srv.Close()
 	dir := t.TempDir()
-	writeDPoPKey(t, dir, "dpop.pem", "ed25519")
+	writeDPoPKey(t, dir, "dpop.pem", "EdDSA")
 	toml := strings.Replace(strings.Replace(dpopBase, "@KEYREF@", "dpop.pem", 1), "https://api.oneid.example/v1/token", srv.URL+"/token", 1)
 	var told []string
 	reg, err := parseWith(filepath.Join(dir, "merchants.toml"), []byte(toml), Options{LookupEnv: testEnv(), OnDPoPNonce: func(p string) { told = append(told, p) }})
