@@ -10,7 +10,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -125,22 +124,15 @@ type budgetResult struct {
 
 func runBudget(o options) error {
 	b := o.budget
-	redisBin, err := exec.LookPath("redis-server")
-	if err != nil {
-		return fmt.Errorf("redis-server not found in $PATH: install it (apt-get install -y redis-server)")
-	}
-	dir, err := os.MkdirTemp("", "tb-bench-budget-")
+	redisBin, err := lookRedis()
 	if err != nil {
 		return err
 	}
-	if !o.keep {
-		defer os.RemoveAll(dir)
-	}
-	e := &env{o: o, dir: dir, caddy: filepath.Join(o.bin, "caddy")}
-	self, err := e.prepare()
+	e, self, cleanup, err := newEnv(o, "tb-bench-budget-")
 	if err != nil {
 		return err
 	}
+	defer cleanup()
 	steps := []budgetStep{
 		{name: "budget", sidecars: b.sidecars, merchants: b.merchants, orgs: b.orgs, rateLimit: true},
 		{name: "no budget", sidecars: b.sidecars, merchants: b.merchants, orgs: b.orgs},
@@ -189,13 +181,11 @@ func (e *env) budgetStep(b budgetOptions, st budgetStep, n int, self, redisBin s
 		return r, err
 	}
 	tokenAPI := "http://" + addr
-	rport, err := freePort()
+	rp, redisAddr, err := startRedis(e.dir, fmt.Sprintf("redis-%d", n), redisBin)
 	if err != nil {
 		return r, err
 	}
-	if _, err := startProc(fmt.Sprintf("redis-%d", n), nil, redisBin, "--port", strconv.Itoa(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"); err != nil {
-		return r, err
-	}
+	started = append(started, rp)
 	registry := filepath.Join(e.dir, fmt.Sprintf("budget-%d.toml", n))
 	if err := os.WriteFile(registry, []byte(budgetRegistryTOML(b, st, tokenAPI)), 0o644); err != nil {
 		return r, err
@@ -215,7 +205,7 @@ func (e *env) budgetStep(b budgetOptions, st budgetStep, n int, self, redisBin s
 		s.config = filepath.Join(e.dir, fmt.Sprintf("budget-%d-node-%d.Caddyfile", n, i))
 		// The sidecars proxy to the token API's echo, which says whether
 		// the token a request carried is valid.
-		c := fleetCaddyfile(s.port, s.admin, addr, registry, fmt.Sprintf("127.0.0.1:%d", rport))
+		c := fleetCaddyfile(s.port, s.admin, addr, registry, redisAddr)
 		c = strings.Replace(c, "\t\tconfig "+registry+"\n", fmt.Sprintf("\t\tconfig %s\n\t\tfleet_size %d\n\t\tfetch_timeout %s\n", registry, st.sidecars, b.fetchTimeout), 1)
 		if err := os.WriteFile(s.config, []byte(c), 0o644); err != nil {
 			return r, err

@@ -1,10 +1,8 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -37,34 +35,18 @@ type dpopCase struct {
 // static header, each a separate process in front of the same upstream,
 // one merchant, interleaved wrk rounds after a warm-up.
 func runDPoP(o options) error {
-	wrk, err := exec.LookPath("wrk")
-	if err != nil {
-		return errors.New("wrk not found in $PATH: install it (apt-get install -y wrk), as `make bench` does")
-	}
-	dir, err := os.MkdirTemp("", "tb-bench-dpop-")
+	wrk, err := lookWrk()
 	if err != nil {
 		return err
 	}
-	if o.keep {
-		fmt.Fprintf(os.Stderr, "bench: keeping %s\n", dir)
-	} else {
-		defer os.RemoveAll(dir)
-	}
-	e := &env{o: o, dir: dir, caddy: filepath.Join(o.bin, "caddy"), tick: clockTick()}
-	self, err := e.prepare()
+	e, self, cleanup, err := newEnv(o, "tb-bench-dpop-")
 	if err != nil {
 		return err
 	}
-	ta, err := start(dir, "tokenapi", []string{apiKeyEnv + "=" + apiKey, bankSecretEnv + "=" + bankSecret}, self, "tokenapi",
-		"-addr-file", filepath.Join(dir, "tokenapi.addr"), "-orgs", "1", "-bank-client", dpopBenchClient)
-	if err != nil {
+	defer cleanup()
+	if err := e.startTokenAPI(self, []string{bankSecretEnv + "=" + bankSecret}, "-orgs", "1", "-bank-client", dpopBenchClient); err != nil {
 		return err
 	}
-	addr, err := readAddrFile(ta, filepath.Join(dir, "tokenapi.addr"), time.Minute)
-	if err != nil {
-		return err
-	}
-	e.tokenAPI = "http://" + addr
 	t0 := time.Now()
 	if e.plain, err = e.startCaddy("plain", ""); err != nil {
 		return err
@@ -87,7 +69,7 @@ func runDPoP(o options) error {
 			return fmt.Errorf("%s %s: %w", c.name, c.alg, err)
 		}
 	}
-	script := filepath.Join(dir, "one-merchant.lua")
+	script := filepath.Join(e.dir, "one-merchant.lua")
 	if err := os.WriteFile(script, []byte(wrkScript(1)), 0o644); err != nil {
 		return err
 	}

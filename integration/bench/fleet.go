@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -40,41 +39,24 @@ func fleetCaddyfile(port, admin int, upstream, registry, redisAddr string) strin
 }
 
 func runFleet(o options) error {
-	redisBin, err := exec.LookPath("redis-server")
-	if err != nil {
-		return fmt.Errorf("redis-server not found in $PATH: install it (apt-get install -y redis-server)")
-	}
-	dir, err := os.MkdirTemp("", "tb-bench-fleet-")
+	redisBin, err := lookRedis()
 	if err != nil {
 		return err
 	}
-	if !o.keep {
-		defer os.RemoveAll(dir)
-	}
-	e := &env{o: o, dir: dir, caddy: filepath.Join(o.bin, "caddy")}
-	self, err := e.prepare()
+	e, self, cleanup, err := newEnv(o, "tb-bench-fleet-")
 	if err != nil {
 		return err
 	}
+	defer cleanup()
+	dir := e.dir
 	n := fleetKeys + fleetProbes + o.fleetBurst
-	ta, err := start(dir, "tokenapi", []string{apiKeyEnv + "=" + apiKey}, self, "tokenapi",
-		"-addr-file", filepath.Join(dir, "tokenapi.addr"), "-orgs", fmt.Sprint(n))
+	if err := e.startTokenAPI(self, nil, "-orgs", fmt.Sprint(n)); err != nil {
+		return err
+	}
+	_, redisAddr, err := startRedis(dir, "redis", redisBin)
 	if err != nil {
 		return err
 	}
-	addr, err := readAddrFile(ta, filepath.Join(dir, "tokenapi.addr"), time.Minute)
-	if err != nil {
-		return err
-	}
-	e.tokenAPI = "http://" + addr
-	rport, err := freePort()
-	if err != nil {
-		return err
-	}
-	if _, err := start(dir, "redis", nil, redisBin, "--port", fmt.Sprint(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"); err != nil {
-		return err
-	}
-	redisAddr := fmt.Sprintf("127.0.0.1:%d", rport)
 	registry := filepath.Join(dir, "merchants.toml")
 	if err := os.WriteFile(registry, []byte(fleetRegistryTOML(n, e.tokenAPI, o.fleetLifetime)), 0o644); err != nil {
 		return err

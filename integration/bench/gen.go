@@ -114,10 +114,5 @@ function request()
   return wrk.format("GET", path, { ["X-Merchant-Id"] = string.format(%q, math.random(0, n - 1)) })
 end
 
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("%s requests=%%d duration_us=%%d p99_us=%%d connect=%%d read=%%d write=%%d status=%%d timeout=%%d\n",
-    summary.requests, summary.duration, latency:percentile(99), e.connect, e.read, e.write, e.status, e.timeout))
-end
-`, n, benchPath, merchantFormat, wrkResultPrefix)
+`, n, benchPath, merchantFormat) + wrkDone
 }

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -65,25 +66,15 @@ type env struct {
 }
 
 func runBench(o options) error {
-	wrk, err := exec.LookPath("wrk")
-	if err != nil {
-		return errors.New("wrk not found in $PATH: install it (apt-get install -y wrk), as `make bench` does")
-	}
-	dir, err := os.MkdirTemp("", "tb-bench-")
+	wrk, err := lookWrk()
 	if err != nil {
 		return err
 	}
-	if o.keep {
-		fmt.Fprintf(os.Stderr, "bench: keeping %s\n", dir)
-	} else {
-		defer os.RemoveAll(dir)
-	}
-	e := &env{o: o, dir: dir, caddy: filepath.Join(o.bin, "caddy"), tick: clockTick()}
-	// The upstream and the token API, each its own process.
-	self, err := e.prepare()
+	e, self, cleanup, err := newEnv(o, "tb-bench-")
 	if err != nil {
 		return err
 	}
+	defer cleanup()
 	maxN := 0
 	for _, n := range o.merchants {
 		maxN = max(maxN, n)
@@ -92,17 +83,9 @@ func runBench(o options) error {
 	if o.split.files > 0 {
 		orgs = max(orgs, o.split.orgs())
 	}
-	ta, err := start(dir, "tokenapi", []string{apiKeyEnv + "=" + apiKey}, self, "tokenapi",
-		"-addr-file", filepath.Join(dir, "tokenapi.addr"), "-orgs", fmt.Sprint(orgs), "-merchant-orgs", fmt.Sprint(o.wildcard))
-	if err != nil {
+	if err := e.startTokenAPI(self, nil, "-orgs", fmt.Sprint(orgs), "-merchant-orgs", fmt.Sprint(o.wildcard)); err != nil {
 		return err
 	}
-	addr, err := readAddrFile(ta, filepath.Join(dir, "tokenapi.addr"), time.Minute)
-	if err != nil {
-		return err
-	}
-	e.tokenAPI = "http://" + addr
-	e.tokenProc = ta
 
 	// The plain Caddy runs for the whole run.
 	t0 := time.Now()
@@ -178,6 +161,77 @@ func (e *env) startCaddy(name, registry string) (*server, error) {
 // prepare builds bin/caddy when asked (-build), resolves the paths of
 // bin/caddy and of this driver, and starts the upstream helper process
 // in e.dir. It returns the driver's path, for the other helpers.
+// lookWrk finds wrk, which the throughput modes drive.
+func lookWrk() (string, error) {
+	wrk, err := exec.LookPath("wrk")
+	if err != nil {
+		return "", errors.New("wrk not found in $PATH: install it (apt-get install -y wrk), as `make bench` does")
+	}
+	return wrk, nil
+}
+
+// newEnv makes a mode's folder (named from prefix; kept with -keep, else
+// removed by cleanup) and its env, and starts the upstream (prepare).
+// self is this program, which runs the helper processes.
+func newEnv(o options, prefix string) (e *env, self string, cleanup func(), err error) {
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	cleanup = func() { os.RemoveAll(dir) }
+	if o.keep {
+		fmt.Fprintf(os.Stderr, "bench: keeping %s\n", dir)
+		cleanup = func() {}
+	}
+	e = &env{o: o, dir: dir, caddy: filepath.Join(o.bin, "caddy"), tick: clockTick()}
+	if self, err = e.prepare(); err != nil {
+		cleanup()
+		return nil, "", nil, err
+	}
+	return e, self, cleanup, nil
+}
+
+// startTokenAPI starts the token API helper (with the partner API key and
+// the extra environment and arguments) and points e at it.
+func (e *env) startTokenAPI(self string, environ []string, args ...string) error {
+	addrFile := filepath.Join(e.dir, "tokenapi.addr")
+	ta, err := start(e.dir, "tokenapi", append([]string{apiKeyEnv + "=" + apiKey}, environ...), self,
+		append([]string{"tokenapi", "-addr-file", addrFile}, args...)...)
+	if err != nil {
+		return err
+	}
+	addr, err := readAddrFile(ta, addrFile, time.Minute)
+	if err != nil {
+		return err
+	}
+	e.tokenAPI = "http://" + addr
+	e.tokenProc = ta
+	return nil
+}
+
+// startRedis starts a redis-server (redisBin) on a free loopback port, with
+// no persistence, as the process name; it returns its address.
+func startRedis(dir, name, redisBin string) (*proc, string, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, "", err
+	}
+	p, err := start(dir, name, nil, redisBin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+	if err != nil {
+		return nil, "", err
+	}
+	return p, fmt.Sprintf("127.0.0.1:%d", port), nil
+}
+
+// lookRedis finds Debian's redis-server, which the fleet modes start.
+func lookRedis() (string, error) {
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		return "", errors.New("redis-server not found in $PATH: install it (apt-get install -y redis-server)")
+	}
+	return bin, nil
+}
+
 func (e *env) prepare() (self string, err error) {
 	if e.o.build {
 		goBin := os.Getenv("GO")

@@ -86,6 +86,15 @@ func ratio(a, b float64) float64 {
 // wrkResultPrefix starts the line the Lua script's done() prints.
 const wrkResultPrefix = "wrk-result"
 
+// wrkDone is the done() of every wrk script: one wrkResultPrefix line
+// with the run's figures, which parseWrk reads.
+const wrkDone = `function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("` + wrkResultPrefix + ` requests=%d duration_us=%d p99_us=%d connect=%d read=%d write=%d status=%d timeout=%d\n",
+    summary.requests, summary.duration, latency:percentile(99), e.connect, e.read, e.write, e.status, e.timeout))
+end
+`
+
 // parseWrk reads the wrk-result line of wrk's output (see wrkScript):
 //
 //	wrk-result requests=N duration_us=N p99_us=N connect=N read=N write=N status=N timeout=N
