@@ -7,8 +7,8 @@
 // A provider's 429 with Retry-After closes its budget until then (Hold,
 // called by the broker's failure policy): callers queue or are refused
 // with the budget's wait, refreshes are refused; a provider without a
-// budget is held by the policy's source backoff instead. Every hold is
-// capped at MaxHold.
+// budget is refused by the policy's source backoff instead. Every closing
+// is capped at MaxHold.
 package budget
 
 import (
