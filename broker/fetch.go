@@ -335,9 +335,8 @@ func sourceType(b *Binding) string {
 
 // budgetBy is until when (broker clock) a caller of the fetch of b's key
 // started at now waits its turn for budget: Options.BudgetWait at most,
-// and early enough to leave the token API call its bound (callBound)
-// before the fetch's deadline and that of the request that started it,
-// or half of what is left when the bound does not fit.
+// and no later than turnBy allows before the fetch's deadline and that
+// of the request that started it.
 func (br *Broker) budgetBy(parent context.Context, b *Binding, now time.Time) time.Time {
 	end := now.Add(br.opts.FetchTimeout)
 	if d, ok := parent.Deadline(); ok {
