@@ -325,18 +325,44 @@ func (br *Broker) storeFetched(b *Binding, e *Entry, now time.Time, f *flight) b
 // Reject, which limits purges by rejection per key. With a shared tier, the
 // token is purged there too (compare-and-delete on its fingerprint).
 func (br *Broker) Purge(b *Binding, rejected Secret) bool {
+	return br.purgeCached(b, rejected, nil) == RejectionPurged
+}
+
+// purgeCached purges the binding's cached token, here and from the shared
+// tier, if it is still the one with the given value (else
+// RejectionStale), unless keep, called under br.mu, says to keep it
+// (RejectionKept).
+func (br *Broker) purgeCached(b *Binding, rejected Secret, keep func(e *Entry) bool) Rejection {
 	br.mu.Lock()
 	v, ok := br.cache.Get(b.key)
 	if !ok || v.(*Entry).value() != rejected {
 		br.mu.Unlock()
-		return false
+		return RejectionStale
 	}
-	v.(*Entry).stale.Store(true)
-	br.cache.Delete(b.key)
-	br.purgingLocked(b.key, rejected.Fingerprint())
+	e := v.(*Entry)
+	if keep != nil && keep(e) {
+		br.mu.Unlock()
+		return RejectionKept
+	}
+	br.purgeLocked(b.key, e)
 	br.mu.Unlock()
-	br.purgeShared(b.key, rejected.Fingerprint())
-	return true
+	br.purgeShared(b.key, e.Fingerprint())
+	return RejectionPurged
+}
+
+// dropLocked takes e, cached under key, out of the cache: a lookup that
+// holds it sees it stale. Call it with br.mu held.
+func (br *Broker) dropLocked(key string, e *Entry) {
+	e.stale.Store(true)
+	br.cache.Delete(key)
+}
+
+// purgeLocked is dropLocked for a purge made here: the fetches of key
+// neither adopt nor cache e's token until the shared tier has purged it
+// too (purgingLocked, purgeShared). Call it with br.mu held.
+func (br *Broker) purgeLocked(key string, e *Entry) {
+	br.dropLocked(key, e)
+	br.purgingLocked(key, e.Fingerprint())
 }
 
 // Drop forgets the token cached under the binding's key in this process,
@@ -360,8 +386,7 @@ func (br *Broker) Drop(b *Binding) bool {
 	if e.sharedAcross.Load() || e.binding == nil || e.binding.Merchant != b.Merchant {
 		return false
 	}
-	e.stale.Store(true)
-	br.cache.Delete(b.key)
+	br.dropLocked(b.key, e)
 	return true
 }
 
@@ -375,9 +400,7 @@ func (br *Broker) PurgeMatching(match func(*Binding) bool) []*Entry {
 	var out []*Entry
 	for k, it := range br.cache.Items() {
 		if e := it.Object.(*Entry); match(e.binding) {
-			e.stale.Store(true)
-			br.cache.Delete(k)
-			br.purgingLocked(k, e.Fingerprint())
+			br.purgeLocked(k, e)
 			out = append(out, e)
 		}
 	}
@@ -417,8 +440,7 @@ func (br *Broker) dropShared(key, fingerprint string) {
 		return
 	}
 	if e := v.(*Entry); fingerprint == "" || e.Fingerprint() == fingerprint {
-		e.stale.Store(true)
-		br.cache.Delete(key)
+		br.dropLocked(key, e)
 	}
 }
 

@@ -335,9 +335,8 @@ func sourceType(b *Binding) string {
 
 // budgetBy is until when (broker clock) a caller of the fetch of b's key
 // started at now waits its turn for budget: Options.BudgetWait at most,
-// and early enough to leave the token API call its bound (callBound)
-// before the fetch's deadline and that of the request that started it,
-// or half of what is left when the bound does not fit.
+// and no later than turnBy allows before the fetch's deadline and that
+// of the request that started it.
 func (br *Broker) budgetBy(parent context.Context, b *Binding, now time.Time) time.Time {
 	end := now.Add(br.opts.FetchTimeout)
 	if d, ok := parent.Deadline(); ok {
@@ -345,15 +344,22 @@ func (br *Broker) budgetBy(parent context.Context, b *Binding, now time.Time) ti
 			end = pd
 		}
 	}
-	// The call keeps its bound, or half the time left when its bound
-	// does not fit (a provider timeout longer than the fetch's): a caller
-	// may then wait the other half.
-	by := end.Add(-min(callBound(b.Source), end.Sub(now)/2))
+	by := turnBy(b.Source, now, end)
 	if w := now.Add(br.opts.BudgetWait); w.Before(by) {
 		by = w
 	}
+	return by
+}
+
+// turnBy is until when (broker clock), at now, a wait for budget may last
+// for a call to src that must end by end: the call keeps its bound, or
+// half the time left when its bound does not fit (a provider timeout
+// longer than the fetch's), and a caller may then wait the other half.
+// With no time to wait it is now: served at once, or refused at once.
+func turnBy(src Source, now, end time.Time) time.Time {
+	by := end.Add(-min(callBound(src), end.Sub(now)/2))
 	if by.Before(now) {
-		by = now // no time to wait: served at once, or refused at once
+		return now
 	}
 	return by
 }
@@ -396,8 +402,7 @@ func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, b
 	// earlier attempt) counts: the call still keeps its time.
 	if d, ok := ctx.Deadline(); ok {
 		now := br.opts.Now()
-		end := now.Add(time.Until(d))
-		if late := end.Add(-min(callBound(b.Source), end.Sub(now)/2)); late.Before(by) {
+		if late := turnBy(b.Source, now, now.Add(time.Until(d))); late.Before(by) {
 			by = late
 		}
 		if by.Before(now) {

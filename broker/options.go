@@ -96,8 +96,8 @@ type Options struct {
 	Shared SharedCache
 	// Now is the clock. Default time.Now. Tests inject their own.
 	Now func() time.Time
-	// Sleep waits between attempts. Default: a timer. Tests inject their
-	// own so that backoff costs no time.
+	// Sleep waits between attempts. Default budget.Sleep, a timer. Tests
+	// inject their own so that backoff costs no time.
 	Sleep func(ctx context.Context, d time.Duration) error
 	// Observer is told about lookups and fetches (metrics, logs). Optional.
 	Observer Observer
@@ -149,21 +149,9 @@ func (o Options) withDefaults() Options {
 		o.BudgetWait = DefaultBudgetWait
 	}
 	if o.Sleep == nil {
-		o.Sleep = sleepCtx
+		o.Sleep = budget.Sleep
 	}
 	return o
-}
-
-// sleepCtx waits d or until ctx ends.
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }
 
 // Result says how a lookup was served.

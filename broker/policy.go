@@ -520,9 +520,7 @@ func (br *Broker) Policy(e *Entry) Policy {
 	p := &br.pol
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if ss := p.sources[b.SourceID]; ss != nil && ss.backoff.active(now) {
-		out.SourceBackoffUntil = ss.backoff.until
-	}
+	out.SourceBackoffUntil = p.sourceHealthLocked(b.SourceID, now).BackoffUntil
 	if ks := p.keys[b.key]; ks != nil {
 		out.LastError, out.Failures = ks.mem.err, ks.mem.failures
 		if out.LastError == nil {
@@ -542,26 +540,35 @@ func (br *Broker) Policy(e *Entry) Policy {
 // SourceBackoff returns until when a source's token API is not called for
 // any key, and the failure behind it; zero when no backoff applies.
 func (br *Broker) SourceBackoff(sourceID string) (until time.Time, err error) {
-	now := br.opts.Now()
-	p := &br.pol
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if ss := p.sources[sourceID]; ss != nil && ss.backoff.active(now) {
-		return ss.backoff.until, ss.backoff.err
-	}
-	return time.Time{}, nil
+	h := br.sourceHealth(sourceID)
+	return h.BackoffUntil, h.BackoffError
 }
 
 // BreakerState returns the state of a source's circuit breaker (closed for a
 // source that has none yet).
 func (br *Broker) BreakerState(sourceID string) BreakerState {
+	return br.sourceHealth(sourceID).Breaker
+}
+
+// sourceHealth is the health of a source, its keys not counted.
+func (br *Broker) sourceHealth(sourceID string) SourceHealth {
 	p := &br.pol
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if ss := p.sources[sourceID]; ss != nil {
-		return ss.brk.State()
+	return p.sourceHealthLocked(sourceID, br.opts.Now())
+}
+
+// sourceHealthLocked is the health of a source at now, its keys not
+// counted: its breaker's state and its backoff. Call it with p.mu held.
+func (p *policy) sourceHealthLocked(id string, now time.Time) SourceHealth {
+	h := SourceHealth{Breaker: BreakerClosed}
+	if ss := p.sources[id]; ss != nil {
+		h.Breaker = ss.brk.State()
+		if ss.backoff.active(now) {
+			h.BackoffUntil, h.BackoffError, h.BackoffAt = ss.backoff.until, ss.backoff.err, ss.backoff.at
+		}
 	}
-	return BreakerClosed
+	return h
 }
 
 // ForgetFailures drops the remembered fetch failures (see
@@ -648,14 +655,7 @@ func (br *Broker) SourcesHealth(sourceIDs ...string) map[string]SourceHealth {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, id := range sourceIDs {
-		h := SourceHealth{Breaker: BreakerClosed}
-		if ss := p.sources[id]; ss != nil {
-			h.Breaker = ss.brk.State()
-			if ss.backoff.active(now) {
-				h.BackoffUntil, h.BackoffError, h.BackoffAt = ss.backoff.until, ss.backoff.err, ss.backoff.at
-			}
-		}
-		out[id] = h
+		out[id] = p.sourceHealthLocked(id, now)
 	}
 	for _, ks := range p.keys {
 		h, ok := out[ks.b.SourceID]

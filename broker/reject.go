@@ -94,23 +94,9 @@ func (ks *keyState) purgePause(now time.Time) time.Time {
 // key's purges by rejection are paused (see RejectPauseBase). A burst of
 // rejections of one token causes at most one new fetch.
 func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
-	br.mu.Lock()
-	v, ok := br.cache.Get(b.key)
-	if !ok || v.(*Entry).value() != rejected {
-		br.mu.Unlock()
-		return RejectionStale
-	}
-	e := v.(*Entry)
-	if br.pol.rejectKept(b, rejected, e.cachedAt(), br.opts.Now()) {
-		br.mu.Unlock()
-		return RejectionKept
-	}
-	e.stale.Store(true)
-	br.cache.Delete(b.key)
-	br.purgingLocked(b.key, rejected.Fingerprint())
-	br.mu.Unlock()
-	br.purgeShared(b.key, rejected.Fingerprint())
-	return RejectionPurged
+	return br.purgeCached(b, rejected, func(e *Entry) bool {
+		return br.pol.rejectKept(b, rejected, e.cachedAt(), br.opts.Now())
+	})
 }
 
 // rejectKept notes a rejection at now of b's cached token rejected,

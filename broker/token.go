@@ -4,6 +4,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // Secret is a credential or token value. Its String, GoString and text
@@ -12,8 +14,9 @@ import (
 // really needed (an Authorization header, a request body).
 type Secret string
 
-// Redacted is what a Secret prints as.
-const Redacted = "[REDACTED]"
+// Redacted is what a Secret prints as, and what a secret scrubbed from a
+// provider's answer becomes.
+const Redacted = scrub.Redacted
 
 // Reveal returns the secret value itself.
 func (s Secret) Reveal() string { return string(s) }

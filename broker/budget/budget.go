@@ -7,8 +7,8 @@
 // A provider's 429 with Retry-After closes its budget until then (Hold,
 // called by the broker's failure policy): callers queue or are refused
 // with the budget's wait, refreshes are refused; a provider without a
-// budget is held by the policy's source backoff instead. Every hold is
-// capped at MaxHold.
+// budget is refused by the policy's source backoff instead. Every closing
+// is capped at MaxHold.
 package budget
 
 import (
@@ -149,7 +149,7 @@ func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *B
 	if now == nil {
 		now = time.Now
 	}
-	b := &Budget{name: name, limit: l, fallbackLimit: l, store: s, now: now, sleep: sleepCtx, shareOf: 1, sharedBy: 1}
+	b := &Budget{name: name, limit: l, fallbackLimit: l, store: s, now: now, sleep: Sleep, shareOf: 1, sharedBy: 1}
 	for _, o := range opts {
 		o(b)
 	}
@@ -166,8 +166,9 @@ func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *B
 // Retry-After at all); the header rounds it up to a whole second.
 const minRetryAfter = time.Millisecond
 
-// sleepCtx waits d or until ctx ends.
-func sleepCtx(ctx context.Context, d time.Duration) error {
+// Sleep waits d, or until ctx ends and then returns ctx's error: a
+// timer, the wait of a caller when TakeWaited is given no sleep.
+func Sleep(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {

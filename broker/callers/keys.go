@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -241,7 +242,7 @@ func parseJWKS(data []byte) ([]jose.JSONWebKey, error) {
 		if !key.IsPublic() {
 			return nil, fmt.Errorf("key %d (kid %q) is a private or symmetric key: a JWK set must hold public keys only", i, key.KeyID)
 		}
-		if (key.Use != "" && key.Use != "sig") || (key.Algorithm != "" && !supportedAlg(key.Algorithm)) {
+		if (key.Use != "" && key.Use != "sig") || (key.Algorithm != "" && !slices.Contains(callerAlgs, jose.SignatureAlgorithm(key.Algorithm))) {
 			continue
 		}
 		keys = append(keys, key)
@@ -250,15 +251,6 @@ func parseJWKS(data []byte) ([]jose.JSONWebKey, error) {
 		return nil, errors.New("no usable signing key (RSA, EC or Ed25519 with use sig)")
 	}
 	return keys, nil
-}
-
-func supportedAlg(alg string) bool {
-	for _, a := range callerAlgs {
-		if string(a) == alg {
-			return true
-		}
-	}
-	return false
 }
 
 // Interface guard.

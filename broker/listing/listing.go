@@ -40,12 +40,17 @@ type Listing struct {
 	every    time.Duration
 	logger   *zap.Logger
 
-	orgs    atomic.Pointer[map[string]struct{}]
-	good    atomic.Int64                   // unix nanoseconds of the last good read
-	failed  atomic.Pointer[listingFailure] // the last read, if it failed
-	refresh sync.Mutex                     // one read at a time
+	reads   atomic.Pointer[reads] // nil before the first read ends
+	refresh sync.Mutex            // one read at a time
 	stop    chan struct{}
 	done    chan struct{}
+}
+
+// reads is what the reads of a listing left, replaced as one by each
+// read: the list in force (nil before the first good read) and its Status.
+type reads struct {
+	orgs   map[string]struct{}
+	status Status
 }
 
 // New returns the listing of a provider, read every every once started;
@@ -95,29 +100,26 @@ func (l *Listing) Refresh(ctx context.Context) (int, error) {
 	m := make(map[string]struct{})
 	err := l.list.EachOrganisation(ctx, l.limits, func(o nuapay.Organisation) { m[o.ID] = struct{}{} })
 	if err != nil {
-		l.failed.Store(&listingFailure{err: err, at: time.Now()})
+		var next reads
+		if last := l.reads.Load(); last != nil {
+			next = *last
+		}
+		next.status.Err, next.status.FailedAt = err, time.Now()
+		l.reads.Store(&next)
 		if l.logger != nil {
 			kept := "none yet: wildcard merchants are refused with 503"
-			if m := l.orgs.Load(); m != nil {
-				kept = fmt.Sprintf("the last good list (%d organisations)", len(*m))
+			if next.orgs != nil {
+				kept = fmt.Sprintf("the last good list (%d organisations)", len(next.orgs))
 			}
 			l.logger.Warn("listing the organisations failed; keeping "+kept, zap.String("provider", l.provider), zap.Error(err))
 		}
 		return 0, err
 	}
-	l.orgs.Store(&m)
-	l.good.Store(time.Now().UnixNano())
-	l.failed.Store(nil)
+	l.reads.Store(&reads{orgs: m, status: Status{Read: true, Organisations: len(m), ReadAt: time.Now()}})
 	if l.logger != nil {
 		l.logger.Info("organisations listed", zap.String("provider", l.provider), zap.Int("organisations", len(m)))
 	}
 	return len(m), nil
-}
-
-// listingFailure is a failed read of the organisations list.
-type listingFailure struct {
-	err error
-	at  time.Time
 }
 
 // Status is what a listing knows of its reads.
@@ -136,25 +138,21 @@ type Status struct {
 
 // Status returns what the listing knows of its reads.
 func (l *Listing) Status() Status {
-	var s Status
-	if m := l.orgs.Load(); m != nil {
-		s.Read, s.Organisations, s.ReadAt = true, len(*m), time.Unix(0, l.good.Load())
+	if r := l.reads.Load(); r != nil {
+		return r.status
 	}
-	if f := l.failed.Load(); f != nil {
-		s.Err, s.FailedAt = f.err, f.at
-	}
-	return s
+	return Status{}
 }
 
 // Allows says whether org is listed: a zero code when it is, 403
 // unlisted_organisation when not, 503 organisations_unavailable when no
 // list was ever read.
 func (l *Listing) Allows(org string) errcode.Code {
-	m := l.orgs.Load()
-	if m == nil {
+	r := l.reads.Load()
+	if r == nil || r.orgs == nil {
 		return errcode.OrganisationsUnavailable
 	}
-	if _, ok := (*m)[org]; !ok {
+	if _, ok := r.orgs[org]; !ok {
 		return errcode.UnlistedOrganisation
 	}
 	return 0

@@ -113,10 +113,15 @@ func (s *Source) orgURL(merchant, org, suffix string) (string, error) {
 		return "", &broker.RequestError{Merchant: merchant, Field: "organisation", Reason: fmt.Sprintf("%q is not a valid encodedOrganisationId", org)}
 	}
 	u := *s.base
-	esc := strings.ReplaceAll(url.PathEscape(org), ".", "%2E")
-	u.RawPath = u.EscapedPath() + "/organisations/" + esc + suffix
+	u.RawPath = u.EscapedPath() + "/organisations/" + segment(org) + suffix
 	u.Path, _ = url.PathUnescape(u.RawPath)
 	return u.String(), nil
+}
+
+// segment escapes s as one path segment, its dots too, so that no
+// segment of it is "." or "..".
+func segment(s string) string {
+	return strings.ReplaceAll(url.PathEscape(s), ".", "%2E")
 }
 
 type nuapayTokenRequest struct {
@@ -204,7 +209,7 @@ func (s *Source) Revoke(ctx context.Context, org, tokenID string) error {
 	if tokenID == "" {
 		return errors.New("nuapay revoke: the token has no id")
 	}
-	target, err := s.orgURL("", org, "/tokens/"+strings.ReplaceAll(url.PathEscape(tokenID), ".", "%2E")+"/revoke")
+	target, err := s.orgURL("", org, "/tokens/"+segment(tokenID)+"/revoke")
 	if err != nil {
 		return err
 	}

@@ -240,9 +240,7 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 		rr.ResponseWriter.WriteHeader(status)
 		return
 	}
-	if rr.mode != "off" || rr.dpop != nil {
-		rr.challenged = nonceChallenge(status, rr.Header())
-	}
+	rr.challenged = nonceChallenge(status, rr.Header())
 	if rr.mode != "off" {
 		rr.rejected = !rr.challenged && rejectsToken(rr.mode, status, rr.Header())
 	}
@@ -371,12 +369,9 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	if rt.Mode == "off" && rt.DPoP == nil {
 		return next.ServeHTTP(w, r)
 	}
-	replayable, body := false, []byte(nil)
-	if rt.Mode != "off" || rt.DPoP != nil {
-		var err error
-		if replayable, body, err = rt.replayBody(r); err != nil {
-			return err
-		}
+	replayable, body, err := rt.replayBody(r)
+	if err != nil {
+		return err
 	}
 
 	// The first attempt's response headers land in w's header map even when
@@ -398,7 +393,7 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		}
 		recorderPool.Put(rec)
 	}()
-	err := next.ServeHTTP(rec, r)
+	err = next.ServeHTTP(rec, r)
 	if rec.unsigned {
 		first.before.restore(w.Header())
 		return ErrUnsigned

@@ -86,9 +86,7 @@ func (p *Broker) Revoke(entries []*broker.Entry) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, res := range adminapi.Revoke(ctx, entries) {
-		if p.Logger != nil {
-			p.Logger.Info("token revoked at shutdown", zap.String("merchant", res.Merchant),
-				zap.String("fingerprint", res.Fingerprint), zap.Bool("revoked", res.Revoked), zap.String("error", res.Error))
-		}
+		p.Logger.Info("token revoked at shutdown", zap.String("merchant", res.Merchant),
+			zap.String("fingerprint", res.Fingerprint), zap.Bool("revoked", res.Revoked), zap.String("error", res.Error))
 	}
 }

@@ -10,7 +10,7 @@ import (
 	"unicode/utf8"
 )
 
-// Redacted is what a scrubbed secret becomes (broker.Redacted).
+// Redacted is what a scrubbed secret becomes.
 const Redacted = "[REDACTED]"
 
 // MaxText is the length a provider-supplied text is cut to.
