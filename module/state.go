@@ -1,12 +1,6 @@
 package module
 
 import (
-	"errors"
-	"net/http"
-	"time"
-
-	"github.com/caddyserver/caddy/v2"
-
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -31,24 +25,4 @@ func (a *App) stateSources() opstate.Sources {
 		}
 	}
 	return s
-}
-
-// state serves GET /token_broker/state: the opstate.Report of the query
-// (?provider=&state=&after=&limit=); 400 for a malformed query.
-func (adminAPI) state(w http.ResponseWriter, r *http.Request) error {
-	if r.Method != http.MethodGet {
-		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use GET")}
-	}
-	q, err := opstate.ParseQuery(r.URL.Query())
-	if err != nil {
-		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
-	}
-	app, err := running()
-	if err != nil {
-		return err
-	}
-	if app.tracker == nil {
-		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: errors.New("the token_broker app is not provisioned")}
-	}
-	return writeJSON(w, opstate.Build(app.stateSources(), q, time.Now()))
 }
