@@ -1,8 +1,8 @@
-// Package command is the logic of the token broker's Caddy subcommands
-// (`caddy token-broker health|validate`, `caddy
-// token-broker-refresh-token`): the admin API client, the registry
-// checks and what they print. The Caddy command registration (package
-// module) finds the admin address and the config and calls it.
+// Package command is the token broker's Caddy subcommands (`caddy
+// token-broker health|validate|status|check|consent-link`, `caddy
+// token-broker-refresh-token`): their cobra commands and flags, the
+// admin API client, the registry checks and what they print. Package
+// module registers them with Caddy's command services (Caddy).
 package command
 
 import (
