@@ -1,7 +1,6 @@
 package module
 
 import (
-	"errors"
 	"os"
 
 	"github.com/caddyserver/caddy/v2"
@@ -9,26 +8,16 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/command"
-	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "token-broker-refresh-token",
-		Usage: "--merchant <id> [--address <admin address>]",
-		Short: "Loads a merchant's refresh token into the running token broker",
-		Long: `
-Reads a merchant's OAuth refresh token (from an authorization-code consent)
-on standard input and hands it to the running token broker through Caddy's
-admin API. The broker keeps it in Caddy's storage and rotates it as the
-provider requires. The token is never taken as an argument, so it does not
-show in the process list or the shell history:
-
-  printf '%s' "$REFRESH_TOKEN" | caddy token-broker-refresh-token --merchant acme
-`,
+		Usage: command.RefreshTokenUsage,
+		Short: command.RefreshTokenShort,
+		Long:  command.RefreshTokenLong,
 		CobraFunc: func(cmd *cobra.Command) {
-			cmd.Flags().String("merchant", "", "the merchant whose refresh token this is")
-			cmd.Flags().String("address", "", "the admin API address (default: Caddy's default admin address)")
+			command.RefreshTokenFlags(cmd)
 			cmd.RunE = caddycmd.WrapCommandFuncForCobra(cmdRefreshToken)
 		},
 	})
@@ -64,13 +53,9 @@ func registryExpand(path string) string { return caddy.NewReplacer().ReplaceKnow
 // cmdRefreshToken is `caddy token-broker-refresh-token`
 // (command.RefreshToken); a failure exits with status 1.
 func cmdRefreshToken(fl caddycmd.Flags) (int, error) {
-	merchant := fl.String("merchant")
-	if !config.ValidMerchantID(merchant) {
-		return 1, errors.New("--merchant is required: a merchant id of the registry")
-	}
 	address := func() (string, error) { return caddycmd.DetermineAdminAPIAddress(fl.String("address"), nil, "", "") }
 	std := command.IO{In: os.Stdin, Out: os.Stdout, Err: os.Stderr}
-	if err := command.RefreshToken(std, caddycmd.AdminAPIRequest, address, merchant); err != nil {
+	if err := command.RefreshToken(std, caddycmd.AdminAPIRequest, address, fl.String("merchant")); err != nil {
 		return 1, err
 	}
 	return 0, nil
