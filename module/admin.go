@@ -8,7 +8,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
-	"github.com/tokenbroker/caddy-token-broker/broker/probe"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 )
 
 func init() {
@@ -57,11 +57,17 @@ func (a *App) admin() *adminapi.Instance {
 		return nil
 	}
 	in := &adminapi.Instance{Registry: a.registry, Listing: a.listing, Broker: a.broker, Tracker: a.tracker,
-		Logger: a.logger, Tables: a.tables, Sources: a.stateSources, Health: func() probe.Health { return health(a) }}
+		Logger: a.logger, Tables: a.tables, Index: a.stateIndex, Watched: a.watched}
 	if a.recorder != nil {
 		in.Observer = a.recorder.Observer()
 	}
 	return in
+}
+
+// stateSources are what the operator's view of the app is built from
+// (adminapi.Instance.Sources).
+func (a *App) stateSources() opstate.Sources {
+	return a.admin().Sources()
 }
 
 // Interface guard.

@@ -13,10 +13,11 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// This file computes the health answer (package broker/probe) that the
-// admin API (GET /token_broker/health), the `caddy token-broker health`
-// command and the token_broker_health handler give; an operator serves
-// that handler on a port kubelet's probes can reach.
+// The health answer (adminapi.Instance.Health, package broker/probe) is
+// given by the admin API (GET /token_broker/health), the `caddy
+// token-broker health` command and the token_broker_health handler of
+// this file, which an operator serves on a port kubelet's probes can
+// reach.
 
 func init() {
 	caddy.RegisterModule(HealthHandler{})
@@ -36,20 +37,10 @@ func (a *App) watch(reg *config.Registry, listing *listing.Listing) {
 	a.watched.Add(reg, listing)
 }
 
-// health computes the health answer of app (nil: not running): the app's
-// registry first, then the handlers' own.
+// health computes the health answer of app (nil: not running)
+// (adminapi.Instance.Health).
 func health(app *App) probe.Health {
-	if app == nil {
-		return probe.NotRunning()
-	}
-	var regs []probe.Registry
-	if app.registry != nil {
-		regs = append(regs, probe.Of(app.registry, app.listing))
-	}
-	if app.watched != nil {
-		regs = append(regs, app.watched.Registries()...)
-	}
-	return probe.Running(regs, app.broker)
+	return app.admin().Health()
 }
 
 // HealthHandler answers the token broker's health probes on a site of the

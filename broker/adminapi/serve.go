@@ -40,10 +40,47 @@ type Instance struct {
 	// Observer observes the check of a merchant that no route has bound;
 	// nil: such a check is not observed.
 	Observer broker.Observer
-	// Sources returns what the operator's view is built from.
-	Sources func() opstate.Sources
-	// Health returns the health answer.
-	Health func() probe.Health
+	// Index is the registry's merchants sorted, for the operator's view.
+	Index *opstate.Index
+	// Watched are the registries that handlers loaded themselves; nil:
+	// none.
+	Watched *probe.Watched
+}
+
+// Sources are what the operator's view of the app is built from: its
+// registry (an empty one when it has none), its broker, the active
+// wildcard merchants of its binding tables, its tracker and index, and
+// the handlers' own registries, whose fetches the tracker is told of too.
+func (in *Instance) Sources() opstate.Sources {
+	s := opstate.Sources{Registry: in.Registry, Broker: in.Broker, Tracker: in.Tracker, Index: in.Index}
+	if s.Registry == nil {
+		s.Registry = &config.Registry{}
+	}
+	if in.Tables != nil {
+		in.Tables.Each(func(t *bindings.Table) { s.Tables = append(s.Tables, t) })
+	}
+	if in.Watched != nil {
+		for _, r := range in.Watched.Registries() {
+			s.Others = append(s.Others, r.Registry)
+		}
+	}
+	return s
+}
+
+// Health is the health answer of the app in (nil: none runs): its
+// registry first, then the handlers' own.
+func (in *Instance) Health() probe.Health {
+	if in == nil {
+		return probe.NotRunning()
+	}
+	var regs []probe.Registry
+	if in.Registry != nil {
+		regs = append(regs, probe.Of(in.Registry, in.Listing))
+	}
+	if in.Watched != nil {
+		regs = append(regs, in.Watched.Registries()...)
+	}
+	return probe.Running(regs, in.Broker)
 }
 
 // route is an admin route: its path pattern (http.ServeMux; one ending
@@ -272,11 +309,7 @@ func health(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		return methodNotAllowed(http.MethodGet)
 	}
-	h := probe.NotRunning()
-	if in != nil {
-		h = in.Health()
-	}
-	probe.Write(w, r, h, live)
+	probe.Write(w, r, in.Health(), live)
 	return nil
 }
 
