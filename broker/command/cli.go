@@ -84,14 +84,14 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 		Use:   "health [--address <admin address>] [--live]",
 		Short: "Exits 0 when the running token broker is ready (with --live: alive), 1 otherwise",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: silent(func(cmd *cobra.Command, _ []string) error {
 			addr, err := adminAddress(cmd, c, "not ready: ")
 			if err != nil {
-				return silentFailure(cmd, err)
+				return err
 			}
 			live, _ := cmd.Flags().GetBool("live")
-			return silentFailure(cmd, Health(stdio(cmd), c.Request, addr, live))
-		},
+			return Health(stdio(cmd), c.Request, addr, live)
+		}),
 	}
 	adminFlags(health)
 	health.Flags().Bool("live", false, "check liveness (the token_broker app runs) instead of readiness")
@@ -99,13 +99,13 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 		Use:   "validate [--config <file>] [--adapter <name>]",
 		Short: "Prints the problems of the config's merchant registries, one per line",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: silent(func(cmd *cobra.Command, _ []string) error {
 			cfg, file, err := loadConfig(cmd, c)
 			if err != nil {
-				return silentFailure(cmd, err)
+				return err
 			}
-			return silentFailure(cmd, Validate(stdio(cmd), cfg, file, c.Expand))
-		},
+			return Validate(stdio(cmd), cfg, file, c.Expand)
+		}),
 	}
 	validate.Flags().StringP("config", "c", "", "the config file (default: ./Caddyfile)")
 	validate.Flags().StringP("adapter", "a", "", "the name of the config adapter to use")
@@ -113,17 +113,17 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 		Use:   "status [--address <admin address>] [--provider <name>] [--state <state>] [--json]",
 		Short: "Prints the running token broker's providers, the merchants needing attention and the merchants by state",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: silent(func(cmd *cobra.Command, _ []string) error {
 			addr, err := adminAddress(cmd, c, "")
 			if err != nil {
-				return silentFailure(cmd, err)
+				return err
 			}
 			var q StatusQuery
 			q.Provider, _ = cmd.Flags().GetString("provider")
 			q.State, _ = cmd.Flags().GetString("state")
 			q.JSON, _ = cmd.Flags().GetBool("json")
-			return silentFailure(cmd, Status(stdio(cmd), c.Request, addr, q, time.Now()))
-		},
+			return Status(stdio(cmd), c.Request, addr, q, time.Now())
+		}),
 	}
 	adminFlags(status)
 	status.Flags().String("provider", "", "show this provider's merchants only")
@@ -133,10 +133,10 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 		Use:   "check [MERCHANT] [--config <file>] [--adapter <name>] [--address <admin address>]",
 		Short: "Validates the merchant registries; with a merchant, makes one token request for it and says what the provider answered",
 		Args:  cobra.MaximumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
+		RunE: silent(func(cmd *cobra.Command, args []string) error {
 			cfg, file, err := loadConfig(cmd, c)
 			if err != nil {
-				return silentFailure(cmd, err)
+				return err
 			}
 			merchant := ""
 			if len(args) == 1 {
@@ -146,22 +146,22 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 				flag, _ := cmd.Flags().GetString("address")
 				return c.AdminAddress(flag, cfg, "", "")
 			}
-			return silentFailure(cmd, Check(stdio(cmd), c.Request, cfg, file, c.Expand, address, merchant))
-		},
+			return Check(stdio(cmd), c.Request, cfg, file, c.Expand, address, merchant)
+		}),
 	}
 	adminFlags(check)
 	link := &cobra.Command{
 		Use:   "consent-link MERCHANT [--return-url <url>] [--address <admin address>]",
 		Short: "Prints a one-time consent link for a merchant",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
+		RunE: silent(func(cmd *cobra.Command, args []string) error {
 			addr, err := adminAddress(cmd, c, "")
 			if err != nil {
-				return silentFailure(cmd, err)
+				return err
 			}
 			returnURL, _ := cmd.Flags().GetString("return-url")
-			return silentFailure(cmd, ConsentLink(stdio(cmd), c.Request, addr, args[0], returnURL, time.Now()))
-		},
+			return ConsentLink(stdio(cmd), c.Request, addr, args[0], returnURL, time.Now())
+		}),
 	}
 	adminFlags(link)
 	link.Flags().String("return-url", "", "where the merchant's browser goes after consent (on the provider's return_urls)")
@@ -205,13 +205,16 @@ func loadConfig(cmd *cobra.Command, c Caddy) ([]byte, string, error) {
 	return cfg, file, nil
 }
 
-// silentFailure fails cmd with exit status 1 without cobra's "Error:" line
-// or usage when err is ErrFailed (its message is printed).
-func silentFailure(cmd *cobra.Command, err error) error {
-	if errors.Is(err, ErrFailed) {
-		cmd.SilenceErrors, cmd.SilenceUsage = true, true
+// silent is run, whose failure exits with status 1 without cobra's
+// "Error:" line or usage when it is ErrFailed (its message is printed).
+func silent(run func(cmd *cobra.Command, args []string) error) func(cmd *cobra.Command, args []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		err := run(cmd, args)
+		if errors.Is(err, ErrFailed) {
+			cmd.SilenceErrors, cmd.SilenceUsage = true, true
+		}
+		return err
 	}
-	return err
 }
 
 // stdio are the streams of cmd.
