@@ -33,7 +33,8 @@ type Instance struct {
 	// Tracker is the operator's view; nil when the app is not
 	// provisioned.
 	Tracker *opstate.Tracker
-	// Logger logs the checks and the refresh tokens loaded.
+	// Logger logs the checks, the refresh tokens loaded and the consent
+	// links made.
 	Logger *zap.Logger
 	// Tables are the binding tables of the app's routes; nil: none.
 	Tables *bindings.Tables
@@ -232,7 +233,11 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 func checkMerchant(w http.ResponseWriter, r *http.Request, in *Instance, merchant string) error {
 	var b *broker.Binding
 	if in.Registry != nil {
-		if bound := in.Tables.Bindings(in.Registry, merchant); len(bound) > 0 {
+		var bound []*bindings.Binding
+		if in.Tables != nil {
+			bound = in.Tables.Bindings(in.Registry, merchant)
+		}
+		if len(bound) > 0 {
 			b = &bound[0].Binding
 		} else if in.Observer != nil {
 			if bd, err := in.Registry.Binding(merchant, nil); err == nil {
