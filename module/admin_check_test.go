@@ -63,7 +63,7 @@ scopes = ["accounts"]
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			rec := httptest.NewRecorder()
-			err := (adminAPI{}).merchant(rec, httptest.NewRequest(tt.method, tt.path, nil))
+			err := serveAdmin(rec, httptest.NewRequest(tt.method, tt.path, nil))
 			status := rec.Code
 			var ae caddy.APIError
 			if errors.As(err, &ae) {

@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -67,7 +68,7 @@ scopes = ["accounts"]
 		t.Helper()
 		req := httptest.NewRequest(http.MethodPut, "/token_broker/merchants/acme/refresh_token", strings.NewReader(`{"refresh_token":"`+rt+`"}`))
 		rec := httptest.NewRecorder()
-		if err := setRefreshToken(rec, req, app, "acme"); err != nil || rec.Code != http.StatusOK {
+		if err := adminapi.Serve(rec, req, app.admin()); err != nil || rec.Code != http.StatusOK {
 			t.Fatalf("PUT refresh_token %s: %d %v", rt, rec.Code, err)
 		}
 		if strings.Contains(rec.Body.String(), rt) {

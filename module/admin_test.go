@@ -43,7 +43,7 @@ func TestAdminTokenListShowsPolicyState(t *testing.T) {
 	list := func() adminapi.TokenInfo {
 		t.Helper()
 		rec := httptest.NewRecorder()
-		if err := (adminAPI{}).tokens(rec, httptest.NewRequest("GET", "/token_broker/tokens", nil)); err != nil {
+		if err := serveAdmin(rec, httptest.NewRequest("GET", "/token_broker/tokens", nil)); err != nil {
 			t.Fatal(err)
 		}
 		if strings.Contains(rec.Body.String(), secret) {

@@ -13,7 +13,6 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
-	"github.com/tokenbroker/caddy-token-broker/broker/command"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbox"
@@ -162,7 +161,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 	}
 	if a.Config != "" {
-		reg, key, err := loadRegistryStore(ctx, a.Config, a.refreshStore(ctx), "store "+a.fleetKey+a.budgetKey(), a.budgetsFor())
+		reg, key, err := loadPooled(ctx, a.Config, a.refreshStore(ctx), "store "+a.fleetKey+a.budgetKey(), a.budgetsFor())
 		if err != nil {
 			return err
 		}
@@ -239,19 +238,6 @@ func (a *App) validate() error {
 // maxFleetSize bounds fleet_size.
 const maxFleetSize = 10_000
 
-// loadRegistry loads a TOML registry; the path may hold placeholders such
-// as {env.TOKEN_BROKER_CONFIG}. Refresh tokens are kept in Caddy's
-// storage; budgets makes the providers' budgets (nil: the registry's own).
-func loadRegistry(ctx caddy.Context, path string, budgets func(*config.Provider) (*budget.Budget, error)) (*config.Registry, error) {
-	path = registryExpand(path)
-	reg, err := config.LoadWith(path, config.Options{RefreshStore: storageStore(ctx.Storage()), ConsentStore: storagePending(ctx.Storage()),
-		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets})
-	if err != nil {
-		return nil, command.RegistryError(err)
-	}
-	return reg, nil
-}
-
 // Start makes the app the one the admin API serves and the one that
 // emits the operator's view's events, then makes that view agree with
 // the broker about the sources of the registries now loaded (the app's
@@ -327,8 +313,8 @@ func emitRunning(event string, data map[string]any) {
 
 // shuttingDown reports whether Caddy is stopping for good (the process
 // exits, or the running config is stopped without a new one), rather than
-// reloading. A variable for tests.
-var shuttingDown = func() bool { return caddy.Exiting() || caddy.ActiveContext().Context == nil }
+// reloading.
+func shuttingDown() bool { return caddy.Exiting() || caddy.ActiveContext().Context == nil }
 
 // Destruct closes the broker. A reload never revokes: the running app's
 // broker inherits the tokens, to revoke them at shutdown. At shutdown,

@@ -67,7 +67,7 @@ scopes = ["accounts"]
 			t.Cleanup(app.broker.Close)
 			prev := current.Swap(app)
 			t.Cleanup(func() { current.Store(prev) })
-			_ = adminAPI{}.links(httptest.NewRecorder(), httptest.NewRequest("POST", "/token_broker/consent/links", strings.NewReader(tt.body)))
+			_ = serveAdmin(httptest.NewRecorder(), httptest.NewRequest("POST", "/token_broker/consent/links", strings.NewReader(tt.body)))
 
 			routeCore, routeLogs := zapobserver.New(zap.DebugLevel)
 			web, err := consentweb.New(consentweb.Options{Links: true, Registry: reg, Broker: app.broker, Gate: openGate{},

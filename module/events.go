@@ -18,25 +18,17 @@ import (
 const eventQueueSize = 1024
 
 // provisionEvents connects the app to Caddy's events app when the config
-// has one: the events global option (apps.events) holds the
-// subscriptions, so without it nothing would handle the events and emit
-// does nothing (an events app that another app loaded first, as caddytls
-// does, is used all the same). The events are emitted with ctx, so their
-// origin is the token_broker app (the {event.module} placeholder is
-// "token_broker").
+// has one (the events global option, or an events app another app
+// loaded); without it emit does nothing. The events are emitted with ctx,
+// so {event.module} is "token_broker".
 //
-// Caddy's Emit runs the subscribed handlers synchronously, and a handler
-// may be slow (an exec handler running a command in the foreground, a web
-// hook). The events come from the token path and from background
-// refreshes, which must not wait on them: emit only queues the event, and
-// one goroutine of the app hands the events to Emit in order. That
-// goroutine starts on Caddy's "started" event, once every app of the
-// config has started: the events app builds its subscriptions in its
-// Start, which Caddy runs in no fixed order with the others, and Emit
-// reads them. Events emitted before then wait in the queue (TestEvents in
-// integration/ shows they arrive). The goroutine stops with the app. When
-// the handlers fall behind by eventQueueSize events, later ones are
-// dropped and a warning says how many so far.
+// Caddy's Emit runs the subscribed handlers synchronously, and they may
+// be slow (an exec handler, a web hook), while the events come from the
+// token path and from refreshes, which must not wait: emit only queues
+// an event (outbox.Outbox, at most eventQueueSize, then dropped, counted
+// and logged), and one goroutine of the app hands them to Emit in order.
+// It starts on Caddy's "started" event, once the events app has built its
+// subscriptions, and stops with the app.
 func (a *App) provisionEvents(ctx caddy.Context) error {
 	appIface, err := ctx.AppIfConfigured("events")
 	if errors.Is(err, caddy.ErrNotConfigured) {

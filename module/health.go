@@ -1,7 +1,6 @@
 package module
 
 import (
-	"fmt"
 	"net/http"
 
 	"github.com/caddyserver/caddy/v2"
@@ -14,11 +13,11 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// This file serves the health answer (package broker/probe) in three
-// places: the admin API (GET /token_broker/health, admin.go), the
-// `caddy token-broker health` command (command.go) and the
-// token_broker_health handler, which an operator serves on a port
-// kubelet's probes can reach.
+// The health answer (adminapi.Instance.Health, package broker/probe) is
+// given by the admin API (GET /token_broker/health), the `caddy
+// token-broker health` command and the token_broker_health handler of
+// this file, which an operator serves on a port kubelet's probes can
+// reach.
 
 func init() {
 	caddy.RegisterModule(HealthHandler{})
@@ -32,45 +31,13 @@ type watchList = probe.Watched
 
 // watch adds a handler's own registry to the health answer.
 func (a *App) watch(reg *config.Registry, listing *listing.Listing) {
-	if a.watched == nil {
-		return // an app not provisioned (tests)
-	}
 	a.watched.Add(reg, listing)
 }
 
-// health computes the health answer of app (nil: not running): the app's
-// registry first, then the handlers' own.
+// health computes the health answer of app (nil: not running)
+// (adminapi.Instance.Health).
 func health(app *App) probe.Health {
-	if app == nil {
-		return probe.NotRunning()
-	}
-	var regs []probe.Registry
-	if app.registry != nil {
-		regs = append(regs, probe.Of(app.registry, app.listing))
-	}
-	if app.watched != nil {
-		regs = append(regs, app.watched.Registries()...)
-	}
-	return probe.Running(regs, app.broker)
-}
-
-// health serves GET /token_broker/health (readiness: 200 when ready,
-// 503 otherwise) and GET /token_broker/health/live (liveness) on the
-// admin API, with the Health as the body.
-func (adminAPI) health(w http.ResponseWriter, r *http.Request) error {
-	live := false
-	switch r.URL.Path {
-	case "/token_broker/health", "/token_broker/health/ready":
-	case "/token_broker/health/live":
-		live = true
-	default:
-		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("use /token_broker/health (readiness) or /token_broker/health/live")}
-	}
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method not allowed: use GET")}
-	}
-	probe.Write(w, r, health(current.Load()), live)
-	return nil
+	return app.admin().Health()
 }
 
 // HealthHandler answers the token broker's health probes on a site of the
@@ -108,23 +75,9 @@ func (hh *HealthHandler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// ServeHTTP answers /ready and /live.
+// ServeHTTP answers /ready and /live (probe.Serve).
 func (hh *HealthHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
-	var live bool
-	switch r.URL.Path {
-	case "/ready":
-	case "/live":
-		live = true
-	default:
-		probe.WriteError(w, http.StatusNotFound, "not_found", "the token broker's health handler answers GET /ready (readiness) and GET /live (liveness)")
-		return nil
-	}
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		w.Header().Set("Allow", "GET, HEAD")
-		probe.WriteError(w, http.StatusMethodNotAllowed, "method_not_allowed", "use GET")
-		return nil
-	}
-	probe.Write(w, r, health(hh.app), live)
+	probe.Serve(w, r, func() probe.Health { return health(hh.app) })
 	return nil
 }
 

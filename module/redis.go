@@ -9,10 +9,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"go.uber.org/zap"
 
-	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet/redisstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
-	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 // RedisConfig turns on the shared token tier: the brokers of a fleet keep
@@ -149,17 +147,6 @@ func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
 		return a.fleet.Cache.Store()
 	}
 	return storageStore(ctx.Storage())
-}
-
-// loadRegistryStore is loadRegistry with the refresh tokens in store and
-// the consents in progress in Caddy's storage; the registry is kept across
-// reloads (regcache.go) and key is its pool key. storeKey names the
-// store and whatever budgets depends on.
-func loadRegistryStore(ctx caddy.Context, path string, store oauth.Store, storeKey string, budgets func(*config.Provider) (*budget.Budget, error)) (reg *config.Registry, key string, err error) {
-	path = caddy.NewReplacer().ReplaceKnown(path, "")
-	return loadPooled(ctx.Logger(), path, config.Options{RefreshStore: store, ConsentStore: storagePending(ctx.Storage()),
-		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets},
-		storeKey+" consents in "+storageID(ctx.Storage()))
 }
 
 // parseRedis reads the redis block of the token_broker global option.

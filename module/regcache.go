@@ -1,9 +1,12 @@
 package module
 
 import (
+	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/command"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/config/regcache"
 )
@@ -13,17 +16,38 @@ import (
 // no file again and keeps its providers' sources.
 var registries = regcache.New()
 
+// registryOptions are the config.Options of a registry of ctx: refresh
+// tokens in store, consents in progress in Caddy's storage, the
+// providers' budgets made by budgets (nil: the registry's own), DPoP
+// nonce challenges counted on the running app's metrics.
+func registryOptions(ctx caddy.Context, store oauth.Store, budgets func(*config.Provider) (*budget.Budget, error)) config.Options {
+	return config.Options{RefreshStore: store, ConsentStore: storagePending(ctx.Storage()),
+		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets}
+}
+
 // loadPooled returns the registry at path (a file, a directory or a glob:
-// config.Files) from registries, and the key to release (Cleanup).
-// storeKey names where refresh tokens go. The files a load parsed are
-// logged.
-func loadPooled(logger *zap.Logger, path string, opts config.Options, storeKey string) (*config.Registry, string, error) {
-	reg, key, parsed, err := registries.Load(path, opts, storeKey)
+// config.Files; placeholders such as {env.TOKEN_BROKER_CONFIG} are
+// resolved) from registries, and the key to release (Cleanup). storeKey
+// names store and whatever budgets depends on. The files a load parsed
+// are logged.
+func loadPooled(ctx caddy.Context, path string, store oauth.Store, storeKey string, budgets func(*config.Provider) (*budget.Budget, error)) (*config.Registry, string, error) {
+	path = registryExpand(path)
+	reg, key, parsed, err := registries.Load(path, registryOptions(ctx, store, budgets), storeKey+" consents in "+storageID(ctx.Storage()))
 	if parsed > 0 {
-		logger.Info("merchant registry parsed", zap.String("config", path), zap.Int("files_parsed", parsed))
+		ctx.Logger().Info("merchant registry parsed", zap.String("config", path), zap.Int("files_parsed", parsed))
 	}
 	if err != nil {
 		return nil, "", command.RegistryError(err)
 	}
 	return reg, key, nil
+}
+
+// loadRegistry loads a handler's own registry at path, not pooled, with
+// its refresh tokens in Caddy's storage.
+func loadRegistry(ctx caddy.Context, path string, budgets func(*config.Provider) (*budget.Budget, error)) (*config.Registry, error) {
+	reg, err := config.LoadWith(registryExpand(path), registryOptions(ctx, storageStore(ctx.Storage()), budgets))
+	if err != nil {
+		return nil, command.RegistryError(err)
+	}
+	return reg, nil
 }

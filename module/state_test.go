@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
@@ -92,7 +93,7 @@ func stateApp(t *testing.T) (*App, *Handler) {
 func getState(t *testing.T, method, query string) (int, *httptest.ResponseRecorder) {
 	t.Helper()
 	rec := httptest.NewRecorder()
-	err := (adminAPI{}).state(rec, httptest.NewRequest(method, "/token_broker/state?"+query, nil))
+	err := serveAdmin(rec, httptest.NewRequest(method, "/token_broker/state?"+query, nil))
 	if err != nil {
 		var ae caddy.APIError
 		if !errors.As(err, &ae) {
@@ -282,7 +283,7 @@ scopes = ["accounts"]
 	put := func(rt string) {
 		t.Helper()
 		req := httptest.NewRequest(http.MethodPut, "/token_broker/merchants/acme/refresh_token", strings.NewReader(`{"refresh_token":"`+rt+`"}`))
-		if err := setRefreshToken(httptest.NewRecorder(), req, app, "acme"); err != nil {
+		if err := adminapi.Serve(httptest.NewRecorder(), req, app.admin()); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -1,8 +1,12 @@
-// Package adminapi computes the answers of the token broker's admin
-// API: the cached tokens with their failure policy's state, the tokens a
-// merchant is served, their revocation, and a merchant's refresh token
-// loaded by hand. Nothing it answers contains a token or a secret: tokens
-// are shown by fingerprint, refresh tokens are only said to exist.
+// Package adminapi serves the token broker's admin API (Serve, on the
+// paths of Patterns) for the running app as an Instance: the cached
+// tokens with their failure policy's state, the operator's view, a
+// merchant's tokens purged or revoked, a merchant checked, a merchant's
+// refresh token loaded by hand, the partner's organisations, the health
+// answer and the consent links. Package module registers the routes
+// under Caddy's admin endpoint. Nothing it answers contains a token or a
+// secret: tokens are shown by fingerprint, refresh tokens are only said
+// to exist.
 package adminapi
 
 import (

@@ -1,8 +1,8 @@
-// Package command is the logic of the token broker's Caddy subcommands
-// (`caddy token-broker health|validate`, `caddy
-// token-broker-refresh-token`): the admin API client, the registry
-// checks and what they print. The Caddy command registration (package
-// module) finds the admin address and the config and calls it.
+// Package command is the token broker's Caddy subcommands (`caddy
+// token-broker health|validate|status|check|consent-link`, `caddy
+// token-broker-refresh-token`): their cobra commands and flags, the
+// admin API client, the registry checks and what they print. Package
+// module registers them with Caddy's command services (Caddy).
 package command
 
 import (
@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/spf13/cobra"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -174,10 +175,38 @@ func registryPaths(cfg []byte) ([]string, error) {
 	return paths, nil
 }
 
+// RefreshTokenUsage is the usage line of `caddy token-broker-refresh-token`.
+const RefreshTokenUsage = "--merchant <id> [--address <admin address>]"
+
+// RefreshTokenShort says in one line what `caddy
+// token-broker-refresh-token` does.
+const RefreshTokenShort = "Loads a merchant's refresh token into the running token broker"
+
+// RefreshTokenLong is the help of `caddy token-broker-refresh-token`.
+const RefreshTokenLong = `
+Reads a merchant's OAuth refresh token (from an authorization-code consent)
+on standard input and hands it to the running token broker through Caddy's
+admin API. The broker keeps it in Caddy's storage and rotates it as the
+provider requires. The token is never taken as an argument, so it does not
+show in the process list or the shell history:
+
+  printf '%s' "$REFRESH_TOKEN" | caddy token-broker-refresh-token --merchant acme
+`
+
+// RefreshTokenFlags adds the flags of `caddy token-broker-refresh-token`
+// to cmd.
+func RefreshTokenFlags(cmd *cobra.Command) {
+	cmd.Flags().String("merchant", "", "the merchant whose refresh token this is")
+	cmd.Flags().String("address", "", "the admin API address (default: Caddy's default admin address)")
+}
+
 // RefreshToken reads merchant's refresh token on In and loads it into the
 // token broker at the admin address that address finds; it prints the
-// answer on Out.
+// answer on Out. merchant must be a valid merchant id.
 func RefreshToken(std IO, request AdminRequest, address func() (string, error), merchant string) error {
+	if !config.ValidMerchantID(merchant) {
+		return errors.New("--merchant is required: a merchant id of the registry")
+	}
 	line, err := bufio.NewReader(io.LimitReader(std.In, 64<<10)).ReadString('\n')
 	if err != nil && !errors.Is(err, io.EOF) {
 		return fmt.Errorf("reading the refresh token from standard input: %w", err)

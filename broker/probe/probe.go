@@ -221,6 +221,27 @@ func Write(w http.ResponseWriter, r *http.Request, h Health, live bool) {
 	}
 }
 
+// Serve answers the probes of a health site: GET (or HEAD) /ready
+// (readiness) and /live (liveness), with the answer of health; any other
+// path is 404, any other method 405.
+func Serve(w http.ResponseWriter, r *http.Request, health func() Health) {
+	var live bool
+	switch r.URL.Path {
+	case "/ready":
+	case "/live":
+		live = true
+	default:
+		WriteError(w, http.StatusNotFound, "not_found", "the token broker's health handler answers GET /ready (readiness) and GET /live (liveness)")
+		return
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		WriteError(w, http.StatusMethodNotAllowed, "method_not_allowed", "use GET")
+		return
+	}
+	Write(w, r, health(), live)
+}
+
 // WriteError answers a request that is not a probe: {"error": code,
 // "message": msg}.
 func WriteError(w http.ResponseWriter, status int, code, msg string) {

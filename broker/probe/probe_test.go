@@ -59,3 +59,30 @@ func TestListingCheck(t *testing.T) {
 		}
 	}
 }
+
+// TestServe: a health site answers GET and HEAD /ready and /live, 404
+// another path and 405 another method, each refusal with a JSON error.
+func TestServe(t *testing.T) {
+	ready := func() Health { return Health{Live: true} } // live, not ready
+	tests := []struct {
+		method, path string
+		wantStatus   int
+		wantError    string // the JSON error code, "" for a probe's answer
+		wantAllow    string
+	}{
+		{http.MethodGet, "/ready", http.StatusServiceUnavailable, "", ""},
+		{http.MethodGet, "/live", http.StatusOK, "", ""},
+		{http.MethodHead, "/live", http.StatusOK, "", ""},
+		{http.MethodGet, "/healthz", http.StatusNotFound, "not_found", ""},
+		{http.MethodPost, "/ready", http.StatusMethodNotAllowed, "method_not_allowed", "GET, HEAD"},
+	}
+	for _, tt := range tests {
+		rec := httptest.NewRecorder()
+		Serve(rec, httptest.NewRequest(tt.method, tt.path, nil), ready)
+		if rec.Code != tt.wantStatus || rec.Header().Get("Allow") != tt.wantAllow ||
+			strings.Contains(rec.Body.String(), `"error":"`+tt.wantError+`"`) != (tt.wantError != "") {
+			t.Errorf("%s %s: %d Allow %q %s, want %d Allow %q error %q", tt.method, tt.path, rec.Code, rec.Header().Get("Allow"), rec.Body,
+				tt.wantStatus, tt.wantAllow, tt.wantError)
+		}
+	}
+}

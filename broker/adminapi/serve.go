@@ -1,0 +1,369 @@
+package adminapi
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/listing"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
+	"github.com/tokenbroker/caddy-token-broker/broker/probe"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// Instance is the running token_broker app as the admin API asks it.
+type Instance struct {
+	// Registry is the app's merchant registry; nil when it has none.
+	Registry *config.Registry
+	// Listing is the organisation listing of the registry's wildcard
+	// entry; nil when the wildcard is not restricted.
+	Listing *listing.Listing
+	// Broker holds the cached tokens.
+	Broker *broker.Broker
+	// Tracker is the operator's view; nil when the app is not
+	// provisioned.
+	Tracker *opstate.Tracker
+	// Logger logs the checks, the refresh tokens loaded and the consent
+	// links made.
+	Logger *zap.Logger
+	// Tables are the binding tables of the app's routes; nil: none.
+	Tables *bindings.Tables
+	// Observer observes the check of a merchant that no route has bound;
+	// nil: such a check is not observed.
+	Observer broker.Observer
+	// Index is the registry's merchants sorted, for the operator's view.
+	Index *opstate.Index
+	// Watched are the registries that handlers loaded themselves; nil:
+	// none.
+	Watched *probe.Watched
+}
+
+// Sources are what the operator's view of the app is built from: its
+// registry (an empty one when it has none), its broker, the active
+// wildcard merchants of its binding tables, its tracker and index, and
+// the handlers' own registries, whose fetches the tracker is told of too.
+func (in *Instance) Sources() opstate.Sources {
+	s := opstate.Sources{Registry: in.Registry, Broker: in.Broker, Tracker: in.Tracker, Index: in.Index}
+	if s.Registry == nil {
+		s.Registry = &config.Registry{}
+	}
+	if in.Tables != nil {
+		in.Tables.Each(func(t *bindings.Table) { s.Tables = append(s.Tables, t) })
+	}
+	if in.Watched != nil {
+		for _, r := range in.Watched.Registries() {
+			s.Others = append(s.Others, r.Registry)
+		}
+	}
+	return s
+}
+
+// Health is the health answer of the app in (nil: none runs): its
+// registry first, then the handlers' own.
+func (in *Instance) Health() probe.Health {
+	if in == nil {
+		return probe.NotRunning()
+	}
+	var regs []probe.Registry
+	if in.Registry != nil {
+		regs = append(regs, probe.Of(in.Registry, in.Listing))
+	}
+	if in.Watched != nil {
+		regs = append(regs, in.Watched.Registries()...)
+	}
+	return probe.Running(regs, in.Broker)
+}
+
+// route is an admin route: its path pattern (http.ServeMux; one ending
+// in "/" matches the paths under it) and what answers it.
+type route struct {
+	pattern string
+	serve   func(w http.ResponseWriter, r *http.Request, in *Instance) error
+}
+
+// routes are the admin routes. Nothing they answer holds a token or a
+// secret.
+//
+//	GET  /token_broker/tokens                      cached tokens (?merchant=)
+//	GET  /token_broker/state                       every provider's and merchant's state (opstate.Report;
+//	                                               ?provider=&state=&after=&limit=)
+//	POST /token_broker/merchants/{id}/purge        drop a merchant's cached tokens
+//	POST /token_broker/merchants/{id}/revoke       revoke them at the provider, then drop them
+//	POST /token_broker/merchants/{id}/check        one token request for the merchant: what the
+//	                                               provider answered (Check)
+//	PUT  /token_broker/merchants/{id}/refresh_token {"refresh_token": "..."}: load a merchant's
+//	                                               refresh token (SetRefreshToken)
+//	GET  /token_broker/providers/{name}/organisations  the partner's organisations (Nuapay)
+//	POST /token_broker/providers/{name}/organisations  read again the list restricting the wildcard merchant entry
+//	GET  /token_broker/health                      readiness: 200 ready, 503 not (package probe)
+//	GET  /token_broker/health/live                 liveness: 200 when the app runs
+//	POST /token_broker/consent/links               {"merchant": "acme", "return_url": "…", "callback_host": "…"}:
+//	                                               a one-time consent link (consentweb.CreateLink)
+//	GET  /token_broker/consent/merchants           the merchants of refresh_token providers and their
+//	                                               consent state (?provider=NAME to filter)
+func routes() []route {
+	return []route{
+		{"/token_broker/tokens", tokens},
+		{"/token_broker/state", state},
+		{"/token_broker/merchants/", merchant},
+		{"/token_broker/providers/", provider},
+		{"/token_broker/health", health},
+		{"/token_broker/health/", health},
+		{"/token_broker/consent/links", links},
+		{"/token_broker/consent/merchants", consentMerchants},
+	}
+}
+
+// Patterns are the path patterns (http.ServeMux) of the admin routes,
+// each answered by Serve.
+func Patterns() []string {
+	var out []string
+	for _, rt := range routes() {
+		out = append(out, rt.pattern)
+	}
+	return out
+}
+
+// Serve answers an admin request for the running app in (nil: none
+// runs). A refusal is an *Error; another error is a failure to write the
+// answer.
+func Serve(w http.ResponseWriter, r *http.Request, in *Instance) error {
+	for _, rt := range routes() {
+		if r.URL.Path == rt.pattern || strings.HasSuffix(rt.pattern, "/") && strings.HasPrefix(r.URL.Path, rt.pattern) {
+			return rt.serve(w, r, in)
+		}
+	}
+	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("no token broker admin route at %s", r.URL.Path)}
+}
+
+// running is the refusal of a request when no app runs.
+func running(in *Instance) error {
+	if in == nil {
+		return &Error{Status: http.StatusNotFound, Err: errors.New("the token_broker app is not running")}
+	}
+	return nil
+}
+
+// methodNotAllowed refuses a request whose method is not want.
+func methodNotAllowed(want string) error {
+	return &Error{Status: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use " + want)}
+}
+
+// tokens serves GET /token_broker/tokens (Tokens).
+func tokens(w http.ResponseWriter, r *http.Request, in *Instance) error {
+	if r.Method != http.MethodGet {
+		return methodNotAllowed(http.MethodGet)
+	}
+	if err := running(in); err != nil {
+		return err
+	}
+	return writeJSON(w, map[string]any{"tokens": Tokens(in.Broker, r.URL.Query().Get("merchant"))})
+}
+
+// state serves GET /token_broker/state: the opstate.Report of the query
+// (?provider=&state=&after=&limit=); 400 for a malformed query.
+func state(w http.ResponseWriter, r *http.Request, in *Instance) error {
+	if r.Method != http.MethodGet {
+		return methodNotAllowed(http.MethodGet)
+	}
+	q, err := opstate.ParseQuery(r.URL.Query())
+	if err != nil {
+		return &Error{Status: http.StatusBadRequest, Err: err}
+	}
+	if err := running(in); err != nil {
+		return err
+	}
+	if in.Tracker == nil {
+		return &Error{Status: http.StatusServiceUnavailable, Err: errors.New("the token_broker app is not provisioned")}
+	}
+	return writeJSON(w, opstate.Build(in.Sources(), q, time.Now()))
+}
+
+// merchant serves POST /token_broker/merchants/{id}/purge, /revoke and
+// /check, and PUT /token_broker/merchants/{id}/refresh_token.
+func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
+	rest := strings.TrimPrefix(r.URL.Path, "/token_broker/merchants/")
+	id, action, ok := strings.Cut(rest, "/")
+	if !ok || !config.ValidMerchantID(id) {
+		return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("use /token_broker/merchants/{merchant}/purge, /revoke or /check")}
+	}
+	if err := running(in); err != nil {
+		return err
+	}
+	if action == "refresh_token" {
+		if r.Method != http.MethodPut {
+			return methodNotAllowed(http.MethodPut)
+		}
+		return setRefreshToken(w, r, in, id)
+	}
+	if r.Method != http.MethodPost {
+		return methodNotAllowed(http.MethodPost)
+	}
+	if action == "check" {
+		return checkMerchant(w, r, in, id)
+	}
+	match := MerchantTokens(in.Registry, id)
+	switch action {
+	case "purge":
+		entries := in.Broker.PurgeMatching(match)
+		return writeJSON(w, map[string]any{"merchant": id, "purged": len(entries)})
+	case "revoke":
+		entries := in.Broker.PurgeMatching(match)
+		results := Revoke(r.Context(), entries)
+		return writeJSON(w, map[string]any{"merchant": id, "results": results})
+	}
+	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge, revoke or check", action)}
+}
+
+// checkMerchant serves POST /token_broker/merchants/{id}/check (Check),
+// on the merchant's binding of the app's routes when it has one (its
+// requests' observer sees the fetch), else on one of its own scopes,
+// observed by in.Observer: counted, logged and told to the operator's
+// view like a route's fetch.
+func checkMerchant(w http.ResponseWriter, r *http.Request, in *Instance, merchant string) error {
+	var b *broker.Binding
+	if in.Registry != nil {
+		var bound []*bindings.Binding
+		if in.Tables != nil {
+			bound = in.Tables.Bindings(in.Registry, merchant)
+		}
+		if len(bound) > 0 {
+			b = &bound[0].Binding
+		} else if in.Observer != nil {
+			if bd, err := in.Registry.Binding(merchant, nil); err == nil {
+				bd.Observer = in.Observer
+				b = bd
+			}
+		}
+	}
+	res, err := Check(r.Context(), in.Registry, in.Broker, b, admission.Allow(in.Listing), merchant, time.Now())
+	if err != nil {
+		return err
+	}
+	in.Logger.Info("merchant checked", zap.String("merchant", merchant), zap.String("provider", res.Provider),
+		zap.String("outcome", res.Outcome), zap.Bool("called", res.Called), zap.String("fingerprint", res.Fingerprint))
+	return writeJSON(w, res)
+}
+
+// setRefreshToken serves PUT /token_broker/merchants/{id}/refresh_token
+// (SetRefreshToken); the tracker is told of a consent granted, not of a
+// routine rotation.
+func setRefreshToken(w http.ResponseWriter, r *http.Request, in *Instance, merchant string) error {
+	provider, fingerprint, granted, err := SetRefreshToken(r, in.Registry, in.Broker, merchant)
+	if err != nil {
+		return err
+	}
+	in.Logger.Info("refresh token loaded", zap.String("merchant", merchant), zap.String("provider", provider),
+		zap.String("fingerprint", fingerprint))
+	if granted && in.Tracker != nil {
+		in.Tracker.ConsentGranted(provider, merchant)
+	}
+	return writeJSON(w, map[string]any{"merchant": merchant, "provider": provider, "stored": true, "fingerprint": fingerprint})
+}
+
+// provider serves GET /token_broker/providers/{name}/organisations
+// (Organisations) and POST, which reads again the list that restricts
+// the wildcard merchant entry (RefreshListing).
+func provider(w http.ResponseWriter, r *http.Request, in *Instance) error {
+	name, action, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/token_broker/providers/"), "/")
+	if action != "organisations" {
+		return &Error{Status: http.StatusNotFound, Err: errors.New("use /token_broker/providers/{name}/organisations")}
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodPost {
+		return methodNotAllowed("GET, or POST to refresh the wildcard's list")
+	}
+	if err := running(in); err != nil {
+		return err
+	}
+	if r.Method == http.MethodPost {
+		n, err := RefreshListing(r.Context(), in.Listing, name)
+		if err != nil {
+			return err
+		}
+		return writeJSON(w, map[string]any{"provider": name, "organisations": n, "refreshed": true})
+	}
+	orgs, err := Organisations(r.Context(), in.Registry, name)
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, map[string]any{"provider": name, "organisations": orgs})
+}
+
+// health serves GET /token_broker/health (readiness: 200 when ready, 503
+// otherwise) and GET /token_broker/health/live (liveness), with the
+// probe.Health as the body.
+func health(w http.ResponseWriter, r *http.Request, in *Instance) error {
+	live := false
+	switch r.URL.Path {
+	case "/token_broker/health", "/token_broker/health/ready":
+	case "/token_broker/health/live":
+		live = true
+	default:
+		return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("use /token_broker/health (readiness) or /token_broker/health/live")}
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		return methodNotAllowed(http.MethodGet)
+	}
+	probe.Write(w, r, in.Health(), live)
+	return nil
+}
+
+// links serves POST /token_broker/consent/links (consentweb.CreateLink).
+func links(w http.ResponseWriter, r *http.Request, in *Instance) error {
+	if r.Method != http.MethodPost {
+		return methodNotAllowed(http.MethodPost)
+	}
+	if err := running(in); err != nil {
+		return err
+	}
+	var req consentweb.LinkRequest
+	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<10)).Decode(&req); err != nil || req.Merchant == "" {
+		return &Error{Status: http.StatusBadRequest, Err: errors.New(`the body must be {"merchant": "...", "return_url": "..."}`)}
+	}
+	if in.Registry == nil {
+		return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("merchant %q is not in the registry: the app has none", req.Merchant)}
+	}
+	link, status, err := consentweb.CreateLink(r.Context(), in.Registry, req)
+	consentweb.LogStep(in.Logger, consentweb.ProviderOf(in.Registry, req.Merchant), consentweb.StepLink, req.Merchant, err)
+	if err != nil {
+		consentweb.SetRetryAfter(w, err)
+		return &Error{Status: status, Err: err}
+	}
+	return writeJSON(w, link)
+}
+
+// consentMerchants serves GET /token_broker/consent/merchants
+// (consentweb.States).
+func consentMerchants(w http.ResponseWriter, r *http.Request, in *Instance) error {
+	if r.Method != http.MethodGet {
+		return methodNotAllowed(http.MethodGet)
+	}
+	if err := running(in); err != nil {
+		return err
+	}
+	if in.Registry == nil {
+		return writeJSON(w, map[string]any{"merchants": []consentweb.State{}})
+	}
+	out, err := consentweb.States(r.Context(), in.Registry, r.URL.Query().Get("provider"))
+	if err != nil {
+		return &Error{Status: http.StatusInternalServerError, Err: err}
+	}
+	return writeJSON(w, map[string]any{"merchants": out})
+}
+
+// writeJSON answers with v as JSON, not to be cached.
+func writeJSON(w http.ResponseWriter, v any) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	return json.NewEncoder(w).Encode(v)
+}
