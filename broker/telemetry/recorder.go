@@ -35,16 +35,12 @@ type PlanTap interface {
 	RefreshBehind(provider string, b *broker.Binding, expiry time.Time)
 }
 
-// Recorder is what one handler counts and logs: the shared collectors,
-// the provider name of each source and the observers of its bindings.
-// A nil Recorder records nothing.
+// Recorder is what one handler counts and logs: the shared collectors
+// and the observers of its bindings. A nil Recorder records nothing.
 type Recorder struct {
-	metrics   *Metrics                   // nil: nothing is counted
-	tap       Tap                        // nil: nobody else is told
-	logger    *zap.Logger                // the token fetch and rejection logs
-	table     *bindings.Table            // the handler's bindings, for the provider of a binding
-	providers map[string]string          // SourceID -> provider name
-	shared    map[string]*LookupCounters // provider name -> counters, without the merchant label
+	metrics *Metrics    // nil: nothing is counted
+	tap     Tap         // nil: nobody else is told
+	logger  *zap.Logger // the token fetch and rejection logs
 
 	mu        sync.Mutex           // guards observers
 	observers map[string]*Observer // provider name -> the observer its bindings share, without the merchant label
@@ -57,25 +53,20 @@ type Recorder struct {
 // on; breaker (nil: closed) gives a source's breaker state. tap (nil:
 // none) is told of fetches, source backoffs and breaker changes too.
 func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, providers map[string]string, breaker func(sourceID string) broker.BreakerState) *Recorder {
-	r := &Recorder{metrics: m, tap: tap, logger: logger, table: table, providers: make(map[string]string),
-		shared: map[string]*LookupCounters{}, observers: map[string]*Observer{}}
-	if m != nil {
-		for id, name := range providers {
-			r.providers[id] = name
-			if !m.merchantLabel {
-				r.shared[name] = m.lookupCounters(name, "")
-			}
-			r.exportZero(name, id, breaker)
+	r := &Recorder{metrics: m, tap: tap, logger: logger, observers: map[string]*Observer{}}
+	exported := map[string]bool{} // source IDs
+	export := func(name, sourceID string) {
+		if m != nil && !exported[sourceID] {
+			exported[sourceID] = true
+			r.exportZero(name, sourceID, breaker)
 		}
+	}
+	for id, name := range providers {
+		export(name, id)
 	}
 	if table != nil {
 		table.Each(func(_ string, b *bindings.Binding) {
-			if m != nil {
-				if _, known := r.providers[b.SourceID]; !known {
-					r.exportZero(b.Provider.Name, b.SourceID, breaker)
-				}
-				r.providers[b.SourceID] = b.Provider.Name
-			}
+			export(b.Provider.Name, b.SourceID)
 			b.Observer = r.observerFor(b, false)
 		})
 	}
@@ -91,11 +82,13 @@ func (r *Recorder) Observer() broker.Observer {
 }
 
 // exportZero exports the series of a provider that can stay unchanged
-// for long (purges, backoffs, breaker, refreshes), so that dashboards and
-// alerts see 0 rather than nothing.
+// for long (lookups and purges without the merchant label, backoffs,
+// breaker, refreshes), so that dashboards and alerts see 0 rather than
+// nothing.
 func (r *Recorder) exportZero(provider, sourceID string, breaker func(string) broker.BreakerState) {
 	m := r.metrics
 	if !m.merchantLabel {
+		r.sharedObserver(provider)
 		m.Purges.WithLabelValues(m.labels("", provider)...)
 		m.PurgesKept.WithLabelValues(m.labels("", provider)...)
 	}
@@ -136,29 +129,28 @@ func (r *Recorder) observerFor(b *bindings.Binding, hold bool) broker.Observer {
 		return &Observer{r: r}
 	}
 	m := r.metrics
-	if m.merchantLabel {
-		switch {
-		case hold:
-			return &Observer{r: r, lookups: m.series.Use(b.Provider.Name, b.Merchant)}
-		case !b.Wild():
-			return &Observer{r: r, lookups: m.series.Pin(b.Provider.Name, b.Merchant)}
-		}
-		return &Observer{r: r, lookups: m.lookupCounters(b.Provider.Name, b.Merchant)}
+	switch {
+	case !m.merchantLabel:
+		return r.sharedObserver(b.Provider.Name)
+	case hold:
+		return &Observer{r: r, lookups: m.series.Use(b.Provider.Name, b.Merchant)}
+	case !b.Wild():
+		return &Observer{r: r, lookups: m.series.Pin(b.Provider.Name, b.Merchant)}
 	}
+	return &Observer{r: r, lookups: m.lookupCounters(b.Provider.Name, b.Merchant)}
+}
+
+// sharedObserver returns the observer that the bindings of a provider
+// share without the merchant label, made with its lookup counters on
+// first use.
+func (r *Recorder) sharedObserver(provider string) *Observer {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if o := r.observers[b.Provider.Name]; o != nil {
-		return o
+	o := r.observers[provider]
+	if o == nil {
+		o = &Observer{r: r, lookups: r.metrics.lookupCounters(provider, "")}
+		r.observers[provider] = o
 	}
-	c := r.shared[b.Provider.Name]
-	if c == nil {
-		// A provider added by hand (tests): counters made once here,
-		// before the handler serves.
-		c = m.lookupCounters(b.Provider.Name, "")
-		r.shared[b.Provider.Name] = c
-	}
-	o := &Observer{r: r, lookups: c}
-	r.observers[b.Provider.Name] = o
 	return o
 }
 
@@ -170,9 +162,9 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 	}
 	switch outcome {
 	case broker.RejectionPurged:
-		r.metrics.Purged(r.providerOf(b), b.Merchant)
+		r.metrics.Purged(providerOf(b.SourceID), b.Merchant)
 	case broker.RejectionKept:
-		r.metrics.PurgeKept(r.providerOf(b), b.Merchant)
+		r.metrics.PurgeKept(providerOf(b.SourceID), b.Merchant)
 	}
 	r.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
@@ -184,12 +176,12 @@ func (r *Recorder) NonceChallenged(b *broker.Binding) {
 	if r == nil {
 		return
 	}
-	r.metrics.NonceChallenged(r.providerOf(b), ServerResource)
+	r.metrics.NonceChallenged(providerOf(b.SourceID), ServerResource)
 }
 
 // fetched counts a token API call, and a background refresh's.
 func (r *Recorder) fetched(b *broker.Binding, elapsed time.Duration, background bool, err error) {
-	provider := r.providerOf(b)
+	provider := providerOf(b.SourceID)
 	outcome := fetchOutcome(err)
 	r.metrics.fetched(provider, b.Merchant, outcome, elapsed)
 	if background {
@@ -209,7 +201,7 @@ func (r *Recorder) fetchDone(b *broker.Binding, f broker.Fetch) {
 	}
 	fields := []zap.Field{
 		zap.String("merchant", b.Merchant),
-		zap.String("provider", r.providerOf(b)),
+		zap.String("provider", providerOf(b.SourceID)),
 		zap.String("source", b.SourceID),
 		zap.String("outcome", fetchOutcome(f.Err)),
 		zap.Int("attempts", len(f.Attempts)),
@@ -229,27 +221,11 @@ func (r *Recorder) fetchDone(b *broker.Binding, f broker.Fetch) {
 		zap.Time("expiry", f.Token.Expiry))...)
 }
 
-// providerOf returns the provider name of a binding of the handler.
-func (r *Recorder) providerOf(b *broker.Binding) string {
-	if p, ok := r.providers[b.SourceID]; ok {
-		return p
-	}
-	if r.table != nil {
-		if hb := r.table.Peek(b.Merchant); hb != nil {
-			return hb.Provider.Name
-		}
-	}
-	return r.sourceProvider(b.SourceID)
-}
-
-// sourceProvider returns the provider name of a source id: the known
-// one, or the id's part before "#".
-func (r *Recorder) sourceProvider(sourceID string) string {
-	if p, ok := r.providers[sourceID]; ok {
-		return p
-	}
-	p, _, _ := strings.Cut(sourceID, "#")
-	return p
+// providerOf returns the name of the provider of a source: its ID's
+// part before "#" (config.Provider.ID).
+func providerOf(sourceID string) string {
+	name, _, _ := strings.Cut(sourceID, "#")
+	return name
 }
 
 // Observer is the broker.Observer of a handler's bindings: it counts
@@ -274,7 +250,7 @@ func (o *Observer) Fetched(_ context.Context, b *broker.Binding, _ broker.Token,
 	if o.r != nil {
 		o.r.fetched(b, elapsed, background, err)
 		if o.r.tap != nil {
-			o.r.tap.Fetched(o.r.providerOf(b), b, err)
+			o.r.tap.Fetched(providerOf(b.SourceID), b, err)
 		}
 	}
 }
@@ -292,7 +268,7 @@ func (o *Observer) BackingOff(b *broker.Binding, on bool) {
 	if o.r == nil || o.r.metrics == nil {
 		return
 	}
-	g := o.r.metrics.BackingOff.WithLabelValues(o.r.providerOf(b))
+	g := o.r.metrics.BackingOff.WithLabelValues(providerOf(b.SourceID))
 	if on {
 		g.Inc()
 	} else {
@@ -307,12 +283,12 @@ func (o *Observer) SourceBackingOff(sourceID string, on bool) {
 		return
 	}
 	if o.r.tap != nil {
-		o.r.tap.SourceBackingOff(o.r.sourceProvider(sourceID), sourceID, on)
+		o.r.tap.SourceBackingOff(providerOf(sourceID), sourceID, on)
 	}
 	if o.r.metrics == nil {
 		return
 	}
-	g := o.r.metrics.SourcesHeld.WithLabelValues(o.r.sourceProvider(sourceID))
+	g := o.r.metrics.SourcesHeld.WithLabelValues(providerOf(sourceID))
 	if on {
 		g.Inc()
 	} else {
@@ -327,16 +303,16 @@ func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
 		return
 	}
 	if o.r.tap != nil {
-		o.r.tap.BreakerChanged(o.r.sourceProvider(sourceID), sourceID, state)
+		o.r.tap.BreakerChanged(providerOf(sourceID), sourceID, state)
 	}
-	o.r.metrics.SetBreakerState(o.r.sourceProvider(sourceID), int(state))
+	o.r.metrics.SetBreakerState(providerOf(sourceID), int(state))
 }
 
 // RefreshPlanned counts the planned refresh-ahead of a token the broker
 // minted.
 func (o *Observer) RefreshPlanned(b *broker.Binding, _ time.Time) {
 	if o.r != nil {
-		o.r.metrics.planned(o.r.providerOf(b), PlannedAhead)
+		o.r.metrics.planned(providerOf(b.SourceID), PlannedAhead)
 	}
 }
 
@@ -346,7 +322,7 @@ func (o *Observer) RefreshBehind(b *broker.Binding, expiry time.Time) {
 	if o.r == nil {
 		return
 	}
-	provider := o.r.providerOf(b)
+	provider := providerOf(b.SourceID)
 	o.r.metrics.planned(provider, PlannedBehind)
 	if pt, ok := o.r.tap.(PlanTap); ok {
 		pt.RefreshBehind(provider, b, expiry)
