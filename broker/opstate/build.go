@@ -35,6 +35,11 @@ type Sources struct {
 	Others []*config.Registry
 }
 
+// registries returns Registry, then Others; nil ones left out.
+func (s Sources) registries() []*config.Registry {
+	return slices.DeleteFunc(append([]*config.Registry{s.Registry}, s.Others...), func(r *config.Registry) bool { return r == nil })
+}
+
 // Index keeps what Build computes once per registry: its merchants
 // sorted by id. Keep one with the registry (an app's), so that it goes
 // with it. The zero value is ready to use; it is safe for concurrent use.
@@ -42,7 +47,8 @@ type Index struct {
 	last atomic.Pointer[registryIndex]
 }
 
-// rank is a merchant state's index in States(): lower is worse.
+// rank is a merchant state's index in States(): lower is worse. The
+// constants name the ranks in States' order.
 type rank uint8
 
 const (
@@ -57,19 +63,8 @@ const (
 
 // rankOf is the rank of a state; rankIdle for "" or an unknown one.
 func rankOf(state string) rank {
-	switch state {
-	case StateRefused:
-		return rankRefused
-	case StateUnknownOrganisation:
-		return rankUnknownOrganisation
-	case StateNeedsConsent:
-		return rankNeedsConsent
-	case StateBackingOff:
-		return rankBackingOff
-	case StateRefreshing:
-		return rankRefreshing
-	case StateFresh:
-		return rankFresh
+	if i := slices.Index(States(), state); i >= 0 {
+		return rank(i)
 	}
 	return rankIdle
 }

@@ -11,7 +11,6 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
-	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
@@ -459,7 +458,7 @@ func Reconcile(s Sources) {
 	mark := t.mark()
 	var ids []string
 	sources := map[string][]string{} // provider name -> its source IDs
-	for _, reg := range append([]*config.Registry{s.Registry}, s.Others...) {
+	for _, reg := range s.registries() {
 		for name, p := range reg.Providers {
 			ids = append(ids, p.ID)
 			sources[name] = append(sources[name], p.ID)
@@ -498,8 +497,6 @@ const maxFleetError = 200
 // "timeout", "refused" (the connection was refused) or "error".
 func fleetErrorClass(err error) string {
 	switch {
-	case err == nil:
-		return "error"
 	case broker.IsTimeout(err):
 		return "timeout"
 	case errors.Is(err, syscall.ECONNREFUSED):
