@@ -82,12 +82,11 @@ func (c *byRank) counts() map[string]int {
 }
 
 // registryIndex is a registry's explicit merchants sorted by id, with
-// their positions, their counts by provider and the cache keys they
-// share, made once per registry (Index).
+// their counts by provider and the cache keys they share, made once per
+// registry (Index).
 type registryIndex struct {
 	reg       *config.Registry
 	merchants []*config.Merchant
-	pos       map[string]int32               // merchant id -> its index in merchants
 	count     map[string]int                 // provider name -> explicit merchants
 	consent   map[string]*oauth.RefreshToken // refresh_token providers' sources
 	// shared maps the cache key of the binding without route scopes
@@ -107,11 +106,10 @@ func (x *Index) of(reg *config.Registry) *registryIndex {
 		}
 	}
 	idx := &registryIndex{reg: reg, merchants: slices.Collect(maps.Values(reg.Merchants)),
-		pos: make(map[string]int32, len(reg.Merchants)), count: map[string]int{}, consent: map[string]*oauth.RefreshToken{}}
+		count: map[string]int{}, consent: map[string]*oauth.RefreshToken{}}
 	slices.SortFunc(idx.merchants, func(a, b *config.Merchant) int { return strings.Compare(a.ID, b.ID) })
 	byKey := make(map[string][]int32, len(idx.merchants))
 	for i, m := range idx.merchants {
-		idx.pos[m.ID] = int32(i)
 		idx.count[m.Provider]++
 		if b, err := reg.Binding(m.ID, nil); err == nil {
 			byKey[b.Key()] = append(byKey[b.Key()], int32(i))
@@ -156,13 +154,10 @@ type known struct {
 }
 
 // knowledge is what the broker and the tracker know, by merchant: the
-// few merchants they know of in a dense slice, reached from an explicit
-// merchant's position (no map read in the pass over all merchants) or
-// from a wildcard merchant's id.
+// few merchants they know of in a dense slice, reached by id.
 type knowledge struct {
 	idx   *registryIndex
-	slot  []int32          // explicit merchant's position -> 1 + its index in dense; 0: unknown
-	other map[string]int32 // any other merchant id -> its index in dense
+	index map[string]int32 // merchant id -> its index in dense
 	dense []known
 }
 
@@ -176,35 +171,30 @@ func (k *knowledge) each(b *broker.Binding, f func(*known)) {
 		return
 	}
 	for _, p := range k.idx.shared[b.Key()] {
-		if k.idx.merchants[p].ID != b.Merchant {
-			f(k.at(p))
+		if id := k.idx.merchants[p].ID; id != b.Merchant {
+			f(k.of(id))
 		}
 	}
-}
-
-// at returns what is known of the explicit merchant at position p, made
-// empty on first use. The pointer is valid until the next call.
-func (k *knowledge) at(p int32) *known {
-	if k.slot[p] == 0 {
-		k.dense = append(k.dense, known{rank: rankIdle, failure: rankIdle})
-		k.slot[p] = int32(len(k.dense))
-	}
-	return &k.dense[k.slot[p]-1]
 }
 
 // of returns what is known of merchant id, made empty on first use. The
 // pointer is valid until the next call.
 func (k *knowledge) of(id string) *known {
-	if p, ok := k.idx.pos[id]; ok {
-		return k.at(p)
-	}
-	i, ok := k.other[id]
+	i, ok := k.index[id]
 	if !ok {
 		k.dense = append(k.dense, known{rank: rankIdle, failure: rankIdle})
 		i = int32(len(k.dense) - 1)
-		k.other[id] = i
+		k.index[id] = i
 	}
 	return &k.dense[i]
+}
+
+// lookup returns what is known of merchant id; nil when nothing is.
+func (k *knowledge) lookup(id string) *known {
+	if i, ok := k.index[id]; ok {
+		return &k.dense[i]
+	}
+	return nil
 }
 
 // merchantView is one merchant as a walk sees it.
@@ -276,8 +266,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 	held := holds(health)
 
 	entries := s.Broker.Entries()
-	kn := knowledge{idx: idx, slot: make([]int32, len(idx.merchants)), other: map[string]int32{},
-		dense: make([]known, 0, len(entries)+64)}
+	kn := knowledge{idx: idx, index: make(map[string]int32, len(entries)+64), dense: make([]known, 0, len(entries)+64)}
 	for _, e := range entries {
 		r := rankFresh
 		if !now.Before(e.RefreshAt()) {
@@ -352,11 +341,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 	for i < len(idx.merchants) || j < len(wilds) {
 		if j == len(wilds) || (i < len(idx.merchants) && idx.merchants[i].ID < wilds[j].id) {
 			m := idx.merchants[i]
-			var k *known
-			if n := kn.slot[i]; n != 0 {
-				k = &kn.dense[n-1]
-			}
-			one(m.ID, m.Provider, m.Organisation, false, k)
+			one(m.ID, m.Provider, m.Organisation, false, kn.lookup(m.ID))
 			i++
 			continue
 		}
@@ -364,11 +349,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		if i < len(idx.merchants) && idx.merchants[i].ID == w.id {
 			i++ // an explicit merchant's binding is not wild: never here
 		}
-		var k *known
-		if n, ok := kn.other[w.id]; ok {
-			k = &kn.dense[n]
-		}
-		one(w.id, w.provider, w.organisation, true, k)
+		one(w.id, w.provider, w.organisation, true, kn.lookup(w.id))
 		j++
 	}
 	return snap, idx, activeBy, health
