@@ -205,11 +205,11 @@ type merchantView struct {
 	known
 }
 
-// hold is the state that a provider whose source is in backoff or whose
-// breaker is open puts its merchants in when they have neither a cached
-// token nor a state of their own: their token requests answer the
+// outage is the state that a provider whose source is in backoff or
+// whose breaker is open puts its merchants in when they have neither a
+// cached token nor a state of their own: their token requests answer the
 // source's error without calling its token API.
-type hold struct {
+type outage struct {
 	rank      rank
 	until, at int64 // unix nanoseconds; 0: none
 	err       error
@@ -230,22 +230,22 @@ func sourcesHealth(s Sources) map[string]broker.SourceHealth {
 	return out
 }
 
-// holds returns the holds of the providers whose source is in backoff
-// (its state from its error: refused for a refused credential,
+// outages returns the outages of the providers whose source is in
+// backoff (its state from its error: refused for a refused credential,
 // backing_off for a 429) or whose breaker is open (backing_off).
-func holds(health map[string]broker.SourceHealth) map[string]hold {
-	out := map[string]hold{}
+func outages(health map[string]broker.SourceHealth) map[string]outage {
+	out := map[string]outage{}
 	for name, h := range health {
 		switch {
 		case !h.BackoffUntil.IsZero():
-			out[name] = hold{rank: rankOf(failureState(h.BackoffError, errcode.Classify(h.BackoffError))),
+			out[name] = outage{rank: rankOf(failureState(h.BackoffError, errcode.Classify(h.BackoffError))),
 				until: h.BackoffUntil.UnixNano(), at: h.BackoffAt.UnixNano(), err: h.BackoffError}
 		case h.Breaker == broker.BreakerOpen:
-			hd := hold{rank: rankBackingOff, err: h.LastError}
+			o := outage{rank: rankBackingOff, err: h.LastError}
 			if !h.LastFailure.IsZero() {
-				hd.at = h.LastFailure.UnixNano()
+				o.at = h.LastFailure.UnixNano()
 			}
-			out[name] = hd
+			out[name] = o
 		}
 	}
 	return out
@@ -263,7 +263,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 	idx := s.Index.of(s.Registry)
 	snap := t.snapshot(now)
 	health := sourcesHealth(s)
-	held := holds(health)
+	down := outages(health)
 
 	entries := s.Broker.Entries()
 	kn := knowledge{idx: idx, index: make(map[string]int32, len(entries)+64), dense: make([]known, 0, len(entries)+64)}
@@ -327,8 +327,8 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		if src := idx.consent[prov]; src != nil && v.rank > rankNeedsConsent && !src.ConsentStatus(id).ConsentRequiredSince.IsZero() {
 			v.rank = rankNeedsConsent
 		}
-		if v.rank == rankIdle && len(held) > 0 {
-			if h, ok := held[prov]; ok {
+		if v.rank == rankIdle && len(down) > 0 {
+			if h, ok := down[prov]; ok {
 				v.rank, v.backoffUntil, v.backoffAt, v.backoffErr = h.rank, h.until, h.at, h.err
 				if h.err != nil {
 					v.lastErr, v.lastErrAt = errcode.Classify(h.err), h.at
@@ -361,7 +361,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 // active ones) that q selects, with the counts by state over every
 // merchant of q's provider. A merchant's state is the worst of its keys'
 // (those it shares with other merchants included); one without a token
-// or a state of its own takes its provider's hold (see hold). It only
+// or a state of its own takes its provider's outage (see outage). It only
 // reads: it emits no event (Reconcile does).
 // It runs in one pass over the merchants (walk); the explicit merchants'
 // ids are sorted once per registry.

@@ -138,9 +138,9 @@ type providerRecord struct {
 	// lastFailAt is the time of the last failure of the provider's (not
 	// a refusal of one merchant's).
 	lastFailAt time.Time
-	held       map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
+	backingOff map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
 	open       map[string]uint64 // source IDs whose breaker is not closed -> the change that said so
-	// failing: a source is held or its breaker is not closed.
+	// failing: a source is backing off or its breaker is not closed.
 	failing bool
 	// announce: failing started, and EventProviderFailing waits for the
 	// failure that caused it (the broker tells a backoff or a breaker
@@ -199,7 +199,7 @@ func (t *Tracker) send(evs []event) {
 func (t *Tracker) provider(name string) *providerRecord {
 	p := t.providers[name]
 	if p == nil {
-		p = &providerRecord{calls: newWindow(t.span), held: map[string]uint64{}, open: map[string]uint64{}}
+		p = &providerRecord{calls: newWindow(t.span), backingOff: map[string]uint64{}, open: map[string]uint64{}}
 		t.providers[strings.Clone(name)] = p
 	}
 	return p
@@ -350,9 +350,9 @@ func (t *Tracker) SourceBackingOff(provider, sourceID string, on bool) {
 	t.changeProvider(provider, func(p *providerRecord) {
 		t.seq++
 		if on {
-			p.held[sourceID] = t.seq
+			p.backingOff[sourceID] = t.seq
 		} else {
-			delete(p.held, sourceID)
+			delete(p.backingOff, sourceID)
 		}
 	})
 }
@@ -381,7 +381,7 @@ func (t *Tracker) changeProvider(provider string, change func(p *providerRecord)
 	defer t.mu.Unlock()
 	p := t.provider(provider)
 	change(p)
-	failing := len(p.held) > 0 || len(p.open) > 0
+	failing := len(p.backingOff) > 0 || len(p.open) > 0
 	switch {
 	case failing && !p.failing:
 		p.announce = true
@@ -405,7 +405,7 @@ func (t *Tracker) mark() uint64 {
 // with the broker, read after mark: only the sources of current are the
 // provider's now (the others are older configurations, whose state the
 // broker dropped without telling), each with its breaker open (not
-// closed) or not and held or not. A change told after mark is kept: it
+// closed) or not and backing off or not. A change told after mark is kept: it
 // is newer than what was read. The broker drops a source's state without
 // telling when it forgets it (a rotated secret) or a configuration
 // replaces it. It emits EventProviderRecovered if the provider so stops
@@ -416,7 +416,7 @@ func (t *Tracker) reconcile(provider string, current map[string]broker.SourceHea
 		return !ok || (!now(h) && m[id] <= mark)
 	}
 	open := func(h broker.SourceHealth) bool { return h.Breaker != broker.BreakerClosed }
-	held := func(h broker.SourceHealth) bool { return !h.BackoffUntil.IsZero() }
+	backingOff := func(h broker.SourceHealth) bool { return !h.BackoffUntil.IsZero() }
 	t.mu.Lock()
 	p := t.providers[provider]
 	changed := false
@@ -424,8 +424,8 @@ func (t *Tracker) reconcile(provider string, current map[string]broker.SourceHea
 		for id := range p.open {
 			changed = changed || stale(p.open, id, open)
 		}
-		for id := range p.held {
-			changed = changed || stale(p.held, id, held)
+		for id := range p.backingOff {
+			changed = changed || stale(p.backingOff, id, backingOff)
 		}
 	}
 	t.mu.Unlock()
@@ -438,9 +438,9 @@ func (t *Tracker) reconcile(provider string, current map[string]broker.SourceHea
 				delete(p.open, id)
 			}
 		}
-		for id := range p.held {
-			if stale(p.held, id, held) {
-				delete(p.held, id)
+		for id := range p.backingOff {
+			if stale(p.backingOff, id, backingOff) {
+				delete(p.backingOff, id)
 			}
 		}
 	})

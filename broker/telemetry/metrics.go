@@ -39,8 +39,8 @@ type Metrics struct {
 	Purges *prometheus.CounterVec
 	// PurgesKept counts upstream 401s that did not purge the token.
 	PurgesKept *prometheus.CounterVec
-	// SourcesHeld is the number of provider configurations backing off.
-	SourcesHeld *prometheus.GaugeVec
+	// SourcesBackingOff is the number of provider configurations backing off.
+	SourcesBackingOff *prometheus.GaugeVec
 	// Breaker is the breaker state of a provider's token API.
 	Breaker *prometheus.GaugeVec
 	// BackingOff is the number of cache keys in failure memory.
@@ -120,7 +120,7 @@ func NewMetrics(merchantLabel bool) *Metrics {
 			Namespace: ns, Subsystem: sub, Name: "token_purges_suppressed_total",
 			Help: "Upstream rejections (401) that did not purge the token: the key's purges by rejection were on hold, as its replacement token was rejected too.",
 		}, perRequest("provider")),
-		SourcesHeld: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		SourcesBackingOff: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "sources_backing_off",
 			Help: "Provider configurations whose token API is not called for any key: a 429 with Retry-After, or a bad credential (invalid_client, Nuapay 401).",
 		}, []string{"provider"}),
@@ -152,7 +152,7 @@ func NewMetrics(merchantLabel bool) *Metrics {
 // Register adds the collectors to a config's registry; registering them
 // twice in one registry is not an error.
 func (m *Metrics) Register(registry *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{m.TokenRequests, m.Refreshes, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesHeld, m.Breaker, m.BackingOff, m.NonceChallenges,
+	for _, c := range []prometheus.Collector{m.TokenRequests, m.Refreshes, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesBackingOff, m.Breaker, m.BackingOff, m.NonceChallenges,
 		m.BudgetUsed, m.RefreshesPlanned} {
 		if err := registry.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError

@@ -94,7 +94,7 @@ func (r *Recorder) exportZero(provider, sourceID string, breaker func(string) br
 	}
 	m.BackingOff.WithLabelValues(provider)
 	m.Refreshes.WithLabelValues(provider, OutcomeOK)
-	m.SourcesHeld.WithLabelValues(provider)
+	m.SourcesBackingOff.WithLabelValues(provider)
 	state := broker.BreakerClosed
 	if breaker != nil {
 		state = breaker(sourceID)
@@ -121,10 +121,10 @@ func (r *Recorder) Released(b *bindings.Binding) {
 // observerFor returns the observer of a binding, with the binding's
 // lookup counters. Without the merchant label, the bindings of one
 // provider share one observer (no heap object per binding). With it, a
-// new wildcard binding (hold) is counted among its merchant's holders
+// new wildcard binding (track) is counted among its merchant's users
 // (bindings.Series.Use), which the table releases, and an explicit
 // binding's series are kept for good (bindings.Series.Pin).
-func (r *Recorder) observerFor(b *bindings.Binding, hold bool) broker.Observer {
+func (r *Recorder) observerFor(b *bindings.Binding, track bool) broker.Observer {
 	if r == nil || r.metrics == nil {
 		return &Observer{r: r}
 	}
@@ -132,7 +132,7 @@ func (r *Recorder) observerFor(b *bindings.Binding, hold bool) broker.Observer {
 	switch {
 	case !m.merchantLabel:
 		return r.sharedObserver(b.Provider.Name)
-	case hold:
+	case track:
 		return &Observer{r: r, lookups: m.series.Use(b.Provider.Name, b.Merchant)}
 	case !b.Wild():
 		return &Observer{r: r, lookups: m.series.Pin(b.Provider.Name, b.Merchant)}
@@ -276,7 +276,7 @@ func (o *Observer) BackingOff(b *broker.Binding, on bool) {
 	}
 }
 
-// SourceBackingOff counts the provider configurations held after a 429
+// SourceBackingOff counts the provider configurations backing off after a 429
 // with Retry-After or a bad credential, and tells the tap.
 func (o *Observer) SourceBackingOff(sourceID string, on bool) {
 	if o.r == nil {
@@ -288,7 +288,7 @@ func (o *Observer) SourceBackingOff(sourceID string, on bool) {
 	if o.r.metrics == nil {
 		return
 	}
-	g := o.r.metrics.SourcesHeld.WithLabelValues(providerOf(sourceID))
+	g := o.r.metrics.SourcesBackingOff.WithLabelValues(providerOf(sourceID))
 	if on {
 		g.Inc()
 	} else {
