@@ -7,13 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
-	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
@@ -201,37 +199,6 @@ func (m *Metrics) NonceChallenged(provider, server string) {
 	m.NonceChallenges.WithLabelValues(provider, server).Inc()
 }
 
-// SetBreakerState sets the breaker gauge of a provider (0 closed,
-// 1 half-open, 2 open: the values of broker.BreakerState).
-func (m *Metrics) SetBreakerState(provider string, state int) {
-	if m == nil {
-		return
-	}
-	m.Breaker.WithLabelValues(provider).Set(float64(state))
-}
-
-// fetched counts one token API call.
-func (m *Metrics) fetched(provider, merchant, outcome string, elapsed time.Duration) {
-	if m == nil {
-		return
-	}
-	m.TokenRequests.WithLabelValues(m.labels(merchant, provider, outcome)...).Inc()
-	m.FetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
-}
-
-// budgetUsed counts one token API call that took a request from its
-// provider's budget.
-func (m *Metrics) budgetUsed(provider string, background bool) {
-	if m == nil {
-		return
-	}
-	p := budget.Foreground
-	if background {
-		p = budget.Background
-	}
-	m.BudgetUsed.WithLabelValues(provider, p.String()).Inc()
-}
-
 // Refresh plans (the when label of refreshes_planned_total).
 const (
 	PlannedAhead  = "ahead"
@@ -244,14 +211,6 @@ func (m *Metrics) planned(provider, when string) {
 		return
 	}
 	m.RefreshesPlanned.WithLabelValues(provider, when).Inc()
-}
-
-// refreshed counts one token API call of a background refresh.
-func (m *Metrics) refreshed(provider, outcome string) {
-	if m == nil {
-		return
-	}
-	m.Refreshes.WithLabelValues(provider, outcome).Inc()
 }
 
 // labels appends the merchant to the label values when the label is on:

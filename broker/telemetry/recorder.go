@@ -10,6 +10,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
 // Tap is told what a recorder's observers see, with the provider's name
@@ -181,14 +182,22 @@ func (r *Recorder) NonceChallenged(b *broker.Binding) {
 
 // fetched counts a token API call, and a background refresh's.
 func (r *Recorder) fetched(b *broker.Binding, elapsed time.Duration, background bool, err error) {
-	provider := providerOf(b.SourceID)
-	outcome := fetchOutcome(err)
-	r.metrics.fetched(provider, b.Merchant, outcome, elapsed)
+	m := r.metrics
+	if m == nil {
+		return
+	}
+	provider, outcome := providerOf(b.SourceID), fetchOutcome(err)
+	m.TokenRequests.WithLabelValues(m.labels(b.Merchant, provider, outcome)...).Inc()
+	m.FetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
 	if background {
-		r.metrics.refreshed(provider, outcome)
+		m.Refreshes.WithLabelValues(provider, outcome).Inc()
 	}
 	if b.Budget != nil {
-		r.metrics.budgetUsed(provider, background)
+		priority := budget.Foreground
+		if background {
+			priority = budget.Background
+		}
+		m.BudgetUsed.WithLabelValues(provider, priority.String()).Inc()
 	}
 }
 
@@ -305,7 +314,9 @@ func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
 	if o.r.tap != nil {
 		o.r.tap.BreakerChanged(providerOf(sourceID), sourceID, state)
 	}
-	o.r.metrics.SetBreakerState(providerOf(sourceID), int(state))
+	if o.r.metrics != nil {
+		o.r.metrics.Breaker.WithLabelValues(providerOf(sourceID)).Set(float64(state))
+	}
 }
 
 // RefreshPlanned counts the planned refresh-ahead of a token the broker
