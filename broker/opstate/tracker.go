@@ -3,6 +3,7 @@ package opstate
 import (
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -411,38 +412,18 @@ func (t *Tracker) mark() uint64 {
 // replaces it. It emits EventProviderRecovered if the provider so stops
 // failing.
 func (t *Tracker) reconcile(provider string, current map[string]broker.SourceHealth, mark uint64) {
-	stale := func(m map[string]uint64, id string, now func(broker.SourceHealth) bool) bool {
+	// stale reports whether the state told of source id (by change
+	// number told) is out of date: the source is gone, or the broker,
+	// read after that change, disagrees (now).
+	stale := func(id string, told uint64, now func(broker.SourceHealth) bool) bool {
 		h, ok := current[id]
-		return !ok || (!now(h) && m[id] <= mark)
+		return !ok || (!now(h) && told <= mark)
 	}
 	open := func(h broker.SourceHealth) bool { return h.Breaker != broker.BreakerClosed }
 	backingOff := func(h broker.SourceHealth) bool { return !h.BackoffUntil.IsZero() }
-	t.mu.Lock()
-	p := t.providers[provider]
-	changed := false
-	if p != nil {
-		for id := range p.open {
-			changed = changed || stale(p.open, id, open)
-		}
-		for id := range p.backingOff {
-			changed = changed || stale(p.backingOff, id, backingOff)
-		}
-	}
-	t.mu.Unlock()
-	if !changed {
-		return
-	}
 	t.changeProvider(provider, func(p *providerRecord) {
-		for id := range p.open {
-			if stale(p.open, id, open) {
-				delete(p.open, id)
-			}
-		}
-		for id := range p.backingOff {
-			if stale(p.backingOff, id, backingOff) {
-				delete(p.backingOff, id)
-			}
-		}
+		maps.DeleteFunc(p.open, func(id string, told uint64) bool { return stale(id, told, open) })
+		maps.DeleteFunc(p.backingOff, func(id string, told uint64) bool { return stale(id, told, backingOff) })
 	})
 }
 
