@@ -78,7 +78,11 @@ func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 // operator's check of a merchant no route has served): its fetches are
 // counted, logged and told to the tap, and its backoffs and breaker
 // changes recorded, as a handler binding's; its lookups are not counted.
+// A nil Recorder's is nil.
 func (r *Recorder) Observer() broker.Observer {
+	if r == nil {
+		return nil
+	}
 	return &Observer{r: r}
 }
 
@@ -120,13 +124,16 @@ func (r *Recorder) Released(b *bindings.Binding) {
 }
 
 // observerFor returns the observer of a binding, with the binding's
-// lookup counters. Without the merchant label, the bindings of one
-// provider share one observer (no heap object per binding). With it, a
-// new wildcard binding (track) is counted among its merchant's users
-// (bindings.Series.Use), which the table releases, and an explicit
-// binding's series are kept for good (bindings.Series.Pin).
+// lookup counters; a nil Recorder's is nil. Without the merchant label,
+// the bindings of one provider share one observer (no heap object per
+// binding). With it, a new wildcard binding (track) is counted among its
+// merchant's users (bindings.Series.Use), which the table releases, and
+// an explicit binding's series are kept for good (bindings.Series.Pin).
 func (r *Recorder) observerFor(b *bindings.Binding, track bool) broker.Observer {
-	if r == nil || r.metrics == nil {
+	if r == nil {
+		return nil
+	}
+	if r.metrics == nil {
 		return &Observer{r: r}
 	}
 	m := r.metrics
@@ -242,7 +249,7 @@ func providerOf(sourceID string) string {
 // handler's Recorder (fetch logs, fetch metrics, breaker and backoff
 // gauges).
 type Observer struct {
-	r       *Recorder
+	r       *Recorder       // never nil
 	lookups *LookupCounters // nil: lookups are not counted
 }
 
@@ -256,25 +263,21 @@ func (o *Observer) Lookup(_ *broker.Binding, res broker.Result) {
 // Fetched counts a token API call (token_requests_total, the duration
 // histogram) and tells the tap; FetchDone logs the fetch it belongs to.
 func (o *Observer) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, elapsed time.Duration, background bool, err error) {
-	if o.r != nil {
-		o.r.fetched(b, elapsed, background, err)
-		if o.r.tap != nil {
-			o.r.tap.Fetched(providerOf(b.SourceID), b, err)
-		}
+	o.r.fetched(b, elapsed, background, err)
+	if o.r.tap != nil {
+		o.r.tap.Fetched(providerOf(b.SourceID), b, err)
 	}
 }
 
 // FetchDone logs a fetch once, with its attempts: "token fetched" or
 // "token fetch failed".
 func (o *Observer) FetchDone(_ context.Context, b *broker.Binding, f broker.Fetch) {
-	if o.r != nil {
-		o.r.fetchDone(b, f)
-	}
+	o.r.fetchDone(b, f)
 }
 
 // BackingOff counts the keys in failure memory, by provider.
 func (o *Observer) BackingOff(b *broker.Binding, on bool) {
-	if o.r == nil || o.r.metrics == nil {
+	if o.r.metrics == nil {
 		return
 	}
 	g := o.r.metrics.BackingOff.WithLabelValues(providerOf(b.SourceID))
@@ -288,9 +291,6 @@ func (o *Observer) BackingOff(b *broker.Binding, on bool) {
 // SourceBackingOff counts the provider configurations backing off after a 429
 // with Retry-After or a bad credential, and tells the tap.
 func (o *Observer) SourceBackingOff(sourceID string, on bool) {
-	if o.r == nil {
-		return
-	}
 	if o.r.tap != nil {
 		o.r.tap.SourceBackingOff(providerOf(sourceID), sourceID, on)
 	}
@@ -308,9 +308,6 @@ func (o *Observer) SourceBackingOff(sourceID string, on bool) {
 // BreakerChanged sets the breaker gauge of the source's provider, and
 // tells the tap.
 func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
-	if o.r == nil {
-		return
-	}
 	if o.r.tap != nil {
 		o.r.tap.BreakerChanged(providerOf(sourceID), sourceID, state)
 	}
@@ -322,17 +319,12 @@ func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
 // RefreshPlanned counts the planned refresh-ahead of a token the broker
 // minted.
 func (o *Observer) RefreshPlanned(b *broker.Binding, _ time.Time) {
-	if o.r != nil {
-		o.r.metrics.planned(providerOf(b.SourceID), PlannedAhead)
-	}
+	o.r.metrics.planned(providerOf(b.SourceID), PlannedAhead)
 }
 
 // RefreshBehind counts a planned refresh that cannot get budget before
 // its token's end, and tells the tap.
 func (o *Observer) RefreshBehind(b *broker.Binding, expiry time.Time) {
-	if o.r == nil {
-		return
-	}
 	provider := providerOf(b.SourceID)
 	o.r.metrics.planned(provider, PlannedBehind)
 	if pt, ok := o.r.tap.(PlanTap); ok {
