@@ -443,7 +443,7 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 		h := health[name]
 		rec := snap.providers[name]
 		out = append(out, Provider{Name: name, Type: p.Type, Breaker: h.Breaker.String(), BackoffUntil: timePtr(h.BackoffUntil),
-			Requests: rec.calls, Failures: rec.failures, Window: snap.window.String(),
+			Requests: rec.calls, Failures: rec.failures, Window: RequestsWindow.String(),
 			Merchants: idx.count[name] + activeBy[name]})
 		o := &out[len(out)-1]
 		if db, ok := p.Source.(broker.DPoPBound); ok {
@@ -483,7 +483,6 @@ func budgetOf(st budget.State, behind int) *Budget {
 // snapshot is a copy of what a Tracker knows of providers and the fleet
 // tier, for one Build.
 type snapshot struct {
-	window    time.Duration
 	providers map[string]providerView
 	fleet     fleetRecord
 }
@@ -504,10 +503,10 @@ type providerView struct {
 func (t *Tracker) snapshot(now time.Time) snapshot {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	s := snapshot{window: t.span, providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
+	s := snapshot{providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
 	for name, p := range t.providers {
 		v := providerView{lastErr: p.lastErr, lastErrAt: p.lastErrAt,
-			lastCallFailed: p.lastCallFailed && now.Sub(p.lastFailAt) < t.span, behind: p.behind}
+			lastCallFailed: p.lastCallFailed && now.Sub(p.lastFailAt) < RequestsWindow, behind: p.behind}
 		v.calls, v.failures = p.calls.sum(now)
 		s.providers[name] = v
 	}

@@ -27,9 +27,6 @@ type TrackerOptions struct {
 	// the error code and the merchant's state, never a token or a secret. It is called outside the
 	// tracker's lock, on the token fetch path: it must be quick.
 	Emit func(event string, data map[string]any)
-	// Window is the span of a provider's Requests and Failures. Default
-	// DefaultWindow.
-	Window time.Duration
 	// MaxMerchants bounds the merchants remembered (only those whose
 	// token requests failed are): beyond it, a new one replaces an
 	// arbitrary other. Default DefaultMaxMerchants.
@@ -54,7 +51,6 @@ type TrackerOptions struct {
 type Tracker struct {
 	now    func() time.Time
 	emit   func(event string, data map[string]any)
-	span   time.Duration
 	maxLen int
 
 	mu        sync.Mutex
@@ -175,13 +171,10 @@ func NewTracker(o TrackerOptions) *Tracker {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	if o.Window <= 0 {
-		o.Window = DefaultWindow
-	}
 	if o.MaxMerchants <= 0 {
 		o.MaxMerchants = DefaultMaxMerchants
 	}
-	return &Tracker{now: o.Now, emit: o.Emit, span: o.Window, maxLen: o.MaxMerchants,
+	return &Tracker{now: o.Now, emit: o.Emit, maxLen: o.MaxMerchants,
 		merchants: map[string]*merchantRecord{}, providers: map[string]*providerRecord{}}
 }
 
@@ -200,7 +193,7 @@ func (t *Tracker) send(evs []event) {
 func (t *Tracker) provider(name string) *providerRecord {
 	p := t.providers[name]
 	if p == nil {
-		p = &providerRecord{calls: newWindow(t.span), backingOff: map[string]uint64{}, open: map[string]uint64{}}
+		p = &providerRecord{backingOff: map[string]uint64{}, open: map[string]uint64{}}
 		t.providers[strings.Clone(name)] = p
 	}
 	return p
