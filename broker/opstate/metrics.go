@@ -135,12 +135,5 @@ func (c *Collector) countsOf(s Sources) map[string]map[string]int {
 	return c.counts
 }
 
-// Fleet reports whether a fleet tier is configured and whether it is up.
-func (t *Tracker) Fleet() (configured, up bool) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.fleet.configured, t.fleet.up
-}
-
 // Interface guard.
 var _ prometheus.Collector = (*Collector)(nil)

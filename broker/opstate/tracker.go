@@ -464,6 +464,13 @@ func (t *Tracker) SetFleet(configured, up bool) {
 	}
 }
 
+// Fleet reports whether a fleet tier is configured and whether it is up.
+func (t *Tracker) Fleet() (configured, up bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.fleet.configured, t.fleet.up
+}
+
 // maxFleetError is the length the fleet tier's last error is cut to.
 const maxFleetError = 200
 

@@ -50,9 +50,10 @@ type Recorder struct {
 // NewRecorder returns the recorder of a handler whose sources are
 // providers (SourceID -> provider name) and whose bindings are in table
 // (nil: none yet), and gives every binding of table its observer. With
-// m, the rarely changing series of every provider are exported from now
-// on; breaker (nil: closed) gives a source's breaker state. tap (nil:
-// none) is told of fetches, source backoffs and breaker changes too.
+// m, the rarely changing series of the providers of both are exported
+// from now on; breaker (nil: closed) gives a source's breaker state. tap
+// (nil: none) is told of fetches, source backoffs and breaker changes
+// too.
 func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, providers map[string]string, breaker func(sourceID string) broker.BreakerState) *Recorder {
 	r := &Recorder{metrics: m, tap: tap, logger: logger, observers: map[string]*Observer{}}
 	exported := map[string]bool{} // source IDs
