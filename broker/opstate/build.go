@@ -255,13 +255,12 @@ func outages(health map[string]broker.SourceHealth) map[string]outage {
 // ""), sorted by id: the registry's explicit merchants and the active
 // wildcard ones, each with its state. It reads the cached entries, the
 // keys in backoff, the sources' health and the tracker's merchants once
-// each, then passes over the merchants. It returns the tracker's
-// snapshot, the registry's index, the active wildcard merchants by
-// provider and the health of the providers' sources by name.
-func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)) (snapshot, *registryIndex, map[string]int, map[string]broker.SourceHealth) {
+// each, then passes over the merchants. It returns the registry's index,
+// the active wildcard merchants by provider and the health of the
+// providers' sources by name.
+func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)) (*registryIndex, map[string]int, map[string]broker.SourceHealth) {
 	t := s.Tracker
 	idx := s.Index.of(s.Registry)
-	snap := t.snapshot(now)
 	health := sourcesHealth(s)
 	down := outages(health)
 
@@ -352,7 +351,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		one(w.id, w.provider, w.organisation, true, kn.lookup(w.id))
 		j++
 	}
-	return snap, idx, activeBy, health
+	return idx, activeBy, health
 }
 
 // Build computes the Report answering q at now: every provider of the
@@ -377,7 +376,7 @@ func Build(s Sources, q Query, now time.Time) Report {
 		want = rankOf(q.State)
 	}
 	more := false
-	snap, idx, activeBy, health := walk(s, q.Provider, now, func(v *merchantView) {
+	idx, activeBy, health := walk(s, q.Provider, now, func(v *merchantView) {
 		counts[v.rank]++
 		if want < rank(len(states)) && v.rank != want {
 			return
@@ -405,6 +404,7 @@ func Build(s Sources, q Query, now time.Time) Report {
 	if more {
 		rep.Next = rep.Merchants[len(rep.Merchants)-1].Merchant
 	}
+	snap := s.Tracker.snapshot(now)
 	rep.Providers = providers(s, idx, snap, activeBy, health)
 	if snap.fleet.configured {
 		f := snap.fleet
