@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	zapobserver "go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -69,9 +70,7 @@ func TestMetricsScriptedSequence(t *testing.T) {
 	clk := clocktest.New(time.Unix(1_700_000_000, 0))
 	var fail atomic.Bool
 	var calls atomic.Int64
-	refreshed := make(chan struct{}, 4)
 	src := func(ctx context.Context, req broker.Request) (broker.Token, error) {
-		defer func() { refreshed <- struct{}{} }()
 		calls.Add(1)
 		if fail.Load() {
 			return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 503}
@@ -80,6 +79,26 @@ func TestMetricsScriptedSequence(t *testing.T) {
 		return broker.Token{Value: broker.Secret("tok-" + req.Merchant), IssuedAt: now, Expiry: now.Add(100 * time.Second)}, nil
 	}
 	h, m, reg := newMetricsHandler(t, src, clk, false)
+	// A fetch's log line is written once its calls are counted and its
+	// outcome is cached (broker.FetchObserver): a background refresh is
+	// done when its line is.
+	fetchLogged := make(chan struct{}, 8)
+	core, _ := zapobserver.New(zap.InfoLevel)
+	h.logger = zap.New(core, zap.Hooks(func(e zapcore.Entry) error {
+		if strings.HasPrefix(e.Message, "token fetch") {
+			fetchLogged <- struct{}{}
+		}
+		return nil
+	}))
+	h.instrument(m)
+	fetchDone := func() {
+		t.Helper()
+		select {
+		case <-fetchLogged:
+		case <-time.After(5 * time.Second):
+			t.Fatal("no fetch logged in 5s")
+		}
+	}
 
 	mustServe := func(merchant string, want int) {
 		t.Helper()
@@ -89,18 +108,17 @@ func TestMetricsScriptedSequence(t *testing.T) {
 		}
 	}
 	mustServe("acme", 200) // miss
-	<-refreshed
+	fetchDone()
 	mustServe("acme", 200) // hit
 	clk.Add(98 * time.Second)
 	mustServe("acme", 200) // refresh: past its planned point (in the last 25 %, before the last 2.5 s), starts the background refresh
-	<-refreshed
-	waitFor(t, func() bool { return h.broker.Entries()[0].RefreshAt().After(clk.Now()) })
+	fetchDone()
 	mustServe("acme", 200) // hit on the refreshed token
 	fail.Store(true)
 	mustServe("globex", 502) // failure: a token API call with outcome token_unavailable
-	<-refreshed
+	fetchDone()
 	mustServe("globex", 502) // second failure opens the breaker (threshold 2)
-	<-refreshed
+	fetchDone()
 	mustServe("globex", 503) // breaker open: no call
 
 	expect := map[prometheus.Collector]map[string]float64{

@@ -35,6 +35,11 @@ type Sources struct {
 	Others []*config.Registry
 }
 
+// registries returns Registry, then Others; nil ones left out.
+func (s Sources) registries() []*config.Registry {
+	return slices.DeleteFunc(append([]*config.Registry{s.Registry}, s.Others...), func(r *config.Registry) bool { return r == nil })
+}
+
 // Index keeps what Build computes once per registry: its merchants
 // sorted by id. Keep one with the registry (an app's), so that it goes
 // with it. The zero value is ready to use; it is safe for concurrent use.
@@ -42,7 +47,8 @@ type Index struct {
 	last atomic.Pointer[registryIndex]
 }
 
-// rank is a merchant state's index in States(): lower is worse.
+// rank is a merchant state's index in States(): lower is worse. The
+// constants name the ranks in States' order.
 type rank uint8
 
 const (
@@ -57,19 +63,8 @@ const (
 
 // rankOf is the rank of a state; rankIdle for "" or an unknown one.
 func rankOf(state string) rank {
-	switch state {
-	case StateRefused:
-		return rankRefused
-	case StateUnknownOrganisation:
-		return rankUnknownOrganisation
-	case StateNeedsConsent:
-		return rankNeedsConsent
-	case StateBackingOff:
-		return rankBackingOff
-	case StateRefreshing:
-		return rankRefreshing
-	case StateFresh:
-		return rankFresh
+	if i := slices.Index(States(), state); i >= 0 {
+		return rank(i)
 	}
 	return rankIdle
 }
@@ -87,12 +82,11 @@ func (c *byRank) counts() map[string]int {
 }
 
 // registryIndex is a registry's explicit merchants sorted by id, with
-// their positions, their counts by provider and the cache keys they
-// share, made once per registry (Index).
+// their counts by provider and the cache keys they share, made once per
+// registry (Index).
 type registryIndex struct {
 	reg       *config.Registry
 	merchants []*config.Merchant
-	pos       map[string]int32               // merchant id -> its index in merchants
 	count     map[string]int                 // provider name -> explicit merchants
 	consent   map[string]*oauth.RefreshToken // refresh_token providers' sources
 	// shared maps the cache key of the binding without route scopes
@@ -112,11 +106,10 @@ func (x *Index) of(reg *config.Registry) *registryIndex {
 		}
 	}
 	idx := &registryIndex{reg: reg, merchants: slices.Collect(maps.Values(reg.Merchants)),
-		pos: make(map[string]int32, len(reg.Merchants)), count: map[string]int{}, consent: map[string]*oauth.RefreshToken{}}
+		count: map[string]int{}, consent: map[string]*oauth.RefreshToken{}}
 	slices.SortFunc(idx.merchants, func(a, b *config.Merchant) int { return strings.Compare(a.ID, b.ID) })
 	byKey := make(map[string][]int32, len(idx.merchants))
 	for i, m := range idx.merchants {
-		idx.pos[m.ID] = int32(i)
 		idx.count[m.Provider]++
 		if b, err := reg.Binding(m.ID, nil); err == nil {
 			byKey[b.Key()] = append(byKey[b.Key()], int32(i))
@@ -161,13 +154,10 @@ type known struct {
 }
 
 // knowledge is what the broker and the tracker know, by merchant: the
-// few merchants they know of in a dense slice, reached from an explicit
-// merchant's position (no map read in the pass over all merchants) or
-// from a wildcard merchant's id.
+// few merchants they know of in a dense slice, reached by id.
 type knowledge struct {
 	idx   *registryIndex
-	slot  []int32          // explicit merchant's position -> 1 + its index in dense; 0: unknown
-	other map[string]int32 // any other merchant id -> its index in dense
+	index map[string]int32 // merchant id -> its index in dense
 	dense []known
 }
 
@@ -181,35 +171,30 @@ func (k *knowledge) each(b *broker.Binding, f func(*known)) {
 		return
 	}
 	for _, p := range k.idx.shared[b.Key()] {
-		if k.idx.merchants[p].ID != b.Merchant {
-			f(k.at(p))
+		if id := k.idx.merchants[p].ID; id != b.Merchant {
+			f(k.of(id))
 		}
 	}
-}
-
-// at returns what is known of the explicit merchant at position p, made
-// empty on first use. The pointer is valid until the next call.
-func (k *knowledge) at(p int32) *known {
-	if k.slot[p] == 0 {
-		k.dense = append(k.dense, known{rank: rankIdle, failure: rankIdle})
-		k.slot[p] = int32(len(k.dense))
-	}
-	return &k.dense[k.slot[p]-1]
 }
 
 // of returns what is known of merchant id, made empty on first use. The
 // pointer is valid until the next call.
 func (k *knowledge) of(id string) *known {
-	if p, ok := k.idx.pos[id]; ok {
-		return k.at(p)
-	}
-	i, ok := k.other[id]
+	i, ok := k.index[id]
 	if !ok {
 		k.dense = append(k.dense, known{rank: rankIdle, failure: rankIdle})
 		i = int32(len(k.dense) - 1)
-		k.other[id] = i
+		k.index[id] = i
 	}
 	return &k.dense[i]
+}
+
+// lookup returns what is known of merchant id; nil when nothing is.
+func (k *knowledge) lookup(id string) *known {
+	if i, ok := k.index[id]; ok {
+		return &k.dense[i]
+	}
+	return nil
 }
 
 // merchantView is one merchant as a walk sees it.
@@ -220,11 +205,11 @@ type merchantView struct {
 	known
 }
 
-// hold is the state that a provider whose source is in backoff or whose
-// breaker is open puts its merchants in when they have neither a cached
-// token nor a state of their own: their token requests answer the
+// outage is the state that a provider whose source is in backoff or
+// whose breaker is open puts its merchants in when they have neither a
+// cached token nor a state of their own: their token requests answer the
 // source's error without calling its token API.
-type hold struct {
+type outage struct {
 	rank      rank
 	until, at int64 // unix nanoseconds; 0: none
 	err       error
@@ -245,22 +230,22 @@ func sourcesHealth(s Sources) map[string]broker.SourceHealth {
 	return out
 }
 
-// holds returns the holds of the providers whose source is in backoff
-// (its state from its error: refused for a refused credential,
+// outages returns the outages of the providers whose source is in
+// backoff (its state from its error: refused for a refused credential,
 // backing_off for a 429) or whose breaker is open (backing_off).
-func holds(health map[string]broker.SourceHealth) map[string]hold {
-	out := map[string]hold{}
+func outages(health map[string]broker.SourceHealth) map[string]outage {
+	out := map[string]outage{}
 	for name, h := range health {
 		switch {
 		case !h.BackoffUntil.IsZero():
-			out[name] = hold{rank: rankOf(failureState(h.BackoffError, errcode.Classify(h.BackoffError))),
+			out[name] = outage{rank: rankOf(failureState(h.BackoffError, errcode.Classify(h.BackoffError))),
 				until: h.BackoffUntil.UnixNano(), at: h.BackoffAt.UnixNano(), err: h.BackoffError}
 		case h.Breaker == broker.BreakerOpen:
-			hd := hold{rank: rankBackingOff, err: h.LastError}
+			o := outage{rank: rankBackingOff, err: h.LastError}
 			if !h.LastFailure.IsZero() {
-				hd.at = h.LastFailure.UnixNano()
+				o.at = h.LastFailure.UnixNano()
 			}
-			out[name] = hd
+			out[name] = o
 		}
 	}
 	return out
@@ -270,19 +255,17 @@ func holds(health map[string]broker.SourceHealth) map[string]hold {
 // ""), sorted by id: the registry's explicit merchants and the active
 // wildcard ones, each with its state. It reads the cached entries, the
 // keys in backoff, the sources' health and the tracker's merchants once
-// each, then passes over the merchants. It returns the tracker's
-// snapshot, the registry's index, the active wildcard merchants by
-// provider and the health of the providers' sources by name.
-func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)) (snapshot, *registryIndex, map[string]int, map[string]broker.SourceHealth) {
+// each, then passes over the merchants. It returns the registry's index,
+// the active wildcard merchants by provider and the health of the
+// providers' sources by name.
+func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)) (*registryIndex, map[string]int, map[string]broker.SourceHealth) {
 	t := s.Tracker
 	idx := s.Index.of(s.Registry)
-	snap := t.snapshot(now)
 	health := sourcesHealth(s)
-	held := holds(health)
+	down := outages(health)
 
 	entries := s.Broker.Entries()
-	kn := knowledge{idx: idx, slot: make([]int32, len(idx.merchants)), other: map[string]int32{},
-		dense: make([]known, 0, len(entries)+64)}
+	kn := knowledge{idx: idx, index: make(map[string]int32, len(entries)+64), dense: make([]known, 0, len(entries)+64)}
 	for _, e := range entries {
 		r := rankFresh
 		if !now.Before(e.RefreshAt()) {
@@ -343,8 +326,8 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		if src := idx.consent[prov]; src != nil && v.rank > rankNeedsConsent && !src.ConsentStatus(id).ConsentRequiredSince.IsZero() {
 			v.rank = rankNeedsConsent
 		}
-		if v.rank == rankIdle && len(held) > 0 {
-			if h, ok := held[prov]; ok {
+		if v.rank == rankIdle && len(down) > 0 {
+			if h, ok := down[prov]; ok {
 				v.rank, v.backoffUntil, v.backoffAt, v.backoffErr = h.rank, h.until, h.at, h.err
 				if h.err != nil {
 					v.lastErr, v.lastErrAt = errcode.Classify(h.err), h.at
@@ -357,11 +340,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 	for i < len(idx.merchants) || j < len(wilds) {
 		if j == len(wilds) || (i < len(idx.merchants) && idx.merchants[i].ID < wilds[j].id) {
 			m := idx.merchants[i]
-			var k *known
-			if n := kn.slot[i]; n != 0 {
-				k = &kn.dense[n-1]
-			}
-			one(m.ID, m.Provider, m.Organisation, false, k)
+			one(m.ID, m.Provider, m.Organisation, false, kn.lookup(m.ID))
 			i++
 			continue
 		}
@@ -369,14 +348,10 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		if i < len(idx.merchants) && idx.merchants[i].ID == w.id {
 			i++ // an explicit merchant's binding is not wild: never here
 		}
-		var k *known
-		if n, ok := kn.other[w.id]; ok {
-			k = &kn.dense[n]
-		}
-		one(w.id, w.provider, w.organisation, true, k)
+		one(w.id, w.provider, w.organisation, true, kn.lookup(w.id))
 		j++
 	}
-	return snap, idx, activeBy, health
+	return idx, activeBy, health
 }
 
 // Build computes the Report answering q at now: every provider of the
@@ -385,7 +360,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 // active ones) that q selects, with the counts by state over every
 // merchant of q's provider. A merchant's state is the worst of its keys'
 // (those it shares with other merchants included); one without a token
-// or a state of its own takes its provider's hold (see hold). It only
+// or a state of its own takes its provider's outage (see outage). It only
 // reads: it emits no event (Reconcile does).
 // It runs in one pass over the merchants (walk); the explicit merchants'
 // ids are sorted once per registry.
@@ -401,7 +376,7 @@ func Build(s Sources, q Query, now time.Time) Report {
 		want = rankOf(q.State)
 	}
 	more := false
-	snap, idx, activeBy, health := walk(s, q.Provider, now, func(v *merchantView) {
+	idx, activeBy, health := walk(s, q.Provider, now, func(v *merchantView) {
 		counts[v.rank]++
 		if want < rank(len(states)) && v.rank != want {
 			return
@@ -429,6 +404,7 @@ func Build(s Sources, q Query, now time.Time) Report {
 	if more {
 		rep.Next = rep.Merchants[len(rep.Merchants)-1].Merchant
 	}
+	snap := s.Tracker.snapshot(now)
 	rep.Providers = providers(s, idx, snap, activeBy, health)
 	if snap.fleet.configured {
 		f := snap.fleet
@@ -467,7 +443,7 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 		h := health[name]
 		rec := snap.providers[name]
 		out = append(out, Provider{Name: name, Type: p.Type, Breaker: h.Breaker.String(), BackoffUntil: timePtr(h.BackoffUntil),
-			Requests: rec.calls, Failures: rec.failures, Window: snap.window.String(),
+			Requests: rec.calls, Failures: rec.failures, Window: RequestsWindow.String(),
 			Merchants: idx.count[name] + activeBy[name]})
 		o := &out[len(out)-1]
 		if db, ok := p.Source.(broker.DPoPBound); ok {
@@ -507,7 +483,6 @@ func budgetOf(st budget.State, behind int) *Budget {
 // snapshot is a copy of what a Tracker knows of providers and the fleet
 // tier, for one Build.
 type snapshot struct {
-	window    time.Duration
 	providers map[string]providerView
 	fleet     fleetRecord
 }
@@ -528,10 +503,10 @@ type providerView struct {
 func (t *Tracker) snapshot(now time.Time) snapshot {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	s := snapshot{window: t.span, providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
+	s := snapshot{providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
 	for name, p := range t.providers {
 		v := providerView{lastErr: p.lastErr, lastErrAt: p.lastErrAt,
-			lastCallFailed: p.lastCallFailed && now.Sub(p.lastFailAt) < t.span, behind: p.behind}
+			lastCallFailed: p.lastCallFailed && now.Sub(p.lastFailAt) < RequestsWindow, behind: p.behind}
 		v.calls, v.failures = p.calls.sum(now)
 		s.providers[name] = v
 	}

@@ -5,8 +5,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 // DefaultCountsMaxAge is how long a Collector reuses the merchants'
@@ -108,10 +106,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 // per provider name (the app's registry first).
 func (c *Collector) collectBudgets(s Sources, ch chan<- prometheus.Metric) {
 	seen := map[string]bool{}
-	for _, reg := range append([]*config.Registry{s.Registry}, s.Others...) {
-		if reg == nil {
-			continue
-		}
+	for _, reg := range s.registries() {
 		for name, p := range reg.Providers {
 			if p.Budget == nil || seen[name] {
 				continue
@@ -138,13 +133,6 @@ func (c *Collector) countsOf(s Sources) map[string]map[string]int {
 		c.counts, c.at = Counts(s, now), now
 	}
 	return c.counts
-}
-
-// Fleet reports whether a fleet tier is configured and whether it is up.
-func (t *Tracker) Fleet() (configured, up bool) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.fleet.configured, t.fleet.up
 }
 
 // Interface guard.

@@ -10,16 +10,13 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// queryParams returns the parameters ParseQuery reads.
-func queryParams() []string { return []string{"provider", "state", "after", "limit"} }
-
 // ParseQuery reads a Query from the parameters of GET /token_broker/state:
 // provider, state (one of States), after (a merchant id, the Next of the
 // previous page) and limit (1 to MaxLimit, default DefaultLimit). An
 // unknown, repeated or malformed parameter is an error that says which
 // and what is accepted.
 func ParseQuery(v url.Values) (Query, error) {
-	params := queryParams()
+	params := []string{"provider", "state", "after", "limit"}
 	for name, vals := range v {
 		if !slices.Contains(params, name) {
 			return Query{}, fmt.Errorf("unknown parameter %q: use %s", name, strings.Join(params, ", "))

@@ -3,6 +3,7 @@ package opstate
 import (
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -11,7 +12,6 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
-	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
@@ -27,9 +27,6 @@ type TrackerOptions struct {
 	// the error code and the merchant's state, never a token or a secret. It is called outside the
 	// tracker's lock, on the token fetch path: it must be quick.
 	Emit func(event string, data map[string]any)
-	// Window is the span of a provider's Requests and Failures. Default
-	// DefaultWindow.
-	Window time.Duration
 	// MaxMerchants bounds the merchants remembered (only those whose
 	// token requests failed are): beyond it, a new one replaces an
 	// arbitrary other. Default DefaultMaxMerchants.
@@ -54,7 +51,6 @@ type TrackerOptions struct {
 type Tracker struct {
 	now    func() time.Time
 	emit   func(event string, data map[string]any)
-	span   time.Duration
 	maxLen int
 
 	mu        sync.Mutex
@@ -139,9 +135,9 @@ type providerRecord struct {
 	// lastFailAt is the time of the last failure of the provider's (not
 	// a refusal of one merchant's).
 	lastFailAt time.Time
-	held       map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
+	backingOff map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
 	open       map[string]uint64 // source IDs whose breaker is not closed -> the change that said so
-	// failing: a source is held or its breaker is not closed.
+	// failing: a source is backing off or its breaker is not closed.
 	failing bool
 	// announce: failing started, and EventProviderFailing waits for the
 	// failure that caused it (the broker tells a backoff or a breaker
@@ -175,13 +171,10 @@ func NewTracker(o TrackerOptions) *Tracker {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	if o.Window <= 0 {
-		o.Window = DefaultWindow
-	}
 	if o.MaxMerchants <= 0 {
 		o.MaxMerchants = DefaultMaxMerchants
 	}
-	return &Tracker{now: o.Now, emit: o.Emit, span: o.Window, maxLen: o.MaxMerchants,
+	return &Tracker{now: o.Now, emit: o.Emit, maxLen: o.MaxMerchants,
 		merchants: map[string]*merchantRecord{}, providers: map[string]*providerRecord{}}
 }
 
@@ -200,7 +193,7 @@ func (t *Tracker) send(evs []event) {
 func (t *Tracker) provider(name string) *providerRecord {
 	p := t.providers[name]
 	if p == nil {
-		p = &providerRecord{calls: newWindow(t.span), held: map[string]uint64{}, open: map[string]uint64{}}
+		p = &providerRecord{backingOff: map[string]uint64{}, open: map[string]uint64{}}
 		t.providers[strings.Clone(name)] = p
 	}
 	return p
@@ -351,9 +344,9 @@ func (t *Tracker) SourceBackingOff(provider, sourceID string, on bool) {
 	t.changeProvider(provider, func(p *providerRecord) {
 		t.seq++
 		if on {
-			p.held[sourceID] = t.seq
+			p.backingOff[sourceID] = t.seq
 		} else {
-			delete(p.held, sourceID)
+			delete(p.backingOff, sourceID)
 		}
 	})
 }
@@ -382,7 +375,7 @@ func (t *Tracker) changeProvider(provider string, change func(p *providerRecord)
 	defer t.mu.Unlock()
 	p := t.provider(provider)
 	change(p)
-	failing := len(p.held) > 0 || len(p.open) > 0
+	failing := len(p.backingOff) > 0 || len(p.open) > 0
 	switch {
 	case failing && !p.failing:
 		p.announce = true
@@ -406,44 +399,24 @@ func (t *Tracker) mark() uint64 {
 // with the broker, read after mark: only the sources of current are the
 // provider's now (the others are older configurations, whose state the
 // broker dropped without telling), each with its breaker open (not
-// closed) or not and held or not. A change told after mark is kept: it
+// closed) or not and backing off or not. A change told after mark is kept: it
 // is newer than what was read. The broker drops a source's state without
 // telling when it forgets it (a rotated secret) or a configuration
 // replaces it. It emits EventProviderRecovered if the provider so stops
 // failing.
 func (t *Tracker) reconcile(provider string, current map[string]broker.SourceHealth, mark uint64) {
-	stale := func(m map[string]uint64, id string, now func(broker.SourceHealth) bool) bool {
+	// stale reports whether the state told of source id (by change
+	// number told) is out of date: the source is gone, or the broker,
+	// read after that change, disagrees (now).
+	stale := func(id string, told uint64, now func(broker.SourceHealth) bool) bool {
 		h, ok := current[id]
-		return !ok || (!now(h) && m[id] <= mark)
+		return !ok || (!now(h) && told <= mark)
 	}
 	open := func(h broker.SourceHealth) bool { return h.Breaker != broker.BreakerClosed }
-	held := func(h broker.SourceHealth) bool { return !h.BackoffUntil.IsZero() }
-	t.mu.Lock()
-	p := t.providers[provider]
-	changed := false
-	if p != nil {
-		for id := range p.open {
-			changed = changed || stale(p.open, id, open)
-		}
-		for id := range p.held {
-			changed = changed || stale(p.held, id, held)
-		}
-	}
-	t.mu.Unlock()
-	if !changed {
-		return
-	}
+	backingOff := func(h broker.SourceHealth) bool { return !h.BackoffUntil.IsZero() }
 	t.changeProvider(provider, func(p *providerRecord) {
-		for id := range p.open {
-			if stale(p.open, id, open) {
-				delete(p.open, id)
-			}
-		}
-		for id := range p.held {
-			if stale(p.held, id, held) {
-				delete(p.held, id)
-			}
-		}
+		maps.DeleteFunc(p.open, func(id string, told uint64) bool { return stale(id, told, open) })
+		maps.DeleteFunc(p.backingOff, func(id string, told uint64) bool { return stale(id, told, backingOff) })
 	})
 }
 
@@ -459,7 +432,7 @@ func Reconcile(s Sources) {
 	mark := t.mark()
 	var ids []string
 	sources := map[string][]string{} // provider name -> its source IDs
-	for _, reg := range append([]*config.Registry{s.Registry}, s.Others...) {
+	for _, reg := range s.registries() {
 		for name, p := range reg.Providers {
 			ids = append(ids, p.ID)
 			sources[name] = append(sources[name], p.ID)
@@ -491,6 +464,13 @@ func (t *Tracker) SetFleet(configured, up bool) {
 	}
 }
 
+// Fleet reports whether a fleet tier is configured and whether it is up.
+func (t *Tracker) Fleet() (configured, up bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.fleet.configured, t.fleet.up
+}
+
 // maxFleetError is the length the fleet tier's last error is cut to.
 const maxFleetError = 200
 
@@ -498,8 +478,6 @@ const maxFleetError = 200
 // "timeout", "refused" (the connection was refused) or "error".
 func fleetErrorClass(err error) string {
 	switch {
-	case err == nil:
-		return "error"
 	case broker.IsTimeout(err):
 		return "timeout"
 	case errors.Is(err, syscall.ECONNREFUSED):

@@ -2,34 +2,33 @@ package opstate
 
 import "time"
 
-// DefaultWindow is the span a provider's token request counts cover.
-const DefaultWindow = 5 * time.Minute
+// RequestsWindow is the span a provider's token request counts
+// (Provider.Requests and Failures) cover.
+const RequestsWindow = 5 * time.Minute
 
 // windowBuckets is how many buckets a window is cut into: its counts
-// move by Window/windowBuckets.
+// move by bucketWidth.
 const windowBuckets = 30
+
+// bucketWidth is the span of time a bucket counts, in nanoseconds.
+const bucketWidth = int64(RequestsWindow / windowBuckets)
 
 // bucket counts the token API calls of one slice of a window.
 type bucket struct {
-	slot     int64 // which slice of time (unix ns / bucket width) it counts
+	slot     int64 // which slice of time (unix ns / bucketWidth) it counts
 	calls    int32
 	failures int32
 }
 
-// window counts token API calls over a sliding span of time, in
+// window counts token API calls over the last RequestsWindow, in
 // buckets: no allocation per call.
 type window struct {
-	width   int64 // ns per bucket
 	buckets [windowBuckets]bucket
-}
-
-func newWindow(span time.Duration) window {
-	return window{width: max(int64(span/windowBuckets), 1)}
 }
 
 // add counts one call at now.
 func (w *window) add(now time.Time, failed bool) {
-	slot := now.UnixNano() / w.width
+	slot := now.UnixNano() / bucketWidth
 	b := &w.buckets[slot%windowBuckets]
 	if b.slot != slot {
 		*b = bucket{slot: slot}
@@ -43,7 +42,7 @@ func (w *window) add(now time.Time, failed bool) {
 // sum returns the calls and failures counted over the window ending at
 // now.
 func (w *window) sum(now time.Time) (calls, failures int) {
-	slot := now.UnixNano() / w.width
+	slot := now.UnixNano() / bucketWidth
 	for i := range w.buckets {
 		b := &w.buckets[i]
 		if b.slot > slot-windowBuckets && b.slot <= slot {

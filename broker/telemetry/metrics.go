@@ -7,13 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
-	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
@@ -39,8 +37,8 @@ type Metrics struct {
 	Purges *prometheus.CounterVec
 	// PurgesKept counts upstream 401s that did not purge the token.
 	PurgesKept *prometheus.CounterVec
-	// SourcesHeld is the number of provider configurations backing off.
-	SourcesHeld *prometheus.GaugeVec
+	// SourcesBackingOff is the number of provider configurations backing off.
+	SourcesBackingOff *prometheus.GaugeVec
 	// Breaker is the breaker state of a provider's token API.
 	Breaker *prometheus.GaugeVec
 	// BackingOff is the number of cache keys in failure memory.
@@ -120,7 +118,7 @@ func NewMetrics(merchantLabel bool) *Metrics {
 			Namespace: ns, Subsystem: sub, Name: "token_purges_suppressed_total",
 			Help: "Upstream rejections (401) that did not purge the token: the key's purges by rejection were on hold, as its replacement token was rejected too.",
 		}, perRequest("provider")),
-		SourcesHeld: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		SourcesBackingOff: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "sources_backing_off",
 			Help: "Provider configurations whose token API is not called for any key: a 429 with Retry-After, or a bad credential (invalid_client, Nuapay 401).",
 		}, []string{"provider"}),
@@ -152,7 +150,7 @@ func NewMetrics(merchantLabel bool) *Metrics {
 // Register adds the collectors to a config's registry; registering them
 // twice in one registry is not an error.
 func (m *Metrics) Register(registry *prometheus.Registry) error {
-	for _, c := range []prometheus.Collector{m.TokenRequests, m.Refreshes, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesHeld, m.Breaker, m.BackingOff, m.NonceChallenges,
+	for _, c := range []prometheus.Collector{m.TokenRequests, m.Refreshes, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesBackingOff, m.Breaker, m.BackingOff, m.NonceChallenges,
 		m.BudgetUsed, m.RefreshesPlanned} {
 		if err := registry.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
@@ -201,37 +199,6 @@ func (m *Metrics) NonceChallenged(provider, server string) {
 	m.NonceChallenges.WithLabelValues(provider, server).Inc()
 }
 
-// SetBreakerState sets the breaker gauge of a provider (0 closed,
-// 1 half-open, 2 open: the values of broker.BreakerState).
-func (m *Metrics) SetBreakerState(provider string, state int) {
-	if m == nil {
-		return
-	}
-	m.Breaker.WithLabelValues(provider).Set(float64(state))
-}
-
-// fetched counts one token API call.
-func (m *Metrics) fetched(provider, merchant, outcome string, elapsed time.Duration) {
-	if m == nil {
-		return
-	}
-	m.TokenRequests.WithLabelValues(m.labels(merchant, provider, outcome)...).Inc()
-	m.FetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
-}
-
-// budgetUsed counts one token API call that took a request from its
-// provider's budget.
-func (m *Metrics) budgetUsed(provider string, background bool) {
-	if m == nil {
-		return
-	}
-	p := budget.Foreground
-	if background {
-		p = budget.Background
-	}
-	m.BudgetUsed.WithLabelValues(provider, p.String()).Inc()
-}
-
 // Refresh plans (the when label of refreshes_planned_total).
 const (
 	PlannedAhead  = "ahead"
@@ -244,14 +211,6 @@ func (m *Metrics) planned(provider, when string) {
 		return
 	}
 	m.RefreshesPlanned.WithLabelValues(provider, when).Inc()
-}
-
-// refreshed counts one token API call of a background refresh.
-func (m *Metrics) refreshed(provider, outcome string) {
-	if m == nil {
-		return
-	}
-	m.Refreshes.WithLabelValues(provider, outcome).Inc()
 }
 
 // labels appends the merchant to the label values when the label is on:

@@ -10,6 +10,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
 // Tap is told what a recorder's observers see, with the provider's name
@@ -35,16 +36,12 @@ type PlanTap interface {
 	RefreshBehind(provider string, b *broker.Binding, expiry time.Time)
 }
 
-// Recorder is what one handler counts and logs: the shared collectors,
-// the provider name of each source and the observers of its bindings.
-// A nil Recorder records nothing.
+// Recorder is what one handler counts and logs: the shared collectors
+// and the observers of its bindings. A nil Recorder records nothing.
 type Recorder struct {
-	metrics   *Metrics                   // nil: nothing is counted
-	tap       Tap                        // nil: nobody else is told
-	logger    *zap.Logger                // the token fetch and rejection logs
-	table     *bindings.Table            // the handler's bindings, for the provider of a binding
-	providers map[string]string          // SourceID -> provider name
-	shared    map[string]*LookupCounters // provider name -> counters, without the merchant label
+	metrics *Metrics    // nil: nothing is counted
+	tap     Tap         // nil: nobody else is told
+	logger  *zap.Logger // the token fetch and rejection logs
 
 	mu        sync.Mutex           // guards observers
 	observers map[string]*Observer // provider name -> the observer its bindings share, without the merchant label
@@ -53,29 +50,25 @@ type Recorder struct {
 // NewRecorder returns the recorder of a handler whose sources are
 // providers (SourceID -> provider name) and whose bindings are in table
 // (nil: none yet), and gives every binding of table its observer. With
-// m, the rarely changing series of every provider are exported from now
-// on; breaker (nil: closed) gives a source's breaker state. tap (nil:
-// none) is told of fetches, source backoffs and breaker changes too.
+// m, the rarely changing series of the providers of both are exported
+// from now on; breaker (nil: closed) gives a source's breaker state. tap
+// (nil: none) is told of fetches, source backoffs and breaker changes
+// too.
 func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, providers map[string]string, breaker func(sourceID string) broker.BreakerState) *Recorder {
-	r := &Recorder{metrics: m, tap: tap, logger: logger, table: table, providers: make(map[string]string),
-		shared: map[string]*LookupCounters{}, observers: map[string]*Observer{}}
-	if m != nil {
-		for id, name := range providers {
-			r.providers[id] = name
-			if !m.merchantLabel {
-				r.shared[name] = m.lookupCounters(name, "")
-			}
-			r.exportZero(name, id, breaker)
+	r := &Recorder{metrics: m, tap: tap, logger: logger, observers: map[string]*Observer{}}
+	exported := map[string]bool{} // source IDs
+	export := func(name, sourceID string) {
+		if m != nil && !exported[sourceID] {
+			exported[sourceID] = true
+			r.exportZero(name, sourceID, breaker)
 		}
+	}
+	for id, name := range providers {
+		export(name, id)
 	}
 	if table != nil {
 		table.Each(func(_ string, b *bindings.Binding) {
-			if m != nil {
-				if _, known := r.providers[b.SourceID]; !known {
-					r.exportZero(b.Provider.Name, b.SourceID, breaker)
-				}
-				r.providers[b.SourceID] = b.Provider.Name
-			}
+			export(b.Provider.Name, b.SourceID)
 			b.Observer = r.observerFor(b, false)
 		})
 	}
@@ -86,22 +79,28 @@ func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 // operator's check of a merchant no route has served): its fetches are
 // counted, logged and told to the tap, and its backoffs and breaker
 // changes recorded, as a handler binding's; its lookups are not counted.
+// A nil Recorder's is nil.
 func (r *Recorder) Observer() broker.Observer {
+	if r == nil {
+		return nil
+	}
 	return &Observer{r: r}
 }
 
 // exportZero exports the series of a provider that can stay unchanged
-// for long (purges, backoffs, breaker, refreshes), so that dashboards and
-// alerts see 0 rather than nothing.
+// for long (lookups and purges without the merchant label, backoffs,
+// breaker, refreshes), so that dashboards and alerts see 0 rather than
+// nothing.
 func (r *Recorder) exportZero(provider, sourceID string, breaker func(string) broker.BreakerState) {
 	m := r.metrics
 	if !m.merchantLabel {
+		r.sharedObserver(provider)
 		m.Purges.WithLabelValues(m.labels("", provider)...)
 		m.PurgesKept.WithLabelValues(m.labels("", provider)...)
 	}
 	m.BackingOff.WithLabelValues(provider)
 	m.Refreshes.WithLabelValues(provider, OutcomeOK)
-	m.SourcesHeld.WithLabelValues(provider)
+	m.SourcesBackingOff.WithLabelValues(provider)
 	state := broker.BreakerClosed
 	if breaker != nil {
 		state = breaker(sourceID)
@@ -126,39 +125,41 @@ func (r *Recorder) Released(b *bindings.Binding) {
 }
 
 // observerFor returns the observer of a binding, with the binding's
-// lookup counters. Without the merchant label, the bindings of one
-// provider share one observer (no heap object per binding). With it, a
-// new wildcard binding (hold) is counted among its merchant's holders
-// (bindings.Series.Use), which the table releases, and an explicit
-// binding's series are kept for good (bindings.Series.Pin).
-func (r *Recorder) observerFor(b *bindings.Binding, hold bool) broker.Observer {
-	if r == nil || r.metrics == nil {
+// lookup counters; a nil Recorder's is nil. Without the merchant label,
+// the bindings of one provider share one observer (no heap object per
+// binding). With it, a new wildcard binding (track) is counted among its
+// merchant's users (bindings.Series.Use), which the table releases, and
+// an explicit binding's series are kept for good (bindings.Series.Pin).
+func (r *Recorder) observerFor(b *bindings.Binding, track bool) broker.Observer {
+	if r == nil {
+		return nil
+	}
+	if r.metrics == nil {
 		return &Observer{r: r}
 	}
 	m := r.metrics
-	if m.merchantLabel {
-		switch {
-		case hold:
-			return &Observer{r: r, lookups: m.series.Use(b.Provider.Name, b.Merchant)}
-		case !b.Wild():
-			return &Observer{r: r, lookups: m.series.Pin(b.Provider.Name, b.Merchant)}
-		}
-		return &Observer{r: r, lookups: m.lookupCounters(b.Provider.Name, b.Merchant)}
+	switch {
+	case !m.merchantLabel:
+		return r.sharedObserver(b.Provider.Name)
+	case track:
+		return &Observer{r: r, lookups: m.series.Use(b.Provider.Name, b.Merchant)}
+	case !b.Wild():
+		return &Observer{r: r, lookups: m.series.Pin(b.Provider.Name, b.Merchant)}
 	}
+	return &Observer{r: r, lookups: m.lookupCounters(b.Provider.Name, b.Merchant)}
+}
+
+// sharedObserver returns the observer that the bindings of a provider
+// share without the merchant label, made with its lookup counters on
+// first use.
+func (r *Recorder) sharedObserver(provider string) *Observer {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if o := r.observers[b.Provider.Name]; o != nil {
-		return o
+	o := r.observers[provider]
+	if o == nil {
+		o = &Observer{r: r, lookups: r.metrics.lookupCounters(provider, "")}
+		r.observers[provider] = o
 	}
-	c := r.shared[b.Provider.Name]
-	if c == nil {
-		// A provider added by hand (tests): counters made once here,
-		// before the handler serves.
-		c = m.lookupCounters(b.Provider.Name, "")
-		r.shared[b.Provider.Name] = c
-	}
-	o := &Observer{r: r, lookups: c}
-	r.observers[b.Provider.Name] = o
 	return o
 }
 
@@ -170,9 +171,9 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 	}
 	switch outcome {
 	case broker.RejectionPurged:
-		r.metrics.Purged(r.providerOf(b), b.Merchant)
+		r.metrics.Purged(providerOf(b.SourceID), b.Merchant)
 	case broker.RejectionKept:
-		r.metrics.PurgeKept(r.providerOf(b), b.Merchant)
+		r.metrics.PurgeKept(providerOf(b.SourceID), b.Merchant)
 	}
 	r.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
@@ -184,19 +185,27 @@ func (r *Recorder) NonceChallenged(b *broker.Binding) {
 	if r == nil {
 		return
 	}
-	r.metrics.NonceChallenged(r.providerOf(b), ServerResource)
+	r.metrics.NonceChallenged(providerOf(b.SourceID), ServerResource)
 }
 
 // fetched counts a token API call, and a background refresh's.
 func (r *Recorder) fetched(b *broker.Binding, elapsed time.Duration, background bool, err error) {
-	provider := r.providerOf(b)
-	outcome := fetchOutcome(err)
-	r.metrics.fetched(provider, b.Merchant, outcome, elapsed)
+	m := r.metrics
+	if m == nil {
+		return
+	}
+	provider, outcome := providerOf(b.SourceID), fetchOutcome(err)
+	m.TokenRequests.WithLabelValues(m.labels(b.Merchant, provider, outcome)...).Inc()
+	m.FetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
 	if background {
-		r.metrics.refreshed(provider, outcome)
+		m.Refreshes.WithLabelValues(provider, outcome).Inc()
 	}
 	if b.Budget != nil {
-		r.metrics.budgetUsed(provider, background)
+		priority := budget.Foreground
+		if background {
+			priority = budget.Background
+		}
+		m.BudgetUsed.WithLabelValues(provider, priority.String()).Inc()
 	}
 }
 
@@ -209,7 +218,7 @@ func (r *Recorder) fetchDone(b *broker.Binding, f broker.Fetch) {
 	}
 	fields := []zap.Field{
 		zap.String("merchant", b.Merchant),
-		zap.String("provider", r.providerOf(b)),
+		zap.String("provider", providerOf(b.SourceID)),
 		zap.String("source", b.SourceID),
 		zap.String("outcome", fetchOutcome(f.Err)),
 		zap.Int("attempts", len(f.Attempts)),
@@ -229,27 +238,11 @@ func (r *Recorder) fetchDone(b *broker.Binding, f broker.Fetch) {
 		zap.Time("expiry", f.Token.Expiry))...)
 }
 
-// providerOf returns the provider name of a binding of the handler.
-func (r *Recorder) providerOf(b *broker.Binding) string {
-	if p, ok := r.providers[b.SourceID]; ok {
-		return p
-	}
-	if r.table != nil {
-		if hb := r.table.Peek(b.Merchant); hb != nil {
-			return hb.Provider.Name
-		}
-	}
-	return r.sourceProvider(b.SourceID)
-}
-
-// sourceProvider returns the provider name of a source id: the known
-// one, or the id's part before "#".
-func (r *Recorder) sourceProvider(sourceID string) string {
-	if p, ok := r.providers[sourceID]; ok {
-		return p
-	}
-	p, _, _ := strings.Cut(sourceID, "#")
-	return p
+// providerOf returns the name of the provider of a source: its ID's
+// part before "#" (config.Provider.ID).
+func providerOf(sourceID string) string {
+	name, _, _ := strings.Cut(sourceID, "#")
+	return name
 }
 
 // Observer is the broker.Observer of a handler's bindings: it counts
@@ -257,7 +250,7 @@ func (r *Recorder) sourceProvider(sourceID string) string {
 // handler's Recorder (fetch logs, fetch metrics, breaker and backoff
 // gauges).
 type Observer struct {
-	r       *Recorder
+	r       *Recorder       // never nil
 	lookups *LookupCounters // nil: lookups are not counted
 }
 
@@ -271,28 +264,24 @@ func (o *Observer) Lookup(_ *broker.Binding, res broker.Result) {
 // Fetched counts a token API call (token_requests_total, the duration
 // histogram) and tells the tap; FetchDone logs the fetch it belongs to.
 func (o *Observer) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, elapsed time.Duration, background bool, err error) {
-	if o.r != nil {
-		o.r.fetched(b, elapsed, background, err)
-		if o.r.tap != nil {
-			o.r.tap.Fetched(o.r.providerOf(b), b, err)
-		}
+	o.r.fetched(b, elapsed, background, err)
+	if o.r.tap != nil {
+		o.r.tap.Fetched(providerOf(b.SourceID), b, err)
 	}
 }
 
 // FetchDone logs a fetch once, with its attempts: "token fetched" or
 // "token fetch failed".
 func (o *Observer) FetchDone(_ context.Context, b *broker.Binding, f broker.Fetch) {
-	if o.r != nil {
-		o.r.fetchDone(b, f)
-	}
+	o.r.fetchDone(b, f)
 }
 
 // BackingOff counts the keys in failure memory, by provider.
 func (o *Observer) BackingOff(b *broker.Binding, on bool) {
-	if o.r == nil || o.r.metrics == nil {
+	if o.r.metrics == nil {
 		return
 	}
-	g := o.r.metrics.BackingOff.WithLabelValues(o.r.providerOf(b))
+	g := o.r.metrics.BackingOff.WithLabelValues(providerOf(b.SourceID))
 	if on {
 		g.Inc()
 	} else {
@@ -300,19 +289,16 @@ func (o *Observer) BackingOff(b *broker.Binding, on bool) {
 	}
 }
 
-// SourceBackingOff counts the provider configurations held after a 429
+// SourceBackingOff counts the provider configurations backing off after a 429
 // with Retry-After or a bad credential, and tells the tap.
 func (o *Observer) SourceBackingOff(sourceID string, on bool) {
-	if o.r == nil {
-		return
-	}
 	if o.r.tap != nil {
-		o.r.tap.SourceBackingOff(o.r.sourceProvider(sourceID), sourceID, on)
+		o.r.tap.SourceBackingOff(providerOf(sourceID), sourceID, on)
 	}
 	if o.r.metrics == nil {
 		return
 	}
-	g := o.r.metrics.SourcesHeld.WithLabelValues(o.r.sourceProvider(sourceID))
+	g := o.r.metrics.SourcesBackingOff.WithLabelValues(providerOf(sourceID))
 	if on {
 		g.Inc()
 	} else {
@@ -323,30 +309,24 @@ func (o *Observer) SourceBackingOff(sourceID string, on bool) {
 // BreakerChanged sets the breaker gauge of the source's provider, and
 // tells the tap.
 func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
-	if o.r == nil {
-		return
-	}
 	if o.r.tap != nil {
-		o.r.tap.BreakerChanged(o.r.sourceProvider(sourceID), sourceID, state)
+		o.r.tap.BreakerChanged(providerOf(sourceID), sourceID, state)
 	}
-	o.r.metrics.SetBreakerState(o.r.sourceProvider(sourceID), int(state))
+	if o.r.metrics != nil {
+		o.r.metrics.Breaker.WithLabelValues(providerOf(sourceID)).Set(float64(state))
+	}
 }
 
 // RefreshPlanned counts the planned refresh-ahead of a token the broker
 // minted.
 func (o *Observer) RefreshPlanned(b *broker.Binding, _ time.Time) {
-	if o.r != nil {
-		o.r.metrics.planned(o.r.providerOf(b), PlannedAhead)
-	}
+	o.r.metrics.planned(providerOf(b.SourceID), PlannedAhead)
 }
 
 // RefreshBehind counts a planned refresh that cannot get budget before
 // its token's end, and tells the tap.
 func (o *Observer) RefreshBehind(b *broker.Binding, expiry time.Time) {
-	if o.r == nil {
-		return
-	}
-	provider := o.r.providerOf(b)
+	provider := providerOf(b.SourceID)
 	o.r.metrics.planned(provider, PlannedBehind)
 	if pt, ok := o.r.tap.(PlanTap); ok {
 		pt.RefreshBehind(provider, b, expiry)
