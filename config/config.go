@@ -310,12 +310,6 @@ type Options struct {
 	// consent table (the Caddy module provides one on Caddy's storage).
 	// Default: in memory.
 	ConsentStore oauth.PendingStore
-	// StoreNamespace names this registry in the keys of RefreshStore, so
-	// that two registries with a provider of the same name keep their
-	// refresh tokens apart (see oauth.StoreKey). Not secret. Default the
-	// registry's path as given (the same on every host of a fleet that
-	// uses one configuration).
-	StoreNamespace string
 	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
 	LookupEnv func(string) (string, bool)
 	// OnDPoPNonce, when set, is called with the provider's name for each

@@ -123,7 +123,6 @@ func ReadSources(paths []string) ([]Source, error) {
 type parser struct {
 	file   string
 	dir    string // absolute folder of the file
-	env    func(string) (string, bool)
 	opts   Options
 	data   []byte // the text parsed, located when a line is needed
 	offset int    // the lines of the file before data
@@ -131,6 +130,12 @@ type parser struct {
 	ents   locator // the entries only: a quarter of the cost of loc
 	errs   []error
 	inputs inputs // the variables and files read (inputs.go)
+
+	// registry is the path of the registry (Registry.Path), which names
+	// it in the keys of the refresh store (oauth.StoreKey): two
+	// registries with a provider of the same name keep their refresh
+	// tokens apart. Merge's only.
+	registry string
 }
 
 // ParseFile parses one registry file on its own. lookupEnv resolves the
@@ -155,7 +160,7 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 		dir = filepath.Dir(src.Path)
 	}
 	f := &File{Path: src.Path, dir: dir}
-	p := &parser{file: src.Path, dir: dir, env: lookupEnv, data: src.Data, offset: offset}
+	p := &parser{file: src.Path, dir: dir, opts: Options{LookupEnv: lookupEnv}, data: src.Data, offset: offset}
 	defer func() { f.errs, f.inputs = p.errs, p.inputs }()
 	var doc document
 	md, err := toml.Decode(string(src.Data), &doc)
@@ -225,14 +230,11 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 	if opts.LookupEnv == nil {
 		opts.LookupEnv = os.LookupEnv
 	}
-	if opts.StoreNamespace == "" {
-		opts.StoreNamespace = name
-	}
 	ps := make([]*parser, len(files))
 	total, merchantsBad := 0, false
 	for i, f := range files {
-		ps[i] = &parser{file: f.Path, dir: f.dir, env: opts.LookupEnv, opts: opts, data: srcs[i].Data,
-			errs: slices.Clone(f.errs)}
+		ps[i] = &parser{file: f.Path, dir: f.dir, opts: opts, data: srcs[i].Data, errs: slices.Clone(f.errs),
+			registry: name}
 		total += len(f.merchants)
 		merchantsBad = merchantsBad || f.merchantsType != "" && f.merchantsType != "Hash"
 	}
