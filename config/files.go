@@ -41,9 +41,6 @@ type Source struct {
 type File struct {
 	// Path is the file's path.
 	Path string
-	// Merchants is how many [merchants.ID] tables the file holds,
-	// including the wildcard entry and entries with problems.
-	Merchants int
 
 	dir           string // absolute folder of the file
 	errs          []error
@@ -198,7 +195,6 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 		f.providers = append(f.providers, p.rawProvider(&md, name, doc.Providers[name]))
 	}
 	ids := sortedKeys(doc.Merchants)
-	f.Merchants = len(ids)
 	f.merchants = make([]Merchant, 0, len(ids))
 	for _, id := range ids {
 		if id == WildcardID {
@@ -267,10 +263,8 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 	}
 
 	var wildcardAt *at
-	entries := 0
 	for i, f := range files {
 		p := ps[i]
-		entries += f.Merchants
 		if w := f.wildcard; w != nil {
 			if wildcardAt != nil {
 				dup(i, "merchant", WildcardID, w.Line, *wildcardAt)
@@ -294,7 +288,7 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 		reg.inputs.add(f.inputs)
 		reg.inputs.add(ps[i].inputs)
 	}
-	if entries == 0 && !merchantsBad {
+	if len(reg.Merchants) == 0 && reg.Wildcard == nil && !merchantsBad {
 		e := &Error{File: name, Msg: "no merchants: define at least one [merchants.ID] table"}
 		if len(files) == 1 {
 			e.Line = files[0].merchantsLine
