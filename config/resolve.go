@@ -34,7 +34,7 @@ type entry struct {
 	section string // "providers" or "merchants"
 	name    string
 	bad     bool
-	secrets hash.Hash // HMAC of the resolved secret values (secretversion.go)
+	secrets *fingerprint // HMAC of the resolved secret values (secretversion.go)
 }
 
 func (p *parser) entry(section, name string) *entry {
@@ -168,10 +168,12 @@ func readFile(path string, max int64) ([]byte, error) {
 	return b, err
 }
 
-// fingerprint hashes the non-secret part of a provider's resolved
-// configuration into its ID: never a secret value, nor anything derived
-// from one (a private key contributes its public key, a TLS client
-// certificate its bytes, which are public; the client key nothing).
+// fingerprint hashes named values: the non-secret part of a provider's
+// resolved configuration into its ID (never a secret value, nor anything
+// derived from one: a private key contributes its public key, a TLS
+// client certificate its bytes, which are public; the client key
+// nothing), and its secret values into its SecretVersion (under an HMAC
+// key, secretversion.go).
 type fingerprint struct{ h hash.Hash }
 
 // add feeds one named non-secret value, length-prefixed so that values
