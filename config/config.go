@@ -31,7 +31,7 @@ type Registry struct {
 	// id, nil when the file has none.
 	Wildcard *Wildcard
 
-	profiles profiles // shared by the bindings (bindingFor)
+	profiles profiles // shared by the bindings (Binding)
 	inputs   inputs   // what its entries read (Inputs)
 }
 
@@ -192,11 +192,32 @@ func (r *Registry) CheckRouteScopes(scopes []string) error {
 // unknown, a scope is malformed, or the merchant ends up without scopes
 // where its provider type needs some.
 func (r *Registry) Binding(merchantID string, scopes []string) (*broker.Binding, error) {
-	m, _, ok := r.Merchant(merchantID)
+	m, wild, ok := r.Merchant(merchantID)
 	if !ok {
 		return nil, fmt.Errorf("unknown merchant %q", merchantID)
 	}
-	return r.bindingFor(m, scopes)
+	p := r.Providers[m.Provider]
+	sc := m.Scopes
+	route := false
+	if s := broker.NormaliseScopes(scopes); len(s) > 0 {
+		for _, v := range s {
+			if !validScope(v) {
+				return nil, fmt.Errorf("merchant %q: scope %q is not a valid scope token", m.ID, v)
+			}
+		}
+		sc, route = s, true
+	}
+	if len(sc) == 0 && providerTypes[p.Type].needsScopes {
+		return nil, fmt.Errorf("merchant %q: provider %q (type %s) needs at least one scope: set the merchant's scopes or the route's", m.ID, p.Name, p.Type)
+	}
+	if wild && !r.Wildcard.sharesProfile(route) {
+		// A wildcard merchant whose audience or scopes hold its own id:
+		// a profile of its own, which goes when the merchant is evicted.
+		pr := broker.NewProfile(p.ID, p.Source, sc, m.Audience, m.Lifetime)
+		pr.Budget = p.Budget
+		return broker.NewBindingFor(pr, m.ID, m.Organisation), nil
+	}
+	return broker.NewBindingFor(r.profile(p, sc, m.Audience, m.Lifetime), m.ID, m.Organisation), nil
 }
 
 // ValidMerchantID reports whether s can be a merchant id: 1 to 128 ASCII
