@@ -201,7 +201,8 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 			f.wildcard, f.wildcardFlags = p.wildcard(&md, doc.Merchants[id])
 			continue
 		}
-		_, m, flags := p.merchant(&md, id, doc.Merchants[id], &merchantTOML{})
+		raw := &merchantTOML{}
+		_, m, flags := p.merchant(&md, id, doc.Merchants[id], raw, raw)
 		if flags != 0 {
 			if f.flags == nil {
 				f.flags = map[int]uint8{}

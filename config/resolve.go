@@ -356,19 +356,19 @@ const (
 	merchantOrgFailed             // the organisation's references could not be expanded
 )
 
-// merchant decodes a [merchants.ID] table into raw (a *merchantTOML, or a
-// *wildcardTOML for the wildcard entry) and resolves what it says by
-// itself: the checks against its provider, which may be defined in
-// another file, are checkMerchant's.
-func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, raw interface{ merchantTable() *merchantTOML }) (*entry, Merchant, uint8) {
+// merchant decodes a [merchants.ID] table into table (raw, or for the
+// wildcard entry the wildcardTOML that embeds raw) and resolves what raw
+// says by itself: the checks against its provider, which may be defined
+// in another file, are checkMerchant's.
+func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, table any, raw *merchantTOML) (*entry, Merchant, uint8) {
 	e := p.entry("merchants", id)
 	if id != WildcardID && !ValidMerchantID(id) {
 		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
-	if !e.decode(md, prim, raw) {
+	if !e.decode(md, prim, table) {
 		return e, Merchant{ID: id, Terms: new(Terms)}, merchantBad | merchantUndecoded
 	}
-	m, flags := p.resolveMerchant(e, id, raw.merchantTable())
+	m, flags := p.resolveMerchant(e, id, raw)
 	return e, m, flags
 }
 

@@ -193,10 +193,6 @@ type merchantTOML struct {
 	DisplayName string `toml:"display_name"`
 }
 
-// merchantTable returns the merchant keys of a table: m, or the part of a
-// wildcardTOML that embeds it.
-func (m *merchantTOML) merchantTable() *merchantTOML { return m }
-
 // providerType is what the registry knows about one provider type. Adding
 // a type is adding one entry to providerTypes (and its keys to
 // providerTOML).

@@ -87,7 +87,7 @@ var wildcardKeys = tomlKeys(wildcardTOML{})
 // merchant); checkWildcard checks it against its provider.
 func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive) (*Wildcard, uint8) {
 	var raw wildcardTOML
-	e, m, flags := p.merchant(md, WildcardID, prim, &raw)
+	e, m, flags := p.merchant(md, WildcardID, prim, &raw, &raw.merchantTOML)
 	w := &Wildcard{Merchant: m, MaxActive: DefaultMaxActive, MaxOrganisations: nuapay.DefaultMaxOrganisations}
 	if flags != 0 {
 		return w, flags
