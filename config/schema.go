@@ -254,7 +254,7 @@ var secretKeys = []string{"api_key", "client_secret"}
 
 // Known keys, from the toml tags of the schema structs.
 var (
-	topKeys      = []string{"providers", "merchants"}
+	topKeys      = tomlKeys(document{})
 	providerKeys = tomlKeys(providerTOML{})
 	tlsKeys      = tomlKeys(tlsTOML{})
 	merchantKeys = tomlKeys(merchantTOML{})
