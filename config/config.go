@@ -3,7 +3,6 @@ package config
 import (
 	"fmt"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
@@ -367,13 +366,4 @@ func LoadWith(path string, opts Options) (*Registry, error) {
 		files[i] = ParseFile(src, opts.LookupEnv)
 	}
 	return Merge(path, srcs, files, opts)
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }

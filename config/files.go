@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
@@ -191,10 +192,10 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 	if f.merchantsType != "" {
 		f.merchantsLine = p.entryLine("merchants")
 	}
-	for _, name := range sortedKeys(doc.Providers) {
+	for _, name := range slices.Sorted(maps.Keys(doc.Providers)) {
 		f.providers = append(f.providers, p.rawProvider(&md, name, doc.Providers[name]))
 	}
-	ids := sortedKeys(doc.Merchants)
+	ids := slices.Sorted(maps.Keys(doc.Merchants))
 	f.merchants = make([]Merchant, 0, len(ids))
 	for _, id := range ids {
 		if id == WildcardID {

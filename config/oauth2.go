@@ -2,6 +2,7 @@ package config
 
 import (
 	"crypto/x509"
+	"maps"
 	"net/http"
 	"slices"
 	"strings"
@@ -124,7 +125,7 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	}
 	if len(raw.Params) > 0 {
 		cfg.Params = map[string]string{}
-		for _, k := range sortedKeys(raw.Params) {
+		for _, k := range slices.Sorted(maps.Keys(raw.Params)) {
 			field := "params." + k
 			switch {
 			case oauth.ReservedParam(k):

@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -450,7 +452,7 @@ func definedNames(defined map[string]string) string {
 	if len(defined) == 0 {
 		return "none: add a [providers.NAME] table"
 	}
-	return strings.Join(sortedKeys(defined), ", ")
+	return strings.Join(slices.Sorted(maps.Keys(defined)), ", ")
 }
 
 // typeName names a TOML type (MetaData.Type) in messages.

@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"maps"
 	"net/http"
 	"reflect"
 	"slices"
@@ -247,7 +248,7 @@ var providerTypes = map[string]providerType{
 }
 
 // typeNames lists the known provider types for messages.
-func typeNames() string { return strings.Join(sortedKeys(providerTypes), ", ") }
+func typeNames() string { return strings.Join(slices.Sorted(maps.Keys(providerTypes)), ", ") }
 
 // secretKeys are the keys whose values are secrets, in any entry.
 var secretKeys = []string{"api_key", "client_secret"}
