@@ -19,7 +19,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"slices"
 	"sync"
 
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -42,16 +41,17 @@ func New() *Cache {
 // is replaced when an input it read changed; a registry handed out before
 // stays as it was.
 type registry struct {
-	refs     int // under Cache.mu
-	fileKeys []string
+	refs  int     // under Cache.mu
+	files []*file // fixed when the registry is added
 
-	mu    sync.Mutex
-	reg   *config.Registry // nil until the first current
-	files []*file
+	mu  sync.Mutex
+	reg *config.Registry // nil until the first current
 }
 
 // file is a registry file in the cache, parsed on first use.
 type file struct {
+	key string // fileKey
+
 	mu sync.Mutex
 	f  *config.File
 }
@@ -94,7 +94,7 @@ func (c *Cache) use(key string, fileKeys []string) *registry {
 	defer c.mu.Unlock()
 	r := c.regs[key]
 	if r == nil {
-		r = &registry{fileKeys: fileKeys, files: make([]*file, len(fileKeys))}
+		r = &registry{files: make([]*file, len(fileKeys))}
 		for i, fk := range fileKeys {
 			r.files[i] = c.cachedFile(fk)
 		}
@@ -108,11 +108,13 @@ func (c *Cache) use(key string, fileKeys []string) *registry {
 // a new one; under c.mu.
 func (c *Cache) cachedFile(fk string) *file {
 	for _, r := range c.regs {
-		if i := slices.Index(r.fileKeys, fk); i >= 0 {
-			return r.files[i]
+		for _, f := range r.files {
+			if f.key == fk {
+				return f
+			}
 		}
 	}
-	return &file{}
+	return &file{key: fk}
 }
 
 // Release ends one use of the registry of key (from Load); the registry
