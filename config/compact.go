@@ -56,7 +56,7 @@ func (c *compactor) compact(merchants []Merchant) {
 		k := m.Terms.key()
 		t := c.terms[k]
 		if t == nil {
-			t = &Terms{Provider: c.string(m.Provider), Scopes: c.scopes(m.Scopes), Lifetime: m.Lifetime, Audience: c.string(m.Audience), DisplayName: m.DisplayName}
+			t = &Terms{Provider: c.string(m.Provider), Scopes: c.scopes(m.Scopes), Lifetime: m.Lifetime, Audience: c.string(m.Audience), DisplayName: strings.Clone(m.DisplayName)}
 			c.terms[k] = t
 		}
 		m.Terms = t
