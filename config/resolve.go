@@ -178,7 +178,7 @@ func readFile(path string, max int64) ([]byte, error) {
 // key, secretversion.go).
 type fingerprint struct{ h hash.Hash }
 
-// add feeds one named non-secret value, length-prefixed so that values
+// add feeds one named value, length-prefixed so that values
 // cannot run into each other.
 func (f *fingerprint) add(name string, value any) {
 	s := fmt.Sprint(value)
