@@ -129,9 +129,9 @@ func (p *parser) checkWildcard(w *Wildcard, flags uint8, defined map[string]stri
 	}
 }
 
-// For returns the wildcard entry resolved for a merchant id, which must be
-// valid (ValidMerchantID): {merchant} replaced by the id.
-func (w *Wildcard) For(id string) *Merchant {
+// resolve returns the merchant the wildcard entry makes of a merchant id,
+// which must be valid (ValidMerchantID): {merchant} replaced by the id.
+func (w *Wildcard) resolve(id string) *Merchant {
 	m := w.Merchant
 	m.ID = id
 	m.Organisation = strings.ReplaceAll(m.Organisation, MerchantPlaceholder, id)
@@ -161,7 +161,7 @@ func (r *Registry) Merchant(id string) (m *Merchant, wildcard bool, ok bool) {
 	if r.Wildcard == nil || !ValidMerchantID(id) {
 		return nil, false, false
 	}
-	return r.Wildcard.For(id), true, true
+	return r.Wildcard.resolve(id), true, true
 }
 
 // sharesProfile reports whether the binding of a merchant resolved from
