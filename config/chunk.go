@@ -101,7 +101,6 @@ func join(parts []*File) *File {
 	}
 	out.merchants = make([]Merchant, 0, total)
 	for _, f := range parts {
-		out.Merchants += f.Merchants
 		out.inputs.add(f.inputs)
 		if out.merchantsType == "" {
 			out.merchantsType, out.merchantsLine = f.merchantsType, f.merchantsLine

@@ -24,7 +24,7 @@ type compactor struct {
 // compact gives merchants strings of their own: their ids and
 // organisations in one block; their Terms (provider, scopes, lifetime,
 // audience, display name) shared by the merchants of the file with equal
-// ones (a Terms is never modified: Wildcard.For copies it).
+// ones (a Terms is never modified: Wildcard.resolve copies it).
 func (c *compactor) compact(merchants []Merchant) {
 	n := 0
 	for i := range merchants {
@@ -56,7 +56,7 @@ func (c *compactor) compact(merchants []Merchant) {
 		k := m.Terms.key()
 		t := c.terms[k]
 		if t == nil {
-			t = &Terms{Provider: c.string(m.Provider), Scopes: c.scopes(m.Scopes), Lifetime: m.Lifetime, Audience: c.string(m.Audience), DisplayName: m.DisplayName}
+			t = &Terms{Provider: c.string(m.Provider), Scopes: c.scopes(m.Scopes), Lifetime: m.Lifetime, Audience: c.string(m.Audience), DisplayName: strings.Clone(m.DisplayName)}
 			c.terms[k] = t
 		}
 		m.Terms = t

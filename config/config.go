@@ -3,7 +3,6 @@ package config
 import (
 	"fmt"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
@@ -31,7 +30,7 @@ type Registry struct {
 	// id, nil when the file has none.
 	Wildcard *Wildcard
 
-	profiles profiles // shared by the bindings (bindingFor)
+	profiles profiles // shared by the bindings (Binding)
 	inputs   inputs   // what its entries read (Inputs)
 }
 
@@ -192,11 +191,32 @@ func (r *Registry) CheckRouteScopes(scopes []string) error {
 // unknown, a scope is malformed, or the merchant ends up without scopes
 // where its provider type needs some.
 func (r *Registry) Binding(merchantID string, scopes []string) (*broker.Binding, error) {
-	m, _, ok := r.Merchant(merchantID)
+	m, wild, ok := r.Merchant(merchantID)
 	if !ok {
 		return nil, fmt.Errorf("unknown merchant %q", merchantID)
 	}
-	return r.bindingFor(m, scopes)
+	p := r.Providers[m.Provider]
+	sc := m.Scopes
+	route := false
+	if s := broker.NormaliseScopes(scopes); len(s) > 0 {
+		for _, v := range s {
+			if !validScope(v) {
+				return nil, fmt.Errorf("merchant %q: scope %q is not a valid scope token", m.ID, v)
+			}
+		}
+		sc, route = s, true
+	}
+	if len(sc) == 0 && providerTypes[p.Type].needsScopes {
+		return nil, fmt.Errorf("merchant %q: provider %q (type %s) needs at least one scope: set the merchant's scopes or the route's", m.ID, p.Name, p.Type)
+	}
+	if wild && !r.Wildcard.sharesProfile(route) {
+		// A wildcard merchant whose audience or scopes hold its own id:
+		// a profile of its own, which goes when the merchant is evicted.
+		pr := broker.NewProfile(p.ID, p.Source, sc, m.Audience, m.Lifetime)
+		pr.Budget = p.Budget
+		return broker.NewBindingFor(pr, m.ID, m.Organisation), nil
+	}
+	return broker.NewBindingFor(r.profile(p, sc, m.Audience, m.Lifetime), m.ID, m.Organisation), nil
 }
 
 // ValidMerchantID reports whether s can be a merchant id: 1 to 128 ASCII
@@ -310,12 +330,6 @@ type Options struct {
 	// consent table (the Caddy module provides one on Caddy's storage).
 	// Default: in memory.
 	ConsentStore oauth.PendingStore
-	// StoreNamespace names this registry in the keys of RefreshStore, so
-	// that two registries with a provider of the same name keep their
-	// refresh tokens apart (see oauth.StoreKey). Not secret. Default the
-	// registry's path as given (the same on every host of a fleet that
-	// uses one configuration).
-	StoreNamespace string
 	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
 	LookupEnv func(string) (string, bool)
 	// OnDPoPNonce, when set, is called with the provider's name for each
@@ -352,13 +366,4 @@ func LoadWith(path string, opts Options) (*Registry, error) {
 		files[i] = ParseFile(src, opts.LookupEnv)
 	}
 	return Merge(path, srcs, files, opts)
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
@@ -41,9 +42,6 @@ type Source struct {
 type File struct {
 	// Path is the file's path.
 	Path string
-	// Merchants is how many [merchants.ID] tables the file holds,
-	// including the wildcard entry and entries with problems.
-	Merchants int
 
 	dir           string // absolute folder of the file
 	errs          []error
@@ -123,7 +121,6 @@ func ReadSources(paths []string) ([]Source, error) {
 type parser struct {
 	file   string
 	dir    string // absolute folder of the file
-	env    func(string) (string, bool)
 	opts   Options
 	data   []byte // the text parsed, located when a line is needed
 	offset int    // the lines of the file before data
@@ -131,6 +128,12 @@ type parser struct {
 	ents   locator // the entries only: a quarter of the cost of loc
 	errs   []error
 	inputs inputs // the variables and files read (inputs.go)
+
+	// registry is the path of the registry (Registry.Path), which names
+	// it in the keys of the refresh store (oauth.StoreKey): two
+	// registries with a provider of the same name keep their refresh
+	// tokens apart. Merge's only.
+	registry string
 }
 
 // ParseFile parses one registry file on its own. lookupEnv resolves the
@@ -155,7 +158,7 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 		dir = filepath.Dir(src.Path)
 	}
 	f := &File{Path: src.Path, dir: dir}
-	p := &parser{file: src.Path, dir: dir, env: lookupEnv, data: src.Data, offset: offset}
+	p := &parser{file: src.Path, dir: dir, opts: Options{LookupEnv: lookupEnv}, data: src.Data, offset: offset}
 	defer func() { f.errs, f.inputs = p.errs, p.inputs }()
 	var doc document
 	md, err := toml.Decode(string(src.Data), &doc)
@@ -189,18 +192,18 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 	if f.merchantsType != "" {
 		f.merchantsLine = p.entryLine("merchants")
 	}
-	for _, name := range sortedKeys(doc.Providers) {
+	for _, name := range slices.Sorted(maps.Keys(doc.Providers)) {
 		f.providers = append(f.providers, p.rawProvider(&md, name, doc.Providers[name]))
 	}
-	ids := sortedKeys(doc.Merchants)
-	f.Merchants = len(ids)
+	ids := slices.Sorted(maps.Keys(doc.Merchants))
 	f.merchants = make([]Merchant, 0, len(ids))
 	for _, id := range ids {
 		if id == WildcardID {
 			f.wildcard, f.wildcardFlags = p.wildcard(&md, doc.Merchants[id])
 			continue
 		}
-		_, m, flags := p.merchant(&md, id, doc.Merchants[id], &merchantTOML{})
+		raw := &merchantTOML{}
+		_, m, flags := p.merchant(&md, id, doc.Merchants[id], raw, raw)
 		if flags != 0 {
 			if f.flags == nil {
 				f.flags = map[int]uint8{}
@@ -225,14 +228,11 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 	if opts.LookupEnv == nil {
 		opts.LookupEnv = os.LookupEnv
 	}
-	if opts.StoreNamespace == "" {
-		opts.StoreNamespace = name
-	}
 	ps := make([]*parser, len(files))
 	total, merchantsBad := 0, false
 	for i, f := range files {
-		ps[i] = &parser{file: f.Path, dir: f.dir, env: opts.LookupEnv, opts: opts, data: srcs[i].Data,
-			errs: slices.Clone(f.errs)}
+		ps[i] = &parser{file: f.Path, dir: f.dir, opts: opts, data: srcs[i].Data, errs: slices.Clone(f.errs),
+			registry: name}
 		total += len(f.merchants)
 		merchantsBad = merchantsBad || f.merchantsType != "" && f.merchantsType != "Hash"
 	}
@@ -265,10 +265,8 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 	}
 
 	var wildcardAt *at
-	entries := 0
 	for i, f := range files {
 		p := ps[i]
-		entries += f.Merchants
 		if w := f.wildcard; w != nil {
 			if wildcardAt != nil {
 				dup(i, "merchant", WildcardID, w.Line, *wildcardAt)
@@ -292,7 +290,7 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 		reg.inputs.add(f.inputs)
 		reg.inputs.add(ps[i].inputs)
 	}
-	if entries == 0 && !merchantsBad {
+	if len(reg.Merchants) == 0 && reg.Wildcard == nil && !merchantsBad {
 		e := &Error{File: name, Msg: "no merchants: define at least one [merchants.ID] table"}
 		if len(files) == 1 {
 			e.Line = files[0].merchantsLine

@@ -80,7 +80,7 @@ func inputSum(value []byte, ok bool) string {
 
 // lookupEnv reads an environment variable and records it.
 func (p *parser) lookupEnv(name string) (string, bool) {
-	v, ok := p.env(name)
+	v, ok := p.opts.LookupEnv(name)
 	p.inputs.read(InputEnv, name, []byte(v), ok)
 	return v, ok
 }

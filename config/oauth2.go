@@ -2,6 +2,7 @@ package config
 
 import (
 	"crypto/x509"
+	"maps"
 	"net/http"
 	"slices"
 	"strings"
@@ -29,7 +30,7 @@ const maxKeyFile = 64 << 10
 // buildOAuth2 returns an OAuth 2.0 source: client credentials, or refresh
 // token with the store of the parser's Options.
 func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, fp *fingerprint) broker.Source {
-	cfg := oauth.Config{Name: p.Name, StoreNamespace: e.p.opts.StoreNamespace, Client: client}
+	cfg := oauth.Config{Name: p.Name, StoreNamespace: e.p.registry, Client: client}
 
 	p.Grant = raw.Grant
 	switch p.Grant {
@@ -124,7 +125,7 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	}
 	if len(raw.Params) > 0 {
 		cfg.Params = map[string]string{}
-		for _, k := range sortedKeys(raw.Params) {
+		for _, k := range slices.Sorted(maps.Keys(raw.Params)) {
 			field := "params." + k
 			switch {
 			case oauth.ReservedParam(k):

@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -34,7 +36,7 @@ type entry struct {
 	section string // "providers" or "merchants"
 	name    string
 	bad     bool
-	secrets hash.Hash // HMAC of the resolved secret values (secretversion.go)
+	secrets *fingerprint // HMAC of the resolved secret values (secretversion.go)
 }
 
 func (p *parser) entry(section, name string) *entry {
@@ -168,13 +170,15 @@ func readFile(path string, max int64) ([]byte, error) {
 	return b, err
 }
 
-// fingerprint hashes the non-secret part of a provider's resolved
-// configuration into its ID: never a secret value, nor anything derived
-// from one (a private key contributes its public key, a TLS client
-// certificate its bytes, which are public; the client key nothing).
+// fingerprint hashes named values: the non-secret part of a provider's
+// resolved configuration into its ID (never a secret value, nor anything
+// derived from one: a private key contributes its public key, a TLS
+// client certificate its bytes, which are public; the client key
+// nothing), and its secret values into its SecretVersion (under an HMAC
+// key, secretversion.go).
 type fingerprint struct{ h hash.Hash }
 
-// add feeds one named non-secret value, length-prefixed so that values
+// add feeds one named value, length-prefixed so that values
 // cannot run into each other.
 func (f *fingerprint) add(name string, value any) {
 	s := fmt.Sprint(value)
@@ -354,19 +358,19 @@ const (
 	merchantOrgFailed             // the organisation's references could not be expanded
 )
 
-// merchant decodes a [merchants.ID] table into raw (a *merchantTOML, or a
-// *wildcardTOML for the wildcard entry) and resolves what it says by
-// itself: the checks against its provider, which may be defined in
-// another file, are checkMerchant's.
-func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, raw interface{ merchantTable() *merchantTOML }) (*entry, Merchant, uint8) {
+// merchant decodes a [merchants.ID] table into table (raw, or for the
+// wildcard entry the wildcardTOML that embeds raw) and resolves what raw
+// says by itself: the checks against its provider, which may be defined
+// in another file, are checkMerchant's.
+func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, table any, raw *merchantTOML) (*entry, Merchant, uint8) {
 	e := p.entry("merchants", id)
 	if id != WildcardID && !ValidMerchantID(id) {
 		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
-	if !e.decode(md, prim, raw) {
+	if !e.decode(md, prim, table) {
 		return e, Merchant{ID: id, Terms: new(Terms)}, merchantBad | merchantUndecoded
 	}
-	m, flags := p.resolveMerchant(e, id, raw.merchantTable())
+	m, flags := p.resolveMerchant(e, id, raw)
 	return e, m, flags
 }
 
@@ -448,7 +452,7 @@ func definedNames(defined map[string]string) string {
 	if len(defined) == 0 {
 		return "none: add a [providers.NAME] table"
 	}
-	return strings.Join(sortedKeys(defined), ", ")
+	return strings.Join(slices.Sorted(maps.Keys(defined)), ", ")
 }
 
 // typeName names a TOML type (MetaData.Type) in messages.

@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"maps"
 	"net/http"
 	"reflect"
 	"slices"
@@ -24,10 +25,17 @@ type document struct {
 	Merchants map[string]toml.Primitive `toml:"merchants"`
 }
 
-// providerTOML is one [providers.NAME] table. Which keys a provider may
-// set depends on its type (providerType.keys); type, timeout and tls are
-// common to all.
+// providerTOML is one [providers.NAME] table: the keys common to all
+// provider types, and the keys of each type (providerType.keys), which a
+// provider of another type may not set.
 type providerTOML struct {
+	commonProviderTOML
+	nuapayTOML
+	oauth2TOML
+}
+
+// commonProviderTOML are the keys every provider type takes.
+type commonProviderTOML struct {
 	// Type is the kind of token API: "nuapay" or "oauth2". Required.
 	Type string `toml:"type"`
 	// Timeout bounds each token-API call. Default 10s, at most 5m.
@@ -47,7 +55,10 @@ type providerTOML struct {
 	// after a quiet spell; only with rate_limit. Default one second's
 	// worth of rate_limit (at least 1), at most 100000.
 	RateBurst *int `toml:"rate_burst"`
+}
 
+// nuapayTOML are the keys of nuapay providers.
+type nuapayTOML struct {
 	// BaseURL (nuapay) is the token API root, an http(s) URL without
 	// query, fragment or credentials, e.g. "https://sandbox.nuapay.com".
 	// Required. {env.NAME} references are expanded.
@@ -61,7 +72,10 @@ type providerTOML struct {
 	// OrganisationsPath (nuapay) is the path of Nuapay's organisations
 	// list, default "/organisations". {env.NAME} references are expanded.
 	OrganisationsPath string `toml:"organisations_path"`
+}
 
+// oauth2TOML are the keys of oauth2 providers.
+type oauth2TOML struct {
 	// Grant (oauth2) is the grant used: "client_credentials" (default) or
 	// "refresh_token" (merchants who consented through the
 	// authorization-code flow; their refresh tokens live in the refresh
@@ -193,16 +207,12 @@ type merchantTOML struct {
 	DisplayName string `toml:"display_name"`
 }
 
-// merchantTable returns the merchant keys of a table: m, or the part of a
-// wildcardTOML that embeds it.
-func (m *merchantTOML) merchantTable() *merchantTOML { return m }
-
 // providerType is what the registry knows about one provider type. Adding
-// a type is adding one entry to providerTypes (and its keys to
-// providerTOML).
+// a type is adding one entry to providerTypes and a struct of its keys
+// embedded in providerTOML.
 type providerType struct {
 	// keys are the provider keys of this type, besides the common ones
-	// (commonProviderKeys).
+	// (commonProviderKeys): the toml tags of its struct in providerTOML.
 	keys []string
 	// needsScopes: every merchant must end up with at least one scope.
 	needsScopes bool
@@ -217,12 +227,12 @@ type providerType struct {
 }
 
 // commonProviderKeys are the keys every provider type takes.
-var commonProviderKeys = []string{"type", "timeout", "tls", "rate_limit", "rate_burst"}
+var commonProviderKeys = tomlKeys(commonProviderTOML{})
 
 // providerTypes are the known provider types, by the name used in "type".
 var providerTypes = map[string]providerType{
 	"nuapay": {
-		keys:              []string{"base_url", "api_key", "token_lifetime", "organisations_path"},
+		keys:              tomlKeys(nuapayTOML{}),
 		needsScopes:       true,
 		needsOrganisation: true,
 		minLifetime:       nuapay.MinLifetime,
@@ -230,9 +240,7 @@ var providerTypes = map[string]providerType{
 		build:             buildNuapay,
 	},
 	"oauth2": {
-		keys: []string{"grant", "token_url", "issuer", "revocation_url", "client_id", "client_secret",
-			"auth_method", "private_key", "key_id", "signing_alg", "assertion_audience", "audience",
-			"resource", "params", "default_lifetime", "consent", "dpop"},
+		keys:        tomlKeys(oauth2TOML{}),
 		minLifetime: time.Second,
 		maxLifetime: maxOAuthLifetime,
 		build:       buildOAuth2,
@@ -240,14 +248,14 @@ var providerTypes = map[string]providerType{
 }
 
 // typeNames lists the known provider types for messages.
-func typeNames() string { return strings.Join(sortedKeys(providerTypes), ", ") }
+func typeNames() string { return strings.Join(slices.Sorted(maps.Keys(providerTypes)), ", ") }
 
 // secretKeys are the keys whose values are secrets, in any entry.
 var secretKeys = []string{"api_key", "client_secret"}
 
 // Known keys, from the toml tags of the schema structs.
 var (
-	topKeys      = []string{"providers", "merchants"}
+	topKeys      = tomlKeys(document{})
 	providerKeys = tomlKeys(providerTOML{})
 	tlsKeys      = tomlKeys(tlsTOML{})
 	merchantKeys = tomlKeys(merchantTOML{})

@@ -5,8 +5,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
-	"fmt"
-	"io"
 )
 
 // secretVersionKey keys Provider.SecretVersion: random per process, never
@@ -23,10 +21,9 @@ var secretVersionKey = func() []byte {
 // addSecret feeds a resolved secret value to the entry's secret version.
 func (e *entry) addSecret(field, value string) {
 	if e.secrets == nil {
-		e.secrets = hmac.New(sha256.New, secretVersionKey)
+		e.secrets = &fingerprint{hmac.New(sha256.New, secretVersionKey)}
 	}
-	fmt.Fprintf(e.secrets, "%d:%s=%d:", len(field), field, len(value))
-	io.WriteString(e.secrets, value)
+	e.secrets.add(field, value)
 }
 
 // secretVersion is the entry's secret version, "" when it has no secret.
@@ -34,5 +31,5 @@ func (e *entry) secretVersion() string {
 	if e.secrets == nil {
 		return ""
 	}
-	return hex.EncodeToString(e.secrets.Sum(nil))
+	return hex.EncodeToString(e.secrets.h.Sum(nil))
 }

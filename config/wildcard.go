@@ -1,7 +1,6 @@
 package config
 
 import (
-	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -88,7 +87,7 @@ var wildcardKeys = tomlKeys(wildcardTOML{})
 // merchant); checkWildcard checks it against its provider.
 func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive) (*Wildcard, uint8) {
 	var raw wildcardTOML
-	e, m, flags := p.merchant(md, WildcardID, prim, &raw)
+	e, m, flags := p.merchant(md, WildcardID, prim, &raw, &raw.merchantTOML)
 	w := &Wildcard{Merchant: m, MaxActive: DefaultMaxActive, MaxOrganisations: nuapay.DefaultMaxOrganisations}
 	if flags != 0 {
 		return w, flags
@@ -130,9 +129,9 @@ func (p *parser) checkWildcard(w *Wildcard, flags uint8, defined map[string]stri
 	}
 }
 
-// For returns the wildcard entry resolved for a merchant id, which must be
-// valid (ValidMerchantID): {merchant} replaced by the id.
-func (w *Wildcard) For(id string) *Merchant {
+// resolve returns the merchant the wildcard entry makes of a merchant id,
+// which must be valid (ValidMerchantID): {merchant} replaced by the id.
+func (w *Wildcard) resolve(id string) *Merchant {
 	m := w.Merchant
 	m.ID = id
 	m.Organisation = strings.ReplaceAll(m.Organisation, MerchantPlaceholder, id)
@@ -162,48 +161,15 @@ func (r *Registry) Merchant(id string) (m *Merchant, wildcard bool, ok bool) {
 	if r.Wildcard == nil || !ValidMerchantID(id) {
 		return nil, false, false
 	}
-	return r.Wildcard.For(id), true, true
+	return r.Wildcard.resolve(id), true, true
 }
 
-// bindingFor is Binding on a resolved merchant.
-func (r *Registry) bindingFor(m *Merchant, scopes []string) (*broker.Binding, error) {
-	p := r.Providers[m.Provider]
-	sc := m.Scopes
-	route := false
-	if s := broker.NormaliseScopes(scopes); len(s) > 0 {
-		for _, v := range s {
-			if !validScope(v) {
-				return nil, fmt.Errorf("merchant %q: scope %q is not a valid scope token", m.ID, v)
-			}
-		}
-		sc, route = s, true
-	}
-	if len(sc) == 0 && providerTypes[p.Type].needsScopes {
-		return nil, fmt.Errorf("merchant %q: provider %q (type %s) needs at least one scope: set the merchant's scopes or the route's", m.ID, p.Name, p.Type)
-	}
-	if !r.sharesProfile(m, route) {
-		// A wildcard merchant whose audience or scopes hold its own id:
-		// a profile of its own, which goes when the merchant is evicted.
-		pr := broker.NewProfile(p.ID, p.Source, sc, m.Audience, m.Lifetime)
-		pr.Budget = p.Budget
-		return broker.NewBindingFor(pr, m.ID, m.Organisation), nil
-	}
-	return broker.NewBindingFor(r.profile(p, sc, m.Audience, m.Lifetime), m.ID, m.Organisation), nil
-}
-
-// sharesProfile reports whether the binding of m (explicit, or resolved
-// from the wildcard entry) can use a profile shared in the registry:
-// false for a wildcard merchant whose audience, or scopes unless the
-// route's replace them, hold {merchant}, so that the registry does not
-// keep one profile per merchant id ever seen.
-func (r *Registry) sharesProfile(m *Merchant, routeScopes bool) bool {
-	if e, ok := r.Merchants[m.ID]; ok && e == m {
-		return true
-	}
-	w := r.Wildcard
-	if w == nil {
-		return false // a merchant made by hand: not the registry's
-	}
+// sharesProfile reports whether the binding of a merchant resolved from
+// the wildcard entry can use a profile shared in the registry: false when
+// the entry's audience, or its scopes unless the route's replace them,
+// hold {merchant}, so that the registry does not keep one profile per
+// merchant id ever seen.
+func (w *Wildcard) sharesProfile(routeScopes bool) bool {
 	if strings.Contains(w.Audience, MerchantPlaceholder) {
 		return false
 	}

@@ -7,18 +7,18 @@
 // the same objects. When only those inputs changed, the providers are
 // resolved again from the files as parsed.
 //
-// The parsed files are stored by path and content: when one file of a
-// registry split across several changes, a load parses that file only,
-// and merges it with the others as parsed before (again when an
-// environment variable its merchants read changed). A registry in the
-// cache refers to its files; a file goes when no registry refers to it.
+// Each registry in the cache holds its files as parsed, by path and
+// content: when one file of a registry split across several changes, a
+// load parses that file only, and takes the others from the registry
+// loaded before (parsed again when an environment variable their
+// merchants read changed). A parsed file goes with the last registry in
+// the cache that holds it.
 package regcache
 
 import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"os"
 	"sync"
 
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -28,31 +28,29 @@ import (
 // them (Load, Release). The zero value is not ready: use New. Safe for
 // concurrent use.
 type Cache struct {
-	mu    sync.Mutex
-	regs  map[string]*registry // by Load's key
-	files map[string]*file     // by fileKey
+	mu   sync.Mutex
+	regs map[string]*registry // by Load's key
 }
 
 // New returns an empty cache.
 func New() *Cache {
-	return &Cache{regs: map[string]*registry{}, files: map[string]*file{}}
+	return &Cache{regs: map[string]*registry{}}
 }
 
 // registry is a registry in the cache with the parsed files it uses. reg
 // is replaced when an input it read changed; a registry handed out before
 // stays as it was.
 type registry struct {
-	refs     int // under Cache.mu
-	fileKeys []string
+	refs  int     // under Cache.mu
+	files []*file // fixed when the registry is added
 
-	mu    sync.Mutex
-	reg   *config.Registry // nil until the first current
-	files []*file
+	mu  sync.Mutex
+	reg *config.Registry // nil until the first current
 }
 
 // file is a registry file in the cache, parsed on first use.
 type file struct {
-	refs int // under Cache.mu
+	key string // fileKey
 
 	mu sync.Mutex
 	f  *config.File
@@ -72,9 +70,6 @@ func (c *Cache) Load(path string, opts config.Options, storeKey string) (reg *co
 	if err != nil {
 		return nil, "", 0, err
 	}
-	if opts.LookupEnv == nil {
-		opts.LookupEnv = os.LookupEnv
-	}
 	h := sha256.New()
 	fmt.Fprintf(h, "%d:%s\x00%d:%s\x00", len(path), path, len(storeKey), storeKey)
 	fileKeys := make([]string, len(srcs))
@@ -91,22 +86,17 @@ func (c *Cache) Load(path string, opts config.Options, storeKey string) (reg *co
 	return reg, key, parsed, nil
 }
 
-// use returns the cached registry of key, adding it with its files if
-// it is new, and counts one more use of it.
+// use returns the cached registry of key, adding it if it is new with
+// the files the cached registries hold (new ones for the others), and
+// counts one more use of it.
 func (c *Cache) use(key string, fileKeys []string) *registry {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	r := c.regs[key]
 	if r == nil {
-		r = &registry{fileKeys: fileKeys, files: make([]*file, len(fileKeys))}
+		r = &registry{files: make([]*file, len(fileKeys))}
 		for i, fk := range fileKeys {
-			f := c.files[fk]
-			if f == nil {
-				f = &file{}
-				c.files[fk] = f
-			}
-			f.refs++
-			r.files[i] = f
+			r.files[i] = c.cachedFile(fk)
 		}
 		c.regs[key] = r
 	}
@@ -114,9 +104,21 @@ func (c *Cache) use(key string, fileKeys []string) *registry {
 	return r
 }
 
+// cachedFile returns the file of key fk that a cached registry holds, or
+// a new one; under c.mu.
+func (c *Cache) cachedFile(fk string) *file {
+	for _, r := range c.regs {
+		for _, f := range r.files {
+			if f.key == fk {
+				return f
+			}
+		}
+	}
+	return &file{key: fk}
+}
+
 // Release ends one use of the registry of key (from Load); the registry
-// and the files no other registry refers to leave the cache with its last
-// use.
+// leaves the cache with its last use.
 func (c *Cache) Release(key string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -124,16 +126,8 @@ func (c *Cache) Release(key string) {
 	if r == nil {
 		return
 	}
-	if r.refs--; r.refs > 0 {
-		return
-	}
-	delete(c.regs, key)
-	for _, fk := range r.fileKeys {
-		if f := c.files[fk]; f != nil {
-			if f.refs--; f.refs == 0 {
-				delete(c.files, fk)
-			}
-		}
+	if r.refs--; r.refs == 0 {
+		delete(c.regs, key)
 	}
 }
 

@@ -78,24 +78,33 @@ func TestLoadSplitRegistry(t *testing.T) {
 	}
 }
 
-// TestLoadReleasesFiles: the parsed files go with the last registry
-// that refers to them.
+// TestLoadReleasesFiles: a registry loaded with another key (another
+// store) takes the files a cached registry holds, parsed; the parsed files
+// go with the last registry that holds them, and a load after that parses
+// them again.
 func TestLoadReleasesFiles(t *testing.T) {
 	dir := t.TempDir()
 	writeSplitRegistry(t, dir, 2, 3, -1, "")
 	opts := config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }}
 	c := New()
-	_, key, _, err := c.Load(dir, opts, "store")
-	if err != nil {
-		t.Fatal(err)
+	load := func(storeKey string, wantParses int) string {
+		t.Helper()
+		_, key, got, err := c.Load(dir, opts, storeKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != wantParses {
+			t.Fatalf("store %s: %d files parsed, want %d", storeKey, got, wantParses)
+		}
+		return key
 	}
-	if len(c.files) < 2 {
-		t.Fatalf("%d files in the cache", len(c.files))
-	}
-	c.Release(key)
-	for k, f := range c.files {
-		t.Errorf("file %s still cached (%d references)", k, f.refs)
-	}
+	first := load("a", 2)
+	second := load("b", 0)
+	c.Release(first)
+	third := load("c", 0)
+	c.Release(second)
+	c.Release(third)
+	load("a", 2)
 }
 
 // TestLoadInputs: a load after a variable a merchant reads changed
