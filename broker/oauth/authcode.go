@@ -249,10 +249,6 @@ type AuthCode struct {
 	mu   sync.Mutex
 	ep   *authEndpoints
 	retr time.Time // no discovery before, after a failed one
-
-	// noVerifier drops the PKCE verifier from the code exchange (tests:
-	// the server must refuse).
-	noVerifier bool
 }
 
 // authEndpoints are what the flow needs from the provider.
@@ -580,10 +576,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if code == "" {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, errors.New("the callback has neither code nor error"))
 	}
-	grant := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {rec.RedirectURI}}
-	if !a.noVerifier {
-		grant.Set("code_verifier", rec.Verifier)
-	}
+	grant := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {rec.RedirectURI}, "code_verifier": {rec.Verifier}}
 	_, raw, err := a.src.exchange(ctx, broker.Request{Merchant: rec.Merchant}, grant, code, rec.Verifier)
 	if err != nil {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err))
