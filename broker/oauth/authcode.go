@@ -2,12 +2,11 @@ package oauth
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
-	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 	"net/http"
 	"net/url"
 	"slices"
@@ -19,6 +18,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // Consent defaults.
@@ -247,18 +247,8 @@ type AuthCode struct {
 	limits *linkLimiter
 
 	mu   sync.Mutex
-	ep   *authEndpoints
-	retr time.Time // no discovery before, after a failed one
-}
-
-// authEndpoints are what the flow needs from the provider.
-type authEndpoints struct {
-	issuer      string
-	auth        string
-	par         string
-	requirePAR  bool
-	issResponse bool // authorization_response_iss_parameter_supported
-	verifier    *oidc.IDTokenVerifier
+	ep   *Endpoints // the source's, with the configured authorization and PAR endpoints
+	retr time.Time  // no discovery before, after a failed one
 }
 
 // NewAuthCode returns the consent flow of src, keeping its links and
@@ -600,7 +590,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 
 // verifyIDToken checks the ID token with go-oidc (signature, issuer,
 // audience, expiry) and its nonce.
-func (a *AuthCode) verifyIDToken(ctx context.Context, ep *authEndpoints, raw *oauth2.Token, nonce string) error {
+func (a *AuthCode) verifyIDToken(ctx context.Context, ep *Endpoints, raw *oauth2.Token, nonce string) error {
 	s, _ := raw.Extra("id_token").(string)
 	if s == "" {
 		return errors.New("the token response has no id_token although openid was asked for")
@@ -618,58 +608,28 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *authEndpoints, raw *oa
 	return nil
 }
 
-// authDiscovery has the discovery fields the flow reads beyond go-oidc's.
-type authDiscovery struct {
-	PAR         string `json:"pushed_authorization_request_endpoint"`
-	RequirePAR  bool   `json:"require_pushed_authorization_requests"`
-	IssResponse bool   `json:"authorization_response_iss_parameter_supported"`
-	MTLSAliases struct {
-		PAR string `json:"pushed_authorization_request_endpoint"`
-	} `json:"mtls_endpoint_aliases"`
-}
-
-// endpoints returns the authorization endpoints, discovering them on first
-// use; a failed discovery is retried after 5 seconds.
-func (a *AuthCode) endpoints(ctx context.Context) (*authEndpoints, error) {
+// endpoints returns the source's endpoints with the configured
+// authorization and PAR endpoints, discovering them on first use; a failed
+// discovery is tried again after 5 seconds.
+func (a *AuthCode) endpoints(ctx context.Context) (*Endpoints, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.ep != nil {
 		return a.ep, nil
 	}
 	cfg := a.src.cfg
-	ep := &authEndpoints{auth: a.cfg.AuthorizationURL, par: a.cfg.PARURL}
-	if cfg.Issuer != "" {
-		now := cfg.Now()
-		if now.Before(a.retr) {
-			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New("failed a few seconds ago")}
-		}
-		client := *cfg.Client
-		client.Transport = httpclient.LimitBody(client.Transport)
-		dctx, cancel := context.WithTimeout(oidc.ClientContext(ctx, &client), 30*time.Second)
-		defer cancel()
-		p, err := oidc.NewProvider(dctx, cfg.Issuer)
-		if err != nil {
-			a.retr = now.Add(5 * time.Second)
-			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New(scrub.Truncate(err.Error(), 300))}
-		}
-		var doc authDiscovery
-		if err := p.Claims(&doc); err != nil {
-			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: err}
-		}
-		ep.issuer = cfg.Issuer
-		if ep.auth == "" {
-			ep.auth = p.Endpoint().AuthURL
-		}
-		if ep.par == "" {
-			ep.par = doc.PAR
-			if usesMTLS(&cfg) && doc.MTLSAliases.PAR != "" {
-				ep.par = doc.MTLSAliases.PAR
-			}
-		}
-		ep.requirePAR, ep.issResponse = doc.RequirePAR, doc.IssResponse
-		ep.verifier = p.VerifierContext(oidc.ClientContext(context.WithoutCancel(ctx), &client),
-			&oidc.Config{ClientID: cfg.ClientID, Now: cfg.Now})
+	now := cfg.Now()
+	if now.Before(a.retr) {
+		return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New("failed a few seconds ago")}
 	}
+	d, err := a.src.ep.get(ctx)
+	if err != nil {
+		a.retr = now.Add(5 * time.Second)
+		return nil, err
+	}
+	ep := *d
+	ep.auth = cmp.Or(a.cfg.AuthorizationURL, d.auth)
+	ep.par = cmp.Or(a.cfg.PARURL, d.par)
 	if err := checkURL("authorization_endpoint", ep.auth); err != nil {
 		return nil, err
 	}
@@ -678,8 +638,8 @@ func (a *AuthCode) endpoints(ctx context.Context) (*authEndpoints, error) {
 			return nil, err
 		}
 	}
-	a.ep = ep
-	return ep, nil
+	a.ep = &ep
+	return a.ep, nil
 }
 
 // ConsentStatus is what the source knows of a merchant's consent, in this

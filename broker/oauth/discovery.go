@@ -25,6 +25,23 @@ type Endpoints struct {
 	// AuthMethods are the provider's token_endpoint_auth_methods_supported,
 	// when discovered.
 	AuthMethods []string
+
+	// What the consent flow (AuthCode) reads from the discovery document;
+	// empty for a provider configured with a token URL.
+
+	// issuer is the issuer whose document was read.
+	issuer string
+	// auth is the authorization_endpoint.
+	auth string
+	// par is the pushed_authorization_request_endpoint (its mTLS alias
+	// with a TLS client certificate).
+	par string
+	// requirePAR is require_pushed_authorization_requests.
+	requirePAR bool
+	// issResponse is authorization_response_iss_parameter_supported.
+	issResponse bool
+	// verifier checks the ID tokens of the issuer.
+	verifier *oidc.IDTokenVerifier
 }
 
 // DiscoveryError is a failed discovery of the provider's endpoints. The
@@ -118,21 +135,28 @@ func (e *endpoints) invalidate() {
 type discoveryDoc struct {
 	RevocationEndpoint string   `json:"revocation_endpoint"`
 	AuthMethods        []string `json:"token_endpoint_auth_methods_supported"`
+	PAR                string   `json:"pushed_authorization_request_endpoint"`
+	RequirePAR         bool     `json:"require_pushed_authorization_requests"`
+	IssResponse        bool     `json:"authorization_response_iss_parameter_supported"`
 	MTLSAliases        struct {
 		TokenEndpoint      string `json:"token_endpoint"`
 		RevocationEndpoint string `json:"revocation_endpoint"`
+		PAR                string `json:"pushed_authorization_request_endpoint"`
 	} `json:"mtls_endpoint_aliases"`
 }
 
 // discover reads {issuer}/.well-known/openid-configuration with go-oidc,
-// which also checks that the document names the configured issuer.
+// which also checks that the document names the configured issuer. The ID
+// token verifier fetches the issuer's keys with ctx, which must not be
+// cancelled.
 func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
 	fail := func(err error) (*Endpoints, error) {
 		return nil, &DiscoveryError{Issuer: e.cfg.Issuer, Err: err}
 	}
 	client := *e.cfg.Client
 	client.Transport = httpclient.LimitBody(client.Transport)
-	p, err := oidc.NewProvider(oidc.ClientContext(ctx, &client), e.cfg.Issuer)
+	ctx = oidc.ClientContext(ctx, &client)
+	p, err := oidc.NewProvider(ctx, e.cfg.Issuer)
 	if err != nil {
 		// go-oidc quotes the whole body of a failed discovery response.
 		return fail(errors.New(scrub.Truncate(err.Error(), 300)))
@@ -141,7 +165,9 @@ func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
 	if err := p.Claims(&doc); err != nil {
 		return fail(fmt.Errorf("reading the discovery document: %w", err))
 	}
-	ep := &Endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods}
+	ep := &Endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods,
+		issuer: e.cfg.Issuer, auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse,
+		verifier: p.VerifierContext(ctx, &oidc.Config{ClientID: e.cfg.ClientID, Now: e.cfg.Now})}
 	// RFC 8705 §5: a client that has a TLS client certificate uses the
 	// mTLS aliases whatever its client authentication, so that its tokens
 	// are certificate-bound (FAPI: private_key_jwt over mTLS).
@@ -151,6 +177,9 @@ func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
 		}
 		if a := doc.MTLSAliases.RevocationEndpoint; a != "" {
 			ep.Revocation = a
+		}
+		if a := doc.MTLSAliases.PAR; a != "" {
+			ep.par = a
 		}
 	}
 	if e.cfg.RevocationURL != "" {
