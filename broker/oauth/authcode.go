@@ -653,51 +653,37 @@ type ConsentStatus struct {
 	ConsentRequiredSince time.Time
 }
 
-type consentStatus struct {
-	mu sync.Mutex
-	ConsentStatus
-}
-
-func (s *RefreshToken) statusOf(merchant string) *consentStatus {
-	v, _ := s.status.LoadOrStore(merchant, &consentStatus{})
-	return v.(*consentStatus)
-}
-
 // note records the outcome of a refresh for the merchant's ConsentStatus.
 func (s *RefreshToken) note(merchant string, err error) {
 	var cr *ConsentRequiredError
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.status[merchant]
 	switch {
 	case err == nil:
-		st := s.statusOf(merchant)
-		st.mu.Lock()
 		st.LastRefresh, st.ConsentRequiredSince = s.cfg.Now(), time.Time{}
-		st.mu.Unlock()
 	case errors.As(err, &cr):
-		st := s.statusOf(merchant)
-		st.mu.Lock()
 		if st.ConsentRequiredSince.IsZero() {
 			st.ConsentRequiredSince = s.cfg.Now()
 		}
-		st.mu.Unlock()
+	default:
+		return
 	}
+	s.status[merchant] = st
 }
 
 // consented clears the merchant's consent-required mark.
 func (s *RefreshToken) consented(merchant string) {
-	st := s.statusOf(merchant)
-	st.mu.Lock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.status[merchant]
 	st.ConsentRequiredSince = time.Time{}
-	st.mu.Unlock()
+	s.status[merchant] = st
 }
 
 // ConsentStatus returns what this process knows of merchant's consent.
 func (s *RefreshToken) ConsentStatus(merchant string) ConsentStatus {
-	v, ok := s.status.Load(merchant)
-	if !ok {
-		return ConsentStatus{}
-	}
-	st := v.(*consentStatus)
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	return st.ConsentStatus
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.status[merchant]
 }
