@@ -314,9 +314,6 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 // Provider returns the provider's name.
 func (a *AuthCode) Provider() string { return a.src.cfg.Name }
 
-// Source returns the refresh-token source the consents feed.
-func (a *AuthCode) Source() *RefreshToken { return a.src }
-
 // Config returns the flow's configuration, defaults filled in.
 func (a *AuthCode) Config() AuthCodeConfig { return a.cfg }
 

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"context"
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -262,21 +261,16 @@ func (c *core) expiry(tok *oauth2.Token, sent time.Time) time.Time {
 // overflow.
 const maxExpiresIn = 10 * 366 * 24 * 3600
 
-// expiresIn reads expires_in as JSON (a number, or a string containing one) or
-// form-encoded response values give it.
+// expiresIn reads expires_in as x/oauth2's Extra gives it: a JSON number
+// (float64), a form-encoded integer (int64), or a string containing a
+// number.
 func expiresIn(v any) (int64, bool) {
 	var n int64
 	switch x := v.(type) {
 	case float64:
 		n = int64(x)
-	case int64: // x/oauth2's Extra on a form-encoded response
+	case int64:
 		n = x
-	case json.Number:
-		f, err := x.Float64()
-		if err != nil {
-			return 0, false
-		}
-		n = int64(f)
 	case string:
 		f, err := strconv.ParseFloat(strings.TrimSpace(x), 64)
 		if err != nil {
