@@ -18,6 +18,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
@@ -437,7 +438,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Br
 		}
 		params = url.Values{"client_id": {a.src.cfg.ClientID}, "request_uri": {uri}}
 	}
-	return withQuery(ep.auth, params), rec, nil
+	return httpclient.WithQuery(ep.auth, params), rec, nil
 }
 
 // errorCode returns a provider's error code as it may be shown and sent on:
@@ -478,15 +479,6 @@ func (a *AuthCode) providerHint(code string, pushed bool) string {
 		return "the provider wants the merchant's interaction: check prompt in " + table
 	}
 	return "check the client's registration at the provider and " + table
-}
-
-// withQuery appends params to u's query.
-func withQuery(u string, params url.Values) string {
-	sep := "?"
-	if strings.Contains(u, "?") {
-		sep = "&"
-	}
-	return u + sep + params.Encode()
 }
 
 // pendingError turns a failed take into a *ConsentError.

@@ -1,7 +1,8 @@
 // Package httpclient holds the wire helpers of the token sources that are
 // not API: the provider HTTP client (TLS options, tracing, no redirects),
-// the cap on response bodies, the one validator of endpoint URLs and the
-// redaction of URLs from transport errors.
+// the cap on response bodies, the one validator of endpoint URLs, the
+// building of query strings and the redaction of URLs from transport
+// errors.
 package httpclient
 
 import (
@@ -203,6 +204,15 @@ func CheckURL(s string, query bool) error {
 		return fmt.Errorf("%q is not an http(s) URL with a host", s)
 	}
 	return nil
+}
+
+// WithQuery returns u with params appended to its query.
+func WithQuery(u string, params url.Values) string {
+	sep := "?"
+	if strings.Contains(u, "?") {
+		sep = "&"
+	}
+	return u + sep + params.Encode()
 }
 
 // Host returns the host of a URL, for messages (s itself when it has none).
