@@ -249,8 +249,8 @@ func TokenRequest(ctx context.Context) context.Context {
 	return context.WithValue(ctx, tokenRequestKey{}, true)
 }
 
-// IsTokenRequest reports whether ctx was marked by TokenRequest.
-func IsTokenRequest(ctx context.Context) bool {
+// isTokenRequest reports whether ctx was marked by TokenRequest.
+func isTokenRequest(ctx context.Context) bool {
 	marked, _ := ctx.Value(tokenRequestKey{}).(bool)
 	return marked
 }
@@ -272,7 +272,7 @@ type tokenAnswers struct {
 
 // RoundTrip implements http.RoundTripper.
 func (t tokenAnswers) RoundTrip(r *http.Request) (*http.Response, error) {
-	if IsTokenRequest(r.Context()) {
+	if isTokenRequest(r.Context()) {
 		return t.observed.RoundTrip(r)
 	}
 	return t.base.RoundTrip(r)
