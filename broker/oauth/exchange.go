@@ -48,6 +48,9 @@ func newCore(cfg Config) (*core, error) {
 	return c, nil
 }
 
+// Type names the source type for the broker's errors and metrics.
+func (*core) Type() string { return ProviderName }
+
 // DPoPKey returns the key the source's tokens are bound to, nil for
 // bearer tokens (broker.DPoPBound: every profile of the source carries it).
 func (c *core) DPoPKey() *dpop.Key { return c.cfg.DPoP }

@@ -125,9 +125,6 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 	return &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]broker.Secret{}, status: map[string]ConsentStatus{}}, nil
 }
 
-// Type names the source type for the broker's errors and metrics.
-func (s *RefreshToken) Type() string { return ProviderName }
-
 // StoreKey returns the key of merchant's refresh token in the Store.
 func (s *RefreshToken) StoreKey(merchant string) string { return StoreKey(s.cfg, merchant) }
 
