@@ -248,8 +248,7 @@ type AuthCode struct {
 	limits *linkLimiter
 
 	mu   sync.Mutex
-	ep   *Endpoints // the source's, with the configured authorization and PAR endpoints
-	retr time.Time  // no discovery before, after a failed one
+	retr time.Time // no discovery before, after a failed one
 }
 
 // NewAuthCode returns the consent flow of src, keeping its links and
@@ -597,15 +596,12 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *Endpoints, raw *oauth2
 	return nil
 }
 
-// endpoints returns the source's endpoints with the configured
-// authorization and PAR endpoints, discovering them on first use; a failed
-// discovery is tried again after 5 seconds.
+// endpoints returns the source's endpoints (discovered as the source
+// discovers them) with the configured authorization and PAR endpoints; a
+// failed discovery is tried again after 5 seconds.
 func (a *AuthCode) endpoints(ctx context.Context) (*Endpoints, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.ep != nil {
-		return a.ep, nil
-	}
 	cfg := a.src.cfg
 	now := cfg.Now()
 	if now.Before(a.retr) {
@@ -627,8 +623,7 @@ func (a *AuthCode) endpoints(ctx context.Context) (*Endpoints, error) {
 			return nil, err
 		}
 	}
-	a.ep = &ep
-	return a.ep, nil
+	return &ep, nil
 }
 
 // ConsentStatus is what the source knows of a merchant's consent, in this
