@@ -385,7 +385,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Br
 	if pu, _ := url.Parse(rec.RedirectURI); host != "" && !strings.EqualFold(pu.Host, host) {
 		return "", rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for %s, not %s", pu.Host, host))
 	}
-	ep, err := a.endpoints(ctx)
+	ep, err := a.authEndpoints(ctx)
 	if err != nil {
 		return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)
 	}
@@ -530,7 +530,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if pu, _ := url.Parse(rec.RedirectURI); !strings.EqualFold(pu.Host, host) {
 		return res, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the callback arrived at %s, the request named %s", host, pu.Host))
 	}
-	ep, err := a.endpoints(ctx)
+	ep, err := a.authEndpoints(ctx)
 	if err != nil {
 		return res, a.fail(ReasonProviderFailure, rec.Merchant, err)
 	}
@@ -578,7 +578,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 
 // verifyIDToken checks the ID token with go-oidc (signature, issuer,
 // audience, expiry) and its nonce.
-func (a *AuthCode) verifyIDToken(ctx context.Context, ep *Endpoints, raw *oauth2.Token, nonce string) error {
+func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, raw *oauth2.Token, nonce string) error {
 	s, _ := raw.Extra("id_token").(string)
 	if s == "" {
 		return errors.New("the token response has no id_token although openid was asked for")
@@ -596,10 +596,10 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *Endpoints, raw *oauth2
 	return nil
 }
 
-// endpoints returns the source's endpoints (discovered as the source
+// authEndpoints returns the source's endpoints (discovered as the source
 // discovers them) with the configured authorization and PAR endpoints; a
 // failed discovery is tried again after 5 seconds.
-func (a *AuthCode) endpoints(ctx context.Context) (*Endpoints, error) {
+func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	cfg := a.src.cfg

@@ -14,8 +14,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
-// Endpoints are a provider's endpoints, configured or discovered.
-type Endpoints struct {
+// endpoints are a provider's endpoints, configured or discovered.
+type endpoints struct {
 	// Token is the token endpoint used (the mTLS alias when the client
 	// presents a TLS client certificate and the provider lists one).
 	Token string
@@ -61,19 +61,19 @@ func (e *DiscoveryError) Error() string {
 // Unwrap returns the cause.
 func (e *DiscoveryError) Unwrap() error { return e.Err }
 
-// endpoints resolves and caches the provider's endpoints.
-type endpoints struct {
+// discovery resolves and caches the provider's endpoints.
+type discovery struct {
 	cfg *Config
 	sf  singleflight.Group
 
 	mu  sync.Mutex
-	cur *Endpoints // nil until discovered, and again after Invalidate
+	cur *endpoints // nil until discovered, and again after invalidate
 }
 
-func newEndpoints(cfg *Config) *endpoints {
-	e := &endpoints{cfg: cfg}
+func newDiscovery(cfg *Config) *discovery {
+	e := &discovery{cfg: cfg}
 	if cfg.TokenURL != "" {
-		e.cur = &Endpoints{Token: cfg.TokenURL, Revocation: cfg.RevocationURL}
+		e.cur = &endpoints{Token: cfg.TokenURL, Revocation: cfg.RevocationURL}
 	}
 	return e
 }
@@ -81,7 +81,7 @@ func newEndpoints(cfg *Config) *endpoints {
 // get returns the endpoints, discovering them when they are not cached.
 // Concurrent callers share one discovery; a failure is returned to them and
 // not cached.
-func (e *endpoints) get(ctx context.Context) (*Endpoints, error) {
+func (e *discovery) get(ctx context.Context) (*endpoints, error) {
 	e.mu.Lock()
 	cur := e.cur
 	e.mu.Unlock()
@@ -105,24 +105,15 @@ func (e *endpoints) get(ctx context.Context) (*Endpoints, error) {
 		if r.Err != nil {
 			return nil, r.Err
 		}
-		return r.Val.(*Endpoints), nil
+		return r.Val.(*endpoints), nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
 }
 
-// Endpoints returns the provider's endpoints, discovering them if needed.
-func (c *core) Endpoints(ctx context.Context) (Endpoints, error) {
-	ep, err := c.ep.get(ctx)
-	if err != nil {
-		return Endpoints{}, err
-	}
-	return *ep, nil
-}
-
 // invalidate forgets discovered endpoints so that the next call discovers
 // again. Configured endpoints are kept.
-func (e *endpoints) invalidate() {
+func (e *discovery) invalidate() {
 	if e.cfg.Issuer == "" {
 		return
 	}
@@ -149,8 +140,8 @@ type discoveryDoc struct {
 // which also checks that the document names the configured issuer. The ID
 // token verifier fetches the issuer's keys with ctx, which must not be
 // cancelled.
-func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
-	fail := func(err error) (*Endpoints, error) {
+func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
+	fail := func(err error) (*endpoints, error) {
 		return nil, &DiscoveryError{Issuer: e.cfg.Issuer, Err: err}
 	}
 	client := *e.cfg.Client
@@ -165,13 +156,13 @@ func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
 	if err := p.Claims(&doc); err != nil {
 		return fail(fmt.Errorf("reading the discovery document: %w", err))
 	}
-	ep := &Endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods,
+	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods,
 		issuer: e.cfg.Issuer, auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse,
 		verifier: p.VerifierContext(ctx, &oidc.Config{ClientID: e.cfg.ClientID, Now: e.cfg.Now})}
 	// RFC 8705 §5: a client that has a TLS client certificate uses the
 	// mTLS aliases whatever its client authentication, so that its tokens
 	// are certificate-bound (FAPI: private_key_jwt over mTLS).
-	if e.mtls() {
+	if usesMTLS(e.cfg) {
 		if a := doc.MTLSAliases.TokenEndpoint; a != "" {
 			ep.Token = a
 		}
@@ -201,13 +192,9 @@ func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
 
 // supports reports whether the provider accepts method, as far as its
 // discovery document says (true when it says nothing).
-func (ep *Endpoints) supports(method AuthMethod) bool {
+func (ep *endpoints) supports(method AuthMethod) bool {
 	return len(ep.AuthMethods) == 0 || slices.Contains(ep.AuthMethods, string(method))
 }
-
-// mtls reports whether the token requests go out with a TLS client
-// certificate: then the mtls_endpoint_aliases are used.
-func (e *endpoints) mtls() bool { return usesMTLS(e.cfg) }
 
 // usesMTLS reports whether requests of cfg to the authorization server go
 // out with a TLS client certificate (RFC 8705 §5): the token, revocation and

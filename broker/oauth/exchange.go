@@ -27,7 +27,7 @@ import (
 // of errors.
 type core struct {
 	cfg Config
-	ep  *endpoints
+	ep  *discovery
 	// tokenClient sends the token and PAR requests: cfg.Client, with a
 	// DPoP key behind dpop.Transport (a proof on each request, the
 	// server's nonce remembered).
@@ -39,7 +39,7 @@ func newCore(cfg Config) (*core, error) {
 		return nil, fmt.Errorf("oauth2 provider %s: %w", cfg.Name, err)
 	}
 	c := &core{cfg: cfg, tokenClient: cfg.Client}
-	c.ep = newEndpoints(&c.cfg)
+	c.ep = newDiscovery(&c.cfg)
 	if cfg.DPoP != nil {
 		tc := *cfg.Client
 		tc.Transport = dpop.Transport(tc.Transport, cfg.DPoP)
@@ -163,7 +163,7 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 // tokenError turns an x/oauth2 failure into an *broker.APIError (the
 // provider answered) or a transport error, and invalidates discovered
 // endpoints when the endpoint may have moved.
-func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
+func (c *core) tokenError(ep *endpoints, err error, secrets []string) error {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
 		ae := &broker.APIError{Provider: ProviderName, Code: scrub.Secrets(re.ErrorCode, secrets...), Description: scrub.Secrets(re.ErrorDescription, secrets...)}
