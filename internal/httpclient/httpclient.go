@@ -95,7 +95,7 @@ func New(timeout time.Duration, tlsOpts TLSOptions) (*http.Client, error) {
 	tr.MaxIdleConnsPerHost = 16
 	return &http.Client{
 		Timeout:   timeout,
-		Transport: &transport{RoundTripper: Traced(tr), cert: hasCert(tr)},
+		Transport: &transport{RoundTripper: traced(tr), cert: hasCert(tr)},
 		CheckRedirect: func(*http.Request, []*http.Request) error {
 			return http.ErrUseLastResponse
 		},
