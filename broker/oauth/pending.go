@@ -179,12 +179,10 @@ func (b Browser) hash() string {
 // differs); the state is left for the right browser.
 const ReasonWrongBrowser = "wrong_browser"
 
-// Pendings seals consents in progress into a PendingStore. A record is
-// stored under a key derived from its secret (the link id or the state) by
-// SHA-256, and sealed (internal/seal: AES-256-GCM) with another key
-// derived from the same secret: whoever reads the store learns nothing
-// usable, and only the bearer of the link or state can open its record,
-// once.
+// Pendings keeps consents in progress in a PendingStore, each sealed
+// under its secret, the link id or the state (PutSealed): whoever reads
+// the store learns nothing usable, and only the bearer of the link or
+// state can open its record, once.
 type Pendings struct {
 	// Store keeps the sealed records.
 	Store PendingStore
@@ -229,9 +227,9 @@ func keyring(kind, secret string) *seal.Keyring {
 	return kr
 }
 
-// PutSealed stores rec, as JSON sealed (AES-256-GCM) with a key derived
-// from secret, in store under SealedKey(kind, secret) until expires: only
-// the bearer of secret can find and open it.
+// PutSealed stores rec, as JSON sealed (internal/seal: AES-256-GCM) with
+// a key derived from secret, in store under SealedKey(kind, secret) until
+// expires: only the bearer of secret can find and open it.
 func PutSealed(ctx context.Context, store PendingStore, kind, secret string, rec any, expires time.Time) error {
 	plain, err := json.Marshal(rec)
 	if err != nil {
