@@ -35,7 +35,6 @@ const minRSABits = 2048
 // private key. It is safe for concurrent use.
 type Signer struct {
 	signer jose.Signer
-	alg    string
 	kid    string
 }
 
@@ -96,11 +95,8 @@ func NewSigner(key crypto.Signer, alg, keyID string) (*Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating the %s signer: %w", alg, err)
 	}
-	return &Signer{signer: s, alg: alg, kid: keyID}, nil
+	return &Signer{signer: s, kid: keyID}, nil
 }
-
-// Algorithm returns the signing algorithm (PS256, ES256, RS256).
-func (s *Signer) Algorithm() string { return s.alg }
 
 // KeyID returns the kid header of the assertions.
 func (s *Signer) KeyID() string { return s.kid }

@@ -2,12 +2,11 @@ package oauth
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
-	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 	"net/http"
 	"net/url"
 	"slices"
@@ -19,6 +18,8 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // Consent defaults.
@@ -247,22 +248,7 @@ type AuthCode struct {
 	limits *linkLimiter
 
 	mu   sync.Mutex
-	ep   *authEndpoints
 	retr time.Time // no discovery before, after a failed one
-
-	// noVerifier drops the PKCE verifier from the code exchange (tests:
-	// the server must refuse).
-	noVerifier bool
-}
-
-// authEndpoints are what the flow needs from the provider.
-type authEndpoints struct {
-	issuer      string
-	auth        string
-	par         string
-	requirePAR  bool
-	issResponse bool // authorization_response_iss_parameter_supported
-	verifier    *oidc.IDTokenVerifier
 }
 
 // NewAuthCode returns the consent flow of src, keeping its links and
@@ -328,9 +314,6 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 // Provider returns the provider's name.
 func (a *AuthCode) Provider() string { return a.src.cfg.Name }
 
-// Source returns the refresh-token source the consents feed.
-func (a *AuthCode) Source() *RefreshToken { return a.src }
-
 // Config returns the flow's configuration, defaults filled in.
 func (a *AuthCode) Config() AuthCodeConfig { return a.cfg }
 
@@ -378,7 +361,7 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 	if err := a.pend.put(ctx, kindLink, id, rec); err != nil {
 		return Link{}, a.fail(ReasonStoreFailure, merchant, err)
 	}
-	a.limits.created(merchant, storeKey(kindLink, id), exp)
+	a.limits.created(merchant, SealedKey(kindLink, id), exp)
 	start := strings.TrimSuffix(redirect, "callback") + "start?" + url.Values{"link": {id}}.Encode()
 	return Link{URL: start, Expires: exp}, nil
 }
@@ -391,7 +374,7 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Browser) (string, Pending, error) {
 	rec, err := a.pend.take(ctx, kindLink, linkID)
 	if rec.Merchant != "" {
-		a.limits.used(rec.Merchant, storeKey(kindLink, linkID))
+		a.limits.used(rec.Merchant, SealedKey(kindLink, linkID))
 	}
 	if err != nil {
 		return "", rec, a.pendingError(rec, err, "consent link")
@@ -402,7 +385,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Br
 	if pu, _ := url.Parse(rec.RedirectURI); host != "" && !strings.EqualFold(pu.Host, host) {
 		return "", rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for %s, not %s", pu.Host, host))
 	}
-	ep, err := a.endpoints(ctx)
+	ep, err := a.authEndpoints(ctx)
 	if err != nil {
 		return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)
 	}
@@ -454,7 +437,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Br
 		}
 		params = url.Values{"client_id": {a.src.cfg.ClientID}, "request_uri": {uri}}
 	}
-	return withQuery(ep.auth, params), rec, nil
+	return httpclient.WithQuery(ep.auth, params), rec, nil
 }
 
 // errorCode returns a provider's error code as it may be shown and sent on:
@@ -495,15 +478,6 @@ func (a *AuthCode) providerHint(code string, pushed bool) string {
 		return "the provider wants the merchant's interaction: check prompt in " + table
 	}
 	return "check the client's registration at the provider and " + table
-}
-
-// withQuery appends params to u's query.
-func withQuery(u string, params url.Values) string {
-	sep := "?"
-	if strings.Contains(u, "?") {
-		sep = "&"
-	}
-	return u + sep + params.Encode()
 }
 
 // pendingError turns a failed take into a *ConsentError.
@@ -556,7 +530,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if pu, _ := url.Parse(rec.RedirectURI); !strings.EqualFold(pu.Host, host) {
 		return res, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the callback arrived at %s, the request named %s", host, pu.Host))
 	}
-	ep, err := a.endpoints(ctx)
+	ep, err := a.authEndpoints(ctx)
 	if err != nil {
 		return res, a.fail(ReasonProviderFailure, rec.Merchant, err)
 	}
@@ -580,10 +554,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if code == "" {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, errors.New("the callback has neither code nor error"))
 	}
-	grant := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {rec.RedirectURI}}
-	if !a.noVerifier {
-		grant.Set("code_verifier", rec.Verifier)
-	}
+	grant := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {rec.RedirectURI}, "code_verifier": {rec.Verifier}}
 	_, raw, err := a.src.exchange(ctx, broker.Request{Merchant: rec.Merchant}, grant, code, rec.Verifier)
 	if err != nil {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err))
@@ -607,7 +578,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 
 // verifyIDToken checks the ID token with go-oidc (signature, issuer,
 // audience, expiry) and its nonce.
-func (a *AuthCode) verifyIDToken(ctx context.Context, ep *authEndpoints, raw *oauth2.Token, nonce string) error {
+func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, raw *oauth2.Token, nonce string) error {
 	s, _ := raw.Extra("id_token").(string)
 	if s == "" {
 		return errors.New("the token response has no id_token although openid was asked for")
@@ -625,58 +596,25 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *authEndpoints, raw *oa
 	return nil
 }
 
-// authDiscovery has the discovery fields the flow reads beyond go-oidc's.
-type authDiscovery struct {
-	PAR         string `json:"pushed_authorization_request_endpoint"`
-	RequirePAR  bool   `json:"require_pushed_authorization_requests"`
-	IssResponse bool   `json:"authorization_response_iss_parameter_supported"`
-	MTLSAliases struct {
-		PAR string `json:"pushed_authorization_request_endpoint"`
-	} `json:"mtls_endpoint_aliases"`
-}
-
-// endpoints returns the authorization endpoints, discovering them on first
-// use; a failed discovery is retried after 5 seconds.
-func (a *AuthCode) endpoints(ctx context.Context) (*authEndpoints, error) {
+// authEndpoints returns the source's endpoints (discovered as the source
+// discovers them) with the configured authorization and PAR endpoints; a
+// failed discovery is tried again after 5 seconds.
+func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.ep != nil {
-		return a.ep, nil
-	}
 	cfg := a.src.cfg
-	ep := &authEndpoints{auth: a.cfg.AuthorizationURL, par: a.cfg.PARURL}
-	if cfg.Issuer != "" {
-		now := cfg.Now()
-		if now.Before(a.retr) {
-			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New("failed a few seconds ago")}
-		}
-		client := *cfg.Client
-		client.Transport = httpclient.LimitBody(client.Transport)
-		dctx, cancel := context.WithTimeout(oidc.ClientContext(ctx, &client), 30*time.Second)
-		defer cancel()
-		p, err := oidc.NewProvider(dctx, cfg.Issuer)
-		if err != nil {
-			a.retr = now.Add(5 * time.Second)
-			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New(scrub.Truncate(err.Error(), 300))}
-		}
-		var doc authDiscovery
-		if err := p.Claims(&doc); err != nil {
-			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: err}
-		}
-		ep.issuer = cfg.Issuer
-		if ep.auth == "" {
-			ep.auth = p.Endpoint().AuthURL
-		}
-		if ep.par == "" {
-			ep.par = doc.PAR
-			if usesMTLS(&cfg) && doc.MTLSAliases.PAR != "" {
-				ep.par = doc.MTLSAliases.PAR
-			}
-		}
-		ep.requirePAR, ep.issResponse = doc.RequirePAR, doc.IssResponse
-		ep.verifier = p.VerifierContext(oidc.ClientContext(context.WithoutCancel(ctx), &client),
-			&oidc.Config{ClientID: cfg.ClientID, Now: cfg.Now})
+	now := cfg.Now()
+	if now.Before(a.retr) {
+		return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New("failed a few seconds ago")}
 	}
+	d, err := a.src.ep.get(ctx)
+	if err != nil {
+		a.retr = now.Add(5 * time.Second)
+		return nil, err
+	}
+	ep := *d
+	ep.auth = cmp.Or(a.cfg.AuthorizationURL, d.auth)
+	ep.par = cmp.Or(a.cfg.PARURL, d.par)
 	if err := checkURL("authorization_endpoint", ep.auth); err != nil {
 		return nil, err
 	}
@@ -685,8 +623,7 @@ func (a *AuthCode) endpoints(ctx context.Context) (*authEndpoints, error) {
 			return nil, err
 		}
 	}
-	a.ep = ep
-	return ep, nil
+	return &ep, nil
 }
 
 // ConsentStatus is what the source knows of a merchant's consent, in this
@@ -700,51 +637,37 @@ type ConsentStatus struct {
 	ConsentRequiredSince time.Time
 }
 
-type consentStatus struct {
-	mu sync.Mutex
-	ConsentStatus
-}
-
-func (s *RefreshToken) statusOf(merchant string) *consentStatus {
-	v, _ := s.status.LoadOrStore(merchant, &consentStatus{})
-	return v.(*consentStatus)
-}
-
 // note records the outcome of a refresh for the merchant's ConsentStatus.
 func (s *RefreshToken) note(merchant string, err error) {
 	var cr *ConsentRequiredError
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.status[merchant]
 	switch {
 	case err == nil:
-		st := s.statusOf(merchant)
-		st.mu.Lock()
 		st.LastRefresh, st.ConsentRequiredSince = s.cfg.Now(), time.Time{}
-		st.mu.Unlock()
 	case errors.As(err, &cr):
-		st := s.statusOf(merchant)
-		st.mu.Lock()
 		if st.ConsentRequiredSince.IsZero() {
 			st.ConsentRequiredSince = s.cfg.Now()
 		}
-		st.mu.Unlock()
+	default:
+		return
 	}
+	s.status[merchant] = st
 }
 
 // consented clears the merchant's consent-required mark.
 func (s *RefreshToken) consented(merchant string) {
-	st := s.statusOf(merchant)
-	st.mu.Lock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.status[merchant]
 	st.ConsentRequiredSince = time.Time{}
-	st.mu.Unlock()
+	s.status[merchant] = st
 }
 
 // ConsentStatus returns what this process knows of merchant's consent.
 func (s *RefreshToken) ConsentStatus(merchant string) ConsentStatus {
-	v, ok := s.status.Load(merchant)
-	if !ok {
-		return ConsentStatus{}
-	}
-	st := v.(*consentStatus)
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	return st.ConsentStatus
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.status[merchant]
 }

@@ -292,9 +292,10 @@ func TestAuthCodeRefusals(t *testing.T) {
 			_, err := f.flow.Callback(ctx, host, q)
 			return err
 		}},
-		{"missing PKCE verifier at the server", false, ReasonExchangeFailed, func(t *testing.T, f *consentFixture) error {
+		{"code of another consent (PKCE verifier mismatch)", false, ReasonExchangeFailed, func(t *testing.T, f *consentFixture) error {
+			other := begin(t, f)
 			q := begin(t, f)
-			f.flow.noVerifier = true
+			q.Set("code", other.Get("code"))
 			_, err := f.flow.Callback(ctx, host, q)
 			var ae *broker.APIError
 			if !errors.As(err, &ae) || ae.StatusCode != http.StatusBadRequest {

@@ -24,9 +24,6 @@ func NewClientCredentials(cfg Config) (*ClientCredentials, error) {
 	return &ClientCredentials{core: c}, nil
 }
 
-// Type names the source type for the broker's errors and metrics.
-func (s *ClientCredentials) Type() string { return ProviderName }
-
 // Token requests a token for req.
 func (s *ClientCredentials) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
 	t, _, err := s.exchange(ctx, req, nil)

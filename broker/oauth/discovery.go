@@ -14,8 +14,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
-// Endpoints are a provider's endpoints, configured or discovered.
-type Endpoints struct {
+// endpoints are a provider's endpoints, configured or discovered.
+type endpoints struct {
 	// Token is the token endpoint used (the mTLS alias when the client
 	// presents a TLS client certificate and the provider lists one).
 	Token string
@@ -25,6 +25,23 @@ type Endpoints struct {
 	// AuthMethods are the provider's token_endpoint_auth_methods_supported,
 	// when discovered.
 	AuthMethods []string
+
+	// What the consent flow (AuthCode) reads from the discovery document;
+	// empty for a provider configured with a token URL.
+
+	// issuer is the issuer whose document was read.
+	issuer string
+	// auth is the authorization_endpoint.
+	auth string
+	// par is the pushed_authorization_request_endpoint (its mTLS alias
+	// with a TLS client certificate).
+	par string
+	// requirePAR is require_pushed_authorization_requests.
+	requirePAR bool
+	// issResponse is authorization_response_iss_parameter_supported.
+	issResponse bool
+	// verifier checks the ID tokens of the issuer.
+	verifier *oidc.IDTokenVerifier
 }
 
 // DiscoveryError is a failed discovery of the provider's endpoints. The
@@ -44,19 +61,19 @@ func (e *DiscoveryError) Error() string {
 // Unwrap returns the cause.
 func (e *DiscoveryError) Unwrap() error { return e.Err }
 
-// endpoints resolves and caches the provider's endpoints.
-type endpoints struct {
+// discovery resolves and caches the provider's endpoints.
+type discovery struct {
 	cfg *Config
 	sf  singleflight.Group
 
 	mu  sync.Mutex
-	cur *Endpoints // nil until discovered, and again after Invalidate
+	cur *endpoints // nil until discovered, and again after invalidate
 }
 
-func newEndpoints(cfg *Config) *endpoints {
-	e := &endpoints{cfg: cfg}
+func newDiscovery(cfg *Config) *discovery {
+	e := &discovery{cfg: cfg}
 	if cfg.TokenURL != "" {
-		e.cur = &Endpoints{Token: cfg.TokenURL, Revocation: cfg.RevocationURL}
+		e.cur = &endpoints{Token: cfg.TokenURL, Revocation: cfg.RevocationURL}
 	}
 	return e
 }
@@ -64,7 +81,7 @@ func newEndpoints(cfg *Config) *endpoints {
 // get returns the endpoints, discovering them when they are not cached.
 // Concurrent callers share one discovery; a failure is returned to them and
 // not cached.
-func (e *endpoints) get(ctx context.Context) (*Endpoints, error) {
+func (e *discovery) get(ctx context.Context) (*endpoints, error) {
 	e.mu.Lock()
 	cur := e.cur
 	e.mu.Unlock()
@@ -88,24 +105,15 @@ func (e *endpoints) get(ctx context.Context) (*Endpoints, error) {
 		if r.Err != nil {
 			return nil, r.Err
 		}
-		return r.Val.(*Endpoints), nil
+		return r.Val.(*endpoints), nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
 }
 
-// Endpoints returns the provider's endpoints, discovering them if needed.
-func (c *core) Endpoints(ctx context.Context) (Endpoints, error) {
-	ep, err := c.ep.get(ctx)
-	if err != nil {
-		return Endpoints{}, err
-	}
-	return *ep, nil
-}
-
 // invalidate forgets discovered endpoints so that the next call discovers
 // again. Configured endpoints are kept.
-func (e *endpoints) invalidate() {
+func (e *discovery) invalidate() {
 	if e.cfg.Issuer == "" {
 		return
 	}
@@ -118,21 +126,28 @@ func (e *endpoints) invalidate() {
 type discoveryDoc struct {
 	RevocationEndpoint string   `json:"revocation_endpoint"`
 	AuthMethods        []string `json:"token_endpoint_auth_methods_supported"`
+	PAR                string   `json:"pushed_authorization_request_endpoint"`
+	RequirePAR         bool     `json:"require_pushed_authorization_requests"`
+	IssResponse        bool     `json:"authorization_response_iss_parameter_supported"`
 	MTLSAliases        struct {
 		TokenEndpoint      string `json:"token_endpoint"`
 		RevocationEndpoint string `json:"revocation_endpoint"`
+		PAR                string `json:"pushed_authorization_request_endpoint"`
 	} `json:"mtls_endpoint_aliases"`
 }
 
 // discover reads {issuer}/.well-known/openid-configuration with go-oidc,
-// which also checks that the document names the configured issuer.
-func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
-	fail := func(err error) (*Endpoints, error) {
+// which also checks that the document names the configured issuer. The ID
+// token verifier fetches the issuer's keys with ctx, which must not be
+// cancelled.
+func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
+	fail := func(err error) (*endpoints, error) {
 		return nil, &DiscoveryError{Issuer: e.cfg.Issuer, Err: err}
 	}
 	client := *e.cfg.Client
 	client.Transport = httpclient.LimitBody(client.Transport)
-	p, err := oidc.NewProvider(oidc.ClientContext(ctx, &client), e.cfg.Issuer)
+	ctx = oidc.ClientContext(ctx, &client)
+	p, err := oidc.NewProvider(ctx, e.cfg.Issuer)
 	if err != nil {
 		// go-oidc quotes the whole body of a failed discovery response.
 		return fail(errors.New(scrub.Truncate(err.Error(), 300)))
@@ -141,16 +156,21 @@ func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
 	if err := p.Claims(&doc); err != nil {
 		return fail(fmt.Errorf("reading the discovery document: %w", err))
 	}
-	ep := &Endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods}
+	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods,
+		issuer: e.cfg.Issuer, auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse,
+		verifier: p.VerifierContext(ctx, &oidc.Config{ClientID: e.cfg.ClientID, Now: e.cfg.Now})}
 	// RFC 8705 §5: a client that has a TLS client certificate uses the
 	// mTLS aliases whatever its client authentication, so that its tokens
 	// are certificate-bound (FAPI: private_key_jwt over mTLS).
-	if e.mtls() {
+	if usesMTLS(e.cfg) {
 		if a := doc.MTLSAliases.TokenEndpoint; a != "" {
 			ep.Token = a
 		}
 		if a := doc.MTLSAliases.RevocationEndpoint; a != "" {
 			ep.Revocation = a
+		}
+		if a := doc.MTLSAliases.PAR; a != "" {
+			ep.par = a
 		}
 	}
 	if e.cfg.RevocationURL != "" {
@@ -172,13 +192,9 @@ func (e *endpoints) discover(ctx context.Context) (*Endpoints, error) {
 
 // supports reports whether the provider accepts method, as far as its
 // discovery document says (true when it says nothing).
-func (ep *Endpoints) supports(method AuthMethod) bool {
+func (ep *endpoints) supports(method AuthMethod) bool {
 	return len(ep.AuthMethods) == 0 || slices.Contains(ep.AuthMethods, string(method))
 }
-
-// mtls reports whether the token requests go out with a TLS client
-// certificate: then the mtls_endpoint_aliases are used.
-func (e *endpoints) mtls() bool { return usesMTLS(e.cfg) }
 
 // usesMTLS reports whether requests of cfg to the authorization server go
 // out with a TLS client certificate (RFC 8705 §5): the token, revocation and

@@ -101,7 +101,7 @@ func TestDPoPClientCredentialsAgainstOIDCProvider(t *testing.T) {
 				t.Fatal(err)
 			}
 			// Discovery goes out without a proof: count the token requests.
-			if _, err := src.Endpoints(context.Background()); err != nil {
+			if _, err := src.ep.get(context.Background()); err != nil {
 				t.Fatal(err)
 			}
 			sent.n.Store(0)

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"context"
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -28,7 +27,7 @@ import (
 // of errors.
 type core struct {
 	cfg Config
-	ep  *endpoints
+	ep  *discovery
 	// tokenClient sends the token and PAR requests: cfg.Client, with a
 	// DPoP key behind dpop.Transport (a proof on each request, the
 	// server's nonce remembered).
@@ -40,7 +39,7 @@ func newCore(cfg Config) (*core, error) {
 		return nil, fmt.Errorf("oauth2 provider %s: %w", cfg.Name, err)
 	}
 	c := &core{cfg: cfg, tokenClient: cfg.Client}
-	c.ep = newEndpoints(&c.cfg)
+	c.ep = newDiscovery(&c.cfg)
 	if cfg.DPoP != nil {
 		tc := *cfg.Client
 		tc.Transport = dpop.Transport(tc.Transport, cfg.DPoP)
@@ -48,6 +47,9 @@ func newCore(cfg Config) (*core, error) {
 	}
 	return c, nil
 }
+
+// Type names the source type for the broker's errors and metrics.
+func (*core) Type() string { return ProviderName }
 
 // DPoPKey returns the key the source's tokens are bound to, nil for
 // bearer tokens (broker.DPoPBound: every profile of the source carries it).
@@ -161,7 +163,7 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 // tokenError turns an x/oauth2 failure into an *broker.APIError (the
 // provider answered) or a transport error, and invalidates discovered
 // endpoints when the endpoint may have moved.
-func (c *core) tokenError(ep *Endpoints, err error, secrets []string) error {
+func (c *core) tokenError(ep *endpoints, err error, secrets []string) error {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
 		ae := &broker.APIError{Provider: ProviderName, Code: scrub.Secrets(re.ErrorCode, secrets...), Description: scrub.Secrets(re.ErrorDescription, secrets...)}
@@ -262,21 +264,16 @@ func (c *core) expiry(tok *oauth2.Token, sent time.Time) time.Time {
 // overflow.
 const maxExpiresIn = 10 * 366 * 24 * 3600
 
-// expiresIn reads expires_in as JSON (a number, or a string containing one) or
-// form-encoded response values give it.
+// expiresIn reads expires_in as x/oauth2's Extra gives it: a JSON number
+// (float64), a form-encoded integer (int64), or a string containing a
+// number.
 func expiresIn(v any) (int64, bool) {
 	var n int64
 	switch x := v.(type) {
 	case float64:
 		n = int64(x)
-	case int64: // x/oauth2's Extra on a form-encoded response
+	case int64:
 		n = x
-	case json.Number:
-		f, err := x.Float64()
-		if err != nil {
-			return 0, false
-		}
-		n = int64(f)
 	case string:
 		f, err := strconv.ParseFloat(strings.TrimSpace(x), 64)
 		if err != nil {

@@ -155,7 +155,7 @@ func TestDiscoveryAgainstZitadel(t *testing.T) {
 	if err != nil || tok.Value == "" {
 		t.Fatalf("Token after discovery came back = %v", err)
 	}
-	ep, err := src.Endpoints(ctx)
+	ep, err := src.ep.get(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}

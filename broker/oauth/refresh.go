@@ -37,7 +37,7 @@ type RefreshToken struct {
 	gen     uint64                   // counts refreshes
 	last    map[string]*refreshed    // by store key: the latest refresh, while its token is valid
 	pending map[string]broker.Secret // rotated tokens whose Save failed
-	status  sync.Map                 // merchant -> *consentStatus (authcode.go)
+	status  map[string]ConsentStatus // by merchant (authcode.go)
 	sweep   int                      // refreshes until the next sweep of last
 }
 
@@ -122,11 +122,8 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]broker.Secret{}}, nil
+	return &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]broker.Secret{}, status: map[string]ConsentStatus{}}, nil
 }
-
-// Type names the source type for the broker's errors and metrics.
-func (s *RefreshToken) Type() string { return ProviderName }
 
 // StoreKey returns the key of merchant's refresh token in the Store.
 func (s *RefreshToken) StoreKey(merchant string) string { return StoreKey(s.cfg, merchant) }

@@ -2,18 +2,11 @@ package oauth
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
 	"net/http"
 	"net/url"
-	"strings"
-
-	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
-	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // ErrNoRevocationEndpoint is returned by Revoke when the provider has no
@@ -45,56 +38,18 @@ func (c *core) Revoke(ctx context.Context, token broker.Secret, hint string) err
 	}
 	// The assertion audience stays the token endpoint: it names the
 	// authorization server (RFC 7523 §3), whichever endpoint is called.
-	secret, style, form, err := c.clientAuth(ep.Token)
-	if err != nil {
-		return err
-	}
-	form.Set("token", token.Reveal())
+	form := url.Values{"token": {token.Reveal()}}
 	if hint != "" {
 		form.Set("token_type_hint", hint)
 	}
-	if style == oauth2.AuthStyleInParams {
-		form.Set("client_id", c.cfg.ClientID)
-		if secret != "" {
-			form.Set("client_secret", secret)
-		}
-	}
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, ep.Revocation, strings.NewReader(form.Encode()))
+	resp, body, secrets, err := c.postForm(ctx, c.cfg.Client, "oauth2 revocation endpoint", ep.Revocation, ep.Token, form)
 	if err != nil {
-		return fmt.Errorf("oauth2 revoke: building the request: %w", httpclient.RedactURLError(err))
-	}
-	if style == oauth2.AuthStyleInHeader {
-		// RFC 6749 §2.3.1, as x/oauth2 does for the token request.
-		hr.SetBasicAuth(url.QueryEscape(c.cfg.ClientID), url.QueryEscape(secret))
-	}
-	hr.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	hr.Header.Set("Accept", "application/json")
-	resp, err := c.cfg.Client.Do(hr)
-	if err != nil {
-		return fmt.Errorf("oauth2 revocation endpoint %s: %w", httpclient.Host(ep.Revocation), httpclient.RedactURLError(err))
-	}
-	defer resp.Body.Close()
-	data, _, err := httpclient.ReadBody(resp.Body)
-	if err != nil {
-		return fmt.Errorf("oauth2 revocation endpoint %s: reading the response: %w", httpclient.Host(ep.Revocation), err)
+		return err
 	}
 	if resp.StatusCode == http.StatusOK {
 		return nil
 	}
-	ae := &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode,
-		RetryAfter: broker.ParseRetryAfter(resp.Header.Get("Retry-After"), c.cfg.Now())}
-	var e struct {
-		Error       string `json:"error"`
-		Description string `json:"error_description"`
-	}
-	if json.Unmarshal(data, &e) == nil {
-		secrets := append(c.sent(secret, form.Get("client_assertion")), token.Reveal())
-		ae.Code = scrub.Secrets(e.Error, secrets...)
-		ae.Description = scrub.Secrets(e.Description, secrets...)
-	}
-	if ae.Code == "" && ae.Description == "" {
-		ae.Description = http.StatusText(resp.StatusCode)
-	}
+	ae := c.refusal(resp, body, append(secrets, token.Reveal()))
 	ae.Description = "revocation: " + ae.Description
 	return ae
 }

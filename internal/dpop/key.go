@@ -38,8 +38,8 @@ const (
 	EdDSA = "EdDSA"
 )
 
-// Algs lists the supported algorithms, for messages.
-const Algs = "ES256, PS256, EdDSA"
+// algs lists the supported algorithms, for messages.
+const algs = "ES256, PS256, EdDSA"
 
 // minRSABits is the smallest RSA key accepted.
 const minRSABits = 2048
@@ -95,7 +95,7 @@ func NewKey(key crypto.Signer, alg string) (*Key, error) {
 	case alg == "":
 		alg = want
 	case alg != ES256 && alg != PS256 && alg != EdDSA:
-		return nil, fmt.Errorf("unknown DPoP algorithm %q (known: %s)", alg, Algs)
+		return nil, fmt.Errorf("unknown DPoP algorithm %q (known: %s)", alg, algs)
 	case alg != want:
 		return nil, fmt.Errorf("algorithm %s does not fit the key, which is for %s: set alg = %q or leave alg out", alg, want, want)
 	}

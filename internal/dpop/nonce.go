@@ -16,29 +16,25 @@ type nonces struct {
 	cur atomic.Pointer[map[string]string]
 }
 
-// Nonce returns the last DPoP-Nonce remembered for the server origin
-// (Origin), "" when none (or k is nil).
-func (k *Key) Nonce(origin string) string {
+// nonceMap is the current map of nonces by origin, nil when none (or k
+// is nil).
+func (k *Key) nonceMap() map[string]string {
 	if k == nil {
-		return ""
+		return nil
 	}
 	if m := k.nonces.cur.Load(); m != nil {
-		return (*m)[origin]
+		return *m
 	}
-	return ""
+	return nil
 }
+
+// Nonce returns the last DPoP-Nonce remembered for the server origin
+// (Origin), "" when none (or k is nil).
+func (k *Key) Nonce(origin string) string { return k.nonceMap()[origin] }
 
 // NonceOf is Nonce for an origin made with AppendOrigin: the lookup does
 // not allocate.
-func (k *Key) NonceOf(origin []byte) string {
-	if k == nil {
-		return ""
-	}
-	if m := k.nonces.cur.Load(); m != nil {
-		return (*m)[string(origin)]
-	}
-	return ""
-}
+func (k *Key) NonceOf(origin []byte) string { return k.nonceMap()[string(origin)] }
 
 // SetNonceOf is SetNonce for an origin made with AppendOrigin: it
 // allocates only when the nonce changes.
@@ -59,10 +55,7 @@ func (k *Key) SetNonce(origin, nonce string) {
 	}
 	k.nonces.mu.Lock()
 	defer k.nonces.mu.Unlock()
-	var old map[string]string
-	if m := k.nonces.cur.Load(); m != nil {
-		old = *m
-	}
+	old := k.nonceMap()
 	next := make(map[string]string, len(old)+1)
 	for o, n := range old {
 		next[o] = n

@@ -18,20 +18,19 @@ func Transport(base http.RoundTripper, k *Key) http.RoundTripper {
 	if base == nil {
 		base = http.DefaultTransport
 	}
-	return &transport{base: base, key: k, now: time.Now}
+	return &transport{base: base, key: k}
 }
 
 type transport struct {
 	base http.RoundTripper
 	key  *Key
-	now  func() time.Time
 }
 
 // RoundTrip sends a copy of req with a proof and remembers the answer's
 // nonce.
 func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	origin := Origin(req.URL)
-	proof, err := t.key.Proof(req.Method, HTU(req.URL), "", t.key.Nonce(origin), t.now())
+	proof, err := t.key.Proof(req.Method, HTU(req.URL), "", t.key.Nonce(origin), time.Now())
 	if err != nil {
 		if req.Body != nil {
 			req.Body.Close()

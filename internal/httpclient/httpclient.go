@@ -1,7 +1,8 @@
 // Package httpclient holds the wire helpers of the token sources that are
 // not API: the provider HTTP client (TLS options, tracing, no redirects),
-// the cap on response bodies, the one validator of endpoint URLs and the
-// redaction of URLs from transport errors.
+// the cap on response bodies, the one validator of endpoint URLs, the
+// building of query strings and the redaction of URLs from transport
+// errors.
 package httpclient
 
 import (
@@ -94,7 +95,7 @@ func New(timeout time.Duration, tlsOpts TLSOptions) (*http.Client, error) {
 	tr.MaxIdleConnsPerHost = 16
 	return &http.Client{
 		Timeout:   timeout,
-		Transport: &transport{RoundTripper: Traced(tr), cert: hasCert(tr)},
+		Transport: &transport{RoundTripper: traced(tr), cert: hasCert(tr)},
 		CheckRedirect: func(*http.Request, []*http.Request) error {
 			return http.ErrUseLastResponse
 		},
@@ -205,6 +206,15 @@ func CheckURL(s string, query bool) error {
 	return nil
 }
 
+// WithQuery returns u with params appended to its query.
+func WithQuery(u string, params url.Values) string {
+	sep := "?"
+	if strings.Contains(u, "?") {
+		sep = "&"
+	}
+	return u + sep + params.Encode()
+}
+
 // Host returns the host of a URL, for messages (s itself when it has none).
 func Host(s string) string {
 	if u, err := url.Parse(s); err == nil && u.Host != "" {
@@ -239,8 +249,8 @@ func TokenRequest(ctx context.Context) context.Context {
 	return context.WithValue(ctx, tokenRequestKey{}, true)
 }
 
-// IsTokenRequest reports whether ctx was marked by TokenRequest.
-func IsTokenRequest(ctx context.Context) bool {
+// isTokenRequest reports whether ctx was marked by TokenRequest.
+func isTokenRequest(ctx context.Context) bool {
 	marked, _ := ctx.Value(tokenRequestKey{}).(bool)
 	return marked
 }
@@ -262,7 +272,7 @@ type tokenAnswers struct {
 
 // RoundTrip implements http.RoundTripper.
 func (t tokenAnswers) RoundTrip(r *http.Request) (*http.Response, error) {
-	if IsTokenRequest(r.Context()) {
+	if isTokenRequest(r.Context()) {
 		return t.observed.RoundTrip(r)
 	}
 	return t.base.RoundTrip(r)

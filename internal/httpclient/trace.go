@@ -7,7 +7,7 @@ import (
 	"go.opentelemetry.io/otel/propagation"
 )
 
-// Traced wraps rt so that every token API call gets an
+// traced wraps rt so that every token API call gets an
 // OpenTelemetry client span and carries the trace context to the provider
 // in a W3C traceparent header.
 //
@@ -19,7 +19,7 @@ import (
 // header is added. The span records the method, URL, status and errors of
 // the call, never its headers or bodies: neither the credentials nor the
 // token reach it.
-func Traced(rt http.RoundTripper) http.RoundTripper {
+func traced(rt http.RoundTripper) http.RoundTripper {
 	return otelhttp.NewTransport(rt,
 		otelhttp.WithPropagators(propagation.TraceContext{}),
 		otelhttp.WithSpanNameFormatter(func(_ string, r *http.Request) string {

@@ -42,6 +42,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentpage"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/spans"
 )
 
@@ -276,7 +277,7 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 		if code != "" { // provider_error: the provider's error code
 			params.Set("error", code)
 		}
-		http.Redirect(w, r, withParams(res.ReturnURL, params), http.StatusSeeOther)
+		http.Redirect(w, r, httpclient.WithQuery(res.ReturnURL, params), http.StatusSeeOther)
 		return
 	}
 	if res.Merchant != "" {
@@ -304,11 +305,4 @@ func ForgetConsentRequired(br *broker.Broker, provider, merchant string) {
 		var cr *oauth.ConsentRequiredError
 		return errors.As(err, &cr) && cr.Merchant == merchant && cr.Provider == provider
 	})
-}
-
-func withParams(u string, v url.Values) string {
-	if strings.Contains(u, "?") {
-		return u + "&" + v.Encode()
-	}
-	return u + "?" + v.Encode()
 }

@@ -1,0 +1,80 @@
+package oauth
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+
+	"golang.org/x/oauth2"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
+)
+
+// postForm sends form as a POST to endpoint through client, with the
+// configured client authentication (clientAuth, the assertion's audience
+// being audience), and reads the answer's body (at most MaxResponseBytes;
+// nil when larger). It returns the secrets the request sent, to scrub from
+// what the answer says. what names the endpoint in errors ("PAR
+// endpoint"); they name its host, never its URL.
+func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint, audience string, form url.Values) (*http.Response, []byte, []string, error) {
+	secret, style, auth, err := c.clientAuth(audience)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	for k, v := range auth {
+		form[k] = v
+	}
+	if style == oauth2.AuthStyleInParams {
+		form.Set("client_id", c.cfg.ClientID)
+		if secret != "" {
+			form.Set("client_secret", secret)
+		}
+	}
+	host := httpclient.Host(endpoint)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(form.Encode()))
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("%s %s: building the request: %w", what, host, httpclient.RedactURLError(err))
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Accept", "application/json")
+	if style == oauth2.AuthStyleInHeader {
+		// RFC 6749 §2.3.1, as x/oauth2 does for the token request.
+		req.SetBasicAuth(url.QueryEscape(c.cfg.ClientID), url.QueryEscape(secret))
+	}
+	secrets := c.sent(secret, auth.Get("client_assertion"))
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("%s %s: %w", what, host, httpclient.RedactURLError(err))
+	}
+	defer resp.Body.Close()
+	body, _, err := httpclient.ReadBody(resp.Body)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("%s %s: reading the response: %w", what, host, err)
+	}
+	return resp, body, secrets, nil
+}
+
+// refusal is the *broker.APIError of an endpoint's error answer: its
+// error and error_description (RFC 6749 §5.2) scrubbed of secrets, or the
+// status text when it has neither, and its Retry-After.
+func (c *core) refusal(resp *http.Response, body []byte, secrets []string) *broker.APIError {
+	ae := &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode,
+		RetryAfter: broker.ParseRetryAfter(resp.Header.Get("Retry-After"), c.cfg.Now())}
+	var e struct {
+		Error       string `json:"error"`
+		Description string `json:"error_description"`
+	}
+	if json.Unmarshal(body, &e) == nil {
+		ae.Code = scrub.Secrets(e.Error, secrets...)
+		ae.Description = scrub.Secrets(e.Description, secrets...)
+	}
+	if ae.Code == "" && ae.Description == "" {
+		ae.Description = http.StatusText(resp.StatusCode)
+	}
+	return ae
+}
