@@ -81,9 +81,20 @@ func (g *Site) Check(r *http.Request) (errcode.Code, error) {
 // allowsHost reports whether the Host header names a loopback host or an
 // allowed one. An empty Host (HTTP/1.0) never comes from a browser.
 func (g *Site) allowsHost(hostport string) bool {
-	if hostport == "" || g.anyHost {
+	if hostport == "" || g.anyHost || IsLoopback(hostport) {
 		return true
 	}
+	h := hostport
+	if host, _, err := net.SplitHostPort(hostport); err == nil {
+		h = host
+	}
+	_, ok := g.hosts[siteHost(h)]
+	return ok
+}
+
+// IsLoopback reports whether a Host header (a name, an IP address, either
+// with a port) names this machine: localhost or a loopback address.
+func IsLoopback(hostport string) bool {
 	h := hostport
 	if host, _, err := net.SplitHostPort(hostport); err == nil {
 		h = host
@@ -92,11 +103,8 @@ func (g *Site) allowsHost(hostport string) bool {
 	if h == "localhost" {
 		return true
 	}
-	if a, err := netip.ParseAddr(h); err == nil && a.IsLoopback() {
-		return true
-	}
-	_, ok := g.hosts[h]
-	return ok
+	a, err := netip.ParseAddr(h)
+	return err == nil && a.IsLoopback()
 }
 
 // siteHost normalises a host name for comparison: lower case, without

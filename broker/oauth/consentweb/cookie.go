@@ -2,10 +2,9 @@ package consentweb
 
 import (
 	"encoding/base64"
-	"net"
 	"net/http"
-	"net/netip"
-	"strings"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 )
 
 // The consent cookie binds the authorization state to the browser that
@@ -21,7 +20,7 @@ import (
 // loopback host (a browser keeps no Secure cookie from plain HTTP, but
 // one behind a TLS-terminating proxy is on HTTPS).
 func browserCookie(r *http.Request) (name string, secure bool) {
-	if r.TLS == nil && isLoopbackHost(r.Host) {
+	if r.TLS == nil && callers.IsLoopback(r.Host) {
 		return consentCookie, false
 	}
 	return "__Host-" + consentCookie, true
@@ -29,20 +28,6 @@ func browserCookie(r *http.Request) (name string, secure bool) {
 
 // consentCookie is the consent cookie's name, without prefix.
 const consentCookie = "token_broker_consent"
-
-// isLoopbackHost reports whether a Host header names the local machine:
-// localhost, 127.0.0.0/8 or ::1, with any port.
-func isLoopbackHost(host string) bool {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-	}
-	host = strings.TrimSuffix(strings.Trim(host, "[]"), ".")
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip, err := netip.ParseAddr(host)
-	return err == nil && ip.IsLoopback()
-}
 
 // validBrowser reports whether v looks like a browser secret made by
 // oauth.NewBrowser (32 random bytes, base64url): another value is
