@@ -471,9 +471,7 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 		outcome = breaker.Slow
 		c.timeouts.timedOut(call)
 		c.obs.L2Error(op)
-		if o, ok := c.obs.(HealthObserver); ok {
-			o.L2Timeout(op)
-		}
+		c.obs.L2Timeout(op)
 	default:
 		c.timeouts.ended()
 		c.obs.L2Error(op)
@@ -481,9 +479,7 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	from, to := c.br.Record(c.opts.Now(), outcome, err)
 	switch {
 	case from == breaker.Closed && to == breaker.Open:
-		if o, ok := c.obs.(HealthObserver); ok {
-			o.BreakerOpened()
-		}
+		c.obs.BreakerOpened()
 		c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
 			zap.Duration("cooldown", c.opts.BreakerCooldown), zap.Error(err))
 		c.tellAvailability(false, err)
@@ -595,9 +591,7 @@ func (c *Cache) decode(key string, b []byte) (tok broker.Token, ver int64, ok bo
 // rolledBack counts and logs a value older than the newest this node has
 // seen for its key, which is then ignored.
 func (c *Cache) rolledBack(redisKey string) {
-	if o, ok := c.obs.(RollbackObserver); ok {
-		o.RolledBack()
-	}
+	c.obs.RolledBack()
 	c.log.Warn("ignoring a value in redis older than one this node has seen for its key (an old value written back: a purged token, a spent refresh token, or a failover that lost the newest write)",
 		zap.String("redis_key", redisKey))
 }

@@ -101,15 +101,11 @@ func (m *Metrics) Bypassed() { m.bypassed.Inc() }
 // RolledBack implements fleet.Observer.
 func (m *Metrics) RolledBack() { m.rolledBack.Inc() }
 
-// L2Timeout implements fleet.HealthObserver.
+// L2Timeout implements fleet.Observer.
 func (m *Metrics) L2Timeout(op string) { m.timeouts.WithLabelValues(op).Inc() }
 
-// BreakerOpened implements fleet.HealthObserver.
+// BreakerOpened implements fleet.Observer.
 func (m *Metrics) BreakerOpened() { m.openings.Inc() }
 
-// Interface guards.
-var (
-	_ fleet.Observer         = (*Metrics)(nil)
-	_ fleet.RollbackObserver = (*Metrics)(nil)
-	_ fleet.HealthObserver   = (*Metrics)(nil)
-)
+// Interface guard.
+var _ fleet.Observer = (*Metrics)(nil)
