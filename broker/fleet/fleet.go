@@ -222,7 +222,7 @@ type Cache struct {
 	opts     Options
 	rdb      redis.UniversalClient
 	keys     *seal.Keyring
-	nameKeys [][]byte
+	nameKeys [][]byte // name keys, current first (only it with PlainKeys)
 	locker   *redislock.Client
 	node     string
 	channel  string
@@ -310,6 +310,9 @@ func New(opts Options) (*Cache, error) {
 		logged:   "0-0",
 		vers:     newVersions(),
 		rts:      rtVersions{m: map[string]rtSeen{}},
+	}
+	if opts.PlainKeys {
+		c.nameKeys = c.nameKeys[:1] // a plain name is the same under every key
 	}
 	c.br = &breaker.Breaker{Threshold: opts.BreakerThreshold, Cooldown: opts.BreakerCooldown, SlowSpan: opts.SlowSpan}
 	c.timeouts = newCallTimeout(opts.Timeout, opts.MaxTimeout, poolSize(opts.Client))
@@ -607,10 +610,7 @@ func (c *Cache) undecryptable(key string, err error) {
 // (version.go); err is a Redis failure. After a key rotation, a token
 // stored under the old key's name (by nodes not yet rotated) is found too.
 func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found bool, err error) {
-	for i, nk := range c.nameKeys {
-		if i > 0 && c.opts.PlainKeys {
-			break
-		}
+	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
 		var b []byte
 		err = c.do(ctx, "get", func(ctx context.Context) error {
@@ -820,10 +820,7 @@ func (c *Cache) afterMint(ctx context.Context) context.Context {
 // purged token's is accepted afterwards, on this node and on those that
 // hear the announcement (version.go).
 func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
-	for i, nk := range c.nameKeys {
-		if i > 0 && c.opts.PlainKeys {
-			break
-		}
+	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
 		var deleted string
 		err := c.do(ctx, "purge", func(ctx context.Context) error {
