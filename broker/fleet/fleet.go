@@ -733,7 +733,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			}
 			return tok, adopted, err
 		}
-		if !errors.Is(err, errNotObtained) {
+		if !errors.Is(err, redislock.ErrNotObtained) {
 			if ctx.Err() != nil {
 				return broker.Token{}, false, ctx.Err()
 			}
@@ -847,7 +847,7 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			return err
 		}
 	}
-	return c.publishPurge(ctx, e)
+	return c.publish(ctx, e)
 }
 
 // purgeScript deletes KEYS[1] if its value starts with the fingerprint

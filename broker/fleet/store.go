@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/bsm/redislock"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
@@ -192,7 +193,7 @@ func (s *Store) Lock(ctx context.Context, key string) (func(), error) {
 				_ = c.publish(context.Background(), event{Kind: "unlock", Subject: subject})
 			}, nil
 		}
-		if !errors.Is(err, errNotObtained) {
+		if !errors.Is(err, redislock.ErrNotObtained) {
 			return nil, fmt.Errorf("fleet: locking the refresh token of %s: %w", key, err)
 		}
 		if err := c.waitLock(ctx, subject, wake); err != nil {
