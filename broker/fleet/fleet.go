@@ -668,13 +668,12 @@ func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
 func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
 	parent := trace.SpanFromContext(ctx)
 	if !parent.IsRecording() {
-		var how string
-		return c.fetch(ctx, key, usable, mint, &how)
+		tok, how, err := c.fetch(ctx, key, usable, mint)
+		return tok, how == howAdopted, err
 	}
 	ctx, span := parent.TracerProvider().Tracer(spans.TracerName).Start(ctx, l2SpanName, trace.WithSpanKind(trace.SpanKindInternal))
 	defer span.End()
-	var how string
-	tok, adopted, err := c.fetch(ctx, key, usable, mint, &how)
+	tok, how, err := c.fetch(ctx, key, usable, mint)
 	span.SetAttributes(attribute.String("token_broker.l2.outcome", how))
 	if err != nil {
 		// Errors come from the token API (no credential, broker.Source's
@@ -683,13 +682,21 @@ func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token)
 	} else {
 		span.SetAttributes(spans.Fingerprint.String(tok.Fingerprint()))
 	}
-	return tok, adopted, err
+	return tok, how == howAdopted, err
 }
 
 // l2SpanName is the span of a lookup in the shared tier.
 const l2SpanName = "token_broker.l2"
 
-// fetch is Fetch; it sets *how to how the token was obtained.
+// How a lookup obtained its token (Fetch).
+const (
+	howAdopted  = "adopted"
+	howMinted   = "minted"
+	howBypassed = "bypassed"
+)
+
+// fetch is Fetch; it returns how the token was obtained ("" when the
+// context ended first).
 //
 // The lookup's Redis calls before the mint last at most
 // Options.MaxTimeout together (withRedisTime); then it mints without
@@ -697,15 +704,14 @@ const l2SpanName = "token_broker.l2"
 // refresh token's) not counted in the lookup's; storing and announcing the
 // token get MaxTimeout of their own (afterMint), as does releasing the
 // lock (held.release).
-func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error), how *string) (broker.Token, bool, error) {
+func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, string, error) {
 	callerMint, mintCtx := mint, withRedisTime(ctx, 0)
 	mint = func(context.Context) (broker.Token, error) { return callerMint(mintCtx) }
 	ctx = withRedisTime(ctx, c.opts.MaxTimeout)
-	bypass := func() (broker.Token, bool, error) {
+	bypass := func() (broker.Token, string, error) {
 		c.obs.Bypassed()
-		*how = "bypassed"
 		tok, err := mint(ctx)
-		return tok, false, err
+		return tok, howBypassed, err
 	}
 	tok, found, err := c.read(ctx, key)
 	if err != nil {
@@ -713,8 +719,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 	}
 	if found && usable(tok) {
 		c.obs.L2Hit()
-		*how = "adopted"
-		return tok, true, nil
+		return tok, howAdopted, nil
 	}
 	c.obs.L2Miss()
 
@@ -726,16 +731,11 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 	for {
 		l, err := c.obtain(ctx, subject)
 		if err == nil {
-			*how = "minted"
-			tok, adopted, err := c.fetchLocked(ctx, key, subject, l, waited, usable, mint)
-			if adopted {
-				*how = "adopted"
-			}
-			return tok, adopted, err
+			return c.fetchLocked(ctx, key, subject, l, usable, mint)
 		}
 		if !errors.Is(err, redislock.ErrNotObtained) {
 			if ctx.Err() != nil {
-				return broker.Token{}, false, ctx.Err()
+				return broker.Token{}, "", ctx.Err()
 			}
 			return bypass()
 		}
@@ -750,13 +750,12 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			// as on Options.Now.
 			c.log.Warn("waited lock_ttl for another node's lock of a key: minting without it",
 				zap.String("redis_key", c.lockKey(subject)), zap.Duration("lock_ttl", c.opts.LockTTL))
-			*how = "bypassed"
 			c.obs.Bypassed()
 			return c.mintUnlocked(ctx, key, subject, mint)
 		}
 		if err := c.waitLock(ctx, subject, wake); err != nil {
 			if ctx.Err() != nil {
-				return broker.Token{}, false, ctx.Err()
+				return broker.Token{}, "", ctx.Err()
 			}
 			return bypass()
 		}
@@ -766,15 +765,14 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 		}
 		if found && usable(tok) {
 			c.obs.Adopted()
-			*how = "adopted"
-			return tok, true, nil
+			return tok, howAdopted, nil
 		}
 	}
 }
 
 // fetchLocked is Fetch under the key's lock: read again, mint, store,
 // release, announce.
-func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, waited bool, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
+func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, string, error) {
 	kind := "unlock"
 	after := c.afterMint(ctx)
 	defer func() {
@@ -784,28 +782,28 @@ func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, w
 	tok, found, err := c.read(ctx, key)
 	if err == nil && found && usable(tok) {
 		c.obs.Adopted()
-		return tok, true, nil
+		return tok, howAdopted, nil
 	}
 	tok, err = mint(ctx)
 	if err != nil {
-		return broker.Token{}, false, err
+		return broker.Token{}, howMinted, err
 	}
 	c.write(after, key, tok)
 	kind = "set"
-	return tok, false, nil
+	return tok, howMinted, nil
 }
 
 // mintUnlocked mints without the key's lock, stores the token and
 // announces it, so that the other nodes waiting on the same lock adopt it.
-func (c *Cache) mintUnlocked(ctx context.Context, key, subject string, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
+func (c *Cache) mintUnlocked(ctx context.Context, key, subject string, mint func(context.Context) (broker.Token, error)) (broker.Token, string, error) {
 	tok, err := mint(ctx)
 	if err != nil {
-		return broker.Token{}, false, err
+		return broker.Token{}, howBypassed, err
 	}
 	after := c.afterMint(ctx)
 	c.write(after, key, tok)
 	_ = c.publish(after, event{Kind: "set", Subject: subject})
-	return tok, false, nil
+	return tok, howBypassed, nil
 }
 
 // afterMint is the context of a lookup's calls after its mint (store,
