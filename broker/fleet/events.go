@@ -158,7 +158,7 @@ func (c *Cache) watch(subject string) (wake <-chan struct{}, stop func()) {
 	return ch, func() {
 		c.mu.Lock()
 		delete(set, ch)
-		if len(set) == 0 && c.waiters[subject] != nil && len(c.waiters[subject]) == 0 {
+		if len(set) == 0 { // set is c.waiters[subject] while ch is in it
 			delete(c.waiters, subject)
 		}
 		c.mu.Unlock()

@@ -31,37 +31,20 @@
 //
 // # A slow Redis is not a dead one
 //
-// Every Redis call has a bound of its own (timeout.go), which adapts to how
-// fast Redis answers: the smoothed latency of the calls that succeeded plus
-// four times its mean deviation (RFC 6298's retransmission timer), doubled
-// after a call that timed out until one succeeds, never below
-// Options.Timeout nor above Options.MaxTimeout. A call that queues behind
-// a full pool of connections (a burst of lookups) gets one such bound more
-// per pool ahead of it, up to Options.MaxTimeout. A call that timed out
-// (a read, a write of a sealed value, a lock taken or released; not a
-// purge, an announcement or a Run) is tried again with the longer bound,
-// until one had MaxTimeout, while its caller waits. A lookup's calls
-// before its mint last at most MaxTimeout together (then it mints without
-// Redis); after the mint, storing and announcing the token take at most
-// MaxTimeout together, and releasing the lock MaxTimeout; the mint itself
-// runs on the caller's context.
+// Every Redis call has a bound that follows how fast Redis answers, from
+// Options.Timeout to Options.MaxTimeout (timeout.go); a call that can run
+// twice with the same effect is tried again with a longer bound (do). A
+// lookup's calls before its mint last at most MaxTimeout together, then it
+// mints without Redis; the mint itself runs on the caller's context.
 //
 // One breaker (internal/breaker, the one the broker uses for token APIs)
-// keeps Redis out when it is gone, and tells the two apart:
-//
-//   - a failure to reach Redis (connection refused or reset, no route, a
-//     dial that timed out, a closed connection) or an error answer counts
-//     at once: Options.BreakerThreshold of them in a row open the breaker;
-//   - a call that ran out of its bound is slow, not failed: timeouts count
-//     only once they have lasted Options.SlowSpan without any call
-//     succeeding in between, then each one counts as a failure. A burst
-//     of slow answers on busy CPUs does not open the breaker; a Redis that
-//     stopped answering opens it after SlowSpan and BreakerThreshold more
-//     timeouts.
-//
-// While the breaker is open (Options.BreakerCooldown) lookups mint
-// directly, without Redis; then one call probes Redis, and sharing resumes
-// when it answers. No lookup fails because of Redis.
+// keeps Redis out when it is gone: a failure to reach Redis or an error
+// answer counts at once, and Options.BreakerThreshold of them in a row
+// open it; a timeout counts only once timeouts have lasted
+// Options.SlowSpan without a success, so a burst of slow answers on busy
+// CPUs does not open it. While it is open (Options.BreakerCooldown)
+// lookups mint without Redis; then one call probes Redis. No lookup fails
+// because of Redis.
 package fleet
 
 import (

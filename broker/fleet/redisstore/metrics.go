@@ -36,8 +36,8 @@ type Metrics struct {
 	openings      prometheus.Counter
 }
 
-// NewMetrics creates the collectors.
-func NewMetrics() *Metrics {
+// newMetrics creates the collectors.
+func newMetrics() *Metrics {
 	const ns, sub = "caddy", "token_broker"
 	counter := func(name, help string) prometheus.Counter {
 		return prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help})
