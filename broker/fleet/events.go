@@ -31,17 +31,25 @@ type event struct {
 	Floor []byte `json:"fl,omitempty"`
 }
 
-// publish announces e to every node, this one included. A failure is only
-// counted: the others then wake at the lock's expiry.
+// publish announces e to every node, this one included; a purge is
+// written to the purge log first. A failed announcement of a lock's end
+// is only counted: the others then wake at the lock's expiry.
 func (c *Cache) publish(ctx context.Context, e event) error {
 	e.Node = c.node
 	b, err := json.Marshal(e)
 	if err != nil {
 		return err
 	}
-	return c.do(context.WithoutCancel(ctx), "publish", func(ctx context.Context) error {
+	ctx = context.WithoutCancel(ctx)
+	var logErr error
+	if e.Kind == "purge" {
+		logErr = c.do(ctx, "publish", func(ctx context.Context) error {
+			return c.rdb.XAdd(ctx, &redis.XAddArgs{Stream: c.purgeLog(), MaxLen: purgeLogLen, Approx: true, Values: []any{"e", b}}).Err()
+		})
+	}
+	return errors.Join(logErr, c.do(ctx, "publish", func(ctx context.Context) error {
 		return c.rdb.Publish(ctx, c.channel, b).Err()
-	})
+	}))
 }
 
 // listen handles the channel's messages until the subscription is closed.
@@ -111,23 +119,6 @@ const purgeLogLen = 1000
 // for the nodes whose subscription was down when they were made.
 func (c *Cache) purgeLog() string { return c.opts.KeyPrefix + "purges" }
 
-// publishPurge logs a purge announcement in the purge log, then publishes
-// it.
-func (c *Cache) publishPurge(ctx context.Context, e event) error {
-	e.Node = c.node
-	b, err := json.Marshal(e)
-	if err != nil {
-		return err
-	}
-	ctx = context.WithoutCancel(ctx)
-	logErr := c.do(ctx, "publish", func(ctx context.Context) error {
-		return c.rdb.XAdd(ctx, &redis.XAddArgs{Stream: c.purgeLog(), MaxLen: purgeLogLen, Approx: true, Values: []any{"e", b}}).Err()
-	})
-	return errors.Join(logErr, c.do(ctx, "publish", func(ctx context.Context) error {
-		return c.rdb.Publish(ctx, c.channel, b).Err()
-	}))
-}
-
 // catchUp applies the purges logged since the last catch-up (at New: the
 // whole log, so that a new node refuses the recently purged tokens if they
 // are written back; those are not counted as received). A purge heard
@@ -167,7 +158,7 @@ func (c *Cache) watch(subject string) (wake <-chan struct{}, stop func()) {
 	return ch, func() {
 		c.mu.Lock()
 		delete(set, ch)
-		if len(set) == 0 && c.waiters[subject] != nil && len(c.waiters[subject]) == 0 {
+		if len(set) == 0 { // set is c.waiters[subject] while ch is in it
 			delete(c.waiters, subject)
 		}
 		c.mu.Unlock()

@@ -31,37 +31,20 @@
 //
 // # A slow Redis is not a dead one
 //
-// Every Redis call has a bound of its own (timeout.go), which adapts to how
-// fast Redis answers: the smoothed latency of the calls that succeeded plus
-// four times its mean deviation (RFC 6298's retransmission timer), doubled
-// after a call that timed out until one succeeds, never below
-// Options.Timeout nor above Options.MaxTimeout. A call that queues behind
-// a full pool of connections (a burst of lookups) gets one such bound more
-// per pool ahead of it, up to Options.MaxTimeout. A call that timed out
-// (a read, a write of a sealed value, a lock taken or released; not a
-// purge, an announcement or a Run) is tried again with the longer bound,
-// until one had MaxTimeout, while its caller waits. A lookup's calls
-// before its mint last at most MaxTimeout together (then it mints without
-// Redis); after the mint, storing and announcing the token take at most
-// MaxTimeout together, and releasing the lock MaxTimeout; the mint itself
-// runs on the caller's context.
+// Every Redis call has a bound that follows how fast Redis answers, from
+// Options.Timeout to Options.MaxTimeout (timeout.go); a call that can run
+// twice with the same effect is tried again with a longer bound (do). A
+// lookup's calls before its mint last at most MaxTimeout together, then it
+// mints without Redis; the mint itself runs on the caller's context.
 //
 // One breaker (internal/breaker, the one the broker uses for token APIs)
-// keeps Redis out when it is gone, and tells the two apart:
-//
-//   - a failure to reach Redis (connection refused or reset, no route, a
-//     dial that timed out, a closed connection) or an error answer counts
-//     at once: Options.BreakerThreshold of them in a row open the breaker;
-//   - a call that ran out of its bound is slow, not failed: timeouts count
-//     only once they have lasted Options.SlowSpan without any call
-//     succeeding in between, then each one counts as a failure. A burst
-//     of slow answers on busy CPUs does not open the breaker; a Redis that
-//     stopped answering opens it after SlowSpan and BreakerThreshold more
-//     timeouts.
-//
-// While the breaker is open (Options.BreakerCooldown) lookups mint
-// directly, without Redis; then one call probes Redis, and sharing resumes
-// when it answers. No lookup fails because of Redis.
+// keeps Redis out when it is gone: a failure to reach Redis or an error
+// answer counts at once, and Options.BreakerThreshold of them in a row
+// open it; a timeout counts only once timeouts have lasted
+// Options.SlowSpan without a success, so a burst of slow answers on busy
+// CPUs does not open it. While it is open (Options.BreakerCooldown)
+// lookups mint without Redis; then one call probes Redis. No lookup fails
+// because of Redis.
 package fleet
 
 import (
@@ -222,7 +205,7 @@ type Cache struct {
 	opts     Options
 	rdb      redis.UniversalClient
 	keys     *seal.Keyring
-	nameKeys [][]byte
+	nameKeys [][]byte // name keys, current first (only it with PlainKeys)
 	locker   *redislock.Client
 	node     string
 	channel  string
@@ -310,6 +293,9 @@ func New(opts Options) (*Cache, error) {
 		logged:   "0-0",
 		vers:     newVersions(),
 		rts:      rtVersions{m: map[string]rtSeen{}},
+	}
+	if opts.PlainKeys {
+		c.nameKeys = c.nameKeys[:1] // a plain name is the same under every key
 	}
 	c.br = &breaker.Breaker{Threshold: opts.BreakerThreshold, Cooldown: opts.BreakerCooldown, SlowSpan: opts.SlowSpan}
 	c.timeouts = newCallTimeout(opts.Timeout, opts.MaxTimeout, poolSize(opts.Client))
@@ -471,9 +457,7 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 		outcome = breaker.Slow
 		c.timeouts.timedOut(call)
 		c.obs.L2Error(op)
-		if o, ok := c.obs.(HealthObserver); ok {
-			o.L2Timeout(op)
-		}
+		c.obs.L2Timeout(op)
 	default:
 		c.timeouts.ended()
 		c.obs.L2Error(op)
@@ -481,9 +465,7 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	from, to := c.br.Record(c.opts.Now(), outcome, err)
 	switch {
 	case from == breaker.Closed && to == breaker.Open:
-		if o, ok := c.obs.(HealthObserver); ok {
-			o.BreakerOpened()
-		}
+		c.obs.BreakerOpened()
 		c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
 			zap.Duration("cooldown", c.opts.BreakerCooldown), zap.Error(err))
 		c.tellAvailability(false, err)
@@ -595,9 +577,7 @@ func (c *Cache) decode(key string, b []byte) (tok broker.Token, ver int64, ok bo
 // rolledBack counts and logs a value older than the newest this node has
 // seen for its key, which is then ignored.
 func (c *Cache) rolledBack(redisKey string) {
-	if o, ok := c.obs.(RollbackObserver); ok {
-		o.RolledBack()
-	}
+	c.obs.RolledBack()
 	c.log.Warn("ignoring a value in redis older than one this node has seen for its key (an old value written back: a purged token, a spent refresh token, or a failover that lost the newest write)",
 		zap.String("redis_key", redisKey))
 }
@@ -613,10 +593,7 @@ func (c *Cache) undecryptable(key string, err error) {
 // (version.go); err is a Redis failure. After a key rotation, a token
 // stored under the old key's name (by nodes not yet rotated) is found too.
 func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found bool, err error) {
-	for i, nk := range c.nameKeys {
-		if i > 0 && c.opts.PlainKeys {
-			break
-		}
+	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
 		var b []byte
 		err = c.do(ctx, "get", func(ctx context.Context) error {
@@ -674,13 +651,12 @@ func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
 func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
 	parent := trace.SpanFromContext(ctx)
 	if !parent.IsRecording() {
-		var how string
-		return c.fetch(ctx, key, usable, mint, &how)
+		tok, how, err := c.fetch(ctx, key, usable, mint)
+		return tok, how == howAdopted, err
 	}
 	ctx, span := parent.TracerProvider().Tracer(spans.TracerName).Start(ctx, l2SpanName, trace.WithSpanKind(trace.SpanKindInternal))
 	defer span.End()
-	var how string
-	tok, adopted, err := c.fetch(ctx, key, usable, mint, &how)
+	tok, how, err := c.fetch(ctx, key, usable, mint)
 	span.SetAttributes(attribute.String("token_broker.l2.outcome", how))
 	if err != nil {
 		// Errors come from the token API (no credential, broker.Source's
@@ -689,13 +665,21 @@ func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token)
 	} else {
 		span.SetAttributes(spans.Fingerprint.String(tok.Fingerprint()))
 	}
-	return tok, adopted, err
+	return tok, how == howAdopted, err
 }
 
 // l2SpanName is the span of a lookup in the shared tier.
 const l2SpanName = "token_broker.l2"
 
-// fetch is Fetch; it sets *how to how the token was obtained.
+// How a lookup obtained its token (Fetch).
+const (
+	howAdopted  = "adopted"
+	howMinted   = "minted"
+	howBypassed = "bypassed"
+)
+
+// fetch is Fetch; it returns how the token was obtained ("" when the
+// context ended first).
 //
 // The lookup's Redis calls before the mint last at most
 // Options.MaxTimeout together (withRedisTime); then it mints without
@@ -703,15 +687,14 @@ const l2SpanName = "token_broker.l2"
 // refresh token's) not counted in the lookup's; storing and announcing the
 // token get MaxTimeout of their own (afterMint), as does releasing the
 // lock (held.release).
-func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error), how *string) (broker.Token, bool, error) {
+func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, string, error) {
 	callerMint, mintCtx := mint, withRedisTime(ctx, 0)
 	mint = func(context.Context) (broker.Token, error) { return callerMint(mintCtx) }
 	ctx = withRedisTime(ctx, c.opts.MaxTimeout)
-	bypass := func() (broker.Token, bool, error) {
+	bypass := func() (broker.Token, string, error) {
 		c.obs.Bypassed()
-		*how = "bypassed"
 		tok, err := mint(ctx)
-		return tok, false, err
+		return tok, howBypassed, err
 	}
 	tok, found, err := c.read(ctx, key)
 	if err != nil {
@@ -719,8 +702,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 	}
 	if found && usable(tok) {
 		c.obs.L2Hit()
-		*how = "adopted"
-		return tok, true, nil
+		return tok, howAdopted, nil
 	}
 	c.obs.L2Miss()
 
@@ -732,16 +714,11 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 	for {
 		l, err := c.obtain(ctx, subject)
 		if err == nil {
-			*how = "minted"
-			tok, adopted, err := c.fetchLocked(ctx, key, subject, l, waited, usable, mint)
-			if adopted {
-				*how = "adopted"
-			}
-			return tok, adopted, err
+			return c.fetchLocked(ctx, key, subject, l, usable, mint)
 		}
-		if !errors.Is(err, errNotObtained) {
+		if !errors.Is(err, redislock.ErrNotObtained) {
 			if ctx.Err() != nil {
-				return broker.Token{}, false, ctx.Err()
+				return broker.Token{}, "", ctx.Err()
 			}
 			return bypass()
 		}
@@ -756,13 +733,12 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			// as on Options.Now.
 			c.log.Warn("waited lock_ttl for another node's lock of a key: minting without it",
 				zap.String("redis_key", c.lockKey(subject)), zap.Duration("lock_ttl", c.opts.LockTTL))
-			*how = "bypassed"
 			c.obs.Bypassed()
 			return c.mintUnlocked(ctx, key, subject, mint)
 		}
 		if err := c.waitLock(ctx, subject, wake); err != nil {
 			if ctx.Err() != nil {
-				return broker.Token{}, false, ctx.Err()
+				return broker.Token{}, "", ctx.Err()
 			}
 			return bypass()
 		}
@@ -772,15 +748,14 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 		}
 		if found && usable(tok) {
 			c.obs.Adopted()
-			*how = "adopted"
-			return tok, true, nil
+			return tok, howAdopted, nil
 		}
 	}
 }
 
 // fetchLocked is Fetch under the key's lock: read again, mint, store,
 // release, announce.
-func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, waited bool, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
+func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, string, error) {
 	kind := "unlock"
 	after := c.afterMint(ctx)
 	defer func() {
@@ -790,28 +765,28 @@ func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, w
 	tok, found, err := c.read(ctx, key)
 	if err == nil && found && usable(tok) {
 		c.obs.Adopted()
-		return tok, true, nil
+		return tok, howAdopted, nil
 	}
 	tok, err = mint(ctx)
 	if err != nil {
-		return broker.Token{}, false, err
+		return broker.Token{}, howMinted, err
 	}
 	c.write(after, key, tok)
 	kind = "set"
-	return tok, false, nil
+	return tok, howMinted, nil
 }
 
 // mintUnlocked mints without the key's lock, stores the token and
 // announces it, so that the other nodes waiting on the same lock adopt it.
-func (c *Cache) mintUnlocked(ctx context.Context, key, subject string, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
+func (c *Cache) mintUnlocked(ctx context.Context, key, subject string, mint func(context.Context) (broker.Token, error)) (broker.Token, string, error) {
 	tok, err := mint(ctx)
 	if err != nil {
-		return broker.Token{}, false, err
+		return broker.Token{}, howBypassed, err
 	}
 	after := c.afterMint(ctx)
 	c.write(after, key, tok)
 	_ = c.publish(after, event{Kind: "set", Subject: subject})
-	return tok, false, nil
+	return tok, howBypassed, nil
 }
 
 // afterMint is the context of a lookup's calls after its mint (store,
@@ -826,10 +801,7 @@ func (c *Cache) afterMint(ctx context.Context) context.Context {
 // purged token's is accepted afterwards, on this node and on those that
 // hear the announcement (version.go).
 func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
-	for i, nk := range c.nameKeys {
-		if i > 0 && c.opts.PlainKeys {
-			break
-		}
+	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
 		var deleted string
 		err := c.do(ctx, "purge", func(ctx context.Context) error {
@@ -856,7 +828,7 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			return err
 		}
 	}
-	return c.publishPurge(ctx, e)
+	return c.publish(ctx, e)
 }
 
 // purgeScript deletes KEYS[1] if its value starts with the fingerprint

@@ -159,7 +159,3 @@ if redis.call("PTTL", KEYS[1]) == -1 then
 end
 return 0
 `)
-
-// errNotObtained is the lock library's answer when another node holds
-// the lock.
-var errNotObtained = redislock.ErrNotObtained

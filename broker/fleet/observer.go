@@ -32,23 +32,12 @@ type Observer interface {
 	// because Redis was unavailable (breaker open, error or timeout), or
 	// without the key's lock after waiting Options.LockTTL for it.
 	Bypassed()
-}
-
-// RollbackObserver is implemented by an Observer that also counts
-// rollbacks; the Cache calls RolledBack when the Observer has it.
-type RollbackObserver interface {
 	// RolledBack is called when a value in Redis is older than one this
 	// node has seen for its key: an old value written back (a purged
 	// token, a spent refresh token) or a failover that lost the newest
 	// write. A token is ignored (treated as absent); a refresh token is
 	// replaced by the newer one this node has.
 	RolledBack()
-}
-
-// HealthObserver is implemented by an Observer that also counts Redis
-// calls that timed out and openings of the tier's breaker; the Cache calls
-// them when the Observer has them.
-type HealthObserver interface {
 	// L2Timeout is called when a Redis call ran out of its bound (op as
 	// for L2Error, which is called too). A timeout is slow, not failed:
 	// it opens the breaker only when timeouts last (Options.SlowSpan).
@@ -58,8 +47,7 @@ type HealthObserver interface {
 	BreakerOpened()
 }
 
-// NopObserver is an Observer that does nothing. Embed it to implement only
-// some methods.
+// NopObserver is an Observer that does nothing.
 type NopObserver struct{}
 
 // L2Hit implements Observer.
@@ -89,14 +77,10 @@ func (NopObserver) Bypassed() {}
 // RolledBack implements Observer.
 func (NopObserver) RolledBack() {}
 
-// L2Timeout implements HealthObserver.
+// L2Timeout implements Observer.
 func (NopObserver) L2Timeout(string) {}
 
-// BreakerOpened implements HealthObserver.
+// BreakerOpened implements Observer.
 func (NopObserver) BreakerOpened() {}
 
-var (
-	_ Observer         = NopObserver{}
-	_ RollbackObserver = NopObserver{}
-	_ HealthObserver   = NopObserver{}
-)
+var _ Observer = NopObserver{}

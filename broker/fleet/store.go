@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/bsm/redislock"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
@@ -100,10 +101,7 @@ func (s *Store) redisKey(nameKey []byte, key string) string {
 
 // Load implements oauth.Store.
 func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
-	for i, nk := range s.c.nameKeys {
-		if i > 0 && s.c.opts.PlainKeys {
-			break
-		}
+	for _, nk := range s.c.nameKeys {
 		name := s.redisKey(nk, key)
 		var b []byte
 		err := s.c.do(ctx, "get", func(ctx context.Context) error {
@@ -172,11 +170,9 @@ func (s *Store) Save(ctx context.Context, key string, rt broker.Secret) error {
 		return fmt.Errorf("fleet: saving the refresh token of %s to redis: %w", key, err)
 	}
 	s.c.rts.newer(key, ver, sealed)
-	if !s.c.opts.PlainKeys {
-		for _, nk := range s.c.nameKeys[1:] {
-			old := s.redisKey(nk, key)
-			_ = s.c.do(ctx, "del", func(ctx context.Context) error { return s.c.rdb.Del(ctx, old).Err() })
-		}
+	for _, nk := range s.c.nameKeys[1:] {
+		old := s.redisKey(nk, key)
+		_ = s.c.do(ctx, "del", func(ctx context.Context) error { return s.c.rdb.Del(ctx, old).Err() })
 	}
 	return nil
 }
@@ -197,7 +193,7 @@ func (s *Store) Lock(ctx context.Context, key string) (func(), error) {
 				_ = c.publish(context.Background(), event{Kind: "unlock", Subject: subject})
 			}, nil
 		}
-		if !errors.Is(err, errNotObtained) {
+		if !errors.Is(err, redislock.ErrNotObtained) {
 			return nil, fmt.Errorf("fleet: locking the refresh token of %s: %w", key, err)
 		}
 		if err := c.waitLock(ctx, subject, wake); err != nil {

@@ -36,8 +36,8 @@ type Metrics struct {
 	openings      prometheus.Counter
 }
 
-// NewMetrics creates the collectors.
-func NewMetrics() *Metrics {
+// newMetrics creates the collectors.
+func newMetrics() *Metrics {
 	const ns, sub = "caddy", "token_broker"
 	counter := func(name, help string) prometheus.Counter {
 		return prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: name, Help: help})
@@ -101,15 +101,11 @@ func (m *Metrics) Bypassed() { m.bypassed.Inc() }
 // RolledBack implements fleet.Observer.
 func (m *Metrics) RolledBack() { m.rolledBack.Inc() }
 
-// L2Timeout implements fleet.HealthObserver.
+// L2Timeout implements fleet.Observer.
 func (m *Metrics) L2Timeout(op string) { m.timeouts.WithLabelValues(op).Inc() }
 
-// BreakerOpened implements fleet.HealthObserver.
+// BreakerOpened implements fleet.Observer.
 func (m *Metrics) BreakerOpened() { m.openings.Inc() }
 
-// Interface guards.
-var (
-	_ fleet.Observer         = (*Metrics)(nil)
-	_ fleet.RollbackObserver = (*Metrics)(nil)
-	_ fleet.HealthObserver   = (*Metrics)(nil)
-)
+// Interface guard.
+var _ fleet.Observer = (*Metrics)(nil)

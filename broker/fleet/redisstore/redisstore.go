@@ -191,7 +191,7 @@ type Tier struct {
 // Open creates the plan's client and tier; it does not wait for Redis.
 func (p *Plan) Open(logger *zap.Logger) (*Tier, error) {
 	client := redis.NewUniversalClient(p.opts)
-	m := NewMetrics()
+	m := newMetrics()
 	cache, err := fleet.New(fleet.Options{
 		Client: client, Keys: p.keys, KeyPrefix: p.s.KeyPrefix, PlainKeys: p.s.PlainKeys,
 		Timeout: p.Timeout, MaxTimeout: p.MaxTimeout, LockTTL: p.LockTTL, Observer: m, Logger: logger,
