@@ -21,8 +21,3 @@ type TLSOptions = httpclient.TLSOptions
 func NewHTTPClient(timeout time.Duration, tlsOpts TLSOptions) (*http.Client, error) {
 	return httpclient.New(timeout, tlsOpts)
 }
-
-// RedactURLError drops the URL (and so any query) from a *url.Error: a
-// token API's URL can carry an organisation id or a query that has no
-// place in a log line that already names the merchant and the host.
-func RedactURLError(err error) error { return httpclient.RedactURLError(err) }

@@ -47,8 +47,8 @@ type Index struct {
 	last atomic.Pointer[registryIndex]
 }
 
-// rank is a merchant state's index in States(): lower is worse. The
-// constants name the ranks in States' order.
+// rank is a merchant state's index in stateOrder: lower is worse. The
+// constants name the ranks in that order.
 type rank uint8
 
 const (
@@ -63,7 +63,7 @@ const (
 
 // rankOf is the rank of a state; rankIdle for "" or an unknown one.
 func rankOf(state string) rank {
-	if i := slices.Index(States(), state); i >= 0 {
+	if i := slices.Index(stateOrder[:], state); i >= 0 {
 		return rank(i)
 	}
 	return rankIdle

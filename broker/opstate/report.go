@@ -4,7 +4,10 @@
 // never holds or shows a token or a secret.
 package opstate
 
-import "time"
+import (
+	"slices"
+	"time"
+)
 
 // States of a merchant, worst first. A merchant with several cache keys
 // (route scopes, audiences) takes the worst state of its keys, including
@@ -13,8 +16,7 @@ import "time"
 const (
 	// StateRefused: the provider refused the credentials (invalid API key
 	// or client, token_refused), for this merchant's request or, while
-	// its provider's configuration is held after such a refusal, for
-	// another's.
+	// its provider backs off after such a refusal, for another's.
 	StateRefused = "refused"
 	// StateUnknownOrganisation: the provider does not know the merchant's
 	// organisation.
@@ -24,8 +26,8 @@ const (
 	StateNeedsConsent = "needs_consent"
 	// StateBackingOff: the last token request failed (provider down, rate
 	// limited, bad answer) and the key is in failure memory; or, for a
-	// merchant without a token, its provider's breaker is open or its
-	// configuration is held after a 429.
+	// merchant without a token, its provider's breaker is open or it
+	// backs off after a 429.
 	StateBackingOff = "backing_off"
 	// StateRefreshing: a cached token is in its refresh window, past the
 	// point its refresh-ahead was planned for (broker.Token.RefreshAt).
@@ -37,9 +39,13 @@ const (
 	StateIdle = "idle"
 )
 
+// stateOrder holds the merchant states, worst first: a state's rank is
+// its index.
+var stateOrder = [...]string{StateRefused, StateUnknownOrganisation, StateNeedsConsent, StateBackingOff, StateRefreshing, StateFresh, StateIdle}
+
 // States returns the merchant states, worst first.
 func States() []string {
-	return []string{StateRefused, StateUnknownOrganisation, StateNeedsConsent, StateBackingOff, StateRefreshing, StateFresh, StateIdle}
+	return slices.Clone(stateOrder[:])
 }
 
 // Events emitted through Caddy's events app for what someone must act on.

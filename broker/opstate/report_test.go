@@ -29,3 +29,29 @@ func TestEventData(t *testing.T) {
 		})
 	}
 }
+
+// TestRankConstantsFollowStates: each rank constant is its state's index
+// in States, so that merchants are ranked worst first.
+func TestRankConstantsFollowStates(t *testing.T) {
+	for _, tc := range []struct {
+		state string
+		want  rank
+	}{
+		{StateRefused, rankRefused},
+		{StateUnknownOrganisation, rankUnknownOrganisation},
+		{StateNeedsConsent, rankNeedsConsent},
+		{StateBackingOff, rankBackingOff},
+		{StateRefreshing, rankRefreshing},
+		{StateFresh, rankFresh},
+		{StateIdle, rankIdle},
+		{"", rankIdle},
+		{"no such state", rankIdle},
+	} {
+		if got := rankOf(tc.state); got != tc.want {
+			t.Errorf("rankOf(%q) = %d, want %d", tc.state, got, tc.want)
+		}
+	}
+	if n := len(States()); n != int(rankIdle)+1 {
+		t.Errorf("%d states, %d ranks", n, rankIdle+1)
+	}
+}

@@ -414,6 +414,12 @@ func (t *Tracker) reconcile(provider string, current map[string]broker.SourceHea
 	}
 	open := func(h broker.SourceHealth) bool { return h.Breaker != broker.BreakerClosed }
 	backingOff := func(h broker.SourceHealth) bool { return !h.BackoffUntil.IsZero() }
+	t.mu.Lock()
+	known := t.providers[provider] != nil
+	t.mu.Unlock()
+	if !known {
+		return // nothing told of it: nothing to reconcile
+	}
 	t.changeProvider(provider, func(p *providerRecord) {
 		maps.DeleteFunc(p.open, func(id string, told uint64) bool { return stale(id, told, open) })
 		maps.DeleteFunc(p.backingOff, func(id string, told uint64) bool { return stale(id, told, backingOff) })

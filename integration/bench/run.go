@@ -158,9 +158,6 @@ func (e *env) startCaddy(name, registry string) (*server, error) {
 	return s, err
 }
 
-// prepare builds bin/caddy when asked (-build), resolves the paths of
-// bin/caddy and of this driver, and starts the upstream helper process
-// in e.dir. It returns the driver's path, for the other helpers.
 // lookWrk finds wrk, which the throughput modes drive.
 func lookWrk() (string, error) {
 	wrk, err := exec.LookPath("wrk")
@@ -232,6 +229,9 @@ func lookRedis() (string, error) {
 	return bin, nil
 }
 
+// prepare builds bin/caddy when asked (-build), resolves the paths of
+// bin/caddy and of this driver, and starts the upstream helper process
+// in e.dir. It returns the driver's path, for the other helpers.
 func (e *env) prepare() (self string, err error) {
 	if e.o.build {
 		goBin := os.Getenv("GO")
