@@ -94,27 +94,22 @@ func (c *Cache) use(key string, fileKeys []string) *registry {
 	defer c.mu.Unlock()
 	r := c.regs[key]
 	if r == nil {
+		held := map[string]*file{}
+		for _, other := range c.regs {
+			for _, f := range other.files {
+				held[f.key] = f
+			}
+		}
 		r = &registry{files: make([]*file, len(fileKeys))}
 		for i, fk := range fileKeys {
-			r.files[i] = c.cachedFile(fk)
+			if r.files[i] = held[fk]; r.files[i] == nil {
+				r.files[i] = &file{key: fk}
+			}
 		}
 		c.regs[key] = r
 	}
 	r.refs++
 	return r
-}
-
-// cachedFile returns the file of key fk that a cached registry holds, or
-// a new one; under c.mu.
-func (c *Cache) cachedFile(fk string) *file {
-	for _, r := range c.regs {
-		for _, f := range r.files {
-			if f.key == fk {
-				return f
-			}
-		}
-	}
-	return &file{key: fk}
 }
 
 // Release ends one use of the registry of key (from Load); the registry
