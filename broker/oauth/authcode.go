@@ -597,20 +597,29 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, raw *oauth2
 }
 
 // authEndpoints returns the source's endpoints (discovered as the source
-// discovers them) with the configured authorization and PAR endpoints; a
-// failed discovery is tried again after 5 seconds.
+// discovers them) with the configured authorization and PAR endpoints;
+// after a failed discovery, the consent flow discovers again only 5
+// seconds later.
 func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	cfg := a.src.cfg
 	now := cfg.Now()
-	if now.Before(a.retr) {
-		return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New("failed a few seconds ago")}
-	}
-	d, err := a.src.ep.get(ctx)
-	if err != nil {
-		a.retr = now.Add(5 * time.Second)
-		return nil, err
+	d := a.src.ep.cached()
+	if d == nil {
+		a.mu.Lock()
+		retr := a.retr
+		a.mu.Unlock()
+		if now.Before(retr) {
+			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New("failed a few seconds ago")}
+		}
+		var err error
+		if d, err = a.src.ep.get(ctx); err != nil {
+			if de := (*DiscoveryError)(nil); errors.As(err, &de) {
+				a.mu.Lock()
+				a.retr = now.Add(5 * time.Second)
+				a.mu.Unlock()
+			}
+			return nil, err
+		}
 	}
 	ep := *d
 	ep.auth = cmp.Or(a.cfg.AuthorizationURL, d.auth)

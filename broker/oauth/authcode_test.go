@@ -8,7 +8,9 @@ import (
 	"crypto"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync/atomic"
@@ -401,5 +403,55 @@ func TestPendingsSealed(t *testing.T) {
 	}
 	if _, err := p.take(ctx, kindState, secret); !errors.Is(err, ErrUnknownPending) {
 		t.Errorf("second take: %v", err)
+	}
+}
+
+// TestConsentStartAfterCancelledDiscovery: a merchant who leaves while the
+// provider is being discovered does not make the next merchant's consent
+// wait for the pause that follows a failed discovery.
+func TestConsentStartAfterCancelledDiscovery(t *testing.T) {
+	arrived, release := make(chan struct{}, 1), make(chan struct{})
+	var srv *httptest.Server
+	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/.well-known/openid-configuration" {
+			http.NotFound(w, r)
+			return
+		}
+		arrived <- struct{}{}
+		<-release
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":%q,"token_endpoint":%q,"jwks_uri":%q}`,
+			srv.URL, srv.URL+"/authorize", srv.URL+"/token", srv.URL+"/jwks")
+	}))
+	defer srv.Close()
+	src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, ReturnURLs: []string{"https://app.partner.example/consent/"}},
+		&Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := func(ctx context.Context) error {
+		link, err := flow.NewLink(context.Background(), "acme", "https://app.partner.example/consent/done", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, _ := url.Parse(link.URL)
+		_, _, err = flow.Start(ctx, u.Query().Get("link"), u.Host)
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	first := make(chan error, 1)
+	go func() { first <- start(ctx) }()
+	<-arrived // the discovery is under way
+	cancel()
+	if err := <-first; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Start whose caller left: %v, want context.Canceled", err)
+	}
+	close(release)
+	if err := start(context.Background()); err != nil {
+		t.Fatalf("Start after one whose caller left: %v", err)
 	}
 }

@@ -82,10 +82,7 @@ func newDiscovery(cfg *Config) *discovery {
 // Concurrent callers share one discovery; a failure is returned to them and
 // not cached.
 func (e *discovery) get(ctx context.Context) (*endpoints, error) {
-	e.mu.Lock()
-	cur := e.cur
-	e.mu.Unlock()
-	if cur != nil {
+	if cur := e.cached(); cur != nil {
 		return cur, nil
 	}
 	ch := e.sf.DoChan("", func() (any, error) {
@@ -109,6 +106,14 @@ func (e *discovery) get(ctx context.Context) (*endpoints, error) {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// cached returns the endpoints when they are known without a discovery,
+// else nil.
+func (e *discovery) cached() *endpoints {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.cur
 }
 
 // invalidate forgets discovered endpoints so that the next call discovers
