@@ -215,9 +215,8 @@ func derive(purpose, kind, secret string) []byte {
 	return h[:]
 }
 
-// SealedKey is the store key of the record of a secret of kind (a link, a
-// state, a result id): kind + "/" + the hex of a SHA-256 of them.
-func SealedKey(kind, secret string) string {
+// storeKey is the store key of a secret: kind + "/" + hex of a SHA-256.
+func storeKey(kind, secret string) string {
 	return kind + "/" + hex.EncodeToString(derive("key", kind, secret))
 }
 
@@ -227,58 +226,33 @@ func keyring(kind, secret string) *seal.Keyring {
 	return kr
 }
 
-// PutSealed stores rec, as JSON sealed (internal/seal: AES-256-GCM) with
-// a key derived from secret, in store under SealedKey(kind, secret) until
-// expires: only the bearer of secret can find and open it.
-func PutSealed(ctx context.Context, store PendingStore, kind, secret string, rec any, expires time.Time) error {
+// put seals rec under secret.
+func (p *Pendings) put(ctx context.Context, kind, secret string, rec Pending) error {
 	plain, err := json.Marshal(rec)
 	if err != nil {
 		return err
 	}
-	key := SealedKey(kind, secret)
+	key := storeKey(kind, secret)
 	sealed, err := keyring(kind, secret).Seal(plain, []byte(key))
 	if err != nil {
 		return fmt.Errorf("sealing the consent %s: %w", kind, err)
 	}
-	if err := store.Put(ctx, key, sealed, expires); err != nil {
+	if err := p.Store.Put(ctx, key, sealed, rec.Expires); err != nil {
 		return fmt.Errorf("storing the consent %s: %w", kind, err)
 	}
 	return nil
 }
 
-// GetSealed reads the record PutSealed stored for secret, without
-// consuming it, into rec: an error wrapping ErrUnknownPending when there
-// is none or it does not open. The record's expiry is the caller's to
-// check.
-func GetSealed(ctx context.Context, store PendingStore, kind, secret string, rec any) error {
-	sealed, err := store.Get(ctx, SealedKey(kind, secret))
-	if err != nil {
-		return err
-	}
-	return openSealed(kind, secret, sealed, rec)
-}
-
-// openSealed opens the sealed record of secret into rec:
-// ErrUnknownPending when it does not open.
-func openSealed(kind, secret string, sealed []byte, rec any) error {
-	plain, err := keyring(kind, secret).Open(sealed, []byte(SealedKey(kind, secret)))
-	if err != nil || json.Unmarshal(plain, rec) != nil {
-		return ErrUnknownPending
-	}
-	return nil
-}
-
-// put seals rec under secret.
-func (p *Pendings) put(ctx context.Context, kind, secret string, rec Pending) error {
-	return PutSealed(ctx, p.Store, kind, secret, rec, rec.Expires)
-}
-
 // open unseals the record of secret: ErrUnknownPending when it does not
 // open, errExpired (with the record) when it has expired.
 func (p *Pendings) open(kind, secret string, sealed []byte) (Pending, error) {
+	plain, err := keyring(kind, secret).Open(sealed, []byte(storeKey(kind, secret)))
+	if err != nil {
+		return Pending{}, ErrUnknownPending
+	}
 	var rec Pending
-	if err := openSealed(kind, secret, sealed, &rec); err != nil {
-		return Pending{}, err
+	if err := json.Unmarshal(plain, &rec); err != nil {
+		return Pending{}, ErrUnknownPending
 	}
 	if !p.now().Before(rec.Expires) {
 		return rec, errExpired
@@ -292,7 +266,7 @@ func (p *Pendings) take(ctx context.Context, kind, secret string) (Pending, erro
 	if secret == "" || len(secret) > 512 {
 		return Pending{}, ErrUnknownPending
 	}
-	sealed, err := p.Store.Take(ctx, SealedKey(kind, secret))
+	sealed, err := p.Store.Take(ctx, storeKey(kind, secret))
 	if err != nil {
 		return Pending{}, err
 	}
@@ -307,7 +281,7 @@ func (p *Pendings) takeFrom(ctx context.Context, kind, secret string, browser Br
 	if secret == "" || len(secret) > 512 {
 		return Pending{}, ErrUnknownPending
 	}
-	sealed, err := p.Store.Get(ctx, SealedKey(kind, secret))
+	sealed, err := p.Store.Get(ctx, storeKey(kind, secret))
 	if err != nil {
 		return Pending{}, err
 	}

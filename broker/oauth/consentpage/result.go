@@ -3,10 +3,15 @@ package consentpage
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 // ResultTTL is how long a consent's result page can be shown again (a
@@ -27,9 +32,9 @@ type Result struct {
 
 // Results keeps the results of callbacks so that the page a callback
 // redirects to shows the same outcome on every load until ResultTTL: the
-// result id in that page's URL is 32 random bytes; the store holds the
-// result sealed under the id (oauth.PutSealed), so the store alone
-// reveals nothing. Safe for concurrent use.
+// result id in that page's URL is 32 random bytes; the store holds, under
+// a SHA-256 of the id, the result sealed (AES-256-GCM) with a key derived
+// from the id, so the store alone reveals nothing. Safe for concurrent use.
 type Results struct {
 	// Store keeps the sealed results (the consent store: keys
 	// "result/<hex>").
@@ -45,8 +50,13 @@ func (rs *Results) now() time.Time {
 	return rs.Now()
 }
 
-// resultKind is the kind of the results' records (oauth.SealedKey).
-const resultKind = "result"
+// resultKeys returns the store key and the sealing keyring of a result id.
+func resultKeys(id string) (string, *seal.Keyring) {
+	k := sha256.Sum256([]byte("token_broker consent result key\x00" + id))
+	s := sha256.Sum256([]byte("token_broker consent result seal\x00" + id))
+	kr, _ := seal.New(s[:]) // a 32-byte key never fails
+	return "result/" + hex.EncodeToString(k[:]), kr
+}
 
 // Save stores res (its Expires set to now + ResultTTL) and returns its id.
 func (rs *Results) Save(ctx context.Context, res Result) (string, error) {
@@ -54,8 +64,17 @@ func (rs *Results) Save(ctx context.Context, res Result) (string, error) {
 	_, _ = rand.Read(b) // crypto/rand.Read never fails
 	id := base64.RawURLEncoding.EncodeToString(b)
 	res.Expires = rs.now().Add(ResultTTL)
-	if err := oauth.PutSealed(ctx, rs.Store, resultKind, id, res, res.Expires); err != nil {
+	plain, err := json.Marshal(res)
+	if err != nil {
 		return "", err
+	}
+	key, kr := resultKeys(id)
+	sealed, err := kr.Seal(plain, []byte(key))
+	if err != nil {
+		return "", fmt.Errorf("sealing the consent result: %w", err)
+	}
+	if err := rs.Store.Put(ctx, key, sealed, res.Expires); err != nil {
+		return "", fmt.Errorf("storing the consent result: %w", err)
 	}
 	return id, nil
 }
@@ -66,8 +85,17 @@ func (rs *Results) Load(ctx context.Context, id string) (Result, bool) {
 	if id == "" || len(id) > 64 {
 		return Result{}, false
 	}
+	key, kr := resultKeys(id)
+	sealed, err := rs.Store.Get(ctx, key)
+	if err != nil {
+		return Result{}, false
+	}
+	plain, err := kr.Open(sealed, []byte(key))
+	if err != nil {
+		return Result{}, false
+	}
 	var res Result
-	if oauth.GetSealed(ctx, rs.Store, resultKind, id, &res) != nil || !rs.now().Before(res.Expires) {
+	if json.Unmarshal(plain, &res) != nil || !rs.now().Before(res.Expires) {
 		return Result{}, false
 	}
 	return res, true
