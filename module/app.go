@@ -11,6 +11,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
@@ -109,7 +110,7 @@ type App struct {
 	logger      *zap.Logger
 	fleet       *fleetTier
 	fleetKey    string
-	tables      *tables          // binding tables, by registry and route scopes
+	tables      *bindings.Tables // binding tables, by registry and route scopes
 	listing     *listing.Listing // the wildcard's organisation listing, if restricted
 	listingKey  string
 	registryKey string       // the registry's key in the registries pool
@@ -135,7 +136,7 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // token cache.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
-	a.tables = &tables{}
+	a.tables = &bindings.Tables{}
 	a.refusals = admission.NewRepeatLimiter(time.Now)
 	a.watched = &watchList{}
 	a.stateIndex = &opstate.Index{}

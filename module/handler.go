@@ -22,6 +22,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
@@ -125,7 +126,7 @@ type Handler struct {
 	callers        *CallerPolicy
 	site           *callers.Site    // the app's: which Host names and browser requests are served
 	registry       *config.Registry // the app's, or the handler's own (Config)
-	bindings       *bindingTable    // shared by the config's routes with the same registry and scopes
+	bindings       *bindings.Table  // shared by the config's routes with the same registry and scopes
 	listingKey     string           // the pooled organisation listing of a handler's own registry
 	merchantHeader string           // canonical header name when Merchant is a plain header placeholder
 	header         string           // canonical Header
@@ -152,7 +153,7 @@ const placeholderPrefix = "http.token_broker."
 // replacer's providers (one small allocation) rather than five static
 // values, each of which takes the replacer's lock and grows its map.
 // The values are resolved when a later handler or log asks for them.
-func placeholders(b *binding, e *broker.Entry, res broker.Result) caddy.ReplacerFunc {
+func placeholders(b *bindings.Binding, e *broker.Entry, res broker.Result) caddy.ReplacerFunc {
 	return func(key string) (any, bool) {
 		name, ok := strings.CutPrefix(key, placeholderPrefix)
 		if !ok {
@@ -182,7 +183,7 @@ var placeholderNames = [...]string{"merchant", "organisation", "provider", "fing
 
 // setPlaceholders sets the placeholders of placeholders as static values
 // (the rare request served by a second token_broker handler).
-func setPlaceholders(repl *caddy.Replacer, b *binding, e *broker.Entry, res broker.Result) {
+func setPlaceholders(repl *caddy.Replacer, b *bindings.Binding, e *broker.Entry, res broker.Result) {
 	get := placeholders(b, e, res)
 	for _, name := range placeholderNames {
 		v, _ := get(placeholderPrefix + name)
@@ -251,7 +252,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return err
 		}
 		h.listingKey = key
-		h.bindings = newBindingTable(reg, h.Scopes, listing, time.Now)
+		h.bindings = bindings.ForRegistry(reg, h.Scopes, admission.Allow(listing), time.Now)
 		app.watch(reg, listing)
 	} else {
 		h.bindings = app.tables.Table(reg, h.Scopes, admission.Allow(app.listing))

@@ -12,6 +12,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 )
@@ -47,7 +48,7 @@ func (h *Handler) outbound() outbound.Contract {
 // The request variable is set before next runs and never written after:
 // a connection dial reverse_proxy left running may still read the
 // variables.
-func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound.Contract, b *binding, e *broker.Entry) error {
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound.Contract, b *bindings.Binding, e *broker.Entry) error {
 	rt := outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit, Incremental: caddyhttp.IsIncremental,
 		Isolate: isolateVars, Tokens: retryTokens{h}, NonceChallenged: h.nonceChallenged}
 	if k := b.DPoP; k != nil && outbound.IsDPoP(e.Header()) {
@@ -75,7 +76,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 
 // failForward answers a request that was not forwarded, or whose answer
 // was dropped, with code.
-func (h *Handler) failForward(w http.ResponseWriter, r *http.Request, b *binding, code errcode.Code, cause error) error {
+func (h *Handler) failForward(w http.ResponseWriter, r *http.Request, b *bindings.Binding, code errcode.Code, cause error) error {
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	return h.fail(w, repl, admission.Refusal{Code: code, Merchant: b.Merchant, ProviderType: b.Provider.Type, Cause: cause})
 }
