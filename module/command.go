@@ -47,7 +47,7 @@ func loadConfig(configFile, adapter string) ([]byte, string, error) {
 }
 
 // registryExpand resolves the placeholders of a registry path, as the
-// app does (loadRegistry).
+// app does (loadPooled).
 func registryExpand(path string) string { return caddy.NewReplacer().ReplaceKnown(path, "") }
 
 // cmdRefreshToken is `caddy token-broker-refresh-token`

@@ -127,6 +127,7 @@ type Handler struct {
 	site           *callers.Site    // the app's: which Host names and browser requests are served
 	registry       *config.Registry // the app's, or the handler's own (Config)
 	bindings       *bindings.Table  // shared by the config's routes with the same registry and scopes
+	registryKey    string           // the handler's own registry in the registries pool
 	listingKey     string           // the pooled organisation listing of a handler's own registry
 	merchantHeader string           // canonical header name when Merchant is a plain header placeholder
 	header         string           // canonical Header
@@ -234,7 +235,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	reg := app.registry
 	if h.Config != "" {
-		if reg, err = loadRegistry(ctx, h.Config, app.budgetsFor()); err != nil {
+		// A handler's own registry keeps its refresh tokens in Caddy's
+		// storage, with the app's or not.
+		storeKey := "storage, budgets " + app.fleetKey + app.budgetKey()
+		if reg, h.registryKey, err = loadPooled(ctx, h.Config, storageStore(ctx.Storage()), storeKey, app.budgetsFor()); err != nil {
 			return err
 		}
 		app.holdBudgets(reg)
@@ -261,12 +265,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// Cleanup releases the handler's own organisation listing, if any, and
-// the metrics series of its wildcard merchants (bindings.Table.Discard):
-// the config is being discarded.
+// Cleanup releases the handler's own registry and organisation listing,
+// if any, and the metrics series of its wildcard merchants
+// (bindings.Table.Discard): the config is being discarded.
 func (h *Handler) Cleanup() error {
 	if h.bindings != nil {
 		h.bindings.Discard()
+	}
+	if h.registryKey != "" {
+		registries.Release(h.registryKey)
 	}
 	if h.listingKey != "" {
 		_, err := listings.Delete(h.listingKey)
