@@ -68,7 +68,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			case "merchant":
 				h.Merchant = v
 			case "header":
-				if err := validHeader(v); err != nil {
+				if err := outbound.CheckTokenHeader(v); err != nil {
 					return d.Err(err.Error())
 				}
 				h.Header = v

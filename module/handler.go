@@ -223,9 +223,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Merchant == "" {
 		h.Merchant = DefaultMerchant
 	}
-	if name, ok := strings.CutPrefix(h.Merchant, "{http.request.header."); ok && strings.HasSuffix(name, "}") && !strings.ContainsAny(name[:len(name)-1], "{}") {
-		h.merchantHeader = textproto.CanonicalMIMEHeaderKey(name[:len(name)-1])
-	}
+	h.merchantHeader = admission.PlaceholderHeader(h.Merchant)
 	if h.Header == "" {
 		h.Header = "Authorization"
 	}
@@ -282,39 +280,16 @@ func (h *Handler) Cleanup() error {
 	return nil
 }
 
-// validHeader checks the header the token is set in: see Validate.
-func validHeader(name string) error {
-	switch textproto.CanonicalMIMEHeaderKey(name) {
-	case "", "Authorization":
-		return nil
-	case "Proxy-Authorization":
-		return fmt.Errorf("header %q: reverse_proxy removes Proxy-Authorization before the upstream (it is hop-by-hop), so the upstream would get no credential: use Authorization (the default)", name)
-	}
-	return fmt.Errorf("header %q: the token can only be set in Authorization, which Caddy's logs redact", name)
-}
-
 // Validate checks the handler's configuration.
 func (h *Handler) Validate() error {
 	if h.Errors != "json" && h.Errors != "caddy" {
 		return fmt.Errorf("token_broker: errors %q must be json or caddy", h.Errors)
 	}
-	// Caddy's logs redact Authorization and Proxy-Authorization only: a
-	// token in any other header would be logged in clear by reverse_proxy
-	// at debug level. Proxy-Authorization is hop-by-hop (RFC 9110
-	// §11.7.2): reverse_proxy always removes it, so the upstream would get
-	// no credential and answer 401 to every request. That leaves
-	// Authorization.
-	if err := validHeader(h.Header); err != nil {
+	if err := outbound.CheckTokenHeader(h.Header); err != nil {
 		return fmt.Errorf("token_broker: %w", err)
 	}
-	switch h.RetryOn401 {
-	case "", "invalid_token", "any", "off":
-	default:
-		return fmt.Errorf("token_broker: retry_on_401 %q must be invalid_token, any or off", h.RetryOn401)
-	}
-	if h.RetryBodyLimit < 0 || h.RetryBodyLimit > outbound.MaxRetryBodyLimit {
-		return fmt.Errorf("token_broker: retry_body_limit %d: must be between 0 (the default, %d bytes) and %d bytes (%d MiB); the body of each retryable request is held in memory",
-			h.RetryBodyLimit, outbound.DefaultRetryBodyLimit, outbound.MaxRetryBodyLimit, outbound.MaxRetryBodyLimit>>20)
+	if err := (outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit}).Check(); err != nil {
+		return fmt.Errorf("token_broker: %w", err)
 	}
 	return nil
 }

@@ -111,6 +111,23 @@ type Retry struct {
 	DPoP *DPoP
 }
 
+// Check checks the settings of rt given in the configuration (the
+// handler's retry_on_401 and retry_body_limit): Mode is "",
+// "invalid_token", "any" or "off", and BodyLimit is from 0 (the default)
+// to MaxRetryBodyLimit.
+func (rt Retry) Check() error {
+	switch rt.Mode {
+	case "", "invalid_token", "any", "off":
+	default:
+		return fmt.Errorf("retry_on_401 %q must be invalid_token, any or off", rt.Mode)
+	}
+	if rt.BodyLimit < 0 || rt.BodyLimit > MaxRetryBodyLimit {
+		return fmt.Errorf("retry_body_limit %d: must be between 0 (the default, %d bytes) and %d bytes (%d MiB); the body of each retryable request is held in memory",
+			rt.BodyLimit, DefaultRetryBodyLimit, MaxRetryBodyLimit, MaxRetryBodyLimit>>20)
+	}
+	return nil
+}
+
 // ErrUnsigned is returned by Forward when a request with a DPoP-bound
 // token was answered 401 and no DPoP transport had signed it: it left
 // without its token (only the transport puts it on, with its proof).
