@@ -6,8 +6,6 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/budgets"
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
-	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
-	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -65,6 +63,3 @@ func (a *App) releaseBudgets() {
 	budgetKeeper.Release(a.budgets)
 	a.budgets = nil
 }
-
-// Interface guard: the operator's view hears of refreshes behind plan.
-var _ telemetry.PlanTap = (*opstate.Tracker)(nil)

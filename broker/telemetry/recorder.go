@@ -27,12 +27,8 @@ type Tap interface {
 	// BreakerChanged is told when a source's breaker changes state
 	// (broker.BreakerObserver).
 	BreakerChanged(provider, sourceID string, state broker.BreakerState)
-}
-
-// PlanTap is an optional interface of a Tap: it is told when a binding's
-// planned refresh cannot get budget before its token's end
-// (broker.PlanObserver), once per token.
-type PlanTap interface {
+	// RefreshBehind is told when a binding's planned refresh cannot get
+	// budget before its token's end (broker.PlanObserver), once per token.
 	RefreshBehind(provider string, b *broker.Binding, expiry time.Time)
 }
 
@@ -328,8 +324,8 @@ func (o *Observer) RefreshPlanned(b *broker.Binding, _ time.Time) {
 func (o *Observer) RefreshBehind(b *broker.Binding, expiry time.Time) {
 	provider := providerOf(b.SourceID)
 	o.r.metrics.planned(provider, PlannedBehind)
-	if pt, ok := o.r.tap.(PlanTap); ok {
-		pt.RefreshBehind(provider, b, expiry)
+	if o.r.tap != nil {
+		o.r.tap.RefreshBehind(provider, b, expiry)
 	}
 }
 
