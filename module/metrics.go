@@ -5,13 +5,9 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
 
-	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
-	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 // MetricsConfig configures the broker's Prometheus metrics, shown on Caddy's
@@ -80,7 +76,7 @@ func loadMetrics(registry *prometheus.Registry, merchantLabel bool) (*telemetry.
 // of the handler an observer with its counters resolved. Called at the
 // end of Provision.
 func (h *Handler) instrument(m *telemetry.Metrics) {
-	h.metrics = newRecorder(m, h.tracker, h.logger, h.bindings, h.registry, h.broker)
+	h.metrics = telemetry.ForRegistry(m, tapOf(h.tracker), h.logger, h.bindings, h.registry, h.broker)
 	h.nonceChallenged = h.metrics.NonceChallenged
 }
 
@@ -88,29 +84,15 @@ func (h *Handler) instrument(m *telemetry.Metrics) {
 // handler made (a check of a merchant no route has served), on the
 // app's metrics, tracker and logger.
 func (a *App) instrument() {
-	a.recorder = newRecorder(a.metrics, a.tracker, a.logger, nil, a.registry, a.broker)
+	a.recorder = telemetry.ForRegistry(a.metrics, tapOf(a.tracker), a.logger, nil, a.registry, a.broker)
 }
 
-// newRecorder returns the telemetry.Recorder of the bindings of table
-// (nil: none), whose providers are reg's (nil: none known), on the
-// metrics m, telling tracker (nil: none) and br's breaker states (nil:
-// closed).
-func newRecorder(m *telemetry.Metrics, tracker *opstate.Tracker, logger *zap.Logger, table *bindings.Table, reg *config.Registry, br *broker.Broker) *telemetry.Recorder {
-	providers := make(map[string]string)
-	if reg != nil {
-		for name, p := range reg.Providers {
-			providers[p.ID] = name
-		}
+// tapOf returns tracker as the recorders' tap; nil (none) without one.
+func tapOf(tracker *opstate.Tracker) telemetry.Tap {
+	if tracker == nil {
+		return nil
 	}
-	var breaker func(sourceID string) broker.BreakerState
-	if br != nil {
-		breaker = br.BreakerState
-	}
-	var tap telemetry.Tap
-	if tracker != nil {
-		tap = tracker
-	}
-	return telemetry.NewRecorder(m, tap, logger, table, providers, breaker)
+	return tracker
 }
 
 // registerStateCollector adds the collector of the app's operator's view

@@ -11,6 +11,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 // Tap is told what a recorder's observers see, with the provider's name
@@ -69,6 +70,24 @@ func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 		})
 	}
 	return r
+}
+
+// ForRegistry returns the recorder (NewRecorder) of the bindings of table
+// (nil: none), whose providers are reg's (nil: none known), on the
+// metrics m, telling tap (nil: none), with br's breaker states (nil:
+// closed).
+func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, reg *config.Registry, br *broker.Broker) *Recorder {
+	providers := make(map[string]string)
+	if reg != nil {
+		for name, p := range reg.Providers {
+			providers[p.ID] = name
+		}
+	}
+	var breaker func(sourceID string) broker.BreakerState
+	if br != nil {
+		breaker = br.BreakerState
+	}
+	return NewRecorder(m, tap, logger, table, providers, breaker)
 }
 
 // Observer returns the observer of a binding that no handler made (an
