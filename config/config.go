@@ -166,6 +166,17 @@ type Terms struct {
 	DisplayName string
 }
 
+// HasConsent reports whether a provider of r has a consent flow
+// ([providers.NAME.consent]).
+func (r *Registry) HasConsent() bool {
+	for _, p := range r.Providers {
+		if p.Consent != nil {
+			return true
+		}
+	}
+	return false
+}
+
 // CheckRouteScopes fails when a route's scopes, which replace the
 // merchants' own, cannot serve the registry's merchants: a malformed
 // scope. The merchants' own scopes are checked when the registry is loaded.

@@ -169,7 +169,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.registryKey = key
 		a.registry = reg
 		a.holdBudgets(reg)
-		if hasConsent(reg) {
+		if reg.HasConsent() {
 			if a.sweeperKey, err = startPendingSweeper(ctx, a.logger); err != nil {
 				return err
 			}

@@ -9,7 +9,6 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker/kvstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
-	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
 )
 
@@ -64,14 +63,4 @@ func startPendingSweeper(ctx caddy.Context, logger *zap.Logger) (string, error) 
 		return pendingSweeper{kvstore.StartSweeper(st, oauth.PendingSweepInterval, logger, id)}, nil
 	})
 	return key, err
-}
-
-// hasConsent reports whether a provider of reg has a consent flow.
-func hasConsent(reg *config.Registry) bool {
-	for _, p := range reg.Providers {
-		if p.Consent != nil {
-			return true
-		}
-	}
-	return false
 }
