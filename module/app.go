@@ -17,6 +17,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbox"
+	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 	"github.com/tokenbroker/caddy-token-broker/broker/reload"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -113,10 +114,10 @@ type App struct {
 	tables      *bindings.Tables // binding tables, by registry and route scopes
 	listing     *listing.Listing // the wildcard's organisation listing, if restricted
 	listingKey  string
-	registryKey string       // the registry's key in the registries pool
-	sweeperKey  string       // the consents sweeper's key in pendingSweepers
-	site        callers.Site // AllowedHosts, checked by the handlers
-	watched     *watchList   // the registries of handlers with their own (health.go)
+	registryKey string         // the registry's key in the registries pool
+	sweeperKey  string         // the consents sweeper's key in pendingSweepers
+	site        callers.Site   // AllowedHosts, checked by the handlers
+	watched     *probe.Watched // the registries of handlers with their own, for the health answer
 
 	// refusals limits the handlers' logs of repeated refusals.
 	refusals *lograte.Limiter[broker.Backoff]
@@ -138,7 +139,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
 	a.tables = &bindings.Tables{}
 	a.refusals = admission.NewRepeatLimiter(time.Now)
-	a.watched = &watchList{}
+	a.watched = &probe.Watched{}
 	a.stateIndex = &opstate.Index{}
 	if err := a.validate(); err != nil {
 		return err

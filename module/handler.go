@@ -255,7 +255,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.listingKey = key
 		h.bindings = bindings.ForRegistry(reg, h.Scopes, admission.Allow(listing), time.Now)
-		app.watch(reg, listing)
+		app.watched.Add(reg, listing)
 	} else {
 		h.bindings = app.tables.Table(reg, h.Scopes, admission.Allow(app.listing))
 	}

@@ -25,6 +25,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
+	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
@@ -386,7 +387,7 @@ func TestStateHandlersRegistry(t *testing.T) {
 		defer mu.Unlock()
 		events = append(events, fmt.Sprintf("%s %v", event, data["provider"]))
 	}})
-	app.watched = &watchList{}
+	app.watched = &probe.Watched{}
 	took := func() []string {
 		mu.Lock()
 		defer mu.Unlock()
@@ -402,7 +403,7 @@ func TestStateHandlersRegistry(t *testing.T) {
 	own.Providers["nuapay"].Source = sourceFunc(func(context.Context, broker.Request) (broker.Token, error) {
 		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: time.Minute}
 	})
-	app.watch(own, nil)
+	app.watched.Add(own, nil)
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
 		header: "Authorization", broker: app.broker, tracker: app.tracker, registry: own}
 	h.bindings = app.tables.Table(own, nil, nil)
