@@ -143,6 +143,11 @@ type Handler struct {
 	// nonceChallenged counts a resource server's DPoP nonce challenge
 	// (outbound.Retry.NonceChallenged); made once, in instrument.
 	nonceChallenged func(*broker.Binding)
+
+	// tokens are the broker's tokens as the 401 retry sees them, with the
+	// metrics and logs of rejections (outbound.Retry.Tokens); made once,
+	// in instrument.
+	tokens *outbound.BrokerTokens
 }
 
 // placeholderPrefix starts the names of the placeholders a served request

@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
+	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 )
 
@@ -78,6 +79,7 @@ func loadMetrics(registry *prometheus.Registry, merchantLabel bool) (*telemetry.
 func (h *Handler) instrument(m *telemetry.Metrics) {
 	h.metrics = telemetry.ForRegistry(m, tapOf(h.tracker), h.logger, h.bindings, h.registry, h.broker)
 	h.nonceChallenged = h.metrics.NonceChallenged
+	h.tokens = &outbound.BrokerTokens{Broker: h.broker, Rejections: h.metrics}
 }
 
 // instrument gives the app the telemetry.Recorder of the bindings no

@@ -8,7 +8,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
@@ -50,7 +49,7 @@ func (h *Handler) outbound() outbound.Contract {
 // variables.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound.Contract, b *bindings.Binding, e *broker.Entry) error {
 	rt := outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit, Incremental: caddyhttp.IsIncremental,
-		Isolate: isolateVars, Tokens: retryTokens{h}, NonceChallenged: h.nonceChallenged}
+		Isolate: isolateVars, Tokens: h.tokens, NonceChallenged: h.nonceChallenged}
 	if k := b.DPoP; k != nil && outbound.IsDPoP(e.Header()) {
 		d := outbound.AcquireDPoP(k)
 		defer d.Release()
@@ -90,34 +89,3 @@ func isolateVars(r *http.Request) *http.Request {
 	}
 	return r
 }
-
-// retryTokens is the handler's broker as the retry sees it
-// (outbound.Tokens), with the metrics and logs of rejections.
-type retryTokens struct{ h *Handler }
-
-// Get returns the binding's token from the broker.
-func (t retryTokens) Get(ctx context.Context, b *broker.Binding) (outbound.Entry, error) {
-	e, _, err := t.h.broker.Get(ctx, b)
-	if err != nil {
-		return nil, err
-	}
-	return e, nil
-}
-
-// Purge reports the rejected token to the broker, counts and logs the
-// outcome.
-func (t retryTokens) Purge(b *broker.Binding, rejected broker.Token) {
-	t.h.metrics.Rejected(b, rejected, t.h.broker.Reject(b, rejected.Value))
-}
-
-// Kept logs a 401 that says nothing about the token.
-func (t retryTokens) Kept(b *broker.Binding, rejected broker.Token) {
-	t.h.logger.Warn("upstream answered 401 to a request whose token header a later handler changed or removed; the token is kept",
-		zap.String("merchant", b.Merchant), zap.String("fingerprint", rejected.Fingerprint()))
-}
-
-// Accepted reports the retry's accepted token to the broker.
-func (t retryTokens) Accepted(b *broker.Binding, tok broker.Secret) { t.h.broker.Accepted(b, tok) }
-
-// Interface guard.
-var _ outbound.Tokens = retryTokens{}

@@ -194,6 +194,16 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
 }
 
+// Kept logs a 401 to a request whose token header a later handler
+// changed or removed: it says nothing about the token, which is kept.
+func (r *Recorder) Kept(b *broker.Binding, rejected broker.Token) {
+	if r == nil {
+		return
+	}
+	r.logger.Warn("upstream answered 401 to a request whose token header a later handler changed or removed; the token is kept",
+		zap.String("merchant", b.Merchant), zap.String("fingerprint", rejected.Fingerprint()))
+}
+
 // NonceChallenged counts a resource server's DPoP nonce challenge to a
 // request of b that was answered with a retry (telemetry.ServerResource).
 func (r *Recorder) NonceChallenged(b *broker.Binding) {
