@@ -31,7 +31,7 @@ func (th *tableHooks) Released(b *bindings.Binding) { th.metrics.Released(b) }
 // Drop implements bindings.Hooks.
 func (th *tableHooks) Drop(b *broker.Binding) { th.broker.Drop(b) }
 
-// Evicted implements bindings.Evicter: the operator's view forgets the
+// Evicted implements bindings.Hooks: the operator's view forgets the
 // evicted wildcard merchant.
 func (th *tableHooks) Evicted(b *bindings.Binding) {
 	if th.tracker != nil {
@@ -39,8 +39,5 @@ func (th *tableHooks) Evicted(b *bindings.Binding) {
 	}
 }
 
-// Interface guards.
-var (
-	_ bindings.Hooks   = (*tableHooks)(nil)
-	_ bindings.Evicter = (*tableHooks)(nil)
-)
+// Interface guard.
+var _ bindings.Hooks = (*tableHooks)(nil)

@@ -48,6 +48,7 @@ type keepObserver struct{}
 func (keepObserver) Made(*bindings.Binding, bool) bool { return false }
 func (keepObserver) Released(*bindings.Binding)        {}
 func (keepObserver) Drop(*broker.Binding)              {}
+func (keepObserver) Evicted(*bindings.Binding)         {}
 
 // TestWildcardUnservedMerchantsKeepNoSlot: merchant ids whose token
 // requests fail (the sandbox answers 404 for an unknown organisation)
