@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/textproto"
 	"strings"
 	"time"
 
@@ -130,7 +129,6 @@ type Handler struct {
 	registryKey    string           // the handler's own registry in the registries pool
 	listingKey     string           // the pooled organisation listing of a handler's own registry
 	merchantHeader string           // canonical header name when Merchant is a plain header placeholder
-	header         string           // canonical Header
 	broker         *broker.Broker
 	tracker        *opstate.Tracker // the app's: the operator's view (nil in a handler made by hand)
 	logger         *zap.Logger
@@ -229,10 +227,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.Merchant = DefaultMerchant
 	}
 	h.merchantHeader = admission.PlaceholderHeader(h.Merchant)
-	if h.Header == "" {
-		h.Header = "Authorization"
-	}
-	h.header = textproto.CanonicalMIMEHeaderKey(h.Header)
 	if h.Errors == "" {
 		h.Errors = "json"
 	}

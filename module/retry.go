@@ -18,11 +18,9 @@ import (
 
 // outbound returns the handler's outbound-header contract. It is computed
 // from the handler's fields, so it costs nothing to build per request.
+// The token goes in Authorization, the one header Validate accepts.
 func (h *Handler) outbound() outbound.Contract {
-	o := outbound.Contract{Token: h.header, Merchant: h.merchantHeader, Interaction: h.InteractionID}
-	if o.Token == "" {
-		o.Token = "Authorization"
-	}
+	o := outbound.Contract{Token: "Authorization", Merchant: h.merchantHeader, Interaction: h.InteractionID}
 	if h.callers != nil {
 		o.Caller = h.callers.policy.Header()
 	}

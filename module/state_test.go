@@ -84,7 +84,7 @@ func stateApp(t *testing.T) (*App, *Handler) {
 	prev := current.Swap(app)
 	t.Cleanup(func() { current.Store(prev) })
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
-		header: "Authorization", broker: app.broker, tracker: app.tracker, registry: reg}
+		broker: app.broker, tracker: app.tracker, registry: reg}
 	h.bindings = app.tables.Table(reg, nil, nil)
 	h.instrument(telemetry.NewMetrics(false))
 	return app, h
@@ -262,7 +262,7 @@ scopes = ["accounts"]
 	prev := current.Swap(app)
 	t.Cleanup(func() { current.Store(prev) })
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
-		header: "Authorization", broker: app.broker, tracker: app.tracker, registry: reg}
+		broker: app.broker, tracker: app.tracker, registry: reg}
 	h.bindings = app.tables.Table(reg, nil, nil)
 	h.instrument(nil)
 	took := func() []string {
@@ -405,7 +405,7 @@ func TestStateHandlersRegistry(t *testing.T) {
 	})
 	app.watched.Add(own, nil)
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
-		header: "Authorization", broker: app.broker, tracker: app.tracker, registry: own}
+		broker: app.broker, tracker: app.tracker, registry: own}
 	h.bindings = app.tables.Table(own, nil, nil)
 	h.instrument(nil)
 	if rec := request(t, h, "m-fresh"); rec.Code != http.StatusServiceUnavailable {
