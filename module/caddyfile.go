@@ -88,8 +88,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			if v != "invalid_token" && v != "any" && v != "off" {
-				return d.Errf("retry_on_401 must be invalid_token, any or off, not '%s'", v)
+			if err := (outbound.Retry{Mode: v}).Check(); err != nil {
+				return d.Err(err.Error())
 			}
 			h.RetryOn401 = v
 		case "retry_body_limit":

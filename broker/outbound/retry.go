@@ -163,7 +163,7 @@ func (rt Retry) Check() error {
 	switch rt.Mode {
 	case "", "invalid_token", "any", "off":
 	default:
-		return fmt.Errorf("retry_on_401 %q must be invalid_token, any or off", rt.Mode)
+		return fmt.Errorf("retry_on_401 must be invalid_token, any or off, not %q", rt.Mode)
 	}
 	if rt.BodyLimit < 0 || rt.BodyLimit > MaxRetryBodyLimit {
 		return fmt.Errorf("retry_body_limit %d: must be between 0 (the default, %d bytes) and %d bytes (%d MiB); the body of each retryable request is held in memory",
