@@ -9,7 +9,6 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentpage"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
@@ -111,7 +110,7 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("token_broker_consent: %w", err)
 	}
-	if c.metrics, err = loadConsentMetrics(ctx.GetMetricsRegistry()); err != nil {
+	if c.metrics, err = loadCollectors(ctx.GetMetricsRegistry(), consentMetricsKey, telemetry.NewConsentSteps); err != nil {
 		return err
 	}
 	c.web, err = consentweb.New(consentweb.Options{Provider: c.Provider, Links: c.Links, Registry: app.registry,
@@ -135,24 +134,6 @@ func (c *Consent) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 // consentMetricsKey is the key of the consent steps' counter in
 // metricsPool.
 const consentMetricsKey = "consent metrics"
-
-// loadConsentMetrics returns the shared consent steps' counter
-// (telemetry.ConsentSteps), registered in registry.
-func loadConsentMetrics(registry *prometheus.Registry) (*telemetry.ConsentSteps, error) {
-	val, _, err := metricsPool.LoadOrNew(consentMetricsKey, func() (caddy.Destructor, error) {
-		return telemetry.NewConsentSteps(), nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	m := val.(*telemetry.ConsentSteps)
-	if registry != nil {
-		if err := m.Register(registry); err != nil {
-			return nil, err
-		}
-	}
-	return m, nil
-}
 
 // Cleanup ends the handler's use of the shared metrics.
 func (c *Consent) Cleanup() error {

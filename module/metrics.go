@@ -57,20 +57,35 @@ func metricsPoolKey(merchantLabel bool) string {
 // loadMetrics returns the shared collectors for the label set and registers
 // them in registry. Release them with metricsPool.Delete(metricsPoolKey(...)).
 func loadMetrics(registry *prometheus.Registry, merchantLabel bool) (*telemetry.Metrics, error) {
-	val, _, err := metricsPool.LoadOrNew(metricsPoolKey(merchantLabel), func() (caddy.Destructor, error) {
-		return telemetry.NewMetrics(merchantLabel), nil
+	return loadCollectors(registry, metricsPoolKey(merchantLabel), func() *telemetry.Metrics { return telemetry.NewMetrics(merchantLabel) })
+}
+
+// collectors are what metricsPool holds: collectors registered in each
+// config's metrics registry.
+type collectors interface {
+	caddy.Destructor
+	Register(*prometheus.Registry) error
+}
+
+// loadCollectors returns the collectors of key in metricsPool, made by
+// newCollectors when none are, registered in registry (nil: none). A
+// failed registration releases them.
+func loadCollectors[C collectors](registry *prometheus.Registry, key string, newCollectors func() C) (C, error) {
+	var none C
+	val, _, err := metricsPool.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return newCollectors(), nil
 	})
 	if err != nil {
-		return nil, err
+		return none, err
 	}
-	m := val.(*telemetry.Metrics)
+	c := val.(C)
 	if registry != nil {
-		if err := m.Register(registry); err != nil {
-			metricsPool.Delete(metricsPoolKey(merchantLabel))
-			return nil, err
+		if err := c.Register(registry); err != nil {
+			metricsPool.Delete(key)
+			return none, err
 		}
 	}
-	return m, nil
+	return c, nil
 }
 
 // instrument gives the handler its telemetry.Recorder and every binding
@@ -109,6 +124,3 @@ func (a *App) registerStateCollector(registry *prometheus.Registry) error {
 	}
 	return nil
 }
-
-// Interface guard.
-var _ caddy.Destructor = (*telemetry.Metrics)(nil)
