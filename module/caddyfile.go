@@ -140,6 +140,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
+	durations := map[string]*caddy.Duration{"leeway": &a.Leeway, "fetch_timeout": &a.FetchTimeout, "budget_wait": &a.BudgetWait}
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		sub := d.Val()
@@ -210,14 +211,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			switch sub {
-			case "leeway":
-				a.Leeway = dur
-			case "fetch_timeout":
-				a.FetchTimeout = dur
-			default:
-				a.BudgetWait = dur
-			}
+			*durations[sub] = dur
 		default:
 			return d.Errf("unrecognized subdirective '%s'", sub)
 		}
