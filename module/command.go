@@ -33,17 +33,11 @@ func init() {
 			command.AddSubcommands(cmd, command.Caddy{
 				Request:      caddycmd.AdminAPIRequest,
 				AdminAddress: caddycmd.DetermineAdminAPIAddress,
-				LoadConfig:   loadConfig,
+				LoadConfig:   caddycmd.LoadConfig,
 				Expand:       registryExpand,
 			})
 		},
 	})
-}
-
-// loadConfig is caddycmd.LoadConfig without the adapter's name.
-func loadConfig(configFile, adapter string) ([]byte, string, error) {
-	cfg, file, _, err := caddycmd.LoadConfig(configFile, adapter)
-	return cfg, file, err
 }
 
 // registryExpand resolves the placeholders of a registry path, as the
