@@ -10,6 +10,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
+	"github.com/tokenbroker/caddy-token-broker/broker/kvstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentpage"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
@@ -115,7 +116,7 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 	}
 	c.web, err = consentweb.New(consentweb.Options{Provider: c.Provider, Links: c.Links, Registry: app.registry,
 		Broker: app.broker, Gate: app.consentGate(), Pages: pages,
-		Results: &consentpage.Results{Store: storagePending(ctx.Storage())}, Steps: c.metrics.Steps, Logger: ctx.Logger(),
+		Results: &consentpage.Results{Store: kvstore.Pending{S: ctx.Storage()}}, Steps: c.metrics.Steps, Logger: ctx.Logger(),
 		Consented: app.tracker.ConsentGranted})
 	if err != nil {
 		return fmt.Errorf("token_broker_consent: %w", err)

@@ -6,6 +6,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/command"
+	"github.com/tokenbroker/caddy-token-broker/broker/kvstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/config/regcache"
@@ -26,7 +27,7 @@ var registries = regcache.New()
 // logged.
 func loadPooled(ctx caddy.Context, path string, store oauth.Store, storeKey string, budgets func(*config.Provider) (*budget.Budget, error)) (*config.Registry, string, error) {
 	path = registryExpand(path)
-	opts := config.Options{RefreshStore: store, ConsentStore: storagePending(ctx.Storage()),
+	opts := config.Options{RefreshStore: store, ConsentStore: kvstore.Pending{S: ctx.Storage()},
 		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets}
 	reg, key, parsed, err := registries.Load(path, opts, storeKey+" consents in "+storageID(ctx.Storage()))
 	if parsed > 0 {
