@@ -216,10 +216,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	pb.SecretsSeen(a.registry)
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
-	if a.metrics, err = loadMetrics(ctx.GetMetricsRegistry(), merchantLabel); err != nil {
+	metricsKey := fmt.Sprintf("metrics merchant_label=%t", merchantLabel)
+	if a.metrics, err = loadCollectors(ctx.GetMetricsRegistry(), metricsKey, func() *telemetry.Metrics { return telemetry.NewMetrics(merchantLabel) }); err != nil {
 		return err
 	}
-	a.metricsKey = metricsPoolKey(merchantLabel)
+	a.metricsKey = metricsKey
 	a.instrument()
 	return a.registerStateCollector(ctx.GetMetricsRegistry())
 }
@@ -270,7 +271,7 @@ func (a *App) Cleanup() error {
 	if a.listingKey != "" {
 		_, _ = listings.Delete(a.listingKey)
 	}
-	a.releaseBudgets()
+	budgetKeeper.Release(a.budgets)
 	if a.registryKey != "" {
 		registries.Release(a.registryKey)
 	}

@@ -45,8 +45,8 @@ func (a *App) budgetKey() string {
 }
 
 // holdBudgets keeps the budgets of reg's providers (the app's registry,
-// a handler's own) while this config uses them; releaseBudgets (Cleanup)
-// ends it. Called while the config is provisioned.
+// a handler's own) while this config uses them; Cleanup ends it. Called
+// while the config is provisioned.
 func (a *App) holdBudgets(reg *config.Registry) {
 	var held []*budget.Budget
 	for _, p := range reg.Providers {
@@ -56,10 +56,4 @@ func (a *App) holdBudgets(reg *config.Registry) {
 	}
 	budgetKeeper.Hold(held)
 	a.budgets = append(a.budgets, held...)
-}
-
-// releaseBudgets ends the app's holds on budgets (holdBudgets).
-func (a *App) releaseBudgets() {
-	budgetKeeper.Release(a.budgets)
-	a.budgets = nil
 }

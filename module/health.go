@@ -11,12 +11,6 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 )
 
-// The health answer (adminapi.Instance.Health, package broker/probe) is
-// given by the admin API (GET /token_broker/health), the `caddy
-// token-broker health` command and the token_broker_health handler of
-// this file, which an operator serves on a port kubelet's probes can
-// reach.
-
 func init() {
 	caddy.RegisterModule(HealthHandler{})
 	httpcaddyfile.RegisterHandlerDirective("token_broker_health", parseHealthCaddyfile)
@@ -29,7 +23,8 @@ func init() {
 // ask: GET /ready answers 200 when the broker is ready and 503 when not,
 // GET /live 200 when the token_broker app runs; the body is the probe.Health
 // (JSON). Any other path is 404, any other method 405. It ends the route:
-// nothing is proxied.
+// nothing is proxied. The admin API (GET /token_broker/health) and `caddy
+// token-broker health` give the same answer (adminapi.Instance.Health).
 //
 //	:8088 {
 //	    token_broker_health

@@ -46,19 +46,10 @@ type MetricsConfig struct {
 	MerchantLabel bool `json:"merchant_label,omitempty"`
 }
 
-// metricsPool holds one telemetry.Metrics per label set, kept across
-// config reloads so that counters keep counting.
+// metricsPool holds one telemetry.Metrics per label set, and the consent
+// steps' counter, kept across config reloads so that counters keep
+// counting (loadCollectors).
 var metricsPool = caddy.NewUsagePool()
-
-func metricsPoolKey(merchantLabel bool) string {
-	return fmt.Sprintf("metrics merchant_label=%t", merchantLabel)
-}
-
-// loadMetrics returns the shared collectors for the label set and registers
-// them in registry. Release them with metricsPool.Delete(metricsPoolKey(...)).
-func loadMetrics(registry *prometheus.Registry, merchantLabel bool) (*telemetry.Metrics, error) {
-	return loadCollectors(registry, metricsPoolKey(merchantLabel), func() *telemetry.Metrics { return telemetry.NewMetrics(merchantLabel) })
-}
 
 // collectors are what metricsPool holds: collectors registered in each
 // config's metrics registry.
