@@ -3,7 +3,8 @@
 // the one retry after the upstream rejects the token (Retry: the body
 // replayed, the token purged, consent_required when no new token can be
 // had). It has no Caddy import; the module builds both per request from
-// the handler's settings and gives Retry its view of the broker (Tokens).
+// the handler's settings and gives Retry the broker's tokens
+// (BrokerTokens, a Tokens).
 package outbound
 
 import (
