@@ -166,6 +166,17 @@ type Terms struct {
 	DisplayName string
 }
 
+// HasConsent reports whether a provider of r has a consent flow
+// ([providers.NAME.consent]).
+func (r *Registry) HasConsent() bool {
+	for _, p := range r.Providers {
+		if p.Consent != nil {
+			return true
+		}
+	}
+	return false
+}
+
 // CheckRouteScopes fails when a route's scopes, which replace the
 // merchants' own, cannot serve the registry's merchants: a malformed
 // scope. The merchants' own scopes are checked when the registry is loaded.
@@ -186,15 +197,23 @@ func (r *Registry) CheckRouteScopes(scopes []string) error {
 	return nil
 }
 
-// Binding returns the broker binding for a merchant. Non-empty scopes
-// replace the merchant's default scopes. It fails when the merchant is
-// unknown, a scope is malformed, or the merchant ends up without scopes
-// where its provider type needs some.
+// Binding returns the broker binding for a merchant (Merchant, then
+// MerchantBinding). It fails when the merchant is unknown, or as
+// MerchantBinding does.
 func (r *Registry) Binding(merchantID string, scopes []string) (*broker.Binding, error) {
 	m, wild, ok := r.Merchant(merchantID)
 	if !ok {
 		return nil, fmt.Errorf("unknown merchant %q", merchantID)
 	}
+	return r.MerchantBinding(m, wild, scopes)
+}
+
+// MerchantBinding returns the broker binding for m, a merchant of r as
+// Merchant returned it (wild: resolved from the wildcard entry).
+// Non-empty scopes replace the merchant's default scopes. It fails when a
+// scope is malformed, or the merchant ends up without scopes where its
+// provider type needs some.
+func (r *Registry) MerchantBinding(m *Merchant, wild bool, scopes []string) (*broker.Binding, error) {
 	p := r.Providers[m.Provider]
 	sc := m.Scopes
 	route := false

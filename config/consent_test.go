@@ -34,7 +34,7 @@ func TestConsentTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	flow := reg.Providers["bank"].Consent
-	if flow == nil {
+	if flow == nil || !reg.HasConsent() {
 		t.Fatal("no consent flow")
 	}
 	cfg := flow.Config()
@@ -50,6 +50,14 @@ func TestConsentTable(t *testing.T) {
 	limited, err := parseWith("m.toml", []byte(strings.Replace(consentProvider, `par = true`, "max_pending_links = 2\n  merchant_links_per_minute = 3\n  links_per_minute = 4", 1)), opts)
 	if err != nil {
 		t.Fatal(err)
+	}
+	table := consentProvider[strings.Index(consentProvider, "  [providers.bank.consent]"):strings.Index(consentProvider, "[merchants.acme]")]
+	without, err := parseWith("m.toml", []byte(strings.Replace(consentProvider, table, "", 1)), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if without.HasConsent() {
+		t.Error("HasConsent without a consent table")
 	}
 	if l := limited.Providers["bank"].Consent.Config().Limits; l != (oauth.LinkLimits{MaxPending: 2, MerchantPerMinute: 3, PerMinute: 4}) {
 		t.Errorf("link limits %+v", l)

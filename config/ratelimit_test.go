@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
@@ -172,10 +173,11 @@ scopes = ["s"]
 	pv := reg.Providers["p"]
 	src := pv.Source.(*nuapay.Source)
 	ctx := context.Background()
-	if _, err := src.Organisations(ctx); err != nil {
+	if err := src.EachOrganisation(ctx, nuapay.ListLimits{}, func(nuapay.Organisation) {}); err != nil {
 		t.Fatal(err)
 	}
-	_ = src.Revoke(ctx, "org-acme", "no-such-token") // its answer, whatever it is, carries the headers
+	// Its answer, whatever it is, carries the headers.
+	_ = src.RevokeToken(ctx, broker.Request{Organisation: "org-acme"}, broker.Token{ID: "no-such-token"})
 	if st := pv.Budget.State(); st.Effective != 5 || !st.LoweredUntil.IsZero() {
 		t.Errorf("after the organisations list and a revocation: effective %g, lowered until %v; want 5 and never", st.Effective, st.LoweredUntil)
 	}

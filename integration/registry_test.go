@@ -193,3 +193,59 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 		t.Fatalf("the edited merchant caused %d token requests, want 1", got)
 	}
 }
+
+// TestReloadHandlerRegistryParsesNothing: a handler's own registry (its
+// `config`) is kept across reloads like the app's: an unchanged reload
+// parses no registry file and causes 0 token requests, and a reload after
+// the file changed parses it again and serves the edit.
+func TestReloadHandlerRegistryParsesNothing(t *testing.T) {
+	sb, _ := startSandbox(t)
+	path := filepath.Join(t.TempDir(), "own.toml")
+	registry := "[providers.nuapay]\ntype = \"nuapay\"\nbase_url = \"{env.NUAPAY_API}\"\napi_key = \"{env.NUAPAY_API_KEY}\"\n\n" +
+		"[merchants.acme]\nprovider = \"nuapay\"\norganisation = \"org-acme\"\nscopes = [\"openbanking_pisp\"]\n"
+	if err := os.WriteFile(path, []byte(registry), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cf := `{
+	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
+}
+http://127.0.0.1:{$TOKEN_BROKER_PORT} {
+	bind 127.0.0.1
+	token_broker {
+		config ` + path + `
+	}
+	reverse_proxy {$SANDBOX_URL}
+}
+`
+	cf, registryParses := logParses(t, cf)
+	base := startCaddy(t, cf)
+	fp := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme").Authorization.Fingerprint
+	tokens, parses := sb.TokenRequests(), registryParses()
+	if parses != 1 {
+		t.Fatalf("the first load parsed %d registry files, want 1", parses)
+	}
+
+	reloaded := strings.Replace(cf, "bind 127.0.0.1", "bind 127.0.0.1\n\theader X-Reloaded yes", 1)
+	loadCaddy(t, reloaded)
+	if got := registryParses() - parses; got != 0 {
+		t.Fatalf("the unchanged reload parsed %d registry files, want 0", got)
+	}
+	if got := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme").Authorization.Fingerprint; got != fp {
+		t.Errorf("acme: token %s after the reload, was %s", got, fp)
+	}
+	if got := sb.TokenRequests() - tokens; got != 0 {
+		t.Fatalf("the unchanged reload caused %d token requests, want 0", got)
+	}
+
+	registry += "\n[merchants.globex]\nprovider = \"nuapay\"\norganisation = \"org-globex\"\nscopes = [\"openbanking_pisp\"]\n"
+	if err := os.WriteFile(path, []byte(registry), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	loadCaddy(t, cf)
+	if got := registryParses() - parses; got != 1 {
+		t.Fatalf("the reload after the edit parsed %d registry files, want 1", got)
+	}
+	if got := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "globex").Authorization.Fingerprint; got == "" {
+		t.Error("globex, added by the edit, got no token")
+	}
+}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
@@ -45,7 +46,7 @@ scopes = ["accounts"]
 		t.Fatal(err)
 	}
 	core, logs := zapobserver.New(zap.InfoLevel)
-	app := &App{registry: reg, logger: zap.New(core), tables: &tables{}, tracker: opstate.NewTracker(opstate.TrackerOptions{}),
+	app := &App{registry: reg, logger: zap.New(core), tables: &bindings.Tables{}, tracker: opstate.NewTracker(opstate.TrackerOptions{}),
 		broker: broker.New(broker.Options{MaxAttempts: 1}), metrics: telemetry.NewMetrics(false)}
 	t.Cleanup(app.broker.Close)
 	app.instrument()

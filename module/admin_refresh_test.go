@@ -59,7 +59,7 @@ scopes = ["accounts"]
 	t.Cleanup(app.broker.Close)
 	p := reg.Providers["bank"]
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
-		header: "Authorization", broker: app.broker}
+		broker: app.broker}
 	b := brokertest.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Scopes: []string{"accounts"}})
 	h.bindings = handTable("bank", "", b)
 	h.instrument(nil)

@@ -11,11 +11,13 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbox"
+	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 	"github.com/tokenbroker/caddy-token-broker/broker/reload"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -109,13 +111,13 @@ type App struct {
 	logger      *zap.Logger
 	fleet       *fleetTier
 	fleetKey    string
-	tables      *tables          // binding tables, by registry and route scopes
+	tables      *bindings.Tables // binding tables, by registry and route scopes
 	listing     *listing.Listing // the wildcard's organisation listing, if restricted
 	listingKey  string
-	registryKey string       // the registry's key in the registries pool
-	sweeperKey  string       // the consents sweeper's key in pendingSweepers
-	site        callers.Site // AllowedHosts, checked by the handlers
-	watched     *watchList   // the registries of handlers with their own (health.go)
+	registryKey string         // the registry's key in the registries pool
+	sweeperKey  string         // the consents sweeper's key in pendingSweepers
+	site        callers.Site   // AllowedHosts, checked by the handlers
+	watched     *probe.Watched // the registries of handlers with their own, for the health answer
 
 	// refusals limits the handlers' logs of repeated refusals.
 	refusals *lograte.Limiter[broker.Backoff]
@@ -135,9 +137,9 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // token cache.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
-	a.tables = &tables{}
+	a.tables = &bindings.Tables{}
 	a.refusals = admission.NewRepeatLimiter(time.Now)
-	a.watched = &watchList{}
+	a.watched = &probe.Watched{}
 	a.stateIndex = &opstate.Index{}
 	if err := a.validate(); err != nil {
 		return err
@@ -168,7 +170,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.registryKey = key
 		a.registry = reg
 		a.holdBudgets(reg)
-		if hasConsent(reg) {
+		if reg.HasConsent() {
 			if a.sweeperKey, err = startPendingSweeper(ctx, a.logger); err != nil {
 				return err
 			}
@@ -214,10 +216,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	pb.SecretsSeen(a.registry)
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
-	if a.metrics, err = loadMetrics(ctx.GetMetricsRegistry(), merchantLabel); err != nil {
+	metricsKey := fmt.Sprintf("metrics merchant_label=%t", merchantLabel)
+	if a.metrics, err = loadCollectors(ctx.GetMetricsRegistry(), metricsKey, func() *telemetry.Metrics { return telemetry.NewMetrics(merchantLabel) }); err != nil {
 		return err
 	}
-	a.metricsKey = metricsPoolKey(merchantLabel)
+	a.metricsKey = metricsKey
 	a.instrument()
 	return a.registerStateCollector(ctx.GetMetricsRegistry())
 }
@@ -268,7 +271,7 @@ func (a *App) Cleanup() error {
 	if a.listingKey != "" {
 		_, _ = listings.Delete(a.listingKey)
 	}
-	a.releaseBudgets()
+	budgetKeeper.Release(a.budgets)
 	if a.registryKey != "" {
 		registries.Release(a.registryKey)
 	}

@@ -14,7 +14,7 @@ import (
 // handTable returns a table holding bindings made by hand (tests,
 // benchmarks), as explicit merchants of one provider, each keeping its
 // Observer.
-func handTable(provider, typ string, bds ...*broker.Binding) *bindingTable {
+func handTable(provider, typ string, bds ...*broker.Binding) *bindings.Table {
 	r := handResolver{provider: provider, typ: typ, m: map[string]*broker.Binding{}}
 	for _, bd := range bds {
 		r.m[bd.Merchant] = bd
@@ -45,9 +45,10 @@ func (r handResolver) Resolve(id string) (*broker.Binding, string, string, bool,
 // made.
 type keepObserver struct{}
 
-func (keepObserver) Made(*binding, bool) bool { return false }
-func (keepObserver) Released(*binding)        {}
-func (keepObserver) Drop(*broker.Binding)     {}
+func (keepObserver) Made(*bindings.Binding, bool) bool { return false }
+func (keepObserver) Released(*bindings.Binding)        {}
+func (keepObserver) Drop(*broker.Binding)              {}
+func (keepObserver) Evicted(*bindings.Binding)         {}
 
 // TestWildcardUnservedMerchantsKeepNoSlot: merchant ids whose token
 // requests fail (the sandbox answers 404 for an unknown organisation)

@@ -6,8 +6,6 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/budgets"
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
-	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
-	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -47,8 +45,8 @@ func (a *App) budgetKey() string {
 }
 
 // holdBudgets keeps the budgets of reg's providers (the app's registry,
-// a handler's own) while this config uses them; releaseBudgets (Cleanup)
-// ends it. Called while the config is provisioned.
+// a handler's own) while this config uses them; Cleanup ends it. Called
+// while the config is provisioned.
 func (a *App) holdBudgets(reg *config.Registry) {
 	var held []*budget.Budget
 	for _, p := range reg.Providers {
@@ -59,12 +57,3 @@ func (a *App) holdBudgets(reg *config.Registry) {
 	budgetKeeper.Hold(held)
 	a.budgets = append(a.budgets, held...)
 }
-
-// releaseBudgets ends the app's holds on budgets (holdBudgets).
-func (a *App) releaseBudgets() {
-	budgetKeeper.Release(a.budgets)
-	a.budgets = nil
-}
-
-// Interface guard: the operator's view hears of refreshes behind plan.
-var _ telemetry.PlanTap = (*opstate.Tracker)(nil)

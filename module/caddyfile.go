@@ -68,7 +68,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			case "merchant":
 				h.Merchant = v
 			case "header":
-				if err := validHeader(v); err != nil {
+				if err := outbound.CheckTokenHeader(v); err != nil {
 					return d.Err(err.Error())
 				}
 				h.Header = v
@@ -88,8 +88,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			if v != "invalid_token" && v != "any" && v != "off" {
-				return d.Errf("retry_on_401 must be invalid_token, any or off, not '%s'", v)
+			if err := (outbound.Retry{Mode: v}).Check(); err != nil {
+				return d.Err(err.Error())
 			}
 			h.RetryOn401 = v
 		case "retry_body_limit":
@@ -140,6 +140,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
+	durations := map[string]*caddy.Duration{"leeway": &a.Leeway, "fetch_timeout": &a.FetchTimeout, "budget_wait": &a.BudgetWait}
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		sub := d.Val()
@@ -210,14 +211,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			switch sub {
-			case "leeway":
-				a.Leeway = dur
-			case "fetch_timeout":
-				a.FetchTimeout = dur
-			default:
-				a.BudgetWait = dur
-			}
+			*durations[sub] = dur
 		default:
 			return d.Errf("unrecognized subdirective '%s'", sub)
 		}

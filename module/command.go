@@ -33,21 +33,15 @@ func init() {
 			command.AddSubcommands(cmd, command.Caddy{
 				Request:      caddycmd.AdminAPIRequest,
 				AdminAddress: caddycmd.DetermineAdminAPIAddress,
-				LoadConfig:   loadConfig,
+				LoadConfig:   caddycmd.LoadConfig,
 				Expand:       registryExpand,
 			})
 		},
 	})
 }
 
-// loadConfig is caddycmd.LoadConfig without the adapter's name.
-func loadConfig(configFile, adapter string) ([]byte, string, error) {
-	cfg, file, _, err := caddycmd.LoadConfig(configFile, adapter)
-	return cfg, file, err
-}
-
 // registryExpand resolves the placeholders of a registry path, as the
-// app does (loadRegistry).
+// app does (loadPooled).
 func registryExpand(path string) string { return caddy.NewReplacer().ReplaceKnown(path, "") }
 
 // cmdRefreshToken is `caddy token-broker-refresh-token`

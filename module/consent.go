@@ -9,10 +9,11 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/tokenbroker/caddy-token-broker/broker/kvstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentpage"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 )
 
 func init() {
@@ -81,7 +82,7 @@ type Consent struct {
 	Templates string `json:"templates,omitempty"`
 
 	web     *consentweb.Handler
-	metrics *consentMetrics
+	metrics *telemetry.ConsentSteps
 }
 
 // CaddyModule returns the Caddy module information.
@@ -110,12 +111,12 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("token_broker_consent: %w", err)
 	}
-	if c.metrics, err = loadConsentMetrics(ctx.GetMetricsRegistry()); err != nil {
+	if c.metrics, err = loadCollectors(ctx.GetMetricsRegistry(), consentMetricsKey, telemetry.NewConsentSteps); err != nil {
 		return err
 	}
 	c.web, err = consentweb.New(consentweb.Options{Provider: c.Provider, Links: c.Links, Registry: app.registry,
 		Broker: app.broker, Gate: app.consentGate(), Pages: pages,
-		Results: &consentpage.Results{Store: storagePending(ctx.Storage())}, Steps: c.metrics.steps, Logger: ctx.Logger(),
+		Results: &consentpage.Results{Store: kvstore.Pending{S: ctx.Storage()}}, Steps: c.metrics.Steps, Logger: ctx.Logger(),
 		Consented: app.tracker.ConsentGranted})
 	if err != nil {
 		return fmt.Errorf("token_broker_consent: %w", err)
@@ -131,40 +132,9 @@ func (c *Consent) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	return nil
 }
 
-// consentMetrics count consent steps.
-type consentMetrics struct {
-	steps *prometheus.CounterVec
-}
-
-func (m *consentMetrics) Destruct() error { return nil }
-
-// consentMetricsKey is the key of the consent metrics in metricsPool.
+// consentMetricsKey is the key of the consent steps' counter in
+// metricsPool.
 const consentMetricsKey = "consent metrics"
-
-// loadConsentMetrics returns the shared consent counter, registered in
-// registry: caddy_token_broker_consent_steps_total{provider, step,
-// outcome}, step link, start or callback, outcome ok or a refusal reason.
-func loadConsentMetrics(registry *prometheus.Registry) (*consentMetrics, error) {
-	val, _, err := metricsPool.LoadOrNew(consentMetricsKey, func() (caddy.Destructor, error) {
-		return &consentMetrics{steps: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "caddy", Subsystem: "token_broker", Name: "consent_steps_total",
-			Help: "Merchant consent steps (link, start, callback) by outcome: ok or the refusal reason.",
-		}, []string{"provider", "step", "outcome"})}, nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	m := val.(*consentMetrics)
-	if registry != nil {
-		if err := registry.Register(m.steps); err != nil {
-			var are prometheus.AlreadyRegisteredError
-			if !errors.As(err, &are) || are.ExistingCollector != m.steps {
-				return nil, fmt.Errorf("token_broker_consent: registering metrics: %w", err)
-			}
-		}
-	}
-	return m, nil
-}
 
 // Cleanup ends the handler's use of the shared metrics.
 func (c *Consent) Cleanup() error {

@@ -2,7 +2,6 @@ package module
 
 import (
 	"context"
-	"maps"
 	"net/http"
 	"time"
 
@@ -78,14 +77,16 @@ func (t *DPoPTransport) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 }
 
 // RoundTrip sends req, with a proof when the token_broker handler bound
-// it to a DPoP key.
+// it to a DPoP key: the token and the proof go on a copy
+// (outbound.DPoP.SignCopy), since reverse_proxy logs the request it gave
+// (debug "upstream roundtrip").
 func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	d := dpopOf(req.Context())
 	if d == nil {
 		return t.HTTPTransport.RoundTrip(req)
 	}
 	t.SetScheme(req)
-	sent, err := signedCopy(req, d, time.Now())
+	sent, err := d.SignCopy(req, time.Now())
 	if err != nil {
 		return nil, err
 	}
@@ -94,19 +95,6 @@ func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		d.Observe(sent, resp.Header)
 	}
 	return resp, err
-}
-
-// signedCopy returns a shallow copy of req with a header map of its own
-// that carries the token of d and its proof (outbound.DPoP.Sign). They go
-// on a copy: reverse_proxy logs the request it gave (debug "upstream
-// roundtrip"), and neither a token nor a proof is ever logged (Caddy
-// redacts Authorization, not DPoP).
-func signedCopy(req *http.Request, d *outbound.DPoP, now time.Time) (*http.Request, error) {
-	sent := new(http.Request)
-	*sent = *req
-	sent.Header = make(http.Header, len(req.Header)+2)
-	maps.Copy(sent.Header, req.Header)
-	return sent, d.Sign(sent, now)
 }
 
 // dpopOf returns the DPoP binding the token_broker handler gave the

@@ -48,7 +48,7 @@ func dpopHandler(t *testing.T, bound bool) *Handler {
 		})
 	}
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(),
-		merchantHeader: "X-Merchant-Id", header: "Authorization"}
+		merchantHeader: "X-Merchant-Id"}
 	h.broker = broker.New(broker.Options{})
 	t.Cleanup(h.broker.Close)
 	b := brokertest.NewBinding("bank#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"accounts"}})
@@ -76,7 +76,7 @@ func signing(got, sent *http.Header) caddyhttp.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		*got = r.Header
 		if d := dpopOf(r.Context()); d != nil {
-			out, err := signedCopy(r, d, time.Now())
+			out, err := d.SignCopy(r, time.Now())
 			if err != nil {
 				return err
 			}
@@ -165,7 +165,7 @@ func TestDPoPHandler(t *testing.T) {
 
 // TestDPoPHandlerAllocations: the handler's part of a DPoP request
 // allocates nothing more than a bearer request's; the difference is the
-// transport's signing (signedCopy: the proof and the copy of the request
+// transport's signing (DPoP.SignCopy: the proof and the copy of the request
 // that carries it), and Sign allocates at most 2 more times than the
 // proof alone (Key.Proof).
 func TestDPoPHandlerAllocations(t *testing.T) {
@@ -193,7 +193,7 @@ func TestDPoPHandlerAllocations(t *testing.T) {
 	defer d.Release()
 	d.SetToken("DPoP "+tok, dpop.ATH(tok))
 	copyAndSign := testing.AllocsPerRun(200, func() {
-		if _, err := signedCopy(signReq, d, time.Now()); err != nil {
+		if _, err := d.SignCopy(signReq, time.Now()); err != nil {
 			t.Fatal(err)
 		}
 	})

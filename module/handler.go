@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/textproto"
 	"strings"
 	"time"
 
@@ -22,6 +21,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
@@ -125,10 +125,10 @@ type Handler struct {
 	callers        *CallerPolicy
 	site           *callers.Site    // the app's: which Host names and browser requests are served
 	registry       *config.Registry // the app's, or the handler's own (Config)
-	bindings       *bindingTable    // shared by the config's routes with the same registry and scopes
+	bindings       *bindings.Table  // shared by the config's routes with the same registry and scopes
+	registryKey    string           // the handler's own registry in the registries pool
 	listingKey     string           // the pooled organisation listing of a handler's own registry
 	merchantHeader string           // canonical header name when Merchant is a plain header placeholder
-	header         string           // canonical Header
 	broker         *broker.Broker
 	tracker        *opstate.Tracker // the app's: the operator's view (nil in a handler made by hand)
 	logger         *zap.Logger
@@ -141,6 +141,11 @@ type Handler struct {
 	// nonceChallenged counts a resource server's DPoP nonce challenge
 	// (outbound.Retry.NonceChallenged); made once, in instrument.
 	nonceChallenged func(*broker.Binding)
+
+	// tokens are the broker's tokens as the 401 retry sees them, with the
+	// metrics and logs of rejections (outbound.Retry.Tokens); made once,
+	// in instrument.
+	tokens *outbound.BrokerTokens
 }
 
 // placeholderPrefix starts the names of the placeholders a served request
@@ -152,7 +157,7 @@ const placeholderPrefix = "http.token_broker."
 // replacer's providers (one small allocation) rather than five static
 // values, each of which takes the replacer's lock and grows its map.
 // The values are resolved when a later handler or log asks for them.
-func placeholders(b *binding, e *broker.Entry, res broker.Result) caddy.ReplacerFunc {
+func placeholders(b *bindings.Binding, e *broker.Entry, res broker.Result) caddy.ReplacerFunc {
 	return func(key string) (any, bool) {
 		name, ok := strings.CutPrefix(key, placeholderPrefix)
 		if !ok {
@@ -182,7 +187,7 @@ var placeholderNames = [...]string{"merchant", "organisation", "provider", "fing
 
 // setPlaceholders sets the placeholders of placeholders as static values
 // (the rare request served by a second token_broker handler).
-func setPlaceholders(repl *caddy.Replacer, b *binding, e *broker.Entry, res broker.Result) {
+func setPlaceholders(repl *caddy.Replacer, b *bindings.Binding, e *broker.Entry, res broker.Result) {
 	get := placeholders(b, e, res)
 	for _, name := range placeholderNames {
 		v, _ := get(placeholderPrefix + name)
@@ -221,19 +226,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Merchant == "" {
 		h.Merchant = DefaultMerchant
 	}
-	if name, ok := strings.CutPrefix(h.Merchant, "{http.request.header."); ok && strings.HasSuffix(name, "}") && !strings.ContainsAny(name[:len(name)-1], "{}") {
-		h.merchantHeader = textproto.CanonicalMIMEHeaderKey(name[:len(name)-1])
-	}
-	if h.Header == "" {
-		h.Header = "Authorization"
-	}
-	h.header = textproto.CanonicalMIMEHeaderKey(h.Header)
+	h.merchantHeader = admission.PlaceholderHeader(h.Merchant)
 	if h.Errors == "" {
 		h.Errors = "json"
 	}
 	reg := app.registry
 	if h.Config != "" {
-		if reg, err = loadRegistry(ctx, h.Config, app.budgetsFor()); err != nil {
+		// A handler's own registry keeps its refresh tokens in Caddy's
+		// storage, with the app's or not.
+		storeKey := "storage, budgets " + app.fleetKey + app.budgetKey()
+		if reg, h.registryKey, err = loadPooled(ctx, h.Config, storageStore(ctx.Storage()), storeKey, app.budgetsFor()); err != nil {
 			return err
 		}
 		app.holdBudgets(reg)
@@ -251,8 +253,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return err
 		}
 		h.listingKey = key
-		h.bindings = newBindingTable(reg, h.Scopes, listing, time.Now)
-		app.watch(reg, listing)
+		h.bindings = bindings.ForRegistry(reg, h.Scopes, admission.Allow(listing), time.Now)
+		app.watched.Add(reg, listing)
 	} else {
 		h.bindings = app.tables.Table(reg, h.Scopes, admission.Allow(app.listing))
 	}
@@ -260,12 +262,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// Cleanup releases the handler's own organisation listing, if any, and
-// the metrics series of its wildcard merchants (bindings.Table.Discard):
-// the config is being discarded.
+// Cleanup releases the handler's own registry and organisation listing,
+// if any, and the metrics series of its wildcard merchants
+// (bindings.Table.Discard): the config is being discarded.
 func (h *Handler) Cleanup() error {
 	if h.bindings != nil {
 		h.bindings.Discard()
+	}
+	if h.registryKey != "" {
+		registries.Release(h.registryKey)
 	}
 	if h.listingKey != "" {
 		_, err := listings.Delete(h.listingKey)
@@ -274,39 +279,16 @@ func (h *Handler) Cleanup() error {
 	return nil
 }
 
-// validHeader checks the header the token is set in: see Validate.
-func validHeader(name string) error {
-	switch textproto.CanonicalMIMEHeaderKey(name) {
-	case "", "Authorization":
-		return nil
-	case "Proxy-Authorization":
-		return fmt.Errorf("header %q: reverse_proxy removes Proxy-Authorization before the upstream (it is hop-by-hop), so the upstream would get no credential: use Authorization (the default)", name)
-	}
-	return fmt.Errorf("header %q: the token can only be set in Authorization, which Caddy's logs redact", name)
-}
-
 // Validate checks the handler's configuration.
 func (h *Handler) Validate() error {
 	if h.Errors != "json" && h.Errors != "caddy" {
 		return fmt.Errorf("token_broker: errors %q must be json or caddy", h.Errors)
 	}
-	// Caddy's logs redact Authorization and Proxy-Authorization only: a
-	// token in any other header would be logged in clear by reverse_proxy
-	// at debug level. Proxy-Authorization is hop-by-hop (RFC 9110
-	// §11.7.2): reverse_proxy always removes it, so the upstream would get
-	// no credential and answer 401 to every request. That leaves
-	// Authorization.
-	if err := validHeader(h.Header); err != nil {
+	if err := outbound.CheckTokenHeader(h.Header); err != nil {
 		return fmt.Errorf("token_broker: %w", err)
 	}
-	switch h.RetryOn401 {
-	case "", "invalid_token", "any", "off":
-	default:
-		return fmt.Errorf("token_broker: retry_on_401 %q must be invalid_token, any or off", h.RetryOn401)
-	}
-	if h.RetryBodyLimit < 0 || h.RetryBodyLimit > outbound.MaxRetryBodyLimit {
-		return fmt.Errorf("token_broker: retry_body_limit %d: must be between 0 (the default, %d bytes) and %d bytes (%d MiB); the body of each retryable request is held in memory",
-			h.RetryBodyLimit, outbound.DefaultRetryBodyLimit, outbound.MaxRetryBodyLimit, outbound.MaxRetryBodyLimit>>20)
+	if err := (outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit}).Check(); err != nil {
+		return fmt.Errorf("token_broker: %w", err)
 	}
 	return nil
 }

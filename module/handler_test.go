@@ -37,7 +37,7 @@ func (f sourceFunc) Token(ctx context.Context, req broker.Request) (broker.Token
 func newTestHandler(t *testing.T, src sourceFunc, errorsMode string) *Handler {
 	t.Helper()
 	h := &Handler{Merchant: DefaultMerchant, Errors: errorsMode, logger: zap.NewNop(),
-		merchantHeader: "X-Merchant-Id", header: "Authorization"}
+		merchantHeader: "X-Merchant-Id"}
 	h.broker = broker.New(broker.Options{})
 	t.Cleanup(h.broker.Close)
 	b := brokertest.NewBinding("nuapay#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})

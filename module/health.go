@@ -8,36 +8,13 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
-	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/probe"
-	"github.com/tokenbroker/caddy-token-broker/config"
 )
-
-// The health answer (adminapi.Instance.Health, package broker/probe) is
-// given by the admin API (GET /token_broker/health), the `caddy
-// token-broker health` command and the token_broker_health handler of
-// this file, which an operator serves on a port kubelet's probes can
-// reach.
 
 func init() {
 	caddy.RegisterModule(HealthHandler{})
 	httpcaddyfile.RegisterHandlerDirective("token_broker_health", parseHealthCaddyfile)
 	httpcaddyfile.RegisterDirectiveOrder("token_broker_health", httpcaddyfile.Before, "respond")
-}
-
-// watchList are the registries handlers loaded themselves (their own
-// `config`), which the health answer covers besides the app's.
-type watchList = probe.Watched
-
-// watch adds a handler's own registry to the health answer.
-func (a *App) watch(reg *config.Registry, listing *listing.Listing) {
-	a.watched.Add(reg, listing)
-}
-
-// health computes the health answer of app (nil: not running)
-// (adminapi.Instance.Health).
-func health(app *App) probe.Health {
-	return app.admin().Health()
 }
 
 // HealthHandler answers the token broker's health probes on a site of the
@@ -46,7 +23,8 @@ func health(app *App) probe.Health {
 // ask: GET /ready answers 200 when the broker is ready and 503 when not,
 // GET /live 200 when the token_broker app runs; the body is the probe.Health
 // (JSON). Any other path is 404, any other method 405. It ends the route:
-// nothing is proxied.
+// nothing is proxied. The admin API (GET /token_broker/health) and `caddy
+// token-broker health` give the same answer (adminapi.Instance.Health).
 //
 //	:8088 {
 //	    token_broker_health
@@ -77,7 +55,7 @@ func (hh *HealthHandler) Provision(ctx caddy.Context) error {
 
 // ServeHTTP answers /ready and /live (probe.Serve).
 func (hh *HealthHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
-	probe.Serve(w, r, func() probe.Health { return health(hh.app) })
+	probe.Serve(w, r, hh.app.admin().Health)
 	return nil
 }
 

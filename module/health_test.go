@@ -13,6 +13,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
+	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
@@ -87,19 +88,19 @@ scopes = ["a"]
 		t.Run(tt.name, func(t *testing.T) {
 			var app *App
 			if tt.app {
-				app = &App{watched: &watchList{}, broker: broker.New(broker.Options{})}
+				app = &App{watched: &probe.Watched{}, broker: broker.New(broker.Options{})}
 				t.Cleanup(app.broker.Close)
 				if tt.appReg {
 					app.registry = reg(t, "app.toml")
 				}
 				if tt.ownReg {
-					app.watch(reg(t, "own.toml"), nil)
+					app.watched.Add(reg(t, "own.toml"), nil)
 				}
 				if tt.handlerReg != nil {
-					app.watch(reg(t, "own.toml"), tt.handlerReg)
+					app.watched.Add(reg(t, "own.toml"), tt.handlerReg)
 				}
 			}
-			h := health(app)
+			h := app.admin().Health()
 			if h.Ready != tt.wantReady || h.Live != tt.wantLive || !strings.Contains(h.Reason, tt.wantReason) {
 				t.Errorf("ready %v live %v reason %q, want ready %v live %v reason with %q", h.Ready, h.Live, h.Reason, tt.wantReady, tt.wantLive, tt.wantReason)
 			}

@@ -18,6 +18,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -84,10 +86,10 @@ func reloadedHandler(br *broker.Broker, reg *config.Registry, scopes []string) *
 
 // reloadedHandlerAt is reloadedHandler with its table on the clock now.
 func reloadedHandlerAt(br *broker.Broker, reg *config.Registry, scopes []string, now func() time.Time) *Handler {
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id"}
 	h.broker = br
 	h.registry = reg
-	h.bindings = newBindingTable(reg, scopes, nil, now)
+	h.bindings = bindings.ForRegistry(reg, scopes, admission.Allow(nil), now)
 	h.instrument(telemetry.NewMetrics(false))
 	return h
 }
@@ -213,7 +215,7 @@ func TestBindingKeepsNoRequestString(t *testing.T) {
 		if b.Merchant != tt.merchant || unsafe.StringData(b.Merchant) == unsafe.StringData(header) {
 			t.Errorf("%s: the binding's merchant id %q is the request's header string", tt.merchant, b.Merchant)
 		}
-		env.h.bindings.Each(func(id string, b *binding) {
+		env.h.bindings.Each(func(id string, b *bindings.Binding) {
 			if unsafe.StringData(id) == unsafe.StringData(header) {
 				t.Errorf("%s: the table's key is the request's header string", tt.merchant)
 			}

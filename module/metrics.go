@@ -5,13 +5,10 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
 
-	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
+	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
-	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 // MetricsConfig configures the broker's Prometheus metrics, shown on Caddy's
@@ -49,68 +46,61 @@ type MetricsConfig struct {
 	MerchantLabel bool `json:"merchant_label,omitempty"`
 }
 
-// metricsPool holds one telemetry.Metrics per label set, kept across
-// config reloads so that counters keep counting.
+// metricsPool holds one telemetry.Metrics per label set, and the consent
+// steps' counter, kept across config reloads so that counters keep
+// counting (loadCollectors).
 var metricsPool = caddy.NewUsagePool()
 
-func metricsPoolKey(merchantLabel bool) string {
-	return fmt.Sprintf("metrics merchant_label=%t", merchantLabel)
+// collectors are what metricsPool holds: collectors registered in each
+// config's metrics registry.
+type collectors interface {
+	caddy.Destructor
+	Register(*prometheus.Registry) error
 }
 
-// loadMetrics returns the shared collectors for the label set and registers
-// them in registry. Release them with metricsPool.Delete(metricsPoolKey(...)).
-func loadMetrics(registry *prometheus.Registry, merchantLabel bool) (*telemetry.Metrics, error) {
-	val, _, err := metricsPool.LoadOrNew(metricsPoolKey(merchantLabel), func() (caddy.Destructor, error) {
-		return telemetry.NewMetrics(merchantLabel), nil
+// loadCollectors returns the collectors of key in metricsPool, made by
+// newCollectors when none are, registered in registry (nil: none). A
+// failed registration releases them.
+func loadCollectors[C collectors](registry *prometheus.Registry, key string, newCollectors func() C) (C, error) {
+	var none C
+	val, _, err := metricsPool.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return newCollectors(), nil
 	})
 	if err != nil {
-		return nil, err
+		return none, err
 	}
-	m := val.(*telemetry.Metrics)
+	c := val.(C)
 	if registry != nil {
-		if err := m.Register(registry); err != nil {
-			metricsPool.Delete(metricsPoolKey(merchantLabel))
-			return nil, err
+		if err := c.Register(registry); err != nil {
+			metricsPool.Delete(key)
+			return none, err
 		}
 	}
-	return m, nil
+	return c, nil
 }
 
 // instrument gives the handler its telemetry.Recorder and every binding
 // of the handler an observer with its counters resolved. Called at the
 // end of Provision.
 func (h *Handler) instrument(m *telemetry.Metrics) {
-	h.metrics = newRecorder(m, h.tracker, h.logger, h.bindings, h.registry, h.broker)
+	h.metrics = telemetry.ForRegistry(m, tapOf(h.tracker), h.logger, h.bindings, h.registry, h.broker)
 	h.nonceChallenged = h.metrics.NonceChallenged
+	h.tokens = &outbound.BrokerTokens{Broker: h.broker, Rejections: h.metrics}
 }
 
 // instrument gives the app the telemetry.Recorder of the bindings no
 // handler made (a check of a merchant no route has served), on the
 // app's metrics, tracker and logger.
 func (a *App) instrument() {
-	a.recorder = newRecorder(a.metrics, a.tracker, a.logger, nil, a.registry, a.broker)
+	a.recorder = telemetry.ForRegistry(a.metrics, tapOf(a.tracker), a.logger, nil, a.registry, a.broker)
 }
 
-// newRecorder returns the telemetry.Recorder of the bindings of table
-// (nil: none), whose providers are reg's (nil: none known), on the
-// metrics m, telling tracker (nil: none) and br's breaker states (nil:
-// closed).
-func newRecorder(m *telemetry.Metrics, tracker *opstate.Tracker, logger *zap.Logger, table *bindings.Table, reg *config.Registry, br *broker.Broker) *telemetry.Recorder {
-	providers := make(map[string]string)
-	if reg != nil {
-		for name, p := range reg.Providers {
-			providers[p.ID] = name
-		}
+// tapOf returns tracker as the recorders' tap; nil (none) without one.
+func tapOf(tracker *opstate.Tracker) telemetry.Tap {
+	if tracker == nil {
+		return nil
 	}
-	var breaker func(sourceID string) broker.BreakerState
-	if br != nil {
-		breaker = br.BreakerState
-	}
-	var tap telemetry.Tap
-	if tracker != nil {
-		tap = tracker
-	}
-	return telemetry.NewRecorder(m, tap, logger, table, providers, breaker)
+	return tracker
 }
 
 // registerStateCollector adds the collector of the app's operator's view
@@ -125,6 +115,3 @@ func (a *App) registerStateCollector(registry *prometheus.Registry) error {
 	}
 	return nil
 }
-
-// Interface guard.
-var _ caddy.Destructor = (*telemetry.Metrics)(nil)

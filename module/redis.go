@@ -157,6 +157,7 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 	r := &RedisConfig{}
 	fields := map[string]*string{"master_name": &r.MasterName, "username": &r.Username, "password": &r.Password,
 		"key_prefix": &r.KeyPrefix, "encryption_key": &r.EncryptionKey}
+	durations := map[string]*caddy.Duration{"timeout": &r.Timeout, "timeout_max": &r.TimeoutMax, "lock_ttl": &r.LockTTL}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
@@ -209,14 +210,7 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 			if err != nil {
 				return nil, err
 			}
-			switch sub {
-			case "timeout":
-				r.Timeout = dur
-			case "timeout_max":
-				r.TimeoutMax = dur
-			default:
-				r.LockTTL = dur
-			}
+			*durations[sub] = dur
 		default:
 			return nil, d.Errf("unrecognized redis subdirective '%s'", sub)
 		}

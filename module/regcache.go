@@ -6,6 +6,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/command"
+	"github.com/tokenbroker/caddy-token-broker/broker/kvstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/config/regcache"
@@ -16,23 +17,19 @@ import (
 // no file again and keeps its providers' sources.
 var registries = regcache.New()
 
-// registryOptions are the config.Options of a registry of ctx: refresh
-// tokens in store, consents in progress in Caddy's storage, the
-// providers' budgets made by budgets (nil: the registry's own), DPoP
-// nonce challenges counted on the running app's metrics.
-func registryOptions(ctx caddy.Context, store oauth.Store, budgets func(*config.Provider) (*budget.Budget, error)) config.Options {
-	return config.Options{RefreshStore: store, ConsentStore: storagePending(ctx.Storage()),
-		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets}
-}
-
 // loadPooled returns the registry at path (a file, a directory or a glob:
 // config.Files; placeholders such as {env.TOKEN_BROKER_CONFIG} are
-// resolved) from registries, and the key to release (Cleanup). storeKey
-// names store and whatever budgets depends on. The files a load parsed
-// are logged.
+// resolved) from registries, and the key to release (Cleanup). Its
+// refresh tokens go in store, its consents in progress in Caddy's
+// storage, its providers' budgets are made by budgets, and DPoP nonce
+// challenges are counted on the running app's metrics. storeKey names
+// store and whatever budgets depends on. The files a load parsed are
+// logged.
 func loadPooled(ctx caddy.Context, path string, store oauth.Store, storeKey string, budgets func(*config.Provider) (*budget.Budget, error)) (*config.Registry, string, error) {
 	path = registryExpand(path)
-	reg, key, parsed, err := registries.Load(path, registryOptions(ctx, store, budgets), storeKey+" consents in "+storageID(ctx.Storage()))
+	opts := config.Options{RefreshStore: store, ConsentStore: kvstore.Pending{S: ctx.Storage()},
+		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets}
+	reg, key, parsed, err := registries.Load(path, opts, storeKey+" consents in "+storageID(ctx.Storage()))
 	if parsed > 0 {
 		ctx.Logger().Info("merchant registry parsed", zap.String("config", path), zap.Int("files_parsed", parsed))
 	}
@@ -40,14 +37,4 @@ func loadPooled(ctx caddy.Context, path string, store oauth.Store, storeKey stri
 		return nil, "", command.RegistryError(err)
 	}
 	return reg, key, nil
-}
-
-// loadRegistry loads a handler's own registry at path, not pooled, with
-// its refresh tokens in Caddy's storage.
-func loadRegistry(ctx caddy.Context, path string, budgets func(*config.Provider) (*budget.Budget, error)) (*config.Registry, error) {
-	reg, err := config.LoadWith(registryExpand(path), registryOptions(ctx, storageStore(ctx.Storage()), budgets))
-	if err != nil {
-		return nil, command.RegistryError(err)
-	}
-	return reg, nil
 }

@@ -8,21 +8,19 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 )
 
 // outbound returns the handler's outbound-header contract. It is computed
 // from the handler's fields, so it costs nothing to build per request.
+// The token goes in Authorization, the one header Validate accepts.
 func (h *Handler) outbound() outbound.Contract {
-	o := outbound.Contract{Token: h.header, Merchant: h.merchantHeader, Interaction: h.InteractionID}
-	if o.Token == "" {
-		o.Token = "Authorization"
-	}
+	o := outbound.Contract{Token: "Authorization", Merchant: h.merchantHeader, Interaction: h.InteractionID}
 	if h.callers != nil {
 		o.Caller = h.callers.policy.Header()
 	}
@@ -47,9 +45,9 @@ func (h *Handler) outbound() outbound.Contract {
 // The request variable is set before next runs and never written after:
 // a connection dial reverse_proxy left running may still read the
 // variables.
-func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound.Contract, b *binding, e *broker.Entry) error {
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound.Contract, b *bindings.Binding, e *broker.Entry) error {
 	rt := outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit, Incremental: caddyhttp.IsIncremental,
-		Isolate: isolateVars, Tokens: retryTokens{h}, NonceChallenged: h.nonceChallenged}
+		Isolate: isolateVars, Tokens: h.tokens, NonceChallenged: h.nonceChallenged}
 	if k := b.DPoP; k != nil && outbound.IsDPoP(e.Header()) {
 		d := outbound.AcquireDPoP(k)
 		defer d.Release()
@@ -75,7 +73,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 
 // failForward answers a request that was not forwarded, or whose answer
 // was dropped, with code.
-func (h *Handler) failForward(w http.ResponseWriter, r *http.Request, b *binding, code errcode.Code, cause error) error {
+func (h *Handler) failForward(w http.ResponseWriter, r *http.Request, b *bindings.Binding, code errcode.Code, cause error) error {
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	return h.fail(w, repl, admission.Refusal{Code: code, Merchant: b.Merchant, ProviderType: b.Provider.Type, Cause: cause})
 }
@@ -89,34 +87,3 @@ func isolateVars(r *http.Request) *http.Request {
 	}
 	return r
 }
-
-// retryTokens is the handler's broker as the retry sees it
-// (outbound.Tokens), with the metrics and logs of rejections.
-type retryTokens struct{ h *Handler }
-
-// Get returns the binding's token from the broker.
-func (t retryTokens) Get(ctx context.Context, b *broker.Binding) (outbound.Entry, error) {
-	e, _, err := t.h.broker.Get(ctx, b)
-	if err != nil {
-		return nil, err
-	}
-	return e, nil
-}
-
-// Purge reports the rejected token to the broker, counts and logs the
-// outcome.
-func (t retryTokens) Purge(b *broker.Binding, rejected broker.Token) {
-	t.h.metrics.Rejected(b, rejected, t.h.broker.Reject(b, rejected.Value))
-}
-
-// Kept logs a 401 that says nothing about the token.
-func (t retryTokens) Kept(b *broker.Binding, rejected broker.Token) {
-	t.h.logger.Warn("upstream answered 401 to a request whose token header a later handler changed or removed; the token is kept",
-		zap.String("merchant", b.Merchant), zap.String("fingerprint", rejected.Fingerprint()))
-}
-
-// Accepted reports the retry's accepted token to the broker.
-func (t retryTokens) Accepted(b *broker.Binding, tok broker.Secret) { t.h.broker.Accepted(b, tok) }
-
-// Interface guard.
-var _ outbound.Tokens = retryTokens{}

@@ -25,6 +25,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
+	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
@@ -83,7 +84,7 @@ func stateApp(t *testing.T) (*App, *Handler) {
 	prev := current.Swap(app)
 	t.Cleanup(func() { current.Store(prev) })
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
-		header: "Authorization", broker: app.broker, tracker: app.tracker, registry: reg}
+		broker: app.broker, tracker: app.tracker, registry: reg}
 	h.bindings = app.tables.Table(reg, nil, nil)
 	h.instrument(telemetry.NewMetrics(false))
 	return app, h
@@ -261,7 +262,7 @@ scopes = ["accounts"]
 	prev := current.Swap(app)
 	t.Cleanup(func() { current.Store(prev) })
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
-		header: "Authorization", broker: app.broker, tracker: app.tracker, registry: reg}
+		broker: app.broker, tracker: app.tracker, registry: reg}
 	h.bindings = app.tables.Table(reg, nil, nil)
 	h.instrument(nil)
 	took := func() []string {
@@ -386,7 +387,7 @@ func TestStateHandlersRegistry(t *testing.T) {
 		defer mu.Unlock()
 		events = append(events, fmt.Sprintf("%s %v", event, data["provider"]))
 	}})
-	app.watched = &watchList{}
+	app.watched = &probe.Watched{}
 	took := func() []string {
 		mu.Lock()
 		defer mu.Unlock()
@@ -402,9 +403,9 @@ func TestStateHandlersRegistry(t *testing.T) {
 	own.Providers["nuapay"].Source = sourceFunc(func(context.Context, broker.Request) (broker.Token, error) {
 		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: time.Minute}
 	})
-	app.watch(own, nil)
+	app.watched.Add(own, nil)
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
-		header: "Authorization", broker: app.broker, tracker: app.tracker, registry: own}
+		broker: app.broker, tracker: app.tracker, registry: own}
 	h.bindings = app.tables.Table(own, nil, nil)
 	h.instrument(nil)
 	if rec := request(t, h, "m-fresh"); rec.Code != http.StatusServiceUnavailable {

@@ -9,7 +9,6 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker/kvstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
-	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
 )
 
@@ -23,12 +22,6 @@ var localLocks keylock.Map
 // (kvstore.Refresh).
 func storageStore(s certmagic.Storage) kvstore.Refresh {
 	return kvstore.Refresh{S: s, Locks: &localLocks}
-}
-
-// storagePending keeps consents in progress in Caddy's storage
-// (kvstore.Pending); startPendingSweeper deletes the expired ones.
-func storagePending(s certmagic.Storage) kvstore.Pending {
-	return kvstore.Pending{S: s}
 }
 
 // pendingSweepers run one sweep of token_broker/consents/ per storage,
@@ -58,20 +51,10 @@ func storageID(s certmagic.Storage) string {
 // startPendingSweeper makes sure that the expired consents in the
 // storage of ctx are swept, and returns the key to release on Cleanup.
 func startPendingSweeper(ctx caddy.Context, logger *zap.Logger) (string, error) {
-	st, id := storagePending(ctx.Storage()), storageID(ctx.Storage())
+	st, id := kvstore.Pending{S: ctx.Storage()}, storageID(ctx.Storage())
 	key := "consent sweeper " + id
 	_, _, err := pendingSweepers.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return pendingSweeper{kvstore.StartSweeper(st, oauth.PendingSweepInterval, logger, id)}, nil
 	})
 	return key, err
-}
-
-// hasConsent reports whether a provider of reg has a consent flow.
-func hasConsent(reg *config.Registry) bool {
-	for _, p := range reg.Providers {
-		if p.Consent != nil {
-			return true
-		}
-	}
-	return false
 }

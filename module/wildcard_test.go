@@ -13,6 +13,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/admission"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
@@ -78,11 +80,11 @@ scopes = ["openbanking_pisp"]
 		src := reg.Providers["nuapay"].Source
 		env.listing = listing.New("nuapay", src.(listing.OrganisationLister), nuapay.ListLimits{}, time.Hour, zap.NewNop())
 	}
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id", header: "Authorization"}
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id"}
 	h.broker = broker.New(broker.Options{Now: env.clk.Now, MaxAttempts: 1, FailureTTL: -1})
 	t.Cleanup(h.broker.Close)
 	h.registry = reg
-	h.bindings = newBindingTable(reg, nil, env.listing, env.clk.Now)
+	h.bindings = bindings.ForRegistry(reg, nil, admission.Allow(env.listing), env.clk.Now)
 	h.instrument(telemetry.NewMetrics(false))
 	env.h = h
 	return env

@@ -155,3 +155,20 @@ func TestRepeatedRefusalsLimited(t *testing.T) {
 		})
 	}
 }
+
+func TestPlaceholderHeader(t *testing.T) {
+	for _, tt := range []struct {
+		selector, want string
+	}{
+		{"{http.request.header.X-Merchant-Id}", "X-Merchant-Id"},
+		{"{http.request.header.x-merchant-id}", "X-Merchant-Id"},
+		{"{http.request.uri.query.merchant}", ""},
+		{"{http.request.header.X-A}{http.request.header.X-B}", ""},
+		{"{http.request.header.X-Merchant-Id", ""},
+		{"acme", ""},
+	} {
+		if got := PlaceholderHeader(tt.selector); got != tt.want {
+			t.Errorf("PlaceholderHeader(%q) = %q, want %q", tt.selector, got, tt.want)
+		}
+	}
+}

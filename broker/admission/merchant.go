@@ -2,11 +2,24 @@ package admission
 
 import (
 	"net/http"
+	"net/textproto"
 	"strings"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
+
+// PlaceholderHeader returns the canonical name of the request header that
+// a merchant selector reads when it is exactly one header placeholder
+// ({http.request.header.NAME}), so that the merchant is read from the
+// header directly (HeaderMerchant); "" for any other selector.
+func PlaceholderHeader(selector string) string {
+	name, ok := strings.CutPrefix(selector, "{http.request.header.")
+	if !ok || !strings.HasSuffix(name, "}") || strings.ContainsAny(name[:len(name)-1], "{}") {
+		return ""
+	}
+	return textproto.CanonicalMIMEHeaderKey(name[:len(name)-1])
+}
 
 // HeaderMerchant reads the merchant of a request from its header name (a
 // canonical name) and checks it (CheckMerchant). A non-zero code refuses

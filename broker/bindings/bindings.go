@@ -64,13 +64,10 @@ type Hooks interface {
 	// Drop drops the cached token of a parked binding that leaves the
 	// parked set.
 	Drop(b *broker.Binding)
-}
-
-// Evicter is an optional interface of Hooks: Evicted is called, under the
-// table's lock, for every wildcard binding evicted from the table (idle,
-// or never served a token), whether its series are tracked or not, so
-// that what is kept per merchant follows the merchants kept.
-type Evicter interface {
+	// Evicted is called, under the table's lock, for every wildcard
+	// binding evicted from the table (idle, or never served a token),
+	// whether its series are tracked or not, so that what is kept per
+	// merchant follows the merchants kept.
 	Evicted(b *Binding)
 }
 
@@ -380,13 +377,10 @@ func (t *Table) evictUnserved(h Hooks) bool {
 	return true
 }
 
-// evicted tells h, when it is an Evicter, that bindings were evicted.
-// Called with t.wmu held.
+// evicted tells h that bindings were evicted. Called with t.wmu held.
 func (t *Table) evicted(bs []*Binding, h Hooks) {
-	if ev, ok := h.(Evicter); ok {
-		for _, b := range bs {
-			ev.Evicted(b)
-		}
+	for _, b := range bs {
+		h.Evicted(b)
 	}
 }
 

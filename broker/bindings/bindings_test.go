@@ -97,7 +97,7 @@ func TestTable(t *testing.T) {
 		want    []string
 		present []string
 		absent  []string
-		evicted []string // told to the hooks (Evicter)
+		evicted []string // told to the hooks (Hooks.Evicted)
 	}{
 		{"explicit merchants are not counted", []string{"a!", "b!", "x1", "x2", "x3"},
 			[]string{"ok", "ok", "ok", "ok", "ok"}, []string{"a", "b", "x1", "x2", "x3"}, nil, nil},

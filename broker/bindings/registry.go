@@ -44,12 +44,13 @@ func (r registryResolver) Resolve(id string) (*broker.Binding, string, string, b
 		return nil, "", "", false, ErrUnknownMerchant
 	}
 	if wild {
-		// id is the request's header value: the binding must not keep
+		// m.ID is the request's header value: the binding must not keep
 		// the request's header strings alive. An explicit merchant's
-		// binding gets the registry's own id.
-		id = strings.Clone(id)
+		// binding gets the registry's own id. m is the wildcard entry
+		// resolved for id, a copy of its own.
+		m.ID = strings.Clone(m.ID)
 	}
-	bd, err := r.reg.Binding(id, r.scopes)
+	bd, err := r.reg.MerchantBinding(m, wild, r.scopes)
 	if err != nil {
 		return nil, "", "", false, err
 	}

@@ -19,9 +19,9 @@ type Caddy struct {
 	// the default (caddycmd.DetermineAdminAPIAddress).
 	AdminAddress func(address string, cfg []byte, configFile, adapter string) (string, error)
 	// LoadConfig loads configFile (default ./Caddyfile), adapted with
-	// adapter, as JSON; it returns the config and the file it read
-	// (caddycmd.LoadConfig).
-	LoadConfig func(configFile, adapter string) (cfg []byte, file string, err error)
+	// adapter, as JSON; it returns the config, the file it read and the
+	// adapter it used (caddycmd.LoadConfig).
+	LoadConfig func(configFile, adapter string) (cfg []byte, file, adapterUsed string, err error)
 	// Expand resolves the placeholders of a registry path, as the
 	// token_broker app does.
 	Expand func(path string) string
@@ -197,7 +197,7 @@ func adminAddress(cmd *cobra.Command, c Caddy, prefix string) (string, error) {
 func loadConfig(cmd *cobra.Command, c Caddy) ([]byte, string, error) {
 	config, _ := cmd.Flags().GetString("config")
 	adapter, _ := cmd.Flags().GetString("adapter")
-	cfg, file, err := c.LoadConfig(config, adapter)
+	cfg, file, _, err := c.LoadConfig(config, adapter)
 	if err != nil {
 		fmt.Fprintf(cmd.ErrOrStderr(), "loading the config: %v\n", err)
 		return nil, "", ErrFailed

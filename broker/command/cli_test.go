@@ -39,8 +39,8 @@ func TestAddSubcommands(t *testing.T) {
 		{name: "status without address", args: []string{"status"}, wantErr: true,
 			wantStderr: "finding the admin address: no such config", c: Caddy{Request: ready, AdminAddress: noAddress}},
 		{name: "validate without config", args: []string{"validate", "--config", "nowhere", "--adapter", "caddyfile"}, wantErr: true,
-			wantStderr: "loading the config: nowhere caddyfile: no such file", c: Caddy{LoadConfig: func(file, adapter string) ([]byte, string, error) {
-				return nil, "", errors.New(file + " " + adapter + ": no such file")
+			wantStderr: "loading the config: nowhere caddyfile: no such file", c: Caddy{LoadConfig: func(file, adapter string) ([]byte, string, string, error) {
+				return nil, "", "", errors.New(file + " " + adapter + ": no such file")
 			}}},
 	}
 	for _, tt := range tests {

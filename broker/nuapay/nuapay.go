@@ -204,19 +204,6 @@ func ParseToken(body []byte, sent time.Time, life time.Duration) (broker.Token, 
 	return broker.Token{Value: broker.Secret(d.AccessToken), Type: "Bearer", Expiry: expiry, ID: d.ID, Scopes: d.Scopes}, nil
 }
 
-// Revoke revokes one long-lived token of an organisation.
-func (s *Source) Revoke(ctx context.Context, org, tokenID string) error {
-	if tokenID == "" {
-		return errors.New("nuapay revoke: the token has no id")
-	}
-	target, err := s.orgURL("", org, "/tokens/"+segment(tokenID)+"/revoke")
-	if err != nil {
-		return err
-	}
-	_, err = s.call(ctx, http.MethodPost, target, nil, http.StatusOK)
-	return err
-}
-
 // ErrNoTokenID is returned by RevokeToken for a token without an id: it is
 // not revoked. Revoking it would take revoking every token of the
 // organisation, other instances' and other partners' tools' included.
@@ -229,7 +216,12 @@ func (s *Source) RevokeToken(ctx context.Context, req broker.Request, tok broker
 	if tok.ID == "" {
 		return ErrNoTokenID
 	}
-	return s.Revoke(ctx, req.Organisation, tok.ID)
+	target, err := s.orgURL("", req.Organisation, "/tokens/"+segment(tok.ID)+"/revoke")
+	if err != nil {
+		return err
+	}
+	_, err = s.call(ctx, http.MethodPost, target, nil, http.StatusOK)
+	return err
 }
 
 // Organisation is one entry of Gatekeeper's organisations list.
@@ -300,17 +292,6 @@ func (e *ListTooLargeError) Error() string {
 		return fmt.Sprintf("nuapay organisations list: its answers passed %d bytes after %d pages; not used (the limit is max_organisations × %d bytes: raise max_organisations if the partner has that many organisations)", e.Max, e.Pages, ListBytesPerOrganisation)
 	}
 	return fmt.Sprintf("nuapay organisations list: more than %d organisations after %d pages; not used (raise max_organisations in the wildcard entry if the partner has that many)", e.Max, e.Pages)
-}
-
-// Organisations returns every organisation linked to the partner, reading
-// all pages within the default ListLimits.
-func (s *Source) Organisations(ctx context.Context) ([]Organisation, error) {
-	var out []Organisation
-	err := s.EachOrganisation(ctx, ListLimits{}, func(o Organisation) { out = append(out, o) })
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
 }
 
 // EachOrganisation reads every page of the organisations linked to the

@@ -231,10 +231,11 @@ func TestNuapayRevokeAndOrganisations(t *testing.T) {
 	defer srv.Close()
 	n, _ := New(Config{BaseURL: srv.URL, APIKey: "k", OrganisationsPath: "/cust/organisations"})
 	ctx := context.Background()
-	if err := n.Revoke(ctx, "o1", "t1"); err != nil {
+	if err := n.RevokeToken(ctx, broker.Request{Organisation: "o1"}, broker.Token{ID: "t1"}); err != nil {
 		t.Fatal(err)
 	}
-	orgs, err := n.Organisations(ctx)
+	var orgs []Organisation
+	err := n.EachOrganisation(ctx, ListLimits{}, func(o Organisation) { orgs = append(orgs, o) })
 	if err != nil || len(orgs) != 2 || orgs[1].ID != "o2" {
 		t.Fatalf("orgs = %+v, %v", orgs, err)
 	}

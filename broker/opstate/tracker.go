@@ -308,7 +308,7 @@ func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
 
 // RefreshBehind notes that a binding's planned refresh cannot get its
 // provider's budget before its token's end, and emits
-// EventRefreshBehind. It implements telemetry.PlanTap.
+// EventRefreshBehind. It implements telemetry.Tap.
 func (t *Tracker) RefreshBehind(provider string, b *broker.Binding, _ time.Time) {
 	t.mu.Lock()
 	t.provider(provider).behind++

@@ -3,18 +3,38 @@
 // the one retry after the upstream rejects the token (Retry: the body
 // replayed, the token purged, consent_required when no new token can be
 // had). It has no Caddy import; the module builds both per request from
-// the handler's settings and gives Retry its view of the broker (Tokens).
+// the handler's settings and gives Retry the broker's tokens
+// (BrokerTokens, a Tokens).
 package outbound
 
 import (
+	"fmt"
 	"io"
 	"net/http"
+	"net/textproto"
 	"strings"
 
 	"github.com/google/uuid"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
+
+// CheckTokenHeader checks the name of the header a token is set in (the
+// handler's header; "" means Authorization). Caddy's logs redact
+// Authorization and Proxy-Authorization only: a token in any other header
+// would be logged in clear by reverse_proxy at debug level.
+// Proxy-Authorization is hop-by-hop (RFC 9110 §11.7.2): reverse_proxy
+// always removes it, so the upstream would get no credential and answer
+// 401 to every request. That leaves Authorization.
+func CheckTokenHeader(name string) error {
+	switch textproto.CanonicalMIMEHeaderKey(name) {
+	case "", "Authorization":
+		return nil
+	case "Proxy-Authorization":
+		return fmt.Errorf("header %q: reverse_proxy removes Proxy-Authorization before the upstream (it is hop-by-hop), so the upstream would get no credential: use Authorization (the default)", name)
+	}
+	return fmt.Errorf("header %q: the token can only be set in Authorization, which Caddy's logs redact", name)
+}
 
 // InteractionIDHeader is x-fapi-interaction-id in canonical form.
 const InteractionIDHeader = "X-Fapi-Interaction-Id"

@@ -1,6 +1,7 @@
 package outbound
 
 import (
+	"maps"
 	"net/http"
 	"net/url"
 	"sync"
@@ -116,6 +117,18 @@ func (d *DPoP) Sign(req *http.Request, now time.Time) error {
 	req.Header[DPoPHeader] = []string{proof}
 	d.sent = d.header
 	return nil
+}
+
+// SignCopy returns a shallow copy of req with a header map of its own,
+// signed (Sign): the token and its proof go on the copy only, so that
+// the request a proxy logs carries neither (Caddy's logs redact
+// Authorization, not DPoP).
+func (d *DPoP) SignCopy(req *http.Request, now time.Time) (*http.Request, error) {
+	sent := new(http.Request)
+	*sent = *req
+	sent.Header = make(http.Header, len(req.Header)+2)
+	maps.Copy(sent.Header, req.Header)
+	return sent, d.Sign(sent, now)
 }
 
 // Observe remembers the DPoP-Nonce of h, the answer to req (which Sign

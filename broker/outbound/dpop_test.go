@@ -183,3 +183,23 @@ func BenchmarkDPoPSign(b *testing.B) {
 		}
 	})
 }
+
+// TestDPoPSignCopy: the copy carries the token and its proof; the request
+// it was made from keeps its own headers.
+func TestDPoPSignCopy(t *testing.T) {
+	d := AcquireDPoP(testKey(t))
+	defer d.Release()
+	d.SetToken("DPoP tok-1", wantATH("tok-1"))
+	req := httptest.NewRequest("GET", "http://upstream.test/accounts", nil)
+	req.Header.Set("X-Trace", "1")
+	sent, err := d.SignCopy(req, time.Unix(1_800_000_000, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sent.Header.Get("Authorization") != "DPoP tok-1" || sent.Header.Get(DPoPHeader) == "" || sent.Header.Get("X-Trace") != "1" {
+		t.Errorf("the copy's header %v: want the token, a proof and the request's headers", sent.Header)
+	}
+	if req.Header.Get("Authorization") != "" || req.Header.Get(DPoPHeader) != "" {
+		t.Errorf("the request's header %v: want neither the token nor the proof", req.Header)
+	}
+}

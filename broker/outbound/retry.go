@@ -71,6 +71,50 @@ type Tokens interface {
 	Accepted(b *broker.Binding, tok broker.Secret)
 }
 
+// BrokerTokens are the tokens of a broker as the retry sees them (Tokens):
+// a rejected token is reported to the broker (broker.Reject) and what
+// became of it to Rejections.
+type BrokerTokens struct {
+	// Broker holds the tokens.
+	Broker *broker.Broker
+	// Rejections counts and logs the rejected tokens.
+	Rejections Rejections
+}
+
+// Rejections is told what becomes of a token the upstream rejected.
+type Rejections interface {
+	// Rejected is told the outcome of broker.Reject for the token.
+	Rejected(b *broker.Binding, rejected broker.Token, outcome broker.Rejection)
+	// Kept is told of a 401 to a request that no longer carried the token
+	// (Tokens.Kept).
+	Kept(b *broker.Binding, rejected broker.Token)
+}
+
+// Get returns the binding's token from the broker.
+func (t *BrokerTokens) Get(ctx context.Context, b *broker.Binding) (Entry, error) {
+	e, _, err := t.Broker.Get(ctx, b)
+	if err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+// Purge reports the rejected token to the broker and its outcome to
+// Rejections.
+func (t *BrokerTokens) Purge(b *broker.Binding, rejected broker.Token) {
+	t.Rejections.Rejected(b, rejected, t.Broker.Reject(b, rejected.Value))
+}
+
+// Kept tells Rejections that the token is kept.
+func (t *BrokerTokens) Kept(b *broker.Binding, rejected broker.Token) {
+	t.Rejections.Kept(b, rejected)
+}
+
+// Accepted reports the retry's accepted token to the broker.
+func (t *BrokerTokens) Accepted(b *broker.Binding, tok broker.Secret) {
+	t.Broker.Accepted(b, tok)
+}
+
 // Retry sends a request once more, with a new token, when the upstream
 // rejects its token. It is a small value: build it per request from the
 // handler's settings.
@@ -109,6 +153,23 @@ type Retry struct {
 	// give. Nothing is remembered between requests: each is judged alone.
 	// This holds in every Mode, "off" included.
 	DPoP *DPoP
+}
+
+// Check checks the settings of rt given in the configuration (the
+// handler's retry_on_401 and retry_body_limit): Mode is "",
+// "invalid_token", "any" or "off", and BodyLimit is from 0 (the default)
+// to MaxRetryBodyLimit.
+func (rt Retry) Check() error {
+	switch rt.Mode {
+	case "", "invalid_token", "any", "off":
+	default:
+		return fmt.Errorf("retry_on_401 must be invalid_token, any or off, not %q", rt.Mode)
+	}
+	if rt.BodyLimit < 0 || rt.BodyLimit > MaxRetryBodyLimit {
+		return fmt.Errorf("retry_body_limit %d: must be between 0 (the default, %d bytes) and %d bytes (%d MiB); the body of each retryable request is held in memory",
+			rt.BodyLimit, DefaultRetryBodyLimit, MaxRetryBodyLimit, MaxRetryBodyLimit>>20)
+	}
+	return nil
 }
 
 // ErrUnsigned is returned by Forward when a request with a DPoP-bound
@@ -541,3 +602,6 @@ func (rt Retry) replayBody(r *http.Request) (bool, []byte, error) {
 	r.Body = io.NopCloser(bytes.NewReader(kept))
 	return true, kept, nil
 }
+
+// Interface guard.
+var _ Tokens = (*BrokerTokens)(nil)

@@ -294,3 +294,18 @@ func TestRetryDPoP(t *testing.T) {
 type HandlerFunc func(http.ResponseWriter, *http.Request) error
 
 func (f HandlerFunc) ServeHTTP(w http.ResponseWriter, r *http.Request) error { return f(w, r) }
+
+func TestRetryCheckMode(t *testing.T) {
+	for _, tt := range []struct {
+		mode string
+		ok   bool
+	}{{"", true}, {"invalid_token", true}, {"any", true}, {"off", true}, {"always", false}, {"ANY", false}} {
+		err := Retry{Mode: tt.mode}.Check()
+		if (err == nil) != tt.ok {
+			t.Errorf("mode %q: Check() = %v, want ok=%v", tt.mode, err, tt.ok)
+		}
+		if err != nil && !strings.Contains(err.Error(), "retry_on_401") {
+			t.Errorf("error %q does not name retry_on_401", err)
+		}
+	}
+}

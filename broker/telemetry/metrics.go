@@ -152,16 +152,53 @@ func NewMetrics(merchantLabel bool) *Metrics {
 func (m *Metrics) Register(registry *prometheus.Registry) error {
 	for _, c := range []prometheus.Collector{m.TokenRequests, m.Refreshes, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesBackingOff, m.Breaker, m.BackingOff, m.NonceChallenges,
 		m.BudgetUsed, m.RefreshesPlanned} {
-		if err := registry.Register(c); err != nil {
-			var are prometheus.AlreadyRegisteredError
-			if errors.As(err, &are) && are.ExistingCollector == c {
-				continue
-			}
+		if err := register(registry, c); err != nil {
 			return fmt.Errorf("token_broker: registering metrics: %w", err)
 		}
 	}
 	return nil
 }
+
+// register registers c in registry; c registered there already is no
+// error.
+func register(registry *prometheus.Registry, c prometheus.Collector) error {
+	err := registry.Register(c)
+	var are prometheus.AlreadyRegisteredError
+	if errors.As(err, &are) && are.ExistingCollector == c {
+		return nil
+	}
+	return err
+}
+
+// ConsentSteps counts the merchants' consent steps:
+// caddy_token_broker_consent_steps_total{provider, step, outcome}, step
+// link, start or callback, outcome ok or a refusal reason. Like Metrics,
+// it is meant to be shared across config reloads and registered in each
+// config's metrics registry (Register).
+type ConsentSteps struct {
+	// Steps is the counter.
+	Steps *prometheus.CounterVec
+}
+
+// NewConsentSteps returns the consent steps' counter.
+func NewConsentSteps() *ConsentSteps {
+	return &ConsentSteps{Steps: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "token_broker", Name: "consent_steps_total",
+		Help: "Merchant consent steps (link, start, callback) by outcome: ok or the refusal reason.",
+	}, []string{"provider", "step", "outcome"})}
+}
+
+// Register registers the counter in registry, once.
+func (c *ConsentSteps) Register(registry *prometheus.Registry) error {
+	if err := register(registry, c.Steps); err != nil {
+		return fmt.Errorf("token_broker_consent: registering metrics: %w", err)
+	}
+	return nil
+}
+
+// Destruct implements caddy.Destructor: the counter holds nothing to
+// release.
+func (c *ConsentSteps) Destruct() error { return nil }
 
 // Purged counts a cached token dropped because the upstream rejected it.
 // merchant is ignored unless the merchant label is on.

@@ -25,6 +25,22 @@ func TestRegisterConflictIsAnError(t *testing.T) {
 	}
 }
 
+// TestConsentStepsRegister: the shared counter registers again in a
+// registry that has it (each config's registry registers it once); another
+// counter of the same name is an error.
+func TestConsentStepsRegister(t *testing.T) {
+	reg := prometheus.NewPedanticRegistry()
+	c := NewConsentSteps()
+	for range 2 {
+		if err := c.Register(reg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := NewConsentSteps().Register(reg); err == nil {
+		t.Fatal("want an error")
+	}
+}
+
 // TestFetchOutcome: a successful call is ok, a failed one its error code.
 func TestFetchOutcome(t *testing.T) {
 	for _, tt := range []struct {

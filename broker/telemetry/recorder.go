@@ -11,6 +11,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 // Tap is told what a recorder's observers see, with the provider's name
@@ -27,12 +28,8 @@ type Tap interface {
 	// BreakerChanged is told when a source's breaker changes state
 	// (broker.BreakerObserver).
 	BreakerChanged(provider, sourceID string, state broker.BreakerState)
-}
-
-// PlanTap is an optional interface of a Tap: it is told when a binding's
-// planned refresh cannot get budget before its token's end
-// (broker.PlanObserver), once per token.
-type PlanTap interface {
+	// RefreshBehind is told when a binding's planned refresh cannot get
+	// budget before its token's end (broker.PlanObserver), once per token.
 	RefreshBehind(provider string, b *broker.Binding, expiry time.Time)
 }
 
@@ -73,6 +70,24 @@ func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 		})
 	}
 	return r
+}
+
+// ForRegistry returns the recorder (NewRecorder) of the bindings of table
+// (nil: none), whose providers are reg's (nil: none known), on the
+// metrics m, telling tap (nil: none), with br's breaker states (nil:
+// closed).
+func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, reg *config.Registry, br *broker.Broker) *Recorder {
+	providers := make(map[string]string)
+	if reg != nil {
+		for name, p := range reg.Providers {
+			providers[p.ID] = name
+		}
+	}
+	var breaker func(sourceID string) broker.BreakerState
+	if br != nil {
+		breaker = br.BreakerState
+	}
+	return NewRecorder(m, tap, logger, table, providers, breaker)
 }
 
 // Observer returns the observer of a binding that no handler made (an
@@ -177,6 +192,16 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 	}
 	r.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
+}
+
+// Kept logs a 401 to a request whose token header a later handler
+// changed or removed: it says nothing about the token, which is kept.
+func (r *Recorder) Kept(b *broker.Binding, rejected broker.Token) {
+	if r == nil {
+		return
+	}
+	r.logger.Warn("upstream answered 401 to a request whose token header a later handler changed or removed; the token is kept",
+		zap.String("merchant", b.Merchant), zap.String("fingerprint", rejected.Fingerprint()))
 }
 
 // NonceChallenged counts a resource server's DPoP nonce challenge to a
@@ -328,8 +353,8 @@ func (o *Observer) RefreshPlanned(b *broker.Binding, _ time.Time) {
 func (o *Observer) RefreshBehind(b *broker.Binding, expiry time.Time) {
 	provider := providerOf(b.SourceID)
 	o.r.metrics.planned(provider, PlannedBehind)
-	if pt, ok := o.r.tap.(PlanTap); ok {
-		pt.RefreshBehind(provider, b, expiry)
+	if o.r.tap != nil {
+		o.r.tap.RefreshBehind(provider, b, expiry)
 	}
 }
 

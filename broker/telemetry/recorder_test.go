@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
@@ -54,4 +56,26 @@ func TestRecorderTap(t *testing.T) {
 			t.Errorf("metrics %v: told %q, want %q", metrics != nil, tp.told, want)
 		}
 	}
+}
+
+// TestRecorderKept: a 401 that says nothing about the token is logged
+// with the merchant and the token's fingerprint, never the token.
+func TestRecorderKept(t *testing.T) {
+	core, logs := observer.New(zap.InfoLevel)
+	r := NewRecorder(nil, nil, zap.New(core), nil, nil, nil)
+	b := brokertest.NewBinding("nuapay#1a2b", nil, broker.Request{Merchant: "acme"})
+	tok := broker.Token{Value: "secret-token-value"}
+	r.Kept(b, tok)
+	entries := logs.AllUntimed()
+	if len(entries) != 1 || entries[0].Level != zap.WarnLevel {
+		t.Fatalf("logs %v: want one warning", entries)
+	}
+	fields := entries[0].ContextMap()
+	if fields["merchant"] != "acme" || fields["fingerprint"] != tok.Fingerprint() {
+		t.Errorf("fields %v: want the merchant and the fingerprint", fields)
+	}
+	if strings.Contains(fmt.Sprint(entries[0]), tok.Value.Reveal()) {
+		t.Error("the token is logged")
+	}
+	(*Recorder)(nil).Kept(b, tok) // a nil Recorder records nothing
 }
