@@ -91,10 +91,8 @@ func New(o Options) (*Handler, error) {
 	}
 	h := &Handler{o: o}
 	if o.Provider == "" {
-		for _, p := range reg.Providers {
-			if p.Consent != nil {
-				return h, nil
-			}
+		if reg.HasConsent() {
+			return h, nil
 		}
 		return nil, fmt.Errorf("links: no provider of the registry %s has a consent table ([providers.NAME.consent])", reg.Path)
 	}
