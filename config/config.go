@@ -201,19 +201,20 @@ func (r *Registry) CheckRouteScopes(scopes []string) error {
 // MerchantBinding). It fails when the merchant is unknown, or as
 // MerchantBinding does.
 func (r *Registry) Binding(merchantID string, scopes []string) (*broker.Binding, error) {
-	m, wild, ok := r.Merchant(merchantID)
+	m, _, ok := r.Merchant(merchantID)
 	if !ok {
 		return nil, fmt.Errorf("unknown merchant %q", merchantID)
 	}
-	return r.MerchantBinding(m, wild, scopes)
+	return r.MerchantBinding(m, scopes)
 }
 
 // MerchantBinding returns the broker binding for m, a merchant of r as
-// Merchant returned it (wild: resolved from the wildcard entry).
-// Non-empty scopes replace the merchant's default scopes. It fails when a
-// scope is malformed, or the merchant ends up without scopes where its
-// provider type needs some.
-func (r *Registry) MerchantBinding(m *Merchant, wild bool, scopes []string) (*broker.Binding, error) {
+// Merchant returned it (one of r.Merchants, or resolved from the
+// wildcard entry). Non-empty scopes replace the merchant's default
+// scopes. It fails when a scope is malformed, or the merchant ends up
+// without scopes where its provider type needs some.
+func (r *Registry) MerchantBinding(m *Merchant, scopes []string) (*broker.Binding, error) {
+	wild := r.Wildcard != nil && r.Merchants[m.ID] != m
 	p := r.Providers[m.Provider]
 	sc := m.Scopes
 	route := false

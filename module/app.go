@@ -272,6 +272,7 @@ func (a *App) Cleanup() error {
 		_, _ = listings.Delete(a.listingKey)
 	}
 	budgetKeeper.Release(a.budgets)
+	a.budgets = nil
 	if a.registryKey != "" {
 		registries.Release(a.registryKey)
 	}

@@ -1,11 +1,12 @@
 // Package module is the Caddy adapter of the token broker: the
 // token_broker app (global option), the handlers token_broker,
 // token_broker_consent and token_broker_health with their Caddyfile
-// directives and placeholders, the admin routes, the `caddy token-broker`
-// commands, and adapters to Caddy's storage, metrics registry, logger and
-// usage pools. It turns Caddy configuration into calls of packages without a
-// Caddy import, which make every decision: broker and its sub-packages, and
-// config.
+// directives and placeholders, the reverse_proxy transport
+// token_broker_dpop, the admin routes, the `caddy token-broker` commands,
+// and adapters to Caddy's storage, metrics registry, logger and usage
+// pools. It turns Caddy configuration into calls of packages without a
+// Caddy import, which make every decision: broker and its sub-packages,
+// and config.
 package module
 
 import (

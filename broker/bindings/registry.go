@@ -50,7 +50,7 @@ func (r registryResolver) Resolve(id string) (*broker.Binding, string, string, b
 		// resolved for id, a copy of its own.
 		m.ID = strings.Clone(m.ID)
 	}
-	bd, err := r.reg.MerchantBinding(m, wild, r.scopes)
+	bd, err := r.reg.MerchantBinding(m, r.scopes)
 	if err != nil {
 		return nil, "", "", false, err
 	}

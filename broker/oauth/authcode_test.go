@@ -436,7 +436,7 @@ func TestConsentStartAfterCancelledDiscovery(t *testing.T) {
 	start := func(ctx context.Context) error {
 		link, err := flow.NewLink(context.Background(), "acme", "https://app.partner.example/consent/done", "")
 		if err != nil {
-			t.Fatal(err)
+			return fmt.Errorf("NewLink: %w", err)
 		}
 		u, _ := url.Parse(link.URL)
 		_, _, err = flow.Start(ctx, u.Query().Get("link"), u.Host)
