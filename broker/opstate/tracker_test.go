@@ -359,3 +359,15 @@ func TestTrackerFailuresByKey(t *testing.T) {
 		})
 	}
 }
+
+// TestReconcileUnknownProvider: reconciling a provider nothing was told of
+// keeps no record of it.
+func TestReconcileUnknownProvider(t *testing.T) {
+	tr := NewTracker(TrackerOptions{Now: clocktest.New(time.Unix(1_700_000_000, 0)).Now})
+	tr.reconcile("idle", map[string]broker.SourceHealth{"idle#1": {}}, tr.mark())
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if _, ok := tr.providers["idle"]; ok {
+		t.Error("reconcile made a record for a provider nothing was told of")
+	}
+}
