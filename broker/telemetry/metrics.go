@@ -152,16 +152,16 @@ func NewMetrics(merchantLabel bool) *Metrics {
 func (m *Metrics) Register(registry *prometheus.Registry) error {
 	for _, c := range []prometheus.Collector{m.TokenRequests, m.Refreshes, m.FetchDuration, m.Lookups, m.Purges, m.PurgesKept, m.SourcesBackingOff, m.Breaker, m.BackingOff, m.NonceChallenges,
 		m.BudgetUsed, m.RefreshesPlanned} {
-		if err := register(registry, c); err != nil {
+		if err := Register(registry, c); err != nil {
 			return fmt.Errorf("token_broker: registering metrics: %w", err)
 		}
 	}
 	return nil
 }
 
-// register registers c in registry; c registered there already is no
-// error.
-func register(registry *prometheus.Registry, c prometheus.Collector) error {
+// Register adds c to registry; c registered there already (a config
+// reloaded with collectors kept across reloads) is no error.
+func Register(registry *prometheus.Registry, c prometheus.Collector) error {
 	err := registry.Register(c)
 	var are prometheus.AlreadyRegisteredError
 	if errors.As(err, &are) && are.ExistingCollector == c {
@@ -190,7 +190,7 @@ func NewConsentSteps() *ConsentSteps {
 
 // Register registers the counter in registry, once.
 func (c *ConsentSteps) Register(registry *prometheus.Registry) error {
-	if err := register(registry, c.Steps); err != nil {
+	if err := Register(registry, c.Steps); err != nil {
 		return fmt.Errorf("token_broker_consent: registering metrics: %w", err)
 	}
 	return nil

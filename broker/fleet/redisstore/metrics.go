@@ -1,12 +1,12 @@
 package redisstore
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 )
 
 // Metrics counts what the shared tier does; it is the tier's
@@ -63,11 +63,7 @@ func newMetrics() *Metrics {
 // not an error.
 func (m *Metrics) Register(registry *prometheus.Registry) error {
 	for _, c := range []prometheus.Collector{m.lookups, m.errors, m.lockWaits, m.adopted, m.invalidations, m.undecryptable, m.bypassed, m.rolledBack, m.timeouts, m.openings} {
-		if err := registry.Register(c); err != nil {
-			var are prometheus.AlreadyRegisteredError
-			if errors.As(err, &are) && are.ExistingCollector == c {
-				continue
-			}
+		if err := telemetry.Register(registry, c); err != nil {
 			return fmt.Errorf("registering redis metrics: %w", err)
 		}
 	}
