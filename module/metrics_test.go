@@ -444,3 +444,36 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// TestLoadCollectors: configs share one set of collectors per key; a
+// registration that fails (another collector of the same name) leaves no
+// use of them behind.
+func TestLoadCollectors(t *testing.T) {
+	key := "test collectors " + t.Name()
+	first, err := loadCollectors(prometheus.NewRegistry(), key, telemetry.NewConsentSteps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := loadCollectors(prometheus.NewRegistry(), key, telemetry.NewConsentSteps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first != second {
+		t.Error("two loads of one key made two sets of collectors")
+	}
+	for range 2 {
+		if _, err := metricsPool.Delete(key); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	clash := prometheus.NewRegistry()
+	clash.MustRegister(telemetry.NewConsentSteps().Steps)
+	failed := key + " clash"
+	if _, err := loadCollectors(clash, failed, telemetry.NewConsentSteps); err == nil {
+		t.Fatal("registering next to another collector of the same name succeeded")
+	}
+	if n, ok := metricsPool.References(failed); ok || n != 0 {
+		t.Errorf("after a failed registration the pool holds %d uses of the collectors", n)
+	}
+}
