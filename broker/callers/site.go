@@ -81,25 +81,32 @@ func (g *Site) Check(r *http.Request) (errcode.Code, error) {
 // allowsHost reports whether the Host header names a loopback host or an
 // allowed one. An empty Host (HTTP/1.0) never comes from a browser.
 func (g *Site) allowsHost(hostport string) bool {
-	if hostport == "" || g.anyHost || IsLoopback(hostport) {
+	if hostport == "" || g.anyHost {
 		return true
 	}
-	h := hostport
-	if host, _, err := net.SplitHostPort(hostport); err == nil {
-		h = host
-	}
-	_, ok := g.hosts[siteHost(h)]
-	return ok
+	h := hostOf(hostport)
+	_, ok := g.hosts[h]
+	return ok || isLoopbackName(h)
 }
 
 // IsLoopback reports whether a Host header (a name, an IP address, either
 // with a port) names this machine: localhost or a loopback address.
 func IsLoopback(hostport string) bool {
-	h := hostport
+	return isLoopbackName(hostOf(hostport))
+}
+
+// hostOf is the host of a Host header, without its port, normalised
+// (siteHost).
+func hostOf(hostport string) string {
 	if host, _, err := net.SplitHostPort(hostport); err == nil {
-		h = host
+		return siteHost(host)
 	}
-	h = siteHost(h)
+	return siteHost(hostport)
+}
+
+// isLoopbackName reports whether a normalised host is localhost or a
+// loopback address.
+func isLoopbackName(h string) bool {
 	if h == "localhost" {
 		return true
 	}
