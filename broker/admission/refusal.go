@@ -1,6 +1,10 @@
-// Package admission reads the merchant a request is for and answers the
-// requests the broker refuses, with plain net/http: the JSON error body,
-// Retry-After and Allow.
+// Package admission decides, in plain net/http, which merchant a request
+// is for and how a refused request is answered: it reads and checks the
+// merchant (PlaceholderHeader, HeaderMerchant, CheckMerchant), gives a
+// binding table the organisation check of a provider's listing (Allow),
+// and answers a refusal (Refusal: the error code's status, the JSON error
+// body, Retry-After, the Allow header of a refused method), logging the
+// refusals of one backoff once per RepeatInterval (NewRepeatLimiter).
 package admission
 
 import (

@@ -2,8 +2,8 @@
 // caller policy (Policy: a JWT from a trusted issuer, verified against the
 // issuer's key set, and the merchants each caller may act for) and the
 // site guard (Site: a loopback or allowed Host, no cross-site browser
-// request). It has no Caddy import; the module maps its refusals to
-// answers.
+// request). It has no Caddy import; each refusal carries its error code
+// (errcode), which package admission answers.
 package callers
 
 import (

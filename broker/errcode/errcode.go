@@ -2,8 +2,8 @@
 // request it does not forward: for each error code, the HTTP status, the
 // message (per provider type where the advice differs), whether a token
 // API call can end with it (the outcome label of the token request
-// metric), and whether the answer carries Retry-After. The Caddy module
-// only writes the answer.
+// metric), and whether the answer carries Retry-After. Package admission
+// writes the answer; the Caddy module only hands it on.
 //
 // Messages tell the caller what to do and reveal nothing about
 // credentials or tokens.

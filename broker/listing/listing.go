@@ -1,7 +1,8 @@
 // Package listing keeps the list of organisations a provider says the
 // partner may act for, which restricts the wildcard merchant entry when it
 // sets only_listed_organisations. It has no Caddy import: the module keeps
-// listings across config reloads and serves their admin and health views.
+// listings across config reloads, package adminapi serves their admin view
+// and package probe their part of the health answer.
 package listing
 
 import (

@@ -1,10 +1,12 @@
 // Package outbound decides what a request carries when it leaves for the
-// upstream, in plain net/http: the outbound-header contract (Contract) and
+// upstream, in plain net/http: the outbound-header contract (Contract),
 // the one retry after the upstream rejects the token (Retry: the body
 // replayed, the token purged, consent_required when no new token can be
-// had). It has no Caddy import; the module builds both per request from
-// the handler's settings and gives Retry the broker's tokens
-// (BrokerTokens, a Tokens).
+// had), and a request's DPoP binding (DPoP: the proof signed by the
+// transport that sends the request, SignCopy). It has no Caddy import;
+// the module builds Contract and Retry per request from the handler's
+// settings, gives Retry the broker's tokens (BrokerTokens, a Tokens), and
+// its reverse_proxy transport signs through DPoP.
 package outbound
 
 import (

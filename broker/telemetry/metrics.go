@@ -1,6 +1,9 @@
-// Package telemetry holds the broker's Prometheus collectors, the
-// broker.Observer of a handler's bindings (metrics and token fetch logs)
-// and the token span of a traced request.
+// Package telemetry holds what the broker counts, logs and traces: the
+// Prometheus collectors kept across config reloads (Metrics, and
+// ConsentSteps, the consent steps' counter; Register adds one to a
+// config's registry), what one handler counts and logs (Recorder: the
+// broker.Observer of each of its bindings, the upstream's rejections of
+// its tokens) and the token span of a traced request (Token).
 package telemetry
 
 import (

@@ -14,7 +14,7 @@
 //	                      a return URL, redirect to …/done
 //	GET  …/done?result=…  the outcome page of a callback, the same on every load for an hour
 //
-// With Links (on the localhost sidecar site) it serves instead:
+// With Options.Links (on the localhost sidecar site) it serves instead:
 //
 //	POST …/links  {"merchant": "acme", "return_url": "https://app…", "callback_host": "cb1…"}
 //	              → {"url": "https://cb1…/consent/start?link=…", "expires": "…"}
