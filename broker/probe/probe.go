@@ -1,5 +1,8 @@
 // Package probe computes the token broker's health answer, "is it
-// ready, is it alive", and writes it as an HTTP answer for probes.
+// ready, is it alive" (Running, NotRunning), over the app's registries
+// and those handlers loaded themselves (Watched), and writes it as an
+// HTTP answer for probes (Write; Serve for a health site's /ready and
+// /live).
 //
 // Ready: every merchant registry is loaded and, where the wildcard entry
 // is restricted to the listed organisations (only_listed_organisations),
