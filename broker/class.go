@@ -37,6 +37,7 @@ const (
 // provider's answers mean (which status or code says the credential is
 // bad). Sources without it get DefaultClass.
 type Classifier interface {
+	// Classify returns the class of an error the source's Token returned.
 	Classify(err error) Class
 }
 

@@ -212,6 +212,7 @@ type Observer interface {
 // fetch the failure policy answered without a call (a backoff, an open
 // breaker) is not reported.
 type FetchObserver interface {
+	// FetchDone is told of a fetch that called the Source, once.
 	FetchDone(ctx context.Context, b *Binding, f Fetch)
 }
 
@@ -247,6 +248,7 @@ type Attempt struct {
 // BreakerObserver is an optional interface of an Observer: it is told when a
 // source's circuit breaker changes state (closed, open, half-open).
 type BreakerObserver interface {
+	// BreakerChanged is told of the source's breaker's new state.
 	BreakerChanged(sourceID string, state BreakerState)
 }
 
@@ -256,6 +258,7 @@ type BreakerObserver interface {
 // forgotten). Calls for one key alternate,
 // true then false, and go to the observer of the binding that failed.
 type BackoffObserver interface {
+	// BackingOff is told that b's key starts (on) or ends its backoff.
 	BackingOff(b *Binding, on bool)
 }
 
@@ -269,6 +272,9 @@ type BackoffObserver interface {
 // past that point, or, when lookups are sparse, by the first lookup that
 // finds the token past it with its refresh deferred by the budget.
 type PlanObserver interface {
+	// RefreshPlanned is told that b's token is refreshed at at.
 	RefreshPlanned(b *Binding, at time.Time)
+	// RefreshBehind is told that b's token, ending at expiry, cannot
+	// get budget for its refresh in time.
 	RefreshBehind(b *Binding, expiry time.Time)
 }

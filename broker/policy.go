@@ -477,6 +477,8 @@ func sourceBackingOff(obs Observer, sourceID string, on bool) func() {
 // a source's backoff starts (its token API is not called for any key, see
 // Broker.SourceBackoff) and when it ends.
 type SourceObserver interface {
+	// SourceBackingOff is told that the source starts (on) or ends its
+	// backoff.
 	SourceBackingOff(sourceID string, on bool)
 }
 

@@ -23,6 +23,7 @@ import (
 // the HTTP handler can tell a permanent refusal from a transient failure.
 // Errors must never contain a credential or a token.
 type Source interface {
+	// Token obtains a token for req from the provider.
 	Token(ctx context.Context, req Request) (Token, error)
 }
 
@@ -31,6 +32,7 @@ type Source interface {
 // one refresh token per merchant): the merchant is then part of the cache
 // key, so that merchants never share a token.
 type PerMerchant interface {
+	// PerMerchant reports whether the source's tokens are per merchant.
 	PerMerchant() bool
 }
 

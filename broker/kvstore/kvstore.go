@@ -1,7 +1,9 @@
 // Package kvstore keeps merchants' refresh tokens and consents in progress
 // in a key-value storage with locks (the methods of Caddy's
 // certmagic.Storage that it uses): the file system by default, shared by
-// the instances that share the storage.
+// the instances that share the storage. Refresh stores the refresh tokens,
+// Pending the consents in progress, and a Sweeper deletes the expired
+// ones.
 package kvstore
 
 import (
@@ -18,11 +20,17 @@ import (
 // Lock blocks until name is locked across the instances sharing the
 // storage. It is safe for concurrent use.
 type Storage interface {
+	// Lock locks name across the instances sharing the storage.
 	Lock(ctx context.Context, name string) error
+	// Unlock releases the lock on name.
 	Unlock(ctx context.Context, name string) error
+	// Store writes value under key.
 	Store(ctx context.Context, key string, value []byte) error
+	// Load reads the value under key.
 	Load(ctx context.Context, key string) ([]byte, error)
+	// Delete removes key.
 	Delete(ctx context.Context, key string) error
+	// List returns the keys under path (and below it, if recursive).
 	List(ctx context.Context, path string, recursive bool) ([]string, error)
 }
 

@@ -23,6 +23,7 @@ import (
 // it fails, and what visit saw must not be used. *nuapay.Source implements
 // it. Safe for concurrent use.
 type OrganisationLister interface {
+	// EachOrganisation calls visit for each organisation, within limits.
 	EachOrganisation(ctx context.Context, limits nuapay.ListLimits, visit func(nuapay.Organisation)) error
 }
 

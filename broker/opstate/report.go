@@ -200,9 +200,10 @@ type Budget struct {
 	Remaining int `json:"remaining"`
 	// Waiting is how many callers wait for their turn now.
 	Waiting int `json:"waiting"`
-	// Used counts the token requests it served; Exhausted those it
-	// refused (a caller got 503 budget_exhausted, or a refresh waits).
-	Used      uint64 `json:"used"`
+	// Used counts the token requests it served.
+	Used uint64 `json:"used"`
+	// Exhausted counts the token requests it refused (a caller got 503
+	// budget_exhausted, or a refresh waits).
 	Exhausted uint64 `json:"exhausted"`
 	// RefreshesBehind counts the planned refreshes that could not get
 	// budget before their token's end (EventRefreshBehind).

@@ -39,6 +39,7 @@ const minPurgeAge = time.Second
 
 // Next is the handler a request is passed on to (caddyhttp.Handler).
 type Next interface {
+	// ServeHTTP passes the request on.
 	ServeHTTP(http.ResponseWriter, *http.Request) error
 }
 

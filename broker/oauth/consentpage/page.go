@@ -1,7 +1,9 @@
 // Package consentpage renders the pages a merchant's browser sees on the
 // consent site (the token_broker_consent handler): the outcome of a
 // consent, in the partner's brand and the merchant's language, from the
-// built-in templates or an operator's own html/template files.
+// built-in templates or an operator's own html/template files (Renderer).
+// It also keeps the result of each callback, sealed, so that the outcome
+// page shows it on every load until ResultTTL (Results).
 //
 // The pages load nothing from elsewhere: the stylesheet is inline (allowed
 // by a per-response CSP nonce), a logo is a data: URI or a path on the

@@ -26,7 +26,10 @@ const (
 // CheckError is a refused proof: Reason is one of the Reason constants,
 // Detail says more (never the proof or the token).
 type CheckError struct {
-	Reason, Detail string
+	// Reason is one of the Reason constants.
+	Reason string
+	// Detail says more, never the proof or the token.
+	Detail string
 }
 
 // Error is the reason and the detail.

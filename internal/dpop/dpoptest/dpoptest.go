@@ -23,10 +23,12 @@ type Proof struct {
 	Alg string
 	// JKT is the RFC 7638 SHA-256 thumbprint of the header's jwk.
 	JKT string
-	// JTI, HTM, HTU, IAT, ATH and Nonce are the claims.
+	// JTI, HTM and HTU are the claims of those names.
 	JTI, HTM, HTU string
-	IAT           int64
-	ATH, Nonce    string
+	// IAT is the iat claim, in Unix seconds.
+	IAT int64
+	// ATH and Nonce are the ath and nonce claims.
+	ATH, Nonce string
 }
 
 // Verify parses a compact DPoP proof, checks its header (typ dpop+jwt, an
