@@ -3,10 +3,10 @@
 // token_broker_consent and token_broker_health with their Caddyfile
 // directives and placeholders, the reverse_proxy transport
 // token_broker_dpop, the admin routes, the `caddy token-broker` commands,
-// and adapters to Caddy's storage, metrics registry, logger and usage
-// pools. It turns Caddy configuration into calls of packages without a
-// Caddy import, which make every decision: broker and its sub-packages,
-// and config.
+// and adapters to Caddy's storage, events app, metrics registry, logger
+// and usage pools. It turns Caddy configuration into calls of packages
+// without a Caddy import, which make every decision: broker and its
+// sub-packages, and config.
 package module
 
 import (

@@ -179,9 +179,9 @@ func (b Browser) hash() string {
 // differs); the state is left for the right browser.
 const ReasonWrongBrowser = "wrong_browser"
 
-// Pendings keeps consents in progress in a PendingStore, each sealed
-// under its secret, the link id or the state (PutSealed): whoever reads
-// the store learns nothing usable, and only the bearer of the link or
+// Pendings keeps consents in progress in a PendingStore, each sealed with
+// a key derived from its secret (the link id or the state) and stored
+// under a hash of it: whoever reads the store learns nothing usable, and only the bearer of the link or
 // state can open its record, once.
 type Pendings struct {
 	// Store keeps the sealed records.
