@@ -24,7 +24,7 @@ var ErrUnknownPending = errors.New("unknown or already used")
 // PendingStore keeps the consents in progress (consent links and
 // authorization states) between the request that creates them and the one
 // that uses them. Values are sealed by Pendings: a store sees neither the
-// link, the state nor the PKCE verifier. Implementations: the Caddy module
+// link, the state nor the PKCE verifier. Implementations: kvstore.Pending
 // keeps them in Caddy's storage (shared by the instances sharing it, and
 // surviving a restart); tests use MemoryPendingStore. Implementations must
 // be safe for concurrent use, and should drop values whose expiry has
@@ -181,8 +181,8 @@ const ReasonWrongBrowser = "wrong_browser"
 
 // Pendings keeps consents in progress in a PendingStore, each sealed with
 // a key derived from its secret (the link id or the state) and stored
-// under a hash of it: whoever reads the store learns nothing usable, and only the bearer of the link or
-// state can open its record, once.
+// under a hash of it: whoever reads the store learns nothing usable, and
+// only the bearer of the link or state can open its record, once.
 type Pendings struct {
 	// Store keeps the sealed records.
 	Store PendingStore
