@@ -343,11 +343,11 @@ func ErrorLines(err error) []string {
 // Options are what the program gives the registry besides the file.
 type Options struct {
 	// RefreshStore keeps the refresh tokens of oauth2 providers with
-	// grant "refresh_token" (the Caddy module provides one on Caddy's
-	// storage). Without it, such a provider is a configuration error.
+	// grant "refresh_token" (kvstore.Refresh on Caddy's storage, or the
+	// fleet tier's). Without it, such a provider is a configuration error.
 	RefreshStore oauth.Store
 	// ConsentStore keeps the consents in progress of providers with a
-	// consent table (the Caddy module provides one on Caddy's storage).
+	// consent table (kvstore.Pending on Caddy's storage).
 	// Default: in memory.
 	ConsentStore oauth.PendingStore
 	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
@@ -362,8 +362,8 @@ type Options struct {
 	// all its profiles share (Provider.Budget); it is called once per such
 	// provider when a registry is resolved without problems; its error
 	// (a budget the app's settings cannot make) is the registry's, given
-	// where the provider is defined. The Caddy module shares budgets
-	// across reloads and through Redis. Default: a budget of the
+	// where the provider is defined. A budgets.Keeper shares budgets
+	// across reloads, and budgets.Store through Redis. Default: a budget of the
 	// registry's own, in this process, with the whole limit.
 	Budgets func(p *Provider) (*budget.Budget, error)
 }

@@ -2,8 +2,8 @@ package fleet
 
 // Observer is told what the shared tier does, for metrics. Every method is
 // called synchronously on the request path, so it must be cheap and safe
-// for concurrent use. No method receives a key, a merchant or a token: the
-// module maps them to label-free counters.
+// for concurrent use. No method receives a key, a merchant or a token:
+// redisstore.Metrics counts them in label-free counters.
 type Observer interface {
 	// L2Hit is called when a lookup found a usable token in Redis on its
 	// first read.

@@ -42,8 +42,8 @@ type PendingStore interface {
 }
 
 // PendingSweepInterval is how often expired consents are dropped: by
-// MemoryPendingStore on its next use after the interval, and by the Caddy
-// module's sweep of its storage.
+// MemoryPendingStore on its next use after the interval, and by
+// kvstore.Sweeper in Caddy's storage.
 const PendingSweepInterval = time.Minute
 
 // MemoryPendingStore is a PendingStore in memory: single-use, but lost
