@@ -18,8 +18,8 @@ import (
 var ErrNoRefreshToken = errors.New("no refresh token is stored")
 
 // Store keeps refresh tokens durably. Implementations: kvstore.Refresh on
-// Caddy's storage, fleet.Store in Redis; tests use MemoryStore. Keys are made by
-// StoreKey. Implementations must be safe for concurrent use.
+// Caddy's storage, fleet.Store in Redis; tests use MemoryStore. Keys are
+// made by StoreKey. Implementations must be safe for concurrent use.
 type Store interface {
 	// Load returns the refresh token stored under key, or an error
 	// wrapping ErrNoRefreshToken when there is none.
