@@ -1,8 +1,9 @@
 // Package httpclient holds the wire helpers of the token sources that are
 // not API: the provider HTTP client (TLS options, tracing, no redirects),
 // the cap on response bodies, the one validator of endpoint URLs, the
-// building of query strings and the redaction of URLs from transport
-// errors.
+// building of query strings, the redaction of URLs from transport errors,
+// and the marking of token requests whose answers a provider's budget
+// observes (TokenRequest, TokenAnswers).
 package httpclient
 
 import (
