@@ -1,8 +1,9 @@
 // Package broker is the core of the token broker: it obtains access tokens
 // from providers' token APIs (Sources), caches them per (source,
-// organisation, scopes, audience, lifetime), makes sure that only one fetch
-// per key is in flight, and refreshes tokens ahead of their expiry so that
-// requests do not wait. Every call to a token API, foreground or
+// organisation, scopes, audience, lifetime; and merchant, for a
+// PerMerchant source), makes sure that only one fetch per key is in
+// flight, and refreshes tokens ahead of their expiry so that requests do
+// not wait. Every call to a token API, foreground or
 // refresh-ahead, goes through one failure policy (policy.go: a source
 // backoff, a key backoff, the source's circuit breaker, retries within a
 // fetch). Each source classifies its own errors (Classifier); a refused

@@ -1,7 +1,9 @@
 // Package nuapay is the token source of Nuapay Gatekeeper (Open Banking and
 // E-Mandates partner tokens): POST /organisations/{encodedOrganisationId}/tokens
 // with the partner API key as HTTP Basic user name and an empty password.
-// The Nuapay envelope is not RFC 6749, so this client is its own.
+// The Nuapay envelope is not RFC 6749, so this client is its own. The
+// Source also lists the organisations the partner may act for
+// (EachOrganisation, within ListLimits) and revokes a token (RevokeToken).
 package nuapay
 
 import (
