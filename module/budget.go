@@ -16,11 +16,11 @@ import (
 var budgetKeeper = budgets.NewKeeper(nil)
 
 // budgetsFor returns the config.Options.Budgets of the app's registries:
-// with the redis tier, one budget per provider shared by the fleet
-// through Redis (redis_rate on the tier's client, each call through the
-// tier's breaker and adaptive bound; this sidecar's share while Redis
-// fails or the breaker is open); without it, this sidecar's share of each provider's
-// rate_limit (divided by fleet_size).
+// with the redis tier, one budget per provider shared by the fleet through
+// Redis (budgets.Store: redis_rate on the tier's client, each call through
+// the tier's breaker and adaptive bound; this sidecar's share while Redis
+// fails or the breaker is open); without it, this sidecar's share of each
+// provider's rate_limit (divided by fleet_size).
 func (a *App) budgetsFor() func(p *config.Provider) (*budget.Budget, error) {
 	var shared budget.Store
 	storeID := ""

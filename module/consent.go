@@ -45,7 +45,7 @@ func init() {
 // The consents in progress live in Caddy's storage, sealed: several
 // instances with several callback domains share them when they share the
 // storage (as they must for the refresh tokens), and they survive reloads
-// and restarts; expired ones are swept (see kvstore.Pending).
+// and restarts; expired ones are swept (kvstore.Sweeper).
 type Consent struct {
 	// Provider is the name of the provider (in the registry) whose consents
 	// this handler runs. Required without Links; with Links it is

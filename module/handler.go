@@ -39,22 +39,22 @@ func init() {
 // DefaultMerchant is the default merchant selector.
 const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 
-// Handler obtains a scoped OAuth token for the merchant a request is for and
-// sets it as "Authorization: Bearer <token>" before the request goes on to
-// the next handler (normally reverse_proxy); a token bound to the
-// provider's DPoP key is not set on the request: the route's
-// reverse_proxy must use the token_broker_dpop transport (DPoPTransport),
-// which sets "Authorization: DPoP <token>" and a fresh proof on each
-// request it sends. Without it the request leaves with no credential, and
-// a 401 answer to it becomes 502 dpop_transport_missing. Tokens come from the broker's
-// cache, shared by every token_broker handler with the same broker settings
-// and kept across config reloads, or from the merchant's provider.
+// Handler obtains a scoped OAuth token for the merchant a request is for
+// and sets it as "Authorization: Bearer <token>" before the request goes
+// on to the next handler (normally reverse_proxy); a token bound to the
+// provider's DPoP key is not set on the request: the route's reverse_proxy
+// must use the token_broker_dpop transport (DPoPTransport), which sets
+// "Authorization: DPoP <token>" and a fresh proof on each request it
+// sends. Without it the request leaves with no credential, and a 401
+// answer to it becomes 502 dpop_transport_missing. Tokens come from the
+// broker's cache, shared by every token_broker handler with the same broker
+// settings and kept across config reloads, or from the merchant's provider.
 //
-// Before the request goes on, the outbound-header contract (outbound.Contract) is
-// applied: the caller's credentials, the merchant header and the caller-JWT
-// header are removed, Connection options and trailers naming them are
-// removed or refused, and the token is set: nothing the caller sends can
-// remove, replace or reveal the injected token.
+// Before the request goes on, the outbound-header contract
+// (outbound.Contract) is applied: the caller's credentials, the merchant
+// header and the caller-JWT header are removed, Connection options and
+// trailers naming them are removed or refused, and the token is set:
+// nothing the caller sends can remove, replace or reveal the token.
 //
 // This handler sets these placeholders (never the token itself):
 //
@@ -64,17 +64,17 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // `{http.token_broker.organisation}` | The merchant's organisation at the provider
 // `{http.token_broker.provider}` | The provider's name in the registry
 // `{http.token_broker.fingerprint}` | First 8 hex digits of the SHA-256 of the token
-// `{http.token_broker.cache}` | How the token was found: hit, refresh, miss, shared
+// `{http.token_broker.cache}` | How the token was found: hit, refresh, miss, shared, adopted
 // `{http.token_broker.error}` | On failure, the error code sent to the caller
 //
 // Errors are answered with a JSON body {"error", "message", "merchant"}
-// (admission.ErrorBody; each code's status and message are in package errcode): 421 for a Host that is not a loopback name nor in the app's
-// allowed_hosts, 403 for a browser's cross-site request (callers.Site), 400
-// when the merchant is missing or malformed or a trailer names a header
-// the broker owns, 405 for TRACE and TRACK, 403 when the merchant is not
-// in the registry, 502 when the token API fails, 504 when it times out. With
-// `errors caddy` they are returned as caddyhttp.Errors instead, for
-// handle_errors routes.
+// (admission.ErrorBody; each code's status and message are in errcode):
+// 421 for a Host that is not a loopback name nor in the app's
+// allowed_hosts, 403 for a browser's cross-site request (callers.Site),
+// 400 when the merchant is missing or malformed or a trailer names a
+// header the broker owns, 405 for TRACE and TRACK, 403 when the merchant
+// is not in the registry, 502 when the token API fails, 504 when it times
+// out. With `errors caddy` they are caddyhttp.Errors, for handle_errors.
 type Handler struct {
 	// Config is the path of a TOML merchant registry for this handler
 	// only: a file, a directory (every *.toml file in it) or a glob.
