@@ -344,7 +344,7 @@ func ErrorLines(err error) []string {
 type Options struct {
 	// RefreshStore keeps the refresh tokens of oauth2 providers with
 	// grant "refresh_token" (kvstore.Refresh on Caddy's storage, or the
-	// fleet tier's). Without it, such a provider is a configuration error.
+	// shared tier's). Without it, such a provider is a configuration error.
 	RefreshStore oauth.Store
 	// ConsentStore keeps the consents in progress of providers with a
 	// consent table (kvstore.Pending on Caddy's storage).

@@ -194,7 +194,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s budget_wait=%s %s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout, opts.BudgetWait, a.fleetKey)
 	if a.fleet != nil {
-		// The fleet tier is part of the pool key: a broker is never shared
+		// The shared tier is part of the pool key: a broker is never shared
 		// by configurations with different tiers.
 		opts.Shared = a.fleet.Cache
 	}

@@ -16,7 +16,7 @@ import (
 var budgetKeeper = budgets.NewKeeper(nil)
 
 // budgetsFor returns the config.Options.Budgets of the app's registries:
-// with the redis tier, one budget per provider shared by the fleet through
+// with the shared tier, one budget per provider shared by the fleet through
 // Redis (budgets.Store: redis_rate on the tier's client, each call through
 // the tier's breaker and adaptive bound; this sidecar's share while Redis
 // fails or the breaker is open); without it, this sidecar's share of each

@@ -104,7 +104,7 @@ func tapOf(tracker *opstate.Tracker) telemetry.Tap {
 }
 
 // registerStateCollector adds the collector of the app's operator's view
-// (opstate.Collector: the merchants by state, the fleet tier's health) to
+// (opstate.Collector: the merchants by state, the shared tier's health) to
 // the config's metrics registry.
 func (a *App) registerStateCollector(registry *prometheus.Registry) error {
 	if registry == nil {

@@ -27,7 +27,7 @@ type Store struct {
 }
 
 // Caller runs one Redis call: fleet.Cache.Run, which bounds it by the
-// fleet tier's adaptive timeout and keeps Redis out while the tier's
+// shared tier's adaptive timeout and keeps Redis out while the tier's
 // breaker is open.
 type Caller interface {
 	// Run runs fn, the call named op, and returns its error, or an error
@@ -41,7 +41,7 @@ const Op = "budget"
 
 // New returns a Store on client whose keys start with prefix (the fleet's
 // key prefix, e.g. "token_broker:"), whose calls run through via (the
-// fleet tier on the same client; nil: straight on client, bounded only by
+// shared tier on the same client; nil: straight on client, bounded only by
 // the caller's context and the client's timeouts). The Store does not
 // close the client.
 func New(client redis.UniversalClient, prefix string, via Caller) *Store {

@@ -355,7 +355,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 }
 
 // Build computes the Report answering q at now: every provider of the
-// registry, the fleet tier's health, and the page of merchants (explicit
+// registry, the shared tier's health, and the page of merchants (explicit
 // ones, including those without a cached token, and the wildcard's
 // active ones) that q selects, with the counts by state over every
 // merchant of q's provider. A merchant's state is the worst of its keys'

@@ -13,11 +13,11 @@ import (
 const DefaultCountsMaxAge = 5 * time.Second
 
 // Collector exports, at scrape time, the merchants of each provider by
-// state, the fleet tier's health and the providers' budgets:
+// state, the shared tier's health and the providers' budgets:
 //
 //	caddy_token_broker_merchants{provider,state}  merchants in each state (Counts)
-//	caddy_token_broker_l2_up                      1 while the fleet (Redis) tier is used, 0 while it is
-//	                                              unavailable; absent without a fleet tier
+//	caddy_token_broker_l2_up                      1 while the shared tier (Redis) is used, 0 while it is
+//	                                              unavailable; absent without a shared tier
 //	caddy_token_broker_budget_rate{provider}      token requests per second the budget spends now
 //	                                              (its rate, or lower while the provider's headers say so)
 //	caddy_token_broker_budget_remaining{provider} requests the budget's bucket held at its last answer

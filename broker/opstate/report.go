@@ -1,6 +1,6 @@
 // Package opstate is the operator's view of a token broker: the state of
 // each provider and each merchant (whether it can get a token, and if not
-// why), the fleet tier's health, and the events someone must act on. It
+// why), the shared tier's health, and the events someone must act on. It
 // never holds or shows a token or a secret.
 package opstate
 

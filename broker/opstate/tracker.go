@@ -151,7 +151,7 @@ type providerRecord struct {
 	behind int
 }
 
-// fleetRecord is the fleet tier's health.
+// fleetRecord is the shared tier's health.
 type fleetRecord struct {
 	configured bool
 	up         bool
@@ -454,7 +454,7 @@ func Reconcile(s Sources) {
 	}
 }
 
-// SetFleet says whether a fleet (Redis) tier is configured and, when it
+// SetFleet says whether a shared tier (Redis) is configured and, when it
 // is, whether it is up now; the time of the last change is kept when the
 // tier's health does not change.
 func (t *Tracker) SetFleet(configured, up bool) {
@@ -470,17 +470,17 @@ func (t *Tracker) SetFleet(configured, up bool) {
 	}
 }
 
-// Fleet reports whether a fleet tier is configured and whether it is up.
+// Fleet reports whether a shared tier is configured and whether it is up.
 func (t *Tracker) Fleet() (configured, up bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.fleet.configured, t.fleet.up
 }
 
-// maxFleetError is the length the fleet tier's last error is cut to.
+// maxFleetError is the length the shared tier's last error is cut to.
 const maxFleetError = 200
 
-// fleetErrorClass names the kind of a fleet tier failure for an event:
+// fleetErrorClass names the kind of a shared tier failure for an event:
 // "timeout", "refused" (the connection was refused) or "error".
 func fleetErrorClass(err error) string {
 	switch {
@@ -492,7 +492,7 @@ func fleetErrorClass(err error) string {
 	return "error"
 }
 
-// FleetChanged notes that the fleet tier became unavailable (up false,
+// FleetChanged notes that the shared tier became unavailable (up false,
 // err the failure) or available again, and emits EventFleetDown or
 // EventFleetRecovered. It is fleet.Cache.OnAvailability's function.
 func (t *Tracker) FleetChanged(up bool, err error) {

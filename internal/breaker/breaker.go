@@ -1,5 +1,5 @@
 // Package breaker is a circuit breaker on an injected clock, shared by the
-// broker (one per token API source) and the fleet tier (one per Redis
+// broker (one per token API source) and the shared tier (one per Redis
 // client). It opens after Threshold consecutive failures, refuses calls for
 // Cooldown, then lets one probe through (half-open): the probe's success
 // closes it, its failure opens it again for another Cooldown. A probe that
