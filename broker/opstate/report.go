@@ -1,7 +1,10 @@
 // Package opstate is the operator's view of a token broker: the state of
 // each provider and each merchant (whether it can get a token, and if not
-// why), the shared tier's health, and the events someone must act on. It
-// never holds or shows a token or a secret.
+// why), the shared tier's health, and the events someone must act on. A
+// Tracker, fed by the handlers' observers, keeps what was seen and emits
+// the events; Build makes the report of a query (GET /token_broker/state)
+// and Collector the gauges, both from Sources. It never holds or shows a
+// token or a secret.
 package opstate
 
 import (
