@@ -89,7 +89,7 @@ type Options struct {
 	// cannot serve within it (or before its own deadline, less the time
 	// the token API call may take) is refused at once with
 	// budget.ErrExhausted and the queue's wait as its Retry-After, so a
-	// gateway answers fast rather than holding callers. Default 5s.
+	// broker answers fast rather than holding callers. Default 5s.
 	BudgetWait time.Duration
 	// Shared is the optional second cache tier shared by a fleet of
 	// brokers. Nil (the default) keeps every token in this process only.

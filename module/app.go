@@ -66,7 +66,7 @@ type App struct {
 	// BudgetWait is the longest a request waits its turn for a provider's
 	// token API budget (rate_limit in the registry) before it is answered
 	// 503 budget_exhausted with a Retry-After from the budget's queue, so
-	// that the gateway answers fast instead of holding callers. Default 5s.
+	// that the sidecar answers fast instead of holding callers. Default 5s.
 	BudgetWait caddy.Duration `json:"budget_wait,omitempty"`
 
 	// Metrics configures the broker's Prometheus series (see
