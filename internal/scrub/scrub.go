@@ -1,6 +1,7 @@
 // Package scrub keeps secrets out of what a provider says back: a token
 // API that echoes a credential in an error must not put it in a log line,
-// a span or an error body.
+// a span or an error body (Secrets), and a provider's text is cut to a
+// bounded length (Truncate, MaxText).
 package scrub
 
 import (
