@@ -142,7 +142,9 @@ func startCaddy(t testing.TB, caddyfile string) string {
 	return base
 }
 
-// loadCaddy adapts and loads (or reloads) a Caddyfile in this process.
+// loadCaddy adapts and loads (or reloads) a Caddyfile in this process,
+// and returns once the servers of the config it replaced no longer listen
+// (waitOldListenersClosed).
 func loadCaddy(t testing.TB, caddyfile string) {
 	t.Helper()
 	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), map[string]any{"filename": "Caddyfile"})
@@ -155,10 +157,51 @@ func loadCaddy(t testing.TB, caddyfile string) {
 	if err := caddy.Load(cfg, true); err != nil {
 		t.Fatalf("loading config: %v", err)
 	}
+	waitOldListenersClosed(t, cfg)
 	// A reload stops the old servers, closing their keep-alive connections:
 	// a request on one that the client still holds idle would read EOF (a
 	// race that a busy machine widens). The tests' client starts afresh.
 	http.DefaultClient.CloseIdleConnections()
+}
+
+// waitOldListenersClosed waits until every address the HTTP servers of
+// the config cfg listen on is held by one listener only, the new
+// config's. caddy.Load returns once the shutdowns of the old servers are
+// scheduled, not done: on a busy machine an old server can still hold its
+// own socket on the port (SO_REUSEPORT), and the kernel can hand it a new
+// connection, which it serves with the old config.
+func waitOldListenersClosed(t testing.TB, cfg []byte) {
+	t.Helper()
+	var c struct {
+		Apps struct {
+			HTTP struct {
+				Servers map[string]struct {
+					Listen []string `json:"listen"`
+				} `json:"servers"`
+			} `json:"http"`
+		} `json:"apps"`
+	}
+	if err := json.Unmarshal(cfg, &c); err != nil {
+		t.Fatalf("reading the listen addresses of the config: %v", err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for name, srv := range c.Apps.HTTP.Servers {
+		for _, l := range srv.Listen {
+			na, err := caddy.ParseNetworkAddress(l)
+			if err != nil {
+				t.Fatalf("server %s: listen address %q: %v", name, l, err)
+			}
+			for off := range na.PortRangeSize() {
+				addr := na.JoinHostPort(off)
+				for caddy.ListenerUsage(na.Network, addr) > 1 {
+					if time.Now().After(deadline) {
+						t.Fatalf("server %s: a replaced server still listens on %s/%s 10s after the reload", name, na.Network, addr)
+					}
+					time.Sleep(5 * time.Millisecond)
+				}
+			}
+		}
+	}
 }
 
 func waitListening(t testing.TB, addr string) {

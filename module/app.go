@@ -14,6 +14,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet/redisstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbox"
@@ -109,7 +110,7 @@ type App struct {
 	pooled      *pooledBroker
 	poolKey     string
 	logger      *zap.Logger
-	fleet       *fleetTier
+	fleet       *redisstore.Tier
 	fleetKey    string
 	tables      *bindings.Tables // binding tables, by registry and route scopes
 	listing     *listing.Listing // the wildcard's organisation listing, if restricted

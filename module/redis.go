@@ -89,22 +89,14 @@ type RedisConfig struct {
 // RedisTLS configures TLS to Redis (redisstore.TLS).
 type RedisTLS = redisstore.TLS
 
-// fleetTier is a shared tier kept across reloads in fleets while the
-// Redis settings do not change.
-type fleetTier struct {
-	*redisstore.Tier
-}
-
-// Destruct closes the tier and its client.
-func (f fleetTier) Destruct() error { return f.Close() }
-
-// fleets holds the shared tiers across config reloads, keyed by a hash of
+// fleets holds the shared tiers (*redisstore.Tier) across config
+// reloads while the Redis settings do not change, keyed by a hash of
 // their settings.
 var fleets = caddy.NewUsagePool()
 
 // provision resolves placeholders, checks the settings and returns the
 // (pooled) shared tier and the key to release it with.
-func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, logger *zap.Logger) (*fleetTier, string, error) {
+func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, logger *zap.Logger) (*redisstore.Tier, string, error) {
 	repl := caddy.NewReplacer()
 	s, err := redisstore.Settings{Address: r.Address, MasterName: r.MasterName, Username: r.Username, Password: r.Password,
 		DB: r.DB, TLS: r.TLS, KeyPrefix: r.KeyPrefix, EncryptionKey: r.EncryptionKey, EncryptionKeysOld: r.EncryptionKeysOld,
@@ -122,12 +114,12 @@ func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, l
 		if err != nil {
 			return nil, err
 		}
-		return fleetTier{tier}, nil
+		return tier, nil
 	})
 	if err != nil {
 		return nil, "", fmt.Errorf("token_broker: redis: %w", err)
 	}
-	tier := val.(fleetTier)
+	tier := val.(*redisstore.Tier)
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
 		if err := tier.Metrics.Register(reg); err != nil {
 			fleets.Delete(plan.Key)
@@ -137,7 +129,7 @@ func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, l
 	logger.Info("sharing tokens through redis", zap.Strings("address", s.Address),
 		zap.String("key_prefix", s.KeyPrefix), zap.Bool("hash_keys", !s.PlainKeys),
 		zap.Duration("timeout", plan.Timeout), zap.Duration("timeout_max", plan.MaxTimeout), zap.Duration("lock_ttl", plan.LockTTL), zap.Int("old_keys", plan.OldKeys))
-	return &tier, plan.Key, nil
+	return tier, plan.Key, nil
 }
 
 // refreshStore is where the registry keeps refresh tokens: Redis when the

@@ -24,20 +24,9 @@ func storageStore(s certmagic.Storage) kvstore.Refresh {
 	return kvstore.Refresh{S: s, Locks: &localLocks}
 }
 
-// pendingSweepers run one sweep of token_broker/consents/ per storage,
-// kept across reloads.
+// pendingSweepers run one sweep (*kvstore.Sweeper) of
+// token_broker/consents/ per storage, kept across reloads.
 var pendingSweepers = caddy.NewUsagePool()
-
-// pendingSweeper is a kvstore.Sweeper in pendingSweepers.
-type pendingSweeper struct {
-	*kvstore.Sweeper
-}
-
-// Destruct stops the sweeper.
-func (p pendingSweeper) Destruct() error {
-	p.Stop()
-	return nil
-}
 
 // storageID names a storage in pool keys: its description when it has
 // one (a file system storage names its folder), else its type.
@@ -54,7 +43,7 @@ func startPendingSweeper(ctx caddy.Context, logger *zap.Logger) (string, error) 
 	st, id := kvstore.Pending{S: ctx.Storage()}, storageID(ctx.Storage())
 	key := "consent sweeper " + id
 	_, _, err := pendingSweepers.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return pendingSweeper{kvstore.StartSweeper(st, oauth.PendingSweepInterval, logger, id)}, nil
+		return kvstore.StartSweeper(st, oauth.PendingSweepInterval, logger, id), nil
 	})
 	return key, err
 }

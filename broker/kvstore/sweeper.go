@@ -44,3 +44,10 @@ func (s *Sweeper) Stop() {
 	s.cancel()
 	<-s.done
 }
+
+// Destruct stops the sweeper (Stop) and returns nil, so that a Sweeper
+// can be kept in a caddy.UsagePool.
+func (s *Sweeper) Destruct() error {
+	s.Stop()
+	return nil
+}

@@ -208,6 +208,10 @@ func (t *Tier) Close() error {
 	return errors.Join(t.Cache.Close(), t.client.Close())
 }
 
+// Destruct closes the tier (Close), so that a Tier can be kept in a
+// caddy.UsagePool.
+func (t *Tier) Destruct() error { return t.Close() }
+
 // Client is the tier's Redis client, for the broker's other users of the
 // same Redis (the token-request budgets); the tier closes it.
 func (t *Tier) Client() redis.UniversalClient { return t.client }

@@ -1,12 +1,18 @@
 package redisstore
 
 import (
+	"context"
 	"encoding/base64"
+	"errors"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
+	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
 )
 
 // The bounds of Redis calls: defaults within the fetch timeout, and the
@@ -37,5 +43,29 @@ func TestPrepareTimeouts(t *testing.T) {
 				t.Fatalf("client read timeout %s, pool timeout %s, dial retries %d; want %s, %s, 1", p.opts.ReadTimeout, p.opts.PoolTimeout, p.opts.DialerRetries, tt.wantMax, tt.wantMax)
 			}
 		})
+	}
+}
+
+// Destruct closes the tier and its client, as Close does: the client
+// answers no more calls.
+func TestTierDestructCloses(t *testing.T) {
+	r := redistest.Start(t)
+	key := base64.StdEncoding.EncodeToString([]byte(strings.Repeat("k", 32)))
+	p, err := Prepare(Settings{Address: []string{r.Addr()}, EncryptionKey: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tier, err := p.Open(zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tier.Client().Ping(context.Background()).Err(); err != nil {
+		t.Fatalf("ping before Destruct: %v", err)
+	}
+	if err := tier.Destruct(); err != nil {
+		t.Fatalf("Destruct: %v", err)
+	}
+	if err := tier.Client().Ping(context.Background()).Err(); !errors.Is(err, redis.ErrClosed) {
+		t.Fatalf("ping after Destruct: %v, want %v", err, redis.ErrClosed)
 	}
 }
