@@ -234,7 +234,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	reg := app.registry
 	if h.Config != "" {
 		// A handler's own registry keeps its refresh tokens in Caddy's
-		// storage, with the app's or not.
+		// storage, whether the app's registry uses Redis or not.
 		storeKey := "storage, budgets " + app.fleetKey + app.budgetKey()
 		if reg, h.registryKey, err = loadPooled(ctx, h.Config, storageStore(ctx.Storage()), storeKey, app.budgetsFor()); err != nil {
 			return err
