@@ -2,14 +2,13 @@ package broker
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
 	"strings"
 	"testing"
 	"time"
 	"unsafe"
 
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // dpopSource is a source whose tokens are bound to key (nil: bearer).
@@ -19,18 +18,6 @@ type dpopSource struct {
 }
 
 func (s dpopSource) DPoPKey() *dpop.Key { return s.key }
-
-func newDPoPKey(t testing.TB) *dpop.Key {
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := dpop.NewKey(priv, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
 
 // TestDPoPEntryHeader: a token of type DPoP (any case) is cached with the
 // header "DPoP <token>", others with "Bearer <token>"; the value is a
@@ -78,7 +65,7 @@ func TestDPoPEntryHeader(t *testing.T) {
 // thumbprint is part of the cache key: sidecars with different keys never
 // share a token, even under one source ID.
 func TestDPoPProfile(t *testing.T) {
-	k1, k2 := newDPoPKey(t), newDPoPKey(t)
+	k1, k2 := dpoptest.NewKey(t), dpoptest.NewKey(t)
 	req := Request{Merchant: "m1", Organisation: "org1", Scopes: []string{"payments"}}
 	bearer := NewBinding("bank#1", dpopSource{}, req)
 	b1 := NewBinding("bank#1", dpopSource{key: k1}, req)

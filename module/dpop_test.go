@@ -2,8 +2,6 @@ package module
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -18,6 +16,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // dpopSource is a source whose tokens are bound to key (type DPoP).
@@ -33,14 +32,7 @@ func (s dpopSource) DPoPKey() *dpop.Key { return s.key }
 // tokens are DPoP-bound (bound) or bearer tokens, with the token cached.
 func dpopHandler(t *testing.T, bound bool) *Handler {
 	t.Helper()
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := dpop.NewKey(priv, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := dpoptest.NewKey(t)
 	var src broker.Source = dpopSource{key: k}
 	if !bound {
 		src = sourceFunc(func(context.Context, broker.Request) (broker.Token, error) {

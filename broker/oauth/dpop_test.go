@@ -2,8 +2,6 @@ package oauth
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,7 +15,6 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
@@ -163,18 +160,6 @@ func (as *dpopAS) authorize(t *testing.T, authURL string) (url.Values, string) {
 	return url.Values{"code": {code}, "state": {q.Get("state")}}, jkt
 }
 
-func newTestDPoPKey(t *testing.T) *dpop.Key {
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := dpop.NewKey(priv, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
 // TestDPoPClientCredentials: with a DPoP key, the client credentials grant
 // sends a proof with every client authentication method, answers the
 // server's nonce challenge once, and gets a DPoP token; later requests
@@ -193,7 +178,7 @@ func TestDPoPClientCredentials(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			as := newDPoPAS(t, tc.auth, pki)
-			key := newTestDPoPKey(t)
+			key := dpoptest.NewKey(t)
 			cfg := tc.cfg
 			cfg.Name, cfg.TokenURL, cfg.ClientID, cfg.DPoP = "bank", as.srv.URL+"/token", as.clientID, key
 			var told atomic.Int64
@@ -247,7 +232,7 @@ func TestDPoPTokenTypeChecked(t *testing.T) {
 			as.tokenType = tc.answer
 			cfg := Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue}
 			if tc.key {
-				cfg.DPoP = newTestDPoPKey(t)
+				cfg.DPoP = dpoptest.NewKey(t)
 			} else {
 				// A bearer client sends no proof: past the gate.
 				bare := httptest.NewServer(http.HandlerFunc(as.token))
@@ -286,7 +271,7 @@ func TestDPoPRefreshAndConsent(t *testing.T) {
 	for _, par := range []bool{false, true} {
 		t.Run(fmt.Sprintf("par=%t", par), func(t *testing.T) {
 			as := newDPoPAS(t, "post", nil)
-			key := newTestDPoPKey(t)
+			key := dpoptest.NewKey(t)
 			cfg := Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue,
 				AuthMethod: ClientSecretPost, DPoP: key}
 			store := &savingStore{}
@@ -340,7 +325,7 @@ func TestDPoPProofRefused(t *testing.T) {
 		fail(w, http.StatusBadRequest, "invalid_dpop_proof")
 	}))
 	defer srv.Close()
-	key := newTestDPoPKey(t)
+	key := dpoptest.NewKey(t)
 	src, err := NewClientCredentials(Config{Name: "bank", TokenURL: srv.URL, ClientID: "c", ClientSecret: secretValue, DPoP: key})
 	if err != nil {
 		t.Fatal(err)
@@ -359,7 +344,7 @@ func TestDPoPNonceRaceIsTemporary(t *testing.T) {
 		fail(w, http.StatusBadRequest, "use_dpop_nonce")
 	}))
 	defer srv.Close()
-	src, err := NewClientCredentials(Config{Name: "bank", TokenURL: srv.URL, ClientID: "c", ClientSecret: secretValue, DPoP: newTestDPoPKey(t)})
+	src, err := NewClientCredentials(Config{Name: "bank", TokenURL: srv.URL, ClientID: "c", ClientSecret: secretValue, DPoP: dpoptest.NewKey(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

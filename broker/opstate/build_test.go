@@ -2,8 +2,6 @@ package opstate
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -24,6 +22,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // sourceFunc is a provider's token API in a function.
@@ -592,14 +591,7 @@ func (s dpopSource) DPoPKey() *dpop.Key { return s.key }
 // provider shows no dpop.
 func TestBuildProviderDPoP(t *testing.T) {
 	f := newStateFixture(t)
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := dpop.NewKey(priv, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := dpoptest.NewKey(t)
 	p := f.reg.Providers["nuapay2"]
 	p.Source = dpopSource{Source: p.Source, key: k}
 	r := Build(f.sources(), Query{Limit: 1}, f.clk.Now())

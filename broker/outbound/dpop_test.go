@@ -1,8 +1,6 @@
 package outbound
 
 import (
-	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
 	"net/http"
@@ -14,18 +12,6 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
-
-func testKey(t testing.TB) *dpop.Key {
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := dpop.NewKey(priv, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
 
 // wantATH is the ath of token (RFC 9449 §4.2), computed here as the RFC
 // says: base64url(SHA-256(token)).
@@ -41,7 +27,7 @@ func wantATH(token string) string {
 // origin (the URL's, not the Host header's) last sent; a binding without a
 // token sends neither header.
 func TestDPoPSign(t *testing.T) {
-	k := testKey(t)
+	k := dpoptest.NewKey(t)
 	now := time.Unix(1_800_000_000, 0)
 	tests := []struct {
 		name      string
@@ -115,7 +101,7 @@ func TestDPoPSign(t *testing.T) {
 // TestDPoPObserve: a nonce from any answer is used by the next proof to
 // that upstream origin, not to another one.
 func TestDPoPObserve(t *testing.T) {
-	d := AcquireDPoP(testKey(t))
+	d := AcquireDPoP(dpoptest.NewKey(t))
 	defer d.Release()
 	d.SetToken("DPoP tok", wantATH("tok"))
 	req := httptest.NewRequest("GET", "http://rs.test/a", nil)
@@ -141,7 +127,7 @@ func TestDPoPObserve(t *testing.T) {
 // TestDPoPReleased: a released binding describes itself without its key
 // and signs nothing.
 func TestDPoPReleased(t *testing.T) {
-	k := testKey(t)
+	k := dpoptest.NewKey(t)
 	d := AcquireDPoP(k)
 	d.SetToken("DPoP tok", wantATH("tok"))
 	if got, want := d.String(), "DPoP EdDSA "+k.Thumbprint(); got != want || strings.Contains(got, "tok") {
@@ -158,7 +144,7 @@ func TestDPoPReleased(t *testing.T) {
 // difference is the htu written from the URL, the nonce lookup and the
 // two header values.
 func BenchmarkDPoPSign(b *testing.B) {
-	k := testKey(b)
+	k := dpoptest.NewKey(b)
 	now := time.Now()
 	tok := strings.Repeat("t", 900)
 	req := httptest.NewRequest("GET", "http://upstream.test:8443/accounts/123?from=2026-01-01", nil)
@@ -187,7 +173,7 @@ func BenchmarkDPoPSign(b *testing.B) {
 // TestDPoPSignCopy: the copy carries the token and its proof; the request
 // it was made from keeps its own headers.
 func TestDPoPSignCopy(t *testing.T) {
-	d := AcquireDPoP(testKey(t))
+	d := AcquireDPoP(dpoptest.NewKey(t))
 	defer d.Release()
 	d.SetToken("DPoP tok-1", wantATH("tok-1"))
 	req := httptest.NewRequest("GET", "http://upstream.test/accounts", nil)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // entry is a token as the retry sees it.
@@ -188,7 +189,7 @@ func TestRetryForward(t *testing.T) {
 // retried and signed again in every mode ("off" included), and a rejected
 // token is purged and retried with the fresh one.
 func TestRetryDPoP(t *testing.T) {
-	k := testKey(t)
+	k := dpoptest.NewKey(t)
 	for _, tt := range []struct {
 		name       string
 		mode       string

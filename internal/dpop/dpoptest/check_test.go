@@ -1,8 +1,6 @@
 package dpoptest
 
 import (
-	"crypto/ed25519"
-	"crypto/rand"
 	"errors"
 	"testing"
 	"time"
@@ -43,14 +41,7 @@ func TestJTIs(t *testing.T) {
 // TestCheckerReasons: each claim the Checker checks refuses with its
 // reason; a proof passes once.
 func TestCheckerReasons(t *testing.T) {
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := dpop.NewKey(priv, "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := NewKey(t)
 	now := time.Unix(1_800_000_000, 0)
 	c := &Checker{Now: func() time.Time { return now }}
 	proof := func(htu, ath, nonce string, at time.Time) string {

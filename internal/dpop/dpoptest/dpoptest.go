@@ -1,6 +1,7 @@
 // Package dpoptest checks DPoP proofs (RFC 9449) for tests, independently
 // of package dpop: with go-jose, as a server would. Gate is the DPoP check
-// of a test token endpoint or resource server.
+// of a test token endpoint or resource server. NewKey and KeyPEM make DPoP
+// keys for tests.
 package dpoptest
 
 import (

@@ -10,7 +10,25 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"testing"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 )
+
+// NewKey returns a new Ed25519 DPoP key (EdDSA) for a test; it fails t when
+// the key cannot be made.
+func NewKey(t testing.TB) *dpop.Key {
+	t.Helper()
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := dpop.NewKey(priv, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
 
 // KeyPEM returns a new private key for a DPoP algorithm as PKCS#8 PEM, as
 // an operator would write it to a file: ES256 an EC P-256 key, PS256 an
