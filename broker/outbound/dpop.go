@@ -84,6 +84,9 @@ func (d *DPoP) String() string {
 	return "DPoP " + k.Alg() + " " + k.Thumbprint()
 }
 
+// GoString is String, for %#v: the binding's fields hold the token.
+func (d *DPoP) GoString() string { return "outbound.DPoP(" + d.String() + ")" }
+
 // Sign puts the token on req, a request about to be sent upstream, with
 // its proof: "Authorization: DPoP <token>" and a DPoP header with a fresh
 // proof for req: htm its method, htu its URL as the upstream receives it

@@ -3,6 +3,7 @@ package outbound
 import (
 	"crypto/sha256"
 	"encoding/base64"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -124,14 +125,19 @@ func TestDPoPObserve(t *testing.T) {
 	}
 }
 
-// TestDPoPReleased: a released binding describes itself without its key
-// and signs nothing.
+// TestDPoPReleased: a binding describes itself without its token, whatever
+// the verb, and a released one without its key.
 func TestDPoPReleased(t *testing.T) {
 	k := dpoptest.NewKey(t)
 	d := AcquireDPoP(k)
 	d.SetToken("DPoP tok", wantATH("tok"))
-	if got, want := d.String(), "DPoP EdDSA "+k.Thumbprint(); got != want || strings.Contains(got, "tok") {
-		t.Errorf("String %q, want %q", got, want)
+	want := "DPoP EdDSA " + k.Thumbprint()
+	for verb, got := range map[string]string{
+		"String": d.String(), "%v": fmt.Sprintf("%v", d), "%+v": fmt.Sprintf("%+v", d), "%#v": fmt.Sprintf("%#v", d),
+	} {
+		if !strings.Contains(got, want) || strings.Contains(got, "tok") || strings.Contains(got, wantATH("tok")) {
+			t.Errorf("%s %q, want %q and no token", verb, got, want)
+		}
 	}
 	d.Release()
 	if got := d.String(); got != "DPoP (released)" {
