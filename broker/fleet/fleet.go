@@ -108,7 +108,7 @@ const (
 
 // ErrUnavailable is returned (wrapped) by Purge and the refresh token Store
 // while the breaker keeps Redis out.
-var ErrUnavailable = errors.New("fleet: Redis is unavailable (breaker open after consecutive failures, or timeouts that lasted slow_span); retrying by itself after the cooldown")
+var ErrUnavailable = errors.New("fleet: Redis is unavailable (breaker open after consecutive failures, or timeouts that lasted 5s, or twice timeout_max, without an answer); retrying by itself after the cooldown")
 
 // Options configure a Cache. Client and Keys are required.
 type Options struct {

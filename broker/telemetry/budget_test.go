@@ -25,7 +25,7 @@ func (t *tap) RefreshBehind(provider string, b *broker.Binding, expiry time.Time
 func TestRecorderBudget(t *testing.T) {
 	m := NewMetrics(false)
 	var tp tap
-	r := NewRecorder(m, &tp, zap.NewNop(), nil, map[string]string{"nuapay#1a2b": "nuapay"}, nil)
+	r := NewRecorder(m, &tp, zap.NewNop(), nil, []string{"nuapay#1a2b"}, nil)
 	o := &Observer{r: r}
 	l, err := budget.ParseRate("20/s")
 	if err != nil {

@@ -45,27 +45,27 @@ type Recorder struct {
 }
 
 // NewRecorder returns the recorder of a handler whose sources are
-// providers (SourceID -> provider name) and whose bindings are in table
+// sources (their IDs, config.Provider.ID) and whose bindings are in table
 // (nil: none yet), and gives every binding of table its observer. With
 // m, the rarely changing series of the providers of both are exported
 // from now on; breaker (nil: closed) gives a source's breaker state. tap
 // (nil: none) is told of fetches, source backoffs and breaker changes
 // too.
-func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, providers map[string]string, breaker func(sourceID string) broker.BreakerState) *Recorder {
+func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, sources []string, breaker func(sourceID string) broker.BreakerState) *Recorder {
 	r := &Recorder{metrics: m, tap: tap, logger: logger, observers: map[string]*Observer{}}
 	exported := map[string]bool{} // source IDs
-	export := func(name, sourceID string) {
+	export := func(sourceID string) {
 		if m != nil && !exported[sourceID] {
 			exported[sourceID] = true
-			r.exportZero(name, sourceID, breaker)
+			r.exportZero(sourceID, breaker)
 		}
 	}
-	for id, name := range providers {
-		export(name, id)
+	for _, id := range sources {
+		export(id)
 	}
 	if table != nil {
 		table.Each(func(_ string, b *bindings.Binding) {
-			export(b.Provider.Name, b.SourceID)
+			export(b.SourceID)
 			b.Observer = r.observerFor(b, false)
 		})
 	}
@@ -77,17 +77,17 @@ func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 // metrics m, telling tap (nil: none), with br's breaker states (nil:
 // closed).
 func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, reg *config.Registry, br *broker.Broker) *Recorder {
-	providers := make(map[string]string)
+	var sources []string
 	if reg != nil {
-		for name, p := range reg.Providers {
-			providers[p.ID] = name
+		for _, p := range reg.Providers {
+			sources = append(sources, p.ID)
 		}
 	}
 	var breaker func(sourceID string) broker.BreakerState
 	if br != nil {
 		breaker = br.BreakerState
 	}
-	return NewRecorder(m, tap, logger, table, providers, breaker)
+	return NewRecorder(m, tap, logger, table, sources, breaker)
 }
 
 // Observer returns the observer of a binding that no handler made (an
@@ -102,12 +102,12 @@ func (r *Recorder) Observer() broker.Observer {
 	return &Observer{r: r}
 }
 
-// exportZero exports the series of a provider that can stay unchanged
-// for long (lookups and purges without the merchant label, backoffs,
-// breaker, refreshes), so that dashboards and alerts see 0 rather than
-// nothing.
-func (r *Recorder) exportZero(provider, sourceID string, breaker func(string) broker.BreakerState) {
-	m := r.metrics
+// exportZero exports the series of a source's provider that can stay
+// unchanged for long (lookups and purges without the merchant label,
+// backoffs, breaker, refreshes), so that dashboards and alerts see 0
+// rather than nothing.
+func (r *Recorder) exportZero(sourceID string, breaker func(string) broker.BreakerState) {
+	m, provider := r.metrics, providerOf(sourceID)
 	if !m.merchantLabel {
 		r.sharedObserver(provider)
 		m.Purges.WithLabelValues(m.labels("", provider)...)

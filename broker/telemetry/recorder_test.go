@@ -44,7 +44,7 @@ func (t *tap) BreakerChanged(provider, sourceID string, state broker.BreakerStat
 func TestRecorderTap(t *testing.T) {
 	for _, metrics := range []*Metrics{nil, NewMetrics(false)} {
 		var tp tap
-		r := NewRecorder(metrics, &tp, zap.NewNop(), nil, map[string]string{"nuapay#1a2b": "nuapay"}, nil)
+		r := NewRecorder(metrics, &tp, zap.NewNop(), nil, []string{"nuapay#1a2b"}, nil)
 		var o broker.Observer = &Observer{r: r}
 		b := brokertest.NewBinding("nuapay#1a2b", nil, broker.Request{Merchant: "acme"})
 		o.Fetched(context.Background(), b, broker.Token{}, 0, false, nil)

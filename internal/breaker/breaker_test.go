@@ -39,24 +39,30 @@ func TestBreaker(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			b := &Breaker{Threshold: 3, Cooldown: cooldown}
-			now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-			for i, s := range tt.steps {
-				now = now.Add(s.advance)
-				ok, wait, _, _ := b.Allow(now)
-				if ok != s.allowed {
-					t.Fatalf("step %d: allowed %v, want %v", i, ok, s.allowed)
-				}
-				if ok {
-					b.Record(now, s.outcome, errors.New("down"))
-				} else if wait <= 0 || wait > cooldown {
-					t.Fatalf("step %d: wait %s", i, wait)
-				}
-				if got := b.State(); got != s.state {
-					t.Fatalf("step %d: state %s, want %s", i, got, s.state)
-				}
-			}
+			run(t, &Breaker{Threshold: 3, Cooldown: cooldown}, tt.steps)
 		})
+	}
+}
+
+// run takes b through steps, from a fixed time, and fails t at the first
+// step whose Allow answer, refusal wait or state is not the step's.
+func run(t *testing.T, b *Breaker, steps []step) {
+	t.Helper()
+	now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	for i, s := range steps {
+		now = now.Add(s.advance)
+		ok, wait, _, _ := b.Allow(now)
+		if ok != s.allowed {
+			t.Fatalf("step %d: allowed %v, want %v", i, ok, s.allowed)
+		}
+		if ok {
+			b.Record(now, s.outcome, errors.New("down"))
+		} else if wait <= 0 || wait > b.Cooldown {
+			t.Fatalf("step %d: wait %s", i, wait)
+		}
+		if got := b.State(); got != s.state {
+			t.Fatalf("step %d: state %s, want %s", i, got, s.state)
+		}
 	}
 }
 
@@ -118,21 +124,22 @@ func TestBreakerSlow(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			b := &Breaker{Threshold: 3, Cooldown: 10 * time.Second, SlowSpan: span}
-			now := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-			for i, s := range tt.steps {
-				now = now.Add(s.advance)
-				ok, _, _, _ := b.Allow(now)
-				if ok != s.allowed {
-					t.Fatalf("step %d: allowed %v, want %v", i, ok, s.allowed)
-				}
-				if ok {
-					b.Record(now, s.outcome, errors.New("timeout"))
-				}
-				if got := b.State(); got != s.state {
-					t.Fatalf("step %d: state %s, want %s", i, got, s.state)
-				}
-			}
+			run(t, &Breaker{Threshold: 3, Cooldown: 10 * time.Second, SlowSpan: span}, tt.steps)
 		})
 	}
+}
+
+// Without SlowSpan, each slow outcome is a failure at once; a clock gone
+// back restarts the span rather than ending it.
+func TestBreakerSlowSpanEdges(t *testing.T) {
+	slow := func(advance time.Duration, s State) step {
+		return step{advance: advance, outcome: Slow, allowed: true, state: s}
+	}
+	t.Run("zero span", func(t *testing.T) {
+		run(t, &Breaker{Threshold: 3, Cooldown: time.Second}, []step{slow(0, Closed), slow(0, Closed), slow(0, Open)})
+	})
+	t.Run("clock gone back", func(t *testing.T) {
+		run(t, &Breaker{Threshold: 2, Cooldown: time.Second, SlowSpan: 2 * time.Second}, []step{
+			slow(0, Closed), slow(-time.Hour, Closed), slow(time.Second, Closed), slow(time.Second, Closed), slow(0, Open)})
+	})
 }

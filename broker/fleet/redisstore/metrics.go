@@ -54,7 +54,7 @@ func newMetrics() *Metrics {
 		bypassed:      counter("l2_bypassed_total", "Lookups that minted without the shared tier because Redis was unavailable, or without the key's lock after waiting lock_ttl for it."),
 		rolledBack:    counter("l2_rolled_back_total", "Values in Redis older than one this broker had seen for their key (an old value written back), ignored."),
 		timeouts: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "l2_timeouts_total",
-			Help: "Redis calls that ran out of their adaptive bound, by operation (also in l2_errors_total); they open the breaker only when they last slow_span."}, []string{"op"}),
+			Help: "Redis calls that ran out of their adaptive bound, by operation (also in l2_errors_total); they open the breaker only once they have lasted 5s (or twice timeout_max) without an answer."}, []string{"op"}),
 		openings: counter("l2_breaker_openings_total", "Times the Redis breaker opened: lookups then mint without the shared tier for the cooldown."),
 	}
 }
