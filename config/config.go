@@ -232,9 +232,7 @@ func (r *Registry) MerchantBinding(m *Merchant, scopes []string) (*broker.Bindin
 	if wild && !r.Wildcard.sharesProfile(route) {
 		// A wildcard merchant whose audience or scopes hold its own id:
 		// a profile of its own, which goes when the merchant is evicted.
-		pr := broker.NewProfile(p.ID, p.Source, sc, m.Audience, m.Lifetime)
-		pr.Budget = p.Budget
-		return broker.NewBindingFor(pr, m.ID, m.Organisation), nil
+		return broker.NewBindingFor(p.newProfile(sc, m.Audience, m.Lifetime), m.ID, m.Organisation), nil
 	}
 	return broker.NewBindingFor(r.profile(p, sc, m.Audience, m.Lifetime), m.ID, m.Organisation), nil
 }

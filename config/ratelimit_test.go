@@ -109,14 +109,10 @@ func TestProviderBudget(t *testing.T) {
 	}
 }
 
-// TestProviderBudgetObservesAnswers: the rate-limit headers of the
-// provider's token answers lower its budget (the sandbox's limit says
-// nothing is left after its burst).
-func TestProviderBudgetObservesAnswers(t *testing.T) {
-	sb := sandbox.New(sandbox.Config{APIKeys: []string{"k"}, Organisations: []sandbox.Organisation{{ID: "org-acme"}},
-		TokenRateLimit: sandbox.RateLimit{Rate: 0.1, Burst: 1, Headers: true}})
-	srv := httptest.NewServer(sb)
-	t.Cleanup(srv.Close)
+// budgetRegistry is a registry of one nuapay provider at baseURL (API key
+// "k", rate_limit 5/s) and its merchant acme (organisation org-acme).
+func budgetRegistry(t *testing.T, baseURL string) *Registry {
+	t.Helper()
 	reg, err := parse(filepath.Join(t.TempDir(), "m.toml"), []byte(fmt.Sprintf(`[providers.p]
 type = "nuapay"
 base_url = %q
@@ -127,10 +123,22 @@ rate_limit = "5/s"
 provider = "p"
 organisation = "org-acme"
 scopes = ["s"]
-`, srv.URL)), func(string) (string, bool) { return "k", true })
+`, baseURL)), func(string) (string, bool) { return "k", true })
 	if err != nil {
 		t.Fatal(err)
 	}
+	return reg
+}
+
+// TestProviderBudgetObservesAnswers: the rate-limit headers of the
+// provider's token answers lower its budget (the sandbox's limit says
+// nothing is left after its burst).
+func TestProviderBudgetObservesAnswers(t *testing.T) {
+	sb := sandbox.New(sandbox.Config{APIKeys: []string{"k"}, Organisations: []sandbox.Organisation{{ID: "org-acme"}},
+		TokenRateLimit: sandbox.RateLimit{Rate: 0.1, Burst: 1, Headers: true}})
+	srv := httptest.NewServer(sb)
+	t.Cleanup(srv.Close)
+	reg := budgetRegistry(t, srv.URL)
 	b, err := reg.Binding("acme", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -156,20 +164,7 @@ func TestProviderBudgetObservesTokenAnswersOnly(t *testing.T) {
 		sb.ServeHTTP(w, r)
 	}))
 	t.Cleanup(srv.Close)
-	reg, err := parse(filepath.Join(t.TempDir(), "m.toml"), []byte(fmt.Sprintf(`[providers.p]
-type = "nuapay"
-base_url = %q
-api_key = "{env.K}"
-rate_limit = "5/s"
-
-[merchants.acme]
-provider = "p"
-organisation = "org-acme"
-scopes = ["s"]
-`, srv.URL)), func(string) (string, bool) { return "k", true })
-	if err != nil {
-		t.Fatal(err)
-	}
+	reg := budgetRegistry(t, srv.URL)
 	pv := reg.Providers["p"]
 	src := pv.Source.(*nuapay.Source)
 	ctx := context.Background()

@@ -52,8 +52,8 @@ type commonProviderTOML struct {
 	// Optional: no budget when unset.
 	RateLimit string `toml:"rate_limit"`
 	// RateBurst is how many token requests of the budget may go at once
-	// after a quiet spell; only with rate_limit. Default one second's
-	// worth of rate_limit (at least 1), at most 100000.
+	// after a quiet spell; only with rate_limit. From 1 to one second's
+	// worth of rate_limit (at least 1), which is also its default.
 	RateBurst *int `toml:"rate_burst"`
 }
 

@@ -199,8 +199,15 @@ func (r *Registry) profile(p *Provider, scopes []string, audience string, lifeti
 	}
 	// A copy of the scopes: the profile outlives the caller's slice (a
 	// route's, a handler's configuration).
-	pr := broker.NewProfile(p.ID, p.Source, slices.Clone(scopes), audience, lifetime)
-	pr.Budget = p.Budget
+	pr := p.newProfile(slices.Clone(scopes), audience, lifetime)
 	r.profiles.m[k] = pr
+	return pr
+}
+
+// newProfile is a broker profile of p for the scopes, audience and
+// lifetime, which spends p's budget.
+func (p *Provider) newProfile(scopes []string, audience string, lifetime time.Duration) *broker.Profile {
+	pr := broker.NewProfile(p.ID, p.Source, scopes, audience, lifetime)
+	pr.Budget = p.Budget
 	return pr
 }

@@ -112,13 +112,15 @@ func TestWildcardErrors(t *testing.T) {
 // through the wildcard entry; a wildcard merchant whose scopes or
 // audience hold its own id gets a profile of its own, which the registry
 // does not keep (no growth per merchant id seen); the cache keys are
-// those of a binding made alone (NewBinding).
+// those of a binding made alone (NewBinding); every profile spends the
+// provider's budget.
 func TestBindingProfiles(t *testing.T) {
 	const file = `
 [providers.nuapay]
 type = "nuapay"
 base_url = "{env.NUAPAY_BASE_URL}"
 api_key = "{env.NUAPAY_API_KEY}"
+rate_limit = "5/s"
 
 [merchants.acme]
 provider = "nuapay"
@@ -158,6 +160,9 @@ token_lifetime = "10m"
 				alone := brokertest.NewBinding(b.SourceID, b.Source, b.Request())
 				if b.Key() != alone.Key() {
 					t.Errorf("%s: key %q, want %q", id, b.Key(), alone.Key())
+				}
+				if want := reg.Providers["nuapay"].Budget; want == nil || b.Budget != want {
+					t.Errorf("%s scopes %v: budget %p, want the provider's %p", id, scopes, b.Budget, want)
 				}
 				return b
 			}

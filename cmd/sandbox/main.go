@@ -12,8 +12,7 @@
 // /.well-known/openid-configuration), unless -bank-issuer sets it. A token
 // request with a DPoP proof gets a DPoP-bound token, which the echo upstream
 // accepts only with a proof of the same key (-bank-client-dpop makes the
-// demo client's proofs mandatory, -dpop-nonce demands server nonces).
-// /.well-known/openid-configuration), unless -bank-issuer sets it. With
+// demo client's proofs mandatory, -dpop-nonce demands server nonces). With
 // -token-rate the token endpoints together accept that many requests per
 // second (429 with Retry-After above it); GET /_sandbox/token-stats
 // answers their per-second counts.

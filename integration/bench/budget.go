@@ -1,8 +1,6 @@
 package main
 
 import (
-	"crypto/rand"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -163,19 +161,13 @@ func (e *env) budgetStep(b budgetOptions, st budgetStep, n int, self, redisBin s
 			p.stop()
 		}
 	}()
-	startProc := func(name string, env []string, bin string, args ...string) (*proc, error) {
-		p, err := start(e.dir, name, env, bin, args...)
-		if err == nil {
-			started = append(started, p)
-		}
-		return p, err
-	}
 	addrFile := filepath.Join(e.dir, fmt.Sprintf("tokenapi-%d.addr", n))
-	ta, err := startProc(fmt.Sprintf("tokenapi-%d", n), []string{apiKeyEnv + "=" + apiKey}, self, "tokenapi",
+	ta, err := start(e.dir, fmt.Sprintf("tokenapi-%d", n), []string{apiKeyEnv + "=" + apiKey}, self, "tokenapi",
 		"-addr-file", addrFile, "-orgs", strconv.Itoa(st.orgs), "-rate", strconv.Itoa(b.rate), "-burst", strconv.Itoa(b.rate))
 	if err != nil {
 		return r, err
 	}
+	started = append(started, ta)
 	addr, err := readAddrFile(ta, addrFile, time.Minute)
 	if err != nil {
 		return r, err
@@ -190,35 +182,19 @@ func (e *env) budgetStep(b budgetOptions, st budgetStep, n int, self, redisBin s
 	if err := os.WriteFile(registry, []byte(budgetRegistryTOML(b, st, tokenAPI)), 0o644); err != nil {
 		return r, err
 	}
-	keyBytes := make([]byte, 32)
-	rand.Read(keyBytes)
-	key := base64.StdEncoding.EncodeToString(keyBytes)
+	key := newCacheKey()
 	nodes := make([]*server, st.sidecars)
 	for i := range nodes {
-		s := &server{}
-		if s.port, err = freePort(); err != nil {
-			return r, err
-		}
-		if s.admin, err = freePort(); err != nil {
-			return r, err
-		}
-		s.config = filepath.Join(e.dir, fmt.Sprintf("budget-%d-node-%d.Caddyfile", n, i))
 		// The sidecars proxy to the token API's echo, which says whether
 		// the token a request carried is valid.
-		c := fleetCaddyfile(s.port, s.admin, addr, registry, redisAddr)
-		c = strings.Replace(c, "\t\tconfig "+registry+"\n", fmt.Sprintf("\t\tconfig %s\n\t\tfleet_size %d\n\t\tfetch_timeout %s\n", registry, st.sidecars, b.fetchTimeout), 1)
-		if err := os.WriteFile(s.config, []byte(c), 0o644); err != nil {
+		s, err := e.startSidecar(fmt.Sprintf("budget-%d-node-%d", n, i), key, func(port, admin int) string {
+			c := fleetCaddyfile(port, admin, addr, registry, redisAddr)
+			return strings.Replace(c, "\t\tconfig "+registry+"\n", fmt.Sprintf("\t\tconfig %s\n\t\tfleet_size %d\n\t\tfetch_timeout %s\n", registry, st.sidecars, b.fetchTimeout), 1)
+		})
+		if err != nil {
 			return r, err
 		}
-		env := []string{apiKeyEnv + "=" + apiKey, "TOKEN_CACHE_KEY=" + key,
-			"XDG_DATA_HOME=" + filepath.Join(e.dir, "data", fmt.Sprint(n, "-", i)), "XDG_CONFIG_HOME=" + filepath.Join(e.dir, "config", fmt.Sprint(n, "-", i))}
-		t0 := time.Now()
-		if s.p, err = startProc(fmt.Sprintf("budget-%d-node-%d", n, i), env, e.caddy, "run", "--config", s.config, "--adapter", "caddyfile"); err != nil {
-			return r, err
-		}
-		if _, err := waitHTTP(s.p, s.url(), nil, t0, 5*time.Minute); err != nil {
-			return r, err
-		}
+		started = append(started, s.p)
 		nodes[i] = s
 	}
 	client := &http.Client{Timeout: 2 * time.Minute, Transport: &http.Transport{MaxIdleConnsPerHost: 256, MaxIdleConns: 1024}}

@@ -38,6 +38,43 @@ func fleetCaddyfile(port, admin int, upstream, registry, redisAddr string) strin
 		"\t\tconfig "+registry+"\n\t\tredis {\n\t\t\taddress "+redisAddr+"\n\t\t\tencryption_key {env.TOKEN_CACHE_KEY}\n\t\t}\n", 1)
 }
 
+// newCacheKey is a random TOKEN_CACHE_KEY for the sidecars of a fleet.
+func newCacheKey() string {
+	key := make([]byte, 32)
+	rand.Read(key)
+	return base64.StdEncoding.EncodeToString(key)
+}
+
+// startSidecar starts the sidecar name of a fleet: its Caddyfile, made by
+// caddyfile for two free ports (the site's and the admin API's), in
+// e.dir, the fleet's TOKEN_CACHE_KEY and Caddy data and config folders of
+// its own; it returns once the sidecar answers HTTP.
+func (e *env) startSidecar(name, cacheKey string, caddyfile func(port, admin int) string) (*server, error) {
+	s := &server{}
+	var err error
+	if s.port, err = freePort(); err != nil {
+		return nil, err
+	}
+	if s.admin, err = freePort(); err != nil {
+		return nil, err
+	}
+	s.config = filepath.Join(e.dir, name+".Caddyfile")
+	if err := os.WriteFile(s.config, []byte(caddyfile(s.port, s.admin)), 0o644); err != nil {
+		return nil, err
+	}
+	env := []string{apiKeyEnv + "=" + apiKey, "TOKEN_CACHE_KEY=" + cacheKey,
+		"XDG_DATA_HOME=" + filepath.Join(e.dir, "data", name), "XDG_CONFIG_HOME=" + filepath.Join(e.dir, "config", name)}
+	t0 := time.Now()
+	if s.p, err = start(e.dir, name, env, e.caddy, "run", "--config", s.config, "--adapter", "caddyfile"); err != nil {
+		return nil, err
+	}
+	if _, err := waitHTTP(s.p, s.url(), nil, t0, 5*time.Minute); err != nil {
+		s.p.stop()
+		return nil, err
+	}
+	return s, nil
+}
+
 func runFleet(o options) error {
 	redisBin, err := lookRedis()
 	if err != nil {
@@ -61,31 +98,14 @@ func runFleet(o options) error {
 	if err := os.WriteFile(registry, []byte(fleetRegistryTOML(n, e.tokenAPI, o.fleetLifetime)), 0o644); err != nil {
 		return err
 	}
-	key := make([]byte, 32)
-	rand.Read(key)
+	key := newCacheKey()
 	nodes := make([]*server, o.fleet)
 	for i := range nodes {
-		s := &server{}
-		if s.port, err = freePort(); err != nil {
+		if nodes[i], err = e.startSidecar(fmt.Sprintf("node-%d", i), key, func(port, admin int) string {
+			return fleetCaddyfile(port, admin, e.upstream, registry, redisAddr)
+		}); err != nil {
 			return err
 		}
-		if s.admin, err = freePort(); err != nil {
-			return err
-		}
-		s.config = filepath.Join(dir, fmt.Sprintf("node-%d.Caddyfile", i))
-		if err := os.WriteFile(s.config, []byte(fleetCaddyfile(s.port, s.admin, e.upstream, registry, redisAddr)), 0o644); err != nil {
-			return err
-		}
-		env := []string{apiKeyEnv + "=" + apiKey, "TOKEN_CACHE_KEY=" + base64.StdEncoding.EncodeToString(key),
-			"XDG_DATA_HOME=" + filepath.Join(dir, "data", fmt.Sprint(i)), "XDG_CONFIG_HOME=" + filepath.Join(dir, "config", fmt.Sprint(i))}
-		t0 := time.Now()
-		if s.p, err = start(dir, fmt.Sprintf("node-%d", i), env, e.caddy, "run", "--config", s.config, "--adapter", "caddyfile"); err != nil {
-			return err
-		}
-		if _, err := waitHTTP(s.p, s.url(), nil, t0, 5*time.Minute); err != nil {
-			return err
-		}
-		nodes[i] = s
 	}
 	progress("%d sidecars and redis-server on %s", o.fleet, redisAddr)
 	var burst *burstResult

@@ -13,7 +13,6 @@ import (
 	"encoding/pem"
 	"fmt"
 	"math/big"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -70,14 +69,7 @@ func newBank(t *testing.T, issuer string) (*Server, *httptest.Server, *clock) {
 		BankTokenLifetime: 15 * time.Minute,
 		Now:               clk.Now,
 	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &httptest.Server{Listener: ln, Config: &http.Server{Handler: s}}
-	srv.Start()
-	t.Cleanup(srv.Close)
-	return s, srv, clk
+	return s, serve(t, s), clk
 }
 
 // assertion signs claims with key.

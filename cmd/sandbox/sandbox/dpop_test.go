@@ -9,7 +9,6 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -97,14 +96,7 @@ func dpopBank(t *testing.T, nonce bool) (*Server, *httptest.Server, *clock) {
 		DPoPNonce:         nonce,
 		Now:               clk.Now,
 	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &httptest.Server{Listener: ln, Config: &http.Server{Handler: s}}
-	srv.Start()
-	t.Cleanup(srv.Close)
-	return s, srv, clk
+	return s, serve(t, s), clk
 }
 
 // tokenClaims are a proof's claims for the bank's token endpoint.

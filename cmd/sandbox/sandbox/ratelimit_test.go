@@ -2,8 +2,6 @@ package sandbox
 
 import (
 	"encoding/json"
-	"net"
-	"net/http"
 	"net/http/httptest"
 	"testing"
 	"time"
@@ -23,14 +21,7 @@ func newLimited(t *testing.T, rl RateLimit, maxLife time.Duration) (*Server, *ht
 		TokenRateLimit:    rl,
 		Now:               clk.Now,
 	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &httptest.Server{Listener: ln, Config: &http.Server{Handler: s}}
-	srv.Start()
-	t.Cleanup(srv.Close)
-	return s, srv, clk
+	return s, serve(t, s), clk
 }
 
 // tokenEndpoints are the token endpoints with a request that succeeds, the

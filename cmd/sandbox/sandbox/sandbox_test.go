@@ -28,6 +28,19 @@ type clock struct {
 func (c *clock) Now() time.Time          { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
 func (c *clock) Advance(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
 
+// serve starts s on a free port of 127.0.0.1, closed when the test ends.
+func serve(t *testing.T, s *Server) *httptest.Server {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &httptest.Server{Listener: ln, Config: &http.Server{Handler: s}}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return srv
+}
+
 func newSandbox(t *testing.T) (*Server, *httptest.Server, *clock) {
 	t.Helper()
 	clk := &clock{t: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)}
@@ -38,14 +51,7 @@ func newSandbox(t *testing.T) (*Server, *httptest.Server, *clock) {
 		OneIDClients: map[string]string{"cid": "csecret", "we ird": "s&c=t"},
 		Now:          clk.Now,
 	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &httptest.Server{Listener: ln, Config: &http.Server{Handler: s}}
-	srv.Start()
-	t.Cleanup(srv.Close)
-	return s, srv, clk
+	return s, serve(t, s), clk
 }
 
 type resp struct {
