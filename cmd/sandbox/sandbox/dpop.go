@@ -11,7 +11,6 @@ import (
 	"strings"
 	"time"
 
-	jose "github.com/go-jose/go-jose/v4"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
@@ -37,13 +36,12 @@ const (
 	dpopNonceStep = time.Minute
 )
 
-// dpopAlgs are the proof signature algorithms accepted (dpoptest.Verify's).
-var dpopAlgs = []jose.SignatureAlgorithm{jose.ES256, jose.PS256, jose.RS256, jose.EdDSA}
-
-// dpopAlgNames are the names of dpopAlgs.
+// dpopAlgNames are the names of the proof signature algorithms accepted
+// (dpoptest.Algs).
 func dpopAlgNames() []string {
-	algs := make([]string, len(dpopAlgs))
-	for i, a := range dpopAlgs {
+	accepted := dpoptest.Algs()
+	algs := make([]string, len(accepted))
+	for i, a := range accepted {
 		algs[i] = string(a)
 	}
 	return algs

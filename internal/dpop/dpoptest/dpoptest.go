@@ -32,12 +32,17 @@ type Proof struct {
 	ATH, Nonce string
 }
 
+// Algs are the proof signature algorithms a proof may use.
+func Algs() []jose.SignatureAlgorithm {
+	return []jose.SignatureAlgorithm{jose.ES256, jose.PS256, jose.RS256, jose.EdDSA}
+}
+
 // Verify parses a compact DPoP proof, checks its header (typ dpop+jwt, an
 // asymmetric alg, a public jwk) and its signature with that jwk, and
 // returns its header and claims. It checks no claim. A proof it cannot
 // read is a *CheckError (ReasonProof, or ReasonType).
 func Verify(proof string) (Proof, error) {
-	jws, err := jose.ParseSignedCompact(proof, []jose.SignatureAlgorithm{jose.ES256, jose.PS256, jose.EdDSA, jose.RS256})
+	jws, err := jose.ParseSignedCompact(proof, Algs())
 	if err != nil {
 		return Proof{}, &CheckError{ReasonProof, "not a JWS: " + err.Error()}
 	}
