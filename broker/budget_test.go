@@ -334,26 +334,36 @@ func TestMintsPerKeyPerLifetime(t *testing.T) {
 	}
 }
 
+// atPlannedRefresh caches a token (life 100 s) of a binding of provider
+// "bank", whose budget allows one request per period, on a broker
+// observed by a planLog, and moves the clock to the token's planned
+// refresh.
+func atPlannedRefresh(t *testing.T, period time.Duration) (*fakeClock, *callLog, *planLog, *Broker, *Profile, *Binding, *Entry) {
+	t.Helper()
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: 100 * time.Second}
+	obs := newPlanLog()
+	br := New(Options{Now: clock.Now, Observer: obs})
+	t.Cleanup(br.Close)
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: period}, budget.NewLocal(clock.Now), clock.Now)
+	b := NewBindingFor(p, "acme", "org")
+	e, _, err := br.Get(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(e.RefreshAt().Sub(clock.Now()))
+	return clock, src, obs, br, p, b, e
+}
+
 // TestRefreshBehind: a refresh-ahead the budget cannot serve before the
 // token's end is deferred (tried again at a later lookup, not after the
 // failure backoff), told once to the PlanObserver before any caller could
 // see an expired token, and callers never get one: past Leeway they wait
 // for a token like a cold key.
 func TestRefreshBehind(t *testing.T) {
-	clock := newFakeClock()
-	src := &callLog{clock: clock, life: 100 * time.Second}
-	obs := newPlanLog()
-	br := New(Options{Now: clock.Now, Observer: obs})
-	defer br.Close()
-	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Minute}, budget.NewLocal(clock.Now), clock.Now)
-	b := NewBindingFor(p, "acme", "org")
-	e, _, err := br.Get(context.Background(), b)
-	if err != nil {
-		t.Fatal(err)
-	}
+	clock, src, obs, br, p, b, e := atPlannedRefresh(t, 10*time.Minute)
 	expiry := e.Token().Expiry
-	clock.Add(e.RefreshAt().Sub(clock.Now()))
 	refused, tries := p.Budget.State().Exhausted, uint64(0)
 	for ; clock.Now().Add(br.opts.Leeway).Before(expiry); clock.Add(2 * time.Second) { // longer than the defer (at most 1.5 s)
 		got, _, err := br.Get(context.Background(), b)
@@ -685,19 +695,7 @@ func TestBreakerOpenedDuringBudgetWait(t *testing.T) {
 // before the token's end is not reported; when no lookup comes until the
 // token is past expiry less Leeway, the first lookup then reports it, once.
 func TestRefreshBehindSparseLookups(t *testing.T) {
-	clock := newFakeClock()
-	src := &callLog{clock: clock, life: 100 * time.Second}
-	obs := newPlanLog()
-	br := New(Options{Now: clock.Now, Observer: obs})
-	defer br.Close()
-	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 500 * time.Millisecond}, budget.NewLocal(clock.Now), clock.Now)
-	b := NewBindingFor(p, "acme", "org")
-	e, _, err := br.Get(context.Background(), b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	clock.Add(e.RefreshAt().Sub(clock.Now()))
+	clock, src, obs, br, p, b, e := atPlannedRefresh(t, 500*time.Millisecond)
 	if err := p.Budget.Take(context.Background(), budget.Foreground, time.Time{}); err != nil {
 		t.Fatal(err) // another key's caller spends the budget
 	}
