@@ -616,7 +616,8 @@ func TestRateLimitedHoldsBudget(t *testing.T) {
 
 // TestProbeDoesNotQueue: the half-open breaker's probe is not held in the
 // budget's queue: without room at once it is refused by the budget and the
-// probe released undecided; once the budget has room, the probe goes.
+// probe released undecided, so that once the budget has room the next
+// probe goes at once, not a Cooldown after the refused one.
 func TestProbeDoesNotQueue(t *testing.T) {
 	clock := newFakeClock()
 	down := &APIError{Provider: "bank", StatusCode: 503}
@@ -629,16 +630,18 @@ func TestProbeDoesNotQueue(t *testing.T) {
 	br := New(Options{Sleep: never, Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: 10 * time.Second, FailureTTL: -1, BudgetWait: time.Minute})
 	defer br.Close()
 	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 20 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 15 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
 	bs := bindings(p, 2)
 	if _, _, err := br.Get(context.Background(), bs[0]); !errors.Is(err, down) || br.BreakerState("bank#1") != BreakerOpen {
 		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.BreakerState("bank#1"))
 	}
 	clock.Add(10 * time.Second)
-	if _, _, err := br.Get(context.Background(), bs[1]); !errors.Is(err, budget.ErrExhausted) || RetryAfterOf(err) != 10*time.Second {
-		t.Fatalf("probe without budget: %v (retry after %s), want exhausted for 10s", err, RetryAfterOf(err))
+	if _, _, err := br.Get(context.Background(), bs[1]); !errors.Is(err, budget.ErrExhausted) || RetryAfterOf(err) != 5*time.Second {
+		t.Fatalf("probe without budget: %v (retry after %s), want exhausted for 5s", err, RetryAfterOf(err))
 	}
-	clock.Add(10 * time.Second)
+	// The budget has room 5 s later, before a probe still held would let
+	// the breaker try again (a Cooldown after it was let through).
+	clock.Add(5 * time.Second)
 	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || br.BreakerState("bank#1") != BreakerClosed || src.calls() != 2 {
 		t.Fatalf("probe with budget: %v, breaker %v, %d calls; want a token and the breaker closed", err, br.BreakerState("bank#1"), src.calls())
 	}
