@@ -810,6 +810,58 @@ func TestFetchLeavesQueueWhenCallersGone(t *testing.T) {
 	}
 }
 
+// TestLookupJoinsAbandonedFetch: a lookup that joins a fetch after every
+// lookup waiting for it has gone (so the fetch has given up its wait for
+// budget) is not answered with that fetch's cancellation: it asks again
+// and is served by a fetch of its own.
+func TestLookupJoinsAbandonedFetch(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: time.Hour}
+	asleep, release := make(chan struct{}, 2), make(chan struct{})
+	sleep := func(ctx context.Context, d time.Duration) error {
+		asleep <- struct{}{}
+		<-release // the wait ends when the test says, as its fetch then stands
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		clock.Add(d)
+		return nil
+	}
+	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	gone := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(ctx, bs[1])
+		gone <- err
+	}()
+	<-asleep
+	cancel()
+	if err := <-gone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("%v, want the caller's cancellation", err)
+	}
+	served := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(context.Background(), bs[1])
+		served <- err
+	}()
+	waitUntil(t, func() bool {
+		br.mu.Lock()
+		defer br.mu.Unlock()
+		return br.waiting[bs[1].key] == 1 // the second lookup waits for the abandoned fetch
+	})
+	close(release)
+	if err := <-served; err != nil || src.calls() != 2 {
+		t.Fatalf("the lookup that joined the abandoned fetch: %v after %d calls, want a token", err, src.calls())
+	}
+}
+
 // TestCallBoundLongerThanFetch: a source whose call bound is longer than
 // the fetch's timeout leaves no time to queue: a caller is served when the
 // budget has room at once, and otherwise refused at once with a positive
