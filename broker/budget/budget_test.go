@@ -464,6 +464,24 @@ func TestPlanSpreads(t *testing.T) {
 	}
 }
 
+// TestPlanForgetsPassedSlots: the calendar drops the slots that have
+// passed, so that a budget planning refreshes for good keeps about a
+// minute of slots, not every slot it ever planned in.
+func TestPlanForgetsPassedSlots(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now) // slots of 2 s
+	for range 1000 {
+		b.Plan(c.Now(), c.Now().Add(time.Second))
+		c.Add(time.Second)
+	}
+	b.mu.Lock()
+	kept := len(b.cal.planned)
+	b.mu.Unlock()
+	if kept > 64 {
+		t.Errorf("the calendar keeps %d slots after 500 have passed, want at most a minute of slots and the one ahead", kept)
+	}
+}
+
 // waitFor polls cond (goroutines reaching a channel), failing after 10s.
 func waitFor(t *testing.T, cond func() bool) {
 	t.Helper()
