@@ -268,6 +268,24 @@ func TestStoreFailureFallsBack(t *testing.T) {
 	}
 }
 
+// TestFallbackLowered: while the store fails, a provider's lowering
+// applies to the in-process bucket too when it is below the fallback
+// limit.
+func TestFallbackLowered(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(10, 10, time.Second), failingStore{}, c.Now)
+	b.Observe(http.Header{"X-Ratelimit-Remaining": {"1"}, "X-Ratelimit-Reset": {"10"}}, c.Now()) // 1 per 10 s
+	served := 0
+	for range 10 {
+		if b.Take(context.Background(), Foreground, c.Now()) == nil {
+			served++
+		}
+	}
+	if served != 1 {
+		t.Errorf("served %d on the fallback, want the lowered limit's 1", served)
+	}
+}
+
 // TestObserve: providers' rate-limit headers lower the budget until they
 // pass; malformed or absurd values change nothing or are capped.
 func TestObserve(t *testing.T) {
