@@ -334,26 +334,36 @@ func TestMintsPerKeyPerLifetime(t *testing.T) {
 	}
 }
 
+// atPlannedRefresh caches a token (life 100 s) of a binding of provider
+// "bank", whose budget allows one request per period, on a broker
+// observed by a planLog, and moves the clock to the token's planned
+// refresh.
+func atPlannedRefresh(t *testing.T, period time.Duration) (*fakeClock, *callLog, *planLog, *Broker, *Profile, *Binding, *Entry) {
+	t.Helper()
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: 100 * time.Second}
+	obs := newPlanLog()
+	br := New(Options{Now: clock.Now, Observer: obs})
+	t.Cleanup(br.Close)
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: period}, budget.NewLocal(clock.Now), clock.Now)
+	b := NewBindingFor(p, "acme", "org")
+	e, _, err := br.Get(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(e.RefreshAt().Sub(clock.Now()))
+	return clock, src, obs, br, p, b, e
+}
+
 // TestRefreshBehind: a refresh-ahead the budget cannot serve before the
 // token's end is deferred (tried again at a later lookup, not after the
 // failure backoff), told once to the PlanObserver before any caller could
 // see an expired token, and callers never get one: past Leeway they wait
 // for a token like a cold key.
 func TestRefreshBehind(t *testing.T) {
-	clock := newFakeClock()
-	src := &callLog{clock: clock, life: 100 * time.Second}
-	obs := newPlanLog()
-	br := New(Options{Now: clock.Now, Observer: obs})
-	defer br.Close()
-	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Minute}, budget.NewLocal(clock.Now), clock.Now)
-	b := NewBindingFor(p, "acme", "org")
-	e, _, err := br.Get(context.Background(), b)
-	if err != nil {
-		t.Fatal(err)
-	}
+	clock, src, obs, br, p, b, e := atPlannedRefresh(t, 10*time.Minute)
 	expiry := e.Token().Expiry
-	clock.Add(e.RefreshAt().Sub(clock.Now()))
 	refused, tries := p.Budget.State().Exhausted, uint64(0)
 	for ; clock.Now().Add(br.opts.Leeway).Before(expiry); clock.Add(2 * time.Second) { // longer than the defer (at most 1.5 s)
 		got, _, err := br.Get(context.Background(), b)
@@ -606,7 +616,8 @@ func TestRateLimitedHoldsBudget(t *testing.T) {
 
 // TestProbeDoesNotQueue: the half-open breaker's probe is not held in the
 // budget's queue: without room at once it is refused by the budget and the
-// probe released undecided; once the budget has room, the probe goes.
+// probe released undecided, so that once the budget has room the next
+// probe goes at once, not a Cooldown after the refused one.
 func TestProbeDoesNotQueue(t *testing.T) {
 	clock := newFakeClock()
 	down := &APIError{Provider: "bank", StatusCode: 503}
@@ -619,16 +630,18 @@ func TestProbeDoesNotQueue(t *testing.T) {
 	br := New(Options{Sleep: never, Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: 10 * time.Second, FailureTTL: -1, BudgetWait: time.Minute})
 	defer br.Close()
 	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 20 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 15 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
 	bs := bindings(p, 2)
 	if _, _, err := br.Get(context.Background(), bs[0]); !errors.Is(err, down) || br.BreakerState("bank#1") != BreakerOpen {
 		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.BreakerState("bank#1"))
 	}
 	clock.Add(10 * time.Second)
-	if _, _, err := br.Get(context.Background(), bs[1]); !errors.Is(err, budget.ErrExhausted) || RetryAfterOf(err) != 10*time.Second {
-		t.Fatalf("probe without budget: %v (retry after %s), want exhausted for 10s", err, RetryAfterOf(err))
+	if _, _, err := br.Get(context.Background(), bs[1]); !errors.Is(err, budget.ErrExhausted) || RetryAfterOf(err) != 5*time.Second {
+		t.Fatalf("probe without budget: %v (retry after %s), want exhausted for 5s", err, RetryAfterOf(err))
 	}
-	clock.Add(10 * time.Second)
+	// The budget has room 5 s later, before a probe still held would let
+	// the breaker try again (a Cooldown after it was let through).
+	clock.Add(5 * time.Second)
 	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || br.BreakerState("bank#1") != BreakerClosed || src.calls() != 2 {
 		t.Fatalf("probe with budget: %v, breaker %v, %d calls; want a token and the breaker closed", err, br.BreakerState("bank#1"), src.calls())
 	}
@@ -685,19 +698,7 @@ func TestBreakerOpenedDuringBudgetWait(t *testing.T) {
 // before the token's end is not reported; when no lookup comes until the
 // token is past expiry less Leeway, the first lookup then reports it, once.
 func TestRefreshBehindSparseLookups(t *testing.T) {
-	clock := newFakeClock()
-	src := &callLog{clock: clock, life: 100 * time.Second}
-	obs := newPlanLog()
-	br := New(Options{Now: clock.Now, Observer: obs})
-	defer br.Close()
-	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 500 * time.Millisecond}, budget.NewLocal(clock.Now), clock.Now)
-	b := NewBindingFor(p, "acme", "org")
-	e, _, err := br.Get(context.Background(), b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	clock.Add(e.RefreshAt().Sub(clock.Now()))
+	clock, src, obs, br, p, b, e := atPlannedRefresh(t, 500*time.Millisecond)
 	if err := p.Budget.Take(context.Background(), budget.Foreground, time.Time{}); err != nil {
 		t.Fatal(err) // another key's caller spends the budget
 	}
@@ -806,6 +807,58 @@ func TestFetchLeavesQueueWhenCallersGone(t *testing.T) {
 	clock.Add(10 * time.Second)
 	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || src.calls() != 2 {
 		t.Fatalf("a later lookup: %v after %d calls, want a token", err, src.calls())
+	}
+}
+
+// TestLookupJoinsAbandonedFetch: a lookup that joins a fetch after every
+// lookup waiting for it has gone (so the fetch has given up its wait for
+// budget) is not answered with that fetch's cancellation: it asks again
+// and is served by a fetch of its own.
+func TestLookupJoinsAbandonedFetch(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: time.Hour}
+	asleep, release := make(chan struct{}, 2), make(chan struct{})
+	sleep := func(ctx context.Context, d time.Duration) error {
+		asleep <- struct{}{}
+		<-release // the wait ends when the test says, as its fetch then stands
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		clock.Add(d)
+		return nil
+	}
+	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	gone := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(ctx, bs[1])
+		gone <- err
+	}()
+	<-asleep
+	cancel()
+	if err := <-gone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("%v, want the caller's cancellation", err)
+	}
+	served := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(context.Background(), bs[1])
+		served <- err
+	}()
+	waitUntil(t, func() bool {
+		br.mu.Lock()
+		defer br.mu.Unlock()
+		return br.waiting[bs[1].key] == 1 // the second lookup waits for the abandoned fetch
+	})
+	close(release)
+	if err := <-served; err != nil || src.calls() != 2 {
+		t.Fatalf("the lookup that joined the abandoned fetch: %v after %d calls, want a token", err, src.calls())
 	}
 }
 

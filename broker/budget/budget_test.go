@@ -6,46 +6,34 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
 
-// clock is a fake clock that moves only when told to.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
+// newClock returns a clock that tests move, at a fixed start.
+func newClock() *clocktest.Clock {
+	return clocktest.New(time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC))
 }
 
-func newClock() *clock { return &clock{t: time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)} }
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
-// advance is a sleep that moves the clock by d at once.
-func (c *clock) advance(_ context.Context, d time.Duration) error {
-	c.Add(d)
-	return nil
+// advance is a sleep that moves c by d at once.
+func advance(c *clocktest.Clock) func(context.Context, time.Duration) error {
+	return func(_ context.Context, d time.Duration) error {
+		c.Add(d)
+		return nil
+	}
 }
 
 // gatedSleep is a sleep that reports each wait on asleep and returns once
 // released, having moved the clock by the wait.
 type gatedSleep struct {
-	c       *clock
+	c       *clocktest.Clock
 	asleep  chan time.Duration
 	release chan struct{}
 }
 
-func newGatedSleep(c *clock) *gatedSleep {
+func newGatedSleep(c *clocktest.Clock) *gatedSleep {
 	return &gatedSleep{c: c, asleep: make(chan time.Duration, 16), release: make(chan struct{})}
 }
 
@@ -142,7 +130,7 @@ func TestLocalStoreRate(t *testing.T) {
 // counts them.
 func TestForegroundRateAndBurst(t *testing.T) {
 	c := newClock()
-	b := New("bank", limit(5, 2, time.Second), NewLocal(c.Now), c.Now, WithSleep(c.advance))
+	b := New("bank", limit(5, 2, time.Second), NewLocal(c.Now), c.Now, WithSleep(advance(c)))
 	start := c.Now()
 	var at []time.Duration
 	for range 12 {
@@ -234,7 +222,7 @@ func TestPriorities(t *testing.T) {
 // turn.
 func TestHeadRefusedPastDeadline(t *testing.T) {
 	c := newClock()
-	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now, WithSleep(c.advance))
+	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now, WithSleep(advance(c)))
 	ctx := context.Background()
 	if err := b.Take(ctx, Foreground, time.Time{}); err != nil {
 		t.Fatal(err)
@@ -277,6 +265,24 @@ func TestStoreFailureFallsBack(t *testing.T) {
 	}
 	if served != 2 {
 		t.Errorf("served %d on the fallback, want its burst of 2", served)
+	}
+}
+
+// TestFallbackLowered: while the store fails, a provider's lowering
+// applies to the in-process bucket too when it is below the fallback
+// limit.
+func TestFallbackLowered(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(10, 10, time.Second), failingStore{}, c.Now)
+	b.Observe(http.Header{"X-Ratelimit-Remaining": {"1"}, "X-Ratelimit-Reset": {"10"}}, c.Now()) // 1 per 10 s
+	served := 0
+	for range 10 {
+		if b.Take(context.Background(), Foreground, c.Now()) == nil {
+			served++
+		}
+	}
+	if served != 1 {
+		t.Errorf("served %d on the fallback, want the lowered limit's 1", served)
 	}
 }
 
@@ -368,7 +374,7 @@ func TestObserveLocalShare(t *testing.T) {
 // an answer that restricts nothing ends it.
 func TestObserveGovernsTake(t *testing.T) {
 	c := newClock()
-	b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now, WithSleep(c.advance))
+	b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now, WithSleep(advance(c)))
 	ctx := context.Background()
 	b.Observe(http.Header{"X-Ratelimit-Remaining": {"2"}, "X-Ratelimit-Reset": {"10"}}, c.Now())
 	start := c.Now()
@@ -476,6 +482,24 @@ func TestPlanSpreads(t *testing.T) {
 	}
 }
 
+// TestPlanForgetsPassedSlots: the calendar drops the slots that have
+// passed, so that a budget planning refreshes for good keeps about a
+// minute of slots, not every slot it ever planned in.
+func TestPlanForgetsPassedSlots(t *testing.T) {
+	c := newClock()
+	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now) // slots of 2 s
+	for range 1000 {
+		b.Plan(c.Now(), c.Now().Add(time.Second))
+		c.Add(time.Second)
+	}
+	b.mu.Lock()
+	kept := len(b.cal.planned)
+	b.mu.Unlock()
+	if kept > 64 {
+		t.Errorf("the calendar keeps %d slots after 500 have passed, want at most a minute of slots and the one ahead", kept)
+	}
+}
+
 // waitFor polls cond (goroutines reaching a channel), failing after 10s.
 func waitFor(t *testing.T, cond func() bool) {
 	t.Helper()
@@ -549,7 +573,7 @@ func TestExhaustedErrorText(t *testing.T) {
 // TestTakeWaited: TakeWaited reports whether the request waited its turn.
 func TestTakeWaited(t *testing.T) {
 	c := newClock()
-	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now, WithSleep(c.advance))
+	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now, WithSleep(advance(c)))
 	for i, want := range []bool{false, true} {
 		if waited, err := b.TakeWaited(context.Background(), Foreground, time.Time{}, nil); err != nil || waited != want {
 			t.Errorf("request %d: waited %t, %v; want waited %t", i+1, waited, err, want)
@@ -570,7 +594,7 @@ func (denyingStore) AllowN(context.Context, string, Limit, int) (Result, error) 
 // zero would send no Retry-After at all.
 func TestRefusalSaysWhen(t *testing.T) {
 	c := newClock()
-	b := New("bank", limit(1, 1, time.Second), denyingStore{}, c.Now, WithSleep(c.advance))
+	b := New("bank", limit(1, 1, time.Second), denyingStore{}, c.Now, WithSleep(advance(c)))
 	var ee *ExhaustedError
 	if err := b.Take(context.Background(), Foreground, c.Now().Add(-time.Second)); !errors.As(err, &ee) || ee.RetryAfter <= 0 {
 		t.Fatalf("got %v, want exhausted with a positive retry after", err)

@@ -54,15 +54,11 @@ func (b *Budget) Observe(h http.Header, now time.Time) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.loweredUntil = time.Time{}
-	best, found := quota{}, false
-	for _, q := range qs {
-		if found && float64(q.remaining)/q.reset.Seconds() >= float64(best.remaining)/best.reset.Seconds() {
-			continue
+	best := qs[0]
+	for _, q := range qs[1:] {
+		if float64(q.remaining)/q.reset.Seconds() < float64(best.remaining)/best.reset.Seconds() {
+			best = q
 		}
-		best, found = q, true
-	}
-	if !found {
-		return
 	}
 	until := now.Add(min(best.reset, MaxHold))
 	// Spread evenly: a burst on top would spend twice what is left. What
