@@ -23,7 +23,7 @@ import (
 // the fallback bucket, answered at once once the breaker is open.
 func TestBudgetPausedRedis(t *testing.T) {
 	srv := redistest.Start(t)
-	const timeout, maxTimeout = 20 * time.Millisecond, 400 * time.Millisecond
+	const timeout, maxTimeout = 20 * time.Millisecond, time.Second
 	uo := &redis.UniversalOptions{Addrs: []string{srv.Addr()}}
 	fleet.ClientOptions(uo, timeout, maxTimeout)
 	client := redis.NewUniversalClient(uo)
@@ -61,7 +61,7 @@ func TestBudgetPausedRedis(t *testing.T) {
 
 	// Long enough for the breaker to open (a slow span and three
 	// timeouts) even on busy CPUs.
-	if got := srv.CLI("CLIENT", "PAUSE", "6000", "ALL"); got != "OK\n" {
+	if got := srv.CLI("CLIENT", "PAUSE", "12000", "ALL"); got != "OK\n" {
 		t.Fatalf("CLIENT PAUSE: %q", got)
 	}
 	allowed := 0
