@@ -30,7 +30,7 @@ type transport struct {
 // nonce.
 func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	origin := Origin(req.URL)
-	proof, err := t.key.ProofURL(req.Method, req.URL, "", t.key.Nonce(origin), time.Now())
+	proof, err := t.key.Proof(req.Method, HTU(req.URL), "", t.key.Nonce(origin), time.Now())
 	if err != nil {
 		if req.Body != nil {
 			req.Body.Close()
