@@ -3,7 +3,6 @@ package opstate
 import (
 	"context"
 	"errors"
-	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -57,7 +56,6 @@ type Tracker struct {
 	merchants map[string]*merchantRecord
 	providers map[string]*providerRecord
 	fleet     fleetRecord
-	seq       uint64 // counts the changes of sources' states (SourceBackingOff, BreakerChanged)
 }
 
 // maxKeyFailures bounds the cache keys of a merchant whose failures a
@@ -135,9 +133,12 @@ type providerRecord struct {
 	// lastFailAt is the time of the last failure of the provider's (not
 	// a refusal of one merchant's).
 	lastFailAt time.Time
-	backingOff map[string]uint64 // source IDs backing off -> the change (Tracker.seq) that said so
-	open       map[string]uint64 // source IDs whose breaker is not closed -> the change that said so
-	// failing: a source is backing off or its breaker is not closed.
+	// sources are the IDs of the provider's sources whose health says
+	// whether it fails: those its registries name (Reconcile) and those
+	// told of since (SourceChanged).
+	sources []string
+	// failing: at the last read of the broker, a source was backing off
+	// or its breaker was not closed.
 	failing bool
 	// announce: failing started, and EventProviderFailing waits for the
 	// failure that caused it (the broker tells a backoff or a breaker
@@ -193,7 +194,7 @@ func (t *Tracker) send(evs []event) {
 func (t *Tracker) provider(name string) *providerRecord {
 	p := t.providers[name]
 	if p == nil {
-		p = &providerRecord{backingOff: map[string]uint64{}, open: map[string]uint64{}}
+		p = &providerRecord{}
 		t.providers[strings.Clone(name)] = p
 	}
 	return p
@@ -338,44 +339,38 @@ func (t *Tracker) Forget(merchant string) {
 	delete(t.merchants, merchant)
 }
 
-// SourceBackingOff notes that a source of a provider starts (on) or
-// ends a backoff. It implements telemetry.Tap.
-func (t *Tracker) SourceBackingOff(provider, sourceID string, on bool) {
-	t.changeProvider(provider, func(p *providerRecord) {
-		t.seq++
-		if on {
-			p.backingOff[sourceID] = t.seq
-		} else {
-			delete(p.backingOff, sourceID)
-		}
-	})
-}
-
-// BreakerChanged notes a change of the breaker of a source of a provider.
-// It implements telemetry.Tap.
-func (t *Tracker) BreakerChanged(provider, sourceID string, state broker.BreakerState) {
-	t.changeProvider(provider, func(p *providerRecord) {
-		t.seq++
-		if state == broker.BreakerClosed {
-			delete(p.open, sourceID)
-		} else {
-			p.open[sourceID] = t.seq
-		}
-	})
-}
-
-// changeProvider applies change to a provider's record and, when whether
-// it fails (a breaker not closed, a source backing off) changed, emits
-// EventProviderRecovered, or EventProviderFailing with the next failure
-// (Fetched), which the broker tells after the change it caused.
-func (t *Tracker) changeProvider(provider string, change func(p *providerRecord)) {
+// SourceChanged notes that a source of a provider started or ended a
+// backoff, or that its breaker changed state, and reads from br (nil:
+// nothing to read) whether the provider fails now (see setFailing). It
+// implements telemetry.Tap.
+func (t *Tracker) SourceChanged(br *broker.Broker, provider, sourceID string) {
+	if br == nil {
+		return
+	}
 	var evs []event
 	defer func() { t.send(evs) }()
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	p := t.provider(provider)
-	change(p)
-	failing := len(p.backingOff) > 0 || len(p.open) > 0
+	if !slices.Contains(p.sources, sourceID) {
+		p.sources = append(p.sources, sourceID)
+	}
+	evs = p.setFailing(provider, br.SourcesHealth(p.sources...))
+}
+
+// setFailing sets whether p fails from the health of its sources (one
+// backing off, or its breaker not closed) and returns the event of the
+// change: EventProviderRecovered, or none when it starts failing, as
+// EventProviderFailing waits for the failure that caused it (Fetched),
+// which the broker tells after the change. Called with the tracker's
+// lock held.
+func (p *providerRecord) setFailing(provider string, health map[string]broker.SourceHealth) []event {
+	failing := false
+	for _, id := range p.sources {
+		h := health[id]
+		failing = failing || h.Breaker != broker.BreakerClosed || !h.BackoffUntil.IsZero()
+	}
+	var evs []event
 	switch {
 	case failing && !p.failing:
 		p.announce = true
@@ -385,57 +380,20 @@ func (t *Tracker) changeProvider(provider string, change func(p *providerRecord)
 		evs = append(evs, event{EventProviderRecovered, map[string]any{"provider": provider}})
 	}
 	p.failing = failing
+	return evs
 }
 
-// mark returns the number of the tracker's last change of a source's
-// state: reconcile keeps what changed after it.
-func (t *Tracker) mark() uint64 {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.seq
-}
-
-// reconcile makes what the tracker knows of a provider's sources agree
-// with the broker, read after mark: only the sources of current are the
-// provider's now (the others are older configurations, whose state the
-// broker dropped without telling), each with its breaker open (not
-// closed) or not and backing off or not. A change told after mark is kept: it
-// is newer than what was read. The broker drops a source's state without
-// telling when it forgets it (a rotated secret) or a configuration
-// replaces it. It emits EventProviderRecovered if the provider so stops
-// failing.
-func (t *Tracker) reconcile(provider string, current map[string]broker.SourceHealth, mark uint64) {
-	// stale reports whether the state told of source id (by change
-	// number told) is out of date: the source is gone, or the broker,
-	// read after that change, disagrees (now).
-	stale := func(id string, told uint64, now func(broker.SourceHealth) bool) bool {
-		h, ok := current[id]
-		return !ok || (!now(h) && told <= mark)
-	}
-	open := func(h broker.SourceHealth) bool { return h.Breaker != broker.BreakerClosed }
-	backingOff := func(h broker.SourceHealth) bool { return !h.BackoffUntil.IsZero() }
-	t.mu.Lock()
-	known := t.providers[provider] != nil
-	t.mu.Unlock()
-	if !known {
-		return // nothing told of it: nothing to reconcile
-	}
-	t.changeProvider(provider, func(p *providerRecord) {
-		maps.DeleteFunc(p.open, func(id string, told uint64) bool { return stale(id, told, open) })
-		maps.DeleteFunc(p.backingOff, func(id string, told uint64) bool { return stale(id, told, backingOff) })
-	})
-}
-
-// Reconcile makes what s's tracker knows of the sources of the providers
-// of s's registries (Registry and Others) agree with s's broker (see
-// Tracker.reconcile), and emits EventProviderRecovered for a provider
-// that so stops failing: a provider's sources are those that any of the
-// registries names for it. Call it when registries are loaded and
-// periodically (the Collector does, when it counts again): reading the
-// state (Build) does not, so that a read has no side effect.
+// Reconcile sets the sources of each provider of s's registries
+// (Registry and Others) that s's tracker was told of to those the
+// registries name for it, and reads from s's broker whether the provider
+// fails now: EventProviderRecovered is emitted for a provider that so
+// stops failing. The broker drops a source's state without telling when
+// it forgets it (a rotated secret), and a configuration that replaces
+// another leaves the old one's sources behind. Call it when registries
+// are loaded and periodically (the Collector does, when it counts
+// again): reading the state (Build) does not, so that a read has no side
+// effect.
 func Reconcile(s Sources) {
-	t := s.Tracker
-	mark := t.mark()
 	var ids []string
 	sources := map[string][]string{} // provider name -> its source IDs
 	for _, reg := range s.registries() {
@@ -444,13 +402,17 @@ func Reconcile(s Sources) {
 			sources[name] = append(sources[name], p.ID)
 		}
 	}
+	t := s.Tracker
+	var evs []event
+	defer func() { t.send(evs) }()
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	health := s.Broker.SourcesHealth(ids...)
 	for name, of := range sources {
-		current := make(map[string]broker.SourceHealth, len(of))
-		for _, id := range of {
-			current[id] = health[id]
+		if p := t.providers[name]; p != nil { // nothing told of another: nothing to reconcile
+			p.sources = of
+			evs = append(evs, p.setFailing(name, health)...)
 		}
-		t.reconcile(name, current, mark)
 	}
 }
 

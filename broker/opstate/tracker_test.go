@@ -15,7 +15,10 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
+	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
+	"go.uber.org/zap"
 )
 
 // Errors as the sources return them.
@@ -114,13 +117,6 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 	fetched := func(provider, merchant string, err error) func(*Tracker) {
 		return func(tr *Tracker) { tr.Fetched(provider, bind(merchant), err) }
 	}
-	closed := func(ids ...string) map[string]broker.SourceHealth {
-		out := map[string]broker.SourceHealth{}
-		for _, id := range ids {
-			out[id] = broker.SourceHealth{Breaker: broker.BreakerClosed}
-		}
-		return out
-	}
 	repeat := func(n int, f func(*Tracker)) func(*Tracker) {
 		return func(tr *Tracker) {
 			for range n {
@@ -156,46 +152,6 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 			{"lost again", fetched("bank", "acme", errConsent), []string{"merchant_consent_needed merchant=acme provider=bank error=consent_required state=needs_consent"}},
 			{"granted elsewhere: a success", fetched("bank", "acme", nil), []string{"merchant_consent_granted merchant=acme provider=bank"}},
 			{"a success again", fetched("bank", "acme", nil), nil},
-		}},
-		{"provider", []step{
-			{"a failure", fetched("nuapay", "acme", errDown), nil},
-			{"breaker opens: told with the call that opened it", func(tr *Tracker) { tr.BreakerChanged("nuapay", "nuapay#1", broker.BreakerOpen) }, nil},
-			{"the call that opened it", fetched("nuapay", "acme", errDown), []string{"provider_failing provider=nuapay error=token_unavailable"}},
-			{"half-open: still failing", func(tr *Tracker) { tr.BreakerChanged("nuapay", "nuapay#1", broker.BreakerHalfOpen) }, nil},
-			{"the probe fails", fetched("nuapay", "acme", errDown), nil},
-			{"backoff starts meanwhile", func(tr *Tracker) { tr.SourceBackingOff("nuapay", "nuapay#1", true) }, nil},
-			{"breaker closes, backoff on", func(tr *Tracker) { tr.BreakerChanged("nuapay", "nuapay#1", broker.BreakerClosed) }, nil},
-			{"backoff ends", func(tr *Tracker) { tr.SourceBackingOff("nuapay", "nuapay#1", false) }, []string{"provider_recovered provider=nuapay"}},
-			{"backoff ends twice", func(tr *Tracker) { tr.SourceBackingOff("nuapay", "nuapay#1", false) }, nil},
-			{"a throttle", func(tr *Tracker) {
-				tr.SourceBackingOff("nuapay", "nuapay#1", true)
-				tr.Fetched("nuapay", bind("acme"), errThrottle)
-			}, []string{"provider_failing provider=nuapay error=token_rate_limited"}},
-			{"an old configuration forgotten", func(tr *Tracker) { tr.reconcile("nuapay", closed("nuapay#2"), tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
-			{"breaker opens", func(tr *Tracker) {
-				tr.BreakerChanged("nuapay", "nuapay#2", broker.BreakerOpen)
-				tr.Fetched("nuapay", bind("acme"), errDown)
-			}, []string{"provider_failing provider=nuapay error=token_unavailable"}},
-			{"the broker, read before, says closed: newer, kept", func(tr *Tracker) {
-				mark := tr.mark()
-				tr.BreakerChanged("nuapay", "nuapay#2", broker.BreakerHalfOpen)
-				tr.reconcile("nuapay", closed("nuapay#2"), mark)
-			}, nil},
-			{"the broker forgot the breaker (a rotated secret)", func(tr *Tracker) { tr.reconcile("nuapay", closed("nuapay#2"), tr.mark()) }, []string{"provider_recovered provider=nuapay"}},
-			{"held and released before its failure was told", func(tr *Tracker) {
-				tr.SourceBackingOff("nuapay", "nuapay#2", true)
-				tr.SourceBackingOff("nuapay", "nuapay#2", false)
-			}, nil},
-			{"a failure after that", fetched("nuapay", "acme", errDown), nil},
-		}},
-		{"a provider name in two registries", []step{
-			{"the handler's registry's source throttled", func(tr *Tracker) {
-				tr.SourceBackingOff("nuapay", "handler#1", true)
-				tr.Fetched("nuapay", bind("acme"), errThrottle)
-			}, []string{"provider_failing provider=nuapay error=token_rate_limited"}},
-			{"reconciled with both registries: still held", func(tr *Tracker) {
-				tr.reconcile("nuapay", map[string]broker.SourceHealth{"app#1": {}, "handler#1": {BackoffUntil: time.Unix(1_800_000_000, 0)}}, tr.mark())
-			}, nil},
 		}},
 		{"fleet", []step{
 			{"configured, up", func(tr *Tracker) { tr.SetFleet(true, true) }, nil},
@@ -360,14 +316,100 @@ func TestTrackerFailuresByKey(t *testing.T) {
 	}
 }
 
+// providerFixture is a tracker fed by the observer of a binding of
+// provider nuapay (source nuapay#1) whose token API answers err, on a
+// broker whose breaker opens after 2 failures.
+type providerFixture struct {
+	clk    *clocktest.Clock
+	br     *broker.Broker
+	tr     *Tracker
+	b      *broker.Binding
+	err    error
+	events emitted
+}
+
+func newProviderFixture(t *testing.T) *providerFixture {
+	f := &providerFixture{clk: clocktest.New(time.Unix(1_700_000_000, 0))}
+	f.br = broker.New(broker.Options{Now: f.clk.Now, MaxAttempts: 1, BreakerThreshold: 2, FailureTTL: time.Millisecond,
+		Sleep: func(context.Context, time.Duration) error { return nil }})
+	t.Cleanup(f.br.Close)
+	f.tr = NewTracker(TrackerOptions{Now: f.clk.Now, Emit: f.events.emit})
+	src := sourceFunc(func(context.Context, broker.Request) (broker.Token, error) {
+		if f.err != nil {
+			return broker.Token{}, f.err
+		}
+		return broker.Token{Value: "secret-token", IssuedAt: f.clk.Now(), Expiry: f.clk.Now().Add(time.Hour)}, nil
+	})
+	f.b = brokertest.NewBinding("nuapay#1", src, broker.Request{Merchant: "acme", Organisation: "acme"})
+	f.b.Observer = telemetry.NewRecorder(nil, f.tr, zap.NewNop(), nil, nil, f.br).Observer()
+	return f
+}
+
+// get asks for the binding's token after dropping the cached one.
+func (f *providerFixture) get() {
+	f.br.Drop(f.b)
+	_, _, _ = f.br.Get(context.Background(), f.b)
+}
+
+// TestTrackerProviderEvents: a provider fails while a source of its
+// backs off or has a breaker not closed, as the broker says: it is
+// announced once, with the failure that caused it, and its recovery
+// once, also when the broker drops the source's state without telling
+// (Reconcile).
+func TestTrackerProviderEvents(t *testing.T) {
+	f := newProviderFixture(t)
+	reg := &config.Registry{Providers: map[string]*config.Provider{"nuapay": {Name: "nuapay", ID: "nuapay#1"}}}
+	throttle := &broker.APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: 30 * time.Second}
+	for _, s := range []struct {
+		name string
+		do   func()
+		want []string
+	}{
+		{"a failure", func() { f.err = errDown; f.get() }, nil},
+		{"the failure that opens the breaker", f.get, []string{"provider_failing provider=nuapay error=token_unavailable"}},
+		{"half-open, the probe fails: still failing", func() { f.clk.Add(broker.DefaultBreakerCooldown); f.get() }, nil},
+		{"the probe succeeds", func() { f.clk.Add(broker.DefaultBreakerCooldown); f.err = nil; f.get() }, []string{"provider_recovered provider=nuapay"}},
+		{"a success again", f.get, nil},
+		{"a throttle", func() { f.err = throttle; f.get() }, []string{"provider_failing provider=nuapay error=token_rate_limited"}},
+		{"a success after its backoff", func() { f.clk.Add(31 * time.Second); f.err = nil; f.get() }, []string{"provider_recovered provider=nuapay"}},
+		{"the breaker opens again", func() { f.err = errDown; f.get(); f.clk.Add(time.Second); f.get() }, []string{"provider_failing provider=nuapay error=token_unavailable"}},
+		{"the broker forgot the source (a rotated secret)", func() {
+			f.br.ForgetSource("nuapay#1")
+			Reconcile(Sources{Registry: reg, Broker: f.br, Tracker: f.tr})
+		}, []string{"provider_recovered provider=nuapay"}},
+		{"held and released before its failure was told", func() {
+			unobserved := brokertest.NewBinding("nuapay#1", f.b.Source, broker.Request{Merchant: "acme", Organisation: "acme"})
+			f.err = throttle
+			_, _, _ = f.br.Get(context.Background(), unobserved)
+			f.tr.SourceChanged(f.br, "nuapay", "nuapay#1")
+			f.br.ForgetSource("nuapay#1")
+			f.tr.SourceChanged(f.br, "nuapay", "nuapay#1")
+		}, nil},
+		{"a failure after that", func() { f.err = errDown; f.get() }, nil},
+	} {
+		f.do(t, s.name, s.do, s.want)
+	}
+}
+
+// do runs a step and checks the events it emitted.
+func (f *providerFixture) do(t *testing.T, name string, step func(), want []string) {
+	t.Helper()
+	step()
+	if got := f.events.take(); !slices.Equal(got, want) {
+		t.Fatalf("%s: events %q, want %q", name, got, want)
+	}
+	f.clk.Add(time.Second)
+}
+
 // TestReconcileUnknownProvider: reconciling a provider nothing was told of
 // keeps no record of it.
 func TestReconcileUnknownProvider(t *testing.T) {
-	tr := NewTracker(TrackerOptions{Now: clocktest.New(time.Unix(1_700_000_000, 0)).Now})
-	tr.reconcile("idle", map[string]broker.SourceHealth{"idle#1": {}}, tr.mark())
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	if _, ok := tr.providers["idle"]; ok {
+	f := newProviderFixture(t)
+	reg := &config.Registry{Providers: map[string]*config.Provider{"idle": {Name: "idle", ID: "idle#1"}}}
+	Reconcile(Sources{Registry: reg, Broker: f.br, Tracker: f.tr})
+	f.tr.mu.Lock()
+	defer f.tr.mu.Unlock()
+	if _, ok := f.tr.providers["idle"]; ok {
 		t.Error("reconcile made a record for a provider nothing was told of")
 	}
 }

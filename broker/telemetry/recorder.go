@@ -22,12 +22,11 @@ type Tap interface {
 	// Fetched is told of a call to a provider's token API for a binding
 	// (its merchant and cache key) and how it ended (nil: a token).
 	Fetched(provider string, b *broker.Binding, err error)
-	// SourceBackingOff is told when a source's backoff starts and ends
-	// (broker.SourceObserver).
-	SourceBackingOff(provider, sourceID string, on bool)
-	// BreakerChanged is told when a source's breaker changes state
-	// (broker.BreakerObserver).
-	BreakerChanged(provider, sourceID string, state broker.BreakerState)
+	// SourceChanged is told when a source's backoff starts or ends
+	// (broker.SourceObserver) and when its breaker changes state
+	// (broker.BreakerObserver): br, the broker of the source (nil when
+	// the recorder has none), holds its state now.
+	SourceChanged(br *broker.Broker, provider, sourceID string)
 	// RefreshBehind is told when a binding's planned refresh cannot get
 	// budget before its token's end (broker.PlanObserver), once per token.
 	RefreshBehind(provider string, b *broker.Binding, expiry time.Time)
@@ -36,9 +35,10 @@ type Tap interface {
 // Recorder is what one handler counts and logs: the shared collectors
 // and the observers of its bindings. A nil Recorder records nothing.
 type Recorder struct {
-	metrics *Metrics    // nil: nothing is counted
-	tap     Tap         // nil: nobody else is told
-	logger  *zap.Logger // the token fetch and rejection logs
+	metrics *Metrics       // nil: nothing is counted
+	tap     Tap            // nil: nobody else is told
+	logger  *zap.Logger    // the token fetch and rejection logs
+	broker  *broker.Broker // the broker of the sources; nil: unknown
 
 	mu        sync.Mutex           // guards observers
 	observers map[string]*Observer // provider name -> the observer its bindings share, without the merchant label
@@ -48,16 +48,15 @@ type Recorder struct {
 // sources (their IDs, config.Provider.ID) and whose bindings are in table
 // (nil: none yet), and gives every binding of table its observer. With
 // m, the rarely changing series of the providers of both are exported
-// from now on; breaker (nil: closed) gives a source's breaker state. tap
-// (nil: none) is told of fetches, source backoffs and breaker changes
-// too.
-func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, sources []string, breaker func(sourceID string) broker.BreakerState) *Recorder {
-	r := &Recorder{metrics: m, tap: tap, logger: logger, observers: map[string]*Observer{}}
+// from now on, with br's breaker states (br nil: closed). tap (nil:
+// none) is told of fetches, source backoffs and breaker changes too.
+func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, sources []string, br *broker.Broker) *Recorder {
+	r := &Recorder{metrics: m, tap: tap, logger: logger, broker: br, observers: map[string]*Observer{}}
 	exported := map[string]bool{} // source IDs
 	export := func(sourceID string) {
 		if m != nil && !exported[sourceID] {
 			exported[sourceID] = true
-			r.exportZero(sourceID, breaker)
+			r.exportZero(sourceID)
 		}
 	}
 	for _, id := range sources {
@@ -83,11 +82,7 @@ func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 			sources = append(sources, p.ID)
 		}
 	}
-	var breaker func(sourceID string) broker.BreakerState
-	if br != nil {
-		breaker = br.BreakerState
-	}
-	return NewRecorder(m, tap, logger, table, sources, breaker)
+	return NewRecorder(m, tap, logger, table, sources, br)
 }
 
 // Observer returns the observer of a binding that no handler made (an
@@ -106,7 +101,7 @@ func (r *Recorder) Observer() broker.Observer {
 // unchanged for long (lookups and purges without the merchant label,
 // backoffs, breaker, refreshes), so that dashboards and alerts see 0
 // rather than nothing.
-func (r *Recorder) exportZero(sourceID string, breaker func(string) broker.BreakerState) {
+func (r *Recorder) exportZero(sourceID string) {
 	m, provider := r.metrics, providerOf(sourceID)
 	if !m.merchantLabel {
 		r.sharedObserver(provider)
@@ -117,8 +112,8 @@ func (r *Recorder) exportZero(sourceID string, breaker func(string) broker.Break
 	m.Refreshes.WithLabelValues(provider, OutcomeOK)
 	m.SourcesBackingOff.WithLabelValues(provider)
 	state := broker.BreakerClosed
-	if breaker != nil {
-		state = breaker(sourceID)
+	if r.broker != nil {
+		state = r.broker.BreakerState(sourceID)
 	}
 	m.Breaker.WithLabelValues(provider).Set(float64(state))
 }
@@ -318,7 +313,7 @@ func (o *Observer) BackingOff(b *broker.Binding, on bool) {
 // with Retry-After or a bad credential, and tells the tap.
 func (o *Observer) SourceBackingOff(sourceID string, on bool) {
 	if o.r.tap != nil {
-		o.r.tap.SourceBackingOff(providerOf(sourceID), sourceID, on)
+		o.r.tap.SourceChanged(o.r.broker, providerOf(sourceID), sourceID)
 	}
 	if o.r.metrics == nil {
 		return
@@ -335,7 +330,7 @@ func (o *Observer) SourceBackingOff(sourceID string, on bool) {
 // tells the tap.
 func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
 	if o.r.tap != nil {
-		o.r.tap.BreakerChanged(providerOf(sourceID), sourceID, state)
+		o.r.tap.SourceChanged(o.r.broker, providerOf(sourceID), sourceID)
 	}
 	if o.r.metrics != nil {
 		o.r.metrics.Breaker.WithLabelValues(providerOf(sourceID)).Set(float64(state))

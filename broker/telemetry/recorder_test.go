@@ -31,12 +31,8 @@ func (t *tap) Fetched(provider string, b *broker.Binding, err error) {
 	t.note(fmt.Sprintf("fetched %s %s failed=%v", provider, b.Merchant, err != nil))
 }
 
-func (t *tap) SourceBackingOff(provider, sourceID string, on bool) {
-	t.note(fmt.Sprintf("backoff %s %s %v", provider, sourceID, on))
-}
-
-func (t *tap) BreakerChanged(provider, sourceID string, state broker.BreakerState) {
-	t.note(fmt.Sprintf("breaker %s %s %s", provider, sourceID, state))
+func (t *tap) SourceChanged(_ *broker.Broker, provider, sourceID string) {
+	t.note(fmt.Sprintf("source %s %s", provider, sourceID))
 }
 
 // TestRecorderTap: the observers of a recorder, with metrics or without,
@@ -51,7 +47,7 @@ func TestRecorderTap(t *testing.T) {
 		o.Fetched(context.Background(), b, broker.Token{}, 0, true, &broker.APIError{Provider: "nuapay", StatusCode: 503})
 		o.(broker.SourceObserver).SourceBackingOff("nuapay#1a2b", true)
 		o.(broker.BreakerObserver).BreakerChanged("other#9", broker.BreakerOpen)
-		want := []string{"fetched nuapay acme failed=false", "fetched nuapay acme failed=true", "backoff nuapay nuapay#1a2b true", "breaker other other#9 open"}
+		want := []string{"fetched nuapay acme failed=false", "fetched nuapay acme failed=true", "source nuapay nuapay#1a2b", "source other other#9"}
 		if !slices.Equal(tp.told, want) {
 			t.Errorf("metrics %v: told %q, want %q", metrics != nil, tp.told, want)
 		}
