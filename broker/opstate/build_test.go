@@ -168,7 +168,7 @@ func newFixtureOf(tb testing.TB, toml string) *stateFixture {
 	tb.Cleanup(f.br.Close)
 	f.tracker = NewTracker(TrackerOptions{Now: f.clk.Now, Emit: f.events.emit})
 	f.table = bindings.ForRegistry(reg, nil, nil, f.clk.Now)
-	f.rec = telemetry.NewRecorder(nil, f.tracker, zap.NewNop(), f.table, nil, f.br)
+	f.rec = telemetry.ForRegistry(nil, f.tracker, zap.NewNop(), f.table, f.reg, f.br)
 	return f
 }
 
@@ -316,7 +316,7 @@ func TestBuildProviderStatus(t *testing.T) {
 	f.br = broker.New(broker.Options{Now: f.clk.Now, MaxAttempts: 1, BreakerThreshold: 2, FailureTTL: time.Millisecond,
 		Sleep: func(context.Context, time.Duration) error { return nil }})
 	t.Cleanup(f.br.Close)
-	f.rec = telemetry.NewRecorder(nil, f.tracker, zap.NewNop(), f.table, nil, f.br)
+	f.rec = telemetry.ForRegistry(nil, f.tracker, zap.NewNop(), f.table, f.reg, f.br)
 	f.tracker.SetFleet(true, true)
 	_ = f.get(t, "d-down")
 	f.clk.Add(time.Second)

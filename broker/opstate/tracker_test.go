@@ -341,7 +341,7 @@ func newProviderFixture(t *testing.T) *providerFixture {
 		return broker.Token{Value: "secret-token", IssuedAt: f.clk.Now(), Expiry: f.clk.Now().Add(time.Hour)}, nil
 	})
 	f.b = brokertest.NewBinding("nuapay#1", src, broker.Request{Merchant: "acme", Organisation: "acme"})
-	f.b.Observer = telemetry.NewRecorder(nil, f.tr, zap.NewNop(), nil, nil, f.br).Observer()
+	f.b.Observer = telemetry.ForRegistry(nil, f.tr, zap.NewNop(), nil, nil, f.br).Observer()
 	return f
 }
 

@@ -25,7 +25,7 @@ func (t *tap) RefreshBehind(provider string, b *broker.Binding, expiry time.Time
 func TestRecorderBudget(t *testing.T) {
 	m := NewMetrics(false)
 	var tp tap
-	r := NewRecorder(m, &tp, zap.NewNop(), nil, []string{"nuapay#1a2b"}, nil)
+	r := ForRegistry(m, &tp, zap.NewNop(), nil, registryOf("nuapay#1a2b"), nil)
 	o := &Observer{r: r}
 	l, err := budget.ParseRate("20/s")
 	if err != nil {
@@ -65,7 +65,7 @@ func TestRecorderBudget(t *testing.T) {
 	}
 	// Without metrics the observer still tells the tap.
 	var tp2 tap
-	o2 := &Observer{r: NewRecorder(nil, &tp2, zap.NewNop(), nil, nil, nil)}
+	o2 := &Observer{r: ForRegistry(nil, &tp2, zap.NewNop(), nil, nil, nil)}
 	o2.RefreshPlanned(withBudget, expiry)
 	o2.RefreshBehind(withBudget, expiry)
 	if len(tp2.told) != 1 {

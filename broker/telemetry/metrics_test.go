@@ -81,7 +81,7 @@ func TestMerchantLabel(t *testing.T) {
 // provider is exported as 0 from the start.
 func TestRefreshesCounted(t *testing.T) {
 	m := NewMetrics(false)
-	r := NewRecorder(m, nil, zap.NewNop(), nil, []string{"nuapay#1"}, nil)
+	r := ForRegistry(m, nil, zap.NewNop(), nil, registryOf("nuapay#1"), nil)
 	if n := testutil.CollectAndCount(m.Refreshes); n != 1 {
 		t.Fatalf("refreshes_total has %d series before any call, want 1 (ok, 0)", n)
 	}

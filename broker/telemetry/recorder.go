@@ -44,13 +44,13 @@ type Recorder struct {
 	observers map[string]*Observer // provider name -> the observer its bindings share, without the merchant label
 }
 
-// NewRecorder returns the recorder of a handler whose sources are
-// sources (their IDs, config.Provider.ID) and whose bindings are in table
-// (nil: none yet), and gives every binding of table its observer. With
-// m, the rarely changing series of the providers of both are exported
-// from now on, with br's breaker states (br nil: closed). tap (nil:
-// none) is told of fetches, source backoffs and breaker changes too.
-func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, sources []string, br *broker.Broker) *Recorder {
+// ForRegistry returns the recorder of a handler whose providers are
+// reg's (nil: none known) and whose bindings are in table (nil: none
+// yet), and gives every binding of table its observer. With m, the
+// rarely changing series of the providers of both are exported from now
+// on, with br's breaker states (br nil: closed). tap (nil: none) is told
+// of fetches, source backoffs and breaker changes too.
+func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, reg *config.Registry, br *broker.Broker) *Recorder {
 	r := &Recorder{metrics: m, tap: tap, logger: logger, broker: br, observers: map[string]*Observer{}}
 	exported := map[string]bool{} // source IDs
 	export := func(sourceID string) {
@@ -59,8 +59,10 @@ func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 			r.exportZero(sourceID)
 		}
 	}
-	for _, id := range sources {
-		export(id)
+	if reg != nil {
+		for _, p := range reg.Providers {
+			export(p.ID)
+		}
 	}
 	if table != nil {
 		table.Each(func(_ string, b *bindings.Binding) {
@@ -69,20 +71,6 @@ func NewRecorder(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 		})
 	}
 	return r
-}
-
-// ForRegistry returns the recorder (NewRecorder) of the bindings of table
-// (nil: none), whose providers are reg's (nil: none known), on the
-// metrics m, telling tap (nil: none), with br's breaker states (nil:
-// closed).
-func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, reg *config.Registry, br *broker.Broker) *Recorder {
-	var sources []string
-	if reg != nil {
-		for _, p := range reg.Providers {
-			sources = append(sources, p.ID)
-		}
-	}
-	return NewRecorder(m, tap, logger, table, sources, br)
 }
 
 // Observer returns the observer of a binding that no handler made (an

@@ -13,6 +13,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 // tap records what a Recorder's observers tell it.
@@ -35,12 +36,19 @@ func (t *tap) SourceChanged(_ *broker.Broker, provider, sourceID string) {
 	t.note(fmt.Sprintf("source %s %s", provider, sourceID))
 }
 
+// registryOf is a registry of one provider whose source ID is id
+// (name#hash, config.Provider.ID).
+func registryOf(id string) *config.Registry {
+	name, _, _ := strings.Cut(id, "#")
+	return &config.Registry{Providers: map[string]*config.Provider{name: {Name: name, ID: id}}}
+}
+
 // TestRecorderTap: the observers of a recorder, with metrics or without,
 // tell its tap what they see, with the provider's name of the source.
 func TestRecorderTap(t *testing.T) {
 	for _, metrics := range []*Metrics{nil, NewMetrics(false)} {
 		var tp tap
-		r := NewRecorder(metrics, &tp, zap.NewNop(), nil, []string{"nuapay#1a2b"}, nil)
+		r := ForRegistry(metrics, &tp, zap.NewNop(), nil, registryOf("nuapay#1a2b"), nil)
 		var o broker.Observer = &Observer{r: r}
 		b := brokertest.NewBinding("nuapay#1a2b", nil, broker.Request{Merchant: "acme"})
 		o.Fetched(context.Background(), b, broker.Token{}, 0, false, nil)
@@ -58,7 +66,7 @@ func TestRecorderTap(t *testing.T) {
 // with the merchant and the token's fingerprint, never the token.
 func TestRecorderKept(t *testing.T) {
 	core, logs := observer.New(zap.InfoLevel)
-	r := NewRecorder(nil, nil, zap.New(core), nil, nil, nil)
+	r := ForRegistry(nil, nil, zap.New(core), nil, nil, nil)
 	b := brokertest.NewBinding("nuapay#1a2b", nil, broker.Request{Merchant: "acme"})
 	tok := broker.Token{Value: "secret-token-value"}
 	r.Kept(b, tok)
