@@ -55,8 +55,8 @@ type reads struct {
 	status Status
 }
 
-// New returns the listing of a provider, read every every once started;
-// logger may be nil.
+// New returns the listing of a provider, read every every once started,
+// logging its reads to logger.
 func New(provider string, list OrganisationLister, limits nuapay.ListLimits, every time.Duration, logger *zap.Logger) *Listing {
 	return &Listing{provider: provider, list: list, limits: limits, every: every, logger: logger}
 }
@@ -108,19 +108,15 @@ func (l *Listing) Refresh(ctx context.Context) (int, error) {
 		}
 		next.status.Err, next.status.FailedAt = err, time.Now()
 		l.reads.Store(&next)
-		if l.logger != nil {
-			kept := "none yet: wildcard merchants are refused with 503"
-			if next.orgs != nil {
-				kept = fmt.Sprintf("the last good list (%d organisations)", len(next.orgs))
-			}
-			l.logger.Warn("listing the organisations failed; keeping "+kept, zap.String("provider", l.provider), zap.Error(err))
+		kept := "none yet: wildcard merchants are refused with 503"
+		if next.orgs != nil {
+			kept = fmt.Sprintf("the last good list (%d organisations)", len(next.orgs))
 		}
+		l.logger.Warn("listing the organisations failed; keeping "+kept, zap.String("provider", l.provider), zap.Error(err))
 		return 0, err
 	}
 	l.reads.Store(&reads{orgs: m, status: Status{Read: true, Organisations: len(m), ReadAt: time.Now()}})
-	if l.logger != nil {
-		l.logger.Info("organisations listed", zap.String("provider", l.provider), zap.Int("organisations", len(m)))
-	}
+	l.logger.Info("organisations listed", zap.String("provider", l.provider), zap.Int("organisations", len(m)))
 	return len(m), nil
 }
 
