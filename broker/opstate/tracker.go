@@ -38,8 +38,10 @@ type TrackerOptions struct {
 // most), whether the key's last token request was refused, for an
 // unknown organisation, or for lack of consent; each provider's
 // token requests over a sliding window and its last error; the fleet
-// tier's health. It emits an event on each transition (TrackerOptions.Emit),
-// never twice for the same state.
+// tier's health. Whether a provider fails (a source backing off, or its
+// breaker not closed) it reads from the broker when told that a source
+// changed (SourceChanged) and in Reconcile. It emits an event on each
+// transition (TrackerOptions.Emit), never twice for the same state.
 //
 // It is told of token API calls (Fetched), not of requests: nothing runs
 // per request. It is safe for concurrent use. It keeps a record only for
