@@ -370,12 +370,6 @@ func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, tab
 	if !e.decode(md, prim, table) {
 		return e, Merchant{ID: id, Terms: new(Terms)}, merchantBad | merchantUndecoded
 	}
-	m, flags := p.resolveMerchant(e, id, raw)
-	return e, m, flags
-}
-
-// resolveMerchant is merchant on the decoded table.
-func (p *parser) resolveMerchant(e *entry, id string, raw *merchantTOML) (Merchant, uint8) {
 	m := Merchant{ID: id, Terms: &Terms{Provider: raw.Provider}, Line: p.entryLine("merchants", id)}
 	var flags uint8
 
@@ -413,7 +407,7 @@ func (p *parser) resolveMerchant(e *entry, id string, raw *merchantTOML) (Mercha
 	if e.bad {
 		flags |= merchantBad
 	}
-	return m, flags
+	return e, m, flags
 }
 
 // checkMerchant checks a merchant against its provider; false if it has
