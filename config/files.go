@@ -125,7 +125,6 @@ type parser struct {
 	data   []byte // the text parsed, located when a line is needed
 	offset int    // the lines of the file before data
 	loc    locator
-	ents   locator // the entries only: a quarter of the cost of loc
 	errs   []error
 	inputs inputs // the variables and files read (inputs.go)
 
@@ -190,7 +189,7 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 	}
 	f.merchantsType = md.Type("merchants")
 	if f.merchantsType != "" {
-		f.merchantsLine = p.entryLine("merchants")
+		f.merchantsLine = p.line("merchants")
 	}
 	for _, name := range slices.Sorted(maps.Keys(doc.Providers)) {
 		f.providers = append(f.providers, p.rawProvider(&md, name, doc.Providers[name]))

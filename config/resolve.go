@@ -253,7 +253,7 @@ func (p *parser) rawProvider(md *toml.MetaData, name string, prim toml.Primitive
 	if !ValidMerchantID(name) {
 		e.errf("", "invalid provider name: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
-	rp := &rawProvider{name: name, line: p.entryLine("providers", name)}
+	rp := &rawProvider{name: name, line: p.line("providers", name)}
 	rp.ok = e.decode(md, prim, &rp.raw)
 	rp.bad = e.bad
 	return rp
@@ -370,7 +370,7 @@ func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, tab
 	if !e.decode(md, prim, table) {
 		return e, Merchant{ID: id, Terms: new(Terms)}, merchantBad | merchantUndecoded
 	}
-	m := Merchant{ID: id, Terms: &Terms{Provider: raw.Provider}, Line: p.entryLine("merchants", id)}
+	m := Merchant{ID: id, Terms: &Terms{Provider: raw.Provider}, Line: p.line("merchants", id)}
 	var flags uint8
 
 	var ok bool
