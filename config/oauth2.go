@@ -150,7 +150,7 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	}
 
 	if raw.Consent != nil && p.Grant != GrantRefreshToken {
-		e.consent(raw.Consent, p, nil)
+		e.errf("consent", "only providers with grant %q take a consent table (this one uses %s)", GrantRefreshToken, p.Grant)
 	}
 	if e.bad || client == nil {
 		return nil
