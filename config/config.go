@@ -213,8 +213,8 @@ func (r *Registry) Binding(merchantID string, scopes []string) (*broker.Binding,
 // MerchantBinding returns the broker binding for m, a merchant of r as
 // Merchant returned it (one of r.Merchants, or resolved from the
 // wildcard entry). Non-empty scopes replace the merchant's default
-// scopes. It fails when a scope is malformed, or the merchant ends up
-// without scopes where its provider type needs some.
+// scopes. It fails when a scope is malformed. (A merchant's own scopes
+// were checked against its provider type when the registry was loaded.)
 func (r *Registry) MerchantBinding(m *Merchant, scopes []string) (*broker.Binding, error) {
 	wild := r.Wildcard != nil && r.Merchants[m.ID] != m
 	p := r.Providers[m.Provider]
@@ -225,9 +225,6 @@ func (r *Registry) MerchantBinding(m *Merchant, scopes []string) (*broker.Bindin
 	route := len(sc) > 0
 	if !route {
 		sc = m.Scopes
-	}
-	if len(sc) == 0 && providerTypes[p.Type].needsScopes {
-		return nil, fmt.Errorf("merchant %q: provider %q (type %s) needs at least one scope: set the merchant's scopes or the route's", m.ID, p.Name, p.Type)
 	}
 	if wild && !r.Wildcard.sharesProfile(route) {
 		// A wildcard merchant whose audience or scopes hold its own id:

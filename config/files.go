@@ -176,12 +176,7 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 		}
 		return t.Type
 	})
-	for _, k := range keys {
-		if len(k) == 1 {
-			f.topDefined = true
-			break
-		}
-	}
+	f.topDefined = slices.ContainsFunc(keys, func(k toml.Key) bool { return len(k) == 1 })
 	for _, k := range topKeys {
 		if t := md.Type(k); t != "" && t != "Hash" {
 			p.problem([]string{k}, fmt.Sprintf("must be a table of [%s.NAME] tables, not %s", k, typeName(t)))
