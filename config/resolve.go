@@ -286,16 +286,14 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 	// Not in the ID: a new budget keeps the cached tokens.
 	pv.RateLimit = e.rateLimit(raw.RateLimit, raw.RateBurst)
 
-	client := e.client(raw.TLS, pv, fp)
+	pv.client = e.client(raw.TLS, pv, fp)
 	if pt == nil {
 		return nil
 	}
-	pv.client = client
-	src := pt.build(e, &raw, pv, client, fp)
+	pv.Source = pt.build(e, &raw, pv, fp)
 	if e.bad {
 		return nil
 	}
-	pv.Source = src
 	pv.ID = name + "#" + hex.EncodeToString(fp.h.Sum(nil))[:12]
 	pv.SecretVersion = e.secretVersion()
 	return pv
