@@ -178,23 +178,25 @@ func (r *Registry) HasConsent() bool {
 }
 
 // CheckRouteScopes fails when a route's scopes, which replace the
-// merchants' own, cannot serve the registry's merchants: a malformed
-// scope. The merchants' own scopes are checked when the registry is loaded.
+// merchants' own, hold a malformed scope. The merchants' own scopes are
+// checked when the registry is loaded.
 func (r *Registry) CheckRouteScopes(scopes []string) error {
-	if len(scopes) == 0 {
-		return nil
-	}
-	id := ""
-	for id = range r.Merchants {
-		break
-	}
-	if id == "" {
-		id = "x" // served by the wildcard
-	}
-	if _, err := r.Binding(id, scopes); err != nil {
+	if _, err := routeScopes(scopes); err != nil {
 		return fmt.Errorf("token_broker: %s: route scopes: %w", r.Path, err)
 	}
 	return nil
+}
+
+// routeScopes returns a route's scopes normalised; it fails when one is
+// malformed.
+func routeScopes(scopes []string) ([]string, error) {
+	s := broker.NormaliseScopes(scopes)
+	for _, v := range s {
+		if !validScope(v) {
+			return nil, fmt.Errorf("scope %q is not a valid scope token", v)
+		}
+	}
+	return s, nil
 }
 
 // Binding returns the broker binding for a merchant (Merchant, then
@@ -211,23 +213,18 @@ func (r *Registry) Binding(merchantID string, scopes []string) (*broker.Binding,
 // MerchantBinding returns the broker binding for m, a merchant of r as
 // Merchant returned it (one of r.Merchants, or resolved from the
 // wildcard entry). Non-empty scopes replace the merchant's default
-// scopes. It fails when a scope is malformed, or the merchant ends up
-// without scopes where its provider type needs some.
+// scopes. It fails when a scope is malformed. (A merchant's own scopes
+// were checked against its provider type when the registry was loaded.)
 func (r *Registry) MerchantBinding(m *Merchant, scopes []string) (*broker.Binding, error) {
 	wild := r.Wildcard != nil && r.Merchants[m.ID] != m
 	p := r.Providers[m.Provider]
-	sc := m.Scopes
-	route := false
-	if s := broker.NormaliseScopes(scopes); len(s) > 0 {
-		for _, v := range s {
-			if !validScope(v) {
-				return nil, fmt.Errorf("merchant %q: scope %q is not a valid scope token", m.ID, v)
-			}
-		}
-		sc, route = s, true
+	sc, err := routeScopes(scopes)
+	if err != nil {
+		return nil, fmt.Errorf("merchant %q: %w", m.ID, err)
 	}
-	if len(sc) == 0 && providerTypes[p.Type].needsScopes {
-		return nil, fmt.Errorf("merchant %q: provider %q (type %s) needs at least one scope: set the merchant's scopes or the route's", m.ID, p.Name, p.Type)
+	route := len(sc) > 0
+	if !route {
+		sc = m.Scopes
 	}
 	if wild && !r.Wildcard.sharesProfile(route) {
 		// A wildcard merchant whose audience or scopes hold its own id:
@@ -282,12 +279,6 @@ func (d *Duration) UnmarshalText(b []byte) error {
 	return nil
 }
 
-// MarshalText implements encoding.TextMarshaler.
-func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
-
-// String returns the duration in Go syntax.
-func (d Duration) String() string { return time.Duration(d).String() }
-
 // Error is one problem in a registry file.
 type Error struct {
 	// File is the path of the file.
@@ -322,18 +313,11 @@ func (e *Error) Error() string {
 
 // ErrorLines returns the problems of a LoadWith error one per line, each
 // starting with its file:line: the error of a registry with several
-// problems joins them (errors.Join), which prints on one line inside a
-// JSON log.
+// problems joins them (errors.Join, one per line), which prints on one
+// line inside a JSON log.
 func ErrorLines(err error) []string {
 	if err == nil {
 		return nil
-	}
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		var lines []string
-		for _, e := range j.Unwrap() {
-			lines = append(lines, ErrorLines(e)...)
-		}
-		return lines
 	}
 	return strings.Split(err.Error(), "\n")
 }

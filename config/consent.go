@@ -111,15 +111,12 @@ func (e *entry) linkLimit(field string, v *int, def int) int {
 	return *v
 }
 
-// consent resolves the consent table of a refresh_token provider and
-// returns its flow (nil when there is none or it has problems).
-func (e *entry) consent(raw *consentTOML, p *Provider, src *oauth.RefreshToken) *oauth.AuthCode {
+// consent resolves the consent table of a refresh_token provider into
+// p.Consent, its flow over src (left nil when there is no table or it has
+// problems).
+func (e *entry) consent(raw *consentTOML, p *Provider, src *oauth.RefreshToken) {
 	if raw == nil {
-		return nil
-	}
-	if p.Grant != GrantRefreshToken {
-		e.errf("consent", "only providers with grant %q take a consent table (this one uses %s)", GrantRefreshToken, p.Grant)
-		return nil
+		return
 	}
 	p.DisplayName = e.displayName("consent.display_name", raw.DisplayName)
 	cfg := oauth.AuthCodeConfig{PAR: raw.PAR}
@@ -158,8 +155,8 @@ func (e *entry) consent(raw *consentTOML, p *Provider, src *oauth.RefreshToken) 
 	if len(raw.RedirectURIs) == 0 {
 		e.errf("consent.redirect_uris", "missing: set the callback URLs registered with the provider (https://callback.example.com/consent/callback)")
 	}
-	if e.bad || src == nil {
-		return nil
+	if e.bad {
+		return
 	}
 	store := e.p.opts.ConsentStore
 	if store == nil {
@@ -168,8 +165,7 @@ func (e *entry) consent(raw *consentTOML, p *Provider, src *oauth.RefreshToken) 
 	flow, err := oauth.NewAuthCode(src, cfg, &oauth.Pendings{Store: store})
 	if err != nil {
 		e.errf("consent", "%v", err)
-		return nil
+		return
 	}
 	p.Consent = flow
-	return flow
 }

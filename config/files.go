@@ -125,7 +125,6 @@ type parser struct {
 	data   []byte // the text parsed, located when a line is needed
 	offset int    // the lines of the file before data
 	loc    locator
-	ents   locator // the entries only: a quarter of the cost of loc
 	errs   []error
 	inputs inputs // the variables and files read (inputs.go)
 
@@ -177,12 +176,7 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 		}
 		return t.Type
 	})
-	for _, k := range keys {
-		if len(k) == 1 {
-			f.topDefined = true
-			break
-		}
-	}
+	f.topDefined = slices.ContainsFunc(keys, func(k toml.Key) bool { return len(k) == 1 })
 	for _, k := range topKeys {
 		if t := md.Type(k); t != "" && t != "Hash" {
 			p.problem([]string{k}, fmt.Sprintf("must be a table of [%s.NAME] tables, not %s", k, typeName(t)))
@@ -190,7 +184,7 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 	}
 	f.merchantsType = md.Type("merchants")
 	if f.merchantsType != "" {
-		f.merchantsLine = p.entryLine("merchants")
+		f.merchantsLine = p.line("merchants")
 	}
 	for _, name := range slices.Sorted(maps.Keys(doc.Providers)) {
 		f.providers = append(f.providers, p.rawProvider(&md, name, doc.Providers[name]))

@@ -60,24 +60,12 @@ func (p *parser) decodeError(err error, syntax bool) {
 }
 
 // line returns the line of a key in the file (see locator.line), locating
-// every key of the text on the first call: only messages need it.
+// every key of the text on the first call.
 func (p *parser) line(key ...string) int {
 	if p.loc == nil {
 		p.loc = locate(p.data)
 	}
 	return p.fileLine(p.loc.line(key...))
-}
-
-// entryLine returns the line of an entry (a provider's or a merchant's
-// table) in the file, locating the entries only.
-func (p *parser) entryLine(key ...string) int {
-	if p.loc != nil {
-		return p.line(key...)
-	}
-	if p.ents == nil {
-		p.ents = locateDepth(p.data, 2)
-	}
-	return p.fileLine(p.ents.line(key...))
 }
 
 // fileLine returns the line in the file of a line of the text parsed; 0
@@ -93,15 +81,12 @@ func (p *parser) fileLine(line int) int {
 // defines them. BurntSushi/toml keeps key positions private, so the raw file
 // is scanned for table headers ([merchants.acme], [merchants."a b"]) and
 // for key definitions (acme = {...}, acme.provider = "x", provider = "x")
-// under the current table. It only serves messages: a key it misses has
-// line 0.
+// under the current table. It serves messages and the entries' Line: a
+// key it misses has line 0.
 type locator map[string]int
 
-func locate(data []byte) locator { return locateDepth(data, 1<<30) }
-
-// locateDepth is locate for the keys of at most depth parts: with 2, the
-// entries ([merchants.acme]) only, a quarter of the map.
-func locateDepth(data []byte, depth int) locator {
+// locate returns the locator of every key of data.
+func locate(data []byte) locator {
 	loc := locator{}
 	var table []string
 	var inString string // the closing delimiter of an open multi-line string
@@ -124,21 +109,18 @@ func locateDepth(data []byte, depth int) locator {
 			key, rest, ok := parseKey(strings.TrimPrefix(line[1:], "["))
 			if ok && strings.HasPrefix(rest, "]") {
 				table = key
-				for i := 1; i <= min(len(key), depth); i++ {
+				for i := 1; i <= len(key); i++ {
 					loc.set(key[:i], n+1)
 				}
 			}
 			continue
-		}
-		if len(table) >= depth && !strings.Contains(line, `""`) && !strings.Contains(line, "''") {
-			continue // a key below depth that opens no multi-line string
 		}
 		key, rest, ok := parseKey(line)
 		if !ok || !strings.HasPrefix(rest, "=") {
 			continue
 		}
 		full := append(table[:len(table):len(table)], key...)
-		for i := len(table) + 1; i <= min(len(full), depth); i++ {
+		for i := len(table) + 1; i <= len(full); i++ {
 			loc.set(full[:i], n+1)
 		}
 		for _, d := range []string{`"""`, `'''`} {

@@ -1,7 +1,6 @@
 package config
 
 import (
-	"net/http"
 	"strings"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -9,7 +8,7 @@ import (
 )
 
 // buildNuapay returns a Nuapay Gatekeeper source.
-func buildNuapay(e *entry, raw *providerTOML, p *Provider, client *http.Client, fp *fingerprint) broker.Source {
+func buildNuapay(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) broker.Source {
 	p.BaseURL = e.httpURL("base_url", raw.BaseURL, false, "the token API's http(s) URL")
 	p.BaseURL = strings.TrimRight(p.BaseURL, "/")
 	fp.add("base_url", p.BaseURL)
@@ -23,7 +22,7 @@ func buildNuapay(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 		e.errf("organisations_path", "%q must be a path starting with \"/\", without query or fragment", p.OrganisationsPath)
 	}
 	fp.add("organisations_path", p.OrganisationsPath)
-	if e.bad || client == nil {
+	if e.bad {
 		return nil
 	}
 	src, err := nuapay.New(nuapay.Config{
@@ -31,7 +30,7 @@ func buildNuapay(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 		APIKey:            key,
 		Lifetime:          p.TokenLifetime,
 		OrganisationsPath: p.OrganisationsPath,
-		Client:            client,
+		Client:            p.client,
 	})
 	if err != nil {
 		e.errf("", "%v", err)

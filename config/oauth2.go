@@ -3,7 +3,6 @@ package config
 import (
 	"crypto/x509"
 	"maps"
-	"net/http"
 	"slices"
 	"strings"
 	"time"
@@ -29,8 +28,8 @@ const maxKeyFile = 64 << 10
 
 // buildOAuth2 returns an OAuth 2.0 source: client credentials, or refresh
 // token with the store of the parser's Options.
-func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, fp *fingerprint) broker.Source {
-	cfg := oauth.Config{Name: p.Name, StoreNamespace: e.p.registry, Client: client}
+func buildOAuth2(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) broker.Source {
+	cfg := oauth.Config{Name: p.Name, StoreNamespace: e.p.registry, Client: p.client}
 
 	p.Grant = raw.Grant
 	switch p.Grant {
@@ -150,9 +149,9 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, client *http.Client, 
 	}
 
 	if raw.Consent != nil && p.Grant != GrantRefreshToken {
-		e.consent(raw.Consent, p, nil)
+		e.errf("consent", "only providers with grant %q take a consent table (this one uses %s)", GrantRefreshToken, p.Grant)
 	}
-	if e.bad || client == nil {
+	if e.bad {
 		return nil
 	}
 	var src broker.Source

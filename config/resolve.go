@@ -253,7 +253,7 @@ func (p *parser) rawProvider(md *toml.MetaData, name string, prim toml.Primitive
 	if !ValidMerchantID(name) {
 		e.errf("", "invalid provider name: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
 	}
-	rp := &rawProvider{name: name, line: p.entryLine("providers", name)}
+	rp := &rawProvider{name: name, line: p.line("providers", name)}
 	rp.ok = e.decode(md, prim, &rp.raw)
 	rp.bad = e.bad
 	return rp
@@ -286,16 +286,14 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 	// Not in the ID: a new budget keeps the cached tokens.
 	pv.RateLimit = e.rateLimit(raw.RateLimit, raw.RateBurst)
 
-	client := e.client(raw.TLS, pv, fp)
+	pv.client = e.client(raw.TLS, pv, fp)
 	if pt == nil {
 		return nil
 	}
-	pv.client = client
-	src := pt.build(e, &raw, pv, client, fp)
+	pv.Source = pt.build(e, &raw, pv, fp)
 	if e.bad {
 		return nil
 	}
-	pv.Source = src
 	pv.ID = name + "#" + hex.EncodeToString(fp.h.Sum(nil))[:12]
 	pv.SecretVersion = e.secretVersion()
 	return pv
@@ -370,13 +368,7 @@ func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, tab
 	if !e.decode(md, prim, table) {
 		return e, Merchant{ID: id, Terms: new(Terms)}, merchantBad | merchantUndecoded
 	}
-	m, flags := p.resolveMerchant(e, id, raw)
-	return e, m, flags
-}
-
-// resolveMerchant is merchant on the decoded table.
-func (p *parser) resolveMerchant(e *entry, id string, raw *merchantTOML) (Merchant, uint8) {
-	m := Merchant{ID: id, Terms: &Terms{Provider: raw.Provider}, Line: p.entryLine("merchants", id)}
+	m := Merchant{ID: id, Terms: &Terms{Provider: raw.Provider}, Line: p.line("merchants", id)}
 	var flags uint8
 
 	var ok bool
@@ -413,7 +405,7 @@ func (p *parser) resolveMerchant(e *entry, id string, raw *merchantTOML) (Mercha
 	if e.bad {
 		flags |= merchantBad
 	}
-	return m, flags
+	return e, m, flags
 }
 
 // checkMerchant checks a merchant against its provider; false if it has

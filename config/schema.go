@@ -3,7 +3,6 @@ package config
 import (
 	"fmt"
 	"maps"
-	"net/http"
 	"reflect"
 	"slices"
 	"strings"
@@ -220,10 +219,12 @@ type providerType struct {
 	needsOrganisation bool
 	// minLifetime and maxLifetime bound the merchants' token_lifetime.
 	minLifetime, maxLifetime time.Duration
-	// build checks the type's own keys and returns the source. Every
-	// resolved non-secret value that shapes the source must be fed to fp
-	// so that the provider ID follows it; secret values never are.
-	build func(e *entry, raw *providerTOML, p *Provider, client *http.Client, fp *fingerprint) broker.Source
+	// build checks the type's own keys and returns the source, which
+	// calls the token API with p's HTTP client (nil only when e is bad:
+	// build then returns nil). Every resolved non-secret value that
+	// shapes the source must be fed to fp so that the provider ID follows
+	// it; secret values never are.
+	build func(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) broker.Source
 }
 
 // commonProviderKeys are the keys every provider type takes.

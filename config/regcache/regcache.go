@@ -26,7 +26,8 @@ import (
 
 // Cache stores registries and their parsed files while something uses
 // them (Load, Release). The zero value is not ready: use New. Safe for
-// concurrent use.
+// concurrent use; loads run one at a time (Caddy provisions one config
+// at a time).
 type Cache struct {
 	mu   sync.Mutex
 	regs map[string]*registry // by Load's key
@@ -41,19 +42,15 @@ func New() *Cache {
 // is replaced when an input it read changed; a registry handed out before
 // stays as it was.
 type registry struct {
-	refs  int     // under Cache.mu
-	files []*file // fixed when the registry is added
-
-	mu  sync.Mutex
-	reg *config.Registry // nil until the first current
+	refs  int
+	files []*file          // fixed when the registry is added
+	reg   *config.Registry // nil until the first load resolves it
 }
 
 // file is a registry file in the cache, parsed on first use.
 type file struct {
 	key string // fileKey
-
-	mu sync.Mutex
-	f  *config.File
+	f   *config.File
 }
 
 // Load returns the registry at path (a file, a directory or a glob:
@@ -78,37 +75,37 @@ func (c *Cache) Load(path string, opts config.Options, storeKey string) (reg *co
 		fmt.Fprintf(h, "%s\x00", fileKeys[i])
 	}
 	key = hex.EncodeToString(h.Sum(nil))
-	reg, parsed, err = c.use(key, fileKeys).current(path, srcs, opts)
-	if err != nil {
-		c.Release(key)
-		return nil, "", parsed, err
-	}
-	return reg, key, parsed, nil
-}
 
-// use returns the cached registry of key, adding it if it is new with
-// the files the cached registries hold (new ones for the others), and
-// counts one more use of it.
-func (c *Cache) use(key string, fileKeys []string) *registry {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	r := c.regs[key]
 	if r == nil {
-		held := map[string]*file{}
-		for _, other := range c.regs {
-			for _, f := range other.files {
-				held[f.key] = f
-			}
-		}
-		r = &registry{files: make([]*file, len(fileKeys))}
-		for i, fk := range fileKeys {
-			if r.files[i] = held[fk]; r.files[i] == nil {
-				r.files[i] = &file{key: fk}
-			}
-		}
-		c.regs[key] = r
+		r = c.newRegistry(fileKeys)
 	}
+	reg, parsed, err = r.current(path, srcs, opts)
+	if err != nil {
+		return nil, "", parsed, err
+	}
+	c.regs[key] = r
 	r.refs++
+	return reg, key, parsed, nil
+}
+
+// newRegistry returns a registry of the files of fileKeys, with the
+// files the cached registries hold (new ones for the others).
+func (c *Cache) newRegistry(fileKeys []string) *registry {
+	held := map[string]*file{}
+	for _, other := range c.regs {
+		for _, f := range other.files {
+			held[f.key] = f
+		}
+	}
+	r := &registry{files: make([]*file, len(fileKeys))}
+	for i, fk := range fileKeys {
+		if r.files[i] = held[fk]; r.files[i] == nil {
+			r.files[i] = &file{key: fk}
+		}
+	}
 	return r
 }
 
@@ -129,19 +126,17 @@ func (c *Cache) Release(key string) {
 // current returns the registry, resolved again when something it read
 // changed since, and how many files it parsed for it.
 func (r *registry) current(path string, srcs []config.Source, opts config.Options) (*config.Registry, int, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	if r.reg != nil && !config.Changed(r.reg.Inputs(), opts.LookupEnv) {
 		return r.reg, 0, nil
 	}
 	files := make([]*config.File, len(srcs))
 	parsed := 0
 	for i, f := range r.files {
-		var again bool
-		files[i], again = f.current(srcs[i], opts.LookupEnv)
-		if again {
+		if f.f == nil || config.Changed(f.f.Inputs(), opts.LookupEnv) {
+			f.f = config.ParseFile(srcs[i], opts.LookupEnv)
 			parsed++
 		}
+		files[i] = f.f
 	}
 	reg, err := config.Merge(path, srcs, files, opts)
 	if err != nil {
@@ -149,17 +144,6 @@ func (r *registry) current(path string, srcs []config.Source, opts config.Option
 	}
 	r.reg = reg
 	return reg, parsed, nil
-}
-
-// current returns the parsed file, parsed again (parsed true) when an
-// environment variable it read changed since.
-func (f *file) current(src config.Source, lookup func(string) (string, bool)) (pf *config.File, parsed bool) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.f == nil || config.Changed(f.f.Inputs(), lookup) {
-		f.f, parsed = config.ParseFile(src, lookup), true
-	}
-	return f.f, parsed
 }
 
 // fileKey is the key of a registry file in the cache: its path and its
