@@ -83,7 +83,7 @@ func (c *Cache) heard(e event, count bool) {
 		return
 	}
 	if count {
-		c.obs.InvalidationReceived()
+		c.metrics.invalidations.Inc()
 	}
 	const prefix = "tok:"
 	if len(e.Subject) <= len(prefix) || e.Subject[:len(prefix)] != prefix {
@@ -92,7 +92,7 @@ func (c *Cache) heard(e event, count bool) {
 	name := e.Subject[len(prefix):]
 	key, err := c.keys.Open(e.Key, purgeAD(name))
 	if err != nil {
-		c.obs.Undecryptable()
+		c.metrics.undecryptable.Inc()
 		c.log.Warn("ignoring a purge announcement that does not open (another encryption key?)", zap.Error(err))
 		return
 	}

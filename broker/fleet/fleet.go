@@ -165,9 +165,6 @@ type Options struct {
 	// Now is the breaker's clock and the one that computes the stored
 	// token's remaining life. Default time.Now.
 	Now func() time.Time
-	// Observer is told about hits, misses, errors, waits (metrics).
-	// Optional.
-	Observer Observer
 	// Logger receives breaker changes and undecryptable values, never a
 	// token or a key in clear. Optional.
 	Logger *zap.Logger
@@ -211,7 +208,7 @@ type Cache struct {
 	channel  string
 	br       *breaker.Breaker
 	timeouts *callTimeout
-	obs      Observer
+	metrics  *Metrics
 	log      *zap.Logger
 	// availability is told when Redis becomes unavailable and available
 	// again (OnAvailability).
@@ -268,9 +265,6 @@ func New(opts Options) (*Cache, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	if opts.Observer == nil {
-		opts.Observer = NopObserver{}
-	}
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
@@ -286,7 +280,7 @@ func New(opts Options) (*Cache, error) {
 		locker:   redislock.New(opts.Client),
 		node:     hex.EncodeToString(id),
 		channel:  opts.KeyPrefix + "events",
-		obs:      opts.Observer,
+		metrics:  newMetrics(),
 		log:      opts.Logger,
 		waiters:  map[string]map[chan struct{}]struct{}{},
 		done:     make(chan struct{}),
@@ -456,16 +450,16 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	case classify(err) == kindSlow:
 		outcome = breaker.Slow
 		c.timeouts.timedOut(call)
-		c.obs.L2Error(op)
-		c.obs.L2Timeout(op)
+		c.metrics.errors.WithLabelValues(op).Inc()
+		c.metrics.timeouts.WithLabelValues(op).Inc()
 	default:
 		c.timeouts.ended()
-		c.obs.L2Error(op)
+		c.metrics.errors.WithLabelValues(op).Inc()
 	}
 	from, to := c.br.Record(c.opts.Now(), outcome, err)
 	switch {
 	case from == breaker.Closed && to == breaker.Open:
-		c.obs.BreakerOpened()
+		c.metrics.openings.Inc()
 		c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
 			zap.Duration("cooldown", c.opts.BreakerCooldown), zap.Error(err))
 		c.tellAvailability(false, err)
@@ -488,6 +482,9 @@ func (c *Cache) OnAvailability(f func(up bool, err error)) {
 	}
 	c.availability.Store(&f)
 }
+
+// Metrics returns the collectors that count what the tier does.
+func (c *Cache) Metrics() *Metrics { return c.metrics }
 
 // Available reports whether the tier uses Redis now: false while its
 // breaker keeps Redis out after consecutive failures.
@@ -577,13 +574,13 @@ func (c *Cache) decode(key string, b []byte) (tok broker.Token, ver int64, ok bo
 // rolledBack counts and logs a value older than the newest this node has
 // seen for its key, which is then ignored.
 func (c *Cache) rolledBack(redisKey string) {
-	c.obs.RolledBack()
+	c.metrics.rolledBack.Inc()
 	c.log.Warn("ignoring a value in redis older than one this node has seen for its key (an old value written back: a purged token, a spent refresh token, or a failover that lost the newest write)",
 		zap.String("redis_key", redisKey))
 }
 
 func (c *Cache) undecryptable(key string, err error) {
-	c.obs.Undecryptable()
+	c.metrics.undecryptable.Inc()
 	c.log.Warn("ignoring a value in redis that does not open (another encryption key, or altered); it will be replaced",
 		zap.String("redis_key", c.tokenKey(key)), zap.Error(err))
 }
@@ -692,7 +689,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 	mint = func(context.Context) (broker.Token, error) { return callerMint(mintCtx) }
 	ctx = withRedisTime(ctx, c.opts.MaxTimeout)
 	bypass := func() (broker.Token, string, error) {
-		c.obs.Bypassed()
+		c.metrics.bypassed.Inc()
 		tok, err := mint(ctx)
 		return tok, howBypassed, err
 	}
@@ -701,10 +698,10 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 		return bypass()
 	}
 	if found && usable(tok) {
-		c.obs.L2Hit()
+		c.metrics.lookups.WithLabelValues("hit").Inc()
 		return tok, howAdopted, nil
 	}
-	c.obs.L2Miss()
+	c.metrics.lookups.WithLabelValues("miss").Inc()
 
 	subject := "tok:" + c.name(key)
 	wake, stop := c.watch(subject)
@@ -725,7 +722,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 		switch {
 		case !waited:
 			waited, waitingSince, waitingSinceWall = true, c.opts.Now(), time.Now()
-			c.obs.LockWait()
+			c.metrics.lockWaits.Inc()
 		case c.opts.Now().Sub(waitingSince) >= c.opts.LockTTL || time.Since(waitingSinceWall) >= c.opts.LockTTL:
 			// No lock of ours is held longer than a mint takes (the fetch
 			// timeout, at most LockTTL): this one is stuck. The wait runs
@@ -733,7 +730,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			// as on Options.Now.
 			c.log.Warn("waited lock_ttl for another node's lock of a key: minting without it",
 				zap.String("redis_key", c.lockKey(subject)), zap.Duration("lock_ttl", c.opts.LockTTL))
-			c.obs.Bypassed()
+			c.metrics.bypassed.Inc()
 			return c.mintUnlocked(ctx, key, subject, mint)
 		}
 		if err := c.waitLock(ctx, subject, wake); err != nil {
@@ -747,7 +744,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			return bypass()
 		}
 		if found && usable(tok) {
-			c.obs.Adopted()
+			c.metrics.adopted.Inc()
 			return tok, howAdopted, nil
 		}
 	}
@@ -764,7 +761,7 @@ func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, u
 	}()
 	tok, found, err := c.read(ctx, key)
 	if err == nil && found && usable(tok) {
-		c.obs.Adopted()
+		c.metrics.adopted.Inc()
 		return tok, howAdopted, nil
 	}
 	tok, err = mint(ctx)

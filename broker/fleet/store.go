@@ -117,7 +117,7 @@ func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
 		}
 		rt, ver, err := s.rtOpen(key, b)
 		if err != nil {
-			s.c.obs.Undecryptable()
+			s.c.metrics.undecryptable.Inc()
 			s.c.log.Warn("a refresh token in redis does not open", zap.String("redis_key", name), zap.Error(err))
 			return "", fmt.Errorf("fleet: refresh token of %s (%s): %w", key, name, ErrRefreshTokenSealed)
 		}
