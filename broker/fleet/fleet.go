@@ -444,10 +444,10 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	case err == nil, errors.Is(err, redis.Nil), errors.Is(err, redislock.ErrNotObtained), errors.Is(err, redislock.ErrLockNotHeld):
 		outcome = breaker.Healthy
 		c.timeouts.succeeded(time.Since(started))
-	case ctx.Err() != nil, cut && classify(err) == kindSlow:
+	case ctx.Err() != nil, cut && isSlow(err):
 		outcome = breaker.Unknown // the caller gave up, or a cut run ran out: not Redis's fault
 		c.timeouts.ended()
-	case classify(err) == kindSlow:
+	case isSlow(err):
 		outcome = breaker.Slow
 		c.timeouts.timedOut(call)
 		c.metrics.errors.WithLabelValues(op).Inc()
