@@ -177,7 +177,7 @@ func (t *TLS) config() (*tls.Config, error) {
 }
 
 // Tier is a Redis client, the shared tier over it and the tier's
-// metrics. Close it when done.
+// metrics. Destruct it when done.
 type Tier struct {
 	// Cache is the shared tier.
 	Cache *fleet.Cache
@@ -201,14 +201,11 @@ func (p *Plan) Open(logger *zap.Logger) (*Tier, error) {
 	return &Tier{Cache: cache, Metrics: cache.Metrics(), client: client}, nil
 }
 
-// Close closes the tier and its client.
-func (t *Tier) Close() error {
+// Destruct closes the tier and its client, so that a Tier can be kept in
+// a caddy.UsagePool.
+func (t *Tier) Destruct() error {
 	return errors.Join(t.Cache.Close(), t.client.Close())
 }
-
-// Destruct closes the tier (Close), so that a Tier can be kept in a
-// caddy.UsagePool.
-func (t *Tier) Destruct() error { return t.Close() }
 
 // Client is the tier's Redis client, for the broker's other users of the
 // same Redis (the token-request budgets); the tier closes it.
