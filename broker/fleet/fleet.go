@@ -39,10 +39,10 @@
 //
 // One breaker (internal/breaker, the one the broker uses for token APIs)
 // keeps Redis out when it is gone: a failure to reach Redis or an error
-// answer counts at once, and Options.BreakerThreshold of them in a row
+// answer counts at once, and DefaultBreakerThreshold of them in a row
 // open it; a timeout counts only once timeouts have lasted
 // Options.SlowSpan without a success, so a burst of slow answers on busy
-// CPUs does not open it. While it is open (Options.BreakerCooldown)
+// CPUs does not open it. While it is open (DefaultBreakerCooldown)
 // lookups mint without Redis; then one call probes Redis. No lookup fails
 // because of Redis.
 package fleet
@@ -98,7 +98,9 @@ const (
 	// DefaultBreakerThreshold is how many Redis failures in a row open the
 	// breaker (timeouts count once they have lasted Options.SlowSpan).
 	DefaultBreakerThreshold = 3
-	// DefaultBreakerCooldown is how long an open breaker keeps Redis out.
+	// DefaultBreakerCooldown is how long an open breaker keeps Redis out
+	// before one call probes it (the others keep out until the probe
+	// answers).
 	DefaultBreakerCooldown = 5 * time.Second
 	// DefaultLockPoll is how long a node waiting for another's lock trusts
 	// the announcement channel before it looks at the lock and the token
@@ -155,13 +157,6 @@ type Options struct {
 	// waiter then loses at most this, not the lock's TTL (a request's
 	// fetch timeout would end first). Default 1s.
 	LockPoll time.Duration
-	// BreakerThreshold is how many consecutive Redis failures open the
-	// breaker (timeouts count once they have lasted SlowSpan). Default 3.
-	BreakerThreshold int
-	// BreakerCooldown is how long the open breaker keeps Redis out before
-	// one call probes it (the others keep out until the probe answers).
-	// Default 5s.
-	BreakerCooldown time.Duration
 	// Now is the breaker's clock and the one that computes the stored
 	// token's remaining life. Default time.Now.
 	Now func() time.Time
@@ -256,12 +251,6 @@ func New(opts Options) (*Cache, error) {
 	if opts.LockPoll <= 0 {
 		opts.LockPoll = DefaultLockPoll
 	}
-	if opts.BreakerThreshold <= 0 {
-		opts.BreakerThreshold = DefaultBreakerThreshold
-	}
-	if opts.BreakerCooldown <= 0 {
-		opts.BreakerCooldown = DefaultBreakerCooldown
-	}
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
@@ -291,7 +280,7 @@ func New(opts Options) (*Cache, error) {
 	if opts.PlainKeys {
 		c.nameKeys = c.nameKeys[:1] // a plain name is the same under every key
 	}
-	c.br = &breaker.Breaker{Threshold: opts.BreakerThreshold, Cooldown: opts.BreakerCooldown, SlowSpan: opts.SlowSpan}
+	c.br = &breaker.Breaker{Threshold: DefaultBreakerThreshold, Cooldown: DefaultBreakerCooldown, SlowSpan: opts.SlowSpan}
 	c.timeouts = newCallTimeout(opts.Timeout, opts.MaxTimeout, poolSize(opts.Client))
 	c.ps = c.rdb.Subscribe(context.Background())
 	// Wait (briefly) for the subscription to be confirmed, so that this
@@ -461,7 +450,7 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	case from == breaker.Closed && to == breaker.Open:
 		c.metrics.openings.Inc()
 		c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
-			zap.Duration("cooldown", c.opts.BreakerCooldown), zap.Error(err))
+			zap.Duration("cooldown", DefaultBreakerCooldown), zap.Error(err))
 		c.tellAvailability(false, err)
 	case from != breaker.Closed && to == breaker.Closed:
 		c.log.Info("redis available again: sharing tokens with the fleet")

@@ -494,11 +494,7 @@ func TestPurgeCompareAndDelete(t *testing.T) {
 func TestRedisDownAndBack(t *testing.T) {
 	r := startRedis(t)
 	keys := testKeys(t, 1)
-	fast := func(o *Options) {
-		o.Timeout = 50 * time.Millisecond
-		o.BreakerThreshold = 3
-		o.BreakerCooldown = time.Minute
-	}
+	fast := func(o *Options) { o.Timeout = 50 * time.Millisecond }
 	a, b := newNode(t, r, keys, fast), newNode(t, r, keys, fast)
 	var mu sync.Mutex
 	var told []string // OnAvailability's calls
