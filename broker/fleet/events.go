@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -85,11 +86,10 @@ func (c *Cache) heard(e event, count bool) {
 	if count {
 		c.metrics.invalidations.Inc()
 	}
-	const prefix = "tok:"
-	if len(e.Subject) <= len(prefix) || e.Subject[:len(prefix)] != prefix {
+	name, ok := strings.CutPrefix(e.Subject, "tok:")
+	if !ok || name == "" {
 		return
 	}
-	name := e.Subject[len(prefix):]
 	key, err := c.keys.Open(e.Key, purgeAD(name))
 	if err != nil {
 		c.metrics.undecryptable.Inc()
