@@ -173,13 +173,7 @@ type Options struct {
 // Redis is not retried in a loop. Use it on the options of the client
 // given to New.
 func ClientOptions(o *redis.UniversalOptions, timeout, maxTimeout time.Duration) {
-	if timeout <= 0 {
-		timeout = DefaultTimeout
-	}
-	if maxTimeout <= 0 {
-		maxTimeout = DefaultMaxTimeout
-	}
-	maxTimeout = max(maxTimeout, timeout)
+	timeout, maxTimeout = callBounds(timeout, maxTimeout)
 	o.ContextTimeoutEnabled = true
 	o.DialTimeout = max(timeout, 250*time.Millisecond)
 	o.DialerRetries = 1
@@ -189,6 +183,18 @@ func ClientOptions(o *redis.UniversalOptions, timeout, maxTimeout time.Duration)
 	o.MaxRetries = 1
 	o.MinRetryBackoff = time.Millisecond
 	o.MaxRetryBackoff = 5 * time.Millisecond
+}
+
+// callBounds returns the shortest and the longest bound of a Redis call
+// given as Options.Timeout and Options.MaxTimeout, with their defaults.
+func callBounds(timeout, maxTimeout time.Duration) (time.Duration, time.Duration) {
+	if timeout <= 0 {
+		timeout = DefaultTimeout
+	}
+	if maxTimeout <= 0 {
+		maxTimeout = DefaultMaxTimeout
+	}
+	return timeout, max(maxTimeout, timeout)
 }
 
 // Cache is the Redis shared tier. Create it with New; Close it when done.
@@ -234,13 +240,7 @@ func New(opts Options) (*Cache, error) {
 	if opts.KeyPrefix == "" {
 		opts.KeyPrefix = DefaultKeyPrefix
 	}
-	if opts.Timeout <= 0 {
-		opts.Timeout = DefaultTimeout
-	}
-	if opts.MaxTimeout <= 0 {
-		opts.MaxTimeout = DefaultMaxTimeout
-	}
-	opts.MaxTimeout = max(opts.MaxTimeout, opts.Timeout)
+	opts.Timeout, opts.MaxTimeout = callBounds(opts.Timeout, opts.MaxTimeout)
 	if opts.SlowSpan <= 0 {
 		opts.SlowSpan = DefaultSlowSpan
 	}
@@ -581,12 +581,7 @@ func (c *Cache) undecryptable(key string, err error) {
 func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found bool, err error) {
 	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
-		var b []byte
-		err = c.do(ctx, "get", func(ctx context.Context) error {
-			var err error
-			b, err = c.rdb.Get(ctx, name).Bytes()
-			return err
-		})
+		b, err := c.get(ctx, name)
 		if errors.Is(err, redis.Nil) {
 			continue
 		}
@@ -606,6 +601,18 @@ func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found b
 		return tok, true, nil
 	}
 	return broker.Token{}, false, nil
+}
+
+// get reads the value stored under the Redis key name: redis.Nil when
+// there is none.
+func (c *Cache) get(ctx context.Context, name string) ([]byte, error) {
+	var b []byte
+	err := c.do(ctx, "get", func(ctx context.Context) error {
+		var err error
+		b, err = c.rdb.Get(ctx, name).Bytes()
+		return err
+	})
+	return b, err
 }
 
 // write stores tok for key until its expiry. Failures are only counted: the
