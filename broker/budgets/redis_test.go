@@ -23,14 +23,15 @@ func TestKey(t *testing.T) {
 	}
 }
 
-// newTier is a shared tier on client, closed with the test.
+// newTier is a shared tier on client, closed with the test. Its calls
+// get a generous bound: the machine is shared.
 func newTier(t *testing.T, client redis.UniversalClient) *fleet.Cache {
 	t.Helper()
 	keys, err := seal.New(bytes.Repeat([]byte{1}, seal.KeySize))
 	if err != nil {
 		t.Fatal(err)
 	}
-	tier, err := fleet.New(fleet.Options{Client: client, Keys: keys})
+	tier, err := fleet.New(fleet.Options{Client: client, Keys: keys, Timeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
