@@ -9,6 +9,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 )
 
 // Store is a budget.Store in Redis, over the generic cell rate algorithm
@@ -18,33 +19,24 @@ import (
 // provider's limit. redis_rate names its keys
 // "rate:" + key: with the store's prefix, a budget's Redis key is
 // "rate:" + prefix + "budget:" + the budget's key (a Redis ACL for the
-// broker must allow it). Each call runs through the Store's Caller. Safe
-// for concurrent use.
+// broker must allow it). Each call runs through the shared tier
+// (fleet.Cache.Run), which bounds it by the tier's adaptive timeout and
+// keeps Redis out while the tier's breaker is open. Safe for concurrent
+// use.
 type Store struct {
 	lim    *redis_rate.Limiter
 	prefix string
-	via    Caller
+	via    *fleet.Cache
 }
 
-// Caller runs one Redis call: fleet.Cache.Run, which bounds it by the
-// shared tier's adaptive timeout and keeps Redis out while the tier's
-// breaker is open.
-type Caller interface {
-	// Run runs fn, the call named op, and returns its error, or an error
-	// of its own when it does not run fn.
-	Run(ctx context.Context, op string, fn func(context.Context) error) error
-}
-
-// Op is the name of the Store's calls given to its Caller (a metric
+// Op is the name of the Store's calls in the shared tier's metrics (a
 // label).
 const Op = "budget"
 
 // New returns a Store on client whose keys start with prefix (the fleet's
 // key prefix, e.g. "token_broker:"), whose calls run through via (the
-// shared tier on the same client; nil: straight on client, bounded only by
-// the caller's context and the client's timeouts). The Store does not
-// close the client.
-func New(client redis.UniversalClient, prefix string, via Caller) *Store {
+// shared tier on the same client). The Store does not close the client.
+func New(client redis.UniversalClient, prefix string, via *fleet.Cache) *Store {
 	return &Store{lim: redis_rate.NewLimiter(client), prefix: prefix, via: via}
 }
 
@@ -52,17 +44,11 @@ func New(client redis.UniversalClient, prefix string, via Caller) *Store {
 // remains without spending). RetryAfter is zero when n is allowed.
 func (s *Store) AllowN(ctx context.Context, key string, l budget.Limit, n int) (budget.Result, error) {
 	var res *redis_rate.Result
-	allow := func(ctx context.Context) error {
+	err := s.via.Run(ctx, Op, func(ctx context.Context) error {
 		var err error
 		res, err = s.lim.AllowN(ctx, s.prefix+"budget:"+key, limitOf(l), n)
 		return err
-	}
-	var err error
-	if s.via != nil {
-		err = s.via.Run(ctx, Op, allow)
-	} else {
-		err = allow(ctx)
-	}
+	})
 	if err != nil {
 		return budget.Result{}, err
 	}

@@ -1,6 +1,7 @@
 package budgets
 
 import (
+	"bytes"
 	"context"
 	"strings"
 	"testing"
@@ -9,7 +10,9 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 func TestKey(t *testing.T) {
@@ -18,6 +21,22 @@ func TestKey(t *testing.T) {
 	if a == b || !strings.HasPrefix(a, "nuapay:") || len(a) != len("nuapay:")+12 || strings.Contains(a, "example") {
 		t.Errorf("keys %q and %q: want nuapay: and 12 hex characters, different per URL", a, b)
 	}
+}
+
+// newTier is a shared tier on client, closed with the test. Its calls
+// get a generous bound: the machine is shared.
+func newTier(t *testing.T, client redis.UniversalClient) *fleet.Cache {
+	t.Helper()
+	keys, err := seal.New(bytes.Repeat([]byte{1}, seal.KeySize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tier, err := fleet.New(fleet.Options{Client: client, Keys: keys, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tier.Close() })
+	return tier
 }
 
 // TestSharedBudget spends one budget from two clients, as two brokers of a
@@ -30,7 +49,7 @@ func TestSharedBudget(t *testing.T) {
 	for i := range stores {
 		c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
 		t.Cleanup(func() { c.Close() })
-		stores[i] = New(c, "tb-test:", nil)
+		stores[i] = New(c, "tb-test:", newTier(t, c))
 	}
 	l := budget.Limit{Rate: 1, Period: 100 * time.Second, Burst: 3}
 	key := Key("nuapay", "https://api.example")

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -83,16 +84,15 @@ func (c *Cache) heard(e event, count bool) {
 		return
 	}
 	if count {
-		c.obs.InvalidationReceived()
+		c.metrics.invalidations.Inc()
 	}
-	const prefix = "tok:"
-	if len(e.Subject) <= len(prefix) || e.Subject[:len(prefix)] != prefix {
+	name, ok := strings.CutPrefix(e.Subject, "tok:")
+	if !ok || name == "" {
 		return
 	}
-	name := e.Subject[len(prefix):]
 	key, err := c.keys.Open(e.Key, purgeAD(name))
 	if err != nil {
-		c.obs.Undecryptable()
+		c.metrics.undecryptable.Inc()
 		c.log.Warn("ignoring a purge announcement that does not open (another encryption key?)", zap.Error(err))
 		return
 	}

@@ -39,10 +39,10 @@
 //
 // One breaker (internal/breaker, the one the broker uses for token APIs)
 // keeps Redis out when it is gone: a failure to reach Redis or an error
-// answer counts at once, and Options.BreakerThreshold of them in a row
+// answer counts at once, and DefaultBreakerThreshold of them in a row
 // open it; a timeout counts only once timeouts have lasted
 // Options.SlowSpan without a success, so a burst of slow answers on busy
-// CPUs does not open it. While it is open (Options.BreakerCooldown)
+// CPUs does not open it. While it is open (DefaultBreakerCooldown)
 // lookups mint without Redis; then one call probes Redis. No lookup fails
 // because of Redis.
 package fleet
@@ -98,7 +98,9 @@ const (
 	// DefaultBreakerThreshold is how many Redis failures in a row open the
 	// breaker (timeouts count once they have lasted Options.SlowSpan).
 	DefaultBreakerThreshold = 3
-	// DefaultBreakerCooldown is how long an open breaker keeps Redis out.
+	// DefaultBreakerCooldown is how long an open breaker keeps Redis out
+	// before one call probes it (the others keep out until the probe
+	// answers).
 	DefaultBreakerCooldown = 5 * time.Second
 	// DefaultLockPoll is how long a node waiting for another's lock trusts
 	// the announcement channel before it looks at the lock and the token
@@ -155,19 +157,9 @@ type Options struct {
 	// waiter then loses at most this, not the lock's TTL (a request's
 	// fetch timeout would end first). Default 1s.
 	LockPoll time.Duration
-	// BreakerThreshold is how many consecutive Redis failures open the
-	// breaker (timeouts count once they have lasted SlowSpan). Default 3.
-	BreakerThreshold int
-	// BreakerCooldown is how long the open breaker keeps Redis out before
-	// one call probes it (the others keep out until the probe answers).
-	// Default 5s.
-	BreakerCooldown time.Duration
 	// Now is the breaker's clock and the one that computes the stored
 	// token's remaining life. Default time.Now.
 	Now func() time.Time
-	// Observer is told about hits, misses, errors, waits (metrics).
-	// Optional.
-	Observer Observer
 	// Logger receives breaker changes and undecryptable values, never a
 	// token or a key in clear. Optional.
 	Logger *zap.Logger
@@ -181,13 +173,7 @@ type Options struct {
 // Redis is not retried in a loop. Use it on the options of the client
 // given to New.
 func ClientOptions(o *redis.UniversalOptions, timeout, maxTimeout time.Duration) {
-	if timeout <= 0 {
-		timeout = DefaultTimeout
-	}
-	if maxTimeout <= 0 {
-		maxTimeout = DefaultMaxTimeout
-	}
-	maxTimeout = max(maxTimeout, timeout)
+	timeout, maxTimeout = callBounds(timeout, maxTimeout)
 	o.ContextTimeoutEnabled = true
 	o.DialTimeout = max(timeout, 250*time.Millisecond)
 	o.DialerRetries = 1
@@ -197,6 +183,18 @@ func ClientOptions(o *redis.UniversalOptions, timeout, maxTimeout time.Duration)
 	o.MaxRetries = 1
 	o.MinRetryBackoff = time.Millisecond
 	o.MaxRetryBackoff = 5 * time.Millisecond
+}
+
+// callBounds returns the shortest and the longest bound of a Redis call
+// given as Options.Timeout and Options.MaxTimeout, with their defaults.
+func callBounds(timeout, maxTimeout time.Duration) (time.Duration, time.Duration) {
+	if timeout <= 0 {
+		timeout = DefaultTimeout
+	}
+	if maxTimeout <= 0 {
+		maxTimeout = DefaultMaxTimeout
+	}
+	return timeout, max(maxTimeout, timeout)
 }
 
 // Cache is the Redis shared tier. Create it with New; Close it when done.
@@ -211,7 +209,7 @@ type Cache struct {
 	channel  string
 	br       *breaker.Breaker
 	timeouts *callTimeout
-	obs      Observer
+	metrics  *Metrics
 	log      *zap.Logger
 	// availability is told when Redis becomes unavailable and available
 	// again (OnAvailability).
@@ -242,13 +240,7 @@ func New(opts Options) (*Cache, error) {
 	if opts.KeyPrefix == "" {
 		opts.KeyPrefix = DefaultKeyPrefix
 	}
-	if opts.Timeout <= 0 {
-		opts.Timeout = DefaultTimeout
-	}
-	if opts.MaxTimeout <= 0 {
-		opts.MaxTimeout = DefaultMaxTimeout
-	}
-	opts.MaxTimeout = max(opts.MaxTimeout, opts.Timeout)
+	opts.Timeout, opts.MaxTimeout = callBounds(opts.Timeout, opts.MaxTimeout)
 	if opts.SlowSpan <= 0 {
 		opts.SlowSpan = DefaultSlowSpan
 	}
@@ -259,17 +251,8 @@ func New(opts Options) (*Cache, error) {
 	if opts.LockPoll <= 0 {
 		opts.LockPoll = DefaultLockPoll
 	}
-	if opts.BreakerThreshold <= 0 {
-		opts.BreakerThreshold = DefaultBreakerThreshold
-	}
-	if opts.BreakerCooldown <= 0 {
-		opts.BreakerCooldown = DefaultBreakerCooldown
-	}
 	if opts.Now == nil {
 		opts.Now = time.Now
-	}
-	if opts.Observer == nil {
-		opts.Observer = NopObserver{}
 	}
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
@@ -286,7 +269,7 @@ func New(opts Options) (*Cache, error) {
 		locker:   redislock.New(opts.Client),
 		node:     hex.EncodeToString(id),
 		channel:  opts.KeyPrefix + "events",
-		obs:      opts.Observer,
+		metrics:  newMetrics(),
 		log:      opts.Logger,
 		waiters:  map[string]map[chan struct{}]struct{}{},
 		done:     make(chan struct{}),
@@ -297,7 +280,7 @@ func New(opts Options) (*Cache, error) {
 	if opts.PlainKeys {
 		c.nameKeys = c.nameKeys[:1] // a plain name is the same under every key
 	}
-	c.br = &breaker.Breaker{Threshold: opts.BreakerThreshold, Cooldown: opts.BreakerCooldown, SlowSpan: opts.SlowSpan}
+	c.br = &breaker.Breaker{Threshold: DefaultBreakerThreshold, Cooldown: DefaultBreakerCooldown, SlowSpan: opts.SlowSpan}
 	c.timeouts = newCallTimeout(opts.Timeout, opts.MaxTimeout, poolSize(opts.Client))
 	c.ps = c.rdb.Subscribe(context.Background())
 	// Wait (briefly) for the subscription to be confirmed, so that this
@@ -450,24 +433,24 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	case err == nil, errors.Is(err, redis.Nil), errors.Is(err, redislock.ErrNotObtained), errors.Is(err, redislock.ErrLockNotHeld):
 		outcome = breaker.Healthy
 		c.timeouts.succeeded(time.Since(started))
-	case ctx.Err() != nil, cut && classify(err) == kindSlow:
+	case ctx.Err() != nil, cut && isSlow(err):
 		outcome = breaker.Unknown // the caller gave up, or a cut run ran out: not Redis's fault
 		c.timeouts.ended()
-	case classify(err) == kindSlow:
+	case isSlow(err):
 		outcome = breaker.Slow
 		c.timeouts.timedOut(call)
-		c.obs.L2Error(op)
-		c.obs.L2Timeout(op)
+		c.metrics.errors.WithLabelValues(op).Inc()
+		c.metrics.timeouts.WithLabelValues(op).Inc()
 	default:
 		c.timeouts.ended()
-		c.obs.L2Error(op)
+		c.metrics.errors.WithLabelValues(op).Inc()
 	}
 	from, to := c.br.Record(c.opts.Now(), outcome, err)
 	switch {
 	case from == breaker.Closed && to == breaker.Open:
-		c.obs.BreakerOpened()
+		c.metrics.openings.Inc()
 		c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
-			zap.Duration("cooldown", c.opts.BreakerCooldown), zap.Error(err))
+			zap.Duration("cooldown", DefaultBreakerCooldown), zap.Error(err))
 		c.tellAvailability(false, err)
 	case from != breaker.Closed && to == breaker.Closed:
 		c.log.Info("redis available again: sharing tokens with the fleet")
@@ -488,6 +471,9 @@ func (c *Cache) OnAvailability(f func(up bool, err error)) {
 	}
 	c.availability.Store(&f)
 }
+
+// Metrics returns the collectors that count what the tier does.
+func (c *Cache) Metrics() *Metrics { return c.metrics }
 
 // Available reports whether the tier uses Redis now: false while its
 // breaker keeps Redis out after consecutive failures.
@@ -577,13 +563,13 @@ func (c *Cache) decode(key string, b []byte) (tok broker.Token, ver int64, ok bo
 // rolledBack counts and logs a value older than the newest this node has
 // seen for its key, which is then ignored.
 func (c *Cache) rolledBack(redisKey string) {
-	c.obs.RolledBack()
+	c.metrics.rolledBack.Inc()
 	c.log.Warn("ignoring a value in redis older than one this node has seen for its key (an old value written back: a purged token, a spent refresh token, or a failover that lost the newest write)",
 		zap.String("redis_key", redisKey))
 }
 
 func (c *Cache) undecryptable(key string, err error) {
-	c.obs.Undecryptable()
+	c.metrics.undecryptable.Inc()
 	c.log.Warn("ignoring a value in redis that does not open (another encryption key, or altered); it will be replaced",
 		zap.String("redis_key", c.tokenKey(key)), zap.Error(err))
 }
@@ -595,12 +581,7 @@ func (c *Cache) undecryptable(key string, err error) {
 func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found bool, err error) {
 	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
-		var b []byte
-		err = c.do(ctx, "get", func(ctx context.Context) error {
-			var err error
-			b, err = c.rdb.Get(ctx, name).Bytes()
-			return err
-		})
+		b, err := c.get(ctx, name)
 		if errors.Is(err, redis.Nil) {
 			continue
 		}
@@ -620,6 +601,18 @@ func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found b
 		return tok, true, nil
 	}
 	return broker.Token{}, false, nil
+}
+
+// get reads the value stored under the Redis key name: redis.Nil when
+// there is none.
+func (c *Cache) get(ctx context.Context, name string) ([]byte, error) {
+	var b []byte
+	err := c.do(ctx, "get", func(ctx context.Context) error {
+		var err error
+		b, err = c.rdb.Get(ctx, name).Bytes()
+		return err
+	})
+	return b, err
 }
 
 // write stores tok for key until its expiry. Failures are only counted: the
@@ -692,7 +685,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 	mint = func(context.Context) (broker.Token, error) { return callerMint(mintCtx) }
 	ctx = withRedisTime(ctx, c.opts.MaxTimeout)
 	bypass := func() (broker.Token, string, error) {
-		c.obs.Bypassed()
+		c.metrics.bypassed.Inc()
 		tok, err := mint(ctx)
 		return tok, howBypassed, err
 	}
@@ -701,10 +694,10 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 		return bypass()
 	}
 	if found && usable(tok) {
-		c.obs.L2Hit()
+		c.metrics.lookups.WithLabelValues("hit").Inc()
 		return tok, howAdopted, nil
 	}
-	c.obs.L2Miss()
+	c.metrics.lookups.WithLabelValues("miss").Inc()
 
 	subject := "tok:" + c.name(key)
 	wake, stop := c.watch(subject)
@@ -725,7 +718,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 		switch {
 		case !waited:
 			waited, waitingSince, waitingSinceWall = true, c.opts.Now(), time.Now()
-			c.obs.LockWait()
+			c.metrics.lockWaits.Inc()
 		case c.opts.Now().Sub(waitingSince) >= c.opts.LockTTL || time.Since(waitingSinceWall) >= c.opts.LockTTL:
 			// No lock of ours is held longer than a mint takes (the fetch
 			// timeout, at most LockTTL): this one is stuck. The wait runs
@@ -733,7 +726,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			// as on Options.Now.
 			c.log.Warn("waited lock_ttl for another node's lock of a key: minting without it",
 				zap.String("redis_key", c.lockKey(subject)), zap.Duration("lock_ttl", c.opts.LockTTL))
-			c.obs.Bypassed()
+			c.metrics.bypassed.Inc()
 			return c.mintUnlocked(ctx, key, subject, mint)
 		}
 		if err := c.waitLock(ctx, subject, wake); err != nil {
@@ -747,7 +740,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			return bypass()
 		}
 		if found && usable(tok) {
-			c.obs.Adopted()
+			c.metrics.adopted.Inc()
 			return tok, howAdopted, nil
 		}
 	}
@@ -764,7 +757,7 @@ func (c *Cache) fetchLocked(ctx context.Context, key, subject string, l *held, u
 	}()
 	tok, found, err := c.read(ctx, key)
 	if err == nil && found && usable(tok) {
-		c.obs.Adopted()
+		c.metrics.adopted.Inc()
 		return tok, howAdopted, nil
 	}
 	tok, err = mint(ctx)

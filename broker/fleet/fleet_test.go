@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -21,27 +22,41 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
-// counters is an Observer that counts.
-type counters struct {
-	hit, miss, errs, wait, adopted, inval, undec, bypass, rolledBack, timeouts, opened atomic.Int64
-}
+// counters reads a Cache's metrics.
+type counters struct{ m *Metrics }
 
-func (c *counters) L2Hit()                { c.hit.Add(1) }
-func (c *counters) L2Miss()               { c.miss.Add(1) }
-func (c *counters) L2Error(string)        { c.errs.Add(1) }
-func (c *counters) LockWait()             { c.wait.Add(1) }
-func (c *counters) Adopted()              { c.adopted.Add(1) }
-func (c *counters) InvalidationReceived() { c.inval.Add(1) }
-func (c *counters) Undecryptable()        { c.undec.Add(1) }
-func (c *counters) Bypassed()             { c.bypass.Add(1) }
-func (c *counters) RolledBack()           { c.rolledBack.Add(1) }
-func (c *counters) L2Timeout(string)      { c.timeouts.Add(1) }
-func (c *counters) BreakerOpened()        { c.opened.Add(1) }
+func (c counters) hit() int64        { return count(c.m.lookups.WithLabelValues("hit")) }
+func (c counters) errs() int64       { return count(c.m.errors) }
+func (c counters) wait() int64       { return count(c.m.lockWaits) }
+func (c counters) adopted() int64    { return count(c.m.adopted) }
+func (c counters) inval() int64      { return count(c.m.invalidations) }
+func (c counters) undec() int64      { return count(c.m.undecryptable) }
+func (c counters) bypass() int64     { return count(c.m.bypassed) }
+func (c counters) rolledBack() int64 { return count(c.m.rolledBack) }
+func (c counters) timeouts() int64   { return count(c.m.timeouts) }
+func (c counters) opened() int64     { return count(c.m.openings) }
+
+// count is the sum of the counters that c collects.
+func count(c prometheus.Collector) int64 {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(c)
+	families, err := reg.Gather()
+	if err != nil {
+		panic(err)
+	}
+	var sum float64
+	for _, f := range families {
+		for _, m := range f.GetMetric() {
+			sum += m.GetCounter().GetValue()
+		}
+	}
+	return int64(sum)
+}
 
 // node is one broker of the fleet under test.
 type node struct {
 	*Cache
-	obs   *counters
+	obs   counters
 	clock *clocktest.Clock
 }
 
@@ -69,8 +84,7 @@ func newNode(t *testing.T, r *redistest.Server, keys *seal.Keyring, mod func(*Op
 func newNodeAt(t *testing.T, addr string, keys *seal.Keyring, mod func(*Options)) *node {
 	t.Helper()
 	clock := clocktest.New(time.Now())
-	obs := &counters{}
-	opts := Options{Keys: keys, Timeout: 5 * time.Second, LockTTL: 10 * time.Second, Now: clock.Now, Observer: obs}
+	opts := Options{Keys: keys, Timeout: 5 * time.Second, LockTTL: 10 * time.Second, Now: clock.Now}
 	if mod != nil {
 		mod(&opts)
 	}
@@ -83,7 +97,7 @@ func newNodeAt(t *testing.T, addr string, keys *seal.Keyring, mod func(*Options)
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close(); rdb.Close() })
-	return &node{Cache: c, obs: obs, clock: clock}
+	return &node{Cache: c, obs: counters{c.metrics}, clock: clock}
 }
 
 // minter counts mints and hands out distinct tokens valid for an hour.
@@ -164,8 +178,8 @@ func TestFleetMintsOncePerKey(t *testing.T) {
 	if _, adopted, err := b.Fetch(ctx, testKey, usable, m.mint); err != nil || !adopted {
 		t.Fatalf("Fetch after the mint: adopted=%v err=%v; want an L2 hit", adopted, err)
 	}
-	if b.obs.hit.Load() == 0 || a.obs.errs.Load()+b.obs.errs.Load() != 0 {
-		t.Fatalf("hits=%d errors=%d", b.obs.hit.Load(), a.obs.errs.Load()+b.obs.errs.Load())
+	if b.obs.hit() == 0 || a.obs.errs()+b.obs.errs() != 0 {
+		t.Fatalf("hits=%d errors=%d", b.obs.hit(), a.obs.errs()+b.obs.errs())
 	}
 }
 
@@ -197,7 +211,7 @@ func TestWaiterWokenByAnnouncement(t *testing.T) {
 		tok, adopted, err := b.Fetch(ctx, testKey, usable, waiter.mint)
 		bDone <- result{tok, adopted, err, time.Now()}
 	}()
-	for b.obs.wait.Load() == 0 { // b is waiting for a's lock
+	for b.obs.wait() == 0 { // b is waiting for a's lock
 		select {
 		case res := <-bDone:
 			t.Fatalf("b returned without waiting: %+v", res)
@@ -218,8 +232,8 @@ func TestWaiterWokenByAnnouncement(t *testing.T) {
 	if waited := res.at.Sub(released); waited > 5*time.Second {
 		t.Fatalf("the waiter returned %s after the holder published; want it woken by pub/sub, long before the 10s lock TTL", waited)
 	}
-	if b.obs.adopted.Load() != 1 {
-		t.Fatalf("adopted = %d; want 1", b.obs.adopted.Load())
+	if b.obs.adopted() != 1 {
+		t.Fatalf("adopted = %d; want 1", b.obs.adopted())
 	}
 }
 
@@ -253,7 +267,7 @@ func TestWaiterAdoptsWithoutAnnouncement(t *testing.T) {
 		tok, adopted, err := b.Fetch(ctx, testKey, usable, waiter.mint)
 		done <- result{tok, adopted, err}
 	}()
-	for b.obs.wait.Load() == 0 { // b is waiting for the lock
+	for b.obs.wait() == 0 { // b is waiting for the lock
 		select {
 		case res := <-done:
 			t.Fatalf("b returned without waiting: %+v", res)
@@ -289,8 +303,8 @@ func TestLockOfDeadHolderIsTakenOver(t *testing.T) {
 	if err != nil || adopted || m.n.Load() != 1 || tok.Value == "" {
 		t.Fatalf("Fetch: adopted=%v err=%v mints=%d", adopted, err, m.n.Load())
 	}
-	if a.obs.wait.Load() != 1 {
-		t.Fatalf("lock waits = %d; want 1", a.obs.wait.Load())
+	if a.obs.wait() != 1 {
+		t.Fatalf("lock waits = %d; want 1", a.obs.wait())
 	}
 }
 
@@ -351,7 +365,7 @@ func TestUndecryptableValueIgnored(t *testing.T) {
 	if err != nil || adopted || m.n.Load() != 2 {
 		t.Fatalf("b: adopted=%v err=%v mints=%d; want a mint of its own", adopted, err, m.n.Load())
 	}
-	if b.obs.undec.Load() == 0 {
+	if b.obs.undec() == 0 {
 		t.Fatal("the undecryptable value was not counted")
 	}
 	// b replaced it: b now hits, with its own token.
@@ -365,7 +379,7 @@ func TestUndecryptableValueIgnored(t *testing.T) {
 	if err := raw.Set(ctx, b.tokenKey(other), raw.Get(ctx, b.tokenKey(testKey)).Val(), time.Hour).Err(); err != nil {
 		t.Fatal(err)
 	}
-	before := b.obs.undec.Load()
+	before := b.obs.undec()
 	if _, adopted, err := b.Fetch(ctx, other, usable, m.mint); err != nil || adopted {
 		t.Fatalf("a value moved to another key was adopted (adopted=%v err=%v)", adopted, err)
 	}
@@ -375,7 +389,7 @@ func TestUndecryptableValueIgnored(t *testing.T) {
 	if _, adopted, err := b.Fetch(ctx, testKey, usable, m.mint); err != nil || adopted {
 		t.Fatalf("garbage was adopted (adopted=%v err=%v)", adopted, err)
 	}
-	if got := b.obs.undec.Load() - before; got < 2 {
+	if got := b.obs.undec() - before; got < 2 {
 		t.Fatalf("undecryptable count grew by %d; want 2 or more", got)
 	}
 }
@@ -470,8 +484,8 @@ func TestPurgeCompareAndDelete(t *testing.T) {
 	if len(heardA) != 0 {
 		t.Fatal("a's OnPurge fired for its own purge")
 	}
-	if a.obs.inval.Load() != 1 || b.obs.inval.Load() != 2 {
-		t.Fatalf("invalidations received: a=%d b=%d; want 1 and 2", a.obs.inval.Load(), b.obs.inval.Load())
+	if a.obs.inval() != 1 || b.obs.inval() != 2 {
+		t.Fatalf("invalidations received: a=%d b=%d; want 1 and 2", a.obs.inval(), b.obs.inval())
 	}
 }
 
@@ -480,11 +494,7 @@ func TestPurgeCompareAndDelete(t *testing.T) {
 func TestRedisDownAndBack(t *testing.T) {
 	r := startRedis(t)
 	keys := testKeys(t, 1)
-	fast := func(o *Options) {
-		o.Timeout = 50 * time.Millisecond
-		o.BreakerThreshold = 3
-		o.BreakerCooldown = time.Minute
-	}
+	fast := func(o *Options) { o.Timeout = 50 * time.Millisecond }
 	a, b := newNode(t, r, keys, fast), newNode(t, r, keys, fast)
 	var mu sync.Mutex
 	var told []string // OnAvailability's calls
@@ -518,14 +528,14 @@ func TestRedisDownAndBack(t *testing.T) {
 			t.Fatalf("lookup %d took %s with redis down", i, d)
 		}
 	}
-	if b.obs.bypass.Load() != 10 || b.obs.errs.Load() < 3 {
-		t.Fatalf("bypassed=%d errors=%d; want 10 bypasses and the breaker's errors", b.obs.bypass.Load(), b.obs.errs.Load())
+	if b.obs.bypass() != 10 || b.obs.errs() < 3 {
+		t.Fatalf("bypassed=%d errors=%d; want 10 bypasses and the breaker's errors", b.obs.bypass(), b.obs.errs())
 	}
-	errsWhenOpen := b.obs.errs.Load()
+	errsWhenOpen := b.obs.errs()
 	if _, _, err := b.Fetch(ctx, "down-open", usable, m.mint); err != nil {
 		t.Fatal(err)
 	}
-	if b.obs.errs.Load() != errsWhenOpen {
+	if b.obs.errs() != errsWhenOpen {
 		t.Fatal("the open breaker still called redis")
 	}
 	if err := b.Purge(ctx, testKey, ""); !errors.Is(err, ErrUnavailable) {
@@ -684,13 +694,13 @@ func TestSilentRedisIsBypassed(t *testing.T) {
 	uo := &redis.UniversalOptions{Addrs: []string{l.Addr().String()}}
 	ClientOptions(uo, timeout, maxTimeout)
 	rdb := redis.NewUniversalClient(uo)
-	obs := &counters{}
 	clock := clocktest.New(time.Now())
 	c, err := New(Options{Client: rdb, Keys: testKeys(t, 1), Timeout: timeout, MaxTimeout: maxTimeout, SlowSpan: slowSpan,
-		Now: clock.Now, Observer: obs})
+		Now: clock.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
+	obs := counters{c.metrics}
 	t.Cleanup(func() { c.Close(); rdb.Close() })
 	ctx := testCtx(t)
 	var m minter
@@ -702,29 +712,29 @@ func TestSilentRedisIsBypassed(t *testing.T) {
 			t.Fatalf("lookup %d with a silent redis: adopted=%v err=%v", i, adopted, err)
 		}
 	}
-	if m.n.Load() != 3 || obs.bypass.Load() != 3 || obs.timeouts.Load() < 3 || !c.Available() {
+	if m.n.Load() != 3 || obs.bypass() != 3 || obs.timeouts() < 3 || !c.Available() {
 		t.Fatalf("mints=%d bypassed=%d timeouts=%d available=%v; want 3, 3, at least 3, and the breaker closed",
-			m.n.Load(), obs.bypass.Load(), obs.timeouts.Load(), c.Available())
+			m.n.Load(), obs.bypass(), obs.timeouts(), c.Available())
 	}
 	// Once timeouts have lasted the slow span, each counts: the breaker
 	// opens after the threshold and keeps Redis out.
 	clock.Add(slowSpan)
-	errs := obs.errs.Load()
+	errs := obs.errs()
 	for i := 0; i < 5; i++ {
 		tok, adopted, err := c.Fetch(ctx, testKey, usable, m.mint)
 		if err != nil || adopted || tok.Value == "" {
 			t.Fatalf("lookup %d after the slow span: adopted=%v err=%v", i, adopted, err)
 		}
 	}
-	if m.n.Load() != 8 || obs.bypass.Load() != 8 || c.Available() || obs.opened.Load() != 1 {
-		t.Fatalf("mints=%d bypassed=%d available=%v opened=%d; want 8, 8, unavailable, opened once", m.n.Load(), obs.bypass.Load(), c.Available(), obs.opened.Load())
+	if m.n.Load() != 8 || obs.bypass() != 8 || c.Available() || obs.opened() != 1 {
+		t.Fatalf("mints=%d bypassed=%d available=%v opened=%d; want 8, 8, unavailable, opened once", m.n.Load(), obs.bypass(), c.Available(), obs.opened())
 	}
-	if got := obs.errs.Load() - errs; got != DefaultBreakerThreshold {
+	if got := obs.errs() - errs; got != DefaultBreakerThreshold {
 		t.Fatalf("redis errors after the slow span = %d; want %d, then the breaker keeps redis out", got, DefaultBreakerThreshold)
 	}
 	// After each cooldown one call probes the still silent Redis, and its
 	// timeout keeps Redis out for another cooldown.
-	errs = obs.errs.Load()
+	errs = obs.errs()
 	for round := 1; round <= 2; round++ {
 		clock.Add(DefaultBreakerCooldown)
 		for i := 0; i < 5; i++ {
@@ -732,7 +742,7 @@ func TestSilentRedisIsBypassed(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if got, want := obs.errs.Load()-errs, int64(round); got != want {
+		if got, want := obs.errs()-errs, int64(round); got != want {
 			t.Fatalf("redis errors after %d cooldowns = %d; want %d (one probe each)", round, got, want)
 		}
 	}

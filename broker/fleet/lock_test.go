@@ -54,8 +54,8 @@ func TestLockWithoutExpiry(t *testing.T) {
 			if took := time.Since(start); tt.grace && took < 900*time.Millisecond {
 				t.Errorf("took the lock after %s; want it left to a live holder for half the lock TTL (1s)", took)
 			}
-			if n.obs.bypass.Load() != 0 {
-				t.Errorf("bypassed = %d; want the lock taken, not bypassed", n.obs.bypass.Load())
+			if n.obs.bypass() != 0 {
+				t.Errorf("bypassed = %d; want the lock taken, not bypassed", n.obs.bypass())
 			}
 			if v := raw.Get(testCtx(t), lockKey).Val(); v == "left-without-expiry" {
 				t.Errorf("the lock without expiry is still there")
@@ -102,7 +102,7 @@ func TestLockWaitBoundedByLockTTL(t *testing.T) {
 				tok, adopted, err := n.Fetch(ctx, testKey, usable, m.mint)
 				done <- result{tok, adopted, err}
 			}()
-			for n.obs.wait.Load() == 0 {
+			for n.obs.wait() == 0 {
 				select {
 				case res := <-done:
 					t.Fatalf("returned without waiting: %+v", res)
@@ -118,9 +118,9 @@ func TestLockWaitBoundedByLockTTL(t *testing.T) {
 				n.clock.Add(tt.lockTTL)
 			}
 			res := <-done
-			if res.err != nil || res.adopted || m.n.Load() != 1 || n.obs.bypass.Load() != 1 {
+			if res.err != nil || res.adopted || m.n.Load() != 1 || n.obs.bypass() != 1 {
 				t.Fatalf("after waiting the lock TTL: adopted=%v err=%v mints=%d bypassed=%d; want one mint without the lock",
-					res.adopted, res.err, m.n.Load(), n.obs.bypass.Load())
+					res.adopted, res.err, m.n.Load(), n.obs.bypass())
 			}
 			// The token is shared: another node adopts it.
 			var m2 minter

@@ -54,9 +54,9 @@ func TestSlowRedisKeepsTheFleet(t *testing.T) {
 	}
 	var timeouts int64
 	for i, n := range nodes {
-		timeouts += n.obs.timeouts.Load()
-		if n.obs.bypass.Load() != 0 || n.obs.opened.Load() != 0 || !n.Available() {
-			t.Errorf("node %d: bypassed %d, breaker opened %d, available %v; want the fleet kept", i, n.obs.bypass.Load(), n.obs.opened.Load(), n.Available())
+		timeouts += n.obs.timeouts()
+		if n.obs.bypass() != 0 || n.obs.opened() != 0 || !n.Available() {
+			t.Errorf("node %d: bypassed %d, breaker opened %d, available %v; want the fleet kept", i, n.obs.bypass(), n.obs.opened(), n.Available())
 		}
 	}
 	if got := m.n.Load() - before; got != merchants {
@@ -81,8 +81,8 @@ func TestSlowRedisKeepsTheFleet(t *testing.T) {
 		if d := time.Since(start); d >= maxTimeout {
 			t.Errorf("node %d: the breaker opened %s after redis died; want at once, not after timeouts", i, d)
 		}
-		if n.obs.opened.Load() != 1 {
-			t.Errorf("node %d: breaker opened %d times; want once", i, n.obs.opened.Load())
+		if n.obs.opened() != 1 {
+			t.Errorf("node %d: breaker opened %d times; want once", i, n.obs.opened())
 		}
 	}
 }
@@ -139,7 +139,7 @@ func TestPausedRedisBoundsALookup(t *testing.T) {
 			t.Errorf("lookup %d with Redis paused took %s; want its Redis calls within timeout_max %s (at most %s)", i, d, maxTimeout, limit)
 		}
 	}
-	if got := n.obs.bypass.Load(); got != lookups {
+	if got := n.obs.bypass(); got != lookups {
 		t.Errorf("%d lookups bypassed Redis, want %d", got, lookups)
 	}
 }

@@ -103,12 +103,7 @@ func (s *Store) redisKey(nameKey []byte, key string) string {
 func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
 	for _, nk := range s.c.nameKeys {
 		name := s.redisKey(nk, key)
-		var b []byte
-		err := s.c.do(ctx, "get", func(ctx context.Context) error {
-			var err error
-			b, err = s.c.rdb.Get(ctx, name).Bytes()
-			return err
-		})
+		b, err := s.c.get(ctx, name)
 		if errors.Is(err, redis.Nil) {
 			continue
 		}
@@ -117,7 +112,7 @@ func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
 		}
 		rt, ver, err := s.rtOpen(key, b)
 		if err != nil {
-			s.c.obs.Undecryptable()
+			s.c.metrics.undecryptable.Inc()
 			s.c.log.Warn("a refresh token in redis does not open", zap.String("redis_key", name), zap.Error(err))
 			return "", fmt.Errorf("fleet: refresh token of %s (%s): %w", key, name, ErrRefreshTokenSealed)
 		}
@@ -145,12 +140,7 @@ func (s *Store) Save(ctx context.Context, key string, rt broker.Secret) error {
 	name := s.redisKey(s.c.nameKeys[0], key)
 	ctx = context.WithoutCancel(ctx)
 	ver := max(s.c.opts.Now().UnixNano(), s.c.rts.get(key).ver+1)
-	var stored []byte
-	err := s.c.do(ctx, "get", func(ctx context.Context) error {
-		var err error
-		stored, err = s.c.rdb.Get(ctx, name).Bytes()
-		return err
-	})
+	stored, err := s.c.get(ctx, name)
 	if err != nil && !errors.Is(err, redis.Nil) {
 		return fmt.Errorf("fleet: saving the refresh token of %s to redis: %w", key, err)
 	}

@@ -15,7 +15,7 @@ import (
 // included; a value stored without one (by an older broker) opens with
 // none.
 func TestTokenEncodingRoundTrip(t *testing.T) {
-	c := &Cache{keys: testKeys(t, 1), obs: NopObserver{}, log: zap.NewNop()}
+	c := &Cache{keys: testKeys(t, 1), metrics: newMetrics(), log: zap.NewNop()}
 	issued := time.Date(2030, 1, 1, 10, 0, 0, 123, time.UTC)
 	full := broker.Token{Value: "secret-token-abcdef", Type: "Bearer", Expiry: issued.Add(time.Hour), ID: "t-1",
 		Scopes: []string{"payments", "accounts"}, IssuedAt: issued, RefreshAt: issued.Add(50*time.Minute + 7*time.Second)}

@@ -97,30 +97,20 @@ func poolSize(client redis.UniversalClient) int {
 	return 10 * runtime.GOMAXPROCS(0)
 }
 
-// errKind sorts a failed Redis call.
-type errKind uint8
-
-const (
-	// kindFailed: Redis could not be reached (refused, reset, no route,
-	// closed connection, a failed dial) or answered with an error.
-	kindFailed errKind = iota
-	// kindSlow: the call ran out of its bound: Redis, or the wait for one
-	// of the pool's connections, was slower than the bound.
-	kindSlow
-)
-
-// classify sorts err, the error of a Redis call that was given a
-// deadline of its own. A dial that timed out is a failure: nothing
-// answers at that address.
-func classify(err error) errKind {
+// isSlow reports whether err, the error of a Redis call that was given a
+// deadline of its own, says that the call ran out of its bound: Redis, or
+// the wait for one of the pool's connections, was slower than the bound.
+// Any other error is a failure: Redis could not be reached (refused,
+// reset, no route, closed connection, a failed dial) or answered with an
+// error. A dial that timed out is a failure: nothing answers at that
+// address.
+func isSlow(err error) bool {
 	if op := (*net.OpError)(nil); errors.As(err, &op) && op.Op == "dial" {
-		return kindFailed
+		return false
 	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, redis.ErrPoolTimeout) {
-		return kindSlow
+		return true
 	}
-	if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
-		return kindSlow
-	}
-	return kindFailed
+	ne := net.Error(nil)
+	return errors.As(err, &ne) && ne.Timeout()
 }

@@ -89,28 +89,28 @@ func TestCallTimeoutQueue(t *testing.T) {
 }
 
 // Unreachable Redis fails; a call that ran out of its bound is slow.
-func TestClassify(t *testing.T) {
+func TestIsSlow(t *testing.T) {
 	dial := func(err error) error { return &net.OpError{Op: "dial", Net: "tcp", Err: err} }
 	read := func(err error) error { return &net.OpError{Op: "read", Net: "tcp", Err: err} }
 	tests := []struct {
 		err  error
-		want errKind
+		slow bool
 	}{
-		{dial(&os.SyscallError{Syscall: "connect", Err: syscall.ECONNREFUSED}), kindFailed},
-		{dial(&os.SyscallError{Syscall: "connect", Err: syscall.EHOSTUNREACH}), kindFailed},
-		{dial(os.ErrDeadlineExceeded), kindFailed},
-		{read(&os.SyscallError{Syscall: "read", Err: syscall.ECONNRESET}), kindFailed},
-		{io.EOF, kindFailed},
-		{redis.ErrClosed, kindFailed},
-		{errors.New("LOADING Redis is loading the dataset in memory"), kindFailed},
-		{read(os.ErrDeadlineExceeded), kindSlow},
-		{context.DeadlineExceeded, kindSlow},
-		{fmt.Errorf("get: %w", context.DeadlineExceeded), kindSlow},
-		{redis.ErrPoolTimeout, kindSlow},
+		{dial(&os.SyscallError{Syscall: "connect", Err: syscall.ECONNREFUSED}), false},
+		{dial(&os.SyscallError{Syscall: "connect", Err: syscall.EHOSTUNREACH}), false},
+		{dial(os.ErrDeadlineExceeded), false},
+		{read(&os.SyscallError{Syscall: "read", Err: syscall.ECONNRESET}), false},
+		{io.EOF, false},
+		{redis.ErrClosed, false},
+		{errors.New("LOADING Redis is loading the dataset in memory"), false},
+		{read(os.ErrDeadlineExceeded), true},
+		{context.DeadlineExceeded, true},
+		{fmt.Errorf("get: %w", context.DeadlineExceeded), true},
+		{redis.ErrPoolTimeout, true},
 	}
 	for _, tt := range tests {
-		if got := classify(tt.err); got != tt.want {
-			t.Errorf("classify(%v) = %d, want %d", tt.err, got, tt.want)
+		if got := isSlow(tt.err); got != tt.slow {
+			t.Errorf("isSlow(%v) = %v, want %v", tt.err, got, tt.slow)
 		}
 	}
 }

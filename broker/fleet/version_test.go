@@ -44,7 +44,7 @@ func TestPurgedTokenWrittenBackIsRefused(t *testing.T) {
 	if err := purger.Purge(ctx, testKey, old.Fingerprint()); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the purge announcement", func() bool { return holder.obs.inval.Load() == 1 && listener.obs.inval.Load() == 1 })
+	waitFor(t, "the purge announcement", func() bool { return holder.obs.inval() == 1 && listener.obs.inval() == 1 })
 
 	for _, tt := range []struct {
 		name string
@@ -60,7 +60,7 @@ func TestPurgedTokenWrittenBackIsRefused(t *testing.T) {
 				t.Fatalf("after the purged token was written back: adopted=%v err=%v purged token served=%v mints=%d; want it refused and one mint",
 					adopted, err, tok.Value == old.Value, m.n.Load()-before)
 			}
-			if tt.n.obs.rolledBack.Load() == 0 {
+			if tt.n.obs.rolledBack() == 0 {
 				t.Error("the rollback was not counted")
 			}
 		})
@@ -118,7 +118,7 @@ func TestVersionsAcrossSkewedClocks(t *testing.T) {
 	if err := a.Purge(ctx, testKey, tok.Fingerprint()); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the purge announcement", func() bool { return late.obs.inval.Load() == 1 })
+	waitFor(t, "the purge announcement", func() bool { return late.obs.inval() == 1 })
 	minted, adopted, err := late.Fetch(ctx, testKey, usable, m.mint)
 	if err != nil || adopted {
 		t.Fatalf("late node: adopted=%v err=%v; want a mint", adopted, err)
@@ -163,7 +163,7 @@ func TestRotatedRefreshTokenWrittenBackIsRefused(t *testing.T) {
 			if err != nil || rt != "rt-2" {
 				t.Fatalf("Load after the spent token was written back = %q, %v; want rt-2", rt.Reveal(), err)
 			}
-			if tt.n.obs.rolledBack.Load() == 0 {
+			if tt.n.obs.rolledBack() == 0 {
 				t.Error("the rollback was not counted")
 			}
 			if rt, err := fresh.Store().Load(ctx, key); err != nil || rt != "rt-2" {

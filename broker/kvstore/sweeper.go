@@ -8,7 +8,7 @@ import (
 )
 
 // Sweeper deletes the expired consents of a Pending every interval,
-// from its start until Stop.
+// from its start until Destruct.
 type Sweeper struct {
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -39,15 +39,10 @@ func StartSweeper(st Pending, interval time.Duration, logger *zap.Logger, storag
 	return s
 }
 
-// Stop stops the sweeper and waits for a sweep under way to end.
-func (s *Sweeper) Stop() {
+// Destruct stops the sweeper, waits for a sweep under way to end and
+// returns nil, so that a Sweeper can be kept in a caddy.UsagePool.
+func (s *Sweeper) Destruct() error {
 	s.cancel()
 	<-s.done
-}
-
-// Destruct stops the sweeper (Stop) and returns nil, so that a Sweeper
-// can be kept in a caddy.UsagePool.
-func (s *Sweeper) Destruct() error {
-	s.Stop()
 	return nil
 }

@@ -8,8 +8,8 @@ import (
 	"go.uber.org/zap"
 )
 
-// Destruct stops the sweeper, as Stop does: its goroutine has ended when
-// Destruct returns.
+// Destruct stops the sweeper: its goroutine has ended when Destruct
+// returns.
 func TestSweeperDestructStops(t *testing.T) {
 	s := StartSweeper(Pending{S: &certmagic.FileStorage{Path: t.TempDir()}}, time.Hour, zap.NewNop(), "test")
 	if err := s.Destruct(); err != nil {

@@ -1,7 +1,6 @@
 // Package redisstore opens the fleet's shared tier (package fleet) on a
 // Redis client: it checks the settings, builds the client's options and
-// TLS configuration, seals with the configured keys, and counts what the
-// tier does in Prometheus collectors.
+// TLS configuration, and seals with the configured keys.
 package redisstore
 
 import (
@@ -178,12 +177,12 @@ func (t *TLS) config() (*tls.Config, error) {
 }
 
 // Tier is a Redis client, the shared tier over it and the tier's
-// metrics. Close it when done.
+// metrics. Destruct it when done.
 type Tier struct {
 	// Cache is the shared tier.
 	Cache *fleet.Cache
 	// Metrics count what the tier does.
-	Metrics *Metrics
+	Metrics *fleet.Metrics
 
 	client redis.UniversalClient
 }
@@ -191,26 +190,22 @@ type Tier struct {
 // Open creates the plan's client and tier; it does not wait for Redis.
 func (p *Plan) Open(logger *zap.Logger) (*Tier, error) {
 	client := redis.NewUniversalClient(p.opts)
-	m := newMetrics()
 	cache, err := fleet.New(fleet.Options{
 		Client: client, Keys: p.keys, KeyPrefix: p.s.KeyPrefix, PlainKeys: p.s.PlainKeys,
-		Timeout: p.Timeout, MaxTimeout: p.MaxTimeout, LockTTL: p.LockTTL, Observer: m, Logger: logger,
+		Timeout: p.Timeout, MaxTimeout: p.MaxTimeout, LockTTL: p.LockTTL, Logger: logger,
 	})
 	if err != nil {
 		client.Close()
 		return nil, err
 	}
-	return &Tier{Cache: cache, Metrics: m, client: client}, nil
+	return &Tier{Cache: cache, Metrics: cache.Metrics(), client: client}, nil
 }
 
-// Close closes the tier and its client.
-func (t *Tier) Close() error {
+// Destruct closes the tier and its client, so that a Tier can be kept in
+// a caddy.UsagePool.
+func (t *Tier) Destruct() error {
 	return errors.Join(t.Cache.Close(), t.client.Close())
 }
-
-// Destruct closes the tier (Close), so that a Tier can be kept in a
-// caddy.UsagePool.
-func (t *Tier) Destruct() error { return t.Close() }
 
 // Client is the tier's Redis client, for the broker's other users of the
 // same Redis (the token-request budgets); the tier closes it.

@@ -46,8 +46,8 @@ func TestPrepareTimeouts(t *testing.T) {
 	}
 }
 
-// Destruct closes the tier and its client, as Close does: the client
-// answers no more calls.
+// Destruct closes the tier and its client: the client answers no more
+// calls.
 func TestTierDestructCloses(t *testing.T) {
 	r := redistest.Start(t)
 	key := base64.StdEncoding.EncodeToString([]byte(strings.Repeat("k", 32)))

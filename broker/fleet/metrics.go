@@ -1,17 +1,16 @@
-package redisstore
+package fleet
 
 import (
 	"fmt"
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 )
 
-// Metrics counts what the shared tier does; it is the tier's
-// fleet.Observer. Its collectors live as long as the tier; Register
-// adds them to a registry. No label carries a key or a merchant:
+// Metrics counts what the shared tier does. Its collectors live as long
+// as the tier; Register adds them to a registry. No label carries a key,
+// a merchant or a token:
 //
 //	caddy_token_broker_l2_lookups_total{result="hit|miss"}
 //	caddy_token_broker_l2_errors_total{op}
@@ -23,6 +22,9 @@ import (
 //	caddy_token_broker_l2_rolled_back_total
 //	caddy_token_broker_l2_timeouts_total{op}
 //	caddy_token_broker_l2_breaker_openings_total
+//
+// op names a Redis call: get, set, del, lock, unlock, pttl, publish,
+// purge, or a Run caller's name.
 type Metrics struct {
 	lookups       *prometheus.CounterVec
 	errors        *prometheus.CounterVec
@@ -69,39 +71,3 @@ func (m *Metrics) Register(registry *prometheus.Registry) error {
 	}
 	return nil
 }
-
-// L2Hit implements fleet.Observer.
-func (m *Metrics) L2Hit() { m.lookups.WithLabelValues("hit").Inc() }
-
-// L2Miss implements fleet.Observer.
-func (m *Metrics) L2Miss() { m.lookups.WithLabelValues("miss").Inc() }
-
-// L2Error implements fleet.Observer.
-func (m *Metrics) L2Error(op string) { m.errors.WithLabelValues(op).Inc() }
-
-// LockWait implements fleet.Observer.
-func (m *Metrics) LockWait() { m.lockWaits.Inc() }
-
-// Adopted implements fleet.Observer.
-func (m *Metrics) Adopted() { m.adopted.Inc() }
-
-// InvalidationReceived implements fleet.Observer.
-func (m *Metrics) InvalidationReceived() { m.invalidations.Inc() }
-
-// Undecryptable implements fleet.Observer.
-func (m *Metrics) Undecryptable() { m.undecryptable.Inc() }
-
-// Bypassed implements fleet.Observer.
-func (m *Metrics) Bypassed() { m.bypassed.Inc() }
-
-// RolledBack implements fleet.Observer.
-func (m *Metrics) RolledBack() { m.rolledBack.Inc() }
-
-// L2Timeout implements fleet.Observer.
-func (m *Metrics) L2Timeout(op string) { m.timeouts.WithLabelValues(op).Inc() }
-
-// BreakerOpened implements fleet.Observer.
-func (m *Metrics) BreakerOpened() { m.openings.Inc() }
-
-// Interface guard.
-var _ fleet.Observer = (*Metrics)(nil)
