@@ -351,7 +351,7 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 		}
 		redirect = a.cfg.RedirectURIs[i]
 	}
-	now := a.pend.now()
+	now := a.pend.Now()
 	if lerr := a.limits.admit(merchant, now); lerr != nil {
 		return Link{}, a.fail(lerr.Reason, merchant, lerr)
 	}
@@ -394,7 +394,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Br
 	if slices.Contains(a.cfg.Scopes, "openid") {
 		rec.Nonce = randomString(16)
 	}
-	rec.Expires = a.pend.now().Add(StateTTL)
+	rec.Expires = a.pend.Now().Add(StateTTL)
 	if len(browser) > 0 {
 		rec.Browser = browser[0].hash()
 	}

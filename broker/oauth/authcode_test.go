@@ -403,7 +403,7 @@ func TestPendingsSealed(t *testing.T) {
 	p := &Pendings{Store: ms, Now: newClock().Now}
 	ctx := context.Background()
 	secret := randomString(32)
-	rec := Pending{Provider: "bank", Merchant: "acme", Verifier: "verifier-" + secret, Expires: p.now().Add(time.Minute)}
+	rec := Pending{Provider: "bank", Merchant: "acme", Verifier: "verifier-" + secret, Expires: p.Now().Add(time.Minute)}
 	if err := p.put(ctx, kindState, secret, rec); err != nil {
 		t.Fatal(err)
 	}

@@ -186,7 +186,8 @@ const ReasonWrongBrowser = "wrong_browser"
 type Pendings struct {
 	// Store keeps the sealed records.
 	Store PendingStore
-	// Now is the clock. Default time.Now.
+	// Now is the clock. Default: the clock of the source that NewAuthCode
+	// is given.
 	Now func() time.Time
 }
 
@@ -195,13 +196,6 @@ const (
 	kindLink  = "link"
 	kindState = "state"
 )
-
-func (p *Pendings) now() time.Time {
-	if p.Now == nil {
-		return time.Now()
-	}
-	return p.Now()
-}
 
 // randomString returns n random bytes, base64url-encoded.
 func randomString(n int) string {
@@ -254,7 +248,7 @@ func (p *Pendings) open(kind, secret string, sealed []byte) (Pending, error) {
 	if err := json.Unmarshal(plain, &rec); err != nil {
 		return Pending{}, ErrUnknownPending
 	}
-	if !p.now().Before(rec.Expires) {
+	if !p.Now().Before(rec.Expires) {
 		return rec, errExpired
 	}
 	return rec, nil
