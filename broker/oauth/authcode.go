@@ -535,8 +535,8 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		return res, a.fail(ReasonProviderFailure, rec.Merchant, err)
 	}
 	if iss, ok := q["iss"]; ok || ep.issResponse {
-		if len(iss) != 1 || ep.issuer == "" || iss[0] != ep.issuer {
-			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response's iss %q is not the provider's issuer %q (RFC 9207: a mix-up attack or a misconfigured issuer)", scrub.Truncate(strings.Join(iss, ","), scrub.MaxText), ep.issuer))
+		if issuer := a.src.cfg.Issuer; len(iss) != 1 || issuer == "" || iss[0] != issuer {
+			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response's iss %q is not the provider's issuer %q (RFC 9207: a mix-up attack or a misconfigured issuer)", scrub.Truncate(strings.Join(iss, ","), scrub.MaxText), issuer))
 		}
 	}
 	if code := q.Get("error"); code != "" {
