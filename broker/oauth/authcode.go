@@ -361,7 +361,7 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 	if err := a.pend.put(ctx, kindLink, id, rec); err != nil {
 		return Link{}, a.fail(ReasonStoreFailure, merchant, err)
 	}
-	a.limits.created(merchant, storeKey(kindLink, id), exp)
+	a.limits.created(merchant, a.pend.storeKey(kindLink, id), exp)
 	start := strings.TrimSuffix(redirect, "callback") + "start?" + url.Values{"link": {id}}.Encode()
 	return Link{URL: start, Expires: exp}, nil
 }
@@ -374,7 +374,7 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Browser) (string, Pending, error) {
 	rec, err := a.pend.take(ctx, kindLink, linkID)
 	if rec.Merchant != "" {
-		a.limits.used(rec.Merchant, storeKey(kindLink, linkID))
+		a.limits.used(rec.Merchant, a.pend.storeKey(kindLink, linkID))
 	}
 	if err != nil {
 		return "", rec, a.pendingError(rec, err, "consent link")
