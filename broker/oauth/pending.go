@@ -200,6 +200,14 @@ func randomString(n int) string {
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
+// WellFormed reports whether s has the shape of the consent links,
+// states and browser secrets this package hands out: 32 random bytes,
+// base64url-encoded. Another value was cut short, garbled or made up.
+func WellFormed(s string) bool {
+	b, err := base64.RawURLEncoding.DecodeString(s)
+	return err == nil && len(b) == 32
+}
+
 // sealed returns the sealed records of kind and the secret a record is
 // sealed for: kind + "\x00" + secret, so that a link never opens as a
 // state.
