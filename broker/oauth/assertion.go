@@ -35,7 +35,6 @@ const minRSABits = 2048
 // private key. It is safe for concurrent use.
 type Signer struct {
 	signer jose.Signer
-	kid    string
 }
 
 // ParsePrivateKey reads the first private key of a PEM file: PKCS#1
@@ -95,11 +94,8 @@ func NewSigner(key crypto.Signer, alg, keyID string) (*Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating the %s signer: %w", alg, err)
 	}
-	return &Signer{signer: s, kid: keyID}, nil
+	return &Signer{signer: s}, nil
 }
-
-// KeyID returns the kid header of the assertions.
-func (s *Signer) KeyID() string { return s.kid }
 
 // Assertion returns a fresh client assertion: iss = sub = clientID, aud =
 // audience, a random jti, iat = now and exp = now + AssertionLifetime.

@@ -351,7 +351,7 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 		}
 		redirect = a.cfg.RedirectURIs[i]
 	}
-	now := a.pend.now()
+	now := a.pend.Now()
 	if lerr := a.limits.admit(merchant, now); lerr != nil {
 		return Link{}, a.fail(lerr.Reason, merchant, lerr)
 	}
@@ -361,7 +361,7 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 	if err := a.pend.put(ctx, kindLink, id, rec); err != nil {
 		return Link{}, a.fail(ReasonStoreFailure, merchant, err)
 	}
-	a.limits.created(merchant, storeKey(kindLink, id), exp)
+	a.limits.created(merchant, a.pend.storeKey(kindLink, id), exp)
 	start := strings.TrimSuffix(redirect, "callback") + "start?" + url.Values{"link": {id}}.Encode()
 	return Link{URL: start, Expires: exp}, nil
 }
@@ -374,7 +374,7 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Browser) (string, Pending, error) {
 	rec, err := a.pend.take(ctx, kindLink, linkID)
 	if rec.Merchant != "" {
-		a.limits.used(rec.Merchant, storeKey(kindLink, linkID))
+		a.limits.used(rec.Merchant, a.pend.storeKey(kindLink, linkID))
 	}
 	if err != nil {
 		return "", rec, a.pendingError(rec, err, "consent link")
@@ -394,7 +394,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Br
 	if slices.Contains(a.cfg.Scopes, "openid") {
 		rec.Nonce = randomString(16)
 	}
-	rec.Expires = a.pend.now().Add(StateTTL)
+	rec.Expires = a.pend.Now().Add(StateTTL)
 	if len(browser) > 0 {
 		rec.Browser = browser[0].hash()
 	}
@@ -535,8 +535,8 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		return res, a.fail(ReasonProviderFailure, rec.Merchant, err)
 	}
 	if iss, ok := q["iss"]; ok || ep.issResponse {
-		if len(iss) != 1 || ep.issuer == "" || iss[0] != ep.issuer {
-			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response's iss %q is not the provider's issuer %q (RFC 9207: a mix-up attack or a misconfigured issuer)", scrub.Truncate(strings.Join(iss, ","), scrub.MaxText), ep.issuer))
+		if issuer := a.src.cfg.Issuer; len(iss) != 1 || issuer == "" || iss[0] != issuer {
+			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response's iss %q is not the provider's issuer %q (RFC 9207: a mix-up attack or a misconfigured issuer)", scrub.Truncate(strings.Join(iss, ","), scrub.MaxText), issuer))
 		}
 	}
 	if code := q.Get("error"); code != "" {

@@ -305,6 +305,26 @@ func TestAuthCodeRefusals(t *testing.T) {
 			}
 			return err
 		}},
+		{"code without its PKCE verifier", false, ReasonExchangeFailed, func(t *testing.T, f *consentFixture) error {
+			// The state's record loses its verifier, so that the callback
+			// sends the real code with an empty code_verifier: the same as
+			// none (RFC 6749 §3.1), a PKCE downgrade the server refuses.
+			q := begin(t, f)
+			rec, err := f.pend.take(ctx, kindState, q.Get("state"))
+			if err != nil || rec.Verifier == "" {
+				t.Fatalf("the state's record: %+v, %v", rec, err)
+			}
+			rec.Verifier = ""
+			if err := f.pend.put(ctx, kindState, q.Get("state"), rec); err != nil {
+				t.Fatal(err)
+			}
+			_, err = f.flow.Callback(ctx, host, q)
+			var ae *broker.APIError
+			if !errors.As(err, &ae) || ae.StatusCode != http.StatusBadRequest || ae.Code != "invalid_request" {
+				t.Errorf("want the server's refusal of a code without its verifier, got %v", err)
+			}
+			return err
+		}},
 		{"access denied", false, ReasonDenied, func(t *testing.T, f *consentFixture) error {
 			q := begin(t, f)
 			q = url.Values{"state": q["state"], "error": {"access_denied"}, "error_description": {"the user said no"}}
@@ -383,7 +403,7 @@ func TestPendingsSealed(t *testing.T) {
 	p := &Pendings{Store: ms, Now: newClock().Now}
 	ctx := context.Background()
 	secret := randomString(32)
-	rec := Pending{Provider: "bank", Merchant: "acme", Verifier: "verifier-" + secret, Expires: p.now().Add(time.Minute)}
+	rec := Pending{Provider: "bank", Merchant: "acme", Verifier: "verifier-" + secret, Expires: p.Now().Add(time.Minute)}
 	if err := p.put(ctx, kindState, secret, rec); err != nil {
 		t.Fatal(err)
 	}

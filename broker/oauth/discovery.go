@@ -29,8 +29,6 @@ type endpoints struct {
 	// What the consent flow (AuthCode) reads from the discovery document;
 	// empty for a provider configured with a token URL.
 
-	// issuer is the issuer whose document was read.
-	issuer string
 	// auth is the authorization_endpoint.
 	auth string
 	// par is the pushed_authorization_request_endpoint (its mTLS alias
@@ -162,7 +160,7 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 		return fail(fmt.Errorf("reading the discovery document: %w", err))
 	}
 	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods,
-		issuer: e.cfg.Issuer, auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse,
+		auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse,
 		verifier: p.VerifierContext(ctx, &oidc.Config{ClientID: e.cfg.ClientID, Now: e.cfg.Now})}
 	// RFC 8705 §5: a client that has a TLS client certificate uses the
 	// mTLS aliases whatever its client authentication, so that its tokens

@@ -69,8 +69,6 @@ func (l LinkLimits) withDefaults() LinkLimits {
 type LinkLimitError struct {
 	// Reason is ReasonTooManyLinks or ReasonLinkRate.
 	Reason string
-	// Merchant asked for.
-	Merchant string
 	// Limit describes the limit reached.
 	Limit string
 	// RetryAfter is when a link can be had again, at the earliest.
@@ -121,20 +119,20 @@ func (l *linkLimiter) admit(merchant string, now time.Time) *LinkLimitError {
 	}
 	ml.links = slices.DeleteFunc(ml.links, func(p pendingLink) bool { return !now.Before(p.expires) })
 	if len(ml.links) >= l.lim.MaxPending {
-		return &LinkLimitError{Reason: ReasonTooManyLinks, Merchant: merchant, RetryAfter: ml.links[0].expires.Sub(now),
+		return &LinkLimitError{Reason: ReasonTooManyLinks, RetryAfter: ml.links[0].expires.Sub(now),
 			Limit: fmt.Sprintf("the merchant has %d unused consent links (max_pending_links): one must expire or be used first", len(ml.links))}
 	}
 	mr := ml.lim.ReserveN(now, 1)
 	if d := mr.DelayFrom(now); d > 0 {
 		mr.CancelAt(now)
-		return &LinkLimitError{Reason: ReasonLinkRate, Merchant: merchant, RetryAfter: d,
+		return &LinkLimitError{Reason: ReasonLinkRate, RetryAfter: d,
 			Limit: fmt.Sprintf("the merchant got its %d consent links per minute (merchant_links_per_minute)", l.lim.MerchantPerMinute)}
 	}
 	ar := l.all.ReserveN(now, 1)
 	if d := ar.DelayFrom(now); d > 0 {
 		ar.CancelAt(now)
 		mr.CancelAt(now)
-		return &LinkLimitError{Reason: ReasonLinkRate, Merchant: merchant, RetryAfter: d,
+		return &LinkLimitError{Reason: ReasonLinkRate, RetryAfter: d,
 			Limit: fmt.Sprintf("the provider handed out its %d consent links per minute (links_per_minute)", l.lim.PerMinute)}
 	}
 	l.m[merchant] = ml

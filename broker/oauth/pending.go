@@ -7,13 +7,9 @@ import (
 	"crypto/subtle"
 	"encoding/base64"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
-	"fmt"
 	"sync"
 	"time"
-
-	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 // ErrUnknownPending is returned by PendingStore.Get and Take when nothing
@@ -179,14 +175,15 @@ func (b Browser) hash() string {
 // differs); the state is left for the right browser.
 const ReasonWrongBrowser = "wrong_browser"
 
-// Pendings keeps consents in progress in a PendingStore, each sealed with
-// a key derived from its secret (the link id or the state) and stored
-// under a hash of it: whoever reads the store learns nothing usable, and
-// only the bearer of the link or state can open its record, once.
+// Pendings keeps consents in progress in a PendingStore, each sealed for
+// its secret, the link id or the state (Sealed): whoever reads the store
+// learns nothing usable, and only the bearer of the link or state can
+// open its record, once.
 type Pendings struct {
 	// Store keeps the sealed records.
 	Store PendingStore
-	// Now is the clock. Default time.Now.
+	// Now is the clock. Default: the clock of the source that NewAuthCode
+	// is given.
 	Now func() time.Time
 }
 
@@ -196,13 +193,6 @@ const (
 	kindState = "state"
 )
 
-func (p *Pendings) now() time.Time {
-	if p.Now == nil {
-		return time.Now()
-	}
-	return p.Now()
-}
-
 // randomString returns n random bytes, base64url-encoded.
 func randomString(n int) string {
 	b := make([]byte, n)
@@ -210,67 +200,56 @@ func randomString(n int) string {
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
-func derive(purpose, kind, secret string) []byte {
-	h := sha256.Sum256([]byte("token_broker consent " + purpose + "\x00" + kind + "\x00" + secret))
-	return h[:]
+// WellFormed reports whether s has the shape of the consent links,
+// states and browser secrets this package hands out: 32 random bytes,
+// base64url-encoded. Another value was cut short, garbled or made up.
+func WellFormed(s string) bool {
+	b, err := base64.RawURLEncoding.DecodeString(s)
+	return err == nil && len(b) == 32
 }
 
-// storeKey is the store key of a secret: kind + "/" + hex of a SHA-256.
-func storeKey(kind, secret string) string {
-	return kind + "/" + hex.EncodeToString(derive("key", kind, secret))
+// sealed returns the sealed records of kind and the secret a record is
+// sealed for: kind + "\x00" + secret, so that a link never opens as a
+// state.
+func (p *Pendings) sealed(kind, secret string) (Sealed, string) {
+	return Sealed{Store: p.Store, Domain: "token_broker consent ", Prefix: kind}, kind + "\x00" + secret
 }
 
-// keyring is the sealing key of a secret's record.
-func keyring(kind, secret string) *seal.Keyring {
-	kr, _ := seal.New(derive("seal", kind, secret)) // a 32-byte key never fails
-	return kr
+// storeKey is the store key of the record of secret.
+func (p *Pendings) storeKey(kind, secret string) string {
+	s, name := p.sealed(kind, secret)
+	key, _ := s.keys(name)
+	return key
 }
 
 // put seals rec under secret.
 func (p *Pendings) put(ctx context.Context, kind, secret string, rec Pending) error {
-	plain, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
-	key := storeKey(kind, secret)
-	sealed, err := keyring(kind, secret).Seal(plain, []byte(key))
-	if err != nil {
-		return fmt.Errorf("sealing the consent %s: %w", kind, err)
-	}
-	if err := p.Store.Put(ctx, key, sealed, rec.Expires); err != nil {
-		return fmt.Errorf("storing the consent %s: %w", kind, err)
-	}
-	return nil
-}
-
-// open unseals the record of secret: ErrUnknownPending when it does not
-// open, errExpired (with the record) when it has expired.
-func (p *Pendings) open(kind, secret string, sealed []byte) (Pending, error) {
-	plain, err := keyring(kind, secret).Open(sealed, []byte(storeKey(kind, secret)))
-	if err != nil {
-		return Pending{}, ErrUnknownPending
-	}
-	var rec Pending
-	if err := json.Unmarshal(plain, &rec); err != nil {
-		return Pending{}, ErrUnknownPending
-	}
-	if !p.now().Before(rec.Expires) {
-		return rec, errExpired
-	}
-	return rec, nil
+	s, name := p.sealed(kind, secret)
+	return s.Put(ctx, name, rec, rec.Expires)
 }
 
 // take opens and consumes the record of secret: ErrUnknownPending when
-// there is none (or it does not open), errExpired when it has expired.
+// there is none (or it does not open), errExpired (with the record) when
+// it has expired.
 func (p *Pendings) take(ctx context.Context, kind, secret string) (Pending, error) {
+	s, name := p.sealed(kind, secret)
+	return p.open(ctx, s.Take, name, secret)
+}
+
+// open reads the record of secret with read (Sealed.Get or Take), as
+// take does.
+func (p *Pendings) open(ctx context.Context, read func(context.Context, string, any) error, name, secret string) (Pending, error) {
 	if secret == "" || len(secret) > 512 {
 		return Pending{}, ErrUnknownPending
 	}
-	sealed, err := p.Store.Take(ctx, storeKey(kind, secret))
-	if err != nil {
+	var rec Pending
+	if err := read(ctx, name, &rec); err != nil {
 		return Pending{}, err
 	}
-	return p.open(kind, secret, sealed)
+	if !p.Now().Before(rec.Expires) {
+		return rec, errExpired
+	}
+	return rec, nil
 }
 
 // takeFrom is take for a record that a browser binds: the record is read
@@ -278,14 +257,8 @@ func (p *Pendings) take(ctx context.Context, kind, secret string) (Pending, erro
 // (or it was started without one); otherwise the record stays and the
 // error is errWrongBrowser.
 func (p *Pendings) takeFrom(ctx context.Context, kind, secret string, browser Browser) (Pending, error) {
-	if secret == "" || len(secret) > 512 {
-		return Pending{}, ErrUnknownPending
-	}
-	sealed, err := p.Store.Get(ctx, storeKey(kind, secret))
-	if err != nil {
-		return Pending{}, err
-	}
-	rec, err := p.open(kind, secret, sealed)
+	s, name := p.sealed(kind, secret)
+	rec, err := p.open(ctx, s.Get, name, secret)
 	if err == nil && rec.Browser != "" && subtle.ConstantTimeCompare([]byte(rec.Browser), []byte(browser.hash())) != 1 {
 		return rec, errWrongBrowser
 	}

@@ -34,7 +34,6 @@ type RefreshToken struct {
 	store Store
 
 	mu      sync.Mutex
-	gen     uint64                   // counts refreshes
 	last    map[string]*refreshed    // by store key: the latest refresh, while its token is valid
 	pending map[string]broker.Secret // rotated tokens whose Save failed
 	status  map[string]ConsentStatus // by merchant (authcode.go)
@@ -46,9 +45,8 @@ type RefreshToken struct {
 // last access token is still valid, plus sweepEvery.
 const sweepEvery = 64
 
-// refreshed is the result of one refresh.
+// refreshed is the result of one refresh; each refresh stores a new one.
 type refreshed struct {
-	gen uint64
 	req string // scopes and audience
 	tok broker.Token
 }
@@ -163,10 +161,7 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	key := s.StoreKey(req.Merchant)
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	s.mu.Lock()
-	var gen uint64
-	if l := s.last[key]; l != nil {
-		gen = l.gen
-	}
+	before := s.last[key]
 	s.mu.Unlock()
 
 	unlock, err := s.store.Lock(ctx, key)
@@ -179,7 +174,7 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	s.mu.Lock()
 	l, pending := s.last[key], s.pending[key]
 	s.mu.Unlock()
-	if l != nil && l.gen != gen && l.req == want && l.tok.Expiry.After(s.cfg.Now()) {
+	if l != nil && l != before && l.req == want && l.tok.Expiry.After(s.cfg.Now()) {
 		return l.tok, nil
 	}
 
@@ -215,8 +210,7 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 		}
 	}
 	s.mu.Lock()
-	s.gen++
-	s.last[key] = &refreshed{gen: s.gen, req: want, tok: tok}
+	s.last[key] = &refreshed{req: want, tok: tok}
 	if s.sweep--; s.sweep <= 0 {
 		s.sweep = sweepEvery
 		now := s.cfg.Now()

@@ -2,6 +2,7 @@ package oauth
 
 import (
 	"context"
+	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/base64"
@@ -269,8 +270,12 @@ func TestAssertions(t *testing.T) {
 				}
 				h := parsed.Headers[0]
 				wantKid := tc.kid
-				if wantKid == "" {
-					wantKid = signer.KeyID()
+				if wantKid == "" { // the key's RFC 7638 thumbprint
+					tp, err := (&jose.JSONWebKey{Key: key.Public()}).Thumbprint(crypto.SHA256)
+					if err != nil {
+						t.Fatal(err)
+					}
+					wantKid = base64.RawURLEncoding.EncodeToString(tp)
 				}
 				if h.KeyID != wantKid || h.KeyID == "" || h.Algorithm != tc.wantAlg {
 					t.Errorf("header kid %q alg %q", h.KeyID, h.Algorithm)

@@ -4,9 +4,6 @@ package pemkey
 
 import (
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/ed25519"
-	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -45,13 +42,10 @@ func Parse(pemBytes []byte) (crypto.Signer, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s block is not a valid key", block.Type)
 		}
-		switch k := key.(type) {
-		case *rsa.PrivateKey:
-			return k, nil
-		case *ecdsa.PrivateKey:
-			return k, nil
-		case ed25519.PrivateKey:
-			return k, nil
+		// RSA, ECDSA and Ed25519 keys sign; an X25519 key (*ecdh.PrivateKey)
+		// does not.
+		if s, ok := key.(crypto.Signer); ok {
+			return s, nil
 		}
 		return nil, fmt.Errorf("unsupported private key type %T: use an RSA, EC P-256 or Ed25519 key", key)
 	}

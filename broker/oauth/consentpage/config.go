@@ -13,6 +13,8 @@ import (
 	"unicode/utf8"
 
 	"golang.org/x/text/language"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // Config brands the pages. The zero value gives the built-in pages,
@@ -107,12 +109,7 @@ func checkLogo(logo string) error {
 }
 
 // truncate shortens a configured value for an error message.
-func truncate(s string) string {
-	if len(s) > 80 {
-		return s[:80] + "…"
-	}
-	return s
-}
+func truncate(s string) string { return scrub.Truncate(s, 80) }
 
 // accent is the configured accent colour or the default.
 func (c *Config) accent() string {

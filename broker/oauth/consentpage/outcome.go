@@ -1,8 +1,6 @@
 package consentpage
 
 import (
-	"encoding/base64"
-
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
@@ -32,13 +30,13 @@ func ForOutcome(outcome string) string {
 
 // ForStart returns the page of a refused /start: missing when there is no
 // link, invalid when it is not shaped like the links oauth.AuthCode hands
-// out (32 random bytes, base64url: cut short or garbled), else the page
-// of the outcome.
+// out (oauth.WellFormed: cut short or garbled), else the page of the
+// outcome.
 func ForStart(link, outcome string) string {
 	if link == "" {
 		return PageMissing
 	}
-	if b, err := base64.RawURLEncoding.DecodeString(link); err != nil || len(b) != 32 {
+	if !oauth.WellFormed(link) {
 		return PageInvalid
 	}
 	return ForOutcome(outcome)

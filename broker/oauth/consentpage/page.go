@@ -179,15 +179,15 @@ func New(cfg Config) (*Renderer, error) {
 	for _, p := range Pages() {
 		for _, d := range r.samples(p) {
 			if err := r.tmpls[p].Execute(&bytes.Buffer{}, d); err != nil {
-				return nil, fmt.Errorf("%s: page %s: %w", r.where(p), p, err)
+				return nil, fmt.Errorf("%s: page %s: %w", r.where(), p, err)
 			}
 		}
 	}
 	return r, nil
 }
 
-// where names the template file of a page, for errors.
-func (r *Renderer) where(page string) string {
+// where names the templates, for errors.
+func (r *Renderer) where() string {
 	if r.cfg.Templates == "" {
 		return "built-in templates"
 	}

@@ -3,15 +3,10 @@ package consentpage
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/base64"
-	"encoding/hex"
-	"encoding/json"
-	"fmt"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
-	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 // ResultTTL is how long a consent's result page can be shown again (a
@@ -32,9 +27,9 @@ type Result struct {
 
 // Results keeps the results of callbacks so that the page a callback
 // redirects to shows the same outcome on every load until ResultTTL: the
-// result id in that page's URL is 32 random bytes; the store holds, under
-// a SHA-256 of the id, the result sealed (AES-256-GCM) with a key derived
-// from the id, so the store alone reveals nothing. Safe for concurrent use.
+// result id in that page's URL is 32 random bytes, for which the result
+// is sealed (oauth.Sealed), so the store alone reveals nothing. Safe for
+// concurrent use.
 type Results struct {
 	// Store keeps the sealed results (the consent store: keys
 	// "result/<hex>").
@@ -50,12 +45,9 @@ func (rs *Results) now() time.Time {
 	return rs.Now()
 }
 
-// resultKeys returns the store key and the sealing keyring of a result id.
-func resultKeys(id string) (string, *seal.Keyring) {
-	k := sha256.Sum256([]byte("token_broker consent result key\x00" + id))
-	s := sha256.Sum256([]byte("token_broker consent result seal\x00" + id))
-	kr, _ := seal.New(s[:]) // a 32-byte key never fails
-	return "result/" + hex.EncodeToString(k[:]), kr
+// sealed are the stored results: a result is sealed for its id.
+func (rs *Results) sealed() oauth.Sealed {
+	return oauth.Sealed{Store: rs.Store, Domain: "token_broker consent result ", Prefix: "result"}
 }
 
 // Save stores res (its Expires set to now + ResultTTL) and returns its id.
@@ -64,17 +56,8 @@ func (rs *Results) Save(ctx context.Context, res Result) (string, error) {
 	_, _ = rand.Read(b) // crypto/rand.Read never fails
 	id := base64.RawURLEncoding.EncodeToString(b)
 	res.Expires = rs.now().Add(ResultTTL)
-	plain, err := json.Marshal(res)
-	if err != nil {
+	if err := rs.sealed().Put(ctx, id, res, res.Expires); err != nil {
 		return "", err
-	}
-	key, kr := resultKeys(id)
-	sealed, err := kr.Seal(plain, []byte(key))
-	if err != nil {
-		return "", fmt.Errorf("sealing the consent result: %w", err)
-	}
-	if err := rs.Store.Put(ctx, key, sealed, res.Expires); err != nil {
-		return "", fmt.Errorf("storing the consent result: %w", err)
 	}
 	return id, nil
 }
@@ -82,20 +65,8 @@ func (rs *Results) Save(ctx context.Context, res Result) (string, error) {
 // Load returns the result of id, without consuming it; false when there
 // is none, it does not open, or it has expired.
 func (rs *Results) Load(ctx context.Context, id string) (Result, bool) {
-	if id == "" || len(id) > 64 {
-		return Result{}, false
-	}
-	key, kr := resultKeys(id)
-	sealed, err := rs.Store.Get(ctx, key)
-	if err != nil {
-		return Result{}, false
-	}
-	plain, err := kr.Open(sealed, []byte(key))
-	if err != nil {
-		return Result{}, false
-	}
 	var res Result
-	if json.Unmarshal(plain, &res) != nil || !rs.now().Before(res.Expires) {
+	if id == "" || len(id) > 64 || rs.sealed().Get(ctx, id, &res) != nil || !rs.now().Before(res.Expires) {
 		return Result{}, false
 	}
 	return res, true

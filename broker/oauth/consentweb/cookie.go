@@ -1,7 +1,6 @@
 package consentweb
 
 import (
-	"encoding/base64"
 	"net/http"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
@@ -28,11 +27,3 @@ func browserCookie(r *http.Request) (name string, secure bool) {
 
 // consentCookie is the consent cookie's name, without prefix.
 const consentCookie = "token_broker_consent"
-
-// validBrowser reports whether v looks like a browser secret made by
-// oauth.NewBrowser (32 random bytes, base64url): another value is
-// replaced by a new one.
-func validBrowser(v string) bool {
-	b, err := base64.RawURLEncoding.DecodeString(v)
-	return err == nil && len(b) == 32
-}

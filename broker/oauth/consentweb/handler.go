@@ -232,8 +232,8 @@ func (c *Handler) start(w http.ResponseWriter, r *http.Request) {
 	provider := c.o.Provider
 	ctx, span := c.span(r, provider, StepStart)
 	name, secure := browserCookie(r)
-	browser := oauth.NewBrowser()
-	if ck, err := r.Cookie(name); err == nil && validBrowser(ck.Value) {
+	browser := oauth.NewBrowser() // unless the browser has a well-formed one
+	if ck, err := r.Cookie(name); err == nil && oauth.WellFormed(ck.Value) {
 		browser = oauth.Browser(ck.Value)
 	}
 	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host, browser)
