@@ -49,8 +49,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	rt := outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit, Incremental: caddyhttp.IsIncremental,
 		Isolate: isolateVars, Tokens: h.tokens, NonceChallenged: h.nonceChallenged}
 	if k := b.DPoP; k != nil && outbound.IsDPoP(e.Header()) {
-		d := outbound.AcquireDPoP(k)
-		defer d.Release()
+		d := outbound.NewDPoP(k)
 		d.SetToken(e.Header(), e.ATH())
 		caddyhttp.SetVar(r.Context(), dpopVar, d)
 		rt.DPoP = d

@@ -222,8 +222,7 @@ func TestRetryDPoP(t *testing.T) {
 			wantSeen: []string{"DPoP tok"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			d := AcquireDPoP(k)
-			defer d.Release()
+			d := NewDPoP(k)
 			d.SetToken("DPoP tok", wantATH("tok"))
 			up := &upstream{bad: "none", nonce: tt.nonce}
 			unsignedStatus := tt.status
