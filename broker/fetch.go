@@ -75,7 +75,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 			case cur != nil && errors.Is(err, budget.ErrExhausted) && !Called(err):
 				br.refreshDenied(b, cur, err, now)
 			case cur != nil:
-				br.pol.refreshFailed(b, err, now)
+				br.pol.deferRefresh(b, err, now, time.Time{})
 			}
 			return nil, err
 		}
@@ -427,7 +427,7 @@ func (br *Broker) refreshDenied(b *Binding, cur *Entry, err error, now time.Time
 	wait := RetryAfterOf(err)
 	d := min(max(wait, refreshDeferMin), refreshDeferMax)
 	d += rand.N(d/2 + 1)
-	br.pol.refreshDeferred(b, err, now, now.Add(d))
+	br.pol.deferRefresh(b, err, now, now.Add(d))
 	cur.deferred.Store(true)
 	end := cur.expiry.Add(-br.opts.Leeway)
 	if now.Add(max(wait, d)).Before(end) {

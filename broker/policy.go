@@ -338,24 +338,19 @@ func (ks *keyState) forget(n notes) notes {
 	return n
 }
 
-// refreshFailed defers the next refresh-ahead of b's key after a failed
-// one: until the key's backoff ends, or (when the failure memory is
-// disabled) for DefaultFailureTTL.
-func (p *policy) refreshFailed(b *Binding, err error, now time.Time) {
+// deferRefresh defers the next refresh-ahead of b's key after one that
+// failed or that its budget refused (err): until until when it is not
+// zero, else until the key's backoff ends or, when the failure memory is
+// disabled, for DefaultFailureTTL.
+func (p *policy) deferRefresh(b *Binding, err error, now, until time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	until := now.Add(max(p.opts.FailureTTL, DefaultFailureTTL))
-	if h, _ := p.backoffLocked(b, now); h != nil {
-		until = h.until
+	if until.IsZero() {
+		until = now.Add(max(p.opts.FailureTTL, DefaultFailureTTL))
+		if h, _ := p.backoffLocked(b, now); h != nil {
+			until = h.until
+		}
 	}
-	p.key(b).refresh = failure{err: err, at: now, until: until}
-}
-
-// refreshDeferred defers the next refresh-ahead of b's key until until:
-// its budget refused it (err).
-func (p *policy) refreshDeferred(b *Binding, err error, now, until time.Time) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	p.key(b).refresh = failure{err: err, at: now, until: until}
 }
 
