@@ -699,7 +699,7 @@ func TestBreakerOpenedDuringBudgetWait(t *testing.T) {
 // token is past expiry less Leeway, the first lookup then reports it, once.
 func TestRefreshBehindSparseLookups(t *testing.T) {
 	clock, src, obs, br, p, b, e := atPlannedRefresh(t, 500*time.Millisecond)
-	if err := p.Budget.Take(context.Background(), budget.Foreground, time.Time{}); err != nil {
+	if _, err := p.Budget.Take(context.Background(), budget.Foreground, time.Time{}, nil); err != nil {
 		t.Fatal(err) // another key's caller spends the budget
 	}
 	if _, r, err := br.Get(context.Background(), b); err != nil || r != RefreshAhead {

@@ -409,7 +409,7 @@ func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, b
 			by = now
 		}
 	}
-	return b.Budget.TakeWaited(ctx, p, by, br.opts.Sleep)
+	return b.Budget.Take(ctx, p, by, br.opts.Sleep)
 }
 
 // Refresh-ahead denied budget: the next request after a short defer tries

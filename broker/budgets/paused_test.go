@@ -48,7 +48,7 @@ func TestBudgetPausedRedis(t *testing.T) {
 	take := func() (time.Duration, bool) {
 		t.Helper()
 		start := time.Now()
-		err := b.Take(context.Background(), budget.Foreground, time.Now().Add(time.Second))
+		_, err := b.Take(context.Background(), budget.Foreground, time.Now().Add(time.Second), nil)
 		took := time.Since(start)
 		if ee := (*budget.ExhaustedError)(nil); err != nil && !errors.As(err, &ee) {
 			t.Fatalf("Take: %v; want a token request or the budget exhausted", err)
