@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -807,6 +808,64 @@ func TestFetchLeavesQueueWhenCallersGone(t *testing.T) {
 	clock.Add(10 * time.Second)
 	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || src.calls() != 2 {
 		t.Fatalf("a later lookup: %v after %d calls, want a token", err, src.calls())
+	}
+}
+
+// gatedBound is a callLog whose fetch, once armed, stops where it reads
+// the call bound (CallBounded, before the fetch registers itself): it
+// says so on entered and goes on when release is closed.
+type gatedBound struct {
+	callLog
+	armed            atomic.Bool
+	entered, release chan struct{}
+}
+
+func (s *gatedBound) CallTimeout() time.Duration {
+	if s.armed.CompareAndSwap(true, false) {
+		close(s.entered)
+		<-s.release
+	}
+	return 0
+}
+
+// TestFetchGivesUpWhenCallersLeftBeforeItStarted: a fetch whose every
+// lookup left before it registered itself does not wait for budget: it
+// gives up at once and calls nothing.
+func TestFetchGivesUpWhenCallersLeftBeforeItStarted(t *testing.T) {
+	clock := newFakeClock()
+	src := &gatedBound{callLog: callLog{clock: clock, life: time.Hour}, entered: make(chan struct{}), release: make(chan struct{})}
+	sleep := func(context.Context, time.Duration) error {
+		t.Error("the fetch waited for budget, though no lookup waits for it")
+		return errors.New("waited")
+	}
+	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+		t.Fatal(err)
+	}
+	src.armed.Store(true)
+	ctx, cancel := context.WithCancel(context.Background())
+	gone := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(ctx, bs[1])
+		gone <- err
+	}()
+	<-src.entered
+	// The test waits for the fetch's outcome without being a lookup.
+	fetched := br.group.DoChan(bs[1].key, func() (any, error) {
+		t.Error("no fetch in flight to join")
+		return nil, errors.New("no fetch in flight")
+	})
+	cancel()
+	if err := <-gone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("%v, want the caller's cancellation", err)
+	}
+	close(src.release)
+	if res := <-fetched; !errors.Is(res.Err, context.Canceled) || src.calls() != 1 {
+		t.Fatalf("the fetch: %v after %d calls, want it given up without a call", res.Err, src.calls())
 	}
 }
 
