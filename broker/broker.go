@@ -191,7 +191,7 @@ type Broker struct {
 // New returns a Broker. Call Close when done with it.
 func New(opts Options) *Broker {
 	opts = opts.withDefaults()
-	br := &Broker{opts: opts, cache: gocache.New(gocache.NoExpiration, opts.CleanupInterval)}
+	br := &Broker{opts: opts, cache: gocache.New(gocache.NoExpiration, cleanupInterval)}
 	// A token dropped from the cache (expired and cleaned up, purged) is
 	// no longer its binding's last served entry.
 	br.cache.OnEvicted(func(_ string, v any) { v.(*Entry).unpin() })

@@ -283,11 +283,11 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, obs Observer, 
 		if !retry || attempt >= br.opts.MaxAttempts {
 			return tok, f, class, report, err
 		}
-		// A Retry-After longer than BackoffMax ends the fetch: the key's
+		// A Retry-After longer than backoffMax ends the fetch: the key's
 		// failure memory honours it, no caller sleeps through it.
 		ra := RetryAfterOf(err)
-		wait := max(backoff(attempt, br.opts.BackoffBase, br.opts.BackoffMax), ra)
-		if ra > br.opts.BackoffMax || time.Now().Add(wait).After(deadline) {
+		wait := max(backoff(attempt), ra)
+		if ra > backoffMax || time.Now().Add(wait).After(deadline) {
 			return tok, f, class, report, err
 		}
 		// This call is reported now, and only now: a breaker refusing the
@@ -301,11 +301,11 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, obs Observer, 
 }
 
 // backoff returns the wait before attempt n+1 (n ≥ 1): exponential from
-// base, capped at max, with full jitter (uniform in [d/2, d]).
-func backoff(n int, base, maxWait time.Duration) time.Duration {
-	d := base << (n - 1)
-	if d > maxWait || d <= 0 {
-		d = maxWait
+// backoffBase, capped at backoffMax, with full jitter (uniform in [d/2, d]).
+func backoff(n int) time.Duration {
+	d := backoffBase << (n - 1)
+	if d > backoffMax || d <= 0 {
+		d = backoffMax
 	}
 	return d/2 + rand.N(d/2+1)
 }

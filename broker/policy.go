@@ -41,7 +41,7 @@ import (
 // The source classifies its errors (Classifier). A refused fetch's error
 // carries the backoff applied, so RetryAfterOf tells callers what is left
 // of it. The key's state also limits purges by rejection (reject.go). One
-// sweep, at most once per CleanupInterval, drops the state that ended.
+// sweep, at most once per cleanupInterval, drops the state that ended.
 
 // Breaker states of a source (the values are those of the metrics gauge).
 const (
@@ -416,7 +416,7 @@ func (p *policy) called(b *Binding, err error, c Class, cutByWait bool, now time
 	return p.source(b.SourceID).brk.Record(now, o, err)
 }
 
-// maybeSweep runs the sweep at most once per CleanupInterval (or at once
+// maybeSweep runs the sweep at most once per cleanupInterval (or at once
 // when the clock went back): it forgets the backoffs that ended
 // FailureMax ago (or lie in the future of a clock that went back), and
 // drops the state of keys and sources that keeps nothing, so that state
@@ -426,7 +426,7 @@ func (p *policy) maybeSweep(now time.Time) {
 	defer func() { n.run() }()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if !now.Before(p.lastSweep) && now.Sub(p.lastSweep) < p.opts.CleanupInterval {
+	if !now.Before(p.lastSweep) && now.Sub(p.lastSweep) < cleanupInterval {
 		return
 	}
 	p.lastSweep = now
@@ -441,7 +441,7 @@ func (p *policy) maybeSweep(now time.Time) {
 			delete(p.keys, k)
 		}
 	}
-	cutoff := now.Add(-p.opts.CleanupInterval)
+	cutoff := now.Add(-cleanupInterval)
 	for id, ss := range p.sources {
 		if ended(&ss.backoff) {
 			n = ss.release(id, n)

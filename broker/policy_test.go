@@ -171,7 +171,7 @@ func TestBackingOffAlternates(t *testing.T) {
 			br.ForgetFailures(func(error) bool { return true })
 		}},
 		{"sweep", func(br *Broker, _ *scriptedSource, _ *Binding, clock *fakeClock) {
-			clock.Add(DefaultFailureMax + 2*DefaultCleanupInterval)
+			clock.Add(DefaultFailureMax + 2*cleanupInterval)
 			br.Token(context.Background(), NewBinding("other", &scriptedSource{clock: clock, life: time.Hour}, Request{Merchant: "x"}))
 		}},
 	}
@@ -220,7 +220,7 @@ func TestPolicyStateIsBounded(t *testing.T) {
 	if f, b := count(); f != 100 || b != 100 {
 		t.Fatalf("%d failures and %d breakers, want 100 of each", f, b)
 	}
-	clock.Add(DefaultFailureMax + 2*DefaultCleanupInterval)
+	clock.Add(DefaultFailureMax + 2*cleanupInterval)
 	src.set(nil)
 	b := NewBinding("nuapay#new", src, Request{Merchant: "acme", Scopes: []string{"a"}})
 	if _, err := br.Token(ctx, b); err != nil {
