@@ -85,10 +85,8 @@ func (d *DPoP) Sign(req *http.Request, now time.Time) error {
 	if host == "" {
 		host = req.URL.Host
 	}
-	var ob [128]byte
-	origin := dpop.AppendOrigin(ob[:0], req.URL.Scheme, req.URL.Host)
 	u := url.URL{Scheme: req.URL.Scheme, Host: host, Path: req.URL.Path, RawPath: req.URL.RawPath}
-	proof, err := d.key.ProofURL(req.Method, &u, d.ath, d.key.NonceOf(origin), now)
+	proof, err := d.key.Proof(req.Method, dpop.HTU(&u), d.ath, d.key.Nonce(dpop.Origin(req.URL)), now)
 	if err != nil {
 		return err
 	}
@@ -118,6 +116,5 @@ func (d *DPoP) Observe(req *http.Request, h http.Header) {
 	if len(n) == 0 {
 		return
 	}
-	var ob [128]byte
-	d.key.SetNonceOf(dpop.AppendOrigin(ob[:0], req.URL.Scheme, req.URL.Host), n[0])
+	d.key.SetNonce(dpop.Origin(req.URL), n[0])
 }

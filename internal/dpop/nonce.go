@@ -32,19 +32,6 @@ func (k *Key) nonceMap() map[string]string {
 // (Origin), "" when none (or k is nil).
 func (k *Key) Nonce(origin string) string { return k.nonceMap()[origin] }
 
-// NonceOf is Nonce for an origin made with AppendOrigin: the lookup does
-// not allocate.
-func (k *Key) NonceOf(origin []byte) string { return k.nonceMap()[string(origin)] }
-
-// SetNonceOf is SetNonce for an origin made with AppendOrigin: it
-// allocates only when the nonce changes.
-func (k *Key) SetNonceOf(origin []byte, nonce string) {
-	if k.NonceOf(origin) == nonce {
-		return
-	}
-	k.SetNonce(string(origin), nonce)
-}
-
 // SetNonce remembers the DPoP-Nonce a server at origin (Origin) sent, for
 // the proofs that follow. A value that is not a nonce (RFC 9449 §8.1) is
 // ignored. At most 64 origins are kept: a new one beyond that replaces an
