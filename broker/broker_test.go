@@ -387,7 +387,7 @@ func TestBindingsSharingAKey(t *testing.T) {
 		clock.Add(st.advance)
 		if st.purge {
 			cur, _, _ := br.Get(ctx, b2)
-			if !br.Purge(b2, cur.Token().Value) {
+			if br.Reject(b2, cur.Token().Value) != RejectionPurged {
 				t.Fatalf("%s: purge failed", st.name)
 			}
 		}

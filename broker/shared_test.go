@@ -85,7 +85,7 @@ func TestSharedCacheTwoBrokersOneMint(t *testing.T) {
 	}
 
 	// A 401 on a's token: purged in a, in the tier, and in b.
-	if !a.Purge(ba, ea.Token().Value) {
+	if a.Reject(ba, ea.Token().Value) != RejectionPurged {
 		t.Fatal("purge failed")
 	}
 	if len(b.Entries()) != 0 {
