@@ -773,6 +773,39 @@ func TestRefreshPlannedOnlyForMinted(t *testing.T) {
 	}
 }
 
+// spentBudget returns a broker on clock waiting in sleep, and two
+// bindings of src whose provider's budget (one request per 10 s) the
+// first one's token has spent.
+func spentBudget(t *testing.T, clock *fakeClock, src Source, sleep func(context.Context, time.Duration) error) (*Broker, *Profile, []*Binding) {
+	t.Helper()
+	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
+	t.Cleanup(br.Close)
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+		t.Fatal(err)
+	}
+	return br, p, bs
+}
+
+// lookupLeaves starts a lookup of b, cancels it once ready has a value
+// (its fetch is under way) and checks that it returned the cancellation.
+func lookupLeaves(t *testing.T, br *Broker, b *Binding, ready <-chan struct{}) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	gone := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(ctx, b)
+		gone <- err
+	}()
+	<-ready
+	cancel()
+	if err := <-gone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("%v, want the caller's cancellation", err)
+	}
+}
+
 // TestFetchLeavesQueueWhenCallersGone: a fetch waiting for budget gives
 // up its place in the queue once every lookup waiting for it has gone; a
 // later lookup starts a fetch of its own.
@@ -785,25 +818,8 @@ func TestFetchLeavesQueueWhenCallersGone(t *testing.T) {
 		<-ctx.Done() // the budget's wait ends only when its fetch gives up
 		return ctx.Err()
 	}
-	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
-	defer br.Close()
-	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
-	bs := bindings(p, 2)
-	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	gone := make(chan error, 1)
-	go func() {
-		_, _, err := br.Get(ctx, bs[1])
-		gone <- err
-	}()
-	<-asleep
-	cancel()
-	if err := <-gone; !errors.Is(err, context.Canceled) {
-		t.Fatalf("%v, want the caller's cancellation", err)
-	}
+	br, p, bs := spentBudget(t, clock, src, sleep)
+	lookupLeaves(t, br, bs[1], asleep)
 	waitUntil(t, func() bool { return p.Budget.State().Waiting == 0 })
 	clock.Add(10 * time.Second)
 	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || src.calls() != 2 {
@@ -838,31 +854,15 @@ func TestFetchGivesUpWhenCallersLeftBeforeItStarted(t *testing.T) {
 		t.Error("the fetch waited for budget, though no lookup waits for it")
 		return errors.New("waited")
 	}
-	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
-	defer br.Close()
-	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
-	bs := bindings(p, 2)
-	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
-		t.Fatal(err)
-	}
+	br, _, bs := spentBudget(t, clock, src, sleep)
 	src.armed.Store(true)
-	ctx, cancel := context.WithCancel(context.Background())
-	gone := make(chan error, 1)
-	go func() {
-		_, _, err := br.Get(ctx, bs[1])
-		gone <- err
-	}()
-	<-src.entered
-	// The test waits for the fetch's outcome without being a lookup.
+	lookupLeaves(t, br, bs[1], src.entered)
+	// The fetch is held before it registers itself: the test waits for
+	// its outcome without being a lookup.
 	fetched := br.group.DoChan(bs[1].key, func() (any, error) {
 		t.Error("no fetch in flight to join")
 		return nil, errors.New("no fetch in flight")
 	})
-	cancel()
-	if err := <-gone; !errors.Is(err, context.Canceled) {
-		t.Fatalf("%v, want the caller's cancellation", err)
-	}
 	close(src.release)
 	if res := <-fetched; !errors.Is(res.Err, context.Canceled) || src.calls() != 1 {
 		t.Fatalf("the fetch: %v after %d calls, want it given up without a call", res.Err, src.calls())
@@ -886,25 +886,8 @@ func TestLookupJoinsAbandonedFetch(t *testing.T) {
 		clock.Add(d)
 		return nil
 	}
-	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
-	defer br.Close()
-	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
-	bs := bindings(p, 2)
-	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	gone := make(chan error, 1)
-	go func() {
-		_, _, err := br.Get(ctx, bs[1])
-		gone <- err
-	}()
-	<-asleep
-	cancel()
-	if err := <-gone; !errors.Is(err, context.Canceled) {
-		t.Fatalf("%v, want the caller's cancellation", err)
-	}
+	br, _, bs := spentBudget(t, clock, src, sleep)
+	lookupLeaves(t, br, bs[1], asleep)
 	served := make(chan error, 1)
 	go func() {
 		_, _, err := br.Get(context.Background(), bs[1])
