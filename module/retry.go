@@ -18,9 +18,8 @@ import (
 
 // outbound returns the handler's outbound-header contract. It is computed
 // from the handler's fields, so it costs nothing to build per request.
-// The token goes in Authorization, the one header Validate accepts.
 func (h *Handler) outbound() outbound.Contract {
-	o := outbound.Contract{Token: "Authorization", Merchant: h.merchantHeader, Interaction: h.InteractionID}
+	o := outbound.Contract{Merchant: h.merchantHeader, Interaction: h.InteractionID}
 	if h.callers != nil {
 		o.Caller = h.callers.policy.Header()
 	}

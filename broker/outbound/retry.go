@@ -45,7 +45,7 @@ type Next interface {
 
 // Entry is a token set on a request, as the retry sees it (*broker.Entry).
 type Entry interface {
-	// Header is the token header's value, "Bearer <token>" or, for a
+	// Header is the Authorization value, "Bearer <token>" or, for a
 	// DPoP-bound token, "DPoP <token>".
 	Header() string
 	// ATH is the ath claim of the DPoP proofs that accompany the token
