@@ -203,7 +203,7 @@ func TestTokensMintedTogetherRefreshSpread(t *testing.T) {
 			clock := newFakeClock()
 			src := &callLog{clock: clock, life: life}
 			obs := newPlanLog()
-			br := New(Options{Now: clock.Now, Observer: obs})
+			br := New(Options{Now: clock.Now})
 			defer br.Close()
 			p := NewProfile("bank#1", src, nil, "", 0)
 			if withBudget {
@@ -217,6 +217,7 @@ func TestTokensMintedTogetherRefreshSpread(t *testing.T) {
 			perBucket := map[int]int{} // 2.5 s buckets of the window
 			perSecond := map[int64]int{}
 			for _, b := range bindings(p, keys) {
+				b.Observer = obs
 				e, _, err := br.Get(context.Background(), b)
 				if err != nil {
 					t.Fatal(err)
@@ -269,11 +270,12 @@ func TestRefreshMintedPlannedLate(t *testing.T) {
 			clock := newFakeClock()
 			src := &callLog{clock: clock, life: tt.life}
 			obs := newPlanLog()
-			br := New(Options{Now: clock.Now, Observer: obs})
+			br := New(Options{Now: clock.Now})
 			defer br.Close()
 			p := NewProfile("bank#1", src, nil, "", 0)
 			p.Budget = budget.New("bank", budget.Limit{Rate: 4, Burst: 4, Period: time.Second}, budget.NewLocal(clock.Now), clock.Now)
 			b := NewBindingFor(p, "acme", "org")
+			b.Observer = obs
 			e, _, err := br.Get(context.Background(), b)
 			if err != nil {
 				t.Fatal(err)
@@ -344,11 +346,12 @@ func atPlannedRefresh(t *testing.T, period time.Duration) (*fakeClock, *callLog,
 	clock := newFakeClock()
 	src := &callLog{clock: clock, life: 100 * time.Second}
 	obs := newPlanLog()
-	br := New(Options{Now: clock.Now, Observer: obs})
+	br := New(Options{Now: clock.Now})
 	t.Cleanup(br.Close)
 	p := NewProfile("bank#1", src, nil, "", 0)
 	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: period}, budget.NewLocal(clock.Now), clock.Now)
 	b := NewBindingFor(p, "acme", "org")
+	b.Observer = obs
 	e, _, err := br.Get(context.Background(), b)
 	if err != nil {
 		t.Fatal(err)
@@ -759,9 +762,11 @@ func TestRefreshPlannedOnlyForMinted(t *testing.T) {
 	minter, adopter := newPlanLog(), newPlanLog()
 	p := NewProfile("bank#1", src, nil, "", 0)
 	for _, obs := range []*planLog{minter, adopter} {
-		br := New(Options{Now: clock.Now, Shared: shared, Observer: obs})
+		br := New(Options{Now: clock.Now, Shared: shared})
 		defer br.Close()
-		if _, _, err := br.Get(context.Background(), NewBindingFor(p, "acme", "org")); err != nil {
+		b := NewBindingFor(p, "acme", "org")
+		b.Observer = obs
+		if _, _, err := br.Get(context.Background(), b); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -84,7 +84,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 			// A token purged twice while fetched is handed to the
 			// lookups waiting for it, never cached. An adopted token's
 			// refresh was planned where it was minted.
-			if po, ok := br.observer(b).(PlanObserver); ok && origin == OriginMinted {
+			if po, ok := b.Observer.(PlanObserver); ok && origin == OriginMinted {
 				po.RefreshPlanned(b, e.RefreshAt())
 			}
 			return e, nil
@@ -168,7 +168,7 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 	if err := br.pol.admit(b, br.opts.Now()); err != nil {
 		return Token{}, 0, func() {}, err
 	}
-	obs := br.observer(b)
+	obs := b.Observer
 	tok, f, class, last, err := br.attempts(ctx, bctx, b, obs, background, deadline, by)
 	calls := len(f.Attempts)
 	if calls == 0 && errors.Is(err, budget.ErrExhausted) {
@@ -442,7 +442,7 @@ func (br *Broker) refreshBehind(b *Binding, e *Entry) {
 	if !e.behind.CompareAndSwap(false, true) {
 		return
 	}
-	if po, ok := br.observer(b).(PlanObserver); ok {
+	if po, ok := b.Observer.(PlanObserver); ok {
 		po.RefreshBehind(b, e.expiry)
 	}
 }

@@ -98,8 +98,6 @@ type Options struct {
 	// Sleep waits between attempts. Default budget.Sleep, a timer. Tests
 	// inject their own so that backoff costs no time.
 	Sleep func(ctx context.Context, d time.Duration) error
-	// Observer is told about lookups and fetches (metrics, logs). Optional.
-	Observer Observer
 }
 
 // withDefaults returns the options with every zero value replaced by its
