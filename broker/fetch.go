@@ -168,8 +168,7 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 	if err := br.pol.admit(b, br.opts.Now()); err != nil {
 		return Token{}, 0, func() {}, err
 	}
-	obs := b.Observer
-	tok, f, class, last, err := br.attempts(ctx, bctx, b, obs, background, deadline, by)
+	tok, f, class, last, err := br.attempts(ctx, bctx, b, background, deadline, by)
 	calls := len(f.Attempts)
 	if calls == 0 && errors.Is(err, budget.ErrExhausted) {
 		return tok, 0, last, refusedByBudget(b, err)
@@ -177,12 +176,12 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 	if f.cutByWait {
 		err = br.pol.unrecorded(b, err, br.opts.Now())
 	} else {
-		err = br.pol.record(b, obs, err, class, calls, br.opts.Now())
+		err = br.pol.record(b, err, class, calls, br.opts.Now())
 	}
 	if be := (*backoffError)(nil); calls == 0 && errors.As(err, &be) {
 		be.notCalled = true // refused by the breaker: record made be for this fetch
 	}
-	fo, _ := obs.(FetchObserver)
+	fo, _ := b.Observer.(FetchObserver)
 	if fo == nil || calls == 0 {
 		return tok, calls, last, err
 	}
@@ -199,11 +198,12 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 // attempts calls the Source up to MaxAttempts times while its failures are
 // temporary, the breaker and the budget let calls through and the deadline
 // allows. It returns the calls it made (f.Attempts, f.Elapsed) and the
-// class of the last error. Every call but the last is reported to obs
-// here, exactly once; the returned func reports the last one. A budget
+// class of the last error. Every call but the last is reported to b's
+// observer here, exactly once; the returned func reports the last one. A budget
 // refusing the first call ends the fetch with its *budget.ExhaustedError;
 // one refusing a retry, with the last call's error.
-func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, obs Observer, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
+func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
+	obs := b.Observer
 	bo, _ := obs.(BreakerObserver)
 	noop := func() {}
 	report := noop

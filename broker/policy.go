@@ -249,12 +249,12 @@ func (p *policy) backoffFor(n int) time.Duration {
 
 // record notes the outcome of a fetch of b's key that made calls calls to
 // the Source (0: refused by the breaker) and ended with err, of class c;
-// obs is b's observer, told when a backoff starts and ends: a success
+// b's observer is told when a backoff starts and ends: a success
 // ends the key's and its source's backoffs; a failure is remembered for
 // the key and, when c says it is the credential's or a 429's, for the
 // source. It returns err as the policy answers it (with the backoff
 // applied).
-func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int, now time.Time) error {
+func (p *policy) record(b *Binding, err error, c Class, calls int, now time.Time) error {
 	var n notes
 	defer func() { n.run() }()
 	p.mu.Lock()
@@ -290,7 +290,7 @@ func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int,
 		}
 		if wait > 0 {
 			if ss.backoff.err == nil {
-				ss.backoff.obs = obs
+				ss.backoff.obs = b.Observer
 				n = append(n, sourceBackingOff(ss.backoff.obs, b.SourceID, true))
 			}
 			ss.backoff.err, ss.backoff.at, ss.backoff.until, ss.backoff.failures = err, now, now.Add(wait), k
@@ -304,7 +304,7 @@ func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int,
 		wait = max(p.backoffFor(k), min(wait, MaxRetryAfterMemory))
 	}
 	if ks.mem.err == nil {
-		ks.b, ks.mem.obs = b, obs
+		ks.b, ks.mem.obs = b, b.Observer
 		n = append(n, backingOff(ks.mem.obs, b, true))
 	}
 	ks.mem.err, ks.mem.at, ks.mem.until, ks.mem.failures = err, now, now.Add(wait), k
