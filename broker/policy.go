@@ -364,9 +364,6 @@ func refusedByBudget(b *Binding, err error) error {
 // notCalled tells the breaker of b's source that a call allow let through
 // did not go out (its budget refused it): a probe is released undecided.
 func (p *policy) notCalled(b *Binding, now time.Time) {
-	if p.opts.BreakerThreshold <= 0 {
-		return
-	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.source(b.SourceID).brk.Record(now, breaker.Unknown, nil)
@@ -384,9 +381,6 @@ func (p *policy) refreshDue(b *Binding, now time.Time) bool {
 // changed: this call moved the breaker to half-open; probe: the call is
 // the half-open breaker's probe.
 func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, changed, probe bool, cause error) {
-	if p.opts.BreakerThreshold <= 0 {
-		return true, 0, false, false, nil
-	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	brk := &p.source(b.SourceID).brk
@@ -399,9 +393,6 @@ func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, 
 // cutByWait: the call ran out of time after a wait for budget, which
 // tells nothing about the source (undecided, like a canceled call).
 func (p *policy) called(b *Binding, err error, c Class, cutByWait bool, now time.Time) (from, to BreakerState) {
-	if p.opts.BreakerThreshold <= 0 {
-		return BreakerClosed, BreakerClosed
-	}
 	o := breaker.Answered
 	switch {
 	case err == nil:
