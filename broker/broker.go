@@ -41,7 +41,7 @@ const (
 type Entry struct {
 	// header is "Bearer " or, for a DPoP-bound token, "DPoP " + the
 	// token (prefixLen): the token's value is a slice of it, so that its
-	// bytes are stored once.
+	// bytes are stored once; id shares its allocation (headerAndID).
 	header string
 	expiry time.Time
 	// issuedBefore, refreshBefore and cachedBefore are the token's
@@ -218,6 +218,7 @@ func (br *Broker) Close() {
 // (planned here when zero, or when refresh-ahead is off). Granted scopes
 // equal to the binding's are the binding's slice.
 func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
+	header, id := headerAndID(tok)
 	refresh := tok.RefreshAt
 	if refresh.IsZero() || !refresh.Before(tok.Expiry) || br.opts.RefreshWindow <= 0 {
 		refresh = br.planRefresh(b, tok, false)
@@ -231,7 +232,7 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 			refresh = end
 		}
 	}
-	e := &Entry{header: authScheme(tok.Type) + tok.Value.Reveal(), id: tok.ID, expiry: tok.Expiry,
+	e := &Entry{header: header, id: id, expiry: tok.Expiry,
 		issuedBefore: tok.Expiry.Sub(tok.IssuedAt), refreshBefore: tok.Expiry.Sub(refresh),
 		cachedBefore: tok.Expiry.Sub(br.opts.Now()), binding: b, adopted: origin == OriginShared}
 	scopes := tok.Scopes
@@ -246,6 +247,15 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 		e.grant = &grant{typ: typ, scopes: scopes}
 	}
 	return e
+}
+
+// headerAndID returns the Authorization header value (authScheme + the
+// token), and the token's ID, as two strings sharing one allocation: a
+// warm token costs the GC one object for both.
+func headerAndID(tok Token) (header, id string) {
+	all := authScheme(tok.Type) + tok.Value.Reveal() + tok.ID
+	n := len(all) - len(tok.ID)
+	return all[:n], all[n:]
 }
 
 // bearerPrefix starts the Authorization header value of a cached token;
