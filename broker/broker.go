@@ -181,7 +181,7 @@ type Broker struct {
 	cache *gocache.Cache
 	group singleflight.Group
 
-	mu      sync.Mutex          // orders cache writes with Purge's compare-and-delete
+	mu      sync.Mutex          // orders cache writes with the compare-and-delete of Reject
 	pol     policy              // the failure policy (policy.go)
 	flights map[string]*flight  // key -> its fetch in flight (inflight.go); guarded by mu
 	waiting map[string]int      // key -> lookups waiting for its fetch (inflight.go); guarded by mu
@@ -191,7 +191,7 @@ type Broker struct {
 // New returns a Broker. Call Close when done with it.
 func New(opts Options) *Broker {
 	opts = opts.withDefaults()
-	br := &Broker{opts: opts, cache: gocache.New(gocache.NoExpiration, opts.CleanupInterval)}
+	br := &Broker{opts: opts, cache: gocache.New(gocache.NoExpiration, cleanupInterval)}
 	// A token dropped from the cache (expired and cleaned up, purged) is
 	// no longer its binding's last served entry.
 	br.cache.OnEvicted(func(_ string, v any) { v.(*Entry).unpin() })
@@ -318,37 +318,6 @@ func (br *Broker) storeFetched(b *Binding, e *Entry, now time.Time, f *flight) b
 	br.mu.Unlock()
 	b.current.Store(e)
 	return true
-}
-
-// Purge drops the binding's cached token if it is still the one with the
-// given value, and reports whether it did: a token fetched meanwhile is
-// kept. It is not limited: callers that saw a token rejected (401) call
-// Reject, which limits purges by rejection per key. With a shared tier, the
-// token is purged there too (compare-and-delete on its fingerprint).
-func (br *Broker) Purge(b *Binding, rejected Secret) bool {
-	return br.purgeCached(b, rejected, nil) == RejectionPurged
-}
-
-// purgeCached purges the binding's cached token, here and from the shared
-// tier, if it is still the one with the given value (else
-// RejectionStale), unless keep, called under br.mu, says to keep it
-// (RejectionKept).
-func (br *Broker) purgeCached(b *Binding, rejected Secret, keep func(e *Entry) bool) Rejection {
-	br.mu.Lock()
-	v, ok := br.cache.Get(b.key)
-	if !ok || v.(*Entry).value() != rejected {
-		br.mu.Unlock()
-		return RejectionStale
-	}
-	e := v.(*Entry)
-	if keep != nil && keep(e) {
-		br.mu.Unlock()
-		return RejectionKept
-	}
-	br.purgeLocked(b.key, e)
-	br.mu.Unlock()
-	br.purgeShared(b.key, e.Fingerprint())
-	return RejectionPurged
 }
 
 // dropLocked takes e, cached under key, out of the cache: a lookup that

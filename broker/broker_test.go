@@ -138,8 +138,9 @@ func TestRefreshAheadAndExpiry(t *testing.T) {
 	clock := newFakeClock()
 	src := &countingSource{clock: clock, life: 100 * time.Second}
 	obs := newObserver()
-	br := New(Options{Now: clock.Now, Observer: obs})
+	br := New(Options{Now: clock.Now})
 	b := NewBinding("nuapay#1", src, Request{Merchant: "acme", Organisation: "o", Scopes: []string{"a"}})
+	b.Observer = obs
 	ctx := context.Background()
 
 	steps := []struct {
@@ -293,8 +294,9 @@ func TestFailedRefreshKeepsServingAndRetriesLater(t *testing.T) {
 	clock := newFakeClock()
 	src := &countingSource{clock: clock, life: 1000 * time.Second}
 	obs := newObserver()
-	br := New(Options{Now: clock.Now, Observer: obs, FailureTTL: 5 * time.Second, MaxAttempts: 1})
+	br := New(Options{Now: clock.Now, FailureTTL: 5 * time.Second, MaxAttempts: 1})
 	b := NewBinding("s", src, Request{Merchant: "acme", Scopes: []string{"a"}})
+	b.Observer = obs
 	ctx := context.Background()
 	e, _, err := br.Get(ctx, b)
 	if err != nil {
@@ -387,7 +389,7 @@ func TestBindingsSharingAKey(t *testing.T) {
 		clock.Add(st.advance)
 		if st.purge {
 			cur, _, _ := br.Get(ctx, b2)
-			if !br.Purge(b2, cur.Token().Value) {
+			if br.Reject(b2, cur.Token().Value) != RejectionPurged {
 				t.Fatalf("%s: purge failed", st.name)
 			}
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -202,7 +203,7 @@ func TestTokensMintedTogetherRefreshSpread(t *testing.T) {
 			clock := newFakeClock()
 			src := &callLog{clock: clock, life: life}
 			obs := newPlanLog()
-			br := New(Options{Now: clock.Now, Observer: obs})
+			br := New(Options{Now: clock.Now})
 			defer br.Close()
 			p := NewProfile("bank#1", src, nil, "", 0)
 			if withBudget {
@@ -216,6 +217,7 @@ func TestTokensMintedTogetherRefreshSpread(t *testing.T) {
 			perBucket := map[int]int{} // 2.5 s buckets of the window
 			perSecond := map[int64]int{}
 			for _, b := range bindings(p, keys) {
+				b.Observer = obs
 				e, _, err := br.Get(context.Background(), b)
 				if err != nil {
 					t.Fatal(err)
@@ -268,11 +270,12 @@ func TestRefreshMintedPlannedLate(t *testing.T) {
 			clock := newFakeClock()
 			src := &callLog{clock: clock, life: tt.life}
 			obs := newPlanLog()
-			br := New(Options{Now: clock.Now, Observer: obs})
+			br := New(Options{Now: clock.Now})
 			defer br.Close()
 			p := NewProfile("bank#1", src, nil, "", 0)
 			p.Budget = budget.New("bank", budget.Limit{Rate: 4, Burst: 4, Period: time.Second}, budget.NewLocal(clock.Now), clock.Now)
 			b := NewBindingFor(p, "acme", "org")
+			b.Observer = obs
 			e, _, err := br.Get(context.Background(), b)
 			if err != nil {
 				t.Fatal(err)
@@ -343,11 +346,12 @@ func atPlannedRefresh(t *testing.T, period time.Duration) (*fakeClock, *callLog,
 	clock := newFakeClock()
 	src := &callLog{clock: clock, life: 100 * time.Second}
 	obs := newPlanLog()
-	br := New(Options{Now: clock.Now, Observer: obs})
+	br := New(Options{Now: clock.Now})
 	t.Cleanup(br.Close)
 	p := NewProfile("bank#1", src, nil, "", 0)
 	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: period}, budget.NewLocal(clock.Now), clock.Now)
 	b := NewBindingFor(p, "acme", "org")
+	b.Observer = obs
 	e, _, err := br.Get(context.Background(), b)
 	if err != nil {
 		t.Fatal(err)
@@ -699,7 +703,7 @@ func TestBreakerOpenedDuringBudgetWait(t *testing.T) {
 // token is past expiry less Leeway, the first lookup then reports it, once.
 func TestRefreshBehindSparseLookups(t *testing.T) {
 	clock, src, obs, br, p, b, e := atPlannedRefresh(t, 500*time.Millisecond)
-	if err := p.Budget.Take(context.Background(), budget.Foreground, time.Time{}); err != nil {
+	if _, err := p.Budget.Take(context.Background(), budget.Foreground, time.Time{}, nil); err != nil {
 		t.Fatal(err) // another key's caller spends the budget
 	}
 	if _, r, err := br.Get(context.Background(), b); err != nil || r != RefreshAhead {
@@ -758,9 +762,11 @@ func TestRefreshPlannedOnlyForMinted(t *testing.T) {
 	minter, adopter := newPlanLog(), newPlanLog()
 	p := NewProfile("bank#1", src, nil, "", 0)
 	for _, obs := range []*planLog{minter, adopter} {
-		br := New(Options{Now: clock.Now, Shared: shared, Observer: obs})
+		br := New(Options{Now: clock.Now, Shared: shared})
 		defer br.Close()
-		if _, _, err := br.Get(context.Background(), NewBindingFor(p, "acme", "org")); err != nil {
+		b := NewBindingFor(p, "acme", "org")
+		b.Observer = obs
+		if _, _, err := br.Get(context.Background(), b); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -769,6 +775,39 @@ func TestRefreshPlannedOnlyForMinted(t *testing.T) {
 	}
 	if minter.plannedFor("acme").IsZero() || !adopter.plannedFor("acme").IsZero() {
 		t.Errorf("planned: minter %v, adopter %v; want the minter's plan only", minter.plannedFor("acme"), adopter.plannedFor("acme"))
+	}
+}
+
+// spentBudget returns a broker on clock waiting in sleep, and two
+// bindings of src whose provider's budget (one request per 10 s) the
+// first one's token has spent.
+func spentBudget(t *testing.T, clock *fakeClock, src Source, sleep func(context.Context, time.Duration) error) (*Broker, *Profile, []*Binding) {
+	t.Helper()
+	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
+	t.Cleanup(br.Close)
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+		t.Fatal(err)
+	}
+	return br, p, bs
+}
+
+// lookupLeaves starts a lookup of b, cancels it once ready has a value
+// (its fetch is under way) and checks that it returned the cancellation.
+func lookupLeaves(t *testing.T, br *Broker, b *Binding, ready <-chan struct{}) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	gone := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(ctx, b)
+		gone <- err
+	}()
+	<-ready
+	cancel()
+	if err := <-gone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("%v, want the caller's cancellation", err)
 	}
 }
 
@@ -784,29 +823,54 @@ func TestFetchLeavesQueueWhenCallersGone(t *testing.T) {
 		<-ctx.Done() // the budget's wait ends only when its fetch gives up
 		return ctx.Err()
 	}
-	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
-	defer br.Close()
-	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
-	bs := bindings(p, 2)
-	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	gone := make(chan error, 1)
-	go func() {
-		_, _, err := br.Get(ctx, bs[1])
-		gone <- err
-	}()
-	<-asleep
-	cancel()
-	if err := <-gone; !errors.Is(err, context.Canceled) {
-		t.Fatalf("%v, want the caller's cancellation", err)
-	}
+	br, p, bs := spentBudget(t, clock, src, sleep)
+	lookupLeaves(t, br, bs[1], asleep)
 	waitUntil(t, func() bool { return p.Budget.State().Waiting == 0 })
 	clock.Add(10 * time.Second)
 	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || src.calls() != 2 {
 		t.Fatalf("a later lookup: %v after %d calls, want a token", err, src.calls())
+	}
+}
+
+// gatedBound is a callLog whose fetch, once armed, stops where it reads
+// the call bound (CallBounded, before the fetch registers itself): it
+// says so on entered and goes on when release is closed.
+type gatedBound struct {
+	callLog
+	armed            atomic.Bool
+	entered, release chan struct{}
+}
+
+func (s *gatedBound) CallTimeout() time.Duration {
+	if s.armed.CompareAndSwap(true, false) {
+		close(s.entered)
+		<-s.release
+	}
+	return 0
+}
+
+// TestFetchGivesUpWhenCallersLeftBeforeItStarted: a fetch whose every
+// lookup left before it registered itself does not wait for budget: it
+// gives up at once and calls nothing.
+func TestFetchGivesUpWhenCallersLeftBeforeItStarted(t *testing.T) {
+	clock := newFakeClock()
+	src := &gatedBound{callLog: callLog{clock: clock, life: time.Hour}, entered: make(chan struct{}), release: make(chan struct{})}
+	sleep := func(context.Context, time.Duration) error {
+		t.Error("the fetch waited for budget, though no lookup waits for it")
+		return errors.New("waited")
+	}
+	br, _, bs := spentBudget(t, clock, src, sleep)
+	src.armed.Store(true)
+	lookupLeaves(t, br, bs[1], src.entered)
+	// The fetch is held before it registers itself: the test waits for
+	// its outcome without being a lookup.
+	fetched := br.group.DoChan(bs[1].key, func() (any, error) {
+		t.Error("no fetch in flight to join")
+		return nil, errors.New("no fetch in flight")
+	})
+	close(src.release)
+	if res := <-fetched; !errors.Is(res.Err, context.Canceled) || src.calls() != 1 {
+		t.Fatalf("the fetch: %v after %d calls, want it given up without a call", res.Err, src.calls())
 	}
 }
 
@@ -827,25 +891,8 @@ func TestLookupJoinsAbandonedFetch(t *testing.T) {
 		clock.Add(d)
 		return nil
 	}
-	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: time.Minute})
-	defer br.Close()
-	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 10 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
-	bs := bindings(p, 2)
-	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	gone := make(chan error, 1)
-	go func() {
-		_, _, err := br.Get(ctx, bs[1])
-		gone <- err
-	}()
-	<-asleep
-	cancel()
-	if err := <-gone; !errors.Is(err, context.Canceled) {
-		t.Fatalf("%v, want the caller's cancellation", err)
-	}
+	br, _, bs := spentBudget(t, clock, src, sleep)
+	lookupLeaves(t, br, bs[1], asleep)
 	served := make(chan error, 1)
 	go func() {
 		_, _, err := br.Get(context.Background(), bs[1])

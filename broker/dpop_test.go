@@ -44,7 +44,7 @@ func TestDPoPEntryHeader(t *testing.T) {
 			if unsafe.StringData(e.Token().Value.Reveal()) != unsafe.StringData(e.Header()[len(tc.prefix):]) {
 				t.Error("the token value is not a slice of the header string")
 			}
-			if !br.Purge(b, Secret(value)) {
+			if br.Reject(b, Secret(value)) != RejectionPurged {
 				t.Error("Purge by value did not find the token")
 			}
 			if _, _, err := br.Get(context.Background(), b); err != nil {

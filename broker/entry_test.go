@@ -165,7 +165,7 @@ func TestDroppedEntryUnpinsBinding(t *testing.T) {
 		drop func(br *Broker, b *Binding, e *Entry)
 	}{
 		{"purge", func(br *Broker, b *Binding, e *Entry) {
-			if !br.Purge(b, e.value()) {
+			if br.Reject(b, e.value()) != RejectionPurged {
 				t.Fatal("not purged")
 			}
 		}},

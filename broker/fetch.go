@@ -75,7 +75,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 			case cur != nil && errors.Is(err, budget.ErrExhausted) && !Called(err):
 				br.refreshDenied(b, cur, err, now)
 			case cur != nil:
-				br.pol.refreshFailed(b, err, now)
+				br.pol.deferRefresh(b, err, now, time.Time{})
 			}
 			return nil, err
 		}
@@ -84,7 +84,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 			// A token purged twice while fetched is handed to the
 			// lookups waiting for it, never cached. An adopted token's
 			// refresh was planned where it was minted.
-			if po, ok := br.observer(b).(PlanObserver); ok && origin == OriginMinted {
+			if po, ok := b.Observer.(PlanObserver); ok && origin == OriginMinted {
 				po.RefreshPlanned(b, e.RefreshAt())
 			}
 			return e, nil
@@ -168,8 +168,7 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 	if err := br.pol.admit(b, br.opts.Now()); err != nil {
 		return Token{}, 0, func() {}, err
 	}
-	obs := br.observer(b)
-	tok, f, class, last, err := br.attempts(ctx, bctx, b, obs, background, deadline, by)
+	tok, f, class, last, err := br.attempts(ctx, bctx, b, background, deadline, by)
 	calls := len(f.Attempts)
 	if calls == 0 && errors.Is(err, budget.ErrExhausted) {
 		return tok, 0, last, refusedByBudget(b, err)
@@ -177,12 +176,12 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 	if f.cutByWait {
 		err = br.pol.unrecorded(b, err, br.opts.Now())
 	} else {
-		err = br.pol.record(b, obs, err, class, calls, br.opts.Now())
+		err = br.pol.record(b, err, class, calls, br.opts.Now())
 	}
 	if be := (*backoffError)(nil); calls == 0 && errors.As(err, &be) {
 		be.notCalled = true // refused by the breaker: record made be for this fetch
 	}
-	fo, _ := obs.(FetchObserver)
+	fo, _ := b.Observer.(FetchObserver)
 	if fo == nil || calls == 0 {
 		return tok, calls, last, err
 	}
@@ -199,11 +198,12 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 // attempts calls the Source up to MaxAttempts times while its failures are
 // temporary, the breaker and the budget let calls through and the deadline
 // allows. It returns the calls it made (f.Attempts, f.Elapsed) and the
-// class of the last error. Every call but the last is reported to obs
-// here, exactly once; the returned func reports the last one. A budget
+// class of the last error. Every call but the last is reported to b's
+// observer here, exactly once; the returned func reports the last one. A budget
 // refusing the first call ends the fetch with its *budget.ExhaustedError;
 // one refusing a retry, with the last call's error.
-func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, obs Observer, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
+func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
+	obs := b.Observer
 	bo, _ := obs.(BreakerObserver)
 	noop := func() {}
 	report := noop
@@ -283,11 +283,11 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, obs Observer, 
 		if !retry || attempt >= br.opts.MaxAttempts {
 			return tok, f, class, report, err
 		}
-		// A Retry-After longer than BackoffMax ends the fetch: the key's
+		// A Retry-After longer than backoffMax ends the fetch: the key's
 		// failure memory honours it, no caller sleeps through it.
 		ra := RetryAfterOf(err)
-		wait := max(backoff(attempt, br.opts.BackoffBase, br.opts.BackoffMax), ra)
-		if ra > br.opts.BackoffMax || time.Now().Add(wait).After(deadline) {
+		wait := max(backoff(attempt), ra)
+		if ra > backoffMax || time.Now().Add(wait).After(deadline) {
 			return tok, f, class, report, err
 		}
 		// This call is reported now, and only now: a breaker refusing the
@@ -301,11 +301,11 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, obs Observer, 
 }
 
 // backoff returns the wait before attempt n+1 (n ≥ 1): exponential from
-// base, capped at max, with full jitter (uniform in [d/2, d]).
-func backoff(n int, base, maxWait time.Duration) time.Duration {
-	d := base << (n - 1)
-	if d > maxWait || d <= 0 {
-		d = maxWait
+// backoffBase, capped at backoffMax, with full jitter (uniform in [d/2, d]).
+func backoff(n int) time.Duration {
+	d := backoffBase << (n - 1)
+	if d > backoffMax || d <= 0 {
+		d = backoffMax
 	}
 	return d/2 + rand.N(d/2+1)
 }
@@ -409,7 +409,7 @@ func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, b
 			by = now
 		}
 	}
-	return b.Budget.TakeWaited(ctx, p, by, br.opts.Sleep)
+	return b.Budget.Take(ctx, p, by, br.opts.Sleep)
 }
 
 // Refresh-ahead denied budget: the next request after a short defer tries
@@ -427,7 +427,7 @@ func (br *Broker) refreshDenied(b *Binding, cur *Entry, err error, now time.Time
 	wait := RetryAfterOf(err)
 	d := min(max(wait, refreshDeferMin), refreshDeferMax)
 	d += rand.N(d/2 + 1)
-	br.pol.refreshDeferred(b, err, now, now.Add(d))
+	br.pol.deferRefresh(b, err, now, now.Add(d))
 	cur.deferred.Store(true)
 	end := cur.expiry.Add(-br.opts.Leeway)
 	if now.Add(max(wait, d)).Before(end) {
@@ -442,7 +442,7 @@ func (br *Broker) refreshBehind(b *Binding, e *Entry) {
 	if !e.behind.CompareAndSwap(false, true) {
 		return
 	}
-	if po, ok := br.observer(b).(PlanObserver); ok {
+	if po, ok := b.Observer.(PlanObserver); ok {
 		po.RefreshBehind(b, e.expiry)
 	}
 }

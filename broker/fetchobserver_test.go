@@ -67,8 +67,9 @@ func TestFetchObserverOncePerFetch(t *testing.T) {
 				return Token{Value: "tok", IssuedAt: clock.Now(), Expiry: clock.Now().Add(time.Hour)}, nil
 			})
 			obs := &fetchLog{}
-			br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 3, BreakerThreshold: tt.breaker, Observer: obs})
+			br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 3, BreakerThreshold: tt.breaker})
 			b := NewBinding("custom#1", src, Request{Merchant: "acme", Organisation: "1"})
+			b.Observer = obs
 			for range tt.fetches {
 				_, _ = br.Token(context.Background(), b)
 			}

@@ -116,15 +116,8 @@ func (br *Broker) refresh(ctx context.Context, b *Binding, e *Entry) {
 	}()
 }
 
-func (br *Broker) observer(b *Binding) Observer {
-	if b.Observer != nil {
-		return b.Observer
-	}
-	return br.opts.Observer
-}
-
 func (br *Broker) observe(b *Binding, r Result) {
-	if o := br.observer(b); o != nil {
-		o.Lookup(b, r)
+	if b.Observer != nil {
+		b.Observer.Lookup(b, r)
 	}
 }

@@ -12,15 +12,25 @@ const (
 	DefaultRefreshWindow    = 0.25
 	DefaultLeeway           = time.Second
 	DefaultFetchTimeout     = 30 * time.Second
-	DefaultCleanupInterval  = time.Minute
 	DefaultMaxAttempts      = 3
-	DefaultBackoffBase      = 100 * time.Millisecond
-	DefaultBackoffMax       = 2 * time.Second
 	DefaultFailureTTL       = 2 * time.Second
 	DefaultFailureMax       = time.Minute
 	DefaultBreakerThreshold = 5
 	DefaultBreakerCooldown  = 10 * time.Second
 	DefaultBudgetWait       = 5 * time.Second
+)
+
+// cleanupInterval is how often expired tokens, forgotten failures and idle
+// breakers are dropped from memory.
+const cleanupInterval = time.Minute
+
+// Waits between attempts of one fetch: backoffBase before the second,
+// doubled at each next one up to backoffMax. A provider's Retry-After up
+// to backoffMax is waited (within the deadline); a longer one ends the
+// fetch, and the key's backoff honours it, so no caller sleeps through it.
+const (
+	backoffBase = 100 * time.Millisecond
+	backoffMax  = 2 * time.Second
 )
 
 // MaxRetryAfterMemory caps how long a key honours a provider's Retry-After:
@@ -48,22 +58,11 @@ type Options struct {
 	// FetchTimeout bounds one fetch (all its attempts), whoever waits on it.
 	// Default 30s.
 	FetchTimeout time.Duration
-	// CleanupInterval is how often expired tokens, forgotten failures and
-	// idle breakers are dropped from memory. Default 1m.
-	CleanupInterval time.Duration
 	// MaxAttempts is how many times one fetch calls the Source when it
 	// fails with a temporary error (timeout, refused connection, 429, 5xx),
 	// waiting an exponential backoff with jitter in between, within the
-	// fetch's deadline. Default 3; 1 disables retries.
+	// fetch's deadline (see backoffBase). Default 3; 1 disables retries.
 	MaxAttempts int
-	// BackoffBase is the wait before the second attempt of one fetch.
-	// Default 100ms.
-	BackoffBase time.Duration
-	// BackoffMax caps the wait between attempts of one fetch. Default 2s. A
-	// provider's Retry-After up to BackoffMax is waited (within the
-	// deadline); a longer one ends the fetch, and the key's backoff
-	// honours it, so no caller sleeps through it.
-	BackoffMax time.Duration
 	// FailureTTL is how long the first failed fetch of a key is remembered:
 	// until then every fetch of that key, foreground or refresh-ahead, gets
 	// the same error without calling the token API. Each further
@@ -99,8 +98,6 @@ type Options struct {
 	// Sleep waits between attempts. Default budget.Sleep, a timer. Tests
 	// inject their own so that backoff costs no time.
 	Sleep func(ctx context.Context, d time.Duration) error
-	// Observer is told about lookups and fetches (metrics, logs). Optional.
-	Observer Observer
 }
 
 // withDefaults returns the options with every zero value replaced by its
@@ -118,20 +115,11 @@ func (o Options) withDefaults() Options {
 	if o.FetchTimeout == 0 {
 		o.FetchTimeout = DefaultFetchTimeout
 	}
-	if o.CleanupInterval == 0 {
-		o.CleanupInterval = DefaultCleanupInterval
-	}
 	if o.Now == nil {
 		o.Now = time.Now
 	}
 	if o.MaxAttempts <= 0 {
 		o.MaxAttempts = DefaultMaxAttempts
-	}
-	if o.BackoffBase <= 0 {
-		o.BackoffBase = DefaultBackoffBase
-	}
-	if o.BackoffMax <= 0 {
-		o.BackoffMax = DefaultBackoffMax
 	}
 	if o.FailureTTL == 0 {
 		o.FailureTTL = DefaultFailureTTL

@@ -41,7 +41,7 @@ import (
 // The source classifies its errors (Classifier). A refused fetch's error
 // carries the backoff applied, so RetryAfterOf tells callers what is left
 // of it. The key's state also limits purges by rejection (reject.go). One
-// sweep, at most once per CleanupInterval, drops the state that ended.
+// sweep, at most once per cleanupInterval, drops the state that ended.
 
 // Breaker states of a source (the values are those of the metrics gauge).
 const (
@@ -249,12 +249,12 @@ func (p *policy) backoffFor(n int) time.Duration {
 
 // record notes the outcome of a fetch of b's key that made calls calls to
 // the Source (0: refused by the breaker) and ended with err, of class c;
-// obs is b's observer, told when a backoff starts and ends: a success
+// b's observer is told when a backoff starts and ends: a success
 // ends the key's and its source's backoffs; a failure is remembered for
 // the key and, when c says it is the credential's or a 429's, for the
 // source. It returns err as the policy answers it (with the backoff
 // applied).
-func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int, now time.Time) error {
+func (p *policy) record(b *Binding, err error, c Class, calls int, now time.Time) error {
 	var n notes
 	defer func() { n.run() }()
 	p.mu.Lock()
@@ -290,7 +290,7 @@ func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int,
 		}
 		if wait > 0 {
 			if ss.backoff.err == nil {
-				ss.backoff.obs = obs
+				ss.backoff.obs = b.Observer
 				n = append(n, sourceBackingOff(ss.backoff.obs, b.SourceID, true))
 			}
 			ss.backoff.err, ss.backoff.at, ss.backoff.until, ss.backoff.failures = err, now, now.Add(wait), k
@@ -304,7 +304,7 @@ func (p *policy) record(b *Binding, obs Observer, err error, c Class, calls int,
 		wait = max(p.backoffFor(k), min(wait, MaxRetryAfterMemory))
 	}
 	if ks.mem.err == nil {
-		ks.b, ks.mem.obs = b, obs
+		ks.b, ks.mem.obs = b, b.Observer
 		n = append(n, backingOff(ks.mem.obs, b, true))
 	}
 	ks.mem.err, ks.mem.at, ks.mem.until, ks.mem.failures = err, now, now.Add(wait), k
@@ -338,24 +338,19 @@ func (ks *keyState) forget(n notes) notes {
 	return n
 }
 
-// refreshFailed defers the next refresh-ahead of b's key after a failed
-// one: until the key's backoff ends, or (when the failure memory is
-// disabled) for DefaultFailureTTL.
-func (p *policy) refreshFailed(b *Binding, err error, now time.Time) {
+// deferRefresh defers the next refresh-ahead of b's key after one that
+// failed or that its budget refused (err): until until when it is not
+// zero, else until the key's backoff ends or, when the failure memory is
+// disabled, for DefaultFailureTTL.
+func (p *policy) deferRefresh(b *Binding, err error, now, until time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	until := now.Add(max(p.opts.FailureTTL, DefaultFailureTTL))
-	if h, _ := p.backoffLocked(b, now); h != nil {
-		until = h.until
+	if until.IsZero() {
+		until = now.Add(max(p.opts.FailureTTL, DefaultFailureTTL))
+		if h, _ := p.backoffLocked(b, now); h != nil {
+			until = h.until
+		}
 	}
-	p.key(b).refresh = failure{err: err, at: now, until: until}
-}
-
-// refreshDeferred defers the next refresh-ahead of b's key until until:
-// its budget refused it (err).
-func (p *policy) refreshDeferred(b *Binding, err error, now, until time.Time) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	p.key(b).refresh = failure{err: err, at: now, until: until}
 }
 
@@ -369,9 +364,6 @@ func refusedByBudget(b *Binding, err error) error {
 // notCalled tells the breaker of b's source that a call allow let through
 // did not go out (its budget refused it): a probe is released undecided.
 func (p *policy) notCalled(b *Binding, now time.Time) {
-	if p.opts.BreakerThreshold <= 0 {
-		return
-	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.source(b.SourceID).brk.Record(now, breaker.Unknown, nil)
@@ -389,9 +381,6 @@ func (p *policy) refreshDue(b *Binding, now time.Time) bool {
 // changed: this call moved the breaker to half-open; probe: the call is
 // the half-open breaker's probe.
 func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, changed, probe bool, cause error) {
-	if p.opts.BreakerThreshold <= 0 {
-		return true, 0, false, false, nil
-	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	brk := &p.source(b.SourceID).brk
@@ -404,9 +393,6 @@ func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, 
 // cutByWait: the call ran out of time after a wait for budget, which
 // tells nothing about the source (undecided, like a canceled call).
 func (p *policy) called(b *Binding, err error, c Class, cutByWait bool, now time.Time) (from, to BreakerState) {
-	if p.opts.BreakerThreshold <= 0 {
-		return BreakerClosed, BreakerClosed
-	}
 	o := breaker.Answered
 	switch {
 	case err == nil:
@@ -421,7 +407,7 @@ func (p *policy) called(b *Binding, err error, c Class, cutByWait bool, now time
 	return p.source(b.SourceID).brk.Record(now, o, err)
 }
 
-// maybeSweep runs the sweep at most once per CleanupInterval (or at once
+// maybeSweep runs the sweep at most once per cleanupInterval (or at once
 // when the clock went back): it forgets the backoffs that ended
 // FailureMax ago (or lie in the future of a clock that went back), and
 // drops the state of keys and sources that keeps nothing, so that state
@@ -431,7 +417,7 @@ func (p *policy) maybeSweep(now time.Time) {
 	defer func() { n.run() }()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if !now.Before(p.lastSweep) && now.Sub(p.lastSweep) < p.opts.CleanupInterval {
+	if !now.Before(p.lastSweep) && now.Sub(p.lastSweep) < cleanupInterval {
 		return
 	}
 	p.lastSweep = now
@@ -446,7 +432,7 @@ func (p *policy) maybeSweep(now time.Time) {
 			delete(p.keys, k)
 		}
 	}
-	cutoff := now.Add(-p.opts.CleanupInterval)
+	cutoff := now.Add(-cleanupInterval)
 	for id, ss := range p.sources {
 		if ended(&ss.backoff) {
 			n = ss.release(id, n)

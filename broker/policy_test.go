@@ -171,7 +171,7 @@ func TestBackingOffAlternates(t *testing.T) {
 			br.ForgetFailures(func(error) bool { return true })
 		}},
 		{"sweep", func(br *Broker, _ *scriptedSource, _ *Binding, clock *fakeClock) {
-			clock.Add(DefaultFailureMax + 2*DefaultCleanupInterval)
+			clock.Add(DefaultFailureMax + 2*cleanupInterval)
 			br.Token(context.Background(), NewBinding("other", &scriptedSource{clock: clock, life: time.Hour}, Request{Merchant: "x"}))
 		}},
 	}
@@ -181,8 +181,9 @@ func TestBackingOffAlternates(t *testing.T) {
 			src := &scriptedSource{clock: clock, life: time.Hour}
 			src.set(down)
 			obs := &breakerLog{}
-			br := New(Options{Now: clock.Now, Sleep: noSleep, Observer: obs, MaxAttempts: 1, BreakerThreshold: -1})
+			br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: -1})
 			b := NewBinding("s", src, Request{Merchant: "acme"})
+			b.Observer = obs
 			for range 3 {
 				br.Token(context.Background(), b)
 				clock.Add(10 * time.Second) // past each memory: three failures in a row
@@ -220,7 +221,7 @@ func TestPolicyStateIsBounded(t *testing.T) {
 	if f, b := count(); f != 100 || b != 100 {
 		t.Fatalf("%d failures and %d breakers, want 100 of each", f, b)
 	}
-	clock.Add(DefaultFailureMax + 2*DefaultCleanupInterval)
+	clock.Add(DefaultFailureMax + 2*cleanupInterval)
 	src.set(nil)
 	b := NewBinding("nuapay#new", src, Request{Merchant: "acme", Scopes: []string{"a"}})
 	if _, err := br.Token(ctx, b); err != nil {
@@ -267,9 +268,14 @@ func TestBreakerOpeningMidRetry(t *testing.T) {
 	src := &scriptedSource{clock: clock, life: time.Hour}
 	src.set(&APIError{Provider: "nuapay", StatusCode: 503})
 	obs := &breakerLog{}
-	br := New(Options{Now: clock.Now, Sleep: noSleep, Observer: obs, MaxAttempts: 3, BreakerThreshold: 2, BreakerCooldown: 10 * time.Second})
+	br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 3, BreakerThreshold: 2, BreakerCooldown: 10 * time.Second})
 	ctx := context.Background()
-	_, err := br.Token(ctx, NewBinding("s", src, Request{Merchant: "acme", Organisation: "acme", Scopes: []string{"a"}}))
+	bind := func(m string) *Binding {
+		b := NewBinding("s", src, Request{Merchant: m, Organisation: m, Scopes: []string{"a"}})
+		b.Observer = obs
+		return b
+	}
+	_, err := br.Token(ctx, bind("acme"))
 	var ue *UnavailableError
 	var ae *APIError
 	if !errors.As(err, &ue) || !errors.As(err, &ae) || ae.StatusCode != 503 {
@@ -284,21 +290,21 @@ func TestBreakerOpeningMidRetry(t *testing.T) {
 	// After the cooldown another key's fetch is the probe.
 	clock.Add(11 * time.Second)
 	src.set(nil)
-	if _, err := br.Token(ctx, NewBinding("s", src, Request{Merchant: "globex", Organisation: "globex", Scopes: []string{"a"}})); err != nil {
+	if _, err := br.Token(ctx, bind("globex")); err != nil {
 		t.Fatalf("probe after the cooldown: %v", err)
 	}
 	// A Retry-After of an hour opens the breaker for the cooldown only
 	// (the hour is kept in the failing keys' memory).
 	src.set(&APIError{Provider: "nuapay", StatusCode: 503, RetryAfter: time.Hour})
 	for _, m := range []string{"m1", "m2"} {
-		br.Token(ctx, NewBinding("s", src, Request{Merchant: m, Organisation: m, Scopes: []string{"a"}}))
+		br.Token(ctx, bind(m))
 	}
 	clock.Add(11 * time.Second)
 	src.set(nil)
-	if _, err := br.Token(ctx, NewBinding("s", src, Request{Merchant: "m3", Organisation: "m3", Scopes: []string{"a"}})); err != nil {
+	if _, err := br.Token(ctx, bind("m3")); err != nil {
 		t.Fatalf("probe after the cooldown, despite Retry-After 1h: %v", err)
 	}
-	if _, err := br.Token(ctx, NewBinding("s", src, Request{Merchant: "m1", Organisation: "m1", Scopes: []string{"a"}})); !errors.As(err, &ae) || ae.RetryAfter != time.Hour {
+	if _, err := br.Token(ctx, bind("m1")); !errors.As(err, &ae) || ae.RetryAfter != time.Hour {
 		t.Fatalf("m1: %v, want its remembered 503 with Retry-After", err)
 	}
 	want := []BreakerState{BreakerOpen, BreakerHalfOpen, BreakerClosed, BreakerOpen, BreakerHalfOpen, BreakerClosed}

@@ -93,10 +93,25 @@ func (ks *keyState) purgePause(now time.Time) time.Time {
 // (401) calls: the token is purged if it is still the cached one, unless the
 // key's purges by rejection are paused (see RejectPauseBase). A burst of
 // rejections of one token causes at most one new fetch.
+//
+// With a shared tier, a purged token is purged there too
+// (compare-and-delete on its fingerprint).
 func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
-	return br.purgeCached(b, rejected, func(e *Entry) bool {
-		return br.pol.rejectKept(b, rejected, e.cachedAt(), br.opts.Now())
-	})
+	br.mu.Lock()
+	v, ok := br.cache.Get(b.key)
+	if !ok || v.(*Entry).value() != rejected {
+		br.mu.Unlock()
+		return RejectionStale
+	}
+	e := v.(*Entry)
+	if br.pol.rejectKept(b, rejected, e.cachedAt(), br.opts.Now()) {
+		br.mu.Unlock()
+		return RejectionKept
+	}
+	br.purgeLocked(b.key, e)
+	br.mu.Unlock()
+	br.purgeShared(b.key, e.Fingerprint())
+	return RejectionPurged
 }
 
 // rejectKept notes a rejection at now of b's cached token rejected,

@@ -63,10 +63,11 @@ func TestSharedCacheTwoBrokersOneMint(t *testing.T) {
 	src := &scriptedSource{clock: clock, life: 100 * time.Second}
 	shared := newMemShared()
 	obs := newObserver()
-	a := New(Options{Now: clock.Now, Shared: shared, Observer: obs})
-	b := New(Options{Now: clock.Now, Shared: shared, Observer: obs})
+	a := New(Options{Now: clock.Now, Shared: shared})
+	b := New(Options{Now: clock.Now, Shared: shared})
 	req := Request{Merchant: "acme", Organisation: "o", Scopes: []string{"a"}}
 	ba, bb := NewBinding("s", src, req), NewBinding("s", src, req)
+	ba.Observer, bb.Observer = obs, obs
 	ctx := context.Background()
 
 	ea, ra, err := a.Get(ctx, ba)
@@ -85,7 +86,7 @@ func TestSharedCacheTwoBrokersOneMint(t *testing.T) {
 	}
 
 	// A 401 on a's token: purged in a, in the tier, and in b.
-	if !a.Purge(ba, ea.Token().Value) {
+	if a.Reject(ba, ea.Token().Value) != RejectionPurged {
 		t.Fatal("purge failed")
 	}
 	if len(b.Entries()) != 0 {

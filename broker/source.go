@@ -170,8 +170,8 @@ type Binding struct {
 	*Profile
 	current atomic.Pointer[Entry] // the entry this binding was last served
 	// Observer, when set, is told about this binding's lookups and fetches
-	// instead of the Broker's Observer (a Caddy handler sets its own, so
-	// that logs and metrics follow config reloads).
+	// (metrics, logs; a Caddy handler sets its own, so that they follow
+	// config reloads).
 	Observer Observer
 	// Merchant is the merchant the token is for. Used in errors and logs
 	// only; the provider sees Organisation.

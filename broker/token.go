@@ -14,21 +14,17 @@ import (
 // really needed (an Authorization header, a request body).
 type Secret string
 
-// Redacted is what a Secret prints as, and what a secret scrubbed from a
-// provider's answer becomes.
-const Redacted = scrub.Redacted
-
 // Reveal returns the secret value itself.
 func (s Secret) Reveal() string { return string(s) }
 
 // String implements fmt.Stringer without revealing the value.
-func (s Secret) String() string { return Redacted }
+func (s Secret) String() string { return scrub.Redacted }
 
 // GoString implements fmt.GoStringer without revealing the value.
-func (s Secret) GoString() string { return Redacted }
+func (s Secret) GoString() string { return scrub.Redacted }
 
 // MarshalText implements encoding.TextMarshaler without revealing the value.
-func (s Secret) MarshalText() ([]byte, error) { return []byte(Redacted), nil }
+func (s Secret) MarshalText() ([]byte, error) { return []byte(scrub.Redacted), nil }
 
 // Fingerprint returns the first 8 hex characters of the SHA-256 of the
 // value: enough to correlate log lines, useless to an attacker.

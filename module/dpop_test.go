@@ -156,10 +156,11 @@ func TestDPoPHandler(t *testing.T) {
 }
 
 // TestDPoPHandlerAllocations: the handler's part of a DPoP request
-// allocates nothing more than a bearer request's; the difference is the
+// allocates at most once more than a bearer request's (the request's
+// DPoP binding, outbound.NewDPoP); the rest of the difference is the
 // transport's signing (DPoP.SignCopy: the proof and the copy of the request
-// that carries it), and Sign allocates at most 2 more times than the
-// proof alone (Key.Proof).
+// that carries it), and Sign allocates at most 3 more times than the
+// proof alone (Key.Proof): the htu, and the two header values.
 func TestDPoPHandlerAllocations(t *testing.T) {
 	req := httptest.NewRequest("GET", "/accounts", nil)
 	req.Header.Set("X-Merchant-Id", "acme")
@@ -181,8 +182,7 @@ func TestDPoPHandlerAllocations(t *testing.T) {
 	signReq := httptest.NewRequest("GET", "/accounts", nil)
 	k := h.bindings.Peek("acme").DPoP
 	tok := "dpop." + strings.Repeat("x", 580)
-	d := outbound.AcquireDPoP(k)
-	defer d.Release()
+	d := outbound.NewDPoP(k)
 	d.SetToken("DPoP "+tok, dpop.ATH(tok))
 	copyAndSign := testing.AllocsPerRun(200, func() {
 		if _, err := d.SignCopy(signReq, time.Now()); err != nil {
@@ -201,10 +201,10 @@ func TestDPoPHandlerAllocations(t *testing.T) {
 		}
 	})
 	t.Logf("allocations: bearer request %.0f, DPoP request %.0f, signed copy %.0f, Sign %.0f, Proof %.0f", bearer, bound, copyAndSign, sign, proof)
-	if bound > bearer+copyAndSign {
-		t.Errorf("a DPoP request allocates %.0f times, a bearer one %.0f and the signed copy %.0f: the handler adds %.0f", bound, bearer, copyAndSign, bound-bearer-copyAndSign)
+	if bound > bearer+copyAndSign+1 {
+		t.Errorf("a DPoP request allocates %.0f times, a bearer one %.0f and the signed copy %.0f: the handler adds %.0f, want at most 1 (the binding)", bound, bearer, copyAndSign, bound-bearer-copyAndSign)
 	}
-	if sign > proof+2 {
-		t.Errorf("Sign allocates %.0f times, the proof alone %.0f: Sign adds %.0f, want at most 2", sign, proof, sign-proof)
+	if sign > proof+3 {
+		t.Errorf("Sign allocates %.0f times, the proof alone %.0f: Sign adds %.0f, want at most 3", sign, proof, sign-proof)
 	}
 }

@@ -18,9 +18,8 @@ import (
 
 // outbound returns the handler's outbound-header contract. It is computed
 // from the handler's fields, so it costs nothing to build per request.
-// The token goes in Authorization, the one header Validate accepts.
 func (h *Handler) outbound() outbound.Contract {
-	o := outbound.Contract{Token: "Authorization", Merchant: h.merchantHeader, Interaction: h.InteractionID}
+	o := outbound.Contract{Merchant: h.merchantHeader, Interaction: h.InteractionID}
 	if h.callers != nil {
 		o.Caller = h.callers.policy.Header()
 	}
@@ -49,8 +48,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 	rt := outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit, Incremental: caddyhttp.IsIncremental,
 		Isolate: isolateVars, Tokens: h.tokens, NonceChallenged: h.nonceChallenged}
 	if k := b.DPoP; k != nil && outbound.IsDPoP(e.Header()) {
-		d := outbound.AcquireDPoP(k)
-		defer d.Release()
+		d := outbound.NewDPoP(k)
 		d.SetToken(e.Header(), e.ATH())
 		caddyhttp.SetVar(r.Context(), dpopVar, d)
 		rt.DPoP = d

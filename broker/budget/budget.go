@@ -116,7 +116,6 @@ type Budget struct {
 	store         Store
 	fallback      Store // in-process, while store fails
 	now           func() time.Time
-	sleep         func(ctx context.Context, d time.Duration) error
 	shareOf       int // WithLocalShare
 	sharedBy      int // WithSharedBy
 
@@ -149,7 +148,7 @@ func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *B
 	if now == nil {
 		now = time.Now
 	}
-	b := &Budget{name: name, limit: l, fallbackLimit: l, store: s, now: now, sleep: Sleep, shareOf: 1, sharedBy: 1}
+	b := &Budget{name: name, limit: l, fallbackLimit: l, store: s, now: now, shareOf: 1, sharedBy: 1}
 	for _, o := range opts {
 		o(b)
 	}
@@ -167,7 +166,7 @@ func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *B
 const minRetryAfter = time.Millisecond
 
 // Sleep waits d, or until ctx ends and then returns ctx's error: a
-// timer, the wait of a caller when TakeWaited is given no sleep.
+// timer, the wait of a caller when Take is given no sleep.
 func Sleep(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
 	defer t.Stop()
@@ -181,23 +180,16 @@ func Sleep(ctx context.Context, d time.Duration) error {
 
 // Take spends one token request. A Foreground request waits its turn
 // behind the callers already waiting (in arrival order) until the bucket
-// has room; when the queue or the bucket says it cannot be served before
-// deadline (on the budget's clock; zero: no deadline), it returns an
-// *ExhaustedError at once. A Background request is served only when no
+// has room, in sleep (the broker's, so that its tests move their clock in
+// it; nil: a timer); when the queue or the bucket says it cannot be served
+// before deadline (on the budget's clock; zero: no deadline), it returns
+// an *ExhaustedError at once. A Background request is served only when no
 // caller waits here and the bucket keeps a reserve for callers; otherwise
 // it returns an *ExhaustedError at once. Take also returns ctx's error
 // when ctx ends while it waits, and a Store error only when the in-process
-// fallback fails too (never).
-func (b *Budget) Take(ctx context.Context, p Priority, deadline time.Time) error {
-	_, err := b.TakeWaited(ctx, p, deadline, nil)
-	return err
-}
-
-// TakeWaited is Take, and also reports whether the request waited its
+// fallback fails too (never). It reports whether the request waited its
 // turn (behind other callers, or for the bucket or a closing to pass).
-// A caller waits in sleep (the broker's, so that its tests move their
-// clock in it); nil: a timer.
-func (b *Budget) TakeWaited(ctx context.Context, p Priority, deadline time.Time, sleep func(ctx context.Context, d time.Duration) error) (waited bool, err error) {
+func (b *Budget) Take(ctx context.Context, p Priority, deadline time.Time, sleep func(ctx context.Context, d time.Duration) error) (waited bool, err error) {
 	if err := ctx.Err(); err != nil {
 		return false, err
 	}
@@ -248,10 +240,10 @@ func reserve(burst int) int {
 	return max(1, int(float64(burst)*reserveShare))
 }
 
-// takeForeground is TakeWaited for a caller.
+// takeForeground is Take for a caller.
 func (b *Budget) takeForeground(ctx context.Context, deadline time.Time, sleep func(ctx context.Context, d time.Duration) error) (waited bool, err error) {
 	if sleep == nil {
-		sleep = b.sleep
+		sleep = Sleep
 	}
 	start := b.now()
 	w := &waiter{ready: make(chan struct{})}

@@ -130,11 +130,12 @@ func TestLocalStoreRate(t *testing.T) {
 // counts them.
 func TestForegroundRateAndBurst(t *testing.T) {
 	c := newClock()
-	b := New("bank", limit(5, 2, time.Second), NewLocal(c.Now), c.Now, WithSleep(advance(c)))
+	sleep := advance(c)
+	b := New("bank", limit(5, 2, time.Second), NewLocal(c.Now), c.Now)
 	start := c.Now()
 	var at []time.Duration
 	for range 12 {
-		if err := b.Take(context.Background(), Foreground, c.Now().Add(time.Minute)); err != nil {
+		if _, err := b.Take(context.Background(), Foreground, c.Now().Add(time.Minute), sleep); err != nil {
 			t.Fatal(err)
 		}
 		at = append(at, c.Now().Sub(start))
@@ -158,40 +159,44 @@ func TestForegroundRateAndBurst(t *testing.T) {
 func TestPriorities(t *testing.T) {
 	c := newClock()
 	g := newGatedSleep(c)
-	b := New("bank", limit(4, 4, time.Second), NewLocal(c.Now), c.Now, WithSleep(g.sleep))
+	sleep := g.sleep
+	b := New("bank", limit(4, 4, time.Second), NewLocal(c.Now), c.Now)
 	ctx := context.Background()
 	deadline := func(d time.Duration) time.Time { return c.Now().Add(d) }
 
 	// Background takes 3 of the burst of 4 and leaves 1 for callers.
 	for i := range 3 {
-		if err := b.Take(ctx, Background, time.Time{}); err != nil {
+		if _, err := b.Take(ctx, Background, time.Time{}, sleep); err != nil {
 			t.Fatalf("background %d: %v", i, err)
 		}
 	}
 	var ee *ExhaustedError
-	if err := b.Take(ctx, Background, time.Time{}); !errors.As(err, &ee) || !errors.Is(err, ErrExhausted) || ee.RetryAfter != 250*time.Millisecond || ee.Provider != "bank" {
+	if _, err := b.Take(ctx, Background, time.Time{}, sleep); !errors.As(err, &ee) || !errors.Is(err, ErrExhausted) || ee.RetryAfter != 250*time.Millisecond || ee.Provider != "bank" {
 		t.Fatalf("background past the reserve: %v, want exhausted for 250ms", err)
 	}
-	if err := b.Take(ctx, Foreground, deadline(time.Second)); err != nil {
+	if _, err := b.Take(ctx, Foreground, deadline(time.Second), sleep); err != nil {
 		t.Fatalf("caller on the reserve: %v", err)
 	}
 
 	// The bucket is empty: a caller waits 250ms, at the head of the queue.
 	done := make(chan error, 1)
-	go func() { done <- b.Take(ctx, Foreground, deadline(time.Second)) }()
+	go func() {
+		_, err := b.Take(ctx, Foreground, deadline(time.Second), sleep)
+		done <- err
+	}()
 	if d := <-g.asleep; d != 250*time.Millisecond {
 		t.Fatalf("head waits %s, want 250ms", d)
 	}
 	// Meanwhile background gets nothing, however full the bucket.
 	c.Add(time.Hour)
-	if err := b.Take(ctx, Background, time.Time{}); !errors.As(err, &ee) {
+	if _, err := b.Take(ctx, Background, time.Time{}, sleep); !errors.As(err, &ee) {
 		t.Fatalf("background while a caller waits: %v", err)
 	}
 	c.Add(-time.Hour)
 	// A caller behind it whose deadline comes before its turn is refused
 	// at once with the queue's estimate: the head at +250ms, then one
 	// interval per caller ahead.
-	err := b.Take(ctx, Foreground, deadline(400*time.Millisecond))
+	_, err := b.Take(ctx, Foreground, deadline(400*time.Millisecond), sleep)
 	if !errors.As(err, &ee) || ee.RetryAfter != 500*time.Millisecond {
 		t.Fatalf("caller past its deadline: %v, want exhausted for 500ms", err)
 	}
@@ -200,7 +205,10 @@ func TestPriorities(t *testing.T) {
 	}
 	// One whose deadline allows it queues behind the head.
 	second := make(chan error, 1)
-	go func() { second <- b.Take(ctx, Foreground, deadline(time.Second)) }()
+	go func() {
+		_, err := b.Take(ctx, Foreground, deadline(time.Second), sleep)
+		second <- err
+	}()
 	waitFor(t, func() bool { return b.State().Waiting == 2 })
 	close(g.release)
 	if err := <-done; err != nil {
@@ -222,22 +230,23 @@ func TestPriorities(t *testing.T) {
 // turn.
 func TestHeadRefusedPastDeadline(t *testing.T) {
 	c := newClock()
-	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now, WithSleep(advance(c)))
+	sleep := advance(c)
+	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now)
 	ctx := context.Background()
-	if err := b.Take(ctx, Foreground, time.Time{}); err != nil {
+	if _, err := b.Take(ctx, Foreground, time.Time{}, sleep); err != nil {
 		t.Fatal(err)
 	}
 	var ee *ExhaustedError
-	if err := b.Take(ctx, Foreground, c.Now().Add(500*time.Millisecond)); !errors.As(err, &ee) || ee.RetryAfter != time.Second {
+	if _, err := b.Take(ctx, Foreground, c.Now().Add(500*time.Millisecond), sleep); !errors.As(err, &ee) || ee.RetryAfter != time.Second {
 		t.Fatalf("got %v, want exhausted for 1s", err)
 	}
-	if err := b.Take(ctx, Foreground, c.Now().Add(2*time.Second)); err != nil {
+	if _, err := b.Take(ctx, Foreground, c.Now().Add(2*time.Second), sleep); err != nil {
 		t.Fatalf("next caller: %v", err)
 	}
 	// A caller whose context ends leaves the queue uncounted.
 	cctx, cancel := context.WithCancel(ctx)
 	cancel()
-	if err := b.Take(cctx, Foreground, time.Time{}); !errors.Is(err, context.Canceled) {
+	if _, err := b.Take(cctx, Foreground, time.Time{}, sleep); !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled caller: %v", err)
 	}
 	if st := b.State(); st.Used != 2 || st.Exhausted != 1 || st.Waiting != 0 {
@@ -259,7 +268,7 @@ func TestStoreFailureFallsBack(t *testing.T) {
 	b := New("bank", limit(10, 10, time.Second), failingStore{}, c.Now, WithFallback(limit(10, 10, time.Second).Share(5)))
 	served := 0
 	for range 10 {
-		if b.Take(context.Background(), Foreground, c.Now()) == nil {
+		if _, err := b.Take(context.Background(), Foreground, c.Now(), nil); err == nil {
 			served++
 		}
 	}
@@ -277,7 +286,7 @@ func TestFallbackLowered(t *testing.T) {
 	b.Observe(http.Header{"X-Ratelimit-Remaining": {"1"}, "X-Ratelimit-Reset": {"10"}}, c.Now()) // 1 per 10 s
 	served := 0
 	for range 10 {
-		if b.Take(context.Background(), Foreground, c.Now()) == nil {
+		if _, err := b.Take(context.Background(), Foreground, c.Now(), nil); err == nil {
 			served++
 		}
 	}
@@ -374,12 +383,13 @@ func TestObserveLocalShare(t *testing.T) {
 // an answer that restricts nothing ends it.
 func TestObserveGovernsTake(t *testing.T) {
 	c := newClock()
-	b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now, WithSleep(advance(c)))
+	sleep := advance(c)
+	b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now)
 	ctx := context.Background()
 	b.Observe(http.Header{"X-Ratelimit-Remaining": {"2"}, "X-Ratelimit-Reset": {"10"}}, c.Now())
 	start := c.Now()
 	for range 2 {
-		if err := b.Take(ctx, Foreground, start.Add(time.Minute)); err != nil {
+		if _, err := b.Take(ctx, Foreground, start.Add(time.Minute), sleep); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -388,19 +398,19 @@ func TestObserveGovernsTake(t *testing.T) {
 	}
 	b.Observe(http.Header{"Ratelimit": {`"d";r=0;t=20`}}, c.Now())
 	var ee *ExhaustedError
-	if err := b.Take(ctx, Background, time.Time{}); !errors.As(err, &ee) {
+	if _, err := b.Take(ctx, Background, time.Time{}, sleep); !errors.As(err, &ee) {
 		t.Fatalf("background while closed: %v", err)
 	}
-	if err := b.Take(ctx, Foreground, c.Now().Add(10*time.Second)); !errors.As(err, &ee) || ee.RetryAfter != 20*time.Second {
+	if _, err := b.Take(ctx, Foreground, c.Now().Add(10*time.Second), sleep); !errors.As(err, &ee) || ee.RetryAfter != 20*time.Second {
 		t.Fatalf("caller before the reset: %v, want exhausted for 20s", err)
 	}
 	before := c.Now()
-	if err := b.Take(ctx, Foreground, c.Now().Add(30*time.Second)); err != nil || c.Now().Sub(before) != 20*time.Second {
+	if _, err := b.Take(ctx, Foreground, c.Now().Add(30*time.Second), sleep); err != nil || c.Now().Sub(before) != 20*time.Second {
 		t.Fatalf("caller after the reset: %v after %s, want served after 20s", err, c.Now().Sub(before))
 	}
 	b.Observe(http.Header{"Ratelimit": {`"d";r=0;t=20`}}, c.Now())
 	b.Observe(http.Header{"Ratelimit": {`"d";r=1000;t=20`}}, c.Now())
-	if err := b.Take(ctx, Background, time.Time{}); !errors.As(err, &ee) {
+	if _, err := b.Take(ctx, Background, time.Time{}, sleep); !errors.As(err, &ee) {
 		t.Fatalf("background after a late answer with room: %v, want the budget still closed", err)
 	}
 	b.Observe(http.Header{"Ratelimit": {`"d";r=0;t=5`}}, c.Now())
@@ -408,7 +418,7 @@ func TestObserveGovernsTake(t *testing.T) {
 		t.Errorf("closed until %v after a shorter closing, want %v", st.LoweredUntil, c.Now().Add(20*time.Second))
 	}
 	c.Add(20 * time.Second)
-	if err := b.Take(ctx, Background, time.Time{}); err != nil {
+	if _, err := b.Take(ctx, Background, time.Time{}, sleep); err != nil {
 		t.Fatalf("background once the closing ended: %v", err)
 	}
 }
@@ -552,7 +562,7 @@ func TestExhaustedErrorText(t *testing.T) {
 	c := newClock()
 	b := New("bank", limit(1, 1, time.Minute), NewLocal(c.Now), c.Now)
 	ctx := context.Background()
-	if err := b.Take(ctx, Foreground, time.Time{}); err != nil {
+	if _, err := b.Take(ctx, Foreground, time.Time{}, nil); err != nil {
 		t.Fatal(err)
 	}
 	for _, tt := range []struct {
@@ -562,7 +572,7 @@ func TestExhaustedErrorText(t *testing.T) {
 		{Foreground, "no room before the request's deadline"},
 		{Background, "a refresh-ahead gets none"},
 	} {
-		err := b.Take(ctx, tt.p, c.Now().Add(time.Second))
+		_, err := b.Take(ctx, tt.p, c.Now().Add(time.Second), nil)
 		var ee *ExhaustedError
 		if !errors.As(err, &ee) || ee.Priority != tt.p || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("%s: %v, want an exhausted error saying %q", tt.p, err, tt.want)
@@ -570,12 +580,13 @@ func TestExhaustedErrorText(t *testing.T) {
 	}
 }
 
-// TestTakeWaited: TakeWaited reports whether the request waited its turn.
+// TestTakeWaited: Take reports whether the request waited its turn.
 func TestTakeWaited(t *testing.T) {
 	c := newClock()
-	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now, WithSleep(advance(c)))
+	sleep := advance(c)
+	b := New("bank", limit(1, 1, time.Second), NewLocal(c.Now), c.Now)
 	for i, want := range []bool{false, true} {
-		if waited, err := b.TakeWaited(context.Background(), Foreground, time.Time{}, nil); err != nil || waited != want {
+		if waited, err := b.Take(context.Background(), Foreground, time.Time{}, sleep); err != nil || waited != want {
 			t.Errorf("request %d: waited %t, %v; want waited %t", i+1, waited, err, want)
 		}
 	}
@@ -594,9 +605,10 @@ func (denyingStore) AllowN(context.Context, string, Limit, int) (Result, error) 
 // zero would send no Retry-After at all.
 func TestRefusalSaysWhen(t *testing.T) {
 	c := newClock()
-	b := New("bank", limit(1, 1, time.Second), denyingStore{}, c.Now, WithSleep(advance(c)))
+	sleep := advance(c)
+	b := New("bank", limit(1, 1, time.Second), denyingStore{}, c.Now)
 	var ee *ExhaustedError
-	if err := b.Take(context.Background(), Foreground, c.Now().Add(-time.Second)); !errors.As(err, &ee) || ee.RetryAfter <= 0 {
+	if _, err := b.Take(context.Background(), Foreground, c.Now().Add(-time.Second), sleep); !errors.As(err, &ee) || ee.RetryAfter <= 0 {
 		t.Fatalf("got %v, want exhausted with a positive retry after", err)
 	}
 }

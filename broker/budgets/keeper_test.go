@@ -55,7 +55,7 @@ func TestKeeper(t *testing.T) {
 	if shared == local || shared.State().Rate != 20 {
 		t.Errorf("shared budget: rate %g, want the whole 20", shared.State().Rate)
 	}
-	if _, err := shared.TakeWaited(context.Background(), budget.Foreground, time.Time{}, nil); err != nil {
+	if _, err := shared.Take(context.Background(), budget.Foreground, time.Time{}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if want := Key("nuapay", "https://api.example"); len(cs.keys) != 1 || cs.keys[0] != want {

@@ -48,10 +48,10 @@ func TestBudgetPausedRedis(t *testing.T) {
 	take := func() (time.Duration, bool) {
 		t.Helper()
 		start := time.Now()
-		_, err := b.TakeWaited(context.Background(), budget.Foreground, time.Now().Add(time.Second), nil)
+		_, err := b.Take(context.Background(), budget.Foreground, time.Now().Add(time.Second), nil)
 		took := time.Since(start)
 		if ee := (*budget.ExhaustedError)(nil); err != nil && !errors.As(err, &ee) {
-			t.Fatalf("TakeWaited: %v; want a token request or the budget exhausted", err)
+			t.Fatalf("Take: %v; want a token request or the budget exhausted", err)
 		}
 		return took, err == nil
 	}

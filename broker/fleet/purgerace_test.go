@@ -172,7 +172,7 @@ func TestPurgerDoesNotAdoptItsPurgedToken(t *testing.T) {
 			a.PurgeMatching(func(x *broker.Binding) bool { return x.Merchant == b.Merchant })
 		}},
 		{"purge", func(a *broker.Broker, b *broker.Binding, tok broker.Token) {
-			if !a.Purge(b, tok.Value) {
+			if a.Reject(b, tok.Value) != broker.RejectionPurged {
 				t.Error("Purge found nothing to purge")
 			}
 		}},

@@ -165,7 +165,7 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 	}
 	body, _ := json.Marshal(nuapayTokenRequest{Scopes: req.Scopes, ExpiresIn: int64(life / time.Second)})
 	sent := s.cfg.Now()
-	data, err := s.call(httpclient.TokenRequest(ctx), http.MethodPost, target, body, http.StatusCreated)
+	data, err := s.call(httpclient.TokenRequest(ctx), http.MethodPost, target, body)
 	if err != nil {
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound && ae.Err == nil {
@@ -222,7 +222,7 @@ func (s *Source) RevokeToken(ctx context.Context, req broker.Request, tok broker
 	if err != nil {
 		return err
 	}
-	_, err = s.call(ctx, http.MethodPost, target, nil, http.StatusOK)
+	_, err = s.call(ctx, http.MethodPost, target, nil)
 	return err
 }
 
@@ -310,7 +310,7 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 		u.Path += s.cfg.OrganisationsPath
 		u.RawPath = ""
 		u.RawQuery = url.Values{"pagenumber": {fmt.Sprint(page)}, "pagesize": {"100"}}.Encode()
-		body, err := s.call(ctx, http.MethodGet, u.String(), nil, http.StatusOK)
+		body, err := s.call(ctx, http.MethodGet, u.String(), nil)
 		if err != nil {
 			return err
 		}
@@ -341,10 +341,10 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 	}
 }
 
-// call sends one Gatekeeper request and returns the body of an answer with
-// the wanted status (200 is accepted where 201 is documented); any other
-// answer becomes an *broker.APIError built from Nuapay's error envelope.
-func (s *Source) call(ctx context.Context, method, target string, body []byte, want int) ([]byte, error) {
+// call sends one Gatekeeper request and returns the body of a 2xx answer
+// (200 is accepted where 201 is documented); any other answer becomes an
+// *broker.APIError built from Nuapay's error envelope.
+func (s *Source) call(ctx context.Context, method, target string, body []byte) ([]byte, error) {
 	var rd io.Reader
 	if body != nil {
 		rd = bytes.NewReader(body)
@@ -371,7 +371,7 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte, w
 		return nil, &broker.APIError{Provider: "nuapay", StatusCode: resp.StatusCode, Code: "response_too_large",
 			Description: fmt.Sprintf("response body is over %d bytes", httpclient.MaxResponseBytes)}
 	}
-	if resp.StatusCode == want || (resp.StatusCode >= 200 && resp.StatusCode < 300) {
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		return data, nil
 	}
 	ae := ParseError(resp.StatusCode, resp.Header.Get("Retry-After"), data, s.cfg.Now())

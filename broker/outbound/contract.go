@@ -51,18 +51,18 @@ const DPoPHeader = "Dpop"
 // decides; the handler and the 401 retry (Retry) both go through it.
 //
 // The headers the contract owns are the caller's credentials
-// (Authorization, Proxy-Authorization, DPoP), the header the token is set in,
+// (Authorization, which the token is set in, Proxy-Authorization, DPoP),
 // the merchant header (when the merchant is read from a header), the
 // caller-JWT header (with a caller policy) and x-fapi-interaction-id when
 // the handler adds it (interaction_id). For these:
 //
 //   - Removed: every value the caller sent of Authorization,
-//     Proxy-Authorization, DPoP, the token header, the merchant header and
+//     Proxy-Authorization, DPoP, the merchant header and
 //     the caller-JWT header. A caller's x-fapi-interaction-id is passed on.
 //     A DPoP proof is made for the request as it leaves, by the
 //     token_broker_dpop transport: nothing the caller sends can stand in
 //     for it or come with it.
-//   - Set: the token header, to exactly one value, "Bearer <token>"; on a
+//   - Set: Authorization, to exactly one value, "Bearer <token>"; on a
 //     401 retry, to the new token. A DPoP-bound token ("DPoP <token>") is
 //     not set on the request at all: it goes in the request's DPoP
 //     binding, and only the token_broker_dpop transport puts it, with its
@@ -86,15 +86,9 @@ const DPoPHeader = "Dpop"
 //     a body that must be forwarded as it arrives) is never buffered and
 //     never retried after a 401; see Retry.Incremental.
 //
-// Proxy-Authorization can not be the token header: it is hop-by-hop (RFC
-// 9110 §11.7.2) and reverse_proxy always removes it, so the upstream would
-// get no credential.
-//
 // A Contract is a small value: build it per request from the handler's
 // settings.
 type Contract struct {
-	// Token is the canonical header the token is set in.
-	Token string
 	// Merchant is the canonical merchant header; "" when the merchant is
 	// not read from a header.
 	Merchant string
@@ -108,7 +102,7 @@ type Contract struct {
 // owns reports whether the header name (any case) is one of the contract's.
 func (o Contract) owns(name string) bool {
 	return strings.EqualFold(name, "Authorization") || strings.EqualFold(name, "Proxy-Authorization") ||
-		strings.EqualFold(name, DPoPHeader) || strings.EqualFold(name, o.Token) ||
+		strings.EqualFold(name, DPoPHeader) ||
 		o.Merchant != "" && strings.EqualFold(name, o.Merchant) ||
 		o.Caller != "" && strings.EqualFold(name, o.Caller) ||
 		o.Interaction && strings.EqualFold(name, InteractionIDHeader)
@@ -140,7 +134,7 @@ func echoes(method string) bool {
 }
 
 // Prepare applies the contract to a request about to be passed on with the
-// token header value v: "Bearer <token>", or "DPoP <token>", which is
+// Authorization value v: "Bearer <token>", or "DPoP <token>", which is
 // not set (see IsDPoP).
 func (o Contract) Prepare(r *http.Request, v string) {
 	// The keys are canonical already: delete without canonicalising again.
@@ -162,14 +156,14 @@ func (o Contract) Prepare(r *http.Request, v string) {
 	}
 }
 
-// setToken sets the token header to v (also on a retry, from the request as
+// setToken sets Authorization to v (also on a retry, from the request as
 // later handlers left it), unless v is a DPoP-bound token (IsDPoP), and
 // removes Connection options naming owned headers.
 func (o Contract) setToken(r *http.Request, v string) {
 	if !IsDPoP(v) {
 		// A slice of its own: later handlers may change header values in
 		// place.
-		r.Header[o.Token] = []string{v}
+		r.Header["Authorization"] = []string{v}
 	}
 	if c, ok := r.Header["Connection"]; ok {
 		o.cleanConnection(r.Header, c)
@@ -205,22 +199,22 @@ func (o Contract) cleanConnection(h http.Header, c []string) {
 	h["Connection"] = []string{strings.Join(kept, ", ")}
 }
 
-// IsDPoP reports whether the token header value v is a DPoP-bound token,
+// IsDPoP reports whether the Authorization value v is a DPoP-bound token,
 // "DPoP <token>" (any case): such a token leaves only with its proof, set
 // by the transport (DPoP.Sign).
 func IsDPoP(v string) bool { return hasPrefixFold(v, "dpop ") }
 
 // Carries reports whether r, as later handlers left it, still carries the
-// token header value v exactly once and no Connection option would remove
+// Authorization value v exactly once and no Connection option would remove
 // it. A 401 to a request that did not carry the broker's token says nothing
 // about the token: it must not purge it (a purge costs a token request).
 func (o Contract) Carries(r *http.Request, v string) bool {
-	if vals := r.Header[o.Token]; len(vals) != 1 || vals[0] != v {
+	if vals := r.Header["Authorization"]; len(vals) != 1 || vals[0] != v {
 		return false
 	}
 	for _, f := range r.Header["Connection"] {
 		for opt := range strings.SplitSeq(f, ",") {
-			if strings.EqualFold(strings.TrimSpace(opt), o.Token) {
+			if strings.EqualFold(strings.TrimSpace(opt), "Authorization") {
 				return false
 			}
 		}

@@ -59,7 +59,7 @@ func TestOutboundContract(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			o := Contract{Token: "Authorization", Merchant: "X-Merchant-Id", Caller: tt.callerHeader, Interaction: tt.interaction}
+			o := Contract{Merchant: "X-Merchant-Id", Caller: tt.callerHeader, Interaction: tt.interaction}
 			r := httptest.NewRequest("GET", "/", nil)
 			r.Header.Set("X-Merchant-Id", "acme")
 			for _, kv := range tt.sent {
@@ -86,7 +86,7 @@ func TestOutboundContract(t *testing.T) {
 
 func TestOutboundCarries(t *testing.T) {
 	const v = "Bearer " + testToken
-	o := Contract{Token: "Authorization"}
+	o := Contract{}
 	for _, tt := range []struct {
 		name string
 		hdr  http.Header
@@ -124,7 +124,7 @@ func TestOutboundCheck(t *testing.T) {
 		{"TRACE", "TRACE", nil, 405, "method_refused"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			o := Contract{Token: "Authorization", Merchant: "X-Merchant-Id", Caller: "X-Caller-Jwt"}
+			o := Contract{Merchant: "X-Merchant-Id", Caller: "X-Caller-Jwt"}
 			r := httptest.NewRequest(tt.method, "/", strings.NewReader("x"))
 			r.Header.Set("X-Merchant-Id", "acme")
 			for _, name := range tt.trailers {

@@ -4,7 +4,6 @@ import (
 	"maps"
 	"net/http"
 	"net/url"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -21,11 +20,11 @@ import (
 // always with its proof, so that a route without the transport sends no
 // credential at all.
 //
-// It is per request: take it with AcquireDPoP, give it back with Release
-// once the request is done.
+// It belongs to one request: make it with NewDPoP when the request's token
+// is chosen.
 type DPoP struct {
-	// key signs the proofs; nil once released.
-	key atomic.Pointer[dpop.Key]
+	// key signs the proofs.
+	key *dpop.Key
 	// header is the token's Authorization value, "DPoP <token>"; ath the
 	// proofs' ath claim for it (SetToken).
 	header, ath string
@@ -36,25 +35,9 @@ type DPoP struct {
 	signed atomic.Bool
 }
 
-var dpopPool = sync.Pool{New: func() any { return new(DPoP) }}
-
-// AcquireDPoP returns a DPoP binding to k for one request; SetToken gives
+// NewDPoP returns a request's DPoP binding to k (not nil); SetToken gives
 // it its token.
-func AcquireDPoP(k *dpop.Key) *DPoP {
-	d := dpopPool.Get().(*DPoP)
-	d.key.Store(k)
-	d.header, d.ath, d.sent = "", "", ""
-	d.signed.Store(false)
-	return d
-}
-
-// Release gives d back: the request and every attempt of it are done.
-// A released binding signs nothing; its String says it was released.
-func (d *DPoP) Release() {
-	d.key.Store(nil)
-	d.header, d.ath, d.sent = "", "", ""
-	dpopPool.Put(d)
-}
+func NewDPoP(k *dpop.Key) *DPoP { return &DPoP{key: k} }
 
 // SetToken sets the token the next attempt carries: header is the
 // Authorization value ("DPoP <token>", broker.Entry.Header) and ath the
@@ -75,14 +58,8 @@ func (d *DPoP) Signed() bool { return d.signed.Load() }
 func (d *DPoP) Carries(v string) bool { return d.Signed() && d.sent != "" && d.sent == v }
 
 // String describes the binding without the token: the key's algorithm and
-// thumbprint. It is safe on a released binding.
-func (d *DPoP) String() string {
-	k := d.key.Load()
-	if k == nil {
-		return "DPoP (released)"
-	}
-	return "DPoP " + k.Alg() + " " + k.Thumbprint()
-}
+// thumbprint.
+func (d *DPoP) String() string { return "DPoP " + d.key.Alg() + " " + d.key.Thumbprint() }
 
 // GoString is String, for %#v: the binding's fields hold the token.
 func (d *DPoP) GoString() string { return "outbound.DPoP(" + d.String() + ")" }
@@ -101,18 +78,15 @@ func (d *DPoP) Sign(req *http.Request, now time.Time) error {
 	d.sent = ""
 	delete(req.Header, "Authorization")
 	delete(req.Header, DPoPHeader)
-	k := d.key.Load()
-	if k == nil || d.header == "" {
+	if d.header == "" {
 		return nil
 	}
 	host := req.Host
 	if host == "" {
 		host = req.URL.Host
 	}
-	var ob [128]byte
-	origin := dpop.AppendOrigin(ob[:0], req.URL.Scheme, req.URL.Host)
 	u := url.URL{Scheme: req.URL.Scheme, Host: host, Path: req.URL.Path, RawPath: req.URL.RawPath}
-	proof, err := k.ProofURL(req.Method, &u, d.ath, k.NonceOf(origin), now)
+	proof, err := d.key.Proof(req.Method, dpop.HTU(&u), d.ath, d.key.Nonce(dpop.Origin(req.URL)), now)
 	if err != nil {
 		return err
 	}
@@ -139,10 +113,8 @@ func (d *DPoP) SignCopy(req *http.Request, now time.Time) (*http.Request, error)
 // may send a new one with any answer (RFC 9449 §8.2).
 func (d *DPoP) Observe(req *http.Request, h http.Header) {
 	n := h["Dpop-Nonce"]
-	k := d.key.Load()
-	if len(n) == 0 || k == nil {
+	if len(n) == 0 {
 		return
 	}
-	var ob [128]byte
-	k.SetNonceOf(dpop.AppendOrigin(ob[:0], req.URL.Scheme, req.URL.Host), n[0])
+	d.key.SetNonce(dpop.Origin(req.URL), n[0])
 }

@@ -62,8 +62,7 @@ func TestDPoPSign(t *testing.T) {
 			req.URL.Scheme = strings.ToLower(req.URL.Scheme)
 			req.Header.Set("Authorization", "Bearer caller")
 			req.Header.Set("DPoP", "caller-proof")
-			d := AcquireDPoP(k)
-			defer d.Release()
+			d := NewDPoP(k)
 			if tt.token != "" {
 				d.SetToken(tt.token, wantATH(strings.TrimPrefix(tt.token, "DPoP ")))
 			}
@@ -102,8 +101,7 @@ func TestDPoPSign(t *testing.T) {
 // TestDPoPObserve: a nonce from any answer is used by the next proof to
 // that upstream origin, not to another one.
 func TestDPoPObserve(t *testing.T) {
-	d := AcquireDPoP(dpoptest.NewKey(t))
-	defer d.Release()
+	d := NewDPoP(dpoptest.NewKey(t))
 	d.SetToken("DPoP tok", wantATH("tok"))
 	req := httptest.NewRequest("GET", "http://rs.test/a", nil)
 	if err := d.Sign(req, time.Now()); err != nil {
@@ -125,11 +123,11 @@ func TestDPoPObserve(t *testing.T) {
 	}
 }
 
-// TestDPoPReleased: a binding describes itself without its token, whatever
-// the verb, and a released one without its key.
-func TestDPoPReleased(t *testing.T) {
+// TestDPoPString: a binding describes itself without its token, whatever
+// the verb.
+func TestDPoPString(t *testing.T) {
 	k := dpoptest.NewKey(t)
-	d := AcquireDPoP(k)
+	d := NewDPoP(k)
 	d.SetToken("DPoP tok", wantATH("tok"))
 	want := "DPoP EdDSA " + k.Thumbprint()
 	for verb, got := range map[string]string{
@@ -138,10 +136,6 @@ func TestDPoPReleased(t *testing.T) {
 		if !strings.Contains(got, want) || strings.Contains(got, "tok") || strings.Contains(got, wantATH("tok")) {
 			t.Errorf("%s %q, want %q and no token", verb, got, want)
 		}
-	}
-	d.Release()
-	if got := d.String(); got != "DPoP (released)" {
-		t.Errorf("String after Release %q", got)
 	}
 }
 
@@ -155,8 +149,7 @@ func BenchmarkDPoPSign(b *testing.B) {
 	tok := strings.Repeat("t", 900)
 	req := httptest.NewRequest("GET", "http://upstream.test:8443/accounts/123?from=2026-01-01", nil)
 	b.Run("Sign", func(b *testing.B) {
-		d := AcquireDPoP(k)
-		defer d.Release()
+		d := NewDPoP(k)
 		d.SetToken("DPoP "+tok, dpop.ATH(tok))
 		b.ReportAllocs()
 		for b.Loop() {
@@ -179,8 +172,7 @@ func BenchmarkDPoPSign(b *testing.B) {
 // TestDPoPSignCopy: the copy carries the token and its proof; the request
 // it was made from keeps its own headers.
 func TestDPoPSignCopy(t *testing.T) {
-	d := AcquireDPoP(dpoptest.NewKey(t))
-	defer d.Release()
+	d := NewDPoP(dpoptest.NewKey(t))
 	d.SetToken("DPoP tok-1", wantATH("tok-1"))
 	req := httptest.NewRequest("GET", "http://upstream.test/accounts", nil)
 	req.Header.Set("X-Trace", "1")

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	neturl "net/url"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -45,7 +44,7 @@ type Next interface {
 
 // Entry is a token set on a request, as the retry sees it (*broker.Entry).
 type Entry interface {
-	// Header is the token header's value, "Bearer <token>" or, for a
+	// Header is the Authorization value, "Bearer <token>" or, for a
 	// DPoP-bound token, "DPoP <token>".
 	Header() string
 	// ATH is the ath claim of the DPoP proofs that accompany the token
@@ -255,9 +254,7 @@ func hasPrefixFold(s, prefix string) bool {
 // and headers say the token was rejected (rejected): such a response is
 // buffered in buf (buffered), up to maxBufferedBody bytes, so that the
 // request can be sent again. With buffer false, or past maxBufferedBody, it
-// is passed through and
-// only rejected is recorded. Recorders are pooled: the request path
-// allocates nothing for them.
+// is passed through and only rejected is recorded.
 type rejectRecorder struct {
 	http.ResponseWriter
 	mode        string // Retry.Mode
@@ -271,11 +268,6 @@ type rejectRecorder struct {
 	wroteHeader bool
 	buf         bytes.Buffer
 }
-
-var recorderPool = sync.Pool{New: func() any { return new(rejectRecorder) }}
-
-// maxPooledBody is the largest response buffer kept for reuse.
-const maxPooledBody = 64 << 10
 
 // reset prepares the recorder for an attempt written to w.
 func (rr *rejectRecorder) reset(w http.ResponseWriter, buffer bool) {
@@ -445,16 +437,8 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	// uri, handle_path strip the path): the retry must start from the
 	// request as it is now. Copies on the stack; the retry alone allocates.
 	first.method, first.host, first.requestURI, first.url, first.body = r.Method, r.Host, r.RequestURI, *r.URL, body
-	rec := recorderPool.Get().(*rejectRecorder)
-	rec.mode, rec.dpop = rt.Mode, rt.DPoP
+	rec := &rejectRecorder{mode: rt.Mode, dpop: rt.DPoP}
 	rec.reset(w, replayable)
-	defer func() {
-		rec.ResponseWriter, rec.dpop = nil, nil
-		if rec.buf.Cap() > maxPooledBody {
-			rec.buf = bytes.Buffer{} // do not keep a large buffered body's memory in the pool
-		}
-		recorderPool.Put(rec)
-	}()
 	err = next.ServeHTTP(rec, r)
 	if rec.unsigned {
 		first.before.restore(w.Header())

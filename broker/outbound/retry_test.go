@@ -145,7 +145,7 @@ func TestRetryForward(t *testing.T) {
 			tokens := &fakeTokens{fresh: tt.fresh, err: tt.err}
 			nonces := 0
 			rt := Retry{Mode: tt.mode, Tokens: tokens, NonceChallenged: func(*broker.Binding) { nonces++ }}
-			out := Contract{Token: "Authorization"}
+			out := Contract{}
 			first, body := tt.first, tt.body
 			if first == nil {
 				first = old
@@ -222,8 +222,7 @@ func TestRetryDPoP(t *testing.T) {
 			wantSeen: []string{"DPoP tok"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			d := AcquireDPoP(k)
-			defer d.Release()
+			d := NewDPoP(k)
 			d.SetToken("DPoP tok", wantATH("tok"))
 			up := &upstream{bad: "none", nonce: tt.nonce}
 			unsignedStatus := tt.status
@@ -261,7 +260,7 @@ func TestRetryDPoP(t *testing.T) {
 			tokens := &fakeTokens{fresh: dpopEntry{entry{broker.Token{Value: "new"}}}}
 			nonces := 0
 			rt := Retry{Mode: tt.mode, Tokens: tokens, DPoP: d, NonceChallenged: func(*broker.Binding) { nonces++ }}
-			out := Contract{Token: "Authorization"}
+			out := Contract{}
 			body := tt.body
 			if body == "" {
 				body = "body"

@@ -4,9 +4,8 @@
 // built once per key; a proof costs one signature and its own bytes.
 //
 // Transport adds proofs to token-endpoint and PAR requests. A Key
-// remembers the last DPoP-Nonce of each server origin (Nonce, SetNonce;
-// NonceOf and SetNonceOf for an origin built by AppendOrigin, without
-// allocating), which the next proof for that origin carries.
+// remembers the last DPoP-Nonce of each server origin (Nonce, SetNonce),
+// which the next proof for that origin carries.
 //
 // Proofs are credentials for a few seconds: never log one.
 package dpop

@@ -1,48 +1,26 @@
 package dpop
 
-import (
-	"sync"
-	"sync/atomic"
-)
+import "sync"
 
 // maxOrigins bounds the origins whose nonce a Key remembers: a provider's
 // authorization server and its resource servers are a handful.
 const maxOrigins = 64
 
-// nonces holds the last DPoP-Nonce of each server origin: a map replaced
-// on change, so that reading (every proof) takes no lock.
+// nonces holds the last DPoP-Nonce of each server origin.
 type nonces struct {
-	mu  sync.Mutex // orders the replacements
-	cur atomic.Pointer[map[string]string]
-}
-
-// nonceMap is the current map of nonces by origin, nil when none (or k
-// is nil).
-func (k *Key) nonceMap() map[string]string {
-	if k == nil {
-		return nil
-	}
-	if m := k.nonces.cur.Load(); m != nil {
-		return *m
-	}
-	return nil
+	mu sync.RWMutex
+	m  map[string]string
 }
 
 // Nonce returns the last DPoP-Nonce remembered for the server origin
 // (Origin), "" when none (or k is nil).
-func (k *Key) Nonce(origin string) string { return k.nonceMap()[origin] }
-
-// NonceOf is Nonce for an origin made with AppendOrigin: the lookup does
-// not allocate.
-func (k *Key) NonceOf(origin []byte) string { return k.nonceMap()[string(origin)] }
-
-// SetNonceOf is SetNonce for an origin made with AppendOrigin: it
-// allocates only when the nonce changes.
-func (k *Key) SetNonceOf(origin []byte, nonce string) {
-	if k.NonceOf(origin) == nonce {
-		return
+func (k *Key) Nonce(origin string) string {
+	if k == nil {
+		return ""
 	}
-	k.SetNonce(string(origin), nonce)
+	k.nonces.mu.RLock()
+	defer k.nonces.mu.RUnlock()
+	return k.nonces.m[origin]
 }
 
 // SetNonce remembers the DPoP-Nonce a server at origin (Origin) sent, for
@@ -55,17 +33,14 @@ func (k *Key) SetNonce(origin, nonce string) {
 	}
 	k.nonces.mu.Lock()
 	defer k.nonces.mu.Unlock()
-	old := k.nonceMap()
-	next := make(map[string]string, len(old)+1)
-	for o, n := range old {
-		next[o] = n
+	if k.nonces.m == nil {
+		k.nonces.m = map[string]string{}
 	}
-	if _, ok := next[origin]; !ok && len(next) >= maxOrigins {
-		for o := range next {
-			delete(next, o)
+	if _, ok := k.nonces.m[origin]; !ok && len(k.nonces.m) >= maxOrigins {
+		for o := range k.nonces.m {
+			delete(k.nonces.m, o)
 			break
 		}
 	}
-	next[origin] = nonce
-	k.nonces.cur.Store(&next)
+	k.nonces.m[origin] = nonce
 }

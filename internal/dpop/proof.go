@@ -27,17 +27,6 @@ var b64 = base64.RawURLEncoding
 // are written straight into the proof's buffer. An invalid nonce (not
 // RFC 9449 NQCHAR) is refused.
 func (k *Key) Proof(htm, htu, ath, nonce string, now time.Time) (string, error) {
-	return k.proof(htm, nil, htu, ath, nonce, now)
-}
-
-// ProofURL is Proof for a request to u: its htu (HTU of u) is written
-// straight into the claims, without building it as a string first.
-func (k *Key) ProofURL(htm string, u *url.URL, ath, nonce string, now time.Time) (string, error) {
-	return k.proof(htm, u, "", ath, nonce, now)
-}
-
-// proof is Proof with htu made from u when u is not nil.
-func (k *Key) proof(htm string, u *url.URL, htu, ath, nonce string, now time.Time) (string, error) {
 	if k == nil {
 		return "", errNoKey
 	}
@@ -54,13 +43,7 @@ func (k *Key) proof(htm string, u *url.URL, htu, ath, nonce string, now time.Tim
 	c = append(c, `","htm":`...)
 	c = appendJSONString(c, htm)
 	c = append(c, `,"htu":`...)
-	if u != nil {
-		c = append(c, '"')
-		c = appendHTU(c, u, true)
-		c = append(c, '"')
-	} else {
-		c = appendJSONString(c, htu)
-	}
+	c = appendJSONString(c, htu)
 	c = append(c, `,"iat":`...)
 	c = strconv.AppendInt(c, now.Unix(), 10)
 	if ath != "" {
@@ -120,24 +103,19 @@ func (k *Key) sign(input []byte) ([]byte, error) {
 // (methods, URLs, hashes) are ASCII; quotes, backslashes and control
 // characters are escaped.
 func appendJSONString(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
 	b = append(b, '"')
 	for i := 0; i < len(s); i++ {
-		b = appendJSONByte(b, s[i])
+		switch ch := s[i]; {
+		case ch == '"' || ch == '\\':
+			b = append(b, '\\', ch)
+		case ch < 0x20:
+			b = append(b, '\\', 'u', '0', '0', hex[ch>>4], hex[ch&0xf])
+		default:
+			b = append(b, ch)
+		}
 	}
 	return append(b, '"')
-}
-
-// appendJSONByte appends ch as it goes in a JSON string: quotes,
-// backslashes and control characters escaped.
-func appendJSONByte(b []byte, ch byte) []byte {
-	const hex = "0123456789abcdef"
-	switch {
-	case ch == '"' || ch == '\\':
-		return append(b, '\\', ch)
-	case ch < 0x20:
-		return append(b, '\\', 'u', '0', '0', hex[ch>>4], hex[ch&0xf])
-	}
-	return append(b, ch)
 }
 
 // ATH returns the ath claim of a proof that accompanies token:
@@ -151,25 +129,12 @@ func ATH(token string) string {
 // host and path, without query or fragment; scheme and host lower-case,
 // the scheme's default port left out, an empty path "/".
 func HTU(u *url.URL) string {
-	var b [256]byte
-	return string(appendHTU(b[:0], u, false))
-}
-
-// appendHTU appends HTU of u to b, escaped for a JSON string when json.
-func appendHTU(b []byte, u *url.URL, json bool) []byte {
-	b = appendOrigin(b, u.Scheme, u.Host, json)
 	path := u.EscapedPath()
 	if path == "" {
 		path = "/"
 	}
-	for i := 0; i < len(path); i++ {
-		if json {
-			b = appendJSONByte(b, path[i])
-		} else {
-			b = append(b, path[i])
-		}
-	}
-	return b
+	var b [256]byte
+	return string(append(appendOrigin(b[:0], u), path...))
 }
 
 // Origin returns the origin of u, scheme://host[:port], lower-case and
@@ -177,24 +142,18 @@ func appendHTU(b []byte, u *url.URL, json bool) []byte {
 // nonce (Nonce, SetNonce).
 func Origin(u *url.URL) string {
 	var b [128]byte
-	return string(AppendOrigin(b[:0], u.Scheme, u.Host))
+	return string(appendOrigin(b[:0], u))
 }
 
-// AppendOrigin appends to b the origin of a server at scheme and host
-// (host[:port], as in url.URL.Host): Origin, without allocating when b has
-// room. It is the key of NonceOf and SetNonceOf.
-func AppendOrigin(b []byte, scheme, host string) []byte {
-	return appendOrigin(b, scheme, host, false)
-}
-
-// appendOrigin is AppendOrigin, escaped for a JSON string when json.
-func appendOrigin(b []byte, scheme, host string, json bool) []byte {
-	if p := defaultPort(scheme); p != "" && len(host) > len(p) && host[len(host)-len(p):] == p {
+// appendOrigin appends Origin of u to b.
+func appendOrigin(b []byte, u *url.URL) []byte {
+	host := u.Host
+	if p := defaultPort(u.Scheme); p != "" && len(host) > len(p) && host[len(host)-len(p):] == p {
 		host = host[:len(host)-len(p)]
 	}
-	b = appendLower(b, scheme, json)
+	b = appendLower(b, u.Scheme)
 	b = append(b, "://"...)
-	return appendLower(b, host, json)
+	return appendLower(b, host)
 }
 
 // defaultPort is ":443" for https, ":80" for http (any case), else "".
@@ -208,19 +167,14 @@ func defaultPort(scheme string) string {
 	return ""
 }
 
-// appendLower appends s with ASCII letters in lower case, escaped for a
-// JSON string when json.
-func appendLower(b []byte, s string, json bool) []byte {
+// appendLower appends s with ASCII letters in lower case.
+func appendLower(b []byte, s string) []byte {
 	for i := 0; i < len(s); i++ {
 		ch := s[i]
 		if 'A' <= ch && ch <= 'Z' {
 			ch += 'a' - 'A'
 		}
-		if json {
-			b = appendJSONByte(b, ch)
-		} else {
-			b = append(b, ch)
-		}
+		b = append(b, ch)
 	}
 	return b
 }
