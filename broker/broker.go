@@ -186,6 +186,8 @@ type Broker struct {
 	flights map[string]*flight  // key -> its fetch in flight (inflight.go); guarded by mu
 	waiting map[string]int      // key -> lookups waiting for its fetch (inflight.go); guarded by mu
 	purging map[string][]string // key -> fingerprints being purged from the shared tier; guarded by mu
+
+	stopPurges func() // unregisters dropShared from the shared tier (nil without one)
 }
 
 // New returns a Broker. Call Close when done with it.
@@ -197,13 +199,18 @@ func New(opts Options) *Broker {
 	br.cache.OnEvicted(func(_ string, v any) { v.(*Entry).unpin() })
 	br.pol = newPolicy(&br.opts)
 	if opts.Shared != nil {
-		opts.Shared.OnPurge(br.dropShared)
+		br.stopPurges = opts.Shared.OnPurge(br.dropShared)
 	}
 	return br
 }
 
-// Close drops every cached token. Fetches in flight finish on their own.
+// Close drops every cached token and stops hearing the shared tier's
+// purges (the tier outlives the broker across config reloads). Fetches in
+// flight finish on their own.
 func (br *Broker) Close() {
+	if br.stopPurges != nil {
+		br.stopPurges()
+	}
 	br.mu.Lock()
 	defer br.mu.Unlock()
 	for _, it := range br.cache.Items() {

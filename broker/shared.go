@@ -30,6 +30,8 @@ type SharedCache interface {
 	// the key from memory.
 	Purge(ctx context.Context, key, fingerprint string) error
 	// OnPurge registers fn, called with the key and the fingerprint of the
-	// token purged ("" for any) whenever another node purges a key.
-	OnPurge(fn func(key, fingerprint string))
+	// token purged ("" for any) whenever another node purges a key, until
+	// unregister is called (a call already under way may still finish);
+	// calling unregister more than once is harmless.
+	OnPurge(fn func(key, fingerprint string)) (unregister func())
 }

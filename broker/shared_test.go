@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -12,7 +13,7 @@ import (
 type memShared struct {
 	mu      sync.Mutex // the fleet lock, held while minting
 	tokens  map[string]Token
-	onPurge []func(key, fingerprint string)
+	onPurge []*func(key, fingerprint string)
 	mints   int
 	adopted int
 }
@@ -40,18 +41,24 @@ func (s *memShared) Purge(_ context.Context, key, fingerprint string) error {
 	if tok, ok := s.tokens[key]; ok && (fingerprint == "" || tok.Fingerprint() == fingerprint) {
 		delete(s.tokens, key)
 	}
-	fns := append([]func(string, string){}, s.onPurge...)
+	hooks := slices.Clone(s.onPurge)
 	s.mu.Unlock()
-	for _, fn := range fns {
-		fn(key, fingerprint)
+	for _, fn := range hooks {
+		(*fn)(key, fingerprint)
 	}
 	return nil
 }
 
-func (s *memShared) OnPurge(fn func(key, fingerprint string)) {
+func (s *memShared) OnPurge(fn func(key, fingerprint string)) func() {
+	hook := &fn
 	s.mu.Lock()
-	s.onPurge = append(s.onPurge, fn)
+	s.onPurge = append(s.onPurge, hook)
 	s.mu.Unlock()
+	return func() {
+		s.mu.Lock()
+		s.onPurge = slices.DeleteFunc(s.onPurge, func(h *func(key, fingerprint string)) bool { return h == hook })
+		s.mu.Unlock()
+	}
 }
 
 // Two brokers sharing a tier: one mint for both; the second adopts the

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"time"
 
@@ -105,10 +106,10 @@ func (c *Cache) heard(e event, count bool) {
 	// lookup that misses memory afterwards does not adopt the token back
 	// if it is written back to Redis.
 	c.mu.Lock()
-	fns := append([]func(string, string){}, c.onPurge...)
+	hooks := slices.Clone(c.onPurge)
 	c.mu.Unlock()
-	for _, fn := range fns {
-		fn(string(key), e.Fingerprint)
+	for _, fn := range hooks {
+		(*fn)(string(key), e.Fingerprint)
 	}
 }
 

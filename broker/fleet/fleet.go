@@ -58,6 +58,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -220,7 +221,7 @@ type Cache struct {
 
 	mu      sync.Mutex
 	waiters map[string]map[chan struct{}]struct{}
-	onPurge []func(key, fingerprint string)
+	onPurge []*func(key, fingerprint string) // OnPurge's callbacks, in order; a pointer identifies one to unregister
 
 	ps     *redis.PubSub
 	done   chan struct{}
@@ -843,10 +844,16 @@ func purgeAD(name string) []byte { return []byte("purge\x00" + name) }
 func floorAD(name string) []byte { return []byte("purge-floor\x00" + name) }
 
 // OnPurge implements broker.SharedCache.
-func (c *Cache) OnPurge(fn func(key, fingerprint string)) {
+func (c *Cache) OnPurge(fn func(key, fingerprint string)) (unregister func()) {
+	hook := &fn
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.onPurge = append(c.onPurge, fn)
+	c.onPurge = append(c.onPurge, hook)
+	return func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		c.onPurge = slices.DeleteFunc(c.onPurge, func(h *func(key, fingerprint string)) bool { return h == hook })
+	}
 }
 
 var _ broker.SharedCache = (*Cache)(nil)

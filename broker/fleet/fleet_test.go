@@ -489,6 +489,49 @@ func TestPurgeCompareAndDelete(t *testing.T) {
 	}
 }
 
+// The tier outlives the brokers of successive configs: a closed broker
+// stops hearing purges, so the callbacks do not grow across reloads and a
+// replaced broker is not kept; an unregistered callback is not called.
+func TestOnPurgeUnregister(t *testing.T) {
+	r := startRedis(t)
+	keys := testKeys(t, 1)
+	a, b := newNode(t, r, keys, nil), newNode(t, r, keys, nil)
+	ctx := testCtx(t)
+	callbacks := func() int {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return len(a.onPurge)
+	}
+	for range 3 { // three config reloads
+		br := broker.New(broker.Options{Shared: a.Cache})
+		if n := callbacks(); n != 1 {
+			t.Fatalf("%d purge callbacks with one broker; want 1", n)
+		}
+		br.Close()
+	}
+	if n := callbacks(); n != 0 {
+		t.Fatalf("%d purge callbacks after every broker was closed; want 0", n)
+	}
+
+	var gone atomic.Bool
+	unregister := a.OnPurge(func(string, string) { gone.Store(true) })
+	heard := make(chan string, 1)
+	a.OnPurge(func(_, fp string) { heard <- fp })
+	unregister()
+	unregister()
+	if err := b.Purge(ctx, testKey, ""); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-heard:
+	case <-ctx.Done():
+		t.Fatal("a did not hear b's purge")
+	}
+	if gone.Load() {
+		t.Fatal("an unregistered purge callback was called")
+	}
+}
+
 // Redis killed: lookups mint locally, without error, bounded by the
 // timeout; the breaker then keeps Redis out; Redis back: sharing resumes.
 func TestRedisDownAndBack(t *testing.T) {
