@@ -35,8 +35,12 @@ const Op = "budget"
 
 // New returns a Store on client whose keys start with prefix (the fleet's
 // key prefix, e.g. "token_broker:"), whose calls run through via (the
-// shared tier on the same client). The Store does not close the client.
+// shared tier on the same client). via is required: New panics when it is
+// nil. The Store does not close the client.
 func New(client redis.UniversalClient, prefix string, via *fleet.Cache) *Store {
+	if via == nil {
+		panic("budgets.New: via (the shared tier the Store's calls run through) is nil")
+	}
 	return &Store{lim: redis_rate.NewLimiter(client), prefix: prefix, via: via}
 }
 

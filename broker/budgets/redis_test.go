@@ -3,6 +3,7 @@ package budgets
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -21,6 +22,16 @@ func TestKey(t *testing.T) {
 	if a == b || !strings.HasPrefix(a, "nuapay:") || len(a) != len("nuapay:")+12 || strings.Contains(a, "example") {
 		t.Errorf("keys %q and %q: want nuapay: and 12 hex characters, different per URL", a, b)
 	}
+}
+
+// New without the shared tier panics at once, not at the first spend.
+func TestNewRequiresTier(t *testing.T) {
+	defer func() {
+		if r := recover(); r == nil || !strings.Contains(fmt.Sprint(r), "via") {
+			t.Fatalf("New with a nil tier: recovered %v; want a panic naming via", r)
+		}
+	}()
+	New(redis.NewClient(&redis.Options{}), "tb-test:", nil)
 }
 
 // newTier is a shared tier on client, closed with the test. Its calls
