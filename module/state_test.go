@@ -359,7 +359,8 @@ func TestStateFleetTier(t *testing.T) {
 	if f := tier(); !f.Up || f.Since == nil || l2Up() != 1 {
 		t.Fatalf("before any Redis call: %+v, l2_up %g", f, l2Up())
 	}
-	for i := range fleetBreakerThreshold {
+	// Each lookup makes at least one failed Redis call: the breaker opens.
+	for i := range fleet.BreakerThreshold {
 		if _, _, err := app.fleet.Cache.Fetch(context.Background(), fmt.Sprint("k", i), func(brokerToken) bool { return true }, mintOne); err != nil {
 			t.Fatal(err)
 		}
@@ -368,10 +369,6 @@ func TestStateFleetTier(t *testing.T) {
 		t.Fatalf("with Redis down: %+v, l2_up %g", f, l2Up())
 	}
 }
-
-// fleetBreakerThreshold is how many Redis failures open the fleet tier's
-// breaker (fleet.DefaultBreakerThreshold): a lookup makes at least one.
-const fleetBreakerThreshold = fleet.DefaultBreakerThreshold
 
 // TestStateHandlersRegistry: a handler with a registry of its own, whose
 // provider has the name of the app's, is held (a 429): the app's start

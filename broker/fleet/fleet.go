@@ -39,10 +39,10 @@
 //
 // One breaker (internal/breaker, the one the broker uses for token APIs)
 // keeps Redis out when it is gone: a failure to reach Redis or an error
-// answer counts at once, and DefaultBreakerThreshold of them in a row
+// answer counts at once, and BreakerThreshold of them in a row
 // open it; a timeout counts only once timeouts have lasted
 // Options.SlowSpan without a success, so a burst of slow answers on busy
-// CPUs does not open it. While it is open (DefaultBreakerCooldown)
+// CPUs does not open it. While it is open (BreakerCooldown)
 // lookups mint without Redis; then one call probes Redis. No lookup fails
 // because of Redis.
 package fleet
@@ -96,17 +96,20 @@ const (
 	// DefaultLockTTL is the expiry of a key's fleet lock with the broker's
 	// default fetch timeout.
 	DefaultLockTTL = broker.DefaultFetchTimeout + LockMargin
-	// DefaultBreakerThreshold is how many Redis failures in a row open the
-	// breaker (timeouts count once they have lasted Options.SlowSpan).
-	DefaultBreakerThreshold = 3
-	// DefaultBreakerCooldown is how long an open breaker keeps Redis out
-	// before one call probes it (the others keep out until the probe
-	// answers).
-	DefaultBreakerCooldown = 5 * time.Second
 	// DefaultLockPoll is how long a node waiting for another's lock trusts
 	// the announcement channel before it looks at the lock and the token
 	// itself.
 	DefaultLockPoll = time.Second
+)
+
+// The breaker that keeps Redis out (fixed: no option sets them).
+const (
+	// BreakerThreshold is how many Redis failures in a row open the
+	// breaker (timeouts count once they have lasted Options.SlowSpan).
+	BreakerThreshold = 3
+	// BreakerCooldown is how long an open breaker keeps Redis out before
+	// one call probes it (the others keep out until the probe answers).
+	BreakerCooldown = 5 * time.Second
 )
 
 // ErrUnavailable is returned (wrapped) by Purge and the refresh token Store
@@ -281,7 +284,7 @@ func New(opts Options) (*Cache, error) {
 	if opts.PlainKeys {
 		c.nameKeys = c.nameKeys[:1] // a plain name is the same under every key
 	}
-	c.br = &breaker.Breaker{Threshold: DefaultBreakerThreshold, Cooldown: DefaultBreakerCooldown, SlowSpan: opts.SlowSpan}
+	c.br = &breaker.Breaker{Threshold: BreakerThreshold, Cooldown: BreakerCooldown, SlowSpan: opts.SlowSpan}
 	c.timeouts = newCallTimeout(opts.Timeout, opts.MaxTimeout, poolSize(opts.Client))
 	c.ps = c.rdb.Subscribe(context.Background())
 	// Wait (briefly) for the subscription to be confirmed, so that this
@@ -451,7 +454,7 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	case from == breaker.Closed && to == breaker.Open:
 		c.metrics.openings.Inc()
 		c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
-			zap.Duration("cooldown", DefaultBreakerCooldown), zap.Error(err))
+			zap.Duration("cooldown", BreakerCooldown), zap.Error(err))
 		c.tellAvailability(false, err)
 	case from != breaker.Closed && to == breaker.Closed:
 		c.log.Info("redis available again: sharing tokens with the fleet")

@@ -772,14 +772,14 @@ func TestSilentRedisIsBypassed(t *testing.T) {
 	if m.n.Load() != 8 || obs.bypass() != 8 || c.Available() || obs.opened() != 1 {
 		t.Fatalf("mints=%d bypassed=%d available=%v opened=%d; want 8, 8, unavailable, opened once", m.n.Load(), obs.bypass(), c.Available(), obs.opened())
 	}
-	if got := obs.errs() - errs; got != DefaultBreakerThreshold {
-		t.Fatalf("redis errors after the slow span = %d; want %d, then the breaker keeps redis out", got, DefaultBreakerThreshold)
+	if got := obs.errs() - errs; got != BreakerThreshold {
+		t.Fatalf("redis errors after the slow span = %d; want %d, then the breaker keeps redis out", got, BreakerThreshold)
 	}
 	// After each cooldown one call probes the still silent Redis, and its
 	// timeout keeps Redis out for another cooldown.
 	errs = obs.errs()
 	for round := 1; round <= 2; round++ {
-		clock.Add(DefaultBreakerCooldown)
+		clock.Add(BreakerCooldown)
 		for i := 0; i < 5; i++ {
 			if _, _, err := c.Fetch(ctx, testKey, usable, m.mint); err != nil {
 				t.Fatal(err)

@@ -71,7 +71,7 @@ func TestSlowRedisKeepsTheFleet(t *testing.T) {
 	for i, n := range nodes {
 		start := time.Now()
 		for k := 0; n.Available(); k++ {
-			if k == DefaultBreakerThreshold {
+			if k == BreakerThreshold {
 				t.Fatalf("node %d: the breaker is still closed after %d lookups with redis dead", i, k)
 			}
 			if _, _, err := n.Fetch(ctx, fmt.Sprintf("dead-%d-%d", i, k), usable, m.mint); err != nil {
