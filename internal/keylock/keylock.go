@@ -57,10 +57,3 @@ func (m *Map) release(key string, e *entry) {
 		delete(m.locks, key)
 	}
 }
-
-// Len returns how many keys are locked or waited on.
-func (m *Map) Len() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return len(m.locks)
-}

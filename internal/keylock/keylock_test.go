@@ -47,7 +47,9 @@ func TestMapHoldsOnlyKeysInUse(t *testing.T) {
 		t.Fatal("a second Lock of a held key succeeded")
 	}
 	unlock()
-	if n := m.Len(); n != 0 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if n := len(m.locks); n != 0 {
 		t.Fatalf("%d keys left after every lock was released", n)
 	}
 }
