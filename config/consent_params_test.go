@@ -1,6 +1,7 @@
 package config
 
 import (
+	"slices"
 	"strings"
 	"testing"
 
@@ -19,15 +20,16 @@ func TestConsentRequestParams(t *testing.T) {
   authorization_details = '[{"type": "payment_initiation", "instructedAmount": {"currency": "EUR", "amount": "1.00"}}]'
   resources = ["https://api.bank.example/"]`
 	opts := Options{LookupEnv: testEnv(), RefreshStore: oauth.NewMemoryStore(), ConsentStore: &oauth.MemoryPendingStore{}}
-	reg, err := parseWith("m.toml", []byte(strings.Replace(consentProvider, `link_ttl = "5m"`, params, 1)), opts)
+	srv, toml := consentOP(t, strings.Replace(consentProvider, `link_ttl = "5m"`, params, 1))
+	reg, err := parseWith("m.toml", []byte(toml), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := reg.Providers["bank"].Consent.Config()
-	if strings.Join(cfg.Prompt, " ") != "login" || strings.Join(cfg.ACRValues, " ") != "urn:bank:sca" ||
-		!strings.Contains(cfg.Claims, `"essential": true`) || !strings.Contains(cfg.AuthorizationDetails, `"payment_initiation"`) ||
-		strings.Join(cfg.Resources, " ") != "https://api.bank.example/" {
-		t.Errorf("consent config %+v", cfg)
+	q := authorizationRequest(t, srv, reg.Providers["bank"].Consent)
+	if !slices.Contains(strings.Fields(q.Get("prompt")), "login") || q.Get("acr_values") != "urn:bank:sca" ||
+		!strings.Contains(q.Get("claims"), `"essential":true`) || !strings.Contains(q.Get("authorization_details"), `"payment_initiation"`) ||
+		strings.Join(q["resource"], " ") != "https://api.bank.example/" {
+		t.Errorf("authorization request %v", q)
 	}
 
 	rows := []struct {

@@ -155,9 +155,10 @@ func (s *pagesSite) link(t *testing.T, merchant string) string {
 }
 
 // expiredLink stores, in the site's storage, a consent link for merchant
-// made an hour ago, so expired, as the site makes them (the registry's
-// flow with a clock an hour behind); its stored expiry header is in the
-// future, so that the sweeper leaves it.
+// made an hour ago, so expired, as the site makes them (a flow of the
+// registry's source on the site's callback URL, with a clock an hour
+// behind); its stored expiry header is in the future, so that the sweeper
+// leaves it.
 func (s *pagesSite) expiredLink(t *testing.T, merchant string) string {
 	t.Helper()
 	reg, err := config.LoadWith(s.toml, config.Options{LookupEnv: os.LookupEnv,
@@ -167,7 +168,7 @@ func (s *pagesSite) expiredLink(t *testing.T, merchant string) string {
 	}
 	p := reg.Providers["bank"]
 	store := filePendingStore{root: filepath.Join(s.storage, "token_broker", "consents")}
-	flow, err := oauth.NewAuthCode(p.Source.(*oauth.RefreshToken), p.Consent.Config(),
+	flow, err := oauth.NewAuthCode(p.Source.(*oauth.RefreshToken), oauth.AuthCodeConfig{RedirectURIs: []string{s.site + "/consent/callback"}},
 		&oauth.Pendings{Store: store, Now: func() time.Time { return time.Now().Add(-time.Hour) }})
 	if err != nil {
 		t.Fatal(err)

@@ -88,7 +88,7 @@ func TestWildcardUnservedMerchantsKeepNoSlot(t *testing.T) {
 					t.Fatalf("step %d, %s: %d, want %d", i, step, status, tt.want[i])
 				}
 				i++
-				if a := env.h.bindings.Active(); a > 5 {
+				if a := env.active(); a > 5 {
 					t.Fatalf("after %s: %d wildcard bindings, max_active is 5", step, a)
 				}
 			}
@@ -105,7 +105,7 @@ func TestWildcardUnservedQueueBounded(t *testing.T) {
 		if status, _ := env.get(t, fmt.Sprint("BAD", i)); status != http.StatusBadGateway {
 			t.Fatalf("BAD%d: %d, want 502", i, status)
 		}
-		if a := env.h.bindings.Active(); a > 3 {
+		if a := env.active(); a > 3 {
 			t.Fatalf("after %d failing ids: %d active", i+1, a)
 		}
 	}

@@ -1,7 +1,6 @@
 package module
 
 import (
-	"net/http"
 	"net/http/httptest"
 	"reflect"
 	"strings"
@@ -18,12 +17,6 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
-
-// openGate admits every links request.
-type openGate struct{}
-
-func (openGate) Site(*http.Request) *consentweb.Refusal           { return nil }
-func (openGate) Caller(*http.Request, string) *consentweb.Refusal { return nil }
 
 // A consent link asked through the admin API or through the links route
 // is logged the same way: same level, message and fields.
@@ -70,13 +63,13 @@ scopes = ["accounts"]
 			_ = serveAdmin(httptest.NewRecorder(), httptest.NewRequest("POST", "/token_broker/consent/links", strings.NewReader(tt.body)))
 
 			routeCore, routeLogs := zapobserver.New(zap.DebugLevel)
-			web, err := consentweb.New(consentweb.Options{Links: true, Registry: reg, Broker: app.broker, Gate: openGate{},
+			web, err := consentweb.New(consentweb.Options{Links: true, Registry: reg, Broker: app.broker, Gate: app.consentGate(),
 				Steps:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "steps"}, []string{"provider", "step", "outcome"}),
 				Logger: zap.New(routeCore)})
 			if err != nil {
 				t.Fatal(err)
 			}
-			web.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("POST", "/consent/links", strings.NewReader(tt.body)))
+			web.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("POST", "http://localhost/consent/links", strings.NewReader(tt.body)))
 
 			admin, route := adminLogs.All(), routeLogs.All()
 			if len(admin) != 1 || len(route) != 1 {

@@ -228,13 +228,6 @@ func (t *Table) Each(f func(id string, b *Binding)) {
 	}
 }
 
-// Active is the number of wildcard merchants in the table.
-func (t *Table) Active() int {
-	t.wmu.Lock()
-	defer t.wmu.Unlock()
-	return t.lru.Len()
-}
-
 // Served notes that b was served a token: a wildcard binding is then no
 // longer evicted before its idle timeout. One atomic load once noted.
 func (t *Table) Served(b *Binding) {

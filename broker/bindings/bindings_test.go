@@ -128,7 +128,7 @@ func TestTable(t *testing.T) {
 					t.Errorf("%s: in the table", id)
 				}
 			}
-			if n := tbl.Active(); n > 2 {
+			if n := tbl.lru.Len(); n > 2 {
 				t.Errorf("%d active, max 2", n)
 			}
 		})

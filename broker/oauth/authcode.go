@@ -90,7 +90,7 @@ type AuthCodeConfig struct {
 	// ReturnURLs is the allow-list of the app's return URLs: a return URL
 	// is allowed when it has the scheme and host of an entry and its path
 	// is the entry's path, or under it when the entry's path ends in "/",
-	// as a browser resolves it (see ReturnURLAllowed).
+	// as a browser resolves it (see checkReturnURL).
 	ReturnURLs []string
 	// Scopes are the scopes of the authorization request. Default
 	// "openid offline_access" (offline_access is what OpenID providers want
@@ -314,16 +314,9 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 // Provider returns the provider's name.
 func (a *AuthCode) Provider() string { return a.src.cfg.Name }
 
-// Config returns the flow's configuration, defaults filled in.
-func (a *AuthCode) Config() AuthCodeConfig { return a.cfg }
-
 func (a *AuthCode) fail(reason, merchant string, err error) *ConsentError {
 	return &ConsentError{Reason: reason, Provider: a.Provider(), Merchant: merchant, Err: err}
 }
-
-// ReturnURLAllowed reports whether u is on the allow-list, as a browser
-// resolves it (see checkReturnURL).
-func (a *AuthCode) ReturnURLAllowed(u string) bool { return checkReturnURL(a.cfg.ReturnURLs, u) == nil }
 
 // Link is a consent link handed to the app.
 type Link struct {

@@ -172,7 +172,7 @@ func TestAuthCodeFlowAgainstZitadel(t *testing.T) {
 				t.Errorf("%d code exchanges, want 1", n)
 			}
 			// Nothing the flow keeps is readable in its store.
-			if n := f.pend.Store.(*MemoryPendingStore).Len(); n != 0 {
+			if n := stored(f.pend.Store.(*MemoryPendingStore)); n != 0 {
 				t.Errorf("%d consents left pending", n)
 			}
 			_ = q

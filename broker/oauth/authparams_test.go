@@ -32,7 +32,7 @@ func startConsent(t *testing.T, f *consentFixture, merchant string) (string, str
 // withConsentConfig rebuilds f's flow with cfg's request parameters.
 func withConsentConfig(t *testing.T, f *consentFixture, mod func(*AuthCodeConfig)) {
 	t.Helper()
-	cfg := f.flow.Config()
+	cfg := f.flow.cfg
 	mod(&cfg)
 	flow, err := NewAuthCode(f.src, cfg, f.pend)
 	if err != nil {

@@ -188,14 +188,14 @@ func TestMemoryPendingStoreDropsExpired(t *testing.T) {
 	if _, err := s.Get(ctx, "0"); err != nil {
 		t.Fatal(err)
 	}
-	if n := s.Len(); n != 50 {
+	if n := stored(s); n != 50 {
 		t.Errorf("%d values after the short ones expired, want 50", n)
 	}
 	clock.Add(time.Hour)
 	if _, err := s.Get(ctx, "0"); !errors.Is(err, ErrUnknownPending) {
 		t.Fatalf("Get of a value swept = %v, want ErrUnknownPending", err)
 	}
-	if n := s.Len(); n != 0 {
+	if n := stored(s); n != 0 {
 		t.Errorf("%d values after all expired, want 0", n)
 	}
 }
@@ -233,7 +233,7 @@ func TestConsentLinkFloodHeapBound(t *testing.T) {
 	if _, err := flow.NewLink(ctx, "merchant-0", "", ""); err != nil { // the next use sweeps
 		t.Fatal(err)
 	}
-	if n := store.Len(); n != 1 {
+	if n := stored(store); n != 1 {
 		t.Errorf("%d links stored after expiry, want 1", n)
 	}
 	if n := heldMerchants(flow.limits); n != 1 {

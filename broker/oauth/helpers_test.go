@@ -161,6 +161,14 @@ func writeFile(t testing.TB, path string, data []byte) {
 // newClock returns a test clock at a fixed date.
 func newClock() *clocktest.Clock { return clocktest.New(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)) }
 
+// stored returns how many values s holds, expired ones not yet swept
+// included.
+func stored(s *MemoryPendingStore) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.m)
+}
+
 // cryptoSigner is crypto.Signer, named for test tables.
 type cryptoSigner = crypto.Signer
 

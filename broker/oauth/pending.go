@@ -119,14 +119,6 @@ func (s *MemoryPendingStore) Take(_ context.Context, key string) ([]byte, error)
 	return v, err
 }
 
-// Len returns how many values are stored, expired ones not yet swept
-// included.
-func (s *MemoryPendingStore) Len() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.m)
-}
-
 // Pending is one consent in progress: a consent link not yet opened, or an
 // authorization request waiting for its callback. It has the PKCE
 // verifier and the nonce, so it is only ever stored sealed.

@@ -18,7 +18,8 @@ type CallerGate struct {
 	Policy *callers.Policy
 }
 
-// Site implements Gate.
+// Site refuses a request that the site does not take, before its body
+// is read; nil admits it.
 func (g CallerGate) Site(r *http.Request) *Refusal {
 	code, err := g.Hosts.Check(r)
 	if code == 0 {
@@ -27,7 +28,8 @@ func (g CallerGate) Site(r *http.Request) *Refusal {
 	return &Refusal{Status: code.Status(), Code: code.String(), Message: code.Message(""), Err: err}
 }
 
-// Caller implements Gate.
+// Caller refuses a request whose caller may not ask links for merchant;
+// nil admits it.
 func (g CallerGate) Caller(r *http.Request, merchant string) *Refusal {
 	if g.Policy == nil {
 		return nil
@@ -43,5 +45,3 @@ func (g CallerGate) Caller(r *http.Request, merchant string) *Refusal {
 	}
 	return nil
 }
-
-var _ Gate = CallerGate{}

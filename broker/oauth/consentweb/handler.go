@@ -61,7 +61,7 @@ type Options struct {
 	// merchant's refresh token.
 	Broker *broker.Broker
 	// Gate admits the requests of the links API.
-	Gate Gate
+	Gate CallerGate
 	// Pages renders the consent pages.
 	Pages *consentpage.Renderer
 	// Results keeps the outcomes of callbacks for …/done.

@@ -16,17 +16,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// Gate admits the requests of the links API.
-type Gate interface {
-	// Site refuses a request that the site does not take, before its
-	// body is read; nil admits it.
-	Site(r *http.Request) *Refusal
-	// Caller refuses a request whose caller may not ask links for
-	// merchant; nil admits it.
-	Caller(r *http.Request, merchant string) *Refusal
-}
-
-// Refusal is the answer to a request that a Gate refuses.
+// Refusal is the answer to a request that a CallerGate refuses.
 type Refusal struct {
 	// Status is the HTTP status.
 	Status int
@@ -62,7 +52,7 @@ type LinkResponse struct {
 	Expires time.Time `json:"expires"`
 }
 
-// link serves POST …/links: the Gate applies.
+// link serves POST …/links: the CallerGate applies.
 func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 	if ref := c.o.Gate.Site(r); ref != nil {
 		c.o.Logger.Warn("consent link refused", zap.String("error_code", ref.Code), zap.Error(ref.Err))
