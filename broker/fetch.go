@@ -199,7 +199,8 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 // temporary, the breaker and the budget let calls through and the deadline
 // allows. It returns the calls it made (f.Attempts, f.Elapsed) and the
 // class of the last error. Every call but the last is reported to b's
-// observer here, exactly once; the returned func reports the last one. A budget
+// observer here (its breaker change, then Fetched), exactly once; the
+// returned func reports the last one. A budget
 // refusing the first call ends the fetch with its *budget.ExhaustedError;
 // one refusing a retry, with the last call's error.
 func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
@@ -271,10 +272,14 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		f.cutByWait = waited && errors.Is(err, context.DeadlineExceeded)
 		f.Attempts = append(f.Attempts, Attempt{Elapsed: elapsed, Err: err})
 		f.Elapsed = end.Sub(first)
-		if from, to := br.pol.called(b, err, class, f.cutByWait, now); from != to && bo != nil {
-			bo.BreakerChanged(b.SourceID, to)
-		}
+		from, to := br.pol.called(b, err, class, f.cutByWait, now)
 		report = func() {
+			// Told with the call, once its outcome is remembered: a
+			// probe that closes the breaker and starts the source's
+			// backoff (a 429) is seen as one change.
+			if from != to && bo != nil {
+				bo.BreakerChanged(b.SourceID, to)
+			}
 			if obs != nil {
 				obs.Fetched(ctx, b, tok, elapsed, background, err)
 			}

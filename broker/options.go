@@ -234,7 +234,9 @@ type Attempt struct {
 }
 
 // BreakerObserver is an optional interface of an Observer: it is told when a
-// source's circuit breaker changes state (closed, open, half-open).
+// source's circuit breaker changes state (closed, open, half-open). A
+// change a call's outcome makes is told once that outcome is remembered
+// (a source backoff it starts is already on), before the call's Fetched.
 type BreakerObserver interface {
 	// BreakerChanged is told of the source's breaker's new state.
 	BreakerChanged(sourceID string, state BreakerState)

@@ -528,18 +528,21 @@ func (br *Broker) Policy(e *Entry) Policy {
 // SourceBackoff returns until when a source's token API is not called for
 // any key, and the failure behind it; zero when no backoff applies.
 func (br *Broker) SourceBackoff(sourceID string) (until time.Time, err error) {
-	h := br.sourceHealth(sourceID)
+	h := br.SourceHealth(sourceID)
 	return h.BackoffUntil, h.BackoffError
 }
 
 // BreakerState returns the state of a source's circuit breaker (closed for a
 // source that has none yet).
 func (br *Broker) BreakerState(sourceID string) BreakerState {
-	return br.sourceHealth(sourceID).Breaker
+	return br.SourceHealth(sourceID).Breaker
 }
 
-// sourceHealth is the health of a source, its keys not counted.
-func (br *Broker) sourceHealth(sourceID string) SourceHealth {
+// SourceHealth returns the health of one source, its keys not counted
+// (FailingKeys and LastError are zero): its breaker's state and its
+// backoff. Unlike SourcesHealth it does not walk the failure memory: it
+// costs a lookup, whatever the number of failing keys.
+func (br *Broker) SourceHealth(sourceID string) SourceHealth {
 	p := &br.pol
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -110,7 +110,7 @@ func (a *App) registerStateCollector(registry *prometheus.Registry) error {
 	if registry == nil {
 		return nil
 	}
-	if err := registry.Register(opstate.NewCollector(a.stateSources, nil, 0)); err != nil {
+	if err := registry.Register(opstate.NewCollector(a.stateSources)); err != nil {
 		return fmt.Errorf("token_broker: registering the merchants and l2_up gauges: %w", err)
 	}
 	return nil

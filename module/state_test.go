@@ -415,7 +415,7 @@ func TestStateHandlersRegistry(t *testing.T) {
 		t.Fatal(err)
 	}
 	getState(t, http.MethodGet, "")
-	c := opstate.NewCollector(app.stateSources, nil, 0)
+	c := opstate.NewCollector(app.stateSources)
 	ch := make(chan prometheus.Metric, 100)
 	c.Collect(ch)
 	if got := took(); len(got) != 0 {

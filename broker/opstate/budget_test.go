@@ -44,7 +44,7 @@ func TestBudgetState(t *testing.T) {
 	}
 
 	reg := prometheus.NewPedanticRegistry()
-	if err := reg.Register(NewCollector(f.sources, f.clk.Now, time.Minute)); err != nil {
+	if err := reg.Register(NewCollector(f.sources)); err != nil {
 		t.Fatal(err)
 	}
 	const gauges = `

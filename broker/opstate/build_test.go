@@ -567,7 +567,7 @@ func TestReconcile(t *testing.T) {
 		{"counts", func(s Sources) { Counts(s, f.clk.Now()) }, nil, nil},
 		{"a handler's registry still names the held source", Reconcile, []*config.Registry{f.reg}, nil},
 		{"a scrape, when no registry names it", func(s Sources) {
-			testutil.CollectAndCount(NewCollector(func() Sources { return s }, f.clk.Now, 0))
+			testutil.CollectAndCount(NewCollector(func() Sources { return s }))
 		}, nil, []string{"provider_recovered provider=nuapay"}},
 	} {
 		s := f.sources()

@@ -7,10 +7,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// DefaultCountsMaxAge is how long a Collector reuses the merchants'
-// counts: a scrape then costs one pass over the merchants at most this
-// often, whatever the number of scrapers.
-const DefaultCountsMaxAge = 5 * time.Second
+// countsMaxAge is how long a Collector reuses the merchants' counts: a
+// scrape then costs one pass over the merchants at most this often,
+// whatever the number of scrapers.
+const countsMaxAge = 5 * time.Second
 
 // Collector exports, at scrape time, the merchants of each provider by
 // state, the shared tier's health and the providers' budgets:
@@ -30,8 +30,6 @@ const DefaultCountsMaxAge = 5 * time.Second
 // names a merchant.
 type Collector struct {
 	sources func() Sources
-	now     func() time.Time
-	maxAge  time.Duration
 
 	merchants, l2Up                            *prometheus.Desc
 	budgetRate, budgetRemaining, budgetWaiting *prometheus.Desc
@@ -42,21 +40,15 @@ type Collector struct {
 	counts map[string]map[string]int
 }
 
-// NewCollector returns the collector of the state that sources give; now
-// is the clock (time.Now when nil). The counts are computed again at
-// most every maxAge (DefaultCountsMaxAge when 0).
-func NewCollector(sources func() Sources, now func() time.Time, maxAge time.Duration) *Collector {
-	if now == nil {
-		now = time.Now
-	}
-	if maxAge <= 0 {
-		maxAge = DefaultCountsMaxAge
-	}
+// NewCollector returns the collector of the state that sources give. The
+// merchants' counts are computed again at most every countsMaxAge (5 s),
+// on the clock of the sources' tracker (TrackerOptions.Now).
+func NewCollector(sources func() Sources) *Collector {
 	const ns, sub = "caddy", "token_broker"
 	perProvider := func(name, help string) *prometheus.Desc {
 		return prometheus.NewDesc(prometheus.BuildFQName(ns, sub, name), help, []string{"provider"}, nil)
 	}
-	return &Collector{sources: sources, now: now, maxAge: maxAge,
+	return &Collector{sources: sources,
 		budgetRate: perProvider("budget_rate",
 			"Token requests per second the provider's budget (rate_limit) spends now: its rate (this sidecar's share without Redis), or lower while the provider's rate-limit headers say so (0 while none is left)."),
 		budgetRemaining: perProvider("budget_remaining", "Token requests the provider's budget held at its last answer."),
@@ -123,12 +115,13 @@ func (c *Collector) collectBudgets(s Sources, ch chan<- prometheus.Metric) {
 }
 
 // countsOf returns the counts of s, computed again when older than
-// maxAge, after the tracker is reconciled with the broker (Reconcile).
+// countsMaxAge, after the tracker is reconciled with the broker
+// (Reconcile).
 func (c *Collector) countsOf(s Sources) map[string]map[string]int {
-	now := c.now()
+	now := s.Tracker.now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.counts == nil || now.Sub(c.at) >= c.maxAge || now.Before(c.at) {
+	if c.counts == nil || now.Sub(c.at) >= countsMaxAge || now.Before(c.at) {
 		Reconcile(s)
 		c.counts, c.at = Counts(s, now), now
 	}

@@ -18,7 +18,7 @@ func TestCollector(t *testing.T) {
 	for _, m := range []string{"a-fresh", "b-refused", "d-down"} {
 		_ = f.get(t, m)
 	}
-	c := NewCollector(f.sources, f.clk.Now, time.Minute)
+	c := NewCollector(f.sources)
 	reg := prometheus.NewPedanticRegistry()
 	if err := reg.Register(c); err != nil {
 		t.Fatal(err)
@@ -41,18 +41,21 @@ func TestCollector(t *testing.T) {
 		{"three merchants asked", func() {}, help +
 			gauge("nuapay", map[string]int{StateFresh: 1, StateRefused: 1, StateBackingOff: 1, StateIdle: 4}) +
 			gauge("nuapay2", map[string]int{StateIdle: 1})},
-		{"counts reused within a minute", func() {
+		{"counts reused while younger than their maximum age", func() {
 			_ = f.get(t, "e-idle")
-			f.clk.Add(30 * time.Second)
+			f.clk.Add(countsMaxAge - time.Second)
 		}, help +
 			gauge("nuapay", map[string]int{StateFresh: 1, StateRefused: 1, StateBackingOff: 1, StateIdle: 4}) +
 			gauge("nuapay2", map[string]int{StateIdle: 1})},
-		{"computed again after a minute, with a fleet tier down", func() {
-			f.clk.Add(30 * time.Second)
+		{"computed again at their maximum age", func() { f.clk.Add(time.Second) }, help +
+			gauge("nuapay", map[string]int{StateFresh: 2, StateRefused: 1, StateBackingOff: 1, StateIdle: 3}) +
+			gauge("nuapay2", map[string]int{StateIdle: 1})},
+		{"computed again a minute later, with a fleet tier down", func() {
+			f.clk.Add(time.Minute)
 			f.tracker.SetFleet(true, false)
 		}, l2Help + "caddy_token_broker_l2_up 0\n" + help +
 			// d-down's failure memory (a minute) ended: idle, its last
-			// error kept; e-idle got a token.
+			// error kept.
 			gauge("nuapay", map[string]int{StateFresh: 2, StateRefused: 1, StateIdle: 4}) +
 			gauge("nuapay2", map[string]int{StateIdle: 1})},
 		{"the fleet tier back", func() { f.tracker.FleetChanged(true, nil) }, l2Help + "caddy_token_broker_l2_up 1\n"},

@@ -357,19 +357,20 @@ func (t *Tracker) SourceChanged(br *broker.Broker, provider, sourceID string) {
 	if !slices.Contains(p.sources, sourceID) {
 		p.sources = append(p.sources, sourceID)
 	}
-	evs = p.setFailing(provider, br.SourcesHealth(p.sources...))
+	evs = p.setFailing(provider, br)
 }
 
-// setFailing sets whether p fails from the health of its sources (one
-// backing off, or its breaker not closed) and returns the event of the
-// change: EventProviderRecovered, or none when it starts failing, as
-// EventProviderFailing waits for the failure that caused it (Fetched),
-// which the broker tells after the change. Called with the tracker's
-// lock held.
-func (p *providerRecord) setFailing(provider string, health map[string]broker.SourceHealth) []event {
+// setFailing sets whether p fails from the health of its sources as br
+// tells it (one backing off, or its breaker not closed) and returns the
+// event of the change: EventProviderRecovered, or none when it starts
+// failing, as EventProviderFailing waits for the failure that caused it
+// (Fetched), which the broker tells after the change. Called with the
+// tracker's lock held, which it keeps while it reads br: of two
+// concurrent calls, the one that read the broker last sets p last.
+func (p *providerRecord) setFailing(provider string, br *broker.Broker) []event {
 	failing := false
 	for _, id := range p.sources {
-		h := health[id]
+		h := br.SourceHealth(id)
 		failing = failing || h.Breaker != broker.BreakerClosed || !h.BackoffUntil.IsZero()
 	}
 	var evs []event
@@ -396,11 +397,9 @@ func (p *providerRecord) setFailing(provider string, health map[string]broker.So
 // again): reading the state (Build) does not, so that a read has no side
 // effect.
 func Reconcile(s Sources) {
-	var ids []string
 	sources := map[string][]string{} // provider name -> its source IDs
 	for _, reg := range s.registries() {
 		for name, p := range reg.Providers {
-			ids = append(ids, p.ID)
 			sources[name] = append(sources[name], p.ID)
 		}
 	}
@@ -409,11 +408,10 @@ func Reconcile(s Sources) {
 	defer func() { t.send(evs) }()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	health := s.Broker.SourcesHealth(ids...)
 	for name, of := range sources {
 		if p := t.providers[name]; p != nil { // nothing told of another: nothing to reconcile
 			p.sources = of
-			evs = append(evs, p.setFailing(name, health)...)
+			evs = append(evs, p.setFailing(name, s.Broker)...)
 		}
 	}
 }

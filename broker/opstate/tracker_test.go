@@ -413,3 +413,56 @@ func TestReconcileUnknownProvider(t *testing.T) {
 		t.Error("reconcile made a record for a provider nothing was told of")
 	}
 }
+
+// TestTrackerBreakerClosesDuringBackoff: the half-open breaker's probe is
+// throttled (a 429 with Retry-After): the breaker closes and the source
+// backs off; the provider recovers only when the backoff ends too.
+func TestTrackerBreakerClosesDuringBackoff(t *testing.T) {
+	f := newProviderFixture(t)
+	throttle := &broker.APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: time.Minute}
+	for _, s := range []struct {
+		name string
+		do   func()
+		want []string
+	}{
+		{"the breaker opens", func() { f.err = errDown; f.get(); f.clk.Add(time.Second); f.get() }, []string{"provider_failing provider=nuapay error=token_unavailable"}},
+		{"the probe is throttled: the breaker closes, the source backs off", func() {
+			f.clk.Add(broker.DefaultBreakerCooldown)
+			f.err = throttle
+			f.get()
+			if h := f.br.SourceHealth("nuapay#1"); h.Breaker != broker.BreakerClosed || h.BackoffUntil.IsZero() {
+				t.Fatalf("source health %+v; want the breaker closed and a backoff", h)
+			}
+		}, nil},
+		{"the backoff ends: a success", func() { f.clk.Add(time.Minute); f.err = nil; f.get() }, []string{"provider_recovered provider=nuapay"}},
+	} {
+		f.do(t, s.name, s.do, s.want)
+	}
+}
+
+// TestReconcileSources: Reconcile reads a provider's sources from every
+// registry that names it (Registry and Others), and from those only: a
+// source an old configuration left behind no longer makes it fail.
+func TestReconcileSources(t *testing.T) {
+	// The breaker of nuapay#1 is open; nuapay#2 is healthy.
+	nuapay := func(id string) *config.Registry {
+		return &config.Registry{Providers: map[string]*config.Provider{"nuapay": {Name: "nuapay", ID: id}}}
+	}
+	for _, tt := range []struct {
+		name     string
+		registry *config.Registry
+		others   []*config.Registry
+		want     []string
+	}{
+		{"another registry names the failing source", nuapay("nuapay#2"), []*config.Registry{nuapay("nuapay#1")}, nil},
+		{"the registry names the failing source, another a healthy one", nuapay("nuapay#1"), []*config.Registry{nuapay("nuapay#2")}, nil},
+		{"no registry names the failing source (an old configuration's)", nuapay("nuapay#2"), nil, []string{"provider_recovered provider=nuapay"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newProviderFixture(t)
+			f.do(t, "the breaker of nuapay#1 opens", func() { f.err = errDown; f.get(); f.clk.Add(time.Second); f.get() },
+				[]string{"provider_failing provider=nuapay error=token_unavailable"})
+			f.do(t, "reconciled", func() { Reconcile(Sources{Registry: tt.registry, Others: tt.others, Broker: f.br, Tracker: f.tr}) }, tt.want)
+		})
+	}
+}
