@@ -86,7 +86,7 @@ func (d *DPoP) Sign(req *http.Request, now time.Time) error {
 		host = req.URL.Host
 	}
 	u := url.URL{Scheme: req.URL.Scheme, Host: host, Path: req.URL.Path, RawPath: req.URL.RawPath}
-	proof, err := d.key.Proof(req.Method, dpop.HTU(&u), d.ath, d.key.Nonce(dpop.Origin(req.URL)), now)
+	proof, err := d.key.Proof(req.Method, dpop.HTU(&u), d.ath, d.key.Nonce(req.URL), now)
 	if err != nil {
 		return err
 	}
@@ -116,5 +116,5 @@ func (d *DPoP) Observe(req *http.Request, h http.Header) {
 	if len(n) == 0 {
 		return
 	}
-	d.key.SetNonce(dpop.Origin(req.URL), n[0])
+	d.key.SetNonce(req.URL, n[0])
 }

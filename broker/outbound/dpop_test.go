@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -67,7 +68,11 @@ func TestDPoPSign(t *testing.T) {
 				d.SetToken(tt.token, wantATH(strings.TrimPrefix(tt.token, "DPoP ")))
 			}
 			for origin, n := range tt.nonces {
-				k.SetNonce(origin, n)
+				u, err := url.Parse(origin)
+				if err != nil {
+					t.Fatal(err)
+				}
+				k.SetNonce(u, n)
 			}
 			if err := d.Sign(req, now); err != nil {
 				t.Fatal(err)
