@@ -2,6 +2,7 @@ package module
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -152,6 +153,45 @@ func TestDPoPHandler(t *testing.T) {
 		if tc.wantCode != http.StatusBadGateway && !strings.Contains(rec.Body.String(), "upstream") {
 			t.Errorf("%s: body %s: want the answer passed through", tc.name, rec.Body)
 		}
+	}
+}
+
+// TestDPoPHandlerErrorRoute: when next fails (reverse_proxy's 502), Caddy
+// runs the handle_errors routes with the same request and variables; a
+// reverse_proxy there with the DPoP transport finds the binding but sends
+// no credential: the handler ended it when it returned.
+func TestDPoPHandlerErrorRoute(t *testing.T) {
+	h := dpopHandler(t, true)
+	req := httptest.NewRequest("GET", "/accounts", nil)
+	req.Header.Set("X-Merchant-Id", "acme")
+	r := caddyRequest(req)
+	var got, sent http.Header
+	proxy := signing(&got, &sent)
+	failing := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		if err := proxy(w, r); err != nil {
+			return err
+		}
+		return caddyhttp.Error(http.StatusBadGateway, errors.New("upstream unreachable"))
+	})
+	if err := h.ServeHTTP(httptest.NewRecorder(), r, failing); err == nil {
+		t.Fatal("the failing route's error was not returned")
+	}
+	if len(sent.Values("Authorization")) != 1 || len(sent.Values("DPoP")) != 1 {
+		t.Fatalf("the route sent Authorization %d values, DPoP %d: want the token and its proof",
+			len(sent.Values("Authorization")), len(sent.Values("DPoP")))
+	}
+
+	sent = nil
+	r.Header.Set("Authorization", "DPoP caller")
+	r.Header.Set("DPoP", "caller-proof")
+	if err := proxy(httptest.NewRecorder(), r); err != nil {
+		t.Fatal(err)
+	}
+	if sent == nil {
+		t.Fatal("the error route did not find the binding")
+	}
+	if a, p := sent.Values("Authorization"), sent.Values("DPoP"); len(a) != 0 || len(p) != 0 {
+		t.Errorf("the error route sent Authorization %d values, DPoP %d: want no credential", len(a), len(p))
 	}
 }
 

@@ -128,6 +128,42 @@ func TestDPoPObserve(t *testing.T) {
 	}
 }
 
+// TestDPoPEnd: once ended, a binding sends no credential, by Sign or
+// SignCopy, whatever Authorization and DPoP the request had, and keeps no
+// nonce from an answer.
+func TestDPoPEnd(t *testing.T) {
+	k := dpoptest.NewKey(t)
+	d := NewDPoP(k)
+	d.SetToken("DPoP tok", wantATH("tok"))
+	req := httptest.NewRequest("GET", "http://rs.test/a", nil)
+	if err := d.Sign(req, time.Now()); err != nil || req.Header.Get(DPoPHeader) == "" {
+		t.Fatalf("before End: DPoP %q, %v: want a proof", req.Header.Get(DPoPHeader), err)
+	}
+	d.End()
+	for _, tc := range []struct {
+		name string
+		sign func(*http.Request) (*http.Request, error)
+	}{
+		{name: "Sign", sign: func(r *http.Request) (*http.Request, error) { return r, d.Sign(r, time.Now()) }},
+		{name: "SignCopy", sign: func(r *http.Request) (*http.Request, error) { return d.SignCopy(r, time.Now()) }},
+	} {
+		req := httptest.NewRequest("GET", "http://rs.test/a", nil)
+		req.Header.Set("Authorization", "DPoP tok")
+		req.Header.Set(DPoPHeader, "caller-proof")
+		sent, err := tc.sign(req)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if a, p := sent.Header.Values("Authorization"), sent.Header.Values(DPoPHeader); len(a) != 0 || len(p) != 0 {
+			t.Errorf("%s after End: Authorization %d values, DPoP %d: want neither", tc.name, len(a), len(p))
+		}
+	}
+	d.Observe(req, http.Header{"Dpop-Nonce": {"late"}})
+	if n := k.Nonce(req.URL); n != "" {
+		t.Errorf("nonce %q kept after End, want none", n)
+	}
+}
+
 // TestDPoPString: a binding describes itself without its token, whatever
 // the verb.
 func TestDPoPString(t *testing.T) {
