@@ -43,12 +43,15 @@ func (h *Handler) outbound() outbound.Contract {
 //
 // The request variable is set before next runs and never written after:
 // a connection dial reverse_proxy left running may still read the
-// variables.
+// variables. The binding is ended (DPoP.End) when forward returns, so
+// that what still finds it there (the handle_errors routes, which Caddy
+// runs with the same variables) sends no credential.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound.Contract, b *bindings.Binding, e *broker.Entry) error {
 	rt := outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit, Incremental: caddyhttp.IsIncremental,
 		Isolate: isolateVars, Tokens: h.tokens, NonceChallenged: h.nonceChallenged}
 	if k := b.DPoP; k != nil && outbound.IsDPoP(e.Header()) {
 		d := outbound.NewDPoP(k)
+		defer d.End()
 		d.SetToken(e.Header(), e.ATH())
 		caddyhttp.SetVar(r.Context(), dpopVar, d)
 		rt.DPoP = d

@@ -21,7 +21,9 @@ import (
 // credential at all.
 //
 // It belongs to one request: make it with NewDPoP when the request's token
-// is chosen.
+// is chosen, and End it when the handler is done with the request. It
+// stays in Caddy's request variables after that, where the handle_errors
+// routes see it: an ended binding sends no credential.
 type DPoP struct {
 	// key signs the proofs.
 	key *dpop.Key
@@ -33,6 +35,9 @@ type DPoP struct {
 	// signed: a transport signed (or refused to sign) the current attempt
 	// of the request: the route has a DPoP transport.
 	signed atomic.Bool
+	// done: End was called; Sign sends no credential, Observe keeps no
+	// nonce.
+	done atomic.Bool
 }
 
 // NewDPoP returns a request's DPoP binding to k (not nil); SetToken gives
@@ -47,6 +52,14 @@ func (d *DPoP) SetToken(header, ath string) {
 	d.header, d.ath = header, ath
 	d.signed.Store(false)
 }
+
+// End ends the binding: the handler that made it is done with the
+// request. Sign then removes Authorization and DPoP and signs nothing, and
+// Observe keeps no nonce, for whatever still sends the request: Caddy's
+// handle_errors routes run with the request's variables after the handler
+// returned an error, and a transport there finds the binding. End only
+// sets a flag; an ended binding's other fields are read, never written.
+func (d *DPoP) End() { d.done.Store(true) }
 
 // Signed reports whether a transport handled the current attempt of the
 // request (Sign was called). An attempt answered without is one whose
@@ -71,13 +84,17 @@ func (d *DPoP) GoString() string { return "outbound.DPoP(" + d.String() + ")" }
 // must be set), ath the token's hash, and the nonce the upstream's origin
 // (req.URL's scheme and host: the upstream chosen, never the Host header
 // a caller sent) last sent, if any. Whatever Authorization and DPoP req
-// had is replaced. When no proof can be made, req leaves with neither
-// header: a DPoP-bound token never leaves without its proof.
+// had is replaced. When no proof can be made, or the binding has no token
+// or was ended (End), req leaves with neither header: a DPoP-bound token
+// never leaves without its proof, nor after its request was done.
 func (d *DPoP) Sign(req *http.Request, now time.Time) error {
-	d.signed.Store(true)
-	d.sent = ""
 	delete(req.Header, "Authorization")
 	delete(req.Header, DPoPHeader)
+	if d.done.Load() {
+		return nil
+	}
+	d.signed.Store(true)
+	d.sent = ""
 	if d.header == "" {
 		return nil
 	}
@@ -86,7 +103,7 @@ func (d *DPoP) Sign(req *http.Request, now time.Time) error {
 		host = req.URL.Host
 	}
 	u := url.URL{Scheme: req.URL.Scheme, Host: host, Path: req.URL.Path, RawPath: req.URL.RawPath}
-	proof, err := d.key.Proof(req.Method, dpop.HTU(&u), d.ath, d.key.Nonce(dpop.Origin(req.URL)), now)
+	proof, err := d.key.Proof(req.Method, dpop.HTU(&u), d.ath, d.key.Nonce(req.URL), now)
 	if err != nil {
 		return err
 	}
@@ -110,11 +127,12 @@ func (d *DPoP) SignCopy(req *http.Request, now time.Time) (*http.Request, error)
 
 // Observe remembers the DPoP-Nonce of h, the answer to req (which Sign
 // signed), for the proofs that follow to req's origin: a resource server
-// may send a new one with any answer (RFC 9449 §8.2).
+// may send a new one with any answer (RFC 9449 §8.2). An ended binding
+// (End) keeps none: its requests left unsigned.
 func (d *DPoP) Observe(req *http.Request, h http.Header) {
 	n := h["Dpop-Nonce"]
-	if len(n) == 0 {
+	if len(n) == 0 || d.done.Load() {
 		return
 	}
-	d.key.SetNonce(dpop.Origin(req.URL), n[0])
+	d.key.SetNonce(req.URL, n[0])
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -67,7 +68,11 @@ func TestDPoPSign(t *testing.T) {
 				d.SetToken(tt.token, wantATH(strings.TrimPrefix(tt.token, "DPoP ")))
 			}
 			for origin, n := range tt.nonces {
-				k.SetNonce(origin, n)
+				u, err := url.Parse(origin)
+				if err != nil {
+					t.Fatal(err)
+				}
+				k.SetNonce(u, n)
 			}
 			if err := d.Sign(req, now); err != nil {
 				t.Fatal(err)
@@ -120,6 +125,42 @@ func TestDPoPObserve(t *testing.T) {
 		if p.Nonce != tc.want {
 			t.Errorf("%s: nonce %q, want %q", tc.url, p.Nonce, tc.want)
 		}
+	}
+}
+
+// TestDPoPEnd: once ended, a binding sends no credential, by Sign or
+// SignCopy, whatever Authorization and DPoP the request had, and keeps no
+// nonce from an answer.
+func TestDPoPEnd(t *testing.T) {
+	k := dpoptest.NewKey(t)
+	d := NewDPoP(k)
+	d.SetToken("DPoP tok", wantATH("tok"))
+	req := httptest.NewRequest("GET", "http://rs.test/a", nil)
+	if err := d.Sign(req, time.Now()); err != nil || req.Header.Get(DPoPHeader) == "" {
+		t.Fatalf("before End: DPoP %q, %v: want a proof", req.Header.Get(DPoPHeader), err)
+	}
+	d.End()
+	for _, tc := range []struct {
+		name string
+		sign func(*http.Request) (*http.Request, error)
+	}{
+		{name: "Sign", sign: func(r *http.Request) (*http.Request, error) { return r, d.Sign(r, time.Now()) }},
+		{name: "SignCopy", sign: func(r *http.Request) (*http.Request, error) { return d.SignCopy(r, time.Now()) }},
+	} {
+		req := httptest.NewRequest("GET", "http://rs.test/a", nil)
+		req.Header.Set("Authorization", "DPoP tok")
+		req.Header.Set(DPoPHeader, "caller-proof")
+		sent, err := tc.sign(req)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if a, p := sent.Header.Values("Authorization"), sent.Header.Values(DPoPHeader); len(a) != 0 || len(p) != 0 {
+			t.Errorf("%s after End: Authorization %d values, DPoP %d: want neither", tc.name, len(a), len(p))
+		}
+	}
+	d.Observe(req, http.Header{"Dpop-Nonce": {"late"}})
+	if n := k.Nonce(req.URL); n != "" {
+		t.Errorf("nonce %q kept after End, want none", n)
 	}
 }
 

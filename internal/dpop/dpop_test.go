@@ -226,37 +226,37 @@ func TestATHAndHTU(t *testing.T) {
 	}
 }
 
-// TestNonceMemory: nonces are kept per origin, invalid ones ignored, and
-// at most 64 origins remembered.
+// TestNonceMemory: nonces are kept per origin (a URL's scheme and host,
+// lower-case, without the default port), invalid ones ignored, and at
+// most 64 origins remembered.
 func TestNonceMemory(t *testing.T) {
 	k, err := dpop.NewKey(testKeys(t)[dpop.EdDSA], "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	k.SetNonce("https://a", "n1")
-	k.SetNonce("https://b", "n2")
-	k.SetNonce("https://a", `bad"nonce`)
-	k.SetNonce("https://a", "has space")
-	if k.Nonce("https://a") != "n1" || k.Nonce("https://b") != "n2" || k.Nonce("https://c") != "" {
-		t.Errorf("nonces a=%q b=%q c=%q", k.Nonce("https://a"), k.Nonce("https://b"), k.Nonce("https://c"))
+	origin := func(host string) *url.URL { return &url.URL{Scheme: "https", Host: host} }
+	a, b, c := origin("a"), origin("b"), origin("c")
+	k.SetNonce(&url.URL{Scheme: "HTTPS", Host: "A:443", Path: "/token"}, "n1")
+	k.SetNonce(b, "n2")
+	k.SetNonce(a, `bad"nonce`)
+	k.SetNonce(a, "has space")
+	if k.Nonce(a) != "n1" || k.Nonce(b) != "n2" || k.Nonce(c) != "" || k.Nonce(origin("a:8443")) != "" {
+		t.Errorf("nonces a=%q b=%q c=%q a:8443=%q", k.Nonce(a), k.Nonce(b), k.Nonce(c), k.Nonce(origin("a:8443")))
 	}
+	hosts := []*url.URL{a, b}
 	for i := range 200 {
-		k.SetNonce(fmt.Sprintf("https://h%d", i), "n")
+		h := origin(fmt.Sprintf("h%d", i))
+		k.SetNonce(h, "n")
+		hosts = append(hosts, h)
 	}
 	kept := 0
-	for _, o := range append([]string{"https://a", "https://b"}, func() []string {
-		var s []string
-		for i := range 200 {
-			s = append(s, fmt.Sprintf("https://h%d", i))
-		}
-		return s
-	}()...) {
+	for _, o := range hosts {
 		if k.Nonce(o) != "" {
 			kept++
 		}
 	}
-	if kept != 64 || k.Nonce("https://h199") != "n" {
-		t.Errorf("%d origins kept (want 64), the newest %q", kept, k.Nonce("https://h199"))
+	if kept != 64 || k.Nonce(origin("h199")) != "n" {
+		t.Errorf("%d origins kept (want 64), the newest %q", kept, k.Nonce(origin("h199")))
 	}
 	if _, err := k.Proof("GET", "https://a/", "", "bad nonce", time.Now()); err == nil {
 		t.Error("a proof with an invalid nonce was made")
@@ -273,7 +273,7 @@ func TestNonceMemoryConcurrent(t *testing.T) {
 	for g := range 4 {
 		wg.Go(func() {
 			for i := range 500 {
-				o := fmt.Sprintf("https://h%d", i%80)
+				o := &url.URL{Scheme: "https", Host: fmt.Sprintf("h%d", i%80)}
 				k.SetNonce(o, fmt.Sprintf("n%d-%d", g, i))
 				_ = k.Nonce(o)
 			}
@@ -330,7 +330,7 @@ func TestTransport(t *testing.T) {
 			if got := send(); got != want {
 				t.Fatalf("first request: status %d, want the nonce challenge %d", got, want)
 			}
-			if u, _ := url.Parse(srv.URL); k.Nonce(dpop.Origin(u)) != "srv-nonce-1" {
+			if u, _ := url.Parse(srv.URL); k.Nonce(u) != "srv-nonce-1" {
 				t.Errorf("nonce not remembered for %s", dpop.Origin(u))
 			}
 			for i := range 2 {

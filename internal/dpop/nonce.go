@@ -1,6 +1,9 @@
 package dpop
 
-import "sync"
+import (
+	"net/url"
+	"sync"
+)
 
 // maxOrigins bounds the origins whose nonce a Key remembers: a provider's
 // authorization server and its resource servers are a handful.
@@ -12,35 +15,46 @@ type nonces struct {
 	m  map[string]string
 }
 
-// Nonce returns the last DPoP-Nonce remembered for the server origin
-// (Origin), "" when none (or k is nil).
-func (k *Key) Nonce(origin string) string {
+// Nonce returns the last DPoP-Nonce remembered for the origin of u
+// (Origin), "" when none (or k is nil). It does not allocate.
+func (k *Key) Nonce(u *url.URL) string {
+	var b [128]byte
+	return k.nonce(appendOrigin(b[:0], u))
+}
+
+// nonce returns the last DPoP-Nonce remembered for origin (appendOrigin),
+// "" when none (or k is nil). The origin stays bytes: looking it up
+// allocates nothing.
+func (k *Key) nonce(origin []byte) string {
 	if k == nil {
 		return ""
 	}
 	k.nonces.mu.RLock()
 	defer k.nonces.mu.RUnlock()
-	return k.nonces.m[origin]
+	return k.nonces.m[string(origin)]
 }
 
-// SetNonce remembers the DPoP-Nonce a server at origin (Origin) sent, for
-// the proofs that follow. A value that is not a nonce (RFC 9449 §8.1) is
-// ignored. At most 64 origins are kept: a new one beyond that replaces an
-// arbitrary one.
-func (k *Key) SetNonce(origin, nonce string) {
-	if !checkNonce(nonce) || k.Nonce(origin) == nonce {
+// SetNonce remembers the DPoP-Nonce a server at the origin of u (Origin)
+// sent, for the proofs that follow. A value that is not a nonce (RFC 9449
+// §8.1) is ignored. At most 64 origins are kept: a new one beyond that
+// replaces an arbitrary one. It allocates only when it stores a new nonce.
+func (k *Key) SetNonce(u *url.URL, nonce string) {
+	var b [128]byte
+	origin := appendOrigin(b[:0], u)
+	if !checkNonce(nonce) || k.nonce(origin) == nonce {
 		return
 	}
+	o := string(origin)
 	k.nonces.mu.Lock()
 	defer k.nonces.mu.Unlock()
 	if k.nonces.m == nil {
 		k.nonces.m = map[string]string{}
 	}
-	if _, ok := k.nonces.m[origin]; !ok && len(k.nonces.m) >= maxOrigins {
-		for o := range k.nonces.m {
-			delete(k.nonces.m, o)
+	if _, ok := k.nonces.m[o]; !ok && len(k.nonces.m) >= maxOrigins {
+		for old := range k.nonces.m {
+			delete(k.nonces.m, old)
 			break
 		}
 	}
-	k.nonces.m[origin] = nonce
+	k.nonces.m[o] = nonce
 }

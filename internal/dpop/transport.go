@@ -29,8 +29,7 @@ type transport struct {
 // RoundTrip sends a copy of req with a proof and remembers the answer's
 // nonce.
 func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
-	origin := Origin(req.URL)
-	proof, err := t.key.Proof(req.Method, HTU(req.URL), "", t.key.Nonce(origin), time.Now())
+	proof, err := t.key.Proof(req.Method, HTU(req.URL), "", t.key.Nonce(req.URL), time.Now())
 	if err != nil {
 		if req.Body != nil {
 			req.Body.Close()
@@ -44,7 +43,7 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	if n := resp.Header.Get("DPoP-Nonce"); n != "" {
-		t.key.SetNonce(origin, n)
+		t.key.SetNonce(req.URL, n)
 	}
 	return resp, nil
 }
