@@ -137,15 +137,9 @@ func HTU(u *url.URL) string {
 	return string(append(appendOrigin(b[:0], u), path...))
 }
 
-// Origin returns the origin of u, scheme://host[:port], lower-case and
-// without the scheme's default port: the key of a server's remembered
-// nonce (Nonce, SetNonce).
-func Origin(u *url.URL) string {
-	var b [128]byte
-	return string(appendOrigin(b[:0], u))
-}
-
-// appendOrigin appends Origin of u to b.
+// appendOrigin appends the origin of u to b: scheme://host[:port],
+// lower-case and without the scheme's default port, the key of a
+// server's remembered nonce (Nonce, SetNonce).
 func appendOrigin(b []byte, u *url.URL) []byte {
 	host := u.Host
 	if p := defaultPort(u.Scheme); p != "" && len(host) > len(p) && host[len(host)-len(p):] == p {
