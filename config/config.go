@@ -10,6 +10,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // Registry is a loaded, validated merchant registry (LoadWith, Merge). It
@@ -81,7 +82,7 @@ type Provider struct {
 	// OrganisationsPath is the path of Nuapay's organisations list.
 	OrganisationsPath string
 	// TLS are the resolved TLS options (absolute paths, no key material).
-	TLS broker.TLSOptions
+	TLS httpclient.TLSOptions
 	// Grant is an oauth2 provider's grant: GrantClientCredentials or
 	// GrantRefreshToken. With GrantRefreshToken, Source is an
 	// *oauth.RefreshToken whose store is Options.RefreshStore.

@@ -28,6 +28,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // secretValue is a distinctive API key: no error text may ever hold it.
@@ -487,7 +488,7 @@ scopes = ["openbanking_pisp"]
 	env := testEnv("BASE", srv.URL, "CERTS", "certs")
 	reg := mustParse(t, path, data, env)
 	p := reg.Providers["tsp"]
-	if p.TLS != (broker.TLSOptions{CertFile: certFile, KeyFile: keyFile, CAFile: certFile}) {
+	if p.TLS != (httpclient.TLSOptions{CertFile: certFile, KeyFile: keyFile, CAFile: certFile}) {
 		t.Errorf("TLS = %+v", p.TLS)
 	}
 	b, err := reg.Binding("m", nil)

@@ -19,6 +19,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // Limits on the files a registry names.
@@ -342,7 +343,7 @@ func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client
 	if len(e.p.errs) > problems {
 		return nil
 	}
-	c, err := broker.NewHTTPClient(pv.Timeout, *o)
+	c, err := httpclient.New(pv.Timeout, *o)
 	if err != nil {
 		e.errf("tls", "%v", err)
 	}
