@@ -78,6 +78,32 @@ func callTimeout(t *testing.T, p *Provider) time.Duration {
 	return cb.CallTimeout()
 }
 
+// checkProvider checks provider p of reg: its Endpoint and its source's
+// call bound; then merchant m's binding mints a token, which must live
+// about lifetime.
+func checkProvider(t *testing.T, reg *Registry, endpoint string, timeout, lifetime time.Duration) {
+	t.Helper()
+	p := reg.Providers["p"]
+	if p.Endpoint != endpoint {
+		t.Errorf("Endpoint = %q, want %q", p.Endpoint, endpoint)
+	}
+	if got := callTimeout(t, p); got != timeout {
+		t.Errorf("call timeout %s, want %s", got, timeout)
+	}
+	b, err := reg.Binding("m", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sent := time.Now()
+	tok, err := b.Source.Token(context.Background(), b.Request())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if life := tok.Expiry.Sub(sent); life < lifetime-time.Minute || life > lifetime+time.Minute {
+		t.Errorf("token lives %s, want %s", life, lifetime)
+	}
+}
+
 // TestNuapaySettings: a nuapay provider's base_url, token_lifetime,
 // organisations_path and timeout, set or defaulted, are what its source
 // uses.
@@ -104,22 +130,7 @@ func TestNuapaySettings(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			data := "[providers.p]\ntype = \"nuapay\"\napi_key = \"{env.NUAPAY_API_KEY}\"\n" + tc.keys + "\n\n" + merchantTable("m", "org-m")
 			reg := mustParse(t, "m.toml", []byte(data), testEnv("BASE", srv.URL))
-			p := reg.Providers["p"]
-			if p.Endpoint != srv.URL {
-				t.Errorf("Endpoint = %q, want %q", p.Endpoint, srv.URL)
-			}
-			if got := callTimeout(t, p); got != tc.timeout {
-				t.Errorf("call timeout %s, want %s", got, tc.timeout)
-			}
-			b, err := reg.Binding("m", nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			sent := time.Now()
-			tok, err := b.Source.Token(context.Background(), b.Request())
-			if err != nil {
-				t.Fatal(err)
-			}
+			checkProvider(t, reg, srv.URL, tc.timeout, tc.wantExpires)
 			r := rc.last(t)
 			var body struct {
 				ExpiresIn float64 `json:"expiresIn"`
@@ -127,10 +138,7 @@ func TestNuapaySettings(t *testing.T) {
 			if err := json.Unmarshal(r.body, &body); err != nil || body.ExpiresIn != tc.expiresIn || r.path != "/organisations/org-m/tokens" {
 				t.Errorf("token request to %s with %s, want expiresIn %v", r.path, r.body, tc.expiresIn)
 			}
-			if life := tok.Expiry.Sub(sent); life < tc.wantExpires-time.Minute || life > tc.wantExpires+time.Minute {
-				t.Errorf("token lives %s, want %s", life, tc.wantExpires)
-			}
-			if err := p.Source.(*nuapay.Source).EachOrganisation(context.Background(), nuapay.ListLimits{}, func(nuapay.Organisation) {}); err != nil {
+			if err := reg.Providers["p"].Source.(*nuapay.Source).EachOrganisation(context.Background(), nuapay.ListLimits{}, func(nuapay.Organisation) {}); err != nil {
 				t.Fatal(err)
 			}
 			if got := rc.last(t).path; got != tc.orgsPath {
@@ -169,7 +177,7 @@ func TestOAuth2Settings(t *testing.T) {
 	const tokenURL = "token_url = \"{env.BASE}/token\"\n"
 	for _, tc := range []struct {
 		name, keys string
-		endpoint   string // "" for srv.URL+"/token"
+		endpoint   string // "base" for srv.URL (the issuer), else srv.URL+"/token"
 		clientID   string
 		user       string // the Basic user name sent
 		secret     bool   // client_secret in the form
@@ -185,29 +193,11 @@ func TestOAuth2Settings(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			data := "[merchants.m]\nprovider = \"p\"\n\n[providers.p]\ntype = \"oauth2\"\n" + tc.keys + "\n"
 			reg := mustParse(t, filepath.Join(dir, "m.toml"), []byte(data), testEnv("BASE", srv.URL))
-			p := reg.Providers["p"]
-			want := srv.URL + "/token"
+			endpoint := srv.URL + "/token"
 			if tc.endpoint == "base" {
-				want = srv.URL
+				endpoint = srv.URL
 			}
-			if p.Endpoint != want {
-				t.Errorf("Endpoint = %q, want %q", p.Endpoint, want)
-			}
-			if got := callTimeout(t, p); got != tc.timeout {
-				t.Errorf("call timeout %s, want %s", got, tc.timeout)
-			}
-			b, err := reg.Binding("m", nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			sent := time.Now()
-			tok, err := b.Source.Token(context.Background(), b.Request())
-			if err != nil {
-				t.Fatal(err)
-			}
-			if life := tok.Expiry.Sub(sent); life < tc.lifetime-time.Minute || life > tc.lifetime+time.Minute {
-				t.Errorf("token lives %s, want %s", life, tc.lifetime)
-			}
+			checkProvider(t, reg, endpoint, tc.timeout, tc.lifetime)
 			r := rc.last(t)
 			if r.path != "/token" || r.user != tc.user || (r.form.Get("client_secret") == secretValue) != tc.secret {
 				t.Errorf("token request to %s, Basic user %q, form %v; want Basic user %q, client_secret in the form %v", r.path, r.user, r.form, tc.user, tc.secret)
