@@ -58,13 +58,14 @@ type Provider struct {
 	// compares it across reloads to forget the failures of the old
 	// secret. Empty for a provider without such a secret.
 	SecretVersion string
-	// Source issues the provider's tokens.
+	// Source issues the provider's tokens: a *nuapay.Source, an
+	// *oauth.ClientCredentials, or for grant refresh_token an
+	// *oauth.RefreshToken whose store is Options.RefreshStore.
 	Source broker.Source
-	// BaseURL is a nuapay provider's token API root, without trailing
-	// slash.
-	BaseURL string
-	// Timeout bounds each token-API call.
-	Timeout time.Duration
+	// Endpoint is the provider's token API as configured: an oauth2
+	// provider's token_url or issuer, a nuapay provider's base_url. It
+	// names the provider's budget in a shared store (hashed, never shown).
+	Endpoint string
 	// RateLimit is the provider's token-request budget (rate_limit and
 	// rate_burst, from 1 to one second's worth of the rate, its default);
 	// the zero Limit means none.
@@ -75,33 +76,6 @@ type Provider struct {
 	// token requests of the provider's HTTP client, not its listings,
 	// revocations, discovery or keys). Nil without rate_limit.
 	Budget *budget.Budget
-	// TokenLifetime is the lifetime a nuapay provider asks for when a
-	// merchant sets none.
-	TokenLifetime time.Duration
-	// OrganisationsPath is the path of Nuapay's organisations list.
-	OrganisationsPath string
-	// TLS are the resolved TLS options (absolute paths, no key material).
-	TLS broker.TLSOptions
-	// Grant is an oauth2 provider's grant: GrantClientCredentials or
-	// GrantRefreshToken. With GrantRefreshToken, Source is an
-	// *oauth.RefreshToken whose store is Options.RefreshStore.
-	Grant string
-	// TokenURL is an oauth2 provider's configured token endpoint.
-	TokenURL string
-	// Issuer is an oauth2 provider's issuer (endpoints discovered).
-	Issuer string
-	// RevocationURL is an oauth2 provider's configured revocation endpoint.
-	RevocationURL string
-	// ClientID is an oauth2 provider's client identifier.
-	ClientID string
-	// AuthMethod is an oauth2 provider's client authentication method.
-	AuthMethod string
-	// PrivateKey is the absolute path of an oauth2 provider's
-	// private_key_jwt key (the path only, never the key).
-	PrivateKey string
-	// DefaultLifetime is an oauth2 provider's lifetime for tokens whose
-	// response gives none.
-	DefaultLifetime time.Duration
 	// DPoP is the key an oauth2 provider's tokens are bound to
 	// ([providers.NAME.dpop]), nil for bearer tokens. Every profile of the
 	// provider carries it (broker.Profile.DPoP); its Thumbprint and Alg
@@ -116,20 +90,8 @@ type Provider struct {
 	// Line is the line of the provider's table, 0 if unknown.
 	Line int
 
-	client *http.Client // the provider's HTTP client, whose answers Budget observes
-}
-
-// Endpoint is the provider's token API as configured: an oauth2
-// provider's token_url or issuer, a nuapay provider's base_url. It names
-// the provider's budget in a shared store (hashed, never shown).
-func (p *Provider) Endpoint() string {
-	switch {
-	case p.TokenURL != "":
-		return p.TokenURL
-	case p.Issuer != "":
-		return p.Issuer
-	}
-	return p.BaseURL
+	client   *http.Client // the provider's HTTP client, whose answers Budget observes
+	certFile string       // the resolved tls.client_cert, "" for none
 }
 
 // Merchant is a resolved [merchants.ID] table.

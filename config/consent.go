@@ -1,11 +1,10 @@
 package config
 
 import (
-	"strings"
 	"time"
-	"unicode/utf8"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentpage"
 )
 
 // consentTOML is a [providers.NAME.consent] table: the authorization-code
@@ -89,11 +88,11 @@ const maxLinkTTL = 24 * time.Hour
 // maxLinkLimit bounds the consent link limits.
 const maxLinkLimit = 100_000
 
-// displayName checks a display_name: at most 100 characters, valid
-// UTF-8, no control characters or surrounding spaces; "" when unset.
+// displayName checks a display_name as a name shown on the consent pages
+// (consentpage.CheckName); "" when unset or refused.
 func (e *entry) displayName(field, v string) string {
-	if v != "" && (utf8.RuneCountInString(v) > 100 || !utf8.ValidString(v) || hasControl(v) || v != strings.TrimSpace(v)) {
-		e.errf(field, "%q: use at most 100 characters, without control characters or surrounding spaces", v)
+	if err := consentpage.CheckName(v); err != nil {
+		e.errf(field, "%q: %v", v, err)
 		return ""
 	}
 	return v

@@ -321,7 +321,7 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 		// (not of listings, revocations, discovery or keys) lower the
 		// budget.
 		if pv.Budget != nil && pv.client != nil {
-			httpclient.WrapTransport(pv.client, httpclient.TokenAnswers(pv.Budget.Transport))
+			httpclient.ObserveTokenAnswers(pv.client, pv.Budget.Transport)
 		}
 	}
 	if len(budgetErrs) > 0 {

@@ -140,7 +140,7 @@ func TestParseFileReused(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := reg.Providers["p"].Timeout.String(); got != timeout || reg.Merchants["m"] == nil {
+		if got := callTimeout(t, reg.Providers["p"]).String(); got != timeout || reg.Merchants["m"] == nil {
 			t.Fatalf("timeout %s, want %s", got, timeout)
 		}
 	}

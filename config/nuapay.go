@@ -9,27 +9,28 @@ import (
 
 // buildNuapay returns a Nuapay Gatekeeper source.
 func buildNuapay(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) broker.Source {
-	p.BaseURL = e.httpURL("base_url", raw.BaseURL, false, "the token API's http(s) URL")
-	p.BaseURL = strings.TrimRight(p.BaseURL, "/")
-	fp.add("base_url", p.BaseURL)
-	p.TokenLifetime = e.duration("token_lifetime", raw.TokenLifetime, defLifetime, nuapay.MinLifetime, nuapay.MaxLifetime)
-	fp.add("token_lifetime", p.TokenLifetime)
+	baseURL := e.httpURL("base_url", raw.BaseURL, false, "the token API's http(s) URL")
+	baseURL = strings.TrimRight(baseURL, "/")
+	fp.add("base_url", baseURL)
+	p.Endpoint = baseURL
+	lifetime := e.duration("token_lifetime", raw.TokenLifetime, defLifetime, nuapay.MinLifetime, nuapay.MaxLifetime)
+	fp.add("token_lifetime", lifetime)
 	key := e.secret("api_key", raw.APIKey)
-	p.OrganisationsPath, _ = e.expand("organisations_path", raw.OrganisationsPath)
-	if p.OrganisationsPath == "" {
-		p.OrganisationsPath = "/organisations"
-	} else if !strings.HasPrefix(p.OrganisationsPath, "/") || strings.ContainsAny(p.OrganisationsPath, "?#") {
-		e.errf("organisations_path", "%q must be a path starting with \"/\", without query or fragment", p.OrganisationsPath)
+	orgsPath, _ := e.expand("organisations_path", raw.OrganisationsPath)
+	if orgsPath == "" {
+		orgsPath = "/organisations"
+	} else if !strings.HasPrefix(orgsPath, "/") || strings.ContainsAny(orgsPath, "?#") {
+		e.errf("organisations_path", "%q must be a path starting with \"/\", without query or fragment", orgsPath)
 	}
-	fp.add("organisations_path", p.OrganisationsPath)
+	fp.add("organisations_path", orgsPath)
 	if e.bad {
 		return nil
 	}
 	src, err := nuapay.New(nuapay.Config{
-		BaseURL:           p.BaseURL,
+		BaseURL:           baseURL,
 		APIKey:            key,
-		Lifetime:          p.TokenLifetime,
-		OrganisationsPath: p.OrganisationsPath,
+		Lifetime:          lifetime,
+		OrganisationsPath: orgsPath,
 		Client:            p.client,
 	})
 	if err != nil {

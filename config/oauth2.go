@@ -1,6 +1,7 @@
 package config
 
 import (
+	"cmp"
 	"crypto/x509"
 	"maps"
 	"slices"
@@ -31,19 +32,19 @@ const maxKeyFile = 64 << 10
 func buildOAuth2(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) broker.Source {
 	cfg := oauth.Config{Name: p.Name, StoreNamespace: e.p.registry, Client: p.client}
 
-	p.Grant = raw.Grant
-	switch p.Grant {
+	grant := raw.Grant
+	switch grant {
 	case "":
-		p.Grant = GrantClientCredentials
+		grant = GrantClientCredentials
 	case GrantClientCredentials:
 	case GrantRefreshToken:
 		if e.p.opts.RefreshStore == nil {
-			e.errf("grant", "%q needs a durable refresh-token store, which this program does not provide: run the broker in Caddy (it keeps refresh tokens in Caddy's storage)", p.Grant)
+			e.errf("grant", "%q needs a durable refresh-token store, which this program does not provide: run the broker in Caddy (it keeps refresh tokens in Caddy's storage)", grant)
 		}
 	default:
-		e.errf("grant", "unknown grant %q (known: %s, %s)", p.Grant, GrantClientCredentials, GrantRefreshToken)
+		e.errf("grant", "unknown grant %q (known: %s, %s)", grant, GrantClientCredentials, GrantRefreshToken)
 	}
-	fp.add("grant", p.Grant)
+	fp.add("grant", grant)
 
 	tokenSet, issuerSet := raw.TokenURL != "", raw.Issuer != ""
 	switch {
@@ -52,64 +53,62 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) brok
 	case !tokenSet && !issuerSet:
 		e.errf("token_url", "missing: set the token endpoint URL, or issuer to discover it")
 	case tokenSet:
-		p.TokenURL = e.httpURL("token_url", raw.TokenURL, true, "the token endpoint URL")
+		cfg.TokenURL = e.httpURL("token_url", raw.TokenURL, true, "the token endpoint URL")
 	default:
-		p.Issuer = e.httpURL("issuer", raw.Issuer, false, "the issuer URL")
+		cfg.Issuer = e.httpURL("issuer", raw.Issuer, false, "the issuer URL")
 	}
 	if raw.RevocationURL != "" {
-		p.RevocationURL = e.httpURL("revocation_url", raw.RevocationURL, true, "the revocation endpoint URL")
+		cfg.RevocationURL = e.httpURL("revocation_url", raw.RevocationURL, true, "the revocation endpoint URL")
 	}
-	fp.add("token_url", p.TokenURL)
-	fp.add("issuer", p.Issuer)
-	fp.add("revocation_url", p.RevocationURL)
-	cfg.TokenURL, cfg.Issuer, cfg.RevocationURL = p.TokenURL, p.Issuer, p.RevocationURL
+	fp.add("token_url", cfg.TokenURL)
+	fp.add("issuer", cfg.Issuer)
+	fp.add("revocation_url", cfg.RevocationURL)
+	p.Endpoint = cmp.Or(cfg.TokenURL, cfg.Issuer)
 
-	p.ClientID = e.plain("client_id", raw.ClientID)
+	cfg.ClientID = e.plain("client_id", raw.ClientID)
 	if raw.ClientID == "" {
 		e.errf("client_id", "missing: set the client identifier the provider issued")
 	}
-	fp.add("client_id", p.ClientID)
-	cfg.ClientID = p.ClientID
+	fp.add("client_id", cfg.ClientID)
 
-	p.AuthMethod = raw.AuthMethod
-	if p.AuthMethod == "" {
+	cfg.AuthMethod = oauth.AuthMethod(raw.AuthMethod)
+	if cfg.AuthMethod == "" {
 		switch {
 		case raw.ClientSecret != "":
-			p.AuthMethod = string(oauth.ClientSecretBasic)
+			cfg.AuthMethod = oauth.ClientSecretBasic
 		case raw.PrivateKey != "":
-			p.AuthMethod = string(oauth.PrivateKeyJWT)
-		case p.TLS.CertFile != "":
-			p.AuthMethod = string(oauth.TLSClientAuth)
+			cfg.AuthMethod = oauth.PrivateKeyJWT
+		case p.certFile != "":
+			cfg.AuthMethod = oauth.TLSClientAuth
 		default:
 			e.errf("auth_method", "missing: set client_secret, private_key or tls.client_cert, or auth_method (one of %s)", oauth.AuthMethodNames())
 		}
-	} else if !slices.Contains(oauth.AuthMethods, oauth.AuthMethod(p.AuthMethod)) {
-		e.errf("auth_method", "unknown method %q (known: %s)", p.AuthMethod, oauth.AuthMethodNames())
+	} else if !slices.Contains(oauth.AuthMethods, cfg.AuthMethod) {
+		e.errf("auth_method", "unknown method %q (known: %s)", cfg.AuthMethod, oauth.AuthMethodNames())
 	}
-	fp.add("auth_method", p.AuthMethod)
-	cfg.AuthMethod = oauth.AuthMethod(p.AuthMethod)
+	fp.add("auth_method", cfg.AuthMethod)
 
 	usesSecret := cfg.AuthMethod == oauth.ClientSecretBasic || cfg.AuthMethod == oauth.ClientSecretPost
 	usesKey := cfg.AuthMethod == oauth.PrivateKeyJWT
 	switch {
 	case usesSecret:
 		cfg.ClientSecret = e.secret("client_secret", raw.ClientSecret)
-	case raw.ClientSecret != "" && p.AuthMethod != "":
-		e.errf("client_secret", "not used by auth_method %s: remove it", p.AuthMethod)
+	case raw.ClientSecret != "" && cfg.AuthMethod != "":
+		e.errf("client_secret", "not used by auth_method %s: remove it", cfg.AuthMethod)
 	}
 	for _, f := range []struct{ field, value string }{
 		{"private_key", raw.PrivateKey}, {"key_id", raw.KeyID}, {"signing_alg", raw.SigningAlg}, {"assertion_audience", raw.AssertionAudience},
 	} {
-		if f.value != "" && !usesKey && p.AuthMethod != "" {
-			e.errf(f.field, "only used by auth_method private_key_jwt (this provider uses %s)", p.AuthMethod)
+		if f.value != "" && !usesKey && cfg.AuthMethod != "" {
+			e.errf(f.field, "only used by auth_method private_key_jwt (this provider uses %s)", cfg.AuthMethod)
 		}
 	}
 	if usesKey {
-		cfg.Signer = e.signer(raw, p, fp)
+		cfg.Signer = e.signer(raw, fp)
 		cfg.AssertionAudience = e.plain("assertion_audience", raw.AssertionAudience)
 		fp.add("assertion_audience", cfg.AssertionAudience)
 	}
-	if cfg.AuthMethod == oauth.TLSClientAuth && p.TLS.CertFile == "" {
+	if cfg.AuthMethod == oauth.TLSClientAuth && p.certFile == "" {
 		e.errf("tls.client_cert", "missing: auth_method tls_client_auth authenticates with the TLS client certificate: set [providers.%s.tls] client_cert and client_key", p.Name)
 	}
 
@@ -136,9 +135,8 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) brok
 			fp.add(field, cfg.Params[k])
 		}
 	}
-	p.DefaultLifetime = e.duration("default_lifetime", raw.DefaultLifetime, oauth.DefaultLifetime, time.Second, maxOAuthLifetime)
-	fp.add("default_lifetime", p.DefaultLifetime)
-	cfg.DefaultLifetime = p.DefaultLifetime
+	cfg.DefaultLifetime = e.duration("default_lifetime", raw.DefaultLifetime, oauth.DefaultLifetime, time.Second, maxOAuthLifetime)
+	fp.add("default_lifetime", cfg.DefaultLifetime)
 
 	if raw.DPoP != nil {
 		p.DPoP = e.dpopKey(raw.DPoP, fp)
@@ -148,15 +146,15 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) brok
 		}
 	}
 
-	if raw.Consent != nil && p.Grant != GrantRefreshToken {
-		e.errf("consent", "only providers with grant %q take a consent table (this one uses %s)", GrantRefreshToken, p.Grant)
+	if raw.Consent != nil && grant != GrantRefreshToken {
+		e.errf("consent", "only providers with grant %q take a consent table (this one uses %s)", GrantRefreshToken, grant)
 	}
 	if e.bad {
 		return nil
 	}
 	var src broker.Source
 	var err error
-	if p.Grant == GrantRefreshToken {
+	if grant == GrantRefreshToken {
 		var rt *oauth.RefreshToken
 		if rt, err = oauth.NewRefreshToken(cfg, e.p.opts.RefreshStore); err == nil {
 			src = rt
@@ -173,9 +171,9 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) brok
 }
 
 // signer reads private_key and returns the assertion signer.
-func (e *entry) signer(raw *providerTOML, p *Provider, fp *fingerprint) *oauth.Signer {
+func (e *entry) signer(raw *providerTOML, fp *fingerprint) *oauth.Signer {
 	path, ok := e.expand("private_key", raw.PrivateKey)
-	p.PrivateKey = e.p.abs(path)
+	path = e.p.abs(path)
 	kid := e.plain("key_id", raw.KeyID)
 	fp.add("key_id", kid)
 	fp.add("signing_alg", raw.SigningAlg)
@@ -188,24 +186,24 @@ func (e *entry) signer(raw *providerTOML, p *Provider, fp *fingerprint) *oauth.S
 	if !ok {
 		return nil
 	}
-	if p.PrivateKey == "" {
+	if path == "" {
 		e.errf("private_key", "missing: auth_method private_key_jwt needs the path of the PEM private key")
 		return nil
 	}
-	b, err := e.p.readFile(p.PrivateKey, maxKeyFile)
+	b, err := e.p.readFile(path, maxKeyFile)
 	if err != nil {
 		e.errf("private_key", "cannot read: %v", err)
 		return nil
 	}
 	key, err := oauth.ParsePrivateKey(b)
 	if err != nil {
-		e.errf("private_key", "%s: %v", p.PrivateKey, err)
+		e.errf("private_key", "%s: %v", path, err)
 		return nil
 	}
 	// The public key stands for the private one in the ID.
 	pub, err := x509.MarshalPKIXPublicKey(key.Public())
 	if err != nil {
-		e.errf("private_key", "%s: %v", p.PrivateKey, err)
+		e.errf("private_key", "%s: %v", path, err)
 		return nil
 	}
 	fp.add("private_key.public", string(pub))

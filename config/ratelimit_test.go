@@ -57,13 +57,13 @@ func TestProviderBudget(t *testing.T) {
 	var asked []string
 	made := budget.New("nuapay-sandbox", budget.Limit{Rate: 20, Period: time.Second, Burst: 20}, budget.NewLocal(nil), nil)
 	reg, err := LoadWith(path, Options{LookupEnv: testEnv(), Budgets: func(p *Provider) (*budget.Budget, error) {
-		asked = append(asked, p.Name+" "+p.Endpoint())
+		asked = append(asked, p.Name+" "+p.Endpoint)
 		return made, nil
 	}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := "nuapay-sandbox " + reg.Providers["nuapay-sandbox"].BaseURL; len(asked) != 1 || asked[0] != want {
+	if want := "nuapay-sandbox " + reg.Providers["nuapay-sandbox"].Endpoint; len(asked) != 1 || asked[0] != want {
 		t.Errorf("Budgets asked for %q, want [%q]", asked, want)
 	}
 	if reg.Providers["nuapay-sandbox"].Budget != made || reg.Providers["nuapay-live"].Budget != nil {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // Limits on the files a registry names.
@@ -281,12 +282,12 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 	fp.add("type", raw.Type)
 	pv := &Provider{Name: name, Type: raw.Type, Line: rp.line}
 
-	pv.Timeout = e.duration("timeout", raw.Timeout, defTimeout, time.Nanosecond, maxTimeout)
-	fp.add("timeout", pv.Timeout)
+	timeout := e.duration("timeout", raw.Timeout, defTimeout, time.Nanosecond, maxTimeout)
+	fp.add("timeout", timeout)
 	// Not in the ID: a new budget keeps the cached tokens.
 	pv.RateLimit = e.rateLimit(raw.RateLimit, raw.RateBurst)
 
-	pv.client = e.client(raw.TLS, pv, fp)
+	pv.client = e.client(raw.TLS, timeout, pv, fp)
 	if pt == nil {
 		return nil
 	}
@@ -300,15 +301,16 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 }
 
 // client resolves the TLS options, feeds the server name and the bytes of
-// the certificate files (public; never the key's) to fp and returns the
-// HTTP client for the provider (nil on problems). Paths are left out of
-// the ID: hosts of a fleet may keep the same files in other folders.
-func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client {
+// the certificate files (public; never the key's) to fp, sets
+// pv.certFile and returns the HTTP client for the provider (nil on
+// problems), whose calls timeout bounds. Paths are left out of the ID:
+// hosts of a fleet may keep the same files in other folders.
+func (e *entry) client(raw *tlsTOML, timeout time.Duration, pv *Provider, fp *fingerprint) *http.Client {
 	if raw == nil {
 		raw = &tlsTOML{}
 	}
 	problems := len(e.p.errs)
-	o := &pv.TLS
+	o := &httpclient.TLSOptions{}
 	o.ServerName, _ = e.expand("tls.server_name", raw.ServerName)
 	fp.add("tls.server_name", o.ServerName)
 	for _, f := range []struct {
@@ -339,10 +341,11 @@ func (e *entry) client(raw *tlsTOML, pv *Provider, fp *fingerprint) *http.Client
 	case o.CertFile == "" && o.KeyFile != "":
 		e.errf("tls.client_cert", "missing: client_key needs its client_cert")
 	}
+	pv.certFile = o.CertFile
 	if len(e.p.errs) > problems {
 		return nil
 	}
-	c, err := broker.NewHTTPClient(pv.Timeout, *o)
+	c, err := httpclient.New(timeout, *o)
 	if err != nil {
 		e.errf("tls", "%v", err)
 	}

@@ -33,7 +33,7 @@ func (a *App) budgetsFor() func(p *config.Provider) (*budget.Budget, error) {
 	}
 	n := a.FleetSize
 	return func(p *config.Provider) (*budget.Budget, error) {
-		return budgetKeeper.Budget(budgets.Spec{Provider: p.Name, Endpoint: p.Endpoint(), Limit: p.RateLimit, FleetSize: n}, shared, storeID)
+		return budgetKeeper.Budget(budgets.Spec{Provider: p.Name, Endpoint: p.Endpoint, Limit: p.RateLimit, FleetSize: n}, shared, storeID)
 	}
 }
 

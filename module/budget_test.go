@@ -28,7 +28,7 @@ func TestBudgetRedisNeedsFleetSize(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _, _ = fleets.Delete(key) })
-	p := &config.Provider{Name: "np", BaseURL: "https://api.example", RateLimit: budget.Limit{Rate: 20, Period: time.Second, Burst: 20}}
+	p := &config.Provider{Name: "np", Endpoint: "https://api.example", RateLimit: budget.Limit{Rate: 20, Period: time.Second, Burst: 20}}
 	for _, tt := range []struct {
 		fleetSize int
 		want      string // "" when the budget is made

@@ -19,6 +19,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // scriptedGatekeeper is a Nuapay token API that answers the first `ok`
@@ -54,7 +55,7 @@ func status(code int, body string, header ...string) http.HandlerFunc {
 // source at url, on a broker that does not sleep between attempts.
 func failureHandler(t *testing.T, url string, clientTimeout time.Duration, opts broker.Options) (*Handler, *atomic.Int64) {
 	t.Helper()
-	client, _ := broker.NewHTTPClient(clientTimeout, broker.TLSOptions{})
+	client, _ := httpclient.New(clientTimeout, httpclient.TLSOptions{})
 	src, err := nuapay.New(nuapay.Config{BaseURL: url, APIKey: "canary-api-key", Client: client})
 	if err != nil {
 		t.Fatal(err)
@@ -120,7 +121,7 @@ func TestTokenAPIFailureClasses(t *testing.T) {
 		{"malformed body", status(201, `{"data":{"accessTok`), false, 502, "token_bad_response", "", 1},
 		{"empty body", status(201, ``), false, 502, "token_bad_response", "", 1},
 		{"html body", status(201, `<html>hi</html>`), false, 502, "token_bad_response", "", 1},
-		{"body over the cap", status(201, `{"x":"`+strings.Repeat("a", broker.MaxResponseBytes)+`"}`), false, 502, "token_bad_response", "", 1},
+		{"body over the cap", status(201, `{"x":"`+strings.Repeat("a", httpclient.MaxResponseBytes)+`"}`), false, 502, "token_bad_response", "", 1},
 		{"2xx carrying an error", status(200, `{"returnCode":"40000","returnDescription":"Invalid request"}`), false, 502, "token_bad_response", "", 1},
 		{"token with CR/LF", status(201, `{"data":{"accessToken":"abc\r\nX-Evil: 1","tokenType":"BEARER"}}`), false, 502, "token_bad_response", "", 1},
 		{"expired token", status(201, fmt.Sprintf(`{"data":{"accessToken":"abc","tokenType":"BEARER","expiryTime":%d}}`, time.Now().Add(-time.Hour).UnixMilli())), false, 502, "token_bad_response", "", 1},

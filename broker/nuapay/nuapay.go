@@ -44,7 +44,7 @@ type Config struct {
 	// "/organisations" (newer APIs: "/cust/organisations").
 	OrganisationsPath string
 	// Client makes the calls (timeouts, client certificate). Default: a
-	// client from broker.NewHTTPClient with a 10s timeout.
+	// client from httpclient.New with a 10s timeout.
 	Client *http.Client
 	// Now is the clock used for Retry-After dates. Default time.Now.
 	Now func() time.Time

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // gatekeeper is a scripted Gatekeeper token endpoint that records what it got.
@@ -161,7 +162,7 @@ func TestNuapayErrors(t *testing.T) {
 		{name: "201 revoked", status: 201, body: `{"data":{"accessToken":"x","tokenType":"BEARER","status":"REVOKED"}}`, wantCode: "inactive_token"},
 		{name: "echoes the key", status: 401, body: `{"returnCode":"40100","returnDescription":"bad key partner-key (cGFydG5lci1rZXk6)","details":[{"field":"partner-key"}]}`,
 			wantCode: "40100", wantDesc: "bad key [REDACTED] ([REDACTED])", wantDetail: "[REDACTED]", wantClass: broker.ClassCredential},
-		{name: "body over the cap", status: 201, body: `{"data":"` + strings.Repeat("x", broker.MaxResponseBytes) + `"}`, wantCode: "response_too_large"},
+		{name: "body over the cap", status: 201, body: `{"data":"` + strings.Repeat("x", httpclient.MaxResponseBytes) + `"}`, wantCode: "response_too_large"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -118,8 +118,8 @@ type Config struct {
 	// a metric). It must be cheap and safe for concurrent use.
 	OnDPoPNonce func()
 	// Client makes the calls: its timeout, and for TLSClientAuth the
-	// client certificate (broker.NewHTTPClient). Default: a client from
-	// broker.NewHTTPClient with a 10s timeout and no client certificate.
+	// client certificate (httpclient.New). Default: a client from
+	// httpclient.New with a 10s timeout and no client certificate.
 	Client *http.Client
 	// Now is the clock. Default time.Now.
 	Now func() time.Time

@@ -19,8 +19,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // secretValue is a distinctive secret: no error text may ever hold it.
@@ -82,7 +82,7 @@ func mustSigner(t testing.TB, key crypto.Signer, alg, kid string) *Signer {
 }
 
 // testPKI is a CA with a server certificate for 127.0.0.1 and client
-// certificates, written to files for broker.TLSOptions.
+// certificates, written to files for httpclient.TLSOptions.
 type testPKI struct {
 	dir    string
 	ca     *x509.Certificate
@@ -140,11 +140,11 @@ func (p *testPKI) issue(t *testing.T, cn string, usage x509.ExtKeyUsage) (certFi
 // when cn is not empty.
 func (p *testPKI) client(t *testing.T, cn string) *http.Client {
 	t.Helper()
-	o := broker.TLSOptions{CAFile: p.CAFile}
+	o := httpclient.TLSOptions{CAFile: p.CAFile}
 	if cn != "" {
 		o.CertFile, o.KeyFile = p.issue(t, cn, x509.ExtKeyUsageClientAuth)
 	}
-	c, err := broker.NewHTTPClient(5*time.Second, o)
+	c, err := httpclient.New(5*time.Second, o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -75,7 +75,7 @@ func TestClientAuthMethodsAgainstZitadel(t *testing.T) {
 		{"basic: unknown client", plain, plainCfg("nobody", ClientSecretBasic, secretValue), "invalid_client"},
 		{"private_key_jwt: wrong audience", plain, jwtCfg(mustSigner(t, rsaK, PS256, "rsa-1"), "https://elsewhere.example"), "invalid_grant|invalid_client"},
 		{"private_key_jwt: unregistered key", plain, jwtCfg(mustSigner(t, otherK, ES256, "ec-1"), plain.URL), "invalid_grant|invalid_client"},
-		// A client from broker.NewHTTPClient without a certificate is
+		// A client from httpclient.New without a certificate is
 		// refused by NewClientCredentials; behind a transport it cannot
 		// see into, the server's refusal is what is checked.
 		{"tls_client_auth: no client certificate", mtls, mtlsCfg(opaqueClient(pki.client(t, ""))), "invalid_client"},

@@ -22,6 +22,7 @@ import (
 	"github.com/go-jose/go-jose/v4/jwt"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // unsignedJWT is a JWT-shaped token with the given exp (the signature is
@@ -165,7 +166,7 @@ func TestTokenResponses(t *testing.T) {
 		{"CR LF in token", 200, nil, `{"access_token":"` + tok + `\r\nX-Evil: 1","token_type":"Bearer"}`, "invalid_token_value", false, 0, broker.ClassPermanent},
 		{"no access_token", 200, nil, `{"token_type":"Bearer"}`, "malformed_response", false, 0, broker.ClassPermanent},
 		{"not JSON", 200, nil, `{"access_token":` + tok, "malformed_response", false, 0, broker.ClassPermanent},
-		{"body over 1 MiB", 200, nil, `{"access_token":"` + strings.Repeat("a", broker.MaxResponseBytes) + `"}`, "malformed_response", false, 0, broker.ClassPermanent},
+		{"body over 1 MiB", 200, nil, `{"access_token":"` + strings.Repeat("a", httpclient.MaxResponseBytes) + `"}`, "malformed_response", false, 0, broker.ClassPermanent},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s.mu.Lock()

@@ -3,7 +3,7 @@
 // the cap on response bodies, the one validator of endpoint URLs, the
 // building of query strings, the redaction of URLs from transport errors,
 // and the marking of token requests whose answers a provider's budget
-// observes (TokenRequest, TokenAnswers).
+// observes (TokenRequest, ObserveTokenAnswers).
 package httpclient
 
 import (
@@ -135,20 +135,6 @@ func HasClientCert(c *http.Client) (has, known bool) {
 	return false, false
 }
 
-// WrapTransport replaces c's transport with wrap of it (an observer of
-// the answers, say), keeping what HasClientCert knows of it. Call it
-// before c is in use.
-func WrapTransport(c *http.Client, wrap func(http.RoundTripper) http.RoundTripper) {
-	switch tr := c.Transport.(type) {
-	case *transport:
-		c.Transport = &transport{RoundTripper: wrap(tr.RoundTripper), cert: tr.cert}
-	case *http.Transport:
-		c.Transport = &transport{RoundTripper: wrap(tr), cert: hasCert(tr)}
-	default:
-		c.Transport = wrap(c.Transport)
-	}
-}
-
 // ReadBody reads at most MaxResponseBytes of a response body; tooLarge
 // reports a larger one (whose body is then not returned).
 func ReadBody(r io.Reader) (body []byte, tooLarge bool, err error) {
@@ -245,7 +231,8 @@ type tokenRequestKey struct{}
 
 // TokenRequest returns ctx marked as a token request's: the requests made
 // with it ask a token endpoint for a token (a mint, a refresh, a grant),
-// and a transport of TokenAnswers shows their answers to its observer.
+// and a client given to ObserveTokenAnswers shows their answers to its
+// observer.
 func TokenRequest(ctx context.Context) context.Context {
 	return context.WithValue(ctx, tokenRequestKey{}, true)
 }
@@ -256,17 +243,27 @@ func isTokenRequest(ctx context.Context) bool {
 	return marked
 }
 
-// TokenAnswers returns a wrap for WrapTransport that sends the requests
-// marked by TokenRequest through observe(base) and the others (listings,
-// revocations, discovery, keys) straight to base: a provider's token
-// budget observes the answers of its token endpoint only.
-func TokenAnswers(observe func(http.RoundTripper) http.RoundTripper) func(http.RoundTripper) http.RoundTripper {
-	return func(base http.RoundTripper) http.RoundTripper {
+// ObserveTokenAnswers replaces c's transport so that the requests
+// marked by TokenRequest go through observe(base) and the others
+// (listings, revocations, discovery, keys) straight to base, c's transport
+// until then: a provider's token budget observes the answers of its token
+// endpoint only. What HasClientCert knows of c is kept. Call it before c
+// is in use.
+func ObserveTokenAnswers(c *http.Client, observe func(http.RoundTripper) http.RoundTripper) {
+	wrap := func(base http.RoundTripper) http.RoundTripper {
 		return tokenAnswers{base: base, observed: observe(base)}
+	}
+	switch tr := c.Transport.(type) {
+	case *transport:
+		c.Transport = &transport{RoundTripper: wrap(tr.RoundTripper), cert: tr.cert}
+	case *http.Transport:
+		c.Transport = &transport{RoundTripper: wrap(tr), cert: hasCert(tr)}
+	default:
+		c.Transport = wrap(c.Transport)
 	}
 }
 
-// tokenAnswers is the RoundTripper of TokenAnswers.
+// tokenAnswers is the RoundTripper of ObserveTokenAnswers.
 type tokenAnswers struct {
 	base, observed http.RoundTripper
 }

@@ -64,12 +64,23 @@ var (
 	matcher   = language.NewMatcher([]language.Tag{language.English, language.German, language.French})
 )
 
+// CheckName checks a name shown on the consent pages (the partner's, a
+// provider's or a merchant's display name): at most 100 characters of
+// valid UTF-8, without control characters or surrounding spaces. The
+// empty name passes.
+func CheckName(s string) error {
+	if utf8.RuneCountInString(s) > 100 || !utf8.ValidString(s) ||
+		strings.ContainsFunc(s, unicode.IsControl) || s != strings.TrimSpace(s) {
+		return errors.New("use at most 100 characters, without control characters or surrounding spaces")
+	}
+	return nil
+}
+
 // check validates the configuration; each error names its option.
 func (c *Config) check() error {
 	var errs []error
-	if n := utf8.RuneCountInString(c.Partner); n > 100 || !utf8.ValidString(c.Partner) ||
-		strings.ContainsFunc(c.Partner, unicode.IsControl) || c.Partner != strings.TrimSpace(c.Partner) {
-		errs = append(errs, fmt.Errorf("partner %q: use at most 100 characters, without control characters or surrounding spaces", truncate(c.Partner)))
+	if err := CheckName(c.Partner); err != nil {
+		errs = append(errs, fmt.Errorf("partner %q: %w", truncate(c.Partner), err))
 	}
 	if c.Logo != "" {
 		if err := checkLogo(c.Logo); err != nil {
