@@ -455,7 +455,7 @@ func TestBreakerCountsOnlyProviderFailures(t *testing.T) {
 				b := NewBinding("s", src, Request{Merchant: fmt.Sprintf("m%d", i), Organisation: fmt.Sprint(i), Scopes: []string{"a"}})
 				br.Token(context.Background(), b)
 			}
-			if got := br.BreakerState("s"); got != tt.want {
+			if got := br.SourceHealth("s").Breaker; got != tt.want {
 				t.Fatalf("breaker %s, want %s", got, tt.want)
 			}
 			// Failure memory never exceeds MaxRetryAfterMemory, whatever

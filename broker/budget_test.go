@@ -562,7 +562,7 @@ func TestDeadlineAfterBudgetWait(t *testing.T) {
 			}
 			remembered := 0
 			br.Backoffs(func(*Binding, error, time.Time, time.Time) { remembered++ })
-			if st := br.BreakerState("bank#1"); (st == BreakerOpen) != tt.held || (remembered == 1) != tt.held {
+			if st := br.SourceHealth("bank#1").Breaker; (st == BreakerOpen) != tt.held || (remembered == 1) != tt.held {
 				t.Errorf("breaker %v, %d keys remembered; want held against the provider: %t", st, remembered, tt.held)
 			}
 		})
@@ -591,7 +591,7 @@ func TestRateLimitedHoldsBudget(t *testing.T) {
 			if _, _, err := br.Get(context.Background(), bs[0]); !errors.Is(err, limited) {
 				t.Fatalf("%v, want the 429", err)
 			}
-			until, _ := br.SourceBackoff("bank#1")
+			until := br.SourceHealth("bank#1").BackoffUntil
 			remembered := 0
 			br.Backoffs(func(*Binding, error, time.Time, time.Time) { remembered++ })
 			_, _, err := br.Get(context.Background(), bs[1])
@@ -636,8 +636,8 @@ func TestProbeDoesNotQueue(t *testing.T) {
 	p := NewProfile("bank#1", src, nil, "", 0)
 	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: 15 * time.Second}, budget.NewLocal(clock.Now), clock.Now)
 	bs := bindings(p, 2)
-	if _, _, err := br.Get(context.Background(), bs[0]); !errors.Is(err, down) || br.BreakerState("bank#1") != BreakerOpen {
-		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.BreakerState("bank#1"))
+	if _, _, err := br.Get(context.Background(), bs[0]); !errors.Is(err, down) || br.SourceHealth("bank#1").Breaker != BreakerOpen {
+		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.SourceHealth("bank#1").Breaker)
 	}
 	clock.Add(10 * time.Second)
 	if _, _, err := br.Get(context.Background(), bs[1]); !errors.Is(err, budget.ErrExhausted) || RetryAfterOf(err) != 5*time.Second {
@@ -646,8 +646,8 @@ func TestProbeDoesNotQueue(t *testing.T) {
 	// The budget has room 5 s later, before a probe still held would let
 	// the breaker try again (a Cooldown after it was let through).
 	clock.Add(5 * time.Second)
-	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || br.BreakerState("bank#1") != BreakerClosed || src.calls() != 2 {
-		t.Fatalf("probe with budget: %v, breaker %v, %d calls; want a token and the breaker closed", err, br.BreakerState("bank#1"), src.calls())
+	if _, _, err := br.Get(context.Background(), bs[1]); err != nil || br.SourceHealth("bank#1").Breaker != BreakerClosed || src.calls() != 2 {
+		t.Fatalf("probe with budget: %v, breaker %v, %d calls; want a token and the breaker closed", err, br.SourceHealth("bank#1").Breaker, src.calls())
 	}
 }
 
@@ -685,8 +685,8 @@ func TestBreakerOpenedDuringBudgetWait(t *testing.T) {
 	}()
 	<-asleep
 	close(gate)
-	if err := <-failed; !errors.Is(err, down) || br.BreakerState("bank#1") != BreakerOpen {
-		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.BreakerState("bank#1"))
+	if err := <-failed; !errors.Is(err, down) || br.SourceHealth("bank#1").Breaker != BreakerOpen {
+		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.SourceHealth("bank#1").Breaker)
 	}
 	close(release)
 	var ue *UnavailableError

@@ -72,7 +72,7 @@ func TestForgetSourceAfterRotation(t *testing.T) {
 	if good.calls.Load() != 1 {
 		t.Fatalf("calls to the new source = %d, want 1", good.calls.Load())
 	}
-	if until, _ := br.SourceBackoff("nuapay#other"); until.IsZero() {
+	if until := br.SourceHealth("nuapay#other").BackoffUntil; until.IsZero() {
 		t.Fatal("another source's backoff was forgotten")
 	}
 }

@@ -461,7 +461,7 @@ func sourceBackingOff(obs Observer, sourceID string, on bool) func() {
 
 // SourceObserver is an optional interface of an Observer: it is told when
 // a source's backoff starts (its token API is not called for any key, see
-// Broker.SourceBackoff) and when it ends.
+// Broker.SourceHealth) and when it ends.
 type SourceObserver interface {
 	// SourceBackingOff is told that the source starts (on) or ends its
 	// backoff.
@@ -523,19 +523,6 @@ func (br *Broker) Policy(e *Entry) Policy {
 	}
 	out.NextRefresh = later(out.NextRefresh, later(out.SourceBackoffUntil, out.BackoffUntil))
 	return out
-}
-
-// SourceBackoff returns until when a source's token API is not called for
-// any key, and the failure behind it; zero when no backoff applies.
-func (br *Broker) SourceBackoff(sourceID string) (until time.Time, err error) {
-	h := br.SourceHealth(sourceID)
-	return h.BackoffUntil, h.BackoffError
-}
-
-// BreakerState returns the state of a source's circuit breaker (closed for a
-// source that has none yet).
-func (br *Broker) BreakerState(sourceID string) BreakerState {
-	return br.SourceHealth(sourceID).Breaker
 }
 
 // SourceHealth returns the health of one source, its keys not counted

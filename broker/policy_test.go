@@ -372,10 +372,10 @@ func TestSourceClassGovernsThePolicy(t *testing.T) {
 					t.Fatalf("fetch %d: %v, want the 503", i, err)
 				}
 			}
-			until, _ := br.SourceBackoff("custom#1")
-			if got := src.calls.Load(); got != tt.wantCalls || br.BreakerState("custom#1") != tt.wantBreaker || until.IsZero() == tt.wantHeld {
+			until := br.SourceHealth("custom#1").BackoffUntil
+			if got := src.calls.Load(); got != tt.wantCalls || br.SourceHealth("custom#1").Breaker != tt.wantBreaker || until.IsZero() == tt.wantHeld {
 				t.Fatalf("calls %d, breaker %s, source backoff until %v; want %d, %s, backoff %v",
-					got, br.BreakerState("custom#1"), until, tt.wantCalls, tt.wantBreaker, tt.wantHeld)
+					got, br.SourceHealth("custom#1").Breaker, until, tt.wantCalls, tt.wantBreaker, tt.wantHeld)
 			}
 		})
 	}

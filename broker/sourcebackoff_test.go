@@ -71,7 +71,7 @@ func TestSourceBackoffAcrossKeys(t *testing.T) {
 	}
 }
 
-// The backoff shows in Policy and SourceBackoff, and a success ends it.
+// The backoff shows in Policy and SourceHealth, and a success ends it.
 func TestSourceBackoffVisibleAndForgotten(t *testing.T) {
 	clock := newFakeClock()
 	src := &scriptedSource{clock: clock, life: 400 * time.Second}
@@ -86,9 +86,10 @@ func TestSourceBackoffVisibleAndForgotten(t *testing.T) {
 	if _, _, err := br.Get(context.Background(), bb); err == nil {
 		t.Fatal("want the 429")
 	}
-	until, herr := br.SourceBackoff("nuapay#1")
-	if herr == nil || !until.Equal(clock.Now().Add(30*time.Second)) {
-		t.Fatalf("SourceBackoff = %v, %v", until, herr)
+	h := br.SourceHealth("nuapay#1")
+	until := h.BackoffUntil
+	if h.BackoffError == nil || !until.Equal(clock.Now().Add(30*time.Second)) {
+		t.Fatalf("SourceHealth = %v, %v", until, h.BackoffError)
 	}
 	if p := br.Policy(e); !p.SourceBackoffUntil.Equal(until) {
 		t.Fatalf("Policy.SourceBackoffUntil = %v, want %v", p.SourceBackoffUntil, until)
@@ -98,7 +99,7 @@ func TestSourceBackoffVisibleAndForgotten(t *testing.T) {
 	if _, _, err := br.Get(context.Background(), bb); err != nil {
 		t.Fatal(err)
 	}
-	if until, _ := br.SourceBackoff("nuapay#1"); !until.IsZero() {
+	if until := br.SourceHealth("nuapay#1").BackoffUntil; !until.IsZero() {
 		t.Fatal("the source backoff outlived a success")
 	}
 }

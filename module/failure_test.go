@@ -208,7 +208,7 @@ func TestOutage(t *testing.T) {
 	request(t, h, "globex")
 	advance(2 * time.Second)
 	request(t, h, "globex")
-	if st := h.broker.BreakerState("nuapay#t"); st != broker.BreakerOpen {
+	if st := h.broker.SourceHealth("nuapay#t").Breaker; st != broker.BreakerOpen {
 		t.Fatalf("breaker %s after 6 failures, want open", st)
 	}
 	advance(2 * time.Second)
@@ -229,7 +229,7 @@ func TestOutage(t *testing.T) {
 	if rec := request(t, h, "globex"); rec.Code != 200 {
 		t.Fatalf("after recovery: %d %s", rec.Code, rec.Body)
 	}
-	if st := h.broker.BreakerState("nuapay#t"); st != broker.BreakerClosed {
+	if st := h.broker.SourceHealth("nuapay#t").Breaker; st != broker.BreakerClosed {
 		t.Fatalf("breaker %s after a successful probe, want closed", st)
 	}
 }

@@ -108,7 +108,7 @@ func Check(ctx context.Context, reg *config.Registry, br *broker.Broker, b *brok
 	res.NotCalledUntil = &until
 	why := "the merchant's last token request failed"
 	var ue *broker.UnavailableError
-	switch srcUntil, _ := br.SourceBackoff(b.SourceID); {
+	switch srcUntil := br.SourceHealth(b.SourceID).BackoffUntil; {
 	case errors.As(err, &ue):
 		why = "its token API keeps failing (circuit breaker open)"
 	case !srcUntil.IsZero():

@@ -101,7 +101,7 @@ func (r *Recorder) exportZero(sourceID string) {
 	m.SourcesBackingOff.WithLabelValues(provider)
 	state := broker.BreakerClosed
 	if r.broker != nil {
-		state = r.broker.BreakerState(sourceID)
+		state = r.broker.SourceHealth(sourceID).Breaker
 	}
 	m.Breaker.WithLabelValues(provider).Set(float64(state))
 }
