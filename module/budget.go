@@ -5,7 +5,6 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/budgets"
-	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -25,11 +24,7 @@ func (a *App) budgetsFor() func(p *config.Provider) (*budget.Budget, error) {
 	var shared budget.Store
 	storeID := ""
 	if a.fleet != nil {
-		prefix := a.Redis.KeyPrefix
-		if prefix == "" {
-			prefix = fleet.DefaultKeyPrefix
-		}
-		shared, storeID = budgets.New(a.fleet.Client(), prefix, a.fleet.Cache), a.fleetKey
+		shared, storeID = budgets.New(a.fleet.Cache), a.fleetKey
 	}
 	n := a.FleetSize
 	return func(p *config.Provider) (*budget.Budget, error) {

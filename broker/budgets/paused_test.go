@@ -32,7 +32,7 @@ func TestBudgetPausedRedis(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cache, err := fleet.New(fleet.Options{Client: client, Keys: keys, Timeout: timeout, MaxTimeout: maxTimeout, SlowSpan: 2 * maxTimeout})
+	cache, err := fleet.New(fleet.Options{Client: client, Keys: keys, KeyPrefix: "tb-test:", Timeout: timeout, MaxTimeout: maxTimeout, SlowSpan: 2 * maxTimeout})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +41,7 @@ func TestBudgetPausedRedis(t *testing.T) {
 	// 3 per 100 s: the whole limit lets 3 requests through at once, a
 	// third of it (fleet_size 3) one.
 	spec := Spec{Provider: "nuapay", Endpoint: "https://api.example", Limit: budget.Limit{Rate: 3, Period: 100 * time.Second, Burst: 3}, FleetSize: 3}
-	b, err := NewKeeper(nil).Budget(spec, New(client, "tb-test:", cache), "redis")
+	b, err := NewKeeper(nil).Budget(spec, New(cache), "redis")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,42 +6,40 @@ import (
 	"encoding/hex"
 
 	"github.com/go-redis/redis_rate/v10"
-	"github.com/redis/go-redis/v9"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 )
 
 // Store is a budget.Store in Redis, over the generic cell rate algorithm
-// of github.com/go-redis/redis_rate on the broker's go-redis client: every
+// of github.com/go-redis/redis_rate on the shared tier's go-redis client: every
 // broker of a fleet spends the same Redis key per provider, and the Redis
 // server's clock decides, so the fleet together stays within the
 // provider's limit. redis_rate names its keys
-// "rate:" + key: with the store's prefix, a budget's Redis key is
-// "rate:" + prefix + "budget:" + the budget's key (a Redis ACL for the
+// "rate:" + key: with the tier's key prefix (fleet.Cache.KeyPrefix), a
+// budget's Redis key is "rate:" + prefix + "budget:" + the budget's key (a Redis ACL for the
 // broker must allow it). Each call runs through the shared tier
 // (fleet.Cache.Run), which bounds it by the tier's adaptive timeout and
 // keeps Redis out while the tier's breaker is open. Safe for concurrent
 // use.
 type Store struct {
-	lim    *redis_rate.Limiter
-	prefix string
-	via    *fleet.Cache
+	lim *redis_rate.Limiter
+	via *fleet.Cache
 }
 
 // Op is the name of the Store's calls in the shared tier's metrics (a
 // label).
 const Op = "budget"
 
-// New returns a Store on client whose keys start with prefix (the fleet's
-// key prefix, e.g. "token_broker:"), whose calls run through via (the
-// shared tier on the same client). via is required: New panics when it is
-// nil. The Store does not close the client.
-func New(client redis.UniversalClient, prefix string, via *fleet.Cache) *Store {
+// New returns a Store on the Redis client of via (the shared tier), whose
+// keys start with the tier's key prefix and whose calls run through the
+// tier. via is required: New panics when it is nil. The Store does not
+// close the client.
+func New(via *fleet.Cache) *Store {
 	if via == nil {
 		panic("budgets.New: via (the shared tier the Store's calls run through) is nil")
 	}
-	return &Store{lim: redis_rate.NewLimiter(client), prefix: prefix, via: via}
+	return &Store{lim: redis_rate.NewLimiter(via.Client()), via: via}
 }
 
 // AllowN spends n requests of the budget key under l (n = 0 reads what
@@ -50,7 +48,7 @@ func (s *Store) AllowN(ctx context.Context, key string, l budget.Limit, n int) (
 	var res *redis_rate.Result
 	err := s.via.Run(ctx, Op, func(ctx context.Context) error {
 		var err error
-		res, err = s.lim.AllowN(ctx, s.prefix+"budget:"+key, limitOf(l), n)
+		res, err = s.lim.AllowN(ctx, s.via.KeyPrefix()+"budget:"+key, limitOf(l), n)
 		return err
 	})
 	if err != nil {

@@ -31,18 +31,19 @@ func TestNewRequiresTier(t *testing.T) {
 			t.Fatalf("New with a nil tier: recovered %v; want a panic naming via", r)
 		}
 	}()
-	New(redis.NewClient(&redis.Options{}), "tb-test:", nil)
+	New(nil)
 }
 
-// newTier is a shared tier on client, closed with the test. Its calls
-// get a generous bound: the machine is shared.
-func newTier(t *testing.T, client redis.UniversalClient) *fleet.Cache {
+// newTier is a shared tier on client with the key prefix prefix (the
+// default when empty), closed with the test. Its calls get a generous
+// bound: the machine is shared.
+func newTier(t *testing.T, client redis.UniversalClient, prefix string) *fleet.Cache {
 	t.Helper()
 	keys, err := seal.New(bytes.Repeat([]byte{1}, seal.KeySize))
 	if err != nil {
 		t.Fatal(err)
 	}
-	tier, err := fleet.New(fleet.Options{Client: client, Keys: keys, Timeout: 5 * time.Second})
+	tier, err := fleet.New(fleet.Options{Client: client, Keys: keys, KeyPrefix: prefix, Timeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +61,7 @@ func TestSharedBudget(t *testing.T) {
 	for i := range stores {
 		c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
 		t.Cleanup(func() { c.Close() })
-		stores[i] = New(c, "tb-test:", newTier(t, c))
+		stores[i] = New(newTier(t, c, "tb-test:"))
 	}
 	l := budget.Limit{Rate: 1, Period: 100 * time.Second, Burst: 3}
 	key := Key("nuapay", "https://api.example")
@@ -102,6 +103,27 @@ func TestSharedBudget(t *testing.T) {
 	for _, k := range keys {
 		if !strings.HasPrefix(k, "rate:tb-test:budget:nuapay:") {
 			t.Errorf("Redis key %q: want rate:tb-test:budget:nuapay:HASH", k)
+		}
+	}
+}
+
+// A budget's Redis key is "rate:", the tier's key prefix (its default when
+// the tier has none), "budget:" and the budget's key.
+func TestStoreKeyPrefix(t *testing.T) {
+	srv := redistest.Start(t)
+	ctx := context.Background()
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	t.Cleanup(func() { c.Close() })
+	key := Key("nuapay", "https://api.example")
+	for _, tt := range []struct{ prefix, want string }{
+		{"", "rate:token_broker:budget:" + key},
+		{"custom:", "rate:custom:budget:" + key},
+	} {
+		if _, err := New(newTier(t, c, tt.prefix)).AllowN(ctx, key, budget.Limit{Rate: 1, Period: 100 * time.Second, Burst: 1}, 1); err != nil {
+			t.Fatal(err)
+		}
+		if n, err := c.Exists(ctx, tt.want).Result(); err != nil || n != 1 {
+			t.Errorf("prefix %q: Redis key %q exists %d (%v), want 1", tt.prefix, tt.want, n, err)
 		}
 	}
 }

@@ -303,6 +303,15 @@ func New(opts Options) (*Cache, error) {
 	return c, nil
 }
 
+// Client is the Redis client the Cache runs on (Options.Client), for the
+// broker's other users of the same Redis (the token-request budgets). The
+// Cache does not close it.
+func (c *Cache) Client() redis.UniversalClient { return c.rdb }
+
+// KeyPrefix starts every Redis key of the Cache: Options.KeyPrefix, or
+// DefaultKeyPrefix when that is not set.
+func (c *Cache) KeyPrefix() string { return c.opts.KeyPrefix }
+
 // Close stops listening to the fleet's announcements. It does not close
 // the Redis client.
 func (c *Cache) Close() error {

@@ -206,7 +206,3 @@ func (p *Plan) Open(logger *zap.Logger) (*Tier, error) {
 func (t *Tier) Destruct() error {
 	return errors.Join(t.Cache.Close(), t.client.Close())
 }
-
-// Client is the tier's Redis client, for the broker's other users of the
-// same Redis (the token-request budgets); the tier closes it.
-func (t *Tier) Client() redis.UniversalClient { return t.client }

@@ -59,13 +59,13 @@ func TestTierDestructCloses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := tier.Client().Ping(context.Background()).Err(); err != nil {
+	if err := tier.Cache.Client().Ping(context.Background()).Err(); err != nil {
 		t.Fatalf("ping before Destruct: %v", err)
 	}
 	if err := tier.Destruct(); err != nil {
 		t.Fatalf("Destruct: %v", err)
 	}
-	if err := tier.Client().Ping(context.Background()).Err(); !errors.Is(err, redis.ErrClosed) {
+	if err := tier.Cache.Client().Ping(context.Background()).Err(); !errors.Is(err, redis.ErrClosed) {
 		t.Fatalf("ping after Destruct: %v, want %v", err, redis.ErrClosed)
 	}
 }
