@@ -85,8 +85,8 @@ func (e *ConsentError) Unwrap() error { return e.Err }
 type AuthCodeConfig struct {
 	// RedirectURIs are the registered callback URLs, each ending in
 	// "/callback"; the consent link of one is the same URL ending in
-	// "/start". At least one, which the caller checks (NewLink takes the
-	// first when it is given no callback host).
+	// "/start". At least one (NewLink takes the first when it is given
+	// no callback host).
 	RedirectURIs []string
 	// ReturnURLs is the allow-list of the app's return URLs: a return URL
 	// is allowed when it has the scheme and host of an entry and its path
@@ -257,6 +257,9 @@ type AuthCode struct {
 func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCode, error) {
 	name := src.cfg.Name
 	var errs []error
+	if len(cfg.RedirectURIs) == 0 {
+		errs = append(errs, errors.New("no redirect_uris: set the callback URLs registered with the provider"))
+	}
 	for _, u := range cfg.RedirectURIs {
 		if err := checkURL("redirect_uri", u); err != nil {
 			errs = append(errs, err)

@@ -109,7 +109,8 @@ func TestAuthCodeOfflineAccessAgainstStrictServer(t *testing.T) {
 }
 
 // TestAuthCodeParamsInvalid: authorization-request parameters the flow
-// cannot send are configuration errors that name the parameter.
+// cannot send, and a flow without redirect_uris, are configuration errors
+// that name the parameter.
 func TestAuthCodeParamsInvalid(t *testing.T) {
 	rows := []struct {
 		name string
@@ -127,6 +128,7 @@ func TestAuthCodeParamsInvalid(t *testing.T) {
 		{"authorization_details without type", func(c *AuthCodeConfig) { c.AuthorizationDetails = `[{"type":"x"},{"actions":["read"]}]` }, `entry 1 has no string "type"`},
 		{"relative resource", func(c *AuthCodeConfig) { c.Resources = []string{"/accounts"} }, "resource"},
 		{"resource with fragment", func(c *AuthCodeConfig) { c.Resources = []string{"https://api.example/#x"} }, "resource"},
+		{"no redirect_uris", func(c *AuthCodeConfig) { c.RedirectURIs = nil }, "no redirect_uris"},
 	}
 	f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
 	for _, tc := range rows {

@@ -60,7 +60,8 @@ type Options struct {
 	// remembered consent_required forgotten, once a callback stores the
 	// merchant's refresh token.
 	Broker *broker.Broker
-	// Gate admits the requests of the links API.
+	// Gate admits the requests of the links API. Its zero value admits
+	// any caller, for any merchant, on a loopback Host only.
 	Gate CallerGate
 	// Pages renders the consent pages.
 	Pages *consentpage.Renderer
