@@ -36,9 +36,10 @@ func (k *Key) nonce(origin []byte) string {
 }
 
 // SetNonce remembers the DPoP-Nonce a server at the origin of u (as for
-// Nonce) sent, for the proofs that follow. A value that is not a nonce (RFC 9449
-// §8.1) is ignored. At most 64 origins are kept: a new one beyond that
-// replaces an arbitrary one. It allocates only when it stores a new nonce.
+// Nonce) sent, for the proofs that follow. A value that is not a nonce
+// (RFC 9449 §8.1) is ignored. At most 64 origins are kept: a new one
+// beyond that replaces an arbitrary one. It allocates only when it stores
+// a new nonce.
 func (k *Key) SetNonce(u *url.URL, nonce string) {
 	var b [128]byte
 	origin := appendOrigin(b[:0], u)
