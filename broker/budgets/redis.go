@@ -12,12 +12,12 @@ import (
 )
 
 // Store is a budget.Store in Redis, over the generic cell rate algorithm
-// of github.com/go-redis/redis_rate on the shared tier's go-redis client: every
-// broker of a fleet spends the same Redis key per provider, and the Redis
-// server's clock decides, so the fleet together stays within the
-// provider's limit. redis_rate names its keys
-// "rate:" + key: with the tier's key prefix (fleet.Cache.KeyPrefix), a
-// budget's Redis key is "rate:" + prefix + "budget:" + the budget's key (a Redis ACL for the
+// of github.com/go-redis/redis_rate on the shared tier's go-redis client:
+// every broker of a fleet spends the same Redis key per provider, and the
+// Redis server's clock decides, so the fleet together stays within the
+// provider's limit. redis_rate names its keys "rate:" + key: with the
+// tier's key prefix (fleet.Cache.KeyPrefix), a budget's Redis key is
+// "rate:" + prefix + "budget:" + the budget's key (a Redis ACL for the
 // broker must allow it). Each call runs through the shared tier
 // (fleet.Cache.Run), which bounds it by the tier's adaptive timeout and
 // keeps Redis out while the tier's breaker is open. Safe for concurrent

@@ -16,7 +16,8 @@ type nonces struct {
 }
 
 // Nonce returns the last DPoP-Nonce remembered for the origin of u
-// (Origin), "" when none (or k is nil). It does not allocate.
+// (scheme://host[:port], lower-case, without the scheme's default port),
+// "" when none (or k is nil). It does not allocate.
 func (k *Key) Nonce(u *url.URL) string {
 	var b [128]byte
 	return k.nonce(appendOrigin(b[:0], u))
@@ -34,10 +35,11 @@ func (k *Key) nonce(origin []byte) string {
 	return k.nonces.m[string(origin)]
 }
 
-// SetNonce remembers the DPoP-Nonce a server at the origin of u (Origin)
-// sent, for the proofs that follow. A value that is not a nonce (RFC 9449
-// §8.1) is ignored. At most 64 origins are kept: a new one beyond that
-// replaces an arbitrary one. It allocates only when it stores a new nonce.
+// SetNonce remembers the DPoP-Nonce a server at the origin of u (as for
+// Nonce) sent, for the proofs that follow. A value that is not a nonce
+// (RFC 9449 §8.1) is ignored. At most 64 origins are kept: a new one
+// beyond that replaces an arbitrary one. It allocates only when it stores
+// a new nonce.
 func (k *Key) SetNonce(u *url.URL, nonce string) {
 	var b [128]byte
 	origin := appendOrigin(b[:0], u)
