@@ -84,11 +84,7 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 		Use:   "health [--address <admin address>] [--live]",
 		Short: "Exits 0 when the running token broker is ready (with --live: alive), 1 otherwise",
 		Args:  cobra.NoArgs,
-		RunE: silent(func(cmd *cobra.Command, _ []string) error {
-			addr, err := adminAddress(cmd, c, "not ready: ")
-			if err != nil {
-				return err
-			}
+		RunE: withAdminAddress(c, "not ready: ", func(cmd *cobra.Command, _ []string, addr string) error {
 			live, _ := cmd.Flags().GetBool("live")
 			return Health(stdio(cmd), c.Request, addr, live)
 		}),
@@ -113,11 +109,7 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 		Use:   "status [--address <admin address>] [--provider <name>] [--state <state>] [--json]",
 		Short: "Prints the running token broker's providers, the merchants needing attention and the merchants by state",
 		Args:  cobra.NoArgs,
-		RunE: silent(func(cmd *cobra.Command, _ []string) error {
-			addr, err := adminAddress(cmd, c, "")
-			if err != nil {
-				return err
-			}
+		RunE: withAdminAddress(c, "", func(cmd *cobra.Command, _ []string, addr string) error {
 			var q StatusQuery
 			q.Provider, _ = cmd.Flags().GetString("provider")
 			q.State, _ = cmd.Flags().GetString("state")
@@ -154,11 +146,7 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 		Use:   "consent-link MERCHANT [--return-url <url>] [--address <admin address>]",
 		Short: "Prints a one-time consent link for a merchant",
 		Args:  cobra.ExactArgs(1),
-		RunE: silent(func(cmd *cobra.Command, args []string) error {
-			addr, err := adminAddress(cmd, c, "")
-			if err != nil {
-				return err
-			}
+		RunE: withAdminAddress(c, "", func(cmd *cobra.Command, args []string, addr string) error {
 			returnURL, _ := cmd.Flags().GetString("return-url")
 			return ConsentLink(stdio(cmd), c.Request, addr, args[0], returnURL, time.Now())
 		}),
@@ -189,6 +177,20 @@ func adminAddress(cmd *cobra.Command, c Caddy, prefix string) (string, error) {
 		return "", ErrFailed
 	}
 	return addr, nil
+}
+
+// withAdminAddress is the RunE of a subcommand that asks the running
+// token broker: run is called with the admin address that the flags of
+// adminFlags name; when it cannot be found, adminAddress prints why after
+// prefix and the subcommand exits 1 (silent).
+func withAdminAddress(c Caddy, prefix string, run func(cmd *cobra.Command, args []string, addr string) error) func(cmd *cobra.Command, args []string) error {
+	return silent(func(cmd *cobra.Command, args []string) error {
+		addr, err := adminAddress(cmd, c, prefix)
+		if err != nil {
+			return err
+		}
+		return run(cmd, args, addr)
+	})
 }
 
 // loadConfig loads the config that the --config and --adapter flags
