@@ -204,8 +204,11 @@ func RefreshTokenFlags(cmd *cobra.Command) {
 // token broker at the admin address that address finds; it prints the
 // answer on Out. merchant must be a valid merchant id.
 func RefreshToken(std IO, request AdminRequest, address func() (string, error), merchant string) error {
+	if merchant == "" {
+		return errors.New("--merchant is required: the id of a merchant of the registry")
+	}
 	if !config.ValidMerchantID(merchant) {
-		return errors.New("--merchant is required: a merchant id of the registry")
+		return fmt.Errorf("--merchant %q is not a merchant id (1 to 128 letters, digits and . _ - : @, starting with a letter or a digit): give the id of a merchant of the registry", merchant)
 	}
 	line, err := bufio.NewReader(io.LimitReader(std.In, 64<<10)).ReadString('\n')
 	if err != nil && !errors.Is(err, io.EOF) {

@@ -79,3 +79,48 @@ func TestHealth(t *testing.T) {
 		})
 	}
 }
+
+// TestRefreshToken: a merchant id that is missing or not an id (it goes
+// into the admin API's path) is refused before standard input is read or
+// the admin API asked; a valid one has the token read from standard input
+// PUT to its refresh_token route, and the answer printed.
+func TestRefreshToken(t *testing.T) {
+	const token = "rt-secret"
+	tests := []struct {
+		name     string
+		merchant string
+		wantErr  string // "" for no error
+	}{
+		{"missing", "", "--merchant is required"},
+		{"a path", "../tokens", `--merchant "../tokens" is not a merchant id`},
+		{"a space", "acme corp", `--merchant "acme corp" is not a merchant id`},
+		{"valid", "acme", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var asked []string
+			var sent string
+			request := func(addr, method, uri string, _ http.Header, body io.Reader) (*http.Response, error) {
+				b, _ := io.ReadAll(body)
+				asked, sent = append(asked, addr+" "+method+" "+uri), string(b)
+				return &http.Response{StatusCode: http.StatusOK, Body: io.NopCloser(strings.NewReader(`{"stored":true}`))}, nil
+			}
+			in := strings.NewReader(token + "\n")
+			var out bytes.Buffer
+			err := RefreshToken(IO{In: in, Out: &out, Err: io.Discard}, request, func() (string, error) { return "localhost:2019", nil }, tt.merchant)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("error %v, want one with %q", err, tt.wantErr)
+				}
+				if asked != nil || in.Len() != len(token)+1 {
+					t.Fatalf("asked %q, %d bytes of standard input left: want nothing asked or read", asked, in.Len())
+				}
+				return
+			}
+			want := []string{"localhost:2019 PUT /token_broker/merchants/acme/refresh_token"}
+			if err != nil || !slices.Equal(asked, want) || sent != `{"refresh_token":"`+token+`"}` || out.String() != "{\"stored\":true}\n" {
+				t.Fatalf("error %v, asked %q with %s, printed %q; want %q with the token, the answer printed", err, asked, sent, out.String(), want)
+			}
+		})
+	}
+}
