@@ -231,16 +231,6 @@ func TestTrackerBounded(t *testing.T) {
 	}
 }
 
-// TestRanksFollowStates: the rank constants that Build orders states by
-// name the states in States' order.
-func TestRanksFollowStates(t *testing.T) {
-	if rankOf(StateRefused) != rankRefused || rankOf(StateIdle) != rankIdle || rankOf(StateBackingOff) != rankBackingOff ||
-		rankOf(StateNeedsConsent) != rankNeedsConsent || rankOf(StateFresh) != rankFresh || rankOf(StateRefreshing) != rankRefreshing ||
-		rankOf(StateUnknownOrganisation) != rankUnknownOrganisation {
-		t.Error("the rank constants do not follow States")
-	}
-}
-
 // records copies the merchants a tracker remembers.
 func records(tr *Tracker) map[string]merchantRecord {
 	out := map[string]merchantRecord{}
