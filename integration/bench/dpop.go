@@ -115,14 +115,6 @@ func (e *env) startDPoPSidecar(alg string) (*server, error) {
 	if alg != "" {
 		name = "dpop-" + strings.ToLower(alg)
 	}
-	s := &server{}
-	var err error
-	if s.port, err = freePort(); err != nil {
-		return nil, err
-	}
-	if s.admin, err = freePort(); err != nil {
-		return nil, err
-	}
 	reg := fmt.Sprintf("[providers.bank]\ntype = \"oauth2\"\ntoken_url = %q\nclient_id = %q\nclient_secret = \"{env.%s}\"\n\n",
 		e.tokenAPI+bankTokenPath, dpopBenchClient, bankSecretEnv)
 	transport := ""
@@ -143,16 +135,12 @@ func (e *env) startDPoPSidecar(alg string) (*server, error) {
 	if err := os.WriteFile(registry, []byte(reg), 0o644); err != nil {
 		return nil, err
 	}
-	s.config = filepath.Join(e.dir, name+".Caddyfile")
-	cf := fmt.Sprintf("{\n\tadmin 127.0.0.1:%d\n\tpersist_config off\n\ttoken_broker {\n\t\tconfig %s\n\t}\n}\n\n"+
-		"http://:%d {\n\tbind 127.0.0.1\n\thandle {\n\t\ttoken_broker\n\t\treverse_proxy %s%s\n\t}\n}\n",
-		s.admin, registry, s.port, e.upstream, transport)
-	if err := os.WriteFile(s.config, []byte(cf), 0o644); err != nil {
-		return nil, err
-	}
 	env := []string{bankSecretEnv + "=" + bankSecret, "XDG_DATA_HOME=" + filepath.Join(e.dir, "data"), "XDG_CONFIG_HOME=" + filepath.Join(e.dir, "config")}
-	s.p, err = start(e.dir, name, env, e.caddy, "run", "--config", s.config, "--adapter", "caddyfile")
-	return s, err
+	return e.startServer(name, env, func(port, admin int) string {
+		return fmt.Sprintf("{\n\tadmin 127.0.0.1:%d\n\tpersist_config off\n\ttoken_broker {\n\t\tconfig %s\n\t}\n}\n\n"+
+			"http://:%d {\n\tbind 127.0.0.1\n\thandle {\n\t\ttoken_broker\n\t\treverse_proxy %s%s\n\t}\n}\n",
+			admin, registry, port, e.upstream, transport)
+	})
 }
 
 // dpopReport renders the DPoP comparison as markdown: per route, the

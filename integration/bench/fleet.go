@@ -45,27 +45,15 @@ func newCacheKey() string {
 	return base64.StdEncoding.EncodeToString(key)
 }
 
-// startSidecar starts the sidecar name of a fleet: its Caddyfile, made by
-// caddyfile for two free ports (the site's and the admin API's), in
-// e.dir, the fleet's TOKEN_CACHE_KEY and Caddy data and config folders of
-// its own; it returns once the sidecar answers HTTP.
+// startSidecar starts the sidecar name of a fleet (startServer): its
+// Caddyfile made by caddyfile, the fleet's TOKEN_CACHE_KEY and Caddy data
+// and config folders of its own; it returns once the sidecar answers HTTP.
 func (e *env) startSidecar(name, cacheKey string, caddyfile func(port, admin int) string) (*server, error) {
-	s := &server{}
-	var err error
-	if s.port, err = freePort(); err != nil {
-		return nil, err
-	}
-	if s.admin, err = freePort(); err != nil {
-		return nil, err
-	}
-	s.config = filepath.Join(e.dir, name+".Caddyfile")
-	if err := os.WriteFile(s.config, []byte(caddyfile(s.port, s.admin)), 0o644); err != nil {
-		return nil, err
-	}
 	env := []string{apiKeyEnv + "=" + apiKey, "TOKEN_CACHE_KEY=" + cacheKey,
 		"XDG_DATA_HOME=" + filepath.Join(e.dir, "data", name), "XDG_CONFIG_HOME=" + filepath.Join(e.dir, "config", name)}
 	t0 := time.Now()
-	if s.p, err = start(e.dir, name, env, e.caddy, "run", "--config", s.config, "--adapter", "caddyfile"); err != nil {
+	s, err := e.startServer(name, env, caddyfile)
+	if err != nil {
 		return nil, err
 	}
 	if _, err := waitHTTP(s.p, s.url(), nil, t0, 5*time.Minute); err != nil {

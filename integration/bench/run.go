@@ -139,6 +139,19 @@ func (e *env) describe() string {
 // startCaddy starts bin/caddy with the 3-route Caddyfile; registry == ""
 // makes the plain Caddy.
 func (e *env) startCaddy(name, registry string) (*server, error) {
+	// Caddy's data and config folders in the run's folder: nothing of the
+	// user's Caddy storage is read or written.
+	env := []string{apiKeyEnv + "=" + apiKey, "XDG_DATA_HOME=" + filepath.Join(e.dir, "data"), "XDG_CONFIG_HOME=" + filepath.Join(e.dir, "config")}
+	return e.startServer(name, env, func(port, admin int) string {
+		return caddyfile(port, admin, e.upstream, registry)
+	})
+}
+
+// startServer starts bin/caddy as the process name, with env added to
+// this process's environment, on two free ports (the site's and the
+// admin API's); its Caddyfile, made by caddyfile for those ports, is
+// e.dir/name.Caddyfile. It does not wait for Caddy to answer.
+func (e *env) startServer(name string, env []string, caddyfile func(port, admin int) string) (*server, error) {
 	s := &server{}
 	var err error
 	if s.port, err = freePort(); err != nil {
@@ -148,14 +161,13 @@ func (e *env) startCaddy(name, registry string) (*server, error) {
 		return nil, err
 	}
 	s.config = filepath.Join(e.dir, name+".Caddyfile")
-	if err := os.WriteFile(s.config, []byte(caddyfile(s.port, s.admin, e.upstream, registry)), 0o644); err != nil {
+	if err := os.WriteFile(s.config, []byte(caddyfile(s.port, s.admin)), 0o644); err != nil {
 		return nil, err
 	}
-	// Caddy's data and config folders in the run's folder: nothing of the
-	// user's Caddy storage is read or written.
-	env := []string{apiKeyEnv + "=" + apiKey, "XDG_DATA_HOME=" + filepath.Join(e.dir, "data"), "XDG_CONFIG_HOME=" + filepath.Join(e.dir, "config")}
-	s.p, err = start(e.dir, name, env, e.caddy, "run", "--config", s.config, "--adapter", "caddyfile")
-	return s, err
+	if s.p, err = start(e.dir, name, env, e.caddy, "run", "--config", s.config, "--adapter", "caddyfile"); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 // lookWrk finds wrk, which the throughput modes drive.

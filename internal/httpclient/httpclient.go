@@ -258,6 +258,8 @@ func ObserveTokenAnswers(c *http.Client, observe func(http.RoundTripper) http.Ro
 		c.Transport = &transport{RoundTripper: wrap(tr.RoundTripper), cert: tr.cert}
 	case *http.Transport:
 		c.Transport = &transport{RoundTripper: wrap(tr), cert: hasCert(tr)}
+	case nil: // the client sends through http.DefaultTransport
+		c.Transport = &transport{RoundTripper: wrap(http.DefaultTransport)}
 	default:
 		c.Transport = wrap(c.Transport)
 	}
