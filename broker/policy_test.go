@@ -430,3 +430,28 @@ func TestThrottledProbeToldAfterBackoff(t *testing.T) {
 		t.Fatalf("events %q, want %q", obs.events, want)
 	}
 }
+
+// A negative BreakerThreshold disables the breaker: a source failing for
+// many keys in a row is still called for each, and its breaker stays
+// closed.
+func TestBreakerDisabled(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: time.Hour}
+	src.set(&APIError{Provider: "nuapay", StatusCode: 503})
+	br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: -1})
+	defer br.Close()
+	obs := &breakerLog{}
+	for i := range 3 * DefaultBreakerThreshold {
+		b := NewBinding("s", src, Request{Merchant: fmt.Sprint("m", i), Organisation: fmt.Sprint(i)})
+		b.Observer = obs
+		br.Token(context.Background(), b)
+	}
+	if got := src.calls.Load(); got != 3*DefaultBreakerThreshold {
+		t.Fatalf("%d calls, want one per key (%d)", got, 3*DefaultBreakerThreshold)
+	}
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	if h := br.SourceHealth("s"); h.Breaker != BreakerClosed || len(obs.states) != 0 {
+		t.Fatalf("breaker %s, changes told %v; want closed, none", h.Breaker, obs.states)
+	}
+}
