@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -378,5 +379,79 @@ func TestSourceClassGovernsThePolicy(t *testing.T) {
 					got, br.SourceHealth("custom#1").Breaker, until, tt.wantCalls, tt.wantBreaker, tt.wantHeld)
 			}
 		})
+	}
+}
+
+// orderLog records, in order, the breaker changes, source backoffs and
+// fetches told to an observer.
+type orderLog struct {
+	mu     sync.Mutex
+	events []string
+}
+
+func (o *orderLog) add(ev string) { o.mu.Lock(); o.events = append(o.events, ev); o.mu.Unlock() }
+
+func (o *orderLog) Lookup(*Binding, Result) {}
+func (o *orderLog) Fetched(context.Context, *Binding, Token, time.Duration, bool, error) {
+	o.add("fetched")
+}
+func (o *orderLog) BreakerChanged(_ string, s BreakerState) { o.add("breaker " + s.String()) }
+func (o *orderLog) SourceBackingOff(_ string, on bool)      { o.add(fmt.Sprint("source backoff ", on)) }
+
+// A half-open breaker's probe answered 429 closes the breaker and starts
+// the source's backoff: the observer hears the backoff first, then the
+// breaker's change with the call's Fetched, so that it never sees the
+// source recovered in between.
+func TestThrottledProbeToldAfterBackoff(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: time.Hour}
+	src.set(&APIError{Provider: "nuapay", StatusCode: 503})
+	br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: 10 * time.Second})
+	defer br.Close()
+	obs := &orderLog{}
+	b := NewBinding("s", src, Request{Merchant: "acme", Organisation: "acme"})
+	b.Observer = obs
+	ctx := context.Background()
+	br.Token(ctx, b) // the 503 opens the breaker
+	clock.Add(time.Minute)
+	src.set(&APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: 30 * time.Second})
+	obs.mu.Lock()
+	obs.events = nil
+	obs.mu.Unlock()
+	probe := NewBinding("s", src, Request{Merchant: "globex", Organisation: "globex"})
+	probe.Observer = obs
+	if _, err := br.Token(ctx, probe); err == nil {
+		t.Fatal("the probe succeeded, want its 429")
+	}
+	want := []string{"breaker half-open", "source backoff true", "breaker closed", "fetched"}
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	if !slices.Equal(obs.events, want) {
+		t.Fatalf("events %q, want %q", obs.events, want)
+	}
+}
+
+// A negative BreakerThreshold disables the breaker: a source failing for
+// many keys in a row is still called for each, and its breaker stays
+// closed.
+func TestBreakerDisabled(t *testing.T) {
+	clock := newFakeClock()
+	src := &scriptedSource{clock: clock, life: time.Hour}
+	src.set(&APIError{Provider: "nuapay", StatusCode: 503})
+	br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: -1})
+	defer br.Close()
+	obs := &breakerLog{}
+	for i := range 3 * DefaultBreakerThreshold {
+		b := NewBinding("s", src, Request{Merchant: fmt.Sprint("m", i), Organisation: fmt.Sprint(i)})
+		b.Observer = obs
+		br.Token(context.Background(), b)
+	}
+	if got := src.calls.Load(); got != 3*DefaultBreakerThreshold {
+		t.Fatalf("%d calls, want one per key (%d)", got, 3*DefaultBreakerThreshold)
+	}
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	if h := br.SourceHealth("s"); h.Breaker != BreakerClosed || len(obs.states) != 0 {
+		t.Fatalf("breaker %s, changes told %v; want closed, none", h.Breaker, obs.states)
 	}
 }

@@ -246,3 +246,19 @@ func TestDrop(t *testing.T) {
 		})
 	}
 }
+
+// A closed broker stops hearing the shared tier's purges: the tier, which
+// outlives it across reloads, keeps no callback of it.
+func TestCloseStopsHearingPurges(t *testing.T) {
+	shared := newMemShared()
+	kept := New(Options{Shared: shared})
+	defer kept.Close()
+	closed := New(Options{Shared: shared})
+	closed.Close()
+	closed.Close() // a second Close is harmless
+	shared.mu.Lock()
+	defer shared.mu.Unlock()
+	if len(shared.onPurge) != 1 {
+		t.Fatalf("%d purge callbacks registered, want 1 (the open broker's)", len(shared.onPurge))
+	}
+}

@@ -435,7 +435,8 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	first.before.take(w.Header())
 	// Handlers after this one may rewrite the request in place (rewrite,
 	// uri, handle_path strip the path): the retry must start from the
-	// request as it is now. Copies on the stack; the retry alone allocates.
+	// request as it is now. Copies on the stack; the recorder is the first
+	// attempt's one allocation.
 	first.method, first.host, first.requestURI, first.url, first.body = r.Method, r.Host, r.RequestURI, *r.URL, body
 	rec := &rejectRecorder{mode: rt.Mode, dpop: rt.DPoP}
 	rec.reset(w, replayable)
