@@ -52,9 +52,16 @@ type keySet struct {
 
 	mu       sync.Mutex
 	keys     []jose.JSONWebKey
-	fetched  time.Time     // last successful fetch
-	tried    time.Time     // last fetch attempt; zero before the first
-	inflight chan struct{} // closed when the running fetch ends; nil when none
+	fetched  time.Time  // last successful fetch
+	tried    time.Time  // last fetch attempt; zero before the first
+	inflight *keysFetch // the running fetch; nil when none
+}
+
+// keysFetch is a running key-set fetch: its error is set before done is
+// closed, for the verifications that wait for it.
+type keysFetch struct {
+	done chan struct{}
+	err  error
 }
 
 // errRefreshLimited is a fetch refused by the rate limit.
@@ -155,15 +162,15 @@ func (k *keySet) knows(kid string) bool {
 }
 
 // refresh fetches the key set if the rate limit allows it, or waits for a
-// fetch already running. aged says the fetch is for keys older than
-// keysMaxAge.
+// fetch already running and returns its error. aged says the fetch is for
+// keys older than keysMaxAge.
 func (k *keySet) refresh(ctx context.Context, aged bool, kid string) error {
 	k.mu.Lock()
-	if ch := k.inflight; ch != nil {
+	if running := k.inflight; running != nil {
 		k.mu.Unlock()
 		select {
-		case <-ch:
-			return nil
+		case <-running.done:
+			return running.err
 		case <-ctx.Done():
 			return ctx.Err()
 		}
@@ -178,8 +185,8 @@ func (k *keySet) refresh(ctx context.Context, aged bool, kid string) error {
 		return errRefreshLimited
 	}
 	k.tried = now
-	ch := make(chan struct{})
-	k.inflight = ch
+	f := &keysFetch{done: make(chan struct{})}
+	k.inflight = f
 	k.mu.Unlock()
 
 	// Detached from the request: others may be waiting on this fetch.
@@ -192,7 +199,8 @@ func (k *keySet) refresh(ctx context.Context, aged bool, kid string) error {
 		k.keys, k.fetched = keys, k.now()
 	}
 	k.inflight = nil
-	close(ch)
+	f.err = err
+	close(f.done)
 	k.mu.Unlock()
 	return err
 }

@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,6 +20,7 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/jwttest"
 )
@@ -241,4 +243,57 @@ func TestCallerPolicyConfigErrors(t *testing.T) {
 			t.Fatalf("header %s: %v", h, err)
 		}
 	}
+}
+
+// TestCallerKeysUnavailableToWaiters: a verification that waits for a
+// key-set fetch already running gets what that fetch got: while the issuer
+// cannot give its keys and none are cached, 503 caller_keys_unavailable,
+// not 401 as if the caller's token were bad.
+func TestCallerKeysUnavailableToWaiters(t *testing.T) {
+	iss := startIssuer(t, false, "payments")
+	good := iss.token(t, http.DefaultClient, "payments")
+	arrived, release := make(chan struct{}), make(chan struct{})
+	var fetches atomic.Int64
+	keys := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		if fetches.Add(1) == 1 {
+			close(arrived)
+			<-release
+		}
+		http.Error(w, "key store down", http.StatusInternalServerError)
+	}))
+	t.Cleanup(keys.Close)
+	p := mustProvision(t, &Config{Issuer: iss.URL, Audience: callerAudience, JWKSURL: keys.URL + "/keys"}, clocktest.New(time.Now()))
+
+	results := make(chan *Error, 2)
+	verify := func() {
+		_, cerr := authn(p, "Bearer "+good)
+		results <- cerr
+	}
+	go verify()
+	<-arrived
+	go verify()
+	// The second verification waits for the first one's fetch.
+	deadline := time.Now().Add(10 * time.Second)
+	for refreshing() < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("the second verification did not wait for the running key-set fetch")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	close(release)
+	for range 2 {
+		if cerr := <-results; cerr == nil || cerr.Code != errcode.CallerKeysUnavailable {
+			t.Fatalf("got %+v, want caller_keys_unavailable", cerr)
+		}
+	}
+	if n := fetches.Load(); n != 1 {
+		t.Fatalf("key-set fetches = %d, want 1", n)
+	}
+}
+
+// refreshing counts the goroutines in keySet.refresh.
+func refreshing() int {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	return strings.Count(string(buf), "(*keySet).refresh(")
 }
