@@ -44,8 +44,8 @@ type Listing struct {
 
 	reads   atomic.Pointer[reads] // nil before the first read ends
 	refresh sync.Mutex            // one read at a time
-	stop    chan struct{}
-	done    chan struct{}
+	stop    context.CancelFunc    // ends the schedule and cancels its read; nil before Start
+	done    chan struct{}         // closed when the schedule has ended
 }
 
 // reads is what the reads of a listing left, replaced as one by each
@@ -64,19 +64,21 @@ func New(provider string, list OrganisationLister, limits nuapay.ListLimits, eve
 // Provider is the name of the listed provider.
 func (l *Listing) Provider() string { return l.provider }
 
-// Start reads the list now and then every l.every, until Destruct.
+// Start reads the list now and then every l.every, each read bounded to
+// a minute, until Destruct.
 func (l *Listing) Start() {
-	l.stop, l.done = make(chan struct{}), make(chan struct{})
+	ctx, stop := context.WithCancel(context.Background())
+	l.stop, l.done = stop, make(chan struct{})
 	go func() {
 		defer close(l.done)
 		t := time.NewTicker(l.every)
 		defer t.Stop()
 		for {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			_, _ = l.Refresh(ctx)
+			readCtx, cancel := context.WithTimeout(ctx, time.Minute)
+			_, _ = l.Refresh(readCtx)
 			cancel()
 			select {
-			case <-l.stop:
+			case <-ctx.Done():
 				return
 			case <-t.C:
 			}
@@ -84,10 +86,10 @@ func (l *Listing) Start() {
 	}()
 }
 
-// Destruct stops the schedule.
+// Destruct stops the schedule, cancelling its read in flight.
 func (l *Listing) Destruct() error {
 	if l.stop != nil {
-		close(l.stop)
+		l.stop()
 		<-l.done
 	}
 	return nil

@@ -111,3 +111,41 @@ func TestOrganisationListingBoundedInTotal(t *testing.T) {
 		})
 	}
 }
+
+// TestListingDestructStopsARead: Destruct (a config reload that drops the
+// listing) does not wait for a read the provider is slow to answer: the
+// read is cancelled.
+func TestListingDestructStopsARead(t *testing.T) {
+	arrived, release := make(chan struct{}), make(chan struct{})
+	cancelled := make(chan struct{})
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		close(arrived)
+		select {
+		case <-r.Context().Done():
+			close(cancelled)
+		case <-release:
+		}
+	}))
+	t.Cleanup(func() {
+		close(release)
+		ts.Close()
+	})
+	src, err := nuapay.New(nuapay.Config{BaseURL: ts.URL, APIKey: broker.Secret("partner-key"), Client: &http.Client{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := New("nuapay", src, nuapay.ListLimits{Organisations: 10}, time.Hour, zap.NewNop())
+	l.Start()
+	<-arrived
+	destructed := make(chan struct{})
+	go func() {
+		_ = l.Destruct()
+		close(destructed)
+	}()
+	select {
+	case <-destructed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Destruct waits for the read in flight")
+	}
+	<-cancelled
+}
