@@ -9,11 +9,9 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
-
-// OutcomeOK is a CheckResult's Outcome when the provider issued a token.
-const OutcomeOK = "ok"
 
 // CheckResult is the answer of POST /token_broker/merchants/{id}/check:
 // what the provider answered one token request for the merchant. Never
@@ -27,8 +25,9 @@ type CheckResult struct {
 	ProviderType string `json:"provider_type"`
 	// OK is true when the provider issued a token.
 	OK bool `json:"ok"`
-	// Outcome is "ok", or the error code a request would get
-	// (errcode: token_refused, consent_required, token_api_down, ...).
+	// Outcome is "ok" (telemetry.OutcomeOK), or the error code a request
+	// would get (errcode: token_refused, consent_required, token_api_down,
+	// ...).
 	Outcome string `json:"outcome"`
 	// Message says in words what happened and what to do.
 	Message string `json:"message"`
@@ -84,7 +83,7 @@ func Check(ctx context.Context, reg *config.Registry, br *broker.Broker, b *brok
 	res.Called = checked.Calls > 0 || (checked.Joined && broker.Called(err))
 	if err == nil {
 		tok := checked.Entry.Token()
-		res.OK, res.Outcome, res.Called = true, OutcomeOK, true
+		res.OK, res.Outcome, res.Called = true, telemetry.OutcomeOK, true
 		res.Fingerprint = checked.Entry.Fingerprint()
 		res.ExpiresInSeconds = int64(tok.Expiry.Sub(now) / time.Second)
 		res.Message = fmt.Sprintf("%s issued a token (fingerprint %s, expires in %s); it is cached and served to the merchant's requests",

@@ -196,56 +196,6 @@ func (r *Recorder) NonceChallenged(b *broker.Binding) {
 	r.metrics.NonceChallenged(providerOf(b.SourceID), ServerResource)
 }
 
-// fetched counts a token API call, and a background refresh's.
-func (r *Recorder) fetched(b *broker.Binding, elapsed time.Duration, background bool, err error) {
-	m := r.metrics
-	if m == nil {
-		return
-	}
-	provider, outcome := providerOf(b.SourceID), fetchOutcome(err)
-	m.TokenRequests.WithLabelValues(m.labels(b.Merchant, provider, outcome)...).Inc()
-	m.FetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
-	if background {
-		m.Refreshes.WithLabelValues(provider, outcome).Inc()
-	}
-	if b.Budget != nil {
-		priority := budget.Foreground
-		if background {
-			priority = budget.Background
-		}
-		m.BudgetUsed.WithLabelValues(provider, priority.String()).Inc()
-	}
-}
-
-// fetchDone logs a fetch: one line with its calls to the token API
-// (attempts, and the outcome of each), its outcome and how long it took.
-func (r *Recorder) fetchDone(b *broker.Binding, f broker.Fetch) {
-	outcomes := make([]string, len(f.Attempts))
-	for i, a := range f.Attempts {
-		outcomes[i] = fetchOutcome(a.Err)
-	}
-	fields := []zap.Field{
-		zap.String("merchant", b.Merchant),
-		zap.String("provider", providerOf(b.SourceID)),
-		zap.String("source", b.SourceID),
-		zap.String("outcome", fetchOutcome(f.Err)),
-		zap.Int("attempts", len(f.Attempts)),
-		zap.Strings("attempt_outcomes", outcomes),
-		zap.Strings("scopes", b.Scopes),
-		zap.Duration("duration", f.Elapsed),
-		zap.Bool("background", f.Background),
-	}
-	if f.Err != nil {
-		if ra := broker.RetryAfterOf(f.Err); ra > 0 {
-			fields = append(fields, zap.Duration("retry_in", ra))
-		}
-		r.logger.Warn("token fetch failed", append(fields, zap.Error(f.Err))...)
-		return
-	}
-	r.logger.Info("token fetched", append(fields, zap.String("fingerprint", f.Token.Fingerprint()),
-		zap.Time("expiry", f.Token.Expiry))...)
-}
-
 // providerOf returns the name of the provider of a source: its ID's
 // part before "#" (config.Provider.ID).
 func providerOf(sourceID string) string {
@@ -270,18 +220,59 @@ func (o *Observer) Lookup(_ *broker.Binding, res broker.Result) {
 }
 
 // Fetched counts a token API call (token_requests_total, the duration
-// histogram) and tells the tap; FetchDone logs the fetch it belongs to.
+// histogram, a background refresh's refreshes_total, a budgeted call's
+// budget_used_total) and tells the tap; FetchDone logs the fetch it
+// belongs to.
 func (o *Observer) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, elapsed time.Duration, background bool, err error) {
-	o.r.fetched(b, elapsed, background, err)
+	provider := providerOf(b.SourceID)
+	if m := o.r.metrics; m != nil {
+		outcome := fetchOutcome(err)
+		m.TokenRequests.WithLabelValues(m.labels(b.Merchant, provider, outcome)...).Inc()
+		m.FetchDuration.WithLabelValues(provider).Observe(elapsed.Seconds())
+		if background {
+			m.Refreshes.WithLabelValues(provider, outcome).Inc()
+		}
+		if b.Budget != nil {
+			priority := budget.Foreground
+			if background {
+				priority = budget.Background
+			}
+			m.BudgetUsed.WithLabelValues(provider, priority.String()).Inc()
+		}
+	}
 	if o.r.tap != nil {
-		o.r.tap.Fetched(providerOf(b.SourceID), b, err)
+		o.r.tap.Fetched(provider, b, err)
 	}
 }
 
-// FetchDone logs a fetch once, with its attempts: "token fetched" or
-// "token fetch failed".
+// FetchDone logs a fetch once, with its calls to the token API (attempts,
+// and the outcome of each), its outcome and how long it took: "token
+// fetched" or "token fetch failed".
 func (o *Observer) FetchDone(_ context.Context, b *broker.Binding, f broker.Fetch) {
-	o.r.fetchDone(b, f)
+	outcomes := make([]string, len(f.Attempts))
+	for i, a := range f.Attempts {
+		outcomes[i] = fetchOutcome(a.Err)
+	}
+	fields := []zap.Field{
+		zap.String("merchant", b.Merchant),
+		zap.String("provider", providerOf(b.SourceID)),
+		zap.String("source", b.SourceID),
+		zap.String("outcome", fetchOutcome(f.Err)),
+		zap.Int("attempts", len(f.Attempts)),
+		zap.Strings("attempt_outcomes", outcomes),
+		zap.Strings("scopes", b.Scopes),
+		zap.Duration("duration", f.Elapsed),
+		zap.Bool("background", f.Background),
+	}
+	if f.Err != nil {
+		if ra := broker.RetryAfterOf(f.Err); ra > 0 {
+			fields = append(fields, zap.Duration("retry_in", ra))
+		}
+		o.r.logger.Warn("token fetch failed", append(fields, zap.Error(f.Err))...)
+		return
+	}
+	o.r.logger.Info("token fetched", append(fields, zap.String("fingerprint", f.Token.Fingerprint()),
+		zap.Time("expiry", f.Token.Expiry))...)
 }
 
 // BackingOff counts the keys in failure memory, by provider.
