@@ -194,8 +194,12 @@ func state(w http.ResponseWriter, r *http.Request, in *Instance) error {
 func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	rest := strings.TrimPrefix(r.URL.Path, "/token_broker/merchants/")
 	id, action, ok := strings.Cut(rest, "/")
-	if !ok || !config.ValidMerchantID(id) {
-		return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("use /token_broker/merchants/{merchant}/purge, /revoke or /check")}
+	if !ok {
+		return &Error{Status: http.StatusNotFound, Err: errors.New("use /token_broker/merchants/{merchant}/purge, /revoke, /check or /refresh_token")}
+	}
+	if !config.ValidMerchantID(id) {
+		return &Error{Status: http.StatusNotFound,
+			Err: fmt.Errorf("%.130q is not a merchant id (1 to 128 letters, digits and . _ - : @, starting with a letter or a digit)", id)}
 	}
 	if err := running(in); err != nil {
 		return err
@@ -222,7 +226,7 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		results := Revoke(r.Context(), entries)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
-	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge, revoke or check", action)}
+	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge, revoke, check or refresh_token", action)}
 }
 
 // checkMerchant serves POST /token_broker/merchants/{id}/check (Check),

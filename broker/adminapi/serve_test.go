@@ -60,3 +60,25 @@ func TestServe(t *testing.T) {
 		})
 	}
 }
+
+// TestMerchantRouteRefusals: a merchant route with a malformed merchant
+// id says that the id is at fault, and a route without an action lists
+// every action.
+func TestMerchantRouteRefusals(t *testing.T) {
+	br := broker.New(broker.Options{})
+	t.Cleanup(br.Close)
+	in := &Instance{Broker: br, Logger: zap.NewNop()}
+	for _, tt := range []struct {
+		path, want string
+	}{
+		{"/token_broker/merchants/-acme/check", `"-acme" is not a merchant id`},
+		{"/token_broker/merchants/acme", "/check or /refresh_token"},
+		{"/token_broker/merchants/acme/forget", "use purge, revoke, check or refresh_token"},
+	} {
+		err := Serve(httptest.NewRecorder(), httptest.NewRequest(http.MethodPost, tt.path, nil), in)
+		var ae *Error
+		if !errors.As(err, &ae) || ae.Status != http.StatusNotFound || !strings.Contains(ae.Error(), tt.want) {
+			t.Errorf("POST %s: %v, want 404 with %q", tt.path, err, tt.want)
+		}
+	}
+}
