@@ -202,7 +202,8 @@ func RefreshTokenFlags(cmd *cobra.Command) {
 
 // RefreshToken reads merchant's refresh token on In and loads it into the
 // token broker at the admin address that address finds; it prints the
-// answer on Out. merchant must be a valid merchant id.
+// answer on Out, and its error says in words what went wrong (askAdmin).
+// merchant must be a valid merchant id.
 func RefreshToken(std IO, request AdminRequest, address func() (string, error), merchant string) error {
 	if merchant == "" {
 		return errors.New("--merchant is required: the id of a merchant of the registry")
@@ -218,18 +219,15 @@ func RefreshToken(std IO, request AdminRequest, address func() (string, error), 
 	if rt == "" {
 		return errors.New("no refresh token on standard input")
 	}
-	body, _ := json.Marshal(map[string]string{"refresh_token": rt})
 	addr, err := address()
 	if err != nil {
 		return err
 	}
-	resp, err := request(addr, http.MethodPut, "/token_broker/merchants/"+merchant+"/refresh_token",
-		http.Header{"Content-Type": {"application/json"}}, strings.NewReader(string(body)))
-	if err != nil {
+	var answer json.RawMessage
+	if err := askAdmin(request, addr, http.MethodPut, "/token_broker/merchants/"+merchant+"/refresh_token",
+		map[string]string{"refresh_token": rt}, &answer); err != nil {
 		return err
 	}
-	defer resp.Body.Close()
-	out, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	fmt.Fprintln(std.Out, strings.TrimSpace(string(out)))
+	fmt.Fprintln(std.Out, string(answer))
 	return nil
 }
