@@ -156,38 +156,27 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 	cmd.AddCommand(health, validate, status, check, link)
 }
 
-// adminFlags adds the flags that find the admin address (adminAddress)
-// to cmd.
+// adminFlags adds the flags that find the admin address
+// (withAdminAddress) to cmd.
 func adminFlags(cmd *cobra.Command) {
 	cmd.Flags().String("address", "", "the admin API address (default: --config's admin address, else $CADDY_ADMIN or localhost:2019)")
 	cmd.Flags().StringP("config", "c", "", "the config file whose admin address to use")
 	cmd.Flags().StringP("adapter", "a", "", "the name of the config adapter to use")
 }
 
-// adminAddress is the admin address the flags of adminFlags name. When
-// it cannot be found, it prints why on standard error, after prefix, and
-// returns ErrFailed.
-func adminAddress(cmd *cobra.Command, c Caddy, prefix string) (string, error) {
-	address, _ := cmd.Flags().GetString("address")
-	config, _ := cmd.Flags().GetString("config")
-	adapter, _ := cmd.Flags().GetString("adapter")
-	addr, err := c.AdminAddress(address, nil, config, adapter)
-	if err != nil {
-		fmt.Fprintf(cmd.ErrOrStderr(), "%sfinding the admin address: %v\n", prefix, err)
-		return "", ErrFailed
-	}
-	return addr, nil
-}
-
 // withAdminAddress is the RunE of a subcommand that asks the running
 // token broker: run is called with the admin address that the flags of
-// adminFlags name; when it cannot be found, adminAddress prints why after
-// prefix and the subcommand exits 1 (silent).
+// adminFlags name; when it cannot be found, why is printed on standard
+// error after prefix and the subcommand exits 1 (silent).
 func withAdminAddress(c Caddy, prefix string, run func(cmd *cobra.Command, args []string, addr string) error) func(cmd *cobra.Command, args []string) error {
 	return silent(func(cmd *cobra.Command, args []string) error {
-		addr, err := adminAddress(cmd, c, prefix)
+		address, _ := cmd.Flags().GetString("address")
+		config, _ := cmd.Flags().GetString("config")
+		adapter, _ := cmd.Flags().GetString("adapter")
+		addr, err := c.AdminAddress(address, nil, config, adapter)
 		if err != nil {
-			return err
+			fmt.Fprintf(cmd.ErrOrStderr(), "%sfinding the admin address: %v\n", prefix, err)
+			return ErrFailed
 		}
 		return run(cmd, args, addr)
 	})
