@@ -50,7 +50,7 @@ type Config struct {
 	// DefaultKeysRefreshInterval.
 	RefreshInterval time.Duration
 	// Header carries the caller's JWT, as "Bearer <jwt>": Authorization
-	// (default) or Proxy-Authorization (CredentialHeaders).
+	// (default) or Proxy-Authorization (IsCredentialHeader).
 	Header string
 	// Allow maps a caller's subject (sub) to the merchants it may act
 	// for; "*" allows every merchant.
@@ -87,16 +87,17 @@ type Policy struct {
 	retryAt  time.Time // no discovery before, after a failed one
 }
 
-// CredentialHeaders are the request headers that may carry the caller's
-// JWT: Caddy's access logs redact them (unless should_log_credentials is
-// set), and reverse_proxy's debug logs too. Any other header is logged in
-// clear.
-var CredentialHeaders = []string{"Authorization", "Proxy-Authorization"}
-
-// IsCredentialHeader reports whether name (in any case) is one of
-// CredentialHeaders.
+// IsCredentialHeader reports whether name (in any case) is a request
+// header that may carry the caller's JWT, Authorization or
+// Proxy-Authorization: Caddy's access logs redact them (unless
+// should_log_credentials is set), and reverse_proxy's debug logs too. Any
+// other header is logged in clear.
 func IsCredentialHeader(name string) bool {
-	return slices.Contains(CredentialHeaders, textproto.CanonicalMIMEHeaderKey(name))
+	switch textproto.CanonicalMIMEHeaderKey(name) {
+	case "Authorization", "Proxy-Authorization":
+		return true
+	}
+	return false
 }
 
 // discoveryTimeout bounds one discovery or key-set request.
