@@ -17,7 +17,7 @@ import (
 	"os"
 	"slices"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coreos/go-oidc/v3/oidc"
@@ -77,14 +77,17 @@ type Policy struct {
 	client   *http.Client
 	keys     *keySet
 	now      func() time.Time
-	mu       sync.Mutex
-	verifier *oidc.IDTokenVerifier
-	ctx      context.Context
+	// verifier is nil until the issuer's key-set URL is known.
+	verifier atomic.Pointer[oidc.IDTokenVerifier]
+	// discovery holds a token while a request finds the key-set URL; the
+	// others wait for it as long as their context allows.
+	discovery chan struct{}
+	ctx       context.Context
 	// verified remembers the subjects of JWTs already verified, by the
 	// SHA-256 of the JWT, until they expire (at most 5 minutes): a caller
 	// reusing its token costs a hash, not a signature check.
 	verified *gocache.Cache
-	retryAt  time.Time // no discovery before, after a failed one
+	retryAt  time.Time // no discovery before, after a failed one; guarded by discovery
 }
 
 // IsCredentialHeader reports whether name (in any case) is a request
@@ -140,7 +143,7 @@ func New(ctx context.Context, c Config) (*Policy, error) {
 	if c.JWKSFile != "" && (c.JWKSURL != "" || c.CAFile != "") {
 		return nil, errors.New("token_broker callers: jwks_file holds the keys: drop jwks_url and ca_file, which would not be used")
 	}
-	p := &Policy{issuer: c.Issuer, audience: c.Audience, allow: c.Allow, now: c.Now, ctx: ctx,
+	p := &Policy{issuer: c.Issuer, audience: c.Audience, allow: c.Allow, now: c.Now, ctx: ctx, discovery: make(chan struct{}, 1),
 		header: textproto.CanonicalMIMEHeaderKey(c.Header), verified: gocache.New(maxVerifiedTTL, time.Minute)}
 	if p.now == nil {
 		p.now = time.Now
@@ -159,7 +162,7 @@ func New(ctx context.Context, c Config) (*Policy, error) {
 			return nil, fmt.Errorf("token_broker callers: jwks_file %s: %w", c.JWKSFile, err)
 		}
 		p.keys = &keySet{keys: keys, now: p.now}
-		p.verifier = oidc.NewVerifier(p.issuer, p.keys, p.config())
+		p.verifier.Store(oidc.NewVerifier(p.issuer, p.keys, p.config()))
 		return p, nil
 	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
@@ -177,7 +180,7 @@ func New(ctx context.Context, c Config) (*Policy, error) {
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	p.keys = &keySet{url: c.JWKSURL, client: p.client, interval: interval, now: p.now}
 	if c.JWKSURL != "" {
-		p.verifier = oidc.NewVerifier(p.issuer, p.keys, p.config())
+		p.verifier.Store(oidc.NewVerifier(p.issuer, p.keys, p.config()))
 	}
 	return p, nil
 }
@@ -195,12 +198,20 @@ func (p *Policy) config() *oidc.Config {
 func (p *Policy) Header() string { return p.header }
 
 // verifierFor returns the verifier, discovering the issuer's key-set URL
-// on first use; a failed discovery is tried again after discoveryRetry.
-func (p *Policy) verifierFor() (*oidc.IDTokenVerifier, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.verifier != nil {
-		return p.verifier, nil
+// on first use; a failed discovery is tried again after discoveryRetry. A
+// request that waits for another's discovery gives up when ctx ends.
+func (p *Policy) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error) {
+	if v := p.verifier.Load(); v != nil {
+		return v, nil
+	}
+	select {
+	case p.discovery <- struct{}{}:
+		defer func() { <-p.discovery }()
+	case <-ctx.Done():
+		return nil, fmt.Errorf("discovering the caller issuer %s: the request ended while another one was discovering it: %w", p.issuer, ctx.Err())
+	}
+	if v := p.verifier.Load(); v != nil {
+		return v, nil
 	}
 	if p.now().Before(p.retryAt) {
 		return nil, fmt.Errorf("discovering the caller issuer %s: failed less than %s ago", p.issuer, discoveryRetry)
@@ -221,9 +232,10 @@ func (p *Policy) verifierFor() (*oidc.IDTokenVerifier, error) {
 		p.retryAt = p.now().Add(discoveryRetry)
 		return nil, fmt.Errorf("discovering the caller issuer %s: no jwks_uri in its discovery document; set jwks_url", p.issuer)
 	}
-	p.keys.url = meta.JWKSURI // before any use of p.keys: set under p.mu, read after
-	p.verifier = oidc.NewVerifier(p.issuer, p.keys, p.config())
-	return p.verifier, nil
+	p.keys.url = meta.JWKSURI // before any use of p.keys: the verifier's store publishes it
+	v := oidc.NewVerifier(p.issuer, p.keys, p.config())
+	p.verifier.Store(v)
+	return v, nil
 }
 
 // Error is a refused caller: errcode.CallerUnauthenticated (401) or
@@ -270,7 +282,7 @@ func (p *Policy) Authenticate(r *http.Request) (string, *Error) {
 	if sub, ok := p.verified.Get(key); ok {
 		return sub.(string), nil
 	}
-	v, err := p.verifierFor()
+	v, err := p.verifierFor(r.Context())
 	if err != nil {
 		return "", &Error{Code: errcode.CallerKeysUnavailable, Err: err}
 	}

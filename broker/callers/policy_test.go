@@ -297,3 +297,42 @@ func refreshing() int {
 	buf = buf[:runtime.Stack(buf, true)]
 	return strings.Count(string(buf), "(*keySet).refresh(")
 }
+
+// TestCallerDiscoveryWaitEndsWithTheRequest: while the issuer's discovery
+// is slow, a request that waits for it is answered when its own context
+// ends (503 caller_keys_unavailable), not when the discovery does.
+func TestCallerDiscoveryWaitEndsWithTheRequest(t *testing.T) {
+	arrived, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	issuer := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		once.Do(func() { close(arrived) })
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+		http.NotFound(w, r)
+	}))
+	t.Cleanup(issuer.Close)
+	t.Cleanup(func() { close(release) })
+	p := mustProvision(t, &Config{Issuer: issuer.URL, Audience: callerAudience}, nil)
+	go authn(p, "Bearer a.b.c")
+	<-arrived
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	r := httptest.NewRequestWithContext(ctx, http.MethodGet, "/", nil)
+	r.Header.Set("Authorization", "Bearer a.b.c")
+	answered := make(chan *Error, 1)
+	go func() {
+		_, cerr := p.Authenticate(r)
+		answered <- cerr
+	}()
+	select {
+	case cerr := <-answered:
+		if cerr == nil || cerr.Code != errcode.CallerKeysUnavailable {
+			t.Fatalf("got %+v, want caller_keys_unavailable", cerr)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a request whose context ended still waits for the discovery")
+	}
+}
