@@ -139,15 +139,17 @@ type wild struct {
 
 // known is what the broker and the tracker know of one merchant: the
 // worst of its keys' cache states, their earliest expiry, the backoff
-// ending last, and the tracker's record. A zero time is none.
+// ending last, and the tracker's record. Times are unix nanoseconds (0:
+// none), so that a known is small: there is one per merchant with a
+// cached token.
 type known struct {
 	rank         rank // of its keys
 	failure      rank // the tracker's failure state; rankIdle: none
 	lastErr      errcode.Code
-	expiry       time.Time
-	backoffUntil time.Time
-	backoffAt    time.Time
-	lastErrAt    time.Time
+	expiry       int64
+	backoffUntil int64
+	backoffAt    int64
+	lastErrAt    int64
 	backoffErr   error
 }
 
@@ -209,7 +211,7 @@ type merchantView struct {
 // source's error without calling its token API.
 type outage struct {
 	rank      rank
-	until, at time.Time // zero: none
+	until, at int64 // unix nanoseconds; 0: none
 	err       error
 }
 
@@ -237,9 +239,13 @@ func outages(health map[string]broker.SourceHealth) map[string]outage {
 		switch {
 		case !h.BackoffUntil.IsZero():
 			out[name] = outage{rank: rankOf(failureState(h.BackoffError, errcode.Classify(h.BackoffError))),
-				until: h.BackoffUntil, at: h.BackoffAt, err: h.BackoffError}
+				until: h.BackoffUntil.UnixNano(), at: h.BackoffAt.UnixNano(), err: h.BackoffError}
 		case h.Breaker == broker.BreakerOpen:
-			out[name] = outage{rank: rankBackingOff, at: h.LastFailure, err: h.LastError}
+			o := outage{rank: rankBackingOff, err: h.LastError}
+			if !h.LastFailure.IsZero() {
+				o.at = h.LastFailure.UnixNano()
+			}
+			out[name] = o
 		}
 	}
 	return out
@@ -265,25 +271,29 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		if !now.Before(e.RefreshAt()) {
 			r = rankRefreshing
 		}
-		exp := e.Token().Expiry
+		exp := e.Token().Expiry.UnixNano()
 		kn.each(e.Binding(), func(k *known) {
 			k.rank = min(k.rank, r)
-			if k.expiry.IsZero() || exp.Before(k.expiry) {
+			if k.expiry == 0 || exp < k.expiry {
 				k.expiry = exp
 			}
 		})
 	}
 	s.Broker.Backoffs(func(b *broker.Binding, err error, at, until time.Time) {
+		u := until.UnixNano()
 		kn.each(b, func(k *known) {
 			k.rank = min(k.rank, rankBackingOff)
-			if until.After(k.backoffUntil) {
-				k.backoffUntil, k.backoffErr, k.backoffAt = until, err, at
+			if u > k.backoffUntil {
+				k.backoffUntil, k.backoffErr, k.backoffAt = u, err, at.UnixNano()
 			}
 		})
 	})
 	t.eachMerchant(func(id string, rec *merchantRecord) {
 		k := kn.of(id)
-		k.failure, k.lastErr, k.lastErrAt = rankOf(rec.failure()), rec.lastErr, rec.lastErrAt
+		k.failure, k.lastErr = rankOf(rec.failure()), rec.lastErr
+		if !rec.lastErrAt.IsZero() {
+			k.lastErrAt = rec.lastErrAt.UnixNano()
+		}
 	})
 
 	var wilds []wild
@@ -381,12 +391,12 @@ func Build(s Sources, q Query, now time.Time) Report {
 			return
 		}
 		m := Merchant{Merchant: v.id, Provider: v.provider, Organisation: v.organisation, Wildcard: v.wildcard, State: state,
-			Expiry: timePtr(v.expiry), BackoffUntil: timePtr(v.backoffUntil)}
+			Expiry: unixPtr(v.expiry), BackoffUntil: unixPtr(v.backoffUntil)}
 		switch {
 		case v.lastErr != 0:
-			m.LastError, m.LastErrorAt = v.lastErr.String(), timePtr(v.lastErrAt)
+			m.LastError, m.LastErrorAt = v.lastErr.String(), unixPtr(v.lastErrAt)
 		case v.backoffErr != nil:
-			m.LastError, m.LastErrorAt = errcode.Classify(v.backoffErr).String(), timePtr(v.backoffAt)
+			m.LastError, m.LastErrorAt = errcode.Classify(v.backoffErr).String(), unixPtr(v.backoffAt)
 		}
 		rep.Merchants = append(rep.Merchants, m)
 	})
@@ -511,6 +521,15 @@ func (t *Tracker) eachMerchant(f func(id string, rec *merchantRecord)) {
 	for id, m := range t.merchants {
 		f(id, m)
 	}
+}
+
+// unixPtr is the time of unix nanoseconds ns in UTC, nil when 0.
+func unixPtr(ns int64) *time.Time {
+	if ns == 0 {
+		return nil
+	}
+	t := time.Unix(0, ns).UTC()
+	return &t
 }
 
 // timePtr is t in UTC, nil when zero.
