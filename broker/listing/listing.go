@@ -75,7 +75,7 @@ func (l *Listing) Start() {
 		defer t.Stop()
 		for {
 			readCtx, cancel := context.WithTimeout(ctx, time.Minute)
-			_, _ = l.Refresh(readCtx)
+			_, _ = l.read(readCtx, ctx)
 			cancel()
 			select {
 			case <-ctx.Done():
@@ -99,10 +99,20 @@ func (l *Listing) Destruct() error {
 // On failure the last good list stays in force and the error is returned
 // (and logged).
 func (l *Listing) Refresh(ctx context.Context) (int, error) {
+	return l.read(ctx, context.Background())
+}
+
+// read reads the list with ctx, as Refresh does. A read that fails once
+// schedule is done (Destruct cancelled it) is neither logged nor kept in
+// the status: the listing is being dropped, and its provider did not fail.
+func (l *Listing) read(ctx, schedule context.Context) (int, error) {
 	l.refresh.Lock()
 	defer l.refresh.Unlock()
 	m := make(map[string]struct{})
 	err := l.list.EachOrganisation(ctx, l.limits, func(o nuapay.Organisation) { m[o.ID] = struct{}{} })
+	if err != nil && schedule.Err() != nil {
+		return 0, err
+	}
 	if err != nil {
 		var next reads
 		if last := l.reads.Load(); last != nil {

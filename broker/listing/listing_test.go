@@ -9,11 +9,13 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
@@ -114,12 +116,14 @@ func TestOrganisationListingBoundedInTotal(t *testing.T) {
 
 // TestListingDestructStopsARead: Destruct (a config reload that drops the
 // listing) does not wait for a read the provider is slow to answer: the
-// read is cancelled.
+// read is cancelled, and its cancellation is neither logged as a failed
+// read nor kept as the listing's status.
 func TestListingDestructStopsARead(t *testing.T) {
 	arrived, release := make(chan struct{}), make(chan struct{})
+	var arrivedOnce sync.Once
 	cancelled := make(chan struct{})
 	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		close(arrived)
+		arrivedOnce.Do(func() { close(arrived) })
 		select {
 		case <-r.Context().Done():
 			close(cancelled)
@@ -134,7 +138,8 @@ func TestListingDestructStopsARead(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := New("nuapay", src, nuapay.ListLimits{Organisations: 10}, time.Hour, zap.NewNop())
+	core, logs := observer.New(zap.WarnLevel)
+	l := New("nuapay", src, nuapay.ListLimits{Organisations: 10}, time.Hour, zap.New(core))
 	l.Start()
 	<-arrived
 	destructed := make(chan struct{})
@@ -148,4 +153,10 @@ func TestListingDestructStopsARead(t *testing.T) {
 		t.Fatal("Destruct waits for the read in flight")
 	}
 	<-cancelled
+	for _, e := range logs.All() {
+		t.Errorf("logged %q after Destruct cancelled the read", e.Message)
+	}
+	if st := l.Status(); st.Err != nil || !st.FailedAt.IsZero() {
+		t.Errorf("status after Destruct cancelled the read: %+v, want no failed read", st)
+	}
 }
