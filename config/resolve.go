@@ -19,6 +19,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
@@ -252,7 +253,7 @@ func (rp *rawProvider) typ() string {
 func (p *parser) rawProvider(md *toml.MetaData, name string, prim toml.Primitive) *rawProvider {
 	e := p.entry("providers", name)
 	if !ValidMerchantID(name) {
-		e.errf("", "invalid provider name: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
+		e.errf("", "invalid provider name: use %s", errcode.MerchantIDGrammar)
 	}
 	rp := &rawProvider{name: name, line: p.line("providers", name)}
 	rp.ok = e.decode(md, prim, &rp.raw)
@@ -366,7 +367,7 @@ const (
 func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, table any, raw *merchantTOML) (*entry, Merchant, uint8) {
 	e := p.entry("merchants", id)
 	if id != WildcardID && !ValidMerchantID(id) {
-		e.errf("", "invalid merchant id: use 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or a digit")
+		e.errf("", "invalid merchant id: use %s", errcode.MerchantIDGrammar)
 	}
 	if !e.decode(md, prim, table) {
 		return e, Merchant{ID: id, Terms: new(Terms)}, merchantBad | merchantUndecoded

@@ -14,6 +14,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
@@ -199,7 +200,7 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	}
 	if !config.ValidMerchantID(id) {
 		return &Error{Status: http.StatusNotFound,
-			Err: fmt.Errorf("%.130q is not a merchant id (1 to 128 letters, digits and . _ - : @, starting with a letter or a digit)", id)}
+			Err: fmt.Errorf("%.130q is not a merchant id (%s)", id, errcode.MerchantIDGrammar)}
 	}
 	if err := running(in); err != nil {
 		return err

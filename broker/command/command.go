@@ -17,6 +17,7 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -209,7 +210,7 @@ func RefreshToken(std IO, request AdminRequest, address func() (string, error), 
 		return errors.New("--merchant is required: the id of a merchant of the registry")
 	}
 	if !config.ValidMerchantID(merchant) {
-		return fmt.Errorf("--merchant %q is not a merchant id (1 to 128 letters, digits and . _ - : @, starting with a letter or a digit): give the id of a merchant of the registry", merchant)
+		return fmt.Errorf("--merchant %q is not a merchant id (%s): give the id of a merchant of the registry", merchant, errcode.MerchantIDGrammar)
 	}
 	line, err := bufio.NewReader(io.LimitReader(std.In, 64<<10)).ReadString('\n')
 	if err != nil && !errors.Is(err, io.EOF) {

@@ -20,6 +20,11 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
+// MerchantIDGrammar says in words what a merchant id (or a provider name)
+// is, as config.ValidMerchantID checks it: every message about a
+// malformed id gives it.
+const MerchantIDGrammar = "1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or digit"
+
 // Code is an error code. The zero Code is no error.
 type Code uint8
 
@@ -90,7 +95,7 @@ var rules = [count]rule{
 	AmbiguousMerchant: {name: "ambiguous_merchant", status: http.StatusBadRequest,
 		message: "the request names the merchant more than once: send one merchant header with one value"},
 	InvalidMerchant: {name: "invalid_merchant", status: http.StatusBadRequest,
-		message: "the merchant id is malformed: 1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or digit"},
+		message: "the merchant id is malformed: " + MerchantIDGrammar},
 	UnknownMerchant: {name: "unknown_merchant", status: http.StatusForbidden,
 		message: "this merchant is not in the token broker's registry: check the merchant id the request sends; if it is right, the token broker's operator must add the merchant to the registry (a [merchants.ID] table) and reload, and until then retrying will not help"},
 	UnlistedOrganisation: {name: "unlisted_organisation", status: http.StatusForbidden,
