@@ -79,8 +79,9 @@ type Policy struct {
 	now      func() time.Time
 	// verifier is nil until the issuer's key-set URL is known.
 	verifier atomic.Pointer[oidc.IDTokenVerifier]
-	// discovery holds a token while a request finds the key-set URL; the
-	// others wait for it as long as their context allows.
+	// discovery is a semaphore of one (a channel of capacity 1): a request
+	// holds a value in it while it finds the key-set URL; the others wait
+	// for room as long as their context allows.
 	discovery chan struct{}
 	ctx       context.Context
 	// verified remembers the subjects of JWTs already verified, by the
@@ -208,7 +209,7 @@ func (p *Policy) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error)
 	case p.discovery <- struct{}{}:
 		defer func() { <-p.discovery }()
 	case <-ctx.Done():
-		return nil, fmt.Errorf("discovering the caller issuer %s: the request ended while another one was discovering it: %w", p.issuer, ctx.Err())
+		return nil, fmt.Errorf("the request ended before the caller issuer %s was discovered: %w", p.issuer, ctx.Err())
 	}
 	if v := p.verifier.Load(); v != nil {
 		return v, nil
