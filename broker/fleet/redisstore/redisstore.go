@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -79,7 +80,8 @@ type TLS struct {
 // Plan is a checked Settings: what Open builds a tier from.
 type Plan struct {
 	// Key identifies the settings (secrets included, so that a changed
-	// key makes another plan) without revealing them.
+	// key makes another plan) and the content of the TLS files they name,
+	// without revealing them.
 	Key string
 	// Timeout, MaxTimeout and LockTTL are the settings with their
 	// defaults.
@@ -147,10 +149,35 @@ func Prepare(s Settings) (*Plan, error) {
 		}
 	}
 	fleet.ClientOptions(opts, s.Timeout, s.MaxTimeout)
-	settings, _ := json.Marshal(s)
-	sum := sha256.Sum256(settings)
-	return &Plan{Key: "redis " + hex.EncodeToString(sum[:]), Timeout: s.Timeout, MaxTimeout: s.MaxTimeout, LockTTL: s.LockTTL, OldKeys: len(old),
+	key, err := planKey(s)
+	if err != nil {
+		return nil, err
+	}
+	return &Plan{Key: key, Timeout: s.Timeout, MaxTimeout: s.MaxTimeout, LockTTL: s.LockTTL, OldKeys: len(old),
 		s: s, keys: keys, opts: opts}, nil
+}
+
+// planKey hashes the settings and the content of the TLS files they name,
+// so that a replaced CA bundle, client certificate or key makes another
+// plan.
+func planKey(s Settings) (string, error) {
+	h := sha256.New()
+	settings, _ := json.Marshal(s)
+	h.Write(settings)
+	if s.TLS != nil {
+		for _, name := range []string{s.TLS.CA, s.TLS.Cert, s.TLS.Key} {
+			if name == "" {
+				continue
+			}
+			b, err := os.ReadFile(name)
+			if err != nil {
+				return "", fmt.Errorf("tls: %w", err)
+			}
+			fmt.Fprintf(h, "\x00%d:", len(b))
+			h.Write(b)
+		}
+	}
+	return "redis " + hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // config builds the client TLS configuration.
