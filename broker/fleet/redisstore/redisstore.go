@@ -180,36 +180,27 @@ func planKey(s Settings) (string, error) {
 	return "redis " + hex.EncodeToString(h.Sum(nil)), nil
 }
 
-// config builds the client TLS configuration.
+// config builds the client TLS configuration (httpclient.TLSOptions);
+// without files nor server name, TLS with the system roots.
 func (t *TLS) config() (*tls.Config, error) {
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
-	if t.CA != "" {
-		pool, err := httpclient.CertPool(t.CA)
-		if err != nil {
-			return nil, fmt.Errorf("tls ca: %w", err)
-		}
-		cfg.RootCAs = pool
-	}
 	if (t.Cert == "") != (t.Key == "") {
 		return nil, errors.New("tls cert and key go together: set both or neither")
 	}
-	if t.Cert != "" {
-		pair, err := tls.LoadX509KeyPair(t.Cert, t.Key)
-		if err != nil {
-			return nil, fmt.Errorf("tls cert %s / key %s: %w", t.Cert, t.Key, err)
-		}
-		cfg.Certificates = []tls.Certificate{pair}
+	cfg, err := httpclient.TLSOptions{CertFile: t.Cert, KeyFile: t.Key, CAFile: t.CA, ServerName: t.ServerName}.Config()
+	if err != nil {
+		return nil, fmt.Errorf("tls: %w", err)
+	}
+	if cfg == nil {
+		cfg = &tls.Config{MinVersion: tls.VersionTLS12}
 	}
 	return cfg, nil
 }
 
-// Tier is a Redis client, the shared tier over it and the tier's
-// metrics. Destruct it when done.
+// Tier is a Redis client and the shared tier over it. Destruct it when
+// done.
 type Tier struct {
-	// Cache is the shared tier.
+	// Cache is the shared tier; Cache.Metrics counts what it does.
 	Cache *fleet.Cache
-	// Metrics count what the tier does.
-	Metrics *fleet.Metrics
 
 	client redis.UniversalClient
 }
@@ -225,7 +216,7 @@ func (p *Plan) Open(logger *zap.Logger) (*Tier, error) {
 		client.Close()
 		return nil, err
 	}
-	return &Tier{Cache: cache, Metrics: cache.Metrics(), client: client}, nil
+	return &Tier{Cache: cache, client: client}, nil
 }
 
 // Destruct closes the tier and its client, so that a Tier can be kept in
