@@ -3,6 +3,7 @@ package redisstore
 import (
 	"context"
 	"crypto/rsa"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
@@ -142,5 +143,45 @@ func TestPrepareKeyFollowsTLSFiles(t *testing.T) {
 		} else {
 			last = got
 		}
+	}
+}
+
+// The tls settings: the bare flag connects with TLS and the system roots,
+// a server name and a CA bundle are used, a certificate needs its key, and
+// a file that cannot be read is named in the error.
+func TestTLSConfig(t *testing.T) {
+	srv := httptest.NewTLSServer(nil)
+	defer srv.Close()
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name     string
+		tls      TLS
+		wantRoot bool
+		wantErr  string
+	}{
+		{name: "bare flag"},
+		{name: "server name and CA", tls: TLS{ServerName: "redis.internal", CA: ca}, wantRoot: true},
+		{name: "cert without key", tls: TLS{Cert: "/c.pem"}, wantErr: "tls cert and key go together"},
+		{name: "missing CA", tls: TLS{CA: "/nonexistent/ca.pem"}, wantErr: "tls: CA bundle: open /nonexistent/ca.pem"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := tt.tls.config()
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("config() error %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg == nil || cfg.MinVersion != tls.VersionTLS12 || cfg.ServerName != tt.tls.ServerName || (cfg.RootCAs != nil) != tt.wantRoot {
+				t.Fatalf("config() = %+v; want TLS 1.2 at least, server name %q, own roots %v", cfg, tt.tls.ServerName, tt.wantRoot)
+			}
+		})
 	}
 }
