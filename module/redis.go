@@ -75,8 +75,7 @@ type RedisConfig struct {
 	// timeout and while calls queue for a connection), from Timeout to
 	// TimeoutMax. Redis that cannot be reached is treated as down at once
 	// (the broker mints locally); timeouts only when they last 5s (or
-	// twice TimeoutMax) without an answer. At most a quarter of the fetch
-	// timeout. Default 50ms.
+	// twice TimeoutMax) without an answer. Default 50ms.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
 	// TimeoutMax is the longest bound of a Redis call, from Timeout to a
 	// quarter of the fetch timeout. Default 2s (within those limits).

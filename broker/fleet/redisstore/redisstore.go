@@ -46,8 +46,8 @@ type Settings struct {
 	EncryptionKeysOld []string
 	// PlainKeys names Redis keys by the cache key, not its HMAC.
 	PlainKeys bool
-	// Timeout is the shortest bound of a Redis call (fleet.Options), at
-	// most a quarter of FetchTimeout. Default fleet.DefaultTimeout.
+	// Timeout is the shortest bound of a Redis call (fleet.Options).
+	// Default fleet.DefaultTimeout.
 	Timeout time.Duration
 	// MaxTimeout is the longest bound of a Redis call, from Timeout to a
 	// quarter of FetchTimeout. Default fleet.DefaultMaxTimeout, within
@@ -129,8 +129,6 @@ func Prepare(s Settings) (*Plan, error) {
 		s.FetchTimeout = broker.DefaultFetchTimeout
 	}
 	switch {
-	case s.Timeout > s.FetchTimeout/4:
-		return nil, fmt.Errorf("timeout %s is longer than a quarter of fetch_timeout %s: a lookup makes several Redis calls and would outlive its fetch; lower timeout (the shortest bound of a Redis call)", s.Timeout, s.FetchTimeout)
 	case s.MaxTimeout == 0:
 		s.MaxTimeout = max(s.Timeout, min(fleet.DefaultMaxTimeout, s.FetchTimeout/4))
 	case s.MaxTimeout < s.Timeout:

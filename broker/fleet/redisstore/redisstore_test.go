@@ -54,17 +54,6 @@ func TestPrepareTimeouts(t *testing.T) {
 	}
 }
 
-// A timeout longer than a quarter of the fetch timeout is refused, as
-// timeout_max would be: it would make the longest bound of a Redis call
-// (at least the shortest) longer than a lookup can spend on Redis.
-func TestPrepareTimeoutBeyondFetchTimeout(t *testing.T) {
-	key := base64.StdEncoding.EncodeToString([]byte(strings.Repeat("k", 32)))
-	_, err := Prepare(Settings{Address: []string{"127.0.0.1:1"}, EncryptionKey: key, Timeout: 10 * time.Second, FetchTimeout: 30 * time.Second})
-	if err == nil || !strings.Contains(err.Error(), "timeout 10s is longer than a quarter of fetch_timeout 30s") {
-		t.Fatalf("Prepare with timeout 10s and fetch_timeout 30s: %v; want an error naming both", err)
-	}
-}
-
 // Destruct closes the tier and its client: the client answers no more
 // calls.
 func TestTierDestructCloses(t *testing.T) {
