@@ -317,11 +317,7 @@ type Options struct {
 // path is a file, a directory (every *.toml file in it) or a glob (see
 // Files).
 func LoadWith(path string, opts Options) (*Registry, error) {
-	paths, err := Files(path)
-	if err != nil {
-		return nil, err
-	}
-	srcs, err := ReadSources(paths)
+	srcs, err := ReadSources(path)
 	if err != nil {
 		return nil, err
 	}

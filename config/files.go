@@ -103,8 +103,12 @@ func Files(pattern string) ([]string, error) {
 	return files, nil
 }
 
-// ReadSources reads the files named.
-func ReadSources(paths []string) ([]Source, error) {
+// ReadSources reads the files of the registry that pattern names (Files).
+func ReadSources(pattern string) ([]Source, error) {
+	paths, err := Files(pattern)
+	if err != nil {
+		return nil, err
+	}
 	srcs := make([]Source, len(paths))
 	for i, path := range paths {
 		data, err := os.ReadFile(path)

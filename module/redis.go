@@ -35,7 +35,7 @@ import (
 //	    lock_ttl       35s
 //	}
 //
-// The tier's series on Caddy's /metrics are those of redisstore.Metrics.
+// The tier's series on Caddy's /metrics are those of fleet.Metrics.
 type RedisConfig struct {
 	// Address is the Redis address (host:port), or several: the nodes of a
 	// cluster, or sentinels when MasterName is set.
@@ -121,7 +121,7 @@ func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, l
 	}
 	tier := val.(*redisstore.Tier)
 	if reg := ctx.GetMetricsRegistry(); reg != nil {
-		if err := tier.Metrics.Register(reg); err != nil {
+		if err := tier.Cache.Metrics().Register(reg); err != nil {
 			fleets.Delete(plan.Key)
 			return nil, "", fmt.Errorf("token_broker: %w", err)
 		}

@@ -136,7 +136,7 @@ func TestProvisionRedis(t *testing.T) {
 				t.Fatalf("Fetch with redis down: adopted=%v err=%v", adopted, err)
 			}
 			reg := prometheus.NewRegistry()
-			if err := tier.Metrics.Register(reg); err != nil {
+			if err := tier.Cache.Metrics().Register(reg); err != nil {
 				t.Fatal(err)
 			}
 			if got := counterValue(t, reg, "caddy_token_broker_l2_bypassed_total"); got != 1 {

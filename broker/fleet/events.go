@@ -46,11 +46,11 @@ func (c *Cache) publish(ctx context.Context, e event) error {
 	var logErr error
 	if e.Kind == "purge" {
 		logErr = c.do(ctx, "publish", func(ctx context.Context) error {
-			return c.rdb.XAdd(ctx, &redis.XAddArgs{Stream: c.purgeLog(), MaxLen: purgeLogLen, Approx: true, Values: []any{"e", b}}).Err()
+			return c.opts.Client.XAdd(ctx, &redis.XAddArgs{Stream: c.purgeLog(), MaxLen: purgeLogLen, Approx: true, Values: []any{"e", b}}).Err()
 		})
 	}
 	return errors.Join(logErr, c.do(ctx, "publish", func(ctx context.Context) error {
-		return c.rdb.Publish(ctx, c.channel, b).Err()
+		return c.opts.Client.Publish(ctx, c.channel, b).Err()
 	}))
 }
 
@@ -91,14 +91,14 @@ func (c *Cache) heard(e event, count bool) {
 	if !ok || name == "" {
 		return
 	}
-	key, err := c.keys.Open(e.Key, purgeAD(name))
+	key, err := c.opts.Keys.Open(e.Key, purgeAD(name))
 	if err != nil {
 		c.metrics.undecryptable.Inc()
-		c.log.Warn("ignoring a purge announcement that does not open (another encryption key?)", zap.Error(err))
+		c.opts.Logger.Warn("ignoring a purge announcement that does not open (another encryption key?)", zap.Error(err))
 		return
 	}
 	if len(e.Floor) > 0 {
-		if fl, err := c.keys.Open(e.Floor, floorAD(name)); err == nil && len(fl) == 16 {
+		if fl, err := c.opts.Keys.Open(e.Floor, floorAD(name)); err == nil && len(fl) == 16 {
 			c.vers.raise(string(key), int64(binary.BigEndian.Uint64(fl)), int64(binary.BigEndian.Uint64(fl[8:])), c.opts.Now())
 		}
 	}
@@ -129,9 +129,9 @@ func (c *Cache) catchUp(count bool) {
 	defer cancel()
 	// Not through the breaker: the subscription was just confirmed, so
 	// Redis answers, and the breaker may still be open from the outage.
-	entries, err := c.rdb.XRange(ctx, c.purgeLog(), "("+c.logged, "+").Result()
+	entries, err := c.opts.Client.XRange(ctx, c.purgeLog(), "("+c.logged, "+").Result()
 	if err != nil {
-		c.log.Warn("reading the purge log after the announcement channel reconnected; purges announced meanwhile may be missed until the tokens expire",
+		c.opts.Logger.Warn("reading the purge log after the announcement channel reconnected; purges announced meanwhile may be missed until the tokens expire",
 			zap.Error(err))
 		return
 	}

@@ -205,8 +205,6 @@ func callBounds(timeout, maxTimeout time.Duration) (time.Duration, time.Duration
 // It is safe for concurrent use.
 type Cache struct {
 	opts     Options
-	rdb      redis.UniversalClient
-	keys     *seal.Keyring
 	nameKeys [][]byte // name keys, current first (only it with PlainKeys)
 	locker   *redislock.Client
 	node     string
@@ -214,7 +212,6 @@ type Cache struct {
 	br       *breaker.Breaker
 	timeouts *callTimeout
 	metrics  *Metrics
-	log      *zap.Logger
 	// availability is told when Redis becomes unavailable and available
 	// again (OnAvailability).
 	availability atomic.Pointer[func(up bool, err error)]
@@ -267,14 +264,11 @@ func New(opts Options) (*Cache, error) {
 	}
 	c := &Cache{
 		opts:     opts,
-		rdb:      opts.Client,
-		keys:     opts.Keys,
 		nameKeys: opts.Keys.Derive("token_broker redis key names"),
 		locker:   redislock.New(opts.Client),
 		node:     hex.EncodeToString(id),
 		channel:  opts.KeyPrefix + "events",
 		metrics:  newMetrics(),
-		log:      opts.Logger,
 		waiters:  map[string]map[chan struct{}]struct{}{},
 		done:     make(chan struct{}),
 		logged:   "0-0",
@@ -286,7 +280,7 @@ func New(opts Options) (*Cache, error) {
 	}
 	c.br = &breaker.Breaker{Threshold: BreakerThreshold, Cooldown: BreakerCooldown, SlowSpan: opts.SlowSpan}
 	c.timeouts = newCallTimeout(opts.Timeout, opts.MaxTimeout, poolSize(opts.Client))
-	c.ps = c.rdb.Subscribe(context.Background())
+	c.ps = opts.Client.Subscribe(context.Background())
 	// Wait (briefly) for the subscription to be confirmed, so that this
 	// node hears announcements made right after New returns, then apply
 	// the purges logged before. If Redis is down, the channel subscribes
@@ -306,7 +300,7 @@ func New(opts Options) (*Cache, error) {
 // Client is the Redis client the Cache runs on (Options.Client), for the
 // broker's other users of the same Redis (the token-request budgets). The
 // Cache does not close it.
-func (c *Cache) Client() redis.UniversalClient { return c.rdb }
+func (c *Cache) Client() redis.UniversalClient { return c.opts.Client }
 
 // KeyPrefix starts every Redis key of the Cache: Options.KeyPrefix, or
 // DefaultKeyPrefix when that is not set.
@@ -462,11 +456,11 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	switch {
 	case from == breaker.Closed && to == breaker.Open:
 		c.metrics.openings.Inc()
-		c.log.Warn("redis unavailable: minting locally without the shared tier until it answers again",
+		c.opts.Logger.Warn("redis unavailable: minting locally without the shared tier until it answers again",
 			zap.Duration("cooldown", BreakerCooldown), zap.Error(err))
 		c.tellAvailability(false, err)
 	case from != breaker.Closed && to == breaker.Closed:
-		c.log.Info("redis available again: sharing tokens with the fleet")
+		c.opts.Logger.Info("redis available again: sharing tokens with the fleet")
 		c.tellAvailability(true, nil)
 	}
 	return outcome == breaker.Slow && to != breaker.Open && call.base < c.opts.MaxTimeout, err
@@ -538,7 +532,7 @@ func (c *Cache) encode(key string, tok broker.Token, ver int64) ([]byte, error) 
 		return nil, err
 	}
 	fp := tok.Fingerprint()
-	sealed, err := c.keys.Seal(pt, tokenAD(key, fp))
+	sealed, err := c.opts.Keys.Seal(pt, tokenAD(key, fp))
 	if err != nil {
 		return nil, err
 	}
@@ -553,7 +547,7 @@ func (c *Cache) decode(key string, b []byte) (tok broker.Token, ver int64, ok bo
 		return broker.Token{}, 0, false
 	}
 	fp := string(b[:fpLen])
-	pt, err := c.keys.Open(b[fpLen:], tokenAD(key, fp))
+	pt, err := c.opts.Keys.Open(b[fpLen:], tokenAD(key, fp))
 	if err != nil {
 		c.undecryptable(key, err)
 		return broker.Token{}, 0, false
@@ -577,13 +571,13 @@ func (c *Cache) decode(key string, b []byte) (tok broker.Token, ver int64, ok bo
 // seen for its key, which is then ignored.
 func (c *Cache) rolledBack(redisKey string) {
 	c.metrics.rolledBack.Inc()
-	c.log.Warn("ignoring a value in redis older than one this node has seen for its key (an old value written back: a purged token, a spent refresh token, or a failover that lost the newest write)",
+	c.opts.Logger.Warn("ignoring a value in redis older than one this node has seen for its key (an old value written back: a purged token, a spent refresh token, or a failover that lost the newest write)",
 		zap.String("redis_key", redisKey))
 }
 
 func (c *Cache) undecryptable(key string, err error) {
 	c.metrics.undecryptable.Inc()
-	c.log.Warn("ignoring a value in redis that does not open (another encryption key, or altered); it will be replaced",
+	c.opts.Logger.Warn("ignoring a value in redis that does not open (another encryption key, or altered); it will be replaced",
 		zap.String("redis_key", c.tokenKey(key)), zap.Error(err))
 }
 
@@ -622,7 +616,7 @@ func (c *Cache) get(ctx context.Context, name string) ([]byte, error) {
 	var b []byte
 	err := c.do(ctx, "get", func(ctx context.Context) error {
 		var err error
-		b, err = c.rdb.Get(ctx, name).Bytes()
+		b, err = c.opts.Client.Get(ctx, name).Bytes()
 		return err
 	})
 	return b, err
@@ -640,11 +634,11 @@ func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
 	c.vers.saw(key, ver, tok.Fingerprint(), tok.Expiry, now)
 	b, err := c.encode(key, tok, ver)
 	if err != nil {
-		c.log.Error("sealing a token for redis", zap.Error(err))
+		c.opts.Logger.Error("sealing a token for redis", zap.Error(err))
 		return
 	}
 	_ = c.do(ctx, "set", func(ctx context.Context) error {
-		return c.rdb.Set(ctx, c.tokenKey(key), b, ttl).Err()
+		return c.opts.Client.Set(ctx, c.tokenKey(key), b, ttl).Err()
 	})
 }
 
@@ -737,7 +731,7 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			// timeout, at most LockTTL): this one is stuck. The wait runs
 			// on real timers, so it is measured on the real clock as well
 			// as on Options.Now.
-			c.log.Warn("waited lock_ttl for another node's lock of a key: minting without it",
+			c.opts.Logger.Warn("waited lock_ttl for another node's lock of a key: minting without it",
 				zap.String("redis_key", c.lockKey(subject)), zap.Duration("lock_ttl", c.opts.LockTTL))
 			c.metrics.bypassed.Inc()
 			return c.mintUnlocked(ctx, key, subject, mint)
@@ -812,7 +806,7 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 		var deleted string
 		err := c.do(ctx, "purge", func(ctx context.Context) error {
 			var err error
-			deleted, err = purgeScript.Run(ctx, c.rdb, []string{name}, fingerprint).Text()
+			deleted, err = purgeScript.Run(ctx, c.opts.Client, []string{name}, fingerprint).Text()
 			return err
 		})
 		if err != nil && !errors.Is(err, redis.Nil) {
@@ -826,11 +820,11 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 	}
 	e := event{Kind: "purge", Subject: "tok:" + c.name(key), Fingerprint: fingerprint}
 	var err error
-	if e.Key, err = c.keys.Seal([]byte(key), purgeAD(c.name(key))); err != nil {
+	if e.Key, err = c.opts.Keys.Seal([]byte(key), purgeAD(c.name(key))); err != nil {
 		return err
 	}
 	if floor, until, ok := c.vers.purge(key, fingerprint, c.opts.Now()); ok {
-		if e.Floor, err = c.keys.Seal(binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(floor)), uint64(until)), floorAD(c.name(key))); err != nil {
+		if e.Floor, err = c.opts.Keys.Seal(binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(floor)), uint64(until)), floorAD(c.name(key))); err != nil {
 			return err
 		}
 	}

@@ -90,7 +90,7 @@ func (c *Cache) waitLock(ctx context.Context, subject string, wake <-chan struct
 	var ttl time.Duration
 	err := c.do(ctx, "pttl", func(ctx context.Context) error {
 		var err error
-		ttl, err = c.rdb.PTTL(ctx, c.lockKey(subject)).Result()
+		ttl, err = c.opts.Client.PTTL(ctx, c.lockKey(subject)).Result()
 		return err
 	})
 	if err != nil {
@@ -136,7 +136,7 @@ func (c *Cache) repairLock(ctx context.Context, subject string) (time.Duration, 
 	var set int64
 	err := c.do(ctx, "lock", func(ctx context.Context) error {
 		var err error
-		set, err = repairScript.Run(ctx, c.rdb, []string{c.lockKey(subject)}, ttl.Milliseconds()).Int64()
+		set, err = repairScript.Run(ctx, c.opts.Client, []string{c.lockKey(subject)}, ttl.Milliseconds()).Int64()
 		return err
 	})
 	if err != nil {
@@ -145,7 +145,7 @@ func (c *Cache) repairLock(ctx context.Context, subject string) (time.Duration, 
 	if set == 0 {
 		return 0, nil
 	}
-	c.log.Warn("a fleet lock in redis had no expiry (set by hand, a bug, or a failover that lost it): gave it one; the key is free once it expires",
+	c.opts.Logger.Warn("a fleet lock in redis had no expiry (set by hand, a bug, or a failover that lost it): gave it one; the key is free once it expires",
 		zap.String("redis_key", c.lockKey(subject)), zap.Duration("expiry", ttl))
 	return ttl, nil
 }

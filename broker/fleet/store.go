@@ -58,7 +58,7 @@ const rtMarker = 0x01
 
 // rtOpen opens a sealed refresh token of key: the token and its version.
 func (s *Store) rtOpen(key string, sealed []byte) (broker.Secret, int64, error) {
-	pt, err := s.c.keys.Open(sealed, rtAD(key))
+	pt, err := s.c.opts.Keys.Open(sealed, rtAD(key))
 	if err != nil {
 		return "", 0, err
 	}
@@ -113,7 +113,7 @@ func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
 		rt, ver, err := s.rtOpen(key, b)
 		if err != nil {
 			s.c.metrics.undecryptable.Inc()
-			s.c.log.Warn("a refresh token in redis does not open", zap.String("redis_key", name), zap.Error(err))
+			s.c.opts.Logger.Warn("a refresh token in redis does not open", zap.String("redis_key", name), zap.Error(err))
 			return "", fmt.Errorf("fleet: refresh token of %s (%s): %w", key, name, ErrRefreshTokenSealed)
 		}
 		if newest := s.c.rts.newer(key, ver, b); newest.ver > ver {
@@ -125,7 +125,7 @@ func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
 			}
 			// Put back unless it changed meanwhile (a Save elsewhere).
 			_ = s.c.do(context.WithoutCancel(ctx), "set", func(ctx context.Context) error {
-				return restoreScript.Run(ctx, s.c.rdb, []string{name}, b, newest.sealed).Err()
+				return restoreScript.Run(ctx, s.c.opts.Client, []string{name}, b, newest.sealed).Err()
 			})
 		}
 		return rt, nil
@@ -150,19 +150,19 @@ func (s *Store) Save(ctx context.Context, key string, rt broker.Secret) error {
 		}
 	}
 	pt := append(binary.BigEndian.AppendUint64([]byte{rtMarker}, uint64(ver)), rt.Reveal()...)
-	sealed, err := s.c.keys.Seal(pt, rtAD(key))
+	sealed, err := s.c.opts.Keys.Seal(pt, rtAD(key))
 	if err != nil {
 		return err
 	}
 	if err := s.c.do(ctx, "set", func(ctx context.Context) error {
-		return s.c.rdb.Set(ctx, name, sealed, 0).Err()
+		return s.c.opts.Client.Set(ctx, name, sealed, 0).Err()
 	}); err != nil {
 		return fmt.Errorf("fleet: saving the refresh token of %s to redis: %w", key, err)
 	}
 	s.c.rts.newer(key, ver, sealed)
 	for _, nk := range s.c.nameKeys[1:] {
 		old := s.redisKey(nk, key)
-		_ = s.c.do(ctx, "del", func(ctx context.Context) error { return s.c.rdb.Del(ctx, old).Err() })
+		_ = s.c.do(ctx, "del", func(ctx context.Context) error { return s.c.opts.Client.Del(ctx, old).Err() })
 	}
 	return nil
 }

@@ -15,7 +15,7 @@ import (
 // included; a value stored without one (by an older broker) opens with
 // none.
 func TestTokenEncodingRoundTrip(t *testing.T) {
-	c := &Cache{keys: testKeys(t, 1), metrics: newMetrics(), log: zap.NewNop()}
+	c := &Cache{opts: Options{Keys: testKeys(t, 1), Logger: zap.NewNop()}, metrics: newMetrics()}
 	issued := time.Date(2030, 1, 1, 10, 0, 0, 123, time.UTC)
 	full := broker.Token{Value: "secret-token-abcdef", Type: "Bearer", Expiry: issued.Add(time.Hour), ID: "t-1",
 		Scopes: []string{"payments", "accounts"}, IssuedAt: issued, RefreshAt: issued.Add(50*time.Minute + 7*time.Second)}
@@ -35,7 +35,7 @@ func TestTokenEncodingRoundTrip(t *testing.T) {
 	// What a broker without planned refreshes stored.
 	old := fmt.Sprintf(`{"v":"secret-token-abcdef","t":"Bearer","e":%d,"i":%d,"w":7}`, full.Expiry.UnixNano(), issued.UnixNano())
 	fp := full.Fingerprint()
-	sealed, err := c.keys.Seal([]byte(old), tokenAD(testKey, fp))
+	sealed, err := c.opts.Keys.Seal([]byte(old), tokenAD(testKey, fp))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,16 +1,16 @@
 package fleet
 
 import (
-	"context"
 	"errors"
 	"net"
-	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
 // callTimeout is the bound of each Redis call, adapted to how fast Redis
@@ -108,9 +108,5 @@ func isSlow(err error) bool {
 	if op := (*net.OpError)(nil); errors.As(err, &op) && op.Op == "dial" {
 		return false
 	}
-	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, redis.ErrPoolTimeout) {
-		return true
-	}
-	ne := net.Error(nil)
-	return errors.As(err, &ne) && ne.Timeout()
+	return broker.IsTimeout(err) || errors.Is(err, redis.ErrPoolTimeout)
 }

@@ -8,6 +8,8 @@ package kvstore
 
 import (
 	"context"
+	"errors"
+	"io/fs"
 	"net/url"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -54,7 +56,7 @@ func refreshKey(key string) string { return RefreshTokenPrefix + url.PathEscape(
 // Load returns the stored refresh token of key.
 func (st Refresh) Load(ctx context.Context, key string) (broker.Secret, error) {
 	b, err := st.S.Load(ctx, refreshKey(key))
-	if isNotExist(err) || (err == nil && len(b) == 0) {
+	if errors.Is(err, fs.ErrNotExist) || (err == nil && len(b) == 0) {
 		return "", oauth.ErrNoRefreshToken
 	}
 	if err != nil {

@@ -14,9 +14,6 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
-// isNotExist reports whether err says that a key is not in the storage.
-func isNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }
-
 // Pending keeps consents in progress in S, under token_broker/consents/
 // (link/<hash> and state/<hash>, see oauth.Pendings; result/<hash>, see
 // consentpage.Results): each value is its expiry (8 bytes, Unix seconds,
@@ -43,7 +40,7 @@ func (st Pending) Put(ctx context.Context, key string, val []byte, expires time.
 // load reads the sealed record under name.
 func (st Pending) load(ctx context.Context, name string) ([]byte, error) {
 	b, err := st.S.Load(ctx, name)
-	if isNotExist(err) || err == nil && len(b) < pendingHeader {
+	if errors.Is(err, fs.ErrNotExist) || err == nil && len(b) < pendingHeader {
 		return nil, oauth.ErrUnknownPending
 	}
 	if err != nil {
@@ -81,7 +78,7 @@ func (st Pending) Sweep(ctx context.Context, now time.Time) (deleted, left int, 
 	var errs []error
 	for _, kind := range []string{"link", "state", "result"} {
 		keys, err := st.S.List(ctx, PendingPrefix+kind, false)
-		if isNotExist(err) {
+		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
 		if err != nil {
@@ -93,7 +90,7 @@ func (st Pending) Sweep(ctx context.Context, now time.Time) (deleted, left int, 
 				continue
 			}
 			b, err := st.S.Load(ctx, k)
-			if isNotExist(err) {
+			if errors.Is(err, fs.ErrNotExist) {
 				continue
 			}
 			if err != nil {
@@ -104,7 +101,7 @@ func (st Pending) Sweep(ctx context.Context, now time.Time) (deleted, left int, 
 				left++
 				continue
 			}
-			if err := st.S.Delete(ctx, k); err != nil && !isNotExist(err) {
+			if err := st.S.Delete(ctx, k); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				errs = append(errs, err)
 				continue
 			}

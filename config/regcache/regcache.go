@@ -59,11 +59,7 @@ type file struct {
 // this load parsed. storeKey names where refresh tokens go (the store is
 // fixed when the registry is resolved).
 func (c *Cache) Load(path string, opts config.Options, storeKey string) (reg *config.Registry, key string, parsed int, err error) {
-	paths, err := config.Files(path)
-	if err != nil {
-		return nil, "", 0, err
-	}
-	srcs, err := config.ReadSources(paths)
+	srcs, err := config.ReadSources(path)
 	if err != nil {
 		return nil, "", 0, err
 	}

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -79,7 +80,8 @@ type TLS struct {
 // Plan is a checked Settings: what Open builds a tier from.
 type Plan struct {
 	// Key identifies the settings (secrets included, so that a changed
-	// key makes another plan) without revealing them.
+	// key makes another plan) and the content of the TLS files they name,
+	// without revealing them.
 	Key string
 	// Timeout, MaxTimeout and LockTTL are the settings with their
 	// defaults.
@@ -147,42 +149,58 @@ func Prepare(s Settings) (*Plan, error) {
 		}
 	}
 	fleet.ClientOptions(opts, s.Timeout, s.MaxTimeout)
-	settings, _ := json.Marshal(s)
-	sum := sha256.Sum256(settings)
-	return &Plan{Key: "redis " + hex.EncodeToString(sum[:]), Timeout: s.Timeout, MaxTimeout: s.MaxTimeout, LockTTL: s.LockTTL, OldKeys: len(old),
+	key, err := planKey(s)
+	if err != nil {
+		return nil, err
+	}
+	return &Plan{Key: key, Timeout: s.Timeout, MaxTimeout: s.MaxTimeout, LockTTL: s.LockTTL, OldKeys: len(old),
 		s: s, keys: keys, opts: opts}, nil
 }
 
-// config builds the client TLS configuration.
-func (t *TLS) config() (*tls.Config, error) {
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.ServerName}
-	if t.CA != "" {
-		pool, err := httpclient.CertPool(t.CA)
-		if err != nil {
-			return nil, fmt.Errorf("tls ca: %w", err)
+// planKey hashes the settings and the content of the TLS files they name,
+// so that a replaced CA bundle, client certificate or key makes another
+// plan.
+func planKey(s Settings) (string, error) {
+	h := sha256.New()
+	settings, _ := json.Marshal(s)
+	h.Write(settings)
+	if s.TLS != nil {
+		for _, name := range []string{s.TLS.CA, s.TLS.Cert, s.TLS.Key} {
+			if name == "" {
+				continue
+			}
+			b, err := os.ReadFile(name)
+			if err != nil {
+				return "", fmt.Errorf("tls: %w", err)
+			}
+			fmt.Fprintf(h, "\x00%d:", len(b))
+			h.Write(b)
 		}
-		cfg.RootCAs = pool
 	}
+	return "redis " + hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// config builds the client TLS configuration (httpclient.TLSOptions);
+// without files nor server name, TLS with the system roots.
+func (t *TLS) config() (*tls.Config, error) {
 	if (t.Cert == "") != (t.Key == "") {
 		return nil, errors.New("tls cert and key go together: set both or neither")
 	}
-	if t.Cert != "" {
-		pair, err := tls.LoadX509KeyPair(t.Cert, t.Key)
-		if err != nil {
-			return nil, fmt.Errorf("tls cert %s / key %s: %w", t.Cert, t.Key, err)
-		}
-		cfg.Certificates = []tls.Certificate{pair}
+	cfg, err := httpclient.TLSOptions{CertFile: t.Cert, KeyFile: t.Key, CAFile: t.CA, ServerName: t.ServerName}.Config()
+	if err != nil {
+		return nil, fmt.Errorf("tls: %w", err)
+	}
+	if cfg == nil {
+		cfg = &tls.Config{MinVersion: tls.VersionTLS12}
 	}
 	return cfg, nil
 }
 
-// Tier is a Redis client, the shared tier over it and the tier's
-// metrics. Destruct it when done.
+// Tier is a Redis client and the shared tier over it. Destruct it when
+// done.
 type Tier struct {
-	// Cache is the shared tier.
+	// Cache is the shared tier; Cache.Metrics counts what it does.
 	Cache *fleet.Cache
-	// Metrics count what the tier does.
-	Metrics *fleet.Metrics
 
 	client redis.UniversalClient
 }
@@ -198,7 +216,7 @@ func (p *Plan) Open(logger *zap.Logger) (*Tier, error) {
 		client.Close()
 		return nil, err
 	}
-	return &Tier{Cache: cache, Metrics: cache.Metrics(), client: client}, nil
+	return &Tier{Cache: cache, client: client}, nil
 }
 
 // Destruct closes the tier and its client, so that a Tier can be kept in

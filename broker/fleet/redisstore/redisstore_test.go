@@ -2,8 +2,16 @@ package redisstore
 
 import (
 	"context"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
+	"encoding/pem"
 	"errors"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -67,5 +75,102 @@ func TestTierDestructCloses(t *testing.T) {
 	}
 	if err := tier.Cache.Client().Ping(context.Background()).Err(); !errors.Is(err, redis.ErrClosed) {
 		t.Fatalf("ping after Destruct: %v, want %v", err, redis.ErrClosed)
+	}
+}
+
+// A plan's key follows the content of the TLS files it reads, not only
+// their paths: a reload after a CA bundle, a client certificate or its key
+// was replaced opens a new tier with them, and a reload that changed
+// nothing keeps the tier.
+func TestPrepareKeyFollowsTLSFiles(t *testing.T) {
+	srv := httptest.NewTLSServer(nil)
+	defer srv.Close()
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
+	keyDER, err := x509.MarshalPKCS8PrivateKey(srv.TLS.Certificates[0].PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
+	dir := t.TempDir()
+	files := &TLS{CA: filepath.Join(dir, "ca.pem"), Cert: filepath.Join(dir, "cert.pem"), Key: filepath.Join(dir, "key.pem")}
+	write := func(name string, b []byte) {
+		t.Helper()
+		if err := os.WriteFile(name, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(files.CA, certPEM)
+	write(files.Cert, certPEM)
+	write(files.Key, keyPEM)
+	encryptionKey := base64.StdEncoding.EncodeToString([]byte(strings.Repeat("k", 32)))
+	planKey := func() string {
+		t.Helper()
+		p, err := Prepare(Settings{Address: []string{"127.0.0.1:1"}, EncryptionKey: encryptionKey, TLS: files})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p.Key
+	}
+	last := planKey()
+	if again := planKey(); again != last {
+		t.Fatalf("the same settings and files gave two keys: %s, %s", last, again)
+	}
+	tests := []struct {
+		name string
+		file string
+		data []byte
+	}{
+		{name: "CA bundle with one more certificate", file: files.CA, data: append(slices.Clone(certPEM), certPEM...)},
+		{name: "client certificate with its chain", file: files.Cert, data: append(slices.Clone(certPEM), certPEM...)},
+		{name: "client key as PKCS#1", file: files.Key, data: pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY",
+			Bytes: x509.MarshalPKCS1PrivateKey(srv.TLS.Certificates[0].PrivateKey.(*rsa.PrivateKey))})},
+	}
+	for _, tt := range tests {
+		write(tt.file, tt.data)
+		if got := planKey(); got == last {
+			t.Errorf("%s: the plan's key did not change (a reload would keep the tier with the old TLS files)", tt.name)
+		} else {
+			last = got
+		}
+	}
+}
+
+// The tls settings: the bare flag connects with TLS and the system roots,
+// a server name and a CA bundle are used, a certificate needs its key, and
+// a file that cannot be read is named in the error.
+func TestTLSConfig(t *testing.T) {
+	srv := httptest.NewTLSServer(nil)
+	defer srv.Close()
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name     string
+		tls      TLS
+		wantRoot bool
+		wantErr  string
+	}{
+		{name: "bare flag"},
+		{name: "server name and CA", tls: TLS{ServerName: "redis.internal", CA: ca}, wantRoot: true},
+		{name: "cert without key", tls: TLS{Cert: "/c.pem"}, wantErr: "tls cert and key go together"},
+		{name: "missing CA", tls: TLS{CA: "/nonexistent/ca.pem"}, wantErr: "tls: CA bundle: open /nonexistent/ca.pem"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := tt.tls.config()
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("config() error %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg == nil || cfg.MinVersion != tls.VersionTLS12 || cfg.ServerName != tt.tls.ServerName || (cfg.RootCAs != nil) != tt.wantRoot {
+				t.Fatalf("config() = %+v; want TLS 1.2 at least, server name %q, own roots %v", cfg, tt.tls.ServerName, tt.wantRoot)
+			}
+		})
 	}
 }
