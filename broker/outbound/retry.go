@@ -221,7 +221,7 @@ func rejectsToken(mode string, status int, header http.Header) bool {
 	if mode == "any" {
 		return !nonceChallenge(status, header)
 	}
-	return challengeSays(header, `error="invalid_token"`)
+	return challengeError(header, "invalid_token")
 }
 
 // nonceChallenge reports whether an upstream answer asks for a DPoP proof
@@ -231,18 +231,70 @@ func rejectsToken(mode string, status int, header http.Header) bool {
 // nonce the answer's DPoP-Nonce header gave (the token_broker_dpop
 // transport remembers it).
 func nonceChallenge(status int, header http.Header) bool {
-	return status == http.StatusUnauthorized && challengeSays(header, `error="use_dpop_nonce"`)
+	return status == http.StatusUnauthorized && challengeError(header, "use_dpop_nonce")
 }
 
-// challengeSays reports whether a WWW-Authenticate challenge of the Bearer
-// or DPoP scheme carries param.
-func challengeSays(header http.Header, param string) bool {
-	for _, v := range header.Values("WWW-Authenticate") {
-		if (hasPrefixFold(v, "bearer ") || hasPrefixFold(v, "dpop ")) && strings.Contains(v, param) {
-			return true
+// challengeError reports whether a WWW-Authenticate challenge of the
+// Bearer or DPoP scheme in header has the error parameter code. The
+// fields are read as RFC 9110 §11.6.1 lets a server write them: one field
+// may hold several challenges, separated by commas; a parameter's name is
+// matched in any letter case; its value is a token or a quoted-string,
+// with optional white space around "=".
+func challengeError(header http.Header, code string) bool {
+	for _, field := range header.Values("WWW-Authenticate") {
+		ours := false // the challenge being read is Bearer or DPoP
+		for s := field; s != ""; {
+			var name string
+			if name, s = cutToken(s); name == "" {
+				s = s[1:] // a comma, white space, or what no token holds
+				continue
+			}
+			rest := strings.TrimLeft(s, " \t")
+			if !strings.HasPrefix(rest, "=") {
+				// A name without "=" starts a challenge (or is its token68).
+				ours = strings.EqualFold(name, "Bearer") || strings.EqualFold(name, "DPoP")
+				continue
+			}
+			var value string
+			value, s = cutParamValue(strings.TrimLeft(rest[1:], " \t"))
+			if ours && strings.EqualFold(name, "error") && value == code {
+				return true
+			}
 		}
 	}
 	return false
+}
+
+// cutToken returns the token (RFC 9110 §5.6.2) s starts with, "" when
+// none, and the rest of s.
+func cutToken(s string) (token, rest string) {
+	i := 0
+	for i < len(s) && (s[i] >= 'a' && s[i] <= 'z' || s[i] >= 'A' && s[i] <= 'Z' || s[i] >= '0' && s[i] <= '9' ||
+		strings.IndexByte("!#$%&'*+-.^_`|~", s[i]) >= 0) {
+		i++
+	}
+	return s[:i], s[i:]
+}
+
+// cutParamValue returns the parameter value s starts with, a token or a
+// quoted-string (RFC 9110 §5.6.4, unquoted), and the rest of s.
+func cutParamValue(s string) (value, rest string) {
+	if !strings.HasPrefix(s, `"`) {
+		return cutToken(s)
+	}
+	var b strings.Builder
+	for i := 1; i < len(s); i++ {
+		switch s[i] {
+		case '"':
+			return b.String(), s[i+1:]
+		case '\\':
+			if i+1 < len(s) {
+				i++
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String(), ""
 }
 
 // hasPrefixFold is strings.HasPrefix without regard to ASCII case.

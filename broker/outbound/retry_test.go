@@ -309,3 +309,45 @@ func TestRetryCheckMode(t *testing.T) {
 		}
 	}
 }
+
+// TestChallengeError: the error code of an upstream's 401 is read from
+// every Bearer or DPoP challenge, as RFC 9110 §11.6.1 lets a server write
+// them: several challenges in one field, a parameter's name in any letter
+// case, its value a token or a quoted-string, white space around "=".
+// The code of another scheme's challenge, or one quoted inside another
+// parameter's value, does not count.
+func TestChallengeError(t *testing.T) {
+	for _, tt := range []struct {
+		field          string
+		rejects, nonce bool
+	}{
+		{`Bearer error="invalid_token"`, true, false},
+		{`Bearer realm="api", error="invalid_token", error_description="expired"`, true, false},
+		{`bearer ERROR="invalid_token"`, true, false},
+		{`Bearer error=invalid_token`, true, false},
+		{`Bearer error = "invalid_token"`, true, false},
+		{`DPoP error="invalid_token", algs="ES256 PS256"`, true, false},
+		{`Basic realm="simple", Bearer error="invalid_token"`, true, false},
+		{`Bearer realm="api", DPoP algs="ES256", error="invalid_token"`, true, false},
+		{`DPoP error="use_dpop_nonce"`, false, true},
+		{`DPoP error=use_dpop_nonce, error_description="nonce required"`, false, true},
+		{`Bearer, DPoP error="use_dpop_nonce"`, false, true},
+		{`Bearer realm="api", DPoP algs="ES256 PS256", error="use_dpop_nonce"`, false, true},
+		{`Bearer`, false, false},
+		{`Bearer error="insufficient_scope"`, false, false},
+		{`Bearer error="invalid_token_x"`, false, false},
+		{`Basic error="invalid_token"`, false, false},
+		{`Basic realm="x", Newauth error="invalid_token"`, false, false},
+		{`Bearer error_description="error=\"invalid_token\""`, false, false},
+		{`Bearer realm="error=\"use_dpop_nonce\", ok"`, false, false},
+		{`Basic dXNlcjpwYXNz==, Bearer error="invalid_token"`, true, false},
+	} {
+		h := http.Header{"Www-Authenticate": {tt.field}}
+		if got := rejectsToken("", http.StatusUnauthorized, h); got != tt.rejects {
+			t.Errorf("%s: rejects the token %v, want %v", tt.field, got, tt.rejects)
+		}
+		if got := nonceChallenge(http.StatusUnauthorized, h); got != tt.nonce {
+			t.Errorf("%s: nonce challenge %v, want %v", tt.field, got, tt.nonce)
+		}
+	}
+}
