@@ -126,7 +126,7 @@ type Handler struct {
 	callers        *CallerPolicy
 	site           *callers.Site    // the app's: which Host names and browser requests are served
 	registry       *config.Registry // the app's, or the handler's own (Config)
-	bindings       *bindings.Table  // shared by the config's routes with the same registry and scopes
+	bindings       *bindings.Table  // the app's, shared by its routes with the same registry and scopes; the handler's own with Config
 	registryKey    string           // the handler's own registry in the registries pool
 	listingKey     string           // the pooled organisation listing of a handler's own registry
 	merchantHeader string           // canonical header name when Merchant is a plain header placeholder
