@@ -375,19 +375,6 @@ func (rr *rejectRecorder) Write(p []byte) (int, error) {
 	return rr.ResponseWriter.Write(p)
 }
 
-func (rr *rejectRecorder) ReadFrom(r io.Reader) (int64, error) {
-	rr.WriteHeader(http.StatusOK)
-	if rr.buffered || rr.unsigned {
-		// Through Write, which bounds what is buffered and drops what
-		// must not be sent.
-		return io.Copy(struct{ io.Writer }{rr}, r)
-	}
-	if rf, ok := rr.ResponseWriter.(io.ReaderFrom); ok {
-		return rf.ReadFrom(r)
-	}
-	return io.Copy(rr.ResponseWriter, r)
-}
-
 // Push passes a server push on to the underlying writer (http.Pusher).
 func (rr *rejectRecorder) Push(target string, opts *http.PushOptions) error {
 	if p, ok := rr.ResponseWriter.(http.Pusher); ok {
