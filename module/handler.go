@@ -103,9 +103,10 @@ type Handler struct {
 	Errors string `json:"errors,omitempty"`
 
 	// InteractionID, when true, gives a request that carries no
-	// x-fapi-interaction-id (UK Open Banking, FAPI) a new random UUID in
-	// that header, so that the call can be followed end to end. One the
-	// caller sent is passed on unchanged. Default false.
+	// x-fapi-interaction-id (UK Open Banking, FAPI), or only an empty
+	// one, a new random UUID in that header, so that the call can be
+	// followed end to end. A value the caller sent is passed on
+	// unchanged. Default false.
 	InteractionID bool `json:"interaction_id,omitempty"`
 
 	// RetryOn401 says which upstream 401 answers purge the token and retry
