@@ -241,7 +241,7 @@ func nonceChallenge(status int, header http.Header) bool {
 // matched in any letter case; its value is a token or a quoted-string,
 // with optional white space around "=".
 func challengeError(header http.Header, code string) bool {
-	for _, field := range header.Values("WWW-Authenticate") {
+	for _, field := range header["Www-Authenticate"] { // by its canonical key: Values canonicalizes the key it is given
 		ours := false // the challenge being read is Bearer or DPoP
 		for s := field; s != ""; {
 			var name string
@@ -282,17 +282,32 @@ func cutParamValue(s string) (value, rest string) {
 	if !strings.HasPrefix(s, `"`) {
 		return cutToken(s)
 	}
+	// A value without a quoted-pair is a part of s; one with a quoted-pair
+	// is copied into b from its first backslash on.
 	var b strings.Builder
+	copied := false
 	for i := 1; i < len(s); i++ {
 		switch s[i] {
 		case '"':
+			if !copied {
+				return s[1:i], s[i+1:]
+			}
 			return b.String(), s[i+1:]
 		case '\\':
+			if !copied {
+				b.WriteString(s[1:i])
+				copied = true
+			}
 			if i+1 < len(s) {
 				i++
 			}
 		}
-		b.WriteByte(s[i])
+		if copied {
+			b.WriteByte(s[i])
+		}
+	}
+	if !copied {
+		return s[1:], ""
 	}
 	return b.String(), ""
 }

@@ -351,3 +351,40 @@ func TestChallengeError(t *testing.T) {
 		}
 	}
 }
+
+// TestCutParamValue: a parameter value is a token or a quoted-string, whose
+// quoted-pairs are unescaped; an unterminated quoted-string runs to the end.
+func TestCutParamValue(t *testing.T) {
+	for _, tt := range []struct {
+		in, value, rest string
+	}{
+		{`invalid_token, realm="x"`, "invalid_token", `, realm="x"`},
+		{`"invalid_token", realm="x"`, "invalid_token", `, realm="x"`},
+		{`""`, "", ""},
+		{`"a \"b\" c\\", d`, `a "b" c\`, ", d"},
+		{`"ends early`, "ends early", ""},
+		{`"ends \"early`, `ends "early`, ""},
+		{`"ends on \`, `ends on \`, ""},
+	} {
+		value, rest := cutParamValue(tt.in)
+		if value != tt.value || rest != tt.rest {
+			t.Errorf("cutParamValue(%s) = %q, %q; want %q, %q", tt.in, value, rest, tt.value, tt.rest)
+		}
+	}
+}
+
+// TestChallengeErrorAllocs: reading a typical upstream 401's challenges
+// (quoted values without quoted-pairs) allocates nothing.
+func TestChallengeErrorAllocs(t *testing.T) {
+	h := http.Header{}
+	h.Set("WWW-Authenticate", `Bearer realm="api", error="invalid_token", error_description="The access token expired"`)
+	h.Add("WWW-Authenticate", `DPoP algs="ES256 PS256", error="use_dpop_nonce"`)
+	allocs := testing.AllocsPerRun(100, func() {
+		if !rejectsToken("", http.StatusUnauthorized, h) || !nonceChallenge(http.StatusUnauthorized, h) {
+			t.Fatal("the challenges were not read")
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("reading a 401's challenges: %v allocations, want 0", allocs)
+	}
+}
