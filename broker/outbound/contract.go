@@ -210,6 +210,11 @@ func (o Contract) cleanConnection(h http.Header, c []string) {
 // by the transport (DPoP.Sign).
 func IsDPoP(v string) bool { return hasPrefixFold(v, "dpop ") }
 
+// hasPrefixFold is strings.HasPrefix without regard to ASCII case.
+func hasPrefixFold(s, prefix string) bool {
+	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
+}
+
 // Carries reports whether r, as later handlers left it, still carries the
 // Authorization value v exactly once and no Connection option would remove
 // it. A 401 to a request that did not carry the broker's token says nothing

@@ -312,11 +312,6 @@ func cutParamValue(s string) (value, rest string) {
 	return b.String(), ""
 }
 
-// hasPrefixFold is strings.HasPrefix without regard to ASCII case.
-func hasPrefixFold(s, prefix string) bool {
-	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
-}
-
 // rejectRecorder passes a response through to the client unless its status
 // and headers say the token was rejected (rejected): such a response is
 // buffered in buf (buffered), up to maxBufferedBody bytes, so that the
