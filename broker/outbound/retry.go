@@ -139,7 +139,8 @@ type Retry struct {
 	// Tokens is the broker side.
 	Tokens Tokens
 	// NonceChallenged, when set, is told about each upstream 401 that asks
-	// for a DPoP nonce (see nonceChallenge) and is answered with a retry.
+	// a DPoP-bound request for a nonce (see nonceChallenge) and is answered
+	// with a retry.
 	NonceChallenged func(b *broker.Binding)
 	// DPoP is the request's DPoP binding, with the token set (DPoP.SetToken);
 	// nil for a bearer token. The token leaves only on an attempt a
@@ -226,10 +227,10 @@ func rejectsToken(mode string, status int, header http.Header) bool {
 
 // nonceChallenge reports whether an upstream answer asks for a DPoP proof
 // with the server's nonce (RFC 9449 §9): a 401 with
-// `WWW-Authenticate: DPoP error="use_dpop_nonce"`. The token is fine: the
-// request is sent once more, with the same token and a proof carrying the
-// nonce the answer's DPoP-Nonce header gave (the token_broker_dpop
-// transport remembers it).
+// `WWW-Authenticate: DPoP error="use_dpop_nonce"`. The token is fine: a
+// DPoP-bound request is sent once more, with the same token and a proof
+// carrying the nonce the answer's DPoP-Nonce header gave (the
+// token_broker_dpop transport remembers it).
 func nonceChallenge(status int, header http.Header) bool {
 	return status == http.StatusUnauthorized && challengeError(header, "use_dpop_nonce")
 }
@@ -325,7 +326,7 @@ type rejectRecorder struct {
 	unsigned    bool   // the answer is a 401 to an unsigned DPoP request: dropped
 	status      int
 	rejected    bool // the upstream rejected the token
-	challenged  bool // the upstream asked for a DPoP nonce (nonceChallenge)
+	challenged  bool // the upstream asked a DPoP-bound request for a nonce (nonceChallenge)
 	buffered    bool // the rejection or challenge is buffered in buf
 	wroteHeader bool
 	buf         bytes.Buffer
@@ -356,7 +357,9 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 		rr.ResponseWriter.WriteHeader(status)
 		return
 	}
-	rr.challenged = nonceChallenge(status, rr.Header())
+	// Only a DPoP-bound request is sent again on a nonce challenge: a
+	// bearer request has no proof to carry the nonce.
+	rr.challenged = rr.dpop != nil && nonceChallenge(status, rr.Header())
 	if rr.mode != "off" {
 		rr.rejected = !rr.challenged && rejectsToken(rr.mode, status, rr.Header())
 	}
@@ -465,9 +468,11 @@ func (s *headerSnapshot) restore(h http.Header) {
 // when no new token can be had because the merchant must consent again:
 // Forward then writes nothing and returns a *ConsentError.
 //
-// A DPoP nonce challenge (nonceChallenge) purges nothing: the request is
-// sent once more with the same token, under the same replay rules (in
-// every Mode for a DPoP-bound token), and NonceChallenged is told.
+// A DPoP nonce challenge (nonceChallenge) purges nothing. To a DPoP-bound
+// request, it is answered by sending the request once more with the same
+// token, under the same replay rules (in every Mode), and NonceChallenged
+// is told. To a bearer request, it is passed through: no proof can carry
+// the nonce, so the request is not sent again.
 func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
 	if rt.Mode == "off" && rt.DPoP == nil {
 		return next.ServeHTTP(w, r)
