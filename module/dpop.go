@@ -54,7 +54,8 @@ const dpopVar = "token_broker.dpop"
 // the fields of the http transport.
 type DPoPTransport struct {
 	// HTTPTransport is Caddy's http transport, which sends the requests:
-	// its fields are this transport's options (JSON and Caddyfile alike).
+	// its fields are this transport's options (JSON and Caddyfile alike;
+	// its UnmarshalCaddyfile reads the Caddyfile block).
 	reverseproxy.HTTPTransport
 }
 
@@ -64,16 +65,6 @@ func (DPoPTransport) CaddyModule() caddy.ModuleInfo {
 		ID:  "http.reverse_proxy.transport.token_broker_dpop",
 		New: func() caddy.Module { return new(DPoPTransport) },
 	}
-}
-
-// UnmarshalCaddyfile sets up the transport from Caddyfile tokens: the
-// options of the http transport.
-//
-//	transport token_broker_dpop {
-//		<http transport options>
-//	}
-func (t *DPoPTransport) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	return t.HTTPTransport.UnmarshalCaddyfile(d)
 }
 
 // RoundTrip sends req, with a proof when the token_broker handler bound

@@ -103,9 +103,10 @@ type Handler struct {
 	Errors string `json:"errors,omitempty"`
 
 	// InteractionID, when true, gives a request that carries no
-	// x-fapi-interaction-id (UK Open Banking, FAPI) a new random UUID in
-	// that header, so that the call can be followed end to end. One the
-	// caller sent is passed on unchanged. Default false.
+	// x-fapi-interaction-id (UK Open Banking, FAPI), or only an empty
+	// one, a new random UUID in that header, so that the call can be
+	// followed end to end. A value the caller sent is passed on
+	// unchanged. Default false.
 	InteractionID bool `json:"interaction_id,omitempty"`
 
 	// RetryOn401 says which upstream 401 answers purge the token and retry
@@ -126,7 +127,7 @@ type Handler struct {
 	callers        *CallerPolicy
 	site           *callers.Site    // the app's: which Host names and browser requests are served
 	registry       *config.Registry // the app's, or the handler's own (Config)
-	bindings       *bindings.Table  // shared by the config's routes with the same registry and scopes
+	bindings       *bindings.Table  // the app's, shared by its routes with the same registry and scopes; the handler's own with Config
 	registryKey    string           // the handler's own registry in the registries pool
 	listingKey     string           // the pooled organisation listing of a handler's own registry
 	merchantHeader string           // canonical header name when Merchant is a plain header placeholder

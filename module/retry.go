@@ -34,12 +34,8 @@ func (h *Handler) outbound() outbound.Contract {
 // on the request: it goes in the request's binding to the key
 // (outbound.DPoP, in the request variable dpopVar), from which the
 // route's token_broker_dpop transport puts it, with its proof, on the
-// copy it sends. A request no transport signed leaves without any
-// credential; when it is answered 401 (what an upstream answers a request
-// without credentials), the answer is dropped and the caller gets 502
-// dpop_transport_missing. Any other answer to it (a respond or
-// file_server handler's) passes through. Each request is judged alone:
-// nothing a caller does changes how the next request is handled.
+// copy it sends. A 401 to a request no transport signed is answered 502
+// dpop_transport_missing (outbound.Retry.DPoP says which answers pass).
 //
 // The request variable is set before next runs and never written after:
 // a connection dial reverse_proxy left running may still read the

@@ -349,7 +349,6 @@ func (t *Table) evictIdle(now int64, h Hooks, coming string) {
 		t.remove(b)
 		evicted = append(evicted, b)
 	}
-	t.release(evicted)
 	t.evicted(evicted, h)
 	t.park(evicted, h, coming)
 }
@@ -365,26 +364,19 @@ func (t *Table) evictUnserved(h Hooks) bool {
 	}
 	b := e.Value.(*Binding)
 	t.remove(b)
-	t.release([]*Binding{b})
 	t.evicted([]*Binding{b}, h)
 	return true
 }
 
-// evicted tells h that bindings were evicted. Called with t.wmu held.
+// evicted tells the hooks tracking series that evicted bindings left
+// (after Discard, nothing is tracked), then h that they were evicted.
+// Called with t.wmu held.
 func (t *Table) evicted(bs []*Binding, h Hooks) {
 	for _, b := range bs {
+		if t.tracking != nil && !t.discarded {
+			t.tracking.Released(b)
+		}
 		h.Evicted(b)
-	}
-}
-
-// release tells the hooks tracking series that evicted bindings left.
-// After Discard, nothing is tracked. Called with t.wmu held.
-func (t *Table) release(evicted []*Binding) {
-	if t.tracking == nil || t.discarded {
-		return
-	}
-	for _, b := range evicted {
-		t.tracking.Released(b)
 	}
 }
 

@@ -77,7 +77,9 @@ type tablesKey struct {
 
 // Table returns the table of reg for the route scopes (ForRegistry, on
 // the wall clock), made by the first caller; allow is the first caller's.
+// Scopes are compared as sets (broker.NormaliseScopes).
 func (ts *Tables) Table(reg *config.Registry, scopes []string, allow func(organisation string) error) *Table {
+	scopes = broker.NormaliseScopes(scopes)
 	ts.mu.Lock()
 	defer ts.mu.Unlock()
 	if ts.m == nil {

@@ -67,3 +67,19 @@ func TestTablesBindings(t *testing.T) {
 		}
 	}
 }
+
+// TestTablesSameScopes: routes whose scopes are the same set, in any
+// order or repeated, share one table (and so one wildcard active set).
+func TestTablesSameScopes(t *testing.T) {
+	reg := loadRegistry(t)
+	var ts Tables
+	first := ts.Table(reg, []string{"b", "a"}, nil)
+	for _, scopes := range [][]string{{"a", "b"}, {"b", "a", "b"}, {" a", "b"}} {
+		if got := ts.Table(reg, scopes, nil); got != first {
+			t.Errorf("scopes %q got a table of their own, want the one of [b a]", scopes)
+		}
+	}
+	if ts.Table(reg, []string{"a"}, nil) == first {
+		t.Error("scopes [a] share the table of [a b]")
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"io"
 	"net/http"
 	"net/textproto"
+	"slices"
 	"strings"
 
 	"github.com/google/uuid"
@@ -67,7 +68,8 @@ const DPoPHeader = "Dpop"
 //     not set on the request at all: it goes in the request's DPoP
 //     binding, and only the token_broker_dpop transport puts it, with its
 //     proof, on the copy it sends (DPoP.Sign). With Interaction, a request
-//     without x-fapi-interaction-id gets a new random UUID in it.
+//     without x-fapi-interaction-id, or with only empty values of it, gets
+//     a new random UUID in it.
 //   - Connection: every option of the caller's Connection header that names
 //     an owned header is removed (reverse_proxy would otherwise drop the
 //     injected token as a hop-by-hop header, the upstream would answer 401
@@ -151,10 +153,14 @@ func (o Contract) Prepare(r *http.Request, v string) {
 		r.Body = &trailerFilter{ReadCloser: r.Body, r: r, o: o}
 	}
 	o.setToken(r, v)
-	if o.Interaction && len(r.Header[InteractionIDHeader]) == 0 {
+	if o.Interaction && !slices.ContainsFunc(r.Header[InteractionIDHeader], hasValue) {
 		r.Header[InteractionIDHeader] = []string{uuid.NewString()}
 	}
 }
+
+// hasValue reports whether a header value is not empty nor only white
+// space.
+func hasValue(v string) bool { return strings.TrimSpace(v) != "" }
 
 // setToken sets Authorization to v (also on a retry, from the request as
 // later handlers left it), unless v is a DPoP-bound token (IsDPoP), and
@@ -203,6 +209,11 @@ func (o Contract) cleanConnection(h http.Header, c []string) {
 // "DPoP <token>" (any case): such a token leaves only with its proof, set
 // by the transport (DPoP.Sign).
 func IsDPoP(v string) bool { return hasPrefixFold(v, "dpop ") }
+
+// hasPrefixFold is strings.HasPrefix without regard to ASCII case.
+func hasPrefixFold(s, prefix string) bool {
+	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
+}
 
 // Carries reports whether r, as later handlers left it, still carries the
 // Authorization value v exactly once and no Connection option would remove

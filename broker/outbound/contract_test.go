@@ -6,6 +6,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/google/uuid"
 )
 
 // testToken is the token the tests set.
@@ -139,5 +141,36 @@ func TestOutboundCheck(t *testing.T) {
 				t.Fatalf("check = %d %q, want %d %q", status, code, tt.wantStatus, tt.wantCode)
 			}
 		})
+	}
+}
+
+// TestInteractionIDEmpty: with Interaction, an x-fapi-interaction-id the
+// caller sent empty counts as none sent (a provider wants a UUID there):
+// it is replaced by a new one; a value is passed on as it is.
+func TestInteractionIDEmpty(t *testing.T) {
+	for _, tt := range []struct {
+		sent     []string
+		keptAsIs bool
+	}{
+		{sent: []string{""}},
+		{sent: []string{"", " "}},
+		{sent: []string{"93bac548-d2de-4546-b106-880a5018460d"}, keptAsIs: true},
+		{sent: []string{"not-a-uuid"}, keptAsIs: true},
+	} {
+		r := httptest.NewRequest("GET", "/", nil)
+		r.Header[InteractionIDHeader] = slices.Clone(tt.sent)
+		Contract{Interaction: true}.Prepare(r, "Bearer "+testToken)
+		got := r.Header[InteractionIDHeader]
+		if tt.keptAsIs {
+			if !slices.Equal(got, tt.sent) {
+				t.Errorf("sent %q: upstream gets %q, want it unchanged", tt.sent, got)
+			}
+			continue
+		}
+		if len(got) != 1 {
+			t.Errorf("sent %q: upstream gets %q, want one new UUID", tt.sent, got)
+		} else if _, err := uuid.Parse(got[0]); err != nil {
+			t.Errorf("sent %q: upstream gets %q, want a new UUID", tt.sent, got)
+		}
 	}
 }

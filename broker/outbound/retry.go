@@ -139,7 +139,8 @@ type Retry struct {
 	// Tokens is the broker side.
 	Tokens Tokens
 	// NonceChallenged, when set, is told about each upstream 401 that asks
-	// for a DPoP nonce (see nonceChallenge) and is answered with a retry.
+	// a DPoP-bound request for a nonce (see nonceChallenge) and is answered
+	// with a retry.
 	NonceChallenged func(b *broker.Binding)
 	// DPoP is the request's DPoP binding, with the token set (DPoP.SetToken);
 	// nil for a bearer token. The token leaves only on an attempt a
@@ -221,33 +222,95 @@ func rejectsToken(mode string, status int, header http.Header) bool {
 	if mode == "any" {
 		return !nonceChallenge(status, header)
 	}
-	return challengeSays(header, `error="invalid_token"`)
+	return challengeError(header, "invalid_token")
 }
 
 // nonceChallenge reports whether an upstream answer asks for a DPoP proof
 // with the server's nonce (RFC 9449 §9): a 401 with
-// `WWW-Authenticate: DPoP error="use_dpop_nonce"`. The token is fine: the
-// request is sent once more, with the same token and a proof carrying the
-// nonce the answer's DPoP-Nonce header gave (the token_broker_dpop
-// transport remembers it).
+// `WWW-Authenticate: DPoP error="use_dpop_nonce"`. The token is fine: a
+// DPoP-bound request is sent once more, with the same token and a proof
+// carrying the nonce the answer's DPoP-Nonce header gave (the
+// token_broker_dpop transport remembers it).
 func nonceChallenge(status int, header http.Header) bool {
-	return status == http.StatusUnauthorized && challengeSays(header, `error="use_dpop_nonce"`)
+	return status == http.StatusUnauthorized && challengeError(header, "use_dpop_nonce")
 }
 
-// challengeSays reports whether a WWW-Authenticate challenge of the Bearer
-// or DPoP scheme carries param.
-func challengeSays(header http.Header, param string) bool {
-	for _, v := range header.Values("WWW-Authenticate") {
-		if (hasPrefixFold(v, "bearer ") || hasPrefixFold(v, "dpop ")) && strings.Contains(v, param) {
-			return true
+// challengeError reports whether a WWW-Authenticate challenge of the
+// Bearer or DPoP scheme in header has the error parameter code. The
+// fields are read as RFC 9110 §11.6.1 lets a server write them: one field
+// may hold several challenges, separated by commas; a parameter's name is
+// matched in any letter case; its value is a token or a quoted-string,
+// with optional white space around "=".
+func challengeError(header http.Header, code string) bool {
+	for _, field := range header["Www-Authenticate"] { // by its canonical key: Values canonicalizes the key it is given
+		ours := false // the challenge being read is Bearer or DPoP
+		for s := field; s != ""; {
+			var name string
+			if name, s = cutToken(s); name == "" {
+				s = s[1:] // a comma, white space, or what no token holds
+				continue
+			}
+			rest := strings.TrimLeft(s, " \t")
+			if !strings.HasPrefix(rest, "=") {
+				// A name without "=" starts a challenge (or is its token68).
+				ours = strings.EqualFold(name, "Bearer") || strings.EqualFold(name, "DPoP")
+				continue
+			}
+			var value string
+			value, s = cutParamValue(strings.TrimLeft(rest[1:], " \t"))
+			if ours && strings.EqualFold(name, "error") && value == code {
+				return true
+			}
 		}
 	}
 	return false
 }
 
-// hasPrefixFold is strings.HasPrefix without regard to ASCII case.
-func hasPrefixFold(s, prefix string) bool {
-	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
+// cutToken returns the token (RFC 9110 §5.6.2) s starts with, "" when
+// none, and the rest of s.
+func cutToken(s string) (token, rest string) {
+	i := 0
+	for i < len(s) && (s[i] >= 'a' && s[i] <= 'z' || s[i] >= 'A' && s[i] <= 'Z' || s[i] >= '0' && s[i] <= '9' ||
+		strings.IndexByte("!#$%&'*+-.^_`|~", s[i]) >= 0) {
+		i++
+	}
+	return s[:i], s[i:]
+}
+
+// cutParamValue returns the parameter value s starts with, a token or a
+// quoted-string (RFC 9110 §5.6.4, unquoted), and the rest of s.
+func cutParamValue(s string) (value, rest string) {
+	if !strings.HasPrefix(s, `"`) {
+		return cutToken(s)
+	}
+	// A value without a quoted-pair is a part of s; one with a quoted-pair
+	// is copied into b from its first backslash on.
+	var b strings.Builder
+	copied := false
+	for i := 1; i < len(s); i++ {
+		switch s[i] {
+		case '"':
+			if !copied {
+				return s[1:i], s[i+1:]
+			}
+			return b.String(), s[i+1:]
+		case '\\':
+			if !copied {
+				b.WriteString(s[1:i])
+				copied = true
+			}
+			if i+1 < len(s) {
+				i++
+			}
+		}
+		if copied {
+			b.WriteByte(s[i])
+		}
+	}
+	if !copied {
+		return s[1:], ""
+	}
+	return b.String(), ""
 }
 
 // rejectRecorder passes a response through to the client unless its status
@@ -263,7 +326,7 @@ type rejectRecorder struct {
 	unsigned    bool   // the answer is a 401 to an unsigned DPoP request: dropped
 	status      int
 	rejected    bool // the upstream rejected the token
-	challenged  bool // the upstream asked for a DPoP nonce (nonceChallenge)
+	challenged  bool // the upstream asked a DPoP-bound request for a nonce (nonceChallenge)
 	buffered    bool // the rejection or challenge is buffered in buf
 	wroteHeader bool
 	buf         bytes.Buffer
@@ -294,7 +357,9 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 		rr.ResponseWriter.WriteHeader(status)
 		return
 	}
-	rr.challenged = nonceChallenge(status, rr.Header())
+	// Only a DPoP-bound request is sent again on a nonce challenge: a
+	// bearer request has no proof to carry the nonce.
+	rr.challenged = rr.dpop != nil && nonceChallenge(status, rr.Header())
 	if rr.mode != "off" {
 		rr.rejected = !rr.challenged && rejectsToken(rr.mode, status, rr.Header())
 	}
@@ -321,19 +386,6 @@ func (rr *rejectRecorder) Write(p []byte) (int, error) {
 		}
 	}
 	return rr.ResponseWriter.Write(p)
-}
-
-func (rr *rejectRecorder) ReadFrom(r io.Reader) (int64, error) {
-	rr.WriteHeader(http.StatusOK)
-	if rr.buffered || rr.unsigned {
-		// Through Write, which bounds what is buffered and drops what
-		// must not be sent.
-		return io.Copy(struct{ io.Writer }{rr}, r)
-	}
-	if rf, ok := rr.ResponseWriter.(io.ReaderFrom); ok {
-		return rf.ReadFrom(r)
-	}
-	return io.Copy(rr.ResponseWriter, r)
 }
 
 // Push passes a server push on to the underlying writer (http.Pusher).
@@ -416,9 +468,11 @@ func (s *headerSnapshot) restore(h http.Header) {
 // when no new token can be had because the merchant must consent again:
 // Forward then writes nothing and returns a *ConsentError.
 //
-// A DPoP nonce challenge (nonceChallenge) purges nothing: the request is
-// sent once more with the same token, under the same replay rules (in
-// every Mode for a DPoP-bound token), and NonceChallenged is told.
+// A DPoP nonce challenge (nonceChallenge) purges nothing. To a DPoP-bound
+// request, it is answered by sending the request once more with the same
+// token, under the same replay rules (in every Mode), and NonceChallenged
+// is told. To a bearer request, it is passed through: no proof can carry
+// the nonce, so the request is not sent again.
 func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
 	if rt.Mode == "off" && rt.DPoP == nil {
 		return next.ServeHTTP(w, r)

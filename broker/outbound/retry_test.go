@@ -1,6 +1,7 @@
 package outbound
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"net/http"
@@ -47,8 +48,9 @@ func (f *fakeTokens) Kept(_ *broker.Binding, t broker.Token) {
 }
 func (f *fakeTokens) Accepted(_ *broker.Binding, v broker.Secret) { f.accepted = v }
 
-// upstream answers 401 invalid_token to the token bad (any request when
-// bad is "*") and 200 otherwise; alter changes the request first.
+// upstream answers 401 invalid_token to the token bad, of any scheme (any
+// request when bad is "*"), and 200 otherwise; alter changes the request
+// first.
 type upstream struct {
 	bad    string
 	plain  bool   // the 401 has no WWW-Authenticate
@@ -70,7 +72,8 @@ func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
 		w.WriteHeader(http.StatusUnauthorized)
 		return nil
 	}
-	if u.bad == "*" || r.Header.Get("Authorization") == "Bearer "+u.bad {
+	_, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+	if u.bad == "*" || token == u.bad {
 		if !u.plain {
 			scheme := u.scheme
 			if scheme == "" {
@@ -128,16 +131,10 @@ func TestRetryForward(t *testing.T) {
 			wantSeen: []string{"Bearer old", "Bearer new"}, wantEvents: []string{"get"}, wantOK: "new"},
 		{name: "DPoP invalid_token purges and retries", up: &upstream{bad: "old", scheme: "DPoP"}, fresh: fresh, wantStatus: 200,
 			wantSeen: []string{"Bearer old", "Bearer new"}, wantEvents: []string{"purge old", "get"}, wantOK: "new"},
-		{name: "nonce challenge: same token again, nothing purged", up: &upstream{bad: "none", nonce: 1}, wantStatus: 200,
-			wantSeen: []string{"Bearer old", "Bearer old"}, wantNonce: 1},
-		{name: "any: nonce challenge is not a rejection", mode: "any", up: &upstream{bad: "none", nonce: 1}, wantStatus: 200,
-			wantSeen: []string{"Bearer old", "Bearer old"}, wantNonce: 1},
-		{name: "nonce challenge twice: the second is the caller's", up: &upstream{bad: "none", nonce: 2}, wantStatus: 401,
-			wantSeen: []string{"Bearer old", "Bearer old"}, wantNonce: 1},
-		{name: "nonce challenge then the token rejected: purged", up: &upstream{bad: "old", nonce: 1}, wantStatus: 401,
-			wantSeen: []string{"Bearer old", "Bearer old"}, wantEvents: []string{"purge old"}, wantNonce: 1},
-		{name: "nonce challenge, body over the limit: passed on, not counted", body: strings.Repeat("x", DefaultRetryBodyLimit+1),
-			up: &upstream{bad: "none", nonce: 1}, wantStatus: 401, wantSeen: []string{"Bearer old"}},
+		{name: "nonce challenge to a bearer token: passed on, not sent again, nothing purged", up: &upstream{bad: "none", nonce: 1},
+			wantStatus: 401, wantSeen: []string{"Bearer old"}},
+		{name: "any: nonce challenge to a bearer token: passed on, not sent again, nothing purged", mode: "any",
+			up: &upstream{bad: "none", nonce: 1}, fresh: fresh, wantStatus: 401, wantSeen: []string{"Bearer old"}},
 		{name: "body over the limit: purged, not retried", body: strings.Repeat("x", DefaultRetryBodyLimit+1),
 			up: &upstream{bad: "old"}, fresh: fresh, wantStatus: 401, wantSeen: []string{"Bearer old"}, wantEvents: []string{"purge old"}},
 	} {
@@ -214,6 +211,14 @@ func TestRetryDPoP(t *testing.T) {
 			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantNonce: 1},
 		{name: "signed, retry off: nonce challenge retried", mode: "off", sign: true, nonce: 1, wantCode: 200,
 			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantNonce: 1},
+		{name: "signed, any: nonce challenge is not a rejection", mode: "any", sign: true, nonce: 1, wantCode: 200,
+			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantNonce: 1},
+		{name: "signed, nonce challenge twice: the second is the caller's", sign: true, nonce: 2, wantCode: 401,
+			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantNonce: 1},
+		{name: "signed, nonce challenge then the token rejected: purged", sign: true, nonce: 1, bad: "tok", wantCode: 401,
+			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantEvents: []string{"purge tok"}, wantNonce: 1},
+		{name: "signed, nonce challenge, body over the limit: passed on, not counted", sign: true, nonce: 1,
+			body: strings.Repeat("x", DefaultRetryBodyLimit+1), wantCode: 401, wantSeen: []string{"DPoP tok"}},
 		{name: "signed, retry off: nonce challenge, body over the limit", mode: "off", sign: true, nonce: 1,
 			body: strings.Repeat("x", DefaultRetryBodyLimit+1), wantCode: 401, wantSeen: []string{"DPoP tok"}},
 		{name: "signed, invalid_token: purged, retried with the fresh token", sign: true, bad: "tok", wantCode: 200,
@@ -224,7 +229,7 @@ func TestRetryDPoP(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			d := NewDPoP(k)
 			d.SetToken("DPoP tok", wantATH("tok"))
-			up := &upstream{bad: "none", nonce: tt.nonce}
+			up := &upstream{bad: cmp.Or(tt.bad, "none"), scheme: "DPoP", nonce: tt.nonce}
 			unsignedStatus := tt.status
 			if unsignedStatus == 0 {
 				unsignedStatus = http.StatusUnauthorized
@@ -235,19 +240,6 @@ func TestRetryDPoP(t *testing.T) {
 					if err := d.Sign(r, time.Now()); err != nil {
 						t.Error(err)
 					}
-				}
-				if tt.bad != "" {
-					next = HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-						up.alter(r)
-						up.seen = append(up.seen, r.Header.Get("Authorization"))
-						if r.Header.Get("Authorization") == "DPoP "+tt.bad {
-							w.Header().Set("WWW-Authenticate", `DPoP error="invalid_token"`)
-							w.WriteHeader(http.StatusUnauthorized)
-							return nil
-						}
-						w.WriteHeader(http.StatusOK)
-						return nil
-					})
 				}
 			} else {
 				next = HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
@@ -307,5 +299,84 @@ func TestRetryCheckMode(t *testing.T) {
 		if err != nil && !strings.Contains(err.Error(), "retry_on_401") {
 			t.Errorf("error %q does not name retry_on_401", err)
 		}
+	}
+}
+
+// TestChallengeError: the error code of an upstream's 401 is read from
+// every Bearer or DPoP challenge, as RFC 9110 §11.6.1 lets a server write
+// them: several challenges in one field, a parameter's name in any letter
+// case, its value a token or a quoted-string, white space around "=".
+// The code of another scheme's challenge, or one quoted inside another
+// parameter's value, does not count.
+func TestChallengeError(t *testing.T) {
+	for _, tt := range []struct {
+		field          string
+		rejects, nonce bool
+	}{
+		{`Bearer error="invalid_token"`, true, false},
+		{`Bearer realm="api", error="invalid_token", error_description="expired"`, true, false},
+		{`bearer ERROR="invalid_token"`, true, false},
+		{`Bearer error=invalid_token`, true, false},
+		{`Bearer error = "invalid_token"`, true, false},
+		{`DPoP error="invalid_token", algs="ES256 PS256"`, true, false},
+		{`Basic realm="simple", Bearer error="invalid_token"`, true, false},
+		{`Bearer realm="api", DPoP algs="ES256", error="invalid_token"`, true, false},
+		{`DPoP error="use_dpop_nonce"`, false, true},
+		{`DPoP error=use_dpop_nonce, error_description="nonce required"`, false, true},
+		{`Bearer, DPoP error="use_dpop_nonce"`, false, true},
+		{`Bearer realm="api", DPoP algs="ES256 PS256", error="use_dpop_nonce"`, false, true},
+		{`Bearer`, false, false},
+		{`Bearer error="insufficient_scope"`, false, false},
+		{`Bearer error="invalid_token_x"`, false, false},
+		{`Basic error="invalid_token"`, false, false},
+		{`Basic realm="x", Newauth error="invalid_token"`, false, false},
+		{`Bearer error_description="error=\"invalid_token\""`, false, false},
+		{`Bearer realm="error=\"use_dpop_nonce\", ok"`, false, false},
+		{`Basic dXNlcjpwYXNz==, Bearer error="invalid_token"`, true, false},
+	} {
+		h := http.Header{"Www-Authenticate": {tt.field}}
+		if got := rejectsToken("", http.StatusUnauthorized, h); got != tt.rejects {
+			t.Errorf("%s: rejects the token %v, want %v", tt.field, got, tt.rejects)
+		}
+		if got := nonceChallenge(http.StatusUnauthorized, h); got != tt.nonce {
+			t.Errorf("%s: nonce challenge %v, want %v", tt.field, got, tt.nonce)
+		}
+	}
+}
+
+// TestCutParamValue: a parameter value is a token or a quoted-string, whose
+// quoted-pairs are unescaped; an unterminated quoted-string runs to the end.
+func TestCutParamValue(t *testing.T) {
+	for _, tt := range []struct {
+		in, value, rest string
+	}{
+		{`invalid_token, realm="x"`, "invalid_token", `, realm="x"`},
+		{`"invalid_token", realm="x"`, "invalid_token", `, realm="x"`},
+		{`""`, "", ""},
+		{`"a \"b\" c\\", d`, `a "b" c\`, ", d"},
+		{`"ends early`, "ends early", ""},
+		{`"ends \"early`, `ends "early`, ""},
+		{`"ends on \`, `ends on \`, ""},
+	} {
+		value, rest := cutParamValue(tt.in)
+		if value != tt.value || rest != tt.rest {
+			t.Errorf("cutParamValue(%s) = %q, %q; want %q, %q", tt.in, value, rest, tt.value, tt.rest)
+		}
+	}
+}
+
+// TestChallengeErrorAllocs: reading a typical upstream 401's challenges
+// (quoted values without quoted-pairs) allocates nothing.
+func TestChallengeErrorAllocs(t *testing.T) {
+	h := http.Header{}
+	h.Set("WWW-Authenticate", `Bearer realm="api", error="invalid_token", error_description="The access token expired"`)
+	h.Add("WWW-Authenticate", `DPoP algs="ES256 PS256", error="use_dpop_nonce"`)
+	allocs := testing.AllocsPerRun(100, func() {
+		if !rejectsToken("", http.StatusUnauthorized, h) || !nonceChallenge(http.StatusUnauthorized, h) {
+			t.Fatal("the challenges were not read")
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("reading a 401's challenges: %v allocations, want 0", allocs)
 	}
 }
