@@ -562,7 +562,11 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if rt == "" {
 		return res, a.fail(ReasonNoRefreshToken, rec.Merchant, errors.New("the token response has no refresh_token: ask for the scope the provider wants for one (offline_access) and check that the client may use the refresh_token grant"))
 	}
-	if err := a.src.SetRefreshToken(ctx, rec.Merchant, rt); err != nil {
+	// The code is spent: the refresh token is stored even when the
+	// browser has left meanwhile, within saveTimeout.
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), saveTimeout)
+	defer cancel()
+	if err := a.src.SetRefreshToken(sctx, rec.Merchant, rt); err != nil {
 		return res, a.fail(ReasonStoreFailure, rec.Merchant, err)
 	}
 	a.src.consented(rec.Merchant)

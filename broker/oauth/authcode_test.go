@@ -475,3 +475,45 @@ func TestConsentStartAfterCancelledDiscovery(t *testing.T) {
 		t.Fatalf("Start after one whose caller left: %v", err)
 	}
 }
+
+// TestCallbackStoresAfterTheBrowserLeft: a browser that leaves once its
+// code is exchanged (its request's context cancelled) does not lose the
+// merchant's consent: the code is spent, so the refresh token it brought
+// is stored all the same.
+func TestCallbackStoresAfterTheBrowserLeft(t *testing.T) {
+	f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
+	ctx, leave := context.WithCancel(context.Background())
+	defer leave()
+	f.src.store = &leavingStore{Store: f.store, leave: leave}
+	link, err := f.flow.NewLink(ctx, "acme", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, _ := url.Parse(link.URL)
+	authURL, _, err := f.flow.Start(ctx, u.Query().Get("link"), u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.flow.Callback(ctx, u.Host, approve(t, f.op, authURL)); err != nil {
+		t.Fatalf("Callback whose browser left after the code exchange: %v", err)
+	}
+	if _, err := f.store.Load(context.Background(), f.src.StoreKey("acme")); err != nil {
+		t.Errorf("the refresh token of the exchanged code was not stored: %v", err)
+	}
+}
+
+// leavingStore is a Store whose caller leaves (leave cancels its
+// context) as it asks for the lock, and which honours that context.
+type leavingStore struct {
+	Store
+	leave func()
+}
+
+// Lock calls leave, then fails when ctx is done.
+func (s *leavingStore) Lock(ctx context.Context, key string) (func(), error) {
+	s.leave()
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return s.Store.Lock(ctx, key)
+}

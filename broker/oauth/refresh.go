@@ -12,9 +12,11 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
-// saveTimeout bounds the saving of a rotated refresh token, which goes on
-// when the request that caused the refresh is cancelled: the old token no
-// longer works, so losing the new one would lose the merchant's consent.
+// saveTimeout bounds the saving of a refresh token the provider has just
+// issued (a rotated one, or the one a consent's code brought), which goes
+// on when the request that caused it is cancelled: the old token or the
+// code no longer works, so losing the new one would lose the merchant's
+// consent.
 const saveTimeout = 30 * time.Second
 
 // RefreshToken is a broker.Source for merchants who consented through the
