@@ -569,7 +569,6 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if err := a.src.SetRefreshToken(sctx, rec.Merchant, rt); err != nil {
 		return res, a.fail(ReasonStoreFailure, rec.Merchant, err)
 	}
-	a.src.consented(rec.Merchant)
 	res.Fingerprint = rt.Fingerprint()
 	return res, nil
 }
@@ -640,7 +639,7 @@ type ConsentStatus struct {
 	LastRefresh time.Time
 	// ConsentRequiredSince is when the provider last refused the refresh
 	// token (or none was stored), zero when the last refresh worked or a
-	// consent completed since.
+	// refresh token was stored since (SetRefreshToken).
 	ConsentRequiredSince time.Time
 }
 
@@ -660,15 +659,6 @@ func (s *RefreshToken) note(merchant string, err error) {
 	default:
 		return
 	}
-	s.status[merchant] = st
-}
-
-// consented clears the merchant's consent-required mark.
-func (s *RefreshToken) consented(merchant string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	st := s.status[merchant]
-	st.ConsentRequiredSince = time.Time{}
 	s.status[merchant] = st
 }
 

@@ -136,7 +136,9 @@ func (s *RefreshToken) Store() Store { return s.store }
 func (s *RefreshToken) PerMerchant() bool { return true }
 
 // SetRefreshToken stores a merchant's refresh token (obtained by the
-// operator after the merchant's consent), under the merchant's lock.
+// operator after the merchant's consent, or by AuthCode's callback),
+// under the merchant's lock; the merchant's ConsentStatus then no longer
+// says consent is required.
 func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt broker.Secret) error {
 	if rt == "" || !broker.ValidTokenValue(rt.Reveal()) {
 		return errors.New("the refresh token is empty or contains characters not allowed in a token")
@@ -153,6 +155,10 @@ func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt 
 	s.mu.Lock()
 	delete(s.pending, key)
 	delete(s.last, key)
+	if st, ok := s.status[merchant]; ok {
+		st.ConsentRequiredSince = time.Time{}
+		s.status[merchant] = st
+	}
 	s.mu.Unlock()
 	return nil
 }

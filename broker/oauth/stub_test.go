@@ -635,3 +635,28 @@ func TestRefreshStateIsBounded(t *testing.T) {
 		}
 	}
 }
+
+// TestLoadedRefreshTokenEndsConsentRequired: once an operator loads a
+// merchant's new refresh token, the merchant's consent status no longer
+// says consent is required, as after a consent through the callback.
+func TestLoadedRefreshTokenEndsConsentRequired(t *testing.T) {
+	srv := startStub(t, &stub{status: 200, body: `{"access_token":"at","token_type":"Bearer","expires_in":60}`})
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, NewMemoryStore())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	var cr *ConsentRequiredError
+	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.As(err, &cr) {
+		t.Fatalf("Token without a refresh token = %v, want *ConsentRequiredError", err)
+	}
+	if st := src.ConsentStatus("acme"); st.ConsentRequiredSince.IsZero() {
+		t.Fatalf("status without a refresh token = %+v, want consent required", st)
+	}
+	if err := src.SetRefreshToken(ctx, "acme", "rt-1234"); err != nil {
+		t.Fatal(err)
+	}
+	if st := src.ConsentStatus("acme"); !st.ConsentRequiredSince.IsZero() {
+		t.Errorf("status after the refresh token was loaded = %+v, want consent no longer required", st)
+	}
+}
