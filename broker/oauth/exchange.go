@@ -28,24 +28,29 @@ import (
 type core struct {
 	cfg Config
 	ep  *discovery
-	// tokenClient sends the token and PAR requests: cfg.Client, with a
-	// DPoP key behind dpop.Transport (a proof on each request, the
-	// server's nonce remembered).
-	tokenClient *http.Client
 }
 
 func newCore(cfg Config) (*core, error) {
 	if err := cfg.check(); err != nil {
 		return nil, fmt.Errorf("oauth2 provider %s: %w", cfg.Name, err)
 	}
-	c := &core{cfg: cfg, tokenClient: cfg.Client}
+	c := &core{cfg: cfg}
 	c.ep = newDiscovery(&c.cfg)
-	if cfg.DPoP != nil {
-		tc := *cfg.Client
-		tc.Transport = dpop.Transport(tc.Transport, cfg.DPoP)
-		c.tokenClient = &tc
-	}
 	return c, nil
+}
+
+// tokenClient returns the client of the token and PAR requests: cfg.Client
+// with the transport it has when the request is sent (one set after the
+// source was built, such as a rate budget's observer, applies), behind
+// dpop.Transport with a DPoP key (a proof on each request; the key
+// remembers the server's nonce).
+func (c *core) tokenClient() *http.Client {
+	if c.cfg.DPoP == nil {
+		return c.cfg.Client
+	}
+	tc := *c.cfg.Client
+	tc.Transport = dpop.Transport(tc.Transport, c.cfg.DPoP)
+	return &tc
 }
 
 // Type names the source type for the broker's errors and metrics.
@@ -148,7 +153,7 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 	}
 	secrets = append(secrets, c.sent(secret, params.Get("client_assertion"))...)
 	sent := c.cfg.Now()
-	tok, err := cc.Token(context.WithValue(httpclient.TokenRequest(ctx), oauth2.HTTPClient, c.tokenClient))
+	tok, err := cc.Token(context.WithValue(httpclient.TokenRequest(ctx), oauth2.HTTPClient, c.tokenClient()))
 	if err != nil {
 		return broker.Token{}, nil, c.tokenError(ep, err, secrets)
 	}

@@ -29,7 +29,7 @@ func (a *AuthCode) pushOnce(ctx context.Context, endpoint string, params url.Val
 		form[k] = v
 	}
 	c := a.src.core
-	resp, body, secrets, err := c.postForm(ctx, c.tokenClient, "PAR endpoint", endpoint, endpoint, form)
+	resp, body, secrets, err := c.postForm(ctx, c.tokenClient(), "PAR endpoint", endpoint, endpoint, form)
 	if err != nil {
 		return "", err
 	}
