@@ -36,7 +36,7 @@ func (g CallerGate) Caller(r *http.Request, merchant string) *Refusal {
 	}
 	sub, cerr := g.Policy.Authenticate(r)
 	if cerr != nil {
-		return &Refusal{Status: cerr.Code.Status(), Code: cerr.Code.String(),
+		return &Refusal{Status: cerr.Code.Status(), Code: cerr.Code.String(), Challenge: cerr.Challenge(),
 			Message: "the caller must present a valid JWT from the trusted issuer as a Bearer token"}
 	}
 	if !g.Policy.Allows(sub, merchant) {

@@ -24,6 +24,9 @@ type Refusal struct {
 	Code string
 	// Message is the answer's message.
 	Message string
+	// Challenge is the WWW-Authenticate value of a 401 (RFC 6750 §3),
+	// "" for none.
+	Challenge string
 	// Err is why, for the log; never sent.
 	Err error
 }
@@ -65,6 +68,9 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if ref := c.o.Gate.Caller(r, req.Merchant); ref != nil {
+		if ref.Challenge != "" {
+			w.Header().Set("WWW-Authenticate", ref.Challenge)
+		}
 		linkError(w, ref.Status, ref.Code, ref.Message)
 		return
 	}
