@@ -63,7 +63,7 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req LinkRequest
-	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<10)).Decode(&req); err != nil {
+	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<10)).Decode(&req); err != nil || req.Merchant == "" {
 		linkError(w, http.StatusBadRequest, "bad_request", `the body must be JSON: {"merchant": "...", "return_url": "..."}`)
 		return
 	}
