@@ -166,21 +166,15 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 }
 
 // tokenError turns an x/oauth2 failure into an *broker.APIError (the
-// provider answered) or a transport error, and invalidates discovered
-// endpoints when the endpoint may have moved.
+// provider answered: x/oauth2's RetrieveError always has the answer) or a
+// transport error, and invalidates discovered endpoints when the endpoint
+// may have moved.
 func (c *core) tokenError(ep *endpoints, err error, secrets []string) error {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
-		ae := &broker.APIError{Provider: ProviderName, Code: scrub.Secrets(re.ErrorCode, secrets...), Description: scrub.Secrets(re.ErrorDescription, secrets...)}
-		if re.Response != nil {
-			ae.StatusCode = re.Response.StatusCode
-			ae.RetryAfter = broker.ParseRetryAfter(re.Response.Header.Get("Retry-After"), c.cfg.Now())
-		}
+		ae := c.apiError(re.Response, re.ErrorCode, re.ErrorDescription, secrets)
 		if ae.StatusCode == http.StatusNotFound {
 			c.ep.invalidate()
-		}
-		if ae.Description == "" && ae.Code == "" {
-			ae.Description = http.StatusText(ae.StatusCode)
 		}
 		if ae.Code == "invalid_dpop_proof" && c.cfg.DPoP != nil {
 			ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",
