@@ -14,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/coreos/go-oidc/v3/oidc"
 	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -583,7 +582,7 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, raw *oauth2
 	if ep.verifier == nil {
 		return errors.New("an id_token came back but the provider has no issuer to verify it with")
 	}
-	tok, err := ep.verifier.Verify(oidc.ClientContext(ctx, a.src.cfg.Client), s)
+	tok, err := ep.verifier.Verify(ctx, s)
 	if err != nil {
 		return fmt.Errorf("the ID token does not verify: %w", err)
 	}

@@ -660,3 +660,66 @@ func TestLoadedRefreshTokenEndsConsentRequired(t *testing.T) {
 		t.Errorf("status after the refresh token was loaded = %+v, want consent no longer required", st)
 	}
 }
+
+// TestIssuerKeysFetchedWithoutTheDiscoveringRequest: the ID token
+// verifier fetches the issuer's keys with a context of its own, not with
+// the context of the request that happened to discover the provider,
+// whose values (its trace span among them) it would keep alive and
+// report under for as long as the source lives.
+func TestIssuerKeysFetchedWithoutTheDiscoveringRequest(t *testing.T) {
+	var srv *httptest.Server
+	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		switch r.URL.Path {
+		case "/.well-known/openid-configuration":
+			fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":%q,"token_endpoint":%q,"jwks_uri":%q}`,
+				srv.URL, srv.URL+"/authorize", srv.URL+"/token", srv.URL+"/jwks")
+		case "/jwks":
+			fmt.Fprint(w, `{"keys":[]}`)
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	type requestKey struct{}
+	keysFetchedFor := make(chan any, 1)
+	client := &http.Client{Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if r.URL.Path == "/jwks" {
+			keysFetchedFor <- r.Context().Value(requestKey{})
+		}
+		return http.DefaultTransport.RoundTrip(r)
+	})}
+	src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue, Client: client}, &MemoryStore{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep, err := src.ep.get(context.WithValue(context.Background(), requestKey{}, "the discovering request"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.RS256, Key: testRSAKey(t)}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idToken, err := jwt.Signed(signer).Claims(jwt.Claims{Issuer: srv.URL, Subject: "acme", Audience: jwt.Audience{"bank-client"},
+		Expiry: jwt.NewNumericDate(time.Now().Add(time.Hour))}).Serialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ep.verifier.Verify(context.Background(), idToken); err == nil {
+		t.Fatal("an ID token signed by a key the issuer does not list verified")
+	}
+	select {
+	case v := <-keysFetchedFor:
+		if v != nil {
+			t.Errorf("the issuer's keys were fetched with the context of %v", v)
+		}
+	default:
+		t.Fatal("the verifier did not fetch the issuer's keys")
+	}
+}
+
+// roundTripFunc is a RoundTripper made of a function.
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
