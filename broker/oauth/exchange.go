@@ -94,8 +94,10 @@ func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyl
 
 // exchange sends a token request: grant has the grant's own parameters
 // (none for client_credentials). It returns the parsed token and the raw
-// x/oauth2 token (for the refresh token). A DPoP nonce challenge is
-// answered by building and sending the request once more (nonceRetry).
+// x/oauth2 token (for the refresh token); the raw token whenever the
+// provider issued one, also with the error that refuses its access token.
+// A DPoP nonce challenge is answered by building and sending the request
+// once more (nonceRetry).
 func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
 	t, raw, err := c.exchangeOnce(ctx, req, grant, secrets...)
 	if c.nonceRetry(err) {
@@ -160,7 +162,7 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 	secrets = append(secrets, tok.AccessToken, tok.RefreshToken)
 	t, err := c.parse(tok, req, sent)
 	if err != nil {
-		return broker.Token{}, nil, scrubError(err, secrets)
+		return broker.Token{}, tok, scrubError(err, secrets)
 	}
 	return t, tok, nil
 }

@@ -199,16 +199,12 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 
 	grant := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt.Reveal()}}
 	tok, raw, err := s.exchange(ctx, req, grant, rt.Reveal())
-	if err != nil {
-		var ae *broker.APIError
-		if errors.As(err, &ae) && ae.Code == "invalid_grant" {
-			return broker.Token{}, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ae}
-		}
-		return broker.Token{}, err
-	}
 	// x/oauth2 hands back the old refresh token when the response has
-	// none: a different one means the provider rotated it.
-	if next := broker.Secret(raw.RefreshToken); next != "" && next != rt {
+	// none: a different one means the provider rotated it. It is saved
+	// even when the access token beside it is refused: the old one no
+	// longer works.
+	if raw != nil && raw.RefreshToken != "" && broker.Secret(raw.RefreshToken) != rt {
+		next := broker.Secret(raw.RefreshToken)
 		if !broker.ValidTokenValue(raw.RefreshToken) {
 			return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: 200, Code: "invalid_refresh_token",
 				Description: "the rotated refresh token is too long or contains characters not allowed in a token"}
@@ -216,6 +212,13 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 		if err := s.save(ctx, key, next); err != nil {
 			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
 		}
+	}
+	if err != nil {
+		var ae *broker.APIError
+		if errors.As(err, &ae) && ae.Code == "invalid_grant" {
+			return broker.Token{}, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ae}
+		}
+		return broker.Token{}, err
 	}
 	s.mu.Lock()
 	s.last[key] = &refreshed{req: want, tok: tok}

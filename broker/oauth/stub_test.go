@@ -723,3 +723,27 @@ func TestIssuerKeysFetchedWithoutTheDiscoveringRequest(t *testing.T) {
 type roundTripFunc func(*http.Request) (*http.Response, error)
 
 func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused: a refresh whose
+// answer rotates the refresh token but carries an access token the broker
+// refuses still stores the new refresh token: the old one no longer
+// works, so dropping the new one would lose the merchant's consent.
+func TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused(t *testing.T) {
+	srv := startStub(t, &stub{status: 200, body: `{"access_token":"at-1234","token_type":"mac","expires_in":60,"refresh_token":"rt-NEW-5678"}`})
+	store := NewMemoryStore()
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := src.SetRefreshToken(ctx, "acme", "rt-OLD-1234"); err != nil {
+		t.Fatal(err)
+	}
+	var ae *broker.APIError
+	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.As(err, &ae) || ae.Code != "unsupported_token_type" {
+		t.Fatalf("Token answered a mac token = %v, want unsupported_token_type", err)
+	}
+	if rt, err := store.Load(ctx, src.StoreKey("acme")); err != nil || rt != "rt-NEW-5678" {
+		t.Errorf("stored refresh token %q (%v), want the rotated one", rt.Fingerprint(), err)
+	}
+}
