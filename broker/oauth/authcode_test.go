@@ -485,16 +485,8 @@ func TestCallbackStoresAfterTheBrowserLeft(t *testing.T) {
 	ctx, leave := context.WithCancel(context.Background())
 	defer leave()
 	f.src.store = &leavingStore{Store: f.store, leave: leave}
-	link, err := f.flow.NewLink(ctx, "acme", "", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	u, _ := url.Parse(link.URL)
-	authURL, _, err := f.flow.Start(ctx, u.Query().Get("link"), u.Host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.flow.Callback(ctx, u.Host, approve(t, f.op, authURL)); err != nil {
+	authURL, host := startConsent(t, f, "acme")
+	if _, err := f.flow.Callback(ctx, host, approve(t, f.op, authURL)); err != nil {
 		t.Fatalf("Callback whose browser left after the code exchange: %v", err)
 	}
 	if _, err := f.store.Load(context.Background(), f.src.StoreKey("acme")); err != nil {

@@ -13,33 +13,24 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
-	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
 
 // newLinksHandler returns the links route of a registry whose merchant
 // acme has a provider with a consent table, its callers admitted by gate.
 func newLinksHandler(t *testing.T, gate CallerGate) *Handler {
 	t.Helper()
-	const toml = `[providers.bank]
-type = "oauth2"
-grant = "refresh_token"
-token_url = "https://bank.invalid/token"
-client_id = "tpp"
-client_secret = "{env.BANK_SECRET}"
-  [providers.bank.consent]
-  authorization_url = "https://bank.invalid/authorize"
-  redirect_uris = ["https://cb.partner.example/consent/callback"]
-  scopes = ["offline_access", "accounts"]
-
-[merchants.acme]
-provider = "bank"
-`
-	reg, err := configtest.Load(t, "merchants.toml", []byte(toml), config.Options{RefreshStore: oauth.NewMemoryStore(),
-		ConsentStore: &oauth.MemoryPendingStore{},
-		LookupEnv:    func(k string) (string, bool) { return "bank-secret", k == "BANK_SECRET" }})
+	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.invalid/token", ClientID: "tpp",
+		ClientSecret: "bank-secret"}, oauth.NewMemoryStore())
 	if err != nil {
 		t.Fatal(err)
 	}
+	flow, err := oauth.NewAuthCode(src, oauth.AuthCodeConfig{RedirectURIs: []string{"https://cb.partner.example/consent/callback"},
+		AuthorizationURL: "https://bank.invalid/authorize", Scopes: []string{"offline_access"}}, &oauth.Pendings{Store: &oauth.MemoryPendingStore{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := &config.Registry{Providers: map[string]*config.Provider{"bank": {Name: "bank", Source: src, Consent: flow}},
+		Merchants: map[string]*config.Merchant{"acme": {ID: "acme", Terms: &config.Terms{Provider: "bank"}}}}
 	web, err := New(Options{Links: true, Registry: reg, Gate: gate, Logger: zap.NewNop(),
 		Steps: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "steps"}, []string{"provider", "step", "outcome"})})
 	if err != nil {
