@@ -533,7 +533,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		}
 	}
 	if code := q.Get("error"); code != "" {
-		desc := scrub.Truncate(q.Get("error_description"), scrub.MaxText)
+		desc := scrub.Secrets(q.Get("error_description"), q.Get("state"))
 		if code == "access_denied" { // the merchant said no (RFC 6749 §4.1.2.1)
 			return res, a.fail(ReasonDenied, rec.Merchant, fmt.Errorf("the provider answered access_denied: %s", desc))
 		}

@@ -747,3 +747,58 @@ func TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused(t *testing.T) {
 		t.Errorf("stored refresh token %q (%v), want the rotated one", rt.Fingerprint(), err)
 	}
 }
+
+// TestConsentErrorsDoNotEchoTheState: a provider that quotes the
+// authorization state in its error description, answering the pushed
+// request or the callback, does not get the state into the consent
+// error.
+func TestConsentErrorsDoNotEchoTheState(t *testing.T) {
+	var pushedState atomic.Value
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if err := r.ParseForm(); err != nil {
+			t.Error(err)
+		}
+		pushedState.Store(r.PostForm.Get("state"))
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusBadRequest)
+		fmt.Fprintf(w, `{"error":"invalid_request","error_description":"state %s is not accepted"}`, r.PostForm.Get("state"))
+	}))
+	defer srv.Close()
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for _, par := range []bool{true, false} {
+		t.Run(fmt.Sprintf("PAR %v", par), func(t *testing.T) {
+			flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, AuthorizationURL: srv.URL + "/authorize",
+				PARURL: srv.URL + "/par", PAR: par, Scopes: []string{"offline_access"}}, &Pendings{Store: &MemoryPendingStore{}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			link, err := flow.NewLink(ctx, "acme", "", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			u, _ := url.Parse(link.URL)
+			authURL, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+			state, _ := pushedState.Load().(string)
+			if !par {
+				if err != nil {
+					t.Fatal(err)
+				}
+				au, _ := url.Parse(authURL)
+				state = au.Query().Get("state")
+				_, err = flow.Callback(ctx, u.Host, url.Values{"state": {state}, "error": {"invalid_request"},
+					"error_description": {"state " + state + " is not accepted"}})
+			}
+			var ce *ConsentError
+			if !errors.As(err, &ce) || ce.Reason != ReasonProviderError || state == "" {
+				t.Fatalf("err = %v (state %q), want a provider_error", err, state)
+			}
+			if strings.Contains(err.Error(), state) {
+				t.Errorf("the consent error quotes the state: %v", err)
+			}
+		})
+	}
+}
