@@ -59,8 +59,9 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 	return resp, body, secrets, nil
 }
 
-// refusal is the *broker.APIError of an endpoint's error answer: the
-// error and error_description (RFC 6749 §5.2) of its JSON body (apiError).
+// refusal is the *broker.APIError of an endpoint's error answer, made by
+// apiError from the error and error_description (RFC 6749 §5.2) of its
+// JSON body.
 func (c *core) refusal(resp *http.Response, body []byte, secrets []string) *broker.APIError {
 	var e struct {
 		Error       string `json:"error"`
