@@ -503,7 +503,8 @@ type Result struct {
 // was known, also on errors, so that the browser can be sent back. A state
 // that Start bound to a browser is only accepted, and consumed, with the
 // same browser secret: another browser gets ReasonWrongBrowser, without a
-// Result, and the state stays.
+// Result, and the state stays. Once the state is consumed, the callback
+// no longer follows ctx's cancellation (only its values).
 func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, browser ...Browser) (Result, error) {
 	var from Browser // none: refused for a state bound to a browser
 	if len(browser) > 0 {
@@ -517,6 +518,11 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		}
 		return res, a.pendingError(rec, err, "authorization state")
 	}
+	// The state is spent: the code exchange, the ID token's verification
+	// and the save go on when the browser leaves meanwhile, within
+	// saveTimeout, so that the merchant's consent is not lost.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), saveTimeout)
+	defer cancel()
 	if rec.Provider != a.Provider() {
 		return Result{}, a.fail(ReasonWrongProvider, rec.Merchant, fmt.Errorf("the authorization state was issued for provider %q", rec.Provider))
 	}
@@ -561,11 +567,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if rt == "" {
 		return res, a.fail(ReasonNoRefreshToken, rec.Merchant, errors.New("the token response has no refresh_token: ask for the scope the provider wants for one (offline_access) and check that the client may use the refresh_token grant"))
 	}
-	// The code is spent: the refresh token is stored even when the
-	// browser has left meanwhile, within saveTimeout.
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), saveTimeout)
-	defer cancel()
-	if err := a.src.SetRefreshToken(sctx, rec.Merchant, rt); err != nil {
+	if err := a.src.SetRefreshToken(ctx, rec.Merchant, rt); err != nil {
 		return res, a.fail(ReasonStoreFailure, rec.Merchant, err)
 	}
 	res.Fingerprint = rt.Fingerprint()

@@ -509,3 +509,48 @@ func (s *leavingStore) Lock(ctx context.Context, key string) (func(), error) {
 	}
 	return s.Store.Lock(ctx, key)
 }
+
+// TestCallbackKeepsTheConsentWhenTheBrowserLeaves: once the callback has
+// consumed the state, the browser leaving (its request's context
+// cancelled) while the code is exchanged or while the issuer's keys are
+// fetched to verify the ID token does not lose the merchant's consent:
+// the state and the code are spent, so the refresh token is stored all
+// the same.
+func TestCallbackKeepsTheConsentWhenTheBrowserLeaves(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		path string // the request to the server during which the browser leaves
+	}{
+		{"during the code exchange", "/oauth/token"},
+		{"during the fetch of the issuer's keys", "/keys"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
+			ctx, leave := context.WithCancel(context.Background())
+			defer leave()
+			var left atomic.Bool
+			next := f.src.cfg.Client.Transport
+			if next == nil {
+				next = http.DefaultTransport
+			}
+			f.src.cfg.Client.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
+				if r.URL.Path == tc.path {
+					left.Store(true)
+					leave()
+				}
+				return next.RoundTrip(r)
+			})
+			authURL, host := startConsent(t, f, "acme")
+			_, err := f.flow.Callback(ctx, host, approve(t, f.op, authURL))
+			if !left.Load() {
+				t.Fatalf("the callback sent no request to %s", tc.path)
+			}
+			if err != nil {
+				t.Fatalf("Callback whose browser left %s: %v", tc.name, err)
+			}
+			if _, err := f.store.Load(context.Background(), f.src.StoreKey("acme")); err != nil {
+				t.Errorf("the refresh token of the exchanged code was not stored: %v", err)
+			}
+		})
+	}
+}

@@ -13,10 +13,11 @@ import (
 )
 
 // saveTimeout bounds the saving of a refresh token the provider has just
-// issued (a rotated one, or the one a consent's code brought), which goes
-// on when the request that caused it is cancelled: the old token or the
-// code no longer works, so losing the new one would lose the merchant's
-// consent.
+// issued (a rotated one), and a consent callback's work once its state is
+// spent (the code exchange, the ID token's verification, the save), which
+// go on when the request that caused them is cancelled: the old token, or
+// the state and the code, no longer work, so losing the new one would
+// lose the merchant's consent.
 const saveTimeout = 30 * time.Second
 
 // RefreshToken is a broker.Source for merchants who consented through the
