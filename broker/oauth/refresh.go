@@ -166,7 +166,6 @@ func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt 
 
 // Token refreshes an access token for req.Merchant.
 func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.Token, err error) {
-	defer func() { s.note(req.Merchant, err) }()
 	key := s.StoreKey(req.Merchant)
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	s.mu.Lock()
@@ -177,7 +176,12 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	if err != nil {
 		return broker.Token{}, fmt.Errorf("merchant %q: locking the refresh token: %w", req.Merchant, err)
 	}
-	defer unlock()
+	// The outcome is noted under the lock, so that a refresh token
+	// loaded right after it (SetRefreshToken) has the last word.
+	defer func() {
+		s.note(req.Merchant, err)
+		unlock()
+	}()
 
 	// Another call refreshed while this one waited: use its token.
 	s.mu.Lock()

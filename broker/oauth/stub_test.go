@@ -661,6 +661,59 @@ func TestLoadedRefreshTokenEndsConsentRequired(t *testing.T) {
 	}
 }
 
+// TestRefusedRefreshThenLoadEndsConsentRequired: a refresh refused with
+// invalid_grant and an operator's load of a new refresh token that takes
+// the merchant's lock as soon as the refresh lets it go: the merchant's
+// status ends as the load leaves it (consent no longer required), not as
+// the refresh that came before it.
+func TestRefusedRefreshThenLoadEndsConsentRequired(t *testing.T) {
+	srv := startStub(t, &stub{status: 400, body: `{"error":"invalid_grant"}`})
+	store := &handoverStore{MemoryStore: NewMemoryStore()}
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := store.Save(ctx, src.StoreKey("acme"), "rt-revoked"); err != nil {
+		t.Fatal(err)
+	}
+	var loaded error
+	store.next = func() { loaded = src.SetRefreshToken(ctx, "acme", "rt-new") }
+	var cr *ConsentRequiredError
+	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.As(err, &cr) {
+		t.Fatalf("Token with a refused refresh token = %v, want *ConsentRequiredError", err)
+	}
+	if loaded != nil {
+		t.Fatalf("loading the new refresh token: %v", loaded)
+	}
+	if st := src.ConsentStatus("acme"); !st.ConsentRequiredSince.IsZero() {
+		t.Errorf("status after the refused refresh and the load that followed it = %+v, want consent no longer required", st)
+	}
+}
+
+// handoverStore is a MemoryStore whose first lock, once released, is
+// taken over by next (run by the goroutine that unlocked, which next may
+// lock again).
+type handoverStore struct {
+	*MemoryStore
+	next func()
+	done atomic.Bool
+}
+
+// Lock locks key; its unlock runs next the first time.
+func (s *handoverStore) Lock(ctx context.Context, key string) (func(), error) {
+	unlock, err := s.MemoryStore.Lock(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	return func() {
+		unlock()
+		if !s.done.Swap(true) {
+			s.next()
+		}
+	}, nil
+}
+
 // TestIssuerKeysFetchedWithoutTheDiscoveringRequest: the ID token
 // verifier fetches the issuer's keys with a context of its own, not with
 // the context of the request that happened to discover the provider,
