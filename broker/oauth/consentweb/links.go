@@ -44,8 +44,12 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req LinkRequest
-	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<10)).Decode(&req); err != nil || req.Merchant == "" {
+	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<10)).Decode(&req); err != nil {
 		linkError(w, http.StatusBadRequest, "bad_request", `the body must be JSON: {"merchant": "...", "return_url": "..."}`)
+		return
+	}
+	if req.Merchant == "" {
+		linkError(w, http.StatusBadRequest, "bad_request", `the body names no merchant: send the merchant's id as {"merchant": "...", "return_url": "..."}`)
 		return
 	}
 	if !c.o.Gate.callerAdmits(w, r, req.Merchant) {

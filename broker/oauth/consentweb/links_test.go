@@ -62,10 +62,14 @@ func TestLinksChallengeUnauthenticatedCaller(t *testing.T) {
 }
 
 // TestLinksWithoutMerchant: a links request that names no merchant is a
-// bad request, as on the admin API, not an unknown merchant.
+// bad request, as on the admin API, not an unknown merchant, and its
+// message says that the merchant is missing and how to send it.
 func TestLinksWithoutMerchant(t *testing.T) {
 	w := postLink(newLinksHandler(t, CallerGate{}), `{"return_url":"https://app.partner.example/consent/"}`)
 	if w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), `"error":"bad_request"`) {
 		t.Errorf("links without a merchant: %d %s; want 400 bad_request", w.Code, w.Body)
+	}
+	if body := w.Body.String(); !strings.Contains(body, "no merchant") || !strings.Contains(body, `\"merchant\"`) {
+		t.Errorf("links without a merchant: %s; want a message that says the merchant is missing and how to send it", body)
 	}
 }
