@@ -168,12 +168,16 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 }
 
 // tokenError turns an x/oauth2 failure into an *broker.APIError (the
-// provider answered: x/oauth2's RetrieveError always has the answer) or a
+// provider answered: x/oauth2's RetrieveError has the answer) or a
 // transport error, and invalidates discovered endpoints when the endpoint
-// may have moved.
+// may have moved. A RetrieveError without its answer is a transport
+// error.
 func (c *core) tokenError(ep *endpoints, err error, secrets []string) error {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
+		if re.Response == nil {
+			return fmt.Errorf("oauth2 token endpoint %s: the token request failed without the provider's answer", httpclient.Host(ep.Token))
+		}
 		ae := c.apiError(re.Response, re.ErrorCode, re.ErrorDescription, secrets)
 		if ae.StatusCode == http.StatusNotFound {
 			c.ep.invalidate()
