@@ -270,7 +270,7 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 				dup(i, "merchant", WildcardID, w.Line, *wildcardAt)
 			} else {
 				wildcardAt = &at{i, w.Line}
-				p.checkWildcard(w, f.wildcardFlags, defined)
+				p.checkWildcard(w, f.wildcardFlags, defined, reg.Providers)
 				reg.Wildcard = w
 			}
 		}

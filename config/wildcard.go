@@ -10,6 +10,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
 // WildcardID is the name of the wildcard merchant table,
@@ -122,10 +123,23 @@ func (p *parser) wildcard(md *toml.MetaData, prim toml.Primitive) (*Wildcard, ui
 	return w, flags
 }
 
-// checkWildcard checks the wildcard entry against its provider.
-func (p *parser) checkWildcard(w *Wildcard, flags uint8, defined map[string]string) {
-	if p.checkMerchant(&w.Merchant, flags, defined) && w.OnlyListed && defined[w.Provider] != "nuapay" {
-		p.entry("merchants", WildcardID).errf("only_listed_organisations", "provider %q is of type %s: only nuapay providers list their organisations", w.Provider, defined[w.Provider])
+// checkWildcard checks the wildcard entry against its provider (of
+// providers, the valid ones). A provider with grant refresh_token is
+// refused: each of its merchants needs a refresh token of its own, and
+// consent links, the admin API and the consent states serve only the
+// merchants with their own table.
+func (p *parser) checkWildcard(w *Wildcard, flags uint8, defined map[string]string, providers map[string]*Provider) {
+	if !p.checkMerchant(&w.Merchant, flags, defined) {
+		return
+	}
+	e := p.entry("merchants", WildcardID)
+	if w.OnlyListed && defined[w.Provider] != "nuapay" {
+		e.errf("only_listed_organisations", "provider %q is of type %s: only nuapay providers list their organisations", w.Provider, defined[w.Provider])
+	}
+	if pv := providers[w.Provider]; pv != nil {
+		if _, ok := pv.Source.(*oauth.RefreshToken); ok {
+			e.errf("provider", "provider %q uses grant %s: each of its merchants needs a refresh token of its own, which consent links and the admin API give only to merchants with their own table, so a merchant served through the wildcard would never get a token: give each merchant of this provider its own [merchants.ID] table, and point the wildcard entry at a provider of another grant or remove it", w.Provider, GrantRefreshToken)
+		}
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
 const wildcardFile = `
@@ -104,6 +105,31 @@ func TestWildcardErrors(t *testing.T) {
 				t.Fatalf("error %v, want %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// TestWildcardOnRefreshTokenProvider: the wildcard entry cannot name a
+// provider with grant refresh_token: its merchants each need a refresh
+// token of their own, which only merchants with their own table can be
+// given (consent links, the admin API, the consent states), so a
+// wildcard merchant could never be served a token.
+func TestWildcardOnRefreshTokenProvider(t *testing.T) {
+	base := strings.Split(wildcardFile, `[merchants."*"]`)[0]
+	file := base + `[providers.consented]
+type = "oauth2"
+grant = "refresh_token"
+token_url = "https://bank.example/token"
+client_id = "rt-client"
+client_secret = "{env.NUAPAY_API_KEY}"
+
+[merchants."*"]
+provider = "consented"
+`
+	_, err := parseWith("w.toml", []byte(file), Options{LookupEnv: testEnv(), RefreshStore: oauth.NewMemoryStore()})
+	line := strings.Count(file[:strings.Index(file, `provider = "consented"`)], "\n") + 1
+	want := fmt.Sprintf(`w.toml:%d: merchant "*": field provider: provider "consented" uses grant refresh_token`, line)
+	if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "[merchants.ID]") {
+		t.Fatalf("error %v, want %q and what to do", err, want)
 	}
 }
 

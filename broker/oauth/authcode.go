@@ -14,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/coreos/go-oidc/v3/oidc"
 	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -504,7 +503,8 @@ type Result struct {
 // was known, also on errors, so that the browser can be sent back. A state
 // that Start bound to a browser is only accepted, and consumed, with the
 // same browser secret: another browser gets ReasonWrongBrowser, without a
-// Result, and the state stays.
+// Result, and the state stays. Once the state is consumed, the callback
+// no longer follows ctx's cancellation (only its values).
 func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, browser ...Browser) (Result, error) {
 	var from Browser // none: refused for a state bound to a browser
 	if len(browser) > 0 {
@@ -518,6 +518,11 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		}
 		return res, a.pendingError(rec, err, "authorization state")
 	}
+	// The state is spent: the code exchange, the ID token's verification
+	// and the save go on when the browser leaves meanwhile, within
+	// saveTimeout, so that the merchant's consent is not lost.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), saveTimeout)
+	defer cancel()
 	if rec.Provider != a.Provider() {
 		return Result{}, a.fail(ReasonWrongProvider, rec.Merchant, fmt.Errorf("the authorization state was issued for provider %q", rec.Provider))
 	}
@@ -534,7 +539,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		}
 	}
 	if code := q.Get("error"); code != "" {
-		desc := scrub.Truncate(q.Get("error_description"), scrub.MaxText)
+		desc := scrub.Secrets(q.Get("error_description"), q.Get("state"))
 		if code == "access_denied" { // the merchant said no (RFC 6749 §4.1.2.1)
 			return res, a.fail(ReasonDenied, rec.Merchant, fmt.Errorf("the provider answered access_denied: %s", desc))
 		}
@@ -565,7 +570,6 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if err := a.src.SetRefreshToken(ctx, rec.Merchant, rt); err != nil {
 		return res, a.fail(ReasonStoreFailure, rec.Merchant, err)
 	}
-	a.src.consented(rec.Merchant)
 	res.Fingerprint = rt.Fingerprint()
 	return res, nil
 }
@@ -580,7 +584,7 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, raw *oauth2
 	if ep.verifier == nil {
 		return errors.New("an id_token came back but the provider has no issuer to verify it with")
 	}
-	tok, err := ep.verifier.Verify(oidc.ClientContext(ctx, a.src.cfg.Client), s)
+	tok, err := ep.verifier.Verify(ctx, s)
 	if err != nil {
 		return fmt.Errorf("the ID token does not verify: %w", err)
 	}
@@ -636,7 +640,7 @@ type ConsentStatus struct {
 	LastRefresh time.Time
 	// ConsentRequiredSince is when the provider last refused the refresh
 	// token (or none was stored), zero when the last refresh worked or a
-	// consent completed since.
+	// refresh token was stored since (SetRefreshToken).
 	ConsentRequiredSince time.Time
 }
 
@@ -656,15 +660,6 @@ func (s *RefreshToken) note(merchant string, err error) {
 	default:
 		return
 	}
-	s.status[merchant] = st
-}
-
-// consented clears the merchant's consent-required mark.
-func (s *RefreshToken) consented(merchant string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	st := s.status[merchant]
-	st.ConsentRequiredSince = time.Time{}
 	s.status[merchant] = st
 }
 

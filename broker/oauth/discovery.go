@@ -141,8 +141,9 @@ type discoveryDoc struct {
 
 // discover reads {issuer}/.well-known/openid-configuration with go-oidc,
 // which also checks that the document names the configured issuer. The ID
-// token verifier fetches the issuer's keys with ctx, which must not be
-// cancelled.
+// token verifier fetches the issuer's keys with a context of its own (the
+// client only), not with ctx: a verifier outlives the request that
+// discovered.
 func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	fail := func(err error) (*endpoints, error) {
 		return nil, &DiscoveryError{Issuer: e.cfg.Issuer, Err: err}
@@ -161,7 +162,7 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	}
 	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods,
 		auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse,
-		verifier: p.VerifierContext(ctx, &oidc.Config{ClientID: e.cfg.ClientID, Now: e.cfg.Now})}
+		verifier: p.Verifier(&oidc.Config{ClientID: e.cfg.ClientID, Now: e.cfg.Now})}
 	// RFC 8705 §5: a client that has a TLS client certificate uses the
 	// mTLS aliases whatever its client authentication, so that its tokens
 	// are certificate-bound (FAPI: private_key_jwt over mTLS).

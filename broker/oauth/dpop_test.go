@@ -16,6 +16,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // dpopAS is a test authorization server whose token and PAR endpoints
@@ -352,4 +353,42 @@ func TestDPoPNonceRaceIsTemporary(t *testing.T) {
 	if src.Classify(err) != broker.ClassTemporary {
 		t.Errorf("err = %v: class %v, want temporary", err, src.Classify(err))
 	}
+}
+
+// TestDPoPTokenAnswersObserved: the token requests of a DPoP source go
+// through its client's transport as it is when they are sent, so the
+// answers reach an observer set on the client after the source was
+// built, as the registry sets a provider's rate budget.
+func TestDPoPTokenAnswersObserved(t *testing.T) {
+	as := newDPoPAS(t, "basic", nil)
+	client, err := httpclient.New(0, httpclient.TLSOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := NewClientCredentials(Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID,
+		ClientSecret: secretValue, DPoP: dpoptest.NewKey(t), Client: client})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen atomic.Int64
+	httpclient.ObserveTokenAnswers(client, func(rt http.RoundTripper) http.RoundTripper {
+		return observedTransport{rt: rt, seen: &seen}
+	})
+	if _, err := src.Token(context.Background(), broker.Request{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := seen.Load(); n != 2 {
+		t.Errorf("the observer saw %d token answers, want 2 (the nonce challenge and the token)", n)
+	}
+}
+
+// observedTransport counts the requests it sends.
+type observedTransport struct {
+	rt   http.RoundTripper
+	seen *atomic.Int64
+}
+
+func (o observedTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	o.seen.Add(1)
+	return o.rt.RoundTrip(r)
 }

@@ -28,24 +28,29 @@ import (
 type core struct {
 	cfg Config
 	ep  *discovery
-	// tokenClient sends the token and PAR requests: cfg.Client, with a
-	// DPoP key behind dpop.Transport (a proof on each request, the
-	// server's nonce remembered).
-	tokenClient *http.Client
 }
 
 func newCore(cfg Config) (*core, error) {
 	if err := cfg.check(); err != nil {
 		return nil, fmt.Errorf("oauth2 provider %s: %w", cfg.Name, err)
 	}
-	c := &core{cfg: cfg, tokenClient: cfg.Client}
+	c := &core{cfg: cfg}
 	c.ep = newDiscovery(&c.cfg)
-	if cfg.DPoP != nil {
-		tc := *cfg.Client
-		tc.Transport = dpop.Transport(tc.Transport, cfg.DPoP)
-		c.tokenClient = &tc
-	}
 	return c, nil
+}
+
+// tokenClient returns the client of the token and PAR requests: cfg.Client
+// with the transport it has when the request is sent (one set after the
+// source was built, such as a rate budget's observer, applies), behind
+// dpop.Transport with a DPoP key (a proof on each request; the key
+// remembers the server's nonce).
+func (c *core) tokenClient() *http.Client {
+	if c.cfg.DPoP == nil {
+		return c.cfg.Client
+	}
+	tc := *c.cfg.Client
+	tc.Transport = dpop.Transport(tc.Transport, c.cfg.DPoP)
+	return &tc
 }
 
 // Type names the source type for the broker's errors and metrics.
@@ -89,8 +94,10 @@ func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyl
 
 // exchange sends a token request: grant has the grant's own parameters
 // (none for client_credentials). It returns the parsed token and the raw
-// x/oauth2 token (for the refresh token). A DPoP nonce challenge is
-// answered by building and sending the request once more (nonceRetry).
+// x/oauth2 token (for the refresh token); the raw token whenever the
+// provider issued one, also with the error that refuses its access token.
+// A DPoP nonce challenge is answered by building and sending the request
+// once more (nonceRetry).
 func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
 	t, raw, err := c.exchangeOnce(ctx, req, grant, secrets...)
 	if c.nonceRetry(err) {
@@ -148,34 +155,32 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 	}
 	secrets = append(secrets, c.sent(secret, params.Get("client_assertion"))...)
 	sent := c.cfg.Now()
-	tok, err := cc.Token(context.WithValue(httpclient.TokenRequest(ctx), oauth2.HTTPClient, c.tokenClient))
+	tok, err := cc.Token(context.WithValue(httpclient.TokenRequest(ctx), oauth2.HTTPClient, c.tokenClient()))
 	if err != nil {
 		return broker.Token{}, nil, c.tokenError(ep, err, secrets)
 	}
 	secrets = append(secrets, tok.AccessToken, tok.RefreshToken)
 	t, err := c.parse(tok, req, sent)
 	if err != nil {
-		return broker.Token{}, nil, scrubError(err, secrets)
+		return broker.Token{}, tok, scrubError(err, secrets)
 	}
 	return t, tok, nil
 }
 
 // tokenError turns an x/oauth2 failure into an *broker.APIError (the
-// provider answered) or a transport error, and invalidates discovered
-// endpoints when the endpoint may have moved.
+// provider answered: x/oauth2's RetrieveError has the answer) or a
+// transport error, and invalidates discovered endpoints when the endpoint
+// may have moved. A RetrieveError without its answer is a transport
+// error.
 func (c *core) tokenError(ep *endpoints, err error, secrets []string) error {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
-		ae := &broker.APIError{Provider: ProviderName, Code: scrub.Secrets(re.ErrorCode, secrets...), Description: scrub.Secrets(re.ErrorDescription, secrets...)}
-		if re.Response != nil {
-			ae.StatusCode = re.Response.StatusCode
-			ae.RetryAfter = broker.ParseRetryAfter(re.Response.Header.Get("Retry-After"), c.cfg.Now())
+		if re.Response == nil {
+			return fmt.Errorf("oauth2 token endpoint %s: the token request failed without the provider's answer", httpclient.Host(ep.Token))
 		}
+		ae := c.apiError(re.Response, re.ErrorCode, re.ErrorDescription, secrets)
 		if ae.StatusCode == http.StatusNotFound {
 			c.ep.invalidate()
-		}
-		if ae.Description == "" && ae.Code == "" {
-			ae.Description = http.StatusText(ae.StatusCode)
 		}
 		if ae.Code == "invalid_dpop_proof" && c.cfg.DPoP != nil {
 			ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",

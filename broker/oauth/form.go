@@ -59,20 +59,27 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 	return resp, body, secrets, nil
 }
 
-// refusal is the *broker.APIError of an endpoint's error answer: its
-// error and error_description (RFC 6749 §5.2) scrubbed of secrets, or the
-// status text when it has neither, and its Retry-After.
+// refusal is the *broker.APIError of an endpoint's error answer, made by
+// apiError from the error and error_description (RFC 6749 §5.2) of its
+// JSON body.
 func (c *core) refusal(resp *http.Response, body []byte, secrets []string) *broker.APIError {
-	ae := &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode,
-		RetryAfter: broker.ParseRetryAfter(resp.Header.Get("Retry-After"), c.cfg.Now())}
 	var e struct {
 		Error       string `json:"error"`
 		Description string `json:"error_description"`
 	}
-	if json.Unmarshal(body, &e) == nil {
-		ae.Code = scrub.Secrets(e.Error, secrets...)
-		ae.Description = scrub.Secrets(e.Description, secrets...)
+	if json.Unmarshal(body, &e) != nil {
+		e.Error, e.Description = "", ""
 	}
+	return c.apiError(resp, e.Error, e.Description, secrets)
+}
+
+// apiError is the *broker.APIError of an error answer whose error code
+// and description are code and description: both scrubbed of secrets, the
+// status text when both are empty, and the answer's Retry-After.
+func (c *core) apiError(resp *http.Response, code, description string, secrets []string) *broker.APIError {
+	ae := &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode,
+		Code: scrub.Secrets(code, secrets...), Description: scrub.Secrets(description, secrets...),
+		RetryAfter: broker.ParseRetryAfter(resp.Header.Get("Retry-After"), c.cfg.Now())}
 	if ae.Code == "" && ae.Description == "" {
 		ae.Description = http.StatusText(resp.StatusCode)
 	}

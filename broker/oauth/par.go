@@ -29,7 +29,7 @@ func (a *AuthCode) pushOnce(ctx context.Context, endpoint string, params url.Val
 		form[k] = v
 	}
 	c := a.src.core
-	resp, body, secrets, err := c.postForm(ctx, c.tokenClient, "PAR endpoint", endpoint, endpoint, form)
+	resp, body, secrets, err := c.postForm(ctx, c.tokenClient(), "PAR endpoint", endpoint, endpoint, form)
 	if err != nil {
 		return "", err
 	}
@@ -39,7 +39,8 @@ func (a *AuthCode) pushOnce(ctx context.Context, endpoint string, params url.Val
 	}
 	_ = json.Unmarshal(body, &out)
 	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK || out.Error != "" {
-		return "", fmt.Errorf("PAR endpoint %s refused the request: %w", httpclient.Host(endpoint), c.refusal(resp, body, secrets))
+		// The state is scrubbed as well: a provider may quote it.
+		return "", fmt.Errorf("PAR endpoint %s refused the request: %w", httpclient.Host(endpoint), c.refusal(resp, body, append(secrets, params.Get("state"))))
 	}
 	if out.RequestURI == "" || len(out.RequestURI) > 2048 {
 		return "", fmt.Errorf("PAR endpoint %s: the answer has no usable request_uri", httpclient.Host(endpoint))

@@ -12,9 +12,12 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
-// saveTimeout bounds the saving of a rotated refresh token, which goes on
-// when the request that caused the refresh is cancelled: the old token no
-// longer works, so losing the new one would lose the merchant's consent.
+// saveTimeout bounds the saving of a refresh token the provider has just
+// issued (a rotated one), and a consent callback's work once its state is
+// spent (the code exchange, the ID token's verification, the save), which
+// go on when the request that caused them is cancelled: the old token, or
+// the state and the code, no longer work, so losing the new one would
+// lose the merchant's consent.
 const saveTimeout = 30 * time.Second
 
 // RefreshToken is a broker.Source for merchants who consented through the
@@ -134,7 +137,9 @@ func (s *RefreshToken) Store() Store { return s.store }
 func (s *RefreshToken) PerMerchant() bool { return true }
 
 // SetRefreshToken stores a merchant's refresh token (obtained by the
-// operator after the merchant's consent), under the merchant's lock.
+// operator after the merchant's consent, or by AuthCode's callback),
+// under the merchant's lock; the merchant's ConsentStatus then no longer
+// says consent is required.
 func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt broker.Secret) error {
 	if rt == "" || !broker.ValidTokenValue(rt.Reveal()) {
 		return errors.New("the refresh token is empty or contains characters not allowed in a token")
@@ -151,13 +156,16 @@ func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt 
 	s.mu.Lock()
 	delete(s.pending, key)
 	delete(s.last, key)
+	if st, ok := s.status[merchant]; ok {
+		st.ConsentRequiredSince = time.Time{}
+		s.status[merchant] = st
+	}
 	s.mu.Unlock()
 	return nil
 }
 
 // Token refreshes an access token for req.Merchant.
 func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.Token, err error) {
-	defer func() { s.note(req.Merchant, err) }()
 	key := s.StoreKey(req.Merchant)
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	s.mu.Lock()
@@ -168,7 +176,12 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	if err != nil {
 		return broker.Token{}, fmt.Errorf("merchant %q: locking the refresh token: %w", req.Merchant, err)
 	}
-	defer unlock()
+	// The outcome is noted under the lock, so that a refresh token
+	// loaded right after it (SetRefreshToken) has the last word.
+	defer func() {
+		s.note(req.Merchant, err)
+		unlock()
+	}()
 
 	// Another call refreshed while this one waited: use its token.
 	s.mu.Lock()
@@ -191,16 +204,12 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 
 	grant := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt.Reveal()}}
 	tok, raw, err := s.exchange(ctx, req, grant, rt.Reveal())
-	if err != nil {
-		var ae *broker.APIError
-		if errors.As(err, &ae) && ae.Code == "invalid_grant" {
-			return broker.Token{}, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ae}
-		}
-		return broker.Token{}, err
-	}
 	// x/oauth2 hands back the old refresh token when the response has
-	// none: a different one means the provider rotated it.
-	if next := broker.Secret(raw.RefreshToken); next != "" && next != rt {
+	// none: a different one means the provider rotated it. It is saved
+	// even when the access token beside it is refused: the old one no
+	// longer works.
+	if raw != nil && raw.RefreshToken != "" && broker.Secret(raw.RefreshToken) != rt {
+		next := broker.Secret(raw.RefreshToken)
 		if !broker.ValidTokenValue(raw.RefreshToken) {
 			return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: 200, Code: "invalid_refresh_token",
 				Description: "the rotated refresh token is too long or contains characters not allowed in a token"}
@@ -208,6 +217,13 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 		if err := s.save(ctx, key, next); err != nil {
 			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
 		}
+	}
+	if err != nil {
+		var ae *broker.APIError
+		if errors.As(err, &ae) && ae.Code == "invalid_grant" {
+			return broker.Token{}, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ae}
+		}
+		return broker.Token{}, err
 	}
 	s.mu.Lock()
 	s.last[key] = &refreshed{req: want, tok: tok}

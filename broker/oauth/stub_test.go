@@ -20,6 +20,7 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
@@ -632,6 +633,246 @@ func TestRefreshStateIsBounded(t *testing.T) {
 				t.Fatalf("the store lock of %s was kept after its refresh finished: %v", m, err)
 			}
 			unlock()
+		}
+	}
+}
+
+// TestLoadedRefreshTokenEndsConsentRequired: once an operator loads a
+// merchant's new refresh token, the merchant's consent status no longer
+// says consent is required, as after a consent through the callback.
+func TestLoadedRefreshTokenEndsConsentRequired(t *testing.T) {
+	srv := startStub(t, &stub{status: 200, body: `{"access_token":"at","token_type":"Bearer","expires_in":60}`})
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, NewMemoryStore())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	var cr *ConsentRequiredError
+	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.As(err, &cr) {
+		t.Fatalf("Token without a refresh token = %v, want *ConsentRequiredError", err)
+	}
+	if st := src.ConsentStatus("acme"); st.ConsentRequiredSince.IsZero() {
+		t.Fatalf("status without a refresh token = %+v, want consent required", st)
+	}
+	if err := src.SetRefreshToken(ctx, "acme", "rt-1234"); err != nil {
+		t.Fatal(err)
+	}
+	if st := src.ConsentStatus("acme"); !st.ConsentRequiredSince.IsZero() {
+		t.Errorf("status after the refresh token was loaded = %+v, want consent no longer required", st)
+	}
+}
+
+// TestRefusedRefreshThenLoadEndsConsentRequired: a refresh refused with
+// invalid_grant and an operator's load of a new refresh token that takes
+// the merchant's lock as soon as the refresh lets it go: the merchant's
+// status ends as the load leaves it (consent no longer required), not as
+// the refresh that came before it.
+func TestRefusedRefreshThenLoadEndsConsentRequired(t *testing.T) {
+	srv := startStub(t, &stub{status: 400, body: `{"error":"invalid_grant"}`})
+	store := &handoverStore{MemoryStore: NewMemoryStore()}
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := store.Save(ctx, src.StoreKey("acme"), "rt-revoked"); err != nil {
+		t.Fatal(err)
+	}
+	var loaded error
+	store.next = func() { loaded = src.SetRefreshToken(ctx, "acme", "rt-new") }
+	var cr *ConsentRequiredError
+	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.As(err, &cr) {
+		t.Fatalf("Token with a refused refresh token = %v, want *ConsentRequiredError", err)
+	}
+	if loaded != nil {
+		t.Fatalf("loading the new refresh token: %v", loaded)
+	}
+	if st := src.ConsentStatus("acme"); !st.ConsentRequiredSince.IsZero() {
+		t.Errorf("status after the refused refresh and the load that followed it = %+v, want consent no longer required", st)
+	}
+}
+
+// handoverStore is a MemoryStore whose first lock, once released, is
+// taken over by next (run by the goroutine that unlocked, which next may
+// lock again).
+type handoverStore struct {
+	*MemoryStore
+	next func()
+	done atomic.Bool
+}
+
+// Lock locks key; its unlock runs next the first time.
+func (s *handoverStore) Lock(ctx context.Context, key string) (func(), error) {
+	unlock, err := s.MemoryStore.Lock(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	return func() {
+		unlock()
+		if !s.done.Swap(true) {
+			s.next()
+		}
+	}, nil
+}
+
+// TestIssuerKeysFetchedWithoutTheDiscoveringRequest: the ID token
+// verifier fetches the issuer's keys with a context of its own, not with
+// the context of the request that happened to discover the provider,
+// whose values (its trace span among them) it would keep alive and
+// report under for as long as the source lives.
+func TestIssuerKeysFetchedWithoutTheDiscoveringRequest(t *testing.T) {
+	var srv *httptest.Server
+	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		switch r.URL.Path {
+		case "/.well-known/openid-configuration":
+			fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":%q,"token_endpoint":%q,"jwks_uri":%q}`,
+				srv.URL, srv.URL+"/authorize", srv.URL+"/token", srv.URL+"/jwks")
+		case "/jwks":
+			fmt.Fprint(w, `{"keys":[]}`)
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	type requestKey struct{}
+	keysFetchedFor := make(chan any, 1)
+	client := &http.Client{Transport: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if r.URL.Path == "/jwks" {
+			select {
+			case keysFetchedFor <- r.Context().Value(requestKey{}):
+			default: // a later fetch: the first one is what the test reads
+			}
+		}
+		return http.DefaultTransport.RoundTrip(r)
+	})}
+	src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue, Client: client}, &MemoryStore{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep, err := src.ep.get(context.WithValue(context.Background(), requestKey{}, "the discovering request"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.RS256, Key: testRSAKey(t)}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idToken, err := jwt.Signed(signer).Claims(jwt.Claims{Issuer: srv.URL, Subject: "acme", Audience: jwt.Audience{"bank-client"},
+		Expiry: jwt.NewNumericDate(time.Now().Add(time.Hour))}).Serialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ep.verifier.Verify(context.Background(), idToken); err == nil {
+		t.Fatal("an ID token signed by a key the issuer does not list verified")
+	}
+	select {
+	case v := <-keysFetchedFor:
+		if v != nil {
+			t.Errorf("the issuer's keys were fetched with the context of %v", v)
+		}
+	default:
+		t.Fatal("the verifier did not fetch the issuer's keys")
+	}
+}
+
+// roundTripFunc is a RoundTripper made of a function.
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused: a refresh whose
+// answer rotates the refresh token but carries an access token the broker
+// refuses still stores the new refresh token: the old one no longer
+// works, so dropping the new one would lose the merchant's consent.
+func TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused(t *testing.T) {
+	srv := startStub(t, &stub{status: 200, body: `{"access_token":"at-1234","token_type":"mac","expires_in":60,"refresh_token":"rt-NEW-5678"}`})
+	store := NewMemoryStore()
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := src.SetRefreshToken(ctx, "acme", "rt-OLD-1234"); err != nil {
+		t.Fatal(err)
+	}
+	var ae *broker.APIError
+	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.As(err, &ae) || ae.Code != "unsupported_token_type" {
+		t.Fatalf("Token answered a mac token = %v, want unsupported_token_type", err)
+	}
+	if rt, err := store.Load(ctx, src.StoreKey("acme")); err != nil || rt != "rt-NEW-5678" {
+		t.Errorf("stored refresh token %q (%v), want the rotated one", rt.Fingerprint(), err)
+	}
+}
+
+// TestConsentErrorsDoNotEchoTheState: a provider that quotes the
+// authorization state in its error description, answering the pushed
+// request or the callback, does not get the state into the consent
+// error.
+func TestConsentErrorsDoNotEchoTheState(t *testing.T) {
+	var pushedState atomic.Value
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if err := r.ParseForm(); err != nil {
+			t.Error(err)
+		}
+		pushedState.Store(r.PostForm.Get("state"))
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusBadRequest)
+		fmt.Fprintf(w, `{"error":"invalid_request","error_description":"state %s is not accepted"}`, r.PostForm.Get("state"))
+	}))
+	defer srv.Close()
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for _, par := range []bool{true, false} {
+		t.Run(fmt.Sprintf("PAR %v", par), func(t *testing.T) {
+			flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, AuthorizationURL: srv.URL + "/authorize",
+				PARURL: srv.URL + "/par", PAR: par, Scopes: []string{"offline_access"}}, &Pendings{Store: &MemoryPendingStore{}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			link, err := flow.NewLink(ctx, "acme", "", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			u, _ := url.Parse(link.URL)
+			authURL, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+			state, _ := pushedState.Load().(string)
+			if !par {
+				if err != nil {
+					t.Fatal(err)
+				}
+				au, _ := url.Parse(authURL)
+				state = au.Query().Get("state")
+				_, err = flow.Callback(ctx, u.Host, url.Values{"state": {state}, "error": {"invalid_request"},
+					"error_description": {"state " + state + " is not accepted"}})
+			}
+			var ce *ConsentError
+			if !errors.As(err, &ce) || ce.Reason != ReasonProviderError || state == "" {
+				t.Fatalf("err = %v (state %q), want a provider_error", err, state)
+			}
+			if strings.Contains(err.Error(), state) {
+				t.Errorf("the consent error quotes the state: %v", err)
+			}
+		})
+	}
+}
+
+// TestRetrieveErrorWithoutResponse: an x/oauth2 RetrieveError that
+// carries no HTTP response (x/oauth2 always sets one today) becomes an
+// error that names the token endpoint, instead of a panic in a refresh
+// running in the background.
+func TestRetrieveErrorWithoutResponse(t *testing.T) {
+	c, err := newCore(Config{Name: "bank", TokenURL: "https://as.bank.example/token", ClientID: "c", ClientSecret: secretValue})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, re := range []*oauth2.RetrieveError{{}, {ErrorCode: "invalid_grant"}} {
+		err := c.tokenError(&endpoints{Token: "https://as.bank.example/token"}, re, nil)
+		if err == nil || !strings.Contains(err.Error(), "as.bank.example") {
+			t.Errorf("tokenError(%+v) = %v, want an error naming the token endpoint", re, err)
 		}
 	}
 }

@@ -273,11 +273,7 @@ func (r *Renderer) Render(w http.ResponseWriter, acceptLanguage string, p Page) 
 	_, _ = rand.Read(nonce) // crypto/rand.Read never fails
 	d.Nonce = base64.RawURLEncoding.EncodeToString(nonce)
 	var buf bytes.Buffer
-	t := r.tmpls[p.Name]
-	if t == nil {
-		t, d.Page = r.tmpls[PageNotFound], PageNotFound
-	}
-	if err := t.Execute(&buf, d); err != nil {
+	if err := r.tmpls[p.Name].Execute(&buf, d); err != nil {
 		// Checked at load: only a write to buf could fail, and does not.
 		http.Error(w, http.StatusText(http.StatusInternalServerError), http.StatusInternalServerError)
 		return

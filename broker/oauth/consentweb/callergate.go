@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"net/http"
 
+	"go.uber.org/zap"
+
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 )
 
@@ -18,30 +20,35 @@ type CallerGate struct {
 	Policy *callers.Policy
 }
 
-// Site refuses a request that the site does not take, before its body
-// is read; nil admits it.
-func (g CallerGate) Site(r *http.Request) *Refusal {
+// siteAdmits answers a request that the site does not take, before its
+// body is read, and reports whether it admitted it.
+func (g CallerGate) siteAdmits(w http.ResponseWriter, r *http.Request, logger *zap.Logger) bool {
 	code, err := g.Hosts.Check(r)
 	if code == 0 {
-		return nil
+		return true
 	}
-	return &Refusal{Status: code.Status(), Code: code.String(), Message: code.Message(""), Err: err}
+	logger.Warn("consent link refused", zap.String("error_code", code.String()), zap.Error(err))
+	linkError(w, code.Status(), code.String(), code.Message(""))
+	return false
 }
 
-// Caller refuses a request whose caller may not ask links for merchant;
-// nil admits it.
-func (g CallerGate) Caller(r *http.Request, merchant string) *Refusal {
+// callerAdmits answers a request whose caller may not ask links for
+// merchant, and reports whether it admitted it.
+func (g CallerGate) callerAdmits(w http.ResponseWriter, r *http.Request, merchant string) bool {
 	if g.Policy == nil {
-		return nil
+		return true
 	}
 	sub, cerr := g.Policy.Authenticate(r)
 	if cerr != nil {
-		return &Refusal{Status: cerr.Code.Status(), Code: cerr.Code.String(),
-			Message: "the caller must present a valid JWT from the trusted issuer as a Bearer token"}
+		if c := cerr.Challenge(); c != "" { // RFC 6750 §3
+			w.Header().Set("WWW-Authenticate", c)
+		}
+		linkError(w, cerr.Code.Status(), cerr.Code.String(), "the caller must present a valid JWT from the trusted issuer as a Bearer token")
+		return false
 	}
 	if !g.Policy.Allows(sub, merchant) {
-		return &Refusal{Status: http.StatusForbidden, Code: "merchant_not_allowed",
-			Message: fmt.Sprintf("caller %q may not act for merchant %q", sub, merchant)}
+		linkError(w, http.StatusForbidden, "merchant_not_allowed", fmt.Sprintf("caller %q may not act for merchant %q", sub, merchant))
+		return false
 	}
-	return nil
+	return true
 }

@@ -10,23 +10,9 @@ import (
 	"strconv"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
-
-// Refusal is the answer to a request that a CallerGate refuses.
-type Refusal struct {
-	// Status is the HTTP status.
-	Status int
-	// Code is the answer's error code.
-	Code string
-	// Message is the answer's message.
-	Message string
-	// Err is why, for the log; never sent.
-	Err error
-}
 
 // LinkRequest is the body of a consent-link request.
 type LinkRequest struct {
@@ -54,9 +40,7 @@ type LinkResponse struct {
 
 // link serves POST …/links: the CallerGate applies.
 func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
-	if ref := c.o.Gate.Site(r); ref != nil {
-		c.o.Logger.Warn("consent link refused", zap.String("error_code", ref.Code), zap.Error(ref.Err))
-		linkError(w, ref.Status, ref.Code, ref.Message)
+	if !c.o.Gate.siteAdmits(w, r, c.o.Logger) {
 		return
 	}
 	var req LinkRequest
@@ -64,8 +48,11 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 		linkError(w, http.StatusBadRequest, "bad_request", `the body must be JSON: {"merchant": "...", "return_url": "..."}`)
 		return
 	}
-	if ref := c.o.Gate.Caller(r, req.Merchant); ref != nil {
-		linkError(w, ref.Status, ref.Code, ref.Message)
+	if req.Merchant == "" {
+		linkError(w, http.StatusBadRequest, "bad_request", `the body names no merchant: send the merchant's id as {"merchant": "...", "return_url": "..."}`)
+		return
+	}
+	if !c.o.Gate.callerAdmits(w, r, req.Merchant) {
 		return
 	}
 	provider := c.o.Provider

@@ -1,0 +1,75 @@
+package consentweb
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/callers"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// newLinksHandler returns the links route of a registry whose merchant
+// acme has a provider with a consent table, its callers admitted by gate.
+func newLinksHandler(t *testing.T, gate CallerGate) *Handler {
+	t.Helper()
+	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.invalid/token", ClientID: "tpp",
+		ClientSecret: "bank-secret"}, oauth.NewMemoryStore())
+	if err != nil {
+		t.Fatal(err)
+	}
+	flow, err := oauth.NewAuthCode(src, oauth.AuthCodeConfig{RedirectURIs: []string{"https://cb.partner.example/consent/callback"},
+		AuthorizationURL: "https://bank.invalid/authorize", Scopes: []string{"offline_access"}}, &oauth.Pendings{Store: &oauth.MemoryPendingStore{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := &config.Registry{Providers: map[string]*config.Provider{"bank": {Name: "bank", Source: src, Consent: flow}},
+		Merchants: map[string]*config.Merchant{"acme": {ID: "acme", Terms: &config.Terms{Provider: "bank"}}}}
+	web, err := New(Options{Links: true, Registry: reg, Gate: gate, Logger: zap.NewNop(),
+		Steps: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "steps"}, []string{"provider", "step", "outcome"})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return web
+}
+
+// postLink posts body to the links route of web.
+func postLink(web *Handler, body string) *httptest.ResponseRecorder {
+	w := httptest.NewRecorder()
+	web.ServeHTTP(w, httptest.NewRequest(http.MethodPost, "http://localhost/consent/links", strings.NewReader(body)))
+	return w
+}
+
+// TestLinksChallengeUnauthenticatedCaller: the links route answers a
+// caller without a JWT 401 with a WWW-Authenticate challenge (RFC 6750
+// §3), as the token_broker handler does.
+func TestLinksChallengeUnauthenticatedCaller(t *testing.T) {
+	policy, err := callers.New(context.Background(), callers.Config{Issuer: "https://issuer.invalid", Audience: "token-broker",
+		Allow: map[string][]string{"payments": {"acme"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := postLink(newLinksHandler(t, CallerGate{Policy: policy}), `{"merchant":"acme"}`)
+	if w.Code != http.StatusUnauthorized || !strings.HasPrefix(w.Header().Get("WWW-Authenticate"), "Bearer realm=") {
+		t.Errorf("links without a caller JWT: %d, WWW-Authenticate %q; want 401 with a Bearer challenge", w.Code, w.Header().Get("WWW-Authenticate"))
+	}
+}
+
+// TestLinksWithoutMerchant: a links request that names no merchant is a
+// bad request, as on the admin API, not an unknown merchant, and its
+// message says that the merchant is missing and how to send it.
+func TestLinksWithoutMerchant(t *testing.T) {
+	w := postLink(newLinksHandler(t, CallerGate{}), `{"return_url":"https://app.partner.example/consent/"}`)
+	if w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), `"error":"bad_request"`) {
+		t.Errorf("links without a merchant: %d %s; want 400 bad_request", w.Code, w.Body)
+	}
+	if body := w.Body.String(); !strings.Contains(body, "no merchant") || !strings.Contains(body, `\"merchant\"`) {
+		t.Errorf("links without a merchant: %s; want a message that says the merchant is missing and how to send it", body)
+	}
+}
