@@ -2,9 +2,8 @@
 // in a key-value storage with locks (the methods of Caddy's
 // certmagic.Storage that it uses): the file system by default, shared by
 // the instances that share the storage. Refresh stores the refresh tokens
-// (sealed, with keys),
-// Pending the consents in progress, and a Sweeper deletes the expired
-// ones.
+// (sealed when it has keys), Pending the consents in progress, and a
+// Sweeper deletes the expired ones.
 package kvstore
 
 import (
