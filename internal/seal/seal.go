@@ -106,10 +106,14 @@ func ParseKey(b64 string) ([]byte, error) {
 // configured: each is passed through resolve (which expands placeholders;
 // nil leaves it as is), then decoded by ParseKey. An error names the
 // failing key by its setting: name, or oldName[i] for old[i]; it never
-// contains a key.
+// contains a key. Without any key (current empty, no old ones) it returns a
+// nil Keyring and no error: there is nothing to seal with.
 func ParseKeyring(name, current, oldName string, old []string, resolve func(string) (string, error)) (*Keyring, error) {
 	if resolve == nil {
 		resolve = func(v string) (string, error) { return v, nil }
+	}
+	if current == "" && len(old) == 0 {
+		return nil, nil
 	}
 	if current == "" {
 		return nil, fmt.Errorf("%s is required: 32 random bytes in base64 (head -c 32 /dev/urandom | base64)", name)

@@ -138,6 +138,7 @@ func TestParseKeyring(t *testing.T) {
 		wantErr string
 	}{
 		{name: "current and old, resolved", current: "{env.K}", old: []string{good}},
+		{name: "none"},
 		{name: "no current", old: []string{good}, wantErr: "key is required: 32 random bytes"},
 		{name: "short current", current: "{env.SHORT}", wantErr: "key: seal: the key decodes to 16 bytes; want 32"},
 		{name: "second old key short", current: good, old: []string{good, "{env.SHORT}"}, wantErr: "keys_old[1]: seal: the key decodes to 16 bytes"},
@@ -146,6 +147,12 @@ func TestParseKeyring(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			kr, err := ParseKeyring("key", tt.current, "keys_old", tt.old, resolve)
+			if tt.current == "" && tt.old == nil {
+				if kr != nil || err != nil {
+					t.Fatalf("ParseKeyring without keys = %v, %v; want nil, nil", kr, err)
+				}
+				return
+			}
 			if tt.wantErr == "" {
 				if err != nil || len(kr.keys) != 1+len(tt.old) || !bytes.Equal(kr.keys[0].raw, testKey(7)) {
 					t.Fatalf("ParseKeyring = %v, %v", kr, err)
