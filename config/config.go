@@ -139,6 +139,17 @@ func (r *Registry) HasConsent() bool {
 	return false
 }
 
+// HasRefreshTokens reports whether a provider of r keeps merchants'
+// refresh tokens (grant "refresh_token") in Options.RefreshStore.
+func (r *Registry) HasRefreshTokens() bool {
+	for _, p := range r.Providers {
+		if _, ok := p.Source.(*oauth.RefreshToken); ok {
+			return true
+		}
+	}
+	return false
+}
+
 // CheckRouteScopes fails when a route's scopes, which replace the
 // merchants' own, hold a malformed scope. The merchants' own scopes are
 // checked when the registry is loaded.

@@ -117,6 +117,13 @@ func TestConsentTable(t *testing.T) {
 	if without.HasConsent() {
 		t.Error("HasConsent without a consent table")
 	}
+	clientCredentials, err := parseWith("m.toml", []byte(strings.Replace(strings.Replace(consentProvider, table, "", 1), `grant = "refresh_token"`, `grant = "client_credentials"`, 1)), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reg.HasRefreshTokens() || !without.HasRefreshTokens() || clientCredentials.HasRefreshTokens() {
+		t.Error("HasRefreshTokens: want true for the refresh_token providers (with or without consent), false for client credentials")
+	}
 
 	rows := []struct {
 		name, old, new, want string

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"encoding/base64"
 	"fmt"
 	"io"
 	"net/http"
@@ -48,7 +49,10 @@ func (b *rotatingBank) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // TestRefreshTokenSurvivesKill: the rotated refresh token is stored before
 // it is used, so a sidecar killed (SIGKILL) after a refresh refreshes again
-// after its restart with the token it persisted.
+// after its restart with the token it persisted. The first sidecar keeps
+// refresh tokens in clear and warns so; the restarted one has a
+// storage_encryption_key: it reads the token stored in clear and seals the
+// next one, and does not warn.
 func TestRefreshTokenSurvivesKill(t *testing.T) {
 	t.Parallel()
 	caddyBin, _ := buildBinaries(t)
@@ -79,11 +83,13 @@ scopes = ["accounts"]
 `
 	os.WriteFile(filepath.Join(dir, "merchants.toml"), []byte(toml), 0o600)
 	port, admin := freePort(t), freePort(t)
-	caddyfile := fmt.Sprintf(`{
+	caddyfile := func(storageKey string) string {
+		return fmt.Sprintf(`{
 	admin 127.0.0.1:%d
 	storage file_system %s
 	token_broker {
 		config %s
+		%s
 	}
 }
 http://:%d {
@@ -91,23 +97,55 @@ http://:%d {
 	token_broker
 	reverse_proxy %s
 }
-`, admin, filepath.Join(dir, "storage"), filepath.Join(dir, "merchants.toml"), port, upstream.URL)
-	os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(caddyfile), 0o600)
-	env := append(os.Environ(), "BANK_SECRET=bank-secret-xyz", "HOME="+dir)
+`, admin, filepath.Join(dir, "storage"), filepath.Join(dir, "merchants.toml"), storageKey, port, upstream.URL)
+	}
+	storageKey := base64.StdEncoding.EncodeToString([]byte(strings.Repeat("s", 32)))
+	env := append(os.Environ(), "BANK_SECRET=bank-secret-xyz", "HOME="+dir, "TB_STORAGE_KEY="+storageKey)
 
-	start := func() *exec.Cmd {
-		cmd := exec.Command(caddyBin, "run", "--config", filepath.Join(dir, "Caddyfile"), "--adapter", "caddyfile")
-		cmd.Env = env
+	// start runs Caddy with the Caddyfile cf, its log in the file it returns.
+	start := func(cf string) (*exec.Cmd, string) {
+		name := filepath.Join(t.TempDir(), "Caddyfile")
+		os.WriteFile(name, []byte(cf), 0o600)
+		log, err := os.Create(name + ".log")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer log.Close()
+		cmd := exec.Command(caddyBin, "run", "--config", name, "--adapter", "caddyfile")
+		cmd.Env, cmd.Stderr = env, log
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 		waitListening(t, fmt.Sprintf("127.0.0.1:%d", port))
-		return cmd
+		return cmd, log.Name()
+	}
+	const unsealedWarning = "refresh tokens are stored unsealed in Caddy's storage: set storage_encryption_key"
+	warned := func(log string) bool {
+		b, err := os.ReadFile(log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Contains(string(b), unsealedWarning)
+	}
+	// stored is the file of acme's refresh token in the storage.
+	stored := func() string {
+		files, _ := filepath.Glob(filepath.Join(dir, "storage", "token_broker", "refresh_tokens", "bank*acme"))
+		if len(files) != 1 {
+			t.Fatalf("refresh token files: %v; want one", files)
+		}
+		b, err := os.ReadFile(files[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
 	}
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 
-	first := start()
+	first, firstLog := start(caddyfile(""))
+	if !warned(firstLog) {
+		t.Errorf("no warning that refresh tokens are kept in clear")
+	}
 	// An operator loads the merchant's first refresh token from stdin.
 	load := exec.Command(caddyBin, "token-broker-refresh-token", "--merchant", "acme", "--address", fmt.Sprintf("127.0.0.1:%d", admin))
 	load.Stdin = strings.NewReader("rt-initial\n")
@@ -117,13 +155,22 @@ http://:%d {
 	if status, body := get(t, base+"/accounts", "X-Merchant-Id", "acme"); status != 200 {
 		t.Fatalf("first request: %d %s", status, body)
 	}
+	if got := stored(); got != "rt-1" {
+		t.Fatalf("without a storage key the storage holds %q; want rt-1 in clear", got)
+	}
 	// kill -9: no graceful shutdown, nothing flushed at exit.
 	first.Process.Signal(syscall.SIGKILL)
 	first.Wait()
 
-	start()
+	_, secondLog := start(caddyfile("storage_encryption_key {env.TB_STORAGE_KEY}"))
+	if warned(secondLog) {
+		t.Errorf("warned of refresh tokens in clear with a storage_encryption_key")
+	}
 	if status, body := get(t, base+"/accounts", "X-Merchant-Id", "acme"); status != 200 {
 		t.Fatalf("after the restart: %d %s (the rotated refresh token was not persisted)", status, body)
+	}
+	if got := stored(); strings.Contains(got, "rt-") || !strings.HasPrefix(got, "\x01") {
+		t.Fatalf("with a storage key the storage holds %q; want rt-2 sealed", got)
 	}
 	bank.mu.Lock()
 	used := strings.Join(bank.used, ",")

@@ -23,6 +23,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/lograte"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 func init() {
@@ -80,6 +81,19 @@ type App struct {
 	// registry) are shared by the fleet too.
 	Redis *RedisConfig `json:"redis,omitempty"`
 
+	// StorageEncryptionKey seals, with AES-256-GCM, the merchants' refresh
+	// tokens kept in Caddy's storage (without redis, and those of a
+	// handler's own registry): 32 bytes, base64. Write it as a placeholder
+	// ({file./run/secrets/storage-key}); it is never logged. Instances
+	// sharing the storage need the same key. Refresh tokens stored in
+	// clear before it was set are still read, and sealed when next saved.
+	// Default: none (stored in clear, with a warning at load).
+	StorageEncryptionKey string `json:"storage_encryption_key,omitempty"`
+
+	// StorageEncryptionKeysOld are previous storage encryption keys: refresh tokens sealed
+	// with them still open, and are sealed with StorageEncryptionKey when next saved.
+	StorageEncryptionKeysOld []string `json:"storage_encryption_keys_old,omitempty"`
+
 	// FleetSize is how many sidecars spend the providers' token-request
 	// budgets (rate_limit in the registry) without Redis: each spends its
 	// share, rate_limit divided by FleetSize (and rate_burst too, at least
@@ -112,6 +126,7 @@ type App struct {
 	logger      *zap.Logger
 	fleet       *redisstore.Tier
 	fleetKey    string
+	storageKeys *seal.Keyring    // StorageEncryptionKey and the old ones; nil without
 	tables      *bindings.Tables // binding tables, by registry and route scopes
 	listing     *listing.Listing // the wildcard's organisation listing, if restricted
 	listingKey  string
@@ -157,6 +172,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 			return err
 		}
 	}
+	if a.storageKeys, err = seal.ParseKeyring("storage_encryption_key", a.StorageEncryptionKey, "storage_encryption_keys_old", a.StorageEncryptionKeysOld, resolveSecret); err != nil {
+		return fmt.Errorf("token_broker: %w", err)
+	}
 	if a.Redis != nil {
 		var err error
 		if a.fleet, a.fleetKey, err = a.Redis.provision(ctx, time.Duration(a.FetchTimeout), a.logger); err != nil {
@@ -164,9 +182,12 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 	}
 	if a.Config != "" {
-		reg, key, err := loadPooled(ctx, a.Config, a.refreshStore(ctx), "store "+a.fleetKey+a.budgetKey(), a.budgetsFor())
+		reg, key, err := loadPooled(ctx, a.Config, a.refreshStore(ctx), "store "+a.fleetKey+a.budgetKey()+" sealed "+a.storageKeys.Fingerprint(), a.budgetsFor())
 		if err != nil {
 			return err
+		}
+		if a.fleet == nil && a.storageKeys == nil && reg.HasRefreshTokens() {
+			a.logger.Warn("refresh tokens are stored unsealed in Caddy's storage: set storage_encryption_key in the token_broker global option to seal them", zap.String("config", reg.Path))
 		}
 		a.registryKey = key
 		a.registry = reg

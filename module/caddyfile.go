@@ -125,6 +125,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	    fleet_size     <n>
 //	    metrics_merchant_label
 //	    allowed_hosts  <host...>
+//	    storage_encryption_key <base64> # and storage_encryption_keys_old <base64...>
 //	}
 func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 	var app App
@@ -164,6 +165,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			continue
 		}
+		if sub == "storage_encryption_keys_old" { // storage.go
+			if a.StorageEncryptionKeysOld = d.RemainingArgs(); len(a.StorageEncryptionKeysOld) == 0 {
+				return d.ArgErr()
+			}
+			continue
+		}
 		if sub == "callers" {
 			p, err := parseCallers(d)
 			if err != nil {
@@ -194,6 +201,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		switch sub {
 		case "config":
 			a.Config = v
+		case "storage_encryption_key":
+			a.StorageEncryptionKey = v
 		case "refresh_window":
 			f, err := parseFraction(v)
 			if err != nil {

@@ -236,8 +236,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Config != "" {
 		// A handler's own registry keeps its refresh tokens in Caddy's
 		// storage, whether the app's registry uses Redis or not.
-		storeKey := "storage, budgets " + app.fleetKey + app.budgetKey()
-		if reg, h.registryKey, err = loadPooled(ctx, h.Config, storageStore(ctx.Storage()), storeKey, app.budgetsFor()); err != nil {
+		storeKey := "storage, budgets " + app.fleetKey + app.budgetKey() + " sealed " + app.storageKeys.Fingerprint()
+		if reg, h.registryKey, err = loadPooled(ctx, h.Config, storageStore(ctx.Storage(), app.storageKeys), storeKey, app.budgetsFor()); err != nil {
 			return err
 		}
 		app.holdBudgets(reg)

@@ -97,11 +97,10 @@ var fleets = caddy.NewUsagePool()
 // provision resolves placeholders, checks the settings and returns the
 // (pooled) shared tier and the key to release it with.
 func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, logger *zap.Logger) (*redisstore.Tier, string, error) {
-	repl := caddy.NewReplacer()
 	s, err := redisstore.Settings{Address: r.Address, MasterName: r.MasterName, Username: r.Username, Password: r.Password,
 		DB: r.DB, TLS: r.TLS, KeyPrefix: r.KeyPrefix, EncryptionKey: r.EncryptionKey, EncryptionKeysOld: r.EncryptionKeysOld,
 		PlainKeys: r.HashKeys != nil && !*r.HashKeys, Timeout: time.Duration(r.Timeout), MaxTimeout: time.Duration(r.TimeoutMax), LockTTL: time.Duration(r.LockTTL),
-		FetchTimeout: fetchTimeout}.Resolve(func(v string) (string, error) { return repl.ReplaceOrErr(v, true, true) })
+		FetchTimeout: fetchTimeout}.Resolve(resolveSecret)
 	if err != nil {
 		return nil, "", fmt.Errorf("token_broker: redis: %w", err)
 	}
@@ -138,8 +137,11 @@ func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
 	if a.fleet != nil {
 		return a.fleet.Cache.Store()
 	}
-	return storageStore(ctx.Storage())
+	return storageStore(ctx.Storage(), a.storageKeys)
 }
+
+// resolveSecret expands the placeholders of a secret setting; an unknown or empty one is an error.
+func resolveSecret(v string) (string, error) { return caddy.NewReplacer().ReplaceOrErr(v, true, true) }
 
 // parseRedis reads the redis block of the token_broker global option.
 func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {

@@ -10,6 +10,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/kvstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 // localLocks serialise refreshes of one key inside this process (across
@@ -19,9 +20,9 @@ import (
 var localLocks keylock.Map
 
 // storageStore keeps merchants' refresh tokens in Caddy's storage
-// (kvstore.Refresh).
-func storageStore(s certmagic.Storage) kvstore.Refresh {
-	return kvstore.Refresh{S: s, Locks: &localLocks}
+// (kvstore.Refresh), sealed with keys when not nil.
+func storageStore(s certmagic.Storage, keys *seal.Keyring) kvstore.Refresh {
+	return kvstore.Refresh{S: s, Locks: &localLocks, Keys: keys}
 }
 
 // pendingSweepers run one sweep (*kvstore.Sweeper) of

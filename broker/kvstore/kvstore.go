@@ -1,20 +1,22 @@
 // Package kvstore keeps merchants' refresh tokens and consents in progress
 // in a key-value storage with locks (the methods of Caddy's
 // certmagic.Storage that it uses): the file system by default, shared by
-// the instances that share the storage. Refresh stores the refresh tokens,
-// Pending the consents in progress, and a Sweeper deletes the expired
-// ones.
+// the instances that share the storage. Refresh stores the refresh tokens
+// (sealed when it has keys), Pending the consents in progress, and a
+// Sweeper deletes the expired ones.
 package kvstore
 
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"net/url"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 // Storage is the part of certmagic.Storage the stores use. Load
@@ -39,6 +41,8 @@ type Storage interface {
 // Refresh keeps merchants' refresh tokens in S, so that a rotated
 // refresh token survives a restart and is shared by every instance using
 // the same storage. Keys are oauth.StoreKey(provider config, merchant).
+// With Keys, each refresh token is sealed, its storage key as associated
+// data, so a value copied under another key does not open.
 type Refresh struct {
 	// S is the storage.
 	S Storage
@@ -46,6 +50,11 @@ type Refresh struct {
 	// the registries of a reload too) before the storage lock (which, on
 	// the file system, polls) serialises them across processes. Required.
 	Locks *keylock.Map
+	// Keys, when set, seal the refresh tokens that Save stores and open
+	// those that Load reads; a value stored in clear (before Keys were
+	// set) is still read, and sealed by its next Save. Nil: stored in
+	// clear.
+	Keys *seal.Keyring
 }
 
 // RefreshTokenPrefix is where refresh tokens live in the storage.
@@ -53,21 +62,45 @@ const RefreshTokenPrefix = "token_broker/refresh_tokens/"
 
 func refreshKey(key string) string { return RefreshTokenPrefix + url.PathEscape(key) }
 
-// Load returns the stored refresh token of key.
+// Load returns the stored refresh token of key, opened with Keys when it
+// is sealed.
 func (st Refresh) Load(ctx context.Context, key string) (broker.Secret, error) {
-	b, err := st.S.Load(ctx, refreshKey(key))
+	name := refreshKey(key)
+	b, err := st.S.Load(ctx, name)
 	if errors.Is(err, fs.ErrNotExist) || (err == nil && len(b) == 0) {
 		return "", oauth.ErrNoRefreshToken
 	}
 	if err != nil {
 		return "", err
 	}
-	return broker.Secret(b), nil
+	if !seal.IsSealed(b) { // in clear: stored without Keys
+		return broker.Secret(b), nil
+	}
+	if st.Keys == nil {
+		return "", fmt.Errorf("the refresh token at %s in the storage is sealed: set storage_encryption_key to the key that sealed it", name)
+	}
+	rt, err := st.Keys.Open(b, []byte(name))
+	if err != nil {
+		hint := ""
+		if errors.Is(err, seal.ErrUnknownKey) {
+			hint = ": list the key that sealed it in storage_encryption_keys_old"
+		}
+		return "", fmt.Errorf("the refresh token at %s in the storage: %w%s", name, err, hint)
+	}
+	return broker.Secret(rt), nil
 }
 
-// Save stores the refresh token of key, replacing the previous one.
+// Save stores the refresh token of key, replacing the previous one,
+// sealed when Keys are set.
 func (st Refresh) Save(ctx context.Context, key string, rt broker.Secret) error {
-	return st.S.Store(ctx, refreshKey(key), []byte(rt.Reveal()))
+	name, b := refreshKey(key), []byte(rt.Reveal())
+	if st.Keys != nil {
+		var err error
+		if b, err = st.Keys.Seal(b, []byte(name)); err != nil {
+			return err
+		}
+	}
+	return st.S.Store(ctx, name, b)
 }
 
 // Lock serialises refreshes of key in this process and, through the

@@ -17,6 +17,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strings"
@@ -99,6 +100,60 @@ func ParseKey(b64 string) ([]byte, error) {
 		}
 	}
 	return nil, errors.New("seal: the key is not valid base64 (generate one with: head -c 32 /dev/urandom | base64)")
+}
+
+// ParseKeyring returns the Keyring of a current key and old keys as
+// configured: each is passed through resolve (which expands placeholders;
+// nil leaves it as is), then decoded by ParseKey. An error names the
+// failing key by its setting: name, or oldName[i] for old[i]; it never
+// contains a key. Without any key (current empty, no old ones) it returns a
+// nil Keyring and no error: there is nothing to seal with.
+func ParseKeyring(name, current, oldName string, old []string, resolve func(string) (string, error)) (*Keyring, error) {
+	if resolve == nil {
+		resolve = func(v string) (string, error) { return v, nil }
+	}
+	if current == "" && len(old) == 0 {
+		return nil, nil
+	}
+	if current == "" {
+		return nil, fmt.Errorf("%s is required: 32 random bytes in base64 (head -c 32 /dev/urandom | base64)", name)
+	}
+	raws := make([][]byte, 0, 1+len(old))
+	for i, v := range append([]string{current}, old...) {
+		setting := name
+		if i > 0 {
+			setting = fmt.Sprintf("%s[%d]", oldName, i-1)
+		}
+		v, err := resolve(v)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", setting, err)
+		}
+		raw, err := ParseKey(v)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", setting, err)
+		}
+		raws = append(raws, raw)
+	}
+	return New(raws[0], raws[1:]...)
+}
+
+// IsSealed reports whether b starts like a sealed value (its format
+// byte). Values a Keyring has not sealed, such as tokens in clear
+// (printable text), do not.
+func IsSealed(b []byte) bool { return len(b) > 0 && b[0] == format }
+
+// Fingerprint identifies kr's keys, in order, without revealing them (a
+// hash of a subkey derived from each): keyrings with the same keys have
+// the same fingerprint. It is "" for a nil Keyring.
+func (kr *Keyring) Fingerprint() string {
+	if kr == nil {
+		return ""
+	}
+	h := sha256.New()
+	for _, d := range kr.Derive("token_broker keyring fingerprint") {
+		h.Write(d)
+	}
+	return hex.EncodeToString(h.Sum(nil)[:8])
 }
 
 // Seal encrypts plaintext with the current key, authenticating ad.

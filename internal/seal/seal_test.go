@@ -3,6 +3,7 @@ package seal
 import (
 	"bytes"
 	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"strings"
 	"testing"
@@ -114,5 +115,76 @@ func TestKeys(t *testing.T) {
 	}
 	if _, err := New(testKey(1), testKey(2)[:5]); err == nil || !strings.Contains(err.Error(), "old encryption key 1 is 5 bytes") {
 		t.Fatalf("New with a short old key: %v", err)
+	}
+}
+
+func TestParseKeyring(t *testing.T) {
+	good := base64.StdEncoding.EncodeToString(testKey(7))
+	short := base64.StdEncoding.EncodeToString(testKey(7)[:16])
+	env := map[string]string{"{env.K}": good, "{env.SHORT}": short}
+	resolve := func(v string) (string, error) {
+		if strings.HasPrefix(v, "{") {
+			if r, ok := env[v]; ok {
+				return r, nil
+			}
+			return "", errors.New("not set")
+		}
+		return v, nil
+	}
+	tests := []struct {
+		name    string
+		current string
+		old     []string
+		wantErr string
+	}{
+		{name: "current and old, resolved", current: "{env.K}", old: []string{good}},
+		{name: "none"},
+		{name: "no current", old: []string{good}, wantErr: "key is required: 32 random bytes"},
+		{name: "short current", current: "{env.SHORT}", wantErr: "key: seal: the key decodes to 16 bytes; want 32"},
+		{name: "second old key short", current: good, old: []string{good, "{env.SHORT}"}, wantErr: "keys_old[1]: seal: the key decodes to 16 bytes"},
+		{name: "unresolved old key", current: good, old: []string{"{env.NONE}"}, wantErr: "keys_old[0]: not set"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			kr, err := ParseKeyring("key", tt.current, "keys_old", tt.old, resolve)
+			if tt.current == "" && tt.old == nil {
+				if kr != nil || err != nil {
+					t.Fatalf("ParseKeyring without keys = %v, %v; want nil, nil", kr, err)
+				}
+				return
+			}
+			if tt.wantErr == "" {
+				if err != nil || len(kr.keys) != 1+len(tt.old) || !bytes.Equal(kr.keys[0].raw, testKey(7)) {
+					t.Fatalf("ParseKeyring = %v, %v", kr, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("ParseKeyring error = %v; want %q", err, tt.wantErr)
+			}
+			if strings.Contains(err.Error(), good) || strings.Contains(err.Error(), short) {
+				t.Fatal("the error reveals a key")
+			}
+		})
+	}
+}
+
+func TestIsSealedAndFingerprint(t *testing.T) {
+	a, _ := New(testKey(1))
+	sealed, err := a.Seal([]byte("rt"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !IsSealed(sealed) || IsSealed([]byte("rt-in-clear")) || IsSealed(nil) {
+		t.Fatal("IsSealed: want true only for a sealed value")
+	}
+	again, _ := New(testKey(1))
+	rotated, _ := New(testKey(2), testKey(1))
+	var none *Keyring
+	if a.Fingerprint() != again.Fingerprint() || a.Fingerprint() == rotated.Fingerprint() || none.Fingerprint() != "" {
+		t.Fatal("Fingerprint: want equal for the same keys, different for others, empty for none")
+	}
+	if strings.Contains(a.Fingerprint(), hex.EncodeToString(testKey(1))[:8]) {
+		t.Fatal("Fingerprint shows the key")
 	}
 }

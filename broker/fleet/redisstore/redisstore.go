@@ -103,19 +103,7 @@ func Prepare(s Settings) (*Plan, error) {
 	if s.EncryptionKey == "" {
 		return nil, errors.New("encryption_key is required: 32 random bytes in base64 (head -c 32 /dev/urandom | base64), the same on every broker")
 	}
-	current, err := seal.ParseKey(s.EncryptionKey)
-	if err != nil {
-		return nil, fmt.Errorf("encryption_key: %w", err)
-	}
-	var old [][]byte
-	for i, k := range s.EncryptionKeysOld {
-		raw, err := seal.ParseKey(k)
-		if err != nil {
-			return nil, fmt.Errorf("encryption_keys_old[%d]: %w", i, err)
-		}
-		old = append(old, raw)
-	}
-	keys, err := seal.New(current, old...)
+	keys, err := seal.ParseKeyring("encryption_key", s.EncryptionKey, "encryption_keys_old", s.EncryptionKeysOld, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -153,7 +141,7 @@ func Prepare(s Settings) (*Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Plan{Key: key, Timeout: s.Timeout, MaxTimeout: s.MaxTimeout, LockTTL: s.LockTTL, OldKeys: len(old),
+	return &Plan{Key: key, Timeout: s.Timeout, MaxTimeout: s.MaxTimeout, LockTTL: s.LockTTL, OldKeys: len(s.EncryptionKeysOld),
 		s: s, keys: keys, opts: opts}, nil
 }
 
