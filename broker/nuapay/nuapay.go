@@ -218,7 +218,7 @@ func (s *Source) RevokeToken(ctx context.Context, req broker.Request, tok broker
 	if tok.ID == "" {
 		return ErrNoTokenID
 	}
-	target, err := s.orgURL("", req.Organisation, "/tokens/"+segment(tok.ID)+"/revoke")
+	target, err := s.orgURL(req.Merchant, req.Organisation, "/tokens/"+segment(tok.ID)+"/revoke")
 	if err != nil {
 		return err
 	}
