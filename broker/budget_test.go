@@ -930,3 +930,53 @@ func TestCallBoundLongerThanFetch(t *testing.T) {
 		t.Fatalf("second caller: %v (retry after %s), want exhausted with a positive retry after", err, RetryAfterOf(err))
 	}
 }
+
+// TestCheckKeepsJoinedFetchInQueue: a Check that joins a lookup's fetch
+// waiting for budget waits for it like a lookup: the lookup leaving does
+// not make the fetch give up its place in the queue, and the check gets
+// the fetch's token.
+func TestCheckKeepsJoinedFetchInQueue(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: time.Hour}
+	asleep, release := make(chan struct{}, 2), make(chan struct{})
+	sleep := func(ctx context.Context, d time.Duration) error {
+		asleep <- struct{}{}
+		<-release // the wait ends when the test says, as its fetch then stands
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		clock.Add(d)
+		return nil
+	}
+	br, _, bs := spentBudget(t, clock, src, sleep)
+	ctx, cancel := context.WithCancel(context.Background())
+	gone := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(ctx, bs[1])
+		gone <- err
+	}()
+	<-asleep
+	type checked struct {
+		c   Checked
+		err error
+	}
+	done := make(chan checked, 1)
+	go func() {
+		c, err := br.Check(context.Background(), bs[1])
+		done <- checked{c, err}
+	}()
+	waitUntil(t, func() bool {
+		br.mu.Lock()
+		defer br.mu.Unlock()
+		return br.waiting[bs[1].key] == 2 // the lookup and the check
+	})
+	cancel()
+	if err := <-gone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("the lookup: %v, want its cancellation", err)
+	}
+	close(release)
+	res := <-done
+	if res.err != nil || res.c.Entry == nil {
+		t.Fatalf("the check: %+v, %v after %d calls; want the joined fetch's token", res.c, res.err, src.calls())
+	}
+}
