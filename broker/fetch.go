@@ -253,7 +253,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		}
 		waited, err := br.takeBudget(bctx, b, background, takeBy)
 		if err != nil {
-			br.pol.notCalled(b, br.opts.Now())
+			br.pol.notCalled(b, probe, br.opts.Now())
 			if last != nil {
 				err = last
 			}
@@ -262,7 +262,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		if waited {
 			// The breaker may have opened while this call waited for
 			// budget: ask it again (the budget taken is spent).
-			if _, refused := callAllowed(); refused != nil {
+			if probe, refused = callAllowed(); refused != nil {
 				return Token{}, f, class, report, refused
 			}
 		}
@@ -285,7 +285,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		f.cutByWait = waited && errors.Is(err, context.DeadlineExceeded)
 		f.Attempts = append(f.Attempts, Attempt{Elapsed: elapsed, Err: err})
 		f.Elapsed = end.Sub(first)
-		from, to := br.pol.called(b, err, class, f.cutByWait, now)
+		from, to := br.pol.called(b, err, class, f.cutByWait, probe, now)
 		report = func() {
 			// Told with the call, once its outcome is remembered: a
 			// probe that closes the breaker and starts the source's

@@ -375,7 +375,11 @@ func refusedByBudget(b *Binding, err error) error {
 
 // notCalled tells the breaker of b's source that a call allow let through
 // did not go out (its budget refused it): a probe is released undecided.
-func (p *policy) notCalled(b *Binding, now time.Time) {
+// Another call tells it nothing: a probe out meanwhile keeps its place.
+func (p *policy) notCalled(b *Binding, probe bool, now time.Time) {
+	if !probe {
+		return
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.source(b.SourceID).brk.Record(now, breaker.Unknown, nil)
@@ -406,8 +410,10 @@ func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, 
 // called tells the breaker of b's source how a call let through by allow
 // ended, and returns its state before and after.
 // cutByWait: the call ran out of time after a wait for budget, which
-// tells nothing about the source (undecided, like a canceled call).
-func (p *policy) called(b *Binding, err error, c Class, cutByWait bool, now time.Time) (from, to BreakerState) {
+// tells nothing about the source (undecided, like a canceled call): the
+// probe (probe) is released; another call leaves the breaker as it is,
+// so that a probe out meanwhile keeps its place.
+func (p *policy) called(b *Binding, err error, c Class, cutByWait, probe bool, now time.Time) (from, to BreakerState) {
 	o := breaker.Answered
 	switch {
 	case err == nil:
@@ -420,6 +426,10 @@ func (p *policy) called(b *Binding, err error, c Class, cutByWait bool, now time
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	ss := p.source(b.SourceID)
+	if o == breaker.Unknown && !probe {
+		state := ss.brk.State()
+		return state, state
+	}
 	from, to = ss.brk.Record(now, o, err)
 	if from != to {
 		ss.brkObs = b.Observer
