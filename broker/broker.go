@@ -193,7 +193,8 @@ type Broker struct {
 // New returns a Broker. Call Close when done with it.
 func New(opts Options) *Broker {
 	opts = opts.withDefaults()
-	br := &Broker{opts: opts, cache: gocache.New(gocache.NoExpiration, cleanupInterval)}
+	br := &Broker{opts: opts, cache: gocache.New(gocache.NoExpiration, cleanupInterval),
+		flights: map[string]*flight{}, waiting: map[string]int{}, purging: map[string][]string{}}
 	// A token dropped from the cache (expired and cleaned up, purged) is
 	// no longer its binding's last served entry.
 	br.cache.OnEvicted(func(_ string, v any) { v.(*Entry).unpin() })
@@ -306,9 +307,9 @@ func (br *Broker) refreshAt(tok Token) time.Time {
 	return tok.Expiry.Add(-time.Duration(float64(life) * br.opts.RefreshWindow))
 }
 
-// storeFetched is store for the fetch f: it does not cache e (and marks it
-// stale) when a purge named e's token while f ran (inflight.go), and
-// reports whether it cached it.
+// storeFetched caches e, obtained by the fetch f, under b's key, unless a
+// purge named e's token while f ran (inflight.go): e is then marked stale.
+// It reports whether it cached e.
 func (br *Broker) storeFetched(b *Binding, e *Entry, now time.Time, f *flight) bool {
 	br.mu.Lock()
 	if f != nil && len(f.purged) > 0 && f.namesLocked(e.Fingerprint()) { // a fingerprint only when a purge ran

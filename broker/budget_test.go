@@ -874,6 +874,23 @@ func TestFetchGivesUpWhenCallersLeftBeforeItStarted(t *testing.T) {
 	}
 }
 
+// gatedSleep is a wait for budget that says so on asleep and ends when
+// release is closed, as its fetch then stands: given up, or served after
+// moving clock by the wait.
+func gatedSleep(clock *fakeClock) (sleep func(context.Context, time.Duration) error, asleep, release chan struct{}) {
+	asleep, release = make(chan struct{}, 2), make(chan struct{})
+	sleep = func(ctx context.Context, d time.Duration) error {
+		asleep <- struct{}{}
+		<-release
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		clock.Add(d)
+		return nil
+	}
+	return sleep, asleep, release
+}
+
 // TestLookupJoinsAbandonedFetch: a lookup that joins a fetch after every
 // lookup waiting for it has gone (so the fetch has given up its wait for
 // budget) is not answered with that fetch's cancellation: it asks again
@@ -881,16 +898,7 @@ func TestFetchGivesUpWhenCallersLeftBeforeItStarted(t *testing.T) {
 func TestLookupJoinsAbandonedFetch(t *testing.T) {
 	clock := newFakeClock()
 	src := &callLog{clock: clock, life: time.Hour}
-	asleep, release := make(chan struct{}, 2), make(chan struct{})
-	sleep := func(ctx context.Context, d time.Duration) error {
-		asleep <- struct{}{}
-		<-release // the wait ends when the test says, as its fetch then stands
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		clock.Add(d)
-		return nil
-	}
+	sleep, asleep, release := gatedSleep(clock)
 	br, _, bs := spentBudget(t, clock, src, sleep)
 	lookupLeaves(t, br, bs[1], asleep)
 	served := make(chan error, 1)
@@ -928,5 +936,41 @@ func TestCallBoundLongerThanFetch(t *testing.T) {
 	_, _, err := br.Get(context.Background(), bs[1])
 	if !errors.Is(err, budget.ErrExhausted) || RetryAfterOf(err) <= 0 {
 		t.Fatalf("second caller: %v (retry after %s), want exhausted with a positive retry after", err, RetryAfterOf(err))
+	}
+}
+
+// TestCheckKeepsJoinedFetchInQueue: a Check that joins a lookup's fetch
+// waiting for budget waits for it like a lookup: the lookup leaving does
+// not make the fetch give up its place in the queue, and the check gets
+// the fetch's token.
+func TestCheckKeepsJoinedFetchInQueue(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: time.Hour}
+	sleep, asleep, release := gatedSleep(clock)
+	br, _, bs := spentBudget(t, clock, src, sleep)
+	type checked struct {
+		c   Checked
+		err error
+	}
+	done := make(chan checked, 1)
+	joined := make(chan struct{})
+	go func() {
+		<-asleep // the lookup's fetch waits for budget
+		go func() {
+			c, err := br.Check(context.Background(), bs[1])
+			done <- checked{c, err}
+		}()
+		waitUntil(t, func() bool {
+			br.mu.Lock()
+			defer br.mu.Unlock()
+			return br.waiting[bs[1].key] == 2 // the lookup and the check
+		})
+		close(joined)
+	}()
+	lookupLeaves(t, br, bs[1], joined)
+	close(release)
+	res := <-done
+	if res.err != nil || res.c.Entry == nil {
+		t.Fatalf("the check: %+v, %v after %d calls; want the joined fetch's token", res.c, res.err, src.calls())
 	}
 }

@@ -2,7 +2,6 @@ package broker
 
 import (
 	"context"
-	"fmt"
 )
 
 // forced is a fetch that calls the token API whatever is cached
@@ -33,23 +32,14 @@ type Checked struct {
 // binding's observer, and its token cached and, with a shared tier,
 // stored there (a token stored there is not adopted). A failed check
 // leaves the cached token, if any, in the cache. Check waits for the
-// fetch or for ctx to end.
+// fetch or for ctx to end, like a lookup: a fetch it joined keeps its
+// place in the budget's queue while the check waits.
 func (br *Broker) Check(ctx context.Context, b *Binding) (Checked, error) {
 	force := &forced{}
-	started := false // set by this check's fetch only, read after the channel
-	ch := br.group.DoChan(b.key, func() (any, error) {
-		started = true
-		return br.fetch(ctx, b, nil, force)
-	})
-	select {
-	case res := <-ch:
-		out := Checked{Joined: !started, Calls: force.calls}
-		if res.Err != nil {
-			return out, res.Err
-		}
-		out.Entry = res.Val.(*Entry)
-		return out, nil
-	case <-ctx.Done():
-		return Checked{}, fmt.Errorf("merchant %q: waiting for the check's token: %w", b.Merchant, context.Cause(ctx))
+	defer br.waitFor(b.key)()
+	got, err := br.await(ctx, b, force, "the check's token")
+	if err != nil {
+		return Checked{}, err
 	}
+	return Checked{Entry: got.entry, Calls: force.calls, Joined: got.joined}, got.err
 }

@@ -134,7 +134,11 @@ func ParseRetryAfter(v string, now time.Time) time.Duration {
 	if v == "" {
 		return 0
 	}
-	if secs, err := strconv.Atoi(strings.TrimSpace(v)); err == nil {
+	secs, err := strconv.Atoi(strings.TrimSpace(v))
+	if errors.Is(err, strconv.ErrRange) {
+		err = nil // too many digits: secs is the longest wait, or a negative one
+	}
+	if err == nil {
 		if secs < 0 {
 			return 0
 		}

@@ -158,18 +158,19 @@ func (br *Broker) usable(cur *Entry) func(Token) bool {
 // an absolute time) is not taken for a newer one.
 const outlivesBy = time.Second
 
-// mint calls the Source for b's key through the failure policy (policy.go):
-// the key's and its source's backoffs first, then attempts. It returns how
-// many calls it made and the report of the last call and of the fetch
-// (FetchObserver), for the caller to run once the outcome is stored.
-// deadline bounds the retries (wall clock), by a caller's wait for budget
-// (broker clock); bctx, derived from ctx, ends that wait early.
+// mint calls the Source for b's key through the failure policy (policy.go,
+// asked before each attempt). It returns how many calls it made and the
+// report of the last call and of the fetch (FetchObserver), for the caller
+// to run once the outcome is stored. A fetch that a backoff or its budget
+// refused before any call is not recorded. deadline bounds the retries
+// (wall clock), by a caller's wait for budget (broker clock); bctx,
+// derived from ctx, ends that wait early.
 func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, int, func(), error) {
-	if err := br.pol.admit(b, br.opts.Now()); err != nil {
-		return Token{}, 0, func() {}, err
-	}
 	tok, f, class, last, err := br.attempts(ctx, bctx, b, background, deadline, by)
 	calls := len(f.Attempts)
+	if be := (*backoffError)(nil); calls == 0 && errors.As(err, &be) && be.notCalled {
+		return tok, 0, last, err
+	}
 	if calls == 0 && errors.Is(err, budget.ErrExhausted) {
 		return tok, 0, last, refusedByBudget(b, err)
 	}
@@ -196,13 +197,14 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 }
 
 // attempts calls the Source up to MaxAttempts times while its failures are
-// temporary, the breaker and the budget let calls through and the deadline
-// allows. It returns the calls it made (f.Attempts, f.Elapsed) and the
-// class of the last error. Every call but the last is reported to b's
-// observer here (its breaker change, then Fetched), exactly once; the
-// returned func reports the last one. A budget
-// refusing the first call ends the fetch with its *budget.ExhaustedError;
-// one refusing a retry, with the last call's error.
+// temporary, the backoffs, the breaker and the budget let calls through
+// and the deadline allows. It returns the calls it made (f.Attempts,
+// f.Elapsed) and the class of the last error. Every call but the last is
+// reported to b's observer here (its breaker change, then Fetched),
+// exactly once; the returned func reports the last one. A backoff or a
+// budget refusing the first call ends the fetch with its refusal (the
+// policy's backoff error, a *budget.ExhaustedError); one refusing a retry,
+// with the last call's error.
 func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
 	obs := b.Observer
 	bo, _ := obs.(BreakerObserver)
@@ -212,10 +214,21 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 	var first time.Time
 	var last error
 	var class Class
-	// callAllowed asks the breaker whether a call may go out now; it returns
-	// the refusal, or whether the call is the half-open breaker's probe.
+	// callAllowed asks the key's and its source's backoffs, then the
+	// breaker, whether a call may go out now; it returns the refusal, or
+	// whether the call is the half-open breaker's probe. A source backoff
+	// can start while this fetch waits (another key's 429 or refused
+	// credential): it refuses a retry with the last call's error, which
+	// record answers with that backoff.
 	callAllowed := func() (probe bool, refused error) {
-		ok, wait, halfOpen, probe, cause := br.pol.allow(b, br.opts.Now())
+		now := br.opts.Now()
+		if err := br.pol.admit(b, now); err != nil {
+			if last != nil {
+				return false, last
+			}
+			return false, err
+		}
+		ok, wait, halfOpen, probe, cause := br.pol.allow(b, now)
 		if halfOpen && bo != nil {
 			bo.BreakerChanged(b.SourceID, BreakerHalfOpen)
 		}
@@ -240,7 +253,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		}
 		waited, err := br.takeBudget(bctx, b, background, takeBy)
 		if err != nil {
-			br.pol.notCalled(b, br.opts.Now())
+			br.pol.notCalled(b, probe, br.opts.Now())
 			if last != nil {
 				err = last
 			}
@@ -249,7 +262,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		if waited {
 			// The breaker may have opened while this call waited for
 			// budget: ask it again (the budget taken is spent).
-			if _, refused := callAllowed(); refused != nil {
+			if probe, refused = callAllowed(); refused != nil {
 				return Token{}, f, class, report, refused
 			}
 		}
@@ -272,7 +285,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		f.cutByWait = waited && errors.Is(err, context.DeadlineExceeded)
 		f.Attempts = append(f.Attempts, Attempt{Elapsed: elapsed, Err: err})
 		f.Elapsed = end.Sub(first)
-		from, to := br.pol.called(b, err, class, f.cutByWait, now)
+		from, to := br.pol.called(b, err, class, f.cutByWait, probe, now)
 		report = func() {
 			// Told with the call, once its outcome is remembered: a
 			// probe that closes the breaker and starts the source's

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"testing"
 	"time"
 )
@@ -74,5 +75,45 @@ func TestForgetSourceAfterRotation(t *testing.T) {
 	}
 	if until := br.SourceHealth("nuapay#other").BackoffUntil; until.IsZero() {
 		t.Fatal("another source's backoff was forgotten")
+	}
+}
+
+// An open breaker that the policy forgets (ForgetSource after a rotation,
+// or the sweep of an idle source) is told closed to the observer that saw
+// it open, as SourceHealth then says: the gauge and the operator's view
+// do not keep it open while the source is called again.
+func TestForgottenOpenBreakerToldClosed(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		forget func(br *Broker, clock *fakeClock)
+	}{
+		{"ForgetSource", func(br *Broker, _ *fakeClock) { br.ForgetSource("nuapay#1") }},
+		{"sweep", func(br *Broker, clock *fakeClock) {
+			clock.Add(DefaultFailureMax + 2*cleanupInterval)
+			br.pol.maybeSweep(clock.Now())
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &scriptedSource{clock: clock, life: time.Hour}
+			src.set(&APIError{Provider: "nuapay", StatusCode: http.StatusServiceUnavailable})
+			br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: 1})
+			obs := &breakerLog{}
+			b := NewBinding("nuapay#1", src, Request{Merchant: "m", Organisation: "o"})
+			b.Observer = obs
+			br.Get(context.Background(), b)
+			if got := br.SourceHealth("nuapay#1").Breaker; got != BreakerOpen {
+				t.Fatalf("breaker %v, want open", got)
+			}
+			tt.forget(br, clock)
+			if got := br.SourceHealth("nuapay#1").Breaker; got != BreakerClosed {
+				t.Fatalf("breaker %v after it was forgotten, want closed", got)
+			}
+			obs.mu.Lock()
+			defer obs.mu.Unlock()
+			if want := []BreakerState{BreakerOpen, BreakerClosed}; !slices.Equal(obs.states, want) {
+				t.Fatalf("observer told %v, want %v", obs.states, want)
+			}
+		})
 	}
 }

@@ -37,9 +37,6 @@ func (br *Broker) beginFlight(key string, giveUp func()) *flight {
 	f := &flight{giveUp: giveUp}
 	br.mu.Lock()
 	f.purged = append(f.purged, br.purging[key]...)
-	if br.flights == nil {
-		br.flights = map[string]*flight{}
-	}
 	br.flights[key] = f
 	if giveUp != nil && br.waiting[key] == 0 {
 		giveUp() // its lookups left before it started
@@ -54,9 +51,6 @@ func (br *Broker) beginFlight(key string, giveUp func()) *flight {
 // nobody waits for its token.
 func (br *Broker) waitFor(key string) (done func()) {
 	br.mu.Lock()
-	if br.waiting == nil {
-		br.waiting = map[string]int{}
-	}
 	br.waiting[key]++
 	br.mu.Unlock()
 	return func() {
@@ -124,9 +118,6 @@ func (br *Broker) purgingLocked(key, fp string) {
 	br.purgedLocked(key, fp)
 	if br.opts.Shared == nil {
 		return
-	}
-	if br.purging == nil {
-		br.purging = map[string][]string{}
 	}
 	br.purging[key] = append(br.purging[key], fp)
 }

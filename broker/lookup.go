@@ -67,40 +67,62 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	// it is no longer usable the lookup waits for one more fetch.
 	defer br.waitFor(b.key)()
 	for attempt := 0; ; attempt++ {
-		started := false // set by this lookup's fetch only, read after the channel
+		got, err := br.await(ctx, b, nil, "a token")
+		if err == nil {
+			err = got.err
+		}
+		if err != nil {
+			return nil, Miss, err
+		}
+		e := got.entry
+		if !e.validAt(br.opts.Now(), br.opts.Leeway) {
+			if got.joined && attempt == 0 {
+				continue
+			}
+			return nil, Miss, fmt.Errorf("merchant %q: %w", b.Merchant, ErrExpiredToken)
+		}
+		r := Miss
+		switch {
+		case got.joined:
+			e.servedTo(b)
+			r = Shared
+		case e.adopted:
+			r = Adopted
+		}
+		br.observe(b, r)
+		return e, r, nil
+	}
+}
+
+// awaited is the outcome of a fetch that a lookup or a check waited for.
+type awaited struct {
+	entry  *Entry // nil when err is set
+	err    error
+	joined bool // the fetch was in flight: another caller started it
+}
+
+// await waits for the fetch of b's key in flight, or for one it starts
+// (forced by force when not nil), until the fetch ends or ctx does; the
+// caller counts itself as waiting for it (waitFor). A fetch joined that
+// gave up its wait for budget, as its lookups had left, is not an answer:
+// await asks once more. Its error, when ctx ended first, names what was
+// awaited; the fetch's outcome is then not read.
+func (br *Broker) await(ctx context.Context, b *Binding, force *forced, what string) (awaited, error) {
+	for attempt := 0; ; attempt++ {
+		started := false // set by this call's fetch only, read after the channel
 		ch := br.group.DoChan(b.key, func() (any, error) {
 			started = true
-			return br.fetch(ctx, b, nil, nil)
+			return br.fetch(ctx, b, nil, force)
 		})
 		select {
 		case res := <-ch:
-			if res.Err != nil {
-				if !started && attempt == 0 && errors.Is(res.Err, context.Canceled) && ctx.Err() == nil {
-					// The fetch joined gave up its wait for budget as
-					// its lookups had left: ask again.
-					continue
-				}
-				return nil, Miss, res.Err
+			if !started && attempt == 0 && errors.Is(res.Err, context.Canceled) && ctx.Err() == nil {
+				continue
 			}
-			e := res.Val.(*Entry)
-			if !e.validAt(br.opts.Now(), br.opts.Leeway) {
-				if !started && attempt == 0 {
-					continue
-				}
-				return nil, Miss, fmt.Errorf("merchant %q: %w", b.Merchant, ErrExpiredToken)
-			}
-			r := Miss
-			switch {
-			case !started:
-				e.servedTo(b)
-				r = Shared
-			case e.adopted:
-				r = Adopted
-			}
-			br.observe(b, r)
-			return e, r, nil
+			e, _ := res.Val.(*Entry)
+			return awaited{entry: e, err: res.Err, joined: !started}, nil
 		case <-ctx.Done():
-			return nil, Miss, fmt.Errorf("merchant %q: waiting for a token: %w", b.Merchant, context.Cause(ctx))
+			return awaited{}, fmt.Errorf("merchant %q: waiting for %s: %w", b.Merchant, what, context.Cause(ctx))
 		}
 	}
 }

@@ -237,6 +237,8 @@ type Attempt struct {
 // source's circuit breaker changes state (closed, open, half-open). A
 // change a call's outcome makes is told once that outcome is remembered
 // (a source backoff it starts is already on), before the call's Fetched.
+// A breaker not closed that the policy forgets (Broker.ForgetSource, or
+// an idle source's sweep) is told closed.
 type BreakerObserver interface {
 	// BreakerChanged is told of the source's breaker's new state.
 	BreakerChanged(sourceID string, state BreakerState)

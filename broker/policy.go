@@ -111,7 +111,8 @@ type keyState struct {
 // sourceState is the policy's state for one source.
 type sourceState struct {
 	brk     breaker.Breaker
-	backoff failure // a 429's Retry-After, or a refused credential
+	brkObs  Observer // told the breaker's last change
+	backoff failure  // a 429's Retry-After, or a refused credential
 }
 
 // notes are observer calls made once policy.mu is released.
@@ -329,6 +330,17 @@ func (ss *sourceState) release(id string, n notes) notes {
 	return n
 }
 
+// drop tells what ends with the source's state, before it is deleted: its
+// backoff, and its breaker when not closed (closed from then on, as
+// SourceHealth says), to the observer told of its last change.
+func (ss *sourceState) drop(id string, n notes) notes {
+	n = ss.release(id, n)
+	if ss.brk.State() != BreakerClosed {
+		n = append(n, breakerChanged(ss.brkObs, id, BreakerClosed))
+	}
+	return n
+}
+
 // forget drops the key's failure memory and refresh backoff.
 func (ks *keyState) forget(n notes) notes {
 	if ks.mem.err != nil {
@@ -363,7 +375,11 @@ func refusedByBudget(b *Binding, err error) error {
 
 // notCalled tells the breaker of b's source that a call allow let through
 // did not go out (its budget refused it): a probe is released undecided.
-func (p *policy) notCalled(b *Binding, now time.Time) {
+// Another call tells it nothing: a probe out meanwhile keeps its place.
+func (p *policy) notCalled(b *Binding, probe bool, now time.Time) {
+	if !probe {
+		return
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.source(b.SourceID).brk.Record(now, breaker.Unknown, nil)
@@ -383,16 +399,21 @@ func (p *policy) refreshDue(b *Binding, now time.Time) bool {
 func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, changed, probe bool, cause error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	brk := &p.source(b.SourceID).brk
-	ok, wait, changed, cause = brk.Allow(now)
-	return ok, wait, changed, ok && brk.State() == BreakerHalfOpen, cause
+	ss := p.source(b.SourceID)
+	ok, wait, changed, cause = ss.brk.Allow(now)
+	if changed {
+		ss.brkObs = b.Observer
+	}
+	return ok, wait, changed, ok && ss.brk.State() == BreakerHalfOpen, cause
 }
 
 // called tells the breaker of b's source how a call let through by allow
 // ended, and returns its state before and after.
 // cutByWait: the call ran out of time after a wait for budget, which
-// tells nothing about the source (undecided, like a canceled call).
-func (p *policy) called(b *Binding, err error, c Class, cutByWait bool, now time.Time) (from, to BreakerState) {
+// tells nothing about the source (undecided, like a canceled call): the
+// probe (probe) is released; another call leaves the breaker as it is,
+// so that a probe out meanwhile keeps its place.
+func (p *policy) called(b *Binding, err error, c Class, cutByWait, probe bool, now time.Time) (from, to BreakerState) {
 	o := breaker.Answered
 	switch {
 	case err == nil:
@@ -404,7 +425,16 @@ func (p *policy) called(b *Binding, err error, c Class, cutByWait bool, now time
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.source(b.SourceID).brk.Record(now, o, err)
+	ss := p.source(b.SourceID)
+	if o == breaker.Unknown && !probe {
+		state := ss.brk.State()
+		return state, state
+	}
+	from, to = ss.brk.Record(now, o, err)
+	if from != to {
+		ss.brkObs = b.Observer
+	}
+	return from, to
 }
 
 // maybeSweep runs the sweep at most once per cleanupInterval (or at once
@@ -438,6 +468,7 @@ func (p *policy) maybeSweep(now time.Time) {
 			n = ss.release(id, n)
 		}
 		if ss.backoff.err == nil && ss.brk.Idle(cutoff) {
+			n = ss.drop(id, n)
 			delete(p.sources, id)
 		}
 	}
@@ -447,6 +478,14 @@ func backingOff(obs Observer, b *Binding, on bool) func() {
 	return func() {
 		if bo, ok := obs.(BackoffObserver); ok {
 			bo.BackingOff(b, on)
+		}
+	}
+}
+
+func breakerChanged(obs Observer, sourceID string, state BreakerState) func() {
+	return func() {
+		if bo, ok := obs.(BreakerObserver); ok {
+			bo.BreakerChanged(sourceID, state)
 		}
 	}
 }
@@ -583,7 +622,7 @@ func (br *Broker) ForgetSource(sourceID string) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if ss := p.sources[sourceID]; ss != nil {
-		n = ss.release(sourceID, n)
+		n = ss.drop(sourceID, n)
 		delete(p.sources, sourceID)
 	}
 	c := 0

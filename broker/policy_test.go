@@ -455,3 +455,56 @@ func TestBreakerDisabled(t *testing.T) {
 		t.Fatalf("breaker %s, changes told %v; want closed, none", h.Breaker, obs.states)
 	}
 }
+
+// A call let through while the breaker was closed that ends telling
+// nothing (cancelled) after the breaker opened and let its probe out does
+// not free the probe's place: the half-open breaker still lets one call
+// through at a time.
+func TestUnknownOutcomeKeepsTheProbe(t *testing.T) {
+	clock := newFakeClock()
+	enteredX, releaseX := make(chan struct{}), make(chan struct{})
+	enteredZ, releaseZ := make(chan struct{}), make(chan struct{})
+	var wCalls atomic.Int64
+	src := SourceFunc(func(_ context.Context, req Request) (Token, error) {
+		now := clock.Now()
+		switch req.Merchant {
+		case "x":
+			close(enteredX)
+			<-releaseX
+			return Token{}, context.Canceled
+		case "y":
+			return Token{}, &APIError{Provider: "nuapay", StatusCode: http.StatusServiceUnavailable}
+		case "z":
+			close(enteredZ)
+			<-releaseZ
+		case "w":
+			wCalls.Add(1)
+		}
+		return Token{Value: Secret("tok-" + req.Merchant), Expiry: now.Add(time.Hour)}, nil
+	})
+	br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: 10 * time.Second})
+	binding := func(m string) *Binding {
+		return NewBinding("nuapay#1", src, Request{Merchant: m, Organisation: "org-" + m})
+	}
+	ctx := context.Background()
+	doneX, doneZ := make(chan error, 1), make(chan error, 1)
+	go func() { _, _, err := br.Get(ctx, binding("x")); doneX <- err }()
+	<-enteredX
+	if _, _, err := br.Get(ctx, binding("y")); err == nil {
+		t.Fatal("y: want the 503")
+	}
+	clock.Add(10 * time.Second)
+	go func() { _, _, err := br.Get(ctx, binding("z")); doneZ <- err }()
+	<-enteredZ // the half-open breaker's probe is out
+	close(releaseX)
+	<-doneX
+	_, _, err := br.Get(ctx, binding("w"))
+	var ue *UnavailableError
+	if !errors.As(err, &ue) || wCalls.Load() != 0 {
+		t.Errorf("w: %v after %d calls; want refused while the probe is out", err, wCalls.Load())
+	}
+	close(releaseZ)
+	if err := <-doneZ; err != nil {
+		t.Fatalf("the probe: %v", err)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"testing"
 	"time"
 )
@@ -152,3 +153,57 @@ func TestRetryAfterIsTheBackoffApplied(t *testing.T) {
 		})
 	}
 }
+
+// A source backoff that another key starts while a fetch waits between
+// its attempts refuses that fetch's next attempt too: a retry is a call
+// to the token API like any other. Each case starts the source backoff
+// in the wait after key a's first 503, from key b's fetch.
+func TestSourceBackoffRefusesRetries(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		err  error // key b's failure
+	}{
+		{"429 Retry-After 60", &APIError{Provider: "nuapay", StatusCode: http.StatusTooManyRequests, RetryAfter: 60 * time.Second}},
+		{"refused credential", &APIError{Provider: "nuapay", StatusCode: http.StatusUnauthorized}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			var calls []string
+			unavailable := &APIError{Provider: "nuapay", StatusCode: http.StatusServiceUnavailable}
+			src := &classifiedSource{SourceFunc(func(_ context.Context, req Request) (Token, error) {
+				calls = append(calls, req.Merchant)
+				if req.Merchant == "b" {
+					return Token{}, tt.err
+				}
+				return Token{}, unavailable
+			})}
+			a := NewBinding("nuapay#1", src, Request{Merchant: "a", Organisation: "oa"})
+			bb := NewBinding("nuapay#1", src, Request{Merchant: "b", Organisation: "ob"})
+			var br *Broker
+			waits := 0
+			br = New(Options{Now: clock.Now, Sleep: func(context.Context, time.Duration) error {
+				if waits++; waits == 1 {
+					br.Get(context.Background(), bb)
+				}
+				return nil
+			}})
+			_, _, err := br.Get(context.Background(), a)
+			if want := []string{"a", "b"}; !slices.Equal(calls, want) {
+				t.Fatalf("token API calls %v, want %v: key a's retry ignored the source backoff", calls, want)
+			}
+			if scope, ok := BackoffOf(err); !ok || !scope.Source() || RetryAfterOf(err) <= 0 {
+				t.Fatalf("error %v: backoff %+v %t, Retry-After %s; want the source's", err, scope, ok, RetryAfterOf(err))
+			}
+			if !errors.Is(err, unavailable) {
+				t.Fatalf("error %v does not wrap key a's own failure", err)
+			}
+		})
+	}
+}
+
+// classifiedSource is a source whose errors scriptedSource's Classify
+// classifies (a 401 refuses its credential).
+type classifiedSource struct{ SourceFunc }
+
+// Classify implements Classifier.
+func (classifiedSource) Classify(err error) Class { return (*scriptedSource)(nil).Classify(err) }

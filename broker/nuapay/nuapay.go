@@ -141,10 +141,6 @@ type nuapayToken struct {
 	Status      string   `json:"status"`
 }
 
-type nuapayEnvelope[T any] struct {
-	Data *T `json:"data"`
-}
-
 // Token requests a token for req.Organisation with req.Scopes, asking for
 // req.Lifetime (or the configured lifetime). A 404 answer's error wraps
 // broker.ErrUnknownOrganisation.
@@ -181,7 +177,9 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 // envelope). sent is when the request was sent and life the lifetime asked
 // for; they give the expiry when the response has no expiryTime.
 func ParseToken(body []byte, sent time.Time, life time.Duration) (broker.Token, error) {
-	var env nuapayEnvelope[nuapayToken]
+	var env struct {
+		Data *nuapayToken `json:"data"`
+	}
 	if err := json.Unmarshal(body, &env); err != nil {
 		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "malformed_response", Err: errors.New("token response is not the JSON envelope")}
 	}
@@ -218,7 +216,7 @@ func (s *Source) RevokeToken(ctx context.Context, req broker.Request, tok broker
 	if tok.ID == "" {
 		return ErrNoTokenID
 	}
-	target, err := s.orgURL("", req.Organisation, "/tokens/"+segment(tok.ID)+"/revoke")
+	target, err := s.orgURL(req.Merchant, req.Organisation, "/tokens/"+segment(tok.ID)+"/revoke")
 	if err != nil {
 		return err
 	}

@@ -287,3 +287,17 @@ func TestRevokeTokenNeverRevokesTheOrganisation(t *testing.T) {
 		})
 	}
 }
+
+// A revocation refused before sending (an organisation id that could
+// change the path) names the merchant it was for.
+func TestRevokeTokenRefusalNamesTheMerchant(t *testing.T) {
+	n, err := New(Config{BaseURL: "https://gatekeeper.example", APIKey: "partner-key"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = n.RevokeToken(context.Background(), broker.Request{Merchant: "acme", Organisation: ".."}, broker.Token{Value: "tok", ID: "t1"})
+	var re *broker.RequestError
+	if !errors.As(err, &re) || re.Merchant != "acme" || !strings.Contains(err.Error(), `"acme"`) {
+		t.Fatalf("RevokeToken = %v, want a refusal naming merchant acme", err)
+	}
+}
