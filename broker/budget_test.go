@@ -698,6 +698,72 @@ func TestBreakerOpenedDuringBudgetWait(t *testing.T) {
 	}
 }
 
+// gatedStore is a budget's in-process store whose next AllowN, once
+// armed, says so on entered and goes on when release is closed: the
+// caller asking it stays at the head of the budget's queue meanwhile.
+type gatedStore struct {
+	budget.Store
+	armed            atomic.Bool
+	entered, release chan struct{}
+}
+
+func (s *gatedStore) AllowN(ctx context.Context, key string, l budget.Limit, n int) (budget.Result, error) {
+	if s.armed.CompareAndSwap(true, false) {
+		close(s.entered)
+		<-s.release
+	}
+	return s.Store.AllowN(ctx, key, l, n)
+}
+
+// TestProbeQueuedBehindCallerGoesOut: the half-open breaker's probe that
+// queued for a budget it shares with another source (behind that
+// source's caller, served at once) is not refused by its own probe when
+// its turn comes: it calls the token API, and its answer closes the
+// breaker.
+func TestProbeQueuedBehindCallerGoesOut(t *testing.T) {
+	clock := newFakeClock()
+	down := &APIError{Provider: "bank", StatusCode: 503}
+	probed := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}, errs: []error{down}}
+	other := &callLog{clock: clock, life: time.Hour}
+	never := func(context.Context, time.Duration) error {
+		t.Error("a caller waited on the clock for budget")
+		return errors.New("waited")
+	}
+	br := New(Options{Sleep: never, Now: clock.Now, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: 10 * time.Second, FailureTTL: -1, BudgetWait: time.Minute})
+	defer br.Close()
+	store := &gatedStore{Store: budget.NewLocal(clock.Now), entered: make(chan struct{}), release: make(chan struct{})}
+	shared := budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, store, clock.Now)
+	p := NewProfile("bank#1", probed, nil, "", 0)
+	q := NewProfile("bank#2", other, nil, "", 0)
+	p.Budget, q.Budget = shared, shared
+	bs, cs := bindings(p, 2), bindings(q, 1)
+	if _, _, err := br.Get(context.Background(), bs[0]); !errors.Is(err, down) || br.SourceHealth("bank#1").Breaker != BreakerOpen {
+		t.Fatalf("%v, breaker %v; want the failure and the breaker open", err, br.SourceHealth("bank#1").Breaker)
+	}
+	clock.Add(10 * time.Second)
+	store.armed.Store(true)
+	ahead := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(context.Background(), cs[0])
+		ahead <- err
+	}()
+	<-store.entered // the other source's caller is at the head of the queue
+	probe := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(context.Background(), bs[1])
+		probe <- err
+	}()
+	waitUntil(t, func() bool { return shared.State().Waiting == 2 }) // the probe queued behind it
+	close(store.release)
+	if err := <-ahead; err != nil {
+		t.Fatalf("the caller ahead: %v, want a token", err)
+	}
+	err := <-probe
+	if h := br.SourceHealth("bank#1"); err != nil || h.Breaker != BreakerClosed || probed.calls() != 2 {
+		t.Fatalf("the probe: %v after %d calls, breaker %v; want a token and the breaker closed", err, probed.calls(), h.Breaker)
+	}
+}
+
 // TestRefreshBehindSparseLookups: a refresh the budget deferred with room
 // before the token's end is not reported; when no lookup comes until the
 // token is past expiry less Leeway, the first lookup then reports it, once.

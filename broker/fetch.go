@@ -216,17 +216,22 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 	var class Class
 	// callAllowed asks the key's and its source's backoffs, then the
 	// breaker, whether a call may go out now; it returns the refusal, or
-	// whether the call is the half-open breaker's probe. A source backoff
+	// whether the call is the half-open breaker's probe. A call that holds
+	// the probe already (held) asks only the backoffs: the breaker would
+	// take the probe out for another call and refuse it. A source backoff
 	// can start while this fetch waits (another key's 429 or refused
 	// credential): it refuses a retry with the last call's error, which
 	// record answers with that backoff.
-	callAllowed := func() (probe bool, refused error) {
+	callAllowed := func(held bool) (probe bool, refused error) {
 		now := br.opts.Now()
 		if err := br.pol.admit(b, now); err != nil {
 			if last != nil {
 				return false, last
 			}
 			return false, err
+		}
+		if held {
+			return true, nil
 		}
 		ok, wait, halfOpen, probe, cause := br.pol.allow(b, now)
 		if halfOpen && bo != nil {
@@ -241,12 +246,13 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		return false, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Until: br.opts.Now().Add(wait), Err: cause}
 	}
 	for attempt := 1; ; attempt++ {
-		probe, refused := callAllowed()
+		probe, refused := callAllowed(false)
 		if refused != nil {
 			return Token{}, f, class, report, refused
 		}
-		// A half-open breaker's probe does not queue for budget: it goes
-		// now or is released undecided.
+		// A half-open breaker's probe does not wait for budget beyond
+		// now: it goes (at most behind a caller the budget serves now)
+		// or is released undecided.
 		takeBy := by
 		if probe {
 			takeBy = br.opts.Now()
@@ -260,9 +266,12 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 			return Token{}, f, class, report, err
 		}
 		if waited {
-			// The breaker may have opened while this call waited for
-			// budget: ask it again (the budget taken is spent).
-			if probe, refused = callAllowed(); refused != nil {
+			// The breaker may have opened, or a backoff started, while
+			// this call waited for budget: ask again (the budget taken
+			// is spent). A refused probe is released undecided.
+			wasProbe := probe
+			if probe, refused = callAllowed(probe); refused != nil {
+				br.pol.notCalled(b, wasProbe, br.opts.Now())
 				return Token{}, f, class, report, refused
 			}
 		}

@@ -374,7 +374,8 @@ func refusedByBudget(b *Binding, err error) error {
 }
 
 // notCalled tells the breaker of b's source that a call allow let through
-// did not go out (its budget refused it): a probe is released undecided.
+// did not go out (its budget refused it, or a backoff after its wait for
+// budget): a probe is released undecided.
 // Another call tells it nothing: a probe out meanwhile keeps its place.
 func (p *policy) notCalled(b *Binding, probe bool, now time.Time) {
 	if !probe {

@@ -160,10 +160,12 @@ func (b *Breaker) State() State {
 	return b.state
 }
 
-// Idle reports whether the breaker can be dropped: no probe out, closed or
+// Idle reports whether the breaker can be dropped: no probe out (a probe
+// never reported counts as none once its time ended by cutoff), closed or
 // open until before cutoff, and unused since before cutoff.
 func (b *Breaker) Idle(cutoff time.Time) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.lastUsed.Before(cutoff) && b.probeUntil.IsZero() && (b.state != Open || b.openUntil.Before(cutoff))
+	noProbe := b.probeUntil.IsZero() || !cutoff.Before(b.probeUntil)
+	return b.lastUsed.Before(cutoff) && noProbe && (b.state != Open || b.openUntil.Before(cutoff))
 }

@@ -80,7 +80,7 @@ func TestBreakerOneProbe(t *testing.T) {
 	if ok, _, _, cause := b.Allow(now); ok || cause == nil {
 		t.Fatalf("a second call during the probe: allowed %v, cause %v", ok, cause)
 	}
-	if b.Idle(now.Add(time.Hour)) {
+	if b.Idle(now.Add(time.Minute - time.Second)) {
 		t.Fatal("idle with a probe out")
 	}
 	now = now.Add(time.Minute)
@@ -92,6 +92,38 @@ func TestBreakerOneProbe(t *testing.T) {
 	}
 	if !b.Idle(now.Add(time.Second)) {
 		t.Fatal("a closed, unused breaker is not idle")
+	}
+}
+
+// A probe out keeps the breaker from being dropped while its time lasts;
+// one never reported counts as none once its time ended by the cutoff, so
+// that a lost probe does not keep a half-open breaker forever.
+func TestBreakerIdleProbe(t *testing.T) {
+	const cooldown = time.Minute
+	start := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	probeAt := start.Add(cooldown)
+	tests := []struct {
+		name   string
+		cutoff time.Time
+		idle   bool
+	}{
+		{"probe out, cutoff just after its call", probeAt.Add(time.Second), false},
+		{"probe out, cutoff before its time ends", probeAt.Add(cooldown - time.Second), false},
+		{"lost probe, cutoff when its time ends", probeAt.Add(cooldown), true},
+		{"lost probe, cutoff an hour later", probeAt.Add(time.Hour), true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := &Breaker{Threshold: 1, Cooldown: cooldown}
+			b.Allow(start)
+			b.Record(start, Failed, errors.New("down"))
+			if ok, _, changed, _ := b.Allow(probeAt); !ok || !changed {
+				t.Fatalf("probe: allowed %v changed %v, want both", ok, changed)
+			}
+			if got := b.Idle(tt.cutoff); got != tt.idle || b.State() != HalfOpen {
+				t.Fatalf("Idle(%s) = %v in state %s, want %v in half-open", tt.cutoff.Sub(probeAt), got, b.State(), tt.idle)
+			}
+		})
 	}
 }
 
