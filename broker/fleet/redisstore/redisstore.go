@@ -130,6 +130,7 @@ func Prepare(s Settings) (*Plan, error) {
 	if s.LockTTL < s.FetchTimeout {
 		return nil, fmt.Errorf("lock_ttl %s is shorter than fetch_timeout %s: a slow mint would lose its lock and the fleet would mint twice; raise lock_ttl", s.LockTTL, s.FetchTimeout)
 	}
+	key := planKey(s)
 	opts := &redis.UniversalOptions{Addrs: s.Address, MasterName: s.MasterName, Username: s.Username, Password: s.Password, DB: s.DB}
 	if s.TLS != nil {
 		if opts.TLSConfig, err = s.TLS.config(); err != nil {
@@ -137,18 +138,17 @@ func Prepare(s Settings) (*Plan, error) {
 		}
 	}
 	fleet.ClientOptions(opts, s.Timeout, s.MaxTimeout)
-	key, err := planKey(s)
-	if err != nil {
-		return nil, err
-	}
 	return &Plan{Key: key, Timeout: s.Timeout, MaxTimeout: s.MaxTimeout, LockTTL: s.LockTTL, OldKeys: len(s.EncryptionKeysOld),
 		s: s, keys: keys, opts: opts}, nil
 }
 
 // planKey hashes the settings and the content of the TLS files they name,
 // so that a replaced CA bundle, client certificate or key makes another
-// plan.
-func planKey(s Settings) (string, error) {
+// plan. It is made before the client's TLS setup reads the files: a file
+// replaced between the two reads then gives a key of the old content, and
+// the next reload opens a tier with the new one. A file it cannot read adds
+// nothing; the TLS setup reports it.
+func planKey(s Settings) string {
 	h := sha256.New()
 	settings, _ := json.Marshal(s)
 	h.Write(settings)
@@ -157,15 +157,12 @@ func planKey(s Settings) (string, error) {
 			if name == "" {
 				continue
 			}
-			b, err := os.ReadFile(name)
-			if err != nil {
-				return "", fmt.Errorf("tls: %w", err)
-			}
+			b, _ := os.ReadFile(name)
 			fmt.Fprintf(h, "\x00%d:", len(b))
 			h.Write(b)
 		}
 	}
-	return "redis " + hex.EncodeToString(h.Sum(nil)), nil
+	return "redis " + hex.EncodeToString(h.Sum(nil))
 }
 
 // config builds the client TLS configuration (httpclient.TLSOptions);
