@@ -186,9 +186,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return err
 		}
-		if a.fleet == nil && a.storageKeys == nil && reg.HasRefreshTokens() {
-			a.logger.Warn("refresh tokens are stored unsealed in Caddy's storage: set storage_encryption_key in the token_broker global option to seal them", zap.String("config", reg.Path))
-		}
 		a.registryKey = key
 		a.registry = reg
 		a.holdBudgets(reg)
