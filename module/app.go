@@ -182,7 +182,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 	}
 	if a.Config != "" {
-		reg, key, err := loadPooled(ctx, a.Config, a.refreshStore(ctx), "store "+a.fleetKey+a.budgetKey()+" sealed "+a.storageKeys.Fingerprint(), a.budgetsFor())
+		reg, key, err := loadPooled(ctx, a.Config, a.refreshStore(ctx.Storage()), "store "+a.fleetKey+a.budgetKey()+" sealed "+a.storageKeys.Fingerprint(), a.budgetsFor())
 		if err != nil {
 			return err
 		}
