@@ -86,12 +86,12 @@ type App struct {
 	// handler's own registry): 32 bytes, base64. Write it as a placeholder
 	// ({file./run/secrets/storage-key}); it is never logged. Instances
 	// sharing the storage need the same key. Refresh tokens stored in
-	// clear before it was set are still read, and sealed when next saved.
+	// clear are still read, and sealed at the next refresh or save.
 	// Default: none (stored in clear, with a warning at load).
 	StorageEncryptionKey string `json:"storage_encryption_key,omitempty"`
 
 	// StorageEncryptionKeysOld are previous storage encryption keys: refresh tokens sealed
-	// with them still open, and are sealed with StorageEncryptionKey when next saved.
+	// with them still open, and are sealed with StorageEncryptionKey at the next refresh or save.
 	StorageEncryptionKeysOld []string `json:"storage_encryption_keys_old,omitempty"`
 
 	// FleetSize is how many sidecars spend the providers' token-request
