@@ -86,12 +86,12 @@ type App struct {
 	// handler's own registry): 32 bytes, base64. Write it as a placeholder
 	// ({file./run/secrets/storage-key}); it is never logged. Instances
 	// sharing the storage need the same key. Refresh tokens stored in
-	// clear before it was set are still read, and sealed when next saved.
+	// clear are still read, and sealed at the next refresh or save.
 	// Default: none (stored in clear, with a warning at load).
 	StorageEncryptionKey string `json:"storage_encryption_key,omitempty"`
 
 	// StorageEncryptionKeysOld are previous storage encryption keys: refresh tokens sealed
-	// with them still open, and are sealed with StorageEncryptionKey when next saved.
+	// with them still open, and are sealed with StorageEncryptionKey at the next refresh or save.
 	StorageEncryptionKeysOld []string `json:"storage_encryption_keys_old,omitempty"`
 
 	// FleetSize is how many sidecars spend the providers' token-request
@@ -182,12 +182,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 	}
 	if a.Config != "" {
-		reg, key, err := loadPooled(ctx, a.Config, a.refreshStore(ctx), "store "+a.fleetKey+a.budgetKey()+" sealed "+a.storageKeys.Fingerprint(), a.budgetsFor())
+		reg, key, err := loadPooled(ctx, a.Config, a.refreshStore(ctx.Storage()), "store "+a.fleetKey+a.budgetKey()+" sealed "+a.storageKeys.Fingerprint(), a.budgetsFor())
 		if err != nil {
 			return err
-		}
-		if a.fleet == nil && a.storageKeys == nil && reg.HasRefreshTokens() {
-			a.logger.Warn("refresh tokens are stored unsealed in Caddy's storage: set storage_encryption_key in the token_broker global option to seal them", zap.String("config", reg.Path))
 		}
 		a.registryKey = key
 		a.registry = reg

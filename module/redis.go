@@ -7,6 +7,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet/redisstore"
@@ -132,12 +133,12 @@ func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, l
 }
 
 // refreshStore is where the registry keeps refresh tokens: Redis when the
-// shared tier is on, else Caddy's storage.
-func (a *App) refreshStore(ctx caddy.Context) oauth.Store {
+// shared tier is on, else storage (Caddy's).
+func (a *App) refreshStore(storage certmagic.Storage) oauth.Store {
 	if a.fleet != nil {
 		return a.fleet.Cache.Store()
 	}
-	return storageStore(ctx.Storage(), a.storageKeys)
+	return storageStore(storage, a.storageKeys)
 }
 
 // resolveSecret expands the placeholders of a secret setting; an unknown or empty one is an error.

@@ -24,7 +24,8 @@ var registries = regcache.New()
 // storage, its providers' budgets are made by budgets, and DPoP nonce
 // challenges are counted on the running app's metrics. storeKey names
 // store and whatever budgets depends on. The files a load parsed are
-// logged.
+// logged, and a warning when store keeps refresh tokens unsealed in
+// Caddy's storage.
 func loadPooled(ctx caddy.Context, path string, store oauth.Store, storeKey string, budgets func(*config.Provider) (*budget.Budget, error)) (*config.Registry, string, error) {
 	path = registryExpand(path)
 	opts := config.Options{RefreshStore: store, ConsentStore: kvstore.Pending{S: ctx.Storage()},
@@ -35,6 +36,9 @@ func loadPooled(ctx caddy.Context, path string, store oauth.Store, storeKey stri
 	}
 	if err != nil {
 		return nil, "", command.RegistryError(err)
+	}
+	if st, ok := store.(kvstore.Refresh); ok && st.Keys == nil && reg.HasRefreshTokens() {
+		ctx.Logger().Warn("refresh tokens are stored unsealed in Caddy's storage: set storage_encryption_key in the token_broker global option to seal them", zap.String("config", reg.Path))
 	}
 	return reg, key, nil
 }

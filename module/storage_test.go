@@ -7,6 +7,9 @@ import (
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/kvstore"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 // TestStorageEncryptionKeyProvision: the storage encryption keys are
@@ -51,11 +54,30 @@ func TestStorageEncryptionKeyProvision(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if sealed := tt.app.StorageEncryptionKey != ""; (app.storageKeys != nil) != sealed {
-				t.Fatalf("storage keys set: %v; want %v", app.storageKeys != nil, sealed)
+			sealed := tt.app.StorageEncryptionKey != ""
+			// Without a storage: only the keys of the store are looked at.
+			store, ok := app.refreshStore(nil).(kvstore.Refresh)
+			if !ok {
+				t.Fatalf("the app keeps refresh tokens in %T; want kvstore.Refresh", app.refreshStore(nil))
 			}
-			if store := storageStore(nil, app.storageKeys); store.Keys != app.storageKeys {
-				t.Fatal("the storage store does not seal with the app's keys")
+			if (store.Keys != nil) != sealed {
+				t.Fatalf("the refresh store seals: %v; want %v", store.Keys != nil, sealed)
+			}
+			if !sealed {
+				return
+			}
+			// The store seals with the configured key: a keyring of that key
+			// alone opens what it seals.
+			current, err := seal.New([]byte(strings.Repeat("k", 32)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := store.Keys.Seal([]byte("rt"), []byte("ad"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := current.Open(b, []byte("ad")); err != nil {
+				t.Fatalf("the refresh store does not seal with storage_encryption_key: %v", err)
 			}
 		})
 	}

@@ -52,8 +52,8 @@ type Refresh struct {
 	Locks *keylock.Map
 	// Keys, when set, seal the refresh tokens that Save stores and open
 	// those that Load reads; a value stored in clear (before Keys were
-	// set) is still read, and sealed by its next Save. Nil: stored in
-	// clear.
+	// set) or sealed with an old key is still read, and sealed with the
+	// current key by LoadLocked or the next Save. Nil: stored in clear.
 	Keys *seal.Keyring
 }
 
@@ -63,21 +63,44 @@ const RefreshTokenPrefix = "token_broker/refresh_tokens/"
 func refreshKey(key string) string { return RefreshTokenPrefix + url.PathEscape(key) }
 
 // Load returns the stored refresh token of key, opened with Keys when it
-// is sealed.
+// is sealed. It never rewrites the stored value.
 func (st Refresh) Load(ctx context.Context, key string) (broker.Secret, error) {
+	rt, _, err := st.load(ctx, key)
+	return rt, err
+}
+
+// LoadLocked is Load, called with Lock held for key: with Keys, a value
+// stored in clear or sealed with an old key is then stored again, sealed
+// with the current key. That rewrite is best effort (bounded by
+// oauth.SaveTimeout, even when ctx is cancelled): when it fails, the
+// refresh token is still returned, and the next LoadLocked tries again.
+func (st Refresh) LoadLocked(ctx context.Context, key string) (broker.Secret, error) {
+	rt, b, err := st.load(ctx, key)
+	if err != nil || st.Keys == nil || st.Keys.IsCurrent(b) {
+		return rt, err
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), oauth.SaveTimeout)
+	defer cancel()
+	_ = st.Save(sctx, key, rt)
+	return rt, nil
+}
+
+// load returns the stored refresh token of key, opened with Keys when it
+// is sealed, and the stored value.
+func (st Refresh) load(ctx context.Context, key string) (broker.Secret, []byte, error) {
 	name := refreshKey(key)
 	b, err := st.S.Load(ctx, name)
 	if errors.Is(err, fs.ErrNotExist) || (err == nil && len(b) == 0) {
-		return "", oauth.ErrNoRefreshToken
+		return "", nil, oauth.ErrNoRefreshToken
 	}
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	if !seal.IsSealed(b) { // in clear: stored without Keys
-		return broker.Secret(b), nil
+		return broker.Secret(b), b, nil
 	}
 	if st.Keys == nil {
-		return "", fmt.Errorf("the refresh token at %s in the storage is sealed: set storage_encryption_key to the key that sealed it", name)
+		return "", nil, fmt.Errorf("the refresh token at %s in the storage is sealed: set storage_encryption_key to the key that sealed it", name)
 	}
 	rt, err := st.Keys.Open(b, []byte(name))
 	if err != nil {
@@ -85,9 +108,9 @@ func (st Refresh) Load(ctx context.Context, key string) (broker.Secret, error) {
 		if errors.Is(err, seal.ErrUnknownKey) {
 			hint = ": list the key that sealed it in storage_encryption_keys_old"
 		}
-		return "", fmt.Errorf("the refresh token at %s in the storage: %w%s", name, err, hint)
+		return "", nil, fmt.Errorf("the refresh token at %s in the storage: %w%s", name, err, hint)
 	}
-	return broker.Secret(rt), nil
+	return broker.Secret(rt), b, nil
 }
 
 // Save stores the refresh token of key, replacing the previous one,
@@ -121,4 +144,7 @@ func (st Refresh) Lock(ctx context.Context, key string) (func(), error) {
 	}, nil
 }
 
-var _ oauth.Store = Refresh{}
+var (
+	_ oauth.Store        = Refresh{}
+	_ oauth.LockedLoader = Refresh{}
+)

@@ -520,8 +520,8 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	}
 	// The state is spent: the code exchange, the ID token's verification
 	// and the save go on when the browser leaves meanwhile, within
-	// saveTimeout, so that the merchant's consent is not lost.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), saveTimeout)
+	// SaveTimeout, so that the merchant's consent is not lost.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
 	defer cancel()
 	if rec.Provider != a.Provider() {
 		return Result{}, a.fail(ReasonWrongProvider, rec.Merchant, fmt.Errorf("the authorization state was issued for provider %q", rec.Provider))

@@ -12,13 +12,14 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
-// saveTimeout bounds the saving of a refresh token the provider has just
+// SaveTimeout bounds the saving of a refresh token the provider has just
 // issued (a rotated one), and a consent callback's work once its state is
 // spent (the code exchange, the ID token's verification, the save), which
 // go on when the request that caused them is cancelled: the old token, or
 // the state and the code, no longer work, so losing the new one would
-// lose the merchant's consent.
-const saveTimeout = 30 * time.Second
+// lose the merchant's consent. A LockedLoader's rewrite of the value it
+// loaded is bounded by it too.
+const SaveTimeout = 30 * time.Second
 
 // RefreshToken is a broker.Source for merchants who consented through the
 // authorization code flow: it exchanges each merchant's refresh token
@@ -196,7 +197,7 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 		if err := s.save(ctx, key, pending); err != nil {
 			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
 		}
-	} else if rt, err = s.store.Load(ctx, key); errors.Is(err, ErrNoRefreshToken) || err == nil && rt == "" {
+	} else if rt, err = s.loadLocked(ctx, key); errors.Is(err, ErrNoRefreshToken) || err == nil && rt == "" {
 		return broker.Token{}, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ErrNoRefreshToken}
 	} else if err != nil {
 		return broker.Token{}, fmt.Errorf("merchant %q: loading the refresh token: %w", req.Merchant, err)
@@ -242,8 +243,17 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 
 // save stores a rotated refresh token, even when ctx is cancelled (the old
 // token is dead). On failure the token is kept in memory as pending.
+// loadLocked loads the refresh token of key, whose lock the caller holds:
+// with the store's LoadLocked when it has one, else with Load.
+func (s *RefreshToken) loadLocked(ctx context.Context, key string) (broker.Secret, error) {
+	if ll, ok := s.store.(LockedLoader); ok {
+		return ll.LoadLocked(ctx, key)
+	}
+	return s.store.Load(ctx, key)
+}
+
 func (s *RefreshToken) save(ctx context.Context, key string, rt broker.Secret) error {
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), saveTimeout)
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
 	defer cancel()
 	err := s.store.Save(sctx, key, rt)
 	s.mu.Lock()

@@ -32,6 +32,16 @@ type Store interface {
 	Lock(ctx context.Context, key string) (unlock func(), err error)
 }
 
+// LockedLoader is implemented by a Store that can rewrite a refresh token
+// as it loads it, for example to seal it with its current key. Whoever
+// holds the key's lock (Store.Lock) calls LoadLocked instead of Load:
+// only under the lock can a rewrite not overwrite a newer refresh token
+// that another refresh saved meanwhile. Load never rewrites.
+type LockedLoader interface {
+	// LoadLocked is Load, called with Lock held for key.
+	LoadLocked(ctx context.Context, key string) (broker.Secret, error)
+}
+
 // StoreKey is the key under which a merchant's refresh token of the
 // provider cfg describes is stored: "<name>/<endpoint id>/<merchant>".
 // The endpoint id is the first 12 hex characters of a SHA-256 over what

@@ -142,6 +142,14 @@ func ParseKeyring(name, current, oldName string, old []string, resolve func(stri
 // (printable text), do not.
 func IsSealed(b []byte) bool { return len(b) > 0 && b[0] == format }
 
+// IsCurrent reports whether sealed was sealed with kr's current key (its
+// key id), so that a value sealed with an old key, or not sealed, can be
+// sealed again with the current one. It does not authenticate sealed
+// (Open does). It is false for a nil Keyring.
+func (kr *Keyring) IsCurrent(sealed []byte) bool {
+	return kr != nil && len(sealed) >= 1+idSize && IsSealed(sealed) && hmac.Equal(kr.keys[0].id[:], sealed[1:1+idSize])
+}
+
 // Fingerprint identifies kr's keys, in order, without revealing them (a
 // hash of a subkey derived from each): keyrings with the same keys have
 // the same fingerprint. It is "" for a nil Keyring.

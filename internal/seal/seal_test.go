@@ -188,3 +188,38 @@ func TestIsSealedAndFingerprint(t *testing.T) {
 		t.Fatal("Fingerprint shows the key")
 	}
 }
+
+// TestIsCurrent: a value is current when the keyring's current key sealed
+// it, not when an old key did, nor when it is in clear, cut short, or the
+// keyring is nil.
+func TestIsCurrent(t *testing.T) {
+	old, _ := New(testKey(1))
+	rotated, _ := New(testKey(2), testKey(1))
+	byOld, err := old.Seal([]byte("rt"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	byCurrent, err := rotated.Seal([]byte("rt"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var none *Keyring
+	tests := []struct {
+		name  string
+		kr    *Keyring
+		value []byte
+		want  bool
+	}{
+		{"sealed with the current key", rotated, byCurrent, true},
+		{"sealed with an old key", rotated, byOld, false},
+		{"in clear", rotated, []byte("rt-in-clear"), false},
+		{"cut short", rotated, byCurrent[:3], false},
+		{"empty", rotated, nil, false},
+		{"nil keyring", none, byCurrent, false},
+	}
+	for _, tt := range tests {
+		if got := tt.kr.IsCurrent(tt.value); got != tt.want {
+			t.Errorf("%s: IsCurrent = %v; want %v", tt.name, got, tt.want)
+		}
+	}
+}
