@@ -41,9 +41,7 @@ func (g CallerGate) authenticated(w http.ResponseWriter, r *http.Request) (strin
 	}
 	sub, cerr := g.Policy.Authenticate(r)
 	if cerr != nil {
-		if c := cerr.Challenge(); c != "" { // RFC 6750 §3
-			w.Header().Set("WWW-Authenticate", c)
-		}
+		cerr.SetChallenge(w.Header())
 		linkError(w, cerr.Code.Status(), cerr.Code.String(), "the caller must present a valid JWT from the trusted issuer as a Bearer token")
 		return "", false
 	}
