@@ -92,6 +92,7 @@ type App struct {
 
 	// StorageEncryptionKeysOld are previous storage encryption keys: refresh tokens sealed
 	// with them still open, and are sealed with StorageEncryptionKey when next saved.
+	// Write each as a placeholder, as StorageEncryptionKey; they are never logged.
 	StorageEncryptionKeysOld []string `json:"storage_encryption_keys_old,omitempty"`
 
 	// FleetSize is how many sidecars spend the providers' token-request
