@@ -248,6 +248,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	return a.registerStateCollector(ctx.GetMetricsRegistry())
 }
 
+// resolveSecret expands the placeholders of a secret setting; an unknown or empty one is an error.
+func resolveSecret(v string) (string, error) { return caddy.NewReplacer().ReplaceOrErr(v, true, true) }
+
 func (a *App) validate() error {
 	if a.RefreshWindow < 0 || a.RefreshWindow >= 1 {
 		return fmt.Errorf("token_broker: refresh_window %g must be at least 0 and below 1", a.RefreshWindow)
