@@ -1014,6 +1014,7 @@ func TestCheckKeepsJoinedFetchInQueue(t *testing.T) {
 	src := &callLog{clock: clock, life: time.Hour}
 	sleep, asleep, release := gatedSleep(clock)
 	br, _, bs := spentBudget(t, clock, src, sleep)
+	spent := src.calls() // the call that spent the budget
 	type checked struct {
 		c   Checked
 		err error
@@ -1036,7 +1037,7 @@ func TestCheckKeepsJoinedFetchInQueue(t *testing.T) {
 	lookupLeaves(t, br, bs[1], joined)
 	close(release)
 	res := <-done
-	if res.err != nil || res.c.Entry == nil {
-		t.Fatalf("the check: %+v, %v after %d calls; want the joined fetch's token", res.c, res.err, src.calls())
+	if res.err != nil || res.c.Entry == nil || !res.c.Joined || src.calls() != spent+1 {
+		t.Fatalf("the check: %+v, %v after %d calls (%d before the lookup); want the joined fetch's token, after its one call", res.c, res.err, src.calls(), spent)
 	}
 }

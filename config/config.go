@@ -94,6 +94,17 @@ type Provider struct {
 	certFile string       // the resolved tls.client_cert, "" for none
 }
 
+// RefreshToken returns the provider's source when it keeps merchants'
+// refresh tokens (grant refresh_token), and false for another grant or a
+// nil p.
+func (p *Provider) RefreshToken() (*oauth.RefreshToken, bool) {
+	if p == nil {
+		return nil, false
+	}
+	src, ok := p.Source.(*oauth.RefreshToken)
+	return src, ok
+}
+
 // Merchant is a resolved [merchants.ID] table.
 type Merchant struct {
 	// ID is the merchant id, the name of its table.
@@ -143,7 +154,7 @@ func (r *Registry) HasConsent() bool {
 // refresh tokens (grant "refresh_token") in Options.RefreshStore.
 func (r *Registry) HasRefreshTokens() bool {
 	for _, p := range r.Providers {
-		if _, ok := p.Source.(*oauth.RefreshToken); ok {
+		if _, ok := p.RefreshToken(); ok {
 			return true
 		}
 	}

@@ -10,7 +10,6 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
-	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
 // WildcardID is the name of the wildcard merchant table,
@@ -137,7 +136,7 @@ func (p *parser) checkWildcard(w *Wildcard, flags uint8, defined map[string]stri
 		e.errf("only_listed_organisations", "provider %q is of type %s: only nuapay providers list their organisations", w.Provider, defined[w.Provider])
 	}
 	if pv := providers[w.Provider]; pv != nil {
-		if _, ok := pv.Source.(*oauth.RefreshToken); ok {
+		if _, ok := pv.RefreshToken(); ok {
 			e.errf("provider", "provider %q uses grant %s: each of its merchants needs a refresh token of its own, which consent links and the admin API give only to merchants with their own table, so a merchant served through the wildcard would never get a token: give each merchant of this provider its own [merchants.ID] table, and point the wildcard entry at a provider of another grant or remove it", w.Provider, GrantRefreshToken)
 		}
 	}

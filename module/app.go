@@ -92,6 +92,7 @@ type App struct {
 
 	// StorageEncryptionKeysOld are previous storage encryption keys: refresh tokens sealed
 	// with them still open, and are sealed with StorageEncryptionKey at the next refresh or save.
+	// Write each as a placeholder, as StorageEncryptionKey; they are never logged.
 	StorageEncryptionKeysOld []string `json:"storage_encryption_keys_old,omitempty"`
 
 	// FleetSize is how many sidecars spend the providers' token-request
@@ -243,6 +244,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.instrument()
 	return a.registerStateCollector(ctx.GetMetricsRegistry())
 }
+
+// resolveSecret expands the placeholders of a secret setting; an unknown or empty one is an error.
+func resolveSecret(v string) (string, error) { return caddy.NewReplacer().ReplaceOrErr(v, true, true) }
 
 func (a *App) validate() error {
 	if a.RefreshWindow < 0 || a.RefreshWindow >= 1 {

@@ -313,9 +313,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.callers != nil {
 		sub, cerr := h.callers.policy.Authenticate(r)
 		if cerr != nil {
-			if c := cerr.Challenge(); c != "" { // RFC 6750 §3.1
-				w.Header().Set("WWW-Authenticate", c)
-			}
+			cerr.SetChallenge(w.Header())
 			return h.fail(w, repl, admission.Refusal{Code: cerr.Code, Cause: cerr.Err})
 		}
 		caller = sub

@@ -141,9 +141,6 @@ func (a *App) refreshStore(storage certmagic.Storage) oauth.Store {
 	return storageStore(storage, a.storageKeys)
 }
 
-// resolveSecret expands the placeholders of a secret setting; an unknown or empty one is an error.
-func resolveSecret(v string) (string, error) { return caddy.NewReplacer().ReplaceOrErr(v, true, true) }
-
 // parseRedis reads the redis block of the token_broker global option.
 func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 	if d.NextArg() {

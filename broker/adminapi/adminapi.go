@@ -205,7 +205,7 @@ func SetRefreshToken(r *http.Request, reg *config.Registry, br *broker.Broker, m
 	if !ok {
 		return "", "", false, &Error{Status: http.StatusNotFound, Err: fmt.Errorf("merchant %q is not in the registry", merchant)}
 	}
-	src, ok := reg.Providers[m.Provider].Source.(*oauth.RefreshToken)
+	src, ok := reg.Providers[m.Provider].RefreshToken()
 	if !ok {
 		return "", "", false, &Error{Status: http.StatusConflict,
 			Err: fmt.Errorf("merchant %q: provider %q does not use the refresh_token grant", merchant, m.Provider)}

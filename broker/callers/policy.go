@@ -270,6 +270,14 @@ func (e *Error) Challenge() string {
 	return `Bearer realm="` + challengeRealm + `"`
 }
 
+// SetChallenge sets the WWW-Authenticate header of h to the refusal's
+// challenge (RFC 6750 §3); it leaves h alone for a refusal without one.
+func (e *Error) SetChallenge(h http.Header) {
+	if c := e.Challenge(); c != "" {
+		h.Set("WWW-Authenticate", c)
+	}
+}
+
 // Authenticate verifies the caller's JWT and returns its subject.
 func (p *Policy) Authenticate(r *http.Request) (string, *Error) {
 	raw := r.Header.Get(p.header)

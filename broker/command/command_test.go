@@ -83,18 +83,24 @@ func TestHealth(t *testing.T) {
 // TestRefreshToken: a merchant id that is missing or not an id (it goes
 // into the admin API's path) is refused before standard input is read or
 // the admin API asked; a valid one has the token read from standard input
-// PUT to its refresh_token route, and the answer printed.
+// PUT to its refresh_token route, and the answer printed. When the admin
+// API refuses, the error names the admin address, not the token, and
+// nothing is printed.
 func TestRefreshToken(t *testing.T) {
 	const token = "rt-secret"
 	tests := []struct {
 		name     string
 		merchant string
+		refusal  string // the admin request's error (Caddy's "HTTP status: body"), "" for a 200
 		wantErr  string // "" for no error
 	}{
-		{"missing", "", "--merchant is required"},
-		{"a path", "../tokens", `--merchant "../tokens" is not a merchant id`},
-		{"a space", "acme corp", `--merchant "acme corp" is not a merchant id`},
-		{"valid", "acme", ""},
+		{name: "missing", merchant: "", wantErr: "--merchant is required"},
+		{name: "a path", merchant: "../tokens", wantErr: `--merchant "../tokens" is not a merchant id`},
+		{name: "a space", merchant: "acme corp", wantErr: `--merchant "acme corp" is not a merchant id`},
+		{name: "valid", merchant: "acme"},
+		{name: "refused by the admin API", merchant: "acme",
+			refusal: `caddy responded with error: HTTP 404: {"error":"merchant \"acme\" is not in the registry"}`,
+			wantErr: `the token broker at admin address localhost:2019 answered HTTP 404: merchant "acme" is not in the registry`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -103,11 +109,20 @@ func TestRefreshToken(t *testing.T) {
 			request := func(addr, method, uri string, _ http.Header, body io.Reader) (*http.Response, error) {
 				b, _ := io.ReadAll(body)
 				asked, sent = append(asked, addr+" "+method+" "+uri), string(b)
+				if tt.refusal != "" {
+					return nil, errors.New(tt.refusal)
+				}
 				return &http.Response{StatusCode: http.StatusOK, Body: io.NopCloser(strings.NewReader(`{"stored":true}`))}, nil
 			}
 			in := strings.NewReader(token + "\n")
 			var out bytes.Buffer
 			err := RefreshToken(IO{In: in, Out: &out, Err: io.Discard}, request, func() (string, error) { return "localhost:2019", nil }, tt.merchant)
+			if tt.refusal != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || strings.Contains(err.Error(), token) || out.Len() != 0 || sent != `{"refresh_token":"`+token+`"}` {
+					t.Fatalf("error %v, sent %s, printed %q; want one with %q and not the token, the token sent, nothing printed", err, sent, out.String(), tt.wantErr)
+				}
+				return
+			}
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("error %v, want one with %q", err, tt.wantErr)

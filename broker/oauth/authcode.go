@@ -503,8 +503,10 @@ type Result struct {
 // was known, also on errors, so that the browser can be sent back. A state
 // that Start bound to a browser is only accepted, and consumed, with the
 // same browser secret: another browser gets ReasonWrongBrowser, without a
-// Result, and the state stays. Once the state is consumed, the callback
-// no longer follows ctx's cancellation (only its values).
+// Result, and the state stays. Once the state is consumed, the rest of the
+// callback (code exchange, ID token verification, storing the refresh
+// token) is detached from the browser: it keeps ctx's values but not its
+// cancellation, and is bounded by saveTimeout (30 s) instead.
 func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, browser ...Browser) (Result, error) {
 	var from Browser // none: refused for a state bound to a browser
 	if len(browser) > 0 {

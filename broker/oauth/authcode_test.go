@@ -476,24 +476,6 @@ func TestConsentStartAfterCancelledDiscovery(t *testing.T) {
 	}
 }
 
-// TestCallbackStoresAfterTheBrowserLeft: a browser that leaves once its
-// code is exchanged (its request's context cancelled) does not lose the
-// merchant's consent: the code is spent, so the refresh token it brought
-// is stored all the same.
-func TestCallbackStoresAfterTheBrowserLeft(t *testing.T) {
-	f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
-	ctx, leave := context.WithCancel(context.Background())
-	defer leave()
-	f.src.store = &leavingStore{Store: f.store, leave: leave}
-	authURL, host := startConsent(t, f, "acme")
-	if _, err := f.flow.Callback(ctx, host, approve(t, f.op, authURL)); err != nil {
-		t.Fatalf("Callback whose browser left after the code exchange: %v", err)
-	}
-	if _, err := f.store.Load(context.Background(), f.src.StoreKey("acme")); err != nil {
-		t.Errorf("the refresh token of the exchanged code was not stored: %v", err)
-	}
-}
-
 // leavingStore is a Store whose caller leaves (leave cancels its
 // context) as it asks for the lock, and which honours that context.
 type leavingStore struct {
@@ -512,38 +494,48 @@ func (s *leavingStore) Lock(ctx context.Context, key string) (func(), error) {
 
 // TestCallbackKeepsTheConsentWhenTheBrowserLeaves: once the callback has
 // consumed the state, the browser leaving (its request's context
-// cancelled) while the code is exchanged or while the issuer's keys are
-// fetched to verify the ID token does not lose the merchant's consent:
-// the state and the code are spent, so the refresh token is stored all
-// the same.
+// cancelled) while the code is exchanged, while the issuer's keys are
+// fetched to verify the ID token, or as the store's lock is asked for
+// does not lose the merchant's consent: the state and the code are
+// spent, so the refresh token is stored all the same.
 func TestCallbackKeepsTheConsentWhenTheBrowserLeaves(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		path string // the request to the server during which the browser leaves
+		path string // the request to the server during which the browser leaves; "" for none
+		lock bool   // the browser leaves as the store's lock is asked for
 	}{
-		{"during the code exchange", "/oauth/token"},
-		{"during the fetch of the issuer's keys", "/keys"},
+		{name: "during the code exchange", path: "/oauth/token"},
+		{name: "during the fetch of the issuer's keys", path: "/keys"},
+		{name: "as the store's lock is asked for", lock: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
 			ctx, leave := context.WithCancel(context.Background())
 			defer leave()
 			var left atomic.Bool
-			next := f.src.cfg.Client.Transport
-			if next == nil {
-				next = http.DefaultTransport
-			}
-			f.src.cfg.Client.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
-				if r.URL.Path == tc.path {
+			if tc.lock {
+				f.src.store = &leavingStore{Store: f.store, leave: func() {
 					left.Store(true)
 					leave()
+				}}
+			}
+			if tc.path != "" {
+				next := f.src.cfg.Client.Transport
+				if next == nil {
+					next = http.DefaultTransport
 				}
-				return next.RoundTrip(r)
-			})
+				f.src.cfg.Client.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
+					if r.URL.Path == tc.path {
+						left.Store(true)
+						leave()
+					}
+					return next.RoundTrip(r)
+				})
+			}
 			authURL, host := startConsent(t, f, "acme")
 			_, err := f.flow.Callback(ctx, host, approve(t, f.op, authURL))
 			if !left.Load() {
-				t.Fatalf("the callback sent no request to %s", tc.path)
+				t.Fatalf("the browser never left %s", tc.name)
 			}
 			if err != nil {
 				t.Fatalf("Callback whose browser left %s: %v", tc.name, err)

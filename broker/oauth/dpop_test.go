@@ -372,7 +372,10 @@ func TestDPoPTokenAnswersObserved(t *testing.T) {
 	}
 	var seen atomic.Int64
 	httpclient.ObserveTokenAnswers(client, func(rt http.RoundTripper) http.RoundTripper {
-		return observedTransport{rt: rt, seen: &seen}
+		return roundTripFunc(func(r *http.Request) (*http.Response, error) {
+			seen.Add(1)
+			return rt.RoundTrip(r)
+		})
 	})
 	if _, err := src.Token(context.Background(), broker.Request{}); err != nil {
 		t.Fatal(err)
@@ -380,15 +383,4 @@ func TestDPoPTokenAnswersObserved(t *testing.T) {
 	if n := seen.Load(); n != 2 {
 		t.Errorf("the observer saw %d token answers, want 2 (the nonce challenge and the token)", n)
 	}
-}
-
-// observedTransport counts the requests it sends.
-type observedTransport struct {
-	rt   http.RoundTripper
-	seen *atomic.Int64
-}
-
-func (o observedTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	o.seen.Add(1)
-	return o.rt.RoundTrip(r)
 }

@@ -122,7 +122,7 @@ func (x *Index) of(reg *config.Registry) *registryIndex {
 		}
 	}
 	for name, p := range reg.Providers {
-		if src, ok := p.Source.(*oauth.RefreshToken); ok {
+		if src, ok := p.RefreshToken(); ok {
 			idx.consent[name] = src
 		}
 	}

@@ -3,11 +3,12 @@
 //
 // A sealed value is: a format byte (1), the 4-byte id of the key that sealed
 // it, a 12-byte random nonce, then the ciphertext and its 16-byte tag. The
-// caller's associated data (the value's cache key) is authenticated but not
-// stored, so a value copied under another key does not open. A Keyring seals
-// with its current key and opens with the current key or any old one, so
-// keys can be rotated: deploy the new key with the old one listed as old,
-// then drop the old one once every value sealed with it has expired.
+// caller's associated data (the value's key in its store) is authenticated
+// but not stored, so a value copied under another key does not open. A
+// Keyring seals with its current key and opens with the current key or any
+// old one, so keys can be rotated: deploy the new key with the old one listed
+// as old, then drop the old one once every value sealed with it has been
+// sealed again or has expired.
 package seal
 
 import (

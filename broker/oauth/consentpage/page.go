@@ -257,7 +257,8 @@ func text(lang, page, partner, merchant, bank string) Text {
 // (the request's Accept-Language header), with its status and headers:
 // Content-Type, Content-Security-Policy (nothing but the inline style of
 // this response's nonce, and images from data: or the site itself) and
-// X-Content-Type-Options. The caller sets the caching headers.
+// X-Content-Type-Options. The caller sets the caching headers. p.Name
+// must be one of the page-name constants (PageSuccess, ...).
 func (r *Renderer) Render(w http.ResponseWriter, acceptLanguage string, p Page) {
 	d := r.data(p.Name, r.language(acceptLanguage), p.MerchantID, p.Merchant, p.Bank)
 	if !pages[p.Name].noOutcome {

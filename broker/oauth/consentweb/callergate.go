@@ -32,23 +32,28 @@ func (g CallerGate) siteAdmits(w http.ResponseWriter, r *http.Request, logger *z
 	return false
 }
 
-// callerAdmits answers a request whose caller may not ask links for
-// merchant, and reports whether it admitted it.
-func (g CallerGate) callerAdmits(w http.ResponseWriter, r *http.Request, merchant string) bool {
+// authenticated answers a request whose caller the policy does not
+// authenticate, and returns the caller's subject ("" without a policy)
+// and whether it admitted the request.
+func (g CallerGate) authenticated(w http.ResponseWriter, r *http.Request) (string, bool) {
 	if g.Policy == nil {
-		return true
+		return "", true
 	}
 	sub, cerr := g.Policy.Authenticate(r)
 	if cerr != nil {
-		if c := cerr.Challenge(); c != "" { // RFC 6750 §3
-			w.Header().Set("WWW-Authenticate", c)
-		}
+		cerr.SetChallenge(w.Header())
 		linkError(w, cerr.Code.Status(), cerr.Code.String(), "the caller must present a valid JWT from the trusted issuer as a Bearer token")
-		return false
+		return "", false
 	}
-	if !g.Policy.Allows(sub, merchant) {
-		linkError(w, http.StatusForbidden, "merchant_not_allowed", fmt.Sprintf("caller %q may not act for merchant %q", sub, merchant))
-		return false
+	return sub, true
+}
+
+// allows answers a request whose authenticated caller may not ask links
+// for merchant, and reports whether it admitted it.
+func (g CallerGate) allows(w http.ResponseWriter, caller, merchant string) bool {
+	if g.Policy == nil || g.Policy.Allows(caller, merchant) {
+		return true
 	}
-	return true
+	linkError(w, http.StatusForbidden, "merchant_not_allowed", fmt.Sprintf("caller %q may not act for merchant %q", caller, merchant))
+	return false
 }

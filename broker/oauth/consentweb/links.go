@@ -43,6 +43,10 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 	if !c.o.Gate.siteAdmits(w, r, c.o.Logger) {
 		return
 	}
+	caller, ok := c.o.Gate.authenticated(w, r)
+	if !ok {
+		return
+	}
 	var req LinkRequest
 	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<10)).Decode(&req); err != nil {
 		linkError(w, http.StatusBadRequest, "bad_request", `the body must be JSON: {"merchant": "...", "return_url": "..."}`)
@@ -52,7 +56,7 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 		linkError(w, http.StatusBadRequest, "bad_request", `the body names no merchant: send the merchant's id as {"merchant": "...", "return_url": "..."}`)
 		return
 	}
-	if !c.o.Gate.callerAdmits(w, r, req.Merchant) {
+	if !c.o.Gate.allows(w, caller, req.Merchant) {
 		return
 	}
 	provider := c.o.Provider

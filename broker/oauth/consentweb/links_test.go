@@ -63,13 +63,34 @@ func TestLinksChallengeUnauthenticatedCaller(t *testing.T) {
 
 // TestLinksWithoutMerchant: a links request that names no merchant is a
 // bad request, as on the admin API, not an unknown merchant, and its
-// message says that the merchant is missing and how to send it.
+// message says that the merchant is missing and how to send it; under a
+// caller policy the caller is authenticated first, so a caller without a
+// JWT is told that (401), not that the merchant is missing.
 func TestLinksWithoutMerchant(t *testing.T) {
-	w := postLink(newLinksHandler(t, CallerGate{}), `{"return_url":"https://app.partner.example/consent/"}`)
-	if w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), `"error":"bad_request"`) {
-		t.Errorf("links without a merchant: %d %s; want 400 bad_request", w.Code, w.Body)
+	policy, err := callers.New(context.Background(), callers.Config{Issuer: "https://issuer.invalid", Audience: "token-broker",
+		Allow: map[string][]string{"payments": {"acme"}}})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if body := w.Body.String(); !strings.Contains(body, "no merchant") || !strings.Contains(body, `\"merchant\"`) {
-		t.Errorf("links without a merchant: %s; want a message that says the merchant is missing and how to send it", body)
+	for _, tc := range []struct {
+		name   string
+		gate   CallerGate
+		status int
+		want   []string // in the body
+	}{
+		{"no caller policy", CallerGate{}, http.StatusBadRequest, []string{`"error":"bad_request"`, "no merchant", `\"merchant\"`}},
+		{"a caller policy, no caller JWT", CallerGate{Policy: policy}, http.StatusUnauthorized, []string{`"error":"caller_unauthenticated"`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := postLink(newLinksHandler(t, tc.gate), `{"return_url":"https://app.partner.example/consent/"}`)
+			if w.Code != tc.status {
+				t.Errorf("links without a merchant: %d %s; want %d", w.Code, w.Body, tc.status)
+			}
+			for _, want := range tc.want {
+				if !strings.Contains(w.Body.String(), want) {
+					t.Errorf("links without a merchant: %s; want %s in it", w.Body, want)
+				}
+			}
+		})
 	}
 }

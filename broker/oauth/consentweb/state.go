@@ -39,7 +39,7 @@ func States(ctx context.Context, reg *config.Registry, provider string) ([]State
 	out := []State{}
 	for id, m := range reg.Merchants {
 		p := reg.Providers[m.Provider]
-		src, ok := p.Source.(*oauth.RefreshToken)
+		src, ok := p.RefreshToken()
 		if !ok || provider != "" && provider != p.Name {
 			continue
 		}
