@@ -241,8 +241,6 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	return tok, nil
 }
 
-// save stores a rotated refresh token, even when ctx is cancelled (the old
-// token is dead). On failure the token is kept in memory as pending.
 // loadLocked loads the refresh token of key, whose lock the caller holds:
 // with the store's LoadLocked when it has one, else with Load.
 func (s *RefreshToken) loadLocked(ctx context.Context, key string) (broker.Secret, error) {
@@ -252,6 +250,8 @@ func (s *RefreshToken) loadLocked(ctx context.Context, key string) (broker.Secre
 	return s.store.Load(ctx, key)
 }
 
+// save stores a rotated refresh token, even when ctx is cancelled (the old
+// token is dead). On failure the token is kept in memory as pending.
 func (s *RefreshToken) save(ctx context.Context, key string, rt broker.Secret) error {
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
 	defer cancel()
