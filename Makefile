@@ -38,18 +38,30 @@ build:
 	$(GO) build -v -o $(BIN)/sandbox ./cmd/sandbox
 
 # Starts the sandbox in the background and Caddy in the foreground; Ctrl-C
-# stops Caddy, and the trap stops the sandbox by its process id. Both keep
-# their state in RUN_DIR under the checkout (Caddy's data and config folders,
-# the sandbox bank's refresh tokens), so a restart keeps the merchants'
-# consent; `rm -rf .run` starts afresh.
+# stops Caddy, and the trap stops the sandbox by its process id. Caddy starts
+# once the sandbox listens (it writes its address to RUN_DIR/sandbox.addr);
+# if the sandbox ends first (its address is taken, by another `make run` or
+# anything else), make run ends with an error and Caddy never starts: it
+# would share its ports silently with another make run's Caddy
+# (SO_REUSEPORT). Both keep their state in RUN_DIR under the checkout
+# (Caddy's data and config folders, the sandbox bank's refresh tokens), so a
+# restart keeps the merchants' consent; `rm -rf .run` starts afresh.
 RUN_DIR ?= .run
 run: build
 	@echo "run: state in $(RUN_DIR)/ (rm -rf $(RUN_DIR) to start afresh)"; \
 	mkdir -p $(RUN_DIR)/data $(RUN_DIR)/config; \
+	rm -f $(RUN_DIR)/sandbox.addr; \
 	$(BIN)/sandbox -listen $(SANDBOX_ADDR) -api-key "$(NUAPAY_API_KEY)" -state $(RUN_DIR)/sandbox \
+		-addr-file $(RUN_DIR)/sandbox.addr \
 		-bank-client "sandbox-bank-client:$(SANDBOX_BANK_SECRET)" \
 		-bank-redirect-uris "$(SANDBOX_CONSENT_SITE)/consent/callback" & sandbox=$$!; \
 	trap 'kill $$sandbox 2>/dev/null' EXIT INT TERM; \
+	while [ ! -s $(RUN_DIR)/sandbox.addr ]; do \
+		kill -0 $$sandbox 2>/dev/null || { \
+			echo "run: the sandbox did not start on $(SANDBOX_ADDR) (its error is above): stop what listens there (another make run?) or set SANDBOX_ADDR"; \
+			exit 1; }; \
+		sleep 0.1; \
+	done; \
 	echo "sandbox on $(SANDBOX_URL) (pid $$sandbox); try:"; \
 	echo "  curl -s -H 'X-Merchant-Id: acme' http://127.0.0.1:8080/tpp/payments"; \
 	echo "merchant consent at the sandbox bank (hooli): get a consent link,"; \

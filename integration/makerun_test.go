@@ -194,3 +194,48 @@ func withoutMakeVars(environ []string) []string {
 	}
 	return out
 }
+
+// TestMakeRunStopsWhenTheSandboxCannotListen runs `make run` with the
+// sandbox's address already taken (another `make run` still going, or any
+// other program): make run must end with an error naming the address, and
+// Caddy must not start, rather than serve every request a token error (or,
+// with another `make run`'s Caddy on the same ports, share them with it
+// through SO_REUSEPORT).
+func TestMakeRunStopsWhenTheSandboxCannotListen(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Skipf("make is not installed: %v", err)
+	}
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	port, adminPort, consentPort := freePort(t), freePort(t), freePort(t)
+	vars := []string{"BIN=" + t.TempDir(), "RUN_DIR=" + t.TempDir(),
+		"SANDBOX_ADDR=" + busy.Addr().String(), fmt.Sprintf("SANDBOX_CONSENT_ADDR=127.0.0.1:%d", consentPort)}
+	env := append(goCacheEnv(t), "HOME="+t.TempDir(), "XDG_DATA_HOME=", "XDG_CONFIG_HOME=",
+		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort))
+
+	run := startMakeRun(t, env, vars...)
+	for deadline := time.Now().Add(10 * time.Minute); ; {
+		select {
+		case <-run.done:
+			if run.cmd.ProcessState.Success() {
+				t.Errorf("make run ended with success; want an error")
+			}
+			if out := run.out.String(); !strings.Contains(out, "the sandbox did not start on "+busy.Addr().String()) {
+				t.Errorf("make run did not say that the sandbox did not start on %s; its output:\n%s", busy.Addr(), out)
+			}
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second); err == nil {
+			c.Close()
+			t.Fatalf("Caddy listens on %d although the sandbox could not listen on %s:\n%s", port, busy.Addr(), run.out.String())
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("make run neither ended nor started Caddy within 10 minutes:\n%s", run.out.String())
+		}
+	}
+}
