@@ -25,7 +25,7 @@ FUZZTIME      ?= 20000x
 FUZZ_TARGETS  := ./config:FuzzParse ./broker/nuapay:FuzzParseToken ./broker/nuapay:FuzzParseError \
                  ./broker/oauth:FuzzTokenResponse ./module:FuzzMerchantSelector
 
-.PHONY: all build run test test-go rules lint fuzz xcaddy fmt vet clean image image-xcaddy
+.PHONY: all build run validate test test-go rules lint fuzz xcaddy fmt vet clean image image-xcaddy
 
 all: build
 
@@ -71,6 +71,13 @@ run: build
 	echo "  curl -s 127.0.0.1:2019/token_broker/consent/merchants"; \
 	XDG_DATA_HOME="$(abspath $(RUN_DIR))/data" XDG_CONFIG_HOME="$(abspath $(RUN_DIR))/config" \
 		$(BIN)/caddy run --config Caddyfile --adapter caddyfile
+
+# Checks the root Caddyfile's merchant registry as `caddy token-broker
+# validate` does, with the variables this Makefile exports for its {env.NAME}
+# references (SANDBOX_URL, NUAPAY_API_KEY, ...), which a shell of its own
+# does not have.
+validate: build
+	$(BIN)/caddy token-broker validate --config Caddyfile --adapter caddyfile
 
 # The suite, the linters and the fuzz targets run side by side (the
 # integration tests wait on processes more than they compute); each one's

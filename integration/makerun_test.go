@@ -239,3 +239,33 @@ func TestMakeRunStopsWhenTheSandboxCannotListen(t *testing.T) {
 		}
 	}
 }
+
+// TestREADMEValidate runs the README's validate block as written, from the
+// repository's root, in a shell without the variables make exports (a
+// newcomer's second terminal while `make run` goes), with bin/ holding the
+// binaries `make build` makes: it must succeed and say the root
+// Caddyfile's registry is valid.
+func TestREADMEValidate(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Skipf("make is not installed: %v", err)
+	}
+	caddyBin, sandboxBin := buildBinaries(t)
+	bin := t.TempDir()
+	for _, b := range []string{caddyBin, sandboxBin} {
+		if err := os.Symlink(b, filepath.Join(bin, filepath.Base(b))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	block := readmeBlock(t, filepath.Join(repoRoot(t), "README.md"), "validate")
+	cmd := exec.Command("bash", "-e", "-c", strings.ReplaceAll(block, "bin/", "$BIN/"))
+	cmd.Dir = repoRoot(t)
+	cmd.Env = append(withoutMakeVars(os.Environ()), append(goCacheEnv(t), "BIN="+bin, "HOME="+t.TempDir())...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("the README's validate block: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "examples/sandbox/merchants.toml: valid") {
+		t.Errorf("the README's validate block did not say the root registry is valid:\n%s", out)
+	}
+}
