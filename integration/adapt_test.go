@@ -6,6 +6,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -74,4 +75,74 @@ func checkAdapt(t *testing.T, name, caddyfile, golden string) {
 	if got != want {
 		t.Fatalf("%s: adapted config differs from %s (run with -update if the change is intended)\n--- want\n%s\n--- got\n%s", name, golden, got, want)
 	}
+}
+
+// httpConfig is the part of a Caddy JSON config that
+// TestREADMEJSONProxiesAsTheCaddyfile compares.
+type httpConfig struct {
+	Apps struct {
+		HTTP struct {
+			Servers map[string]struct {
+				Listen []string `json:"listen"`
+				Routes []struct {
+					Handle []map[string]json.RawMessage `json:"handle"`
+				} `json:"routes"`
+			} `json:"servers"`
+		} `json:"http"`
+	} `json:"apps"`
+}
+
+// reverseProxy returns the last reverse_proxy handler of server srv0 and
+// the addresses srv0 listens on.
+func (c httpConfig) reverseProxy() (map[string]json.RawMessage, []string) {
+	srv := c.Apps.HTTP.Servers["srv0"]
+	var rp map[string]json.RawMessage
+	for _, r := range srv.Routes {
+		for _, h := range r.Handle {
+			if string(h["handler"]) == `"reverse_proxy"` {
+				rp = h
+			}
+		}
+	}
+	return rp, srv.Listen
+}
+
+// TestREADMEJSONProxiesAsTheCaddyfile: the README's JSON config listens
+// and proxies to the provider as the Caddyfile `http://:8080 { bind
+// 127.0.0.1; reverse_proxy https://sandbox.nuapay.com }` does: the same
+// address, the same upstream, over TLS.
+func TestREADMEJSONProxiesAsTheCaddyfile(t *testing.T) {
+	var readme, caddyfile httpConfig
+	if err := json.Unmarshal([]byte(readmeBlock(t, filepath.Join(repoRoot(t), "README.md"), "json")), &readme); err != nil {
+		t.Fatalf("the README's JSON config: %v", err)
+	}
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte("http://:8080 {\n\tbind 127.0.0.1\n\treverse_proxy https://sandbox.nuapay.com\n}\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(adapted, &caddyfile); err != nil {
+		t.Fatal(err)
+	}
+	got, gotListen := readme.reverseProxy()
+	want, wantListen := caddyfile.reverseProxy()
+	if !slices.Equal(gotListen, wantListen) {
+		t.Errorf("the README's server listens on %q; want %q", gotListen, wantListen)
+	}
+	for _, field := range []string{"upstreams", "transport"} {
+		if g, w := compactJSON(t, got[field]), compactJSON(t, want[field]); g != w {
+			t.Errorf("the README's reverse_proxy %s: %s; want %s", field, g, w)
+		}
+	}
+}
+
+// compactJSON is raw without insignificant white space.
+func compactJSON(t *testing.T, raw json.RawMessage) string {
+	t.Helper()
+	var b bytes.Buffer
+	if len(raw) > 0 {
+		if err := json.Compact(&b, raw); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return b.String()
 }
