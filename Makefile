@@ -7,14 +7,18 @@ CADDY_VERSION ?= v2.11.9
 XCADDY        ?= $(GO) tool xcaddy
 
 # The embedded default: sandbox on 127.0.0.1:9080, sidecar on 127.0.0.1:8080.
+# The variables the sandbox registry reads are set here whatever the
+# environment holds (an example's README exports SANDBOX_URL for its own
+# sandbox, NUAPAY_API_KEY for the real Nuapay); `make run VAR=value` still
+# sets one.
 SANDBOX_ADDR   ?= 127.0.0.1:9080
-export SANDBOX_URL    ?= http://$(SANDBOX_ADDR)
-export NUAPAY_API_KEY ?= sandbox-partner-key
+export SANDBOX_URL    = http://$(SANDBOX_ADDR)
+export NUAPAY_API_KEY = sandbox-partner-key
 # The sandbox bank's consent site (the root Caddyfile's second site, on
 # loopback) and its demo client's secret (examples/sandbox/merchants.toml).
 SANDBOX_CONSENT_ADDR ?= 127.0.0.1:8081
-export SANDBOX_CONSENT_SITE ?= http://$(SANDBOX_CONSENT_ADDR)
-export SANDBOX_BANK_SECRET  ?= sandbox-bank-secret
+export SANDBOX_CONSENT_SITE = http://$(SANDBOX_CONSENT_ADDR)
+export SANDBOX_BANK_SECRET  = sandbox-bank-secret
 
 # Fuzz targets run by `make test`, each for FUZZTIME (package:target).
 # A count, not a duration: with a duration, go1.26's fuzz coordinator can
@@ -51,7 +55,7 @@ run: build
 	@echo "run: state in $(RUN_DIR)/ (rm -rf $(RUN_DIR) to start afresh)"; \
 	mkdir -p $(RUN_DIR)/data $(RUN_DIR)/config; \
 	rm -f $(RUN_DIR)/sandbox.addr; \
-	$(BIN)/sandbox -listen $(SANDBOX_ADDR) -api-key "$(NUAPAY_API_KEY)" -state $(RUN_DIR)/sandbox \
+	$(BIN)/sandbox -listen $(SANDBOX_ADDR) -state $(RUN_DIR)/sandbox \
 		-addr-file $(RUN_DIR)/sandbox.addr \
 		-bank-client "sandbox-bank-client:$(SANDBOX_BANK_SECRET)" \
 		-bank-redirect-uris "$(SANDBOX_CONSENT_SITE)/consent/callback" & sandbox=$$!; \

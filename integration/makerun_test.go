@@ -269,3 +269,36 @@ func TestREADMEValidate(t *testing.T) {
 		t.Errorf("the README's validate block did not say the root registry is valid:\n%s", out)
 	}
 }
+
+// TestMakeRunIgnoresTheExamplesEnvironment runs `make run` in a shell that
+// followed an example's README against a real provider first: SANDBOX_URL
+// exported for another sandbox (examples/fleet-redis), NUAPAY_API_KEY a
+// partner's real key (examples/nuapay-tpp). make run's sidecar must still
+// get its tokens from make run's own sandbox, and the key must appear on
+// no process's command line.
+func TestMakeRunIgnoresTheExamplesEnvironment(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Skipf("make is not installed: %v", err)
+	}
+	const realKey = "partners-real-nuapay-key"
+	sandboxPort, port, adminPort, consentPort := freePort(t), freePort(t), freePort(t), freePort(t)
+	vars := []string{"BIN=" + t.TempDir(), "RUN_DIR=" + t.TempDir(),
+		fmt.Sprintf("SANDBOX_ADDR=127.0.0.1:%d", sandboxPort), fmt.Sprintf("SANDBOX_CONSENT_ADDR=127.0.0.1:%d", consentPort)}
+	env := append(goCacheEnv(t), "HOME="+t.TempDir(), "XDG_DATA_HOME=", "XDG_CONFIG_HOME=",
+		fmt.Sprintf("TOKEN_BROKER_PORT=%d", port), fmt.Sprintf("TOKEN_BROKER_ADMIN_PORT=%d", adminPort),
+		fmt.Sprintf("SANDBOX_URL=http://127.0.0.1:%d", freePort(t)), "NUAPAY_API_KEY="+realKey)
+
+	run := startMakeRun(t, env, vars...)
+	run.waitUp(t, fmt.Sprintf("127.0.0.1:%d", port))
+	status, body := get(t, fmt.Sprintf("http://127.0.0.1:%d/tpp/payments", port), "X-Merchant-Id", "acme")
+	if status != http.StatusOK {
+		t.Fatalf("acme: %d %s; want 200 with a token of make run's sandbox", status, body)
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		if b, err := os.ReadFile(p); err == nil && bytes.Contains(b, []byte(realKey)) {
+			t.Errorf("the key is on a command line (%s): %q", p, bytes.ReplaceAll(b, []byte{0}, []byte{' '}))
+		}
+	}
+}
