@@ -180,8 +180,9 @@ func goCacheEnv(t *testing.T) []string {
 }
 
 // withoutMakeVars drops from environ what an outer make (`make test`)
-// exports: its own flags, and the Makefile's exported variables, which
-// would override the defaults (`?=`) of the make run under test.
+// exports: its own flags, which the make run under test would take as its
+// own, and the Makefile's exported variables, which that make run sets
+// itself.
 func withoutMakeVars(environ []string) []string {
 	drop := []string{"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES",
 		"SANDBOX_URL", "NUAPAY_API_KEY", "SANDBOX_CONSENT_SITE", "SANDBOX_BANK_SECRET"}
