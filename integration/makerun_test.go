@@ -231,9 +231,8 @@ func TestMakeRunStopsWhenTheSandboxCannotListen(t *testing.T) {
 			return
 		case <-time.After(100 * time.Millisecond):
 		}
-		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second); err == nil {
-			c.Close()
-			t.Fatalf("Caddy listens on %d although the sandbox could not listen on %s:\n%s", port, busy.Addr(), run.out.String())
+		if out := run.out.String(); strings.Contains(out, "serving initial configuration") {
+			t.Fatalf("Caddy started although the sandbox could not listen on %s:\n%s", busy.Addr(), out)
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("make run neither ended nor started Caddy within 10 minutes:\n%s", run.out.String())
