@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 
@@ -168,7 +169,16 @@ func tokens(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if err := running(in); err != nil {
 		return err
 	}
-	return writeJSON(w, map[string]any{"tokens": Tokens(in.Broker, r.URL.Query().Get("merchant"))})
+	v, err := params(r, "merchant")
+	if err != nil {
+		return err
+	}
+	merchant := v.Get("merchant")
+	if merchant != "" && !config.ValidMerchantID(merchant) {
+		return &Error{Status: http.StatusBadRequest,
+			Err: fmt.Errorf("merchant %.130q is not a merchant id (%s)", merchant, errcode.MerchantIDGrammar)}
+	}
+	return writeJSON(w, map[string]any{"tokens": Tokens(in.Broker, merchant)})
 }
 
 // state serves GET /token_broker/state: the opstate.Report of the query
@@ -177,7 +187,11 @@ func state(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if r.Method != http.MethodGet {
 		return methodNotAllowed(http.MethodGet)
 	}
-	q, err := opstate.ParseQuery(r.URL.Query())
+	v, err := values(r)
+	if err != nil {
+		return err
+	}
+	q, err := opstate.ParseQuery(v)
 	if err != nil {
 		return &Error{Status: http.StatusBadRequest, Err: err}
 	}
@@ -356,14 +370,43 @@ func consentMerchants(w http.ResponseWriter, r *http.Request, in *Instance) erro
 	if err := running(in); err != nil {
 		return err
 	}
+	v, err := params(r, "provider")
+	if err != nil {
+		return err
+	}
 	if in.Registry == nil {
 		return writeJSON(w, map[string]any{"merchants": []consentweb.State{}})
 	}
-	out, err := consentweb.States(r.Context(), in.Registry, r.URL.Query().Get("provider"))
+	out, err := consentweb.States(r.Context(), in.Registry, v.Get("provider"))
 	if err != nil {
 		return &Error{Status: http.StatusInternalServerError, Err: err}
 	}
 	return writeJSON(w, map[string]any{"merchants": out})
+}
+
+// values returns the parameters of r's query string; a malformed one
+// is refused with 400.
+func values(r *http.Request) (url.Values, error) {
+	v, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		return nil, &Error{Status: http.StatusBadRequest,
+			Err: fmt.Errorf("the query string is malformed (%v): percent-encode its values", err)}
+	}
+	return v, nil
+}
+
+// params returns the parameters of r's query string, which may only be
+// names, each given once; a query that is malformed or has another
+// parameter is refused with 400.
+func params(r *http.Request, names ...string) (url.Values, error) {
+	v, err := values(r)
+	if err != nil {
+		return nil, err
+	}
+	if err := opstate.CheckParams(v, names...); err != nil {
+		return nil, &Error{Status: http.StatusBadRequest, Err: err}
+	}
+	return v, nil
 }
 
 // writeJSON answers with v as JSON, not to be cached.

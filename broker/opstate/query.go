@@ -16,14 +16,8 @@ import (
 // unknown, repeated or malformed parameter is an error that says which
 // and what is accepted.
 func ParseQuery(v url.Values) (Query, error) {
-	params := []string{"provider", "state", "after", "limit"}
-	for name, vals := range v {
-		if !slices.Contains(params, name) {
-			return Query{}, fmt.Errorf("unknown parameter %q: use %s", name, strings.Join(params, ", "))
-		}
-		if len(vals) > 1 {
-			return Query{}, fmt.Errorf("parameter %q is given %d times: give it once", name, len(vals))
-		}
+	if err := CheckParams(v, "provider", "state", "after", "limit"); err != nil {
+		return Query{}, err
 	}
 	q := Query{Provider: v.Get("provider"), State: v.Get("state"), After: v.Get("after"), Limit: DefaultLimit}
 	if q.State != "" && !slices.Contains(States(), q.State) {
@@ -40,4 +34,18 @@ func ParseQuery(v url.Values) (Query, error) {
 		q.Limit = n
 	}
 	return q, nil
+}
+
+// CheckParams returns an error naming the first parameter of v that is
+// not one of names, or that is given more than once, and what to do.
+func CheckParams(v url.Values, names ...string) error {
+	for name, vals := range v {
+		if !slices.Contains(names, name) {
+			return fmt.Errorf("unknown parameter %q: use %s", name, strings.Join(names, ", "))
+		}
+		if len(vals) > 1 {
+			return fmt.Errorf("parameter %q is given %d times: give it once", name, len(vals))
+		}
+	}
+	return nil
 }
