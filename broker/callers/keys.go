@@ -94,7 +94,10 @@ func (k *keySet) VerifySignature(ctx context.Context, jwt string) ([]byte, error
 		return nil, errors.New("no key of jwks_file verifies the JWT's signature")
 	}
 	if err := k.refresh(ctx, false, hdr.KeyID); err != nil {
-		if !k.available() {
+		// Without a key for the JWT's kid (none at all, or a key the
+		// issuer rotated in) and without the issuer's answer, the JWT
+		// cannot be checked: the caller is told to retry.
+		if !k.available() || !errors.Is(err, errRefreshLimited) && !k.holds(hdr.KeyID) {
 			if flag, ok := ctx.Value(keysUnavailableKey{}).(*bool); ok {
 				*flag = true
 			}
@@ -136,6 +139,13 @@ func (k *keySet) snapshot() []jose.JSONWebKey {
 // available reports whether the set holds keys.
 func (k *keySet) available() bool {
 	return len(k.snapshot()) > 0
+}
+
+// holds reports whether the set has a key for kid (knows).
+func (k *keySet) holds(kid string) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.knows(kid)
 }
 
 // stale reports whether the fetched keys are too old to be used without

@@ -323,3 +323,68 @@ func TestCallerDiscoveryWaitEndsWithTheRequest(t *testing.T) {
 		t.Fatal("a request whose context ended still waits for the discovery")
 	}
 }
+
+// TestCallerRotatedKidWhileIssuerDown: a JWT whose kid the cached keys
+// do not have (the issuer rotated its key) cannot be checked while the
+// issuer's key set cannot be fetched: the keys are unavailable (503
+// caller_keys_unavailable, the caller retries), not a bad token (401). A
+// JWT of a cached kid that does not verify stays a bad token.
+func TestCallerRotatedKidWhileIssuerDown(t *testing.T) {
+	sign := func(kid string) (*ecdsa.PrivateKey, string) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: kid}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		jws, err := signer.Sign([]byte(`{"sub":"payments"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		jwt, err := jws.CompactSerialize()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return key, jwt
+	}
+	oldKey, _ := sign("old")
+	_, rotated := sign("new")
+	_, forged := sign("old")
+	set, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &oldKey.PublicKey, KeyID: "old", Algorithm: "ES256", Use: "sig"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var down atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		if down.Load() {
+			http.Error(w, "maintenance", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write(set)
+	}))
+	t.Cleanup(srv.Close)
+	clock := clocktest.New(time.Now())
+	k := &keySet{url: srv.URL, client: srv.Client(), interval: DefaultKeysRefreshInterval, now: clock.Now}
+	if err := k.refresh(context.Background(), false, "old"); err != nil {
+		t.Fatal(err)
+	}
+	down.Store(true)
+	for _, tt := range []struct {
+		name, jwt       string
+		wantUnavailable bool
+	}{
+		{"rotated kid", rotated, true},
+		{"cached kid, bad signature", forged, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock.Add(DefaultKeysRefreshInterval)
+			var unavailable bool
+			_, err := k.VerifySignature(context.WithValue(context.Background(), keysUnavailableKey{}, &unavailable), tt.jwt)
+			if err == nil || unavailable != tt.wantUnavailable {
+				t.Fatalf("keys unavailable = %v, want %v (error %v)", unavailable, tt.wantUnavailable, err)
+			}
+		})
+	}
+}
