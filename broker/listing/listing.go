@@ -8,7 +8,6 @@ package listing
 import (
 	"context"
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -42,10 +41,13 @@ type Listing struct {
 	every    time.Duration
 	logger   *zap.Logger
 
-	reads   atomic.Pointer[reads] // nil before the first read ends
-	refresh sync.Mutex            // one read at a time
-	stop    context.CancelFunc    // ends the schedule and cancels its read; nil before Start
-	done    chan struct{}         // closed when the schedule has ended
+	reads atomic.Pointer[reads] // nil before the first read ends
+	// turn is a semaphore of one (a channel of capacity 1): a read holds
+	// a value in it, so that one read runs at a time; the others wait for
+	// room as long as their context allows.
+	turn chan struct{}
+	stop context.CancelFunc // ends the schedule and cancels its read; nil before Start
+	done chan struct{}      // closed when the schedule has ended
 }
 
 // reads is what the reads of a listing left, replaced as one by each
@@ -58,14 +60,17 @@ type reads struct {
 // New returns the listing of a provider, read every every once started,
 // logging its reads to logger.
 func New(provider string, list OrganisationLister, limits nuapay.ListLimits, every time.Duration, logger *zap.Logger) *Listing {
-	return &Listing{provider: provider, list: list, limits: limits, every: every, logger: logger}
+	return &Listing{provider: provider, list: list, limits: limits, every: every, logger: logger, turn: make(chan struct{}, 1)}
 }
 
 // Provider is the name of the listed provider.
 func (l *Listing) Provider() string { return l.provider }
 
+// readTimeout bounds one read of the list, all its pages.
+const readTimeout = time.Minute
+
 // Start reads the list now and then every l.every, each read bounded to
-// a minute, until Destruct.
+// readTimeout, until Destruct.
 func (l *Listing) Start() {
 	ctx, stop := context.WithCancel(context.Background())
 	l.stop, l.done = stop, make(chan struct{})
@@ -74,7 +79,7 @@ func (l *Listing) Start() {
 		t := time.NewTicker(l.every)
 		defer t.Stop()
 		for {
-			readCtx, cancel := context.WithTimeout(ctx, time.Minute)
+			readCtx, cancel := context.WithTimeout(ctx, readTimeout)
 			_, _ = l.read(readCtx, ctx)
 			cancel()
 			select {
@@ -95,10 +100,13 @@ func (l *Listing) Destruct() error {
 	return nil
 }
 
-// Refresh reads the list now and returns how many organisations it holds.
-// On failure the last good list stays in force and the error is returned
-// (and logged).
+// Refresh reads the list now, bounded to readTimeout, and returns how
+// many organisations it holds. On failure the last good list stays in
+// force and the error is returned (and logged). While another read runs,
+// it waits for it as long as ctx allows.
 func (l *Listing) Refresh(ctx context.Context) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, readTimeout)
+	defer cancel()
 	return l.read(ctx, context.Background())
 }
 
@@ -106,8 +114,12 @@ func (l *Listing) Refresh(ctx context.Context) (int, error) {
 // schedule is done (Destruct cancelled it) is neither logged nor kept in
 // the status: the listing is being dropped, and its provider did not fail.
 func (l *Listing) read(ctx, schedule context.Context) (int, error) {
-	l.refresh.Lock()
-	defer l.refresh.Unlock()
+	select {
+	case l.turn <- struct{}{}:
+		defer func() { <-l.turn }()
+	case <-ctx.Done():
+		return 0, fmt.Errorf("waiting for the read in progress of provider %q's organisations: %w", l.provider, ctx.Err())
+	}
 	m := make(map[string]struct{})
 	err := l.list.EachOrganisation(ctx, l.limits, func(o nuapay.Organisation) { m[o.ID] = struct{}{} })
 	if err != nil && schedule.Err() != nil {

@@ -160,3 +160,50 @@ func TestListingDestructStopsARead(t *testing.T) {
 		t.Errorf("status after Destruct cancelled the read: %+v, want no failed read", st)
 	}
 }
+
+// TestListingRefreshWaitEndsWithItsRequest: while the scheduled read
+// waits for a provider that does not answer, a Refresh (the admin API's
+// POST) gives up when its own context ends, not when that read does, and
+// its giving up is not logged as a failed read of the provider.
+func TestListingRefreshWaitEndsWithItsRequest(t *testing.T) {
+	arrived, release := make(chan struct{}), make(chan struct{})
+	var arrivedOnce sync.Once
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrivedOnce.Do(func() { close(arrived) })
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	t.Cleanup(func() {
+		close(release)
+		ts.Close()
+	})
+	src, err := nuapay.New(nuapay.Config{BaseURL: ts.URL, APIKey: broker.Secret("partner-key"), Client: &http.Client{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zap.WarnLevel)
+	l := New("nuapay", src, nuapay.ListLimits{Organisations: 10}, time.Hour, zap.New(core))
+	l.Start()
+	t.Cleanup(func() { _ = l.Destruct() })
+	<-arrived
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := l.Refresh(ctx)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Refresh: %v, want its context's deadline", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Refresh waits for the scheduled read past its own context's end")
+	}
+	for _, e := range logs.All() {
+		t.Errorf("logged %q for a Refresh that gave up waiting", e.Message)
+	}
+}
