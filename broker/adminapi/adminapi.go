@@ -121,12 +121,13 @@ func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
 	return ti
 }
 
-// Tokens are br's cached tokens (of merchant alone when it is not ""),
-// with their failure policy's state, sorted by merchant and scopes.
-func Tokens(br *broker.Broker, merchant string) []TokenInfo {
+// Tokens are br's cached tokens (those match selects when it is not nil,
+// e.g. MerchantTokens), with their failure policy's state, sorted by
+// merchant and scopes.
+func Tokens(br *broker.Broker, match func(*broker.Binding) bool) []TokenInfo {
 	out := []TokenInfo{}
 	for _, e := range br.Entries() {
-		if merchant == "" || merchant == e.Binding().Merchant {
+		if match == nil || match(e.Binding()) {
 			out = append(out, tokenInfo(e).withPolicy(br.Policy(e)))
 		}
 	}

@@ -4,12 +4,15 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
@@ -118,4 +121,54 @@ func TestCheck(t *testing.T) {
 			t.Fatalf("Check(nobody) = %v, want a 404 *Error", err)
 		}
 	})
+}
+
+// TestTokensOfAMerchantSharingAToken: a merchant served the token cached
+// for another merchant of its organisation (one cache key) is shown that
+// token by GET /token_broker/tokens?merchant=, the token its purge drops.
+func TestTokensOfAMerchantSharingAToken(t *testing.T) {
+	sb := httptest.NewServer(sandbox.New(sandbox.Config{APIKeys: []string{"good-key"},
+		Organisations: []sandbox.Organisation{{ID: "org-acme", Name: "Acme"}}}))
+	t.Cleanup(sb.Close)
+	path := filepath.Join(t.TempDir(), "merchants.toml")
+	if err := os.WriteFile(path, []byte(fmt.Sprintf(`[providers.nuapay]
+type = "nuapay"
+base_url = %q
+api_key = "{env.CHECK_API_KEY}"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+
+[merchants.acme-eu]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+`, sb.URL)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	reg, err := config.LoadWith(path, config.Options{LookupEnv: func(string) (string, bool) { return "good-key", true }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	br := broker.New(broker.Options{})
+	t.Cleanup(br.Close)
+	if res, err := Check(context.Background(), reg, br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
+		t.Fatalf("check acme: %+v, %v", res, err)
+	}
+	in := &Instance{Registry: reg, Broker: br, Logger: zap.NewNop()}
+	rec := httptest.NewRecorder()
+	if err := Serve(rec, httptest.NewRequest(http.MethodGet, "/token_broker/tokens?merchant=acme-eu", nil), in); err != nil {
+		t.Fatal(err)
+	}
+	var list struct{ Tokens []TokenInfo }
+	if err := json.Unmarshal(rec.Body.Bytes(), &list); err != nil || len(list.Tokens) != 1 {
+		t.Fatalf("tokens of acme-eu: %s (%v), want the one token it is served", rec.Body, err)
+	}
+	rec = httptest.NewRecorder()
+	if err := Serve(rec, httptest.NewRequest(http.MethodPost, "/token_broker/merchants/acme-eu/purge", nil), in); err != nil ||
+		!strings.Contains(rec.Body.String(), `"purged":1`) {
+		t.Fatalf("purge of acme-eu: %s, %v", rec.Body, err)
+	}
 }

@@ -178,7 +178,11 @@ func tokens(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		return &Error{Status: http.StatusBadRequest,
 			Err: fmt.Errorf("merchant %.130q is not a merchant id (%s)", merchant, errcode.MerchantIDGrammar)}
 	}
-	return writeJSON(w, map[string]any{"tokens": Tokens(in.Broker, merchant)})
+	var match func(*broker.Binding) bool
+	if merchant != "" {
+		match = MerchantTokens(in.Registry, merchant)
+	}
+	return writeJSON(w, map[string]any{"tokens": Tokens(in.Broker, match)})
 }
 
 // state serves GET /token_broker/state: the opstate.Report of the query
