@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -609,5 +610,39 @@ func TestBuildProviderDPoP(t *testing.T) {
 	}
 	if !strings.Contains(string(out), `"dpop":{"alg":"EdDSA","jkt":"`+k.Thumbprint()+`"}`) || strings.Contains(string(out), `"d":`) {
 		t.Errorf("JSON %s", out)
+	}
+}
+
+// TestBuildSharedKeyRecovered: a merchant whose token request was
+// refused leaves its state when the cache key it shares with another
+// merchant gets a token through the other's request: it is served that
+// token, and makes no token request of its own to be told of.
+func TestBuildSharedKeyRecovered(t *testing.T) {
+	f := newFixtureOf(t, sharedTOML)
+	var refuse atomic.Bool
+	refuse.Store(true)
+	for _, p := range f.reg.Providers {
+		src := p.Source
+		p.Source = sourceFunc(func(ctx context.Context, req broker.Request) (broker.Token, error) {
+			if refuse.Load() {
+				return broker.Token{}, errRefused
+			}
+			return src.Token(ctx, req)
+		})
+	}
+	if err := f.get(t, "x1"); err == nil {
+		t.Fatal("x1: a token while the provider refuses")
+	}
+	refuse.Store(false)
+	f.clk.Add(2 * time.Minute) // past the key's failure memory
+	if err := f.get(t, "x2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.get(t, "x1"); err != nil {
+		t.Fatal(err)
+	}
+	r := Build(f.sources(), Query{Provider: "nuapay"}, f.clk.Now())
+	if got, want := page(r), []string{"x1 fresh", "x2 fresh", "x3 idle"}; !slices.Equal(got, want) {
+		t.Fatalf("merchants %q, want %q", got, want)
 	}
 }
