@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -48,6 +49,10 @@ func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.T
 			fmt.Fprintln(std.Err, err)
 			return ErrFailed
 		}
+		var rep opstate.Report
+		if err := json.Unmarshal(raw, &rep); err == nil && !hasProvider(std, addr, rep, q.Provider) {
+			return ErrFailed
+		}
 		var out bytes.Buffer
 		if err := json.Indent(&out, raw, "", "  "); err != nil {
 			fmt.Fprintf(std.Err, "reading the state of admin address %s: %v\n", addr, err)
@@ -60,6 +65,9 @@ func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.T
 	var rep opstate.Report
 	if err := askAdmin(request, addr, http.MethodGet, stateURI(q.Provider, "", "", 1), nil, &rep); err != nil {
 		fmt.Fprintln(std.Err, err)
+		return ErrFailed
+	}
+	if !hasProvider(std, addr, rep, q.Provider) {
 		return ErrFailed
 	}
 	states := attention()
@@ -81,6 +89,25 @@ func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.T
 	fmt.Fprintln(std.Out)
 	printCounts(std.Out, rep)
 	return nil
+}
+
+// hasProvider reports whether the report rep of the token broker at addr
+// has provider (any, when ""); when it has not, it says so on Err,
+// naming those it has: a filter on a misspelt provider would list
+// nothing, as if all were well.
+func hasProvider(std IO, addr string, rep opstate.Report, provider string) bool {
+	if provider == "" {
+		return true
+	}
+	names := make([]string, 0, len(rep.Providers))
+	for _, p := range rep.Providers {
+		if p.Name == provider {
+			return true
+		}
+		names = append(names, p.Name)
+	}
+	fmt.Fprintf(std.Err, "the token broker at admin address %s has no provider %q: its providers are %s\n", addr, provider, dash(strings.Join(names, ", ")))
+	return false
 }
 
 // attention are the states of merchants that need someone's attention,

@@ -129,6 +129,10 @@ func TestStatus(t *testing.T) {
 		{name: "json", addr: srv.URL, q: StatusQuery{JSON: true, State: opstate.StateIdle}, want: []string{
 			`"total": 5`, `"merchant": "m55"`, `"state": "idle"`,
 		}},
+		{name: "unknown provider", addr: srv.URL, q: StatusQuery{Provider: "nq"}, wantErr: true, want: []string{
+			`^the token broker at admin address http://\S+ has no provider "nq": its providers are np\n$`}},
+		{name: "unknown provider, json", addr: srv.URL, q: StatusQuery{Provider: "nq", JSON: true}, wantErr: true, want: []string{
+			`^the token broker at admin address http://\S+ has no provider "nq": its providers are np\n$`}},
 		{name: "unknown state", addr: srv.URL, q: StatusQuery{State: "sad"}, wantErr: true, want: []string{`^unknown state "sad": one of \[refused `}},
 		{name: "app not running", addr: notRunning.URL, wantErr: true, want: []string{
 			`^the Caddy at admin address http://\S+ does not run the token_broker app: configure the token_broker global option\n$`}},
