@@ -41,8 +41,9 @@ const maxJWKSSize = 1 << 20
 // verification, it fetches at most once per interval for a token whose
 // kid it knows (a forged signature costs no outbound call), at most once
 // per unknownKidGap for a kid it does not know, and once when its keys are
-// older than keysMaxAge. One fetch runs at a time; verifications that need
-// it wait for it. A keySet without url holds static keys (jwks_file) and
+// older than keysMaxAge: that fetch runs in the background, and the keys
+// it replaces serve meanwhile. One fetch runs at a time; verifications
+// that need it wait for it. A keySet without url holds static keys (jwks_file) and
 // never fetches. Safe for concurrent use.
 type keySet struct {
 	url      string
@@ -173,11 +174,15 @@ func (k *keySet) knows(kid string) bool {
 
 // refresh fetches the key set if the rate limit allows it, or waits for a
 // fetch already running and returns its error. aged says the fetch is for
-// keys older than keysMaxAge.
+// keys older than keysMaxAge, which serve until it ends: it does not wait
+// for the fetch, which runs in the background.
 func (k *keySet) refresh(ctx context.Context, aged bool, kid string) error {
 	k.mu.Lock()
 	if running := k.inflight; running != nil {
 		k.mu.Unlock()
+		if aged {
+			return nil
+		}
 		select {
 		case <-running.done:
 			return running.err
@@ -200,9 +205,20 @@ func (k *keySet) refresh(ctx context.Context, aged bool, kid string) error {
 	k.mu.Unlock()
 
 	// Detached from the request: others may be waiting on this fetch.
-	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	if aged {
+		go k.run(context.WithoutCancel(ctx), f)
+		return nil
+	}
+	k.run(context.WithoutCancel(ctx), f)
+	return f.err
+}
+
+// run fetches the key set, bounded to discoveryTimeout, keeps its keys
+// when the fetch succeeds, and ends f with the fetch's error.
+func (k *keySet) run(ctx context.Context, f *keysFetch) {
+	ctx, cancel := context.WithTimeout(ctx, discoveryTimeout)
 	defer cancel()
-	keys, err := k.fetch(fctx)
+	keys, err := k.fetch(ctx)
 
 	k.mu.Lock()
 	if err == nil {
@@ -212,7 +228,6 @@ func (k *keySet) refresh(ctx context.Context, aged bool, kid string) error {
 	f.err = err
 	close(f.done)
 	k.mu.Unlock()
-	return err
 }
 
 // fetch gets and parses the issuer's key set.

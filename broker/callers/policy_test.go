@@ -388,3 +388,66 @@ func TestCallerRotatedKidWhileIssuerDown(t *testing.T) {
 		})
 	}
 }
+
+// TestCallerAgedKeysServeWhileIssuerHangs: once the cached keys are
+// older than keysMaxAge, a JWT that they verify does not wait for the
+// issuer's key set, which is fetched again in the background: an issuer
+// that hangs does not hold the callers' requests.
+func TestCallerAgedKeysServeWhileIssuerHangs(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: "k1"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jws, err := signer.Sign([]byte(`{"sub":"payments"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	jwt, err := jws.CompactSerialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	set, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &key.PublicKey, KeyID: "k1", Algorithm: "ES256", Use: "sig"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hang atomic.Bool
+	release := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if hang.Load() {
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+			return
+		}
+		_, _ = w.Write(set)
+	}))
+	t.Cleanup(func() {
+		close(release)
+		srv.Close()
+	})
+	clock := clocktest.New(time.Now())
+	k := &keySet{url: srv.URL, client: srv.Client(), interval: DefaultKeysRefreshInterval, now: clock.Now}
+	if err := k.refresh(context.Background(), false, "k1"); err != nil {
+		t.Fatal(err)
+	}
+	hang.Store(true)
+	clock.Add(keysMaxAge)
+	done := make(chan error, 1)
+	go func() {
+		_, err := k.VerifySignature(context.Background(), jwt)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("a JWT of a cached key: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the verification waits for the key-set fetch of aged keys from a hanging issuer")
+	}
+}
