@@ -251,29 +251,14 @@ func TestCallerPolicyConfigErrors(t *testing.T) {
 // caller_keys_unavailable), not a bad token (401), and the fetch's error is
 // returned.
 func TestCallerKeysUnavailableToWaiters(t *testing.T) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: key}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jws, err := signer.Sign([]byte(`{"sub":"payments"}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	jwt, err := jws.CompactSerialize()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, jwt := signedJWT(t, "")
 	down := errors.New("down")
 	running := &keysFetch{done: make(chan struct{}), err: down}
 	close(running.done)
 	k := &keySet{url: "https://issuer.test/keys", interval: DefaultKeysRefreshInterval, now: time.Now, inflight: running}
 
 	var unavailable bool
-	_, err = k.VerifySignature(context.WithValue(context.Background(), keysUnavailableKey{}, &unavailable), jwt)
+	_, err := k.VerifySignature(context.WithValue(context.Background(), keysUnavailableKey{}, &unavailable), jwt)
 	if !unavailable {
 		t.Errorf("the keys-unavailable flag is not set (the caller would get 401, not 503 %s); error: %v", errcode.CallerKeysUnavailable, err)
 	}
@@ -330,46 +315,16 @@ func TestCallerDiscoveryWaitEndsWithTheRequest(t *testing.T) {
 // caller_keys_unavailable, the caller retries), not a bad token (401). A
 // JWT of a cached kid that does not verify stays a bad token.
 func TestCallerRotatedKidWhileIssuerDown(t *testing.T) {
-	sign := func(kid string) (*ecdsa.PrivateKey, string) {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: kid}}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		jws, err := signer.Sign([]byte(`{"sub":"payments"}`))
-		if err != nil {
-			t.Fatal(err)
-		}
-		jwt, err := jws.CompactSerialize()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return key, jwt
-	}
-	oldKey, _ := sign("old")
-	_, rotated := sign("new")
-	_, forged := sign("old")
-	set, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &oldKey.PublicKey, KeyID: "old", Algorithm: "ES256", Use: "sig"}}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	oldKey, _ := signedJWT(t, "old")
+	_, rotated := signedJWT(t, "new")
+	_, forged := signedJWT(t, "old")
 	var down atomic.Bool
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+	k, clock := servedKeySet(t, oldKey, "old", func(w http.ResponseWriter, _ *http.Request) bool {
 		if down.Load() {
 			http.Error(w, "maintenance", http.StatusServiceUnavailable)
-			return
 		}
-		_, _ = w.Write(set)
-	}))
-	t.Cleanup(srv.Close)
-	clock := clocktest.New(time.Now())
-	k := &keySet{url: srv.URL, client: srv.Client(), interval: DefaultKeysRefreshInterval, now: clock.Now}
-	if err := k.refresh(context.Background(), false, "old"); err != nil {
-		t.Fatal(err)
-	}
+		return down.Load()
+	})
 	down.Store(true)
 	for _, tt := range []struct {
 		name, jwt       string
@@ -394,47 +349,19 @@ func TestCallerRotatedKidWhileIssuerDown(t *testing.T) {
 // issuer's key set, which is fetched again in the background: an issuer
 // that hangs does not hold the callers' requests.
 func TestCallerAgedKeysServeWhileIssuerHangs(t *testing.T) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: "k1"}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jws, err := signer.Sign([]byte(`{"sub":"payments"}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	jwt, err := jws.CompactSerialize()
-	if err != nil {
-		t.Fatal(err)
-	}
-	set, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &key.PublicKey, KeyID: "k1", Algorithm: "ES256", Use: "sig"}}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	key, jwt := signedJWT(t, "k1")
 	var hang atomic.Bool
 	release := make(chan struct{})
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	t.Cleanup(func() { close(release) })
+	k, clock := servedKeySet(t, key, "k1", func(_ http.ResponseWriter, r *http.Request) bool {
 		if hang.Load() {
 			select {
 			case <-release:
 			case <-r.Context().Done():
 			}
-			return
 		}
-		_, _ = w.Write(set)
-	}))
-	t.Cleanup(func() {
-		close(release)
-		srv.Close()
+		return hang.Load()
 	})
-	clock := clocktest.New(time.Now())
-	k := &keySet{url: srv.URL, client: srv.Client(), interval: DefaultKeysRefreshInterval, now: clock.Now}
-	if err := k.refresh(context.Background(), false, "k1"); err != nil {
-		t.Fatal(err)
-	}
 	hang.Store(true)
 	clock.Add(keysMaxAge)
 	done := make(chan error, 1)
@@ -450,4 +377,51 @@ func TestCallerAgedKeysServeWhileIssuerHangs(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the verification waits for the key-set fetch of aged keys from a hanging issuer")
 	}
+}
+
+// signedJWT returns a new P-256 key and a JWT it signs (ES256, with kid
+// when not ""), for subject payments.
+func signedJWT(t *testing.T, kid string) (*ecdsa.PrivateKey, string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: kid}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jws, err := signer.Sign([]byte(`{"sub":"payments"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	jwt, err := jws.CompactSerialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return key, jwt
+}
+
+// servedKeySet returns a keySet, on a settable clock, of an issuer whose
+// key set holds key's public key as kid, fetched once already. Each later
+// fetch is answered by fault when it returns true (it wrote the answer,
+// or wrote none), else with the key set.
+func servedKeySet(t *testing.T, key *ecdsa.PrivateKey, kid string, fault func(http.ResponseWriter, *http.Request) bool) (*keySet, *clocktest.Clock) {
+	t.Helper()
+	set, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &key.PublicKey, KeyID: kid, Algorithm: "ES256", Use: "sig"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !fault(w, r) {
+			_, _ = w.Write(set)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	clock := clocktest.New(time.Now())
+	k := &keySet{url: srv.URL, client: srv.Client(), interval: DefaultKeysRefreshInterval, now: clock.Now}
+	if err := k.refresh(context.Background(), false, kid); err != nil {
+		t.Fatal(err)
+	}
+	return k, clock
 }

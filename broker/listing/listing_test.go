@@ -119,29 +119,7 @@ func TestOrganisationListingBoundedInTotal(t *testing.T) {
 // read is cancelled, and its cancellation is neither logged as a failed
 // read nor kept as the listing's status.
 func TestListingDestructStopsARead(t *testing.T) {
-	arrived, release := make(chan struct{}), make(chan struct{})
-	var arrivedOnce sync.Once
-	cancelled := make(chan struct{})
-	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		arrivedOnce.Do(func() { close(arrived) })
-		select {
-		case <-r.Context().Done():
-			close(cancelled)
-		case <-release:
-		}
-	}))
-	t.Cleanup(func() {
-		close(release)
-		ts.Close()
-	})
-	src, err := nuapay.New(nuapay.Config{BaseURL: ts.URL, APIKey: broker.Secret("partner-key"), Client: &http.Client{}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	core, logs := observer.New(zap.WarnLevel)
-	l := New("nuapay", src, nuapay.ListLimits{Organisations: 10}, time.Hour, zap.New(core))
-	l.Start()
-	<-arrived
+	l, logs, cancelled := unansweredListing(t)
 	destructed := make(chan struct{})
 	go func() {
 		_ = l.Destruct()
@@ -166,28 +144,8 @@ func TestListingDestructStopsARead(t *testing.T) {
 // POST) gives up when its own context ends, not when that read does, and
 // its giving up is not logged as a failed read of the provider.
 func TestListingRefreshWaitEndsWithItsRequest(t *testing.T) {
-	arrived, release := make(chan struct{}), make(chan struct{})
-	var arrivedOnce sync.Once
-	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		arrivedOnce.Do(func() { close(arrived) })
-		select {
-		case <-r.Context().Done():
-		case <-release:
-		}
-	}))
-	t.Cleanup(func() {
-		close(release)
-		ts.Close()
-	})
-	src, err := nuapay.New(nuapay.Config{BaseURL: ts.URL, APIKey: broker.Secret("partner-key"), Client: &http.Client{}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	core, logs := observer.New(zap.WarnLevel)
-	l := New("nuapay", src, nuapay.ListLimits{Organisations: 10}, time.Hour, zap.New(core))
-	l.Start()
+	l, logs, _ := unansweredListing(t)
 	t.Cleanup(func() { _ = l.Destruct() })
-	<-arrived
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	done := make(chan error, 1)
@@ -206,4 +164,35 @@ func TestListingRefreshWaitEndsWithItsRequest(t *testing.T) {
 	for _, e := range logs.All() {
 		t.Errorf("logged %q for a Refresh that gave up waiting", e.Message)
 	}
+}
+
+// unansweredListing starts the listing of a provider that answers no
+// read until the read is cancelled (then cancelled is closed) or the test
+// ends, and returns it once its first read reached the provider, with
+// its warnings' log.
+func unansweredListing(t *testing.T) (l *Listing, logs *observer.ObservedLogs, cancelled <-chan struct{}) {
+	t.Helper()
+	arrived, release, gone := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	var arrivedOnce, goneOnce sync.Once
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrivedOnce.Do(func() { close(arrived) })
+		select {
+		case <-r.Context().Done():
+			goneOnce.Do(func() { close(gone) })
+		case <-release:
+		}
+	}))
+	t.Cleanup(func() {
+		close(release)
+		ts.Close()
+	})
+	src, err := nuapay.New(nuapay.Config{BaseURL: ts.URL, APIKey: broker.Secret("partner-key"), Client: &http.Client{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zap.WarnLevel)
+	l = New("nuapay", src, nuapay.ListLimits{Organisations: 10}, time.Hour, zap.New(core))
+	l.Start()
+	<-arrived
+	return l, logs, gone
 }
