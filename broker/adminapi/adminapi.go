@@ -33,6 +33,9 @@ type Error struct {
 	Status int
 	// Err says why.
 	Err error
+	// Allow lists the methods the route takes ("GET, POST"), for a 405:
+	// Serve sets the Allow header to it.
+	Allow string
 }
 
 // Error implements error.

@@ -137,12 +137,17 @@ func Patterns() []string {
 }
 
 // Serve answers an admin request for the running app in (nil: none
-// runs). A refusal is an *Error; another error is a failure to write the
-// answer.
+// runs). A refusal is an *Error (a 405 sets the Allow header); another
+// error is a failure to write the answer.
 func Serve(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	for _, rt := range routes() {
 		if r.URL.Path == rt.pattern || strings.HasSuffix(rt.pattern, "/") && strings.HasPrefix(r.URL.Path, rt.pattern) {
-			return rt.serve(w, r, in)
+			err := rt.serve(w, r, in)
+			var ae *Error
+			if errors.As(err, &ae) && ae.Allow != "" {
+				w.Header().Set("Allow", ae.Allow)
+			}
+			return err
 		}
 	}
 	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("no token broker admin route at %s", r.URL.Path)}
@@ -156,9 +161,10 @@ func running(in *Instance) error {
 	return nil
 }
 
-// methodNotAllowed refuses a request whose method is not want.
-func methodNotAllowed(want string) error {
-	return &Error{Status: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use " + want)}
+// methodNotAllowed refuses a request whose method is not one of allow
+// ("GET" or "GET, HEAD").
+func methodNotAllowed(allow string) error {
+	return &Error{Status: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use " + allow), Allow: allow}
 }
 
 // tokens serves GET /token_broker/tokens (Tokens).
@@ -303,7 +309,8 @@ func provider(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		return &Error{Status: http.StatusNotFound, Err: errors.New("use /token_broker/providers/{name}/organisations")}
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodPost {
-		return methodNotAllowed("GET, or POST to refresh the wildcard's list")
+		return &Error{Status: http.StatusMethodNotAllowed, Allow: "GET, POST",
+			Err: errors.New("method not allowed: use GET, or POST to refresh the wildcard's list")}
 	}
 	if err := running(in); err != nil {
 		return err
@@ -335,7 +342,7 @@ func health(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("use /token_broker/health (readiness) or /token_broker/health/live")}
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		return methodNotAllowed(http.MethodGet)
+		return methodNotAllowed("GET, HEAD")
 	}
 	probe.Write(w, r, in.Health(), live)
 	return nil

@@ -121,3 +121,33 @@ func TestQueryRefusals(t *testing.T) {
 		}
 	}
 }
+
+// TestMethodNotAllowedSaysAllow: every 405 carries the Allow header
+// listing the methods the route takes (RFC 9110 §15.5.5).
+func TestMethodNotAllowedSaysAllow(t *testing.T) {
+	br := broker.New(broker.Options{})
+	t.Cleanup(br.Close)
+	in := &Instance{Broker: br, Logger: zap.NewNop(), Tracker: opstate.NewTracker(opstate.TrackerOptions{})}
+	for _, tt := range []struct {
+		method, path, allow string
+	}{
+		{http.MethodPost, "/token_broker/tokens", "GET"},
+		{http.MethodDelete, "/token_broker/state", "GET"},
+		{http.MethodGet, "/token_broker/merchants/acme/purge", "POST"},
+		{http.MethodPost, "/token_broker/merchants/acme/refresh_token", "PUT"},
+		{http.MethodDelete, "/token_broker/providers/np/organisations", "GET, POST"},
+		{http.MethodPost, "/token_broker/providers/np/organisations", "GET"}, // no list restricts the wildcard
+		{http.MethodPost, "/token_broker/health", "GET, HEAD"},
+		{http.MethodGet, "/token_broker/consent/links", "POST"},
+		{http.MethodPost, "/token_broker/consent/merchants", "GET"},
+	} {
+		t.Run(tt.method+" "+tt.path, func(t *testing.T) {
+			rec := httptest.NewRecorder()
+			err := Serve(rec, httptest.NewRequest(tt.method, tt.path, nil), in)
+			var ae *Error
+			if !errors.As(err, &ae) || ae.Status != http.StatusMethodNotAllowed || rec.Header().Get("Allow") != tt.allow {
+				t.Fatalf("%v, Allow %q; want 405 with Allow %q", err, rec.Header().Get("Allow"), tt.allow)
+			}
+		})
+	}
+}
