@@ -25,6 +25,11 @@ type StatusQuery struct {
 	State string
 	// JSON prints the report (one page) as JSON instead of tables.
 	JSON bool
+	// After and Limit choose the page JSON prints: the merchants after
+	// that id (the next of the previous page), at most Limit of them (0:
+	// the admin API's default).
+	After string
+	Limit int
 }
 
 // MaxListed is the most merchants `status` lists in its merchants table;
@@ -45,7 +50,7 @@ func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.T
 	}
 	if q.JSON {
 		var raw json.RawMessage
-		if err := askAdmin(request, addr, http.MethodGet, stateURI(q.Provider, q.State, "", 0), nil, &raw); err != nil {
+		if err := askAdmin(request, addr, http.MethodGet, stateURI(q.Provider, q.State, q.After, q.Limit), nil, &raw); err != nil {
 			fmt.Fprintln(std.Err, err)
 			return ErrFailed
 		}
@@ -218,7 +223,7 @@ func printMerchants(w io.Writer, title string, listed []opstate.Merchant, more i
 		if state == "" {
 			state = "STATE"
 		}
-		fmt.Fprintf(w, "... and %d more: caddy token-broker status --state %s --json (or GET /token_broker/state?state=%s) lists them by page\n", more, state, state)
+		fmt.Fprintf(w, "... and %d more: caddy token-broker status --state %s --json [--after NEXT] (or GET /token_broker/state?state=%s&after=NEXT) lists them by page\n", more, state, state)
 	}
 }
 

@@ -133,6 +133,9 @@ func TestStatus(t *testing.T) {
 			`^the token broker at admin address http://\S+ has no provider "nq": its providers are np\n$`}},
 		{name: "unknown provider, json", addr: srv.URL, q: StatusQuery{Provider: "nq", JSON: true}, wantErr: true, want: []string{
 			`^the token broker at admin address http://\S+ has no provider "nq": its providers are np\n$`}},
+		{name: "json, a page", addr: srv.URL, q: StatusQuery{JSON: true, State: opstate.StateIdle, After: "m55", Limit: 2}, want: []string{
+			`"merchant": "m56"`, `"merchant": "m57"`, `"next": "m57"`,
+		}, wantNot: []string{`"merchant": "m55"`, `"merchant": "m58"`}},
 		{name: "unknown state", addr: srv.URL, q: StatusQuery{State: "sad"}, wantErr: true, want: []string{`^unknown state "sad": one of \[refused `}},
 		{name: "app not running", addr: notRunning.URL, wantErr: true, want: []string{
 			`^the Caddy at admin address http://\S+ does not run the token_broker app: configure the token_broker global option\n$`}},
