@@ -172,3 +172,32 @@ scopes = ["openbanking_pisp"]
 		t.Fatalf("purge of acme-eu: %s, %v", rec.Body, err)
 	}
 }
+
+// TestRevokeOutlivesItsRequest: the revocations of a merchant's tokens,
+// dropped from the cache first, are made whether or not the admin
+// request that asked for them is still there: a token forgotten but not
+// revoked would stay valid at the provider.
+func TestRevokeOutlivesItsRequest(t *testing.T) {
+	sb := sandbox.New(sandbox.Config{APIKeys: []string{"good-key"}, Organisations: []sandbox.Organisation{{ID: "org-acme", Name: "Acme"}}})
+	srv := httptest.NewServer(sb)
+	t.Cleanup(srv.Close)
+	reg := checkRegistry(t, srv.URL, "good-key")
+	br := broker.New(broker.Options{})
+	t.Cleanup(br.Close)
+	if res, err := Check(context.Background(), reg, br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
+		t.Fatalf("check acme: %+v, %v", res, err)
+	}
+	tok := br.Entries()[0].Token().Value.Reveal()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // the admin client went away
+	req := httptest.NewRequestWithContext(ctx, http.MethodPost, "/token_broker/merchants/acme/revoke", nil)
+	if err := Serve(httptest.NewRecorder(), req, &Instance{Registry: reg, Broker: br, Logger: zap.NewNop()}); err != nil {
+		t.Fatal(err)
+	}
+	if len(br.Entries()) != 0 {
+		t.Fatal("the token is still cached")
+	}
+	if _, _, valid := sb.Issued(tok); valid {
+		t.Fatal("the token dropped from the cache was not revoked at the provider")
+	}
+}

@@ -1,6 +1,7 @@
 package adminapi
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -248,7 +249,10 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		return writeJSON(w, map[string]any{"merchant": id, "purged": len(entries)})
 	case "revoke":
 		entries := in.Broker.PurgeMatching(match)
-		results := Revoke(r.Context(), entries)
+		// Not cancelled with the request: a token dropped from the cache
+		// and not revoked would stay valid, forgotten. Each call is bounded
+		// by its provider's timeout.
+		results := Revoke(context.WithoutCancel(r.Context()), entries)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
 	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge, revoke, check or refresh_token", action)}
