@@ -12,6 +12,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 )
@@ -194,7 +195,7 @@ func printProviders(w io.Writer, rep opstate.Report, now time.Time) {
 			fmt.Fprintf(w, " since %s", when(f.Since, now))
 		}
 		if f.LastError != "" {
-			fmt.Fprintf(w, "; last error %s", lastError(f.LastError, f.LastErrorAt, now))
+			fmt.Fprintf(w, "; last error %s", lastError(printable(f.LastError), f.LastErrorAt, now))
 		}
 		fmt.Fprintln(w)
 	}
@@ -279,6 +280,16 @@ func span(d time.Duration) string {
 		return fmt.Sprintf("%dh", int(d/time.Hour))
 	}
 	return fmt.Sprintf("%dd", int(d/(24*time.Hour)))
+}
+
+// printable is s, a text another party wrote (a provider's error code, a
+// Redis error), quoted as a Go string when it holds a character that is
+// not printable: a control sequence must not reach the terminal.
+func printable(s string) string {
+	if strings.IndexFunc(s, func(r rune) bool { return !unicode.IsPrint(r) }) >= 0 {
+		return strconv.Quote(s)
+	}
+	return s
 }
 
 // dash is s, or "-" when it is empty.

@@ -243,6 +243,8 @@ func TestCheck(t *testing.T) {
 		"bank1": {Merchant: "bank1", Provider: "bank", Outcome: "consent_required", Called: true, ProviderStatus: 400, ProviderError: "invalid_grant",
 			Message: "the merchant's consent at the provider is missing"},
 		"down": {Merchant: "down", Provider: "nuapay", Outcome: "token_unavailable", Called: true, Message: "the provider's token API failed"},
+		"hostile": {Merchant: "hostile", Provider: "nuapay", Outcome: "token_unavailable", Called: true, ProviderStatus: 500,
+			ProviderError: "x\x1b]0;pwned\a\r\n", Message: "the provider's token API failed"},
 	}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, ok := strings.CutSuffix(strings.TrimPrefix(r.URL.Path, "/token_broker/merchants/"), "/check")
@@ -270,6 +272,8 @@ func TestCheck(t *testing.T) {
 		{"not called", "held", "", true, `^$`, `^held: NOT CALLED \(nuapay\): the broker does not call nuapay for this merchant before `},
 		{"consent", "bank1", "", true, `^$`, `^bank1: CONSENT NEEDED at bank \(HTTP 400 invalid_grant\): the merchant's consent`},
 		{"down", "down", "", true, `^$`, `^down: FAILED at nuapay: the provider's token API failed\n$`},
+		{"provider's code with control characters", "hostile", "", true, `^$`,
+			`^hostile: FAILED at nuapay \(HTTP 500 "x\\x1b\]0;pwned\\a\\r\\n"\): the provider's token API failed\n$`},
 		{"unknown merchant", "nobody", "", true, `^$`, `^nobody: not checked: the token broker at admin address \S+ answered HTTP 404: merchant "nobody" is not in the registry\n$`},
 		{"valid registry, ok", "acme", good, false, `(?s)^` + regexp.QuoteMeta(good) + `: valid \(1 merchants, 1 providers\)\nacme: OK: `, `^$`},
 		{"registry problems, ok", "acme", bad, true, `^acme: OK: `, regexp.QuoteMeta(bad) + `:\d+: `},
