@@ -96,15 +96,17 @@ func (k *keySet) VerifySignature(ctx context.Context, jwt string) ([]byte, error
 	}
 	if err := k.refresh(ctx, false, hdr.KeyID); err != nil {
 		// Without a key for the JWT's kid (none at all, or a key the
-		// issuer rotated in) and without the issuer's answer, the JWT
-		// cannot be checked: the caller is told to retry.
-		if !k.available() || !errors.Is(err, errRefreshLimited) && !k.holds(hdr.KeyID) {
+		// issuer rotated in) and without the issuer's answer (this
+		// fetch failed, or the last one did), the JWT cannot be checked:
+		// the caller is told to retry.
+		limited := errors.Is(err, errRefreshLimited)
+		if !k.available() || !k.holds(hdr.KeyID) && (!limited || k.lastFailed()) {
 			if flag, ok := ctx.Value(keysUnavailableKey{}).(*bool); ok {
 				*flag = true
 			}
 			return nil, fmt.Errorf("the caller issuer's keys are unavailable: %w", err)
 		}
-		if errors.Is(err, errRefreshLimited) {
+		if limited {
 			return nil, errors.New("no cached key of the issuer verifies the JWT's signature")
 		}
 		return nil, err
@@ -147,6 +149,13 @@ func (k *keySet) holds(kid string) bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return k.knows(kid)
+}
+
+// lastFailed reports whether the last fetch attempt failed.
+func (k *keySet) lastFailed() bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.tried.After(k.fetched)
 }
 
 // stale reports whether the fetched keys are too old to be used without

@@ -312,8 +312,9 @@ func TestCallerDiscoveryWaitEndsWithTheRequest(t *testing.T) {
 // TestCallerRotatedKidWhileIssuerDown: a JWT whose kid the cached keys
 // do not have (the issuer rotated its key) cannot be checked while the
 // issuer's key set cannot be fetched: the keys are unavailable (503
-// caller_keys_unavailable, the caller retries), not a bad token (401). A
-// JWT of a cached kid that does not verify stays a bad token.
+// caller_keys_unavailable, the caller retries), not a bad token (401),
+// also while the failed fetch is too recent to fetch again. A JWT of a
+// cached kid that does not verify stays a bad token.
 func TestCallerRotatedKidWhileIssuerDown(t *testing.T) {
 	oldKey, _ := signedJWT(t, "old")
 	_, rotated := signedJWT(t, "new")
@@ -328,13 +329,15 @@ func TestCallerRotatedKidWhileIssuerDown(t *testing.T) {
 	down.Store(true)
 	for _, tt := range []struct {
 		name, jwt       string
+		after           time.Duration // since the previous verification
 		wantUnavailable bool
 	}{
-		{"rotated kid", rotated, true},
-		{"cached kid, bad signature", forged, false},
+		{"rotated kid", rotated, DefaultKeysRefreshInterval, true},
+		{"rotated kid, the failed fetch too recent to fetch again", rotated, time.Second, true},
+		{"cached kid, bad signature", forged, DefaultKeysRefreshInterval, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			clock.Add(DefaultKeysRefreshInterval)
+			clock.Add(tt.after)
 			var unavailable bool
 			_, err := k.VerifySignature(context.WithValue(context.Background(), keysUnavailableKey{}, &unavailable), tt.jwt)
 			if err == nil || unavailable != tt.wantUnavailable {
