@@ -25,6 +25,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // Config is a caller policy's settings. The file paths are read as given
@@ -175,7 +176,8 @@ func New(ctx context.Context, c Config) (*Policy, error) {
 		}
 		tr.TLSClientConfig.RootCAs = pool
 	}
-	p.client = &http.Client{Transport: tr, Timeout: discoveryTimeout,
+	// The body cap: go-oidc reads the discovery answer whole.
+	p.client = &http.Client{Transport: httpclient.LimitBody(tr), Timeout: discoveryTimeout,
 		// Discovery and keys are public: a redirect is not followed to
 		// somewhere the operator did not name.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
@@ -224,7 +226,8 @@ func (p *Policy) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error)
 	prov, err := oidc.NewProvider(dctx, p.issuer)
 	if err != nil {
 		p.retryAt = p.now().Add(discoveryRetry)
-		return nil, fmt.Errorf("discovering the caller issuer %s: %w", p.issuer, err)
+		// go-oidc quotes the whole body of a failed discovery answer.
+		return nil, fmt.Errorf("discovering the caller issuer %s: %s", p.issuer, scrub.Truncate(err.Error(), 300))
 	}
 	var meta struct {
 		JWKSURI string `json:"jwks_uri"`

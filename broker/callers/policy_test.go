@@ -428,3 +428,25 @@ func servedKeySet(t *testing.T, key *ecdsa.PrivateKey, kid string, fault func(ht
 	}
 	return k, clock
 }
+
+// TestCallerDiscoveryAnswerBounded: a failed discovery whose answer is
+// huge gives an error of bounded length, for the log (go-oidc quotes the
+// whole body it read).
+func TestCallerDiscoveryAnswerBounded(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusInternalServerError)
+		chunk := []byte(strings.Repeat("x", 64<<10))
+		for range 64 { // 4 MiB, unless the reader stops first
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	}))
+	t.Cleanup(srv.Close)
+	_, jwt := signedJWT(t, "k1")
+	p := mustProvision(t, &Config{Issuer: srv.URL, Audience: callerAudience}, nil)
+	_, cerr := authn(p, "Bearer "+jwt)
+	if cerr == nil || cerr.Code != errcode.CallerKeysUnavailable || len(cerr.Error()) > 1000 {
+		t.Fatalf("error of %d bytes (%+v), want caller_keys_unavailable of at most 1000 bytes", len(fmt.Sprint(cerr)), cerr)
+	}
+}
