@@ -355,7 +355,6 @@ func TestCallerAgedKeysServeWhileIssuerHangs(t *testing.T) {
 	key, jwt := signedJWT(t, "k1")
 	var hang atomic.Bool
 	release := make(chan struct{})
-	t.Cleanup(func() { close(release) })
 	k, clock := servedKeySet(t, key, "k1", func(_ http.ResponseWriter, r *http.Request) bool {
 		if hang.Load() {
 			select {
@@ -364,6 +363,12 @@ func TestCallerAgedKeysServeWhileIssuerHangs(t *testing.T) {
 			}
 		}
 		return hang.Load()
+	})
+	// Before the issuer's server closes (registered earlier, run later),
+	// which waits for the request it holds.
+	t.Cleanup(func() {
+		close(release)
+		fetchEnded(k)
 	})
 	hang.Store(true)
 	clock.Add(keysMaxAge)
@@ -403,6 +408,16 @@ func signedJWT(t *testing.T, kid string) (*ecdsa.PrivateKey, string) {
 		t.Fatal(err)
 	}
 	return key, jwt
+}
+
+// fetchEnded waits for the key-set fetch running on k, if any, to end.
+func fetchEnded(k *keySet) {
+	k.mu.Lock()
+	running := k.inflight
+	k.mu.Unlock()
+	if running != nil {
+		<-running.done
+	}
 }
 
 // servedKeySet returns a keySet, on a settable clock, of an issuer whose
