@@ -46,6 +46,9 @@ const maxJWKSSize = 1 << 20
 // that need it wait for it. A keySet without url holds static keys (jwks_file) and
 // never fetches. Safe for concurrent use.
 type keySet struct {
+	// ctx is the policy's context, which ends when the policy is
+	// unloaded: the fetches run on it, not on a request's.
+	ctx      context.Context
 	url      string
 	client   *http.Client
 	interval time.Duration
@@ -181,45 +184,40 @@ func (k *keySet) knows(kid string) bool {
 	return false
 }
 
-// refresh fetches the key set if the rate limit allows it, or waits for a
-// fetch already running and returns its error. aged says the fetch is for
-// keys older than keysMaxAge, which serve until it ends: it does not wait
-// for the fetch, which runs in the background.
+// refresh fetches the key set if the rate limit allows it, or joins a
+// fetch already running, and waits for the fetch as long as ctx allows,
+// returning its error. The fetch runs on k.ctx, not on ctx: others may be
+// waiting for it. aged says the fetch is for keys older than keysMaxAge,
+// which serve until it ends: it does not wait for the fetch, which runs in
+// the background.
 func (k *keySet) refresh(ctx context.Context, aged bool, kid string) error {
 	k.mu.Lock()
-	if running := k.inflight; running != nil {
-		k.mu.Unlock()
-		if aged {
-			return nil
+	f := k.inflight
+	if f == nil {
+		gap := k.interval
+		if !aged && !k.knows(kid) {
+			gap = min(gap, unknownKidGap)
 		}
-		select {
-		case <-running.done:
-			return running.err
-		case <-ctx.Done():
-			return ctx.Err()
+		now := k.now()
+		if !k.tried.IsZero() && now.Sub(k.tried) < gap {
+			k.mu.Unlock()
+			return errRefreshLimited
 		}
+		k.tried = now
+		f = &keysFetch{done: make(chan struct{})}
+		k.inflight = f
+		go k.run(k.ctx, f)
 	}
-	gap := k.interval
-	if !aged && !k.knows(kid) {
-		gap = min(gap, unknownKidGap)
-	}
-	now := k.now()
-	if !k.tried.IsZero() && now.Sub(k.tried) < gap {
-		k.mu.Unlock()
-		return errRefreshLimited
-	}
-	k.tried = now
-	f := &keysFetch{done: make(chan struct{})}
-	k.inflight = f
 	k.mu.Unlock()
-
-	// Detached from the request: others may be waiting on this fetch.
 	if aged {
-		go k.run(context.WithoutCancel(ctx), f)
 		return nil
 	}
-	k.run(context.WithoutCancel(ctx), f)
-	return f.err
+	select {
+	case <-f.done:
+		return f.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // run fetches the key set, bounded to discoveryTimeout, keeps its keys

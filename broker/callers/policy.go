@@ -120,7 +120,8 @@ const maxVerifiedTTL = 5 * time.Minute
 const challengeRealm = "token_broker"
 
 // New checks c and returns its policy. ctx bounds the policy's discovery
-// requests (the configuration's lifetime).
+// and key-set requests (the configuration's lifetime: it ends when the
+// policy is unloaded).
 func New(ctx context.Context, c Config) (*Policy, error) {
 	if c.Issuer == "" || c.Audience == "" {
 		return nil, errors.New("token_broker callers: issuer and audience are required")
@@ -181,7 +182,7 @@ func New(ctx context.Context, c Config) (*Policy, error) {
 		// Discovery and keys are public: a redirect is not followed to
 		// somewhere the operator did not name.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	p.keys = &keySet{url: c.JWKSURL, client: p.client, interval: interval, now: p.now}
+	p.keys = &keySet{ctx: ctx, url: c.JWKSURL, client: p.client, interval: interval, now: p.now}
 	if c.JWKSURL != "" {
 		p.verifier.Store(oidc.NewVerifier(p.issuer, p.keys, p.config()))
 	}

@@ -320,7 +320,7 @@ func TestCallerRotatedKidWhileIssuerDown(t *testing.T) {
 	_, rotated := signedJWT(t, "new")
 	_, forged := signedJWT(t, "old")
 	var down atomic.Bool
-	k, clock := servedKeySet(t, oldKey, "old", func(w http.ResponseWriter, _ *http.Request) bool {
+	k, clock := servedKeySet(t, context.Background(), oldKey, "old", func(w http.ResponseWriter, _ *http.Request) bool {
 		if down.Load() {
 			http.Error(w, "maintenance", http.StatusServiceUnavailable)
 		}
@@ -355,7 +355,7 @@ func TestCallerAgedKeysServeWhileIssuerHangs(t *testing.T) {
 	key, jwt := signedJWT(t, "k1")
 	var hang atomic.Bool
 	release := make(chan struct{})
-	k, clock := servedKeySet(t, key, "k1", func(_ http.ResponseWriter, r *http.Request) bool {
+	k, clock := servedKeySet(t, context.Background(), key, "k1", func(_ http.ResponseWriter, r *http.Request) bool {
 		if hang.Load() {
 			select {
 			case <-release:
@@ -384,6 +384,39 @@ func TestCallerAgedKeysServeWhileIssuerHangs(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the verification waits for the key-set fetch of aged keys from a hanging issuer")
+	}
+}
+
+// TestCallerKeysFetchEndsWithThePolicy: the background fetch of aged
+// keys runs on the policy's context, not on the request's: when the
+// policy is unloaded, a fetch from a hanging issuer ends at once instead
+// of holding a connection for its 10 s bound.
+func TestCallerKeysFetchEndsWithThePolicy(t *testing.T) {
+	key, jwt := signedJWT(t, "k1")
+	policyCtx, unload := context.WithCancel(context.Background())
+	t.Cleanup(unload)
+	var hang atomic.Bool
+	k, clock := servedKeySet(t, policyCtx, key, "k1", func(_ http.ResponseWriter, r *http.Request) bool {
+		if hang.Load() {
+			<-r.Context().Done()
+		}
+		return hang.Load()
+	})
+	hang.Store(true)
+	clock.Add(keysMaxAge)
+	if _, err := k.VerifySignature(context.Background(), jwt); err != nil {
+		t.Fatalf("a JWT of a cached key: %v", err)
+	}
+	unload()
+	ended := make(chan struct{})
+	go func() {
+		fetchEnded(k)
+		close(ended)
+	}()
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the background key-set fetch still runs 5 s after the policy's context ended")
 	}
 }
 
@@ -420,11 +453,11 @@ func fetchEnded(k *keySet) {
 	}
 }
 
-// servedKeySet returns a keySet, on a settable clock, of an issuer whose
-// key set holds key's public key as kid, fetched once already. Each later
-// fetch is answered by fault when it returns true (it wrote the answer,
-// or wrote none), else with the key set.
-func servedKeySet(t *testing.T, key *ecdsa.PrivateKey, kid string, fault func(http.ResponseWriter, *http.Request) bool) (*keySet, *clocktest.Clock) {
+// servedKeySet returns a keySet, on a settable clock and the policy
+// context ctx, of an issuer whose key set holds key's public key as kid,
+// fetched once already. Each later fetch is answered by fault when it
+// returns true (it wrote the answer, or wrote none), else with the key set.
+func servedKeySet(t *testing.T, ctx context.Context, key *ecdsa.PrivateKey, kid string, fault func(http.ResponseWriter, *http.Request) bool) (*keySet, *clocktest.Clock) {
 	t.Helper()
 	set, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &key.PublicKey, KeyID: kid, Algorithm: "ES256", Use: "sig"}}})
 	if err != nil {
@@ -437,7 +470,7 @@ func servedKeySet(t *testing.T, key *ecdsa.PrivateKey, kid string, fault func(ht
 	}))
 	t.Cleanup(srv.Close)
 	clock := clocktest.New(time.Now())
-	k := &keySet{url: srv.URL, client: srv.Client(), interval: DefaultKeysRefreshInterval, now: clock.Now}
+	k := &keySet{ctx: ctx, url: srv.URL, client: srv.Client(), interval: DefaultKeysRefreshInterval, now: clock.Now}
 	if err := k.refresh(context.Background(), false, kid); err != nil {
 		t.Fatal(err)
 	}
