@@ -77,6 +77,19 @@ var errRefreshLimited = errors.New("the issuer's key set was fetched too recentl
 // token is bad.
 type keysUnavailableKey struct{}
 
+// keysAgedKey is the context key of a *bool that VerifySignature sets when
+// it verified a JWT with keys older than keysMaxAge, which are being
+// fetched again: the verification is not remembered, so that a key the
+// issuer withdrew is not trusted once the fetch ends.
+type keysAgedKey struct{}
+
+// mark sets the *bool that ctx carries under key, if it carries one.
+func mark(ctx context.Context, key any) {
+	if flag, ok := ctx.Value(key).(*bool); ok {
+		*flag = true
+	}
+}
+
 // VerifySignature implements oidc.KeySet. The verifier has checked the
 // algorithm; the claims are checked by the verifier after this.
 func (k *keySet) VerifySignature(ctx context.Context, jwt string) ([]byte, error) {
@@ -88,10 +101,14 @@ func (k *keySet) VerifySignature(ctx context.Context, jwt string) ([]byte, error
 		return nil, errors.New("the JWT must carry exactly one signature")
 	}
 	hdr := jws.Signatures[0].Header
-	if k.url != "" && k.stale() {
+	aged := k.url != "" && k.stale()
+	if aged {
 		_ = k.refresh(ctx, true, hdr.KeyID) // on failure the cached keys still serve
 	}
 	if payload, err := verifyWith(k.snapshot(), jws); err == nil {
+		if aged {
+			mark(ctx, keysAgedKey{})
+		}
 		return payload, nil
 	}
 	if k.url == "" {
@@ -104,9 +121,7 @@ func (k *keySet) VerifySignature(ctx context.Context, jwt string) ([]byte, error
 		// the caller is told to retry.
 		limited := errors.Is(err, errRefreshLimited)
 		if !k.available() || !k.holds(hdr.KeyID) && (!limited || k.lastFailed()) {
-			if flag, ok := ctx.Value(keysUnavailableKey{}).(*bool); ok {
-				*flag = true
-			}
+			mark(ctx, keysUnavailableKey{})
 			return nil, fmt.Errorf("the caller issuer's keys are unavailable: %w", err)
 		}
 		if limited {

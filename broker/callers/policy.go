@@ -69,7 +69,10 @@ type Config struct {
 // before (a key rotation), and again when they are 5 minutes old: a forged
 // token costs the issuer nothing. A verified JWT is trusted until it
 // expires, for at most 5 minutes, without being checked again: revoking
-// it at the issuer is not seen before then. Safe for concurrent use.
+// it at the issuer is not seen before then. A JWT verified with keys that
+// are being fetched again because they are 5 minutes old is checked again
+// on its next use, so a key the issuer withdrew stops being trusted once
+// that fetch ends. Safe for concurrent use.
 type Policy struct {
 	issuer   string
 	audience string
@@ -299,15 +302,16 @@ func (p *Policy) Authenticate(r *http.Request) (string, *Error) {
 	if err != nil {
 		return "", &Error{Code: errcode.CallerKeysUnavailable, Err: err}
 	}
-	var unavailable bool
-	tok, err := v.Verify(context.WithValue(r.Context(), keysUnavailableKey{}, &unavailable), jwt)
+	var unavailable, aged bool
+	ctx := context.WithValue(context.WithValue(r.Context(), keysUnavailableKey{}, &unavailable), keysAgedKey{}, &aged)
+	tok, err := v.Verify(ctx, jwt)
 	if err != nil {
 		if unavailable {
 			return "", &Error{Code: errcode.CallerKeysUnavailable, Err: err}
 		}
 		return "", &Error{Code: errcode.CallerUnauthenticated, Err: err, presented: true}
 	}
-	if ttl := min(tok.Expiry.Sub(p.now()), maxVerifiedTTL); ttl > 0 {
+	if ttl := min(tok.Expiry.Sub(p.now()), maxVerifiedTTL); ttl > 0 && !aged {
 		p.verified.Set(key, tok.Subject, ttl)
 	}
 	return tok.Subject, nil

@@ -151,6 +151,39 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 	fetches(5)
 }
 
+// TestCallerWithdrawnKeyRefusedAfterAgedFetch: a JWT verified with keys
+// older than keysMaxAge while they are fetched again is not remembered as
+// verified: once the fetch brings a key set without the JWT's key (the
+// issuer withdrew it), the JWT is refused.
+func TestCallerWithdrawnKeyRefusedAfterAgedFetch(t *testing.T) {
+	iss := startIssuer(t, false, "payments")
+	// The issuer's tokens live 5 minutes (keysMaxAge): the clock starts a
+	// minute early so that they are still valid when the keys have aged.
+	clock := clocktest.New(time.Now().Add(-time.Minute))
+	p := mustProvision(t, &Config{Issuer: iss.URL, Audience: callerAudience}, clock)
+	first, second := iss.token(t, http.DefaultClient, "payments"), iss.token(t, http.DefaultClient, "payments")
+	if first == second {
+		t.Fatal("the issuer gave the same token twice")
+	}
+	if sub, cerr := authn(p, "Bearer "+first); cerr != nil || sub != "payments" {
+		t.Fatalf("a token of the issuer's key: %q %+v", sub, cerr)
+	}
+
+	release := make(chan struct{})
+	iss.keysHeld.Store(&release)
+	clock.Add(keysMaxAge)
+	iss.withdraw(t)
+	if sub, cerr := authn(p, "Bearer "+second); cerr != nil || sub != "payments" {
+		t.Fatalf("while the aged keys are fetched again they serve, got %q %+v", sub, cerr)
+	}
+	close(release)
+	fetchEnded(p.keys)
+	if _, cerr := authn(p, "Bearer "+second); cerr == nil || cerr.Code != errcode.CallerUnauthenticated {
+		t.Fatalf("a token of the key the issuer withdrew, verified while the aged keys were fetched again: got %+v, want 401 %s",
+			cerr, errcode.CallerUnauthenticated)
+	}
+}
+
 // TestCallerIssuerTrust: an issuer behind TLS with a CA of its own is
 // trusted with ca_file only, and jwks_file needs no request at all.
 func TestCallerIssuerTrust(t *testing.T) {
