@@ -391,6 +391,16 @@ func TestParseQuery(t *testing.T) {
 		{"after=%20x", Query{}, `after " x" is not a merchant id: pass the next of the previous page`},
 		{"stat=fresh", Query{}, `unknown parameter "stat": use provider, state, after, limit`},
 		{"state=fresh&state=idle", Query{}, `parameter "state" is given 2 times: give it once`},
+		// The first bad parameter in name order, whatever the map's order.
+		{"zeta=1&state=a&state=b&kappa=1&eta=1&theta=1&iota=1&lambda=1&mu=1&nu=1&xi=1", Query{},
+			`unknown parameter "eta": use provider, state, after, limit`},
+		{"zeta=1&state=a&state=b&kappa=1&theta=1&iota=1&lambda=1&mu=1&nu=1&xi=1", Query{},
+			`unknown parameter "iota": use provider, state, after, limit`},
+		{"after=a&after=b&zeta=1&kappa=1&theta=1&iota=1&lambda=1&mu=1&nu=1&xi=1", Query{},
+			`parameter "after" is given 2 times: give it once`},
+		{strings.Repeat("n", 100) + "=1", Query{}, `unknown parameter "` + strings.Repeat("n", 64) + `": use provider, state, after, limit`},
+		{"state=" + strings.Repeat("s", 100), Query{}, `state "` + strings.Repeat("s", 64) + `" is not a merchant state: use one of refused, unknown_organisation, needs_consent, backing_off, refreshing, fresh, idle`},
+		{"after=" + strings.Repeat("a", 200), Query{}, `after "` + strings.Repeat("a", 130) + `" is not a merchant id: pass the next of the previous page`},
 	} {
 		t.Run(tt.query, func(t *testing.T) {
 			v, _ := url.ParseQuery(tt.query)
