@@ -146,15 +146,21 @@ func (t *Tracker) dropFailures(m *merchantRecord, drop func(keyFailure) bool) {
 // failure of merchant: a success proves that its consent holds. It
 // returns merchant's record, nil when it has none. Called with t.mu held.
 func (t *Tracker) succeeded(merchant, key string) *merchantRecord {
-	for _, id := range slices.Clone(t.failing[key]) {
-		if o := t.merchants[id]; o != nil && id != merchant {
-			t.dropFailures(o, func(f keyFailure) bool { return f.key == key })
+	ids := t.failing[key]
+	delete(t.failing, key)
+	for _, id := range ids {
+		o := t.merchants[id]
+		if o == nil {
+			continue
+		}
+		o.failures = slices.DeleteFunc(o.failures, func(f keyFailure) bool { return f.key == key })
+		if id != merchant {
 			o.refusedTold = o.refusedTold && o.refused()
 		}
 	}
 	m := t.merchants[merchant]
 	if m != nil {
-		t.dropFailures(m, func(f keyFailure) bool { return f.key == key || f.state == StateNeedsConsent })
+		t.dropFailures(m, func(f keyFailure) bool { return f.state == StateNeedsConsent })
 	}
 	return m
 }
