@@ -26,10 +26,13 @@ type StatusQuery struct {
 	State string
 	// JSON prints the report (one page) as JSON instead of tables.
 	JSON bool
-	// After and Limit choose the page JSON prints: the merchants after
-	// that id (the next of the previous page), at most Limit of them (0:
-	// the admin API's default).
+	// After chooses the page JSON prints: the merchants after this id
+	// (the next of the previous page); "" for the first page. Used with
+	// JSON only.
 	After string
+	// Limit is the most merchants the page JSON prints lists, 1 to
+	// opstate.MaxLimit (the admin API refuses more); 0 for the admin
+	// API's default, opstate.DefaultLimit. Used with JSON only.
 	Limit int
 }
 
