@@ -13,6 +13,8 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 )
@@ -31,15 +33,20 @@ type OrganisationLister interface {
 // schedule (Start) and on demand (Refresh), keeping only the organisation
 // ids, within limits over all pages (the wildcard's max_organisations, and
 // bytes in proportion: nuapay.ListLimits). A failed read, one past the
-// limits included, keeps the last good list; before the first good list
-// every organisation is refused with 503 (organisations_unavailable).
-// Safe for concurrent use.
+// limits included, keeps the last good list, and is tried again sooner
+// than the schedule's interval (Start); before the first good list every
+// organisation is refused with 503 (organisations_unavailable). Safe for
+// concurrent use.
 type Listing struct {
 	provider string // the provider's name, for logs and the admin API
 	list     OrganisationLister
 	limits   nuapay.ListLimits
 	every    time.Duration
 	logger   *zap.Logger
+	now      func() time.Time
+	// sleep waits between the schedule's reads: budget.Sleep, a timer;
+	// tests inject their own.
+	sleep func(ctx context.Context, d time.Duration) error
 
 	reads atomic.Pointer[reads] // nil before the first read ends
 	// turn is a semaphore of one (a channel of capacity 1): a read holds
@@ -60,7 +67,8 @@ type reads struct {
 // New returns the listing of a provider, read every every once started,
 // logging its reads to logger.
 func New(provider string, list OrganisationLister, limits nuapay.ListLimits, every time.Duration, logger *zap.Logger) *Listing {
-	return &Listing{provider: provider, list: list, limits: limits, every: every, logger: logger, turn: make(chan struct{}, 1)}
+	return &Listing{provider: provider, list: list, limits: limits, every: every, logger: logger,
+		now: time.Now, sleep: budget.Sleep, turn: make(chan struct{}, 1)}
 }
 
 // Provider is the name of the listed provider.
@@ -69,23 +77,34 @@ func (l *Listing) Provider() string { return l.provider }
 // readTimeout bounds one read of the list, all its pages.
 const readTimeout = time.Minute
 
-// Start reads the list now and then every l.every, each read bounded to
-// readTimeout, until Destruct.
+// firstRetry is the wait before the schedule tries a failed read again;
+// it doubles with each failed read that follows, up to the schedule's
+// interval.
+const firstRetry = 5 * time.Second
+
+// Start reads the list now and then l.every after each good read, each
+// read bounded to readTimeout, until Destruct. A failed read is tried
+// again after firstRetry, doubled after each failed read that follows up
+// to l.every, or after the provider's Retry-After when that is longer.
 func (l *Listing) Start() {
 	ctx, stop := context.WithCancel(context.Background())
 	l.stop, l.done = stop, make(chan struct{})
 	go func() {
 		defer close(l.done)
-		t := time.NewTicker(l.every)
-		defer t.Stop()
+		backoff := min(firstRetry, l.every)
 		for {
 			readCtx, cancel := context.WithTimeout(ctx, readTimeout)
-			_, _ = l.read(readCtx, ctx)
+			_, err := l.read(readCtx, ctx)
 			cancel()
-			select {
-			case <-ctx.Done():
+			wait := l.every
+			if err != nil {
+				wait = max(backoff, broker.RetryAfterOf(err))
+				backoff = min(2*backoff, l.every)
+			} else {
+				backoff = min(firstRetry, l.every)
+			}
+			if l.sleep(ctx, wait) != nil {
 				return
-			case <-t.C:
 			}
 		}
 	}()
@@ -130,7 +149,7 @@ func (l *Listing) read(ctx, schedule context.Context) (int, error) {
 		if last := l.reads.Load(); last != nil {
 			next = *last
 		}
-		next.status.Err, next.status.FailedAt = err, time.Now()
+		next.status.Err, next.status.FailedAt = err, l.now()
 		l.reads.Store(&next)
 		kept := "none yet: wildcard merchants are refused with 503"
 		if next.orgs != nil {
@@ -139,7 +158,7 @@ func (l *Listing) read(ctx, schedule context.Context) (int, error) {
 		l.logger.Warn("listing the organisations failed; keeping "+kept, zap.String("provider", l.provider), zap.Error(err))
 		return 0, err
 	}
-	l.reads.Store(&reads{orgs: m, status: Status{Read: true, Organisations: len(m), ReadAt: time.Now()}})
+	l.reads.Store(&reads{orgs: m, status: Status{Read: true, Organisations: len(m), ReadAt: l.now()}})
 	l.logger.Info("organisations listed", zap.String("provider", l.provider), zap.Int("organisations", len(m)))
 	return len(m), nil
 }
