@@ -49,6 +49,9 @@ type Listing struct {
 	sleep func(ctx context.Context, d time.Duration) error
 
 	reads atomic.Pointer[reads] // nil before the first read ends
+	// nextRead is when the schedule reads again after a failed read, in
+	// Unix nanoseconds on l.now's clock; 0 after a good read.
+	nextRead atomic.Int64
 	// turn is a semaphore of one (a channel of capacity 1): a read holds
 	// a value in it, so that one read runs at a time; the others wait for
 	// room as long as their context allows.
@@ -100,8 +103,10 @@ func (l *Listing) Start() {
 			if err != nil {
 				wait = max(backoff, broker.RetryAfterOf(err))
 				backoff = min(2*backoff, l.every)
+				l.nextRead.Store(l.now().Add(wait).UnixNano())
 			} else {
 				backoff = min(firstRetry, l.every)
+				l.nextRead.Store(0)
 			}
 			if l.sleep(ctx, wait) != nil {
 				return
@@ -183,6 +188,16 @@ func (l *Listing) Status() Status {
 		return r.status
 	}
 	return Status{}
+}
+
+// RetryAfter is how long until the schedule reads the list again after a
+// failed read: 0 when the last read did not fail or the next is due.
+func (l *Listing) RetryAfter() time.Duration {
+	next := l.nextRead.Load()
+	if next == 0 {
+		return 0
+	}
+	return max(time.Unix(0, next).Sub(l.now()), 0)
 }
 
 // Allows says whether org is listed: a zero code when it is, 403

@@ -176,6 +176,13 @@ func TestListingFailedReadRetriedSooner(t *testing.T) {
 		if code := l.Allows("ORG1"); code != want {
 			t.Fatalf("step %d: ORG1 %s, want %s", i, code, want)
 		}
+		wantRetry := step.wait
+		if step.answer.status == http.StatusOK {
+			wantRetry = 0
+		}
+		if ra := l.RetryAfter(); ra != wantRetry {
+			t.Fatalf("step %d: RetryAfter %s, want %s", i, ra, wantRetry)
+		}
 		if i+1 < len(steps) {
 			current.Store(&steps[i+1].answer)
 		}
