@@ -43,7 +43,7 @@ type Listing struct {
 	limits   nuapay.ListLimits
 	every    time.Duration
 	logger   *zap.Logger
-	now      func() time.Time
+	now      func() time.Time // the clock: time.Now; tests inject their own
 	// sleep waits between the schedule's reads: budget.Sleep, a timer;
 	// tests inject their own.
 	sleep func(ctx context.Context, d time.Duration) error
@@ -67,8 +67,8 @@ type reads struct {
 	status Status
 }
 
-// New returns the listing of a provider, read every every once started,
-// logging its reads to logger.
+// New returns the listing of a provider, read every every once started
+// (sooner after a failed read: Start), logging its reads to logger.
 func New(provider string, list OrganisationLister, limits nuapay.ListLimits, every time.Duration, logger *zap.Logger) *Listing {
 	return &Listing{provider: provider, list: list, limits: limits, every: every, logger: logger,
 		now: time.Now, sleep: budget.Sleep, turn: make(chan struct{}, 1)}
