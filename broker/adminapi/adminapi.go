@@ -33,6 +33,9 @@ type Error struct {
 	Status int
 	// Err says why.
 	Err error
+	// Allow lists the methods the route takes ("GET, POST"), for a 405:
+	// Serve sets the Allow header to it.
+	Allow string
 }
 
 // Error implements error.
@@ -121,12 +124,13 @@ func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
 	return ti
 }
 
-// Tokens are br's cached tokens (of merchant alone when it is not ""),
-// with their failure policy's state, sorted by merchant and scopes.
-func Tokens(br *broker.Broker, merchant string) []TokenInfo {
+// Tokens are br's cached tokens (those match selects when it is not nil,
+// e.g. MerchantTokens), with their failure policy's state, sorted by
+// merchant and scopes.
+func Tokens(br *broker.Broker, match func(*broker.Binding) bool) []TokenInfo {
 	out := []TokenInfo{}
 	for _, e := range br.Entries() {
-		if merchant == "" || merchant == e.Binding().Merchant {
+		if match == nil || match(e.Binding()) {
 			out = append(out, tokenInfo(e).withPolicy(br.Policy(e)))
 		}
 	}

@@ -4,12 +4,15 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
@@ -118,4 +121,83 @@ func TestCheck(t *testing.T) {
 			t.Fatalf("Check(nobody) = %v, want a 404 *Error", err)
 		}
 	})
+}
+
+// TestTokensOfAMerchantSharingAToken: a merchant served the token cached
+// for another merchant of its organisation (one cache key) is shown that
+// token by GET /token_broker/tokens?merchant=, the token its purge drops.
+func TestTokensOfAMerchantSharingAToken(t *testing.T) {
+	sb := httptest.NewServer(sandbox.New(sandbox.Config{APIKeys: []string{"good-key"},
+		Organisations: []sandbox.Organisation{{ID: "org-acme", Name: "Acme"}}}))
+	t.Cleanup(sb.Close)
+	path := filepath.Join(t.TempDir(), "merchants.toml")
+	if err := os.WriteFile(path, []byte(fmt.Sprintf(`[providers.nuapay]
+type = "nuapay"
+base_url = %q
+api_key = "{env.CHECK_API_KEY}"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+
+[merchants.acme-eu]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+`, sb.URL)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	reg, err := config.LoadWith(path, config.Options{LookupEnv: func(string) (string, bool) { return "good-key", true }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	br := broker.New(broker.Options{})
+	t.Cleanup(br.Close)
+	if res, err := Check(context.Background(), reg, br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
+		t.Fatalf("check acme: %+v, %v", res, err)
+	}
+	in := &Instance{Registry: reg, Broker: br, Logger: zap.NewNop()}
+	rec := httptest.NewRecorder()
+	if err := Serve(rec, httptest.NewRequest(http.MethodGet, "/token_broker/tokens?merchant=acme-eu", nil), in); err != nil {
+		t.Fatal(err)
+	}
+	var list struct{ Tokens []TokenInfo }
+	if err := json.Unmarshal(rec.Body.Bytes(), &list); err != nil || len(list.Tokens) != 1 {
+		t.Fatalf("tokens of acme-eu: %s (%v), want the one token it is served", rec.Body, err)
+	}
+	rec = httptest.NewRecorder()
+	if err := Serve(rec, httptest.NewRequest(http.MethodPost, "/token_broker/merchants/acme-eu/purge", nil), in); err != nil ||
+		!strings.Contains(rec.Body.String(), `"purged":1`) {
+		t.Fatalf("purge of acme-eu: %s, %v", rec.Body, err)
+	}
+}
+
+// TestRevokeOutlivesItsRequest: the revocations of a merchant's tokens,
+// dropped from the cache first, are made whether or not the admin
+// request that asked for them is still there: a token forgotten but not
+// revoked would stay valid at the provider.
+func TestRevokeOutlivesItsRequest(t *testing.T) {
+	sb := sandbox.New(sandbox.Config{APIKeys: []string{"good-key"}, Organisations: []sandbox.Organisation{{ID: "org-acme", Name: "Acme"}}})
+	srv := httptest.NewServer(sb)
+	t.Cleanup(srv.Close)
+	reg := checkRegistry(t, srv.URL, "good-key")
+	br := broker.New(broker.Options{})
+	t.Cleanup(br.Close)
+	if res, err := Check(context.Background(), reg, br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
+		t.Fatalf("check acme: %+v, %v", res, err)
+	}
+	tok := br.Entries()[0].Token().Value.Reveal()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // the admin client went away
+	req := httptest.NewRequestWithContext(ctx, http.MethodPost, "/token_broker/merchants/acme/revoke", nil)
+	if err := Serve(httptest.NewRecorder(), req, &Instance{Registry: reg, Broker: br, Logger: zap.NewNop()}); err != nil {
+		t.Fatal(err)
+	}
+	if len(br.Entries()) != 0 {
+		t.Fatal("the token is still cached")
+	}
+	if _, _, valid := sb.Issued(tok); valid {
+		t.Fatal("the token dropped from the cache was not revoked at the provider")
+	}
 }

@@ -36,7 +36,7 @@ func Organisations(ctx context.Context, reg *config.Registry, name string) ([]nu
 // force).
 func RefreshListing(ctx context.Context, l *listing.Listing, name string) (int, error) {
 	if l == nil || l.Provider() != name {
-		return 0, &Error{Status: http.StatusMethodNotAllowed,
+		return 0, &Error{Status: http.StatusMethodNotAllowed, Allow: http.MethodGet,
 			Err: fmt.Errorf("method not allowed: use GET; POST refreshes the list of a provider that restricts the wildcard merchant entry (only_listed_organisations), which %q does not", name)}
 	}
 	n, err := l.Refresh(ctx)

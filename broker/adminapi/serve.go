@@ -1,11 +1,13 @@
 package adminapi
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 
@@ -136,12 +138,17 @@ func Patterns() []string {
 }
 
 // Serve answers an admin request for the running app in (nil: none
-// runs). A refusal is an *Error; another error is a failure to write the
-// answer.
+// runs). A refusal is an *Error (a 405 sets the Allow header); another
+// error is a failure to write the answer.
 func Serve(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	for _, rt := range routes() {
 		if r.URL.Path == rt.pattern || strings.HasSuffix(rt.pattern, "/") && strings.HasPrefix(r.URL.Path, rt.pattern) {
-			return rt.serve(w, r, in)
+			err := rt.serve(w, r, in)
+			var ae *Error
+			if errors.As(err, &ae) && ae.Allow != "" {
+				w.Header().Set("Allow", ae.Allow)
+			}
+			return err
 		}
 	}
 	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("no token broker admin route at %s", r.URL.Path)}
@@ -155,9 +162,10 @@ func running(in *Instance) error {
 	return nil
 }
 
-// methodNotAllowed refuses a request whose method is not want.
-func methodNotAllowed(want string) error {
-	return &Error{Status: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use " + want)}
+// methodNotAllowed refuses a request whose method is not one of allow
+// ("GET" or "GET, HEAD").
+func methodNotAllowed(allow string) error {
+	return &Error{Status: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use " + allow), Allow: allow}
 }
 
 // tokens serves GET /token_broker/tokens (Tokens).
@@ -168,7 +176,20 @@ func tokens(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if err := running(in); err != nil {
 		return err
 	}
-	return writeJSON(w, map[string]any{"tokens": Tokens(in.Broker, r.URL.Query().Get("merchant"))})
+	v, err := params(r, "merchant")
+	if err != nil {
+		return err
+	}
+	merchant := v.Get("merchant")
+	if merchant != "" && !config.ValidMerchantID(merchant) {
+		return &Error{Status: http.StatusBadRequest,
+			Err: fmt.Errorf("merchant %.130q is not a merchant id (%s)", merchant, errcode.MerchantIDGrammar)}
+	}
+	var match func(*broker.Binding) bool
+	if merchant != "" {
+		match = MerchantTokens(in.Registry, merchant)
+	}
+	return writeJSON(w, map[string]any{"tokens": Tokens(in.Broker, match)})
 }
 
 // state serves GET /token_broker/state: the opstate.Report of the query
@@ -177,7 +198,11 @@ func state(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if r.Method != http.MethodGet {
 		return methodNotAllowed(http.MethodGet)
 	}
-	q, err := opstate.ParseQuery(r.URL.Query())
+	v, err := values(r)
+	if err != nil {
+		return err
+	}
+	q, err := opstate.ParseQuery(v)
 	if err != nil {
 		return &Error{Status: http.StatusBadRequest, Err: err}
 	}
@@ -224,7 +249,10 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		return writeJSON(w, map[string]any{"merchant": id, "purged": len(entries)})
 	case "revoke":
 		entries := in.Broker.PurgeMatching(match)
-		results := Revoke(r.Context(), entries)
+		// Not cancelled with the request: a token dropped from the cache
+		// and not revoked would stay valid, forgotten. Each call is bounded
+		// by its provider's timeout.
+		results := Revoke(context.WithoutCancel(r.Context()), entries)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
 	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge, revoke, check or refresh_token", action)}
@@ -285,7 +313,8 @@ func provider(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		return &Error{Status: http.StatusNotFound, Err: errors.New("use /token_broker/providers/{name}/organisations")}
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodPost {
-		return methodNotAllowed("GET, or POST to refresh the wildcard's list")
+		return &Error{Status: http.StatusMethodNotAllowed, Allow: "GET, POST",
+			Err: errors.New("method not allowed: use GET, or POST to refresh the wildcard's list")}
 	}
 	if err := running(in); err != nil {
 		return err
@@ -317,7 +346,7 @@ func health(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("use /token_broker/health (readiness) or /token_broker/health/live")}
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		return methodNotAllowed(http.MethodGet)
+		return methodNotAllowed("GET, HEAD")
 	}
 	probe.Write(w, r, in.Health(), live)
 	return nil
@@ -356,14 +385,43 @@ func consentMerchants(w http.ResponseWriter, r *http.Request, in *Instance) erro
 	if err := running(in); err != nil {
 		return err
 	}
+	v, err := params(r, "provider")
+	if err != nil {
+		return err
+	}
 	if in.Registry == nil {
 		return writeJSON(w, map[string]any{"merchants": []consentweb.State{}})
 	}
-	out, err := consentweb.States(r.Context(), in.Registry, r.URL.Query().Get("provider"))
+	out, err := consentweb.States(r.Context(), in.Registry, v.Get("provider"))
 	if err != nil {
 		return &Error{Status: http.StatusInternalServerError, Err: err}
 	}
 	return writeJSON(w, map[string]any{"merchants": out})
+}
+
+// values returns the parameters of r's query string; a malformed one
+// is refused with 400.
+func values(r *http.Request) (url.Values, error) {
+	v, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		return nil, &Error{Status: http.StatusBadRequest,
+			Err: fmt.Errorf("the query string is malformed (%v): percent-encode its values", err)}
+	}
+	return v, nil
+}
+
+// params returns the parameters of r's query string, which may only be
+// names, each given once; a query that is malformed or has another
+// parameter is refused with 400.
+func params(r *http.Request, names ...string) (url.Values, error) {
+	v, err := values(r)
+	if err != nil {
+		return nil, err
+	}
+	if err := opstate.CheckParams(v, names...); err != nil {
+		return nil, &Error{Status: http.StatusBadRequest, Err: err}
+	}
+	return v, nil
 }
 
 // writeJSON answers with v as JSON, not to be cached.

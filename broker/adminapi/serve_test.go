@@ -10,6 +10,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
+	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 // TestServe: each route answers; a path or a method a route does not
@@ -80,5 +82,72 @@ func TestMerchantRouteRefusals(t *testing.T) {
 		if !errors.As(err, &ae) || ae.Status != http.StatusNotFound || !strings.Contains(ae.Error(), tt.want) {
 			t.Errorf("POST %s: %v, want 404 with %q", tt.path, err, tt.want)
 		}
+	}
+}
+
+// TestQueryRefusals: a query string that cannot be parsed, a parameter
+// a route does not take or gives twice, and a malformed merchant id are
+// refused with 400 naming what is wrong, never answered as if the query
+// were not there; a well-formed query is answered.
+func TestQueryRefusals(t *testing.T) {
+	br := broker.New(broker.Options{})
+	t.Cleanup(br.Close)
+	reg := &config.Registry{Providers: map[string]*config.Provider{"bank": {Name: "bank", ID: "bank#1"}}}
+	in := &Instance{Registry: reg, Broker: br, Logger: zap.NewNop(), Tracker: opstate.NewTracker(opstate.TrackerOptions{})}
+	for _, tt := range []struct {
+		path, want string
+	}{
+		{"/token_broker/tokens?merchnt=acme", `unknown parameter "merchnt": use merchant`},
+		{"/token_broker/tokens?merchant=acme&merchant=ghost", `parameter "merchant" is given 2 times`},
+		{"/token_broker/tokens?merchant=-acme", `merchant "-acme" is not a merchant id`},
+		{"/token_broker/tokens?merchant=%zz", "the query string is malformed"},
+		{"/token_broker/state?state=%zz", "the query string is malformed"},
+		{"/token_broker/consent/merchants?provder=bank", `unknown parameter "provder": use provider`},
+	} {
+		t.Run(tt.path, func(t *testing.T) {
+			rec := httptest.NewRecorder()
+			err := Serve(rec, httptest.NewRequest(http.MethodGet, tt.path, nil), in)
+			var ae *Error
+			if !errors.As(err, &ae) || ae.Status != http.StatusBadRequest || !strings.Contains(ae.Error(), tt.want) {
+				t.Fatalf("GET %s: %v (answered %d %s), want 400 with %q", tt.path, err, rec.Code, strings.TrimSpace(rec.Body.String()), tt.want)
+			}
+		})
+	}
+	for _, path := range []string{"/token_broker/tokens?merchant=acme", "/token_broker/state?provider=bank&limit=5",
+		"/token_broker/consent/merchants?provider=bank"} {
+		rec := httptest.NewRecorder()
+		if err := Serve(rec, httptest.NewRequest(http.MethodGet, path, nil), in); err != nil || rec.Code != http.StatusOK {
+			t.Errorf("GET %s: %v, %d %s", path, err, rec.Code, rec.Body.String())
+		}
+	}
+}
+
+// TestMethodNotAllowedSaysAllow: every 405 carries the Allow header
+// listing the methods the route takes (RFC 9110 §15.5.5).
+func TestMethodNotAllowedSaysAllow(t *testing.T) {
+	br := broker.New(broker.Options{})
+	t.Cleanup(br.Close)
+	in := &Instance{Broker: br, Logger: zap.NewNop(), Tracker: opstate.NewTracker(opstate.TrackerOptions{})}
+	for _, tt := range []struct {
+		method, path, allow string
+	}{
+		{http.MethodPost, "/token_broker/tokens", "GET"},
+		{http.MethodDelete, "/token_broker/state", "GET"},
+		{http.MethodGet, "/token_broker/merchants/acme/purge", "POST"},
+		{http.MethodPost, "/token_broker/merchants/acme/refresh_token", "PUT"},
+		{http.MethodDelete, "/token_broker/providers/np/organisations", "GET, POST"},
+		{http.MethodPost, "/token_broker/providers/np/organisations", "GET"}, // no list restricts the wildcard
+		{http.MethodPost, "/token_broker/health", "GET, HEAD"},
+		{http.MethodGet, "/token_broker/consent/links", "POST"},
+		{http.MethodPost, "/token_broker/consent/merchants", "GET"},
+	} {
+		t.Run(tt.method+" "+tt.path, func(t *testing.T) {
+			rec := httptest.NewRecorder()
+			err := Serve(rec, httptest.NewRequest(tt.method, tt.path, nil), in)
+			var ae *Error
+			if !errors.As(err, &ae) || ae.Status != http.StatusMethodNotAllowed || rec.Header().Get("Allow") != tt.allow {
+				t.Fatalf("%v, Allow %q; want 405 with Allow %q", err, rec.Header().Get("Allow"), tt.allow)
+			}
+		})
 	}
 }

@@ -62,6 +62,27 @@ func TestUnbound(t *testing.T) {
 	}
 }
 
+// TestOrganisationsUnavailableRetryAfter: the 503 organisations_unavailable
+// of a wildcard merchant says, in Retry-After, when the organisations list
+// is read again.
+func TestOrganisationsUnavailableRetryAfter(t *testing.T) {
+	for _, tt := range []struct {
+		retryAfter time.Duration
+		want       string
+	}{
+		{5 * time.Second, "5"},
+		{1500 * time.Millisecond, "2"},
+		{0, ""},
+	} {
+		rf := Unbound("acme", &listingRefusal{code: errcode.OrganisationsUnavailable, retryAfter: tt.retryAfter})
+		rec := httptest.NewRecorder()
+		rf.Prepare(rec.Header(), zap.NewNop(), nil)
+		if got := rec.Header().Get("Retry-After"); rf.Code != errcode.OrganisationsUnavailable || got != tt.want {
+			t.Errorf("next read in %s: %s with Retry-After %q, want %s with %q", tt.retryAfter, rf.Code, got, errcode.OrganisationsUnavailable, tt.want)
+		}
+	}
+}
+
 func TestRefusalAnswer(t *testing.T) {
 	for _, tt := range []struct {
 		name   string

@@ -37,21 +37,27 @@ type Refusal struct {
 	Merchant     string       // "" before the merchant is known
 	ProviderType string       // "" before the provider is known
 	Cause        error        // logged, never sent to the caller
+	// RetryAfter is the wait Retry-After tells the caller when Cause does
+	// not say a longer one (the next read of an organisation list); 0 for
+	// none.
+	RetryAfter time.Duration
 }
 
 // Prepare logs the cause, if any (it never holds a secret), and sets the
-// refusal's headers in h: Retry-After when the cause says when to come
-// back, Allow for a refused method. A cause the broker's failure policy
+// refusal's headers in h: Retry-After when the cause or RetryAfter says
+// when to come back, Allow for a refused method. A cause the broker's failure policy
 // answered (broker.BackoffOf: a backoff or an open breaker) repeats the
 // same error on every request until the backoff ends: its lines are
 // limited per backoff by limit (nil: not limited), and the next line logged
 // says how many were left out ("suppressed", "suppressed_since").
 func (rf Refusal) Prepare(h http.Header, logger *zap.Logger, limit *lograte.Limiter[broker.Backoff]) {
+	ra := rf.RetryAfter
 	if rf.Cause != nil {
 		rf.log(logger, limit)
-		if ra := rf.Code.RetryAfter(rf.Cause); ra > 0 {
-			h.Set("Retry-After", strconv.Itoa(int((ra+time.Second-1)/time.Second)))
-		}
+		ra = max(ra, rf.Code.RetryAfter(rf.Cause))
+	}
+	if ra > 0 {
+		h.Set("Retry-After", strconv.Itoa(int((ra+time.Second-1)/time.Second)))
 	}
 	if rf.Code == errcode.MethodRefused {
 		h.Set("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
@@ -107,7 +113,7 @@ func Unbound(merchant string, err error) Refusal {
 	var lr *listingRefusal
 	switch {
 	case errors.As(err, &lr):
-		return Refusal{Code: lr.code, Merchant: merchant}
+		return Refusal{Code: lr.code, Merchant: merchant, RetryAfter: lr.retryAfter}
 	case errors.Is(err, bindings.ErrTooManyMerchants):
 		return Refusal{Code: errcode.TooManyMerchants, Merchant: merchant}
 	case errors.Is(err, bindings.ErrUnknownMerchant):
@@ -118,21 +124,32 @@ func Unbound(merchant string, err error) Refusal {
 
 // Allow returns the listing's check as bindings.Config.Allow: nil when
 // there is no listing. Its errors are answered by Unbound with the
-// listing's code.
+// listing's code; organisations_unavailable carries the wait until the
+// list is read again (listing.Listing.RetryAfter) as Retry-After.
 func Allow(l *listing.Listing) func(organisation string) error {
 	if l == nil {
 		return nil
 	}
 	return func(org string) error {
-		if code := l.Allows(org); code != 0 {
-			return &listingRefusal{code: code}
+		code := l.Allows(org)
+		if code == 0 {
+			return nil
 		}
-		return nil
+		lr := &listingRefusal{code: code}
+		if code == errcode.OrganisationsUnavailable {
+			lr.retryAfter = l.RetryAfter()
+		}
+		return lr
 	}
 }
 
 // listingRefusal is the organisation listing's refusal of a wildcard
 // merchant (listing.Listing.Allows).
-type listingRefusal struct{ code errcode.Code }
+type listingRefusal struct {
+	code errcode.Code
+	// retryAfter is how long until the list is read again (RetryAfter of
+	// the listing); 0 when not known.
+	retryAfter time.Duration
+}
 
 func (e *listingRefusal) Error() string { return "organisation refused: " + e.code.String() }

@@ -41,10 +41,14 @@ const maxJWKSSize = 1 << 20
 // verification, it fetches at most once per interval for a token whose
 // kid it knows (a forged signature costs no outbound call), at most once
 // per unknownKidGap for a kid it does not know, and once when its keys are
-// older than keysMaxAge. One fetch runs at a time; verifications that need
-// it wait for it. A keySet without url holds static keys (jwks_file) and
+// older than keysMaxAge: that fetch runs in the background, and the keys
+// it replaces serve meanwhile. One fetch runs at a time; verifications
+// that need it wait for it. A keySet without url holds static keys (jwks_file) and
 // never fetches. Safe for concurrent use.
 type keySet struct {
+	// ctx is the policy's context, which ends when the policy is
+	// unloaded: the fetches run on it, not on a request's.
+	ctx      context.Context
 	url      string
 	client   *http.Client
 	interval time.Duration
@@ -73,6 +77,19 @@ var errRefreshLimited = errors.New("the issuer's key set was fetched too recentl
 // token is bad.
 type keysUnavailableKey struct{}
 
+// keysAgedKey is the context key of a *bool that VerifySignature sets when
+// it verified a JWT with keys older than keysMaxAge, which are being
+// fetched again: the verification is not remembered, so that a key the
+// issuer withdrew is not trusted once the fetch ends.
+type keysAgedKey struct{}
+
+// mark sets the *bool that ctx carries under key, if it carries one.
+func mark(ctx context.Context, key any) {
+	if flag, ok := ctx.Value(key).(*bool); ok {
+		*flag = true
+	}
+}
+
 // VerifySignature implements oidc.KeySet. The verifier has checked the
 // algorithm; the claims are checked by the verifier after this.
 func (k *keySet) VerifySignature(ctx context.Context, jwt string) ([]byte, error) {
@@ -84,23 +101,30 @@ func (k *keySet) VerifySignature(ctx context.Context, jwt string) ([]byte, error
 		return nil, errors.New("the JWT must carry exactly one signature")
 	}
 	hdr := jws.Signatures[0].Header
-	if k.url != "" && k.stale() {
+	aged := k.url != "" && k.stale()
+	if aged {
 		_ = k.refresh(ctx, true, hdr.KeyID) // on failure the cached keys still serve
 	}
 	if payload, err := verifyWith(k.snapshot(), jws); err == nil {
+		if aged {
+			mark(ctx, keysAgedKey{})
+		}
 		return payload, nil
 	}
 	if k.url == "" {
 		return nil, errors.New("no key of jwks_file verifies the JWT's signature")
 	}
 	if err := k.refresh(ctx, false, hdr.KeyID); err != nil {
-		if !k.available() {
-			if flag, ok := ctx.Value(keysUnavailableKey{}).(*bool); ok {
-				*flag = true
-			}
+		// Without a key for the JWT's kid (none at all, or a key the
+		// issuer rotated in) and without the issuer's answer (this
+		// fetch failed, or the last one did), the JWT cannot be checked:
+		// the caller is told to retry.
+		limited := errors.Is(err, errRefreshLimited)
+		if !k.available() || !k.holds(hdr.KeyID) && (!limited || k.lastFailed()) {
+			mark(ctx, keysUnavailableKey{})
 			return nil, fmt.Errorf("the caller issuer's keys are unavailable: %w", err)
 		}
-		if errors.Is(err, errRefreshLimited) {
+		if limited {
 			return nil, errors.New("no cached key of the issuer verifies the JWT's signature")
 		}
 		return nil, err
@@ -138,6 +162,20 @@ func (k *keySet) available() bool {
 	return len(k.snapshot()) > 0
 }
 
+// holds reports whether the set has a key for kid (knows).
+func (k *keySet) holds(kid string) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.knows(kid)
+}
+
+// lastFailed reports whether the last fetch attempt failed.
+func (k *keySet) lastFailed() bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.tried.After(k.fetched)
+}
+
 // stale reports whether the fetched keys are too old to be used without
 // asking the issuer again.
 func (k *keySet) stale() bool {
@@ -161,38 +199,48 @@ func (k *keySet) knows(kid string) bool {
 	return false
 }
 
-// refresh fetches the key set if the rate limit allows it, or waits for a
-// fetch already running and returns its error. aged says the fetch is for
-// keys older than keysMaxAge.
+// refresh fetches the key set if the rate limit allows it, or joins a
+// fetch already running, and waits for the fetch as long as ctx allows,
+// returning its error. The fetch runs on k.ctx, not on ctx: others may be
+// waiting for it. aged says the fetch is for keys older than keysMaxAge,
+// which serve until it ends: it does not wait for the fetch, which runs in
+// the background.
 func (k *keySet) refresh(ctx context.Context, aged bool, kid string) error {
 	k.mu.Lock()
-	if running := k.inflight; running != nil {
-		k.mu.Unlock()
-		select {
-		case <-running.done:
-			return running.err
-		case <-ctx.Done():
-			return ctx.Err()
+	f := k.inflight
+	if f == nil {
+		gap := k.interval
+		if !aged && !k.knows(kid) {
+			gap = min(gap, unknownKidGap)
 		}
+		now := k.now()
+		if !k.tried.IsZero() && now.Sub(k.tried) < gap {
+			k.mu.Unlock()
+			return errRefreshLimited
+		}
+		k.tried = now
+		f = &keysFetch{done: make(chan struct{})}
+		k.inflight = f
+		go k.run(k.ctx, f)
 	}
-	gap := k.interval
-	if !aged && !k.knows(kid) {
-		gap = min(gap, unknownKidGap)
-	}
-	now := k.now()
-	if !k.tried.IsZero() && now.Sub(k.tried) < gap {
-		k.mu.Unlock()
-		return errRefreshLimited
-	}
-	k.tried = now
-	f := &keysFetch{done: make(chan struct{})}
-	k.inflight = f
 	k.mu.Unlock()
+	if aged {
+		return nil
+	}
+	select {
+	case <-f.done:
+		return f.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
 
-	// Detached from the request: others may be waiting on this fetch.
-	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+// run fetches the key set, bounded to discoveryTimeout, keeps its keys
+// when the fetch succeeds, and ends f with the fetch's error.
+func (k *keySet) run(ctx context.Context, f *keysFetch) {
+	ctx, cancel := context.WithTimeout(ctx, discoveryTimeout)
 	defer cancel()
-	keys, err := k.fetch(fctx)
+	keys, err := k.fetch(ctx)
 
 	k.mu.Lock()
 	if err == nil {
@@ -202,7 +250,6 @@ func (k *keySet) refresh(ctx context.Context, aged bool, kid string) error {
 	f.err = err
 	close(f.done)
 	k.mu.Unlock()
-	return err
 }
 
 // fetch gets and parses the issuer's key set.

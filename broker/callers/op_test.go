@@ -149,6 +149,19 @@ type testIssuer struct {
 	JWKSFetches, Discoveries atomic.Int64
 	// CAFile is the PEM file of the CA of its certificate (TLS only).
 	CAFile string
+	// keysHeld, when set, holds each key-set request until the channel
+	// is closed or the request ends.
+	keysHeld atomic.Pointer[chan struct{}]
+}
+
+// withdraw signs from now on with a new key and publishes only it: the
+// key it signed with before is no longer the issuer's.
+func (i *testIssuer) withdraw(t *testing.T) {
+	k := newRSAKey(t)
+	i.st.mu.Lock()
+	defer i.st.mu.Unlock()
+	i.st.signing = k
+	i.st.keys = []*rsaKey{k}
 }
 
 // rotate signs from now on with a new key, published beside the old one.
@@ -238,6 +251,12 @@ func startIssuer(t *testing.T, withTLS bool, clients ...string) *testIssuer {
 		switch r.URL.Path {
 		case "/keys":
 			iss.JWKSFetches.Add(1)
+			if held := iss.keysHeld.Load(); held != nil {
+				select {
+				case <-*held:
+				case <-r.Context().Done():
+				}
+			}
 		case "/.well-known/openid-configuration":
 			iss.Discoveries.Add(1)
 		}

@@ -25,6 +25,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // Config is a caller policy's settings. The file paths are read as given
@@ -68,7 +69,10 @@ type Config struct {
 // before (a key rotation), and again when they are 5 minutes old: a forged
 // token costs the issuer nothing. A verified JWT is trusted until it
 // expires, for at most 5 minutes, without being checked again: revoking
-// it at the issuer is not seen before then. Safe for concurrent use.
+// it at the issuer is not seen before then. A JWT verified with keys that
+// are being fetched again because they are 5 minutes old is checked again
+// on its next use, so a key the issuer withdrew stops being trusted once
+// that fetch ends. Safe for concurrent use.
 type Policy struct {
 	issuer   string
 	audience string
@@ -119,7 +123,8 @@ const maxVerifiedTTL = 5 * time.Minute
 const challengeRealm = "token_broker"
 
 // New checks c and returns its policy. ctx bounds the policy's discovery
-// requests (the configuration's lifetime).
+// and key-set requests (the configuration's lifetime: it ends when the
+// policy is unloaded).
 func New(ctx context.Context, c Config) (*Policy, error) {
 	if c.Issuer == "" || c.Audience == "" {
 		return nil, errors.New("token_broker callers: issuer and audience are required")
@@ -175,11 +180,12 @@ func New(ctx context.Context, c Config) (*Policy, error) {
 		}
 		tr.TLSClientConfig.RootCAs = pool
 	}
-	p.client = &http.Client{Transport: tr, Timeout: discoveryTimeout,
+	// The body cap: go-oidc reads the discovery answer whole.
+	p.client = &http.Client{Transport: httpclient.LimitBody(tr), Timeout: discoveryTimeout,
 		// Discovery and keys are public: a redirect is not followed to
 		// somewhere the operator did not name.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	p.keys = &keySet{url: c.JWKSURL, client: p.client, interval: interval, now: p.now}
+	p.keys = &keySet{ctx: ctx, url: c.JWKSURL, client: p.client, interval: interval, now: p.now}
 	if c.JWKSURL != "" {
 		p.verifier.Store(oidc.NewVerifier(p.issuer, p.keys, p.config()))
 	}
@@ -224,7 +230,8 @@ func (p *Policy) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error)
 	prov, err := oidc.NewProvider(dctx, p.issuer)
 	if err != nil {
 		p.retryAt = p.now().Add(discoveryRetry)
-		return nil, fmt.Errorf("discovering the caller issuer %s: %w", p.issuer, err)
+		// go-oidc quotes the whole body of a failed discovery answer.
+		return nil, fmt.Errorf("discovering the caller issuer %s: %s", p.issuer, scrub.Truncate(err.Error(), 300))
 	}
 	var meta struct {
 		JWKSURI string `json:"jwks_uri"`
@@ -295,15 +302,16 @@ func (p *Policy) Authenticate(r *http.Request) (string, *Error) {
 	if err != nil {
 		return "", &Error{Code: errcode.CallerKeysUnavailable, Err: err}
 	}
-	var unavailable bool
-	tok, err := v.Verify(context.WithValue(r.Context(), keysUnavailableKey{}, &unavailable), jwt)
+	var unavailable, aged bool
+	ctx := context.WithValue(context.WithValue(r.Context(), keysUnavailableKey{}, &unavailable), keysAgedKey{}, &aged)
+	tok, err := v.Verify(ctx, jwt)
 	if err != nil {
 		if unavailable {
 			return "", &Error{Code: errcode.CallerKeysUnavailable, Err: err}
 		}
 		return "", &Error{Code: errcode.CallerUnauthenticated, Err: err, presented: true}
 	}
-	if ttl := min(tok.Expiry.Sub(p.now()), maxVerifiedTTL); ttl > 0 {
+	if ttl := min(tok.Expiry.Sub(p.now()), maxVerifiedTTL); ttl > 0 && !aged {
 		p.verified.Set(key, tok.Subject, ttl)
 	}
 	return tok.Subject, nil

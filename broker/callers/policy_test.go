@@ -151,6 +151,39 @@ func TestCallerKeysRefreshRateLimited(t *testing.T) {
 	fetches(5)
 }
 
+// TestCallerWithdrawnKeyRefusedAfterAgedFetch: a JWT verified with keys
+// older than keysMaxAge while they are fetched again is not remembered as
+// verified: once the fetch brings a key set without the JWT's key (the
+// issuer withdrew it), the JWT is refused.
+func TestCallerWithdrawnKeyRefusedAfterAgedFetch(t *testing.T) {
+	iss := startIssuer(t, false, "payments")
+	// The issuer's tokens live 5 minutes (keysMaxAge): the clock starts a
+	// minute early so that they are still valid when the keys have aged.
+	clock := clocktest.New(time.Now().Add(-time.Minute))
+	p := mustProvision(t, &Config{Issuer: iss.URL, Audience: callerAudience}, clock)
+	first, second := iss.token(t, http.DefaultClient, "payments"), iss.token(t, http.DefaultClient, "payments")
+	if first == second {
+		t.Fatal("the issuer gave the same token twice")
+	}
+	if sub, cerr := authn(p, "Bearer "+first); cerr != nil || sub != "payments" {
+		t.Fatalf("a token of the issuer's key: %q %+v", sub, cerr)
+	}
+
+	release := make(chan struct{})
+	iss.keysHeld.Store(&release)
+	clock.Add(keysMaxAge)
+	iss.withdraw(t)
+	if sub, cerr := authn(p, "Bearer "+second); cerr != nil || sub != "payments" {
+		t.Fatalf("while the aged keys are fetched again they serve, got %q %+v", sub, cerr)
+	}
+	close(release)
+	fetchEnded(p.keys)
+	if _, cerr := authn(p, "Bearer "+second); cerr == nil || cerr.Code != errcode.CallerUnauthenticated {
+		t.Fatalf("a token of the key the issuer withdrew, verified while the aged keys were fetched again: got %+v, want 401 %s",
+			cerr, errcode.CallerUnauthenticated)
+	}
+}
+
 // TestCallerIssuerTrust: an issuer behind TLS with a CA of its own is
 // trusted with ca_file only, and jwks_file needs no request at all.
 func TestCallerIssuerTrust(t *testing.T) {
@@ -251,29 +284,14 @@ func TestCallerPolicyConfigErrors(t *testing.T) {
 // caller_keys_unavailable), not a bad token (401), and the fetch's error is
 // returned.
 func TestCallerKeysUnavailableToWaiters(t *testing.T) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: key}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	jws, err := signer.Sign([]byte(`{"sub":"payments"}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	jwt, err := jws.CompactSerialize()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, jwt := signedJWT(t, "")
 	down := errors.New("down")
 	running := &keysFetch{done: make(chan struct{}), err: down}
 	close(running.done)
 	k := &keySet{url: "https://issuer.test/keys", interval: DefaultKeysRefreshInterval, now: time.Now, inflight: running}
 
 	var unavailable bool
-	_, err = k.VerifySignature(context.WithValue(context.Background(), keysUnavailableKey{}, &unavailable), jwt)
+	_, err := k.VerifySignature(context.WithValue(context.Background(), keysUnavailableKey{}, &unavailable), jwt)
 	if !unavailable {
 		t.Errorf("the keys-unavailable flag is not set (the caller would get 401, not 503 %s); error: %v", errcode.CallerKeysUnavailable, err)
 	}
@@ -321,5 +339,195 @@ func TestCallerDiscoveryWaitEndsWithTheRequest(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("a request whose context ended still waits for the discovery")
+	}
+}
+
+// TestCallerRotatedKidWhileIssuerDown: a JWT whose kid the cached keys
+// do not have (the issuer rotated its key) cannot be checked while the
+// issuer's key set cannot be fetched: the keys are unavailable (503
+// caller_keys_unavailable, the caller retries), not a bad token (401),
+// also while the failed fetch is too recent to fetch again. A JWT of a
+// cached kid that does not verify stays a bad token.
+func TestCallerRotatedKidWhileIssuerDown(t *testing.T) {
+	oldKey, _ := signedJWT(t, "old")
+	_, rotated := signedJWT(t, "new")
+	_, forged := signedJWT(t, "old")
+	var down atomic.Bool
+	k, clock := servedKeySet(t, context.Background(), oldKey, "old", func(w http.ResponseWriter, _ *http.Request) bool {
+		if down.Load() {
+			http.Error(w, "maintenance", http.StatusServiceUnavailable)
+		}
+		return down.Load()
+	})
+	down.Store(true)
+	for _, tt := range []struct {
+		name, jwt       string
+		after           time.Duration // since the previous verification
+		wantUnavailable bool
+	}{
+		{"rotated kid", rotated, DefaultKeysRefreshInterval, true},
+		{"rotated kid, the failed fetch too recent to fetch again", rotated, time.Second, true},
+		{"cached kid, bad signature", forged, DefaultKeysRefreshInterval, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock.Add(tt.after)
+			var unavailable bool
+			_, err := k.VerifySignature(context.WithValue(context.Background(), keysUnavailableKey{}, &unavailable), tt.jwt)
+			if err == nil || unavailable != tt.wantUnavailable {
+				t.Fatalf("keys unavailable = %v, want %v (error %v)", unavailable, tt.wantUnavailable, err)
+			}
+		})
+	}
+}
+
+// TestCallerAgedKeysServeWhileIssuerHangs: once the cached keys are
+// older than keysMaxAge, a JWT that they verify does not wait for the
+// issuer's key set, which is fetched again in the background: an issuer
+// that hangs does not hold the callers' requests.
+func TestCallerAgedKeysServeWhileIssuerHangs(t *testing.T) {
+	key, jwt := signedJWT(t, "k1")
+	var hang atomic.Bool
+	release := make(chan struct{})
+	k, clock := servedKeySet(t, context.Background(), key, "k1", func(_ http.ResponseWriter, r *http.Request) bool {
+		if hang.Load() {
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+		}
+		return hang.Load()
+	})
+	// Before the issuer's server closes (registered earlier, run later),
+	// which waits for the request it holds.
+	t.Cleanup(func() {
+		close(release)
+		fetchEnded(k)
+	})
+	hang.Store(true)
+	clock.Add(keysMaxAge)
+	done := make(chan error, 1)
+	go func() {
+		_, err := k.VerifySignature(context.Background(), jwt)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("a JWT of a cached key: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the verification waits for the key-set fetch of aged keys from a hanging issuer")
+	}
+}
+
+// TestCallerKeysFetchEndsWithThePolicy: the background fetch of aged
+// keys runs on the policy's context, not on the request's: when the
+// policy is unloaded, a fetch from a hanging issuer ends at once instead
+// of holding a connection for its 10 s bound.
+func TestCallerKeysFetchEndsWithThePolicy(t *testing.T) {
+	key, jwt := signedJWT(t, "k1")
+	policyCtx, unload := context.WithCancel(context.Background())
+	t.Cleanup(unload)
+	var hang atomic.Bool
+	k, clock := servedKeySet(t, policyCtx, key, "k1", func(_ http.ResponseWriter, r *http.Request) bool {
+		if hang.Load() {
+			<-r.Context().Done()
+		}
+		return hang.Load()
+	})
+	hang.Store(true)
+	clock.Add(keysMaxAge)
+	if _, err := k.VerifySignature(context.Background(), jwt); err != nil {
+		t.Fatalf("a JWT of a cached key: %v", err)
+	}
+	unload()
+	ended := make(chan struct{})
+	go func() {
+		fetchEnded(k)
+		close(ended)
+	}()
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the background key-set fetch still runs 5 s after the policy's context ended")
+	}
+}
+
+// signedJWT returns a new P-256 key and a JWT it signs (ES256, with kid
+// when not ""), for subject payments.
+func signedJWT(t *testing.T, kid string) (*ecdsa.PrivateKey, string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: key, KeyID: kid}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jws, err := signer.Sign([]byte(`{"sub":"payments"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	jwt, err := jws.CompactSerialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return key, jwt
+}
+
+// fetchEnded waits for the key-set fetch running on k, if any, to end.
+func fetchEnded(k *keySet) {
+	k.mu.Lock()
+	running := k.inflight
+	k.mu.Unlock()
+	if running != nil {
+		<-running.done
+	}
+}
+
+// servedKeySet returns a keySet, on a settable clock and the policy
+// context ctx, of an issuer whose key set holds key's public key as kid,
+// fetched once already. Each later fetch is answered by fault when it
+// returns true (it wrote the answer, or wrote none), else with the key set.
+func servedKeySet(t *testing.T, ctx context.Context, key *ecdsa.PrivateKey, kid string, fault func(http.ResponseWriter, *http.Request) bool) (*keySet, *clocktest.Clock) {
+	t.Helper()
+	set, err := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &key.PublicKey, KeyID: kid, Algorithm: "ES256", Use: "sig"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !fault(w, r) {
+			_, _ = w.Write(set)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	clock := clocktest.New(time.Now())
+	k := &keySet{ctx: ctx, url: srv.URL, client: srv.Client(), interval: DefaultKeysRefreshInterval, now: clock.Now}
+	if err := k.refresh(context.Background(), false, kid); err != nil {
+		t.Fatal(err)
+	}
+	return k, clock
+}
+
+// TestCallerDiscoveryAnswerBounded: a failed discovery whose answer is
+// huge gives an error of bounded length, for the log (go-oidc quotes the
+// whole body it read).
+func TestCallerDiscoveryAnswerBounded(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusInternalServerError)
+		chunk := []byte(strings.Repeat("x", 64<<10))
+		for range 64 { // 4 MiB, unless the reader stops first
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	}))
+	t.Cleanup(srv.Close)
+	_, jwt := signedJWT(t, "k1")
+	p := mustProvision(t, &Config{Issuer: srv.URL, Audience: callerAudience}, nil)
+	_, cerr := authn(p, "Bearer "+jwt)
+	if cerr == nil || cerr.Code != errcode.CallerKeysUnavailable || len(cerr.Error()) > 1000 {
+		t.Fatalf("error of %d bytes (%+v), want caller_keys_unavailable of at most 1000 bytes", len(fmt.Sprint(cerr)), cerr)
 	}
 }

@@ -98,7 +98,7 @@ func headline(res adminapi.CheckResult) string {
 	if res.ProviderStatus > 0 {
 		h += fmt.Sprintf(" (HTTP %d", res.ProviderStatus)
 		if res.ProviderError != "" {
-			h += " " + res.ProviderError
+			h += " " + printable(res.ProviderError)
 		}
 		h += ")"
 	}

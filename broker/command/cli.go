@@ -56,9 +56,10 @@ requests and failures of the last minutes, last error), the merchants
 needing attention (refused, unknown organisation, needing consent, backing
 off) and the merchants counted by state. --state lists the merchants in
 one state instead, --provider keeps one provider's, --json prints the
-report as JSON. It exits 1 when the instance cannot be asked.
+report as JSON, a page of it (--after the next of the previous page,
+--limit merchants at most). It exits 1 when the instance cannot be asked.
 
-  caddy token-broker status [--address <admin address>] [--provider <name>] [--state <state>] [--json]
+  caddy token-broker status [--address <admin address>] [--provider <name>] [--state <state>] [--json [--after <id>] [--limit <n>]]
 
 check validates the config's merchant registries as validate does and,
 given a merchant, has the running token broker make one real token request
@@ -106,7 +107,7 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 	validate.Flags().StringP("config", "c", "", "the config file (default: ./Caddyfile)")
 	validate.Flags().StringP("adapter", "a", "", "the name of the config adapter to use")
 	status := &cobra.Command{
-		Use:   "status [--address <admin address>] [--provider <name>] [--state <state>] [--json]",
+		Use:   "status [--address <admin address>] [--provider <name>] [--state <state>] [--json [--after <id>] [--limit <n>]]",
 		Short: "Prints the running token broker's providers, the merchants needing attention and the merchants by state",
 		Args:  cobra.NoArgs,
 		RunE: withAdminAddress(c, "", func(cmd *cobra.Command, _ []string, addr string) error {
@@ -114,6 +115,12 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 			q.Provider, _ = cmd.Flags().GetString("provider")
 			q.State, _ = cmd.Flags().GetString("state")
 			q.JSON, _ = cmd.Flags().GetBool("json")
+			q.After, _ = cmd.Flags().GetString("after")
+			q.Limit, _ = cmd.Flags().GetInt("limit")
+			if (q.After != "" || q.Limit != 0) && !q.JSON {
+				fmt.Fprintln(cmd.ErrOrStderr(), "--after and --limit choose the page of --json: add --json")
+				return ErrFailed
+			}
 			return Status(stdio(cmd), c.Request, addr, q, time.Now())
 		}),
 	}
@@ -121,6 +128,8 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 	status.Flags().String("provider", "", "show this provider's merchants only")
 	status.Flags().String("state", "", "list the merchants in this state instead of those needing attention")
 	status.Flags().Bool("json", false, "print the report as JSON")
+	status.Flags().String("after", "", "with --json: the merchants after this id (the next of the previous page)")
+	status.Flags().Int("limit", 0, "with --json: at most this many merchants (default 100, at most 1000)")
 	check := &cobra.Command{
 		Use:   "check [MERCHANT] [--config <file>] [--adapter <name>] [--address <admin address>]",
 		Short: "Validates the merchant registries; with a merchant, makes one token request for it and says what the provider answered",

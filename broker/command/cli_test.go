@@ -38,6 +38,9 @@ func TestAddSubcommands(t *testing.T) {
 			wantStderr: "not ready: finding the admin address: no such config", c: Caddy{Request: ready, AdminAddress: noAddress}},
 		{name: "status without address", args: []string{"status"}, wantErr: true,
 			wantStderr: "finding the admin address: no such config", c: Caddy{Request: ready, AdminAddress: noAddress}},
+		{name: "status page without json", args: []string{"status", "--after", "m55"}, wantErr: true,
+			wantStderr: "--after and --limit choose the page of --json: add --json", c: Caddy{Request: ready,
+				AdminAddress: func(string, []byte, string, string) (string, error) { return "localhost:2019", nil }}},
 		{name: "validate without config", args: []string{"validate", "--config", "nowhere", "--adapter", "caddyfile"}, wantErr: true,
 			wantStderr: "loading the config: nowhere caddyfile: no such file", c: Caddy{LoadConfig: func(file, adapter string) ([]byte, string, string, error) {
 				return nil, "", "", errors.New(file + " " + adapter + ": no such file")

@@ -9,8 +9,10 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 )
@@ -24,6 +26,14 @@ type StatusQuery struct {
 	State string
 	// JSON prints the report (one page) as JSON instead of tables.
 	JSON bool
+	// After chooses the page JSON prints: the merchants after this id
+	// (the next of the previous page); "" for the first page. Used with
+	// JSON only.
+	After string
+	// Limit is the most merchants the page JSON prints lists, 1 to
+	// opstate.MaxLimit (the admin API refuses more); 0 for the admin
+	// API's default, opstate.DefaultLimit. Used with JSON only.
+	Limit int
 }
 
 // MaxListed is the most merchants `status` lists in its merchants table;
@@ -44,8 +54,12 @@ func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.T
 	}
 	if q.JSON {
 		var raw json.RawMessage
-		if err := askAdmin(request, addr, http.MethodGet, stateURI(q.Provider, q.State, "", 0), nil, &raw); err != nil {
+		if err := askAdmin(request, addr, http.MethodGet, stateURI(q.Provider, q.State, q.After, q.Limit), nil, &raw); err != nil {
 			fmt.Fprintln(std.Err, err)
+			return ErrFailed
+		}
+		var rep opstate.Report
+		if err := json.Unmarshal(raw, &rep); err == nil && !hasProvider(std, addr, rep, q.Provider) {
 			return ErrFailed
 		}
 		var out bytes.Buffer
@@ -60,6 +74,9 @@ func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.T
 	var rep opstate.Report
 	if err := askAdmin(request, addr, http.MethodGet, stateURI(q.Provider, "", "", 1), nil, &rep); err != nil {
 		fmt.Fprintln(std.Err, err)
+		return ErrFailed
+	}
+	if !hasProvider(std, addr, rep, q.Provider) {
 		return ErrFailed
 	}
 	states := attention()
@@ -81,6 +98,25 @@ func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.T
 	fmt.Fprintln(std.Out)
 	printCounts(std.Out, rep)
 	return nil
+}
+
+// hasProvider reports whether the report rep of the token broker at addr
+// has provider (any, when ""); when it has not, it says so on Err,
+// naming those it has: a filter on a misspelt provider would list
+// nothing, as if all were well.
+func hasProvider(std IO, addr string, rep opstate.Report, provider string) bool {
+	if provider == "" {
+		return true
+	}
+	names := make([]string, 0, len(rep.Providers))
+	for _, p := range rep.Providers {
+		if p.Name == provider {
+			return true
+		}
+		names = append(names, p.Name)
+	}
+	fmt.Fprintf(std.Err, "the token broker at admin address %s has no provider %q: its providers are %s\n", addr, provider, dash(strings.Join(names, ", ")))
+	return false
 }
 
 // attention are the states of merchants that need someone's attention,
@@ -162,7 +198,7 @@ func printProviders(w io.Writer, rep opstate.Report, now time.Time) {
 			fmt.Fprintf(w, " since %s", when(f.Since, now))
 		}
 		if f.LastError != "" {
-			fmt.Fprintf(w, "; last error %s", lastError(f.LastError, f.LastErrorAt, now))
+			fmt.Fprintf(w, "; last error %s", lastError(printable(f.LastError), f.LastErrorAt, now))
 		}
 		fmt.Fprintln(w)
 	}
@@ -191,7 +227,7 @@ func printMerchants(w io.Writer, title string, listed []opstate.Merchant, more i
 		if state == "" {
 			state = "STATE"
 		}
-		fmt.Fprintf(w, "... and %d more: caddy token-broker status --state %s --json (or GET /token_broker/state?state=%s) lists them by page\n", more, state, state)
+		fmt.Fprintf(w, "... and %d more: caddy token-broker status --state %s --json [--after NEXT] (or GET /token_broker/state?state=%s&after=NEXT) lists them by page\n", more, state, state)
 	}
 }
 
@@ -247,6 +283,16 @@ func span(d time.Duration) string {
 		return fmt.Sprintf("%dh", int(d/time.Hour))
 	}
 	return fmt.Sprintf("%dd", int(d/(24*time.Hour)))
+}
+
+// printable is s, a text another party wrote (a provider's error code, a
+// Redis error), quoted as a Go string when it holds a character that is
+// not printable: a control sequence must not reach the terminal.
+func printable(s string) string {
+	if strings.IndexFunc(s, func(r rune) bool { return !unicode.IsPrint(r) }) >= 0 {
+		return strconv.Quote(s)
+	}
+	return s
 }
 
 // dash is s, or "-" when it is empty.

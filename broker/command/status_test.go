@@ -129,6 +129,13 @@ func TestStatus(t *testing.T) {
 		{name: "json", addr: srv.URL, q: StatusQuery{JSON: true, State: opstate.StateIdle}, want: []string{
 			`"total": 5`, `"merchant": "m55"`, `"state": "idle"`,
 		}},
+		{name: "unknown provider", addr: srv.URL, q: StatusQuery{Provider: "nq"}, wantErr: true, want: []string{
+			`^the token broker at admin address http://\S+ has no provider "nq": its providers are np\n$`}},
+		{name: "unknown provider, json", addr: srv.URL, q: StatusQuery{Provider: "nq", JSON: true}, wantErr: true, want: []string{
+			`^the token broker at admin address http://\S+ has no provider "nq": its providers are np\n$`}},
+		{name: "json, a page", addr: srv.URL, q: StatusQuery{JSON: true, State: opstate.StateIdle, After: "m55", Limit: 2}, want: []string{
+			`"merchant": "m56"`, `"merchant": "m57"`, `"next": "m57"`,
+		}, wantNot: []string{`"merchant": "m55"`, `"merchant": "m58"`}},
 		{name: "unknown state", addr: srv.URL, q: StatusQuery{State: "sad"}, wantErr: true, want: []string{`^unknown state "sad": one of \[refused `}},
 		{name: "app not running", addr: notRunning.URL, wantErr: true, want: []string{
 			`^the Caddy at admin address http://\S+ does not run the token_broker app: configure the token_broker global option\n$`}},
@@ -236,6 +243,8 @@ func TestCheck(t *testing.T) {
 		"bank1": {Merchant: "bank1", Provider: "bank", Outcome: "consent_required", Called: true, ProviderStatus: 400, ProviderError: "invalid_grant",
 			Message: "the merchant's consent at the provider is missing"},
 		"down": {Merchant: "down", Provider: "nuapay", Outcome: "token_unavailable", Called: true, Message: "the provider's token API failed"},
+		"hostile": {Merchant: "hostile", Provider: "nuapay", Outcome: "token_unavailable", Called: true, ProviderStatus: 500,
+			ProviderError: "x\x1b]0;pwned\a\r\n", Message: "the provider's token API failed"},
 	}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, ok := strings.CutSuffix(strings.TrimPrefix(r.URL.Path, "/token_broker/merchants/"), "/check")
@@ -263,6 +272,8 @@ func TestCheck(t *testing.T) {
 		{"not called", "held", "", true, `^$`, `^held: NOT CALLED \(nuapay\): the broker does not call nuapay for this merchant before `},
 		{"consent", "bank1", "", true, `^$`, `^bank1: CONSENT NEEDED at bank \(HTTP 400 invalid_grant\): the merchant's consent`},
 		{"down", "down", "", true, `^$`, `^down: FAILED at nuapay: the provider's token API failed\n$`},
+		{"provider's code with control characters", "hostile", "", true, `^$`,
+			`^hostile: FAILED at nuapay \(HTTP 500 "x\\x1b\]0;pwned\\a\\r\\n"\): the provider's token API failed\n$`},
 		{"unknown merchant", "nobody", "", true, `^$`, `^nobody: not checked: the token broker at admin address \S+ answered HTTP 404: merchant "nobody" is not in the registry\n$`},
 		{"valid registry, ok", "acme", good, false, `(?s)^` + regexp.QuoteMeta(good) + `: valid \(1 merchants, 1 providers\)\nacme: OK: `, `^$`},
 		{"registry problems, ok", "acme", bad, true, `^acme: OK: `, regexp.QuoteMeta(bad) + `:\d+: `},

@@ -8,12 +8,13 @@ package listing
 import (
 	"context"
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 )
@@ -32,20 +33,31 @@ type OrganisationLister interface {
 // schedule (Start) and on demand (Refresh), keeping only the organisation
 // ids, within limits over all pages (the wildcard's max_organisations, and
 // bytes in proportion: nuapay.ListLimits). A failed read, one past the
-// limits included, keeps the last good list; before the first good list
-// every organisation is refused with 503 (organisations_unavailable).
-// Safe for concurrent use.
+// limits included, keeps the last good list, and is tried again sooner
+// than the schedule's interval (Start); before the first good list every
+// organisation is refused with 503 (organisations_unavailable). Safe for
+// concurrent use.
 type Listing struct {
 	provider string // the provider's name, for logs and the admin API
 	list     OrganisationLister
 	limits   nuapay.ListLimits
 	every    time.Duration
 	logger   *zap.Logger
+	now      func() time.Time // the clock: time.Now; tests inject their own
+	// sleep waits between the schedule's reads: budget.Sleep, a timer;
+	// tests inject their own.
+	sleep func(ctx context.Context, d time.Duration) error
 
-	reads   atomic.Pointer[reads] // nil before the first read ends
-	refresh sync.Mutex            // one read at a time
-	stop    context.CancelFunc    // ends the schedule and cancels its read; nil before Start
-	done    chan struct{}         // closed when the schedule has ended
+	reads atomic.Pointer[reads] // nil before the first read ends
+	// nextRead is when the schedule reads again after a failed read, in
+	// Unix nanoseconds on l.now's clock; 0 after a good read.
+	nextRead atomic.Int64
+	// turn is a semaphore of one (a channel of capacity 1): a read holds
+	// a value in it, so that one read runs at a time; the others wait for
+	// room as long as their context allows.
+	turn chan struct{}
+	stop context.CancelFunc // ends the schedule and cancels its read; nil before Start
+	done chan struct{}      // closed when the schedule has ended
 }
 
 // reads is what the reads of a listing left, replaced as one by each
@@ -55,32 +67,49 @@ type reads struct {
 	status Status
 }
 
-// New returns the listing of a provider, read every every once started,
-// logging its reads to logger.
+// New returns the listing of a provider, read every every once started
+// (sooner after a failed read: Start), logging its reads to logger.
 func New(provider string, list OrganisationLister, limits nuapay.ListLimits, every time.Duration, logger *zap.Logger) *Listing {
-	return &Listing{provider: provider, list: list, limits: limits, every: every, logger: logger}
+	return &Listing{provider: provider, list: list, limits: limits, every: every, logger: logger,
+		now: time.Now, sleep: budget.Sleep, turn: make(chan struct{}, 1)}
 }
 
 // Provider is the name of the listed provider.
 func (l *Listing) Provider() string { return l.provider }
 
-// Start reads the list now and then every l.every, each read bounded to
-// a minute, until Destruct.
+// readTimeout bounds one read of the list, all its pages.
+const readTimeout = time.Minute
+
+// firstRetry is the wait before the schedule tries a failed read again;
+// it doubles with each failed read that follows, up to the schedule's
+// interval.
+const firstRetry = 5 * time.Second
+
+// Start reads the list now and then l.every after each good read, each
+// read bounded to readTimeout, until Destruct. A failed read is tried
+// again after firstRetry, doubled after each failed read that follows up
+// to l.every, or after the provider's Retry-After when that is longer.
 func (l *Listing) Start() {
 	ctx, stop := context.WithCancel(context.Background())
 	l.stop, l.done = stop, make(chan struct{})
 	go func() {
 		defer close(l.done)
-		t := time.NewTicker(l.every)
-		defer t.Stop()
+		backoff := min(firstRetry, l.every)
 		for {
-			readCtx, cancel := context.WithTimeout(ctx, time.Minute)
-			_, _ = l.read(readCtx, ctx)
+			readCtx, cancel := context.WithTimeout(ctx, readTimeout)
+			_, err := l.read(readCtx, ctx)
 			cancel()
-			select {
-			case <-ctx.Done():
+			wait := l.every
+			if err != nil {
+				wait = max(backoff, broker.RetryAfterOf(err))
+				backoff = min(2*backoff, l.every)
+				l.nextRead.Store(l.now().Add(wait).UnixNano())
+			} else {
+				backoff = min(firstRetry, l.every)
+				l.nextRead.Store(0)
+			}
+			if l.sleep(ctx, wait) != nil {
 				return
-			case <-t.C:
 			}
 		}
 	}()
@@ -95,10 +124,13 @@ func (l *Listing) Destruct() error {
 	return nil
 }
 
-// Refresh reads the list now and returns how many organisations it holds.
-// On failure the last good list stays in force and the error is returned
-// (and logged).
+// Refresh reads the list now, bounded to readTimeout, and returns how
+// many organisations it holds. On failure the last good list stays in
+// force and the error is returned (and logged). While another read runs,
+// it waits for it as long as ctx allows.
 func (l *Listing) Refresh(ctx context.Context) (int, error) {
+	ctx, cancel := context.WithTimeout(ctx, readTimeout)
+	defer cancel()
 	return l.read(ctx, context.Background())
 }
 
@@ -106,8 +138,12 @@ func (l *Listing) Refresh(ctx context.Context) (int, error) {
 // schedule is done (Destruct cancelled it) is neither logged nor kept in
 // the status: the listing is being dropped, and its provider did not fail.
 func (l *Listing) read(ctx, schedule context.Context) (int, error) {
-	l.refresh.Lock()
-	defer l.refresh.Unlock()
+	select {
+	case l.turn <- struct{}{}:
+		defer func() { <-l.turn }()
+	case <-ctx.Done():
+		return 0, fmt.Errorf("waiting for the read in progress of provider %q's organisations: %w", l.provider, ctx.Err())
+	}
 	m := make(map[string]struct{})
 	err := l.list.EachOrganisation(ctx, l.limits, func(o nuapay.Organisation) { m[o.ID] = struct{}{} })
 	if err != nil && schedule.Err() != nil {
@@ -118,7 +154,7 @@ func (l *Listing) read(ctx, schedule context.Context) (int, error) {
 		if last := l.reads.Load(); last != nil {
 			next = *last
 		}
-		next.status.Err, next.status.FailedAt = err, time.Now()
+		next.status.Err, next.status.FailedAt = err, l.now()
 		l.reads.Store(&next)
 		kept := "none yet: wildcard merchants are refused with 503"
 		if next.orgs != nil {
@@ -127,7 +163,7 @@ func (l *Listing) read(ctx, schedule context.Context) (int, error) {
 		l.logger.Warn("listing the organisations failed; keeping "+kept, zap.String("provider", l.provider), zap.Error(err))
 		return 0, err
 	}
-	l.reads.Store(&reads{orgs: m, status: Status{Read: true, Organisations: len(m), ReadAt: time.Now()}})
+	l.reads.Store(&reads{orgs: m, status: Status{Read: true, Organisations: len(m), ReadAt: l.now()}})
 	l.logger.Info("organisations listed", zap.String("provider", l.provider), zap.Int("organisations", len(m)))
 	return len(m), nil
 }
@@ -152,6 +188,16 @@ func (l *Listing) Status() Status {
 		return r.status
 	}
 	return Status{}
+}
+
+// RetryAfter is how long until the schedule reads the list again after a
+// failed read: 0 when the last read did not fail or the next is due.
+func (l *Listing) RetryAfter() time.Duration {
+	next := l.nextRead.Load()
+	if next == 0 {
+		return 0
+	}
+	return max(time.Unix(0, next).Sub(l.now()), 0)
 }
 
 // Allows says whether org is listed: a zero code when it is, 403

@@ -18,7 +18,9 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
 
 // listingStandIn is a Nuapay organisations list (GET /organisations,
@@ -114,34 +116,122 @@ func TestOrganisationListingBoundedInTotal(t *testing.T) {
 	}
 }
 
+// TestListingFailedReadRetriedSooner: a failed read of the list is tried
+// again after a backoff that starts at firstRetry and doubles up to the
+// refresh interval, or after the provider's Retry-After when that is
+// longer, not only a refresh interval later: wildcard merchants are not
+// refused for a whole interval because the provider was down when the
+// listing started. A good read brings back the refresh interval, and the
+// backoff to its start.
+func TestListingFailedReadRetriedSooner(t *testing.T) {
+	type answer struct {
+		status     int
+		retryAfter string
+	}
+	steps := []struct {
+		answer answer
+		wait   time.Duration // before the next read
+	}{
+		{answer{http.StatusServiceUnavailable, ""}, 5 * time.Second},
+		{answer{http.StatusInternalServerError, ""}, 10 * time.Second},
+		{answer{http.StatusServiceUnavailable, "45"}, 45 * time.Second}, // longer than the backoff's 20 s
+		{answer{http.StatusServiceUnavailable, ""}, 40 * time.Second},
+		{answer{http.StatusTooManyRequests, ""}, time.Minute},           // 80 s, cut to the interval
+		{answer{http.StatusServiceUnavailable, "120"}, 2 * time.Minute}, // the provider's wait, past the interval
+		{answer{http.StatusOK, ""}, time.Minute},
+		{answer{http.StatusServiceUnavailable, ""}, 5 * time.Second},
+	}
+	var current atomic.Pointer[answer]
+	current.Store(&steps[0].answer)
+	good := &listingStandIn{listingShape: listingShape{pages: 1, perPage: 2, pad: 1, prefix: "ORG"}}
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		a := current.Load()
+		if a.status == http.StatusOK {
+			good.ServeHTTP(w, r)
+			return
+		}
+		if a.retryAfter != "" {
+			w.Header().Set("Retry-After", a.retryAfter)
+		}
+		w.WriteHeader(a.status)
+	}))
+	t.Cleanup(ts.Close)
+	src, err := nuapay.New(nuapay.Config{BaseURL: ts.URL, APIKey: broker.Secret("partner-key")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := New("nuapay", src, nuapay.ListLimits{Organisations: 10}, time.Minute, zap.NewNop())
+	waits, wake := steppedClock(l)
+	l.Start()
+	t.Cleanup(func() { _ = l.Destruct() })
+	for i, step := range steps {
+		got := nextWait(t, waits)
+		if got != step.wait {
+			t.Fatalf("step %d (%d %q): the next read in %s, want %s", i, step.answer.status, step.answer.retryAfter, got, step.wait)
+		}
+		want := errcode.OrganisationsUnavailable
+		if i >= 6 { // the good list, kept after a failed read
+			want = 0
+		}
+		if code := l.Allows("ORG1"); code != want {
+			t.Fatalf("step %d: ORG1 %s, want %s", i, code, want)
+		}
+		wantRetry := step.wait
+		if step.answer.status == http.StatusOK {
+			wantRetry = 0
+		}
+		if ra := l.RetryAfter(); ra != wantRetry {
+			t.Fatalf("step %d: RetryAfter %s, want %s", i, ra, wantRetry)
+		}
+		if i+1 < len(steps) {
+			current.Store(&steps[i+1].answer)
+		}
+		wake <- struct{}{}
+	}
+}
+
+// steppedClock gives l a clock that a test moves: each wait of l's
+// schedule is sent on waits, and ends, moving the clock by the wait, when
+// the test sends on wake (or when the schedule ends).
+func steppedClock(l *Listing) (waits <-chan time.Duration, wake chan<- struct{}) {
+	w, k := make(chan time.Duration), make(chan struct{})
+	clock := clocktest.New(time.Unix(1_700_000_000, 0))
+	l.now = clock.Now
+	l.sleep = func(ctx context.Context, d time.Duration) error {
+		select {
+		case w <- d:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		select {
+		case <-k:
+			clock.Add(d)
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return w, k
+}
+
+// nextWait returns the next wait of a schedule given a steppedClock.
+func nextWait(t *testing.T, waits <-chan time.Duration) time.Duration {
+	t.Helper()
+	select {
+	case d := <-waits:
+		return d
+	case <-time.After(10 * time.Second):
+		t.Fatal("the schedule waits for no next read")
+		return 0
+	}
+}
+
 // TestListingDestructStopsARead: Destruct (a config reload that drops the
 // listing) does not wait for a read the provider is slow to answer: the
 // read is cancelled, and its cancellation is neither logged as a failed
 // read nor kept as the listing's status.
 func TestListingDestructStopsARead(t *testing.T) {
-	arrived, release := make(chan struct{}), make(chan struct{})
-	var arrivedOnce sync.Once
-	cancelled := make(chan struct{})
-	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		arrivedOnce.Do(func() { close(arrived) })
-		select {
-		case <-r.Context().Done():
-			close(cancelled)
-		case <-release:
-		}
-	}))
-	t.Cleanup(func() {
-		close(release)
-		ts.Close()
-	})
-	src, err := nuapay.New(nuapay.Config{BaseURL: ts.URL, APIKey: broker.Secret("partner-key"), Client: &http.Client{}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	core, logs := observer.New(zap.WarnLevel)
-	l := New("nuapay", src, nuapay.ListLimits{Organisations: 10}, time.Hour, zap.New(core))
-	l.Start()
-	<-arrived
+	l, logs, cancelled := unansweredListing(t)
 	destructed := make(chan struct{})
 	go func() {
 		_ = l.Destruct()
@@ -159,4 +249,62 @@ func TestListingDestructStopsARead(t *testing.T) {
 	if st := l.Status(); st.Err != nil || !st.FailedAt.IsZero() {
 		t.Errorf("status after Destruct cancelled the read: %+v, want no failed read", st)
 	}
+}
+
+// TestListingRefreshWaitEndsWithItsRequest: while the scheduled read
+// waits for a provider that does not answer, a Refresh (the admin API's
+// POST) gives up when its own context ends, not when that read does, and
+// its giving up is not logged as a failed read of the provider.
+func TestListingRefreshWaitEndsWithItsRequest(t *testing.T) {
+	l, logs, _ := unansweredListing(t)
+	t.Cleanup(func() { _ = l.Destruct() })
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := l.Refresh(ctx)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Refresh: %v, want its context's deadline", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Refresh waits for the scheduled read past its own context's end")
+	}
+	for _, e := range logs.All() {
+		t.Errorf("logged %q for a Refresh that gave up waiting", e.Message)
+	}
+}
+
+// unansweredListing starts the listing of a provider that answers no
+// read until the read is cancelled (then cancelled is closed) or the test
+// ends, and returns it once its first read reached the provider, with
+// its warnings' log.
+func unansweredListing(t *testing.T) (l *Listing, logs *observer.ObservedLogs, cancelled <-chan struct{}) {
+	t.Helper()
+	arrived, release, gone := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	var arrivedOnce, goneOnce sync.Once
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrivedOnce.Do(func() { close(arrived) })
+		select {
+		case <-r.Context().Done():
+			goneOnce.Do(func() { close(gone) })
+		case <-release:
+		}
+	}))
+	t.Cleanup(func() {
+		close(release)
+		ts.Close()
+	})
+	src, err := nuapay.New(nuapay.Config{BaseURL: ts.URL, APIKey: broker.Secret("partner-key"), Client: &http.Client{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zap.WarnLevel)
+	l = New("nuapay", src, nuapay.ListLimits{Organisations: 10}, time.Hour, zap.New(core))
+	l.Start()
+	<-arrived
+	return l, logs, gone
 }

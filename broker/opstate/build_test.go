@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -390,6 +391,16 @@ func TestParseQuery(t *testing.T) {
 		{"after=%20x", Query{}, `after " x" is not a merchant id: pass the next of the previous page`},
 		{"stat=fresh", Query{}, `unknown parameter "stat": use provider, state, after, limit`},
 		{"state=fresh&state=idle", Query{}, `parameter "state" is given 2 times: give it once`},
+		// The first bad parameter in name order, whatever the map's order.
+		{"zeta=1&state=a&state=b&kappa=1&eta=1&theta=1&iota=1&lambda=1&mu=1&nu=1&xi=1", Query{},
+			`unknown parameter "eta": use provider, state, after, limit`},
+		{"zeta=1&state=a&state=b&kappa=1&theta=1&iota=1&lambda=1&mu=1&nu=1&xi=1", Query{},
+			`unknown parameter "iota": use provider, state, after, limit`},
+		{"after=a&after=b&zeta=1&kappa=1&theta=1&iota=1&lambda=1&mu=1&nu=1&xi=1", Query{},
+			`parameter "after" is given 2 times: give it once`},
+		{strings.Repeat("n", 100) + "=1", Query{}, `unknown parameter "` + strings.Repeat("n", 64) + `": use provider, state, after, limit`},
+		{"state=" + strings.Repeat("s", 100), Query{}, `state "` + strings.Repeat("s", 64) + `" is not a merchant state: use one of refused, unknown_organisation, needs_consent, backing_off, refreshing, fresh, idle`},
+		{"after=" + strings.Repeat("a", 200), Query{}, `after "` + strings.Repeat("a", 130) + `" is not a merchant id: pass the next of the previous page`},
 	} {
 		t.Run(tt.query, func(t *testing.T) {
 			v, _ := url.ParseQuery(tt.query)
@@ -609,5 +620,39 @@ func TestBuildProviderDPoP(t *testing.T) {
 	}
 	if !strings.Contains(string(out), `"dpop":{"alg":"EdDSA","jkt":"`+k.Thumbprint()+`"}`) || strings.Contains(string(out), `"d":`) {
 		t.Errorf("JSON %s", out)
+	}
+}
+
+// TestBuildSharedKeyRecovered: a merchant whose token request was
+// refused leaves its state when the cache key it shares with another
+// merchant gets a token through the other's request: it is served that
+// token, and makes no token request of its own to be told of.
+func TestBuildSharedKeyRecovered(t *testing.T) {
+	f := newFixtureOf(t, sharedTOML)
+	var refuse atomic.Bool
+	refuse.Store(true)
+	for _, p := range f.reg.Providers {
+		src := p.Source
+		p.Source = sourceFunc(func(ctx context.Context, req broker.Request) (broker.Token, error) {
+			if refuse.Load() {
+				return broker.Token{}, errRefused
+			}
+			return src.Token(ctx, req)
+		})
+	}
+	if err := f.get(t, "x1"); err == nil {
+		t.Fatal("x1: a token while the provider refuses")
+	}
+	refuse.Store(false)
+	f.clk.Add(2 * time.Minute) // past the key's failure memory
+	if err := f.get(t, "x2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.get(t, "x1"); err != nil {
+		t.Fatal(err)
+	}
+	r := Build(f.sources(), Query{Provider: "nuapay"}, f.clk.Now())
+	if got, want := page(r), []string{"x1 fresh", "x2 fresh", "x3 idle"}; !slices.Equal(got, want) {
+		t.Fatalf("merchants %q, want %q", got, want)
 	}
 }

@@ -2,6 +2,7 @@ package opstate
 
 import (
 	"fmt"
+	"maps"
 	"net/url"
 	"slices"
 	"strconv"
@@ -16,28 +17,37 @@ import (
 // unknown, repeated or malformed parameter is an error that says which
 // and what is accepted.
 func ParseQuery(v url.Values) (Query, error) {
-	params := []string{"provider", "state", "after", "limit"}
-	for name, vals := range v {
-		if !slices.Contains(params, name) {
-			return Query{}, fmt.Errorf("unknown parameter %q: use %s", name, strings.Join(params, ", "))
-		}
-		if len(vals) > 1 {
-			return Query{}, fmt.Errorf("parameter %q is given %d times: give it once", name, len(vals))
-		}
+	if err := CheckParams(v, "provider", "state", "after", "limit"); err != nil {
+		return Query{}, err
 	}
 	q := Query{Provider: v.Get("provider"), State: v.Get("state"), After: v.Get("after"), Limit: DefaultLimit}
 	if q.State != "" && !slices.Contains(States(), q.State) {
-		return Query{}, fmt.Errorf("state %q is not a merchant state: use one of %s", q.State, strings.Join(States(), ", "))
+		return Query{}, fmt.Errorf("state %.64q is not a merchant state: use one of %s", q.State, strings.Join(States(), ", "))
 	}
 	if q.After != "" && !config.ValidMerchantID(q.After) {
-		return Query{}, fmt.Errorf("after %q is not a merchant id: pass the next of the previous page", q.After)
+		return Query{}, fmt.Errorf("after %.130q is not a merchant id: pass the next of the previous page", q.After)
 	}
 	if s := v.Get("limit"); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 || n > MaxLimit {
-			return Query{}, fmt.Errorf("limit %q: must be a whole number from 1 to %d", s, MaxLimit)
+			return Query{}, fmt.Errorf("limit %.64q: must be a whole number from 1 to %d", s, MaxLimit)
 		}
 		q.Limit = n
 	}
 	return q, nil
+}
+
+// CheckParams returns an error naming the first parameter of v, in name
+// order, that is not one of names or that is given more than once, and
+// what to do. The name it quotes is cut to 64 characters.
+func CheckParams(v url.Values, names ...string) error {
+	for _, name := range slices.Sorted(maps.Keys(v)) {
+		if !slices.Contains(names, name) {
+			return fmt.Errorf("unknown parameter %.64q: use %s", name, strings.Join(names, ", "))
+		}
+		if n := len(v[name]); n > 1 {
+			return fmt.Errorf("parameter %.64q is given %d times: give it once", name, n)
+		}
+	}
+	return nil
 }

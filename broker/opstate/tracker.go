@@ -36,7 +36,8 @@ type TrackerOptions struct {
 // view needs besides what the broker keeps: each merchant's last error
 // (kept after a success) and, for each of its cache keys (a few at
 // most), whether the key's last token request was refused, for an
-// unknown organisation, or for lack of consent; each provider's
+// unknown organisation, or for lack of consent (until a request of the
+// key succeeds, whichever merchant sharing the key made it); each provider's
 // token requests over a sliding window and its last error; the fleet
 // tier's health. Whether a provider fails (a source backing off, or its
 // breaker not closed) it reads from the broker when told that a source
@@ -56,6 +57,10 @@ type Tracker struct {
 
 	mu        sync.Mutex
 	merchants map[string]*merchantRecord
+	// failing maps a cache key to the merchants whose records hold a
+	// failure of it: a success of the key, through any merchant's
+	// request, ends their failures of it.
+	failing   map[string][]string
 	providers map[string]*providerRecord
 	fleet     fleetRecord
 }
@@ -66,6 +71,8 @@ const maxKeyFailures = 8
 
 // merchantRecord is what a Tracker remembers of a merchant.
 type merchantRecord struct {
+	// id is the merchant's id, the record's key in Tracker.merchants.
+	id        string
 	lastErr   errcode.Code
 	lastErrAt time.Time
 	// failures are the states that the last token request of each of the
@@ -97,8 +104,9 @@ func (m *merchantRecord) failure() string {
 	return worst
 }
 
-// failed notes the state a failure of key puts m in.
-func (m *merchantRecord) failed(key, state string) {
+// failed notes the state a failure of key puts m in, and indexes it in
+// t.failing. Called with t.mu held.
+func (t *Tracker) failed(m *merchantRecord, key, state string) {
 	for i := range m.failures {
 		if m.failures[i].key == key {
 			m.failures[i].state = state
@@ -106,17 +114,55 @@ func (m *merchantRecord) failed(key, state string) {
 		}
 	}
 	if len(m.failures) == maxKeyFailures {
-		m.failures = slices.Delete(m.failures, 0, 1)
+		oldest := m.failures[0].key
+		t.dropFailures(m, func(f keyFailure) bool { return f.key == oldest })
 	}
 	// A copy: the key of an explicit merchant's binding points into its
 	// registry, which must not stay alive after a reload replaced it.
-	m.failures = append(m.failures, keyFailure{key: strings.Clone(key), state: state})
+	key = strings.Clone(key)
+	m.failures = append(m.failures, keyFailure{key: key, state: state})
+	t.failing[key] = append(t.failing[key], m.id)
 }
 
-// succeeded drops the failure of key, and every needs-consent one: a
-// success proves that the merchant's consent holds.
-func (m *merchantRecord) succeeded(key string) {
-	m.failures = slices.DeleteFunc(m.failures, func(f keyFailure) bool { return f.key == key || f.state == StateNeedsConsent })
+// dropFailures drops the failures of m that drop selects, and their
+// entries in t.failing. Called with t.mu held.
+func (t *Tracker) dropFailures(m *merchantRecord, drop func(keyFailure) bool) {
+	m.failures = slices.DeleteFunc(m.failures, func(f keyFailure) bool {
+		if !drop(f) {
+			return false
+		}
+		ids := slices.DeleteFunc(t.failing[f.key], func(id string) bool { return id == m.id })
+		if len(ids) == 0 {
+			delete(t.failing, f.key)
+		} else {
+			t.failing[f.key] = ids
+		}
+		return true
+	})
+}
+
+// succeeded drops every merchant's failure of key (a token of a key is
+// served to all the merchants sharing it), and every needs-consent
+// failure of merchant: a success proves that its consent holds. It
+// returns merchant's record, nil when it has none. Called with t.mu held.
+func (t *Tracker) succeeded(merchant, key string) *merchantRecord {
+	ids := t.failing[key]
+	delete(t.failing, key)
+	for _, id := range ids {
+		o := t.merchants[id]
+		if o == nil {
+			continue
+		}
+		o.failures = slices.DeleteFunc(o.failures, func(f keyFailure) bool { return f.key == key })
+		if id != merchant {
+			o.refusedTold = o.refusedTold && o.refused()
+		}
+	}
+	m := t.merchants[merchant]
+	if m != nil {
+		t.dropFailures(m, func(f keyFailure) bool { return f.state == StateNeedsConsent })
+	}
+	return m
 }
 
 // refused reports whether a key of m is refused (StateRefused or
@@ -177,8 +223,8 @@ func NewTracker(o TrackerOptions) *Tracker {
 	if o.MaxMerchants <= 0 {
 		o.MaxMerchants = DefaultMaxMerchants
 	}
-	return &Tracker{now: o.Now, emit: o.Emit, maxLen: o.MaxMerchants,
-		merchants: map[string]*merchantRecord{}, providers: map[string]*providerRecord{}}
+	return &Tracker{now: o.Now, emit: o.Emit, maxLen: o.MaxMerchants, merchants: map[string]*merchantRecord{},
+		failing: map[string][]string{}, providers: map[string]*providerRecord{}}
 }
 
 // send emits the events, outside the lock.
@@ -210,16 +256,25 @@ func (t *Tracker) merchant(id string) *merchantRecord {
 	if m == nil {
 		if len(t.merchants) >= t.maxLen {
 			for other := range t.merchants {
-				delete(t.merchants, other)
+				t.forget(other)
 				break
 			}
 		}
-		m = &merchantRecord{}
 		// A copy: an explicit merchant's id points into its registry's
 		// file, which must not stay alive after a reload replaced it.
-		t.merchants[strings.Clone(id)] = m
+		m = &merchantRecord{id: strings.Clone(id)}
+		t.merchants[m.id] = m
 	}
 	return m
+}
+
+// forget drops the record of a merchant and its failures' entries in
+// t.failing. Called with t.mu held.
+func (t *Tracker) forget(merchant string) {
+	if m := t.merchants[merchant]; m != nil {
+		t.dropFailures(m, func(keyFailure) bool { return true })
+		delete(t.merchants, merchant)
+	}
 }
 
 // failureState returns the merchant state a failed token request puts
@@ -261,11 +316,10 @@ func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
 	if err == nil {
 		p.calls.add(now, false)
 		p.lastCallFailed = false
-		m := t.merchants[merchant]
+		m := t.succeeded(merchant, b.Key())
 		if m == nil {
 			return
 		}
-		m.succeeded(b.Key())
 		m.refusedTold = m.refusedTold && m.refused()
 		if m.consentNeeded {
 			// A success after consent_required: the consent was granted
@@ -291,7 +345,7 @@ func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
 	}
 	m := t.merchant(merchant)
 	m.lastErr, m.lastErrAt = code, now
-	m.failed(b.Key(), state)
+	t.failed(m, b.Key(), state)
 	told := func(name string) {
 		evs = append(evs, event{name, map[string]any{"merchant": merchant, "provider": provider, "error": code.String(), "state": state}})
 	}
@@ -327,7 +381,7 @@ func (t *Tracker) ConsentGranted(provider, merchant string) {
 	t.mu.Lock()
 	if m := t.merchants[merchant]; m != nil {
 		m.consentNeeded = false
-		m.failures = slices.DeleteFunc(m.failures, func(f keyFailure) bool { return f.state == StateNeedsConsent })
+		t.dropFailures(m, func(f keyFailure) bool { return f.state == StateNeedsConsent })
 	}
 	t.mu.Unlock()
 	t.send([]event{{EventConsentGranted, map[string]any{"merchant": merchant, "provider": provider}}})
@@ -338,7 +392,7 @@ func (t *Tracker) ConsentGranted(provider, merchant string) {
 func (t *Tracker) Forget(merchant string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	delete(t.merchants, merchant)
+	t.forget(merchant)
 }
 
 // SourceChanged notes that a source of a provider started or ended a
