@@ -384,9 +384,14 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte) (
 	return nil, ae
 }
 
+// maxDetails is the most error details an error keeps: an answer with
+// more says how many it left out.
+const maxDetails = 10
+
 // ParseError turns a non-2xx Gatekeeper answer into an *broker.APIError,
 // reading Nuapay's error envelope when there is one. "details" may be an
-// array or a single object; any field may be null.
+// array or a single object; any field may be null. Past maxDetails, a
+// last detail says how many were left out.
 func ParseError(status int, retryAfter string, body []byte, now time.Time) *broker.APIError {
 	ae := &broker.APIError{Provider: "nuapay", StatusCode: status, RetryAfter: broker.ParseRetryAfter(retryAfter, now)}
 	var env struct {
@@ -412,6 +417,9 @@ func ParseError(status int, retryAfter string, body []byte, now time.Time) *brok
 		if json.Unmarshal(d, &one) == nil {
 			ae.Details = []broker.ErrorDetail{one}
 		}
+	}
+	if n := len(ae.Details) - maxDetails; n > 0 {
+		ae.Details = append(ae.Details[:maxDetails:maxDetails], broker.ErrorDetail{Description: fmt.Sprintf("%d more details left out", n)})
 	}
 	if ae.Description == "" {
 		ae.Description = http.StatusText(status)

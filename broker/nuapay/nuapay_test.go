@@ -301,3 +301,21 @@ func TestRevokeTokenRefusalNamesTheMerchant(t *testing.T) {
 		t.Fatalf("RevokeToken = %v, want a refusal naming merchant acme", err)
 	}
 }
+
+// An error answer with a flood of details gives an error of bounded size
+// that says how many details were left out.
+func TestNuapayErrorDetailsBounded(t *testing.T) {
+	var b strings.Builder
+	b.WriteString(`{"returnCode":"42200","returnDescription":"Invalid request","details":[`)
+	for i := range 20_000 {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(`{"code":"8888","description":"bad value","field":"scopes"}`)
+	}
+	b.WriteString(`]}`)
+	ae := ParseError(422, "", []byte(b.String()), time.Now())
+	if msg := ae.Error(); len(msg) > 4000 || !strings.Contains(msg, "19990 more") {
+		t.Fatalf("error is %d bytes, want a bounded one saying how many details were left out: %.300s", len(msg), msg)
+	}
+}
