@@ -161,7 +161,7 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 	}
 	body, _ := json.Marshal(nuapayTokenRequest{Scopes: req.Scopes, ExpiresIn: int64(life / time.Second)})
 	sent := s.cfg.Now()
-	data, err := s.call(httpclient.TokenRequest(ctx), http.MethodPost, target, body)
+	status, data, err := s.call(httpclient.TokenRequest(ctx), http.MethodPost, target, body)
 	if err != nil {
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound && ae.Err == nil {
@@ -170,28 +170,38 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 		}
 		return broker.Token{}, err
 	}
-	return ParseToken(data, sent, life)
+	tok, err := ParseToken(status, data, sent, life)
+	if ae := (*broker.APIError)(nil); errors.As(err, &ae) {
+		s.scrub(ae)
+	}
+	return tok, err
 }
 
 // ParseToken parses a Gatekeeper token response body (the 201
-// envelope). sent is when the request was sent and life the lifetime asked
-// for; they give the expiry when the response has no expiryTime.
-func ParseToken(body []byte, sent time.Time, life time.Duration) (broker.Token, error) {
+// envelope) that came with the success status status. sent is when the
+// request was sent and life the lifetime asked for; they give the expiry
+// when the response has no expiryTime. A body that is Nuapay's error
+// envelope gives its error (ParseError).
+func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (broker.Token, error) {
 	var env struct {
-		Data *nuapayToken `json:"data"`
+		Data       *nuapayToken `json:"data"`
+		ReturnCode *string      `json:"returnCode"`
 	}
 	if err := json.Unmarshal(body, &env); err != nil {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "malformed_response", Err: errors.New("token response is not the JSON envelope")}
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "malformed_response", Err: errors.New("token response is not the JSON envelope")}
 	}
 	d := env.Data
+	if (d == nil || d.AccessToken == "") && env.ReturnCode != nil {
+		return broker.Token{}, ParseError(status, "", body, sent)
+	}
 	if d == nil || d.AccessToken == "" {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "malformed_response", Description: "token response has no data.accessToken"}
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "malformed_response", Description: "token response has no data.accessToken"}
 	}
 	if d.TokenType != "" && !httpclient.IsBearer(d.TokenType) {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "unsupported_token_type", Description: fmt.Sprintf("tokenType %q is not BEARER", d.TokenType)}
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "unsupported_token_type", Description: fmt.Sprintf("tokenType %q is not BEARER", d.TokenType)}
 	}
 	if d.Status != "" && !strings.EqualFold(d.Status, "ACTIVE") {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "inactive_token", Description: fmt.Sprintf("token status is %q", d.Status)}
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "inactive_token", Description: fmt.Sprintf("token status is %q", d.Status)}
 	}
 	expiry := sent.Add(life)
 	if d.ExpiryTime != nil {
@@ -220,7 +230,7 @@ func (s *Source) RevokeToken(ctx context.Context, req broker.Request, tok broker
 	if err != nil {
 		return err
 	}
-	_, err = s.call(ctx, http.MethodPost, target, nil)
+	_, _, err = s.call(ctx, http.MethodPost, target, nil)
 	return err
 }
 
@@ -308,7 +318,7 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 		u.Path += s.cfg.OrganisationsPath
 		u.RawPath = ""
 		u.RawQuery = url.Values{"pagenumber": {fmt.Sprint(page)}, "pagesize": {"100"}}.Encode()
-		body, err := s.call(ctx, http.MethodGet, u.String(), nil)
+		status, body, err := s.call(ctx, http.MethodGet, u.String(), nil)
 		if err != nil {
 			return err
 		}
@@ -322,7 +332,7 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 			} `json:"page"`
 		}
 		if err := json.Unmarshal(body, &env); err != nil {
-			return &broker.APIError{Provider: "nuapay", StatusCode: http.StatusOK, Code: "malformed_response", Err: err}
+			return &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "malformed_response", Err: err}
 		}
 		if count += len(env.Data); count > lim.Organisations {
 			return &ListTooLargeError{Limit: "organisations", Max: int64(lim.Organisations), Pages: page}
@@ -339,17 +349,17 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 	}
 }
 
-// call sends one Gatekeeper request and returns the body of a 2xx answer
-// (200 is accepted where 201 is documented); any other answer becomes an
-// *broker.APIError built from Nuapay's error envelope.
-func (s *Source) call(ctx context.Context, method, target string, body []byte) ([]byte, error) {
+// call sends one Gatekeeper request and returns the status and body of a
+// 2xx answer (200 is accepted where 201 is documented); any other answer
+// becomes an *broker.APIError built from Nuapay's error envelope.
+func (s *Source) call(ctx context.Context, method, target string, body []byte) (int, []byte, error) {
 	var rd io.Reader
 	if body != nil {
 		rd = bytes.NewReader(body)
 	}
 	hr, err := http.NewRequestWithContext(ctx, method, target, rd)
 	if err != nil {
-		return nil, fmt.Errorf("nuapay: building request: %w", err)
+		return 0, nil, fmt.Errorf("nuapay: building request: %w", err)
 	}
 	hr.Header.Set("Authorization", s.auth)
 	hr.Header.Set("Accept", "application/json")
@@ -358,30 +368,35 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte) (
 	}
 	resp, err := s.cfg.Client.Do(hr)
 	if err != nil {
-		return nil, fmt.Errorf("nuapay token API %s: %w", s.base.Host, httpclient.RedactURLError(err))
+		return 0, nil, fmt.Errorf("nuapay token API %s: %w", s.base.Host, httpclient.RedactURLError(err))
 	}
 	defer resp.Body.Close()
 	data, tooLarge, err := httpclient.ReadBody(resp.Body)
 	if err != nil {
-		return nil, fmt.Errorf("nuapay token API %s: reading the response: %w", s.base.Host, err)
+		return 0, nil, fmt.Errorf("nuapay token API %s: reading the response: %w", s.base.Host, err)
 	}
 	if tooLarge {
-		return nil, &broker.APIError{Provider: "nuapay", StatusCode: resp.StatusCode, Code: "response_too_large",
+		return 0, nil, &broker.APIError{Provider: "nuapay", StatusCode: resp.StatusCode, Code: "response_too_large",
 			Description: fmt.Sprintf("response body is over %d bytes", httpclient.MaxResponseBytes)}
 	}
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		return data, nil
+		return resp.StatusCode, data, nil
 	}
 	ae := ParseError(resp.StatusCode, resp.Header.Get("Retry-After"), data, s.cfg.Now())
-	// A provider that echoes what it was sent must not put the key in our
-	// logs: scrub it, plain and as the Basic credential.
+	s.scrub(ae)
+	return 0, nil, ae
+}
+
+// scrub takes the API key out of the provider's texts in ae: a provider
+// that echoes what it was sent must not put the key in our logs, plain
+// or as the Basic credential.
+func (s *Source) scrub(ae *broker.APIError) {
 	secrets := []string{s.cfg.APIKey.Reveal(), strings.TrimPrefix(s.auth, "Basic ")}
 	ae.Code, ae.Description = scrub.Secrets(ae.Code, secrets...), scrub.Secrets(ae.Description, secrets...)
 	for i := range ae.Details {
 		d := &ae.Details[i]
 		d.Code, d.Description, d.Field = scrub.Secrets(d.Code, secrets...), scrub.Secrets(d.Description, secrets...), scrub.Secrets(d.Field, secrets...)
 	}
-	return nil, ae
 }
 
 // maxDetails is the most error details an error keeps: an answer with
