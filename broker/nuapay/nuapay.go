@@ -198,10 +198,10 @@ func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (br
 		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "malformed_response", Description: "token response has no data.accessToken"}
 	}
 	if d.TokenType != "" && !httpclient.IsBearer(d.TokenType) {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "unsupported_token_type", Description: fmt.Sprintf("tokenType %q is not BEARER", d.TokenType)}
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "unsupported_token_type", Description: fmt.Sprintf("tokenType %q is not BEARER", scrub.Secrets(d.TokenType, d.AccessToken))}
 	}
 	if d.Status != "" && !strings.EqualFold(d.Status, "ACTIVE") {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "inactive_token", Description: fmt.Sprintf("token status is %q", d.Status)}
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "inactive_token", Description: fmt.Sprintf("token status is %q", scrub.Secrets(d.Status, d.AccessToken))}
 	}
 	expiry := sent.Add(life)
 	if d.ExpiryTime != nil {

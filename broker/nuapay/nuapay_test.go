@@ -338,6 +338,37 @@ func TestNuapayUnusableSuccessAnswers(t *testing.T) {
 	}
 }
 
+// A token answer refused for its tokenType or status never quotes the
+// access token, nor more than a bounded text of what it got.
+func TestNuapayRefusedTokenNeverQuoted(t *testing.T) {
+	const token = "eyJhbGciOiJQUzI1NiJ9.secret-token.sig"
+	long := strings.Repeat("x", 100_000)
+	tests := []struct {
+		name     string
+		data     string
+		wantCode string
+	}{
+		{"token type quoting the token", `"tokenType":"MAC ` + token + `"`, "unsupported_token_type"},
+		{"status quoting the token", `"tokenType":"BEARER","status":"SUSPENDED ` + token + `"`, "inactive_token"},
+		{"huge token type", `"tokenType":"` + long + `"`, "unsupported_token_type"},
+		{"huge status", `"status":"` + long + `"`, "inactive_token"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			body := `{"data":{"accessToken":"` + token + `",` + tt.data + `}}`
+			n := newNuapayTest(t, &gatekeeper{status: 201, body: body})
+			_, err := n.Token(context.Background(), broker.Request{Merchant: "acme", Organisation: "o", Scopes: []string{"s"}})
+			var ae *broker.APIError
+			if !errors.As(err, &ae) || ae.Code != tt.wantCode {
+				t.Fatalf("err = %v, want an *broker.APIError %s", err, tt.wantCode)
+			}
+			if msg := err.Error(); strings.Contains(msg, "secret-token") || len(msg) > 1000 {
+				t.Fatalf("error quotes the token or is %d bytes long: %.200s", len(msg), msg)
+			}
+		})
+	}
+}
+
 // An error answer with a flood of details gives an error of bounded size
 // that says how many details were left out.
 func TestNuapayErrorDetailsBounded(t *testing.T) {
