@@ -142,8 +142,8 @@ type nuapayToken struct {
 }
 
 // Token requests a token for req.Organisation with req.Scopes, asking for
-// req.Lifetime (or the configured lifetime). A 404 answer's error wraps
-// broker.ErrUnknownOrganisation.
+// req.Lifetime (or the configured lifetime). A 404 answer with Nuapay's
+// error envelope wraps broker.ErrUnknownOrganisation.
 func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
 	if len(req.Scopes) == 0 {
 		return broker.Token{}, &broker.RequestError{Merchant: req.Merchant, Field: "scopes", Reason: "Nuapay needs at least one scope"}
@@ -165,8 +165,7 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 	if err != nil {
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound && ae.Err == nil {
-			// Gatekeeper's 404 to a token request: no such organisation.
-			ae.Err = broker.ErrUnknownOrganisation
+			ae.Err = s.notFound(ae)
 		}
 		return broker.Token{}, err
 	}
@@ -175,6 +174,17 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 		s.scrub(ae)
 	}
 	return tok, err
+}
+
+// notFound is the cause of a 404 answer (ae) to a token request: with
+// Gatekeeper's error envelope, the organisation is unknown; without it (a
+// web server's or a proxy's page), the base URL does not lead to
+// Gatekeeper.
+func (s *Source) notFound(ae *broker.APIError) error {
+	if ae.Code != "" || len(ae.Details) > 0 || ae.Description != http.StatusText(ae.StatusCode) {
+		return broker.ErrUnknownOrganisation
+	}
+	return fmt.Errorf("the answer is not Nuapay's error body, so %s does not lead to Gatekeeper's token endpoint: check base_url of the provider", s.base.Redacted())
 }
 
 // ParseToken parses a Gatekeeper token response body (the 201

@@ -386,3 +386,33 @@ func TestNuapayErrorDetailsBounded(t *testing.T) {
 		t.Fatalf("error is %d bytes, want a bounded one saying how many details were left out: %.300s", len(msg), msg)
 	}
 }
+
+// A 404 without Nuapay's error envelope (a proxy's or a web server's page:
+// the base URL does not lead to Gatekeeper) is not taken for an unknown
+// organisation: its error says to check base_url, not the merchant's
+// organisation.
+func TestNuapayNotFoundWithoutEnvelopeIsNotAnUnknownOrganisation(t *testing.T) {
+	tests := []struct {
+		name        string
+		body        string
+		wantUnknown bool
+	}{
+		{"envelope", `{"returnCode":"40400","returnDescription":"Organisation not found"}`, true},
+		{"envelope with details only", `{"returnCode":null,"details":[{"field":"encodedOrganisationId"}]}`, true},
+		{"html page", `<html><body>404 Not Found</body></html>`, false},
+		{"empty body", ``, false},
+		{"another framework's json", `{"timestamp":"2026-12-07T10:00:00Z","status":404,"error":"Not Found","path":"/organisations/o/tokens"}`, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n := newNuapayTest(t, &gatekeeper{status: 404, body: tt.body})
+			_, err := n.Token(context.Background(), broker.Request{Merchant: "acme", Organisation: "o", Scopes: []string{"s"}})
+			if got := errors.Is(err, broker.ErrUnknownOrganisation); got != tt.wantUnknown {
+				t.Fatalf("%v: unknown organisation %v, want %v", err, got, tt.wantUnknown)
+			}
+			if !tt.wantUnknown && !strings.Contains(err.Error(), "base_url") {
+				t.Fatalf("%v: want an error that says to check base_url", err)
+			}
+		})
+	}
+}
