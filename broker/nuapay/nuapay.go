@@ -136,7 +136,7 @@ type nuapayToken struct {
 	ID          string   `json:"id"`
 	AccessToken string   `json:"accessToken"`
 	TokenType   string   `json:"tokenType"`
-	ExpiryTime  *int64   `json:"expiryTime"`
+	ExpiryTime  *float64 `json:"expiryTime"` // epoch ms; any JSON number
 	Scopes      []string `json:"scopes"`
 	Status      string   `json:"status"`
 }
@@ -214,12 +214,10 @@ func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (br
 		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "inactive_token", Description: fmt.Sprintf("token status is %q", scrub.Secrets(d.Status, d.AccessToken))}
 	}
 	expiry := sent.Add(life)
-	if d.ExpiryTime != nil {
-		// Never trust the provider for longer than asked: a clock skew or
-		// an absurd value would otherwise keep a dead token cached.
-		if e := time.UnixMilli(*d.ExpiryTime); e.Before(expiry) {
-			expiry = e
-		}
+	// Never trust the provider for longer than asked: a clock skew or an
+	// absurd value would otherwise keep a dead token cached.
+	if d.ExpiryTime != nil && *d.ExpiryTime < float64(expiry.UnixMilli()) {
+		expiry = time.UnixMilli(int64(max(*d.ExpiryTime, 0)))
 	}
 	return broker.Token{Value: broker.Secret(d.AccessToken), Type: "Bearer", Expiry: expiry, ID: d.ID, Scopes: d.Scopes}, nil
 }

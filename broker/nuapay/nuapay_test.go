@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -93,6 +94,35 @@ func TestNuapayExpiryTimeIsMilliseconds(t *testing.T) {
 }
 
 func jsonInt(v int64) string { b, _ := json.Marshal(v); return string(b) }
+
+// An expiryTime in milliseconds written as a JSON number with a fraction
+// or an exponent (a look-alike that computes it in floating point) is
+// read like an integer one; one past any int64 caps nothing.
+func TestNuapayExpiryTimeAnyJSONNumber(t *testing.T) {
+	now := time.Now()
+	in10s := now.Add(10 * time.Second).UnixMilli()
+	tests := []struct {
+		expiryTime string
+		want       time.Duration
+	}{
+		{jsonInt(in10s) + ".25", 10 * time.Second},
+		{strconv.FormatFloat(float64(in10s), 'e', -1, 64), 10 * time.Second},
+		{"1e300", time.Hour},
+		{"-1e300", -time.Duration(now.UnixNano())},
+	}
+	for _, tt := range tests {
+		t.Run(tt.expiryTime, func(t *testing.T) {
+			body := []byte(strings.Replace(okEnvelope, "%d", tt.expiryTime, 1))
+			tok, err := ParseToken(http.StatusCreated, body, now, time.Hour)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := tok.Expiry.Sub(now); d < tt.want-time.Second || d > tt.want+time.Second {
+				t.Fatalf("expiry in %s, want %s", d, tt.want)
+			}
+		})
+	}
+}
 
 func TestNuapayOrganisationIDCannotChangeThePath(t *testing.T) {
 	tests := []struct {
