@@ -413,13 +413,13 @@ const maxDetails = 10
 
 // ParseError turns a non-2xx Gatekeeper answer into an *broker.APIError,
 // reading Nuapay's error envelope when there is one. "details" may be an
-// array or a single object; any field may be null. Past maxDetails, a
-// last detail says how many were left out.
+// array or a single object; any field may be null, and a code a number.
+// Past maxDetails, a last detail says how many were left out.
 func ParseError(status int, retryAfter string, body []byte, now time.Time) *broker.APIError {
 	ae := &broker.APIError{Provider: "nuapay", StatusCode: status, RetryAfter: broker.ParseRetryAfter(retryAfter, now)}
 	var env struct {
-		ReturnCode        *string         `json:"returnCode"`
-		ReturnDescription *string         `json:"returnDescription"`
+		ReturnCode        *text           `json:"returnCode"`
+		ReturnDescription *text           `json:"returnDescription"`
 		Details           json.RawMessage `json:"details"`
 	}
 	if err := json.Unmarshal(body, &env); err != nil {
@@ -427,27 +427,53 @@ func ParseError(status int, retryAfter string, body []byte, now time.Time) *brok
 		return ae
 	}
 	if env.ReturnCode != nil {
-		ae.Code = *env.ReturnCode
+		ae.Code = string(*env.ReturnCode)
 	}
 	if env.ReturnDescription != nil {
-		ae.Description = *env.ReturnDescription
+		ae.Description = string(*env.ReturnDescription)
 	}
-	var one broker.ErrorDetail
+	var details []errorDetail
+	var one errorDetail
 	switch d := bytes.TrimSpace(env.Details); {
 	case len(d) > 0 && d[0] == '[':
-		_ = json.Unmarshal(d, &ae.Details)
+		_ = json.Unmarshal(d, &details)
 	case len(d) > 0 && d[0] == '{':
 		if json.Unmarshal(d, &one) == nil {
-			ae.Details = []broker.ErrorDetail{one}
+			details = []errorDetail{one}
 		}
 	}
-	if n := len(ae.Details) - maxDetails; n > 0 {
-		ae.Details = append(ae.Details[:maxDetails:maxDetails], broker.ErrorDetail{Description: fmt.Sprintf("%d more details left out", n)})
+	for _, d := range details[:min(len(details), maxDetails)] {
+		ae.Details = append(ae.Details, broker.ErrorDetail{Code: string(d.Code), Description: string(d.Description), Field: string(d.Field)})
+	}
+	if n := len(details) - maxDetails; n > 0 {
+		ae.Details = append(ae.Details, broker.ErrorDetail{Description: fmt.Sprintf("%d more details left out", n)})
 	}
 	if ae.Description == "" {
 		ae.Description = http.StatusText(status)
 	}
 	return ae
+}
+
+// errorDetail is one entry of the "details" of Nuapay's error envelope.
+type errorDetail struct {
+	Code        text `json:"code"`
+	Description text `json:"description"`
+	Field       text `json:"field"`
+}
+
+// text is a string of Nuapay's error envelope that a look-alike may send
+// as another JSON value (a code as a number): a string is taken as it is,
+// any other value as its JSON text, null as "".
+type text string
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (t *text) UnmarshalJSON(b []byte) error {
+	var s string
+	if json.Unmarshal(b, &s) != nil {
+		s = string(b)
+	}
+	*t = text(s)
+	return nil
 }
 
 // Interface guards.
