@@ -131,14 +131,35 @@ type nuapayTokenRequest struct {
 	ExpiresIn int64    `json:"expiresIn"`
 }
 
-// nuapayToken is the "data" of Gatekeeper's token envelope.
+// nuapayToken is the "data" of Gatekeeper's token envelope. Only
+// accessToken must have its JSON type: the other fields are read from any
+// JSON value.
 type nuapayToken struct {
-	ID          string   `json:"id"`
-	AccessToken string   `json:"accessToken"`
-	TokenType   string   `json:"tokenType"`
-	ExpiryTime  *float64 `json:"expiryTime"` // epoch ms; any JSON number
-	Scopes      []string `json:"scopes"`
-	Status      string   `json:"status"`
+	ID          text      `json:"id"`
+	AccessToken string    `json:"accessToken"`
+	TokenType   text      `json:"tokenType"`
+	ExpiryTime  *float64  `json:"expiryTime"` // epoch ms; any JSON number
+	Scopes      scopeList `json:"scopes"`
+	Status      text      `json:"status"`
+}
+
+// scopeList is the scopes of a token answer: an array of strings, or one
+// space-separated string; nil for any other JSON value.
+type scopeList []string
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (l *scopeList) UnmarshalJSON(b []byte) error {
+	var list []string
+	var one string
+	switch {
+	case json.Unmarshal(b, &list) == nil:
+		*l = list
+	case json.Unmarshal(b, &one) == nil:
+		*l = strings.Fields(one)
+	default:
+		*l = nil
+	}
+	return nil
 }
 
 // Token requests a token for req.Organisation with req.Scopes, asking for
@@ -207,11 +228,11 @@ func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (br
 	if d == nil || d.AccessToken == "" {
 		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "malformed_response", Description: "token response has no data.accessToken"}
 	}
-	if d.TokenType != "" && !httpclient.IsBearer(d.TokenType) {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "unsupported_token_type", Description: fmt.Sprintf("tokenType %q is not BEARER", scrub.Secrets(d.TokenType, d.AccessToken))}
+	if d.TokenType != "" && !httpclient.IsBearer(string(d.TokenType)) {
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "unsupported_token_type", Description: fmt.Sprintf("tokenType %q is not BEARER", scrub.Secrets(string(d.TokenType), d.AccessToken))}
 	}
-	if d.Status != "" && !strings.EqualFold(d.Status, "ACTIVE") {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "inactive_token", Description: fmt.Sprintf("token status is %q", scrub.Secrets(d.Status, d.AccessToken))}
+	if d.Status != "" && !strings.EqualFold(string(d.Status), "ACTIVE") {
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "inactive_token", Description: fmt.Sprintf("token status is %q", scrub.Secrets(string(d.Status), d.AccessToken))}
 	}
 	expiry := sent.Add(life)
 	// Never trust the provider for longer than asked: a clock skew or an
@@ -219,7 +240,7 @@ func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (br
 	if d.ExpiryTime != nil && *d.ExpiryTime < float64(expiry.UnixMilli()) {
 		expiry = time.UnixMilli(int64(max(*d.ExpiryTime, 0)))
 	}
-	return broker.Token{Value: broker.Secret(d.AccessToken), Type: "Bearer", Expiry: expiry, ID: d.ID, Scopes: d.Scopes}, nil
+	return broker.Token{Value: broker.Secret(d.AccessToken), Type: "Bearer", Expiry: expiry, ID: string(d.ID), Scopes: d.Scopes}, nil
 }
 
 // ErrNoTokenID is returned by RevokeToken for a token without an id: it is

@@ -124,6 +124,35 @@ func TestNuapayExpiryTimeAnyJSONNumber(t *testing.T) {
 	}
 }
 
+// The token answer's informational fields, in another JSON type than
+// Gatekeeper's (a numeric id, scopes as one space-separated string or
+// an object), do not fail the token: the id and scopes are read from
+// them where they can be, else ignored.
+func TestNuapayTokenFieldsOfAnotherType(t *testing.T) {
+	tests := []struct {
+		data       string
+		wantID     string
+		wantScopes []string
+	}{
+		{`"id":12345,"scopes":["openbanking_pisp"]`, "12345", []string{"openbanking_pisp"}},
+		{`"id":"t1","scopes":"openbanking_aisp openbanking_pisp"`, "t1", []string{"openbanking_aisp", "openbanking_pisp"}},
+		{`"id":"t1","scopes":{"pisp":true},"tokenType":null`, "t1", nil},
+		{`"id":null,"scopes":[1,"openbanking_pisp"]`, "", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.data, func(t *testing.T) {
+			body := []byte(`{"data":{"accessToken":"eyJ.a.b",` + tt.data + `}}`)
+			tok, err := ParseToken(http.StatusCreated, body, time.Now(), time.Hour)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tok.ID != tt.wantID || strings.Join(tok.Scopes, " ") != strings.Join(tt.wantScopes, " ") || tok.Value.Reveal() != "eyJ.a.b" {
+				t.Fatalf("token id %q scopes %q, want %q %q", tok.ID, tok.Scopes, tt.wantID, tt.wantScopes)
+			}
+		})
+	}
+}
+
 func TestNuapayOrganisationIDCannotChangeThePath(t *testing.T) {
 	tests := []struct {
 		org      string
