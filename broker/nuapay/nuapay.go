@@ -333,6 +333,15 @@ func (e *ListTooLargeError) Error() string {
 	return fmt.Sprintf("nuapay organisations list: more than %d organisations after %d pages; not used (raise max_organisations in the wildcard entry if the partner has that many)", e.Max, e.Pages)
 }
 
+// Page sizes of the organisations list: the newer API serves up to
+// listPageSize organisations a page; the older one documents
+// legacyPageSize, and a provider that refuses the first page at
+// listPageSize (400 or 422) is asked again at legacyPageSize.
+const (
+	listPageSize   = 100
+	legacyPageSize = 20
+)
+
 // EachOrganisation reads every page of the organisations linked to the
 // partner and calls visit with each organisation, so that a caller keeps
 // only what it needs. Past lim (zero fields: the defaults) it stops with
@@ -342,12 +351,18 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 	lim = lim.withDefaults()
 	var bytes int64
 	count := 0
+	size := listPageSize
 	for page := 1; ; page++ {
 		u := *s.base
 		u.Path += s.cfg.OrganisationsPath
 		u.RawPath = ""
-		u.RawQuery = url.Values{"pagenumber": {fmt.Sprint(page)}, "pagesize": {"100"}}.Encode()
+		u.RawQuery = url.Values{"pagenumber": {fmt.Sprint(page)}, "pagesize": {fmt.Sprint(size)}}.Encode()
 		status, body, err := s.call(ctx, http.MethodGet, u.String(), nil)
+		var ae *broker.APIError
+		if page == 1 && size > legacyPageSize && errors.As(err, &ae) && (ae.StatusCode == http.StatusBadRequest || ae.StatusCode == http.StatusUnprocessableEntity) {
+			size, page = legacyPageSize, 0 // the first page again, smaller
+			continue
+		}
 		if err != nil {
 			return err
 		}

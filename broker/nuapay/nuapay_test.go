@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -445,5 +446,40 @@ func TestNuapayNotFoundWithoutEnvelopeIsNotAnUnknownOrganisation(t *testing.T) {
 				t.Fatalf("%v: want an error that says to check base_url", err)
 			}
 		})
+	}
+}
+
+// A Gatekeeper that refuses the page size of 100 (the older organisations
+// API documents 20) is asked again with 20, and the whole list is read.
+func TestNuapayOrganisationsSmallerPages(t *testing.T) {
+	var mu sync.Mutex
+	var queries []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		queries = append(queries, r.URL.RawQuery)
+		mu.Unlock()
+		size, _ := strconv.Atoi(r.URL.Query().Get("pagesize"))
+		if size > 20 {
+			w.WriteHeader(http.StatusBadRequest)
+			io.WriteString(w, `{"returnCode":"40000","returnDescription":"Invalid request","details":[{"code":"8888","description":"must be <= 20","field":"pagesize"}]}`)
+			return
+		}
+		page, _ := strconv.Atoi(r.URL.Query().Get("pagenumber"))
+		fmt.Fprintf(w, `{"data":[{"id":"o%d"}],"page":{"pageNumber":%d,"pageSize":20,"totalPages":2}}`, page, page)
+	}))
+	defer srv.Close()
+	n, err := New(Config{BaseURL: srv.URL, APIKey: "partner-key"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	if err := n.EachOrganisation(context.Background(), ListLimits{}, func(o Organisation) { ids = append(ids, o.ID) }); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	want := []string{"pagenumber=1&pagesize=100", "pagenumber=1&pagesize=20", "pagenumber=2&pagesize=20"}
+	if strings.Join(ids, ",") != "o1,o2" || strings.Join(queries, " ") != strings.Join(want, " ") {
+		t.Fatalf("organisations %q after %q, want o1,o2 after %q", ids, queries, want)
 	}
 }
