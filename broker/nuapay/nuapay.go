@@ -180,6 +180,7 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 	if err != nil {
 		return broker.Token{}, err
 	}
+	life = life.Truncate(time.Second) // expiresIn is whole seconds
 	body, _ := json.Marshal(nuapayTokenRequest{Scopes: req.Scopes, ExpiresIn: int64(life / time.Second)})
 	sent := s.cfg.Now()
 	status, data, err := s.call(httpclient.TokenRequest(ctx), http.MethodPost, target, body)

@@ -483,3 +483,22 @@ func TestNuapayOrganisationsSmallerPages(t *testing.T) {
 		t.Fatalf("organisations %q after %q, want o1,o2 after %q", ids, queries, want)
 	}
 }
+
+// A lifetime that is not a whole number of seconds is asked for in whole
+// seconds (expiresIn), and a token answer without expiryTime lives what
+// was asked for, not the fraction more.
+func TestNuapayLifetimeInWholeSeconds(t *testing.T) {
+	g := &gatekeeper{status: 201, body: `{"data":{"id":"t1","accessToken":"eyJ.a.b","tokenType":"BEARER","status":"ACTIVE"}}`}
+	n := newNuapayTest(t, g)
+	sent := time.Now()
+	tok, err := n.Token(context.Background(), broker.Request{Merchant: "acme", Organisation: "o", Scopes: []string{"s"}, Lifetime: 10*time.Second + 900*time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.gotBody["expiresIn"] != float64(10) {
+		t.Fatalf("expiresIn %v, want 10", g.gotBody["expiresIn"])
+	}
+	if end := sent.Add(10 * time.Second); tok.Expiry.After(time.Now().Add(10*time.Second)) || tok.Expiry.Before(end.Add(-time.Second)) {
+		t.Fatalf("expiry in %s, want 10s (what was asked for)", tok.Expiry.Sub(sent))
+	}
+}
