@@ -8,6 +8,7 @@ import (
 	"context"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -80,12 +81,33 @@ func (p *Broker) Tokens() []*broker.Entry {
 	return out
 }
 
-// Revoke revokes entries at their providers, within 10 seconds, and logs
-// each result.
+// revokeWorkers is how many revocations Revoke runs at once: one slow
+// provider answer must not use up the time of all the others.
+const revokeWorkers = 16
+
+// Revoke revokes entries at their providers, revokeWorkers at a time,
+// within 10 seconds, and logs each result.
 func (p *Broker) Revoke(entries []*broker.Entry) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	for _, res := range adminapi.Revoke(ctx, entries) {
+	results := make([]adminapi.RevokeResult, len(entries))
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(revokeWorkers, len(entries)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= len(entries) {
+					return
+				}
+				results[i] = adminapi.Revoke(ctx, entries[i:i+1])[0]
+			}
+		}()
+	}
+	wg.Wait()
+	for _, res := range results {
 		p.Logger.Info("token revoked at shutdown", zap.String("merchant", res.Merchant),
 			zap.String("fingerprint", res.Fingerprint), zap.Bool("revoked", res.Revoked), zap.String("error", res.Error))
 	}
