@@ -422,7 +422,8 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte) (
 	}
 	if tooLarge {
 		return 0, nil, &broker.APIError{Provider: "nuapay", StatusCode: resp.StatusCode, Code: "response_too_large",
-			Description: fmt.Sprintf("response body is over %d bytes", httpclient.MaxResponseBytes)}
+			Description: fmt.Sprintf("response body is over %d bytes", httpclient.MaxResponseBytes),
+			RetryAfter:  broker.ParseRetryAfter(resp.Header.Get("Retry-After"), s.cfg.Now())}
 	}
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		return resp.StatusCode, data, nil
