@@ -416,8 +416,11 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte) (
 		return 0, nil, fmt.Errorf("nuapay token API %s: %w", s.base.Host, httpclient.RedactURLError(err))
 	}
 	defer resp.Body.Close()
+	// An error status whose body was cut short is still that status,
+	// with its Retry-After: only its error envelope is lost.
 	data, tooLarge, err := httpclient.ReadBody(resp.Body)
-	if err != nil {
+	ok := resp.StatusCode >= 200 && resp.StatusCode < 300
+	if err != nil && ok {
 		return 0, nil, fmt.Errorf("nuapay token API %s: reading the response: %w", s.base.Host, err)
 	}
 	if tooLarge {
@@ -425,7 +428,7 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte) (
 			Description: fmt.Sprintf("response body is over %d bytes", httpclient.MaxResponseBytes),
 			RetryAfter:  broker.ParseRetryAfter(resp.Header.Get("Retry-After"), s.cfg.Now())}
 	}
-	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+	if ok {
 		return resp.StatusCode, data, nil
 	}
 	ae := ParseError(resp.StatusCode, resp.Header.Get("Retry-After"), data, s.cfg.Now())

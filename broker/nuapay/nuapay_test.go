@@ -230,6 +230,8 @@ func TestNuapayErrors(t *testing.T) {
 			wantCode: "40100", wantDesc: "bad key [REDACTED]"},
 		{name: "202 without data", status: 202, body: `{"uri":"/x"}`, wantCode: "malformed_response"},
 		{name: "200 html", status: 200, body: `<html>maintenance</html>`, wantCode: "malformed_response"},
+		{name: "429 body cut short", status: 429, body: `{"returnCode":"42900"`, header: http.Header{"Retry-After": {"7"}, "Content-Length": {"100"}},
+			wantDesc: "Too Many Requests", wantRetry: 7 * time.Second, wantTemp: true, wantClass: broker.ClassRateLimited},
 		{name: "429 body over the cap", status: 429, body: strings.Repeat("x", httpclient.MaxResponseBytes+1), header: http.Header{"Retry-After": {"7"}},
 			wantCode: "response_too_large", wantRetry: 7 * time.Second, wantTemp: true, wantClass: broker.ClassRateLimited},
 		{name: "body over the cap", status: 201, body: `{"data":"` + strings.Repeat("x", httpclient.MaxResponseBytes) + `"}`, wantCode: "response_too_large"},
