@@ -15,6 +15,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -502,16 +503,26 @@ type errorDetail struct {
 	Field       text `json:"field"`
 }
 
-// text is a string of Nuapay's error envelope that a look-alike may send
-// as another JSON value (a code as a number): a string is taken as it is,
-// any other value as its JSON text, null as "".
+// text is a string of a Nuapay answer that a look-alike may send as
+// another JSON scalar (a code as a number): a string is taken as it is, a
+// number as its JSON text, a boolean as "true" or "false". Null, an object
+// and an array are "": their JSON text could hold a secret in an escaped
+// form that scrubbing does not recognise.
 type text string
 
 // UnmarshalJSON implements json.Unmarshaler.
 func (t *text) UnmarshalJSON(b []byte) error {
 	var s string
-	if json.Unmarshal(b, &s) != nil {
-		s = string(b)
+	var n json.Number
+	var flag bool
+	switch {
+	case json.Unmarshal(b, &s) == nil:
+	case json.Unmarshal(b, &n) == nil:
+		s = n.String()
+	case json.Unmarshal(b, &flag) == nil:
+		s = strconv.FormatBool(flag)
+	default:
+		s = ""
 	}
 	*t = text(s)
 	return nil
