@@ -136,12 +136,29 @@ type nuapayTokenRequest struct {
 // accessToken must have its JSON type: the other fields are read from any
 // JSON value.
 type nuapayToken struct {
-	ID          text      `json:"id"`
+	ID          tokenID   `json:"id"`
 	AccessToken string    `json:"accessToken"`
 	TokenType   text      `json:"tokenType"`
 	ExpiryTime  *float64  `json:"expiryTime"` // epoch ms; any JSON number
 	Scopes      scopeList `json:"scopes"`
 	Status      text      `json:"status"`
+}
+
+// tokenID is the id of a token answer, which revokes the token: a string,
+// or a number as its JSON text. Any other JSON value is no id (""): the
+// token is then not revocable.
+type tokenID string
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (id *tokenID) UnmarshalJSON(b []byte) error {
+	var t text
+	_ = t.UnmarshalJSON(b)
+	var flag bool
+	if json.Unmarshal(b, &flag) == nil {
+		t = "" // a boolean is no id
+	}
+	*id = tokenID(t)
+	return nil
 }
 
 // scopeList is the scopes of a token answer: an array of strings, or one

@@ -128,7 +128,8 @@ func TestNuapayExpiryTimeAnyJSONNumber(t *testing.T) {
 // The token answer's informational fields, in another JSON type than
 // Gatekeeper's (a numeric id, scopes as one space-separated string or
 // an object), do not fail the token: the id and scopes are read from
-// them where they can be, else ignored.
+// them where they can be, else ignored. An id that is neither a string
+// nor a number is no id: the token is then not revocable (ErrNoTokenID).
 func TestNuapayTokenFieldsOfAnotherType(t *testing.T) {
 	tests := []struct {
 		data       string
@@ -139,6 +140,9 @@ func TestNuapayTokenFieldsOfAnotherType(t *testing.T) {
 		{`"id":"t1","scopes":"openbanking_aisp openbanking_pisp"`, "t1", []string{"openbanking_aisp", "openbanking_pisp"}},
 		{`"id":"t1","scopes":{"pisp":true},"tokenType":null`, "t1", nil},
 		{`"id":null,"scopes":[1,"openbanking_pisp"]`, "", nil},
+		{`"id":{"value":"t1"},"scopes":["s"]`, "", []string{"s"}},
+		{`"id":["t1"],"scopes":["s"]`, "", []string{"s"}},
+		{`"id":true,"scopes":["s"]`, "", []string{"s"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.data, func(t *testing.T) {
