@@ -205,7 +205,7 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 	if err != nil {
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound && ae.Err == nil {
-			ae.Err = s.notFound(ae)
+			ae.Err = s.notFound(data)
 		}
 		return broker.Token{}, err
 	}
@@ -216,12 +216,12 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 	return tok, err
 }
 
-// notFound is the cause of a 404 answer (ae) to a token request: with
-// Gatekeeper's error envelope, the organisation is unknown; without it (a
-// web server's or a proxy's page), the base URL does not lead to
+// notFound is the cause of a 404 answer with body to a token request:
+// with Gatekeeper's error envelope, the organisation is unknown; without
+// it (a web server's or a proxy's page), the base URL does not lead to
 // Gatekeeper.
-func (s *Source) notFound(ae *broker.APIError) error {
-	if ae.Code != "" || len(ae.Details) > 0 || ae.Description != http.StatusText(ae.StatusCode) {
+func (s *Source) notFound(body []byte) error {
+	if hasEnvelope(body) {
 		return broker.ErrUnknownOrganisation
 	}
 	return fmt.Errorf("the answer is not Nuapay's error body, so %s does not lead to Gatekeeper's token endpoint: check base_url of the provider", s.base.Redacted())
@@ -234,14 +234,13 @@ func (s *Source) notFound(ae *broker.APIError) error {
 // envelope gives its error (ParseError).
 func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (broker.Token, error) {
 	var env struct {
-		Data       *nuapayToken `json:"data"`
-		ReturnCode *string      `json:"returnCode"`
+		Data *nuapayToken `json:"data"`
 	}
 	if err := json.Unmarshal(body, &env); err != nil {
 		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "malformed_response", Err: errors.New("token response is not the JSON envelope")}
 	}
 	d := env.Data
-	if (d == nil || d.AccessToken == "") && env.ReturnCode != nil {
+	if (d == nil || d.AccessToken == "") && hasEnvelope(body) {
 		return broker.Token{}, ParseError(status, "", body, sent)
 	}
 	if d == nil || d.AccessToken == "" {
@@ -414,7 +413,8 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 
 // call sends one Gatekeeper request and returns the status and body of a
 // 2xx answer (200 is accepted where 201 is documented); any other answer
-// becomes an *broker.APIError built from Nuapay's error envelope.
+// becomes an *broker.APIError built from Nuapay's error envelope, returned
+// with the answer's status and body.
 func (s *Source) call(ctx context.Context, method, target string, body []byte) (int, []byte, error) {
 	var rd io.Reader
 	if body != nil {
@@ -451,7 +451,7 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte) (
 	}
 	ae := ParseError(resp.StatusCode, resp.Header.Get("Retry-After"), data, s.cfg.Now())
 	s.scrub(ae)
-	return 0, nil, ae
+	return resp.StatusCode, data, ae
 }
 
 // scrub takes the API key out of the provider's texts in ae: a provider
@@ -464,6 +464,23 @@ func (s *Source) scrub(ae *broker.APIError) {
 		d := &ae.Details[i]
 		d.Code, d.Description, d.Field = scrub.Secrets(d.Code, secrets...), scrub.Secrets(d.Description, secrets...), scrub.Secrets(d.Field, secrets...)
 	}
+}
+
+// hasEnvelope reports whether body is a JSON object with a key of
+// Nuapay's error envelope (returnCode, returnDescription, details), even
+// a null one: Gatekeeper's answer, not a web server's page or another
+// framework's error.
+func hasEnvelope(body []byte) bool {
+	var keys map[string]json.RawMessage
+	if json.Unmarshal(body, &keys) != nil {
+		return false
+	}
+	for _, k := range []string{"returnCode", "returnDescription", "details"} {
+		if _, ok := keys[k]; ok {
+			return true
+		}
+	}
+	return false
 }
 
 // maxDetails is the most error details an error keeps: an answer with

@@ -234,6 +234,8 @@ func TestNuapayErrors(t *testing.T) {
 			wantCode: "40100", wantDesc: "Unauthorized", wantClass: broker.ClassCredential},
 		{name: "200 error envelope", status: 200, body: `{"returnCode":"40100","returnDescription":"bad key partner-key","details":null}`,
 			wantCode: "40100", wantDesc: "bad key [REDACTED]"},
+		{name: "201 error envelope with a numeric code", status: 201, body: `{"returnCode":40100,"returnDescription":"bad key"}`,
+			wantCode: "40100", wantDesc: "bad key"},
 		{name: "202 without data", status: 202, body: `{"uri":"/x"}`, wantCode: "malformed_response"},
 		{name: "200 html", status: 200, body: `<html>maintenance</html>`, wantCode: "malformed_response"},
 		{name: "429 body cut short", status: 429, body: `{"returnCode":"42900"`, header: http.Header{"Retry-After": {"7"}, "Content-Length": {"100"}},
@@ -441,6 +443,7 @@ func TestNuapayNotFoundWithoutEnvelopeIsNotAnUnknownOrganisation(t *testing.T) {
 	}{
 		{"envelope", `{"returnCode":"40400","returnDescription":"Organisation not found"}`, true},
 		{"envelope with details only", `{"returnCode":null,"details":[{"field":"encodedOrganisationId"}]}`, true},
+		{"envelope with the status text only", `{"returnCode":null,"returnDescription":"Not Found"}`, true},
 		{"html page", `<html><body>404 Not Found</body></html>`, false},
 		{"empty body", ``, false},
 		{"another framework's json", `{"timestamp":"2026-12-07T10:00:00Z","status":404,"error":"Not Found","path":"/organisations/o/tokens"}`, false},
