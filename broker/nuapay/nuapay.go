@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -136,12 +137,29 @@ type nuapayTokenRequest struct {
 // accessToken must have its JSON type: the other fields are read from any
 // JSON value.
 type nuapayToken struct {
-	ID          tokenID   `json:"id"`
-	AccessToken string    `json:"accessToken"`
-	TokenType   text      `json:"tokenType"`
-	ExpiryTime  *float64  `json:"expiryTime"` // epoch ms; any JSON number
-	Scopes      scopeList `json:"scopes"`
-	Status      text      `json:"status"`
+	ID          tokenID     `json:"id"`
+	AccessToken string      `json:"accessToken"`
+	TokenType   text        `json:"tokenType"`
+	ExpiryTime  epochMillis `json:"expiryTime"`
+	Scopes      scopeList   `json:"scopes"`
+	Status      text        `json:"status"`
+}
+
+// epochMillis is the expiryTime of a token answer, in milliseconds since
+// the epoch: a JSON number, or a string holding one. Any other value, or a
+// number that is not finite as a float64, is not read (set is false).
+type epochMillis struct {
+	ms  float64
+	set bool
+}
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (e *epochMillis) UnmarshalJSON(b []byte) error {
+	var t text
+	_ = t.UnmarshalJSON(b)
+	ms, err := strconv.ParseFloat(string(t), 64)
+	*e = epochMillis{ms: ms, set: err == nil && !math.IsNaN(ms) && !math.IsInf(ms, 0)}
+	return nil
 }
 
 // tokenID is the id of a token answer, which revokes the token: a string,
@@ -255,8 +273,8 @@ func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (br
 	expiry := sent.Add(life)
 	// Never trust the provider for longer than asked: a clock skew or an
 	// absurd value would otherwise keep a dead token cached.
-	if d.ExpiryTime != nil && *d.ExpiryTime < float64(expiry.UnixMilli()) {
-		expiry = time.UnixMilli(int64(max(*d.ExpiryTime, 0)))
+	if d.ExpiryTime.set && d.ExpiryTime.ms < float64(expiry.UnixMilli()) {
+		expiry = time.UnixMilli(int64(max(d.ExpiryTime.ms, 0)))
 	}
 	return broker.Token{Value: broker.Secret(d.AccessToken), Type: "Bearer", Expiry: expiry, ID: string(d.ID), Scopes: d.Scopes}, nil
 }

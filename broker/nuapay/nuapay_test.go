@@ -125,6 +125,39 @@ func TestNuapayExpiryTimeAnyJSONNumber(t *testing.T) {
 	}
 }
 
+// An expiryTime sent as a string holding a number of milliseconds is read
+// like the number; one that is not a number (another string, an object, a
+// boolean, a number past float64) is ignored: the token lives what was
+// asked for.
+func TestNuapayExpiryTimeAsStringOrUnreadable(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	in10s := jsonInt(now.Add(10 * time.Second).UnixMilli())
+	tests := []struct {
+		expiryTime string
+		want       time.Duration
+	}{
+		{`"` + in10s + `"`, 10 * time.Second},
+		{`"32503680000000"`, time.Hour},
+		{`"soon"`, time.Hour},
+		{`""`, time.Hour},
+		{`{"ms":` + in10s + `}`, time.Hour},
+		{`true`, time.Hour},
+		{`1e400`, time.Hour},
+	}
+	for _, tt := range tests {
+		t.Run(tt.expiryTime, func(t *testing.T) {
+			body := []byte(strings.Replace(okEnvelope, "%d", tt.expiryTime, 1))
+			tok, err := ParseToken(http.StatusCreated, body, now, time.Hour)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := tok.Expiry.Sub(now); d != tt.want {
+				t.Fatalf("expiry in %s, want %s", d, tt.want)
+			}
+		})
+	}
+}
+
 // The token answer's informational fields, in another JSON type than
 // Gatekeeper's (a numeric id, scopes as one space-separated string or
 // an object), do not fail the token: the id and scopes are read from
