@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -92,48 +94,136 @@ scopes = ["payments"]
 	pb.SecretsSeen(parse("new-secret"))
 }
 
-// Revoking at shutdown does not wait for each provider answer in turn:
-// 40 tokens whose revocations take 400 ms each are all revoked within the
-// 10 s the shutdown gives (one after the other they would take 16 s).
-func TestRevokeAtShutdownDoesNotQueue(t *testing.T) {
-	const tokens = 40
+// gatekeeper is a Nuapay token API for the revocation tests: every
+// organisation gets a token with an id, except "o-503" (503) and "o-429"
+// (429, Retry-After 60); a revocation runs hold, then succeeds.
+func gatekeeper(t *testing.T, hold func(r *http.Request)) string {
+	t.Helper()
 	var minted atomic.Int64
 	gk := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if strings.HasSuffix(r.URL.Path, "/revoke") {
-			select {
-			case <-r.Context().Done():
-				return
-			case <-time.After(400 * time.Millisecond):
-			}
+		switch {
+		case strings.HasSuffix(r.URL.Path, "/revoke"):
+			hold(r)
 			fmt.Fprint(w, `{"data":{"status":"REVOKED"}}`)
-			return
+		case strings.Contains(r.URL.Path, "/o-503/"):
+			w.WriteHeader(http.StatusServiceUnavailable)
+		case strings.Contains(r.URL.Path, "/o-429/"):
+			w.Header().Set("Retry-After", "60")
+			w.WriteHeader(http.StatusTooManyRequests)
+		default:
+			n := minted.Add(1)
+			w.WriteHeader(http.StatusCreated)
+			fmt.Fprintf(w, `{"data":{"id":"t%d","accessToken":"tok-%d","tokenType":"BEARER","status":"ACTIVE"}}`, n, n)
 		}
-		n := minted.Add(1)
-		w.WriteHeader(http.StatusCreated)
-		fmt.Fprintf(w, `{"data":{"id":"t%d","accessToken":"tok-%d","tokenType":"BEARER","status":"ACTIVE"}}`, n, n)
 	}))
 	t.Cleanup(gk.Close)
-	src, err := nuapay.New(nuapay.Config{BaseURL: gk.URL, APIKey: "partner-key"})
+	return gk.URL
+}
+
+// fetch gets the token of merchant m at organisation org from the source
+// sourceID of base URL base (see gatekeeper), and returns the error.
+func fetch(t *testing.T, pb *Broker, base, sourceID, m, org string) error {
+	t.Helper()
+	src, err := nuapay.New(nuapay.Config{BaseURL: base, APIKey: "partner-key"})
 	if err != nil {
 		t.Fatal(err)
 	}
+	b := brokertest.NewBinding(sourceID, src, broker.Request{Merchant: m, Organisation: org, Scopes: []string{"s"}})
+	_, _, err = pb.Get(context.Background(), b)
+	return err
+}
+
+// Revocations at shutdown run at most revokeWorkers at a time, and at
+// most revokePerSource at a time per source: 5 sources of 8 tokens each,
+// whose revocations are held until the revocation time is up, see at
+// most those many at once, and reach both bounds.
+func TestRevokeAtShutdownIsBounded(t *testing.T) {
+	const sources, perSource = 5, 8
+	var mu sync.Mutex
+	inFlight, peak := map[string]int{}, map[string]int{}
+	count := func(key string, d int) {
+		mu.Lock()
+		defer mu.Unlock()
+		inFlight[key] += d
+		peak[key] = max(peak[key], inFlight[key])
+	}
+	base := gatekeeper(t, func(r *http.Request) {
+		source := strings.Split(r.URL.Path, "/")[1]
+		count("all", 1)
+		count(source, 1)
+		<-r.Context().Done() // held until Revoke's time is up
+		count("all", -1)
+		count(source, -1)
+	})
 	core, logs := observer.New(zap.InfoLevel)
-	pb := &Broker{Broker: broker.New(broker.Options{}), Logger: zap.New(core)}
+	pb := &Broker{Broker: broker.New(broker.Options{}), Logger: zap.New(core), revokeTimeout: 2 * time.Second}
 	t.Cleanup(pb.Close)
-	for i := range tokens {
-		b := brokertest.NewBinding("np", src, broker.Request{Merchant: fmt.Sprint("m", i), Organisation: fmt.Sprint("o", i), Scopes: []string{"s"}})
-		if _, _, err := pb.Get(context.Background(), b); err != nil {
+	for s := range sources {
+		for i := range perSource {
+			id := fmt.Sprint("s", s)
+			if err := fetch(t, pb, base+"/"+id, id, fmt.Sprint("m", s, "-", i), fmt.Sprint("o", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	entries := pb.Tokens()
+	slices.SortFunc(entries, func(a, b *broker.Entry) int { return strings.Compare(a.Binding().Merchant, b.Binding().Merchant) })
+	pb.Revoke(entries)
+	mu.Lock()
+	defer mu.Unlock()
+	perSourcePeak := 0
+	for s := range sources {
+		perSourcePeak = max(perSourcePeak, peak[fmt.Sprint("s", s)])
+	}
+	if peak["all"] != revokeWorkers || perSourcePeak != revokePerSource {
+		t.Fatalf("at most %d revocations at once, %d for one source; want %d and %d", peak["all"], perSourcePeak, revokeWorkers, revokePerSource)
+	}
+	if n := logs.FilterMessage("token revoked at shutdown").Len(); n != sources*perSource {
+		t.Fatalf("%d results logged, want %d", n, sources*perSource)
+	}
+}
+
+// A token whose source the failure policy keeps from being called (its
+// breaker is open, or a 429 put it in backoff) is not revoked at
+// shutdown: no call, and its log says why.
+func TestRevokeAtShutdownFollowsTheFailurePolicy(t *testing.T) {
+	var mu sync.Mutex
+	var revoked []string
+	base := gatekeeper(t, func(r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		revoked = append(revoked, strings.Split(r.URL.Path, "/")[1])
+	})
+	core, logs := observer.New(zap.InfoLevel)
+	pb := &Broker{Broker: broker.New(broker.Options{MaxAttempts: 1, BreakerThreshold: 1}), Logger: zap.New(core)}
+	t.Cleanup(pb.Close)
+	for _, id := range []string{"ok", "open", "backoff"} {
+		if err := fetch(t, pb, base+"/"+id, id, "m-"+id, "o1"); err != nil {
 			t.Fatal(err)
 		}
 	}
-	pb.Revoke(pb.Tokens())
-	revoked := 0
-	for _, e := range logs.FilterMessage("token revoked at shutdown").All() {
-		if e.ContextMap()["revoked"] == true {
-			revoked++
-		}
+	if err := fetch(t, pb, base+"/open", "open", "m-open-2", "o-503"); err == nil {
+		t.Fatal("a 503 gave a token")
 	}
-	if revoked != tokens {
-		t.Fatalf("%d of %d tokens revoked at shutdown", revoked, tokens)
+	if err := fetch(t, pb, base+"/backoff", "backoff", "m-backoff-2", "o-429"); err == nil {
+		t.Fatal("a 429 gave a token")
+	}
+	pb.Revoke(pb.Tokens())
+	mu.Lock()
+	defer mu.Unlock()
+	if strings.Join(revoked, " ") != "ok" {
+		t.Fatalf("revocations sent to %q, want only to ok", revoked)
+	}
+	want := map[string]string{"m-ok": "", "m-open": "circuit breaker is open", "m-backoff": "not called until"}
+	for _, e := range logs.FilterMessage("token revoked at shutdown").All() {
+		m := e.ContextMap()
+		reason, ok := want[m["merchant"].(string)]
+		if !ok || m["revoked"] != (reason == "") || !strings.Contains(m["error"].(string), reason) || (reason != "" && !strings.HasPrefix(m["error"].(string), "not revoked")) {
+			t.Errorf("logged %v, want for %s revoked=%v with %q", m, m["merchant"], reason == "", reason)
+		}
+		delete(want, m["merchant"].(string))
+	}
+	if len(want) != 0 {
+		t.Fatalf("no result logged for %v", want)
 	}
 }
