@@ -153,5 +153,8 @@ func (p *Broker) revoke(ctx context.Context, e *broker.Entry) adminapi.RevokeRes
 	if reason != "" {
 		return adminapi.RevokeResult{TokenInfo: adminapi.TokenInfo{Merchant: e.Binding().Merchant, Fingerprint: e.Fingerprint()}, Error: reason}
 	}
+	if _, ok := e.Binding().Source.(broker.Revoker); ok {
+		p.Purge(ctx, []*broker.Entry{e}) // no node of the fleet serves it once revoked
+	}
 	return adminapi.Revoke(ctx, []*broker.Entry{e})[0]
 }

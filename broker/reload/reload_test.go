@@ -1,6 +1,7 @@
 package reload
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net/http"
@@ -17,9 +18,12 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
+	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 // An operator rotates a client secret after invalid_client and reloads:
@@ -225,5 +229,54 @@ func TestRevokeAtShutdownFollowsTheFailurePolicy(t *testing.T) {
 	}
 	if len(want) != 0 {
 		t.Fatalf("no result logged for %v", want)
+	}
+}
+
+// In a fleet, a token revoked at shutdown is purged from the shared tier
+// first: a node that starts afterwards does not adopt it, and a node that
+// served it hears the purge and fetches a new one.
+func TestRevokeAtShutdownPurgesTheFleet(t *testing.T) {
+	srv := redistest.Start(t)
+	base := gatekeeper(t, func(*http.Request) {})
+	keys, err := seal.New(bytes.Repeat([]byte{3}, seal.KeySize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := func() *Broker {
+		tier, err := fleet.New(fleet.Options{Client: srv.Client(), Keys: keys, Timeout: 5 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { tier.Close() })
+		pb := &Broker{Broker: broker.New(broker.Options{Shared: tier}), Logger: zap.NewNop()}
+		t.Cleanup(pb.Close)
+		return pb
+	}
+	src, err := nuapay.New(nuapay.Config{BaseURL: base, APIKey: "partner-key"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	get := func(pb *Broker) string {
+		t.Helper()
+		e, _, err := pb.Get(context.Background(), brokertest.NewBinding("np", src, broker.Request{Merchant: "acme", Organisation: "o1", Scopes: []string{"s"}}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e.Fingerprint()
+	}
+	a, b := node(), node()
+	revoked := get(a)
+	if got := get(b); got != revoked {
+		t.Fatalf("node b got token %s, want node a's %s from the shared tier", got, revoked)
+	}
+	a.Revoke(a.Tokens())
+	if got := get(node()); got == revoked {
+		t.Fatalf("a node started after the revocation adopted the revoked token %s", got)
+	}
+	for deadline := time.Now().Add(10 * time.Second); get(b) == revoked; {
+		if time.Now().After(deadline) {
+			t.Fatalf("node b still serves the revoked token %s", revoked)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
