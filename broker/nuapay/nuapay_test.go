@@ -97,8 +97,11 @@ func TestNuapayExpiryTimeIsMilliseconds(t *testing.T) {
 func jsonInt(v int64) string { b, _ := json.Marshal(v); return string(b) }
 
 // An expiryTime in milliseconds written as a JSON number with a fraction
-// or an exponent (a look-alike that computes it in floating point) is
-// read like an integer one; one past any int64 caps nothing.
+// or an exponent (a look-alike that computes it in floating point), or as
+// a string holding a number, is read like an integer one; one past any
+// int64 caps nothing. One that is not a number (another string, an
+// object, a boolean, a number past float64) is ignored: the token lives
+// what was asked for.
 func TestNuapayExpiryTimeAnyJSONNumber(t *testing.T) {
 	now := time.Now()
 	in10s := now.Add(10 * time.Second).UnixMilli()
@@ -110,37 +113,11 @@ func TestNuapayExpiryTimeAnyJSONNumber(t *testing.T) {
 		{strconv.FormatFloat(float64(in10s), 'e', -1, 64), 10 * time.Second},
 		{"1e300", time.Hour},
 		{"-1e300", -time.Duration(now.UnixNano())},
-	}
-	for _, tt := range tests {
-		t.Run(tt.expiryTime, func(t *testing.T) {
-			body := []byte(strings.Replace(okEnvelope, "%d", tt.expiryTime, 1))
-			tok, err := ParseToken(http.StatusCreated, body, now, time.Hour)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if d := tok.Expiry.Sub(now); d < tt.want-time.Second || d > tt.want+time.Second {
-				t.Fatalf("expiry in %s, want %s", d, tt.want)
-			}
-		})
-	}
-}
-
-// An expiryTime sent as a string holding a number of milliseconds is read
-// like the number; one that is not a number (another string, an object, a
-// boolean, a number past float64) is ignored: the token lives what was
-// asked for.
-func TestNuapayExpiryTimeAsStringOrUnreadable(t *testing.T) {
-	now := time.Unix(1_700_000_000, 0)
-	in10s := jsonInt(now.Add(10 * time.Second).UnixMilli())
-	tests := []struct {
-		expiryTime string
-		want       time.Duration
-	}{
-		{`"` + in10s + `"`, 10 * time.Second},
+		{`"` + jsonInt(in10s) + `"`, 10 * time.Second},
 		{`"32503680000000"`, time.Hour},
 		{`"soon"`, time.Hour},
 		{`""`, time.Hour},
-		{`{"ms":` + in10s + `}`, time.Hour},
+		{`{"ms":` + jsonInt(in10s) + `}`, time.Hour},
 		{`true`, time.Hour},
 		{`1e400`, time.Hour},
 	}
@@ -151,7 +128,7 @@ func TestNuapayExpiryTimeAsStringOrUnreadable(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if d := tok.Expiry.Sub(now); d != tt.want {
+			if d := tok.Expiry.Sub(now); d < tt.want-time.Second || d > tt.want+time.Second {
 				t.Fatalf("expiry in %s, want %s", d, tt.want)
 			}
 		})
