@@ -374,19 +374,42 @@ func (br *Broker) Drop(b *Binding) bool {
 // on those, not on the merchant that happened to fetch the token. With a
 // shared tier, the tokens are purged there too.
 func (br *Broker) PurgeMatching(match func(*Binding) bool) []*Entry {
-	br.mu.Lock()
-	var out []*Entry
-	for k, it := range br.cache.Items() {
-		if e := it.Object.(*Entry); match(e.binding) {
-			br.purgeLocked(k, e)
-			out = append(out, e)
+	return br.purge(context.Background(), func() []*Entry {
+		var out []*Entry
+		for _, it := range br.cache.Items() {
+			if e := it.Object.(*Entry); match(e.binding) {
+				out = append(out, e)
+			}
 		}
+		return out
+	})
+}
+
+// Purge drops entries from the cache, those still cached, and purges
+// their tokens from the shared tier, if there is one, which the other
+// nodes hear: no node serves them afterwards. Each purge from the shared
+// tier is bounded by ctx and FetchTimeout.
+func (br *Broker) Purge(ctx context.Context, entries []*Entry) {
+	br.purge(ctx, func() []*Entry { return entries })
+}
+
+// purge drops the entries that pick returns (called with br.mu held)
+// from the cache, those still cached, purges them from the shared tier,
+// and returns them.
+func (br *Broker) purge(ctx context.Context, pick func() []*Entry) []*Entry {
+	br.mu.Lock()
+	entries := pick()
+	for _, e := range entries {
+		if v, ok := br.cache.Get(e.binding.key); ok && v.(*Entry) == e {
+			br.dropLocked(e.binding.key, e)
+		}
+		br.purgingLocked(e.binding.key, e.Fingerprint())
 	}
 	br.mu.Unlock()
-	for _, e := range out {
-		br.purgeShared(e.binding.key, e.Fingerprint())
+	for _, e := range entries {
+		br.purgeShared(ctx, e.binding.key, e.Fingerprint())
 	}
-	return out
+	return entries
 }
 
 // PurgeMerchant drops every cached token fetched for a merchant.
@@ -396,13 +419,13 @@ func (br *Broker) PurgeMerchant(merchant string) []*Entry {
 
 // purgeShared purges a token from the shared tier, if there is one. The
 // tier's failures are its own business (it must not fail lookups); the
-// purge is bounded by FetchTimeout.
-func (br *Broker) purgeShared(key, fingerprint string) {
+// purge is bounded by ctx and FetchTimeout.
+func (br *Broker) purgeShared(ctx context.Context, key, fingerprint string) {
 	if br.opts.Shared == nil {
 		return
 	}
 	defer br.purgedShared(key, fingerprint)
-	ctx, cancel := context.WithTimeout(context.Background(), br.opts.FetchTimeout)
+	ctx, cancel := context.WithTimeout(ctx, br.opts.FetchTimeout)
 	defer cancel()
 	_ = br.opts.Shared.Purge(ctx, key, fingerprint)
 }

@@ -58,6 +58,10 @@ func (e *APIError) Error() string {
 		msg += ": " + e.Description
 	}
 	for _, d := range e.Details {
+		if d.Code == "" && d.Field == "" {
+			msg += " [" + d.Description + "]"
+			continue
+		}
 		msg += fmt.Sprintf(" [%s %s: %s]", d.Code, d.Field, d.Description)
 	}
 	if e.Err != nil {

@@ -1,6 +1,9 @@
 package broker
 
-import "time"
+import (
+	"context"
+	"time"
+)
 
 // Purges by rejection are limited per key: an upstream's 401 is not always
 // about the token (a resource server answers invalid_token for a wrong
@@ -110,7 +113,7 @@ func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 	}
 	br.purgeLocked(b.key, e)
 	br.mu.Unlock()
-	br.purgeShared(b.key, e.Fingerprint())
+	br.purgeShared(context.Background(), b.key, e.Fingerprint())
 	return RejectionPurged
 }
 

@@ -286,7 +286,8 @@ func (a *App) Stop() error {
 }
 
 // Cleanup ends the app's use of the shared token cache; the cache lives
-// on while another config (the one being loaded) uses it.
+// on while another config (the one being loaded) uses it. The broker goes
+// before the shared tier: revoking at shutdown purges the tier.
 func (a *App) Cleanup() error {
 	if a.events != nil {
 		a.events.Stop()
@@ -302,17 +303,17 @@ func (a *App) Cleanup() error {
 	if a.sweeperKey != "" {
 		_, _ = pendingSweepers.Delete(a.sweeperKey)
 	}
+	var err error
+	if a.poolKey != "" {
+		_, err = brokers.Delete(a.poolKey)
+	}
 	if a.fleetKey != "" {
 		_, _ = fleets.Delete(a.fleetKey)
 	}
 	if a.metricsKey != "" {
 		metricsPool.Delete(a.metricsKey)
 	}
-	if a.poolKey != "" {
-		_, err := brokers.Delete(a.poolKey)
-		return err
-	}
-	return nil
+	return err
 }
 
 // brokers holds the token caches shared across config reloads, keyed by

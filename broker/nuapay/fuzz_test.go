@@ -19,7 +19,7 @@ func FuzzParseToken(f *testing.F) {
 	f.Add([]byte(`{"data":{"accessToken":"a\r\nb","expiryTime":99999999999999999999}}`))
 	sent := time.Unix(1_700_000_000, 0)
 	f.Fuzz(func(t *testing.T, body []byte) {
-		tok, err := ParseToken(body, sent, time.Hour)
+		tok, err := ParseToken(http.StatusCreated, body, sent, time.Hour)
 		if err != nil {
 			if _, ok := err.(*broker.APIError); !ok {
 				t.Fatalf("error %T is not an *broker.APIError", err)

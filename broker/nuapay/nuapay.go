@@ -13,8 +13,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -131,19 +133,74 @@ type nuapayTokenRequest struct {
 	ExpiresIn int64    `json:"expiresIn"`
 }
 
-// nuapayToken is the "data" of Gatekeeper's token envelope.
+// nuapayToken is the "data" of Gatekeeper's token envelope. Only
+// accessToken must have its JSON type: the other fields are read from any
+// JSON value.
 type nuapayToken struct {
-	ID          string   `json:"id"`
-	AccessToken string   `json:"accessToken"`
-	TokenType   string   `json:"tokenType"`
-	ExpiryTime  *int64   `json:"expiryTime"`
-	Scopes      []string `json:"scopes"`
-	Status      string   `json:"status"`
+	ID          tokenID     `json:"id"`
+	AccessToken string      `json:"accessToken"`
+	TokenType   text        `json:"tokenType"`
+	ExpiryTime  epochMillis `json:"expiryTime"`
+	Scopes      scopeList   `json:"scopes"`
+	Status      text        `json:"status"`
+}
+
+// epochMillis is the expiryTime of a token answer, in milliseconds since
+// the epoch: a JSON number, or a string holding one. Any other value, or a
+// number that is not finite as a float64, is not read (set is false).
+type epochMillis struct {
+	ms  float64
+	set bool
+}
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (e *epochMillis) UnmarshalJSON(b []byte) error {
+	var t text
+	_ = t.UnmarshalJSON(b)
+	ms, err := strconv.ParseFloat(string(t), 64)
+	*e = epochMillis{ms: ms, set: err == nil && !math.IsNaN(ms) && !math.IsInf(ms, 0)}
+	return nil
+}
+
+// tokenID is the id of a token answer, which revokes the token: a string,
+// or a number as its JSON text. Any other JSON value is no id (""): the
+// token is then not revocable.
+type tokenID string
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (id *tokenID) UnmarshalJSON(b []byte) error {
+	var t text
+	_ = t.UnmarshalJSON(b)
+	var flag bool
+	if json.Unmarshal(b, &flag) == nil {
+		t = "" // a boolean is no id
+	}
+	*id = tokenID(t)
+	return nil
+}
+
+// scopeList is the scopes of a token answer: an array of strings, or one
+// space-separated string; nil for any other JSON value.
+type scopeList []string
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (l *scopeList) UnmarshalJSON(b []byte) error {
+	var list []string
+	var one string
+	switch {
+	case json.Unmarshal(b, &list) == nil:
+		*l = list
+	case json.Unmarshal(b, &one) == nil:
+		*l = strings.Fields(one)
+	default:
+		*l = nil
+	}
+	return nil
 }
 
 // Token requests a token for req.Organisation with req.Scopes, asking for
-// req.Lifetime (or the configured lifetime). A 404 answer's error wraps
-// broker.ErrUnknownOrganisation.
+// req.Lifetime (or the configured lifetime). A 404 answer with Nuapay's
+// error envelope wraps broker.ErrUnknownOrganisation.
 func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
 	if len(req.Scopes) == 0 {
 		return broker.Token{}, &broker.RequestError{Merchant: req.Merchant, Field: "scopes", Reason: "Nuapay needs at least one scope"}
@@ -159,49 +216,67 @@ func (s *Source) Token(ctx context.Context, req broker.Request) (broker.Token, e
 	if err != nil {
 		return broker.Token{}, err
 	}
+	life = life.Truncate(time.Second) // expiresIn is whole seconds
 	body, _ := json.Marshal(nuapayTokenRequest{Scopes: req.Scopes, ExpiresIn: int64(life / time.Second)})
 	sent := s.cfg.Now()
-	data, err := s.call(httpclient.TokenRequest(ctx), http.MethodPost, target, body)
+	status, data, err := s.call(httpclient.TokenRequest(ctx), http.MethodPost, target, body)
 	if err != nil {
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound && ae.Err == nil {
-			// Gatekeeper's 404 to a token request: no such organisation.
-			ae.Err = broker.ErrUnknownOrganisation
+			ae.Err = s.notFound(data)
 		}
 		return broker.Token{}, err
 	}
-	return ParseToken(data, sent, life)
+	tok, err := ParseToken(status, data, sent, life)
+	if ae := (*broker.APIError)(nil); errors.As(err, &ae) {
+		s.scrub(ae)
+	}
+	return tok, err
+}
+
+// notFound is the cause of a 404 answer with body to a token request:
+// with Gatekeeper's error envelope, the organisation is unknown; without
+// it (a web server's or a proxy's page), the base URL does not lead to
+// Gatekeeper.
+func (s *Source) notFound(body []byte) error {
+	if hasEnvelope(body) {
+		return broker.ErrUnknownOrganisation
+	}
+	return fmt.Errorf("the answer is not Nuapay's error body, so %s does not lead to Gatekeeper's token endpoint: check base_url of the provider", s.base.Redacted())
 }
 
 // ParseToken parses a Gatekeeper token response body (the 201
-// envelope). sent is when the request was sent and life the lifetime asked
-// for; they give the expiry when the response has no expiryTime.
-func ParseToken(body []byte, sent time.Time, life time.Duration) (broker.Token, error) {
+// envelope) that came with the success status status. sent is when the
+// request was sent and life the lifetime asked for; they give the expiry
+// when the response has no expiryTime. A body that is Nuapay's error
+// envelope gives its error (ParseError).
+func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (broker.Token, error) {
 	var env struct {
 		Data *nuapayToken `json:"data"`
 	}
 	if err := json.Unmarshal(body, &env); err != nil {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "malformed_response", Err: errors.New("token response is not the JSON envelope")}
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "malformed_response", Err: errors.New("token response is not the JSON envelope")}
 	}
 	d := env.Data
+	if (d == nil || d.AccessToken == "") && hasEnvelope(body) {
+		return broker.Token{}, ParseError(status, "", body, sent)
+	}
 	if d == nil || d.AccessToken == "" {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "malformed_response", Description: "token response has no data.accessToken"}
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "malformed_response", Description: "token response has no data.accessToken"}
 	}
-	if d.TokenType != "" && !httpclient.IsBearer(d.TokenType) {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "unsupported_token_type", Description: fmt.Sprintf("tokenType %q is not BEARER", d.TokenType)}
+	if d.TokenType != "" && !httpclient.IsBearer(string(d.TokenType)) {
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "unsupported_token_type", Description: fmt.Sprintf("tokenType %q is not BEARER", scrub.Secrets(string(d.TokenType), d.AccessToken))}
 	}
-	if d.Status != "" && !strings.EqualFold(d.Status, "ACTIVE") {
-		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: http.StatusCreated, Code: "inactive_token", Description: fmt.Sprintf("token status is %q", d.Status)}
+	if d.Status != "" && !strings.EqualFold(string(d.Status), "ACTIVE") {
+		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "inactive_token", Description: fmt.Sprintf("token status is %q", scrub.Secrets(string(d.Status), d.AccessToken))}
 	}
 	expiry := sent.Add(life)
-	if d.ExpiryTime != nil {
-		// Never trust the provider for longer than asked: a clock skew or
-		// an absurd value would otherwise keep a dead token cached.
-		if e := time.UnixMilli(*d.ExpiryTime); e.Before(expiry) {
-			expiry = e
-		}
+	// Never trust the provider for longer than asked: a clock skew or an
+	// absurd value would otherwise keep a dead token cached.
+	if d.ExpiryTime.set && d.ExpiryTime.ms < float64(expiry.UnixMilli()) {
+		expiry = time.UnixMilli(int64(max(d.ExpiryTime.ms, 0)))
 	}
-	return broker.Token{Value: broker.Secret(d.AccessToken), Type: "Bearer", Expiry: expiry, ID: d.ID, Scopes: d.Scopes}, nil
+	return broker.Token{Value: broker.Secret(d.AccessToken), Type: "Bearer", Expiry: expiry, ID: string(d.ID), Scopes: d.Scopes}, nil
 }
 
 // ErrNoTokenID is returned by RevokeToken for a token without an id: it is
@@ -220,7 +295,7 @@ func (s *Source) RevokeToken(ctx context.Context, req broker.Request, tok broker
 	if err != nil {
 		return err
 	}
-	_, err = s.call(ctx, http.MethodPost, target, nil)
+	_, _, err = s.call(ctx, http.MethodPost, target, nil)
 	return err
 }
 
@@ -294,6 +369,15 @@ func (e *ListTooLargeError) Error() string {
 	return fmt.Sprintf("nuapay organisations list: more than %d organisations after %d pages; not used (raise max_organisations in the wildcard entry if the partner has that many)", e.Max, e.Pages)
 }
 
+// Page sizes of the organisations list: the newer API serves up to
+// listPageSize organisations a page; the older one documents
+// legacyPageSize, and a provider that refuses the first page at
+// listPageSize (400 or 422) is asked again at legacyPageSize.
+const (
+	listPageSize   = 100
+	legacyPageSize = 20
+)
+
 // EachOrganisation reads every page of the organisations linked to the
 // partner and calls visit with each organisation, so that a caller keeps
 // only what it needs. Past lim (zero fields: the defaults) it stops with
@@ -303,12 +387,18 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 	lim = lim.withDefaults()
 	var bytes int64
 	count := 0
+	size := listPageSize
 	for page := 1; ; page++ {
 		u := *s.base
 		u.Path += s.cfg.OrganisationsPath
 		u.RawPath = ""
-		u.RawQuery = url.Values{"pagenumber": {fmt.Sprint(page)}, "pagesize": {"100"}}.Encode()
-		body, err := s.call(ctx, http.MethodGet, u.String(), nil)
+		u.RawQuery = url.Values{"pagenumber": {fmt.Sprint(page)}, "pagesize": {fmt.Sprint(size)}}.Encode()
+		status, body, err := s.call(ctx, http.MethodGet, u.String(), nil)
+		var ae *broker.APIError
+		if page == 1 && size > legacyPageSize && errors.As(err, &ae) && (ae.StatusCode == http.StatusBadRequest || ae.StatusCode == http.StatusUnprocessableEntity) {
+			size, page = legacyPageSize, 0 // the first page again, smaller
+			continue
+		}
 		if err != nil {
 			return err
 		}
@@ -322,7 +412,7 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 			} `json:"page"`
 		}
 		if err := json.Unmarshal(body, &env); err != nil {
-			return &broker.APIError{Provider: "nuapay", StatusCode: http.StatusOK, Code: "malformed_response", Err: err}
+			return &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "malformed_response", Err: err}
 		}
 		if count += len(env.Data); count > lim.Organisations {
 			return &ListTooLargeError{Limit: "organisations", Max: int64(lim.Organisations), Pages: page}
@@ -339,17 +429,18 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 	}
 }
 
-// call sends one Gatekeeper request and returns the body of a 2xx answer
-// (200 is accepted where 201 is documented); any other answer becomes an
-// *broker.APIError built from Nuapay's error envelope.
-func (s *Source) call(ctx context.Context, method, target string, body []byte) ([]byte, error) {
+// call sends one Gatekeeper request and returns the status and body of a
+// 2xx answer (200 is accepted where 201 is documented); any other answer
+// becomes an *broker.APIError built from Nuapay's error envelope, returned
+// with the answer's status and body.
+func (s *Source) call(ctx context.Context, method, target string, body []byte) (int, []byte, error) {
 	var rd io.Reader
 	if body != nil {
 		rd = bytes.NewReader(body)
 	}
 	hr, err := http.NewRequestWithContext(ctx, method, target, rd)
 	if err != nil {
-		return nil, fmt.Errorf("nuapay: building request: %w", err)
+		return 0, nil, fmt.Errorf("nuapay: building request: %w", err)
 	}
 	hr.Header.Set("Authorization", s.auth)
 	hr.Header.Set("Accept", "application/json")
@@ -358,40 +449,71 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte) (
 	}
 	resp, err := s.cfg.Client.Do(hr)
 	if err != nil {
-		return nil, fmt.Errorf("nuapay token API %s: %w", s.base.Host, httpclient.RedactURLError(err))
+		return 0, nil, fmt.Errorf("nuapay token API %s: %w", s.base.Host, httpclient.RedactURLError(err))
 	}
 	defer resp.Body.Close()
+	// An error status whose body was cut short is still that status,
+	// with its Retry-After: only its error envelope is lost.
 	data, tooLarge, err := httpclient.ReadBody(resp.Body)
-	if err != nil {
-		return nil, fmt.Errorf("nuapay token API %s: reading the response: %w", s.base.Host, err)
+	ok := resp.StatusCode >= 200 && resp.StatusCode < 300
+	if err != nil && ok {
+		return 0, nil, fmt.Errorf("nuapay token API %s: reading the response: %w", s.base.Host, err)
 	}
 	if tooLarge {
-		return nil, &broker.APIError{Provider: "nuapay", StatusCode: resp.StatusCode, Code: "response_too_large",
-			Description: fmt.Sprintf("response body is over %d bytes", httpclient.MaxResponseBytes)}
+		return 0, nil, &broker.APIError{Provider: "nuapay", StatusCode: resp.StatusCode, Code: "response_too_large",
+			Description: fmt.Sprintf("response body is over %d bytes", httpclient.MaxResponseBytes),
+			RetryAfter:  broker.ParseRetryAfter(resp.Header.Get("Retry-After"), s.cfg.Now())}
 	}
-	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
-		return data, nil
+	if ok {
+		return resp.StatusCode, data, nil
 	}
 	ae := ParseError(resp.StatusCode, resp.Header.Get("Retry-After"), data, s.cfg.Now())
-	// A provider that echoes what it was sent must not put the key in our
-	// logs: scrub it, plain and as the Basic credential.
+	s.scrub(ae)
+	return resp.StatusCode, data, ae
+}
+
+// scrub takes the API key out of the provider's texts in ae: a provider
+// that echoes what it was sent must not put the key in our logs, plain
+// or as the Basic credential.
+func (s *Source) scrub(ae *broker.APIError) {
 	secrets := []string{s.cfg.APIKey.Reveal(), strings.TrimPrefix(s.auth, "Basic ")}
 	ae.Code, ae.Description = scrub.Secrets(ae.Code, secrets...), scrub.Secrets(ae.Description, secrets...)
 	for i := range ae.Details {
 		d := &ae.Details[i]
 		d.Code, d.Description, d.Field = scrub.Secrets(d.Code, secrets...), scrub.Secrets(d.Description, secrets...), scrub.Secrets(d.Field, secrets...)
 	}
-	return nil, ae
 }
+
+// hasEnvelope reports whether body is a JSON object with a key of
+// Nuapay's error envelope (returnCode, returnDescription, details), even
+// a null one: Gatekeeper's answer, not a web server's page or another
+// framework's error.
+func hasEnvelope(body []byte) bool {
+	var keys map[string]json.RawMessage
+	if json.Unmarshal(body, &keys) != nil {
+		return false
+	}
+	for _, k := range []string{"returnCode", "returnDescription", "details"} {
+		if _, ok := keys[k]; ok {
+			return true
+		}
+	}
+	return false
+}
+
+// maxDetails is the most error details an error keeps: an answer with
+// more says how many it left out.
+const maxDetails = 10
 
 // ParseError turns a non-2xx Gatekeeper answer into an *broker.APIError,
 // reading Nuapay's error envelope when there is one. "details" may be an
-// array or a single object; any field may be null.
+// array or a single object; any field may be null, and a code a number.
+// Past maxDetails, a last detail says how many were left out.
 func ParseError(status int, retryAfter string, body []byte, now time.Time) *broker.APIError {
 	ae := &broker.APIError{Provider: "nuapay", StatusCode: status, RetryAfter: broker.ParseRetryAfter(retryAfter, now)}
 	var env struct {
-		ReturnCode        *string         `json:"returnCode"`
-		ReturnDescription *string         `json:"returnDescription"`
+		ReturnCode        *text           `json:"returnCode"`
+		ReturnDescription *text           `json:"returnDescription"`
 		Details           json.RawMessage `json:"details"`
 	}
 	if err := json.Unmarshal(body, &env); err != nil {
@@ -399,24 +521,63 @@ func ParseError(status int, retryAfter string, body []byte, now time.Time) *brok
 		return ae
 	}
 	if env.ReturnCode != nil {
-		ae.Code = *env.ReturnCode
+		ae.Code = string(*env.ReturnCode)
 	}
 	if env.ReturnDescription != nil {
-		ae.Description = *env.ReturnDescription
+		ae.Description = string(*env.ReturnDescription)
 	}
-	var one broker.ErrorDetail
+	var details []errorDetail
+	var one errorDetail
 	switch d := bytes.TrimSpace(env.Details); {
 	case len(d) > 0 && d[0] == '[':
-		_ = json.Unmarshal(d, &ae.Details)
+		_ = json.Unmarshal(d, &details)
 	case len(d) > 0 && d[0] == '{':
 		if json.Unmarshal(d, &one) == nil {
-			ae.Details = []broker.ErrorDetail{one}
+			details = []errorDetail{one}
 		}
+	}
+	for _, d := range details[:min(len(details), maxDetails)] {
+		ae.Details = append(ae.Details, broker.ErrorDetail{Code: string(d.Code), Description: string(d.Description), Field: string(d.Field)})
+	}
+	if n := len(details) - maxDetails; n > 0 {
+		ae.Details = append(ae.Details, broker.ErrorDetail{Description: fmt.Sprintf("%d more details left out", n)})
 	}
 	if ae.Description == "" {
 		ae.Description = http.StatusText(status)
 	}
 	return ae
+}
+
+// errorDetail is one entry of the "details" of Nuapay's error envelope.
+type errorDetail struct {
+	Code        text `json:"code"`
+	Description text `json:"description"`
+	Field       text `json:"field"`
+}
+
+// text is a string of a Nuapay answer that a look-alike may send as
+// another JSON scalar (a code as a number): a string is taken as it is, a
+// number as its JSON text, a boolean as "true" or "false". Null, an object
+// and an array are "": their JSON text could hold a secret in an escaped
+// form that scrubbing does not recognise.
+type text string
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (t *text) UnmarshalJSON(b []byte) error {
+	var s string
+	var n json.Number
+	var flag bool
+	switch {
+	case json.Unmarshal(b, &s) == nil:
+	case json.Unmarshal(b, &n) == nil:
+		s = n.String()
+	case json.Unmarshal(b, &flag) == nil:
+		s = strconv.FormatBool(flag)
+	default:
+		s = ""
+	}
+	*t = text(s)
+	return nil
 }
 
 // Interface guards.

@@ -5,9 +5,11 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -83,7 +85,7 @@ func TestNuapayTokenRequest(t *testing.T) {
 func TestNuapayExpiryTimeIsMilliseconds(t *testing.T) {
 	now := time.Now()
 	body := []byte(strings.Replace(okEnvelope, "%d", jsonInt(now.Add(10*time.Second).UnixMilli()), 1))
-	tok, err := ParseToken(body, now, time.Hour)
+	tok, err := ParseToken(http.StatusCreated, body, now, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,6 +95,78 @@ func TestNuapayExpiryTimeIsMilliseconds(t *testing.T) {
 }
 
 func jsonInt(v int64) string { b, _ := json.Marshal(v); return string(b) }
+
+// An expiryTime in milliseconds written as a JSON number with a fraction
+// or an exponent (a look-alike that computes it in floating point), or as
+// a string holding a number, is read like an integer one; one past any
+// int64 caps nothing. One that is not a number (another string, an
+// object, a boolean, a number past float64) is ignored: the token lives
+// what was asked for.
+func TestNuapayExpiryTimeAnyJSONNumber(t *testing.T) {
+	now := time.Now()
+	in10s := now.Add(10 * time.Second).UnixMilli()
+	tests := []struct {
+		expiryTime string
+		want       time.Duration
+	}{
+		{jsonInt(in10s) + ".25", 10 * time.Second},
+		{strconv.FormatFloat(float64(in10s), 'e', -1, 64), 10 * time.Second},
+		{"1e300", time.Hour},
+		{"-1e300", -time.Duration(now.UnixNano())},
+		{`"` + jsonInt(in10s) + `"`, 10 * time.Second},
+		{`"32503680000000"`, time.Hour},
+		{`"soon"`, time.Hour},
+		{`""`, time.Hour},
+		{`{"ms":` + jsonInt(in10s) + `}`, time.Hour},
+		{`true`, time.Hour},
+		{`1e400`, time.Hour},
+	}
+	for _, tt := range tests {
+		t.Run(tt.expiryTime, func(t *testing.T) {
+			body := []byte(strings.Replace(okEnvelope, "%d", tt.expiryTime, 1))
+			tok, err := ParseToken(http.StatusCreated, body, now, time.Hour)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := tok.Expiry.Sub(now); d < tt.want-time.Second || d > tt.want+time.Second {
+				t.Fatalf("expiry in %s, want %s", d, tt.want)
+			}
+		})
+	}
+}
+
+// The token answer's informational fields, in another JSON type than
+// Gatekeeper's (a numeric id, scopes as one space-separated string or
+// an object), do not fail the token: the id and scopes are read from
+// them where they can be, else ignored. An id that is neither a string
+// nor a number is no id: the token is then not revocable (ErrNoTokenID).
+func TestNuapayTokenFieldsOfAnotherType(t *testing.T) {
+	tests := []struct {
+		data       string
+		wantID     string
+		wantScopes []string
+	}{
+		{`"id":12345,"scopes":["openbanking_pisp"]`, "12345", []string{"openbanking_pisp"}},
+		{`"id":"t1","scopes":"openbanking_aisp openbanking_pisp"`, "t1", []string{"openbanking_aisp", "openbanking_pisp"}},
+		{`"id":"t1","scopes":{"pisp":true},"tokenType":null`, "t1", nil},
+		{`"id":null,"scopes":[1,"openbanking_pisp"]`, "", nil},
+		{`"id":{"value":"t1"},"scopes":["s"]`, "", []string{"s"}},
+		{`"id":["t1"],"scopes":["s"]`, "", []string{"s"}},
+		{`"id":true,"scopes":["s"]`, "", []string{"s"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.data, func(t *testing.T) {
+			body := []byte(`{"data":{"accessToken":"eyJ.a.b",` + tt.data + `}}`)
+			tok, err := ParseToken(http.StatusCreated, body, time.Now(), time.Hour)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tok.ID != tt.wantID || strings.Join(tok.Scopes, " ") != strings.Join(tt.wantScopes, " ") || tok.Value.Reveal() != "eyJ.a.b" {
+				t.Fatalf("token id %q scopes %q, want %q %q", tok.ID, tok.Scopes, tt.wantID, tt.wantScopes)
+			}
+		})
+	}
+}
 
 func TestNuapayOrganisationIDCannotChangeThePath(t *testing.T) {
 	tests := []struct {
@@ -151,6 +225,10 @@ func TestNuapayErrors(t *testing.T) {
 			wantCode: "40000", wantDetail: "scopes"},
 		{name: "404 unknown organisation", status: 404, body: `{"returnCode":"40400","returnDescription":"organisation not found","details":[{"field":"encodedOrganisationId"}]}`,
 			wantCode: "40400", wantDesc: "organisation not found", wantDetail: "encodedOrganisationId", wantUnknown: true},
+		{name: "numeric codes", status: 422, body: `{"returnCode":42200,"returnDescription":"Invalid request","details":{"code":8888,"description":"must be >= 10","field":"expiresIn"}}`,
+			wantCode: "42200", wantDesc: "Invalid request", wantDetail: "expiresIn"},
+		{name: "404 numeric code", status: 404, body: `{"returnCode":40400,"returnDescription":"organisation not found"}`,
+			wantCode: "40400", wantDesc: "organisation not found", wantUnknown: true},
 		{name: "nulls everywhere", status: 403, body: `{"returnCode":null,"returnDescription":null,"details":null}`, wantDesc: "Forbidden"},
 		{name: "429 retry-after", status: 429, body: `{"returnCode":"42900"}`, header: http.Header{"Retry-After": {"7"}},
 			wantCode: "42900", wantRetry: 7 * time.Second, wantTemp: true, wantClass: broker.ClassRateLimited},
@@ -162,6 +240,18 @@ func TestNuapayErrors(t *testing.T) {
 		{name: "201 revoked", status: 201, body: `{"data":{"accessToken":"x","tokenType":"BEARER","status":"REVOKED"}}`, wantCode: "inactive_token"},
 		{name: "echoes the key", status: 401, body: `{"returnCode":"40100","returnDescription":"bad key partner-key (cGFydG5lci1rZXk6)","details":[{"field":"partner-key"}]}`,
 			wantCode: "40100", wantDesc: "bad key [REDACTED] ([REDACTED])", wantDetail: "[REDACTED]", wantClass: broker.ClassCredential},
+		{name: "echoes the key escaped in an object", status: 401, body: `{"returnCode":"40100","returnDescription":{"echo":"\u0070artner-key"},"details":[{"field":["\u0070artner-key"]}]}`,
+			wantCode: "40100", wantDesc: "Unauthorized", wantClass: broker.ClassCredential},
+		{name: "200 error envelope", status: 200, body: `{"returnCode":"40100","returnDescription":"bad key partner-key","details":null}`,
+			wantCode: "40100", wantDesc: "bad key [REDACTED]"},
+		{name: "201 error envelope with a numeric code", status: 201, body: `{"returnCode":40100,"returnDescription":"bad key"}`,
+			wantCode: "40100", wantDesc: "bad key"},
+		{name: "202 without data", status: 202, body: `{"uri":"/x"}`, wantCode: "malformed_response"},
+		{name: "200 html", status: 200, body: `<html>maintenance</html>`, wantCode: "malformed_response"},
+		{name: "429 body cut short", status: 429, body: `{"returnCode":"42900"`, header: http.Header{"Retry-After": {"7"}, "Content-Length": {"100"}},
+			wantDesc: "Too Many Requests", wantRetry: 7 * time.Second, wantTemp: true, wantClass: broker.ClassRateLimited},
+		{name: "429 body over the cap", status: 429, body: strings.Repeat("x", httpclient.MaxResponseBytes+1), header: http.Header{"Retry-After": {"7"}},
+			wantCode: "response_too_large", wantRetry: 7 * time.Second, wantTemp: true, wantClass: broker.ClassRateLimited},
 		{name: "body over the cap", status: 201, body: `{"data":"` + strings.Repeat("x", httpclient.MaxResponseBytes) + `"}`, wantCode: "response_too_large"},
 	}
 	for _, tt := range tests {
@@ -187,7 +277,7 @@ func TestNuapayErrors(t *testing.T) {
 			if tt.wantDetail != "" && (len(ae.Details) != 1 || ae.Details[0].Field != tt.wantDetail) {
 				t.Fatalf("details = %+v", ae.Details)
 			}
-			if strings.Contains(err.Error(), "partner-key") {
+			if strings.Contains(err.Error(), "artner-key") { // plain or JSON-escaped
 				t.Fatalf("error leaks the API key: %v", err)
 			}
 		})
@@ -299,5 +389,144 @@ func TestRevokeTokenRefusalNamesTheMerchant(t *testing.T) {
 	var re *broker.RequestError
 	if !errors.As(err, &re) || re.Merchant != "acme" || !strings.Contains(err.Error(), `"acme"`) {
 		t.Fatalf("RevokeToken = %v, want a refusal naming merchant acme", err)
+	}
+}
+
+// A token answer refused for its tokenType or status never quotes the
+// access token, nor more than a bounded text of what it got.
+func TestNuapayRefusedTokenNeverQuoted(t *testing.T) {
+	const token = "eyJhbGciOiJQUzI1NiJ9.secret-token.sig"
+	long := strings.Repeat("x", 100_000)
+	tests := []struct {
+		name     string
+		data     string
+		wantCode string
+	}{
+		{"token type quoting the token", `"tokenType":"MAC ` + token + `"`, "unsupported_token_type"},
+		{"status quoting the token", `"tokenType":"BEARER","status":"SUSPENDED ` + token + `"`, "inactive_token"},
+		{"huge token type", `"tokenType":"` + long + `"`, "unsupported_token_type"},
+		{"huge status", `"status":"` + long + `"`, "inactive_token"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			body := `{"data":{"accessToken":"` + token + `",` + tt.data + `}}`
+			n := newNuapayTest(t, &gatekeeper{status: 201, body: body})
+			_, err := n.Token(context.Background(), broker.Request{Merchant: "acme", Organisation: "o", Scopes: []string{"s"}})
+			var ae *broker.APIError
+			if !errors.As(err, &ae) || ae.Code != tt.wantCode {
+				t.Fatalf("err = %v, want an *broker.APIError %s", err, tt.wantCode)
+			}
+			if msg := err.Error(); strings.Contains(msg, "secret-token") || len(msg) > 1000 {
+				t.Fatalf("error quotes the token or is %d bytes long: %.200s", len(msg), msg)
+			}
+		})
+	}
+}
+
+// An error answer with a flood of details gives an error of bounded size
+// that says how many details were left out.
+func TestNuapayErrorDetailsBounded(t *testing.T) {
+	var b strings.Builder
+	b.WriteString(`{"returnCode":"42200","returnDescription":"Invalid request","details":[`)
+	for i := range 20_000 {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(`{"code":"8888","description":"bad value","field":"scopes"}`)
+	}
+	b.WriteString(`]}`)
+	ae := ParseError(422, "", []byte(b.String()), time.Now())
+	if msg := ae.Error(); len(msg) > 4000 || !strings.Contains(msg, " [19990 more details left out]") {
+		t.Fatalf("error is %d bytes, want a bounded one saying how many details were left out: %.300s", len(msg), msg)
+	}
+}
+
+// A 404 without Nuapay's error envelope (a proxy's or a web server's page:
+// the base URL does not lead to Gatekeeper) is not taken for an unknown
+// organisation: its error says to check base_url, not the merchant's
+// organisation.
+func TestNuapayNotFoundWithoutEnvelopeIsNotAnUnknownOrganisation(t *testing.T) {
+	tests := []struct {
+		name        string
+		body        string
+		wantUnknown bool
+	}{
+		{"envelope", `{"returnCode":"40400","returnDescription":"Organisation not found"}`, true},
+		{"envelope with details only", `{"returnCode":null,"details":[{"field":"encodedOrganisationId"}]}`, true},
+		{"envelope with the status text only", `{"returnCode":null,"returnDescription":"Not Found"}`, true},
+		{"html page", `<html><body>404 Not Found</body></html>`, false},
+		{"empty body", ``, false},
+		{"another framework's json", `{"timestamp":"2026-12-07T10:00:00Z","status":404,"error":"Not Found","path":"/organisations/o/tokens"}`, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n := newNuapayTest(t, &gatekeeper{status: 404, body: tt.body})
+			_, err := n.Token(context.Background(), broker.Request{Merchant: "acme", Organisation: "o", Scopes: []string{"s"}})
+			if got := errors.Is(err, broker.ErrUnknownOrganisation); got != tt.wantUnknown {
+				t.Fatalf("%v: unknown organisation %v, want %v", err, got, tt.wantUnknown)
+			}
+			if !tt.wantUnknown && !strings.Contains(err.Error(), "base_url") {
+				t.Fatalf("%v: want an error that says to check base_url", err)
+			}
+		})
+	}
+}
+
+// A Gatekeeper that refuses the page size of 100 (the older organisations
+// API documents 20) is asked again with 20, and the whole list is read.
+func TestNuapayOrganisationsSmallerPages(t *testing.T) {
+	var mu sync.Mutex
+	var queries []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		queries = append(queries, r.URL.RawQuery)
+		mu.Unlock()
+		size, _ := strconv.Atoi(r.URL.Query().Get("pagesize"))
+		if size > 20 {
+			w.WriteHeader(http.StatusBadRequest)
+			io.WriteString(w, `{"returnCode":"40000","returnDescription":"Invalid request","details":[{"code":"8888","description":"must be <= 20","field":"pagesize"}]}`)
+			return
+		}
+		page, _ := strconv.Atoi(r.URL.Query().Get("pagenumber"))
+		fmt.Fprintf(w, `{"data":[{"id":"o%d"}],"page":{"pageNumber":%d,"pageSize":20,"totalPages":2}}`, page, page)
+	}))
+	defer srv.Close()
+	n, err := New(Config{BaseURL: srv.URL, APIKey: "partner-key"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	if err := n.EachOrganisation(context.Background(), ListLimits{}, func(o Organisation) { ids = append(ids, o.ID) }); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	want := []string{"pagenumber=1&pagesize=100", "pagenumber=1&pagesize=20", "pagenumber=2&pagesize=20"}
+	if strings.Join(ids, ",") != "o1,o2" || strings.Join(queries, " ") != strings.Join(want, " ") {
+		t.Fatalf("organisations %q after %q, want o1,o2 after %q", ids, queries, want)
+	}
+}
+
+// A lifetime that is not a whole number of seconds is asked for in whole
+// seconds (expiresIn), and a token answer without expiryTime lives what
+// was asked for, not the fraction more.
+func TestNuapayLifetimeInWholeSeconds(t *testing.T) {
+	g := &gatekeeper{status: 201, body: `{"data":{"id":"t1","accessToken":"eyJ.a.b","tokenType":"BEARER","status":"ACTIVE"}}`}
+	srv := httptest.NewServer(g)
+	t.Cleanup(srv.Close)
+	sent := time.Unix(1_700_000_000, 0)
+	n, err := New(Config{BaseURL: srv.URL, APIKey: "partner-key", Now: func() time.Time { return sent }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := n.Token(context.Background(), broker.Request{Merchant: "acme", Organisation: "o", Scopes: []string{"s"}, Lifetime: 10*time.Second + 900*time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.gotBody["expiresIn"] != float64(10) {
+		t.Fatalf("expiresIn %v, want 10", g.gotBody["expiresIn"])
+	}
+	if d := tok.Expiry.Sub(sent); d != 10*time.Second {
+		t.Fatalf("expiry in %s, want 10s (what was asked for)", d)
 	}
 }

@@ -6,8 +6,10 @@ package reload
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -30,6 +32,8 @@ type Broker struct {
 	// provider ID, so that a reload with a rotated secret (same ID)
 	// forgets the failures of the old one.
 	secretVersions map[string]string
+	// revokeTimeout bounds Revoke; zero: the constant revokeTimeout.
+	revokeTimeout time.Duration
 }
 
 // SecretsSeen records the secret version of every provider of reg and
@@ -80,13 +84,77 @@ func (p *Broker) Tokens() []*broker.Entry {
 	return out
 }
 
-// Revoke revokes entries at their providers, within 10 seconds, and logs
-// each result.
+// Bounds of Revoke: how many revocations run at once, overall and per
+// source, so that one slow provider answer does not use up the time of
+// all the others and no provider gets more than a few at a time.
+const (
+	revokeWorkers   = 16
+	revokePerSource = 4
+	revokeTimeout   = 10 * time.Second
+)
+
+// Revoke revokes entries at their providers, revokeWorkers at a time and
+// revokePerSource at a time per source, within revokeTimeout, and logs
+// each result in the entries' order. A token whose source the failure
+// policy keeps from being called (its breaker is open, or it is in
+// backoff after a 429 or a bad credential) is not revoked; its log says
+// why.
 func (p *Broker) Revoke(entries []*broker.Entry) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	timeout := p.revokeTimeout
+	if timeout == 0 {
+		timeout = revokeTimeout
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	for _, res := range adminapi.Revoke(ctx, entries) {
+	results := make([]adminapi.RevokeResult, len(entries))
+	bySource := map[string][]int{}
+	for i, e := range entries {
+		id := e.Binding().SourceID
+		bySource[id] = append(bySource[id], i)
+	}
+	slots := make(chan struct{}, revokeWorkers)
+	var wg sync.WaitGroup
+	for _, queue := range bySource {
+		var next atomic.Int64
+		for range min(revokePerSource, len(queue)) {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					j := int(next.Add(1)) - 1
+					if j >= len(queue) {
+						return
+					}
+					slots <- struct{}{}
+					results[queue[j]] = p.revoke(ctx, entries[queue[j]])
+					<-slots
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	for _, res := range results {
 		p.Logger.Info("token revoked at shutdown", zap.String("merchant", res.Merchant),
 			zap.String("fingerprint", res.Fingerprint), zap.Bool("revoked", res.Revoked), zap.String("error", res.Error))
 	}
+}
+
+// revoke revokes e's token at its provider, unless the failure policy
+// keeps its source from being called now.
+func (p *Broker) revoke(ctx context.Context, e *broker.Entry) adminapi.RevokeResult {
+	h := p.SourceHealth(e.Binding().SourceID)
+	reason := ""
+	switch {
+	case h.Breaker == broker.BreakerOpen:
+		reason = "not revoked: the provider's circuit breaker is open after repeated failures"
+	case !h.BackoffUntil.IsZero():
+		reason = fmt.Sprintf("not revoked: the provider is not called until %s (Retry-After or a refused credential)", h.BackoffUntil.UTC().Format(time.RFC3339))
+	}
+	if reason != "" {
+		return adminapi.RevokeResult{TokenInfo: adminapi.TokenInfo{Merchant: e.Binding().Merchant, Fingerprint: e.Fingerprint()}, Error: reason}
+	}
+	if _, ok := e.Binding().Source.(broker.Revoker); ok {
+		p.Purge(ctx, []*broker.Entry{e}) // no node of the fleet serves it once revoked
+	}
+	return adminapi.Revoke(ctx, []*broker.Entry{e})[0]
 }

@@ -1,19 +1,29 @@
 package reload
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
+	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 // An operator rotates a client secret after invalid_client and reloads:
@@ -86,4 +96,187 @@ scopes = ["payments"]
 	}
 	// A reload without a change forgets nothing.
 	pb.SecretsSeen(parse("new-secret"))
+}
+
+// gatekeeper is a Nuapay token API for the revocation tests: every
+// organisation gets a token with an id, except "o-503" (503) and "o-429"
+// (429, Retry-After 60); a revocation runs hold, then succeeds.
+func gatekeeper(t *testing.T, hold func(r *http.Request)) string {
+	t.Helper()
+	var minted atomic.Int64
+	gk := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case strings.HasSuffix(r.URL.Path, "/revoke"):
+			hold(r)
+			fmt.Fprint(w, `{"data":{"status":"REVOKED"}}`)
+		case strings.Contains(r.URL.Path, "/o-503/"):
+			w.WriteHeader(http.StatusServiceUnavailable)
+		case strings.Contains(r.URL.Path, "/o-429/"):
+			w.Header().Set("Retry-After", "60")
+			w.WriteHeader(http.StatusTooManyRequests)
+		default:
+			n := minted.Add(1)
+			w.WriteHeader(http.StatusCreated)
+			fmt.Fprintf(w, `{"data":{"id":"t%d","accessToken":"tok-%d","tokenType":"BEARER","status":"ACTIVE"}}`, n, n)
+		}
+	}))
+	t.Cleanup(gk.Close)
+	return gk.URL
+}
+
+// fetch gets the token of merchant m at organisation org from the source
+// sourceID of base URL base (see gatekeeper), and returns the error.
+func fetch(t *testing.T, pb *Broker, base, sourceID, m, org string) error {
+	t.Helper()
+	src, err := nuapay.New(nuapay.Config{BaseURL: base, APIKey: "partner-key"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := brokertest.NewBinding(sourceID, src, broker.Request{Merchant: m, Organisation: org, Scopes: []string{"s"}})
+	_, _, err = pb.Get(context.Background(), b)
+	return err
+}
+
+// Revocations at shutdown run at most revokeWorkers at a time, and at
+// most revokePerSource at a time per source: 5 sources of 8 tokens each,
+// whose revocations are held until the revocation time is up, see at
+// most those many at once, and reach both bounds.
+func TestRevokeAtShutdownIsBounded(t *testing.T) {
+	const sources, perSource = 5, 8
+	var mu sync.Mutex
+	inFlight, peak := map[string]int{}, map[string]int{}
+	count := func(key string, d int) {
+		mu.Lock()
+		defer mu.Unlock()
+		inFlight[key] += d
+		peak[key] = max(peak[key], inFlight[key])
+	}
+	base := gatekeeper(t, func(r *http.Request) {
+		source := strings.Split(r.URL.Path, "/")[1]
+		count("all", 1)
+		count(source, 1)
+		<-r.Context().Done() // held until Revoke's time is up
+		count("all", -1)
+		count(source, -1)
+	})
+	core, logs := observer.New(zap.InfoLevel)
+	pb := &Broker{Broker: broker.New(broker.Options{}), Logger: zap.New(core), revokeTimeout: 2 * time.Second}
+	t.Cleanup(pb.Close)
+	for s := range sources {
+		for i := range perSource {
+			id := fmt.Sprint("s", s)
+			if err := fetch(t, pb, base+"/"+id, id, fmt.Sprint("m", s, "-", i), fmt.Sprint("o", i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	entries := pb.Tokens()
+	slices.SortFunc(entries, func(a, b *broker.Entry) int { return strings.Compare(a.Binding().Merchant, b.Binding().Merchant) })
+	pb.Revoke(entries)
+	mu.Lock()
+	defer mu.Unlock()
+	perSourcePeak := 0
+	for s := range sources {
+		perSourcePeak = max(perSourcePeak, peak[fmt.Sprint("s", s)])
+	}
+	if peak["all"] != revokeWorkers || perSourcePeak != revokePerSource {
+		t.Fatalf("at most %d revocations at once, %d for one source; want %d and %d", peak["all"], perSourcePeak, revokeWorkers, revokePerSource)
+	}
+	if n := logs.FilterMessage("token revoked at shutdown").Len(); n != sources*perSource {
+		t.Fatalf("%d results logged, want %d", n, sources*perSource)
+	}
+}
+
+// A token whose source the failure policy keeps from being called (its
+// breaker is open, or a 429 put it in backoff) is not revoked at
+// shutdown: no call, and its log says why.
+func TestRevokeAtShutdownFollowsTheFailurePolicy(t *testing.T) {
+	var mu sync.Mutex
+	var revoked []string
+	base := gatekeeper(t, func(r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		revoked = append(revoked, strings.Split(r.URL.Path, "/")[1])
+	})
+	core, logs := observer.New(zap.InfoLevel)
+	pb := &Broker{Broker: broker.New(broker.Options{MaxAttempts: 1, BreakerThreshold: 1}), Logger: zap.New(core)}
+	t.Cleanup(pb.Close)
+	for _, id := range []string{"ok", "open", "backoff"} {
+		if err := fetch(t, pb, base+"/"+id, id, "m-"+id, "o1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := fetch(t, pb, base+"/open", "open", "m-open-2", "o-503"); err == nil {
+		t.Fatal("a 503 gave a token")
+	}
+	if err := fetch(t, pb, base+"/backoff", "backoff", "m-backoff-2", "o-429"); err == nil {
+		t.Fatal("a 429 gave a token")
+	}
+	pb.Revoke(pb.Tokens())
+	mu.Lock()
+	defer mu.Unlock()
+	if strings.Join(revoked, " ") != "ok" {
+		t.Fatalf("revocations sent to %q, want only to ok", revoked)
+	}
+	want := map[string]string{"m-ok": "", "m-open": "circuit breaker is open", "m-backoff": "not called until"}
+	for _, e := range logs.FilterMessage("token revoked at shutdown").All() {
+		m := e.ContextMap()
+		reason, ok := want[m["merchant"].(string)]
+		if !ok || m["revoked"] != (reason == "") || !strings.Contains(m["error"].(string), reason) || (reason != "" && !strings.HasPrefix(m["error"].(string), "not revoked")) {
+			t.Errorf("logged %v, want for %s revoked=%v with %q", m, m["merchant"], reason == "", reason)
+		}
+		delete(want, m["merchant"].(string))
+	}
+	if len(want) != 0 {
+		t.Fatalf("no result logged for %v", want)
+	}
+}
+
+// In a fleet, a token revoked at shutdown is purged from the shared tier
+// first: a node that starts afterwards does not adopt it, and a node that
+// served it hears the purge and fetches a new one.
+func TestRevokeAtShutdownPurgesTheFleet(t *testing.T) {
+	srv := redistest.Start(t)
+	base := gatekeeper(t, func(*http.Request) {})
+	keys, err := seal.New(bytes.Repeat([]byte{3}, seal.KeySize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := func() *Broker {
+		tier, err := fleet.New(fleet.Options{Client: srv.Client(), Keys: keys, Timeout: 5 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { tier.Close() })
+		pb := &Broker{Broker: broker.New(broker.Options{Shared: tier}), Logger: zap.NewNop()}
+		t.Cleanup(pb.Close)
+		return pb
+	}
+	src, err := nuapay.New(nuapay.Config{BaseURL: base, APIKey: "partner-key"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	get := func(pb *Broker) string {
+		t.Helper()
+		e, _, err := pb.Get(context.Background(), brokertest.NewBinding("np", src, broker.Request{Merchant: "acme", Organisation: "o1", Scopes: []string{"s"}}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e.Fingerprint()
+	}
+	a, b := node(), node()
+	revoked := get(a)
+	if got := get(b); got != revoked {
+		t.Fatalf("node b got token %s, want node a's %s from the shared tier", got, revoked)
+	}
+	a.Revoke(a.Tokens())
+	if got := get(node()); got == revoked {
+		t.Fatalf("a node started after the revocation adopted the revoked token %s", got)
+	}
+	for deadline := time.Now().Add(10 * time.Second); get(b) == revoked; {
+		if time.Now().After(deadline) {
+			t.Fatalf("node b still serves the revoked token %s", revoked)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
