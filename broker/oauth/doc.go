@@ -3,12 +3,13 @@
 // (RFC 6749 §6) for merchants who consented through the authorization code
 // flow. Both implement broker.Source.
 //
-// The exchange itself goes through golang.org/x/oauth2 (its
-// clientcredentials package, whose documented grant_type override also
-// carries the refresh_token grant), with the request's context and the
-// provider's own HTTP client. Unlike x/oauth2's token sources, nothing here
-// shortens a token's life: Expiry is the provider's, and the broker's
-// refresh-ahead decides when to fetch the next one.
+// The token, PAR and revocation requests are form POSTs with the
+// configured client authentication, the request's context and the
+// provider's own HTTP client. A token answer is read as RFC 6749 §5
+// allows it: JSON (also when labelled text/plain) or form-encoded, and
+// expires_in a number with or without a fraction, or a string of one.
+// Nothing here shortens a token's life: Expiry is the provider's, and the
+// broker's refresh-ahead decides when to fetch the next one.
 //
 // Client authentication (RFC 6749 §2.3, RFC 7523, RFC 8705):
 //

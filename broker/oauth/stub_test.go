@@ -20,7 +20,6 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
-	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
@@ -857,22 +856,5 @@ func TestConsentErrorsDoNotEchoTheState(t *testing.T) {
 				t.Errorf("the consent error quotes the state: %v", err)
 			}
 		})
-	}
-}
-
-// TestRetrieveErrorWithoutResponse: an x/oauth2 RetrieveError that
-// carries no HTTP response (x/oauth2 always sets one today) becomes an
-// error that names the token endpoint, instead of a panic in a refresh
-// running in the background.
-func TestRetrieveErrorWithoutResponse(t *testing.T) {
-	c, err := newCore(Config{Name: "bank", TokenURL: "https://as.bank.example/token", ClientID: "c", ClientSecret: secretValue})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, re := range []*oauth2.RetrieveError{{}, {ErrorCode: "invalid_grant"}} {
-		err := c.tokenError(&endpoints{Token: "https://as.bank.example/token"}, re, nil)
-		if err == nil || !strings.Contains(err.Error(), "as.bank.example") {
-			t.Errorf("tokenError(%+v) = %v, want an error naming the token endpoint", re, err)
-		}
 	}
 }

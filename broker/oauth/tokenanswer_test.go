@@ -1,0 +1,55 @@
+package oauth
+
+import (
+	"context"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+)
+
+// TestTokenAnswerSpellings: answers that other authorization servers send
+// and RFC 6749 §5.1 allows are read: expires_in as a JSON number with a
+// fraction or as a string of one, an empty or null expires_in (missing), a
+// JSON body labelled text/plain, and a JSON body behind a byte order mark.
+func TestTokenAnswerSpellings(t *testing.T) {
+	s := &stub{}
+	srv := startStub(t, s)
+	clock := newClock()
+	src, err := NewClientCredentials(Config{TokenURL: srv.URL + "/token", ClientID: "id", ClientSecret: secretValue,
+		DefaultLifetime: 7 * time.Minute, Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, contentType, body string
+		want                    time.Duration
+	}{
+		{"expires_in 3600.0", "", `{"access_token":"a1","token_type":"Bearer","expires_in":3600.0}`, time.Hour},
+		{"expires_in 3599.7", "", `{"access_token":"a1","token_type":"Bearer","expires_in":3599.7}`, 3599 * time.Second},
+		{`expires_in "3600.0"`, "", `{"access_token":"a1","token_type":"Bearer","expires_in":"3600.0"}`, time.Hour},
+		{`expires_in ""`, "", `{"access_token":"a1","token_type":"Bearer","expires_in":""}`, 7 * time.Minute},
+		{"expires_in null", "", `{"access_token":"a1","token_type":"Bearer","expires_in":null}`, 7 * time.Minute},
+		{"expires_in 1e300", "", `{"access_token":"a1","token_type":"Bearer","expires_in":1e300}`, maxExpiresIn * time.Second},
+		{"JSON as text/plain", "text/plain; charset=utf-8", `{"access_token":"a1","token_type":"Bearer","expires_in":60}`, time.Minute},
+		{"byte order mark", "application/json", "\ufeff" + `{"access_token":"a1","token_type":"Bearer","expires_in":60}`, time.Minute},
+		{"form as text/plain", "text/plain", `access_token=a1&token_type=bearer&expires_in=60`, time.Minute},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s.mu.Lock()
+			s.status, s.body, s.header = 200, tc.body, nil
+			if tc.contentType != "" {
+				s.header = http.Header{"Content-Type": {tc.contentType}}
+			}
+			s.mu.Unlock()
+			tok, err := src.Token(context.Background(), broker.Request{Merchant: "m"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tok.Value.Reveal() != "a1" || !tok.Expiry.Equal(clock.Now().Add(tc.want)) {
+				t.Errorf("token %q expires in %s, want a1 in %s", tok.Value.Reveal(), tok.Expiry.Sub(clock.Now()), tc.want)
+			}
+		})
+	}
+}
