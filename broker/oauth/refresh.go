@@ -205,10 +205,10 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 
 	grant := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt.Reveal()}}
 	tok, raw, err := s.exchange(ctx, req, grant, rt.Reveal())
-	// x/oauth2 hands back the old refresh token when the response has
-	// none: a different one means the provider rotated it. It is saved
-	// even when the access token beside it is refused: the old one no
-	// longer works.
+	// A refresh_token in the answer that differs from the one sent means
+	// the provider rotated it (one that has none keeps the old one). It is
+	// saved even when the access token beside it is refused: the old one
+	// no longer works.
 	if raw != nil && raw.RefreshToken != "" && broker.Secret(raw.RefreshToken) != rt {
 		next := broker.Secret(raw.RefreshToken)
 		if !broker.ValidTokenValue(raw.RefreshToken) {
