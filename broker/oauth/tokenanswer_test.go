@@ -53,3 +53,23 @@ func TestTokenAnswerSpellings(t *testing.T) {
 		})
 	}
 }
+
+// TestRevokeSuccessStatuses: a revocation endpoint that answers a 2xx
+// other than 200 (204 No Content, 202 Accepted) has revoked the token, or
+// does not know it: both are RFC 7009 successes.
+func TestRevokeSuccessStatuses(t *testing.T) {
+	s := &stub{}
+	srv := startStub(t, s)
+	src, err := NewClientCredentials(Config{TokenURL: srv.URL + "/token", RevocationURL: srv.URL + "/revoke", ClientID: "c", ClientSecret: secretValue})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, status := range []int{http.StatusOK, http.StatusAccepted, http.StatusNoContent} {
+		s.mu.Lock()
+		s.status, s.body = status, ""
+		s.mu.Unlock()
+		if err := src.Revoke(context.Background(), "at-1", "access_token"); err != nil {
+			t.Errorf("Revoke answered %d = %v, want success", status, err)
+		}
+	}
+}
