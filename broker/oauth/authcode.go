@@ -474,7 +474,7 @@ func (a *AuthCode) providerHint(code string, pushed bool) string {
 }
 
 // pendingError turns a failed take into a *ConsentError.
-func (a *AuthCode) pendingError(rec Pending, err error, what string) error {
+func (a *AuthCode) pendingError(rec Pending, err error, what string) *ConsentError {
 	switch {
 	case errors.Is(err, errWrongBrowser):
 		return a.fail(ReasonWrongBrowser, rec.Merchant, fmt.Errorf("the %s was started in another browser (its consent cookie is missing or differs): it is left for that browser", what))
@@ -518,7 +518,12 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		if !errors.Is(err, errExpired) {
 			res = Result{}
 		}
-		return res, a.pendingError(rec, err, "authorization state")
+		ce := a.pendingError(rec, err, "authorization state")
+		if code := q.Get("error"); code != "" {
+			desc := scrub.Truncate(scrub.Secrets(q.Get("error_description"), q.Get("state")), scrub.MaxText)
+			ce.Err = fmt.Errorf("%w; the provider answered %s: %s", ce.Err, errorCode(code), desc)
+		}
+		return res, ce
 	}
 	// The state is spent: the code exchange, the ID token's verification
 	// and the save go on when the browser leaves meanwhile, within

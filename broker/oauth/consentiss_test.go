@@ -35,3 +35,22 @@ func TestIssWithoutConfiguredIssuer(t *testing.T) {
 		t.Errorf("the error does not say to configure the issuer: %s", msg)
 	}
 }
+
+// TestProviderErrorWithoutState: a provider that redirects back with an
+// error but without the state (RFC 6749 §4.1.2.1 wants it; some omit it)
+// cannot be tied to a consent, and the refusal names the provider's error
+// code instead of only an unknown state.
+func TestProviderErrorWithoutState(t *testing.T) {
+	ctx := context.Background()
+	flow, _ := newLimitFlow(t, newClock(), LinkLimits{})
+	u, _ := url.Parse(callbackURL)
+	q := url.Values{"error": {"unauthorized_client"}, "error_description": {"client not allowed"}}
+	_, err := flow.Callback(ctx, u.Host, q)
+	var ce *ConsentError
+	if !errors.As(err, &ce) || ce.Reason != ReasonUnknownState {
+		t.Fatalf("Callback = %v, want %s", err, ReasonUnknownState)
+	}
+	if msg := err.Error(); !strings.Contains(msg, "unauthorized_client") || !strings.Contains(msg, "client not allowed") {
+		t.Errorf("the error does not name the provider's error: %s", msg)
+	}
+}
