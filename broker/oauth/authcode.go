@@ -569,7 +569,11 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if err != nil {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err))
 	}
-	if rec.Nonce != "" || raw.Extra("id_token") != nil {
+	// An ID token is verified when openid was asked, and when the
+	// provider has an issuer to verify it with. Without one, openid cannot
+	// be asked, and an id_token is a value this client does not use (RFC
+	// 6749 §5.1: ignored).
+	if rec.Nonce != "" || raw.Extra("id_token") != nil && ep.verifier != nil {
 		if err := a.verifyIDToken(ctx, ep, raw, rec.Nonce); err != nil {
 			return res, a.fail(ReasonInvalidIDToken, rec.Merchant, err)
 		}

@@ -54,3 +54,40 @@ func TestProviderErrorWithoutState(t *testing.T) {
 		t.Errorf("the error does not name the provider's error: %s", msg)
 	}
 }
+
+// TestUnrequestedIDTokenIgnored: a provider configured with token_url
+// (openid cannot be asked without an issuer) whose code exchange answers
+// with an id_token nobody asked for: the id_token is a value the client
+// does not use and ignores (RFC 6749 §5.1), and the consent is stored.
+func TestUnrequestedIDTokenIgnored(t *testing.T) {
+	ctx := context.Background()
+	s := &stub{status: 200, body: `{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt-1","id_token":"eyJhbGciOiJSUzI1NiJ9.e30.c2ln"}`}
+	srv := startStub(t, s)
+	clock := newClock()
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: clock.Now}, NewMemoryStore())
+	if err != nil {
+		t.Fatal(err)
+	}
+	flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, AuthorizationURL: srv.URL + "/authorize",
+		Scopes: []string{"accounts", "offline_access"}}, &Pendings{Store: &MemoryPendingStore{Now: clock.Now}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	link, err := flow.NewLink(ctx, "acme", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lu, _ := url.Parse(link.URL)
+	authURL, _, err := flow.Start(ctx, lu.Query().Get("link"), lu.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	au, _ := url.Parse(authURL)
+	res, err := flow.Callback(ctx, lu.Host, url.Values{"state": {au.Query().Get("state")}, "code": {"c1"}})
+	if err != nil {
+		t.Fatalf("Callback = %v, want the consent stored", err)
+	}
+	if rt, err := src.Store().Load(ctx, src.StoreKey("acme")); err != nil || rt.Reveal() != "rt-1" || res.Merchant != "acme" {
+		t.Errorf("stored %v, %v; result %+v", rt, err, res)
+	}
+}
