@@ -15,18 +15,10 @@ import (
 func TestIssWithoutConfiguredIssuer(t *testing.T) {
 	ctx := context.Background()
 	flow, _ := newLimitFlow(t, newClock(), LinkLimits{})
-	link, err := flow.NewLink(ctx, "acme", "", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lu, _ := url.Parse(link.URL)
-	authURL, _, err := flow.Start(ctx, lu.Query().Get("link"), lu.Host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	authURL, host := startConsent(t, &consentFixture{flow: flow}, "acme")
 	au, _ := url.Parse(authURL)
-	q := url.Values{"state": {au.Query().Get("state")}, "code": {"c1"}, "iss": {"https://bank.example"}}
-	_, err = flow.Callback(ctx, lu.Host, q)
+	state := au.Query().Get("state")
+	_, err := flow.Callback(ctx, host, url.Values{"state": {state}, "code": {"c1"}, "iss": {"https://bank.example"}})
 	var ce *ConsentError
 	if !errors.As(err, &ce) || ce.Reason != ReasonWrongIssuer {
 		t.Fatalf("Callback = %v, want %s", err, ReasonWrongIssuer)
@@ -73,17 +65,10 @@ func TestUnrequestedIDTokenIgnored(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	link, err := flow.NewLink(ctx, "acme", "", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	lu, _ := url.Parse(link.URL)
-	authURL, _, err := flow.Start(ctx, lu.Query().Get("link"), lu.Host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	authURL, host := startConsent(t, &consentFixture{flow: flow}, "acme")
 	au, _ := url.Parse(authURL)
-	res, err := flow.Callback(ctx, lu.Host, url.Values{"state": {au.Query().Get("state")}, "code": {"c1"}})
+	state := au.Query().Get("state")
+	res, err := flow.Callback(ctx, host, url.Values{"state": {state}, "code": {"c1"}})
 	if err != nil {
 		t.Fatalf("Callback = %v, want the consent stored", err)
 	}
