@@ -573,8 +573,9 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	// provider has an issuer to verify it with. Without one, openid cannot
 	// be asked, and an id_token is a value this client does not use (RFC
 	// 6749 §5.1: ignored).
-	if rec.Nonce != "" || raw.Extra("id_token") != nil && ep.verifier != nil {
-		if err := a.verifyIDToken(ctx, ep, raw, rec.Nonce); err != nil {
+	idToken, _ := raw.Extra("id_token").(string) // "" when absent, also from a form-encoded answer
+	if rec.Nonce != "" || idToken != "" && ep.verifier != nil {
+		if err := a.verifyIDToken(ctx, ep, idToken, rec.Nonce); err != nil {
 			return res, a.fail(ReasonInvalidIDToken, rec.Merchant, err)
 		}
 	}
@@ -589,10 +590,9 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	return res, nil
 }
 
-// verifyIDToken checks the ID token with go-oidc (signature, issuer,
+// verifyIDToken checks the ID token s with go-oidc (signature, issuer,
 // audience, expiry) and its nonce.
-func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, raw *oauth2.Token, nonce string) error {
-	s, _ := raw.Extra("id_token").(string)
+func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, s, nonce string) error {
 	if s == "" {
 		return errors.New("the token response has no id_token although openid was asked for")
 	}

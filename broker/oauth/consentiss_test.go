@@ -3,6 +3,9 @@ package oauth
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strings"
 	"testing"
@@ -74,5 +77,46 @@ func TestUnrequestedIDTokenIgnored(t *testing.T) {
 	}
 	if rt, err := src.Store().Load(ctx, src.StoreKey("acme")); err != nil || rt.Reveal() != "rt-1" || res.Merchant != "acme" {
 		t.Errorf("stored %v, %v; result %+v", rt, err, res)
+	}
+}
+
+// TestFormEncodedCodeExchangeWithoutIDToken: a discovered provider (an
+// issuer, no openid asked) whose code exchange answers form-encoded
+// (RFC 6749 allows it; x/oauth2's Token.Extra then reads a missing
+// id_token as "") without an id_token: there is no ID token to verify,
+// and the consent is stored.
+func TestFormEncodedCodeExchangeWithoutIDToken(t *testing.T) {
+	var srv *httptest.Server
+	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/.well-known/openid-configuration":
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":%q,"token_endpoint":%q,"jwks_uri":%q}`,
+				srv.URL, srv.URL+"/authorize", srv.URL+"/token", srv.URL+"/jwks")
+		case "/token":
+			w.Header().Set("Content-Type", "application/x-www-form-urlencoded")
+			fmt.Fprint(w, "access_token=at-1&token_type=bearer&expires_in=60&refresh_token=rt-1")
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	ctx := context.Background()
+	src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, NewMemoryStore())
+	if err != nil {
+		t.Fatal(err)
+	}
+	flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"accounts", "offline_access"}},
+		&Pendings{Store: &MemoryPendingStore{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	authURL, host := startConsent(t, &consentFixture{flow: flow}, "acme")
+	au, _ := url.Parse(authURL)
+	if _, err := flow.Callback(ctx, host, url.Values{"state": {au.Query().Get("state")}, "code": {"c1"}}); err != nil {
+		t.Fatalf("Callback = %v, want the consent stored", err)
+	}
+	if rt, err := src.Store().Load(ctx, src.StoreKey("acme")); err != nil || rt.Reveal() != "rt-1" {
+		t.Errorf("stored %v, %v", rt, err)
 	}
 }
