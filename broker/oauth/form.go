@@ -43,7 +43,7 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	req.Header.Set("Accept", "application/json")
 	if style == oauth2.AuthStyleInHeader {
-		// RFC 6749 §2.3.1, as x/oauth2 does for the token request.
+		// RFC 6749 §2.3.1: the id and the secret form-url-encoded, then Basic.
 		req.SetBasicAuth(url.QueryEscape(c.cfg.ClientID), url.QueryEscape(secret))
 	}
 	secrets := c.sent(secret, auth.Get("client_assertion"))
