@@ -569,10 +569,10 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if err != nil {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err))
 	}
-	// An ID token is verified when openid was asked, and when the
-	// provider has an issuer to verify it with. Without one, openid cannot
-	// be asked, and an id_token is a value this client does not use (RFC
-	// 6749 §5.1: ignored).
+	// An ID token is verified when openid was asked, or when one came
+	// back and the provider has an issuer to verify it with. Without an
+	// issuer, openid cannot be asked, and an id_token is a value this
+	// client does not use (RFC 6749 §5.1: ignored).
 	idToken, _ := raw.Extra("id_token").(string) // "" when absent, also from a form-encoded answer
 	if rec.Nonce != "" || idToken != "" && ep.verifier != nil {
 		if err := a.verifyIDToken(ctx, ep, idToken, rec.Nonce); err != nil {
