@@ -253,10 +253,10 @@ func (c *core) tokenType(typ string) (string, error) {
 			Description: fmt.Sprintf("provider %s answered token_type %q to a request with a DPoP proof, not DPoP: the token is not bound to the key (%s). "+
 				"Check that the server supports DPoP (dpop_signing_alg_values_supported lists %s) and that the client is registered for DPoP-bound tokens; "+
 				"or remove [providers.%s.dpop] to use bearer tokens", c.cfg.Name, shown, c.cfg.DPoP.Thumbprint(), c.cfg.DPoP.Alg(), c.cfg.Name)}
-	case typ == "":
-		return "Bearer", nil // RFC 6749 requires it; its absence is read as bearer
-	case httpclient.IsBearer(typ):
-		return typ, nil
+	case typ == "" || httpclient.IsBearer(typ):
+		// In any case, cached in one spelling; RFC 6749 requires the
+		// type, and its absence is read as bearer.
+		return "Bearer", nil
 	case strings.EqualFold(typ, broker.DPoPType):
 		return "", &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "unsupported_token_type",
 			Description: fmt.Sprintf("provider %s answered token_type %q to a request without a DPoP proof: give the provider a DPoP key, [providers.%s.dpop] key = ..., or register the client for bearer tokens", c.cfg.Name, shown, c.cfg.Name)}

@@ -73,3 +73,24 @@ func TestRevokeSuccessStatuses(t *testing.T) {
 		}
 	}
 }
+
+// TestBearerTypeCanonical: a bearer token_type in any case ("bearer",
+// "BEARER", OneID's lower case) is cached as broker's "Bearer", as an
+// absent one is, so that the cache keeps no per-token copy of the type.
+func TestBearerTypeCanonical(t *testing.T) {
+	s := &stub{}
+	srv := startStub(t, s)
+	src, err := NewClientCredentials(Config{TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, typ := range []string{"bearer", "BEARER", "Bearer"} {
+		s.mu.Lock()
+		s.status, s.body = 200, `{"access_token":"a1","token_type":"`+typ+`","expires_in":60}`
+		s.mu.Unlock()
+		tok, err := src.Token(context.Background(), broker.Request{Merchant: "m"})
+		if err != nil || tok.Type != "Bearer" {
+			t.Errorf("token_type %q: Type %q, %v; want Bearer", typ, tok.Type, err)
+		}
+	}
+}
