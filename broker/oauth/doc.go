@@ -6,7 +6,7 @@
 // The token, PAR and revocation requests are form POSTs with the
 // configured client authentication, the request's context and the
 // provider's own HTTP client. A token answer is read as RFC 6749 §5
-// allows it: JSON (also when labelled text/plain) or form-encoded, and
+// allows it: JSON (whatever its Content-Type says) or form-encoded, and
 // expires_in a number with or without a fraction, or a string of one.
 // Nothing here shortens a token's life: Expiry is the provider's, and the
 // broker's refresh-ahead decides when to fetch the next one.

@@ -171,16 +171,18 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 	return t, tok, nil
 }
 
-// tokenAnswer reads a token endpoint's answer (RFC 6749 §5): a JSON object,
-// or form-encoded parameters (labelled so, or text/plain that is not
-// JSON). A non-2xx status or an error parameter is a refusal
-// (tokenError); a success without an access_token is a malformed response.
+// tokenAnswer reads a token endpoint's answer (RFC 6749 §5): a JSON object
+// whatever its Content-Type says, else form-encoded parameters when it is
+// labelled so or text/plain. A non-2xx status or an error parameter is a
+// refusal (tokenError); a success without an access_token is a malformed
+// response.
 func (c *core) tokenAnswer(ep *endpoints, resp *http.Response, body []byte, secrets []string) (*oauth2.Token, error) {
 	body = bytes.TrimPrefix(body, []byte("\ufeff"))
 	media, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
+	object := bytes.HasPrefix(bytes.TrimSpace(body), []byte("{"))
 	var tok *oauth2.Token
 	var code, description string
-	if media == "application/x-www-form-urlencoded" || media == "text/plain" && !bytes.HasPrefix(bytes.TrimSpace(body), []byte("{")) {
+	if !object && (media == "application/x-www-form-urlencoded" || media == "text/plain") {
 		vals, _ := url.ParseQuery(string(body))
 		code, description = vals.Get("error"), vals.Get("error_description")
 		tok = (&oauth2.Token{AccessToken: vals.Get("access_token"), TokenType: vals.Get("token_type"), RefreshToken: vals.Get("refresh_token")}).WithExtra(vals)

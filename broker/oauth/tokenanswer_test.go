@@ -15,7 +15,8 @@ import (
 // TestTokenAnswerSpellings: answers that other authorization servers send
 // and RFC 6749 §5.1 allows are read: expires_in as a JSON number with a
 // fraction or as a string of one, an empty or null expires_in (missing), a
-// JSON body labelled text/plain, and a JSON body behind a byte order mark.
+// JSON body labelled text/plain or form-encoded, and a JSON body behind a
+// byte order mark.
 func TestTokenAnswerSpellings(t *testing.T) {
 	s := &stub{}
 	srv := startStub(t, s)
@@ -38,6 +39,7 @@ func TestTokenAnswerSpellings(t *testing.T) {
 		{"JSON as text/plain", "text/plain; charset=utf-8", `{"access_token":"a1","token_type":"Bearer","expires_in":60}`, time.Minute},
 		{"byte order mark", "application/json", "\ufeff" + `{"access_token":"a1","token_type":"Bearer","expires_in":60}`, time.Minute},
 		{"form as text/plain", "text/plain", `access_token=a1&token_type=bearer&expires_in=60`, time.Minute},
+		{"JSON labelled form-encoded", "application/x-www-form-urlencoded", `{"access_token":"a1","token_type":"Bearer","expires_in":60}`, time.Minute},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s.mu.Lock()
