@@ -142,8 +142,8 @@ func (s *RefreshToken) PerMerchant() bool { return true }
 // under the merchant's lock; the merchant's ConsentStatus then no longer
 // says consent is required.
 func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt broker.Secret) error {
-	if rt == "" || !broker.ValidTokenValue(rt.Reveal()) {
-		return errors.New("the refresh token is empty or contains characters not allowed in a token")
+	if !validRefreshToken(rt.Reveal()) {
+		return errors.New("the refresh token is empty, longer than 16 KiB, starts or ends with a space, or contains characters not allowed in a refresh token (RFC 6749: printable ASCII and space)")
 	}
 	key := s.StoreKey(merchant)
 	unlock, err := s.store.Lock(ctx, key)
@@ -211,9 +211,9 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	// no longer works.
 	if raw != nil && raw.RefreshToken != "" && broker.Secret(raw.RefreshToken) != rt {
 		next := broker.Secret(raw.RefreshToken)
-		if !broker.ValidTokenValue(raw.RefreshToken) {
+		if !validRefreshToken(raw.RefreshToken) {
 			return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: 200, Code: "invalid_refresh_token",
-				Description: "the rotated refresh token is too long or contains characters not allowed in a token"}
+				Description: "the rotated refresh token is longer than 16 KiB, starts or ends with a space, or contains characters not allowed in a refresh token (RFC 6749: printable ASCII and space)"}
 		}
 		if err := s.save(ctx, key, next); err != nil {
 			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
@@ -239,6 +239,20 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	}
 	s.mu.Unlock()
 	return tok, nil
+}
+
+// maxRefreshTokenLen bounds a refresh token's size, as broker bounds an
+// access token's.
+const maxRefreshTokenLen = 16 << 10
+
+// validRefreshToken reports whether rt is a refresh token as RFC 6749
+// Appendix A.17 has it, 1*VSCHAR (printable ASCII and space), of at most
+// maxRefreshTokenLen bytes. Unlike an access token it never goes into a
+// header, only into a form body, so a space is allowed inside; one at
+// either end is refused (a token pasted with the space around it).
+func validRefreshToken(rt string) bool {
+	return rt != "" && len(rt) <= maxRefreshTokenLen && strings.TrimSpace(rt) == rt &&
+		!strings.ContainsFunc(rt, func(r rune) bool { return r < ' ' || r > '~' })
 }
 
 // loadLocked loads the refresh token of key, whose lock the caller holds:

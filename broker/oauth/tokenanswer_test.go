@@ -96,3 +96,32 @@ func TestBearerTypeCanonical(t *testing.T) {
 		}
 	}
 }
+
+// TestRefreshTokenWithSpace: a refresh token is 1*VSCHAR (RFC 6749
+// Appendix A.17: spaces allowed) and only ever travels in a form body, so
+// one with a space is stored when loaded and when the provider rotates to
+// it, and sent form-encoded on the next refresh.
+func TestRefreshTokenWithSpace(t *testing.T) {
+	s := &stub{status: 200, body: `{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt NEW 2"}`}
+	srv := startStub(t, s)
+	store := NewMemoryStore()
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := src.SetRefreshToken(ctx, "acme", "rt OLD 1"); err != nil {
+		t.Fatalf("SetRefreshToken of a refresh token with a space = %v", err)
+	}
+	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); err != nil {
+		t.Fatalf("Token = %v", err)
+	}
+	if rt, err := store.Load(ctx, src.StoreKey("acme")); err != nil || rt.Reveal() != "rt NEW 2" {
+		t.Errorf("stored refresh token %s (%v), want the rotated one", rt.Fingerprint(), err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if got := s.form.Get("refresh_token"); got != "rt OLD 1" {
+		t.Errorf("refresh_token sent %q", got)
+	}
+}
