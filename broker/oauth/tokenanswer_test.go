@@ -99,24 +99,26 @@ func TestBearerTypeCanonical(t *testing.T) {
 
 // TestRefreshTokenWithSpace: a refresh token is 1*VSCHAR (RFC 6749
 // Appendix A.17: spaces allowed) and only ever travels in a form body, so
-// one with a space is stored when loaded and when the provider rotates to
-// it, and sent form-encoded on the next refresh.
+// one with a space inside is stored when loaded and when the provider
+// rotates to it, and sent form-encoded on the next refresh; a space at
+// either end, a control character or non-ASCII is refused.
 func TestRefreshTokenWithSpace(t *testing.T) {
 	s := &stub{status: 200, body: `{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt NEW 2"}`}
 	srv := startStub(t, s)
-	store := NewMemoryStore()
-	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, NewMemoryStore())
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	if err := src.SetRefreshToken(ctx, "acme", "rt OLD 1"); err != nil {
-		t.Fatalf("SetRefreshToken of a refresh token with a space = %v", err)
+	for rt, ok := range map[string]bool{" rt-1": false, "rt-1 ": false, "rt\t1": false, "rt-é": false, "rt OLD 1": true} {
+		if err := src.SetRefreshToken(ctx, "acme", broker.Secret(rt)); (err == nil) != ok {
+			t.Errorf("SetRefreshToken(%q) = %v, want accepted %v", rt, err, ok)
+		}
 	}
 	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); err != nil {
 		t.Fatalf("Token = %v", err)
 	}
-	if rt, err := store.Load(ctx, src.StoreKey("acme")); err != nil || rt.Reveal() != "rt NEW 2" {
+	if rt, err := src.Store().Load(ctx, src.StoreKey("acme")); err != nil || rt.Reveal() != "rt NEW 2" {
 		t.Errorf("stored refresh token %s (%v), want the rotated one", rt.Fingerprint(), err)
 	}
 	s.mu.Lock()
