@@ -285,7 +285,9 @@ const maxExpiresIn = 10 * 366 * 24 * 3600
 
 // expiresIn reads expires_in as Token.Extra gives it: a JSON number
 // (float64), a form-encoded integer (int64) or number (float64), or a
-// string containing a number; a fraction of a second is dropped.
+// string containing a number; a fraction of a second is dropped, and a
+// positive one under a second is one second. NaN and infinity are no
+// expires_in (ok false).
 func expiresIn(v any) (int64, bool) {
 	var f float64
 	switch x := v.(type) {
@@ -301,8 +303,11 @@ func expiresIn(v any) (int64, bool) {
 	default:
 		return 0, false
 	}
-	if math.IsNaN(f) {
+	if math.IsNaN(f) || math.IsInf(f, 0) {
 		return 0, false
+	}
+	if f > 0 && f < 1 {
+		return 1, true
 	}
 	return int64(max(min(f, maxExpiresIn), -1)), true
 }

@@ -11,9 +11,10 @@ import (
 
 // TestTokenAnswerSpellings: answers that other authorization servers send
 // and RFC 6749 §5.1 allows are read: expires_in as a JSON number with a
-// fraction or as a string of one, an empty or null expires_in (missing), a
-// JSON body labelled text/plain or form-encoded, and a JSON body behind a
-// byte order mark.
+// fraction or as a string of one (a fraction under one second is one
+// second), an empty, null or infinite expires_in (missing), a JSON body
+// labelled text/plain or form-encoded, and a JSON body behind a byte order
+// mark.
 func TestTokenAnswerSpellings(t *testing.T) {
 	s := &stub{}
 	srv := startStub(t, s)
@@ -33,6 +34,11 @@ func TestTokenAnswerSpellings(t *testing.T) {
 		{`expires_in ""`, "", `{"access_token":"a1","token_type":"Bearer","expires_in":""}`, 7 * time.Minute},
 		{"expires_in null", "", `{"access_token":"a1","token_type":"Bearer","expires_in":null}`, 7 * time.Minute},
 		{"expires_in 1e300", "", `{"access_token":"a1","token_type":"Bearer","expires_in":1e300}`, maxExpiresIn * time.Second},
+		{"expires_in 0.4", "", `{"access_token":"a1","token_type":"Bearer","expires_in":0.4}`, time.Second},
+		{`expires_in "0.5"`, "", `{"access_token":"a1","token_type":"Bearer","expires_in":"0.5"}`, time.Second},
+		{`expires_in "Infinity"`, "", `{"access_token":"a1","token_type":"Bearer","expires_in":"Infinity"}`, 7 * time.Minute},
+		{"expires_in 1e400", "", `{"access_token":"a1","token_type":"Bearer","expires_in":1e400}`, 7 * time.Minute},
+		{"form expires_in inf", "application/x-www-form-urlencoded", `access_token=a1&token_type=bearer&expires_in=inf`, 7 * time.Minute},
 		{"JSON as text/plain", "text/plain; charset=utf-8", `{"access_token":"a1","token_type":"Bearer","expires_in":60}`, time.Minute},
 		{"byte order mark", "application/json", "\ufeff" + `{"access_token":"a1","token_type":"Bearer","expires_in":60}`, time.Minute},
 		{"form as text/plain", "text/plain", `access_token=a1&token_type=bearer&expires_in=60`, time.Minute},
