@@ -267,20 +267,23 @@ func (c *core) tokenType(typ string) (string, error) {
 		Description: fmt.Sprintf("provider %s answered token_type %q: the broker sends Bearer and DPoP tokens only", c.cfg.Name, shown)}
 }
 
-// expiry is sent + expires_in; failing that the exp of a JWT access token;
-// failing that sent + the default lifetime. Never zero.
+// expiry is sent + expires_in; failing that the exp of a JWT access token
+// when it is at most maxExpiresIn after sent; failing that sent + the
+// default lifetime. Never zero. An exp further away (one in milliseconds,
+// or centuries ahead) is not credible: the token is kept for the default
+// lifetime, as one without exp is.
 func (c *core) expiry(tok *oauth2.Token, sent time.Time) time.Time {
 	if secs, ok := expiresIn(tok.Extra("expires_in")); ok && secs > 0 {
 		return sent.Add(time.Duration(secs) * time.Second)
 	}
-	if exp, ok := jwtExpiry(tok.AccessToken); ok {
+	if exp, ok := jwtExpiry(tok.AccessToken); ok && !exp.After(sent.Add(maxExpiresIn*time.Second)) {
 		return exp
 	}
 	return sent.Add(c.cfg.DefaultLifetime)
 }
 
 // maxExpiresIn bounds expires_in (ten years) so that the duration cannot
-// overflow.
+// overflow, and is the furthest exp of a JWT access token that is believed.
 const maxExpiresIn = 10 * 366 * 24 * 3600
 
 // expiresIn reads expires_in as Token.Extra gives it: a JSON number

@@ -133,3 +133,42 @@ func TestRefreshTokenWithSpace(t *testing.T) {
 		t.Errorf("refresh_token sent %q", got)
 	}
 }
+
+// TestJWTExpiryBounded: without expires_in, the exp of a JWT access token
+// is how long the token is kept, up to maxExpiresIn (as expires_in is
+// bounded); an exp further away (in milliseconds, or centuries ahead) is
+// not credible and the token gets the default lifetime, as one without
+// exp does.
+func TestJWTExpiryBounded(t *testing.T) {
+	s := &stub{}
+	srv := startStub(t, s)
+	clock := newClock()
+	now := clock.Now()
+	src, err := NewClientCredentials(Config{TokenURL: srv.URL + "/token", ClientID: "id", ClientSecret: secretValue,
+		DefaultLifetime: 7 * time.Minute, Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name      string
+		exp, want time.Time
+	}{
+		{"exp in a year", now.Add(366 * 24 * time.Hour), now.Add(366 * 24 * time.Hour)},
+		{"exp at the bound", now.Add(maxExpiresIn * time.Second), now.Add(maxExpiresIn * time.Second)},
+		{"exp in milliseconds", time.Unix(now.Add(time.Hour).UnixMilli(), 0), now.Add(7 * time.Minute)},
+		{"exp in the year 2300", time.Date(2300, 1, 1, 0, 0, 0, 0, time.UTC), now.Add(7 * time.Minute)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s.mu.Lock()
+			s.status, s.header, s.body = 200, nil, `{"access_token":"`+testJWT(t, tc.exp)+`","token_type":"Bearer"}`
+			s.mu.Unlock()
+			tok, err := src.Token(context.Background(), broker.Request{Merchant: "m"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tok.Expiry.Equal(tc.want) {
+				t.Errorf("expires in %s, want %s", tok.Expiry.Sub(now), tc.want.Sub(now))
+			}
+		})
+	}
+}
