@@ -153,7 +153,8 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 	sent := c.cfg.Now()
 	resp, body, auth, err := c.postForm(httpclient.TokenRequest(ctx), c.tokenClient(), "oauth2 token endpoint", ep.Token, ep.Token, form)
 	if err != nil {
-		if !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
+		var te *transportError
+		if errors.As(err, &te) && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
 			c.ep.invalidate()
 		}
 		return broker.Token{}, nil, err

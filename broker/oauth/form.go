@@ -20,7 +20,8 @@ import (
 // being audience), and reads the answer's body (at most MaxResponseBytes;
 // nil when larger). It returns the secrets the request sent, to scrub from
 // what the answer says. what names the endpoint in errors ("PAR
-// endpoint"); they name its host, never its URL.
+// endpoint"); they name its host, never its URL. A failure to send the
+// request or to read the answer is a *transportError.
 func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint, audience string, form url.Values) (*http.Response, []byte, []string, error) {
 	secret, style, auth, err := c.clientAuth(audience)
 	if err != nil {
@@ -49,15 +50,24 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 	secrets := c.sent(secret, auth.Get("client_assertion"))
 	resp, err := client.Do(req)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("%s %s: %w", what, host, httpclient.RedactURLError(err))
+		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: %w", what, host, httpclient.RedactURLError(err))}
 	}
 	defer resp.Body.Close()
 	body, _, err := httpclient.ReadBody(resp.Body)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("%s %s: reading the response: %w", what, host, err)
+		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: reading the response: %w", what, host, err)}
 	}
 	return resp, body, secrets, nil
 }
+
+// transportError is a postForm request that was not sent or whose answer
+// was not read: unlike a failed client authentication, the endpoint may
+// have moved.
+type transportError struct{ err error }
+
+func (e *transportError) Error() string { return e.err.Error() }
+
+func (e *transportError) Unwrap() error { return e.err }
 
 // refusal is the *broker.APIError of an endpoint's error answer, made by
 // apiError from the error and error_description (RFC 6749 §5.2) of its

@@ -382,6 +382,65 @@ func TestRediscovery(t *testing.T) {
 	}
 }
 
+// failingSigner is a jose.Signer that cannot sign (an HSM that is down).
+type failingSigner struct{}
+
+func (failingSigner) Sign([]byte) (*jose.JSONWebSignature, error) {
+	return nil, errors.New("the signing device is unavailable")
+}
+
+func (failingSigner) Options() jose.SignerOptions { return jose.SignerOptions{} }
+
+// TestRediscoveryOnlyOnTransportErrors: a client assertion that cannot be
+// signed fails the token request before anything is sent, and keeps the
+// discovered endpoints; a token endpoint that drops the connection makes
+// the next call discover again.
+func TestRediscoveryOnlyOnTransportErrors(t *testing.T) {
+	var discoveries atomic.Int64
+	var srv *httptest.Server
+	mux := http.NewServeMux()
+	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
+		discoveries.Add(1)
+		json.NewEncoder(w).Encode(map[string]any{"issuer": srv.URL, "token_endpoint": srv.URL + "/token"})
+	})
+	mux.HandleFunc("/token", func(w http.ResponseWriter, r *http.Request) {
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			conn.Close()
+		}
+	})
+	srv = httptest.NewServer(mux)
+	defer srv.Close()
+	ctx := context.Background()
+
+	src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "c", AuthMethod: PrivateKeyJWT, Signer: &Signer{signer: failingSigner{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := src.Token(ctx, broker.Request{}); err == nil || !strings.Contains(err.Error(), "signing device") {
+			t.Fatalf("Token = %v, want the signing failure", err)
+		}
+	}
+	if n := discoveries.Load(); n != 1 {
+		t.Errorf("%d discoveries after two failed assertions, want 1", n)
+	}
+
+	discoveries.Store(0)
+	src, err = NewClientCredentials(Config{Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := src.Token(ctx, broker.Request{}); err == nil {
+			t.Fatal("Token from a token endpoint that drops the connection succeeded")
+		}
+	}
+	if n := discoveries.Load(); n != 2 {
+		t.Errorf("%d discoveries after two dropped connections, want 2", n)
+	}
+}
+
 // TestMTLSAlias: a client that presents a TLS client certificate uses the
 // discovered mtls_endpoint_aliases (RFC 8705 §5) for the token and
 // revocation endpoints whatever its client authentication (FAPI:
