@@ -1,15 +1,12 @@
 package oauth
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
-	"mime"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -172,28 +169,14 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 	return t, tok, nil
 }
 
-// tokenAnswer reads a token endpoint's answer (RFC 6749 §5): a JSON object
-// whatever its Content-Type says, else form-encoded parameters when it is
-// labelled so or text/plain. A non-2xx status or an error parameter is a
-// refusal (tokenError); a success without an access_token is a malformed
+// tokenAnswer reads a token endpoint's answer (RFC 6749 §5) with
+// answerFields. A non-2xx status or an error parameter is a refusal
+// (tokenError); a success without an access_token is a malformed
 // response.
 func (c *core) tokenAnswer(ep *endpoints, resp *http.Response, body []byte, secrets []string) (*oauth2.Token, error) {
-	body = bytes.TrimPrefix(body, []byte("\ufeff"))
-	media, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
-	object := bytes.HasPrefix(bytes.TrimSpace(body), []byte("{"))
-	var tok *oauth2.Token
-	var code, description string
-	if !object && (media == "application/x-www-form-urlencoded" || media == "text/plain") {
-		vals, _ := url.ParseQuery(string(body))
-		code, description = vals.Get("error"), vals.Get("error_description")
-		tok = (&oauth2.Token{AccessToken: vals.Get("access_token"), TokenType: vals.Get("token_type"), RefreshToken: vals.Get("refresh_token")}).WithExtra(vals)
-	} else {
-		var raw map[string]any
-		_ = json.Unmarshal(body, &raw)
-		str := func(k string) string { s, _ := raw[k].(string); return s }
-		code, description = str("error"), str("error_description")
-		tok = (&oauth2.Token{AccessToken: str("access_token"), TokenType: str("token_type"), RefreshToken: str("refresh_token")}).WithExtra(raw)
-	}
+	get, raw := answerFields(resp, body)
+	code, description := get("error"), get("error_description")
+	tok := (&oauth2.Token{AccessToken: get("access_token"), TokenType: get("token_type"), RefreshToken: get("refresh_token")}).WithExtra(raw)
 	if resp.StatusCode < 200 || resp.StatusCode > 299 || code != "" {
 		return nil, c.tokenError(ep, c.apiError(resp, code, description, secrets))
 	}

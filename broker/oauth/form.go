@@ -1,9 +1,11 @@
 package oauth
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"mime"
 	"net/http"
 	"net/url"
 	"strings"
@@ -70,17 +72,30 @@ func (e *transportError) Error() string { return e.err.Error() }
 func (e *transportError) Unwrap() error { return e.err }
 
 // refusal is the *broker.APIError of an endpoint's error answer, made by
-// apiError from the error and error_description (RFC 6749 §5.2) of its
-// JSON body.
+// apiError from the error and error_description (RFC 6749 §5.2) that
+// answerFields reads.
 func (c *core) refusal(resp *http.Response, body []byte, secrets []string) *broker.APIError {
-	var e struct {
-		Error       string `json:"error"`
-		Description string `json:"error_description"`
+	get, _ := answerFields(resp, body)
+	return c.apiError(resp, get("error"), get("error_description"), secrets)
+}
+
+// answerFields reads the parameters of an answer of the token, PAR or
+// revocation endpoint (RFC 6749 §5): a JSON object whatever its
+// Content-Type says, else form-encoded parameters when it is labelled so
+// or text/plain; a byte order mark is skipped. get returns a parameter's
+// value, "" when it is absent or not a string; raw holds them all, for
+// oauth2.Token.WithExtra.
+func answerFields(resp *http.Response, body []byte) (get func(name string) string, raw any) {
+	body = bytes.TrimPrefix(body, []byte("\ufeff"))
+	media, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
+	object := bytes.HasPrefix(bytes.TrimSpace(body), []byte("{"))
+	if !object && (media == "application/x-www-form-urlencoded" || media == "text/plain") {
+		vals, _ := url.ParseQuery(string(body))
+		return vals.Get, vals
 	}
-	if json.Unmarshal(body, &e) != nil {
-		e.Error, e.Description = "", ""
-	}
-	return c.apiError(resp, e.Error, e.Description, secrets)
+	var fields map[string]any
+	_ = json.Unmarshal(body, &fields)
+	return func(name string) string { s, _ := fields[name].(string); return s }, fields
 }
 
 // apiError is the *broker.APIError of an error answer whose error code

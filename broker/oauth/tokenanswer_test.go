@@ -2,7 +2,9 @@ package oauth
 
 import (
 	"context"
+	"errors"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -168,6 +170,35 @@ func TestJWTExpiryBounded(t *testing.T) {
 			}
 			if !tok.Expiry.Equal(tc.want) {
 				t.Errorf("expires in %s, want %s", tok.Expiry.Sub(now), tc.want.Sub(now))
+			}
+		})
+	}
+}
+
+// TestRevokeRefusalSpellings: a revocation endpoint's error answer is read
+// as a token endpoint's is (RFC 7009 §2.2.1 refers to RFC 6749 §5.2): a
+// JSON body behind a byte order mark or labelled text/plain, or a
+// form-encoded one, gives its error code.
+func TestRevokeRefusalSpellings(t *testing.T) {
+	s := &stub{}
+	srv := startStub(t, s)
+	src, err := NewClientCredentials(Config{TokenURL: srv.URL + "/token", RevocationURL: srv.URL + "/revoke", ClientID: "c", ClientSecret: secretValue})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ name, contentType, body string }{
+		{"byte order mark", "application/json", "\ufeff" + `{"error":"invalid_client","error_description":"unknown client"}`},
+		{"JSON as text/plain", "text/plain; charset=utf-8", `{"error":"invalid_client","error_description":"unknown client"}`},
+		{"form-encoded", "application/x-www-form-urlencoded", `error=invalid_client&error_description=unknown+client`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s.mu.Lock()
+			s.status, s.header, s.body = http.StatusUnauthorized, http.Header{"Content-Type": {tc.contentType}}, tc.body
+			s.mu.Unlock()
+			err := src.Revoke(context.Background(), "at-1", "access_token")
+			var ae *broker.APIError
+			if !errors.As(err, &ae) || ae.Code != "invalid_client" || !strings.Contains(ae.Description, "unknown client") {
+				t.Errorf("Revoke = %v, want invalid_client: unknown client", err)
 			}
 		})
 	}
