@@ -521,7 +521,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		ce := a.pendingError(rec, err, "authorization state")
 		if code := q.Get("error"); code != "" {
 			desc := scrub.Truncate(scrub.Secrets(q.Get("error_description"), q.Get("state")), scrub.MaxText)
-			ce.Err = fmt.Errorf("%w; the provider answered %s: %s", ce.Err, errorCode(code), desc)
+			ce.Err = fmt.Errorf("%w; the redirect carries error=%s: %s", ce.Err, errorCode(code), desc)
 		}
 		return res, ce
 	}

@@ -581,7 +581,7 @@ func TestProviderErrorWithoutState(t *testing.T) {
 	if !errors.As(err, &ce) || ce.Reason != ReasonUnknownState {
 		t.Fatalf("Callback = %v, want %s", err, ReasonUnknownState)
 	}
-	if msg := err.Error(); !strings.Contains(msg, "unauthorized_client") || !strings.Contains(msg, "client not allowed") {
+	if msg := err.Error(); !strings.Contains(msg, "the redirect carries error=unauthorized_client: client not allowed") {
 		t.Errorf("the error does not name the provider's error: %s", msg)
 	}
 }
