@@ -570,11 +570,12 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err))
 	}
 	// An ID token is verified when openid was asked, or when one came
-	// back and the provider has an issuer to verify it with. Without an
-	// issuer, openid cannot be asked, and an id_token is a value this
-	// client does not use (RFC 6749 §5.1: ignored).
-	idToken, _ := raw.Extra("id_token").(string) // "" when absent, also from a form-encoded answer
-	if rec.Nonce != "" || idToken != "" && ep.verifier != nil {
+	// back (any value but null or "", a string or not) and the provider
+	// has an issuer to verify it with. Without an issuer, openid cannot be
+	// asked, and an id_token is a value this client does not use (RFC
+	// 6749 §5.1: ignored).
+	idToken := raw.Extra("id_token") // nil or "" when absent, also from a form-encoded answer
+	if rec.Nonce != "" || idToken != nil && idToken != "" && ep.verifier != nil {
 		if err := a.verifyIDToken(ctx, ep, idToken, rec.Nonce); err != nil {
 			return res, a.fail(ReasonInvalidIDToken, rec.Merchant, err)
 		}
@@ -590,11 +591,15 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	return res, nil
 }
 
-// verifyIDToken checks the ID token s with go-oidc (signature, issuer,
-// audience, expiry) and its nonce.
-func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, s, nonce string) error {
-	if s == "" {
+// verifyIDToken checks the token response's id_token v, a string, with
+// go-oidc (signature, issuer, audience, expiry) and its nonce.
+func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, v any, nonce string) error {
+	s, isString := v.(string)
+	if v == nil || v == "" {
 		return errors.New("the token response has no id_token although openid was asked for")
+	}
+	if !isString {
+		return errors.New("the token response's id_token is not a string, so not an ID token (a JWT)")
 	}
 	if ep.verifier == nil {
 		return errors.New("an id_token came back but the provider has no issuer to verify it with")

@@ -656,3 +656,79 @@ func TestFormEncodedCodeExchangeWithoutIDToken(t *testing.T) {
 		t.Errorf("stored %v, %v", rt, err)
 	}
 }
+
+// TestIDTokenRefusals: a discovered provider (an issuer) whose code
+// exchange answers with an id_token that is forged or not a string is
+// refused as invalid_id_token, whether openid was asked or not; an absent,
+// null or empty id_token is no ID token (refused only when openid was
+// asked). The refresh token is not stored when refused.
+func TestIDTokenRefusals(t *testing.T) {
+	const forged = `"eyJhbGciOiJSUzI1NiJ9.e30.c2ln"`
+	var idToken atomic.Value
+	var srv *httptest.Server
+	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/.well-known/openid-configuration":
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":%q,"token_endpoint":%q,"jwks_uri":%q}`,
+				srv.URL, srv.URL+"/authorize", srv.URL+"/token", srv.URL+"/jwks")
+		case "/jwks":
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprint(w, `{"keys":[]}`)
+		case "/token":
+			w.Header().Set("Content-Type", "application/json")
+			id := ""
+			if v := idToken.Load().(string); v != "" {
+				id = `,"id_token":` + v
+			}
+			fmt.Fprintf(w, `{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt-1"%s}`, id)
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name    string
+		openid  bool
+		idToken string // JSON value; "" leaves id_token out
+		refused bool
+	}{
+		{"openid, forged", true, forged, true},
+		{"openid, a number", true, `123`, true},
+		{"openid, absent", true, "", true},
+		{"not asked, forged", false, forged, true},
+		{"not asked, a number", false, `123`, true},
+		{"not asked, an object", false, `{}`, true},
+		{"not asked, true", false, `true`, true},
+		{"not asked, null", false, `null`, false},
+		{"not asked, empty", false, `""`, false},
+		{"not asked, absent", false, "", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			idToken.Store(tc.idToken)
+			src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, NewMemoryStore())
+			if err != nil {
+				t.Fatal(err)
+			}
+			scopes := []string{"accounts", "offline_access"}
+			if tc.openid {
+				scopes = append(scopes, "openid")
+			}
+			flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: scopes}, &Pendings{Store: &MemoryPendingStore{}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			authURL, host := startConsent(t, &consentFixture{flow: flow}, "acme")
+			au, _ := url.Parse(authURL)
+			_, err = flow.Callback(ctx, host, url.Values{"state": {au.Query().Get("state")}, "code": {"c1"}})
+			var ce *ConsentError
+			if refused := errors.As(err, &ce) && ce.Reason == ReasonInvalidIDToken; refused != tc.refused || !tc.refused && err != nil {
+				t.Fatalf("Callback = %v, want refused as %s: %v", err, ReasonInvalidIDToken, tc.refused)
+			}
+			if _, err := src.Store().Load(ctx, src.StoreKey("acme")); errors.Is(err, ErrNoRefreshToken) != tc.refused {
+				t.Errorf("stored refresh token: %v, want stored: %v", err, !tc.refused)
+			}
+		})
+	}
+}
