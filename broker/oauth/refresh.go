@@ -143,7 +143,7 @@ func (s *RefreshToken) PerMerchant() bool { return true }
 // says consent is required.
 func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt broker.Secret) error {
 	if !validRefreshToken(rt.Reveal()) {
-		return errors.New("the refresh token is empty, longer than 16 KiB, starts or ends with a space, or contains characters not allowed in a refresh token (RFC 6749: printable ASCII and space)")
+		return fmt.Errorf("the refresh token is "+invalidRefreshToken, broker.MaxTokenBytes>>10)
 	}
 	key := s.StoreKey(merchant)
 	unlock, err := s.store.Lock(ctx, key)
@@ -213,7 +213,7 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 		next := broker.Secret(raw.RefreshToken)
 		if !validRefreshToken(raw.RefreshToken) {
 			return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: 200, Code: "invalid_refresh_token",
-				Description: "the rotated refresh token is longer than 16 KiB, starts or ends with a space, or contains characters not allowed in a refresh token (RFC 6749: printable ASCII and space)"}
+				Description: fmt.Sprintf("the rotated refresh token is "+invalidRefreshToken, broker.MaxTokenBytes>>10)}
 		}
 		if err := s.save(ctx, key, next); err != nil {
 			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
@@ -241,17 +241,17 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	return tok, nil
 }
 
-// maxRefreshTokenLen bounds a refresh token's size, as broker bounds an
-// access token's.
-const maxRefreshTokenLen = 16 << 10
+// invalidRefreshToken says what validRefreshToken refuses, a format of
+// broker.MaxTokenBytes in KiB.
+const invalidRefreshToken = "empty, longer than %d KiB, or contains characters not allowed in a refresh token (RFC 6749: printable ASCII and space)"
 
 // validRefreshToken reports whether rt is a refresh token as RFC 6749
 // Appendix A.17 has it, 1*VSCHAR (printable ASCII and space), of at most
-// maxRefreshTokenLen bytes. Unlike an access token it never goes into a
-// header, only into a form body, so a space is allowed inside; one at
-// either end is refused (a token pasted with the space around it).
+// broker.MaxTokenBytes. Unlike an access token it never goes into a
+// header, only into a form body, so a space is allowed, at either end
+// too.
 func validRefreshToken(rt string) bool {
-	return rt != "" && len(rt) <= maxRefreshTokenLen && strings.TrimSpace(rt) == rt &&
+	return rt != "" && len(rt) <= broker.MaxTokenBytes &&
 		!strings.ContainsFunc(rt, func(r rune) bool { return r < ' ' || r > '~' })
 }
 

@@ -107,9 +107,10 @@ func TestBearerTypeCanonical(t *testing.T) {
 
 // TestRefreshTokenWithSpace: a refresh token is 1*VSCHAR (RFC 6749
 // Appendix A.17: spaces allowed) and only ever travels in a form body, so
-// one with a space inside is stored when loaded and when the provider
-// rotates to it, and sent form-encoded on the next refresh; a space at
-// either end, a control character or non-ASCII is refused.
+// one with a space inside or at either end is stored when loaded and when
+// the provider rotates to it, and sent form-encoded on the next refresh; a
+// control character, non-ASCII or more than broker.MaxTokenBytes is
+// refused.
 func TestRefreshTokenWithSpace(t *testing.T) {
 	s := &stub{status: 200, body: `{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt NEW 2"}`}
 	srv := startStub(t, s)
@@ -118,9 +119,15 @@ func TestRefreshTokenWithSpace(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	for rt, ok := range map[string]bool{" rt-1": false, "rt-1 ": false, "rt\t1": false, "rt-é": false, "rt OLD 1": true} {
-		if err := src.SetRefreshToken(ctx, "acme", broker.Secret(rt)); (err == nil) != ok {
-			t.Errorf("SetRefreshToken(%q) = %v, want accepted %v", rt, err, ok)
+	for _, tc := range []struct {
+		rt string
+		ok bool
+	}{
+		{"rt\t1", false}, {"rt-é", false}, {"rt\x00", false}, {strings.Repeat("r", broker.MaxTokenBytes+1), false},
+		{" rt-1", true}, {"rt-1 ", true}, {strings.Repeat("r", broker.MaxTokenBytes), true}, {"rt OLD 1", true},
+	} {
+		if err := src.SetRefreshToken(ctx, "acme", broker.Secret(tc.rt)); (err == nil) != tc.ok {
+			t.Errorf("SetRefreshToken(%.20q) = %v, want accepted %v", tc.rt, err, tc.ok)
 		}
 	}
 	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); err != nil {
