@@ -140,10 +140,11 @@ func (s *RefreshToken) PerMerchant() bool { return true }
 // SetRefreshToken stores a merchant's refresh token (obtained by the
 // operator after the merchant's consent, or by AuthCode's callback),
 // under the merchant's lock; the merchant's ConsentStatus then no longer
-// says consent is required.
+// says consent is required. A refresh token RFC 6749 does not allow
+// fails with ErrInvalidRefreshToken.
 func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt broker.Secret) error {
 	if !validRefreshToken(rt.Reveal()) {
-		return fmt.Errorf("the refresh token is "+invalidRefreshToken, broker.MaxTokenBytes>>10)
+		return fmt.Errorf("%w: it is "+invalidRefreshToken, ErrInvalidRefreshToken, broker.MaxTokenBytes>>10)
 	}
 	key := s.StoreKey(merchant)
 	unlock, err := s.store.Lock(ctx, key)
@@ -240,6 +241,11 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	s.mu.Unlock()
 	return tok, nil
 }
+
+// ErrInvalidRefreshToken is returned by SetRefreshToken for a refresh
+// token RFC 6749 does not allow or longer than broker.MaxTokenBytes: the
+// caller's input is at fault, not the store.
+var ErrInvalidRefreshToken = errors.New("invalid refresh token")
 
 // invalidRefreshToken says what validRefreshToken refuses, a format of
 // broker.MaxTokenBytes in KiB.
