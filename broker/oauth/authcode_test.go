@@ -622,23 +622,12 @@ func TestUnrequestedIDTokenIgnored(t *testing.T) {
 // id_token as "") without an id_token: there is no ID token to verify,
 // and the consent is stored.
 func TestFormEncodedCodeExchangeWithoutIDToken(t *testing.T) {
-	var srv *httptest.Server
-	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/.well-known/openid-configuration":
-			w.Header().Set("Content-Type", "application/json")
-			fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":%q,"token_endpoint":%q,"jwks_uri":%q}`,
-				srv.URL, srv.URL+"/authorize", srv.URL+"/token", srv.URL+"/jwks")
-		case "/token":
-			w.Header().Set("Content-Type", "application/x-www-form-urlencoded")
-			fmt.Fprint(w, "access_token=at-1&token_type=bearer&expires_in=60&refresh_token=rt-1")
-		default:
-			http.NotFound(w, r)
-		}
-	}))
-	defer srv.Close()
+	issuer := startIssuer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/x-www-form-urlencoded")
+		fmt.Fprint(w, "access_token=at-1&token_type=bearer&expires_in=60&refresh_token=rt-1")
+	})
 	ctx := context.Background()
-	src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, NewMemoryStore())
+	src, err := NewRefreshToken(Config{Name: "bank", Issuer: issuer, ClientID: "bank-client", ClientSecret: secretValue}, NewMemoryStore())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -665,28 +654,14 @@ func TestFormEncodedCodeExchangeWithoutIDToken(t *testing.T) {
 func TestIDTokenRefusals(t *testing.T) {
 	const forged = `"eyJhbGciOiJSUzI1NiJ9.e30.c2ln"`
 	var idToken atomic.Value
-	var srv *httptest.Server
-	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/.well-known/openid-configuration":
-			w.Header().Set("Content-Type", "application/json")
-			fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":%q,"token_endpoint":%q,"jwks_uri":%q}`,
-				srv.URL, srv.URL+"/authorize", srv.URL+"/token", srv.URL+"/jwks")
-		case "/jwks":
-			w.Header().Set("Content-Type", "application/json")
-			fmt.Fprint(w, `{"keys":[]}`)
-		case "/token":
-			w.Header().Set("Content-Type", "application/json")
-			id := ""
-			if v := idToken.Load().(string); v != "" {
-				id = `,"id_token":` + v
-			}
-			fmt.Fprintf(w, `{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt-1"%s}`, id)
-		default:
-			http.NotFound(w, r)
+	issuer := startIssuer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		id := ""
+		if v := idToken.Load().(string); v != "" {
+			id = `,"id_token":` + v
 		}
-	}))
-	defer srv.Close()
+		fmt.Fprintf(w, `{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt-1"%s}`, id)
+	})
 	ctx := context.Background()
 	for _, tc := range []struct {
 		name    string
@@ -707,7 +682,7 @@ func TestIDTokenRefusals(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			idToken.Store(tc.idToken)
-			src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, NewMemoryStore())
+			src, err := NewRefreshToken(Config{Name: "bank", Issuer: issuer, ClientID: "bank-client", ClientSecret: secretValue}, NewMemoryStore())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -731,4 +706,29 @@ func TestIDTokenRefusals(t *testing.T) {
 			}
 		})
 	}
+}
+
+// startIssuer starts an authorization server with a discovery document,
+// an empty key set and token as its token endpoint, and returns its
+// issuer.
+func startIssuer(t *testing.T, token http.HandlerFunc) string {
+	t.Helper()
+	var srv *httptest.Server
+	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/.well-known/openid-configuration":
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":%q,"token_endpoint":%q,"jwks_uri":%q}`,
+				srv.URL, srv.URL+"/authorize", srv.URL+"/token", srv.URL+"/jwks")
+		case "/jwks":
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprint(w, `{"keys":[]}`)
+		case "/token":
+			token(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL
 }
