@@ -84,7 +84,7 @@ func (t Token) ValidAt(now time.Time, leeway time.Duration) bool {
 // non-empty, at most 16 KiB, and without control characters, spaces or
 // non-ASCII bytes (RFC 6750 b64token is a strict subset of printable ASCII).
 func ValidTokenValue(v string) bool {
-	if v == "" || len(v) > maxTokenLen {
+	if v == "" || len(v) > MaxTokenBytes {
 		return false
 	}
 	for i := 0; i < len(v); i++ {
@@ -96,5 +96,6 @@ func ValidTokenValue(v string) bool {
 	return true
 }
 
-// maxTokenLen bounds an access token's size (a large JWT is a few KiB).
-const maxTokenLen = 16 << 10
+// MaxTokenBytes bounds the size of a token the broker keeps: an access
+// token (a large JWT is a few KiB) or a refresh token.
+const MaxTokenBytes = 16 << 10

@@ -217,8 +217,7 @@ func SetRefreshToken(r *http.Request, reg *config.Registry, br *broker.Broker, m
 	var body struct {
 		RefreshToken string `json:"refresh_token"`
 	}
-	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&body); err != nil || body.RefreshToken == "" ||
-		strings.ContainsAny(body.RefreshToken, "\r\n\x00") {
+	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&body); err != nil || body.RefreshToken == "" {
 		return "", "", false, &Error{Status: http.StatusBadRequest, Err: errors.New(`the body must be {"refresh_token": "<token>"} with a non-empty token`)}
 	}
 	rt := broker.Secret(body.RefreshToken)
@@ -227,7 +226,9 @@ func SetRefreshToken(r *http.Request, reg *config.Registry, br *broker.Broker, m
 		_, err := src.Store().Load(r.Context(), src.StoreKey(merchant))
 		granted = errors.Is(err, oauth.ErrNoRefreshToken)
 	}
-	if err := src.SetRefreshToken(r.Context(), merchant, rt); err != nil {
+	if err := src.SetRefreshToken(r.Context(), merchant, rt); errors.Is(err, oauth.ErrInvalidRefreshToken) {
+		return "", "", false, &Error{Status: http.StatusBadRequest, Err: fmt.Errorf("merchant %q: the body's refresh_token: %w", merchant, err)}
+	} else if err != nil {
 		return "", "", false, &Error{Status: http.StatusInternalServerError, Err: fmt.Errorf("storing the refresh token of %q: %w", merchant, err)}
 	}
 	br.PurgeMerchant(merchant)

@@ -474,7 +474,7 @@ func (a *AuthCode) providerHint(code string, pushed bool) string {
 }
 
 // pendingError turns a failed take into a *ConsentError.
-func (a *AuthCode) pendingError(rec Pending, err error, what string) error {
+func (a *AuthCode) pendingError(rec Pending, err error, what string) *ConsentError {
 	switch {
 	case errors.Is(err, errWrongBrowser):
 		return a.fail(ReasonWrongBrowser, rec.Merchant, fmt.Errorf("the %s was started in another browser (its consent cookie is missing or differs): it is left for that browser", what))
@@ -518,7 +518,12 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		if !errors.Is(err, errExpired) {
 			res = Result{}
 		}
-		return res, a.pendingError(rec, err, "authorization state")
+		ce := a.pendingError(rec, err, "authorization state")
+		if code := q.Get("error"); code != "" {
+			desc := scrub.Truncate(scrub.Secrets(q.Get("error_description"), q.Get("state")), scrub.MaxText)
+			ce.Err = fmt.Errorf("%w; the redirect carries error=%s: %s", ce.Err, errorCode(code), desc)
+		}
+		return res, ce
 	}
 	// The state is spent: the code exchange, the ID token's verification
 	// and the save go on when the browser leaves meanwhile, within
@@ -536,8 +541,12 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		return res, a.fail(ReasonProviderFailure, rec.Merchant, err)
 	}
 	if iss, ok := q["iss"]; ok || ep.issResponse {
-		if issuer := a.src.cfg.Issuer; len(iss) != 1 || issuer == "" || iss[0] != issuer {
-			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response's iss %q is not the provider's issuer %q (RFC 9207: a mix-up attack or a misconfigured issuer)", scrub.Truncate(strings.Join(iss, ","), scrub.MaxText), issuer))
+		shown := scrub.Truncate(strings.Join(iss, ","), scrub.MaxText)
+		switch issuer := a.src.cfg.Issuer; {
+		case issuer == "":
+			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response carries iss %q (RFC 9207), which the broker cannot check: the provider has a token_url, no issuer; set issuer in [providers.%s] to the provider's issuer identifier (its discovery document then gives the endpoints) instead of token_url", shown, a.Provider()))
+		case len(iss) != 1 || iss[0] != issuer:
+			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response's iss %q is not the provider's issuer %q (RFC 9207: a mix-up attack or a misconfigured issuer)", shown, issuer))
 		}
 	}
 	if code := q.Get("error"); code != "" {
@@ -560,8 +569,14 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	if err != nil {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err))
 	}
-	if rec.Nonce != "" || raw.Extra("id_token") != nil {
-		if err := a.verifyIDToken(ctx, ep, raw, rec.Nonce); err != nil {
+	// An ID token is verified when openid was asked, or when one came
+	// back (any value but null or "", a string or not) and the provider
+	// has an issuer to verify it with. Without an issuer, openid cannot be
+	// asked, and an id_token is a value this client does not use (RFC
+	// 6749 §5.1: ignored).
+	idToken := raw.Extra("id_token") // nil or "" when absent, also from a form-encoded answer
+	if rec.Nonce != "" || idToken != nil && idToken != "" && ep.verifier != nil {
+		if err := a.verifyIDToken(ctx, ep, idToken, rec.Nonce); err != nil {
 			return res, a.fail(ReasonInvalidIDToken, rec.Merchant, err)
 		}
 	}
@@ -576,12 +591,15 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	return res, nil
 }
 
-// verifyIDToken checks the ID token with go-oidc (signature, issuer,
-// audience, expiry) and its nonce.
-func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, raw *oauth2.Token, nonce string) error {
-	s, _ := raw.Extra("id_token").(string)
-	if s == "" {
+// verifyIDToken checks the token response's id_token v, a string, with
+// go-oidc (signature, issuer, audience, expiry) and its nonce.
+func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, v any, nonce string) error {
+	s, isString := v.(string)
+	if v == nil || v == "" {
 		return errors.New("the token response has no id_token although openid was asked for")
+	}
+	if !isString {
+		return errors.New("the token response's id_token is not a string, so not an ID token (a JWT)")
 	}
 	if ep.verifier == nil {
 		return errors.New("an id_token came back but the provider has no issuer to verify it with")

@@ -3,12 +3,17 @@
 // (RFC 6749 §6) for merchants who consented through the authorization code
 // flow. Both implement broker.Source.
 //
-// The exchange itself goes through golang.org/x/oauth2 (its
-// clientcredentials package, whose documented grant_type override also
-// carries the refresh_token grant), with the request's context and the
-// provider's own HTTP client. Unlike x/oauth2's token sources, nothing here
-// shortens a token's life: Expiry is the provider's, and the broker's
-// refresh-ahead decides when to fetch the next one.
+// The token, PAR and revocation requests are form POSTs with the
+// configured client authentication, the request's context and the
+// provider's own HTTP client, sent by one form sender. Their answers are
+// read by one reader as RFC 6749 §5 allows them: JSON (whatever its
+// Content-Type says) or form-encoded, and expires_in a number with or
+// without a fraction, or a string of one. golang.org/x/oauth2 v0.37's own
+// token reader forces expires_in to an integer and reads JSON labelled
+// text/plain as a form, so it does not send the token request; x/oauth2
+// is used for its Token type, PKCE and auth styles.
+// Nothing here shortens a token's life: Expiry is the provider's, and the
+// broker's refresh-ahead decides when to fetch the next one.
 //
 // Client authentication (RFC 6749 §2.3, RFC 7523, RFC 8705):
 //
@@ -23,9 +28,11 @@
 // token request that fails in transport or with 404 makes the next call
 // discover again.
 //
-// A token's lifetime comes from expires_in; without it, from the exp claim
-// of an access token that is a JWT (read, not verified: the token is opaque
-// to the broker); without either, from Config.DefaultLifetime.
+// A token's lifetime comes from expires_in (a positive fraction under a
+// second is one second; at most ten years); without it, from the exp
+// claim of an access token that is a JWT (read, not verified: the token
+// is opaque to the broker) when it is at most ten years ahead; without
+// either, from Config.DefaultLifetime.
 //
 // AuthCode runs the merchants' consent (the authorization code flow with
 // PKCE S256, optionally pushed with PAR, RFC 9126). It sends prompt=consent

@@ -6,7 +6,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"net"
+	"math"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"golang.org/x/oauth2"
-	"golang.org/x/oauth2/clientcredentials"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
@@ -63,13 +62,14 @@ func (c *core) DPoPKey() *dpop.Key { return c.cfg.DPoP }
 // CallTimeout implements broker.CallBounded: the HTTP client's timeout.
 func (c *core) CallTimeout() time.Duration { return c.cfg.Client.Timeout }
 
-// clientAuth returns the x/oauth2 settings and the extra form parameters of
+// clientAuth returns where the client's secret goes (the Basic header or
+// the form, as x/oauth2's AuthStyle says) and the extra form parameters of
 // the configured client authentication for a request to endpoint.
 func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyle, params url.Values, err error) {
 	params = url.Values{}
 	switch c.cfg.AuthMethod {
 	case ClientSecretBasic:
-		// x/oauth2 form-url-encodes the id and the secret before Basic
+		// postForm form-url-encodes the id and the secret before Basic
 		// encoding them, as RFC 6749 §2.3.1 says.
 		return c.cfg.ClientSecret.Reveal(), oauth2.AuthStyleInHeader, params, nil
 	case ClientSecretPost:
@@ -88,7 +88,7 @@ func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyl
 		return "", oauth2.AuthStyleInParams, params, nil
 	}
 	// tls_client_auth: the certificate is the credential; client_id in
-	// the body (x/oauth2 sends it with AuthStyleInParams and no secret).
+	// the body (postForm sends it with AuthStyleInParams and no secret).
 	return "", oauth2.AuthStyleInParams, params, nil
 }
 
@@ -123,41 +123,43 @@ func (c *core) nonceRetry(err error) bool {
 	return true
 }
 
-// exchangeOnce builds and sends one token request (exchange).
+// exchangeOnce builds and sends one token request (exchange): the
+// configured parameters, audience, resource, the request's scopes and the
+// grant's parameters, with the client authentication (postForm).
 func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
 	ep, err := c.ep.get(ctx)
 	if err != nil {
 		return broker.Token{}, nil, err
 	}
-	secret, style, params, err := c.clientAuth(ep.Token)
-	if err != nil {
-		return broker.Token{}, nil, err
-	}
+	form := url.Values{"grant_type": {"client_credentials"}}
 	for k, v := range c.cfg.Params {
-		params.Set(k, v)
+		form.Set(k, v)
 	}
 	if aud := cmp.Or(req.Audience, c.cfg.Audience); aud != "" {
-		params.Set("audience", aud)
+		form.Set("audience", aud)
 	}
 	if c.cfg.Resource != "" {
-		params.Set("resource", c.cfg.Resource)
+		form.Set("resource", c.cfg.Resource)
+	}
+	if len(req.Scopes) > 0 {
+		form.Set("scope", strings.Join(req.Scopes, " "))
 	}
 	for k, v := range grant {
-		params[k] = v
+		form[k] = v
 	}
-	cc := clientcredentials.Config{
-		ClientID:       c.cfg.ClientID,
-		ClientSecret:   secret,
-		TokenURL:       ep.Token,
-		Scopes:         req.Scopes,
-		EndpointParams: params,
-		AuthStyle:      style,
-	}
-	secrets = append(secrets, c.sent(secret, params.Get("client_assertion"))...)
 	sent := c.cfg.Now()
-	tok, err := cc.Token(context.WithValue(httpclient.TokenRequest(ctx), oauth2.HTTPClient, c.tokenClient()))
+	resp, body, auth, err := c.postForm(httpclient.TokenRequest(ctx), c.tokenClient(), "oauth2 token endpoint", ep.Token, ep.Token, form)
 	if err != nil {
-		return broker.Token{}, nil, c.tokenError(ep, err, secrets)
+		var te *transportError
+		if errors.As(err, &te) && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
+			c.ep.invalidate()
+		}
+		return broker.Token{}, nil, err
+	}
+	secrets = append(secrets, auth...)
+	tok, err := c.tokenAnswer(ep, resp, body, secrets)
+	if err != nil {
+		return broker.Token{}, nil, err
 	}
 	secrets = append(secrets, tok.AccessToken, tok.RefreshToken)
 	t, err := c.parse(tok, req, sent)
@@ -167,43 +169,39 @@ func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.V
 	return t, tok, nil
 }
 
-// tokenError turns an x/oauth2 failure into an *broker.APIError (the
-// provider answered: x/oauth2's RetrieveError has the answer) or a
-// transport error, and invalidates discovered endpoints when the endpoint
-// may have moved. A RetrieveError without its answer is a transport
-// error.
-func (c *core) tokenError(ep *endpoints, err error, secrets []string) error {
-	var re *oauth2.RetrieveError
-	if errors.As(err, &re) {
-		if re.Response == nil {
-			return fmt.Errorf("oauth2 token endpoint %s: the token request failed without the provider's answer", httpclient.Host(ep.Token))
-		}
-		ae := c.apiError(re.Response, re.ErrorCode, re.ErrorDescription, secrets)
-		if ae.StatusCode == http.StatusNotFound {
-			c.ep.invalidate()
-		}
-		if ae.Code == "invalid_dpop_proof" && c.cfg.DPoP != nil {
-			ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",
-				c.cfg.DPoP.Alg(), c.cfg.DPoP.Thumbprint(), c.cfg.DPoP.Alg(), c.cfg.Name)
-		}
-		if ae.Code == "invalid_client" && !ep.supports(c.cfg.AuthMethod) {
-			ae.Description += fmt.Sprintf(" (the provider's discovery document lists token_endpoint_auth_methods_supported %q, without %s)", ep.AuthMethods, c.cfg.AuthMethod)
-		}
-		return ae
+// tokenAnswer reads a token endpoint's answer (RFC 6749 §5) with
+// answerFields. A non-2xx status or an error parameter is a refusal
+// (tokenError); a success without an access_token is a malformed
+// response.
+func (c *core) tokenAnswer(ep *endpoints, resp *http.Response, body []byte, secrets []string) (*oauth2.Token, error) {
+	get, raw := answerFields(resp, body)
+	code, description := get("error"), get("error_description")
+	tok := (&oauth2.Token{AccessToken: get("access_token"), TokenType: get("token_type"), RefreshToken: get("refresh_token")}).WithExtra(raw)
+	if resp.StatusCode < 200 || resp.StatusCode > 299 || code != "" {
+		return nil, c.tokenError(ep, c.apiError(resp, code, description, secrets))
 	}
-	var ue *url.Error
-	var ne net.Error
-	switch {
-	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		return fmt.Errorf("oauth2 token endpoint %s: %w", httpclient.Host(ep.Token), httpclient.RedactURLError(err))
-	case errors.As(err, &ue), errors.As(err, &ne), strings.HasPrefix(err.Error(), "oauth2: cannot fetch token"):
+	if tok.AccessToken == "" {
+		return nil, &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode, Code: "malformed_response",
+			Description: "the token response is not a JSON or form-encoded RFC 6749 §5.1 response with an access_token"}
+	}
+	return tok, nil
+}
+
+// tokenError completes the refusal of a token request: it invalidates
+// discovered endpoints when the endpoint may have moved, and says what to
+// check for a refused DPoP proof or client authentication.
+func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
+	if ae.StatusCode == http.StatusNotFound {
 		c.ep.invalidate()
-		return fmt.Errorf("oauth2 token endpoint %s: %w", httpclient.Host(ep.Token), httpclient.RedactURLError(err))
 	}
-	// x/oauth2 could not parse a success response. Its message may quote
-	// the body, so it is not repeated.
-	return &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "malformed_response",
-		Description: "the token response is not a JSON or form-encoded RFC 6749 §5.1 response with an access_token"}
+	if ae.Code == "invalid_dpop_proof" && c.cfg.DPoP != nil {
+		ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",
+			c.cfg.DPoP.Alg(), c.cfg.DPoP.Thumbprint(), c.cfg.DPoP.Alg(), c.cfg.Name)
+	}
+	if ae.Code == "invalid_client" && !ep.supports(c.cfg.AuthMethod) {
+		ae.Description += fmt.Sprintf(" (the provider's discovery document lists token_endpoint_auth_methods_supported %q, without %s)", ep.AuthMethods, c.cfg.AuthMethod)
+	}
+	return ae
 }
 
 // parse checks a successful response and computes the token's expiry.
@@ -241,10 +239,10 @@ func (c *core) tokenType(typ string) (string, error) {
 			Description: fmt.Sprintf("provider %s answered token_type %q to a request with a DPoP proof, not DPoP: the token is not bound to the key (%s). "+
 				"Check that the server supports DPoP (dpop_signing_alg_values_supported lists %s) and that the client is registered for DPoP-bound tokens; "+
 				"or remove [providers.%s.dpop] to use bearer tokens", c.cfg.Name, shown, c.cfg.DPoP.Thumbprint(), c.cfg.DPoP.Alg(), c.cfg.Name)}
-	case typ == "":
-		return "Bearer", nil // RFC 6749 requires it; its absence is read as bearer
-	case httpclient.IsBearer(typ):
-		return typ, nil
+	case typ == "" || httpclient.IsBearer(typ):
+		// In any case, cached in one spelling; RFC 6749 requires the
+		// type, and its absence is read as bearer.
+		return "Bearer", nil
 	case strings.EqualFold(typ, broker.DPoPType):
 		return "", &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "unsupported_token_type",
 			Description: fmt.Sprintf("provider %s answered token_type %q to a request without a DPoP proof: give the provider a DPoP key, [providers.%s.dpop] key = ..., or register the client for bearer tokens", c.cfg.Name, shown, c.cfg.Name)}
@@ -253,42 +251,52 @@ func (c *core) tokenType(typ string) (string, error) {
 		Description: fmt.Sprintf("provider %s answered token_type %q: the broker sends Bearer and DPoP tokens only", c.cfg.Name, shown)}
 }
 
-// expiry is sent + expires_in; failing that the exp of a JWT access token;
-// failing that sent + the default lifetime. Never zero.
+// expiry is sent + expires_in; failing that the exp of a JWT access token
+// when it is at most maxExpiresIn after sent; failing that sent + the
+// default lifetime. Never zero. An exp further away (one in milliseconds,
+// or centuries ahead) is not credible: the token is kept for the default
+// lifetime, as one without exp is.
 func (c *core) expiry(tok *oauth2.Token, sent time.Time) time.Time {
 	if secs, ok := expiresIn(tok.Extra("expires_in")); ok && secs > 0 {
 		return sent.Add(time.Duration(secs) * time.Second)
 	}
-	if exp, ok := jwtExpiry(tok.AccessToken); ok {
+	if exp, ok := jwtExpiry(tok.AccessToken); ok && !exp.After(sent.Add(maxExpiresIn*time.Second)) {
 		return exp
 	}
 	return sent.Add(c.cfg.DefaultLifetime)
 }
 
 // maxExpiresIn bounds expires_in (ten years) so that the duration cannot
-// overflow.
+// overflow, and is the furthest exp of a JWT access token that is believed.
 const maxExpiresIn = 10 * 366 * 24 * 3600
 
-// expiresIn reads expires_in as x/oauth2's Extra gives it: a JSON number
-// (float64), a form-encoded integer (int64), or a string containing a
-// number.
+// expiresIn reads expires_in as Token.Extra gives it: a JSON number
+// (float64), a form-encoded integer (int64) or number (float64), or a
+// string containing a number; a fraction of a second is dropped, and a
+// positive one under a second is one second. NaN and infinity are no
+// expires_in (ok false).
 func expiresIn(v any) (int64, bool) {
-	var n int64
+	var f float64
 	switch x := v.(type) {
 	case float64:
-		n = int64(x)
+		f = x
 	case int64:
-		n = x
+		f = float64(x)
 	case string:
-		f, err := strconv.ParseFloat(strings.TrimSpace(x), 64)
-		if err != nil {
+		var err error
+		if f, err = strconv.ParseFloat(strings.TrimSpace(x), 64); err != nil {
 			return 0, false
 		}
-		n = int64(f)
 	default:
 		return 0, false
 	}
-	return min(n, maxExpiresIn), true
+	if math.IsNaN(f) || math.IsInf(f, 0) {
+		return 0, false
+	}
+	if f > 0 && f < 1 {
+		return 1, true
+	}
+	return int64(max(min(f, maxExpiresIn), -1)), true
 }
 
 // sent lists the secrets one request sends, for scrub.Secrets: the client

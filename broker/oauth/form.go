@@ -1,9 +1,11 @@
 package oauth
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"mime"
 	"net/http"
 	"net/url"
 	"strings"
@@ -20,7 +22,8 @@ import (
 // being audience), and reads the answer's body (at most MaxResponseBytes;
 // nil when larger). It returns the secrets the request sent, to scrub from
 // what the answer says. what names the endpoint in errors ("PAR
-// endpoint"); they name its host, never its URL.
+// endpoint"); they name its host, never its URL. A failure to send the
+// request or to read the answer is a *transportError.
 func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint, audience string, form url.Values) (*http.Response, []byte, []string, error) {
 	secret, style, auth, err := c.clientAuth(audience)
 	if err != nil {
@@ -43,34 +46,56 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	req.Header.Set("Accept", "application/json")
 	if style == oauth2.AuthStyleInHeader {
-		// RFC 6749 §2.3.1, as x/oauth2 does for the token request.
+		// RFC 6749 §2.3.1: the id and the secret form-url-encoded, then Basic.
 		req.SetBasicAuth(url.QueryEscape(c.cfg.ClientID), url.QueryEscape(secret))
 	}
 	secrets := c.sent(secret, auth.Get("client_assertion"))
 	resp, err := client.Do(req)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("%s %s: %w", what, host, httpclient.RedactURLError(err))
+		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: %w", what, host, httpclient.RedactURLError(err))}
 	}
 	defer resp.Body.Close()
 	body, _, err := httpclient.ReadBody(resp.Body)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("%s %s: reading the response: %w", what, host, err)
+		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: reading the response: %w", what, host, err)}
 	}
 	return resp, body, secrets, nil
 }
 
+// transportError is a postForm request that was not sent or whose answer
+// was not read: unlike a failed client authentication, the endpoint may
+// have moved.
+type transportError struct{ err error }
+
+func (e *transportError) Error() string { return e.err.Error() }
+
+func (e *transportError) Unwrap() error { return e.err }
+
 // refusal is the *broker.APIError of an endpoint's error answer, made by
-// apiError from the error and error_description (RFC 6749 §5.2) of its
-// JSON body.
+// apiError from the error and error_description (RFC 6749 §5.2) that
+// answerFields reads.
 func (c *core) refusal(resp *http.Response, body []byte, secrets []string) *broker.APIError {
-	var e struct {
-		Error       string `json:"error"`
-		Description string `json:"error_description"`
+	get, _ := answerFields(resp, body)
+	return c.apiError(resp, get("error"), get("error_description"), secrets)
+}
+
+// answerFields reads the parameters of an answer of the token, PAR or
+// revocation endpoint (RFC 6749 §5): a JSON object whatever its
+// Content-Type says, else form-encoded parameters when it is labelled so
+// or text/plain; a byte order mark is skipped. get returns a parameter's
+// value, "" when it is absent or not a string; raw holds them all, for
+// oauth2.Token.WithExtra.
+func answerFields(resp *http.Response, body []byte) (get func(name string) string, raw any) {
+	body = bytes.TrimPrefix(body, []byte("\ufeff"))
+	media, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
+	object := bytes.HasPrefix(bytes.TrimSpace(body), []byte("{"))
+	if !object && (media == "application/x-www-form-urlencoded" || media == "text/plain") {
+		vals, _ := url.ParseQuery(string(body))
+		return vals.Get, vals
 	}
-	if json.Unmarshal(body, &e) != nil {
-		e.Error, e.Description = "", ""
-	}
-	return c.apiError(resp, e.Error, e.Description, secrets)
+	var fields map[string]any
+	_ = json.Unmarshal(body, &fields)
+	return func(name string) string { s, _ := fields[name].(string); return s }, fields
 }
 
 // apiError is the *broker.APIError of an error answer whose error code

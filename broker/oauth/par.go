@@ -2,7 +2,6 @@ package oauth
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -33,17 +32,14 @@ func (a *AuthCode) pushOnce(ctx context.Context, endpoint string, params url.Val
 	if err != nil {
 		return "", err
 	}
-	var out struct {
-		RequestURI string `json:"request_uri"`
-		Error      string `json:"error"`
-	}
-	_ = json.Unmarshal(body, &out)
-	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK || out.Error != "" {
+	get, _ := answerFields(resp, body)
+	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK || get("error") != "" {
 		// The state is scrubbed as well: a provider may quote it.
 		return "", fmt.Errorf("PAR endpoint %s refused the request: %w", httpclient.Host(endpoint), c.refusal(resp, body, append(secrets, params.Get("state"))))
 	}
-	if out.RequestURI == "" || len(out.RequestURI) > 2048 {
+	uri := get("request_uri")
+	if uri == "" || len(uri) > 2048 {
 		return "", fmt.Errorf("PAR endpoint %s: the answer has no usable request_uri", httpclient.Host(endpoint))
 	}
-	return out.RequestURI, nil
+	return uri, nil
 }

@@ -140,10 +140,11 @@ func (s *RefreshToken) PerMerchant() bool { return true }
 // SetRefreshToken stores a merchant's refresh token (obtained by the
 // operator after the merchant's consent, or by AuthCode's callback),
 // under the merchant's lock; the merchant's ConsentStatus then no longer
-// says consent is required.
+// says consent is required. A refresh token RFC 6749 does not allow
+// fails with ErrInvalidRefreshToken.
 func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt broker.Secret) error {
-	if rt == "" || !broker.ValidTokenValue(rt.Reveal()) {
-		return errors.New("the refresh token is empty or contains characters not allowed in a token")
+	if !validRefreshToken(rt.Reveal()) {
+		return fmt.Errorf("%w: it is "+invalidRefreshToken, ErrInvalidRefreshToken, broker.MaxTokenBytes>>10)
 	}
 	key := s.StoreKey(merchant)
 	unlock, err := s.store.Lock(ctx, key)
@@ -205,15 +206,15 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 
 	grant := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt.Reveal()}}
 	tok, raw, err := s.exchange(ctx, req, grant, rt.Reveal())
-	// x/oauth2 hands back the old refresh token when the response has
-	// none: a different one means the provider rotated it. It is saved
-	// even when the access token beside it is refused: the old one no
-	// longer works.
+	// A refresh_token in the answer that differs from the one sent means
+	// the provider rotated it (one that has none keeps the old one). It is
+	// saved even when the access token beside it is refused: the old one
+	// no longer works.
 	if raw != nil && raw.RefreshToken != "" && broker.Secret(raw.RefreshToken) != rt {
 		next := broker.Secret(raw.RefreshToken)
-		if !broker.ValidTokenValue(raw.RefreshToken) {
+		if !validRefreshToken(raw.RefreshToken) {
 			return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: 200, Code: "invalid_refresh_token",
-				Description: "the rotated refresh token is too long or contains characters not allowed in a token"}
+				Description: fmt.Sprintf("the rotated refresh token is "+invalidRefreshToken, broker.MaxTokenBytes>>10)}
 		}
 		if err := s.save(ctx, key, next); err != nil {
 			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
@@ -239,6 +240,25 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	}
 	s.mu.Unlock()
 	return tok, nil
+}
+
+// ErrInvalidRefreshToken is returned by SetRefreshToken for a refresh
+// token RFC 6749 does not allow or longer than broker.MaxTokenBytes: the
+// caller's input is at fault, not the store.
+var ErrInvalidRefreshToken = errors.New("invalid refresh token")
+
+// invalidRefreshToken says what validRefreshToken refuses, a format of
+// broker.MaxTokenBytes in KiB.
+const invalidRefreshToken = "empty, longer than %d KiB, or contains characters not allowed in a refresh token (RFC 6749: printable ASCII and space)"
+
+// validRefreshToken reports whether rt is a refresh token as RFC 6749
+// Appendix A.17 has it, 1*VSCHAR (printable ASCII and space), of at most
+// broker.MaxTokenBytes. Unlike an access token it never goes into a
+// header, only into a form body, so a space is allowed, at either end
+// too.
+func validRefreshToken(rt string) bool {
+	return rt != "" && len(rt) <= broker.MaxTokenBytes &&
+		!strings.ContainsFunc(rt, func(r rune) bool { return r < ' ' || r > '~' })
 }
 
 // loadLocked loads the refresh token of key, whose lock the caller holds:

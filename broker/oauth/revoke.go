@@ -3,7 +3,6 @@ package oauth
 import (
 	"context"
 	"errors"
-	"net/http"
 	"net/url"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -23,8 +22,8 @@ func (c *core) RevokeToken(ctx context.Context, _ broker.Request, tok broker.Tok
 // Revoke sends an RFC 7009 revocation request: a form POST of token and
 // token_type_hint ("access_token", "refresh_token" or empty) with the
 // configured client authentication. 200 is success, even for a token the
-// provider does not know. It fails with ErrNoRevocationEndpoint when the
-// provider has none.
+// provider does not know, and so is any other 2xx (204 No Content). It
+// fails with ErrNoRevocationEndpoint when the provider has none.
 func (c *core) Revoke(ctx context.Context, token broker.Secret, hint string) error {
 	if token == "" {
 		return errors.New("oauth2 revoke: the token is empty")
@@ -46,7 +45,7 @@ func (c *core) Revoke(ctx context.Context, token broker.Secret, hint string) err
 	if err != nil {
 		return err
 	}
-	if resp.StatusCode == http.StatusOK {
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		return nil
 	}
 	ae := c.refusal(resp, body, append(secrets, token.Reveal()))

@@ -20,7 +20,6 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
-	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
@@ -380,6 +379,65 @@ func TestRediscovery(t *testing.T) {
 	}
 	if n := discoveries.Load(); n != 3 {
 		t.Errorf("%d discoveries, want 3", n)
+	}
+}
+
+// failingSigner is a jose.Signer that cannot sign (an HSM that is down).
+type failingSigner struct{}
+
+func (failingSigner) Sign([]byte) (*jose.JSONWebSignature, error) {
+	return nil, errors.New("the signing device is unavailable")
+}
+
+func (failingSigner) Options() jose.SignerOptions { return jose.SignerOptions{} }
+
+// TestRediscoveryOnlyOnTransportErrors: a client assertion that cannot be
+// signed fails the token request before anything is sent, and keeps the
+// discovered endpoints; a token endpoint that drops the connection makes
+// the next call discover again.
+func TestRediscoveryOnlyOnTransportErrors(t *testing.T) {
+	var discoveries atomic.Int64
+	var srv *httptest.Server
+	mux := http.NewServeMux()
+	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
+		discoveries.Add(1)
+		json.NewEncoder(w).Encode(map[string]any{"issuer": srv.URL, "token_endpoint": srv.URL + "/token"})
+	})
+	mux.HandleFunc("/token", func(w http.ResponseWriter, r *http.Request) {
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			conn.Close()
+		}
+	})
+	srv = httptest.NewServer(mux)
+	defer srv.Close()
+	ctx := context.Background()
+
+	src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "c", AuthMethod: PrivateKeyJWT, Signer: &Signer{signer: failingSigner{}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := src.Token(ctx, broker.Request{}); err == nil || !strings.Contains(err.Error(), "signing device") {
+			t.Fatalf("Token = %v, want the signing failure", err)
+		}
+	}
+	if n := discoveries.Load(); n != 1 {
+		t.Errorf("%d discoveries after two failed assertions, want 1", n)
+	}
+
+	discoveries.Store(0)
+	src, err = NewClientCredentials(Config{Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := src.Token(ctx, broker.Request{}); err == nil {
+			t.Fatal("Token from a token endpoint that drops the connection succeeded")
+		}
+	}
+	if n := discoveries.Load(); n != 2 {
+		t.Errorf("%d discoveries after two dropped connections, want 2", n)
 	}
 }
 
@@ -860,19 +918,23 @@ func TestConsentErrorsDoNotEchoTheState(t *testing.T) {
 	}
 }
 
-// TestRetrieveErrorWithoutResponse: an x/oauth2 RetrieveError that
-// carries no HTTP response (x/oauth2 always sets one today) becomes an
-// error that names the token endpoint, instead of a panic in a refresh
-// running in the background.
-func TestRetrieveErrorWithoutResponse(t *testing.T) {
-	c, err := newCore(Config{Name: "bank", TokenURL: "https://as.bank.example/token", ClientID: "c", ClientSecret: secretValue})
+// TestTokenErrorWithoutJSONContentType: a provider that writes its JSON
+// error without a JSON Content-Type (a Go server that sets none answers
+// text/plain, sniffed) is read as the RFC 6749 §5.2 error it is:
+// invalid_client refuses the source's credential.
+func TestTokenErrorWithoutJSONContentType(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusUnauthorized)
+		fmt.Fprint(w, `{"error":"invalid_client","error_description":"unknown client"}`)
+	}))
+	defer srv.Close()
+	src, err := NewClientCredentials(Config{TokenURL: srv.URL + "/v1/token", ClientID: "c", ClientSecret: secretValue, AuthMethod: ClientSecretPost})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, re := range []*oauth2.RetrieveError{{}, {ErrorCode: "invalid_grant"}} {
-		err := c.tokenError(&endpoints{Token: "https://as.bank.example/token"}, re, nil)
-		if err == nil || !strings.Contains(err.Error(), "as.bank.example") {
-			t.Errorf("tokenError(%+v) = %v, want an error naming the token endpoint", re, err)
-		}
+	_, err = src.Token(context.Background(), broker.Request{Merchant: "m"})
+	var ae *broker.APIError
+	if !errors.As(err, &ae) || ae.Code != "invalid_client" || src.Classify(err) != broker.ClassCredential {
+		t.Errorf("Token = %v (class %d), want invalid_client refusing the credential", err, src.Classify(err))
 	}
 }
