@@ -362,9 +362,14 @@ func (b *Budget) effectiveLocked(now time.Time) Limit {
 }
 
 // allow asks the store for one request under l; while the store fails, the
-// in-process bucket answers under the fallback limit.
+// in-process bucket answers under the fallback limit. A store call that
+// ends with ctx is not a store failure: ctx's error is returned and the
+// fallback spends nothing for a request that will not be made.
 func (b *Budget) allow(ctx context.Context, l Limit) (Result, error) {
 	res, err := b.store.AllowN(ctx, b.name, l, 1)
+	if err != nil && ctx.Err() != nil {
+		return Result{}, ctx.Err()
+	}
 	if err != nil {
 		fl := b.fallbackLimit
 		if l.PerSecond() < fl.PerSecond() {

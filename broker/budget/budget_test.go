@@ -612,3 +612,40 @@ func TestRefusalSaysWhen(t *testing.T) {
 		t.Fatalf("got %v, want exhausted with a positive retry after", err)
 	}
 }
+
+// blockingStore answers when its caller's context ends, with the
+// context's error, like a Redis call cut short by the caller.
+type blockingStore struct{ called chan struct{} }
+
+func (s blockingStore) AllowN(ctx context.Context, _ string, _ Limit, _ int) (Result, error) {
+	close(s.called)
+	<-ctx.Done()
+	return Result{}, ctx.Err()
+}
+
+// TestCancelledDuringStoreCall: a caller whose context ends while the
+// store answers gets its context's error; the in-process fallback, which
+// answers for a failing store, spends nothing for it.
+func TestCancelledDuringStoreCall(t *testing.T) {
+	for _, p := range []Priority{Foreground, Background} {
+		t.Run(p.String(), func(t *testing.T) {
+			c := newClock()
+			s := blockingStore{called: make(chan struct{})}
+			b := New("bank", limit(1, 1, time.Second), s, c.Now)
+			ctx, cancel := context.WithCancel(context.Background())
+			go func() {
+				<-s.called
+				cancel()
+			}()
+			if _, err := b.Take(ctx, p, time.Time{}, advance(c)); !errors.Is(err, context.Canceled) {
+				t.Fatalf("Take = %v, want %v", err, context.Canceled)
+			}
+			if st := b.State(); st.Used != 0 || st.Waiting != 0 {
+				t.Errorf("State = %+v, want nothing used, nobody waiting", st)
+			}
+			if res, _ := b.fallback.AllowN(context.Background(), "bank", limit(1, 1, time.Second), 0); res.Remaining != 1 {
+				t.Errorf("the fallback bucket holds %d, want its whole burst of 1", res.Remaining)
+			}
+		})
+	}
+}
