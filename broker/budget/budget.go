@@ -102,7 +102,8 @@ func WithLocalShare(n int) Option {
 // WithSharedBy says the budget's Store is shared by n sidecars (a fleet on
 // one Redis), each spending the whole limit: each plans its refreshes
 // (Plan) on an n-th of the rate's BackgroundShare, so that the fleet's
-// plans together fit it. Default 1.
+// plans together fit it; while the store fails, its in-process bucket
+// spends at most an n-th of a provider's lowering (Observe). Default 1.
 func WithSharedBy(n int) Option {
 	return func(b *Budget) { b.sharedBy = max(n, 1) }
 }
@@ -362,7 +363,10 @@ func (b *Budget) effectiveLocked(now time.Time) Limit {
 }
 
 // allow asks the store for one request under l; while the store fails, the
-// in-process bucket answers under the fallback limit. A store call that
+// in-process bucket answers under the fallback limit, or under this
+// sidecar's share of l (WithSharedBy) when that is lower: a lowering
+// speaks for the whole API key, which every sidecar's fallback spends at
+// once. A store call that
 // ends with ctx is not a store failure: ctx's error is returned and the
 // fallback spends nothing for a request that will not be made.
 func (b *Budget) allow(ctx context.Context, l Limit) (Result, error) {
@@ -372,8 +376,8 @@ func (b *Budget) allow(ctx context.Context, l Limit) (Result, error) {
 	}
 	if err != nil {
 		fl := b.fallbackLimit
-		if l.PerSecond() < fl.PerSecond() {
-			fl = l
+		if share := l.Share(b.sharedBy); share.PerSecond() < fl.PerSecond() {
+			fl = share
 		}
 		if res, err = b.fallback.AllowN(ctx, b.name, fl, 1); err != nil {
 			return Result{}, fmt.Errorf("token API budget of provider %q: %w", b.name, err)

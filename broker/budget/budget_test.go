@@ -649,3 +649,29 @@ func TestCancelledDuringStoreCall(t *testing.T) {
 		})
 	}
 }
+
+// TestFallbackLoweredFleetShare: in a fleet sharing the store
+// (WithSharedBy), a provider's lowering speaks for the whole API key;
+// while the store fails, each sidecar's in-process bucket spends its
+// share of the lowered rate, so that the fleet together stays within it.
+func TestFallbackLoweredFleetShare(t *testing.T) {
+	c := newClock()
+	l := limit(10, 10, time.Second)
+	b := New("bank", l, failingStore{}, c.Now, WithFallback(l.Share(5)), WithSharedBy(5))
+	sleep := advance(c)
+	start := c.Now()
+	served := 0
+	for c.Now().Sub(start) < 100*time.Second {
+		// 1 per 10 s left for the whole key, said again as it passes.
+		b.Observe(http.Header{"X-Ratelimit-Remaining": {"1"}, "X-Ratelimit-Reset": {"10"}}, c.Now())
+		if _, err := b.Take(context.Background(), Foreground, c.Now().Add(time.Second), sleep); err == nil {
+			served++
+		}
+		c.Add(time.Second)
+	}
+	// The key allows 10 in 100 s; one sidecar's share is 2 (and the one
+	// its bucket held at the start).
+	if served > 3 {
+		t.Errorf("one of 5 sidecars served %d in 100 s on the fallback, want at most its share of the lowered rate, 3", served)
+	}
+}
