@@ -424,36 +424,39 @@ func (rr *rejectRecorder) writeBuffered() error {
 	return err
 }
 
-// headerSnapshot remembers a header map's entries without allocating for
-// up to 8 keys (a Caddy response has a few at this point).
+// headerSnapshot remembers a header map's entries, values copied, so that
+// handlers that change the map's values in place (Caddy's request_header
+// replace) do not change the snapshot. It does not allocate for up to 8
+// keys of one value each (a Caddy response has a few at this point, an
+// API request about as many); restore allocates.
 type headerSnapshot struct {
 	n    int
 	keys [8]string
-	vals [8][]string
-	full http.Header
+	vals [8]string
+	full http.Header // a copy of the header, when it has more keys or a key more values
 }
 
 func (s *headerSnapshot) take(h http.Header) {
-	if len(h) > len(s.keys) {
-		s.full = h.Clone()
-		return
-	}
 	for k, v := range h {
-		s.keys[s.n], s.vals[s.n] = k, v
+		if s.n == len(s.keys) || len(v) != 1 {
+			s.full = h.Clone()
+			return
+		}
+		s.keys[s.n], s.vals[s.n] = k, v[0]
 		s.n++
 	}
 }
 
-// restore puts h back as it was when taken. Values appended since then do
-// not show: the saved slices keep their old length.
+// restore puts h back as it was when taken, with values of its own: it
+// may be restored again.
 func (s *headerSnapshot) restore(h http.Header) {
 	clear(h)
 	if s.full != nil {
-		maps.Copy(h, s.full)
+		maps.Copy(h, s.full.Clone())
 		return
 	}
 	for i := range s.n {
-		h[s.keys[i]] = s.vals[i]
+		h[s.keys[i]] = []string{s.vals[i]}
 	}
 }
 
@@ -488,10 +491,15 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	var first sent
 	first.before.take(w.Header())
 	// Handlers after this one may rewrite the request in place (rewrite,
-	// uri, handle_path strip the path): the retry must start from the
-	// request as it is now. Copies on the stack; the recorder is the first
-	// attempt's one allocation.
+	// uri, handle_path strip the path, request_header changes headers):
+	// the retry must start from the request as it is now. Copies on the
+	// stack; the recorder is the first attempt's one allocation (and a
+	// copy of the headers of a request with more than 8, see
+	// headerSnapshot).
 	first.method, first.host, first.requestURI, first.url, first.body = r.Method, r.Host, r.RequestURI, *r.URL, body
+	if replayable {
+		first.header.take(r.Header)
+	}
 	rec := &rejectRecorder{mode: rt.Mode, dpop: rt.DPoP}
 	rec.reset(w, replayable)
 	err = next.ServeHTTP(rec, r)
@@ -545,11 +553,12 @@ type sent struct {
 	method, host, requestURI string
 	url                      neturl.URL
 	body                     []byte         // the kept body; nil: none
+	header                   headerSnapshot // the request headers
 	before                   headerSnapshot // the response headers before the first attempt
 }
 
 // again sends the request once more, as it was when Forward got it
-// (first), with the token of fresh, and passes the answer through. After a purge (purged), an answer
+// (first: method, Host, URL, headers, body), with the token of fresh, and passes the answer through. After a purge (purged), an answer
 // that accepts the fresh token is reported to the broker (Accepted). A
 // rejection of the token sent is reported too (Purge), and the broker then
 // pauses the key's purges (the 401 is not about the token).
@@ -561,6 +570,7 @@ func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Con
 	r.Method, r.Host, r.RequestURI = first.method, first.host, first.requestURI
 	r.URL = new(neturl.URL)
 	*r.URL = first.url
+	first.header.restore(r.Header)
 	out.setToken(r, fresh.Header())
 	if rt.DPoP != nil {
 		rt.DPoP.SetToken(fresh.Header(), fresh.ATH())

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -378,5 +379,41 @@ func TestChallengeErrorAllocs(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Errorf("reading a 401's challenges: %v allocations, want 0", allocs)
+	}
+}
+
+// TestRetryStartsFromTheRequestHeaders: a later handler that changes the
+// request's headers in place (Caddy's request_header in a route after
+// token_broker) does so again on the retry, which starts from the headers
+// as they were when Forward got the request.
+func TestRetryStartsFromTheRequestHeaders(t *testing.T) {
+	var seen []http.Header
+	next := HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		r.Header.Add("X-Forwarded-Prefix", "/v1") // request_header +X-Forwarded-Prefix /v1
+		r.Header.Del("X-Debug")                   // request_header -X-Debug
+		r.Header["Accept"][0] = "text/" + r.Header["Accept"][0]
+		seen = append(seen, r.Header.Clone())
+		if len(seen) == 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+			w.WriteHeader(http.StatusUnauthorized)
+		}
+		return nil
+	})
+	r := httptest.NewRequest("POST", "/pay", strings.NewReader("body"))
+	r.Header.Set("X-Debug", "1")
+	r.Header.Set("Accept", "plain")
+	out := Contract{}
+	out.Prepare(r, "Bearer old")
+	tokens := &fakeTokens{fresh: entry{broker.Token{Value: "new"}}}
+	w := httptest.NewRecorder()
+	if err := (Retry{Tokens: tokens}).Forward(w, r, next, out, &broker.Binding{}, entry{broker.Token{Value: "old"}}); err != nil {
+		t.Fatal(err)
+	}
+	if len(seen) != 2 || w.Code != http.StatusOK {
+		t.Fatalf("%d attempts, status %d: want a retry answered 200", len(seen), w.Code)
+	}
+	seen[0].Set("Authorization", "Bearer new")
+	if fmt.Sprint(seen[1]) != fmt.Sprint(seen[0]) {
+		t.Errorf("the retry left with headers\n%v\nwant those of the first attempt, with the new token\n%v", seen[1], seen[0])
 	}
 }
