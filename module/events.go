@@ -42,7 +42,7 @@ func (a *App) provisionEvents(ctx caddy.Context) error {
 	a.events = outbox.New(eventQueueSize, func(e outbox.Event) {
 		events.Emit(ctx, e.Name, e.Data)
 	}, func(e outbox.Event, total uint64) {
-		logger.Warn("event dropped: the events app's handlers fall behind; the admin state (GET /token_broker/state) has the merchants' and providers' states",
+		logger.Warn("event dropped: the events app's handlers fall behind, or one panicked on it; the admin state (GET /token_broker/state) has the merchants' and providers' states",
 			zap.String("event", e.Name), zap.Uint64("dropped_so_far", total), zap.Int("queue", eventQueueSize))
 	})
 	return events.On("started", startDelivery{a.events})

@@ -38,7 +38,10 @@ type Outbox struct {
 // if not nil, is called on the producer's goroutine with the first event
 // of each run of dropped events (a run ends when an event is queued again)
 // and the count of events dropped so far: enough to log a consumer that
-// falls behind without logging every event lost.
+// falls behind without logging every event lost. An event deliver panics
+// on is lost too: it is counted, and dropped is called with it on the
+// delivering goroutine, which goes on with the next event (a panic there
+// would end the process: no HTTP server recovers it).
 func New(size int, deliver func(Event), dropped func(e Event, total uint64)) *Outbox {
 	return &Outbox{deliver: deliver, dropped: dropped, queue: make(chan Event, size),
 		stop: make(chan struct{})}
@@ -99,7 +102,21 @@ func (o *Outbox) run() {
 				return
 			default:
 			}
-			o.deliver(e)
+			o.deliverOne(e)
 		}
 	}
+}
+
+// deliverOne delivers e, and counts and reports it as dropped when deliver
+// panics on it.
+func (o *Outbox) deliverOne(e Event) {
+	defer func() {
+		if recover() != nil {
+			total := o.drops.Add(1)
+			if o.dropped != nil {
+				o.dropped(e, total)
+			}
+		}
+	}()
+	o.deliver(e)
 }

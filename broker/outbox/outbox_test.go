@@ -159,3 +159,32 @@ func TestOutboxConcurrentProducers(t *testing.T) {
 		last[e.Name] = i
 	}
 }
+
+// TestOutboxSurvivesAPanickingConsumer: a consumer that panics on an
+// event loses that event, which is counted and reported as dropped; the
+// delivering goroutine goes on with the next events (a panic there would
+// end the whole process, which no HTTP server recovers).
+func TestOutboxSurvivesAPanickingConsumer(t *testing.T) {
+	got := make(chan Event, 10)
+	dropped := make(chan Event, 10)
+	o := New(10, func(e Event) {
+		if e.Name == ev(1).Name {
+			panic("handler bug")
+		}
+		got <- e
+	}, func(e Event, _ uint64) { dropped <- e })
+	t.Cleanup(o.Stop)
+	o.Start()
+	for i := range 3 {
+		o.Put(ev(i))
+	}
+	if e := next(t, got); e.Name != ev(0).Name {
+		t.Fatalf("first delivery %s, want %s", e.Name, ev(0).Name)
+	}
+	if e := next(t, dropped); e.Name != ev(1).Name {
+		t.Fatalf("reported dropped %s, want %s", e.Name, ev(1).Name)
+	}
+	if e := next(t, got); e.Name != ev(2).Name {
+		t.Fatalf("delivery after the panic %s, want %s", e.Name, ev(2).Name)
+	}
+}
