@@ -675,3 +675,23 @@ func TestFallbackLoweredFleetShare(t *testing.T) {
 		t.Errorf("one of 5 sidecars served %d in 100 s on the fallback, want at most its share of the lowered rate, 3", served)
 	}
 }
+
+// TestFallbackKeepsTheCallersReserve: while the store fails, refreshes on
+// the in-process bucket leave callers the same reserve as on the store.
+func TestFallbackKeepsTheCallersReserve(t *testing.T) {
+	c := newClock()
+	l := limit(8, 8, time.Second)
+	b := New("bank", l, failingStore{}, c.Now, WithFallback(l.Share(2)), WithSharedBy(2)) // fallback burst 4
+	served := 0
+	for range 4 {
+		if _, err := b.Take(context.Background(), Background, time.Time{}, nil); err == nil {
+			served++
+		}
+	}
+	if served != 3 {
+		t.Errorf("refreshes took %d of the fallback's burst of 4, want 3: one left for callers", served)
+	}
+	if _, err := b.Take(context.Background(), Foreground, c.Now(), advance(c)); err != nil {
+		t.Errorf("caller on the reserve: %v", err)
+	}
+}
