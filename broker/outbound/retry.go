@@ -558,8 +558,9 @@ type sent struct {
 }
 
 // again sends the request once more, as it was when Forward got it
-// (first: method, Host, URL, headers, body), with the token of fresh, and passes the answer through. After a purge (purged), an answer
-// that accepts the fresh token is reported to the broker (Accepted). A
+// (first: method, Host, URL, headers, body), with the token of fresh, and
+// passes the answer through. After a purge (purged), an answer that
+// accepts the fresh token is reported to the broker (Accepted). A
 // rejection of the token sent is reported too (Purge), and the broker then
 // pauses the key's purges (the 401 is not about the token).
 func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, fresh Entry,
