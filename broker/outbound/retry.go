@@ -426,23 +426,29 @@ func (rr *rejectRecorder) writeBuffered() error {
 
 // headerSnapshot remembers a header map's entries, values copied, so that
 // handlers that change the map's values in place (Caddy's request_header
-// replace) do not change the snapshot. It does not allocate for up to 8
-// keys of one value each (a Caddy response has a few at this point, an
-// API request about as many); restore allocates.
+// replace) do not change the snapshot. Taking one does not allocate for up
+// to 16 keys with 24 values in all (a Caddy response has a few at this
+// point, an API request about a dozen): the values are kept in one flat
+// array, key i's being vals[ends[i-1]:ends[i]]. A header with more, or with
+// a nil value (which a copy must keep nil), is cloned instead. Restoring
+// allocates: it runs only when the request is sent again.
 type headerSnapshot struct {
-	n    int
-	keys [8]string
-	vals [8]string
-	full http.Header // a copy of the header, when it has more keys or a key more values
+	n, nv int
+	keys  [16]string
+	ends  [16]uint8 // the end of key i's values in vals
+	vals  [24]string
+	full  http.Header // a copy of the header, when it does not fit the arrays
 }
 
 func (s *headerSnapshot) take(h http.Header) {
 	for k, v := range h {
-		if s.n == len(s.keys) || len(v) != 1 {
+		if v == nil || s.n == len(s.keys) || len(v) > len(s.vals)-s.nv {
 			s.full = h.Clone()
 			return
 		}
-		s.keys[s.n], s.vals[s.n] = k, v[0]
+		s.keys[s.n] = k
+		s.nv += copy(s.vals[s.nv:], v)
+		s.ends[s.n] = uint8(s.nv)
 		s.n++
 	}
 }
@@ -455,8 +461,13 @@ func (s *headerSnapshot) restore(h http.Header) {
 		maps.Copy(h, s.full.Clone())
 		return
 	}
+	vals := make([]string, s.nv)
+	copy(vals, s.vals[:s.nv])
+	start := 0
 	for i := range s.n {
-		h[s.keys[i]] = []string{s.vals[i]}
+		end := int(s.ends[i])
+		h[s.keys[i]] = vals[start:end:end]
+		start = end
 	}
 }
 
@@ -493,9 +504,10 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	// Handlers after this one may rewrite the request in place (rewrite,
 	// uri, handle_path strip the path, request_header changes headers):
 	// the retry must start from the request as it is now. Copies on the
-	// stack; the recorder is the first attempt's one allocation (and a
-	// copy of the headers of a request with more than 8, see
-	// headerSnapshot).
+	// stack; the recorder is the first attempt's one allocation. The
+	// headers are copied to the heap only when they do not fit
+	// headerSnapshot's arrays (more than 16 keys or 24 values) or one has
+	// a nil value.
 	first.method, first.host, first.requestURI, first.url, first.body = r.Method, r.Host, r.RequestURI, *r.URL, body
 	if replayable {
 		first.header.take(r.Header)
