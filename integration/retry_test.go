@@ -93,13 +93,14 @@ func TestUpstream401PurgesOnceAndRetries(t *testing.T) {
 }
 
 // TestUpstream401RetryAfterPathRewrite: handlers after token_broker may
-// rewrite the request in place (handle_path strips its prefix); the retry
-// starts from the request as token_broker passed it on, so it reaches the
-// upstream with the right path.
+// rewrite the request in place (handle_path strips its prefix,
+// request_header adds a header value); the retry starts from the request
+// as token_broker passed it on, so it reaches the upstream with the right
+// path and the header value once.
 func TestUpstream401RetryAfterPathRewrite(t *testing.T) {
 	sb, sandboxURL := startSandbox(t)
 	cf := strings.Replace(sandboxCaddyfile(t), "\thandle {\n\t\ttoken_broker\n\t\treverse_proxy {$SANDBOX_URL:http://127.0.0.1:9080}\n\t}",
-		"\thandle {\n\t\ttoken_broker\n\t\thandle_path /api/* {\n\t\t\treverse_proxy {$SANDBOX_URL:http://127.0.0.1:9080}\n\t\t}\n\t}", 1)
+		"\thandle {\n\t\ttoken_broker\n\t\thandle_path /api/* {\n\t\t\trequest_header +X-Forwarded-Prefix /api\n\t\t\treverse_proxy {$SANDBOX_URL:http://127.0.0.1:9080}\n\t\t}\n\t}", 1)
 	if !strings.Contains(cf, "handle_path /api/*") {
 		t.Fatal("the root Caddyfile changed: update this test")
 	}
@@ -109,6 +110,9 @@ func TestUpstream401RetryAfterPathRewrite(t *testing.T) {
 	status, e := post(t, base+"/api/tpp/payments", []byte(`{"amount":"1.00"}`))
 	if status != 200 || !e.Authorization.Valid || e.Path != "/tpp/payments" {
 		t.Fatalf("retry: status %d, path %q, authorization %+v; want 200 at /tpp/payments with a valid token", status, e.Path, e.Authorization)
+	}
+	if got := anyStrings(e.Headers["X-Forwarded-Prefix"]); len(got) != 1 || got[0] != "/api" {
+		t.Fatalf("retry: X-Forwarded-Prefix %q at the upstream, want [/api]", got)
 	}
 	if sb.TokenRequests() != 2 {
 		t.Fatalf("token requests = %d, want 2", sb.TokenRequests())

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
@@ -38,13 +39,13 @@ func (a *App) provisionEvents(ctx caddy.Context) error {
 		return fmt.Errorf("token_broker: getting the events app: %w", err)
 	}
 	events := appIface.(*caddyevents.App)
-	logger := a.logger
 	a.events = outbox.New(eventQueueSize, func(e outbox.Event) {
 		events.Emit(ctx, e.Name, e.Data)
 	}, func(e outbox.Event, total uint64) {
-		logger.Warn("event dropped: the events app's handlers fall behind; the admin state (GET /token_broker/state) has the merchants' and providers' states",
+		a.logger.Warn("event dropped: the events app's handlers fall behind; the admin state (GET /token_broker/state) has the merchants' and providers' states",
 			zap.String("event", e.Name), zap.Uint64("dropped_so_far", total), zap.Int("queue", eventQueueSize))
 	})
+	a.events.LogPanics(a.logger, time.Now)
 	return events.On("started", startDelivery{a.events})
 }
 

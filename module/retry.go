@@ -28,7 +28,7 @@ func (h *Handler) outbound() outbound.Contract {
 
 // forward calls next through the 401 retry of retry_on_401 and
 // retry_body_limit (outbound.Retry): a merchant who must consent again is
-// answered consent_required, an unreadable body 400.
+// answered consent_required, an unreadable body unreadable_body (400).
 //
 // A DPoP-bound token (its provider's profile has a DPoP key) is not put
 // on the request: it goes in the request's binding to the key
@@ -63,7 +63,7 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 		return h.failForward(w, r, b, errcode.Classify(ce.Err), ce.Err)
 	}
 	if be := (*outbound.BodyError)(nil); errors.As(err, &be) {
-		return caddyhttp.Error(http.StatusBadRequest, be.Err)
+		return h.failForward(w, r, b, errcode.UnreadableBody, be.Err)
 	}
 	return err
 }

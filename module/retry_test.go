@@ -3,6 +3,7 @@ package module
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -10,6 +11,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -276,5 +278,34 @@ func TestRetryBodyLimitValidated(t *testing.T) {
 		if err != nil && !strings.Contains(err.Error(), "retry_body_limit") {
 			t.Errorf("error %q does not name retry_body_limit", err)
 		}
+	}
+}
+
+// TestUnreadableBodyAnsweredJSON: a body that ends before its
+// Content-Length while it is read for the retry is answered like every
+// other refusal, 400 with the JSON body (or a caddyhttp.Error with
+// `errors caddy`), and is not forwarded.
+func TestUnreadableBodyAnsweredJSON(t *testing.T) {
+	for _, mode := range []string{"json", "caddy"} {
+		t.Run(mode, func(t *testing.T) {
+			var calls atomic.Int64
+			h := newTestHandler(t, okSource(&calls), mode)
+			r := httptest.NewRequest("POST", "/", io.MultiReader(strings.NewReader("half"), iotest.ErrReader(io.ErrUnexpectedEOF)))
+			r.ContentLength = 10
+			r.Header.Set("X-Merchant-Id", "acme")
+			rec, got, err := serve(t, h, r)
+			if got != nil {
+				t.Fatal("forwarded")
+			}
+			if mode == "caddy" {
+				if he := (caddyhttp.HandlerError{}); !errors.As(err, &he) || he.StatusCode != 400 || !strings.Contains(he.Error(), "unreadable_body") {
+					t.Fatalf("err = %v, want a caddyhttp.Error 400 unreadable_body", err)
+				}
+				return
+			}
+			if err != nil || rec.Code != 400 || !strings.Contains(rec.Body.String(), `"error":"unreadable_body"`) {
+				t.Fatalf("%v, %d %q: want 400 with the JSON body of unreadable_body", err, rec.Code, rec.Body)
+			}
+		})
 	}
 }

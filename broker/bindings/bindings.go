@@ -192,17 +192,19 @@ func New(c Config) *Table {
 		m: map[string]*Binding{}, parkedBy: map[string]*Binding{}, provs: map[string]*Provider{}}
 }
 
-// Get returns the binding of a merchant id, making it on first use.
+// Get returns the binding of a merchant id, making it on first use. A
+// wildcard merchant's lookup that Allow refuses is no use of its binding:
+// it goes idle, and makes room for another merchant.
 func (t *Table) Get(id string, h Hooks) (*Binding, error) {
 	if b := t.Peek(id); b != nil {
 		if b.wild != nil {
-			if now := t.now().UnixNano(); now-b.wild.lastUsed.Load() >= touchEvery {
-				t.touch(b, now)
-			}
 			if t.allow != nil {
 				if err := t.allow(b.Organisation); err != nil {
 					return nil, err
 				}
+			}
+			if now := t.now().UnixNano(); now-b.wild.lastUsed.Load() >= touchEvery {
+				t.touch(b, now)
 			}
 		}
 		return b, nil

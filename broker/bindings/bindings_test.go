@@ -270,3 +270,26 @@ func TestTableValues(t *testing.T) {
 		t.Errorf("Values allocates %v times once made", n)
 	}
 }
+
+// TestTableRefusedLookupIsNoUse: a request Allow refuses does not count as
+// a use of the merchant's binding: a merchant unlisted after it was served
+// goes idle whatever its callers send, and makes room for a new one.
+func TestTableRefusedLookupIsNoUse(t *testing.T) {
+	var deny sync.Map
+	allow := func(org string) error {
+		if _, ok := deny.Load(org); ok {
+			return errors.New("unlisted")
+		}
+		return nil
+	}
+	tbl, clk := newTable(Limits{MaxActive: 1, IdleTimeout: time.Minute}, allow)
+	h := &hooks{}
+	if got := run(t, tbl, clk, h, []string{"a!"}); !slices.Equal(got, []string{"ok"}) {
+		t.Fatal(got)
+	}
+	deny.Store("org-a", true)
+	steps := []string{"+30s", "a", "+30s", "a", "+30s", "a", "+30s", "b"}
+	if got := run(t, tbl, clk, h, steps); !slices.Equal(got, []string{"refused", "refused", "refused", "ok"}) {
+		t.Fatalf("got %q: want a refused three times and b served in its place", got)
+	}
+}

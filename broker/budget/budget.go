@@ -102,7 +102,8 @@ func WithLocalShare(n int) Option {
 // WithSharedBy says the budget's Store is shared by n sidecars (a fleet on
 // one Redis), each spending the whole limit: each plans its refreshes
 // (Plan) on an n-th of the rate's BackgroundShare, so that the fleet's
-// plans together fit it. Default 1.
+// plans together fit it; while the store fails, its in-process bucket
+// spends at most an n-th of a provider's lowering (Observe). Default 1.
 func WithSharedBy(n int) Option {
 	return func(b *Budget) { b.sharedBy = max(n, 1) }
 }
@@ -216,9 +217,7 @@ func (b *Budget) takeBackground(ctx context.Context) error {
 		return &ExhaustedError{Provider: b.name, RetryAfter: eta.Sub(now) + l.interval(), Priority: Background}
 	}
 	b.mu.Unlock()
-	bg := l
-	bg.Burst = max(1, l.Burst-reserve(l.Burst))
-	res, err := b.allow(ctx, bg)
+	res, err := b.allow(ctx, l, Background)
 	if err != nil {
 		return err
 	}
@@ -238,6 +237,15 @@ func reserve(burst int) int {
 		return 0
 	}
 	return max(1, int(float64(burst)*reserveShare))
+}
+
+// spentBy is l as a request of priority p spends it: a Background request
+// leaves callers the reserve of its burst.
+func spentBy(l Limit, p Priority) Limit {
+	if p == Background {
+		l.Burst = max(1, l.Burst-reserve(l.Burst))
+	}
+	return l
 }
 
 // takeForeground is Take for a caller.
@@ -280,7 +288,7 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time, sleep f
 		if now.Before(closed) {
 			wait = closed.Sub(now)
 		} else {
-			res, err := b.allow(ctx, l)
+			res, err := b.allow(ctx, l, Foreground)
 			if err != nil {
 				b.leave(w, start, gaveUp)
 				return waited, err
@@ -361,16 +369,24 @@ func (b *Budget) effectiveLocked(now time.Time) Limit {
 	return b.limit
 }
 
-// allow asks the store for one request under l; while the store fails, the
-// in-process bucket answers under the fallback limit.
-func (b *Budget) allow(ctx context.Context, l Limit) (Result, error) {
-	res, err := b.store.AllowN(ctx, b.name, l, 1)
+// allow asks the store for one request of priority p under l (spentBy);
+// while the store fails, the in-process bucket answers under the fallback
+// limit, or under this sidecar's share of l (WithSharedBy) when that is
+// lower: a lowering speaks for the whole API key, which every sidecar's
+// fallback spends at once. A store call that ends with ctx is not a store
+// failure: ctx's error is returned and the fallback spends nothing for a
+// request that will not be made.
+func (b *Budget) allow(ctx context.Context, l Limit, p Priority) (Result, error) {
+	res, err := b.store.AllowN(ctx, b.name, spentBy(l, p), 1)
+	if err != nil && ctx.Err() != nil {
+		return Result{}, ctx.Err()
+	}
 	if err != nil {
 		fl := b.fallbackLimit
-		if l.PerSecond() < fl.PerSecond() {
-			fl = l
+		if share := l.Share(b.sharedBy); share.PerSecond() < fl.PerSecond() {
+			fl = share
 		}
-		if res, err = b.fallback.AllowN(ctx, b.name, fl, 1); err != nil {
+		if res, err = b.fallback.AllowN(ctx, b.name, spentBy(fl, p), 1); err != nil {
 			return Result{}, fmt.Errorf("token API budget of provider %q: %w", b.name, err)
 		}
 	}

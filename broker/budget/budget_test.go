@@ -612,3 +612,86 @@ func TestRefusalSaysWhen(t *testing.T) {
 		t.Fatalf("got %v, want exhausted with a positive retry after", err)
 	}
 }
+
+// blockingStore answers when its caller's context ends, with the
+// context's error, like a Redis call cut short by the caller.
+type blockingStore struct{ called chan struct{} }
+
+func (s blockingStore) AllowN(ctx context.Context, _ string, _ Limit, _ int) (Result, error) {
+	close(s.called)
+	<-ctx.Done()
+	return Result{}, ctx.Err()
+}
+
+// TestCancelledDuringStoreCall: a caller whose context ends while the
+// store answers gets its context's error; the in-process fallback, which
+// answers for a failing store, spends nothing for it.
+func TestCancelledDuringStoreCall(t *testing.T) {
+	for _, p := range []Priority{Foreground, Background} {
+		t.Run(p.String(), func(t *testing.T) {
+			c := newClock()
+			s := blockingStore{called: make(chan struct{})}
+			b := New("bank", limit(1, 1, time.Second), s, c.Now)
+			ctx, cancel := context.WithCancel(context.Background())
+			go func() {
+				<-s.called
+				cancel()
+			}()
+			if _, err := b.Take(ctx, p, time.Time{}, advance(c)); !errors.Is(err, context.Canceled) {
+				t.Fatalf("Take = %v, want %v", err, context.Canceled)
+			}
+			if st := b.State(); st.Used != 0 || st.Waiting != 0 {
+				t.Errorf("State = %+v, want nothing used, nobody waiting", st)
+			}
+			if res, _ := b.fallback.AllowN(context.Background(), "bank", limit(1, 1, time.Second), 0); res.Remaining != 1 {
+				t.Errorf("the fallback bucket holds %d, want its whole burst of 1", res.Remaining)
+			}
+		})
+	}
+}
+
+// TestFallbackLoweredFleetShare: in a fleet sharing the store
+// (WithSharedBy), a provider's lowering speaks for the whole API key;
+// while the store fails, each sidecar's in-process bucket spends its
+// share of the lowered rate, so that the fleet together stays within it.
+func TestFallbackLoweredFleetShare(t *testing.T) {
+	c := newClock()
+	l := limit(10, 10, time.Second)
+	b := New("bank", l, failingStore{}, c.Now, WithFallback(l.Share(5)), WithSharedBy(5))
+	sleep := advance(c)
+	start := c.Now()
+	served := 0
+	for c.Now().Sub(start) < 100*time.Second {
+		// 1 per 10 s left for the whole key, said again as it passes.
+		b.Observe(http.Header{"X-Ratelimit-Remaining": {"1"}, "X-Ratelimit-Reset": {"10"}}, c.Now())
+		if _, err := b.Take(context.Background(), Foreground, c.Now().Add(time.Second), sleep); err == nil {
+			served++
+		}
+		c.Add(time.Second)
+	}
+	// The key allows 10 in 100 s; one sidecar's share is 2 (and the one
+	// its bucket held at the start).
+	if served > 3 {
+		t.Errorf("one of 5 sidecars served %d in 100 s on the fallback, want at most its share of the lowered rate, 3", served)
+	}
+}
+
+// TestFallbackKeepsTheCallersReserve: while the store fails, refreshes on
+// the in-process bucket leave callers the same reserve as on the store.
+func TestFallbackKeepsTheCallersReserve(t *testing.T) {
+	c := newClock()
+	l := limit(8, 8, time.Second)
+	b := New("bank", l, failingStore{}, c.Now, WithFallback(l.Share(2)), WithSharedBy(2)) // fallback burst 4
+	served := 0
+	for range 4 {
+		if _, err := b.Take(context.Background(), Background, time.Time{}, nil); err == nil {
+			served++
+		}
+	}
+	if served != 3 {
+		t.Errorf("refreshes took %d of the fallback's burst of 4, want 3: one left for callers", served)
+	}
+	if _, err := b.Take(context.Background(), Foreground, c.Now(), advance(c)); err != nil {
+		t.Errorf("caller on the reserve: %v", err)
+	}
+}

@@ -50,6 +50,7 @@ const (
 	CallerForbidden
 
 	// The route, after the token.
+	UnreadableBody
 	DPoPTransportMissing
 
 	// The token API, in Classify's order.
@@ -110,6 +111,8 @@ var rules = [count]rule{
 		message: "the caller's JWT cannot be checked now: the issuer's keys are unavailable"},
 	CallerForbidden: {name: "caller_forbidden", status: http.StatusForbidden,
 		message: "this caller may not act for this merchant"},
+	UnreadableBody: {name: "unreadable_body", status: http.StatusBadRequest,
+		message: "the request body ended before the length its Content-Length announces, or could not be read in time: send the whole body; the request was not forwarded"},
 	DPoPTransportMissing: {name: "dpop_transport_missing", status: http.StatusBadGateway,
 		message: "this merchant's provider binds its tokens to a DPoP key, but this route's reverse_proxy does not sign requests, so the request was sent without any credential and was answered 401: the token broker's operator must add `transport token_broker_dpop` to the route's reverse_proxy (a DPoP-bound token is only ever sent with its proof)"},
 

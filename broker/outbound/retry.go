@@ -424,36 +424,50 @@ func (rr *rejectRecorder) writeBuffered() error {
 	return err
 }
 
-// headerSnapshot remembers a header map's entries without allocating for
-// up to 8 keys (a Caddy response has a few at this point).
+// headerSnapshot remembers a header map's entries, values copied, so that
+// handlers that change the map's values in place (Caddy's request_header
+// replace) do not change the snapshot. Taking one does not allocate for up
+// to 16 keys with 24 values in all (a Caddy response has a few at this
+// point, an API request about a dozen): the values are kept in one flat
+// array, key i's being vals[ends[i-1]:ends[i]]. A header with more, or with
+// a nil value (which a copy must keep nil), is cloned instead. Restoring
+// allocates: it runs only when the request is sent again.
 type headerSnapshot struct {
-	n    int
-	keys [8]string
-	vals [8][]string
-	full http.Header
+	n, nv int
+	keys  [16]string
+	ends  [16]uint8 // the end of key i's values in vals
+	vals  [24]string
+	full  http.Header // a copy of the header, when it does not fit the arrays
 }
 
 func (s *headerSnapshot) take(h http.Header) {
-	if len(h) > len(s.keys) {
-		s.full = h.Clone()
-		return
-	}
 	for k, v := range h {
-		s.keys[s.n], s.vals[s.n] = k, v
+		if v == nil || s.n == len(s.keys) || len(v) > len(s.vals)-s.nv {
+			s.full = h.Clone()
+			return
+		}
+		s.keys[s.n] = k
+		s.nv += copy(s.vals[s.nv:], v)
+		s.ends[s.n] = uint8(s.nv)
 		s.n++
 	}
 }
 
-// restore puts h back as it was when taken. Values appended since then do
-// not show: the saved slices keep their old length.
+// restore puts h back as it was when taken, with values of its own: it
+// may be restored again.
 func (s *headerSnapshot) restore(h http.Header) {
 	clear(h)
 	if s.full != nil {
-		maps.Copy(h, s.full)
+		maps.Copy(h, s.full.Clone())
 		return
 	}
+	vals := make([]string, s.nv)
+	copy(vals, s.vals[:s.nv])
+	start := 0
 	for i := range s.n {
-		h[s.keys[i]] = s.vals[i]
+		end := int(s.ends[i])
+		h[s.keys[i]] = vals[start:end:end]
+		start = end
 	}
 }
 
@@ -488,10 +502,16 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	var first sent
 	first.before.take(w.Header())
 	// Handlers after this one may rewrite the request in place (rewrite,
-	// uri, handle_path strip the path): the retry must start from the
-	// request as it is now. Copies on the stack; the recorder is the first
-	// attempt's one allocation.
+	// uri, handle_path strip the path, request_header changes headers):
+	// the retry must start from the request as it is now. Copies on the
+	// stack; the recorder is the first attempt's one allocation. The
+	// headers are copied to the heap only when they do not fit
+	// headerSnapshot's arrays (more than 16 keys or 24 values) or one has
+	// a nil value.
 	first.method, first.host, first.requestURI, first.url, first.body = r.Method, r.Host, r.RequestURI, *r.URL, body
+	if replayable {
+		first.header.take(r.Header)
+	}
 	rec := &rejectRecorder{mode: rt.Mode, dpop: rt.DPoP}
 	rec.reset(w, replayable)
 	err = next.ServeHTTP(rec, r)
@@ -545,12 +565,14 @@ type sent struct {
 	method, host, requestURI string
 	url                      neturl.URL
 	body                     []byte         // the kept body; nil: none
+	header                   headerSnapshot // the request headers
 	before                   headerSnapshot // the response headers before the first attempt
 }
 
 // again sends the request once more, as it was when Forward got it
-// (first), with the token of fresh, and passes the answer through. After a purge (purged), an answer
-// that accepts the fresh token is reported to the broker (Accepted). A
+// (first: method, Host, URL, headers, body), with the token of fresh, and
+// passes the answer through. After a purge (purged), an answer that
+// accepts the fresh token is reported to the broker (Accepted). A
 // rejection of the token sent is reported too (Purge), and the broker then
 // pauses the key's purges (the 401 is not about the token).
 func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, fresh Entry,
@@ -561,6 +583,7 @@ func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Con
 	r.Method, r.Host, r.RequestURI = first.method, first.host, first.requestURI
 	r.URL = new(neturl.URL)
 	*r.URL = first.url
+	first.header.restore(r.Header)
 	out.setToken(r, fresh.Header())
 	if rt.DPoP != nil {
 		rt.DPoP.SetToken(fresh.Header(), fresh.ATH())

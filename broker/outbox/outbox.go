@@ -7,6 +7,11 @@ package outbox
 import (
 	"sync"
 	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/lograte"
 )
 
 // Event is one event: its name and its data.
@@ -32,16 +37,38 @@ type Outbox struct {
 
 	drops atomic.Uint64
 	full  atomic.Bool // a drop was reported and no event was queued since
+
+	logger *zap.Logger              // logs the consumer's panics (LogPanics); nil: not logged
+	panics *lograte.Limiter[string] // limits those lines, by event name
 }
 
 // New returns an Outbox that queues up to size events for deliver. dropped,
 // if not nil, is called on the producer's goroutine with the first event
 // of each run of dropped events (a run ends when an event is queued again)
 // and the count of events dropped so far: enough to log a consumer that
-// falls behind without logging every event lost.
+// falls behind without logging every event lost. An event deliver panics
+// on is lost too, without counting it as dropped: the delivering goroutine
+// goes on with the next event (a panic there would end the process: no
+// HTTP server recovers it), and the panic is logged if LogPanics was
+// called.
 func New(size int, deliver func(Event), dropped func(e Event, total uint64)) *Outbox {
 	return &Outbox{deliver: deliver, dropped: dropped, queue: make(chan Event, size),
 		stop: make(chan struct{})}
+}
+
+// PanicLogInterval is how often an Outbox logs its consumer's panics on
+// events of one name (LogPanics).
+const PanicLogInterval = time.Minute
+
+// LogPanics makes o log, on logger at Error, an event its consumer
+// panicked on, with the panic's value and stack: for events of one name,
+// the first panic, then at most one per PanicLogInterval on the clock now,
+// telling how many were left out ("suppressed", "suppressed_since"), so
+// that a consumer that panics on every event does not log every event. Call
+// it before Start.
+func (o *Outbox) LogPanics(logger *zap.Logger, now func() time.Time) {
+	o.logger = logger
+	o.panics = &lograte.Limiter[string]{Every: PanicLogInterval, Now: now}
 }
 
 // Put queues e for delivery and reports whether it was queued: false when
@@ -99,7 +126,28 @@ func (o *Outbox) run() {
 				return
 			default:
 			}
-			o.deliver(e)
+			o.deliverOne(e)
 		}
 	}
+}
+
+// deliverOne delivers e, and recovers and logs (LogPanics) a panic of
+// deliver on it.
+func (o *Outbox) deliverOne(e Event) {
+	defer func() {
+		v := recover()
+		if v == nil || o.logger == nil {
+			return
+		}
+		ok, left := o.panics.Allow(e.Name)
+		if !ok {
+			return
+		}
+		fields := []zap.Field{zap.String("event", e.Name), zap.Any("panic", v), zap.Stack("stack")}
+		if left.Count > 0 {
+			fields = append(fields, zap.Int("suppressed", left.Count), zap.Time("suppressed_since", left.Since))
+		}
+		o.logger.Error("event lost: an events app handler panicked on it; fix or remove the handler", fields...)
+	}()
+	o.deliver(e)
 }

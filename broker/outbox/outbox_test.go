@@ -2,9 +2,13 @@ package outbox
 
 import (
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // recvWithin is the deadline for a delivery the test waits for; a loaded
@@ -157,5 +161,63 @@ func TestOutboxConcurrentProducers(t *testing.T) {
 			t.Fatalf("%s: event %d after %d", e.Name, i, prev)
 		}
 		last[e.Name] = i
+	}
+}
+
+// TestOutboxSurvivesAPanickingConsumer: a consumer that panics on an
+// event loses that event, which is not reported as dropped; the
+// delivering goroutine goes on with the next events (a panic there would
+// end the whole process, which no HTTP server recovers). The panic is
+// logged at Error with its value and stack, once per PanicLogInterval for
+// events of one name, the next line telling how many were left out.
+func TestOutboxSurvivesAPanickingConsumer(t *testing.T) {
+	got := make(chan Event, 10)
+	o := New(10, func(e Event) {
+		if e.Name == "boom" {
+			panic(fmt.Sprint("handler bug ", e.Data["i"]))
+		}
+		got <- e
+	}, func(e Event, _ uint64) { t.Errorf("%s reported dropped", e.Name) })
+	core, logs := observer.New(zap.ErrorLevel)
+	t0 := time.Unix(1_700_000_000, 0)
+	now := t0 // set between deliveries: Put and the delivery order the accesses
+	o.LogPanics(zap.New(core), func() time.Time { return now })
+	t.Cleanup(o.Stop)
+	o.Start()
+	boom := func(i int) Event { return Event{Name: "boom", Data: map[string]any{"i": i}} }
+	deliver := func(events ...Event) { // then waits for an event after them, delivered once they were
+		t.Helper()
+		for _, e := range append(events, ev(0)) {
+			o.Put(e)
+		}
+		if e := next(t, got); e.Name != ev(0).Name {
+			t.Fatalf("delivered %s, want %s", e.Name, ev(0).Name)
+		}
+	}
+
+	deliver(boom(1), boom(2), boom(3))
+	now = t0.Add(PanicLogInterval - time.Second)
+	deliver(boom(4))
+	now = t0.Add(PanicLogInterval)
+	deliver(boom(5), boom(6))
+
+	lines := logs.All()
+	if len(lines) != 2 {
+		t.Fatalf("%d lines logged for 6 panics, want 2 (one per interval): %v", len(lines), lines)
+	}
+	for i, want := range []struct {
+		panic      string
+		suppressed int64
+	}{{"handler bug 1", 0}, {"handler bug 5", 3}} {
+		f := lines[i].ContextMap()
+		if lines[i].Level != zap.ErrorLevel || f["event"] != "boom" || f["panic"] != want.panic {
+			t.Errorf("line %d: %s %q %v, want error of event boom, panic %q", i, lines[i].Level, lines[i].Message, f, want.panic)
+		}
+		if stack, _ := f["stack"].(string); !strings.Contains(stack, "TestOutboxSurvivesAPanickingConsumer") {
+			t.Errorf("line %d: stack %q, want the consumer's", i, stack)
+		}
+		if n, _ := f["suppressed"].(int64); n != want.suppressed {
+			t.Errorf("line %d: suppressed %v, want %d", i, f["suppressed"], want.suppressed)
+		}
 	}
 }
