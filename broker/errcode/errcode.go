@@ -101,7 +101,7 @@ var rules = [count]rule{
 		message: "this merchant is not in the token broker's registry: check the merchant id the request sends; if it is right, the token broker's operator must add the merchant to the registry (a [merchants.ID] table) and reload, and until then retrying will not help"},
 	UnlistedOrganisation: {name: "unlisted_organisation", status: http.StatusForbidden,
 		message: "this merchant's organisation is not among the organisations the provider lists for the partner, which the registry's wildcard entry is restricted to"},
-	OrganisationsUnavailable: {name: "organisations_unavailable", status: http.StatusServiceUnavailable,
+	OrganisationsUnavailable: {name: "organisations_unavailable", status: http.StatusServiceUnavailable, retryAfter: true,
 		message: "the provider's list of organisations, which the registry's wildcard entry is restricted to, could not be read yet; retry later"},
 	TooManyMerchants: {name: "too_many_merchants", status: http.StatusServiceUnavailable,
 		message: "the token broker serves as many merchants through its wildcard entry as max_active allows, each has been served a token and none has been idle long enough to make room; retry later"},
