@@ -20,8 +20,8 @@ import (
 type Store interface {
 	// AllowN spends n requests of key's bucket under l if it holds them,
 	// all or nothing. n = 0 spends nothing and reports Remaining. While
-	// key is held (Hold) it spends nothing: Allowed and Remaining are 0
-	// and RetryAfter is what is left of the hold.
+	// key is held (Hold) it spends nothing: Allowed and Remaining are 0,
+	// RetryAfter and ResetAfter what is left of the hold.
 	AllowN(ctx context.Context, key string, l Limit, n int) (Result, error)
 	// Hold closes key for d from now, on the store's clock: AllowN
 	// refuses until then. It never shortens a hold in force; d <= 0
@@ -88,7 +88,7 @@ func (s *local) AllowN(_ context.Context, key string, l Limit, n int) (Result, e
 	}
 	if until, ok := s.closed[key]; ok {
 		if now.Before(until) {
-			return Result{RetryAfter: until.Sub(now), ResetAfter: tat.Sub(now)}, nil
+			return Result{RetryAfter: until.Sub(now), ResetAfter: until.Sub(now)}, nil
 		}
 		delete(s.closed, key)
 	}
