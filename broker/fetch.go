@@ -177,7 +177,7 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 	if f.cutByWait {
 		err = br.pol.unrecorded(b, err, br.opts.Now())
 	} else {
-		err = br.pol.record(b, err, class, calls, br.opts.Now())
+		err = br.pol.record(ctx, b, err, class, calls, br.opts.Now())
 	}
 	if be := (*backoffError)(nil); calls == 0 && errors.As(err, &be) {
 		be.notCalled = true // refused by the breaker: record made be for this fetch

@@ -115,7 +115,8 @@ type sourceState struct {
 	backoff failure  // a 429's Retry-After, or a refused credential
 }
 
-// notes are observer calls made once policy.mu is released.
+// notes are calls made once policy.mu is released: observers', a
+// budget's hold.
 type notes []func()
 
 func (n notes) run() {
@@ -253,9 +254,9 @@ func (p *policy) backoffFor(n int) time.Duration {
 // b's observer is told when a backoff starts and ends: a success
 // ends the key's and its source's backoffs; a failure is remembered for
 // the key and, when c says it is the credential's or a 429's, for the
-// source. It returns err as the policy answers it (with the backoff
-// applied).
-func (p *policy) record(b *Binding, err error, c Class, calls int, now time.Time) error {
+// source (a 429's for a budget: Budget.Hold, given ctx without its end).
+// It returns err as the policy answers it (with the backoff applied).
+func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, calls int, now time.Time) error {
 	var n notes
 	defer func() { n.run() }()
 	p.mu.Lock()
@@ -274,8 +275,11 @@ func (p *policy) record(b *Binding, err error, c Class, calls int, now time.Time
 	}
 	if calls > 0 && c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {
 		// The budget holds every key of the provider until then; it
-		// answers the next fetches itself.
-		b.Budget.Hold(now, RetryAfterOf(err))
+		// answers the next fetches itself. Its store is told once
+		// policy.mu is released (a Redis call), whether or not the
+		// fetch's caller still waits.
+		bud, d := b.Budget, RetryAfterOf(err)
+		n = append(n, func() { bud.Hold(context.WithoutCancel(ctx), now, d) })
 		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 {

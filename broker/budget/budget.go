@@ -5,10 +5,11 @@
 // provider's own rate-limit headers lowering the rate until they pass.
 //
 // A provider's 429 with Retry-After closes its budget until then (Hold,
-// called by the broker's failure policy): callers queue or are refused
-// with the budget's wait, refreshes are refused; a provider without a
-// budget is refused by the policy's source backoff instead. Every closing
-// is capped at MaxHold.
+// called by the broker's failure policy), and every budget spending the
+// same key of its Store (a fleet on one Redis): callers queue or are
+// refused with the budget's wait, refreshes are refused; a provider
+// without a budget is refused by the policy's source backoff instead.
+// Every closing is capped at MaxHold.
 package budget
 
 import (

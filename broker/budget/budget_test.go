@@ -261,6 +261,10 @@ func (failingStore) AllowN(context.Context, string, Limit, int) (Result, error) 
 	return Result{}, errors.New("redis: connection refused")
 }
 
+func (failingStore) Hold(context.Context, string, time.Duration) error {
+	return errors.New("redis: connection refused")
+}
+
 // TestStoreFailureFallsBack: while the store fails, the in-process bucket
 // answers under the fallback limit.
 func TestStoreFailureFallsBack(t *testing.T) {
@@ -441,7 +445,7 @@ func TestHold(t *testing.T) {
 			c := newClock()
 			b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now)
 			for _, d := range tt.holds {
-				b.Hold(c.Now(), d)
+				b.Hold(context.Background(), c.Now(), d)
 			}
 			var want time.Time
 			if tt.want > 0 {
@@ -451,6 +455,91 @@ func TestHold(t *testing.T) {
 				t.Errorf("closed until %v (effective %v), want %v", st.LoweredUntil, st.Effective, want)
 			}
 		})
+	}
+}
+
+// TestLocalStoreHold: a held key refuses every spend until the hold ends
+// (the latest one given, a shorter one never shortening it), with the
+// hold's rest as RetryAfter and nothing spent; other keys are not held.
+func TestLocalStoreHold(t *testing.T) {
+	l := limit(10, 10, time.Second)
+	for _, tt := range []struct {
+		name  string
+		holds []time.Duration
+		at    time.Duration // after the holds
+		key   string
+		want  time.Duration // RetryAfter; 0: served
+	}{
+		{"held", []time.Duration{30 * time.Second}, 0, "bank", 30 * time.Second},
+		{"later in the hold", []time.Duration{30 * time.Second}, 20 * time.Second, "bank", 10 * time.Second},
+		{"once it ended", []time.Duration{30 * time.Second}, 30 * time.Second, "bank", 0},
+		{"a shorter one after", []time.Duration{30 * time.Second, 5 * time.Second}, 10 * time.Second, "bank", 20 * time.Second},
+		{"a longer one after", []time.Duration{5 * time.Second, 30 * time.Second}, 10 * time.Second, "bank", 20 * time.Second},
+		{"none", []time.Duration{0, -time.Second}, 0, "bank", 0},
+		{"another key", []time.Duration{30 * time.Second}, 0, "other", 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			c := newClock()
+			s := NewLocal(c.Now)
+			for _, d := range tt.holds {
+				if err := s.Hold(ctx, "bank", d); err != nil {
+					t.Fatal(err)
+				}
+			}
+			c.Add(tt.at)
+			res, err := s.AllowN(ctx, tt.key, l, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.want == 0 {
+				if res.Allowed != 1 || res.Remaining != 9 {
+					t.Errorf("got %+v, want served with 9 left", res)
+				}
+				return
+			}
+			if res.Allowed != 0 || res.Remaining != 0 || res.RetryAfter != tt.want {
+				t.Errorf("got %+v, want refused, retry after %s", res, tt.want)
+			}
+			c.Add(tt.want)
+			if res, err := s.AllowN(ctx, tt.key, l, 1); err != nil || res.Allowed != 1 || res.Remaining != 9 {
+				t.Errorf("once the hold ended: %+v %v, want served from a full bucket", res, err)
+			}
+		})
+	}
+}
+
+// TestHoldShared: two budgets spending one key of one store (two sidecars
+// on one Redis, here in-process): a 429 held by one refuses the other's
+// callers and refreshes until the hold ends, without calling the token
+// API; a store that fails keeps the holding budget's own closing.
+func TestHoldShared(t *testing.T) {
+	ctx := context.Background()
+	c := newClock()
+	s := NewLocal(c.Now)
+	l := limit(10, 10, time.Second)
+	a, b := New("bank", l, s, c.Now), New("bank", l, s, c.Now)
+	a.Hold(ctx, c.Now(), 30*time.Second)
+	var ee *ExhaustedError
+	if _, err := b.Take(ctx, Background, time.Time{}, advance(c)); !errors.As(err, &ee) || ee.RetryAfter != 30*time.Second {
+		t.Fatalf("refresh on the other budget: %v, want exhausted, retry after 30s", err)
+	}
+	if _, err := b.Take(ctx, Foreground, c.Now().Add(5*time.Second), advance(c)); !errors.As(err, &ee) || ee.RetryAfter != 30*time.Second {
+		t.Fatalf("caller of the other budget: %v, want exhausted, retry after 30s", err)
+	}
+	start := c.Now()
+	if waited, err := b.Take(ctx, Foreground, time.Time{}, advance(c)); err != nil || !waited || c.Now().Sub(start) != 30*time.Second {
+		t.Fatalf("caller without a deadline: waited %t %v after %s, want served once the hold ended (30s)", waited, err, c.Now().Sub(start))
+	}
+
+	f := New("bank", l, failingStore{}, c.Now)
+	f.Hold(ctx, c.Now(), 10*time.Second)
+	if _, err := f.Take(ctx, Background, time.Time{}, advance(c)); !errors.As(err, &ee) {
+		t.Fatalf("store failing: refresh %v, want exhausted by the budget's own closing", err)
+	}
+	c.Add(10 * time.Second)
+	if _, err := f.Take(ctx, Background, time.Time{}, advance(c)); err != nil {
+		t.Fatalf("store failing, closing ended: refresh %v, want the fallback to serve it", err)
 	}
 }
 
@@ -600,6 +689,8 @@ func (denyingStore) AllowN(context.Context, string, Limit, int) (Result, error) 
 	return Result{}, nil
 }
 
+func (denyingStore) Hold(context.Context, string, time.Duration) error { return nil }
+
 // TestRefusalSaysWhen: a refused caller is always told a positive wait,
 // also when the store does not say when and the deadline has passed: a
 // zero would send no Retry-After at all.
@@ -622,6 +713,8 @@ func (s blockingStore) AllowN(ctx context.Context, _ string, _ Limit, _ int) (Re
 	<-ctx.Done()
 	return Result{}, ctx.Err()
 }
+
+func (blockingStore) Hold(context.Context, string, time.Duration) error { return nil }
 
 // TestCancelledDuringStoreCall: a caller whose context ends while the
 // store answers gets its context's error; the in-process fallback, which

@@ -1,6 +1,7 @@
 package budget
 
 import (
+	"context"
 	"math"
 	"net/http"
 	"strconv"
@@ -157,13 +158,26 @@ func delay(v string, now time.Time) (time.Duration, bool) {
 // answered 429 with a Retry-After of d. Callers queue (or are refused
 // with the budget's wait when their deadline comes first) and refreshes
 // are refused until then. It never shortens a closing.
-func (b *Budget) Hold(now time.Time, d time.Duration) {
+//
+// The 429 speaks for the provider's API key, so Hold also holds the
+// budget's key in its Store (Store.Hold): every budget spending that key
+// (each sidecar of a fleet on one Redis) is refused by its Store until
+// then, without calling the token API. That costs a store call here, and
+// the Store's check one more Redis call in each spend (AllowN), which
+// happens only when a token API call is about to be made: budgets gate
+// token API calls, never proxied requests. While the store fails, this
+// budget's own closing holds as before and its fallback bucket answers
+// after it; the store's error is not returned (a shared tier counts its
+// failures).
+func (b *Budget) Hold(ctx context.Context, now time.Time, d time.Duration) {
 	if d <= 0 {
 		return
 	}
+	d = min(d, MaxHold)
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.closedUntil = later(b.closedUntil, now.Add(min(d, MaxHold)))
+	b.closedUntil = later(b.closedUntil, now.Add(d))
+	b.mu.Unlock()
+	_ = b.store.Hold(ctx, b.name, d)
 }
 
 // Transport returns a RoundTripper that sends through base

@@ -13,10 +13,20 @@ import (
 // key may pass different Limits of the same Rate and Period (a smaller
 // Burst makes a call succeed only while the bucket keeps a reserve), or a
 // lowered Limit.
+//
+// A key can also be held closed (Hold): a provider's 429 closes its token
+// API for every client of the API key, so every budget spending the key
+// is refused until the hold ends, not only the one that got the 429.
 type Store interface {
 	// AllowN spends n requests of key's bucket under l if it holds them,
-	// all or nothing. n = 0 spends nothing and reports Remaining.
+	// all or nothing. n = 0 spends nothing and reports Remaining. While
+	// key is held (Hold) it spends nothing: Allowed and Remaining are 0,
+	// RetryAfter and ResetAfter what is left of the hold.
 	AllowN(ctx context.Context, key string, l Limit, n int) (Result, error)
+	// Hold closes key for d from now, on the store's clock: AllowN
+	// refuses until then. It never shortens a hold in force; d <= 0
+	// holds nothing. The caller caps d (MaxHold).
+	Hold(ctx context.Context, key string, d time.Duration) error
 }
 
 // Result is a Store's answer, field for field redis_rate's Result.
@@ -36,8 +46,9 @@ type Result struct {
 type local struct {
 	now func() time.Time
 
-	mu  sync.Mutex
-	tat map[string]time.Time // theoretical arrival time per key (one per budget)
+	mu     sync.Mutex
+	tat    map[string]time.Time // theoretical arrival time per key (one per budget)
+	closed map[string]time.Time // end of a hold per key (Hold)
 }
 
 // NewLocal returns an in-process Store on the clock now (time.Now when
@@ -47,7 +58,19 @@ func NewLocal(now func() time.Time) Store {
 	if now == nil {
 		now = time.Now
 	}
-	return &local{now: now, tat: map[string]time.Time{}}
+	return &local{now: now, tat: map[string]time.Time{}, closed: map[string]time.Time{}}
+}
+
+// Hold implements Store.
+func (s *local) Hold(_ context.Context, key string, d time.Duration) error {
+	if d <= 0 {
+		return nil
+	}
+	until := s.now().Add(d)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed[key] = later(s.closed[key], until)
+	return nil
 }
 
 // AllowN implements Store.
@@ -62,6 +85,12 @@ func (s *local) AllowN(_ context.Context, key string, l Limit, n int) (Result, e
 	tat := s.tat[key]
 	if tat.Before(now) {
 		tat = now
+	}
+	if until, ok := s.closed[key]; ok {
+		if now.Before(until) {
+			return Result{RetryAfter: until.Sub(now), ResetAfter: until.Sub(now)}, nil
+		}
+		delete(s.closed, key)
 	}
 	newTat := tat.Add(ei * time.Duration(n))
 	diff := now.Sub(newTat.Add(-ei * time.Duration(l.Burst)))

@@ -135,3 +135,7 @@ type keyed struct {
 func (k keyed) AllowN(ctx context.Context, _ string, l budget.Limit, n int) (budget.Result, error) {
 	return k.s.AllowN(ctx, k.key, l, n)
 }
+
+func (k keyed) Hold(ctx context.Context, _ string, d time.Duration) error {
+	return k.s.Hold(ctx, k.key, d)
+}

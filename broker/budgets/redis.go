@@ -4,8 +4,10 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"time"
 
 	"github.com/go-redis/redis_rate/v10"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
@@ -20,8 +22,9 @@ import (
 // "rate:" + prefix + "budget:" + the budget's key (a Redis ACL for the
 // broker must allow it). Each call runs through the shared tier
 // (fleet.Cache.Run), which bounds it by the tier's adaptive timeout and
-// keeps Redis out while the tier's breaker is open. Safe for concurrent
-// use.
+// keeps Redis out while the tier's breaker is open. A hold (Hold) is the
+// key "rate:" + prefix + "budget:" + the budget's key + ":hold", next to
+// the bucket, expiring when the hold ends. Safe for concurrent use.
 type Store struct {
 	lim *redis_rate.Limiter
 	via *fleet.Cache
@@ -43,20 +46,67 @@ func New(via *fleet.Cache) *Store {
 }
 
 // AllowN spends n requests of the budget key under l (n = 0 reads what
-// remains without spending). RetryAfter is zero when n is allowed.
+// remains without spending). RetryAfter is zero when n is allowed. It
+// reads the key's hold first (PTTL) and, while one is in force, spends
+// nothing and answers with the hold's rest as RetryAfter: two Redis round
+// trips in one call of the tier (one bound), made only when a token API
+// call is about to be made (a budget gates token API calls, never proxied
+// requests).
 func (s *Store) AllowN(ctx context.Context, key string, l budget.Limit, n int) (budget.Result, error) {
-	var res *redis_rate.Result
+	var out budget.Result
 	err := s.via.Run(ctx, Op, func(ctx context.Context) error {
-		var err error
-		res, err = s.lim.AllowN(ctx, s.via.KeyPrefix()+"budget:"+key, limitOf(l), n)
-		return err
+		held, err := s.via.Client().PTTL(ctx, s.holdKey(key)).Result()
+		if err != nil {
+			return err
+		}
+		if held > 0 {
+			out = budget.Result{RetryAfter: held, ResetAfter: held}
+			return nil
+		}
+		res, err := s.lim.AllowN(ctx, s.bucketKey(key), limitOf(l), n)
+		if err != nil {
+			return err
+		}
+		out = budget.Result{Allowed: res.Allowed, Remaining: res.Remaining,
+			RetryAfter: max(res.RetryAfter, 0), ResetAfter: max(res.ResetAfter, 0)}
+		return nil
 	})
 	if err != nil {
 		return budget.Result{}, err
 	}
-	return budget.Result{Allowed: res.Allowed, Remaining: res.Remaining,
-		RetryAfter: max(res.RetryAfter, 0), ResetAfter: max(res.ResetAfter, 0)}, nil
+	return out, nil
 }
+
+// holdScript sets KEYS[1] to expire in ARGV[1] milliseconds unless it
+// already expires later (PTTL: -2 when missing), so that a hold never
+// shortens a later one, on the Redis server's clock.
+var holdScript = redis.NewScript(`
+local ms = tonumber(ARGV[1])
+if redis.call("PTTL", KEYS[1]) < ms then
+	redis.call("SET", KEYS[1], "1", "PX", ms)
+end
+return 0
+`)
+
+// Hold closes the budget key for d (at least a millisecond) on the Redis
+// server's clock: every sidecar's AllowN on the key is refused until the
+// hold key expires. A later hold in force is kept. d <= 0 holds nothing.
+func (s *Store) Hold(ctx context.Context, key string, d time.Duration) error {
+	if d <= 0 {
+		return nil
+	}
+	ms := max(d.Milliseconds(), 1)
+	return s.via.Run(ctx, Op, func(ctx context.Context) error {
+		return holdScript.Run(ctx, s.via.Client(), []string{s.holdKey(key)}, ms).Err()
+	})
+}
+
+// bucketKey is the budget key's name for redis_rate, which puts "rate:"
+// before it.
+func (s *Store) bucketKey(key string) string { return s.via.KeyPrefix() + "budget:" + key }
+
+// holdKey is the Redis key of the budget key's hold, next to its bucket.
+func (s *Store) holdKey(key string) string { return "rate:" + s.bucketKey(key) + ":hold" }
 
 // limitOf is l in redis_rate's terms (the same fields).
 func limitOf(l budget.Limit) redis_rate.Limit {

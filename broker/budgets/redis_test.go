@@ -3,6 +3,7 @@ package budgets
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -126,4 +127,63 @@ func TestStoreKeyPrefix(t *testing.T) {
 			t.Errorf("prefix %q: Redis key %q exists %d (%v), want 1", tt.prefix, tt.want, n, err)
 		}
 	}
+}
+
+// TestHoldSharedByFleet: two sidecars (two Keepers, two Redis clients)
+// spend one provider's budget on a real redis-server; a 429's hold on one
+// (Budget.Hold) refuses the other's callers and refreshes until it ends,
+// on the Redis server's clock: the hold key next to the bucket expires
+// then, and a shorter hold does not shorten it. The hold is 30 s and the
+// bounds are loose, so that the test does not depend on how fast it runs.
+func TestHoldSharedByFleet(t *testing.T) {
+	srv := redistest.Start(t)
+	ctx := context.Background()
+	spec := Spec{Provider: "nuapay", Endpoint: "https://api.example", Limit: budget.Limit{Rate: 1, Period: 100 * time.Second, Burst: 3}, FleetSize: 2}
+	var sidecars [2]*budget.Budget
+	for i := range sidecars {
+		c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+		t.Cleanup(func() { c.Close() })
+		b, err := NewKeeper(nil).Budget(spec, New(newTier(t, c, "tb-test:")), "redis")
+		if err != nil {
+			t.Fatal(err)
+		}
+		sidecars[i] = b
+	}
+	held, other := sidecars[0], sidecars[1]
+	if _, err := other.Take(ctx, budget.Background, time.Time{}, nil); err != nil {
+		t.Fatalf("refresh before the hold: %v, want served", err)
+	}
+	const hold = 30 * time.Second
+	held.Hold(ctx, time.Now(), hold)
+	near := func(what string, d, want time.Duration) {
+		t.Helper()
+		if d > want || d < want-10*time.Second {
+			t.Errorf("%s: %s, want about %s", what, d, want)
+		}
+	}
+	var ee *budget.ExhaustedError
+	if _, err := other.Take(ctx, budget.Background, time.Time{}, nil); !errors.As(err, &ee) {
+		t.Fatalf("refresh on the other sidecar during the hold: %v, want the budget exhausted", err)
+	}
+	near("refresh's retry after", ee.RetryAfter, hold)
+	if _, err := other.Take(ctx, budget.Foreground, time.Now().Add(5*time.Second), nil); !errors.As(err, &ee) {
+		t.Fatalf("caller on the other sidecar during the hold: %v, want the budget exhausted", err)
+	}
+	near("caller's retry after", ee.RetryAfter, hold)
+
+	c := srv.Client()
+	holdKey := "rate:tb-test:budget:" + Key(spec.Provider, spec.Endpoint) + ":hold"
+	ttl := func() time.Duration {
+		t.Helper()
+		d, err := c.PTTL(ctx, holdKey).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	near("hold key's expiry", ttl(), hold)
+	other.Hold(ctx, time.Now(), time.Second)
+	near("hold key's expiry after a shorter hold", ttl(), hold)
+	other.Hold(ctx, time.Now(), 2*hold)
+	near("hold key's expiry after a longer hold", ttl(), 2*hold)
 }
