@@ -287,7 +287,7 @@ func TestStoreFailureFallsBack(t *testing.T) {
 func TestFallbackLowered(t *testing.T) {
 	c := newClock()
 	b := New("bank", limit(10, 10, time.Second), failingStore{}, c.Now)
-	b.Observe(http.Header{"X-Ratelimit-Remaining": {"1"}, "X-Ratelimit-Reset": {"10"}}, c.Now()) // 1 per 10 s
+	b.Observe(context.Background(), http.Header{"X-Ratelimit-Remaining": {"1"}, "X-Ratelimit-Reset": {"10"}}, c.Now()) // 1 per 10 s
 	served := 0
 	for range 10 {
 		if _, err := b.Take(context.Background(), Foreground, c.Now(), nil); err == nil {
@@ -335,7 +335,7 @@ func TestObserve(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			c := newClock() // 1795435200 in Unix time
 			b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now)
-			b.Observe(tt.h, c.Now())
+			b.Observe(context.Background(), tt.h, c.Now())
 			st := b.State()
 			var until time.Time
 			if tt.lowered > 0 {
@@ -374,7 +374,7 @@ func TestObserveLocalShare(t *testing.T) {
 				l = l.Share(tt.fleet)
 			}
 			b := New("bank", l, NewLocal(c.Now), c.Now, tt.opts...)
-			b.Observe(h, c.Now())
+			b.Observe(context.Background(), h, c.Now())
 			if st := b.State(); st.Effective != tt.effective || !st.LoweredUntil.Equal(c.Now().Add(10*time.Second)) {
 				t.Errorf("Effective %v until %v, want %v for 10s", st.Effective, st.LoweredUntil, tt.effective)
 			}
@@ -390,7 +390,7 @@ func TestObserveGovernsTake(t *testing.T) {
 	sleep := advance(c)
 	b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now)
 	ctx := context.Background()
-	b.Observe(http.Header{"X-Ratelimit-Remaining": {"2"}, "X-Ratelimit-Reset": {"10"}}, c.Now())
+	b.Observe(context.Background(), http.Header{"X-Ratelimit-Remaining": {"2"}, "X-Ratelimit-Reset": {"10"}}, c.Now())
 	start := c.Now()
 	for range 2 {
 		if _, err := b.Take(ctx, Foreground, start.Add(time.Minute), sleep); err != nil {
@@ -400,7 +400,7 @@ func TestObserveGovernsTake(t *testing.T) {
 	if got := c.Now().Sub(start); got != 5*time.Second {
 		t.Errorf("2 requests left for 10s served over %s, want 5s", got)
 	}
-	b.Observe(http.Header{"Ratelimit": {`"d";r=0;t=20`}}, c.Now())
+	b.Observe(context.Background(), http.Header{"Ratelimit": {`"d";r=0;t=20`}}, c.Now())
 	var ee *ExhaustedError
 	if _, err := b.Take(ctx, Background, time.Time{}, sleep); !errors.As(err, &ee) {
 		t.Fatalf("background while closed: %v", err)
@@ -412,12 +412,12 @@ func TestObserveGovernsTake(t *testing.T) {
 	if _, err := b.Take(ctx, Foreground, c.Now().Add(30*time.Second), sleep); err != nil || c.Now().Sub(before) != 20*time.Second {
 		t.Fatalf("caller after the reset: %v after %s, want served after 20s", err, c.Now().Sub(before))
 	}
-	b.Observe(http.Header{"Ratelimit": {`"d";r=0;t=20`}}, c.Now())
-	b.Observe(http.Header{"Ratelimit": {`"d";r=1000;t=20`}}, c.Now())
+	b.Observe(context.Background(), http.Header{"Ratelimit": {`"d";r=0;t=20`}}, c.Now())
+	b.Observe(context.Background(), http.Header{"Ratelimit": {`"d";r=1000;t=20`}}, c.Now())
 	if _, err := b.Take(ctx, Background, time.Time{}, sleep); !errors.As(err, &ee) {
 		t.Fatalf("background after a late answer with room: %v, want the budget still closed", err)
 	}
-	b.Observe(http.Header{"Ratelimit": {`"d";r=0;t=5`}}, c.Now())
+	b.Observe(context.Background(), http.Header{"Ratelimit": {`"d";r=0;t=5`}}, c.Now())
 	if st := b.State(); !st.LoweredUntil.Equal(c.Now().Add(20 * time.Second)) {
 		t.Errorf("closed until %v after a shorter closing, want %v", st.LoweredUntil, c.Now().Add(20*time.Second))
 	}
@@ -514,32 +514,44 @@ func TestLocalStoreHold(t *testing.T) {
 // callers and refreshes until the hold ends, without calling the token
 // API; a store that fails keeps the holding budget's own closing.
 func TestHoldShared(t *testing.T) {
-	ctx := context.Background()
-	c := newClock()
-	s := NewLocal(c.Now)
-	l := limit(10, 10, time.Second)
-	a, b := New("bank", l, s, c.Now), New("bank", l, s, c.Now)
-	a.Hold(ctx, c.Now(), 30*time.Second)
-	var ee *ExhaustedError
-	if _, err := b.Take(ctx, Background, time.Time{}, advance(c)); !errors.As(err, &ee) || ee.RetryAfter != 30*time.Second {
-		t.Fatalf("refresh on the other budget: %v, want exhausted, retry after 30s", err)
-	}
-	if _, err := b.Take(ctx, Foreground, c.Now().Add(5*time.Second), advance(c)); !errors.As(err, &ee) || ee.RetryAfter != 30*time.Second {
-		t.Fatalf("caller of the other budget: %v, want exhausted, retry after 30s", err)
-	}
-	start := c.Now()
-	if waited, err := b.Take(ctx, Foreground, time.Time{}, advance(c)); err != nil || !waited || c.Now().Sub(start) != 30*time.Second {
-		t.Fatalf("caller without a deadline: waited %t %v after %s, want served once the hold ended (30s)", waited, err, c.Now().Sub(start))
-	}
+	for _, tt := range []struct {
+		name  string
+		close func(ctx context.Context, b *Budget, now time.Time) // for 30 s
+	}{
+		{"a 429's Retry-After", func(ctx context.Context, b *Budget, now time.Time) { b.Hold(ctx, now, 30*time.Second) }},
+		{"an answer with none left", func(ctx context.Context, b *Budget, now time.Time) {
+			b.Observe(ctx, http.Header{"X-Ratelimit-Remaining": {"0"}, "X-Ratelimit-Reset": {"30"}}, now)
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			c := newClock()
+			s := NewLocal(c.Now)
+			l := limit(10, 10, time.Second)
+			a, b := New("bank", l, s, c.Now), New("bank", l, s, c.Now)
+			tt.close(ctx, a, c.Now())
+			var ee *ExhaustedError
+			if _, err := b.Take(ctx, Background, time.Time{}, advance(c)); !errors.As(err, &ee) || ee.RetryAfter != 30*time.Second {
+				t.Fatalf("refresh on the other budget: %v, want exhausted, retry after 30s", err)
+			}
+			if _, err := b.Take(ctx, Foreground, c.Now().Add(5*time.Second), advance(c)); !errors.As(err, &ee) || ee.RetryAfter != 30*time.Second {
+				t.Fatalf("caller of the other budget: %v, want exhausted, retry after 30s", err)
+			}
+			start := c.Now()
+			if waited, err := b.Take(ctx, Foreground, time.Time{}, advance(c)); err != nil || !waited || c.Now().Sub(start) != 30*time.Second {
+				t.Fatalf("caller without a deadline: waited %t %v after %s, want served once the hold ended (30s)", waited, err, c.Now().Sub(start))
+			}
 
-	f := New("bank", l, failingStore{}, c.Now)
-	f.Hold(ctx, c.Now(), 10*time.Second)
-	if _, err := f.Take(ctx, Background, time.Time{}, advance(c)); !errors.As(err, &ee) {
-		t.Fatalf("store failing: refresh %v, want exhausted by the budget's own closing", err)
-	}
-	c.Add(10 * time.Second)
-	if _, err := f.Take(ctx, Background, time.Time{}, advance(c)); err != nil {
-		t.Fatalf("store failing, closing ended: refresh %v, want the fallback to serve it", err)
+			f := New("bank", l, failingStore{}, c.Now)
+			tt.close(ctx, f, c.Now())
+			if _, err := f.Take(ctx, Background, time.Time{}, advance(c)); !errors.As(err, &ee) {
+				t.Fatalf("store failing: refresh %v, want exhausted by the budget's own closing", err)
+			}
+			c.Add(30 * time.Second)
+			if _, err := f.Take(ctx, Background, time.Time{}, advance(c)); err != nil {
+				t.Fatalf("store failing, closing ended: refresh %v, want the fallback to serve it", err)
+			}
+		})
 	}
 }
 
@@ -756,7 +768,7 @@ func TestFallbackLoweredFleetShare(t *testing.T) {
 	served := 0
 	for c.Now().Sub(start) < 100*time.Second {
 		// 1 per 10 s left for the whole key, said again as it passes.
-		b.Observe(http.Header{"X-Ratelimit-Remaining": {"1"}, "X-Ratelimit-Reset": {"10"}}, c.Now())
+		b.Observe(context.Background(), http.Header{"X-Ratelimit-Remaining": {"1"}, "X-Ratelimit-Reset": {"10"}}, c.Now())
 		if _, err := b.Take(context.Background(), Foreground, c.Now().Add(time.Second), sleep); err == nil {
 			served++
 		}

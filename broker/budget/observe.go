@@ -44,16 +44,18 @@ type quota struct {
 // quotas restrict nothing ends a lowering; one without a well-formed quota
 // leaves the budget as it is (malformed values are ignored). A closed
 // budget is never reopened by an answer (one sent before it closed may
-// arrive after): it stays closed until the latest end any answer gave. A
-// 429's Retry-After closes it through Hold, which the broker's failure
-// policy calls.
-func (b *Budget) Observe(h http.Header, now time.Time) {
+// arrive after): it stays closed until the latest end any answer gave.
+// None left speaks for the provider's API key, as a 429 does: it closes
+// the budget through Hold, which also holds the key in the Store (every
+// sidecar of a fleet), with ctx bounding that store call. A 429's
+// Retry-After closes it through Hold, which the broker's failure policy
+// calls.
+func (b *Budget) Observe(ctx context.Context, h http.Header, now time.Time) {
 	qs := quotas(h, now)
 	if len(qs) == 0 {
 		return
 	}
 	b.mu.Lock()
-	defer b.mu.Unlock()
 	b.loweredUntil = time.Time{}
 	best := qs[0]
 	for _, q := range qs[1:] {
@@ -65,11 +67,12 @@ func (b *Budget) Observe(h http.Header, now time.Time) {
 	// Spread evenly: a burst on top would spend twice what is left. What
 	// is left is the whole key's: this budget's share of it.
 	lowered := Limit{Rate: best.remaining, Burst: 1, Period: best.reset}.Share(b.shareOf)
-	switch {
-	case best.remaining == 0:
-		b.closedUntil = later(b.closedUntil, until)
-	case lowered.PerSecond() < b.limit.PerSecond():
+	if best.remaining > 0 && lowered.PerSecond() < b.limit.PerSecond() {
 		b.lowered, b.loweredUntil = lowered, until
+	}
+	b.mu.Unlock()
+	if best.remaining == 0 {
+		b.Hold(ctx, now, best.reset)
 	}
 }
 
@@ -200,7 +203,7 @@ type observing struct {
 func (o observing) RoundTrip(r *http.Request) (*http.Response, error) {
 	resp, err := o.base.RoundTrip(r)
 	if err == nil {
-		o.b.Observe(resp.Header, o.b.now())
+		o.b.Observe(r.Context(), resp.Header, o.b.now())
 	}
 	return resp, err
 }
