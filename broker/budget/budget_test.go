@@ -510,8 +510,9 @@ func TestLocalStoreHold(t *testing.T) {
 }
 
 // TestHoldShared: two budgets spending one key of one store (two sidecars
-// on one Redis, here in-process): a 429 held by one refuses the other's
-// callers and refreshes until the hold ends, without calling the token
+// on one Redis, here in-process): a 429 held by one, or an answer with
+// none left that one observed, refuses the other's callers and refreshes
+// until the hold ends, without calling the token
 // API; a store that fails keeps the holding budget's own closing.
 func TestHoldShared(t *testing.T) {
 	for _, tt := range []struct {
