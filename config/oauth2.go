@@ -172,8 +172,7 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) brok
 
 // signer reads private_key and returns the assertion signer.
 func (e *entry) signer(raw *providerTOML, fp *fingerprint) *oauth.Signer {
-	path, ok := e.expand("private_key", raw.PrivateKey)
-	path = e.p.abs(path)
+	path, ok := e.pemPath("private_key", raw.PrivateKey, "")
 	kid := e.plain("key_id", raw.KeyID)
 	fp.add("key_id", kid)
 	fp.add("signing_alg", raw.SigningAlg)
@@ -227,9 +226,6 @@ func (e *entry) dpopKey(raw *dpopTOML, fp *fingerprint) *dpop.Key {
 	case ref == "":
 		e.errf(field, "missing: set the PEM private key the tokens are bound to: {file.PATH}, {env.NAME} or a path")
 		return nil
-	case strings.Contains(ref, "-----BEGIN"):
-		e.errf(field, "holds a PEM key in clear (not shown): keep it in a file, readable only by the broker, and name it ({file.PATH} or a path), or in an environment variable ({env.NAME})")
-		return nil
 	case wholeRef(ref):
 		v := e.secret(field, ref)
 		if v == "" {
@@ -237,11 +233,10 @@ func (e *entry) dpopKey(raw *dpopTOML, fp *fingerprint) *dpop.Key {
 		}
 		pemBytes = []byte(v.Reveal())
 	default:
-		path, ok := e.expand(field, ref)
+		path, ok := e.pemPath(field, ref, " ({file.PATH} or a path), or keep it in an environment variable ({env.NAME})")
 		if !ok {
 			return nil
 		}
-		path = e.p.abs(path)
 		src = path
 		b, err := e.p.readFile(path, maxKeyFile)
 		if err != nil {

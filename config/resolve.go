@@ -134,6 +134,22 @@ func (e *entry) secret(field, ref string) broker.Secret {
 	return broker.Secret(v)
 }
 
+// pemPath expands the path of a PEM file (private_key, the tls files,
+// dpop.key) and resolves it against the registry file's folder. A value
+// that is PEM text itself, written in the registry or brought in by an
+// {env.NAME} reference, is refused without being shown, since it may be a
+// private key: the messages that name a path would show it. hint ends the
+// message with the field's other ways to give the key. ok is false when
+// the value was refused or a reference could not be resolved.
+func (e *entry) pemPath(field, raw, hint string) (path string, ok bool) {
+	path, ok = e.expand(field, raw)
+	if strings.Contains(path, "-----BEGIN") {
+		e.errf(field, "holds a PEM key in clear (not shown): keep it in a file, readable only by the broker, and name its path%s", hint)
+		return "", false
+	}
+	return e.p.abs(path), ok
+}
+
 // cut returns what is between prefix and suffix when s is exactly that.
 func cut(s, prefix, suffix string) (string, bool) {
 	if len(s) < len(prefix)+len(suffix) || !strings.HasPrefix(s, prefix) || !strings.HasSuffix(s, suffix) {
@@ -323,8 +339,8 @@ func (e *entry) client(raw *tlsTOML, timeout time.Duration, pv *Provider, fp *fi
 		{"tls.client_key", raw.ClientKey, &o.KeyFile},
 		{"tls.ca_file", raw.CAFile, &o.CAFile},
 	} {
-		path, ok := e.expand(f.field, f.raw)
-		*f.path = e.p.abs(path)
+		path, ok := e.pemPath(f.field, f.raw, "")
+		*f.path = path
 		if *f.path == "" || !ok {
 			continue
 		}
