@@ -10,7 +10,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -103,6 +106,9 @@ func Prepare(s Settings) (*Plan, error) {
 	if s.EncryptionKey == "" {
 		return nil, errors.New("encryption_key is required: 32 random bytes in base64 (head -c 32 /dev/urandom | base64), the same on every broker")
 	}
+	if err := s.checkServers(); err != nil {
+		return nil, err
+	}
 	keys, err := seal.ParseKeyring("encryption_key", s.EncryptionKey, "encryption_keys_old", s.EncryptionKeysOld, nil)
 	if err != nil {
 		return nil, err
@@ -140,6 +146,28 @@ func Prepare(s Settings) (*Plan, error) {
 	fleet.ClientOptions(opts, s.Timeout, s.MaxTimeout)
 	return &Plan{Key: key, Timeout: s.Timeout, MaxTimeout: s.MaxTimeout, LockTTL: s.LockTTL, OldKeys: len(s.EncryptionKeysOld),
 		s: s, keys: keys, opts: opts}, nil
+}
+
+// checkServers checks what the client would otherwise fail on at every
+// call, Redis then seeming down for good: each address is host:port, and
+// db is a database the deployment has (a cluster only has 0).
+func (s Settings) checkServers() error {
+	for _, a := range s.Address {
+		_, port, err := net.SplitHostPort(a)
+		if n, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil || n == 0 {
+			if u, err := url.Parse(a); err == nil && u.User != nil {
+				a = u.Redacted() // a URL's password is not shown
+			}
+			return fmt.Errorf("address %q: want host:port, such as redis.internal:6379 (no scheme: for TLS set tls; for credentials, username and password)", a)
+		}
+	}
+	switch {
+	case s.DB < 0:
+		return fmt.Errorf("db %d: want a database number, 0 or more", s.DB)
+	case s.DB != 0 && s.MasterName == "" && len(s.Address) > 1:
+		return fmt.Errorf("db %d: several addresses make a cluster, which has only database 0: drop db, or set master_name if the addresses are sentinels", s.DB)
+	}
+	return nil
 }
 
 // planKey hashes the settings and the content of the TLS files they name,
