@@ -219,8 +219,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 		opts.Shared = a.fleet.Cache
 	}
 	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
-		return &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.logger},
-			tracker: opstate.NewTracker(opstate.TrackerOptions{Emit: emitRunning})}, nil
+		pb := &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.logger},
+			tracker: opstate.NewTracker(opstate.TrackerOptions{Emit: emitRunning}), unwatchFleet: func() {}}
+		if a.fleet != nil { // the broker's tier for its whole life (poolKey)
+			pb.tracker.SetFleet(true, a.fleet.Cache.Available())
+			pb.unwatchFleet = a.fleet.Cache.OnAvailability(pb.tracker.FleetChanged)
+		}
+		return pb, nil
 	})
 	if err != nil {
 		return err
@@ -228,12 +233,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 	pb := val.(*pooledBroker)
 	pb.revokeOnShutdown.Store(a.RevokeOnShutdown)
 	a.broker, a.pooled, a.tracker = pb.Broker.Broker, pb, pb.tracker
-	if a.fleet != nil {
-		a.tracker.SetFleet(true, a.fleet.Cache.Available())
-		a.fleet.Cache.OnAvailability(a.tracker.FleetChanged)
-	} else {
-		a.tracker.SetFleet(false, false)
-	}
 	pb.SecretsSeen(a.registry)
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
 	metricsKey := fmt.Sprintf("metrics merchant_label=%t", merchantLabel)
@@ -328,6 +327,8 @@ type pooledBroker struct {
 	// tracker is the operator's view of the broker's merchants and
 	// providers: it lives as long as the broker whose observers feed it.
 	tracker *opstate.Tracker
+	// unwatchFleet stops telling tracker the shared tier's availability.
+	unwatchFleet func()
 }
 
 // emitRunning emits an event of the operator's view through the running
@@ -348,6 +349,7 @@ func shuttingDown() bool { return caddy.Exiting() || caddy.ActiveContext().Conte
 // with revoke_on_shutdown, the tokens are revoked at their providers.
 func (p *pooledBroker) Destruct() error {
 	defer p.Close()
+	p.unwatchFleet()
 	entries := p.Tokens()
 	if next := current.Load(); next != nil && next.pooled != nil && next.pooled != p {
 		next.pooled.Inherit(entries)

@@ -212,9 +212,6 @@ type Cache struct {
 	br       *breaker.Breaker
 	timeouts *callTimeout
 	metrics  *Metrics
-	// availability is told when Redis becomes unavailable and available
-	// again (OnAvailability).
-	availability atomic.Pointer[func(up bool, err error)]
 
 	vers *versions // the token versions seen (version.go)
 	rts  rtVersions
@@ -222,6 +219,9 @@ type Cache struct {
 	mu      sync.Mutex
 	waiters map[string]map[chan struct{}]struct{}
 	onPurge []*func(key, fingerprint string) // OnPurge's callbacks, in order; a pointer identifies one to unregister
+	// availability are OnAvailability's functions, told when Redis
+	// becomes unavailable and available again.
+	availability []*func(up bool, err error)
 
 	ps     *redis.PubSub
 	done   chan struct{}
@@ -466,17 +466,23 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	return outcome == breaker.Slow && to != breaker.Open && call.base < c.opts.MaxTimeout, err
 }
 
-// OnAvailability sets f (nil: none), replacing the previous one, to be
-// told when Redis becomes unavailable (the breaker opens after
-// consecutive failures: up is false, err the last failure) and when it
-// answers again (up true). f is called on the request path: it must be
-// quick.
-func (c *Cache) OnAvailability(f func(up bool, err error)) {
-	if f == nil {
-		c.availability.Store(nil)
-		return
+// OnAvailability registers f, until unregister is called, to be told
+// when Redis becomes unavailable (the breaker opens after consecutive
+// failures: up is false, err the last failure) and when it answers again
+// (up true). Each user of a Cache shared across config reloads registers
+// its own and unregisters it when done, so a config that fails to load
+// leaves the running one told. f is called on the request path: it must
+// be quick.
+func (c *Cache) OnAvailability(f func(up bool, err error)) (unregister func()) {
+	hook := &f
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.availability = append(c.availability, hook)
+	return func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		c.availability = slices.DeleteFunc(c.availability, func(h *func(up bool, err error)) bool { return h == hook })
 	}
-	c.availability.Store(&f)
 }
 
 // Metrics returns the collectors that count what the tier does.
@@ -486,9 +492,12 @@ func (c *Cache) Metrics() *Metrics { return c.metrics }
 // breaker keeps Redis out after consecutive failures.
 func (c *Cache) Available() bool { return c.br.State() != breaker.Open }
 
-// tellAvailability calls the OnAvailability function, if any.
+// tellAvailability calls the OnAvailability functions.
 func (c *Cache) tellAvailability(up bool, err error) {
-	if f := c.availability.Load(); f != nil {
+	c.mu.Lock()
+	hooks := slices.Clone(c.availability)
+	c.mu.Unlock()
+	for _, f := range hooks {
 		(*f)(up, err)
 	}
 }
