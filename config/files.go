@@ -57,10 +57,10 @@ type File struct {
 }
 
 // Files lists the files of the registry that pattern names: the file
-// itself; every *.toml file of a directory (names starting with "." left
-// out: editors' temporary files), sorted by name; or the files matching a
-// glob (filepath.Match syntax, e.g. "/etc/broker/merchants-*.toml"),
-// sorted. It fails when that is no file.
+// itself; every *.toml file of a directory, or link to one (names starting
+// with "." left out: editors' temporary files), sorted by name; or the
+// files matching a glob (filepath.Match syntax, e.g.
+// "/etc/broker/merchants-*.toml"), sorted. It fails when that is no file.
 func Files(pattern string) ([]string, error) {
 	if strings.ContainsAny(pattern, "*?[") {
 		matches, err := filepath.Glob(pattern)
@@ -69,7 +69,7 @@ func Files(pattern string) ([]string, error) {
 		}
 		var files []string
 		for _, m := range matches {
-			if fi, err := os.Stat(m); err == nil && fi.Mode().IsRegular() {
+			if isRegularFile(m) {
 				files = append(files, m)
 			}
 		}
@@ -93,14 +93,21 @@ func Files(pattern string) ([]string, error) {
 	var files []string
 	for _, e := range entries {
 		name := e.Name()
-		if strings.HasSuffix(name, ".toml") && !strings.HasPrefix(name, ".") && e.Type().IsRegular() {
-			files = append(files, filepath.Join(pattern, name))
+		if path := filepath.Join(pattern, name); strings.HasSuffix(name, ".toml") && !strings.HasPrefix(name, ".") && isRegularFile(path) {
+			files = append(files, path)
 		}
 	}
 	if len(files) == 0 {
 		return nil, &Error{File: pattern, Msg: "the registry directory holds no *.toml file"}
 	}
 	return files, nil
+}
+
+// isRegularFile reports whether path is a regular file, or a symbolic
+// link to one (a Kubernetes ConfigMap's files are links).
+func isRegularFile(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.Mode().IsRegular()
 }
 
 // ReadSources reads the files of the registry that pattern names (Files).

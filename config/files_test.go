@@ -145,3 +145,39 @@ func TestParseFileReused(t *testing.T) {
 		}
 	}
 }
+
+// A registry directory mounted the way Kubernetes mounts a ConfigMap holds
+// symbolic links to the files (merchants.toml -> ..data/merchants.toml):
+// they are the registry's files; a link to a directory or a dangling one
+// is not.
+func TestFilesFollowsLinksInDirectory(t *testing.T) {
+	dir := t.TempDir()
+	data := filepath.Join(dir, "..2026_12_07_10_00_00.000000001")
+	for _, d := range []string{data, filepath.Join(data, "sub.toml")} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, name := range []string{"a.toml", "b.toml"} {
+		if err := os.WriteFile(filepath.Join(data, name), []byte(filesProvider), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	links := map[string]string{
+		"..data":        filepath.Base(data),
+		"a.toml":        "../" + filepath.Base(dir) + "/..data/a.toml",
+		"b.toml":        "..data/b.toml",
+		"sub.toml":      "..data/sub.toml",
+		"dangling.toml": "..data/gone.toml",
+	}
+	for name, target := range links {
+		if err := os.Symlink(target, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := Files(dir)
+	want := []string{filepath.Join(dir, "a.toml"), filepath.Join(dir, "b.toml")}
+	if err != nil || !slices.Equal(got, want) {
+		t.Fatalf("Files = %q, %v; want %q", got, err, want)
+	}
+}
