@@ -62,6 +62,9 @@ type File struct {
 // files matching a glob (filepath.Match syntax, e.g.
 // "/etc/broker/merchants-*.toml"), sorted. It fails when that is no file.
 func Files(pattern string) ([]string, error) {
+	if pattern == "" {
+		return nil, &Error{Msg: "the registry path is empty: set config to a file, a directory or a glob (a placeholder such as {env.NAME} in it may be unset)"}
+	}
 	if strings.ContainsAny(pattern, "*?[") {
 		matches, err := filepath.Glob(pattern)
 		if err != nil {

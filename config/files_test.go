@@ -181,3 +181,12 @@ func TestFilesFollowsLinksInDirectory(t *testing.T) {
 		t.Fatalf("Files = %q, %v; want %q", got, err, want)
 	}
 }
+
+// An empty registry path (a placeholder that resolved to nothing) is named
+// as such, not as a file that cannot be read.
+func TestFilesEmptyPath(t *testing.T) {
+	_, err := Files("")
+	if err == nil || !strings.Contains(err.Error(), "the registry path is empty") {
+		t.Fatalf("Files(\"\") = %v; want an error saying the path is empty", err)
+	}
+}
