@@ -288,8 +288,14 @@ func New(opts Options) (*Cache, error) {
 	// confirmation of the subscription.
 	sctx, cancel := context.WithTimeout(context.Background(), max(opts.Timeout, time.Second))
 	if err := c.ps.Subscribe(sctx, c.channel); err == nil {
-		if _, err := c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); err == nil {
+		var refused redis.Error
+		switch _, err := c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); {
+		case err == nil:
 			c.catchUp(false)
+		case errors.As(err, &refused): // an answer, such as an ACL's NOPERM
+			opts.Logger.Warn("redis refused the subscription to the fleet's channel "+c.channel+
+				": this node will not hear purges nor tokens stored by others; grant the broker's user the channel (ACL SETUSER <user> &"+c.channel+")",
+				zap.Error(err))
 		}
 	}
 	cancel()
