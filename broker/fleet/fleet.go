@@ -222,6 +222,10 @@ type Cache struct {
 	// availability are OnAvailability's functions, told when Redis
 	// becomes unavailable and available again.
 	availability []*func(up bool, err error)
+	// active counts the lookups and the held refresh-token locks under
+	// way; drained is Drain's function, called when it falls to 0.
+	active  int
+	drained func()
 
 	ps     *redis.PubSub
 	done   chan struct{}
@@ -318,6 +322,45 @@ func (c *Cache) Close() error {
 	err := c.ps.Close()
 	<-c.done
 	return err
+}
+
+// Drain calls done once no lookup (Fetch) nor refresh-token lock
+// (Store.Lock) is under way: before it returns when none is, else when
+// the last one ends. A lookup stores its token and releases its fleet lock
+// at its end, so a client closed by done leaves no lock for the fleet to
+// wait out.
+func (c *Cache) Drain(done func()) {
+	c.mu.Lock()
+	if c.active > 0 {
+		c.drained = done
+		c.mu.Unlock()
+		return
+	}
+	c.mu.Unlock()
+	done()
+}
+
+// begin counts a lookup or a refresh-token lock under way; end its end.
+func (c *Cache) begin() {
+	c.mu.Lock()
+	c.active++
+	c.mu.Unlock()
+}
+
+func (c *Cache) end() {
+	c.mu.Lock()
+	c.active--
+	done := c.drained
+	if c.active > 0 {
+		done = nil
+	}
+	if done != nil {
+		c.drained = nil
+	}
+	c.mu.Unlock()
+	if done != nil {
+		done()
+	}
 }
 
 // name is the Redis name part for a cache key: hashed with the current
@@ -664,6 +707,8 @@ func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
 // node's lock waited on for Options.LockTTL: minted locally).
 // The token span's token API calls made for a mint are its children.
 func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
+	c.begin()
+	defer c.end()
 	parent := trace.SpanFromContext(ctx)
 	if !parent.IsRecording() {
 		tok, how, err := c.fetch(ctx, key, usable, mint)

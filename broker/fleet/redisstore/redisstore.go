@@ -232,8 +232,13 @@ func (p *Plan) Open(logger *zap.Logger) (*Tier, error) {
 	return &Tier{Cache: cache, client: client}, nil
 }
 
-// Destruct closes the tier and its client, so that a Tier can be kept in
-// a caddy.UsagePool.
+// Destruct closes the tier, so that a Tier can be kept in a
+// caddy.UsagePool: it stops listening to the fleet at once, and closes the
+// client once the lookups and refresh-token locks under way have ended
+// (fleet.Cache.Drain): a reload that replaces the tier during a mint
+// leaves the token stored and the key's fleet lock released.
 func (t *Tier) Destruct() error {
-	return errors.Join(t.Cache.Close(), t.client.Close())
+	err := t.Cache.Close()
+	t.Cache.Drain(func() { _ = t.client.Close() })
+	return err
 }
