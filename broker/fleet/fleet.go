@@ -523,15 +523,7 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 // leaves the running one told. f is called on the request path: it must
 // be quick.
 func (c *Cache) OnAvailability(f func(up bool, err error)) (unregister func()) {
-	hook := &f
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.availability = append(c.availability, hook)
-	return func() {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		c.availability = slices.DeleteFunc(c.availability, func(h *func(up bool, err error)) bool { return h == hook })
-	}
+	return register(&c.mu, &c.availability, f)
 }
 
 // Metrics returns the collectors that count what the tier does.
@@ -911,14 +903,20 @@ func floorAD(name string) []byte { return []byte("purge-floor\x00" + name) }
 
 // OnPurge implements broker.SharedCache.
 func (c *Cache) OnPurge(fn func(key, fingerprint string)) (unregister func()) {
-	hook := &fn
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.onPurge = append(c.onPurge, hook)
+	return register(&c.mu, &c.onPurge, fn)
+}
+
+// register appends f to *hooks under mu and returns the function that
+// removes it (a pointer identifies it).
+func register[F any](mu *sync.Mutex, hooks *[]*F, f F) (unregister func()) {
+	hook := &f
+	mu.Lock()
+	defer mu.Unlock()
+	*hooks = append(*hooks, hook)
 	return func() {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		c.onPurge = slices.DeleteFunc(c.onPurge, func(h *func(key, fingerprint string)) bool { return h == hook })
+		mu.Lock()
+		defer mu.Unlock()
+		*hooks = slices.DeleteFunc(*hooks, func(h *F) bool { return h == hook })
 	}
 }
 
