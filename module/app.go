@@ -177,7 +177,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("token_broker: %w", err)
 	}
 	if a.Redis != nil {
-		var err error
 		if a.fleet, a.fleetKey, err = a.Redis.provision(ctx, time.Duration(a.FetchTimeout), a.logger); err != nil {
 			return err
 		}

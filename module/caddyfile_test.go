@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
@@ -114,5 +115,15 @@ func TestUnmarshalGlobalOption(t *testing.T) {
 				t.Fatalf("got %+v\nwant %+v", a, tt.want)
 			}
 		})
+	}
+}
+
+// A second token_broker global option is an error naming its line: it
+// would replace the first one whole (its redis block among its settings).
+func TestGlobalOptionTwice(t *testing.T) {
+	input := "{\n\ttoken_broker {\n\t\tleeway 2s\n\t}\n\ttoken_broker {\n\t\tfetch_timeout 5s\n\t}\n}\n:8080 {\n\trespond ok\n}\n"
+	_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(input), map[string]any{"filename": "Caddyfile"})
+	if err == nil || !strings.Contains(err.Error(), "token_broker global option given twice") || !strings.Contains(err.Error(), "Caddyfile:5") {
+		t.Fatalf("err = %v; want the second token_broker option refused at Caddyfile:5", err)
 	}
 }

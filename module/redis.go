@@ -150,6 +150,7 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 	fields := map[string]*string{"master_name": &r.MasterName, "username": &r.Username, "password": &r.Password,
 		"key_prefix": &r.KeyPrefix, "encryption_key": &r.EncryptionKey}
 	durations := map[string]*caddy.Duration{"timeout": &r.Timeout, "timeout_max": &r.TimeoutMax, "lock_ttl": &r.LockTTL}
+	lists := map[string]*[]string{"address": &r.Address, "encryption_keys_old": &r.EncryptionKeysOld}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
@@ -158,14 +159,8 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 		}
 		switch sub {
 		case "address", "encryption_keys_old":
-			args := d.RemainingArgs()
-			if len(args) == 0 {
+			if *lists[sub] = d.RemainingArgs(); len(*lists[sub]) == 0 {
 				return nil, d.ArgErr()
-			}
-			if sub == "address" {
-				r.Address = args
-			} else {
-				r.EncryptionKeysOld = args
 			}
 			continue
 		case "tls":
