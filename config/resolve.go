@@ -326,7 +326,7 @@ func (e *entry) client(raw *tlsTOML, timeout time.Duration, pv *Provider, fp *fi
 	if raw == nil {
 		raw = &tlsTOML{}
 	}
-	problems := len(e.p.errs)
+	problems, unresolved := len(e.p.errs), false
 	o := &httpclient.TLSOptions{}
 	o.ServerName, _ = e.expand("tls.server_name", raw.ServerName)
 	fp.add("tls.server_name", o.ServerName)
@@ -340,7 +340,7 @@ func (e *entry) client(raw *tlsTOML, timeout time.Duration, pv *Provider, fp *fi
 		{"tls.ca_file", raw.CAFile, &o.CAFile},
 	} {
 		path, ok := e.pemPath(f.field, f.raw, "")
-		*f.path = path
+		*f.path, unresolved = path, unresolved || !ok
 		if *f.path == "" || !ok {
 			continue
 		}
@@ -353,6 +353,7 @@ func (e *entry) client(raw *tlsTOML, timeout time.Duration, pv *Provider, fp *fi
 		}
 	}
 	switch {
+	case unresolved: // a path is at fault already: its pair is not the problem
 	case o.CertFile != "" && o.KeyFile == "":
 		e.errf("tls.client_key", "missing: client_cert needs its client_key")
 	case o.CertFile == "" && o.KeyFile != "":
