@@ -221,8 +221,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 		pb := &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.logger},
 			tracker: opstate.NewTracker(opstate.TrackerOptions{Emit: emitRunning}), unwatchFleet: func() {}}
 		if a.fleet != nil { // the broker's tier for its whole life (poolKey)
-			pb.tracker.SetFleet(true, a.fleet.Cache.Available())
 			pb.unwatchFleet = a.fleet.Cache.OnAvailability(pb.tracker.FleetChanged)
+			pb.tracker.SetFleet(true, a.fleet.Cache.Available())
 		}
 		return pb, nil
 	})
