@@ -1,7 +1,6 @@
 package module
 
 import (
-	"errors"
 	"fmt"
 	"sync/atomic"
 	"time"
@@ -250,8 +249,10 @@ func (a *App) validate() error {
 	if a.RefreshWindow < 0 || a.RefreshWindow >= 1 {
 		return fmt.Errorf("token_broker: refresh_window %g must be at least 0 and below 1", a.RefreshWindow)
 	}
-	if a.Leeway < 0 || a.FetchTimeout < 0 || a.BudgetWait < 0 {
-		return errors.New("token_broker: leeway, fetch_timeout and budget_wait must not be negative")
+	for name, d := range map[string]caddy.Duration{"leeway": a.Leeway, "fetch_timeout": a.FetchTimeout, "budget_wait": a.BudgetWait} {
+		if d < 0 {
+			return fmt.Errorf("token_broker: %s %s must not be negative: leave it out for the default", name, time.Duration(d))
+		}
 	}
 	if a.FleetSize < 0 || a.FleetSize > maxFleetSize {
 		return fmt.Errorf("token_broker: fleet_size %d must be from 1 to %d (the sidecars that share the providers' rate limits)", a.FleetSize, maxFleetSize)

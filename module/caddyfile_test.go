@@ -127,3 +127,16 @@ func TestGlobalOptionTwice(t *testing.T) {
 		t.Fatalf("err = %v; want the second token_broker option refused at Caddyfile:5", err)
 	}
 }
+
+// A negative duration in the app's JSON is named with its value.
+func TestAppNegativeDurationNamed(t *testing.T) {
+	for name, a := range map[string]App{
+		"leeway -1s":        {Leeway: caddy.Duration(-time.Second)},
+		"fetch_timeout -2s": {FetchTimeout: caddy.Duration(-2 * time.Second)},
+		"budget_wait -3s":   {BudgetWait: caddy.Duration(-3 * time.Second)},
+	} {
+		if err := a.validate(); err == nil || !strings.Contains(err.Error(), name+" must not be negative") {
+			t.Errorf("validate() = %v; want %q", err, name+" must not be negative")
+		}
+	}
+}
