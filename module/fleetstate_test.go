@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
@@ -64,5 +66,23 @@ func TestStateFleetTierAfterFailedLoad(t *testing.T) {
 	}
 	if r.Fleet.Up || r.Fleet.LastError == "" {
 		t.Fatalf("with Redis down after a failed load: %+v; want the tier down, with its error", *r.Fleet)
+	}
+}
+
+// The log line that announces the shared tier shows the key prefix in
+// use, the default one when none is set.
+func TestRedisLogShowsKeyPrefix(t *testing.T) {
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	core, logs := observer.New(zap.InfoLevel)
+	cfg := RedisConfig{Address: []string{"127.0.0.1:1"}, EncryptionKey: base64.StdEncoding.EncodeToString([]byte(strings.Repeat("k", 32)))}
+	_, key, err := cfg.provision(ctx, 0, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fleets.Delete(key)
+	got := logs.FilterMessage("sharing tokens through redis").All()
+	if len(got) != 1 || got[0].ContextMap()["key_prefix"] != fleet.DefaultKeyPrefix {
+		t.Fatalf("log entries %+v; want one with key_prefix %q", got, fleet.DefaultKeyPrefix)
 	}
 }

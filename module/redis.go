@@ -127,7 +127,7 @@ func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, l
 		}
 	}
 	logger.Info("sharing tokens through redis", zap.Strings("address", s.Address),
-		zap.String("key_prefix", s.KeyPrefix), zap.Bool("hash_keys", !s.PlainKeys),
+		zap.String("key_prefix", tier.Cache.KeyPrefix()), zap.Bool("hash_keys", !s.PlainKeys),
 		zap.Duration("timeout", plan.Timeout), zap.Duration("timeout_max", plan.MaxTimeout), zap.Duration("lock_ttl", plan.LockTTL), zap.Int("old_keys", plan.OldKeys))
 	return tier, plan.Key, nil
 }
