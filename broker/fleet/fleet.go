@@ -350,12 +350,9 @@ func (c *Cache) begin() {
 func (c *Cache) end() {
 	c.mu.Lock()
 	c.active--
-	done := c.drained
-	if c.active > 0 {
-		done = nil
-	}
-	if done != nil {
-		c.drained = nil
+	var done func()
+	if c.active == 0 {
+		done, c.drained = c.drained, nil
 	}
 	c.mu.Unlock()
 	if done != nil {
