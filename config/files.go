@@ -192,11 +192,11 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 	})
 	f.topDefined = slices.ContainsFunc(keys, func(k toml.Key) bool { return len(k) == 1 })
 	for _, k := range topKeys {
-		if t := md.Type(k); t != "" && t != "Hash" {
+		if t := typeOf(&md, k); t != "" && t != "Hash" {
 			p.problem([]string{k}, fmt.Sprintf("must be a table of [%s.NAME] tables, not %s", k, typeName(t)))
 		}
 	}
-	f.merchantsType = md.Type("merchants")
+	f.merchantsType = typeOf(&md, "merchants")
 	if f.merchantsType != "" {
 		f.merchantsLine = p.line("merchants")
 	}

@@ -57,7 +57,7 @@ func (e *entry) errf(field, format string, args ...any) {
 
 // decode decodes the entry's table into v; false when it could not.
 func (e *entry) decode(md *toml.MetaData, prim toml.Primitive, v any) bool {
-	if t := md.Type(e.section, e.name); t != "Hash" {
+	if t := typeOf(md, e.section, e.name); t != "Hash" {
 		e.errf("", "must be a table, not %s", typeName(t))
 		return false
 	}
@@ -466,6 +466,15 @@ func definedNames(defined map[string]string) string {
 		return "none: add a [providers.NAME] table"
 	}
 	return strings.Join(slices.Sorted(maps.Keys(defined)), ", ")
+}
+
+// typeOf is md.Type of key, "Hash" for a table that only dotted keys
+// define (providers.p.type = "nuapay"), to which BurntSushi gives no type.
+func typeOf(md *toml.MetaData, key ...string) string {
+	if t := md.Type(key...); t != "" || !md.IsDefined(key...) {
+		return t
+	}
+	return "Hash"
 }
 
 // typeName names a TOML type (MetaData.Type) in messages.
