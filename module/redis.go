@@ -21,7 +21,7 @@ import (
 // global option:
 //
 //	redis {
-//	    address        <host:port>...      # one: a server; several: a cluster
+//	    address        <host:port>...      # one (or a unix socket /path): a server; several: a cluster
 //	    master_name    <name>              # with address: sentinels
 //	    username       <user>
 //	    password       <password>          # {env.X} / {file.X}
@@ -38,8 +38,8 @@ import (
 //
 // The tier's series on Caddy's /metrics are those of fleet.Metrics.
 type RedisConfig struct {
-	// Address is the Redis address (host:port), or several: the nodes of a
-	// cluster, or sentinels when MasterName is set.
+	// Address is the Redis address (host:port, or alone a unix socket's
+	// /path), or several: the nodes of a cluster, or sentinels (MasterName).
 	Address []string `json:"address,omitempty"`
 	// MasterName is the name of the master that Sentinel monitors; set it
 	// to use the Address list as sentinels.

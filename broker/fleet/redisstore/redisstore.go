@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -28,8 +29,9 @@ import (
 // Settings are the shared tier's settings, every placeholder resolved.
 // Error messages name each by its config name.
 type Settings struct {
-	// Address is one Redis server (host:port), the nodes of a cluster,
-	// or sentinels when MasterName is set. Required.
+	// Address is one Redis server (host:port, or the path of its unix
+	// socket, starting with "/"), the nodes of a cluster, or sentinels
+	// when MasterName is set. Required.
 	Address []string
 	// MasterName is the master that Sentinel monitors.
 	MasterName string
@@ -149,16 +151,21 @@ func Prepare(s Settings) (*Plan, error) {
 }
 
 // checkServers checks what the client would otherwise fail on at every
-// call, Redis then seeming down for good: each address is host:port, and
-// db is a database the deployment has (a cluster only has 0).
+// call, Redis then seeming down for good: each address is host:port, or
+// the path of a unix socket (starting with "/") when it is the only
+// address, and db is a database the deployment has (a cluster only has
+// 0).
 func (s Settings) checkServers() error {
 	for _, a := range s.Address {
+		if len(s.Address) == 1 && strings.HasPrefix(a, "/") {
+			continue // the client dials it as a unix socket
+		}
 		_, port, err := net.SplitHostPort(a)
 		if n, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil || n == 0 {
 			if u, err := url.Parse(a); err == nil && u.User != nil {
 				a = u.Redacted() // a URL's password is not shown
 			}
-			return fmt.Errorf("address %q: want host:port, such as redis.internal:6379 (no scheme: for TLS set tls; for credentials, username and password)", a)
+			return fmt.Errorf("address %q: want host:port, such as redis.internal:6379, or a unix socket's path alone (no scheme: for TLS set tls; for credentials, username and password)", a)
 		}
 	}
 	switch {
