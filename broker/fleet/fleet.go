@@ -518,8 +518,12 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 // (up true). Each user of a Cache shared across config reloads registers
 // its own and unregisters it when done, so a config that fails to load
 // leaves the running one told. f is called on the request path: it must
-// be quick.
+// be quick. A nil f is ignored: nothing is registered, and unregister
+// does nothing.
 func (c *Cache) OnAvailability(f func(up bool, err error)) (unregister func()) {
+	if f == nil {
+		return func() {}
+	}
 	return register(&c.mu, &c.availability, f)
 }
 
