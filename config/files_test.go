@@ -182,6 +182,33 @@ func TestFilesFollowsLinksInDirectory(t *testing.T) {
 	}
 }
 
+// A link to a file the registry already lists is that file, read once:
+// merchants.toml -> merchants-v2.toml in one directory (the link sorting
+// after its file, or before it) loads; a link that loops is left out. The
+// same holds for a glob matching both.
+func TestFilesLinkToListedFile(t *testing.T) {
+	dir := writeFiles(t, "merchants-v2.toml", filesProvider+merchantTable("a1", "oa1"))
+	for name, target := range map[string]string{
+		"merchants.toml": "merchants-v2.toml",
+		"current.toml":   "merchants.toml",
+		"loop.toml":      "loop.toml",
+	} {
+		if err := os.Symlink(target, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := []string{filepath.Join(dir, "merchants-v2.toml")}
+	for _, pattern := range []string{dir, filepath.Join(dir, "*.toml")} {
+		got, err := Files(pattern)
+		if err != nil || !slices.Equal(got, want) {
+			t.Fatalf("Files(%s) = %q, %v; want %q", pattern, got, err, want)
+		}
+		if _, err := LoadWith(pattern, Options{LookupEnv: testEnv()}); err != nil {
+			t.Fatalf("LoadWith(%s): %v", pattern, err)
+		}
+	}
+}
+
 // An empty registry path (a placeholder that resolved to nothing) is named
 // as such, not as a file that cannot be read.
 func TestFilesEmptyPath(t *testing.T) {
