@@ -249,8 +249,9 @@ func (a *App) validate() error {
 	if a.RefreshWindow < 0 || a.RefreshWindow >= 1 {
 		return fmt.Errorf("token_broker: refresh_window %g must be at least 0 and below 1", a.RefreshWindow)
 	}
-	for name, d := range map[string]caddy.Duration{"leeway": a.Leeway, "fetch_timeout": a.FetchTimeout, "budget_wait": a.BudgetWait} {
-		if d < 0 {
+	durations := []caddy.Duration{a.Leeway, a.FetchTimeout, a.BudgetWait} // the first negative one is named
+	for i, name := range []string{"leeway", "fetch_timeout", "budget_wait"} {
+		if d := durations[i]; d < 0 {
 			return fmt.Errorf("token_broker: %s %s must not be negative: leave it out for the default", name, time.Duration(d))
 		}
 	}

@@ -140,3 +140,20 @@ func TestAppNegativeDurationNamed(t *testing.T) {
 		}
 	}
 }
+
+// With several negative durations, the error names the first in the
+// order of the options (leeway, fetch_timeout, budget_wait), every time.
+func TestAppNegativeDurationsNamedInOrder(t *testing.T) {
+	a := App{Leeway: caddy.Duration(-time.Second), FetchTimeout: caddy.Duration(-2 * time.Second), BudgetWait: caddy.Duration(-3 * time.Second)}
+	for range 20 {
+		if err := a.validate(); err == nil || !strings.Contains(err.Error(), "leeway -1s must not be negative") {
+			t.Fatalf("validate() = %v; want leeway named", err)
+		}
+	}
+	a.Leeway = 0
+	for range 20 {
+		if err := a.validate(); err == nil || !strings.Contains(err.Error(), "fetch_timeout -2s must not be negative") {
+			t.Fatalf("validate() = %v; want fetch_timeout named", err)
+		}
+	}
+}
