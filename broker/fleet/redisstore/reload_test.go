@@ -34,12 +34,12 @@ func TestDestructDuringMint(t *testing.T) {
 		return tier
 	}
 	old := open(time.Second)
-	minting, done := make(chan struct{}), make(chan struct{})
+	minting, destructed, done := make(chan struct{}), make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
 		_, _, err := old.Cache.Fetch(context.Background(), "k", func(broker.Token) bool { return true }, func(context.Context) (broker.Token, error) {
 			close(minting)
-			time.Sleep(200 * time.Millisecond) // the token API answers while the reload runs
+			<-destructed // the token API answers after the reload replaced the tier
 			return broker.Token{Value: "minted-before-the-reload", Expiry: time.Now().Add(time.Hour)}, nil
 		})
 		if err != nil {
@@ -47,7 +47,9 @@ func TestDestructDuringMint(t *testing.T) {
 		}
 	}()
 	<-minting
-	if err := old.Destruct(); err != nil {
+	err := old.Destruct()
+	close(destructed)
+	if err != nil {
 		t.Fatal(err)
 	}
 	<-done
