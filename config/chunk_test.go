@@ -49,9 +49,9 @@ var chunkCases = []struct {
 	{"multi-line basic string holding headers", chunkProvider + chunkMerchants(0, 3) + "[merchants.s]\nprovider = \"p\"\norganisation = \"o\"\nscopes = [\"s\"]\naudience = \"\"\"\n[merchants.fake]\nprovider = \"p\"\n[merchants.fake2]\n\"\"\"\n" + chunkMerchants(3, 4), true},
 	{"multi-line literal string holding headers", chunkProvider + chunkMerchants(0, 3) + "[merchants.s]\nprovider = \"p\"\norganisation = '''\n[merchants.fake]\norganisation = \"x\"\n'''\nscopes = [\"s\"]\n" + chunkMerchants(3, 4), true},
 	{"array holding a header line", chunkProvider + chunkMerchants(0, 3) + "[merchants.s]\nprovider = \"p\"\norganisation = \"o\"\nscopes = [\n[merchants.fake]\n]\n" + chunkMerchants(3, 4), true},
-	// BurntSushi gives a table defined by dotted keys no type: the whole
-	// file reports "must be a table, not nothing".
-	{"top-level dotted keys", "merchants.d.provider = \"p\"\nmerchants.d.organisation = \"o\"\nmerchants.d.scopes = [\"s\"]\n" + chunkProvider + chunkMerchants(0, 8), true},
+	// Top-level dotted keys can only be in the first chunk, where they
+	// define the entry as a table header does.
+	{"top-level dotted keys", "merchants.d.provider = \"p\"\nmerchants.d.organisation = \"o\"\nmerchants.d.scopes = [\"s\"]\n" + chunkProvider + chunkMerchants(0, 8), false},
 	{"merchants table with inline tables", chunkProvider + "[merchants]\ni1 = { provider = \"p\", organisation = \"o\", scopes = [\"s\"] }\n" + chunkMerchants(0, 8), true},
 	{"inline merchants then headers", "merchants = { i1 = { provider = \"p\", organisation = \"o\", scopes = [\"s\"] } }\n" + chunkProvider + chunkMerchants(0, 8), true},
 	{"merchants table defined twice", chunkProvider + chunkMerchants(0, 4) + "[merchants]\n" + chunkMerchants(4, 4) + "[merchants]\n", true},

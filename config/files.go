@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"io/fs"
 	"maps"
 	"math"
 	"os"
@@ -57,26 +58,25 @@ type File struct {
 }
 
 // Files lists the files of the registry that pattern names: the file
-// itself; every *.toml file of a directory (names starting with "." left
-// out: editors' temporary files), sorted by name; or the files matching a
-// glob (filepath.Match syntax, e.g. "/etc/broker/merchants-*.toml"),
-// sorted. It fails when that is no file.
+// itself; every *.toml file of a directory, or link to one (names starting
+// with "." left out: editors' temporary files), sorted by name; or the
+// files matching a glob (filepath.Match syntax, e.g.
+// "/etc/broker/merchants-*.toml"), sorted. A file is listed once, however
+// many links to it the directory or the glob holds (regularFiles). It
+// fails when that is no file.
 func Files(pattern string) ([]string, error) {
+	if pattern == "" {
+		return nil, &Error{Msg: "the registry path is empty: set config to a file, a directory or a glob (a placeholder such as {env.NAME} in it may be unset)"}
+	}
 	if strings.ContainsAny(pattern, "*?[") {
 		matches, err := filepath.Glob(pattern)
 		if err != nil {
 			return nil, &Error{File: pattern, Msg: fmt.Sprintf("invalid glob: %v", err)}
 		}
-		var files []string
-		for _, m := range matches {
-			if fi, err := os.Stat(m); err == nil && fi.Mode().IsRegular() {
-				files = append(files, m)
-			}
-		}
+		files := regularFiles(matches)
 		if len(files) == 0 {
 			return nil, &Error{File: pattern, Msg: "no registry file matches the glob: check the path"}
 		}
-		slices.Sort(files)
 		return files, nil
 	}
 	fi, err := os.Stat(pattern)
@@ -90,17 +90,61 @@ func Files(pattern string) ([]string, error) {
 	if err != nil {
 		return nil, &Error{File: pattern, Msg: fmt.Sprintf("cannot read the registry directory: %v", err)}
 	}
-	var files []string
+	var names []string
 	for _, e := range entries {
-		name := e.Name()
-		if strings.HasSuffix(name, ".toml") && !strings.HasPrefix(name, ".") && e.Type().IsRegular() {
-			files = append(files, filepath.Join(pattern, name))
+		if name := e.Name(); strings.HasSuffix(name, ".toml") && !strings.HasPrefix(name, ".") {
+			names = append(names, filepath.Join(pattern, name))
 		}
 	}
+	files := regularFiles(names)
 	if len(files) == 0 {
 		return nil, &Error{File: pattern, Msg: "the registry directory holds no *.toml file"}
 	}
 	return files, nil
+}
+
+// regularFiles returns, sorted, the paths that are regular files or
+// symbolic links to one (a Kubernetes ConfigMap's files are links). A
+// link to a file already listed is left out, so that no file is read
+// twice (merchants.toml -> merchants-v2.toml): the file is named by its
+// own path when listed, else by its first link. A link that loops or
+// points nowhere is left out without a word, as any path that is no
+// regular file: the config package has no warnings, and an error would
+// refuse a registry that loads with such a link.
+func regularFiles(paths []string) []string {
+	type file struct {
+		path string
+		fi   os.FileInfo
+		link bool
+	}
+	var found []file
+	for _, path := range paths {
+		fi, err := os.Stat(path)
+		if err != nil || !fi.Mode().IsRegular() {
+			continue
+		}
+		lfi, err := os.Lstat(path)
+		found = append(found, file{path, fi, err == nil && lfi.Mode()&fs.ModeSymlink != 0})
+	}
+	// The files first, then the links, each in order of path.
+	slices.SortStableFunc(found, func(a, b file) int {
+		switch {
+		case a.link == b.link:
+			return 0
+		case b.link:
+			return -1
+		}
+		return 1
+	})
+	var files []string
+	for i, f := range found {
+		if f.link && slices.ContainsFunc(found[:i], func(o file) bool { return os.SameFile(o.fi, f.fi) }) {
+			continue
+		}
+		files = append(files, f.path)
+	}
+	slices.Sort(files)
+	return files
 }
 
 // ReadSources reads the files of the registry that pattern names (Files).
@@ -182,11 +226,11 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 	})
 	f.topDefined = slices.ContainsFunc(keys, func(k toml.Key) bool { return len(k) == 1 })
 	for _, k := range topKeys {
-		if t := md.Type(k); t != "" && t != "Hash" {
+		if t := typeOf(&md, k); t != "" && t != "Hash" {
 			p.problem([]string{k}, fmt.Sprintf("must be a table of [%s.NAME] tables, not %s", k, typeName(t)))
 		}
 	}
-	f.merchantsType = md.Type("merchants")
+	f.merchantsType = typeOf(&md, "merchants")
 	if f.merchantsType != "" {
 		f.merchantsLine = p.line("merchants")
 	}

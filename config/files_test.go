@@ -145,3 +145,75 @@ func TestParseFileReused(t *testing.T) {
 		}
 	}
 }
+
+// A registry directory mounted the way Kubernetes mounts a ConfigMap holds
+// symbolic links to the files (merchants.toml -> ..data/merchants.toml):
+// they are the registry's files; a link to a directory or a dangling one
+// is not.
+func TestFilesFollowsLinksInDirectory(t *testing.T) {
+	dir := t.TempDir()
+	data := filepath.Join(dir, "..2026_12_07_10_00_00.000000001")
+	for _, d := range []string{data, filepath.Join(data, "sub.toml")} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, name := range []string{"a.toml", "b.toml"} {
+		if err := os.WriteFile(filepath.Join(data, name), []byte(filesProvider), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	links := map[string]string{
+		"..data":        filepath.Base(data),
+		"a.toml":        "../" + filepath.Base(dir) + "/..data/a.toml",
+		"b.toml":        "..data/b.toml",
+		"sub.toml":      "..data/sub.toml",
+		"dangling.toml": "..data/gone.toml",
+	}
+	for name, target := range links {
+		if err := os.Symlink(target, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := Files(dir)
+	want := []string{filepath.Join(dir, "a.toml"), filepath.Join(dir, "b.toml")}
+	if err != nil || !slices.Equal(got, want) {
+		t.Fatalf("Files = %q, %v; want %q", got, err, want)
+	}
+}
+
+// A link to a file the registry already lists is that file, read once:
+// merchants.toml -> merchants-v2.toml in one directory (the link sorting
+// after its file, or before it) loads; a link that loops is left out. The
+// same holds for a glob matching both.
+func TestFilesLinkToListedFile(t *testing.T) {
+	dir := writeFiles(t, "merchants-v2.toml", filesProvider+merchantTable("a1", "oa1"))
+	for name, target := range map[string]string{
+		"merchants.toml": "merchants-v2.toml",
+		"current.toml":   "merchants.toml",
+		"loop.toml":      "loop.toml",
+	} {
+		if err := os.Symlink(target, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := []string{filepath.Join(dir, "merchants-v2.toml")}
+	for _, pattern := range []string{dir, filepath.Join(dir, "*.toml")} {
+		got, err := Files(pattern)
+		if err != nil || !slices.Equal(got, want) {
+			t.Fatalf("Files(%s) = %q, %v; want %q", pattern, got, err, want)
+		}
+		if _, err := LoadWith(pattern, Options{LookupEnv: testEnv()}); err != nil {
+			t.Fatalf("LoadWith(%s): %v", pattern, err)
+		}
+	}
+}
+
+// An empty registry path (a placeholder that resolved to nothing) is named
+// as such, not as a file that cannot be read.
+func TestFilesEmptyPath(t *testing.T) {
+	_, err := Files("")
+	if err == nil || !strings.Contains(err.Error(), "the registry path is empty") {
+		t.Fatalf("Files(\"\") = %v; want an error saying the path is empty", err)
+	}
+}

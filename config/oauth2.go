@@ -172,8 +172,7 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) brok
 
 // signer reads private_key and returns the assertion signer.
 func (e *entry) signer(raw *providerTOML, fp *fingerprint) *oauth.Signer {
-	path, ok := e.expand("private_key", raw.PrivateKey)
-	path = e.p.abs(path)
+	path, shown, ok := e.pemPath("private_key", raw.PrivateKey, "")
 	kid := e.plain("key_id", raw.KeyID)
 	fp.add("key_id", kid)
 	fp.add("signing_alg", raw.SigningAlg)
@@ -190,20 +189,19 @@ func (e *entry) signer(raw *providerTOML, fp *fingerprint) *oauth.Signer {
 		e.errf("private_key", "missing: auth_method private_key_jwt needs the path of the PEM private key")
 		return nil
 	}
-	b, err := e.p.readFile(path, maxKeyFile)
-	if err != nil {
-		e.errf("private_key", "cannot read: %v", err)
+	b, ok := e.readPEM("private_key", path, shown, maxKeyFile)
+	if !ok {
 		return nil
 	}
 	key, err := oauth.ParsePrivateKey(b)
 	if err != nil {
-		e.errf("private_key", "%s: %v", path, err)
+		e.errf("private_key", "%s: %v", shown, err)
 		return nil
 	}
 	// The public key stands for the private one in the ID.
 	pub, err := x509.MarshalPKIXPublicKey(key.Public())
 	if err != nil {
-		e.errf("private_key", "%s: %v", path, err)
+		e.errf("private_key", "%s: %v", shown, err)
 		return nil
 	}
 	fp.add("private_key.public", string(pub))
@@ -222,13 +220,10 @@ func (e *entry) signer(raw *providerTOML, fp *fingerprint) *oauth.Signer {
 func (e *entry) dpopKey(raw *dpopTOML, fp *fingerprint) *dpop.Key {
 	const field = "dpop.key"
 	var pemBytes []byte
-	src := raw.Key // where the key was read: the reference or the file's path
+	src := raw.Key // where the key was read: the reference, or the file as messages name it
 	switch ref := raw.Key; {
 	case ref == "":
 		e.errf(field, "missing: set the PEM private key the tokens are bound to: {file.PATH}, {env.NAME} or a path")
-		return nil
-	case strings.Contains(ref, "-----BEGIN"):
-		e.errf(field, "holds a PEM key in clear (not shown): keep it in a file, readable only by the broker, and name it ({file.PATH} or a path), or in an environment variable ({env.NAME})")
 		return nil
 	case wholeRef(ref):
 		v := e.secret(field, ref)
@@ -237,18 +232,14 @@ func (e *entry) dpopKey(raw *dpopTOML, fp *fingerprint) *dpop.Key {
 		}
 		pemBytes = []byte(v.Reveal())
 	default:
-		path, ok := e.expand(field, ref)
+		path, shown, ok := e.pemPath(field, ref, " ({file.PATH} or a path), or keep it in an environment variable ({env.NAME})")
 		if !ok {
 			return nil
 		}
-		path = e.p.abs(path)
-		src = path
-		b, err := e.p.readFile(path, maxKeyFile)
-		if err != nil {
-			e.errf(field, "cannot read: %v", err)
+		src = shown
+		if pemBytes, ok = e.readPEM(field, path, shown, maxKeyFile); !ok {
 			return nil
 		}
-		pemBytes = b
 	}
 	k, err := dpop.ParseKey(pemBytes, "")
 	if err != nil {

@@ -2,10 +2,13 @@ package config
 
 import (
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"hash"
 	"io"
+	"io/fs"
 	"maps"
 	"net/http"
 	"os"
@@ -57,7 +60,7 @@ func (e *entry) errf(field, format string, args ...any) {
 
 // decode decodes the entry's table into v; false when it could not.
 func (e *entry) decode(md *toml.MetaData, prim toml.Primitive, v any) bool {
-	if t := md.Type(e.section, e.name); t != "Hash" {
+	if t := typeOf(md, e.section, e.name); t != "Hash" {
 		e.errf("", "must be a table, not %s", typeName(t))
 		return false
 	}
@@ -134,6 +137,73 @@ func (e *entry) secret(field, ref string) broker.Secret {
 	return broker.Secret(v)
 }
 
+// pemPath expands the path of a PEM file (private_key, the tls files,
+// dpop.key) and resolves it against the registry file's folder; shown is
+// how messages name it (shownPath). A value that is PEM text itself,
+// written in the registry or brought in by an {env.NAME} reference, is
+// refused without being shown, since it may be a private key. hint ends
+// the message with the field's other ways to give the key. ok is false
+// when the value was refused or a reference could not be resolved.
+func (e *entry) pemPath(field, raw, hint string) (path, shown string, ok bool) {
+	path, ok = e.expand(field, raw)
+	if strings.Contains(path, "-----BEGIN") {
+		e.errf(field, "holds a PEM key in clear (not shown): keep it in a file, readable only by the broker, and name its path%s", hint)
+		return "", "", false
+	}
+	path = e.p.abs(path)
+	return path, shownPath(raw, path), ok
+}
+
+// maxShownPath is the length of the longest path messages show: a PEM
+// private key in base64 is longer (an Ed25519 key, the shortest, takes
+// 160 characters).
+const maxShownPath = 128
+
+// shownPath is how messages name the file of a PEM field, written raw in
+// the registry and resolved to path. The field may hold a private key by
+// mistake, in base64 (as a Kubernetes secret keeps it) where no check for
+// PEM finds it, so a message names the path only where it cannot be key
+// material:
+//   - raw written literally: path, when raw has at most maxShownPath
+//     bytes, holds a path separator or a dot, and is not base64
+//     ("/etc/broker/bank.key", "keys/qwac.pem");
+//   - raw with {env.NAME} references: raw as written, naming the
+//     variables and not their values, when the text around them is empty
+//     or passes the same test ("{env.BANK_KEY}", "{env.KEY_DIR}/bank.key");
+//   - otherwise no name: the message still names the field, at its line.
+func shownPath(raw, path string) string {
+	around := envRef.ReplaceAllString(raw, "")
+	switch {
+	case around == raw && plainPath(raw):
+		return path
+	case around != raw && (around == "" || plainPath(around)):
+		return raw
+	}
+	return "the file it names (not shown: it may be key material)"
+}
+
+// plainPath reports whether s reads as a path, not as key material (see
+// shownPath).
+func plainPath(s string) bool {
+	_, err := base64.StdEncoding.DecodeString(s)
+	return err != nil && len(s) <= maxShownPath && strings.ContainsAny(s, "/."+string(filepath.Separator))
+}
+
+// readPEM reads the file of a PEM field (pemPath). A failure is reported
+// with the file named as shown and the underlying error without its path,
+// which could be key material.
+func (e *entry) readPEM(field, path, shown string, max int64) ([]byte, bool) {
+	b, err := e.p.readFile(path, max)
+	if err != nil {
+		if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
+			err = pe.Err
+		}
+		e.errf(field, "cannot read %s: %v", shown, err)
+		return nil, false
+	}
+	return b, true
+}
+
 // cut returns what is between prefix and suffix when s is exactly that.
 func cut(s, prefix, suffix string) (string, bool) {
 	if len(s) < len(prefix)+len(suffix) || !strings.HasPrefix(s, prefix) || !strings.HasSuffix(s, suffix) {
@@ -158,7 +228,7 @@ func readFile(path string, max int64) ([]byte, error) {
 		return nil, err
 	}
 	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", path)
+		return nil, &fs.PathError{Op: "read", Path: path, Err: errors.New("not a regular file")}
 	}
 	f, err := os.Open(path)
 	if err != nil {
@@ -167,7 +237,7 @@ func readFile(path string, max int64) ([]byte, error) {
 	defer f.Close()
 	b, err := io.ReadAll(io.LimitReader(f, max+1))
 	if err == nil && int64(len(b)) > max {
-		err = fmt.Errorf("%s is larger than %d bytes", path, max)
+		err = &fs.PathError{Op: "read", Path: path, Err: fmt.Errorf("larger than %d bytes", max)}
 	}
 	return b, err
 }
@@ -310,7 +380,7 @@ func (e *entry) client(raw *tlsTOML, timeout time.Duration, pv *Provider, fp *fi
 	if raw == nil {
 		raw = &tlsTOML{}
 	}
-	problems := len(e.p.errs)
+	problems, unresolved := len(e.p.errs), false
 	o := &httpclient.TLSOptions{}
 	o.ServerName, _ = e.expand("tls.server_name", raw.ServerName)
 	fp.add("tls.server_name", o.ServerName)
@@ -323,20 +393,18 @@ func (e *entry) client(raw *tlsTOML, timeout time.Duration, pv *Provider, fp *fi
 		{"tls.client_key", raw.ClientKey, &o.KeyFile},
 		{"tls.ca_file", raw.CAFile, &o.CAFile},
 	} {
-		path, ok := e.expand(f.field, f.raw)
-		*f.path = e.p.abs(path)
+		path, shown, ok := e.pemPath(f.field, f.raw, "")
+		*f.path, unresolved = path, unresolved || !ok
 		if *f.path == "" || !ok {
 			continue
 		}
-		b, err := e.p.readFile(*f.path, maxTLSFile)
-		if err != nil {
-			e.errf(f.field, "cannot read: %v", err)
-		}
+		b, _ := e.readPEM(f.field, path, shown, maxTLSFile)
 		if f.field != "tls.client_key" {
 			fp.add(f.field+".content", string(b))
 		}
 	}
 	switch {
+	case unresolved: // a path is at fault already: its pair is not the problem
 	case o.CertFile != "" && o.KeyFile == "":
 		e.errf("tls.client_key", "missing: client_cert needs its client_key")
 	case o.CertFile == "" && o.KeyFile != "":
@@ -449,6 +517,15 @@ func definedNames(defined map[string]string) string {
 		return "none: add a [providers.NAME] table"
 	}
 	return strings.Join(slices.Sorted(maps.Keys(defined)), ", ")
+}
+
+// typeOf is md.Type of key, "Hash" for a table that only dotted keys
+// define (providers.p.type = "nuapay"), to which BurntSushi gives no type.
+func typeOf(md *toml.MetaData, key ...string) string {
+	if t := md.Type(key...); t != "" || !md.IsDefined(key...) {
+		return t
+	}
+	return "Hash"
 }
 
 // typeName names a TOML type (MetaData.Type) in messages.

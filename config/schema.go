@@ -251,8 +251,11 @@ var providerTypes = map[string]providerType{
 // typeNames lists the known provider types for messages.
 func typeNames() string { return strings.Join(slices.Sorted(maps.Keys(providerTypes)), ", ") }
 
-// secretKeys are the keys whose values are secrets, in any entry.
-var secretKeys = []string{"api_key", "client_secret"}
+// secretKeys are the keys, in any entry, whose values are secrets, or
+// name a private key's file where the key itself may be written by
+// mistake (private_key, tls.client_key, dpop.key): a syntax error in
+// their value is reported without the text it stumbled on.
+var secretKeys = []string{"api_key", "client_secret", "private_key", "client_key", "key"}
 
 // Known keys, from the toml tags of the schema structs.
 var (

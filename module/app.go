@@ -1,7 +1,6 @@
 package module
 
 import (
-	"errors"
 	"fmt"
 	"sync/atomic"
 	"time"
@@ -177,7 +176,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("token_broker: %w", err)
 	}
 	if a.Redis != nil {
-		var err error
 		if a.fleet, a.fleetKey, err = a.Redis.provision(ctx, time.Duration(a.FetchTimeout), a.logger); err != nil {
 			return err
 		}
@@ -219,8 +217,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 		opts.Shared = a.fleet.Cache
 	}
 	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
-		return &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.logger},
-			tracker: opstate.NewTracker(opstate.TrackerOptions{Emit: emitRunning})}, nil
+		pb := &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.logger},
+			tracker: opstate.NewTracker(opstate.TrackerOptions{Emit: emitRunning}), unwatchFleet: func() {}}
+		if a.fleet != nil { // the broker's tier for its whole life (poolKey)
+			pb.unwatchFleet = a.fleet.Cache.OnAvailability(pb.tracker.FleetChanged)
+			pb.tracker.SetFleet(true, a.fleet.Cache.Available())
+		}
+		return pb, nil
 	})
 	if err != nil {
 		return err
@@ -228,12 +231,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 	pb := val.(*pooledBroker)
 	pb.revokeOnShutdown.Store(a.RevokeOnShutdown)
 	a.broker, a.pooled, a.tracker = pb.Broker.Broker, pb, pb.tracker
-	if a.fleet != nil {
-		a.tracker.SetFleet(true, a.fleet.Cache.Available())
-		a.fleet.Cache.OnAvailability(a.tracker.FleetChanged)
-	} else {
-		a.tracker.SetFleet(false, false)
-	}
 	pb.SecretsSeen(a.registry)
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
 	metricsKey := fmt.Sprintf("metrics merchant_label=%t", merchantLabel)
@@ -252,8 +249,11 @@ func (a *App) validate() error {
 	if a.RefreshWindow < 0 || a.RefreshWindow >= 1 {
 		return fmt.Errorf("token_broker: refresh_window %g must be at least 0 and below 1", a.RefreshWindow)
 	}
-	if a.Leeway < 0 || a.FetchTimeout < 0 || a.BudgetWait < 0 {
-		return errors.New("token_broker: leeway, fetch_timeout and budget_wait must not be negative")
+	durations := []caddy.Duration{a.Leeway, a.FetchTimeout, a.BudgetWait} // the first negative one is named
+	for i, name := range []string{"leeway", "fetch_timeout", "budget_wait"} {
+		if d := durations[i]; d < 0 {
+			return fmt.Errorf("token_broker: %s %s must not be negative: leave it out for the default", name, time.Duration(d))
+		}
 	}
 	if a.FleetSize < 0 || a.FleetSize > maxFleetSize {
 		return fmt.Errorf("token_broker: fleet_size %d must be from 1 to %d (the sidecars that share the providers' rate limits)", a.FleetSize, maxFleetSize)
@@ -329,6 +329,8 @@ type pooledBroker struct {
 	// tracker is the operator's view of the broker's merchants and
 	// providers: it lives as long as the broker whose observers feed it.
 	tracker *opstate.Tracker
+	// unwatchFleet stops telling tracker the shared tier's availability.
+	unwatchFleet func()
 }
 
 // emitRunning emits an event of the operator's view through the running
@@ -349,6 +351,7 @@ func shuttingDown() bool { return caddy.Exiting() || caddy.ActiveContext().Conte
 // with revoke_on_shutdown, the tokens are revoked at their providers.
 func (p *pooledBroker) Destruct() error {
 	defer p.Close()
+	p.unwatchFleet()
 	entries := p.Tokens()
 	if next := current.Load(); next != nil && next.pooled != nil && next.pooled != p {
 		next.pooled.Inherit(entries)

@@ -127,7 +127,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	    allowed_hosts  <host...>
 //	    storage_encryption_key <base64> # and storage_encryption_keys_old <base64...>
 //	}
-func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
+func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
+	if existing != nil && d.Next() {
+		return nil, d.Err("token_broker global option given twice: put all its settings in one block")
+	}
 	var app App
 	if err := app.UnmarshalCaddyfile(d); err != nil {
 		return nil, err

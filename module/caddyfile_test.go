@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
@@ -114,5 +115,45 @@ func TestUnmarshalGlobalOption(t *testing.T) {
 				t.Fatalf("got %+v\nwant %+v", a, tt.want)
 			}
 		})
+	}
+}
+
+// A second token_broker global option is an error naming its line: it
+// would replace the first one whole (its redis block among its settings).
+func TestGlobalOptionTwice(t *testing.T) {
+	input := "{\n\ttoken_broker {\n\t\tleeway 2s\n\t}\n\ttoken_broker {\n\t\tfetch_timeout 5s\n\t}\n}\n:8080 {\n\trespond ok\n}\n"
+	_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(input), map[string]any{"filename": "Caddyfile"})
+	if err == nil || !strings.Contains(err.Error(), "token_broker global option given twice") || !strings.Contains(err.Error(), "Caddyfile:5") {
+		t.Fatalf("err = %v; want the second token_broker option refused at Caddyfile:5", err)
+	}
+}
+
+// A negative duration in the app's JSON is named with its value.
+func TestAppNegativeDurationNamed(t *testing.T) {
+	for name, a := range map[string]App{
+		"leeway -1s":        {Leeway: caddy.Duration(-time.Second)},
+		"fetch_timeout -2s": {FetchTimeout: caddy.Duration(-2 * time.Second)},
+		"budget_wait -3s":   {BudgetWait: caddy.Duration(-3 * time.Second)},
+	} {
+		if err := a.validate(); err == nil || !strings.Contains(err.Error(), name+" must not be negative") {
+			t.Errorf("validate() = %v; want %q", err, name+" must not be negative")
+		}
+	}
+}
+
+// With several negative durations, the error names the first in the
+// order of the options (leeway, fetch_timeout, budget_wait), every time.
+func TestAppNegativeDurationsNamedInOrder(t *testing.T) {
+	a := App{Leeway: caddy.Duration(-time.Second), FetchTimeout: caddy.Duration(-2 * time.Second), BudgetWait: caddy.Duration(-3 * time.Second)}
+	for range 20 {
+		if err := a.validate(); err == nil || !strings.Contains(err.Error(), "leeway -1s must not be negative") {
+			t.Fatalf("validate() = %v; want leeway named", err)
+		}
+	}
+	a.Leeway = 0
+	for range 20 {
+		if err := a.validate(); err == nil || !strings.Contains(err.Error(), "fetch_timeout -2s must not be negative") {
+			t.Fatalf("validate() = %v; want fetch_timeout named", err)
+		}
 	}
 }

@@ -21,7 +21,7 @@ import (
 // global option:
 //
 //	redis {
-//	    address        <host:port>...      # one: a server; several: a cluster
+//	    address        <host:port>...      # one (or a unix socket /path): a server; several: a cluster
 //	    master_name    <name>              # with address: sentinels
 //	    username       <user>
 //	    password       <password>          # {env.X} / {file.X}
@@ -38,8 +38,8 @@ import (
 //
 // The tier's series on Caddy's /metrics are those of fleet.Metrics.
 type RedisConfig struct {
-	// Address is the Redis address (host:port), or several: the nodes of a
-	// cluster, or sentinels when MasterName is set.
+	// Address is the Redis address (host:port, or alone a unix socket's
+	// /path), or several: the nodes of a cluster, or sentinels (MasterName).
 	Address []string `json:"address,omitempty"`
 	// MasterName is the name of the master that Sentinel monitors; set it
 	// to use the Address list as sentinels.
@@ -127,7 +127,7 @@ func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, l
 		}
 	}
 	logger.Info("sharing tokens through redis", zap.Strings("address", s.Address),
-		zap.String("key_prefix", s.KeyPrefix), zap.Bool("hash_keys", !s.PlainKeys),
+		zap.String("key_prefix", tier.Cache.KeyPrefix()), zap.Bool("hash_keys", !s.PlainKeys),
 		zap.Duration("timeout", plan.Timeout), zap.Duration("timeout_max", plan.MaxTimeout), zap.Duration("lock_ttl", plan.LockTTL), zap.Int("old_keys", plan.OldKeys))
 	return tier, plan.Key, nil
 }
@@ -150,6 +150,7 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 	fields := map[string]*string{"master_name": &r.MasterName, "username": &r.Username, "password": &r.Password,
 		"key_prefix": &r.KeyPrefix, "encryption_key": &r.EncryptionKey}
 	durations := map[string]*caddy.Duration{"timeout": &r.Timeout, "timeout_max": &r.TimeoutMax, "lock_ttl": &r.LockTTL}
+	lists := map[string]*[]string{"address": &r.Address, "encryption_keys_old": &r.EncryptionKeysOld}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
@@ -158,14 +159,8 @@ func parseRedis(d *caddyfile.Dispenser) (*RedisConfig, error) {
 		}
 		switch sub {
 		case "address", "encryption_keys_old":
-			args := d.RemainingArgs()
-			if len(args) == 0 {
+			if *lists[sub] = d.RemainingArgs(); len(*lists[sub]) == 0 {
 				return nil, d.ArgErr()
-			}
-			if sub == "address" {
-				r.Address = args
-			} else {
-				r.EncryptionKeysOld = args
 			}
 			continue
 		case "tls":

@@ -17,8 +17,10 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy" // the example proxies
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 )
 
 func TestUnmarshalRedis(t *testing.T) {
@@ -194,5 +196,23 @@ func TestExampleFleetRedisAdapts(t *testing.T) {
 		EncryptionKey: "{env.TOKEN_CACHE_KEY}", Timeout: caddy.Duration(50 * time.Millisecond)}
 	if got := cfg.Apps.TokenBroker.Redis; !reflect.DeepEqual(got, want) {
 		t.Fatalf("redis = %+v\nwant %+v", got, want)
+	}
+}
+
+// The log line that announces the shared tier shows the key prefix in
+// use, the default one when none is set.
+func TestRedisLogShowsKeyPrefix(t *testing.T) {
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	core, logs := observer.New(zap.InfoLevel)
+	cfg := RedisConfig{Address: []string{"127.0.0.1:1"}, EncryptionKey: base64.StdEncoding.EncodeToString([]byte(strings.Repeat("k", 32)))}
+	_, key, err := cfg.provision(ctx, 0, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fleets.Delete(key)
+	got := logs.FilterMessage("sharing tokens through redis").All()
+	if len(got) != 1 || got[0].ContextMap()["key_prefix"] != fleet.DefaultKeyPrefix {
+		t.Fatalf("log entries %+v; want one with key_prefix %q", got, fleet.DefaultKeyPrefix)
 	}
 }

@@ -422,3 +422,54 @@ func TestStateHandlersRegistry(t *testing.T) {
 		t.Errorf("events after a start, a read and a scrape: %q, want none", got)
 	}
 }
+
+// TestStateFleetTierAfterFailedLoad: a config load that fails after the
+// app provisioned (another module's error) with the running config's
+// Redis but other cache settings leaves the running app's view of the
+// shared tier live: when the tier's breaker opens afterwards (Redis is
+// down: nothing listens on port 1), the state says so.
+func TestStateFleetTierAfterFailedLoad(t *testing.T) {
+	t.Setenv("TB_TEST_REDIS_KEY", base64.StdEncoding.EncodeToString([]byte(strings.Repeat("k", 32))))
+	provision := func(leeway time.Duration) *App {
+		t.Helper()
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+		t.Cleanup(cancel)
+		app := &App{Leeway: caddy.Duration(leeway), Redis: &RedisConfig{Address: []string{"127.0.0.1:1"},
+			EncryptionKey: "{env.TB_TEST_REDIS_KEY}", Timeout: caddy.Duration(20 * time.Millisecond)}}
+		if err := app.Provision(ctx); err != nil {
+			t.Fatal(err)
+		}
+		return app
+	}
+	running := provision(time.Second)
+	t.Cleanup(func() { _ = running.Cleanup() })
+	prev := current.Load()
+	t.Cleanup(func() { current.Store(prev) })
+	if err := running.Start(); err != nil {
+		t.Fatal(err)
+	}
+	failed := provision(2 * time.Second) // the same tier, another broker
+	if failed.fleet != running.fleet || failed.pooled == running.pooled {
+		t.Fatal("want the failed load to share the running app's tier, not its broker")
+	}
+	if err := failed.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+
+	for i := range fleet.BreakerThreshold {
+		if _, _, err := running.fleet.Cache.Fetch(context.Background(), fmt.Sprint("k", i), func(brokerToken) bool { return true }, mintOne); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if running.fleet.Cache.Available() {
+		t.Fatal("the breaker did not open")
+	}
+	_, rec := getState(t, http.MethodGet, "")
+	var r opstate.Report
+	if err := json.Unmarshal(rec.Body.Bytes(), &r); err != nil || r.Fleet == nil {
+		t.Fatalf("%s: %v", rec.Body, err)
+	}
+	if r.Fleet.Up || r.Fleet.LastError == "" {
+		t.Fatalf("with Redis down after a failed load: %+v; want the tier down, with its error", *r.Fleet)
+	}
+}

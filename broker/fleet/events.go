@@ -5,7 +5,10 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"math"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -129,7 +132,7 @@ func (c *Cache) catchUp(count bool) {
 	defer cancel()
 	// Not through the breaker: the subscription was just confirmed, so
 	// Redis answers, and the breaker may still be open from the outage.
-	entries, err := c.opts.Client.XRange(ctx, c.purgeLog(), "("+c.logged, "+").Result()
+	entries, err := c.opts.Client.XRange(ctx, c.purgeLog(), nextEntryID(c.logged), "+").Result()
 	if err != nil {
 		c.opts.Logger.Warn("reading the purge log after the announcement channel reconnected; purges announced meanwhile may be missed until the tokens expire",
 			zap.Error(err))
@@ -141,6 +144,24 @@ func (c *Cache) catchUp(count bool) {
 		if s, ok := m.Values["e"].(string); ok && json.Unmarshal([]byte(s), &e) == nil {
 			c.heard(e, count)
 		}
+	}
+}
+
+// nextEntryID is the smallest stream entry ID after id ("<ms>-<seq>"),
+// the start of an XRANGE that leaves id out in every Redis (the
+// exclusive "(id" needs Redis 6.2). An ID it cannot read is returned as
+// it is: the range then includes that entry again, which is harmless.
+func nextEntryID(id string) string {
+	msText, seqText, _ := strings.Cut(id, "-")
+	ms, err1 := strconv.ParseUint(msText, 10, 64)
+	seq, err2 := strconv.ParseUint(seqText, 10, 64)
+	switch {
+	case err1 != nil || err2 != nil:
+		return id
+	case seq < math.MaxUint64:
+		return fmt.Sprintf("%d-%d", ms, seq+1)
+	default:
+		return fmt.Sprintf("%d-0", ms+1)
 	}
 }
 

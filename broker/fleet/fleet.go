@@ -212,9 +212,6 @@ type Cache struct {
 	br       *breaker.Breaker
 	timeouts *callTimeout
 	metrics  *Metrics
-	// availability is told when Redis becomes unavailable and available
-	// again (OnAvailability).
-	availability atomic.Pointer[func(up bool, err error)]
 
 	vers *versions // the token versions seen (version.go)
 	rts  rtVersions
@@ -222,6 +219,13 @@ type Cache struct {
 	mu      sync.Mutex
 	waiters map[string]map[chan struct{}]struct{}
 	onPurge []*func(key, fingerprint string) // OnPurge's callbacks, in order; a pointer identifies one to unregister
+	// availability are OnAvailability's functions, told when Redis
+	// becomes unavailable and available again.
+	availability []*func(up bool, err error)
+	// active counts the lookups and the held refresh-token locks under
+	// way; drained is Drain's function, called when it falls to 0.
+	active  int
+	drained func()
 
 	ps     *redis.PubSub
 	done   chan struct{}
@@ -288,8 +292,14 @@ func New(opts Options) (*Cache, error) {
 	// confirmation of the subscription.
 	sctx, cancel := context.WithTimeout(context.Background(), max(opts.Timeout, time.Second))
 	if err := c.ps.Subscribe(sctx, c.channel); err == nil {
-		if _, err := c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); err == nil {
+		var refused redis.Error
+		switch _, err := c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); {
+		case err == nil:
 			c.catchUp(false)
+		case errors.As(err, &refused): // an answer, such as an ACL's NOPERM
+			opts.Logger.Warn("redis refused the subscription to the fleet's channel "+c.channel+
+				": this node will not hear purges nor tokens stored by others; grant the broker's user the channel (ACL SETUSER <user> &"+c.channel+")",
+				zap.Error(err))
 		}
 	}
 	cancel()
@@ -312,6 +322,42 @@ func (c *Cache) Close() error {
 	err := c.ps.Close()
 	<-c.done
 	return err
+}
+
+// Drain calls done once no lookup (Fetch) nor refresh-token lock
+// (Store.Lock) is under way: before it returns when none is, else when
+// the last one ends. A lookup stores its token and releases its fleet lock
+// at its end, so a client closed by done leaves no lock for the fleet to
+// wait out.
+func (c *Cache) Drain(done func()) {
+	c.mu.Lock()
+	if c.active > 0 {
+		c.drained = done
+		c.mu.Unlock()
+		return
+	}
+	c.mu.Unlock()
+	done()
+}
+
+// begin counts a lookup or a refresh-token lock under way; end its end.
+func (c *Cache) begin() {
+	c.mu.Lock()
+	c.active++
+	c.mu.Unlock()
+}
+
+func (c *Cache) end() {
+	c.mu.Lock()
+	c.active--
+	var done func()
+	if c.active == 0 {
+		done, c.drained = c.drained, nil
+	}
+	c.mu.Unlock()
+	if done != nil {
+		done()
+	}
 }
 
 // name is the Redis name part for a cache key: hashed with the current
@@ -466,17 +512,19 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	return outcome == breaker.Slow && to != breaker.Open && call.base < c.opts.MaxTimeout, err
 }
 
-// OnAvailability sets f (nil: none), replacing the previous one, to be
-// told when Redis becomes unavailable (the breaker opens after
-// consecutive failures: up is false, err the last failure) and when it
-// answers again (up true). f is called on the request path: it must be
-// quick.
-func (c *Cache) OnAvailability(f func(up bool, err error)) {
+// OnAvailability registers f, until unregister is called, to be told
+// when Redis becomes unavailable (the breaker opens after consecutive
+// failures: up is false, err the last failure) and when it answers again
+// (up true). Each user of a Cache shared across config reloads registers
+// its own and unregisters it when done, so a config that fails to load
+// leaves the running one told. f is called on the request path: it must
+// be quick. A nil f is ignored: nothing is registered, and unregister
+// does nothing.
+func (c *Cache) OnAvailability(f func(up bool, err error)) (unregister func()) {
 	if f == nil {
-		c.availability.Store(nil)
-		return
+		return func() {}
 	}
-	c.availability.Store(&f)
+	return register(&c.mu, &c.availability, f)
 }
 
 // Metrics returns the collectors that count what the tier does.
@@ -486,9 +534,12 @@ func (c *Cache) Metrics() *Metrics { return c.metrics }
 // breaker keeps Redis out after consecutive failures.
 func (c *Cache) Available() bool { return c.br.State() != breaker.Open }
 
-// tellAvailability calls the OnAvailability function, if any.
+// tellAvailability calls the OnAvailability functions.
 func (c *Cache) tellAvailability(up bool, err error) {
-	if f := c.availability.Load(); f != nil {
+	c.mu.Lock()
+	hooks := slices.Clone(c.availability)
+	c.mu.Unlock()
+	for _, f := range hooks {
 		(*f)(up, err)
 	}
 }
@@ -649,6 +700,8 @@ func (c *Cache) write(ctx context.Context, key string, tok broker.Token) {
 // node's lock waited on for Options.LockTTL: minted locally).
 // The token span's token API calls made for a mint are its children.
 func (c *Cache) Fetch(ctx context.Context, key string, usable func(broker.Token) bool, mint func(context.Context) (broker.Token, error)) (broker.Token, bool, error) {
+	c.begin()
+	defer c.end()
 	parent := trace.SpanFromContext(ctx)
 	if !parent.IsRecording() {
 		tok, how, err := c.fetch(ctx, key, usable, mint)
@@ -851,14 +904,20 @@ func floorAD(name string) []byte { return []byte("purge-floor\x00" + name) }
 
 // OnPurge implements broker.SharedCache.
 func (c *Cache) OnPurge(fn func(key, fingerprint string)) (unregister func()) {
-	hook := &fn
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.onPurge = append(c.onPurge, hook)
+	return register(&c.mu, &c.onPurge, fn)
+}
+
+// register appends f to *hooks under mu and returns the function that
+// removes it (a pointer identifies it).
+func register[F any](mu *sync.Mutex, hooks *[]*F, f F) (unregister func()) {
+	hook := &f
+	mu.Lock()
+	defer mu.Unlock()
+	*hooks = append(*hooks, hook)
 	return func() {
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		c.onPurge = slices.DeleteFunc(c.onPurge, func(h *func(key, fingerprint string)) bool { return h == hook })
+		mu.Lock()
+		defer mu.Unlock()
+		*hooks = slices.DeleteFunc(*hooks, func(h *F) bool { return h == hook })
 	}
 }
 

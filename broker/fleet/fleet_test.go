@@ -532,6 +532,20 @@ func TestOnPurgeUnregister(t *testing.T) {
 	}
 }
 
+// A nil function given to OnAvailability is ignored: a change of
+// availability tells the other functions, and its unregister does nothing.
+func TestOnAvailabilityNil(t *testing.T) {
+	n := newNode(t, startRedis(t), testKeys(t, 1), nil)
+	unregister := n.OnAvailability(nil)
+	var told atomic.Int32
+	n.OnAvailability(func(bool, error) { told.Add(1) })
+	n.tellAvailability(false, errors.New("redis down"))
+	unregister()
+	if told.Load() != 1 {
+		t.Fatalf("told %d times, want once", told.Load())
+	}
+}
+
 // Redis killed: lookups mint locally, without error, bounded by the
 // timeout; the breaker then keeps Redis out; Redis back: sharing resumes.
 func TestRedisDownAndBack(t *testing.T) {

@@ -1,11 +1,16 @@
 package fleet
 
 import (
+	"context"
+	"errors"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // proxy is a TCP proxy to Redis that a test can cut: its connections are
@@ -84,11 +89,53 @@ func (p *proxy) setCut(cut bool) {
 // never reaches it. Once it reconnects, it reads the purge back from the
 // purge log and drops the token rather than serve it until it expires.
 func TestPurgeMissedWhileDisconnected(t *testing.T) {
+	purgeMissedWhileDisconnected(t)
+}
+
+// TestPurgeMissedWhileDisconnectedRedis60 is
+// TestPurgeMissedWhileDisconnected with a Redis older than 6.2, whose
+// XRANGE has no exclusive bounds ("(id"): the node reads the purge log
+// back all the same.
+func TestPurgeMissedWhileDisconnectedRedis60(t *testing.T) {
+	purgeMissedWhileDisconnected(t, redis60{})
+}
+
+// redis60 makes a client answer as Redis before 6.2 does to an XRANGE
+// with an exclusive bound.
+type redis60 struct{}
+
+func (redis60) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (redis60) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if cmd.Name() == "xrange" {
+			for _, arg := range cmd.Args()[2:] {
+				if s, _ := arg.(string); strings.HasPrefix(s, "(") {
+					err := errors.New("ERR Invalid stream ID specified as stream command argument")
+					cmd.SetErr(err)
+					return err
+				}
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (redis60) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+// purgeMissedWhileDisconnected runs TestPurgeMissedWhileDisconnected with
+// hooks on the client of the node that misses the announcement.
+func purgeMissedWhileDisconnected(t *testing.T, hooks ...redis.Hook) {
 	r := startRedis(t)
 	keys := testKeys(t, 1)
 	px := newProxy(t, r.Addr())
 	a := newNode(t, r, keys, nil)
 	b := newNodeAt(t, px.Addr(), keys, nil)
+	for _, h := range hooks {
+		b.Client().AddHook(h)
+	}
 	heard := make(chan string, 4)
 	b.OnPurge(func(_, fp string) { heard <- fp })
 	ctx := testCtx(t)

@@ -176,13 +176,16 @@ func (s *Store) Lock(ctx context.Context, key string) (func(), error) {
 	wake, stop := c.watch(subject)
 	defer stop()
 	for {
+		c.begin()
 		h, err := c.obtain(ctx, subject)
 		if err == nil {
-			return func() {
+			return sync.OnceFunc(func() {
+				defer c.end()
 				h.release()
 				_ = c.publish(context.Background(), event{Kind: "unlock", Subject: subject})
-			}, nil
+			}), nil
 		}
+		c.end()
 		if !errors.Is(err, redislock.ErrNotObtained) {
 			return nil, fmt.Errorf("fleet: locking the refresh token of %s: %w", key, err)
 		}

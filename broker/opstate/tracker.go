@@ -471,17 +471,18 @@ func Reconcile(s Sources) {
 }
 
 // SetFleet says whether a shared tier (Redis) is configured and, when it
-// is, whether it is up now; the time of the last change is kept when the
-// tier's health does not change.
+// is, whether it is up now. A configured tier's state, once known (an
+// earlier SetFleet or FleetChanged), is left alone: a change FleetChanged
+// told is newer than the availability read before it by a caller that
+// registered FleetChanged first.
 func (t *Tracker) SetFleet(configured, up bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	f := &t.fleet
-	if !configured {
+	switch {
+	case !configured:
 		*f = fleetRecord{}
-		return
-	}
-	if !f.configured || f.up != up {
+	case !f.configured:
 		f.configured, f.up, f.since = true, up, t.now()
 	}
 }

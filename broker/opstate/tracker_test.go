@@ -176,6 +176,22 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 	}
 }
 
+// TestSetFleetKeepsAChange: a change of the tier's availability told
+// (FleetChanged) between the registration for it and the read of the
+// availability is newer than that read: SetFleet leaves it.
+func TestSetFleetKeepsAChange(t *testing.T) {
+	tr := NewTracker(TrackerOptions{})
+	tr.FleetChanged(false, errRedisRefused)
+	tr.SetFleet(true, true) // read before the tier went down
+	if configured, up := tr.Fleet(); !configured || up {
+		t.Fatalf("Fleet() = configured %v, up %v; want configured and down", configured, up)
+	}
+	tr.SetFleet(false, false)
+	if configured, _ := tr.Fleet(); configured {
+		t.Fatal("still configured after SetFleet(false, false)")
+	}
+}
+
 // TestTrackerRecords: a merchant's last error and time are kept after a
 // success, its failure state is not; a provider's window slides.
 func TestTrackerRecords(t *testing.T) {

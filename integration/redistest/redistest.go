@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -18,10 +19,11 @@ import (
 
 // Server is a redis-server started by a test.
 type Server struct {
-	t    testing.TB
-	port int
-	cmd  *exec.Cmd
-	exit chan struct{}
+	t      testing.TB
+	port   int
+	socket string // the unix socket it also listens on; "" for none
+	cmd    *exec.Cmd
+	exit   chan struct{}
 }
 
 // Start starts redis-server on a free loopback port and stops it when the
@@ -29,13 +31,33 @@ type Server struct {
 // CI set), where it fails.
 func Start(t testing.TB) *Server {
 	t.Helper()
+	return start(t, "")
+}
+
+// StartSocket is Start with the server listening on a unix socket as
+// well, whose path Socket returns.
+func StartSocket(t testing.TB) *Server {
+	t.Helper()
+	// A short folder: a socket's path has at most about 100 bytes, and a
+	// test's TempDir can be longer.
+	dir, err := os.MkdirTemp("", "redistest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return start(t, filepath.Join(dir, "redis.sock"))
+}
+
+// start starts the server, on socket too unless it is "".
+func start(t testing.TB, socket string) *Server {
+	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatalf("redis-server is not installed (apt-get install -y redis-server): %v", err)
 		}
 		t.Skipf("redis-server is not installed (apt-get install -y redis-server; make test does it): %v", err)
 	}
-	r := &Server{t: t}
+	r := &Server{t: t, socket: socket}
 	t.Cleanup(r.Kill)
 	var err error
 	for attempt := 0; attempt < 5; attempt++ {
@@ -56,10 +78,18 @@ func Start(t testing.TB) *Server {
 // Addr is the server's address, 127.0.0.1:port.
 func (r *Server) Addr() string { return "127.0.0.1:" + strconv.Itoa(r.port) }
 
-// start runs redis-server on r.port and waits until it answers.
+// Socket is the path of the server's unix socket (StartSocket).
+func (r *Server) Socket() string { return r.socket }
+
+// start runs redis-server on r.port (and r.socket) and waits until it
+// answers.
 func (r *Server) start() error {
-	cmd := exec.Command("redis-server", "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning")
+	args := []string{"--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"}
+	if r.socket != "" {
+		args = append(args, "--unixsocket", r.socket, "--unixsocketperm", "700")
+	}
+	cmd := exec.Command("redis-server", args...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Start(); err != nil {
 		return err

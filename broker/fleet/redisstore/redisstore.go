@@ -10,7 +10,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -25,8 +29,9 @@ import (
 // Settings are the shared tier's settings, every placeholder resolved.
 // Error messages name each by its config name.
 type Settings struct {
-	// Address is one Redis server (host:port), the nodes of a cluster,
-	// or sentinels when MasterName is set. Required.
+	// Address is one Redis server (host:port, or the path of its unix
+	// socket, starting with "/"), the nodes of a cluster, or sentinels
+	// when MasterName is set. Required.
 	Address []string
 	// MasterName is the master that Sentinel monitors.
 	MasterName string
@@ -103,6 +108,9 @@ func Prepare(s Settings) (*Plan, error) {
 	if s.EncryptionKey == "" {
 		return nil, errors.New("encryption_key is required: 32 random bytes in base64 (head -c 32 /dev/urandom | base64), the same on every broker")
 	}
+	if err := s.checkServers(); err != nil {
+		return nil, err
+	}
 	keys, err := seal.ParseKeyring("encryption_key", s.EncryptionKey, "encryption_keys_old", s.EncryptionKeysOld, nil)
 	if err != nil {
 		return nil, err
@@ -140,6 +148,33 @@ func Prepare(s Settings) (*Plan, error) {
 	fleet.ClientOptions(opts, s.Timeout, s.MaxTimeout)
 	return &Plan{Key: key, Timeout: s.Timeout, MaxTimeout: s.MaxTimeout, LockTTL: s.LockTTL, OldKeys: len(s.EncryptionKeysOld),
 		s: s, keys: keys, opts: opts}, nil
+}
+
+// checkServers checks what the client would otherwise fail on at every
+// call, Redis then seeming down for good: each address is host:port, or
+// the path of a unix socket (starting with "/") when it is the only
+// address, and db is a database the deployment has (a cluster only has
+// 0).
+func (s Settings) checkServers() error {
+	for _, a := range s.Address {
+		if len(s.Address) == 1 && strings.HasPrefix(a, "/") {
+			continue // the client dials it as a unix socket
+		}
+		_, port, err := net.SplitHostPort(a)
+		if n, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil || n == 0 {
+			if u, err := url.Parse(a); err == nil && u.User != nil {
+				a = u.Redacted() // a URL's password is not shown
+			}
+			return fmt.Errorf("address %q: want host:port, such as redis.internal:6379, or a unix socket's path alone (no scheme: for TLS set tls; for credentials, username and password)", a)
+		}
+	}
+	switch {
+	case s.DB < 0:
+		return fmt.Errorf("db %d: want a database number, 0 or more", s.DB)
+	case s.DB != 0 && s.MasterName == "" && len(s.Address) > 1:
+		return fmt.Errorf("db %d: several addresses make a cluster, which has only database 0: drop db, or set master_name if the addresses are sentinels", s.DB)
+	}
+	return nil
 }
 
 // planKey hashes the settings and the content of the TLS files they name,
@@ -204,8 +239,13 @@ func (p *Plan) Open(logger *zap.Logger) (*Tier, error) {
 	return &Tier{Cache: cache, client: client}, nil
 }
 
-// Destruct closes the tier and its client, so that a Tier can be kept in
-// a caddy.UsagePool.
+// Destruct closes the tier, so that a Tier can be kept in a
+// caddy.UsagePool: it stops listening to the fleet at once, and closes the
+// client once the lookups and refresh-token locks under way have ended
+// (fleet.Cache.Drain): a reload that replaces the tier during a mint
+// leaves the token stored and the key's fleet lock released.
 func (t *Tier) Destruct() error {
-	return errors.Join(t.Cache.Close(), t.client.Close())
+	err := t.Cache.Close()
+	t.Cache.Drain(func() { _ = t.client.Close() })
+	return err
 }

@@ -174,3 +174,66 @@ func TestTLSConfig(t *testing.T) {
 		})
 	}
 }
+
+// Settings the client could only fail on at every call are refused when
+// the config loads, with the setting named: an address that is not
+// host:port (a URL, no port), a negative database, a database other than
+// 0 on a cluster.
+func TestPrepareRejectsUnusableSettings(t *testing.T) {
+	key := base64.StdEncoding.EncodeToString([]byte(strings.Repeat("k", 32)))
+	tests := []struct {
+		name    string
+		s       Settings
+		wantErr string
+	}{
+		{name: "URL", s: Settings{Address: []string{"redis://redis.internal:6379"}}, wantErr: `address "redis://redis.internal:6379": want host:port`},
+		{name: "TLS URL", s: Settings{Address: []string{"rediss://redis.internal:6380"}}, wantErr: `address "rediss://redis.internal:6380": want host:port`},
+		{name: "URL with credentials", s: Settings{Address: []string{"redis://broker:s3cret-pw@redis.internal:6379/0"}}, wantErr: `address "redis://broker:xxxxx@redis.internal:6379/0": want host:port`},
+		{name: "no port", s: Settings{Address: []string{"redis.internal"}}, wantErr: `address "redis.internal": want host:port`},
+		{name: "port out of range", s: Settings{Address: []string{"redis.internal:70000"}}, wantErr: `address "redis.internal:70000": want host:port`},
+		{name: "one bad node of a cluster", s: Settings{Address: []string{"10.0.0.1:6379", "10.0.0.2"}}, wantErr: `address "10.0.0.2"`},
+		{name: "unix socket among several", s: Settings{Address: []string{"/run/redis/redis.sock", "10.0.0.2:6379"}}, wantErr: `address "/run/redis/redis.sock": want host:port`},
+		{name: "negative db", s: Settings{Address: []string{"redis.internal:6379"}, DB: -1}, wantErr: "db -1"},
+		{name: "db on a cluster", s: Settings{Address: []string{"10.0.0.1:6379", "10.0.0.2:6379"}, DB: 2}, wantErr: "db 2"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.s.EncryptionKey = key
+			_, err := Prepare(tt.s)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("Prepare error %v, want %q", err, tt.wantErr)
+			}
+		})
+	}
+	for _, s := range []Settings{
+		{Address: []string{"[::1]:6379"}, DB: 3},
+		{Address: []string{"10.0.0.1:26379", "10.0.0.2:26379"}, MasterName: "mymaster", DB: 1},
+	} {
+		s.EncryptionKey = key
+		if _, err := Prepare(s); err != nil {
+			t.Errorf("Prepare(%v, db %d): %v", s.Address, s.DB, err)
+		}
+	}
+}
+
+// A unix socket's path, the only address, is a server the tier reaches
+// (go-redis dials an address starting with "/" as a unix socket).
+func TestUnixSocketAddress(t *testing.T) {
+	r := redistest.StartSocket(t)
+	key := base64.StdEncoding.EncodeToString([]byte(strings.Repeat("k", 32)))
+	p, err := Prepare(Settings{Address: []string{r.Socket()}, EncryptionKey: key, DB: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tier, err := p.Open(zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = tier.Destruct() })
+	if err := tier.Cache.Client().Set(context.Background(), "probe", "over the socket", 0).Err(); err != nil {
+		t.Fatalf("SET over %s: %v", r.Socket(), err)
+	}
+	if got := r.CLI("-n", "1", "GET", "probe"); strings.TrimSpace(got) != "over the socket" {
+		t.Fatalf("GET probe in db 1 = %q, want the value set over the socket", got)
+	}
+}
