@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
@@ -45,7 +44,7 @@ func (a *App) provisionEvents(ctx caddy.Context) error {
 		a.logger.Warn("event dropped: the events app's handlers fall behind; the admin state (GET /token_broker/state) has the merchants' and providers' states",
 			zap.String("event", e.Name), zap.Uint64("dropped_so_far", total), zap.Int("queue", eventQueueSize))
 	})
-	a.events.LogPanics(a.logger, time.Now)
+	a.events.LogPanics(a.logger, nil)
 	return events.On("started", startDelivery{a.events})
 }
 

@@ -62,11 +62,14 @@ const PanicLogInterval = time.Minute
 
 // LogPanics makes o log, on logger at Error, an event its consumer
 // panicked on, with the panic's value and stack: for events of one name,
-// the first panic, then at most one per PanicLogInterval on the clock now,
-// telling how many were left out ("suppressed", "suppressed_since"), so
-// that a consumer that panics on every event does not log every event. Call
-// it before Start.
+// the first panic, then at most one per PanicLogInterval on the clock now
+// (time.Now when nil), telling how many were left out ("suppressed",
+// "suppressed_since"), so that a consumer that panics on every event does
+// not log every event. Call it before Start.
 func (o *Outbox) LogPanics(logger *zap.Logger, now func() time.Time) {
+	if now == nil {
+		now = time.Now
+	}
 	o.logger = logger
 	o.panics = &lograte.Limiter[string]{Every: PanicLogInterval, Now: now}
 }
