@@ -140,7 +140,8 @@ func (p *Broker) Revoke(entries []*broker.Entry) {
 }
 
 // revoke revokes e's token at its provider, unless the failure policy
-// keeps its source from being called now.
+// keeps its source from being called now, and purges it from the fleet's
+// shared tier once revoked: a token that was not revoked is still served.
 func (p *Broker) revoke(ctx context.Context, e *broker.Entry) adminapi.RevokeResult {
 	h := p.SourceHealth(e.Binding().SourceID)
 	reason := ""
@@ -153,8 +154,11 @@ func (p *Broker) revoke(ctx context.Context, e *broker.Entry) adminapi.RevokeRes
 	if reason != "" {
 		return adminapi.RevokeResult{TokenInfo: adminapi.TokenInfo{Merchant: e.Binding().Merchant, Fingerprint: e.Fingerprint()}, Error: reason}
 	}
-	if _, ok := e.Binding().Source.(broker.Revoker); ok {
-		p.Purge(ctx, []*broker.Entry{e}) // no node of the fleet serves it once revoked
+	res := adminapi.Revoke(ctx, []*broker.Entry{e})[0]
+	if res.Revoked {
+		// No node of the fleet serves it any longer; until the purge is
+		// heard, a node whose call is refused retries with a new token.
+		p.Purge(ctx, []*broker.Entry{e})
 	}
-	return adminapi.Revoke(ctx, []*broker.Entry{e})[0]
+	return res
 }

@@ -99,8 +99,9 @@ scopes = ["payments"]
 }
 
 // gatekeeper is a Nuapay token API for the revocation tests: every
-// organisation gets a token with an id, except "o-503" (503) and "o-429"
-// (429, Retry-After 60); a revocation runs hold, then succeeds.
+// organisation gets a token with an id, except "o-noid" (a token without
+// an id, which cannot be revoked), "o-503" (503) and "o-429" (429,
+// Retry-After 60); a revocation runs hold, then succeeds.
 func gatekeeper(t *testing.T, hold func(r *http.Request)) string {
 	t.Helper()
 	var minted atomic.Int64
@@ -114,6 +115,10 @@ func gatekeeper(t *testing.T, hold func(r *http.Request)) string {
 		case strings.Contains(r.URL.Path, "/o-429/"):
 			w.Header().Set("Retry-After", "60")
 			w.WriteHeader(http.StatusTooManyRequests)
+		case strings.Contains(r.URL.Path, "/o-noid/"):
+			n := minted.Add(1)
+			w.WriteHeader(http.StatusCreated)
+			fmt.Fprintf(w, `{"data":{"accessToken":"tok-%d","tokenType":"BEARER","status":"ACTIVE"}}`, n)
 		default:
 			n := minted.Add(1)
 			w.WriteHeader(http.StatusCreated)
@@ -232,17 +237,18 @@ func TestRevokeAtShutdownFollowsTheFailurePolicy(t *testing.T) {
 	}
 }
 
-// In a fleet, a token revoked at shutdown is purged from the shared tier
-// first: a node that starts afterwards does not adopt it, and a node that
-// served it hears the purge and fetches a new one.
-func TestRevokeAtShutdownPurgesTheFleet(t *testing.T) {
+// fleetNodes starts a real Redis and a gatekeeper; node starts a broker
+// of a fleet on them, and get returns the fingerprint of the token a node
+// serves merchant "acme" of organisation org.
+func fleetNodes(t *testing.T) (node func() *Broker, get func(pb *Broker, org string) string) {
+	t.Helper()
 	srv := redistest.Start(t)
 	base := gatekeeper(t, func(*http.Request) {})
 	keys, err := seal.New(bytes.Repeat([]byte{3}, seal.KeySize))
 	if err != nil {
 		t.Fatal(err)
 	}
-	node := func() *Broker {
+	node = func() *Broker {
 		tier, err := fleet.New(fleet.Options{Client: srv.Client(), Keys: keys, Timeout: 5 * time.Second})
 		if err != nil {
 			t.Fatal(err)
@@ -256,27 +262,66 @@ func TestRevokeAtShutdownPurgesTheFleet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	get := func(pb *Broker) string {
+	get = func(pb *Broker, org string) string {
 		t.Helper()
-		e, _, err := pb.Get(context.Background(), brokertest.NewBinding("np", src, broker.Request{Merchant: "acme", Organisation: "o1", Scopes: []string{"s"}}))
+		e, _, err := pb.Get(context.Background(), brokertest.NewBinding("np", src, broker.Request{Merchant: "acme", Organisation: org, Scopes: []string{"s"}}))
 		if err != nil {
 			t.Fatal(err)
 		}
 		return e.Fingerprint()
 	}
+	return node, get
+}
+
+// waitDropped waits until pb no longer serves the token of organisation
+// org whose fingerprint is fp, and fails the test after 10 seconds.
+func waitDropped(t *testing.T, pb *Broker, get func(*Broker, string) string, org, fp string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); get(pb, org) == fp; {
+		if time.Now().After(deadline) {
+			t.Fatalf("a node still serves the revoked token %s", fp)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// In a fleet, a token revoked at shutdown is purged from the shared tier:
+// a node that starts afterwards does not adopt it, and a node that served
+// it hears the purge and fetches a new one.
+func TestRevokeAtShutdownPurgesTheFleet(t *testing.T) {
+	node, get := fleetNodes(t)
 	a, b := node(), node()
-	revoked := get(a)
-	if got := get(b); got != revoked {
+	revoked := get(a, "o1")
+	if got := get(b, "o1"); got != revoked {
 		t.Fatalf("node b got token %s, want node a's %s from the shared tier", got, revoked)
 	}
 	a.Revoke(a.Tokens())
-	if got := get(node()); got == revoked {
+	if got := get(node(), "o1"); got == revoked {
 		t.Fatalf("a node started after the revocation adopted the revoked token %s", got)
 	}
-	for deadline := time.Now().Add(10 * time.Second); get(b) == revoked; {
-		if time.Now().After(deadline) {
-			t.Fatalf("node b still serves the revoked token %s", revoked)
-		}
-		time.Sleep(10 * time.Millisecond)
+	waitDropped(t, b, get, "o1", revoked)
+}
+
+// In a fleet, a token that cannot be revoked (a Nuapay token without an
+// id) stays in the shared tier when a node shuts down: the other nodes
+// keep serving it. Node a then revokes a token that can be revoked; once
+// node b has heard that purge, it has heard every earlier one.
+func TestRevokeAtShutdownKeepsWhatCannotBeRevoked(t *testing.T) {
+	node, get := fleetNodes(t)
+	a, b := node(), node()
+	kept := get(a, "o-noid")
+	if got := get(b, "o-noid"); got != kept {
+		t.Fatalf("node b got token %s, want node a's %s from the shared tier", got, kept)
+	}
+	a.Revoke(a.Tokens())
+	revoked := get(a, "o1")
+	get(b, "o1")
+	a.Revoke(slices.DeleteFunc(a.Tokens(), func(e *broker.Entry) bool { return e.Binding().Organisation != "o1" }))
+	waitDropped(t, b, get, "o1", revoked)
+	if got := get(b, "o-noid"); got != kept {
+		t.Fatalf("node b serves token %s, want %s, which could not be revoked", got, kept)
+	}
+	if got := get(node(), "o-noid"); got != kept {
+		t.Fatalf("a node started after the shutdown got token %s, want %s from the shared tier", got, kept)
 	}
 }
