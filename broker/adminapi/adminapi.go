@@ -179,18 +179,22 @@ func MerchantTokens(reg *config.Registry, merchant string) func(*broker.Binding)
 func Revoke(ctx context.Context, entries []*broker.Entry) []RevokeResult {
 	results := make([]RevokeResult, 0, len(entries))
 	for _, e := range entries {
-		res := RevokeResult{TokenInfo: tokenInfo(e)}
 		rv, ok := e.Binding().Source.(broker.Revoker)
 		if !ok {
-			res.Error = "the provider has no revocation endpoint"
+			results = append(results, NotRevoked(e, "the provider has no revocation endpoint"))
 		} else if err := rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); err != nil {
-			res.Error = err.Error()
+			results = append(results, NotRevoked(e, err.Error()))
 		} else {
-			res.Revoked = true
+			results = append(results, RevokeResult{TokenInfo: tokenInfo(e), Revoked: true})
 		}
-		results = append(results, res)
 	}
 	return results
+}
+
+// NotRevoked is the result of e's token when it is not revoked; reason
+// says why (no token or secret in it).
+func NotRevoked(e *broker.Entry, reason string) RevokeResult {
+	return RevokeResult{TokenInfo: tokenInfo(e), Error: reason}
 }
 
 // SetRefreshToken stores the refresh token in r's body,

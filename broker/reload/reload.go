@@ -142,17 +142,18 @@ func (p *Broker) Revoke(entries []*broker.Entry) {
 // revoke revokes e's token at its provider, unless the failure policy
 // keeps its source from being called now, and purges it from the fleet's
 // shared tier once revoked: a token that was not revoked is still served.
+// A source that cannot revoke is reported so by adminapi.Revoke, whatever
+// its failure policy.
 func (p *Broker) revoke(ctx context.Context, e *broker.Entry) adminapi.RevokeResult {
-	h := p.SourceHealth(e.Binding().SourceID)
-	reason := ""
-	switch {
-	case h.Breaker == broker.BreakerOpen:
-		reason = "not revoked: the provider's circuit breaker is open after repeated failures"
-	case !h.BackoffUntil.IsZero():
-		reason = fmt.Sprintf("not revoked: the provider is not called until %s (Retry-After or a refused credential)", h.BackoffUntil.UTC().Format(time.RFC3339))
-	}
-	if reason != "" {
-		return adminapi.RevokeResult{TokenInfo: adminapi.TokenInfo{Merchant: e.Binding().Merchant, Fingerprint: e.Fingerprint()}, Error: reason}
+	if _, ok := e.Binding().Source.(broker.Revoker); ok {
+		h := p.SourceHealth(e.Binding().SourceID)
+		switch {
+		case h.Breaker == broker.BreakerOpen:
+			return adminapi.NotRevoked(e, "not revoked: the provider's circuit breaker is open after repeated failures")
+		case !h.BackoffUntil.IsZero():
+			return adminapi.NotRevoked(e, fmt.Sprintf("not revoked: the provider is not called until %s (Retry-After or a refused credential)",
+				h.BackoffUntil.UTC().Format(time.RFC3339)))
+		}
 	}
 	res := adminapi.Revoke(ctx, []*broker.Entry{e})[0]
 	if res.Revoked {

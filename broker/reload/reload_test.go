@@ -130,12 +130,17 @@ func gatekeeper(t *testing.T, hold func(r *http.Request)) string {
 }
 
 // fetch gets the token of merchant m at organisation org from the source
-// sourceID of base URL base (see gatekeeper), and returns the error.
+// sourceID of base URL base (see gatekeeper), and returns the error. A
+// source whose ID starts with "norevoke" is not a broker.Revoker.
 func fetch(t *testing.T, pb *Broker, base, sourceID, m, org string) error {
 	t.Helper()
-	src, err := nuapay.New(nuapay.Config{BaseURL: base, APIKey: "partner-key"})
+	np, err := nuapay.New(nuapay.Config{BaseURL: base, APIKey: "partner-key"})
 	if err != nil {
 		t.Fatal(err)
+	}
+	var src broker.Source = np
+	if strings.HasPrefix(sourceID, "norevoke") {
+		src = struct{ broker.Source }{src} // hides RevokeToken
 	}
 	b := brokertest.NewBinding(sourceID, src, broker.Request{Merchant: m, Organisation: org, Scopes: []string{"s"}})
 	_, _, err = pb.Get(context.Background(), b)
@@ -194,7 +199,8 @@ func TestRevokeAtShutdownIsBounded(t *testing.T) {
 
 // A token whose source the failure policy keeps from being called (its
 // breaker is open, or a 429 put it in backoff) is not revoked at
-// shutdown: no call, and its log says why.
+// shutdown: no call, and its log says why. A source that cannot revoke
+// is reported so, whatever its breaker.
 func TestRevokeAtShutdownFollowsTheFailurePolicy(t *testing.T) {
 	var mu sync.Mutex
 	var revoked []string
@@ -206,7 +212,7 @@ func TestRevokeAtShutdownFollowsTheFailurePolicy(t *testing.T) {
 	core, logs := observer.New(zap.InfoLevel)
 	pb := &Broker{Broker: broker.New(broker.Options{MaxAttempts: 1, BreakerThreshold: 1}), Logger: zap.New(core)}
 	t.Cleanup(pb.Close)
-	for _, id := range []string{"ok", "open", "backoff"} {
+	for _, id := range []string{"ok", "open", "backoff", "norevoke"} {
 		if err := fetch(t, pb, base+"/"+id, id, "m-"+id, "o1"); err != nil {
 			t.Fatal(err)
 		}
@@ -217,17 +223,21 @@ func TestRevokeAtShutdownFollowsTheFailurePolicy(t *testing.T) {
 	if err := fetch(t, pb, base+"/backoff", "backoff", "m-backoff-2", "o-429"); err == nil {
 		t.Fatal("a 429 gave a token")
 	}
+	if err := fetch(t, pb, base+"/norevoke", "norevoke", "m-norevoke-2", "o-503"); err == nil {
+		t.Fatal("a 503 gave a token")
+	}
 	pb.Revoke(pb.Tokens())
 	mu.Lock()
 	defer mu.Unlock()
 	if strings.Join(revoked, " ") != "ok" {
 		t.Fatalf("revocations sent to %q, want only to ok", revoked)
 	}
-	want := map[string]string{"m-ok": "", "m-open": "circuit breaker is open", "m-backoff": "not called until"}
+	want := map[string]string{"m-ok": "", "m-open": "not revoked: the provider's circuit breaker is open",
+		"m-backoff": "not revoked: the provider is not called until", "m-norevoke": "the provider has no revocation endpoint"}
 	for _, e := range logs.FilterMessage("token revoked at shutdown").All() {
 		m := e.ContextMap()
 		reason, ok := want[m["merchant"].(string)]
-		if !ok || m["revoked"] != (reason == "") || !strings.Contains(m["error"].(string), reason) || (reason != "" && !strings.HasPrefix(m["error"].(string), "not revoked")) {
+		if !ok || m["revoked"] != (reason == "") || !strings.HasPrefix(m["error"].(string), reason) {
 			t.Errorf("logged %v, want for %s revoked=%v with %q", m, m["merchant"], reason == "", reason)
 		}
 		delete(want, m["merchant"].(string))
