@@ -279,7 +279,7 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 		// policy.mu is released (a Redis call), whether or not the
 		// fetch's caller still waits.
 		bud, d := b.Budget, RetryAfterOf(err)
-		n = append(n, func() { bud.Hold(context.WithoutCancel(ctx), now, d) })
+		n = append(n, func() { bud.Hold(now, d)(context.WithoutCancel(ctx)) })
 		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 {

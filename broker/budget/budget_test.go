@@ -445,7 +445,7 @@ func TestHold(t *testing.T) {
 			c := newClock()
 			b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now)
 			for _, d := range tt.holds {
-				b.Hold(context.Background(), c.Now(), d)
+				b.Hold(c.Now(), d)(context.Background())
 			}
 			var want time.Time
 			if tt.want > 0 {
@@ -519,7 +519,7 @@ func TestHoldShared(t *testing.T) {
 		name  string
 		close func(ctx context.Context, b *Budget, now time.Time) // for 30 s
 	}{
-		{"a 429's Retry-After", func(ctx context.Context, b *Budget, now time.Time) { b.Hold(ctx, now, 30*time.Second) }},
+		{"a 429's Retry-After", func(ctx context.Context, b *Budget, now time.Time) { b.Hold(now, 30*time.Second)(ctx) }},
 		{"an answer with none left", func(ctx context.Context, b *Budget, now time.Time) {
 			b.Observe(ctx, http.Header{"X-Ratelimit-Remaining": {"0"}, "X-Ratelimit-Reset": {"30"}}, now)
 		}},

@@ -46,7 +46,8 @@ type quota struct {
 // budget is never reopened by an answer (one sent before it closed may
 // arrive after): it stays closed until the latest end any answer gave.
 // None left speaks for the provider's API key, as a 429 does: it closes
-// the budget through Hold, which also holds the key in the Store (every
+// the budget as Hold does, in the same step as it reads the answer (no
+// Take is served in between), and holds the key in the Store (every
 // sidecar of a fleet), with ctx bounding that store call. A 429's
 // Retry-After closes it through Hold, which the broker's failure policy
 // calls.
@@ -70,10 +71,12 @@ func (b *Budget) Observe(ctx context.Context, h http.Header, now time.Time) {
 	if best.remaining > 0 && lowered.PerSecond() < b.limit.PerSecond() {
 		b.lowered, b.loweredUntil = lowered, until
 	}
-	b.mu.Unlock()
+	hold := func(context.Context) {}
 	if best.remaining == 0 {
-		b.Hold(ctx, now, best.reset)
+		hold = b.closeLocked(now, best.reset)
 	}
+	b.mu.Unlock()
+	hold(ctx)
 }
 
 // quotas reads every well-formed quota h states.
@@ -162,25 +165,33 @@ func delay(v string, now time.Time) (time.Duration, bool) {
 // with the budget's wait when their deadline comes first) and refreshes
 // are refused until then. It never shortens a closing.
 //
-// The 429 speaks for the provider's API key, so Hold also holds the
-// budget's key in its Store (Store.Hold): every budget spending that key
-// (each sidecar of a fleet on one Redis) is refused by its Store until
-// then, without calling the token API. That costs a store call here, and
-// the Store's check one more Redis call in each spend (AllowN), which
-// happens only when a token API call is about to be made: budgets gate
-// token API calls, never proxied requests. While the store fails, this
-// budget's own closing holds as before and its fallback bucket answers
-// after it; the store's error is not returned (a shared tier counts its
-// failures).
-func (b *Budget) Hold(ctx context.Context, now time.Time, d time.Duration) {
+// The 429 speaks for the provider's API key, so the budget's key is also
+// held in its Store (Store.Hold): every budget spending that key (each
+// sidecar of a fleet on one Redis) is refused by its Store until then,
+// without calling the token API. Hold closes the budget at once and
+// returns that store call, bounded by its ctx, for the caller to make
+// once its own locks are released (a Redis call). The Store's check
+// costs one more Redis call in each spend (AllowN), which happens only
+// when a token API call is about to be made: budgets gate token API
+// calls, never proxied requests. While the store fails, this budget's own
+// closing holds as before and its fallback bucket answers after it; the
+// store's error is not returned (a shared tier counts its failures).
+func (b *Budget) Hold(now time.Time, d time.Duration) (store func(ctx context.Context)) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closeLocked(now, d)
+}
+
+// closeLocked closes the budget for d from now (at most MaxHold), never
+// shortening a closing, and returns the call that holds its key in the
+// Store for as long: make it once b.mu is released.
+func (b *Budget) closeLocked(now time.Time, d time.Duration) (store func(ctx context.Context)) {
 	if d <= 0 {
-		return
+		return func(context.Context) {}
 	}
 	d = min(d, MaxHold)
-	b.mu.Lock()
 	b.closedUntil = later(b.closedUntil, now.Add(d))
-	b.mu.Unlock()
-	_ = b.store.Hold(ctx, b.name, d)
+	return func(ctx context.Context) { _ = b.store.Hold(ctx, b.name, d) }
 }
 
 // Transport returns a RoundTripper that sends through base

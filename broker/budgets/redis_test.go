@@ -154,7 +154,7 @@ func TestHoldSharedByFleet(t *testing.T) {
 		t.Fatalf("refresh before the hold: %v, want served", err)
 	}
 	const hold = 30 * time.Second
-	held.Hold(ctx, time.Now(), hold)
+	held.Hold(time.Now(), hold)(ctx)
 	near := func(what string, d, want time.Duration) {
 		t.Helper()
 		if d > want || d < want-10*time.Second {
@@ -182,8 +182,8 @@ func TestHoldSharedByFleet(t *testing.T) {
 		return d
 	}
 	near("hold key's expiry", ttl(), hold)
-	other.Hold(ctx, time.Now(), time.Second)
+	other.Hold(time.Now(), time.Second)(ctx)
 	near("hold key's expiry after a shorter hold", ttl(), hold)
-	other.Hold(ctx, time.Now(), 2*hold)
+	other.Hold(time.Now(), 2*hold)(ctx)
 	near("hold key's expiry after a longer hold", ttl(), 2*hold)
 }
