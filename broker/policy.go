@@ -254,8 +254,8 @@ func (p *policy) backoffFor(n int) time.Duration {
 // b's observer is told when a backoff starts and ends: a success
 // ends the key's and its source's backoffs; a failure is remembered for
 // the key and, when c says it is the credential's or a 429's, for the
-// source (a 429's for a budget: Budget.Hold, given ctx without its end).
-// It returns err as the policy answers it (with the backoff applied).
+// source (a 429's for a budget: Budget.Hold under p.mu, whose store call
+// gets ctx without its end once p.mu is released). It returns err as the policy answers it (with the backoff applied).
 func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, calls int, now time.Time) error {
 	var n notes
 	defer func() { n.run() }()
@@ -275,11 +275,11 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 	}
 	if calls > 0 && c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {
 		// The budget holds every key of the provider until then; it
-		// answers the next fetches itself. Its store is told once
-		// policy.mu is released (a Redis call), whether or not the
-		// fetch's caller still waits.
-		bud, d := b.Budget, RetryAfterOf(err)
-		n = append(n, func() { bud.Hold(now, d)(context.WithoutCancel(ctx)) })
+		// answers the next fetches itself. It is closed here, under
+		// policy.mu; its store is told once policy.mu is released (a
+		// Redis call), whether or not the fetch's caller still waits.
+		store := b.Budget.Hold(now, RetryAfterOf(err))
+		n = append(n, func() { store(context.WithoutCancel(ctx)) })
 		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 {
