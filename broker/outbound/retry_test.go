@@ -462,11 +462,16 @@ func TestForwardKeepsTypicalHeadersWithoutAllocating(t *testing.T) {
 // whatever was done to the map and its values in place since, also when a
 // header does not fit the snapshot's arrays, and again on a second restore.
 func TestHeaderSnapshotRestores(t *testing.T) {
-	many := http.Header{}
-	for i := range 20 {
-		many.Set(fmt.Sprintf("X-H%d", i), "v")
+	// headers has keys keys with values values in all (at least one
+	// per key; the rest go to the first key).
+	headers := func(keys, values int) http.Header {
+		h := http.Header{}
+		for i := range keys {
+			h.Set(fmt.Sprintf("X-H%d", i), "v")
+		}
+		h["X-H0"] = append(h["X-H0"], slices.Repeat([]string{"w"}, values-keys)...)
+		return h
 	}
-	manyValues := http.Header{"X-List": slices.Repeat([]string{"v"}, 30)}
 	for _, tt := range []struct {
 		name string
 		h    http.Header
@@ -475,8 +480,11 @@ func TestHeaderSnapshotRestores(t *testing.T) {
 		{"typical", typicalAPIHeaders()},
 		{"an empty value list", http.Header{"X-Empty": {}, "Accept": {"a"}}},
 		{"a nil value", http.Header{"X-Nil": nil, "Accept": {"a"}}},
-		{"more keys than kept inline", many},
-		{"more values than kept inline", manyValues},
+		{"as many keys as kept inline", headers(16, 16)},
+		{"as many values as kept inline", headers(1, 24)},
+		{"as many keys and values as kept inline", headers(16, 24)},
+		{"more keys than kept inline", headers(20, 20)},
+		{"more values than kept inline", headers(1, 30)},
 	} {
 		h, want := tt.h.Clone(), tt.h.Clone()
 		var s headerSnapshot

@@ -149,28 +149,37 @@ func fetch(t *testing.T, pb *Broker, base, sourceID, m, org string) error {
 
 // Revocations at shutdown run at most revokeWorkers at a time, and at
 // most revokePerSource at a time per source: 5 sources of 8 tokens each,
-// whose revocations are held until the revocation time is up, see at
-// most those many at once, and reach both bounds.
+// whose revocations are held until revokeWorkers are under way, see at
+// most those many at once, and reach both bounds (16 over 5 sources puts
+// 4 on one of them).
 func TestRevokeAtShutdownIsBounded(t *testing.T) {
 	const sources, perSource = 5, 8
 	var mu sync.Mutex
 	inFlight, peak := map[string]int{}, map[string]int{}
-	count := func(key string, d int) {
+	release, released := make(chan struct{}), false
+	count := func(source string, d int) {
 		mu.Lock()
 		defer mu.Unlock()
-		inFlight[key] += d
-		peak[key] = max(peak[key], inFlight[key])
+		for _, key := range []string{"all", source} {
+			inFlight[key] += d
+			peak[key] = max(peak[key], inFlight[key])
+		}
+		if inFlight["all"] == revokeWorkers && !released {
+			close(release)
+			released = true
+		}
 	}
 	base := gatekeeper(t, func(r *http.Request) {
 		source := strings.Split(r.URL.Path, "/")[1]
-		count("all", 1)
 		count(source, 1)
-		<-r.Context().Done() // held until Revoke's time is up
-		count("all", -1)
+		select {
+		case <-release:
+		case <-r.Context().Done(): // Revoke's time is up: the bound was never reached
+		}
 		count(source, -1)
 	})
 	core, logs := observer.New(zap.InfoLevel)
-	pb := &Broker{Broker: broker.New(broker.Options{}), Logger: zap.New(core), revokeTimeout: 2 * time.Second}
+	pb := &Broker{Broker: broker.New(broker.Options{}), Logger: zap.New(core), revokeTimeout: time.Minute}
 	t.Cleanup(pb.Close)
 	for s := range sources {
 		for i := range perSource {
