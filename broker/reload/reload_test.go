@@ -292,6 +292,19 @@ func fleetNodes(t *testing.T) (node func() *Broker, get func(pb *Broker, org str
 	return node, get
 }
 
+// sharedByTwo starts nodes a and b, and returns them with the fingerprint
+// of the token of organisation org that a fetched and b adopted from the
+// shared tier.
+func sharedByTwo(t *testing.T, node func() *Broker, get func(*Broker, string) string, org string) (a, b *Broker, fp string) {
+	t.Helper()
+	a, b = node(), node()
+	fp = get(a, org)
+	if got := get(b, org); got != fp {
+		t.Fatalf("node b got token %s, want node a's %s from the shared tier", got, fp)
+	}
+	return a, b, fp
+}
+
 // waitDropped waits until pb no longer serves the token of organisation
 // org whose fingerprint is fp, and fails the test after 10 seconds.
 func waitDropped(t *testing.T, pb *Broker, get func(*Broker, string) string, org, fp string) {
@@ -309,11 +322,7 @@ func waitDropped(t *testing.T, pb *Broker, get func(*Broker, string) string, org
 // it hears the purge and fetches a new one.
 func TestRevokeAtShutdownPurgesTheFleet(t *testing.T) {
 	node, get := fleetNodes(t)
-	a, b := node(), node()
-	revoked := get(a, "o1")
-	if got := get(b, "o1"); got != revoked {
-		t.Fatalf("node b got token %s, want node a's %s from the shared tier", got, revoked)
-	}
+	a, b, revoked := sharedByTwo(t, node, get, "o1")
 	a.Revoke(a.Tokens())
 	if got := get(node(), "o1"); got == revoked {
 		t.Fatalf("a node started after the revocation adopted the revoked token %s", got)
@@ -327,11 +336,7 @@ func TestRevokeAtShutdownPurgesTheFleet(t *testing.T) {
 // node b has heard that purge, it has heard every earlier one.
 func TestRevokeAtShutdownKeepsWhatCannotBeRevoked(t *testing.T) {
 	node, get := fleetNodes(t)
-	a, b := node(), node()
-	kept := get(a, "o-noid")
-	if got := get(b, "o-noid"); got != kept {
-		t.Fatalf("node b got token %s, want node a's %s from the shared tier", got, kept)
-	}
+	a, b, kept := sharedByTwo(t, node, get, "o-noid")
 	a.Revoke(a.Tokens())
 	revoked := get(a, "o1")
 	get(b, "o1")
