@@ -801,3 +801,41 @@ func TestFallbackKeepsTheCallersReserve(t *testing.T) {
 		t.Errorf("caller on the reserve: %v", err)
 	}
 }
+
+// An answer with none left closes the budget in the step that reads it:
+// while it is observed, a caller is refused by the lowering an earlier
+// answer set or by the closing, never served by the budget's own limit
+// in between. The bucket is spent so that only the full limit has room.
+func TestObserveNoneLeftClosesAtOnce(t *testing.T) {
+	ctx := context.Background()
+	for range 300 {
+		c := newClock()
+		b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now)
+		for range 8 {
+			if _, err := b.Take(ctx, Foreground, c.Now(), nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		b.Observe(ctx, http.Header{"X-Ratelimit-Remaining": {"5"}, "X-Ratelimit-Reset": {"100"}}, c.Now())
+		if _, err := b.Take(ctx, Foreground, c.Now(), nil); err == nil {
+			t.Fatal("a caller served under the lowering, want refused")
+		}
+		start, done := make(chan struct{}), make(chan struct{})
+		served := 0
+		go func() {
+			defer close(done)
+			close(start)
+			for range 50 {
+				if _, err := b.Take(ctx, Foreground, c.Now(), nil); err == nil {
+					served++
+				}
+			}
+		}()
+		<-start
+		b.Observe(ctx, http.Header{"X-Ratelimit-Remaining": {"0"}, "X-Ratelimit-Reset": {"100"}}, c.Now())
+		<-done
+		if served > 0 {
+			t.Fatalf("%d callers served while an answer with none left was observed, want none", served)
+		}
+	}
+}
