@@ -176,7 +176,7 @@ func TestDPoPBadConfigs(t *testing.T) {
 		{"no key", with(""), 7, prov, "dpop.key", "missing: set the PEM private key"},
 		{"PEM in clear", strings.Replace(dpopBase, `"@KEYREF@"`, `"""-----BEGIN PRIVATE KEY-----
 AAAA
------END PRIVATE KEY-----"""`, 1), 7, prov, "dpop.key", "holds a PEM key in clear (not shown)"},
+-----END PRIVATE KEY-----"""`, 1), 7, prov, "dpop.key", "holds PEM text in clear (not shown)"},
 		{"no such file", with("nokey.pem"), 7, prov, "dpop.key", "nokey.pem: no such file"},
 		{"no such file reference", with("{file.nokey.pem}"), 7, prov, "dpop.key", "cannot read the secret file"},
 		{"variable unset", with("{env.NO_SUCH_VAR}"), 7, prov, "dpop.key", "environment variable NO_SUCH_VAR is not set"},

@@ -62,8 +62,9 @@ type File struct {
 // with "." left out: editors' temporary files), sorted by name; or the
 // files matching a glob (filepath.Match syntax, e.g.
 // "/etc/broker/merchants-*.toml"), sorted. A file is listed once, however
-// many links to it the directory or the glob holds (regularFiles). It
-// fails when that is no file.
+// many symbolic links to it the directory or the glob holds (regularFiles);
+// hard links are separate files, each listed. It fails when that is no
+// file.
 func Files(pattern string) ([]string, error) {
 	if pattern == "" {
 		return nil, &Error{Msg: "the registry path is empty: set config to a file, a directory or a glob (a placeholder such as {env.NAME} in it may be unset)"}

@@ -142,12 +142,12 @@ func (e *entry) secret(field, ref string) broker.Secret {
 // how messages name it (shownPath). A value that is PEM text itself,
 // written in the registry or brought in by an {env.NAME} reference, is
 // refused without being shown, since it may be a private key. hint ends
-// the message with the field's other ways to give the key. ok is false
+// the message with the field's other ways to give its content. ok is false
 // when the value was refused or a reference could not be resolved.
 func (e *entry) pemPath(field, raw, hint string) (path, shown string, ok bool) {
 	path, ok = e.expand(field, raw)
 	if strings.Contains(path, "-----BEGIN") {
-		e.errf(field, "holds a PEM key in clear (not shown): keep it in a file, readable only by the broker, and name its path%s", hint)
+		e.errf(field, "holds PEM text in clear (not shown): keep it in a file (readable only by the broker when it holds a private key) and name its path%s", hint)
 		return "", "", false
 	}
 	path = e.p.abs(path)

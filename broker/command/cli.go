@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 )
 
 // Caddy are the services of Caddy's command package that the commands
@@ -119,6 +120,10 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 			q.Limit, _ = cmd.Flags().GetInt("limit")
 			if (q.After != "" || q.Limit != 0) && !q.JSON {
 				fmt.Fprintln(cmd.ErrOrStderr(), "--after and --limit choose the page of --json: add --json")
+				return ErrFailed
+			}
+			if q.Limit < 0 || q.Limit > opstate.MaxLimit {
+				fmt.Fprintf(cmd.ErrOrStderr(), "--limit %d: want a number of merchants from 1 to %d, or no --limit for %d\n", q.Limit, opstate.MaxLimit, opstate.DefaultLimit)
 				return ErrFailed
 			}
 			return Status(stdio(cmd), c.Request, addr, q, time.Now())

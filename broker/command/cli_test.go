@@ -41,6 +41,12 @@ func TestAddSubcommands(t *testing.T) {
 		{name: "status page without json", args: []string{"status", "--after", "m55"}, wantErr: true,
 			wantStderr: "--after and --limit choose the page of --json: add --json", c: Caddy{Request: ready,
 				AdminAddress: func(string, []byte, string, string) (string, error) { return "localhost:2019", nil }}},
+		{name: "status negative limit", args: []string{"status", "--json", "--limit", "-5"}, wantErr: true,
+			wantStderr: "--limit -5: want a number of merchants from 1 to 1000", c: Caddy{Request: ready,
+				AdminAddress: func(string, []byte, string, string) (string, error) { return "localhost:2019", nil }}},
+		{name: "status limit over the most", args: []string{"status", "--json", "--limit", "1001"}, wantErr: true,
+			wantStderr: "--limit 1001: want a number of merchants from 1 to 1000", c: Caddy{Request: ready,
+				AdminAddress: func(string, []byte, string, string) (string, error) { return "localhost:2019", nil }}},
 		{name: "validate without config", args: []string{"validate", "--config", "nowhere", "--adapter", "caddyfile"}, wantErr: true,
 			wantStderr: "loading the config: nowhere caddyfile: no such file", c: Caddy{LoadConfig: func(file, adapter string) ([]byte, string, string, error) {
 				return nil, "", "", errors.New(file + " " + adapter + ": no such file")

@@ -445,6 +445,13 @@ func errorCode(code string) string {
 	return code
 }
 
+// errorDescription returns the error_description of the authorization
+// response q as a message may quote it: the state, should the provider
+// echo it, redacted, and the text cut to scrub.MaxText (scrub.Secrets).
+func errorDescription(q url.Values) string {
+	return scrub.Secrets(q.Get("error_description"), q.Get("state"))
+}
+
 // providerHint tells the operator what to check or set when the provider
 // refuses the authorization request with code; pushed says whether the
 // request went through PAR.
@@ -520,8 +527,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		}
 		ce := a.pendingError(rec, err, "authorization state")
 		if code := q.Get("error"); code != "" {
-			desc := scrub.Truncate(scrub.Secrets(q.Get("error_description"), q.Get("state")), scrub.MaxText)
-			ce.Err = fmt.Errorf("%w; the redirect carries error=%s: %s", ce.Err, errorCode(code), desc)
+			ce.Err = fmt.Errorf("%w; the redirect carries error=%s: %s", ce.Err, errorCode(code), errorDescription(q))
 		}
 		return res, ce
 	}
@@ -550,7 +556,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 		}
 	}
 	if code := q.Get("error"); code != "" {
-		desc := scrub.Secrets(q.Get("error_description"), q.Get("state"))
+		desc := errorDescription(q)
 		if code == "access_denied" { // the merchant said no (RFC 6749 §4.1.2.1)
 			return res, a.fail(ReasonDenied, rec.Merchant, fmt.Errorf("the provider answered access_denied: %s", desc))
 		}

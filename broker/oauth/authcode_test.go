@@ -22,6 +22,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/optest"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // callbackURL is the registered redirect URI of the consent tests.
@@ -200,6 +201,9 @@ func TestAuthCodeRefusals(t *testing.T) {
 		return approve(t, f.op, authURL)
 	}
 	const host = "cb.partner.example"
+	// longDescription is an error_description longer than a message may
+	// quote (scrub.MaxText).
+	longDescription := strings.Repeat("the bank said no. ", scrub.MaxText/4)
 	rows := []struct {
 		name   string
 		iss    bool
@@ -331,6 +335,18 @@ func TestAuthCodeRefusals(t *testing.T) {
 			_, err := f.flow.Callback(ctx, host, q)
 			return err
 		}},
+		{"access denied with a long description", false, ReasonDenied, func(t *testing.T, f *consentFixture) error {
+			q := begin(t, f)
+			q = url.Values{"state": q["state"], "error": {"access_denied"}, "error_description": {longDescription}}
+			_, err := f.flow.Callback(ctx, host, q)
+			return err
+		}},
+		{"provider error with a long description", false, ReasonProviderError, func(t *testing.T, f *consentFixture) error {
+			q := begin(t, f)
+			q = url.Values{"state": q["state"], "error": {"invalid_scope"}, "error_description": {longDescription}}
+			_, err := f.flow.Callback(ctx, host, q)
+			return err
+		}},
 		{"return URL not allow-listed", false, ReasonReturnURL, func(t *testing.T, f *consentFixture) error {
 			_, err := f.flow.NewLink(ctx, "acme", "https://evil.example/consent/done", "")
 			return err
@@ -360,6 +376,9 @@ func TestAuthCodeRefusals(t *testing.T) {
 				t.Errorf("%d refresh tokens saved, want %d", f.store.Saves(), saves)
 			}
 			checkNoSecrets(t, err)
+			if strings.Contains(err.Error(), longDescription[:scrub.MaxText+1]) {
+				t.Errorf("the error quotes more than %d bytes of the error_description: %v", scrub.MaxText, err)
+			}
 			if strings.Contains(err.Error(), "code=") || strings.Contains(err.Error(), "state=") {
 				t.Errorf("the error quotes a parameter: %v", err)
 			}

@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -151,21 +150,18 @@ func Prepare(s Settings) (*Plan, error) {
 }
 
 // checkServers checks what the client would otherwise fail on at every
-// call, Redis then seeming down for good: each address is host:port, or
-// the path of a unix socket (starting with "/") when it is the only
-// address, and db is a database the deployment has (a cluster only has
-// 0).
+// call, Redis then seeming down for good: each address is host:port
+// without credentials, or the path of a unix socket (starting with "/")
+// when it is the only address, and db is a database the deployment has (a
+// cluster only has 0).
 func (s Settings) checkServers() error {
 	for _, a := range s.Address {
 		if len(s.Address) == 1 && strings.HasPrefix(a, "/") {
 			continue // the client dials it as a unix socket
 		}
 		_, port, err := net.SplitHostPort(a)
-		if n, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil || n == 0 {
-			if u, err := url.Parse(a); err == nil && u.User != nil {
-				a = u.Redacted() // a URL's password is not shown
-			}
-			return fmt.Errorf("address %q: want host:port, such as redis.internal:6379, or a unix socket's path alone (no scheme: for TLS set tls; for credentials, username and password)", a)
+		if n, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil || n == 0 || strings.Contains(a, "@") {
+			return fmt.Errorf("address %q: want host:port, such as redis.internal:6379, or a unix socket's path alone (no scheme: for TLS set tls; for credentials, username and password)", redactAddress(a))
 		}
 	}
 	switch {
@@ -175,6 +171,20 @@ func (s Settings) checkServers() error {
 		return fmt.Errorf("db %d: several addresses make a cluster, which has only database 0: drop db, or set master_name if the addresses are sentinels", s.DB)
 	}
 	return nil
+}
+
+// redactAddress returns a Redis address as an error may show it: what
+// comes before its last "@" (credentials) is shown as "xxxxx", and what
+// comes from the first "?" or "#" on (a query or fragment, which may carry
+// a password) is dropped.
+func redactAddress(a string) string {
+	if i := strings.LastIndex(a, "@"); i >= 0 {
+		a = "xxxxx" + a[i:]
+	}
+	if i := strings.IndexAny(a, "?#"); i >= 0 {
+		a = a[:i]
+	}
+	return a
 }
 
 // planKey hashes the settings and the content of the TLS files they name,

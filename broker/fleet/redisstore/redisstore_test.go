@@ -188,7 +188,13 @@ func TestPrepareRejectsUnusableSettings(t *testing.T) {
 	}{
 		{name: "URL", s: Settings{Address: []string{"redis://redis.internal:6379"}}, wantErr: `address "redis://redis.internal:6379": want host:port`},
 		{name: "TLS URL", s: Settings{Address: []string{"rediss://redis.internal:6380"}}, wantErr: `address "rediss://redis.internal:6380": want host:port`},
-		{name: "URL with credentials", s: Settings{Address: []string{"redis://broker:s3cret-pw@redis.internal:6379/0"}}, wantErr: `address "redis://broker:xxxxx@redis.internal:6379/0": want host:port`},
+		{name: "URL with credentials", s: Settings{Address: []string{"redis://broker:s3cret-pw@redis.internal:6379/0"}}, wantErr: `address "xxxxx@redis.internal:6379/0": want host:port`},
+		{name: "credentials without a scheme", s: Settings{Address: []string{"default:s3cret@redis:6379"}}, wantErr: `address "xxxxx@redis:6379": want host:port`},
+		{name: "password before the host", s: Settings{Address: []string{"s3cret@redis"}}, wantErr: `address "xxxxx@redis": want host:port`},
+		{name: "password before host:port", s: Settings{Address: []string{"s3cret@redis:6379"}}, wantErr: `address "xxxxx@redis:6379": want host:port`},
+		{name: "password holding @", s: Settings{Address: []string{"redis://default:s3@cret@redis:6379"}}, wantErr: `address "xxxxx@redis:6379": want host:port`},
+		{name: "password in the query", s: Settings{Address: []string{"redis://redis:6379?password=s3cret"}}, wantErr: `address "redis://redis:6379": want host:port`},
+		{name: "password in the fragment", s: Settings{Address: []string{"redis:6379#s3cret"}}, wantErr: `address "redis:6379": want host:port`},
 		{name: "no port", s: Settings{Address: []string{"redis.internal"}}, wantErr: `address "redis.internal": want host:port`},
 		{name: "port out of range", s: Settings{Address: []string{"redis.internal:70000"}}, wantErr: `address "redis.internal:70000": want host:port`},
 		{name: "one bad node of a cluster", s: Settings{Address: []string{"10.0.0.1:6379", "10.0.0.2"}}, wantErr: `address "10.0.0.2"`},
@@ -202,6 +208,9 @@ func TestPrepareRejectsUnusableSettings(t *testing.T) {
 			_, err := Prepare(tt.s)
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 				t.Fatalf("Prepare error %v, want %q", err, tt.wantErr)
+			}
+			if strings.Contains(err.Error(), "s3cret") {
+				t.Fatalf("Prepare error %q shows the password", err)
 			}
 		})
 	}
