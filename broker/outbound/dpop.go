@@ -81,9 +81,10 @@ func (d *DPoP) GoString() string { return "outbound.DPoP(" + d.String() + ")" }
 // its proof: "Authorization: DPoP <token>" and a DPoP header with a fresh
 // proof for req: htm its method, htu its URL as the upstream receives it
 // (scheme, the Host header or else the URL's host, path; req.URL.Scheme
-// must be set), ath the token's hash, and the nonce the upstream's origin
-// (req.URL's scheme and host: the upstream chosen, never the Host header
-// a caller sent) last sent, if any. Whatever Authorization and DPoP req
+// must be set), ath the token's hash, and the nonce the resource server
+// at the upstream's origin (req.URL's scheme and host: the upstream
+// chosen, never the Host header a caller sent) last sent, if any: never
+// an authorization server's nonce, even one at the same origin. Whatever Authorization and DPoP req
 // had is replaced. When no proof can be made, or the binding has no token
 // or was ended (End), req leaves with neither header: a DPoP-bound token
 // never leaves without its proof, nor after its request was done.
@@ -103,7 +104,7 @@ func (d *DPoP) Sign(req *http.Request, now time.Time) error {
 		host = req.URL.Host
 	}
 	u := url.URL{Scheme: req.URL.Scheme, Host: host, Path: req.URL.Path, RawPath: req.URL.RawPath}
-	proof, err := d.key.Proof(req.Method, dpop.HTU(&u), d.ath, d.key.Nonce(req.URL), now)
+	proof, err := d.key.Proof(req.Method, dpop.HTU(&u), d.ath, d.key.Nonce(dpop.ResourceServer, req.URL), now)
 	if err != nil {
 		return err
 	}
@@ -126,13 +127,13 @@ func (d *DPoP) SignCopy(req *http.Request, now time.Time) (*http.Request, error)
 }
 
 // Observe remembers the DPoP-Nonce of h, the answer to req (which Sign
-// signed), for the proofs that follow to req's origin: a resource server
-// may send a new one with any answer (RFC 9449 §8.2). An ended binding
+// signed), for the proofs that follow to the resource server at req's
+// origin: a resource server may send a new one with any answer (RFC 9449 §8.2). An ended binding
 // (End) keeps none: its requests left unsigned.
 func (d *DPoP) Observe(req *http.Request, h http.Header) {
 	n := h["Dpop-Nonce"]
 	if len(n) == 0 || d.done.Load() {
 		return
 	}
-	d.key.SetNonce(req.URL, n[0])
+	d.key.SetNonce(dpop.ResourceServer, req.URL, n[0])
 }

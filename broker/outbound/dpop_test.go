@@ -72,7 +72,7 @@ func TestDPoPSign(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				k.SetNonce(u, n)
+				k.SetNonce(dpop.ResourceServer, u, n)
 			}
 			if err := d.Sign(req, now); err != nil {
 				t.Fatal(err)
@@ -159,7 +159,7 @@ func TestDPoPEnd(t *testing.T) {
 		}
 	}
 	d.Observe(req, http.Header{"Dpop-Nonce": {"late"}})
-	if n := k.Nonce(req.URL); n != "" {
+	if n := k.Nonce(dpop.ResourceServer, req.URL); n != "" {
 		t.Errorf("nonce %q kept after End, want none", n)
 	}
 }
@@ -226,5 +226,66 @@ func TestDPoPSignCopy(t *testing.T) {
 	}
 	if req.Header.Get("Authorization") != "" || req.Header.Get(DPoPHeader) != "" {
 		t.Errorf("the request's header %v: want neither the token nor the proof", req.Header)
+	}
+}
+
+// TestDPoPNoncesPerServer: an authorization server and a resource server
+// that answer at one origin (an API gateway's host) each get their own
+// nonces back (RFC 9449 §9: a nonce is accepted only by the server that
+// issued it): once both handed one out, neither challenges again.
+func TestDPoPNoncesPerServer(t *testing.T) {
+	k := dpoptest.NewKey(t)
+	ok := http.HandlerFunc(func(http.ResponseWriter, *http.Request) {})
+	as := &dpoptest.Gate{Nonce: "as-nonce", Next: ok}
+	rs := &dpoptest.Gate{Nonce: "rs-nonce", ResourceServer: true, Next: ok}
+	mux := http.NewServeMux()
+	mux.Handle("/token", as)
+	mux.Handle("/accounts", rs)
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+
+	tokenClient := &http.Client{Transport: dpop.Transport(srv.Client().Transport, k)}
+	token := func() int {
+		resp, err := tokenClient.Post(srv.URL+"/token", "application/x-www-form-urlencoded", strings.NewReader("grant_type=client_credentials"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	api := func() int {
+		d := NewDPoP(k)
+		d.SetToken("DPoP tok", wantATH("tok"))
+		req := httptest.NewRequest("GET", srv.URL+"/accounts", nil)
+		req.RequestURI = ""
+		sent, err := d.SignCopy(req, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := srv.Client().Do(sent)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		d.Observe(sent, resp.Header)
+		return resp.StatusCode
+	}
+	// Each server hands out its nonce once.
+	if s := token(); s != http.StatusBadRequest {
+		t.Fatalf("first token request: %d, want the nonce challenge", s)
+	}
+	if s := api(); s != http.StatusUnauthorized {
+		t.Fatalf("first API request: %d, want the nonce challenge", s)
+	}
+	for i := range 3 {
+		if s := token(); s != http.StatusOK {
+			t.Errorf("token request %d: %d, want 200 with the authorization server's nonce", i, s)
+		}
+		if s := api(); s != http.StatusOK {
+			t.Errorf("API request %d: %d, want 200 with the resource server's nonce", i, s)
+		}
+	}
+	if as.Challenges.Load() != 1 || rs.Challenges.Load() != 1 {
+		t.Errorf("challenges: authorization server %d, resource server %d, want 1 each", as.Challenges.Load(), rs.Challenges.Load())
 	}
 }

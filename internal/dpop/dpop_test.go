@@ -226,37 +226,49 @@ func TestATHAndHTU(t *testing.T) {
 	}
 }
 
-// TestNonceMemory: nonces are kept per origin (a URL's scheme and host,
-// lower-case, without the default port), invalid ones ignored, and at
-// most 64 origins remembered.
+// TestNonceMemory: nonces are kept per server kind and origin (a URL's
+// scheme and host, lower-case, without the default port), invalid ones
+// ignored, and at most 64 servers remembered.
 func TestNonceMemory(t *testing.T) {
 	k, err := dpop.NewKey(testKeys(t)[dpop.EdDSA], "")
 	if err != nil {
 		t.Fatal(err)
 	}
+	rs, as := dpop.ResourceServer, dpop.AuthorizationServer
 	origin := func(host string) *url.URL { return &url.URL{Scheme: "https", Host: host} }
 	a, b, c := origin("a"), origin("b"), origin("c")
-	k.SetNonce(&url.URL{Scheme: "HTTPS", Host: "A:443", Path: "/token"}, "n1")
-	k.SetNonce(b, "n2")
-	k.SetNonce(a, `bad"nonce`)
-	k.SetNonce(a, "has space")
-	if k.Nonce(a) != "n1" || k.Nonce(b) != "n2" || k.Nonce(c) != "" || k.Nonce(origin("a:8443")) != "" {
-		t.Errorf("nonces a=%q b=%q c=%q a:8443=%q", k.Nonce(a), k.Nonce(b), k.Nonce(c), k.Nonce(origin("a:8443")))
+	k.SetNonce(rs, &url.URL{Scheme: "HTTPS", Host: "A:443", Path: "/token"}, "n1")
+	k.SetNonce(rs, b, "n2")
+	k.SetNonce(rs, a, `bad"nonce`)
+	k.SetNonce(rs, a, "has space")
+	if k.Nonce(rs, a) != "n1" || k.Nonce(rs, b) != "n2" || k.Nonce(rs, c) != "" || k.Nonce(rs, origin("a:8443")) != "" {
+		t.Errorf("nonces a=%q b=%q c=%q a:8443=%q", k.Nonce(rs, a), k.Nonce(rs, b), k.Nonce(rs, c), k.Nonce(rs, origin("a:8443")))
 	}
-	hosts := []*url.URL{a, b}
+	if k.Nonce(as, a) != "" {
+		t.Errorf("the authorization server at a has the resource server's nonce %q", k.Nonce(as, a))
+	}
+	k.SetNonce(as, a, "as-n")
+	if k.Nonce(as, a) != "as-n" || k.Nonce(rs, a) != "n1" {
+		t.Errorf("at a: authorization server's nonce %q, resource server's %q, want as-n and n1", k.Nonce(as, a), k.Nonce(rs, a))
+	}
+	hosts := []*url.URL{a, a, b}
 	for i := range 200 {
 		h := origin(fmt.Sprintf("h%d", i))
-		k.SetNonce(h, "n")
+		k.SetNonce(rs, h, "n")
 		hosts = append(hosts, h)
 	}
 	kept := 0
-	for _, o := range hosts {
-		if k.Nonce(o) != "" {
+	for i, o := range hosts {
+		s := rs
+		if i == 0 {
+			s = as
+		}
+		if k.Nonce(s, o) != "" {
 			kept++
 		}
 	}
-	if kept != 64 || k.Nonce(origin("h199")) != "n" {
-		t.Errorf("%d origins kept (want 64), the newest %q", kept, k.Nonce(origin("h199")))
+	if kept != 64 || k.Nonce(rs, origin("h199")) != "n" {
+		t.Errorf("%d origins kept (want 64), the newest %q", kept, k.Nonce(rs, origin("h199")))
 	}
 	if _, err := k.Proof("GET", "https://a/", "", "bad nonce", time.Now()); err == nil {
 		t.Error("a proof with an invalid nonce was made")
@@ -274,8 +286,9 @@ func TestNonceMemoryConcurrent(t *testing.T) {
 		wg.Go(func() {
 			for i := range 500 {
 				o := &url.URL{Scheme: "https", Host: fmt.Sprintf("h%d", i%80)}
-				k.SetNonce(o, fmt.Sprintf("n%d-%d", g, i))
-				_ = k.Nonce(o)
+				kind := []dpop.Server{dpop.AuthorizationServer, dpop.ResourceServer}[i%2]
+				k.SetNonce(kind, o, fmt.Sprintf("n%d-%d", g, i))
+				_ = k.Nonce(kind, o)
 			}
 		})
 	}
@@ -330,7 +343,7 @@ func TestTransport(t *testing.T) {
 			if got := send(); got != want {
 				t.Fatalf("first request: status %d, want the nonce challenge %d", got, want)
 			}
-			if u, _ := url.Parse(srv.URL); k.Nonce(u) != "srv-nonce-1" {
+			if u, _ := url.Parse(srv.URL); k.Nonce(dpop.AuthorizationServer, u) != "srv-nonce-1" {
 				t.Errorf("nonce not remembered for %s", dpop.Origin(u))
 			}
 			for i := range 2 {

@@ -4,8 +4,9 @@
 // built once per key; a proof costs one signature and its own bytes.
 //
 // Transport adds proofs to token-endpoint and PAR requests. A Key
-// remembers the last DPoP-Nonce of each server origin (Nonce, SetNonce),
-// which the next proof for that origin carries.
+// remembers the last DPoP-Nonce of each server, by its kind (authorization
+// or resource server) and origin (Nonce, SetNonce), which the next proof
+// to that server carries.
 //
 // Proofs are credentials for a few seconds: never log one.
 package dpop

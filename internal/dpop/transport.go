@@ -7,9 +7,9 @@ import (
 
 // Transport returns a RoundTripper for a provider's token and PAR
 // endpoints: each request it sends carries a fresh proof in the DPoP
-// header (htm and htu of that request, the nonce remembered for its
-// origin), and the DPoP-Nonce of every answer is remembered for the
-// origin. It does not answer a nonce challenge itself: a token or PAR
+// header (htm and htu of that request, the nonce remembered for the
+// authorization server at its origin), and the DPoP-Nonce of every answer
+// is remembered for that server. It does not answer a nonce challenge itself: a token or PAR
 // request may hold single-use credentials (a private_key_jwt assertion,
 // RFC 7523 §3), so the caller builds the request again and sends it once
 // more; that request's proof then carries the nonce. base nil is
@@ -29,7 +29,7 @@ type transport struct {
 // RoundTrip sends a copy of req with a proof and remembers the answer's
 // nonce.
 func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
-	proof, err := t.key.Proof(req.Method, HTU(req.URL), "", t.key.Nonce(req.URL), time.Now())
+	proof, err := t.key.Proof(req.Method, HTU(req.URL), "", t.key.Nonce(AuthorizationServer, req.URL), time.Now())
 	if err != nil {
 		if req.Body != nil {
 			req.Body.Close()
@@ -43,7 +43,7 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	if n := resp.Header.Get("DPoP-Nonce"); n != "" {
-		t.key.SetNonce(req.URL, n)
+		t.key.SetNonce(AuthorizationServer, req.URL, n)
 	}
 	return resp, nil
 }

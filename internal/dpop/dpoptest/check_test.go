@@ -2,6 +2,8 @@ package dpoptest
 
 import (
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"testing"
 	"time"
 
@@ -76,6 +78,25 @@ func TestCheckerReasons(t *testing.T) {
 			t.Errorf("%s: %v", tc.name, err)
 		case tc.reason != "" && (!errors.As(err, &ce) || ce.Reason != tc.reason):
 			t.Errorf("%s: %v, want %q", tc.name, err, tc.reason)
+		}
+	}
+}
+
+// TestGatePath: the Gate checks htu against the path as the request
+// sent it, percent-encoding included: a proof for /a%2Fb passes.
+func TestGatePath(t *testing.T) {
+	gate := &Gate{Next: http.HandlerFunc(func(http.ResponseWriter, *http.Request) {})}
+	srv := httptest.NewServer(gate)
+	defer srv.Close()
+	client := &http.Client{Transport: dpop.Transport(srv.Client().Transport, NewKey(t))}
+	for _, path := range []string{"/a/b", "/a%2Fb", "/c%20d"} {
+		resp, err := client.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("%s: %d, want 200 (refusals %d)", path, resp.StatusCode, gate.Refused.Load())
 		}
 	}
 }

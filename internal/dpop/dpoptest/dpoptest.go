@@ -82,8 +82,9 @@ func Verify(proof string) (Proof, error) {
 
 // Gate is an http.Handler that lets a request through to Next only with a
 // valid DPoP proof for it (Checker): signature, htm the request's method,
-// htu "http://" (or "https://") + Host + path, iat within a minute of now,
-// a jti not seen before, and when Nonce is set that nonce. A request with
+// htu "http://" (or "https://") + Host + path (as sent, escaped), iat
+// within a minute of now, a jti not seen before, and when Nonce is set
+// that nonce. A request with
 // a proof without the nonce gets a nonce challenge: 400 {"error":
 // "use_dpop_nonce"} (a token endpoint) or, with ResourceServer, 401 with
 // WWW-Authenticate: DPoP error="use_dpop_nonce". Every answer carries the
@@ -150,7 +151,7 @@ func (g *Gate) check(r *http.Request) (Proof, error) {
 	if r.TLS != nil {
 		scheme = "https://"
 	}
-	want := Want{Method: r.Method, URL: scheme + r.Host + r.URL.Path}
+	want := Want{Method: r.Method, URL: scheme + r.Host + r.URL.EscapedPath()}
 	if g.Nonce != "" {
 		want.Nonce = func(n string) bool { return n == g.Nonce }
 	}
