@@ -266,8 +266,8 @@ func TestCallbackRefusesAnotherBrowser(t *testing.T) {
 	q := approve(t, f.op, authURL)
 	for _, b := range []struct {
 		name    string
-		browser []Browser
-	}{{"another browser", []Browser{victim}}, {"no cookie", []Browser{""}}, {"no browser secret", nil}} {
+		browser []StepOption
+	}{{"another browser", []StepOption{victim}}, {"no cookie", []StepOption{Browser("")}}, {"no browser secret", nil}} {
 		res, err := f.flow.Callback(ctx, u.Host, q, b.browser...)
 		var ce *ConsentError
 		if !errors.As(err, &ce) || ce.Reason != ReasonWrongBrowser {

@@ -237,7 +237,7 @@ func (c *Handler) start(w http.ResponseWriter, r *http.Request) {
 	if ck, err := r.Cookie(name); err == nil && oauth.WellFormed(ck.Value) {
 		browser = oauth.Browser(ck.Value)
 	}
-	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host, browser)
+	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host, browser, c.serves())
 	c.done(span, provider, StepStart, rec.Merchant, err)
 	if err != nil {
 		outcome, code := outcomeOf(err)
@@ -250,6 +250,13 @@ func (c *Handler) start(w http.ResponseWriter, r *http.Request) {
 	http.Redirect(w, r, authURL, http.StatusSeeOther)
 }
 
+// serves says whether the registry still has a merchant at the
+// handler's provider: a link or state made before a reload may name one
+// it removed or moved.
+func (c *Handler) serves() oauth.Serves {
+	return func(merchant string) bool { return ProviderOf(c.o.Registry, merchant) == c.o.Provider }
+}
+
 // callback finishes the consent and sends the browser back to the app.
 func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	provider := c.o.Provider
@@ -259,7 +266,7 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	if ck, cerr := r.Cookie(name); cerr == nil {
 		browser = oauth.Browser(ck.Value)
 	}
-	res, err := c.flow.Callback(ctx, r.Host, r.URL.Query(), browser)
+	res, err := c.flow.Callback(ctx, r.Host, r.URL.Query(), browser, c.serves())
 	c.done(span, provider, StepCallback, res.Merchant, err)
 	if err == nil {
 		c.o.Broker.PurgeMerchant(res.Merchant)
