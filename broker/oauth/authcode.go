@@ -345,13 +345,15 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 		redirect = a.cfg.RedirectURIs[i]
 	}
 	now := a.pend.Now()
-	if lerr := a.limits.admit(merchant, now); lerr != nil {
+	undo, lerr := a.limits.admit(merchant, now)
+	if lerr != nil {
 		return Link{}, a.fail(lerr.Reason, merchant, lerr)
 	}
 	id := randomString(32)
 	exp := now.Add(a.cfg.LinkTTL)
 	rec := Pending{Provider: a.Provider(), Merchant: merchant, ReturnURL: returnURL, RedirectURI: redirect, Expires: exp}
 	if err := a.pend.put(ctx, kindLink, id, rec); err != nil {
+		undo() // not handed out: it spends no limit
 		return Link{}, a.fail(ReasonStoreFailure, merchant, err)
 	}
 	a.limits.created(merchant, a.pend.storeKey(kindLink, id), exp)

@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -302,12 +303,50 @@ func TestLinkLimiterKeepsNoStateForRefusals(t *testing.T) {
 	clock := newClock()
 	l := newLinkLimiter(LinkLimits{PerMinute: 2})
 	for i := range 1000 {
-		err := l.admit(fmt.Sprint("merchant-", i), clock.Now())
+		_, err := l.admit(fmt.Sprint("merchant-", i), clock.Now())
 		if (err == nil) != (i < 2) {
 			t.Fatalf("merchant %d: %v", i, err)
 		}
 	}
 	if n := heldMerchants(l); n != 2 {
 		t.Errorf("the limiter holds %d merchants, want the 2 admitted", n)
+	}
+}
+
+// downPendingStore is a PendingStore whose writes fail while down is set.
+type downPendingStore struct {
+	*MemoryPendingStore
+	down atomic.Bool
+}
+
+// Put implements PendingStore.
+func (s *downPendingStore) Put(ctx context.Context, key string, val []byte, expires time.Time) error {
+	if s.down.Load() {
+		return errors.New("storage unreachable")
+	}
+	return s.MemoryPendingStore.Put(ctx, key, val, expires)
+}
+
+// TestLinkNotStoredSpendsNoLimit: a link that the consent store fails to
+// keep is not handed out, so it spends neither the merchant's nor the
+// provider's link rate: once the store is back, the merchant gets its
+// link at once.
+func TestLinkNotStoredSpendsNoLimit(t *testing.T) {
+	ctx := context.Background()
+	clock := newClock()
+	flow, mem := newLimitFlow(t, clock, LinkLimits{MerchantPerMinute: 1, PerMinute: 1})
+	store := &downPendingStore{MemoryPendingStore: mem}
+	flow.pend.Store = store
+	store.down.Store(true)
+	for i := range 3 {
+		_, err := flow.NewLink(ctx, "acme", "", "")
+		var ce *ConsentError
+		if !errors.As(err, &ce) || ce.Reason != ReasonStoreFailure {
+			t.Fatalf("NewLink %d with the store down = %v, want %s", i, err, ReasonStoreFailure)
+		}
+	}
+	store.down.Store(false)
+	if _, err := flow.NewLink(ctx, "acme", "", ""); err != nil {
+		t.Fatalf("NewLink with the store back = %v, want a link", err)
 	}
 }
