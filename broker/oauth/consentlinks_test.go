@@ -26,6 +26,11 @@ func TestReturnURLAllowList(t *testing.T) {
 	}{
 		{"under the allowed path", "https://app.partner.example/app/consent/done", true},
 		{"with a query", "https://app.partner.example/app/consent/done?x=1&y=%2F", true},
+		{"a query with the outcome", "https://app.partner.example/app/consent/done?outcome=ok", false},
+		{"a query with the merchant", "https://app.partner.example/app/consent/done?x=1&merchant=globex", false},
+		{"a query with the error", "https://app.partner.example/app/consent/done?error=", false},
+		{"a query with the outcome encoded", "https://app.partner.example/app/consent/done?%6Futcome=ok", false},
+		{"a query with semicolons", "https://app.partner.example/app/consent/done?x=1;outcome=ok", false},
 		{"the allowed path itself", "https://app.partner.example/app/consent/", true},
 		{"an exact entry", "https://app.partner.example/exact", true},
 		{"upper-case scheme and host", "HTTPS://APP.partner.example/app/consent/done", true},

@@ -279,9 +279,9 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	}
 	outcome, code := outcomeOf(err)
 	if res.ReturnURL != "" {
-		params := url.Values{"merchant": {res.Merchant}, "outcome": {outcome}}
+		params := url.Values{oauth.ReturnMerchant: {res.Merchant}, oauth.ReturnOutcome: {outcome}}
 		if code != "" { // provider_error: the provider's error code
-			params.Set("error", code)
+			params.Set(oauth.ReturnError, code)
 		}
 		http.Redirect(w, r, httpclient.WithQuery(res.ReturnURL, params), http.StatusSeeOther)
 		return
