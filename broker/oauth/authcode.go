@@ -314,6 +314,9 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 // Provider returns the provider's name.
 func (a *AuthCode) Provider() string { return a.src.cfg.Name }
 
+// RedirectURIs returns the registered callback URLs.
+func (a *AuthCode) RedirectURIs() []string { return slices.Clone(a.cfg.RedirectURIs) }
+
 func (a *AuthCode) fail(reason, merchant string, err error) *ConsentError {
 	return &ConsentError{Reason: reason, Provider: a.Provider(), Merchant: merchant, Err: err}
 }

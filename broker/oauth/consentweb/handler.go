@@ -39,6 +39,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentpage"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -103,6 +104,11 @@ func New(o Options) (*Handler, error) {
 		return nil, fmt.Errorf("provider %q is not in the registry %s", o.Provider, reg.Path)
 	case p.Consent == nil:
 		return nil, fmt.Errorf("provider %q (%s line %d) has no consent table: add [providers.%s.consent] with redirect_uris", o.Provider, reg.Path, p.Line, o.Provider)
+	}
+	for _, u := range p.Consent.RedirectURIs() {
+		if pu, err := url.Parse(u); err == nil && pu.Scheme == "http" && !callers.IsLoopback(pu.Host) {
+			return nil, fmt.Errorf("provider %q (%s line %d): redirect_uri %q is plain HTTP on a host that is not loopback: the code would travel in clear, and browsers drop the Secure consent cookie so that every callback would be refused: use https (TLS may end at a proxy in front)", o.Provider, reg.Path, p.Line, u)
+		}
 	}
 	h.flow = p.Consent
 	h.bank = p.DisplayName

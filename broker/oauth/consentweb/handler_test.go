@@ -125,3 +125,38 @@ func TestConsentOfMerchantRemovedByReload(t *testing.T) {
 		}
 	})
 }
+
+// TestCallbackSiteNeedsHTTPS: a consent site whose redirect URI is plain
+// HTTP on a host that is not loopback is refused when the handler is
+// made: the code would travel in clear, and the browser would drop the
+// Secure consent cookie, so every callback would be refused
+// (wrong_browser). Plain HTTP on a loopback host is allowed.
+func TestCallbackSiteNeedsHTTPS(t *testing.T) {
+	for _, tc := range []struct {
+		redirect string
+		ok       bool
+	}{
+		{"https://cb.partner.example/consent/callback", true},
+		{"http://127.0.0.1:8081/consent/callback", true},
+		{"http://localhost:8081/consent/callback", true},
+		{"http://cb.partner.example/consent/callback", false},
+		{"HTTP://cb.partner.example:8080/consent/callback", false},
+	} {
+		t.Run(tc.redirect, func(t *testing.T) {
+			src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.invalid/token", ClientID: "tpp", ClientSecret: "bank-secret"}, oauth.NewMemoryStore())
+			if err != nil {
+				t.Fatal(err)
+			}
+			flow, err := oauth.NewAuthCode(src, oauth.AuthCodeConfig{RedirectURIs: []string{tc.redirect},
+				AuthorizationURL: "https://bank.invalid/authorize", Scopes: []string{"offline_access"}}, &oauth.Pendings{Store: &oauth.MemoryPendingStore{}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			reg := &config.Registry{Path: "merchants.toml", Providers: map[string]*config.Provider{"bank": {Name: "bank", Line: 3, Source: src, Consent: flow}}}
+			_, err = New(Options{Provider: "bank", Registry: reg, Logger: zap.NewNop()})
+			if (err == nil) != tc.ok || err != nil && !strings.Contains(err.Error(), "https") {
+				t.Errorf("New = %v, want ok %v (an error asking for https)", err, tc.ok)
+			}
+		})
+	}
+}
