@@ -343,7 +343,13 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 	if callbackHost != "" {
 		i := slices.IndexFunc(a.cfg.RedirectURIs, func(u string) bool { pu, _ := url.Parse(u); return strings.EqualFold(pu.Host, callbackHost) })
 		if i < 0 {
-			return Link{}, a.fail(ReasonWrongCallback, merchant, fmt.Errorf("no redirect_uri on host %q", callbackHost))
+			hosts := make([]string, 0, len(a.cfg.RedirectURIs))
+			for _, u := range a.cfg.RedirectURIs {
+				pu, _ := url.Parse(u)
+				hosts = append(hosts, pu.Host)
+			}
+			return Link{}, a.fail(ReasonWrongCallback, merchant, fmt.Errorf("no redirect_uri on host %q: callback_host must be one of %s, or left out for the first",
+				scrub.Truncate(callbackHost, 200), strings.Join(hosts, ", ")))
 		}
 		redirect = a.cfg.RedirectURIs[i]
 	}

@@ -355,3 +355,15 @@ func TestLinkNotStoredSpendsNoLimit(t *testing.T) {
 		t.Fatalf("NewLink with the store back = %v, want a link", err)
 	}
 }
+
+// TestLinkOnUnknownCallbackHostNamesTheHosts: a link asked for a callback
+// host that no redirect URI is on is refused with the hosts that are, so
+// that the app can pick one.
+func TestLinkOnUnknownCallbackHostNamesTheHosts(t *testing.T) {
+	flow, _ := newLimitFlow(t, newClock(), LinkLimits{})
+	_, err := flow.NewLink(context.Background(), "acme", "", "cb9.partner.example")
+	var ce *ConsentError
+	if !errors.As(err, &ce) || ce.Reason != ReasonWrongCallback || !strings.Contains(err.Error(), "cb.partner.example") {
+		t.Fatalf("NewLink on another host = %v, want %s naming the hosts of the redirect_uris", err, ReasonWrongCallback)
+	}
+}
