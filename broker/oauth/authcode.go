@@ -442,6 +442,9 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 	if pu, _ := url.Parse(rec.RedirectURI); host != "" && !strings.EqualFold(pu.Host, host) {
 		return "", rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for %s, not %s", pu.Host, host))
 	}
+	if !slices.Contains(a.cfg.RedirectURIs, rec.RedirectURI) {
+		return "", rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for redirect URI %s, which the provider's redirect_uris no longer have (a reload changed them): ask the app for a new consent link", rec.RedirectURI))
+	}
 	if err := a.checkServed(o.serves, rec, "consent link"); err != nil {
 		return "", rec, err
 	}

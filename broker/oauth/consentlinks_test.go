@@ -367,3 +367,28 @@ func TestLinkOnUnknownCallbackHostNamesTheHosts(t *testing.T) {
 		t.Fatalf("NewLink on another host = %v, want %s naming the hosts of the redirect_uris", err, ReasonWrongCallback)
 	}
 }
+
+// TestLinkOfRemovedRedirectURIRefused: a consent link made for a redirect
+// URI that a reload then removed from the provider's redirect_uris is
+// refused at its start (wrong_callback), before the browser is sent to
+// the bank with a redirect_uri the operator no longer has.
+func TestLinkOfRemovedRedirectURIRefused(t *testing.T) {
+	ctx := context.Background()
+	before, store := newLimitFlow(t, newClock(), LinkLimits{})
+	link, err := before.NewLink(ctx, "acme", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := before.cfg
+	cfg.RedirectURIs = []string{"https://cb.partner.example/consent/bank/callback"}
+	after, err := NewAuthCode(before.src, cfg, &Pendings{Store: store, Now: before.pend.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, _ := url.Parse(link.URL)
+	authURL, _, err := after.Start(ctx, u.Query().Get("link"), u.Host)
+	var ce *ConsentError
+	if !errors.As(err, &ce) || ce.Reason != ReasonWrongCallback || !strings.Contains(err.Error(), "redirect_uris") {
+		t.Fatalf("Start = %.80q, %v; want %s naming redirect_uris", authURL, err, ReasonWrongCallback)
+	}
+}
