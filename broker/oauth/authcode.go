@@ -452,6 +452,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 	if err != nil {
 		return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)
 	}
+	rec.ReturnURL = a.allowedReturn(rec.ReturnURL)
 	state := randomString(32)
 	rec.Verifier = oauth2.GenerateVerifier()
 	if slices.Contains(a.cfg.Scopes, "openid") {
@@ -499,6 +500,16 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 		params = url.Values{"client_id": {a.src.cfg.ClientID}, "request_uri": {uri}}
 	}
 	return httpclient.WithQuery(ep.auth, params), rec, nil
+}
+
+// allowedReturn returns a link's return URL while the allow-list still
+// has it, "" once a reload took it off: the browser then ends on the
+// consent site's own page.
+func (a *AuthCode) allowedReturn(u string) string {
+	if u == "" || checkReturnURL(a.cfg.ReturnURLs, u) != nil {
+		return ""
+	}
+	return u
 }
 
 // errorCode returns a provider's error code as it may be shown and sent on:
@@ -580,7 +591,7 @@ type Result struct {
 func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts ...StepOption) (Result, error) {
 	o := newStepOptions(opts) // without a Browser: refused for a state bound to a browser
 	rec, err := a.pend.takeFrom(ctx, kindState, q.Get("state"), o.browser)
-	res := Result{Merchant: rec.Merchant, ReturnURL: rec.ReturnURL}
+	res := Result{Merchant: rec.Merchant, ReturnURL: a.allowedReturn(rec.ReturnURL)}
 	if err != nil {
 		if !errors.Is(err, errExpired) {
 			res = Result{}

@@ -392,3 +392,43 @@ func TestLinkOfRemovedRedirectURIRefused(t *testing.T) {
 		t.Fatalf("Start = %.80q, %v; want %s naming redirect_uris", authURL, err, ReasonWrongCallback)
 	}
 }
+
+// TestReturnURLRemovedByReloadIsDropped: a return URL that a reload took
+// off the allow-list (a partner domain given up) is no longer where the
+// browser goes: a link made before starts without it, and a state
+// started before comes back without it, so the browser ends on the
+// consent site's own page.
+func TestReturnURLRemovedByReloadIsDropped(t *testing.T) {
+	ctx := context.Background()
+	const returnURL = "https://app.partner.example/consent/done"
+	before, store := newLimitFlow(t, newClock(), LinkLimits{})
+	cfg := before.cfg
+	cfg.ReturnURLs = []string{"https://new-app.partner.example/consent/"}
+	after, err := NewAuthCode(before.src, cfg, &Pendings{Store: store, Now: before.pend.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := func(flow *AuthCode) (string, Pending) {
+		t.Helper()
+		link, err := before.NewLink(ctx, "acme", returnURL, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, _ := url.Parse(link.URL)
+		authURL, rec, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		au, _ := url.Parse(authURL)
+		return au.Query().Get("state"), rec
+	}
+	if _, rec := start(after); rec.ReturnURL != "" {
+		t.Errorf("a link started after the reload keeps the return URL %q", rec.ReturnURL)
+	}
+	state, _ := start(before)
+	cb, _ := url.Parse(callbackURL)
+	res, _ := after.Callback(ctx, cb.Host, url.Values{"state": {state}, "error": {"access_denied"}})
+	if res.Merchant != "acme" || res.ReturnURL != "" {
+		t.Errorf("Callback after the reload = %+v, want merchant acme without return URL", res)
+	}
+}
