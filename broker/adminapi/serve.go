@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"strings"
@@ -360,9 +359,9 @@ func links(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if err := running(in); err != nil {
 		return err
 	}
-	var req consentweb.LinkRequest
-	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<10)).Decode(&req); err != nil || req.Merchant == "" {
-		return &Error{Status: http.StatusBadRequest, Err: errors.New(`the body must be {"merchant": "...", "return_url": "..."}`)}
+	req, err := consentweb.DecodeLinkRequest(r.Body)
+	if err != nil {
+		return &Error{Status: http.StatusBadRequest, Err: err}
 	}
 	if in.Registry == nil {
 		return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("merchant %q is not in the registry: the app has none", req.Merchant)}

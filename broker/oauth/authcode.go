@@ -314,6 +314,9 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 // Provider returns the provider's name.
 func (a *AuthCode) Provider() string { return a.src.cfg.Name }
 
+// RedirectURIs returns the registered callback URLs.
+func (a *AuthCode) RedirectURIs() []string { return slices.Clone(a.cfg.RedirectURIs) }
+
 func (a *AuthCode) fail(reason, merchant string, err error) *ConsentError {
 	return &ConsentError{Reason: reason, Provider: a.Provider(), Merchant: merchant, Err: err}
 }
@@ -340,18 +343,26 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 	if callbackHost != "" {
 		i := slices.IndexFunc(a.cfg.RedirectURIs, func(u string) bool { pu, _ := url.Parse(u); return strings.EqualFold(pu.Host, callbackHost) })
 		if i < 0 {
-			return Link{}, a.fail(ReasonWrongCallback, merchant, fmt.Errorf("no redirect_uri on host %q", callbackHost))
+			hosts := make([]string, 0, len(a.cfg.RedirectURIs))
+			for _, u := range a.cfg.RedirectURIs {
+				pu, _ := url.Parse(u)
+				hosts = append(hosts, pu.Host)
+			}
+			return Link{}, a.fail(ReasonWrongCallback, merchant, fmt.Errorf("no redirect_uri on host %q: callback_host must be one of %s, or left out for the first",
+				scrub.Truncate(callbackHost, 200), strings.Join(hosts, ", ")))
 		}
 		redirect = a.cfg.RedirectURIs[i]
 	}
 	now := a.pend.Now()
-	if lerr := a.limits.admit(merchant, now); lerr != nil {
+	undo, lerr := a.limits.admit(merchant, now)
+	if lerr != nil {
 		return Link{}, a.fail(lerr.Reason, merchant, lerr)
 	}
 	id := randomString(32)
 	exp := now.Add(a.cfg.LinkTTL)
 	rec := Pending{Provider: a.Provider(), Merchant: merchant, ReturnURL: returnURL, RedirectURI: redirect, Expires: exp}
 	if err := a.pend.put(ctx, kindLink, id, rec); err != nil {
+		undo() // not handed out: it spends no limit
 		return Link{}, a.fail(ReasonStoreFailure, merchant, err)
 	}
 	a.limits.created(merchant, a.pend.storeKey(kindLink, id), exp)
@@ -359,12 +370,65 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 	return Link{URL: start, Expires: exp}, nil
 }
 
+// StepOption qualifies a Start or a Callback: a Browser binds the
+// authorization state to the browser, a Serves refuses the merchants the
+// broker no longer serves.
+type StepOption interface {
+	applyStep(*stepOptions)
+}
+
+// stepOptions are the StepOptions of one Start or Callback.
+type stepOptions struct {
+	browser Browser
+	serves  Serves
+}
+
+// newStepOptions collects opts.
+func newStepOptions(opts []StepOption) stepOptions {
+	var o stepOptions
+	for _, opt := range opts {
+		opt.applyStep(&o)
+	}
+	return o
+}
+
+// applyStep makes b the browser of the step.
+func (b Browser) applyStep(o *stepOptions) { o.browser = b }
+
+// Serves reports whether the broker still serves a merchant at the
+// flow's provider (a reload may have removed it, or moved it to another
+// provider, since its consent link was made). As a StepOption, Start
+// refuses another merchant's link before the browser goes to the
+// provider, and Callback its state before the code is exchanged, both
+// with ReasonUnknownMerchant: no refresh token is stored for a merchant
+// the broker does not serve.
+type Serves func(merchant string) bool
+
+// applyStep makes s the check of the step's merchant.
+func (s Serves) applyStep(o *stepOptions) { o.serves = s }
+
+// ReasonUnknownMerchant is the refusal of a consent link or an
+// authorization state whose merchant the broker no longer serves at the
+// provider (Serves).
+const ReasonUnknownMerchant = "unknown_merchant"
+
+// checkServed refuses rec's merchant when serves says the broker no
+// longer serves it.
+func (a *AuthCode) checkServed(serves Serves, rec Pending, what string) error {
+	if serves == nil || serves(rec.Merchant) {
+		return nil
+	}
+	return a.fail(ReasonUnknownMerchant, rec.Merchant, fmt.Errorf("the %s is for a merchant that provider %q no longer has in the registry (removed or moved by a reload): nothing is stored for it; if it should consent, add it back and ask the app for a new consent link", what, a.Provider()))
+}
+
 // Start consumes a consent link (arriving at the callback URL's host
 // host) and returns the provider's authorization URL to redirect the
 // browser to, after pushing the request when PAR is on. The returned
-// Pending says whose consent it is. A browser secret, when given, binds
-// the authorization state to the browser (see Browser).
-func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Browser) (string, Pending, error) {
+// Pending says whose consent it is. The options: a Browser binds the
+// authorization state to the browser (see Browser); a Serves refuses a
+// merchant the broker no longer serves.
+func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepOption) (string, Pending, error) {
+	o := newStepOptions(opts)
 	rec, err := a.pend.take(ctx, kindLink, linkID)
 	if rec.Merchant != "" {
 		a.limits.used(rec.Merchant, a.pend.storeKey(kindLink, linkID))
@@ -378,19 +442,24 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Br
 	if pu, _ := url.Parse(rec.RedirectURI); host != "" && !strings.EqualFold(pu.Host, host) {
 		return "", rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for %s, not %s", pu.Host, host))
 	}
+	if !slices.Contains(a.cfg.RedirectURIs, rec.RedirectURI) {
+		return "", rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for redirect URI %s, which the provider's redirect_uris no longer have (a reload changed them): ask the app for a new consent link", rec.RedirectURI))
+	}
+	if err := a.checkServed(o.serves, rec, "consent link"); err != nil {
+		return "", rec, err
+	}
 	ep, err := a.authEndpoints(ctx)
 	if err != nil {
 		return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)
 	}
+	rec.ReturnURL = a.allowedReturn(rec.ReturnURL)
 	state := randomString(32)
 	rec.Verifier = oauth2.GenerateVerifier()
 	if slices.Contains(a.cfg.Scopes, "openid") {
 		rec.Nonce = randomString(16)
 	}
 	rec.Expires = a.pend.Now().Add(StateTTL)
-	if len(browser) > 0 {
-		rec.Browser = browser[0].hash()
-	}
+	rec.Browser = o.browser.hash()
 	params := url.Values{
 		"response_type":         {"code"},
 		"client_id":             {a.src.cfg.ClientID},
@@ -431,6 +500,16 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, browser ...Br
 		params = url.Values{"client_id": {a.src.cfg.ClientID}, "request_uri": {uri}}
 	}
 	return httpclient.WithQuery(ep.auth, params), rec, nil
+}
+
+// allowedReturn returns a link's return URL while the allow-list still
+// has it, "" once a reload took it off: the browser then ends on the
+// consent site's own page.
+func (a *AuthCode) allowedReturn(u string) string {
+	if u == "" || checkReturnURL(a.cfg.ReturnURLs, u) != nil {
+		return ""
+	}
+	return u
 }
 
 // errorCode returns a provider's error code as it may be shown and sent on:
@@ -510,17 +589,16 @@ type Result struct {
 // was known, also on errors, so that the browser can be sent back. A state
 // that Start bound to a browser is only accepted, and consumed, with the
 // same browser secret: another browser gets ReasonWrongBrowser, without a
-// Result, and the state stays. Once the state is consumed, the rest of the
+// Result, and the state stays. A state whose merchant a Serves option
+// refuses is consumed and refused with ReasonUnknownMerchant before the
+// code is exchanged. Once the state is consumed, the rest of the
 // callback (code exchange, ID token verification, storing the refresh
 // token) is detached from the browser: it keeps ctx's values but not its
 // cancellation, and is bounded by saveTimeout (30 s) instead.
-func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, browser ...Browser) (Result, error) {
-	var from Browser // none: refused for a state bound to a browser
-	if len(browser) > 0 {
-		from = browser[0]
-	}
-	rec, err := a.pend.takeFrom(ctx, kindState, q.Get("state"), from)
-	res := Result{Merchant: rec.Merchant, ReturnURL: rec.ReturnURL}
+func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts ...StepOption) (Result, error) {
+	o := newStepOptions(opts) // without a Browser: refused for a state bound to a browser
+	rec, err := a.pend.takeFrom(ctx, kindState, q.Get("state"), o.browser)
+	res := Result{Merchant: rec.Merchant, ReturnURL: a.allowedReturn(rec.ReturnURL)}
 	if err != nil {
 		if !errors.Is(err, errExpired) {
 			res = Result{}
@@ -541,6 +619,9 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, brow
 	}
 	if pu, _ := url.Parse(rec.RedirectURI); !strings.EqualFold(pu.Host, host) {
 		return res, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the callback arrived at %s, the request named %s", host, pu.Host))
+	}
+	if err := a.checkServed(o.serves, rec, "authorization state"); err != nil {
+		return res, err
 	}
 	ep, err := a.authEndpoints(ctx)
 	if err != nil {

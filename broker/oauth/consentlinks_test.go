@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,6 +26,11 @@ func TestReturnURLAllowList(t *testing.T) {
 	}{
 		{"under the allowed path", "https://app.partner.example/app/consent/done", true},
 		{"with a query", "https://app.partner.example/app/consent/done?x=1&y=%2F", true},
+		{"a query with the outcome", "https://app.partner.example/app/consent/done?outcome=ok", false},
+		{"a query with the merchant", "https://app.partner.example/app/consent/done?x=1&merchant=globex", false},
+		{"a query with the error", "https://app.partner.example/app/consent/done?error=", false},
+		{"a query with the outcome encoded", "https://app.partner.example/app/consent/done?%6Futcome=ok", false},
+		{"a query with semicolons", "https://app.partner.example/app/consent/done?x=1;outcome=ok", false},
 		{"the allowed path itself", "https://app.partner.example/app/consent/", true},
 		{"an exact entry", "https://app.partner.example/exact", true},
 		{"upper-case scheme and host", "HTTPS://APP.partner.example/app/consent/done", true},
@@ -266,8 +272,8 @@ func TestCallbackRefusesAnotherBrowser(t *testing.T) {
 	q := approve(t, f.op, authURL)
 	for _, b := range []struct {
 		name    string
-		browser []Browser
-	}{{"another browser", []Browser{victim}}, {"no cookie", []Browser{""}}, {"no browser secret", nil}} {
+		browser []StepOption
+	}{{"another browser", []StepOption{victim}}, {"no cookie", []StepOption{Browser("")}}, {"no browser secret", nil}} {
 		res, err := f.flow.Callback(ctx, u.Host, q, b.browser...)
 		var ce *ConsentError
 		if !errors.As(err, &ce) || ce.Reason != ReasonWrongBrowser {
@@ -302,12 +308,127 @@ func TestLinkLimiterKeepsNoStateForRefusals(t *testing.T) {
 	clock := newClock()
 	l := newLinkLimiter(LinkLimits{PerMinute: 2})
 	for i := range 1000 {
-		err := l.admit(fmt.Sprint("merchant-", i), clock.Now())
+		_, err := l.admit(fmt.Sprint("merchant-", i), clock.Now())
 		if (err == nil) != (i < 2) {
 			t.Fatalf("merchant %d: %v", i, err)
 		}
 	}
 	if n := heldMerchants(l); n != 2 {
 		t.Errorf("the limiter holds %d merchants, want the 2 admitted", n)
+	}
+}
+
+// downPendingStore is a PendingStore whose writes fail while down is set.
+type downPendingStore struct {
+	*MemoryPendingStore
+	down atomic.Bool
+}
+
+// Put implements PendingStore.
+func (s *downPendingStore) Put(ctx context.Context, key string, val []byte, expires time.Time) error {
+	if s.down.Load() {
+		return errors.New("storage unreachable")
+	}
+	return s.MemoryPendingStore.Put(ctx, key, val, expires)
+}
+
+// TestLinkNotStoredSpendsNoLimit: a link that the consent store fails to
+// keep is not handed out, so it spends neither the merchant's nor the
+// provider's link rate: once the store is back, the merchant gets its
+// link at once.
+func TestLinkNotStoredSpendsNoLimit(t *testing.T) {
+	ctx := context.Background()
+	clock := newClock()
+	flow, mem := newLimitFlow(t, clock, LinkLimits{MerchantPerMinute: 1, PerMinute: 1})
+	store := &downPendingStore{MemoryPendingStore: mem}
+	flow.pend.Store = store
+	store.down.Store(true)
+	for i := range 3 {
+		_, err := flow.NewLink(ctx, "acme", "", "")
+		var ce *ConsentError
+		if !errors.As(err, &ce) || ce.Reason != ReasonStoreFailure {
+			t.Fatalf("NewLink %d with the store down = %v, want %s", i, err, ReasonStoreFailure)
+		}
+	}
+	store.down.Store(false)
+	if _, err := flow.NewLink(ctx, "acme", "", ""); err != nil {
+		t.Fatalf("NewLink with the store back = %v, want a link", err)
+	}
+}
+
+// TestLinkOnUnknownCallbackHostNamesTheHosts: a link asked for a callback
+// host that no redirect URI is on is refused with the hosts that are, so
+// that the app can pick one.
+func TestLinkOnUnknownCallbackHostNamesTheHosts(t *testing.T) {
+	flow, _ := newLimitFlow(t, newClock(), LinkLimits{})
+	_, err := flow.NewLink(context.Background(), "acme", "", "cb9.partner.example")
+	var ce *ConsentError
+	if !errors.As(err, &ce) || ce.Reason != ReasonWrongCallback || !strings.Contains(err.Error(), "cb.partner.example") {
+		t.Fatalf("NewLink on another host = %v, want %s naming the hosts of the redirect_uris", err, ReasonWrongCallback)
+	}
+}
+
+// TestLinkOfRemovedRedirectURIRefused: a consent link made for a redirect
+// URI that a reload then removed from the provider's redirect_uris is
+// refused at its start (wrong_callback), before the browser is sent to
+// the bank with a redirect_uri the operator no longer has.
+func TestLinkOfRemovedRedirectURIRefused(t *testing.T) {
+	ctx := context.Background()
+	before, store := newLimitFlow(t, newClock(), LinkLimits{})
+	link, err := before.NewLink(ctx, "acme", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := before.cfg
+	cfg.RedirectURIs = []string{"https://cb.partner.example/consent/bank/callback"}
+	after, err := NewAuthCode(before.src, cfg, &Pendings{Store: store, Now: before.pend.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, _ := url.Parse(link.URL)
+	authURL, _, err := after.Start(ctx, u.Query().Get("link"), u.Host)
+	var ce *ConsentError
+	if !errors.As(err, &ce) || ce.Reason != ReasonWrongCallback || !strings.Contains(err.Error(), "redirect_uris") {
+		t.Fatalf("Start = %.80q, %v; want %s naming redirect_uris", authURL, err, ReasonWrongCallback)
+	}
+}
+
+// TestReturnURLRemovedByReloadIsDropped: a return URL that a reload took
+// off the allow-list (a partner domain given up) is no longer where the
+// browser goes: a link made before starts without it, and a state
+// started before comes back without it, so the browser ends on the
+// consent site's own page.
+func TestReturnURLRemovedByReloadIsDropped(t *testing.T) {
+	ctx := context.Background()
+	const returnURL = "https://app.partner.example/consent/done"
+	before, store := newLimitFlow(t, newClock(), LinkLimits{})
+	cfg := before.cfg
+	cfg.ReturnURLs = []string{"https://new-app.partner.example/consent/"}
+	after, err := NewAuthCode(before.src, cfg, &Pendings{Store: store, Now: before.pend.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := func(flow *AuthCode) (string, Pending) {
+		t.Helper()
+		link, err := before.NewLink(ctx, "acme", returnURL, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, _ := url.Parse(link.URL)
+		authURL, rec, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		au, _ := url.Parse(authURL)
+		return au.Query().Get("state"), rec
+	}
+	if _, rec := start(after); rec.ReturnURL != "" {
+		t.Errorf("a link started after the reload keeps the return URL %q", rec.ReturnURL)
+	}
+	state, _ := start(before)
+	cb, _ := url.Parse(callbackURL)
+	res, _ := after.Callback(ctx, cb.Host, url.Values{"state": {state}, "error": {"access_denied"}})
+	if res.Merchant != "acme" || res.ReturnURL != "" {
+		t.Errorf("Callback after the reload = %+v, want merchant acme without return URL", res)
 	}
 }

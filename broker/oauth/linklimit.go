@@ -108,8 +108,9 @@ func newLinkLimiter(l LinkLimits) *linkLimiter {
 
 func perMinute(n int) *rate.Limiter { return rate.NewLimiter(rate.Limit(float64(n)/60), n) }
 
-// admit reserves a link for merchant at now, or says why not.
-func (l *linkLimiter) admit(merchant string, now time.Time) *LinkLimitError {
+// admit reserves a link for merchant at now, or says why not. undo gives
+// the reservation back, for a link that is not handed out after all.
+func (l *linkLimiter) admit(merchant string, now time.Time) (undo func(), _ *LinkLimitError) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.pruneLocked(now)
@@ -119,24 +120,29 @@ func (l *linkLimiter) admit(merchant string, now time.Time) *LinkLimitError {
 	}
 	ml.links = slices.DeleteFunc(ml.links, func(p pendingLink) bool { return !now.Before(p.expires) })
 	if len(ml.links) >= l.lim.MaxPending {
-		return &LinkLimitError{Reason: ReasonTooManyLinks, RetryAfter: ml.links[0].expires.Sub(now),
+		return nil, &LinkLimitError{Reason: ReasonTooManyLinks, RetryAfter: ml.links[0].expires.Sub(now),
 			Limit: fmt.Sprintf("the merchant has %d unused consent links (max_pending_links): one must expire or be used first", len(ml.links))}
 	}
 	mr := ml.lim.ReserveN(now, 1)
 	if d := mr.DelayFrom(now); d > 0 {
 		mr.CancelAt(now)
-		return &LinkLimitError{Reason: ReasonLinkRate, RetryAfter: d,
+		return nil, &LinkLimitError{Reason: ReasonLinkRate, RetryAfter: d,
 			Limit: fmt.Sprintf("the merchant got its %d consent links per minute (merchant_links_per_minute)", l.lim.MerchantPerMinute)}
 	}
 	ar := l.all.ReserveN(now, 1)
 	if d := ar.DelayFrom(now); d > 0 {
 		ar.CancelAt(now)
 		mr.CancelAt(now)
-		return &LinkLimitError{Reason: ReasonLinkRate, RetryAfter: d,
+		return nil, &LinkLimitError{Reason: ReasonLinkRate, RetryAfter: d,
 			Limit: fmt.Sprintf("the provider handed out its %d consent links per minute (links_per_minute)", l.lim.PerMinute)}
 	}
 	l.m[merchant] = ml
-	return nil
+	return func() {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		ar.CancelAt(now)
+		mr.CancelAt(now)
+	}, nil
 }
 
 // created records a link of merchant, stored under key until expires.

@@ -9,13 +9,26 @@ import (
 	whatwg "github.com/nlnwa/whatwg-url/url"
 )
 
+// The query parameters the callback adds to the return URL. A return URL
+// that has one already is refused.
+const (
+	// ReturnMerchant is the merchant whose consent it was.
+	ReturnMerchant = "merchant"
+	// ReturnOutcome is "ok" or the refusal reason.
+	ReturnOutcome = "outcome"
+	// ReturnError is the provider's error code of a provider_error.
+	ReturnError = "error"
+)
+
 // checkReturnURL reports why u is not on the allow-list, nil when it is.
 // A return URL is allowed when the browser, resolving it as the WHATWG URL
 // standard says (backslashes as slashes, dot segments in any encoding
 // resolved, tabs and newlines dropped), lands on the scheme and host of an
 // entry and on its path, or under it for an entry ending in "/"; and when
 // neither the browser nor the app's server can read it differently: it
-// contains no control character, space or backslash, its path is what the
+// contains no control character, space or backslash, its query parses
+// ("&"-separated) and has none of the parameters the callback adds
+// (ReturnMerchant, ReturnOutcome, ReturnError), its path is what the
 // browser requests (no dot segment, however encoded), and no path segment
 // contains ";" (a path parameter, "..;" to some servers) or an encoded
 // "/", "\" or ";". User info and fragments are refused.
@@ -38,6 +51,15 @@ func checkReturnURL(allow []string, u string) error {
 	nu, err := url.Parse(u)
 	if err != nil || nu.Opaque != "" || strings.ToLower(nu.Host) != bu.Host() {
 		return errors.New("its host does not read the same in a browser and on a server: write it in lower case, without default port")
+	}
+	q, err := url.ParseQuery(nu.RawQuery)
+	if err != nil {
+		return errors.New("its query is malformed (a \";\" between parameters, or a bad escape): separate parameters with \"&\" and percent-encode values")
+	}
+	for _, name := range []string{ReturnMerchant, ReturnOutcome, ReturnError} {
+		if q.Has(name) {
+			return fmt.Errorf("its query has the parameter %q, which the callback sets on the redirect (merchant, outcome, error): the app would read the link's value instead of the consent's", name)
+		}
 	}
 	path := bu.Pathname()
 	if nu.EscapedPath() != path && !(nu.EscapedPath() == "" && path == "/") {

@@ -24,7 +24,7 @@ func ForOutcome(outcome string) string {
 		return PageUnavailable
 	}
 	// exchange_failed, no_refresh_token, invalid_id_token, wrong_issuer,
-	// wrong_provider, wrong_callback and anything new.
+	// wrong_provider, wrong_callback, unknown_merchant and anything new.
 	return PageFailed
 }
 

@@ -39,6 +39,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentpage"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -103,6 +104,11 @@ func New(o Options) (*Handler, error) {
 		return nil, fmt.Errorf("provider %q is not in the registry %s", o.Provider, reg.Path)
 	case p.Consent == nil:
 		return nil, fmt.Errorf("provider %q (%s line %d) has no consent table: add [providers.%s.consent] with redirect_uris", o.Provider, reg.Path, p.Line, o.Provider)
+	}
+	for _, u := range p.Consent.RedirectURIs() {
+		if pu, err := url.Parse(u); err == nil && pu.Scheme == "http" && !callers.IsLoopback(pu.Host) {
+			return nil, fmt.Errorf("provider %q (%s line %d): redirect_uri %q is plain HTTP on a host that is not loopback: the code would travel in clear, and browsers drop the Secure consent cookie so that every callback would be refused: use https (TLS may end at a proxy in front)", o.Provider, reg.Path, p.Line, u)
+		}
 	}
 	h.flow = p.Consent
 	h.bank = p.DisplayName
@@ -237,7 +243,7 @@ func (c *Handler) start(w http.ResponseWriter, r *http.Request) {
 	if ck, err := r.Cookie(name); err == nil && oauth.WellFormed(ck.Value) {
 		browser = oauth.Browser(ck.Value)
 	}
-	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host, browser)
+	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host, browser, c.serves())
 	c.done(span, provider, StepStart, rec.Merchant, err)
 	if err != nil {
 		outcome, code := outcomeOf(err)
@@ -250,6 +256,13 @@ func (c *Handler) start(w http.ResponseWriter, r *http.Request) {
 	http.Redirect(w, r, authURL, http.StatusSeeOther)
 }
 
+// serves says whether the registry still has a merchant at the
+// handler's provider: a link or state made before a reload may name one
+// it removed or moved.
+func (c *Handler) serves() oauth.Serves {
+	return func(merchant string) bool { return ProviderOf(c.o.Registry, merchant) == c.o.Provider }
+}
+
 // callback finishes the consent and sends the browser back to the app.
 func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	provider := c.o.Provider
@@ -259,7 +272,7 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	if ck, cerr := r.Cookie(name); cerr == nil {
 		browser = oauth.Browser(ck.Value)
 	}
-	res, err := c.flow.Callback(ctx, r.Host, r.URL.Query(), browser)
+	res, err := c.flow.Callback(ctx, r.Host, r.URL.Query(), browser, c.serves())
 	c.done(span, provider, StepCallback, res.Merchant, err)
 	if err == nil {
 		c.o.Broker.PurgeMerchant(res.Merchant)
@@ -272,9 +285,9 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	}
 	outcome, code := outcomeOf(err)
 	if res.ReturnURL != "" {
-		params := url.Values{"merchant": {res.Merchant}, "outcome": {outcome}}
+		params := url.Values{oauth.ReturnMerchant: {res.Merchant}, oauth.ReturnOutcome: {outcome}}
 		if code != "" { // provider_error: the provider's error code
-			params.Set("error", code)
+			params.Set(oauth.ReturnError, code)
 		}
 		http.Redirect(w, r, httpclient.WithQuery(res.ReturnURL, params), http.StatusSeeOther)
 		return

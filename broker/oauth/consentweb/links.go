@@ -47,13 +47,9 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	var req LinkRequest
-	if err := json.NewDecoder(io.LimitReader(r.Body, 16<<10)).Decode(&req); err != nil {
-		linkError(w, http.StatusBadRequest, "bad_request", `the body must be JSON: {"merchant": "...", "return_url": "..."}`)
-		return
-	}
-	if req.Merchant == "" {
-		linkError(w, http.StatusBadRequest, "bad_request", `the body names no merchant: send the merchant's id as {"merchant": "...", "return_url": "..."}`)
+	req, err := DecodeLinkRequest(r.Body)
+	if err != nil {
+		linkError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
 	}
 	if !c.o.Gate.allows(w, caller, req.Merchant) {
@@ -78,6 +74,27 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(link)
+}
+
+// DecodeLinkRequest reads the body of a consent-link request (the links
+// route and the admin API): one JSON object of at most 16 KiB with the
+// fields of LinkRequest and no other, naming a merchant. The error says
+// what is wrong with it.
+func DecodeLinkRequest(body io.Reader) (LinkRequest, error) {
+	const form = `{"merchant": "...", "return_url": "...", "callback_host": "..."}`
+	var req LinkRequest
+	dec := json.NewDecoder(io.LimitReader(body, 16<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return LinkRequest{}, fmt.Errorf("the body must be JSON %s (return_url and callback_host optional): %v", form, err)
+	}
+	if dec.More() {
+		return LinkRequest{}, fmt.Errorf("the body must be one JSON object %s, and nothing after it", form)
+	}
+	if req.Merchant == "" {
+		return LinkRequest{}, fmt.Errorf("the body names no merchant: send the merchant's id as %s", form)
+	}
+	return req, nil
 }
 
 // ProviderOf returns the provider of a merchant of reg, "" for a

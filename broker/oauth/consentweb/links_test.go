@@ -94,3 +94,18 @@ func TestLinksWithoutMerchant(t *testing.T) {
 		})
 	}
 }
+
+// TestLinksRefuseUnknownFields: a links request with a field the API does
+// not have (a misspelt return_url) or with more than one JSON value is a
+// bad request naming it, not a link made without what the app meant.
+func TestLinksRefuseUnknownFields(t *testing.T) {
+	for _, tc := range []struct{ body, want string }{
+		{`{"merchant":"acme","returnUrl":"https://app.partner.example/consent/"}`, `returnUrl`},
+		{`{"merchant":"acme"} {"merchant":"globex"}`, "one JSON object"},
+	} {
+		w := postLink(newLinksHandler(t, CallerGate{}), tc.body)
+		if w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), tc.want) {
+			t.Errorf("links %s: %d %s; want 400 naming %s", tc.body, w.Code, w.Body, tc.want)
+		}
+	}
+}

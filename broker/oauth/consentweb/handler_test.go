@@ -1,0 +1,162 @@
+package consentweb
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentpage"
+	"github.com/tokenbroker/caddy-token-broker/config"
+)
+
+// consentSite is the public consent handler of provider bank over a
+// registry of the merchants given, its consents in progress and refresh
+// tokens in stores shared across reloads.
+type consentSite struct {
+	reg *config.Registry
+	web *Handler
+}
+
+// newConsentSite builds the registry of merchants (all at provider bank)
+// over the shared stores, as a reload does, and its consent handler.
+func newConsentSite(t *testing.T, tokenURL string, pend oauth.PendingStore, tokens oauth.Store, merchants ...string) consentSite {
+	t.Helper()
+	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: tokenURL, ClientID: "tpp", ClientSecret: "bank-secret"}, tokens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	flow, err := oauth.NewAuthCode(src, oauth.AuthCodeConfig{RedirectURIs: []string{"https://cb.partner.example/consent/callback"},
+		AuthorizationURL: "https://bank.invalid/authorize", Scopes: []string{"offline_access"}}, &oauth.Pendings{Store: pend})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := &config.Registry{Providers: map[string]*config.Provider{"bank": {Name: "bank", Source: src, Consent: flow}},
+		Merchants: map[string]*config.Merchant{}}
+	for _, m := range merchants {
+		reg.Merchants[m] = &config.Merchant{ID: m, Terms: &config.Terms{Provider: "bank"}}
+	}
+	pages, err := consentpage.New(consentpage.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	web, err := New(Options{Provider: "bank", Registry: reg, Broker: broker.New(broker.Options{}), Pages: pages,
+		Results: &consentpage.Results{Store: pend}, Logger: zap.NewNop(),
+		Steps: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "steps"}, []string{"provider", "step", "outcome"})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return consentSite{reg: reg, web: web}
+}
+
+// get serves GET u on s with the cookies.
+func (s consentSite) get(u string, cookies ...*http.Cookie) *httptest.ResponseRecorder {
+	r := httptest.NewRequest(http.MethodGet, u, nil)
+	for _, c := range cookies {
+		r.AddCookie(c)
+	}
+	w := httptest.NewRecorder()
+	s.web.ServeHTTP(w, r)
+	return w
+}
+
+// TestConsentOfMerchantRemovedByReload: a consent link, or an
+// authorization state, of a merchant that a reload removed from the
+// registry is refused: the browser is not sent to the bank, the code is
+// not exchanged and no refresh token is stored for a merchant the broker
+// no longer serves.
+func TestConsentOfMerchantRemovedByReload(t *testing.T) {
+	ctx := context.Background()
+	var exchanges atomic.Int32
+	bank := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		exchanges.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt-1"}`))
+	}))
+	t.Cleanup(bank.Close)
+	pend, tokens := &oauth.MemoryPendingStore{}, oauth.NewMemoryStore()
+	before := newConsentSite(t, bank.URL, pend, tokens, "acme", "globex")
+	after := newConsentSite(t, bank.URL, pend, tokens, "globex")
+
+	link := func() string {
+		t.Helper()
+		l, _, err := CreateLink(ctx, before.reg, LinkRequest{Merchant: "acme"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l.URL
+	}
+	t.Run("start", func(t *testing.T) {
+		w := after.get(link())
+		if w.Code == http.StatusSeeOther || !strings.Contains(w.Body.String(), "<html") {
+			t.Fatalf("start after the merchant's removal: %d, Location %q; want a page", w.Code, w.Header().Get("Location"))
+		}
+	})
+	t.Run("callback", func(t *testing.T) {
+		w := before.get(link())
+		if w.Code != http.StatusSeeOther {
+			t.Fatalf("start: %d", w.Code)
+		}
+		auth, _ := url.Parse(w.Header().Get("Location"))
+		cb := "https://cb.partner.example/consent/callback?" + url.Values{"state": {auth.Query().Get("state")}, "code": {"code-1"}}.Encode()
+		w = after.get(cb, w.Result().Cookies()...)
+		if exchanges.Load() != 0 {
+			t.Errorf("the code of a removed merchant was exchanged")
+		}
+		src, _ := after.reg.Providers["bank"].RefreshToken()
+		if _, err := tokens.Load(ctx, src.StoreKey("acme")); !errors.Is(err, oauth.ErrNoRefreshToken) {
+			t.Errorf("refresh token of the removed merchant: %v, want none stored", err)
+		}
+		loc := w.Header().Get("Location")
+		if w.Code == http.StatusSeeOther {
+			w = after.get("https://cb.partner.example/consent/" + loc)
+		}
+		if !strings.Contains(w.Body.String(), "not recorded") {
+			t.Errorf("callback after the merchant's removal: %d, %s; want a page saying the consent was not recorded", w.Code, w.Body)
+		}
+	})
+}
+
+// TestCallbackSiteNeedsHTTPS: a consent site whose redirect URI is plain
+// HTTP on a host that is not loopback is refused when the handler is
+// made: the code would travel in clear, and the browser would drop the
+// Secure consent cookie, so every callback would be refused
+// (wrong_browser). Plain HTTP on a loopback host is allowed.
+func TestCallbackSiteNeedsHTTPS(t *testing.T) {
+	for _, tc := range []struct {
+		redirect string
+		ok       bool
+	}{
+		{"https://cb.partner.example/consent/callback", true},
+		{"http://127.0.0.1:8081/consent/callback", true},
+		{"http://localhost:8081/consent/callback", true},
+		{"http://cb.partner.example/consent/callback", false},
+		{"HTTP://cb.partner.example:8080/consent/callback", false},
+	} {
+		t.Run(tc.redirect, func(t *testing.T) {
+			src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.invalid/token", ClientID: "tpp", ClientSecret: "bank-secret"}, oauth.NewMemoryStore())
+			if err != nil {
+				t.Fatal(err)
+			}
+			flow, err := oauth.NewAuthCode(src, oauth.AuthCodeConfig{RedirectURIs: []string{tc.redirect},
+				AuthorizationURL: "https://bank.invalid/authorize", Scopes: []string{"offline_access"}}, &oauth.Pendings{Store: &oauth.MemoryPendingStore{}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			reg := &config.Registry{Path: "merchants.toml", Providers: map[string]*config.Provider{"bank": {Name: "bank", Line: 3, Source: src, Consent: flow}}}
+			_, err = New(Options{Provider: "bank", Registry: reg, Logger: zap.NewNop()})
+			if (err == nil) != tc.ok || err != nil && !strings.Contains(err.Error(), "https") {
+				t.Errorf("New = %v, want ok %v (an error asking for https)", err, tc.ok)
+			}
+		})
+	}
+}
