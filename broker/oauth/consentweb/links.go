@@ -88,7 +88,7 @@ func DecodeLinkRequest(body io.Reader) (LinkRequest, error) {
 	if err := dec.Decode(&req); err != nil {
 		return LinkRequest{}, fmt.Errorf("the body must be JSON %s (return_url and callback_host optional): %v", form, err)
 	}
-	if dec.More() {
+	if _, err := dec.Token(); err != io.EOF {
 		return LinkRequest{}, fmt.Errorf("the body must be one JSON object %s, and nothing after it", form)
 	}
 	if req.Merchant == "" {

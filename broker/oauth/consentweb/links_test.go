@@ -102,6 +102,8 @@ func TestLinksRefuseUnknownFields(t *testing.T) {
 	for _, tc := range []struct{ body, want string }{
 		{`{"merchant":"acme","returnUrl":"https://app.partner.example/consent/"}`, `returnUrl`},
 		{`{"merchant":"acme"} {"merchant":"globex"}`, "one JSON object"},
+		{`{"merchant":"acme"}]`, "one JSON object"},
+		{`{"merchant":"acme"}}`, "one JSON object"},
 	} {
 		w := postLink(newLinksHandler(t, CallerGate{}), tc.body)
 		if w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), tc.want) {
