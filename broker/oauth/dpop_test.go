@@ -384,3 +384,58 @@ func TestDPoPTokenAnswersObserved(t *testing.T) {
 		t.Errorf("the observer saw %d token answers, want 2 (the nonce challenge and the token)", n)
 	}
 }
+
+// TestDPoPNonceRetryNeedsNewNonce: a use_dpop_nonce answer of the token or
+// PAR endpoint is answered with a second request only when the key has
+// learnt a nonce other than the one the refused request carried: without
+// a DPoP-Nonce header, or with the nonce the request already carried, each
+// attempt sends one request.
+func TestDPoPNonceRetryNeedsNewNonce(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		nonce func(n int64) string // the DPoP-Nonce of the nth answer, "" for none
+		want  [2]int64             // the requests of the first and of the second attempt
+	}{
+		{"no nonce", func(int64) string { return "" }, [2]int64{1, 1}},
+		{"one nonce", func(int64) string { return "n-1" }, [2]int64{2, 1}},
+		{"new nonce each answer", func(n int64) string { return fmt.Sprintf("n-%d", n) }, [2]int64{2, 2}},
+	} {
+		for _, endpoint := range []string{"token", "par"} {
+			t.Run(tc.name+"/"+endpoint, func(t *testing.T) {
+				var requests atomic.Int64
+				srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if n := tc.nonce(requests.Add(1)); n != "" {
+						w.Header().Set("DPoP-Nonce", n)
+					}
+					fail(w, http.StatusBadRequest, "use_dpop_nonce")
+				}))
+				defer srv.Close()
+				cfg := Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, DPoP: dpoptest.NewKey(t)}
+				src, err := NewRefreshToken(cfg, &savingStore{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"offline_access"}, AuthorizationURL: srv.URL + "/authorize",
+					PARURL: srv.URL + "/par", PAR: true}, &Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i, want := range tc.want {
+					before := requests.Load()
+					if endpoint == "token" {
+						_, _, err = src.exchange(context.Background(), broker.Request{}, url.Values{"grant_type": {"refresh_token"}})
+					} else {
+						_, err = flow.push(context.Background(), srv.URL+"/par", url.Values{"state": {"s"}})
+					}
+					var ae *broker.APIError
+					if !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" {
+						t.Fatalf("attempt %d: %v, want use_dpop_nonce", i+1, err)
+					}
+					if n := requests.Load() - before; n != want {
+						t.Errorf("attempt %d sent %d requests, want %d", i+1, n, want)
+					}
+				}
+			})
+		}
+	}
+}
