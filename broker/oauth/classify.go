@@ -10,9 +10,9 @@ import (
 // invalid_client (RFC 6749 §5.2: client authentication failed) refuses the
 // source's client credential, which every merchant of the source shares; a
 // refused or missing refresh token (ConsentRequiredError) is one
-// merchant's. A use_dpop_nonce that outlived the transport's one retry
-// (the server changed its nonce meanwhile) is temporary: the next attempt
-// carries the nonce remembered since.
+// merchant's. A use_dpop_nonce that outlived the one retry (the server
+// changed its nonce meanwhile) or got none (no new nonce to send) is
+// temporary: the next attempt carries the nonce remembered by then.
 func (*core) Classify(err error) broker.Class {
 	var ce *ConsentRequiredError
 	var ae *broker.APIError

@@ -106,12 +106,12 @@ type Config struct {
 	// request (each grant and client authentication, the code exchange)
 	// and pushed authorization request carries a proof, the server's
 	// use_dpop_nonce challenge is answered by sending the request once
-	// more, built anew, with the server's nonce, the answer must be
-	// token_type DPoP, and the authorization request names the key's
-	// thumbprint (dpop_jkt). For a public client the server binds the
-	// refresh token to the key as well: it is only usable with proofs of
-	// this key, which every refresh sends. Optional; nil means bearer
-	// tokens.
+	// more, built anew, with the server's nonce when it gave a new one,
+	// the answer must be token_type DPoP, and the authorization request
+	// names the key's thumbprint (dpop_jkt). For a public client the
+	// server binds the refresh token to the key as well: it is only
+	// usable with proofs of this key, which every refresh sends.
+	// Optional; nil means bearer tokens.
 	DPoP *dpop.Key
 	// OnDPoPNonce, when set, is called for each DPoP nonce challenge of
 	// the token or PAR endpoint that is answered with a new request (for

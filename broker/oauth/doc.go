@@ -45,10 +45,10 @@
 //
 // With a DPoP key (Config.DPoP, RFC 9449) every token request and pushed
 // authorization request carries a proof (dpop.Transport: the server's
-// use_dpop_nonce is answered with one retry), the answer must be
-// token_type DPoP, and the authorization request carries dpop_jkt, so
-// that the code, the access tokens and a public client's refresh token
-// are bound to the key.
+// use_dpop_nonce is answered with one retry when it gave a new nonce), the
+// answer must be token_type DPoP, and the authorization request carries
+// dpop_jkt, so that the code, the access tokens and a public client's
+// refresh token are bound to the key.
 //
 // No error from this package contains a client secret, an assertion, a refresh
 // token or an access token.

@@ -12,9 +12,11 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
@@ -382,5 +384,99 @@ func TestDPoPTokenAnswersObserved(t *testing.T) {
 	}
 	if n := seen.Load(); n != 2 {
 		t.Errorf("the observer saw %d token answers, want 2 (the nonce challenge and the token)", n)
+	}
+}
+
+// TestDPoPNonceRetryNeedsNewNonce: a use_dpop_nonce answer of the token or
+// PAR endpoint is answered with a second request only when the key has
+// learnt a nonce other than the one the refused request carried: without
+// a DPoP-Nonce header, or with the nonce the request already carried, each
+// attempt sends one request.
+func TestDPoPNonceRetryNeedsNewNonce(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		nonce func(n int64) string // the DPoP-Nonce of the nth answer, "" for none
+		want  [2]int64             // the requests of the first and of the second attempt
+	}{
+		{"no nonce", func(int64) string { return "" }, [2]int64{1, 1}},
+		{"one nonce", func(int64) string { return "n-1" }, [2]int64{2, 1}},
+		{"new nonce each answer", func(n int64) string { return fmt.Sprintf("n-%d", n) }, [2]int64{2, 2}},
+	} {
+		for _, endpoint := range []string{"token", "par"} {
+			t.Run(tc.name+"/"+endpoint, func(t *testing.T) {
+				var requests atomic.Int64
+				srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					if n := tc.nonce(requests.Add(1)); n != "" {
+						w.Header().Set("DPoP-Nonce", n)
+					}
+					fail(w, http.StatusBadRequest, "use_dpop_nonce")
+				}))
+				defer srv.Close()
+				cfg := Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, DPoP: dpoptest.NewKey(t)}
+				src, err := NewRefreshToken(cfg, &savingStore{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"offline_access"}, AuthorizationURL: srv.URL + "/authorize",
+					PARURL: srv.URL + "/par", PAR: true}, &Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i, want := range tc.want {
+					before := requests.Load()
+					if endpoint == "token" {
+						_, _, err = src.exchange(context.Background(), broker.Request{}, url.Values{"grant_type": {"refresh_token"}})
+					} else {
+						_, err = flow.push(context.Background(), srv.URL+"/par", url.Values{"state": {"s"}})
+					}
+					var ae *broker.APIError
+					if !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" {
+						t.Fatalf("attempt %d: %v, want use_dpop_nonce", i+1, err)
+					}
+					if n := requests.Load() - before; n != want {
+						t.Errorf("attempt %d sent %d requests, want %d", i+1, n, want)
+					}
+				}
+			})
+		}
+	}
+}
+
+// TestDPoPNonceRetryTakesBudget: the retry that answers a token
+// endpoint's nonce challenge is a token request of the provider's budget,
+// taken without waiting: with the budget spent by the first request, the
+// call ends with the challenge (temporary) and one request sent; with room
+// for both, it gets the token.
+func TestDPoPNonceRetryTakesBudget(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		burst  int
+		passed int // requests past the nonce challenge
+	}{
+		{"room for one request", 1, 0},
+		{"room for two requests", 2, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			as := newDPoPAS(t, "basic", nil)
+			clock := newClock()
+			src, err := NewClientCredentials(Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID,
+				ClientSecret: secretValue, DPoP: dpoptest.NewKey(t), Now: clock.Now})
+			if err != nil {
+				t.Fatal(err)
+			}
+			never := func(context.Context, time.Duration) error { t.Error("a request waited for budget"); return nil }
+			br := broker.New(broker.Options{Now: clock.Now, Sleep: never, MaxAttempts: 1})
+			defer br.Close()
+			p := broker.NewProfile("bank#1", src, nil, "", 0)
+			p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: tc.burst, Period: time.Minute}, budget.NewLocal(clock.Now), clock.Now)
+			_, _, err = br.Get(context.Background(), broker.NewBindingFor(p, "m1", ""))
+			var ae *broker.APIError
+			if refused := errors.As(err, &ae) && ae.Code == "use_dpop_nonce" && src.Classify(err) == broker.ClassTemporary; tc.passed == 0 && !refused || tc.passed > 0 && err != nil {
+				t.Errorf("err = %v (passed %d)", err, tc.passed)
+			}
+			if n, passed := as.gate.Challenges.Load(), len(as.jkts); n != 1 || passed != tc.passed {
+				t.Errorf("%d challenges and %d requests past them, want 1 and %d", n, passed, tc.passed)
+			}
+		})
 	}
 }

@@ -99,22 +99,46 @@ func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyl
 // A DPoP nonce challenge is answered by building and sending the request
 // once more (nonceRetry).
 func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
-	t, raw, err := c.exchangeOnce(ctx, req, grant, secrets...)
-	if c.nonceRetry(err) {
-		t, raw, err = c.exchangeOnce(ctx, req, grant, secrets...)
+	ep, err := c.ep.get(ctx)
+	if err != nil {
+		return broker.Token{}, nil, err
+	}
+	carried := c.tokenNonce(ep.Token)
+	t, raw, err := c.exchangeOnce(ctx, ep, req, grant, secrets...)
+	if c.nonceRetry(ctx, err, ep.Token, carried) {
+		t, raw, err = c.exchangeOnce(ctx, ep, req, grant, secrets...)
 	}
 	return t, raw, err
 }
 
-// nonceRetry reports whether a token or PAR request that failed with err
-// is to be sent once more: the server asked for its DPoP nonce
-// (use_dpop_nonce, RFC 9449 §8), which the transport remembered from the
-// answer's DPoP-Nonce header. The request is built again, not replayed: a
-// private_key_jwt assertion is used once (RFC 7523 §3), and the new proof
-// carries the nonce. Config.OnDPoPNonce is told.
-func (c *core) nonceRetry(err error) bool {
+// tokenNonce returns the DPoP nonce the key remembers for the
+// authorization server at the origin of endpoint, the one a request sent
+// there now carries (dpop.Transport); "" without a key.
+func (c *core) tokenNonce(endpoint string) string {
+	u, err := url.Parse(endpoint)
+	if err != nil {
+		return ""
+	}
+	return c.cfg.DPoP.Nonce(dpop.AuthorizationServer, u)
+}
+
+// nonceRetry reports whether a token or PAR request to endpoint that
+// failed with err is to be sent once more: the server asked for its DPoP
+// nonce (use_dpop_nonce, RFC 9449 §8), and the key remembers another
+// nonce for it than carried, the one the request carried (tokenNonce
+// before it was sent): the answer's DPoP-Nonce header, which the
+// transport remembered, or one a concurrent request learnt meanwhile.
+// Without a new nonce the request would be refused again. The retry is a
+// token request of the provider's budget: it is sent only when the budget
+// gives one at once (broker.TakeAnother). The request is built again, not
+// replayed: a private_key_jwt assertion is used once (RFC 7523 §3), and
+// the new proof carries the nonce. Config.OnDPoPNonce is told.
+func (c *core) nonceRetry(ctx context.Context, err error, endpoint, carried string) bool {
 	var ae *broker.APIError
-	if c.cfg.DPoP == nil || !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" {
+	if c.cfg.DPoP == nil || !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" || c.tokenNonce(endpoint) == carried {
+		return false
+	}
+	if !broker.TakeAnother(ctx) {
 		return false
 	}
 	if c.cfg.OnDPoPNonce != nil {
@@ -123,14 +147,11 @@ func (c *core) nonceRetry(err error) bool {
 	return true
 }
 
-// exchangeOnce builds and sends one token request (exchange): the
-// configured parameters, audience, resource, the request's scopes and the
-// grant's parameters, with the client authentication (postForm).
-func (c *core) exchangeOnce(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
-	ep, err := c.ep.get(ctx)
-	if err != nil {
-		return broker.Token{}, nil, err
-	}
+// exchangeOnce builds and sends one token request to ep's token endpoint
+// (exchange): the configured parameters, audience, resource, the
+// request's scopes and the grant's parameters, with the client
+// authentication (postForm).
+func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
 	form := url.Values{"grant_type": {"client_credentials"}}
 	for k, v := range c.cfg.Params {
 		form.Set(k, v)

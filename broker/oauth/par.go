@@ -14,8 +14,9 @@ import (
 // DPoP nonce challenge is answered as the token requests' are
 // (nonceRetry).
 func (a *AuthCode) push(ctx context.Context, endpoint string, params url.Values) (string, error) {
+	carried := a.src.tokenNonce(endpoint)
 	uri, err := a.pushOnce(ctx, endpoint, params)
-	if a.src.nonceRetry(err) {
+	if a.src.nonceRetry(ctx, err, endpoint, carried) {
 		uri, err = a.pushOnce(ctx, endpoint, params)
 	}
 	return uri, err

@@ -84,10 +84,11 @@ func (d *DPoP) GoString() string { return "outbound.DPoP(" + d.String() + ")" }
 // must be set), ath the token's hash, and the nonce the resource server
 // at the upstream's origin (req.URL's scheme and host: the upstream
 // chosen, never the Host header a caller sent) last sent, if any: never
-// an authorization server's nonce, even one at the same origin. Whatever Authorization and DPoP req
-// had is replaced. When no proof can be made, or the binding has no token
-// or was ended (End), req leaves with neither header: a DPoP-bound token
-// never leaves without its proof, nor after its request was done.
+// an authorization server's nonce, even one at the same origin. Whatever
+// Authorization and DPoP req had is replaced. When no proof can be made,
+// or the binding has no token or was ended (End), req leaves with neither
+// header: a DPoP-bound token never leaves without its proof, nor after its
+// request was done.
 func (d *DPoP) Sign(req *http.Request, now time.Time) error {
 	delete(req.Header, "Authorization")
 	delete(req.Header, DPoPHeader)
@@ -128,8 +129,9 @@ func (d *DPoP) SignCopy(req *http.Request, now time.Time) (*http.Request, error)
 
 // Observe remembers the DPoP-Nonce of h, the answer to req (which Sign
 // signed), for the proofs that follow to the resource server at req's
-// origin: a resource server may send a new one with any answer (RFC 9449 §8.2). An ended binding
-// (End) keeps none: its requests left unsigned.
+// origin: a resource server may send a new one with any answer
+// (RFC 9449 §8.2). An ended binding (End) keeps none: its requests left
+// unsigned.
 func (d *DPoP) Observe(req *http.Request, h http.Header) {
 	n := h["Dpop-Nonce"]
 	if len(n) == 0 || d.done.Load() {

@@ -19,9 +19,10 @@ const (
 	ResourceServer
 )
 
-// maxOrigins bounds the origins whose nonce a Key remembers: a provider's
-// authorization server and its resource servers are a handful.
-const maxOrigins = 64
+// maxServers bounds the servers (kind and origin) whose nonce a Key
+// remembers: a provider's authorization server and its resource servers
+// are a handful.
+const maxServers = 64
 
 // nonces holds the last DPoP-Nonce of each server, by its kind and
 // origin (nonceKey).
@@ -68,7 +69,7 @@ func (k *Key) SetNonce(s Server, u *url.URL, nonce string) {
 	if k.nonces.m == nil {
 		k.nonces.m = map[string]string{}
 	}
-	if _, ok := k.nonces.m[o]; !ok && len(k.nonces.m) >= maxOrigins {
+	if _, ok := k.nonces.m[o]; !ok && len(k.nonces.m) >= maxServers {
 		for old := range k.nonces.m {
 			delete(k.nonces.m, old)
 			break

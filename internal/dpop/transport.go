@@ -9,10 +9,11 @@ import (
 // endpoints: each request it sends carries a fresh proof in the DPoP
 // header (htm and htu of that request, the nonce remembered for the
 // authorization server at its origin), and the DPoP-Nonce of every answer
-// is remembered for that server. It does not answer a nonce challenge itself: a token or PAR
-// request may hold single-use credentials (a private_key_jwt assertion,
-// RFC 7523 §3), so the caller builds the request again and sends it once
-// more; that request's proof then carries the nonce. base nil is
+// is remembered for that server. It does not answer a nonce challenge
+// itself: a token or PAR request may hold single-use credentials (a
+// private_key_jwt assertion, RFC 7523 §3), so the caller builds the
+// request again and sends it once more when the answer brought a new
+// nonce; that request's proof then carries it. base nil is
 // http.DefaultTransport.
 func Transport(base http.RoundTripper, k *Key) http.RoundTripper {
 	if base == nil {

@@ -84,12 +84,11 @@ func Verify(proof string) (Proof, error) {
 // valid DPoP proof for it (Checker): signature, htm the request's method,
 // htu "http://" (or "https://") + Host + path (as sent, escaped), iat
 // within a minute of now, a jti not seen before, and when Nonce is set
-// that nonce. A request with
-// a proof without the nonce gets a nonce challenge: 400 {"error":
-// "use_dpop_nonce"} (a token endpoint) or, with ResourceServer, 401 with
-// WWW-Authenticate: DPoP error="use_dpop_nonce". Every answer carries the
-// DPoP-Nonce header when Nonce is set. Next finds the proof with
-// ProofFrom.
+// that nonce. A request with a proof without the nonce gets a nonce
+// challenge: 400 {"error": "use_dpop_nonce"} (a token endpoint) or, with
+// ResourceServer, 401 with WWW-Authenticate: DPoP error="use_dpop_nonce".
+// Every answer carries the DPoP-Nonce header when Nonce is set. Next finds
+// the proof with ProofFrom.
 type Gate struct {
 	// Next serves the requests that pass.
 	Next http.Handler
