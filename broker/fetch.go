@@ -279,7 +279,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		if attempt == 1 {
 			first = start
 		}
-		tok, err := b.Source.Token(br.callContext(ctx, b, background), b.Request())
+		tok, err := b.Source.Token(ctx, b.Request())
 		end := time.Now()
 		elapsed := end.Sub(start)
 		now := br.opts.Now()
@@ -437,40 +437,6 @@ func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, b
 		}
 	}
 	return b.Budget.Take(ctx, p, by, br.opts.Sleep)
-}
-
-// callBudgetKey marks the context of a source's call with its callBudget.
-type callBudgetKey struct{}
-
-// callBudget is what a source's call takes another token request from
-// (TakeAnother): its binding's budget, as the call's own was taken.
-type callBudget struct {
-	br         *Broker
-	b          *Binding
-	background bool
-}
-
-// callContext returns ctx for a call of b's source: with b's budget, for
-// TakeAnother.
-func (br *Broker) callContext(ctx context.Context, b *Binding, background bool) context.Context {
-	if b.Budget == nil {
-		return ctx
-	}
-	return context.WithValue(ctx, callBudgetKey{}, callBudget{br: br, b: b, background: background})
-}
-
-// TakeAnother takes one more token request, without waiting, from the
-// budget (Profile.Budget) of the source's call that ctx is the context
-// of, for a call that sends a second request (a DPoP nonce challenge
-// answered): it reports whether that request may be sent. A call without
-// a budget (none configured, or not made by the broker's fetch) may.
-func TakeAnother(ctx context.Context) bool {
-	cb, ok := ctx.Value(callBudgetKey{}).(callBudget)
-	if !ok {
-		return true
-	}
-	_, err := cb.br.takeBudget(ctx, cb.b, cb.background, cb.br.opts.Now())
-	return err == nil
 }
 
 // Refresh-ahead denied budget: the next request after a short defer tries

@@ -34,9 +34,7 @@ import (
 //     with the budget's wait, and is not remembered; a call that runs out
 //     of time after such a wait is neither held against the breaker nor
 //     remembered for the key; a refused refresh-ahead is tried again by a
-//     lookup after a short defer (refreshDenied); a call that sends a
-//     second token request takes it without waiting (TakeAnother), and
-//     without it ends with the first request's failure;
+//     lookup after a short defer (refreshDenied);
 //   - a fetch calls up to MaxAttempts times while its failures are
 //     temporary, with backoff and jitter, within FetchTimeout.
 //

@@ -12,11 +12,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
-	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
@@ -439,44 +437,5 @@ func TestDPoPNonceRetryNeedsNewNonce(t *testing.T) {
 				}
 			})
 		}
-	}
-}
-
-// TestDPoPNonceRetryTakesBudget: the retry that answers a token
-// endpoint's nonce challenge is a token request of the provider's budget,
-// taken without waiting: with the budget spent by the first request, the
-// call ends with the challenge (temporary) and one request sent; with room
-// for both, it gets the token.
-func TestDPoPNonceRetryTakesBudget(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		burst  int
-		passed int // requests past the nonce challenge
-	}{
-		{"room for one request", 1, 0},
-		{"room for two requests", 2, 1},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			as := newDPoPAS(t, "basic", nil)
-			clock := newClock()
-			src, err := NewClientCredentials(Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID,
-				ClientSecret: secretValue, DPoP: dpoptest.NewKey(t), Now: clock.Now})
-			if err != nil {
-				t.Fatal(err)
-			}
-			never := func(context.Context, time.Duration) error { t.Error("a request waited for budget"); return nil }
-			br := broker.New(broker.Options{Now: clock.Now, Sleep: never, MaxAttempts: 1})
-			defer br.Close()
-			p := broker.NewProfile("bank#1", src, nil, "", 0)
-			p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: tc.burst, Period: time.Minute}, budget.NewLocal(clock.Now), clock.Now)
-			_, _, err = br.Get(context.Background(), broker.NewBindingFor(p, "m1", ""))
-			var ae *broker.APIError
-			if refused := errors.As(err, &ae) && ae.Code == "use_dpop_nonce" && src.Classify(err) == broker.ClassTemporary; tc.passed == 0 && !refused || tc.passed > 0 && err != nil {
-				t.Errorf("err = %v (passed %d)", err, tc.passed)
-			}
-			if n, passed := as.gate.Challenges.Load(), len(as.jkts); n != 1 || passed != tc.passed {
-				t.Errorf("%d challenges and %d requests past them, want 1 and %d", n, passed, tc.passed)
-			}
-		})
 	}
 }

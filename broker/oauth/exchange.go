@@ -105,7 +105,7 @@ func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Value
 	}
 	carried := c.tokenNonce(ep.Token)
 	t, raw, err := c.exchangeOnce(ctx, ep, req, grant, secrets...)
-	if c.nonceRetry(ctx, err, ep.Token, carried) {
+	if c.nonceRetry(err, ep.Token, carried) {
 		t, raw, err = c.exchangeOnce(ctx, ep, req, grant, secrets...)
 	}
 	return t, raw, err
@@ -128,17 +128,13 @@ func (c *core) tokenNonce(endpoint string) string {
 // nonce for it than carried, the one the request carried (tokenNonce
 // before it was sent): the answer's DPoP-Nonce header, which the
 // transport remembered, or one a concurrent request learnt meanwhile.
-// Without a new nonce the request would be refused again. The retry is a
-// token request of the provider's budget: it is sent only when the budget
-// gives one at once (broker.TakeAnother). The request is built again, not
-// replayed: a private_key_jwt assertion is used once (RFC 7523 §3), and
-// the new proof carries the nonce. Config.OnDPoPNonce is told.
-func (c *core) nonceRetry(ctx context.Context, err error, endpoint, carried string) bool {
+// Without a new nonce the request would be refused again. The request is
+// built again, not replayed: a private_key_jwt assertion is used once
+// (RFC 7523 §3), and the new proof carries the nonce.
+// Config.OnDPoPNonce is told.
+func (c *core) nonceRetry(err error, endpoint, carried string) bool {
 	var ae *broker.APIError
 	if c.cfg.DPoP == nil || !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" || c.tokenNonce(endpoint) == carried {
-		return false
-	}
-	if !broker.TakeAnother(ctx) {
 		return false
 	}
 	if c.cfg.OnDPoPNonce != nil {

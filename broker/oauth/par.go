@@ -16,7 +16,7 @@ import (
 func (a *AuthCode) push(ctx context.Context, endpoint string, params url.Values) (string, error) {
 	carried := a.src.tokenNonce(endpoint)
 	uri, err := a.pushOnce(ctx, endpoint, params)
-	if a.src.nonceRetry(ctx, err, endpoint, carried) {
+	if a.src.nonceRetry(err, endpoint, carried) {
 		uri, err = a.pushOnce(ctx, endpoint, params)
 	}
 	return uri, err
