@@ -115,6 +115,9 @@ func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Value
 // authorization server at the origin of endpoint, the one a request sent
 // there now carries (dpop.Transport); "" without a key.
 func (c *core) tokenNonce(endpoint string) string {
+	if c.cfg.DPoP == nil {
+		return ""
+	}
 	u, err := url.Parse(endpoint)
 	if err != nil {
 		return ""
