@@ -82,14 +82,16 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 // what is wrong with it.
 func DecodeLinkRequest(body io.Reader) (LinkRequest, error) {
 	const form = `{"merchant": "...", "return_url": "...", "callback_host": "..."}`
+	const limit = 16 << 10
 	var req LinkRequest
-	dec := json.NewDecoder(io.LimitReader(body, 16<<10))
+	lr := &io.LimitedReader{R: body, N: limit + 1} // one byte more: a longer body is seen
+	dec := json.NewDecoder(lr)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
-		return LinkRequest{}, fmt.Errorf("the body must be JSON %s (return_url and callback_host optional): %v", form, err)
+		return LinkRequest{}, fmt.Errorf("the body must be JSON %s (return_url and callback_host optional), at most %d bytes: %v", form, limit, err)
 	}
-	if _, err := dec.Token(); err != io.EOF {
-		return LinkRequest{}, fmt.Errorf("the body must be one JSON object %s, and nothing after it", form)
+	if _, err := dec.Token(); err != io.EOF || lr.N == 0 {
+		return LinkRequest{}, fmt.Errorf("the body must be one JSON object %s, at most %d bytes, and nothing after it", form, limit)
 	}
 	if req.Merchant == "" {
 		return LinkRequest{}, fmt.Errorf("the body names no merchant: send the merchant's id as %s", form)

@@ -104,6 +104,7 @@ func TestLinksRefuseUnknownFields(t *testing.T) {
 		{`{"merchant":"acme"} {"merchant":"globex"}`, "one JSON object"},
 		{`{"merchant":"acme"}]`, "one JSON object"},
 		{`{"merchant":"acme"}}`, "one JSON object"},
+		{`{"merchant":"acme"}` + strings.Repeat(" ", 16<<10) + `{"merchant":"globex"}`, "one JSON object"},
 	} {
 		w := postLink(newLinksHandler(t, CallerGate{}), tc.body)
 		if w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), tc.want) {
