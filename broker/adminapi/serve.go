@@ -112,7 +112,8 @@ type route struct {
 //	POST /token_broker/consent/links               {"merchant": "acme", "return_url": "…", "callback_host": "…"}:
 //	                                               a one-time consent link (consentweb.CreateLink)
 //	GET  /token_broker/consent/merchants           the merchants of refresh_token providers and their
-//	                                               consent state (?provider=NAME to filter)
+//	                                               consent state (?provider=NAME to filter: 400 when
+//	                                               NAME is not a refresh_token provider)
 func routes() []route {
 	return []route{
 		{"/token_broker/tokens", tokens},
@@ -376,7 +377,8 @@ func links(w http.ResponseWriter, r *http.Request, in *Instance) error {
 }
 
 // consentMerchants serves GET /token_broker/consent/merchants
-// (consentweb.States).
+// (consentweb.States); 400 for a provider that is not a refresh_token
+// provider of the registry (consentweb.CheckProvider).
 func consentMerchants(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if r.Method != http.MethodGet {
 		return methodNotAllowed(http.MethodGet)
@@ -387,6 +389,9 @@ func consentMerchants(w http.ResponseWriter, r *http.Request, in *Instance) erro
 	v, err := params(r, "provider")
 	if err != nil {
 		return err
+	}
+	if err := consentweb.CheckProvider(in.Registry, v.Get("provider")); err != nil {
+		return &Error{Status: http.StatusBadRequest, Err: err}
 	}
 	if in.Registry == nil {
 		return writeJSON(w, map[string]any{"merchants": []consentweb.State{}})

@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -113,8 +114,7 @@ func TestQueryRefusals(t *testing.T) {
 			}
 		})
 	}
-	for _, path := range []string{"/token_broker/tokens?merchant=acme", "/token_broker/state?provider=bank&limit=5",
-		"/token_broker/consent/merchants?provider=bank"} {
+	for _, path := range []string{"/token_broker/tokens?merchant=acme", "/token_broker/state?provider=bank&limit=5"} {
 		rec := httptest.NewRecorder()
 		if err := Serve(rec, httptest.NewRequest(http.MethodGet, path, nil), in); err != nil || rec.Code != http.StatusOK {
 			t.Errorf("GET %s: %v, %d %s", path, err, rec.Code, rec.Body.String())
@@ -147,6 +147,46 @@ func TestMethodNotAllowedSaysAllow(t *testing.T) {
 			var ae *Error
 			if !errors.As(err, &ae) || ae.Status != http.StatusMethodNotAllowed || rec.Header().Get("Allow") != tt.allow {
 				t.Fatalf("%v, Allow %q; want 405 with Allow %q", err, rec.Header().Get("Allow"), tt.allow)
+			}
+		})
+	}
+}
+
+// TestConsentMerchantsProvider: the consent merchants of a refresh_token
+// provider are listed; a provider that is not in the registry, or does
+// not use the refresh_token grant, is refused with 400 naming the
+// providers that do.
+func TestConsentMerchantsProvider(t *testing.T) {
+	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.example/token", ClientID: "c", ClientSecret: "s"}, oauth.NewMemoryStore())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := &config.Registry{Providers: map[string]*config.Provider{"bank": {Name: "bank", Source: src}, "np": {Name: "np", ID: "np#1"}},
+		Merchants: map[string]*config.Merchant{"acme": {ID: "acme", Terms: &config.Terms{Provider: "bank"}}}}
+	br := broker.New(broker.Options{})
+	t.Cleanup(br.Close)
+	in := &Instance{Registry: reg, Broker: br, Logger: zap.NewNop()}
+	for _, tt := range []struct {
+		query, want string
+		status      int
+	}{
+		{"", `"merchant":"acme"`, http.StatusOK},
+		{"?provider=bank", `"merchant":"acme"`, http.StatusOK},
+		{"?provider=typo", `provider "typo" is not in the registry: use one of bank, or leave provider out`, http.StatusBadRequest},
+		{"?provider=np", `provider "np" does not use the refresh_token grant: use one of bank, or leave provider out`, http.StatusBadRequest},
+	} {
+		t.Run(tt.query, func(t *testing.T) {
+			rec := httptest.NewRecorder()
+			err := Serve(rec, httptest.NewRequest(http.MethodGet, "/token_broker/consent/merchants"+tt.query, nil), in)
+			status, msg := rec.Code, rec.Body.String()
+			var ae *Error
+			if errors.As(err, &ae) {
+				status, msg = ae.Status, ae.Error()
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			if status != tt.status || !strings.Contains(msg, tt.want) {
+				t.Errorf("GET %s: %d %s, want %d with %s", tt.query, status, strings.TrimSpace(msg), tt.status, tt.want)
 			}
 		})
 	}

@@ -32,6 +32,38 @@ type State struct {
 	ConsentFlow bool `json:"consent_flow"`
 }
 
+// CheckProvider returns an error when provider is neither "" nor one of
+// reg's refresh_token providers (reg may be nil): it says whether the
+// provider is not in the registry or uses another grant, and names the
+// refresh_token providers to use instead.
+func CheckProvider(reg *config.Registry, provider string) error {
+	if provider == "" {
+		return nil
+	}
+	var names []string
+	var p *config.Provider
+	if reg != nil {
+		p = reg.Providers[provider]
+		for name, q := range reg.Providers {
+			if _, ok := q.RefreshToken(); ok {
+				names = append(names, name)
+			}
+		}
+	}
+	if _, ok := p.RefreshToken(); ok {
+		return nil
+	}
+	slices.Sort(names)
+	what := "use one of " + strings.Join(names, ", ") + ", or leave provider out"
+	if len(names) == 0 {
+		what = "the registry has no refresh_token provider: leave provider out"
+	}
+	if p == nil {
+		return fmt.Errorf("provider %.64q is not in the registry: %s", provider, what)
+	}
+	return fmt.Errorf("provider %.64q does not use the refresh_token grant: %s", provider, what)
+}
+
 // States are the consent states of the merchants of the registry's
 // refresh_token providers (of provider alone when it is not ""), sorted
 // by merchant. The error is a failed read of a refresh-token store.
