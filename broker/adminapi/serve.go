@@ -396,11 +396,7 @@ func consentMerchants(w http.ResponseWriter, r *http.Request, in *Instance) erro
 	if in.Registry == nil {
 		return writeJSON(w, map[string]any{"merchants": []consentweb.State{}})
 	}
-	out, err := consentweb.States(r.Context(), in.Registry, v.Get("provider"))
-	if err != nil {
-		return &Error{Status: http.StatusInternalServerError, Err: err}
-	}
-	return writeJSON(w, map[string]any{"merchants": out})
+	return writeJSON(w, map[string]any{"merchants": consentweb.States(r.Context(), in.Registry, v.Get("provider"))})
 }
 
 // values returns the parameters of r's query string; a malformed one

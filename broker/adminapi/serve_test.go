@@ -1,18 +1,25 @@
 package adminapi
 
 import (
+	"bytes"
+	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/kvstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
 // TestServe: each route answers; a path or a method a route does not
@@ -189,5 +196,64 @@ func TestConsentMerchantsProvider(t *testing.T) {
 				t.Errorf("GET %s: %d %s, want %d with %s", tt.query, status, strings.TrimSpace(msg), tt.status, tt.want)
 			}
 		})
+	}
+}
+
+// TestConsentMerchantsUnreadableToken: a merchant whose stored refresh
+// token cannot be read (sealed with a key this instance lacks) is listed
+// with an error saying so, never the token, and not as needing consent;
+// the other merchants are listed as usual.
+func TestConsentMerchantsUnreadableToken(t *testing.T) {
+	ctx := context.Background()
+	fs := &certmagic.FileStorage{Path: t.TempDir()}
+	var locks keylock.Map
+	keys, err := seal.New(bytes.Repeat([]byte{'k'}, seal.KeySize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := kvstore.Refresh{S: fs, Locks: &locks} // no keys: cannot open a sealed token
+	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.example/token", ClientID: "c", ClientSecret: "s"}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := (kvstore.Refresh{S: fs, Locks: &locks, Keys: keys}).Save(ctx, src.StoreKey("acme"), "rt-acme-SECRET"); err != nil {
+		t.Fatal(err)
+	}
+	if err := store.Save(ctx, src.StoreKey("zeta"), "rt-zeta-SECRET"); err != nil {
+		t.Fatal(err)
+	}
+	terms := &config.Terms{Provider: "bank"}
+	reg := &config.Registry{Providers: map[string]*config.Provider{"bank": {Name: "bank", Source: src}},
+		Merchants: map[string]*config.Merchant{"acme": {ID: "acme", Terms: terms}, "bob": {ID: "bob", Terms: terms}, "zeta": {ID: "zeta", Terms: terms}}}
+	br := broker.New(broker.Options{})
+	t.Cleanup(br.Close)
+	rec := httptest.NewRecorder()
+	if err := Serve(rec, httptest.NewRequest(http.MethodGet, "/token_broker/consent/merchants", nil), &Instance{Registry: reg, Broker: br, Logger: zap.NewNop()}); err != nil {
+		t.Fatalf("GET /token_broker/consent/merchants: %v", err)
+	}
+	if strings.Contains(rec.Body.String(), "SECRET") {
+		t.Fatalf("the list shows a refresh token: %s", rec.Body)
+	}
+	var got struct {
+		Merchants []struct {
+			Merchant        string `json:"merchant"`
+			HasRefreshToken bool   `json:"has_refresh_token"`
+			ConsentRequired bool   `json:"consent_required"`
+			Error           string `json:"error"`
+		} `json:"merchants"`
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &got); err != nil || len(got.Merchants) != 3 {
+		t.Fatalf("%v: %s; want 3 merchants", err, rec.Body)
+	}
+	acme, bob, zeta := got.Merchants[0], got.Merchants[1], got.Merchants[2]
+	if acme.Merchant != "acme" || acme.HasRefreshToken || acme.ConsentRequired ||
+		!strings.HasPrefix(acme.Error, "its stored refresh token cannot be read: ") || !strings.Contains(acme.Error, "storage_encryption_key") {
+		t.Errorf("acme: %+v; want an error naming the unreadable refresh token", acme)
+	}
+	if bob.Merchant != "bob" || bob.HasRefreshToken || !bob.ConsentRequired || bob.Error != "" {
+		t.Errorf("bob: %+v; want no refresh token, consent required and no error", bob)
+	}
+	if zeta.Merchant != "zeta" || !zeta.HasRefreshToken || zeta.Error != "" {
+		t.Errorf("zeta: %+v; want its refresh token and no error", zeta)
 	}
 }

@@ -30,6 +30,11 @@ type State struct {
 	// ConsentFlow says whether the provider has a consent table (links
 	// can be created).
 	ConsentFlow bool `json:"consent_flow"`
+	// Error says why the merchant's stored refresh token cannot be read
+	// (never the token); HasRefreshToken is then false and
+	// ConsentRequired says only whether the provider refused it. ""
+	// when it can be read or none is stored.
+	Error string `json:"error,omitempty"`
 }
 
 // CheckProvider returns an error when provider is neither "" nor one of
@@ -66,8 +71,9 @@ func CheckProvider(reg *config.Registry, provider string) error {
 
 // States are the consent states of the merchants of the registry's
 // refresh_token providers (of provider alone when it is not ""), sorted
-// by merchant. The error is a failed read of a refresh-token store.
-func States(ctx context.Context, reg *config.Registry, provider string) ([]State, error) {
+// by merchant. A merchant whose refresh token cannot be read from its
+// store is listed with State.Error.
+func States(ctx context.Context, reg *config.Registry, provider string) []State {
 	out := []State{}
 	for id, m := range reg.Merchants {
 		p := reg.Providers[m.Provider]
@@ -76,16 +82,18 @@ func States(ctx context.Context, reg *config.Registry, provider string) ([]State
 			continue
 		}
 		_, lerr := src.Store().Load(ctx, src.StoreKey(id))
-		if lerr != nil && !errors.Is(lerr, oauth.ErrNoRefreshToken) {
-			return nil, fmt.Errorf("merchant %q: reading the refresh-token store: %w", id, lerr)
-		}
+		none := errors.Is(lerr, oauth.ErrNoRefreshToken)
 		st := src.ConsentStatus(id)
-		out = append(out, State{Merchant: id, Provider: p.Name, HasRefreshToken: lerr == nil,
-			LastRefresh: timePtr(st.LastRefresh), ConsentRequired: lerr != nil || !st.ConsentRequiredSince.IsZero(),
-			ConsentRequiredSince: timePtr(st.ConsentRequiredSince), ConsentFlow: p.Consent != nil})
+		row := State{Merchant: id, Provider: p.Name, HasRefreshToken: lerr == nil,
+			LastRefresh: timePtr(st.LastRefresh), ConsentRequired: none || !st.ConsentRequiredSince.IsZero(),
+			ConsentRequiredSince: timePtr(st.ConsentRequiredSince), ConsentFlow: p.Consent != nil}
+		if lerr != nil && !none {
+			row.Error = "its stored refresh token cannot be read: " + lerr.Error()
+		}
+		out = append(out, row)
 	}
 	slices.SortFunc(out, func(a, b State) int { return strings.Compare(a.Merchant, b.Merchant) })
-	return out, nil
+	return out
 }
 
 // timePtr is t in UTC, nil when zero.
