@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
@@ -339,15 +340,19 @@ func backoff(n int) time.Duration {
 
 // check validates what a Source returned before it is cached.
 func (br *Broker) check(b *Binding, tok *Token, now time.Time) error {
+	status := tok.Status
+	if status == 0 {
+		status = http.StatusOK
+	}
 	if !ValidTokenValue(tok.Value.Reveal()) {
-		return &APIError{Provider: sourceType(b), StatusCode: 200, Code: "invalid_token_value",
+		return &APIError{Provider: sourceType(b), StatusCode: status, Code: "invalid_token_value",
 			Description: "the access token is empty, too long or contains characters not allowed in an HTTP header"}
 	}
 	if tok.IssuedAt.IsZero() || tok.IssuedAt.After(now) {
 		tok.IssuedAt = now
 	}
 	if !tok.ValidAt(now, br.opts.Leeway) {
-		return &APIError{Provider: sourceType(b), StatusCode: 200, Code: "expired_token",
+		return &APIError{Provider: sourceType(b), StatusCode: status, Code: "expired_token",
 			Description: fmt.Sprintf("merchant %q: expiry %s", b.Merchant, tok.Expiry.UTC().Format(time.RFC3339)), Err: ErrExpiredToken}
 	}
 	return nil

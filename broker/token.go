@@ -66,6 +66,11 @@ type Token struct {
 	// refreshes when planned and the others adopt. Zero: the broker that
 	// caches the token plans it.
 	RefreshAt time.Time
+	// Status is the HTTP status of the provider's answer that carried the
+	// token (Nuapay's 201, OAuth's 200), set by the source that received
+	// it; 0 when the source does not say, then taken as 200. A token from
+	// the cache or the shared tier has none.
+	Status int
 }
 
 // Fingerprint identifies the token in logs, spans and admin output.

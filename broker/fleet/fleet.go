@@ -744,7 +744,11 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 	callerMint, mintCtx := mint, withRedisTime(ctx, 0)
 	mint = func(context.Context) (broker.Token, error) { return callerMint(mintCtx) }
 	ctx = withRedisTime(ctx, c.opts.MaxTimeout)
+	// A lookup whose context has ended is not a bypass: it mints nothing.
 	bypass := func() (broker.Token, string, error) {
+		if ctx.Err() != nil {
+			return broker.Token{}, "", ctx.Err()
+		}
 		c.metrics.bypassed.Inc()
 		tok, err := mint(ctx)
 		return tok, howBypassed, err
@@ -770,9 +774,6 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			return c.fetchLocked(ctx, key, subject, l, usable, mint)
 		}
 		if !errors.Is(err, redislock.ErrNotObtained) {
-			if ctx.Err() != nil {
-				return broker.Token{}, "", ctx.Err()
-			}
 			return bypass()
 		}
 		switch {
@@ -790,9 +791,6 @@ func (c *Cache) fetch(ctx context.Context, key string, usable func(broker.Token)
 			return c.mintUnlocked(ctx, key, subject, mint)
 		}
 		if err := c.waitLock(ctx, subject, wake); err != nil {
-			if ctx.Err() != nil {
-				return broker.Token{}, "", ctx.Err()
-			}
 			return bypass()
 		}
 		tok, found, err := c.read(ctx, key)

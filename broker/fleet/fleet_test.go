@@ -829,3 +829,17 @@ func TestPlainKeyNames(t *testing.T) {
 		t.Errorf("name of a printable key %q, want it unchanged", n)
 	}
 }
+
+// TestCancelledLookupIsNotBypassed: a lookup whose context has ended
+// mints nothing and is not counted as a bypass of the shared tier.
+func TestCancelledLookupIsNotBypassed(t *testing.T) {
+	r := startRedis(t)
+	n := newNode(t, r, testKeys(t, 1), nil)
+	ctx, cancel := context.WithCancel(testCtx(t))
+	cancel()
+	var m minter
+	_, _, err := n.Fetch(ctx, testKey, usable, m.mint)
+	if !errors.Is(err, context.Canceled) || m.n.Load() != 0 || n.obs.bypass() != 0 {
+		t.Fatalf("cancelled lookup: err=%v mints=%d bypassed=%d; want context.Canceled, no mint, no bypass", err, m.n.Load(), n.obs.bypass())
+	}
+}

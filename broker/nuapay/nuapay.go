@@ -276,7 +276,7 @@ func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (br
 	if d.ExpiryTime.set && d.ExpiryTime.ms < float64(expiry.UnixMilli()) {
 		expiry = time.UnixMilli(int64(max(d.ExpiryTime.ms, 0)))
 	}
-	return broker.Token{Value: broker.Secret(d.AccessToken), Type: "Bearer", Expiry: expiry, ID: string(d.ID), Scopes: d.Scopes}, nil
+	return broker.Token{Value: broker.Secret(d.AccessToken), Type: "Bearer", Expiry: expiry, ID: string(d.ID), Scopes: d.Scopes, Status: status}, nil
 }
 
 // ErrNoTokenID is returned by RevokeToken for a token without an id: it is

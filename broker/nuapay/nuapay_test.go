@@ -530,3 +530,19 @@ func TestNuapayLifetimeInWholeSeconds(t *testing.T) {
 		t.Fatalf("expiry in %s, want 10s (what was asked for)", d)
 	}
 }
+
+// TestNuapayUnusableTokenNamesItsStatus: a token Gatekeeper issued with
+// its documented 201 but that the broker cannot use is reported with that
+// status, not another.
+func TestNuapayUnusableTokenNamesItsStatus(t *testing.T) {
+	g := &gatekeeper{status: http.StatusCreated, body: strings.Replace(okEnvelope, "%d", "1000", 1)}
+	n := newNuapayTest(t, g)
+	br := broker.New(broker.Options{Sleep: func(context.Context, time.Duration) error { return nil }})
+	t.Cleanup(br.Close)
+	b := broker.NewBindingFor(broker.NewProfile("nuapay#1", n, []string{"openbanking_pisp"}, "", time.Hour), "acme", "org-acme")
+	_, err := br.Check(context.Background(), b)
+	var ae *broker.APIError
+	if !errors.As(err, &ae) || ae.Code != "expired_token" || ae.StatusCode != http.StatusCreated {
+		t.Fatalf("Check = %v, want an expired_token answered 201", err)
+	}
+}

@@ -186,6 +186,7 @@ func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Reque
 	if err != nil {
 		return broker.Token{}, tok, scrubError(err, secrets)
 	}
+	t.Status = resp.StatusCode
 	return t, tok, nil
 }
 
