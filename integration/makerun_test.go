@@ -115,7 +115,7 @@ func (m *makeRun) waitUp(t *testing.T, addr string) {
 func TestMakeRunKeepsConsentAcrossRestarts(t *testing.T) {
 	t.Parallel()
 	if _, err := exec.LookPath("make"); err != nil {
-		t.Skipf("make is not installed: %v", err)
+		t.Fatalf("make is not installed (%v): the tests of `make run` and the README need it; install make", err)
 	}
 	runDir, bin := t.TempDir(), t.TempDir()
 	sandboxPort, port, adminPort, consentPort := freePort(t), freePort(t), freePort(t), freePort(t)
@@ -205,7 +205,7 @@ func withoutMakeVars(environ []string) []string {
 func TestMakeRunStopsWhenTheSandboxCannotListen(t *testing.T) {
 	t.Parallel()
 	if _, err := exec.LookPath("make"); err != nil {
-		t.Skipf("make is not installed: %v", err)
+		t.Fatalf("make is not installed (%v): the tests of `make run` and the README need it; install make", err)
 	}
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -248,7 +248,7 @@ func TestMakeRunStopsWhenTheSandboxCannotListen(t *testing.T) {
 func TestREADMEValidate(t *testing.T) {
 	t.Parallel()
 	if _, err := exec.LookPath("make"); err != nil {
-		t.Skipf("make is not installed: %v", err)
+		t.Fatalf("make is not installed (%v): the tests of `make run` and the README need it; install make", err)
 	}
 	caddyBin, sandboxBin := buildBinaries(t)
 	bin := t.TempDir()
@@ -279,7 +279,7 @@ func TestREADMEValidate(t *testing.T) {
 func TestMakeRunIgnoresTheExamplesEnvironment(t *testing.T) {
 	t.Parallel()
 	if _, err := exec.LookPath("make"); err != nil {
-		t.Skipf("make is not installed: %v", err)
+		t.Fatalf("make is not installed (%v): the tests of `make run` and the README need it; install make", err)
 	}
 	const realKey = "partners-real-nuapay-key"
 	sandboxPort, port, adminPort, consentPort := freePort(t), freePort(t), freePort(t), freePort(t)
