@@ -55,15 +55,7 @@ func TestServe(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			rec := httptest.NewRecorder()
-			err := Serve(rec, httptest.NewRequest(tt.method, tt.path, nil), tt.in)
-			status, msg := rec.Code, rec.Body.String()
-			var ae *Error
-			if errors.As(err, &ae) {
-				status, msg = ae.Status, ae.Error()
-			} else if err != nil {
-				t.Fatal(err)
-			}
+			status, msg := answer(t, httptest.NewRequest(tt.method, tt.path, nil), tt.in)
 			if status != tt.wantStatus || !strings.Contains(msg, tt.wantMessage) {
 				t.Errorf("%s %s: %d %q, want %d with %q", tt.method, tt.path, status, msg, tt.wantStatus, tt.wantMessage)
 			}
@@ -183,15 +175,7 @@ func TestConsentMerchantsProvider(t *testing.T) {
 		{"?provider=np", `provider "np" does not use the refresh_token grant: use one of bank, or leave provider out`, http.StatusBadRequest},
 	} {
 		t.Run(tt.query, func(t *testing.T) {
-			rec := httptest.NewRecorder()
-			err := Serve(rec, httptest.NewRequest(http.MethodGet, "/token_broker/consent/merchants"+tt.query, nil), in)
-			status, msg := rec.Code, rec.Body.String()
-			var ae *Error
-			if errors.As(err, &ae) {
-				status, msg = ae.Status, ae.Error()
-			} else if err != nil {
-				t.Fatal(err)
-			}
+			status, msg := answer(t, httptest.NewRequest(http.MethodGet, "/token_broker/consent/merchants"+tt.query, nil), in)
 			if status != tt.status || !strings.Contains(msg, tt.want) {
 				t.Errorf("GET %s: %d %s, want %d with %s", tt.query, status, strings.TrimSpace(msg), tt.status, tt.want)
 			}
@@ -256,4 +240,19 @@ func TestConsentMerchantsUnreadableToken(t *testing.T) {
 	if zeta.Merchant != "zeta" || !zeta.HasRefreshToken || zeta.Error != "" {
 		t.Errorf("zeta: %+v; want its refresh token and no error", zeta)
 	}
+}
+
+// answer serves r and returns the status and the text the admin API
+// answers it with: a refusal's (*Error) or the written answer's.
+func answer(t *testing.T, r *http.Request, in *Instance) (int, string) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	err := Serve(rec, r, in)
+	var ae *Error
+	if errors.As(err, &ae) {
+		return ae.Status, ae.Error()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return rec.Code, rec.Body.String()
 }
