@@ -137,10 +137,10 @@ func TestCallbackSiteNeedsHTTPS(t *testing.T) {
 		ok       bool
 	}{
 		{"https://cb.partner.example/consent/callback", true},
-		{"http://127.0.0.1:8081/consent/callback", true},
-		{"http://localhost:8081/consent/callback", true},
-		{"http://[::1]:8081/consent/callback", true},
-		{"http://127.9.8.7:8081/consent/callback", true},
+		{"http://127.0.0.1:81/consent/callback", true},
+		{"http://localhost:81/consent/callback", true},
+		{"http://[::1]:81/consent/callback", true},
+		{"http://127.9.8.7:81/consent/callback", true},
 		{"http://cb.partner.example/consent/callback", false},
 		{"http://127.0.0.1.nip.io/consent/callback", false},
 		{"HTTP://cb.partner.example:8080/consent/callback", false},
