@@ -134,6 +134,36 @@ func TestConcurrentFirstRequestsFetchOnce(t *testing.T) {
 	}
 }
 
+// A lookup that found no cached token, and whose own fetch starts only
+// after another fetch of the key cached one, takes that token: it fetches
+// nothing and is reported as a hit, not a miss.
+func TestFetchAfterAnotherCachedTakesTheCachedToken(t *testing.T) {
+	clock := newFakeClock()
+	src := &countingSource{clock: clock, life: time.Hour}
+	br := New(Options{Now: clock.Now})
+	t.Cleanup(br.Close)
+	req := Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"a"}}
+	first, late := NewBinding("nuapay#1", src, req), NewBinding("nuapay#1", src, req)
+	if _, r, err := br.Get(context.Background(), first); err != nil || r != Miss {
+		t.Fatalf("first lookup: %v, %v; want a miss", r, err)
+	}
+	// late looked before the first fetch ended (its binding holds no
+	// entry); its fetch starts now.
+	got, err := br.await(context.Background(), late, nil, "a token")
+	if err != nil || got.err != nil {
+		t.Fatalf("await: %v %v", err, got.err)
+	}
+	if !got.cached || got.joined || got.entry == nil || got.entry.Token().Value.Reveal() != "tok-acme-1" {
+		t.Fatalf("await = cached %v joined %v entry %v; want the cached token, taken by its own fetch", got.cached, got.joined, got.entry)
+	}
+	if n := src.calls.Load(); n != 1 {
+		t.Fatalf("token API calls = %d, want 1", n)
+	}
+	if late.current.Load() != got.entry {
+		t.Fatal("the late binding does not remember the entry it was served")
+	}
+}
+
 func TestRefreshAheadAndExpiry(t *testing.T) {
 	clock := newFakeClock()
 	src := &countingSource{clock: clock, life: 100 * time.Second}

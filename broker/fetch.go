@@ -11,6 +11,25 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
+// cachedFresh returns the token cached for b's key when a fetch that ended
+// just before this one started left one that needs no fetch (for a
+// refresh-ahead of cur: another entry, not yet due for refresh), else nil.
+// Its callers check it inside the singleflight group, so the key is not
+// fetched twice.
+func (br *Broker) cachedFresh(b *Binding, cur *Entry) *Entry {
+	v, ok := br.cache.Get(b.key)
+	if !ok {
+		return nil
+	}
+	e, now := v.(*Entry), br.opts.Now()
+	if !e.validAt(now, br.opts.Leeway) || (cur != nil && (e == cur || !now.Before(e.RefreshAt()))) {
+		return nil
+	}
+	e.servedTo(b)
+	b.current.Store(e)
+	return e
+}
+
 // fetch obtains a token for b and caches it. It runs once per key at a time
 // (inside the singleflight group), detached from the cancellation of the
 // request that started it but keeping its values (trace context); only
@@ -22,16 +41,6 @@ import (
 func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *forced) (*Entry, error) {
 	now := br.opts.Now()
 	br.pol.maybeSweep(now)
-	// A fetch that finished just before this one started may have left a
-	// fresh token: do not fetch twice.
-	if v, ok := br.cache.Get(b.key); ok && force == nil {
-		e := v.(*Entry)
-		if e.validAt(now, br.opts.Leeway) && (cur == nil || (e != cur && now.Before(e.RefreshAt()))) {
-			e.servedTo(b)
-			b.current.Store(e)
-			return e, nil
-		}
-	}
 	// The fetch is shared, so the deadline of the request that happened
 	// to start it must not cut it short for the others (each waiter gives
 	// up on its own context).

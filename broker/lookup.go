@@ -86,6 +86,8 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 		case got.joined:
 			e.servedTo(b)
 			r = Shared
+		case got.cached:
+			r = Hit
 		case e.adopted:
 			r = Adopted
 		}
@@ -99,6 +101,9 @@ type awaited struct {
 	entry  *Entry // nil when err is set
 	err    error
 	joined bool // the fetch was in flight: another caller started it
+	// cached: this caller's fetch found a token cached by a fetch that
+	// ended after the caller's own cache lookup, and fetched nothing.
+	cached bool
 }
 
 // await waits for the fetch of b's key in flight, or for one it starts
@@ -109,9 +114,16 @@ type awaited struct {
 // awaited; the fetch's outcome is then not read.
 func (br *Broker) await(ctx context.Context, b *Binding, force *forced, what string) (awaited, error) {
 	for attempt := 0; ; attempt++ {
-		started := false // set by this call's fetch only, read after the channel
+		// Set by this call's own fetch only, read after the channel.
+		started, cached := false, false
 		ch := br.group.DoChan(b.key, func() (any, error) {
 			started = true
+			if force == nil {
+				if e := br.cachedFresh(b, nil); e != nil {
+					cached = true
+					return e, nil
+				}
+			}
 			return br.fetch(ctx, b, nil, force)
 		})
 		select {
@@ -120,7 +132,7 @@ func (br *Broker) await(ctx context.Context, b *Binding, force *forced, what str
 				continue
 			}
 			e, _ := res.Val.(*Entry)
-			return awaited{entry: e, err: res.Err, joined: !started}, nil
+			return awaited{entry: e, err: res.Err, joined: !started, cached: cached}, nil
 		case <-ctx.Done():
 			return awaited{}, fmt.Errorf("merchant %q: waiting for %s: %w", b.Merchant, what, context.Cause(ctx))
 		}
@@ -133,6 +145,9 @@ func (br *Broker) refresh(ctx context.Context, b *Binding, e *Entry) {
 	go func() {
 		defer e.refreshing.Store(false)
 		br.group.Do(b.key, func() (any, error) {
+			if fresh := br.cachedFresh(b, e); fresh != nil {
+				return fresh, nil
+			}
 			return br.fetch(ctx, b, e, nil)
 		})
 	}()
