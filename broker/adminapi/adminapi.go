@@ -24,6 +24,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -124,20 +125,29 @@ func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
 	return ti
 }
 
-// Tokens are br's cached tokens (those match selects when it is not nil,
-// e.g. MerchantTokens), with their failure policy's state, sorted by
-// merchant and scopes.
-func Tokens(br *broker.Broker, match func(*broker.Binding) bool) []TokenInfo {
-	out := []TokenInfo{}
+// Tokens are page p of br's cached tokens (those match selects when it
+// is not nil, e.g. MerchantTokens), with their failure policy's state,
+// sorted by merchant and scopes: every token of the page's merchants
+// (p.Limit counts merchants, so one merchant's tokens are never split).
+// next is the After of the next page, "" on the last (opstate.Cut).
+func Tokens(br *broker.Broker, match func(*broker.Binding) bool, p opstate.Page) (tokens []TokenInfo, next string) {
+	var entries []*broker.Entry
 	for _, e := range br.Entries() {
-		if match == nil || match(e.Binding()) {
-			out = append(out, tokenInfo(e).withPolicy(br.Policy(e)))
+		if b := e.Binding(); b.Merchant > p.After && (match == nil || match(b)) {
+			entries = append(entries, e)
 		}
 	}
-	slices.SortFunc(out, func(a, b TokenInfo) int {
-		return strings.Compare(a.Merchant+"\x00"+strings.Join(a.Scopes, " "), b.Merchant+"\x00"+strings.Join(b.Scopes, " "))
-	})
-	return out
+	key := func(e *broker.Entry) string {
+		b := e.Binding()
+		return b.Merchant + "\x00" + strings.Join(b.Scopes, " ")
+	}
+	slices.SortFunc(entries, func(a, b *broker.Entry) int { return strings.Compare(key(a), key(b)) })
+	entries, next = opstate.Cut(p, entries, func(e *broker.Entry) string { return e.Binding().Merchant })
+	tokens = make([]TokenInfo, 0, len(entries))
+	for _, e := range entries {
+		tokens = append(tokens, tokenInfo(e).withPolicy(br.Policy(e)))
+	}
+	return tokens, next
 }
 
 // RevokeResult is the outcome of revoking one token at its provider.

@@ -96,7 +96,8 @@ type route struct {
 // routes are the admin routes. Nothing they answer holds a token or a
 // secret.
 //
-//	GET  /token_broker/tokens                      cached tokens (?merchant=)
+//	GET  /token_broker/tokens                      cached tokens, a page of merchants sorted by id, each
+//	                                               with all its tokens (?merchant=&after=&limit=)
 //	GET  /token_broker/state                       every provider's and merchant's state (opstate.Report;
 //	                                               ?provider=&state=&after=&limit=)
 //	POST /token_broker/merchants/{id}/purge        drop a merchant's cached tokens
@@ -111,9 +112,14 @@ type route struct {
 //	GET  /token_broker/health/live                 liveness: 200 when the app runs
 //	POST /token_broker/consent/links               {"merchant": "acme", "return_url": "…", "callback_host": "…"}:
 //	                                               a one-time consent link (consentweb.CreateLink)
-//	GET  /token_broker/consent/merchants           the merchants of refresh_token providers and their
-//	                                               consent state (?provider=NAME to filter: 400 when
-//	                                               NAME is not a refresh_token provider)
+//	GET  /token_broker/consent/merchants           a page of the merchants of refresh_token providers,
+//	                                               sorted by id, and their consent state
+//	                                               (?provider=&after=&limit=; 400 when provider is not
+//	                                               a refresh_token provider)
+//
+// The lists page alike (opstate.ParsePage): after is the next of the
+// previous page, limit the number of merchants (default 100, 1 to 1000),
+// and next, absent on the last page, the after of the next.
 func routes() []route {
 	return []route{
 		{"/token_broker/tokens", tokens},
@@ -168,7 +174,8 @@ func methodNotAllowed(allow string) error {
 	return &Error{Status: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use " + allow), Allow: allow}
 }
 
-// tokens serves GET /token_broker/tokens (Tokens).
+// tokens serves GET /token_broker/tokens: a page of the cached tokens
+// (Tokens; ?merchant=&after=&limit=); 400 for a malformed query.
 func tokens(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if r.Method != http.MethodGet {
 		return methodNotAllowed(http.MethodGet)
@@ -176,7 +183,7 @@ func tokens(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if err := running(in); err != nil {
 		return err
 	}
-	v, err := params(r, "merchant")
+	v, err := params(r, "merchant", "after", "limit")
 	if err != nil {
 		return err
 	}
@@ -185,11 +192,24 @@ func tokens(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		return &Error{Status: http.StatusBadRequest,
 			Err: fmt.Errorf("merchant %.130q is not a merchant id (%s)", merchant, errcode.MerchantIDGrammar)}
 	}
+	page, err := opstate.ParsePage(v)
+	if err != nil {
+		return &Error{Status: http.StatusBadRequest, Err: err}
+	}
 	var match func(*broker.Binding) bool
 	if merchant != "" {
 		match = MerchantTokens(in.Registry, merchant)
 	}
-	return writeJSON(w, map[string]any{"tokens": Tokens(in.Broker, match)})
+	tokens, next := Tokens(in.Broker, match, page)
+	return writeJSON(w, tokensPage{Tokens: tokens, Next: next})
+}
+
+// tokensPage is the answer of GET /token_broker/tokens.
+type tokensPage struct {
+	// Tokens are the cached tokens of the page's merchants.
+	Tokens []TokenInfo `json:"tokens"`
+	// Next is the after of the next page; absent on the last page.
+	Next string `json:"next,omitempty"`
 }
 
 // state serves GET /token_broker/state: the opstate.Report of the query
@@ -376,8 +396,9 @@ func links(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	return writeJSON(w, link)
 }
 
-// consentMerchants serves GET /token_broker/consent/merchants
-// (consentweb.States); 400 for a provider that is not a refresh_token
+// consentMerchants serves GET /token_broker/consent/merchants: a page of
+// the consent states (consentweb.States; ?provider=&after=&limit=); 400
+// for a malformed query or a provider that is not a refresh_token
 // provider of the registry (consentweb.CheckProvider).
 func consentMerchants(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if r.Method != http.MethodGet {
@@ -386,17 +407,30 @@ func consentMerchants(w http.ResponseWriter, r *http.Request, in *Instance) erro
 	if err := running(in); err != nil {
 		return err
 	}
-	v, err := params(r, "provider")
+	v, err := params(r, "provider", "after", "limit")
 	if err != nil {
 		return err
 	}
 	if err := consentweb.CheckProvider(in.Registry, v.Get("provider")); err != nil {
 		return &Error{Status: http.StatusBadRequest, Err: err}
 	}
-	if in.Registry == nil {
-		return writeJSON(w, map[string]any{"merchants": []consentweb.State{}})
+	page, err := opstate.ParsePage(v)
+	if err != nil {
+		return &Error{Status: http.StatusBadRequest, Err: err}
 	}
-	return writeJSON(w, map[string]any{"merchants": consentweb.States(r.Context(), in.Registry, v.Get("provider"))})
+	if in.Registry == nil {
+		return writeJSON(w, consentPage{Merchants: []consentweb.State{}})
+	}
+	states, next := consentweb.States(r.Context(), in.Registry, v.Get("provider"), page)
+	return writeJSON(w, consentPage{Merchants: states, Next: next})
+}
+
+// consentPage is the answer of GET /token_broker/consent/merchants.
+type consentPage struct {
+	// Merchants are the consent states of the page's merchants.
+	Merchants []consentweb.State `json:"merchants"`
+	// Next is the after of the next page; absent on the last page.
+	Next string `json:"next,omitempty"`
 }
 
 // values returns the parameters of r's query string; a malformed one

@@ -97,12 +97,19 @@ func TestQueryRefusals(t *testing.T) {
 	for _, tt := range []struct {
 		path, want string
 	}{
-		{"/token_broker/tokens?merchnt=acme", `unknown parameter "merchnt": use merchant`},
+		{"/token_broker/tokens?merchnt=acme", `unknown parameter "merchnt": use merchant, after, limit`},
 		{"/token_broker/tokens?merchant=acme&merchant=ghost", `parameter "merchant" is given 2 times`},
 		{"/token_broker/tokens?merchant=-acme", `merchant "-acme" is not a merchant id`},
 		{"/token_broker/tokens?merchant=%zz", "the query string is malformed"},
 		{"/token_broker/state?state=%zz", "the query string is malformed"},
-		{"/token_broker/consent/merchants?provder=bank", `unknown parameter "provder": use provider`},
+		{"/token_broker/consent/merchants?provder=bank", `unknown parameter "provder": use provider, after, limit`},
+		{"/token_broker/tokens?limit=0", `limit "0": must be a whole number from 1 to 1000`},
+		{"/token_broker/tokens?limit=1001", `limit "1001": must be a whole number from 1 to 1000`},
+		{"/token_broker/tokens?after=-acme", `after "-acme" is not a merchant id: pass the next of the previous page`},
+		{"/token_broker/tokens?after=a&after=b", `parameter "after" is given 2 times`},
+		{"/token_broker/consent/merchants?limit=ten", `limit "ten": must be a whole number from 1 to 1000`},
+		{"/token_broker/consent/merchants?after=%20x", `after " x" is not a merchant id: pass the next of the previous page`},
+		{"/token_broker/consent/merchants?provider=typo&limit=5", `provider "typo" is not in the registry`},
 	} {
 		t.Run(tt.path, func(t *testing.T) {
 			rec := httptest.NewRecorder()
@@ -113,7 +120,8 @@ func TestQueryRefusals(t *testing.T) {
 			}
 		})
 	}
-	for _, path := range []string{"/token_broker/tokens?merchant=acme", "/token_broker/state?provider=bank&limit=5"} {
+	for _, path := range []string{"/token_broker/tokens?merchant=acme", "/token_broker/tokens?after=acme&limit=1000",
+		"/token_broker/state?provider=bank&limit=5", "/token_broker/consent/merchants?after=acme&limit=1"} {
 		rec := httptest.NewRecorder()
 		if err := Serve(rec, httptest.NewRequest(http.MethodGet, path, nil), in); err != nil || rec.Code != http.StatusOK {
 			t.Errorf("GET %s: %v, %d %s", path, err, rec.Code, rec.Body.String())

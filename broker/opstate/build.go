@@ -365,9 +365,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 // It runs in one pass over the merchants (walk); the explicit merchants'
 // ids are sorted once per registry.
 func Build(s Sources, q Query, now time.Time) Report {
-	if q.Limit <= 0 || q.Limit > MaxLimit {
-		q.Limit = min(max(q.Limit, DefaultLimit), MaxLimit)
-	}
+	q.Limit = q.size()
 	rep := Report{GeneratedAt: now.UTC(), Merchants: []Merchant{}}
 	var counts byRank
 	states := States()

@@ -56,7 +56,7 @@ func BenchmarkBuild(b *testing.B) {
 	if r.Total != n || r.Counts[StateFresh] == 0 || r.Counts[StateBackingOff] == 0 || r.Counts[StateRefused] == 0 || r.Counts[StateIdle] == 0 {
 		b.Fatalf("counts %v, total %d", r.Counts, r.Total)
 	}
-	for _, q := range []Query{{Limit: DefaultLimit}, {State: StateRefused, Limit: DefaultLimit, After: "merchant-050000"}} {
+	for _, q := range []Query{{Page: Page{Limit: DefaultLimit}}, {State: StateRefused, Page: Page{Limit: DefaultLimit, After: "merchant-050000"}}} {
 		b.Run(fmt.Sprintf("state=%s", q.State), func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {

@@ -321,14 +321,14 @@ func TestBuildProviderStatus(t *testing.T) {
 	f.tracker.SetFleet(true, true)
 	_ = f.get(t, "d-down")
 	f.clk.Add(time.Second)
-	if p := Build(f.sources(), Query{Limit: 1}, f.clk.Now()).Providers[0]; p.Status != "failing" || p.Breaker != "closed" {
+	if p := Build(f.sources(), Query{Page: Page{Limit: 1}}, f.clk.Now()).Providers[0]; p.Status != "failing" || p.Breaker != "closed" {
 		t.Errorf("provider after a failure: %+v", p)
 	}
 	for range 2 {
 		_ = f.get(t, "d-down")
 		f.clk.Add(time.Second)
 	}
-	r := Build(f.sources(), Query{Limit: 1}, f.clk.Now())
+	r := Build(f.sources(), Query{Page: Page{Limit: 1}}, f.clk.Now())
 	if p := r.Providers[0]; p.Status != "open" || p.Breaker != "open" || p.Requests != 2 || p.Failures != 2 || p.LastError != "token_unavailable" {
 		t.Errorf("provider after its breaker opened: %+v", p)
 	}
@@ -342,7 +342,7 @@ func TestBuildProviderStatus(t *testing.T) {
 		t.Error("no provider_failing event")
 	}
 	f.tracker.FleetChanged(false, fmt.Errorf("redis: connection refused"))
-	r = Build(f.sources(), Query{Limit: 1}, f.clk.Now())
+	r = Build(f.sources(), Query{Page: Page{Limit: 1}}, f.clk.Now())
 	if r.Fleet.Up || r.Fleet.LastError != "redis: connection refused" || r.Fleet.LastErrorAt == nil {
 		t.Errorf("fleet %+v, want down", r.Fleet)
 	}
@@ -354,7 +354,7 @@ func TestBuildProviderStatus(t *testing.T) {
 func TestBuildProviderBackingOff(t *testing.T) {
 	f := newStateFixture(t)
 	_ = f.get(t, "throttled")
-	r := Build(f.sources(), Query{Limit: 1}, f.clk.Now())
+	r := Build(f.sources(), Query{Page: Page{Limit: 1}}, f.clk.Now())
 	if p := r.Providers[0]; p.Status != "backing_off" || p.BackoffUntil == nil || !p.BackoffUntil.Equal(f.clk.Now().Add(30*time.Second)) ||
 		p.LastError != "token_rate_limited" {
 		t.Errorf("provider after a 429: %+v", p)
@@ -366,7 +366,7 @@ func TestBuildProviderBackingOff(t *testing.T) {
 	if err := f.get(t, "a-fresh"); err != nil {
 		t.Fatal(err)
 	}
-	r = Build(f.sources(), Query{Limit: 1}, f.clk.Now())
+	r = Build(f.sources(), Query{Page: Page{Limit: 1}}, f.clk.Now())
 	if p := r.Providers[0]; p.BackoffUntil != nil || p.Status != "ok" {
 		t.Errorf("provider after a success: %+v", p)
 	}
@@ -381,9 +381,9 @@ func TestParseQuery(t *testing.T) {
 		want  Query
 		err   string
 	}{
-		{"", Query{Limit: DefaultLimit}, ""},
-		{"provider=nuapay&state=refused&after=m-1&limit=5", Query{Provider: "nuapay", State: "refused", After: "m-1", Limit: 5}, ""},
-		{"limit=1000", Query{Limit: 1000}, ""},
+		{"", Query{Page: Page{Limit: DefaultLimit}}, ""},
+		{"provider=nuapay&state=refused&after=m-1&limit=5", Query{Provider: "nuapay", State: "refused", Page: Page{After: "m-1", Limit: 5}}, ""},
+		{"limit=1000", Query{Page: Page{Limit: 1000}}, ""},
 		{"state=broken", Query{}, `state "broken" is not a merchant state: use one of refused, unknown_organisation, needs_consent, backing_off, refreshing, fresh, idle`},
 		{"limit=0", Query{}, `limit "0": must be a whole number from 1 to 1000`},
 		{"limit=1001", Query{}, `limit "1001": must be a whole number from 1 to 1000`},
@@ -606,7 +606,7 @@ func TestBuildProviderDPoP(t *testing.T) {
 	k := dpoptest.NewKey(t)
 	p := f.reg.Providers["nuapay2"]
 	p.Source = dpopSource{Source: p.Source, key: k}
-	r := Build(f.sources(), Query{Limit: 1}, f.clk.Now())
+	r := Build(f.sources(), Query{Page: Page{Limit: 1}}, f.clk.Now())
 	if r.Providers[0].DPoP != nil {
 		t.Errorf("bearer provider %s: dpop %+v", r.Providers[0].Name, r.Providers[0].DPoP)
 	}

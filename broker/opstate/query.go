@@ -5,35 +5,26 @@ import (
 	"maps"
 	"net/url"
 	"slices"
-	"strconv"
 	"strings"
-
-	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
 // ParseQuery reads a Query from the parameters of GET /token_broker/state:
-// provider, state (one of States), after (a merchant id, the Next of the
-// previous page) and limit (1 to MaxLimit, default DefaultLimit). An
-// unknown, repeated or malformed parameter is an error that says which
-// and what is accepted.
+// provider, state (one of States), and the page's after and limit
+// (ParsePage). An unknown, repeated or malformed parameter is an error
+// that says which and what is accepted.
 func ParseQuery(v url.Values) (Query, error) {
 	if err := CheckParams(v, "provider", "state", "after", "limit"); err != nil {
 		return Query{}, err
 	}
-	q := Query{Provider: v.Get("provider"), State: v.Get("state"), After: v.Get("after"), Limit: DefaultLimit}
+	q := Query{Provider: v.Get("provider"), State: v.Get("state")}
 	if q.State != "" && !slices.Contains(States(), q.State) {
 		return Query{}, fmt.Errorf("state %.64q is not a merchant state: use one of %s", q.State, strings.Join(States(), ", "))
 	}
-	if q.After != "" && !config.ValidMerchantID(q.After) {
-		return Query{}, fmt.Errorf("after %.130q is not a merchant id: pass the next of the previous page", q.After)
+	page, err := ParsePage(v)
+	if err != nil {
+		return Query{}, err
 	}
-	if s := v.Get("limit"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 || n > MaxLimit {
-			return Query{}, fmt.Errorf("limit %.64q: must be a whole number from 1 to %d", s, MaxLimit)
-		}
-		q.Limit = n
-	}
+	q.Page = page
 	return q, nil
 }
 

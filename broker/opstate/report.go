@@ -109,18 +109,9 @@ type Query struct {
 	Provider string
 	// State keeps the merchants in this state only ("" for all).
 	State string
-	// After is the cursor: merchants whose id sorts after it (the Next of
-	// the previous page).
-	After string
-	// Limit is the page size: default DefaultLimit, at most MaxLimit.
-	Limit int
+	// Page is the page of the selected merchants.
+	Page
 }
-
-// Page sizes of a Query.
-const (
-	DefaultLimit = 100
-	MaxLimit     = 1000
-)
 
 // Report is the answer of GET /token_broker/state.
 type Report struct {

@@ -54,6 +54,9 @@ const (
 	PageNotFound = "not_found"
 	// PageGone: a result page whose result has expired.
 	PageGone = "gone"
+	// PageResultUnavailable: a result page whose result cannot be read
+	// because the consent storage failed; reloading may show it.
+	PageResultUnavailable = "result_unavailable"
 )
 
 // pageInfo is what a page is, besides its texts.
@@ -66,24 +69,25 @@ type pageInfo struct {
 // pages are the pages with their HTTP status and tone, in the order the
 // README lists them.
 var pages = map[string]pageInfo{
-	PageSuccess:       {status: http.StatusOK, tone: "ok"},
-	PageDenied:        {status: http.StatusOK, tone: "info"},
-	PageExpired:       {status: http.StatusBadRequest, tone: "error"},
-	PageUsed:          {status: http.StatusBadRequest, tone: "error"},
-	PageMissing:       {status: http.StatusBadRequest, tone: "error", noOutcome: true},
-	PageInvalid:       {status: http.StatusBadRequest, tone: "error", noOutcome: true},
-	PageProviderError: {status: http.StatusBadGateway, tone: "error"},
-	PageFailed:        {status: http.StatusBadGateway, tone: "error"},
-	PageUnavailable:   {status: http.StatusServiceUnavailable, tone: "error"},
-	PageWrongBrowser:  {status: http.StatusForbidden, tone: "error"},
-	PageNotFound:      {status: http.StatusNotFound, tone: "info", noOutcome: true},
-	PageGone:          {status: http.StatusGone, tone: "info", noOutcome: true},
+	PageSuccess:           {status: http.StatusOK, tone: "ok"},
+	PageDenied:            {status: http.StatusOK, tone: "info"},
+	PageExpired:           {status: http.StatusBadRequest, tone: "error"},
+	PageUsed:              {status: http.StatusBadRequest, tone: "error"},
+	PageMissing:           {status: http.StatusBadRequest, tone: "error", noOutcome: true},
+	PageInvalid:           {status: http.StatusBadRequest, tone: "error", noOutcome: true},
+	PageProviderError:     {status: http.StatusBadGateway, tone: "error"},
+	PageFailed:            {status: http.StatusBadGateway, tone: "error"},
+	PageUnavailable:       {status: http.StatusServiceUnavailable, tone: "error"},
+	PageWrongBrowser:      {status: http.StatusForbidden, tone: "error"},
+	PageNotFound:          {status: http.StatusNotFound, tone: "info", noOutcome: true},
+	PageGone:              {status: http.StatusGone, tone: "info", noOutcome: true},
+	PageResultUnavailable: {status: http.StatusServiceUnavailable, tone: "error", noOutcome: true},
 }
 
 // Pages returns the names of all pages.
 func Pages() []string {
 	return []string{PageSuccess, PageDenied, PageExpired, PageUsed, PageMissing, PageInvalid,
-		PageProviderError, PageFailed, PageUnavailable, PageWrongBrowser, PageNotFound, PageGone}
+		PageProviderError, PageFailed, PageUnavailable, PageWrongBrowser, PageNotFound, PageGone, PageResultUnavailable}
 }
 
 // Data is what a page template is executed with. Every field is set on
@@ -126,7 +130,7 @@ type Data struct {
 	// Outcome is the consent's outcome as the app's return URL gets it:
 	// "ok" or a refusal reason ("denied", "expired", "provider_error",
 	// ...); empty on the pages that are no outcome (not_found, missing,
-	// invalid, gone).
+	// invalid, gone, result_unavailable).
 	Outcome string
 	// Code is the reference a merchant can quote to support on an error
 	// page: the outcome, with the provider's error code for

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -263,18 +264,18 @@ func TestResultsShownUntilExpiry(t *testing.T) {
 		t.Errorf("the stored result is readable: %q", stored)
 	}
 	for range 3 { // a reload shows it again
-		if res, ok := rs.Load(ctx, id); !ok || res.MerchantID != "acme" || res.Outcome != "ok" {
-			t.Fatalf("Load = %+v, %v", res, ok)
+		if res, err := rs.Load(ctx, id); err != nil || res.MerchantID != "acme" || res.Outcome != "ok" {
+			t.Fatalf("Load = %+v, %v", res, err)
 		}
 	}
 	for _, bad := range []string{"", "x", id[:len(id)-1] + "A", strings.Repeat("A", 100)} {
-		if _, ok := rs.Load(ctx, bad); ok && bad != id {
-			t.Errorf("Load(%q) found a result", bad)
+		if _, err := rs.Load(ctx, bad); bad != id && !errors.Is(err, oauth.ErrUnknownPending) {
+			t.Errorf("Load(%q) = %v, want oauth.ErrUnknownPending", bad, err)
 		}
 	}
 	now = now.Add(ResultTTL)
-	if _, ok := rs.Load(ctx, id); ok {
-		t.Error("an expired result is shown")
+	if _, err := rs.Load(ctx, id); !errors.Is(err, oauth.ErrUnknownPending) {
+		t.Errorf("an expired result: %v, want oauth.ErrUnknownPending", err)
 	}
 }
 

@@ -62,12 +62,20 @@ func (rs *Results) Save(ctx context.Context, res Result) (string, error) {
 	return id, nil
 }
 
-// Load returns the result of id, without consuming it; false when there
-// is none, it does not open, or it has expired.
-func (rs *Results) Load(ctx context.Context, id string) (Result, bool) {
-	var res Result
-	if id == "" || len(id) > 64 || rs.sealed().Get(ctx, id, &res) != nil || !rs.now().Before(res.Expires) {
-		return Result{}, false
+// Load returns the result of id, without consuming it. The error wraps
+// oauth.ErrUnknownPending when there is none, it does not open, or it
+// has expired; another error is the store's (it could not be read: the
+// result may be there once it can).
+func (rs *Results) Load(ctx context.Context, id string) (Result, error) {
+	if id == "" || len(id) > 64 {
+		return Result{}, oauth.ErrUnknownPending
 	}
-	return res, true
+	var res Result
+	if err := rs.sealed().Get(ctx, id, &res); err != nil {
+		return Result{}, err
+	}
+	if !rs.now().Before(res.Expires) {
+		return Result{}, oauth.ErrUnknownPending
+	}
+	return res, nil
 }

@@ -86,6 +86,9 @@ var languages = map[string]*texts{
 			PageGone: {"This page is no longer available",
 				"The result of a consent is shown here for a limited time only.",
 				"If you still need to give your consent, ask {partner} for a new consent link."},
+			PageResultUnavailable: {"The result cannot be shown right now",
+				"This service cannot read its storage right now, so it cannot show the result of your consent.",
+				"Please reload this page in a moment."},
 		},
 	},
 	"de": {
@@ -133,6 +136,9 @@ var languages = map[string]*texts{
 			PageGone: {"Diese Seite ist nicht mehr verfügbar",
 				"Das Ergebnis einer Einwilligung wird hier nur für begrenzte Zeit angezeigt.",
 				"Wenn Sie noch einwilligen müssen, fordern Sie einen neuen Einwilligungslink an."},
+			PageResultUnavailable: {"Das Ergebnis kann gerade nicht angezeigt werden",
+				"Dieser Dienst kann gerade nicht auf seinen Speicher zugreifen und daher das Ergebnis Ihrer Einwilligung nicht anzeigen.",
+				"Bitte laden Sie diese Seite gleich noch einmal."},
 		},
 	},
 	"fr": {
@@ -180,6 +186,9 @@ var languages = map[string]*texts{
 			PageGone: {"Cette page n'est plus disponible",
 				"Le résultat d'un consentement n'est affiché ici que pour une durée limitée.",
 				"Si vous devez encore donner votre consentement, demandez un nouveau lien de consentement."},
+			PageResultUnavailable: {"Le résultat ne peut pas être affiché pour le moment",
+				"Ce service ne peut pas lire son stockage pour le moment et ne peut donc pas afficher le résultat de votre consentement.",
+				"Veuillez recharger cette page dans un instant."},
 		},
 	},
 }

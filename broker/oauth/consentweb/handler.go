@@ -30,6 +30,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -151,11 +152,25 @@ func (c *Handler) render(w http.ResponseWriter, r *http.Request, p consentpage.P
 	c.o.Pages.Render(w, r.Header.Get("Accept-Language"), p)
 }
 
-// result serves …/done: the page of a callback's stored result.
+// resultRetryAfter is the Retry-After of a result page whose result
+// cannot be read because the consent storage failed.
+const resultRetryAfter = 30 * time.Second
+
+// result serves …/done: the page of a callback's stored result; gone
+// when there is none (or it has expired), result_unavailable (503, with
+// Retry-After) when the consent storage cannot be read, the error logged
+// and never shown.
 func (c *Handler) result(w http.ResponseWriter, r *http.Request) {
-	res, ok := c.o.Results.Load(r.Context(), r.URL.Query().Get("result"))
-	if !ok {
+	res, err := c.o.Results.Load(r.Context(), r.URL.Query().Get("result"))
+	switch {
+	case errors.Is(err, oauth.ErrUnknownPending):
 		c.render(w, r, consentpage.Page{Name: consentpage.PageGone})
+		return
+	case err != nil:
+		c.o.Logger.Warn("consent result page: the consent storage cannot be read; the page asks the browser to reload",
+			zap.String("provider", c.o.Provider), zap.Error(err))
+		w.Header().Set("Retry-After", strconv.FormatInt(retryAfterSeconds(resultRetryAfter), 10))
+		c.render(w, r, consentpage.Page{Name: consentpage.PageResultUnavailable})
 		return
 	}
 	c.render(w, r, consentpage.Page{Name: consentpage.ForOutcome(res.Outcome), MerchantID: res.MerchantID,

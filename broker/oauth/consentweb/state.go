@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -69,31 +70,38 @@ func CheckProvider(reg *config.Registry, provider string) error {
 	return fmt.Errorf("provider %.64q does not use the refresh_token grant: %s", provider, what)
 }
 
-// States are the consent states of the merchants of the registry's
-// refresh_token providers (of provider alone when it is not ""), sorted
-// by merchant. A merchant whose refresh token cannot be read from its
-// store is listed with State.Error.
-func States(ctx context.Context, reg *config.Registry, provider string) []State {
-	out := []State{}
+// States are the consent states of page p of the merchants of the
+// registry's refresh_token providers (of provider alone when it is not
+// ""), sorted by merchant, and the After of the next page ("" on the
+// last; opstate.Cut). Only the page's merchants' refresh tokens are read
+// from their stores; a merchant whose refresh token cannot be read is
+// listed with State.Error.
+func States(ctx context.Context, reg *config.Registry, provider string, p opstate.Page) (states []State, next string) {
+	var ids []string
 	for id, m := range reg.Merchants {
-		p := reg.Providers[m.Provider]
-		src, ok := p.RefreshToken()
-		if !ok || provider != "" && provider != p.Name {
-			continue
+		q := reg.Providers[m.Provider]
+		if _, ok := q.RefreshToken(); ok && id > p.After && (provider == "" || provider == q.Name) {
+			ids = append(ids, id)
 		}
+	}
+	slices.Sort(ids)
+	ids, next = opstate.Cut(p, ids, func(id string) string { return id })
+	states = make([]State, 0, len(ids))
+	for _, id := range ids {
+		q := reg.Providers[reg.Merchants[id].Provider]
+		src, _ := q.RefreshToken()
 		_, lerr := src.Store().Load(ctx, src.StoreKey(id))
 		none := errors.Is(lerr, oauth.ErrNoRefreshToken)
 		st := src.ConsentStatus(id)
-		row := State{Merchant: id, Provider: p.Name, HasRefreshToken: lerr == nil,
+		row := State{Merchant: id, Provider: q.Name, HasRefreshToken: lerr == nil,
 			LastRefresh: timePtr(st.LastRefresh), ConsentRequired: none || !st.ConsentRequiredSince.IsZero(),
-			ConsentRequiredSince: timePtr(st.ConsentRequiredSince), ConsentFlow: p.Consent != nil}
+			ConsentRequiredSince: timePtr(st.ConsentRequiredSince), ConsentFlow: q.Consent != nil}
 		if lerr != nil && !none {
 			row.Error = "its stored refresh token cannot be read: " + lerr.Error()
 		}
-		out = append(out, row)
+		states = append(states, row)
 	}
-	slices.SortFunc(out, func(a, b State) int { return strings.Compare(a.Merchant, b.Merchant) })
-	return out
+	return states, next
 }
 
 // timePtr is t in UTC, nil when zero.
