@@ -223,7 +223,10 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 // exactly once; the returned func reports the last one. A backoff or a
 // budget refusing the first call ends the fetch with its refusal (the
 // policy's backoff error, a *budget.ExhaustedError); one refusing a retry,
-// with the last call's error.
+// with the last call's error. The second call of an attempt answered
+// ClassRetryNow counts as the attempt's own: refused in the first attempt,
+// the fetch ends with the refusal (f.resendOwed tells mint that the call
+// before it says nothing about the provider).
 func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
 	obs := b.Observer
 	bo, _ := obs.(BreakerObserver)
