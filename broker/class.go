@@ -30,6 +30,15 @@ const (
 	// API key or client secret): the whole source is in backoff, doubled
 	// at each consecutive refusal.
 	ClassCredential
+	// ClassRetryNow: not a failure. The provider asked for the request
+	// to be sent again at once with what its answer gave (a new DPoP
+	// nonce, RFC 9449 §8). The attempt is sent once more without a wait,
+	// taking budget again like any call, holding the breaker's probe it
+	// held, and neither the breaker nor the failure memory counts the
+	// call. Once per attempt: the same answer to that second call is
+	// ClassTemporary. A budget that refuses the second call ends the
+	// fetch with its refusal, as it ends one it refuses before any call.
+	ClassRetryNow
 )
 
 // Classifier is an optional interface of a Source: it classifies the

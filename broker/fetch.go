@@ -172,25 +172,32 @@ const outlivesBy = time.Second
 // asked before each attempt). It returns how many calls it made and the
 // report of the last call and of the fetch (FetchObserver), for the caller
 // to run once the outcome is stored. A fetch that a backoff or its budget
-// refused before any call is not recorded. deadline bounds the retries
+// refused before any call, or before the second call a ClassRetryNow
+// answer asked for, is not recorded. deadline bounds the retries
 // (wall clock), by a caller's wait for budget (broker clock); bctx,
 // derived from ctx, ends that wait early.
 func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, int, func(), error) {
 	tok, f, class, last, err := br.attempts(ctx, bctx, b, background, deadline, by)
 	calls := len(f.Attempts)
-	if be := (*backoffError)(nil); calls == 0 && errors.As(err, &be) && be.notCalled {
-		return tok, 0, last, err
+	// A call answered ClassRetryNow whose second call did not go out
+	// tells nothing about the provider: the policy answers the fetch as
+	// if that call had not been made.
+	answered := calls
+	if f.resendOwed {
+		answered--
 	}
-	if calls == 0 && errors.Is(err, budget.ErrExhausted) {
-		return tok, 0, last, refusedByBudget(b, err)
-	}
-	if f.cutByWait {
+	be := (*backoffError)(nil)
+	switch {
+	case answered == 0 && errors.As(err, &be) && be.notCalled:
+	case answered == 0 && errors.Is(err, budget.ErrExhausted):
+		err = refusedByBudget(b, err)
+	case f.cutByWait:
 		err = br.pol.unrecorded(b, err, br.opts.Now())
-	} else {
-		err = br.pol.record(ctx, b, err, class, calls, br.opts.Now())
-	}
-	if be := (*backoffError)(nil); calls == 0 && errors.As(err, &be) {
-		be.notCalled = true // refused by the breaker: record made be for this fetch
+	default:
+		err = br.pol.record(ctx, b, err, class, answered, br.opts.Now())
+		if answered == 0 && errors.As(err, &be) {
+			be.notCalled = true // refused by the breaker: record made be for this fetch
+		}
 	}
 	fo, _ := b.Observer.(FetchObserver)
 	if fo == nil || calls == 0 {
@@ -208,13 +215,18 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 
 // attempts calls the Source up to MaxAttempts times while its failures are
 // temporary, the backoffs, the breaker and the budget let calls through
-// and the deadline allows. It returns the calls it made (f.Attempts,
-// f.Elapsed) and the class of the last error. Every call but the last is
+// and the deadline allows; an attempt answered ClassRetryNow is sent once
+// more at once, taking budget again. It returns the calls it made
+// (f.Attempts, f.Elapsed) and the class of the last error the policy
+// counts (not a ClassRetryNow answer). Every call but the last is
 // reported to b's observer here (its breaker change, then Fetched),
 // exactly once; the returned func reports the last one. A backoff or a
 // budget refusing the first call ends the fetch with its refusal (the
 // policy's backoff error, a *budget.ExhaustedError); one refusing a retry,
-// with the last call's error.
+// with the last call's error. The second call of an attempt answered
+// ClassRetryNow counts as the attempt's own: refused in the first attempt,
+// the fetch ends with the refusal (f.resendOwed tells mint that the call
+// before it says nothing about the provider).
 func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
 	obs := b.Observer
 	bo, _ := obs.(BreakerObserver)
@@ -255,10 +267,16 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		}
 		return false, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Until: br.opts.Now().Add(wait), Err: cause}
 	}
-	for attempt := 1; ; attempt++ {
-		probe, refused := callAllowed(false)
-		if refused != nil {
-			return Token{}, f, class, report, refused
+	// resend: this call is the second of an attempt answered
+	// ClassRetryNow; it holds the probe of the first (probe), which the
+	// breaker was not told about.
+	var probe, resend bool
+	for attempt := 1; ; {
+		var refused error
+		if !resend {
+			if probe, refused = callAllowed(false); refused != nil {
+				return Token{}, f, class, report, refused
+			}
 		}
 		// A half-open breaker's probe does not wait for budget beyond
 		// now: it goes (at most behind a caller the budget serves now)
@@ -286,7 +304,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 			}
 		}
 		start := time.Now()
-		if attempt == 1 {
+		if len(f.Attempts) == 0 {
 			first = start
 		}
 		tok, err := b.Source.Token(ctx, b.Request())
@@ -296,15 +314,27 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		if err == nil {
 			err = br.check(b, &tok, now)
 		}
+		var again bool
 		if err != nil {
-			class = ClassOf(b.Source, err)
+			c := ClassOf(b.Source, err)
+			again = c == ClassRetryNow && !resend
+			if c == ClassRetryNow && resend {
+				c = ClassTemporary
+			}
+			if !again {
+				class = c
+			}
 		}
 		// A call the budget made wait and that then ran out of time says
 		// nothing about the provider.
 		f.cutByWait = waited && errors.Is(err, context.DeadlineExceeded)
+		f.resendOwed = again
 		f.Attempts = append(f.Attempts, Attempt{Elapsed: elapsed, Err: err})
 		f.Elapsed = end.Sub(first)
-		from, to := br.pol.called(b, err, class, f.cutByWait, probe, now)
+		var from, to BreakerState
+		if !again {
+			from, to = br.pol.called(b, err, class, f.cutByWait, probe, now)
+		}
 		report = func() {
 			// Told with the call, once its outcome is remembered: a
 			// probe that closes the breaker and starts the source's
@@ -316,6 +346,13 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 				obs.Fetched(ctx, b, tok, elapsed, background, err)
 			}
 		}
+		if again {
+			// Sent once more now: reported now, the breaker untold.
+			report()
+			report, resend = noop, true
+			continue
+		}
+		resend = false
 		retry := err != nil && !errors.Is(err, context.Canceled) && (class == ClassTemporary || class == ClassRateLimited)
 		if !retry || attempt >= br.opts.MaxAttempts {
 			return tok, f, class, report, err
@@ -334,6 +371,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		if br.opts.Sleep(ctx, wait) != nil {
 			return tok, f, class, noop, err
 		}
+		attempt++
 	}
 }
 

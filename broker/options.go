@@ -222,7 +222,8 @@ type Fetch struct {
 	// Background is true for a refresh-ahead fetch.
 	Background bool
 
-	cutByWait bool // the last call ran out of time after a wait for budget
+	cutByWait  bool // the last call ran out of time after a wait for budget
+	resendOwed bool // the last call was answered ClassRetryNow and not sent again
 }
 
 // Attempt is one call to a Source within a fetch.

@@ -319,8 +319,8 @@ type Options struct {
 	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
 	LookupEnv func(string) (string, bool)
 	// OnDPoPNonce, when set, is called with the provider's name for each
-	// DPoP nonce challenge of a token or PAR endpoint that the provider's
-	// source answers with a new request (oauth.Config.OnDPoPNonce). It
+	// DPoP nonce challenge of a token or PAR endpoint that brought a new
+	// nonce, which a new request answers (oauth.Config.OnDPoPNonce). It
 	// must be cheap and safe for concurrent use, and outlives a reload as
 	// long as the registry is in use.
 	OnDPoPNonce func(provider string)

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
@@ -233,7 +234,12 @@ func TestDPoPNonceHook(t *testing.T) {
 		t.Fatal(err)
 	}
 	for range 2 {
-		if tok, err := b.Source.Token(context.Background(), b.Request()); err != nil || tok.Type != "DPoP" {
+		// A broker of its own each time: the second fetch is not served
+		// from the first one's cache. Its attempts answer the challenge.
+		br := broker.New(broker.Options{MaxAttempts: 1})
+		tok, err := br.Token(context.Background(), b)
+		br.Close()
+		if err != nil || tok.Type != "DPoP" {
 			t.Fatalf("token type %q, err %v", tok.Type, err)
 		}
 	}

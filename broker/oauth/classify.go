@@ -10,15 +10,19 @@ import (
 // invalid_client (RFC 6749 §5.2: client authentication failed) refuses the
 // source's client credential, which every merchant of the source shares; a
 // refused or missing refresh token (ConsentRequiredError) is one
-// merchant's. A use_dpop_nonce that outlived the one retry (the server
-// changed its nonce meanwhile) or got none (no new nonce to send) is
+// merchant's. A use_dpop_nonce that brought a new nonce
+// (nonceChallengeError) is sent again at once with it
+// (broker.ClassRetryNow); one that got none (no new nonce to send) is
 // temporary: the next attempt carries the nonce remembered by then.
 func (*core) Classify(err error) broker.Class {
 	var ce *ConsentRequiredError
+	var nc *nonceChallengeError
 	var ae *broker.APIError
 	switch {
 	case errors.As(err, &ce):
 		return broker.ClassPermanent
+	case errors.As(err, &nc):
+		return broker.ClassRetryNow
 	case errors.As(err, &ae) && ae.Code == "invalid_client":
 		return broker.ClassCredential
 	case errors.As(err, &ae) && ae.Code == "use_dpop_nonce":

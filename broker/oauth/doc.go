@@ -44,11 +44,15 @@
 // change.
 //
 // With a DPoP key (Config.DPoP, RFC 9449) every token request and pushed
-// authorization request carries a proof (dpop.Transport: the server's
-// use_dpop_nonce is answered with one retry when it gave a new nonce), the
-// answer must be token_type DPoP, and the authorization request carries
-// dpop_jkt, so that the code, the access tokens and a public client's
-// refresh token are bound to the key.
+// authorization request carries a proof (dpop.Transport), the answer must
+// be token_type DPoP, and the authorization request carries dpop_jkt, so
+// that the code, the access tokens and a public client's refresh token are
+// bound to the key. The server's use_dpop_nonce is answered with one new
+// request when it gave a new nonce. For Token, the source returns it
+// classified broker.ClassRetryNow and the broker's attempts send it,
+// through the failure policy and the provider's budget like any call;
+// the consent's PAR request and code exchange, which go through neither,
+// are sent again by the source itself.
 //
 // No error from this package contains a client secret, an assertion, a refresh
 // token or an access token.

@@ -12,9 +12,12 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
@@ -162,9 +165,9 @@ func (as *dpopAS) authorize(t *testing.T, authURL string) (url.Values, string) {
 }
 
 // TestDPoPClientCredentials: with a DPoP key, the client credentials grant
-// sends a proof with every client authentication method, answers the
-// server's nonce challenge once, and gets a DPoP token; later requests
-// carry the remembered nonce at once.
+// sends a proof with every client authentication method, the broker
+// answers the server's nonce challenge once, and gets a DPoP token; later
+// requests carry the remembered nonce at once.
 func TestDPoPClientCredentials(t *testing.T) {
 	pki := newPKI(t)
 	for _, tc := range []struct {
@@ -192,7 +195,7 @@ func TestDPoPClientCredentials(t *testing.T) {
 				t.Fatal(err)
 			}
 			for i := range 2 {
-				tok, err := src.Token(context.Background(), broker.Request{Scopes: []string{"payments"}})
+				tok, err := brokerToken(t, src, broker.Request{Scopes: []string{"payments"}})
 				if err != nil {
 					t.Fatalf("token %d: %v", i, err)
 				}
@@ -244,7 +247,7 @@ func TestDPoPTokenTypeChecked(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			tok, err := src.Token(context.Background(), broker.Request{})
+			tok, err := brokerToken(t, src, broker.Request{})
 			if tc.wantErr == nil {
 				if err != nil || tok.Type != broker.DPoPType {
 					t.Fatalf("token type %q, err %v; want DPoP", tok.Type, err)
@@ -304,7 +307,7 @@ func TestDPoPRefreshAndConsent(t *testing.T) {
 				t.Fatalf("Callback: %v", err)
 			}
 			for i := range 2 {
-				tok, err := src.Token(ctx, broker.Request{Merchant: "m1"})
+				tok, err := brokerToken(t, src, broker.Request{Merchant: "m1"})
 				if err != nil || tok.Type != broker.DPoPType {
 					t.Fatalf("refresh %d: type %q, err %v", i, tok.Type, err)
 				}
@@ -337,11 +340,56 @@ func TestDPoPProofRefused(t *testing.T) {
 	}
 }
 
-// TestDPoPNonceRaceIsTemporary: a use_dpop_nonce that outlives the one
-// retry is a temporary failure.
+// TestDPoPNonceChallengeClassified: a token request's use_dpop_nonce that
+// brought a new nonce is sent again at once (broker.ClassRetryNow) and
+// told to OnDPoPNonce; one without a new nonce (none, or the one the
+// request carried) is a temporary failure, not told.
+func TestDPoPNonceChallengeClassified(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		nonce string // the DPoP-Nonce of each answer, "" for none
+		want  [2]broker.Class
+		told  int64
+	}{
+		{"no nonce", "", [2]broker.Class{broker.ClassTemporary, broker.ClassTemporary}, 0},
+		{"a new nonce, then the same", "n-1", [2]broker.Class{broker.ClassRetryNow, broker.ClassTemporary}, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if tc.nonce != "" {
+					w.Header().Set("DPoP-Nonce", tc.nonce)
+				}
+				fail(w, http.StatusBadRequest, "use_dpop_nonce")
+			}))
+			defer srv.Close()
+			var told atomic.Int64
+			src, err := NewClientCredentials(Config{Name: "bank", TokenURL: srv.URL, ClientID: "c", ClientSecret: secretValue, DPoP: dpoptest.NewKey(t),
+				OnDPoPNonce: func() { told.Add(1) }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, want := range tc.want {
+				_, err = src.Token(context.Background(), broker.Request{})
+				var ae *broker.APIError
+				if !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" || src.Classify(err) != want {
+					t.Errorf("request %d: %v, class %v; want use_dpop_nonce, class %v", i+1, err, src.Classify(err), want)
+				}
+			}
+			if n := told.Load(); n != tc.told {
+				t.Errorf("OnDPoPNonce told %d times, want %d", n, tc.told)
+			}
+		})
+	}
+}
+
+// TestDPoPNonceRaceIsTemporary: a use_dpop_nonce answered to the request
+// the broker sent again with the new nonce (the server changed it
+// meanwhile) ends the attempt as a temporary failure, which the failure
+// memory and the breaker count: two requests, not more.
 func TestDPoPNonceRaceIsTemporary(t *testing.T) {
+	var requests atomic.Int64
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("DPoP-Nonce", fmt.Sprintf("n-%d", len(r.Header.Get("DPoP"))%7))
+		w.Header().Set("DPoP-Nonce", fmt.Sprintf("n-%d", requests.Add(1)))
 		fail(w, http.StatusBadRequest, "use_dpop_nonce")
 	}))
 	defer srv.Close()
@@ -349,9 +397,18 @@ func TestDPoPNonceRaceIsTemporary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = src.Token(context.Background(), broker.Request{})
-	if src.Classify(err) != broker.ClassTemporary {
-		t.Errorf("err = %v: class %v, want temporary", err, src.Classify(err))
+	br := broker.New(broker.Options{MaxAttempts: 1, BreakerThreshold: 1})
+	defer br.Close()
+	_, err = br.Token(context.Background(), brokertest.NewBinding("bank#1", src, broker.Request{}))
+	var ae *broker.APIError
+	if !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" {
+		t.Fatalf("err = %v, want use_dpop_nonce", err)
+	}
+	if n := requests.Load(); n != 2 {
+		t.Errorf("%d requests, want 2 (the nonce challenge sent again once)", n)
+	}
+	if h := br.SourcesHealth("bank#1")["bank#1"]; h.Breaker != broker.BreakerOpen || h.FailingKeys != 1 {
+		t.Errorf("breaker %v, %d failing keys; want the temporary failure counted: open (threshold 1), 1", h.Breaker, h.FailingKeys)
 	}
 }
 
@@ -377,7 +434,7 @@ func TestDPoPTokenAnswersObserved(t *testing.T) {
 			return rt.RoundTrip(r)
 		})
 	})
-	if _, err := src.Token(context.Background(), broker.Request{}); err != nil {
+	if _, err := brokerToken(t, src, broker.Request{}); err != nil {
 		t.Fatal(err)
 	}
 	if n := seen.Load(); n != 2 {
@@ -385,11 +442,11 @@ func TestDPoPTokenAnswersObserved(t *testing.T) {
 	}
 }
 
-// TestDPoPNonceRetryNeedsNewNonce: a use_dpop_nonce answer of the token or
-// PAR endpoint is answered with a second request only when the key has
-// learnt a nonce other than the one the refused request carried: without
-// a DPoP-Nonce header, or with the nonce the request already carried, each
-// attempt sends one request.
+// TestDPoPNonceRetryNeedsNewNonce: a use_dpop_nonce answer of the token
+// endpoint (to the broker's fetch) or of the PAR endpoint is answered with
+// a second request only when the key has learnt a nonce other than the one
+// the refused request carried: without a DPoP-Nonce header, or with the
+// nonce the request already carried, each attempt sends one request.
 func TestDPoPNonceRetryNeedsNewNonce(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
@@ -411,6 +468,10 @@ func TestDPoPNonceRetryNeedsNewNonce(t *testing.T) {
 				}))
 				defer srv.Close()
 				cfg := Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, DPoP: dpoptest.NewKey(t)}
+				cc, err := NewClientCredentials(cfg)
+				if err != nil {
+					t.Fatal(err)
+				}
 				src, err := NewRefreshToken(cfg, &savingStore{})
 				if err != nil {
 					t.Fatal(err)
@@ -423,7 +484,7 @@ func TestDPoPNonceRetryNeedsNewNonce(t *testing.T) {
 				for i, want := range tc.want {
 					before := requests.Load()
 					if endpoint == "token" {
-						_, _, err = src.exchange(context.Background(), broker.Request{}, url.Values{"grant_type": {"refresh_token"}})
+						_, err = brokerToken(t, cc, broker.Request{})
 					} else {
 						_, err = flow.push(context.Background(), srv.URL+"/par", url.Values{"state": {"s"}})
 					}
@@ -437,5 +498,73 @@ func TestDPoPNonceRetryNeedsNewNonce(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestDPoPNonceRetryTakesBudget: the request the broker sends again after
+// a token endpoint's nonce challenge takes the provider's budget like any
+// other. With room for it, a token fetched after a challenge spends two
+// requests. Without, the fetch ends with the budget's refusal, which
+// neither the breaker nor the key's failure memory counts; the key keeps
+// the new nonce, so the next fetch, once the budget has room, carries it
+// and is not challenged.
+func TestDPoPNonceRetryTakesBudget(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		limit   budget.Limit
+		refused bool
+	}{
+		{"room for both requests", budget.Limit{Rate: 60, Burst: 10, Period: time.Minute}, false},
+		{"room for one request", budget.Limit{Rate: 1, Burst: 1, Period: time.Minute}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			as := newDPoPAS(t, "basic", nil)
+			clock := clocktest.New(time.Now())
+			src, err := NewClientCredentials(Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID,
+				ClientSecret: secretValue, DPoP: dpoptest.NewKey(t), Now: clock.Now})
+			if err != nil {
+				t.Fatal(err)
+			}
+			bud := budget.New("bank", tc.limit, budget.NewLocal(clock.Now), clock.Now)
+			never := func(context.Context, time.Duration) error { t.Error("a fetch waited"); return nil }
+			br := broker.New(broker.Options{Now: clock.Now, Sleep: never, MaxAttempts: 1, BreakerThreshold: 1, FetchTimeout: 30 * time.Second})
+			defer br.Close()
+			p := broker.NewProfile("bank#1", src, nil, "", 0)
+			p.Budget = bud
+			b := broker.NewBindingFor(p, "m1", "")
+			passed := func() int {
+				as.mu.Lock()
+				defer as.mu.Unlock()
+				return len(as.jkts)
+			}
+
+			_, err = br.Token(context.Background(), b)
+			st := bud.State()
+			if !tc.refused {
+				if err != nil || st.Used != 2 || st.Exhausted != 0 || as.gate.Challenges.Load() != 1 || passed() != 1 {
+					t.Fatalf("err %v; budget used %d, exhausted %d; %d challenges, %d tokens; want a token, 2 used, 1 challenge, 1 token",
+						err, st.Used, st.Exhausted, as.gate.Challenges.Load(), passed())
+				}
+				return
+			}
+			if bo, ok := broker.BackoffOf(err); !errors.Is(err, budget.ErrExhausted) || !ok || !bo.Budget() {
+				t.Fatalf("err = %v, want the budget's refusal", err)
+			}
+			if st.Used != 1 || st.Exhausted != 1 || as.gate.Challenges.Load() != 1 || passed() != 0 {
+				t.Errorf("budget used %d, exhausted %d; %d challenges, %d tokens; want 1 used, 1 exhausted (the second request), 1 challenge, no token",
+					st.Used, st.Exhausted, as.gate.Challenges.Load(), passed())
+			}
+			if h := br.SourcesHealth("bank#1")["bank#1"]; h.Failing() {
+				t.Errorf("health %+v: the budget's refusal is counted as the provider's failure", h)
+			}
+
+			clock.Add(time.Minute)
+			if _, err := br.Token(context.Background(), b); err != nil {
+				t.Fatalf("once the budget has room: %v", err)
+			}
+			if st := bud.State(); st.Used != 2 || as.gate.Challenges.Load() != 1 || passed() != 1 {
+				t.Errorf("budget used %d, %d challenges, %d tokens; want 2, 1 (the key kept the new nonce), 1", st.Used, as.gate.Challenges.Load(), passed())
+			}
+		})
 	}
 }

@@ -106,7 +106,7 @@ func TestDPoPClientCredentialsAgainstOIDCProvider(t *testing.T) {
 			}
 			sent.n.Store(0)
 			for i := range 2 {
-				tok, err := src.Token(context.Background(), broker.Request{Scopes: []string{"accounts"}})
+				tok, err := brokerToken(t, src, broker.Request{Scopes: []string{"accounts"}})
 				if err != nil {
 					t.Fatalf("token %d: %v", i, err)
 				}
@@ -167,7 +167,7 @@ func TestDPoPConsentAgainstOIDCProvider(t *testing.T) {
 				t.Fatalf("Callback: %v", err)
 			}
 			for i := range 2 {
-				tok, err := src.Token(ctx, broker.Request{Merchant: "m1"})
+				tok, err := brokerToken(t, src, broker.Request{Merchant: "m1"})
 				if err != nil {
 					t.Fatalf("refresh %d: %v", i, err)
 				}

@@ -96,8 +96,10 @@ func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyl
 // (none for client_credentials). It returns the parsed token and the raw
 // x/oauth2 token (for the refresh token); the raw token whenever the
 // provider issued one, also with the error that refuses its access token.
-// A DPoP nonce challenge is answered by building and sending the request
-// once more (nonceRetry).
+// It sends one request: a DPoP nonce challenge that brought a new nonce
+// is returned as a *nonceChallengeError, which the broker's attempts send
+// again (Classify); the consent's code exchange sends it again itself
+// (nonceRetried).
 func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
 	ep, err := c.ep.get(ctx)
 	if err != nil {
@@ -105,10 +107,7 @@ func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Value
 	}
 	carried := c.tokenNonce(ep.Token)
 	t, raw, err := c.exchangeOnce(ctx, ep, req, grant, secrets...)
-	if c.nonceRetry(err, ep.Token, carried) {
-		t, raw, err = c.exchangeOnce(ctx, ep, req, grant, secrets...)
-	}
-	return t, raw, err
+	return t, raw, c.nonceChallenged(err, ep.Token, carried)
 }
 
 // tokenNonce returns the DPoP nonce the key remembers for the
@@ -125,25 +124,48 @@ func (c *core) tokenNonce(endpoint string) string {
 	return c.cfg.DPoP.Nonce(dpop.AuthorizationServer, u)
 }
 
-// nonceRetry reports whether a token or PAR request to endpoint that
-// failed with err is to be sent once more: the server asked for its DPoP
-// nonce (use_dpop_nonce, RFC 9449 §8), and the key remembers another
-// nonce for it than carried, the one the request carried (tokenNonce
-// before it was sent): the answer's DPoP-Nonce header, which the
-// transport remembered, or one a concurrent request learnt meanwhile.
-// Without a new nonce the request would be refused again. The request is
-// built again, not replayed: a private_key_jwt assertion is used once
-// (RFC 7523 §3), and the new proof carries the nonce.
-// Config.OnDPoPNonce is told.
-func (c *core) nonceRetry(err error, endpoint, carried string) bool {
+// nonceChallengeError is a token or PAR request's refusal that asks for
+// it to be sent again at once: the server asked for its DPoP nonce
+// (use_dpop_nonce, RFC 9449 §8), and the key remembers a new one for it.
+// Classify answers broker.ClassRetryNow for it. The request is built
+// again, not replayed: a private_key_jwt assertion is used once (RFC 7523
+// §3), and the new proof carries the nonce.
+type nonceChallengeError struct {
+	err error // the server's refusal, a *broker.APIError with the code use_dpop_nonce
+}
+
+func (e *nonceChallengeError) Error() string { return e.err.Error() }
+func (e *nonceChallengeError) Unwrap() error { return e.err }
+
+// nonceChallenged returns err, of a token or PAR request to endpoint, as
+// a *nonceChallengeError when the server asked for its DPoP nonce and the
+// key remembers another nonce for it than carried, the one the request
+// carried (tokenNonce before it was sent): the answer's DPoP-Nonce
+// header, which the transport remembered, or one a concurrent request
+// learnt meanwhile. Without a new nonce the request would be refused
+// again: err is returned as it is. Config.OnDPoPNonce is told of each
+// challenge with a new nonce.
+func (c *core) nonceChallenged(err error, endpoint, carried string) error {
 	var ae *broker.APIError
 	if c.cfg.DPoP == nil || !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" || c.tokenNonce(endpoint) == carried {
-		return false
+		return err
 	}
 	if c.cfg.OnDPoPNonce != nil {
 		c.cfg.OnDPoPNonce()
 	}
-	return true
+	return &nonceChallengeError{err: err}
+}
+
+// nonceRetried runs send, a token or PAR request of the consent (the
+// pushed authorization request, the code exchange), which the broker's
+// attempts do not send, and runs it once more when it answered a
+// *nonceChallengeError.
+func nonceRetried[T any](send func() (T, error)) (T, error) {
+	v, err := send()
+	if _, ok := errors.AsType[*nonceChallengeError](err); ok {
+		v, err = send()
+	}
+	return v, err
 }
 
 // exchangeOnce builds and sends one token request to ep's token endpoint

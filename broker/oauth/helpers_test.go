@@ -1,6 +1,7 @@
 package oauth
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -19,6 +20,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
@@ -176,4 +179,15 @@ type cryptoSigner = crypto.Signer
 // that asks for (and verifies, when given) client certificates.
 func (p *testPKI) serverConfig() *tls.Config {
 	return &tls.Config{Certificates: []tls.Certificate{p.Server}, ClientAuth: tls.VerifyClientCertIfGiven, ClientCAs: p.Pool}
+}
+
+// brokerToken mints a token of src for req as the broker does for a
+// lookup (its attempts send a DPoP nonce challenge again), through a
+// broker of its own with one attempt: a failure is returned, not tried
+// again after a backoff.
+func brokerToken(t *testing.T, src broker.Source, req broker.Request) (broker.Token, error) {
+	t.Helper()
+	br := broker.New(broker.Options{MaxAttempts: 1})
+	defer br.Close()
+	return br.Token(context.Background(), brokertest.NewBinding("bank#1", src, req))
 }

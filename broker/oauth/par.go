@@ -11,15 +11,15 @@ import (
 
 // push sends a pushed authorization request (RFC 9126) with params,
 // authenticated as the token requests are, and returns the request_uri. A
-// DPoP nonce challenge is answered as the token requests' are
-// (nonceRetry).
+// DPoP nonce challenge with a new nonce is answered with a second request
+// (nonceRetried): the consent's requests go through neither the broker's
+// attempts nor its budget.
 func (a *AuthCode) push(ctx context.Context, endpoint string, params url.Values) (string, error) {
-	carried := a.src.tokenNonce(endpoint)
-	uri, err := a.pushOnce(ctx, endpoint, params)
-	if a.src.nonceRetry(err, endpoint, carried) {
-		uri, err = a.pushOnce(ctx, endpoint, params)
-	}
-	return uri, err
+	return nonceRetried(func() (string, error) {
+		carried := a.src.tokenNonce(endpoint)
+		uri, err := a.pushOnce(ctx, endpoint, params)
+		return uri, a.src.nonceChallenged(err, endpoint, carried)
+	})
 }
 
 // pushOnce builds and sends one pushed authorization request (push).
