@@ -159,13 +159,15 @@ const resultRetryAfter = 30 * time.Second
 // result serves …/done: the page of a callback's stored result; gone
 // when there is none (or it has expired), result_unavailable (503, with
 // Retry-After) when the consent storage cannot be read, the error logged
-// and never shown.
+// and never shown; nothing when the browser left meanwhile.
 func (c *Handler) result(w http.ResponseWriter, r *http.Request) {
 	res, err := c.o.Results.Load(r.Context(), r.URL.Query().Get("result"))
 	switch {
 	case errors.Is(err, oauth.ErrUnknownPending):
 		c.render(w, r, consentpage.Page{Name: consentpage.PageGone})
 		return
+	case err != nil && r.Context().Err() != nil:
+		return // the browser left while the result was read: nobody to answer
 	case err != nil:
 		c.o.Logger.Warn("consent result page: the consent storage cannot be read; the page asks the browser to reload",
 			zap.String("provider", c.o.Provider), zap.Error(err))

@@ -3,6 +3,7 @@ package consentweb
 import (
 	"context"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,6 +11,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/kvstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
@@ -70,5 +73,28 @@ func TestResultPage(t *testing.T) {
 				t.Fatalf("the page shows the store's error: %.600s", body)
 			}
 		})
+	}
+}
+
+// TestResultPageBrowserLeft: a result read that fails because the browser
+// left is neither logged as a storage failure nor answered.
+func TestResultPageBrowserLeft(t *testing.T) {
+	// The read fails (Caddy's file storage whose directory is a file), as
+	// a store's read fails when the request's context ends.
+	notDir := filepath.Join(t.TempDir(), "store")
+	if err := os.WriteFile(notDir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zap.DebugLevel)
+	site := newConsentSite(t, "https://bank.invalid/token", kvstore.Pending{S: &certmagic.FileStorage{Path: notDir}}, oauth.NewMemoryStore(), "acme")
+	site.web.o.Logger = zap.New(core)
+	id := strings.Repeat("A", 43)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	r := httptest.NewRequestWithContext(ctx, http.MethodGet, "https://cb.partner.example/consent/done?result="+id, nil)
+	w := httptest.NewRecorder()
+	site.web.ServeHTTP(w, r)
+	if w.Body.Len() != 0 || logs.Len() != 0 {
+		t.Fatalf("answered %d %.200q and logged %d entries; want neither", w.Code, w.Body.String(), logs.Len())
 	}
 }
