@@ -50,8 +50,8 @@ func (s *retryNowSource) called() int {
 // An answer classified ClassRetryNow is sent again at once within its
 // attempt: without a backoff's sleep, not counted as an attempt, by the
 // breaker nor by the failure memory, every call taking budget and told to
-// the observers; the same answer to the call sent again is a temporary
-// failure.
+// the observers (the answer asking for it as a *RetryNowError); the same
+// answer to the call sent again is a temporary failure.
 func TestRetryNowSentAgainAtOnce(t *testing.T) {
 	nonce := &APIError{Provider: "custom", StatusCode: http.StatusBadRequest, Code: "use_dpop_nonce"}
 	down := &APIError{Provider: "custom", StatusCode: http.StatusServiceUnavailable}
@@ -94,7 +94,15 @@ func TestRetryNowSentAgainAtOnce(t *testing.T) {
 			obs.mu.Lock()
 			defer obs.mu.Unlock()
 			if len(obs.fetches) != 1 || len(obs.fetches[0].Attempts) != tt.wantCalls || len(obs.calls) != tt.wantCalls+1 {
-				t.Errorf("observer told %v, fetches %d; want every call and one fetch with %d attempts", obs.calls, len(obs.fetches), tt.wantCalls)
+				t.Fatalf("observer told %v, fetches %d; want every call and one fetch with %d attempts", obs.calls, len(obs.fetches), tt.wantCalls)
+			}
+			// Each attempt's first call was answered ClassRetryNow: it is
+			// told as no failure, a *RetryNowError with the answer; the
+			// call sent again as it ended.
+			for i, a := range obs.fetches[0].Attempts {
+				if IsRetryNow(a.Err) != (i%2 == 0) || !errors.Is(a.Err, tt.answers[i]) || tt.answers[i] == nil && a.Err != nil {
+					t.Errorf("call %d told %v; want %v, as a RetryNowError: %t", i+1, a.Err, tt.answers[i], i%2 == 0)
+				}
 			}
 		})
 	}
