@@ -173,9 +173,9 @@ const outlivesBy = time.Second
 // report of the last call and of the fetch (FetchObserver), for the caller
 // to run once the outcome is stored. A fetch that a backoff or its budget
 // refused before any call, or before the second call a ClassRetryNow
-// answer asked for, is not recorded. deadline bounds the retries
-// (wall clock), by a caller's wait for budget (broker clock); bctx,
-// derived from ctx, ends that wait early.
+// answer to its first attempt asked for, is not recorded. deadline bounds
+// the retries (wall clock), by a caller's wait for budget (broker clock);
+// bctx, derived from ctx, ends that wait early.
 func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, int, func(), error) {
 	tok, f, class, last, err := br.attempts(ctx, bctx, b, background, deadline, by)
 	calls := len(f.Attempts)

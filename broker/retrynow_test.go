@@ -135,3 +135,50 @@ func TestRetryNowKeepsTheProbe(t *testing.T) {
 		})
 	}
 }
+
+// A budget refusing the second call of an attempt answered ClassRetryNow
+// ends the fetch as it ends one it refuses before that attempt: in the
+// first attempt with its refusal, not recorded; in a later one with the
+// error of the call before, recorded. The observer is told the call
+// answered ClassRetryNow as no failure either way.
+func TestRetryNowRefusedByBudget(t *testing.T) {
+	nonce := &APIError{Provider: "custom", StatusCode: http.StatusBadRequest, Code: "use_dpop_nonce"}
+	down := &APIError{Provider: "custom", StatusCode: http.StatusServiceUnavailable}
+	for _, tt := range []struct {
+		name     string
+		answers  []error
+		wantErr  error
+		recorded bool
+	}{
+		{"in the first attempt", []error{nonce}, budget.ErrExhausted, false},
+		{"after a temporary failure", []error{down, nonce}, down, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &retryNowSource{clock: clock, nonce: nonce, answers: tt.answers}
+			br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 2})
+			defer br.Close()
+			p := NewProfile("custom#1", src, nil, "", 0)
+			burst := len(tt.answers) // room for the calls made, not for the one sent again
+			p.Budget = budget.New("custom", budget.Limit{Rate: 1, Burst: burst, Period: time.Minute}, budget.NewLocal(clock.Now), clock.Now)
+			b := NewBindingFor(p, "acme", "1")
+			obs := &fetchLog{}
+			b.Observer = obs
+			_, err := br.Token(context.Background(), b)
+			if !errors.Is(err, tt.wantErr) || errors.Is(err, nonce) {
+				t.Fatalf("err = %v, want %v", err, tt.wantErr)
+			}
+			if h := br.SourcesHealth("custom#1")["custom#1"]; src.called() != len(tt.answers) || (h.FailingKeys > 0) != tt.recorded {
+				t.Errorf("%d calls, %d failing keys; want %d, recorded %t", src.called(), h.FailingKeys, len(tt.answers), tt.recorded)
+			}
+			obs.mu.Lock()
+			defer obs.mu.Unlock()
+			if len(obs.fetches) != 1 || len(obs.fetches[0].Attempts) != len(tt.answers) {
+				t.Fatalf("fetches %+v; want one with %d attempts", obs.fetches, len(tt.answers))
+			}
+			if a := obs.fetches[0].Attempts; !IsRetryNow(a[len(a)-1].Err) {
+				t.Errorf("the call answered ClassRetryNow told as %v, want a RetryNowError", a[len(a)-1].Err)
+			}
+		})
+	}
+}

@@ -142,7 +142,7 @@ func NewMetrics(merchantLabel bool) *Metrics {
 		}, []string{"provider"}),
 		NonceChallenges: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "dpop_nonce_challenges_total",
-			Help: "DPoP nonce challenges (use_dpop_nonce) answered with a retry, by the server that sent them: token (the token or PAR endpoint) or resource (an upstream).",
+			Help: "DPoP nonce challenges (use_dpop_nonce), by the server that sent them: token (the token or PAR endpoint: the challenges that brought a new nonce) or resource (an upstream: the challenges answered with a retry).",
 		}, []string{"provider", "server"}),
 		BudgetUsed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "budget_used_total",
