@@ -322,7 +322,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 			switch {
 			case again:
 				err = &RetryNowError{Err: err}
-			case c == ClassRetryNow:
+			case c == ClassRetryNow: // the same answer to the call sent again
 				class = ClassTemporary
 			default:
 				class = c
