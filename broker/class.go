@@ -35,11 +35,36 @@ const (
 	// nonce, RFC 9449 §8). The attempt is sent once more without a wait,
 	// taking budget again like any call, holding the breaker's probe it
 	// held, and neither the breaker nor the failure memory counts the
-	// call. Once per attempt: the same answer to that second call is
-	// ClassTemporary. A budget that refuses the second call ends the
-	// fetch with its refusal, as it ends one it refuses before any call.
+	// call; its observer is told of it with a *RetryNowError. Once per
+	// attempt: the same answer to that second call is ClassTemporary. A
+	// budget that refuses the second call ends the fetch as it ends one
+	// it refuses before that attempt: in the first attempt with its
+	// refusal, not recorded; in a later one with the error of the call
+	// before the attempt, recorded.
 	ClassRetryNow
 )
+
+// RetryNowError is the error an Observer (Fetched) and a FetchObserver
+// (Attempt.Err) are told of a call answered ClassRetryNow: the provider
+// asked for the call to be sent again at once. It is no failure: the
+// call counts as a call, neither the provider's nor the merchant's
+// failure. Err is the source's answer.
+type RetryNowError struct {
+	Err error
+}
+
+func (e *RetryNowError) Error() string {
+	return "asked to send the token request again at once: " + e.Err.Error()
+}
+
+func (e *RetryNowError) Unwrap() error { return e.Err }
+
+// IsRetryNow reports whether err is a call's *RetryNowError: a call that
+// is no failure.
+func IsRetryNow(err error) bool {
+	_, ok := errors.AsType[*RetryNowError](err)
+	return ok
+}
 
 // Classifier is an optional interface of a Source: it classifies the
 // errors its Token returns, since only the source knows what its

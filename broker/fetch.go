@@ -173,9 +173,9 @@ const outlivesBy = time.Second
 // report of the last call and of the fetch (FetchObserver), for the caller
 // to run once the outcome is stored. A fetch that a backoff or its budget
 // refused before any call, or before the second call a ClassRetryNow
-// answer asked for, is not recorded. deadline bounds the retries
-// (wall clock), by a caller's wait for budget (broker clock); bctx,
-// derived from ctx, ends that wait early.
+// answer to its first attempt asked for, is not recorded. deadline bounds
+// the retries (wall clock), by a caller's wait for budget (broker clock);
+// bctx, derived from ctx, ends that wait early.
 func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, int, func(), error) {
 	tok, f, class, last, err := br.attempts(ctx, bctx, b, background, deadline, by)
 	calls := len(f.Attempts)
@@ -183,7 +183,7 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 	// tells nothing about the provider: the policy answers the fetch as
 	// if that call had not been made.
 	answered := calls
-	if f.resendOwed {
+	if calls > 0 && IsRetryNow(f.Attempts[calls-1].Err) {
 		answered--
 	}
 	be := (*backoffError)(nil)
@@ -225,8 +225,9 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 // policy's backoff error, a *budget.ExhaustedError); one refusing a retry,
 // with the last call's error. The second call of an attempt answered
 // ClassRetryNow counts as the attempt's own: refused in the first attempt,
-// the fetch ends with the refusal (f.resendOwed tells mint that the call
-// before it says nothing about the provider).
+// the fetch ends with the refusal. A call answered ClassRetryNow is
+// reported, and kept in f.Attempts, with a *RetryNowError: last in
+// f.Attempts, it tells mint that its second call did not go out.
 func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
 	obs := b.Observer
 	bo, _ := obs.(BreakerObserver)
@@ -318,17 +319,18 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		if err != nil {
 			c := ClassOf(b.Source, err)
 			again = c == ClassRetryNow && !resend
-			if c == ClassRetryNow && resend {
-				c = ClassTemporary
-			}
-			if !again {
+			switch {
+			case again:
+				err = &RetryNowError{Err: err}
+			case c == ClassRetryNow: // the same answer to the call sent again
+				class = ClassTemporary
+			default:
 				class = c
 			}
 		}
 		// A call the budget made wait and that then ran out of time says
 		// nothing about the provider.
 		f.cutByWait = waited && errors.Is(err, context.DeadlineExceeded)
-		f.resendOwed = again
 		f.Attempts = append(f.Attempts, Attempt{Elapsed: elapsed, Err: err})
 		f.Elapsed = end.Sub(first)
 		var from, to BreakerState
@@ -347,7 +349,8 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 			}
 		}
 		if again {
-			// Sent once more now: reported now, the breaker untold.
+			// Sent once more now: reported now as no failure, the
+			// breaker untold.
 			report()
 			report, resend = noop, true
 			continue

@@ -187,7 +187,9 @@ type Observer interface {
 	// Lookup is called once per successful Get with how it was served.
 	Lookup(b *Binding, r Result)
 	// Fetched is called after every call to a Source, with the token
-	// (never log its Value) or the error, and how long the call took.
+	// (never log its Value) or the error, and how long the call took. A
+	// call answered ClassRetryNow is told with a *RetryNowError: no
+	// failure.
 	// background is true for refresh-ahead fetches. A fetch may call the
 	// Source several times (Options.MaxAttempts): FetchObserver is told
 	// once per fetch.
@@ -222,15 +224,16 @@ type Fetch struct {
 	// Background is true for a refresh-ahead fetch.
 	Background bool
 
-	cutByWait  bool // the last call ran out of time after a wait for budget
-	resendOwed bool // the last call was answered ClassRetryNow and not sent again
+	cutByWait bool // the last call ran out of time after a wait for budget
 }
 
 // Attempt is one call to a Source within a fetch.
 type Attempt struct {
 	// Elapsed is how long the call took.
 	Elapsed time.Duration
-	// Err is the call's error; nil when it returned a valid token.
+	// Err is the call's error; nil when it returned a valid token; a
+	// *RetryNowError, which is no failure, when the provider asked for
+	// it to be sent again at once (ClassRetryNow).
 	Err error
 }
 

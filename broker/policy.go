@@ -371,8 +371,10 @@ func (p *policy) deferRefresh(b *Binding, err error, now, until time.Time) {
 }
 
 // refusedByBudget is a fetch of b's key that its budget refused before any
-// call, or before the second call of an attempt answered ClassRetryNow,
-// as the policy answers it: not called, retry after the budget's wait. It is not remembered: the budget answers the next fetch itself.
+// call, or before the second call of its first attempt answered
+// ClassRetryNow (a call that says nothing of the provider), as the policy
+// answers it: not called, retry after the budget's wait. It is not
+// remembered: the budget answers the next fetch itself.
 func refusedByBudget(b *Binding, err error) error {
 	return &backoffError{err: err, retryAfter: RetryAfterOf(err), scope: Backoff{SourceID: b.SourceID, budget: true}, notCalled: true}
 }

@@ -50,8 +50,8 @@ func (s *retryNowSource) called() int {
 // An answer classified ClassRetryNow is sent again at once within its
 // attempt: without a backoff's sleep, not counted as an attempt, by the
 // breaker nor by the failure memory, every call taking budget and told to
-// the observers; the same answer to the call sent again is a temporary
-// failure.
+// the observers (the answer asking for it as a *RetryNowError); the same
+// answer to the call sent again is a temporary failure.
 func TestRetryNowSentAgainAtOnce(t *testing.T) {
 	nonce := &APIError{Provider: "custom", StatusCode: http.StatusBadRequest, Code: "use_dpop_nonce"}
 	down := &APIError{Provider: "custom", StatusCode: http.StatusServiceUnavailable}
@@ -94,7 +94,15 @@ func TestRetryNowSentAgainAtOnce(t *testing.T) {
 			obs.mu.Lock()
 			defer obs.mu.Unlock()
 			if len(obs.fetches) != 1 || len(obs.fetches[0].Attempts) != tt.wantCalls || len(obs.calls) != tt.wantCalls+1 {
-				t.Errorf("observer told %v, fetches %d; want every call and one fetch with %d attempts", obs.calls, len(obs.fetches), tt.wantCalls)
+				t.Fatalf("observer told %v, fetches %d; want every call and one fetch with %d attempts", obs.calls, len(obs.fetches), tt.wantCalls)
+			}
+			// Each attempt's first call was answered ClassRetryNow: it is
+			// told as no failure, a *RetryNowError with the answer; the
+			// call sent again as it ended.
+			for i, a := range obs.fetches[0].Attempts {
+				if IsRetryNow(a.Err) != (i%2 == 0) || !errors.Is(a.Err, tt.answers[i]) || tt.answers[i] == nil && a.Err != nil {
+					t.Errorf("call %d told %v; want %v, as a RetryNowError: %t", i+1, a.Err, tt.answers[i], i%2 == 0)
+				}
 			}
 		})
 	}
@@ -123,6 +131,53 @@ func TestRetryNowKeepsTheProbe(t *testing.T) {
 			}
 			if !errors.Is(err, last) || last == nil && err != nil || src.called() != 3 || br.SourceHealth("custom#1").Breaker != want {
 				t.Errorf("probe: %v after %d calls, breaker %s; want %v after 3, %s", err, src.called(), br.SourceHealth("custom#1").Breaker, last, want)
+			}
+		})
+	}
+}
+
+// A budget refusing the second call of an attempt answered ClassRetryNow
+// ends the fetch as it ends one it refuses before that attempt: in the
+// first attempt with its refusal, not recorded; in a later one with the
+// error of the call before, recorded. The observer is told the call
+// answered ClassRetryNow as no failure either way.
+func TestRetryNowRefusedByBudget(t *testing.T) {
+	nonce := &APIError{Provider: "custom", StatusCode: http.StatusBadRequest, Code: "use_dpop_nonce"}
+	down := &APIError{Provider: "custom", StatusCode: http.StatusServiceUnavailable}
+	for _, tt := range []struct {
+		name     string
+		answers  []error
+		wantErr  error
+		recorded bool
+	}{
+		{"in the first attempt", []error{nonce}, budget.ErrExhausted, false},
+		{"after a temporary failure", []error{down, nonce}, down, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &retryNowSource{clock: clock, nonce: nonce, answers: tt.answers}
+			br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 2})
+			defer br.Close()
+			p := NewProfile("custom#1", src, nil, "", 0)
+			burst := len(tt.answers) // room for the calls made, not for the one sent again
+			p.Budget = budget.New("custom", budget.Limit{Rate: 1, Burst: burst, Period: time.Minute}, budget.NewLocal(clock.Now), clock.Now)
+			b := NewBindingFor(p, "acme", "1")
+			obs := &fetchLog{}
+			b.Observer = obs
+			_, err := br.Token(context.Background(), b)
+			if !errors.Is(err, tt.wantErr) || errors.Is(err, nonce) {
+				t.Fatalf("err = %v, want %v", err, tt.wantErr)
+			}
+			if h := br.SourcesHealth("custom#1")["custom#1"]; src.called() != len(tt.answers) || (h.FailingKeys > 0) != tt.recorded {
+				t.Errorf("%d calls, %d failing keys; want %d, recorded %t", src.called(), h.FailingKeys, len(tt.answers), tt.recorded)
+			}
+			obs.mu.Lock()
+			defer obs.mu.Unlock()
+			if len(obs.fetches) != 1 || len(obs.fetches[0].Attempts) != len(tt.answers) {
+				t.Fatalf("fetches %+v; want one with %d attempts", obs.fetches, len(tt.answers))
+			}
+			if a := obs.fetches[0].Attempts; !IsRetryNow(a[len(a)-1].Err) {
+				t.Errorf("the call answered ClassRetryNow told as %v, want a RetryNowError", a[len(a)-1].Err)
 			}
 		})
 	}

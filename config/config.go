@@ -320,9 +320,9 @@ type Options struct {
 	LookupEnv func(string) (string, bool)
 	// OnDPoPNonce, when set, is called with the provider's name for each
 	// DPoP nonce challenge of a token or PAR endpoint that brought a new
-	// nonce, which a new request answers (oauth.Config.OnDPoPNonce). It
-	// must be cheap and safe for concurrent use, and outlives a reload as
-	// long as the registry is in use.
+	// nonce (oauth.Config.OnDPoPNonce). It must be cheap and safe for
+	// concurrent use, and outlives a reload as long as the registry is in
+	// use.
 	OnDPoPNonce func(provider string)
 	// Budgets returns the budget of a provider with a rate_limit, which
 	// all its profiles share (Provider.Budget); it is called once per such

@@ -363,11 +363,18 @@ func TestDPoPThroughCaddy(t *testing.T) {
 		}
 		checkDelta(t, "after the requests", before, after, want)
 		// The authorization server demands a nonce: each key's first token
-		// request was challenged (it may rotate its nonce meanwhile).
+		// request was challenged (it may rotate its nonce meanwhile). The
+		// challenged request is counted as retry_now, no failure: none as
+		// token_refused.
 		for _, alg := range dpopAlgs {
 			series := fmt.Sprintf(`caddy_token_broker_dpop_nonce_challenges_total{provider="bank-%s",server="token"}`, strings.ToLower(alg))
 			if after[series]-before[series] < 1 {
 				t.Errorf("%s went up by %v, want at least 1", series, after[series]-before[series])
+			}
+			requests := `caddy_token_broker_token_requests_total{outcome="%s",provider="bank-` + strings.ToLower(alg) + `"}`
+			retried, refused := fmt.Sprintf(requests, "retry_now"), fmt.Sprintf(requests, "token_refused")
+			if after[retried]-before[retried] < 1 || after[refused] != before[refused] {
+				t.Errorf("%s went up by %v, %s by %v; want at least 1, 0", retried, after[retried]-before[retried], refused, after[refused]-before[refused])
 			}
 		}
 	})

@@ -16,7 +16,7 @@ import (
 //
 // Series | Labels | What
 // -------|--------|-----
-// `caddy_token_broker_token_requests_total` | provider, outcome | calls to a token API: outcome ok, or the error code a request would get (errcode.FetchCodes: client_gone, consent_required, token_api_down, token_timeout, token_rate_limited, token_bad_response, token_refused, token_unavailable)
+// `caddy_token_broker_token_requests_total` | provider, outcome | calls to a token API: outcome ok, retry_now (the provider asked for the call to be sent again at once: a DPoP nonce challenge that brought a new nonce, no failure), or the error code a request would get (errcode.FetchCodes: client_gone, consent_required, token_api_down, token_timeout, token_rate_limited, token_bad_response, token_refused, token_unavailable)
 // `caddy_token_broker_token_request_duration_seconds` | provider | histogram of token API call latency
 // `caddy_token_broker_cache_lookups_total` | provider, result | tokens handed out: hit, refresh (a hit that started the background refresh), miss (waited on a fetch it started), shared (waited on a fetch another request started: the single-flight waiters), adopted (a fetch it started took the token from the shared tier)
 // `caddy_token_broker_token_purges_total` | provider | cached tokens dropped after the upstream rejected them (401)
@@ -26,7 +26,7 @@ import (
 // `caddy_token_broker_keys_backing_off` | provider | cache keys whose last fetch failed and which are in failure memory (their fetches answer the remembered error without calling the token API until their backoff ends)
 // `caddy_token_broker_merchants` | provider, state | merchants by state (refused, unknown_organisation, needs_consent, backing_off, refreshing, fresh, idle: opstate.States), the registry's explicit merchants and the wildcard's active ones, computed at scrape time (at most every 5s) from the state GET /token_broker/state reports
 // `caddy_token_broker_l2_up` | | with redis only: 1 while the shared tier is used, 0 while its breaker keeps Redis out
-// `caddy_token_broker_dpop_nonce_challenges_total` | provider, server | DPoP nonce challenges (use_dpop_nonce) answered with a retry: server token (the provider's token or PAR endpoint) or resource (an upstream behind a token_broker route)
+// `caddy_token_broker_dpop_nonce_challenges_total` | provider, server | DPoP nonce challenges (use_dpop_nonce): server token (the provider's token or PAR endpoint: the challenges that brought a new nonce) or resource (an upstream behind a token_broker route: the challenges answered with a retry)
 // `caddy_token_broker_budget_used_total` | provider, priority | token API calls that took a request from the provider's budget (rate_limit): priority foreground (a caller waits) or background (refresh-ahead)
 // `caddy_token_broker_refreshes_planned_total` | provider, when | refresh plans: ahead (the refresh of a token this broker minted, planned in its window), behind (a planned refresh that cannot get budget before the token's end)
 // `caddy_token_broker_budget_rate`, `..._budget_remaining`, `..._budget_queue_length` | provider | the budget's rate in force, the requests its bucket held at its last answer, the callers waiting (opstate.Collector, at scrape time)

@@ -142,7 +142,7 @@ var rules = [count]rule{
 			return isA[*broker.RequestError](err) || apiError(func(e *broker.APIError) bool { return !e.Temporary() })(err)
 		}},
 	BudgetExhausted: {name: "budget_exhausted", status: http.StatusServiceUnavailable, retryAfter: true,
-		message: "the provider's token API rate limit, which the token broker spends on purpose, has no room for this request before its deadline; the token API was not called; retry after the Retry-After delay",
+		message: "the provider's token API rate limit, which the token broker spends on purpose, has no room before this request's deadline for the token request it needs; retry after the Retry-After delay",
 		fetch:   func(err error) bool { return errors.Is(err, budget.ErrExhausted) }},
 	TokenUnavailable: {name: "token_unavailable", status: http.StatusBadGateway,
 		message: "the provider's token API failed; the request was not forwarded",

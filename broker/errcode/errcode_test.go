@@ -95,6 +95,7 @@ func TestClassify(t *testing.T) {
 // merchant, a provider refusing the partner's credentials) say who must
 // act, on what, that the log has the precise cause, and that retrying
 // does not help; OAuth users are not told about Nuapay's organisations.
+// An exhausted budget says nothing of calls it did not refuse.
 func TestMessages(t *testing.T) {
 	for _, tt := range []struct {
 		code Code
@@ -108,6 +109,9 @@ func TestMessages(t *testing.T) {
 		{TokenRefused, "oauth2", []string{"log has", "operator must check the client id and credentials", "retrying will not help"}, "organisation"},
 		{InvalidMerchant, "", []string{"no comma"}, ""},
 		{InvalidMerchant, "oauth2", []string{"no comma"}, ""},
+		// The refused request can be the second of a token request the
+		// provider asked to be sent again: one went out.
+		{BudgetExhausted, "", []string{"rate limit", "retry after the Retry-After delay"}, "not called"},
 	} {
 		m := tt.code.Message(tt.typ)
 		for _, w := range tt.want {

@@ -114,10 +114,11 @@ type Config struct {
 	// Optional; nil means bearer tokens.
 	DPoP *dpop.Key
 	// OnDPoPNonce, when set, is called for each DPoP nonce challenge of
-	// the token or PAR endpoint that brought a new nonce, which a new
-	// request answers (for a metric): the broker's attempts for a token
-	// request of Token, the source itself for PAR and the code exchange.
-	// It must be cheap and safe for concurrent use.
+	// the token or PAR endpoint that brought a new nonce (for a metric).
+	// A new request answers it when it can: the broker's attempts for a
+	// token request of Token (not when the budget refuses it), the source
+	// itself for PAR and the code exchange. It must be cheap and safe for
+	// concurrent use.
 	OnDPoPNonce func()
 	// Client makes the calls: its timeout, and for TLSClientAuth the
 	// client certificate (httpclient.New). Default: a client from

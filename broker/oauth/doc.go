@@ -50,7 +50,8 @@
 // bound to the key. The server's use_dpop_nonce is answered with one new
 // request when it gave a new nonce. For Token, the source returns it
 // classified broker.ClassRetryNow and the broker's attempts send it,
-// through the failure policy and the provider's budget like any call;
+// through the failure policy and the provider's budget like any call
+// (a budget with no room for it leaves it unsent);
 // the consent's PAR request and code exchange, which go through neither,
 // are sent again by the source itself.
 //

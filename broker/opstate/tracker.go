@@ -297,14 +297,15 @@ func failureState(err error, code errcode.Code) string {
 
 // Fetched notes a call to a provider's token API for a binding (its
 // merchant and cache key) and how it ended (nil: a token). A cancelled
-// call counts as a call, and says nothing about the merchant. It
-// implements telemetry.Tap.
+// call, and one the provider asked to be sent again at once
+// (broker.RetryNowError), count as calls, and say nothing about the
+// provider or the merchant. It implements telemetry.Tap.
 func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
 	now := t.now()
 	merchant := b.Merchant
 	var code errcode.Code
 	var state string
-	if err != nil && !errors.Is(err, context.Canceled) {
+	if err != nil && !errors.Is(err, context.Canceled) && !broker.IsRetryNow(err) {
 		code = errcode.Classify(err)
 		state = failureState(err, code)
 	}
@@ -330,7 +331,7 @@ func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
 		}
 		return
 	}
-	if code == 0 { // cancelled
+	if code == 0 { // cancelled, or to be sent again at once
 		p.calls.add(now, false)
 		return
 	}

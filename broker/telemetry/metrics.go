@@ -22,6 +22,12 @@ import (
 // and spans); a failed call's outcome is its error code.
 const OutcomeOK = "ok"
 
+// OutcomeRetryNow is the outcome of a token API call the provider asked
+// to be sent again at once (a *broker.RetryNowError: a DPoP nonce
+// challenge that brought a new nonce), which is no failure (metrics and
+// logs).
+const OutcomeRetryNow = "retry_now"
+
 // Metrics are the broker's collectors. They are meant to be shared across
 // config reloads, so counters keep counting; each config's metrics
 // registry registers them once (Register).
@@ -73,6 +79,7 @@ func (m *Metrics) removeMerchant(provider, merchant string) {
 		m.Lookups.DeleteLabelValues(provider, broker.Result(r).String(), merchant)
 	}
 	m.TokenRequests.DeleteLabelValues(provider, OutcomeOK, merchant)
+	m.TokenRequests.DeleteLabelValues(provider, OutcomeRetryNow, merchant)
 	for _, c := range errcode.FetchCodes() {
 		m.TokenRequests.DeleteLabelValues(provider, c.String(), merchant)
 	}
@@ -98,11 +105,11 @@ func NewMetrics(merchantLabel bool) *Metrics {
 		merchantLabel: merchantLabel,
 		TokenRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "token_requests_total",
-			Help: "Calls to a provider's token API, by outcome (ok or the error code).",
+			Help: "Calls to a provider's token API, by outcome (ok, retry_now or the error code).",
 		}, perRequest("provider", "outcome")),
 		Refreshes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "refreshes_total",
-			Help: "Calls to a provider's token API by a background refresh (refresh-ahead), by outcome (ok or the error code); also counted in token_requests_total.",
+			Help: "Calls to a provider's token API by a background refresh (refresh-ahead), by outcome (ok, retry_now or the error code); also counted in token_requests_total.",
 		}, []string{"provider", "outcome"}),
 		FetchDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: ns, Subsystem: sub, Name: "token_request_duration_seconds",
@@ -135,7 +142,7 @@ func NewMetrics(merchantLabel bool) *Metrics {
 		}, []string{"provider"}),
 		NonceChallenges: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "dpop_nonce_challenges_total",
-			Help: "DPoP nonce challenges (use_dpop_nonce) answered with a retry, by the server that sent them: token (the token or PAR endpoint) or resource (an upstream).",
+			Help: "DPoP nonce challenges (use_dpop_nonce), by the server that sent them: token (the token or PAR endpoint: the challenges that brought a new nonce) or resource (an upstream: the challenges answered with a retry).",
 		}, []string{"provider", "server"}),
 		BudgetUsed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "budget_used_total",
@@ -281,8 +288,11 @@ func (m *Metrics) lookupCounters(provider, merchant string) *LookupCounters {
 
 // fetchOutcome is the outcome label of a token API call.
 func fetchOutcome(err error) string {
-	if err == nil {
+	switch {
+	case err == nil:
 		return OutcomeOK
+	case broker.IsRetryNow(err):
+		return OutcomeRetryNow
 	}
 	return errcode.Classify(err).String()
 }

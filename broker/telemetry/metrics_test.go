@@ -41,13 +41,15 @@ func TestConsentStepsRegister(t *testing.T) {
 	}
 }
 
-// TestFetchOutcome: a successful call is ok, a failed one its error code.
+// TestFetchOutcome: a successful call is ok, one the provider asked to be
+// sent again at once retry_now, a failed one its error code.
 func TestFetchOutcome(t *testing.T) {
 	for _, tt := range []struct {
 		err  error
 		want string
 	}{
 		{nil, OutcomeOK},
+		{&broker.RetryNowError{Err: &broker.APIError{Provider: "oauth2", StatusCode: 400, Code: "use_dpop_nonce"}}, OutcomeRetryNow},
 		{&broker.APIError{Provider: "nuapay", StatusCode: 503}, "token_unavailable"},
 		{errors.New("other"), "token_unavailable"},
 	} {
@@ -77,8 +79,9 @@ func TestMerchantLabel(t *testing.T) {
 
 // TestRefreshesCounted: a background refresh's token API call counts in
 // refreshes_total by provider and outcome, and in token_requests_total; a
-// foreground call only in token_requests_total. The ok series of each
-// provider is exported as 0 from the start.
+// foreground call only in token_requests_total. A call the provider
+// asked to be sent again at once counts as retry_now. The ok series of
+// each provider is exported as 0 from the start.
 func TestRefreshesCounted(t *testing.T) {
 	m := NewMetrics(false)
 	r := ForRegistry(m, nil, zap.NewNop(), nil, registryOf("nuapay#1"), nil)
@@ -88,6 +91,7 @@ func TestRefreshesCounted(t *testing.T) {
 	b := broker.NewBindingFor(broker.NewProfile("nuapay#1", nil, []string{"openbanking_pisp"}, "", 0), "acme", "org-acme")
 	o := &Observer{r: r}
 	limited := &broker.APIError{Provider: "nuapay", StatusCode: 429}
+	nonce := &broker.RetryNowError{Err: &broker.APIError{Provider: "oauth2", StatusCode: 400, Code: "use_dpop_nonce"}}
 	for _, c := range []struct {
 		background bool
 		err        error
@@ -97,6 +101,7 @@ func TestRefreshesCounted(t *testing.T) {
 		{true, nil},
 		{true, limited},
 		{false, limited},
+		{true, nonce},
 	} {
 		o.Fetched(context.Background(), b, broker.Token{}, time.Millisecond, c.background, c.err)
 	}
@@ -108,8 +113,10 @@ func TestRefreshesCounted(t *testing.T) {
 	}{
 		{"refreshes", m.Refreshes, OutcomeOK, 2},
 		{"refreshes", m.Refreshes, "token_rate_limited", 1},
+		{"refreshes", m.Refreshes, OutcomeRetryNow, 1},
 		{"token requests", m.TokenRequests, OutcomeOK, 3},
 		{"token requests", m.TokenRequests, "token_rate_limited", 2},
+		{"token requests", m.TokenRequests, OutcomeRetryNow, 1},
 	} {
 		if got := testutil.ToFloat64(tt.counter.WithLabelValues("nuapay", tt.outcome)); got != tt.want {
 			t.Errorf("%s outcome %s = %v, want %v", tt.name, tt.outcome, got, tt.want)
@@ -120,9 +127,10 @@ func TestRefreshesCounted(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(`
-# HELP caddy_token_broker_refreshes_total Calls to a provider's token API by a background refresh (refresh-ahead), by outcome (ok or the error code); also counted in token_requests_total.
+# HELP caddy_token_broker_refreshes_total Calls to a provider's token API by a background refresh (refresh-ahead), by outcome (ok, retry_now or the error code); also counted in token_requests_total.
 # TYPE caddy_token_broker_refreshes_total counter
 caddy_token_broker_refreshes_total{outcome="ok",provider="nuapay"} 2
+caddy_token_broker_refreshes_total{outcome="retry_now",provider="nuapay"} 1
 caddy_token_broker_refreshes_total{outcome="token_rate_limited",provider="nuapay"} 1
 `), "caddy_token_broker_refreshes_total"); err != nil {
 		t.Error(err)

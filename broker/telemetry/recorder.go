@@ -20,7 +20,8 @@ import (
 // be quick and safe for concurrent use.
 type Tap interface {
 	// Fetched is told of a call to a provider's token API for a binding
-	// (its merchant and cache key) and how it ended (nil: a token).
+	// (its merchant and cache key) and how it ended (nil: a token; a
+	// *broker.RetryNowError: no failure, the call is sent again at once).
 	Fetched(provider string, b *broker.Binding, err error)
 	// SourceChanged is told when a source's backoff starts or ends
 	// (broker.SourceObserver) and when its breaker changes state
