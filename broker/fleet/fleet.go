@@ -42,7 +42,10 @@
 // answer counts at once, and BreakerThreshold of them in a row
 // open it; a timeout counts only once timeouts have lasted
 // Options.SlowSpan without a success, so a burst of slow answers on busy
-// CPUs does not open it. While it is open (BreakerCooldown)
+// CPUs does not open it. A Redis that answers reads but refuses writes
+// with an error (a read-only replica, maxmemory reached, an ACL) cannot
+// share tokens: after a refusal, reads do not close the breaker nor reset
+// its count until a write succeeds. While it is open (BreakerCooldown)
 // lookups mint without Redis; then one call probes Redis. No lookup fails
 // because of Redis.
 package fleet
@@ -212,6 +215,9 @@ type Cache struct {
 	br       *breaker.Breaker
 	timeouts *callTimeout
 	metrics  *Metrics
+	// refused is set when Redis refused a call with an error answer, and
+	// cleared when a write succeeds (doOnce).
+	refused atomic.Bool
 
 	vers *versions // the token versions seen (version.go)
 	rts  rtVersions
@@ -464,6 +470,17 @@ func retried(op string) bool {
 	return false
 }
 
+// writes reports whether a success of op shows that Redis takes the
+// tier's writes: not a read, nor an announcement (a read-only replica
+// takes PUBLISH).
+func writes(op string) bool {
+	switch op {
+	case "get", "pttl", "publish":
+		return false
+	}
+	return true
+}
+
 // doOnce is one run of do, within limit (0: none) as well as its adaptive
 // bound; again reports a timeout that a longer bound may cure (the
 // breaker still lets calls through). A run that timed out within a limit
@@ -497,6 +514,18 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	default:
 		c.timeouts.ended()
 		c.metrics.errors.WithLabelValues(op).Inc()
+	}
+	// A Redis that answers reads but refuses writes (a read-only
+	// replica, maxmemory reached, an ACL) cannot share tokens: once it has
+	// refused a call, reads do not vouch for it until a write succeeds.
+	var answer redis.Error
+	switch {
+	case outcome == breaker.Failed && errors.As(err, &answer):
+		c.refused.Store(true)
+	case outcome == breaker.Healthy && writes(op):
+		c.refused.Store(false)
+	case outcome == breaker.Healthy && c.refused.Load():
+		outcome = breaker.Unknown
 	}
 	from, to := c.br.Record(c.opts.Now(), outcome, err)
 	switch {
