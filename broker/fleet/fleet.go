@@ -63,6 +63,7 @@ import (
 	"math/bits"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -297,20 +298,37 @@ func New(opts Options) (*Cache, error) {
 	// when it comes back, and the listener catches up at each
 	// confirmation of the subscription.
 	sctx, cancel := context.WithTimeout(context.Background(), max(opts.Timeout, time.Second))
-	if err := c.ps.Subscribe(sctx, c.channel); err == nil {
-		var refused redis.Error
-		switch _, err := c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); {
-		case err == nil:
+	err := c.ps.Subscribe(sctx, c.channel)
+	if err == nil {
+		if _, err = c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); err == nil {
 			c.catchUp(false)
-		case errors.As(err, &refused): // an answer, such as an ACL's NOPERM
-			opts.Logger.Warn("redis refused the subscription to the fleet's channel "+c.channel+
-				": this node will not hear purges nor tokens stored by others; grant the broker's user the channel (ACL SETUSER <user> &"+c.channel+")",
-				zap.Error(err))
 		}
+	}
+	var refused redis.Error
+	switch {
+	case err == nil:
+	case isAuthError(err):
+		opts.Logger.Error("redis refused the broker's credentials: check the redis settings username and password; this node mints without the shared tier until Redis accepts them",
+			zap.Error(err))
+	case errors.As(err, &refused): // an answer, such as an ACL's NOPERM
+		opts.Logger.Warn("redis refused the subscription to the fleet's channel "+c.channel+
+			": this node will not hear purges nor tokens stored by others; grant the broker's user the channel (ACL SETUSER <user> &"+c.channel+")",
+			zap.Error(err))
 	}
 	cancel()
 	go c.listen(c.ps.ChannelWithSubscriptions(redis.WithChannelSize(1024)))
 	return c, nil
+}
+
+// isAuthError reports whether err is Redis refusing the client's
+// credentials (WRONGPASS, or NOAUTH: a password is required).
+func isAuthError(err error) bool {
+	var answer redis.Error
+	if !errors.As(err, &answer) {
+		return false
+	}
+	msg := answer.Error()
+	return strings.HasPrefix(msg, "WRONGPASS") || strings.HasPrefix(msg, "NOAUTH")
 }
 
 // Client is the Redis client the Cache runs on (Options.Client), for the
