@@ -896,8 +896,8 @@ func (c *Cache) afterMint(ctx context.Context) context.Context {
 
 // Purge implements broker.SharedCache: a compare-and-delete by
 // fingerprint, then an announcement to every node. No version up to the
-// purged token's is accepted afterwards, on this node and on those that
-// hear the announcement (version.go).
+// purged token's is accepted afterwards, on this node (even when Redis
+// failed) and on those that hear the announcement (version.go).
 func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
@@ -908,6 +908,8 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			return err
 		})
 		if err != nil && !errors.Is(err, redis.Nil) {
+			// The token may stay in Redis: this node refuses it from now on.
+			c.vers.purge(key, fingerprint, c.opts.Now())
 			return fmt.Errorf("fleet: purging %s: %w", name, err)
 		}
 		if len(deleted) > 0 {
