@@ -62,3 +62,30 @@ func TestWrongPasswordIsLoggedAtStart(t *testing.T) {
 		t.Fatalf("lookup with refused credentials: err=%v mints=%d; want a local mint", err, m.n.Load())
 	}
 }
+
+// TestEvictingPolicyIsLogged: a Redis whose maxmemory-policy may evict
+// keys without expiry (allkeys-lru) could drop the merchants' refresh
+// tokens: New warns, naming the setting and what to set; not with
+// noeviction (Redis's default) nor a volatile-* policy.
+func TestEvictingPolicyIsLogged(t *testing.T) {
+	r := startRedis(t)
+	for _, tc := range []struct {
+		policy string
+		warned bool
+	}{
+		{"noeviction", false},
+		{"volatile-lru", false},
+		{"allkeys-lru", true},
+	} {
+		r.CLI("CONFIG", "SET", "maxmemory-policy", tc.policy)
+		core, logs := observer.New(zap.WarnLevel)
+		newNode(t, r, testKeys(t, 1), func(o *Options) { o.Logger = zap.New(core) })
+		var warned bool
+		for _, e := range logs.All() {
+			warned = warned || strings.Contains(e.Message, "maxmemory-policy "+tc.policy) && strings.Contains(e.Message, "noeviction")
+		}
+		if warned != tc.warned {
+			t.Errorf("maxmemory-policy %s: warned %v, want %v; logs: %v", tc.policy, warned, tc.warned, logs.All())
+		}
+	}
+}

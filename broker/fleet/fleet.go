@@ -302,6 +302,7 @@ func New(opts Options) (*Cache, error) {
 	if err == nil {
 		if _, err = c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); err == nil {
 			c.catchUp(false)
+			c.checkEviction(sctx)
 		}
 	}
 	var refused redis.Error
@@ -318,6 +319,18 @@ func New(opts Options) (*Cache, error) {
 	cancel()
 	go c.listen(c.ps.ChannelWithSubscriptions(redis.WithChannelSize(1024)))
 	return c, nil
+}
+
+// checkEviction warns when Redis's maxmemory-policy may evict keys
+// without expiry (allkeys-*): the merchants' refresh tokens (rt:<name>)
+// have none, and one evicted cannot be minted again. A Redis that does
+// not let the broker's user read its configuration is not checked.
+func (c *Cache) checkEviction(ctx context.Context) {
+	conf, err := c.opts.Client.ConfigGet(ctx, "maxmemory-policy").Result()
+	if policy := conf["maxmemory-policy"]; err == nil && strings.HasPrefix(policy, "allkeys-") {
+		c.opts.Logger.Warn("redis maxmemory-policy "+policy+" may evict the merchants' refresh tokens, which have no expiry and cannot be minted again (the merchant would need consent again): set maxmemory-policy to noeviction or a volatile-* policy",
+			zap.String("maxmemory_policy", policy))
+	}
 }
 
 // isAuthError reports whether err is Redis refusing the client's
