@@ -30,36 +30,42 @@ func TestChannelRefusedIsLogged(t *testing.T) {
 }
 
 // TestWrongPasswordIsLoggedAtStart: a Redis that refuses the broker's
-// credentials is reported when the tier starts, naming the settings to
-// fix and never the password; lookups mint without Redis.
+// credentials (a wrong password, or none where one is required) is
+// reported when the tier starts, naming the settings to fix and never the
+// password; lookups mint without Redis.
 func TestWrongPasswordIsLoggedAtStart(t *testing.T) {
 	const password = "wrong-password-0123"
 	r := startRedis(t)
 	r.CLI("CONFIG", "SET", "requirepass", "right-password-4567")
-	core, logs := observer.New(zap.WarnLevel)
-	uo := &redis.UniversalOptions{Addrs: []string{r.Addr()}, Password: password}
-	ClientOptions(uo, time.Second, time.Second)
-	rdb := redis.NewUniversalClient(uo)
-	t.Cleanup(func() { rdb.Close() })
-	c, err := New(Options{Client: rdb, Keys: testKeys(t, 1), Timeout: time.Second, Logger: zap.New(core)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	var found bool
-	for _, e := range logs.All() {
-		text := fmt.Sprint(e.Message, e.ContextMap())
-		if strings.Contains(text, password) {
-			t.Fatalf("a log shows the password: %s", text)
+	for _, tc := range []struct{ password, answer string }{
+		{password, "WRONGPASS"},
+		{"", "NOAUTH"},
+	} {
+		core, logs := observer.New(zap.WarnLevel)
+		uo := &redis.UniversalOptions{Addrs: []string{r.Addr()}, Password: tc.password}
+		ClientOptions(uo, time.Second, time.Second)
+		rdb := redis.NewUniversalClient(uo)
+		t.Cleanup(func() { rdb.Close() })
+		c, err := New(Options{Client: rdb, Keys: testKeys(t, 1), Timeout: time.Second, Logger: zap.New(core)})
+		if err != nil {
+			t.Fatal(err)
 		}
-		found = found || strings.Contains(e.Message, "username") && strings.Contains(e.Message, "password") && strings.Contains(text, "WRONGPASS")
-	}
-	if !found {
-		t.Fatalf("no log at start naming username and password with Redis's answer; logs: %v", logs.All())
-	}
-	var m minter
-	if tok, _, err := c.Fetch(testCtx(t), testKey, usable, m.mint); err != nil || tok.Value == "" || m.n.Load() != 1 {
-		t.Fatalf("lookup with refused credentials: err=%v mints=%d; want a local mint", err, m.n.Load())
+		t.Cleanup(func() { c.Close() })
+		var found bool
+		for _, e := range logs.All() {
+			text := fmt.Sprint(e.Message, e.ContextMap())
+			if strings.Contains(text, password) {
+				t.Fatalf("a log shows the password: %s", text)
+			}
+			found = found || strings.Contains(e.Message, "username") && strings.Contains(e.Message, "password") && strings.Contains(text, tc.answer)
+		}
+		if !found {
+			t.Errorf("%s: no log at start naming username and password with Redis's answer; logs: %v", tc.answer, logs.All())
+		}
+		var m minter
+		if tok, _, err := c.Fetch(testCtx(t), testKey, usable, m.mint); err != nil || tok.Value == "" || m.n.Load() != 1 {
+			t.Fatalf("%s: lookup with refused credentials: err=%v mints=%d; want a local mint", tc.answer, err, m.n.Load())
+		}
 	}
 }
 
