@@ -42,7 +42,10 @@
 // answer counts at once, and BreakerThreshold of them in a row
 // open it; a timeout counts only once timeouts have lasted
 // Options.SlowSpan without a success, so a burst of slow answers on busy
-// CPUs does not open it. While it is open (BreakerCooldown)
+// CPUs does not open it. A Redis that answers reads but refuses writes
+// with an error (a read-only replica, maxmemory reached, an ACL) cannot
+// share tokens: after a refusal, reads do not close the breaker nor reset
+// its count until a write succeeds. While it is open (BreakerCooldown)
 // lookups mint without Redis; then one call probes Redis. No lookup fails
 // because of Redis.
 package fleet
@@ -60,6 +63,7 @@ import (
 	"math/bits"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -212,6 +216,9 @@ type Cache struct {
 	br       *breaker.Breaker
 	timeouts *callTimeout
 	metrics  *Metrics
+	// refused is set when Redis refused a call with an error answer, and
+	// cleared when a write succeeds (doOnce).
+	refused atomic.Bool
 
 	vers *versions // the token versions seen (version.go)
 	rts  rtVersions
@@ -291,20 +298,50 @@ func New(opts Options) (*Cache, error) {
 	// when it comes back, and the listener catches up at each
 	// confirmation of the subscription.
 	sctx, cancel := context.WithTimeout(context.Background(), max(opts.Timeout, time.Second))
-	if err := c.ps.Subscribe(sctx, c.channel); err == nil {
-		var refused redis.Error
-		switch _, err := c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); {
-		case err == nil:
+	err := c.ps.Subscribe(sctx, c.channel)
+	if err == nil {
+		if _, err = c.ps.ReceiveTimeout(sctx, max(opts.Timeout, time.Second)); err == nil {
 			c.catchUp(false)
-		case errors.As(err, &refused): // an answer, such as an ACL's NOPERM
-			opts.Logger.Warn("redis refused the subscription to the fleet's channel "+c.channel+
-				": this node will not hear purges nor tokens stored by others; grant the broker's user the channel (ACL SETUSER <user> &"+c.channel+")",
-				zap.Error(err))
+			c.checkEviction(sctx)
 		}
+	}
+	var refused redis.Error
+	switch {
+	case err == nil:
+	case isAuthError(err):
+		opts.Logger.Error("redis refused the broker's credentials: check the redis settings username and password; this node mints without the shared tier until Redis accepts them",
+			zap.Error(err))
+	case errors.As(err, &refused): // an answer, such as an ACL's NOPERM
+		opts.Logger.Warn("redis refused the subscription to the fleet's channel "+c.channel+
+			": this node will not hear purges nor tokens stored by others; grant the broker's user the channel (ACL SETUSER <user> &"+c.channel+")",
+			zap.Error(err))
 	}
 	cancel()
 	go c.listen(c.ps.ChannelWithSubscriptions(redis.WithChannelSize(1024)))
 	return c, nil
+}
+
+// checkEviction warns when Redis's maxmemory-policy may evict keys
+// without expiry (allkeys-*): the merchants' refresh tokens (rt:<name>)
+// have none, and one evicted cannot be minted again. A Redis that does
+// not let the broker's user read its configuration is not checked.
+func (c *Cache) checkEviction(ctx context.Context) {
+	conf, err := c.opts.Client.ConfigGet(ctx, "maxmemory-policy").Result()
+	if policy := conf["maxmemory-policy"]; err == nil && strings.HasPrefix(policy, "allkeys-") {
+		c.opts.Logger.Warn("redis maxmemory-policy "+policy+" may evict the merchants' refresh tokens, which have no expiry and cannot be minted again (the merchant would need consent again): set maxmemory-policy to noeviction or a volatile-* policy",
+			zap.String("maxmemory_policy", policy))
+	}
+}
+
+// isAuthError reports whether err is Redis refusing the client's
+// credentials (WRONGPASS, or NOAUTH: a password is required).
+func isAuthError(err error) bool {
+	var answer redis.Error
+	if !errors.As(err, &answer) {
+		return false
+	}
+	msg := answer.Error()
+	return strings.HasPrefix(msg, "WRONGPASS") || strings.HasPrefix(msg, "NOAUTH")
 }
 
 // Client is the Redis client the Cache runs on (Options.Client), for the
@@ -464,6 +501,17 @@ func retried(op string) bool {
 	return false
 }
 
+// writes reports whether a success of op shows that Redis takes the
+// tier's writes: not a read, nor an announcement (a read-only replica
+// takes PUBLISH).
+func writes(op string) bool {
+	switch op {
+	case "get", "pttl", "publish":
+		return false
+	}
+	return true
+}
+
 // doOnce is one run of do, within limit (0: none) as well as its adaptive
 // bound; again reports a timeout that a longer bound may cure (the
 // breaker still lets calls through). A run that timed out within a limit
@@ -497,6 +545,18 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	default:
 		c.timeouts.ended()
 		c.metrics.errors.WithLabelValues(op).Inc()
+	}
+	// A Redis that answers reads but refuses writes (a read-only
+	// replica, maxmemory reached, an ACL) cannot share tokens: once it has
+	// refused a call, reads do not vouch for it until a write succeeds.
+	var answer redis.Error
+	switch {
+	case outcome == breaker.Failed && errors.As(err, &answer):
+		c.refused.Store(true)
+	case outcome == breaker.Healthy && writes(op):
+		c.refused.Store(false)
+	case outcome == breaker.Healthy && c.refused.Load():
+		outcome = breaker.Unknown
 	}
 	from, to := c.br.Record(c.opts.Now(), outcome, err)
 	switch {
@@ -849,8 +909,8 @@ func (c *Cache) afterMint(ctx context.Context) context.Context {
 
 // Purge implements broker.SharedCache: a compare-and-delete by
 // fingerprint, then an announcement to every node. No version up to the
-// purged token's is accepted afterwards, on this node and on those that
-// hear the announcement (version.go).
+// purged token's is accepted afterwards, on this node (even when Redis
+// failed) and on those that hear the announcement (version.go).
 func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
@@ -861,6 +921,8 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			return err
 		})
 		if err != nil && !errors.Is(err, redis.Nil) {
+			// The token may stay in Redis: this node refuses it from now on.
+			c.vers.purge(key, fingerprint, c.opts.Now())
 			return fmt.Errorf("fleet: purging %s: %w", name, err)
 		}
 		if len(deleted) > 0 {

@@ -166,3 +166,33 @@ func purgeMissedWhileDisconnected(t *testing.T, hooks ...redis.Hook) {
 		t.Fatal("b did not learn of the purge announced while its connection was down")
 	}
 }
+
+// TestPurgeFailedIsNotAdoptedBack: a node purges a token (the token API
+// or the upstream rejected it) while it cannot reach Redis, so the token
+// stays stored there. Once Redis is reachable again, the node's next
+// lookup of the key must not adopt the token it purged: it mints a new
+// one.
+func TestPurgeFailedIsNotAdoptedBack(t *testing.T) {
+	r := startRedis(t)
+	p := newProxy(t, r.Addr())
+	a := newNodeAt(t, p.Addr(), testKeys(t, 1), func(o *Options) { o.Timeout = 200 * time.Millisecond })
+	ctx := testCtx(t)
+	var m minter
+	old, _, err := a.Fetch(ctx, testKey, usable, m.mint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.setCut(true)
+	if err := a.Purge(ctx, testKey, old.Fingerprint()); err == nil {
+		t.Fatal("Purge with Redis cut off succeeded")
+	}
+	p.setCut(false)
+	a.clock.Add(BreakerCooldown)
+	tok, adopted, err := a.Fetch(ctx, testKey, usable, m.mint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tok.Value == old.Value || adopted {
+		t.Fatalf("after a purge that could not reach Redis, the node adopted the purged token back (adopted=%v)", adopted)
+	}
+}
