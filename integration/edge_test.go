@@ -143,6 +143,8 @@ func TestRequestEdge(t *testing.T) {
 		{"absolute-form naming another host", "GET http://evil.example/steal HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\n\r\n", 421, "host_not_allowed", 0, ""},
 		{"absolute-form naming localhost, Host another", "GET http://localhost/tpp/x HTTP/1.1\r\nHost: evil.example\r\nX-Merchant-Id: acme\r\n\r\n", 200, "", 1, "/tpp/x"},
 		{"CONNECT to another host", "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nX-Merchant-Id: acme\r\n\r\n", 421, "host_not_allowed", 0, ""},
+		{"CONNECT to a loopback host", "CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nX-Merchant-Id: acme\r\n\r\n", 405, "method_refused", 0, ""},
+		{"CONNECT in path form", "CONNECT /tpp/payments HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\n\r\n", 405, "method_refused", 0, ""},
 		{"chunked with an undeclared Authorization trailer", "POST /tpp/payments HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\nTransfer-Encoding: chunked\r\n\r\n" +
 			"7\r\npayload\r\n0\r\nAuthorization: Bearer mine\r\nX-Merchant-Id: globex\r\n\r\n", 200, "", 1, ""},
 		{"Transfer-Encoding and Content-Length", "POST /tpp/payments HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n" +
@@ -178,6 +180,48 @@ func TestRequestEdge(t *testing.T) {
 			}
 		})
 	}
+
+	t.Run("h2c", func(t *testing.T) {
+		// The plain port serves HTTP/2 with prior knowledge too.
+		var p http.Protocols
+		p.SetUnencryptedHTTP2(true)
+		tr := &http.Transport{Protocols: &p}
+		defer tr.CloseIdleConnections()
+		for _, tt := range []struct {
+			method, host string
+			header       http.Header
+			status       int
+			code         string
+			reached      int
+		}{
+			{"GET", "", http.Header{"X-Merchant-Id": {"acme"}, "Authorization": {"Bearer mine", "Basic eDp5"}, "Proxy-Authorization": {"Basic eDp5"}}, 200, "", 1},
+			{"GET", "", http.Header{"X-Merchant-Id": {"acme", "acme"}}, 400, "ambiguous_merchant", 0},
+			{"CONNECT", "127.0.0.1:9", http.Header{"X-Merchant-Id": {"acme"}}, 405, "method_refused", 0},
+		} {
+			before := sb.TokenRequests()
+			r, _ := http.NewRequest(tt.method, base+"/tpp/payments", nil)
+			r.Header = tt.header
+			if tt.host != "" {
+				r.Host = tt.host
+			}
+			resp, err := tr.RoundTrip(r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.ProtoMajor != 2 || resp.StatusCode != tt.status || errorCode(string(b)) != tt.code || strings.Contains(string(b), secret) {
+				t.Errorf("h2c %s: %s %d %q, want HTTP/2 %d %q", tt.method, resp.Proto, resp.StatusCode, b, tt.status, tt.code)
+			}
+			got := up.take()
+			if len(got) != tt.reached || tt.reached == 1 && (len(got[0].authorization) != 1 || got[0].authorization[0] != token || len(got[0].proxy) != 0) {
+				t.Errorf("h2c %s: %d requests upstream; want %d, with the broker's token alone", tt.method, len(got), tt.reached)
+			}
+			if n := sb.TokenRequests() - before; n != 0 {
+				t.Errorf("h2c %s: %d token requests, want none", tt.method, n)
+			}
+		}
+	})
 
 	t.Run("websocket upgrade", func(t *testing.T) {
 		conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
