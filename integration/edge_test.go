@@ -223,7 +223,9 @@ func TestRequestEdge(t *testing.T) {
 		}
 	})
 
-	t.Run("websocket upgrade", func(t *testing.T) {
+	// upgrade opens a websocket through the sidecar and sends one line
+	// through it; it returns the upstream's requests.
+	upgrade := func(t *testing.T) []edgeSeen {
 		conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
 		if err != nil {
 			t.Fatal(err)
@@ -245,7 +247,10 @@ func TestRequestEdge(t *testing.T) {
 		if line != "echo hello\n" || strings.Contains(line, secret) {
 			t.Errorf("tunnel answered %q, want the echo", line)
 		}
-		got := up.take()
+		return up.take()
+	}
+	t.Run("websocket upgrade", func(t *testing.T) {
+		got := upgrade(t)
 		if len(got) != 1 || len(got[0].authorization) != 1 || got[0].authorization[0] != token {
 			t.Errorf("upstream got %d requests; want one with the broker's token alone", len(got))
 		}
@@ -286,6 +291,24 @@ func TestRequestEdge(t *testing.T) {
 			if s.body != "payload" {
 				t.Errorf("attempt %d: body %q, want payload", i+1, s.body)
 			}
+		}
+		if n := sb.TokenRequests() - before; n != 1 {
+			t.Errorf("%d token requests, want 1", n)
+		}
+	})
+
+	t.Run("websocket upgrade with a 401 retry", func(t *testing.T) {
+		before := sb.TokenRequests()
+		// The token the broker holds now (the Expect case fetched it).
+		resp, _ := rawRequest(t, base, "GET /current HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\n\r\n")
+		cur := up.take()
+		if resp.StatusCode != http.StatusOK || len(cur) != 1 {
+			t.Fatalf("status %d, %d requests upstream", resp.StatusCode, len(cur))
+		}
+		up.revoke(cur[0].authorization[0])
+		got := upgrade(t)
+		if len(got) != 2 || got[0].authorization[0] != cur[0].authorization[0] || len(got[1].authorization) != 1 || got[1].authorization[0] == cur[0].authorization[0] {
+			t.Errorf("upstream got %d requests; want the revoked token, then one new token", len(got))
 		}
 		if n := sb.TokenRequests() - before; n != 1 {
 			t.Errorf("%d token requests, want 1", n)
