@@ -144,6 +144,7 @@ func TestRequestEdge(t *testing.T) {
 		{"absolute-form naming localhost, Host another", "GET http://localhost/tpp/x HTTP/1.1\r\nHost: evil.example\r\nX-Merchant-Id: acme\r\n\r\n", 200, "", 1, "/tpp/x"},
 		{"CONNECT to another host", "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nX-Merchant-Id: acme\r\n\r\n", 421, "host_not_allowed", 0, ""},
 		{"CONNECT to a loopback host", "CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nX-Merchant-Id: acme\r\n\r\n", 405, "method_refused", 0, ""},
+		{"CONNECT with a :protocol header", "CONNECT /ws HTTP/1.1\r\nHost: localhost\r\n:protocol: websocket\r\nX-Merchant-Id: acme\r\n\r\n", 400, "", 0, ""},
 		{"CONNECT in path form", "CONNECT /tpp/payments HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\n\r\n", 405, "method_refused", 0, ""},
 		{"chunked with an undeclared Authorization trailer", "POST /tpp/payments HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\nTransfer-Encoding: chunked\r\n\r\n" +
 			"7\r\npayload\r\n0\r\nAuthorization: Bearer mine\r\nX-Merchant-Id: globex\r\n\r\n", 200, "", 1, ""},

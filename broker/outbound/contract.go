@@ -86,10 +86,10 @@ const DPoPHeader = "Dpop"
 //     back to the caller (see echoes).
 //   - CONNECT, in any letter case, is refused with 405: it asks for a
 //     tunnel to a host the caller names, not for an API call, and would
-//     go to the upstream with the token. An extended CONNECT (RFC 8441,
-//     RFC 9220: websockets over HTTP/2 and HTTP/3) is an upgrade of a
-//     request to the upstream, as `Upgrade: websocket` is in HTTP/1.1,
-//     and goes on (see tunnels).
+//     go to the upstream with the token. An extended CONNECT for a
+//     websocket (RFC 8441, RFC 9220: over HTTP/2 and HTTP/3) is an
+//     upgrade of a request to the upstream, as `Upgrade: websocket` is in
+//     HTTP/1.1, and goes on (see tunnels).
 //   - Incremental: a request with `Incremental: ?1` (Caddy's convention for
 //     a body that must be forwarded as it arrives) is never buffered and
 //     never retried after a 401; see Retry.Incremental.
@@ -142,18 +142,18 @@ func echoes(method string) bool {
 }
 
 // tunnels reports whether r is a CONNECT (RFC 9110 §9.3.6, any letter
-// case) that asks for a tunnel: every CONNECT but an extended one, which
-// names the protocol it upgrades to (RFC 8441 over HTTP/2: the :protocol
-// pseudo-header, which Go's server passes on as a header; RFC 9220 over
-// HTTP/3: Caddy's HTTP/3 server sets Proto to it). reverse_proxy would
-// send a tunnel request to the upstream with the token, naming a host the
-// caller chose.
+// case) that asks for a tunnel: every CONNECT but an extended one for a
+// websocket, which reverse_proxy sends to the upstream as an HTTP/1.1
+// upgrade (RFC 8441 over HTTP/2: the :protocol pseudo-header, which Go's
+// server passes on as a header; RFC 9220 over HTTP/3: the HTTP/3 server
+// sets Proto to it). reverse_proxy would send any other CONNECT to the
+// upstream with the token, naming a host the caller chose.
 func tunnels(r *http.Request) bool {
 	if !strings.EqualFold(r.Method, http.MethodConnect) {
 		return false
 	}
-	extended := r.Header.Get(":protocol") != "" || r.ProtoMajor == 3 && !strings.HasPrefix(r.Proto, "HTTP/")
-	return !extended
+	websocket := r.ProtoMajor == 2 && r.Header.Get(":protocol") == "websocket" || r.ProtoMajor == 3 && r.Proto == "websocket"
+	return !websocket
 }
 
 // Prepare applies the contract to a request about to be passed on with the

@@ -147,14 +147,18 @@ func TestOutboundCheck(t *testing.T) {
 	}
 }
 
-// TestOutboundCheckExtendedConnect: an extended CONNECT (a websocket over
-// HTTP/2 or HTTP/3) is an upgrade, not a tunnel: it goes on.
+// TestOutboundCheckExtendedConnect: an extended CONNECT for a websocket
+// (over HTTP/2 or HTTP/3) is an upgrade, not a tunnel: it goes on; any
+// other CONNECT is refused.
 func TestOutboundCheckExtendedConnect(t *testing.T) {
 	h2 := httptest.NewRequest("CONNECT", "/ws", nil)
 	h2.ProtoMajor, h2.Proto = 2, "HTTP/2.0"
 	h2.Header.Set(":protocol", "websocket")
 	h3 := httptest.NewRequest("CONNECT", "/ws", nil)
 	h3.ProtoMajor, h3.Proto = 3, "websocket"
+	other2 := httptest.NewRequest("CONNECT", "/ws", nil)
+	other2.ProtoMajor, other2.Proto = 2, "HTTP/2.0"
+	other2.Header.Set(":protocol", "connect-udp")
 	plain3 := httptest.NewRequest("CONNECT", "/ws", nil)
 	plain3.ProtoMajor, plain3.Proto = 3, "HTTP/3.0"
 	for _, tt := range []struct {
@@ -164,6 +168,7 @@ func TestOutboundCheckExtendedConnect(t *testing.T) {
 	}{
 		{"HTTP/2 :protocol websocket", h2, 0},
 		{"HTTP/3 websocket", h3, 0},
+		{"HTTP/2 :protocol other than websocket", other2, errcode.MethodRefused},
 		{"HTTP/3 plain", plain3, errcode.MethodRefused},
 	} {
 		if got := (Contract{}).Check(tt.r); got != tt.want {
