@@ -315,4 +315,46 @@ func TestRequestEdge(t *testing.T) {
 			t.Errorf("%d token requests, want 1", n)
 		}
 	})
+
+	t.Run("Expect 100-continue, a body over retry_body_limit and a 401", func(t *testing.T) {
+		before := sb.TokenRequests()
+		resp, _ := rawRequest(t, base, "GET /current HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\n\r\n")
+		cur := up.take()
+		if resp.StatusCode != http.StatusOK || len(cur) != 1 {
+			t.Fatalf("status %d, %d requests upstream", resp.StatusCode, len(cur))
+		}
+		up.revoke(cur[0].authorization[0])
+		big := strings.Repeat("x", 70<<10) // over the default 64 KiB: streamed, not kept
+		conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(30 * time.Second))
+		io.WriteString(conn, "POST /tpp/payments HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\nContent-Length: 71680\r\nExpect: 100-continue\r\n\r\n")
+		br := bufio.NewReader(conn)
+		for {
+			if resp, err = http.ReadResponse(br, nil); err != nil {
+				t.Fatal(err)
+			}
+			if resp.StatusCode != http.StatusContinue {
+				break
+			}
+			if big != "" {
+				io.WriteString(conn, big)
+				big = ""
+			}
+		}
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusUnauthorized || resp.Header.Get("WWW-Authenticate") == "" || strings.Contains(string(b), secret) {
+			t.Errorf("status %d %q, want the upstream's 401", resp.StatusCode, b)
+		}
+		got := up.take()
+		if len(got) != 1 || len(got[0].body) != 70<<10 {
+			t.Fatalf("upstream got %d requests; want one, with the whole body", len(got))
+		}
+		if n := sb.TokenRequests() - before; n != 0 {
+			t.Errorf("%d token requests, want none (the token is purged; the next request fetches one)", n)
+		}
+	})
 }
