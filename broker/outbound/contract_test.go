@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/google/uuid"
+
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
