@@ -120,7 +120,7 @@ func TestRequestEdge(t *testing.T) {
 		name    string
 		request string
 		status  int
-		code    string // the JSON error code; "" for an answer of the upstream
+		code    string // the JSON error code; "" for an answer of the upstream or of Go's server
 		reached int    // requests at the upstream
 		uri     string // the request-URI the upstream got, when it got one ("" is not checked)
 	}{
@@ -300,7 +300,7 @@ func TestRequestEdge(t *testing.T) {
 
 	t.Run("websocket upgrade with a 401 retry", func(t *testing.T) {
 		before := sb.TokenRequests()
-		// The token the broker holds now (the Expect case fetched it).
+		// The token the broker holds now.
 		resp, _ := rawRequest(t, base, "GET /current HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\n\r\n")
 		cur := up.take()
 		if resp.StatusCode != http.StatusOK || len(cur) != 1 {
