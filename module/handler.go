@@ -72,7 +72,7 @@ const DefaultMerchant = "{http.request.header.X-Merchant-Id}"
 // 421 for a Host that is not a loopback name nor in the app's
 // allowed_hosts, 403 for a browser's cross-site request (callers.Site),
 // 400 when the merchant is missing or malformed or a trailer names a
-// header the broker owns, 405 for TRACE and TRACK, 403 when the merchant
+// header the broker owns, 405 for TRACE, TRACK and CONNECT, 403 when the merchant
 // is not in the registry, 502 when the token API fails, 504 when it times
 // out. With `errors caddy` they are caddyhttp.Errors, for handle_errors.
 type Handler struct {

@@ -88,7 +88,7 @@ var rules = [count]rule{
 	CrossSiteRequest: {name: "cross_site_request", status: http.StatusForbidden,
 		message: "a browser request from another site (Sec-Fetch-Site, or an Origin that is not this host) is not forwarded: the token broker serves the applications on its host, not web pages"},
 	MethodRefused: {name: "method_refused", status: http.StatusMethodNotAllowed,
-		message: "TRACE and TRACK (in any letter case) are not forwarded: the upstream would echo the injected credential back"},
+		message: "TRACE and TRACK (in any letter case) are not forwarded: the upstream would echo the injected credential back; nor is CONNECT: a tunnel is not an API call"},
 	ForbiddenTrailer: {name: "forbidden_trailer", status: http.StatusBadRequest,
 		message: "the request declares a trailer naming a header the token broker sets or reads (Authorization, Proxy-Authorization, DPoP, the merchant or caller header): send these as headers, never as trailers"},
 	MissingMerchant: {name: "missing_merchant", status: http.StatusBadRequest,

@@ -84,6 +84,12 @@ const DPoPHeader = "Dpop"
 //   - TRACE and TRACK, in any letter case, are refused with 405: an
 //     upstream answering them echoes the request, injected token included,
 //     back to the caller (see echoes).
+//   - CONNECT, in any letter case, is refused with 405: it asks for a
+//     tunnel to a host the caller names, not for an API call, and would
+//     go to the upstream with the token. An extended CONNECT for a
+//     websocket (RFC 8441, RFC 9220: over HTTP/2 and HTTP/3) is an
+//     upgrade of a request to the upstream, as `Upgrade: websocket` is in
+//     HTTP/1.1, and goes on (see tunnels).
 //   - Incremental: a request with `Incremental: ?1` (Caddy's convention for
 //     a body that must be forwarded as it arrives) is never buffered and
 //     never retried after a 401; see Retry.Incremental.
@@ -111,11 +117,11 @@ func (o Contract) owns(name string) bool {
 }
 
 // Check refuses, before any token lookup, what the contract cannot make
-// safe: a method that echoes the request (405, see echoes) and a declared
-// trailer naming an owned header (400). A zero code means the request
-// may go on.
+// safe: a method that echoes the request (405, see echoes), a request for a
+// tunnel (405, see tunnels) and a declared trailer naming an owned header
+// (400). A zero code means the request may go on.
 func (o Contract) Check(r *http.Request) errcode.Code {
-	if echoes(r.Method) {
+	if echoes(r.Method) || tunnels(r) {
 		return errcode.MethodRefused
 	}
 	for name := range r.Trailer {
@@ -133,6 +139,21 @@ func (o Contract) Check(r *http.Request) errcode.Code {
 // without regard to case (IIS among them) answer "trace" as TRACE.
 func echoes(method string) bool {
 	return strings.EqualFold(method, http.MethodTrace) || strings.EqualFold(method, "TRACK")
+}
+
+// tunnels reports whether r is a CONNECT (RFC 9110 §9.3.6, any letter
+// case) that asks for a tunnel: every CONNECT but an extended one for a
+// websocket, which reverse_proxy sends to the upstream as an HTTP/1.1
+// upgrade (RFC 8441 over HTTP/2: the :protocol pseudo-header, which Go's
+// server passes on as a header; RFC 9220 over HTTP/3: the HTTP/3 server
+// sets Proto to it). reverse_proxy would send any other CONNECT to the
+// upstream with the token, naming a host the caller chose.
+func tunnels(r *http.Request) bool {
+	if !strings.EqualFold(r.Method, http.MethodConnect) {
+		return false
+	}
+	websocket := r.ProtoMajor == 2 && r.Header.Get(":protocol") == "websocket" || r.ProtoMajor == 3 && r.Proto == "websocket"
+	return !websocket
 }
 
 // Prepare applies the contract to a request about to be passed on with the

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/google/uuid"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 )
 
 // testToken is the token the tests set.
@@ -124,6 +126,8 @@ func TestOutboundCheck(t *testing.T) {
 		{"merchant trailer", "POST", []string{"X-Checksum", "X-Merchant-Id"}, 400, "forbidden_trailer"},
 		{"caller JWT trailer", "POST", []string{"X-Caller-Jwt"}, 400, "forbidden_trailer"},
 		{"TRACE", "TRACE", nil, 405, "method_refused"},
+		{"CONNECT", "CONNECT", nil, 405, "method_refused"},
+		{"connect", "connect", nil, 405, "method_refused"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			o := Contract{Merchant: "X-Merchant-Id", Caller: "X-Caller-Jwt"}
@@ -141,6 +145,36 @@ func TestOutboundCheck(t *testing.T) {
 				t.Fatalf("check = %d %q, want %d %q", status, code, tt.wantStatus, tt.wantCode)
 			}
 		})
+	}
+}
+
+// TestOutboundCheckExtendedConnect: an extended CONNECT for a websocket
+// (over HTTP/2 or HTTP/3) is an upgrade, not a tunnel: it goes on; any
+// other CONNECT is refused.
+func TestOutboundCheckExtendedConnect(t *testing.T) {
+	h2 := httptest.NewRequest("CONNECT", "/ws", nil)
+	h2.ProtoMajor, h2.Proto = 2, "HTTP/2.0"
+	h2.Header.Set(":protocol", "websocket")
+	h3 := httptest.NewRequest("CONNECT", "/ws", nil)
+	h3.ProtoMajor, h3.Proto = 3, "websocket"
+	other2 := httptest.NewRequest("CONNECT", "/ws", nil)
+	other2.ProtoMajor, other2.Proto = 2, "HTTP/2.0"
+	other2.Header.Set(":protocol", "connect-udp")
+	plain3 := httptest.NewRequest("CONNECT", "/ws", nil)
+	plain3.ProtoMajor, plain3.Proto = 3, "HTTP/3.0"
+	for _, tt := range []struct {
+		name string
+		r    *http.Request
+		want errcode.Code
+	}{
+		{"HTTP/2 :protocol websocket", h2, 0},
+		{"HTTP/3 websocket", h3, 0},
+		{"HTTP/2 :protocol other than websocket", other2, errcode.MethodRefused},
+		{"HTTP/3 plain", plain3, errcode.MethodRefused},
+	} {
+		if got := (Contract{}).Check(tt.r); got != tt.want {
+			t.Errorf("%s: check = %q, want %q", tt.name, got, tt.want)
+		}
 	}
 }
 
