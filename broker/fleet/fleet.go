@@ -19,6 +19,8 @@
 //	purges          a stream of the last purge announcements (about
 //	                1000), read back by a node whose subscription
 //	                reconnected, and by a new node
+//	probe:<node>    "1", written by the call that probes a Redis that
+//	                refused writes; expires after BreakerCooldown
 //
 // Versions (version.go) make a value older than one a node has seen for
 // its key, or than a purge it heard of, unusable: an old sealed value
@@ -42,12 +44,22 @@
 // answer counts at once, and BreakerThreshold of them in a row
 // open it; a timeout counts only once timeouts have lasted
 // Options.SlowSpan without a success, so a burst of slow answers on busy
-// CPUs does not open it. A Redis that answers reads but refuses writes
-// with an error (a read-only replica, maxmemory reached, an ACL) cannot
-// share tokens: after a refusal, reads do not close the breaker nor reset
-// its count until a write succeeds. While it is open (BreakerCooldown)
-// lookups mint without Redis; then one call probes Redis. No lookup fails
-// because of Redis.
+// CPUs does not open it. While it is open (BreakerCooldown) lookups mint
+// without Redis; then one call probes Redis. No lookup fails because of
+// Redis.
+//
+// A Redis that answers reads but refuses writes cannot share tokens. A
+// call that may write and is answered with a write refusal (READONLY: a
+// read-only replica; OOM: maxmemory reached without eviction; NOPERM or
+// an ACL refusal in a script; MISCONF; NOREPLICAS) marks Redis as refusing
+// writes: until a call certainly writes (a SET, a DEL, a lock taken,
+// extended or released) or the breaker closes, successful reads neither
+// close the breaker nor reset its count, so the refusals open it. The
+// probe after the cooldown then first writes the node's probe key
+// (probe:<node>, expiring after BreakerCooldown): taken, the probe's call
+// goes on and closes the breaker; refused, the breaker opens again. Other
+// error answers (LOADING after a restart, BUSY, MASTERDOWN, WRONGTYPE...)
+// are failures of their call only.
 package fleet
 
 import (
