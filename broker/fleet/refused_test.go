@@ -18,8 +18,8 @@ import (
 // refuses every write (a read-only replica, maxmemory reached without
 // eviction, an ACL without write commands) cannot share tokens: each
 // lookup mints. Its refusals open the breaker although reads succeed in
-// between, so the node says Redis is unavailable and keeps it out; a read
-// answered after the cooldown does not close the breaker, a write does once
+// between, so the node says Redis is unavailable and keeps it out; after
+// the cooldown the probe writes first, so the breaker closes only once
 // Redis takes writes again.
 func TestWriteRefusingRedisIsUnavailable(t *testing.T) {
 	for _, tc := range []struct {
@@ -57,9 +57,8 @@ func TestWriteRefusingRedisIsUnavailable(t *testing.T) {
 			if a.Available() || downs.Load() != 1 || a.obs.opened() != 1 {
 				t.Fatalf("available=%v told down %d, opened %d; want unavailable, told once", a.Available(), downs.Load(), a.obs.opened())
 			}
-			// After the cooldown, a read answered by the refusing Redis
-			// does not close the breaker; the next write refused opens it
-			// again.
+			// After the cooldown, the probe's write is refused: the
+			// breaker opens again although Redis answers reads.
 			a.clock.Add(BreakerCooldown)
 			for i := 0; i < 2; i++ {
 				if _, _, err := a.Fetch(ctx, fmt.Sprint("probe-", i), usable, m.mint); err != nil {
