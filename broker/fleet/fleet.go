@@ -19,6 +19,8 @@
 //	purges          a stream of the last purge announcements (about
 //	                1000), read back by a node whose subscription
 //	                reconnected, and by a new node
+//	probe:<node>    "1", written by the call that probes a Redis that
+//	                refused writes; expires after BreakerCooldown
 //
 // Versions (version.go) make a value older than one a node has seen for
 // its key, or than a purge it heard of, unusable: an old sealed value
@@ -42,12 +44,22 @@
 // answer counts at once, and BreakerThreshold of them in a row
 // open it; a timeout counts only once timeouts have lasted
 // Options.SlowSpan without a success, so a burst of slow answers on busy
-// CPUs does not open it. A Redis that answers reads but refuses writes
-// with an error (a read-only replica, maxmemory reached, an ACL) cannot
-// share tokens: after a refusal, reads do not close the breaker nor reset
-// its count until a write succeeds. While it is open (BreakerCooldown)
-// lookups mint without Redis; then one call probes Redis. No lookup fails
-// because of Redis.
+// CPUs does not open it. While it is open (BreakerCooldown) lookups mint
+// without Redis; then one call probes Redis. No lookup fails because of
+// Redis.
+//
+// A Redis that answers reads but refuses writes cannot share tokens. A
+// call that may write and is answered with a write refusal (READONLY: a
+// read-only replica; OOM: maxmemory reached without eviction; NOPERM or
+// an ACL refusal in a script; MISCONF; NOREPLICAS) marks Redis as refusing
+// writes: until a call certainly writes (a SET, a DEL, a lock taken,
+// extended or released) or the breaker closes, successful reads neither
+// close the breaker nor reset its count, so the refusals open it. The
+// probe after the cooldown then first writes the node's probe key
+// (probe:<node>, expiring after BreakerCooldown): taken, the probe's call
+// goes on and closes the breaker; refused, the breaker opens again. Other
+// error answers (LOADING after a restart, BUSY, MASTERDOWN, WRONGTYPE...)
+// are failures of their call only.
 package fleet
 
 import (
@@ -216,8 +228,8 @@ type Cache struct {
 	br       *breaker.Breaker
 	timeouts *callTimeout
 	metrics  *Metrics
-	// refused is set when Redis refused a call with an error answer, and
-	// cleared when a write succeeds (doOnce).
+	// refused is set when Redis refused a write (writeRefusal), and
+	// cleared when a write succeeds or the breaker closes (doOnce).
 	refused atomic.Bool
 
 	vers *versions // the token versions seen (version.go)
@@ -491,25 +503,64 @@ func (c *Cache) Run(ctx context.Context, op string, fn func(context.Context) err
 
 // retried reports whether do runs op again after a timeout: reads; the
 // SET of a sealed value (the same value again); a lock taken, extended or
-// released with the same owner token (obtain). Not a purge (its script
-// returns what it deleted, once) nor an announcement.
+// released with the same owner token (obtain), an expiry given to a lock
+// without one (repair). Not a purge (its script returns what it deleted,
+// once) nor an announcement.
 func retried(op string) bool {
 	switch op {
-	case "get", "pttl", "set", "lock", "unlock":
+	case "get", "pttl", "set", "lock", "repair", "unlock":
 		return true
 	}
 	return false
 }
 
-// writes reports whether a success of op shows that Redis takes the
-// tier's writes: not a read, nor an announcement (a read-only replica
-// takes PUBLISH).
-func writes(op string) bool {
+// mayWrite reports whether op may write: a write refusal answering it
+// (writeRefusal) says Redis refuses the tier's writes. Not a read, nor an
+// announcement (a read-only replica takes PUBLISH).
+func mayWrite(op string) bool {
 	switch op {
 	case "get", "pttl", "publish":
 		return false
 	}
 	return true
+}
+
+// wrote reports whether op, succeeding (err nil), certainly wrote: a SET
+// or a DEL, a lock taken, extended or released. Not a purge or a repair
+// (their scripts may find nothing to write), nor a Run caller's call.
+func wrote(op string) bool {
+	switch op {
+	case "set", "del", "lock", "unlock":
+		return true
+	}
+	return false
+}
+
+// writeRefusals start the error answers with which Redis refuses a write
+// while it answers reads: a read-only replica (READONLY), maxmemory
+// reached without eviction (OOM), an ACL without write commands (NOPERM),
+// a failed snapshot (MISCONF), too few replicas (NOREPLICAS), and an ACL
+// refusing a script's write (a plain error answer naming the script's
+// user or an ACL failure). Other error answers (LOADING, BUSY,
+// MASTERDOWN, WRONGTYPE...) are failures of the call only.
+var writeRefusals = []string{"READONLY ", "OOM ", "NOPERM ", "MISCONF ", "NOREPLICAS ",
+	"ERR The user executing the script can't run this command", "ERR ACL failure in script"}
+
+// writeRefusal reports whether err is Redis refusing a write.
+func writeRefusal(err error) bool {
+	var answer redis.Error
+	if !errors.As(err, &answer) {
+		return false
+	}
+	msg := answer.Error()
+	return slices.ContainsFunc(writeRefusals, func(p string) bool { return strings.HasPrefix(msg, p) })
+}
+
+// probeWrite writes this node's probe key (expiring after a cooldown):
+// the call that probes a Redis that refused writes before it is let
+// through again (doOnce).
+func (c *Cache) probeWrite(ctx context.Context) error {
+	return c.opts.Client.Set(ctx, c.opts.KeyPrefix+"probe:"+c.node, "1", BreakerCooldown).Err()
 }
 
 // doOnce is one run of do, within limit (0: none) as well as its adaptive
@@ -519,6 +570,19 @@ func writes(op string) bool {
 func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) error, limit time.Duration) (again bool, err error) {
 	if ok, _, _, _ := c.br.Allow(c.opts.Now()); !ok {
 		return false, ErrUnavailable
+	}
+	// The probe of a Redis that refused writes writes first: a read it
+	// answers would not say that it takes writes again.
+	probed := false
+	if c.refused.Load() && c.br.State() == breaker.HalfOpen {
+		next := fn
+		fn = func(ctx context.Context) error {
+			if err := c.probeWrite(ctx); err != nil {
+				return err
+			}
+			probed = true
+			return next(ctx)
+		}
 	}
 	call := c.timeouts.start()
 	bound, cut := call.bound, limit > 0 && limit < call.bound
@@ -546,14 +610,13 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 		c.timeouts.ended()
 		c.metrics.errors.WithLabelValues(op).Inc()
 	}
-	// A Redis that answers reads but refuses writes (a read-only
-	// replica, maxmemory reached, an ACL) cannot share tokens: once it has
-	// refused a call, reads do not vouch for it until a write succeeds.
-	var answer redis.Error
+	// A Redis that answers reads but refuses writes cannot share tokens:
+	// once it has refused a write, reads do not vouch for it (they neither
+	// close the breaker nor reset its count) until a write succeeds.
 	switch {
-	case outcome == breaker.Failed && errors.As(err, &answer):
+	case outcome == breaker.Failed && (mayWrite(op) || probed) && writeRefusal(err):
 		c.refused.Store(true)
-	case outcome == breaker.Healthy && writes(op):
+	case probed || (err == nil && wrote(op)):
 		c.refused.Store(false)
 	case outcome == breaker.Healthy && c.refused.Load():
 		outcome = breaker.Unknown
@@ -566,6 +629,7 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 			zap.Duration("cooldown", BreakerCooldown), zap.Error(err))
 		c.tellAvailability(false, err)
 	case from != breaker.Closed && to == breaker.Closed:
+		c.refused.Store(false)
 		c.opts.Logger.Info("redis available again: sharing tokens with the fleet")
 		c.tellAvailability(true, nil)
 	}

@@ -134,7 +134,7 @@ func (c *Cache) repairLock(ctx context.Context, subject string) (time.Duration, 
 		ttl = time.Millisecond
 	}
 	var set int64
-	err := c.do(ctx, "lock", func(ctx context.Context) error {
+	err := c.do(ctx, "repair", func(ctx context.Context) error {
 		var err error
 		set, err = repairScript.Run(ctx, c.opts.Client, []string{c.lockKey(subject)}, ttl.Milliseconds()).Int64()
 		return err
