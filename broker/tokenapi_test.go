@@ -1,0 +1,171 @@
+package broker_test
+
+import (
+	"context"
+	"encoding/base64"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+)
+
+// The tests of this file drive the real sources (Nuapay, OAuth client
+// credentials) through a real Broker against token APIs on 127.0.0.1 that
+// misbehave, and count the calls those APIs get.
+
+// apiSecret is the API key and client secret of the sources under test:
+// no error may quote it.
+const apiSecret = "s3cret-0123456789-key"
+
+// tokenAPIClock is a settable broker clock, safe for concurrent use.
+type tokenAPIClock struct{ ns atomic.Int64 }
+
+func newTokenAPIClock() *tokenAPIClock {
+	c := &tokenAPIClock{}
+	c.ns.Store(time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC).UnixNano())
+	return c
+}
+
+func (c *tokenAPIClock) Now() time.Time      { return time.Unix(0, c.ns.Load()).UTC() }
+func (c *tokenAPIClock) Add(d time.Duration) { c.ns.Add(int64(d)) }
+
+// countedAPI is a token API on 127.0.0.1 that answers with h and counts
+// the requests it gets.
+type countedAPI struct {
+	*httptest.Server
+	calls atomic.Int64
+}
+
+func newCountedAPI(t *testing.T, h http.HandlerFunc) *countedAPI {
+	t.Helper()
+	api := &countedAPI{}
+	api.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		api.calls.Add(1)
+		h(w, r)
+	}))
+	t.Cleanup(api.Close)
+	return api
+}
+
+// tokenAPISource is one of the real sources, built for a token API at
+// base on the broker clock now.
+type tokenAPISource struct {
+	name string
+	make func(t *testing.T, base string, now func() time.Time) broker.Source
+}
+
+var tokenAPISources = []tokenAPISource{
+	{"nuapay", func(t *testing.T, base string, now func() time.Time) broker.Source {
+		s, err := nuapay.New(nuapay.Config{BaseURL: base, APIKey: apiSecret, Now: now})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}},
+	{"oauth2", func(t *testing.T, base string, now func() time.Time) broker.Source {
+		s, err := oauth.NewClientCredentials(oauth.Config{Name: "p", TokenURL: base + "/token", ClientID: "client",
+			ClientSecret: apiSecret, AuthMethod: oauth.ClientSecretBasic, Now: now})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}},
+}
+
+// merchantOf returns the binding of the i-th merchant of src: a key of its
+// own (organisation and scope).
+func merchantOf(src broker.Source, i int) *broker.Binding {
+	return brokertest.NewBinding("p", src, broker.Request{Merchant: fmt.Sprint("m", i), Organisation: fmt.Sprint("org-", i), Scopes: []string{fmt.Sprint("scope-", i)}})
+}
+
+// noSecretIn fails t when err quotes the API secret, plain or as the
+// Basic credential of either source.
+func noSecretIn(t *testing.T, err error) {
+	t.Helper()
+	if err == nil {
+		return
+	}
+	msg := err.Error()
+	for _, s := range []string{apiSecret, base64.StdEncoding.EncodeToString([]byte(apiSecret + ":")),
+		base64.StdEncoding.EncodeToString([]byte("client:" + apiSecret))} {
+		if strings.Contains(msg, s) {
+			t.Fatalf("the error quotes the secret: %s", msg)
+		}
+	}
+}
+
+func noSleep(context.Context, time.Duration) error { return nil }
+
+// resetMidBody answers status with header and the start of a body that
+// announces more, then resets the connection.
+func resetMidBody(w http.ResponseWriter, status int, header http.Header) {
+	for k, v := range header {
+		w.Header()[k] = v
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", "1000")
+	w.WriteHeader(status)
+	io.WriteString(w, `{"error":"slow_`)
+	w.(http.Flusher).Flush()
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		panic(err)
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0) // a reset, not a clean close
+	}
+	_ = conn.Close()
+}
+
+// TestCutErrorBodyKeepsItsStatus: an error answer whose body the
+// connection reset cut short is still that status, with its Retry-After,
+// for every source: a 429 Retry-After: 60 is one call that holds the
+// provider (another merchant's lookup makes none) and answers 503
+// token_rate_limited with Retry-After 60, not a transport failure retried
+// three times; a cut 503 is retried, counted by the breaker, and answered
+// 502 token_unavailable.
+func TestCutErrorBodyKeepsItsStatus(t *testing.T) {
+	tests := []struct {
+		name      string
+		status    int
+		header    http.Header
+		wantCalls int64 // after both merchants' lookups
+		want      errcode.Code
+		wantRA    time.Duration
+	}{
+		{"429 Retry-After 60", http.StatusTooManyRequests, http.Header{"Retry-After": {"60"}}, 1, errcode.TokenRateLimited, time.Minute},
+		{"503", http.StatusServiceUnavailable, nil, 5, errcode.TokenUnavailable, 0}, // 3 attempts, 2 more: the breaker opens
+	}
+	for _, tt := range tests {
+		for _, ts := range tokenAPISources {
+			t.Run(tt.name+"/"+ts.name, func(t *testing.T) {
+				api := newCountedAPI(t, func(w http.ResponseWriter, r *http.Request) { resetMidBody(w, tt.status, tt.header) })
+				clock := newTokenAPIClock()
+				src := ts.make(t, api.URL, clock.Now)
+				br := broker.New(broker.Options{Now: clock.Now, Sleep: noSleep})
+				defer br.Close()
+				_, err := br.Token(context.Background(), merchantOf(src, 1))
+				noSecretIn(t, err)
+				if code := errcode.Classify(err); code != tt.want || code.RetryAfter(err) != tt.wantRA {
+					t.Fatalf("caller gets %s (%d) Retry-After %v: %v; want %s, Retry-After %v", code, code.Status(), code.RetryAfter(err), err, tt.want, tt.wantRA)
+				}
+				_, err = br.Token(context.Background(), merchantOf(src, 2))
+				noSecretIn(t, err)
+				if got := api.calls.Load(); got != tt.wantCalls {
+					t.Fatalf("%d calls to the token API, want %d", got, tt.wantCalls)
+				}
+			})
+		}
+	}
+}
