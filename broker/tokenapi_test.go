@@ -169,3 +169,60 @@ func TestCutErrorBodyKeepsItsStatus(t *testing.T) {
 		}
 	}
 }
+
+// TestRateLimitedHoldsTheProvider: a 429 throttles the provider's API key
+// or client, whatever its Retry-After says. With a usable Retry-After
+// (seconds, an HTTP date, an absurd value capped at 10 min) the provider
+// is called once and every merchant is answered 503 token_rate_limited
+// with the hold left; without one (absent, negative, a fraction, garbage,
+// a date in the past) the provider is held too, FailureTTL doubled per
+// consecutive 429: 20 merchants, one a second, cost 4 fetches of 3 calls,
+// not 3 calls each.
+func TestRateLimitedHoldsTheProvider(t *testing.T) {
+	tests := []struct {
+		name       string
+		retryAfter func(now time.Time) string
+		wantCalls  int64
+		wantRA     time.Duration // told the first merchant
+	}{
+		{"seconds", func(time.Time) string { return "30" }, 1, 30 * time.Second},
+		{"HTTP date", func(now time.Time) string { return now.Add(40 * time.Second).Format(http.TimeFormat) }, 1, 40 * time.Second},
+		{"absurdly large", func(time.Time) string { return "99999999999999999999" }, 1, broker.MaxRetryAfterMemory},
+		{"absent", func(time.Time) string { return "" }, 12, 2 * time.Second},
+		{"negative", func(time.Time) string { return "-5" }, 12, 2 * time.Second},
+		{"fraction", func(time.Time) string { return "1.5" }, 12, 2 * time.Second},
+		{"garbage", func(time.Time) string { return "soon" }, 12, 2 * time.Second},
+		{"date in the past", func(now time.Time) string { return now.Add(-time.Hour).Format(http.TimeFormat) }, 12, 2 * time.Second},
+	}
+	for _, tt := range tests {
+		for _, ts := range tokenAPISources {
+			t.Run(tt.name+"/"+ts.name, func(t *testing.T) {
+				clock := newTokenAPIClock()
+				api := newCountedAPI(t, func(w http.ResponseWriter, r *http.Request) {
+					if v := tt.retryAfter(clock.Now()); v != "" {
+						w.Header().Set("Retry-After", v)
+					}
+					w.WriteHeader(http.StatusTooManyRequests)
+				})
+				src := ts.make(t, api.URL, clock.Now)
+				br := broker.New(broker.Options{Now: clock.Now, Sleep: noSleep})
+				defer br.Close()
+				for i := range 20 {
+					_, err := br.Token(context.Background(), merchantOf(src, i))
+					noSecretIn(t, err)
+					code := errcode.Classify(err)
+					if code != errcode.TokenRateLimited || code.Status() != http.StatusServiceUnavailable {
+						t.Fatalf("merchant %d gets %s (%d): %v; want 503 token_rate_limited", i, code, code.Status(), err)
+					}
+					if ra := code.RetryAfter(err); i == 0 && ra != tt.wantRA {
+						t.Fatalf("merchant 0 told Retry-After %v, want %v", ra, tt.wantRA)
+					}
+					clock.Add(time.Second)
+				}
+				if got := api.calls.Load(); got != tt.wantCalls {
+					t.Fatalf("%d calls to the token API in 20 s, want %d", got, tt.wantCalls)
+				}
+			})
+		}
+	}
+}
