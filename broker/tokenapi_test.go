@@ -226,3 +226,92 @@ func TestRateLimitedHoldsTheProvider(t *testing.T) {
 		}
 	}
 }
+
+// TestStalledTokenAPIBoundedByFetchTimeout: a token API whose headers
+// never come, or whose 200 body stalls, is one call cut at FetchTimeout
+// (its connection closed), answered 504 token_timeout; the next lookup
+// within the key's backoff is answered at once without a call, and the
+// one after it calls again rather than waiting on the stalled fetch.
+func TestStalledTokenAPIBoundedByFetchTimeout(t *testing.T) {
+	const fetchTimeout = 200 * time.Millisecond
+	for _, stall := range []string{"headers", "body"} {
+		for _, ts := range tokenAPISources {
+			t.Run(stall+"/"+ts.name, func(t *testing.T) {
+				closed := make(chan struct{}, 8)
+				api := newCountedAPI(t, func(w http.ResponseWriter, r *http.Request) {
+					_, _ = io.Copy(io.Discard, r.Body) // then the server notices the client closing
+					if stall == "body" {
+						w.Header().Set("Content-Type", "application/json")
+						w.Header().Set("Content-Length", "1000")
+						io.WriteString(w, `{"access_token":"tok`)
+						w.(http.Flusher).Flush()
+					}
+					select {
+					case <-r.Context().Done(): // the client closed the connection
+						closed <- struct{}{}
+					case <-time.After(10 * time.Second):
+					}
+				})
+				clock := newTokenAPIClock()
+				src := ts.make(t, api.URL, clock.Now)
+				br := broker.New(broker.Options{Now: clock.Now, FetchTimeout: fetchTimeout, Sleep: noSleep})
+				defer br.Close()
+				b := merchantOf(src, 1)
+				start := time.Now()
+				_, err := br.Token(context.Background(), b)
+				took := time.Since(start)
+				noSecretIn(t, err)
+				if code := errcode.Classify(err); code != errcode.TokenTimeout || code.Status() != http.StatusGatewayTimeout {
+					t.Fatalf("caller gets %s (%d): %v; want 504 token_timeout", code, code.Status(), err)
+				}
+				if took < fetchTimeout || took > 5*time.Second {
+					t.Fatalf("the lookup took %v, want about FetchTimeout (%v)", took, fetchTimeout)
+				}
+				select {
+				case <-closed:
+				case <-time.After(5 * time.Second):
+					t.Fatal("the stalled connection was not closed")
+				}
+				if _, err := br.Token(context.Background(), b); errcode.Classify(err) != errcode.TokenTimeout || api.calls.Load() != 1 {
+					t.Fatalf("within the backoff: %v after %d calls, want the timeout again without a call", err, api.calls.Load())
+				}
+				clock.Add(broker.DefaultFailureTTL)
+				_, err = br.Token(context.Background(), b)
+				if errcode.Classify(err) != errcode.TokenTimeout || api.calls.Load() != 2 {
+					t.Fatalf("after the backoff: %v after %d calls, want a second call that times out", err, api.calls.Load())
+				}
+			})
+		}
+	}
+}
+
+// TestTokenAPIRedirectNotFollowed: a token endpoint that redirects, to
+// another origin or to plain HTTP, is one call answered 502
+// token_refused; the redirect's target gets nothing, so neither the API
+// key nor the client secret leaves for it.
+func TestTokenAPIRedirectNotFollowed(t *testing.T) {
+	elsewhere := newCountedAPI(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"access_token":"tok","token_type":"Bearer","expires_in":3600,"data":{"accessToken":"tok"}}`)
+	})
+	for _, status := range []int{http.StatusMovedPermanently, http.StatusFound, http.StatusSeeOther, http.StatusTemporaryRedirect, http.StatusPermanentRedirect} {
+		for _, ts := range tokenAPISources {
+			t.Run(fmt.Sprint(status, "/", ts.name), func(t *testing.T) {
+				api := newCountedAPI(t, func(w http.ResponseWriter, r *http.Request) {
+					http.Redirect(w, r, elsewhere.URL+r.URL.Path, status)
+				})
+				clock := newTokenAPIClock()
+				br := broker.New(broker.Options{Now: clock.Now, Sleep: noSleep})
+				defer br.Close()
+				_, err := br.Token(context.Background(), merchantOf(ts.make(t, api.URL, clock.Now), 1))
+				noSecretIn(t, err)
+				if code := errcode.Classify(err); code != errcode.TokenRefused || code.Status() != http.StatusBadGateway {
+					t.Fatalf("caller gets %s (%d): %v; want 502 token_refused", code, code.Status(), err)
+				}
+				if api.calls.Load() != 1 || elsewhere.calls.Load() != 0 {
+					t.Fatalf("%d calls to the token API, %d to the redirect's target; want 1 and 0", api.calls.Load(), elsewhere.calls.Load())
+				}
+			})
+		}
+	}
+}
