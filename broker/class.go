@@ -22,9 +22,9 @@ const (
 	// remembered for the key, counted by the source's breaker.
 	ClassTemporary
 	// ClassRateLimited: the provider throttles the source's credential
-	// (429). Retried within a fetch when its Retry-After is short; a
-	// Retry-After puts the whole source in backoff. The breaker ignores
-	// it.
+	// (429). Retried within a fetch only when its Retry-After is short;
+	// it puts the whole source in backoff: for its Retry-After, or
+	// without one as a refused credential does. The breaker ignores it.
 	ClassRateLimited
 	// ClassCredential: the source's credential itself was refused (a bad
 	// API key or client secret): the whole source is in backoff, doubled

@@ -356,7 +356,10 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 			continue
 		}
 		resend = false
-		retry := err != nil && !errors.Is(err, context.Canceled) && (class == ClassTemporary || class == ClassRateLimited)
+		// A 429 is retried only when it says how long to wait: without a
+		// Retry-After, the fetch ends and its source is held (record), so
+		// that concurrent fetches of the source's keys do not retry it.
+		retry := err != nil && !errors.Is(err, context.Canceled) && (class == ClassTemporary || class == ClassRateLimited && RetryAfterOf(err) > 0)
 		if !retry || attempt >= br.opts.MaxAttempts {
 			return tok, f, class, report, err
 		}

@@ -15,9 +15,10 @@ import (
 // the broker clock, and answers before any call:
 //
 //   - a source backoff (a 429 with Retry-After from a provider without a
-//     budget, capped at MaxRetryAfterMemory; or a refused credential,
-//     FailureTTL doubled at each consecutive one up to FailureMax) refuses
-//     every key of the source; for a provider with a budget, a 429 with
+//     budget, capped at MaxRetryAfterMemory; or a 429 without a usable
+//     Retry-After, or a refused credential, FailureTTL doubled at each
+//     consecutive one up to FailureMax) refuses every key of the source;
+//     for a provider with a budget, a 429 with
 //     Retry-After closes the budget until then instead (Budget.Hold, same
 //     cap) and is not remembered for the source nor the key: callers queue
 //     for the budget or are refused with its wait, refreshes wait;
@@ -289,7 +290,9 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 		switch {
 		case c == ClassRateLimited && RetryAfterOf(err) > 0:
 			wait = min(RetryAfterOf(err), MaxRetryAfterMemory)
-		case c == ClassCredential:
+		case c == ClassRateLimited, c == ClassCredential:
+			// A 429 without a usable Retry-After throttles the source's
+			// credential too: held as a refused credential is.
 			k = ss.backoff.consecutive(now, p.opts.FailureMax) + 1
 			wait = p.backoffFor(k)
 		}

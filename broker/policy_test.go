@@ -358,7 +358,7 @@ func TestSourceClassGovernsThePolicy(t *testing.T) {
 	}{
 		{"temporary", ClassTemporary, 4, BreakerOpen, false}, // 2 attempts twice, then the breaker refuses
 		{"permanent", ClassPermanent, 3, BreakerClosed, false},
-		{"rate limited", ClassRateLimited, 6, BreakerClosed, false}, // no Retry-After: no source backoff
+		{"rate limited", ClassRateLimited, 1, BreakerClosed, true}, // with or without Retry-After, a 429 holds the source; without one it is not retried
 		{"credential", ClassCredential, 1, BreakerClosed, true},
 	}
 	for _, tt := range tests {

@@ -23,7 +23,8 @@ import (
 // nil when larger). It returns the secrets the request sent, to scrub from
 // what the answer says. what names the endpoint in errors ("PAR
 // endpoint"); they name its host, never its URL. A failure to send the
-// request or to read the answer is a *transportError.
+// request or to read a 2xx answer is a *transportError; an error status
+// whose body could not be read is returned with an empty body.
 func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint, audience string, form url.Values) (*http.Response, []byte, []string, error) {
 	secret, style, auth, err := c.clientAuth(audience)
 	if err != nil {
@@ -55,8 +56,10 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: %w", what, host, httpclient.RedactURLError(err))}
 	}
 	defer resp.Body.Close()
+	// An error status whose body was cut short is still that status, with
+	// its Retry-After: only its error parameters are lost.
 	body, _, err := httpclient.ReadBody(resp.Body)
-	if err != nil {
+	if err != nil && resp.StatusCode >= 200 && resp.StatusCode < 300 {
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: reading the response: %w", what, host, err)}
 	}
 	return resp, body, secrets, nil
