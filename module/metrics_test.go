@@ -95,8 +95,8 @@ func TestMetricsScriptedSequence(t *testing.T) {
 		t.Helper()
 		select {
 		case <-fetchLogged:
-		case <-time.After(5 * time.Second):
-			t.Fatal("no fetch logged in 5s")
+		case <-time.After(10 * time.Second):
+			t.Fatal("no fetch logged in 10s")
 		}
 	}
 
@@ -432,14 +432,14 @@ func histogramCount(t *testing.T, reg *prometheus.Registry, name string) uint64 
 	return n
 }
 
-// waitFor polls cond for up to 5 s (background refreshes run on their own
+// waitFor polls cond for up to 10 s (background refreshes run on their own
 // goroutine).
 func waitFor(t *testing.T, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatal("condition not met in 5s")
+			t.Fatal("condition not met in 10s")
 		}
 		time.Sleep(time.Millisecond)
 	}
