@@ -543,7 +543,7 @@ type Policy struct {
 	// Failures is the number of consecutive failed fetches of the key.
 	Failures int
 	// SourceBackoffUntil is until when the key's source is not called for
-	// any key (a 429 with Retry-After, or a bad credential); zero when no
+	// any key (a 429, or a bad credential); zero when no
 	// source backoff applies.
 	SourceBackoffUntil time.Time
 	// PurgesPausedUntil is until when the key's purges by rejection are
