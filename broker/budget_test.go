@@ -618,6 +618,43 @@ func TestRateLimitedHoldsBudget(t *testing.T) {
 	}
 }
 
+// TestBareRateLimitHoldsSharedBudget: a 429 without Retry-After from a
+// provider whose budget two brokers (two sidecars) share through one
+// Store holds the budget as long as the source backoff it starts
+// (FailureTTL, doubled at the next consecutive one): the other broker
+// makes no call while it lasts, and is refused with its wait.
+func TestBareRateLimitHoldsSharedBudget(t *testing.T) {
+	clock := newFakeClock()
+	store := budget.NewLocal(clock.Now)
+	limit := budget.Limit{Rate: 10, Burst: 10, Period: time.Second}
+	sidecar := func(src Source) (*Broker, *Binding) {
+		br := New(Options{Now: clock.Now, MaxAttempts: 1, BudgetWait: time.Millisecond})
+		t.Cleanup(br.Close)
+		p := NewProfile("bank#1", src, nil, "", 0)
+		p.Budget = budget.New("bank", limit, store, clock.Now)
+		return br, NewBindingFor(p, "m0", "org-0")
+	}
+	limited := &APIError{Provider: "bank", StatusCode: 429}
+	srcA := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}, errs: []error{limited, limited}}
+	srcB := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}}
+	brA, bA := sidecar(srcA)
+	brB, bB := sidecar(srcB)
+	for i, hold := range []time.Duration{DefaultFailureTTL, 2 * DefaultFailureTTL} {
+		if _, _, err := brA.Get(context.Background(), bA); !errors.Is(err, limited) || srcA.calls() != i+1 {
+			t.Fatalf("429 %d: %v after %d calls, want the 429 after %d", i+1, err, srcA.calls(), i+1)
+		}
+		_, _, err := brB.Get(context.Background(), bB)
+		if !errors.Is(err, budget.ErrExhausted) || Called(err) || RetryAfterOf(err) != hold || srcB.calls() != 0 {
+			t.Fatalf("429 %d: the other sidecar got %v (retry after %s) after %d calls, want exhausted for %s without a call",
+				i+1, err, RetryAfterOf(err), srcB.calls(), hold)
+		}
+		clock.Add(hold)
+	}
+	if _, _, err := brB.Get(context.Background(), bB); err != nil || srcB.calls() != 1 {
+		t.Fatalf("once the hold ended: %v after %d calls, want a token after one", err, srcB.calls())
+	}
+}
+
 // TestProbeDoesNotQueue: the half-open breaker's probe is not held in the
 // budget's queue: without room at once it is refused by the budget and the
 // probe released undecided, so that once the budget has room the next

@@ -9,7 +9,7 @@ type SourceHealth struct {
 	// Breaker is the state of the source's circuit breaker.
 	Breaker BreakerState
 	// BackoffUntil is until when the source's token API is not called for
-	// any key (a 429 with Retry-After, or a bad credential); zero when no
+	// any key (a 429, or a bad credential); zero when no
 	// source backoff applies.
 	BackoffUntil time.Time
 	// BackoffError is the failure behind BackoffUntil.

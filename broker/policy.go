@@ -14,14 +14,17 @@ import (
 // (background). It keeps one state per key and one per source, both on
 // the broker clock, and answers before any call:
 //
-//   - a source backoff (a 429 with Retry-After from a provider without a
-//     budget, capped at MaxRetryAfterMemory; or a 429 without a usable
-//     Retry-After, or a refused credential, FailureTTL doubled at each
-//     consecutive one up to FailureMax) refuses every key of the source;
-//     for a provider with a budget, a 429 with
-//     Retry-After closes the budget until then instead (Budget.Hold, same
-//     cap) and is not remembered for the source nor the key: callers queue
-//     for the budget or are refused with its wait, refreshes wait;
+//   - a source backoff refuses every key of the source: after a 429 with
+//     Retry-After from a provider without a budget, until then (capped at
+//     MaxRetryAfterMemory); after a 429 without a usable Retry-After or a
+//     refused credential, FailureTTL doubled at each consecutive one up
+//     to FailureMax. A success of any key of the source ends it. For a
+//     provider with a budget, a 429 with Retry-After closes the budget
+//     until then instead (Budget.Hold, same cap) and is not remembered
+//     for the source nor the key: callers queue for the budget or are
+//     refused with its wait, refreshes wait; a 429 without a usable
+//     Retry-After starts the source backoff and closes the budget as
+//     long, so that every sidecar sharing the budget's store holds too;
 //   - a key backoff, from the key's failure memory (FailureTTL doubled at
 //     each consecutive failure up to FailureMax, or the provider's
 //     Retry-After if longer), refuses the key; after a failed
@@ -113,7 +116,7 @@ type keyState struct {
 type sourceState struct {
 	brk     breaker.Breaker
 	brkObs  Observer // told the breaker's last change
-	backoff failure  // a 429's Retry-After, or a refused credential
+	backoff failure  // after a 429 or a refused credential
 }
 
 // notes are calls made once policy.mu is released: observers', a
@@ -276,11 +279,8 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 	}
 	if calls > 0 && c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {
 		// The budget holds every key of the provider until then; it
-		// answers the next fetches itself. It is closed here, under
-		// policy.mu; its store is told once policy.mu is released (a
-		// Redis call), whether or not the fetch's caller still waits.
-		store := b.Budget.Hold(now, RetryAfterOf(err))
-		n = append(n, func() { store(context.WithoutCancel(ctx)) })
+		// answers the next fetches itself.
+		n = append(n, holdBudget(ctx, b, now, RetryAfterOf(err)))
 		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 {
@@ -292,9 +292,14 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 			wait = min(RetryAfterOf(err), MaxRetryAfterMemory)
 		case c == ClassRateLimited, c == ClassCredential:
 			// A 429 without a usable Retry-After throttles the source's
-			// credential too: held as a refused credential is.
+			// credential too: held as a refused credential is, the
+			// count of consecutive ones kept here; with a budget, the
+			// budget is held as long, for every sidecar sharing it.
 			k = ss.backoff.consecutive(now, p.opts.FailureMax) + 1
 			wait = p.backoffFor(k)
+			if c == ClassRateLimited && b.Budget != nil {
+				n = append(n, holdBudget(ctx, b, now, wait))
+			}
 		}
 		if wait > 0 {
 			if ss.backoff.err == nil {
@@ -317,6 +322,16 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 	}
 	ks.mem.err, ks.mem.at, ks.mem.until, ks.mem.failures = err, now, now.Add(wait), k
 	return p.withBackoffLocked(b, err, now)
+}
+
+// holdBudget closes b's budget for d from now, a 429's hold, and returns
+// the call that holds it in the budget's store, so that every budget
+// sharing the store (each sidecar of a fleet on one Redis) holds too: it
+// is made once policy.mu is released (a Redis call), whether or not the
+// fetch's caller still waits.
+func holdBudget(ctx context.Context, b *Binding, now time.Time, d time.Duration) func() {
+	store := b.Budget.Hold(now, d)
+	return func() { store(context.WithoutCancel(ctx)) }
 }
 
 // unrecorded returns err, of a fetch of b's key whose call ran out of time
@@ -530,7 +545,7 @@ type Policy struct {
 	// Failures is the number of consecutive failed fetches of the key.
 	Failures int
 	// SourceBackoffUntil is until when the key's source is not called for
-	// any key (a 429 with Retry-After, or a bad credential); zero when no
+	// any key (a 429, or a bad credential); zero when no
 	// source backoff applies.
 	SourceBackoffUntil time.Time
 	// PurgesPausedUntil is until when the key's purges by rejection are

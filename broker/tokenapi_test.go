@@ -107,16 +107,16 @@ func noSecretIn(t *testing.T, err error) {
 
 func noSleep(context.Context, time.Duration) error { return nil }
 
-// resetMidBody answers status with header and the start of a body that
-// announces more, then resets the connection.
-func resetMidBody(w http.ResponseWriter, status int, header http.Header) {
+// resetMidBody answers status with header and start, the start of a JSON
+// body that announces more, then resets the connection.
+func resetMidBody(w http.ResponseWriter, status int, header http.Header, start string) {
 	for k, v := range header {
 		w.Header()[k] = v
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", "1000")
 	w.WriteHeader(status)
-	io.WriteString(w, `{"error":"slow_`)
+	io.WriteString(w, start)
 	w.(http.Flusher).Flush()
 	conn, _, err := http.NewResponseController(w).Hijack()
 	if err != nil {
@@ -128,29 +128,41 @@ func resetMidBody(w http.ResponseWriter, status int, header http.Header) {
 	_ = conn.Close()
 }
 
-// TestCutErrorBodyKeepsItsStatus: an error answer whose body the
+// TestCutErrorBodyKeepsItsStatus: a 429 or 5xx answer whose body the
 // connection reset cut short is still that status, with its Retry-After,
 // for every source: a 429 Retry-After: 60 is one call that holds the
 // provider (another merchant's lookup makes none) and answers 503
 // token_rate_limited with Retry-After 60, not a transport failure retried
 // three times; a cut 503 is retried, counted by the breaker, and answered
-// 502 token_unavailable.
+// 502 token_unavailable. A cut OAuth 400 lost the error code that
+// classifies it (use_dpop_nonce is retried, a refresh token's
+// invalid_grant asks for consent): it is a transport failure, retried and answered 502
+// token_unavailable, not a refusal of the merchant. Nuapay classifies
+// by status alone: its cut 400 is that merchant's refusal, one call each.
 func TestCutErrorBodyKeepsItsStatus(t *testing.T) {
 	tests := []struct {
 		name      string
+		source    string // only this source; "" for every source
 		status    int
 		header    http.Header
-		wantCalls int64 // after both merchants' lookups
+		start     string // of the body
+		wantCalls int64  // after both merchants' lookups
 		want      errcode.Code
 		wantRA    time.Duration
 	}{
-		{"429 Retry-After 60", http.StatusTooManyRequests, http.Header{"Retry-After": {"60"}}, 1, errcode.TokenRateLimited, time.Minute},
-		{"503", http.StatusServiceUnavailable, nil, 5, errcode.TokenUnavailable, 0}, // 3 attempts, 2 more: the breaker opens
+		{"429 Retry-After 60", "", http.StatusTooManyRequests, http.Header{"Retry-After": {"60"}}, `{"error":"slow_`, 1, errcode.TokenRateLimited, time.Minute},
+		{"503", "", http.StatusServiceUnavailable, nil, `{"error":"temporarily_`, 5, errcode.TokenUnavailable, 0}, // 3 attempts, 2 more: the breaker opens
+		{"400 use_dpop_nonce", "oauth2", http.StatusBadRequest, nil, `{"error":"use_dpop_nonce","error_des`, 5, errcode.TokenUnavailable, 0},
+		{"400 invalid_grant", "oauth2", http.StatusBadRequest, nil, `{"error":"invalid_grant","error_des`, 5, errcode.TokenUnavailable, 0},
+		{"400", "nuapay", http.StatusBadRequest, nil, `{"returnCode":"INVALID_`, 2, errcode.TokenRefused, 0},
 	}
 	for _, tt := range tests {
 		for _, ts := range tokenAPISources {
+			if tt.source != "" && tt.source != ts.name {
+				continue
+			}
 			t.Run(tt.name+"/"+ts.name, func(t *testing.T) {
-				api := newCountedAPI(t, func(w http.ResponseWriter, r *http.Request) { resetMidBody(w, tt.status, tt.header) })
+				api := newCountedAPI(t, func(w http.ResponseWriter, r *http.Request) { resetMidBody(w, tt.status, tt.header, tt.start) })
 				clock := newTokenAPIClock()
 				src := ts.make(t, api.URL, clock.Now)
 				br := broker.New(broker.Options{Now: clock.Now, Sleep: noSleep})

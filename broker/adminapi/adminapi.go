@@ -82,7 +82,7 @@ type TokenInfo struct {
 	// Failures counts the key's consecutive failed fetches.
 	Failures int `json:"failures,omitempty"`
 	// SourceBackoffUntil is until when the key's provider configuration
-	// is not called for any key (a 429 with Retry-After, or a bad
+	// is not called for any key (a 429, or a bad
 	// credential), if such a backoff is in force.
 	SourceBackoffUntil *time.Time `json:"source_backoff_until,omitempty"`
 	// PurgesPausedUntil is until when upstream rejections (401) of the key's

@@ -4,12 +4,13 @@
 // refresh-ahead, refreshes planned where the rate has room, and the
 // provider's own rate-limit headers lowering the rate until they pass.
 //
-// A provider's 429 with Retry-After closes its budget until then (Hold,
-// called by the broker's failure policy), and every budget spending the
-// same key of its Store (a fleet on one Redis): callers queue or are
-// refused with the budget's wait, refreshes are refused; a provider
-// without a budget is refused by the policy's source backoff instead.
-// Every closing is capped at MaxHold.
+// A provider's 429 closes its budget (Hold, called by the broker's failure
+// policy: until its Retry-After, or without a usable one for the
+// policy's doubling backoff), and every budget spending the same key of
+// its Store (a fleet on one Redis): callers queue or are refused with
+// the budget's wait, refreshes are refused; a provider without a budget
+// is refused by the policy's source backoff instead. Every closing is
+// capped at MaxHold.
 package budget
 
 import (

@@ -161,9 +161,10 @@ func delay(v string, now time.Time) (time.Duration, bool) {
 }
 
 // Hold closes the budget for d from now (at most MaxHold): the provider
-// answered 429 with a Retry-After of d. Callers queue (or are refused
-// with the budget's wait when their deadline comes first) and refreshes
-// are refused until then. It never shortens a closing.
+// answered 429 with a Retry-After of d, or without a usable one and the
+// broker's failure policy holds it d. Callers queue (or are refused with
+// the budget's wait when their deadline comes first) and refreshes are
+// refused until then. It never shortens a closing.
 //
 // The 429 speaks for the provider's API key, so the budget's key is also
 // held in its Store (Store.Hold): every budget spending that key (each

@@ -23,8 +23,9 @@ import (
 // nil when larger). It returns the secrets the request sent, to scrub from
 // what the answer says. what names the endpoint in errors ("PAR
 // endpoint"); they name its host, never its URL. A failure to send the
-// request or to read a 2xx answer is a *transportError; an error status
-// whose body could not be read is returned with an empty body.
+// request or to read its answer is a *transportError, except a 429 or 5xx
+// answer whose body could not be read: that is returned with an empty
+// body (see cutAnswerKeepsStatus).
 func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint, audience string, form url.Values) (*http.Response, []byte, []string, error) {
 	secret, style, auth, err := c.clientAuth(audience)
 	if err != nil {
@@ -56,13 +57,20 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: %w", what, host, httpclient.RedactURLError(err))}
 	}
 	defer resp.Body.Close()
-	// An error status whose body was cut short is still that status, with
-	// its Retry-After: only its error parameters are lost.
 	body, _, err := httpclient.ReadBody(resp.Body)
-	if err != nil && resp.StatusCode >= 200 && resp.StatusCode < 300 {
+	if err != nil && !cutAnswerKeepsStatus(resp.StatusCode) {
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: reading the response: %w", what, host, err)}
 	}
 	return resp, body, secrets, nil
+}
+
+// cutAnswerKeepsStatus reports whether an answer of status whose body was
+// cut short is still that status, with its Retry-After: a 429 or a 5xx,
+// whose classification needs no error code. Any other answer is
+// classified by its error code (invalid_grant, invalid_client,
+// use_dpop_nonce), which a cut body lost: it is a transport failure.
+func cutAnswerKeepsStatus(status int) bool {
+	return status == http.StatusTooManyRequests || status >= 500
 }
 
 // transportError is a postForm request that was not sent or whose answer

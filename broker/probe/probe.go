@@ -71,7 +71,7 @@ type Provider struct {
 	// open.
 	Breaker string `json:"breaker"`
 	// BackoffUntil is until when its token API is not called for any key (a
-	// 429 with Retry-After, or a bad credential), if such a backoff is in
+	// 429, or a bad credential), if such a backoff is in
 	// force.
 	BackoffUntil *time.Time `json:"held_until,omitempty"`
 	// FailingKeys counts its cache keys whose last fetch failed and whose

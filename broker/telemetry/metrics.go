@@ -130,7 +130,7 @@ func NewMetrics(merchantLabel bool) *Metrics {
 		}, perRequest("provider")),
 		SourcesBackingOff: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "sources_backing_off",
-			Help: "Provider configurations whose token API is not called for any key: a 429 with Retry-After, or a bad credential (invalid_client, Nuapay 401).",
+			Help: "Provider configurations whose token API is not called for any key: a 429 (with or without Retry-After), or a bad credential (invalid_client, Nuapay 401).",
 		}, []string{"provider"}),
 		Breaker: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "breaker_state",
