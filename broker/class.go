@@ -53,10 +53,12 @@ type RetryNowError struct {
 	Err error
 }
 
+// Error describes the call the provider asked to be sent again.
 func (e *RetryNowError) Error() string {
 	return "asked to send the token request again at once: " + e.Err.Error()
 }
 
+// Unwrap returns the source's answer.
 func (e *RetryNowError) Unwrap() error { return e.Err }
 
 // IsRetryNow reports whether err is a call's *RetryNowError: a call that

@@ -536,24 +536,26 @@ func wrote(op string) bool {
 	return false
 }
 
-// writeRefusals start the error answers with which Redis refuses a write
-// while it answers reads: a read-only replica (READONLY), maxmemory
-// reached without eviction (OOM), an ACL without write commands (NOPERM),
-// a failed snapshot (MISCONF), too few replicas (NOREPLICAS), and an ACL
-// refusing a script's write (a plain error answer naming the script's
-// user or an ACL failure). Other error answers (LOADING, BUSY,
-// MASTERDOWN, WRONGTYPE...) are failures of the call only.
-var writeRefusals = []string{"READONLY ", "OOM ", "NOPERM ", "MISCONF ", "NOREPLICAS ",
-	"ERR The user executing the script can't run this command", "ERR ACL failure in script"}
-
-// writeRefusal reports whether err is Redis refusing a write.
+// writeRefusal reports whether err is Redis refusing a write while it
+// answers reads: a read-only replica (READONLY), maxmemory reached without
+// eviction (OOM), an ACL without write commands (NOPERM), a failed
+// snapshot (MISCONF), too few replicas (NOREPLICAS), and an ACL refusing a
+// script's write (a plain error answer naming the script's user or an ACL
+// failure). Other error answers (LOADING, BUSY, MASTERDOWN, WRONGTYPE...)
+// are failures of the call only.
 func writeRefusal(err error) bool {
 	var answer redis.Error
 	if !errors.As(err, &answer) {
 		return false
 	}
 	msg := answer.Error()
-	return slices.ContainsFunc(writeRefusals, func(p string) bool { return strings.HasPrefix(msg, p) })
+	for _, p := range [...]string{"READONLY ", "OOM ", "NOPERM ", "MISCONF ", "NOREPLICAS ",
+		"ERR The user executing the script can't run this command", "ERR ACL failure in script"} {
+		if strings.HasPrefix(msg, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // probeWrite writes this node's probe key (expiring after a cooldown):

@@ -61,7 +61,8 @@ func (p Page) size() int {
 // merchant): every item of the first p.Limit merchants after p.After, so
 // one merchant's items are never split across pages. next is the last
 // merchant of the page when items of later merchants remain (the After
-// of the next page), "" on the last page.
+// of the next page), "" on the last page. items may already leave out the
+// merchants up to p.After (a caller that filters before it sorts).
 func Cut[T any](p Page, items []T, id func(T) string) (page []T, next string) {
 	start := len(items)
 	for i, it := range items {
