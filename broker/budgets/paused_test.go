@@ -86,7 +86,10 @@ func TestBudgetPausedRedis(t *testing.T) {
 		if ok {
 			allowed++
 		}
-		if took > 100*time.Millisecond {
+		// A call that reached the paused Redis would wait for the tier's
+		// bound, grown towards timeout_max by the timeouts above; half of
+		// timeout_max leaves room for busy CPUs.
+		if took > maxTimeout/2 {
 			t.Errorf("budget call %d with the breaker open took %s; want the fallback at once", i, took)
 		}
 	}
