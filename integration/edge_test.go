@@ -250,6 +250,18 @@ func TestRequestEdge(t *testing.T) {
 		}
 		return up.take()
 	}
+	// revokeCurrent makes the upstream refuse the token the broker holds
+	// now for acme, and returns it.
+	revokeCurrent := func(t *testing.T) string {
+		t.Helper()
+		resp, _ := rawRequest(t, base, "GET /current HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\n\r\n")
+		cur := up.take()
+		if resp.StatusCode != http.StatusOK || len(cur) != 1 {
+			t.Fatalf("status %d, %d requests upstream", resp.StatusCode, len(cur))
+		}
+		up.revoke(cur[0].authorization[0])
+		return cur[0].authorization[0]
+	}
 	t.Run("websocket upgrade", func(t *testing.T) {
 		got := upgrade(t)
 		if len(got) != 1 || len(got[0].authorization) != 1 || got[0].authorization[0] != token {
@@ -300,15 +312,9 @@ func TestRequestEdge(t *testing.T) {
 
 	t.Run("websocket upgrade with a 401 retry", func(t *testing.T) {
 		before := sb.TokenRequests()
-		// The token the broker holds now.
-		resp, _ := rawRequest(t, base, "GET /current HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\n\r\n")
-		cur := up.take()
-		if resp.StatusCode != http.StatusOK || len(cur) != 1 {
-			t.Fatalf("status %d, %d requests upstream", resp.StatusCode, len(cur))
-		}
-		up.revoke(cur[0].authorization[0])
+		revoked := revokeCurrent(t)
 		got := upgrade(t)
-		if len(got) != 2 || got[0].authorization[0] != cur[0].authorization[0] || len(got[1].authorization) != 1 || got[1].authorization[0] == cur[0].authorization[0] {
+		if len(got) != 2 || got[0].authorization[0] != revoked || len(got[1].authorization) != 1 || got[1].authorization[0] == revoked {
 			t.Errorf("upstream got %d requests; want the revoked token, then one new token", len(got))
 		}
 		if n := sb.TokenRequests() - before; n != 1 {
@@ -318,12 +324,7 @@ func TestRequestEdge(t *testing.T) {
 
 	t.Run("Expect 100-continue, a body over retry_body_limit and a 401", func(t *testing.T) {
 		before := sb.TokenRequests()
-		resp, _ := rawRequest(t, base, "GET /current HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\n\r\n")
-		cur := up.take()
-		if resp.StatusCode != http.StatusOK || len(cur) != 1 {
-			t.Fatalf("status %d, %d requests upstream", resp.StatusCode, len(cur))
-		}
-		up.revoke(cur[0].authorization[0])
+		revokeCurrent(t)
 		big := strings.Repeat("x", 70<<10) // over the default 64 KiB: streamed, not kept
 		conn, err := net.DialTimeout("tcp", addr, 10*time.Second)
 		if err != nil {
@@ -333,6 +334,7 @@ func TestRequestEdge(t *testing.T) {
 		conn.SetDeadline(time.Now().Add(30 * time.Second))
 		io.WriteString(conn, "POST /tpp/payments HTTP/1.1\r\nHost: localhost\r\nX-Merchant-Id: acme\r\nContent-Length: 71680\r\nExpect: 100-continue\r\n\r\n")
 		br := bufio.NewReader(conn)
+		var resp *http.Response
 		for {
 			if resp, err = http.ReadResponse(br, nil); err != nil {
 				t.Fatal(err)
