@@ -164,8 +164,8 @@ func TestReport(t *testing.T) {
 	tick := 10 * time.Millisecond
 	r := countResult{Merchants: 100000, Start: 4800 * time.Millisecond, Reload: 3200 * time.Millisecond,
 		RSSIdle: 512 << 20, RSSAfterReload: 704 << 20, RSSWarm: 600 << 20, WarmTokens: 100000, WarmTime: 40 * time.Second,
-		Sidecar: []round{{Requests: 9300, Duration: time.Second, P99: 21 * time.Millisecond, CPUTicks: 119, ClockTick: tick}},
-		Plain:   []round{{Requests: 10000, Duration: time.Second, P99: 20 * time.Millisecond, CPUTicks: 100, ClockTick: tick}},
+		Sidecar: []round{{Requests: 9300, Duration: time.Second, P99: 21 * time.Millisecond, CPUTicks: 119, ClockTick: tick, Alloc: 9300 * 17_200, GCs: 2}},
+		Plain:   []round{{Requests: 10000, Duration: time.Second, P99: 20 * time.Millisecond, CPUTicks: 100, ClockTick: tick, Alloc: 10000 * 17_100, GCs: 31}},
 	}
 	r.MemIdle = memStats{HeapInuse: 400 << 20, HeapAlloc: 380 << 20, HeapIdle: 50 << 20, HeapReleased: 10 << 20, NextGC: 760 << 20,
 		HeapObjects: 2_000_000, NumGC: 12, GCCPUFraction: 0.0123, Sys: 500 << 20}
@@ -189,8 +189,8 @@ func TestReport(t *testing.T) {
 		"| 100 000 | idle | 512 MiB | 400 MiB | 380 MiB | 440 MiB | 760 MiB | 2000000 | 4194 B | 20.0 | 12 | 0.012 | 500 MiB |",
 		"| 100 000 | with tokens | 600 MiB | 480 MiB | 470 MiB | 480 MiB | 0 MiB | 2500000 | 5033 B | 25.0 | 30 | 0.000 | 580 MiB |",
 		"/p/sidecar-100000-cpu.pprof, /p/sidecar-100000-heap.pprof",
-		"| 100 000 | sidecar | 1 | 9300 | 21.00 ms | 128.0 µs | 0 | warm-up 100000 in 40.00 s (2500/s); rounds 0 |",
-		"| 100 000 | plain | 1 | 10000 | 20.00 ms | 100.0 µs | 0 | |",
+		"| 100 000 | sidecar | 1 | 9300 | 21.00 ms | 128.0 µs | 17200 B | 2.0 | 0 | warm-up 100000 in 40.00 s (2500/s); rounds 0 |",
+		"| 100 000 | plain | 1 | 10000 | 20.00 ms | 100.0 µs | 17100 B | 31.0 | 0 | |",
 		"wildcard: not measured in this test",
 	} {
 		if !strings.Contains(out, want) {

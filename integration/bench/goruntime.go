@@ -25,6 +25,7 @@ type memStats struct {
 	Sys           uint64  // bytes obtained from the OS by the runtime
 	StackInuse    uint64  // bytes of goroutine stacks
 	NumGC         uint32  // completed GC cycles since start
+	TotalAlloc    uint64  // bytes allocated since start (never decreases)
 	GCCPUFraction float64 // share of the CPU the GC used since start
 }
 
@@ -69,7 +70,7 @@ func (s *server) adminGet(path string, timeout time.Duration) ([]byte, error) {
 	return b, nil
 }
 
-// memStats reads the sidecar's runtime figures from its admin API.
+// memStats reads the server's runtime figures from its admin API.
 func (s *server) memStats() (memStats, error) {
 	b, err := s.adminGet("/debug/vars", time.Minute)
 	if err != nil {

@@ -68,6 +68,10 @@ type options struct {
 	// profile, when set, is the folder that receives a CPU and a heap
 	// profile of the sidecar at the largest merchant count.
 	profile string
+	// sidecarEnv is environment (KEY=VALUE) added to the sidecar's
+	// process only in the end-to-end mode, for experiments such as
+	// GOGC=400; the report's method names it.
+	sidecarEnv []string
 	// budget is the budget mode (budget.go); budget.on runs it instead.
 	budget budgetOptions
 	// fleet > 0 runs the fleet mode instead (fleet.go).
@@ -149,6 +153,7 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	fs.IntVar(&o.split.perFile, "split-merchants", 10_000, "split reload case: merchants per file")
 	budgetFlags(fs, &o.budget)
 	fs.StringVar(&o.profile, "profile", "", "save a 10 s CPU profile (under an extra wrk run) and a heap profile of the sidecar at the largest merchant count into this folder (off when empty)")
+	sidecarEnv := fs.String("sidecar-env", "", "comma-separated KEY=VALUE added to the sidecar's environment only (end-to-end mode), for experiments such as GOGC=400; figures of record use none")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary folder (registries, Caddyfiles, process logs)")
 	fs.IntVar(&o.fleet, "fleet", 0, "fleet mode: N sidecars sharing one redis-server; mints per key per lifetime and L2 latency (0: off)")
 	fs.BoolVar(&o.dpop, "dpop", false, "DPoP mode: CPU per request of a DPoP route per algorithm (ES256, PS256, EdDSA) vs a bearer route vs Caddy with a static header")
@@ -162,6 +167,9 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 	}
 	var err error
 	if o.merchants, err = parseCounts(*counts); err != nil {
+		return o, 0, err
+	}
+	if o.sidecarEnv, err = parseEnv(*sidecarEnv); err != nil {
 		return o, 0, err
 	}
 	if o.fleet < 0 || o.fleetLifetime < 10*time.Second || o.fleetLifetimes < 1 || o.fleetBurst < 0 || o.fleetBurners < 0 {
@@ -182,6 +190,22 @@ func parseFlags(args []string, quick bool) (options, time.Duration, error) {
 		return o, 0, fmt.Errorf("flags: want -rounds >= 1, -round >= 1s, -threads >= 1 and -connections >= -threads")
 	}
 	return o, *timeout, nil
+}
+
+// parseEnv reads "KEY=VALUE,KEY=VALUE" (empty: none).
+func parseEnv(s string) ([]string, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	var out []string
+	for kv := range strings.SplitSeq(s, ",") {
+		kv = strings.TrimSpace(kv)
+		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
+			return nil, fmt.Errorf("-sidecar-env %q: %q is not KEY=VALUE", s, kv)
+		}
+		out = append(out, kv)
+	}
+	return out, nil
 }
 
 // parseCounts reads "1,1000,100000" (underscores allowed: 100_000).

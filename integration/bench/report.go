@@ -10,7 +10,8 @@ import (
 // report renders the results as markdown: the summary table of issue 9
 // (one row per merchant count, ratios sidecar/plain of the medians, and a
 // row for the split registry when measured), the reloads, the sidecar's Go
-// runtime figures next to RSS, then the medians themselves.
+// runtime figures next to RSS, then the medians themselves (with each
+// server's bytes allocated per request and GC cycles per second).
 func report(machine, method, plainInfo string, results []countResult, split *splitResult, wildcard string) string {
 	var b strings.Builder
 	b.WriteString("\n## End-to-end: sidecar vs Caddy with a static header (separate processes)\n\n")
@@ -40,15 +41,15 @@ func report(machine, method, plainInfo string, results []countResult, split *spl
 		fmt.Fprintf(&b, "\n%s\n", wildcard)
 	}
 	b.WriteString("\nMedians over the rounds:\n\n")
-	b.WriteString("| merchants | server | rounds | req/s | p99 | CPU per request | errors | token requests |\n")
-	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+	b.WriteString("| merchants | server | rounds | req/s | p99 | CPU per request | allocated per request | GC cycles/s | errors | token requests |\n")
+	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
 	for _, r := range results {
 		s, p := summarize(r.Sidecar), summarize(r.Plain)
-		fmt.Fprintf(&b, "| %s | sidecar | %d | %.0f | %s | %s | %d | warm-up %d in %s (%.0f/s); rounds %d |\n",
-			thousands(r.Merchants), s.Rounds, s.RPS, ms(s.P99), us(s.CPU), s.Errors,
+		fmt.Fprintf(&b, "| %s | sidecar | %d | %.0f | %s | %s | %.0f B | %.1f | %d | warm-up %d in %s (%.0f/s); rounds %d |\n",
+			thousands(r.Merchants), s.Rounds, s.RPS, ms(s.P99), us(s.CPU), s.Alloc, s.GCs, s.Errors,
 			r.WarmTokens, secs(r.WarmTime), float64(r.WarmTokens)/math.Max(r.WarmTime.Seconds(), 1e-9), r.RoundTokens)
-		fmt.Fprintf(&b, "| %s | plain | %d | %.0f | %s | %s | %d | |\n",
-			thousands(r.Merchants), p.Rounds, p.RPS, ms(p.P99), us(p.CPU), p.Errors)
+		fmt.Fprintf(&b, "| %s | plain | %d | %.0f | %s | %s | %.0f B | %.1f | %d | |\n",
+			thousands(r.Merchants), p.Rounds, p.RPS, ms(p.P99), us(p.CPU), p.Alloc, p.GCs, p.Errors)
 	}
 	return b.String()
 }

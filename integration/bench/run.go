@@ -132,8 +132,12 @@ func runBench(o options) error {
 }
 
 func (e *env) describe() string {
-	return fmt.Sprintf("wrk -t%d -c%d, random merchant per request on %s; %d interleaved rounds of %s per server after a %s warm-up; RSS and the Go runtime figures (admin API /debug/vars, no GC forced) read %s after start and after the token warm-up; reload = `caddy reload --force` with the registry unchanged (before the token warm-up; again after the rounds), except in the split row (one file edited)",
-		e.o.threads, e.o.connections, benchPath, e.o.rounds, e.o.round, e.o.warmup, e.o.settle)
+	experiment := ""
+	if len(e.o.sidecarEnv) > 0 {
+		experiment = fmt.Sprintf("; EXPERIMENT: the sidecar runs with %s added to its environment", strings.Join(e.o.sidecarEnv, " "))
+	}
+	return fmt.Sprintf("wrk -t%d -c%d, random merchant per request on %s; %d interleaved rounds of %s per server after a %s warm-up; RSS and the Go runtime figures (admin API /debug/vars, no GC forced) read %s after start and after the token warm-up; reload = `caddy reload --force` with the registry unchanged (before the token warm-up; again after the rounds), except in the split row (one file edited)%s",
+		e.o.threads, e.o.connections, benchPath, e.o.rounds, e.o.round, e.o.warmup, e.o.settle, experiment)
 }
 
 // startCaddy starts bin/caddy with the 3-route Caddyfile; registry == ""
@@ -142,6 +146,9 @@ func (e *env) startCaddy(name, registry string) (*server, error) {
 	// Caddy's data and config folders in the run's folder: nothing of the
 	// user's Caddy storage is read or written.
 	env := []string{apiKeyEnv + "=" + apiKey, "XDG_DATA_HOME=" + filepath.Join(e.dir, "data"), "XDG_CONFIG_HOME=" + filepath.Join(e.dir, "config")}
+	if registry != "" {
+		env = append(env, e.o.sidecarEnv...)
+	}
 	return e.startServer(name, env, func(port, admin int) string {
 		return caddyfile(port, admin, e.upstream, registry)
 	})
@@ -420,6 +427,12 @@ func (e *env) reload(s *server) (time.Duration, error) {
 // wrk runs one round against s and reads the server's CPU around it.
 func (e *env) wrk(wrk, script string, s *server, d time.Duration) (round, error) {
 	secs := max(1, int(d.Round(time.Second)/time.Second))
+	// The memstats reads are outside the CPU reads: their work in the
+	// server is not counted as the requests'.
+	m0, err := s.memStats()
+	if err != nil {
+		return round{}, err
+	}
 	c0, err := cpuTicks(s.p.pid())
 	if err != nil {
 		return round{}, fmt.Errorf("%s: %w", s.p.name, err)
@@ -433,11 +446,16 @@ func (e *env) wrk(wrk, script string, s *server, d time.Duration) (round, error)
 	if err != nil {
 		return round{}, fmt.Errorf("%s: %w", s.p.name, err)
 	}
+	m1, err := s.memStats()
+	if err != nil {
+		return round{}, err
+	}
 	rd, err := parseWrk(out)
 	if err != nil {
 		return round{}, fmt.Errorf("wrk against %s: %w\n%s", s.p.name, err, out)
 	}
 	rd.CPUTicks, rd.ClockTick = c1-c0, e.tick
+	rd.Alloc, rd.GCs = m1.TotalAlloc-m0.TotalAlloc, m1.NumGC-m0.NumGC
 	return rd, nil
 }
 

@@ -158,7 +158,7 @@ func TestParseFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.rounds != 7 || o.wildcard != 1_000_000 || o.split != (splitLayout{10, 10_000}) || o.profile != "" || timeout != 45*time.Minute ||
+	if o.rounds != 7 || o.wildcard != 1_000_000 || o.split != (splitLayout{10, 10_000}) || o.profile != "" || o.sidecarEnv != nil || timeout != 45*time.Minute ||
 		!slices.Equal(o.merchants, []int{1, 1000, 100000}) {
 		t.Errorf("defaults: %+v", o)
 	}
@@ -175,6 +175,11 @@ func TestParseFlags(t *testing.T) {
 		{[]string{"-split-files", "0", "-split-merchants", "0"}, true, func(o options) bool { return o.split.files == 0 }},
 		{[]string{"-split-files", "10", "-split-merchants", "1000"}, true, func(o options) bool { return o.split == splitLayout{10, 1000} }},
 		{[]string{"-split-files", "1"}, false, nil},
+		{[]string{"-sidecar-env", "GOGC=400, GODEBUG=gctrace=1"}, true, func(o options) bool {
+			return slices.Equal(o.sidecarEnv, []string{"GOGC=400", "GODEBUG=gctrace=1"})
+		}},
+		{[]string{"-sidecar-env", "GOGC"}, false, nil},
+		{[]string{"-sidecar-env", "=400"}, false, nil},
 		{[]string{"-profile", "/tmp/prof", "-merchants", "1,1000"}, true, func(o options) bool {
 			return o.profile == "/tmp/prof" && slices.Equal(o.merchants, []int{1, 1000})
 		}},

@@ -18,6 +18,11 @@ type round struct {
 	Errors    int64         // socket errors, timeouts and non-2xx/3xx responses
 	CPUTicks  int64         // utime+stime of the server process during the run, in clock ticks
 	ClockTick time.Duration // length of one clock tick (1/CLK_TCK)
+	// Alloc and GCs are the bytes the server's Go runtime allocated and
+	// the GC cycles it completed from just before the run to just after
+	// it (memstats TotalAlloc and NumGC deltas).
+	Alloc uint64
+	GCs   uint32
 }
 
 // RPS is requests per second.
@@ -36,6 +41,22 @@ func (r round) CPUPerRequest() time.Duration {
 	return time.Duration(float64(r.CPUTicks) * float64(r.ClockTick) / float64(r.Requests))
 }
 
+// AllocPerRequest is the bytes allocated per request; 0 without requests.
+func (r round) AllocPerRequest() float64 {
+	if r.Requests <= 0 {
+		return 0
+	}
+	return float64(r.Alloc) / float64(r.Requests)
+}
+
+// GCsPerSecond is the GC cycles completed per second of the run.
+func (r round) GCsPerSecond() float64 {
+	if r.Duration <= 0 {
+		return 0
+	}
+	return float64(r.GCs) / r.Duration.Seconds()
+}
+
 // summary is the median of each metric over rounds of one configuration.
 type summary struct {
 	Rounds int
@@ -43,6 +64,8 @@ type summary struct {
 	P99    time.Duration
 	CPU    time.Duration // CPU per request
 	Errors int64         // sum over the rounds
+	Alloc  float64       // bytes allocated per request
+	GCs    float64       // GC cycles per second
 }
 
 func summarize(rs []round) summary {
@@ -50,13 +73,18 @@ func summarize(rs []round) summary {
 	rps := make([]float64, len(rs))
 	p99 := make([]float64, len(rs))
 	cpu := make([]float64, len(rs))
+	alloc := make([]float64, len(rs))
+	gcs := make([]float64, len(rs))
 	for i, r := range rs {
 		rps[i], p99[i], cpu[i] = r.RPS(), float64(r.P99), float64(r.CPUPerRequest())
+		alloc[i], gcs[i] = r.AllocPerRequest(), r.GCsPerSecond()
 		s.Errors += r.Errors
 	}
 	s.RPS = median(rps)
 	s.P99 = time.Duration(median(p99))
 	s.CPU = time.Duration(median(cpu))
+	s.Alloc = median(alloc)
+	s.GCs = median(gcs)
 	return s
 }
 

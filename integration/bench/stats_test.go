@@ -143,11 +143,12 @@ func TestMedianAndRatio(t *testing.T) {
 func TestSummarize(t *testing.T) {
 	tick := 10 * time.Millisecond
 	// 3 rounds of the sidecar and of plain; medians: sidecar 1000 req/s,
-	// p99 20 ms, 200 µs CPU per request; plain 1100 req/s, 18 ms, 180 µs.
+	// p99 20 ms, 200 µs CPU per request, 16 000 B per request, 2 GC
+	// cycles/s; plain 1100 req/s, 18 ms, 180 µs.
 	side := []round{
-		{Requests: 5000, Duration: 5 * time.Second, P99: 20 * time.Millisecond, CPUTicks: 100, ClockTick: tick},            // 1000/s, 200 µs
-		{Requests: 4000, Duration: 5 * time.Second, P99: 40 * time.Millisecond, CPUTicks: 100, ClockTick: tick},            // 800/s, 250 µs
-		{Requests: 6000, Duration: 5 * time.Second, P99: 10 * time.Millisecond, CPUTicks: 108, ClockTick: tick, Errors: 2}, // 1200/s, 180 µs
+		{Requests: 5000, Duration: 5 * time.Second, P99: 20 * time.Millisecond, CPUTicks: 100, ClockTick: tick, Alloc: 5000 * 16_000, GCs: 10},           // 1000/s, 200 µs
+		{Requests: 4000, Duration: 5 * time.Second, P99: 40 * time.Millisecond, CPUTicks: 100, ClockTick: tick, Alloc: 4000 * 20_000, GCs: 15},           // 800/s, 250 µs
+		{Requests: 6000, Duration: 5 * time.Second, P99: 10 * time.Millisecond, CPUTicks: 108, ClockTick: tick, Errors: 2, Alloc: 6000 * 12_000, GCs: 5}, // 1200/s, 180 µs
 	}
 	plain := []round{
 		{Requests: 5500, Duration: 5 * time.Second, P99: 18 * time.Millisecond, CPUTicks: 99, ClockTick: tick},  // 1100/s, 180 µs
@@ -155,7 +156,7 @@ func TestSummarize(t *testing.T) {
 		{Requests: 6000, Duration: 5 * time.Second, P99: 12 * time.Millisecond, CPUTicks: 90, ClockTick: tick},  // 1200/s, 150 µs
 	}
 	s, p := summarize(side), summarize(plain)
-	want := summary{Rounds: 3, RPS: 1000, P99: 20 * time.Millisecond, CPU: 200 * time.Microsecond, Errors: 2}
+	want := summary{Rounds: 3, RPS: 1000, P99: 20 * time.Millisecond, CPU: 200 * time.Microsecond, Errors: 2, Alloc: 16_000, GCs: 2}
 	if s != want {
 		t.Errorf("sidecar summary %+v, want %+v", s, want)
 	}
@@ -177,6 +178,12 @@ func TestSummarize(t *testing.T) {
 	}
 	if got := (round{}).CPUPerRequest(); got != 0 {
 		t.Errorf("CPU per request without requests = %s, want 0", got)
+	}
+	if got := (round{}).AllocPerRequest(); got != 0 {
+		t.Errorf("allocated per request without requests = %v, want 0", got)
+	}
+	if got := (round{GCs: 3}).GCsPerSecond(); got != 0 {
+		t.Errorf("GC cycles per second without a duration = %v, want 0", got)
 	}
 }
 
