@@ -88,14 +88,7 @@ func quotas(h http.Header, now time.Time) (qs []quota) {
 			qs = append(qs, quota{remaining: r, reset: t})
 		}
 	}
-	for _, v := range h.Values("RateLimit") {
-		for _, item := range strings.Split(v, ",") {
-			p := params(item)
-			add(p["r"], p["t"])
-		}
-		p := params(strings.ReplaceAll(v, ",", ";")) // the older dictionary form
-		add(p["remaining"], p["reset"])
-	}
+	draftFields(h, add)
 	for _, v := range h.Values("RateLimit-Policy") {
 		for _, item := range strings.Split(v, ",") {
 			p := params(item)
@@ -106,9 +99,56 @@ func quotas(h http.Header, now time.Time) (qs []quota) {
 			add(q, w)
 		}
 	}
-	add(h.Get("RateLimit-Remaining"), h.Get("RateLimit-Reset"))
-	add(h.Get("X-RateLimit-Remaining"), h.Get("X-RateLimit-Reset"))
+	legacyFields(h, add)
 	return qs
+}
+
+// draftFields calls add with the remaining and reset fields, as sent
+// ("" when absent), of each quota the IETF draft's headers of h state: the
+// RateLimit items (r=, t=), the older RateLimit dictionary (remaining=,
+// reset=), and the early RateLimit-Remaining and RateLimit-Reset.
+func draftFields(h http.Header, add func(remaining, reset string)) {
+	for _, v := range h.Values("RateLimit") {
+		for _, item := range strings.Split(v, ",") {
+			p := params(item)
+			add(p["r"], p["t"])
+		}
+		p := params(strings.ReplaceAll(v, ",", ";")) // the older dictionary form
+		add(p["remaining"], p["reset"])
+	}
+	add(h.Get("RateLimit-Remaining"), h.Get("RateLimit-Reset"))
+}
+
+// legacyFields calls add with the common X-RateLimit-Remaining and
+// X-RateLimit-Reset of h, as sent ("" when absent).
+func legacyFields(h http.Header, add func(remaining, reset string)) {
+	add(h.Get("X-RateLimit-Remaining"), h.Get("X-RateLimit-Reset"))
+}
+
+// ResetAfter returns how long, from now, the rate-limit headers of a
+// refusing answer (a 429) say no request is left: the IETF draft's
+// RateLimit (r=, t= items, or the older remaining=, reset=) and
+// RateLimit-Reset first, else X-RateLimit-Reset (a reset in seconds, or
+// a Unix time in seconds or milliseconds, as Observe reads it). A quota
+// counts when its reset is well-formed and in the future and it has none
+// remaining or does not say (the refusal says it); of those the headers
+// of one kind state, the latest reset applies (at most a day). 0 when the
+// headers say no such quota: RateLimit-Policy states a policy, not when
+// the limit resets, so it is not read.
+func ResetAfter(h http.Header, now time.Time) time.Duration {
+	var wait time.Duration
+	add := func(remaining, reset string) {
+		t, ok := delay(reset, now)
+		if r, counted := count(remaining); ok && (remaining == "" || counted && r == 0) {
+			wait = max(wait, t)
+		}
+	}
+	for _, kind := range []func(http.Header, func(remaining, reset string)){draftFields, legacyFields} {
+		if kind(h, add); wait > 0 {
+			return wait
+		}
+	}
+	return 0
 }
 
 // params reads the parameters of one structured-field item: name=value
