@@ -225,24 +225,40 @@ func Called(err error) bool {
 	return !errors.As(err, &ue)
 }
 
-// withBackoffLocked returns err with the time left until the policy lets
-// b's key call again; err itself when no backoff applies.
+// withBackoffLocked returns err with the time left until a token request
+// for b's key may be made (callableIn); err itself when no backoff
+// applies.
 func (p *policy) withBackoffLocked(b *Binding, err error, now time.Time) error {
 	if h, scope := p.backoffLocked(b, now); h != nil {
-		return &backoffError{err: err, retryAfter: h.until.Sub(now), scope: scope}
+		return &backoffError{err: err, retryAfter: callableIn(b, h, now), scope: scope}
 	}
 	return err
 }
 
 // admit returns the error that refuses a call for b's key at now (the
-// remembered failure, with the backoff applied), nil when it may go out.
+// remembered failure, with the time left until a token request for the
+// key may be made, callableIn), nil when it may go out.
 func (p *policy) admit(b *Binding, now time.Time) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if h, scope := p.backoffLocked(b, now); h != nil {
-		return &backoffError{err: h.err, retryAfter: h.until.Sub(now), scope: scope, notCalled: true}
+		return &backoffError{err: h.err, retryAfter: callableIn(b, h, now), scope: scope, notCalled: true}
 	}
 	return nil
+}
+
+// callableIn is how long after now a token request for b's key may be
+// made while the backoff h refuses it: until h ends, or until b's budget
+// reopens when it is closed longer (another key's 429 with Retry-After,
+// the provider's rate-limit headers), so that the wait a refused caller is
+// told is the one it has. Called with p.mu held (before the budget's
+// lock).
+func callableIn(b *Binding, h *failure, now time.Time) time.Duration {
+	until := h.until
+	if b.Budget != nil {
+		until = later(until, b.Budget.ClosedUntil())
+	}
+	return until.Sub(now)
 }
 
 // backoffFor is the memory of the n-th consecutive failure (n ≥ 1).

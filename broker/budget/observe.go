@@ -223,6 +223,16 @@ func (b *Budget) Hold(now time.Time, d time.Duration) (store func(ctx context.Co
 	return b.closeLocked(now, d)
 }
 
+// ClosedUntil returns until when the budget is closed (Hold, or an answer
+// whose rate-limit headers say none is left): no token request is served
+// before then. Zero when it is not closed. It makes no Store call, so a
+// hold another budget set in a shared Store is not seen.
+func (b *Budget) ClosedUntil() time.Time {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closedUntil
+}
+
 // closeLocked closes the budget for d from now (at most MaxHold), never
 // shortening a closing, and returns the call that holds its key in the
 // Store for as long: make it once b.mu is released.
