@@ -187,3 +187,77 @@ func TestProviderBudgetObservesTokenAnswersOnly(t *testing.T) {
 		t.Errorf("after a token answer with none left: effective %g, lowered until %v; want 0 and a time", st.Effective, st.LoweredUntil)
 	}
 }
+
+// TestProviderAccount: a provider's Account fingerprints the credential
+// its token API counts requests against (a nuapay API key, an oauth2
+// client_id): configurations of one endpoint with different credentials
+// get different accounts (and so separate budgets), the same credential
+// the same account whatever else differs (a rotated client secret), and
+// the account shows neither the key nor the client id.
+func TestProviderAccount(t *testing.T) {
+	const keyA, keyB = "api-key-of-partner-a-0123456789", "api-key-of-partner-b-9876543210"
+	data := `
+[providers.a]
+type = "nuapay"
+base_url = "https://api.nuapay.example"
+api_key = "{env.KEY_A}"
+
+[providers.b]
+type = "nuapay"
+base_url = "https://api.nuapay.example"
+api_key = "{env.KEY_B}"
+
+[providers.a-again]
+type = "nuapay"
+base_url = "https://api.nuapay.example"
+api_key = "{env.KEY_A}"
+token_lifetime = "30m"
+
+[providers.client-1]
+type = "oauth2"
+token_url = "https://bank.example/token"
+client_id = "partner-client-1"
+client_secret = "{env.KEY_A}"
+
+[providers.client-2]
+type = "oauth2"
+token_url = "https://bank.example/token"
+client_id = "partner-client-2"
+client_secret = "{env.KEY_A}"
+
+[providers.client-1-rotated]
+type = "oauth2"
+token_url = "https://bank.example/token"
+client_id = "partner-client-1"
+client_secret = "{env.KEY_B}"
+
+[merchants.acme]
+provider = "a"
+organisation = "org-acme"
+scopes = ["openbanking_aisp"]
+`
+	reg := mustParse(t, "accounts.toml", []byte(data), testEnv("KEY_A", keyA, "KEY_B", keyB))
+	account := func(name string) string {
+		t.Helper()
+		a := reg.Providers[name].Account
+		for _, clear := range []string{keyA, keyB, "partner-client"} {
+			if a == "" || strings.Contains(a, clear) {
+				t.Fatalf("provider %s: account %q, want a fingerprint without the credential", name, a)
+			}
+		}
+		return a
+	}
+	for _, tc := range []struct {
+		p, q string
+		same bool
+	}{
+		{"a", "b", false},
+		{"a", "a-again", true},
+		{"client-1", "client-2", false},
+		{"client-1", "client-1-rotated", true},
+	} {
+		if got := account(tc.p) == account(tc.q); got != tc.same {
+			t.Errorf("providers %s and %s: same account %t, want %t", tc.p, tc.q, got, tc.same)
+		}
+	}
+}
