@@ -42,9 +42,14 @@ import (
 //   - a fetch calls up to MaxAttempts times while its failures are
 //     temporary, with backoff and jitter, within FetchTimeout.
 //
+// A provider's Retry-After, here, is the wait its answer asks for as the
+// sources read it (ParseWait): its Retry-After header or, without a usable
+// one, the reset of its rate-limit headers.
+//
 // The source classifies its errors (Classifier). A refused fetch's error
 // carries the backoff applied, so RetryAfterOf tells callers what is left
-// of it. The key's state also limits purges by rejection (reject.go). One
+// of it, or of the closing of the provider's budget when that ends later
+// (callableIn): the time until a token request may be made. The key's state also limits purges by rejection (reject.go). One
 // sweep, at most once per cleanupInterval, drops the state that ended.
 
 // Breaker states of a source (the values are those of the metrics gauge).
