@@ -126,7 +126,7 @@ func legacyFields(h http.Header, add func(remaining, reset string)) {
 }
 
 // ResetAfter returns how long, from now, the rate-limit headers of a
-// refusing answer (a 429) say no request is left: the IETF draft's
+// refusing answer (a 429 or 503) say no request is left: the IETF draft's
 // RateLimit (r=, t= items, or the older remaining=, reset=) and
 // RateLimit-Reset first, else X-RateLimit-Reset (a reset in seconds, or
 // a Unix time in seconds or milliseconds, as Observe reads it). A quota
@@ -144,7 +144,8 @@ func ResetAfter(h http.Header, now time.Time) time.Duration {
 		}
 	}
 	for _, kind := range []func(http.Header, func(remaining, reset string)){draftFields, legacyFields} {
-		if kind(h, add); wait > 0 {
+		kind(h, add)
+		if wait > 0 {
 			return wait
 		}
 	}
