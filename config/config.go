@@ -63,8 +63,9 @@ type Provider struct {
 	// *oauth.RefreshToken whose store is Options.RefreshStore.
 	Source broker.Source
 	// Endpoint is the provider's token API as configured: an oauth2
-	// provider's token_url or issuer, a nuapay provider's base_url. It
-	// names the provider's budget in a shared store (hashed, never shown).
+	// provider's token_url or issuer, a nuapay provider's base_url. With
+	// Account it names the provider's budget in a shared store (hashed,
+	// never shown).
 	Endpoint string
 	// Account is the fingerprint (budget.Account) of the credential the
 	// provider counts token requests against: an oauth2 provider's
