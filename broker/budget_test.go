@@ -714,6 +714,40 @@ func TestRefusedRetryAfterIsBudgetsWhenLonger(t *testing.T) {
 	}
 }
 
+// TestRateLimitedToldBudgetsHold: a 429 whose Retry-After closes the
+// provider's budget tells its caller the budget's closing, the time until
+// a token request may be made: the Retry-After, or MaxHold when the
+// provider asks for longer (the budget's cap), as the next callers are
+// told.
+func TestRateLimitedToldBudgetsHold(t *testing.T) {
+	for _, tc := range []struct {
+		retryAfter, want time.Duration
+	}{
+		{30 * time.Second, 30 * time.Second},
+		{time.Hour, budget.MaxHold},
+	} {
+		t.Run(tc.retryAfter.String(), func(t *testing.T) {
+			clock := newFakeClock()
+			limited := &APIError{Provider: "bank", StatusCode: 429, RetryAfter: tc.retryAfter}
+			src := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}, errs: []error{limited}}
+			br := New(Options{Now: clock.Now, MaxAttempts: 1, BudgetWait: time.Millisecond})
+			defer br.Close()
+			p := NewProfile("bank#1", src, nil, "", 0)
+			p.Budget = budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, budget.NewLocal(clock.Now), clock.Now)
+			bs := bindings(p, 2)
+			_, _, err := br.Get(context.Background(), bs[0])
+			if !errors.Is(err, limited) || !Called(err) || RetryAfterOf(err) != tc.want {
+				t.Fatalf("the 429's caller: %v (called %t), retry after %s; want the 429, retry after %s", err, Called(err), RetryAfterOf(err), tc.want)
+			}
+			clock.Add(time.Second)
+			_, _, err = br.Get(context.Background(), bs[1])
+			if !errors.Is(err, budget.ErrExhausted) || RetryAfterOf(err) != tc.want-time.Second {
+				t.Fatalf("the next caller: %v, retry after %s; want exhausted, retry after %s", err, RetryAfterOf(err), tc.want-time.Second)
+			}
+		})
+	}
+}
+
 // TestProbeDoesNotQueue: the half-open breaker's probe is not held in the
 // budget's queue: without room at once it is refused by the budget and the
 // probe released undecided, so that once the budget has room the next

@@ -299,9 +299,13 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 && c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {
-		// The budget holds every key of the provider until then; it
-		// answers the next fetches itself.
+		// The budget holds every key of the provider until then (at
+		// most MaxHold); it answers the next fetches itself, and this
+		// one with its closing when no backoff ends later.
 		n = append(n, holdBudget(ctx, b, now, RetryAfterOf(err)))
+		if h, _ := p.backoffLocked(b, now); h == nil {
+			return &backoffError{err: err, retryAfter: b.Budget.ClosedUntil().Sub(now), scope: Backoff{SourceID: b.SourceID, budget: true}}
+		}
 		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 {
