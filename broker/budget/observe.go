@@ -126,27 +126,49 @@ func legacyFields(h http.Header, add func(remaining, reset string)) {
 }
 
 // ResetAfter returns how long, from now, the rate-limit headers of a
-// refusing answer (a 429 or 503) say no request is left: the IETF draft's
-// RateLimit (r=, t= items, or the older remaining=, reset=) and
-// RateLimit-Reset first, else X-RateLimit-Reset (a reset in seconds, or
-// a Unix time in seconds or milliseconds, as Observe reads it). A quota
-// counts when its reset is well-formed and in the future and it has none
-// remaining or does not say (the refusal says it); of those the headers
-// of one kind state, the latest reset applies (at most a day). 0 when the
-// headers say no such quota: RateLimit-Policy states a policy, not when
-// the limit resets, so it is not read.
+// refusing answer (a 429 or 503) say no request is left, reading the
+// quotas of both families: the IETF draft's RateLimit (r=, t= items, or
+// the older remaining=, reset=), RateLimit-Remaining and RateLimit-Reset,
+// and the common X-RateLimit-Remaining and X-RateLimit-Reset (a reset in
+// seconds, or a Unix time in seconds or milliseconds, as Observe reads
+// it). Only a reset that is well-formed and in the future counts. When a
+// quota says none remaining, the latest reset of those the IETF draft's
+// headers state applies, else the latest of those X-RateLimit states.
+// Otherwise, when any header of the answer gives a remaining count (a
+// quota with requests left), 0. Only an answer without any count is read
+// by its resets alone (the refusal says nothing is left): the IETF
+// draft's latest first, else X-RateLimit-Reset. The result is at most a
+// day; 0 when the headers say no such reset. RateLimit-Policy states a
+// policy, not when the limit resets, so it is not read.
 func ResetAfter(h http.Header, now time.Time) time.Duration {
-	var wait time.Duration
-	add := func(remaining, reset string) {
-		t, ok := delay(reset, now)
-		if r, counted := count(remaining); ok && (remaining == "" || counted && r == 0) {
-			wait = max(wait, t)
+	// By family: the IETF draft's headers, then X-RateLimit.
+	var spent, uncounted [2]time.Duration
+	counted := false
+	for i, fields := range []func(http.Header, func(remaining, reset string)){draftFields, legacyFields} {
+		fields(h, func(remaining, reset string) {
+			r, isCount := count(remaining)
+			counted = counted || isCount
+			t, ok := delay(reset, now)
+			switch {
+			case !ok:
+			case isCount && r == 0:
+				spent[i] = max(spent[i], t)
+			case remaining == "":
+				uncounted[i] = max(uncounted[i], t)
+			}
+		})
+	}
+	for _, t := range spent {
+		if t > 0 {
+			return t
 		}
 	}
-	for _, kind := range []func(http.Header, func(remaining, reset string)){draftFields, legacyFields} {
-		kind(h, add)
-		if wait > 0 {
-			return wait
+	if counted {
+		return 0
+	}
+	for _, t := range uncounted {
+		if t > 0 {
+			return t
 		}
 	}
 	return 0
