@@ -160,9 +160,12 @@ func ParseRetryAfter(v string, now time.Time) time.Duration {
 // without a usable one, for a 429 or a 503, the reset its rate-limit
 // headers give for a quota with nothing left (budget.ResetAfter: the IETF
 // draft's RateLimit and RateLimit-Reset first, then X-RateLimit-Reset),
-// capped as a Retry-After is. 0 when the answer says no usable wait. Every
-// source reads an error answer's wait with it (APIError.RetryAfter), so
-// the failure policy holds a provider as long whichever header said it.
+// capped as a Retry-After is. A 429's reset without a remaining count
+// counts when no header gives one; a 503's quota counts only when it says
+// none remaining (a gateway's window may end while its upstream is down).
+// 0 when the answer says no usable wait. Every source reads an error
+// answer's wait with it (APIError.RetryAfter), so the failure policy
+// holds a provider as long whichever header said it.
 func ParseWait(status int, h http.Header, now time.Time) time.Duration {
 	if d := ParseRetryAfter(h.Get("Retry-After"), now); d > 0 {
 		return d
@@ -170,7 +173,7 @@ func ParseWait(status int, h http.Header, now time.Time) time.Duration {
 	if status != http.StatusTooManyRequests && status != http.StatusServiceUnavailable {
 		return 0
 	}
-	return min(budget.ResetAfter(h, now), maxRetryAfter)
+	return min(budget.ResetAfter(h, now, status == http.StatusTooManyRequests), maxRetryAfter)
 }
 
 // ErrUnknownOrganisation is in the chain of a token request's error when

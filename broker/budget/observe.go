@@ -135,14 +135,16 @@ func legacyFields(h http.Header, add func(remaining, reset string)) {
 // quota says none remaining, the latest reset of those the IETF draft's
 // headers state applies, else the latest of those X-RateLimit states.
 // Otherwise, when any header of the answer gives a remaining count (a
-// quota with requests left), 0. Only an answer without any count is read
-// by its resets alone (the refusal says nothing is left): the IETF
-// draft's latest first, else X-RateLimit-Reset. The result is at most a
-// day; 0 when the headers say no such reset. RateLimit-Policy states a
-// policy, not when the limit resets, so it is not read.
-func ResetAfter(h http.Header, now time.Time) time.Duration {
+// quota with requests left), 0. A reset without a remaining count counts
+// only when uncounted is set (a 429: the refusal itself says nothing is
+// left; not a 503, which a gateway may answer while its window runs) and
+// no header of the answer gives a count: the IETF draft's latest first,
+// else X-RateLimit-Reset. The result is at most a day; 0 when the headers
+// say no such reset. RateLimit-Policy states a policy, not when the limit
+// resets, so it is not read.
+func ResetAfter(h http.Header, now time.Time, uncounted bool) time.Duration {
 	// By family: the IETF draft's headers, then X-RateLimit.
-	var spent, uncounted [2]time.Duration
+	var spent, bare [2]time.Duration
 	counted := false
 	for i, fields := range []func(http.Header, func(remaining, reset string)){draftFields, legacyFields} {
 		fields(h, func(remaining, reset string) {
@@ -154,7 +156,7 @@ func ResetAfter(h http.Header, now time.Time) time.Duration {
 			case isCount && r == 0:
 				spent[i] = max(spent[i], t)
 			case remaining == "":
-				uncounted[i] = max(uncounted[i], t)
+				bare[i] = max(bare[i], t)
 			}
 		})
 	}
@@ -163,10 +165,10 @@ func ResetAfter(h http.Header, now time.Time) time.Duration {
 			return t
 		}
 	}
-	if counted {
+	if counted || !uncounted {
 		return 0
 	}
-	for _, t := range uncounted {
+	for _, t := range bare {
 		if t > 0 {
 			return t
 		}
