@@ -718,7 +718,9 @@ func TestRefusedRetryAfterIsBudgetsWhenLonger(t *testing.T) {
 // provider's budget tells its caller the budget's closing, the time until
 // a token request may be made: the Retry-After, or MaxHold when the
 // provider asks for longer (the budget's cap), as the next callers are
-// told.
+// told. The 429's caller is answered the provider's refusal, not a
+// backoff's (BackoffOf reports none, so its refusal is logged on its own,
+// apart from the budget's refusals of the next callers).
 func TestRateLimitedToldBudgetsHold(t *testing.T) {
 	for _, tc := range []struct {
 		retryAfter, want time.Duration
@@ -738,6 +740,9 @@ func TestRateLimitedToldBudgetsHold(t *testing.T) {
 			_, _, err := br.Get(context.Background(), bs[0])
 			if !errors.Is(err, limited) || !Called(err) || RetryAfterOf(err) != tc.want {
 				t.Fatalf("the 429's caller: %v (called %t), retry after %s; want the 429, retry after %s", err, Called(err), RetryAfterOf(err), tc.want)
+			}
+			if bo, ok := BackoffOf(err); ok {
+				t.Fatalf("the 429's caller: a backoff of %s (budget's refusal %t), want none", bo.SourceID, bo.Budget())
 			}
 			clock.Add(time.Second)
 			_, _, err = br.Get(context.Background(), bs[1])

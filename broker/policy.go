@@ -166,7 +166,8 @@ func (p *policy) backoffLocked(b *Binding, now time.Time) (h *failure, scope Bac
 
 // backoffError is a failed fetch's error as the policy answers it: the
 // token API is not called for the key before retryAfter has passed (the
-// key's or its source's backoff, whichever ends last, named by scope).
+// key's or its source's backoff, whichever ends last, named by scope, or
+// its budget's closing when that ends later; unscoped, the closing alone).
 // RetryAfterOf reports it, so a caller is told the backoff actually
 // applied.
 type backoffError struct {
@@ -174,6 +175,9 @@ type backoffError struct {
 	retryAfter time.Duration
 	scope      Backoff
 	notCalled  bool // the policy refused the fetch before any call
+	// unscoped: no backoff refuses the key; retryAfter is the closing of
+	// its budget that the fetch's 429 caused (BackoffOf reports none).
+	unscoped bool
 }
 
 func (e *backoffError) Error() string { return e.err.Error() }
@@ -211,7 +215,7 @@ func BackoffOf(err error) (Backoff, bool) {
 		return Backoff{SourceID: ue.SourceID}, true
 	}
 	var be *backoffError
-	if errors.As(err, &be) {
+	if errors.As(err, &be) && !be.unscoped {
 		return be.scope, true
 	}
 	return Backoff{}, false
@@ -253,13 +257,16 @@ func (p *policy) admit(b *Binding, now time.Time) error {
 }
 
 // callableIn is how long after now a token request for b's key may be
-// made while the backoff h refuses it: until h ends, or until b's budget
-// reopens when it is closed longer (another key's 429 with Retry-After,
-// the provider's rate-limit headers), so that the wait a refused caller is
-// told is the one it has. Called with p.mu held (before the budget's
-// lock).
+// made while the backoff h (nil: none) refuses it: until h ends, or until
+// b's budget reopens when it is closed longer (another key's 429 with
+// Retry-After, the provider's rate-limit headers), so that the wait a
+// refused caller is told is the one it has. Called with p.mu held (before
+// the budget's lock).
 func callableIn(b *Binding, h *failure, now time.Time) time.Duration {
-	until := h.until
+	var until time.Time
+	if h != nil {
+		until = h.until
+	}
 	if b.Budget != nil {
 		until = later(until, b.Budget.ClosedUntil())
 	}
@@ -301,12 +308,12 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 	if calls > 0 && c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {
 		// The budget holds every key of the provider until then (at
 		// most MaxHold); it answers the next fetches itself, and this
-		// one with its closing when no backoff ends later.
+		// one with its closing when no backoff ends later. Without a
+		// backoff, this answer is the provider's refusal, not one of
+		// the budget's (unscoped).
 		n = append(n, holdBudget(ctx, b, now, RetryAfterOf(err)))
-		if h, _ := p.backoffLocked(b, now); h == nil {
-			return &backoffError{err: err, retryAfter: b.Budget.ClosedUntil().Sub(now), scope: Backoff{SourceID: b.SourceID, budget: true}}
-		}
-		return p.withBackoffLocked(b, err, now)
+		h, scope := p.backoffLocked(b, now)
+		return &backoffError{err: err, retryAfter: callableIn(b, h, now), scope: scope, unscoped: h == nil}
 	}
 	if calls > 0 {
 		ss := p.source(b.SourceID)
