@@ -250,8 +250,10 @@ func (b *Budget) Hold(now time.Time, d time.Duration) (store func(ctx context.Co
 
 // ClosedUntil returns until when the budget is closed (Hold, or an answer
 // whose rate-limit headers say none is left): no token request is served
-// before then. Zero when it is not closed. It makes no Store call, so a
-// hold another budget set in a shared Store is not seen.
+// before then. The end of its last closing is kept, so when the budget is
+// open it returns a time not after now (zero if it was never closed). It
+// makes no Store call, so a hold another budget set in a shared Store is
+// not seen.
 func (b *Budget) ClosedUntil() time.Time {
 	b.mu.Lock()
 	defer b.mu.Unlock()
