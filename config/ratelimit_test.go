@@ -193,7 +193,8 @@ func TestProviderBudgetObservesTokenAnswersOnly(t *testing.T) {
 // client_id): configurations of one endpoint with different credentials
 // get different accounts (and so separate budgets), the same credential
 // the same account whatever else differs (a rotated client secret), and
-// the account shows neither the key nor the client id.
+// the account is budget.Account of the credential (16 lowercase hex
+// characters), not a part of any key or client id.
 func TestProviderAccount(t *testing.T) {
 	const keyA, keyB = "api-key-of-partner-a-0123456789", "api-key-of-partner-b-9876543210"
 	data := `
@@ -237,12 +238,19 @@ organisation = "org-acme"
 scopes = ["openbanking_aisp"]
 `
 	reg := mustParse(t, "accounts.toml", []byte(data), testEnv("KEY_A", keyA, "KEY_B", keyB))
+	credential := map[string]string{
+		"a": keyA, "b": keyB, "a-again": keyA,
+		"client-1": "partner-client-1", "client-2": "partner-client-2", "client-1-rotated": "partner-client-1",
+	}
 	account := func(name string) string {
 		t.Helper()
 		a := reg.Providers[name].Account
-		for _, clear := range []string{keyA, keyB, "partner-client"} {
-			if a == "" || strings.Contains(a, clear) {
-				t.Fatalf("provider %s: account %q, want a fingerprint without the credential", name, a)
+		if len(a) != 16 || strings.Trim(a, "0123456789abcdef") != "" || a != budget.Account(credential[name]) {
+			t.Fatalf("provider %s: account %q, want budget.Account of its credential (16 lowercase hex characters)", name, a)
+		}
+		for _, clear := range []string{keyA, keyB, "partner-client-1", "partner-client-2"} {
+			if strings.Contains(clear, a) {
+				t.Fatalf("provider %s: account %q is part of a credential", name, a)
 			}
 		}
 		return a
