@@ -49,8 +49,9 @@ import (
 // The source classifies its errors (Classifier). A refused fetch's error
 // carries the backoff applied, so RetryAfterOf tells callers what is left
 // of it, or of the closing of the provider's budget when that ends later
-// (callableIn): the time until a token request may be made. The key's state also limits purges by rejection (reject.go). One
-// sweep, at most once per cleanupInterval, drops the state that ended.
+// (callableIn): the time until a token request may be made. The key's
+// state also limits purges by rejection (reject.go). One sweep, at most
+// once per cleanupInterval, drops the state that ended.
 
 // Breaker states of a source (the values are those of the metrics gauge).
 const (

@@ -112,10 +112,12 @@ const accountLabel = "token broker budget account\x00"
 // Account returns the fingerprint of the account a provider counts token
 // requests against, from the credential that names it (an OAuth
 // client_id, a Nuapay API key): the first 16 hex characters of a SHA-256
-// over a fixed label and the credential. The credential, secret or not,
-// cannot be read back from it, and the same credential gives the same
-// fingerprint in every process of a fleet, so that it can key a budget
-// shared through a Store; "" for none.
+// over a fixed label and the credential. The same credential gives the
+// same fingerprint in every process of a fleet, so that it can key a
+// budget shared through a Store; "" for none. It keeps the credential out
+// of that key, but does not hide it: a client_id is not secret, and
+// whoever holds a fingerprint (or a key hashed from it) can confirm a
+// guessed credential against it.
 func Account(credential string) string {
 	if credential == "" {
 		return ""

@@ -120,7 +120,8 @@ func limitOf(l budget.Limit) redis_rate.Limit {
 // different credentials (each with its own rate limit at the provider),
 // keep two budgets, and the key holds no secret (a URL with credentials
 // is refused by the registry, the account is a fingerprint; only their
-// hash is used anyway).
+// hash is used anyway). Its 48 bits still let whoever reads the keys
+// confirm a guessed credential for a known token URL.
 func Key(provider, tokenURL, account string) string {
 	sum := sha256.Sum256([]byte(tokenURL + "\x00" + account))
 	return provider + ":" + hex.EncodeToString(sum[:])[:12]
