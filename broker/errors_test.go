@@ -37,7 +37,9 @@ func TestParseRetryAfter(t *testing.T) {
 // on a 429 or 503, the reset of a quota its rate-limit headers say is
 // spent: the IETF draft's RateLimit (both forms) or RateLimit-Reset
 // before X-RateLimit-Reset (seconds, or a Unix time), each capped as a
-// Retry-After is. A quota with requests left, a reset in the past, a
+// Retry-After is. A 429's reset without a count is read only when no
+// header gives a count; a 503's only when a quota says none remaining. A
+// quota with requests left (and none spent), a reset in the past, a
 // policy (RateLimit-Policy) or another status give no wait.
 func TestParseWait(t *testing.T) {
 	now := time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
