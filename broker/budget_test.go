@@ -655,6 +655,104 @@ func TestBareRateLimitHoldsSharedBudget(t *testing.T) {
 	}
 }
 
+// closingSource is a callLog whose every call, while it is out, sees its
+// budget closed for closeFor (another key's 429 with Retry-After, the
+// provider's rate-limit headers read by the budget's Transport), then
+// fails with err.
+type closingSource struct {
+	callLog
+	budget   *budget.Budget
+	closeFor time.Duration
+	err      error
+}
+
+func (s *closingSource) Token(ctx context.Context, req Request) (Token, error) {
+	_, _ = s.callLog.Token(ctx, req)
+	s.budget.Hold(s.clock.Now(), s.closeFor)(ctx)
+	return Token{}, s.err
+}
+
+// TestRefusedRetryAfterIsBudgetsWhenLonger: a 429 without a usable
+// Retry-After holds the source for FailureTTL, but its budget, closed
+// meanwhile for a minute, serves no token request before then: the
+// caller that got the 429, and the callers of other keys refused by the
+// source's hold, are told the budget's wait (what is left of the
+// minute), not the shorter hold; once the hold ends, the budget refuses
+// with the same wait, without a call.
+func TestRefusedRetryAfterIsBudgetsWhenLonger(t *testing.T) {
+	clock := newFakeClock()
+	bud := budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, budget.NewLocal(clock.Now), clock.Now)
+	src := &closingSource{callLog: callLog{clock: clock, life: time.Hour}, budget: bud, closeFor: time.Minute,
+		err: &APIError{Provider: "bank", StatusCode: 429}}
+	br := New(Options{Now: clock.Now, MaxAttempts: 1, BudgetWait: time.Millisecond})
+	defer br.Close()
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = bud
+	bs := bindings(p, 3)
+	start := clock.Now()
+	_, _, err := br.Get(context.Background(), bs[0])
+	if !Called(err) || RetryAfterOf(err) != time.Minute {
+		t.Fatalf("the 429's caller: %v (called %t), retry after %s; want the budget's minute", err, Called(err), RetryAfterOf(err))
+	}
+	if until := br.SourceHealth("bank#1").BackoffUntil; !until.Equal(start.Add(DefaultFailureTTL)) {
+		t.Fatalf("source held until %v, want FailureTTL (%s)", until, DefaultFailureTTL)
+	}
+	for i, step := range []struct {
+		after    time.Duration // since the 429
+		byBudget bool
+	}{{time.Second, false}, {DefaultFailureTTL, true}} {
+		clock.Add(start.Add(step.after).Sub(clock.Now()))
+		_, _, err := br.Get(context.Background(), bs[i+1])
+		bo, _ := BackoffOf(err)
+		if Called(err) || bo.Budget() != step.byBudget || RetryAfterOf(err) != time.Minute-step.after {
+			t.Fatalf("%s after the 429: %v (called %t, budget's refusal %t), retry after %s; want %s without a call",
+				step.after, err, Called(err), bo.Budget(), RetryAfterOf(err), time.Minute-step.after)
+		}
+	}
+	if src.calls() != 1 {
+		t.Fatalf("%d calls, want 1", src.calls())
+	}
+}
+
+// TestRateLimitedToldBudgetsHold: a 429 whose Retry-After closes the
+// provider's budget tells its caller the budget's closing, the time until
+// a token request may be made: the Retry-After, or MaxHold when the
+// provider asks for longer (the budget's cap), as the next callers are
+// told. The 429's caller is answered the provider's refusal, not a
+// backoff's (BackoffOf reports none, so its refusal is logged on its own,
+// apart from the budget's refusals of the next callers).
+func TestRateLimitedToldBudgetsHold(t *testing.T) {
+	for _, tc := range []struct {
+		retryAfter, want time.Duration
+	}{
+		{30 * time.Second, 30 * time.Second},
+		{time.Hour, budget.MaxHold},
+	} {
+		t.Run(tc.retryAfter.String(), func(t *testing.T) {
+			clock := newFakeClock()
+			limited := &APIError{Provider: "bank", StatusCode: 429, RetryAfter: tc.retryAfter}
+			src := &boundedSource{callLog: callLog{clock: clock, life: time.Hour}, errs: []error{limited}}
+			br := New(Options{Now: clock.Now, MaxAttempts: 1, BudgetWait: time.Millisecond})
+			defer br.Close()
+			p := NewProfile("bank#1", src, nil, "", 0)
+			p.Budget = budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, budget.NewLocal(clock.Now), clock.Now)
+			bs := bindings(p, 2)
+			_, _, err := br.Get(context.Background(), bs[0])
+			if !errors.Is(err, limited) || !Called(err) || RetryAfterOf(err) != tc.want {
+				t.Fatalf("the 429's caller: %v (called %t), retry after %s; want the 429, retry after %s", err, Called(err), RetryAfterOf(err), tc.want)
+			}
+			if bo, ok := BackoffOf(err); ok {
+				t.Fatalf("the 429's caller: a backoff of %s (budget's refusal %t), want none", bo.SourceID, bo.Budget())
+			}
+			clock.Add(time.Second)
+			_, _, err = br.Get(context.Background(), bs[1])
+			if !errors.Is(err, budget.ErrExhausted) || RetryAfterOf(err) != tc.want-time.Second {
+				t.Fatalf("the next caller: %v, retry after %s; want exhausted, retry after %s", err, RetryAfterOf(err), tc.want-time.Second)
+			}
+		})
+	}
+}
+
 // TestProbeDoesNotQueue: the half-open breaker's probe is not held in the
 // budget's queue: without room at once it is refused by the budget and the
 // probe released undecided, so that once the budget has room the next

@@ -27,8 +27,9 @@ type APIError struct {
 	// Description is the provider's human-readable explanation: Nuapay's
 	// returnDescription (with the details), OAuth's error_description.
 	Description string
-	// RetryAfter is the wait the provider asked for (Retry-After on 429 or
-	// 503), zero when it did not say.
+	// RetryAfter is the wait the provider asked for (ParseWait: its
+	// Retry-After, or on a 429 or 503 its rate-limit headers' reset), zero
+	// when it did not say.
 	RetryAfter time.Duration
 	// Details are Nuapay's error details, if any.
 	Details []ErrorDetail
@@ -152,6 +153,27 @@ func ParseRetryAfter(v string, now time.Time) time.Duration {
 		return min(t.Sub(now), maxRetryAfter)
 	}
 	return 0
+}
+
+// ParseWait returns the wait a token API's error answer of status with
+// headers h asks for, read at now: its Retry-After (ParseRetryAfter);
+// without a usable one, for a 429 or a 503, the reset its rate-limit
+// headers give for a quota with nothing left (budget.ResetAfter: the IETF
+// draft's RateLimit and RateLimit-Reset first, then X-RateLimit-Reset),
+// capped as a Retry-After is. A 429's reset without a remaining count
+// counts when no header gives one; a 503's quota counts only when it says
+// none remaining (a gateway's window may end while its upstream is down).
+// 0 when the answer says no usable wait. Every source reads an error
+// answer's wait with it (APIError.RetryAfter), so the failure policy
+// holds a provider as long whichever header said it.
+func ParseWait(status int, h http.Header, now time.Time) time.Duration {
+	if d := ParseRetryAfter(h.Get("Retry-After"), now); d > 0 {
+		return d
+	}
+	if status != http.StatusTooManyRequests && status != http.StatusServiceUnavailable {
+		return 0
+	}
+	return min(budget.ResetAfter(h, now, status == http.StatusTooManyRequests), maxRetryAfter)
 }
 
 // ErrUnknownOrganisation is in the chain of a token request's error when

@@ -42,10 +42,16 @@ import (
 //   - a fetch calls up to MaxAttempts times while its failures are
 //     temporary, with backoff and jitter, within FetchTimeout.
 //
+// A provider's Retry-After, here, is the wait its answer asks for as the
+// sources read it (ParseWait): its Retry-After header or, without a usable
+// one, the reset of its rate-limit headers.
+//
 // The source classifies its errors (Classifier). A refused fetch's error
 // carries the backoff applied, so RetryAfterOf tells callers what is left
-// of it. The key's state also limits purges by rejection (reject.go). One
-// sweep, at most once per cleanupInterval, drops the state that ended.
+// of it, or of the closing of the provider's budget when that ends later
+// (callableIn): the time until a token request may be made. The key's
+// state also limits purges by rejection (reject.go). One sweep, at most
+// once per cleanupInterval, drops the state that ended.
 
 // Breaker states of a source (the values are those of the metrics gauge).
 const (
@@ -161,7 +167,8 @@ func (p *policy) backoffLocked(b *Binding, now time.Time) (h *failure, scope Bac
 
 // backoffError is a failed fetch's error as the policy answers it: the
 // token API is not called for the key before retryAfter has passed (the
-// key's or its source's backoff, whichever ends last, named by scope).
+// key's or its source's backoff, whichever ends last, named by scope, or
+// its budget's closing when that ends later; unscoped, the closing alone).
 // RetryAfterOf reports it, so a caller is told the backoff actually
 // applied.
 type backoffError struct {
@@ -169,6 +176,9 @@ type backoffError struct {
 	retryAfter time.Duration
 	scope      Backoff
 	notCalled  bool // the policy refused the fetch before any call
+	// unscoped: no backoff refuses the key; retryAfter is the closing of
+	// its budget that the fetch's 429 caused (BackoffOf reports none).
+	unscoped bool
 }
 
 func (e *backoffError) Error() string { return e.err.Error() }
@@ -206,7 +216,7 @@ func BackoffOf(err error) (Backoff, bool) {
 		return Backoff{SourceID: ue.SourceID}, true
 	}
 	var be *backoffError
-	if errors.As(err, &be) {
+	if errors.As(err, &be) && !be.unscoped {
 		return be.scope, true
 	}
 	return Backoff{}, false
@@ -225,24 +235,43 @@ func Called(err error) bool {
 	return !errors.As(err, &ue)
 }
 
-// withBackoffLocked returns err with the time left until the policy lets
-// b's key call again; err itself when no backoff applies.
+// withBackoffLocked returns err with the time left until a token request
+// for b's key may be made (callableIn); err itself when no backoff
+// applies.
 func (p *policy) withBackoffLocked(b *Binding, err error, now time.Time) error {
 	if h, scope := p.backoffLocked(b, now); h != nil {
-		return &backoffError{err: err, retryAfter: h.until.Sub(now), scope: scope}
+		return &backoffError{err: err, retryAfter: callableIn(b, h, now), scope: scope}
 	}
 	return err
 }
 
 // admit returns the error that refuses a call for b's key at now (the
-// remembered failure, with the backoff applied), nil when it may go out.
+// remembered failure, with the time left until a token request for the
+// key may be made, callableIn), nil when it may go out.
 func (p *policy) admit(b *Binding, now time.Time) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if h, scope := p.backoffLocked(b, now); h != nil {
-		return &backoffError{err: h.err, retryAfter: h.until.Sub(now), scope: scope, notCalled: true}
+		return &backoffError{err: h.err, retryAfter: callableIn(b, h, now), scope: scope, notCalled: true}
 	}
 	return nil
+}
+
+// callableIn is how long after now a token request for b's key may be
+// made while the backoff h (nil: none) refuses it: until h ends, or until
+// b's budget reopens when it is closed longer (another key's 429 with
+// Retry-After, the provider's rate-limit headers), so that the wait a
+// refused caller is told is the one it has. Called with p.mu held (before
+// the budget's lock).
+func callableIn(b *Binding, h *failure, now time.Time) time.Duration {
+	var until time.Time
+	if h != nil {
+		until = h.until
+	}
+	if b.Budget != nil {
+		until = later(until, b.Budget.ClosedUntil())
+	}
+	return until.Sub(now)
 }
 
 // backoffFor is the memory of the n-th consecutive failure (n ≥ 1).
@@ -278,10 +307,14 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 && c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {
-		// The budget holds every key of the provider until then; it
-		// answers the next fetches itself.
+		// The budget holds every key of the provider until then (at
+		// most MaxHold); it answers the next fetches itself, and this
+		// one with its closing when no backoff ends later. Without a
+		// backoff, this answer is the provider's refusal, not one of
+		// the budget's (unscoped).
 		n = append(n, holdBudget(ctx, b, now, RetryAfterOf(err)))
-		return p.withBackoffLocked(b, err, now)
+		h, scope := p.backoffLocked(b, now)
+		return &backoffError{err: err, retryAfter: callableIn(b, h, now), scope: scope, unscoped: h == nil}
 	}
 	if calls > 0 {
 		ss := p.source(b.SourceID)

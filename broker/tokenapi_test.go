@@ -187,32 +187,62 @@ func TestCutErrorBodyKeepsItsStatus(t *testing.T) {
 // (seconds, an HTTP date, an absurd value capped at 10 min) the provider
 // is called once and every merchant is answered 503 token_rate_limited
 // with the hold left; without one (absent, negative, a fraction, garbage,
-// a date in the past) the provider is held too, FailureTTL doubled per
+// a date in the past) the rate-limit headers' reset of a spent quota
+// holds it the same way (the IETF draft's RateLimit-Reset or RateLimit,
+// then X-RateLimit-Reset in seconds or as a Unix time; Retry-After comes
+// first); without either the provider is held too, FailureTTL doubled per
 // consecutive 429, and not retried within the fetch: 20 merchants, one a
 // second, cost 4 calls (at 0, 2, 6 and 14 s), not 3 each.
 func TestRateLimitedHoldsTheProvider(t *testing.T) {
+	retryAfter := func(v string) func(time.Time) http.Header {
+		return func(time.Time) http.Header { return http.Header{"Retry-After": {v}} }
+	}
 	tests := []struct {
-		name       string
-		retryAfter func(now time.Time) string
-		wantCalls  int64
-		wantRA     time.Duration // told the first merchant
+		name      string
+		header    func(now time.Time) http.Header
+		wantCalls int64
+		wantRA    time.Duration // told the first merchant
 	}{
-		{"seconds", func(time.Time) string { return "30" }, 1, 30 * time.Second},
-		{"HTTP date", func(now time.Time) string { return now.Add(40 * time.Second).Format(http.TimeFormat) }, 1, 40 * time.Second},
-		{"absurdly large", func(time.Time) string { return "99999999999999999999" }, 1, broker.MaxRetryAfterMemory},
-		{"absent", func(time.Time) string { return "" }, 4, 2 * time.Second},
-		{"negative", func(time.Time) string { return "-5" }, 4, 2 * time.Second},
-		{"fraction", func(time.Time) string { return "1.5" }, 4, 2 * time.Second},
-		{"garbage", func(time.Time) string { return "soon" }, 4, 2 * time.Second},
-		{"date in the past", func(now time.Time) string { return now.Add(-time.Hour).Format(http.TimeFormat) }, 4, 2 * time.Second},
+		{"seconds", retryAfter("30"), 1, 30 * time.Second},
+		{"HTTP date", func(now time.Time) http.Header {
+			return http.Header{"Retry-After": {now.Add(40 * time.Second).Format(http.TimeFormat)}}
+		}, 1, 40 * time.Second},
+		{"absurdly large", retryAfter("99999999999999999999"), 1, broker.MaxRetryAfterMemory},
+		{"absent", func(time.Time) http.Header { return nil }, 4, 2 * time.Second},
+		{"negative", retryAfter("-5"), 4, 2 * time.Second},
+		{"fraction", retryAfter("1.5"), 4, 2 * time.Second},
+		{"garbage", retryAfter("soon"), 4, 2 * time.Second},
+		{"date in the past", func(now time.Time) http.Header {
+			return http.Header{"Retry-After": {now.Add(-time.Hour).Format(http.TimeFormat)}}
+		}, 4, 2 * time.Second},
+		{"RateLimit-Reset", func(time.Time) http.Header { return http.Header{"Ratelimit-Reset": {"25"}} }, 1, 25 * time.Second},
+		{"RateLimit dictionary", func(time.Time) http.Header {
+			return http.Header{"Ratelimit": {"limit=100, remaining=0, reset=35"}, "Ratelimit-Policy": {"100;w=60"}}
+		}, 1, 35 * time.Second},
+		{"RateLimit items", func(time.Time) http.Header { return http.Header{"Ratelimit": {`"default";r=0;t=45`}} }, 1, 45 * time.Second},
+		{"X-RateLimit-Reset seconds", func(time.Time) http.Header {
+			return http.Header{"X-Ratelimit-Remaining": {"0"}, "X-Ratelimit-Reset": {"30"}}
+		}, 1, 30 * time.Second},
+		{"X-RateLimit-Reset Unix time", func(now time.Time) http.Header {
+			return http.Header{"X-Ratelimit-Reset": {fmt.Sprint(now.Add(50 * time.Second).Unix())}}
+		}, 1, 50 * time.Second},
+		{"Retry-After before RateLimit-Reset", func(time.Time) http.Header {
+			return http.Header{"Retry-After": {"30"}, "Ratelimit-Reset": {"300"}}
+		}, 1, 30 * time.Second},
+		{"RateLimit-Reset before X-RateLimit-Reset", func(time.Time) http.Header {
+			return http.Header{"Ratelimit-Reset": {"30"}, "X-Ratelimit-Reset": {"300"}}
+		}, 1, 30 * time.Second},
+		{"X-RateLimit-Reset with requests left", func(time.Time) http.Header {
+			return http.Header{"X-Ratelimit-Remaining": {"7"}, "X-Ratelimit-Reset": {"30"}}
+		}, 4, 2 * time.Second},
 	}
 	for _, tt := range tests {
 		for _, ts := range tokenAPISources {
 			t.Run(tt.name+"/"+ts.name, func(t *testing.T) {
 				clock := newTokenAPIClock()
 				api := newCountedAPI(t, func(w http.ResponseWriter, r *http.Request) {
-					if v := tt.retryAfter(clock.Now()); v != "" {
-						w.Header().Set("Retry-After", v)
+					for k, v := range tt.header(clock.Now()) {
+						w.Header()[k] = v
 					}
 					w.WriteHeader(http.StatusTooManyRequests)
 				})

@@ -63,9 +63,17 @@ type Provider struct {
 	// *oauth.RefreshToken whose store is Options.RefreshStore.
 	Source broker.Source
 	// Endpoint is the provider's token API as configured: an oauth2
-	// provider's token_url or issuer, a nuapay provider's base_url. It
-	// names the provider's budget in a shared store (hashed, never shown).
+	// provider's token_url or issuer, a nuapay provider's base_url. With
+	// Account it names the provider's budget in a shared store (hashed,
+	// never shown).
 	Endpoint string
+	// Account is the fingerprint (budget.Account) of the credential the
+	// provider counts token requests against: an oauth2 provider's
+	// client_id, a nuapay provider's API key. Never the value, and the
+	// same in every process with the same credential: with Endpoint it
+	// names the provider's budget, so that two configurations of one
+	// token API with different credentials keep separate budgets.
+	Account string
 	// RateLimit is the provider's token-request budget (rate_limit and
 	// rate_burst, from 1 to one second's worth of the rate, its default);
 	// the zero Limit means none.

@@ -4,6 +4,7 @@ import (
 	"strings"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 )
 
@@ -16,6 +17,7 @@ func buildNuapay(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) brok
 	lifetime := e.duration("token_lifetime", raw.TokenLifetime, defLifetime, nuapay.MinLifetime, nuapay.MaxLifetime)
 	fp.add("token_lifetime", lifetime)
 	key := e.secret("api_key", raw.APIKey)
+	p.Account = budget.Account(key.Reveal())
 	orgsPath, _ := e.expand("organisations_path", raw.OrganisationsPath)
 	if orgsPath == "" {
 		orgsPath = "/organisations"

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
@@ -70,6 +71,7 @@ func buildOAuth2(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) brok
 		e.errf("client_id", "missing: set the client identifier the provider issued")
 	}
 	fp.add("client_id", cfg.ClientID)
+	p.Account = budget.Account(cfg.ClientID)
 
 	cfg.AuthMethod = oauth.AuthMethod(raw.AuthMethod)
 	if cfg.AuthMethod == "" {

@@ -187,3 +187,85 @@ func TestProviderBudgetObservesTokenAnswersOnly(t *testing.T) {
 		t.Errorf("after a token answer with none left: effective %g, lowered until %v; want 0 and a time", st.Effective, st.LoweredUntil)
 	}
 }
+
+// TestProviderAccount: a provider's Account fingerprints the credential
+// its token API counts requests against (a nuapay API key, an oauth2
+// client_id): configurations of one endpoint with different credentials
+// get different accounts (and so separate budgets), the same credential
+// the same account whatever else differs (a rotated client secret), and
+// the account is budget.Account of the credential (16 lowercase hex
+// characters), not a part of any key or client id.
+func TestProviderAccount(t *testing.T) {
+	const keyA, keyB = "api-key-of-partner-a-0123456789", "api-key-of-partner-b-9876543210"
+	data := `
+[providers.a]
+type = "nuapay"
+base_url = "https://api.nuapay.example"
+api_key = "{env.KEY_A}"
+
+[providers.b]
+type = "nuapay"
+base_url = "https://api.nuapay.example"
+api_key = "{env.KEY_B}"
+
+[providers.a-again]
+type = "nuapay"
+base_url = "https://api.nuapay.example"
+api_key = "{env.KEY_A}"
+token_lifetime = "30m"
+
+[providers.client-1]
+type = "oauth2"
+token_url = "https://bank.example/token"
+client_id = "partner-client-1"
+client_secret = "{env.KEY_A}"
+
+[providers.client-2]
+type = "oauth2"
+token_url = "https://bank.example/token"
+client_id = "partner-client-2"
+client_secret = "{env.KEY_A}"
+
+[providers.client-1-rotated]
+type = "oauth2"
+token_url = "https://bank.example/token"
+client_id = "partner-client-1"
+client_secret = "{env.KEY_B}"
+
+[merchants.acme]
+provider = "a"
+organisation = "org-acme"
+scopes = ["openbanking_aisp"]
+`
+	reg := mustParse(t, "accounts.toml", []byte(data), testEnv("KEY_A", keyA, "KEY_B", keyB))
+	credential := map[string]string{
+		"a": keyA, "b": keyB, "a-again": keyA,
+		"client-1": "partner-client-1", "client-2": "partner-client-2", "client-1-rotated": "partner-client-1",
+	}
+	account := func(name string) string {
+		t.Helper()
+		a := reg.Providers[name].Account
+		if len(a) != 16 || strings.Trim(a, "0123456789abcdef") != "" || a != budget.Account(credential[name]) {
+			t.Fatalf("provider %s: account %q, want budget.Account of its credential (16 lowercase hex characters)", name, a)
+		}
+		for _, clear := range []string{keyA, keyB, "partner-client-1", "partner-client-2"} {
+			if strings.Contains(clear, a) {
+				t.Fatalf("provider %s: account %q is part of a credential", name, a)
+			}
+		}
+		return a
+	}
+	for _, tc := range []struct {
+		p, q string
+		same bool
+	}{
+		{"a", "b", false},
+		{"a", "a-again", true},
+		{"client-1", "client-2", false},
+		{"client-1", "client-1-rotated", true},
+	} {
+		if got := account(tc.p) == account(tc.q); got != tc.same {
+			t.Errorf("providers %s and %s: same account %t, want %t", tc.p, tc.q, got, tc.same)
+		}
+	}
+}

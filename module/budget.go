@@ -10,8 +10,8 @@ import (
 
 // budgetKeeper keeps the providers' token-request budgets across config
 // reloads (budgets.Keeper): a reload that keeps a provider's rate_limit,
-// endpoint, fleet_size and Redis settings keeps its budget, with its
-// bucket, queue and plans.
+// endpoint, credential (client_id or API key), fleet_size and Redis
+// settings keeps its budget, with its bucket, queue and plans.
 var budgetKeeper = budgets.NewKeeper(nil)
 
 // budgetsFor returns the config.Options.Budgets of the app's registries:
@@ -28,7 +28,7 @@ func (a *App) budgetsFor() func(p *config.Provider) (*budget.Budget, error) {
 	}
 	n := a.FleetSize
 	return func(p *config.Provider) (*budget.Budget, error) {
-		return budgetKeeper.Budget(budgets.Spec{Provider: p.Name, Endpoint: p.Endpoint, Limit: p.RateLimit, FleetSize: n}, shared, storeID)
+		return budgetKeeper.Budget(budgets.Spec{Provider: p.Name, Endpoint: p.Endpoint, Account: p.Account, Limit: p.RateLimit, FleetSize: n}, shared, storeID)
 	}
 }
 

@@ -839,3 +839,22 @@ func TestObserveNoneLeftClosesAtOnce(t *testing.T) {
 		}
 	}
 }
+
+// TestAccount: an account is 16 hex characters, the same for the same
+// credential, different for another, never the credential itself; none
+// for no credential.
+func TestAccount(t *testing.T) {
+	const key = "api-key-0123456789abcdef"
+	a := Account(key)
+	if len(a) != 16 || strings.Trim(a, "0123456789abcdef") != "" || strings.Contains(key, a) || a != Account(key) {
+		t.Errorf("Account(key) = %q, want 16 hex characters, the same each time, not from the key", a)
+	}
+	for _, other := range []string{"api-key-0123456789abcdeF", key + " ", "client-id"} {
+		if Account(other) == a {
+			t.Errorf("Account(%q) = Account(key)", other)
+		}
+	}
+	if got := Account(""); got != "" {
+		t.Errorf(`Account("") = %q, want ""`, got)
+	}
+}

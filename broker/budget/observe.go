@@ -88,14 +88,7 @@ func quotas(h http.Header, now time.Time) (qs []quota) {
 			qs = append(qs, quota{remaining: r, reset: t})
 		}
 	}
-	for _, v := range h.Values("RateLimit") {
-		for _, item := range strings.Split(v, ",") {
-			p := params(item)
-			add(p["r"], p["t"])
-		}
-		p := params(strings.ReplaceAll(v, ",", ";")) // the older dictionary form
-		add(p["remaining"], p["reset"])
-	}
+	draftFields(h, add)
 	for _, v := range h.Values("RateLimit-Policy") {
 		for _, item := range strings.Split(v, ",") {
 			p := params(item)
@@ -106,9 +99,81 @@ func quotas(h http.Header, now time.Time) (qs []quota) {
 			add(q, w)
 		}
 	}
-	add(h.Get("RateLimit-Remaining"), h.Get("RateLimit-Reset"))
-	add(h.Get("X-RateLimit-Remaining"), h.Get("X-RateLimit-Reset"))
+	legacyFields(h, add)
 	return qs
+}
+
+// draftFields calls add with the remaining and reset fields, as sent
+// ("" when absent), of each quota the IETF draft's headers of h state: the
+// RateLimit items (r=, t=), the older RateLimit dictionary (remaining=,
+// reset=), and the early RateLimit-Remaining and RateLimit-Reset.
+func draftFields(h http.Header, add func(remaining, reset string)) {
+	for _, v := range h.Values("RateLimit") {
+		for _, item := range strings.Split(v, ",") {
+			p := params(item)
+			add(p["r"], p["t"])
+		}
+		p := params(strings.ReplaceAll(v, ",", ";")) // the older dictionary form
+		add(p["remaining"], p["reset"])
+	}
+	add(h.Get("RateLimit-Remaining"), h.Get("RateLimit-Reset"))
+}
+
+// legacyFields calls add with the common X-RateLimit-Remaining and
+// X-RateLimit-Reset of h, as sent ("" when absent).
+func legacyFields(h http.Header, add func(remaining, reset string)) {
+	add(h.Get("X-RateLimit-Remaining"), h.Get("X-RateLimit-Reset"))
+}
+
+// ResetAfter returns how long, from now, the rate-limit headers of a
+// refusing answer (a 429 or 503) say no request is left, reading the
+// quotas of both families: the IETF draft's RateLimit (r=, t= items, or
+// the older remaining=, reset=), RateLimit-Remaining and RateLimit-Reset,
+// and the common X-RateLimit-Remaining and X-RateLimit-Reset (a reset in
+// seconds, or a Unix time in seconds or milliseconds, as Observe reads
+// it). Only a reset that is well-formed and in the future counts. When a
+// quota says none remaining, the latest reset of those the IETF draft's
+// headers state applies, else the latest of those X-RateLimit states.
+// Otherwise, when any header of the answer gives a remaining count (a
+// quota with requests left), 0. A reset without a remaining count counts
+// only when uncounted is set (a 429: the refusal itself says nothing is
+// left; not a 503, which a gateway may answer while its window runs) and
+// no header of the answer gives a count: the IETF draft's latest first,
+// else X-RateLimit-Reset. The result is at most a day; 0 when the headers
+// say no such reset. RateLimit-Policy states a policy, not when the limit
+// resets, so it is not read.
+func ResetAfter(h http.Header, now time.Time, uncounted bool) time.Duration {
+	// By family: the IETF draft's headers, then X-RateLimit.
+	var spent, bare [2]time.Duration
+	counted := false
+	for i, fields := range []func(http.Header, func(remaining, reset string)){draftFields, legacyFields} {
+		fields(h, func(remaining, reset string) {
+			r, isCount := count(remaining)
+			counted = counted || isCount
+			t, ok := delay(reset, now)
+			switch {
+			case !ok:
+			case isCount && r == 0:
+				spent[i] = max(spent[i], t)
+			case remaining == "":
+				bare[i] = max(bare[i], t)
+			}
+		})
+	}
+	for _, t := range spent {
+		if t > 0 {
+			return t
+		}
+	}
+	if counted || !uncounted {
+		return 0
+	}
+	for _, t := range bare {
+		if t > 0 {
+			return t
+		}
+	}
+	return 0
 }
 
 // params reads the parameters of one structured-field item: name=value
@@ -181,6 +246,18 @@ func (b *Budget) Hold(now time.Time, d time.Duration) (store func(ctx context.Co
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.closeLocked(now, d)
+}
+
+// ClosedUntil returns until when the budget is closed (Hold, or an answer
+// whose rate-limit headers say none is left): no token request is served
+// before then. The end of its last closing is kept, so when the budget is
+// open it returns a time not after now (zero if it was never closed). It
+// makes no Store call, so a hold another budget set in a shared Store is
+// not seen.
+func (b *Budget) ClosedUntil() time.Time {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closedUntil
 }
 
 // closeLocked closes the budget for d from now (at most MaxHold), never

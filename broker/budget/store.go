@@ -2,6 +2,8 @@ package budget
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"sync"
 	"time"
 )
@@ -101,4 +103,25 @@ func (s *local) AllowN(_ context.Context, key string, l Limit, n int) (Result, e
 		s.tat[key] = newTat
 	}
 	return Result{Allowed: n, Remaining: int(diff / ei), RetryAfter: -1, ResetAfter: newTat.Sub(now)}, nil
+}
+
+// accountLabel separates Account's hashes from any other hash of the same
+// value.
+const accountLabel = "token broker budget account\x00"
+
+// Account returns the fingerprint of the account a provider counts token
+// requests against, from the credential that names it (an OAuth
+// client_id, a Nuapay API key): the first 16 hex characters of a SHA-256
+// over a fixed label and the credential. The same credential gives the
+// same fingerprint in every process of a fleet, so that it can key a
+// budget shared through a Store; "" for none. It keeps the credential out
+// of that key, but does not hide it: a client_id is not secret, and
+// whoever holds a fingerprint (or a key hashed from it) can confirm a
+// guessed credential against it.
+func Account(credential string) string {
+	if credential == "" {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(accountLabel + credential))
+	return hex.EncodeToString(sum[:8])
 }

@@ -23,6 +23,12 @@ type Spec struct {
 	// oauth2 token_url or issuer): a shared store's key holds a hash of
 	// it (Key), never the URL.
 	Endpoint string
+	// Account is the fingerprint of the credential the provider counts
+	// the token requests against (budget.Account of a client_id or an API
+	// key), never the credential: with Endpoint it names the budget, so
+	// that configurations of one token API with different credentials
+	// keep separate budgets, and identical ones share one.
+	Account string
 	// Limit is the provider's rate_limit and rate_burst.
 	Limit budget.Limit
 	// FleetSize is how many sidecars spend the limit: without a shared
@@ -62,8 +68,8 @@ func NewKeeper(now func() time.Time) *Keeper {
 
 // Budget returns the budget of spec: on shared (a fleet's store, named
 // storeID, such as a Store on the fleet's Redis) the whole limit, spent by
-// every sidecar under Key(spec.Provider, spec.Endpoint), and this
-// sidecar's share while the store fails; with shared nil, this sidecar's
+// every sidecar under Key(spec.Provider, spec.Endpoint, spec.Account), and
+// this sidecar's share while the store fails; with shared nil, this sidecar's
 // share (budget.Limit.Share of the fleet size) in a local bucket, which
 // lowers itself to its share of what the provider's rate-limit answers say
 // is left (budget.WithLocalShare). A budget made before for the same spec
@@ -77,7 +83,7 @@ func (k *Keeper) Budget(spec Spec, shared budget.Store, storeID string) (*budget
 			"rate_limit / fleet_size, not the whole limit", spec.Provider, spec.Limit)
 	}
 	n := max(spec.FleetSize, 1)
-	key := fmt.Sprintf("%q %q %q %s fleet_size=%d", storeID, spec.Provider, spec.Endpoint, spec.Limit, n)
+	key := fmt.Sprintf("%q %q %q %q %s fleet_size=%d", storeID, spec.Provider, spec.Endpoint, spec.Account, spec.Limit, n)
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if e := k.byKey[key]; e != nil {
@@ -85,7 +91,7 @@ func (k *Keeper) Budget(spec Spec, shared budget.Store, storeID string) (*budget
 	}
 	var b *budget.Budget
 	if shared != nil {
-		b = budget.New(spec.Provider, spec.Limit, keyed{shared, Key(spec.Provider, spec.Endpoint)}, k.now,
+		b = budget.New(spec.Provider, spec.Limit, keyed{shared, Key(spec.Provider, spec.Endpoint, spec.Account)}, k.now,
 			budget.WithFallback(spec.Limit.Share(n)), budget.WithSharedBy(n))
 	} else {
 		b = budget.New(spec.Provider, spec.Limit.Share(n), budget.NewLocal(k.now), k.now, budget.WithLocalShare(n))

@@ -2,6 +2,7 @@ package budgets
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -27,7 +28,7 @@ func TestKeeper(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	spec := Spec{Provider: "nuapay", Endpoint: "https://api.example", Limit: l, FleetSize: 4}
+	spec := Spec{Provider: "nuapay", Endpoint: "https://api.example", Account: budget.Account("key A"), Limit: l, FleetSize: 4}
 
 	budgetOf := func(spec Spec, shared budget.Store, storeID string) *budget.Budget {
 		t.Helper()
@@ -58,7 +59,7 @@ func TestKeeper(t *testing.T) {
 	if _, err := shared.Take(context.Background(), budget.Foreground, time.Time{}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if want := Key("nuapay", "https://api.example"); len(cs.keys) != 1 || cs.keys[0] != want {
+	if want := Key("nuapay", "https://api.example", budget.Account("key A")); len(cs.keys) != 1 || cs.keys[0] != want {
 		t.Errorf("shared store keys %q, want [%q]", cs.keys, want)
 	}
 	if b := budgetOf(spec, cs, "redis B"); b == shared {
@@ -81,6 +82,43 @@ func TestKeeper(t *testing.T) {
 	k.Release([]*budget.Budget{shared})
 	if got := keptLen(k); got != 0 {
 		t.Errorf("after the last release: %d budgets kept", got)
+	}
+}
+
+// TestKeeperBudgetPerAccount: two configurations of one token API that
+// differ only in their credential's account (two partners' API keys, each
+// with its own rate limit at the provider) get two budgets, spending two
+// keys of a shared store, a fleet's Redis: spending one leaves the other
+// whole. The same configuration, in another sidecar of the fleet (another
+// Keeper), spends the same key.
+func TestKeeperBudgetPerAccount(t *testing.T) {
+	now := func() time.Time { return time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC) }
+	cs := &countingStore{Store: budget.NewLocal(now)}
+	one := budget.Limit{Rate: 1, Burst: 1, Period: time.Minute}
+	specA := Spec{Provider: "nuapay", Endpoint: "https://api.example", Account: budget.Account("api key of partner A"), Limit: one, FleetSize: 2}
+	specB := specA
+	specB.Account = budget.Account("api key of partner B")
+	spend := func(k *Keeper, spec Spec) error {
+		t.Helper()
+		b, err := k.Budget(spec, cs, "redis A")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = b.Take(context.Background(), budget.Foreground, now(), nil)
+		return err
+	}
+	sidecar1, sidecar2 := NewKeeper(now), NewKeeper(now)
+	if err := spend(sidecar1, specA); err != nil {
+		t.Fatalf("partner A's first request: %v", err)
+	}
+	if err := spend(sidecar1, specB); err != nil {
+		t.Fatalf("partner B's first request, after A's: %v; want its own budget", err)
+	}
+	if err := spend(sidecar2, specA); !errors.Is(err, budget.ErrExhausted) {
+		t.Fatalf("partner A's second request, on another sidecar: %v; want the fleet's budget of A exhausted", err)
+	}
+	if cs.keys[0] == cs.keys[1] || cs.keys[0] != cs.keys[2] {
+		t.Errorf("store keys %q: want A's and B's apart, A's the same on both sidecars", cs.keys)
 	}
 }
 

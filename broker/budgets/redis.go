@@ -114,12 +114,16 @@ func limitOf(l budget.Limit) redis_rate.Limit {
 }
 
 // Key is the budget key of a provider: its name and the first 12 hex
-// characters of the SHA-256 of its token endpoint, so that two registries
-// that give one name to different token APIs keep two budgets, and the key
-// holds no secret (a URL with credentials is refused by the registry; only
-// its hash is used anyway).
-func Key(provider, tokenURL string) string {
-	sum := sha256.Sum256([]byte(tokenURL))
+// characters of a SHA-256 over its token endpoint and its account (a
+// budget.Account fingerprint of its credential), so that two registries
+// that give one name to different token APIs, or to one token API with
+// different credentials (each with its own rate limit at the provider),
+// keep two budgets, and the key holds no secret (a URL with credentials
+// is refused by the registry, the account is a fingerprint; only their
+// hash is used anyway). Its 48 bits still let whoever reads the keys
+// confirm a guessed credential for a known token URL.
+func Key(provider, tokenURL, account string) string {
+	sum := sha256.Sum256([]byte(tokenURL + "\x00" + account))
 	return provider + ":" + hex.EncodeToString(sum[:])[:12]
 }
 

@@ -17,11 +17,28 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/seal"
 )
 
+// TestKey: a budget key is the provider's name and 12 hex characters,
+// the same for the same endpoint and account (every sidecar of a fleet),
+// different for another endpoint or another account (another credential
+// of one token API), and it shows neither the URL nor the account.
 func TestKey(t *testing.T) {
-	a := Key("nuapay", "https://api.example/organisations")
-	b := Key("nuapay", "https://other.example/organisations")
-	if a == b || !strings.HasPrefix(a, "nuapay:") || len(a) != len("nuapay:")+12 || strings.Contains(a, "example") {
-		t.Errorf("keys %q and %q: want nuapay: and 12 hex characters, different per URL", a, b)
+	const url, acct = "https://api.example/organisations", "0123456789abcdef"
+	a := Key("nuapay", url, acct)
+	if !strings.HasPrefix(a, "nuapay:") || len(a) != len("nuapay:")+12 || strings.Contains(a, "example") || strings.Contains(a, acct[:8]) {
+		t.Errorf("key %q: want nuapay: and 12 hex characters, without the URL or the account", a)
+	}
+	for _, tc := range []struct {
+		name, url, account string
+		same               bool
+	}{
+		{"same endpoint and account", url, acct, true},
+		{"another endpoint", "https://other.example/organisations", acct, false},
+		{"another account", url, "fedcba9876543210", false},
+		{"no account", url, "", false},
+	} {
+		if b := Key("nuapay", tc.url, tc.account); (a == b) != tc.same {
+			t.Errorf("%s: keys %q and %q, want the same %t", tc.name, a, b, tc.same)
+		}
 	}
 }
 
@@ -65,7 +82,7 @@ func TestSharedBudget(t *testing.T) {
 		stores[i] = New(newTier(t, c, "tb-test:"))
 	}
 	l := budget.Limit{Rate: 1, Period: 100 * time.Second, Burst: 3}
-	key := Key("nuapay", "https://api.example")
+	key := Key("nuapay", "https://api.example", budget.Account("key"))
 	for i, st := range []struct {
 		store, n, allowed, remaining int
 		spent                        int // the bucket is full again after spent*100 s
@@ -92,7 +109,7 @@ func TestSharedBudget(t *testing.T) {
 		}
 	}
 	// Another provider's budget is its own.
-	if res, err := stores[1].AllowN(ctx, Key("nuapay", "https://other.example"), l, 1); err != nil || res.Allowed != 1 {
+	if res, err := stores[1].AllowN(ctx, Key("nuapay", "https://other.example", budget.Account("key")), l, 1); err != nil || res.Allowed != 1 {
 		t.Errorf("another key: %+v %v", res, err)
 	}
 	c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
@@ -115,7 +132,7 @@ func TestStoreKeyPrefix(t *testing.T) {
 	ctx := context.Background()
 	c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
 	t.Cleanup(func() { c.Close() })
-	key := Key("nuapay", "https://api.example")
+	key := Key("nuapay", "https://api.example", budget.Account("key"))
 	for _, tt := range []struct{ prefix, want string }{
 		{"", "rate:token_broker:budget:" + key},
 		{"custom:", "rate:custom:budget:" + key},
@@ -172,7 +189,7 @@ func TestHoldSharedByFleet(t *testing.T) {
 	near("caller's retry after", ee.RetryAfter, hold)
 
 	c := srv.Client()
-	holdKey := "rate:tb-test:budget:" + Key(spec.Provider, spec.Endpoint) + ":hold"
+	holdKey := "rate:tb-test:budget:" + Key(spec.Provider, spec.Endpoint, spec.Account) + ":hold"
 	ttl := func() time.Duration {
 		t.Helper()
 		d, err := c.PTTL(ctx, holdKey).Result()

@@ -40,7 +40,7 @@ func FuzzParseError(f *testing.F) {
 	f.Add(429, "7", []byte(`{}`))
 	f.Add(503, "Wed, 21 Oct 2015 07:28:00 GMT", []byte(`<html>`))
 	f.Fuzz(func(t *testing.T, status int, retryAfter string, body []byte) {
-		ae := ParseError(status, retryAfter, body, time.Unix(1_700_000_000, 0))
+		ae := ParseError(status, http.Header{"Retry-After": {retryAfter}, "Ratelimit": {retryAfter}}, body, time.Unix(1_700_000_000, 0))
 		if ae.StatusCode != status || (ae.Description == "" && http.StatusText(status) != "") {
 			t.Fatalf("%+v", ae)
 		}

@@ -48,7 +48,8 @@ type Config struct {
 	// Client makes the calls (timeouts, client certificate). Default: a
 	// client from httpclient.New with a 10s timeout.
 	Client *http.Client
-	// Now is the clock used for Retry-After dates. Default time.Now.
+	// Now is the clock used for Retry-After dates and rate-limit resets
+	// given as Unix times (broker.ParseWait). Default time.Now.
 	Now func() time.Time
 }
 
@@ -259,7 +260,7 @@ func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (br
 	}
 	d := env.Data
 	if (d == nil || d.AccessToken == "") && hasEnvelope(body) {
-		return broker.Token{}, ParseError(status, "", body, sent)
+		return broker.Token{}, ParseError(status, nil, body, sent)
 	}
 	if d == nil || d.AccessToken == "" {
 		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "malformed_response", Description: "token response has no data.accessToken"}
@@ -453,7 +454,7 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte) (
 	}
 	defer resp.Body.Close()
 	// An error status whose body was cut short is still that status,
-	// with its Retry-After: only its error envelope is lost.
+	// with its wait (broker.ParseWait): only its error envelope is lost.
 	data, tooLarge, err := httpclient.ReadBody(resp.Body)
 	ok := resp.StatusCode >= 200 && resp.StatusCode < 300
 	if err != nil && ok {
@@ -462,12 +463,12 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte) (
 	if tooLarge {
 		return 0, nil, &broker.APIError{Provider: "nuapay", StatusCode: resp.StatusCode, Code: "response_too_large",
 			Description: fmt.Sprintf("response body is over %d bytes", httpclient.MaxResponseBytes),
-			RetryAfter:  broker.ParseRetryAfter(resp.Header.Get("Retry-After"), s.cfg.Now())}
+			RetryAfter:  broker.ParseWait(resp.StatusCode, resp.Header, s.cfg.Now())}
 	}
 	if ok {
 		return resp.StatusCode, data, nil
 	}
-	ae := ParseError(resp.StatusCode, resp.Header.Get("Retry-After"), data, s.cfg.Now())
+	ae := ParseError(resp.StatusCode, resp.Header, data, s.cfg.Now())
 	s.scrub(ae)
 	return resp.StatusCode, data, ae
 }
@@ -508,9 +509,10 @@ const maxDetails = 10
 // ParseError turns a non-2xx Gatekeeper answer into an *broker.APIError,
 // reading Nuapay's error envelope when there is one. "details" may be an
 // array or a single object; any field may be null, and a code a number.
-// Past maxDetails, a last detail says how many were left out.
-func ParseError(status int, retryAfter string, body []byte, now time.Time) *broker.APIError {
-	ae := &broker.APIError{Provider: "nuapay", StatusCode: status, RetryAfter: broker.ParseRetryAfter(retryAfter, now)}
+// Past maxDetails, a last detail says how many were left out. The wait
+// the answer asks for is read from its headers h at now (broker.ParseWait).
+func ParseError(status int, h http.Header, body []byte, now time.Time) *broker.APIError {
+	ae := &broker.APIError{Provider: "nuapay", StatusCode: status, RetryAfter: broker.ParseWait(status, h, now)}
 	var env struct {
 		ReturnCode        *text           `json:"returnCode"`
 		ReturnDescription *text           `json:"returnDescription"`

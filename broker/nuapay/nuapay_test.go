@@ -435,7 +435,7 @@ func TestNuapayErrorDetailsBounded(t *testing.T) {
 		b.WriteString(`{"code":"8888","description":"bad value","field":"scopes"}`)
 	}
 	b.WriteString(`]}`)
-	ae := ParseError(422, "", []byte(b.String()), time.Now())
+	ae := ParseError(422, nil, []byte(b.String()), time.Now())
 	if msg := ae.Error(); len(msg) > 4000 || !strings.Contains(msg, " [19990 more details left out]") {
 		t.Fatalf("error is %d bytes, want a bounded one saying how many details were left out: %.300s", len(msg), msg)
 	}

@@ -111,11 +111,12 @@ func answerFields(resp *http.Response, body []byte) (get func(name string) strin
 
 // apiError is the *broker.APIError of an error answer whose error code
 // and description are code and description: both scrubbed of secrets, the
-// status text when both are empty, and the answer's Retry-After.
+// status text when both are empty, and the wait the answer asks for
+// (broker.ParseWait).
 func (c *core) apiError(resp *http.Response, code, description string, secrets []string) *broker.APIError {
 	ae := &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode,
 		Code: scrub.Secrets(code, secrets...), Description: scrub.Secrets(description, secrets...),
-		RetryAfter: broker.ParseRetryAfter(resp.Header.Get("Retry-After"), c.cfg.Now())}
+		RetryAfter: broker.ParseWait(resp.StatusCode, resp.Header, c.cfg.Now())}
 	if ae.Code == "" && ae.Description == "" {
 		ae.Description = http.StatusText(resp.StatusCode)
 	}
