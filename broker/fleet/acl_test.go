@@ -95,3 +95,84 @@ func TestEvictingPolicyIsLogged(t *testing.T) {
 		}
 	}
 }
+
+// TestMissingCommandsAreLoggedAtStart: a Redis ACL user without a command
+// the tier sends is reported when the tier starts, in one log naming the
+// user, the missing commands and the ACL SETUSER that grants them, not at
+// the first lookups as refused writes. A user refused the check's keys,
+// or ACL WHOAMI, is not reported as missing a command; a user with every
+// command is not reported, and the check leaves no key behind.
+func TestMissingCommandsAreLoggedAtStart(t *testing.T) {
+	r := startRedis(t)
+	for _, tc := range []struct {
+		name    string
+		rules   []string
+		missing []string // the commands the log names; nil: no such log
+		keys    bool     // a log says the keys under the prefix are refused
+	}{
+		{name: "all commands", rules: []string{"+@all"}},
+		{name: "no evalsha", rules: []string{"+@all", "-evalsha"}, missing: []string{"evalsha"}},
+		{name: "no eval nor publish", rules: []string{"+@all", "-eval", "-publish"}, missing: []string{"eval", "publish"}},
+		{name: "no pexpire (in the lock scripts)", rules: []string{"+@all", "-pexpire"}, missing: []string{"pexpire"}},
+		{name: "no subscribe", rules: []string{"+@all", "-subscribe"}, missing: []string{"subscribe"}},
+		{name: "no acl whoami", rules: []string{"+@all", "-acl", "-evalsha"}, missing: []string{"evalsha"}},
+		{name: "other keys only", rules: []string{"+@all", "resetkeys", "~other:*"}, keys: true},
+		{name: "read commands only", rules: []string{"+@read", "+@connection", "+subscribe", "+publish", "+eval", "+evalsha"},
+			missing: []string{"set", "pexpire", "xadd", "del"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			user := strings.ReplaceAll(tc.name, " ", "-")
+			r.CLI(append([]string{"ACL", "SETUSER", user, "reset", "on", ">broker-password-1", "~" + DefaultKeyPrefix + "*", "&" + DefaultKeyPrefix + "*"}, tc.rules...)...)
+			core, logs := observer.New(zap.WarnLevel)
+			uo := &redis.UniversalOptions{Addrs: []string{r.Addr()}, Username: user, Password: "broker-password-1"}
+			ClientOptions(uo, 5*time.Second, 5*time.Second)
+			rdb := redis.NewUniversalClient(uo)
+			t.Cleanup(func() { rdb.Close() })
+			c, err := New(Options{Client: rdb, Keys: testKeys(t, 1), Timeout: 5 * time.Second, Logger: zap.New(core)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+
+			var commandLogs, keyLogs []observer.LoggedEntry
+			for _, e := range logs.All() {
+				text := fmt.Sprint(e.Message, e.ContextMap())
+				if strings.Contains(text, "broker-password-1") {
+					t.Fatalf("a log shows the password: %s", text)
+				}
+				switch {
+				case strings.Contains(e.Message, "may not run commands"):
+					commandLogs = append(commandLogs, e)
+				case strings.Contains(e.Message, "may not use keys"):
+					keyLogs = append(keyLogs, e)
+				case strings.Contains(e.Message, "refused the subscription"):
+					t.Errorf("a user without subscribe is told to grant the channel: %s", e.Message)
+				}
+			}
+			switch {
+			case tc.missing == nil && len(commandLogs) > 0:
+				t.Errorf("missing commands reported for a user that has them: %v", commandLogs)
+			case tc.missing != nil && len(commandLogs) != 1:
+				t.Errorf("%d logs of missing commands; want one naming %v; logs: %v", len(commandLogs), tc.missing, logs.All())
+			case tc.missing != nil:
+				msg := commandLogs[0].Message
+				grant := "ACL SETUSER " + user + " +" + strings.Join(tc.missing, " +")
+				if !strings.Contains(msg, "redis user "+user+" ") || !strings.Contains(msg, grant) {
+					t.Errorf("log %q; want it to name the user %s and the grant %q", msg, user, grant)
+				}
+				if got := commandLogs[0].ContextMap()["missing_commands"]; fmt.Sprint(got) != fmt.Sprint(tc.missing) {
+					t.Errorf("missing_commands = %v; want %v", got, tc.missing)
+				}
+			}
+			if tc.keys != (len(keyLogs) == 1) || len(keyLogs) > 1 {
+				t.Errorf("logs of refused keys: %v; want one: %v", keyLogs, tc.keys)
+			}
+			if tc.keys && !strings.Contains(keyLogs[0].Message, "ACL SETUSER "+user+" ~"+DefaultKeyPrefix+"*") {
+				t.Errorf("log %q; want the grant of the prefix's keys", keyLogs[0].Message)
+			}
+			if left := r.Client().Keys(testCtx(t), DefaultKeyPrefix+"probe:*").Val(); len(left) > 0 && tc.missing == nil {
+				t.Errorf("the check left keys behind: %v", left)
+			}
+		})
+	}
+}

@@ -20,7 +20,10 @@
 //	                1000), read back by a node whose subscription
 //	                reconnected, and by a new node
 //	probe:<node>    "1", written by the call that probes a Redis that
-//	                refused writes; expires after BreakerCooldown
+//	                refused writes, and at start by the check of the
+//	                ACL user's commands (acl.go), which deletes it and
+//	                probe:<node>:log (a stream); expire after
+//	                BreakerCooldown
 //
 // Versions (version.go) make a value older than one a node has seen for
 // its key, or than a purge it heard of, unusable: an old sealed value
@@ -320,10 +323,14 @@ func New(opts Options) (*Cache, error) {
 	var refused redis.Error
 	switch {
 	case err == nil:
+		c.checkCommands(nil)
 	case isAuthError(err):
 		opts.Logger.Error("redis refused the broker's credentials: check the redis settings username and password; this node mints without the shared tier until Redis accepts them",
 			zap.Error(err))
-	case errors.As(err, &refused): // an answer, such as an ACL's NOPERM
+	case refusedCommand(err) != "": // an ACL without SUBSCRIBE: one log with the other missing commands
+		c.checkCommands(err)
+	case errors.As(err, &refused): // an answer, such as an ACL's NOPERM on the channel
+		c.checkCommands(nil)
 		opts.Logger.Warn("redis refused the subscription to the fleet's channel "+c.channel+
 			": this node will not hear purges nor tokens stored by others; grant the broker's user the channel (ACL SETUSER <user> &"+c.channel+")",
 			zap.Error(err))
