@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha1"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"regexp"
 	"slices"
@@ -15,15 +14,17 @@ import (
 	"go.uber.org/zap"
 )
 
-// The commands the tier sends, checked by checkCommands: GET, SET, DEL and
-// PTTL on tokens, refresh tokens and locks; EVALSHA, then EVAL when Redis
-// does not have the script yet (go-redis's Script.Run), for the purge, the
-// lock repair, the refresh-token restore and the locks of
-// github.com/bsm/redislock, whose scripts call GET, SET, DEL, PTTL, PEXPIRE
-// and GETRANGE (Redis checks a script's calls against the user's ACL as it
-// checks the user's own); XADD and XRANGE on the purge log; PUBLISH and
-// SUBSCRIBE on the channel. CONFIG GET (checkEviction) is optional: a user
-// without it is not checked.
+// The commands the tier's client sends, checked by checkCommands: GET,
+// SET, DEL and PTTL on tokens, refresh tokens and locks; EVALSHA, then EVAL
+// when Redis does not have the script yet (go-redis's Script.Run), for the
+// purge, the lock repair, the refresh-token restore, the locks of
+// github.com/bsm/redislock and the budgets (broker/budgets, on this
+// client: github.com/go-redis/redis_rate and the hold), whose scripts call
+// GET, SET, DEL, PTTL, PEXPIRE, GETRANGE and TIME (Redis checks a script's
+// calls against the user's ACL as it checks the user's own); XADD and
+// XRANGE on the purge log; PUBLISH and SUBSCRIBE on the channel; PING, the
+// subscription's health check. CONFIG GET (checkEviction) is optional: a
+// user without it is not checked.
 
 // probeScript is the script checkCommands runs with EVAL, then EVALSHA: it
 // touches no key.
@@ -82,44 +83,45 @@ func clientUser(client redis.UniversalClient) string {
 	return user
 }
 
-// checkCommands runs each command the tier sends once, harmlessly: on this
-// node's probe key (probe:<node>) and a probe stream beside it, both given
-// an expiry and deleted at the end, a script that touches no key, and an
-// announcement that the other nodes ignore. The commands the broker's ACL
-// user may not run (an answer NOPERM naming the command), and subscribe
-// when the subscription was refused so (subscribed), are logged once, with
-// the user and the ACL SETUSER that grants them: without them, lookups
-// would find out one refused call at a time, opening the breaker. A probe
-// refused for its key or channel, not its command, is not a missing
-// command: the keys are reported apart; the channel is New's warning.
-// Not through the breaker, as catchUp: Redis has just answered.
+// checkCommands runs each command the tier's client sends once, with no
+// effect: on a key (probe:<node>:acl) and a stream (probe:<node>:log) that
+// do not exist, which it creates neither (SET ... XX, XADD ... NOMKSTREAM),
+// a script that touches no key, and a PUBLISH on a channel nobody
+// subscribes to (<key_prefix>probe). Redis checks the user's ACL before it
+// runs a command, so a refused command is refused all the same. The
+// commands the broker's ACL user may not run (an answer NOPERM naming the
+// command), and subscribe when the subscription was refused so
+// (subscribed), are logged once, with the user and the ACL SETUSER that
+// grants them: without them, lookups would find out one refused call at a
+// time, opening the breaker. A probe refused for its key or channel, not
+// its command, is not a missing command (Redis checks the command first):
+// the keys are reported apart; the fleet's channel is New's warning, and a
+// refused probe channel proves PUBLISH allowed. It lasts at most
+// max(Options.Timeout, 1 s). In a cluster, the keys' commands reach only
+// the shards that own the probe keys. Not through the breaker, as
+// catchUp: Redis has just answered.
 func (c *Cache) checkCommands(subscribed error) {
 	ctx, cancel := context.WithTimeout(context.Background(), max(c.opts.Timeout, time.Second))
 	defer cancel()
-	probe := c.opts.KeyPrefix + "probe:" + c.node
-	stream := probe + ":log"
-	announcement, err := json.Marshal(event{Node: c.node, Kind: "probe"})
-	if err != nil {
-		return
-	}
+	probe := c.opts.KeyPrefix + "probe:" + c.node + ":acl"
+	stream := c.opts.KeyPrefix + "probe:" + c.node + ":log"
 	sum := sha1.Sum([]byte(probeScript))
 	var whoami *redis.StringCmd
 	cmds, _ := c.opts.Client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		whoami = p.ACLWhoAmI(ctx)
-		p.Set(ctx, probe, "1", BreakerCooldown)
+		p.Ping(ctx)
+		p.Time(ctx)
+		p.SetArgs(ctx, probe, "1", redis.SetArgs{Mode: "XX", TTL: BreakerCooldown})
 		p.Get(ctx, probe)
 		p.GetRange(ctx, probe, 0, 0)
 		p.PTTL(ctx, probe)
 		p.PExpire(ctx, probe, BreakerCooldown)
+		p.Del(ctx, probe)
 		p.Eval(ctx, probeScript, nil)
 		p.EvalSha(ctx, hex.EncodeToString(sum[:]), nil)
-		p.XAdd(ctx, &redis.XAddArgs{Stream: stream, MaxLen: 1, Values: []any{"e", "probe"}})
-		p.PExpire(ctx, stream, BreakerCooldown)
+		p.XAdd(ctx, &redis.XAddArgs{Stream: stream, NoMkStream: true, MaxLen: 1, Values: []any{"e", "probe"}})
 		p.XRange(ctx, stream, "-", "+")
-		p.Publish(ctx, c.channel, announcement)
-		// One key each: in a cluster, the two may be in different slots.
-		p.Del(ctx, probe)
-		p.Del(ctx, stream)
+		p.Publish(ctx, c.opts.KeyPrefix+"probe", "")
 		return nil
 	})
 	var missing []string

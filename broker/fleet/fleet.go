@@ -20,14 +20,14 @@
 //	                1000), read back by a node whose subscription
 //	                reconnected, and by a new node
 //	probe:<node>    "1", written by the call that probes a Redis that
-//	                refused writes, and at start by the check of the
-//	                ACL user's commands (acl.go), which deletes it and
-//	                probe:<node>:log (a stream); expire after
-//	                BreakerCooldown
+//	                refused writes; expires after BreakerCooldown
 //
 // Versions (version.go) make a value older than one a node has seen for
 // its key, or than a purge it heard of, unusable: an old sealed value
 // written back is not served again.
+//
+// At start, New tries each command the tier sends once, writing nothing,
+// and logs those the Redis ACL user may not run (acl.go).
 //
 // <name> is the HMAC-SHA-256 of the cache key under a subkey of the
 // encryption key (hex), so Redis shows no merchant id, unless
