@@ -125,6 +125,9 @@ func TestMissingCommandsAreLoggedAtStart(t *testing.T) {
 		{name: "the fleet's channel only", rules: []string{"+@all", "resetchannels", "&" + DefaultKeyPrefix + "events"}},
 		{name: "the fleet's channel only, no publish", rules: []string{"+@all", "resetchannels", "&" + DefaultKeyPrefix + "events", "-publish"},
 			missing: []string{"publish"}},
+		{name: "the README's grant", rules: []string{"resetkeys", "~" + DefaultKeyPrefix + "*", "~rate:" + DefaultKeyPrefix + "*",
+			"resetchannels", "&" + DefaultKeyPrefix + "events", "-@all", "+get", "+set", "+del", "+pttl", "+pexpire", "+getrange", "+time",
+			"+evalsha", "+eval", "+xadd", "+xrange", "+publish", "+subscribe", "+ping"}},
 		{name: "read commands only", rules: []string{"+@read", "+@connection", "+subscribe", "+publish", "+eval", "+evalsha"},
 			missing: []string{"time", "set", "pexpire", "del", "xadd"}},
 	} {
@@ -181,6 +184,23 @@ func TestMissingCommandsAreLoggedAtStart(t *testing.T) {
 			if left, err := r.Client().Keys(testCtx(t), "*").Result(); err != nil || len(left) > 0 {
 				t.Errorf("keys in Redis after the check: %v (%v); want none", left, err)
 			}
+			if tc.missing != nil || tc.keys {
+				return
+			}
+			// A user the check passes can share a token: the lookup
+			// stores it, under its lock, with no refusal logged.
+			before := logs.Len()
+			var m minter
+			if tok, _, err := c.Fetch(testCtx(t), testKey, usable, m.mint); err != nil || tok.Value == "" {
+				t.Fatalf("lookup: %v", err)
+			}
+			if stored := r.Client().Keys(testCtx(t), DefaultKeyPrefix+"tok:*").Val(); len(stored) != 1 {
+				t.Errorf("tokens in Redis after a lookup: %v; want one", stored)
+			}
+			if after := logs.All()[before:]; len(after) > 0 {
+				t.Errorf("logs of the lookup: %v; want none", after)
+			}
+			r.Client().FlushAll(testCtx(t))
 		})
 	}
 }
