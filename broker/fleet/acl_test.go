@@ -95,3 +95,112 @@ func TestEvictingPolicyIsLogged(t *testing.T) {
 		}
 	}
 }
+
+// TestMissingCommandsAreLoggedAtStart: a Redis ACL user without a command
+// the tier sends is reported when the tier starts, in one log naming the
+// user, the missing commands and the ACL SETUSER that grants them, not at
+// the first lookups as refused writes. A user refused the check's keys,
+// or ACL WHOAMI, is not reported as missing a command, nor a user whose
+// channels are only the fleet's (the check's PUBLISH, on another channel,
+// is refused for its channel); a user with every command is not reported.
+// Whatever the user may run, the check leaves no key in Redis.
+func TestMissingCommandsAreLoggedAtStart(t *testing.T) {
+	r := startRedis(t)
+	for _, tc := range []struct {
+		name    string
+		rules   []string
+		missing []string // the commands the log names; nil: no such log
+		keys    bool     // a log says the keys under the prefix are refused
+	}{
+		{name: "all commands", rules: []string{"+@all"}},
+		{name: "no evalsha", rules: []string{"+@all", "-evalsha"}, missing: []string{"evalsha"}},
+		{name: "no eval nor publish", rules: []string{"+@all", "-eval", "-publish"}, missing: []string{"eval", "publish"}},
+		{name: "no pexpire (in the lock scripts)", rules: []string{"+@all", "-pexpire"}, missing: []string{"pexpire"}},
+		{name: "no pexpire nor del", rules: []string{"+@all", "-pexpire", "-del"}, missing: []string{"pexpire", "del"}},
+		{name: "no time (in the budget scripts)", rules: []string{"+@all", "-time"}, missing: []string{"time"}},
+		{name: "no ping (the subscription's health check)", rules: []string{"+@all", "-ping"}, missing: []string{"ping"}},
+		{name: "no subscribe", rules: []string{"+@all", "-subscribe"}, missing: []string{"subscribe"}},
+		{name: "no acl whoami", rules: []string{"+@all", "-acl", "-evalsha"}, missing: []string{"evalsha"}},
+		{name: "other keys only", rules: []string{"+@all", "resetkeys", "~other:*"}, keys: true},
+		{name: "the fleet's channel only", rules: []string{"+@all", "resetchannels", "&" + DefaultKeyPrefix + "events"}},
+		{name: "the fleet's channel only, no publish", rules: []string{"+@all", "resetchannels", "&" + DefaultKeyPrefix + "events", "-publish"},
+			missing: []string{"publish"}},
+		{name: "the README's grant", rules: []string{"resetkeys", "~" + DefaultKeyPrefix + "*", "~rate:" + DefaultKeyPrefix + "*",
+			"resetchannels", "&" + DefaultKeyPrefix + "events", "-@all", "+get", "+set", "+del", "+pttl", "+pexpire", "+getrange", "+time",
+			"+evalsha", "+eval", "+xadd", "+xrange", "+publish", "+subscribe", "+ping"}},
+		{name: "read commands only", rules: []string{"+@read", "+@connection", "+subscribe", "+publish", "+eval", "+evalsha"},
+			missing: []string{"time", "set", "pexpire", "del", "xadd"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			user := strings.ReplaceAll(tc.name, " ", "-")
+			r.CLI(append([]string{"ACL", "SETUSER", user, "reset", "on", ">broker-password-1", "~" + DefaultKeyPrefix + "*", "&" + DefaultKeyPrefix + "*"}, tc.rules...)...)
+			core, logs := observer.New(zap.WarnLevel)
+			uo := &redis.UniversalOptions{Addrs: []string{r.Addr()}, Username: user, Password: "broker-password-1"}
+			ClientOptions(uo, 5*time.Second, 5*time.Second)
+			rdb := redis.NewUniversalClient(uo)
+			t.Cleanup(func() { rdb.Close() })
+			c, err := New(Options{Client: rdb, Keys: testKeys(t, 1), Timeout: 5 * time.Second, Logger: zap.New(core)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+
+			var commandLogs, keyLogs []observer.LoggedEntry
+			for _, e := range logs.All() {
+				text := fmt.Sprint(e.Message, e.ContextMap())
+				if strings.Contains(text, "broker-password-1") {
+					t.Fatalf("a log shows the password: %s", text)
+				}
+				switch {
+				case strings.Contains(e.Message, "may not run commands"):
+					commandLogs = append(commandLogs, e)
+				case strings.Contains(e.Message, "may not use keys"):
+					keyLogs = append(keyLogs, e)
+				case strings.Contains(e.Message, "refused the subscription"):
+					t.Errorf("a user without subscribe is told to grant the channel: %s", e.Message)
+				}
+			}
+			switch {
+			case tc.missing == nil && len(commandLogs) > 0:
+				t.Errorf("missing commands reported for a user that has them: %v", commandLogs)
+			case tc.missing != nil && len(commandLogs) != 1:
+				t.Errorf("%d logs of missing commands; want one naming %v; logs: %v", len(commandLogs), tc.missing, logs.All())
+			case tc.missing != nil:
+				msg := commandLogs[0].Message
+				grant := "ACL SETUSER " + user + " +" + strings.Join(tc.missing, " +")
+				if !strings.Contains(msg, "redis user "+user+" ") || !strings.Contains(msg, grant) {
+					t.Errorf("log %q; want it to name the user %s and the grant %q", msg, user, grant)
+				}
+				if got := commandLogs[0].ContextMap()["missing_commands"]; fmt.Sprint(got) != fmt.Sprint(tc.missing) {
+					t.Errorf("missing_commands = %v; want %v", got, tc.missing)
+				}
+			}
+			if tc.keys != (len(keyLogs) == 1) || len(keyLogs) > 1 {
+				t.Errorf("logs of refused keys: %v; want one: %v", keyLogs, tc.keys)
+			}
+			if tc.keys && !strings.Contains(keyLogs[0].Message, "ACL SETUSER "+user+" ~"+DefaultKeyPrefix+"*") {
+				t.Errorf("log %q; want the grant of the prefix's keys", keyLogs[0].Message)
+			}
+			if left, err := r.Client().Keys(testCtx(t), "*").Result(); err != nil || len(left) > 0 {
+				t.Errorf("keys in Redis after the check: %v (%v); want none", left, err)
+			}
+			if tc.missing != nil || tc.keys {
+				return
+			}
+			// A user the check passes can share a token: the lookup
+			// stores it, under its lock, with no refusal logged.
+			before := logs.Len()
+			var m minter
+			if tok, _, err := c.Fetch(testCtx(t), testKey, usable, m.mint); err != nil || tok.Value == "" {
+				t.Fatalf("lookup: %v", err)
+			}
+			if stored := r.Client().Keys(testCtx(t), DefaultKeyPrefix+"tok:*").Val(); len(stored) != 1 {
+				t.Errorf("tokens in Redis after a lookup: %v; want one", stored)
+			}
+			if after := logs.All()[before:]; len(after) > 0 {
+				t.Errorf("logs of the lookup: %v; want none", after)
+			}
+			r.Client().FlushAll(testCtx(t))
+		})
+	}
+}

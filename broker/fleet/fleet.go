@@ -26,6 +26,9 @@
 // its key, or than a purge it heard of, unusable: an old sealed value
 // written back is not served again.
 //
+// At start, New tries each command the tier sends once, writing nothing,
+// and logs those the Redis ACL user may not run (acl.go).
+//
 // <name> is the HMAC-SHA-256 of the cache key under a subkey of the
 // encryption key (hex), so Redis shows no merchant id, unless
 // Options.PlainKeys is set. The cache key is the associated data of each
@@ -320,10 +323,14 @@ func New(opts Options) (*Cache, error) {
 	var refused redis.Error
 	switch {
 	case err == nil:
+		c.checkCommands(nil)
 	case isAuthError(err):
 		opts.Logger.Error("redis refused the broker's credentials: check the redis settings username and password; this node mints without the shared tier until Redis accepts them",
 			zap.Error(err))
-	case errors.As(err, &refused): // an answer, such as an ACL's NOPERM
+	case refusedCommand(err) != "": // an ACL without SUBSCRIBE: one log with the other missing commands
+		c.checkCommands(err)
+	case errors.As(err, &refused): // an answer, such as an ACL's NOPERM on the channel
+		c.checkCommands(nil)
 		opts.Logger.Warn("redis refused the subscription to the fleet's channel "+c.channel+
 			": this node will not hear purges nor tokens stored by others; grant the broker's user the channel (ACL SETUSER <user> &"+c.channel+")",
 			zap.Error(err))
