@@ -19,13 +19,15 @@ import (
 
 // postForm sends form as a POST to endpoint through client, with the
 // configured client authentication (clientAuth, the assertion's audience
-// being audience), and reads the answer's body (at most MaxResponseBytes;
-// nil when larger). It returns the secrets the request sent, to scrub from
-// what the answer says. what names the endpoint in errors ("PAR
-// endpoint"); they name its host, never its URL. A failure to send the
-// request or to read its answer is a *transportError, except a 429 or 5xx
-// answer whose body could not be read: that is returned with an empty
-// body (see cutAnswerKeepsStatus).
+// being audience), and reads the answer's body (at most MaxResponseBytes).
+// It returns the secrets the request sent, to scrub from what the answer
+// says. what names the endpoint in errors ("PAR endpoint"); they name its
+// host, never its URL. A failure to send the request or to read its answer
+// is a *transportError, and an answer whose body is over MaxResponseBytes
+// a *broker.APIError response_too_large of the answer's status (its cause
+// a *httpclient.TooLargeError), except a 429 or 5xx answer whose body
+// could not be read or is too large: that is returned with an empty body
+// (see cutAnswerKeepsStatus).
 func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint, audience string, form url.Values) (*http.Response, []byte, []string, error) {
 	secret, style, auth, err := c.clientAuth(audience)
 	if err != nil {
@@ -57,9 +59,16 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: %w", what, host, httpclient.RedactURLError(err))}
 	}
 	defer resp.Body.Close()
-	body, _, err := httpclient.ReadBody(resp.Body)
-	if err != nil && !cutAnswerKeepsStatus(resp.StatusCode) {
+	body, tooLarge, err := httpclient.ReadBody(resp.Body)
+	switch {
+	case cutAnswerKeepsStatus(resp.StatusCode):
+		// Classified by its status and Retry-After: a body cut short
+		// or too large is left out.
+	case err != nil:
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: reading the response: %w", what, host, err)}
+	case tooLarge:
+		return nil, nil, nil, &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode, Code: "response_too_large",
+			Description: what, Err: &httpclient.TooLargeError{Host: host}}
 	}
 	return resp, body, secrets, nil
 }

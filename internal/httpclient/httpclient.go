@@ -148,9 +148,24 @@ func ReadBody(r io.Reader) (body []byte, tooLarge bool, err error) {
 	return body, false, nil
 }
 
+// TooLargeError is a provider answer whose body is over MaxResponseBytes:
+// what was read of it is not used.
+type TooLargeError struct {
+	// Host is the host that answered.
+	Host string
+}
+
+// Error says which host answered too much, the limit, and what to check.
+func (e *TooLargeError) Error() string {
+	return fmt.Sprintf("the answer of %s has a body over %d bytes, the limit of a provider answer: "+
+		"check that the configured URL is the provider's endpoint (not a page or a file), or ask the provider why it answers so much", e.Host, MaxResponseBytes)
+}
+
 // LimitBody wraps rt (nil: http.DefaultTransport) so that no response body
 // yields more than MaxResponseBytes, for libraries that read bodies whole
-// (go-oidc's discovery).
+// (go-oidc's discovery and key set): reading past the limit fails with a
+// *TooLargeError, so that the library reports a body too large, not a
+// document cut short.
 func LimitBody(rt http.RoundTripper) http.RoundTripper { return limitBody{rt} }
 
 type limitBody struct{ rt http.RoundTripper }
@@ -162,12 +177,30 @@ func (l limitBody) RoundTrip(r *http.Request) (*http.Response, error) {
 	}
 	resp, err := rt.RoundTrip(r)
 	if err == nil {
-		resp.Body = struct {
-			io.Reader
-			io.Closer
-		}{io.LimitReader(resp.Body, MaxResponseBytes), resp.Body}
+		resp.Body = &limitedBody{r: io.LimitReader(resp.Body, MaxResponseBytes+1), host: r.URL.Host, Closer: resp.Body}
 	}
 	return resp, err
+}
+
+// limitedBody is a response body of LimitBody: r reads one byte more than
+// the limit, to tell a body of exactly MaxResponseBytes from a larger one.
+type limitedBody struct {
+	r    io.Reader
+	n    int64 // bytes read so far
+	host string
+	io.Closer
+}
+
+func (b *limitedBody) Read(p []byte) (int, error) {
+	if b.n > MaxResponseBytes {
+		return 0, &TooLargeError{Host: b.host}
+	}
+	n, err := b.r.Read(p)
+	b.n += int64(n)
+	if over := b.n - MaxResponseBytes; over > 0 {
+		return n - int(over), &TooLargeError{Host: b.host}
+	}
+	return n, err
 }
 
 // CheckURL is the one validator of a provider endpoint URL: absolute

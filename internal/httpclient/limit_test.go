@@ -1,0 +1,50 @@
+package httpclient
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+)
+
+// TestLimitBody: a body of MaxResponseBytes is read whole; one byte more
+// fails with a *TooLargeError naming the host, not an early end.
+func TestLimitBody(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		size     int
+		tooLarge bool
+	}{
+		{"empty", 0, false},
+		{"at the limit", MaxResponseBytes, false},
+		{"one byte over", MaxResponseBytes + 1, true},
+		{"far over", 3 * MaxResponseBytes, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				fmt.Fprint(w, strings.Repeat("x", tc.size))
+			}))
+			defer srv.Close()
+			client := &http.Client{Transport: LimitBody(nil)}
+			resp, err := client.Get(srv.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			body, err := io.ReadAll(resp.Body)
+			var tl *TooLargeError
+			switch {
+			case !tc.tooLarge && (err != nil || len(body) != tc.size):
+				t.Errorf("read %d bytes, %v; want %d", len(body), err, tc.size)
+			case tc.tooLarge && (!errors.As(err, &tl) || tl.Host != Host(srv.URL) || len(body) != MaxResponseBytes):
+				t.Errorf("read %d bytes, %v; want %d and a *TooLargeError for %s", len(body), err, MaxResponseBytes, Host(srv.URL))
+			}
+			if _, err := resp.Body.Read(make([]byte, 8)); tc.tooLarge && !errors.As(err, &tl) {
+				t.Errorf("a read after the limit: %v, want a *TooLargeError", err)
+			}
+		})
+	}
+}
