@@ -143,11 +143,21 @@ func (e *nonceChallengeError) Unwrap() error { return e.err }
 // carried (tokenNonce before it was sent): the answer's DPoP-Nonce
 // header, which the transport remembered, or one a concurrent request
 // learnt meanwhile. Without a new nonce the request would be refused
-// again: err is returned as it is. Config.OnDPoPNonce is told of each
-// challenge with a new nonce.
+// again: err is returned as it is (a temporary failure, Classify), with
+// the *dpop.NonceError of a nonce the key refused (over dpop.MaxNonce
+// bytes, or not a nonce) when the server sent one.
+// Config.OnDPoPNonce is told of each challenge with a new nonce.
 func (c *core) nonceChallenged(err error, endpoint, carried string) error {
 	var ae *broker.APIError
-	if c.cfg.DPoP == nil || !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" || c.tokenNonce(endpoint) == carried {
+	if c.cfg.DPoP == nil || !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" {
+		return err
+	}
+	if c.tokenNonce(endpoint) == carried {
+		if u, perr := url.Parse(endpoint); perr == nil {
+			if refused := c.cfg.DPoP.RefusedNonce(dpop.AuthorizationServer, u); refused != nil {
+				return fmt.Errorf("%w: %w", err, refused)
+			}
+		}
 		return err
 	}
 	if c.cfg.OnDPoPNonce != nil {

@@ -131,11 +131,13 @@ func (d *DPoP) SignCopy(req *http.Request, now time.Time) (*http.Request, error)
 // signed), for the proofs that follow to the resource server at req's
 // origin: a resource server may send a new one with any answer
 // (RFC 9449 §8.2). An ended binding (End) keeps none: its requests left
-// unsigned.
-func (d *DPoP) Observe(req *http.Request, h http.Header) {
+// unsigned. A nonce the key refuses (over dpop.MaxNonce bytes, or not a
+// nonce) is not remembered: Observe returns its *dpop.NonceError, which
+// never holds the nonce, for the log.
+func (d *DPoP) Observe(req *http.Request, h http.Header) error {
 	n := h["Dpop-Nonce"]
 	if len(n) == 0 || d.done.Load() {
-		return
+		return nil
 	}
-	d.key.SetNonce(dpop.ResourceServer, req.URL, n[0])
+	return d.key.SetNonce(dpop.ResourceServer, req.URL, n[0])
 }

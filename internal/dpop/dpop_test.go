@@ -435,3 +435,89 @@ func TestKeyPrinted(t *testing.T) {
 		t.Errorf("nil key: %q", got)
 	}
 }
+
+// TestNonceLimit: nonces up to dpop.MaxNonce (8 KiB) bytes are remembered
+// and carried by the proofs; a larger one, or one with characters a nonce
+// may not hold, is refused with a *dpop.NonceError that names the server,
+// the size and the limit but never the nonce, the nonce before it is kept,
+// and RefusedNonce reports the refusal until a usable nonce comes.
+func TestNonceLimit(t *testing.T) {
+	if dpop.MaxNonce != 8192 {
+		t.Fatalf("MaxNonce %d, want 8192", dpop.MaxNonce)
+	}
+	nonce := func(n int) string { return strings.Repeat("N", n-1) + "z" }
+	for _, tc := range []struct {
+		name     string
+		nonce    string
+		refused  bool
+		badChars bool
+	}{
+		{"one byte", "z", false, false},
+		{"1 KiB", nonce(1024), false, false},
+		{"1.5 KiB", nonce(1536), false, false},
+		{"at the limit", nonce(dpop.MaxNonce), false, false},
+		{"one byte over", nonce(dpop.MaxNonce + 1), true, false},
+		{"1 MiB", nonce(1 << 20), true, false},
+		{"a quote", `bad"nonce`, true, true},
+		{"over the limit, with a space", nonce(dpop.MaxNonce) + " ", true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k, err := dpop.NewKey(testKeys(t)[dpop.EdDSA], "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			as, u := dpop.AuthorizationServer, &url.URL{Scheme: "https", Host: "AS.example:443", Path: "/token"}
+			if err := k.SetNonce(as, u, "before"); err != nil {
+				t.Fatal(err)
+			}
+			err = k.SetNonce(as, u, tc.nonce)
+			if !tc.refused {
+				if err != nil || k.Nonce(as, u) != tc.nonce || k.RefusedNonce(as, u) != nil {
+					t.Fatalf("SetNonce of %d bytes: %v, remembered %d bytes, refusal %v", len(tc.nonce), err, len(k.Nonce(as, u)), k.RefusedNonce(as, u))
+				}
+				proof, err := k.Proof("POST", "https://as.example/token", "", k.Nonce(as, u), time.Now())
+				if err != nil {
+					t.Fatal(err)
+				}
+				if p, err := dpoptest.Verify(proof); err != nil || p.Nonce != tc.nonce {
+					t.Errorf("the proof carries a nonce of %d bytes (%v), want %d", len(p.Nonce), err, len(tc.nonce))
+				}
+				return
+			}
+			ne, ok := err.(*dpop.NonceError)
+			if !ok {
+				t.Fatalf("SetNonce of %d bytes: %T %v, want a *dpop.NonceError", len(tc.nonce), err, err)
+			}
+			if *ne != (dpop.NonceError{Server: as, Origin: "https://as.example", Size: len(tc.nonce), BadChars: tc.badChars}) {
+				t.Errorf("NonceError %+v", *ne)
+			}
+			want := []string{"authorization server https://as.example", fmt.Sprintf("%d bytes", len(tc.nonce))}
+			if !tc.badChars {
+				want = append(want, "over the limit of 8192 bytes", "ask the provider to send shorter nonces")
+			}
+			for _, w := range want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not say %q", err, w)
+				}
+			}
+			if strings.Contains(err.Error(), tc.nonce) || strings.Contains(err.Error(), "NNNN") {
+				t.Errorf("error %q holds the nonce", err)
+			}
+			if k.Nonce(as, u) != "before" {
+				t.Errorf("remembered %d bytes, want the nonce before", len(k.Nonce(as, u)))
+			}
+			if got := k.RefusedNonce(as, u); got == nil || got.Error() != err.Error() {
+				t.Errorf("RefusedNonce %v, want %v", got, err)
+			}
+			if got := k.RefusedNonce(dpop.ResourceServer, u); got != nil {
+				t.Errorf("the resource server at the same origin has a refusal: %v", got)
+			}
+			if _, err := k.Proof("POST", "https://as.example/token", "", tc.nonce, time.Now()); err == nil || strings.Contains(err.Error(), tc.nonce) {
+				t.Errorf("a proof with the refused nonce: %v", err)
+			}
+			if err := k.SetNonce(as, u, "after"); err != nil || k.Nonce(as, u) != "after" || k.RefusedNonce(as, u) != nil {
+				t.Errorf("a usable nonce after the refusal: %v, remembered %q, refusal %v", err, k.Nonce(as, u), k.RefusedNonce(as, u))
+			}
+		})
+	}
+}
