@@ -42,15 +42,23 @@ func newCore(cfg Config) (*core, error) {
 // with the transport it has when the request is sent (one set after the
 // source was built, such as a rate budget's observer, applies), behind
 // dpop.Transport with a DPoP key (a proof on each request; the key
-// remembers the server's nonce).
-func (c *core) tokenClient() *http.Client {
+// remembers the server's nonce). algs are the server's
+// dpop_signing_alg_values_supported, nil when not discovered: the proofs
+// carry the name of the key's algorithm the server lists (dpopKey).
+func (c *core) tokenClient(algs []string) *http.Client {
 	if c.cfg.DPoP == nil {
 		return c.cfg.Client
 	}
 	tc := *c.cfg.Client
-	tc.Transport = dpop.Transport(tc.Transport, c.cfg.DPoP)
+	tc.Transport = dpop.Transport(tc.Transport, c.dpopKey(algs))
 	return &tc
 }
+
+// dpopKey returns the DPoP key as it signs the proofs to an authorization
+// server that lists algs as its dpop_signing_alg_values_supported: an
+// Ed25519 key under the name the server lists (dpop.Key.ForServer), the
+// configured name when it lists none; nil without a key.
+func (c *core) dpopKey(algs []string) *dpop.Key { return c.cfg.DPoP.ForServer(algs) }
 
 // Type names the source type for the broker's errors and metrics.
 func (*core) Type() string { return ProviderName }
@@ -200,7 +208,7 @@ func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Reque
 		form[k] = v
 	}
 	sent := c.cfg.Now()
-	resp, body, auth, err := c.postForm(httpclient.TokenRequest(ctx), c.tokenClient(), "oauth2 token endpoint", ep.Token, ep.Token, form)
+	resp, body, auth, err := c.postForm(httpclient.TokenRequest(ctx), c.tokenClient(ep.dpopAlgs), "oauth2 token endpoint", ep.Token, ep.Token, form)
 	if err != nil {
 		var te *transportError
 		if errors.As(err, &te) && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
@@ -247,9 +255,9 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 	if ae.StatusCode == http.StatusNotFound {
 		c.ep.invalidate()
 	}
-	if ae.Code == "invalid_dpop_proof" && c.cfg.DPoP != nil {
+	if k := c.dpopKey(ep.dpopAlgs); ae.Code == "invalid_dpop_proof" && k != nil {
 		ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",
-			c.cfg.DPoP.Alg(), c.cfg.DPoP.Thumbprint(), c.cfg.DPoP.Alg(), c.cfg.Name)
+			k.Alg(), k.Thumbprint(), k.Alg(), c.cfg.Name)
 	}
 	if ae.Code == "invalid_client" && !ep.supports(c.cfg.AuthMethod) {
 		ae.Description += fmt.Sprintf(" (the provider's discovery document lists token_endpoint_auth_methods_supported %q, without %s)", ep.AuthMethods, c.cfg.AuthMethod)

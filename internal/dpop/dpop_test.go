@@ -161,8 +161,9 @@ func TestParseKeyRefused(t *testing.T) {
 		{"RSA 1024", pemOf(t, small, "pkcs8"), "", "at least 2048: make one with `openssl genpkey -algorithm RSA"},
 		{"ES256 on RSA", pemOf(t, keys[dpop.PS256], "pkcs8"), dpop.ES256, `algorithm ES256 does not fit the key, which is for PS256: set alg = "PS256"`},
 		{"PS256 on EC", pemOf(t, keys[dpop.ES256], "pkcs8"), dpop.PS256, "does not fit the key, which is for ES256"},
-		{"ES256 on Ed25519", pemOf(t, keys[dpop.EdDSA], "pkcs8"), dpop.ES256, "which is for EdDSA"},
-		{"RS256", pemOf(t, keys[dpop.PS256], "pkcs8"), "RS256", `unknown DPoP algorithm "RS256" (known: ES256, PS256, EdDSA)`},
+		{"ES256 on Ed25519", pemOf(t, keys[dpop.EdDSA], "pkcs8"), dpop.ES256, `which is for EdDSA: set alg = "EdDSA" or "Ed25519" or leave alg out`},
+		{"Ed25519 on EC", pemOf(t, keys[dpop.ES256], "pkcs8"), dpop.Ed25519, `algorithm Ed25519 does not fit the key, which is for ES256: set alg = "ES256"`},
+		{"RS256", pemOf(t, keys[dpop.PS256], "pkcs8"), "RS256", `unknown DPoP algorithm "RS256" (known: ES256, PS256, EdDSA, Ed25519)`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := dpop.ParseKey(tc.pem, tc.alg)
@@ -519,5 +520,72 @@ func TestNonceLimit(t *testing.T) {
 				t.Errorf("a usable nonce after the refusal: %v, remembered %q, refusal %v", err, k.Nonce(as, u), k.RefusedNonce(as, u))
 			}
 		})
+	}
+}
+
+// TestEd25519Name: an Ed25519 key takes alg EdDSA or Ed25519 (RFC 9864),
+// its proofs carry the name configured, and ForServer gives the key under
+// the name an authorization server lists (Ed25519 first), sharing the
+// thumbprint and the nonces; other keys keep their name.
+func TestEd25519Name(t *testing.T) {
+	keys := testKeys(t)
+	edPEM := pemOf(t, keys[dpop.EdDSA], "pkcs8")
+	byName := map[string]*dpop.Key{}
+	for _, alg := range []string{"", dpop.EdDSA, dpop.Ed25519} {
+		k, err := dpop.ParseKey(edPEM, alg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		byName[alg] = k
+	}
+	if byName[""].Alg() != dpop.EdDSA || byName[dpop.Ed25519].Alg() != dpop.Ed25519 || byName[dpop.Ed25519].Thumbprint() != byName[""].Thumbprint() {
+		t.Fatalf("algs %s, %s; thumbprints %s, %s", byName[""].Alg(), byName[dpop.Ed25519].Alg(), byName[""].Thumbprint(), byName[dpop.Ed25519].Thumbprint())
+	}
+	for _, tc := range []struct {
+		name       string
+		configured string
+		listed     []string
+		want       string
+	}{
+		{"default, no list", "", nil, dpop.EdDSA},
+		{"Ed25519, no list", dpop.Ed25519, nil, dpop.Ed25519},
+		{"default, Ed25519 listed", "", []string{"ES256", "Ed25519"}, dpop.Ed25519},
+		{"default, both listed", "", []string{"EdDSA", "Ed25519"}, dpop.Ed25519},
+		{"default, EdDSA listed", "", []string{"EdDSA"}, dpop.EdDSA},
+		{"Ed25519, EdDSA listed", dpop.Ed25519, []string{"EdDSA", "ES256"}, dpop.EdDSA},
+		{"Ed25519, neither listed", dpop.Ed25519, []string{"ES256"}, dpop.Ed25519},
+		{"EdDSA, Ed25519 listed", dpop.EdDSA, []string{"Ed25519"}, dpop.Ed25519},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k := byName[tc.configured]
+			sk := k.ForServer(tc.listed)
+			if sk.Alg() != tc.want || sk.Thumbprint() != k.Thumbprint() || k.ForServer(tc.listed) != sk {
+				t.Fatalf("ForServer(%q): %v, want %s with thumbprint %s, the same each time", tc.listed, sk, tc.want, k.Thumbprint())
+			}
+			proof, err := sk.Proof("POST", "https://as.example/token", "", "", time.Now())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if p, err := dpoptest.Verify(proof); err != nil || p.Alg != tc.want || p.JKT != k.Thumbprint() {
+				t.Errorf("proof alg %q jkt %s (%v), want %s %s", p.Alg, p.JKT, err, tc.want, k.Thumbprint())
+			}
+			u := &url.URL{Scheme: "https", Host: "as.example"}
+			if err := sk.SetNonce(dpop.AuthorizationServer, u, "n-"+tc.name[:3]); err != nil || k.Nonce(dpop.AuthorizationServer, u) != "n-"+tc.name[:3] {
+				t.Errorf("a nonce remembered through ForServer's key is not the key's: %q (%v)", k.Nonce(dpop.AuthorizationServer, u), err)
+			}
+		})
+	}
+	for _, alg := range []string{dpop.ES256, dpop.PS256} {
+		k, err := dpop.NewKey(keys[alg], "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if k.ForServer([]string{"Ed25519", "EdDSA"}) != k {
+			t.Errorf("ForServer changed a %s key", alg)
+		}
+	}
+	var none *dpop.Key
+	if none.ForServer([]string{"Ed25519"}) != nil {
+		t.Error("ForServer of no key is a key")
 	}
 }
