@@ -214,6 +214,10 @@ func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Reque
 		if errors.As(err, &te) && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
 			c.ep.invalidate()
 		}
+		if ae, ok := errors.AsType[*broker.APIError](err); ok {
+			// An answer too large: a 404 still says the endpoint moved.
+			return broker.Token{}, nil, c.tokenError(ep, ae)
+		}
 		return broker.Token{}, nil, err
 	}
 	secrets = append(secrets, auth...)

@@ -67,11 +67,15 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 	case err != nil:
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: reading the response: %w", what, host, err)}
 	case tooLarge:
-		return nil, nil, nil, &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode, Code: "response_too_large",
+		return nil, nil, nil, &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode, Code: codeTooLarge,
 			Description: what, Err: &httpclient.TooLargeError{Host: host}}
 	}
 	return resp, body, secrets, nil
 }
+
+// codeTooLarge is the code of the *broker.APIError of an answer whose
+// body is over httpclient.MaxResponseBytes (postForm).
+const codeTooLarge = "response_too_large"
 
 // cutAnswerKeepsStatus reports whether an answer of status whose body was
 // cut short is still that status, with its Retry-After: a 429 or a 5xx,

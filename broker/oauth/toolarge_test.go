@@ -16,10 +16,12 @@ import (
 )
 
 // TestAnswersOverTheLimit: an answer whose body is over
-// httpclient.MaxResponseBytes, from the token endpoint, the PAR endpoint
+// httpclient.MaxResponseBytes, from the token, PAR or revocation endpoint
 // or the discovery document, fails with an error that says so (the
 // endpoint, its host, the limit, what to check), never as a document
-// that is not JSON; a 429 or 5xx keeps its status and Retry-After.
+// that is not JSON; a 429 or 5xx keeps its status and Retry-After, a 404
+// of the token endpoint makes the endpoints discovered again, and a 2xx
+// revocation succeeds.
 func TestAnswersOverTheLimit(t *testing.T) {
 	big := `{"access_token":"` + strings.Repeat("a", httpclient.MaxResponseBytes) + `","token_type":"Bearer","request_uri":"urn:x"}`
 	limit := fmt.Sprintf("over %d bytes", httpclient.MaxResponseBytes)
@@ -60,6 +62,13 @@ func TestAnswersOverTheLimit(t *testing.T) {
 		}
 		return err
 	}
+	revoke := func(srv *httptest.Server) error {
+		src, err := NewClientCredentials(Config{TokenURL: srv.URL + "/token", RevocationURL: srv.URL + "/revoke", ClientID: "id", ClientSecret: secretValue})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return src.Revoke(context.Background(), "at-1", "access_token")
+	}
 	for _, tc := range []struct {
 		name   string
 		path   string
@@ -85,6 +94,21 @@ func TestAnswersOverTheLimit(t *testing.T) {
 		{name: "discovered token endpoint 200", path: "/token", status: 200, code: "response_too_large", host: true,
 			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
 			want: []string{"oauth2 token endpoint", limit}},
+		{name: "discovered token endpoint 404", path: "/token", status: 404, code: "response_too_large", host: true,
+			call: func(srv *httptest.Server) error {
+				src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "id", ClientSecret: secretValue})
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, err = src.Token(context.Background(), broker.Request{Merchant: "m"})
+				if src.ep.cached() != nil {
+					t.Error("the endpoints are still cached after a 404: the token endpoint may have moved")
+				}
+				return err
+			},
+			want: []string{"oauth2 token endpoint", limit}},
+		{name: "revocation endpoint 400", path: "/revoke", status: 400, code: "response_too_large", host: true, call: revoke,
+			want: []string{"oauth2 revocation endpoint", limit}},
 		{name: "discovery document", path: "/.well-known/openid-configuration", status: 200, temp: true, host: true,
 			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
 			want: []string{"oauth2 discovery of issuer", limit, "the limit of a provider answer"}},
@@ -145,4 +169,11 @@ func TestAnswersOverTheLimit(t *testing.T) {
 			}
 		})
 	}
+	// A revocation answered 2xx succeeded, whatever its body (RFC 7009
+	// §2.2 reads the status).
+	t.Run("revocation endpoint 200", func(t *testing.T) {
+		if err := revoke(answer(t, "/revoke", 200, nil)); err != nil {
+			t.Errorf("revocation answered 200 with a large body: %v, want success", err)
+		}
+	})
 }
