@@ -38,6 +38,9 @@ type DPoP struct {
 	// done: End was called; Sign sends no credential, Observe keeps no
 	// nonce.
 	done atomic.Bool
+	// nonceRefused: the last answer Observe saw carried a DPoP-Nonce the
+	// key refused (over dpop.MaxNonce bytes, or not a nonce).
+	nonceRefused atomic.Bool
 }
 
 // NewDPoP returns a request's DPoP binding to k (not nil); SetToken gives
@@ -133,11 +136,17 @@ func (d *DPoP) SignCopy(req *http.Request, now time.Time) (*http.Request, error)
 // (RFC 9449 §8.2). An ended binding (End) keeps none: its requests left
 // unsigned. A nonce the key refuses (over dpop.MaxNonce bytes, or not a
 // nonce) is not remembered: Observe returns its *dpop.NonceError, which
-// never holds the nonce, for the log.
+// never holds the nonce, for the log, and a nonce challenge in that answer
+// is not answered with a retry (Retry.Forward): its proof could not carry
+// the nonce either.
 func (d *DPoP) Observe(req *http.Request, h http.Header) error {
-	n := h["Dpop-Nonce"]
-	if len(n) == 0 || d.done.Load() {
+	if d.done.Load() {
 		return nil
 	}
-	return d.key.SetNonce(dpop.ResourceServer, req.URL, n[0])
+	var err error
+	if n := h["Dpop-Nonce"]; len(n) > 0 {
+		err = d.key.SetNonce(dpop.ResourceServer, req.URL, n[0])
+	}
+	d.nonceRefused.Store(err != nil)
+	return err
 }

@@ -358,8 +358,9 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 		return
 	}
 	// Only a DPoP-bound request is sent again on a nonce challenge: a
-	// bearer request has no proof to carry the nonce.
-	rr.challenged = rr.dpop != nil && nonceChallenge(status, rr.Header())
+	// bearer request has no proof to carry the nonce, nor does one whose
+	// answer's nonce the key refused (DPoP.Observe).
+	rr.challenged = rr.dpop != nil && nonceChallenge(status, rr.Header()) && !rr.dpop.nonceRefused.Load()
 	if rr.mode != "off" {
 		rr.rejected = !rr.challenged && rejectsToken(rr.mode, status, rr.Header())
 	}
