@@ -106,19 +106,19 @@ func (k *Key) nonce(key []byte) string {
 }
 
 // SetNonce remembers the DPoP-Nonce a server of kind s at the origin of u
-// (as for Nonce) sent, for the proofs that follow to that server. A value
-// that is not a usable nonce (empty, over MaxNonce bytes, or with
-// characters RFC 9449 §8.1 does not allow) is not remembered: SetNonce
-// returns its *NonceError (never "" alone), which RefusedNonce returns too
-// until the server sends a nonce that is remembered. At most 64 servers
-// are kept: a new one beyond that replaces an arbitrary one. It allocates
-// only when it stores a new nonce or a refusal.
+// (as for Nonce) sent, for the proofs that follow to that server. An
+// empty value is ignored. A value over MaxNonce bytes, or with characters
+// RFC 9449 §8.1 does not allow, is not remembered: SetNonce returns its
+// *NonceError, which RefusedNonce returns too until the server sends a
+// nonce that is remembered; the proofs keep the nonce before it. At most
+// 64 servers are kept: a new one beyond that replaces an arbitrary one.
+// It allocates only when it stores a new nonce or a refusal.
 func (k *Key) SetNonce(s Server, u *url.URL, nonce string) error {
-	var b [128]byte
-	key := nonceKey(b[:0], s, u)
 	if nonce == "" {
 		return nil
 	}
+	var b [128]byte
+	key := nonceKey(b[:0], s, u)
 	e := nonceEntry{value: nonce}
 	if !checkNonce(nonce) {
 		e = nonceEntry{refused: len(nonce), badChars: len(nonce) <= maxNonce}
