@@ -73,8 +73,8 @@ type Key struct {
 // P-256 -> ES256, RSA (2048 bits or more) -> PS256, Ed25519 -> EdDSA. A
 // given alg must fit the key: an Ed25519 key takes EdDSA or Ed25519 (the
 // same algorithm, RFC 9864), the name its proofs carry unless a server
-// lists only the other (ForServer). Errors say what is wrong and what to do; they
-// never quote the key.
+// lists only the other (ForServer). Errors say what is wrong and what to
+// do; they never quote the key.
 func ParseKey(pemBytes []byte, alg string) (*Key, error) {
 	key, err := pemkey.Parse(pemBytes)
 	if err != nil {

@@ -81,7 +81,7 @@ func (e *NonceError) Error() string {
 			"the proofs cannot carry it; ask the provider to fix its nonces", e.Server, e.Origin, e.Size)
 	}
 	return fmt.Sprintf("the DPoP %s %s sent a DPoP-Nonce of %d bytes, over the limit of %d bytes a proof carries: "+
-		"the proofs cannot carry it, and the server refuses them without it; ask the provider to send shorter nonces", e.Server, e.Origin, e.Size, MaxNonce)
+		"the proofs cannot carry it, and a server that demands it refuses them; ask the provider to send shorter nonces", e.Server, e.Origin, e.Size, MaxNonce)
 }
 
 // Nonce returns the last DPoP-Nonce remembered for the server of kind s
