@@ -23,11 +23,11 @@ import (
 // It returns the secrets the request sent, to scrub from what the answer
 // says. what names the endpoint in errors ("PAR endpoint"); they name its
 // host, never its URL. A failure to send the request or to read its answer
-// is a *transportError, and an answer whose body is over MaxResponseBytes
-// a *broker.APIError response_too_large of the answer's status (its cause
-// a *httpclient.TooLargeError), except a 429 or 5xx answer whose body
-// could not be read or is too large: that is returned with an empty body
-// (see cutAnswerKeepsStatus).
+// is a *transportError, except a 429 or 5xx answer whose body could not
+// be read: that is returned with an empty body (see cutAnswerKeepsStatus).
+// An answer whose body is over MaxResponseBytes, of any status, is a
+// *broker.APIError broker.CodeTooLarge of the answer's status and
+// Retry-After (its cause a *httpclient.TooLargeError).
 func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint, audience string, form url.Values) (*http.Response, []byte, []string, error) {
 	secret, style, auth, err := c.clientAuth(audience)
 	if err != nil {
@@ -61,21 +61,19 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 	defer resp.Body.Close()
 	body, tooLarge, err := httpclient.ReadBody(resp.Body)
 	switch {
-	case cutAnswerKeepsStatus(resp.StatusCode):
+	case err != nil && cutAnswerKeepsStatus(resp.StatusCode):
 		// Classified by its status and Retry-After: a body cut short
-		// or too large is left out.
+		// is left out.
 	case err != nil:
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: reading the response: %w", what, host, err)}
 	case tooLarge:
-		return nil, nil, nil, &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode, Code: codeTooLarge,
-			Description: what, Err: &httpclient.TooLargeError{Host: host}}
+		// Of any status: a 429 or 5xx keeps its class and Retry-After.
+		ae := c.apiError(resp, broker.CodeTooLarge, what, nil)
+		ae.Err = &httpclient.TooLargeError{Host: host}
+		return nil, nil, nil, ae
 	}
 	return resp, body, secrets, nil
 }
-
-// codeTooLarge is the code of the *broker.APIError of an answer whose
-// body is over httpclient.MaxResponseBytes (postForm).
-const codeTooLarge = "response_too_large"
 
 // cutAnswerKeepsStatus reports whether an answer of status whose body was
 // cut short is still that status, with its Retry-After: a 429 or a 5xx,

@@ -83,14 +83,18 @@ func TestAnswersOverTheLimit(t *testing.T) {
 	}{
 		{name: "token endpoint 200", path: "/token", status: 200, code: "response_too_large", host: true,
 			call: func(srv *httptest.Server) error { return token(Config{TokenURL: srv.URL + "/token"}) },
-			want: []string{"oauth2 token endpoint", limit, "the limit of a provider answer", "check that the configured URL is the provider's endpoint"}},
+			want: []string{"oauth2 token endpoint", limit, "the limit of an answer the token broker reads", "check that the configured URL is the server's endpoint"}},
 		{name: "token endpoint 400", path: "/token", status: 400, code: "response_too_large", host: true,
 			call: func(srv *httptest.Server) error { return token(Config{TokenURL: srv.URL + "/token"}) },
 			want: []string{"oauth2 token endpoint", limit}},
 		{name: "token endpoint 503 keeps its status and Retry-After", path: "/token", status: 503, header: http.Header{"Retry-After": {"7"}},
-			retry: 7 * time.Second, temp: true,
+			code: "response_too_large", host: true, retry: 7 * time.Second, temp: true,
 			call: func(srv *httptest.Server) error { return token(Config{TokenURL: srv.URL + "/token"}) },
-			want: []string{"503", "Service Unavailable"}},
+			want: []string{"answered 503", "oauth2 token endpoint", limit}},
+		{name: "token endpoint 429 keeps its status and Retry-After", path: "/token", status: 429, header: http.Header{"Retry-After": {"9"}},
+			code: "response_too_large", host: true, retry: 9 * time.Second, temp: true,
+			call: func(srv *httptest.Server) error { return token(Config{TokenURL: srv.URL + "/token"}) },
+			want: []string{"answered 429", "oauth2 token endpoint", limit}},
 		{name: "discovered token endpoint 200", path: "/token", status: 200, code: "response_too_large", host: true,
 			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
 			want: []string{"oauth2 token endpoint", limit}},
@@ -111,7 +115,10 @@ func TestAnswersOverTheLimit(t *testing.T) {
 			want: []string{"oauth2 revocation endpoint", limit}},
 		{name: "discovery document", path: "/.well-known/openid-configuration", status: 200, temp: true, host: true,
 			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
-			want: []string{"oauth2 discovery of issuer", limit, "the limit of a provider answer"}},
+			want: []string{"oauth2 discovery of issuer", limit, "the limit of an answer the token broker reads", "(status 200)"}},
+		{name: "discovery document 503", path: "/.well-known/openid-configuration", status: 503, temp: true, host: true,
+			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
+			want: []string{"oauth2 discovery of issuer", limit, "(status 503)"}},
 		{name: "PAR endpoint 201", path: "/par", status: 201, code: "response_too_large", host: true,
 			call: func(srv *httptest.Server) error {
 				src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{})
@@ -158,7 +165,7 @@ func TestAnswersOverTheLimit(t *testing.T) {
 				t.Errorf("temporary %v, want %v: %v", broker.IsTemporary(err), tc.temp, err)
 			}
 			var ae *broker.APIError
-			if tc.code == "" && tc.status < 500 {
+			if tc.code == "" {
 				return
 			}
 			if !errors.As(err, &ae) {
@@ -166,6 +173,9 @@ func TestAnswersOverTheLimit(t *testing.T) {
 			}
 			if ae.Code != tc.code || ae.StatusCode != tc.status || ae.RetryAfter != tc.retry {
 				t.Errorf("APIError code %q status %d Retry-After %v, want %q %d %v", ae.Code, ae.StatusCode, ae.RetryAfter, tc.code, tc.status, tc.retry)
+			}
+			if tl := (*httpclient.TooLargeError)(nil); !errors.As(ae, &tl) || tl.Host != httpclient.Host(srv.URL) {
+				t.Errorf("APIError %v: cause %v, want a *httpclient.TooLargeError for %s", ae, ae.Err, httpclient.Host(srv.URL))
 			}
 		})
 	}
