@@ -521,6 +521,24 @@ func TestNonceLimit(t *testing.T) {
 			}
 		})
 	}
+	// The nonce kept through a refusal, sent again, is the server's
+	// nonce once more: the refusal is over.
+	t.Run("same nonce re-sent after a refusal", func(t *testing.T) {
+		k, err := dpop.NewKey(testKeys(t)[dpop.EdDSA], "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		as, u := dpop.AuthorizationServer, &url.URL{Scheme: "https", Host: "as.example"}
+		if err := k.SetNonce(as, u, "A"); err != nil {
+			t.Fatal(err)
+		}
+		if err := k.SetNonce(as, u, nonce(9000)); err == nil {
+			t.Fatal("a nonce of 9000 bytes was not refused")
+		}
+		if err := k.SetNonce(as, u, "A"); err != nil || k.Nonce(as, u) != "A" || k.RefusedNonce(as, u) != nil {
+			t.Errorf("nonce A re-sent after a refusal: %v, remembered %q, refusal %v; want A and no refusal", err, k.Nonce(as, u), k.RefusedNonce(as, u))
+		}
+	})
 }
 
 // TestEd25519Name: an Ed25519 key takes alg EdDSA or Ed25519 (RFC 9864),
@@ -541,7 +559,7 @@ func TestEd25519Name(t *testing.T) {
 	if byName[""].Alg() != dpop.EdDSA || byName[dpop.Ed25519].Alg() != dpop.Ed25519 || byName[dpop.Ed25519].Thumbprint() != byName[""].Thumbprint() {
 		t.Fatalf("algs %s, %s; thumbprints %s, %s", byName[""].Alg(), byName[dpop.Ed25519].Alg(), byName[""].Thumbprint(), byName[dpop.Ed25519].Thumbprint())
 	}
-	for _, tc := range []struct {
+	for i, tc := range []struct {
 		name       string
 		configured string
 		listed     []string
@@ -559,6 +577,12 @@ func TestEd25519Name(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			k := byName[tc.configured]
 			sk := k.ForServer(tc.listed)
+			// The same key under the other name.
+			other := dpop.EdDSA
+			if sk.Alg() == dpop.EdDSA {
+				other = dpop.Ed25519
+			}
+			ok := k.ForServer([]string{other})
 			if sk.Alg() != tc.want || sk.Thumbprint() != k.Thumbprint() || k.ForServer(tc.listed) != sk {
 				t.Fatalf("ForServer(%q): %v, want %s with thumbprint %s, the same each time", tc.listed, sk, tc.want, k.Thumbprint())
 			}
@@ -570,8 +594,13 @@ func TestEd25519Name(t *testing.T) {
 				t.Errorf("proof alg %q jkt %s (%v), want %s %s", p.Alg, p.JKT, err, tc.want, k.Thumbprint())
 			}
 			u := &url.URL{Scheme: "https", Host: "as.example"}
-			if err := sk.SetNonce(dpop.AuthorizationServer, u, "n-"+tc.name[:3]); err != nil || k.Nonce(dpop.AuthorizationServer, u) != "n-"+tc.name[:3] {
-				t.Errorf("a nonce remembered through ForServer's key is not the key's: %q (%v)", k.Nonce(dpop.AuthorizationServer, u), err)
+			nonce := fmt.Sprintf("n-%d", i) // not any other case's: the keys outlive the case
+			if ok.Alg() != other {
+				t.Fatalf("ForServer([%s]) signs as %s", other, ok.Alg())
+			}
+			if err := sk.SetNonce(dpop.AuthorizationServer, u, nonce); err != nil || ok.Nonce(dpop.AuthorizationServer, u) != nonce || k.Nonce(dpop.AuthorizationServer, u) != nonce {
+				t.Errorf("nonce %q remembered through ForServer's %s key: %q under %s, %q under the configured name (%v)",
+					nonce, sk.Alg(), ok.Nonce(dpop.AuthorizationServer, u), other, k.Nonce(dpop.AuthorizationServer, u), err)
 			}
 		})
 	}

@@ -122,7 +122,7 @@ func (k *Key) SetNonce(s Server, u *url.URL, nonce string) error {
 	e := nonceEntry{value: nonce}
 	if !checkNonce(nonce) {
 		e = nonceEntry{refused: len(nonce), badChars: len(nonce) <= maxNonce}
-	} else if k.nonce(key) == nonce {
+	} else if k.kept(key, nonce) {
 		return nil
 	}
 	o := string(key)
@@ -145,6 +145,16 @@ func (k *Key) SetNonce(s Server, u *url.URL, nonce string) error {
 	old.refused, old.badChars = e.refused, e.badChars
 	k.nonces.m[o] = old
 	return nonceError(s, o, old)
+}
+
+// kept reports whether nonce is the one remembered under key (nonceKey)
+// with no refusal since: storing it again would change nothing. A nonce
+// re-sent after a refusal is stored again, which clears the refusal.
+func (k *Key) kept(key []byte, nonce string) bool {
+	k.nonces.mu.RLock()
+	defer k.nonces.mu.RUnlock()
+	e := k.nonces.m[string(key)]
+	return e.value == nonce && e.refused == 0
 }
 
 // RefusedNonce returns the *NonceError of the last nonce the server of
