@@ -38,9 +38,10 @@ type DPoP struct {
 	// done: End was called; Sign sends no credential, Observe keeps no
 	// nonce.
 	done atomic.Bool
-	// nonceRefused: the last answer Observe saw carried a DPoP-Nonce the
-	// key refused (over dpop.MaxNonce bytes, or not a nonce).
-	nonceRefused atomic.Bool
+	// refused is the refusal of the DPoP-Nonce the last answer Observe
+	// saw carried, when the key refused it (over dpop.MaxNonce bytes, or
+	// not a nonce); nil otherwise. It never holds the nonce.
+	refused atomic.Pointer[dpop.NonceError]
 }
 
 // NewDPoP returns a request's DPoP binding to k (not nil); SetToken gives
@@ -136,17 +137,21 @@ func (d *DPoP) SignCopy(req *http.Request, now time.Time) (*http.Request, error)
 // (RFC 9449 §8.2). An ended binding (End) keeps none: its requests left
 // unsigned. A nonce the key refuses (over dpop.MaxNonce bytes, or not a
 // nonce) is not remembered: Observe returns its *dpop.NonceError, which
-// never holds the nonce, for the log, and a nonce challenge in that answer
-// is not answered with a retry (Retry.Forward): its proof could not carry
-// the nonce either.
+// never holds the nonce, and keeps it for the answer: a nonce challenge in
+// that answer is not answered with a retry, its proof could not carry the
+// nonce either; Retry.Forward passes it on and reports the refusal
+// (Retry.NonceRefused).
 func (d *DPoP) Observe(req *http.Request, h http.Header) error {
 	if d.done.Load() {
 		return nil
 	}
-	var err error
+	var ne *dpop.NonceError
 	if n := h["Dpop-Nonce"]; len(n) > 0 {
-		err = d.key.SetNonce(dpop.ResourceServer, req.URL, n[0])
+		ne, _ = d.key.SetNonce(dpop.ResourceServer, req.URL, n[0]).(*dpop.NonceError)
 	}
-	d.nonceRefused.Store(err != nil)
-	return err
+	d.refused.Store(ne)
+	if ne == nil {
+		return nil
+	}
+	return ne
 }

@@ -212,6 +212,8 @@ func TestRetryDPoP(t *testing.T) {
 		wantSeen   []string
 		wantEvents []string
 		wantNonce  int
+		// wantRefused: NonceRefused is told once of a *dpop.NonceError.
+		wantRefused bool
 	}{
 		{name: "unsigned 401", wantErr: ErrUnsigned, wantSeen: []string{""}},
 		{name: "unsigned 401, retry off", mode: "off", wantErr: ErrUnsigned, wantSeen: []string{""}},
@@ -228,9 +230,11 @@ func TestRetryDPoP(t *testing.T) {
 		{name: "signed, nonce challenge twice: the second is the caller's", sign: true, nonce: 2, wantCode: 401,
 			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantNonce: 1},
 		{name: "signed, nonce challenge with a nonce over the limit: passed on, not sent again", sign: true, nonce: 1,
-			nonceValue: strings.Repeat("n", dpop.MaxNonce+1), wantCode: 401, wantSeen: []string{"DPoP tok"}},
+			nonceValue: strings.Repeat("n", dpop.MaxNonce+1), wantCode: 401, wantSeen: []string{"DPoP tok"}, wantRefused: true},
 		{name: "signed, any: nonce challenge with a nonce over the limit: nothing purged", mode: "any", sign: true, nonce: 1,
-			nonceValue: strings.Repeat("n", dpop.MaxNonce+1), wantCode: 401, wantSeen: []string{"DPoP tok"}},
+			nonceValue: strings.Repeat("n", dpop.MaxNonce+1), wantCode: 401, wantSeen: []string{"DPoP tok"}, wantRefused: true},
+		{name: "signed, retry off: nonce challenge with a nonce over the limit", mode: "off", sign: true, nonce: 1,
+			nonceValue: strings.Repeat("n", dpop.MaxNonce+1), wantCode: 401, wantSeen: []string{"DPoP tok"}, wantRefused: true},
 		{name: "signed, nonce challenge then the token rejected: purged", sign: true, nonce: 1, bad: "tok", wantCode: 401,
 			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantEvents: []string{"purge tok"}, wantNonce: 1},
 		{name: "signed, nonce challenge, body over the limit: passed on, not counted", sign: true, nonce: 1,
@@ -272,7 +276,9 @@ func TestRetryDPoP(t *testing.T) {
 			}
 			tokens := &fakeTokens{fresh: dpopEntry{entry{broker.Token{Value: "new"}}}}
 			nonces := 0
-			rt := Retry{Mode: tt.mode, Tokens: tokens, DPoP: d, NonceChallenged: func(*broker.Binding) { nonces++ }}
+			var refusals []error
+			rt := Retry{Mode: tt.mode, Tokens: tokens, DPoP: d, NonceChallenged: func(*broker.Binding) { nonces++ },
+				NonceRefused: func(_ *broker.Binding, err error) { refusals = append(refusals, err) }}
 			out := Contract{}
 			body := tt.body
 			if body == "" {
@@ -298,6 +304,10 @@ func TestRetryDPoP(t *testing.T) {
 			if !slices.Equal(up.seen, tt.wantSeen) || !slices.Equal(tokens.events, tt.wantEvents) || nonces != tt.wantNonce {
 				t.Errorf("upstream saw %q, events %q, %d nonce challenges; want %q, %q, %d",
 					up.seen, tokens.events, nonces, tt.wantSeen, tt.wantEvents, tt.wantNonce)
+			}
+			var ne *dpop.NonceError
+			if tt.wantRefused != (len(refusals) == 1 && errors.As(refusals[0], &ne) && ne.Size == len(tt.nonceValue)) || len(refusals) > 1 {
+				t.Errorf("NonceRefused told %v; want one *dpop.NonceError: %v", refusals, tt.wantRefused)
 			}
 		})
 	}
