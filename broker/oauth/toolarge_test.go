@@ -69,6 +69,24 @@ func TestAnswersOverTheLimit(t *testing.T) {
 		}
 		return src.Revoke(context.Background(), "at-1", "access_token")
 	}
+	par := func(srv *httptest.Server) error {
+		src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, ReturnURLs: []string{"https://app.partner.example/consent/"}, PAR: true},
+			&Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
+		if err != nil {
+			t.Fatal(err)
+		}
+		link, err := flow.NewLink(context.Background(), "acme", "https://app.partner.example/consent/done", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, _ := url.Parse(link.URL)
+		_, _, err = flow.Start(context.Background(), u.Query().Get("link"), u.Host)
+		return err
+	}
 	for _, tc := range []struct {
 		name   string
 		path   string
@@ -80,6 +98,8 @@ func TestAnswersOverTheLimit(t *testing.T) {
 		retry  time.Duration
 		temp   bool
 		want   []string // in the message
+		// consentCode is the *ConsentError's Code; "" when not checked.
+		consentCode string
 	}{
 		{name: "token endpoint 200", path: "/token", status: 200, code: "response_too_large", host: true,
 			call: func(srv *httptest.Server) error { return token(Config{TokenURL: srv.URL + "/token"}) },
@@ -119,26 +139,13 @@ func TestAnswersOverTheLimit(t *testing.T) {
 		{name: "discovery document 503", path: "/.well-known/openid-configuration", status: 503, temp: true, host: true,
 			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
 			want: []string{"oauth2 discovery of issuer", limit, "(status 503)"}},
-		{name: "PAR endpoint 201", path: "/par", status: 201, code: "response_too_large", host: true,
-			call: func(srv *httptest.Server) error {
-				src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{})
-				if err != nil {
-					t.Fatal(err)
-				}
-				flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, ReturnURLs: []string{"https://app.partner.example/consent/"}, PAR: true},
-					&Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
-				if err != nil {
-					t.Fatal(err)
-				}
-				link, err := flow.NewLink(context.Background(), "acme", "https://app.partner.example/consent/done", "")
-				if err != nil {
-					t.Fatal(err)
-				}
-				u, _ := url.Parse(link.URL)
-				_, _, err = flow.Start(context.Background(), u.Query().Get("link"), u.Host)
-				return err
-			},
+		{name: "PAR endpoint 201", path: "/par", status: 201, code: "response_too_large", host: true, call: par,
 			want: []string{"PAR endpoint", limit}},
+		// A refusal whose error code was in the body not read: its code
+		// is unknown, with a hint about the size, not the provider's.
+		{name: "PAR endpoint 400", path: "/par", status: 400, code: "response_too_large", host: true, call: par,
+			consentCode: "unknown",
+			want:        []string{"PAR endpoint", limit, "check that par_url (or the discovery document's pushed_authorization_request_endpoint) is the provider's PAR endpoint"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			srv := answer(t, tc.path, tc.status, tc.header)
@@ -156,7 +163,10 @@ func TestAnswersOverTheLimit(t *testing.T) {
 					t.Errorf("error %q does not say %q", msg, w)
 				}
 			}
-			for _, bad := range []string{"not a JSON", "decode", "unexpected end", "aaaaaaaa"} {
+			if ce := (*ConsentError)(nil); tc.consentCode != "" && (!errors.As(err, &ce) || ce.Code != tc.consentCode) {
+				t.Errorf("err %v, want a *ConsentError of code %q", err, tc.consentCode)
+			}
+			for _, bad := range []string{"not a JSON", "decode", "unexpected end", "aaaaaaaa", "check the client's registration"} {
 				if strings.Contains(msg, bad) {
 					t.Errorf("error %q says %q", msg, bad)
 				}
