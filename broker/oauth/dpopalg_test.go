@@ -138,3 +138,36 @@ func TestDPoPEd25519Name(t *testing.T) {
 		})
 	}
 }
+
+// TestDPoPEd25519NameInTokenTypeError: a token endpoint that answers
+// Bearer to a proof signed under the name its metadata lists is told
+// about that name, the one sent, not the configured one.
+func TestDPoPEd25519NameInTokenTypeError(t *testing.T) {
+	var srv *httptest.Server
+	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Path == "/.well-known/openid-configuration" {
+			json.NewEncoder(w).Encode(map[string]any{"issuer": srv.URL, "authorization_endpoint": srv.URL + "/authorize",
+				"token_endpoint": srv.URL + "/token", "jwks_uri": srv.URL + "/jwks", "dpop_signing_alg_values_supported": []string{"Ed25519"}})
+			return
+		}
+		fmt.Fprint(w, `{"access_token":"at-1","token_type":"Bearer","expires_in":600}`)
+	}))
+	defer srv.Close()
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := dpop.NewKey(priv, "") // EdDSA
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := NewClientCredentials(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue, DPoP: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = src.Token(context.Background(), broker.Request{Merchant: "m1"})
+	if err == nil || !strings.Contains(err.Error(), "dpop_signing_alg_values_supported lists Ed25519") || strings.Contains(err.Error(), "EdDSA") {
+		t.Errorf("err = %v, want unsupported_token_type naming Ed25519, the alg sent, not EdDSA", err)
+	}
+}

@@ -226,7 +226,7 @@ func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Reque
 		return broker.Token{}, nil, err
 	}
 	secrets = append(secrets, tok.AccessToken, tok.RefreshToken)
-	t, err := c.parse(tok, req, sent)
+	t, err := c.parse(ep, tok, req, sent)
 	if err != nil {
 		return broker.Token{}, tok, scrubError(err, secrets)
 	}
@@ -269,9 +269,10 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 	return ae
 }
 
-// parse checks a successful response and computes the token's expiry.
-func (c *core) parse(tok *oauth2.Token, req broker.Request, sent time.Time) (broker.Token, error) {
-	typ, err := c.tokenType(tok.TokenType)
+// parse checks a successful response of the token endpoint of ep and
+// computes the token's expiry.
+func (c *core) parse(ep *endpoints, tok *oauth2.Token, req broker.Request, sent time.Time) (broker.Token, error) {
+	typ, err := c.tokenType(tok.TokenType, c.dpopKey(ep.dpopAlgs))
 	if err != nil {
 		return broker.Token{}, err
 	}
@@ -292,18 +293,19 @@ func (c *core) parse(tok *oauth2.Token, req broker.Request, sent time.Time) (bro
 
 // tokenType checks a response's token_type against what was asked for:
 // DPoP with a DPoP key (RFC 9449 §5: a server that answers Bearer did
-// not bind the token), else Bearer (its absence is read as bearer). It
-// returns the type as the broker caches it.
-func (c *core) tokenType(typ string) (string, error) {
+// not bind the token), else Bearer (its absence is read as bearer). k is
+// the DPoP key as it signed the request's proof (dpopKey), nil without
+// one. It returns the type as the broker caches it.
+func (c *core) tokenType(typ string, k *dpop.Key) (string, error) {
 	shown := scrub.Truncate(typ, scrub.MaxText)
 	switch {
-	case c.cfg.DPoP != nil && strings.EqualFold(typ, broker.DPoPType):
+	case k != nil && strings.EqualFold(typ, broker.DPoPType):
 		return broker.DPoPType, nil
-	case c.cfg.DPoP != nil:
+	case k != nil:
 		return "", &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "unsupported_token_type",
 			Description: fmt.Sprintf("provider %s answered token_type %q to a request with a DPoP proof, not DPoP: the token is not bound to the key (%s). "+
 				"Check that the server supports DPoP (dpop_signing_alg_values_supported lists %s) and that the client is registered for DPoP-bound tokens; "+
-				"or remove [providers.%s.dpop] to use bearer tokens", c.cfg.Name, shown, c.cfg.DPoP.Thumbprint(), c.cfg.DPoP.Alg(), c.cfg.Name)}
+				"or remove [providers.%s.dpop] to use bearer tokens", c.cfg.Name, shown, k.Thumbprint(), k.Alg(), c.cfg.Name)}
 	case typ == "" || httpclient.IsBearer(typ):
 		// In any case, cached in one spelling; RFC 6749 requires the
 		// type, and its absence is read as bearer.
