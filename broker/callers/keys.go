@@ -12,6 +12,7 @@ import (
 
 	"github.com/coreos/go-oidc/v3/oidc"
 	jose "github.com/go-jose/go-jose/v4"
+
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
