@@ -74,6 +74,12 @@ func (e *APIError) Error() string {
 // Unwrap returns the underlying cause.
 func (e *APIError) Unwrap() error { return e.Err }
 
+// CodeTooLarge is the Code of an *APIError for an answer whose body is
+// over the limit a source reads (httpclient.MaxResponseBytes): the
+// source's code, not the provider's, which the unread body may hold. Its
+// cause is an *httpclient.TooLargeError; its class follows the status.
+const CodeTooLarge = "response_too_large"
+
 // Temporary reports whether trying again later may succeed: 408, 425, 429 and
 // 5xx answers. Credentials, scope and request errors are permanent.
 func (e *APIError) Temporary() bool {

@@ -46,7 +46,7 @@
 //	  acr_values = "urn:bank:acr"
 //	  [providers.bank.dpop]                 # optional: DPoP-bound tokens (RFC 9449), oauth2 only
 //	  key = "{file.dpop.pem}"               # PEM private key: {file.PATH}, {env.NAME} (the PEM) or a path
-//	  alg = "EdDSA"                         # ES256 | PS256 | EdDSA; default from the key (EC P-256, RSA, Ed25519)
+//	  alg = "EdDSA"                         # ES256 | PS256 | EdDSA | Ed25519; default from the key (EC P-256, RSA, Ed25519: EdDSA)
 //
 //	[merchants.acme]
 //	provider = "nuapay-sandbox"

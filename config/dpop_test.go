@@ -73,6 +73,7 @@ func TestDPoPConfig(t *testing.T) {
 		{"environment variable", "{env.DPOP_PEM}", "", dpop.ES256, ""},
 		{"Ed25519", edPath, "", dpop.EdDSA, edPath},
 		{"Ed25519 with alg", edPath, "EdDSA", dpop.EdDSA, edPath},
+		{"Ed25519 with its RFC 9864 name", edPath, "Ed25519", dpop.Ed25519, edPath},
 		{"RSA", rsaPath, "", dpop.PS256, rsaPath},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

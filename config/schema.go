@@ -160,10 +160,15 @@ type dpopTOML struct {
 	// file's folder ({env.NAME} references in it are expanded). One key
 	// per provider, the same on every node of a fleet. Required.
 	Key string `toml:"key"`
-	// Alg is the proofs' algorithm: ES256, PS256 or EdDSA. Default from
-	// the key: ES256 for EC P-256, PS256 for RSA, EdDSA for Ed25519 (the
-	// cheapest proofs: the recommended key when the provider accepts
-	// EdDSA). A given alg must fit the key.
+	// Alg is the proofs' algorithm: ES256, PS256, EdDSA or Ed25519.
+	// Default from the key: ES256 for EC P-256, PS256 for RSA, EdDSA for
+	// Ed25519 (the cheapest proofs: the recommended key when the provider
+	// accepts it). An Ed25519 key takes EdDSA or Ed25519, two names of one
+	// algorithm (RFC 9864 deprecates EdDSA for Ed25519): the proofs to an
+	// authorization server whose discovery document lists
+	// dpop_signing_alg_values_supported carry the name it lists (Ed25519
+	// when listed), other proofs the name given. A given alg must fit the
+	// key.
 	Alg string `toml:"alg"`
 }
 

@@ -44,7 +44,7 @@ func (h *Handler) outbound() outbound.Contract {
 // runs with the same variables) sends no credential.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound.Contract, b *bindings.Binding, e *broker.Entry) error {
 	rt := outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit, Incremental: caddyhttp.IsIncremental,
-		Isolate: isolateVars, Tokens: h.tokens, NonceChallenged: h.nonceChallenged}
+		Isolate: isolateVars, Tokens: h.tokens, NonceChallenged: h.nonceChallenged, NonceRefused: h.metrics.NonceRefused}
 	if k := b.DPoP; k != nil && outbound.IsDPoP(e.Header()) {
 		d := outbound.NewDPoP(k)
 		defer d.End()

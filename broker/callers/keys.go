@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"slices"
 	"sync"
@@ -13,6 +12,8 @@ import (
 
 	"github.com/coreos/go-oidc/v3/oidc"
 	jose "github.com/go-jose/go-jose/v4"
+
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // callerAlgs are the signature algorithms a caller JWT may use: asymmetric
@@ -32,9 +33,6 @@ const unknownKidGap = 5 * time.Second
 // again (on the next verification), so a key the issuer withdrew stops
 // being trusted.
 const keysMaxAge = 5 * time.Minute
-
-// maxJWKSSize caps the issuer's key-set answer.
-const maxJWKSSize = 1 << 20
 
 // keySet is the caller issuer's signing keys, an oidc.KeySet. Unlike
 // go-oidc's RemoteKeySet, which fetches the key set again on every failed
@@ -264,7 +262,13 @@ func (k *keySet) fetch(ctx context.Context) ([]jose.JSONWebKey, error) {
 		return nil, fmt.Errorf("fetching the caller issuer's key set: %w", err)
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxJWKSSize))
+	// At most httpclient.MaxResponseBytes: through the policy's client
+	// (httpclient.LimitBody) a larger body fails the read with a
+	// *httpclient.TooLargeError, through another ReadBody says so.
+	body, tooLarge, err := httpclient.ReadBody(resp.Body)
+	if tooLarge {
+		err = &httpclient.TooLargeError{Host: req.URL.Host, Status: resp.StatusCode}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("reading the caller issuer's key set %s: %w", k.url, err)
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/jwttest"
+	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // provisioned makes the policy of c with clock (nil: the real one).
@@ -529,5 +530,35 @@ func TestCallerDiscoveryAnswerBounded(t *testing.T) {
 	_, cerr := authn(p, "Bearer "+jwt)
 	if cerr == nil || cerr.Code != errcode.CallerKeysUnavailable || len(cerr.Error()) > 1000 {
 		t.Fatalf("error of %d bytes (%+v), want caller_keys_unavailable of at most 1000 bytes", len(fmt.Sprint(cerr)), cerr)
+	}
+}
+
+// TestCallerKeySetOverTheLimit: a key set over httpclient.MaxResponseBytes
+// fails with a *httpclient.TooLargeError naming the host and the status,
+// through the policy's client (httpclient.LimitBody) and through a plain
+// one, never as a key set cut short that is not a JWK set.
+func TestCallerKeySetOverTheLimit(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintf(w, `{"keys":[],"pad":%q}`, strings.Repeat("x", httpclient.MaxResponseBytes))
+	}))
+	t.Cleanup(srv.Close)
+	for _, tc := range []struct {
+		name   string
+		client *http.Client
+	}{
+		{"the policy's client", &http.Client{Transport: httpclient.LimitBody(nil)}},
+		{"a plain client", srv.Client()},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k := &keySet{url: srv.URL, client: tc.client, interval: DefaultKeysRefreshInterval, now: time.Now}
+			_, err := k.fetch(context.Background())
+			var tl *httpclient.TooLargeError
+			if !errors.As(err, &tl) || tl.Host != httpclient.Host(srv.URL) || tl.Status != http.StatusOK {
+				t.Fatalf("err = %v, want a *httpclient.TooLargeError for %s, status 200", err, httpclient.Host(srv.URL))
+			}
+			if msg := err.Error(); strings.Contains(msg, "JWK set") || strings.Contains(msg, "provider") {
+				t.Errorf("error %q reads as a malformed key set or names a provider", msg)
+			}
+		})
 	}
 }

@@ -461,9 +461,8 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte) (
 		return 0, nil, fmt.Errorf("nuapay token API %s: reading the response: %w", s.base.Host, err)
 	}
 	if tooLarge {
-		return 0, nil, &broker.APIError{Provider: "nuapay", StatusCode: resp.StatusCode, Code: "response_too_large",
-			Description: fmt.Sprintf("response body is over %d bytes", httpclient.MaxResponseBytes),
-			RetryAfter:  broker.ParseWait(resp.StatusCode, resp.Header, s.cfg.Now())}
+		return 0, nil, &broker.APIError{Provider: "nuapay", StatusCode: resp.StatusCode, Code: broker.CodeTooLarge,
+			RetryAfter: broker.ParseWait(resp.StatusCode, resp.Header, s.cfg.Now()), Err: &httpclient.TooLargeError{Host: s.base.Host}}
 	}
 	if ok {
 		return resp.StatusCode, data, nil

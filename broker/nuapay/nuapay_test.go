@@ -268,6 +268,9 @@ func TestNuapayErrors(t *testing.T) {
 			if c := n.Classify(err); c != tt.wantClass {
 				t.Fatalf("class %d, want %d", c, tt.wantClass)
 			}
+			if tl := (*httpclient.TooLargeError)(nil); errors.As(err, &tl) != (tt.wantCode == broker.CodeTooLarge) {
+				t.Fatalf("%v: a *httpclient.TooLargeError in the chain: %v, want %v", err, tl != nil, tt.wantCode == broker.CodeTooLarge)
+			}
 			if errors.Is(err, broker.ErrUnknownOrganisation) != tt.wantUnknown {
 				t.Fatalf("%v: unknown organisation %v, want %v", err, !tt.wantUnknown, tt.wantUnknown)
 			}

@@ -487,11 +487,14 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 		if ep.par == "" {
 			return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, errors.New("PAR is on but the provider has no pushed_authorization_request_endpoint: set par_url"))
 		}
-		uri, err := a.push(ctx, ep.par, params)
+		uri, err := a.push(ctx, ep.par, ep.dpopAlgs, params)
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.StatusCode >= 400 && ae.StatusCode < 500 && ae.StatusCode != http.StatusTooManyRequests {
 			ce := a.fail(ReasonProviderError, rec.Merchant, fmt.Errorf("%w; %s", err, a.providerHint(ae.Code, true)))
 			ce.Code = errorCode(ae.Code)
+			if ae.Code == broker.CodeTooLarge {
+				ce.Code = errorCode("") // the broker's code: the provider's was in the body not read
+			}
 			return "", rec, ce
 		}
 		if err != nil {
@@ -532,7 +535,8 @@ func errorDescription(q url.Values) string {
 }
 
 // providerHint tells the operator what to check or set when the provider
-// refuses the authorization request with code; pushed says whether the
+// refuses the authorization request with code (broker.CodeTooLarge: its
+// PAR endpoint's answer was too large to read); pushed says whether the
 // request went through PAR.
 func (a *AuthCode) providerHint(code string, pushed bool) string {
 	table := fmt.Sprintf("[providers.%s.consent]", a.Provider())
@@ -555,6 +559,9 @@ func (a *AuthCode) providerHint(code string, pushed bool) string {
 		return "the provider failed: the merchant can try again later with a new consent link"
 	case "consent_required", "interaction_required", "login_required":
 		return "the provider wants the merchant's interaction: check prompt in " + table
+	case broker.CodeTooLarge:
+		return fmt.Sprintf("its answer was not read, being over %d bytes: check that par_url (or the discovery document's pushed_authorization_request_endpoint) is the provider's PAR endpoint",
+			httpclient.MaxResponseBytes)
 	}
 	return "check the client's registration at the provider and " + table
 }

@@ -38,6 +38,9 @@ type endpoints struct {
 	requirePAR bool
 	// issResponse is authorization_response_iss_parameter_supported.
 	issResponse bool
+	// dpopAlgs are the dpop_signing_alg_values_supported (RFC 9449
+	// §5.1), nil when not discovered.
+	dpopAlgs []string
 	// verifier checks the ID tokens of the issuer.
 	verifier *oidc.IDTokenVerifier
 }
@@ -132,6 +135,7 @@ type discoveryDoc struct {
 	PAR                string   `json:"pushed_authorization_request_endpoint"`
 	RequirePAR         bool     `json:"require_pushed_authorization_requests"`
 	IssResponse        bool     `json:"authorization_response_iss_parameter_supported"`
+	DPoPAlgs           []string `json:"dpop_signing_alg_values_supported"`
 	MTLSAliases        struct {
 		TokenEndpoint      string `json:"token_endpoint"`
 		RevocationEndpoint string `json:"revocation_endpoint"`
@@ -161,7 +165,7 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 		return fail(fmt.Errorf("reading the discovery document: %w", err))
 	}
 	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods,
-		auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse,
+		auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse, dpopAlgs: doc.DPoPAlgs,
 		verifier: p.Verifier(&oidc.Config{ClientID: e.cfg.ClientID, Now: e.cfg.Now})}
 	// RFC 8705 §5: a client that has a TLS client certificate uses the
 	// mTLS aliases whatever its client authentication, so that its tokens

@@ -1,6 +1,7 @@
 package oauth
 
 import (
+	"cmp"
 	"context"
 	"crypto"
 	"crypto/ed25519"
@@ -30,7 +31,8 @@ func (c *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	return http.DefaultTransport.RoundTrip(r)
 }
 
-// dpopKeyOf returns the DPoP key of a fresh private key of alg.
+// dpopKeyOf returns the DPoP key of a fresh private key of alg (EdDSA and
+// Ed25519: an Ed25519 key, named so).
 func dpopKeyOf(t *testing.T, alg string) *dpop.Key {
 	t.Helper()
 	var key crypto.Signer
@@ -46,7 +48,7 @@ func dpopKeyOf(t *testing.T, alg string) *dpop.Key {
 		}
 		key = priv
 	}
-	k, err := dpop.NewKey(key, "")
+	k, err := dpop.NewKey(key, alg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +74,8 @@ func requireBound(t *testing.T, as *dpopas.Server, tok broker.Token, key *dpop.K
 // authorization server that demands its nonce, each client authentication
 // method and proof algorithm gets tokens bound to the key: the first
 // request is challenged and retried once, the next one carries the
-// remembered nonce at once.
+// remembered nonce at once. A key configured as Ed25519 (RFC 9864) signs
+// as EdDSA, the name the server lists in dpop_signing_alg_values_supported.
 func TestDPoPClientCredentialsAgainstOIDCProvider(t *testing.T) {
 	jwtKey := testECKey(t)
 	clients := []dpopas.Client{
@@ -88,6 +91,7 @@ func TestDPoPClientCredentialsAgainstOIDCProvider(t *testing.T) {
 	}{
 		{"cc-basic", dpop.ES256, Config{AuthMethod: ClientSecretBasic, ClientSecret: secretValue}},
 		{"cc-post", dpop.EdDSA, Config{AuthMethod: ClientSecretPost, ClientSecret: secretValue}},
+		{"cc-post", dpop.Ed25519, Config{AuthMethod: ClientSecretPost, ClientSecret: secretValue}},
 		{"cc-jwt", dpop.PS256, Config{AuthMethod: PrivateKeyJWT, Signer: mustSigner(t, jwtKey, ES256, "k1")}},
 	} {
 		t.Run(tc.client+"/"+tc.alg, func(t *testing.T) {
@@ -101,8 +105,12 @@ func TestDPoPClientCredentialsAgainstOIDCProvider(t *testing.T) {
 				t.Fatal(err)
 			}
 			// Discovery goes out without a proof: count the token requests.
-			if _, err := src.ep.get(context.Background()); err != nil {
+			ep, err := src.ep.get(context.Background())
+			if err != nil {
 				t.Fatal(err)
+			}
+			if want := cmp.Or(map[string]string{dpop.Ed25519: dpop.EdDSA}[tc.alg], tc.alg); src.dpopKey(ep.dpopAlgs).Alg() != want {
+				t.Errorf("proofs signed as %s (the server lists %q), want %s", src.dpopKey(ep.dpopAlgs).Alg(), ep.dpopAlgs, want)
 			}
 			sent.n.Store(0)
 			for i := range 2 {

@@ -42,15 +42,23 @@ func newCore(cfg Config) (*core, error) {
 // with the transport it has when the request is sent (one set after the
 // source was built, such as a rate budget's observer, applies), behind
 // dpop.Transport with a DPoP key (a proof on each request; the key
-// remembers the server's nonce).
-func (c *core) tokenClient() *http.Client {
+// remembers the server's nonce). algs are the server's
+// dpop_signing_alg_values_supported, nil when not discovered: the proofs
+// carry the name of the key's algorithm the server lists (dpopKey).
+func (c *core) tokenClient(algs []string) *http.Client {
 	if c.cfg.DPoP == nil {
 		return c.cfg.Client
 	}
 	tc := *c.cfg.Client
-	tc.Transport = dpop.Transport(tc.Transport, c.cfg.DPoP)
+	tc.Transport = dpop.Transport(tc.Transport, c.dpopKey(algs))
 	return &tc
 }
+
+// dpopKey returns the DPoP key as it signs the proofs to an authorization
+// server that lists algs as its dpop_signing_alg_values_supported: an
+// Ed25519 key under the name the server lists (dpop.Key.ForServer), the
+// configured name when it lists none; nil without a key.
+func (c *core) dpopKey(algs []string) *dpop.Key { return c.cfg.DPoP.ForServer(algs) }
 
 // Type names the source type for the broker's errors and metrics.
 func (*core) Type() string { return ProviderName }
@@ -143,11 +151,21 @@ func (e *nonceChallengeError) Unwrap() error { return e.err }
 // carried (tokenNonce before it was sent): the answer's DPoP-Nonce
 // header, which the transport remembered, or one a concurrent request
 // learnt meanwhile. Without a new nonce the request would be refused
-// again: err is returned as it is. Config.OnDPoPNonce is told of each
-// challenge with a new nonce.
+// again: err is returned as it is (a temporary failure, Classify), with
+// the *dpop.NonceError of a nonce the key refused (over dpop.MaxNonce
+// bytes, or not a nonce) when the server sent one.
+// Config.OnDPoPNonce is told of each challenge with a new nonce.
 func (c *core) nonceChallenged(err error, endpoint, carried string) error {
 	var ae *broker.APIError
-	if c.cfg.DPoP == nil || !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" || c.tokenNonce(endpoint) == carried {
+	if c.cfg.DPoP == nil || !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" {
+		return err
+	}
+	if c.tokenNonce(endpoint) == carried {
+		if u, perr := url.Parse(endpoint); perr == nil {
+			if refused := c.cfg.DPoP.RefusedNonce(dpop.AuthorizationServer, u); refused != nil {
+				return fmt.Errorf("%w: %w", err, refused)
+			}
+		}
 		return err
 	}
 	if c.cfg.OnDPoPNonce != nil {
@@ -190,11 +208,15 @@ func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Reque
 		form[k] = v
 	}
 	sent := c.cfg.Now()
-	resp, body, auth, err := c.postForm(httpclient.TokenRequest(ctx), c.tokenClient(), "oauth2 token endpoint", ep.Token, ep.Token, form)
+	resp, body, auth, err := c.postForm(httpclient.TokenRequest(ctx), c.tokenClient(ep.dpopAlgs), "oauth2 token endpoint", ep.Token, ep.Token, form)
 	if err != nil {
 		var te *transportError
 		if errors.As(err, &te) && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
 			c.ep.invalidate()
+		}
+		if ae, ok := errors.AsType[*broker.APIError](err); ok {
+			// An answer too large: a 404 still says the endpoint moved.
+			return broker.Token{}, nil, c.tokenError(ep, ae)
 		}
 		return broker.Token{}, nil, err
 	}
@@ -204,7 +226,7 @@ func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Reque
 		return broker.Token{}, nil, err
 	}
 	secrets = append(secrets, tok.AccessToken, tok.RefreshToken)
-	t, err := c.parse(tok, req, sent)
+	t, err := c.parse(ep, tok, req, sent)
 	if err != nil {
 		return broker.Token{}, tok, scrubError(err, secrets)
 	}
@@ -237,9 +259,9 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 	if ae.StatusCode == http.StatusNotFound {
 		c.ep.invalidate()
 	}
-	if ae.Code == "invalid_dpop_proof" && c.cfg.DPoP != nil {
+	if k := c.dpopKey(ep.dpopAlgs); ae.Code == "invalid_dpop_proof" && k != nil {
 		ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",
-			c.cfg.DPoP.Alg(), c.cfg.DPoP.Thumbprint(), c.cfg.DPoP.Alg(), c.cfg.Name)
+			k.Alg(), k.Thumbprint(), k.Alg(), c.cfg.Name)
 	}
 	if ae.Code == "invalid_client" && !ep.supports(c.cfg.AuthMethod) {
 		ae.Description += fmt.Sprintf(" (the provider's discovery document lists token_endpoint_auth_methods_supported %q, without %s)", ep.AuthMethods, c.cfg.AuthMethod)
@@ -247,9 +269,10 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 	return ae
 }
 
-// parse checks a successful response and computes the token's expiry.
-func (c *core) parse(tok *oauth2.Token, req broker.Request, sent time.Time) (broker.Token, error) {
-	typ, err := c.tokenType(tok.TokenType)
+// parse checks a successful response of the token endpoint of ep and
+// computes the token's expiry.
+func (c *core) parse(ep *endpoints, tok *oauth2.Token, req broker.Request, sent time.Time) (broker.Token, error) {
+	typ, err := c.tokenType(tok.TokenType, c.dpopKey(ep.dpopAlgs))
 	if err != nil {
 		return broker.Token{}, err
 	}
@@ -270,18 +293,19 @@ func (c *core) parse(tok *oauth2.Token, req broker.Request, sent time.Time) (bro
 
 // tokenType checks a response's token_type against what was asked for:
 // DPoP with a DPoP key (RFC 9449 §5: a server that answers Bearer did
-// not bind the token), else Bearer (its absence is read as bearer). It
-// returns the type as the broker caches it.
-func (c *core) tokenType(typ string) (string, error) {
+// not bind the token), else Bearer (its absence is read as bearer). k is
+// the DPoP key as it signed the request's proof (dpopKey), nil without
+// one. It returns the type as the broker caches it.
+func (c *core) tokenType(typ string, k *dpop.Key) (string, error) {
 	shown := scrub.Truncate(typ, scrub.MaxText)
 	switch {
-	case c.cfg.DPoP != nil && strings.EqualFold(typ, broker.DPoPType):
+	case k != nil && strings.EqualFold(typ, broker.DPoPType):
 		return broker.DPoPType, nil
-	case c.cfg.DPoP != nil:
+	case k != nil:
 		return "", &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "unsupported_token_type",
 			Description: fmt.Sprintf("provider %s answered token_type %q to a request with a DPoP proof, not DPoP: the token is not bound to the key (%s). "+
 				"Check that the server supports DPoP (dpop_signing_alg_values_supported lists %s) and that the client is registered for DPoP-bound tokens; "+
-				"or remove [providers.%s.dpop] to use bearer tokens", c.cfg.Name, shown, c.cfg.DPoP.Thumbprint(), c.cfg.DPoP.Alg(), c.cfg.Name)}
+				"or remove [providers.%s.dpop] to use bearer tokens", c.cfg.Name, shown, k.Thumbprint(), k.Alg(), c.cfg.Name)}
 	case typ == "" || httpclient.IsBearer(typ):
 		// In any case, cached in one spelling; RFC 6749 requires the
 		// type, and its absence is read as bearer.

@@ -19,13 +19,15 @@ import (
 
 // postForm sends form as a POST to endpoint through client, with the
 // configured client authentication (clientAuth, the assertion's audience
-// being audience), and reads the answer's body (at most MaxResponseBytes;
-// nil when larger). It returns the secrets the request sent, to scrub from
-// what the answer says. what names the endpoint in errors ("PAR
-// endpoint"); they name its host, never its URL. A failure to send the
-// request or to read its answer is a *transportError, except a 429 or 5xx
-// answer whose body could not be read: that is returned with an empty
-// body (see cutAnswerKeepsStatus).
+// being audience), and reads the answer's body (at most MaxResponseBytes).
+// It returns the secrets the request sent, to scrub from what the answer
+// says. what names the endpoint in errors ("PAR endpoint"); they name its
+// host, never its URL. A failure to send the request or to read its answer
+// is a *transportError, except a 429 or 5xx answer whose body could not
+// be read: that is returned with an empty body (see cutAnswerKeepsStatus).
+// An answer whose body is over MaxResponseBytes, of any status, is a
+// *broker.APIError broker.CodeTooLarge of the answer's status and
+// Retry-After (its cause a *httpclient.TooLargeError).
 func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint, audience string, form url.Values) (*http.Response, []byte, []string, error) {
 	secret, style, auth, err := c.clientAuth(audience)
 	if err != nil {
@@ -57,9 +59,18 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: %w", what, host, httpclient.RedactURLError(err))}
 	}
 	defer resp.Body.Close()
-	body, _, err := httpclient.ReadBody(resp.Body)
-	if err != nil && !cutAnswerKeepsStatus(resp.StatusCode) {
+	body, tooLarge, err := httpclient.ReadBody(resp.Body)
+	switch {
+	case err != nil && cutAnswerKeepsStatus(resp.StatusCode):
+		// Classified by its status and Retry-After: a body cut short
+		// is left out.
+	case err != nil:
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: reading the response: %w", what, host, err)}
+	case tooLarge:
+		// Of any status: a 429 or 5xx keeps its class and Retry-After.
+		ae := c.apiError(resp, broker.CodeTooLarge, what, nil)
+		ae.Err = &httpclient.TooLargeError{Host: host}
+		return nil, nil, nil, ae
 	}
 	return resp, body, secrets, nil
 }

@@ -42,6 +42,11 @@ func (c *core) Revoke(ctx context.Context, token broker.Secret, hint string) err
 		form.Set("token_type_hint", hint)
 	}
 	resp, body, secrets, err := c.postForm(ctx, c.cfg.Client, "oauth2 revocation endpoint", ep.Revocation, ep.Token, form)
+	if ae, ok := errors.AsType[*broker.APIError](err); ok && ae.Code == broker.CodeTooLarge && ae.StatusCode >= 200 && ae.StatusCode < 300 {
+		// A success whatever its body says: RFC 7009 §2.2 reads the
+		// status only.
+		return nil
+	}
 	if err != nil {
 		return err
 	}

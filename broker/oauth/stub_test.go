@@ -166,7 +166,7 @@ func TestTokenResponses(t *testing.T) {
 		{"CR LF in token", 200, nil, `{"access_token":"` + tok + `\r\nX-Evil: 1","token_type":"Bearer"}`, "invalid_token_value", false, 0, broker.ClassPermanent},
 		{"no access_token", 200, nil, `{"token_type":"Bearer"}`, "malformed_response", false, 0, broker.ClassPermanent},
 		{"not JSON", 200, nil, `{"access_token":` + tok, "malformed_response", false, 0, broker.ClassPermanent},
-		{"body over 1 MiB", 200, nil, `{"access_token":"` + strings.Repeat("a", httpclient.MaxResponseBytes) + `"}`, "malformed_response", false, 0, broker.ClassPermanent},
+		{"body over 1 MiB", 200, nil, `{"access_token":"` + strings.Repeat("a", httpclient.MaxResponseBytes) + `"}`, "response_too_large", false, 0, broker.ClassPermanent},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s.mu.Lock()

@@ -38,6 +38,10 @@ type DPoP struct {
 	// done: End was called; Sign sends no credential, Observe keeps no
 	// nonce.
 	done atomic.Bool
+	// refused is the refusal of the DPoP-Nonce the last answer Observe
+	// saw carried, when the key refused it (over dpop.MaxNonce bytes, or
+	// not a nonce); nil otherwise. It never holds the nonce.
+	refused atomic.Pointer[dpop.NonceError]
 }
 
 // NewDPoP returns a request's DPoP binding to k (not nil); SetToken gives
@@ -131,11 +135,23 @@ func (d *DPoP) SignCopy(req *http.Request, now time.Time) (*http.Request, error)
 // signed), for the proofs that follow to the resource server at req's
 // origin: a resource server may send a new one with any answer
 // (RFC 9449 §8.2). An ended binding (End) keeps none: its requests left
-// unsigned.
-func (d *DPoP) Observe(req *http.Request, h http.Header) {
-	n := h["Dpop-Nonce"]
-	if len(n) == 0 || d.done.Load() {
-		return
+// unsigned. A nonce the key refuses (over dpop.MaxNonce bytes, or not a
+// nonce) is not remembered: Observe returns its *dpop.NonceError, which
+// never holds the nonce, and keeps it for the answer: a nonce challenge in
+// that answer is not answered with a retry, its proof could not carry the
+// nonce either; Retry.Forward passes it on and reports the refusal
+// (Retry.NonceRefused).
+func (d *DPoP) Observe(req *http.Request, h http.Header) error {
+	if d.done.Load() {
+		return nil
 	}
-	d.key.SetNonce(dpop.ResourceServer, req.URL, n[0])
+	var ne *dpop.NonceError
+	if n := h["Dpop-Nonce"]; len(n) > 0 {
+		ne, _ = d.key.SetNonce(dpop.ResourceServer, req.URL, n[0]).(*dpop.NonceError)
+	}
+	d.refused.Store(ne)
+	if ne == nil {
+		return nil
+	}
+	return ne
 }

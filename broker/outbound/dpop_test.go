@@ -3,6 +3,7 @@ package outbound
 import (
 	"crypto/sha256"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -112,7 +113,18 @@ func TestDPoPObserve(t *testing.T) {
 	if err := d.Sign(req, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	d.Observe(req, http.Header{"Dpop-Nonce": {"fresh"}})
+	if err := d.Observe(req, http.Header{"Dpop-Nonce": {"fresh"}}); err != nil {
+		t.Fatal(err)
+	}
+	// A nonce over the limit is refused with a *dpop.NonceError that
+	// names the resource server and the size, without the nonce; the
+	// proofs keep the nonce before it.
+	big := strings.Repeat("B", dpop.MaxNonce+1)
+	err := d.Observe(req, http.Header{"Dpop-Nonce": {big}})
+	var ne *dpop.NonceError
+	if !errors.As(err, &ne) || ne.Server != dpop.ResourceServer || ne.Origin != "http://rs.test" || ne.Size != len(big) || strings.Contains(err.Error(), "BBBB") {
+		t.Errorf("Observe of a nonce of %d bytes: %v", len(big), err)
+	}
 	for _, tc := range []struct{ url, want string }{{"http://rs.test/b", "fresh"}, {"http://other.test/b", ""}} {
 		req := httptest.NewRequest("GET", tc.url, nil)
 		if err := d.Sign(req, time.Now()); err != nil {

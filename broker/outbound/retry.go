@@ -14,6 +14,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 )
 
 // DefaultRetryBodyLimit is the largest request body buffered so that a
@@ -142,6 +143,11 @@ type Retry struct {
 	// a DPoP-bound request for a nonce (see nonceChallenge) and is answered
 	// with a retry.
 	NonceChallenged func(b *broker.Binding)
+	// NonceRefused, when set, is told about an upstream 401 that asks a
+	// DPoP-bound request for a nonce the key refused (DPoP.Observe), with
+	// the refusal, which never holds the nonce: the answer is passed on,
+	// not retried. It is told once per request.
+	NonceRefused func(b *broker.Binding, refused error)
 	// DPoP is the request's DPoP binding, with the token set (DPoP.SetToken);
 	// nil for a bearer token. The token leaves only on an attempt a
 	// transport signed. An attempt no transport signed (DPoP.Signed is
@@ -320,13 +326,16 @@ func cutParamValue(s string) (value, rest string) {
 // is passed through and only rejected is recorded.
 type rejectRecorder struct {
 	http.ResponseWriter
-	mode        string // Retry.Mode
-	buffer      bool   // the request can be retried: buffer a rejection
-	dpop        *DPoP  // Retry.DPoP
-	unsigned    bool   // the answer is a 401 to an unsigned DPoP request: dropped
-	status      int
-	rejected    bool // the upstream rejected the token
-	challenged  bool // the upstream asked a DPoP-bound request for a nonce (nonceChallenge)
+	mode       string // Retry.Mode
+	buffer     bool   // the request can be retried: buffer a rejection
+	dpop       *DPoP  // Retry.DPoP
+	unsigned   bool   // the answer is a 401 to an unsigned DPoP request: dropped
+	status     int
+	rejected   bool // the upstream rejected the token
+	challenged bool // the upstream asked a DPoP-bound request for a nonce (nonceChallenge)
+	// refused is the refusal of the nonce of a challenge (nonceChallenge)
+	// to a DPoP-bound request, which is then not challenged: passed on.
+	refused     *dpop.NonceError
 	buffered    bool // the rejection or challenge is buffered in buf
 	wroteHeader bool
 	buf         bytes.Buffer
@@ -336,6 +345,7 @@ type rejectRecorder struct {
 func (rr *rejectRecorder) reset(w http.ResponseWriter, buffer bool) {
 	rr.ResponseWriter, rr.buffer = w, buffer
 	rr.status, rr.rejected, rr.challenged, rr.buffered, rr.wroteHeader, rr.unsigned = 0, false, false, false, false, false
+	rr.refused = nil
 	rr.buf.Reset()
 }
 
@@ -358,8 +368,12 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 		return
 	}
 	// Only a DPoP-bound request is sent again on a nonce challenge: a
-	// bearer request has no proof to carry the nonce.
-	rr.challenged = rr.dpop != nil && nonceChallenge(status, rr.Header())
+	// bearer request has no proof to carry the nonce, nor does one whose
+	// answer's nonce the key refused (DPoP.Observe).
+	if rr.dpop != nil && nonceChallenge(status, rr.Header()) {
+		rr.refused = rr.dpop.refused.Load()
+		rr.challenged = rr.refused == nil
+	}
 	if rr.mode != "off" {
 		rr.rejected = !rr.challenged && rejectsToken(rr.mode, status, rr.Header())
 	}
@@ -519,6 +533,7 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		first.before.restore(w.Header())
 		return ErrUnsigned
 	}
+	rt.reportRefused(b, rec)
 	if err != nil || !rec.rejected && !rec.challenged {
 		return err // passed through
 	}
@@ -597,6 +612,7 @@ func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Con
 		first.before.restore(w.Header())
 		return ErrUnsigned
 	}
+	rt.reportRefused(b, rec)
 	if err != nil || !rec.rejected {
 		if err == nil && rec.status != 0 && purged {
 			rt.Tokens.Accepted(b, fresh.Token().Value)
@@ -607,6 +623,16 @@ func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Con
 		rt.purge(b, fresh.Token())
 	}
 	return nil
+}
+
+// reportRefused tells NonceRefused about the attempt just answered when
+// it was a nonce challenge passed on because the key refused its nonce.
+// A request has at most one such attempt: a refused challenge is never
+// retried, and a retry is the request's last attempt.
+func (rt Retry) reportRefused(b *broker.Binding, rec *rejectRecorder) {
+	if rec.refused != nil && rt.NonceRefused != nil {
+		rt.NonceRefused(b, rec.refused)
+	}
 }
 
 // carries reports whether the attempt just answered carried the token

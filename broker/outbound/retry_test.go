@@ -15,6 +15,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
@@ -58,8 +59,13 @@ type upstream struct {
 	plain  bool   // the 401 has no WWW-Authenticate
 	scheme string // of the 401's challenge; default Bearer
 	nonce  int    // the first nonce requests are answered use_dpop_nonce
-	alter  func(*http.Request)
-	seen   []string
+	// nonceValue is the DPoP-Nonce of those answers; default n-1.
+	nonceValue string
+	alter      func(*http.Request)
+	// answered, when set, sees each request and its answer's header
+	// before the status is written, as a transport does.
+	answered func(*http.Request, http.Header)
+	seen     []string
 }
 
 func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
@@ -70,7 +76,10 @@ func (u *upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
 	if u.nonce > 0 {
 		u.nonce--
 		w.Header().Set("WWW-Authenticate", `DPoP error="use_dpop_nonce", error_description="Resource server requires nonce in DPoP proof"`)
-		w.Header().Set("DPoP-Nonce", "n-1")
+		w.Header().Set("DPoP-Nonce", cmp.Or(u.nonceValue, "n-1"))
+		if u.answered != nil {
+			u.answered(r, w.Header())
+		}
 		w.WriteHeader(http.StatusUnauthorized)
 		return nil
 	}
@@ -195,6 +204,7 @@ func TestRetryDPoP(t *testing.T) {
 		sign       bool
 		status     int // the unsigned answer; default 401
 		nonce      int
+		nonceValue string // default n-1
 		bad        string
 		body       string
 		wantErr    error
@@ -202,6 +212,8 @@ func TestRetryDPoP(t *testing.T) {
 		wantSeen   []string
 		wantEvents []string
 		wantNonce  int
+		// wantRefused: NonceRefused is told once of a *dpop.NonceError.
+		wantRefused bool
 	}{
 		{name: "unsigned 401", wantErr: ErrUnsigned, wantSeen: []string{""}},
 		{name: "unsigned 401, retry off", mode: "off", wantErr: ErrUnsigned, wantSeen: []string{""}},
@@ -217,6 +229,12 @@ func TestRetryDPoP(t *testing.T) {
 			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantNonce: 1},
 		{name: "signed, nonce challenge twice: the second is the caller's", sign: true, nonce: 2, wantCode: 401,
 			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantNonce: 1},
+		{name: "signed, nonce challenge with a nonce over the limit: passed on, not sent again", sign: true, nonce: 1,
+			nonceValue: strings.Repeat("n", dpop.MaxNonce+1), wantCode: 401, wantSeen: []string{"DPoP tok"}, wantRefused: true},
+		{name: "signed, any: nonce challenge with a nonce over the limit: nothing purged", mode: "any", sign: true, nonce: 1,
+			nonceValue: strings.Repeat("n", dpop.MaxNonce+1), wantCode: 401, wantSeen: []string{"DPoP tok"}, wantRefused: true},
+		{name: "signed, retry off: nonce challenge with a nonce over the limit", mode: "off", sign: true, nonce: 1,
+			nonceValue: strings.Repeat("n", dpop.MaxNonce+1), wantCode: 401, wantSeen: []string{"DPoP tok"}, wantRefused: true},
 		{name: "signed, nonce challenge then the token rejected: purged", sign: true, nonce: 1, bad: "tok", wantCode: 401,
 			wantSeen: []string{"DPoP tok", "DPoP tok"}, wantEvents: []string{"purge tok"}, wantNonce: 1},
 		{name: "signed, nonce challenge, body over the limit: passed on, not counted", sign: true, nonce: 1,
@@ -231,7 +249,7 @@ func TestRetryDPoP(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			d := NewDPoP(k)
 			d.SetToken("DPoP tok", wantATH("tok"))
-			up := &upstream{bad: cmp.Or(tt.bad, "none"), scheme: "DPoP", nonce: tt.nonce}
+			up := &upstream{bad: cmp.Or(tt.bad, "none"), scheme: "DPoP", nonce: tt.nonce, nonceValue: tt.nonceValue}
 			unsignedStatus := tt.status
 			if unsignedStatus == 0 {
 				unsignedStatus = http.StatusUnauthorized
@@ -241,6 +259,11 @@ func TestRetryDPoP(t *testing.T) {
 				up.alter = func(r *http.Request) {
 					if err := d.Sign(r, time.Now()); err != nil {
 						t.Error(err)
+					}
+				}
+				up.answered = func(r *http.Request, h http.Header) {
+					if err := d.Observe(r, h); (err != nil) != (len(tt.nonceValue) > dpop.MaxNonce) {
+						t.Errorf("Observe: %v", err)
 					}
 				}
 			} else {
@@ -253,7 +276,9 @@ func TestRetryDPoP(t *testing.T) {
 			}
 			tokens := &fakeTokens{fresh: dpopEntry{entry{broker.Token{Value: "new"}}}}
 			nonces := 0
-			rt := Retry{Mode: tt.mode, Tokens: tokens, DPoP: d, NonceChallenged: func(*broker.Binding) { nonces++ }}
+			var refusals []error
+			rt := Retry{Mode: tt.mode, Tokens: tokens, DPoP: d, NonceChallenged: func(*broker.Binding) { nonces++ },
+				NonceRefused: func(_ *broker.Binding, err error) { refusals = append(refusals, err) }}
 			out := Contract{}
 			body := tt.body
 			if body == "" {
@@ -279,6 +304,10 @@ func TestRetryDPoP(t *testing.T) {
 			if !slices.Equal(up.seen, tt.wantSeen) || !slices.Equal(tokens.events, tt.wantEvents) || nonces != tt.wantNonce {
 				t.Errorf("upstream saw %q, events %q, %d nonce challenges; want %q, %q, %d",
 					up.seen, tokens.events, nonces, tt.wantSeen, tt.wantEvents, tt.wantNonce)
+			}
+			var ne *dpop.NonceError
+			if tt.wantRefused != (len(refusals) == 1 && errors.As(refusals[0], &ne) && ne.Size == len(tt.nonceValue)) || len(refusals) > 1 {
+				t.Errorf("NonceRefused told %v; want one *dpop.NonceError: %v", refusals, tt.wantRefused)
 			}
 		})
 	}

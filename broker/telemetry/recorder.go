@@ -197,6 +197,18 @@ func (r *Recorder) NonceChallenged(b *broker.Binding) {
 	r.metrics.NonceChallenged(providerOf(b.SourceID), ServerResource)
 }
 
+// NonceRefused logs a resource server's DPoP nonce challenge to a request
+// of b that was passed on to the caller, not retried, because the key
+// refused the challenge's nonce (outbound.Retry.NonceRefused): refused
+// says which server, the nonce's size and what to do, never the nonce.
+func (r *Recorder) NonceRefused(b *broker.Binding, refused error) {
+	if r == nil {
+		return
+	}
+	r.logger.Warn("a resource server's DPoP nonce challenge was passed on to the caller, not retried: the DPoP key refused its nonce",
+		zap.String("provider", providerOf(b.SourceID)), zap.String("merchant", b.Merchant), zap.Error(refused))
+}
+
 // providerOf returns the name of the provider of a source: its ID's
 // part before "#" (config.Provider.ID).
 func providerOf(sourceID string) string {

@@ -14,6 +14,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 )
 
 // tap records what a Recorder's observers tell it.
@@ -82,4 +83,23 @@ func TestRecorderKept(t *testing.T) {
 		t.Error("the token is logged")
 	}
 	(*Recorder)(nil).Kept(b, tok) // a nil Recorder records nothing
+}
+
+// TestRecorderNonceRefused: a refused nonce challenge passed on is logged
+// once, as a warning, with the provider, the merchant and the refusal.
+func TestRecorderNonceRefused(t *testing.T) {
+	core, logs := observer.New(zap.InfoLevel)
+	r := ForRegistry(nil, nil, zap.New(core), nil, nil, nil)
+	b := brokertest.NewBinding("bank#1a2b", nil, broker.Request{Merchant: "acme"})
+	refused := &dpop.NonceError{Server: dpop.ResourceServer, Origin: "https://api.bank.example", Size: 9000}
+	r.NonceRefused(b, refused)
+	entries := logs.AllUntimed()
+	if len(entries) != 1 || entries[0].Level != zap.WarnLevel {
+		t.Fatalf("logs %v: want one warning", entries)
+	}
+	fields := entries[0].ContextMap()
+	if fields["provider"] != "bank" || fields["merchant"] != "acme" || fields["error"] != refused.Error() {
+		t.Errorf("fields %v: want the provider, the merchant and the refusal", fields)
+	}
+	(*Recorder)(nil).NonceRefused(b, refused) // a nil Recorder records nothing
 }

@@ -161,8 +161,9 @@ func TestParseKeyRefused(t *testing.T) {
 		{"RSA 1024", pemOf(t, small, "pkcs8"), "", "at least 2048: make one with `openssl genpkey -algorithm RSA"},
 		{"ES256 on RSA", pemOf(t, keys[dpop.PS256], "pkcs8"), dpop.ES256, `algorithm ES256 does not fit the key, which is for PS256: set alg = "PS256"`},
 		{"PS256 on EC", pemOf(t, keys[dpop.ES256], "pkcs8"), dpop.PS256, "does not fit the key, which is for ES256"},
-		{"ES256 on Ed25519", pemOf(t, keys[dpop.EdDSA], "pkcs8"), dpop.ES256, "which is for EdDSA"},
-		{"RS256", pemOf(t, keys[dpop.PS256], "pkcs8"), "RS256", `unknown DPoP algorithm "RS256" (known: ES256, PS256, EdDSA)`},
+		{"ES256 on Ed25519", pemOf(t, keys[dpop.EdDSA], "pkcs8"), dpop.ES256, `which is for EdDSA: set alg = "EdDSA" or "Ed25519" or leave alg out`},
+		{"Ed25519 on EC", pemOf(t, keys[dpop.ES256], "pkcs8"), dpop.Ed25519, `algorithm Ed25519 does not fit the key, which is for ES256: set alg = "ES256"`},
+		{"RS256", pemOf(t, keys[dpop.PS256], "pkcs8"), "RS256", `unknown DPoP algorithm "RS256" (known: ES256, PS256, EdDSA, Ed25519)`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := dpop.ParseKey(tc.pem, tc.alg)
@@ -433,5 +434,187 @@ func TestKeyPrinted(t *testing.T) {
 	var nilKey *dpop.Key
 	if got := nilKey.String(); got != "no DPoP key" {
 		t.Errorf("nil key: %q", got)
+	}
+}
+
+// TestNonceLimit: nonces up to dpop.MaxNonce (8 KiB) bytes are remembered
+// and carried by the proofs; a larger one, or one with characters a nonce
+// may not hold, is refused with a *dpop.NonceError that names the server,
+// the size and the limit but never the nonce, the nonce before it is kept,
+// and RefusedNonce reports the refusal until a usable nonce comes.
+func TestNonceLimit(t *testing.T) {
+	if dpop.MaxNonce != 8192 {
+		t.Fatalf("MaxNonce %d, want 8192", dpop.MaxNonce)
+	}
+	nonce := func(n int) string { return strings.Repeat("N", n-1) + "z" }
+	for _, tc := range []struct {
+		name     string
+		nonce    string
+		refused  bool
+		badChars bool
+	}{
+		{"one byte", "z", false, false},
+		{"1 KiB", nonce(1024), false, false},
+		{"1.5 KiB", nonce(1536), false, false},
+		{"at the limit", nonce(dpop.MaxNonce), false, false},
+		{"one byte over", nonce(dpop.MaxNonce + 1), true, false},
+		{"1 MiB", nonce(1 << 20), true, false},
+		{"a quote", `bad"nonce`, true, true},
+		{"over the limit, with a space", nonce(dpop.MaxNonce) + " ", true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k, err := dpop.NewKey(testKeys(t)[dpop.EdDSA], "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			as, u := dpop.AuthorizationServer, &url.URL{Scheme: "https", Host: "AS.example:443", Path: "/token"}
+			if err := k.SetNonce(as, u, "before"); err != nil {
+				t.Fatal(err)
+			}
+			err = k.SetNonce(as, u, tc.nonce)
+			if !tc.refused {
+				if err != nil || k.Nonce(as, u) != tc.nonce || k.RefusedNonce(as, u) != nil {
+					t.Fatalf("SetNonce of %d bytes: %v, remembered %d bytes, refusal %v", len(tc.nonce), err, len(k.Nonce(as, u)), k.RefusedNonce(as, u))
+				}
+				proof, err := k.Proof("POST", "https://as.example/token", "", k.Nonce(as, u), time.Now())
+				if err != nil {
+					t.Fatal(err)
+				}
+				if p, err := dpoptest.Verify(proof); err != nil || p.Nonce != tc.nonce {
+					t.Errorf("the proof carries a nonce of %d bytes (%v), want %d", len(p.Nonce), err, len(tc.nonce))
+				}
+				return
+			}
+			ne, ok := err.(*dpop.NonceError)
+			if !ok {
+				t.Fatalf("SetNonce of %d bytes: %T %v, want a *dpop.NonceError", len(tc.nonce), err, err)
+			}
+			if *ne != (dpop.NonceError{Server: as, Origin: "https://as.example", Size: len(tc.nonce), BadChars: tc.badChars}) {
+				t.Errorf("NonceError %+v", *ne)
+			}
+			want := []string{"authorization server https://as.example", fmt.Sprintf("%d bytes", len(tc.nonce))}
+			if !tc.badChars {
+				want = append(want, "over the limit of 8192 bytes", "ask the provider to send shorter nonces")
+			}
+			for _, w := range want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not say %q", err, w)
+				}
+			}
+			if strings.Contains(err.Error(), tc.nonce) || strings.Contains(err.Error(), "NNNN") {
+				t.Errorf("error %q holds the nonce", err)
+			}
+			if k.Nonce(as, u) != "before" {
+				t.Errorf("remembered %d bytes, want the nonce before", len(k.Nonce(as, u)))
+			}
+			if got := k.RefusedNonce(as, u); got == nil || got.Error() != err.Error() {
+				t.Errorf("RefusedNonce %v, want %v", got, err)
+			}
+			if got := k.RefusedNonce(dpop.ResourceServer, u); got != nil {
+				t.Errorf("the resource server at the same origin has a refusal: %v", got)
+			}
+			if _, err := k.Proof("POST", "https://as.example/token", "", tc.nonce, time.Now()); err == nil || strings.Contains(err.Error(), tc.nonce) {
+				t.Errorf("a proof with the refused nonce: %v", err)
+			}
+			if err := k.SetNonce(as, u, "after"); err != nil || k.Nonce(as, u) != "after" || k.RefusedNonce(as, u) != nil {
+				t.Errorf("a usable nonce after the refusal: %v, remembered %q, refusal %v", err, k.Nonce(as, u), k.RefusedNonce(as, u))
+			}
+		})
+	}
+	// The nonce kept through a refusal, sent again, is the server's
+	// nonce once more: the refusal is over.
+	t.Run("same nonce re-sent after a refusal", func(t *testing.T) {
+		k, err := dpop.NewKey(testKeys(t)[dpop.EdDSA], "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		as, u := dpop.AuthorizationServer, &url.URL{Scheme: "https", Host: "as.example"}
+		if err := k.SetNonce(as, u, "A"); err != nil {
+			t.Fatal(err)
+		}
+		if err := k.SetNonce(as, u, nonce(9000)); err == nil {
+			t.Fatal("a nonce of 9000 bytes was not refused")
+		}
+		if err := k.SetNonce(as, u, "A"); err != nil || k.Nonce(as, u) != "A" || k.RefusedNonce(as, u) != nil {
+			t.Errorf("nonce A re-sent after a refusal: %v, remembered %q, refusal %v; want A and no refusal", err, k.Nonce(as, u), k.RefusedNonce(as, u))
+		}
+	})
+}
+
+// TestEd25519Name: an Ed25519 key takes alg EdDSA or Ed25519 (RFC 9864),
+// its proofs carry the name configured, and ForServer gives the key under
+// the name an authorization server lists (Ed25519 first), sharing the
+// thumbprint and the nonces; other keys keep their name.
+func TestEd25519Name(t *testing.T) {
+	keys := testKeys(t)
+	edPEM := pemOf(t, keys[dpop.EdDSA], "pkcs8")
+	byName := map[string]*dpop.Key{}
+	for _, alg := range []string{"", dpop.EdDSA, dpop.Ed25519} {
+		k, err := dpop.ParseKey(edPEM, alg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		byName[alg] = k
+	}
+	if byName[""].Alg() != dpop.EdDSA || byName[dpop.Ed25519].Alg() != dpop.Ed25519 || byName[dpop.Ed25519].Thumbprint() != byName[""].Thumbprint() {
+		t.Fatalf("algs %s, %s; thumbprints %s, %s", byName[""].Alg(), byName[dpop.Ed25519].Alg(), byName[""].Thumbprint(), byName[dpop.Ed25519].Thumbprint())
+	}
+	for i, tc := range []struct {
+		name       string
+		configured string
+		listed     []string
+		want       string
+	}{
+		{"default, no list", "", nil, dpop.EdDSA},
+		{"Ed25519, no list", dpop.Ed25519, nil, dpop.Ed25519},
+		{"default, Ed25519 listed", "", []string{"ES256", "Ed25519"}, dpop.Ed25519},
+		{"default, both listed", "", []string{"EdDSA", "Ed25519"}, dpop.Ed25519},
+		{"default, EdDSA listed", "", []string{"EdDSA"}, dpop.EdDSA},
+		{"Ed25519, EdDSA listed", dpop.Ed25519, []string{"EdDSA", "ES256"}, dpop.EdDSA},
+		{"Ed25519, neither listed", dpop.Ed25519, []string{"ES256"}, dpop.Ed25519},
+		{"EdDSA, Ed25519 listed", dpop.EdDSA, []string{"Ed25519"}, dpop.Ed25519},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k := byName[tc.configured]
+			sk := k.ForServer(tc.listed)
+			// The same key under the other name.
+			other := dpop.EdDSA
+			if sk.Alg() == dpop.EdDSA {
+				other = dpop.Ed25519
+			}
+			ok := k.ForServer([]string{other})
+			if sk.Alg() != tc.want || sk.Thumbprint() != k.Thumbprint() || k.ForServer(tc.listed) != sk {
+				t.Fatalf("ForServer(%q): %v, want %s with thumbprint %s, the same each time", tc.listed, sk, tc.want, k.Thumbprint())
+			}
+			proof, err := sk.Proof("POST", "https://as.example/token", "", "", time.Now())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if p, err := dpoptest.Verify(proof); err != nil || p.Alg != tc.want || p.JKT != k.Thumbprint() {
+				t.Errorf("proof alg %q jkt %s (%v), want %s %s", p.Alg, p.JKT, err, tc.want, k.Thumbprint())
+			}
+			u := &url.URL{Scheme: "https", Host: "as.example"}
+			nonce := fmt.Sprintf("n-%d", i) // not any other case's: the keys outlive the case
+			if ok.Alg() != other {
+				t.Fatalf("ForServer([%s]) signs as %s", other, ok.Alg())
+			}
+			if err := sk.SetNonce(dpop.AuthorizationServer, u, nonce); err != nil || ok.Nonce(dpop.AuthorizationServer, u) != nonce || k.Nonce(dpop.AuthorizationServer, u) != nonce {
+				t.Errorf("nonce %q remembered through ForServer's %s key: %q under %s, %q under the configured name (%v)",
+					nonce, sk.Alg(), ok.Nonce(dpop.AuthorizationServer, u), other, k.Nonce(dpop.AuthorizationServer, u), err)
+			}
+		})
+	}
+	for _, alg := range []string{dpop.ES256, dpop.PS256} {
+		k, err := dpop.NewKey(keys[alg], "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if k.ForServer([]string{"Ed25519", "EdDSA"}) != k {
+			t.Errorf("ForServer changed a %s key", alg)
+		}
+	}
+	var none *dpop.Key
+	if none.ForServer([]string{"Ed25519"}) != nil {
+		t.Error("ForServer of no key is a key")
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	jose "github.com/go-jose/go-jose/v4"
@@ -36,11 +37,16 @@ const (
 	// PS256 is RSASSA-PSS with SHA-256, for RSA keys of at least 2048 bits.
 	PS256 = "PS256"
 	// EdDSA is Ed25519, for Ed25519 keys: the smallest and fastest proofs.
+	// It is the polymorphic name of RFC 8037, which RFC 9864 deprecates
+	// but most servers know.
 	EdDSA = "EdDSA"
+	// Ed25519 is the same algorithm under its fully-specified name
+	// (RFC 9864), for Ed25519 keys.
+	Ed25519 = "Ed25519"
 )
 
 // algs lists the supported algorithms, for messages.
-const algs = "ES256, PS256, EdDSA"
+const algs = "ES256, PS256, EdDSA, Ed25519"
 
 // minRSABits is the smallest RSA key accepted.
 const minRSABits = 2048
@@ -55,14 +61,20 @@ type Key struct {
 	// header is the base64url encoding of the proof's JOSE header,
 	// followed by ".": the first bytes of every proof.
 	header string
-	nonces nonces
+	// nonces are shared with twin.
+	nonces *nonces
+	// twin is, for an Ed25519 key, the same key under the other name of
+	// its algorithm (EdDSA, Ed25519), for ForServer; nil for others.
+	twin *Key
 }
 
 // ParseKey reads a PEM private key (PKCS#8, SEC1 or PKCS#1; unencrypted)
 // and returns its DPoP Key. alg "" infers the algorithm from the key: EC
 // P-256 -> ES256, RSA (2048 bits or more) -> PS256, Ed25519 -> EdDSA. A
-// given alg must fit the key. Errors say what is wrong and what to do; they
-// never quote the key.
+// given alg must fit the key: an Ed25519 key takes EdDSA or Ed25519 (the
+// same algorithm, RFC 9864), the name its proofs carry unless a server
+// lists only the other (ForServer). Errors say what is wrong and what to
+// do; they never quote the key.
 func ParseKey(pemBytes []byte, alg string) (*Key, error) {
 	key, err := pemkey.Parse(pemBytes)
 	if err != nil {
@@ -95,10 +107,15 @@ func NewKey(key crypto.Signer, alg string) (*Key, error) {
 	switch {
 	case alg == "":
 		alg = want
-	case alg != ES256 && alg != PS256 && alg != EdDSA:
+	case alg != ES256 && alg != PS256 && alg != EdDSA && alg != Ed25519:
 		return nil, fmt.Errorf("unknown DPoP algorithm %q (known: %s)", alg, algs)
+	case alg == Ed25519 && want == EdDSA:
 	case alg != want:
-		return nil, fmt.Errorf("algorithm %s does not fit the key, which is for %s: set alg = %q or leave alg out", alg, want, want)
+		fits := fmt.Sprintf("%q", want)
+		if want == EdDSA {
+			fits += ` or "Ed25519"`
+		}
+		return nil, fmt.Errorf("algorithm %s does not fit the key, which is for %s: set alg = %s or leave alg out", alg, want, fits)
 	}
 	pub := jose.JSONWebKey{Key: key.Public()}
 	jwk, err := pub.MarshalJSON()
@@ -109,23 +126,62 @@ func NewKey(key crypto.Signer, alg string) (*Key, error) {
 	if err != nil {
 		return nil, fmt.Errorf("computing the key thumbprint: %w", err)
 	}
+	k := &Key{signer: key, alg: alg, jkt: base64.RawURLEncoding.EncodeToString(tp), nonces: &nonces{}}
+	if k.header, err = proofHeader(alg, jwk); err != nil {
+		return nil, err
+	}
+	if want == EdDSA {
+		twin := *k
+		twin.alg = EdDSA
+		if alg == EdDSA {
+			twin.alg = Ed25519
+		}
+		if twin.header, err = proofHeader(twin.alg, jwk); err != nil {
+			return nil, err
+		}
+		k.twin, twin.twin = &twin, k
+	}
+	return k, nil
+}
+
+// proofHeader returns the base64url encoding of a proof's JOSE header
+// {typ: dpop+jwt, alg, jwk}, followed by ".".
+func proofHeader(alg string, jwk []byte) (string, error) {
 	h, err := json.Marshal(struct {
 		Typ string          `json:"typ"`
 		Alg string          `json:"alg"`
 		JWK json.RawMessage `json:"jwk"`
 	}{"dpop+jwt", alg, jwk})
 	if err != nil {
-		return nil, fmt.Errorf("encoding the proof header: %w", err)
+		return "", fmt.Errorf("encoding the proof header: %w", err)
 	}
-	return &Key{
-		signer: key,
-		alg:    alg,
-		jkt:    base64.RawURLEncoding.EncodeToString(tp),
-		header: base64.RawURLEncoding.EncodeToString(h) + ".",
-	}, nil
+	return base64.RawURLEncoding.EncodeToString(h) + ".", nil
 }
 
-// Alg returns the proofs' signing algorithm: ES256, PS256 or EdDSA.
+// ForServer returns the key to sign the proofs to an authorization server
+// whose metadata lists supported as its dpop_signing_alg_values_supported
+// (RFC 9449 §5.1): for an Ed25519 key, the same key under the name the
+// server lists, Ed25519 (RFC 9864) when it lists it, else EdDSA when it
+// lists that; k itself otherwise (another key, a server that lists
+// neither name or publishes no list). The key returned shares k's
+// nonces and thumbprint.
+func (k *Key) ForServer(supported []string) *Key {
+	if k == nil || k.twin == nil {
+		return k
+	}
+	for _, name := range []string{Ed25519, EdDSA} {
+		if slices.Contains(supported, name) {
+			if k.alg == name {
+				return k
+			}
+			return k.twin
+		}
+	}
+	return k
+}
+
+// Alg returns the proofs' signing algorithm: ES256, PS256, EdDSA or
+// Ed25519.
 func (k *Key) Alg() string { return k.alg }
 
 // Thumbprint returns the RFC 7638 SHA-256 thumbprint of the public key,
@@ -160,7 +216,7 @@ func (k *Key) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 // errNoKey is the error of a nil Key.
 var errNoKey = errors.New("no DPoP key")
 
-// checkNonce reports whether a DPoP-Nonce value is usable: 1 to 1024
+// checkNonce reports whether a DPoP-Nonce value is usable: 1 to maxNonce
 // NQCHAR (RFC 9449 §8.1: %x21 / %x23-5B / %x5D-7E). Such a value needs no
 // escaping in the proof's JSON.
 func checkNonce(n string) bool {
@@ -170,5 +226,12 @@ func checkNonce(n string) bool {
 	return !strings.ContainsFunc(n, func(r rune) bool { return r < 0x21 || r == '"' || r == '\\' || r > 0x7e })
 }
 
-// maxNonce bounds a remembered nonce.
-const maxNonce = 1024
+// maxNonce bounds a nonce a Key remembers and puts in its proofs, in
+// bytes. RFC 9449 sets no limit, and a server that asks for its nonce
+// refuses every proof without it, so the bound is far above what servers
+// send (tens to a few hundred bytes; an encrypted nonce well under 1 KiB).
+// A proof that carries an 8 KiB nonce is a DPoP header of about 11 KiB,
+// already over the 8 KiB header line that common HTTP servers accept by
+// default: a larger nonce could hardly travel back to its server. And a
+// Key keeps at most maxServers nonces: 512 KiB at most.
+const maxNonce = 8 << 10

@@ -25,12 +25,15 @@ var b64 = base64.RawURLEncoding
 // the access token the request carries), nonce (when not empty: the
 // server's DPoP-Nonce)}. The header is the Key's, built once; the claims
 // are written straight into the proof's buffer. An invalid nonce (not
-// RFC 9449 NQCHAR) is refused.
+// RFC 9449 NQCHAR, or over MaxNonce bytes) is refused.
 func (k *Key) Proof(htm, htu, ath, nonce string, now time.Time) (string, error) {
 	if k == nil {
 		return "", errNoKey
 	}
 	if nonce != "" && !checkNonce(nonce) {
+		if len(nonce) > maxNonce {
+			return "", fmt.Errorf("DPoP proof: the server's nonce has %d bytes, over the limit of %d", len(nonce), maxNonce)
+		}
 		return "", errors.New("DPoP proof: the server's nonce holds characters a nonce may not (RFC 9449 §8.1)")
 	}
 	var jti [16]byte

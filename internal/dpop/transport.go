@@ -9,7 +9,8 @@ import (
 // endpoints: each request it sends carries a fresh proof in the DPoP
 // header (htm and htu of that request, the nonce remembered for the
 // authorization server at its origin), and the DPoP-Nonce of every answer
-// is remembered for that server. It does not answer a nonce challenge
+// is remembered for that server (or its refusal: Key.RefusedNonce). It
+// does not answer a nonce challenge
 // itself: a token or PAR request may hold single-use credentials (a
 // private_key_jwt assertion, RFC 7523 §3), so the caller builds the
 // request again and sends it once more when the answer brought a new
@@ -44,7 +45,10 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	if n := resp.Header.Get("DPoP-Nonce"); n != "" {
-		t.key.SetNonce(AuthorizationServer, req.URL, n)
+		// A refused nonce is not an error of this answer, which may
+		// carry a token: the key records it (RefusedNonce), for the
+		// challenge that may follow.
+		_ = t.key.SetNonce(AuthorizationServer, req.URL, n)
 	}
 	return resp, nil
 }

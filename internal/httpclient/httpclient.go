@@ -148,9 +148,33 @@ func ReadBody(r io.Reader) (body []byte, tooLarge bool, err error) {
 	return body, false, nil
 }
 
+// TooLargeError is an answer whose body is over MaxResponseBytes (a
+// provider's, or a caller issuer's key set): what was read of it is not
+// used.
+type TooLargeError struct {
+	// Host is the host that answered.
+	Host string
+	// Status is the answer's HTTP status, 0 when the error that holds this
+	// one reports it (a *broker.APIError).
+	Status int
+}
+
+// Error says which host answered too much (with which status, when
+// Status is set), the limit, and what to check.
+func (e *TooLargeError) Error() string {
+	status := ""
+	if e.Status != 0 {
+		status = fmt.Sprintf(" (status %d)", e.Status)
+	}
+	return fmt.Sprintf("the answer of %s%s has a body over %d bytes, the limit of an answer the token broker reads: "+
+		"check that the configured URL is the server's endpoint (not a page or a file), or ask the server's operator why it answers so much", e.Host, status, MaxResponseBytes)
+}
+
 // LimitBody wraps rt (nil: http.DefaultTransport) so that no response body
 // yields more than MaxResponseBytes, for libraries that read bodies whole
-// (go-oidc's discovery).
+// (go-oidc's discovery and key set): reading past the limit fails with a
+// *TooLargeError, so that the library reports a body too large, not a
+// document cut short.
 func LimitBody(rt http.RoundTripper) http.RoundTripper { return limitBody{rt} }
 
 type limitBody struct{ rt http.RoundTripper }
@@ -162,12 +186,33 @@ func (l limitBody) RoundTrip(r *http.Request) (*http.Response, error) {
 	}
 	resp, err := rt.RoundTrip(r)
 	if err == nil {
-		resp.Body = struct {
-			io.Reader
-			io.Closer
-		}{io.LimitReader(resp.Body, MaxResponseBytes), resp.Body}
+		resp.Body = &limitedBody{r: io.LimitReader(resp.Body, MaxResponseBytes+1), host: r.URL.Host, status: resp.StatusCode, Closer: resp.Body}
 	}
 	return resp, err
+}
+
+// limitedBody is a response body of LimitBody: r reads one byte more than
+// the limit, to tell a body of exactly MaxResponseBytes from a larger one.
+// Its *TooLargeError carries the answer's status: a library that reads
+// the body before it looks at the status reports the read error alone.
+type limitedBody struct {
+	r      io.Reader
+	n      int64 // bytes read so far
+	host   string
+	status int
+	io.Closer
+}
+
+func (b *limitedBody) Read(p []byte) (int, error) {
+	if b.n > MaxResponseBytes {
+		return 0, &TooLargeError{Host: b.host, Status: b.status}
+	}
+	n, err := b.r.Read(p)
+	b.n += int64(n)
+	if over := b.n - MaxResponseBytes; over > 0 {
+		return n - int(over), &TooLargeError{Host: b.host, Status: b.status}
+	}
+	return n, err
 }
 
 // CheckURL is the one validator of a provider endpoint URL: absolute

@@ -1,9 +1,15 @@
 package dpoptest
 
 import (
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -97,6 +103,52 @@ func TestGatePath(t *testing.T) {
 		resp.Body.Close()
 		if resp.StatusCode != http.StatusOK {
 			t.Errorf("%s: %d, want 200 (refusals %d)", path, resp.StatusCode, gate.Refused.Load())
+		}
+	}
+}
+
+// TestVerifyEd25519: a proof with alg Ed25519 (RFC 9864), which go-jose
+// does not know, verifies with its Ed25519 jwk; a changed claim, or an
+// Ed25519 label on another key's proof, does not.
+func TestVerifyEd25519(t *testing.T) {
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := dpop.NewKey(priv, dpop.Ed25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proof, err := k.Proof("POST", "https://as.example/token", "", "n-1", time.Unix(1_800_000_000, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := Verify(proof)
+	if err != nil || p.Alg != Ed25519Alg || p.JKT != k.Thumbprint() || p.HTU != "https://as.example/token" || p.Nonce != "n-1" {
+		t.Fatalf("Verify: %+v, %v", p, err)
+	}
+	parts := strings.Split(proof, ".")
+	claims, _ := base64.RawURLEncoding.DecodeString(parts[1])
+	changed := parts[0] + "." + base64.RawURLEncoding.EncodeToString([]byte(strings.Replace(string(claims), "POST", "GET!", 1))) + "." + parts[2]
+	ecPriv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ec, err := dpop.NewKey(ecPriv, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ecProof, err := ec.Proof("POST", "https://as.example/token", "", "", time.Unix(1_800_000_000, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ecParts := strings.Split(ecProof, ".")
+	ecHead, _ := base64.RawURLEncoding.DecodeString(ecParts[0])
+	relabelled := base64.RawURLEncoding.EncodeToString([]byte(strings.Replace(string(ecHead), `"ES256"`, `"Ed25519"`, 1))) + "." + ecParts[1] + "." + ecParts[2]
+	for name, bad := range map[string]string{"changed claim": changed, "EC key labelled Ed25519": relabelled} {
+		var ce *CheckError
+		if _, err := Verify(bad); !errors.As(err, &ce) || ce.Reason != ReasonProof {
+			t.Errorf("%s: %v, want a proof refusal", name, err)
 		}
 	}
 }

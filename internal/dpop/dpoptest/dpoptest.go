@@ -7,12 +7,14 @@ package dpoptest
 import (
 	"context"
 	"crypto"
+	"crypto/ed25519"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync/atomic"
 
 	jose "github.com/go-jose/go-jose/v4"
@@ -32,30 +34,24 @@ type Proof struct {
 	ATH, Nonce string
 }
 
-// Algs are the proof signature algorithms a proof may use.
+// Algs are the proof signature algorithms a proof may use that go-jose
+// verifies; Verify also takes Ed25519 (Ed25519Alg).
 func Algs() []jose.SignatureAlgorithm {
 	return []jose.SignatureAlgorithm{jose.ES256, jose.PS256, jose.RS256, jose.EdDSA}
 }
 
+// Ed25519Alg is the fully-specified name of EdDSA with Ed25519 (RFC 9864),
+// which go-jose does not know: Verify checks such proofs itself.
+const Ed25519Alg = "Ed25519"
+
 // Verify parses a compact DPoP proof, checks its header (typ dpop+jwt, an
-// asymmetric alg, a public jwk) and its signature with that jwk, and
-// returns its header and claims. It checks no claim. A proof it cannot
-// read is a *CheckError (ReasonProof, or ReasonType).
+// asymmetric alg of Algs or Ed25519Alg, a public jwk) and its signature
+// with that jwk, and returns its header and claims. It checks no claim. A
+// proof it cannot read is a *CheckError (ReasonProof, or ReasonType).
 func Verify(proof string) (Proof, error) {
-	jws, err := jose.ParseSignedCompact(proof, Algs())
+	h, payload, err := verifySignature(proof)
 	if err != nil {
-		return Proof{}, &CheckError{ReasonProof, "not a JWS: " + err.Error()}
-	}
-	h := jws.Signatures[0].Protected
-	if typ, _ := h.ExtraHeaders["typ"].(string); typ != "dpop+jwt" {
-		return Proof{}, &CheckError{ReasonType, "typ " + strconv.Quote(typ)}
-	}
-	if h.JSONWebKey == nil || !h.JSONWebKey.IsPublic() || !h.JSONWebKey.Valid() {
-		return Proof{}, &CheckError{ReasonProof, "no public jwk in the header"}
-	}
-	payload, err := jws.Verify(h.JSONWebKey)
-	if err != nil {
-		return Proof{}, &CheckError{ReasonProof, "signature: " + err.Error()}
+		return Proof{}, err
 	}
 	tp, err := h.JSONWebKey.Thumbprint(crypto.SHA256)
 	if err != nil {
@@ -78,6 +74,82 @@ func Verify(proof string) (Proof, error) {
 	}
 	return Proof{Alg: h.Algorithm, JKT: base64.RawURLEncoding.EncodeToString(tp),
 		JTI: c.JTI, HTM: c.HTM, HTU: c.HTU, IAT: iat, ATH: c.ATH, Nonce: c.Nonce}, nil
+}
+
+// verifySignature checks the header of a compact proof (typ dpop+jwt, a
+// public jwk) and its signature with that jwk: with go-jose for the
+// algorithms of Algs, with crypto/ed25519 for Ed25519Alg and an OKP
+// Ed25519 jwk. It returns the header and the payload.
+func verifySignature(proof string) (jose.Header, []byte, error) {
+	var h jose.Header
+	var payload []byte
+	if alg, err := headerAlg(proof); err == nil && alg == Ed25519Alg {
+		parts := strings.Split(proof, ".")
+		if len(parts) != 3 {
+			return h, nil, &CheckError{ReasonProof, "not a compact JWS"}
+		}
+		raw, err1 := base64.RawURLEncoding.DecodeString(parts[0])
+		p, err2 := base64.RawURLEncoding.DecodeString(parts[1])
+		sig, err3 := base64.RawURLEncoding.DecodeString(parts[2])
+		var head struct {
+			Typ string           `json:"typ"`
+			JWK *jose.JSONWebKey `json:"jwk"`
+		}
+		if err := errors.Join(err1, err2, err3, json.Unmarshal(raw, &head)); err != nil {
+			return h, nil, &CheckError{ReasonProof, "not a JWS: " + err.Error()}
+		}
+		h = jose.Header{Algorithm: Ed25519Alg, JSONWebKey: head.JWK, ExtraHeaders: map[jose.HeaderKey]any{"typ": head.Typ}}
+		if err := checkHeader(h); err != nil {
+			return h, nil, err
+		}
+		pub, ok := h.JSONWebKey.Key.(ed25519.PublicKey)
+		if !ok {
+			return h, nil, &CheckError{ReasonProof, fmt.Sprintf("alg Ed25519 with a %T jwk", h.JSONWebKey.Key)}
+		}
+		if !ed25519.Verify(pub, []byte(parts[0]+"."+parts[1]), sig) {
+			return h, nil, &CheckError{ReasonProof, "signature: Ed25519 verification failed"}
+		}
+		return h, p, nil
+	}
+	jws, err := jose.ParseSignedCompact(proof, Algs())
+	if err != nil {
+		return h, nil, &CheckError{ReasonProof, "not a JWS: " + err.Error()}
+	}
+	h = jws.Signatures[0].Protected
+	if err := checkHeader(h); err != nil {
+		return h, nil, err
+	}
+	payload, err = jws.Verify(h.JSONWebKey)
+	if err != nil {
+		return h, nil, &CheckError{ReasonProof, "signature: " + err.Error()}
+	}
+	return h, payload, nil
+}
+
+// headerAlg returns the alg of a compact JWS's header, unverified.
+func headerAlg(proof string) (string, error) {
+	head, _, _ := strings.Cut(proof, ".")
+	raw, err := base64.RawURLEncoding.DecodeString(head)
+	if err != nil {
+		return "", err
+	}
+	var h struct {
+		Alg string `json:"alg"`
+	}
+	err = json.Unmarshal(raw, &h)
+	return h.Alg, err
+}
+
+// checkHeader checks a proof header's typ (dpop+jwt) and jwk (public,
+// valid).
+func checkHeader(h jose.Header) error {
+	if typ, _ := h.ExtraHeaders["typ"].(string); typ != "dpop+jwt" {
+		return &CheckError{ReasonType, "typ " + strconv.Quote(typ)}
+	}
+	if h.JSONWebKey == nil || !h.JSONWebKey.IsPublic() || !h.JSONWebKey.Valid() {
+		return &CheckError{ReasonProof, "no public jwk in the header"}
+	}
+	return nil
 }
 
 // Gate is an http.Handler that lets a request through to Next only with a

@@ -32,7 +32,7 @@ func NewKey(t testing.TB) *dpop.Key {
 
 // KeyPEM returns a new private key for a DPoP algorithm as PKCS#8 PEM, as
 // an operator would write it to a file: ES256 an EC P-256 key, PS256 an
-// RSA key of 2048 bits, EdDSA an Ed25519 key.
+// RSA key of 2048 bits, EdDSA or Ed25519 an Ed25519 key.
 func KeyPEM(alg string) ([]byte, error) {
 	var (
 		signer crypto.Signer
@@ -43,10 +43,10 @@ func KeyPEM(alg string) ([]byte, error) {
 		signer, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	case "PS256":
 		signer, err = rsa.GenerateKey(rand.Reader, 2048)
-	case "EdDSA":
+	case "EdDSA", "Ed25519":
 		_, signer, err = ed25519.GenerateKey(rand.Reader)
 	default:
-		return nil, fmt.Errorf("dpoptest: unknown DPoP algorithm %q: want ES256, PS256 or EdDSA", alg)
+		return nil, fmt.Errorf("dpoptest: unknown DPoP algorithm %q: want ES256, PS256, EdDSA or Ed25519", alg)
 	}
 	if err != nil {
 		return nil, err
