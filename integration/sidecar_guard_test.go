@@ -55,10 +55,21 @@ func TestEchoMethodsRefusedInAnyCase(t *testing.T) {
 // alone it is a request without a merchant. A server option that keeps it
 // (expected_underscore_headers, expected_dot_headers; Caddy then drops
 // X-Merchant-Id) makes every request carrying it ambiguous: refused. The
-// README says so.
+// README says so. A selector with a default merchant
+// ({http.request.header.X-Merchant-Id:globex}) serves a request without the
+// header, or with it empty, for the default; a malformed one is refused
+// when the config is loaded.
 func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
 	sb, _ := startSandbox(t)
 	caddyfile := sandboxCaddyfile(t)
+	selecting := func(selector string) string {
+		cf := strings.Replace(caddyfile, "\thandle {\n\t\ttoken_broker\n", "\thandle {\n\t\ttoken_broker {\n\t\t\tmerchant "+selector+"\n\t\t}\n", 1)
+		if cf == caddyfile {
+			t.Fatal("the root Caddyfile has no `handle { token_broker` to set the merchant selector of")
+		}
+		return cf
+	}
+	withDefault := selecting("{http.request.header.X-Merchant-Id:globex}")
 	keeping := func(option string) string {
 		cf := strings.Replace(caddyfile, "persist_config off", "persist_config off\n\tservers {\n\t\t"+option+"\n\t}", 1)
 		if cf == caddyfile {
@@ -84,6 +95,11 @@ func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
 		{"underscore alone, kept", underscoreKept, []string{"X-Merchant_Id", "globex"}, 400, "ambiguous_merchant", ""},
 		{"hyphen alone, underscore kept", underscoreKept, []string{"X-Merchant-Id", "acme"}, 400, "missing_merchant", ""},
 		{"both, dot kept", dotKept, []string{"X-Merchant-Id", "acme", "X-Merchant.Id", "globex"}, 400, "ambiguous_merchant", ""},
+		{"default, header absent", withDefault, nil, 200, "", "org-globex"},
+		{"default, header empty", withDefault, []string{"X-Merchant-Id", ""}, 200, "", "org-globex"},
+		{"default, header present", withDefault, []string{"X-Merchant-Id", "acme"}, 200, "", "org-acme"},
+		{"default, header twice", withDefault, []string{"X-Merchant-Id", "acme", "X-Merchant-Id", "acme"}, 400, "ambiguous_merchant", ""},
+		{"default, underscore alone", withDefault, []string{"X-Merchant_Id", "acme"}, 200, "", "org-globex"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			base := startCaddy(t, tt.caddyfile)
@@ -119,6 +135,21 @@ func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
 	if sb.TokenRequests() == 0 {
 		t.Fatal("no token request at all: the cases did not reach the broker")
 	}
+
+	t.Run("malformed selector", func(t *testing.T) {
+		t.Setenv("TOKEN_BROKER_PORT", strconv.Itoa(freePort(t)))
+		t.Setenv("TOKEN_BROKER_ADMIN_PORT", strconv.Itoa(freePort(t)))
+		cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(selecting("{http.request.header.X-Merchant-Id:}")), map[string]any{"filename": "Caddyfile"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := caddy.Load(cfg, true); err == nil || !strings.Contains(err.Error(), `token_broker: merchant: selector "{http.request.header.X-Merchant-Id:}" has an empty default`) {
+			if err == nil {
+				caddy.Stop()
+			}
+			t.Fatalf("a selector with an empty default: %v, want a load error naming the merchant selector", err)
+		}
+	})
 
 	// The README describes this (Caddy's drop, the server options), not an
 	// answer Caddy never lets happen by default.

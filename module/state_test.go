@@ -83,7 +83,7 @@ func stateApp(t *testing.T) (*App, *Handler) {
 	t.Cleanup(app.broker.Close)
 	prev := current.Swap(app)
 	t.Cleanup(func() { current.Store(prev) })
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchant: defaultSelector(),
 		broker: app.broker, tracker: app.tracker, registry: reg}
 	h.bindings = app.tables.Table(reg, nil, nil)
 	h.instrument(telemetry.NewMetrics(false))
@@ -261,7 +261,7 @@ scopes = ["accounts"]
 	t.Cleanup(app.broker.Close)
 	prev := current.Swap(app)
 	t.Cleanup(func() { current.Store(prev) })
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchant: defaultSelector(),
 		broker: app.broker, tracker: app.tracker, registry: reg}
 	h.bindings = app.tables.Table(reg, nil, nil)
 	h.instrument(nil)
@@ -401,7 +401,7 @@ func TestStateHandlersRegistry(t *testing.T) {
 		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: time.Minute}
 	})
 	app.watched.Add(own, nil)
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchant: defaultSelector(),
 		broker: app.broker, tracker: app.tracker, registry: own}
 	h.bindings = app.tables.Table(own, nil, nil)
 	h.instrument(nil)

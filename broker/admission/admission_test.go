@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -177,19 +179,107 @@ func TestRepeatedRefusalsLimited(t *testing.T) {
 	}
 }
 
-func TestPlaceholderHeader(t *testing.T) {
+func TestParseSelector(t *testing.T) {
 	for _, tt := range []struct {
-		selector, want string
+		selector, header, err string
 	}{
-		{"{http.request.header.X-Merchant-Id}", "X-Merchant-Id"},
-		{"{http.request.header.x-merchant-id}", "X-Merchant-Id"},
-		{"{http.request.uri.query.merchant}", ""},
-		{"{http.request.header.X-A}{http.request.header.X-B}", ""},
-		{"{http.request.header.X-Merchant-Id", ""},
-		{"acme", ""},
+		{"{http.request.header.X-Merchant-Id}", "X-Merchant-Id", ""},
+		{"{http.request.header.x-merchant-id}", "X-Merchant-Id", ""},
+		{"{http.request.header.X-Merchant-Id:acme}", "X-Merchant-Id", ""},
+		{"{http.request.header.X-Merchant-Id:eu:acme@1}", "X-Merchant-Id", ""},
+		{"{http.request.uri.query.merchant}", "", ""},
+		{"{http.request.uri.query.merchant:acme}", "", ""},
+		{"{http.request.header.X-A}{http.request.header.X-B}", "", ""},
+		{"m-{http.request.cookie.m}", "", ""},
+		{"acme", "", ""},
+		{"{http.request.header.X-Merchant-Id", "", "braces that do not pair"},
+		{"{http.request.header.{X}}", "", "braces that do not pair"},
+		{"acme}", "", "braces that do not pair"},
+		{"{}", "", "empty placeholder"},
+		{"{:acme}", "", "empty placeholder"},
+		{"a{}b", "", "empty placeholder"},
+		{"{http.request.header.X-Merchant-Id:}", "", "empty default"},
+		{"{http.request.header.X-Merchant-Id:ac me}", "", `default "ac me" is not a merchant id`},
+		{"m-{http.request.cookie.m:acme}", "", "only a selector of one placeholder"},
 	} {
-		if got := PlaceholderHeader(tt.selector); got != tt.want {
-			t.Errorf("PlaceholderHeader(%q) = %q, want %q", tt.selector, got, tt.want)
+		s, err := ParseSelector(tt.selector)
+		switch {
+		case tt.err == "" && err != nil:
+			t.Errorf("ParseSelector(%q): %v", tt.selector, err)
+		case tt.err != "" && (err == nil || !strings.Contains(err.Error(), tt.err) || !strings.Contains(err.Error(), tt.selector)):
+			t.Errorf("ParseSelector(%q) error %v, want one naming the selector and %q", tt.selector, err, tt.err)
+		case s.Header() != tt.header:
+			t.Errorf("ParseSelector(%q).Header() = %q, want %q", tt.selector, s.Header(), tt.header)
+		}
+	}
+}
+
+// queryReplacer expands {query.NAME} placeholders from a URL query, as
+// caddy.Replacer does with an empty value for an absent or unknown one.
+type queryReplacer url.Values
+
+func (q queryReplacer) ReplaceAll(input, empty string) string {
+	var out strings.Builder
+	for {
+		start := strings.IndexByte(input, '{')
+		end := strings.IndexByte(input, '}')
+		if start < 0 || end < start {
+			return out.String() + input
+		}
+		out.WriteString(input[:start])
+		v := url.Values(q).Get(strings.TrimPrefix(input[start+1:end], "query."))
+		if v == "" {
+			v = empty
+		}
+		out.WriteString(v)
+		input = input[end+1:]
+	}
+}
+
+func TestSelectorMerchant(t *testing.T) {
+	for _, tt := range []struct {
+		name, selector string
+		hdr            http.Header
+		query          url.Values
+		want           string
+		code           errcode.Code
+	}{
+		{"header present", "{http.request.header.X-Merchant-Id:acme}", http.Header{"X-Merchant-Id": {"globex"}}, nil, "globex", 0},
+		{"header absent", "{http.request.header.X-Merchant-Id:acme}", http.Header{}, nil, "acme", 0},
+		{"header empty", "{http.request.header.X-Merchant-Id:acme}", http.Header{"X-Merchant-Id": {""}}, nil, "acme", 0},
+		{"header malformed", "{http.request.header.X-Merchant-Id:acme}", http.Header{"X-Merchant-Id": {"ac me"}}, nil, "", errcode.InvalidMerchant},
+		{"header twice", "{http.request.header.X-Merchant-Id:acme}", http.Header{"X-Merchant-Id": {"a", "b"}}, nil, "", errcode.AmbiguousMerchant},
+		{"header absent, no default", "{http.request.header.X-Merchant-Id}", http.Header{}, nil, "", errcode.MissingMerchant},
+		{"query present", "{query.merchant:acme}", nil, url.Values{"merchant": {"globex"}}, "globex", 0},
+		{"query absent", "{query.merchant:acme}", nil, url.Values{}, "acme", 0},
+		{"query empty", "{query.merchant:acme}", nil, url.Values{"merchant": {""}}, "acme", 0},
+		{"query absent, no default", "{query.merchant}", nil, url.Values{}, "", errcode.MissingMerchant},
+		{"text and placeholder", "m-{query.merchant}", nil, url.Values{"merchant": {"1"}}, "m-1", 0},
+		{"fixed", "acme", nil, nil, "acme", 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s, err := ParseSelector(tt.selector)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, code := s.Merchant(tt.hdr, queryReplacer(tt.query))
+			if got != tt.want || code != tt.code {
+				t.Fatalf("Merchant = %q, %v; want %q, %v", got, code, tt.want, tt.code)
+			}
+		})
+	}
+}
+
+// TestSelectorMerchantAllocs: reading the merchant from a header, or its
+// default, allocates nothing.
+func TestSelectorMerchantAllocs(t *testing.T) {
+	s, err := ParseSelector("{http.request.header.X-Merchant-Id:acme}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, hdr := range []http.Header{{"X-Merchant-Id": {"globex"}}, {}} {
+		if n := testing.AllocsPerRun(100, func() { s.Merchant(hdr, nil) }); n != 0 {
+			t.Errorf("Merchant(%v) allocates %v times, want 0", hdr, n)
 		}
 	}
 }

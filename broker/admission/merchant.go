@@ -1,6 +1,7 @@
 package admission
 
 import (
+	"fmt"
 	"net/http"
 	"net/textproto"
 	"strings"
@@ -9,16 +10,95 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// PlaceholderHeader returns the canonical name of the request header that
-// a merchant selector reads when it is exactly one header placeholder
-// ({http.request.header.NAME}), so that the merchant is read from the
-// header directly (HeaderMerchant); "" for any other selector.
-func PlaceholderHeader(selector string) string {
-	name, ok := strings.CutPrefix(selector, "{http.request.header.")
-	if !ok || !strings.HasSuffix(name, "}") || strings.ContainsAny(name[:len(name)-1], "{}") {
-		return ""
+// Selector is a merchant selector: the placeholder that names the merchant
+// a request is for ({http.request.header.X-Merchant-Id}), optionally with a
+// default merchant after its first colon, as in Caddy's {$ENV:default}
+// ({http.request.header.X-Merchant-Id:acme}): the default is the merchant
+// of a request whose placeholder is absent or empty. A selector of several
+// placeholders, or of text and placeholders, takes no default; a selector
+// without placeholders names one merchant for every request.
+type Selector struct {
+	placeholder string // the selector without its default, for the replacer
+	header      string // canonical header name when the selector is one header placeholder
+	def         string // the default merchant; "" none
+}
+
+// Replacer expands the placeholders of a request (caddy.Replacer): an
+// unknown or empty placeholder becomes empty.
+type Replacer interface {
+	ReplaceAll(input, empty string) string
+}
+
+// headerPrefix starts the placeholders of a request header.
+const headerPrefix = "http.request.header."
+
+// ParseSelector reads a merchant selector. The error says what is wrong
+// with it: braces that do not pair, an empty placeholder, a default that is
+// empty or not a valid merchant id, or a default in a selector that is not
+// one placeholder.
+func ParseSelector(selector string) (Selector, error) {
+	inner, one := strings.CutPrefix(selector, "{")
+	if inner, ok := strings.CutSuffix(inner, "}"); one && ok && !strings.ContainsAny(inner, "{}") {
+		key, def, hasDef := strings.Cut(inner, ":")
+		switch {
+		case key == "":
+			return Selector{}, fmt.Errorf("selector %q has an empty placeholder: name one, as in %s", selector, "{http.request.header.X-Merchant-Id}")
+		case hasDef && def == "":
+			return Selector{}, fmt.Errorf("selector %q has an empty default after ':': name a merchant, or remove the ':'", selector)
+		case hasDef && !config.ValidMerchantID(def):
+			return Selector{}, fmt.Errorf("selector %q: default %q is not a merchant id (1 to 128 letters, digits and ._-:@, starting with a letter or digit)", selector, def)
+		}
+		s := Selector{placeholder: "{" + key + "}", def: def}
+		if name, ok := strings.CutPrefix(key, headerPrefix); ok && name != "" {
+			s.header = textproto.CanonicalMIMEHeaderKey(name)
+		}
+		return s, nil
 	}
-	return textproto.CanonicalMIMEHeaderKey(name[:len(name)-1])
+	depth := 0
+	for i := 0; i < len(selector); i++ {
+		switch selector[i] {
+		case '{':
+			depth++
+		case '}':
+			depth--
+		case ':':
+			if depth > 0 {
+				return Selector{}, fmt.Errorf("selector %q has a default (':') in a placeholder, which only a selector of one placeholder may have", selector)
+			}
+		}
+		if depth < 0 || depth > 1 {
+			return Selector{}, fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name} or {name:default}", selector)
+		}
+		if selector[i] == '}' && selector[i-1] == '{' {
+			return Selector{}, fmt.Errorf("selector %q has an empty placeholder", selector)
+		}
+	}
+	if depth != 0 {
+		return Selector{}, fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name} or {name:default}", selector)
+	}
+	return Selector{placeholder: selector}, nil
+}
+
+// Header returns the canonical name of the request header the selector
+// reads, when it is one header placeholder; "" otherwise.
+func (s *Selector) Header() string { return s.header }
+
+// Merchant reads and checks the merchant of a request, from its header
+// (HeaderMerchant) when the selector is one header placeholder, from repl
+// otherwise. The default, if any, is the merchant of a request whose
+// placeholder is absent or empty. A non-zero code refuses the request.
+func (s *Selector) Merchant(hdr http.Header, repl Replacer) (string, errcode.Code) {
+	var merchant string
+	var code errcode.Code
+	if s.header != "" {
+		merchant, code = HeaderMerchant(hdr, s.header)
+	} else {
+		merchant, code = CheckMerchant(repl.ReplaceAll(s.placeholder, ""))
+	}
+	if code == errcode.MissingMerchant && s.def != "" {
+		return s.def, 0
+	}
+	return merchant, code
 }
 
 // HeaderMerchant reads the merchant of a request from its header name (a
