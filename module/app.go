@@ -124,6 +124,7 @@ type App struct {
 	pooled      *pooledBroker
 	poolKey     string
 	logger      *zap.Logger
+	kept        *reload.Logger // the logger of the objects kept across reloads, handed on from the running app
 	fleet       *redisstore.Tier
 	fleetKey    string
 	storageKeys *seal.Keyring    // StorageEncryptionKey and the old ones; nil without
@@ -153,6 +154,10 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // token cache.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
+	a.kept = reload.NewLogger(a.logger)
+	if running := current.Load(); running != nil && running.kept != nil {
+		a.kept = running.kept // the kept objects log through the running config's logger until this one runs (Start)
+	}
 	a.tables = &bindings.Tables{}
 	a.refusals = admission.NewRepeatLimiter(time.Now)
 	a.watched = &probe.Watched{}
@@ -176,7 +181,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("token_broker: %w", err)
 	}
 	if a.Redis != nil {
-		if a.fleet, a.fleetKey, err = a.Redis.provision(ctx, time.Duration(a.FetchTimeout), a.logger); err != nil {
+		if a.fleet, a.fleetKey, err = a.Redis.provision(ctx, time.Duration(a.FetchTimeout), a.logger, a.kept.Zap()); err != nil {
 			return err
 		}
 	}
@@ -189,11 +194,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.registry = reg
 		a.holdBudgets(reg)
 		if reg.HasConsent() {
-			if a.sweeperKey, err = startPendingSweeper(ctx, a.logger); err != nil {
+			if a.sweeperKey, err = startPendingSweeper(ctx, a.kept.Zap()); err != nil {
 				return err
 			}
 		}
-		if a.listing, a.listingKey, err = loadListing(reg, a.logger); err != nil {
+		if a.listing, a.listingKey, err = loadListing(reg, a.kept.Zap()); err != nil {
 			return err
 		}
 		a.logger.Info("merchant registry loaded", zap.String("config", reg.Path),
@@ -217,7 +222,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		opts.Shared = a.fleet.Cache
 	}
 	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
-		pb := &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.logger},
+		pb := &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.kept.Zap()},
 			tracker: opstate.NewTracker(opstate.TrackerOptions{Emit: emitRunning}), unwatchFleet: func() {}}
 		if a.fleet != nil { // the broker's tier for its whole life (poolKey)
 			pb.unwatchFleet = a.fleet.Cache.OnAvailability(pb.tracker.FleetChanged)
@@ -231,7 +236,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	pb := val.(*pooledBroker)
 	pb.revokeOnShutdown.Store(a.RevokeOnShutdown)
 	a.broker, a.pooled, a.tracker = pb.Broker.Broker, pb, pb.tracker
-	pb.SecretsSeen(a.registry)
+	pb.SecretsSeen(a.registry, a.logger)
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
 	metricsKey := fmt.Sprintf("metrics merchant_label=%t", merchantLabel)
 	if a.metrics, err = loadCollectors(ctx.GetMetricsRegistry(), metricsKey, func() *telemetry.Metrics { return telemetry.NewMetrics(merchantLabel) }); err != nil {
@@ -264,12 +269,14 @@ func (a *App) validate() error {
 // maxFleetSize bounds fleet_size.
 const maxFleetSize = 10_000
 
-// Start makes the app the one the admin API serves and the one that
-// emits the operator's view's events, then makes that view agree with
+// Start makes the app the one the admin API serves, the one that emits
+// the operator's view's events and the one whose logger the objects kept
+// across reloads log through, then makes that view agree with
 // the broker about the sources of the registries now loaded (the app's
 // and its handlers'). Tokens are fetched on demand.
 func (a *App) Start() error {
 	current.Store(a)
+	a.kept.Use(a.logger)
 	if a.tracker != nil {
 		opstate.Reconcile(a.stateSources())
 	}

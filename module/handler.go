@@ -254,7 +254,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.registry = reg
 	if h.Config != "" {
-		listing, key, err := loadListing(reg, h.logger)
+		listing, key, err := loadListing(reg, app.kept.Zap())
 		if err != nil {
 			return err
 		}

@@ -26,6 +26,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/probe"
+	"github.com/tokenbroker/caddy-token-broker/broker/reload"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
@@ -77,7 +78,7 @@ func stateApp(t *testing.T) (*App, *Handler) {
 		}
 		return broker.Token{Value: testToken, Expiry: time.Now().Add(time.Hour)}, nil
 	})
-	app := &App{registry: reg, logger: zap.NewNop(), tables: &bindings.Tables{},
+	app := &App{registry: reg, logger: zap.NewNop(), kept: reload.NewLogger(zap.NewNop()), tables: &bindings.Tables{},
 		broker:  broker.New(broker.Options{MaxAttempts: 1, FailureTTL: time.Minute}),
 		tracker: opstate.NewTracker(opstate.TrackerOptions{})}
 	t.Cleanup(app.broker.Close)
