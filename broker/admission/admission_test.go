@@ -201,6 +201,8 @@ func TestParseSelector(t *testing.T) {
 		{"{http.request.header.X-Merchant-Id:}", "", "empty default"},
 		{"{http.request.header.X-Merchant-Id:ac me}", "", `default "ac me" is not a merchant id`},
 		{"m-{http.request.cookie.m:acme}", "", "only a selector of one placeholder"},
+		{"{header.X-Merchant-Id:acme}", "", "Caddyfile shorthand"},
+		{"{query.merchant}", "", "Caddyfile shorthand"},
 	} {
 		s, err := ParseSelector(tt.selector)
 		switch {
@@ -214,7 +216,7 @@ func TestParseSelector(t *testing.T) {
 	}
 }
 
-// queryReplacer expands {query.NAME} placeholders from a URL query, as
+// queryReplacer expands {http.request.uri.query.NAME} placeholders from a URL query, as
 // caddy.Replacer does with an empty value for an absent or unknown one.
 type queryReplacer url.Values
 
@@ -227,7 +229,7 @@ func (q queryReplacer) ReplaceAll(input, empty string) string {
 			return out.String() + input
 		}
 		out.WriteString(input[:start])
-		v := url.Values(q).Get(strings.TrimPrefix(input[start+1:end], "query."))
+		v := url.Values(q).Get(strings.TrimPrefix(input[start+1:end], "http.request.uri.query."))
 		if v == "" {
 			v = empty
 		}
@@ -250,11 +252,11 @@ func TestSelectorMerchant(t *testing.T) {
 		{"header malformed", "{http.request.header.X-Merchant-Id:acme}", http.Header{"X-Merchant-Id": {"ac me"}}, nil, "", errcode.InvalidMerchant},
 		{"header twice", "{http.request.header.X-Merchant-Id:acme}", http.Header{"X-Merchant-Id": {"a", "b"}}, nil, "", errcode.AmbiguousMerchant},
 		{"header absent, no default", "{http.request.header.X-Merchant-Id}", http.Header{}, nil, "", errcode.MissingMerchant},
-		{"query present", "{query.merchant:acme}", nil, url.Values{"merchant": {"globex"}}, "globex", 0},
-		{"query absent", "{query.merchant:acme}", nil, url.Values{}, "acme", 0},
-		{"query empty", "{query.merchant:acme}", nil, url.Values{"merchant": {""}}, "acme", 0},
-		{"query absent, no default", "{query.merchant}", nil, url.Values{}, "", errcode.MissingMerchant},
-		{"text and placeholder", "m-{query.merchant}", nil, url.Values{"merchant": {"1"}}, "m-1", 0},
+		{"query present", "{http.request.uri.query.merchant:acme}", nil, url.Values{"merchant": {"globex"}}, "globex", 0},
+		{"query absent", "{http.request.uri.query.merchant:acme}", nil, url.Values{}, "acme", 0},
+		{"query empty", "{http.request.uri.query.merchant:acme}", nil, url.Values{"merchant": {""}}, "acme", 0},
+		{"query absent, no default", "{http.request.uri.query.merchant}", nil, url.Values{}, "", errcode.MissingMerchant},
+		{"text and placeholder", "m-{http.request.uri.query.merchant}", nil, url.Values{"merchant": {"1"}}, "m-1", 0},
 		{"fixed", "acme", nil, nil, "acme", 0},
 	} {
 		t.Run(tt.name, func(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/textproto"
+	"slices"
 	"strings"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
@@ -43,6 +44,8 @@ func ParseSelector(selector string) (Selector, error) {
 		switch {
 		case key == "":
 			return Selector{}, fmt.Errorf("selector %q has an empty placeholder: name one, as in %s", selector, "{http.request.header.X-Merchant-Id}")
+		case shorthand(key):
+			return Selector{}, fmt.Errorf("selector %q names a Caddyfile shorthand, which Caddy expands only without a default: write the full placeholder, as in {http.request.header.NAME:default}", selector)
 		case hasDef && def == "":
 			return Selector{}, fmt.Errorf("selector %q has an empty default after ':': name a merchant, or remove the ':'", selector)
 		case hasDef && !config.ValidMerchantID(def):
@@ -77,6 +80,15 @@ func ParseSelector(selector string) (Selector, error) {
 		return Selector{}, fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name} or {name:default}", selector)
 	}
 	return Selector{placeholder: selector}, nil
+}
+
+// shorthand reports whether a placeholder key starts with one of the
+// Caddyfile's shorthands for a request's values ({header.NAME} for
+// {http.request.header.NAME}...), which the Caddyfile adapter does not
+// expand when a default follows the name: the replacer would not know it.
+func shorthand(key string) bool {
+	prefix, _, ok := strings.Cut(key, ".")
+	return ok && slices.Contains([]string{"header", "cookie", "query", "vars", "labels", "path", "re"}, prefix)
 }
 
 // Header returns the canonical name of the request header the selector
