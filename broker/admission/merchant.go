@@ -43,7 +43,7 @@ func ParseSelector(selector string) (Selector, error) {
 		key, def, hasDef := strings.Cut(inner, ":")
 		switch {
 		case key == "":
-			return Selector{}, fmt.Errorf("selector %q has an empty placeholder: name one, as in %s", selector, "{http.request.header.X-Merchant-Id}")
+			return Selector{}, fmt.Errorf("selector %q has an empty placeholder: name one, as in {http.request.header.X-Merchant-Id}", selector)
 		case shorthand(key):
 			return Selector{}, fmt.Errorf("selector %q names a Caddyfile shorthand, which Caddy expands only without a default: write the full placeholder, as in {http.request.header.NAME:default}", selector)
 		case hasDef && def == "":
@@ -57,6 +57,7 @@ func ParseSelector(selector string) (Selector, error) {
 		}
 		return s, nil
 	}
+	unpaired := fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name} or {name:default}", selector)
 	depth := 0
 	for i := 0; i < len(selector); i++ {
 		switch selector[i] {
@@ -70,14 +71,14 @@ func ParseSelector(selector string) (Selector, error) {
 			}
 		}
 		if depth < 0 || depth > 1 {
-			return Selector{}, fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name} or {name:default}", selector)
+			return Selector{}, unpaired
 		}
 		if selector[i] == '}' && selector[i-1] == '{' {
 			return Selector{}, fmt.Errorf("selector %q has an empty placeholder", selector)
 		}
 	}
 	if depth != 0 {
-		return Selector{}, fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name} or {name:default}", selector)
+		return Selector{}, unpaired
 	}
 	return Selector{placeholder: selector}, nil
 }
