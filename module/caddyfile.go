@@ -24,6 +24,14 @@ func init() {
 	httpcaddyfile.RegisterDirectiveOrder("token_broker", httpcaddyfile.After, "request_header")
 }
 
+// expandShorthands expands the Caddyfile's placeholder shorthands of s
+// ({header.NAME}...) as the Caddyfile adapter does.
+func expandShorthands(s string) string {
+	seg := caddyfile.Segment{{Text: s}}
+	httpcaddyfile.NewShorthandReplacer().ApplyToSegment(&seg)
+	return seg[0].Text
+}
+
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	var hd Handler
 	err := hd.UnmarshalCaddyfile(h.Dispenser)

@@ -230,7 +230,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Merchant == "" {
 		h.Merchant = DefaultMerchant
 	}
-	if h.merchant, err = admission.ParseSelector(h.Merchant); err != nil {
+	if h.merchant, err = admission.ParseSelector(h.Merchant, expandShorthands); err != nil {
 		return fmt.Errorf("token_broker: merchant: %w", err)
 	}
 	if h.Errors == "" {

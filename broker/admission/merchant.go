@@ -4,24 +4,23 @@ import (
 	"fmt"
 	"net/http"
 	"net/textproto"
-	"slices"
 	"strings"
+
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// Selector is a merchant selector: the placeholder that names the merchant
-// a request is for ({http.request.header.X-Merchant-Id}), optionally with a
-// default merchant after its first colon, as in Caddy's {$ENV:default}
-// ({http.request.header.X-Merchant-Id:acme}): the default is the merchant
-// of a request whose placeholder is absent or empty. A selector of several
-// placeholders, or of text and placeholders, takes no default; a selector
-// without placeholders names one merchant for every request.
+// Selector is a merchant selector: text and placeholders that name the
+// merchant a request is for, expanded by the request's replacer. A selector
+// that is one header placeholder ({http.request.header.X-Merchant-Id}) is
+// read from the header directly (HeaderMerchant); a selector without
+// placeholders names one merchant for every request. A placeholder has no
+// default: an absent or empty one is empty.
 type Selector struct {
-	placeholder string // the selector without its default, for the replacer
-	header      string // canonical header name when the selector is one header placeholder
-	def         string // the default merchant; "" none
+	selector string
+	header   string // canonical header name when the selector is one header placeholder
 }
 
 // Replacer expands the placeholders of a request (caddy.Replacer): an
@@ -33,63 +32,59 @@ type Replacer interface {
 // headerPrefix starts the placeholders of a request header.
 const headerPrefix = "http.request.header."
 
-// ParseSelector reads a merchant selector. The error says what is wrong
-// with it: braces that do not pair, an empty placeholder, a default that is
-// empty or not a valid merchant id, or a default in a selector that is not
-// one placeholder.
-func ParseSelector(selector string) (Selector, error) {
-	inner, one := strings.CutPrefix(selector, "{")
-	if inner, ok := strings.CutSuffix(inner, "}"); one && ok && !strings.ContainsAny(inner, "{}") {
-		key, def, hasDef := strings.Cut(inner, ":")
-		switch {
-		case key == "":
-			return Selector{}, fmt.Errorf("selector %q has an empty placeholder: name one, as in {http.request.header.X-Merchant-Id}", selector)
-		case shorthand(key):
-			return Selector{}, fmt.Errorf("selector %q names a Caddyfile shorthand, which Caddy expands only without a default: write the full placeholder, as in {http.request.header.NAME:default}", selector)
-		case hasDef && def == "":
-			return Selector{}, fmt.Errorf("selector %q has an empty default after ':': name a merchant, or remove the ':'", selector)
-		case hasDef && !config.ValidMerchantID(def):
-			return Selector{}, fmt.Errorf("selector %q: default %q is not a merchant id (1 to 128 letters, digits and ._-:@, starting with a letter or digit)", selector, def)
-		}
-		s := Selector{placeholder: "{" + key + "}", def: def}
-		if name, ok := strings.CutPrefix(key, headerPrefix); ok && name != "" {
-			s.header = textproto.CanonicalMIMEHeaderKey(name)
-		}
-		return s, nil
-	}
-	unpaired := fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name} or {name:default}", selector)
-	depth := 0
+// defaultMerchantRecipe is how a Caddyfile gives a default merchant to a
+// request without the merchant header: Caddy's own matcher and
+// request_header directive, before token_broker.
+const defaultMerchantRecipe = "`@nomerchant not header X-Merchant-Id *` and `request_header @nomerchant X-Merchant-Id acme` before token_broker"
+
+// ParseSelector reads a merchant selector. expand expands the Caddyfile's
+// placeholder shorthands of a string as the Caddyfile adapter does ({header.NAME}
+// to {http.request.header.NAME}). The error says what is wrong with the
+// selector: braces that do not pair, an empty placeholder, a header
+// placeholder whose name is not a header field name (as in
+// {http.request.header.X-Merchant-Id:acme}, which is no default), or a
+// shorthand the adapter left unexpanded ({header.X-Merchant-Id:acme}).
+func ParseSelector(selector string, expand func(string) string) (Selector, error) {
+	start := -1
 	for i := 0; i < len(selector); i++ {
-		switch selector[i] {
-		case '{':
-			depth++
-		case '}':
-			depth--
-		case ':':
-			if depth > 0 {
-				return Selector{}, fmt.Errorf("selector %q has a default (':') in a placeholder, which only a selector of one placeholder may have", selector)
+		switch {
+		case selector[i] == '{' && start < 0:
+			start = i
+		case selector[i] == '{' || selector[i] == '}' && start < 0:
+			return Selector{}, fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name}, as in {http.request.header.X-Merchant-Id}", selector)
+		case selector[i] == '}':
+			if err := checkPlaceholder(selector, selector[start+1:i], expand); err != nil {
+				return Selector{}, err
 			}
-		}
-		if depth < 0 || depth > 1 {
-			return Selector{}, unpaired
-		}
-		if selector[i] == '}' && selector[i-1] == '{' {
-			return Selector{}, fmt.Errorf("selector %q has an empty placeholder", selector)
+			start = -1
 		}
 	}
-	if depth != 0 {
-		return Selector{}, unpaired
+	if start >= 0 {
+		return Selector{}, fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name}, as in {http.request.header.X-Merchant-Id}", selector)
 	}
-	return Selector{placeholder: selector}, nil
+	s := Selector{selector: selector}
+	if name, ok := strings.CutPrefix(selector, "{"+headerPrefix); ok && strings.IndexByte(name, '}') == len(name)-1 {
+		s.header = textproto.CanonicalMIMEHeaderKey(name[:len(name)-1])
+	}
+	return s, nil
 }
 
-// shorthand reports whether a placeholder key starts with one of the
-// Caddyfile's shorthands for a request's values ({header.NAME} for
-// {http.request.header.NAME}...), which the Caddyfile adapter does not
-// expand when a default follows the name: the replacer would not know it.
-func shorthand(key string) bool {
-	prefix, _, ok := strings.Cut(key, ".")
-	return ok && slices.Contains([]string{"header", "cookie", "query", "vars", "labels", "path", "re"}, prefix)
+// checkPlaceholder checks the placeholder key of selector (between its
+// braces).
+func checkPlaceholder(selector, key string, expand func(string) string) error {
+	if key == "" {
+		return fmt.Errorf("selector %q has an empty placeholder: name one, as in {http.request.header.X-Merchant-Id}", selector)
+	}
+	if name, ok := strings.CutPrefix(key, headerPrefix); ok && !httpguts.ValidHeaderFieldName(name) {
+		return fmt.Errorf("selector %q: %q is not a header field name, so no request has it: a Caddy placeholder has no default at request time; "+
+			"to give requests without the header a default merchant, use %s", selector, name, defaultMerchantRecipe)
+	}
+	short, _, _ := strings.Cut(key, ":")
+	if full := "{" + key + "}"; expand(full) == full && expand("{"+short+"}") != "{"+short+"}" {
+		return fmt.Errorf("selector %q: {%s} is a Caddyfile shorthand the adapter leaves unexpanded when text follows its name, so Caddy does not know it at request time: "+
+			"write the full placeholder, as in {http.request.header.X-Merchant-Id}; a placeholder has no default: for a default merchant use %s", selector, key, defaultMerchantRecipe)
+	}
+	return nil
 }
 
 // Header returns the canonical name of the request header the selector
@@ -98,20 +93,12 @@ func (s *Selector) Header() string { return s.header }
 
 // Merchant reads and checks the merchant of a request, from its header
 // (HeaderMerchant) when the selector is one header placeholder, from repl
-// otherwise. The default, if any, is the merchant of a request whose
-// placeholder is absent or empty. A non-zero code refuses the request.
+// otherwise. A non-zero code refuses the request.
 func (s *Selector) Merchant(hdr http.Header, repl Replacer) (string, errcode.Code) {
-	var merchant string
-	var code errcode.Code
 	if s.header != "" {
-		merchant, code = HeaderMerchant(hdr, s.header)
-	} else {
-		merchant, code = CheckMerchant(repl.ReplaceAll(s.placeholder, ""))
+		return HeaderMerchant(hdr, s.header)
 	}
-	if code == errcode.MissingMerchant && s.def != "" {
-		return s.def, 0
-	}
-	return merchant, code
+	return CheckMerchant(repl.ReplaceAll(s.selector, ""))
 }
 
 // HeaderMerchant reads the merchant of a request from its header name (a
