@@ -55,10 +55,12 @@ func TestEchoMethodsRefusedInAnyCase(t *testing.T) {
 // alone it is a request without a merchant. A server option that keeps it
 // (expected_underscore_headers, expected_dot_headers; Caddy then drops
 // X-Merchant-Id) makes every request carrying it ambiguous: refused. The
-// README says so. A selector with a default merchant
-// ({http.request.header.X-Merchant-Id:globex}) serves a request without the
-// header, or with it empty, for the default; a malformed one is refused
-// when the config is loaded.
+// README says so. A selector that reads as a default merchant
+// ({http.request.header.X-Merchant-Id:acme}, or the shorthand
+// {header.X-Merchant-Id:acme}) fails the config load with a message giving
+// the recipe that does give one: a matcher of the requests without the
+// header and request_header before token_broker, which serves a request
+// without the header for acme and one with it for its value.
 func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
 	sb, _ := startSandbox(t)
 	caddyfile := sandboxCaddyfile(t)
@@ -69,7 +71,14 @@ func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
 		}
 		return cf
 	}
-	withDefault := selecting("{http.request.header.X-Merchant-Id:globex}")
+	// recipe has the README's lines that set a default merchant before
+	// token_broker in the root Caddyfile's catch-all handle.
+	_, lines, _ := strings.Cut(readmeBlock(t, filepath.Join(repoRoot(t), "README.md"), "default-merchant"), "handle {\n")
+	lines, _, _ = strings.Cut(lines, "    token_broker\n")
+	recipe := strings.Replace(caddyfile, "\thandle {\n\t\ttoken_broker\n", "\thandle {\n"+lines+"\t\ttoken_broker\n", 1)
+	if !strings.Contains(lines, "request_header") || recipe == caddyfile {
+		t.Fatalf("the README's default merchant recipe %q, in the root Caddyfile's `handle { token_broker`: not found", lines)
+	}
 	keeping := func(option string) string {
 		cf := strings.Replace(caddyfile, "persist_config off", "persist_config off\n\tservers {\n\t\t"+option+"\n\t}", 1)
 		if cf == caddyfile {
@@ -95,11 +104,11 @@ func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
 		{"underscore alone, kept", underscoreKept, []string{"X-Merchant_Id", "globex"}, 400, "ambiguous_merchant", ""},
 		{"hyphen alone, underscore kept", underscoreKept, []string{"X-Merchant-Id", "acme"}, 400, "missing_merchant", ""},
 		{"both, dot kept", dotKept, []string{"X-Merchant-Id", "acme", "X-Merchant.Id", "globex"}, 400, "ambiguous_merchant", ""},
-		{"default, header absent", withDefault, nil, 200, "", "org-globex"},
-		{"default, header empty", withDefault, []string{"X-Merchant-Id", ""}, 200, "", "org-globex"},
-		{"default, header present", withDefault, []string{"X-Merchant-Id", "acme"}, 200, "", "org-acme"},
-		{"default, header twice", withDefault, []string{"X-Merchant-Id", "acme", "X-Merchant-Id", "acme"}, 400, "ambiguous_merchant", ""},
-		{"default, underscore alone", withDefault, []string{"X-Merchant_Id", "acme"}, 200, "", "org-globex"},
+		{"recipe, header absent", recipe, nil, 200, "", "org-acme"},
+		{"recipe, header present", recipe, []string{"X-Merchant-Id", "globex"}, 200, "", "org-globex"},
+		{"recipe, header empty", recipe, []string{"X-Merchant-Id", ""}, 400, "missing_merchant", ""},
+		{"recipe, header twice", recipe, []string{"X-Merchant-Id", "globex", "X-Merchant-Id", "globex"}, 400, "ambiguous_merchant", ""},
+		{"recipe, underscore alone", recipe, []string{"X-Merchant_Id", "globex"}, 200, "", "org-acme"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			base := startCaddy(t, tt.caddyfile)
@@ -136,20 +145,28 @@ func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
 		t.Fatal("no token request at all: the cases did not reach the broker")
 	}
 
-	t.Run("malformed selector", func(t *testing.T) {
-		t.Setenv("TOKEN_BROKER_PORT", strconv.Itoa(freePort(t)))
-		t.Setenv("TOKEN_BROKER_ADMIN_PORT", strconv.Itoa(freePort(t)))
-		cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(selecting("{http.request.header.X-Merchant-Id:}")), map[string]any{"filename": "Caddyfile"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := caddy.Load(cfg, true); err == nil || !strings.Contains(err.Error(), `token_broker: merchant: selector "{http.request.header.X-Merchant-Id:}" has an empty default`) {
+	for _, tt := range []struct{ selector, want string }{
+		{"{http.request.header.X-Merchant-Id:acme}", `token_broker: merchant: selector "{http.request.header.X-Merchant-Id:acme}": "X-Merchant-Id:acme" is not a header field name`},
+		{"{header.X-Merchant-Id:acme}", `token_broker: merchant: selector "{header.X-Merchant-Id:acme}": {header.X-Merchant-Id:acme} is a Caddyfile shorthand`},
+		{"{http.request.header.X-Merchant-Id", `token_broker: merchant: selector "{http.request.header.X-Merchant-Id" has braces that do not pair`},
+	} {
+		t.Run("refused "+tt.selector, func(t *testing.T) {
+			t.Setenv("TOKEN_BROKER_PORT", strconv.Itoa(freePort(t)))
+			t.Setenv("TOKEN_BROKER_ADMIN_PORT", strconv.Itoa(freePort(t)))
+			cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(selecting(tt.selector)), map[string]any{"filename": "Caddyfile"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = caddy.Load(cfg, true)
 			if err == nil {
 				caddy.Stop()
 			}
-			t.Fatalf("a selector with an empty default: %v, want a load error naming the merchant selector", err)
-		}
-	})
+			if err == nil || !strings.Contains(err.Error(), tt.want) || (tt.selector != "{http.request.header.X-Merchant-Id" &&
+				!strings.Contains(err.Error(), "`@nomerchant not header X-Merchant-Id *` and `request_header @nomerchant X-Merchant-Id acme` before token_broker")) {
+				t.Fatalf("load error %v, want one saying %q and, for a default, giving the recipe", err, tt.want)
+			}
+		})
+	}
 
 	// The README describes this (Caddy's drop, the server options), not an
 	// answer Caddy never lets happen by default.
