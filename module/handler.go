@@ -82,9 +82,8 @@ type Handler struct {
 	// global option).
 	Config string `json:"config,omitempty"`
 
-	// Merchant is a placeholder selecting the merchant a request is for,
-	// with an optional default merchant after a colon for a request whose
-	// placeholder is absent or empty (`{http.request.header.X-Merchant-Id:acme}`).
+	// Merchant is a placeholder selecting the merchant a request is for
+	// (admission.ParseSelector: no default; a ':' is part of the name).
 	// Default: `{http.request.header.X-Merchant-Id}`.
 	Merchant string `json:"merchant,omitempty"`
 

@@ -12,7 +12,7 @@ import (
 // shared tier, an organisation listing, a sweeper). Each config has a
 // logger of its own, with its levels and sinks, which a reload closes; a
 // kept object logs through Zap, which writes each entry through the
-// logger last given to Use: the running config's. The entries take that
+// current logger (Swap, CompareAndSwap): the running config's. The entries take that
 // logger's name, levels, fields and sinks, not its caller or stack trace
 // options. Safe for concurrent use.
 type Logger struct {
@@ -20,8 +20,8 @@ type Logger struct {
 	zap     *zap.Logger
 }
 
-// NewLogger returns a Logger that writes through logger until Use is
-// called.
+// NewLogger returns a Logger that writes through logger until another is
+// swapped in.
 func NewLogger(logger *zap.Logger) *Logger {
 	l := &Logger{}
 	l.current.Store(logger)
@@ -29,11 +29,25 @@ func NewLogger(logger *zap.Logger) *Logger {
 	return l
 }
 
-// Use makes logger the one every entry of Zap goes through from now on.
-func (l *Logger) Use(logger *zap.Logger) { l.current.Store(logger) }
+// Swap makes logger the one every entry of Zap goes through from now on,
+// and returns the one before: the running config's logger is swapped in
+// when it starts.
+func (l *Logger) Swap(logger *zap.Logger) *zap.Logger { return l.current.Swap(logger) }
+
+// CompareAndSwap makes next the logger every entry of Zap goes through if
+// it is still old, and reports whether it did: a config that stops hands
+// the logger back to the one before it only if no other config started
+// since.
+func (l *Logger) CompareAndSwap(old, next *zap.Logger) bool {
+	return l.current.CompareAndSwap(old, next)
+}
+
+// Destruct implements caddy.Destructor: the Logger holds nothing to
+// release.
+func (l *Logger) Destruct() error { return nil }
 
 // Zap returns the *zap.Logger to give kept objects. Its entries are named
-// after the current logger (Use), followed by the names given with Named.
+// after the current logger, followed by the names given with Named.
 func (l *Logger) Zap() *zap.Logger { return l.zap }
 
 // followCore is the zapcore.Core of Logger.Zap: it checks and writes each

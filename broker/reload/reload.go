@@ -24,9 +24,11 @@ import (
 // safe for concurrent use.
 type Broker struct {
 	*broker.Broker
-	// Logger logs the revocations at shutdown: a Logger.Zap that follows
-	// the running config's logger, since the broker outlives the config
-	// that made it. Required.
+	// Logger logs the revocations: a Logger.Zap that follows the running
+	// config's logger, since the broker outlives the config that made it.
+	// At the final shutdown Caddy closes the config's log files before the
+	// broker revokes, so those lines reach only its stderr and stdout
+	// outputs. Required.
 	Logger *zap.Logger
 
 	mu        sync.Mutex
