@@ -43,15 +43,17 @@ const defaultMerchantRecipe = "`@nomerchant not header X-Merchant-Id *` and `req
 // selector: braces that do not pair, an empty placeholder, a header
 // placeholder whose name is not a header field name (as in
 // {http.request.header.X-Merchant-Id:acme}, which is no default), or a
-// shorthand the adapter left unexpanded ({header.X-Merchant-Id:acme}).
+// shorthand that has a ':' after its name, which the adapter leaves
+// unexpanded ({header.X-Merchant-Id:acme}).
 func ParseSelector(selector string, expand func(string) string) (Selector, error) {
+	unpaired := fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name}, as in {http.request.header.X-Merchant-Id}", selector)
 	start := -1
 	for i := 0; i < len(selector); i++ {
 		switch {
 		case selector[i] == '{' && start < 0:
 			start = i
 		case selector[i] == '{' || selector[i] == '}' && start < 0:
-			return Selector{}, fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name}, as in {http.request.header.X-Merchant-Id}", selector)
+			return Selector{}, unpaired
 		case selector[i] == '}':
 			if err := checkPlaceholder(selector, selector[start+1:i], expand); err != nil {
 				return Selector{}, err
@@ -60,7 +62,7 @@ func ParseSelector(selector string, expand func(string) string) (Selector, error
 		}
 	}
 	if start >= 0 {
-		return Selector{}, fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name}, as in {http.request.header.X-Merchant-Id}", selector)
+		return Selector{}, unpaired
 	}
 	s := Selector{selector: selector}
 	if name, ok := strings.CutPrefix(selector, "{"+headerPrefix); ok && strings.IndexByte(name, '}') == len(name)-1 {
@@ -81,7 +83,7 @@ func checkPlaceholder(selector, key string, expand func(string) string) error {
 	}
 	short, _, _ := strings.Cut(key, ":")
 	if full := "{" + key + "}"; expand(full) == full && expand("{"+short+"}") != "{"+short+"}" {
-		return fmt.Errorf("selector %q: {%s} is a Caddyfile shorthand the adapter leaves unexpanded when text follows its name, so Caddy does not know it at request time: "+
+		return fmt.Errorf("selector %q: {%s} is a Caddyfile shorthand, which the adapter leaves unexpanded with a ':' after its name, so Caddy does not know it at request time: "+
 			"write the full placeholder, as in {http.request.header.X-Merchant-Id}; a placeholder has no default: for a default merchant use %s", selector, key, defaultMerchantRecipe)
 	}
 	return nil
