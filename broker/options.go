@@ -2,6 +2,9 @@ package broker
 
 import (
 	"context"
+	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
@@ -38,6 +41,40 @@ const (
 // that a broken or hostile header cannot silence a key for long. It is the
 // budgets' cap (budget.MaxHold): one cap for every answer of a provider.
 const MaxRetryAfterMemory = budget.MaxHold
+
+// ParseFraction reads a fraction strictly between 0 and 1 written as
+// "0.25" or "25%" (a RefreshWindow in a config).
+func ParseFraction(v string) (float64, error) {
+	pct, isPct := strings.CutSuffix(v, "%")
+	f, err := strconv.ParseFloat(pct, 64)
+	if err != nil {
+		return 0, err
+	}
+	if isPct {
+		f /= 100
+	}
+	if f <= 0 || f >= 1 {
+		return 0, strconv.ErrRange
+	}
+	return f, nil
+}
+
+// Check returns an error naming the first option of o out of range by its
+// setting in the token_broker app: a RefreshWindow (refresh_window) below
+// 0 or not below 1, a negative Leeway, FetchTimeout or BudgetWait
+// (leeway, fetch_timeout, budget_wait, in that order).
+func (o Options) Check() error {
+	if o.RefreshWindow < 0 || o.RefreshWindow >= 1 {
+		return fmt.Errorf("refresh_window %g must be at least 0 and below 1", o.RefreshWindow)
+	}
+	durations := []time.Duration{o.Leeway, o.FetchTimeout, o.BudgetWait} // the first negative one is named
+	for i, name := range []string{"leeway", "fetch_timeout", "budget_wait"} {
+		if durations[i] < 0 {
+			return fmt.Errorf("%s %s must not be negative: leave it out for the default", name, durations[i])
+		}
+	}
+	return nil
+}
 
 // Options configure a Broker. The zero value gives the defaults.
 type Options struct {

@@ -158,6 +158,18 @@ func (r *Registry) HasConsent() bool {
 	return false
 }
 
+// Budgets returns the budgets of r's providers that have one
+// (Provider.Budget: those with a rate_limit).
+func (r *Registry) Budgets() []*budget.Budget {
+	var budgets []*budget.Budget
+	for _, p := range r.Providers {
+		if p.Budget != nil {
+			budgets = append(budgets, p.Budget)
+		}
+	}
+	return budgets
+}
+
 // HasRefreshTokens reports whether a provider of r keeps merchants'
 // refresh tokens (grant "refresh_token") in Options.RefreshStore.
 func (r *Registry) HasRefreshTokens() bool {

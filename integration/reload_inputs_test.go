@@ -1,16 +1,19 @@
 package integration
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
@@ -139,5 +142,77 @@ func writeTestFile(t *testing.T, path, content string) {
 	t.Helper()
 	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestKeptListingLogsThroughReloadedConfig: the organisation listing of a
+// wildcard entry is kept across reloads, and logs through the running
+// config's logging: after a reload that sends the logs to another file,
+// its lines go to the new file (not the replaced config's, which the
+// reload closed); after a reload that raises the level to warn, its info
+// lines are dropped.
+func TestKeptListingLogsThroughReloadedConfig(t *testing.T) {
+	startSandbox(t)
+	cf := guardCaddyfile(t, `
+[merchants."*"]
+provider = "nuapay"
+organisation = "{merchant}"
+scopes = ["openbanking_pisp"]
+only_listed_organisations = true
+`, "", "")
+	dir := t.TempDir()
+	logTo := func(file, level string) string {
+		out := strings.Replace(cf, "{\n\tadmin", "{\n\tlog {\n\t\toutput file "+file+"\n\t\tformat json\n\t\tlevel "+level+"\n\t}\n\tadmin", 1)
+		if out == cf {
+			t.Fatal("the Caddyfile has no global options block starting with admin to add the log to")
+		}
+		return out
+	}
+	// listed counts the lines of the listing's reads in a log file.
+	listed := func(file string) int {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for line := range bytes.SplitSeq(data, []byte("\n")) {
+			var entry struct{ Logger, Msg string }
+			if json.Unmarshal(line, &entry) == nil && entry.Msg == "organisations listed" {
+				if entry.Logger != "token_broker" {
+					t.Errorf("%s: organisations listed by logger %q, want token_broker", file, entry.Logger)
+				}
+				n++
+			}
+		}
+		return n
+	}
+	refresh := func() {
+		t.Helper()
+		if status, body := adminCall(t, http.MethodPost, "/token_broker/providers/nuapay/organisations"); status != http.StatusOK {
+			t.Fatalf("refreshing the organisations: %d %s", status, body)
+		}
+	}
+	first, next := filepath.Join(dir, "first.log"), filepath.Join(dir, "next.log")
+
+	startCaddy(t, logTo(first, "INFO"))
+	refresh()
+	inFirst := listed(first)
+	if inFirst == 0 {
+		t.Fatal("the first config's log has no organisations listed line")
+	}
+
+	loadCaddy(t, logTo(next, "INFO"))
+	refresh()
+	if n := listed(next); n != 1 {
+		t.Fatalf("after the reload to %s: %d organisations listed lines there, want 1 (the kept listing logs through the running config)", next, n)
+	}
+	if n := listed(first); n != inFirst {
+		t.Fatalf("after the reload: %d organisations listed lines in the replaced config's log, want %d", n, inFirst)
+	}
+
+	loadCaddy(t, logTo(next, "WARN"))
+	refresh()
+	if n := listed(next); n != 1 {
+		t.Fatalf("after the reload to level warn: %d organisations listed lines, want still 1", n)
 	}
 }

@@ -55,10 +55,30 @@ func TestEchoMethodsRefusedInAnyCase(t *testing.T) {
 // alone it is a request without a merchant. A server option that keeps it
 // (expected_underscore_headers, expected_dot_headers; Caddy then drops
 // X-Merchant-Id) makes every request carrying it ambiguous: refused. The
-// README says so.
+// README says so. A selector that reads as a default merchant
+// ({http.request.header.X-Merchant-Id:acme}, or the shorthand
+// {header.X-Merchant-Id:acme}) fails the config load with a message giving
+// the recipe that does give one: a matcher of the requests without the
+// header and request_header before token_broker, which serves a request
+// without the header for acme and one with it for its value.
 func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
 	sb, _ := startSandbox(t)
 	caddyfile := sandboxCaddyfile(t)
+	selecting := func(selector string) string {
+		cf := strings.Replace(caddyfile, "\thandle {\n\t\ttoken_broker\n", "\thandle {\n\t\ttoken_broker {\n\t\t\tmerchant "+selector+"\n\t\t}\n", 1)
+		if cf == caddyfile {
+			t.Fatal("the root Caddyfile has no `handle { token_broker` to set the merchant selector of")
+		}
+		return cf
+	}
+	// recipe has the README's lines that set a default merchant before
+	// token_broker in the root Caddyfile's catch-all handle.
+	_, lines, _ := strings.Cut(readmeBlock(t, filepath.Join(repoRoot(t), "README.md"), "default-merchant"), "handle {\n")
+	lines, _, _ = strings.Cut(lines, "    token_broker\n")
+	recipe := strings.Replace(caddyfile, "\thandle {\n\t\ttoken_broker\n", "\thandle {\n"+lines+"\t\ttoken_broker\n", 1)
+	if !strings.Contains(lines, "request_header") || recipe == caddyfile {
+		t.Fatalf("the README's default merchant recipe %q, in the root Caddyfile's `handle { token_broker`: not found", lines)
+	}
 	keeping := func(option string) string {
 		cf := strings.Replace(caddyfile, "persist_config off", "persist_config off\n\tservers {\n\t\t"+option+"\n\t}", 1)
 		if cf == caddyfile {
@@ -84,6 +104,11 @@ func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
 		{"underscore alone, kept", underscoreKept, []string{"X-Merchant_Id", "globex"}, 400, "ambiguous_merchant", ""},
 		{"hyphen alone, underscore kept", underscoreKept, []string{"X-Merchant-Id", "acme"}, 400, "missing_merchant", ""},
 		{"both, dot kept", dotKept, []string{"X-Merchant-Id", "acme", "X-Merchant.Id", "globex"}, 400, "ambiguous_merchant", ""},
+		{"recipe, header absent", recipe, nil, 200, "", "org-acme"},
+		{"recipe, header present", recipe, []string{"X-Merchant-Id", "globex"}, 200, "", "org-globex"},
+		{"recipe, header empty", recipe, []string{"X-Merchant-Id", ""}, 400, "missing_merchant", ""},
+		{"recipe, header twice", recipe, []string{"X-Merchant-Id", "globex", "X-Merchant-Id", "globex"}, 400, "ambiguous_merchant", ""},
+		{"recipe, underscore alone", recipe, []string{"X-Merchant_Id", "globex"}, 200, "", "org-acme"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			base := startCaddy(t, tt.caddyfile)
@@ -118,6 +143,29 @@ func TestUnderscoreMerchantHeaderThroughCaddy(t *testing.T) {
 	}
 	if sb.TokenRequests() == 0 {
 		t.Fatal("no token request at all: the cases did not reach the broker")
+	}
+
+	for _, tt := range []struct{ selector, want string }{
+		{"{http.request.header.X-Merchant-Id:acme}", `token_broker: merchant: selector "{http.request.header.X-Merchant-Id:acme}": "X-Merchant-Id:acme" is not a header field name`},
+		{"{header.X-Merchant-Id:acme}", `token_broker: merchant: selector "{header.X-Merchant-Id:acme}": {header.X-Merchant-Id:acme} is a Caddyfile shorthand`},
+		{"{http.request.header.X-Merchant-Id", `token_broker: merchant: selector "{http.request.header.X-Merchant-Id" has braces that do not pair`},
+	} {
+		t.Run("refused "+tt.selector, func(t *testing.T) {
+			t.Setenv("TOKEN_BROKER_PORT", strconv.Itoa(freePort(t)))
+			t.Setenv("TOKEN_BROKER_ADMIN_PORT", strconv.Itoa(freePort(t)))
+			cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(selecting(tt.selector)), map[string]any{"filename": "Caddyfile"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = caddy.Load(cfg, true)
+			if err == nil {
+				caddy.Stop()
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.want) || (tt.selector != "{http.request.header.X-Merchant-Id" &&
+				!strings.Contains(err.Error(), "`@nomerchant not header X-Merchant-Id *` and `request_header @nomerchant X-Merchant-Id acme` before token_broker")) {
+				t.Fatalf("load error %v, want one saying %q and, for a default, giving the recipe", err, tt.want)
+			}
+		})
 	}
 
 	// The README describes this (Caddy's drop, the server options), not an

@@ -58,7 +58,7 @@ scopes = ["accounts"]
 		broker: broker.New(broker.Options{Now: func() time.Time { return now }, MaxAttempts: 1})}
 	t.Cleanup(app.broker.Close)
 	p := reg.Providers["bank"]
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchant: defaultSelector(),
 		broker: app.broker}
 	b := brokertest.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Scopes: []string{"accounts"}})
 	h.bindings = handTable("bank", "", b)

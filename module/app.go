@@ -124,6 +124,8 @@ type App struct {
 	pooled      *pooledBroker
 	poolKey     string
 	logger      *zap.Logger
+	kept        *reload.Logger // the logger of the objects kept across reloads (keptLoggers)
+	keptBefore  *zap.Logger    // kept's logger before Start, given back by Stop
 	fleet       *redisstore.Tier
 	fleetKey    string
 	storageKeys *seal.Keyring    // StorageEncryptionKey and the old ones; nil without
@@ -153,6 +155,8 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // token cache.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
+	kept, _, _ := keptLoggers.LoadOrNew(keptLoggerKey, func() (caddy.Destructor, error) { return reload.NewLogger(a.logger), nil })
+	a.kept = kept.(*reload.Logger) // the running config's logger until this one starts
 	a.tables = &bindings.Tables{}
 	a.refusals = admission.NewRepeatLimiter(time.Now)
 	a.watched = &probe.Watched{}
@@ -176,7 +180,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("token_broker: %w", err)
 	}
 	if a.Redis != nil {
-		if a.fleet, a.fleetKey, err = a.Redis.provision(ctx, time.Duration(a.FetchTimeout), a.logger); err != nil {
+		if a.fleet, a.fleetKey, err = a.Redis.provision(ctx, time.Duration(a.FetchTimeout), a.logger, a.kept.Zap()); err != nil {
 			return err
 		}
 	}
@@ -189,11 +193,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.registry = reg
 		a.holdBudgets(reg)
 		if reg.HasConsent() {
-			if a.sweeperKey, err = startPendingSweeper(ctx, a.logger); err != nil {
+			if a.sweeperKey, err = startPendingSweeper(ctx, a.kept.Zap()); err != nil {
 				return err
 			}
 		}
-		if a.listing, a.listingKey, err = loadListing(reg, a.logger); err != nil {
+		if a.listing, a.listingKey, err = loadListing(reg, a.kept.Zap()); err != nil {
 			return err
 		}
 		a.logger.Info("merchant registry loaded", zap.String("config", reg.Path),
@@ -204,12 +208,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 			}
 		}
 	}
-	opts := broker.Options{
-		RefreshWindow: a.RefreshWindow,
-		Leeway:        time.Duration(a.Leeway),
-		FetchTimeout:  time.Duration(a.FetchTimeout),
-		BudgetWait:    time.Duration(a.BudgetWait),
-	}
+	opts := a.options()
 	a.poolKey = fmt.Sprintf("refresh_window=%g leeway=%s fetch_timeout=%s budget_wait=%s %s", opts.RefreshWindow, opts.Leeway, opts.FetchTimeout, opts.BudgetWait, a.fleetKey)
 	if a.fleet != nil {
 		// The shared tier is part of the pool key: a broker is never shared
@@ -217,7 +216,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		opts.Shared = a.fleet.Cache
 	}
 	val, _, err := brokers.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
-		pb := &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.logger},
+		pb := &pooledBroker{Broker: &reload.Broker{Broker: broker.New(opts), Logger: a.kept.Zap()},
 			tracker: opstate.NewTracker(opstate.TrackerOptions{Emit: emitRunning}), unwatchFleet: func() {}}
 		if a.fleet != nil { // the broker's tier for its whole life (poolKey)
 			pb.unwatchFleet = a.fleet.Cache.OnAvailability(pb.tracker.FleetChanged)
@@ -231,7 +230,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	pb := val.(*pooledBroker)
 	pb.revokeOnShutdown.Store(a.RevokeOnShutdown)
 	a.broker, a.pooled, a.tracker = pb.Broker.Broker, pb, pb.tracker
-	pb.SecretsSeen(a.registry)
+	pb.SecretsSeen(a.registry, a.logger)
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
 	metricsKey := fmt.Sprintf("metrics merchant_label=%t", merchantLabel)
 	if a.metrics, err = loadCollectors(ctx.GetMetricsRegistry(), metricsKey, func() *telemetry.Metrics { return telemetry.NewMetrics(merchantLabel) }); err != nil {
@@ -245,15 +244,15 @@ func (a *App) Provision(ctx caddy.Context) error {
 // resolveSecret expands the placeholders of a secret setting; an unknown or empty one is an error.
 func resolveSecret(v string) (string, error) { return caddy.NewReplacer().ReplaceOrErr(v, true, true) }
 
+// options are the broker options of the app's settings.
+func (a *App) options() broker.Options {
+	return broker.Options{RefreshWindow: a.RefreshWindow, Leeway: time.Duration(a.Leeway),
+		FetchTimeout: time.Duration(a.FetchTimeout), BudgetWait: time.Duration(a.BudgetWait)}
+}
+
 func (a *App) validate() error {
-	if a.RefreshWindow < 0 || a.RefreshWindow >= 1 {
-		return fmt.Errorf("token_broker: refresh_window %g must be at least 0 and below 1", a.RefreshWindow)
-	}
-	durations := []caddy.Duration{a.Leeway, a.FetchTimeout, a.BudgetWait} // the first negative one is named
-	for i, name := range []string{"leeway", "fetch_timeout", "budget_wait"} {
-		if d := durations[i]; d < 0 {
-			return fmt.Errorf("token_broker: %s %s must not be negative: leave it out for the default", name, time.Duration(d))
-		}
+	if err := a.options().Check(); err != nil {
+		return fmt.Errorf("token_broker: %w", err)
 	}
 	if a.FleetSize < 0 || a.FleetSize > maxFleetSize {
 		return fmt.Errorf("token_broker: fleet_size %d must be from 1 to %d (the sidecars that share the providers' rate limits)", a.FleetSize, maxFleetSize)
@@ -264,21 +263,26 @@ func (a *App) validate() error {
 // maxFleetSize bounds fleet_size.
 const maxFleetSize = 10_000
 
-// Start makes the app the one the admin API serves and the one that
-// emits the operator's view's events, then makes that view agree with
+// Start makes the app the one the admin API serves, the one that emits
+// the operator's view's events and the one whose logger the objects kept
+// across reloads log through, then makes that view agree with
 // the broker about the sources of the registries now loaded (the app's
 // and its handlers'). Tokens are fetched on demand.
 func (a *App) Start() error {
 	current.Store(a)
+	a.keptBefore = a.kept.Swap(a.logger)
 	if a.tracker != nil {
 		opstate.Reconcile(a.stateSources())
 	}
 	return nil
 }
 
-// Stop leaves the cache to the next config and stops emitting events.
+// Stop leaves the cache to the next config, gives the kept objects' logger
+// back to the one before Start unless another config started since, and
+// stops emitting events.
 func (a *App) Stop() error {
 	current.CompareAndSwap(a, nil)
+	a.kept.CompareAndSwap(a.logger, a.keptBefore)
 	if a.events != nil {
 		a.events.Stop()
 	}
@@ -313,8 +317,19 @@ func (a *App) Cleanup() error {
 	if a.metricsKey != "" {
 		metricsPool.Delete(a.metricsKey)
 	}
+	if a.kept != nil {
+		_, _ = keptLoggers.Delete(keptLoggerKey)
+	}
 	return err
 }
+
+// keptLoggers holds the logger of the objects kept across reloads
+// (reload.Logger) under keptLoggerKey, from the Provision of a config to
+// its Cleanup: one for every config of the process.
+var keptLoggers = caddy.NewUsagePool()
+
+// keptLoggerKey is the key of the logger in keptLoggers.
+const keptLoggerKey = "kept objects' logger"
 
 // brokers holds the token caches shared across config reloads, keyed by
 // their settings.

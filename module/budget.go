@@ -43,12 +43,7 @@ func (a *App) budgetKey() string {
 // a handler's own) while this config uses them; Cleanup ends it. Called
 // while the config is provisioned.
 func (a *App) holdBudgets(reg *config.Registry) {
-	var held []*budget.Budget
-	for _, p := range reg.Providers {
-		if p.Budget != nil {
-			held = append(held, p.Budget)
-		}
-	}
+	held := reg.Budgets()
 	budgetKeeper.Hold(held)
 	a.budgets = append(a.budgets, held...)
 }

@@ -23,7 +23,7 @@ func TestBudgetRedisNeedsFleetSize(t *testing.T) {
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	defer cancel()
 	rc := &RedisConfig{Address: []string{"127.0.0.1:1"}, EncryptionKey: "{env.TB_TEST_REDIS_KEY}", Timeout: caddy.Duration(20 * time.Millisecond)}
-	tier, key, err := rc.provision(ctx, 0, zap.NewNop())
+	tier, key, err := rc.provision(ctx, 0, zap.NewNop(), zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,6 @@ package module
 
 import (
 	"strconv"
-	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -11,6 +10,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 )
@@ -22,6 +22,14 @@ func init() {
 	// before handle, route and reverse_proxy, so the token is set before
 	// the request is proxied.
 	httpcaddyfile.RegisterDirectiveOrder("token_broker", httpcaddyfile.After, "request_header")
+}
+
+// expandShorthands expands the Caddyfile's placeholder shorthands of s
+// ({header.NAME}...) as the Caddyfile adapter does.
+func expandShorthands(s string) string {
+	seg := caddyfile.Segment{{Text: s}}
+	httpcaddyfile.NewShorthandReplacer().ApplyToSegment(&seg)
+	return seg[0].Text
 }
 
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
@@ -207,7 +215,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "storage_encryption_key":
 			a.StorageEncryptionKey = v
 		case "refresh_window":
-			f, err := parseFraction(v)
+			f, err := broker.ParseFraction(v)
 			if err != nil {
 				return d.Errf("refresh_window '%s': want a fraction between 0 and 1 such as 0.25 or 25%%", v)
 			}
@@ -320,22 +328,6 @@ func positiveDuration(d *caddyfile.Dispenser, sub, v, example string) (caddy.Dur
 		return 0, d.Errf("%s '%s': want a positive duration like %s", sub, v, example)
 	}
 	return caddy.Duration(dur), nil
-}
-
-// parseFraction reads "0.25" or "25%".
-func parseFraction(v string) (float64, error) {
-	pct, isPct := strings.CutSuffix(v, "%")
-	f, err := strconv.ParseFloat(pct, 64)
-	if err != nil {
-		return 0, err
-	}
-	if isPct {
-		f /= 100
-	}
-	if f <= 0 || f >= 1 {
-		return 0, strconv.ErrRange
-	}
-	return f, nil
 }
 
 // Interface guards.

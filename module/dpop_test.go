@@ -41,7 +41,7 @@ func dpopHandler(t *testing.T, bound bool) *Handler {
 		})
 	}
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(),
-		merchantHeader: "X-Merchant-Id"}
+		merchant: defaultSelector()}
 	h.broker = broker.New(broker.Options{})
 	t.Cleanup(h.broker.Close)
 	b := brokertest.NewBinding("bank#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"accounts"}})

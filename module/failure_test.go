@@ -65,7 +65,7 @@ func failureHandler(t *testing.T, url string, clientTimeout time.Duration, opts 
 	if opts.FetchTimeout == 0 {
 		opts.FetchTimeout = 2 * time.Second
 	}
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id"}
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchant: defaultSelector()}
 	h.broker = broker.New(opts)
 	t.Cleanup(h.broker.Close)
 	var bds []*broker.Binding

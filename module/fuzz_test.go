@@ -16,14 +16,14 @@ func FuzzMerchantSelector(f *testing.F) {
 		f.Add(s, false)
 	}
 	f.Add("acme", true)
-	h := &Handler{Merchant: DefaultMerchant, merchantHeader: "X-Merchant-Id"}
+	h := &Handler{Merchant: DefaultMerchant, merchant: defaultSelector()}
 	f.Fuzz(func(t *testing.T, value string, twice bool) {
 		req := httptest.NewRequest("GET", "/", nil)
 		req.Header["X-Merchant-Id"] = []string{value}
 		if twice {
 			req.Header["X-Merchant-Id"] = append(req.Header["X-Merchant-Id"], value)
 		}
-		m, code := h.merchantOf(req, caddy.NewReplacer())
+		m, code := h.merchant.Merchant(req.Header, caddy.NewReplacer())
 		if code != 0 {
 			if code.Status() != 400 || m != "" {
 				t.Fatalf("refusal %d %q %q", code.Status(), code, m)

@@ -82,7 +82,8 @@ type Handler struct {
 	// global option).
 	Config string `json:"config,omitempty"`
 
-	// Merchant is a placeholder selecting the merchant a request is for.
+	// Merchant is a placeholder selecting the merchant a request is for
+	// (admission.ParseSelector: no default; a ':' is part of the name).
 	// Default: `{http.request.header.X-Merchant-Id}`.
 	Merchant string `json:"merchant,omitempty"`
 
@@ -124,17 +125,17 @@ type Handler struct {
 	// most 16 MiB.
 	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
 
-	callers        *CallerPolicy
-	site           *callers.Site    // the app's: which Host names and browser requests are served
-	registry       *config.Registry // the app's, or the handler's own (Config)
-	bindings       *bindings.Table  // the app's, shared by its routes with the same registry and scopes; the handler's own with Config
-	registryKey    string           // the handler's own registry in the registries pool
-	listingKey     string           // the pooled organisation listing of a handler's own registry
-	merchantHeader string           // canonical header name when Merchant is a plain header placeholder
-	broker         *broker.Broker
-	tracker        *opstate.Tracker // the app's: the operator's view (nil in a handler made by hand)
-	logger         *zap.Logger
-	metrics        *telemetry.Recorder // counts and logs for the bindings (instrument)
+	callers     *CallerPolicy
+	site        *callers.Site      // the app's: which Host names and browser requests are served
+	registry    *config.Registry   // the app's, or the handler's own (Config)
+	bindings    *bindings.Table    // the app's, shared by its routes with the same registry and scopes; the handler's own with Config
+	registryKey string             // the handler's own registry in the registries pool
+	listingKey  string             // the pooled organisation listing of a handler's own registry
+	merchant    admission.Selector // Merchant, read in Provision
+	broker      *broker.Broker
+	tracker     *opstate.Tracker // the app's: the operator's view (nil in a handler made by hand)
+	logger      *zap.Logger
+	metrics     *telemetry.Recorder // counts and logs for the bindings (instrument)
 
 	// refusals is the app's: it limits the logs of repeated refusals
 	// (nil: not limited).
@@ -228,7 +229,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Merchant == "" {
 		h.Merchant = DefaultMerchant
 	}
-	h.merchantHeader = admission.PlaceholderHeader(h.Merchant)
+	if h.merchant, err = admission.ParseSelector(h.Merchant, expandShorthands); err != nil {
+		return fmt.Errorf("token_broker: merchant: %w", err)
+	}
 	if h.Errors == "" {
 		h.Errors = "json"
 	}
@@ -250,7 +253,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.registry = reg
 	if h.Config != "" {
-		listing, key, err := loadListing(reg, h.logger)
+		listing, key, err := loadListing(reg, app.kept.Zap())
 		if err != nil {
 			return err
 		}
@@ -318,7 +321,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		caller = sub
 	}
-	merchant, code := h.merchantOf(r, repl)
+	merchant, code := h.merchant.Merchant(r.Header, repl)
 	if code != 0 {
 		return h.fail(w, repl, admission.Refusal{Code: code})
 	}
@@ -345,15 +348,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		repl.Map(placeholders(b, e, res))
 	}
 	return h.forward(w, r, next, out, b, e)
-}
-
-// merchantOf reads and checks the merchant of a request. A non-zero code
-// refuses the request.
-func (h *Handler) merchantOf(r *http.Request, repl *caddy.Replacer) (string, errcode.Code) {
-	if h.merchantHeader != "" {
-		return admission.HeaderMerchant(r.Header, h.merchantHeader)
-	}
-	return admission.CheckMerchant(repl.ReplaceAll(h.Merchant, ""))
 }
 
 // Interface guards.

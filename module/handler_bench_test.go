@@ -23,7 +23,7 @@ import (
 func benchHandler(b *testing.B, n int) (*Handler, []string) {
 	b.Helper()
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(),
-		merchantHeader: "X-Merchant-Id"}
+		merchant: defaultSelector()}
 	h.broker = broker.New(broker.Options{})
 	b.Cleanup(h.broker.Close)
 	src := sourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {

@@ -32,12 +32,22 @@ func (f sourceFunc) Token(ctx context.Context, req broker.Request) (broker.Token
 	return f(ctx, req)
 }
 
+// defaultSelector returns the selector of DefaultMerchant, as Provision
+// reads it.
+func defaultSelector() admission.Selector {
+	s, err := admission.ParseSelector(DefaultMerchant, expandShorthands)
+	if err != nil {
+		panic(err) // DefaultMerchant is a valid selector
+	}
+	return s
+}
+
 // newTestHandler returns a provisioned-looking handler for merchant "acme"
 // whose source answers with src.
 func newTestHandler(t *testing.T, src sourceFunc, errorsMode string) *Handler {
 	t.Helper()
 	h := &Handler{Merchant: DefaultMerchant, Errors: errorsMode, logger: zap.NewNop(),
-		merchantHeader: "X-Merchant-Id"}
+		merchant: defaultSelector()}
 	h.broker = broker.New(broker.Options{})
 	t.Cleanup(h.broker.Close)
 	b := brokertest.NewBinding("nuapay#test", src, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})

@@ -86,7 +86,7 @@ func reloadedHandler(br *broker.Broker, reg *config.Registry, scopes []string) *
 
 // reloadedHandlerAt is reloadedHandler with its table on the clock now.
 func reloadedHandlerAt(br *broker.Broker, reg *config.Registry, scopes []string, now func() time.Time) *Handler {
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id"}
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchant: defaultSelector()}
 	h.broker = br
 	h.registry = reg
 	h.bindings = bindings.ForRegistry(reg, scopes, admission.Allow(nil), now)

@@ -37,7 +37,7 @@ func newMetricsHandler(t *testing.T, src sourceFunc, clk *clocktest.Clock, merch
 func newMetricsHandlerWith(t *testing.T, src sourceFunc, merchantLabel bool, opts broker.Options) (*Handler, *telemetry.Metrics, *prometheus.Registry) {
 	t.Helper()
 	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(),
-		merchantHeader: "X-Merchant-Id"}
+		merchant: defaultSelector()}
 	opts.Sleep = func(context.Context, time.Duration) error { return nil }
 	h.broker = broker.New(opts)
 	t.Cleanup(h.broker.Close)

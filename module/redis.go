@@ -96,8 +96,9 @@ type RedisTLS = redisstore.TLS
 var fleets = caddy.NewUsagePool()
 
 // provision resolves placeholders, checks the settings and returns the
-// (pooled) shared tier and the key to release it with.
-func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, logger *zap.Logger) (*redisstore.Tier, string, error) {
+// (pooled) shared tier, logging through kept, and the key to release it
+// with.
+func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, logger, kept *zap.Logger) (*redisstore.Tier, string, error) {
 	s, err := redisstore.Settings{Address: r.Address, MasterName: r.MasterName, Username: r.Username, Password: r.Password,
 		DB: r.DB, TLS: r.TLS, KeyPrefix: r.KeyPrefix, EncryptionKey: r.EncryptionKey, EncryptionKeysOld: r.EncryptionKeysOld,
 		PlainKeys: r.HashKeys != nil && !*r.HashKeys, Timeout: time.Duration(r.Timeout), MaxTimeout: time.Duration(r.TimeoutMax), LockTTL: time.Duration(r.LockTTL),
@@ -110,7 +111,7 @@ func (r *RedisConfig) provision(ctx caddy.Context, fetchTimeout time.Duration, l
 		return nil, "", fmt.Errorf("token_broker: redis: %w", err)
 	}
 	val, _, err := fleets.LoadOrNew(plan.Key, func() (caddy.Destructor, error) {
-		tier, err := plan.Open(logger.Named("redis"))
+		tier, err := plan.Open(kept.Named("redis"))
 		if err != nil {
 			return nil, err
 		}

@@ -115,7 +115,7 @@ func TestProvisionRedis(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 			defer cancel()
-			tier, poolKey, err := tt.cfg.provision(ctx, tt.fetch, zap.NewNop())
+			tier, poolKey, err := tt.cfg.provision(ctx, tt.fetch, zap.NewNop(), zap.NewNop())
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("err = %v, want %q", err, tt.wantErr)
@@ -206,7 +206,7 @@ func TestRedisLogShowsKeyPrefix(t *testing.T) {
 	defer cancel()
 	core, logs := observer.New(zap.InfoLevel)
 	cfg := RedisConfig{Address: []string{"127.0.0.1:1"}, EncryptionKey: base64.StdEncoding.EncodeToString([]byte(strings.Repeat("k", 32)))}
-	_, key, err := cfg.provision(ctx, 0, zap.New(core))
+	_, key, err := cfg.provision(ctx, 0, zap.New(core), zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -19,7 +19,7 @@ import (
 // outbound returns the handler's outbound-header contract. It is computed
 // from the handler's fields, so it costs nothing to build per request.
 func (h *Handler) outbound() outbound.Contract {
-	o := outbound.Contract{Merchant: h.merchantHeader, Interaction: h.InteractionID}
+	o := outbound.Contract{Merchant: h.merchant.Header(), Interaction: h.InteractionID}
 	if h.callers != nil {
 		o.Caller = h.callers.policy.Header()
 	}

@@ -26,6 +26,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/probe"
+	"github.com/tokenbroker/caddy-token-broker/broker/reload"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
@@ -77,13 +78,13 @@ func stateApp(t *testing.T) (*App, *Handler) {
 		}
 		return broker.Token{Value: testToken, Expiry: time.Now().Add(time.Hour)}, nil
 	})
-	app := &App{registry: reg, logger: zap.NewNop(), tables: &bindings.Tables{},
+	app := &App{registry: reg, logger: zap.NewNop(), kept: reload.NewLogger(zap.NewNop()), tables: &bindings.Tables{},
 		broker:  broker.New(broker.Options{MaxAttempts: 1, FailureTTL: time.Minute}),
 		tracker: opstate.NewTracker(opstate.TrackerOptions{})}
 	t.Cleanup(app.broker.Close)
 	prev := current.Swap(app)
 	t.Cleanup(func() { current.Store(prev) })
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchant: defaultSelector(),
 		broker: app.broker, tracker: app.tracker, registry: reg}
 	h.bindings = app.tables.Table(reg, nil, nil)
 	h.instrument(telemetry.NewMetrics(false))
@@ -261,7 +262,7 @@ scopes = ["accounts"]
 	t.Cleanup(app.broker.Close)
 	prev := current.Swap(app)
 	t.Cleanup(func() { current.Store(prev) })
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchant: defaultSelector(),
 		broker: app.broker, tracker: app.tracker, registry: reg}
 	h.bindings = app.tables.Table(reg, nil, nil)
 	h.instrument(nil)
@@ -401,7 +402,7 @@ func TestStateHandlersRegistry(t *testing.T) {
 		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: 429, RetryAfter: time.Minute}
 	})
 	app.watched.Add(own, nil)
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id",
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchant: defaultSelector(),
 		broker: app.broker, tracker: app.tracker, registry: own}
 	h.bindings = app.tables.Table(own, nil, nil)
 	h.instrument(nil)

@@ -80,7 +80,7 @@ scopes = ["openbanking_pisp"]
 		src := reg.Providers["nuapay"].Source
 		env.listing = listing.New("nuapay", src.(listing.OrganisationLister), nuapay.ListLimits{}, time.Hour, zap.NewNop())
 	}
-	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchantHeader: "X-Merchant-Id"}
+	h := &Handler{Merchant: DefaultMerchant, Errors: "json", logger: zap.NewNop(), merchant: defaultSelector()}
 	h.broker = broker.New(broker.Options{Now: env.clk.Now, MaxAttempts: 1, FailureTTL: -1})
 	t.Cleanup(h.broker.Close)
 	h.registry = reg

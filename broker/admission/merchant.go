@@ -1,24 +1,106 @@
 package admission
 
 import (
+	"fmt"
 	"net/http"
 	"net/textproto"
 	"strings"
+
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// PlaceholderHeader returns the canonical name of the request header that
-// a merchant selector reads when it is exactly one header placeholder
-// ({http.request.header.NAME}), so that the merchant is read from the
-// header directly (HeaderMerchant); "" for any other selector.
-func PlaceholderHeader(selector string) string {
-	name, ok := strings.CutPrefix(selector, "{http.request.header.")
-	if !ok || !strings.HasSuffix(name, "}") || strings.ContainsAny(name[:len(name)-1], "{}") {
-		return ""
+// Selector is a merchant selector: text and placeholders that name the
+// merchant a request is for, expanded by the request's replacer. A selector
+// that is one header placeholder ({http.request.header.X-Merchant-Id}) is
+// read from the header directly (HeaderMerchant); a selector without
+// placeholders names one merchant for every request. A placeholder has no
+// default: an absent or empty one is empty.
+type Selector struct {
+	selector string
+	header   string // canonical header name when the selector is one header placeholder
+}
+
+// Replacer expands the placeholders of a request (caddy.Replacer): an
+// unknown or empty placeholder becomes empty.
+type Replacer interface {
+	ReplaceAll(input, empty string) string
+}
+
+// headerPrefix starts the placeholders of a request header.
+const headerPrefix = "http.request.header."
+
+// defaultMerchantRecipe is how a Caddyfile gives a default merchant to a
+// request without the merchant header: Caddy's own matcher and
+// request_header directive, before token_broker.
+const defaultMerchantRecipe = "`@nomerchant not header X-Merchant-Id *` and `request_header @nomerchant X-Merchant-Id acme` before token_broker"
+
+// ParseSelector reads a merchant selector. expand expands the Caddyfile's
+// placeholder shorthands of a string as the Caddyfile adapter does ({header.NAME}
+// to {http.request.header.NAME}). The error says what is wrong with the
+// selector: braces that do not pair, an empty placeholder, a header
+// placeholder whose name is not a header field name (as in
+// {http.request.header.X-Merchant-Id:acme}, which is no default), or a
+// shorthand that has a ':' after its name, which the adapter leaves
+// unexpanded ({header.X-Merchant-Id:acme}).
+func ParseSelector(selector string, expand func(string) string) (Selector, error) {
+	unpaired := fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name}, as in {http.request.header.X-Merchant-Id}", selector)
+	start := -1
+	for i := 0; i < len(selector); i++ {
+		switch {
+		case selector[i] == '{' && start < 0:
+			start = i
+		case selector[i] == '{' || selector[i] == '}' && start < 0:
+			return Selector{}, unpaired
+		case selector[i] == '}':
+			if err := checkPlaceholder(selector, selector[start+1:i], expand); err != nil {
+				return Selector{}, err
+			}
+			start = -1
+		}
 	}
-	return textproto.CanonicalMIMEHeaderKey(name[:len(name)-1])
+	if start >= 0 {
+		return Selector{}, unpaired
+	}
+	s := Selector{selector: selector}
+	if name, ok := strings.CutPrefix(selector, "{"+headerPrefix); ok && strings.IndexByte(name, '}') == len(name)-1 {
+		s.header = textproto.CanonicalMIMEHeaderKey(name[:len(name)-1])
+	}
+	return s, nil
+}
+
+// checkPlaceholder checks the placeholder key of selector (between its
+// braces).
+func checkPlaceholder(selector, key string, expand func(string) string) error {
+	if key == "" {
+		return fmt.Errorf("selector %q has an empty placeholder: name one, as in {http.request.header.X-Merchant-Id}", selector)
+	}
+	if name, ok := strings.CutPrefix(key, headerPrefix); ok && !httpguts.ValidHeaderFieldName(name) {
+		return fmt.Errorf("selector %q: %q is not a header field name, so no request has it: a Caddy placeholder has no default at request time; "+
+			"to give requests without the header a default merchant, use %s", selector, name, defaultMerchantRecipe)
+	}
+	short, _, _ := strings.Cut(key, ":")
+	if full := "{" + key + "}"; expand(full) == full && expand("{"+short+"}") != "{"+short+"}" {
+		return fmt.Errorf("selector %q: {%s} is a Caddyfile shorthand, which the adapter leaves unexpanded with a ':' after its name, so Caddy does not know it at request time: "+
+			"write the full placeholder, as in {http.request.header.X-Merchant-Id}; a placeholder has no default: for a default merchant use %s", selector, key, defaultMerchantRecipe)
+	}
+	return nil
+}
+
+// Header returns the canonical name of the request header the selector
+// reads, when it is one header placeholder; "" otherwise.
+func (s *Selector) Header() string { return s.header }
+
+// Merchant reads and checks the merchant of a request, from its header
+// (HeaderMerchant) when the selector is one header placeholder, from repl
+// otherwise. A non-zero code refuses the request.
+func (s *Selector) Merchant(hdr http.Header, repl Replacer) (string, errcode.Code) {
+	if s.header != "" {
+		return HeaderMerchant(hdr, s.header)
+	}
+	return CheckMerchant(repl.ReplaceAll(s.selector, ""))
 }
 
 // HeaderMerchant reads the merchant of a request from its header name (a

@@ -1,6 +1,6 @@
 // Package admission decides, in plain net/http, which merchant a request
 // is for and how a refused request is answered: it reads and checks the
-// merchant (PlaceholderHeader, HeaderMerchant, CheckMerchant), gives a
+// merchant (Selector, HeaderMerchant, CheckMerchant), gives a
 // binding table the organisation check of a provider's listing (Allow),
 // and answers a refusal (Refusal: the error code's status, the JSON error
 // body, Retry-After, the Allow header of a refused method), logging the

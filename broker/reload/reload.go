@@ -1,7 +1,8 @@
 // Package reload keeps a token broker across config reloads: the broker
 // of the config being replaced hands its tokens to the next one, to be
 // revoked at shutdown, and a provider whose secret changed between two
-// configs has its remembered failures forgotten.
+// configs has its remembered failures forgotten. The objects kept across
+// reloads log through the running config's logger (Logger).
 package reload
 
 import (
@@ -23,7 +24,11 @@ import (
 // safe for concurrent use.
 type Broker struct {
 	*broker.Broker
-	// Logger logs the forgotten failures and the revocations. Required.
+	// Logger logs the revocations: a Logger.Zap that follows the running
+	// config's logger, since the broker outlives the config that made it.
+	// At the final shutdown Caddy closes the config's log files before the
+	// broker revokes, so those lines reach only its stderr and stdout
+	// outputs. Required.
 	Logger *zap.Logger
 
 	mu        sync.Mutex
@@ -38,8 +43,9 @@ type Broker struct {
 
 // SecretsSeen records the secret version of every provider of reg and
 // forgets the failure policy's memory of those whose secret changed since
-// the broker last saw them (see broker.ForgetSource).
-func (p *Broker) SecretsSeen(reg *config.Registry) {
+// the broker last saw them (see broker.ForgetSource), logging it with
+// logger: the logger of the config that loads reg.
+func (p *Broker) SecretsSeen(reg *config.Registry, logger *zap.Logger) {
 	if reg == nil {
 		return
 	}
@@ -53,7 +59,7 @@ func (p *Broker) SecretsSeen(reg *config.Registry) {
 		p.secretVersions[pv.ID] = pv.SecretVersion
 		if seen && old != pv.SecretVersion {
 			n := p.ForgetSource(pv.ID)
-			p.Logger.Info("provider secret changed: its remembered failures are forgotten",
+			logger.Info("provider secret changed: its remembered failures are forgotten",
 				zap.String("provider", name), zap.String("source", pv.ID), zap.Int("keys", n))
 		}
 	}

@@ -74,7 +74,7 @@ scopes = ["payments"]
 	t.Cleanup(pb.Close)
 
 	old := parse("old-secret")
-	pb.SecretsSeen(old)
+	pb.SecretsSeen(old, zap.NewNop())
 	if err := get(pb, old); err == nil || !strings.Contains(err.Error(), "invalid_client") {
 		t.Fatalf("with the old secret: %v, want invalid_client", err)
 	}
@@ -87,7 +87,11 @@ scopes = ["payments"]
 	if strings.Contains(pn.SecretVersion, "new-secret") || strings.Contains(pn.ID, pn.SecretVersion[:8]) {
 		t.Fatal("the secret version shows the secret, or is part of the ID")
 	}
-	pb.SecretsSeen(rotated) // what Provision does on the reload
+	reloadCore, reloadLogs := observer.New(zap.InfoLevel)
+	pb.SecretsSeen(rotated, zap.New(reloadCore)) // what Provision does on the reload, with its config's logger
+	if got := reloadLogs.FilterMessage("provider secret changed: its remembered failures are forgotten").Len(); got != 1 {
+		t.Fatalf("the reloading config's logger has %d lines saying the secret changed, want 1", got)
+	}
 	if err := get(pb, rotated); err != nil {
 		t.Fatalf("after rotation and reload: %v, want a token from the new secret", err)
 	}
@@ -95,7 +99,7 @@ scopes = ["payments"]
 		t.Fatalf("token API calls = %d, want 2", calls.Load())
 	}
 	// A reload without a change forgets nothing.
-	pb.SecretsSeen(parse("new-secret"))
+	pb.SecretsSeen(parse("new-secret"), zap.NewNop())
 }
 
 // gatekeeper is a Nuapay token API for the revocation tests: every
