@@ -125,7 +125,7 @@ type App struct {
 	poolKey     string
 	logger      *zap.Logger
 	kept        *reload.Logger // the logger of the objects kept across reloads (keptLoggers)
-	keptBefore  *zap.Logger    // kept's logger before Start, given back by Stop
+	before      *App           // current before Start: made current again by Stop, cleared by its Cleanup
 	fleet       *redisstore.Tier
 	fleetKey    string
 	storageKeys *seal.Keyring    // StorageEncryptionKey and the old ones; nil without
@@ -263,26 +263,26 @@ func (a *App) validate() error {
 // maxFleetSize bounds fleet_size.
 const maxFleetSize = 10_000
 
-// Start makes the app the one the admin API serves, the one that emits
-// the operator's view's events and the one whose logger the objects kept
-// across reloads log through, then makes that view agree with
-// the broker about the sources of the registries now loaded (the app's
-// and its handlers'). Tokens are fetched on demand.
+// Start makes the app current (the one the admin API serves, whose events
+// the operator's view emits, whose logger the kept objects log through),
+// then makes that view agree with the broker about the sources of the
+// registries of the app and its handlers. Tokens are fetched on demand.
 func (a *App) Start() error {
-	current.Store(a)
-	a.keptBefore = a.kept.Swap(a.logger)
+	a.before = current.Swap(a)
+	a.kept.Swap(a.logger)
 	if a.tracker != nil {
 		opstate.Reconcile(a.stateSources())
 	}
 	return nil
 }
 
-// Stop leaves the cache to the next config, gives the kept objects' logger
-// back to the one before Start unless another config started since, and
-// stops emitting events.
+// Stop leaves the cache to the next config, stops emitting events and,
+// unless another config started since, makes before (still running after a
+// failed reload) current again, with the kept objects' logger.
 func (a *App) Stop() error {
-	current.CompareAndSwap(a, nil)
-	a.kept.CompareAndSwap(a.logger, a.keptBefore)
+	if current.CompareAndSwap(a, a.before) && a.before != nil {
+		a.kept.CompareAndSwap(a.logger, a.before.logger)
+	}
 	if a.events != nil {
 		a.events.Stop()
 	}
@@ -293,6 +293,9 @@ func (a *App) Stop() error {
 // on while another config (the one being loaded) uses it. The broker goes
 // before the shared tier: revoking at shutdown purges the tier.
 func (a *App) Cleanup() error {
+	if next := current.Load(); next != nil && next.before == a { // Caddy's config changes are serial
+		next.before = nil
+	}
 	if a.events != nil {
 		a.events.Stop()
 	}

@@ -2,6 +2,7 @@ package module
 
 import (
 	"context"
+	"slices"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
@@ -13,11 +14,22 @@ import (
 // broker) logs through the logger of the config that runs. A reload whose
 // app started but which Caddy then stopped (a later app failed to start,
 // the old config runs on) gives the logger back to the old config; the
-// next good reload's app takes it over, and is the one logged through.
+// next good reload's app takes it over, and is the one logged through,
+// also while it stops at shutdown (the old configs are gone by then).
 func TestKeptLoggerAcrossReloads(t *testing.T) {
 	prev := current.Load()
 	t.Cleanup(func() { current.Store(prev) })
 	logs := map[string]*observer.ObservedLogs{}
+	cleaned := map[*App]bool{}
+	cleanup := func(app *App) {
+		t.Helper()
+		if !cleaned[app] {
+			cleaned[app] = true
+			if err := app.Cleanup(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 	provision := func(name string) *App {
 		t.Helper()
 		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
@@ -26,7 +38,7 @@ func TestKeptLoggerAcrossReloads(t *testing.T) {
 		if err := app.Provision(ctx); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { _ = app.Cleanup() })
+		t.Cleanup(func() { cleanup(app) })
 		core, observed := observer.New(zap.InfoLevel)
 		app.logger, logs[name] = zap.New(core), observed // the config's own logger, as its logging makes it
 		return app
@@ -44,18 +56,32 @@ func TestKeptLoggerAcrossReloads(t *testing.T) {
 	run(b.Start)
 	kept.Info("b runs")
 	run(b.Stop) // a later app of b's config failed: Caddy stops b, a runs on
+	if current.Load() != a {
+		t.Error("after b stopped, a is not the current app again")
+	}
+	cleanup(b)
 	kept.Info("a runs again")
 	c := provision("c")
 	run(c.Start)
 	run(a.Stop)
+	cleanup(a)
 	kept.Info("c runs")
+	run(c.Stop) // shutdown: no config runs before c any more
+	kept.Info("c stops")
+	if current.Load() != nil {
+		t.Error("after the last app stopped, an app is still current")
+	}
 
 	if a.kept != b.kept || b.kept != c.kept || c.pooled.Logger != kept {
 		t.Fatal("the configs do not share one kept objects' logger and broker")
 	}
-	for name, want := range map[string]string{"a": "a runs again", "b": "b runs", "c": "c runs"} {
-		if got := logs[name].All(); len(got) != 1 || got[0].Message != want {
-			t.Errorf("config %s's logger has %v, want only %q", name, got, want)
+	for name, want := range map[string][]string{"a": {"a runs again"}, "b": {"b runs"}, "c": {"c runs", "c stops"}} {
+		var got []string
+		for _, e := range logs[name].All() {
+			got = append(got, e.Message)
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("config %s's logger has %q, want %q", name, got, want)
 		}
 	}
 }

@@ -210,7 +210,10 @@ func TestParseSelector(t *testing.T) {
 		{"{http.request.header.X-Merchant-Id:acme}", "", "request_header @nomerchant X-Merchant-Id acme"},
 		{"m-{http.request.header.X Merchant}", "", `"X Merchant" is not a header field name`},
 		{"{http.request.header.}", "", `"" is not a header field name`},
+		{"{http.request.header.X-Tenant:globex}", "", "`@nomerchant not header X-Tenant *` and `request_header @nomerchant X-Tenant globex`"},
 		{"{header.X-Merchant-Id:acme}", "", "Caddyfile shorthand"},
+		{"{header.X-Tenant:globex}", "", "write the full placeholder, {http.request.header.X-Tenant}; a Caddy placeholder has no default at request time: " +
+			"to give requests without the header a default merchant, use `@nomerchant not header X-Tenant *` and `request_header @nomerchant X-Tenant globex`"},
 		{"m-{header.X-Merchant-Id:acme}", "", "{header.X-Merchant-Id:acme} is a Caddyfile shorthand"},
 	} {
 		s, err := ParseSelector(tt.selector, shorthands)

@@ -32,10 +32,20 @@ type Replacer interface {
 // headerPrefix starts the placeholders of a request header.
 const headerPrefix = "http.request.header."
 
-// defaultMerchantRecipe is how a Caddyfile gives a default merchant to a
-// request without the merchant header: Caddy's own matcher and
-// request_header directive, before token_broker.
-const defaultMerchantRecipe = "`@nomerchant not header X-Merchant-Id *` and `request_header @nomerchant X-Merchant-Id acme` before token_broker"
+// defaultHint is what an error says about a header placeholder key
+// written with a default after a ':' (http.request.header.NAME:DEFAULT):
+// a placeholder has none at request time, and a Caddyfile gives requests
+// without the header a default merchant with Caddy's own matcher and
+// request_header directive, before token_broker. "" for another key.
+func defaultHint(key string) string {
+	name, ok := strings.CutPrefix(key, headerPrefix)
+	header, def, colon := strings.Cut(name, ":")
+	if !ok || !colon || def == "" || !httpguts.ValidHeaderFieldName(header) {
+		return ""
+	}
+	return fmt.Sprintf("; a Caddy placeholder has no default at request time: to give requests without the header a default merchant, use "+
+		"`@nomerchant not header %s *` and `request_header @nomerchant %s %s` before token_broker", header, header, def)
+}
 
 // ParseSelector reads a merchant selector. expand expands the Caddyfile's
 // placeholder shorthands of a string as the Caddyfile adapter does ({header.NAME}
@@ -78,13 +88,13 @@ func checkPlaceholder(selector, key string, expand func(string) string) error {
 		return fmt.Errorf("selector %q has an empty placeholder: name one, as in {http.request.header.X-Merchant-Id}", selector)
 	}
 	if name, ok := strings.CutPrefix(key, headerPrefix); ok && !httpguts.ValidHeaderFieldName(name) {
-		return fmt.Errorf("selector %q: %q is not a header field name, so no request has it: a Caddy placeholder has no default at request time; "+
-			"to give requests without the header a default merchant, use %s", selector, name, defaultMerchantRecipe)
+		return fmt.Errorf("selector %q: %q is not a header field name, so no request has it%s", selector, name, defaultHint(key))
 	}
-	short, _, _ := strings.Cut(key, ":")
+	short, def, _ := strings.Cut(key, ":")
 	if full := "{" + key + "}"; expand(full) == full && expand("{"+short+"}") != "{"+short+"}" {
+		expanded := expand("{" + short + "}")
 		return fmt.Errorf("selector %q: {%s} is a Caddyfile shorthand, which the adapter leaves unexpanded with a ':' after its name, so Caddy does not know it at request time: "+
-			"write the full placeholder, as in {http.request.header.X-Merchant-Id}; a placeholder has no default: for a default merchant use %s", selector, key, defaultMerchantRecipe)
+			"write the full placeholder, %s%s", selector, key, expanded, defaultHint(strings.Trim(expanded, "{}")+":"+def))
 	}
 	return nil
 }

@@ -26,9 +26,7 @@ type Broker struct {
 	*broker.Broker
 	// Logger logs the revocations: a Logger.Zap that follows the running
 	// config's logger, since the broker outlives the config that made it.
-	// At the final shutdown Caddy closes the config's log files before the
-	// broker revokes, so those lines reach only its stderr and stdout
-	// outputs. Required.
+	// Required.
 	Logger *zap.Logger
 
 	mu        sync.Mutex
