@@ -361,7 +361,9 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 	id := randomString(32)
 	exp := now.Add(a.cfg.LinkTTL)
 	rec := Pending{Provider: a.Provider(), Merchant: merchant, ReturnURL: returnURL, RedirectURI: redirect, Expires: exp}
-	if err := a.pend.put(ctx, kindLink, id, rec); err != nil {
+	// Kept StateTTL past its expiry: a state started from it just before
+	// then still finds it at its callback, used or not (claimLink).
+	if err := a.pend.putUntil(ctx, kindLink, id, rec, exp.Add(StateTTL)); err != nil {
 		undo() // not handed out: it spends no limit
 		return Link{}, a.fail(ReasonStoreFailure, merchant, err)
 	}
@@ -421,33 +423,56 @@ func (a *AuthCode) checkServed(serves Serves, rec Pending, what string) error {
 	return a.fail(ReasonUnknownMerchant, rec.Merchant, fmt.Errorf("the %s is for a merchant that provider %q no longer has in the registry (removed or moved by a reload): nothing is stored for it; if it should consent, add it back and ask the app for a new consent link", what, a.Provider()))
 }
 
-// Start consumes a consent link (arriving at the callback URL's host
-// host) and returns the provider's authorization URL to redirect the
-// browser to, after pushing the request when PAR is on. The returned
-// Pending says whose consent it is. The options: a Browser binds the
-// authorization state to the browser (see Browser); a Serves refuses a
+// CheckLink reads a consent link (arriving at the callback URL's host
+// host) without using it, and returns whose consent it is: the checks
+// of Start, nothing stored and nothing sent to the provider, so that a
+// page can show the link before the merchant starts (a mail scanner
+// that opens it leaves it as it was). A Serves option refuses a
 // merchant the broker no longer serves.
-func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepOption) (string, Pending, error) {
-	o := newStepOptions(opts)
-	rec, err := a.pend.take(ctx, kindLink, linkID)
-	if rec.Merchant != "" {
-		a.limits.used(rec.Merchant, a.pend.storeKey(kindLink, linkID))
-	}
+func (a *AuthCode) CheckLink(ctx context.Context, linkID, host string, opts ...StepOption) (Pending, error) {
+	return a.openLink(ctx, linkID, host, newStepOptions(opts))
+}
+
+// openLink reads the link linkID, leaving it stored, and checks that it
+// is for this provider, the callback host host, a redirect URI the
+// provider still has and a merchant it still serves.
+func (a *AuthCode) openLink(ctx context.Context, linkID, host string, o stepOptions) (Pending, error) {
+	rec, err := a.pend.get(ctx, kindLink, linkID)
 	if err != nil {
-		return "", rec, a.pendingError(rec, err, "consent link")
+		return rec, a.pendingError(rec, err, "consent link")
 	}
 	if rec.Provider != a.Provider() {
-		return "", rec, a.fail(ReasonWrongProvider, rec.Merchant, fmt.Errorf("the consent link is for provider %q", rec.Provider))
+		return rec, a.fail(ReasonWrongProvider, rec.Merchant, fmt.Errorf("the consent link is for provider %q", rec.Provider))
 	}
 	if pu, _ := url.Parse(rec.RedirectURI); host != "" && !strings.EqualFold(pu.Host, host) {
-		return "", rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for %s, not %s", pu.Host, host))
+		return rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for %s, not %s", pu.Host, host))
 	}
 	if !slices.Contains(a.cfg.RedirectURIs, rec.RedirectURI) {
-		return "", rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for redirect URI %s, which the provider's redirect_uris no longer have (a reload changed them): ask the app for a new consent link", rec.RedirectURI))
+		return rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for redirect URI %s, which the provider's redirect_uris no longer have (a reload changed them): ask the app for a new consent link", rec.RedirectURI))
 	}
 	if err := a.checkServed(o.serves, rec, "consent link"); err != nil {
+		return rec, err
+	}
+	return rec, nil
+}
+
+// Start starts the authorization request of a consent link (arriving at
+// the callback URL's host host) and returns the provider's authorization
+// URL to redirect the browser to, after pushing the request when PAR is
+// on. The returned Pending says whose consent it is. The link stays
+// usable until it expires: each Start of it (a second tab, a double
+// click) gets its own state, PKCE verifier and nonce, and the first of
+// their callbacks to get a code consumes the link (see Callback). The
+// options: a Browser binds the authorization state to the browser (see
+// Browser); a Serves refuses a merchant the broker no longer serves.
+func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepOption) (string, Pending, error) {
+	o := newStepOptions(opts)
+	rec, err := a.openLink(ctx, linkID, host, o)
+	if err != nil {
 		return "", rec, err
 	}
+	// Started: the link no longer counts as unused.
+	a.limits.used(rec.Merchant, a.pend.storeKey(kindLink, linkID))
 	ep, err := a.authEndpoints(ctx)
 	if err != nil {
 		return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)
@@ -460,6 +485,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 	}
 	rec.Expires = a.pend.Now().Add(StateTTL)
 	rec.Browser = o.browser.hash()
+	rec.Link = linkID
 	params := url.Values{
 		"response_type":         {"code"},
 		"client_id":             {a.src.cfg.ClientID},
@@ -585,7 +611,10 @@ type Result struct {
 // Callback handles the provider's redirect to the callback URL (on host
 // host, with query q): it consumes the state, checks the issuer (RFC 9207),
 // exchanges the code with the PKCE verifier, verifies the ID token if any,
-// and stores the refresh token. The Result is filled as far as the state
+// and stores the refresh token. Before the code is exchanged, it consumes
+// the consent link the state was started from: a state whose link
+// another state's callback consumed first is refused with
+// ReasonAlreadyConsented, and nothing is stored. The Result is filled as far as the state
 // was known, also on errors, so that the browser can be sent back. A state
 // that Start bound to a browser is only accepted, and consumed, with the
 // same browser secret: another browser gets ReasonWrongBrowser, without a
@@ -651,6 +680,9 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	if code == "" {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, errors.New("the callback has neither code nor error"))
 	}
+	if err := a.claimLink(ctx, rec); err != nil {
+		return res, err
+	}
 	grant := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {rec.RedirectURI}, "code_verifier": {rec.Verifier}}
 	raw, err := nonceRetried(func() (*oauth2.Token, error) {
 		_, raw, err := a.src.exchange(ctx, broker.Request{Merchant: rec.Merchant}, grant, code, rec.Verifier)
@@ -679,6 +711,32 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	}
 	res.Fingerprint = rt.Fingerprint()
 	return res, nil
+}
+
+// ReasonAlreadyConsented is the refusal of a callback whose consent link
+// another authorization state, started from the same link (a second tab,
+// a double click), has already used: its code is not exchanged, and the
+// refresh token stored by the first stays.
+const ReasonAlreadyConsented = "already_consented"
+
+// claimLink consumes the consent link that the authorization state rec
+// was started from, before its code is exchanged: of the states started
+// from one link, only the first callback to claim it goes on; the others
+// get ReasonAlreadyConsented. The link may have expired since the state
+// was started: NewLink keeps it stored StateTTL longer for this. A state
+// without a link (none was recorded) claims nothing.
+func (a *AuthCode) claimLink(ctx context.Context, rec Pending) error {
+	if rec.Link == "" {
+		return nil
+	}
+	_, err := a.pend.take(ctx, kindLink, rec.Link)
+	switch {
+	case err == nil, errors.Is(err, errExpired):
+		return nil
+	case errors.Is(err, ErrUnknownPending):
+		return a.fail(ReasonAlreadyConsented, rec.Merchant, errors.New("the consent link of this authorization was already used by another one started from it (another tab or a second click), which came back first: this code is not exchanged, and the refresh token stored then stays"))
+	}
+	return a.fail(ReasonStoreFailure, rec.Merchant, fmt.Errorf("consuming the consent link: %w", err))
 }
 
 // verifyIDToken checks the token response's id_token v, a string, with

@@ -246,7 +246,11 @@ func TestAuthCodeRefusals(t *testing.T) {
 				t.Fatal(err)
 			}
 			u, _ := url.Parse(link.URL)
-			if _, _, err := f.flow.Start(ctx, u.Query().Get("link"), u.Host); err != nil {
+			authURL, _, err := f.flow.Start(ctx, u.Query().Get("link"), u.Host)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.flow.Callback(ctx, host, approve(t, f.op, authURL)); err != nil {
 				t.Fatal(err)
 			}
 			_, _, err = f.flow.Start(ctx, u.Query().Get("link"), u.Host)
@@ -369,7 +373,7 @@ func TestAuthCodeRefusals(t *testing.T) {
 			if !errors.As(err, &ce) || ce.Reason != tc.reason {
 				t.Fatalf("err = %v, want a *ConsentError %s", err, tc.reason)
 			}
-			if tc.name == "replayed state" {
+			if tc.name == "replayed state" || tc.name == "replayed link" {
 				saves = 1
 			}
 			if f.store.Saves() != saves {
@@ -384,6 +388,112 @@ func TestAuthCodeRefusals(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestConsentLinkStartedTwice: one link started twice (two tabs, a
+// double click) gets two authorization states, each with its own state,
+// PKCE challenge and nonce; the first callback with a code consumes the
+// link and stores the refresh token; the other, whenever it comes back,
+// is refused with already_consented before its code is exchanged, so the
+// first refresh token stays. A callback without a code (the merchant
+// denied in one tab) leaves the link to the other; a link that expired
+// after its start is still claimed by the state's callback.
+func TestConsentLinkStartedTwice(t *testing.T) {
+	ctx := context.Background()
+	const host = "cb.partner.example"
+	for _, tc := range []struct {
+		name string
+		// firstDenies: the tab coming back first was denied at the bank.
+		firstDenies bool
+		// expire moves the clock past the link's expiry after both starts.
+		expire bool
+	}{
+		{name: "second tab back first"},
+		{name: "first tab denied", firstDenies: true},
+		{name: "link expired after the starts", expire: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
+			link, err := f.flow.NewLink(ctx, "acme", "", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			id := mustLinkID(t, link)
+			browser := NewBrowser() // both tabs share the browser's cookie
+			var authURLs []string
+			for range 2 {
+				authURL, rec, err := f.flow.Start(ctx, id, host, browser)
+				if err != nil || rec.Merchant != "acme" {
+					t.Fatalf("Start: %v %+v", err, rec)
+				}
+				authURLs = append(authURLs, authURL)
+			}
+			u0, _ := url.Parse(authURLs[0])
+			u1, _ := url.Parse(authURLs[1])
+			for _, p := range []string{"state", "code_challenge", "nonce"} {
+				if a, b := u0.Query().Get(p), u1.Query().Get(p); a == "" || a == b {
+					t.Fatalf("the two starts share %s", p)
+				}
+			}
+			if tc.expire {
+				f.clock.Add(DefaultLinkTTL + time.Second)
+			}
+			// The tabs come back in the other order: tab 2, then tab 1.
+			var first, second url.Values
+			if tc.firstDenies {
+				back, err := f.op.Authorize(authURLs[1], false)
+				if err != nil {
+					t.Fatal(err)
+				}
+				first, second = back.Query(), approve(t, f.op, authURLs[0])
+			} else {
+				first, second = approve(t, f.op, authURLs[1]), approve(t, f.op, authURLs[0])
+			}
+			res, err := f.flow.Callback(ctx, host, first, browser)
+			var ce *ConsentError
+			if tc.firstDenies {
+				if !errors.As(err, &ce) || ce.Reason != ReasonDenied {
+					t.Fatalf("denied tab's callback = %v, want denied", err)
+				}
+				if res, err = f.flow.Callback(ctx, host, second, browser); err != nil {
+					t.Fatalf("the other tab's callback after a denial = %v, want the consent", err)
+				}
+				if f.store.Saves() != 1 {
+					t.Fatalf("%d refresh tokens saved, want 1", f.store.Saves())
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("first callback = %v", err)
+			}
+			exchanges := f.op.Count("authorization_code")
+			_, err = f.flow.Callback(ctx, host, second, browser)
+			if !errors.As(err, &ce) || ce.Reason != ReasonAlreadyConsented || ce.Merchant != "acme" {
+				t.Fatalf("second callback = %v, want already_consented for acme", err)
+			}
+			checkNoSecrets(t, err)
+			if n := f.op.Count("authorization_code"); n != exchanges {
+				t.Errorf("the second tab's code was exchanged (%d exchanges, %d before)", n, exchanges)
+			}
+			rt, lerr := f.store.Load(ctx, f.src.StoreKey("acme"))
+			if f.store.Saves() != 1 || lerr != nil || rt.Fingerprint() != res.Fingerprint {
+				t.Errorf("%d saves, stored %v (%v); want the first callback's %s alone", f.store.Saves(), rt.Fingerprint(), lerr, res.Fingerprint)
+			}
+			if _, _, err := f.flow.Start(ctx, id, host, browser); !errors.As(err, &ce) || ce.Reason != ReasonUnknownState && ce.Reason != ReasonExpired {
+				t.Errorf("Start of the used link = %v, want it refused", err)
+			}
+		})
+	}
+}
+
+// mustLinkID is the link id of a consent link's URL.
+func mustLinkID(t *testing.T, link Link) string {
+	t.Helper()
+	u, err := url.Parse(link.URL)
+	if err != nil || u.Query().Get("link") == "" {
+		t.Fatalf("consent link %v: %v", link, err)
+	}
+	return u.Query().Get("link")
 }
 
 // TestConsentAgainAfterInvalidGrant: once the server refuses the refresh
