@@ -20,6 +20,8 @@ func ForOutcome(outcome string) string {
 		return PageProviderError
 	case oauth.ReasonWrongBrowser:
 		return PageWrongBrowser
+	case oauth.ReasonAlreadyConsented:
+		return PageAlreadyConsented
 	case oauth.ReasonProviderFailure, oauth.ReasonStoreFailure:
 		return PageUnavailable
 	}

@@ -24,6 +24,11 @@ import (
 // The pages, by name: Data.Page, and the file names of a template
 // directory (success.html, ...).
 const (
+	// PageStart: a consent link that can be used, shown on opening it:
+	// whose consent it is, and a button that starts the consent (a form
+	// posting the link back to …/start). Opening it changes nothing, so
+	// that a mail or chat scanner that fetches the link leaves it usable.
+	PageStart = "start"
 	// PageSuccess: the consent is recorded.
 	PageSuccess = "success"
 	// PageDenied: the merchant did not consent at the bank.
@@ -47,6 +52,10 @@ const (
 	// PageUnavailable: the bank's discovery or the consent storage could
 	// not be reached.
 	PageUnavailable = "unavailable"
+	// PageAlreadyConsented: the callback of a consent started from a link
+	// that another one started from it (another tab, a second click)
+	// completed first: nothing more to do here.
+	PageAlreadyConsented = "already_consented"
 	// PageWrongBrowser: the callback came without the consent cookie of
 	// the browser that opened the link.
 	PageWrongBrowser = "wrong_browser"
@@ -69,6 +78,7 @@ type pageInfo struct {
 // pages are the pages with their HTTP status and tone, in the order the
 // README lists them.
 var pages = map[string]pageInfo{
+	PageStart:             {status: http.StatusOK, tone: "info", noOutcome: true},
 	PageSuccess:           {status: http.StatusOK, tone: "ok"},
 	PageDenied:            {status: http.StatusOK, tone: "info"},
 	PageExpired:           {status: http.StatusBadRequest, tone: "error"},
@@ -78,6 +88,7 @@ var pages = map[string]pageInfo{
 	PageProviderError:     {status: http.StatusBadGateway, tone: "error"},
 	PageFailed:            {status: http.StatusBadGateway, tone: "error"},
 	PageUnavailable:       {status: http.StatusServiceUnavailable, tone: "error"},
+	PageAlreadyConsented:  {status: http.StatusConflict, tone: "info"},
 	PageWrongBrowser:      {status: http.StatusForbidden, tone: "error"},
 	PageNotFound:          {status: http.StatusNotFound, tone: "info", noOutcome: true},
 	PageGone:              {status: http.StatusGone, tone: "info", noOutcome: true},
@@ -86,8 +97,8 @@ var pages = map[string]pageInfo{
 
 // Pages returns the names of all pages.
 func Pages() []string {
-	return []string{PageSuccess, PageDenied, PageExpired, PageUsed, PageMissing, PageInvalid,
-		PageProviderError, PageFailed, PageUnavailable, PageWrongBrowser, PageNotFound, PageGone, PageResultUnavailable}
+	return []string{PageStart, PageSuccess, PageDenied, PageExpired, PageUsed, PageMissing, PageInvalid,
+		PageProviderError, PageFailed, PageUnavailable, PageAlreadyConsented, PageWrongBrowser, PageNotFound, PageGone, PageResultUnavailable}
 }
 
 // Data is what a page template is executed with. Every field is set on
@@ -136,6 +147,13 @@ type Data struct {
 	// page: the outcome, with the provider's error code for
 	// provider_error ("provider_error:invalid_request"); empty otherwise.
 	Code string
+	// Link is the consent link on the start page, for the form that
+	// starts the consent: a template's start page must post it back to
+	// …/start as the form field "link" (the built-in page: <form
+	// method="post" action="start"><input type="hidden" name="link"
+	// value="{{.Link}}"><button type="submit">{{.Text.Action}}</button></form>);
+	// empty on every other page.
+	Link string
 	// Nonce is this response's CSP nonce: a template's inline <style>
 	// needs nonce="{{.Nonce}}" (no other inline style or script runs).
 	Nonce string
@@ -180,14 +198,33 @@ func New(cfg Config) (*Renderer, error) {
 	} else if r.tmpls, err = loadTemplates(cfg.Templates); err != nil {
 		return nil, err
 	}
+	var start string // the start page of its full sample
 	for _, p := range Pages() {
 		for _, d := range r.samples(p) {
-			if err := r.tmpls[p].Execute(&bytes.Buffer{}, d); err != nil {
+			var out bytes.Buffer
+			if err := r.tmpls[p].Execute(&out, d); err != nil {
 				return nil, fmt.Errorf("%s: page %s: %w", r.where(), p, err)
+			}
+			if d.Link != "" {
+				start = out.String()
 			}
 		}
 	}
+	if !postsLink(start, sampleLink) {
+		return nil, fmt.Errorf(`%s: page %s has no form that posts the consent link, so the merchant cannot start: add <form method="post" action="start"><input type="hidden" name="link" value="{{.Link}}"><button type="submit">{{.Text.Action}}</button></form> to %s.html (or page.html)`,
+			r.where(), PageStart, PageStart)
+	}
 	return r, nil
+}
+
+// sampleLink is the consent link of the start page's sample data.
+const sampleLink = "c2FtcGxlLWNvbnNlbnQtbGluay1mb3ItdGhlLWNoZWNr"
+
+// postsLink reports whether the page html has a form posting the link: a
+// method="post" form and the link as the value of a field named "link".
+func postsLink(html, link string) bool {
+	lower := strings.ToLower(html)
+	return strings.Contains(lower, `method="post"`) && strings.Contains(html, `name="link"`) && strings.Contains(html, `value="`+link+`"`)
 }
 
 // where names the templates, for errors.
@@ -204,6 +241,9 @@ func (r *Renderer) samples(page string) []Data {
 	full := r.data(page, "en", "acme", "Acme Ltd", "Example Bank")
 	full.Outcome, full.Code = "provider_error", "provider_error:invalid_request"
 	full.Nonce = "c2FtcGxl"
+	if page == PageStart {
+		full.Link = sampleLink
+	}
 	bare := r.data(page, "en", "", "", "")
 	bare.Partner, bare.Logo = "", ""
 	return []Data{full, bare}
@@ -223,6 +263,8 @@ type Page struct {
 	Outcome string
 	// ProviderCode is the provider's error code of a provider_error.
 	ProviderCode string
+	// Link is the consent link of the start page.
+	Link string
 }
 
 // data builds the Data of a page (without nonce).
@@ -251,6 +293,9 @@ func text(lang, page, partner, merchant, bank string) Text {
 	p := l.pages[page]
 	t := Text{Title: fill(p.title), Message: fill(p.message), NextLabel: l.nextLabel, Next: fill(p.next),
 		CodeLabel: l.codeLabel, Consent: l.consent, Footer: l.footer}
+	if page == PageStart {
+		t.Action = fill(l.action)
+	}
 	if merchant != "" {
 		t.About = fill(l.about)
 	}
@@ -267,6 +312,9 @@ func (r *Renderer) Render(w http.ResponseWriter, acceptLanguage string, p Page) 
 	d := r.data(p.Name, r.language(acceptLanguage), p.MerchantID, p.Merchant, p.Bank)
 	if !pages[p.Name].noOutcome {
 		d.Outcome = p.Outcome
+	}
+	if p.Name == PageStart {
+		d.Link = p.Link
 	}
 	if d.Tone == "error" && d.Outcome != "" {
 		d.Code = p.Outcome

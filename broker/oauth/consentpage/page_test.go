@@ -87,8 +87,12 @@ func TestRenderBuiltin(t *testing.T) {
 	for _, p := range Pages() {
 		t.Run(p, func(t *testing.T) {
 			w := httptest.NewRecorder()
-			r.Render(w, "", Page{Name: p, MerchantID: "acme", Merchant: "Acme Ltd", Bank: "Example Bank", Outcome: "provider_error", ProviderCode: "invalid_request"})
+			r.Render(w, "", Page{Name: p, MerchantID: "acme", Merchant: "Acme Ltd", Bank: "Example Bank", Outcome: "provider_error", ProviderCode: "invalid_request", Link: "LINK-VALUE"})
 			body := w.Body.String()
+			form := `<form method="post" action="start"><input type="hidden" name="link" value="LINK-VALUE"><button type="submit">Continue to Example Bank</button></form>`
+			if strings.Contains(body, form) != (p == PageStart) || strings.Contains(body, "LINK-VALUE") != (p == PageStart) {
+				t.Errorf("the page shows the link's form: %v, want it on the start page alone:\n%s", strings.Contains(body, form), body)
+			}
 			if w.Code != Status(p) || w.Code == 0 {
 				t.Errorf("status %d, want %d", w.Code, Status(p))
 			}
@@ -177,6 +181,9 @@ func TestTemplatesRefused(t *testing.T) {
 		{"misspelt page", map[string]string{"page.html": "x", "sucess.html": "x"}, []string{"sucess.html is not a page"}},
 		{"no page.html", map[string]string{"success.html": "x"}, []string{"no page.html", "denied.html"}},
 		{"empty", map[string]string{"README": "x"}, []string{"no .html file"}},
+		{"start page without the form", map[string]string{"page.html": "{{.Page}}"}, []string{"page start has no form that posts the consent link", `value="{{.Link}}"`, "start.html"}},
+		{"start page's form without the link", map[string]string{"page.html": "{{.Page}}", "start.html": `<form method="post" action="start"><button>{{.Text.Action}}</button></form>`},
+			[]string{"page start has no form that posts the consent link"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := writeTemplates(t, tc.files)
@@ -198,6 +205,7 @@ func TestTemplatesReplaceEveryPage(t *testing.T) {
 		"_layout.html": `{{define "head"}}<!doctype html><html lang="{{.Lang}}"><title>{{.Text.Title}}</title><style nonce="{{.Nonce}}">{{.CSS}}</style>{{end}}`,
 		"page.html":    `{{template "head" .}}<main>custom {{.Page}} {{.Status}} {{.MerchantID}} {{.Merchant}} {{.Bank}} {{.Outcome}} {{.Code}} {{.Partner}} {{.Logo}} {{.Accent}} {{.Tone}}</main>`,
 		"success.html": `{{template "head" .}}<main>custom success for {{.Merchant}}</main>`,
+		"start.html":   `{{template "head" .}}<main>custom start <form method="post" action="start"><input type="hidden" name="link" value="{{.Link}}"><button>{{.Text.Action}}</button></form></main>`,
 	})
 	r, err := New(Config{Templates: dir, Partner: "P"})
 	if err != nil {
@@ -228,6 +236,7 @@ func TestForStart(t *testing.T) {
 		{good, oauth.ReasonProviderError, PageProviderError},
 		{good, oauth.ReasonProviderFailure, PageUnavailable},
 		{good, oauth.ReasonWrongCallback, PageFailed},
+		{good, oauth.ReasonAlreadyConsented, PageAlreadyConsented},
 	} {
 		if got := ForStart(tc.link, tc.outcome); got != tc.want {
 			t.Errorf("ForStart(%q, %s) = %s, want %s", tc.link, tc.outcome, got, tc.want)
