@@ -456,6 +456,22 @@ func (a *AuthCode) openLink(ctx context.Context, linkID, host string, o stepOpti
 	return rec, nil
 }
 
+// AuthorizationOrigin returns the origin (scheme://host[:port]) of the
+// provider's authorization endpoint, where Start sends the browser: from
+// the configuration or the discovery document (fetched once, as Start
+// does).
+func (a *AuthCode) AuthorizationOrigin(ctx context.Context) (string, error) {
+	ep, err := a.authEndpoints(ctx)
+	if err != nil {
+		return "", a.fail(ReasonProviderFailure, "", err)
+	}
+	u, err := url.Parse(ep.auth)
+	if err != nil {
+		return "", a.fail(ReasonProviderFailure, "", fmt.Errorf("authorization_endpoint: %w", err))
+	}
+	return u.Scheme + "://" + u.Host, nil
+}
+
 // Start starts the authorization request of a consent link (arriving at
 // the callback URL's host host) and returns the provider's authorization
 // URL to redirect the browser to, after pushing the request when PAR is

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"html/template"
 	"net/http"
+	"regexp"
 	"strings"
 )
 
@@ -265,6 +266,10 @@ type Page struct {
 	ProviderCode string
 	// Link is the consent link of the start page.
 	Link string
+	// BankOrigin is the origin (scheme://host[:port]) of the provider's
+	// authorization endpoint, on the start page: its form's post is
+	// redirected there, which the page's CSP (form-action) must allow.
+	BankOrigin string
 }
 
 // data builds the Data of a page (without nonce).
@@ -334,7 +339,7 @@ func (r *Renderer) Render(w http.ResponseWriter, acceptLanguage string, p Page) 
 	h := w.Header()
 	h.Set("Content-Type", "text/html; charset=utf-8")
 	h.Set("Content-Language", d.Lang)
-	h.Set("Content-Security-Policy", CSP(d.Nonce))
+	h.Set("Content-Security-Policy", CSP(d.Nonce, p.BankOrigin))
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Add("Vary", "Accept-Language")
 	w.WriteHeader(d.Status)
@@ -343,7 +348,19 @@ func (r *Renderer) Render(w http.ResponseWriter, acceptLanguage string, p Page) 
 
 // CSP is the Content-Security-Policy of a page with the style nonce
 // nonce: nothing loads but that inline style and images from data: URIs
-// or the consent site; no form posts elsewhere, no base URL, no framing.
-func CSP(nonce string) string {
-	return "default-src 'none'; style-src 'nonce-" + nonce + "'; img-src data: 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+// or the consent site; no base URL, no framing; forms post to the
+// consent site only, and are redirected nowhere else but bankOrigin (the
+// start page's post goes on to the provider's authorization endpoint;
+// browsers check form-action on the redirects of a post too). A
+// bankOrigin that is not a plain origin (scheme://host[:port]) is left
+// out.
+func CSP(nonce, bankOrigin string) string {
+	formAction := "'self'"
+	if origin.MatchString(bankOrigin) {
+		formAction += " " + bankOrigin
+	}
+	return "default-src 'none'; style-src 'nonce-" + nonce + "'; img-src data: 'self'; base-uri 'none'; form-action " + formAction + "; frame-ancestors 'none'"
 }
+
+// origin matches a plain origin, as a CSP source may name it.
+var origin = regexp.MustCompile(`^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?$`)

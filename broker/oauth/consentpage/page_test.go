@@ -98,7 +98,7 @@ func TestRenderBuiltin(t *testing.T) {
 			}
 			m := styleNonce.FindStringSubmatch(body)
 			csp := w.Header().Get("Content-Security-Policy")
-			if m == nil || csp != CSP(m[1]) || !strings.Contains(csp, "default-src 'none'") || !strings.Contains(csp, "frame-ancestors 'none'") {
+			if m == nil || csp != CSP(m[1], "") || !strings.Contains(csp, "default-src 'none'") || !strings.Contains(csp, "frame-ancestors 'none'") {
 				t.Errorf("CSP %q does not allow exactly the page's style nonce", csp)
 			}
 			for _, want := range []string{`<meta name="viewport" content="width=device-width, initial-scale=1">`, "<header>", "<main>", "<footer>", "<h1>",
@@ -220,6 +220,24 @@ func TestTemplatesReplaceEveryPage(t *testing.T) {
 		}
 		if !strings.Contains(w.Body.String(), want) || !strings.Contains(w.Body.String(), `lang="fr"`) || w.Code != Status(p) {
 			t.Errorf("%s: %d %s", p, w.Code, w.Body)
+		}
+	}
+}
+
+// TestCSPFormAction: a page's forms post to the consent site, and are
+// redirected to the bank's origin only when that is a plain origin.
+func TestCSPFormAction(t *testing.T) {
+	for _, tc := range []struct{ bank, want string }{
+		{"", "form-action 'self';"},
+		{"https://bank.example", "form-action 'self' https://bank.example;"},
+		{"http://127.0.0.1:8443", "form-action 'self' http://127.0.0.1:8443;"},
+		{"https://[::1]:8443", "form-action 'self' https://[::1]:8443;"},
+		{"https://bank.example/authorize", "form-action 'self';"},
+		{"https://bank.example; script-src *", "form-action 'self';"},
+		{"javascript://x", "form-action 'self';"},
+	} {
+		if got := CSP("n", tc.bank); !strings.Contains(got, tc.want) || strings.Contains(got, "script-src") {
+			t.Errorf("CSP with bank %q = %q, want %q", tc.bank, got, tc.want)
 		}
 	}
 }

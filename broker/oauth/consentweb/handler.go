@@ -263,7 +263,9 @@ func LogStep(logger *zap.Logger, provider, step, merchant string, err error) {
 
 // startPage serves GET (and HEAD) …/start?link=…: the start page of a
 // link that can be used, else the page of its refusal. It reads the link
-// and nothing else: no state, no cookie, no request to the provider.
+// and the provider's authorization endpoint (for the page's CSP; a
+// discovery document is fetched once) and changes nothing: no state, no
+// cookie, no authorization or token request.
 func (c *Handler) startPage(w http.ResponseWriter, r *http.Request) {
 	link := r.URL.Query().Get("link")
 	rec, err := c.flow.CheckLink(r.Context(), link, r.Host, c.serves())
@@ -276,7 +278,15 @@ func (c *Handler) startPage(w http.ResponseWriter, r *http.Request) {
 		c.render(w, r, consentpage.Page{Name: consentpage.ForStart(link, outcome), MerchantID: rec.Merchant, Outcome: outcome, ProviderCode: code})
 		return
 	}
-	c.render(w, r, consentpage.Page{Name: consentpage.PageStart, MerchantID: rec.Merchant, Link: link})
+	bank, err := c.flow.AuthorizationOrigin(r.Context())
+	if err != nil {
+		outcome, _ := outcomeOf(err)
+		c.o.Logger.Warn("consent start page: the provider's authorization endpoint is not known (discovery failed)", zap.String("provider", c.o.Provider),
+			zap.String("merchant", rec.Merchant), zap.Error(err))
+		c.render(w, r, consentpage.Page{Name: consentpage.PageUnavailable, MerchantID: rec.Merchant, Outcome: outcome})
+		return
+	}
+	c.render(w, r, consentpage.Page{Name: consentpage.PageStart, MerchantID: rec.Merchant, Link: link, BankOrigin: bank})
 }
 
 // maxStartForm is the largest body of a POST …/start, in bytes.
