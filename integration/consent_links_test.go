@@ -60,9 +60,9 @@ func browse(t *testing.T, browser *http.Client, method, u string, form url.Value
 // sandbox bank; it returns the callback URL, not yet opened.
 func approveAtBank(t *testing.T, browser *http.Client, link string) string {
 	t.Helper()
-	resp, body := browse(t, browser, http.MethodGet, link, nil)
+	resp := startConsent(t, browser, link)
 	if resp.StatusCode != http.StatusSeeOther {
-		t.Fatalf("start: %d %s", resp.StatusCode, body)
+		t.Fatalf("start: %d", resp.StatusCode)
 	}
 	au, _ := url.Parse(resp.Header.Get("Location"))
 	form := au.Query()

@@ -315,11 +315,13 @@ func TestConsentPagesInBrowser(t *testing.T) {
 		t.Fatalf("starting %s: %v", chromium, err)
 	}
 
-	// bankPage opens a fresh link and stops on the bank's approve page.
-	bankPage := func(t *testing.T, ctx context.Context, merchant string) url.Values {
+	// toBank opens link, presses its start page's button and stops on the
+	// bank's approve page, whose URL it returns.
+	toBank := func(t *testing.T, ctx context.Context, link string) string {
 		t.Helper()
 		var loc string
-		if err := chromedp.Do(ctx, chromedp.Navigate(s.link(t, merchant)), chromedp.WaitVisible(chromedp.CSS("button[value=approve]")),
+		if err := chromedp.Do(ctx, chromedp.Navigate(link), chromedp.WaitVisible(chromedp.CSS("form[action=start] button")),
+			chromedp.Click(chromedp.CSS("form[action=start] button")), chromedp.WaitVisible(chromedp.CSS("button[value=approve]")),
 			chromedp.Func(func(ctx context.Context, tg *chromedp.Target) (err error) {
 				loc, err = chromedp.Location()(ctx, tg)
 				return err
@@ -330,7 +332,20 @@ func TestConsentPagesInBrowser(t *testing.T) {
 		if !strings.HasPrefix(loc, s.sbURL) || u.Query().Get("state") == "" {
 			t.Fatalf("the link led to %s, not the bank's approve page", loc)
 		}
+		return loc
+	}
+	// bankPage opens a fresh link and stops on the bank's approve page.
+	bankPage := func(t *testing.T, ctx context.Context, merchant string) url.Values {
+		t.Helper()
+		u, _ := url.Parse(toBank(t, ctx, s.link(t, merchant)))
 		return u.Query()
+	}
+	// approve approves on the bank's page and waits for the outcome page.
+	approve := func(t *testing.T, ctx context.Context) {
+		t.Helper()
+		if err := chromedp.Do(ctx, chromedp.Click(chromedp.CSS("button[value=approve]")), chromedp.WaitVisible(chromedp.CSS("main h1"))); err != nil {
+			t.Fatal(err)
+		}
 	}
 	// decide answers at the bank and reloads the outcome page: the page
 	// checked is the reload.
@@ -370,14 +385,33 @@ func TestConsentPagesInBrowser(t *testing.T) {
 	}
 	var usedLink string
 	checks := []pageCheck{
+		{"start", 200, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
+			rec.reset()
+			visit(t, ctx, s.link(t, "acme"))
+		}, []string{"Give your consent", "Consent for Acme Ltd at Example Bank", "Acme Payments asks for your consent", "Continue to Example Bank"}},
 		{"success", 200, decide("acme", "approve"), []string{"Consent given", "Consent for Acme Ltd at Example Bank", "your consent is recorded", "available to Acme Payments", "close this window"}},
 		{"used", 400, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
 			usedLink = s.link(t, "globex")
-			visit(t, ctx, usedLink) // opened once: to the bank
+			toBank(t, ctx, usedLink)
+			approve(t, ctx) // the consent uses the link up
 			rec.reset()
 			visit(t, ctx, usedLink)
 		}, []string{"This consent link was already used", "ask Acme Payments for a new consent link", "Reference: unknown_state"}},
-		{"denied", 200, decide("globex", "deny"), []string{"Consent not given", "Consent for globex at Example Bank", "not given at Example Bank", "ask Acme Payments for a new consent link"}},
+		{"already_consented", 409, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
+			link := s.link(t, "acme")
+			first := toBank(t, ctx, link) // the first tab, left on the bank's page
+			toBank(t, ctx, link)          // the second tab consents first
+			approve(t, ctx)
+			if err := chromedp.Do(ctx, chromedp.Navigate(first), chromedp.WaitVisible(chromedp.CSS("button[value=approve]"))); err != nil {
+				t.Fatal(err)
+			}
+			approve(t, ctx) // then the first tab: the page checked is its reload
+			rec.reset()
+			if err := chromedp.Do(ctx, chromedp.Reload(), chromedp.WaitVisible(chromedp.CSS("main h1"))); err != nil {
+				t.Fatal(err)
+			}
+		}, []string{"Consent already given for this link", "Consent for Acme Ltd at Example Bank", "another window or tab", "Nothing more to do here"}},
+		{"denied", 200, decide("globex", "deny"), []string{"Consent not given", "Consent for globex at Example Bank", "not given at Example Bank", "open the consent link again soon, or ask Acme Payments for a new one"}},
 		{"expired", 400, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
 			link := s.expiredLink(t, "acme")
 			rec.reset()
@@ -391,7 +425,7 @@ func TestConsentPagesInBrowser(t *testing.T) {
 		{"unavailable", 503, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
 			link := s.link(t, "initech")
 			rec.reset()
-			visit(t, ctx, link)
+			visit(t, ctx, link) // the start page needs the bank's authorization endpoint
 		}, []string{"The consent service is unavailable", "try again in a few minutes", "Reference: provider_unavailable"}},
 		{"wrong_browser", 403, callback("acme", url.Values{"code": {"any"}}, true), []string{"Please use the browser you started in", "started in another browser", "Reference: wrong_browser"}},
 		{"not_found", 404, open("/"), []string{"Page not found", "open the consent link you were given"}},
@@ -521,6 +555,7 @@ func TestConsentTemplatesReplacePages(t *testing.T) {
 	for name, body := range map[string]string{
 		"page.html":      `<!doctype html><html lang="{{.Lang}}"><title>{{.Text.Title}}</title><main><h1>Custom {{.Page}}</h1><p>{{.Merchant}} {{.Code}}</p></main></html>`,
 		"not_found.html": `<!doctype html><html lang="{{.Lang}}"><title>x</title><main><h1>Nothing at this address ({{.Status}})</h1></main></html>`,
+		"start.html":     `<!doctype html><html lang="{{.Lang}}"><title>x</title><main><h1>Custom start</h1><form method="post" action="start"><input type="hidden" name="link" value="{{.Link}}"><button>{{.Text.Action}}</button></form></main></html>`,
 	} {
 		if err := os.WriteFile(filepath.Join(good, name), []byte(body), 0o600); err != nil {
 			t.Fatal(err)
