@@ -233,7 +233,7 @@ func testCallbackBoundToBrowser(t *testing.T, scheme, cookie string, secure bool
 	if len(cookies) != 1 || cookies[0].Name != cookie {
 		t.Fatalf("cookies after start: %v, want %s", cookies, cookie)
 	}
-	resp, _ := browse(t, newBrowser(), http.MethodGet, mustConsentLink(t, s, "globex"), nil)
+	resp := startConsent(t, newBrowser(), mustConsentLink(t, s, "globex"))
 	setCookie := resp.Header.Get("Set-Cookie")
 	for _, attr := range []string{cookie + "=", "Path=/", "HttpOnly", "SameSite=Lax", "Max-Age=900"} {
 		if !strings.Contains(setCookie, attr) {
