@@ -477,8 +477,9 @@ func (a *AuthCode) AuthorizationOrigin(ctx context.Context) (string, error) {
 // URL to redirect the browser to, after pushing the request when PAR is
 // on. The returned Pending says whose consent it is. The link stays
 // usable until it expires: each Start of it (a second tab, a double
-// click) gets its own state, PKCE verifier and nonce, and the first of
-// their callbacks to get a code consumes the link (see Callback). The
+// click; at most MaxStartsPerLink per instance, then ReasonTooManyStarts)
+// gets its own state, PKCE verifier and nonce, and the first of their
+// callbacks to get a code consumes the link (see Callback). The
 // options: a Browser binds the authorization state to the browser (see
 // Browser); a Serves refuses a merchant the broker no longer serves.
 func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepOption) (string, Pending, error) {
@@ -488,7 +489,11 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 		return "", rec, err
 	}
 	// Started: the link no longer counts as unused.
-	a.limits.used(rec.Merchant, a.pend.storeKey(kindLink, linkID))
+	key := a.pend.storeKey(kindLink, linkID)
+	a.limits.used(rec.Merchant, key)
+	if !a.limits.started(key, rec.Expires, a.pend.Now()) {
+		return "", rec, a.fail(ReasonTooManyStarts, rec.Merchant, fmt.Errorf("the consent link was started %d times at this instance, the most one link may be: ask the app for a new consent link", MaxStartsPerLink))
+	}
 	ep, err := a.authEndpoints(ctx)
 	if err != nil {
 		return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)

@@ -255,6 +255,7 @@ func TestForStart(t *testing.T) {
 		{good, oauth.ReasonProviderFailure, PageUnavailable},
 		{good, oauth.ReasonWrongCallback, PageFailed},
 		{good, oauth.ReasonAlreadyConsented, PageAlreadyConsented},
+		{good, oauth.ReasonTooManyStarts, PageUsed},
 	} {
 		if got := ForStart(tc.link, tc.outcome); got != tc.want {
 			t.Errorf("ForStart(%q, %s) = %s, want %s", tc.link, tc.outcome, got, tc.want)
