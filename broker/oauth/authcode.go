@@ -635,11 +635,11 @@ type Result struct {
 // and stores the refresh token. Before the code is exchanged, it consumes
 // the consent link the state was started from: a state whose link
 // another state's callback consumed first is refused with
-// ReasonAlreadyConsented, and nothing is stored. The Result is filled as far as the state
-// was known, also on errors, so that the browser can be sent back. A state
-// that Start bound to a browser is only accepted, and consumed, with the
-// same browser secret: another browser gets ReasonWrongBrowser, without a
-// Result, and the state stays. A state whose merchant a Serves option
+// ReasonAlreadyConsented, and nothing is stored. The Result is filled as
+// far as the state was known, also on errors, so that the browser can be
+// sent back. A state that Start bound to a browser is only accepted, and
+// consumed, with the same browser secret: another browser gets
+// ReasonWrongBrowser, without a Result, and the state stays. A state whose merchant a Serves option
 // refuses is consumed and refused with ReasonUnknownMerchant before the
 // code is exchanged. Once the state is consumed, the rest of the
 // callback (code exchange, ID token verification, storing the refresh

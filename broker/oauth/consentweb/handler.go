@@ -126,8 +126,9 @@ func New(o Options) (*Handler, error) {
 }
 
 // ServeHTTP serves start (GET and HEAD: the start page; POST: the
-// start), callback, done or links; everything else is a not_found page. Every answer sets Cache-Control: no-store and
-// Referrer-Policy: no-referrer.
+// start), callback, done or links; everything else is a not_found page.
+// Every answer sets Cache-Control: no-store and Referrer-Policy:
+// no-referrer.
 func (c *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := w.Header()
 	h.Set("Cache-Control", "no-store")
