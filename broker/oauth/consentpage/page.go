@@ -268,7 +268,8 @@ type Page struct {
 	Link string
 	// BankOrigin is the origin (scheme://host[:port]) of the provider's
 	// authorization endpoint, on the start page: its form's post is
-	// redirected there, which the page's CSP (form-action) must allow.
+	// redirected there, which the page's CSP (form-action) must allow
+	// (see CSP).
 	BankOrigin string
 }
 
@@ -348,19 +349,25 @@ func (r *Renderer) Render(w http.ResponseWriter, acceptLanguage string, p Page) 
 
 // CSP is the Content-Security-Policy of a page with the style nonce
 // nonce: nothing loads but that inline style and images from data: URIs
-// or the consent site; no base URL, no framing; forms post to the
-// consent site only, and are redirected nowhere else but bankOrigin (the
-// start page's post goes on to the provider's authorization endpoint;
-// browsers check form-action on the redirects of a post too). A
-// bankOrigin that is not a plain origin (scheme://host[:port]) is left
-// out.
+// or the consent site; no base URL, no framing. A page without
+// bankOrigin posts forms to the consent site only. The start page (with
+// bankOrigin, the origin of the provider's authorization endpoint) posts
+// to the consent site, which redirects to the provider; browsers check
+// form-action on every redirect that follows a post, and a provider's
+// authorization endpoint may redirect on to a login page on another
+// origin, so that form-action also allows any https origin, and
+// bankOrigin itself when it is not https (a local sandbox bank on http)
+// and a plain origin (scheme://host[:port]).
 func CSP(nonce, bankOrigin string) string {
 	formAction := "'self'"
-	if origin.MatchString(bankOrigin) {
-		formAction += " " + bankOrigin
+	if bankOrigin != "" {
+		formAction += " https:"
+		if !strings.HasPrefix(bankOrigin, "https://") && origin.MatchString(bankOrigin) {
+			formAction += " " + bankOrigin
+		}
 	}
 	return "default-src 'none'; style-src 'nonce-" + nonce + "'; img-src data: 'self'; base-uri 'none'; form-action " + formAction + "; frame-ancestors 'none'"
 }
 
-// origin matches a plain origin, as a CSP source may name it.
-var origin = regexp.MustCompile(`^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?$`)
+// origin matches a plain http origin, as a CSP source may name it.
+var origin = regexp.MustCompile(`^http://[A-Za-z0-9.-]+(?::[0-9]{1,5})?$|^http://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?$`)

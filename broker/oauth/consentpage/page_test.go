@@ -224,17 +224,22 @@ func TestTemplatesReplaceEveryPage(t *testing.T) {
 	}
 }
 
-// TestCSPFormAction: a page's forms post to the consent site, and are
-// redirected to the bank's origin only when that is a plain origin.
+// TestCSPFormAction: a page without a bank origin posts to the consent
+// site only; the start page's post may be redirected to any https origin
+// (the bank's authorization endpoint and a login page it redirects to on
+// another origin, internationalised hosts included), and to the bank's
+// origin when that is a plain http origin.
 func TestCSPFormAction(t *testing.T) {
 	for _, tc := range []struct{ bank, want string }{
 		{"", "form-action 'self';"},
-		{"https://bank.example", "form-action 'self' https://bank.example;"},
-		{"http://127.0.0.1:8443", "form-action 'self' http://127.0.0.1:8443;"},
-		{"https://[::1]:8443", "form-action 'self' https://[::1]:8443;"},
-		{"https://bank.example/authorize", "form-action 'self';"},
-		{"https://bank.example; script-src *", "form-action 'self';"},
-		{"javascript://x", "form-action 'self';"},
+		{"https://bank.example", "form-action 'self' https:;"},
+		{"https://bänk.example", "form-action 'self' https:;"},
+		{"https://[::1]:8443", "form-action 'self' https:;"},
+		{"http://127.0.0.1:8443", "form-action 'self' https: http://127.0.0.1:8443;"},
+		{"http://[::1]:8443", "form-action 'self' https: http://[::1]:8443;"},
+		{"http://bank.example/authorize", "form-action 'self' https:;"},
+		{"http://bank.example; script-src *", "form-action 'self' https:;"},
+		{"javascript://x", "form-action 'self' https:;"},
 	} {
 		if got := CSP("n", tc.bank); !strings.Contains(got, tc.want) || strings.Contains(got, "script-src") {
 			t.Errorf("CSP with bank %q = %q, want %q", tc.bank, got, tc.want)

@@ -178,7 +178,7 @@ func TestScannerLeavesLinkUsable(t *testing.T) {
 		if w.Code != http.StatusOK || h.Get("Cache-Control") != "no-store" || h.Get("Referrer-Policy") != "no-referrer" || h.Values("Set-Cookie") != nil {
 			t.Fatalf("%s by a scanner: %d, headers %v", method, w.Code, h)
 		}
-		if csp := h.Get("Content-Security-Policy"); !strings.Contains(csp, "form-action 'self' "+s.op.URL+";") {
+		if csp := h.Get("Content-Security-Policy"); !strings.Contains(csp, "form-action 'self' https: "+s.op.URL+";") {
 			t.Errorf("CSP %q: the form's redirect to the bank is not allowed", csp)
 		}
 		if method == http.MethodGet {
