@@ -397,7 +397,7 @@ func TestConsentPagesInBrowser(t *testing.T) {
 			rec.reset()
 			visit(t, ctx, usedLink)
 		}, []string{"This consent link was already used", "ask Acme Payments for a new consent link", "Reference: unknown_state"}},
-		{"already_consented", 409, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
+		{"used_second_tab", 400, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
 			link := s.link(t, "acme")
 			first := toBank(t, ctx, link) // the first tab, left on the bank's page
 			toBank(t, ctx, link)          // the second tab consents first
@@ -410,7 +410,7 @@ func TestConsentPagesInBrowser(t *testing.T) {
 			if err := chromedp.Do(ctx, chromedp.Reload(), chromedp.WaitVisible(chromedp.CSS("main h1"))); err != nil {
 				t.Fatal(err)
 			}
-		}, []string{"Consent already given for this link", "Consent for Acme Ltd at Example Bank", "another window or tab", "Nothing more to do here"}},
+		}, []string{"This consent link was already used", "Consent for Acme Ltd at Example Bank", "If you did not finish your consent", "Reference: unknown_state"}},
 		{"denied", 200, decide("globex", "deny"), []string{"Consent not given", "Consent for globex at Example Bank", "not given at Example Bank", "open the consent link again soon, or ask Acme Payments for a new one"}},
 		{"expired", 400, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
 			link := s.expiredLink(t, "acme")

@@ -361,9 +361,9 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 	id := randomString(32)
 	exp := now.Add(a.cfg.LinkTTL)
 	rec := Pending{Provider: a.Provider(), Merchant: merchant, ReturnURL: returnURL, RedirectURI: redirect, Expires: exp}
-	// Kept StateTTL past its expiry: a state started from it just before
+	// Kept linkKept past its expiry: a state started from it just before
 	// then still finds it at its callback, used or not (claimLink).
-	if err := a.pend.putUntil(ctx, kindLink, id, rec, exp.Add(StateTTL)); err != nil {
+	if err := a.pend.putUntil(ctx, kindLink, id, rec, exp.Add(linkKept)); err != nil {
 		undo() // not handed out: it spends no limit
 		return Link{}, a.fail(ReasonStoreFailure, merchant, err)
 	}
@@ -635,7 +635,9 @@ type Result struct {
 // and stores the refresh token. Before the code is exchanged, it consumes
 // the consent link the state was started from: a state whose link
 // another state's callback consumed first is refused with
-// ReasonAlreadyConsented, and nothing is stored. The Result is filled as
+// ReasonUnknownState, as a used link, and nothing is stored; when the
+// code exchange, the ID token, the refresh token or its save fails, the
+// link is put back, usable again while it is valid. The Result is filled as
 // far as the state was known, also on errors, so that the browser can be
 // sent back. A state that Start bound to a browser is only accepted, and
 // consumed, with the same browser secret: another browser gets
@@ -701,7 +703,8 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	if code == "" {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, errors.New("the callback has neither code nor error"))
 	}
-	if err := a.claimLink(ctx, rec); err != nil {
+	link, err := a.claimLink(ctx, rec)
+	if err != nil {
 		return res, err
 	}
 	grant := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {rec.RedirectURI}, "code_verifier": {rec.Verifier}}
@@ -710,7 +713,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 		return raw, err
 	})
 	if err != nil {
-		return res, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err))
+		return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err)))
 	}
 	// An ID token is verified when openid was asked, or when one came
 	// back (any value but null or "", a string or not) and the provider
@@ -720,44 +723,60 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	idToken := raw.Extra("id_token") // nil or "" when absent, also from a form-encoded answer
 	if rec.Nonce != "" || idToken != nil && idToken != "" && ep.verifier != nil {
 		if err := a.verifyIDToken(ctx, ep, idToken, rec.Nonce); err != nil {
-			return res, a.fail(ReasonInvalidIDToken, rec.Merchant, err)
+			return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonInvalidIDToken, rec.Merchant, err))
 		}
 	}
 	rt := broker.Secret(raw.RefreshToken)
 	if rt == "" {
-		return res, a.fail(ReasonNoRefreshToken, rec.Merchant, errors.New("the token response has no refresh_token: ask for the scope the provider wants for one (offline_access) and check that the client may use the refresh_token grant"))
+		return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonNoRefreshToken, rec.Merchant, errors.New("the token response has no refresh_token: ask for the scope the provider wants for one (offline_access) and check that the client may use the refresh_token grant")))
 	}
 	if err := a.src.SetRefreshToken(ctx, rec.Merchant, rt); err != nil {
-		return res, a.fail(ReasonStoreFailure, rec.Merchant, err)
+		return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonStoreFailure, rec.Merchant, err))
 	}
 	res.Fingerprint = rt.Fingerprint()
 	return res, nil
 }
 
-// ReasonAlreadyConsented is the refusal of a callback whose consent link
-// another authorization state, started from the same link (a second tab,
-// a double click), has already used: its code is not exchanged, and the
-// refresh token stored by the first stays.
-const ReasonAlreadyConsented = "already_consented"
+// linkKept is how long a consent link stays stored past its expiry: a
+// state started from it just before then still finds it at its callback
+// (StateTTL), with a minute more for clock skew between instances and a
+// store that keeps expiries to the second.
+const linkKept = StateTTL + time.Minute
 
 // claimLink consumes the consent link that the authorization state rec
-// was started from, before its code is exchanged: of the states started
-// from one link, only the first callback to claim it goes on; the others
-// get ReasonAlreadyConsented. The link may have expired since the state
-// was started: NewLink keeps it stored StateTTL longer for this. A state
-// without a link (none was recorded) claims nothing.
-func (a *AuthCode) claimLink(ctx context.Context, rec Pending) error {
+// was started from, before its code is exchanged, and returns the link's
+// record, to put back with unclaimLink when the consent does not
+// complete. Of the states started from one link, only the first callback
+// to claim it goes on; the others get ReasonUnknownState, as for any
+// used link. The link may have expired since the state was started:
+// NewLink keeps it stored linkKept longer for this. A state without a
+// link (none was recorded) claims nothing.
+func (a *AuthCode) claimLink(ctx context.Context, rec Pending) (Pending, error) {
 	if rec.Link == "" {
-		return nil
+		return Pending{}, nil
 	}
-	_, err := a.pend.take(ctx, kindLink, rec.Link)
+	link, err := a.pend.take(ctx, kindLink, rec.Link)
 	switch {
 	case err == nil, errors.Is(err, errExpired):
-		return nil
+		return link, nil
 	case errors.Is(err, ErrUnknownPending):
-		return a.fail(ReasonAlreadyConsented, rec.Merchant, errors.New("the consent link of this authorization was already used by another one started from it (another tab or a second click), which came back first: this code is not exchanged, and the refresh token stored then stays"))
+		return Pending{}, a.fail(ReasonUnknownState, rec.Merchant, errors.New("the consent link of this authorization state was already used by another authorization started from it, or it is unknown: this code is not exchanged; if the consent is not complete, open the link again or ask the app for a new consent link"))
 	}
-	return a.fail(ReasonStoreFailure, rec.Merchant, fmt.Errorf("consuming the consent link: %w", err))
+	return Pending{}, a.fail(ReasonStoreFailure, rec.Merchant, fmt.Errorf("consuming the consent link: %w", err))
+}
+
+// unclaimLink puts back the consent link link, claimed by the state rec
+// whose consent then failed (code exchange, ID token, refresh token or
+// save), so that the merchant can start it again while it is valid. It
+// returns ce, with a note when the link cannot be put back.
+func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *ConsentError) *ConsentError {
+	if rec.Link == "" || link.Provider == "" || !a.pend.Now().Before(link.Expires) {
+		return ce
+	}
+	if err := a.pend.putUntil(ctx, kindLink, rec.Link, link, link.Expires.Add(linkKept)); err != nil {
+		ce.Err = fmt.Errorf("%w; the consent link could not be put back (%v): ask the app for a new consent link", ce.Err, err)
+	}
+	return ce
 }
 
 // verifyIDToken checks the token response's id_token v, a string, with

@@ -90,14 +90,19 @@ func newConsentFixture(t *testing.T, o optest.Options, method AuthMethod, par bo
 	return &consentFixture{op: srv, store: store, src: src, flow: flow, pend: pend, clock: clock}
 }
 
-// savingStore is a MemoryStore that counts the refresh tokens saved.
+// savingStore is a MemoryStore that counts the refresh tokens saved,
+// and fails the saves while failing is set.
 type savingStore struct {
 	MemoryStore
-	saves atomic.Int64
+	saves   atomic.Int64
+	failing atomic.Bool
 }
 
-// Save counts the save and stores rt.
+// Save counts the save and stores rt, or fails while failing is set.
 func (s *savingStore) Save(ctx context.Context, key string, rt broker.Secret) error {
+	if s.failing.Load() {
+		return errors.New("the test store refuses saves")
+	}
 	s.saves.Add(1)
 	return s.MemoryStore.Save(ctx, key, rt)
 }
@@ -394,7 +399,7 @@ func TestAuthCodeRefusals(t *testing.T) {
 // double click) gets two authorization states, each with its own state,
 // PKCE challenge and nonce; the first callback with a code consumes the
 // link and stores the refresh token; the other, whenever it comes back,
-// is refused with already_consented before its code is exchanged, so the
+// is refused as a used link (unknown_state) before its code is exchanged, so the
 // first refresh token stays. A callback without a code (the merchant
 // denied in one tab) leaves the link to the other; a link that expired
 // after its start is still claimed by the state's callback.
@@ -468,8 +473,8 @@ func TestConsentLinkStartedTwice(t *testing.T) {
 			}
 			exchanges := f.op.Count("authorization_code")
 			_, err = f.flow.Callback(ctx, host, second, browser)
-			if !errors.As(err, &ce) || ce.Reason != ReasonAlreadyConsented || ce.Merchant != "acme" {
-				t.Fatalf("second callback = %v, want already_consented for acme", err)
+			if !errors.As(err, &ce) || ce.Reason != ReasonUnknownState || ce.Merchant != "acme" {
+				t.Fatalf("second callback = %v, want unknown_state (a used link) for acme", err)
 			}
 			checkNoSecrets(t, err)
 			if n := f.op.Count("authorization_code"); n != exchanges {
@@ -481,6 +486,58 @@ func TestConsentLinkStartedTwice(t *testing.T) {
 			}
 			if _, _, err := f.flow.Start(ctx, id, host, browser); !errors.As(err, &ce) || ce.Reason != ReasonUnknownState && ce.Reason != ReasonExpired {
 				t.Errorf("Start of the used link = %v, want it refused", err)
+			}
+		})
+	}
+}
+
+// TestConsentLinkBackAfterFailedCallback: the callback that claims a
+// link but whose code exchange or refresh token save fails puts the link
+// back: the merchant starts it again and consents.
+func TestConsentLinkBackAfterFailedCallback(t *testing.T) {
+	ctx := context.Background()
+	const host = "cb.partner.example"
+	for _, tc := range []struct {
+		name   string
+		reason string
+		// spoil makes the first callback fail, given its query.
+		spoil func(f *consentFixture, q url.Values)
+	}{
+		{"code exchange fails", ReasonExchangeFailed, func(_ *consentFixture, q url.Values) { q.Set("code", "not-the-code") }},
+		{"save fails", ReasonStoreFailure, func(f *consentFixture, _ url.Values) { f.store.failing.Store(true) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
+			link, err := f.flow.NewLink(ctx, "acme", "", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			id := mustLinkID(t, link)
+			authURL, _, err := f.flow.Start(ctx, id, host)
+			if err != nil {
+				t.Fatal(err)
+			}
+			q := approve(t, f.op, authURL)
+			tc.spoil(f, q)
+			var ce *ConsentError
+			_, err = f.flow.Callback(ctx, host, q)
+			if !errors.As(err, &ce) || ce.Reason != tc.reason {
+				t.Fatalf("failing callback = %v, want %s", err, tc.reason)
+			}
+			checkNoSecrets(t, err)
+			f.store.failing.Store(false)
+			if _, err := f.flow.CheckLink(ctx, id, host); err != nil {
+				t.Fatalf("the link after the failed callback: %v, want it usable", err)
+			}
+			authURL, _, err = f.flow.Start(ctx, id, host)
+			if err != nil {
+				t.Fatalf("Start again: %v", err)
+			}
+			if _, err := f.flow.Callback(ctx, host, approve(t, f.op, authURL)); err != nil || f.store.Saves() != 1 {
+				t.Fatalf("the second try: %v, %d saves; want the consent", err, f.store.Saves())
+			}
+			if _, err := f.flow.CheckLink(ctx, id, host); !errors.As(err, &ce) || ce.Reason != ReasonUnknownState {
+				t.Errorf("the link after the consent: %v, want it used", err)
 			}
 		})
 	}

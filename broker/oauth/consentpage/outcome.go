@@ -20,8 +20,6 @@ func ForOutcome(outcome string) string {
 		return PageProviderError
 	case oauth.ReasonWrongBrowser:
 		return PageWrongBrowser
-	case oauth.ReasonAlreadyConsented:
-		return PageAlreadyConsented
 	case oauth.ReasonProviderFailure, oauth.ReasonStoreFailure:
 		return PageUnavailable
 	}

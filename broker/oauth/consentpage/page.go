@@ -53,10 +53,6 @@ const (
 	// PageUnavailable: the bank's discovery or the consent storage could
 	// not be reached.
 	PageUnavailable = "unavailable"
-	// PageAlreadyConsented: the callback of a consent started from a link
-	// that another one started from it (another tab, a second click)
-	// completed first: nothing more to do here.
-	PageAlreadyConsented = "already_consented"
 	// PageWrongBrowser: the callback came without the consent cookie of
 	// the browser that opened the link.
 	PageWrongBrowser = "wrong_browser"
@@ -89,7 +85,6 @@ var pages = map[string]pageInfo{
 	PageProviderError:     {status: http.StatusBadGateway, tone: "error"},
 	PageFailed:            {status: http.StatusBadGateway, tone: "error"},
 	PageUnavailable:       {status: http.StatusServiceUnavailable, tone: "error"},
-	PageAlreadyConsented:  {status: http.StatusConflict, tone: "info"},
 	PageWrongBrowser:      {status: http.StatusForbidden, tone: "error"},
 	PageNotFound:          {status: http.StatusNotFound, tone: "info", noOutcome: true},
 	PageGone:              {status: http.StatusGone, tone: "info", noOutcome: true},
@@ -99,7 +94,7 @@ var pages = map[string]pageInfo{
 // Pages returns the names of all pages.
 func Pages() []string {
 	return []string{PageStart, PageSuccess, PageDenied, PageExpired, PageUsed, PageMissing, PageInvalid,
-		PageProviderError, PageFailed, PageUnavailable, PageAlreadyConsented, PageWrongBrowser, PageNotFound, PageGone, PageResultUnavailable}
+		PageProviderError, PageFailed, PageUnavailable, PageWrongBrowser, PageNotFound, PageGone, PageResultUnavailable}
 }
 
 // Data is what a page template is executed with. Every field is set on

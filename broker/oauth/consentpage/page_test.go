@@ -259,7 +259,6 @@ func TestForStart(t *testing.T) {
 		{good, oauth.ReasonProviderError, PageProviderError},
 		{good, oauth.ReasonProviderFailure, PageUnavailable},
 		{good, oauth.ReasonWrongCallback, PageFailed},
-		{good, oauth.ReasonAlreadyConsented, PageAlreadyConsented},
 		{good, oauth.ReasonTooManyStarts, PageUsed},
 	} {
 		if got := ForStart(tc.link, tc.outcome); got != tc.want {

@@ -16,7 +16,8 @@
 //	                      another authorization request
 //	GET  …/callback       the provider's redirect: check the state and that the browser holds its
 //	                      cookie, consume the link (a callback whose link another one consumed
-//	                      first gets already_consented), exchange the code, store the refresh
+//	                      first gets unknown_state, as a used link; a failed exchange or save puts
+//	                      the link back), exchange the code, store the refresh
 //	                      token, redirect to the app's return URL with merchant and outcome (ok or
 //	                      the refusal reason; with outcome provider_error, also error, the
 //	                      provider's error code); without a return URL, redirect to …/done

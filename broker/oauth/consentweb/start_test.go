@@ -250,7 +250,7 @@ func TestStartPostSameOriginOnly(t *testing.T) {
 // TestConsentLinkInTwoTabs: the merchant opens one link in two tabs (or
 // clicks twice) and consents in both; the tabs come back in the other
 // order. The first callback stores its refresh token; the later one gets
-// the already_consented page (409), or its outcome at the app's return
+// the used page (400, as for any used link), or outcome unknown_state at the app's return
 // URL, its code is not exchanged and the first refresh token stays. The
 // link is used up then.
 func TestConsentLinkInTwoTabs(t *testing.T) {
@@ -276,9 +276,9 @@ func TestConsentLinkInTwoTabs(t *testing.T) {
 
 			second, page := s.finish(t, cb1, cookies)
 			switch {
-			case returnURL == "" && (page == nil || page.Code != http.StatusConflict || !strings.Contains(page.Body.String(), "Consent already given for this link")):
-				t.Errorf("second callback: %d, page %v; want the already_consented page (409)", second.Code, page)
-			case returnURL != "" && second.Header().Get("Location") != returnURL+"?merchant=acme&outcome=already_consented":
+			case returnURL == "" && (page == nil || page.Code != http.StatusBadRequest || !strings.Contains(page.Body.String(), "This consent link was already used")):
+				t.Errorf("second callback: %d, page %v; want the used page (400)", second.Code, page)
+			case returnURL != "" && second.Header().Get("Location") != returnURL+"?merchant=acme&outcome=unknown_state":
 				t.Errorf("second callback: %d to %q", second.Code, second.Header().Get("Location"))
 			}
 			if n := s.op.Count("authorization_code"); n != exchanges {
