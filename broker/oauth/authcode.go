@@ -25,7 +25,7 @@ import (
 const (
 	// DefaultLinkTTL is how long a consent link can be opened.
 	DefaultLinkTTL = 10 * time.Minute
-	// StateTTL is how long the merchant has, once the link is opened, to
+	// StateTTL is how long the merchant has, once the link is started, to
 	// log in and consent at the provider.
 	StateTTL = 15 * time.Minute
 )
@@ -323,14 +323,18 @@ func (a *AuthCode) fail(reason, merchant string, err error) *ConsentError {
 
 // Link is a consent link handed to the app.
 type Link struct {
-	// URL is the one-time URL the merchant's browser opens.
+	// URL is the URL the merchant's browser opens: it shows the start
+	// page, and stays usable until a consent started from it completes
+	// or it expires.
 	URL string
 	// Expires is when it stops being accepted.
 	Expires time.Time
 }
 
-// NewLink creates a one-time consent link for merchant, on the registered
-// callback URL whose host is callbackHost (default the first one).
+// NewLink creates a consent link for merchant, usable until a consent
+// started from it completes (see Callback) or it expires, on the
+// registered callback URL whose host is callbackHost (default the first
+// one).
 // returnURL, optional, must be on the allow-list. LinkLimits apply: a
 // refusal is a *ConsentError wrapping a *LinkLimitError.
 func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHost string) (Link, error) {

@@ -119,8 +119,9 @@ func (s *MemoryPendingStore) Take(_ context.Context, key string) ([]byte, error)
 	return v, err
 }
 
-// Pending is one consent in progress: a consent link not yet opened, or an
-// authorization request waiting for its callback. It has the PKCE
+// Pending is one consent in progress: a consent link that no consent has
+// completed with yet, or an authorization request waiting for its
+// callback. It has the PKCE
 // verifier and the nonce, so it is only ever stored sealed.
 type Pending struct {
 	// Provider is the provider's name.
@@ -175,7 +176,8 @@ const ReasonWrongBrowser = "wrong_browser"
 // Pendings keeps consents in progress in a PendingStore, each sealed for
 // its secret, the link id or the state (Sealed): whoever reads the store
 // learns nothing usable, and only the bearer of the link or state can
-// open its record, once.
+// open its record: a state once (its callback), a link until a consent
+// started from it completes.
 type Pendings struct {
 	// Store keeps the sealed records.
 	Store PendingStore
