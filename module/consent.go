@@ -75,7 +75,7 @@ type Consent struct {
 	// Templates is a directory of Go html/template files replacing the
 	// built-in pages: page.html for every page and/or <page>.html for one
 	// (start, success, denied, expired, used, missing, invalid,
-	// provider_error, failed, unavailable,
+	// provider_error, failed, unavailable, cross_site,
 	// wrong_browser, not_found, gone, result_unavailable), _*.html for
 	// shared definitions; the start page must hold the form that posts
 	// {{.Link}} to …/start. They are executed with consentpage.Data; each

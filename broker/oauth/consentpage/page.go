@@ -53,6 +53,9 @@ const (
 	// PageUnavailable: the bank's discovery or the consent storage could
 	// not be reached.
 	PageUnavailable = "unavailable"
+	// PageCrossSite: a start posted from another site (not the start
+	// page's own form): nothing was started.
+	PageCrossSite = "cross_site"
 	// PageWrongBrowser: the callback came without the consent cookie of
 	// the browser that opened the link.
 	PageWrongBrowser = "wrong_browser"
@@ -85,6 +88,7 @@ var pages = map[string]pageInfo{
 	PageProviderError:     {status: http.StatusBadGateway, tone: "error"},
 	PageFailed:            {status: http.StatusBadGateway, tone: "error"},
 	PageUnavailable:       {status: http.StatusServiceUnavailable, tone: "error"},
+	PageCrossSite:         {status: http.StatusForbidden, tone: "error"},
 	PageWrongBrowser:      {status: http.StatusForbidden, tone: "error"},
 	PageNotFound:          {status: http.StatusNotFound, tone: "info", noOutcome: true},
 	PageGone:              {status: http.StatusGone, tone: "info", noOutcome: true},
@@ -94,7 +98,7 @@ var pages = map[string]pageInfo{
 // Pages returns the names of all pages.
 func Pages() []string {
 	return []string{PageStart, PageSuccess, PageDenied, PageExpired, PageUsed, PageMissing, PageInvalid,
-		PageProviderError, PageFailed, PageUnavailable, PageWrongBrowser, PageNotFound, PageGone, PageResultUnavailable}
+		PageProviderError, PageFailed, PageUnavailable, PageCrossSite, PageWrongBrowser, PageNotFound, PageGone, PageResultUnavailable}
 }
 
 // Data is what a page template is executed with. Every field is set on

@@ -294,22 +294,29 @@ func (c *Handler) startPage(w http.ResponseWriter, r *http.Request) {
 // maxStartForm is the largest body of a POST …/start, in bytes.
 const maxStartForm = 4 << 10
 
+// ReasonCrossSite is the refusal of a POST …/start from another origin:
+// a browser's Sec-Fetch-Site says it is not same-origin, or, from a
+// browser without Sec-Fetch-Site, its Origin does not match the request's
+// Host (http.CrossOriginProtection).
+const ReasonCrossSite = "cross_site"
+
 // start serves POST …/start (the start page's form): it starts the
 // authorization request of the link in the form field link, binds the
 // browser with its consent cookie (the one it has, or a new one) and
-// redirects to the provider. A post from another origin is refused.
+// redirects to the provider. A post from another origin is refused with
+// ReasonCrossSite (the cross_site page), nothing started.
 func (c *Handler) start(w http.ResponseWriter, r *http.Request) {
 	provider := c.o.Provider
+	ctx, span := c.span(r, provider, StepStart)
 	if err := c.posts.Check(r); err != nil {
-		c.o.Logger.Warn("consent start refused: the form was posted from another origin (Sec-Fetch-Site or Origin); the merchant must open the consent link itself",
-			zap.String("provider", provider), zap.Error(err))
-		c.render(w, r, consentpage.Page{Name: consentpage.PageWrongBrowser})
+		c.done(span, provider, StepStart, "", &oauth.ConsentError{Reason: ReasonCrossSite, Provider: provider,
+			Err: fmt.Errorf("the start was posted from another site (%w): nothing was started; the merchant must open the consent link and press its button", err)})
+		c.render(w, r, consentpage.Page{Name: consentpage.PageCrossSite, Outcome: ReasonCrossSite})
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, maxStartForm)
 	_ = r.ParseForm() // a body that does not parse has no link: the missing page
 	link := r.PostForm.Get("link")
-	ctx, span := c.span(r, provider, StepStart)
 	name, secure := browserCookie(r)
 	browser := oauth.NewBrowser() // unless the browser has a well-formed one
 	if ck, err := r.Cookie(name); err == nil && oauth.WellFormed(ck.Value) {

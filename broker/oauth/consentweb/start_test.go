@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/zitadel/oidc/v3/pkg/oidc"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
@@ -213,6 +214,8 @@ func TestScannerLeavesLinkUsable(t *testing.T) {
 // starts nothing and leaves the link usable.
 func TestStartPostSameOriginOnly(t *testing.T) {
 	s := newOPSite(t)
+	var refused float64 // the cross_site starts counted so far
+	link := s.link(t, "") // usable until a consent completes: every case posts it
 	for _, tc := range []struct {
 		name    string
 		headers map[string]string
@@ -222,10 +225,10 @@ func TestStartPostSameOriginOnly(t *testing.T) {
 		{"same-site", map[string]string{"Sec-Fetch-Site": "same-site"}, http.StatusForbidden},
 		{"another origin, no Sec-Fetch-Site", map[string]string{"Origin": "https://evil.example"}, http.StatusForbidden},
 		{"same origin", map[string]string{"Sec-Fetch-Site": "same-origin"}, http.StatusSeeOther},
+		{"same origin, no Sec-Fetch-Site", map[string]string{"Origin": "https://cb.partner.example"}, http.StatusSeeOther},
 		{"no browser", nil, http.StatusSeeOther},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			link := s.link(t, "")
 			form := url.Values{"link": secretsOf(t, link)[:1]}
 			r := httptest.NewRequest(http.MethodPost, opCallback[:len(opCallback)-len("callback")]+"start", strings.NewReader(form.Encode()))
 			r.Header.Set("Content-Type", "application/x-www-form-urlencoded")
@@ -238,9 +241,18 @@ func TestStartPostSameOriginOnly(t *testing.T) {
 				t.Fatalf("%d %.300s, want %d", w.Code, w.Body, tc.status)
 			}
 			if tc.status == http.StatusForbidden {
-				if s.op.Pushed.Load() != pushed || w.Header().Values("Set-Cookie") != nil || !strings.Contains(w.Body.String(), "<html") {
-					t.Fatalf("a refused post started a consent or answered no page")
+				if s.op.Pushed.Load() != pushed || w.Header().Values("Set-Cookie") != nil {
+					t.Fatalf("a refused post started a consent")
 				}
+				for _, want := range []string{"Please open the consent link again", "started from another site", "Reference: <code>cross_site</code>"} {
+					if !strings.Contains(w.Body.String(), want) {
+						t.Errorf("the refusal's page lacks %q: %.600s", want, w.Body)
+					}
+				}
+				if n := testutil.ToFloat64(s.web.o.Steps.WithLabelValues("bank", StepStart, ReasonCrossSite)); n != refused+1 {
+					t.Errorf("%v cross_site starts counted, want %v", n, refused+1)
+				}
+				refused++
 				s.start(t, link, nil) // still usable
 			}
 		})
