@@ -18,8 +18,14 @@ import (
 	"fmt"
 	"html/template"
 	"net/http"
+	"net/url"
+	"path"
 	"regexp"
+	"slices"
 	"strings"
+
+	"golang.org/x/net/html"
+	"golang.org/x/net/html/atom"
 )
 
 // The pages, by name: Data.Page, and the file names of a template
@@ -220,11 +226,62 @@ func New(cfg Config) (*Renderer, error) {
 // sampleLink is the consent link of the start page's sample data.
 const sampleLink = "c2FtcGxlLWNvbnNlbnQtbGluay1mb3ItdGhlLWNoZWNr"
 
-// postsLink reports whether the page html has a form posting the link: a
-// method="post" form and the link as the value of a field named "link".
-func postsLink(html, link string) bool {
-	lower := strings.ToLower(html)
-	return strings.Contains(lower, `method="post"`) && strings.Contains(html, `name="link"`) && strings.Contains(html, `value="`+link+`"`)
+// sampleStart is where the sample start page is served from, to resolve
+// its form's action against.
+var sampleStart = &url.URL{Scheme: "https", Host: "consent.invalid", Path: "/consent/start", RawQuery: "link=" + sampleLink}
+
+// postsLink reports whether the page page, parsed as a browser does, has
+// a form that posts link back to …/start: a form with method post whose
+// action is relative and resolves to the start page's path (or is
+// absent), or is absolute with a path ending in /start (the path prefix
+// is not known here), holding an enabled input named "link" of type
+// hidden or text with the value link.
+func postsLink(page, link string) bool {
+	doc, err := html.Parse(strings.NewReader(page))
+	if err != nil {
+		return false
+	}
+	for n := range doc.Descendants() {
+		if n.Type != html.ElementNode || n.DataAtom != atom.Form || !strings.EqualFold(attr(n, "method"), "post") || !postsToStart(n) {
+			continue
+		}
+		for in := range n.Descendants() {
+			if in.Type == html.ElementNode && in.DataAtom == atom.Input && attr(in, "name") == "link" && attr(in, "value") == link &&
+				slices.Contains([]string{"", "hidden", "text"}, strings.ToLower(attr(in, "type"))) && !hasAttr(in, "disabled") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// postsToStart reports whether the form's action leads to …/start (see
+// postsLink).
+func postsToStart(form *html.Node) bool {
+	action := strings.TrimSpace(attr(form, "action"))
+	u, err := sampleStart.Parse(action)
+	if err != nil || u.Scheme != "https" && u.Scheme != "http" {
+		return false
+	}
+	if ref, _ := url.Parse(action); ref.IsAbs() || strings.HasPrefix(action, "/") {
+		return path.Base(u.Path) == "start"
+	}
+	return u.Host == sampleStart.Host && u.Path == sampleStart.Path
+}
+
+// attr is the value of the attribute key of n, "" without it.
+func attr(n *html.Node, key string) string {
+	for _, a := range n.Attr {
+		if a.Namespace == "" && a.Key == key {
+			return a.Val
+		}
+	}
+	return ""
+}
+
+// hasAttr reports whether n has the attribute key.
+func hasAttr(n *html.Node, key string) bool {
+	return slices.ContainsFunc(n.Attr, func(a html.Attribute) bool { return a.Namespace == "" && a.Key == key })
 }
 
 // where names the templates, for errors.

@@ -324,3 +324,41 @@ func (p *putKeys) Put(ctx context.Context, key string, val []byte, expires time.
 
 // Status returns the HTTP status of a page.
 func Status(page string) int { return pages[page].status }
+
+// TestPostsLink: the start page's check accepts the forms a browser
+// posts to …/start with the link, whatever their HTML spelling, and
+// refuses the others.
+func TestPostsLink(t *testing.T) {
+	const l = sampleLink
+	for _, tc := range []struct {
+		name string
+		page string
+		want bool
+	}{
+		{"built-in form", `<form method="post" action="start"><input type="hidden" name="link" value="` + l + `"><button>Go</button></form>`, true},
+		{"unquoted, upper case", `<FORM METHOD=POST ACTION=start><INPUT TYPE=HIDDEN NAME=link VALUE=` + l + `></FORM>`, true},
+		{"single quotes", `<form method='post' action='start'><input name='link' type='hidden' value='` + l + `'></form>`, true},
+		{"attributes in another order", `<form action="start" method="Post"><div><input value="` + l + `" name="link"></div></form>`, true},
+		{"dot slash", `<form method="post" action="./start"><input type="text" name="link" value="` + l + `"></form>`, true},
+		{"no action: the page's own URL", `<form method="post"><input type="hidden" name="link" value="` + l + `"></form>`, true},
+		{"absolute path", `<form method="post" action="/consent/start"><input type="hidden" name="link" value="` + l + `"></form>`, true},
+		{"absolute URL", `<form method="post" action="https://consent.partner.example/start"><input type="hidden" name="link" value="` + l + `"></form>`, true},
+		{"second form", `<form method="get" action="start"></form><form method="post" action="start"><input type="hidden" name="link" value="` + l + `"></form>`, true},
+		{"get", `<form method="get" action="start"><input type="hidden" name="link" value="` + l + `"></form>`, false},
+		{"no method (get)", `<form action="start"><input type="hidden" name="link" value="` + l + `"></form>`, false},
+		{"to the callback", `<form method="post" action="callback"><input type="hidden" name="link" value="` + l + `"></form>`, false},
+		{"to another path", `<form method="post" action="https://evil.example/steal"><input type="hidden" name="link" value="` + l + `"></form>`, false},
+		{"javascript action", `<form method="post" action="javascript:start"><input type="hidden" name="link" value="` + l + `"></form>`, false},
+		{"field named Link", `<form method="post" action="start"><input type="hidden" name="Link" value="` + l + `"></form>`, false},
+		{"another value", `<form method="post" action="start"><input type="hidden" name="link" value="acme"></form>`, false},
+		{"field outside the form", `<form method="post" action="start"></form><input type="hidden" name="link" value="` + l + `">`, false},
+		{"disabled field", `<form method="post" action="start"><input type="hidden" name="link" value="` + l + `" disabled></form>`, false},
+		{"unchecked checkbox", `<form method="post" action="start"><input type="checkbox" name="link" value="` + l + `"></form>`, false},
+		{"in a comment", `<!-- <form method="post" action="start"><input type="hidden" name="link" value="` + l + `"></form> -->`, false},
+		{"as text", `<p>method="post" name="link" value="` + l + `"</p>`, false},
+	} {
+		if got := postsLink(tc.page, l); got != tc.want {
+			t.Errorf("%s: postsLink = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
