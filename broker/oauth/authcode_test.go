@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -540,6 +541,48 @@ func TestConsentLinkBackAfterFailedCallback(t *testing.T) {
 				t.Errorf("the link after the consent: %v, want it used", err)
 			}
 		})
+	}
+}
+
+// TestConsentLinkClaimedOnce: the callbacks of several starts of one
+// link, all approved, arrive at once: exactly one claims the link, has
+// its code exchanged and stores a refresh token; the others are refused
+// as a used link.
+func TestConsentLinkClaimedOnce(t *testing.T) {
+	ctx := context.Background()
+	const host, n = "cb.partner.example", 6
+	f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
+	link, err := f.flow.NewLink(ctx, "acme", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := mustLinkID(t, link)
+	var callbacks []url.Values
+	for range n {
+		authURL, _, err := f.flow.Start(ctx, id, host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		callbacks = append(callbacks, approve(t, f.op, authURL))
+	}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i, q := range callbacks {
+		wg.Go(func() { _, errs[i] = f.flow.Callback(ctx, host, q) })
+	}
+	wg.Wait()
+	ok := 0
+	for _, err := range errs {
+		var ce *ConsentError
+		switch {
+		case err == nil:
+			ok++
+		case !errors.As(err, &ce) || ce.Reason != ReasonUnknownState:
+			t.Errorf("a callback = %v, want success or unknown_state", err)
+		}
+	}
+	if ok != 1 || f.op.Count("authorization_code") != 1 || f.store.Saves() != 1 {
+		t.Errorf("%d callbacks succeeded, %d codes exchanged, %d refresh tokens saved; want 1 each", ok, f.op.Count("authorization_code"), f.store.Saves())
 	}
 }
 
