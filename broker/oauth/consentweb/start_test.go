@@ -209,12 +209,13 @@ func TestScannerLeavesLinkUsable(t *testing.T) {
 }
 
 // TestStartPostSameOriginOnly: the start page's form is accepted from its
-// own origin, or from a client that is not a browser (no Sec-Fetch-Site,
-// no Origin); a post from another site is refused with a page (403),
-// starts nothing and leaves the link usable.
+// own origin (by Sec-Fetch-Site, or by Origin from a browser without it),
+// or from a client that is not a browser (no Sec-Fetch-Site, no Origin);
+// a post from another site gets the cross_site page (403), counted as the
+// start's outcome, starts nothing and leaves the link usable.
 func TestStartPostSameOriginOnly(t *testing.T) {
 	s := newOPSite(t)
-	var refused float64 // the cross_site starts counted so far
+	var refused float64   // the cross_site starts counted so far
 	link := s.link(t, "") // usable until a consent completes: every case posts it
 	for _, tc := range []struct {
 		name    string
