@@ -764,7 +764,7 @@ func (a *AuthCode) claimLink(ctx context.Context, rec Pending) (Pending, error) 
 	case err == nil, errors.Is(err, errExpired):
 		return link, nil
 	case errors.Is(err, ErrUnknownPending):
-		return Pending{}, a.fail(ReasonUnknownState, rec.Merchant, errors.New("the consent link of this authorization state was already used by another authorization started from it, or it is unknown: this code is not exchanged; if the consent is not complete, open the link again or ask the app for a new consent link"))
+		return Pending{}, a.fail(ReasonUnknownState, rec.Merchant, errors.New("the consent link of this authorization state was already used by another authorization started from it, or it is unknown: this code is not exchanged; if no consent completed, ask the app for a new consent link"))
 	}
 	return Pending{}, a.fail(ReasonStoreFailure, rec.Merchant, fmt.Errorf("consuming the consent link: %w", err))
 }
