@@ -60,9 +60,9 @@ func browse(t *testing.T, browser *http.Client, method, u string, form url.Value
 // sandbox bank; it returns the callback URL, not yet opened.
 func approveAtBank(t *testing.T, browser *http.Client, link string) string {
 	t.Helper()
-	resp, body := browse(t, browser, http.MethodGet, link, nil)
+	resp := startConsent(t, browser, link)
 	if resp.StatusCode != http.StatusSeeOther {
-		t.Fatalf("start: %d %s", resp.StatusCode, body)
+		t.Fatalf("start: %d", resp.StatusCode)
 	}
 	au, _ := url.Parse(resp.Header.Get("Location"))
 	form := au.Query()
@@ -233,7 +233,7 @@ func testCallbackBoundToBrowser(t *testing.T, scheme, cookie string, secure bool
 	if len(cookies) != 1 || cookies[0].Name != cookie {
 		t.Fatalf("cookies after start: %v, want %s", cookies, cookie)
 	}
-	resp, _ := browse(t, newBrowser(), http.MethodGet, mustConsentLink(t, s, "globex"), nil)
+	resp := startConsent(t, newBrowser(), mustConsentLink(t, s, "globex"))
 	setCookie := resp.Header.Get("Set-Cookie")
 	for _, attr := range []string{cookie + "=", "Path=/", "HttpOnly", "SameSite=Lax", "Max-Age=900"} {
 		if !strings.Contains(setCookie, attr) {

@@ -81,7 +81,7 @@ func (b *strictBank) consent(t *testing.T, merchant string, approve bool, return
 		t.Fatalf("consent link: %d %v", status, link)
 	}
 	browser := newBrowser()
-	resp := hop(t, browser, mustReq(t, http.MethodGet, link["url"], nil), true)
+	resp := startConsent(t, browser, link["url"])
 	if resp.StatusCode != http.StatusSeeOther {
 		t.Fatalf("start: %d", resp.StatusCode)
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"os/exec"
@@ -45,12 +46,17 @@ type pagesSite struct {
 	site    string // the consent site
 	storage string
 	toml    string // the registry file
+	// login is the https login page on another origin that the
+	// authorization endpoint of provider "hop" (http) redirects to.
+	login string
 }
 
 // startPagesSite starts the sandbox bank and Caddy: the sidecar with the
 // links endpoint, and the consent site whose every path goes to the
 // consent handler of "bank" (display names set, branded), but
-// /consent/down/ that goes to a provider whose issuer does not answer.
+// /consent/down/ that goes to a provider whose issuer does not answer,
+// and /consent/hop/ that goes to a provider whose authorization endpoint
+// (http) redirects to a login page on another origin (https).
 func startPagesSite(t *testing.T) *pagesSite {
 	t.Helper()
 	cbPort := freePort(t)
@@ -60,6 +66,15 @@ func startPagesSite(t *testing.T) *pagesSite {
 			Scopes: []string{"accounts"}, RedirectURIs: []string{site + "/consent/callback"}})
 	})
 	t.Setenv("CONSENT_SECRET", "pages-secret-1")
+	login := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		fmt.Fprint(w, `<!doctype html><title>Bank login</title><h1 id="bank-login">Bank login</h1>`)
+	}))
+	t.Cleanup(login.Close)
+	hop := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, login.URL+"/login", http.StatusFound)
+	}))
+	t.Cleanup(hop.Close)
 	dir := t.TempDir()
 	reg := fmt.Sprintf(`[providers.bank]
 type = "oauth2"
@@ -84,6 +99,17 @@ client_secret = "{env.CONSENT_SECRET}"
   [providers.down.consent]
   redirect_uris = ["%[2]s/consent/down/callback"]
 
+[providers.hop]
+type = "oauth2"
+grant = "refresh_token"
+token_url = "%[4]s/token"
+client_id = "hop-client"
+client_secret = "{env.CONSENT_SECRET}"
+  [providers.hop.consent]
+  authorization_url = "%[4]s/authorize"
+  redirect_uris = ["%[2]s/consent/hop/callback"]
+  scopes = ["offline_access", "accounts"]
+
 [merchants.acme]
 provider = "bank"
 scopes = ["accounts"]
@@ -96,7 +122,11 @@ scopes = ["accounts"]
 [merchants.initech]
 provider = "down"
 scopes = ["accounts"]
-`, sbURL, site, freePort(t))
+
+[merchants.hooli]
+provider = "hop"
+scopes = ["accounts"]
+`, sbURL, site, freePort(t), hop.URL)
 	regPath := filepath.Join(dir, "merchants.toml")
 	if err := os.WriteFile(regPath, []byte(reg), 0o600); err != nil {
 		t.Fatal(err)
@@ -123,6 +153,9 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 }
 
 %s {
+	handle /consent/hop/* {
+		token_broker_consent hop
+	}
 	handle /consent/down/* {
 		token_broker_consent down {
 			partner "Acme Payments"
@@ -141,7 +174,7 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 `, storage, regPath, sbURL, site, pagesLogo)
 	base := startCaddy(t, cf)
 	waitListening(t, "127.0.0.1:"+strconv.Itoa(cbPort))
-	return &pagesSite{sb: sb, sbURL: sbURL, base: base, site: site, storage: storage, toml: regPath}
+	return &pagesSite{sb: sb, sbURL: sbURL, base: base, site: site, storage: storage, toml: regPath, login: login.URL}
 }
 
 // link asks the sidecar for a consent link for merchant.
@@ -307,7 +340,9 @@ func TestConsentPagesInBrowser(t *testing.T) {
 		chromedp.ExecPath(chromium), chromedp.Headless, chromedp.NoSandbox, chromedp.DisableGPU, chromedp.NoFirstRun,
 		chromedp.Flag("disable-quic", true), chromedp.Flag("disable-background-networking", true),
 		chromedp.Flag("disable-component-update", true), chromedp.Flag("disable-sync", true),
-		chromedp.Flag("lang", "en-US"), chromedp.UserDataDir(t.TempDir()))
+		chromedp.Flag("lang", "en-US"), chromedp.UserDataDir(t.TempDir()),
+		chromedp.Flag("ignore-certificate-errors", true)) // the test's https login page
+
 	defer cancelAlloc()
 	browserCtx, cancelBrowser := chromedp.NewContext(allocCtx)
 	defer cancelBrowser()
@@ -315,11 +350,35 @@ func TestConsentPagesInBrowser(t *testing.T) {
 		t.Fatalf("starting %s: %v", chromium, err)
 	}
 
-	// bankPage opens a fresh link and stops on the bank's approve page.
-	bankPage := func(t *testing.T, ctx context.Context, merchant string) url.Values {
+	// A bank whose authorization endpoint redirects to a login page on
+	// another (https) origin: the start page's CSP (form-action, checked
+	// on every redirect after the post) lets the browser get there.
+	t.Run("bank redirects to another origin", func(t *testing.T) {
+		ctx, cancel := chromedp.NewContext(browserCtx, chromedp.WithNewBrowserContext())
+		defer cancel()
+		ctx, cancelSteps := context.WithTimeout(ctx, 30*time.Second)
+		defer cancelSteps()
+		var loc string
+		if err := chromedp.Do(ctx, chromedp.Navigate(s.link(t, "hooli")), chromedp.WaitVisible(chromedp.CSS("form[action=start] button")),
+			chromedp.Click(chromedp.CSS("form[action=start] button")), chromedp.WaitVisible(chromedp.CSS("#bank-login")),
+			chromedp.Func(func(ctx context.Context, tg *chromedp.Target) (err error) {
+				loc, err = chromedp.Location()(ctx, tg)
+				return err
+			})); err != nil {
+			t.Fatalf("pressing the start button did not reach the bank's login page on another origin: %v", err)
+		}
+		if !strings.HasPrefix(loc, s.login+"/login") {
+			t.Fatalf("the start led to %s, want the login page %s/login", loc, s.login)
+		}
+	})
+
+	// toBank opens link, presses its start page's button and stops on the
+	// bank's approve page, whose URL it returns.
+	toBank := func(t *testing.T, ctx context.Context, link string) string {
 		t.Helper()
 		var loc string
-		if err := chromedp.Do(ctx, chromedp.Navigate(s.link(t, merchant)), chromedp.WaitVisible(chromedp.CSS("button[value=approve]")),
+		if err := chromedp.Do(ctx, chromedp.Navigate(link), chromedp.WaitVisible(chromedp.CSS("form[action=start] button")),
+			chromedp.Click(chromedp.CSS("form[action=start] button")), chromedp.WaitVisible(chromedp.CSS("button[value=approve]")),
 			chromedp.Func(func(ctx context.Context, tg *chromedp.Target) (err error) {
 				loc, err = chromedp.Location()(ctx, tg)
 				return err
@@ -330,7 +389,20 @@ func TestConsentPagesInBrowser(t *testing.T) {
 		if !strings.HasPrefix(loc, s.sbURL) || u.Query().Get("state") == "" {
 			t.Fatalf("the link led to %s, not the bank's approve page", loc)
 		}
+		return loc
+	}
+	// bankPage opens a fresh link and stops on the bank's approve page.
+	bankPage := func(t *testing.T, ctx context.Context, merchant string) url.Values {
+		t.Helper()
+		u, _ := url.Parse(toBank(t, ctx, s.link(t, merchant)))
 		return u.Query()
+	}
+	// approve approves on the bank's page and waits for the outcome page.
+	approve := func(t *testing.T, ctx context.Context) {
+		t.Helper()
+		if err := chromedp.Do(ctx, chromedp.Click(chromedp.CSS("button[value=approve]")), chromedp.WaitVisible(chromedp.CSS("main h1"))); err != nil {
+			t.Fatal(err)
+		}
 	}
 	// decide answers at the bank and reloads the outcome page: the page
 	// checked is the reload.
@@ -370,14 +442,33 @@ func TestConsentPagesInBrowser(t *testing.T) {
 	}
 	var usedLink string
 	checks := []pageCheck{
+		{"start", 200, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
+			rec.reset()
+			visit(t, ctx, s.link(t, "acme"))
+		}, []string{"Give your consent", "Consent for Acme Ltd at Example Bank", "Acme Payments asks for your consent", "Continue to Example Bank"}},
 		{"success", 200, decide("acme", "approve"), []string{"Consent given", "Consent for Acme Ltd at Example Bank", "your consent is recorded", "available to Acme Payments", "close this window"}},
 		{"used", 400, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
 			usedLink = s.link(t, "globex")
-			visit(t, ctx, usedLink) // opened once: to the bank
+			toBank(t, ctx, usedLink)
+			approve(t, ctx) // the consent uses the link up
 			rec.reset()
 			visit(t, ctx, usedLink)
 		}, []string{"This consent link was already used", "ask Acme Payments for a new consent link", "Reference: unknown_state"}},
-		{"denied", 200, decide("globex", "deny"), []string{"Consent not given", "Consent for globex at Example Bank", "not given at Example Bank", "ask Acme Payments for a new consent link"}},
+		{"used_second_tab", 400, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
+			link := s.link(t, "acme")
+			first := toBank(t, ctx, link) // the first tab, left on the bank's page
+			toBank(t, ctx, link)          // the second tab consents first
+			approve(t, ctx)
+			if err := chromedp.Do(ctx, chromedp.Navigate(first), chromedp.WaitVisible(chromedp.CSS("button[value=approve]"))); err != nil {
+				t.Fatal(err)
+			}
+			approve(t, ctx) // then the first tab: the page checked is its reload
+			rec.reset()
+			if err := chromedp.Do(ctx, chromedp.Reload(), chromedp.WaitVisible(chromedp.CSS("main h1"))); err != nil {
+				t.Fatal(err)
+			}
+		}, []string{"This consent link was already used", "Consent for Acme Ltd at Example Bank", "If you did not finish your consent", "Reference: unknown_state"}},
+		{"denied", 200, decide("globex", "deny"), []string{"Consent not given", "Consent for globex at Example Bank", "not given at Example Bank", "open the consent link again soon, or ask Acme Payments for a new one"}},
 		{"expired", 400, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
 			link := s.expiredLink(t, "acme")
 			rec.reset()
@@ -391,7 +482,7 @@ func TestConsentPagesInBrowser(t *testing.T) {
 		{"unavailable", 503, func(t *testing.T, ctx context.Context, rec *pageRecorder) {
 			link := s.link(t, "initech")
 			rec.reset()
-			visit(t, ctx, link)
+			visit(t, ctx, link) // the start page needs the bank's authorization endpoint
 		}, []string{"The consent service is unavailable", "try again in a few minutes", "Reference: provider_unavailable"}},
 		{"wrong_browser", 403, callback("acme", url.Values{"code": {"any"}}, true), []string{"Please use the browser you started in", "started in another browser", "Reference: wrong_browser"}},
 		{"not_found", 404, open("/"), []string{"Page not found", "open the consent link you were given"}},
@@ -521,6 +612,7 @@ func TestConsentTemplatesReplacePages(t *testing.T) {
 	for name, body := range map[string]string{
 		"page.html":      `<!doctype html><html lang="{{.Lang}}"><title>{{.Text.Title}}</title><main><h1>Custom {{.Page}}</h1><p>{{.Merchant}} {{.Code}}</p></main></html>`,
 		"not_found.html": `<!doctype html><html lang="{{.Lang}}"><title>x</title><main><h1>Nothing at this address ({{.Status}})</h1></main></html>`,
+		"start.html":     `<!doctype html><html lang="{{.Lang}}"><title>x</title><main><h1>Custom start</h1><form method="post" action="start"><input type="hidden" name="link" value="{{.Link}}"><button>{{.Text.Action}}</button></form></main></html>`,
 	} {
 		if err := os.WriteFile(filepath.Join(good, name), []byte(body), 0o600); err != nil {
 			t.Fatal(err)

@@ -41,6 +41,30 @@ func mustReq(t *testing.T, method, u string, body io.Reader) *http.Request {
 	return req
 }
 
+// startConsent plays the merchant's browser opening a consent link: the
+// link's start page (which must offer the form that starts the
+// consent), then the form's post to …/start. It returns the post's
+// answer (a redirect to the bank when the link is good).
+func startConsent(t *testing.T, browser *http.Client, link string) *http.Response {
+	t.Helper()
+	resp, err := browser.Do(mustReq(t, http.MethodGet, link, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Cache-Control") != "no-store" || resp.Header.Get("Referrer-Policy") != "no-referrer" ||
+		!strings.Contains(string(page), `<form method="post" action="start">`) {
+		t.Fatalf("start page: %d, Cache-Control %q, Referrer-Policy %q: %.300s", resp.StatusCode, resp.Header.Get("Cache-Control"), resp.Header.Get("Referrer-Policy"), page)
+	}
+	u, _ := url.Parse(link)
+	form := url.Values{"link": {u.Query().Get("link")}}
+	u.RawQuery = ""
+	req := mustReq(t, http.MethodPost, u.String(), strings.NewReader(form.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	return hop(t, browser, req, true)
+}
+
 // consentLink asks the sidecar for a consent link.
 func consentLink(t *testing.T, base, merchant, returnURL string, headers ...string) (int, map[string]string) {
 	t.Helper()
@@ -67,7 +91,7 @@ func consentLink(t *testing.T, base, merchant, returnURL string, headers ...stri
 // return URL and returns the callback URL used and the final redirect.
 func consentThrough(t *testing.T, browser *http.Client, link string) (callback string, final *url.URL) {
 	t.Helper()
-	resp := hop(t, browser, mustReq(t, http.MethodGet, link, nil), true)
+	resp := startConsent(t, browser, link)
 	if resp.StatusCode != http.StatusSeeOther {
 		t.Fatalf("start: %d", resp.StatusCode)
 	}

@@ -510,7 +510,7 @@ scopes = ["accounts"]
 		t.Fatalf("consent link: %d %v", status, link)
 	}
 	browser := newBrowser()
-	resp := hop(t, browser, mustReq(t, http.MethodGet, link["url"], nil), true)
+	resp := startConsent(t, browser, link["url"])
 	authURL := resp.Header.Get("Location")
 	if resp.StatusCode != http.StatusSeeOther || !strings.HasPrefix(authURL, as.Issuer) {
 		t.Fatalf("consent start: %d to %q, want a redirect to the authorization server", resp.StatusCode, authURL)

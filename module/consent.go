@@ -28,8 +28,9 @@ func init() {
 //
 // On the public callback site (a domain of the provider's redirect_uris,
 // with Caddy's automatic HTTPS) it serves, under any path prefix, the
-// steps GET …/start?link=…, GET …/callback and GET …/done?result=…, with
-// the consent cookie that binds a state to its browser; with Links (on
+// steps GET …/start?link=… (the start page, which changes nothing), POST
+// …/start (its form), GET …/callback and GET …/done?result=…, with the
+// consent cookie that binds a state to its browser; with Links (on
 // the localhost sidecar site) it serves POST …/links instead, for the
 // merchants of every provider with a consent table, under the app's
 // caller policy. Package broker/oauth/consentweb has the contract of
@@ -73,9 +74,11 @@ type Consent struct {
 	Lang string `json:"lang,omitempty"`
 	// Templates is a directory of Go html/template files replacing the
 	// built-in pages: page.html for every page and/or <page>.html for one
-	// (success, denied, expired, used, missing, invalid, provider_error,
-	// failed, unavailable, wrong_browser, not_found, gone), _*.html for
-	// shared definitions. They are executed with consentpage.Data; each
+	// (start, success, denied, expired, used, missing, invalid,
+	// provider_error, failed, unavailable, cross_site,
+	// wrong_browser, not_found, gone, result_unavailable), _*.html for
+	// shared definitions; the start page must hold the form that posts
+	// {{.Link}} to …/start. They are executed with consentpage.Data; each
 	// is parsed and executed against sample data at provision time, and a
 	// template that fails (syntax, unknown field) is refused with its file
 	// and line. Optional.

@@ -111,7 +111,8 @@ type route struct {
 //	GET  /token_broker/health                      readiness: 200 ready, 503 not (package probe)
 //	GET  /token_broker/health/live                 liveness: 200 when the app runs
 //	POST /token_broker/consent/links               {"merchant": "acme", "return_url": "…", "callback_host": "…"}:
-//	                                               a one-time consent link (consentweb.CreateLink)
+//	                                               a consent link, usable until a consent completes
+//	                                               with it (consentweb.CreateLink)
 //	GET  /token_broker/consent/merchants           a page of the merchants of refresh_token providers,
 //	                                               sorted by id, and their consent state
 //	                                               (?provider=&after=&limit=; 400 when provider is not

@@ -11,7 +11,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
 )
 
-// ConsentLink prints on Out a one-time consent link for merchant, made by
+// ConsentLink prints on Out a consent link for merchant (usable until a
+// consent started from it completes, or it expires), made by
 // the token broker at admin address addr (POST
 // /token_broker/consent/links); returnURL, when set, is where the browser
 // goes afterwards (it must be on the provider's return_urls). When the

@@ -70,9 +70,10 @@ the registries have problems or the token request fails.
 
   caddy token-broker check [MERCHANT] [--config <file>] [--adapter <name>] [--address <admin address>]
 
-consent-link prints a one-time consent link for a merchant whose provider
-uses consent (authorization code with a consent table), to send to the
-merchant.
+consent-link prints a consent link for a merchant whose provider uses
+consent (authorization code with a consent table), to send to the
+merchant. The link works until a consent started from it completes, or
+it expires.
 
   caddy token-broker consent-link MERCHANT [--return-url <url>] [--address <admin address>]
 `
@@ -158,7 +159,7 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 	adminFlags(check)
 	link := &cobra.Command{
 		Use:   "consent-link MERCHANT [--return-url <url>] [--address <admin address>]",
-		Short: "Prints a one-time consent link for a merchant",
+		Short: "Prints a consent link for a merchant",
 		Args:  cobra.ExactArgs(1),
 		RunE: withAdminAddress(c, "", func(cmd *cobra.Command, args []string, addr string) error {
 			returnURL, _ := cmd.Flags().GetString("return-url")

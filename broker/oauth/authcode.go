@@ -25,7 +25,7 @@ import (
 const (
 	// DefaultLinkTTL is how long a consent link can be opened.
 	DefaultLinkTTL = 10 * time.Minute
-	// StateTTL is how long the merchant has, once the link is opened, to
+	// StateTTL is how long the merchant has, once the link is started, to
 	// log in and consent at the provider.
 	StateTTL = 15 * time.Minute
 )
@@ -323,14 +323,18 @@ func (a *AuthCode) fail(reason, merchant string, err error) *ConsentError {
 
 // Link is a consent link handed to the app.
 type Link struct {
-	// URL is the one-time URL the merchant's browser opens.
+	// URL is the URL the merchant's browser opens: it shows the start
+	// page, and stays usable until a consent started from it completes
+	// or it expires.
 	URL string
 	// Expires is when it stops being accepted.
 	Expires time.Time
 }
 
-// NewLink creates a one-time consent link for merchant, on the registered
-// callback URL whose host is callbackHost (default the first one).
+// NewLink creates a consent link for merchant, usable until a consent
+// started from it completes (see Callback) or it expires, on the
+// registered callback URL whose host is callbackHost (default the first
+// one).
 // returnURL, optional, must be on the allow-list. LinkLimits apply: a
 // refusal is a *ConsentError wrapping a *LinkLimitError.
 func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHost string) (Link, error) {
@@ -361,7 +365,9 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 	id := randomString(32)
 	exp := now.Add(a.cfg.LinkTTL)
 	rec := Pending{Provider: a.Provider(), Merchant: merchant, ReturnURL: returnURL, RedirectURI: redirect, Expires: exp}
-	if err := a.pend.put(ctx, kindLink, id, rec); err != nil {
+	// Kept linkKept past its expiry: a state started from it just before
+	// then still finds it at its callback, used or not (claimLink).
+	if err := a.pend.putUntil(ctx, kindLink, id, rec, exp.Add(linkKept)); err != nil {
 		undo() // not handed out: it spends no limit
 		return Link{}, a.fail(ReasonStoreFailure, merchant, err)
 	}
@@ -421,32 +427,76 @@ func (a *AuthCode) checkServed(serves Serves, rec Pending, what string) error {
 	return a.fail(ReasonUnknownMerchant, rec.Merchant, fmt.Errorf("the %s is for a merchant that provider %q no longer has in the registry (removed or moved by a reload): nothing is stored for it; if it should consent, add it back and ask the app for a new consent link", what, a.Provider()))
 }
 
-// Start consumes a consent link (arriving at the callback URL's host
-// host) and returns the provider's authorization URL to redirect the
-// browser to, after pushing the request when PAR is on. The returned
-// Pending says whose consent it is. The options: a Browser binds the
-// authorization state to the browser (see Browser); a Serves refuses a
+// CheckLink reads a consent link (arriving at the callback URL's host
+// host) without using it, and returns whose consent it is: the checks
+// of Start, nothing stored and nothing sent to the provider, so that a
+// page can show the link before the merchant starts (a mail scanner
+// that opens it leaves it as it was). A Serves option refuses a
 // merchant the broker no longer serves.
-func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepOption) (string, Pending, error) {
-	o := newStepOptions(opts)
-	rec, err := a.pend.take(ctx, kindLink, linkID)
-	if rec.Merchant != "" {
-		a.limits.used(rec.Merchant, a.pend.storeKey(kindLink, linkID))
-	}
+func (a *AuthCode) CheckLink(ctx context.Context, linkID, host string, opts ...StepOption) (Pending, error) {
+	return a.openLink(ctx, linkID, host, newStepOptions(opts))
+}
+
+// openLink reads the link linkID, leaving it stored, and checks that it
+// is for this provider, the callback host host, a redirect URI the
+// provider still has and a merchant it still serves.
+func (a *AuthCode) openLink(ctx context.Context, linkID, host string, o stepOptions) (Pending, error) {
+	rec, err := a.pend.get(ctx, kindLink, linkID)
 	if err != nil {
-		return "", rec, a.pendingError(rec, err, "consent link")
+		return rec, a.pendingError(rec, err, "consent link")
 	}
 	if rec.Provider != a.Provider() {
-		return "", rec, a.fail(ReasonWrongProvider, rec.Merchant, fmt.Errorf("the consent link is for provider %q", rec.Provider))
+		return rec, a.fail(ReasonWrongProvider, rec.Merchant, fmt.Errorf("the consent link is for provider %q", rec.Provider))
 	}
 	if pu, _ := url.Parse(rec.RedirectURI); host != "" && !strings.EqualFold(pu.Host, host) {
-		return "", rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for %s, not %s", pu.Host, host))
+		return rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for %s, not %s", pu.Host, host))
 	}
 	if !slices.Contains(a.cfg.RedirectURIs, rec.RedirectURI) {
-		return "", rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for redirect URI %s, which the provider's redirect_uris no longer have (a reload changed them): ask the app for a new consent link", rec.RedirectURI))
+		return rec, a.fail(ReasonWrongCallback, rec.Merchant, fmt.Errorf("the consent link is for redirect URI %s, which the provider's redirect_uris no longer have (a reload changed them): ask the app for a new consent link", rec.RedirectURI))
 	}
 	if err := a.checkServed(o.serves, rec, "consent link"); err != nil {
+		return rec, err
+	}
+	return rec, nil
+}
+
+// AuthorizationOrigin returns the origin (scheme://host[:port]) of the
+// provider's authorization endpoint, where Start sends the browser: from
+// the configuration or the discovery document (fetched once, as Start
+// does).
+func (a *AuthCode) AuthorizationOrigin(ctx context.Context) (string, error) {
+	ep, err := a.authEndpoints(ctx)
+	if err != nil {
+		return "", a.fail(ReasonProviderFailure, "", err)
+	}
+	u, err := url.Parse(ep.auth)
+	if err != nil {
+		return "", a.fail(ReasonProviderFailure, "", fmt.Errorf("authorization_endpoint: %w", err))
+	}
+	return u.Scheme + "://" + u.Host, nil
+}
+
+// Start starts the authorization request of a consent link (arriving at
+// the callback URL's host host) and returns the provider's authorization
+// URL to redirect the browser to, after pushing the request when PAR is
+// on. The returned Pending says whose consent it is. The link stays
+// usable until it expires: each Start of it (a second tab, a double
+// click; at most MaxStartsPerLink per instance, then ReasonTooManyStarts)
+// gets its own state, PKCE verifier and nonce, and the first of their
+// callbacks to get a code consumes the link (see Callback). The
+// options: a Browser binds the authorization state to the browser (see
+// Browser); a Serves refuses a merchant the broker no longer serves.
+func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepOption) (string, Pending, error) {
+	o := newStepOptions(opts)
+	rec, err := a.openLink(ctx, linkID, host, o)
+	if err != nil {
 		return "", rec, err
+	}
+	// Started: the link no longer counts as unused.
+	key := a.pend.storeKey(kindLink, linkID)
+	a.limits.used(rec.Merchant, key)
+	if !a.limits.started(key, rec.Expires, a.pend.Now()) {
+		return "", rec, a.fail(ReasonTooManyStarts, rec.Merchant, fmt.Errorf("the consent link was started %d times at this instance, the most one link may be: ask the app for a new consent link", MaxStartsPerLink))
 	}
 	ep, err := a.authEndpoints(ctx)
 	if err != nil {
@@ -460,6 +510,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 	}
 	rec.Expires = a.pend.Now().Add(StateTTL)
 	rec.Browser = o.browser.hash()
+	rec.Link = linkID
 	params := url.Values{
 		"response_type":         {"code"},
 		"client_id":             {a.src.cfg.ClientID},
@@ -592,11 +643,16 @@ type Result struct {
 // Callback handles the provider's redirect to the callback URL (on host
 // host, with query q): it consumes the state, checks the issuer (RFC 9207),
 // exchanges the code with the PKCE verifier, verifies the ID token if any,
-// and stores the refresh token. The Result is filled as far as the state
-// was known, also on errors, so that the browser can be sent back. A state
-// that Start bound to a browser is only accepted, and consumed, with the
-// same browser secret: another browser gets ReasonWrongBrowser, without a
-// Result, and the state stays. A state whose merchant a Serves option
+// and stores the refresh token. Before the code is exchanged, it consumes
+// the consent link the state was started from: a state whose link
+// another state's callback consumed first is refused with
+// ReasonUnknownState, as a used link, and nothing is stored; when the
+// code exchange, the ID token, the refresh token or its save fails, the
+// link is put back, usable again while it is valid. The Result is filled as
+// far as the state was known, also on errors, so that the browser can be
+// sent back. A state that Start bound to a browser is only accepted, and
+// consumed, with the same browser secret: another browser gets
+// ReasonWrongBrowser, without a Result, and the state stays. A state whose merchant a Serves option
 // refuses is consumed and refused with ReasonUnknownMerchant before the
 // code is exchanged. Once the state is consumed, the rest of the
 // callback (code exchange, ID token verification, storing the refresh
@@ -658,13 +714,17 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	if code == "" {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, errors.New("the callback has neither code nor error"))
 	}
+	link, err := a.claimLink(ctx, rec)
+	if err != nil {
+		return res, err
+	}
 	grant := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {rec.RedirectURI}, "code_verifier": {rec.Verifier}}
 	raw, err := nonceRetried(func() (*oauth2.Token, error) {
 		_, raw, err := a.src.exchange(ctx, broker.Request{Merchant: rec.Merchant}, grant, code, rec.Verifier)
 		return raw, err
 	})
 	if err != nil {
-		return res, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err))
+		return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err)))
 	}
 	// An ID token is verified when openid was asked, or when one came
 	// back (any value but null or "", a string or not) and the provider
@@ -674,18 +734,60 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	idToken := raw.Extra("id_token") // nil or "" when absent, also from a form-encoded answer
 	if rec.Nonce != "" || idToken != nil && idToken != "" && ep.verifier != nil {
 		if err := a.verifyIDToken(ctx, ep, idToken, rec.Nonce); err != nil {
-			return res, a.fail(ReasonInvalidIDToken, rec.Merchant, err)
+			return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonInvalidIDToken, rec.Merchant, err))
 		}
 	}
 	rt := broker.Secret(raw.RefreshToken)
 	if rt == "" {
-		return res, a.fail(ReasonNoRefreshToken, rec.Merchant, errors.New("the token response has no refresh_token: ask for the scope the provider wants for one (offline_access) and check that the client may use the refresh_token grant"))
+		return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonNoRefreshToken, rec.Merchant, errors.New("the token response has no refresh_token: ask for the scope the provider wants for one (offline_access) and check that the client may use the refresh_token grant")))
 	}
 	if err := a.src.SetRefreshToken(ctx, rec.Merchant, rt); err != nil {
-		return res, a.fail(ReasonStoreFailure, rec.Merchant, err)
+		return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonStoreFailure, rec.Merchant, err))
 	}
 	res.Fingerprint = rt.Fingerprint()
 	return res, nil
+}
+
+// linkKept is how long a consent link stays stored past its expiry: a
+// state started from it just before then still finds it at its callback
+// (StateTTL), with a minute more for clock skew between instances and a
+// store that keeps expiries to the second.
+const linkKept = StateTTL + time.Minute
+
+// claimLink consumes the consent link that the authorization state rec
+// was started from, before its code is exchanged, and returns the link's
+// record, to put back with unclaimLink when the consent does not
+// complete. Of the states started from one link, only the first callback
+// to claim it goes on; the others get ReasonUnknownState, as for any
+// used link. The link may have expired since the state was started:
+// NewLink keeps it stored linkKept longer for this. A state without a
+// link (none was recorded) claims nothing.
+func (a *AuthCode) claimLink(ctx context.Context, rec Pending) (Pending, error) {
+	if rec.Link == "" {
+		return Pending{}, nil
+	}
+	link, err := a.pend.take(ctx, kindLink, rec.Link)
+	switch {
+	case err == nil, errors.Is(err, errExpired):
+		return link, nil
+	case errors.Is(err, ErrUnknownPending):
+		return Pending{}, a.fail(ReasonUnknownState, rec.Merchant, errors.New("the consent link of this authorization state was already used by another authorization started from it, or it is unknown: this code is not exchanged; if no consent completed, ask the app for a new consent link"))
+	}
+	return Pending{}, a.fail(ReasonStoreFailure, rec.Merchant, fmt.Errorf("consuming the consent link: %w", err))
+}
+
+// unclaimLink puts back the consent link link, claimed by the state rec
+// whose consent then failed (code exchange, ID token, refresh token or
+// save), so that the merchant can start it again while it is valid. It
+// returns ce, with a note when the link cannot be put back.
+func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *ConsentError) *ConsentError {
+	if rec.Link == "" || link.Provider == "" || !a.pend.Now().Before(link.Expires) {
+		return ce
+	}
+	if err := a.pend.putUntil(ctx, kindLink, rec.Link, link, link.Expires.Add(linkKept)); err != nil {
+		ce.Err = fmt.Errorf("%w; the consent link could not be put back (%v): ask the app for a new consent link", ce.Err, err)
+	}
+	return ce
 }
 
 // verifyIDToken checks the token response's id_token v, a string, with

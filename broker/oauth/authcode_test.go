@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -90,14 +91,19 @@ func newConsentFixture(t *testing.T, o optest.Options, method AuthMethod, par bo
 	return &consentFixture{op: srv, store: store, src: src, flow: flow, pend: pend, clock: clock}
 }
 
-// savingStore is a MemoryStore that counts the refresh tokens saved.
+// savingStore is a MemoryStore that counts the refresh tokens saved,
+// and fails the saves while failing is set.
 type savingStore struct {
 	MemoryStore
-	saves atomic.Int64
+	saves   atomic.Int64
+	failing atomic.Bool
 }
 
-// Save counts the save and stores rt.
+// Save counts the save and stores rt, or fails while failing is set.
 func (s *savingStore) Save(ctx context.Context, key string, rt broker.Secret) error {
+	if s.failing.Load() {
+		return errors.New("the test store refuses saves")
+	}
 	s.saves.Add(1)
 	return s.MemoryStore.Save(ctx, key, rt)
 }
@@ -246,7 +252,11 @@ func TestAuthCodeRefusals(t *testing.T) {
 				t.Fatal(err)
 			}
 			u, _ := url.Parse(link.URL)
-			if _, _, err := f.flow.Start(ctx, u.Query().Get("link"), u.Host); err != nil {
+			authURL, _, err := f.flow.Start(ctx, u.Query().Get("link"), u.Host)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.flow.Callback(ctx, host, approve(t, f.op, authURL)); err != nil {
 				t.Fatal(err)
 			}
 			_, _, err = f.flow.Start(ctx, u.Query().Get("link"), u.Host)
@@ -369,7 +379,7 @@ func TestAuthCodeRefusals(t *testing.T) {
 			if !errors.As(err, &ce) || ce.Reason != tc.reason {
 				t.Fatalf("err = %v, want a *ConsentError %s", err, tc.reason)
 			}
-			if tc.name == "replayed state" {
+			if tc.name == "replayed state" || tc.name == "replayed link" {
 				saves = 1
 			}
 			if f.store.Saves() != saves {
@@ -384,6 +394,206 @@ func TestAuthCodeRefusals(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestConsentLinkStartedTwice: one link started twice (two tabs, a
+// double click) gets two authorization states, each with its own state,
+// PKCE challenge and nonce; the first callback with a code consumes the
+// link and stores the refresh token; the other, whenever it comes back,
+// is refused as a used link (unknown_state) before its code is exchanged, so the
+// first refresh token stays. A callback without a code (the merchant
+// denied in one tab) leaves the link to the other; a link that expired
+// after its start is still claimed by the state's callback.
+func TestConsentLinkStartedTwice(t *testing.T) {
+	ctx := context.Background()
+	const host = "cb.partner.example"
+	for _, tc := range []struct {
+		name string
+		// firstDenies: the tab coming back first was denied at the bank.
+		firstDenies bool
+		// expire moves the clock past the link's expiry after both starts.
+		expire bool
+	}{
+		{name: "second tab back first"},
+		{name: "first tab denied", firstDenies: true},
+		{name: "link expired after the starts", expire: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
+			link, err := f.flow.NewLink(ctx, "acme", "", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			id := mustLinkID(t, link)
+			browser := NewBrowser() // both tabs share the browser's cookie
+			var authURLs []string
+			for range 2 {
+				authURL, rec, err := f.flow.Start(ctx, id, host, browser)
+				if err != nil || rec.Merchant != "acme" {
+					t.Fatalf("Start: %v %+v", err, rec)
+				}
+				authURLs = append(authURLs, authURL)
+			}
+			u0, _ := url.Parse(authURLs[0])
+			u1, _ := url.Parse(authURLs[1])
+			for _, p := range []string{"state", "code_challenge", "nonce"} {
+				if a, b := u0.Query().Get(p), u1.Query().Get(p); a == "" || a == b {
+					t.Fatalf("the two starts share %s", p)
+				}
+			}
+			if tc.expire {
+				f.clock.Add(DefaultLinkTTL + time.Second)
+			}
+			// The tabs come back in the other order: tab 2, then tab 1.
+			var first, second url.Values
+			if tc.firstDenies {
+				back, err := f.op.Authorize(authURLs[1], false)
+				if err != nil {
+					t.Fatal(err)
+				}
+				first, second = back.Query(), approve(t, f.op, authURLs[0])
+			} else {
+				first, second = approve(t, f.op, authURLs[1]), approve(t, f.op, authURLs[0])
+			}
+			res, err := f.flow.Callback(ctx, host, first, browser)
+			var ce *ConsentError
+			if tc.firstDenies {
+				if !errors.As(err, &ce) || ce.Reason != ReasonDenied {
+					t.Fatalf("denied tab's callback = %v, want denied", err)
+				}
+				if res, err = f.flow.Callback(ctx, host, second, browser); err != nil {
+					t.Fatalf("the other tab's callback after a denial = %v, want the consent", err)
+				}
+				if f.store.Saves() != 1 {
+					t.Fatalf("%d refresh tokens saved, want 1", f.store.Saves())
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("first callback = %v", err)
+			}
+			exchanges := f.op.Count("authorization_code")
+			_, err = f.flow.Callback(ctx, host, second, browser)
+			if !errors.As(err, &ce) || ce.Reason != ReasonUnknownState || ce.Merchant != "acme" {
+				t.Fatalf("second callback = %v, want unknown_state (a used link) for acme", err)
+			}
+			checkNoSecrets(t, err)
+			if n := f.op.Count("authorization_code"); n != exchanges {
+				t.Errorf("the second tab's code was exchanged (%d exchanges, %d before)", n, exchanges)
+			}
+			rt, lerr := f.store.Load(ctx, f.src.StoreKey("acme"))
+			if f.store.Saves() != 1 || lerr != nil || rt.Fingerprint() != res.Fingerprint {
+				t.Errorf("%d saves, stored %v (%v); want the first callback's %s alone", f.store.Saves(), rt.Fingerprint(), lerr, res.Fingerprint)
+			}
+			if _, _, err := f.flow.Start(ctx, id, host, browser); !errors.As(err, &ce) || ce.Reason != ReasonUnknownState && ce.Reason != ReasonExpired {
+				t.Errorf("Start of the used link = %v, want it refused", err)
+			}
+		})
+	}
+}
+
+// TestConsentLinkBackAfterFailedCallback: the callback that claims a
+// link but whose code exchange or refresh token save fails puts the link
+// back: the merchant starts it again and consents.
+func TestConsentLinkBackAfterFailedCallback(t *testing.T) {
+	ctx := context.Background()
+	const host = "cb.partner.example"
+	for _, tc := range []struct {
+		name   string
+		reason string
+		// spoil makes the first callback fail, given its query.
+		spoil func(f *consentFixture, q url.Values)
+	}{
+		{"code exchange fails", ReasonExchangeFailed, func(_ *consentFixture, q url.Values) { q.Set("code", "not-the-code") }},
+		{"save fails", ReasonStoreFailure, func(f *consentFixture, _ url.Values) { f.store.failing.Store(true) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
+			link, err := f.flow.NewLink(ctx, "acme", "", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			id := mustLinkID(t, link)
+			authURL, _, err := f.flow.Start(ctx, id, host)
+			if err != nil {
+				t.Fatal(err)
+			}
+			q := approve(t, f.op, authURL)
+			tc.spoil(f, q)
+			var ce *ConsentError
+			_, err = f.flow.Callback(ctx, host, q)
+			if !errors.As(err, &ce) || ce.Reason != tc.reason {
+				t.Fatalf("failing callback = %v, want %s", err, tc.reason)
+			}
+			checkNoSecrets(t, err)
+			f.store.failing.Store(false)
+			if _, err := f.flow.CheckLink(ctx, id, host); err != nil {
+				t.Fatalf("the link after the failed callback: %v, want it usable", err)
+			}
+			authURL, _, err = f.flow.Start(ctx, id, host)
+			if err != nil {
+				t.Fatalf("Start again: %v", err)
+			}
+			if _, err := f.flow.Callback(ctx, host, approve(t, f.op, authURL)); err != nil || f.store.Saves() != 1 {
+				t.Fatalf("the second try: %v, %d saves; want the consent", err, f.store.Saves())
+			}
+			if _, err := f.flow.CheckLink(ctx, id, host); !errors.As(err, &ce) || ce.Reason != ReasonUnknownState {
+				t.Errorf("the link after the consent: %v, want it used", err)
+			}
+		})
+	}
+}
+
+// TestConsentLinkClaimedOnce: the callbacks of several starts of one
+// link, all approved, arrive at once: exactly one claims the link, has
+// its code exchanged and stores a refresh token; the others are refused
+// as a used link.
+func TestConsentLinkClaimedOnce(t *testing.T) {
+	ctx := context.Background()
+	const host, n = "cb.partner.example", 6
+	f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
+	link, err := f.flow.NewLink(ctx, "acme", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := mustLinkID(t, link)
+	var callbacks []url.Values
+	for range n {
+		authURL, _, err := f.flow.Start(ctx, id, host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		callbacks = append(callbacks, approve(t, f.op, authURL))
+	}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i, q := range callbacks {
+		wg.Go(func() { _, errs[i] = f.flow.Callback(ctx, host, q) })
+	}
+	wg.Wait()
+	ok := 0
+	for _, err := range errs {
+		var ce *ConsentError
+		switch {
+		case err == nil:
+			ok++
+		case !errors.As(err, &ce) || ce.Reason != ReasonUnknownState:
+			t.Errorf("a callback = %v, want success or unknown_state", err)
+		}
+	}
+	if ok != 1 || f.op.Count("authorization_code") != 1 || f.store.Saves() != 1 {
+		t.Errorf("%d callbacks succeeded, %d codes exchanged, %d refresh tokens saved; want 1 each", ok, f.op.Count("authorization_code"), f.store.Saves())
+	}
+}
+
+// mustLinkID is the link id of a consent link's URL.
+func mustLinkID(t *testing.T, link Link) string {
+	t.Helper()
+	u, err := url.Parse(link.URL)
+	if err != nil || u.Query().Get("link") == "" {
+		t.Fatalf("consent link %v: %v", link, err)
+	}
+	return u.Query().Get("link")
 }
 
 // TestConsentAgainAfterInvalidGrant: once the server refuses the refresh

@@ -175,6 +175,43 @@ func TestLinkLimits(t *testing.T) {
 	}
 }
 
+// TestLinkStartsBounded: one link is started at most MaxStartsPerLink
+// times at an instance; a start beyond is refused with too_many_starts
+// and stores no state; the count goes with the link's expiry.
+func TestLinkStartsBounded(t *testing.T) {
+	ctx := context.Background()
+	clock := newClock()
+	flow, store := newLimitFlow(t, clock, LinkLimits{})
+	link, err := flow.NewLink(ctx, "acme", "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := mustLinkID(t, link)
+	for i := range MaxStartsPerLink {
+		if _, _, err := flow.Start(ctx, id, "cb.partner.example"); err != nil {
+			t.Fatalf("start %d: %v", i+1, err)
+		}
+	}
+	before := stored(store)
+	_, _, err = flow.Start(ctx, id, "cb.partner.example")
+	var ce *ConsentError
+	if !errors.As(err, &ce) || ce.Reason != ReasonTooManyStarts || ce.Merchant != "acme" {
+		t.Fatalf("start %d = %v, want too_many_starts", MaxStartsPerLink+1, err)
+	}
+	checkNoSecrets(t, err, id)
+	if n := stored(store); n != before {
+		t.Errorf("%d records stored after the refused start, %d before", n, before)
+	}
+	clock.Add(DefaultLinkTTL + PendingSweepInterval)
+	flow.limits.mu.Lock()
+	flow.limits.pruneLocked(clock.Now())
+	left := len(flow.limits.starts)
+	flow.limits.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d links' start counts kept after their expiry, want 0", left)
+	}
+}
+
 // TestMemoryPendingStoreDropsExpired: expired values go at the next use
 // after PendingSweepInterval; unexpired ones stay.
 func TestMemoryPendingStoreDropsExpired(t *testing.T) {
@@ -217,7 +254,8 @@ func heapInUse() uint64 {
 
 // TestConsentLinkFloodHeapBound: 20 000 consent links with 1 KiB return
 // URLs (limits raised so that every one is stored) take memory until they
-// expire; after expiry the store and the limiter drop them and the heap is
+// expire; once they are gone from the store (StateTTL after their
+// expiry) the store and the limiter drop them and the heap is
 // back within a fixed bound.
 func TestConsentLinkFloodHeapBound(t *testing.T) {
 	const links, merchants = 20_000, 200
@@ -235,7 +273,9 @@ func TestConsentLinkFloodHeapBound(t *testing.T) {
 	if grown := int64(heapInUse()) - int64(base); grown < bound {
 		t.Fatalf("the heap grew by %d bytes with %d links pending: the measure cannot tell", grown, links)
 	}
-	clock.Add(DefaultLinkTTL + PendingSweepInterval)
+	// A link is kept StateTTL past its expiry, for the states started
+	// from it (AuthCode.Callback consumes it).
+	clock.Add(DefaultLinkTTL + StateTTL + PendingSweepInterval)
 	if _, err := flow.NewLink(ctx, "merchant-0", "", ""); err != nil { // the next use sweeps
 		t.Fatal(err)
 	}

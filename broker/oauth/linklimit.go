@@ -25,6 +25,15 @@ const (
 	MaxReturnURLLength = 2048
 )
 
+// MaxStartsPerLink is how many times one consent link may be started at
+// one instance (two tabs, a double click, the back button): each start
+// stores an authorization state and may push a request to the provider.
+const MaxStartsPerLink = 10
+
+// ReasonTooManyStarts is the refusal of a start of a consent link that
+// was started MaxStartsPerLink times at this instance already.
+const ReasonTooManyStarts = "too_many_starts"
+
 // Reasons of a link refused by LinkLimits (see LinkLimitError).
 const (
 	// ReasonTooManyLinks: the merchant has LinkLimits.MaxPending unused
@@ -81,14 +90,22 @@ func (e *LinkLimitError) Error() string {
 }
 
 // linkLimiter applies LinkLimits. It knows the links it created by store
-// key and expiry, per merchant, until they expire or are used.
+// key and expiry, per merchant, until they expire or are used; and it
+// counts the starts of each link (MaxStartsPerLink) until it expires.
 type linkLimiter struct {
 	lim LinkLimits
 
 	mu     sync.Mutex
 	all    *rate.Limiter
 	m      map[string]*merchantLinks
+	starts map[string]linkStarts // by the link's store key
 	pruned time.Time
+}
+
+// linkStarts counts the starts of one link until it expires.
+type linkStarts struct {
+	n       int
+	expires time.Time
 }
 
 type merchantLinks struct {
@@ -103,7 +120,7 @@ type pendingLink struct {
 
 func newLinkLimiter(l LinkLimits) *linkLimiter {
 	l = l.withDefaults()
-	return &linkLimiter{lim: l, all: perMinute(l.PerMinute), m: map[string]*merchantLinks{}}
+	return &linkLimiter{lim: l, all: perMinute(l.PerMinute), m: map[string]*merchantLinks{}, starts: map[string]linkStarts{}}
 }
 
 func perMinute(n int) *rate.Limiter { return rate.NewLimiter(rate.Limit(float64(n)/60), n) }
@@ -155,6 +172,20 @@ func (l *linkLimiter) created(merchant, key string, expires time.Time) {
 	}
 }
 
+// started counts a start at now of the link stored under key until
+// expires, and reports whether it is within MaxStartsPerLink.
+func (l *linkLimiter) started(key string, expires, now time.Time) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.pruneLocked(now)
+	st := l.starts[key]
+	if st.n >= MaxStartsPerLink {
+		return false
+	}
+	l.starts[key] = linkStarts{n: st.n + 1, expires: expires}
+	return true
+}
+
 // used forgets the link stored under key: it no longer counts.
 func (l *linkLimiter) used(merchant, key string) {
 	l.mu.Lock()
@@ -165,12 +196,18 @@ func (l *linkLimiter) used(merchant, key string) {
 }
 
 // pruneLocked drops, once a minute, the merchants without links whose
-// rate is back to full: they are as if never seen.
+// rate is back to full (they are as if never seen), and the start counts
+// of expired links.
 func (l *linkLimiter) pruneLocked(now time.Time) {
 	if now.Sub(l.pruned) < time.Minute {
 		return
 	}
 	l.pruned = now
+	for key, st := range l.starts {
+		if !now.Before(st.expires) {
+			delete(l.starts, key)
+		}
+	}
 	for id, ml := range l.m {
 		ml.links = slices.DeleteFunc(ml.links, func(p pendingLink) bool { return !now.Before(p.expires) })
 		if len(ml.links) == 0 && ml.lim.TokensAt(now) >= float64(l.lim.MerchantPerMinute) {

@@ -119,8 +119,9 @@ func (s *MemoryPendingStore) Take(_ context.Context, key string) ([]byte, error)
 	return v, err
 }
 
-// Pending is one consent in progress: a consent link not yet opened, or an
-// authorization request waiting for its callback. It has the PKCE
+// Pending is one consent in progress: a consent link that no consent has
+// completed with yet, or an authorization request waiting for its
+// callback. It has the PKCE
 // verifier and the nonce, so it is only ever stored sealed.
 type Pending struct {
 	// Provider is the provider's name.
@@ -139,6 +140,11 @@ type Pending struct {
 	// Browser is the hex SHA-256 of the secret of the browser that opened
 	// the link (authorization states started with a Browser only).
 	Browser string `json:"b,omitempty"`
+	// Link is the consent link an authorization state was started from
+	// (authorization states only): its callback consumes the link before
+	// the code is exchanged, so that of the states started from one link
+	// only the first to come back stores a refresh token.
+	Link string `json:"l,omitempty"`
 	// Expires is when the link or the state stops being accepted.
 	Expires time.Time `json:"e"`
 }
@@ -170,7 +176,8 @@ const ReasonWrongBrowser = "wrong_browser"
 // Pendings keeps consents in progress in a PendingStore, each sealed for
 // its secret, the link id or the state (Sealed): whoever reads the store
 // learns nothing usable, and only the bearer of the link or state can
-// open its record, once.
+// open its record: a state once (its callback), a link until a consent
+// started from it completes.
 type Pendings struct {
 	// Store keeps the sealed records.
 	Store PendingStore
@@ -214,10 +221,23 @@ func (p *Pendings) storeKey(kind, secret string) string {
 	return key
 }
 
-// put seals rec under secret.
+// put seals rec under secret, kept in the store until rec expires.
 func (p *Pendings) put(ctx context.Context, kind, secret string, rec Pending) error {
+	return p.putUntil(ctx, kind, secret, rec, rec.Expires)
+}
+
+// putUntil seals rec under secret, kept in the store until kept (not
+// before rec expires).
+func (p *Pendings) putUntil(ctx context.Context, kind, secret string, rec Pending, kept time.Time) error {
 	s, name := p.sealed(kind, secret)
-	return s.Put(ctx, name, rec, rec.Expires)
+	return s.Put(ctx, name, rec, kept)
+}
+
+// get opens the record of secret and leaves it stored, with the errors
+// of take.
+func (p *Pendings) get(ctx context.Context, kind, secret string) (Pending, error) {
+	s, name := p.sealed(kind, secret)
+	return p.open(ctx, s.Get, name, secret)
 }
 
 // take opens and consumes the record of secret: ErrUnknownPending when
@@ -249,8 +269,7 @@ func (p *Pendings) open(ctx context.Context, read func(context.Context, string, 
 // (or it was started without one); otherwise the record stays and the
 // error is errWrongBrowser.
 func (p *Pendings) takeFrom(ctx context.Context, kind, secret string, browser Browser) (Pending, error) {
-	s, name := p.sealed(kind, secret)
-	rec, err := p.open(ctx, s.Get, name, secret)
+	rec, err := p.get(ctx, kind, secret)
 	if err == nil && rec.Browser != "" && subtle.ConstantTimeCompare([]byte(rec.Browser), []byte(browser.hash())) != 1 {
 		return rec, errWrongBrowser
 	}

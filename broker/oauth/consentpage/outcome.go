@@ -14,7 +14,7 @@ func ForOutcome(outcome string) string {
 		return PageDenied
 	case oauth.ReasonExpired:
 		return PageExpired
-	case oauth.ReasonUnknownState:
+	case oauth.ReasonUnknownState, oauth.ReasonTooManyStarts:
 		return PageUsed
 	case oauth.ReasonProviderError:
 		return PageProviderError

@@ -18,12 +18,24 @@ import (
 	"fmt"
 	"html/template"
 	"net/http"
+	"net/url"
+	"path"
+	"regexp"
+	"slices"
 	"strings"
+
+	"golang.org/x/net/html"
+	"golang.org/x/net/html/atom"
 )
 
 // The pages, by name: Data.Page, and the file names of a template
 // directory (success.html, ...).
 const (
+	// PageStart: a consent link that can be used, shown on opening it:
+	// whose consent it is, and a button that starts the consent (a form
+	// posting the link back to …/start). Opening it changes nothing, so
+	// that a mail or chat scanner that fetches the link leaves it usable.
+	PageStart = "start"
 	// PageSuccess: the consent is recorded.
 	PageSuccess = "success"
 	// PageDenied: the merchant did not consent at the bank.
@@ -47,6 +59,9 @@ const (
 	// PageUnavailable: the bank's discovery or the consent storage could
 	// not be reached.
 	PageUnavailable = "unavailable"
+	// PageCrossSite: a start posted from another site (not the start
+	// page's own form): nothing was started.
+	PageCrossSite = "cross_site"
 	// PageWrongBrowser: the callback came without the consent cookie of
 	// the browser that opened the link.
 	PageWrongBrowser = "wrong_browser"
@@ -69,6 +84,7 @@ type pageInfo struct {
 // pages are the pages with their HTTP status and tone, in the order the
 // README lists them.
 var pages = map[string]pageInfo{
+	PageStart:             {status: http.StatusOK, tone: "info", noOutcome: true},
 	PageSuccess:           {status: http.StatusOK, tone: "ok"},
 	PageDenied:            {status: http.StatusOK, tone: "info"},
 	PageExpired:           {status: http.StatusBadRequest, tone: "error"},
@@ -78,6 +94,7 @@ var pages = map[string]pageInfo{
 	PageProviderError:     {status: http.StatusBadGateway, tone: "error"},
 	PageFailed:            {status: http.StatusBadGateway, tone: "error"},
 	PageUnavailable:       {status: http.StatusServiceUnavailable, tone: "error"},
+	PageCrossSite:         {status: http.StatusForbidden, tone: "error"},
 	PageWrongBrowser:      {status: http.StatusForbidden, tone: "error"},
 	PageNotFound:          {status: http.StatusNotFound, tone: "info", noOutcome: true},
 	PageGone:              {status: http.StatusGone, tone: "info", noOutcome: true},
@@ -86,8 +103,8 @@ var pages = map[string]pageInfo{
 
 // Pages returns the names of all pages.
 func Pages() []string {
-	return []string{PageSuccess, PageDenied, PageExpired, PageUsed, PageMissing, PageInvalid,
-		PageProviderError, PageFailed, PageUnavailable, PageWrongBrowser, PageNotFound, PageGone, PageResultUnavailable}
+	return []string{PageStart, PageSuccess, PageDenied, PageExpired, PageUsed, PageMissing, PageInvalid,
+		PageProviderError, PageFailed, PageUnavailable, PageCrossSite, PageWrongBrowser, PageNotFound, PageGone, PageResultUnavailable}
 }
 
 // Data is what a page template is executed with. Every field is set on
@@ -136,6 +153,13 @@ type Data struct {
 	// page: the outcome, with the provider's error code for
 	// provider_error ("provider_error:invalid_request"); empty otherwise.
 	Code string
+	// Link is the consent link on the start page, for the form that
+	// starts the consent: a template's start page must post it back to
+	// …/start as the form field "link" (the built-in page: <form
+	// method="post" action="start"><input type="hidden" name="link"
+	// value="{{.Link}}"><button type="submit">{{.Text.Action}}</button></form>);
+	// empty on every other page.
+	Link string
 	// Nonce is this response's CSP nonce: a template's inline <style>
 	// needs nonce="{{.Nonce}}" (no other inline style or script runs).
 	Nonce string
@@ -180,14 +204,84 @@ func New(cfg Config) (*Renderer, error) {
 	} else if r.tmpls, err = loadTemplates(cfg.Templates); err != nil {
 		return nil, err
 	}
+	var start string // the start page of its full sample
 	for _, p := range Pages() {
 		for _, d := range r.samples(p) {
-			if err := r.tmpls[p].Execute(&bytes.Buffer{}, d); err != nil {
+			var out bytes.Buffer
+			if err := r.tmpls[p].Execute(&out, d); err != nil {
 				return nil, fmt.Errorf("%s: page %s: %w", r.where(), p, err)
+			}
+			if d.Link != "" {
+				start = out.String()
 			}
 		}
 	}
+	if !postsLink(start, sampleLink) {
+		return nil, fmt.Errorf(`%s: page %s has no form that posts the consent link, so the merchant cannot start: add <form method="post" action="start"><input type="hidden" name="link" value="{{.Link}}"><button type="submit">{{.Text.Action}}</button></form> to %s.html (or page.html)`,
+			r.where(), PageStart, PageStart)
+	}
 	return r, nil
+}
+
+// sampleLink is the consent link of the start page's sample data.
+const sampleLink = "c2FtcGxlLWNvbnNlbnQtbGluay1mb3ItdGhlLWNoZWNr"
+
+// sampleStart is where the sample start page is served from, to resolve
+// its form's action against.
+var sampleStart = &url.URL{Scheme: "https", Host: "consent.invalid", Path: "/consent/start", RawQuery: "link=" + sampleLink}
+
+// postsLink reports whether the page page, parsed as a browser does, has
+// a form that posts link back to …/start: a form with method post whose
+// action is relative and resolves to the start page's path (or is
+// absent), or is absolute with a path ending in /start (the path prefix
+// is not known here), holding an enabled input named "link" of type
+// hidden or text with the value link.
+func postsLink(page, link string) bool {
+	doc, err := html.Parse(strings.NewReader(page))
+	if err != nil {
+		return false
+	}
+	for n := range doc.Descendants() {
+		if n.Type != html.ElementNode || n.DataAtom != atom.Form || !strings.EqualFold(attr(n, "method"), "post") || !postsToStart(n) {
+			continue
+		}
+		for in := range n.Descendants() {
+			if in.Type == html.ElementNode && in.DataAtom == atom.Input && attr(in, "name") == "link" && attr(in, "value") == link &&
+				slices.Contains([]string{"", "hidden", "text"}, strings.ToLower(attr(in, "type"))) && !hasAttr(in, "disabled") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// postsToStart reports whether the form's action leads to …/start (see
+// postsLink).
+func postsToStart(form *html.Node) bool {
+	action := strings.TrimSpace(attr(form, "action"))
+	u, err := sampleStart.Parse(action)
+	if err != nil || u.Scheme != "https" && u.Scheme != "http" {
+		return false
+	}
+	if ref, _ := url.Parse(action); ref.IsAbs() || strings.HasPrefix(action, "/") {
+		return path.Base(u.Path) == "start"
+	}
+	return u.Host == sampleStart.Host && u.Path == sampleStart.Path
+}
+
+// attr is the value of the attribute key of n, "" without it.
+func attr(n *html.Node, key string) string {
+	for _, a := range n.Attr {
+		if a.Namespace == "" && a.Key == key {
+			return a.Val
+		}
+	}
+	return ""
+}
+
+// hasAttr reports whether n has the attribute key.
+func hasAttr(n *html.Node, key string) bool {
+	return slices.ContainsFunc(n.Attr, func(a html.Attribute) bool { return a.Namespace == "" && a.Key == key })
 }
 
 // where names the templates, for errors.
@@ -204,6 +298,9 @@ func (r *Renderer) samples(page string) []Data {
 	full := r.data(page, "en", "acme", "Acme Ltd", "Example Bank")
 	full.Outcome, full.Code = "provider_error", "provider_error:invalid_request"
 	full.Nonce = "c2FtcGxl"
+	if page == PageStart {
+		full.Link = sampleLink
+	}
 	bare := r.data(page, "en", "", "", "")
 	bare.Partner, bare.Logo = "", ""
 	return []Data{full, bare}
@@ -223,6 +320,13 @@ type Page struct {
 	Outcome string
 	// ProviderCode is the provider's error code of a provider_error.
 	ProviderCode string
+	// Link is the consent link of the start page.
+	Link string
+	// BankOrigin is the origin (scheme://host[:port]) of the provider's
+	// authorization endpoint, on the start page: its form's post is
+	// redirected there, which the page's CSP (form-action) must allow
+	// (see CSP).
+	BankOrigin string
 }
 
 // data builds the Data of a page (without nonce).
@@ -251,6 +355,9 @@ func text(lang, page, partner, merchant, bank string) Text {
 	p := l.pages[page]
 	t := Text{Title: fill(p.title), Message: fill(p.message), NextLabel: l.nextLabel, Next: fill(p.next),
 		CodeLabel: l.codeLabel, Consent: l.consent, Footer: l.footer}
+	if page == PageStart {
+		t.Action = fill(l.action)
+	}
 	if merchant != "" {
 		t.About = fill(l.about)
 	}
@@ -267,6 +374,9 @@ func (r *Renderer) Render(w http.ResponseWriter, acceptLanguage string, p Page) 
 	d := r.data(p.Name, r.language(acceptLanguage), p.MerchantID, p.Merchant, p.Bank)
 	if !pages[p.Name].noOutcome {
 		d.Outcome = p.Outcome
+	}
+	if p.Name == PageStart {
+		d.Link = p.Link
 	}
 	if d.Tone == "error" && d.Outcome != "" {
 		d.Code = p.Outcome
@@ -286,7 +396,7 @@ func (r *Renderer) Render(w http.ResponseWriter, acceptLanguage string, p Page) 
 	h := w.Header()
 	h.Set("Content-Type", "text/html; charset=utf-8")
 	h.Set("Content-Language", d.Lang)
-	h.Set("Content-Security-Policy", CSP(d.Nonce))
+	h.Set("Content-Security-Policy", CSP(d.Nonce, p.BankOrigin))
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Add("Vary", "Accept-Language")
 	w.WriteHeader(d.Status)
@@ -295,7 +405,25 @@ func (r *Renderer) Render(w http.ResponseWriter, acceptLanguage string, p Page) 
 
 // CSP is the Content-Security-Policy of a page with the style nonce
 // nonce: nothing loads but that inline style and images from data: URIs
-// or the consent site; no form posts elsewhere, no base URL, no framing.
-func CSP(nonce string) string {
-	return "default-src 'none'; style-src 'nonce-" + nonce + "'; img-src data: 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+// or the consent site; no base URL, no framing. A page without
+// bankOrigin posts forms to the consent site only. The start page (with
+// bankOrigin, the origin of the provider's authorization endpoint) posts
+// to the consent site, which redirects to the provider; browsers check
+// form-action on every redirect that follows a post, and a provider's
+// authorization endpoint may redirect on to a login page on another
+// origin, so that form-action also allows any https origin, and
+// bankOrigin itself when it is not https (a local sandbox bank on http)
+// and a plain origin (scheme://host[:port]).
+func CSP(nonce, bankOrigin string) string {
+	formAction := "'self'"
+	if bankOrigin != "" {
+		formAction += " https:"
+		if !strings.HasPrefix(bankOrigin, "https://") && origin.MatchString(bankOrigin) {
+			formAction += " " + bankOrigin
+		}
+	}
+	return "default-src 'none'; style-src 'nonce-" + nonce + "'; img-src data: 'self'; base-uri 'none'; form-action " + formAction + "; frame-ancestors 'none'"
 }
+
+// origin matches a plain http origin, as a CSP source may name it.
+var origin = regexp.MustCompile(`^http://[A-Za-z0-9.-]+(?::[0-9]{1,5})?$|^http://\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?$`)

@@ -87,14 +87,18 @@ func TestRenderBuiltin(t *testing.T) {
 	for _, p := range Pages() {
 		t.Run(p, func(t *testing.T) {
 			w := httptest.NewRecorder()
-			r.Render(w, "", Page{Name: p, MerchantID: "acme", Merchant: "Acme Ltd", Bank: "Example Bank", Outcome: "provider_error", ProviderCode: "invalid_request"})
+			r.Render(w, "", Page{Name: p, MerchantID: "acme", Merchant: "Acme Ltd", Bank: "Example Bank", Outcome: "provider_error", ProviderCode: "invalid_request", Link: "LINK-VALUE"})
 			body := w.Body.String()
+			form := `<form method="post" action="start"><input type="hidden" name="link" value="LINK-VALUE"><button type="submit">Continue to Example Bank</button></form>`
+			if strings.Contains(body, form) != (p == PageStart) || strings.Contains(body, "LINK-VALUE") != (p == PageStart) {
+				t.Errorf("the page shows the link's form: %v, want it on the start page alone:\n%s", strings.Contains(body, form), body)
+			}
 			if w.Code != Status(p) || w.Code == 0 {
 				t.Errorf("status %d, want %d", w.Code, Status(p))
 			}
 			m := styleNonce.FindStringSubmatch(body)
 			csp := w.Header().Get("Content-Security-Policy")
-			if m == nil || csp != CSP(m[1]) || !strings.Contains(csp, "default-src 'none'") || !strings.Contains(csp, "frame-ancestors 'none'") {
+			if m == nil || csp != CSP(m[1], "") || !strings.Contains(csp, "default-src 'none'") || !strings.Contains(csp, "frame-ancestors 'none'") {
 				t.Errorf("CSP %q does not allow exactly the page's style nonce", csp)
 			}
 			for _, want := range []string{`<meta name="viewport" content="width=device-width, initial-scale=1">`, "<header>", "<main>", "<footer>", "<h1>",
@@ -177,6 +181,9 @@ func TestTemplatesRefused(t *testing.T) {
 		{"misspelt page", map[string]string{"page.html": "x", "sucess.html": "x"}, []string{"sucess.html is not a page"}},
 		{"no page.html", map[string]string{"success.html": "x"}, []string{"no page.html", "denied.html"}},
 		{"empty", map[string]string{"README": "x"}, []string{"no .html file"}},
+		{"start page without the form", map[string]string{"page.html": "{{.Page}}"}, []string{"page start has no form that posts the consent link", `value="{{.Link}}"`, "start.html"}},
+		{"start page's form without the link", map[string]string{"page.html": "{{.Page}}", "start.html": `<form method="post" action="start"><button>{{.Text.Action}}</button></form>`},
+			[]string{"page start has no form that posts the consent link"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := writeTemplates(t, tc.files)
@@ -198,6 +205,7 @@ func TestTemplatesReplaceEveryPage(t *testing.T) {
 		"_layout.html": `{{define "head"}}<!doctype html><html lang="{{.Lang}}"><title>{{.Text.Title}}</title><style nonce="{{.Nonce}}">{{.CSS}}</style>{{end}}`,
 		"page.html":    `{{template "head" .}}<main>custom {{.Page}} {{.Status}} {{.MerchantID}} {{.Merchant}} {{.Bank}} {{.Outcome}} {{.Code}} {{.Partner}} {{.Logo}} {{.Accent}} {{.Tone}}</main>`,
 		"success.html": `{{template "head" .}}<main>custom success for {{.Merchant}}</main>`,
+		"start.html":   `{{template "head" .}}<main>custom start <form method="post" action="start"><input type="hidden" name="link" value="{{.Link}}"><button>{{.Text.Action}}</button></form></main>`,
 	})
 	r, err := New(Config{Templates: dir, Partner: "P"})
 	if err != nil {
@@ -216,6 +224,29 @@ func TestTemplatesReplaceEveryPage(t *testing.T) {
 	}
 }
 
+// TestCSPFormAction: a page without a bank origin posts to the consent
+// site only; the start page's post may be redirected to any https origin
+// (the bank's authorization endpoint and a login page it redirects to on
+// another origin, internationalised hosts included), and to the bank's
+// origin when that is a plain http origin.
+func TestCSPFormAction(t *testing.T) {
+	for _, tc := range []struct{ bank, want string }{
+		{"", "form-action 'self';"},
+		{"https://bank.example", "form-action 'self' https:;"},
+		{"https://bänk.example", "form-action 'self' https:;"},
+		{"https://[::1]:8443", "form-action 'self' https:;"},
+		{"http://127.0.0.1:8443", "form-action 'self' https: http://127.0.0.1:8443;"},
+		{"http://[::1]:8443", "form-action 'self' https: http://[::1]:8443;"},
+		{"http://bank.example/authorize", "form-action 'self' https:;"},
+		{"http://bank.example; script-src *", "form-action 'self' https:;"},
+		{"javascript://x", "form-action 'self' https:;"},
+	} {
+		if got := CSP("n", tc.bank); !strings.Contains(got, tc.want) || strings.Contains(got, "script-src") {
+			t.Errorf("CSP with bank %q = %q, want %q", tc.bank, got, tc.want)
+		}
+	}
+}
+
 func TestForStart(t *testing.T) {
 	good := strings.Repeat("A", 43)
 	for _, tc := range []struct{ link, outcome, want string }{
@@ -228,6 +259,7 @@ func TestForStart(t *testing.T) {
 		{good, oauth.ReasonProviderError, PageProviderError},
 		{good, oauth.ReasonProviderFailure, PageUnavailable},
 		{good, oauth.ReasonWrongCallback, PageFailed},
+		{good, oauth.ReasonTooManyStarts, PageUsed},
 	} {
 		if got := ForStart(tc.link, tc.outcome); got != tc.want {
 			t.Errorf("ForStart(%q, %s) = %s, want %s", tc.link, tc.outcome, got, tc.want)
@@ -292,3 +324,41 @@ func (p *putKeys) Put(ctx context.Context, key string, val []byte, expires time.
 
 // Status returns the HTTP status of a page.
 func Status(page string) int { return pages[page].status }
+
+// TestPostsLink: the start page's check accepts the forms a browser
+// posts to …/start with the link, whatever their HTML spelling, and
+// refuses the others.
+func TestPostsLink(t *testing.T) {
+	const l = sampleLink
+	for _, tc := range []struct {
+		name string
+		page string
+		want bool
+	}{
+		{"built-in form", `<form method="post" action="start"><input type="hidden" name="link" value="` + l + `"><button>Go</button></form>`, true},
+		{"unquoted, upper case", `<FORM METHOD=POST ACTION=start><INPUT TYPE=HIDDEN NAME=link VALUE=` + l + `></FORM>`, true},
+		{"single quotes", `<form method='post' action='start'><input name='link' type='hidden' value='` + l + `'></form>`, true},
+		{"attributes in another order", `<form action="start" method="Post"><div><input value="` + l + `" name="link"></div></form>`, true},
+		{"dot slash", `<form method="post" action="./start"><input type="text" name="link" value="` + l + `"></form>`, true},
+		{"no action: the page's own URL", `<form method="post"><input type="hidden" name="link" value="` + l + `"></form>`, true},
+		{"absolute path", `<form method="post" action="/consent/start"><input type="hidden" name="link" value="` + l + `"></form>`, true},
+		{"absolute URL", `<form method="post" action="https://consent.partner.example/start"><input type="hidden" name="link" value="` + l + `"></form>`, true},
+		{"second form", `<form method="get" action="start"></form><form method="post" action="start"><input type="hidden" name="link" value="` + l + `"></form>`, true},
+		{"get", `<form method="get" action="start"><input type="hidden" name="link" value="` + l + `"></form>`, false},
+		{"no method (get)", `<form action="start"><input type="hidden" name="link" value="` + l + `"></form>`, false},
+		{"to the callback", `<form method="post" action="callback"><input type="hidden" name="link" value="` + l + `"></form>`, false},
+		{"to another path", `<form method="post" action="https://evil.example/steal"><input type="hidden" name="link" value="` + l + `"></form>`, false},
+		{"javascript action", `<form method="post" action="javascript:start"><input type="hidden" name="link" value="` + l + `"></form>`, false},
+		{"field named Link", `<form method="post" action="start"><input type="hidden" name="Link" value="` + l + `"></form>`, false},
+		{"another value", `<form method="post" action="start"><input type="hidden" name="link" value="acme"></form>`, false},
+		{"field outside the form", `<form method="post" action="start"></form><input type="hidden" name="link" value="` + l + `">`, false},
+		{"disabled field", `<form method="post" action="start"><input type="hidden" name="link" value="` + l + `" disabled></form>`, false},
+		{"unchecked checkbox", `<form method="post" action="start"><input type="checkbox" name="link" value="` + l + `"></form>`, false},
+		{"in a comment", `<!-- <form method="post" action="start"><input type="hidden" name="link" value="` + l + `"></form> -->`, false},
+		{"as text", `<p>method="post" name="link" value="` + l + `"</p>`, false},
+	} {
+		if got := postsLink(tc.page, l); got != tc.want {
+			t.Errorf("%s: postsLink = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

@@ -17,6 +17,9 @@ type Text struct {
 	NextLabel string
 	// Next says what to do now.
 	Next string
+	// Action is the label of the start page's button ("Continue to
+	// Example Bank"); empty on every other page.
+	Action string
 	// CodeLabel labels Data.Code ("Reference:").
 	CodeLabel string
 	// Consent is the word shown in the header when no partner name is
@@ -35,6 +38,7 @@ type texts struct {
 	// name that is not configured.
 	partner, bank                                string
 	about, nextLabel, codeLabel, consent, footer string
+	action                                       string
 	pages                                        map[string]pageText
 }
 
@@ -49,18 +53,22 @@ var languages = map[string]*texts{
 		codeLabel: "Reference:",
 		consent:   "Consent",
 		footer:    "Your bank login happens on your bank's own site: this service never sees your password.",
+		action:    "Continue to {bank}",
 		pages: map[string]pageText{
+			PageStart: {"Give your consent",
+				"{partner} asks for your consent to access your account at {bank}. You log in and decide at {bank}'s own site.",
+				"Press the button to continue to {bank}. The link works until you have given your consent, for a short time only."},
 			PageSuccess: {"Consent given",
 				"Thank you: your consent is recorded. The access you gave at {bank} is now available to {partner}.",
 				"Nothing more to do: you can close this window."},
 			PageDenied: {"Consent not given",
 				"The consent was not given at {bank}, so nothing was shared.",
-				"A consent link works only once. If you want to give your consent after all, ask {partner} for a new consent link."},
+				"If you want to give your consent after all, open the consent link again soon, or ask {partner} for a new one."},
 			PageExpired: {"This consent link has expired",
 				"For your safety a consent link, and the time to finish at the bank, are short; this one has run out. Nothing was recorded.",
 				"Ask {partner} for a new consent link and open it soon after you get it."},
 			PageUsed: {"This consent link was already used",
-				"A consent link works only once, and this one has been opened already, or it is not known here.",
+				"A consent link works for one consent only, and this one has been used already, or it is not known here.",
 				"If you did not finish your consent, ask {partner} for a new consent link."},
 			PageMissing: {"The consent link is incomplete",
 				"The address you opened does not hold a consent link.",
@@ -77,6 +85,9 @@ var languages = map[string]*texts{
 			PageUnavailable: {"The consent service is unavailable",
 				"This service cannot reach {bank} or its own storage right now, and your consent was not recorded.",
 				"Please try again in a few minutes with a new consent link from {partner}."},
+			PageCrossSite: {"Please open the consent link again",
+				"This consent was started from another site, not from the button on the consent page. For your safety nothing was started.",
+				"Open the consent link you were given and press its button. If this happens again, update your browser or use another one."},
 			PageWrongBrowser: {"Please use the browser you started in",
 				"This consent was started in another browser, or this browser did not keep its consent cookie. For your safety it was not completed here.",
 				"Open the consent link you were given in this browser, with cookies allowed, or ask {partner} for a new one."},
@@ -99,18 +110,22 @@ var languages = map[string]*texts{
 		codeLabel: "Referenz:",
 		consent:   "Einwilligung",
 		footer:    "Sie melden sich auf der Seite Ihrer Bank an: dieser Dienst sieht Ihr Passwort nie.",
+		action:    "Weiter zu {bank}",
 		pages: map[string]pageText{
+			PageStart: {"Einwilligung erteilen",
+				"{partner} bittet um Ihre Einwilligung für den Zugang zu Ihrem Konto bei {bank}. Sie melden sich auf der Seite von {bank} an und entscheiden dort.",
+				"Klicken Sie auf die Schaltfläche, um zu {bank} zu gelangen. Der Link gilt nur kurz und nur, bis Sie eingewilligt haben."},
 			PageSuccess: {"Einwilligung erteilt",
 				"Vielen Dank: Ihre Einwilligung ist gespeichert. Der Zugang, den Sie bei {bank} erteilt haben, steht jetzt bereit.",
 				"Sie müssen nichts weiter tun und können dieses Fenster schließen."},
 			PageDenied: {"Einwilligung nicht erteilt",
 				"Die Einwilligung wurde bei {bank} nicht erteilt; es wurde nichts weitergegeben.",
-				"Ein Einwilligungslink gilt nur einmal. Wenn Sie doch einwilligen möchten, fordern Sie einen neuen Link an."},
+				"Wenn Sie doch einwilligen möchten, öffnen Sie den Einwilligungslink bald noch einmal oder fordern Sie einen neuen an."},
 			PageExpired: {"Dieser Einwilligungslink ist abgelaufen",
 				"Zu Ihrer Sicherheit gelten Einwilligungslinks und die Zeit für die Anmeldung bei der Bank nur kurz; diese Zeit ist abgelaufen. Es wurde nichts gespeichert.",
 				"Fordern Sie einen neuen Einwilligungslink an und öffnen Sie ihn bald nach Erhalt."},
 			PageUsed: {"Dieser Einwilligungslink wurde bereits verwendet",
-				"Ein Einwilligungslink gilt nur einmal, und dieser wurde bereits geöffnet oder ist hier nicht bekannt.",
+				"Ein Einwilligungslink gilt nur für eine Einwilligung, und dieser wurde bereits verwendet oder ist hier nicht bekannt.",
 				"Wenn Sie Ihre Einwilligung nicht abgeschlossen haben, fordern Sie einen neuen Einwilligungslink an."},
 			PageMissing: {"Der Einwilligungslink ist unvollständig",
 				"Die geöffnete Adresse enthält keinen Einwilligungslink.",
@@ -127,6 +142,9 @@ var languages = map[string]*texts{
 			PageUnavailable: {"Der Einwilligungsdienst ist nicht erreichbar",
 				"Dieser Dienst hat gerade keine Verbindung zu {bank} oder zu seinem Speicher; Ihre Einwilligung wurde nicht gespeichert.",
 				"Bitte versuchen Sie es in einigen Minuten mit einem neuen Einwilligungslink erneut."},
+			PageCrossSite: {"Bitte öffnen Sie den Einwilligungslink erneut",
+				"Diese Einwilligung wurde von einer anderen Seite aus gestartet, nicht über die Schaltfläche der Einwilligungsseite. Zu Ihrer Sicherheit wurde nichts gestartet.",
+				"Öffnen Sie den erhaltenen Einwilligungslink und klicken Sie auf die Schaltfläche. Geschieht das erneut, aktualisieren Sie Ihren Browser oder verwenden Sie einen anderen."},
 			PageWrongBrowser: {"Bitte verwenden Sie denselben Browser",
 				"Diese Einwilligung wurde in einem anderen Browser begonnen, oder dieser Browser hat sein Einwilligungs-Cookie nicht behalten. Zu Ihrer Sicherheit wurde sie hier nicht abgeschlossen.",
 				"Öffnen Sie den erhaltenen Einwilligungslink in diesem Browser mit erlaubten Cookies oder fordern Sie einen neuen an."},
@@ -149,18 +167,22 @@ var languages = map[string]*texts{
 		codeLabel: "Référence :",
 		consent:   "Consentement",
 		footer:    "Vous vous connectez sur le site de votre banque : ce service ne voit jamais votre mot de passe.",
+		action:    "Continuer vers {bank}",
 		pages: map[string]pageText{
+			PageStart: {"Donnez votre consentement",
+				"{partner} demande votre consentement pour accéder à votre compte auprès de {bank}. Vous vous connectez et décidez sur le site de {bank}.",
+				"Appuyez sur le bouton pour continuer vers {bank}. Le lien n'est valable que peu de temps, jusqu'à ce que vous ayez donné votre consentement."},
 			PageSuccess: {"Consentement donné",
 				"Merci : votre consentement est enregistré. L'accès que vous avez accordé auprès de {bank} est maintenant disponible.",
 				"Vous n'avez plus rien à faire : vous pouvez fermer cette fenêtre."},
 			PageDenied: {"Consentement non donné",
 				"Le consentement n'a pas été donné auprès de {bank} ; rien n'a été partagé.",
-				"Un lien de consentement ne sert qu'une fois. Si vous souhaitez finalement donner votre consentement, demandez un nouveau lien."},
+				"Si vous souhaitez finalement donner votre consentement, rouvrez bientôt le lien de consentement ou demandez-en un nouveau."},
 			PageExpired: {"Ce lien de consentement a expiré",
 				"Pour votre sécurité, un lien de consentement et le temps pour terminer auprès de la banque sont courts ; ce délai est dépassé. Rien n'a été enregistré.",
 				"Demandez un nouveau lien de consentement et ouvrez-le peu après l'avoir reçu."},
 			PageUsed: {"Ce lien de consentement a déjà servi",
-				"Un lien de consentement ne sert qu'une fois, et celui-ci a déjà été ouvert ou n'est pas connu ici.",
+				"Un lien de consentement ne sert qu'à un seul consentement, et celui-ci a déjà servi ou n'est pas connu ici.",
 				"Si vous n'avez pas terminé votre consentement, demandez un nouveau lien de consentement."},
 			PageMissing: {"Le lien de consentement est incomplet",
 				"L'adresse ouverte ne contient pas de lien de consentement.",
@@ -177,6 +199,9 @@ var languages = map[string]*texts{
 			PageUnavailable: {"Le service de consentement est indisponible",
 				"Ce service ne peut joindre ni {bank} ni son stockage pour le moment ; votre consentement n'a pas été enregistré.",
 				"Veuillez réessayer dans quelques minutes avec un nouveau lien de consentement."},
+			PageCrossSite: {"Veuillez rouvrir le lien de consentement",
+				"Ce consentement a été lancé depuis un autre site, et non depuis le bouton de la page de consentement. Pour votre sécurité, rien n'a été lancé.",
+				"Ouvrez le lien de consentement reçu et appuyez sur son bouton. Si cela se reproduit, mettez à jour votre navigateur ou utilisez-en un autre."},
 			PageWrongBrowser: {"Veuillez utiliser le navigateur de départ",
 				"Ce consentement a été commencé dans un autre navigateur, ou ce navigateur n'a pas gardé son cookie de consentement. Pour votre sécurité, il n'a pas été terminé ici.",
 				"Ouvrez le lien de consentement reçu dans ce navigateur, cookies autorisés, ou demandez-en un nouveau."},

@@ -5,13 +5,22 @@
 //
 // On the public callback site a Handler serves, under any path prefix:
 //
-//	GET  …/start?link=…   consume a one-time consent link, set the browser's consent cookie,
-//	                      redirect to the provider
+//	GET  …/start?link=…   the start page of a consent link: whose consent it is and a button that
+//	                      posts the link to …/start. It changes nothing (no state, no request to
+//	                      the provider), so that a mail or chat scanner fetching the link (HEAD
+//	                      too) leaves it usable
+//	POST …/start          form field link: a same-origin post only (http.CrossOriginProtection);
+//	                      start the authorization request, set the browser's consent cookie,
+//	                      redirect to the provider. The link stays usable until a callback
+//	                      consumes it: starting it again (a second tab, a double click) starts
+//	                      another authorization request
 //	GET  …/callback       the provider's redirect: check the state and that the browser holds its
-//	                      cookie, exchange the code, store the refresh token, redirect to the app's
-//	                      return URL with merchant and outcome (ok or the refusal reason; with
-//	                      outcome provider_error, also error, the provider's error code); without
-//	                      a return URL, redirect to …/done
+//	                      cookie, consume the link (a callback whose link another one consumed
+//	                      first gets unknown_state, as a used link; a failed exchange or save puts
+//	                      the link back), exchange the code, store the refresh
+//	                      token, redirect to the app's return URL with merchant and outcome (ok or
+//	                      the refusal reason; with outcome provider_error, also error, the
+//	                      provider's error code); without a return URL, redirect to …/done
 //	GET  …/done?result=…  the outcome page of a callback, the same on every load for an hour
 //
 // With Options.Links (on the localhost sidecar site) it serves instead:
@@ -81,9 +90,10 @@ type Options struct {
 // Handler serves the consent steps of one provider, or the links API.
 // It is safe for concurrent use.
 type Handler struct {
-	o    Options
-	flow *oauth.AuthCode
-	bank string // the provider's display name
+	o     Options
+	flow  *oauth.AuthCode
+	bank  string                      // the provider's display name
+	posts *http.CrossOriginProtection // admits same-origin posts to …/start only
 }
 
 // New checks that the registry has the consent flow the handler serves.
@@ -92,7 +102,7 @@ func New(o Options) (*Handler, error) {
 	if reg == nil {
 		return nil, fmt.Errorf("provider %q: the token_broker app has no registry (set its config)", o.Provider)
 	}
-	h := &Handler{o: o}
+	h := &Handler{o: o, posts: http.NewCrossOriginProtection()}
 	if o.Provider == "" {
 		if reg.HasConsent() {
 			return h, nil
@@ -116,9 +126,10 @@ func New(o Options) (*Handler, error) {
 	return h, nil
 }
 
-// ServeHTTP serves start, callback, done or links; everything else is a
-// not_found page. Every answer sets Cache-Control: no-store and
-// Referrer-Policy: no-referrer.
+// ServeHTTP serves start (GET and HEAD: the start page; POST: the
+// start), callback, done or links; everything else is a not_found page.
+// Every answer sets Cache-Control: no-store and Referrer-Policy:
+// no-referrer.
 func (c *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := w.Header()
 	h.Set("Cache-Control", "no-store")
@@ -129,7 +140,9 @@ func (c *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case links && strings.HasSuffix(path, "/links") && r.Method == http.MethodPost:
 		c.link(w, r)
-	case !links && strings.HasSuffix(path, "/start") && r.Method == http.MethodGet:
+	case !links && strings.HasSuffix(path, "/start") && (r.Method == http.MethodGet || r.Method == http.MethodHead):
+		c.startPage(w, r)
+	case !links && strings.HasSuffix(path, "/start") && r.Method == http.MethodPost:
 		c.start(w, r)
 	case !links && strings.HasSuffix(path, "/callback") && r.Method == http.MethodGet:
 		c.callback(w, r)
@@ -250,21 +263,70 @@ func LogStep(logger *zap.Logger, provider, step, merchant string, err error) {
 	}
 }
 
-// start consumes a consent link, binds the browser with its consent
-// cookie (the one it has, or a new one) and redirects to the provider.
+// startPage serves GET (and HEAD) …/start?link=…: the start page of a
+// link that can be used, else the page of its refusal. It reads the link
+// and the provider's authorization endpoint (for the page's CSP; a
+// discovery document is fetched once) and changes nothing: no state, no
+// cookie, no authorization or token request.
+func (c *Handler) startPage(w http.ResponseWriter, r *http.Request) {
+	link := r.URL.Query().Get("link")
+	rec, err := c.flow.CheckLink(r.Context(), link, r.Host, c.serves())
+	if err != nil {
+		outcome, code := outcomeOf(err)
+		if outcome == oauth.ReasonStoreFailure {
+			c.o.Logger.Warn("consent start page: the consent storage cannot be read", zap.String("provider", c.o.Provider),
+				zap.String("merchant", rec.Merchant), zap.Error(err))
+		}
+		c.render(w, r, consentpage.Page{Name: consentpage.ForStart(link, outcome), MerchantID: rec.Merchant, Outcome: outcome, ProviderCode: code})
+		return
+	}
+	bank, err := c.flow.AuthorizationOrigin(r.Context())
+	if err != nil {
+		outcome, _ := outcomeOf(err)
+		c.o.Logger.Warn("consent start page: the provider's authorization endpoint is not known (discovery failed)", zap.String("provider", c.o.Provider),
+			zap.String("merchant", rec.Merchant), zap.Error(err))
+		c.render(w, r, consentpage.Page{Name: consentpage.PageUnavailable, MerchantID: rec.Merchant, Outcome: outcome})
+		return
+	}
+	c.render(w, r, consentpage.Page{Name: consentpage.PageStart, MerchantID: rec.Merchant, Link: link, BankOrigin: bank})
+}
+
+// maxStartForm is the largest body of a POST …/start, in bytes.
+const maxStartForm = 4 << 10
+
+// ReasonCrossSite is the refusal of a POST …/start from another origin:
+// a browser's Sec-Fetch-Site says it is not same-origin, or, from a
+// browser without Sec-Fetch-Site, its Origin does not match the request's
+// Host (http.CrossOriginProtection).
+const ReasonCrossSite = "cross_site"
+
+// start serves POST …/start (the start page's form): it starts the
+// authorization request of the link in the form field link, binds the
+// browser with its consent cookie (the one it has, or a new one) and
+// redirects to the provider. A post from another origin is refused with
+// ReasonCrossSite (the cross_site page), nothing started.
 func (c *Handler) start(w http.ResponseWriter, r *http.Request) {
 	provider := c.o.Provider
 	ctx, span := c.span(r, provider, StepStart)
+	if err := c.posts.Check(r); err != nil {
+		c.done(span, provider, StepStart, "", &oauth.ConsentError{Reason: ReasonCrossSite, Provider: provider,
+			Err: fmt.Errorf("the start was posted from another site (%w): nothing was started; the merchant must open the consent link and press its button", err)})
+		c.render(w, r, consentpage.Page{Name: consentpage.PageCrossSite, Outcome: ReasonCrossSite})
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, maxStartForm)
+	_ = r.ParseForm() // a body that does not parse has no link: the missing page
+	link := r.PostForm.Get("link")
 	name, secure := browserCookie(r)
 	browser := oauth.NewBrowser() // unless the browser has a well-formed one
 	if ck, err := r.Cookie(name); err == nil && oauth.WellFormed(ck.Value) {
 		browser = oauth.Browser(ck.Value)
 	}
-	authURL, rec, err := c.flow.Start(ctx, r.URL.Query().Get("link"), r.Host, browser, c.serves())
+	authURL, rec, err := c.flow.Start(ctx, link, r.Host, browser, c.serves())
 	c.done(span, provider, StepStart, rec.Merchant, err)
 	if err != nil {
 		outcome, code := outcomeOf(err)
-		c.render(w, r, consentpage.Page{Name: consentpage.ForStart(r.URL.Query().Get("link"), outcome),
+		c.render(w, r, consentpage.Page{Name: consentpage.ForStart(link, outcome),
 			MerchantID: rec.Merchant, Outcome: outcome, ProviderCode: code})
 		return
 	}

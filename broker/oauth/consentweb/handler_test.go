@@ -35,8 +35,16 @@ func newConsentSite(t *testing.T, tokenURL string, pend oauth.PendingStore, toke
 	if err != nil {
 		t.Fatal(err)
 	}
-	flow, err := oauth.NewAuthCode(src, oauth.AuthCodeConfig{RedirectURIs: []string{"https://cb.partner.example/consent/callback"},
-		AuthorizationURL: "https://bank.invalid/authorize", Scopes: []string{"offline_access"}}, &oauth.Pendings{Store: pend})
+	return siteOf(t, src, oauth.AuthCodeConfig{RedirectURIs: []string{"https://cb.partner.example/consent/callback"},
+		AuthorizationURL: "https://bank.invalid/authorize", Scopes: []string{"offline_access"}}, pend, merchants...)
+}
+
+// siteOf is the public consent handler of provider bank, the source src
+// with the consent flow cfg, its consents in progress in pend, over a
+// registry of the merchants given.
+func siteOf(t *testing.T, src *oauth.RefreshToken, cfg oauth.AuthCodeConfig, pend oauth.PendingStore, merchants ...string) consentSite {
+	t.Helper()
+	flow, err := oauth.NewAuthCode(src, cfg, &oauth.Pendings{Store: pend})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,13 +68,34 @@ func newConsentSite(t *testing.T, tokenURL string, pend oauth.PendingStore, toke
 
 // get serves GET u on s with the cookies.
 func (s consentSite) get(u string, cookies ...*http.Cookie) *httptest.ResponseRecorder {
-	r := httptest.NewRequest(http.MethodGet, u, nil)
+	return s.serve(httptest.NewRequest(http.MethodGet, u, nil), cookies...)
+}
+
+// serve serves r on s with the cookies.
+func (s consentSite) serve(r *http.Request, cookies ...*http.Cookie) *httptest.ResponseRecorder {
 	for _, c := range cookies {
 		r.AddCookie(c)
 	}
 	w := httptest.NewRecorder()
 	s.web.ServeHTTP(w, r)
 	return w
+}
+
+// postStart posts the start page's form of link to the start URL of
+// link's consent site, from a page of that origin (Sec-Fetch-Site
+// same-origin), with the cookies.
+func (s consentSite) postStart(t *testing.T, link string, cookies ...*http.Cookie) *httptest.ResponseRecorder {
+	t.Helper()
+	u, err := url.Parse(link)
+	if err != nil {
+		t.Fatal(err)
+	}
+	form := url.Values{"link": {u.Query().Get("link")}}
+	u.RawQuery = ""
+	r := httptest.NewRequest(http.MethodPost, u.String(), strings.NewReader(form.Encode()))
+	r.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	r.Header.Set("Sec-Fetch-Site", "same-origin")
+	return s.serve(r, cookies...)
 }
 
 // TestConsentOfMerchantRemovedByReload: a consent link, or an
@@ -96,13 +125,17 @@ func TestConsentOfMerchantRemovedByReload(t *testing.T) {
 		return l.URL
 	}
 	t.Run("start", func(t *testing.T) {
-		w := after.get(link())
+		l := link()
+		if w := after.get(l); w.Code == http.StatusOK || !strings.Contains(w.Body.String(), "<html") {
+			t.Fatalf("start page after the merchant's removal: %d; want a refusal page", w.Code)
+		}
+		w := after.postStart(t, l)
 		if w.Code == http.StatusSeeOther || !strings.Contains(w.Body.String(), "<html") {
 			t.Fatalf("start after the merchant's removal: %d, Location %q; want a page", w.Code, w.Header().Get("Location"))
 		}
 	})
 	t.Run("callback", func(t *testing.T) {
-		w := before.get(link())
+		w := before.postStart(t, link())
 		if w.Code != http.StatusSeeOther {
 			t.Fatalf("start: %d", w.Code)
 		}

@@ -32,7 +32,8 @@ type LinkResponse struct {
 	Merchant string `json:"merchant"`
 	// Provider whose consent it is.
 	Provider string `json:"provider"`
-	// URL is the one-time link for the merchant's browser.
+	// URL is the consent link for the merchant's browser, usable until a
+	// consent started from it completes or it expires.
 	URL string `json:"url"`
 	// Expires is when the link stops working.
 	Expires time.Time `json:"expires"`
