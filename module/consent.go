@@ -28,13 +28,12 @@ func init() {
 //
 // On the public callback site (a domain of the provider's redirect_uris,
 // with Caddy's automatic HTTPS) it serves, under any path prefix, the
-// steps GET …/start?link=… (the start page, which changes nothing), POST
-// …/start (its form), GET …/callback and GET …/done?result=…, with the
-// consent cookie that binds a state to its browser; with Links (on
-// the localhost sidecar site) it serves POST …/links instead, for the
-// merchants of every provider with a consent table, under the app's
-// caller policy. Package broker/oauth/consentweb has the contract of
-// each step.
+// steps GET …/start?link=… (a page that changes nothing), POST …/start,
+// GET …/callback and GET …/done?result=…, with the consent cookie that
+// binds a state to its browser; with Links (on the localhost sidecar
+// site) it serves POST …/links instead, for the merchants of every
+// provider with a consent table, under the app's caller policy. Package
+// broker/oauth/consentweb has the contract of each step.
 //
 // Every other path, and every refusal, gets a page of its own
 // (broker/oauth/consentpage: the built-in pages, branded with Partner,
@@ -74,9 +73,7 @@ type Consent struct {
 	Lang string `json:"lang,omitempty"`
 	// Templates is a directory of Go html/template files replacing the
 	// built-in pages: page.html for every page and/or <page>.html for one
-	// (start, success, denied, expired, used, missing, invalid,
-	// provider_error, failed, unavailable, cross_site,
-	// wrong_browser, not_found, gone, result_unavailable), _*.html for
+	// (a name of consentpage.Pages: start, success, used…), _*.html for
 	// shared definitions; the start page must hold the form that posts
 	// {{.Link}} to …/start. They are executed with consentpage.Data; each
 	// is parsed and executed against sample data at provision time, and a
