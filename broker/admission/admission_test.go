@@ -199,7 +199,8 @@ func TestParseSelector(t *testing.T) {
 		{"{http.request.header.X-A}{http.request.header.X-B}", "", ""},
 		{"{http.request.header.X-A}b", "", ""},
 		{"m-{http.request.cookie.m}", "", ""},
-		{"{header.X-Merchant-Id}", "", ""}, // a known placeholder to the adapter's table: not left unexpanded
+		{"{header.X-Merchant-Id}", "", "write the full placeholder, {http.request.header.X-Merchant-Id}"}, // a JSON config's: never adapted
+		{"{file.merchant}", "", ""},                                                                       // Caddy's global placeholder of a file's contents
 		{"acme", "", ""},
 		{"{http.request.header.X-Merchant-Id", "", "braces that do not pair"},
 		{"{http.request.header.{X}}", "", "braces that do not pair"},

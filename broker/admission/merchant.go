@@ -53,8 +53,9 @@ func defaultHint(key string) string {
 // selector: braces that do not pair, an empty placeholder, a header
 // placeholder whose name is not a header field name (as in
 // {http.request.header.X-Merchant-Id:acme}, which is no default), or a
-// shorthand that has a ':' after its name, which the adapter leaves
-// unexpanded ({header.X-Merchant-Id:acme}).
+// Caddyfile shorthand, which Caddy does not know at request time: one the
+// adapter leaves unexpanded ({header.X-Merchant-Id:acme}) or one in a JSON
+// config, which is never adapted ({header.X-Merchant-Id}).
 func ParseSelector(selector string, expand func(string) string) (Selector, error) {
 	unpaired := fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name}, as in {http.request.header.X-Merchant-Id}", selector)
 	start := -1
@@ -90,11 +91,15 @@ func checkPlaceholder(selector, key string, expand func(string) string) error {
 	if name, ok := strings.CutPrefix(key, headerPrefix); ok && !httpguts.ValidHeaderFieldName(name) {
 		return fmt.Errorf("selector %q: %q is not a header field name, so no request has it%s", selector, name, defaultHint(key))
 	}
-	short, def, _ := strings.Cut(key, ":")
-	if full := "{" + key + "}"; expand(full) == full && expand("{"+short+"}") != "{"+short+"}" {
-		expanded := expand("{" + short + "}")
-		return fmt.Errorf("selector %q: {%s} is a Caddyfile shorthand, which the adapter leaves unexpanded with a ':' after its name, so Caddy does not know it at request time: "+
-			"write the full placeholder, %s%s", selector, key, expanded, defaultHint(strings.Trim(expanded, "{}")+":"+def))
+	short, def, colon := strings.Cut(key, ":")
+	// {file.PATH} is also Caddy's global placeholder of a file's contents.
+	if expanded := expand("{" + short + "}"); expanded != "{"+short+"}" && !strings.HasPrefix(key, "file.") {
+		hint := ""
+		if colon {
+			hint = defaultHint(strings.Trim(expanded, "{}") + ":" + def)
+		}
+		return fmt.Errorf("selector %q: {%s} is a Caddyfile shorthand, which Caddy does not know at request time (the Caddyfile adapter expands it only "+
+			"without a ':' after its name, and a JSON config never): write the full placeholder, %s%s", selector, key, expanded, hint)
 	}
 	return nil
 }

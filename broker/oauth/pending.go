@@ -137,8 +137,8 @@ type Pending struct {
 	Verifier string `json:"v,omitempty"`
 	// Nonce is the OpenID nonce, when openid is asked for.
 	Nonce string `json:"n,omitempty"`
-	// Browser is the hex SHA-256 of the secret of the browser that opened
-	// the link (authorization states started with a Browser only).
+	// Browser is the hex SHA-256 of the secret of the browser that started
+	// the consent (authorization states started with a Browser only).
 	Browser string `json:"b,omitempty"`
 	// Link is the consent link an authorization state was started from
 	// (authorization states only): its callback consumes the link before

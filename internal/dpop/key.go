@@ -216,22 +216,22 @@ func (k *Key) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 // errNoKey is the error of a nil Key.
 var errNoKey = errors.New("no DPoP key")
 
-// checkNonce reports whether a DPoP-Nonce value is usable: 1 to maxNonce
+// checkNonce reports whether a DPoP-Nonce value is usable: 1 to MaxNonce
 // NQCHAR (RFC 9449 §8.1: %x21 / %x23-5B / %x5D-7E). Such a value needs no
 // escaping in the proof's JSON.
 func checkNonce(n string) bool {
-	if n == "" || len(n) > maxNonce {
+	if n == "" || len(n) > MaxNonce {
 		return false
 	}
 	return !strings.ContainsFunc(n, func(r rune) bool { return r < 0x21 || r == '"' || r == '\\' || r > 0x7e })
 }
 
-// maxNonce bounds a nonce a Key remembers and puts in its proofs, in
-// bytes. RFC 9449 sets no limit, and a server that asks for its nonce
+// MaxNonce is the largest DPoP-Nonce a Key remembers and puts in its
+// proofs, in bytes. RFC 9449 sets no limit, and a server that asks for its nonce
 // refuses every proof without it, so the bound is far above what servers
 // send (tens to a few hundred bytes; an encrypted nonce well under 1 KiB).
 // A proof that carries an 8 KiB nonce is a DPoP header of about 11 KiB,
 // already over the 8 KiB header line that common HTTP servers accept by
 // default: a larger nonce could hardly travel back to its server. And a
 // Key keeps at most maxServers nonces: 512 KiB at most.
-const maxNonce = 8 << 10
+const MaxNonce = 8 << 10

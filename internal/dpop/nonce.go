@@ -71,9 +71,6 @@ type NonceError struct {
 	BadChars bool
 }
 
-// MaxNonce is the largest DPoP-Nonce a Key remembers, in bytes.
-const MaxNonce = maxNonce
-
 // Error says which server sent what kind of nonce, and what to do.
 func (e *NonceError) Error() string {
 	if e.BadChars {
@@ -121,7 +118,7 @@ func (k *Key) SetNonce(s Server, u *url.URL, nonce string) error {
 	key := nonceKey(b[:0], s, u)
 	e := nonceEntry{value: nonce}
 	if !checkNonce(nonce) {
-		e = nonceEntry{refused: len(nonce), badChars: len(nonce) <= maxNonce}
+		e = nonceEntry{refused: len(nonce), badChars: len(nonce) <= MaxNonce}
 	} else if k.kept(key, nonce) {
 		return nil
 	}

@@ -31,8 +31,8 @@ func (k *Key) Proof(htm, htu, ath, nonce string, now time.Time) (string, error) 
 		return "", errNoKey
 	}
 	if nonce != "" && !checkNonce(nonce) {
-		if len(nonce) > maxNonce {
-			return "", fmt.Errorf("DPoP proof: the server's nonce has %d bytes, over the limit of %d", len(nonce), maxNonce)
+		if len(nonce) > MaxNonce {
+			return "", fmt.Errorf("DPoP proof: the server's nonce has %d bytes, over the limit of %d", len(nonce), MaxNonce)
 		}
 		return "", errors.New("DPoP proof: the server's nonce holds characters a nonce may not (RFC 9449 §8.1)")
 	}

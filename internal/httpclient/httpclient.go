@@ -203,6 +203,8 @@ type limitedBody struct {
 	io.Closer
 }
 
+// Read reads from the body and fails with a *TooLargeError once more
+// than MaxResponseBytes were read.
 func (b *limitedBody) Read(p []byte) (int, error) {
 	if b.n > MaxResponseBytes {
 		return 0, &TooLargeError{Host: b.host, Status: b.status}
