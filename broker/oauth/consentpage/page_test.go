@@ -230,12 +230,15 @@ func TestTemplatesReplaceEveryPage(t *testing.T) {
 // another origin, internationalised hosts included), and to the bank's
 // origin when that is a plain http origin.
 func TestCSPFormAction(t *testing.T) {
+	// A local bank's origin, as the sandbox's: http on a port of its own.
+	local := httptest.NewServer(http.NotFoundHandler())
+	t.Cleanup(local.Close)
 	for _, tc := range []struct{ bank, want string }{
 		{"", "form-action 'self';"},
 		{"https://bank.example", "form-action 'self' https:;"},
 		{"https://bänk.example", "form-action 'self' https:;"},
 		{"https://[::1]:8443", "form-action 'self' https:;"},
-		{"http://127.0.0.1:8443", "form-action 'self' https: http://127.0.0.1:8443;"},
+		{local.URL, "form-action 'self' https: " + local.URL + ";"},
 		{"http://[::1]:8443", "form-action 'self' https: http://[::1]:8443;"},
 		{"http://bank.example/authorize", "form-action 'self' https:;"},
 		{"http://bank.example; script-src *", "form-action 'self' https:;"},
