@@ -627,6 +627,57 @@ func TestRedisDownAndBack(t *testing.T) {
 	}
 }
 
+// During a rolling key rotation, nodes whose current keys differ still
+// serialise the refreshes of a merchant: while one holds the refresh-token
+// lock, the other waits, whatever the order of its keys.
+func TestRefreshTokenLockAcrossKeyRotation(t *testing.T) {
+	cases := []struct {
+		name       string
+		keysA      []byte // current first
+		keysB      []byte
+		plainNames bool
+	}{
+		{"same keys", []byte{1}, []byte{1}, false},
+		{"new key added as old on one node", []byte{1}, []byte{1, 2}, false},
+		{"one node rotated", []byte{2, 1}, []byte{1, 2}, false},
+		{"rotated node and a node with only the old key", []byte{2, 1}, []byte{1}, false},
+		{"plain names, one node rotated", []byte{2, 1}, []byte{1, 2}, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := startRedis(t)
+			plain := func(o *Options) { o.PlainKeys = tc.plainNames }
+			a := newNode(t, r, testKeys(t, tc.keysA[0], tc.keysA[1:]...), plain).Store()
+			b := newNode(t, r, testKeys(t, tc.keysB[0], tc.keysB[1:]...), plain).Store()
+			ctx := testCtx(t)
+			for _, order := range []struct{ holder, waiter *Store }{{a, b}, {b, a}} {
+				unlock, err := order.holder.Lock(ctx, "bank/m1")
+				if err != nil {
+					t.Fatal(err)
+				}
+				short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+				_, err = order.waiter.Lock(short, "bank/m1")
+				cancel()
+				if !errors.Is(err, context.DeadlineExceeded) {
+					t.Fatalf("a second node took the refresh-token lock while the first held it (err %v): two refreshes could spend one rotating refresh token", err)
+				}
+				got := make(chan error, 1)
+				go func() {
+					unlockW, err := order.waiter.Lock(ctx, "bank/m1")
+					if err == nil {
+						unlockW()
+					}
+					got <- err
+				}()
+				unlock()
+				if err := <-got; err != nil {
+					t.Fatalf("Lock after the holder unlocked: %v", err)
+				}
+			}
+		})
+	}
+}
+
 // Refresh tokens round-trip sealed, and two nodes' Locks exclude each other.
 func TestRefreshTokenStore(t *testing.T) {
 	r := startRedis(t)

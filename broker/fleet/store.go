@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/bsm/redislock"
@@ -167,23 +168,58 @@ func (s *Store) Save(ctx context.Context, key string, rt broker.Secret) error {
 	return nil
 }
 
-// Lock implements oauth.Store with the fleet lock of key: it waits (woken
+// Lock implements oauth.Store with the fleet locks of key: one under the
+// name each of this node's keys gives it (lockSubjects), taken in order.
+// During a rolling key rotation nodes name a key after different current
+// keys, but any two of them share a key, hence a lock: refreshes of a
+// merchant stay serialised across the fleet. It waits for each lock (woken
 // by the holder's announcement, or at the lock's expiry if the holder
-// died) until this node holds it, or ctx is done.
+// died) until this node holds them all, or ctx is done.
 func (s *Store) Lock(ctx context.Context, key string) (func(), error) {
+	var unlocks []func()
+	unlockAll := func() {
+		for i := len(unlocks) - 1; i >= 0; i-- {
+			unlocks[i]()
+		}
+	}
+	for _, subject := range s.lockSubjects(key) {
+		unlock, err := s.lock(ctx, key, subject)
+		if err != nil {
+			unlockAll()
+			return nil, err
+		}
+		unlocks = append(unlocks, unlock)
+	}
+	return sync.OnceFunc(unlockAll), nil
+}
+
+// lockSubjects returns the subjects of key's refresh-token locks, one per
+// name key (one with plain names), sorted: every node takes the locks it
+// shares with another in the same order, so two nodes never wait for each
+// other.
+func (s *Store) lockSubjects(key string) []string {
+	subjects := make([]string, 0, len(s.c.nameKeys))
+	for _, nk := range s.c.nameKeys {
+		subjects = append(subjects, "rt:"+s.c.nameWith(nk, key))
+	}
+	slices.Sort(subjects)
+	return slices.Compact(subjects)
+}
+
+// lock takes one fleet lock of key's refresh token, waiting for it.
+func (s *Store) lock(ctx context.Context, key, subject string) (func(), error) {
 	c := s.c
-	subject := "rt:" + c.name(key)
 	wake, stop := c.watch(subject)
 	defer stop()
 	for {
 		c.begin()
 		h, err := c.obtain(ctx, subject)
 		if err == nil {
-			return sync.OnceFunc(func() {
+			return func() {
 				defer c.end()
 				h.release()
 				_ = c.publish(context.Background(), event{Kind: "unlock", Subject: subject})
-			}), nil
+			}, nil
 		}
 		c.end()
 		if !errors.Is(err, redislock.ErrNotObtained) {
