@@ -78,7 +78,7 @@ func TestTokensPages(t *testing.T) {
 			profiles = append(profiles, aisp) // two tokens
 		}
 		for _, p := range profiles {
-			if _, err := br.Token(context.Background(), broker.NewBindingFor(p, id, "org-"+id)); err != nil {
+			if _, _, err := br.Get(context.Background(), broker.NewBindingFor(p, id, "org-"+id)); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -49,7 +49,7 @@ func BenchmarkBuild(b *testing.B) {
 			b.Fatal(err)
 		}
 		bd.Observer = obs
-		_, _ = br.Token(context.Background(), bd)
+		_, _, _ = br.Get(context.Background(), bd)
 	}
 	s := Sources{Registry: reg, Broker: br, Tables: []*bindings.Table{table}, Tracker: tracker, Index: &Index{}}
 	r := Build(s, Query{}, now)
