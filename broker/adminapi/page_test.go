@@ -131,7 +131,7 @@ func TestConsentMerchantsPages(t *testing.T) {
 	reg := &config.Registry{Providers: map[string]*config.Provider{}, Merchants: map[string]*config.Merchant{}}
 	stores := map[string]*countingStore{}
 	for _, name := range []string{"bank", "other"} {
-		stores[name] = &countingStore{Store: oauth.NewMemoryStore()}
+		stores[name] = &countingStore{Store: &oauth.MemoryStore{}}
 		src, err := oauth.NewRefreshToken(oauth.Config{Name: name, TokenURL: "https://" + name + ".example/token", ClientID: "c", ClientSecret: "s"}, stores[name])
 		if err != nil {
 			t.Fatal(err)
