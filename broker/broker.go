@@ -59,7 +59,7 @@ type Entry struct {
 	// sharedAcross: served to a binding of another merchant than its
 	// own (same source, organisation and scopes): Drop keeps it.
 	sharedAcross atomic.Bool
-	// behind: the PlanObserver was told its refresh is behind.
+	// behind: the Observer was told its refresh is behind (RefreshBehind).
 	behind      atomic.Bool
 	adopted     bool // OriginShared, else OriginMinted
 	scopesAsked bool // granted scopes are the binding's

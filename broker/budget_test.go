@@ -12,8 +12,9 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
-// planLog records what a PlanObserver is told.
+// planLog records what an Observer is told of refresh plans.
 type planLog struct {
+	nopObserver
 	mu      sync.Mutex
 	planned map[string]time.Time // merchant -> last plan
 	behind  []time.Time          // expiries told
@@ -362,7 +363,7 @@ func atPlannedRefresh(t *testing.T, period time.Duration) (*fakeClock, *callLog,
 
 // TestRefreshBehind: a refresh-ahead the budget cannot serve before the
 // token's end is deferred (tried again at a later lookup, not after the
-// failure backoff), told once to the PlanObserver before any caller could
+// failure backoff), told once to the Observer (RefreshBehind) before any caller could
 // see an expired token, and callers never get one: past Leeway they wait
 // for a token like a cold key.
 func TestRefreshBehind(t *testing.T) {
@@ -953,7 +954,7 @@ func TestAdoptedRefreshAtClamped(t *testing.T) {
 	}
 }
 
-// TestRefreshPlannedOnlyForMinted: the PlanObserver is told of the planned
+// TestRefreshPlannedOnlyForMinted: the Observer is told of the planned
 // refresh of a token the broker minted, not of one it adopted from the
 // shared tier (planned where it was minted).
 func TestRefreshPlannedOnlyForMinted(t *testing.T) {

@@ -44,8 +44,8 @@ const (
 	ClassRetryNow
 )
 
-// RetryNowError is the error an Observer (Fetched) and a FetchObserver
-// (Attempt.Err) are told of a call answered ClassRetryNow: the provider
+// RetryNowError is the error an Observer is told (Fetched, and
+// FetchDone's Attempt.Err) of a call answered ClassRetryNow: the provider
 // asked for the call to be sent again at once. It is no failure: the
 // call counts as a call, neither the provider's nor the merchant's
 // failure. Err is the source's answer.

@@ -94,8 +94,8 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 			// A token purged twice while fetched is handed to the
 			// lookups waiting for it, never cached. An adopted token's
 			// refresh was planned where it was minted.
-			if po, ok := b.Observer.(PlanObserver); ok && origin == OriginMinted {
-				po.RefreshPlanned(b, e.RefreshAt())
+			if b.Observer != nil && origin == OriginMinted {
+				b.Observer.RefreshPlanned(b, e.RefreshAt())
 			}
 			return e, nil
 		}
@@ -170,7 +170,7 @@ const outlivesBy = time.Second
 
 // mint calls the Source for b's key through the failure policy (policy.go,
 // asked before each attempt). It returns how many calls it made and the
-// report of the last call and of the fetch (FetchObserver), for the caller
+// report of the last call and of the fetch (Observer.FetchDone), for the caller
 // to run once the outcome is stored. A fetch that a backoff or its budget
 // refused before any call, or before the second call a ClassRetryNow
 // answer to its first attempt asked for, is not recorded. deadline bounds
@@ -199,7 +199,7 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 			be.notCalled = true // refused by the breaker: record made be for this fetch
 		}
 	}
-	fo, _ := b.Observer.(FetchObserver)
+	fo := b.Observer
 	if fo == nil || calls == 0 {
 		return tok, calls, last, err
 	}
@@ -230,7 +230,6 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 // f.Attempts, it tells mint that its second call did not go out.
 func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
 	obs := b.Observer
-	bo, _ := obs.(BreakerObserver)
 	noop := func() {}
 	report := noop
 	f := Fetch{Background: background}
@@ -257,8 +256,8 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 			return true, nil
 		}
 		ok, wait, halfOpen, probe, cause := br.pol.allow(b, now)
-		if halfOpen && bo != nil {
-			bo.BreakerChanged(b.SourceID, BreakerHalfOpen)
+		if halfOpen && obs != nil {
+			obs.BreakerChanged(b.SourceID, BreakerHalfOpen)
 		}
 		if ok {
 			return probe, nil
@@ -341,8 +340,8 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 			// Told with the call, once its outcome is remembered: a
 			// probe that closes the breaker and starts the source's
 			// backoff (a 429) is seen as one change.
-			if from != to && bo != nil {
-				bo.BreakerChanged(b.SourceID, to)
+			if from != to && obs != nil {
+				obs.BreakerChanged(b.SourceID, to)
 			}
 			if obs != nil {
 				obs.Fetched(ctx, b, tok, elapsed, background, err)
@@ -506,7 +505,7 @@ const (
 )
 
 // refreshDenied defers the next refresh-ahead of cur, which its budget
-// refused, and tells the PlanObserver once per token when the budget has
+// refused, and tells b's Observer (RefreshBehind) once per token when the budget has
 // no room for it before cur can no longer be served.
 func (br *Broker) refreshDenied(b *Binding, cur *Entry, err error, now time.Time) {
 	wait := RetryAfterOf(err)
@@ -521,14 +520,14 @@ func (br *Broker) refreshDenied(b *Binding, cur *Entry, err error, now time.Time
 	br.refreshBehind(b, cur)
 }
 
-// refreshBehind tells the PlanObserver, once per token, that e's refresh
+// refreshBehind tells b's Observer (RefreshBehind), once per token, that e's refresh
 // will not happen before e can no longer be served.
 func (br *Broker) refreshBehind(b *Binding, e *Entry) {
 	if !e.behind.CompareAndSwap(false, true) {
 		return
 	}
-	if po, ok := b.Observer.(PlanObserver); ok {
-		po.RefreshBehind(b, e.expiry)
+	if b.Observer != nil {
+		b.Observer.RefreshBehind(b, e.expiry)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 
 // fetchLog records the observer calls of fetches, in order.
 type fetchLog struct {
+	nopObserver
 	mu      sync.Mutex
 	calls   []string // "call" per Fetched, "fetch" per FetchDone
 	fetches []Fetch
@@ -33,7 +34,7 @@ func (o *fetchLog) FetchDone(_ context.Context, _ *Binding, f Fetch) {
 	o.fetches = append(o.fetches, f)
 }
 
-// A FetchObserver is told once per fetch that called the Source, after
+// An Observer is told FetchDone once per fetch that called the Source, after
 // its last call was reported, with every attempt; not for a fetch the
 // policy refused without a call.
 func TestFetchObserverOncePerFetch(t *testing.T) {

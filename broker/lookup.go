@@ -6,16 +6,6 @@ import (
 	"fmt"
 )
 
-// Token returns a valid token for the binding: from the cache, or from its
-// Source. It never returns a token closer than Leeway to its expiry.
-func (br *Broker) Token(ctx context.Context, b *Binding) (Token, error) {
-	e, _, err := br.Get(ctx, b)
-	if err != nil {
-		return Token{}, err
-	}
-	return e.Token(), nil
-}
-
 // Get returns the cache entry holding a valid token for the binding and how
 // it was served. A cached token past its planned refresh is returned at
 // once and one background refresh is started (unless the key's last

@@ -228,22 +228,46 @@ type Observer interface {
 	// call answered ClassRetryNow is told with a *RetryNowError: no
 	// failure.
 	// background is true for refresh-ahead fetches. A fetch may call the
-	// Source several times (Options.MaxAttempts): FetchObserver is told
+	// Source several times (Options.MaxAttempts): FetchDone is told
 	// once per fetch.
 	Fetched(ctx context.Context, b *Binding, tok Token, elapsed time.Duration, background bool, err error)
-}
-
-// FetchObserver is an optional interface of an Observer: it is told once
-// per fetch that called the Source, after Fetched was told of its last
-// call and once the outcome is cached (or remembered as a failure). A
-// fetch the failure policy answered without a call (a backoff, an open
-// breaker) is not reported.
-type FetchObserver interface {
-	// FetchDone is told of a fetch that called the Source, once.
+	// FetchDone is told once per fetch that called the Source, after
+	// Fetched was told of its last call and once the outcome is cached
+	// (or remembered as a failure). A fetch the failure policy answered
+	// without a call (a backoff, an open breaker) is not reported.
 	FetchDone(ctx context.Context, b *Binding, f Fetch)
+	// BreakerChanged is told when a source's circuit breaker changes
+	// state (closed, open, half-open). A change a call's outcome makes is
+	// told once that outcome is remembered (a source backoff it starts is
+	// already on), before the call's Fetched. A breaker not closed that
+	// the policy forgets (Broker.ForgetSource, or an idle source's sweep)
+	// is told closed.
+	BreakerChanged(sourceID string, state BreakerState)
+	// BackingOff is told that b's key starts (on) its backoff (its
+	// fetches answer the remembered error without calling the token API)
+	// or ends it (a success, or the memory was forgotten). Calls for one
+	// key alternate, true then false, and go to the observer of the
+	// binding that failed.
+	BackingOff(b *Binding, on bool)
+	// SourceBackingOff is told that a source starts (on) its backoff (its
+	// token API is not called for any key, see Broker.SourceHealth) or
+	// ends it.
+	SourceBackingOff(sourceID string, on bool)
+	// RefreshPlanned is told that the refresh-ahead of b's token, minted
+	// by this broker, is planned at at (Token.RefreshAt; an adopted
+	// token's was planned where it was minted).
+	RefreshPlanned(b *Binding, at time.Time)
+	// RefreshBehind is told, once per token, that b's token, ending at
+	// expiry, cannot get budget (Profile.Budget) for its refresh before
+	// its expiry less Leeway: the key goes cold and its next caller waits
+	// for a token. It is told when the budget refuses the refresh with a
+	// wait past that point, or, when lookups are sparse, by the first
+	// lookup that finds the token past it with its refresh deferred by
+	// the budget.
+	RefreshBehind(b *Binding, expiry time.Time)
 }
 
-// Fetch is a fetch that called the Source, for a FetchObserver.
+// Fetch is a fetch that called the Source, for Observer.FetchDone.
 type Fetch struct {
 	// Token is the token obtained (never log its Value); zero when Err is
 	// set.
@@ -272,42 +296,4 @@ type Attempt struct {
 	// *RetryNowError, which is no failure, when the provider asked for
 	// it to be sent again at once (ClassRetryNow).
 	Err error
-}
-
-// BreakerObserver is an optional interface of an Observer: it is told when a
-// source's circuit breaker changes state (closed, open, half-open). A
-// change a call's outcome makes is told once that outcome is remembered
-// (a source backoff it starts is already on), before the call's Fetched.
-// A breaker not closed that the policy forgets (Broker.ForgetSource, or
-// an idle source's sweep) is told closed.
-type BreakerObserver interface {
-	// BreakerChanged is told of the source's breaker's new state.
-	BreakerChanged(sourceID string, state BreakerState)
-}
-
-// BackoffObserver is an optional interface of an Observer: it is told when
-// a key's backoff starts (its fetches answer the remembered error without
-// calling the token API) and when it ends (a success, or the memory was
-// forgotten). Calls for one key alternate,
-// true then false, and go to the observer of the binding that failed.
-type BackoffObserver interface {
-	// BackingOff is told that b's key starts (on) or ends its backoff.
-	BackingOff(b *Binding, on bool)
-}
-
-// PlanObserver is an optional interface of an Observer: it is told when
-// the refresh-ahead of a token this broker minted is planned
-// (Token.RefreshAt; an adopted token's was planned where it was minted),
-// and, once per
-// token, when its refresh cannot get budget (Profile.Budget) before the
-// token's expiry less Leeway: the key goes cold and its next caller waits
-// for a token. It is told when the budget refuses the refresh with a wait
-// past that point, or, when lookups are sparse, by the first lookup that
-// finds the token past it with its refresh deferred by the budget.
-type PlanObserver interface {
-	// RefreshPlanned is told that b's token is refreshed at at.
-	RefreshPlanned(b *Binding, at time.Time)
-	// RefreshBehind is told that b's token, ending at expiry, cannot
-	// get budget for its refresh in time.
-	RefreshBehind(b *Binding, expiry time.Time)
 }

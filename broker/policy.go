@@ -534,35 +534,26 @@ func (p *policy) maybeSweep(now time.Time) {
 
 func backingOff(obs Observer, b *Binding, on bool) func() {
 	return func() {
-		if bo, ok := obs.(BackoffObserver); ok {
-			bo.BackingOff(b, on)
+		if obs != nil {
+			obs.BackingOff(b, on)
 		}
 	}
 }
 
 func breakerChanged(obs Observer, sourceID string, state BreakerState) func() {
 	return func() {
-		if bo, ok := obs.(BreakerObserver); ok {
-			bo.BreakerChanged(sourceID, state)
+		if obs != nil {
+			obs.BreakerChanged(sourceID, state)
 		}
 	}
 }
 
 func sourceBackingOff(obs Observer, sourceID string, on bool) func() {
 	return func() {
-		if so, ok := obs.(SourceObserver); ok {
-			so.SourceBackingOff(sourceID, on)
+		if obs != nil {
+			obs.SourceBackingOff(sourceID, on)
 		}
 	}
-}
-
-// SourceObserver is an optional interface of an Observer: it is told when
-// a source's backoff starts (its token API is not called for any key, see
-// Broker.SourceHealth) and when it ends.
-type SourceObserver interface {
-	// SourceBackingOff is told that the source starts (on) or ends its
-	// backoff.
-	SourceBackingOff(sourceID string, on bool)
 }
 
 // Policy is the failure policy's state for one key, for the admin API.

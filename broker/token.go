@@ -55,7 +55,7 @@ type Token struct {
 	// (Nuapay's data.id). Empty when the provider has none.
 	ID string
 	// Scopes are the scopes the provider granted, when it says. In a
-	// token from the cache (Entry.Token, Broker.Token) the slice is
+	// token from the cache (Entry.Token) the slice is
 	// shared with the other tokens of the same grant: never modify it.
 	Scopes []string
 	// IssuedAt is when the broker received the token (broker clock).

@@ -626,7 +626,7 @@ token_lifetime = "1h"
 provider = "consented"
 `)
 	path := filepath.Join(dir, "merchants.toml")
-	store := oauth.NewMemoryStore()
+	store := &oauth.MemoryStore{}
 	reg, err := parseWith(path, data, Options{LookupEnv: testEnv(), RefreshStore: store})
 	if err != nil {
 		t.Fatal(err)

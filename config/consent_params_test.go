@@ -19,7 +19,7 @@ func TestConsentRequestParams(t *testing.T) {
   '''
   authorization_details = '[{"type": "payment_initiation", "instructedAmount": {"currency": "EUR", "amount": "1.00"}}]'
   resources = ["https://api.bank.example/"]`
-	opts := Options{LookupEnv: testEnv(), RefreshStore: oauth.NewMemoryStore(), ConsentStore: &oauth.MemoryPendingStore{}}
+	opts := Options{LookupEnv: testEnv(), RefreshStore: &oauth.MemoryStore{}, ConsentStore: &oauth.MemoryPendingStore{}}
 	srv, toml := consentOP(t, strings.Replace(consentProvider, `link_ttl = "5m"`, params, 1))
 	reg, err := parseWith("m.toml", []byte(toml), opts)
 	if err != nil {

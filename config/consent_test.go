@@ -82,7 +82,7 @@ func authorizationRequest(t *testing.T, srv *optest.Server, flow *oauth.AuthCode
 // TestConsentTable: a provider's consent table gives its flow; its
 // mistakes are reported with the field and the line.
 func TestConsentTable(t *testing.T) {
-	opts := Options{LookupEnv: testEnv(), RefreshStore: oauth.NewMemoryStore(), ConsentStore: &oauth.MemoryPendingStore{}}
+	opts := Options{LookupEnv: testEnv(), RefreshStore: &oauth.MemoryStore{}, ConsentStore: &oauth.MemoryPendingStore{}}
 	srv, toml := consentOP(t, consentProvider)
 	reg, err := parseWith("m.toml", []byte(toml), opts)
 	if err != nil {
@@ -179,7 +179,7 @@ func TestConsentLinkLimits(t *testing.T) {
 		}
 		t.Run(tt.name, func(t *testing.T) {
 			_, toml := consentOP(t, strings.Replace(consentProvider, "par = true", tt.limits, 1))
-			opts := Options{LookupEnv: testEnv(), RefreshStore: oauth.NewMemoryStore(), ConsentStore: &oauth.MemoryPendingStore{}}
+			opts := Options{LookupEnv: testEnv(), RefreshStore: &oauth.MemoryStore{}, ConsentStore: &oauth.MemoryPendingStore{}}
 			reg, err := parseWith("m.toml", []byte(toml), opts)
 			if err != nil {
 				t.Fatal(err)

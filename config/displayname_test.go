@@ -11,7 +11,7 @@ import (
 // read for the consent pages, strictly checked, and keeps merchants of
 // equal terms apart only by their names.
 func TestDisplayNames(t *testing.T) {
-	opts := Options{LookupEnv: testEnv(), RefreshStore: oauth.NewMemoryStore(), ConsentStore: &oauth.MemoryPendingStore{}}
+	opts := Options{LookupEnv: testEnv(), RefreshStore: &oauth.MemoryStore{}, ConsentStore: &oauth.MemoryPendingStore{}}
 	src := strings.Replace(consentProvider, "  par = true\n", "  par = true\n  display_name = \"Example Bank\"\n", 1) + `display_name = "Acme Ltd"
 
 [merchants.globex]

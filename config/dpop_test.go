@@ -238,10 +238,13 @@ func TestDPoPNonceHook(t *testing.T) {
 		// A broker of its own each time: the second fetch is not served
 		// from the first one's cache. Its attempts answer the challenge.
 		br := broker.New(broker.Options{MaxAttempts: 1})
-		tok, err := br.Token(context.Background(), b)
+		e, _, err := br.Get(context.Background(), b)
 		br.Close()
-		if err != nil || tok.Type != "DPoP" {
-			t.Fatalf("token type %q, err %v", tok.Type, err)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tok := e.Token(); tok.Type != "DPoP" {
+			t.Fatalf("token type %q; want DPoP", tok.Type)
 		}
 	}
 	if !slices.Equal(told, []string{"oneid"}) {

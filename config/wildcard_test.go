@@ -125,7 +125,7 @@ client_secret = "{env.NUAPAY_API_KEY}"
 [merchants."*"]
 provider = "consented"
 `
-	_, err := parseWith("w.toml", []byte(file), Options{LookupEnv: testEnv(), RefreshStore: oauth.NewMemoryStore()})
+	_, err := parseWith("w.toml", []byte(file), Options{LookupEnv: testEnv(), RefreshStore: &oauth.MemoryStore{}})
 	line := strings.Count(file[:strings.Index(file, `provider = "consented"`)], "\n") + 1
 	want := fmt.Sprintf(`w.toml:%d: merchant "*": field provider: provider "consented" uses grant refresh_token`, line)
 	if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "[merchants.ID]") {

@@ -195,7 +195,7 @@ func (s *pagesSite) link(t *testing.T, merchant string) string {
 func (s *pagesSite) expiredLink(t *testing.T, merchant string) string {
 	t.Helper()
 	reg, err := config.LoadWith(s.toml, config.Options{LookupEnv: os.LookupEnv,
-		RefreshStore: oauth.NewMemoryStore(), ConsentStore: &oauth.MemoryPendingStore{}})
+		RefreshStore: &oauth.MemoryStore{}, ConsentStore: &oauth.MemoryPendingStore{}})
 	if err != nil {
 		t.Fatal(err)
 	}

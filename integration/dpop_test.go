@@ -579,7 +579,7 @@ func TestDPoPREADMEConfig(t *testing.T) {
 	if err := os.WriteFile(regFile, []byte(toml), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	reg, err := config.LoadWith(regFile, config.Options{RefreshStore: oauth.NewMemoryStore()})
+	reg, err := config.LoadWith(regFile, config.Options{RefreshStore: &oauth.MemoryStore{}})
 	if err != nil {
 		t.Fatalf("the README's merchants.toml: %v", err)
 	}

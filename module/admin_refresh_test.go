@@ -48,7 +48,7 @@ client_secret = "{env.BANK_SECRET}"
 provider = "bank"
 scopes = ["accounts"]
 `
-	reg, err := configtest.Load(t, "merchants.toml", []byte(toml), config.Options{RefreshStore: oauth.NewMemoryStore(),
+	reg, err := configtest.Load(t, "merchants.toml", []byte(toml), config.Options{RefreshStore: &oauth.MemoryStore{},
 		LookupEnv: func(k string) (string, bool) { return "bank-secret", k == "BANK_SECRET" }})
 	if err != nil {
 		t.Fatal(err)

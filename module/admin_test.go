@@ -37,7 +37,7 @@ func TestAdminTokenListShowsPolicyState(t *testing.T) {
 	t.Cleanup(func() { current.Store(prev) })
 	b := brokertest.NewBinding("nuapay#t", src, broker.Request{Merchant: "acme", Organisation: "org-acme"})
 	ctx := context.Background()
-	if _, err := br.Token(ctx, b); err != nil {
+	if _, _, err := br.Get(ctx, b); err != nil {
 		t.Fatal(err)
 	}
 	list := func() adminapi.TokenInfo {
@@ -66,7 +66,7 @@ func TestAdminTokenListShowsPolicyState(t *testing.T) {
 	// Past the planned refresh the provider answers 429 Retry-After 60.
 	fail.Store(true)
 	clk.Add(98 * time.Second)
-	if _, err := br.Token(ctx, b); err != nil {
+	if _, _, err := br.Get(ctx, b); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return list().LastRefreshError != "" })

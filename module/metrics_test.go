@@ -80,7 +80,7 @@ func TestMetricsScriptedSequence(t *testing.T) {
 	}
 	h, m, reg := newMetricsHandler(t, src, clk, false)
 	// A fetch's log line is written once its calls are counted and its
-	// outcome is cached (broker.FetchObserver): a background refresh is
+	// outcome is cached (broker.Observer.FetchDone): a background refresh is
 	// done when its line is.
 	fetchLogged := make(chan struct{}, 8)
 	core, _ := zapobserver.New(zap.InfoLevel)

@@ -246,7 +246,7 @@ client_secret = "{env.BANK_SECRET}"
 [merchants.acme]
 provider = "bank"
 scopes = ["accounts"]
-`), config.Options{RefreshStore: oauth.NewMemoryStore(), LookupEnv: func(k string) (string, bool) { return "bank-secret", k == "BANK_SECRET" }})
+`), config.Options{RefreshStore: &oauth.MemoryStore{}, LookupEnv: func(k string) (string, bool) { return "bank-secret", k == "BANK_SECRET" }})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -108,19 +108,10 @@ func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
 	if p.LastError != nil {
 		ti.LastRefreshError = errcode.Classify(p.LastError).String()
 	}
-	if !p.BackoffUntil.IsZero() {
-		until := p.BackoffUntil.UTC()
-		ti.BackoffUntil = &until
-	}
+	ti.BackoffUntil = opstate.TimePtr(p.BackoffUntil)
 	ti.Failures = p.Failures
-	if !p.SourceBackoffUntil.IsZero() {
-		until := p.SourceBackoffUntil.UTC()
-		ti.SourceBackoffUntil = &until
-	}
-	if !p.PurgesPausedUntil.IsZero() {
-		until := p.PurgesPausedUntil.UTC()
-		ti.PurgesPausedUntil = &until
-	}
+	ti.SourceBackoffUntil = opstate.TimePtr(p.SourceBackoffUntil)
+	ti.PurgesPausedUntil = opstate.TimePtr(p.PurgesPausedUntil)
 	ti.RejectStrikes = p.Strikes
 	return ti
 }

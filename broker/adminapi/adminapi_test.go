@@ -18,7 +18,7 @@ import (
 // naming the merchant and the field, never the token, and nothing is
 // stored; a valid one, spaces included, is stored.
 func TestSetRefreshTokenRefusals(t *testing.T) {
-	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.example/token", ClientID: "c", ClientSecret: "s"}, oauth.NewMemoryStore())
+	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.example/token", ClientID: "c", ClientSecret: "s"}, &oauth.MemoryStore{})
 	if err != nil {
 		t.Fatal(err)
 	}

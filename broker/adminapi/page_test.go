@@ -78,7 +78,7 @@ func TestTokensPages(t *testing.T) {
 			profiles = append(profiles, aisp) // two tokens
 		}
 		for _, p := range profiles {
-			if _, err := br.Token(context.Background(), broker.NewBindingFor(p, id, "org-"+id)); err != nil {
+			if _, _, err := br.Get(context.Background(), broker.NewBindingFor(p, id, "org-"+id)); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -131,7 +131,7 @@ func TestConsentMerchantsPages(t *testing.T) {
 	reg := &config.Registry{Providers: map[string]*config.Provider{}, Merchants: map[string]*config.Merchant{}}
 	stores := map[string]*countingStore{}
 	for _, name := range []string{"bank", "other"} {
-		stores[name] = &countingStore{Store: oauth.NewMemoryStore()}
+		stores[name] = &countingStore{Store: &oauth.MemoryStore{}}
 		src, err := oauth.NewRefreshToken(oauth.Config{Name: name, TokenURL: "https://" + name + ".example/token", ClientID: "c", ClientSecret: "s"}, stores[name])
 		if err != nil {
 			t.Fatal(err)

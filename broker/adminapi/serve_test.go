@@ -164,7 +164,7 @@ func TestMethodNotAllowedSaysAllow(t *testing.T) {
 // not use the refresh_token grant, is refused with 400 naming the
 // providers that do.
 func TestConsentMerchantsProvider(t *testing.T) {
-	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.example/token", ClientID: "c", ClientSecret: "s"}, oauth.NewMemoryStore())
+	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.example/token", ClientID: "c", ClientSecret: "s"}, &oauth.MemoryStore{})
 	if err != nil {
 		t.Fatal(err)
 	}

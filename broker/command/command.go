@@ -107,7 +107,7 @@ func Validate(std IO, cfg []byte, file string, expand func(string) string) error
 	}
 	failed := false
 	for _, path := range paths {
-		reg, err := config.LoadWith(expand(path), config.Options{RefreshStore: oauth.NewMemoryStore()})
+		reg, err := config.LoadWith(expand(path), config.Options{RefreshStore: &oauth.MemoryStore{}})
 		if err != nil {
 			failed = true
 			for _, line := range config.ErrorLines(err) {

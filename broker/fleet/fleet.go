@@ -324,7 +324,7 @@ func New(opts Options) (*Cache, error) {
 	switch {
 	case err == nil:
 		c.checkCommands(nil)
-	case isAuthError(err):
+	case redis.IsAuthError(err): // WRONGPASS, or NOAUTH: a password is required
 		opts.Logger.Error("redis refused the broker's credentials: check the redis settings username and password; this node mints without the shared tier until Redis accepts them",
 			zap.Error(err))
 	case refusedCommand(err) != "": // an ACL without SUBSCRIBE: one log with the other missing commands
@@ -350,17 +350,6 @@ func (c *Cache) checkEviction(ctx context.Context) {
 		c.opts.Logger.Warn("redis maxmemory-policy "+policy+" may evict the merchants' refresh tokens, which have no expiry and cannot be minted again (the merchant would need consent again): set maxmemory-policy to noeviction or a volatile-* policy",
 			zap.String("maxmemory_policy", policy))
 	}
-}
-
-// isAuthError reports whether err is Redis refusing the client's
-// credentials (WRONGPASS, or NOAUTH: a password is required).
-func isAuthError(err error) bool {
-	var answer redis.Error
-	if !errors.As(err, &answer) {
-		return false
-	}
-	msg := answer.Error()
-	return strings.HasPrefix(msg, "WRONGPASS") || strings.HasPrefix(msg, "NOAUTH")
 }
 
 // Client is the Redis client the Cache runs on (Options.Client), for the

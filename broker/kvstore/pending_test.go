@@ -26,7 +26,7 @@ import (
 // file-system storage at dir: one per instance.
 func storageFlow(t *testing.T, dir string, clock *clocktest.Clock) *oauth.AuthCode {
 	t.Helper()
-	return storageFlowWith(t, dir, clock, "https://bank.example/token", oauth.NewMemoryStore())
+	return storageFlowWith(t, dir, clock, "https://bank.example/token", &oauth.MemoryStore{})
 }
 
 // storageFlowWith is storageFlow with the provider's token endpoint
@@ -142,7 +142,7 @@ func TestStorageLinkClaimedOnce(t *testing.T) {
 		fmt.Fprintf(w, `{"access_token":"at-%d","token_type":"Bearer","expires_in":300,"refresh_token":"rt-%d"}`, n, n)
 	}))
 	defer bank.Close()
-	tokens := &countingStore{Store: oauth.NewMemoryStore()}
+	tokens := &countingStore{Store: &oauth.MemoryStore{}}
 	flows := []*oauth.AuthCode{storageFlowWith(t, dir, clock, bank.URL, tokens), storageFlowWith(t, dir, clock, bank.URL, tokens)}
 	link, err := flows[0].NewLink(ctx, "acme", "", "")
 	if err != nil {

@@ -824,7 +824,7 @@ func TestUnrequestedIDTokenIgnored(t *testing.T) {
 	s := &stub{status: 200, body: `{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt-1","id_token":"eyJhbGciOiJSUzI1NiJ9.e30.c2ln"}`}
 	srv := startStub(t, s)
 	clock := newClock()
-	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: clock.Now}, NewMemoryStore())
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: clock.Now}, &MemoryStore{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -856,7 +856,7 @@ func TestFormEncodedCodeExchangeWithoutIDToken(t *testing.T) {
 		fmt.Fprint(w, "access_token=at-1&token_type=bearer&expires_in=60&refresh_token=rt-1")
 	})
 	ctx := context.Background()
-	src, err := NewRefreshToken(Config{Name: "bank", Issuer: issuer, ClientID: "bank-client", ClientSecret: secretValue}, NewMemoryStore())
+	src, err := NewRefreshToken(Config{Name: "bank", Issuer: issuer, ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -911,7 +911,7 @@ func TestIDTokenRefusals(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			idToken.Store(tc.idToken)
-			src, err := NewRefreshToken(Config{Name: "bank", Issuer: issuer, ClientID: "bank-client", ClientSecret: secretValue}, NewMemoryStore())
+			src, err := NewRefreshToken(Config{Name: "bank", Issuer: issuer, ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{})
 			if err != nil {
 				t.Fatal(err)
 			}

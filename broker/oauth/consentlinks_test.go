@@ -86,7 +86,7 @@ func TestReturnURLAllowList(t *testing.T) {
 // clock, without discovery (links only).
 func newLimitFlow(t *testing.T, clock *clocktest.Clock, limits LinkLimits) (*AuthCode, *MemoryPendingStore) {
 	t.Helper()
-	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: "https://bank.example/token", ClientID: "c", ClientSecret: "s", Now: clock.Now}, NewMemoryStore())
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: "https://bank.example/token", ClientID: "c", ClientSecret: "s", Now: clock.Now}, &MemoryStore{})
 	if err != nil {
 		t.Fatal(err)
 	}

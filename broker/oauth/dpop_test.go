@@ -399,7 +399,7 @@ func TestDPoPNonceRaceIsTemporary(t *testing.T) {
 	}
 	br := broker.New(broker.Options{MaxAttempts: 1, BreakerThreshold: 1})
 	defer br.Close()
-	_, err = br.Token(context.Background(), brokertest.NewBinding("bank#1", src, broker.Request{}))
+	_, _, err = br.Get(context.Background(), brokertest.NewBinding("bank#1", src, broker.Request{}))
 	var ae *broker.APIError
 	if !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" {
 		t.Fatalf("err = %v, want use_dpop_nonce", err)
@@ -538,7 +538,7 @@ func TestDPoPNonceRetryTakesBudget(t *testing.T) {
 				return len(as.jkts)
 			}
 
-			_, err = br.Token(context.Background(), b)
+			_, _, err = br.Get(context.Background(), b)
 			st := bud.State()
 			if !tc.refused {
 				if err != nil || st.Used != 2 || st.Exhausted != 0 || as.gate.Challenges.Load() != 1 || passed() != 1 {
@@ -559,7 +559,7 @@ func TestDPoPNonceRetryTakesBudget(t *testing.T) {
 			}
 
 			clock.Add(time.Minute)
-			if _, err := br.Token(context.Background(), b); err != nil {
+			if _, _, err := br.Get(context.Background(), b); err != nil {
 				t.Fatalf("once the budget has room: %v", err)
 			}
 			if st := bud.State(); st.Used != 2 || as.gate.Challenges.Load() != 1 || passed() != 1 {

@@ -189,5 +189,9 @@ func brokerToken(t *testing.T, src broker.Source, req broker.Request) (broker.To
 	t.Helper()
 	br := broker.New(broker.Options{MaxAttempts: 1})
 	defer br.Close()
-	return br.Token(context.Background(), brokertest.NewBinding("bank#1", src, req))
+	e, _, err := br.Get(context.Background(), brokertest.NewBinding("bank#1", src, req))
+	if err != nil {
+		return broker.Token{}, err
+	}
+	return e.Token(), nil
 }

@@ -229,7 +229,7 @@ func newRefreshFixture(t *testing.T, method AuthMethod) *refreshFixture {
 	if method == PrivateKeyJWT {
 		cfg.AssertionAudience = srv.URL
 	}
-	f := &refreshFixture{srv: srv, store: NewMemoryStore(), cfg: cfg}
+	f := &refreshFixture{srv: srv, store: &MemoryStore{}, cfg: cfg}
 	f.rt0 = srv.Storage.SeedRefreshToken(c.ID, "id1", "openid", "accounts")
 	if err := f.store.Save(context.Background(), StoreKey(f.cfg, refreshMerchant), broker.Secret(f.rt0)); err != nil {
 		t.Fatal(err)
@@ -362,7 +362,7 @@ func TestRefreshInvalidGrant(t *testing.T) {
 		{"no token stored", func(*MemoryStore) {}, func(err error) bool { return errors.Is(err, ErrNoRefreshToken) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			store := NewMemoryStore()
+			store := &MemoryStore{}
 			tc.setup(store)
 			_, err := f.source(t, store).Token(context.Background(), broker.Request{Merchant: refreshMerchant})
 			var ce *ConsentRequiredError

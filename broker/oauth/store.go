@@ -67,9 +67,6 @@ type MemoryStore struct {
 	locks  keylock.Map
 }
 
-// NewMemoryStore returns an empty MemoryStore.
-func NewMemoryStore() *MemoryStore { return &MemoryStore{} }
-
 // Load implements Store.
 func (m *MemoryStore) Load(_ context.Context, key string) (broker.Secret, error) {
 	m.mu.Lock()

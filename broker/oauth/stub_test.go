@@ -606,7 +606,7 @@ func TestRefreshStoreKey(t *testing.T) {
 		{"secret rotation", with(func(c *Config) { c.ClientSecret = secretValue + "2" }), true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			store := NewMemoryStore()
+			store := &MemoryStore{}
 			a, err := NewRefreshToken(base, store)
 			if err != nil {
 				t.Fatal(err)
@@ -655,7 +655,7 @@ func TestRefreshStoreKey(t *testing.T) {
 func TestRefreshStateIsBounded(t *testing.T) {
 	srv := startStub(t, &stub{status: 200, body: `{"access_token":"at","token_type":"Bearer","expires_in":60}`})
 	clock := newClock()
-	store := NewMemoryStore()
+	store := &MemoryStore{}
 	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: clock.Now}, store)
 	if err != nil {
 		t.Fatal(err)
@@ -700,7 +700,7 @@ func TestRefreshStateIsBounded(t *testing.T) {
 // says consent is required, as after a consent through the callback.
 func TestLoadedRefreshTokenEndsConsentRequired(t *testing.T) {
 	srv := startStub(t, &stub{status: 200, body: `{"access_token":"at","token_type":"Bearer","expires_in":60}`})
-	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, NewMemoryStore())
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, &MemoryStore{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -727,7 +727,7 @@ func TestLoadedRefreshTokenEndsConsentRequired(t *testing.T) {
 // the refresh that came before it.
 func TestRefusedRefreshThenLoadEndsConsentRequired(t *testing.T) {
 	srv := startStub(t, &stub{status: 400, body: `{"error":"invalid_grant"}`})
-	store := &handoverStore{MemoryStore: NewMemoryStore()}
+	store := &handoverStore{MemoryStore: &MemoryStore{}}
 	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
 	if err != nil {
 		t.Fatal(err)
@@ -845,7 +845,7 @@ func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { retu
 // works, so dropping the new one would lose the merchant's consent.
 func TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused(t *testing.T) {
 	srv := startStub(t, &stub{status: 200, body: `{"access_token":"at-1234","token_type":"mac","expires_in":60,"refresh_token":"rt-NEW-5678"}`})
-	store := NewMemoryStore()
+	store := &MemoryStore{}
 	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
 	if err != nil {
 		t.Fatal(err)

@@ -114,7 +114,7 @@ func TestBearerTypeCanonical(t *testing.T) {
 func TestRefreshTokenWithSpace(t *testing.T) {
 	s := &stub{status: 200, body: `{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt NEW 2"}`}
 	srv := startStub(t, s)
-	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, NewMemoryStore())
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, &MemoryStore{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -406,7 +406,7 @@ func Build(s Sources, q Query, now time.Time) Report {
 	rep.Providers = providers(s, idx, snap, activeBy, health)
 	if snap.fleet.configured {
 		f := snap.fleet
-		rep.Fleet = &Fleet{Up: f.up, Since: timePtr(f.since), LastError: f.lastErr, LastErrorAt: timePtr(f.lastErrAt)}
+		rep.Fleet = &Fleet{Up: f.up, Since: TimePtr(f.since), LastError: f.lastErr, LastErrorAt: TimePtr(f.lastErrAt)}
 	}
 	return rep
 }
@@ -440,7 +440,7 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 		p := s.Registry.Providers[name]
 		h := health[name]
 		rec := snap.providers[name]
-		out = append(out, Provider{Name: name, Type: p.Type, Breaker: h.Breaker.String(), BackoffUntil: timePtr(h.BackoffUntil),
+		out = append(out, Provider{Name: name, Type: p.Type, Breaker: h.Breaker.String(), BackoffUntil: TimePtr(h.BackoffUntil),
 			Requests: rec.calls, Failures: rec.failures, Window: RequestsWindow.String(),
 			Merchants: idx.count[name] + activeBy[name]})
 		o := &out[len(out)-1]
@@ -454,9 +454,9 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 		}
 		switch {
 		case rec.lastErr != 0:
-			o.LastError, o.LastErrorAt = rec.lastErr.String(), timePtr(rec.lastErrAt)
+			o.LastError, o.LastErrorAt = rec.lastErr.String(), TimePtr(rec.lastErrAt)
 		case h.LastError != nil:
-			o.LastError, o.LastErrorAt = errcode.Classify(h.LastError).String(), timePtr(h.LastFailure)
+			o.LastError, o.LastErrorAt = errcode.Classify(h.LastError).String(), TimePtr(h.LastFailure)
 		}
 		switch {
 		case h.Breaker == broker.BreakerOpen:
@@ -474,7 +474,7 @@ func providers(s Sources, idx *registryIndex, snap snapshot, activeBy map[string
 
 // budgetOf is the report of a budget's state.
 func budgetOf(st budget.State, behind int) *Budget {
-	return &Budget{Rate: st.Rate, Burst: st.Burst, Effective: st.Effective, LoweredUntil: timePtr(st.LoweredUntil),
+	return &Budget{Rate: st.Rate, Burst: st.Burst, Effective: st.Effective, LoweredUntil: TimePtr(st.LoweredUntil),
 		Remaining: st.Remaining, Waiting: st.Waiting, Used: st.Used, Exhausted: st.Exhausted, RefreshesBehind: behind}
 }
 
@@ -528,13 +528,4 @@ func unixPtr(ns int64) *time.Time {
 	}
 	t := time.Unix(0, ns).UTC()
 	return &t
-}
-
-// timePtr is t in UTC, nil when zero.
-func timePtr(t time.Time) *time.Time {
-	if t.IsZero() {
-		return nil
-	}
-	u := t.UTC()
-	return &u
 }

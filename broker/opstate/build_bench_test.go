@@ -49,7 +49,7 @@ func BenchmarkBuild(b *testing.B) {
 			b.Fatal(err)
 		}
 		bd.Observer = obs
-		_, _ = br.Token(context.Background(), bd)
+		_, _, _ = br.Get(context.Background(), bd)
 	}
 	s := Sources{Registry: reg, Broker: br, Tables: []*bindings.Table{table}, Tracker: tracker, Index: &Index{}}
 	r := Build(s, Query{}, now)
@@ -69,7 +69,13 @@ func BenchmarkBuild(b *testing.B) {
 // tapObserver feeds a Tracker as the telemetry observer does.
 type tapObserver struct{ t *Tracker }
 
-func (o *tapObserver) Lookup(*broker.Binding, broker.Result) {}
+func (o *tapObserver) Lookup(*broker.Binding, broker.Result)                    {}
+func (o *tapObserver) FetchDone(context.Context, *broker.Binding, broker.Fetch) {}
+func (o *tapObserver) BreakerChanged(string, broker.BreakerState)               {}
+func (o *tapObserver) BackingOff(*broker.Binding, bool)                         {}
+func (o *tapObserver) SourceBackingOff(string, bool)                            {}
+func (o *tapObserver) RefreshPlanned(*broker.Binding, time.Time)                {}
+func (o *tapObserver) RefreshBehind(*broker.Binding, time.Time)                 {}
 
 func (o *tapObserver) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, _ time.Duration, _ bool, err error) {
 	o.t.Fetched("nuapay", b, err)

@@ -239,3 +239,13 @@ type Merchant struct {
 	// error without calling the token API.
 	BackoffUntil *time.Time `json:"backoff_until,omitempty"`
 }
+
+// TimePtr is t in UTC, nil when zero: an optional time of a report, and
+// of the admin answers that show times as it does (omitted when unset).
+func TimePtr(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	u := t.UTC()
+	return &u
+}

@@ -25,6 +25,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/listing"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -186,10 +187,7 @@ func listingCheck(l *Listing) Check {
 // providerHealth reports a provider's source health.
 func providerHealth(p *config.Provider, s broker.SourceHealth) Provider {
 	ph := Provider{Name: p.Name, Type: p.Type, Status: "ok", Breaker: s.Breaker.String(), FailingKeys: s.FailingKeys}
-	if !s.BackoffUntil.IsZero() {
-		until := s.BackoffUntil.UTC()
-		ph.BackoffUntil = &until
-	}
+	ph.BackoffUntil = opstate.TimePtr(s.BackoffUntil)
 	if s.Failing() {
 		ph.Status = "failing"
 		err := s.LastError

@@ -24,12 +24,12 @@ type Tap interface {
 	// *broker.RetryNowError: no failure, the call is sent again at once).
 	Fetched(provider string, b *broker.Binding, err error)
 	// SourceChanged is told when a source's backoff starts or ends
-	// (broker.SourceObserver) and when its breaker changes state
-	// (broker.BreakerObserver): br, the broker of the source (nil when
+	// (Observer.SourceBackingOff) and when its breaker changes state
+	// (Observer.BreakerChanged): br, the broker of the source (nil when
 	// the recorder has none), holds its state now.
 	SourceChanged(br *broker.Broker, provider, sourceID string)
 	// RefreshBehind is told when a binding's planned refresh cannot get
-	// budget before its token's end (broker.PlanObserver), once per token.
+	// budget before its token's end (Observer.RefreshBehind), once per token.
 	RefreshBehind(provider string, b *broker.Binding, expiry time.Time)
 }
 
@@ -345,12 +345,5 @@ func (o *Observer) RefreshBehind(b *broker.Binding, expiry time.Time) {
 	}
 }
 
-// Interface guards.
-var (
-	_ broker.PlanObserver    = (*Observer)(nil)
-	_ broker.Observer        = (*Observer)(nil)
-	_ broker.FetchObserver   = (*Observer)(nil)
-	_ broker.BreakerObserver = (*Observer)(nil)
-	_ broker.BackoffObserver = (*Observer)(nil)
-	_ broker.SourceObserver  = (*Observer)(nil)
-)
+// Interface guard.
+var _ broker.Observer = (*Observer)(nil)

@@ -54,8 +54,8 @@ func TestRecorderTap(t *testing.T) {
 		b := brokertest.NewBinding("nuapay#1a2b", nil, broker.Request{Merchant: "acme"})
 		o.Fetched(context.Background(), b, broker.Token{}, 0, false, nil)
 		o.Fetched(context.Background(), b, broker.Token{}, 0, true, &broker.APIError{Provider: "nuapay", StatusCode: 503})
-		o.(broker.SourceObserver).SourceBackingOff("nuapay#1a2b", true)
-		o.(broker.BreakerObserver).BreakerChanged("other#9", broker.BreakerOpen)
+		o.SourceBackingOff("nuapay#1a2b", true)
+		o.BreakerChanged("other#9", broker.BreakerOpen)
 		want := []string{"fetched nuapay acme failed=false", "fetched nuapay acme failed=true", "source nuapay nuapay#1a2b", "source other other#9"}
 		if !slices.Equal(tp.told, want) {
 			t.Errorf("metrics %v: told %q, want %q", metrics != nil, tp.told, want)

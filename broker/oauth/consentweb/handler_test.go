@@ -112,7 +112,7 @@ func TestConsentOfMerchantRemovedByReload(t *testing.T) {
 		_, _ = w.Write([]byte(`{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt-1"}`))
 	}))
 	t.Cleanup(bank.Close)
-	pend, tokens := &oauth.MemoryPendingStore{}, oauth.NewMemoryStore()
+	pend, tokens := &oauth.MemoryPendingStore{}, &oauth.MemoryStore{}
 	before := newConsentSite(t, bank.URL, pend, tokens, "acme", "globex")
 	after := newConsentSite(t, bank.URL, pend, tokens, "globex")
 
@@ -179,7 +179,7 @@ func TestCallbackSiteNeedsHTTPS(t *testing.T) {
 		{"HTTP://cb.partner.example:8080/consent/callback", false},
 	} {
 		t.Run(tc.redirect, func(t *testing.T) {
-			src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.invalid/token", ClientID: "tpp", ClientSecret: "bank-secret"}, oauth.NewMemoryStore())
+			src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.invalid/token", ClientID: "tpp", ClientSecret: "bank-secret"}, &oauth.MemoryStore{})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -20,7 +20,7 @@ import (
 func newLinksHandler(t *testing.T, gate CallerGate) *Handler {
 	t.Helper()
 	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", TokenURL: "https://bank.invalid/token", ClientID: "tpp",
-		ClientSecret: "bank-secret"}, oauth.NewMemoryStore())
+		ClientSecret: "bank-secret"}, &oauth.MemoryStore{})
 	if err != nil {
 		t.Fatal(err)
 	}

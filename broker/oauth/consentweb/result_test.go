@@ -27,7 +27,7 @@ import (
 func TestResultPage(t *testing.T) {
 	ctx := context.Background()
 	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
-	up := newConsentSite(t, "https://bank.invalid/token", &oauth.MemoryPendingStore{}, oauth.NewMemoryStore(), "acme")
+	up := newConsentSite(t, "https://bank.invalid/token", &oauth.MemoryPendingStore{}, &oauth.MemoryStore{}, "acme")
 	up.web.o.Results.Now = func() time.Time { return now }
 	old, err := up.web.o.Results.Save(ctx, consentpage.Result{MerchantID: "acme", Outcome: "ok"})
 	if err != nil {
@@ -45,7 +45,7 @@ func TestResultPage(t *testing.T) {
 	if err := os.WriteFile(notDir, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	down := newConsentSite(t, "https://bank.invalid/token", kvstore.Pending{S: &certmagic.FileStorage{Path: notDir}}, oauth.NewMemoryStore(), "acme")
+	down := newConsentSite(t, "https://bank.invalid/token", kvstore.Pending{S: &certmagic.FileStorage{Path: notDir}}, &oauth.MemoryStore{}, "acme")
 
 	for _, tt := range []struct {
 		name       string
@@ -86,7 +86,7 @@ func TestResultPageBrowserLeft(t *testing.T) {
 		t.Fatal(err)
 	}
 	core, logs := observer.New(zap.DebugLevel)
-	site := newConsentSite(t, "https://bank.invalid/token", kvstore.Pending{S: &certmagic.FileStorage{Path: notDir}}, oauth.NewMemoryStore(), "acme")
+	site := newConsentSite(t, "https://bank.invalid/token", kvstore.Pending{S: &certmagic.FileStorage{Path: notDir}}, &oauth.MemoryStore{}, "acme")
 	site.web.o.Logger = zap.New(core)
 	id := strings.Repeat("A", 43)
 	ctx, cancel := context.WithCancel(context.Background())

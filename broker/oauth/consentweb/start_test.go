@@ -57,7 +57,7 @@ func newOPSite(t *testing.T) *opSite {
 	t.Helper()
 	const secret = "bank-client-secret"
 	op := optest.Start(t, optest.Options{}, &optest.Client{ID: "bank-client", Secret: secret, Method: oidc.AuthMethodBasic, Redirects: []string{opCallback}})
-	tokens := oauth.NewMemoryStore()
+	tokens := &oauth.MemoryStore{}
 	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", Issuer: op.URL, ClientID: "bank-client", ClientSecret: secret}, tokens)
 	if err != nil {
 		t.Fatal(err)

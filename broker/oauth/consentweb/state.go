@@ -94,21 +94,12 @@ func States(ctx context.Context, reg *config.Registry, provider string, p opstat
 		none := errors.Is(lerr, oauth.ErrNoRefreshToken)
 		st := src.ConsentStatus(id)
 		row := State{Merchant: id, Provider: q.Name, HasRefreshToken: lerr == nil,
-			LastRefresh: timePtr(st.LastRefresh), ConsentRequired: none || !st.ConsentRequiredSince.IsZero(),
-			ConsentRequiredSince: timePtr(st.ConsentRequiredSince), ConsentFlow: q.Consent != nil}
+			LastRefresh: opstate.TimePtr(st.LastRefresh), ConsentRequired: none || !st.ConsentRequiredSince.IsZero(),
+			ConsentRequiredSince: opstate.TimePtr(st.ConsentRequiredSince), ConsentFlow: q.Consent != nil}
 		if lerr != nil && !none {
 			row.Error = "its stored refresh token cannot be read: " + lerr.Error()
 		}
 		states = append(states, row)
 	}
 	return states, next
-}
-
-// timePtr is t in UTC, nil when zero.
-func timePtr(t time.Time) *time.Time {
-	if t.IsZero() {
-		return nil
-	}
-	u := t.UTC()
-	return &u
 }

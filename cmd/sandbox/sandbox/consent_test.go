@@ -23,7 +23,7 @@ func consentBank(t *testing.T) (*Server, *httptest.Server, *oauth.RefreshToken, 
 	s := New(Config{BankClients: []BankClient{{ID: "rt-client", Secret: "rt-secret", Scopes: []string{"accounts"}, RedirectURIs: []string{sbCallback}}}})
 	ts := httptest.NewServer(s)
 	t.Cleanup(ts.Close)
-	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", Issuer: ts.URL, ClientID: "rt-client", ClientSecret: "rt-secret"}, oauth.NewMemoryStore())
+	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", Issuer: ts.URL, ClientID: "rt-client", ClientSecret: "rt-secret"}, &oauth.MemoryStore{})
 	if err != nil {
 		t.Fatal(err)
 	}
