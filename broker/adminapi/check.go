@@ -9,6 +9,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
@@ -104,7 +105,7 @@ func Check(ctx context.Context, reg *config.Registry, br *broker.Broker, b *brok
 	// Refused by the failure policy: the remembered failure (or the one
 	// that opened the breaker) is why.
 	until := now.Add(broker.RetryAfterOf(err))
-	res.NotCalledUntil = &until
+	res.NotCalledUntil = opstate.TimePtr(until)
 	why := "the merchant's last token request failed"
 	var ue *broker.UnavailableError
 	switch srcUntil := br.SourceHealth(b.SourceID).BackoffUntil; {

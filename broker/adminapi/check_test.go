@@ -107,7 +107,7 @@ func TestCheck(t *testing.T) {
 					t.Fatalf("the checked token is not the one cached, or is shown: %s", out)
 				}
 			}
-			if !tt.wantCalled && (res.NotCalledUntil == nil || !res.NotCalledUntil.After(time.Now())) {
+			if !tt.wantCalled && (res.NotCalledUntil == nil || !res.NotCalledUntil.After(time.Now()) || res.NotCalledUntil.Location() != time.UTC) {
 				t.Fatalf("a check not sent must say until when: %s", out)
 			}
 		})
