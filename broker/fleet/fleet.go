@@ -13,6 +13,9 @@
 //	rt:<name>       a merchant's refresh token and its version, sealed;
 //	                no expiry
 //	lock:rt:<name>  the lock that serialises a merchant's refreshes
+//	starts:<name>   how many times a consent link was started
+//	                (Store.CountStart); <name> is that of the link's
+//	                store key, itself a hash; expires with the link
 //	events          the pub/sub channel: "set", "unlock" and "purge"
 //	                announcements (a purge carries its cache key and the
 //	                purged version sealed)
