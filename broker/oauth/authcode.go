@@ -485,7 +485,8 @@ func (a *AuthCode) AuthorizationOrigin(ctx context.Context) (string, error) {
 // on. The returned Pending says whose consent it is. The link stays
 // usable until it expires: each Start of it (a second tab, a double
 // click; at most MaxStartsPerLink, across the fleet when the source's
-// Store is a StartCounter, else per instance; then ReasonTooManyStarts)
+// Store is a StartCounter, else and while its count cannot be had per
+// instance; then ReasonTooManyStarts)
 // gets its own state, PKCE verifier and nonce, and the first of their
 // callbacks to get a code consumes the link (see Callback). The
 // options: a Browser binds the authorization state to the browser (see

@@ -235,16 +235,16 @@ func (s linkStarts) start(ctx context.Context, key string, kept time.Time) (ok b
 	where = startsAtInstance
 	if s.shared != nil {
 		where = startsFellBack
-		if fleet, err := s.shared.CountStart(ctx, key, kept); err == nil {
-			n, where = fleet, startsInFleet
+		if total, err := s.shared.CountStart(ctx, key, kept); err == nil {
+			n, where = total, startsInFleet
 		}
 	}
 	return n <= MaxStartsPerLink, where
 }
 
-// memoryStarts is the StartCounter of one instance, in memory. It drops
-// the counts kept until a time that has passed at most a minute after, on
-// its next use.
+// memoryStarts is the StartCounter of one instance, in memory. A count
+// whose kept time has passed starts again from zero, and is dropped by
+// the next use a minute or more after the last drop.
 type memoryStarts struct {
 	now func() time.Time
 
