@@ -112,8 +112,8 @@ func TestLinkStartsAcrossTheFleet(t *testing.T) {
 			kill := func() {}
 			if row.redis {
 				r := startRedis(t)
-				keys, fast := testKeys(t, 1), func(o *Options) { o.Timeout = 50 * time.Millisecond; o.Now = clock.Now }
-				stores, kill = []oauth.Store{newNode(t, r, keys, fast).Store(), newNode(t, r, keys, fast).Store()}, r.Kill
+				keys, clocked := testKeys(t, 1), func(o *Options) { o.Now = clock.Now }
+				stores, kill = []oauth.Store{newNode(t, r, keys, clocked).Store(), newNode(t, r, keys, clocked).Store()}, r.Kill
 			}
 			flows := map[byte]*oauth.AuthCode{'a': consentInstance(t, stores[0], pend, clock), 'b': consentInstance(t, stores[1], pend, clock)}
 			id := newLinkID(t, flows['a'])
