@@ -43,8 +43,11 @@ const ReasonTooManyStarts = "too_many_starts"
 // StartCounter counts the starts of consent links where the instances of
 // a fleet share the count. A refresh-token Store that implements it
 // (fleet.Store) counts the starts of the links of the AuthCode over its
-// source, so that MaxStartsPerLink holds for the fleet. Implementations
-// must be safe for concurrent use.
+// source, so that MaxStartsPerLink holds for the fleet; while it fails,
+// the starts are counted at each instance. A start already beyond
+// MaxStartsPerLink at this instance is refused without being counted
+// there. Implementations report their failures (fleet.Store logs the
+// first of a streak) and must be safe for concurrent use.
 type StartCounter interface {
 	// CountStart adds one start to the count of the consent link stored
 	// under key (a store key: a hash, never the link), atomically for
@@ -210,10 +213,13 @@ func (l *linkLimiter) pruneLocked(now time.Time) {
 
 // linkStarts applies MaxStartsPerLink: it counts each start at this
 // instance (local) and, when the instances share a count (shared), there
-// too. A start is within the limit by the shared count; by the local one
-// when there is no shared count or it cannot be had (Redis down: the
-// limit falls back to per instance, as the fleet's budgets fall back to
-// their local share).
+// too. A start beyond the limit by the local count is refused without
+// asking the shared count (which counts that instance's starts too, so it
+// would refuse as well, and a refused start writes nothing there). Else a
+// start is within the limit by the shared count; by the local one when
+// there is no shared count or it cannot be had (Redis down: the limit
+// falls back to per instance, as the fleet's budgets fall back to their
+// local share).
 type linkStarts struct {
 	local  *memoryStarts
 	shared StartCounter // nil: per instance
@@ -224,7 +230,6 @@ type linkStarts struct {
 const (
 	startsInFleet    = "across the fleet"
 	startsAtInstance = "at this instance"
-	startsFellBack   = "at this instance (the fleet's count could not be had)"
 )
 
 // start counts a start of the link stored under key, whose record is kept
@@ -232,14 +237,14 @@ const (
 // it was counted.
 func (s linkStarts) start(ctx context.Context, key string, kept time.Time) (ok bool, where string) {
 	n, _ := s.local.CountStart(ctx, key, kept) // never fails
-	where = startsAtInstance
-	if s.shared != nil {
-		where = startsFellBack
-		if total, err := s.shared.CountStart(ctx, key, kept); err == nil {
-			n, where = total, startsInFleet
-		}
+	if n > MaxStartsPerLink || s.shared == nil {
+		return n <= MaxStartsPerLink, startsAtInstance
 	}
-	return n <= MaxStartsPerLink, where
+	total, err := s.shared.CountStart(ctx, key, kept)
+	if err != nil { // the shared count's implementation logs it
+		return true, startsAtInstance
+	}
+	return total <= MaxStartsPerLink, startsInFleet
 }
 
 // memoryStarts is the StartCounter of one instance, in memory. A count
