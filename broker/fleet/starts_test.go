@@ -3,14 +3,20 @@ package fleet
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
+	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
 )
 
 // keptPendings is a MemoryPendingStore (the consents in progress, which
@@ -83,26 +89,33 @@ func newLinkID(t *testing.T, flow *oauth.AuthCode) string {
 
 // TestLinkStartsAcrossTheFleet: two instances whose refresh tokens are
 // in one Redis take oauth.MaxStartsPerLink starts of a consent link in
-// total, however they are spread; without Redis, each instance takes
-// that many; with Redis gone, each counts its own starts again. A
-// refusal says where the starts were counted and holds no link id.
+// total, however they are spread, and whichever encryption key each has
+// as current during a key rotation; without Redis, each instance takes
+// that many; with Redis gone, each counts its own starts again. A start
+// beyond the limit at an instance is refused there without a Redis call,
+// so Redis keeps its count. A refusal says where the starts were counted
+// and holds no link id.
 func TestLinkStartsAcrossTheFleet(t *testing.T) {
 	const limit = oauth.MaxStartsPerLink
 	rows := []struct {
-		name  string
-		redis bool
-		down  int    // kill Redis before this start (0: never)
-		seq   string // the instance of each start, a or b
-		want  string // + started, - refused
-		where string // in the refusals
+		name    string
+		redis   bool
+		rotated bool   // b has key 2 as current, key 1 as old; a has key 1
+		down    int    // kill Redis before this start (0: never)
+		seq     string // the instance of each start, a or b
+		want    string // + started; refused: F counted across the fleet, I at this instance
+		count   int64  // the count in Redis at the end, with redis and no down
 	}{
-		{"redis, alternating", true, 0, strings.Repeat("ab", 7), strings.Repeat("+", limit) + "----", "across the fleet"},
-		{"redis, one then the other", true, 0, strings.Repeat("a", limit) + "bba", strings.Repeat("+", limit) + "---", "across the fleet"},
-		{"no redis: per instance", false, 0, strings.Repeat("a", limit+1) + strings.Repeat("b", limit+1),
-			strings.Repeat("+", limit) + "-" + strings.Repeat("+", limit) + "-", "at this instance"},
-		{"redis gone after 4 starts at a: per instance", true, 5, strings.Repeat("a", limit+1) + strings.Repeat("b", limit+1),
-			strings.Repeat("+", limit) + "-" + strings.Repeat("+", limit) + "-", "at this instance (the fleet's count could not be had)"},
+		{"redis, alternating", true, false, 0, strings.Repeat("ab", 7), strings.Repeat("+", limit) + "FFFF", 14},
+		{"redis, one then the other", true, false, 0, strings.Repeat("a", limit) + "bba", strings.Repeat("+", limit) + "FFI", 12},
+		{"redis, beyond the limit at one instance: no redis call", true, false, 0, strings.Repeat("a", limit+4), strings.Repeat("+", limit) + "IIII", limit},
+		{"redis, key rotated between a and b", true, true, 0, strings.Repeat("a", limit) + "b", strings.Repeat("+", limit) + "F", limit + 1},
+		{"no redis: per instance", false, false, 0, strings.Repeat("a", limit+1) + strings.Repeat("b", limit+1),
+			strings.Repeat("+", limit) + "I" + strings.Repeat("+", limit) + "I", 0},
+		{"redis gone after 4 starts at a: per instance", true, false, 5, strings.Repeat("a", limit+1) + strings.Repeat("b", limit+1),
+			strings.Repeat("+", limit) + "I" + strings.Repeat("+", limit) + "I", 0},
 	}
+	where := map[byte]string{'F': "across the fleet", 'I': "at this instance"}
 	for _, row := range rows {
 		t.Run(row.name, func(t *testing.T) {
 			ctx := testCtx(t)
@@ -110,10 +123,16 @@ func TestLinkStartsAcrossTheFleet(t *testing.T) {
 			pend := &keptPendings{MemoryPendingStore: oauth.MemoryPendingStore{Now: clock.Now}}
 			stores := []oauth.Store{oauth.NewMemoryStore(), oauth.NewMemoryStore()}
 			kill := func() {}
+			var r *redistest.Server
+			var prefix string
 			if row.redis {
-				r := startRedis(t)
-				keys, clocked := testKeys(t, 1), func(o *Options) { o.Now = clock.Now }
-				stores, kill = []oauth.Store{newNode(t, r, keys, clocked).Store(), newNode(t, r, keys, clocked).Store()}, r.Kill
+				r = startRedis(t)
+				keysB, clocked := testKeys(t, 1), func(o *Options) { o.Now = clock.Now }
+				if row.rotated {
+					keysB = testKeys(t, 2, 1)
+				}
+				a := newNode(t, r, testKeys(t, 1), clocked)
+				stores, kill, prefix = []oauth.Store{a.Store(), newNode(t, r, keysB, clocked).Store()}, r.Kill, a.KeyPrefix()
 			}
 			flows := map[byte]*oauth.AuthCode{'a': consentInstance(t, stores[0], pend, clock), 'b': consentInstance(t, stores[1], pend, clock)}
 			id := newLinkID(t, flows['a'])
@@ -128,9 +147,15 @@ func TestLinkStartsAcrossTheFleet(t *testing.T) {
 				case err == nil:
 					got.WriteByte('+')
 				case errors.As(err, &ce) && ce.Reason == oauth.ReasonTooManyStarts:
-					got.WriteByte('-')
-					if !strings.Contains(err.Error(), "times "+row.where+",") || strings.Contains(err.Error(), id) {
-						t.Errorf("start %d at %c refused with %q, want it counted %s, without the link", i+1, row.seq[i], err, row.where)
+					c := byte('?')
+					for k, w := range where {
+						if strings.Contains(err.Error(), "times "+w+",") {
+							c = k
+						}
+					}
+					got.WriteByte(c)
+					if strings.Contains(err.Error(), id) {
+						t.Errorf("start %d at %c refused with %q: holds the link", i+1, row.seq[i], err)
 					}
 				default:
 					t.Fatalf("start %d at %c: %v", i+1, row.seq[i], err)
@@ -138,6 +163,16 @@ func TestLinkStartsAcrossTheFleet(t *testing.T) {
 			}
 			if got.String() != row.want {
 				t.Errorf("starts at %s: %s, want %s", row.seq, got.String(), row.want)
+			}
+			if row.count == 0 {
+				return
+			}
+			names, err := r.Client().Keys(ctx, prefix+"starts:*").Result()
+			if err != nil || len(names) != 1 {
+				t.Fatalf("start count keys %q (%v), want one", names, err)
+			}
+			if v := r.CLI("GET", names[0]); strings.TrimSpace(v) != strconv.FormatInt(row.count, 10) {
+				t.Errorf("start count in redis %q, want %d", v, row.count)
 			}
 		})
 	}
@@ -178,25 +213,31 @@ func TestLinkStartCountExpiresWithLink(t *testing.T) {
 }
 
 // TestCountStartExpiry: a start count expires at the kept time the
-// first start gives, by the Cache's clock; later starts keep it.
+// first start gives, by the Cache's clock; later starts keep it; a count
+// found without an expiry gets one.
 func TestCountStartExpiry(t *testing.T) {
 	ctx := testCtx(t)
 	r := startRedis(t)
 	n := newNode(t, r, testKeys(t, 1), nil)
 	st := n.Store()
 	rows := []struct {
-		name  string
-		kept  []time.Duration // after the Cache's clock, per start
-		count int64
-		ttl   time.Duration
+		name   string
+		preset string          // the count SET (without an expiry) before the starts; "": none
+		kept   []time.Duration // after the Cache's clock, per start
+		count  int64
+		ttl    time.Duration // 0: at once (expired, or left at most 1ms)
 	}{
-		{"one start", []time.Duration{time.Hour}, 1, time.Hour},
-		{"later starts keep the first expiry", []time.Duration{20 * time.Minute, time.Hour, 2 * time.Hour}, 3, 20 * time.Minute},
-		{"a kept time passed: at once", []time.Duration{-time.Minute}, 1, time.Millisecond},
+		{"one start", "", []time.Duration{time.Hour}, 1, time.Hour},
+		{"later starts keep the first expiry", "", []time.Duration{20 * time.Minute, time.Hour, 2 * time.Hour}, 3, 20 * time.Minute},
+		{"a kept time passed: at once", "", []time.Duration{-time.Minute}, 1, 0},
+		{"a count without an expiry gets one", "5", []time.Duration{time.Hour}, 6, time.Hour},
 	}
 	for _, row := range rows {
 		t.Run(row.name, func(t *testing.T) {
 			key := "link/" + row.name
+			if row.preset != "" {
+				r.CLI("SET", st.startsKey(key), row.preset)
+			}
 			var got int64
 			for _, d := range row.kept {
 				var err error
@@ -207,9 +248,12 @@ func TestCountStartExpiry(t *testing.T) {
 			if got != row.count {
 				t.Errorf("count %d, want %d", got, row.count)
 			}
+			// PTTL answers -2 for a key that is gone, -1 for one without an
+			// expiry (go-redis: as nanoseconds), 0 for one that expires
+			// within the millisecond.
 			left, err := r.Client().PTTL(ctx, st.startsKey(key)).Result()
-			if row.ttl == time.Millisecond {
-				if err != nil || left > row.ttl {
+			if row.ttl == 0 {
+				if err != nil || (left != -2 && (left < 0 || left > time.Millisecond)) {
 					t.Errorf("expires in %s (%v), want at once", left, err)
 				}
 				return
@@ -218,5 +262,56 @@ func TestCountStartExpiry(t *testing.T) {
 				t.Errorf("expires in %s (%v), want %s", left, err, row.ttl)
 			}
 		})
+	}
+}
+
+// TestCountStartFailureLogged: a start count that Redis does not make
+// fails with an error that says what to check, and the first failure of
+// each streak is logged, without the link's key; a count that succeeds
+// ends the streak.
+func TestCountStartFailureLogged(t *testing.T) {
+	ctx := testCtx(t)
+	r := startRedis(t)
+	core, logs := observer.New(zap.WarnLevel)
+	n := newNode(t, r, testKeys(t, 1), func(o *Options) { o.Logger = zap.New(core) })
+	st := n.Store()
+	const key = "link/a-link-store-key"
+	kept := n.clock.Now().Add(time.Hour)
+	startLogs := func() []observer.LoggedEntry {
+		return logs.FilterMessageSnippet("consent link's start").All()
+	}
+	for streak := 1; streak <= 2; streak++ {
+		if _, err := st.CountStart(ctx, key, kept); err != nil {
+			t.Fatalf("streak %d: count with redis up: %v", streak, err)
+		}
+		r.Kill()
+		for i := range 2 * BreakerThreshold {
+			_, err := st.CountStart(ctx, key, kept)
+			if err == nil || !strings.Contains(err.Error(), "check the Redis ACL or reachability") {
+				t.Fatalf("streak %d, count %d with redis gone: %v, want an error saying what to check", streak, i, err)
+			}
+		}
+		if got := len(startLogs()); got != streak {
+			t.Fatalf("streak %d: %d start count failures logged in all, want %d", streak, got, streak)
+		}
+		r.Restart()
+		n.clock.Add(BreakerCooldown)
+		deadline := time.Now().Add(10 * time.Second)
+		for !n.Available() {
+			if time.Now().After(deadline) {
+				t.Fatalf("streak %d: redis not available again after its restart", streak)
+			}
+			_, _ = st.CountStart(ctx, key, kept) // the breaker's probe
+			n.clock.Add(BreakerCooldown)
+		}
+	}
+	for _, e := range startLogs() {
+		if e.Level != zap.WarnLevel {
+			t.Errorf("start count failure logged at %s, want warn", e.Level)
+		}
+		line := e.Message + fmt.Sprint(e.ContextMap())
+		if strings.Contains(line, key) || strings.Contains(line, st.startsKey(key)) {
+			t.Errorf("start count failure log %q names the link's key", line)
+		}
 	}
 }
