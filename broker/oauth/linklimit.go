@@ -214,12 +214,13 @@ func (l *linkLimiter) pruneLocked(now time.Time) {
 // linkStarts applies MaxStartsPerLink: it counts each start at this
 // instance (local) and, when the instances share a count (shared), there
 // too. A start beyond the limit by the local count is refused without
-// asking the shared count (which counts that instance's starts too, so it
-// would refuse as well, and a refused start writes nothing there). Else a
-// start is within the limit by the shared count; by the local one when
-// there is no shared count or it cannot be had (Redis down: the limit
-// falls back to per instance, as the fleet's budgets fall back to their
-// local share).
+// asking the shared count, so that such refused starts write nothing
+// there (the shared count takes this instance's starts too: it would
+// refuse the start as well, unless it missed some while it could not be
+// had). Else a start is within the limit by the shared count; by the
+// local one when there is no shared count or it cannot be had (Redis
+// down: the limit falls back to per instance, as the fleet's budgets fall
+// back to their local share).
 type linkStarts struct {
 	local  *memoryStarts
 	shared StartCounter // nil: per instance
