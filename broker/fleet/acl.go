@@ -17,11 +17,12 @@ import (
 // The commands the tier's client sends, checked by checkCommands: GET,
 // SET, DEL and PTTL on tokens, refresh tokens and locks; EVALSHA, then EVAL
 // when Redis does not have the script yet (go-redis's Script.Run), for the
-// purge, the lock repair, the refresh-token restore, the locks of
-// github.com/bsm/redislock and the budgets (broker/budgets, on this
-// client: github.com/go-redis/redis_rate and the hold), whose scripts call
-// GET, SET, DEL, PTTL, PEXPIRE, GETRANGE and TIME (Redis checks a script's
-// calls against the user's ACL as it checks the user's own); XADD and
+// purge, the lock repair, the refresh-token restore, the consent links'
+// start counts, the locks of github.com/bsm/redislock and the budgets
+// (broker/budgets, on this client: github.com/go-redis/redis_rate and the
+// hold), whose scripts call GET, SET, DEL, PTTL, PEXPIRE, GETRANGE and
+// TIME (Redis checks a script's calls against the user's ACL as it checks
+// the user's own); XADD and
 // XRANGE on the purge log; PUBLISH and SUBSCRIBE on the channel; PING, the
 // subscription's health check. CONFIG GET (checkEviction) is optional: a
 // user without it is not checked.

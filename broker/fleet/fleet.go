@@ -13,6 +13,12 @@
 //	rt:<name>       a merchant's refresh token and its version, sealed;
 //	                no expiry
 //	lock:rt:<name>  the lock that serialises a merchant's refreshes
+//	starts:<hash>   how many times a consent link was started
+//	                (Store.CountStart); <hash> is the SHA-256 (hex) of
+//	                the link's store key (itself a hash of the link)
+//	                under a fixed label, not named with the encryption
+//	                key, so a key rotation keeps the count; expires
+//	                with the link
 //	events          the pub/sub channel: "set", "unlock" and "purge"
 //	                announcements (a purge carries its cache key and the
 //	                purged version sealed)
@@ -31,7 +37,7 @@
 //
 // <name> is the HMAC-SHA-256 of the cache key under a subkey of the
 // encryption key (hex), so Redis shows no merchant id, unless
-// Options.PlainKeys is set. The cache key is the associated data of each
+// Options.PlainKeys is set (which does not change starts:<hash>). The cache key is the associated data of each
 // sealed value, so a value copied under another name does not open.
 //
 // # A slow Redis is not a dead one
@@ -183,8 +189,10 @@ type Options struct {
 	// Now is the breaker's clock and the one that computes the stored
 	// token's remaining life. Default time.Now.
 	Now func() time.Time
-	// Logger receives breaker changes and undecryptable values, never a
-	// token or a key in clear. Optional.
+	// Logger receives breaker changes, undecryptable values and the
+	// first failure of a streak of consent link start counts
+	// (Store.CountStart), never a token, a link or a key in clear.
+	// Optional.
 	Logger *zap.Logger
 }
 
@@ -234,6 +242,9 @@ type Cache struct {
 	// refused is set when Redis refused a write (writeRefusal), and
 	// cleared when a write succeeds or the breaker closes (doOnce).
 	refused atomic.Bool
+	// startsFailing is set when a start count (Store.CountStart) failed
+	// and cleared when one succeeds: the failure that sets it is logged.
+	startsFailing atomic.Bool
 
 	vers *versions // the token versions seen (version.go)
 	rts  rtVersions
@@ -501,7 +512,8 @@ func (c *Cache) Run(ctx context.Context, op string, fn func(context.Context) err
 // SET of a sealed value (the same value again); a lock taken, extended or
 // released with the same owner token (obtain), an expiry given to a lock
 // without one (repair). Not a purge (its script returns what it deleted,
-// once) nor an announcement.
+// once), an announcement, nor a start count (Store.CountStart: its script
+// adds one each run).
 func retried(op string) bool {
 	switch op {
 	case "get", "pttl", "set", "lock", "repair", "unlock":

@@ -24,7 +24,8 @@ import (
 //	caddy_token_broker_l2_breaker_openings_total
 //
 // op names a Redis call: get, set, del, lock, repair (an expiry given to a
-// lock without one), unlock, pttl, publish, purge, or a Run caller's name.
+// lock without one), unlock, pttl, publish, purge, starts (a consent
+// link's start count), or a Run caller's name.
 type Metrics struct {
 	lookups       *prometheus.CounterVec
 	errors        *prometheus.CounterVec

@@ -246,6 +246,7 @@ type AuthCode struct {
 	pend   *Pendings
 	params url.Values // the authorization request's own parameters (authParams)
 	limits *linkLimiter
+	starts linkStarts
 
 	mu   sync.Mutex
 	retr time.Time // no discovery before, after a failed one
@@ -308,7 +309,9 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 	if pend.Now == nil {
 		pend.Now = src.cfg.Now
 	}
-	return &AuthCode{src: src, cfg: cfg, pend: pend, params: params, limits: newLinkLimiter(cfg.Limits)}, nil
+	starts := linkStarts{local: &memoryStarts{now: pend.Now}}
+	starts.shared, _ = src.store.(StartCounter)
+	return &AuthCode{src: src, cfg: cfg, pend: pend, params: params, limits: newLinkLimiter(cfg.Limits), starts: starts}, nil
 }
 
 // Provider returns the provider's name.
@@ -481,7 +484,9 @@ func (a *AuthCode) AuthorizationOrigin(ctx context.Context) (string, error) {
 // URL to redirect the browser to, after pushing the request when PAR is
 // on. The returned Pending says whose consent it is. The link stays
 // usable until it expires: each Start of it (a second tab, a double
-// click; at most MaxStartsPerLink per instance, then ReasonTooManyStarts)
+// click; at most MaxStartsPerLink, across the fleet when the source's
+// Store is a StartCounter, else and while its count cannot be had per
+// instance; then ReasonTooManyStarts)
 // gets its own state, PKCE verifier and nonce, and the first of their
 // callbacks to get a code consumes the link (see Callback). The
 // options: a Browser binds the authorization state to the browser (see
@@ -495,8 +500,8 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 	// Started: the link no longer counts as unused.
 	key := a.pend.storeKey(kindLink, linkID)
 	a.limits.used(rec.Merchant, key)
-	if !a.limits.started(key, rec.Expires, a.pend.Now()) {
-		return "", rec, a.fail(ReasonTooManyStarts, rec.Merchant, fmt.Errorf("the consent link was started %d times at this instance, the most one link may be: ask the app for a new consent link", MaxStartsPerLink))
+	if ok, where := a.starts.start(ctx, key, rec.Expires.Add(linkKept)); !ok {
+		return "", rec, a.fail(ReasonTooManyStarts, rec.Merchant, fmt.Errorf("the consent link was started %d times %s, the most one link may be: ask the app for a new consent link", MaxStartsPerLink, where))
 	}
 	ep, err := a.authEndpoints(ctx)
 	if err != nil {

@@ -175,9 +175,11 @@ func TestLinkLimits(t *testing.T) {
 	}
 }
 
-// TestLinkStartsBounded: one link is started at most MaxStartsPerLink
-// times at an instance; a start beyond is refused with too_many_starts
-// and stores no state; the count goes with the link's expiry.
+// TestLinkStartsBounded: without a shared count (a Store that is not a
+// StartCounter), one link is started at most MaxStartsPerLink times at an
+// instance; a start beyond is refused with too_many_starts, says it was
+// counted at this instance and stores no state; the count goes when the
+// link's record does.
 func TestLinkStartsBounded(t *testing.T) {
 	ctx := context.Background()
 	clock := newClock()
@@ -195,20 +197,36 @@ func TestLinkStartsBounded(t *testing.T) {
 	before := stored(store)
 	_, _, err = flow.Start(ctx, id, "cb.partner.example")
 	var ce *ConsentError
-	if !errors.As(err, &ce) || ce.Reason != ReasonTooManyStarts || ce.Merchant != "acme" {
-		t.Fatalf("start %d = %v, want too_many_starts", MaxStartsPerLink+1, err)
+	if !errors.As(err, &ce) || ce.Reason != ReasonTooManyStarts || ce.Merchant != "acme" || !strings.Contains(err.Error(), "times at this instance,") {
+		t.Fatalf("start %d = %v, want too_many_starts at this instance", MaxStartsPerLink+1, err)
 	}
 	checkNoSecrets(t, err, id)
 	if n := stored(store); n != before {
 		t.Errorf("%d records stored after the refused start, %d before", n, before)
 	}
-	clock.Add(DefaultLinkTTL + PendingSweepInterval)
-	flow.limits.mu.Lock()
-	flow.limits.pruneLocked(clock.Now())
-	left := len(flow.limits.starts)
-	flow.limits.mu.Unlock()
-	if left != 0 {
-		t.Errorf("%d links' start counts kept after their expiry, want 0", left)
+	kept := func() bool {
+		flow.starts.local.mu.Lock()
+		defer flow.starts.local.mu.Unlock()
+		_, ok := flow.starts.local.m[flow.pend.storeKey(kindLink, id)]
+		return ok
+	}
+	rows := []struct {
+		name    string
+		advance time.Duration
+		kept    bool
+	}{
+		{"the link expired, its record kept", DefaultLinkTTL, true},
+		{"its record dropped", linkKept, false},
+	}
+	for i, row := range rows {
+		clock.Add(row.advance)
+		// The next use of the count drops what has expired.
+		if _, err := flow.starts.local.CountStart(ctx, fmt.Sprint("another link ", i), clock.Now().Add(time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+		if got := kept(); got != row.kept {
+			t.Errorf("%s: the link's start count kept %v, want %v", row.name, got, row.kept)
+		}
 	}
 }
 

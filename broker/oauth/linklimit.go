@@ -1,6 +1,7 @@
 package oauth
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"sync"
@@ -25,14 +26,36 @@ const (
 	MaxReturnURLLength = 2048
 )
 
-// MaxStartsPerLink is how many times one consent link may be started at
-// one instance (two tabs, a double click, the back button): each start
-// stores an authorization state and may push a request to the provider.
+// MaxStartsPerLink is how many times one consent link may be started
+// (two tabs, a double click, the back button): each start stores an
+// authorization state and may push a request to the provider. The starts
+// are counted across the fleet when the source's refresh-token Store is
+// shared and counts them (a StartCounter: fleet.Store, in Redis); else,
+// and while that count cannot be had, at each instance, so that N
+// instances take up to N × MaxStartsPerLink starts of one link.
 const MaxStartsPerLink = 10
 
 // ReasonTooManyStarts is the refusal of a start of a consent link that
-// was started MaxStartsPerLink times at this instance already.
+// was started MaxStartsPerLink times already: across the fleet, or at
+// this instance (see MaxStartsPerLink). The refusal's message says which.
 const ReasonTooManyStarts = "too_many_starts"
+
+// StartCounter counts the starts of consent links where the instances of
+// a fleet share the count. A refresh-token Store that implements it
+// (fleet.Store) counts the starts of the links of the AuthCode over its
+// source, so that MaxStartsPerLink holds for the fleet; while it fails,
+// the starts are counted at each instance. A start already beyond
+// MaxStartsPerLink at this instance is refused without being counted
+// there. Implementations report their failures (fleet.Store logs the
+// first of a streak) and must be safe for concurrent use.
+type StartCounter interface {
+	// CountStart adds one start to the count of the consent link stored
+	// under key (a store key: a hash, never the link), atomically for
+	// every instance, and returns the count, this start included. The
+	// count is kept until kept (when the link's record is dropped), then
+	// forgotten.
+	CountStart(ctx context.Context, key string, kept time.Time) (int64, error)
+}
 
 // Reasons of a link refused by LinkLimits (see LinkLimitError).
 const (
@@ -90,22 +113,14 @@ func (e *LinkLimitError) Error() string {
 }
 
 // linkLimiter applies LinkLimits. It knows the links it created by store
-// key and expiry, per merchant, until they expire or are used; and it
-// counts the starts of each link (MaxStartsPerLink) until it expires.
+// key and expiry, per merchant, until they expire or are used.
 type linkLimiter struct {
 	lim LinkLimits
 
 	mu     sync.Mutex
 	all    *rate.Limiter
 	m      map[string]*merchantLinks
-	starts map[string]linkStarts // by the link's store key
 	pruned time.Time
-}
-
-// linkStarts counts the starts of one link until it expires.
-type linkStarts struct {
-	n       int
-	expires time.Time
 }
 
 type merchantLinks struct {
@@ -120,7 +135,7 @@ type pendingLink struct {
 
 func newLinkLimiter(l LinkLimits) *linkLimiter {
 	l = l.withDefaults()
-	return &linkLimiter{lim: l, all: perMinute(l.PerMinute), m: map[string]*merchantLinks{}, starts: map[string]linkStarts{}}
+	return &linkLimiter{lim: l, all: perMinute(l.PerMinute), m: map[string]*merchantLinks{}}
 }
 
 func perMinute(n int) *rate.Limiter { return rate.NewLimiter(rate.Limit(float64(n)/60), n) }
@@ -172,20 +187,6 @@ func (l *linkLimiter) created(merchant, key string, expires time.Time) {
 	}
 }
 
-// started counts a start at now of the link stored under key until
-// expires, and reports whether it is within MaxStartsPerLink.
-func (l *linkLimiter) started(key string, expires, now time.Time) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.pruneLocked(now)
-	st := l.starts[key]
-	if st.n >= MaxStartsPerLink {
-		return false
-	}
-	l.starts[key] = linkStarts{n: st.n + 1, expires: expires}
-	return true
-}
-
 // used forgets the link stored under key: it no longer counts.
 func (l *linkLimiter) used(merchant, key string) {
 	l.mu.Lock()
@@ -196,18 +197,12 @@ func (l *linkLimiter) used(merchant, key string) {
 }
 
 // pruneLocked drops, once a minute, the merchants without links whose
-// rate is back to full (they are as if never seen), and the start counts
-// of expired links.
+// rate is back to full (they are as if never seen).
 func (l *linkLimiter) pruneLocked(now time.Time) {
 	if now.Sub(l.pruned) < time.Minute {
 		return
 	}
 	l.pruned = now
-	for key, st := range l.starts {
-		if !now.Before(st.expires) {
-			delete(l.starts, key)
-		}
-	}
 	for id, ml := range l.m {
 		ml.links = slices.DeleteFunc(ml.links, func(p pendingLink) bool { return !now.Before(p.expires) })
 		if len(ml.links) == 0 && ml.lim.TokensAt(now) >= float64(l.lim.MerchantPerMinute) {
@@ -215,3 +210,85 @@ func (l *linkLimiter) pruneLocked(now time.Time) {
 		}
 	}
 }
+
+// linkStarts applies MaxStartsPerLink: it counts each start at this
+// instance (local) and, when the instances share a count (shared), there
+// too. A start beyond the limit by the local count is refused without
+// asking the shared count, so that such refused starts write nothing
+// there (the shared count takes this instance's starts too: it would
+// refuse the start as well, unless it missed some while it could not be
+// had). Else a start is within the limit by the shared count; by the
+// local one when there is no shared count or it cannot be had (Redis
+// down: the limit falls back to per instance, as the fleet's budgets fall
+// back to their local share).
+type linkStarts struct {
+	local  *memoryStarts
+	shared StartCounter // nil: per instance
+}
+
+// Where a start of a consent link was counted (linkStarts.start), for the
+// refusal's message.
+const (
+	startsInFleet    = "across the fleet"
+	startsAtInstance = "at this instance"
+)
+
+// start counts a start of the link stored under key, whose record is kept
+// until kept, and reports whether it is within MaxStartsPerLink and where
+// it was counted.
+func (s linkStarts) start(ctx context.Context, key string, kept time.Time) (ok bool, where string) {
+	n, _ := s.local.CountStart(ctx, key, kept) // never fails
+	if n > MaxStartsPerLink || s.shared == nil {
+		return n <= MaxStartsPerLink, startsAtInstance
+	}
+	total, err := s.shared.CountStart(ctx, key, kept)
+	if err != nil { // the shared count's implementation logs it
+		return true, startsAtInstance
+	}
+	return total <= MaxStartsPerLink, startsInFleet
+}
+
+// memoryStarts is the StartCounter of one instance, in memory. A count
+// whose kept time has passed starts again from zero, and is dropped by
+// the next use a minute or more after the last drop.
+type memoryStarts struct {
+	now func() time.Time
+
+	mu     sync.Mutex
+	m      map[string]memoryStart // by the link's store key
+	pruned time.Time
+}
+
+// memoryStart is the count of one link's starts and when it is dropped.
+type memoryStart struct {
+	n    int64
+	kept time.Time
+}
+
+// CountStart implements StartCounter; it never fails.
+func (s *memoryStarts) CountStart(_ context.Context, key string, kept time.Time) (int64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	if now.Sub(s.pruned) >= time.Minute {
+		s.pruned = now
+		for k, st := range s.m {
+			if !now.Before(st.kept) {
+				delete(s.m, k)
+			}
+		}
+	}
+	if s.m == nil {
+		s.m = map[string]memoryStart{}
+	}
+	st := s.m[key]
+	if !now.Before(st.kept) { // none, or one not pruned yet
+		st = memoryStart{}
+	}
+	st.n++
+	st.kept = kept
+	s.m[key] = st
+	return st.n, nil
+}
+
+var _ StartCounter = (*memoryStarts)(nil)
