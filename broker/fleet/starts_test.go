@@ -121,7 +121,7 @@ func TestLinkStartsAcrossTheFleet(t *testing.T) {
 			ctx := testCtx(t)
 			clock := clocktest.New(time.Now())
 			pend := &keptPendings{MemoryPendingStore: oauth.MemoryPendingStore{Now: clock.Now}}
-			stores := []oauth.Store{oauth.NewMemoryStore(), oauth.NewMemoryStore()}
+			stores := []oauth.Store{&oauth.MemoryStore{}, &oauth.MemoryStore{}}
 			kill := func() {}
 			var r *redistest.Server
 			var prefix string
