@@ -174,8 +174,12 @@ func TestNuapayOrganisationIDCannotChangeThePath(t *testing.T) {
 		wantPath string // "" means refused before sending
 	}{
 		{"org-acme", "/gk/organisations/org-acme/tokens"},
+		{"org.acme", "/gk/organisations/org.acme/tokens"},
+		{"a..b", "/gk/organisations/a..b/tokens"},
 		{"a/b", "/gk/organisations/a%2Fb/tokens"},
 		{"../../admin", "/gk/organisations/%2E%2E%2F%2E%2E%2Fadmin/tokens"},
+		{`..\admin`, "/gk/organisations/%2E%2E%5Cadmin/tokens"},
+		{"...", "/gk/organisations/%2E%2E%2E/tokens"},
 		{"50%off", "/gk/organisations/50%25off/tokens"},
 		{"x?y#z", "/gk/organisations/x%3Fy%23z/tokens"},
 		{"..", ""},
@@ -352,6 +356,8 @@ func TestRevokeTokenNeverRevokesTheOrganisation(t *testing.T) {
 		wantErr error
 	}{
 		{"with an id", "t1", []string{"POST /organisations/o1/tokens/t1/revoke"}, nil},
+		{"with a dotted id", "t.1", []string{"POST /organisations/o1/tokens/t.1/revoke"}, nil},
+		{"with a dot-segment id", "..", []string{"POST /organisations/o1/tokens/%2E%2E/revoke"}, nil},
 		{"without an id", "", nil, ErrNoTokenID},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -547,5 +553,75 @@ func TestNuapayUnusableTokenNamesItsStatus(t *testing.T) {
 	var ae *broker.APIError
 	if !errors.As(err, &ae) || ae.Code != "expired_token" || ae.StatusCode != http.StatusCreated {
 		t.Fatalf("Check = %v, want an expired_token answered 201", err)
+	}
+}
+
+// A white-labelled base URL with a path prefix, with or without a
+// trailing slash, and escaped as the partner wrote it, leads every call to
+// the same prefix: the token request, the revocation and the
+// organisations list.
+func TestNuapayBasePathPrefix(t *testing.T) {
+	for _, tc := range []struct {
+		base, prefix string
+	}{
+		{"", ""},
+		{"/", ""},
+		{"/gk", "/gk"},
+		{"/gk/", "/gk"},
+		{"/gk//", "/gk"},
+		{"/partner/nuapay", "/partner/nuapay"},
+		{"/partner%2Fnuapay", "/partner%2Fnuapay"},
+	} {
+		t.Run(tc.base, func(t *testing.T) {
+			var mu sync.Mutex
+			var calls []string
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				mu.Lock()
+				calls = append(calls, r.Method+" "+r.RequestURI)
+				mu.Unlock()
+				switch {
+				case r.Method == http.MethodGet:
+					io.WriteString(w, `{"data":[{"id":"o1"}],"page":{"pageNumber":1,"pageSize":100,"totalElements":1,"totalPages":1}}`)
+				case strings.HasSuffix(r.URL.Path, "/revoke"):
+					io.WriteString(w, `{"data":{"id":"t1","status":"REVOKED"}}`)
+				default:
+					w.WriteHeader(http.StatusCreated)
+					io.WriteString(w, strings.Replace(okEnvelope, "%d", "32503680000000", 1))
+				}
+			}))
+			defer srv.Close()
+			for _, orgsPath := range []string{"", "/cust/organisations"} {
+				mu.Lock()
+				calls = nil
+				mu.Unlock()
+				n, err := New(Config{BaseURL: srv.URL + tc.base, APIKey: "partner-key", OrganisationsPath: orgsPath})
+				if err != nil {
+					t.Fatal(err)
+				}
+				ctx := context.Background()
+				req := broker.Request{Merchant: "acme", Organisation: "o1", Scopes: []string{"openbanking_pisp"}}
+				if _, err := n.Token(ctx, req); err != nil {
+					t.Fatal(err)
+				}
+				if err := n.RevokeToken(ctx, req, broker.Token{ID: "t1"}); err != nil {
+					t.Fatal(err)
+				}
+				if err := n.EachOrganisation(ctx, ListLimits{}, func(Organisation) {}); err != nil {
+					t.Fatal(err)
+				}
+				list := "/organisations"
+				if orgsPath != "" {
+					list = orgsPath
+				}
+				want := []string{"POST " + tc.prefix + "/organisations/o1/tokens", "POST " + tc.prefix + "/organisations/o1/tokens/t1/revoke",
+					"GET " + tc.prefix + list + "?pagenumber=1&pagesize=100"}
+				mu.Lock()
+				got := strings.Join(calls, "\n")
+				mu.Unlock()
+				if got != strings.Join(want, "\n") {
+					t.Fatalf("organisations_path %q: calls\n%s\nwant\n%s", orgsPath, got, strings.Join(want, "\n"))
+				}
+			}
+		})
 	}
 }
