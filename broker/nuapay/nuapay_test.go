@@ -625,3 +625,57 @@ func TestNuapayBasePathPrefix(t *testing.T) {
 		})
 	}
 }
+
+// The organisations list is read page by page from a Gatekeeper that
+// pages as its document says (pagenumber from 1, page.totalPages), with
+// the page size it serves (its maximum, or the size asked for), and the
+// reading stops at the last page without asking for one more.
+func TestNuapayOrganisationsPaging(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		orgs      int
+		maxSize   int // the largest page the server serves: a larger pagesize is cut to it
+		wantCalls int
+	}{
+		{"empty list", 0, 100, 1},
+		{"one page", 57, 100, 1},
+		{"exactly one full page", 100, 100, 1},
+		{"three pages of 20", 57, 20, 3},
+		{"two full pages of 20", 40, 20, 2},
+		{"many pages", 2501, 100, 26},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			calls := 0
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				mu.Lock()
+				calls++
+				mu.Unlock()
+				num, _ := strconv.Atoi(r.URL.Query().Get("pagenumber"))
+				size, _ := strconv.Atoi(r.URL.Query().Get("pagesize"))
+				size = min(size, tc.maxSize)
+				var data []Organisation
+				for i := (num - 1) * size; i < min(num*size, tc.orgs); i++ {
+					data = append(data, Organisation{ID: fmt.Sprintf("org-%d", i), Name: "Org", Code: "C", Status: "ACTIVE"})
+				}
+				body, _ := json.Marshal(map[string]any{"uri": r.URL.RequestURI(), "data": data,
+					"page": map[string]int{"pageNumber": num, "pageSize": size, "totalElements": tc.orgs, "totalPages": (tc.orgs + size - 1) / size}})
+				w.Write(body)
+			}))
+			defer srv.Close()
+			n, err := New(Config{BaseURL: srv.URL, APIKey: "partner-key"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen := map[string]bool{}
+			if err := n.EachOrganisation(context.Background(), ListLimits{}, func(o Organisation) { seen[o.ID] = true }); err != nil {
+				t.Fatal(err)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if len(seen) != tc.orgs || calls != tc.wantCalls {
+				t.Fatalf("%d organisations in %d calls, want %d in %d", len(seen), calls, tc.orgs, tc.wantCalls)
+			}
+		})
+	}
+}
