@@ -363,6 +363,15 @@ func (l ListLimits) withDefaults() ListLimits {
 	return l
 }
 
+// Pages is the most calls a reading within l makes: every organisation
+// at the smallest page size Gatekeeper serves (legacyPageSize), the first
+// page asked again at that size, and an empty last page; at most
+// MaxListPages.
+func (l ListLimits) Pages() int {
+	l = l.withDefaults()
+	return min(l.Organisations/legacyPageSize+2, MaxListPages)
+}
+
 // ListTooLargeError is returned when the organisations list goes past its
 // ListLimits: nothing of the reading is to be used.
 type ListTooLargeError struct {

@@ -679,3 +679,24 @@ func TestNuapayOrganisationsPaging(t *testing.T) {
 		})
 	}
 }
+
+// ListLimits.Pages is the most pages a reading within the limits asks
+// for: every organisation at the smallest page size Gatekeeper serves,
+// the first page asked again at that size, and an empty last page; at
+// most MaxListPages.
+func TestListLimitsPages(t *testing.T) {
+	for _, tc := range []struct {
+		orgs, want int
+	}{
+		{1, 2},
+		{19, 2},
+		{20, 3},
+		{1000, 52},
+		{0, DefaultMaxOrganisations/legacyPageSize + 2},
+		{1_000_000, MaxListPages},
+	} {
+		if got := (ListLimits{Organisations: tc.orgs}).Pages(); got != tc.want {
+			t.Errorf("Pages of %d organisations = %d, want %d", tc.orgs, got, tc.want)
+		}
+	}
+}
