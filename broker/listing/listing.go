@@ -42,6 +42,7 @@ type Listing struct {
 	list     OrganisationLister
 	limits   nuapay.ListLimits
 	every    time.Duration
+	bound    time.Duration // bounds one read, all its pages (readBound)
 	logger   *zap.Logger
 	now      func() time.Time // the clock: time.Now; tests inject their own
 	// sleep waits between the schedule's reads: budget.Sleep, a timer;
@@ -70,15 +71,26 @@ type reads struct {
 // New returns the listing of a provider, read every every once started
 // (sooner after a failed read: Start), logging its reads to logger.
 func New(provider string, list OrganisationLister, limits nuapay.ListLimits, every time.Duration, logger *zap.Logger) *Listing {
-	return &Listing{provider: provider, list: list, limits: limits, every: every, logger: logger,
+	return &Listing{provider: provider, list: list, limits: limits, every: every, bound: readBound(limits), logger: logger,
 		now: time.Now, sleep: budget.Sleep, turn: make(chan struct{}, 1)}
 }
 
 // Provider is the name of the listed provider.
 func (l *Listing) Provider() string { return l.provider }
 
-// readTimeout bounds one read of the list, all its pages.
-const readTimeout = time.Minute
+// readBound bounds one read of the list within limits, all its pages:
+// pageTime for each page the limits allow (nuapay.ListLimits.Pages), at
+// least minReadTime, so that a long list read at a provider's pace is not
+// cut before its end.
+func readBound(limits nuapay.ListLimits) time.Duration {
+	return max(minReadTime, time.Duration(limits.Pages())*pageTime)
+}
+
+// minReadTime is the least time a read of the list is given.
+const minReadTime = time.Minute
+
+// pageTime is the time a read of the list is given per page.
+const pageTime = time.Second
 
 // firstRetry is the wait before the schedule tries a failed read again;
 // it doubles with each failed read that follows, up to the schedule's
@@ -86,7 +98,7 @@ const readTimeout = time.Minute
 const firstRetry = 5 * time.Second
 
 // Start reads the list now and then l.every after each good read, each
-// read bounded to readTimeout, until Destruct. A failed read is tried
+// read bounded by readBound, until Destruct. A failed read is tried
 // again after firstRetry, doubled after each failed read that follows up
 // to l.every, or after the provider's Retry-After when that is longer.
 func (l *Listing) Start() {
@@ -96,7 +108,7 @@ func (l *Listing) Start() {
 		defer close(l.done)
 		backoff := min(firstRetry, l.every)
 		for {
-			readCtx, cancel := context.WithTimeout(ctx, readTimeout)
+			readCtx, cancel := context.WithTimeout(ctx, l.bound)
 			_, err := l.read(readCtx, ctx)
 			cancel()
 			wait := l.every
@@ -124,12 +136,12 @@ func (l *Listing) Destruct() error {
 	return nil
 }
 
-// Refresh reads the list now, bounded to readTimeout, and returns how
+// Refresh reads the list now, bounded by readBound, and returns how
 // many organisations it holds. On failure the last good list stays in
 // force and the error is returned (and logged). While another read runs,
 // it waits for it as long as ctx allows.
 func (l *Listing) Refresh(ctx context.Context) (int, error) {
-	ctx, cancel := context.WithTimeout(ctx, readTimeout)
+	ctx, cancel := context.WithTimeout(ctx, l.bound)
 	defer cancel()
 	return l.read(ctx, context.Background())
 }

@@ -308,3 +308,42 @@ func unansweredListing(t *testing.T) (l *Listing, logs *observer.ObservedLogs, c
 	<-arrived
 	return l, logs, gone
 }
+
+// deadlineLister records the deadline of the context each read gets.
+type deadlineLister struct{ deadline chan time.Duration }
+
+func (d deadlineLister) EachOrganisation(ctx context.Context, _ nuapay.ListLimits, visit func(nuapay.Organisation)) error {
+	dl, _ := ctx.Deadline()
+	d.deadline <- time.Until(dl)
+	visit(nuapay.Organisation{ID: "o1"})
+	return nil
+}
+
+// TestListingReadBoundGrowsWithTheList: a read of the organisations list
+// may take a second per page the limits allow (at the smallest page size
+// Gatekeeper serves), at least a minute, so that a long list read at a
+// real provider's pace, page after page, is not cut before its end.
+func TestListingReadBoundGrowsWithTheList(t *testing.T) {
+	for _, tc := range []struct {
+		limits nuapay.ListLimits
+		want   time.Duration
+	}{
+		{nuapay.ListLimits{Organisations: 10}, time.Minute},
+		{nuapay.ListLimits{Organisations: 1000}, time.Minute},
+		{nuapay.ListLimits{Organisations: 20_000}, time.Duration(nuapay.ListLimits{Organisations: 20_000}.Pages()) * time.Second},
+		{nuapay.ListLimits{}, time.Duration(nuapay.ListLimits{}.Pages()) * time.Second},
+	} {
+		t.Run(fmt.Sprint(tc.limits.Organisations), func(t *testing.T) {
+			src := deadlineLister{deadline: make(chan time.Duration, 1)}
+			l := New("nuapay", src, tc.limits, time.Hour, zap.NewNop())
+			if _, err := l.Refresh(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			// The deadline was read an instant after it was set: allow a
+			// few seconds of a loaded machine.
+			if got := <-src.deadline; got > tc.want || got < tc.want-5*time.Second {
+				t.Fatalf("a read within %+v is bounded to %s, want %s", tc.limits, got, tc.want)
+			}
+		})
+	}
+}

@@ -117,16 +117,31 @@ func (s *Source) orgURL(merchant, org, suffix string) (string, error) {
 	if org == "" || org == "." || org == ".." {
 		return "", &broker.RequestError{Merchant: merchant, Field: "organisation", Reason: fmt.Sprintf("%q is not a valid encodedOrganisationId", org)}
 	}
-	u := *s.base
-	u.RawPath = u.EscapedPath() + "/organisations/" + segment(org) + suffix
-	u.Path, _ = url.PathUnescape(u.RawPath)
+	u := s.at("/organisations/" + segment(org) + suffix)
 	return u.String(), nil
 }
 
-// segment escapes s as one path segment, its dots too, so that no
-// segment of it is "." or "..".
+// at returns the base URL with escaped, an escaped path, appended to its
+// path. The base's path keeps the escaping it was given, so that every
+// call goes below the same prefix.
+func (s *Source) at(escaped string) url.URL {
+	u := *s.base
+	u.RawPath = u.EscapedPath() + escaped
+	u.Path, _ = url.PathUnescape(u.RawPath)
+	return u
+}
+
+// segment escapes s as one path segment (url.PathEscape). Dots are
+// unreserved characters, sent as they are (RFC 3986 §2.3), except in an s
+// made of dots only or holding a slash or a backslash: there they are
+// escaped too, so that no segment is "." or "..", even at a server that
+// decodes %2F or %5C before it resolves dot segments.
 func segment(s string) string {
-	return strings.ReplaceAll(url.PathEscape(s), ".", "%2E")
+	escaped := url.PathEscape(s)
+	if strings.Trim(s, ".") == "" || strings.ContainsAny(s, `/\`) {
+		return strings.ReplaceAll(escaped, ".", "%2E")
+	}
+	return escaped
 }
 
 type nuapayTokenRequest struct {
@@ -348,6 +363,15 @@ func (l ListLimits) withDefaults() ListLimits {
 	return l
 }
 
+// Pages is the most calls a reading within l makes: every organisation
+// at the smallest page size Gatekeeper serves (legacyPageSize), the first
+// page asked again at that size, and an empty last page; at most
+// MaxListPages.
+func (l ListLimits) Pages() int {
+	l = l.withDefaults()
+	return min(l.Organisations/legacyPageSize+2, MaxListPages)
+}
+
 // ListTooLargeError is returned when the organisations list goes past its
 // ListLimits: nothing of the reading is to be used.
 type ListTooLargeError struct {
@@ -390,9 +414,7 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 	count := 0
 	size := listPageSize
 	for page := 1; ; page++ {
-		u := *s.base
-		u.Path += s.cfg.OrganisationsPath
-		u.RawPath = ""
+		u := s.at((&url.URL{Path: s.cfg.OrganisationsPath}).EscapedPath())
 		u.RawQuery = url.Values{"pagenumber": {fmt.Sprint(page)}, "pagesize": {fmt.Sprint(size)}}.Encode()
 		status, body, err := s.call(ctx, http.MethodGet, u.String(), nil)
 		var ae *broker.APIError

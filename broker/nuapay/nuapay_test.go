@@ -174,8 +174,12 @@ func TestNuapayOrganisationIDCannotChangeThePath(t *testing.T) {
 		wantPath string // "" means refused before sending
 	}{
 		{"org-acme", "/gk/organisations/org-acme/tokens"},
+		{"org.acme", "/gk/organisations/org.acme/tokens"},
+		{"a..b", "/gk/organisations/a..b/tokens"},
 		{"a/b", "/gk/organisations/a%2Fb/tokens"},
 		{"../../admin", "/gk/organisations/%2E%2E%2F%2E%2E%2Fadmin/tokens"},
+		{`..\admin`, "/gk/organisations/%2E%2E%5Cadmin/tokens"},
+		{"...", "/gk/organisations/%2E%2E%2E/tokens"},
 		{"50%off", "/gk/organisations/50%25off/tokens"},
 		{"x?y#z", "/gk/organisations/x%3Fy%23z/tokens"},
 		{"..", ""},
@@ -352,6 +356,8 @@ func TestRevokeTokenNeverRevokesTheOrganisation(t *testing.T) {
 		wantErr error
 	}{
 		{"with an id", "t1", []string{"POST /organisations/o1/tokens/t1/revoke"}, nil},
+		{"with a dotted id", "t.1", []string{"POST /organisations/o1/tokens/t.1/revoke"}, nil},
+		{"with a dot-segment id", "..", []string{"POST /organisations/o1/tokens/%2E%2E/revoke"}, nil},
 		{"without an id", "", nil, ErrNoTokenID},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -547,5 +553,150 @@ func TestNuapayUnusableTokenNamesItsStatus(t *testing.T) {
 	var ae *broker.APIError
 	if !errors.As(err, &ae) || ae.Code != "expired_token" || ae.StatusCode != http.StatusCreated {
 		t.Fatalf("Check = %v, want an expired_token answered 201", err)
+	}
+}
+
+// A white-labelled base URL with a path prefix, with or without a
+// trailing slash, and escaped as the partner wrote it, leads every call to
+// the same prefix: the token request, the revocation and the
+// organisations list.
+func TestNuapayBasePathPrefix(t *testing.T) {
+	for _, tc := range []struct {
+		base, prefix string
+	}{
+		{"", ""},
+		{"/", ""},
+		{"/gk", "/gk"},
+		{"/gk/", "/gk"},
+		{"/gk//", "/gk"},
+		{"/partner/nuapay", "/partner/nuapay"},
+		{"/partner%2Fnuapay", "/partner%2Fnuapay"},
+	} {
+		t.Run(tc.base, func(t *testing.T) {
+			var mu sync.Mutex
+			var calls []string
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				mu.Lock()
+				calls = append(calls, r.Method+" "+r.RequestURI)
+				mu.Unlock()
+				switch {
+				case r.Method == http.MethodGet:
+					io.WriteString(w, `{"data":[{"id":"o1"}],"page":{"pageNumber":1,"pageSize":100,"totalElements":1,"totalPages":1}}`)
+				case strings.HasSuffix(r.URL.Path, "/revoke"):
+					io.WriteString(w, `{"data":{"id":"t1","status":"REVOKED"}}`)
+				default:
+					w.WriteHeader(http.StatusCreated)
+					io.WriteString(w, strings.Replace(okEnvelope, "%d", "32503680000000", 1))
+				}
+			}))
+			defer srv.Close()
+			for _, orgsPath := range []string{"", "/cust/organisations"} {
+				mu.Lock()
+				calls = nil
+				mu.Unlock()
+				n, err := New(Config{BaseURL: srv.URL + tc.base, APIKey: "partner-key", OrganisationsPath: orgsPath})
+				if err != nil {
+					t.Fatal(err)
+				}
+				ctx := context.Background()
+				req := broker.Request{Merchant: "acme", Organisation: "o1", Scopes: []string{"openbanking_pisp"}}
+				if _, err := n.Token(ctx, req); err != nil {
+					t.Fatal(err)
+				}
+				if err := n.RevokeToken(ctx, req, broker.Token{ID: "t1"}); err != nil {
+					t.Fatal(err)
+				}
+				if err := n.EachOrganisation(ctx, ListLimits{}, func(Organisation) {}); err != nil {
+					t.Fatal(err)
+				}
+				list := "/organisations"
+				if orgsPath != "" {
+					list = orgsPath
+				}
+				want := []string{"POST " + tc.prefix + "/organisations/o1/tokens", "POST " + tc.prefix + "/organisations/o1/tokens/t1/revoke",
+					"GET " + tc.prefix + list + "?pagenumber=1&pagesize=100"}
+				mu.Lock()
+				got := strings.Join(calls, "\n")
+				mu.Unlock()
+				if got != strings.Join(want, "\n") {
+					t.Fatalf("organisations_path %q: calls\n%s\nwant\n%s", orgsPath, got, strings.Join(want, "\n"))
+				}
+			}
+		})
+	}
+}
+
+// The organisations list is read page by page from a Gatekeeper that
+// pages as its document says (pagenumber from 1, page.totalPages), with
+// the page size it serves (its maximum, or the size asked for), and the
+// reading stops at the last page without asking for one more.
+func TestNuapayOrganisationsPaging(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		orgs      int
+		maxSize   int // the largest page the server serves: a larger pagesize is cut to it
+		wantCalls int
+	}{
+		{"empty list", 0, 100, 1},
+		{"one page", 57, 100, 1},
+		{"exactly one full page", 100, 100, 1},
+		{"three pages of 20", 57, 20, 3},
+		{"two full pages of 20", 40, 20, 2},
+		{"many pages", 2501, 100, 26},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			calls := 0
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				mu.Lock()
+				calls++
+				mu.Unlock()
+				num, _ := strconv.Atoi(r.URL.Query().Get("pagenumber"))
+				size, _ := strconv.Atoi(r.URL.Query().Get("pagesize"))
+				size = min(size, tc.maxSize)
+				var data []Organisation
+				for i := (num - 1) * size; i < min(num*size, tc.orgs); i++ {
+					data = append(data, Organisation{ID: fmt.Sprintf("org-%d", i), Name: "Org", Code: "C", Status: "ACTIVE"})
+				}
+				body, _ := json.Marshal(map[string]any{"uri": r.URL.RequestURI(), "data": data,
+					"page": map[string]int{"pageNumber": num, "pageSize": size, "totalElements": tc.orgs, "totalPages": (tc.orgs + size - 1) / size}})
+				w.Write(body)
+			}))
+			defer srv.Close()
+			n, err := New(Config{BaseURL: srv.URL, APIKey: "partner-key"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen := map[string]bool{}
+			if err := n.EachOrganisation(context.Background(), ListLimits{}, func(o Organisation) { seen[o.ID] = true }); err != nil {
+				t.Fatal(err)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if len(seen) != tc.orgs || calls != tc.wantCalls {
+				t.Fatalf("%d organisations in %d calls, want %d in %d", len(seen), calls, tc.orgs, tc.wantCalls)
+			}
+		})
+	}
+}
+
+// ListLimits.Pages is the most pages a reading within the limits asks
+// for: every organisation at the smallest page size Gatekeeper serves,
+// the first page asked again at that size, and an empty last page; at
+// most MaxListPages.
+func TestListLimitsPages(t *testing.T) {
+	for _, tc := range []struct {
+		orgs, want int
+	}{
+		{1, 2},
+		{19, 2},
+		{20, 3},
+		{1000, 52},
+		{0, DefaultMaxOrganisations/legacyPageSize + 2},
+		{1_000_000, MaxListPages},
+	} {
+		if got := (ListLimits{Organisations: tc.orgs}).Pages(); got != tc.want {
+			t.Errorf("Pages of %d organisations = %d, want %d", tc.orgs, got, tc.want)
+		}
 	}
 }
