@@ -12,7 +12,8 @@
 //	                random owner token, expiry Options.LockTTL
 //	rt:<name>       a merchant's refresh token and its version, sealed;
 //	                no expiry
-//	lock:rt:<name>  the lock that serialises a merchant's refreshes
+//	lock:rt:<name>  a lock that serialises a merchant's refreshes, one
+//	                per name key: a refresh takes them all (Store.Lock)
 //	starts:<hash>   how many times a consent link was started
 //	                (Store.CountStart); <hash> is the SHA-256 (hex) of
 //	                the link's store key (itself a hash of the link)
@@ -335,7 +336,7 @@ func New(opts Options) (*Cache, error) {
 	switch {
 	case err == nil:
 		c.checkCommands(nil)
-	case redis.IsAuthError(err): // WRONGPASS, or NOAUTH: a password is required
+	case errors.As(err, &refused) && redis.IsAuthError(err): // WRONGPASS, or NOAUTH: a password is required
 		opts.Logger.Error("redis refused the broker's credentials: check the redis settings username and password; this node mints without the shared tier until Redis accepts them",
 			zap.Error(err))
 	case refusedCommand(err) != "": // an ACL without SUBSCRIBE: one log with the other missing commands

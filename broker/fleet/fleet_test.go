@@ -627,6 +627,98 @@ func TestRedisDownAndBack(t *testing.T) {
 	}
 }
 
+// A refresh token saved under one key's name while an older copy remains
+// under another key's name (a rotation whose delete of the old copy
+// failed): every node loads the newest, whichever name its current key
+// gives.
+func TestRefreshTokenLoadTakesTheNewestName(t *testing.T) {
+	r := startRedis(t)
+	oldNode := newNode(t, r, testKeys(t, 1, 2), nil)
+	rotated := newNode(t, r, testKeys(t, 2, 1), nil)
+	ctx := testCtx(t)
+	if err := oldNode.Store().Save(ctx, "bank/m1", "rt-1"); err != nil {
+		t.Fatal(err)
+	}
+	raw := r.Client()
+	oldName := oldNode.Store().redisKey(oldNode.nameKeys[0], "bank/m1")
+	stale, err := raw.Get(ctx, oldName).Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rotated.Store().Save(ctx, "bank/m1", "rt-2"); err != nil {
+		t.Fatal(err)
+	}
+	// The rotated node's delete of the old copy is undone.
+	if err := raw.Set(ctx, oldName, stale, 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	for _, keys := range [][]byte{{1, 2}, {2, 1}} {
+		fresh := newNode(t, r, testKeys(t, keys[0], keys[1:]...), nil)
+		if rt, err := fresh.Store().Load(ctx, "bank/m1"); err != nil || rt.Reveal() != "rt-2" {
+			t.Fatalf("a node with keys %v loads %q (err %v); want the newest, rt-2 (the older one is spent)", keys, rt.Reveal(), err)
+		}
+	}
+}
+
+// Many refreshes at once from nodes on every stage of a key rotation: one
+// at a time, none waiting for ever (every node takes its locks in the
+// same order), and a node that gave up while holding some of its locks
+// released them.
+func TestRefreshTokenLocksUnderLoadAcrossKeyRotation(t *testing.T) {
+	r := startRedis(t)
+	fast := func(o *Options) { o.LockPoll = 20 * time.Millisecond }
+	var stores []*Store
+	for _, keys := range [][]byte{{2, 1}, {1, 2}, {1}, {2}} {
+		stores = append(stores, newNode(t, r, testKeys(t, keys[0], keys[1:]...), fast).Store())
+	}
+	ctx := testCtx(t)
+
+	// A node that gives up while waiting for one of its locks keeps none.
+	unlock, err := stores[3].Lock(ctx, "bank/m1") // key 2's lock only
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	_, err = stores[0].Lock(short, "bank/m1") // both locks
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Lock while key 2's lock is held = %v; want its deadline", err)
+	}
+	short, cancel = context.WithTimeout(ctx, 5*time.Second)
+	unlockOld, err := stores[2].Lock(short, "bank/m1") // key 1's lock only
+	cancel()
+	if err != nil {
+		t.Fatalf("key 1's lock is still held by a node that gave up: %v", err)
+	}
+	unlockOld()
+	unlock()
+
+	var inside atomic.Int64
+	var wg sync.WaitGroup
+	failures := make(chan string, 40)
+	for i := range 40 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			unlock, err := stores[i%len(stores)].Lock(ctx, "bank/m1")
+			if err != nil {
+				failures <- err.Error()
+				return
+			}
+			defer unlock()
+			if inside.Add(1) != 1 {
+				failures <- "two holders at once"
+			}
+			inside.Add(-1)
+		}()
+	}
+	wg.Wait()
+	close(failures)
+	for f := range failures {
+		t.Error(f)
+	}
+}
+
 // During a rolling key rotation, nodes whose current keys differ still
 // serialise the refreshes of a merchant: while one holds the refresh-token
 // lock, the other waits, whatever the order of its keys.

@@ -100,38 +100,57 @@ func (s *Store) redisKey(nameKey []byte, key string) string {
 	return s.c.opts.KeyPrefix + "rt:" + s.c.nameWith(nameKey, key)
 }
 
-// Load implements oauth.Store.
+// Load implements oauth.Store. The refresh token may be stored under the
+// name of each of this node's keys (during a key rotation a node on the
+// old key saves under its name, one on the new key under its own, and a
+// Save's delete of the other copy may fail): every name is read and the
+// newest version is used, so that an older copy left under another name
+// is never spent. A value that does not open fails the Load: it may be
+// the newest.
 func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
+	var (
+		found bool
+		name  string // where the newest value is
+		b     []byte // the newest value, sealed
+		rt    broker.Secret
+		ver   int64
+	)
 	for _, nk := range s.c.nameKeys {
-		name := s.redisKey(nk, key)
-		b, err := s.c.get(ctx, name)
+		n := s.redisKey(nk, key)
+		v, err := s.c.get(ctx, n)
 		if errors.Is(err, redis.Nil) {
 			continue
 		}
 		if err != nil {
 			return "", fmt.Errorf("fleet: loading the refresh token of %s from redis: %w", key, err)
 		}
-		rt, ver, err := s.rtOpen(key, b)
+		t, tv, err := s.rtOpen(key, v)
 		if err != nil {
 			s.c.metrics.undecryptable.Inc()
-			s.c.opts.Logger.Warn("a refresh token in redis does not open", zap.String("redis_key", name), zap.Error(err))
-			return "", fmt.Errorf("fleet: refresh token of %s (%s): %w", key, name, ErrRefreshTokenSealed)
+			s.c.opts.Logger.Warn("a refresh token in redis does not open", zap.String("redis_key", n), zap.Error(err))
+			return "", fmt.Errorf("fleet: refresh token of %s (%s): %w", key, n, ErrRefreshTokenSealed)
 		}
-		if newest := s.c.rts.newer(key, ver, b); newest.ver > ver {
-			// An older value than this node has seen: never spend it;
-			// use the newer one and put it back.
-			s.c.rolledBack(name)
-			if rt, _, err = s.rtOpen(key, newest.sealed); err != nil {
-				return "", fmt.Errorf("fleet: refresh token of %s: %w", key, ErrRefreshTokenSealed)
-			}
-			// Put back unless it changed meanwhile (a Save elsewhere).
-			_ = s.c.do(context.WithoutCancel(ctx), "set", func(ctx context.Context) error {
-				return restoreScript.Run(ctx, s.c.opts.Client, []string{name}, b, newest.sealed).Err()
-			})
+		if !found || tv > ver {
+			found, name, b, rt, ver = true, n, v, t, tv
 		}
-		return rt, nil
 	}
-	return "", fmt.Errorf("fleet: %w under %s", oauth.ErrNoRefreshToken, key)
+	if !found {
+		return "", fmt.Errorf("fleet: %w under %s", oauth.ErrNoRefreshToken, key)
+	}
+	if newest := s.c.rts.newer(key, ver, b); newest.ver > ver {
+		// An older value than this node has seen: never spend it;
+		// use the newer one and put it back.
+		s.c.rolledBack(name)
+		var err error
+		if rt, _, err = s.rtOpen(key, newest.sealed); err != nil {
+			return "", fmt.Errorf("fleet: refresh token of %s: %w", key, ErrRefreshTokenSealed)
+		}
+		// Put back unless it changed meanwhile (a Save elsewhere).
+		_ = s.c.do(context.WithoutCancel(ctx), "set", func(ctx context.Context) error {
+			return restoreScript.Run(ctx, s.c.opts.Client, []string{name}, b, newest.sealed).Err()
+		})
+	}
+	return rt, nil
 }
 
 // Save implements oauth.Store: the refresh token is sealed and stored
