@@ -119,8 +119,9 @@ type oauth2TOML struct {
 	// Default PS256 for an RSA key, ES256 for an EC P-256 key.
 	SigningAlg string `toml:"signing_alg"`
 	// AssertionAudience (oauth2, private_key_jwt) is the aud claim of
-	// the assertions. Default the token endpoint URL; some servers want
-	// their issuer.
+	// the assertions. Default the issuer with issuer (FAPI 2.0), else the
+	// token endpoint URL; a server that wants its token endpoint URL
+	// although it has an issuer needs it here.
 	AssertionAudience string `toml:"assertion_audience"`
 	// Audience (oauth2) is sent as the audience parameter when the
 	// merchant sets none. Optional. {env.NAME} references are expanded.

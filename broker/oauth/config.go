@@ -88,7 +88,10 @@ type Config struct {
 	// PrivateKeyJWT, not allowed otherwise. See NewSigner.
 	Signer *Signer
 	// AssertionAudience is the aud claim of the client assertions. Default
-	// the token endpoint URL (RFC 7523 §3); some servers want their issuer.
+	// Issuer when it is set (FAPI 2.0 and RFC 9126 §2; the same for every
+	// endpoint and its mTLS alias), else the token endpoint URL (RFC 7523
+	// §3; the PAR endpoint URL for a pushed request). A server that wants
+	// its token endpoint URL although it has an issuer needs it here.
 	AssertionAudience string
 	// Audience is sent as the audience parameter when the request names
 	// none (broker.Request.Audience wins). Optional.

@@ -72,7 +72,8 @@ func (c *core) CallTimeout() time.Duration { return c.cfg.Client.Timeout }
 
 // clientAuth returns where the client's secret goes (the Basic header or
 // the form, as x/oauth2's AuthStyle says) and the extra form parameters of
-// the configured client authentication for a request to endpoint.
+// the configured client authentication for a request to endpoint (a
+// client assertion's aud: assertionAudience).
 func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyle, params url.Values, err error) {
 	params = url.Values{}
 	switch c.cfg.AuthMethod {
@@ -83,11 +84,7 @@ func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyl
 	case ClientSecretPost:
 		return c.cfg.ClientSecret.Reveal(), oauth2.AuthStyleInParams, params, nil
 	case PrivateKeyJWT:
-		aud := c.cfg.AssertionAudience
-		if aud == "" {
-			aud = endpoint
-		}
-		a, err := c.cfg.Signer.Assertion(c.cfg.ClientID, aud, c.cfg.Now())
+		a, err := c.cfg.Signer.Assertion(c.cfg.ClientID, c.assertionAudience(endpoint), c.cfg.Now())
 		if err != nil {
 			return "", 0, nil, err
 		}
@@ -98,6 +95,17 @@ func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyl
 	// tls_client_auth: the certificate is the credential; client_id in
 	// the body (postForm sends it with AuthStyleInParams and no secret).
 	return "", oauth2.AuthStyleInParams, params, nil
+}
+
+// assertionAudience returns the aud of a client assertion sent to
+// endpoint: Config.AssertionAudience when set; else the issuer identifier
+// of a discovered provider, which FAPI 2.0 (Security Profile §5.3.2.1)
+// requires as the only value, RFC 9126 §2 has every authorization server
+// accept and RFC 7523 §3 allows, one value for the token, PAR and
+// revocation endpoints and their mTLS aliases; else endpoint, the
+// configured token endpoint (or PAR endpoint) itself.
+func (c *core) assertionAudience(endpoint string) string {
+	return cmp.Or(c.cfg.AssertionAudience, c.cfg.Issuer, endpoint)
 }
 
 // exchange sends a token request: grant has the grant's own parameters
