@@ -271,7 +271,7 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 		ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",
 			k.Alg(), k.Thumbprint(), k.Alg(), c.cfg.Name)
 	}
-	if ae.Code == "invalid_client" && !ep.supports(c.cfg.AuthMethod) {
+	if clientRefused(ae) && !ep.supports(c.cfg.AuthMethod) {
 		ae.Description += fmt.Sprintf(" (the provider's discovery document lists token_endpoint_auth_methods_supported %q, without %s)", ep.AuthMethods, c.cfg.AuthMethod)
 	}
 	return ae
