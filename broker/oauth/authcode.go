@@ -694,7 +694,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 		shown := scrub.Truncate(strings.Join(iss, ","), scrub.MaxText)
 		switch issuer := a.src.cfg.Issuer; {
 		case issuer == "":
-			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response carries iss %q (RFC 9207), which the broker cannot check: the provider has a token_url, no issuer; set issuer in [providers.%s] to the provider's issuer identifier (its discovery document then gives the endpoints) instead of token_url", shown, a.Provider()))
+			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response carries iss %q (RFC 9207), which the broker cannot check: the provider has a token_url, no issuer; set issuer in [providers.%s] to the provider's issuer identifier (its OpenID discovery document or RFC 8414 metadata then gives the endpoints) instead of token_url", shown, a.Provider()))
 		case len(iss) != 1 || iss[0] != issuer:
 			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response's iss %q is not the provider's issuer %q (RFC 9207: a mix-up attack or a misconfigured issuer)", shown, issuer))
 		}

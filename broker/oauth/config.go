@@ -68,10 +68,13 @@ type Config struct {
 	StoreNamespace string
 	// TokenURL is the token endpoint. Exactly one of TokenURL and Issuer.
 	TokenURL string
-	// Issuer is the OpenID provider's issuer URL: the token endpoint (and
-	// the revocation endpoint) are read from its discovery document,
-	// {Issuer}/.well-known/openid-configuration. With TLSClientAuth the
-	// mtls_endpoint_aliases are preferred (RFC 8705 §5).
+	// Issuer is the authorization server's issuer identifier: the token
+	// endpoint (and the revocation endpoint) are read from its discovery
+	// document, {Issuer}/.well-known/openid-configuration, or, when that
+	// is not found (404), from its RFC 8414 metadata,
+	// /.well-known/oauth-authorization-server before the issuer's path.
+	// Either must name exactly this issuer. With a TLS client
+	// certificate the mtls_endpoint_aliases are preferred (RFC 8705 §5).
 	Issuer string
 	// RevocationURL is the RFC 7009 revocation endpoint. Optional; with
 	// Issuer it defaults to the discovered revocation_endpoint.

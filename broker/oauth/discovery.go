@@ -2,9 +2,13 @@ package oauth
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/url"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/coreos/go-oidc/v3/oidc"
@@ -144,10 +148,11 @@ type discoveryDoc struct {
 }
 
 // discover reads {issuer}/.well-known/openid-configuration with go-oidc,
-// which also checks that the document names the configured issuer. The ID
-// token verifier fetches the issuer's keys with a context of its own (the
-// client only), not with ctx: a verifier outlives the request that
-// discovered.
+// which also checks that the document names the configured issuer; when
+// the issuer has none (404), its RFC 8414 authorization server metadata
+// (oauthMetadata). The ID token verifier fetches the issuer's keys with a
+// context of its own (the client only), not with ctx: a verifier
+// outlives the request that discovered.
 func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	fail := func(err error) (*endpoints, error) {
 		return nil, &DiscoveryError{Issuer: e.cfg.Issuer, Err: err}
@@ -156,13 +161,23 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	client.Transport = httpclient.LimitBody(client.Transport)
 	ctx = oidc.ClientContext(ctx, &client)
 	p, err := oidc.NewProvider(ctx, e.cfg.Issuer)
-	if err != nil {
+	var doc discoveryDoc
+	var mismatch *oidc.IssuerMismatchError
+	switch {
+	case errors.As(err, &mismatch):
+		return fail(issuerMismatch(mismatch.Discovered, "discovery document"))
+	case err != nil && strings.HasPrefix(err.Error(), "404 "):
+		// go-oidc's error of an answer 404: no OpenID discovery.
+		if p, err = e.oauthMetadata(ctx, &client, &doc); err != nil {
+			return fail(err)
+		}
+	case err != nil:
 		// go-oidc quotes the whole body of a failed discovery response.
 		return fail(errors.New(scrub.Truncate(err.Error(), 300)))
-	}
-	var doc discoveryDoc
-	if err := p.Claims(&doc); err != nil {
-		return fail(fmt.Errorf("reading the discovery document: %w", err))
+	default:
+		if err := p.Claims(&doc); err != nil {
+			return fail(fmt.Errorf("reading the discovery document: %w", err))
+		}
 	}
 	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods,
 		auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse, dpopAlgs: doc.DPoPAlgs,
@@ -196,6 +211,69 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 		}
 	}
 	return ep, nil
+}
+
+// issuerMismatch is the refusal of a discovery document (what names it)
+// that names another issuer than the configured one: the two are compared
+// as strings (OpenID Connect Discovery §4.3, RFC 8414 §3.3), so that a
+// trailing slash makes another issuer.
+func issuerMismatch(discovered, what string) error {
+	return fmt.Errorf("the %s names issuer %q, not the configured one: set issuer to exactly the issuer the authorization server names (a trailing slash included), or check that the URL is the authorization server's",
+		what, scrub.Truncate(discovered, scrub.MaxText))
+}
+
+// oauthMetadata reads the issuer's RFC 8414 authorization server
+// metadata, for an authorization server that has no OpenID discovery
+// document: at /.well-known/oauth-authorization-server inserted between
+// the issuer's host and path (RFC 8414 §3.1), through client, with the
+// same fields as a discovery document into doc. The metadata must name
+// the configured issuer (§3.3). It returns a go-oidc provider of its
+// endpoints (an ID token verifier for its jwks_uri).
+func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc *discoveryDoc) (*oidc.Provider, error) {
+	u, err := url.Parse(e.cfg.Issuer)
+	if err != nil {
+		return nil, err
+	}
+	u.Path = "/.well-known/oauth-authorization-server" + strings.TrimSuffix(u.Path, "/")
+	u.RawPath = ""
+	where := httpclient.Host(e.cfg.Issuer)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("no OpenID discovery document (404), and the RFC 8414 metadata: %w", httpclient.RedactURLError(err))
+	}
+	defer resp.Body.Close()
+	body, tooLarge, err := httpclient.ReadBody(resp.Body)
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("no OpenID discovery document (404), and reading the RFC 8414 metadata: %w", err)
+	case tooLarge:
+		return nil, &httpclient.TooLargeError{Host: where, Status: resp.StatusCode}
+	case resp.StatusCode != http.StatusOK:
+		return nil, fmt.Errorf("%s has neither an OpenID discovery document (/.well-known/openid-configuration answered 404) nor RFC 8414 metadata (/.well-known/oauth-authorization-server answered %d): check the issuer, or set token_url instead",
+			where, resp.StatusCode)
+	}
+	var m struct {
+		discoveryDoc
+		Issuer   string   `json:"issuer"`
+		Auth     string   `json:"authorization_endpoint"`
+		Token    string   `json:"token_endpoint"`
+		JWKS     string   `json:"jwks_uri"`
+		IDTokens []string `json:"id_token_signing_alg_values_supported"`
+	}
+	if err := json.Unmarshal(body, &m); err != nil {
+		return nil, fmt.Errorf("reading the RFC 8414 metadata of %s: %w", where, err)
+	}
+	*doc = m.discoveryDoc
+	if m.Issuer != e.cfg.Issuer {
+		return nil, issuerMismatch(m.Issuer, "RFC 8414 metadata")
+	}
+	pc := oidc.ProviderConfig{IssuerURL: m.Issuer, AuthURL: m.Auth, TokenURL: m.Token, JWKSURL: m.JWKS, Algorithms: m.IDTokens}
+	return pc.NewProvider(ctx), nil
 }
 
 // supports reports whether the provider accepts method, as far as its
