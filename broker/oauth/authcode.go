@@ -641,7 +641,10 @@ type Result struct {
 }
 
 // Callback handles the provider's redirect to the callback URL (on host
-// host, with query q): it consumes the state, checks the issuer (RFC 9207),
+// host, with query q): it reads the provider's endpoints (while they are
+// unknown and cannot be discovered, it fails with ReasonProviderFailure
+// and no Result, the state left for the same callback to be sent again),
+// consumes the state, checks the issuer (RFC 9207),
 // exchanges the code with the PKCE verifier, verifies the ID token if any,
 // and stores the refresh token. Before the code is exchanged, it consumes
 // the consent link the state was started from: a state whose link
@@ -660,6 +663,14 @@ type Result struct {
 // cancellation, and is bounded by saveTimeout (30 s) instead.
 func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts ...StepOption) (Result, error) {
 	o := newStepOptions(opts) // without a Browser: refused for a state bound to a browser
+	// The endpoints (the issuer's iss support, the token endpoint) are
+	// known before the state is spent: when they cannot be discovered,
+	// the state stays, and the same callback, reloaded once the provider
+	// answers again, completes the consent while its code is valid.
+	ep, err := a.authEndpoints(ctx)
+	if err != nil {
+		return Result{}, a.fail(ReasonProviderFailure, "", err)
+	}
 	rec, err := a.pend.takeFrom(ctx, kindState, q.Get("state"), o.browser)
 	res := Result{Merchant: rec.Merchant, ReturnURL: a.allowedReturn(rec.ReturnURL)}
 	if err != nil {
@@ -685,10 +696,6 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	}
 	if err := a.checkServed(o.serves, rec, "authorization state"); err != nil {
 		return res, err
-	}
-	ep, err := a.authEndpoints(ctx)
-	if err != nil {
-		return res, a.fail(ReasonProviderFailure, rec.Merchant, err)
 	}
 	if iss, ok := q["iss"]; ok || ep.issResponse {
 		shown := scrub.Truncate(strings.Join(iss, ","), scrub.MaxText)
