@@ -244,13 +244,13 @@ func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc 
 	req.Header.Set("Accept", "application/json")
 	resp, err := client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("no OpenID discovery document (404), and the RFC 8414 metadata: %w", httpclient.RedactURLError(err))
+		return nil, fmt.Errorf("no OpenID discovery document (404), and fetching the RFC 8414 metadata failed: %w", httpclient.RedactURLError(err))
 	}
 	defer resp.Body.Close()
 	body, tooLarge, err := httpclient.ReadBody(resp.Body)
 	switch {
 	case err != nil:
-		return nil, fmt.Errorf("no OpenID discovery document (404), and reading the RFC 8414 metadata: %w", err)
+		return nil, fmt.Errorf("no OpenID discovery document (404), and reading the RFC 8414 metadata failed: %w", err)
 	case tooLarge:
 		return nil, &httpclient.TooLargeError{Host: where, Status: resp.StatusCode}
 	case resp.StatusCode != http.StatusOK:
