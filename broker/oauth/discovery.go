@@ -29,6 +29,9 @@ type endpoints struct {
 	// AuthMethods are the provider's token_endpoint_auth_methods_supported,
 	// when discovered.
 	AuthMethods []string
+	// AssertionAlgs are the provider's
+	// token_endpoint_auth_signing_alg_values_supported, when discovered.
+	AssertionAlgs []string
 
 	// What the consent flow (AuthCode) reads from the discovery document;
 	// empty for a provider configured with a token URL.
@@ -136,6 +139,7 @@ func (e *discovery) invalidate() {
 type discoveryDoc struct {
 	RevocationEndpoint string   `json:"revocation_endpoint"`
 	AuthMethods        []string `json:"token_endpoint_auth_methods_supported"`
+	AssertionAlgs      []string `json:"token_endpoint_auth_signing_alg_values_supported"`
 	PAR                string   `json:"pushed_authorization_request_endpoint"`
 	RequirePAR         bool     `json:"require_pushed_authorization_requests"`
 	IssResponse        bool     `json:"authorization_response_iss_parameter_supported"`
@@ -179,7 +183,7 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 			return fail(fmt.Errorf("reading the discovery document: %w", err))
 		}
 	}
-	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods,
+	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods, AssertionAlgs: doc.AssertionAlgs,
 		auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse, dpopAlgs: doc.DPoPAlgs,
 		verifier: p.Verifier(&oidc.Config{ClientID: e.cfg.ClientID, Now: e.cfg.Now})}
 	// RFC 8705 §5: a client that has a TLS client certificate uses the

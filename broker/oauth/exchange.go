@@ -9,6 +9,7 @@ import (
 	"math"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -262,7 +263,8 @@ func (c *core) tokenAnswer(ep *endpoints, resp *http.Response, body []byte, secr
 
 // tokenError completes the refusal of a token request: it invalidates
 // discovered endpoints when the endpoint may have moved, and says what to
-// check for a refused DPoP proof or client authentication.
+// check for a refused DPoP proof (or a missing one), or a refused client
+// (its authentication method, its assertions' algorithm).
 func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 	if ae.StatusCode == http.StatusNotFound {
 		c.ep.invalidate()
@@ -271,8 +273,15 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 		ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",
 			k.Alg(), k.Thumbprint(), k.Alg(), c.cfg.Name)
 	}
+	if ae.Code == "invalid_dpop_proof" && c.cfg.DPoP == nil {
+		ae.Description += fmt.Sprintf(" (the request had no DPoP proof: the provider wants the client's tokens bound to a key; give the provider one, [providers.%s.dpop] key = ...)", c.cfg.Name)
+	}
 	if clientRefused(ae) && !ep.supports(c.cfg.AuthMethod) {
 		ae.Description += fmt.Sprintf(" (the provider's discovery document lists token_endpoint_auth_methods_supported %q, without %s)", ep.AuthMethods, c.cfg.AuthMethod)
+	}
+	if s := c.cfg.Signer; clientRefused(ae) && s != nil && len(ep.AssertionAlgs) > 0 && !slices.Contains(ep.AssertionAlgs, s.Alg()) {
+		ae.Description += fmt.Sprintf(" (the assertions are signed with %s; the provider's discovery document lists token_endpoint_auth_signing_alg_values_supported %q: set signing_alg in [providers.%s] to one of them, with a key that fits it)",
+			s.Alg(), ep.AssertionAlgs, c.cfg.Name)
 	}
 	return ae
 }
