@@ -39,7 +39,7 @@
 //	private_key = "bank-signing.key"        # PEM (PKCS#1, PKCS#8, SEC1), a path like tls.client_key
 //	key_id = "sig-2026"                     # kid; default the key's RFC 7638 thumbprint
 //	signing_alg = "PS256"                   # PS256 | ES256 | RS256; default PS256 (RSA) or ES256 (EC)
-//	assertion_audience = ""                 # aud of the assertion; default the issuer, or the token_url
+//	assertion_audience = ""                 # aud of the assertion; default the token endpoint URL
 //	audience = ""                           # audience parameter when the merchant sets none
 //	resource = "https://api.bank.example"   # RFC 8707 resource parameter
 //	  [providers.bank.params]               # extra token-request parameters

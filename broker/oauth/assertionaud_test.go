@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strings"
 	"sync"
 	"testing"
 
@@ -19,13 +20,12 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
-// TestAssertionAudienceDefaultsToTheIssuer: a provider configured by its
-// issuer gets client assertions whose aud is its issuer identifier, at
-// the token, PAR and revocation endpoints alike (FAPI 2.0 Security
-// Profile §5.3.2.1 has the server accept no other value; RFC 9126 §2 has
-// every server accept it); a configured assertion_audience replaces it,
-// and a provider configured by its token URL gets that URL.
-func TestAssertionAudienceDefaultsToTheIssuer(t *testing.T) {
+// TestAssertionAudience: by default a client assertion's aud is the URL
+// of the endpoint called, the token endpoint's for the token and
+// revocation requests and the PAR endpoint's for a pushed request, with
+// an issuer as with a token URL; a configured assertion_audience
+// replaces it at every endpoint.
+func TestAssertionAudience(t *testing.T) {
 	key := testECKey(t)
 	var mu sync.Mutex
 	auds := map[string][]string{} // endpoint path -> aud of its last assertion
@@ -74,9 +74,10 @@ func TestAssertionAudienceDefaultsToTheIssuer(t *testing.T) {
 		want      map[string]string // path -> the aud sent there
 		consented bool              // whether a consent (PAR) is started
 	}{
-		{"issuer", Config{Issuer: srv.URL}, map[string]string{"/oauth/token": srv.URL, "/oauth/revoke": srv.URL, "/oauth/par": srv.URL}, true},
-		{"issuer and assertion_audience", Config{Issuer: srv.URL, AssertionAudience: srv.URL + "/oauth/token"},
-			map[string]string{"/oauth/token": srv.URL + "/oauth/token", "/oauth/revoke": srv.URL + "/oauth/token", "/oauth/par": srv.URL + "/oauth/token"}, true},
+		{"issuer", Config{Issuer: srv.URL},
+			map[string]string{"/oauth/token": srv.URL + "/oauth/token", "/oauth/revoke": srv.URL + "/oauth/token", "/oauth/par": srv.URL + "/oauth/par"}, true},
+		{"issuer and assertion_audience", Config{Issuer: srv.URL, AssertionAudience: srv.URL},
+			map[string]string{"/oauth/token": srv.URL, "/oauth/revoke": srv.URL, "/oauth/par": srv.URL}, true},
 		{"token_url", Config{TokenURL: srv.URL + "/oauth/token", RevocationURL: srv.URL + "/oauth/revoke"},
 			map[string]string{"/oauth/token": srv.URL + "/oauth/token", "/oauth/revoke": srv.URL + "/oauth/token"}, false},
 	} {
@@ -126,14 +127,24 @@ func TestAssertionAudienceDefaultsToTheIssuer(t *testing.T) {
 		})
 	}
 
-	// A real authorization server that checks aud against its issuer
-	// (zitadel) accepts the default.
+	// A real authorization server that wants its issuer as the audience
+	// (zitadel) refuses the default, with a hint that names the setting
+	// it needs, and accepts assertion_audience set to its issuer.
 	op := optest.Start(t, optest.Options{}, &optest.Client{ID: "jwt-client", Method: oidc.AuthMethodPrivateKeyJWT, Keys: map[string]crypto.PublicKey{"k1": key.Public()}})
-	src, err := NewClientCredentials(Config{Issuer: op.URL, ClientID: "jwt-client", AuthMethod: PrivateKeyJWT, Signer: mustSigner(t, key, ES256, "k1")})
+	cfg := Config{Name: "zitadel", Issuer: op.URL, ClientID: "jwt-client", AuthMethod: PrivateKeyJWT, Signer: mustSigner(t, key, ES256, "k1")}
+	src, err := NewClientCredentials(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
+	want := fmt.Sprintf(`needs assertion_audience = %q in [providers.zitadel]`, op.URL)
+	if _, err := src.Token(context.Background(), broker.Request{Merchant: "m"}); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("Token from an issuer-checking server with the default audience = %v, want a refusal that says %q", err, want)
+	}
+	cfg.AssertionAudience = op.URL
+	if src, err = NewClientCredentials(cfg); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := src.Token(context.Background(), broker.Request{Merchant: "m"}); err != nil {
-		t.Errorf("Token from an issuer-checking server with the default audience: %v", err)
+		t.Errorf("Token from an issuer-checking server with assertion_audience = its issuer: %v", err)
 	}
 }

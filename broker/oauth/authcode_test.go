@@ -73,7 +73,7 @@ func newConsentFixture(t *testing.T, o optest.Options, method AuthMethod, par bo
 	srv := optest.Start(t, o, client)
 	cfg := Config{Name: "bank", Issuer: srv.URL, ClientID: client.ID, AuthMethod: method}
 	if method == PrivateKeyJWT {
-		cfg.Signer = mustSigner(t, key, PS256, "k1") // aud: the issuer, by default
+		cfg.Signer, cfg.AssertionAudience = mustSigner(t, key, PS256, "k1"), srv.URL
 	} else {
 		cfg.ClientSecret = secretValue
 	}

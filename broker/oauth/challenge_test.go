@@ -16,7 +16,8 @@ import (
 // its WWW-Authenticate challenge only (RFC 6749 §5.2's 401, RFC 6750 §3's
 // spelling), its body HTML or empty, is read as the error it names: a
 // refused client backs off the whole source, a DPoP nonce challenge is
-// answered with the nonce; an error code in the body wins.
+// answered with the nonce; an error code in the body wins, and a 401
+// without one is that merchant's.
 func TestErrorInTheChallenge(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
@@ -31,7 +32,7 @@ func TestErrorInTheChallenge(t *testing.T) {
 		{"401 invalid_client, HTML body", 401, `Basic realm="bank", error="invalid_client", error_description="client \"c\" failed to authenticate"`,
 			"<html><body>Unauthorized</body></html>", false, "invalid_client", `client "c" failed to authenticate`, broker.ClassCredential},
 		{"token-form error param", 401, `Bearer error=invalid_client`, "", false, "invalid_client", "", broker.ClassCredential},
-		{"error_description is not error", 401, `Basic realm="x", error_description="bad"`, "", false, "", "bad", broker.ClassCredential},
+		{"error_description is not error", 401, `Basic realm="x", error_description="bad"`, "", false, "", "bad", broker.ClassPermanent},
 		{"DPoP nonce in the challenge only", 400, `DPoP error="use_dpop_nonce", error_description="Authorization server requires nonce in DPoP proof"`,
 			"", true, "use_dpop_nonce", "requires nonce", broker.ClassRetryNow},
 		{"the body's code wins", 401, `Basic error="invalid_token"`, `{"error":"invalid_client"}`, false, "invalid_client", "", broker.ClassCredential},

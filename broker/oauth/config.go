@@ -91,10 +91,11 @@ type Config struct {
 	// PrivateKeyJWT, not allowed otherwise. See NewSigner.
 	Signer *Signer
 	// AssertionAudience is the aud claim of the client assertions. Default
-	// Issuer when it is set (FAPI 2.0 and RFC 9126 §2; the same for every
-	// endpoint and its mTLS alias), else the token endpoint URL (RFC 7523
-	// §3; the PAR endpoint URL for a pushed request). A server that wants
-	// its token endpoint URL although it has an issuer needs it here.
+	// the URL of the endpoint called: the token endpoint's (RFC 7523 §3),
+	// also for a revocation request, and the PAR endpoint's for a pushed
+	// request. A server that wants its issuer identifier (FAPI 2.0
+	// Security Profile §5.3.2.1, zitadel) needs it here; RFC 9126 §2 has
+	// a server that supports PAR accept the issuer at its PAR endpoint.
 	AssertionAudience string
 	// Audience is sent as the audience parameter when the request names
 	// none (broker.Request.Audience wins). Optional.

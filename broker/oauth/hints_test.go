@@ -14,25 +14,43 @@ import (
 )
 
 // TestRefusalHints: a refusal of the token endpoint says what the
-// operator can change when the provider's discovery document tells why:
+// operator can change: for a refused private_key_jwt with the default
+// audience, the aud sent and the assertion_audience a server that wants
+// its issuer needs; when the provider's discovery document tells why,
 // assertions signed with an algorithm it does not list, or no DPoP proof
-// where it wants one; and says nothing more otherwise.
+// where it wants one; and says none of it otherwise.
 func TestRefusalHints(t *testing.T) {
 	rsaK, ecK := testRSAKey(t), testECKey(t)
+	const (
+		audHint = "a server that wants its issuer identifier as the audience (FAPI 2.0, zitadel) needs"
+		algHint = "token_endpoint_auth_signing_alg_values_supported"
+	)
 	for _, tc := range []struct {
-		name   string
-		answer string // the token endpoint's 400 or 401 body
-		status int
-		signer *Signer
-		want   string // in the error, "" for no hint
+		name     string
+		answer   string // the token endpoint's 400 or 401 body
+		status   int
+		signer   *Signer
+		tokenURL bool   // configured by token_url, not issuer
+		aud      string // assertion_audience
+		want     []string
+		not      []string // hints the error must not have
 	}{
-		{"RS256 assertion, the provider lists PS256 and ES256", `{"error":"invalid_client"}`, 401, mustSigner(t, rsaK, RS256, "k1"),
-			`signed with RS256; the provider's discovery document lists token_endpoint_auth_signing_alg_values_supported ["PS256" "ES256"]: set signing_alg in [providers.bank]`},
-		{"Keycloak's spelling", `{"error":"unauthorized_client","error_description":"Invalid client or Invalid client credentials"}`, 401, mustSigner(t, rsaK, RS256, "k1"),
-			"signed with RS256"},
-		{"an algorithm it lists", `{"error":"invalid_client"}`, 401, mustSigner(t, ecK, ES256, "k1"), ""},
-		{"no DPoP proof", `{"error":"invalid_dpop_proof","error_description":"DPoP proof required"}`, 400, mustSigner(t, ecK, ES256, "k1"),
-			"the request had no DPoP proof: the provider wants the client's tokens bound to a key; give the provider one, [providers.bank.dpop]"},
+		{"RS256 assertion, the provider lists PS256 and ES256", `{"error":"invalid_client"}`, 401, mustSigner(t, rsaK, RS256, "k1"), false, "{issuer}",
+			[]string{`signed with RS256; the provider's discovery document lists token_endpoint_auth_signing_alg_values_supported ["PS256" "ES256"]: set signing_alg in [providers.bank]`}, []string{audHint}},
+		{"Keycloak's spelling", `{"error":"unauthorized_client","error_description":"Invalid client or Invalid client credentials"}`, 401, mustSigner(t, rsaK, RS256, "k1"), false, "{issuer}",
+			[]string{"signed with RS256"}, nil},
+		{"an algorithm it lists", `{"error":"invalid_client"}`, 401, mustSigner(t, ecK, ES256, "k1"), false, "{issuer}", nil, []string{algHint, audHint}},
+		{"no DPoP proof", `{"error":"invalid_dpop_proof","error_description":"DPoP proof required"}`, 400, mustSigner(t, ecK, ES256, "k1"), false, "",
+			[]string{"the request had no DPoP proof: the provider wants the client's tokens bound to a key; give the provider one, [providers.bank.dpop]"}, []string{audHint}},
+
+		{"default audience refused, with issuer", `{"error":"invalid_client"}`, 401, mustSigner(t, ecK, ES256, "k1"), false, "",
+			[]string{`the client assertion's aud was the token endpoint, "{srv}/token": ` + audHint + ` assertion_audience = "{srv}" in [providers.bank]`}, []string{algHint}},
+		{"default audience refused, with token_url", `{"error":"invalid_client"}`, 401, mustSigner(t, ecK, ES256, "k1"), true, "",
+			[]string{`the client assertion's aud was the token endpoint, "{srv}/token": ` + audHint + ` assertion_audience set to the authorization server's issuer identifier in [providers.bank]`}, nil},
+		{"zitadel's invalid_grant for the audience", `{"error":"invalid_grant","error_description":"audience is not valid"}`, 400, mustSigner(t, ecK, ES256, "k1"), false, "",
+			[]string{audHint}, nil},
+		{"a refused refresh token", `{"error":"invalid_grant","error_description":"token revoked"}`, 400, mustSigner(t, ecK, ES256, "k1"), false, "", nil, []string{audHint}},
+		{"a configured audience", `{"error":"invalid_client"}`, 401, mustSigner(t, ecK, ES256, "k1"), false, "{srv}/token", nil, []string{audHint}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			mux := http.NewServeMux()
@@ -48,7 +66,12 @@ func TestRefusalHints(t *testing.T) {
 				w.WriteHeader(tc.status)
 				fmt.Fprint(w, tc.answer)
 			})
-			src, err := NewClientCredentials(Config{Name: "bank", Issuer: srv.URL, ClientID: "c", AuthMethod: PrivateKeyJWT, Signer: tc.signer})
+			expand := strings.NewReplacer("{srv}", srv.URL, "{issuer}", srv.URL).Replace
+			cfg := Config{Name: "bank", Issuer: srv.URL, ClientID: "c", AuthMethod: PrivateKeyJWT, Signer: tc.signer, AssertionAudience: expand(tc.aud)}
+			if tc.tokenURL {
+				cfg.Issuer, cfg.TokenURL = "", srv.URL+"/token"
+			}
+			src, err := NewClientCredentials(cfg)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -57,11 +80,15 @@ func TestRefusalHints(t *testing.T) {
 			if !errors.As(err, &ae) {
 				t.Fatalf("Token = %v, want an APIError", err)
 			}
-			switch {
-			case tc.want == "" && strings.Contains(err.Error(), " (the "):
-				t.Errorf("error %q has a hint, want none", err)
-			case !strings.Contains(err.Error(), tc.want):
-				t.Errorf("error %q does not say %q", err, tc.want)
+			for _, w := range tc.want {
+				if w = expand(w); !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not say %q", err, w)
+				}
+			}
+			for _, n := range tc.not {
+				if strings.Contains(err.Error(), n) {
+					t.Errorf("error %q says %q, want not", err, n)
+				}
 			}
 		})
 	}

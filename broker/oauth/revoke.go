@@ -35,8 +35,8 @@ func (c *core) Revoke(ctx context.Context, token broker.Secret, hint string) err
 	if ep.Revocation == "" {
 		return ErrNoRevocationEndpoint
 	}
-	// The assertion audience is the token request's (assertionAudience):
-	// it names the authorization server, whichever endpoint is called.
+	// The assertion audience stays the token endpoint: it names the
+	// authorization server (RFC 7523 §3), whichever endpoint is called.
 	form := url.Values{"token": {token.Reveal()}}
 	if hint != "" {
 		form.Set("token_type_hint", hint)
