@@ -9,12 +9,12 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
-	"regexp"
 	"strings"
 
 	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/challenge"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
@@ -123,14 +123,17 @@ func answerFields(resp *http.Response, body []byte) (get func(name string) strin
 }
 
 // apiError is the *broker.APIError of an error answer whose error code
-// and description are code and description (when code is empty, those of
-// its WWW-Authenticate challenge, challengeError): both scrubbed of
+// and description are code and description (when code is empty, the
+// error and error_description of the first WWW-Authenticate challenge
+// that has an error, where a server says why it answered 401, RFC 6749
+// §5.2, when its body does not: RFC 6750 §3's spelling, which RFC 9449
+// §7.1 shares, DPoP error="use_dpop_nonce"): both scrubbed of
 // secrets, the status text when both are empty, and the wait the answer
 // asks for (broker.ParseWait).
 func (c *core) apiError(resp *http.Response, code, description string, secrets []string) *broker.APIError {
 	if code == "" {
-		cc, cd := challengeError(resp.Header)
-		code, description = cc, cmp.Or(description, cd)
+		ch, _ := challenge.Error(resp.Header)
+		code, description = ch.Error, cmp.Or(description, ch.Description)
 	}
 	ae := &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode,
 		Code: scrub.Secrets(code, secrets...), Description: scrub.Secrets(description, secrets...),
@@ -139,44 +142,4 @@ func (c *core) apiError(resp *http.Response, code, description string, secrets [
 		ae.Description = http.StatusText(resp.StatusCode)
 	}
 	return ae
-}
-
-// challengeParam matches an error or error_description auth-param of a
-// WWW-Authenticate challenge, its value a quoted string or a token.
-var challengeParam = regexp.MustCompile(`(?:^|[\s,])(error|error_description)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]+))`)
-
-// challengeError returns the error and error_description of the
-// WWW-Authenticate challenges of h, the first of each: where a server
-// says why it answered 401 (RFC 6749 §5.2) when its body does not, in
-// the spelling of RFC 6750 §3 that RFC 9449 §7.1 shares (DPoP
-// error="use_dpop_nonce").
-func challengeError(h http.Header) (code, description string) {
-	for _, v := range h.Values("WWW-Authenticate") {
-		for _, m := range challengeParam.FindAllStringSubmatch(v, -1) {
-			val := m[3]
-			if val == "" {
-				val = unquote(m[2])
-			}
-			switch {
-			case m[1] == "error" && code == "":
-				code = val
-			case m[1] == "error_description" && description == "":
-				description = val
-			}
-		}
-	}
-	return code, description
-}
-
-// unquote returns the content of a quoted string (RFC 9110 §5.6.4)
-// without its backslashes: each quoted-pair is the character it quotes.
-func unquote(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+1 < len(s) {
-			i++
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
