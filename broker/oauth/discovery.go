@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/coreos/go-oidc/v3/oidc"
 	"golang.org/x/sync/singleflight"
@@ -151,36 +152,49 @@ type discoveryDoc struct {
 	} `json:"mtls_endpoint_aliases"`
 }
 
+// Names of the documents discover reads, for its errors.
+const (
+	oidcDocument    = "OpenID discovery document"
+	rfc8414Document = "RFC 8414 metadata"
+)
+
 // discover reads {issuer}/.well-known/openid-configuration with go-oidc,
 // which also checks that the document names the configured issuer; when
-// the issuer has none (404), its RFC 8414 authorization server metadata
-// (oauthMetadata). The ID token verifier fetches the issuer's keys with a
-// context of its own (the client only), not with ctx: a verifier
-// outlives the request that discovered.
+// that answers 404 (and only then), the issuer's RFC 8414 authorization
+// server metadata (oauthMetadata). The ID token verifier fetches the
+// issuer's keys with a context of its own (the client only), not with
+// ctx: a verifier outlives the request that discovered.
 func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	fail := func(err error) (*endpoints, error) {
 		return nil, &DiscoveryError{Issuer: e.cfg.Issuer, Err: err}
 	}
 	client := *e.cfg.Client
-	client.Transport = httpclient.LimitBody(client.Transport)
+	// go-oidc's error says the discovery answer's status in its text
+	// only: the transport notes it.
+	var status atomic.Int32
+	client.Transport = lastStatus{rt: httpclient.LimitBody(client.Transport), status: &status}
 	ctx = oidc.ClientContext(ctx, &client)
 	p, err := oidc.NewProvider(ctx, e.cfg.Issuer)
 	var doc discoveryDoc
+	read := oidcDocument
 	var mismatch *oidc.IssuerMismatchError
 	switch {
 	case errors.As(err, &mismatch):
-		return fail(issuerMismatch(mismatch.Discovered, "discovery document"))
-	case err != nil && strings.HasPrefix(err.Error(), "404 "):
-		// go-oidc's error of an answer 404: no OpenID discovery.
+		return fail(issuerMismatch(mismatch.Discovered, read))
+	case err != nil && status.Load() == http.StatusNotFound:
+		read = rfc8414Document
 		if p, err = e.oauthMetadata(ctx, &client, &doc); err != nil {
 			return fail(err)
 		}
+	case err != nil && unavailable(int(status.Load())):
+		return fail(fmt.Errorf("%s answered %d to the %s request (/.well-known/openid-configuration): the authorization server failed or is busy; the next call tries again",
+			httpclient.Host(e.cfg.Issuer), status.Load(), oidcDocument))
 	case err != nil:
 		// go-oidc quotes the whole body of a failed discovery response.
 		return fail(errors.New(scrub.Truncate(err.Error(), 300)))
 	default:
 		if err := p.Claims(&doc); err != nil {
-			return fail(fmt.Errorf("reading the discovery document: %w", err))
+			return fail(fmt.Errorf("reading the %s: %w", oidcDocument, err))
 		}
 	}
 	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods, AssertionAlgs: doc.AssertionAlgs,
@@ -204,7 +218,7 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 		ep.Revocation = e.cfg.RevocationURL
 	}
 	if ep.Token == "" {
-		return fail(errors.New("the discovery document has no token_endpoint"))
+		return fail(fmt.Errorf("the %s has no token_endpoint: check the issuer, or set token_url instead", read))
 	}
 	if err := checkURL("token_endpoint", ep.Token); err != nil {
 		return fail(err)
@@ -257,6 +271,9 @@ func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc 
 		return nil, fmt.Errorf("no OpenID discovery document (404), and reading the RFC 8414 metadata failed: %w", err)
 	case tooLarge:
 		return nil, &httpclient.TooLargeError{Host: where, Status: resp.StatusCode}
+	case unavailable(resp.StatusCode):
+		return nil, fmt.Errorf("%s has no OpenID discovery document (/.well-known/openid-configuration answered 404), and answered %d to the %s request (/.well-known/oauth-authorization-server): the authorization server failed or is busy; the next call tries again",
+			where, resp.StatusCode, rfc8414Document)
 	case resp.StatusCode != http.StatusOK:
 		return nil, fmt.Errorf("%s has neither an OpenID discovery document (/.well-known/openid-configuration answered 404) nor RFC 8414 metadata (/.well-known/oauth-authorization-server answered %d): check the issuer, or set token_url instead",
 			where, resp.StatusCode)
@@ -270,14 +287,38 @@ func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc 
 		IDTokens []string `json:"id_token_signing_alg_values_supported"`
 	}
 	if err := json.Unmarshal(body, &m); err != nil {
-		return nil, fmt.Errorf("reading the RFC 8414 metadata of %s: %w", where, err)
+		return nil, fmt.Errorf("reading the %s of %s: %w", rfc8414Document, where, err)
 	}
 	*doc = m.discoveryDoc
 	if m.Issuer != e.cfg.Issuer {
-		return nil, issuerMismatch(m.Issuer, "RFC 8414 metadata")
+		return nil, issuerMismatch(m.Issuer, rfc8414Document)
 	}
 	pc := oidc.ProviderConfig{IssuerURL: m.Issuer, AuthURL: m.Auth, TokenURL: m.Token, JWKSURL: m.JWKS, Algorithms: m.IDTokens}
 	return pc.NewProvider(ctx), nil
+}
+
+// unavailable reports whether an answer's status says that the server
+// failed or is busy (429, 5xx): a discovery to try again, not a wrong
+// issuer.
+func unavailable(status int) bool {
+	return status == http.StatusTooManyRequests || status >= 500
+}
+
+// lastStatus is a transport that notes the status of the last answer
+// through it: discover reads the status of go-oidc's discovery request
+// once that has returned.
+type lastStatus struct {
+	rt     http.RoundTripper
+	status *atomic.Int32
+}
+
+// RoundTrip implements http.RoundTripper.
+func (l lastStatus) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := l.rt.RoundTrip(r)
+	if err == nil {
+		l.status.Store(int32(resp.StatusCode))
+	}
+	return resp, err
 }
 
 // supports reports whether the provider accepts method, as far as its

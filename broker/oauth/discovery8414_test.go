@@ -18,29 +18,56 @@ import (
 // TestDiscoveryOfAnOAuthServer: an authorization server without OpenID
 // discovery (its /.well-known/openid-configuration answers 404) is found
 // by its RFC 8414 metadata, at /.well-known/oauth-authorization-server
-// inserted before the issuer's path: its token endpoint serves the
-// tokens, and the consent checks the iss of its authorization responses
-// (RFC 9207), which a provider configured by token_url cannot. Metadata
-// that names another issuer, a trailing slash included, is refused with
-// what to set, and so is an issuer with neither document.
+// inserted before the issuer's path (without the issuer's trailing
+// slash; at the root for an issuer without a path): its token endpoint
+// serves the tokens, and the consent checks the iss of its authorization
+// responses (RFC 9207), which a provider configured by token_url cannot.
+// Metadata that names another issuer, a trailing slash included, is
+// refused with what to set, and so is an issuer with neither document. An
+// OpenID discovery that fails otherwise (5xx, 429) is not a reason to
+// read the metadata: it is tried again; a metadata endpoint that fails so
+// says to try again, not to check the issuer; a document without
+// token_endpoint is named.
 func TestDiscoveryOfAnOAuthServer(t *testing.T) {
 	mux := http.NewServeMux()
 	srv := httptest.NewServer(mux)
 	t.Cleanup(srv.Close)
+	var mu sync.Mutex
+	var metadataReads []string // the paths of the RFC 8414 metadata requests
 	metadata := func(issuer string) http.HandlerFunc {
 		return func(w http.ResponseWriter, r *http.Request) {
-			json.NewEncoder(w).Encode(map[string]any{"issuer": issuer, "authorization_endpoint": srv.URL + "/authorize",
+			mu.Lock()
+			metadataReads = append(metadataReads, r.URL.Path)
+			mu.Unlock()
+			doc := map[string]any{"issuer": issuer, "authorization_endpoint": srv.URL + "/authorize",
 				"token_endpoint": srv.URL + "/token", "revocation_endpoint": srv.URL + "/revoke",
-				"authorization_response_iss_parameter_supported": true, "code_challenge_methods_supported": []string{"S256"}})
+				"authorization_response_iss_parameter_supported": true, "code_challenge_methods_supported": []string{"S256"}}
+			if strings.HasSuffix(issuer, "/notoken") {
+				delete(doc, "token_endpoint")
+			}
+			json.NewEncoder(w).Encode(doc)
 		}
 	}
+	answer := func(status int) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) { http.Error(w, "<html>down</html>", status) }
+	}
+	mux.HandleFunc("/.well-known/oauth-authorization-server", metadata(srv.URL))
 	mux.HandleFunc("/.well-known/oauth-authorization-server/tenant", metadata(srv.URL+"/tenant"))
 	mux.HandleFunc("/.well-known/oauth-authorization-server/slash", metadata(srv.URL+"/slash/"))
+	mux.HandleFunc("/.well-known/oauth-authorization-server/trailing", metadata(srv.URL+"/trailing/"))
+	mux.HandleFunc("/.well-known/oauth-authorization-server/notoken", metadata(srv.URL+"/notoken"))
+	mux.HandleFunc("/.well-known/oauth-authorization-server/busy", metadata(srv.URL+"/busy"))
+	mux.HandleFunc("/.well-known/oauth-authorization-server/limited", metadata(srv.URL+"/limited"))
+	mux.HandleFunc("/.well-known/oauth-authorization-server/flaky", answer(http.StatusBadGateway))
 	mux.HandleFunc("/.well-known/openid-configuration", http.NotFound)
+	mux.HandleFunc("/busy/.well-known/openid-configuration", answer(http.StatusServiceUnavailable))
+	mux.HandleFunc("/limited/.well-known/openid-configuration", answer(http.StatusTooManyRequests))
+	mux.HandleFunc("/oidcnotoken/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(map[string]any{"issuer": srv.URL + "/oidcnotoken", "authorization_endpoint": srv.URL + "/authorize"})
+	})
 	mux.HandleFunc("/oidc/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
 		json.NewEncoder(w).Encode(map[string]any{"issuer": srv.URL + "/oidc/", "authorization_endpoint": srv.URL + "/authorize", "token_endpoint": srv.URL + "/token"})
 	})
-	var mu sync.Mutex
 	var codes []string // the codes exchanged
 	mux.HandleFunc("/token", func(w http.ResponseWriter, r *http.Request) {
 		r.ParseForm()
@@ -107,13 +134,29 @@ func TestDiscoveryOfAnOAuthServer(t *testing.T) {
 	}
 	mu.Unlock()
 
+	for _, issuer := range []string{srv.URL, srv.URL + "/trailing/"} {
+		src, err := NewClientCredentials(Config{Issuer: issuer, ClientID: "c", ClientSecret: secretValue})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tok, err := src.Token(ctx, broker.Request{Merchant: "m"}); err != nil || tok.Value.Reveal() != "at-1" {
+			t.Errorf("Token of issuer %s, from its RFC 8414 metadata = %v", issuer, err)
+		}
+	}
+
 	for _, tc := range []struct {
 		name, issuer string
 		want         []string // in the error
+		not          []string // not in the error
 	}{
-		{"metadata naming the issuer with a trailing slash", srv.URL + "/slash", []string{`names issuer "` + srv.URL + `/slash/"`, "trailing slash"}},
-		{"discovery document naming the issuer with a trailing slash", srv.URL + "/oidc", []string{`names issuer "` + srv.URL + `/oidc/"`, "trailing slash"}},
-		{"neither document", srv.URL + "/nothing", []string{"openid-configuration answered 404", "oauth-authorization-server answered 404", "token_url"}},
+		{"metadata naming the issuer with a trailing slash", srv.URL + "/slash", []string{`RFC 8414 metadata names issuer "` + srv.URL + `/slash/"`, "trailing slash"}, nil},
+		{"discovery document naming the issuer with a trailing slash", srv.URL + "/oidc", []string{`OpenID discovery document names issuer "` + srv.URL + `/oidc/"`, "trailing slash"}, nil},
+		{"neither document", srv.URL + "/nothing", []string{"openid-configuration answered 404", "oauth-authorization-server answered 404", "token_url"}, nil},
+		{"OpenID discovery answers 503", srv.URL + "/busy", []string{"answered 503 to the OpenID discovery document request", "the next call tries again"}, []string{"token_url", "RFC 8414", "<html>"}},
+		{"OpenID discovery answers 429", srv.URL + "/limited", []string{"answered 429 to the OpenID discovery document request", "the next call tries again"}, []string{"token_url", "RFC 8414"}},
+		{"RFC 8414 metadata answers 502", srv.URL + "/flaky", []string{"openid-configuration answered 404", "answered 502 to the RFC 8414 metadata request", "the next call tries again"}, []string{"check the issuer", "token_url"}},
+		{"RFC 8414 metadata without token_endpoint", srv.URL + "/notoken", []string{"the RFC 8414 metadata has no token_endpoint"}, []string{"OpenID"}},
+		{"OpenID discovery document without token_endpoint", srv.URL + "/oidcnotoken", []string{"the OpenID discovery document has no token_endpoint"}, []string{"RFC 8414"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			src, err := NewClientCredentials(Config{Issuer: tc.issuer, ClientID: "c", ClientSecret: secretValue})
@@ -130,6 +173,18 @@ func TestDiscoveryOfAnOAuthServer(t *testing.T) {
 					t.Errorf("error %q does not say %q", err, w)
 				}
 			}
+			for _, n := range tc.not {
+				if strings.Contains(err.Error(), n) {
+					t.Errorf("error %q says %q", err, n)
+				}
+			}
 		})
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, p := range metadataReads {
+		if p == "/.well-known/oauth-authorization-server/busy" || p == "/.well-known/oauth-authorization-server/limited" {
+			t.Errorf("the RFC 8414 metadata was read (%s) after an OpenID discovery that failed with 5xx or 429", p)
+		}
 	}
 }
