@@ -187,8 +187,9 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 			return fail(err)
 		}
 	case err != nil && unavailable(int(status.Load())):
-		return fail(fmt.Errorf("%s answered %d to the %s request (/.well-known/openid-configuration): the authorization server failed or is busy; the next call tries again",
-			httpclient.Host(e.cfg.Issuer), status.Load(), oidcDocument))
+		// go-oidc quotes the whole body of a failed discovery response.
+		return fail(fmt.Errorf("%s answered %d to the %s request (/.well-known/openid-configuration): the authorization server failed or is busy; the next call tries again (%s)",
+			httpclient.Host(e.cfg.Issuer), status.Load(), oidcDocument, scrub.Truncate(err.Error(), 300)))
 	case err != nil:
 		// go-oidc quotes the whole body of a failed discovery response.
 		return fail(errors.New(scrub.Truncate(err.Error(), 300)))
