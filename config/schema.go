@@ -84,9 +84,12 @@ type oauth2TOML struct {
 	// "https://api.oneid.uk/v1/token". Exactly one of token_url and
 	// issuer. {env.NAME} references are expanded.
 	TokenURL string `toml:"token_url"`
-	// Issuer (oauth2) is the OpenID provider's issuer URL; the token and
-	// revocation endpoints are discovered from
-	// {issuer}/.well-known/openid-configuration. {env.NAME} references are
+	// Issuer (oauth2) is the authorization server's issuer identifier;
+	// the token and revocation endpoints are discovered from
+	// {issuer}/.well-known/openid-configuration or, when that answers
+	// 404, from its RFC 8414 metadata (/.well-known/oauth-authorization-server
+	// before the issuer's path). Either document must name exactly this
+	// issuer, a trailing slash included. {env.NAME} references are
 	// expanded.
 	Issuer string `toml:"issuer"`
 	// RevocationURL (oauth2) is the RFC 7009 revocation endpoint.
@@ -119,8 +122,9 @@ type oauth2TOML struct {
 	// Default PS256 for an RSA key, ES256 for an EC P-256 key.
 	SigningAlg string `toml:"signing_alg"`
 	// AssertionAudience (oauth2, private_key_jwt) is the aud claim of
-	// the assertions. Default the token endpoint URL; some servers want
-	// their issuer.
+	// the assertions. Default the URL of the endpoint called (the token
+	// endpoint's; the PAR endpoint's for a pushed request). A server that
+	// wants its issuer identifier (FAPI 2.0, zitadel) needs it here.
 	AssertionAudience string `toml:"assertion_audience"`
 	// Audience (oauth2) is sent as the audience parameter when the
 	// merchant sets none. Optional. {env.NAME} references are expanded.

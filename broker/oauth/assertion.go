@@ -35,7 +35,12 @@ const minRSABits = 2048
 // private key. It is safe for concurrent use.
 type Signer struct {
 	signer jose.Signer
+	alg    string
 }
+
+// Alg returns the signing algorithm of the assertions (PS256, ES256 or
+// RS256).
+func (s *Signer) Alg() string { return s.alg }
 
 // ParsePrivateKey reads the first private key of a PEM file: PKCS#1
 // ("RSA PRIVATE KEY"), PKCS#8 ("PRIVATE KEY") or SEC1 ("EC PRIVATE KEY").
@@ -94,7 +99,7 @@ func NewSigner(key crypto.Signer, alg, keyID string) (*Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating the %s signer: %w", alg, err)
 	}
-	return &Signer{signer: s}, nil
+	return &Signer{signer: s, alg: alg}, nil
 }
 
 // Assertion returns a fresh client assertion: iss = sub = clientID, aud =

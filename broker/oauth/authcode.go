@@ -46,7 +46,17 @@ const (
 	ReasonReturnURL       = "return_url_not_allowed"
 	ReasonProviderFailure = "provider_unavailable"
 	ReasonStoreFailure    = "store_failed"
+	// ReasonRetryCallback: a callback that arrived while the provider's
+	// endpoints could not be discovered; its state is left, and the same
+	// callback, sent again once the provider answers (after
+	// DiscoveryRetry), completes the consent while its code is valid.
+	ReasonRetryCallback = "retry_callback"
 )
+
+// DiscoveryRetry is how long after a failed discovery of the provider's
+// endpoints the consent flow discovers again: until then its steps fail
+// at once, without calling the provider.
+const DiscoveryRetry = 5 * time.Second
 
 // ConsentError is a refused or failed step of the authorization-code
 // flow. Its message names what was wrong and never contains a code, a token,
@@ -662,9 +672,23 @@ type Result struct {
 // code is exchanged. Once the state is consumed, the rest of the
 // callback (code exchange, ID token verification, storing the refresh
 // token) is detached from the browser: it keeps ctx's values but not its
-// cancellation, and is bounded by saveTimeout (30 s) instead.
+// cancellation, and is bounded by saveTimeout (30 s) instead. The
+// provider's endpoints are read before the state is consumed: while they
+// are unknown and cannot be discovered (a *DiscoveryError), the callback
+// fails with ReasonRetryCallback and no Result, the state left for the
+// same callback to be sent again; any other failure to read them (a
+// configured endpoint that is not a usable URL) consumes the state and
+// fails with ReasonProviderFailure.
 func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts ...StepOption) (Result, error) {
 	o := newStepOptions(opts) // without a Browser: refused for a state bound to a browser
+	// The endpoints (the issuer's iss support, the token endpoint) are
+	// read before the state is spent: when they cannot be discovered now,
+	// the state stays, and the same callback, reloaded once the provider
+	// answers again, completes the consent while its code is valid.
+	ep, epErr := a.authEndpoints(ctx)
+	if de := (*DiscoveryError)(nil); errors.As(epErr, &de) {
+		return Result{}, a.fail(ReasonRetryCallback, "", fmt.Errorf("%w; the authorization state is kept: the callback, reloaded, completes the consent once the provider answers", epErr))
+	}
 	rec, err := a.pend.takeFrom(ctx, kindState, q.Get("state"), o.browser)
 	res := Result{Merchant: rec.Merchant, ReturnURL: a.allowedReturn(rec.ReturnURL)}
 	if err != nil {
@@ -691,15 +715,14 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	if err := a.checkServed(o.serves, rec, "authorization state"); err != nil {
 		return res, err
 	}
-	ep, err := a.authEndpoints(ctx)
-	if err != nil {
-		return res, a.fail(ReasonProviderFailure, rec.Merchant, err)
+	if epErr != nil {
+		return res, a.fail(ReasonProviderFailure, rec.Merchant, epErr)
 	}
 	if iss, ok := q["iss"]; ok || ep.issResponse {
 		shown := scrub.Truncate(strings.Join(iss, ","), scrub.MaxText)
 		switch issuer := a.src.cfg.Issuer; {
 		case issuer == "":
-			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response carries iss %q (RFC 9207), which the broker cannot check: the provider has a token_url, no issuer; set issuer in [providers.%s] to the provider's issuer identifier (its discovery document then gives the endpoints) instead of token_url", shown, a.Provider()))
+			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response carries iss %q (RFC 9207), which the broker cannot check: the provider has a token_url, no issuer; set issuer in [providers.%s] to the provider's issuer identifier (its OpenID discovery document or RFC 8414 metadata then gives the endpoints) instead of token_url", shown, a.Provider()))
 		case len(iss) != 1 || iss[0] != issuer:
 			return res, a.fail(ReasonWrongIssuer, rec.Merchant, fmt.Errorf("the authorization response's iss %q is not the provider's issuer %q (RFC 9207: a mix-up attack or a misconfigured issuer)", shown, issuer))
 		}
@@ -831,13 +854,13 @@ func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 		retr := a.retr
 		a.mu.Unlock()
 		if now.Before(retr) {
-			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: errors.New("failed a few seconds ago")}
+			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: fmt.Errorf("failed less than %s ago", DiscoveryRetry)}
 		}
 		var err error
 		if d, err = a.src.ep.get(ctx); err != nil {
 			if de := (*DiscoveryError)(nil); errors.As(err, &de) {
 				a.mu.Lock()
-				a.retr = now.Add(5 * time.Second)
+				a.retr = now.Add(DiscoveryRetry)
 				a.mu.Unlock()
 			}
 			return nil, err

@@ -68,10 +68,13 @@ type Config struct {
 	StoreNamespace string
 	// TokenURL is the token endpoint. Exactly one of TokenURL and Issuer.
 	TokenURL string
-	// Issuer is the OpenID provider's issuer URL: the token endpoint (and
-	// the revocation endpoint) are read from its discovery document,
-	// {Issuer}/.well-known/openid-configuration. With TLSClientAuth the
-	// mtls_endpoint_aliases are preferred (RFC 8705 §5).
+	// Issuer is the authorization server's issuer identifier: the token
+	// endpoint (and the revocation endpoint) are read from its discovery
+	// document, {Issuer}/.well-known/openid-configuration, or, when that
+	// is not found (404), from its RFC 8414 metadata,
+	// /.well-known/oauth-authorization-server before the issuer's path.
+	// Either must name exactly this issuer. With a TLS client
+	// certificate the mtls_endpoint_aliases are preferred (RFC 8705 §5).
 	Issuer string
 	// RevocationURL is the RFC 7009 revocation endpoint. Optional; with
 	// Issuer it defaults to the discovered revocation_endpoint.
@@ -88,7 +91,11 @@ type Config struct {
 	// PrivateKeyJWT, not allowed otherwise. See NewSigner.
 	Signer *Signer
 	// AssertionAudience is the aud claim of the client assertions. Default
-	// the token endpoint URL (RFC 7523 §3); some servers want their issuer.
+	// the URL of the endpoint called: the token endpoint's (RFC 7523 §3),
+	// also for a revocation request, and the PAR endpoint's for a pushed
+	// request. A server that wants its issuer identifier (FAPI 2.0
+	// Security Profile §5.3.2.1, zitadel) needs it here; RFC 9126 §2 has
+	// a server that supports PAR accept the issuer at its PAR endpoint.
 	AssertionAudience string
 	// Audience is sent as the audience parameter when the request names
 	// none (broker.Request.Audience wins). Optional.

@@ -2,10 +2,15 @@ package oauth
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/url"
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/coreos/go-oidc/v3/oidc"
 	"golang.org/x/sync/singleflight"
@@ -25,6 +30,9 @@ type endpoints struct {
 	// AuthMethods are the provider's token_endpoint_auth_methods_supported,
 	// when discovered.
 	AuthMethods []string
+	// AssertionAlgs are the provider's
+	// token_endpoint_auth_signing_alg_values_supported, when discovered.
+	AssertionAlgs []string
 
 	// What the consent flow (AuthCode) reads from the discovery document;
 	// empty for a provider configured with a token URL.
@@ -132,6 +140,7 @@ func (e *discovery) invalidate() {
 type discoveryDoc struct {
 	RevocationEndpoint string   `json:"revocation_endpoint"`
 	AuthMethods        []string `json:"token_endpoint_auth_methods_supported"`
+	AssertionAlgs      []string `json:"token_endpoint_auth_signing_alg_values_supported"`
 	PAR                string   `json:"pushed_authorization_request_endpoint"`
 	RequirePAR         bool     `json:"require_pushed_authorization_requests"`
 	IssResponse        bool     `json:"authorization_response_iss_parameter_supported"`
@@ -143,28 +152,53 @@ type discoveryDoc struct {
 	} `json:"mtls_endpoint_aliases"`
 }
 
+// Names of the documents discover reads, for its errors.
+const (
+	oidcDocument    = "OpenID discovery document"
+	rfc8414Document = "RFC 8414 metadata"
+)
+
 // discover reads {issuer}/.well-known/openid-configuration with go-oidc,
-// which also checks that the document names the configured issuer. The ID
-// token verifier fetches the issuer's keys with a context of its own (the
-// client only), not with ctx: a verifier outlives the request that
-// discovered.
+// which also checks that the document names the configured issuer; when
+// that answers 404 (and only then), the issuer's RFC 8414 authorization
+// server metadata (oauthMetadata). The ID token verifier fetches the
+// issuer's keys with a context of its own (the client only), not with
+// ctx: a verifier outlives the request that discovered.
 func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	fail := func(err error) (*endpoints, error) {
 		return nil, &DiscoveryError{Issuer: e.cfg.Issuer, Err: err}
 	}
 	client := *e.cfg.Client
-	client.Transport = httpclient.LimitBody(client.Transport)
+	// go-oidc's error says the discovery answer's status in its text
+	// only: the transport notes it.
+	var status atomic.Int32
+	client.Transport = lastStatus{rt: httpclient.LimitBody(client.Transport), status: &status}
 	ctx = oidc.ClientContext(ctx, &client)
 	p, err := oidc.NewProvider(ctx, e.cfg.Issuer)
-	if err != nil {
+	var doc discoveryDoc
+	read := oidcDocument
+	var mismatch *oidc.IssuerMismatchError
+	switch {
+	case errors.As(err, &mismatch):
+		return fail(issuerMismatch(mismatch.Discovered, read))
+	case err != nil && status.Load() == http.StatusNotFound:
+		read = rfc8414Document
+		if p, err = e.oauthMetadata(ctx, &client, &doc); err != nil {
+			return fail(err)
+		}
+	case err != nil && unavailable(int(status.Load())):
+		// go-oidc quotes the whole body of a failed discovery response.
+		return fail(fmt.Errorf("%s answered %d to the %s request (/.well-known/openid-configuration): the authorization server failed or is busy; the next call tries again (%s)",
+			httpclient.Host(e.cfg.Issuer), status.Load(), oidcDocument, scrub.Truncate(err.Error(), 300)))
+	case err != nil:
 		// go-oidc quotes the whole body of a failed discovery response.
 		return fail(errors.New(scrub.Truncate(err.Error(), 300)))
+	default:
+		if err := p.Claims(&doc); err != nil {
+			return fail(fmt.Errorf("reading the %s: %w", oidcDocument, err))
+		}
 	}
-	var doc discoveryDoc
-	if err := p.Claims(&doc); err != nil {
-		return fail(fmt.Errorf("reading the discovery document: %w", err))
-	}
-	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods,
+	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods, AssertionAlgs: doc.AssertionAlgs,
 		auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse, dpopAlgs: doc.DPoPAlgs,
 		verifier: p.Verifier(&oidc.Config{ClientID: e.cfg.ClientID, Now: e.cfg.Now})}
 	// RFC 8705 §5: a client that has a TLS client certificate uses the
@@ -185,7 +219,7 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 		ep.Revocation = e.cfg.RevocationURL
 	}
 	if ep.Token == "" {
-		return fail(errors.New("the discovery document has no token_endpoint"))
+		return fail(fmt.Errorf("the %s has no token_endpoint: check the issuer, or set token_url instead", read))
 	}
 	if err := checkURL("token_endpoint", ep.Token); err != nil {
 		return fail(err)
@@ -196,6 +230,96 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 		}
 	}
 	return ep, nil
+}
+
+// issuerMismatch is the refusal of a discovery document (what names it)
+// that names another issuer than the configured one: the two are compared
+// as strings (OpenID Connect Discovery §4.3, RFC 8414 §3.3), so that a
+// trailing slash makes another issuer.
+func issuerMismatch(discovered, what string) error {
+	return fmt.Errorf("the %s names issuer %q, not the configured one: set issuer to exactly the issuer the authorization server names (a trailing slash included), or check that the URL is the authorization server's",
+		what, scrub.Truncate(discovered, scrub.MaxText))
+}
+
+// oauthMetadata reads the issuer's RFC 8414 authorization server
+// metadata, for an authorization server that has no OpenID discovery
+// document: at /.well-known/oauth-authorization-server inserted between
+// the issuer's host and path (RFC 8414 §3.1), through client, with the
+// same fields as a discovery document into doc. The metadata must name
+// the configured issuer (§3.3). It returns a go-oidc provider of its
+// endpoints (an ID token verifier for its jwks_uri).
+func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc *discoveryDoc) (*oidc.Provider, error) {
+	u, err := url.Parse(e.cfg.Issuer)
+	if err != nil {
+		return nil, err
+	}
+	u.Path = "/.well-known/oauth-authorization-server" + strings.TrimSuffix(u.Path, "/")
+	u.RawPath = ""
+	where := httpclient.Host(e.cfg.Issuer)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("no OpenID discovery document (404), and fetching the RFC 8414 metadata failed: %w", httpclient.RedactURLError(err))
+	}
+	defer resp.Body.Close()
+	body, tooLarge, err := httpclient.ReadBody(resp.Body)
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("no OpenID discovery document (404), and reading the RFC 8414 metadata failed: %w", err)
+	case tooLarge:
+		return nil, &httpclient.TooLargeError{Host: where, Status: resp.StatusCode}
+	case unavailable(resp.StatusCode):
+		return nil, fmt.Errorf("%s has no OpenID discovery document (/.well-known/openid-configuration answered 404), and answered %d to the %s request (/.well-known/oauth-authorization-server): the authorization server failed or is busy; the next call tries again",
+			where, resp.StatusCode, rfc8414Document)
+	case resp.StatusCode != http.StatusOK:
+		return nil, fmt.Errorf("%s has neither an OpenID discovery document (/.well-known/openid-configuration answered 404) nor RFC 8414 metadata (/.well-known/oauth-authorization-server answered %d): check the issuer, or set token_url instead",
+			where, resp.StatusCode)
+	}
+	var m struct {
+		discoveryDoc
+		Issuer   string   `json:"issuer"`
+		Auth     string   `json:"authorization_endpoint"`
+		Token    string   `json:"token_endpoint"`
+		JWKS     string   `json:"jwks_uri"`
+		IDTokens []string `json:"id_token_signing_alg_values_supported"`
+	}
+	if err := json.Unmarshal(body, &m); err != nil {
+		return nil, fmt.Errorf("reading the %s of %s: %w", rfc8414Document, where, err)
+	}
+	*doc = m.discoveryDoc
+	if m.Issuer != e.cfg.Issuer {
+		return nil, issuerMismatch(m.Issuer, rfc8414Document)
+	}
+	pc := oidc.ProviderConfig{IssuerURL: m.Issuer, AuthURL: m.Auth, TokenURL: m.Token, JWKSURL: m.JWKS, Algorithms: m.IDTokens}
+	return pc.NewProvider(ctx), nil
+}
+
+// unavailable reports whether an answer's status says that the server
+// failed or is busy (429, 5xx): a discovery to try again, not a wrong
+// issuer.
+func unavailable(status int) bool {
+	return status == http.StatusTooManyRequests || status >= 500
+}
+
+// lastStatus is a transport that notes the status of the last answer
+// through it: discover reads the status of go-oidc's discovery request
+// once that has returned.
+type lastStatus struct {
+	rt     http.RoundTripper
+	status *atomic.Int32
+}
+
+// RoundTrip implements http.RoundTripper.
+func (l lastStatus) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := l.rt.RoundTrip(r)
+	if err == nil {
+		l.status.Store(int32(resp.StatusCode))
+	}
+	return resp, err
 }
 
 // supports reports whether the provider accepts method, as far as its

@@ -23,7 +23,8 @@
 //	tls_client_auth      the TLS client certificate; client_id in the body
 //
 // The token endpoint is configured (TokenURL) or discovered from the issuer
-// with github.com/coreos/go-oidc/v3 (Issuer): the discovered endpoints are
+// with github.com/coreos/go-oidc/v3 (Issuer; an authorization server
+// without OpenID discovery by its RFC 8414 metadata): the discovered endpoints are
 // cached, a discovery failure is not (the next call tries again), and a
 // token request that fails in transport or with 404 makes the next call
 // discover again.

@@ -9,6 +9,7 @@ import (
 	"math"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -254,7 +255,8 @@ func (c *core) tokenAnswer(ep *endpoints, resp *http.Response, body []byte, secr
 
 // tokenError completes the refusal of a token request: it invalidates
 // discovered endpoints when the endpoint may have moved, and says what to
-// check for a refused DPoP proof or client authentication.
+// check for a refused DPoP proof (or a missing one), or a refused client
+// authentication (its method, its assertions' audience and algorithm).
 func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 	if ae.StatusCode == http.StatusNotFound {
 		c.ep.invalidate()
@@ -263,10 +265,46 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 		ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",
 			k.Alg(), k.Thumbprint(), k.Alg(), c.cfg.Name)
 	}
-	if ae.Code == "invalid_client" && !ep.supports(c.cfg.AuthMethod) {
+	if ae.Code == "invalid_dpop_proof" && c.cfg.DPoP == nil {
+		ae.Description += fmt.Sprintf(" (the request had no DPoP proof: the provider wants the client's tokens bound to a key; give the provider one, [providers.%s.dpop] key = ...)", c.cfg.Name)
+	}
+	// zitadel refuses an assertion's aud with invalid_grant "audience is
+	// not valid": an error whose description names the audience gets the
+	// hint whatever its code.
+	audienceRefused := clientAuthRefused(ae) || strings.Contains(strings.ToLower(ae.Description), "audience")
+	if audienceRefused && c.cfg.AuthMethod == PrivateKeyJWT && c.cfg.AssertionAudience == "" {
+		ae.Description += c.audienceHint(ep.Token)
+	}
+	if clientAuthRefused(ae) && !ep.supports(c.cfg.AuthMethod) {
 		ae.Description += fmt.Sprintf(" (the provider's discovery document lists token_endpoint_auth_methods_supported %q, without %s)", ep.AuthMethods, c.cfg.AuthMethod)
 	}
+	if s := c.cfg.Signer; clientAuthRefused(ae) && s != nil && len(ep.AssertionAlgs) > 0 && !slices.Contains(ep.AssertionAlgs, s.Alg()) {
+		ae.Description += fmt.Sprintf(" (the assertions are signed with %s; the provider's discovery document lists token_endpoint_auth_signing_alg_values_supported %q: set signing_alg in [providers.%s] to one of them, with a key that fits it)",
+			s.Alg(), ep.AssertionAlgs, c.cfg.Name)
+	}
 	return ae
+}
+
+// clientAuthRefused reports whether a token endpoint's refusal ae names
+// the client's authentication, which tokenError's hints are about:
+// invalid_client (RFC 6749 §5.2), or unauthorized_client, which Keycloak
+// answers with 401 to a wrong secret or assertion. (Classify backs off
+// the whole source for invalid_client only.)
+func clientAuthRefused(ae *broker.APIError) bool {
+	return ae.Code == "invalid_client" || ae.Code == "unauthorized_client" && ae.StatusCode == http.StatusUnauthorized
+}
+
+// audienceHint is the hint tokenError appends to a refused client
+// authentication by private_key_jwt with the default assertion audience,
+// aud (the token endpoint URL): the servers that want the issuer
+// identifier as the only audience (FAPI 2.0 Security Profile §5.3.2.1,
+// zitadel) refuse it, and get it from assertion_audience.
+func (c *core) audienceHint(aud string) string {
+	want := fmt.Sprintf("assertion_audience set to the authorization server's issuer identifier in [providers.%s]", c.cfg.Name)
+	if c.cfg.Issuer != "" {
+		want = fmt.Sprintf("assertion_audience = %q in [providers.%s]", c.cfg.Issuer, c.cfg.Name)
+	}
+	return fmt.Sprintf(" (the client assertion's aud was the token endpoint, %q: a server that wants its issuer identifier as the audience (FAPI 2.0, zitadel) needs %s)", aud, want)
 }
 
 // parse checks a successful response of the token endpoint of ep and

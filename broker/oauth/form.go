@@ -2,6 +2,7 @@ package oauth
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/challenge"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
@@ -121,10 +123,18 @@ func answerFields(resp *http.Response, body []byte) (get func(name string) strin
 }
 
 // apiError is the *broker.APIError of an error answer whose error code
-// and description are code and description: both scrubbed of secrets, the
-// status text when both are empty, and the wait the answer asks for
-// (broker.ParseWait).
+// and description are code and description (when code is empty, the
+// error and error_description of the first WWW-Authenticate challenge
+// that has an error, where a server says why it answered 401, RFC 6749
+// §5.2, when its body does not: RFC 6750 §3's spelling, which RFC 9449
+// §7.1 shares, DPoP error="use_dpop_nonce"): both scrubbed of
+// secrets, the status text when both are empty, and the wait the answer
+// asks for (broker.ParseWait).
 func (c *core) apiError(resp *http.Response, code, description string, secrets []string) *broker.APIError {
+	if code == "" {
+		ch, _ := challenge.Error(resp.Header)
+		code, description = ch.Error, cmp.Or(description, ch.Description)
+	}
 	ae := &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode,
 		Code: scrub.Secrets(code, secrets...), Description: scrub.Secrets(description, secrets...),
 		RetryAfter: broker.ParseWait(resp.StatusCode, resp.Header, c.cfg.Now())}

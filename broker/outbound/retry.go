@@ -14,6 +14,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
+	"github.com/tokenbroker/caddy-token-broker/internal/challenge"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 )
 
@@ -242,81 +243,15 @@ func nonceChallenge(status int, header http.Header) bool {
 }
 
 // challengeError reports whether a WWW-Authenticate challenge of the
-// Bearer or DPoP scheme in header has the error parameter code. The
-// fields are read as RFC 9110 §11.6.1 lets a server write them: one field
-// may hold several challenges, separated by commas; a parameter's name is
-// matched in any letter case; its value is a token or a quoted-string,
-// with optional white space around "=".
+// Bearer or DPoP scheme in header has the error parameter code
+// (challenge.Errors reads the fields).
 func challengeError(header http.Header, code string) bool {
-	for _, field := range header["Www-Authenticate"] { // by its canonical key: Values canonicalizes the key it is given
-		ours := false // the challenge being read is Bearer or DPoP
-		for s := field; s != ""; {
-			var name string
-			if name, s = cutToken(s); name == "" {
-				s = s[1:] // a comma, white space, or what no token holds
-				continue
-			}
-			rest := strings.TrimLeft(s, " \t")
-			if !strings.HasPrefix(rest, "=") {
-				// A name without "=" starts a challenge (or is its token68).
-				ours = strings.EqualFold(name, "Bearer") || strings.EqualFold(name, "DPoP")
-				continue
-			}
-			var value string
-			value, s = cutParamValue(strings.TrimLeft(rest[1:], " \t"))
-			if ours && strings.EqualFold(name, "error") && value == code {
-				return true
-			}
+	for c := range challenge.Errors(header) {
+		if (strings.EqualFold(c.Scheme, "Bearer") || strings.EqualFold(c.Scheme, "DPoP")) && c.Error == code {
+			return true
 		}
 	}
 	return false
-}
-
-// cutToken returns the token (RFC 9110 §5.6.2) s starts with, "" when
-// none, and the rest of s.
-func cutToken(s string) (token, rest string) {
-	i := 0
-	for i < len(s) && (s[i] >= 'a' && s[i] <= 'z' || s[i] >= 'A' && s[i] <= 'Z' || s[i] >= '0' && s[i] <= '9' ||
-		strings.IndexByte("!#$%&'*+-.^_`|~", s[i]) >= 0) {
-		i++
-	}
-	return s[:i], s[i:]
-}
-
-// cutParamValue returns the parameter value s starts with, a token or a
-// quoted-string (RFC 9110 §5.6.4, unquoted), and the rest of s.
-func cutParamValue(s string) (value, rest string) {
-	if !strings.HasPrefix(s, `"`) {
-		return cutToken(s)
-	}
-	// A value without a quoted-pair is a part of s; one with a quoted-pair
-	// is copied into b from its first backslash on.
-	var b strings.Builder
-	copied := false
-	for i := 1; i < len(s); i++ {
-		switch s[i] {
-		case '"':
-			if !copied {
-				return s[1:i], s[i+1:]
-			}
-			return b.String(), s[i+1:]
-		case '\\':
-			if !copied {
-				b.WriteString(s[1:i])
-				copied = true
-			}
-			if i+1 < len(s) {
-				i++
-			}
-		}
-		if copied {
-			b.WriteByte(s[i])
-		}
-	}
-	if !copied {
-		return s[1:], ""
-	}
-	return b.String(), ""
 }
 
 // rejectRecorder passes a response through to the client unless its status

@@ -375,27 +375,6 @@ func TestChallengeError(t *testing.T) {
 	}
 }
 
-// TestCutParamValue: a parameter value is a token or a quoted-string, whose
-// quoted-pairs are unescaped; an unterminated quoted-string runs to the end.
-func TestCutParamValue(t *testing.T) {
-	for _, tt := range []struct {
-		in, value, rest string
-	}{
-		{`invalid_token, realm="x"`, "invalid_token", `, realm="x"`},
-		{`"invalid_token", realm="x"`, "invalid_token", `, realm="x"`},
-		{`""`, "", ""},
-		{`"a \"b\" c\\", d`, `a "b" c\`, ", d"},
-		{`"ends early`, "ends early", ""},
-		{`"ends \"early`, `ends "early`, ""},
-		{`"ends on \`, `ends on \`, ""},
-	} {
-		value, rest := cutParamValue(tt.in)
-		if value != tt.value || rest != tt.rest {
-			t.Errorf("cutParamValue(%s) = %q, %q; want %q, %q", tt.in, value, rest, tt.value, tt.rest)
-		}
-	}
-}
-
 // TestChallengeErrorAllocs: reading a typical upstream 401's challenges
 // (quoted values without quoted-pairs) allocates nothing.
 func TestChallengeErrorAllocs(t *testing.T) {

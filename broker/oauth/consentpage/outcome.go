@@ -22,6 +22,8 @@ func ForOutcome(outcome string) string {
 		return PageWrongBrowser
 	case oauth.ReasonProviderFailure, oauth.ReasonStoreFailure:
 		return PageUnavailable
+	case oauth.ReasonRetryCallback:
+		return PageRetryCallback
 	}
 	// exchange_failed, no_refresh_token, invalid_id_token, wrong_issuer,
 	// wrong_provider, wrong_callback, unknown_merchant and anything new.

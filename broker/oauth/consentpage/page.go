@@ -59,6 +59,10 @@ const (
 	// PageUnavailable: the bank's discovery or the consent storage could
 	// not be reached.
 	PageUnavailable = "unavailable"
+	// PageRetryCallback: the callback arrived while the bank's endpoints
+	// could not be discovered; its state is kept, and reloading the page
+	// in a moment completes the consent.
+	PageRetryCallback = "retry_callback"
 	// PageCrossSite: a start posted from another site (not the start
 	// page's own form): nothing was started.
 	PageCrossSite = "cross_site"
@@ -94,6 +98,7 @@ var pages = map[string]pageInfo{
 	PageProviderError:     {status: http.StatusBadGateway, tone: "error"},
 	PageFailed:            {status: http.StatusBadGateway, tone: "error"},
 	PageUnavailable:       {status: http.StatusServiceUnavailable, tone: "error"},
+	PageRetryCallback:     {status: http.StatusServiceUnavailable, tone: "error"},
 	PageCrossSite:         {status: http.StatusForbidden, tone: "error"},
 	PageWrongBrowser:      {status: http.StatusForbidden, tone: "error"},
 	PageNotFound:          {status: http.StatusNotFound, tone: "info", noOutcome: true},
@@ -104,7 +109,7 @@ var pages = map[string]pageInfo{
 // Pages returns the names of all pages.
 func Pages() []string {
 	return []string{PageStart, PageSuccess, PageDenied, PageExpired, PageUsed, PageMissing, PageInvalid,
-		PageProviderError, PageFailed, PageUnavailable, PageCrossSite, PageWrongBrowser, PageNotFound, PageGone, PageResultUnavailable}
+		PageProviderError, PageFailed, PageUnavailable, PageRetryCallback, PageCrossSite, PageWrongBrowser, PageNotFound, PageGone, PageResultUnavailable}
 }
 
 // Data is what a page template is executed with. Every field is set on

@@ -365,3 +365,48 @@ func TestPostsLink(t *testing.T) {
 		}
 	}
 }
+
+// TestRetryCallbackPage: a callback whose state was kept while the bank
+// could not be reached shows its own page, in every language: 503, and
+// a reload of this page in a moment as what to do (not a new consent
+// link). A set of templates with a file per page and no page.html, made
+// before this page existed, still loads: the page takes unavailable.html.
+func TestRetryCallbackPage(t *testing.T) {
+	if got := ForOutcome(oauth.ReasonRetryCallback); got != PageRetryCallback {
+		t.Fatalf("ForOutcome(%s) = %s, want %s", oauth.ReasonRetryCallback, got, PageRetryCallback)
+	}
+	r, err := New(Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for lang, want := range map[string]string{
+		"en": "Please reload this page in a moment.",
+		"de": "Bitte laden Sie diese Seite gleich noch einmal.",
+		"fr": "Veuillez recharger cette page dans un instant.",
+	} {
+		w := httptest.NewRecorder()
+		r.Render(w, lang, Page{Name: PageRetryCallback, Bank: "Example Bank", Outcome: oauth.ReasonRetryCallback})
+		body := w.Body.String()
+		if w.Code != http.StatusServiceUnavailable || !strings.Contains(body, want) || !strings.Contains(body, "Example Bank") ||
+			strings.Contains(body, languages[lang].pages[PageUnavailable].next) {
+			t.Errorf("%s: %d, want 503 and %q:\n%s", lang, w.Code, want, body)
+		}
+	}
+
+	files := map[string]string{}
+	for _, p := range Pages() {
+		if p != PageRetryCallback {
+			files[p+".html"] = `<!doctype html><style nonce="{{.Nonce}}"></style><main>custom ` + p + ` {{.Text.Next}}</main>`
+		}
+	}
+	files[PageStart+".html"] = `<main><form method="post" action="start"><input type="hidden" name="link" value="{{.Link}}"><button>{{.Text.Action}}</button></form></main>`
+	r, err = New(Config{Templates: writeTemplates(t, files)})
+	if err != nil {
+		t.Fatalf("templates without %s.html: %v", PageRetryCallback, err)
+	}
+	w := httptest.NewRecorder()
+	r.Render(w, "en", Page{Name: PageRetryCallback, Outcome: oauth.ReasonRetryCallback})
+	if body := w.Body.String(); !strings.Contains(body, "custom "+PageUnavailable+" Please reload this page in a moment.") || w.Code != http.StatusServiceUnavailable {
+		t.Errorf("%s with the templates of unavailable: %d %s", PageRetryCallback, w.Code, body)
+	}
+}

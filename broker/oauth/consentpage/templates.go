@@ -11,7 +11,9 @@ import (
 )
 
 // loadTemplates parses the .html files of dir together and returns the
-// template of each page: <page>.html, else page.html.
+// template of each page: <page>.html, else page.html; for
+// PageRetryCallback, else unavailable.html (a set of templates made
+// before that page existed, with a file per page, still loads).
 func loadTemplates(dir string) (map[string]*template.Template, error) {
 	files, err := filepath.Glob(filepath.Join(dir, "*.html"))
 	if err != nil {
@@ -46,6 +48,9 @@ func loadTemplates(dir string) (map[string]*template.Template, error) {
 		t := set.Lookup(p + ".html")
 		if t == nil {
 			t = set.Lookup("page.html")
+		}
+		if t == nil && p == PageRetryCallback {
+			t = set.Lookup(PageUnavailable + ".html")
 		}
 		if t == nil {
 			missing = append(missing, p+".html")

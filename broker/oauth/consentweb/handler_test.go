@@ -3,12 +3,15 @@ package consentweb
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -194,5 +197,72 @@ func TestCallbackSiteNeedsHTTPS(t *testing.T) {
 				t.Errorf("New = %v, want ok %v (an error asking for https)", err, tc.ok)
 			}
 		})
+	}
+}
+
+// TestCallbackAsksForAReload: a callback that reaches an instance that
+// cannot discover the bank's endpoints now gets the retry_callback page
+// (503, Retry-After, "reload this page"), its state kept; the browser's
+// reload of the same URL, once the bank answers, stores the consent.
+func TestCallbackAsksForAReload(t *testing.T) {
+	ctx := context.Background()
+	var down atomic.Bool
+	mux := http.NewServeMux()
+	bank := httptest.NewServer(mux)
+	t.Cleanup(bank.Close)
+	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
+		if down.Load() {
+			http.Error(w, "maintenance", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":%q,"token_endpoint":%q}`, bank.URL, bank.URL+"/authorize", bank.URL+"/token")
+	})
+	mux.HandleFunc("/token", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"access_token":"at-1","token_type":"Bearer","expires_in":60,"refresh_token":"rt-1"}`))
+	})
+	var now atomic.Int64
+	now.Store(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC).UnixNano())
+	clock := func() time.Time { return time.Unix(0, now.Load()) }
+	pend, tokens := &oauth.MemoryPendingStore{}, &oauth.MemoryStore{}
+	// Two instances of the consent site over the same stores: the first
+	// starts the consent, the second, which has not discovered the bank
+	// yet, gets the callback.
+	site := func() consentSite {
+		src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", Issuer: bank.URL, ClientID: "tpp", ClientSecret: "bank-secret", Now: clock}, tokens)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return siteOf(t, src, oauth.AuthCodeConfig{RedirectURIs: []string{"https://cb.partner.example/consent/callback"}, Scopes: []string{"offline_access"}}, pend, "acme")
+	}
+	first, second := site(), site()
+	l, _, err := CreateLink(ctx, first.reg, LinkRequest{Merchant: "acme"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := first.postStart(t, l.URL)
+	if w.Code != http.StatusSeeOther {
+		t.Fatalf("start: %d", w.Code)
+	}
+	cookies := w.Result().Cookies()
+	auth, _ := url.Parse(w.Header().Get("Location"))
+	cb := "https://cb.partner.example/consent/callback?" + url.Values{"state": {auth.Query().Get("state")}, "code": {"code-1"}}.Encode()
+
+	down.Store(true)
+	w = second.get(cb, cookies...)
+	if w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") != strconv.Itoa(int(oauth.DiscoveryRetry/time.Second)) ||
+		!strings.Contains(w.Body.String(), "Please reload this page in a moment.") || !strings.Contains(w.Body.String(), oauth.ReasonRetryCallback) {
+		t.Fatalf("callback while the bank cannot be discovered: %d, Retry-After %q, %s; want 503, the retry_callback page", w.Code, w.Header().Get("Retry-After"), w.Body)
+	}
+
+	down.Store(false)
+	now.Add(int64(oauth.DiscoveryRetry))
+	w = second.get(cb, cookies...)
+	if w.Code != http.StatusSeeOther || !strings.HasPrefix(w.Header().Get("Location"), "done?") {
+		t.Fatalf("the reloaded callback: %d, Location %q; want the result page", w.Code, w.Header().Get("Location"))
+	}
+	src, _ := second.reg.Providers["bank"].RefreshToken()
+	if rt, err := tokens.Load(ctx, src.StoreKey("acme")); err != nil || rt != "rt-1" {
+		t.Errorf("refresh token after the reload: %q, %v; want the bank's", rt, err)
 	}
 }

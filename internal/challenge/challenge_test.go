@@ -1,0 +1,70 @@
+package challenge
+
+import (
+	"net/http"
+	"testing"
+)
+
+// TestError: the error and error_description of the first challenge that
+// has an error, of the schemes asked for or any, both from that same
+// challenge; parameter names in any letter case; what a quoted-string
+// holds (a comma, "error=", a quoted-pair) is its value, never a
+// parameter.
+func TestError(t *testing.T) {
+	for _, tt := range []struct {
+		name    string
+		fields  []string
+		schemes []string
+		want    Challenge
+		ok      bool
+	}{
+		{"token form", []string{`Bearer error=invalid_client`}, nil, Challenge{"Bearer", "invalid_client", ""}, true},
+		{"with a description", []string{`Basic realm="bank", error="invalid_client", error_description="client \"c\" failed"`}, nil,
+			Challenge{"Basic", "invalid_client", `client "c" failed`}, true},
+		{"quoted comma inside the realm", []string{`Basic realm="login, error=invalid_client"`}, nil, Challenge{}, false},
+		{"quoted error inside another value", []string{`Bearer error_description="error=\"invalid_token\""`}, nil, Challenge{}, false},
+		{"Error= in upper case", []string{`Bearer Error="invalid_token", ERROR_DESCRIPTION="expired"`}, nil, Challenge{"Bearer", "invalid_token", "expired"}, true},
+		{"two challenges, each with its description", []string{`Bearer error="invalid_token", error_description="expired", DPoP error="use_dpop_nonce", error_description="nonce required"`}, nil,
+			Challenge{"Bearer", "invalid_token", "expired"}, true},
+		{"the description of the challenge with the error", []string{`Basic error_description="not this one", DPoP error="use_dpop_nonce"`}, nil,
+			Challenge{"DPoP", "use_dpop_nonce", ""}, true},
+		{"backslash in a quoted value", []string{`DPoP error="use_dpop_nonce", error_description="a \\ b \"c\""`}, nil,
+			Challenge{"DPoP", "use_dpop_nonce", `a \ b "c"`}, true},
+		{"of a scheme asked for", []string{`Basic error="invalid_client", error_description="basic"`, `dpop error="use_dpop_nonce", error_description="dpop"`}, []string{"Bearer", "DPoP"},
+			Challenge{"dpop", "use_dpop_nonce", "dpop"}, true},
+		{"none of the schemes asked for", []string{`Basic error="invalid_client"`}, []string{"Bearer"}, Challenge{}, false},
+		{"the first error of a challenge", []string{`Bearer error="a", error="b"`}, nil, Challenge{"Bearer", "a", ""}, true},
+		{"a description without an error", []string{`Basic realm="x", error_description="bad"`}, nil, Challenge{}, false},
+		{"after a token68", []string{`Basic dXNlcjpwYXNz==, Bearer error="invalid_token"`}, nil, Challenge{"Bearer", "invalid_token", ""}, true},
+		{"no challenge", nil, nil, Challenge{}, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			h := http.Header{"Www-Authenticate": tt.fields}
+			got, ok := Error(h, tt.schemes...)
+			if got != tt.want || ok != tt.ok {
+				t.Errorf("Error(%q, %q) = %+v, %v; want %+v, %v", tt.fields, tt.schemes, got, ok, tt.want, tt.ok)
+			}
+		})
+	}
+}
+
+// TestCutParamValue: a parameter value is a token or a quoted-string, whose
+// quoted-pairs are unescaped; an unterminated quoted-string runs to the end.
+func TestCutParamValue(t *testing.T) {
+	for _, tt := range []struct {
+		in, value, rest string
+	}{
+		{`invalid_token, realm="x"`, "invalid_token", `, realm="x"`},
+		{`"invalid_token", realm="x"`, "invalid_token", `, realm="x"`},
+		{`""`, "", ""},
+		{`"a \"b\" c\\", d`, `a "b" c\`, ", d"},
+		{`"ends early`, "ends early", ""},
+		{`"ends \"early`, `ends "early`, ""},
+		{`"ends on \`, `ends on \`, ""},
+	} {
+		value, rest := cutParamValue(tt.in)
+		if value != tt.value || rest != tt.rest {
+			t.Errorf("cutParamValue(%s) = %q, %q; want %q, %q", tt.in, value, rest, tt.value, tt.rest)
+		}
+	}
+}
