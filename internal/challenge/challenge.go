@@ -31,10 +31,9 @@ type Challenge struct {
 // word. A parameter's name is matched in any letter case; its value is a
 // token or token68 or a quoted-string (commas, "=" and quoted-pairs
 // inside it are part of the value), with optional white space around
-// "=". Of a
-// parameter given twice in one challenge, the first counts. A value
-// without a quoted-pair is a part of the field: reading allocates nothing
-// then.
+// "=". Of a parameter given twice in one challenge, the first counts. A
+// value without a quoted-pair is a part of the field: reading allocates
+// nothing then.
 func Errors(header http.Header) iter.Seq[Challenge] {
 	return func(yield func(Challenge) bool) {
 		for _, field := range header["Www-Authenticate"] { // by its canonical key: Values canonicalizes the key it is given
