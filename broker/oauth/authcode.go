@@ -258,8 +258,9 @@ type AuthCode struct {
 	limits *linkLimiter
 	starts linkStarts
 
-	mu   sync.Mutex
-	retr time.Time // no discovery before, after a failed one
+	mu      sync.Mutex
+	retr    time.Time       // no discovery before, after a failed one
+	retrErr *DiscoveryError // the failed discovery that set retr
 }
 
 // NewAuthCode returns the consent flow of src, keeping its links and
@@ -672,24 +673,37 @@ type Result struct {
 // code is exchanged. Once the state is consumed, the rest of the
 // callback (code exchange, ID token verification, storing the refresh
 // token) is detached from the browser: it keeps ctx's values but not its
-// cancellation, and is bounded by saveTimeout (30 s) instead. The
-// provider's endpoints are read before the state is consumed: while they
-// are unknown and cannot be discovered (a *DiscoveryError), the callback
-// fails with ReasonRetryCallback and no Result, the state left for the
-// same callback to be sent again; any other failure to read them (a
-// configured endpoint that is not a usable URL) consumes the state and
-// fails with ReasonProviderFailure.
+// cancellation, and is bounded by saveTimeout (30 s) instead. The state
+// is read, and checked against the browser, before anything else: an
+// unknown, used, expired or another browser's state is refused without
+// asking the provider. The provider's endpoints are read next, before
+// the state is consumed: while they are unknown and cannot be discovered
+// now (a transient *DiscoveryError: no answer, 429 or 5xx), or the
+// request ends first (ctx is done), the callback fails with
+// ReasonRetryCallback and no Result, the state left for the same
+// callback to be sent again; a failure that trying again does not mend (a
+// discovery document that names another issuer or no token_endpoint, an
+// endpoint that is not a usable URL) consumes the state and fails with
+// ReasonProviderFailure.
 func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts ...StepOption) (Result, error) {
 	o := newStepOptions(opts) // without a Browser: refused for a state bound to a browser
-	// The endpoints (the issuer's iss support, the token endpoint) are
-	// read before the state is spent: when they cannot be discovered now,
-	// the state stays, and the same callback, reloaded once the provider
-	// answers again, completes the consent while its code is valid.
-	ep, epErr := a.authEndpoints(ctx)
-	if de := (*DiscoveryError)(nil); errors.As(epErr, &de) {
-		return Result{}, a.fail(ReasonRetryCallback, "", fmt.Errorf("%w; the authorization state is kept: the callback, reloaded, completes the consent once the provider answers", epErr))
+	state := q.Get("state")
+	rec, err := a.pend.getFrom(ctx, kindState, state, o.browser)
+	var ep *endpoints
+	var epErr error
+	if err == nil {
+		// The endpoints (the issuer's iss support, the token endpoint)
+		// are read before the state is spent: when they cannot be
+		// discovered now, the state stays, and the same callback,
+		// reloaded once the provider answers again, completes the
+		// consent while its code is valid.
+		if ep, epErr = a.authEndpoints(ctx); epErr != nil && !permanent(epErr) {
+			return Result{}, a.fail(ReasonRetryCallback, "", fmt.Errorf("%w; the authorization state is kept: the callback, reloaded, completes the consent once the provider answers", epErr))
+		}
 	}
-	rec, err := a.pend.takeFrom(ctx, kindState, q.Get("state"), o.browser)
+	if err == nil || errors.Is(err, errExpired) {
+		rec, err = a.pend.take(ctx, kindState, state)
+	}
 	res := Result{Merchant: rec.Merchant, ReturnURL: a.allowedReturn(rec.ReturnURL)}
 	if err != nil {
 		if !errors.Is(err, errExpired) {
@@ -841,26 +855,36 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, v any, nonc
 	return nil
 }
 
+// permanent reports whether err, a failure to read the provider's
+// endpoints, is one that trying again does not mend: a discovery that is
+// not transient, or an endpoint that is not a usable URL. A transient
+// discovery failure, or the caller's context ending first, is not.
+func permanent(err error) bool {
+	var de *DiscoveryError
+	var ue *endpointURLError
+	return errors.As(err, &de) && !de.Transient || errors.As(err, &ue)
+}
+
 // authEndpoints returns the source's endpoints (discovered as the source
 // discovers them) with the configured authorization and PAR endpoints;
-// after a failed discovery, the consent flow discovers again only 5
-// seconds later.
+// after a failed discovery, the consent flow discovers again only
+// DiscoveryRetry after the failure, and fails until then as that
+// discovery did.
 func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 	cfg := a.src.cfg
-	now := cfg.Now()
 	d := a.src.ep.cached()
 	if d == nil {
 		a.mu.Lock()
-		retr := a.retr
+		retr, last := a.retr, a.retrErr
 		a.mu.Unlock()
-		if now.Before(retr) {
-			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: fmt.Errorf("failed less than %s ago", DiscoveryRetry)}
+		if last != nil && cfg.Now().Before(retr) {
+			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: fmt.Errorf("failed less than %s ago: %w", DiscoveryRetry, last.Err), Transient: last.Transient}
 		}
 		var err error
 		if d, err = a.src.ep.get(ctx); err != nil {
 			if de := (*DiscoveryError)(nil); errors.As(err, &de) {
 				a.mu.Lock()
-				a.retr = now.Add(DiscoveryRetry)
+				a.retr, a.retrErr = cfg.Now().Add(DiscoveryRetry), de // from the failure: a discovery may take seconds
 				a.mu.Unlock()
 			}
 			return nil, err

@@ -10,6 +10,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
+	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
 // TestErrorInTheChallenge: a token endpoint that says why it refused in
@@ -17,7 +18,8 @@ import (
 // spelling), its body HTML or empty, is read as the error it names: a
 // refused client backs off the whole source, a DPoP nonce challenge is
 // answered with the nonce; an error code in the body wins, and a 401
-// without one is that merchant's.
+// without one is that merchant's. The code and description are cut to
+// scrub.MaxText, as those of a body are.
 func TestErrorInTheChallenge(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
@@ -36,6 +38,8 @@ func TestErrorInTheChallenge(t *testing.T) {
 		{"an error inside a quoted realm is not one", 401, `Basic realm="login, error=invalid_client"`, "", false, "", "Unauthorized", broker.ClassPermanent},
 		{"DPoP nonce in the challenge only", 400, `DPoP error="use_dpop_nonce", error_description="Authorization server requires nonce in DPoP proof"`,
 			"", true, "use_dpop_nonce", "requires nonce", broker.ClassRetryNow},
+		{"a long code and description are cut", 401, `Bearer error="` + strings.Repeat("e", 2000) + `", error_description="` + strings.Repeat("d", 2000) + `"`,
+			"", false, strings.Repeat("e", scrub.MaxText) + "…", strings.Repeat("d", scrub.MaxText) + "…", broker.ClassPermanent},
 		{"the body's code wins", 401, `Basic error="invalid_token"`, `{"error":"invalid_client"}`, false, "invalid_client", "", broker.ClassCredential},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

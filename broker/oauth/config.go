@@ -212,10 +212,25 @@ func AuthMethodNames() string {
 	return strings.Join(s, ", ")
 }
 
-// checkURL checks an endpoint URL with the one validator, naming field.
+// checkURL checks an endpoint URL with the one validator, naming field;
+// its error is an *endpointURLError.
 func checkURL(field, s string) error {
 	if err := httpclient.CheckURL(s, true); err != nil {
-		return fmt.Errorf("%s: %w", field, err)
+		return &endpointURLError{field: field, err: err}
 	}
 	return nil
 }
+
+// endpointURLError is an endpoint URL (configured or discovered) that
+// checkURL refuses: the configuration or the provider has to change it,
+// trying again does not help.
+type endpointURLError struct {
+	field string // the endpoint's name, as in a discovery document
+	err   error
+}
+
+// Error names the field and what is wrong with its URL.
+func (e *endpointURLError) Error() string { return e.field + ": " + e.err.Error() }
+
+// Unwrap returns what is wrong with the URL.
+func (e *endpointURLError) Unwrap() error { return e.err }

@@ -60,6 +60,12 @@ type DiscoveryError struct {
 	Issuer string
 	// Err is the cause.
 	Err error
+	// Transient is true when the authorization server did not answer or
+	// answered that it failed or is busy (429, 5xx): the same discovery
+	// may succeed later. It is false for an answer that is wrong as it
+	// is (another issuer, no token_endpoint, no discovery document), which
+	// the configuration or the server has to change.
+	Transient bool
 }
 
 // Error describes the failure.
@@ -166,7 +172,7 @@ const (
 // ctx: a verifier outlives the request that discovered.
 func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	fail := func(err error) (*endpoints, error) {
-		return nil, &DiscoveryError{Issuer: e.cfg.Issuer, Err: err}
+		return nil, e.failed(err, false)
 	}
 	client := *e.cfg.Client
 	// go-oidc's error says the discovery answer's status in its text
@@ -184,14 +190,16 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	case err != nil && status.Load() == http.StatusNotFound:
 		read = rfc8414Document
 		if p, err = e.oauthMetadata(ctx, &client, &doc); err != nil {
-			return fail(err)
+			return nil, err
 		}
+	case err != nil && status.Load() == 0:
+		// No answer: the authorization server cannot be reached now.
+		return nil, e.failed(errors.New(scrub.Truncate(err.Error(), 300)), true)
 	case err != nil && unavailable(int(status.Load())):
 		// go-oidc quotes the whole body of a failed discovery response.
-		return fail(fmt.Errorf("%s answered %d to the %s request (/.well-known/openid-configuration): the authorization server failed or is busy; the next call tries again (%s)",
-			httpclient.Host(e.cfg.Issuer), status.Load(), oidcDocument, scrub.Truncate(err.Error(), 300)))
+		return nil, e.failed(fmt.Errorf("%s answered %d to the %s request (/.well-known/openid-configuration): the authorization server failed or is busy; the next call tries again (%s)",
+			httpclient.Host(e.cfg.Issuer), status.Load(), oidcDocument, scrub.Truncate(err.Error(), 300)), true)
 	case err != nil:
-		// go-oidc quotes the whole body of a failed discovery response.
 		return fail(errors.New(scrub.Truncate(err.Error(), 300)))
 	default:
 		if err := p.Claims(&doc); err != nil {
@@ -232,6 +240,11 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	return ep, nil
 }
 
+// failed is the DiscoveryError of cause err, transient or not.
+func (e *discovery) failed(err error, transient bool) *DiscoveryError {
+	return &DiscoveryError{Issuer: e.cfg.Issuer, Err: err, Transient: transient}
+}
+
 // issuerMismatch is the refusal of a discovery document (what names it)
 // that names another issuer than the configured one: the two are compared
 // as strings (OpenID Connect Discovery §4.3, RFC 8414 §3.3), so that a
@@ -247,37 +260,37 @@ func issuerMismatch(discovered, what string) error {
 // the issuer's host and path (RFC 8414 §3.1), through client, with the
 // same fields as a discovery document into doc. The metadata must name
 // the configured issuer (§3.3). It returns a go-oidc provider of its
-// endpoints (an ID token verifier for its jwks_uri).
+// endpoints (an ID token verifier for its jwks_uri), or a *DiscoveryError.
 func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc *discoveryDoc) (*oidc.Provider, error) {
 	u, err := url.Parse(e.cfg.Issuer)
 	if err != nil {
-		return nil, err
+		return nil, e.failed(err, false)
 	}
 	u.Path = "/.well-known/oauth-authorization-server" + strings.TrimSuffix(u.Path, "/")
 	u.RawPath = ""
 	where := httpclient.Host(e.cfg.Issuer)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	if err != nil {
-		return nil, err
+		return nil, e.failed(err, false)
 	}
 	req.Header.Set("Accept", "application/json")
 	resp, err := client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("no OpenID discovery document (404), and fetching the RFC 8414 metadata failed: %w", httpclient.RedactURLError(err))
+		return nil, e.failed(fmt.Errorf("no OpenID discovery document (404), and fetching the RFC 8414 metadata failed: %w", httpclient.RedactURLError(err)), true)
 	}
 	defer resp.Body.Close()
 	body, tooLarge, err := httpclient.ReadBody(resp.Body)
 	switch {
 	case err != nil:
-		return nil, fmt.Errorf("no OpenID discovery document (404), and reading the RFC 8414 metadata failed: %w", err)
+		return nil, e.failed(fmt.Errorf("no OpenID discovery document (404), and reading the RFC 8414 metadata failed: %w", err), true)
 	case tooLarge:
-		return nil, &httpclient.TooLargeError{Host: where, Status: resp.StatusCode}
+		return nil, e.failed(&httpclient.TooLargeError{Host: where, Status: resp.StatusCode}, false)
 	case unavailable(resp.StatusCode):
-		return nil, fmt.Errorf("%s has no OpenID discovery document (/.well-known/openid-configuration answered 404), and answered %d to the %s request (/.well-known/oauth-authorization-server): the authorization server failed or is busy; the next call tries again",
-			where, resp.StatusCode, rfc8414Document)
+		return nil, e.failed(fmt.Errorf("%s has no OpenID discovery document (/.well-known/openid-configuration answered 404), and answered %d to the %s request (/.well-known/oauth-authorization-server): the authorization server failed or is busy; the next call tries again",
+			where, resp.StatusCode, rfc8414Document), true)
 	case resp.StatusCode != http.StatusOK:
-		return nil, fmt.Errorf("%s has neither an OpenID discovery document (/.well-known/openid-configuration answered 404) nor RFC 8414 metadata (/.well-known/oauth-authorization-server answered %d): check the issuer, or set token_url instead",
-			where, resp.StatusCode)
+		return nil, e.failed(fmt.Errorf("%s has neither an OpenID discovery document (/.well-known/openid-configuration answered 404) nor RFC 8414 metadata (/.well-known/oauth-authorization-server answered %d): check the issuer, or set token_url instead",
+			where, resp.StatusCode), false)
 	}
 	var m struct {
 		discoveryDoc
@@ -288,11 +301,11 @@ func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc 
 		IDTokens []string `json:"id_token_signing_alg_values_supported"`
 	}
 	if err := json.Unmarshal(body, &m); err != nil {
-		return nil, fmt.Errorf("reading the %s of %s: %w", rfc8414Document, where, err)
+		return nil, e.failed(fmt.Errorf("reading the %s of %s: %w", rfc8414Document, where, err), false)
 	}
 	*doc = m.discoveryDoc
 	if m.Issuer != e.cfg.Issuer {
-		return nil, issuerMismatch(m.Issuer, rfc8414Document)
+		return nil, e.failed(issuerMismatch(m.Issuer, rfc8414Document), false)
 	}
 	pc := oidc.ProviderConfig{IssuerURL: m.Issuer, AuthURL: m.Auth, TokenURL: m.Token, JWKSURL: m.JWKS, Algorithms: m.IDTokens}
 	return pc.NewProvider(ctx), nil

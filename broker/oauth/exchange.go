@@ -269,9 +269,11 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 		ae.Description += fmt.Sprintf(" (the request had no DPoP proof: the provider wants the client's tokens bound to a key; give the provider one, [providers.%s.dpop] key = ...)", c.cfg.Name)
 	}
 	// zitadel refuses an assertion's aud with invalid_grant "audience is
-	// not valid": an error whose description names the audience gets the
-	// hint whatever its code.
-	audienceRefused := clientAuthRefused(ae) || strings.Contains(strings.ToLower(ae.Description), "audience")
+	// not valid": a refusal of the client or the grant whose description
+	// names the audience gets the hint too (not invalid_target, which is
+	// about the audience request parameter, RFC 8707 / RFC 8693).
+	audienceRefused := clientAuthRefused(ae) ||
+		slices.Contains([]string{"invalid_client", "unauthorized_client", "invalid_grant"}, ae.Code) && strings.Contains(strings.ToLower(ae.Description), "audience")
 	if audienceRefused && c.cfg.AuthMethod == PrivateKeyJWT && c.cfg.AssertionAudience == "" {
 		ae.Description += c.audienceHint(ep.Token)
 	}
@@ -296,7 +298,7 @@ func clientAuthRefused(ae *broker.APIError) bool {
 
 // audienceHint is the hint tokenError appends to a refused client
 // authentication by private_key_jwt with the default assertion audience,
-// aud (the token endpoint URL): the servers that want the issuer
+// aud (the token endpoint URL, shown without its query): the servers that want the issuer
 // identifier as the only audience (FAPI 2.0 Security Profile §5.3.2.1,
 // zitadel) refuse it, and get it from assertion_audience.
 func (c *core) audienceHint(aud string) string {
@@ -304,7 +306,7 @@ func (c *core) audienceHint(aud string) string {
 	if c.cfg.Issuer != "" {
 		want = fmt.Sprintf("assertion_audience = %q in [providers.%s]", c.cfg.Issuer, c.cfg.Name)
 	}
-	return fmt.Sprintf(" (the client assertion's aud was the token endpoint, %q: a server that wants its issuer identifier as the audience (FAPI 2.0, zitadel) needs %s)", aud, want)
+	return fmt.Sprintf(" (the client assertion's aud was the token endpoint, %q: a server that wants its issuer identifier as the audience (FAPI 2.0, zitadel) needs %s)", httpclient.Endpoint(aud), want)
 }
 
 // parse checks a successful response of the token endpoint of ep and

@@ -264,19 +264,16 @@ func (p *Pendings) open(ctx context.Context, read func(context.Context, string, 
 	return rec, nil
 }
 
-// takeFrom is take for a record that a browser binds: the record is read
-// first and consumed only when browser is the one it was started with
-// (or it was started without one); otherwise the record stays and the
-// error is errWrongBrowser.
-func (p *Pendings) takeFrom(ctx context.Context, kind, secret string, browser Browser) (Pending, error) {
+// getFrom is get for a record that a browser binds: errWrongBrowser (with
+// the record) when browser is not the one it was started with (a record
+// started without one is anyone's), else the errors of get. The record
+// stays stored: the caller takes it once it goes on.
+func (p *Pendings) getFrom(ctx context.Context, kind, secret string, browser Browser) (Pending, error) {
 	rec, err := p.get(ctx, kind, secret)
 	if err == nil && rec.Browser != "" && subtle.ConstantTimeCompare([]byte(rec.Browser), []byte(browser.hash())) != 1 {
 		return rec, errWrongBrowser
 	}
-	if err != nil && !errors.Is(err, errExpired) {
-		return rec, err
-	}
-	return p.take(ctx, kind, secret)
+	return rec, err
 }
 
 var (

@@ -24,40 +24,68 @@ type Challenge struct {
 // of header that has an error parameter, with the error_description of
 // the same challenge. The fields are read as RFC 9110 §11.6.1 lets a
 // server write them: one field may hold several challenges, separated by
-// commas; a parameter's name is matched in any letter case; its value is
-// a token or a quoted-string (commas, "=" and quoted-pairs inside it are
-// part of the value), with optional white space around "=". Of a
-// parameter given twice in one challenge, the first counts. A value
-// without a quoted-pair is a part of the field: reading allocates nothing
-// then.
+// commas; a new challenge starts at a word without "=" at the start of
+// a field, after a comma, or before the challenge's first parameter (a
+// word after a parameter and white space, as in algs=ES256 PS256, counts
+// for nothing); a token68 ("/", "+" and a trailing "=" in it) is one
+// word. A parameter's name is matched in any letter case; its value is a
+// token or token68 or a quoted-string (commas, "=" and quoted-pairs
+// inside it are part of the value), with optional white space around
+// "=". Of a parameter given twice in one challenge, the first counts. A
+// value without a quoted-pair is a part of the field: reading allocates
+// nothing then.
 func Errors(header http.Header) iter.Seq[Challenge] {
 	return func(yield func(Challenge) bool) {
 		for _, field := range header["Www-Authenticate"] { // by its canonical key: Values canonicalizes the key it is given
 			var c Challenge
 			hasError, hasDescription := false, false
+			hasParam, afterComma := false, false // a parameter read in c; a comma since the last item
 			for s := field; s != ""; {
-				var name string
-				if name, s = cutToken(s); name == "" {
-					s = s[1:] // a comma, white space, or what no token holds
+				switch s[0] {
+				case ',':
+					afterComma = true
+					s = s[1:]
+					continue
+				case ' ', '\t':
+					s = s[1:]
 					continue
 				}
-				rest := strings.TrimLeft(s, " \t")
-				if !strings.HasPrefix(rest, "=") {
-					// A name without "=" starts a challenge (or is its token68).
-					if hasError && !yield(c) {
-						return
+				word, rest := cutWord(s)
+				if word == "" || !endsItem(rest) {
+					// Not a lone word: a parameter, or a name followed by one.
+					var name string
+					if name, s = cutToken(s); name == "" {
+						s = s[1:] // what no token holds
+						afterComma = false
+						continue
 					}
-					c, hasError, hasDescription = Challenge{Scheme: name}, false, false
+					if rest = strings.TrimLeft(s, " \t"); strings.HasPrefix(rest, "=") {
+						var value string
+						value, s = cutParamValue(strings.TrimLeft(rest[1:], " \t"))
+						hasParam, afterComma = true, false
+						switch {
+						case !hasError && strings.EqualFold(name, "error"):
+							c.Error, hasError = value, true
+						case !hasDescription && strings.EqualFold(name, "error_description"):
+							c.Description, hasDescription = value, true
+						}
+						continue
+					}
+					word = name
+				}
+				s = rest
+				// A word without "=": a scheme, which starts a challenge, at
+				// the start or after a comma, or before any parameter (a
+				// token68 is read as one too); after a parameter without a
+				// comma between, a word of an unquoted value (algs=ES256
+				// PS256), which counts for nothing.
+				if hasParam && !afterComma {
 					continue
 				}
-				var value string
-				value, s = cutParamValue(strings.TrimLeft(rest[1:], " \t"))
-				switch {
-				case !hasError && strings.EqualFold(name, "error"):
-					c.Error, hasError = value, true
-				case !hasDescription && strings.EqualFold(name, "error_description"):
-					c.Description, hasDescription = value, true
+				if hasError && !yield(c) {
+					return
 				}
+				c, hasError, hasDescription, hasParam, afterComma = Challenge{Scheme: word}, false, false, false, false
 			}
 			if hasError && !yield(c) {
 				return
@@ -88,18 +116,44 @@ func Error(header http.Header, schemes ...string) (Challenge, bool) {
 // none, and the rest of s.
 func cutToken(s string) (token, rest string) {
 	i := 0
-	for i < len(s) && (s[i] >= 'a' && s[i] <= 'z' || s[i] >= 'A' && s[i] <= 'Z' || s[i] >= '0' && s[i] <= '9' ||
-		strings.IndexByte("!#$%&'*+-.^_`|~", s[i]) >= 0) {
+	for i < len(s) && isTokenChar(s[i]) {
 		i++
 	}
 	return s[:i], s[i:]
+}
+
+// isTokenChar reports whether b is a tchar (RFC 9110 §5.6.2).
+func isTokenChar(b byte) bool {
+	return b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z' || b >= '0' && b <= '9' ||
+		strings.IndexByte("!#$%&'*+-.^_`|~", b) >= 0
+}
+
+// cutWord returns the word s starts with, "" when none, and the rest of
+// s: a token (RFC 9110 §5.6.2) or a token68 (RFC 9110 §11.2), that is a
+// run of token characters and "/", then any "=".
+func cutWord(s string) (word, rest string) {
+	i := 0
+	for i < len(s) && (isTokenChar(s[i]) || s[i] == '/') {
+		i++
+	}
+	for i > 0 && i < len(s) && s[i] == '=' {
+		i++
+	}
+	return s[:i], s[i:]
+}
+
+// endsItem reports whether s, after optional white space, is empty or
+// starts with the comma that ends a list item.
+func endsItem(s string) bool {
+	s = strings.TrimLeft(s, " \t")
+	return s == "" || s[0] == ','
 }
 
 // cutParamValue returns the parameter value s starts with, a token or a
 // quoted-string (RFC 9110 §5.6.4, unquoted), and the rest of s.
 func cutParamValue(s string) (value, rest string) {
 	if !strings.HasPrefix(s, `"`) {
-		return cutToken(s)
+		return cutWord(s)
 	}
 	// A value without a quoted-pair is a part of s; one with a quoted-pair
 	// is copied into b from its first backslash on.

@@ -36,6 +36,10 @@ func TestError(t *testing.T) {
 		{"the first error of a challenge", []string{`Bearer error="a", error="b"`}, nil, Challenge{"Bearer", "a", ""}, true},
 		{"a description without an error", []string{`Basic realm="x", error_description="bad"`}, nil, Challenge{}, false},
 		{"after a token68", []string{`Basic dXNlcjpwYXNz==, Bearer error="invalid_token"`}, nil, Challenge{"Bearer", "invalid_token", ""}, true},
+		{"after a token68 with / and +", []string{`Basic dX/Nl+cj==, Bearer error="invalid_token"`}, nil, Challenge{"Bearer", "invalid_token", ""}, true},
+		{"an unquoted value of two words", []string{`DPoP algs=ES256 PS256, error="use_dpop_nonce"`}, nil, Challenge{"DPoP", "use_dpop_nonce", ""}, true},
+		{"an unquoted value with a slash", []string{`Bearer realm=a.com/x, error="invalid_token"`}, nil, Challenge{"Bearer", "invalid_token", ""}, true},
+		{"a scheme after a comma", []string{`Basic realm=x, Bearer error="invalid_token"`}, nil, Challenge{"Bearer", "invalid_token", ""}, true},
 		{"no challenge", nil, nil, Challenge{}, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -58,6 +62,8 @@ func TestCutParamValue(t *testing.T) {
 		{`"invalid_token", realm="x"`, "invalid_token", `, realm="x"`},
 		{`""`, "", ""},
 		{`"a \"b\" c\\", d`, `a "b" c\`, ", d"},
+		{`a.com/x, error=y`, "a.com/x", ", error=y"},
+		{`bm9uY2U=, b`, "bm9uY2U=", ", b"},
 		{`"ends early`, "ends early", ""},
 		{`"ends \"early`, `ends "early`, ""},
 		{`"ends on \`, `ends on \`, ""},

@@ -257,6 +257,17 @@ func Host(s string) string {
 	return s
 }
 
+// Endpoint returns scheme://host/path of a URL, for messages: without
+// user info, query or fragment, which may carry credentials or tenant
+// ids; "" when s is not a URL with a host.
+func Endpoint(s string) string {
+	u, err := url.Parse(s)
+	if err != nil || u.Host == "" {
+		return ""
+	}
+	return (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path, RawPath: u.RawPath}).String()
+}
+
 // RedactURLError drops the URL (and so any query) from a *url.Error: a
 // token API's URL can carry an organisation id or a query that has no
 // place in a log line that already names the merchant and the host.

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"html"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -369,7 +370,8 @@ func TestPostsLink(t *testing.T) {
 // TestRetryCallbackPage: a callback whose state was kept while the bank
 // could not be reached shows its own page, in every language: 503, and
 // a reload of this page in a moment as what to do (not a new consent
-// link). A set of templates with a file per page and no page.html, made
+// link), and that the consent can be recorded for a short while only (a
+// FAPI 2.0 code lives 60 seconds at most), not minutes. A set of templates with a file per page and no page.html, made
 // before this page existed, still loads: the page takes unavailable.html.
 func TestRetryCallbackPage(t *testing.T) {
 	if got := ForOutcome(oauth.ReasonRetryCallback); got != PageRetryCallback {
@@ -379,17 +381,22 @@ func TestRetryCallbackPage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for lang, want := range map[string]string{
-		"en": "Please reload this page in a moment.",
-		"de": "Bitte laden Sie diese Seite gleich noch einmal.",
-		"fr": "Veuillez recharger cette page dans un instant.",
+	for lang, want := range map[string][]string{
+		"en": {"Please reload this page in a moment.", "can still be recorded for a short while."},
+		"de": {"Bitte laden Sie diese Seite gleich neu.", "Noch ist nichts verloren: Die Einwilligung", "kann noch kurze Zeit gespeichert werden."},
+		"fr": {"Veuillez recharger cette page dans un instant.", "peut encore être enregistré pendant un court moment."},
 	} {
 		w := httptest.NewRecorder()
 		r.Render(w, lang, Page{Name: PageRetryCallback, Bank: "Example Bank", Outcome: oauth.ReasonRetryCallback})
-		body := w.Body.String()
-		if w.Code != http.StatusServiceUnavailable || !strings.Contains(body, want) || !strings.Contains(body, "Example Bank") ||
+		body := html.UnescapeString(w.Body.String())
+		if w.Code != http.StatusServiceUnavailable || !strings.Contains(body, "Example Bank") ||
 			strings.Contains(body, languages[lang].pages[PageUnavailable].next) {
-			t.Errorf("%s: %d, want 503 and %q:\n%s", lang, w.Code, want, body)
+			t.Errorf("%s: %d, want 503:\n%s", lang, w.Code, body)
+		}
+		for _, s := range want {
+			if !strings.Contains(body, s) {
+				t.Errorf("%s: the page does not say %q:\n%s", lang, s, body)
+			}
 		}
 	}
 

@@ -203,14 +203,18 @@ func TestCallbackSiteNeedsHTTPS(t *testing.T) {
 // TestCallbackAsksForAReload: a callback that reaches an instance that
 // cannot discover the bank's endpoints now gets the retry_callback page
 // (503, Retry-After, "reload this page"), its state kept; the browser's
-// reload of the same URL, once the bank answers, stores the consent.
+// reload of the same URL, once the bank answers, stores the consent. A
+// callback with a state that is no consent's gets the unknown_state page
+// meanwhile, without asking the bank.
 func TestCallbackAsksForAReload(t *testing.T) {
 	ctx := context.Background()
 	var down atomic.Bool
+	var discoveries atomic.Int64
 	mux := http.NewServeMux()
 	bank := httptest.NewServer(mux)
 	t.Cleanup(bank.Close)
 	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
+		discoveries.Add(1)
 		if down.Load() {
 			http.Error(w, "maintenance", http.StatusServiceUnavailable)
 			return
@@ -249,6 +253,11 @@ func TestCallbackAsksForAReload(t *testing.T) {
 	cb := "https://cb.partner.example/consent/callback?" + url.Values{"state": {auth.Query().Get("state")}, "code": {"code-1"}}.Encode()
 
 	down.Store(true)
+	before := discoveries.Load()
+	w = second.get("https://cb.partner.example/consent/callback?state=garbage&code=c", cookies...)
+	if w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), oauth.ReasonUnknownState) || discoveries.Load() != before {
+		t.Errorf("callback with a garbage state: %d, %d discoveries; want 400, the unknown_state page and none:\n%s", w.Code, discoveries.Load()-before, w.Body)
+	}
 	w = second.get(cb, cookies...)
 	if w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") != strconv.Itoa(int(oauth.DiscoveryRetry/time.Second)) ||
 		!strings.Contains(w.Body.String(), "Please reload this page in a moment.") || !strings.Contains(w.Body.String(), oauth.ReasonRetryCallback) {
