@@ -190,8 +190,9 @@ func (s *Store) Save(ctx context.Context, key string, rt broker.Secret) error {
 // Lock implements oauth.Store with the fleet locks of key: one under the
 // name each of this node's keys gives it (lockSubjects), taken in order.
 // During a rolling key rotation nodes name a key after different current
-// keys, but any two of them share a key, hence a lock: refreshes of a
-// merchant stay serialised across the fleet. It waits for each lock (woken
+// keys, but nodes one step apart in the rotation (README, "Rotating the
+// encryption key") share a key, hence a lock: refreshes of a merchant
+// stay serialised across the fleet. It waits for each lock (woken
 // by the holder's announcement, or at the lock's expiry if the holder
 // died) until this node holds them all, or ctx is done.
 func (s *Store) Lock(ctx context.Context, key string) (func(), error) {

@@ -698,7 +698,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 		// reloaded once the provider answers again, completes the
 		// consent while its code is valid.
 		if ep, epErr = a.authEndpoints(ctx); epErr != nil && !permanent(epErr) {
-			return Result{}, a.fail(ReasonRetryCallback, "", fmt.Errorf("%w; the authorization state is kept: the callback, reloaded, completes the consent once the provider answers", epErr))
+			return Result{}, a.fail(ReasonRetryCallback, rec.Merchant, fmt.Errorf("%w; the authorization state is kept: the callback, reloaded, completes the consent once the provider answers", epErr))
 		}
 	}
 	if err == nil || errors.Is(err, errExpired) {

@@ -312,8 +312,8 @@ func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc 
 }
 
 // unavailable reports whether an answer's status says that the server
-// failed or is busy (429, 5xx): a discovery to try again, not a wrong
-// issuer.
+// failed or is busy (429, 5xx): a call to try again (a discovery, not a
+// wrong issuer; a token request cut short, not a malformed answer).
 func unavailable(status int) bool {
 	return status == http.StatusTooManyRequests || status >= 500
 }

@@ -26,7 +26,7 @@ import (
 // says. what names the endpoint in errors ("PAR endpoint"); they name its
 // host, never its URL. A failure to send the request or to read its answer
 // is a *transportError, except a 429 or 5xx answer whose body could not
-// be read: that is returned with an empty body (see cutAnswerKeepsStatus).
+// be read: that is returned with an empty body (see unavailable).
 // An answer whose body is over MaxResponseBytes, of any status, is a
 // *broker.APIError broker.CodeTooLarge of the answer's status and
 // Retry-After (its cause a *httpclient.TooLargeError).
@@ -63,9 +63,12 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 	defer resp.Body.Close()
 	body, tooLarge, err := httpclient.ReadBody(resp.Body)
 	switch {
-	case err != nil && cutAnswerKeepsStatus(resp.StatusCode):
-		// Classified by its status and Retry-After: a body cut short
-		// is left out.
+	case err != nil && unavailable(resp.StatusCode):
+		// A 429 or a 5xx cut short is still that status, with its
+		// Retry-After: its classification needs no error code. Any other
+		// answer is classified by its error code (invalid_grant,
+		// invalid_client, use_dpop_nonce), which a cut body lost: it is a
+		// transport failure.
 	case err != nil:
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: reading the response: %w", what, host, err)}
 	case tooLarge:
@@ -75,15 +78,6 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 		return nil, nil, nil, ae
 	}
 	return resp, body, secrets, nil
-}
-
-// cutAnswerKeepsStatus reports whether an answer of status whose body was
-// cut short is still that status, with its Retry-After: a 429 or a 5xx,
-// whose classification needs no error code. Any other answer is
-// classified by its error code (invalid_grant, invalid_client,
-// use_dpop_nonce), which a cut body lost: it is a transport failure.
-func cutAnswerKeepsStatus(status int) bool {
-	return status == http.StatusTooManyRequests || status >= 500
 }
 
 // transportError is a postForm request that was not sent or whose answer

@@ -12,8 +12,8 @@ import (
 
 // loadTemplates parses the .html files of dir together and returns the
 // template of each page: <page>.html, else page.html; for
-// PageRetryCallback, else unavailable.html (a set of templates made
-// before that page existed, with a file per page, still loads).
+// PageRetryCallback, else unavailable.html (a set with a file per page
+// and no retry_callback.html shows that page with unavailable.html).
 func loadTemplates(dir string) (map[string]*template.Template, error) {
 	files, err := filepath.Glob(filepath.Join(dir, "*.html"))
 	if err != nil {
