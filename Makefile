@@ -179,7 +179,8 @@ clean:
 # The linters, as go tools (go.mod), run by `make test`: staticcheck reports
 # nothing; deadcode finds no function that even the tests do not reach, and
 # no product function that only tests reach (outside the test-support
-# packages of DEADCODE_TEST_SUPPORT). Every step runs and says what it
+# packages of DEADCODE_TEST_SUPPORT); no product package imports unsafe or
+# runtime/debug. Every step runs and says what it
 # checks; any finding fails the target.
 DEADCODE_TEST_SUPPORT := integration/optest integration/redistest integration/jwttest integration/configtest integration/clocktest integration/dpopas integration/dpoprs internal/dpop/dpoptest broker/brokertest
 lint:
@@ -193,6 +194,9 @@ lint:
 	if ! out=$$($(GO) tool deadcode ./...); then fail=1; \
 	else rest=$$(printf '%s\n' "$$out" | grep -v -E '^($(subst $(eval) ,|,$(DEADCODE_TEST_SUPPORT)))/' || true); \
 	if [ -n "$$rest" ]; then echo "$$rest"; echo "lint: FAIL deadcode: product code only tests reach: move it into the tests or use it"; fail=1; fi; fi; \
+	echo "lint: product packages (broker, config, module, internal) import neither unsafe nor runtime/debug"; \
+	out=$$($(GO) list -f '{{.ImportPath}}: {{join .Imports " "}}' ./broker/... ./config/... ./module/... ./internal/... | grep -E ' (unsafe|runtime/debug)( |$$)' || true); \
+	if [ -n "$$out" ]; then echo "$$out"; echo "lint: FAIL: a product package imports unsafe or runtime/debug: a plugin must not depend on the runtime's layout or change the collector"; fail=1; fi; \
 	if [ $$fail = 0 ]; then echo "lint: ok"; else exit 1; fi
 
 # The end-to-end comparison as separate processes (integration/bench): the
