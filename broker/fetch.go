@@ -199,8 +199,7 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 			be.notCalled = true // refused by the breaker: record made be for this fetch
 		}
 	}
-	fo := b.Observer
-	if fo == nil || calls == 0 {
+	if b.Observer == nil || calls == 0 {
 		return tok, calls, last, err
 	}
 	f.Err = err
@@ -209,7 +208,7 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 	}
 	return tok, calls, func() {
 		last()
-		fo.FetchDone(ctx, b, f)
+		b.Observer.FetchDone(ctx, b, f)
 	}, err
 }
 
@@ -256,8 +255,8 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 			return true, nil
 		}
 		ok, wait, halfOpen, probe, cause := br.pol.allow(b, now)
-		if halfOpen && obs != nil {
-			obs.BreakerChanged(b.SourceID, BreakerHalfOpen)
+		if halfOpen {
+			breakerChanged(obs, b.SourceID, BreakerHalfOpen)()
 		}
 		if ok {
 			return probe, nil
@@ -340,8 +339,8 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 			// Told with the call, once its outcome is remembered: a
 			// probe that closes the breaker and starts the source's
 			// backoff (a 429) is seen as one change.
-			if from != to && obs != nil {
-				obs.BreakerChanged(b.SourceID, to)
+			if from != to {
+				breakerChanged(obs, b.SourceID, to)()
 			}
 			if obs != nil {
 				obs.Fetched(ctx, b, tok, elapsed, background, err)

@@ -87,7 +87,8 @@ func clientUser(client redis.UniversalClient) string {
 // checkCommands runs each command the tier's client sends once, with no
 // effect: on a key (probe:<node>:acl) and a stream (probe:<node>:log) that
 // do not exist, which it creates neither (SET ... XX, XADD ... NOMKSTREAM),
-// a script that touches no key, and a PUBLISH on a channel nobody
+// a GET of rate:<key_prefix>probe:<node>:acl (the budgets' keys, on the
+// same client, are under rate:<key_prefix>), a script that touches no key, and a PUBLISH on a channel nobody
 // subscribes to (<key_prefix>probe). Redis checks the user's ACL before it
 // runs a command, so a refused command is refused all the same. The
 // commands the broker's ACL user may not run (an answer NOPERM naming the
@@ -115,6 +116,7 @@ func (c *Cache) checkCommands(subscribed error) {
 		p.SetArgs(ctx, probe, "1", redis.SetArgs{Mode: "XX", TTL: BreakerCooldown})
 		p.Get(ctx, probe)
 		p.GetRange(ctx, probe, 0, 0)
+		p.Get(ctx, "rate:"+probe) // the budgets' range (broker/budgets)
 		p.PTTL(ctx, probe)
 		p.PExpire(ctx, probe, BreakerCooldown)
 		p.Del(ctx, probe)
@@ -150,8 +152,9 @@ func (c *Cache) checkCommands(subscribed error) {
 			zap.String("redis_user", user), zap.Strings("missing_commands", missing))
 	}
 	if keysRefused {
-		c.opts.Logger.Error("redis user "+user+" may not use keys under the prefix "+c.opts.KeyPrefix+
-			": the shared tier cannot store tokens nor refresh tokens; grant them: ACL SETUSER "+user+" ~"+c.opts.KeyPrefix+"*",
+		c.opts.Logger.Error("redis user "+user+" may not use keys under the prefix "+c.opts.KeyPrefix+" or rate:"+c.opts.KeyPrefix+
+			": the shared tier cannot store tokens nor refresh tokens, or the budgets' scripts are refused; grant them: ACL SETUSER "+
+			user+" ~"+c.opts.KeyPrefix+"* ~rate:"+c.opts.KeyPrefix+"*",
 			zap.String("redis_user", user))
 	}
 }

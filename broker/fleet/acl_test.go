@@ -103,6 +103,8 @@ func TestEvictingPolicyIsLogged(t *testing.T) {
 // or ACL WHOAMI, is not reported as missing a command, nor a user whose
 // channels are only the fleet's (the check's PUBLISH, on another channel,
 // is refused for its channel); a user with every command is not reported.
+// A user refused the budgets' keys (rate:<key_prefix>*) is told to grant
+// them with the prefix's.
 // Whatever the user may run, the check leaves no key in Redis.
 func TestMissingCommandsAreLoggedAtStart(t *testing.T) {
 	r := startRedis(t)
@@ -122,6 +124,7 @@ func TestMissingCommandsAreLoggedAtStart(t *testing.T) {
 		{name: "no subscribe", rules: []string{"+@all", "-subscribe"}, missing: []string{"subscribe"}},
 		{name: "no acl whoami", rules: []string{"+@all", "-acl", "-evalsha"}, missing: []string{"evalsha"}},
 		{name: "other keys only", rules: []string{"+@all", "resetkeys", "~other:*"}, keys: true},
+		{name: "the prefix's keys only, not the budgets'", rules: []string{"+@all", "resetkeys", "~" + DefaultKeyPrefix + "*"}, keys: true},
 		{name: "the fleet's channel only", rules: []string{"+@all", "resetchannels", "&" + DefaultKeyPrefix + "events"}},
 		{name: "the fleet's channel only, no publish", rules: []string{"+@all", "resetchannels", "&" + DefaultKeyPrefix + "events", "-publish"},
 			missing: []string{"publish"}},
@@ -133,7 +136,7 @@ func TestMissingCommandsAreLoggedAtStart(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			user := strings.ReplaceAll(tc.name, " ", "-")
-			r.CLI(append([]string{"ACL", "SETUSER", user, "reset", "on", ">broker-password-1", "~" + DefaultKeyPrefix + "*", "&" + DefaultKeyPrefix + "*"}, tc.rules...)...)
+			r.CLI(append([]string{"ACL", "SETUSER", user, "reset", "on", ">broker-password-1", "~" + DefaultKeyPrefix + "*", "~rate:" + DefaultKeyPrefix + "*", "&" + DefaultKeyPrefix + "*"}, tc.rules...)...)
 			core, logs := observer.New(zap.WarnLevel)
 			uo := &redis.UniversalOptions{Addrs: []string{r.Addr()}, Username: user, Password: "broker-password-1"}
 			ClientOptions(uo, 5*time.Second, 5*time.Second)
@@ -178,8 +181,8 @@ func TestMissingCommandsAreLoggedAtStart(t *testing.T) {
 			if tc.keys != (len(keyLogs) == 1) || len(keyLogs) > 1 {
 				t.Errorf("logs of refused keys: %v; want one: %v", keyLogs, tc.keys)
 			}
-			if tc.keys && !strings.Contains(keyLogs[0].Message, "ACL SETUSER "+user+" ~"+DefaultKeyPrefix+"*") {
-				t.Errorf("log %q; want the grant of the prefix's keys", keyLogs[0].Message)
+			if tc.keys && len(keyLogs) == 1 && !strings.Contains(keyLogs[0].Message, "ACL SETUSER "+user+" ~"+DefaultKeyPrefix+"* ~rate:"+DefaultKeyPrefix+"*") {
+				t.Errorf("log %q; want the grant of the prefix's keys and the budgets'", keyLogs[0].Message)
 			}
 			if left, err := r.Client().Keys(testCtx(t), "*").Result(); err != nil || len(left) > 0 {
 				t.Errorf("keys in Redis after the check: %v (%v); want none", left, err)

@@ -750,30 +750,37 @@ func TestRefreshTokenLockAcrossKeyRotation(t *testing.T) {
 			b := newNode(t, r, testKeys(t, tc.keysB[0], tc.keysB[1:]...), plain).Store()
 			ctx := testCtx(t)
 			for _, order := range []struct{ holder, waiter *Store }{{a, b}, {b, a}} {
-				unlock, err := order.holder.Lock(ctx, "bank/m1")
-				if err != nil {
-					t.Fatal(err)
-				}
-				short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-				_, err = order.waiter.Lock(short, "bank/m1")
-				cancel()
-				if !errors.Is(err, context.DeadlineExceeded) {
-					t.Fatalf("a second node took the refresh-token lock while the first held it (err %v): two refreshes could spend one rotating refresh token", err)
-				}
-				got := make(chan error, 1)
-				go func() {
-					unlockW, err := order.waiter.Lock(ctx, "bank/m1")
-					if err == nil {
-						unlockW()
-					}
-					got <- err
-				}()
-				unlock()
-				if err := <-got; err != nil {
-					t.Fatalf("Lock after the holder unlocked: %v", err)
-				}
+				requireLocksExclude(t, ctx, order.holder, order.waiter, "bank/m1")
 			}
 		})
+	}
+}
+
+// requireLocksExclude fails t unless waiter's Lock of key waits while
+// holder holds it, and takes it once holder unlocks.
+func requireLocksExclude(t *testing.T, ctx context.Context, holder, waiter *Store, key string) {
+	t.Helper()
+	unlock, err := holder.Lock(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	_, err = waiter.Lock(short, key)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a second node took the refresh-token lock while the first held it (err %v): two refreshes could spend one rotating refresh token", err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		unlockW, err := waiter.Lock(ctx, key)
+		if err == nil {
+			unlockW()
+		}
+		got <- err
+	}()
+	unlock()
+	if err := <-got; err != nil {
+		t.Fatalf("Lock after the holder unlocked: %v", err)
 	}
 }
 
@@ -802,28 +809,7 @@ func TestRefreshTokenStore(t *testing.T) {
 		t.Fatalf("Load of a moved value = %v; want ErrRefreshTokenSealed", err)
 	}
 
-	unlock, err := sa.Lock(ctx, "bank/m1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-	_, err = sb.Lock(short, "bank/m1")
-	cancel()
-	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("b locked while a holds the lock: %v", err)
-	}
-	got := make(chan error, 1)
-	go func() {
-		unlockB, err := sb.Lock(ctx, "bank/m1")
-		if err == nil {
-			unlockB()
-		}
-		got <- err
-	}()
-	unlock()
-	if err := <-got; err != nil {
-		t.Fatalf("b Lock after a unlocked: %v", err)
-	}
+	requireLocksExclude(t, ctx, sa, sb, "bank/m1")
 
 	// Alternating refreshes from two nodes, many goroutines each: one at a
 	// time, and every refresh sees the previous one's token.

@@ -61,6 +61,9 @@ type Source struct {
 	cfg  Config
 	base *url.URL
 	auth string
+	// listURL is the organisations list's URL (base + OrganisationsPath,
+	// escaped), without its query.
+	listURL url.URL
 }
 
 // New returns a Nuapay source.
@@ -90,7 +93,9 @@ func New(cfg Config) (*Source, error) {
 	// Basic base64("<API_KEY>:"): the empty password and its colon matter.
 	r := &http.Request{Header: http.Header{}}
 	r.SetBasicAuth(cfg.APIKey.Reveal(), "")
-	return &Source{cfg: cfg, base: u, auth: r.Header.Get("Authorization")}, nil
+	s := &Source{cfg: cfg, base: u, auth: r.Header.Get("Authorization")}
+	s.listURL = s.at((&url.URL{Path: cfg.OrganisationsPath}).EscapedPath())
+	return s, nil
 }
 
 // Type names the source type.
@@ -414,7 +419,7 @@ func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit fun
 	count := 0
 	size := listPageSize
 	for page := 1; ; page++ {
-		u := s.at((&url.URL{Path: s.cfg.OrganisationsPath}).EscapedPath())
+		u := s.listURL
 		u.RawQuery = url.Values{"pagenumber": {fmt.Sprint(page)}, "pagesize": {fmt.Sprint(size)}}.Encode()
 		status, body, err := s.call(ctx, http.MethodGet, u.String(), nil)
 		var ae *broker.APIError
