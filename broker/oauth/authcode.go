@@ -823,7 +823,7 @@ func (a *AuthCode) claimLink(ctx context.Context, rec Pending) (Pending, error) 
 // save), so that the merchant can start it again while it is valid. It
 // returns ce, with a note when the link cannot be put back.
 func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *ConsentError) *ConsentError {
-	if rec.Link == "" || link.Provider == "" || !a.pend.Now().Before(link.Expires) {
+	if link.Provider == "" || !a.pend.Now().Before(link.Expires) { // no link claimed, or expired
 		return ce
 	}
 	if err := a.pend.putUntil(ctx, kindLink, rec.Link, link, link.Expires.Add(linkKept)); err != nil {
