@@ -554,7 +554,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 		if ep.par == "" {
 			return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, errors.New("PAR is on but the provider has no pushed_authorization_request_endpoint: set par_url"))
 		}
-		uri, err := a.push(ctx, ep.par, ep.dpopAlgs, params)
+		uri, err := a.push(ctx, ep.par, ep.dpop, params)
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.StatusCode >= 400 && ae.StatusCode < 500 && ae.StatusCode != http.StatusTooManyRequests {
 			ce := a.fail(ReasonProviderError, rec.Merchant, fmt.Errorf("%w; %s", err, a.providerHint(ae.Code, true)))

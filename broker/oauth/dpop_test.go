@@ -486,7 +486,7 @@ func TestDPoPNonceRetryNeedsNewNonce(t *testing.T) {
 					if endpoint == "token" {
 						_, err = brokerToken(t, cc, broker.Request{})
 					} else {
-						_, err = flow.push(context.Background(), srv.URL+"/par", nil, url.Values{"state": {"s"}})
+						_, err = flow.push(context.Background(), srv.URL+"/par", cfg.DPoP, url.Values{"state": {"s"}})
 					}
 					var ae *broker.APIError
 					if !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" {
