@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -71,21 +70,9 @@ func TestAnswersOverTheLimit(t *testing.T) {
 		return src.Revoke(context.Background(), "at-1", "access_token")
 	}
 	par := func(srv *httptest.Server) error {
-		src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, ReturnURLs: []string{"https://app.partner.example/consent/"}, PAR: true},
-			&Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
-		if err != nil {
-			t.Fatal(err)
-		}
-		link, err := flow.NewLink(context.Background(), "acme", "https://app.partner.example/consent/done", "")
-		if err != nil {
-			t.Fatal(err)
-		}
-		u, _ := url.Parse(link.URL)
-		_, _, err = flow.Start(context.Background(), u.Query().Get("link"), u.Host)
+		_, flow := newFlow(t, Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{},
+			AuthCodeConfig{RedirectURIs: []string{callbackURL}, PAR: true}, &Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
+		_, _, err := startLink(t, flow, "acme")
 		return err
 	}
 	for _, tc := range []struct {
