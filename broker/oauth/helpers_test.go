@@ -190,11 +190,7 @@ func brokerToken(t *testing.T, src broker.Source, req broker.Request) (broker.To
 	t.Helper()
 	br := broker.New(broker.Options{MaxAttempts: 1})
 	defer br.Close()
-	e, _, err := br.Get(context.Background(), brokertest.NewBinding("bank#1", src, req))
-	if err != nil {
-		return broker.Token{}, err
-	}
-	return e.Token(), nil
+	return brokertest.Token(context.Background(), br, brokertest.NewBinding("bank#1", src, req))
 }
 
 // newFlow builds the refresh-token source of cfg over store and its
