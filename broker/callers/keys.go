@@ -262,9 +262,7 @@ func (k *keySet) fetch(ctx context.Context) ([]jose.JSONWebKey, error) {
 		return nil, fmt.Errorf("fetching the caller issuer's key set: %w", err)
 	}
 	defer resp.Body.Close()
-	// At most httpclient.MaxResponseBytes: through the policy's client
-	// (httpclient.LimitBody) a larger body fails the read with a
-	// *httpclient.TooLargeError, through another ReadBody says so.
+	// At most httpclient.MaxResponseBytes.
 	body, tooLarge, err := httpclient.ReadBody(resp.Body)
 	if tooLarge {
 		err = &httpclient.TooLargeError{Host: req.URL.Host, Status: resp.StatusCode}

@@ -95,7 +95,7 @@ func TestPurgeReachesFetchInFlight(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 
-			old, err := token(ctx, a, ba)
+			old, err := brokertest.Token(ctx, a, ba)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -106,7 +106,7 @@ func TestPurgeReachesFetchInFlight(t *testing.T) {
 			}
 			got := make(chan result, 1)
 			go func() {
-				tok, err := token(ctx, b, bb)
+				tok, err := brokertest.Token(ctx, b, bb)
 				got <- result{tok, err}
 			}()
 			<-pb.fetched // B has read the token from Redis
@@ -133,7 +133,7 @@ func TestPurgeReachesFetchInFlight(t *testing.T) {
 					t.Fatalf("B caches the purged token %s", old.Fingerprint())
 				}
 			}
-			if tok, err := token(ctx, b, bb); err != nil || tok.Value == old.Value {
+			if tok, err := brokertest.Token(ctx, b, bb); err != nil || tok.Value == old.Value {
 				t.Fatalf("B serves the purged token (err %v)", err)
 			}
 			if n := src.n.Load(); n != 2 {
@@ -187,7 +187,7 @@ func TestPurgerDoesNotAdoptItsPurgedToken(t *testing.T) {
 			ba, other := brokertest.NewBinding("nuapay", src, req), brokertest.NewBinding("nuapay", src, req)
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			old, err := token(ctx, a, ba)
+			old, err := brokertest.Token(ctx, a, ba)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -197,7 +197,7 @@ func TestPurgerDoesNotAdoptItsPurgedToken(t *testing.T) {
 				tt.purge(a, ba, old)
 			}()
 			<-pa.purging // dropped from memory, still in Redis
-			tok, err := token(ctx, a, other)
+			tok, err := brokertest.Token(ctx, a, other)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -211,18 +211,9 @@ func TestPurgerDoesNotAdoptItsPurgedToken(t *testing.T) {
 					t.Fatalf("the node caches the token it purged")
 				}
 			}
-			if tok, err := token(ctx, a, ba); err != nil || tok.Value == old.Value {
+			if tok, err := brokertest.Token(ctx, a, ba); err != nil || tok.Value == old.Value {
 				t.Fatalf("the node serves the token it purged (err %v)", err)
 			}
 		})
 	}
-}
-
-// token returns br's token for b (the token of Get's entry).
-func token(ctx context.Context, br *broker.Broker, b *broker.Binding) (broker.Token, error) {
-	e, _, err := br.Get(ctx, b)
-	if err != nil {
-		return broker.Token{}, err
-	}
-	return e.Token(), nil
 }

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -108,12 +107,7 @@ func TestAssertionAudience(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				link, err := flow.NewLink(ctx, "acme", "", "")
-				if err != nil {
-					t.Fatal(err)
-				}
-				u, _ := url.Parse(link.URL)
-				if _, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host); err != nil {
+				if _, _, err := startLink(t, flow, "acme"); err != nil {
 					t.Fatalf("Start: %v", err)
 				}
 			}

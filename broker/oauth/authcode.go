@@ -554,7 +554,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 		if ep.par == "" {
 			return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, errors.New("PAR is on but the provider has no pushed_authorization_request_endpoint: set par_url"))
 		}
-		uri, err := a.push(ctx, ep.par, ep.dpopAlgs, params)
+		uri, err := a.push(ctx, ep.par, ep.dpop, params)
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.StatusCode >= 400 && ae.StatusCode < 500 && ae.StatusCode != http.StatusTooManyRequests {
 			ce := a.fail(ReasonProviderError, rec.Merchant, fmt.Errorf("%w; %s", err, a.providerHint(ae.Code, true)))
@@ -823,7 +823,7 @@ func (a *AuthCode) claimLink(ctx context.Context, rec Pending) (Pending, error) 
 // save), so that the merchant can start it again while it is valid. It
 // returns ce, with a note when the link cannot be put back.
 func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *ConsentError) *ConsentError {
-	if rec.Link == "" || link.Provider == "" || !a.pend.Now().Before(link.Expires) {
+	if link.Provider == "" || !a.pend.Now().Before(link.Expires) { // no link claimed, or expired
 		return ce
 	}
 	if err := a.pend.putUntil(ctx, kindLink, rec.Link, link, link.Expires.Add(linkKept)); err != nil {

@@ -420,11 +420,7 @@ func TestConsentLinkStartedTwice(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
-			link, err := f.flow.NewLink(ctx, "acme", "", "")
-			if err != nil {
-				t.Fatal(err)
-			}
-			id := mustLinkID(t, link)
+			id := newLinkID(t, f.flow, "acme")
 			browser := NewBrowser() // both tabs share the browser's cookie
 			var authURLs []string
 			for range 2 {
@@ -509,11 +505,7 @@ func TestConsentLinkBackAfterFailedCallback(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
-			link, err := f.flow.NewLink(ctx, "acme", "", "")
-			if err != nil {
-				t.Fatal(err)
-			}
-			id := mustLinkID(t, link)
+			id := newLinkID(t, f.flow, "acme")
 			authURL, _, err := f.flow.Start(ctx, id, host)
 			if err != nil {
 				t.Fatal(err)
@@ -552,11 +544,7 @@ func TestConsentLinkClaimedOnce(t *testing.T) {
 	ctx := context.Background()
 	const host, n = "cb.partner.example", 6
 	f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
-	link, err := f.flow.NewLink(ctx, "acme", "", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := mustLinkID(t, link)
+	id := newLinkID(t, f.flow, "acme")
 	var callbacks []url.Values
 	for range n {
 		authURL, _, err := f.flow.Start(ctx, id, host)
@@ -584,16 +572,6 @@ func TestConsentLinkClaimedOnce(t *testing.T) {
 	if ok != 1 || f.op.Count("authorization_code") != 1 || f.store.Saves() != 1 {
 		t.Errorf("%d callbacks succeeded, %d codes exchanged, %d refresh tokens saved; want 1 each", ok, f.op.Count("authorization_code"), f.store.Saves())
 	}
-}
-
-// mustLinkID is the link id of a consent link's URL.
-func mustLinkID(t *testing.T, link Link) string {
-	t.Helper()
-	u, err := url.Parse(link.URL)
-	if err != nil || u.Query().Get("link") == "" {
-		t.Fatalf("consent link %v: %v", link, err)
-	}
-	return u.Query().Get("link")
 }
 
 // TestConsentAgainAfterInvalidGrant: once the server refuses the refresh
@@ -761,7 +739,7 @@ func TestCallbackKeepsTheConsentWhenTheBrowserLeaves(t *testing.T) {
 					return next.RoundTrip(r)
 				})
 			}
-			authURL, host := startConsent(t, f, "acme")
+			authURL, host := startConsent(t, f.flow, "acme")
 			_, err := f.flow.Callback(ctx, host, approve(t, f.op, authURL))
 			if !left.Load() {
 				t.Fatalf("the browser never left %s", tc.name)
@@ -783,7 +761,7 @@ func TestCallbackKeepsTheConsentWhenTheBrowserLeaves(t *testing.T) {
 func TestIssWithoutConfiguredIssuer(t *testing.T) {
 	ctx := context.Background()
 	flow, _ := newLimitFlow(t, newClock(), LinkLimits{})
-	authURL, host := startConsent(t, &consentFixture{flow: flow}, "acme")
+	authURL, host := startConsent(t, flow, "acme")
 	au, _ := url.Parse(authURL)
 	state := au.Query().Get("state")
 	_, err := flow.Callback(ctx, host, url.Values{"state": {state}, "code": {"c1"}, "iss": {"https://bank.example"}})
@@ -833,7 +811,7 @@ func TestUnrequestedIDTokenIgnored(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	authURL, host := startConsent(t, &consentFixture{flow: flow}, "acme")
+	authURL, host := startConsent(t, flow, "acme")
 	au, _ := url.Parse(authURL)
 	state := au.Query().Get("state")
 	res, err := flow.Callback(ctx, host, url.Values{"state": {state}, "code": {"c1"}})
@@ -865,7 +843,7 @@ func TestFormEncodedCodeExchangeWithoutIDToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	authURL, host := startConsent(t, &consentFixture{flow: flow}, "acme")
+	authURL, host := startConsent(t, flow, "acme")
 	au, _ := url.Parse(authURL)
 	if _, err := flow.Callback(ctx, host, url.Values{"state": {au.Query().Get("state")}, "code": {"c1"}}); err != nil {
 		t.Fatalf("Callback = %v, want the consent stored", err)
@@ -923,7 +901,7 @@ func TestIDTokenRefusals(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			authURL, host := startConsent(t, &consentFixture{flow: flow}, "acme")
+			authURL, host := startConsent(t, flow, "acme")
 			au, _ := url.Parse(authURL)
 			_, err = flow.Callback(ctx, host, url.Values{"state": {au.Query().Get("state")}, "code": {"c1"}})
 			var ce *ConsentError

@@ -13,20 +13,15 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
-// startConsent opens a consent link of f for merchant and returns the
+// startConsent opens a consent link of flow for merchant and returns the
 // authorization URL and the callback host.
-func startConsent(t *testing.T, f *consentFixture, merchant string) (string, string) {
+func startConsent(t *testing.T, flow *AuthCode, merchant string) (string, string) {
 	t.Helper()
-	link, err := f.flow.NewLink(context.Background(), merchant, "", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	u, _ := url.Parse(link.URL)
-	authURL, _, err := f.flow.Start(context.Background(), u.Query().Get("link"), u.Host)
+	authURL, host, err := startLink(t, flow, merchant)
 	if err != nil {
 		t.Fatalf("Start: %v", err)
 	}
-	return authURL, u.Host
+	return authURL, host
 }
 
 // withConsentConfig rebuilds f's flow with cfg's request parameters.
@@ -161,7 +156,7 @@ func TestAuthCodeProviderErrors(t *testing.T) {
 	for _, tc := range rows {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false, func(c *optest.Client) { c.RequirePAR = tc.requirePAR })
-			authURL, host := startConsent(t, f, "acme")
+			authURL, host := startConsent(t, f.flow, "acme")
 			back, err := f.op.Authorize(authURL, !tc.deny)
 			if err != nil {
 				t.Fatal(err)

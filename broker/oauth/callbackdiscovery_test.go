@@ -80,21 +80,9 @@ func TestCallbackLeavesTheStateWhenDiscoveryFails(t *testing.T) {
 			})
 			clock := newClock()
 			store := &MemoryStore{}
-			src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue, Now: clock.Now}, store)
-			if err != nil {
-				t.Fatal(err)
-			}
-			flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"accounts"}}, &Pendings{Store: &MemoryPendingStore{}})
-			if err != nil {
-				t.Fatal(err)
-			}
+			src, flow := newFlow(t, Config{Name: "bank", Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue, Now: clock.Now}, store, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"accounts"}})
 			ctx := context.Background()
-			link, err := flow.NewLink(ctx, "acme", "", "")
-			if err != nil {
-				t.Fatal(err)
-			}
-			u, _ := url.Parse(link.URL)
-			authURL, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+			authURL, host, err := startLink(t, flow, "acme")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -107,7 +95,7 @@ func TestCallbackLeavesTheStateWhenDiscoveryFails(t *testing.T) {
 			if tc.broken == nil {
 				cancel() // the discovery is held: the callback returns on its context
 			}
-			res, err := flow.Callback(callbackCtx, u.Host, q)
+			res, err := flow.Callback(callbackCtx, host, q)
 			cancel()
 			release()
 			var ce *ConsentError
@@ -120,7 +108,7 @@ func TestCallbackLeavesTheStateWhenDiscoveryFails(t *testing.T) {
 
 			broken.Store(false)
 			clock.Add(DiscoveryRetry) // the consent flow discovers again DiscoveryRetry after a failure
-			res, err = flow.Callback(ctx, u.Host, q)
+			res, err = flow.Callback(ctx, host, q)
 			if !tc.kept {
 				if !errors.As(err, &ce) || ce.Reason != ReasonUnknownState || exchanged.Load() != 0 {
 					t.Errorf("the same callback again = %v (%d exchanges), want %s: the state was spent", err, exchanged.Load(), ReasonUnknownState)
@@ -172,28 +160,16 @@ func TestCallbackRefusesAStateBeforeDiscovery(t *testing.T) {
 			}))
 			t.Cleanup(srv.Close)
 			srvURL = srv.URL
-			src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, &MemoryStore{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"accounts"}}, &Pendings{Store: &MemoryPendingStore{}})
-			if err != nil {
-				t.Fatal(err)
-			}
+			src, flow := newFlow(t, Config{Name: "bank", Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, &MemoryStore{}, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"accounts"}})
 			ctx := context.Background()
-			link, err := flow.NewLink(ctx, "acme", "", "")
-			if err != nil {
-				t.Fatal(err)
-			}
-			u, _ := url.Parse(link.URL)
-			authURL, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host, NewBrowser())
+			authURL, host, err := startLink(t, flow, "acme", NewBrowser())
 			if err != nil {
 				t.Fatal(err)
 			}
 			a, _ := url.Parse(authURL)
 			src.ep.invalidate() // the endpoints are to be discovered again, and discovery now fails
 
-			_, err = flow.Callback(ctx, u.Host, tc.query(a.Query().Get("state")))
+			_, err = flow.Callback(ctx, host, tc.query(a.Query().Get("state")))
 			var ce *ConsentError
 			if !errors.As(err, &ce) || ce.Reason != tc.reason {
 				t.Errorf("Callback = %v, want %s", err, tc.reason)
@@ -230,21 +206,9 @@ func TestCallbackDiscoveryRetryCountsFromTheFailure(t *testing.T) {
 	}))
 	t.Cleanup(srv.Close)
 	srvURL = srv.URL
-	src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue, Now: clock.Now}, &MemoryStore{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"accounts"}}, &Pendings{Store: &MemoryPendingStore{}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	src, flow := newFlow(t, Config{Name: "bank", Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue, Now: clock.Now}, &MemoryStore{}, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"accounts"}})
 	ctx := context.Background()
-	link, err := flow.NewLink(ctx, "acme", "", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	u, _ := url.Parse(link.URL)
-	authURL, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+	authURL, host, err := startLink(t, flow, "acme")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -261,7 +225,7 @@ func TestCallbackDiscoveryRetryCountsFromTheFailure(t *testing.T) {
 		{time.Second, 2},
 	} {
 		clock.Add(step.wait)
-		_, err := flow.Callback(ctx, u.Host, q)
+		_, err := flow.Callback(ctx, host, q)
 		var ce *ConsentError
 		if !errors.As(err, &ce) || ce.Reason != ReasonRetryCallback {
 			t.Errorf("callback %d = %v, want %s", i, err, ReasonRetryCallback)

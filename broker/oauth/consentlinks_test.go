@@ -184,18 +184,14 @@ func TestLinkStartsBounded(t *testing.T) {
 	ctx := context.Background()
 	clock := newClock()
 	flow, store := newLimitFlow(t, clock, LinkLimits{})
-	link, err := flow.NewLink(ctx, "acme", "", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := mustLinkID(t, link)
+	id := newLinkID(t, flow, "acme")
 	for i := range MaxStartsPerLink {
 		if _, _, err := flow.Start(ctx, id, "cb.partner.example"); err != nil {
 			t.Fatalf("start %d: %v", i+1, err)
 		}
 	}
 	before := stored(store)
-	_, _, err = flow.Start(ctx, id, "cb.partner.example")
+	_, _, err := flow.Start(ctx, id, "cb.partner.example")
 	var ce *ConsentError
 	if !errors.As(err, &ce) || ce.Reason != ReasonTooManyStarts || ce.Merchant != "acme" || !strings.Contains(err.Error(), "times at this instance,") {
 		t.Fatalf("start %d = %v, want too_many_starts at this instance", MaxStartsPerLink+1, err)
@@ -221,9 +217,7 @@ func TestLinkStartsBounded(t *testing.T) {
 	for i, row := range rows {
 		clock.Add(row.advance)
 		// The next use of the count drops what has expired.
-		if _, err := flow.starts.local.CountStart(ctx, fmt.Sprint("another link ", i), clock.Now().Add(time.Hour)); err != nil {
-			t.Fatal(err)
-		}
+		flow.starts.local.count(fmt.Sprint("another link ", i), clock.Now().Add(time.Hour))
 		if got := kept(); got != row.kept {
 			t.Errorf("%s: the link's start count kept %v, want %v", row.name, got, row.kept)
 		}

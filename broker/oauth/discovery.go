@@ -15,6 +15,7 @@ import (
 	"github.com/coreos/go-oidc/v3/oidc"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
@@ -46,9 +47,12 @@ type endpoints struct {
 	requirePAR bool
 	// issResponse is authorization_response_iss_parameter_supported.
 	issResponse bool
-	// dpopAlgs are the dpop_signing_alg_values_supported (RFC 9449
-	// §5.1), nil when not discovered.
-	dpopAlgs []string
+	// dpop is the DPoP key as it signs the proofs to the token and PAR
+	// endpoints: the configured key under the name of its algorithm the
+	// server lists in dpop_signing_alg_values_supported (RFC 9449 §5.1,
+	// dpop.Key.ForServer), the configured key as it is when not
+	// discovered; nil without a key.
+	dpop *dpop.Key
 	// verifier checks the ID tokens of the issuer.
 	verifier *oidc.IDTokenVerifier
 }
@@ -88,7 +92,7 @@ type discovery struct {
 func newDiscovery(cfg *Config) *discovery {
 	e := &discovery{cfg: cfg}
 	if cfg.TokenURL != "" {
-		e.cur = &endpoints{Token: cfg.TokenURL, Revocation: cfg.RevocationURL}
+		e.cur = &endpoints{Token: cfg.TokenURL, Revocation: cfg.RevocationURL, dpop: cfg.DPoP}
 	}
 	return e
 }
@@ -207,7 +211,7 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 		}
 	}
 	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods, AssertionAlgs: doc.AssertionAlgs,
-		auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse, dpopAlgs: doc.DPoPAlgs,
+		auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse, dpop: e.cfg.DPoP.ForServer(doc.DPoPAlgs),
 		verifier: p.Verifier(&oidc.Config{ClientID: e.cfg.ClientID, Now: e.cfg.Now})}
 	// RFC 8705 §5: a client that has a TLS client certificate uses the
 	// mTLS aliases whatever its client authentication, so that its tokens

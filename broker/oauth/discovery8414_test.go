@@ -90,22 +90,10 @@ func TestDiscoveryOfAnOAuthServer(t *testing.T) {
 		t.Fatalf("Token from the RFC 8414 token endpoint = %v", err)
 	}
 
-	src, err := NewRefreshToken(Config{Name: "bank", Issuer: issuer, ClientID: "c", ClientSecret: secretValue}, &MemoryStore{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"accounts"}}, &Pendings{Store: &MemoryPendingStore{}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, flow := newFlow(t, Config{Name: "bank", Issuer: issuer, ClientID: "c", ClientSecret: secretValue}, &MemoryStore{}, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"accounts"}})
 	start := func() url.Values {
 		t.Helper()
-		link, err := flow.NewLink(ctx, "acme", "", "")
-		if err != nil {
-			t.Fatal(err)
-		}
-		u, _ := url.Parse(link.URL)
-		authURL, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+		authURL, _, err := startLink(t, flow, "acme")
 		if err != nil {
 			t.Fatalf("Start: %v", err)
 		}

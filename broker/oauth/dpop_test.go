@@ -279,23 +279,10 @@ func TestDPoPRefreshAndConsent(t *testing.T) {
 			cfg := Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue,
 				AuthMethod: ClientSecretPost, DPoP: key}
 			store := &savingStore{}
-			src, err := NewRefreshToken(cfg, store)
-			if err != nil {
-				t.Fatal(err)
-			}
-			pend := &Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now}
-			flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"offline_access"},
-				AuthorizationURL: as.srv.URL + "/authorize", PARURL: as.srv.URL + "/par", PAR: par}, pend)
-			if err != nil {
-				t.Fatal(err)
-			}
+			src, flow := newFlow(t, cfg, store, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"offline_access"},
+				AuthorizationURL: as.srv.URL + "/authorize", PARURL: as.srv.URL + "/par", PAR: par}, &Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
 			ctx := context.Background()
-			link, err := flow.NewLink(ctx, "m1", "", "")
-			if err != nil {
-				t.Fatal(err)
-			}
-			u, _ := url.Parse(link.URL)
-			authURL, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+			authURL, host, err := startLink(t, flow, "m1")
 			if err != nil {
 				t.Fatalf("Start: %v", err)
 			}
@@ -303,7 +290,7 @@ func TestDPoPRefreshAndConsent(t *testing.T) {
 			if jkt != key.Thumbprint() {
 				t.Fatalf("the authorization request's dpop_jkt is %q, want %s", jkt, key.Thumbprint())
 			}
-			if _, err := flow.Callback(ctx, u.Host, q); err != nil {
+			if _, err := flow.Callback(ctx, host, q); err != nil {
 				t.Fatalf("Callback: %v", err)
 			}
 			for i := range 2 {
@@ -486,7 +473,7 @@ func TestDPoPNonceRetryNeedsNewNonce(t *testing.T) {
 					if endpoint == "token" {
 						_, err = brokerToken(t, cc, broker.Request{})
 					} else {
-						_, err = flow.push(context.Background(), srv.URL+"/par", nil, url.Values{"state": {"s"}})
+						_, err = flow.push(context.Background(), srv.URL+"/par", cfg.DPoP, url.Values{"state": {"s"}})
 					}
 					var ae *broker.APIError
 					if !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" {

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -101,10 +100,6 @@ func TestDPoPEd25519Name(t *testing.T) {
 				cfg.TokenURL = srv.URL + "/token"
 				consent.AuthorizationURL, consent.PARURL = srv.URL+"/authorize", srv.URL+"/par"
 			}
-			src, err := NewRefreshToken(cfg, &MemoryStore{})
-			if err != nil {
-				t.Fatal(err)
-			}
 			cc, err := NewClientCredentials(cfg)
 			if err != nil {
 				t.Fatal(err)
@@ -112,16 +107,8 @@ func TestDPoPEd25519Name(t *testing.T) {
 			if tok, err := cc.Token(context.Background(), broker.Request{Merchant: "m1"}); err != nil || tok.Type != broker.DPoPType {
 				t.Fatalf("token type %q, err %v", tok.Type, err)
 			}
-			flow, err := NewAuthCode(src, consent, &Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
-			if err != nil {
-				t.Fatal(err)
-			}
-			link, err := flow.NewLink(context.Background(), "m1", "", "")
-			if err != nil {
-				t.Fatal(err)
-			}
-			u, _ := url.Parse(link.URL)
-			if _, _, err := flow.Start(context.Background(), u.Query().Get("link"), u.Host); err != nil {
+			_, flow := newFlow(t, cfg, &MemoryStore{}, consent, &Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
+			if _, _, err := startLink(t, flow, "m1"); err != nil {
 				t.Fatalf("Start: %v", err)
 			}
 			mu.Lock()

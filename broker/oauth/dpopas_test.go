@@ -109,8 +109,8 @@ func TestDPoPClientCredentialsAgainstOIDCProvider(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if want := cmp.Or(map[string]string{dpop.Ed25519: dpop.EdDSA}[tc.alg], tc.alg); src.dpopKey(ep.dpopAlgs).Alg() != want {
-				t.Errorf("proofs signed as %s (the server lists %q), want %s", src.dpopKey(ep.dpopAlgs).Alg(), ep.dpopAlgs, want)
+			if want := cmp.Or(map[string]string{dpop.Ed25519: dpop.EdDSA}[tc.alg], tc.alg); ep.dpop.Alg() != want {
+				t.Errorf("proofs signed as %s, want %s", ep.dpop.Alg(), want)
 			}
 			sent.n.Store(0)
 			for i := range 2 {
@@ -145,21 +145,9 @@ func TestDPoPConsentAgainstOIDCProvider(t *testing.T) {
 	} {
 		t.Run(tc.client, func(t *testing.T) {
 			ctx := context.Background()
-			src, err := NewRefreshToken(Config{Name: "bank", Issuer: as.Issuer, ClientID: tc.client, ClientSecret: secretValue, DPoP: tc.key}, &savingStore{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			pend := &Pendings{Store: &MemoryPendingStore{}}
-			flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, PAR: tc.client == "consent-par"}, pend)
-			if err != nil {
-				t.Fatal(err)
-			}
-			link, err := flow.NewLink(ctx, "m1", "", "")
-			if err != nil {
-				t.Fatal(err)
-			}
-			u, _ := url.Parse(link.URL)
-			authURL, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+			src, flow := newFlow(t, Config{Name: "bank", Issuer: as.Issuer, ClientID: tc.client, ClientSecret: secretValue, DPoP: tc.key}, &savingStore{},
+				AuthCodeConfig{RedirectURIs: []string{callbackURL}, PAR: tc.client == "consent-par"})
+			authURL, host, err := startLink(t, flow, "m1")
 			if err != nil {
 				t.Fatalf("Start: %v", err)
 			}
@@ -171,7 +159,7 @@ func TestDPoPConsentAgainstOIDCProvider(t *testing.T) {
 				t.Fatalf("the provider requires PAR, the authorization URL has no request_uri: %s", au.Redacted())
 			}
 			code, state := as.Approve(t, &http.Client{Timeout: 10 * time.Second}, authURL)
-			if _, err := flow.Callback(ctx, u.Host, url.Values{"code": {code}, "state": {state}, "iss": {as.Issuer}}); err != nil {
+			if _, err := flow.Callback(ctx, host, url.Values{"code": {code}, "state": {state}, "iss": {as.Issuer}}); err != nil {
 				t.Fatalf("Callback: %v", err)
 			}
 			for i := range 2 {
@@ -190,30 +178,17 @@ func TestDPoPConsentAgainstOIDCProvider(t *testing.T) {
 func TestDPoPWrongKeyCodeRefused(t *testing.T) {
 	as := dpopas.Start(t, dpopas.Options{Clients: []dpopas.Client{{ID: "consent", Secret: secretValue, RedirectURIs: []string{callbackURL}}}})
 	ctx := context.Background()
-	mk := func(key *dpop.Key) (*AuthCode, *RefreshToken) {
-		src, err := NewRefreshToken(Config{Name: "bank", Issuer: as.Issuer, ClientID: "consent", ClientSecret: secretValue, DPoP: key}, &savingStore{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}}, &Pendings{Store: &MemoryPendingStore{}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return flow, src
+	mk := func(key *dpop.Key) (*RefreshToken, *AuthCode) {
+		return newFlow(t, Config{Name: "bank", Issuer: as.Issuer, ClientID: "consent", ClientSecret: secretValue, DPoP: key}, &savingStore{}, AuthCodeConfig{RedirectURIs: []string{callbackURL}})
 	}
-	flow, _ := mk(dpopKeyOf(t, dpop.EdDSA))
-	link, err := flow.NewLink(ctx, "m1", "", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	u, _ := url.Parse(link.URL)
-	authURL, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+	_, flow := mk(dpopKeyOf(t, dpop.EdDSA))
+	authURL, _, err := startLink(t, flow, "m1")
 	if err != nil {
 		t.Fatal(err)
 	}
 	code, _ := as.Approve(t, &http.Client{Timeout: 10 * time.Second}, authURL)
 	// Another key redeems the code, as a thief holding the code would.
-	_, other := mk(dpopKeyOf(t, dpop.ES256))
+	other, _ := mk(dpopKeyOf(t, dpop.ES256))
 	grant := url.Values{"grant_type": {"authorization_code"}, "code": {code}, "redirect_uri": {callbackURL}}
 	_, _, err = other.exchange(ctx, broker.Request{Merchant: "m1"}, grant, code)
 	if err == nil {

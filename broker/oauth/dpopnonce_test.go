@@ -1,10 +1,8 @@
 package oauth
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"net/url"
 	"strings"
 	"testing"
 
@@ -70,21 +68,10 @@ func TestDPoPNonceSizes(t *testing.T) {
 
 			// The consent's PAR request, whose challenge is answered
 			// by the flow itself (nonceRetried).
-			rt, err := NewRefreshToken(Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue, DPoP: key}, &MemoryStore{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			flow, err := NewAuthCode(rt, AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"offline_access"}, AuthorizationURL: as.srv.URL + "/authorize", PARURL: as.srv.URL + "/par", PAR: true},
+			_, flow := newFlow(t, Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue, DPoP: key}, &MemoryStore{},
+				AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"offline_access"}, AuthorizationURL: as.srv.URL + "/authorize", PARURL: as.srv.URL + "/par", PAR: true},
 				&Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
-			if err != nil {
-				t.Fatal(err)
-			}
-			link, err := flow.NewLink(context.Background(), "m1", "", "")
-			if err != nil {
-				t.Fatal(err)
-			}
-			u, _ := url.Parse(link.URL)
-			_, _, err = flow.Start(context.Background(), u.Query().Get("link"), u.Host)
+			_, _, err = startLink(t, flow, "m1")
 			if err == nil {
 				t.Fatal("Start succeeded")
 			}

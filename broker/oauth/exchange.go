@@ -43,23 +43,16 @@ func newCore(cfg Config) (*core, error) {
 // with the transport it has when the request is sent (one set after the
 // source was built, such as a rate budget's observer, applies), behind
 // dpop.Transport with a DPoP key (a proof on each request; the key
-// remembers the server's nonce). algs are the server's
-// dpop_signing_alg_values_supported, nil when not discovered: the proofs
-// carry the name of the key's algorithm the server lists (dpopKey).
-func (c *core) tokenClient(algs []string) *http.Client {
-	if c.cfg.DPoP == nil {
+// remembers the server's nonce) when k, the DPoP key as it signs the
+// proofs to the server (endpoints.dpop), is not nil.
+func (c *core) tokenClient(k *dpop.Key) *http.Client {
+	if k == nil {
 		return c.cfg.Client
 	}
 	tc := *c.cfg.Client
-	tc.Transport = dpop.Transport(tc.Transport, c.dpopKey(algs))
+	tc.Transport = dpop.Transport(tc.Transport, k)
 	return &tc
 }
-
-// dpopKey returns the DPoP key as it signs the proofs to an authorization
-// server that lists algs as its dpop_signing_alg_values_supported: an
-// Ed25519 key under the name the server lists (dpop.Key.ForServer), the
-// configured name when it lists none; nil without a key.
-func (c *core) dpopKey(algs []string) *dpop.Key { return c.cfg.DPoP.ForServer(algs) }
 
 // Type names the source type for the broker's errors and metrics.
 func (*core) Type() string { return ProviderName }
@@ -209,7 +202,7 @@ func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Reque
 		form[k] = v
 	}
 	sent := c.cfg.Now()
-	resp, body, auth, err := c.postForm(httpclient.TokenRequest(ctx), c.tokenClient(ep.dpopAlgs), "oauth2 token endpoint", ep.Token, ep.Token, form)
+	resp, body, auth, err := c.postForm(httpclient.TokenRequest(ctx), c.tokenClient(ep.dpop), "oauth2 token endpoint", ep.Token, ep.Token, form)
 	if err != nil {
 		var te *transportError
 		if errors.As(err, &te) && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
@@ -261,7 +254,7 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 	if ae.StatusCode == http.StatusNotFound {
 		c.ep.invalidate()
 	}
-	if k := c.dpopKey(ep.dpopAlgs); ae.Code == "invalid_dpop_proof" && k != nil {
+	if k := ep.dpop; ae.Code == "invalid_dpop_proof" && k != nil {
 		ae.Description += fmt.Sprintf(" (the proofs are signed with %s by the key %s: check that the provider accepts %s for DPoP, its dpop_signing_alg_values_supported, and that the clocks agree; or give [providers.%s.dpop] a key of an algorithm it accepts)",
 			k.Alg(), k.Thumbprint(), k.Alg(), c.cfg.Name)
 	}
@@ -312,7 +305,7 @@ func (c *core) audienceHint(aud string) string {
 // parse checks a successful response of the token endpoint of ep and
 // computes the token's expiry.
 func (c *core) parse(ep *endpoints, tok *oauth2.Token, req broker.Request, sent time.Time) (broker.Token, error) {
-	typ, err := c.tokenType(tok.TokenType, c.dpopKey(ep.dpopAlgs))
+	typ, err := c.tokenType(tok.TokenType, ep.dpop)
 	if err != nil {
 		return broker.Token{}, err
 	}
@@ -334,7 +327,7 @@ func (c *core) parse(ep *endpoints, tok *oauth2.Token, req broker.Request, sent 
 // tokenType checks a response's token_type against what was asked for:
 // DPoP with a DPoP key (RFC 9449 §5: a server that answers Bearer did
 // not bind the token), else Bearer (its absence is read as bearer). k is
-// the DPoP key as it signed the request's proof (dpopKey), nil without
+// the DPoP key as it signed the request's proof (endpoints.dpop), nil without
 // one. It returns the type as the broker caches it.
 func (c *core) tokenType(typ string, k *dpop.Key) (string, error) {
 	shown := scrub.Truncate(typ, scrub.MaxText)

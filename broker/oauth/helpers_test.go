@@ -14,6 +14,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sync"
@@ -189,9 +190,56 @@ func brokerToken(t *testing.T, src broker.Source, req broker.Request) (broker.To
 	t.Helper()
 	br := broker.New(broker.Options{MaxAttempts: 1})
 	defer br.Close()
-	e, _, err := br.Get(context.Background(), brokertest.NewBinding("bank#1", src, req))
+	return brokertest.Token(context.Background(), br, brokertest.NewBinding("bank#1", src, req))
+}
+
+// newFlow builds the refresh-token source of cfg over store and its
+// consent flow of consent, with the pending store of pend (default: a
+// MemoryPendingStore on the wall clock).
+func newFlow(t *testing.T, cfg Config, store Store, consent AuthCodeConfig, pend ...*Pendings) (*RefreshToken, *AuthCode) {
+	t.Helper()
+	src, err := NewRefreshToken(cfg, store)
 	if err != nil {
-		return broker.Token{}, err
+		t.Fatal(err)
 	}
-	return e.Token(), nil
+	p := &Pendings{Store: &MemoryPendingStore{}}
+	if len(pend) > 0 {
+		p = pend[0]
+	}
+	flow, err := NewAuthCode(src, consent, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return src, flow
+}
+
+// newLinkID makes a consent link of flow for merchant and returns its id.
+func newLinkID(t *testing.T, flow *AuthCode, merchant string) string {
+	t.Helper()
+	link, err := flow.NewLink(context.Background(), merchant, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := url.Parse(link.URL)
+	if err != nil || u.Query().Get("link") == "" {
+		t.Fatalf("consent link %v: %v", link, err)
+	}
+	return u.Query().Get("link")
+}
+
+// startLink makes a consent link of flow for merchant and starts it with
+// opts, at the link's host, as the merchant's browser does: it returns
+// the authorization URL, the host (the callback's) and Start's error.
+func startLink(t *testing.T, flow *AuthCode, merchant string, opts ...StepOption) (authURL, host string, err error) {
+	t.Helper()
+	link, err := flow.NewLink(context.Background(), merchant, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := url.Parse(link.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	authURL, _, err = flow.Start(context.Background(), u.Query().Get("link"), u.Host, opts...)
+	return authURL, u.Host, err
 }

@@ -199,16 +199,26 @@ func (l *linkLimiter) used(merchant, key string) {
 // pruneLocked drops, once a minute, the merchants without links whose
 // rate is back to full (they are as if never seen).
 func (l *linkLimiter) pruneLocked(now time.Time) {
-	if now.Sub(l.pruned) < time.Minute {
+	if !pruneDue(&l.pruned, now) {
 		return
 	}
-	l.pruned = now
 	for id, ml := range l.m {
 		ml.links = slices.DeleteFunc(ml.links, func(p pendingLink) bool { return !now.Before(p.expires) })
 		if len(ml.links) == 0 && ml.lim.TokensAt(now) >= float64(l.lim.MerchantPerMinute) {
 			delete(l.m, id)
 		}
 	}
+}
+
+// pruneDue reports whether a minute or more passed since the last prune
+// (*last), and then makes now the last: the cadence of the prunes of
+// linkLimiter and memoryStarts.
+func pruneDue(last *time.Time, now time.Time) bool {
+	if now.Sub(*last) < time.Minute {
+		return false
+	}
+	*last = now
+	return true
 }
 
 // linkStarts applies MaxStartsPerLink: it counts each start at this
@@ -237,7 +247,7 @@ const (
 // until kept, and reports whether it is within MaxStartsPerLink and where
 // it was counted.
 func (s linkStarts) start(ctx context.Context, key string, kept time.Time) (ok bool, where string) {
-	n, _ := s.local.CountStart(ctx, key, kept) // never fails
+	n := s.local.count(key, kept)
 	if n > MaxStartsPerLink || s.shared == nil {
 		return n <= MaxStartsPerLink, startsAtInstance
 	}
@@ -248,7 +258,7 @@ func (s linkStarts) start(ctx context.Context, key string, kept time.Time) (ok b
 	return total <= MaxStartsPerLink, startsInFleet
 }
 
-// memoryStarts is the StartCounter of one instance, in memory. A count
+// memoryStarts counts the starts of links at one instance, in memory. A count
 // whose kept time has passed starts again from zero, and is dropped by
 // the next use a minute or more after the last drop.
 type memoryStarts struct {
@@ -265,13 +275,13 @@ type memoryStart struct {
 	kept time.Time
 }
 
-// CountStart implements StartCounter; it never fails.
-func (s *memoryStarts) CountStart(_ context.Context, key string, kept time.Time) (int64, error) {
+// count adds one start to the count of the link stored under key, kept
+// until kept, and returns the count, this start included.
+func (s *memoryStarts) count(key string, kept time.Time) int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()
-	if now.Sub(s.pruned) >= time.Minute {
-		s.pruned = now
+	if pruneDue(&s.pruned, now) {
 		for k, st := range s.m {
 			if !now.Before(st.kept) {
 				delete(s.m, k)
@@ -288,7 +298,5 @@ func (s *memoryStarts) CountStart(_ context.Context, key string, kept time.Time)
 	st.n++
 	st.kept = kept
 	s.m[key] = st
-	return st.n, nil
+	return st.n
 }
-
-var _ StartCounter = (*memoryStarts)(nil)

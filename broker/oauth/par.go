@@ -6,32 +6,32 @@ import (
 	"net/http"
 	"net/url"
 
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
 // push sends a pushed authorization request (RFC 9126) with params,
-// authenticated as the token requests are, to endpoint, of a server that
-// lists algs as its dpop_signing_alg_values_supported (nil when not
-// discovered), and returns the request_uri. A
+// authenticated as the token requests are and with a proof of the DPoP key
+// k (endpoints.dpop; nil: none), to endpoint, and returns the request_uri. A
 // DPoP nonce challenge with a new nonce is answered with a second request
 // (nonceRetried): the consent's requests go through neither the broker's
 // attempts nor its budget.
-func (a *AuthCode) push(ctx context.Context, endpoint string, algs []string, params url.Values) (string, error) {
+func (a *AuthCode) push(ctx context.Context, endpoint string, k *dpop.Key, params url.Values) (string, error) {
 	return nonceRetried(func() (string, error) {
 		carried := a.src.tokenNonce(endpoint)
-		uri, err := a.pushOnce(ctx, endpoint, algs, params)
+		uri, err := a.pushOnce(ctx, endpoint, k, params)
 		return uri, a.src.nonceChallenged(err, endpoint, carried)
 	})
 }
 
 // pushOnce builds and sends one pushed authorization request (push).
-func (a *AuthCode) pushOnce(ctx context.Context, endpoint string, algs []string, params url.Values) (string, error) {
+func (a *AuthCode) pushOnce(ctx context.Context, endpoint string, k *dpop.Key, params url.Values) (string, error) {
 	form := url.Values{}
 	for k, v := range params {
 		form[k] = v
 	}
 	c := a.src.core
-	resp, body, secrets, err := c.postForm(ctx, c.tokenClient(algs), "PAR endpoint", endpoint, endpoint, form)
+	resp, body, secrets, err := c.postForm(ctx, c.tokenClient(k), "PAR endpoint", endpoint, endpoint, form)
 	if err != nil {
 		return "", err
 	}

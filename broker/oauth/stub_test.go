@@ -891,12 +891,7 @@ func TestConsentErrorsDoNotEchoTheState(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			link, err := flow.NewLink(ctx, "acme", "", "")
-			if err != nil {
-				t.Fatal(err)
-			}
-			u, _ := url.Parse(link.URL)
-			authURL, _, err := flow.Start(ctx, u.Query().Get("link"), u.Host)
+			authURL, host, err := startLink(t, flow, "acme")
 			state, _ := pushedState.Load().(string)
 			if !par {
 				if err != nil {
@@ -904,7 +899,7 @@ func TestConsentErrorsDoNotEchoTheState(t *testing.T) {
 				}
 				au, _ := url.Parse(authURL)
 				state = au.Query().Get("state")
-				_, err = flow.Callback(ctx, u.Host, url.Values{"state": {state}, "error": {"invalid_request"},
+				_, err = flow.Callback(ctx, host, url.Values{"state": {state}, "error": {"invalid_request"},
 					"error_description": {"state " + state + " is not accepted"}})
 			}
 			var ce *ConsentError

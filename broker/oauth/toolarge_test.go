@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -26,11 +25,12 @@ func TestAnswersOverTheLimit(t *testing.T) {
 	big := `{"access_token":"` + strings.Repeat("a", httpclient.MaxResponseBytes) + `","token_type":"Bearer","request_uri":"urn:x"}`
 	limit := fmt.Sprintf("over %d bytes", httpclient.MaxResponseBytes)
 	// answer writes the big body with status at path, and a discovery
-	// document (with a PAR endpoint) at the well-known path.
+	// document (with a PAR endpoint) at the well-known path unless path
+	// is a well-known one (then the other answers 404).
 	answer := func(t *testing.T, path string, status int, header http.Header) *httptest.Server {
 		var srv *httptest.Server
 		srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if r.URL.Path == "/.well-known/openid-configuration" && path != r.URL.Path {
+			if r.URL.Path == "/.well-known/openid-configuration" && !strings.HasPrefix(path, "/.well-known/") {
 				w.Header().Set("Content-Type", "application/json")
 				fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":%q,"token_endpoint":%q,"jwks_uri":%q,"pushed_authorization_request_endpoint":%q}`,
 					srv.URL, srv.URL+"/authorize", srv.URL+"/token", srv.URL+"/jwks", srv.URL+"/par")
@@ -70,21 +70,9 @@ func TestAnswersOverTheLimit(t *testing.T) {
 		return src.Revoke(context.Background(), "at-1", "access_token")
 	}
 	par := func(srv *httptest.Server) error {
-		src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		flow, err := NewAuthCode(src, AuthCodeConfig{RedirectURIs: []string{callbackURL}, ReturnURLs: []string{"https://app.partner.example/consent/"}, PAR: true},
-			&Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
-		if err != nil {
-			t.Fatal(err)
-		}
-		link, err := flow.NewLink(context.Background(), "acme", "https://app.partner.example/consent/done", "")
-		if err != nil {
-			t.Fatal(err)
-		}
-		u, _ := url.Parse(link.URL)
-		_, _, err = flow.Start(context.Background(), u.Query().Get("link"), u.Host)
+		_, flow := newFlow(t, Config{Name: "bank", Issuer: srv.URL, ClientID: "bank-client", ClientSecret: secretValue}, &MemoryStore{},
+			AuthCodeConfig{RedirectURIs: []string{callbackURL}, PAR: true}, &Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
+		_, _, err := startLink(t, flow, "acme")
 		return err
 	}
 	for _, tc := range []struct {
@@ -100,6 +88,8 @@ func TestAnswersOverTheLimit(t *testing.T) {
 		want   []string // in the message
 		// consentCode is the *ConsentError's Code; "" when not checked.
 		consentCode string
+		// permanent: the error is a *DiscoveryError that is not Transient.
+		permanent bool
 	}{
 		{name: "token endpoint 200", path: "/token", status: 200, code: "response_too_large", host: true,
 			call: func(srv *httptest.Server) error { return token(Config{TokenURL: srv.URL + "/token"}) },
@@ -139,6 +129,11 @@ func TestAnswersOverTheLimit(t *testing.T) {
 		{name: "discovery document 503", path: "/.well-known/openid-configuration", status: 503, temp: true, host: true,
 			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
 			want: []string{"oauth2 discovery of issuer", limit, "(status 503)"}},
+		// Metadata over the limit is not a failure the next call may
+		// not meet: the consent callback must not offer a retry.
+		{name: "RFC 8414 metadata", path: "/.well-known/oauth-authorization-server", status: 200, temp: true, host: true, permanent: true,
+			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
+			want: []string{"oauth2 discovery of issuer", limit, "the limit of an answer the token broker reads", "(status 200)"}},
 		{name: "PAR endpoint 201", path: "/par", status: 201, code: "response_too_large", host: true, call: par,
 			want: []string{"PAR endpoint", limit}},
 		// A refusal whose error code was in the body not read: its code
@@ -170,6 +165,9 @@ func TestAnswersOverTheLimit(t *testing.T) {
 				if strings.Contains(msg, bad) {
 					t.Errorf("error %q says %q", msg, bad)
 				}
+			}
+			if de := (*DiscoveryError)(nil); tc.permanent && (!errors.As(err, &de) || de.Transient) {
+				t.Errorf("err %T %v, want a *DiscoveryError that is not Transient", err, err)
 			}
 			if broker.IsTemporary(err) != tc.temp {
 				t.Errorf("temporary %v, want %v: %v", broker.IsTemporary(err), tc.temp, err)

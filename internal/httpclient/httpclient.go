@@ -136,9 +136,14 @@ func HasClientCert(c *http.Client) (has, known bool) {
 }
 
 // ReadBody reads at most MaxResponseBytes of a response body; tooLarge
-// reports a larger one (whose body is then not returned).
+// reports a larger one (whose body is then not returned), also through a
+// client of LimitBody, whose read of a larger body fails with a
+// *TooLargeError.
 func ReadBody(r io.Reader) (body []byte, tooLarge bool, err error) {
 	body, err = io.ReadAll(io.LimitReader(r, MaxResponseBytes+1))
+	if tl := (*TooLargeError)(nil); errors.As(err, &tl) {
+		return nil, true, nil
+	}
 	if err != nil {
 		return nil, false, err
 	}

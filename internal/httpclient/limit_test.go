@@ -54,3 +54,32 @@ func TestLimitBody(t *testing.T) {
 		})
 	}
 }
+
+// TestReadBodyThroughLimitBody: ReadBody reports a body over the limit as
+// tooLarge, without an error, whether it reads it directly or through a
+// client of LimitBody (whose read fails with a *TooLargeError).
+func TestReadBodyThroughLimitBody(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, strings.Repeat("x", MaxResponseBytes+1))
+	}))
+	defer srv.Close()
+	for _, tc := range []struct {
+		name string
+		rt   http.RoundTripper
+	}{
+		{"plain client", http.DefaultTransport},
+		{"LimitBody client", LimitBody(nil)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			resp, err := (&http.Client{Transport: tc.rt}).Get(srv.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			body, tooLarge, err := ReadBody(resp.Body)
+			if !tooLarge || err != nil || body != nil {
+				t.Errorf("ReadBody: %d bytes, tooLarge %v, err %v; want no body, tooLarge, no error", len(body), tooLarge, err)
+			}
+		})
+	}
+}

@@ -371,8 +371,7 @@ func TestPostsLink(t *testing.T) {
 // could not be reached shows its own page, in every language: 503, and
 // a reload of this page in a moment as what to do (not a new consent
 // link), and that the consent can be recorded for a short while only (a
-// FAPI 2.0 code lives 60 seconds at most), not minutes. A set of templates with a file per page and no page.html, made
-// before this page existed, still loads: the page takes unavailable.html.
+// FAPI 2.0 code lives 60 seconds at most), not minutes.
 func TestRetryCallbackPage(t *testing.T) {
 	if got := ForOutcome(oauth.ReasonRetryCallback); got != PageRetryCallback {
 		t.Fatalf("ForOutcome(%s) = %s, want %s", oauth.ReasonRetryCallback, got, PageRetryCallback)
@@ -399,21 +398,39 @@ func TestRetryCallbackPage(t *testing.T) {
 			}
 		}
 	}
+}
 
-	files := map[string]string{}
-	for _, p := range Pages() {
-		if p != PageRetryCallback {
-			files[p+".html"] = `<!doctype html><style nonce="{{.Nonce}}"></style><main>custom ` + p + ` {{.Text.Next}}</main>`
-		}
-	}
-	files[PageStart+".html"] = `<main><form method="post" action="start"><input type="hidden" name="link" value="{{.Link}}"><button>{{.Text.Action}}</button></form></main>`
-	r, err = New(Config{Templates: writeTemplates(t, files)})
-	if err != nil {
-		t.Fatalf("templates without %s.html: %v", PageRetryCallback, err)
-	}
-	w := httptest.NewRecorder()
-	r.Render(w, "en", Page{Name: PageRetryCallback, Outcome: oauth.ReasonRetryCallback})
-	if body := w.Body.String(); !strings.Contains(body, "custom "+PageUnavailable+" Please reload this page in a moment.") || w.Code != http.StatusServiceUnavailable {
-		t.Errorf("%s with the templates of unavailable: %d %s", PageRetryCallback, w.Code, body)
+// TestPagesWithoutTheirTemplate: a set of templates with a file per page
+// and no page.html, made before the retry_callback and cross_site pages
+// existed, still loads: each of them shows with unavailable.html, with
+// its own status and texts.
+func TestPagesWithoutTheirTemplate(t *testing.T) {
+	for _, tc := range []struct {
+		page    string
+		outcome string
+		status  int
+		next    string
+	}{
+		{PageRetryCallback, oauth.ReasonRetryCallback, http.StatusServiceUnavailable, "Please reload this page in a moment."},
+		{PageCrossSite, "cross_site", http.StatusForbidden, "Open the consent link you were given and press its button."},
+	} {
+		t.Run(tc.page, func(t *testing.T) {
+			files := map[string]string{}
+			for _, p := range Pages() {
+				if p != tc.page {
+					files[p+".html"] = `<!doctype html><style nonce="{{.Nonce}}"></style><main>custom ` + p + ` {{.Text.Next}}</main>`
+				}
+			}
+			files[PageStart+".html"] = `<main><form method="post" action="start"><input type="hidden" name="link" value="{{.Link}}"><button>{{.Text.Action}}</button></form></main>`
+			r, err := New(Config{Templates: writeTemplates(t, files)})
+			if err != nil {
+				t.Fatalf("templates without %s.html: %v", tc.page, err)
+			}
+			w := httptest.NewRecorder()
+			r.Render(w, "en", Page{Name: tc.page, Outcome: tc.outcome})
+			if body := w.Body.String(); !strings.Contains(body, "custom "+PageUnavailable+" "+tc.next) || w.Code != tc.status {
+				t.Errorf("%s with the template of unavailable: %d %s, want %d and %q", tc.page, w.Code, body, tc.status, tc.next)
+			}
+		})
 	}
 }

@@ -11,9 +11,9 @@ import (
 )
 
 // loadTemplates parses the .html files of dir together and returns the
-// template of each page: <page>.html, else page.html; for
-// PageRetryCallback, else unavailable.html (a set with a file per page
-// and no retry_callback.html shows that page with unavailable.html).
+// template of each page: <page>.html, else page.html, else the file of
+// the page it falls back to (fallbacks: a set with a file per page made
+// before a page existed shows that page with a file it has).
 func loadTemplates(dir string) (map[string]*template.Template, error) {
 	files, err := filepath.Glob(filepath.Join(dir, "*.html"))
 	if err != nil {
@@ -42,6 +42,13 @@ func loadTemplates(dir string) (map[string]*template.Template, error) {
 		// html/template names the file (its base name) and the line.
 		return nil, fmt.Errorf("templates %s: %w", dir, err)
 	}
+	// fallbacks maps a page to the page whose file shows it in a set
+	// with neither its own file nor page.html: pages added after sets
+	// with a file per page were made.
+	fallbacks := map[string]string{
+		PageRetryCallback: PageUnavailable,
+		PageCrossSite:     PageUnavailable,
+	}
 	out := map[string]*template.Template{}
 	var missing []string
 	for _, p := range Pages() {
@@ -49,8 +56,8 @@ func loadTemplates(dir string) (map[string]*template.Template, error) {
 		if t == nil {
 			t = set.Lookup("page.html")
 		}
-		if t == nil && p == PageRetryCallback {
-			t = set.Lookup(PageUnavailable + ".html")
+		if t == nil && fallbacks[p] != "" {
+			t = set.Lookup(fallbacks[p] + ".html")
 		}
 		if t == nil {
 			missing = append(missing, p+".html")
