@@ -324,6 +324,8 @@ func TestObserve(t *testing.T) {
 		{"x- with seconds", hdr("X-RateLimit-Remaining", "1", "X-RateLimit-Reset", "2.5"), 0.4, 2500 * time.Millisecond},
 		{"x- with a Unix time", hdr("X-RateLimit-Remaining", "4", "X-RateLimit-Reset", "1795435220"), 0.2, 20 * time.Second},
 		{"none left closes", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "30"), 0, 30 * time.Second},
+		{"two policies spent, the later reset closes", hdr("RateLimit", `"a";r=0;t=20, "b";r=0;t=40`), 0, 40 * time.Second},
+		{"two policies spent, the later reset first", hdr("RateLimit", `"b";r=0;t=40, "a";r=0;t=20`), 0, 40 * time.Second},
 		{"absurd reset capped", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "99999999"), 0, MaxHold},
 		{"x- with a Unix time in milliseconds", hdr("X-RateLimit-Remaining", "4", "X-RateLimit-Reset", "1795435220000"), 0.2, 20 * time.Second},
 		{"x- with a Unix time in milliseconds, passed", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "1795435100000"), 10, 0},

@@ -60,7 +60,10 @@ func (b *Budget) Observe(ctx context.Context, h http.Header, now time.Time) {
 	b.loweredUntil = time.Time{}
 	best := qs[0]
 	for _, q := range qs[1:] {
-		if float64(q.remaining)/q.reset.Seconds() < float64(best.remaining)/best.reset.Seconds() {
+		// Of several spent quotas, the one whose reset comes last closes
+		// the budget (the key is refused until then).
+		if float64(q.remaining)/q.reset.Seconds() < float64(best.remaining)/best.reset.Seconds() ||
+			q.remaining == 0 && best.remaining == 0 && q.reset > best.reset {
 			best = q
 		}
 	}
