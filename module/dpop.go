@@ -83,7 +83,7 @@ func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	resp, err := t.HTTPTransport.RoundTrip(sent)
 	if err == nil {
-		_ = d.Observe(sent, resp.Header) // a refused nonce stays on d: outbound.Retry reports it (NonceRefused)
+		d.Observe(sent, resp.Header) // a refused nonce stays on d: outbound.Retry reports it (NonceRefused)
 	}
 	return resp, err
 }

@@ -141,14 +141,12 @@ type Handler struct {
 	// (nil: not limited).
 	refusals *lograte.Limiter[broker.Backoff]
 
-	// nonceChallenged counts a resource server's DPoP nonce challenge
-	// (outbound.Retry.NonceChallenged); made once, in instrument.
-	nonceChallenged func(*broker.Binding)
-
-	// tokens are the broker's tokens as the 401 retry sees them, with the
-	// metrics and logs of rejections (outbound.Retry.Tokens); made once,
-	// in instrument.
-	tokens *outbound.BrokerTokens
+	// retry is the part of the 401 retry that is the same for every
+	// request: the broker's tokens with the metrics and logs of
+	// rejections, the counters of DPoP nonce challenges and refusals,
+	// Incremental and Isolate. Made once, in instrument, so that no
+	// request makes a func value; forward sets Mode and BodyLimit.
+	retry outbound.Retry
 }
 
 // placeholderPrefix starts the names of the placeholders a served request

@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
@@ -84,8 +85,9 @@ func loadCollectors[C collectors](registry *prometheus.Registry, key string, new
 // end of Provision.
 func (h *Handler) instrument(m *telemetry.Metrics) {
 	h.metrics = telemetry.ForRegistry(m, tapOf(h.tracker), h.logger, h.bindings, h.registry, h.broker)
-	h.nonceChallenged = h.metrics.NonceChallenged
-	h.tokens = &outbound.BrokerTokens{Broker: h.broker, Rejections: h.metrics}
+	h.retry = outbound.Retry{Incremental: caddyhttp.IsIncremental, Isolate: isolateVars,
+		Tokens:          &outbound.BrokerTokens{Broker: h.broker, Rejections: h.metrics},
+		NonceChallenged: h.metrics.NonceChallenged, NonceRefused: h.metrics.NonceRefused}
 }
 
 // instrument gives the app the telemetry.Recorder of the bindings no

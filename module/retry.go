@@ -43,8 +43,8 @@ func (h *Handler) outbound() outbound.Contract {
 // that what still finds it there (the handle_errors routes, which Caddy
 // runs with the same variables) sends no credential.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, out outbound.Contract, b *bindings.Binding, e *broker.Entry) error {
-	rt := outbound.Retry{Mode: h.RetryOn401, BodyLimit: h.RetryBodyLimit, Incremental: caddyhttp.IsIncremental,
-		Isolate: isolateVars, Tokens: h.tokens, NonceChallenged: h.nonceChallenged, NonceRefused: h.metrics.NonceRefused}
+	rt := h.retry // its hooks, made once in instrument
+	rt.Mode, rt.BodyLimit = h.RetryOn401, h.RetryBodyLimit
 	if k := b.DPoP; k != nil && outbound.IsDPoP(e.Header()) {
 		d := outbound.NewDPoP(k)
 		defer d.End()

@@ -309,3 +309,31 @@ func TestUnreadableBodyAnsweredJSON(t *testing.T) {
 		})
 	}
 }
+
+// TestForwardAllocations: forwarding a GET on a bearer route allocates
+// once, the first attempt's recorder (outbound.Retry.Forward): the
+// retry's hooks (the tokens, the nonce counters) are made once, in
+// instrument, not for each request.
+func TestForwardAllocations(t *testing.T) {
+	h := dpopHandler(t, false)
+	b := h.bindings.Peek("acme")
+	e, _, err := h.broker.Get(context.Background(), &b.Binding)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := h.outbound()
+	req := httptest.NewRequest("GET", "/accounts", nil)
+	rec := httptest.NewRecorder()
+	ok := caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
+		w.WriteHeader(http.StatusOK)
+		return nil
+	})
+	n := testing.AllocsPerRun(200, func() {
+		if err := h.forward(rec, req, ok, out, b, e); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if n != 1 {
+		t.Errorf("forward allocates %.0f times, want 1 (the first attempt's recorder)", n)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -324,6 +325,8 @@ func TestObserve(t *testing.T) {
 		{"x- with seconds", hdr("X-RateLimit-Remaining", "1", "X-RateLimit-Reset", "2.5"), 0.4, 2500 * time.Millisecond},
 		{"x- with a Unix time", hdr("X-RateLimit-Remaining", "4", "X-RateLimit-Reset", "1795435220"), 0.2, 20 * time.Second},
 		{"none left closes", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "30"), 0, 30 * time.Second},
+		{"two policies spent, the later reset closes", hdr("RateLimit", `"a";r=0;t=20, "b";r=0;t=40`), 0, 40 * time.Second},
+		{"two policies spent, the later reset first", hdr("RateLimit", `"b";r=0;t=40, "a";r=0;t=20`), 0, 40 * time.Second},
 		{"absurd reset capped", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "99999999"), 0, MaxHold},
 		{"x- with a Unix time in milliseconds", hdr("X-RateLimit-Remaining", "4", "X-RateLimit-Reset", "1795435220000"), 0.2, 20 * time.Second},
 		{"x- with a Unix time in milliseconds, passed", hdr("X-RateLimit-Remaining", "0", "X-RateLimit-Reset", "1795435100000"), 10, 0},
@@ -453,6 +456,71 @@ func TestHold(t *testing.T) {
 			}
 			if st := b.State(); !st.LoweredUntil.Equal(want) || (st.Effective == 0) != (tt.want > 0) {
 				t.Errorf("closed until %v (effective %v), want %v", st.LoweredUntil, st.Effective, want)
+			}
+		})
+	}
+}
+
+// countingStore is a Store that counts its Hold calls.
+type countingStore struct {
+	Store
+	holds []time.Duration
+}
+
+func (s *countingStore) Hold(ctx context.Context, key string, d time.Duration) error {
+	s.holds = append(s.holds, d)
+	return s.Store.Hold(ctx, key, d)
+}
+
+// TestHoldWrittenOnce: a 429 with rate-limit headers, which Observe reads
+// and the failure policy then holds (Hold, with the same wait, a moment
+// later), writes one hold to the Store; a closing that ends a second or
+// more after the last hold written writes its own. The budget's own
+// closing ends with the latest one either way.
+func TestHoldWrittenOnce(t *testing.T) {
+	spent := http.Header{"Ratelimit": {`"default";r=0;t=30`}}
+	type step struct {
+		after   time.Duration // from the previous step
+		observe bool          // Observe(spent), else Hold(hold)
+		hold    time.Duration
+	}
+	for _, tt := range []struct {
+		name   string
+		steps  []step
+		writes []time.Duration
+		closed time.Duration // from the start
+	}{
+		{"Observe then Hold at once", []step{{observe: true}, {hold: 30 * time.Second}},
+			[]time.Duration{30 * time.Second}, 30 * time.Second},
+		{"Observe then Hold 5 ms later", []step{{observe: true}, {after: 5 * time.Millisecond, hold: 30 * time.Second}},
+			[]time.Duration{30 * time.Second}, 30*time.Second + 5*time.Millisecond},
+		{"a shorter Hold after", []step{{hold: 30 * time.Second}, {hold: 5 * time.Second}},
+			[]time.Duration{30 * time.Second}, 30 * time.Second},
+		{"a longer Hold after Observe", []step{{observe: true}, {hold: time.Minute}},
+			[]time.Duration{30 * time.Second, time.Minute}, time.Minute},
+		{"holds creeping on: written once a second past the last written", []step{
+			{hold: 30 * time.Second}, {after: 600 * time.Millisecond, hold: 30 * time.Second},
+			{after: 600 * time.Millisecond, hold: 30 * time.Second}},
+			[]time.Duration{30 * time.Second, 30 * time.Second}, 31200 * time.Millisecond},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newClock()
+			start := c.Now()
+			s := &countingStore{Store: NewLocal(c.Now)}
+			b := New("bank", limit(10, 10, time.Second), s, c.Now)
+			for _, st := range tt.steps {
+				c.Add(st.after)
+				if st.observe {
+					b.Observe(context.Background(), spent, c.Now())
+				} else {
+					b.Hold(c.Now(), st.hold)(context.Background())
+				}
+			}
+			if !slices.Equal(s.holds, tt.writes) {
+				t.Errorf("Store holds %v, want %v", s.holds, tt.writes)
+			}
+			if got, want := b.ClosedUntil(), start.Add(tt.closed); !got.Equal(want) {
+				t.Errorf("closed until %v, want %v", got, want)
 			}
 		})
 	}
@@ -840,14 +908,18 @@ func TestObserveNoneLeftClosesAtOnce(t *testing.T) {
 	}
 }
 
-// TestAccount: an account is 16 hex characters, the same for the same
-// credential, different for another, never the credential itself; none
-// for no credential.
+// TestAccount: an account is 16 hex characters, a fixed fingerprint of
+// the credential (the Store keys of every sidecar and every release must
+// agree), different for another credential, never the credential itself;
+// none for no credential.
 func TestAccount(t *testing.T) {
 	const key = "api-key-0123456789abcdef"
+	// The first 8 bytes of SHA-256 of accountLabel and key, in hex,
+	// computed once.
+	const want = "970ab5678dbb9d7a"
 	a := Account(key)
-	if len(a) != 16 || strings.Trim(a, "0123456789abcdef") != "" || strings.Contains(key, a) || a != Account(key) {
-		t.Errorf("Account(key) = %q, want 16 hex characters, the same each time, not from the key", a)
+	if a != want {
+		t.Errorf("Account(key) = %q, want %q", a, want)
 	}
 	for _, other := range []string{"api-key-0123456789abcdeF", key + " ", "client-id"} {
 		if Account(other) == a {

@@ -60,7 +60,10 @@ func (b *Budget) Observe(ctx context.Context, h http.Header, now time.Time) {
 	b.loweredUntil = time.Time{}
 	best := qs[0]
 	for _, q := range qs[1:] {
-		if float64(q.remaining)/q.reset.Seconds() < float64(best.remaining)/best.reset.Seconds() {
+		// Of several spent quotas, the one whose reset comes last closes
+		// the budget (the key is refused until then).
+		if float64(q.remaining)/q.reset.Seconds() < float64(best.remaining)/best.reset.Seconds() ||
+			q.remaining == 0 && best.remaining == 0 && q.reset > best.reset {
 			best = q
 		}
 	}
@@ -260,15 +263,31 @@ func (b *Budget) ClosedUntil() time.Time {
 	return b.closedUntil
 }
 
+// holdResolution is how much later than the last hold written to the
+// Store a closing must end for its own hold to be written: Retry-After
+// and rate-limit resets are given in whole seconds, so a 429 read by
+// Observe and then by the failure policy (Hold, a moment later) asks for
+// the same hold.
+const holdResolution = time.Second
+
 // closeLocked closes the budget for d from now (at most MaxHold), never
 // shortening a closing, and returns the call that holds its key in the
-// Store for as long: make it once b.mu is released.
+// Store for as long: make it once b.mu is released. When now+d ends less
+// than holdResolution after the last hold written, that hold stands for
+// it and the call does nothing (one Store write for a 429 that both
+// Observe and Hold read); the budget's own closing still ends at now+d.
 func (b *Budget) closeLocked(now time.Time, d time.Duration) (store func(ctx context.Context)) {
+	noop := func(context.Context) {}
 	if d <= 0 {
-		return func(context.Context) {}
+		return noop
 	}
 	d = min(d, MaxHold)
-	b.closedUntil = later(b.closedUntil, now.Add(d))
+	end := now.Add(d)
+	b.closedUntil = later(b.closedUntil, end)
+	if end.Before(b.heldUntil.Add(holdResolution)) {
+		return noop
+	}
+	b.heldUntil = end
 	return func(ctx context.Context) { _ = b.store.Hold(ctx, b.name, d) }
 }
 

@@ -59,7 +59,9 @@ func TestKeeper(t *testing.T) {
 	if _, err := shared.Take(context.Background(), budget.Foreground, time.Time{}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if want := Key("nuapay", "https://api.example", budget.Account("key A")); len(cs.keys) != 1 || cs.keys[0] != want {
+	// Key("nuapay", "https://api.example", budget.Account("key A")),
+	// computed once: the key every sidecar of the fleet spends.
+	if want := "nuapay:6c1de24ae402"; len(cs.keys) != 1 || cs.keys[0] != want {
 		t.Errorf("shared store keys %q, want [%q]", cs.keys, want)
 	}
 	if b := budgetOf(spec, cs, "redis B"); b == shared {

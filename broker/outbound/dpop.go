@@ -136,22 +136,18 @@ func (d *DPoP) SignCopy(req *http.Request, now time.Time) (*http.Request, error)
 // origin: a resource server may send a new one with any answer
 // (RFC 9449 §8.2). An ended binding (End) keeps none: its requests left
 // unsigned. A nonce the key refuses (over dpop.MaxNonce bytes, or not a
-// nonce) is not remembered: Observe returns its *dpop.NonceError, which
-// never holds the nonce, and keeps it for the answer: a nonce challenge in
-// that answer is not answered with a retry, its proof could not carry the
-// nonce either; Retry.Forward passes it on and reports the refusal
-// (Retry.NonceRefused).
-func (d *DPoP) Observe(req *http.Request, h http.Header) error {
+// nonce) is not remembered: its *dpop.NonceError, which never holds the
+// nonce, is kept for the answer (and by the key: dpop.Key.RefusedNonce):
+// a nonce challenge in that answer is not answered with a retry, its
+// proof could not carry the nonce either; Retry.Forward passes it on and
+// reports the refusal (Retry.NonceRefused).
+func (d *DPoP) Observe(req *http.Request, h http.Header) {
 	if d.done.Load() {
-		return nil
+		return
 	}
 	var ne *dpop.NonceError
 	if n := h["Dpop-Nonce"]; len(n) > 0 {
 		ne, _ = d.key.SetNonce(dpop.ResourceServer, req.URL, n[0]).(*dpop.NonceError)
 	}
 	d.refused.Store(ne)
-	if ne == nil {
-		return nil
-	}
-	return ne
 }

@@ -107,20 +107,23 @@ func TestDPoPSign(t *testing.T) {
 // TestDPoPObserve: a nonce from any answer is used by the next proof to
 // that upstream origin, not to another one.
 func TestDPoPObserve(t *testing.T) {
-	d := NewDPoP(dpoptest.NewKey(t))
+	k := dpoptest.NewKey(t)
+	d := NewDPoP(k)
 	d.SetToken("DPoP tok", wantATH("tok"))
 	req := httptest.NewRequest("GET", "http://rs.test/a", nil)
 	if err := d.Sign(req, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.Observe(req, http.Header{"Dpop-Nonce": {"fresh"}}); err != nil {
+	d.Observe(req, http.Header{"Dpop-Nonce": {"fresh"}})
+	if err := k.RefusedNonce(dpop.ResourceServer, req.URL); err != nil {
 		t.Fatal(err)
 	}
 	// A nonce over the limit is refused with a *dpop.NonceError that
 	// names the resource server and the size, without the nonce; the
 	// proofs keep the nonce before it.
 	big := strings.Repeat("B", dpop.MaxNonce+1)
-	err := d.Observe(req, http.Header{"Dpop-Nonce": {big}})
+	d.Observe(req, http.Header{"Dpop-Nonce": {big}})
+	err := k.RefusedNonce(dpop.ResourceServer, req.URL)
 	var ne *dpop.NonceError
 	if !errors.As(err, &ne) || ne.Server != dpop.ResourceServer || ne.Origin != "http://rs.test" || ne.Size != len(big) || strings.Contains(err.Error(), "BBBB") {
 		t.Errorf("Observe of a nonce of %d bytes: %v", len(big), err)

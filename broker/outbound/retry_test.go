@@ -197,7 +197,6 @@ func TestRetryForward(t *testing.T) {
 // retried and signed again in every mode ("off" included), and a rejected
 // token is purged and retried with the fresh one.
 func TestRetryDPoP(t *testing.T) {
-	k := dpoptest.NewKey(t)
 	for _, tt := range []struct {
 		name       string
 		mode       string
@@ -247,6 +246,7 @@ func TestRetryDPoP(t *testing.T) {
 			wantSeen: []string{"DPoP tok"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
+			k := dpoptest.NewKey(t) // its own: the key keeps a refusal (RefusedNonce)
 			d := NewDPoP(k)
 			d.SetToken("DPoP tok", wantATH("tok"))
 			up := &upstream{bad: cmp.Or(tt.bad, "none"), scheme: "DPoP", nonce: tt.nonce, nonceValue: tt.nonceValue}
@@ -262,8 +262,9 @@ func TestRetryDPoP(t *testing.T) {
 					}
 				}
 				up.answered = func(r *http.Request, h http.Header) {
-					if err := d.Observe(r, h); (err != nil) != (len(tt.nonceValue) > dpop.MaxNonce) {
-						t.Errorf("Observe: %v", err)
+					d.Observe(r, h)
+					if err := k.RefusedNonce(dpop.ResourceServer, r.URL); (err != nil) != (len(tt.nonceValue) > dpop.MaxNonce) {
+						t.Errorf("Observe: refusal %v", err)
 					}
 				}
 			} else {
