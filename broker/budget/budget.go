@@ -136,7 +136,6 @@ type Budget struct {
 	used, exhausted           uint64
 	waitTotal                 time.Duration
 	cal                       calendar
-	heldUntil                 time.Time // the end of the last hold written to the Store (closeLocked)
 }
 
 // waiter is a caller in the queue; ready is closed when it is the head.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -456,71 +455,6 @@ func TestHold(t *testing.T) {
 			}
 			if st := b.State(); !st.LoweredUntil.Equal(want) || (st.Effective == 0) != (tt.want > 0) {
 				t.Errorf("closed until %v (effective %v), want %v", st.LoweredUntil, st.Effective, want)
-			}
-		})
-	}
-}
-
-// countingStore is a Store that counts its Hold calls.
-type countingStore struct {
-	Store
-	holds []time.Duration
-}
-
-func (s *countingStore) Hold(ctx context.Context, key string, d time.Duration) error {
-	s.holds = append(s.holds, d)
-	return s.Store.Hold(ctx, key, d)
-}
-
-// TestHoldWrittenOnce: a 429 with rate-limit headers, which Observe reads
-// and the failure policy then holds (Hold, with the same wait, a moment
-// later), writes one hold to the Store; a closing that ends a second or
-// more after the last hold written writes its own. The budget's own
-// closing ends with the latest one either way.
-func TestHoldWrittenOnce(t *testing.T) {
-	spent := http.Header{"Ratelimit": {`"default";r=0;t=30`}}
-	type step struct {
-		after   time.Duration // from the previous step
-		observe bool          // Observe(spent), else Hold(hold)
-		hold    time.Duration
-	}
-	for _, tt := range []struct {
-		name   string
-		steps  []step
-		writes []time.Duration
-		closed time.Duration // from the start
-	}{
-		{"Observe then Hold at once", []step{{observe: true}, {hold: 30 * time.Second}},
-			[]time.Duration{30 * time.Second}, 30 * time.Second},
-		{"Observe then Hold 5 ms later", []step{{observe: true}, {after: 5 * time.Millisecond, hold: 30 * time.Second}},
-			[]time.Duration{30 * time.Second}, 30*time.Second + 5*time.Millisecond},
-		{"a shorter Hold after", []step{{hold: 30 * time.Second}, {hold: 5 * time.Second}},
-			[]time.Duration{30 * time.Second}, 30 * time.Second},
-		{"a longer Hold after Observe", []step{{observe: true}, {hold: time.Minute}},
-			[]time.Duration{30 * time.Second, time.Minute}, time.Minute},
-		{"holds creeping on: written once a second past the last written", []step{
-			{hold: 30 * time.Second}, {after: 600 * time.Millisecond, hold: 30 * time.Second},
-			{after: 600 * time.Millisecond, hold: 30 * time.Second}},
-			[]time.Duration{30 * time.Second, 30 * time.Second}, 31200 * time.Millisecond},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			c := newClock()
-			start := c.Now()
-			s := &countingStore{Store: NewLocal(c.Now)}
-			b := New("bank", limit(10, 10, time.Second), s, c.Now)
-			for _, st := range tt.steps {
-				c.Add(st.after)
-				if st.observe {
-					b.Observe(context.Background(), spent, c.Now())
-				} else {
-					b.Hold(c.Now(), st.hold)(context.Background())
-				}
-			}
-			if !slices.Equal(s.holds, tt.writes) {
-				t.Errorf("Store holds %v, want %v", s.holds, tt.writes)
-			}
-			if got, want := b.ClosedUntil(), start.Add(tt.closed); !got.Equal(want) {
-				t.Errorf("closed until %v, want %v", got, want)
 			}
 		})
 	}

@@ -263,31 +263,15 @@ func (b *Budget) ClosedUntil() time.Time {
 	return b.closedUntil
 }
 
-// holdResolution is how much later than the last hold written to the
-// Store a closing must end for its own hold to be written: Retry-After
-// and rate-limit resets are given in whole seconds, so a 429 read by
-// Observe and then by the failure policy (Hold, a moment later) asks for
-// the same hold.
-const holdResolution = time.Second
-
 // closeLocked closes the budget for d from now (at most MaxHold), never
 // shortening a closing, and returns the call that holds its key in the
-// Store for as long: make it once b.mu is released. When now+d ends less
-// than holdResolution after the last hold written, that hold stands for
-// it and the call does nothing (one Store write for a 429 that both
-// Observe and Hold read); the budget's own closing still ends at now+d.
+// Store for as long: make it once b.mu is released.
 func (b *Budget) closeLocked(now time.Time, d time.Duration) (store func(ctx context.Context)) {
-	noop := func(context.Context) {}
 	if d <= 0 {
-		return noop
+		return func(context.Context) {}
 	}
 	d = min(d, MaxHold)
-	end := now.Add(d)
-	b.closedUntil = later(b.closedUntil, end)
-	if end.Before(b.heldUntil.Add(holdResolution)) {
-		return noop
-	}
-	b.heldUntil = end
+	b.closedUntil = later(b.closedUntil, now.Add(d))
 	return func(ctx context.Context) { _ = b.store.Hold(ctx, b.name, d) }
 }
 
