@@ -76,7 +76,7 @@ func (s *countingSource) Token(ctx context.Context, req Request) (Token, error) 
 
 // fetchObserver signals every completed fetch.
 type fetchObserver struct {
-	NopObserver
+	nopObserver
 	fetched chan error
 	mu      sync.Mutex
 	results map[Result]int

@@ -14,7 +14,7 @@ import (
 
 // planLog records what an Observer is told of refresh plans.
 type planLog struct {
-	NopObserver
+	nopObserver
 	mu      sync.Mutex
 	planned map[string]time.Time // merchant -> last plan
 	behind  []time.Time          // expiries told

@@ -13,7 +13,7 @@ import (
 
 // fetchLog records the observer calls of fetches, in order.
 type fetchLog struct {
-	NopObserver
+	nopObserver
 	mu      sync.Mutex
 	calls   []string // "call" per Fetched, "fetch" per FetchDone
 	fetches []Fetch

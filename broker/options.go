@@ -267,37 +267,6 @@ type Observer interface {
 	RefreshBehind(b *Binding, expiry time.Time)
 }
 
-// NopObserver is an Observer that does nothing with what it is told. An
-// Observer that records only some of the calls embeds it and implements
-// those: it keeps implementing Observer when Observer gains a method.
-type NopObserver struct{}
-
-// Lookup does nothing.
-func (NopObserver) Lookup(*Binding, Result) {}
-
-// Fetched does nothing.
-func (NopObserver) Fetched(context.Context, *Binding, Token, time.Duration, bool, error) {}
-
-// FetchDone does nothing.
-func (NopObserver) FetchDone(context.Context, *Binding, Fetch) {}
-
-// BreakerChanged does nothing.
-func (NopObserver) BreakerChanged(string, BreakerState) {}
-
-// BackingOff does nothing.
-func (NopObserver) BackingOff(*Binding, bool) {}
-
-// SourceBackingOff does nothing.
-func (NopObserver) SourceBackingOff(string, bool) {}
-
-// RefreshPlanned does nothing.
-func (NopObserver) RefreshPlanned(*Binding, time.Time) {}
-
-// RefreshBehind does nothing.
-func (NopObserver) RefreshBehind(*Binding, time.Time) {}
-
-var _ Observer = NopObserver{}
-
 // Fetch is a fetch that called the Source, for Observer.FetchDone.
 type Fetch struct {
 	// Token is the token obtained (never log its Value); zero when Err is

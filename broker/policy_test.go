@@ -235,7 +235,7 @@ func TestPolicyStateIsBounded(t *testing.T) {
 
 // breakerLog records fetches and breaker changes.
 type breakerLog struct {
-	NopObserver
+	nopObserver
 	mu      sync.Mutex
 	fetched int
 	states  []BreakerState
@@ -386,7 +386,7 @@ func TestSourceClassGovernsThePolicy(t *testing.T) {
 // orderLog records, in order, the breaker changes, source backoffs and
 // fetches told to an observer.
 type orderLog struct {
-	NopObserver
+	nopObserver
 	mu     sync.Mutex
 	events []string
 }

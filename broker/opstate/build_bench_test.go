@@ -67,10 +67,15 @@ func BenchmarkBuild(b *testing.B) {
 }
 
 // tapObserver feeds a Tracker as the telemetry observer does.
-type tapObserver struct {
-	broker.NopObserver
-	t *Tracker
-}
+type tapObserver struct{ t *Tracker }
+
+func (o *tapObserver) Lookup(*broker.Binding, broker.Result)                    {}
+func (o *tapObserver) FetchDone(context.Context, *broker.Binding, broker.Fetch) {}
+func (o *tapObserver) BreakerChanged(string, broker.BreakerState)               {}
+func (o *tapObserver) BackingOff(*broker.Binding, bool)                         {}
+func (o *tapObserver) SourceBackingOff(string, bool)                            {}
+func (o *tapObserver) RefreshPlanned(*broker.Binding, time.Time)                {}
+func (o *tapObserver) RefreshBehind(*broker.Binding, time.Time)                 {}
 
 func (o *tapObserver) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, _ time.Duration, _ bool, err error) {
 	o.t.Fetched("nuapay", b, err)
