@@ -164,15 +164,18 @@ func loadCaddy(t testing.TB, caddyfile string) {
 	http.DefaultClient.CloseIdleConnections()
 }
 
-// waitOldListenersClosed waits until every address the HTTP servers of
-// the config cfg listen on is held by one listener only, the new
-// config's. caddy.Load returns once the shutdowns of the old servers are
+// waitOldListenersClosed waits until every address the HTTP servers and
+// the admin endpoint of the config cfg listen on is held by one listener
+// only, the new config's. caddy.Load returns once the shutdowns of the old servers are
 // scheduled, not done: on a busy machine an old server can still hold its
 // own socket on the port (SO_REUSEPORT), and the kernel can hand it a new
 // connection, which it serves with the old config.
 func waitOldListenersClosed(t testing.TB, cfg []byte) {
 	t.Helper()
 	var c struct {
+		Admin struct {
+			Listen string `json:"listen"`
+		} `json:"admin"`
 		Apps struct {
 			HTTP struct {
 				Servers map[string]struct {
@@ -185,6 +188,20 @@ func waitOldListenersClosed(t testing.TB, cfg []byte) {
 		t.Fatalf("reading the listen addresses of the config: %v", err)
 	}
 	deadline := time.Now().Add(10 * time.Second)
+	// The admin endpoint is started anew by every load, and the one it
+	// replaces is shut down after: a call to it in between can be reset.
+	if c.Admin.Listen != "" {
+		na, err := caddy.ParseNetworkAddress(c.Admin.Listen)
+		if err != nil {
+			t.Fatalf("admin listen address %q: %v", c.Admin.Listen, err)
+		}
+		for caddy.ListenerUsage(na.Network, na.JoinHostPort(0)) > 1 {
+			if time.Now().After(deadline) {
+				t.Fatalf("a replaced admin endpoint still listens on %s 10s after the reload", c.Admin.Listen)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
 	for name, srv := range c.Apps.HTTP.Servers {
 		for _, l := range srv.Listen {
 			na, err := caddy.ParseNetworkAddress(l)
