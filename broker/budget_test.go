@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -1175,5 +1176,73 @@ func TestCheckKeepsJoinedFetchInQueue(t *testing.T) {
 	res := <-done
 	if res.err != nil || res.c.Entry == nil || !res.c.Joined || src.calls() != spent+1 {
 		t.Fatalf("the check: %+v, %v after %d calls (%d before the lookup); want the joined fetch's token, after its one call", res.c, res.err, src.calls(), spent)
+	}
+}
+
+// refusingStore is a budget's in-process store whose next AllowN, once
+// armed, says so on entered, waits for release and then refuses the
+// request (the bucket was spent meanwhile).
+type refusingStore struct {
+	budget.Store
+	armed            atomic.Bool
+	entered, release chan struct{}
+}
+
+func (s *refusingStore) AllowN(ctx context.Context, key string, l budget.Limit, n int) (budget.Result, error) {
+	if s.armed.CompareAndSwap(true, false) {
+		close(s.entered)
+		<-s.release
+		return budget.Result{RetryAfter: 100 * time.Millisecond}, nil
+	}
+	return s.Store.AllowN(ctx, key, l, n)
+}
+
+// TestCallerJoiningRefusedRefresh: a caller whose token is past its end
+// while the refresh-ahead of its key is in flight joins that fetch; when
+// the budget refuses the refresh (a background request never waits), the
+// caller is not answered with that refusal: it asks as a caller, waits its
+// turn and gets a token.
+func TestCallerJoiningRefusedRefresh(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: 100 * time.Second}
+	br := New(Options{Now: clock.Now, BudgetWait: 30 * time.Second})
+	defer br.Close()
+	store := &refusingStore{Store: budget.NewLocal(clock.Now), entered: make(chan struct{}), release: make(chan struct{})}
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, store, clock.Now)
+	b := bindings(p, 1)[0]
+	e, _, err := br.Get(context.Background(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock.Add(e.RefreshAt().Sub(clock.Now()))
+	store.armed.Store(true)
+	if _, r, err := br.Get(context.Background(), b); err != nil || r != RefreshAhead {
+		t.Fatalf("in the refresh window: %s %v, want the cached token and a refresh", r, err)
+	}
+	<-store.entered // the refresh asks its budget
+	clock.Add(e.Token().Expiry.Sub(clock.Now()) - br.opts.Leeway/2)
+	got := make(chan error, 1)
+	go func() {
+		e2, _, err := br.Get(context.Background(), b)
+		if err == nil && e2 == e {
+			err = errors.New("the expired token")
+		}
+		got <- err
+	}()
+	waitUntil(t, func() bool {
+		br.mu.Lock()
+		defer br.mu.Unlock()
+		return br.waiting[b.key] == 1
+	})
+	for range 100 {
+		runtime.Gosched() // let the caller reach the fetch in flight
+	}
+	close(store.release)
+	if err := <-got; err != nil {
+		t.Fatalf("the caller past the token's end: %v, want a new token", err)
+	}
+	if n := src.calls(); n != 2 {
+		t.Errorf("%d token API calls, want 2 (the mint and the caller's)", n)
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
 // Get returns the cache entry holding a valid token for the binding and how
@@ -54,7 +56,9 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	}
 	// A lookup can join a fetch that started earlier (a background
 	// refresh, say); its token is checked again like a cached one, and if
-	// it is no longer usable the lookup waits for one more fetch.
+	// it is no longer usable the lookup waits for one more fetch. So it
+	// does when its budget refused that refresh, which never waits: the
+	// caller waits its turn in its own fetch.
 	defer br.waitFor(b.key)()
 	for attempt := 0; ; attempt++ {
 		got, err := br.await(ctx, b, nil, "a token")
@@ -62,6 +66,9 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 			err = got.err
 		}
 		if err != nil {
+			if got.joined && attempt == 0 && refusedRefresh(err) {
+				continue
+			}
 			return nil, Miss, err
 		}
 		e := got.entry
@@ -147,4 +154,11 @@ func (br *Broker) observe(b *Binding, r Result) {
 	if b.Observer != nil {
 		b.Observer.Lookup(b, r)
 	}
+}
+
+// refusedRefresh reports whether err is a budget's refusal of a
+// refresh-ahead (budget.Background).
+func refusedRefresh(err error) bool {
+	var ex *budget.ExhaustedError
+	return errors.As(err, &ex) && ex.Priority == budget.Background
 }
