@@ -12,6 +12,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/internal/lograte"
 )
 
 // Tap is told what a recorder's observers see, with the provider's name
@@ -43,7 +44,16 @@ type Recorder struct {
 
 	mu        sync.Mutex           // guards observers
 	observers map[string]*Observer // provider name -> the observer its bindings share, without the merchant label
+
+	// nonceRefusals limits NonceRefused's lines: one per provider per
+	// NonceRefusedLogInterval (a resource server can answer every request
+	// with a nonce the key refuses).
+	nonceRefusals *lograte.Limiter[string]
 }
+
+// NonceRefusedLogInterval is how often NonceRefused logs for one provider;
+// the next line says how many were left out.
+const NonceRefusedLogInterval = time.Minute
 
 // ForRegistry returns the recorder of a handler whose providers are
 // reg's (nil: none known) and whose bindings are in table (nil: none
@@ -52,7 +62,8 @@ type Recorder struct {
 // on, with br's breaker states (br nil: closed). tap (nil: none) is told
 // of fetches, source backoffs and breaker changes too.
 func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, reg *config.Registry, br *broker.Broker) *Recorder {
-	r := &Recorder{metrics: m, tap: tap, logger: logger, broker: br, observers: map[string]*Observer{}}
+	r := &Recorder{metrics: m, tap: tap, logger: logger, broker: br, observers: map[string]*Observer{},
+		nonceRefusals: &lograte.Limiter[string]{Every: NonceRefusedLogInterval, Now: time.Now}}
 	exported := map[string]bool{} // source IDs
 	export := func(sourceID string) {
 		if m != nil && !exported[sourceID] {
@@ -201,12 +212,22 @@ func (r *Recorder) NonceChallenged(b *broker.Binding) {
 // of b that was passed on to the caller, not retried, because the key
 // refused the challenge's nonce (outbound.Retry.NonceRefused): refused
 // says which server, the nonce's size and what to do, never the nonce.
+// It logs once per provider per NonceRefusedLogInterval; the next line
+// logged says how many were left out ("suppressed", "suppressed_since").
 func (r *Recorder) NonceRefused(b *broker.Binding, refused error) {
 	if r == nil {
 		return
 	}
-	r.logger.Warn("a resource server's DPoP nonce challenge was passed on to the caller, not retried: the DPoP key refused its nonce",
-		zap.String("provider", providerOf(b.SourceID)), zap.String("merchant", b.Merchant), zap.Error(refused))
+	provider := providerOf(b.SourceID)
+	ok, left := r.nonceRefusals.Allow(provider)
+	if !ok {
+		return
+	}
+	fields := []zap.Field{zap.String("provider", provider), zap.String("merchant", b.Merchant), zap.Error(refused)}
+	if left.Count > 0 {
+		fields = append(fields, zap.Int("suppressed", left.Count), zap.Time("suppressed_since", left.Since))
+	}
+	r.logger.Warn("a resource server's DPoP nonce challenge was passed on to the caller, not retried: the DPoP key refused its nonce", fields...)
 }
 
 // providerOf returns the name of the provider of a source: its ID's

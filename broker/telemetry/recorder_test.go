@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
@@ -86,20 +87,49 @@ func TestRecorderKept(t *testing.T) {
 }
 
 // TestRecorderNonceRefused: a refused nonce challenge passed on is logged
-// once, as a warning, with the provider, the merchant and the refusal.
+// as a warning, with the provider, the merchant and the refusal, once per
+// provider per NonceRefusedLogInterval; the next line says how many were
+// left out.
 func TestRecorderNonceRefused(t *testing.T) {
 	core, logs := observer.New(zap.InfoLevel)
 	r := ForRegistry(nil, nil, zap.New(core), nil, nil, nil)
-	b := brokertest.NewBinding("bank#1a2b", nil, broker.Request{Merchant: "acme"})
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	r.nonceRefusals.Now = func() time.Time { return now }
+	bank := brokertest.NewBinding("bank#1a2b", nil, broker.Request{Merchant: "acme"})
+	other := brokertest.NewBinding("other#3c4d", nil, broker.Request{Merchant: "acme"})
 	refused := &dpop.NonceError{Server: dpop.ResourceServer, Origin: "https://api.bank.example", Size: 9000}
-	r.NonceRefused(b, refused)
-	entries := logs.AllUntimed()
-	if len(entries) != 1 || entries[0].Level != zap.WarnLevel {
-		t.Fatalf("logs %v: want one warning", entries)
+	for _, step := range []struct {
+		after      time.Duration
+		b          *broker.Binding
+		logged     bool
+		suppressed int
+	}{
+		{0, bank, true, 0},
+		{time.Second, bank, false, 0},
+		{time.Second, other, true, 0}, // another provider has its own limit
+		{NonceRefusedLogInterval - 3*time.Second, bank, false, 0},
+		{time.Second, bank, true, 2},
+	} {
+		now = now.Add(step.after)
+		before := logs.Len()
+		r.NonceRefused(step.b, refused)
+		entries := logs.AllUntimed()[before:]
+		if !step.logged {
+			if len(entries) != 0 {
+				t.Fatalf("at %s for %s: %v, want the line left out", now.Format(time.TimeOnly), step.b.SourceID, entries)
+			}
+			continue
+		}
+		if len(entries) != 1 || entries[0].Level != zap.WarnLevel {
+			t.Fatalf("at %s for %s: logs %v: want one warning", now.Format(time.TimeOnly), step.b.SourceID, entries)
+		}
+		fields := entries[0].ContextMap()
+		if fields["provider"] != providerOf(step.b.SourceID) || fields["merchant"] != "acme" || fields["error"] != refused.Error() {
+			t.Errorf("fields %v: want the provider, the merchant and the refusal", fields)
+		}
+		if n, _ := fields["suppressed"].(int64); int(n) != step.suppressed {
+			t.Errorf("at %s: suppressed %v, want %d", now.Format(time.TimeOnly), fields["suppressed"], step.suppressed)
+		}
 	}
-	fields := entries[0].ContextMap()
-	if fields["provider"] != "bank" || fields["merchant"] != "acme" || fields["error"] != refused.Error() {
-		t.Errorf("fields %v: want the provider, the merchant and the refusal", fields)
-	}
-	(*Recorder)(nil).NonceRefused(b, refused) // a nil Recorder records nothing
+	(*Recorder)(nil).NonceRefused(bank, refused) // a nil Recorder records nothing
 }
