@@ -1197,52 +1197,71 @@ func (s *refusingStore) AllowN(ctx context.Context, key string, l budget.Limit, 
 	return s.Store.AllowN(ctx, key, l, n)
 }
 
-// TestCallerJoiningRefusedRefresh: a caller whose token is past its end
-// while the refresh-ahead of its key is in flight joins that fetch; when
-// the budget refuses the refresh (a background request never waits), the
-// caller is not answered with that refusal: it asks as a caller, waits its
-// turn and gets a token.
+// TestCallerJoiningRefusedRefresh: a caller (a lookup whose token is past
+// its end, or a Check) that joins the refresh-ahead of its key in flight
+// is not answered with the budget's refusal of the refresh (a background
+// request never waits): it asks as a caller, waits its turn and gets a
+// token of its own fetch.
 func TestCallerJoiningRefusedRefresh(t *testing.T) {
-	clock := newFakeClock()
-	src := &callLog{clock: clock, life: 100 * time.Second}
-	br := New(Options{Now: clock.Now, BudgetWait: 30 * time.Second})
-	defer br.Close()
-	store := &refusingStore{Store: budget.NewLocal(clock.Now), entered: make(chan struct{}), release: make(chan struct{})}
-	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, store, clock.Now)
-	b := bindings(p, 1)[0]
-	e, _, err := br.Get(context.Background(), b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	clock.Add(e.RefreshAt().Sub(clock.Now()))
-	store.armed.Store(true)
-	if _, r, err := br.Get(context.Background(), b); err != nil || r != RefreshAhead {
-		t.Fatalf("in the refresh window: %s %v, want the cached token and a refresh", r, err)
-	}
-	<-store.entered // the refresh asks its budget
-	clock.Add(e.Token().Expiry.Sub(clock.Now()) - br.opts.Leeway/2)
-	got := make(chan error, 1)
-	go func() {
-		e2, _, err := br.Get(context.Background(), b)
-		if err == nil && e2 == e {
-			err = errors.New("the expired token")
-		}
-		got <- err
-	}()
-	waitUntil(t, func() bool {
-		br.mu.Lock()
-		defer br.mu.Unlock()
-		return br.waiting[b.key] == 1
-	})
-	for range 100 {
-		runtime.Gosched() // let the caller reach the fetch in flight
-	}
-	close(store.release)
-	if err := <-got; err != nil {
-		t.Fatalf("the caller past the token's end: %v, want a new token", err)
-	}
-	if n := src.calls(); n != 2 {
-		t.Errorf("%d token API calls, want 2 (the mint and the caller's)", n)
+	for _, tt := range []struct {
+		name string
+		ask  func(*Broker, *Binding) (*Entry, error)
+	}{
+		{"a lookup", func(br *Broker, b *Binding) (*Entry, error) {
+			e, _, err := br.Get(context.Background(), b)
+			return e, err
+		}},
+		{"a check", func(br *Broker, b *Binding) (*Entry, error) {
+			c, err := br.Check(context.Background(), b)
+			if err == nil && (c.Calls != 1 || c.Joined) {
+				err = fmt.Errorf("%d calls, joined %t; want its own call", c.Calls, c.Joined)
+			}
+			return c.Entry, err
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &callLog{clock: clock, life: 100 * time.Second}
+			br := New(Options{Now: clock.Now, BudgetWait: 30 * time.Second})
+			defer br.Close()
+			store := &refusingStore{Store: budget.NewLocal(clock.Now), entered: make(chan struct{}), release: make(chan struct{})}
+			p := NewProfile("bank#1", src, nil, "", 0)
+			p.Budget = budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, store, clock.Now)
+			b := bindings(p, 1)[0]
+			e, _, err := br.Get(context.Background(), b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			clock.Add(e.RefreshAt().Sub(clock.Now()))
+			store.armed.Store(true)
+			if _, r, err := br.Get(context.Background(), b); err != nil || r != RefreshAhead {
+				t.Fatalf("in the refresh window: %s %v, want the cached token and a refresh", r, err)
+			}
+			<-store.entered // the refresh asks its budget
+			clock.Add(e.Token().Expiry.Sub(clock.Now()) - br.opts.Leeway/2)
+			got := make(chan error, 1)
+			go func() {
+				e2, err := tt.ask(br, b)
+				if err == nil && e2 == e {
+					err = errors.New("the expired token")
+				}
+				got <- err
+			}()
+			waitUntil(t, func() bool {
+				br.mu.Lock()
+				defer br.mu.Unlock()
+				return br.waiting[b.key] == 1
+			})
+			for range 100 {
+				runtime.Gosched() // let the caller reach the fetch in flight
+			}
+			close(store.release)
+			if err := <-got; err != nil {
+				t.Fatalf("the caller: %v, want a new token of its own fetch", err)
+			}
+			if n := src.calls(); n != 2 {
+				t.Errorf("%d token API calls, want 2 (the mint and the caller's)", n)
+			}
+		})
 	}
 }
