@@ -1265,3 +1265,58 @@ func TestCallerJoiningRefusedRefresh(t *testing.T) {
 		})
 	}
 }
+
+// TestCallerJoiningFetchOfShorterDeadline: a caller that joins a fetch
+// whose budget refused it for the deadline of the request that started
+// it (too close for its turn) is not answered with that refusal when its
+// own wait reaches the turn: it waits its turn in a fetch of its own. The
+// request that started the fetch is refused at once.
+func TestCallerJoiningFetchOfShorterDeadline(t *testing.T) {
+	clock := newFakeClock()
+	src := &callLog{clock: clock, life: time.Hour}
+	sleep := func(_ context.Context, d time.Duration) error {
+		clock.Add(d)
+		return nil
+	}
+	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: 2 * time.Minute, FetchTimeout: 2 * time.Minute})
+	defer br.Close()
+	store := &gatedStore{Store: budget.NewLocal(clock.Now), entered: make(chan struct{}), release: make(chan struct{})}
+	p := NewProfile("bank#1", src, nil, "", 0)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: time.Minute}, store, clock.Now)
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+		t.Fatal(err) // spends the budget: the next turn is in a minute
+	}
+	store.armed.Store(true)
+	short, cancel := context.WithTimeout(context.Background(), 30*time.Second) // a turn by 29 s at most
+	defer cancel()
+	refused := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(short, bs[1])
+		refused <- err
+	}()
+	<-store.entered // the fetch of the short request asks its budget
+	served := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(context.Background(), bs[1])
+		served <- err
+	}()
+	waitUntil(t, func() bool {
+		br.mu.Lock()
+		defer br.mu.Unlock()
+		return br.waiting[bs[1].key] == 2
+	})
+	for range 100 {
+		runtime.Gosched() // let the caller reach the fetch in flight
+	}
+	close(store.release)
+	if err := <-refused; !errors.Is(err, budget.ErrExhausted) {
+		t.Errorf("the request that started the fetch: %v, want refused at once", err)
+	}
+	if err := <-served; err != nil {
+		t.Fatalf("the caller that joined it: %v, want a token after its turn", err)
+	}
+	if n := src.calls(); n != 2 {
+		t.Errorf("%d token API calls, want 2", n)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
@@ -105,6 +106,7 @@ type awaited struct {
 // (notAnswer): await asks once more. Its error, when ctx ended first,
 // names what was awaited; the fetch's outcome is then not read.
 func (br *Broker) await(ctx context.Context, b *Binding, force *forced, what string) (awaited, error) {
+	start := br.opts.Now()
 	for attempt := 0; ; attempt++ {
 		// Set by this call's own fetch only, read after the channel.
 		started, cached := false, false
@@ -120,7 +122,7 @@ func (br *Broker) await(ctx context.Context, b *Binding, force *forced, what str
 		})
 		select {
 		case res := <-ch:
-			if !started && attempt == 0 && ctx.Err() == nil && notAnswer(res.Err) {
+			if !started && attempt == 0 && ctx.Err() == nil && br.notAnswer(ctx, b, start, res.Err) {
 				continue
 			}
 			e, _ := res.Val.(*Entry)
@@ -151,12 +153,21 @@ func (br *Broker) observe(b *Binding, r Result) {
 	}
 }
 
-// notAnswer reports whether err, the outcome of a fetch that another
-// request started, ended by a rule of that request, not of a caller: the
-// fetch gave up its wait for budget, as its lookups had left
-// (context.Canceled), or its budget refused it as a refresh-ahead, which
-// never waits (budget.Background), where a caller waits its turn.
-func notAnswer(err error) bool {
+// notAnswer reports whether err, the outcome of a fetch of b's key that
+// another request started, ended by a rule of that request, not of the
+// caller waiting for it on ctx since start: the fetch gave up its wait for
+// budget, as its lookups had left (context.Canceled); or its budget
+// refused it as a refresh-ahead, which never waits (budget.Background),
+// where a caller waits its turn; or refused a caller's turn that this
+// caller's own wait (budgetBy) reaches, which the deadline of the request
+// that started the fetch cut short.
+func (br *Broker) notAnswer(ctx context.Context, b *Binding, start time.Time, err error) bool {
+	if errors.Is(err, context.Canceled) {
+		return true
+	}
 	var ex *budget.ExhaustedError
-	return errors.Is(err, context.Canceled) || errors.As(err, &ex) && ex.Priority == budget.Background
+	if !errors.As(err, &ex) {
+		return false
+	}
+	return ex.Priority == budget.Background || !br.opts.Now().Add(ex.RetryAfter).After(br.budgetBy(ctx, b, start))
 }
