@@ -1197,52 +1197,126 @@ func (s *refusingStore) AllowN(ctx context.Context, key string, l budget.Limit, 
 	return s.Store.AllowN(ctx, key, l, n)
 }
 
-// TestCallerJoiningRefusedRefresh: a caller whose token is past its end
-// while the refresh-ahead of its key is in flight joins that fetch; when
-// the budget refuses the refresh (a background request never waits), the
-// caller is not answered with that refusal: it asks as a caller, waits its
-// turn and gets a token.
+// TestCallerJoiningRefusedRefresh: a caller (a lookup whose token is past
+// its end, or a Check) that joins the refresh-ahead of its key in flight
+// is not answered with the budget's refusal of the refresh (a background
+// request never waits): it asks as a caller, waits its turn and gets a
+// token of its own fetch.
 func TestCallerJoiningRefusedRefresh(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		ask  func(*Broker, *Binding) (*Entry, error)
+	}{
+		{"a lookup", func(br *Broker, b *Binding) (*Entry, error) {
+			e, _, err := br.Get(context.Background(), b)
+			return e, err
+		}},
+		{"a check", func(br *Broker, b *Binding) (*Entry, error) {
+			c, err := br.Check(context.Background(), b)
+			if err == nil && (c.Calls != 1 || c.Joined) {
+				err = fmt.Errorf("%d calls, joined %t; want its own call", c.Calls, c.Joined)
+			}
+			return c.Entry, err
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			src := &callLog{clock: clock, life: 100 * time.Second}
+			br := New(Options{Now: clock.Now, BudgetWait: 30 * time.Second})
+			defer br.Close()
+			store := &refusingStore{Store: budget.NewLocal(clock.Now), entered: make(chan struct{}), release: make(chan struct{})}
+			p := NewProfile("bank#1", src, nil, "", 0)
+			p.Budget = budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, store, clock.Now)
+			b := bindings(p, 1)[0]
+			e, _, err := br.Get(context.Background(), b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			clock.Add(e.RefreshAt().Sub(clock.Now()))
+			store.armed.Store(true)
+			if _, r, err := br.Get(context.Background(), b); err != nil || r != RefreshAhead {
+				t.Fatalf("in the refresh window: %s %v, want the cached token and a refresh", r, err)
+			}
+			<-store.entered // the refresh asks its budget
+			clock.Add(e.Token().Expiry.Sub(clock.Now()) - br.opts.Leeway/2)
+			got := make(chan error, 1)
+			go func() {
+				e2, err := tt.ask(br, b)
+				if err == nil && e2 == e {
+					err = errors.New("the expired token")
+				}
+				got <- err
+			}()
+			waitUntil(t, func() bool {
+				br.mu.Lock()
+				defer br.mu.Unlock()
+				return br.waiting[b.key] == 1
+			})
+			for range 100 {
+				runtime.Gosched() // let the caller reach the fetch in flight
+			}
+			close(store.release)
+			if err := <-got; err != nil {
+				t.Fatalf("the caller: %v, want a new token of its own fetch", err)
+			}
+			if n := src.calls(); n != 2 {
+				t.Errorf("%d token API calls, want 2 (the mint and the caller's)", n)
+			}
+		})
+	}
+}
+
+// TestCallerJoiningFetchOfShorterDeadline: a caller that joins a fetch
+// whose budget refused it for the deadline of the request that started
+// it (too close for its turn) is not answered with that refusal when its
+// own wait reaches the turn: it waits its turn in a fetch of its own. The
+// request that started the fetch is refused at once.
+func TestCallerJoiningFetchOfShorterDeadline(t *testing.T) {
 	clock := newFakeClock()
-	src := &callLog{clock: clock, life: 100 * time.Second}
-	br := New(Options{Now: clock.Now, BudgetWait: 30 * time.Second})
+	src := &callLog{clock: clock, life: time.Hour}
+	sleep := func(_ context.Context, d time.Duration) error {
+		clock.Add(d)
+		return nil
+	}
+	br := New(Options{Sleep: sleep, Now: clock.Now, BudgetWait: 2 * time.Minute, FetchTimeout: 2 * time.Minute})
 	defer br.Close()
-	store := &refusingStore{Store: budget.NewLocal(clock.Now), entered: make(chan struct{}), release: make(chan struct{})}
+	store := &gatedStore{Store: budget.NewLocal(clock.Now), entered: make(chan struct{}), release: make(chan struct{})}
 	p := NewProfile("bank#1", src, nil, "", 0)
-	p.Budget = budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, store, clock.Now)
-	b := bindings(p, 1)[0]
-	e, _, err := br.Get(context.Background(), b)
-	if err != nil {
-		t.Fatal(err)
+	p.Budget = budget.New("bank", budget.Limit{Rate: 1, Burst: 1, Period: time.Minute}, store, clock.Now)
+	bs := bindings(p, 2)
+	if _, _, err := br.Get(context.Background(), bs[0]); err != nil {
+		t.Fatal(err) // spends the budget: the next turn is in a minute
 	}
-	clock.Add(e.RefreshAt().Sub(clock.Now()))
 	store.armed.Store(true)
-	if _, r, err := br.Get(context.Background(), b); err != nil || r != RefreshAhead {
-		t.Fatalf("in the refresh window: %s %v, want the cached token and a refresh", r, err)
-	}
-	<-store.entered // the refresh asks its budget
-	clock.Add(e.Token().Expiry.Sub(clock.Now()) - br.opts.Leeway/2)
-	got := make(chan error, 1)
+	short, cancel := context.WithTimeout(context.Background(), 30*time.Second) // a turn by 29 s at most
+	defer cancel()
+	refused := make(chan error, 1)
 	go func() {
-		e2, _, err := br.Get(context.Background(), b)
-		if err == nil && e2 == e {
-			err = errors.New("the expired token")
-		}
-		got <- err
+		_, _, err := br.Get(short, bs[1])
+		refused <- err
+	}()
+	<-store.entered // the fetch of the short request asks its budget
+	served := make(chan error, 1)
+	go func() {
+		_, _, err := br.Get(context.Background(), bs[1])
+		served <- err
 	}()
 	waitUntil(t, func() bool {
 		br.mu.Lock()
 		defer br.mu.Unlock()
-		return br.waiting[b.key] == 1
+		return br.waiting[bs[1].key] == 2
 	})
 	for range 100 {
 		runtime.Gosched() // let the caller reach the fetch in flight
 	}
 	close(store.release)
-	if err := <-got; err != nil {
-		t.Fatalf("the caller past the token's end: %v, want a new token", err)
+	if err := <-refused; !errors.Is(err, budget.ErrExhausted) {
+		t.Errorf("the request that started the fetch: %v, want refused at once", err)
+	}
+	if err := <-served; err != nil {
+		t.Fatalf("the caller that joined it: %v, want a token after its turn", err)
 	}
 	if n := src.calls(); n != 2 {
-		t.Errorf("%d token API calls, want 2 (the mint and the caller's)", n)
+		t.Errorf("%d token API calls, want 2", n)
 	}
 }

@@ -33,7 +33,10 @@ type Checked struct {
 // stored there (a token stored there is not adopted). A failed check
 // leaves the cached token, if any, in the cache. Check waits for the
 // fetch or for ctx to end, like a lookup: a fetch it joined keeps its
-// place in the budget's queue while the check waits.
+// place in the budget's queue while the check waits, and one that its
+// budget refused by a rule of the request that started it (a refresh-ahead
+// never waits, a request whose deadline was closer) is not the check's
+// answer: the check fetches on its own.
 func (br *Broker) Check(ctx context.Context, b *Binding) (Checked, error) {
 	force := &forced{}
 	defer br.waitFor(b.key)()

@@ -419,7 +419,8 @@ func sourceType(b *Binding) string {
 // budgetBy is until when (broker clock) a caller of the fetch of b's key
 // started at now waits its turn for budget: Options.BudgetWait at most,
 // and no later than turnBy allows before the fetch's deadline and that
-// of the request that started it.
+// of the request that started it (a caller that joined the fetch and
+// whose own wait reaches the turn it was refused asks again: notAnswer).
 func (br *Broker) budgetBy(parent context.Context, b *Binding, now time.Time) time.Time {
 	end := now.Add(br.opts.FetchTimeout)
 	if d, ok := parent.Deadline(); ok {

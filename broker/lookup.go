@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
@@ -56,9 +57,7 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	}
 	// A lookup can join a fetch that started earlier (a background
 	// refresh, say); its token is checked again like a cached one, and if
-	// it is no longer usable the lookup waits for one more fetch. So it
-	// does when its budget refused that refresh, which never waits: the
-	// caller waits its turn in its own fetch.
+	// it is no longer usable the lookup waits for one more fetch.
 	defer br.waitFor(b.key)()
 	for attempt := 0; ; attempt++ {
 		got, err := br.await(ctx, b, nil, "a token")
@@ -66,9 +65,6 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 			err = got.err
 		}
 		if err != nil {
-			if got.joined && attempt == 0 && refusedRefresh(err) {
-				continue
-			}
 			return nil, Miss, err
 		}
 		e := got.entry
@@ -106,10 +102,11 @@ type awaited struct {
 // await waits for the fetch of b's key in flight, or for one it starts
 // (forced by force when not nil), until the fetch ends or ctx does; the
 // caller counts itself as waiting for it (waitFor). A fetch joined that
-// gave up its wait for budget, as its lookups had left, is not an answer:
-// await asks once more. Its error, when ctx ended first, names what was
-// awaited; the fetch's outcome is then not read.
+// ended by a rule of the request that started it is not an answer
+// (notAnswer): await asks once more. Its error, when ctx ended first,
+// names what was awaited; the fetch's outcome is then not read.
 func (br *Broker) await(ctx context.Context, b *Binding, force *forced, what string) (awaited, error) {
+	start := br.opts.Now()
 	for attempt := 0; ; attempt++ {
 		// Set by this call's own fetch only, read after the channel.
 		started, cached := false, false
@@ -125,7 +122,7 @@ func (br *Broker) await(ctx context.Context, b *Binding, force *forced, what str
 		})
 		select {
 		case res := <-ch:
-			if !started && attempt == 0 && errors.Is(res.Err, context.Canceled) && ctx.Err() == nil {
+			if !started && attempt == 0 && ctx.Err() == nil && br.notAnswer(ctx, b, start, res.Err) {
 				continue
 			}
 			e, _ := res.Val.(*Entry)
@@ -156,9 +153,21 @@ func (br *Broker) observe(b *Binding, r Result) {
 	}
 }
 
-// refusedRefresh reports whether err is a budget's refusal of a
-// refresh-ahead (budget.Background).
-func refusedRefresh(err error) bool {
+// notAnswer reports whether err, the outcome of a fetch of b's key that
+// another request started, ended by a rule of that request, not of the
+// caller waiting for it on ctx since start: the fetch gave up its wait for
+// budget, as its lookups had left (context.Canceled); or its budget
+// refused it as a refresh-ahead, which never waits (budget.Background),
+// where a caller waits its turn; or refused a caller's turn that this
+// caller's own wait (budgetBy) reaches, which the deadline of the request
+// that started the fetch cut short.
+func (br *Broker) notAnswer(ctx context.Context, b *Binding, start time.Time, err error) bool {
+	if errors.Is(err, context.Canceled) {
+		return true
+	}
 	var ex *budget.ExhaustedError
-	return errors.As(err, &ex) && ex.Priority == budget.Background
+	if !errors.As(err, &ex) {
+		return false
+	}
+	return ex.Priority == budget.Background || !br.opts.Now().Add(ex.RetryAfter).After(br.budgetBy(ctx, b, start))
 }

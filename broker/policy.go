@@ -283,7 +283,8 @@ func (p *policy) backoffFor(n int) time.Duration {
 }
 
 // record notes the outcome of a fetch of b's key that made calls calls to
-// the Source (0: refused by the breaker) and ended with err, of class c;
+// the Source (0: refused by the breaker, remembered for the key while the
+// breaker is open) and ended with err, of class c;
 // b's observer is told when a backoff starts and ends: a success
 // ends the key's and its source's backoffs; a failure is remembered for
 // the key and, when c says it is the credential's or a 429's, for the
@@ -304,6 +305,12 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 		return nil
 	}
 	if p.opts.FailureTTL < 0 || errors.Is(err, context.Canceled) {
+		return p.withBackoffLocked(b, err, now)
+	}
+	if calls == 0 && p.source(b.SourceID).brk.State() != BreakerOpen {
+		// Refused by the half-open breaker while its probe is out: that
+		// ends when the probe is answered, not at a time the key's
+		// memory could keep (nor once the probe closed the breaker).
 		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 && c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {

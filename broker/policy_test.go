@@ -510,3 +510,44 @@ func TestUnknownOutcomeKeepsTheProbe(t *testing.T) {
 		t.Fatalf("the probe: %v", err)
 	}
 }
+
+// TestRefusedWhileProbeOut: a key refused because another key's fetch
+// holds the half-open breaker's probe is called as soon as the probe's
+// answer closed the breaker: the refusal told nothing about the key nor
+// the provider, and the key does not remember it.
+func TestRefusedWhileProbeOut(t *testing.T) {
+	clock := newFakeClock()
+	src := &countingSource{clock: clock, life: time.Hour}
+	br := New(Options{Now: clock.Now, Sleep: noSleep, MaxAttempts: 1, BreakerThreshold: 1, BreakerCooldown: 10 * time.Second})
+	defer br.Close()
+	binding := func(m string) *Binding {
+		return NewBinding("nuapay#1", src, Request{Merchant: m, Organisation: "org-" + m})
+	}
+	ctx := context.Background()
+	down := &APIError{Provider: "nuapay", StatusCode: http.StatusServiceUnavailable}
+	src.set(nil, down)
+	if _, err := br.Token(ctx, binding("x")); !errors.Is(err, down) || br.SourceHealth("nuapay#1").Breaker != BreakerOpen {
+		t.Fatalf("x: %v, breaker %s; want the 503 and the breaker open", err, br.SourceHealth("nuapay#1").Breaker)
+	}
+	clock.Add(10 * time.Second)
+	gate := make(chan struct{})
+	src.set(gate, nil)
+	probe := make(chan error, 1)
+	go func() {
+		_, err := br.Token(ctx, binding("y"))
+		probe <- err
+	}()
+	waitUntil(t, func() bool { return src.calls.Load() == 2 }) // the probe is out
+	w := binding("w")
+	var ue *UnavailableError
+	if _, err := br.Token(ctx, w); !errors.As(err, &ue) || src.calls.Load() != 2 {
+		t.Fatalf("w while the probe is out: %v after %d calls, want refused by the breaker", err, src.calls.Load())
+	}
+	close(gate)
+	if err := <-probe; err != nil || br.SourceHealth("nuapay#1").Breaker != BreakerClosed {
+		t.Fatalf("the probe: %v, breaker %s; want a token and the breaker closed", err, br.SourceHealth("nuapay#1").Breaker)
+	}
+	if _, err := br.Token(ctx, w); err != nil || src.calls.Load() != 3 {
+		t.Fatalf("w once the breaker closed: %v after %d calls, want a token of its own call", err, src.calls.Load())
+	}
+}
