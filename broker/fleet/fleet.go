@@ -7,7 +7,9 @@
 //	tok:<name>      a token: its 8-hex fingerprint, then the token (with
 //	                the refresh its minting node planned, which a node
 //	                adopting it keeps) and its version sealed
-//	                (internal/seal, AES-256-GCM); expires with the token
+//	                (internal/seal, AES-256-GCM); expires with the token,
+//	                so a node adopting it puts the token's times on its
+//	                own clock by the key's time to live (clocks differ)
 //	lock:<name>     the key's fleet lock (github.com/bsm/redislock): a
 //	                random owner token, expiry Options.LockTTL
 //	rt:<name>       a merchant's refresh token and its version, sealed;
@@ -767,14 +769,16 @@ func (c *Cache) undecryptable(key string, err error) {
 		zap.String("redis_key", c.tokenKey(key)), zap.Error(err))
 }
 
-// read returns the token stored for key. found is false when there is none,
-// it does not open, or it is older than one this node has seen for key
-// (version.go); err is a Redis failure. After a key rotation, a token
-// stored under the old key's name (by nodes not yet rotated) is found too.
+// read returns the token stored for key, its times on this node's clock
+// (onClock). found is false when there is none, it does not open, or it
+// is older than one this node has seen for key (version.go); err is a
+// Redis failure. After a key rotation, a token stored under the old key's
+// name (by nodes not yet rotated) is found too.
 func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found bool, err error) {
 	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
-		b, err := c.get(ctx, name)
+		asked := c.opts.Now()
+		b, left, err := c.getToken(ctx, name)
 		if errors.Is(err, redis.Nil) {
 			continue
 		}
@@ -785,6 +789,7 @@ func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found b
 		if !ok {
 			continue
 		}
+		tok = onClock(tok, asked, left)
 		now := c.opts.Now()
 		if !c.vers.accept(key, ver, now) {
 			c.rolledBack(name)
@@ -806,6 +811,51 @@ func (c *Cache) get(ctx context.Context, name string) ([]byte, error) {
 		return err
 	})
 	return b, err
+}
+
+// getToken reads the token stored under the Redis key name and the time
+// it has left to live, in one round trip: redis.Nil when there is none.
+func (c *Cache) getToken(ctx context.Context, name string) (b []byte, left time.Duration, err error) {
+	err = c.do(ctx, "get", func(ctx context.Context) error {
+		var get *redis.StringCmd
+		var pttl *redis.DurationCmd
+		if _, err := c.opts.Client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			get, pttl = p.Get(ctx, name), p.PTTL(ctx, name)
+			return nil
+		}); err != nil {
+			return err
+		}
+		b, left = []byte(get.Val()), pttl.Val()
+		return nil
+	})
+	return b, left, err
+}
+
+// clockSlack is the difference between a stored token's expiry and the
+// one its time to live in Redis gives that onClock leaves alone: the
+// latency of the calls, not a clock that differs.
+const clockSlack = time.Second
+
+// onClock returns tok, read from Redis with left to live when this
+// node's clock read asked (before the read), with its times on this
+// node's clock. A token's times are the minting node's clock's, which may
+// differ from this one's; its key in Redis expires when the token does
+// (write), on Redis's clock, so asked + left is its expiry here (a little
+// early, by the read's latency). A difference within clockSlack, or a key
+// without expiry (left < 0), leaves tok as it is.
+func onClock(tok broker.Token, asked time.Time, left time.Duration) broker.Token {
+	shift := asked.Add(left).Sub(tok.Expiry)
+	if left < 0 || shift.Abs() <= clockSlack {
+		return tok
+	}
+	tok.Expiry = tok.Expiry.Add(shift)
+	if !tok.IssuedAt.IsZero() {
+		tok.IssuedAt = tok.IssuedAt.Add(shift)
+	}
+	if !tok.RefreshAt.IsZero() {
+		tok.RefreshAt = tok.RefreshAt.Add(shift)
+	}
+	return tok
 }
 
 // write stores tok for key until its expiry. Failures are only counted: the
