@@ -1035,8 +1035,12 @@ func (c *Cache) afterMint(ctx context.Context) context.Context {
 // Purge implements broker.SharedCache: a compare-and-delete by
 // fingerprint, then an announcement to every node. No version up to the
 // purged token's is accepted afterwards, on this node (even when Redis
-// failed) and on those that hear the announcement (version.go).
+// failed) and on those that hear the announcement (version.go). A delete
+// that Redis answers with an error (a write refused: a read-only replica,
+// an ACL) is still announced: Redis takes the announcement, and the nodes
+// that hear it drop the token and refuse it when they read it back.
 func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
+	var purgeErr error
 	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
 		var deleted string
@@ -1046,9 +1050,15 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			return err
 		})
 		if err != nil && !errors.Is(err, redis.Nil) {
-			// The token may stay in Redis: this node refuses it from now on.
-			c.vers.purge(key, fingerprint, c.opts.Now())
-			return fmt.Errorf("fleet: purging %s: %w", name, err)
+			// The token may stay in Redis: this node refuses it from now
+			// on, and the others if Redis answered (an error answer).
+			purgeErr = fmt.Errorf("fleet: purging %s: %w", name, err)
+			var answer redis.Error
+			if !errors.As(err, &answer) {
+				c.vers.purge(key, fingerprint, c.opts.Now())
+				return purgeErr
+			}
+			break
 		}
 		if len(deleted) > 0 {
 			if tok, ver, ok := c.decode(key, []byte(deleted)); ok {
@@ -1066,7 +1076,7 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			return err
 		}
 	}
-	return c.publish(ctx, e)
+	return errors.Join(purgeErr, c.publish(ctx, e))
 }
 
 // purgeScript deletes KEYS[1] if its value starts with the fingerprint
