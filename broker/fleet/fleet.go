@@ -11,7 +11,9 @@
 //	                so a node adopting it puts the token's times on its
 //	                own clock by the key's time to live (clocks differ)
 //	lock:<name>     the key's fleet lock (github.com/bsm/redislock): a
-//	                random owner token, expiry Options.LockTTL
+//	                random owner token, a lease of four times
+//	                Options.MaxTimeout (at most Options.LockTTL) that
+//	                its live holder renews (lockTTL)
 //	rt:<name>       a merchant's refresh token and its version, sealed;
 //	                no expiry
 //	lock:rt:<name>  a lock that serialises a merchant's refreshes, one
@@ -174,9 +176,10 @@ type Options struct {
 	// succeeding, before each further timeout counts towards opening the
 	// breaker. Default 5s, and at least twice MaxTimeout.
 	SlowSpan time.Duration
-	// LockTTL is the expiry of a key's fleet lock: if its holder dies, the
-	// others take over after at most this long. It must be at least the
-	// broker's fetch timeout. It also bounds a lookup's wait for another
+	// LockTTL is the expiry of a refresh token's fleet lock: if its holder
+	// dies, the others take over after at most this long (a token's lock
+	// is a shorter lease, at most LockTTL: see lockTTL). It must be at
+	// least the broker's fetch timeout. It also bounds a lookup's wait for another
 	// node's lock: one that has waited this long mints without the lock.
 	// A token's lock found without expiry is taken as expired; a refresh
 	// token's is given half of LockTTL. Default 35s.
