@@ -8,8 +8,9 @@
 //	                the refresh its minting node planned, which a node
 //	                adopting it keeps) and its version sealed
 //	                (internal/seal, AES-256-GCM); expires with the token,
-//	                so a node adopting it puts the token's times on its
-//	                own clock by the key's time to live (clocks differ)
+//	                so a node adopting it moves the token's times earlier
+//	                when the key's time to live ends before the token's
+//	                expiry on its own clock (the minting clock ahead)
 //	lock:<name>     the key's fleet lock (github.com/bsm/redislock): a
 //	                random owner token, a lease of four times
 //	                Options.MaxTimeout (at most Options.LockTTL) that
@@ -834,21 +835,26 @@ func (c *Cache) getToken(ctx context.Context, name string) (b []byte, left time.
 	return b, left, err
 }
 
-// clockSlack is the difference between a stored token's expiry and the
-// one its time to live in Redis gives that onClock leaves alone: the
+// clockSlack is how much earlier than a stored token's expiry its time to
+// live in Redis may end before onClock moves the token's times: the
 // latency of the calls, not a clock that differs.
 const clockSlack = time.Second
 
 // onClock returns tok, read from Redis with left to live when this
-// node's clock read asked (before the read), with its times on this
-// node's clock. A token's times are the minting node's clock's, which may
-// differ from this one's; its key in Redis expires when the token does
-// (write), on Redis's clock, so asked + left is its expiry here (a little
-// early, by the read's latency). A difference within clockSlack, or a key
-// without expiry (left < 0), leaves tok as it is.
+// node's clock read asked (before the read), with its times moved earlier
+// when its expiry is later than asked + left by more than clockSlack. A
+// token's times are the minting node's clock's; its key in Redis expires
+// when the token does (write), on Redis's clock, so asked + left is its
+// expiry on this node's clock (a little early, by the read's latency): a
+// minting clock ahead of this one would otherwise have the token served
+// after it expired. A minting clock behind leaves the token's times
+// earlier than they are here: it is refreshed early, never served late,
+// since a write that Redis applied late (a slow call, one sent again)
+// gives its key a later end than the token's. A key without expiry
+// (left < 0) leaves tok as it is.
 func onClock(tok broker.Token, asked time.Time, left time.Duration) broker.Token {
 	shift := asked.Add(left).Sub(tok.Expiry)
-	if left < 0 || shift.Abs() <= clockSlack {
+	if left < 0 || shift >= -clockSlack {
 		return tok
 	}
 	tok.Expiry = tok.Expiry.Add(shift)
