@@ -31,11 +31,11 @@ var ErrRefreshTokenSealed = errors.New("the stored refresh token does not open w
 // Each saved refresh token carries a version (version.go), and the node
 // keeps the newest sealed value it has loaded or saved per key. A value in
 // Redis older than that one (a spent rotating refresh token written back,
-// or a failover that lost the newest write) is never handed out, and none
-// at all (a restart that lost Redis's data) is not taken for no refresh
-// token: Load returns the newer one and writes it back. The node keeps one
-// sealed value per refresh-token key it has used: as many as the merchants
-// with a refresh token.
+// or a failover that lost the newest write), or none at all (a restart
+// that lost Redis's data), is never handed out: Load returns the newer one
+// and writes it back. The node keeps one sealed value
+// per refresh-token key it has used: as many as the merchants with a
+// refresh token.
 type Store struct {
 	c *Cache
 }
