@@ -31,9 +31,8 @@ var ErrRefreshTokenSealed = errors.New("the stored refresh token does not open w
 // Each saved refresh token carries a version (version.go), and the node
 // keeps the newest sealed value it has loaded or saved per key. A value in
 // Redis older than that one (a spent rotating refresh token written back,
-// or a failover that lost the newest write), or none at all (a restart
-// that lost Redis's data), is never handed out: Load returns the newer one
-// and writes it back. The node keeps one sealed value
+// or a failover that lost the newest write) is never handed out: Load
+// returns the newer one and writes it back. The node keeps one sealed value
 // per refresh-token key it has used: as many as the merchants with a
 // refresh token.
 type Store struct {
@@ -160,14 +159,8 @@ func (s *Store) load(ctx context.Context, key string) (rt broker.Secret, current
 			found, name, b, rt, ver = true, n, v, t, tv
 		}
 	}
-	if !found && s.c.rts.get(key).sealed == nil {
-		return "", false, fmt.Errorf("fleet: %w under %s", oauth.ErrNoRefreshToken, key)
-	}
 	if !found {
-		// Redis lost it (a restart without persistence, a failover that
-		// lost the write): as for an older value, the newest this node
-		// has seen is used and put back, under the current key's name.
-		name, ver = s.redisKey(s.c.nameKeys[0], key), -1
+		return "", false, fmt.Errorf("fleet: %w under %s", oauth.ErrNoRefreshToken, key)
 	}
 	if newest := s.c.rts.newer(key, ver, b); newest.ver > ver {
 		// An older value than this node has seen: never spend it;
@@ -284,10 +277,9 @@ func (s *Store) lock(ctx context.Context, key, subject string) (func(), error) {
 	}
 }
 
-// restoreScript sets KEYS[1] to ARGV[2] if it still stores ARGV[1], or
-// nothing when ARGV[1] is empty (a stored value never is).
+// restoreScript sets KEYS[1] to ARGV[2] if it still stores ARGV[1].
 var restoreScript = redis.NewScript(`
-if (redis.call("GET", KEYS[1]) or "") == ARGV[1] then
+if redis.call("GET", KEYS[1]) == ARGV[1] then
 	return redis.call("SET", KEYS[1], ARGV[2])
 end
 return false
