@@ -781,8 +781,7 @@ func (c *Cache) undecryptable(key string, err error) {
 func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found bool, err error) {
 	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
-		asked := c.opts.Now()
-		b, left, err := c.getToken(ctx, name)
+		b, asked, left, err := c.getToken(ctx, name)
 		if errors.Is(err, redis.Nil) {
 			continue
 		}
@@ -818,9 +817,11 @@ func (c *Cache) get(ctx context.Context, name string) ([]byte, error) {
 }
 
 // getToken reads the token stored under the Redis key name and the time
-// it has left to live, in one round trip: redis.Nil when there is none.
-func (c *Cache) getToken(ctx context.Context, name string) (b []byte, left time.Duration, err error) {
+// it has left to live, in one round trip, and when this node's clock read
+// asked (just before that round trip): redis.Nil when there is none.
+func (c *Cache) getToken(ctx context.Context, name string) (b []byte, asked time.Time, left time.Duration, err error) {
 	err = c.do(ctx, "get", func(ctx context.Context) error {
+		asked = c.opts.Now()
 		var get *redis.StringCmd
 		var pttl *redis.DurationCmd
 		if _, err := c.opts.Client.Pipelined(ctx, func(p redis.Pipeliner) error {
@@ -832,7 +833,7 @@ func (c *Cache) getToken(ctx context.Context, name string) (b []byte, left time.
 		b, left = []byte(get.Val()), pttl.Val()
 		return nil
 	})
-	return b, left, err
+	return b, asked, left, err
 }
 
 // clockSlack is how much earlier than a stored token's expiry its time to
