@@ -7,9 +7,14 @@
 //	tok:<name>      a token: its 8-hex fingerprint, then the token (with
 //	                the refresh its minting node planned, which a node
 //	                adopting it keeps) and its version sealed
-//	                (internal/seal, AES-256-GCM); expires with the token
+//	                (internal/seal, AES-256-GCM); expires with the token,
+//	                so a node adopting it moves the token's times earlier
+//	                when the key's time to live ends before the token's
+//	                expiry on its own clock (the minting clock ahead)
 //	lock:<name>     the key's fleet lock (github.com/bsm/redislock): a
-//	                random owner token, expiry Options.LockTTL
+//	                random owner token, a lease of four times
+//	                Options.MaxTimeout (at most Options.LockTTL) that
+//	                its live holder renews (lockTTL)
 //	rt:<name>       a merchant's refresh token and its version, sealed;
 //	                no expiry
 //	lock:rt:<name>  a lock that serialises a merchant's refreshes, one
@@ -172,9 +177,10 @@ type Options struct {
 	// succeeding, before each further timeout counts towards opening the
 	// breaker. Default 5s, and at least twice MaxTimeout.
 	SlowSpan time.Duration
-	// LockTTL is the expiry of a key's fleet lock: if its holder dies, the
-	// others take over after at most this long. It must be at least the
-	// broker's fetch timeout. It also bounds a lookup's wait for another
+	// LockTTL is the expiry of a refresh token's fleet lock: if its holder
+	// dies, the others take over after at most this long (a token's lock
+	// is a shorter lease, at most LockTTL: see lockTTL). It must be at
+	// least the broker's fetch timeout. It also bounds a lookup's wait for another
 	// node's lock: one that has waited this long mints without the lock.
 	// A token's lock found without expiry is taken as expired; a refresh
 	// token's is given half of LockTTL. Default 35s.
@@ -767,14 +773,15 @@ func (c *Cache) undecryptable(key string, err error) {
 		zap.String("redis_key", c.tokenKey(key)), zap.Error(err))
 }
 
-// read returns the token stored for key. found is false when there is none,
-// it does not open, or it is older than one this node has seen for key
-// (version.go); err is a Redis failure. After a key rotation, a token
-// stored under the old key's name (by nodes not yet rotated) is found too.
+// read returns the token stored for key, its times on this node's clock
+// (onClock). found is false when there is none, it does not open, or it
+// is older than one this node has seen for key (version.go); err is a
+// Redis failure. After a key rotation, a token stored under the old key's
+// name (by nodes not yet rotated) is found too.
 func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found bool, err error) {
 	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
-		b, err := c.get(ctx, name)
+		b, asked, left, err := c.getToken(ctx, name)
 		if errors.Is(err, redis.Nil) {
 			continue
 		}
@@ -785,6 +792,7 @@ func (c *Cache) read(ctx context.Context, key string) (tok broker.Token, found b
 		if !ok {
 			continue
 		}
+		tok = onClock(tok, asked, left)
 		now := c.opts.Now()
 		if !c.vers.accept(key, ver, now) {
 			c.rolledBack(name)
@@ -806,6 +814,58 @@ func (c *Cache) get(ctx context.Context, name string) ([]byte, error) {
 		return err
 	})
 	return b, err
+}
+
+// getToken reads the token stored under the Redis key name and the time
+// it has left to live, in one round trip, and when this node's clock read
+// asked (just before that round trip): redis.Nil when there is none.
+func (c *Cache) getToken(ctx context.Context, name string) (b []byte, asked time.Time, left time.Duration, err error) {
+	err = c.do(ctx, "get", func(ctx context.Context) error {
+		asked = c.opts.Now()
+		var get *redis.StringCmd
+		var pttl *redis.DurationCmd
+		if _, err := c.opts.Client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			get, pttl = p.Get(ctx, name), p.PTTL(ctx, name)
+			return nil
+		}); err != nil {
+			return err
+		}
+		b, left = []byte(get.Val()), pttl.Val()
+		return nil
+	})
+	return b, asked, left, err
+}
+
+// clockSlack is how much earlier than a stored token's expiry its time to
+// live in Redis may end before onClock moves the token's times: the
+// latency of the calls, not a clock that differs.
+const clockSlack = time.Second
+
+// onClock returns tok, read from Redis with left to live when this
+// node's clock read asked (before the read), with its times moved earlier
+// when its expiry is later than asked + left by more than clockSlack. A
+// token's times are the minting node's clock's; its key in Redis expires
+// when the token does (write), on Redis's clock, so asked + left is its
+// expiry on this node's clock (a little early, by the read's latency): a
+// minting clock ahead of this one would otherwise have the token served
+// after it expired. A minting clock behind leaves the token's times
+// earlier than they are here: it is refreshed early, never served late,
+// since a write that Redis applied late (a slow call, one sent again)
+// gives its key a later end than the token's. A key without expiry
+// (left < 0) leaves tok as it is.
+func onClock(tok broker.Token, asked time.Time, left time.Duration) broker.Token {
+	shift := asked.Add(left).Sub(tok.Expiry)
+	if left < 0 || shift >= -clockSlack {
+		return tok
+	}
+	tok.Expiry = tok.Expiry.Add(shift)
+	if !tok.IssuedAt.IsZero() {
+		tok.IssuedAt = tok.IssuedAt.Add(shift)
+	}
+	if !tok.RefreshAt.IsZero() {
+		tok.RefreshAt = tok.RefreshAt.Add(shift)
+	}
+	return tok
 }
 
 // write stores tok for key until its expiry. Failures are only counted: the
@@ -985,8 +1045,12 @@ func (c *Cache) afterMint(ctx context.Context) context.Context {
 // Purge implements broker.SharedCache: a compare-and-delete by
 // fingerprint, then an announcement to every node. No version up to the
 // purged token's is accepted afterwards, on this node (even when Redis
-// failed) and on those that hear the announcement (version.go).
+// failed) and on those that hear the announcement (version.go). A delete
+// that Redis answers with an error (a write refused: a read-only replica,
+// an ACL) is still announced: Redis takes the announcement, and the nodes
+// that hear it drop the token and refuse it when they read it back.
 func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
+	var purgeErr error
 	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
 		var deleted string
@@ -996,9 +1060,15 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			return err
 		})
 		if err != nil && !errors.Is(err, redis.Nil) {
-			// The token may stay in Redis: this node refuses it from now on.
-			c.vers.purge(key, fingerprint, c.opts.Now())
-			return fmt.Errorf("fleet: purging %s: %w", name, err)
+			// The token may stay in Redis: this node refuses it from now
+			// on, and the others if Redis answered (an error answer).
+			purgeErr = fmt.Errorf("fleet: purging %s: %w", name, err)
+			var answer redis.Error
+			if !errors.As(err, &answer) {
+				c.vers.purge(key, fingerprint, c.opts.Now())
+				return purgeErr
+			}
+			break
 		}
 		if len(deleted) > 0 {
 			if tok, ver, ok := c.decode(key, []byte(deleted)); ok {
@@ -1016,7 +1086,7 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			return err
 		}
 	}
-	return c.publish(ctx, e)
+	return errors.Join(purgeErr, c.publish(ctx, e))
 }
 
 // purgeScript deletes KEYS[1] if its value starts with the fingerprint

@@ -15,18 +15,40 @@ import (
 )
 
 // held is a fleet lock this node holds. While held, a goroutine extends it
-// every third of its TTL, so a long refresh keeps it; release stops that
-// and releases it (only if this node still owns it).
+// every quarter of its expiry, each extension given at most a quarter of
+// it in Redis time, so that a long mint or refresh keeps it through a
+// stalled extension or two; release stops that and releases it (only if
+// this node still owns it).
 type held struct {
 	c    *Cache
 	lock *redislock.Lock
+	ttl  time.Duration // the lock's expiry (lockTTL)
 	stop chan struct{}
 	once sync.Once
 	wg   sync.WaitGroup
 }
 
+// lockTTL is the expiry of subject's lock, which its live holder sets
+// again every quarter of it (keepAlive). A refresh token's lock expires
+// after Options.LockTTL: it must not lapse while its holder lives, even
+// with Redis slow, as two refreshes at once could spend a rotating
+// refresh token twice. A token's lock is a lease of four times
+// Options.MaxTimeout (at least three Options.LockPoll, at most LockTTL):
+// long enough for three extensions, each bounded by a quarter of it, to
+// be tried before it ends; short enough that a node killed while it holds
+// the lock holds up the key's lookups on the others for much less than
+// their fetch timeout (which LockTTL is at least). If it lapses while its
+// holder lives after all (Redis stalled for most of the lease), the cost
+// is a second token.
+func (c *Cache) lockTTL(subject string) time.Duration {
+	if strings.HasPrefix(subject, "tok:") {
+		return min(c.opts.LockTTL, max(4*c.opts.MaxTimeout, 3*c.opts.LockPoll))
+	}
+	return c.opts.LockTTL
+}
+
 // obtain tries once to take subject's lock, with a random owner token and
-// expiry LockTTL. It returns redislock.ErrNotObtained when another node
+// expiry lockTTL. It returns redislock.ErrNotObtained when another node
 // holds it. The token is chosen before the call, so a call that timed out
 // and runs again (do) takes the lock it may already hold instead of
 // finding it held by someone.
@@ -36,16 +58,17 @@ func (c *Cache) obtain(ctx context.Context, subject string) (*held, error) {
 		return nil, fmt.Errorf("fleet: lock owner token: %w", err)
 	}
 	lo := &redislock.Options{Token: base64.RawURLEncoding.EncodeToString(token)}
+	ttl := c.lockTTL(subject)
 	var l *redislock.Lock
 	err := c.do(ctx, "lock", func(ctx context.Context) error {
 		var err error
-		l, err = c.locker.Obtain(ctx, c.lockKey(subject), c.opts.LockTTL, lo)
+		l, err = c.locker.Obtain(ctx, c.lockKey(subject), ttl, lo)
 		return err
 	})
 	if err != nil {
 		return nil, err
 	}
-	h := &held{c: c, lock: l, stop: make(chan struct{})}
+	h := &held{c: c, lock: l, ttl: ttl, stop: make(chan struct{})}
 	h.wg.Add(1)
 	go h.keepAlive()
 	return h, nil
@@ -53,15 +76,15 @@ func (c *Cache) obtain(ctx context.Context, subject string) (*held, error) {
 
 func (h *held) keepAlive() {
 	defer h.wg.Done()
-	t := time.NewTicker(h.c.opts.LockTTL / 3)
+	t := time.NewTicker(h.ttl / 4)
 	defer t.Stop()
 	for {
 		select {
 		case <-h.stop:
 			return
 		case <-t.C:
-			_ = h.c.do(context.Background(), "lock", func(ctx context.Context) error {
-				return h.lock.Refresh(ctx, h.c.opts.LockTTL, nil)
+			_ = h.c.do(withRedisTime(context.Background(), h.ttl/4), "lock", func(ctx context.Context) error {
+				return h.lock.Refresh(ctx, h.ttl, nil)
 			})
 		}
 	}
@@ -120,8 +143,8 @@ func (c *Cache) waitLock(ctx context.Context, subject string, wake <-chan struct
 
 // repairLock gives subject's lock an expiry if it has none, and returns
 // that expiry (0 when the key changed meanwhile). No lock this package
-// takes is without expiry: obtain sets Options.LockTTL and a live holder
-// sets it again every third of it. A lock key without one was left by an
+// takes is without expiry: obtain sets one (lockTTL) and a live holder
+// sets it again every quarter of it. A lock key without one was left by an
 // operator, a bug or a failover that lost the expiry, and would stall its
 // key for ever. A token's lock is taken as expired at once: if its holder
 // is alive after all, the cost is a second token. A refresh token's lock

@@ -196,3 +196,50 @@ func TestPurgeFailedIsNotAdoptedBack(t *testing.T) {
 		t.Fatalf("after a purge that could not reach Redis, the node adopted the purged token back (adopted=%v)", adopted)
 	}
 }
+
+// TestPurgeRefusedIsStillAnnounced: a node purges a token while Redis
+// refuses writes (a read-only replica after a failover, maxmemory, an ACL
+// without writes), so the token stays stored there. Redis still takes the
+// announcement: the other nodes drop the token, and once Redis takes
+// writes again they do not adopt it back.
+func TestPurgeRefusedIsStillAnnounced(t *testing.T) {
+	for _, tc := range writeRefusals {
+		t.Run(tc.name, func(t *testing.T) {
+			r := startRedis(t)
+			keys := testKeys(t, 1)
+			a, b := newNode(t, r, keys, nil), newNode(t, r, keys, nil)
+			heard := make(chan string, 10)
+			b.OnPurge(func(_, fp string) { heard <- fp })
+			ctx := testCtx(t)
+			var m minter
+			rejected, _, err := a.Fetch(ctx, testKey, usable, m.mint)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, adopted, err := b.Fetch(ctx, testKey, usable, m.mint); err != nil || !adopted {
+				t.Fatalf("b: adopted=%v err=%v; want a's token", adopted, err)
+			}
+			r.CLI(tc.refuse...)
+			if err := a.Purge(ctx, testKey, rejected.Fingerprint()); err == nil {
+				t.Fatal("Purge with writes refused succeeded")
+			}
+			select {
+			case fp := <-heard:
+				if fp != rejected.Fingerprint() {
+					t.Fatalf("b heard a purge of %s; want %s", fp, rejected.Fingerprint())
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("b did not hear the purge made while Redis refused writes")
+			}
+			r.CLI(tc.allow...)
+			b.clock.Add(BreakerCooldown)
+			tok, adopted, err := b.Fetch(ctx, testKey, usable, m.mint)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if adopted || tok.Value == rejected.Value {
+				t.Fatalf("b adopted the token a purged back from Redis (adopted=%v)", adopted)
+			}
+		})
+	}
+}

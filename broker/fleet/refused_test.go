@@ -14,6 +14,18 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/breaker"
 )
 
+// writeRefusals are the ways a Redis answers reads but refuses writes:
+// the redis-cli arguments that make it refuse, and those that make it take
+// writes again.
+var writeRefusals = []struct {
+	name          string
+	refuse, allow []string
+}{
+	{"replica", []string{"REPLICAOF", "127.0.0.1", "1"}, []string{"REPLICAOF", "NO", "ONE"}},
+	{"maxmemory", []string{"CONFIG", "SET", "maxmemory", "1"}, []string{"CONFIG", "SET", "maxmemory", "0"}},
+	{"acl", []string{"ACL", "SETUSER", "default", "-@write"}, []string{"ACL", "SETUSER", "default", "+@write"}},
+}
+
 // TestWriteRefusingRedisIsUnavailable: a Redis that answers reads but
 // refuses every write (a read-only replica, maxmemory reached without
 // eviction, an ACL without write commands) cannot share tokens: each
@@ -22,14 +34,7 @@ import (
 // the cooldown the probe writes first, so the breaker closes only once
 // Redis takes writes again.
 func TestWriteRefusingRedisIsUnavailable(t *testing.T) {
-	for _, tc := range []struct {
-		name          string
-		refuse, allow []string // redis-cli arguments
-	}{
-		{"replica", []string{"REPLICAOF", "127.0.0.1", "1"}, []string{"REPLICAOF", "NO", "ONE"}},
-		{"maxmemory", []string{"CONFIG", "SET", "maxmemory", "1"}, []string{"CONFIG", "SET", "maxmemory", "0"}},
-		{"acl", []string{"ACL", "SETUSER", "default", "-@write"}, []string{"ACL", "SETUSER", "default", "+@write"}},
-	} {
+	for _, tc := range writeRefusals {
 		t.Run(tc.name, func(t *testing.T) {
 			r := startRedis(t)
 			a := newNode(t, r, testKeys(t, 1), nil)

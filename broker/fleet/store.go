@@ -108,11 +108,36 @@ func (s *Store) redisKey(nameKey []byte, key string) string {
 // is never spent. A value that does not open fails the Load: it may be
 // the newest.
 func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
+	rt, _, err := s.load(ctx, key)
+	return rt, err
+}
+
+// LoadLocked implements oauth.LockedLoader: Load, called with Lock held
+// for key. A refresh token found under an old key's name, or sealed with
+// an old key, is then saved again (Save): sealed with the current key
+// under its name, the copies under the old names deleted, so that it
+// still opens once the old key is dropped, even if the provider never
+// rotates it. That rewrite is best effort (bounded by oauth.SaveTimeout,
+// even when ctx is cancelled): when it fails, the refresh token is still
+// returned, and the next LoadLocked tries again.
+func (s *Store) LoadLocked(ctx context.Context, key string) (broker.Secret, error) {
+	rt, current, err := s.load(ctx, key)
+	if err != nil || current {
+		return rt, err
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), oauth.SaveTimeout)
+	defer cancel()
+	_ = s.Save(sctx, key, rt)
+	return rt, nil
+}
+
+// load is Load; current reports whether the refresh token is stored under
+// the current key's name, sealed with the current key.
+func (s *Store) load(ctx context.Context, key string) (rt broker.Secret, current bool, err error) {
 	var (
 		found bool
 		name  string // where the newest value is
 		b     []byte // the newest value, sealed
-		rt    broker.Secret
 		ver   int64
 	)
 	for _, nk := range s.c.nameKeys {
@@ -122,20 +147,20 @@ func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
 			continue
 		}
 		if err != nil {
-			return "", fmt.Errorf("fleet: loading the refresh token of %s from redis: %w", key, err)
+			return "", false, fmt.Errorf("fleet: loading the refresh token of %s from redis: %w", key, err)
 		}
 		t, tv, err := s.rtOpen(key, v)
 		if err != nil {
 			s.c.metrics.undecryptable.Inc()
 			s.c.opts.Logger.Warn("a refresh token in redis does not open", zap.String("redis_key", n), zap.Error(err))
-			return "", fmt.Errorf("fleet: refresh token of %s (%s): %w", key, n, ErrRefreshTokenSealed)
+			return "", false, fmt.Errorf("fleet: refresh token of %s (%s): %w", key, n, ErrRefreshTokenSealed)
 		}
 		if !found || tv > ver {
 			found, name, b, rt, ver = true, n, v, t, tv
 		}
 	}
 	if !found {
-		return "", fmt.Errorf("fleet: %w under %s", oauth.ErrNoRefreshToken, key)
+		return "", false, fmt.Errorf("fleet: %w under %s", oauth.ErrNoRefreshToken, key)
 	}
 	if newest := s.c.rts.newer(key, ver, b); newest.ver > ver {
 		// An older value than this node has seen: never spend it;
@@ -143,14 +168,15 @@ func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
 		s.c.rolledBack(name)
 		var err error
 		if rt, _, err = s.rtOpen(key, newest.sealed); err != nil {
-			return "", fmt.Errorf("fleet: refresh token of %s: %w", key, ErrRefreshTokenSealed)
+			return "", false, fmt.Errorf("fleet: refresh token of %s: %w", key, ErrRefreshTokenSealed)
 		}
 		// Put back unless it changed meanwhile (a Save elsewhere).
 		_ = s.c.do(context.WithoutCancel(ctx), "set", func(ctx context.Context) error {
 			return restoreScript.Run(ctx, s.c.opts.Client, []string{name}, b, newest.sealed).Err()
 		})
+		b = newest.sealed
 	}
-	return rt, nil
+	return rt, name == s.redisKey(s.c.nameKeys[0], key) && s.c.opts.Keys.IsCurrent(b), nil
 }
 
 // Save implements oauth.Store: the refresh token is sealed and stored
@@ -259,4 +285,7 @@ end
 return false
 `)
 
-var _ oauth.Store = (*Store)(nil)
+var (
+	_ oauth.Store        = (*Store)(nil)
+	_ oauth.LockedLoader = (*Store)(nil)
+)

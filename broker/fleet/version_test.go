@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
 // waitFor polls cond with backoff until it holds or 10 s pass.
@@ -106,20 +108,22 @@ func TestVersionsAcrossSkewedClocks(t *testing.T) {
 	keys := testKeys(t, 1)
 	a, late := newNode(t, r, keys, nil), newNode(t, r, keys, nil)
 	late.clock.Add(-time.Hour)
+	// The late node judges tokens on its own clock, as its broker does.
+	lateUsable := func(tok broker.Token) bool { return tok.ValidAt(late.clock.Now(), time.Second) }
 	ctx := testCtx(t)
 	var m minter
 	tok, _, err := a.Fetch(ctx, testKey, usable, m.mint)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := late.Fetch(ctx, testKey, usable, m.mint); err != nil {
-		t.Fatal(err)
+	if _, adopted, err := late.Fetch(ctx, testKey, lateUsable, m.mint); err != nil || !adopted {
+		t.Fatalf("late node: adopted=%v err=%v; want a's token adopted", adopted, err)
 	}
 	if err := a.Purge(ctx, testKey, tok.Fingerprint()); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "the purge announcement", func() bool { return late.obs.inval() == 1 })
-	minted, adopted, err := late.Fetch(ctx, testKey, usable, m.mint)
+	minted, adopted, err := late.Fetch(ctx, testKey, lateUsable, m.mint)
 	if err != nil || adopted {
 		t.Fatalf("late node: adopted=%v err=%v; want a mint", adopted, err)
 	}

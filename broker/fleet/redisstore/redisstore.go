@@ -57,7 +57,8 @@ type Settings struct {
 	// quarter of FetchTimeout. Default fleet.DefaultMaxTimeout, within
 	// those limits.
 	MaxTimeout time.Duration
-	// LockTTL is the expiry of a key's fleet lock, at least
+	// LockTTL is fleet.Options.LockTTL (the expiry of a refresh token's
+	// fleet lock, and the most a token's lease lasts), at least
 	// FetchTimeout. Default FetchTimeout plus fleet.LockMargin.
 	LockTTL time.Duration
 	// FetchTimeout is the broker's fetch timeout. Default
