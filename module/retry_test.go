@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -335,5 +336,58 @@ func TestForwardAllocations(t *testing.T) {
 	})
 	if n != 1 {
 		t.Errorf("forward allocates %.0f times, want 1 (the first attempt's recorder)", n)
+	}
+}
+
+// TestRetryAnsweredWithoutTheTokenTakenMintsNoTokens: a resource server
+// answers invalid_token to every request's first attempt (a wrong tenant on
+// a path the caller picks) and its retry with an answer that says nothing
+// of the token (a 503 under load, a bare 401). The retries do not count as
+// the fresh token accepted: the key's purges are held, so ten requests
+// cost at most two token requests.
+func TestRetryAnsweredWithoutTheTokenTakenMintsNoTokens(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		status int
+		header string // the retry's WWW-Authenticate
+	}{
+		{"503", http.StatusServiceUnavailable, ""},
+		{"bare 401", http.StatusUnauthorized, `Bearer realm="api"`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var calls atomic.Int64
+			h := newTestHandler(t, func(ctx context.Context, req broker.Request) (broker.Token, error) {
+				n := calls.Add(1)
+				return broker.Token{Value: broker.Secret(fmt.Sprintf("tok-%d", n)), Expiry: time.Now().Add(time.Hour)}, nil
+			}, "json")
+			for i := range 10 {
+				attempt := 0
+				next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+					if attempt++; attempt == 1 {
+						w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+						w.WriteHeader(http.StatusUnauthorized)
+						return nil
+					}
+					if tt.header != "" {
+						w.Header().Set("WWW-Authenticate", tt.header)
+					}
+					w.WriteHeader(tt.status)
+					return nil
+				})
+				req := httptest.NewRequest("GET", "/", nil)
+				req.Header.Set("X-Merchant-Id", "acme")
+				req = req.WithContext(context.WithValue(req.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+				rec := httptest.NewRecorder()
+				if err := h.ServeHTTP(rec, req, next); err != nil {
+					t.Fatal(err)
+				}
+				if i == 0 && rec.Code != tt.status {
+					t.Fatalf("request %d: status %d, want the retry's %d", i, rec.Code, tt.status)
+				}
+			}
+			if n := calls.Load(); n > 2 {
+				t.Errorf("%d token requests for 10 requests, want at most 2", n)
+			}
+		})
 	}
 }

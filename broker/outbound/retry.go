@@ -232,6 +232,18 @@ func rejectsToken(mode string, status int, header http.Header) bool {
 	return challengeError(header, "invalid_token")
 }
 
+// acceptsToken reports whether an answer of status to a retry shows that
+// the upstream took the fresh token it carried: an answer was written, and
+// it is not a 401 (the token rejected, a nonce asked for, or no credential
+// taken), a 429 or a 5xx, which an upstream may answer before it looks at
+// a token and a caller can provoke (a path, load). Such an answer lifts the
+// key's hold on purges (Tokens.Accepted): only the upstream's own word on
+// the token may.
+func acceptsToken(status int) bool {
+	return status != 0 && status != http.StatusUnauthorized && status != http.StatusTooManyRequests &&
+		status < http.StatusInternalServerError
+}
+
 // nonceChallenge reports whether an upstream answer asks for a DPoP proof
 // with the server's nonce (RFC 9449 §9): a 401 with
 // `WWW-Authenticate: DPoP error="use_dpop_nonce"`. The token is fine: a
@@ -522,9 +534,10 @@ type sent struct {
 // again sends the request once more, as it was when Forward got it
 // (first: method, Host, URL, headers, body), with the token of fresh, and
 // passes the answer through. After a purge (purged), an answer that
-// accepts the fresh token is reported to the broker (Accepted). A
-// rejection of the token sent is reported too (Purge), and the broker then
-// pauses the key's purges (the 401 is not about the token).
+// accepts the fresh token (acceptsToken) is reported to the broker
+// (Accepted). A rejection of the token sent is reported too (Purge), and
+// the broker then pauses the key's purges (the 401 is not about the
+// token).
 func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, fresh Entry,
 	rec *rejectRecorder, first *sent, purged bool) error {
 	if rt.Isolate != nil {
@@ -549,7 +562,7 @@ func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Con
 	}
 	rt.reportRefused(b, rec)
 	if err != nil || !rec.rejected {
-		if err == nil && rec.status != 0 && purged {
+		if err == nil && purged && acceptsToken(rec.status) {
 			rt.Tokens.Accepted(b, fresh.Token().Value)
 		}
 		return err

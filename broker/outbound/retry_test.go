@@ -513,3 +513,59 @@ func TestHeaderSnapshotRestores(t *testing.T) {
 		}
 	}
 }
+
+// TestRetryAcceptedOnlyWhenTheUpstreamTookTheToken: a retry after a
+// rejection tells the broker the fresh token was accepted (which lifts the
+// key's hold on purges) only when the retry's answer shows the upstream
+// took it: not a 401 of any kind (a bare one, or a nonce challenge), a 429
+// or a 5xx, which a caller can provoke (load, a path) and which say
+// nothing of the token.
+func TestRetryAcceptedOnlyWhenTheUpstreamTookTheToken(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		status   int
+		header   string // the retry's WWW-Authenticate
+		accepted bool
+	}{
+		{"200", http.StatusOK, "", true},
+		{"302", http.StatusFound, "", true},
+		{"403 insufficient_scope", http.StatusForbidden, `Bearer error="insufficient_scope"`, true},
+		{"404", http.StatusNotFound, "", true},
+		{"401 without an error code", http.StatusUnauthorized, `Bearer realm="api"`, false},
+		{"401 without a challenge", http.StatusUnauthorized, "", false},
+		{"401 nonce challenge", http.StatusUnauthorized, `DPoP error="use_dpop_nonce"`, false},
+		{"429", http.StatusTooManyRequests, "", false},
+		{"503", http.StatusServiceUnavailable, "", false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			attempts := 0
+			next := HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				attempts++
+				if attempts == 1 {
+					w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+					w.WriteHeader(http.StatusUnauthorized)
+					return nil
+				}
+				if tt.header != "" {
+					w.Header().Set("WWW-Authenticate", tt.header)
+				}
+				w.WriteHeader(tt.status)
+				return nil
+			})
+			r := httptest.NewRequest("GET", "/pay", nil)
+			out := Contract{}
+			out.Prepare(r, "Bearer old")
+			tokens := &fakeTokens{fresh: entry{broker.Token{Value: "new"}}}
+			w := httptest.NewRecorder()
+			if err := (Retry{Tokens: tokens}).Forward(w, r, next, out, &broker.Binding{}, entry{broker.Token{Value: "old"}}); err != nil {
+				t.Fatal(err)
+			}
+			if attempts != 2 || w.Code != tt.status {
+				t.Fatalf("%d attempts, caller got %d: want the retry's %d", attempts, w.Code, tt.status)
+			}
+			if got := tokens.accepted == "new"; got != tt.accepted {
+				t.Errorf("fresh token reported accepted: %t, want %t", got, tt.accepted)
+			}
+		})
+	}
+}
