@@ -448,7 +448,22 @@ func (s *headerSnapshot) restore(h http.Header) {
 // token, under the same replay rules (in every Mode), and NonceChallenged
 // is told. To a bearer request, it is passed through: no proof can carry
 // the nonce, so the request is not sent again.
+//
+// When next fails (reverse_proxy's 502, say), Forward returns its error
+// with the request's Authorization removed: Caddy runs its error routes
+// (handle_errors) on the same request, and they must neither send the
+// token elsewhere (a reverse_proxy to an error-page service) nor show it
+// (a template). A DPoP-bound token is not on the request (see IsDPoP).
 func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
+	err := rt.forward(w, r, next, out, b, e)
+	if err != nil {
+		delete(r.Header, "Authorization")
+	}
+	return err
+}
+
+// forward is Forward but for the error's Authorization.
+func (rt Retry) forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
 	if rt.Mode == "off" && rt.DPoP == nil {
 		return next.ServeHTTP(w, r)
 	}

@@ -569,3 +569,54 @@ func TestRetryAcceptedOnlyWhenTheUpstreamTookTheToken(t *testing.T) {
 		})
 	}
 }
+
+// TestFailedForwardWithdrawsTheToken: when the chain after the handler
+// fails (reverse_proxy's 502, on the first attempt or on the retry after a
+// 401, in every mode), Caddy's error routes get the request without the
+// token; a request answered keeps it.
+func TestFailedForwardWithdrawsTheToken(t *testing.T) {
+	unreachable := errors.New("upstream unreachable")
+	for _, tt := range []struct {
+		name    string
+		mode    string
+		fail    []bool // per attempt: next returns an error (else the first attempt's 401 invalid_token, then 200)
+		wantErr bool
+	}{
+		{"answered", "", []bool{false, false}, false},
+		{"first attempt fails", "", []bool{true}, true},
+		{"retry off, fails", "off", []bool{true}, true},
+		{"retry fails", "", []bool{false, true}, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			attempts := 0
+			next := HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				attempts++
+				if tt.fail[attempts-1] {
+					return unreachable
+				}
+				if attempts == 1 {
+					w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+					w.WriteHeader(http.StatusUnauthorized)
+					return nil
+				}
+				w.WriteHeader(http.StatusOK)
+				return nil
+			})
+			r := httptest.NewRequest("GET", "/pay", nil)
+			out := Contract{}
+			out.Prepare(r, "Bearer old")
+			tokens := &fakeTokens{fresh: entry{broker.Token{Value: "new"}}}
+			err := (Retry{Tokens: tokens, Mode: tt.mode}).Forward(httptest.NewRecorder(), r, next, out, &broker.Binding{}, entry{broker.Token{Value: "old"}})
+			if (err != nil) != tt.wantErr || attempts != len(tt.fail) {
+				t.Fatalf("%d attempts, error %v: want %d attempts, an error %t", attempts, err, len(tt.fail), tt.wantErr)
+			}
+			got := r.Header.Values("Authorization")
+			if tt.wantErr && len(got) != 0 {
+				t.Errorf("the failed request still carries Authorization %q into the error routes", got)
+			}
+			if !tt.wantErr && len(got) != 1 {
+				t.Errorf("the answered request carries Authorization %q, want the token", got)
+			}
+		})
+	}
+}
