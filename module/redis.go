@@ -81,11 +81,9 @@ type RedisConfig struct {
 	// TimeoutMax is the longest bound of a Redis call, from Timeout to a
 	// quarter of the fetch timeout. Default 2s (within those limits).
 	TimeoutMax caddy.Duration `json:"timeout_max,omitempty"`
-	// LockTTL is the expiry of a merchant's refresh-token lock, after
-	// which another broker takes over from one that died while
-	// refreshing; a token's lock is a lease of four times timeout_max, at
-	// most LockTTL, renewed while its holder mints. At least the fetch
-	// timeout. Default the fetch timeout plus 5s (35s).
+	// LockTTL is fleet.Options.LockTTL: a refresh-token lock's expiry,
+	// a token lock's longest lease. At least the fetch timeout. Default
+	// the fetch timeout plus 5s (35s).
 	LockTTL caddy.Duration `json:"lock_ttl,omitempty"`
 }
 
