@@ -707,3 +707,30 @@ func TestReloadedMerchantLeavesItsOldFailure(t *testing.T) {
 		})
 	}
 }
+
+// TestReconcileRemovedProvider: a provider told failing that a reload
+// removes (or renames) is told recovered when the registries are
+// reconciled: no answer of its will ever end the failure.
+func TestReconcileRemovedProvider(t *testing.T) {
+	f := newStateFixture(t)
+	_ = f.get(t, "throttled") // the wildcard's merchant: a 429 holds nuapay's source
+	if got := f.events.take(); !slices.Equal(got, []string{"provider_failing provider=nuapay error=token_rate_limited"}) {
+		t.Fatalf("events %q", got)
+	}
+	renamed := strings.ReplaceAll(strings.Replace(stateTOML, "[providers.nuapay]", "[providers.renamed]", 1), `provider = "nuapay"`, `provider = "renamed"`)
+	reloaded, err := configtest.Load(t, "reloaded.toml", []byte(renamed),
+		config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := f.sources()
+	s.Registry = reloaded
+	Reconcile(s)
+	if got, want := f.events.take(), []string{"provider_recovered provider=nuapay"}; !slices.Equal(got, want) {
+		t.Errorf("events %q, want %q", got, want)
+	}
+	Reconcile(s)
+	if got := f.events.take(); len(got) > 0 {
+		t.Errorf("events of a second reconcile: %q, want none", got)
+	}
+}

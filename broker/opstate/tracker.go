@@ -448,20 +448,20 @@ func (p *providerRecord) setFailing(provider string, br *broker.Broker) []event 
 	return evs
 }
 
-// Reconcile sets the sources of each provider of s's registries
-// (Registry and Others) that s's tracker was told of to those the
-// registries name for it, and reads from s's broker whether the provider
-// fails now: EventProviderRecovered is emitted for a provider that so
-// stops failing. It drops the failures of a merchant's keys whose source
-// or organisation no registry serves the merchant from any more (its
-// organisation or provider changed): no request will end them. The
-// events told stay told, so a merchant still failing under the new
-// configuration is not announced again. The broker drops a source's state without telling when
-// it forgets it (a rotated secret), and a configuration that replaces
-// another leaves the old one's sources behind. Call it when registries
-// are loaded and periodically (the Collector does, when it counts
-// again): reading the state (Build) does not, so that a read has no side
-// effect.
+// Reconcile sets the sources of each provider that s's tracker was told
+// of to those s's registries (Registry and Others) name for it (none for a
+// provider they no longer name: removed or renamed), and reads from s's
+// broker whether the provider fails now: EventProviderRecovered is
+// emitted for a provider that so stops failing. It drops the failures of
+// a merchant's keys whose source or organisation no registry serves the
+// merchant from any more (its organisation or provider changed): no
+// request will end them. The events told stay told, so a merchant still
+// failing under the new configuration is not announced again. The broker
+// drops a source's state without telling when it forgets it (a rotated
+// secret), and a configuration that replaces another leaves the old one's
+// sources behind. Call it when registries are loaded and periodically
+// (the Collector does, when it counts again): reading the state (Build)
+// does not, so that a read has no side effect.
 func Reconcile(s Sources) {
 	sources := map[string][]string{} // provider name -> its source IDs
 	for _, reg := range s.registries() {
@@ -474,11 +474,12 @@ func Reconcile(s Sources) {
 	defer func() { t.send(evs) }()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for name, of := range sources {
-		if p := t.providers[name]; p != nil { // nothing told of another: nothing to reconcile
-			p.sources = of
-			evs = append(evs, p.setFailing(name, s.Broker)...)
-		}
+	// Only the providers told of: nothing to reconcile for another. One
+	// that no registry names any more (removed or renamed) has no source
+	// left, so it stops failing.
+	for name, p := range t.providers {
+		p.sources = sources[name]
+		evs = append(evs, p.setFailing(name, s.Broker)...)
 	}
 	regs := s.registries()
 	for id, m := range t.merchants {
