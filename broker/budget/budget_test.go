@@ -864,3 +864,36 @@ func TestAccount(t *testing.T) {
 		t.Errorf(`Account("") = %q, want ""`, got)
 	}
 }
+
+// TestLoweringEndsWithinMaxHold: a lowering to fewer requests than one per
+// MaxHold (one left of a day's quota) spends its request and lets the
+// configured rate serve again once MaxHold has passed: the bucket it spent
+// does not close the budget until the provider's reset.
+func TestLoweringEndsWithinMaxHold(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		header http.Header
+	}{
+		{"X-RateLimit, a day", http.Header{"X-Ratelimit-Remaining": {"1"}, "X-Ratelimit-Reset": {"86400"}}},
+		{"RateLimit, an hour", http.Header{"Ratelimit": {`"d";r=2;t=3600`}}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newClock()
+			sleep := advance(c)
+			b := New("bank", limit(10, 10, time.Second), NewLocal(c.Now), c.Now)
+			ctx := context.Background()
+			b.Observe(ctx, tt.header, c.Now())
+			if _, err := b.Take(ctx, Foreground, c.Now().Add(time.Second), sleep); err != nil {
+				t.Fatalf("first request under the lowering: %v", err)
+			}
+			c.Add(MaxHold)
+			start := c.Now()
+			if _, err := b.Take(ctx, Foreground, start.Add(time.Second), sleep); err != nil {
+				t.Fatalf("request once MaxHold has passed: %v, want served at the configured rate", err)
+			}
+			if _, err := b.Take(ctx, Background, time.Time{}, sleep); err != nil {
+				t.Fatalf("refresh once MaxHold has passed: %v, want served", err)
+			}
+		})
+	}
+}

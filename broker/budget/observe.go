@@ -40,7 +40,9 @@ type quota struct {
 // (a reset in seconds or as a Unix time). The most restrictive quota read
 // applies until its reset (at most MaxHold): a rate below the configured
 // one (for a local share, WithLocalShare, its share of the rate) lowers
-// the budget, none left closes it until then. An answer whose
+// the budget (to no fewer than one request per MaxHold, so that the
+// requests it spends hold the bucket no longer than MaxHold), none left
+// closes it until then. An answer whose
 // quotas restrict nothing ends a lowering; one without a well-formed quota
 // leaves the budget as it is (malformed values are ignored). A closed
 // budget is never reopened by an answer (one sent before it closed may
@@ -71,6 +73,12 @@ func (b *Budget) Observe(ctx context.Context, h http.Header, now time.Time) {
 	// Spread evenly: a burst on top would spend twice what is left. What
 	// is left is the whole key's: this budget's share of it.
 	lowered := Limit{Rate: best.remaining, Burst: 1, Period: best.reset}.Share(b.shareOf)
+	if lowered.interval() > MaxHold {
+		// Fewer than one request per MaxHold: the bucket spent at the
+		// lowered interval would stay closed that long after the lowering
+		// ends.
+		lowered = Limit{Rate: 1, Burst: 1, Period: MaxHold}
+	}
 	if best.remaining > 0 && lowered.PerSecond() < b.limit.PerSecond() {
 		b.lowered, b.loweredUntil = lowered, until
 	}

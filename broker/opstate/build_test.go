@@ -656,3 +656,81 @@ func TestBuildSharedKeyRecovered(t *testing.T) {
 		t.Fatalf("merchants %q, want %q", got, want)
 	}
 }
+
+// TestReloadedMerchantLeavesItsOldFailure: a merchant refused under one
+// configuration (an unknown organisation, a refused provider) and served
+// once a reload fixed it (another organisation, the provider renamed)
+// shows the state of its keys under the configuration in force, once the
+// registries are reconciled: not the old key's failure, which no request
+// will ever end.
+func TestReloadedMerchantLeavesItsOldFailure(t *testing.T) {
+	for _, tt := range []struct {
+		name, merchant string
+		edit           func(toml string) string
+	}{
+		{"organisation fixed", "c-unknown", func(s string) string {
+			return strings.Replace(s, `organisation = "unknown"`, `organisation = "fixed"`, 1)
+		}},
+		{"provider renamed", "b-refused", func(s string) string {
+			s = strings.ReplaceAll(s, `provider = "nuapay"`, `provider = "renamed"`)
+			s = strings.Replace(s, `[providers.nuapay]`, `[providers.renamed]`, 1)
+			return strings.Replace(s, `organisation = "refused"`, `organisation = "fixed"`, 1)
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newStateFixture(t)
+			if err := f.get(t, tt.merchant); err == nil {
+				t.Fatalf("%s: a token under the first configuration", tt.merchant)
+			}
+			reloaded, err := configtest.Load(t, "reloaded.toml", []byte(tt.edit(stateTOML)),
+				config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range reloaded.Providers {
+				p.Source = f.reg.Providers["nuapay2"].Source
+			}
+			f.reg, f.table = reloaded, bindings.ForRegistry(reloaded, nil, nil, f.clk.Now)
+			f.rec = telemetry.ForRegistry(nil, f.tracker, zap.NewNop(), f.table, reloaded, f.br)
+			s := f.sources()
+			Reconcile(s)
+			f.clk.Add(time.Hour) // past the old key's failure memory
+			if err := f.get(t, tt.merchant); err != nil {
+				t.Fatalf("%s under the reloaded configuration: %v", tt.merchant, err)
+			}
+			r := Build(s, Query{}, f.clk.Now())
+			for _, m := range r.Merchants {
+				if m.Merchant == tt.merchant && m.State != StateFresh {
+					t.Errorf("%s served under the reloaded configuration: state %s, want %s", tt.merchant, m.State, StateFresh)
+				}
+			}
+		})
+	}
+}
+
+// TestReconcileRemovedProvider: a provider told failing that a reload
+// removes (or renames) is told recovered when the registries are
+// reconciled: no answer of its will ever end the failure.
+func TestReconcileRemovedProvider(t *testing.T) {
+	f := newStateFixture(t)
+	_ = f.get(t, "throttled") // the wildcard's merchant: a 429 holds nuapay's source
+	if got := f.events.take(); !slices.Equal(got, []string{"provider_failing provider=nuapay error=token_rate_limited"}) {
+		t.Fatalf("events %q", got)
+	}
+	renamed := strings.ReplaceAll(strings.Replace(stateTOML, "[providers.nuapay]", "[providers.renamed]", 1), `provider = "nuapay"`, `provider = "renamed"`)
+	reloaded, err := configtest.Load(t, "reloaded.toml", []byte(renamed),
+		config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := f.sources()
+	s.Registry = reloaded
+	Reconcile(s)
+	if got, want := f.events.take(), []string{"provider_recovered provider=nuapay"}; !slices.Equal(got, want) {
+		t.Errorf("events %q, want %q", got, want)
+	}
+	Reconcile(s)
+	if got := f.events.take(); len(got) > 0 {
+		t.Errorf("events of a second reconcile: %q, want none", got)
+	}
+}

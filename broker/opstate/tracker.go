@@ -11,6 +11,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
@@ -88,9 +89,12 @@ type merchantRecord struct {
 }
 
 // keyFailure is the state a cache key's failed token request puts its
-// merchant in.
+// merchant in, with the source ID and organisation of the key's binding:
+// Reconcile drops a failure whose merchant no registry serves from them
+// any more.
 type keyFailure struct {
-	key, state string
+	key, state           string
+	source, organisation string
 }
 
 // failure returns the worst state of m's keys' failures; "" when none.
@@ -104,9 +108,10 @@ func (m *merchantRecord) failure() string {
 	return worst
 }
 
-// failed notes the state a failure of key puts m in, and indexes it in
-// t.failing. Called with t.mu held.
-func (t *Tracker) failed(m *merchantRecord, key, state string) {
+// failed notes the state a failure of b's key puts m in, and indexes it
+// in t.failing. Called with t.mu held.
+func (t *Tracker) failed(m *merchantRecord, b *broker.Binding, state string) {
+	key := b.Key()
 	for i := range m.failures {
 		if m.failures[i].key == key {
 			m.failures[i].state = state
@@ -117,10 +122,12 @@ func (t *Tracker) failed(m *merchantRecord, key, state string) {
 		oldest := m.failures[0].key
 		t.dropFailures(m, func(f keyFailure) bool { return f.key == oldest })
 	}
-	// A copy: the key of an explicit merchant's binding points into its
-	// registry, which must not stay alive after a reload replaced it.
+	// Copies: the key, source ID and organisation of an explicit
+	// merchant's binding point into its registry, which must not stay
+	// alive after a reload replaced it.
 	key = strings.Clone(key)
-	m.failures = append(m.failures, keyFailure{key: key, state: state})
+	m.failures = append(m.failures, keyFailure{key: key, state: state,
+		source: strings.Clone(b.SourceID), organisation: strings.Clone(b.Organisation)})
 	t.failing[key] = append(t.failing[key], m.id)
 }
 
@@ -346,7 +353,7 @@ func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
 	}
 	m := t.merchant(merchant)
 	m.lastErr, m.lastErrAt = code, now
-	t.failed(m, b.Key(), state)
+	t.failed(m, b, state)
 	told := func(name string) {
 		evs = append(evs, event{name, map[string]any{"merchant": merchant, "provider": provider, "error": code.String(), "state": state}})
 	}
@@ -441,16 +448,20 @@ func (p *providerRecord) setFailing(provider string, br *broker.Broker) []event 
 	return evs
 }
 
-// Reconcile sets the sources of each provider of s's registries
-// (Registry and Others) that s's tracker was told of to those the
-// registries name for it, and reads from s's broker whether the provider
-// fails now: EventProviderRecovered is emitted for a provider that so
-// stops failing. The broker drops a source's state without telling when
-// it forgets it (a rotated secret), and a configuration that replaces
-// another leaves the old one's sources behind. Call it when registries
-// are loaded and periodically (the Collector does, when it counts
-// again): reading the state (Build) does not, so that a read has no side
-// effect.
+// Reconcile sets the sources of each provider that s's tracker was told
+// of to those s's registries (Registry and Others) name for it (none for a
+// provider they no longer name: removed or renamed), and reads from s's
+// broker whether the provider fails now: EventProviderRecovered is
+// emitted for a provider that so stops failing. It drops the failures of
+// a merchant's keys whose source or organisation no registry serves the
+// merchant from any more (its organisation or provider changed): no
+// request will end them. The events told stay told, so a merchant still
+// failing under the new configuration is not announced again. The broker
+// drops a source's state without telling when it forgets it (a rotated
+// secret), and a configuration that replaces another leaves the old one's
+// sources behind. Call it when registries are loaded and periodically
+// (the Collector does, when it counts again): reading the state (Build)
+// does not, so that a read has no side effect.
 func Reconcile(s Sources) {
 	sources := map[string][]string{} // provider name -> its source IDs
 	for _, reg := range s.registries() {
@@ -463,12 +474,34 @@ func Reconcile(s Sources) {
 	defer func() { t.send(evs) }()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for name, of := range sources {
-		if p := t.providers[name]; p != nil { // nothing told of another: nothing to reconcile
-			p.sources = of
-			evs = append(evs, p.setFailing(name, s.Broker)...)
+	// Only the providers told of: nothing to reconcile for another. One
+	// that no registry names any more (removed or renamed) has no source
+	// left, so it stops failing.
+	for name, p := range t.providers {
+		p.sources = sources[name]
+		evs = append(evs, p.setFailing(name, s.Broker)...)
+	}
+	regs := s.registries()
+	for id, m := range t.merchants {
+		if len(m.failures) > 0 {
+			t.dropFailures(m, func(f keyFailure) bool { return !servedFrom(regs, id, f) })
 		}
 	}
+}
+
+// servedFrom reports whether a registry of regs serves merchant id (its
+// entry, or the wildcard's) from the source and organisation of f.
+func servedFrom(regs []*config.Registry, id string, f keyFailure) bool {
+	for _, reg := range regs {
+		m, _, ok := reg.Merchant(id)
+		if !ok || m.Organisation != f.organisation {
+			continue
+		}
+		if p := reg.Providers[m.Provider]; p != nil && p.ID == f.source {
+			return true
+		}
+	}
+	return false
 }
 
 // SetFleet says whether a shared tier (Redis) is configured and, when it
