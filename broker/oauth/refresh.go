@@ -12,13 +12,14 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
-// SaveTimeout bounds the saving of a refresh token the provider has just
-// issued (a rotated one), and a consent callback's work once its state is
-// spent (the code exchange, the ID token's verification, the save), which
-// go on when the request that caused them is cancelled: the old token, or
-// the state and the code, no longer work, so losing the new one would
-// lose the merchant's consent. A LockedLoader's rewrite of the value it
-// loaded is bounded by it too.
+// SaveTimeout bounds a refresh request once it is sent (its answer and
+// the saving of a refresh token the provider has just issued, a rotated
+// one), and a consent callback's work once its state is spent (the code
+// exchange, the ID token's verification, the save), which go on when the
+// request that caused them is cancelled or its deadline passes: the old
+// token, or the state and the code, no longer work, so losing the new one
+// would lose the merchant's consent. A LockedLoader's rewrite of the value
+// it loaded is bounded by it too.
 const SaveTimeout = 30 * time.Second
 
 // RefreshToken is a broker.Source for merchants who consented through the
@@ -30,9 +31,11 @@ const SaveTimeout = 30 * time.Second
 // token, sends grant_type=refresh_token (with the client authentication,
 // and scope when the request has scopes), and when the provider rotates the
 // refresh token it saves the new one BEFORE returning the access token; then
-// it unlocks. A Token call that waited on the lock while another call for
-// the same merchant, scopes and audience refreshed gets that call's access
-// token without refreshing again. It is safe for concurrent use.
+// it unlocks. A refresh request once sent is not abandoned when the
+// call's context ends (see SaveTimeout). A Token call that waited on the
+// lock while another call for the same merchant, scopes and audience
+// refreshed gets that call's access token without refreshing again. It is
+// safe for concurrent use.
 type RefreshToken struct {
 	*core
 	store Store
@@ -204,8 +207,14 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 		return broker.Token{}, fmt.Errorf("merchant %q: loading the refresh token: %w", req.Merchant, err)
 	}
 
+	// Once sent, the refresh is not abandoned when ctx ends: a provider
+	// that rotates the refresh token has spent the old one when it
+	// answers, and only its answer has the new one. The HTTP client's
+	// timeout and SaveTimeout bound it.
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
+	defer cancel()
 	grant := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt.Reveal()}}
-	tok, raw, err := s.exchange(ctx, req, grant, rt.Reveal())
+	tok, raw, err := s.exchange(rctx, req, grant, rt.Reveal())
 	// A refresh_token in the answer that differs from the one sent means
 	// the provider rotated it (one that has none keeps the old one). It is
 	// saved even when the access token beside it is refused: the old one

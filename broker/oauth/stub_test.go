@@ -1,6 +1,7 @@
 package oauth
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ed25519"
@@ -9,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -860,6 +862,59 @@ func TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused(t *testing.T) {
 	}
 	if rt, err := store.Load(ctx, src.StoreKey("acme")); err != nil || rt != "rt-NEW-5678" {
 		t.Errorf("stored refresh token %q (%v), want the rotated one", rt.Fingerprint(), err)
+	}
+}
+
+// lateAnswer is a network whose answers arrive once the request's
+// context has ended: it sends the request to base, takes the answer, then
+// runs ended (which ends the caller's context) and, as Go's transport
+// does for a request whose context ended in flight, fails the request
+// when its context is done.
+func lateAnswer(base http.RoundTripper, ended func()) roundTripFunc {
+	return func(r *http.Request) (*http.Response, error) {
+		resp, err := base.RoundTrip(r)
+		if err != nil {
+			return nil, err
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			return nil, err
+		}
+		ended()
+		if err := r.Context().Err(); err != nil {
+			return nil, err
+		}
+		resp.Body = io.NopCloser(bytes.NewReader(body))
+		return resp, nil
+	}
+}
+
+// TestRefreshAnsweredAfterTheDeadlineKeepsTheRotatedToken: a refresh
+// whose context ends (the fetch's deadline, the caller gone) while the
+// provider, which has rotated the refresh token, is answering still reads
+// the answer and stores the new refresh token: the old one no longer
+// works, so dropping the answer would lose the merchant's consent.
+func TestRefreshAnsweredAfterTheDeadlineKeepsTheRotatedToken(t *testing.T) {
+	s := &stub{status: 200, body: `{"access_token":"at-1234","token_type":"Bearer","expires_in":60,"refresh_token":"rt-NEW-5678"}`}
+	srv := startStub(t, s)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	client := &http.Client{Transport: lateAnswer(http.DefaultTransport, cancel), Timeout: 10 * time.Second}
+	store := &MemoryStore{}
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Client: client, Now: newClock().Now}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.SetRefreshToken(context.Background(), "acme", "rt-OLD-1234"); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := src.Token(ctx, broker.Request{Merchant: "acme"})
+	if rt, lerr := store.Load(context.Background(), src.StoreKey("acme")); lerr != nil || rt != "rt-NEW-5678" {
+		t.Fatalf("stored refresh token %s (%v), want the rotated one; Token = %v", rt.Fingerprint(), lerr, err)
+	}
+	if err != nil || tok.Value != "at-1234" {
+		t.Errorf("Token = %v, want the access token of the answer", err)
 	}
 }
 
