@@ -843,25 +843,33 @@ func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { retu
 
 // TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused: a refresh whose
 // answer rotates the refresh token but carries an access token the broker
-// refuses still stores the new refresh token: the old one no longer
-// works, so dropping the new one would lose the merchant's consent.
+// refuses, or none, still stores the new refresh token: the old one no
+// longer works, so dropping the new one would lose the merchant's consent.
 func TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused(t *testing.T) {
-	srv := startStub(t, &stub{status: 200, body: `{"access_token":"at-1234","token_type":"mac","expires_in":60,"refresh_token":"rt-NEW-5678"}`})
-	store := &MemoryStore{}
-	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := context.Background()
-	if err := src.SetRefreshToken(ctx, "acme", "rt-OLD-1234"); err != nil {
-		t.Fatal(err)
-	}
-	var ae *broker.APIError
-	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.As(err, &ae) || ae.Code != "unsupported_token_type" {
-		t.Fatalf("Token answered a mac token = %v, want unsupported_token_type", err)
-	}
-	if rt, err := store.Load(ctx, src.StoreKey("acme")); err != nil || rt != "rt-NEW-5678" {
-		t.Errorf("stored refresh token %q (%v), want the rotated one", rt.Fingerprint(), err)
+	for _, tc := range []struct{ name, body, code string }{
+		{"a mac token", `{"access_token":"at-1234","token_type":"mac","expires_in":60,"refresh_token":"rt-NEW-5678"}`, "unsupported_token_type"},
+		{"no access token", `{"token_type":"Bearer","expires_in":60,"refresh_token":"rt-NEW-5678"}`, "malformed_response"},
+		{"an access token that is not a string", `{"access_token":1234,"token_type":"Bearer","refresh_token":"rt-NEW-5678"}`, "malformed_response"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := startStub(t, &stub{status: 200, body: tc.body})
+			store := &MemoryStore{}
+			src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			if err := src.SetRefreshToken(ctx, "acme", "rt-OLD-1234"); err != nil {
+				t.Fatal(err)
+			}
+			var ae *broker.APIError
+			if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.As(err, &ae) || ae.Code != tc.code {
+				t.Fatalf("Token = %v, want %s", err, tc.code)
+			}
+			if rt, err := store.Load(ctx, src.StoreKey("acme")); err != nil || rt != "rt-NEW-5678" {
+				t.Errorf("stored refresh token %q (%v), want the rotated one", rt.Fingerprint(), err)
+			}
+		})
 	}
 }
 
