@@ -92,9 +92,8 @@ type Options struct {
 	// token closer to its expiry than this counts as expired, so it cannot
 	// expire on its way to the provider. Default 1s.
 	Leeway time.Duration
-	// FetchTimeout bounds one fetch (all its attempts), whoever waits on it,
-	// through the context the Source is called with (a Source may finish
-	// a call it has sent, as oauth.RefreshToken does). Default 30s.
+	// FetchTimeout bounds one fetch (all its attempts), whoever waits on it.
+	// Default 30s.
 	FetchTimeout time.Duration
 	// MaxAttempts is how many times one fetch calls the Source when it
 	// fails with a temporary error (timeout, refused connection, 429, 5xx),

@@ -61,10 +61,7 @@ type App struct {
 	RevokeOnShutdown bool `json:"revoke_on_shutdown,omitempty"`
 
 	// FetchTimeout bounds one token fetch, whoever waits on it. Default 30s;
-	// each provider's own timeout applies to each call. A merchant's
-	// refresh (grant refresh_token) already sent when it ends is not
-	// abandoned: it waits for its answer, which may carry the rotated
-	// refresh token, at most the provider's timeout and 30s.
+	// each provider's own timeout applies to each call.
 	FetchTimeout caddy.Duration `json:"fetch_timeout,omitempty"`
 
 	// BudgetWait is the longest a request waits its turn for a provider's

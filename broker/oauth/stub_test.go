@@ -873,12 +873,12 @@ func TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused(t *testing.T) {
 	}
 }
 
-// lateAnswer is a network whose answers arrive once the request's
-// context has ended: it sends the request to base, takes the answer, then
-// runs ended (which ends the caller's context) and, as Go's transport
-// does for a request whose context ended in flight, fails the request
-// when its context is done.
-func lateAnswer(base http.RoundTripper, ended func()) roundTripFunc {
+// heldAnswer is a network whose answers arrive once the request's
+// context has ended: it sends the request to base, takes the answer, runs
+// ended (which ends the caller's context), waits for release, and then,
+// as Go's transport does for a request whose context ended in flight,
+// fails the request if its context is done.
+func heldAnswer(base http.RoundTripper, ended func(), release <-chan struct{}) roundTripFunc {
 	return func(r *http.Request) (*http.Response, error) {
 		resp, err := base.RoundTrip(r)
 		if err != nil {
@@ -890,6 +890,7 @@ func lateAnswer(base http.RoundTripper, ended func()) roundTripFunc {
 			return nil, err
 		}
 		ended()
+		<-release
 		if err := r.Context().Err(); err != nil {
 			return nil, err
 		}
@@ -900,15 +901,18 @@ func lateAnswer(base http.RoundTripper, ended func()) roundTripFunc {
 
 // TestRefreshAnsweredAfterTheDeadlineKeepsTheRotatedToken: a refresh
 // whose context ends (the fetch's deadline, the caller gone) while the
-// provider, which has rotated the refresh token, is answering still reads
-// the answer and stores the new refresh token: the old one no longer
-// works, so dropping the answer would lose the merchant's consent.
+// provider, which has rotated the refresh token, is answering returns at
+// once with the context's error, and the refresh goes on: it reads the
+// answer and stores the new refresh token (the old one no longer works,
+// so dropping the answer would lose the merchant's consent), and the next
+// call gets its access token without refreshing again.
 func TestRefreshAnsweredAfterTheDeadlineKeepsTheRotatedToken(t *testing.T) {
 	s := &stub{status: 200, body: `{"access_token":"at-1234","token_type":"Bearer","expires_in":60,"refresh_token":"rt-NEW-5678"}`}
 	srv := startStub(t, s)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	client := &http.Client{Transport: lateAnswer(http.DefaultTransport, cancel), Timeout: 10 * time.Second}
+	release := make(chan struct{})
+	client := &http.Client{Transport: heldAnswer(http.DefaultTransport, cancel, release), Timeout: 10 * time.Second}
 	store := &MemoryStore{}
 	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Client: client, Now: newClock().Now}, store)
 	if err != nil {
@@ -917,12 +921,16 @@ func TestRefreshAnsweredAfterTheDeadlineKeepsTheRotatedToken(t *testing.T) {
 	if err := src.SetRefreshToken(context.Background(), "acme", "rt-OLD-1234"); err != nil {
 		t.Fatal(err)
 	}
-	tok, err := src.Token(ctx, broker.Request{Merchant: "acme"})
-	if rt, lerr := store.Load(context.Background(), src.StoreKey("acme")); lerr != nil || rt != "rt-NEW-5678" {
-		t.Fatalf("stored refresh token %s (%v), want the rotated one; Token = %v", rt.Fingerprint(), lerr, err)
+	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Token whose context ended while the answer was on its way = %v, want the context's error at once", err)
 	}
-	if err != nil || tok.Value != "at-1234" {
-		t.Errorf("Token = %v, want the access token of the answer", err)
+	close(release)
+	tok, err := src.Token(context.Background(), broker.Request{Merchant: "acme"}) // waits for the lock: the first refresh's end
+	if err != nil || tok.Value != "at-1234" || s.calls.Load() != 1 {
+		t.Fatalf("next Token = %v after %d refreshes, want the first refresh's access token and no other refresh", err, s.calls.Load())
+	}
+	if rt, err := store.Load(context.Background(), src.StoreKey("acme")); err != nil || rt != "rt-NEW-5678" {
+		t.Fatalf("stored refresh token %s (%v), want the rotated one", rt.Fingerprint(), err)
 	}
 }
 
