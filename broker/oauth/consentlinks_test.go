@@ -347,6 +347,50 @@ func TestCallbackRefusesAnotherBrowser(t *testing.T) {
 	}
 }
 
+// TestExpiredStateOfAnotherBrowserStays: an expired authorization state
+// presented by a browser other than the one that started it is refused as
+// another browser's, without a Result (neither the merchant nor the
+// return URL), and left for the starting browser, which is told it has
+// expired and sent back to the app.
+func TestExpiredStateOfAnotherBrowserStays(t *testing.T) {
+	ctx := context.Background()
+	f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
+	starter, other := NewBrowser(), NewBrowser()
+	link, err := f.flow.NewLink(ctx, "acme", "https://app.partner.example/consent/done", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, _ := url.Parse(link.URL)
+	authURL, _, err := f.flow.Start(ctx, u.Query().Get("link"), u.Host, starter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	au, _ := url.Parse(authURL)
+	q := url.Values{"state": {au.Query().Get("state")}, "code": {"code-never-exchanged"}}
+	f.clock.Add(StateTTL)
+	for _, b := range []struct {
+		name    string
+		browser []StepOption
+	}{{"another browser", []StepOption{other}}, {"no cookie", []StepOption{Browser("")}}, {"no browser secret", nil}} {
+		res, err := f.flow.Callback(ctx, u.Host, q, b.browser...)
+		var ce *ConsentError
+		if !errors.As(err, &ce) || ce.Reason != ReasonWrongBrowser {
+			t.Errorf("%s: err = %v, want %s", b.name, err, ReasonWrongBrowser)
+		}
+		if res != (Result{}) {
+			t.Errorf("%s: result %+v, want none (no merchant, no redirect to the app)", b.name, res)
+		}
+	}
+	res, err := f.flow.Callback(ctx, u.Host, q, starter)
+	var ce *ConsentError
+	if !errors.As(err, &ce) || ce.Reason != ReasonExpired || res.Merchant != "acme" || res.ReturnURL == "" {
+		t.Fatalf("the starting browser: %+v, %v; want %s with its merchant and return URL", res, err, ReasonExpired)
+	}
+	if n := f.op.Count("authorization_code"); n != 0 {
+		t.Errorf("the code of an expired state was exchanged %d times", n)
+	}
+}
+
 // TestLinkLimiterKeepsNoStateForRefusals: a flood over many merchants
 // that the provider's rate refuses leaves nothing in the limiter.
 // heldMerchants returns how many merchants the limiter holds state for.

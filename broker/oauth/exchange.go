@@ -217,7 +217,7 @@ func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Reque
 	secrets = append(secrets, auth...)
 	tok, err := c.tokenAnswer(ep, resp, body, secrets)
 	if err != nil {
-		return broker.Token{}, nil, err
+		return broker.Token{}, tok, err
 	}
 	secrets = append(secrets, tok.AccessToken, tok.RefreshToken)
 	t, err := c.parse(ep, tok, req, sent)
@@ -230,8 +230,9 @@ func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Reque
 
 // tokenAnswer reads a token endpoint's answer (RFC 6749 §5) with
 // answerFields. A non-2xx status or an error parameter is a refusal
-// (tokenError); a success without an access_token is a malformed
-// response.
+// (tokenError), without a token; a success without an access_token is a
+// malformed response, returned with the token read (its refresh_token,
+// which the provider issued).
 func (c *core) tokenAnswer(ep *endpoints, resp *http.Response, body []byte, secrets []string) (*oauth2.Token, error) {
 	get, raw := answerFields(resp, body)
 	code, description := get("error"), get("error_description")
@@ -240,7 +241,7 @@ func (c *core) tokenAnswer(ep *endpoints, resp *http.Response, body []byte, secr
 		return nil, c.tokenError(ep, c.apiError(resp, code, description, secrets))
 	}
 	if tok.AccessToken == "" {
-		return nil, &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode, Code: "malformed_response",
+		return tok, &broker.APIError{Provider: ProviderName, StatusCode: resp.StatusCode, Code: "malformed_response",
 			Description: "the token response is not a JSON or form-encoded RFC 6749 §5.1 response with an access_token"}
 	}
 	return tok, nil

@@ -266,11 +266,11 @@ func (p *Pendings) open(ctx context.Context, read func(context.Context, string, 
 
 // getFrom is get for a record that a browser binds: errWrongBrowser (with
 // the record) when browser is not the one it was started with (a record
-// started without one is anyone's), else the errors of get. The record
-// stays stored: the caller takes it once it goes on.
+// started without one is anyone's), expired or not, else the errors of
+// get. The record stays stored: the caller takes it once it goes on.
 func (p *Pendings) getFrom(ctx context.Context, kind, secret string, browser Browser) (Pending, error) {
 	rec, err := p.get(ctx, kind, secret)
-	if err == nil && rec.Browser != "" && subtle.ConstantTimeCompare([]byte(rec.Browser), []byte(browser.hash())) != 1 {
+	if (err == nil || errors.Is(err, errExpired)) && rec.Browser != "" && subtle.ConstantTimeCompare([]byte(rec.Browser), []byte(browser.hash())) != 1 {
 		return rec, errWrongBrowser
 	}
 	return rec, err

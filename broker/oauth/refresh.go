@@ -12,13 +12,14 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
-// SaveTimeout bounds the saving of a refresh token the provider has just
-// issued (a rotated one), and a consent callback's work once its state is
-// spent (the code exchange, the ID token's verification, the save), which
-// go on when the request that caused them is cancelled: the old token, or
-// the state and the code, no longer work, so losing the new one would
-// lose the merchant's consent. A LockedLoader's rewrite of the value it
-// loaded is bounded by it too.
+// SaveTimeout bounds a refresh request once it is sent (its answer and
+// the saving of a refresh token the provider has just issued, a rotated
+// one), and a consent callback's work once its state is spent (the code
+// exchange, the ID token's verification, the save), which go on when the
+// request that caused them is cancelled or its deadline passes: the old
+// token, or the state and the code, no longer work, so losing the new one
+// would lose the merchant's consent. A LockedLoader's rewrite of the value
+// it loaded is bounded by it too.
 const SaveTimeout = 30 * time.Second
 
 // RefreshToken is a broker.Source for merchants who consented through the
@@ -30,9 +31,11 @@ const SaveTimeout = 30 * time.Second
 // token, sends grant_type=refresh_token (with the client authentication,
 // and scope when the request has scopes), and when the provider rotates the
 // refresh token it saves the new one BEFORE returning the access token; then
-// it unlocks. A Token call that waited on the lock while another call for
-// the same merchant, scopes and audience refreshed gets that call's access
-// token without refreshing again. It is safe for concurrent use.
+// it unlocks. A refresh request once sent is not abandoned when the
+// call's context ends (see SaveTimeout). A Token call that waited on the
+// lock while another call for the same merchant, scopes and audience
+// refreshed gets that call's access token without refreshing again. It is
+// safe for concurrent use.
 type RefreshToken struct {
 	*core
 	store Store
@@ -53,6 +56,10 @@ const sweepEvery = 64
 type refreshed struct {
 	req string // scopes and audience
 	tok broker.Token
+	// abandoned: the call that refreshed had returned (its context
+	// ended) before the answer came, so nobody has the token yet: the
+	// next call takes it, whenever it started.
+	abandoned bool
 }
 
 // ConsentRequiredError is returned when a merchant's refresh token cannot be
@@ -166,10 +173,16 @@ func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt 
 	return nil
 }
 
-// Token refreshes an access token for req.Merchant.
-func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.Token, err error) {
+// Token refreshes an access token for req.Merchant. The refresh runs
+// under the merchant's lock in a goroutine of its own: when ctx ends
+// first, Token returns ctx's error at once, and a refresh request already
+// sent is not abandoned. It waits for its answer (a provider that rotates
+// refresh tokens has spent the old one by then, and only the answer has
+// the new one), bounded by the HTTP client's timeout and SaveTimeout,
+// saves the rotated refresh token, keeps the access token for the next
+// call (see RefreshToken) and only then unlocks.
+func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
 	key := s.StoreKey(req.Merchant)
-	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	s.mu.Lock()
 	before := s.last[key]
 	s.mu.Unlock()
@@ -178,22 +191,66 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	if err != nil {
 		return broker.Token{}, fmt.Errorf("merchant %q: locking the refresh token: %w", req.Merchant, err)
 	}
-	// The outcome is noted under the lock, so that a refresh token
-	// loaded right after it (SetRefreshToken) has the last word.
-	defer func() {
+	type answer struct {
+		tok broker.Token
+		err error
+	}
+	// handoff decides, once, who takes the answer: Token (answered), or,
+	// when ctx ended first (gone), the next call, which finds the access
+	// token marked abandoned.
+	var handoff sync.Mutex
+	gone, answered := false, false
+	done := make(chan answer, 1)
+	go func() {
+		tok, err := s.refreshLocked(ctx, req, key, before)
+		// The outcome is noted under the lock, so that a refresh token
+		// loaded right after it (SetRefreshToken) has the last word.
 		s.note(req.Merchant, err)
+		handoff.Lock()
+		answered = !gone
+		if gone && err == nil {
+			s.mu.Lock()
+			if l := s.last[key]; l != nil && l.tok.Value == tok.Value {
+				l.abandoned = true
+			}
+			s.mu.Unlock()
+		}
+		handoff.Unlock()
 		unlock()
+		done <- answer{tok, err}
 	}()
+	select {
+	case a := <-done:
+		return a.tok, a.err
+	case <-ctx.Done():
+	}
+	handoff.Lock()
+	gone = !answered
+	handoff.Unlock()
+	if !gone { // the answer comes as soon as the lock is released
+		a := <-done
+		return a.tok, a.err
+	}
+	return broker.Token{}, fmt.Errorf("merchant %q: refreshing the access token: %w", req.Merchant, context.Cause(ctx))
+}
 
+// refreshLocked is Token's work under the merchant's lock: the access
+// token another call refreshed while this one waited (one newer than
+// before) or abandoned, else a refresh with the stored refresh token (or the pending
+// one a failed save left), sent only while ctx lasts and then finished
+// under SaveTimeout whatever ctx does.
+func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, key string, before *refreshed) (broker.Token, error) {
+	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	// Another call refreshed while this one waited: use its token.
 	s.mu.Lock()
 	l, pending := s.last[key], s.pending[key]
 	s.mu.Unlock()
-	if l != nil && l != before && l.req == want && l.tok.Expiry.After(s.cfg.Now()) {
+	if l != nil && (l != before || l.abandoned) && l.req == want && l.tok.Expiry.After(s.cfg.Now()) {
 		return l.tok, nil
 	}
 
 	rt := pending
+	var err error
 	if pending != "" {
 		if err := s.save(ctx, key, pending); err != nil {
 			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
@@ -203,9 +260,18 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (_ broker.
 	} else if err != nil {
 		return broker.Token{}, fmt.Errorf("merchant %q: loading the refresh token: %w", req.Merchant, err)
 	}
+	if err := ctx.Err(); err != nil {
+		return broker.Token{}, fmt.Errorf("merchant %q: refreshing the access token: %w", req.Merchant, context.Cause(ctx))
+	}
 
+	// Once sent, the refresh is not abandoned when ctx ends: a provider
+	// that rotates the refresh token has spent the old one when it
+	// answers, and only its answer has the new one. The HTTP client's
+	// timeout and SaveTimeout bound it.
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
+	defer cancel()
 	grant := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt.Reveal()}}
-	tok, raw, err := s.exchange(ctx, req, grant, rt.Reveal())
+	tok, raw, err := s.exchange(rctx, req, grant, rt.Reveal())
 	// A refresh_token in the answer that differs from the one sent means
 	// the provider rotated it (one that has none keeps the old one). It is
 	// saved even when the access token beside it is refused: the old one

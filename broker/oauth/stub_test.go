@@ -1,6 +1,7 @@
 package oauth
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ed25519"
@@ -9,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -841,25 +843,94 @@ func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { retu
 
 // TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused: a refresh whose
 // answer rotates the refresh token but carries an access token the broker
-// refuses still stores the new refresh token: the old one no longer
-// works, so dropping the new one would lose the merchant's consent.
+// refuses, or none, still stores the new refresh token: the old one no
+// longer works, so dropping the new one would lose the merchant's consent.
 func TestRotatedRefreshTokenKeptWhenTheAccessTokenIsRefused(t *testing.T) {
-	srv := startStub(t, &stub{status: 200, body: `{"access_token":"at-1234","token_type":"mac","expires_in":60,"refresh_token":"rt-NEW-5678"}`})
+	for _, tc := range []struct{ name, body, code string }{
+		{"a mac token", `{"access_token":"at-1234","token_type":"mac","expires_in":60,"refresh_token":"rt-NEW-5678"}`, "unsupported_token_type"},
+		{"no access token", `{"token_type":"Bearer","expires_in":60,"refresh_token":"rt-NEW-5678"}`, "malformed_response"},
+		{"an access token that is not a string", `{"access_token":1234,"token_type":"Bearer","refresh_token":"rt-NEW-5678"}`, "malformed_response"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := startStub(t, &stub{status: 200, body: tc.body})
+			store := &MemoryStore{}
+			src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			if err := src.SetRefreshToken(ctx, "acme", "rt-OLD-1234"); err != nil {
+				t.Fatal(err)
+			}
+			var ae *broker.APIError
+			if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.As(err, &ae) || ae.Code != tc.code {
+				t.Fatalf("Token = %v, want %s", err, tc.code)
+			}
+			if rt, err := store.Load(ctx, src.StoreKey("acme")); err != nil || rt != "rt-NEW-5678" {
+				t.Errorf("stored refresh token %q (%v), want the rotated one", rt.Fingerprint(), err)
+			}
+		})
+	}
+}
+
+// heldAnswer is a network whose answers arrive once the request's
+// context has ended: it sends the request to base, takes the answer, runs
+// ended (which ends the caller's context), waits for release, and then,
+// as Go's transport does for a request whose context ended in flight,
+// fails the request if its context is done.
+func heldAnswer(base http.RoundTripper, ended func(), release <-chan struct{}) roundTripFunc {
+	return func(r *http.Request) (*http.Response, error) {
+		resp, err := base.RoundTrip(r)
+		if err != nil {
+			return nil, err
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			return nil, err
+		}
+		ended()
+		<-release
+		if err := r.Context().Err(); err != nil {
+			return nil, err
+		}
+		resp.Body = io.NopCloser(bytes.NewReader(body))
+		return resp, nil
+	}
+}
+
+// TestRefreshAnsweredAfterTheDeadlineKeepsTheRotatedToken: a refresh
+// whose context ends (the fetch's deadline, the caller gone) while the
+// provider, which has rotated the refresh token, is answering returns at
+// once with the context's error, and the refresh goes on: it reads the
+// answer and stores the new refresh token (the old one no longer works,
+// so dropping the answer would lose the merchant's consent), and the next
+// call gets its access token without refreshing again.
+func TestRefreshAnsweredAfterTheDeadlineKeepsTheRotatedToken(t *testing.T) {
+	s := &stub{status: 200, body: `{"access_token":"at-1234","token_type":"Bearer","expires_in":60,"refresh_token":"rt-NEW-5678"}`}
+	srv := startStub(t, s)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	release := make(chan struct{})
+	client := &http.Client{Transport: heldAnswer(http.DefaultTransport, cancel, release), Timeout: 10 * time.Second}
 	store := &MemoryStore{}
-	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Now: newClock().Now}, store)
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: srv.URL + "/token", ClientID: "c", ClientSecret: secretValue, Client: client, Now: newClock().Now}, store)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
-	if err := src.SetRefreshToken(ctx, "acme", "rt-OLD-1234"); err != nil {
+	if err := src.SetRefreshToken(context.Background(), "acme", "rt-OLD-1234"); err != nil {
 		t.Fatal(err)
 	}
-	var ae *broker.APIError
-	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.As(err, &ae) || ae.Code != "unsupported_token_type" {
-		t.Fatalf("Token answered a mac token = %v, want unsupported_token_type", err)
+	if _, err := src.Token(ctx, broker.Request{Merchant: "acme"}); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Token whose context ended while the answer was on its way = %v, want the context's error at once", err)
 	}
-	if rt, err := store.Load(ctx, src.StoreKey("acme")); err != nil || rt != "rt-NEW-5678" {
-		t.Errorf("stored refresh token %q (%v), want the rotated one", rt.Fingerprint(), err)
+	close(release)
+	tok, err := src.Token(context.Background(), broker.Request{Merchant: "acme"}) // waits for the lock: the first refresh's end
+	if err != nil || tok.Value != "at-1234" || s.calls.Load() != 1 {
+		t.Fatalf("next Token = %v after %d refreshes, want the first refresh's access token and no other refresh", err, s.calls.Load())
+	}
+	if rt, err := store.Load(context.Background(), src.StoreKey("acme")); err != nil || rt != "rt-NEW-5678" {
+		t.Fatalf("stored refresh token %s (%v), want the rotated one", rt.Fingerprint(), err)
 	}
 }
 
