@@ -161,6 +161,9 @@ func (r *Registry) HasConsent() bool {
 // Budgets returns the budgets of r's providers that have one
 // (Provider.Budget: those with a rate_limit).
 func (r *Registry) Budgets() []*budget.Budget {
+	if r == nil {
+		return nil
+	}
 	var budgets []*budget.Budget
 	for _, p := range r.Providers {
 		if p.Budget != nil {

@@ -23,7 +23,9 @@ import (
 // {file.…} secret, a private_key_jwt key, a CA file) while the registry's
 // own file does not; a Caddy reload uses the new content (the token
 // request, refused before, succeeds), and the next unchanged reload
-// parses nothing and keeps using it.
+// parses nothing and keeps using it. The same holds for the app's
+// registry and a handler's own (its `config`); in both, a changed secret
+// has the broker forget the failures of the old one, and says so.
 func TestReloadUsesChangedInputs(t *testing.T) {
 	tests := []struct {
 		name string
@@ -101,40 +103,48 @@ scopes = ["openbanking_pisp"]
 		}},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			dir := t.TempDir()
-			fix := tt.setup(t, dir)
-			cf := `{
+		for _, where := range []string{"app", "handler"} {
+			t.Run(tt.name+"/"+where, func(t *testing.T) {
+				dir := t.TempDir()
+				fix := tt.setup(t, dir)
+				config := "\t\tconfig " + filepath.Join(dir, "merchants.toml") + "\n"
+				app, handler := " {\n"+config+"\t}", ""
+				if where == "handler" {
+					app, handler = "", " {\n"+config+"\t}"
+				}
+				cf := `{
 	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
-	token_broker {
-		config ` + filepath.Join(dir, "merchants.toml") + `
-	}
+	token_broker` + app + `
 }
 http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 	bind 127.0.0.1
-	token_broker
+	token_broker` + handler + `
 	reverse_proxy {$SANDBOX_URL}
 }
 `
-			cf, registryParses := logParses(t, cf)
-			base := startCaddy(t, cf)
-			if status, body := get(t, base+tt.path, "X-Merchant-Id", "acme"); status == http.StatusOK {
-				t.Fatalf("before the change: %d %s, want the token request refused", status, body)
-			}
-			fix()
-			loadCaddy(t, cf)
-			if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {
-				t.Fatalf("after the change and a reload: %+v, want a valid token", a)
-			}
-			parses := registryParses()
-			loadCaddy(t, cf)
-			if got := registryParses() - parses; got != 0 {
-				t.Errorf("the unchanged reload after the change parsed %d registry files, want 0", got)
-			}
-			if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {
-				t.Fatalf("after an unchanged reload: %+v, want a valid token", a)
-			}
-		})
+				cf, registryParses := logParses(t, cf)
+				base := startCaddy(t, cf)
+				if status, body := get(t, base+tt.path, "X-Merchant-Id", "acme"); status == http.StatusOK {
+					t.Fatalf("before the change: %d %s, want the token request refused", status, body)
+				}
+				fix()
+				loadCaddy(t, cf)
+				if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {
+					t.Fatalf("after the change and a reload: %+v, want a valid token", a)
+				}
+				if tt.name == "secret file" && !logged(t, cf, "provider secret changed: its remembered failures are forgotten") {
+					t.Error("the reload with the changed secret did not say that the broker forgot the old secret's failures")
+				}
+				parses := registryParses()
+				loadCaddy(t, cf)
+				if got := registryParses() - parses; got != 0 {
+					t.Errorf("the unchanged reload after the change parsed %d registry files, want 0", got)
+				}
+				if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {
+					t.Fatalf("after an unchanged reload: %+v, want a valid token", a)
+				}
+			})
+		}
 	}
 }
 
@@ -215,4 +225,17 @@ only_listed_organisations = true
 	if n := listed(next); n != 1 {
 		t.Fatalf("after the reload to level warn: %d organisations listed lines, want still 1", n)
 	}
+}
+
+// logged reports whether the JSON log file that logParses added to the
+// Caddyfile cf has a line with the message msg.
+func logged(t *testing.T, cf, msg string) bool {
+	t.Helper()
+	_, rest, _ := strings.Cut(cf, "output file ")
+	path, _, _ := strings.Cut(rest, "\n")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bytes.Contains(data, []byte(`"msg":"`+msg+`"`))
 }
