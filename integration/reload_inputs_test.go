@@ -239,3 +239,32 @@ func logged(t *testing.T, cf, msg string) bool {
 	}
 	return bytes.Contains(data, []byte(`"msg":"`+msg+`"`))
 }
+
+// TestListingUsesRotatedKey: the organisation listing of a wildcard entry
+// reads the list with the provider's API key of the running config: after
+// a reload that rotates the key (the listing was refused with the old
+// one), the list is read with the new key and the listed organisations
+// are served.
+func TestListingUsesRotatedKey(t *testing.T) {
+	startSandbox(t)
+	t.Setenv("NUAPAY_API_KEY", "it-revoked-partner-key")
+	cf := guardCaddyfile(t, `
+[merchants."*"]
+provider = "nuapay"
+organisation = "{merchant}"
+scopes = ["openbanking_pisp"]
+only_listed_organisations = true
+`, "", "")
+	base := startCaddy(t, cf)
+	if status, body := adminCall(t, http.MethodPost, "/token_broker/providers/nuapay/organisations"); status == http.StatusOK {
+		t.Fatalf("listing with the revoked key: %d %s, want it refused", status, body)
+	}
+	t.Setenv("NUAPAY_API_KEY", apiKey)
+	loadCaddy(t, cf)
+	if status, body := adminCall(t, http.MethodPost, "/token_broker/providers/nuapay/organisations"); status != http.StatusOK {
+		t.Fatalf("listing after the reload with the rotated key: %d %s, want 200", status, body)
+	}
+	if a := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "org-globex").Authorization; !a.Valid {
+		t.Fatalf("org-globex after the reload with the rotated key: %+v, want a valid token", a)
+	}
+}
