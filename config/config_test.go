@@ -266,6 +266,7 @@ func TestBadConfigs(t *testing.T) {
 		entry, field, msg string
 	}{
 		{"syntax error", edit(`organisation = "org-acme"`, `organisation = "org-acme`), 8, "", "", `strings cannot contain newlines (after key "merchants.acme.organisation")`},
+		{"table header not closed", edit(`[merchants.acme]`, `[merchants.acme`), 6, "", "", `expected '.' or ']' to end table name`},
 		{"unquoted secret", edit(`"{env.NUAPAY_API_KEY}"`, secretValue), 4, "", "", "the value of providers.p.api_key is not valid TOML (details withheld"},
 		// A key defined twice: the message names the key, never a value,
 		// so a secret's key is named too, with what to do.

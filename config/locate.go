@@ -1,6 +1,7 @@
 package config
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"regexp"
@@ -46,6 +47,11 @@ func (p *parser) decodeError(err error, syntax bool) {
 	var pe toml.ParseError
 	if errors.As(err, &pe) {
 		e.Line, e.Msg, key = pe.Position.Line, pe.Message, pe.LastKey
+		if syntax && pe.Position.Start < len(p.data) {
+			// Counted from where it stumbled: BurntSushi puts a newline
+			// it stumbled on on the next line.
+			e.Line = 1 + bytes.Count(p.data[:pe.Position.Start], []byte{'\n'})
+		}
 	} else if m := typeErrorRe.FindStringSubmatch(err.Error()); m != nil {
 		fmt.Sscan(m[1], &e.Line)
 		key, e.Msg = unquote(`"`+m[2]+`"`), m[3]

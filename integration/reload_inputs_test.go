@@ -9,12 +9,16 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 )
@@ -266,5 +270,42 @@ only_listed_organisations = true
 	}
 	if a := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "org-globex").Authorization; !a.Valid {
 		t.Fatalf("org-globex after the reload with the rotated key: %+v, want a valid token", a)
+	}
+}
+
+// TestFailedRegistryReloadKeepsRunningConfig: a reload whose registry is
+// not valid TOML fails with the file and line of the problem, and the
+// running config goes on serving its cached token with no token request,
+// though the broken file also moved the merchant to another organisation;
+// once the file is put right, the next reload serves the move with a new
+// token of the new organisation.
+func TestFailedRegistryReloadKeepsRunningConfig(t *testing.T) {
+	sb, _ := startSandbox(t)
+	cf := guardCaddyfile(t, "", "", "")
+	path := os.Getenv("TOKEN_BROKER_CONFIG")
+	good := readFile(t, path)
+	base := startCaddy(t, cf)
+	before := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme").Authorization
+	tokens := sb.TokenRequests()
+
+	moved := strings.Replace(good, `organisation = "org-acme"`, `organisation = "org-globex"`, 1)
+	writeTestFile(t, path, moved+"\n[merchants.beta\nprovider = \"nuapay\"\n")
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantLine := fmt.Sprintf("%s:%d:", path, strings.Count(moved, "\n")+2)
+	if err := caddy.Load(adapted, true); err == nil || !strings.Contains(err.Error(), wantLine) {
+		t.Fatalf("reload with a broken registry: %v; want an error at %s", err, wantLine)
+	}
+	if a := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme").Authorization; a.Fingerprint != before.Fingerprint || sb.TokenRequests() != tokens {
+		t.Fatalf("after the failed reload: token %s (was %s), %d token requests (were %d); want the running config's cached token",
+			a.Fingerprint, before.Fingerprint, sb.TokenRequests(), tokens)
+	}
+
+	writeTestFile(t, path, moved)
+	loadCaddy(t, cf)
+	if a := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme").Authorization; a.Organisation != "org-globex" || a.Fingerprint == before.Fingerprint {
+		t.Fatalf("after the repaired reload: organisation %q, token %s (was %s); want a new token of org-globex", a.Organisation, a.Fingerprint, before.Fingerprint)
 	}
 }
