@@ -176,11 +176,20 @@ func MerchantTokens(reg *config.Registry, merchant string) func(*broker.Binding)
 }
 
 // Revoke revokes each entry's token at its provider, where the provider
-// supports revocation.
-func Revoke(ctx context.Context, entries []*broker.Entry) []RevokeResult {
+// supports revocation: with the source current returns for the entry's
+// source ID (the provider as configured now, its API key or client secret
+// perhaps rotated since the token was fetched), or the source that
+// fetched the token when current is nil or returns nil.
+func Revoke(ctx context.Context, entries []*broker.Entry, current func(sourceID string) broker.Source) []RevokeResult {
 	results := make([]RevokeResult, 0, len(entries))
 	for _, e := range entries {
-		rv, ok := e.Binding().Source.(broker.Revoker)
+		src := e.Binding().Source
+		if current != nil {
+			if now := current(e.Binding().SourceID); now != nil {
+				src = now
+			}
+		}
+		rv, ok := src.(broker.Revoker)
 		if !ok {
 			results = append(results, NotRevoked(e, "the provider has no revocation endpoint"))
 		} else if err := rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); err != nil {
