@@ -36,15 +36,16 @@ type Broker struct {
 	// forgets the failures of the old one.
 	secretVersions map[string]string
 	// sources is the provider's source last seen per provider ID: it
-	// revokes the tokens of that ID, fetched before a rotation or not.
+	// revokes the tokens of that ID whose own source's credential is
+	// refused (adminapi.Revoke).
 	sources map[string]broker.Source
 	// revokeTimeout bounds Revoke; zero: the constant revokeTimeout.
 	revokeTimeout time.Duration
 }
 
 // SecretsSeen records the secret version and the source of every
-// provider of reg (Revoke revokes with the source last seen for its
-// ID) and forgets the failure policy's memory of those whose secret
+// provider of reg (Revoke falls back on the source last seen for its ID)
+// and forgets the failure policy's memory of those whose secret
 // changed since the broker last saw them (see broker.ForgetSource),
 // logging it with logger: the logger of the config that loads reg.
 func (p *Broker) SecretsSeen(reg *config.Registry, logger *zap.Logger) {
