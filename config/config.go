@@ -161,6 +161,9 @@ func (r *Registry) HasConsent() bool {
 // Budgets returns the budgets of r's providers that have one
 // (Provider.Budget: those with a rate_limit).
 func (r *Registry) Budgets() []*budget.Budget {
+	if r == nil {
+		return nil
+	}
 	var budgets []*budget.Budget
 	for _, p := range r.Providers {
 		if p.Budget != nil {
@@ -168,6 +171,22 @@ func (r *Registry) Budgets() []*budget.Budget {
 		}
 	}
 	return budgets
+}
+
+// Source returns the source of r's provider whose ID is id; nil when r
+// (or a nil r) has none. It is the provider as configured now, which
+// revokes the tokens an earlier configuration of that ID fetched, with a
+// secret rotated since.
+func (r *Registry) Source(id string) broker.Source {
+	if r == nil {
+		return nil
+	}
+	for _, p := range r.Providers {
+		if p.ID == id {
+			return p.Source
+		}
+	}
+	return nil
 }
 
 // HasRefreshTokens reports whether a provider of r keeps merchants'

@@ -266,7 +266,13 @@ func TestBadConfigs(t *testing.T) {
 		entry, field, msg string
 	}{
 		{"syntax error", edit(`organisation = "org-acme"`, `organisation = "org-acme`), 8, "", "", `strings cannot contain newlines (after key "merchants.acme.organisation")`},
+		{"table header not closed", edit(`[merchants.acme]`, `[merchants.acme`), 6, "", "", `expected '.' or ']' to end table name`},
 		{"unquoted secret", edit(`"{env.NUAPAY_API_KEY}"`, secretValue), 4, "", "", "the value of providers.p.api_key is not valid TOML (details withheld"},
+		// A key defined twice: the message names the key, never a value,
+		// so a secret's key is named too, with what to do.
+		{"api_key defined twice", edit(`api_key = "{env.NUAPAY_API_KEY}"`, "api_key = \"{env.NUAPAY_API_KEY}\"\napi_key = \"{file.nuapay.key}\""), 5, prov, "api_key",
+			"defined a second time here: keep one of its definitions"},
+		{"merchant key defined twice", badBase + `organisation = "org-other"` + "\n", 10, merch, "organisation", "defined a second time here: keep one of its definitions"},
 		{"unknown merchant key", badBase + `scope = ["x"]` + "\n", 10, merch, "scope", `unknown key "merchants.acme.scope"`},
 		{"unknown provider key", edit(`type =`, "apikey = 1\ntype ="), 2, prov, "apikey", `unknown key "providers.p.apikey"`},
 		// A misspelt key: the nearest key of the provider's type, and the

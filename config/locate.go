@@ -1,6 +1,7 @@
 package config
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"regexp"
@@ -31,6 +32,10 @@ func entryField(k toml.Key) (entry, field string) {
 // typeErrorRe matches BurntSushi's type errors, which are not ParseErrors.
 var typeErrorRe = regexp.MustCompile(`(?s)^toml: line (\d+) \(last key "((?:[^"\\]|\\.)*)"\): (.*)$`)
 
+// duplicateRe matches BurntSushi's syntax error for a key or table defined
+// twice, which quotes the key only, never a value.
+var duplicateRe = regexp.MustCompile(`^Key '(.*)' has already been defined\.$`)
+
 // decodeError records an error of BurntSushi's decoder: a syntax error
 // (syntax, from toml.Decode) or a value of the wrong type (from an
 // entry's PrimitiveDecode). Both carry the line. The last key names the
@@ -42,11 +47,21 @@ func (p *parser) decodeError(err error, syntax bool) {
 	var pe toml.ParseError
 	if errors.As(err, &pe) {
 		e.Line, e.Msg, key = pe.Position.Line, pe.Message, pe.LastKey
+		if syntax && pe.Position.Start < len(p.data) {
+			// Counted from where it stumbled: BurntSushi puts a newline
+			// it stumbled on on the next line.
+			e.Line = 1 + bytes.Count(p.data[:pe.Position.Start], []byte{'\n'})
+		}
 	} else if m := typeErrorRe.FindStringSubmatch(err.Error()); m != nil {
 		fmt.Sscan(m[1], &e.Line)
 		key, e.Msg = unquote(`"`+m[2]+`"`), m[3]
 	}
 	e.Line = p.fileLine(e.Line)
+	if m := duplicateRe.FindStringSubmatch(e.Msg); syntax && m != nil {
+		// Named by the key defined twice, a secret's included.
+		key, syntax = m[1], false
+		e.Msg = "defined a second time here: keep one of its definitions"
+	}
 	switch k := splitKey(key); {
 	case syntax && len(k) > 0 && slices.Contains(secretKeys, k[len(k)-1]):
 		// The parser quotes the text it stumbled on: here, a secret.

@@ -9,12 +9,16 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 )
@@ -23,7 +27,9 @@ import (
 // {file.…} secret, a private_key_jwt key, a CA file) while the registry's
 // own file does not; a Caddy reload uses the new content (the token
 // request, refused before, succeeds), and the next unchanged reload
-// parses nothing and keeps using it.
+// parses nothing and keeps using it. The same holds for the app's
+// registry and a handler's own (its `config`); in both, a changed secret
+// has the broker forget the failures of the old one, and says so.
 func TestReloadUsesChangedInputs(t *testing.T) {
 	tests := []struct {
 		name string
@@ -101,40 +107,48 @@ scopes = ["openbanking_pisp"]
 		}},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			dir := t.TempDir()
-			fix := tt.setup(t, dir)
-			cf := `{
+		for _, where := range []string{"app", "handler"} {
+			t.Run(tt.name+"/"+where, func(t *testing.T) {
+				dir := t.TempDir()
+				fix := tt.setup(t, dir)
+				config := "\t\tconfig " + filepath.Join(dir, "merchants.toml") + "\n"
+				app, handler := " {\n"+config+"\t}", ""
+				if where == "handler" {
+					app, handler = "", " {\n"+config+"\t}"
+				}
+				cf := `{
 	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
-	token_broker {
-		config ` + filepath.Join(dir, "merchants.toml") + `
-	}
+	token_broker` + app + `
 }
 http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 	bind 127.0.0.1
-	token_broker
+	token_broker` + handler + `
 	reverse_proxy {$SANDBOX_URL}
 }
 `
-			cf, registryParses := logParses(t, cf)
-			base := startCaddy(t, cf)
-			if status, body := get(t, base+tt.path, "X-Merchant-Id", "acme"); status == http.StatusOK {
-				t.Fatalf("before the change: %d %s, want the token request refused", status, body)
-			}
-			fix()
-			loadCaddy(t, cf)
-			if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {
-				t.Fatalf("after the change and a reload: %+v, want a valid token", a)
-			}
-			parses := registryParses()
-			loadCaddy(t, cf)
-			if got := registryParses() - parses; got != 0 {
-				t.Errorf("the unchanged reload after the change parsed %d registry files, want 0", got)
-			}
-			if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {
-				t.Fatalf("after an unchanged reload: %+v, want a valid token", a)
-			}
-		})
+				cf, registryParses := logParses(t, cf)
+				base := startCaddy(t, cf)
+				if status, body := get(t, base+tt.path, "X-Merchant-Id", "acme"); status == http.StatusOK {
+					t.Fatalf("before the change: %d %s, want the token request refused", status, body)
+				}
+				fix()
+				loadCaddy(t, cf)
+				if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {
+					t.Fatalf("after the change and a reload: %+v, want a valid token", a)
+				}
+				if tt.name == "secret file" && !logged(t, cf, "provider secret changed: its remembered failures are forgotten") {
+					t.Error("the reload with the changed secret did not say that the broker forgot the old secret's failures")
+				}
+				parses := registryParses()
+				loadCaddy(t, cf)
+				if got := registryParses() - parses; got != 0 {
+					t.Errorf("the unchanged reload after the change parsed %d registry files, want 0", got)
+				}
+				if a := getEcho(t, base+tt.path, "X-Merchant-Id", "acme").Authorization; !a.Valid {
+					t.Fatalf("after an unchanged reload: %+v, want a valid token", a)
+				}
+			})
+		}
 	}
 }
 
@@ -214,5 +228,84 @@ only_listed_organisations = true
 	refresh()
 	if n := listed(next); n != 1 {
 		t.Fatalf("after the reload to level warn: %d organisations listed lines, want still 1", n)
+	}
+}
+
+// logged reports whether the JSON log file that logParses added to the
+// Caddyfile cf has a line with the message msg.
+func logged(t *testing.T, cf, msg string) bool {
+	t.Helper()
+	_, rest, _ := strings.Cut(cf, "output file ")
+	path, _, _ := strings.Cut(rest, "\n")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bytes.Contains(data, []byte(`"msg":"`+msg+`"`))
+}
+
+// TestListingUsesRotatedKey: the organisation listing of a wildcard entry
+// reads the list with the provider's API key of the running config: after
+// a reload that rotates the key (the listing was refused with the old
+// one), the list is read with the new key and the listed organisations
+// are served.
+func TestListingUsesRotatedKey(t *testing.T) {
+	startSandbox(t)
+	t.Setenv("NUAPAY_API_KEY", "it-revoked-partner-key")
+	cf := guardCaddyfile(t, `
+[merchants."*"]
+provider = "nuapay"
+organisation = "{merchant}"
+scopes = ["openbanking_pisp"]
+only_listed_organisations = true
+`, "", "")
+	base := startCaddy(t, cf)
+	if status, body := adminCall(t, http.MethodPost, "/token_broker/providers/nuapay/organisations"); status == http.StatusOK {
+		t.Fatalf("listing with the revoked key: %d %s, want it refused", status, body)
+	}
+	t.Setenv("NUAPAY_API_KEY", apiKey)
+	loadCaddy(t, cf)
+	if status, body := adminCall(t, http.MethodPost, "/token_broker/providers/nuapay/organisations"); status != http.StatusOK {
+		t.Fatalf("listing after the reload with the rotated key: %d %s, want 200", status, body)
+	}
+	if a := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "org-globex").Authorization; !a.Valid {
+		t.Fatalf("org-globex after the reload with the rotated key: %+v, want a valid token", a)
+	}
+}
+
+// TestFailedRegistryReloadKeepsRunningConfig: a reload whose registry is
+// not valid TOML fails with the file and line of the problem, and the
+// running config goes on serving its cached token with no token request,
+// though the broken file also moved the merchant to another organisation;
+// once the file is put right, the next reload serves the move with a new
+// token of the new organisation.
+func TestFailedRegistryReloadKeepsRunningConfig(t *testing.T) {
+	sb, _ := startSandbox(t)
+	cf := guardCaddyfile(t, "", "", "")
+	path := os.Getenv("TOKEN_BROKER_CONFIG")
+	good := readFile(t, path)
+	base := startCaddy(t, cf)
+	before := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme").Authorization
+	tokens := sb.TokenRequests()
+
+	moved := strings.Replace(good, `organisation = "org-acme"`, `organisation = "org-globex"`, 1)
+	writeTestFile(t, path, moved+"\n[merchants.beta\nprovider = \"nuapay\"\n")
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantLine := fmt.Sprintf("%s:%d:", path, strings.Count(moved, "\n")+2)
+	if err := caddy.Load(adapted, true); err == nil || !strings.Contains(err.Error(), wantLine) {
+		t.Fatalf("reload with a broken registry: %v; want an error at %s", err, wantLine)
+	}
+	if a := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme").Authorization; a.Fingerprint != before.Fingerprint || sb.TokenRequests() != tokens {
+		t.Fatalf("after the failed reload: token %s (was %s), %d token requests (were %d); want the running config's cached token",
+			a.Fingerprint, before.Fingerprint, sb.TokenRequests(), tokens)
+	}
+
+	writeTestFile(t, path, moved)
+	loadCaddy(t, cf)
+	if a := getEcho(t, base+"/tpp/payments", "X-Merchant-Id", "acme").Authorization; a.Organisation != "org-globex" || a.Fingerprint == before.Fingerprint {
+		t.Fatalf("after the repaired reload: organisation %q, token %s (was %s); want a new token of org-globex", a.Organisation, a.Fingerprint, before.Fingerprint)
 	}
 }

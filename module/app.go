@@ -191,7 +191,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		a.registryKey = key
 		a.registry = reg
-		a.holdBudgets(reg)
 		if reg.HasConsent() {
 			if a.sweeperKey, err = startPendingSweeper(ctx, a.kept.Zap()); err != nil {
 				return err
@@ -230,7 +229,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	pb := val.(*pooledBroker)
 	pb.revokeOnShutdown.Store(a.RevokeOnShutdown)
 	a.broker, a.pooled, a.tracker = pb.Broker.Broker, pb, pb.tracker
-	pb.SecretsSeen(a.registry, a.logger)
+	a.useRegistry(a.registry)
 	merchantLabel := a.Metrics != nil && a.Metrics.MerchantLabel
 	metricsKey := fmt.Sprintf("metrics merchant_label=%t", merchantLabel)
 	if a.metrics, err = loadCollectors(ctx.GetMetricsRegistry(), metricsKey, func() *telemetry.Metrics { return telemetry.NewMetrics(merchantLabel) }); err != nil {

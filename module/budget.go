@@ -39,11 +39,12 @@ func (a *App) budgetKey() string {
 	return " fleet_size=" + strconv.Itoa(max(a.FleetSize, 1))
 }
 
-// holdBudgets keeps the budgets of reg's providers (the app's registry,
-// a handler's own) while this config uses them; Cleanup ends it. Called
-// while the config is provisioned.
-func (a *App) holdBudgets(reg *config.Registry) {
+// useRegistry holds the budgets of reg's providers (the app's registry, a
+// handler's own; nil is none) while this config uses them, and has the
+// broker forget the failures of those whose secret changed (SecretsSeen).
+func (a *App) useRegistry(reg *config.Registry) {
 	held := reg.Budgets()
 	budgetKeeper.Hold(held)
 	a.budgets = append(a.budgets, held...)
+	a.pooled.SecretsSeen(reg, a.logger)
 }

@@ -241,7 +241,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if reg, h.registryKey, err = loadPooled(ctx, h.Config, storageStore(ctx.Storage(), app.storageKeys), storeKey, app.budgetsFor()); err != nil {
 			return err
 		}
-		app.holdBudgets(reg)
+		app.useRegistry(reg)
 	}
 	if reg == nil {
 		return errors.New("token_broker: no merchant registry: set `config <file.toml>` in the token_broker global option (or in this handler)")

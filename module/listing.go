@@ -12,8 +12,8 @@ import (
 )
 
 // listings are the organisation listings (package listing) shared across
-// reloads, keyed by the provider's ID and the wildcard's settings, so that
-// a config reload keeps the last good list and its schedule.
+// reloads, keyed by the provider's ID, its secret version and the wildcard's
+// settings: a reload keeps the last good list and its schedule, not a key.
 var listings = caddy.NewUsagePool()
 
 // loadListing returns the pooled listing of the registry's wildcard
@@ -28,7 +28,7 @@ func loadListing(reg *config.Registry, logger *zap.Logger) (*listing.Listing, st
 	if !ok {
 		return nil, "", fmt.Errorf("token_broker: %s: merchant \"*\": field only_listed_organisations: provider %q cannot list its organisations", reg.Path, p.Name)
 	}
-	key := fmt.Sprintf("organisations %s every=%s max=%d", p.ID, reg.Wildcard.OrganisationsRefresh, reg.Wildcard.MaxOrganisations)
+	key := fmt.Sprintf("organisations %s secret %s every=%s max=%d", p.ID, p.SecretVersion, reg.Wildcard.OrganisationsRefresh, reg.Wildcard.MaxOrganisations)
 	v, _, err := listings.LoadOrNew(key, func() (caddy.Destructor, error) {
 		limits := nuapay.ListLimits{Organisations: reg.Wildcard.MaxOrganisations}
 		l := listing.New(p.Name, lister, limits, reg.Wildcard.OrganisationsRefresh, logger)

@@ -176,14 +176,26 @@ func MerchantTokens(reg *config.Registry, merchant string) func(*broker.Binding)
 }
 
 // Revoke revokes each entry's token at its provider, where the provider
-// supports revocation.
-func Revoke(ctx context.Context, entries []*broker.Entry) []RevokeResult {
+// supports revocation, with the source that fetched it; when that
+// source's credential is refused (its API key or client secret rotated
+// since), once more with the source current returns for the entry's
+// source ID (the provider as configured now), if any.
+func Revoke(ctx context.Context, entries []*broker.Entry, current func(sourceID string) broker.Source) []RevokeResult {
 	results := make([]RevokeResult, 0, len(entries))
 	for _, e := range entries {
-		rv, ok := e.Binding().Source.(broker.Revoker)
+		b := e.Binding()
+		rv, ok := b.Source.(broker.Revoker)
 		if !ok {
 			results = append(results, NotRevoked(e, "the provider has no revocation endpoint"))
-		} else if err := rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); err != nil {
+			continue
+		}
+		err := rv.RevokeToken(ctx, b.Request(), e.Token())
+		if err != nil && current != nil && broker.ClassOf(b.Source, err) == broker.ClassCredential {
+			if now, ok := current(b.SourceID).(broker.Revoker); ok {
+				err = now.RevokeToken(ctx, b.Request(), e.Token())
+			}
+		}
+		if err != nil {
 			results = append(results, NotRevoked(e, err.Error()))
 		} else {
 			results = append(results, RevokeResult{TokenInfo: tokenInfo(e), Revoked: true})

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -199,5 +200,36 @@ func TestRevokeOutlivesItsRequest(t *testing.T) {
 	}
 	if _, _, valid := sb.Issued(tok); valid {
 		t.Fatal("the token dropped from the cache was not revoked at the provider")
+	}
+}
+
+// TestRevokeWithRotatedKey: a token fetched with a partner API key that a
+// reload then rotated (Gatekeeper now refuses the old key) is revoked by
+// the admin API with the key of the registry loaded now.
+func TestRevokeWithRotatedKey(t *testing.T) {
+	sb := sandbox.New(sandbox.Config{APIKeys: []string{"old-key", "new-key"}, Organisations: []sandbox.Organisation{{ID: "org-acme", Name: "Acme"}}})
+	var rotated atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if key, _, _ := r.BasicAuth(); rotated.Load() && key == "old-key" {
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		sb.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	br := broker.New(broker.Options{})
+	t.Cleanup(br.Close)
+	if res, err := Check(context.Background(), checkRegistry(t, srv.URL, "old-key"), br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
+		t.Fatalf("check acme: %+v, %v", res, err)
+	}
+	tok := br.Entries()[0].Token().Value.Reveal()
+	rotated.Store(true)
+	rec := httptest.NewRecorder()
+	req := httptest.NewRequest(http.MethodPost, "/token_broker/merchants/acme/revoke", nil)
+	if err := Serve(rec, req, &Instance{Registry: checkRegistry(t, srv.URL, "new-key"), Broker: br, Logger: zap.NewNop()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, valid := sb.Issued(tok); valid || !strings.Contains(rec.Body.String(), `"revoked":true`) {
+		t.Fatalf("revoke after the rotation: %s; want the token revoked with the new key", rec.Body)
 	}
 }

@@ -307,7 +307,9 @@ var ErrNoTokenID = errors.New("nuapay revoke: the token has no id, so it cannot 
 
 // RevokeToken implements broker.Revoker: it revokes the token by its id.
 // A token without an id is never revoked (ErrNoTokenID, no call): the
-// broker revokes its own tokens only, never the organisation's others.
+// broker revokes its own tokens only, never the organisation's others. A
+// 2xx answer that is Nuapay's error envelope, or whose token status is
+// not REVOKED, is an *broker.APIError: the token was not revoked.
 func (s *Source) RevokeToken(ctx context.Context, req broker.Request, tok broker.Token) error {
 	if tok.ID == "" {
 		return ErrNoTokenID
@@ -316,8 +318,26 @@ func (s *Source) RevokeToken(ctx context.Context, req broker.Request, tok broker
 	if err != nil {
 		return err
 	}
-	_, _, err = s.call(ctx, http.MethodPost, target, nil)
-	return err
+	status, data, err := s.call(ctx, http.MethodPost, target, nil)
+	if err != nil {
+		return err
+	}
+	var env struct {
+		Data *struct {
+			Status text `json:"status"`
+		} `json:"data"`
+	}
+	_ = json.Unmarshal(data, &env) // any other body: revoked, as the status said
+	switch {
+	case env.Data == nil && hasEnvelope(data):
+		ae := ParseError(status, nil, data, s.cfg.Now())
+		s.scrub(ae)
+		return ae
+	case env.Data != nil && env.Data.Status != "" && !strings.EqualFold(string(env.Data.Status), "REVOKED"):
+		return &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "not_revoked",
+			Description: fmt.Sprintf("token status is %q after the revocation", scrub.Secrets(string(env.Data.Status), tok.Value.Reveal()))}
+	}
+	return nil
 }
 
 // Organisation is one entry of Gatekeeper's organisations list.

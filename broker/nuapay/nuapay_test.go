@@ -700,3 +700,33 @@ func TestListLimitsPages(t *testing.T) {
 		}
 	}
 }
+
+// A revocation answered 2xx counts only when the answer does not say
+// otherwise: Nuapay's error envelope, or a token whose status is not
+// REVOKED, is a revocation that did not happen, named so.
+func TestRevokeTokenReadsTheAnswer(t *testing.T) {
+	for _, tc := range []struct {
+		name, body string
+		wantErr    string // "" for revoked
+	}{
+		{"revoked", `{"uri":"x","data":{"id":"t1","status":"REVOKED"}}`, ""},
+		{"revoked in lower case", `{"data":{"id":"t1","status":"revoked"}}`, ""},
+		{"without a status", `{"data":{"uri":"x","revokedTokensCount":1}}`, ""},
+		{"empty body", ``, ""},
+		{"still active", `{"data":{"id":"t1","status":"ACTIVE"}}`, `token status is "ACTIVE"`},
+		{"error envelope", `{"returnCode":"40400","returnDescription":"token not found","details":null}`, "token not found"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, tc.body) }))
+			defer srv.Close()
+			n, err := New(Config{BaseURL: srv.URL, APIKey: "partner-key"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = n.RevokeToken(context.Background(), broker.Request{Merchant: "acme", Organisation: "o1"}, broker.Token{Value: "tok", ID: "t1"})
+			if tc.wantErr == "" && err != nil || tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)) {
+				t.Fatalf("RevokeToken = %v, want %q", err, tc.wantErr)
+			}
+		})
+	}
+}

@@ -35,14 +35,19 @@ type Broker struct {
 	// provider ID, so that a reload with a rotated secret (same ID)
 	// forgets the failures of the old one.
 	secretVersions map[string]string
+	// sources is the provider's source last seen per provider ID: it
+	// revokes the tokens of that ID whose own source's credential is
+	// refused (adminapi.Revoke).
+	sources map[string]broker.Source
 	// revokeTimeout bounds Revoke; zero: the constant revokeTimeout.
 	revokeTimeout time.Duration
 }
 
-// SecretsSeen records the secret version of every provider of reg and
-// forgets the failure policy's memory of those whose secret changed since
-// the broker last saw them (see broker.ForgetSource), logging it with
-// logger: the logger of the config that loads reg.
+// SecretsSeen records the secret version and the source of every
+// provider of reg (Revoke falls back on the source last seen for its ID)
+// and forgets the failure policy's memory of those whose secret
+// changed since the broker last saw them (see broker.ForgetSource),
+// logging it with logger: the logger of the config that loads reg.
 func (p *Broker) SecretsSeen(reg *config.Registry, logger *zap.Logger) {
 	if reg == nil {
 		return
@@ -50,11 +55,11 @@ func (p *Broker) SecretsSeen(reg *config.Registry, logger *zap.Logger) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.secretVersions == nil {
-		p.secretVersions = map[string]string{}
+		p.secretVersions, p.sources = map[string]string{}, map[string]broker.Source{}
 	}
 	for name, pv := range reg.Providers {
 		old, seen := p.secretVersions[pv.ID]
-		p.secretVersions[pv.ID] = pv.SecretVersion
+		p.secretVersions[pv.ID], p.sources[pv.ID] = pv.SecretVersion, pv.Source
 		if seen && old != pv.SecretVersion {
 			n := p.ForgetSource(pv.ID)
 			logger.Info("provider secret changed: its remembered failures are forgotten",
@@ -143,6 +148,13 @@ func (p *Broker) Revoke(entries []*broker.Entry) {
 	}
 }
 
+// source returns the source last seen for the provider ID id (nil: none).
+func (p *Broker) source(id string) broker.Source {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.sources[id]
+}
+
 // revoke revokes e's token at its provider, unless the failure policy
 // keeps its source from being called now, and purges it from the fleet's
 // shared tier once revoked: a token that was not revoked is still served.
@@ -159,7 +171,7 @@ func (p *Broker) revoke(ctx context.Context, e *broker.Entry) adminapi.RevokeRes
 				h.BackoffUntil.UTC().Format(time.RFC3339)))
 		}
 	}
-	res := adminapi.Revoke(ctx, []*broker.Entry{e})[0]
+	res := adminapi.Revoke(ctx, []*broker.Entry{e}, p.source)[0]
 	if res.Revoked {
 		// No node of the fleet serves it any longer; until the purge is
 		// heard, a node whose call is refused retries with a new token.

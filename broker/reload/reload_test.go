@@ -353,3 +353,65 @@ func TestRevokeAtShutdownKeepsWhatCannotBeRevoked(t *testing.T) {
 		t.Fatalf("a node started after the shutdown got token %s, want %s from the shared tier", got, kept)
 	}
 }
+
+// An operator rotates the partner API key (the old one is revoked at
+// Nuapay) and reloads: the tokens fetched with the old key are revoked at
+// shutdown with the key of the config last seen, not with the old one
+// that Gatekeeper now refuses.
+func TestRevokeAtShutdownUsesTheRotatedKey(t *testing.T) {
+	var validKey atomic.Value
+	validKey.Store("old-partner-key")
+	var revoked atomic.Int64
+	gk := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if key, _, _ := r.BasicAuth(); key != validKey.Load().(string) {
+			w.WriteHeader(http.StatusUnauthorized)
+			fmt.Fprint(w, `{"returnCode":"40100","returnDescription":"Unauthorized"}`)
+			return
+		}
+		if strings.HasSuffix(r.URL.Path, "/revoke") {
+			revoked.Add(1)
+			fmt.Fprint(w, `{"data":{"id":"t1","status":"REVOKED"}}`)
+			return
+		}
+		w.WriteHeader(http.StatusCreated)
+		fmt.Fprint(w, `{"data":{"id":"t1","accessToken":"tok-1","tokenType":"BEARER","status":"ACTIVE"}}`)
+	}))
+	t.Cleanup(gk.Close)
+	toml := `[providers.nuapay]
+type = "nuapay"
+base_url = "` + gk.URL + `"
+api_key = "{env.NUAPAY_API_KEY}"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+`
+	parse := func(key string) *config.Registry {
+		t.Helper()
+		reg, err := configtest.Load(t, "merchants.toml", []byte(toml), config.Options{
+			LookupEnv: func(k string) (string, bool) { return key, k == "NUAPAY_API_KEY" }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return reg
+	}
+	core, logs := observer.New(zap.InfoLevel)
+	pb := &Broker{Broker: broker.New(broker.Options{}), Logger: zap.New(core)}
+	t.Cleanup(pb.Close)
+	old := parse("old-partner-key")
+	pb.SecretsSeen(old, zap.NewNop())
+	p := old.Providers["nuapay"]
+	b := brokertest.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
+	if _, _, err := pb.Get(context.Background(), b); err != nil {
+		t.Fatal(err)
+	}
+
+	validKey.Store("new-partner-key")
+	pb.SecretsSeen(parse("new-partner-key"), zap.NewNop())
+	pb.Revoke(pb.Tokens())
+	lines := logs.FilterMessage("token revoked at shutdown").All()
+	if len(lines) != 1 || !lines[0].ContextMap()["revoked"].(bool) || revoked.Load() != 1 {
+		t.Fatalf("revocations at Gatekeeper %d, log lines %+v; want the token revoked with the rotated key", revoked.Load(), lines)
+	}
+}
