@@ -47,7 +47,7 @@ func (p *parser) decodeError(err error, syntax bool) {
 	var pe toml.ParseError
 	if errors.As(err, &pe) {
 		e.Line, e.Msg, key = pe.Position.Line, pe.Message, pe.LastKey
-		if syntax && pe.Position.Start < len(p.data) {
+		if syntax && pe.Position.Start >= 0 && pe.Position.Start < len(p.data) {
 			// Counted from where it stumbled: BurntSushi puts a newline
 			// it stumbled on on the next line.
 			e.Line = 1 + bytes.Count(p.data[:pe.Position.Start], []byte{'\n'})
