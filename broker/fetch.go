@@ -82,7 +82,7 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 		now = br.opts.Now()
 		if err != nil {
 			switch {
-			case cur != nil && errors.Is(err, budget.ErrExhausted) && !Called(err):
+			case cur != nil && refusedByBudgetOnly(err):
 				br.refreshDenied(b, cur, err, now)
 			case cur != nil:
 				br.pol.deferRefresh(b, err, now, time.Time{})
@@ -494,6 +494,12 @@ func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, b
 		}
 	}
 	return b.Budget.Take(ctx, p, by, br.opts.Sleep)
+}
+
+// refusedByBudgetOnly reports whether err ended a fetch that its budget
+// refused before any call to the token API.
+func refusedByBudgetOnly(err error) bool {
+	return errors.Is(err, budget.ErrExhausted) && !Called(err)
 }
 
 // Refresh-ahead denied budget: the next request after a short defer tries

@@ -166,7 +166,7 @@ func (br *Broker) notAnswer(ctx context.Context, b *Binding, start time.Time, er
 		return true
 	}
 	var ex *budget.ExhaustedError
-	if !errors.As(err, &ex) {
+	if !refusedByBudgetOnly(err) || !errors.As(err, &ex) {
 		return false
 	}
 	return ex.Priority == budget.Background || !br.opts.Now().Add(ex.RetryAfter).After(br.budgetBy(ctx, b, start))

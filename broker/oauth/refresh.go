@@ -58,7 +58,8 @@ type refreshed struct {
 	tok broker.Token
 	// abandoned: the call that refreshed had returned (its context
 	// ended) before the answer came, so nobody has the token yet: the
-	// next call takes it, whenever it started.
+	// next call takes it, whenever it started, and clears the mark.
+	// Guarded by RefreshToken.mu.
 	abandoned bool
 }
 
@@ -202,13 +203,13 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 	gone, answered := false, false
 	done := make(chan answer, 1)
 	go func() {
-		tok, err := s.refreshLocked(ctx, req, key, before)
+		tok, minted, err := s.refreshLocked(ctx, req, key, before)
 		// The outcome is noted under the lock, so that a refresh token
 		// loaded right after it (SetRefreshToken) has the last word.
 		s.note(req.Merchant, err)
 		handoff.Lock()
 		answered = !gone
-		if gone && err == nil {
+		if gone && minted {
 			s.mu.Lock()
 			if l := s.last[key]; l != nil && l.tok.Value == tok.Value {
 				l.abandoned = true
@@ -236,32 +237,36 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 
 // refreshLocked is Token's work under the merchant's lock: the access
 // token another call refreshed while this one waited (one newer than
-// before) or abandoned, else a refresh with the stored refresh token (or the pending
-// one a failed save left), sent only while ctx lasts and then finished
-// under SaveTimeout whatever ctx does.
-func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, key string, before *refreshed) (broker.Token, error) {
+// before) or abandoned, else a refresh (minted) with the stored refresh
+// token (or the pending one a failed save left), started only while ctx
+// lasts and then finished under SaveTimeout whatever ctx does.
+func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, key string, before *refreshed) (_ broker.Token, minted bool, _ error) {
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	// Another call refreshed while this one waited: use its token.
 	s.mu.Lock()
 	l, pending := s.last[key], s.pending[key]
+	reuse := l != nil && (l != before || l.abandoned) && l.req == want && l.tok.Expiry.After(s.cfg.Now())
+	if reuse {
+		l.abandoned = false
+	}
 	s.mu.Unlock()
-	if l != nil && (l != before || l.abandoned) && l.req == want && l.tok.Expiry.After(s.cfg.Now()) {
-		return l.tok, nil
+	if reuse {
+		return l.tok, false, nil
 	}
 
 	rt := pending
 	var err error
 	if pending != "" {
 		if err := s.save(ctx, key, pending); err != nil {
-			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
+			return broker.Token{}, false, &SaveError{Merchant: req.Merchant, Err: err}
 		}
 	} else if rt, err = s.loadLocked(ctx, key); errors.Is(err, ErrNoRefreshToken) || err == nil && rt == "" {
-		return broker.Token{}, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ErrNoRefreshToken}
+		return broker.Token{}, false, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ErrNoRefreshToken}
 	} else if err != nil {
-		return broker.Token{}, fmt.Errorf("merchant %q: loading the refresh token: %w", req.Merchant, err)
+		return broker.Token{}, false, fmt.Errorf("merchant %q: loading the refresh token: %w", req.Merchant, err)
 	}
 	if err := ctx.Err(); err != nil {
-		return broker.Token{}, fmt.Errorf("merchant %q: refreshing the access token: %w", req.Merchant, context.Cause(ctx))
+		return broker.Token{}, false, fmt.Errorf("merchant %q: refreshing the access token: %w", req.Merchant, context.Cause(ctx))
 	}
 
 	// Once sent, the refresh is not abandoned when ctx ends: a provider
@@ -279,19 +284,19 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 	if raw != nil && raw.RefreshToken != "" && broker.Secret(raw.RefreshToken) != rt {
 		next := broker.Secret(raw.RefreshToken)
 		if !validRefreshToken(raw.RefreshToken) {
-			return broker.Token{}, &broker.APIError{Provider: ProviderName, StatusCode: 200, Code: "invalid_refresh_token",
+			return broker.Token{}, false, &broker.APIError{Provider: ProviderName, StatusCode: 200, Code: "invalid_refresh_token",
 				Description: fmt.Sprintf("the rotated refresh token is "+invalidRefreshToken, broker.MaxTokenBytes>>10)}
 		}
 		if err := s.save(ctx, key, next); err != nil {
-			return broker.Token{}, &SaveError{Merchant: req.Merchant, Err: err}
+			return broker.Token{}, false, &SaveError{Merchant: req.Merchant, Err: err}
 		}
 	}
 	if err != nil {
 		var ae *broker.APIError
 		if errors.As(err, &ae) && ae.Code == "invalid_grant" {
-			return broker.Token{}, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ae}
+			return broker.Token{}, false, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ae}
 		}
-		return broker.Token{}, err
+		return broker.Token{}, false, err
 	}
 	s.mu.Lock()
 	s.last[key] = &refreshed{req: want, tok: tok}
@@ -305,7 +310,7 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 		}
 	}
 	s.mu.Unlock()
-	return tok, nil
+	return tok, true, nil
 }
 
 // ErrInvalidRefreshToken is returned by SetRefreshToken for a refresh

@@ -905,7 +905,8 @@ func heldAnswer(base http.RoundTripper, ended func(), release <-chan struct{}) r
 // once with the context's error, and the refresh goes on: it reads the
 // answer and stores the new refresh token (the old one no longer works,
 // so dropping the answer would lose the merchant's consent), and the next
-// call gets its access token without refreshing again.
+// call gets its access token without refreshing again; the call after
+// that refreshes.
 func TestRefreshAnsweredAfterTheDeadlineKeepsTheRotatedToken(t *testing.T) {
 	s := &stub{status: 200, body: `{"access_token":"at-1234","token_type":"Bearer","expires_in":60,"refresh_token":"rt-NEW-5678"}`}
 	srv := startStub(t, s)
@@ -931,6 +932,10 @@ func TestRefreshAnsweredAfterTheDeadlineKeepsTheRotatedToken(t *testing.T) {
 	}
 	if rt, err := store.Load(context.Background(), src.StoreKey("acme")); err != nil || rt != "rt-NEW-5678" {
 		t.Fatalf("stored refresh token %s (%v), want the rotated one", rt.Fingerprint(), err)
+	}
+	// The abandoned token was taken once: the call after refreshes.
+	if _, err := src.Token(context.Background(), broker.Request{Merchant: "acme"}); err != nil || s.calls.Load() != 2 {
+		t.Fatalf("third Token = %v after %d refreshes, want a refresh of its own", err, s.calls.Load())
 	}
 }
 
