@@ -267,6 +267,8 @@ func TestBadConfigs(t *testing.T) {
 	}{
 		{"syntax error", edit(`organisation = "org-acme"`, `organisation = "org-acme`), 8, "", "", `strings cannot contain newlines (after key "merchants.acme.organisation")`},
 		{"table header not closed", edit(`[merchants.acme]`, `[merchants.acme`), 6, "", "", `expected '.' or ']' to end table name`},
+		{"after a byte-order mark", "\xef\xbb\xbf" + badBase + "@bad = 1\n", 10, "", "", `expected '.' or '=', but got '@' instead`},
+		{"bad escape in a multi-line string", edit(`scopes = ["openbanking_pisp"]`, "note = \"\"\"\nfirst\nbad \\q\n\"\"\"\nscopes = [\"openbanking_pisp\"]"), 11, "", "", `invalid escape`},
 		{"unquoted secret", edit(`"{env.NUAPAY_API_KEY}"`, secretValue), 4, "", "", "the value of providers.p.api_key is not valid TOML (details withheld"},
 		// A key defined twice: the message names the key, never a value,
 		// so a secret's key is named too, with what to do.

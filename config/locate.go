@@ -47,10 +47,12 @@ func (p *parser) decodeError(err error, syntax bool) {
 	var pe toml.ParseError
 	if errors.As(err, &pe) {
 		e.Line, e.Msg, key = pe.Position.Line, pe.Message, pe.LastKey
-		if syntax && pe.Position.Start >= 0 && pe.Position.Start < len(p.data) {
-			// Counted from where it stumbled: BurntSushi puts a newline
-			// it stumbled on on the next line.
-			e.Line = 1 + bytes.Count(p.data[:pe.Position.Start], []byte{'\n'})
+		// Counted from where it stumbled (the last byte of the text it
+		// read, in the file as BurntSushi read it: without a byte-order
+		// mark), as BurntSushi puts a newline it stumbled on on the next
+		// line.
+		if at := bomLen(p.data) + pe.Position.Start + max(pe.Position.Len-1, 0); syntax && pe.Position.Start >= 0 && at < len(p.data) {
+			e.Line = 1 + bytes.Count(p.data[:at], []byte{'\n'})
 		}
 	} else if m := typeErrorRe.FindStringSubmatch(err.Error()); m != nil {
 		fmt.Sscan(m[1], &e.Line)
@@ -233,4 +235,17 @@ func splitKey(s string) []string {
 		return nil
 	}
 	return key
+}
+
+// bomLen is the length of the byte-order mark data starts with, which
+// BurntSushi's decoder drops before it reads (UTF-8, or UTF-16 of either
+// order); 0 without one.
+func bomLen(data []byte) int {
+	switch {
+	case bytes.HasPrefix(data, []byte("\xef\xbb\xbf")):
+		return 3
+	case bytes.HasPrefix(data, []byte("\xff\xfe")), bytes.HasPrefix(data, []byte("\xfe\xff")):
+		return 2
+	}
+	return 0
 }
