@@ -11,9 +11,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
-// listings are the organisation listings (package listing) shared across
-// reloads, keyed by the provider's ID, its secret version and the wildcard's
-// settings: a reload keeps the last good list and its schedule, not a key.
+// listings are the organisation listings (package listing) kept across
+// reloads with their list and schedule, keyed by provider ID and settings.
 var listings = caddy.NewUsagePool()
 
 // loadListing returns the pooled listing of the registry's wildcard
@@ -28,7 +27,7 @@ func loadListing(reg *config.Registry, logger *zap.Logger) (*listing.Listing, st
 	if !ok {
 		return nil, "", fmt.Errorf("token_broker: %s: merchant \"*\": field only_listed_organisations: provider %q cannot list its organisations", reg.Path, p.Name)
 	}
-	key := fmt.Sprintf("organisations %s secret %s every=%s max=%d", p.ID, p.SecretVersion, reg.Wildcard.OrganisationsRefresh, reg.Wildcard.MaxOrganisations)
+	key := fmt.Sprintf("organisations %s every=%s max=%d", p.ID, reg.Wildcard.OrganisationsRefresh, reg.Wildcard.MaxOrganisations)
 	v, _, err := listings.LoadOrNew(key, func() (caddy.Destructor, error) {
 		limits := nuapay.ListLimits{Organisations: reg.Wildcard.MaxOrganisations}
 		l := listing.New(p.Name, lister, limits, reg.Wildcard.OrganisationsRefresh, logger)
@@ -38,5 +37,6 @@ func loadListing(reg *config.Registry, logger *zap.Logger) (*listing.Listing, st
 	if err != nil {
 		return nil, "", err
 	}
+	v.(*listing.Listing).UseLister(lister) // the config loaded last: its key
 	return v.(*listing.Listing), key, nil
 }

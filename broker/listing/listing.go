@@ -39,12 +39,13 @@ type OrganisationLister interface {
 // concurrent use.
 type Listing struct {
 	provider string // the provider's name, for logs and the admin API
-	list     OrganisationLister
-	limits   nuapay.ListLimits
-	every    time.Duration
-	bound    time.Duration // bounds one read, all its pages (readBound)
-	logger   *zap.Logger
-	now      func() time.Time // the clock: time.Now; tests inject their own
+	// list is the lister the reads go through (UseLister replaces it).
+	list   atomic.Pointer[OrganisationLister]
+	limits nuapay.ListLimits
+	every  time.Duration
+	bound  time.Duration // bounds one read, all its pages (readBound)
+	logger *zap.Logger
+	now    func() time.Time // the clock: time.Now; tests inject their own
 	// sleep waits between the schedule's reads: budget.Sleep, a timer;
 	// tests inject their own.
 	sleep func(ctx context.Context, d time.Duration) error
@@ -71,9 +72,16 @@ type reads struct {
 // New returns the listing of a provider, read every every once started
 // (sooner after a failed read: Start), logging its reads to logger.
 func New(provider string, list OrganisationLister, limits nuapay.ListLimits, every time.Duration, logger *zap.Logger) *Listing {
-	return &Listing{provider: provider, list: list, limits: limits, every: every, bound: readBound(limits), logger: logger,
+	l := &Listing{provider: provider, limits: limits, every: every, bound: readBound(limits), logger: logger,
 		now: time.Now, sleep: budget.Sleep, turn: make(chan struct{}, 1)}
+	l.list.Store(&list)
+	return l
 }
+
+// UseLister has the next reads go through list, the provider's source in
+// the config loaded last (a reload that rotated its API key), keeping the
+// list in force and the schedule.
+func (l *Listing) UseLister(list OrganisationLister) { l.list.Store(&list) }
 
 // Provider is the name of the listed provider.
 func (l *Listing) Provider() string { return l.provider }
@@ -157,7 +165,7 @@ func (l *Listing) read(ctx, schedule context.Context) (int, error) {
 		return 0, fmt.Errorf("waiting for the read in progress of provider %q's organisations: %w", l.provider, ctx.Err())
 	}
 	m := make(map[string]struct{})
-	err := l.list.EachOrganisation(ctx, l.limits, func(o nuapay.Organisation) { m[o.ID] = struct{}{} })
+	err := (*l.list.Load()).EachOrganisation(ctx, l.limits, func(o nuapay.Organisation) { m[o.ID] = struct{}{} })
 	if err != nil && schedule.Err() != nil {
 		return 0, err
 	}

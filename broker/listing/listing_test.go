@@ -347,3 +347,62 @@ func TestListingReadBoundGrowsWithTheList(t *testing.T) {
 		})
 	}
 }
+
+// orgsLister lists fixed organisations, or fails with err.
+type orgsLister struct {
+	ids []string
+	err error
+}
+
+func (o orgsLister) EachOrganisation(_ context.Context, _ nuapay.ListLimits, visit func(nuapay.Organisation)) error {
+	if o.err != nil {
+		return o.err
+	}
+	for _, id := range o.ids {
+		visit(nuapay.Organisation{ID: id})
+	}
+	return nil
+}
+
+// TestListingUseLister: a listing given the lister of a newer config
+// (UseLister, a reload that rotated the key) keeps the list in force until
+// a read with the new lister replaces it, and keeps it when that read
+// fails.
+func TestListingUseLister(t *testing.T) {
+	l := New("nuapay", orgsLister{ids: []string{"org-old"}}, nuapay.ListLimits{}, time.Hour, zap.NewNop())
+	if _, err := l.Refresh(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	steps := []struct {
+		name      string
+		lister    OrganisationLister // nil: none given
+		read      bool
+		allowed   []string
+		refused   []string
+		wantReadE bool
+	}{
+		{"new lister, before its read", orgsLister{ids: []string{"org-new"}}, false, []string{"org-old"}, []string{"org-new"}, false},
+		{"after its read", nil, true, []string{"org-new"}, []string{"org-old"}, false},
+		{"a failing lister", orgsLister{err: errors.New("401")}, true, []string{"org-new"}, nil, true},
+	}
+	for _, st := range steps {
+		if st.lister != nil {
+			l.UseLister(st.lister)
+		}
+		if st.read {
+			if _, err := l.Refresh(context.Background()); (err != nil) != st.wantReadE {
+				t.Fatalf("%s: read error %v, want one %t", st.name, err, st.wantReadE)
+			}
+		}
+		for _, id := range st.allowed {
+			if c := l.Allows(id); c != 0 {
+				t.Errorf("%s: %s refused (%s), want it allowed", st.name, id, c)
+			}
+		}
+		for _, id := range st.refused {
+			if c := l.Allows(id); c == 0 {
+				t.Errorf("%s: %s allowed, want it refused", st.name, id)
+			}
+		}
+	}
+}
