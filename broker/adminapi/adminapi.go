@@ -191,8 +191,14 @@ func Revoke(ctx context.Context, entries []*broker.Entry, current func(sourceID 
 		}
 		err := rv.RevokeToken(ctx, b.Request(), e.Token())
 		if err != nil && current != nil && broker.ClassOf(b.Source, err) == broker.ClassCredential {
-			if now, ok := current(b.SourceID).(broker.Revoker); ok {
-				err = now.RevokeToken(ctx, b.Request(), e.Token())
+			if src := current(b.SourceID); src != nil && src != b.Source {
+				if now, ok := src.(broker.Revoker); ok {
+					if again := now.RevokeToken(ctx, b.Request(), e.Token()); again != nil {
+						err = errors.Join(err, fmt.Errorf("with the provider as configured now: %w", again))
+					} else {
+						err = nil
+					}
+				}
 			}
 		}
 		if err != nil {
