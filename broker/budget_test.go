@@ -838,9 +838,12 @@ func TestBreakerOpenedDuringBudgetWait(t *testing.T) {
 // gatedStore is a budget's in-process store whose next AllowN, once
 // armed, says so on entered and goes on when release is closed: the
 // caller asking it stays at the head of the budget's queue meanwhile.
+// With refuse, that AllowN then refuses the request (the bucket was spent
+// meanwhile).
 type gatedStore struct {
 	budget.Store
 	armed            atomic.Bool
+	refuse           bool
 	entered, release chan struct{}
 }
 
@@ -848,6 +851,9 @@ func (s *gatedStore) AllowN(ctx context.Context, key string, l budget.Limit, n i
 	if s.armed.CompareAndSwap(true, false) {
 		close(s.entered)
 		<-s.release
+		if s.refuse {
+			return budget.Result{RetryAfter: 100 * time.Millisecond}, nil
+		}
 	}
 	return s.Store.AllowN(ctx, key, l, n)
 }
@@ -1179,24 +1185,6 @@ func TestCheckKeepsJoinedFetchInQueue(t *testing.T) {
 	}
 }
 
-// refusingStore is a budget's in-process store whose next AllowN, once
-// armed, says so on entered, waits for release and then refuses the
-// request (the bucket was spent meanwhile).
-type refusingStore struct {
-	budget.Store
-	armed            atomic.Bool
-	entered, release chan struct{}
-}
-
-func (s *refusingStore) AllowN(ctx context.Context, key string, l budget.Limit, n int) (budget.Result, error) {
-	if s.armed.CompareAndSwap(true, false) {
-		close(s.entered)
-		<-s.release
-		return budget.Result{RetryAfter: 100 * time.Millisecond}, nil
-	}
-	return s.Store.AllowN(ctx, key, l, n)
-}
-
 // TestCallerJoiningRefusedRefresh: a caller (a lookup whose token is past
 // its end, or a Check) that joins the refresh-ahead of its key in flight
 // is not answered with the budget's refusal of the refresh (a background
@@ -1224,7 +1212,7 @@ func TestCallerJoiningRefusedRefresh(t *testing.T) {
 			src := &callLog{clock: clock, life: 100 * time.Second}
 			br := New(Options{Now: clock.Now, BudgetWait: 30 * time.Second})
 			defer br.Close()
-			store := &refusingStore{Store: budget.NewLocal(clock.Now), entered: make(chan struct{}), release: make(chan struct{})}
+			store := &gatedStore{Store: budget.NewLocal(clock.Now), refuse: true, entered: make(chan struct{}), release: make(chan struct{})}
 			p := NewProfile("bank#1", src, nil, "", 0)
 			p.Budget = budget.New("bank", budget.Limit{Rate: 10, Burst: 10, Period: time.Second}, store, clock.Now)
 			b := bindings(p, 1)[0]
