@@ -481,9 +481,14 @@ func Reconcile(s Sources) {
 		p.sources = sources[name]
 		evs = append(evs, p.setFailing(name, s.Broker)...)
 	}
+	// The failing merchants only (t.failing), not every merchant seen.
 	regs := s.registries()
-	for id, m := range t.merchants {
-		if len(m.failures) > 0 {
+	var failing []string
+	for _, ids := range t.failing {
+		failing = append(failing, ids...)
+	}
+	for _, id := range failing {
+		if m := t.merchants[id]; m != nil && len(m.failures) > 0 {
 			t.dropFailures(m, func(f keyFailure) bool { return !servedFrom(regs, id, f) })
 		}
 	}
