@@ -397,6 +397,21 @@ func TestRefreshBehind(t *testing.T) {
 	}
 }
 
+// awaitWaiting waits until n lookups or checks wait for the fetch of key
+// (waitFor), then yields a while so that each reaches the fetch in flight
+// (the count comes just before it joins).
+func awaitWaiting(t *testing.T, br *Broker, key string, n int) {
+	t.Helper()
+	waitUntil(t, func() bool {
+		br.mu.Lock()
+		defer br.mu.Unlock()
+		return br.waiting[key] == n
+	})
+	for range 100 {
+		runtime.Gosched()
+	}
+}
+
 // waitUntil polls cond (goroutines reaching a point), failing after 10s.
 func waitUntil(t *testing.T, cond func() bool) {
 	t.Helper()
@@ -1115,11 +1130,7 @@ func TestLookupJoinsAbandonedFetch(t *testing.T) {
 		_, _, err := br.Get(context.Background(), bs[1])
 		served <- err
 	}()
-	waitUntil(t, func() bool {
-		br.mu.Lock()
-		defer br.mu.Unlock()
-		return br.waiting[bs[1].key] == 1 // the second lookup waits for the abandoned fetch
-	})
+	awaitWaiting(t, br, bs[1].key, 1) // the second lookup waits for the abandoned fetch
 	close(release)
 	if err := <-served; err != nil || src.calls() != 2 {
 		t.Fatalf("the lookup that joined the abandoned fetch: %v after %d calls, want a token", err, src.calls())
@@ -1170,11 +1181,7 @@ func TestCheckKeepsJoinedFetchInQueue(t *testing.T) {
 			c, err := br.Check(context.Background(), bs[1])
 			done <- checked{c, err}
 		}()
-		waitUntil(t, func() bool {
-			br.mu.Lock()
-			defer br.mu.Unlock()
-			return br.waiting[bs[1].key] == 2 // the lookup and the check
-		})
+		awaitWaiting(t, br, bs[1].key, 2) // the lookup and the check
 		close(joined)
 	}()
 	lookupLeaves(t, br, bs[1], joined)
@@ -1235,14 +1242,7 @@ func TestCallerJoiningRefusedRefresh(t *testing.T) {
 				}
 				got <- err
 			}()
-			waitUntil(t, func() bool {
-				br.mu.Lock()
-				defer br.mu.Unlock()
-				return br.waiting[b.key] == 1
-			})
-			for range 100 {
-				runtime.Gosched() // let the caller reach the fetch in flight
-			}
+			awaitWaiting(t, br, b.key, 1)
 			close(store.release)
 			if err := <-got; err != nil {
 				t.Fatalf("the caller: %v, want a new token of its own fetch", err)
@@ -1289,14 +1289,7 @@ func TestCallerJoiningFetchOfShorterDeadline(t *testing.T) {
 		_, _, err := br.Get(context.Background(), bs[1])
 		served <- err
 	}()
-	waitUntil(t, func() bool {
-		br.mu.Lock()
-		defer br.mu.Unlock()
-		return br.waiting[bs[1].key] == 2
-	})
-	for range 100 {
-		runtime.Gosched() // let the caller reach the fetch in flight
-	}
+	awaitWaiting(t, br, bs[1].key, 2)
 	close(store.release)
 	if err := <-refused; !errors.Is(err, budget.ErrExhausted) {
 		t.Errorf("the request that started the fetch: %v, want refused at once", err)
