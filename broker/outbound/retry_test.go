@@ -514,6 +514,26 @@ func TestHeaderSnapshotRestores(t *testing.T) {
 	}
 }
 
+// rejectOld answers w 401 invalid_token, as an upstream answers the token
+// "old" that forwardOld sends first.
+func rejectOld(w http.ResponseWriter) {
+	w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+	w.WriteHeader(http.StatusUnauthorized)
+}
+
+// forwardOld forwards a GET carrying the token "old" through rt to next,
+// the broker's fresh token being "new"; it returns the request as next
+// left it, the caller's answer and what the broker was told.
+func forwardOld(rt Retry, next Next) (*http.Request, *httptest.ResponseRecorder, *fakeTokens, error) {
+	r := httptest.NewRequest("GET", "/pay", nil)
+	out := Contract{}
+	out.Prepare(r, "Bearer old")
+	rt.Tokens = &fakeTokens{fresh: entry{broker.Token{Value: "new"}}}
+	w := httptest.NewRecorder()
+	err := rt.Forward(w, r, next, out, &broker.Binding{}, entry{broker.Token{Value: "old"}})
+	return r, w, rt.Tokens.(*fakeTokens), err
+}
+
 // TestRetryAcceptedOnlyWhenTheUpstreamTookTheToken: a retry after a
 // rejection tells the broker the fresh token was accepted (which lifts the
 // key's hold on purges) only when the retry's answer shows the upstream
@@ -540,10 +560,8 @@ func TestRetryAcceptedOnlyWhenTheUpstreamTookTheToken(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			attempts := 0
 			next := HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-				attempts++
-				if attempts == 1 {
-					w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
-					w.WriteHeader(http.StatusUnauthorized)
+				if attempts++; attempts == 1 {
+					rejectOld(w)
 					return nil
 				}
 				if tt.header != "" {
@@ -552,12 +570,8 @@ func TestRetryAcceptedOnlyWhenTheUpstreamTookTheToken(t *testing.T) {
 				w.WriteHeader(tt.status)
 				return nil
 			})
-			r := httptest.NewRequest("GET", "/pay", nil)
-			out := Contract{}
-			out.Prepare(r, "Bearer old")
-			tokens := &fakeTokens{fresh: entry{broker.Token{Value: "new"}}}
-			w := httptest.NewRecorder()
-			if err := (Retry{Tokens: tokens}).Forward(w, r, next, out, &broker.Binding{}, entry{broker.Token{Value: "old"}}); err != nil {
+			_, w, tokens, err := forwardOld(Retry{}, next)
+			if err != nil {
 				t.Fatal(err)
 			}
 			if attempts != 2 || w.Code != tt.status {
@@ -595,18 +609,13 @@ func TestFailedForwardWithdrawsTheToken(t *testing.T) {
 					return unreachable
 				}
 				if attempts == 1 {
-					w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
-					w.WriteHeader(http.StatusUnauthorized)
+					rejectOld(w)
 					return nil
 				}
 				w.WriteHeader(http.StatusOK)
 				return nil
 			})
-			r := httptest.NewRequest("GET", "/pay", nil)
-			out := Contract{}
-			out.Prepare(r, "Bearer old")
-			tokens := &fakeTokens{fresh: entry{broker.Token{Value: "new"}}}
-			err := (Retry{Tokens: tokens, Mode: tt.mode}).Forward(httptest.NewRecorder(), r, next, out, &broker.Binding{}, entry{broker.Token{Value: "old"}})
+			r, _, _, err := forwardOld(Retry{Mode: tt.mode}, next)
 			if (err != nil) != tt.wantErr || attempts != len(tt.fail) {
 				t.Fatalf("%d attempts, error %v: want %d attempts, an error %t", attempts, err, len(tt.fail), tt.wantErr)
 			}
