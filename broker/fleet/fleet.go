@@ -1046,8 +1046,8 @@ func (c *Cache) afterMint(ctx context.Context) context.Context {
 // fingerprint, then an announcement to every node. No version up to the
 // purged token's is accepted afterwards, on this node (even when Redis
 // failed) and on those that hear the announcement (version.go). A delete
-// that Redis answers with an error (a write refused: a read-only replica,
-// an ACL) is still announced: Redis takes the announcement, and the nodes
+// that Redis refuses as a write (writeRefusal: a read-only replica, an
+// ACL) is still announced: Redis takes the announcement, and the nodes
 // that hear it drop the token and refuse it when they read it back.
 func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 	var purgeErr error
@@ -1063,8 +1063,7 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			// The token may stay in Redis: this node refuses it from now
 			// on, and the others if Redis answered (an error answer).
 			purgeErr = fmt.Errorf("fleet: purging %s: %w", name, err)
-			var answer redis.Error
-			if !errors.As(err, &answer) {
+			if !writeRefusal(err) {
 				c.vers.purge(key, fingerprint, c.opts.Now())
 				return purgeErr
 			}

@@ -41,11 +41,15 @@ type held struct {
 // holder lives after all (Redis stalled for most of the lease), the cost
 // is a second token.
 func (c *Cache) lockTTL(subject string) time.Duration {
-	if strings.HasPrefix(subject, "tok:") {
+	if tokenLock(subject) {
 		return min(c.opts.LockTTL, max(4*c.opts.MaxTimeout, 3*c.opts.LockPoll))
 	}
 	return c.opts.LockTTL
 }
+
+// tokenLock reports whether subject is a token's lock ("tok:<name>"),
+// not a refresh token's ("rt:<name>").
+func tokenLock(subject string) bool { return strings.HasPrefix(subject, "tok:") }
 
 // obtain tries once to take subject's lock, with a random owner token and
 // expiry lockTTL. It returns redislock.ErrNotObtained when another node
@@ -153,7 +157,7 @@ func (c *Cache) waitLock(ctx context.Context, subject string, wake <-chan struct
 // token twice) and frees the key of a dead one within that time.
 func (c *Cache) repairLock(ctx context.Context, subject string) (time.Duration, error) {
 	ttl := c.opts.LockTTL / 2
-	if strings.HasPrefix(subject, "tok:") {
+	if tokenLock(subject) {
 		ttl = time.Millisecond
 	}
 	var set int64

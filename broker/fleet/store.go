@@ -268,16 +268,15 @@ func (s *Store) lock(ctx context.Context, key, subject string) (func(), error) {
 			}, nil
 		}
 		c.end()
-		if ctxErr := ctx.Err(); ctxErr != nil {
-			// A Redis call cut by ctx's end fails with a network error
-			// (i/o timeout): the wait ended with ctx.
-			return nil, fmt.Errorf("fleet: waiting for the refresh token lock of %s: %w", key, ctxErr)
-		}
-		if !errors.Is(err, redislock.ErrNotObtained) {
+		if errors.Is(err, redislock.ErrNotObtained) {
+			err = c.waitLock(ctx, subject, wake)
+		} else if err != nil && ctx.Err() == nil {
 			return nil, fmt.Errorf("fleet: locking the refresh token of %s: %w", key, err)
 		}
-		if err := c.waitLock(ctx, subject, wake); err != nil {
+		if err != nil {
 			if ctxErr := ctx.Err(); ctxErr != nil {
+				// A Redis call cut by ctx's end fails with a network
+				// error (i/o timeout): the wait ended with ctx.
 				err = ctxErr
 			}
 			return nil, fmt.Errorf("fleet: waiting for the refresh token lock of %s: %w", key, err)
