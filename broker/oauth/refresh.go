@@ -196,43 +196,34 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 		tok broker.Token
 		err error
 	}
-	// handoff decides, once, who takes the answer: Token (answered), or,
-	// when ctx ended first (gone), the next call, which finds the access
-	// token marked abandoned.
-	var handoff sync.Mutex
-	gone, answered := false, false
-	done := make(chan answer, 1)
+	// Unbuffered: the answer is handed over exactly when Token takes it;
+	// when ctx ended first, its access token is marked abandoned for the
+	// next call instead.
+	done := make(chan answer)
 	go func() {
 		tok, minted, err := s.refreshLocked(ctx, req, key, before)
 		// The outcome is noted under the lock, so that a refresh token
 		// loaded right after it (SetRefreshToken) has the last word.
 		s.note(req.Merchant, err)
-		handoff.Lock()
-		answered = !gone
-		if gone && minted {
-			s.mu.Lock()
-			if l := s.last[key]; l != nil && l.tok.Value == tok.Value {
-				l.abandoned = true
-			}
-			s.mu.Unlock()
-		}
-		handoff.Unlock()
 		unlock()
-		done <- answer{tok, err}
+		select {
+		case done <- answer{tok, err}:
+		case <-ctx.Done():
+			if minted {
+				s.mu.Lock()
+				if l := s.last[key]; l != nil && l.tok.Value == tok.Value {
+					l.abandoned = true
+				}
+				s.mu.Unlock()
+			}
+		}
 	}()
 	select {
 	case a := <-done:
 		return a.tok, a.err
 	case <-ctx.Done():
+		return broker.Token{}, fmt.Errorf("merchant %q: refreshing the access token: %w", req.Merchant, context.Cause(ctx))
 	}
-	handoff.Lock()
-	gone = !answered
-	handoff.Unlock()
-	if !gone { // the answer comes as soon as the lock is released
-		a := <-done
-		return a.tok, a.err
-	}
-	return broker.Token{}, fmt.Errorf("merchant %q: refreshing the access token: %w", req.Merchant, context.Cause(ctx))
 }
 
 // refreshLocked is Token's work under the merchant's lock: the access

@@ -926,7 +926,15 @@ func TestRefreshAnsweredAfterTheDeadlineKeepsTheRotatedToken(t *testing.T) {
 		t.Fatalf("Token whose context ended while the answer was on its way = %v, want the context's error at once", err)
 	}
 	close(release)
-	tok, err := src.Token(context.Background(), broker.Request{Merchant: "acme"}) // waits for the lock: the first refresh's end
+	// The next call starts once the first refresh has ended: it takes the
+	// token as abandoned, not as one refreshed while it waited.
+	waitFor(t, func() bool {
+		src.mu.Lock()
+		defer src.mu.Unlock()
+		l := src.last[src.StoreKey("acme")]
+		return l != nil && l.abandoned
+	})
+	tok, err := src.Token(context.Background(), broker.Request{Merchant: "acme"})
 	if err != nil || tok.Value != "at-1234" || s.calls.Load() != 1 {
 		t.Fatalf("next Token = %v after %d refreshes, want the first refresh's access token and no other refresh", err, s.calls.Load())
 	}
@@ -1007,5 +1015,15 @@ func TestTokenErrorWithoutJSONContentType(t *testing.T) {
 	var ae *broker.APIError
 	if !errors.As(err, &ae) || ae.Code != "invalid_client" || src.Classify(err) != broker.ClassCredential {
 		t.Errorf("Token = %v (class %d), want invalid_client refusing the credential", err, src.Classify(err))
+	}
+}
+
+// waitFor polls cond (a goroutine reaching a point), failing after 10s.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached in 10s")
+		}
 	}
 }
