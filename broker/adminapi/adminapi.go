@@ -175,6 +175,21 @@ func MerchantTokens(reg *config.Registry, merchant string) func(*broker.Binding)
 	}
 }
 
+// revokeAgain revokes e's token with src, the provider as configured now,
+// after its own source's credential was refused with refused: nil once
+// revoked; refused when src is nil, the same source or cannot revoke;
+// both errors when src refuses too.
+func revokeAgain(ctx context.Context, e *broker.Entry, src broker.Source, refused error) error {
+	rv, ok := src.(broker.Revoker)
+	if !ok || src == e.Binding().Source {
+		return refused
+	}
+	if err := rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); err != nil {
+		return errors.Join(refused, fmt.Errorf("with the provider as configured now: %w", err))
+	}
+	return nil
+}
+
 // Revoke revokes each entry's token at its provider, where the provider
 // supports revocation, with the source that fetched it; when that
 // source's credential is refused (its API key or client secret rotated
@@ -191,15 +206,7 @@ func Revoke(ctx context.Context, entries []*broker.Entry, current func(sourceID 
 		}
 		err := rv.RevokeToken(ctx, b.Request(), e.Token())
 		if err != nil && current != nil && broker.ClassOf(b.Source, err) == broker.ClassCredential {
-			if src := current(b.SourceID); src != nil && src != b.Source {
-				if now, ok := src.(broker.Revoker); ok {
-					if again := now.RevokeToken(ctx, b.Request(), e.Token()); again != nil {
-						err = errors.Join(err, fmt.Errorf("with the provider as configured now: %w", again))
-					} else {
-						err = nil
-					}
-				}
-			}
+			err = revokeAgain(ctx, e, current(b.SourceID), err)
 		}
 		if err != nil {
 			results = append(results, NotRevoked(e, err.Error()))

@@ -31,14 +31,12 @@ type Broker struct {
 
 	mu        sync.Mutex
 	inherited []*broker.Entry // tokens of the brokers that reloads replaced
-	// secretVersions is the config.Provider.SecretVersion last seen per
-	// provider ID, so that a reload with a rotated secret (same ID)
-	// forgets the failures of the old one.
-	secretVersions map[string]string
-	// sources is the provider's source last seen per provider ID: it
-	// revokes the tokens of that ID whose own source's credential is
-	// refused (adminapi.Revoke).
-	sources map[string]broker.Source
+	// seen is the provider last seen per provider ID: its
+	// config.Provider.SecretVersion, so that a reload with a rotated
+	// secret (same ID) forgets the failures of the old one, and its
+	// source, which revokes the tokens of that ID whose own source's
+	// credential is refused (adminapi.Revoke).
+	seen map[string]seenProvider
 	// revokeTimeout bounds Revoke; zero: the constant revokeTimeout.
 	revokeTimeout time.Duration
 }
@@ -54,13 +52,13 @@ func (p *Broker) SecretsSeen(reg *config.Registry, logger *zap.Logger) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.secretVersions == nil {
-		p.secretVersions, p.sources = map[string]string{}, map[string]broker.Source{}
+	if p.seen == nil {
+		p.seen = map[string]seenProvider{}
 	}
 	for name, pv := range reg.Providers {
-		old, seen := p.secretVersions[pv.ID]
-		p.secretVersions[pv.ID], p.sources[pv.ID] = pv.SecretVersion, pv.Source
-		if seen && old != pv.SecretVersion {
+		old, seen := p.seen[pv.ID]
+		p.seen[pv.ID] = seenProvider{secretVersion: pv.SecretVersion, source: pv.Source}
+		if seen && old.secretVersion != pv.SecretVersion {
 			n := p.ForgetSource(pv.ID)
 			logger.Info("provider secret changed: its remembered failures are forgotten",
 				zap.String("provider", name), zap.String("source", pv.ID), zap.Int("keys", n))
@@ -152,7 +150,13 @@ func (p *Broker) Revoke(entries []*broker.Entry) {
 func (p *Broker) source(id string) broker.Source {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.sources[id]
+	return p.seen[id].source
+}
+
+// seenProvider is what Broker keeps of a provider it was last shown.
+type seenProvider struct {
+	secretVersion string
+	source        broker.Source
 }
 
 // revoke revokes e's token at its provider, unless the failure policy
