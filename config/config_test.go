@@ -274,6 +274,8 @@ func TestBadConfigs(t *testing.T) {
 		// so a secret's key is named too, with what to do.
 		{"api_key defined twice", edit(`api_key = "{env.NUAPAY_API_KEY}"`, "api_key = \"{env.NUAPAY_API_KEY}\"\napi_key = \"{file.nuapay.key}\""), 5, prov, "api_key",
 			"defined a second time here: keep one of its definitions"},
+		{"merchant table defined twice", badBase + "\n[merchants.acme]\nprovider = \"p\"\n", 11, merch, "", "defined a second time here: keep one of its definitions"},
+		{"after a UTF-16 byte-order mark", "\xff\xfe" + badBase + "@bad = 1\n", 10, "", "", `expected '.' or '=', but got '@' instead`},
 		{"merchant key defined twice", badBase + `organisation = "org-other"` + "\n", 10, merch, "organisation", "defined a second time here: keep one of its definitions"},
 		{"unknown merchant key", badBase + `scope = ["x"]` + "\n", 10, merch, "scope", `unknown key "merchants.acme.scope"`},
 		{"unknown provider key", edit(`type =`, "apikey = 1\ntype ="), 2, prov, "apikey", `unknown key "providers.p.apikey"`},

@@ -699,10 +699,9 @@ func TestReloadedMerchantLeavesItsOldFailure(t *testing.T) {
 				t.Fatalf("%s under the reloaded configuration: %v", tt.merchant, err)
 			}
 			r := Build(s, Query{}, f.clk.Now())
-			for _, m := range r.Merchants {
-				if m.Merchant == tt.merchant && m.State != StateFresh {
-					t.Errorf("%s served under the reloaded configuration: state %s, want %s", tt.merchant, m.State, StateFresh)
-				}
+			i := slices.IndexFunc(r.Merchants, func(m Merchant) bool { return m.Merchant == tt.merchant })
+			if i < 0 || r.Merchants[i].State != StateFresh {
+				t.Errorf("%s served under the reloaded configuration: index %d in %+v, want it there in state %s", tt.merchant, i, r.Merchants, StateFresh)
 			}
 		})
 	}

@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -259,7 +258,7 @@ func TestCallbackAsksForAReload(t *testing.T) {
 		t.Errorf("callback with a garbage state: %d, %d discoveries; want 400, the unknown_state page and none:\n%s", w.Code, discoveries.Load()-before, w.Body)
 	}
 	w = second.get(cb, cookies...)
-	if w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") != strconv.Itoa(int(oauth.DiscoveryRetry/time.Second)) ||
+	if w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") != "5" ||
 		!strings.Contains(w.Body.String(), "Please reload this page in a moment.") || !strings.Contains(w.Body.String(), oauth.ReasonRetryCallback) {
 		t.Fatalf("callback while the bank cannot be discovered: %d, Retry-After %q, %s; want 503, the retry_callback page", w.Code, w.Header().Get("Retry-After"), w.Body)
 	}
