@@ -80,15 +80,20 @@ func (e *APIError) Unwrap() error { return e.Err }
 // cause is an *httpclient.TooLargeError; its class follows the status.
 const CodeTooLarge = "response_too_large"
 
-// Temporary reports whether trying again later may succeed: 408, 425, 429 and
-// 5xx answers. Credentials, scope and request errors are permanent.
-func (e *APIError) Temporary() bool {
-	switch {
-	case e.StatusCode == http.StatusRequestTimeout, e.StatusCode == http.StatusTooEarly,
-		e.StatusCode == http.StatusTooManyRequests, e.StatusCode >= 500:
+// Temporary reports whether trying again later may succeed: its status
+// says so (TemporaryStatus). Credentials, scope and request errors are
+// permanent.
+func (e *APIError) Temporary() bool { return TemporaryStatus(e.StatusCode) }
+
+// TemporaryStatus reports whether an answer's status says that the server
+// failed or is busy, so that the same request may succeed later: 408,
+// 425, 429 and 5xx.
+func TemporaryStatus(status int) bool {
+	switch status {
+	case http.StatusRequestTimeout, http.StatusTooEarly, http.StatusTooManyRequests:
 		return true
 	}
-	return false
+	return status >= 500
 }
 
 // IsTimeout reports whether err is a deadline or network timeout.
@@ -102,10 +107,18 @@ func IsTimeout(err error) bool {
 
 // IsTemporary reports whether err is worth retrying: timeouts, connection
 // failures and temporary API errors. Permanent API errors (bad credentials,
-// unknown organisation, invalid scope) and cancellations are not.
+// unknown organisation, invalid scope) and cancellations are not. An error
+// that knows, a Transient() bool method in err's chain (the first one),
+// says it itself: oauth.DiscoveryError.
 func IsTemporary(err error) bool {
 	if err == nil || errors.Is(err, context.Canceled) {
 		return false
+	}
+	if t, ok := errors.AsType[interface {
+		error
+		Transient() bool
+	}](err); ok {
+		return t.Transient()
 	}
 	var ae *APIError
 	if errors.As(err, &ae) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -47,7 +48,8 @@ const (
 	ReasonProviderFailure = "provider_unavailable"
 	ReasonStoreFailure    = "store_failed"
 	// ReasonRetryCallback: a callback that arrived while the provider's
-	// endpoints could not be discovered; its state is left, and the same
+	// endpoints could not be discovered, or whose code exchange failed in
+	// a way that trying again may mend; its state is left, and the same
 	// callback, sent again once the provider answers (after
 	// DiscoveryRetry), completes the consent while its code is valid.
 	ReasonRetryCallback = "retry_callback"
@@ -55,8 +57,15 @@ const (
 
 // DiscoveryRetry is how long after a failed discovery of the provider's
 // endpoints the consent flow discovers again: until then its steps fail
-// at once, without calling the provider.
+// at once, without calling the provider. It is also the least time
+// after a failed code exchange that a callback kept for a retry
+// exchanges its code again (see Callback).
 const DiscoveryRetry = 5 * time.Second
+
+// codeExchanges is how many times a callback's code is exchanged at
+// most: its first exchange, and the retries of the same callback,
+// reloaded, after failures that trying again may mend (see Callback).
+const codeExchanges = 3
 
 // ConsentError is a refused or failed step of the authorization-code
 // flow. Its message names what was wrong and never contains a code, a token,
@@ -678,13 +687,31 @@ type Result struct {
 // unknown, used, expired or another browser's state is refused without
 // asking the provider. The provider's endpoints are read next, before
 // the state is consumed: while they are unknown and cannot be discovered
-// now (a transient *DiscoveryError: no answer, 429 or 5xx), or the
-// request ends first (ctx is done), the callback fails with
+// now (a transient *DiscoveryError: no answer, 408, 425, 429 or 5xx), or
+// the request ends first (ctx is done), the callback fails with
 // ReasonRetryCallback and no Result, the state left for the same
 // callback to be sent again; a failure that trying again does not mend (a
 // discovery document that names another issuer or no token_endpoint, an
 // endpoint that is not a usable URL) consumes the state and fails with
 // ReasonProviderFailure.
+//
+// A code exchange that fails in a way that trying again may mend (the
+// source's Classify, as for its token requests: no answer, a timeout,
+// 408, 425, 429, 5xx, a DPoP nonce asked for again) did not redeem the
+// code as far as the broker can tell: the state is put back, bound to
+// that code, with the link, and the callback fails with
+// ReasonRetryCallback and no Result. The same callback, reloaded by the
+// same browser, exchanges the code again, at least DiscoveryRetry (or
+// the provider's Retry-After, when longer) after the failure: sooner, it
+// fails so again without asking the provider. A callback of the kept
+// state with another code is refused with ReasonExchangeFailed without
+// an exchange. The code is exchanged codeExchanges times at most, and
+// only while the state is valid; the last failure, and any answer that
+// settles it (the provider's invalid_grant, another refusal, a token),
+// spends the state. A state is taken from the store before its code is
+// exchanged, so that of concurrent callbacks of one state one exchanges
+// its code; the others find it used (ReasonUnknownState) or, put back,
+// not due yet (ReasonRetryCallback).
 func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts ...StepOption) (Result, error) {
 	o := newStepOptions(opts) // without a Browser: refused for a state bound to a browser
 	state := q.Get("state")
@@ -756,6 +783,12 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	if code == "" {
 		return res, a.fail(ReasonExchangeFailed, rec.Merchant, errors.New("the callback has neither code nor error"))
 	}
+	if rec.Code != "" && subtle.ConstantTimeCompare([]byte(rec.Code), []byte(digest("code", code))) != 1 {
+		return res, a.fail(ReasonExchangeFailed, rec.Merchant, errors.New("the callback carries another code than the one whose exchange failed and is to be tried again: it is not exchanged, and the authorization state is spent; ask the app for a new consent link"))
+	}
+	if a.pend.Now().Before(rec.Retry) {
+		return a.retryLater(ctx, state, rec, res, a.fail(ReasonExchangeFailed, rec.Merchant, errors.New("the code exchange failed a moment ago")))
+	}
 	link, err := a.claimLink(ctx, rec)
 	if err != nil {
 		return res, err
@@ -766,7 +799,21 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 		return raw, err
 	})
 	if err != nil {
-		return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err)))
+		ce := a.unclaimLink(ctx, rec, link, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err)))
+		wait := DiscoveryRetry
+		if ae, ok := errors.AsType[*broker.APIError](err); ok {
+			wait = max(wait, ae.RetryAfter)
+		}
+		rec.Code, rec.Tries, rec.Retry = digest("code", code), rec.Tries+1, a.pend.Now().Add(wait)
+		c := a.src.Classify(err)
+		retryable := c == broker.ClassTemporary || c == broker.ClassRateLimited || c == broker.ClassRetryNow
+		switch {
+		case retryable && rec.Tries < codeExchanges && rec.Retry.Before(rec.Expires):
+			return a.retryLater(ctx, state, rec, res, ce)
+		case retryable:
+			ce.Err = fmt.Errorf("%w; not tried again: the code exchange failed %d times, or the authorization state expires first", ce.Err, rec.Tries)
+		}
+		return res, ce
 	}
 	// An ID token is verified when openid was asked, or when one came
 	// back (any value but null or "", a string or not) and the provider
@@ -820,16 +867,31 @@ func (a *AuthCode) claimLink(ctx context.Context, rec Pending) (Pending, error) 
 
 // unclaimLink puts back the consent link link, claimed by the state rec
 // whose consent then failed (code exchange, ID token, refresh token or
-// save), so that the merchant can start it again while it is valid. It
-// returns ce, with a note when the link cannot be put back.
+// save), as it was stored, so that the merchant can start it again while
+// it is valid, and a state started from it (rec, kept for a retry) can
+// claim it. It returns ce, with a note when the link cannot be put back.
 func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *ConsentError) *ConsentError {
-	if link.Provider == "" || !a.pend.Now().Before(link.Expires) { // no link claimed, or expired
+	if link.Provider == "" { // no link claimed
 		return ce
 	}
 	if err := a.pend.putUntil(ctx, kindLink, rec.Link, link, link.Expires.Add(linkKept)); err != nil {
 		ce.Err = fmt.Errorf("%w; the consent link could not be put back (%v): ask the app for a new consent link", ce.Err, err)
 	}
 	return ce
+}
+
+// retryLater puts back the authorization state rec, taken by a callback
+// refused with ce for a failed code exchange that trying again may mend,
+// so that the same callback, reloaded, exchanges its code again: it
+// returns no Result and ReasonRetryCallback. When rec cannot be put
+// back, the state is spent: it returns res and ce, with a note.
+func (a *AuthCode) retryLater(ctx context.Context, state string, rec Pending, res Result, ce *ConsentError) (Result, error) {
+	if err := a.pend.put(ctx, kindState, state, rec); err != nil {
+		ce.Err = fmt.Errorf("%w; the authorization state could not be kept to try again (%v): ask the app for a new consent link", ce.Err, err)
+		return res, ce
+	}
+	return Result{}, a.fail(ReasonRetryCallback, rec.Merchant, fmt.Errorf("%w; the authorization state is kept: the callback, reloaded from %s on, exchanges the code again",
+		ce.Err, rec.Retry.UTC().Format(time.RFC3339)))
 }
 
 // verifyIDToken checks the token response's id_token v, a string, with
@@ -862,14 +924,15 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, v any, nonc
 func permanent(err error) bool {
 	var de *DiscoveryError
 	var ue *endpointURLError
-	return errors.As(err, &de) && !de.Transient || errors.As(err, &ue)
+	return errors.As(err, &de) && !de.Transient() || errors.As(err, &ue)
 }
 
 // authEndpoints returns the source's endpoints (discovered as the source
-// discovers them) with the configured authorization and PAR endpoints;
-// after a failed discovery, the consent flow discovers again only
-// DiscoveryRetry after the failure, and fails until then as that
-// discovery did.
+// discovers them) with the configured authorization and PAR endpoints
+// (NewAuthCode checked them), or the refusal of a discovered one that
+// is used and not a usable URL (discover checked them); after a failed
+// discovery, the consent flow discovers again only DiscoveryRetry after
+// the failure, and fails until then as that discovery did.
 func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 	cfg := a.src.cfg
 	d := a.src.ep.cached()
@@ -878,7 +941,7 @@ func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 		retr, last := a.retr, a.retrErr
 		a.mu.Unlock()
 		if last != nil && cfg.Now().Before(retr) {
-			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: fmt.Errorf("failed less than %s ago: %w", DiscoveryRetry, last.Err), Transient: last.Transient}
+			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: fmt.Errorf("failed less than %s ago: %w", DiscoveryRetry, last.Err), transient: last.transient}
 		}
 		var err error
 		if d, err = a.src.ep.get(ctx); err != nil {
@@ -891,15 +954,14 @@ func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 		}
 	}
 	ep := *d
-	ep.auth = cmp.Or(a.cfg.AuthorizationURL, d.auth)
-	ep.par = cmp.Or(a.cfg.PARURL, d.par)
-	if err := checkURL("authorization_endpoint", ep.auth); err != nil {
-		return nil, err
+	if a.cfg.AuthorizationURL != "" {
+		ep.auth, ep.authErr = a.cfg.AuthorizationURL, nil
 	}
-	if ep.par != "" {
-		if err := checkURL("pushed_authorization_request_endpoint", ep.par); err != nil {
-			return nil, err
-		}
+	if a.cfg.PARURL != "" {
+		ep.par, ep.parErr = a.cfg.PARURL, nil
+	}
+	if err := cmp.Or(ep.authErr, ep.parErr); err != nil {
+		return nil, err
 	}
 	return &ep, nil
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/coreos/go-oidc/v3/oidc"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
@@ -43,6 +44,11 @@ type endpoints struct {
 	// par is the pushed_authorization_request_endpoint (its mTLS alias
 	// with a TLS client certificate).
 	par string
+	// authErr and parErr are checkURL's refusals of the discovered auth
+	// (also of none) and par, nil when they can be used: the consent flow
+	// refuses to use them (authEndpoints), the token requests do not need
+	// them.
+	authErr, parErr error
 	// requirePAR is require_pushed_authorization_requests.
 	requirePAR bool
 	// issResponse is authorization_response_iss_parameter_supported.
@@ -64,13 +70,19 @@ type DiscoveryError struct {
 	Issuer string
 	// Err is the cause.
 	Err error
-	// Transient is true when the authorization server did not answer or
-	// answered that it failed or is busy (429, 5xx): the same discovery
-	// may succeed later. It is false for an answer that is wrong as it
-	// is (another issuer, no token_endpoint, no discovery document), which
-	// the configuration or the server has to change.
-	Transient bool
+
+	transient bool // see Transient
 }
+
+// Transient reports whether the authorization server did not answer or
+// answered that it failed or is busy (broker.TemporaryStatus: 408, 425,
+// 429, 5xx): the same discovery may succeed later. It is false for an
+// answer that is wrong as it is (another issuer, no token_endpoint, no
+// discovery document, one over the size limit), which the configuration
+// or the server has to change. broker.IsTemporary, and so the token API's
+// failure policy, and the consent callback (which keeps its state for a
+// reload of a transient one) go by it.
+func (e *DiscoveryError) Transient() bool { return e.transient }
 
 // Error describes the failure.
 func (e *DiscoveryError) Error() string {
@@ -199,7 +211,7 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	case err != nil && status.Load() == 0:
 		// No answer: the authorization server cannot be reached now.
 		return nil, e.failed(errors.New(scrub.Truncate(err.Error(), 300)), true)
-	case err != nil && unavailable(int(status.Load())):
+	case err != nil && broker.TemporaryStatus(int(status.Load())):
 		// go-oidc quotes the whole body of a failed discovery response.
 		return nil, e.failed(fmt.Errorf("%s answered %d to the %s request (/.well-known/openid-configuration): the authorization server failed or is busy; the next call tries again (%s)",
 			httpclient.Host(e.cfg.Issuer), status.Load(), oidcDocument, scrub.Truncate(err.Error(), 300)), true)
@@ -241,12 +253,16 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 			return fail(err)
 		}
 	}
+	ep.authErr = checkURL("authorization_endpoint", ep.auth)
+	if ep.par != "" {
+		ep.parErr = checkURL("pushed_authorization_request_endpoint", ep.par)
+	}
 	return ep, nil
 }
 
 // failed is the DiscoveryError of cause err, transient or not.
 func (e *discovery) failed(err error, transient bool) *DiscoveryError {
-	return &DiscoveryError{Issuer: e.cfg.Issuer, Err: err, Transient: transient}
+	return &DiscoveryError{Issuer: e.cfg.Issuer, Err: err, transient: transient}
 }
 
 // issuerMismatch is the refusal of a discovery document (what names it)
@@ -288,8 +304,8 @@ func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc 
 	case err != nil:
 		return nil, e.failed(fmt.Errorf("no OpenID discovery document (404), and reading the RFC 8414 metadata failed: %w", err), true)
 	case tooLarge:
-		return nil, e.failed(&httpclient.TooLargeError{Host: where, Status: resp.StatusCode}, false)
-	case unavailable(resp.StatusCode):
+		return nil, e.failed(&httpclient.TooLargeError{Host: where, Status: resp.StatusCode}, broker.TemporaryStatus(resp.StatusCode))
+	case broker.TemporaryStatus(resp.StatusCode):
 		return nil, e.failed(fmt.Errorf("%s has no OpenID discovery document (/.well-known/openid-configuration answered 404), and answered %d to the %s request (/.well-known/oauth-authorization-server): the authorization server failed or is busy; the next call tries again",
 			where, resp.StatusCode, rfc8414Document), true)
 	case resp.StatusCode != http.StatusOK:
@@ -313,13 +329,6 @@ func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc 
 	}
 	pc := oidc.ProviderConfig{IssuerURL: m.Issuer, AuthURL: m.Auth, TokenURL: m.Token, JWKSURL: m.JWKS, Algorithms: m.IDTokens}
 	return pc.NewProvider(ctx), nil
-}
-
-// unavailable reports whether an answer's status says that the server
-// failed or is busy (429, 5xx): a call to try again (a discovery, not a
-// wrong issuer; a token request cut short, not a malformed answer).
-func unavailable(status int) bool {
-	return status == http.StatusTooManyRequests || status >= 500
 }
 
 // lastStatus is a transport that notes the status of the last answer

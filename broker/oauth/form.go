@@ -25,8 +25,9 @@ import (
 // It returns the secrets the request sent, to scrub from what the answer
 // says. what names the endpoint in errors ("PAR endpoint"); they name its
 // host, never its URL. A failure to send the request or to read its answer
-// is a *transportError, except a 429 or 5xx answer whose body could not
-// be read: that is returned with an empty body (see unavailable).
+// is a *transportError, except an answer whose status says the server
+// failed or is busy (broker.TemporaryStatus) and whose body could not be
+// read: that is returned with an empty body.
 // An answer whose body is over MaxResponseBytes, of any status, is a
 // *broker.APIError broker.CodeTooLarge of the answer's status and
 // Retry-After (its cause a *httpclient.TooLargeError).
@@ -63,8 +64,8 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 	defer resp.Body.Close()
 	body, tooLarge, err := httpclient.ReadBody(resp.Body)
 	switch {
-	case err != nil && unavailable(resp.StatusCode):
-		// A 429 or a 5xx cut short is still that status, with its
+	case err != nil && broker.TemporaryStatus(resp.StatusCode):
+		// A 408, 425, 429 or 5xx cut short is still that status, with its
 		// Retry-After: its classification needs no error code. Any other
 		// answer is classified by its error code (invalid_grant,
 		// invalid_client, use_dpop_nonce), which a cut body lost: it is a

@@ -142,7 +142,7 @@ func TestDiscoveryAgainstZitadel(t *testing.T) {
 	}
 	ctx := context.Background()
 
-	srv.DiscoveryDown.Store(true)
+	srv.DiscoveryStatus.Store(http.StatusServiceUnavailable)
 	_, err = src.Token(ctx, broker.Request{Merchant: "m"})
 	var de *DiscoveryError
 	if !errors.As(err, &de) || de.Issuer != srv.URL || !broker.IsTemporary(err) {
@@ -150,7 +150,7 @@ func TestDiscoveryAgainstZitadel(t *testing.T) {
 	}
 	checkNoSecrets(t, err)
 
-	srv.DiscoveryDown.Store(false)
+	srv.DiscoveryStatus.Store(0)
 	tok, err := src.Token(ctx, broker.Request{Merchant: "m"})
 	if err != nil || tok.Value == "" {
 		t.Fatalf("Token after discovery came back = %v", err)

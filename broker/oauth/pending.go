@@ -147,6 +147,15 @@ type Pending struct {
 	Link string `json:"l,omitempty"`
 	// Expires is when the link or the state stops being accepted.
 	Expires time.Time `json:"e"`
+	// Code is the digest of the code whose exchange failed in a way that
+	// trying again may mend (authorization states kept for their
+	// callback to be reloaded only): the reload exchanges that code, no
+	// other.
+	Code string `json:"c,omitempty"`
+	// Tries is how many exchanges of Code failed so.
+	Tries int `json:"t,omitempty"`
+	// Retry is when Code may be exchanged again.
+	Retry time.Time `json:"w,omitzero"`
 }
 
 // Browser is the secret of the browser that runs a consent: a random value
@@ -159,12 +168,16 @@ type Browser string
 // NewBrowser returns a new random browser secret.
 func NewBrowser() Browser { return Browser(randomString(32)) }
 
-// hash is the hex SHA-256 of the secret, "" for none.
-func (b Browser) hash() string {
-	if b == "" {
+// hash is the digest of the secret, "" for none.
+func (b Browser) hash() string { return digest("browser", string(b)) }
+
+// digest is the hex SHA-256 of the secret s of a kind (browser, code),
+// "" for none.
+func digest(kind, s string) string {
+	if s == "" {
 		return ""
 	}
-	h := sha256.Sum256([]byte("token_broker consent browser\x00" + b))
+	h := sha256.Sum256([]byte("token_broker consent " + kind + "\x00" + s))
 	return hex.EncodeToString(h[:])
 }
 

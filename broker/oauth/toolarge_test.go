@@ -88,7 +88,8 @@ func TestAnswersOverTheLimit(t *testing.T) {
 		want   []string // in the message
 		// consentCode is the *ConsentError's Code; "" when not checked.
 		consentCode string
-		// permanent: the error is a *DiscoveryError that is not Transient.
+		// permanent: the error is a *DiscoveryError that is not
+		// transient (a *DiscoveryError is transient otherwise).
 		permanent bool
 	}{
 		{name: "token endpoint 200", path: "/token", status: 200, code: "response_too_large", host: true,
@@ -123,7 +124,9 @@ func TestAnswersOverTheLimit(t *testing.T) {
 			want: []string{"oauth2 token endpoint", limit}},
 		{name: "revocation endpoint 400", path: "/revoke", status: 400, code: "response_too_large", host: true, call: revoke,
 			want: []string{"oauth2 revocation endpoint", limit}},
-		{name: "discovery document", path: "/.well-known/openid-configuration", status: 200, temp: true, host: true,
+		// A document over the limit is wrong as it is: not temporary,
+		// whoever asks (the token API's failure policy, the consent).
+		{name: "discovery document", path: "/.well-known/openid-configuration", status: 200, host: true, permanent: true,
 			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
 			want: []string{"oauth2 discovery of issuer", limit, "the limit of an answer the token broker reads", "(status 200)"}},
 		{name: "discovery document 503", path: "/.well-known/openid-configuration", status: 503, temp: true, host: true,
@@ -131,9 +134,14 @@ func TestAnswersOverTheLimit(t *testing.T) {
 			want: []string{"oauth2 discovery of issuer", limit, "(status 503)"}},
 		// Metadata over the limit is not a failure the next call may
 		// not meet: the consent callback must not offer a retry.
-		{name: "RFC 8414 metadata", path: "/.well-known/oauth-authorization-server", status: 200, temp: true, host: true, permanent: true,
+		{name: "RFC 8414 metadata", path: "/.well-known/oauth-authorization-server", status: 200, host: true, permanent: true,
 			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
 			want: []string{"oauth2 discovery of issuer", limit, "the limit of an answer the token broker reads", "(status 200)"}},
+		// As the OpenID discovery document's and the token endpoint's:
+		// its class follows its status.
+		{name: "RFC 8414 metadata 503", path: "/.well-known/oauth-authorization-server", status: 503, temp: true, host: true,
+			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
+			want: []string{"oauth2 discovery of issuer", limit, "(status 503)"}},
 		{name: "PAR endpoint 201", path: "/par", status: 201, code: "response_too_large", host: true, call: par,
 			want: []string{"PAR endpoint", limit}},
 		// A refusal whose error code was in the body not read: its code
@@ -166,8 +174,8 @@ func TestAnswersOverTheLimit(t *testing.T) {
 					t.Errorf("error %q says %q", msg, bad)
 				}
 			}
-			if de := (*DiscoveryError)(nil); tc.permanent && (!errors.As(err, &de) || de.Transient) {
-				t.Errorf("err %T %v, want a *DiscoveryError that is not Transient", err, err)
+			if de := (*DiscoveryError)(nil); tc.permanent && !errors.As(err, &de) || errors.As(err, &de) && permanent(err) != tc.permanent {
+				t.Errorf("err %T %v, want a *DiscoveryError, transient %v", err, err, !tc.permanent)
 			}
 			if broker.IsTemporary(err) != tc.temp {
 				t.Errorf("temporary %v, want %v: %v", broker.IsTemporary(err), tc.temp, err)

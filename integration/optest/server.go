@@ -64,8 +64,16 @@ type Server struct {
 	Server  *httptest.Server
 	// CAPool trusts the server's certificate (TLS servers only).
 	CAPool *x509.CertPool
-	// DiscoveryDown makes the discovery document answer 503.
-	DiscoveryDown atomic.Bool
+	// DiscoveryStatus, when not 0, is the status the discovery document
+	// is answered with (a gateway in front of the server that fails).
+	DiscoveryStatus atomic.Int32
+	// TokenStatus, when not 0, is the status the token requests are
+	// answered with, counted (Count) but before zitadel sees them: no
+	// code or refresh token is used.
+	TokenStatus atomic.Int32
+	// EditDiscovery, when set (before any request), edits the discovery
+	// document before it is served (a bank whose document is wrong).
+	EditDiscovery func(doc map[string]any)
 	// BeforeToken, when set (before any request), runs before each token
 	// request is handled.
 	BeforeToken func(*http.Request)
@@ -202,6 +210,10 @@ func (s *Server) handler(zh http.Handler) http.Handler {
 			if s.BeforeToken != nil {
 				s.BeforeToken(r)
 			}
+			if st := s.TokenStatus.Load(); st != 0 {
+				writeError(w, int(st), "server_error", "the token endpoint is down")
+				return
+			}
 			if !s.mtlsGate(w, r) {
 				return
 			}
@@ -238,8 +250,8 @@ func (s *Server) withIss(w http.ResponseWriter, r *http.Request, h http.HandlerF
 // discovery is zitadel's document with the PAR endpoint and the iss
 // support added.
 func (s *Server) discovery(w http.ResponseWriter, r *http.Request, zh http.Handler) {
-	if s.DiscoveryDown.Load() {
-		http.Error(w, "discovery is down", http.StatusServiceUnavailable)
+	if st := s.DiscoveryStatus.Load(); st != 0 {
+		http.Error(w, "discovery is down", int(st))
 		return
 	}
 	rec := httptest.NewRecorder()
@@ -253,6 +265,9 @@ func (s *Server) discovery(w http.ResponseWriter, r *http.Request, zh http.Handl
 	doc["require_pushed_authorization_requests"] = s.opts.RequirePAR
 	doc["authorization_response_iss_parameter_supported"] = s.opts.Iss
 	doc["code_challenge_methods_supported"] = []string{"S256"}
+	if s.EditDiscovery != nil {
+		s.EditDiscovery(doc)
+	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(doc)
 }

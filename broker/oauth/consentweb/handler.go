@@ -20,7 +20,10 @@
 //	                      the link back), exchange the code, store the refresh
 //	                      token, redirect to the app's return URL with merchant and outcome (ok or
 //	                      the refusal reason; with outcome provider_error, also error, the
-//	                      provider's error code); without a return URL, redirect to …/done
+//	                      provider's error code); without a return URL, redirect to …/done.
+//	                      While the bank cannot be discovered, or it failed the code exchange
+//	                      in a way that trying again may mend, the retry_callback page (503,
+//	                      Retry-After), the state kept for the reload of the same URL
 //	GET  …/done?result=…  the outcome page of a callback, the same on every load for an hour
 //
 // With Options.Links (on the localhost sidecar site) it serves instead:
@@ -386,8 +389,9 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 			zap.String("merchant", res.Merchant), zap.Error(serr))
 	}
 	if outcome == oauth.ReasonRetryCallback {
-		// The state is kept: the same callback, once the consent flow
-		// discovers again, completes the consent.
+		// The state is kept: the same callback, reloaded once the bank
+		// answers (its endpoints discovered, its token endpoint back),
+		// completes the consent.
 		w.Header().Set("Retry-After", strconv.FormatInt(retryAfterSeconds(oauth.DiscoveryRetry), 10))
 	}
 	c.render(w, r, consentpage.Page{Name: consentpage.ForOutcome(outcome), MerchantID: res.Merchant, Outcome: outcome, ProviderCode: code})

@@ -50,6 +50,7 @@ type opSite struct {
 	tokens oauth.Store
 	src    *oauth.RefreshToken
 	logs   *observer.ObservedLogs
+	ahead  *atomic.Int64 // how far the site's clock is ahead of the wall clock, in nanoseconds
 }
 
 // newOPSite starts the authorization server and the consent site.
@@ -58,7 +59,9 @@ func newOPSite(t *testing.T) *opSite {
 	const secret = "bank-client-secret"
 	op := optest.Start(t, optest.Options{}, &optest.Client{ID: "bank-client", Secret: secret, Method: oidc.AuthMethodBasic, Redirects: []string{opCallback}})
 	tokens := &oauth.MemoryStore{}
-	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", Issuer: op.URL, ClientID: "bank-client", ClientSecret: secret}, tokens)
+	ahead := new(atomic.Int64)
+	now := func() time.Time { return time.Now().Add(time.Duration(ahead.Load())) }
+	src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", Issuer: op.URL, ClientID: "bank-client", ClientSecret: secret, Now: now}, tokens)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +69,7 @@ func newOPSite(t *testing.T) *opSite {
 	site := siteOf(t, src, oauth.AuthCodeConfig{RedirectURIs: []string{opCallback}, ReturnURLs: []string{opReturn}, PAR: true}, pend, "acme")
 	core, logs := observer.New(zap.DebugLevel)
 	site.web.o.Logger = zap.New(core)
-	return &opSite{consentSite: site, op: op, pend: pend, tokens: tokens, src: src, logs: logs}
+	return &opSite{consentSite: site, op: op, pend: pend, tokens: tokens, src: src, logs: logs, ahead: ahead}
 }
 
 // link asks for a consent link of acme (with the return URL, if any).
@@ -306,4 +309,40 @@ func TestConsentLinkInTwoTabs(t *testing.T) {
 			s.checkLogsHide(t, secretsOf(t, link, cb1, cb2)...)
 		})
 	}
+}
+
+// TestCallbackAfterTheBankFailedTheExchange: a callback whose code
+// exchange the bank fails (503) gets the retry_callback page (503,
+// Retry-After: 5, "reload this page"), not the app's return URL, and
+// nothing stored; the browser's reload of the same URL a moment later,
+// once the bank answers, exchanges the same code and sends the browser
+// back to the app with outcome ok.
+func TestCallbackAfterTheBankFailedTheExchange(t *testing.T) {
+	s := newOPSite(t)
+	link := s.link(t, opReturn)
+	authURL, cookies := s.start(t, link, nil)
+	callback := s.approve(t, authURL)
+
+	s.op.TokenStatus.Store(http.StatusServiceUnavailable)
+	w := s.get(callback, cookies...)
+	if w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") != "5" ||
+		!strings.Contains(w.Body.String(), "Please reload this page in a moment.") || !strings.Contains(w.Body.String(), oauth.ReasonRetryCallback) {
+		t.Fatalf("callback while the bank fails: %d, Retry-After %q, Location %q: %.600s; want 503, the retry_callback page",
+			w.Code, w.Header().Get("Retry-After"), w.Header().Get("Location"), w.Body)
+	}
+	if _, err := s.tokens.Load(context.Background(), s.src.StoreKey("acme")); err == nil {
+		t.Fatal("a refresh token was stored")
+	}
+
+	s.op.TokenStatus.Store(0)
+	s.ahead.Add(int64(oauth.DiscoveryRetry))
+	w = s.get(callback, cookies...)
+	if w.Code != http.StatusSeeOther || w.Header().Get("Location") != opReturn+"?merchant=acme&outcome=ok" {
+		t.Fatalf("the reloaded callback: %d to %q, want the app's return URL with outcome ok", w.Code, w.Header().Get("Location"))
+	}
+	s.storedFingerprint(t)
+	if n := s.op.Count("authorization_code"); n != 2 {
+		t.Errorf("%d code exchanges, want 2 (the same code again)", n)
+	}
+	s.checkLogsHide(t, secretsOf(t, link, callback)...)
 }

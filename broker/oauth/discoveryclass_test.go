@@ -1,0 +1,132 @@
+package oauth
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/zitadel/oidc/v3/pkg/oidc"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/integration/optest"
+)
+
+// TestDiscoveryFailureClass: a failed discovery is temporary by one rule,
+// whoever asks: the token API's failure policy (broker.IsTemporary, the
+// source's Classify) and the consent callback (permanent, which keeps
+// the state for a reload of a temporary one). No answer, or an answer
+// whose status says the server failed or is busy (408, 425, 429, 5xx,
+// as for a token request), is temporary; a document that is wrong as it
+// is (none, another issuer, no token_endpoint) is not.
+func TestDiscoveryFailureClass(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	silent := "http://" + ln.Addr().String() // nothing listens there
+	ln.Close()
+	for _, tc := range []struct {
+		name      string
+		status    int                             // the discovery document's status, 0 for zitadel's
+		edit      func(doc map[string]any)        // edits zitadel's document
+		issuer    func(srv *optest.Server) string // the configured issuer; default the server's
+		temporary bool
+	}{
+		{name: "503", status: http.StatusServiceUnavailable, temporary: true},
+		{name: "502", status: http.StatusBadGateway, temporary: true},
+		{name: "429", status: http.StatusTooManyRequests, temporary: true},
+		{name: "408", status: http.StatusRequestTimeout, temporary: true},
+		{name: "425", status: http.StatusTooEarly, temporary: true},
+		{name: "no answer", issuer: func(*optest.Server) string { return silent }, temporary: true},
+		{name: "no discovery document", status: http.StatusNotFound},
+		{name: "403", status: http.StatusForbidden},
+		{name: "another issuer", issuer: func(srv *optest.Server) string { return srv.URL + "/" }},
+		{name: "no token_endpoint", edit: func(doc map[string]any) { delete(doc, "token_endpoint") }},
+		{name: "token_endpoint not a URL", edit: func(doc map[string]any) { doc["token_endpoint"] = "javascript:alert(1)" }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := optest.Start(t, optest.Options{}, &optest.Client{ID: "c", Secret: secretValue, Method: oidc.AuthMethodBasic})
+			srv.DiscoveryStatus.Store(int32(tc.status))
+			srv.EditDiscovery = tc.edit
+			issuer := srv.URL
+			if tc.issuer != nil {
+				issuer = tc.issuer(srv)
+			}
+			src, err := NewClientCredentials(Config{Issuer: issuer, ClientID: "c", ClientSecret: secretValue})
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = src.Token(context.Background(), broker.Request{Merchant: "m"})
+			var de *DiscoveryError
+			if !errors.As(err, &de) {
+				t.Fatalf("Token = %v, want a *DiscoveryError", err)
+			}
+			class := broker.ClassPermanent
+			if tc.temporary {
+				class = broker.ClassTemporary
+			}
+			if broker.IsTemporary(err) != tc.temporary || src.Classify(err) != class || permanent(err) == tc.temporary {
+				t.Errorf("IsTemporary %v, Classify %d, permanent %v; want temporary %v: %v",
+					broker.IsTemporary(err), src.Classify(err), permanent(err), tc.temporary, err)
+			}
+		})
+	}
+}
+
+// TestConsentRefusesUnusableDiscoveredEndpoints: a discovery document
+// whose authorization_endpoint (also none) or
+// pushed_authorization_request_endpoint is not a usable URL refuses the
+// consent (the start page's bank, the start) with ReasonProviderFailure
+// naming the field, unless the consent table configures that endpoint;
+// the provider's token requests, which need neither, go on.
+func TestConsentRefusesUnusableDiscoveredEndpoints(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name      string
+		edit      func(doc map[string]any)
+		configure func(cfg *AuthCodeConfig, bank string) // the consent table
+		refused   string                                 // the field the refusal names, "" for none
+	}{
+		{name: "authorization_endpoint not a URL", refused: "authorization_endpoint",
+			edit: func(doc map[string]any) { doc["authorization_endpoint"] = "javascript:alert(1)" }},
+		{name: "no authorization_endpoint", refused: "authorization_endpoint",
+			edit: func(doc map[string]any) { delete(doc, "authorization_endpoint") }},
+		{name: "authorization_endpoint not a URL, authorization_url configured",
+			edit:      func(doc map[string]any) { doc["authorization_endpoint"] = "javascript:alert(1)" },
+			configure: func(cfg *AuthCodeConfig, bank string) { cfg.AuthorizationURL = bank + "/authorize" }},
+		{name: "PAR endpoint not a URL", refused: "pushed_authorization_request_endpoint",
+			edit: func(doc map[string]any) { doc["pushed_authorization_request_endpoint"] = "ftp://bank.example/par" }},
+		{name: "PAR endpoint not a URL, par_url configured",
+			edit:      func(doc map[string]any) { doc["pushed_authorization_request_endpoint"] = "ftp://bank.example/par" },
+			configure: func(cfg *AuthCodeConfig, bank string) { cfg.PARURL = bank + "/par" }},
+		{name: "usable endpoints", edit: func(map[string]any) {}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
+			f.op.EditDiscovery = tc.edit
+			if tc.configure != nil {
+				withConsentConfig(t, f, func(cfg *AuthCodeConfig) { tc.configure(cfg, f.op.URL) })
+			}
+			_, originErr := f.flow.AuthorizationOrigin(ctx)
+			_, _, startErr := startLink(t, f.flow, "acme")
+			for _, err := range []error{originErr, startErr} {
+				switch {
+				case tc.refused == "" && err != nil:
+					t.Errorf("refused: %v", err)
+				case tc.refused != "" && (reasonOf(err) != ReasonProviderFailure || !strings.Contains(err.Error(), tc.refused)):
+					t.Errorf("err %v, want %s naming %s", err, ReasonProviderFailure, tc.refused)
+				}
+			}
+			rt := f.op.Storage.SeedRefreshToken("bank-client", "id1", "openid", "offline_access")
+			if err := f.store.Save(ctx, f.src.StoreKey("acme"), broker.Secret(rt)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.src.Token(ctx, broker.Request{Merchant: "acme"}); err != nil {
+				t.Errorf("Token: %v, want a token: the refresh needs neither endpoint", err)
+			}
+		})
+	}
+}

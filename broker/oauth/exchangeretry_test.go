@@ -1,0 +1,306 @@
+package oauth
+
+// The callback's code exchange when the bank's token endpoint fails:
+// against zitadel's OP (integration/optest), its failures made by a
+// gateway in front of it (optest.Server.TokenStatus), by the server
+// dropping the connection, or by the answer getting lost on the way back.
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/integration/optest"
+)
+
+// retryHost is the callback host of the consent tests.
+const retryHost = "cb.partner.example"
+
+// faultyBank is a consent fixture whose bank can be made to fail its next
+// token request: the server holds it until the client times out, or
+// drops its connection, before zitadel sees it; or zitadel answers it
+// and the answer is lost on the way back.
+type faultyBank struct {
+	*consentFixture
+	hang, drop, lose atomic.Bool   // each fails the next token request once
+	hung             chan struct{} // closed once a held request was dropped
+	hungOnce         sync.Once
+}
+
+// newFaultyBank starts the fixture with its faults (none on yet).
+func newFaultyBank(t *testing.T) *faultyBank {
+	t.Helper()
+	f := &faultyBank{consentFixture: newConsentFixture(t, optest.Options{}, ClientSecretBasic, false), hung: make(chan struct{})}
+	f.op.BeforeToken = func(r *http.Request) {
+		switch {
+		case f.hang.CompareAndSwap(true, false):
+			<-r.Context().Done() // the client gave up
+			f.hungOnce.Do(func() { close(f.hung) })
+			panic(http.ErrAbortHandler)
+		case f.drop.CompareAndSwap(true, false):
+			panic(http.ErrAbortHandler) // the connection is cut, no answer
+		}
+	}
+	next := f.src.cfg.Client.Transport
+	f.src.cfg.Client.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		resp, err := next.RoundTrip(r)
+		if err == nil && r.URL.Path == "/oauth/token" && f.lose.CompareAndSwap(true, false) {
+			resp.Body.Close()
+			return nil, errors.New("read: connection reset by peer")
+		}
+		return resp, err
+	})
+	return f
+}
+
+// start starts a consent of acme bound to browser and approves it at the
+// bank: it returns the callback's query and the consent link.
+func (f *faultyBank) start(t *testing.T, browser Browser) (url.Values, string) {
+	t.Helper()
+	id := newLinkID(t, f.flow, "acme")
+	authURL, _, err := f.flow.Start(context.Background(), id, retryHost, browser)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return approve(t, f.op, authURL), id
+}
+
+// exchanges is how many code exchanges reached the bank.
+func (f *faultyBank) exchanges() int64 { return f.op.Count("authorization_code") }
+
+// reasonOf is err's *ConsentError reason, "" for none.
+func reasonOf(err error) string {
+	var ce *ConsentError
+	if errors.As(err, &ce) {
+		return ce.Reason
+	}
+	return ""
+}
+
+// TestCallbackKeepsTheStateWhenTheExchangeFails: a code exchange that the
+// bank fails (503, 500), that times out, or whose connection is cut,
+// did not redeem the code as far as the broker can tell: the callback
+// gets ReasonRetryCallback without a Result (the page asking for a
+// reload), its state stays, and the reload once the bank answers
+// exchanges the same code again and stores the consent; the state is
+// spent then. An answer the bank gave, its refusal of the code
+// (invalid_grant), spends the state at once; so does the bank's
+// invalid_grant to the reload of a callback whose first answer was lost
+// after the bank had redeemed the code.
+func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name string
+		fail func(t *testing.T, f *faultyBank, q url.Values) // the first exchange fails
+		heal func(t *testing.T, f *faultyBank)               // the bank answers again
+		kept bool                                            // the first callback leaves its state
+		// reload is the reason of the reloaded callback, "" for the
+		// consent stored.
+		reload string
+	}{
+		{name: "the bank answers 503", kept: true,
+			fail: func(_ *testing.T, f *faultyBank, _ url.Values) { f.op.TokenStatus.Store(http.StatusServiceUnavailable) },
+			heal: func(_ *testing.T, f *faultyBank) { f.op.TokenStatus.Store(0) }},
+		{name: "the bank answers 500", kept: true,
+			fail: func(_ *testing.T, f *faultyBank, _ url.Values) {
+				f.op.TokenStatus.Store(http.StatusInternalServerError)
+			},
+			heal: func(_ *testing.T, f *faultyBank) { f.op.TokenStatus.Store(0) }},
+		{name: "the exchange times out", kept: true,
+			fail: func(_ *testing.T, f *faultyBank, _ url.Values) {
+				f.src.cfg.Client.Timeout = 500 * time.Millisecond
+				f.hang.Store(true)
+			},
+			heal: func(t *testing.T, f *faultyBank) {
+				select {
+				case <-f.hung:
+				case <-time.After(10 * time.Second):
+					t.Fatal("the token request never reached the bank")
+				}
+				f.src.cfg.Client.Timeout = 10 * time.Second
+			}},
+		{name: "the connection is cut", kept: true,
+			fail: func(_ *testing.T, f *faultyBank, _ url.Values) { f.drop.Store(true) },
+			heal: func(*testing.T, *faultyBank) {}},
+		{name: "the answer is lost after the bank redeemed the code", kept: true, reload: ReasonExchangeFailed,
+			fail: func(_ *testing.T, f *faultyBank, _ url.Values) { f.lose.Store(true) },
+			heal: func(*testing.T, *faultyBank) {}},
+		{name: "the bank refuses the code", reload: ReasonUnknownState,
+			fail: func(_ *testing.T, _ *faultyBank, q url.Values) { q.Set("code", "not-the-code") },
+			heal: func(*testing.T, *faultyBank) {}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFaultyBank(t)
+			browser := NewBrowser()
+			q, _ := f.start(t, browser)
+			tc.fail(t, f, q)
+			res, err := f.flow.Callback(ctx, retryHost, q, browser)
+			checkNoSecrets(t, err, q.Get("code"), q.Get("state"))
+			switch {
+			case tc.kept && (reasonOf(err) != ReasonRetryCallback || res != Result{}):
+				t.Fatalf("Callback = %+v, %v; want %s and no Result", res, err, ReasonRetryCallback)
+			case !tc.kept && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme"):
+				t.Fatalf("Callback = %+v, %v; want %s for acme", res, err, ReasonExchangeFailed)
+			}
+			if f.exchanges() != 1 || f.store.Saves() != 0 {
+				t.Fatalf("%d exchanges, %d refresh tokens saved; want 1 and none", f.exchanges(), f.store.Saves())
+			}
+
+			tc.heal(t, f)
+			f.clock.Add(DiscoveryRetry)
+			res, err = f.flow.Callback(ctx, retryHost, q, browser)
+			if reasonOf(err) != tc.reload || tc.reload == "" && (err != nil || res.Merchant != "acme" || f.store.Saves() != 1) {
+				t.Fatalf("the reloaded callback = %+v, %v (%d saves); want reason %q", res, err, f.store.Saves(), tc.reload)
+			}
+			want := int64(1)
+			if tc.kept {
+				want = 2 // the same code, once more
+			}
+			if f.exchanges() != want {
+				t.Errorf("%d exchanges, want %d", f.exchanges(), want)
+			}
+			if _, err := f.flow.Callback(ctx, retryHost, q, browser); reasonOf(err) != ReasonUnknownState || f.exchanges() != want {
+				t.Errorf("the callback once more = %v (%d exchanges); want %s: the state is spent", err, f.exchanges(), ReasonUnknownState)
+			}
+		})
+	}
+}
+
+// TestCallbackExchangeTriedThreeTimes: while the bank keeps failing, the
+// same callback exchanges its code three times in all, each at least
+// DiscoveryRetry after the last failure (or the bank's Retry-After, when
+// longer); a reload sooner gets ReasonRetryCallback without asking the
+// bank. The third failure spends the state (ReasonExchangeFailed, with
+// the Result), and the consent link is usable again.
+func TestCallbackExchangeTriedThreeTimes(t *testing.T) {
+	ctx := context.Background()
+	f := newFaultyBank(t)
+	next := f.src.cfg.Client.Transport
+	f.src.cfg.Client.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		resp, err := next.RoundTrip(r)
+		if err == nil && resp.StatusCode == http.StatusServiceUnavailable {
+			resp.Header.Set("Retry-After", "20") // the bank's wait
+		}
+		return resp, err
+	})
+	q, link := f.start(t, "")
+	f.op.TokenStatus.Store(http.StatusServiceUnavailable)
+	for i := int64(1); i <= 3; i++ {
+		res, err := f.flow.Callback(ctx, retryHost, q)
+		if i < 3 && (reasonOf(err) != ReasonRetryCallback || res != Result{}) || i == 3 && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme") {
+			t.Fatalf("callback %d = %+v, %v", i, res, err)
+		}
+		if f.exchanges() != i {
+			t.Fatalf("after callback %d: %d exchanges", i, f.exchanges())
+		}
+		if i == 3 {
+			break
+		}
+		for _, wait := range []time.Duration{0, DiscoveryRetry} { // sooner than the bank's Retry-After
+			f.clock.Add(wait)
+			if _, err := f.flow.Callback(ctx, retryHost, q); reasonOf(err) != ReasonRetryCallback || f.exchanges() != i {
+				t.Fatalf("a reload %v after failure %d = %v (%d exchanges); want %s without an exchange", wait, i, err, f.exchanges(), ReasonRetryCallback)
+			}
+		}
+		f.clock.Add(20*time.Second - DiscoveryRetry)
+	}
+	if _, err := f.flow.Callback(ctx, retryHost, q); reasonOf(err) != ReasonUnknownState || f.exchanges() != 3 {
+		t.Errorf("the callback after the third failure = %v (%d exchanges); want %s", err, f.exchanges(), ReasonUnknownState)
+	}
+	if _, err := f.flow.CheckLink(ctx, link, retryHost); err != nil {
+		t.Errorf("the consent link after the failed consent: %v, want it usable", err)
+	}
+}
+
+// TestCallbackRetryOnlyFromItsBrowserWithItsCode: a state kept after a
+// failed exchange is still its browser's: another browser's callback, or
+// one without the cookie, is refused (ReasonWrongBrowser) without an
+// exchange and leaves it; the right browser's reload then stores the
+// consent. A callback of the right browser with another code than the
+// one whose exchange failed is refused without an exchange, and spends
+// the state.
+func TestCallbackRetryOnlyFromItsBrowserWithItsCode(t *testing.T) {
+	ctx := context.Background()
+	for _, otherCode := range []bool{false, true} {
+		t.Run(map[bool]string{false: "its code", true: "another code"}[otherCode], func(t *testing.T) {
+			f := newFaultyBank(t)
+			browser := NewBrowser()
+			q, _ := f.start(t, browser)
+			f.op.TokenStatus.Store(http.StatusServiceUnavailable)
+			if _, err := f.flow.Callback(ctx, retryHost, q, browser); reasonOf(err) != ReasonRetryCallback {
+				t.Fatalf("Callback while the bank fails = %v", err)
+			}
+			f.op.TokenStatus.Store(0)
+			f.clock.Add(DiscoveryRetry)
+			for _, b := range []Browser{"", NewBrowser()} {
+				if _, err := f.flow.Callback(ctx, retryHost, q, b); reasonOf(err) != ReasonWrongBrowser || f.exchanges() != 1 {
+					t.Fatalf("the kept state's callback from another browser = %v (%d exchanges); want %s and no exchange", err, f.exchanges(), ReasonWrongBrowser)
+				}
+			}
+			if otherCode {
+				other := url.Values{"state": q["state"], "code": {"a-code-of-another-consent"}}
+				if _, err := f.flow.Callback(ctx, retryHost, other, browser); reasonOf(err) != ReasonExchangeFailed || f.exchanges() != 1 {
+					t.Fatalf("the kept state with another code = %v (%d exchanges); want %s and no exchange", err, f.exchanges(), ReasonExchangeFailed)
+				}
+				if _, err := f.flow.Callback(ctx, retryHost, q, browser); reasonOf(err) != ReasonUnknownState || f.exchanges() != 1 {
+					t.Errorf("the reload after another code = %v (%d exchanges); want %s", err, f.exchanges(), ReasonUnknownState)
+				}
+				return
+			}
+			if res, err := f.flow.Callback(ctx, retryHost, q, browser); err != nil || res.Merchant != "acme" || f.exchanges() != 2 {
+				t.Fatalf("the right browser's reload = %+v, %v (%d exchanges); want the consent", res, err, f.exchanges())
+			}
+		})
+	}
+}
+
+// TestCallbackRetriedConcurrently: callbacks of one state at once, while
+// the bank fails and again once it answers, exchange its code once each
+// time: the others are refused (ReasonUnknownState while it is out, or
+// ReasonRetryCallback) without asking the bank; one consent is stored.
+func TestCallbackRetriedConcurrently(t *testing.T) {
+	const n = 8
+	ctx := context.Background()
+	f := newFaultyBank(t)
+	q, _ := f.start(t, "")
+	all := func(want string) {
+		t.Helper()
+		errs := make([]error, n)
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() { _, errs[i] = f.flow.Callback(ctx, retryHost, q) })
+		}
+		wg.Wait()
+		got := 0
+		for _, err := range errs {
+			switch r := reasonOf(err); {
+			case err == nil && want == "", r != "" && r == want:
+				got++
+			case r != ReasonUnknownState && r != ReasonRetryCallback:
+				t.Errorf("a callback = %v", err)
+			}
+		}
+		if got < 1 || want == "" && got != 1 {
+			t.Errorf("%d callbacks got %q, want one", got, want)
+		}
+	}
+	f.op.TokenStatus.Store(http.StatusServiceUnavailable)
+	all(ReasonRetryCallback)
+	if f.exchanges() != 1 {
+		t.Fatalf("%d exchanges while the bank fails, want 1", f.exchanges())
+	}
+	f.op.TokenStatus.Store(0)
+	f.clock.Add(DiscoveryRetry)
+	all("")
+	if f.exchanges() != 2 || f.store.Saves() != 1 {
+		t.Errorf("%d exchanges, %d saves; want 2 and 1", f.exchanges(), f.store.Saves())
+	}
+	if rt, err := f.store.Load(ctx, f.src.StoreKey("acme")); err != nil || !f.op.Storage.RefreshTokenValid(rt.Reveal()) {
+		t.Errorf("stored refresh token: %v", err)
+	}
+}
