@@ -106,19 +106,14 @@ func IsTimeout(err error) bool {
 }
 
 // IsTemporary reports whether err is worth retrying: timeouts, connection
-// failures and temporary API errors. Permanent API errors (bad credentials,
-// unknown organisation, invalid scope) and cancellations are not. An error
-// that knows, a Transient() bool method in err's chain (the first one),
-// says it itself: oauth.DiscoveryError.
+// failures, temporary API errors and any other failure of the source that
+// is not an API error or a RequestError (such as a failed discovery of the
+// provider's endpoints, which concerns all its merchants). Permanent API
+// errors (bad credentials, unknown organisation, invalid scope) and
+// cancellations are not.
 func IsTemporary(err error) bool {
 	if err == nil || errors.Is(err, context.Canceled) {
 		return false
-	}
-	if t, ok := errors.AsType[interface {
-		error
-		Transient() bool
-	}](err); ok {
-		return t.Transient()
 	}
 	var ae *APIError
 	if errors.As(err, &ae) {

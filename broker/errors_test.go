@@ -1,6 +1,9 @@
 package broker
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 	"testing"
@@ -95,5 +98,47 @@ func TestParseWait(t *testing.T) {
 		if got := ParseWait(tt.status, tt.h, now); got != tt.want {
 			t.Errorf("%s: ParseWait(%d, %v) = %s, want %s", tt.name, tt.status, tt.h, got, tt.want)
 		}
+	}
+}
+
+// knowsItself is an error that says whether it is transient, as the
+// oauth package's DiscoveryError does: IsTemporary does not ask it.
+type knowsItself struct{ transient bool }
+
+func (knowsItself) Error() string     { return "a failure that says whether it is transient" }
+func (e knowsItself) Transient() bool { return e.transient }
+
+// TestIsTemporary: a temporary API error (TemporaryStatus: 408, 425,
+// 429, 5xx) and any failure that is neither an API error nor a
+// RequestError (a transport error, a source's own failure such as a
+// failed discovery, whatever a Transient method of it says) are
+// temporary; permanent API errors, RequestErrors and cancellations are
+// not.
+func TestIsTemporary(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"nil", nil, false},
+		{"canceled", fmt.Errorf("token: %w", context.Canceled), false},
+		{"deadline", context.DeadlineExceeded, true},
+		{"408", &APIError{StatusCode: http.StatusRequestTimeout}, true},
+		{"425", &APIError{StatusCode: http.StatusTooEarly}, true},
+		{"429", &APIError{StatusCode: http.StatusTooManyRequests}, true},
+		{"500", &APIError{StatusCode: http.StatusInternalServerError}, true},
+		{"400", &APIError{StatusCode: http.StatusBadRequest, Code: "invalid_scope"}, false},
+		{"401", &APIError{StatusCode: http.StatusUnauthorized}, false},
+		{"request error", &RequestError{Merchant: "m", Field: "organisation", Reason: "not a path segment"}, false},
+		{"transport error", errors.New("dial tcp: connection refused"), true},
+		{"not transient by its own word", fmt.Errorf("discovery: %w", knowsItself{transient: false}), true},
+		{"transient by its own word", knowsItself{transient: true}, true},
+		{"its own word over a permanent API error", fmt.Errorf("%w: %w", knowsItself{transient: true}, &APIError{StatusCode: http.StatusForbidden}), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := IsTemporary(tc.err); got != tc.want {
+				t.Errorf("IsTemporary(%v) = %v, want %v", tc.err, got, tc.want)
+			}
+		})
 	}
 }

@@ -79,9 +79,10 @@ type DiscoveryError struct {
 // 429, 5xx): the same discovery may succeed later. It is false for an
 // answer that is wrong as it is (another issuer, no token_endpoint, no
 // discovery document, one over the size limit), which the configuration
-// or the server has to change. broker.IsTemporary, and so the token API's
-// failure policy, and the consent callback (which keeps its state for a
-// reload of a transient one) go by it.
+// or the server has to change. The consent callback goes by it: it keeps
+// its state for a reload after a transient one. The token requests'
+// failure policy does not: any failed discovery is temporary there
+// (Classify), counted by the provider's breaker.
 func (e *DiscoveryError) Transient() bool { return e.transient }
 
 // Error describes the failure.

@@ -3,24 +3,29 @@ package oauth
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/zitadel/oidc/v3/pkg/oidc"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
-// TestDiscoveryFailureClass: a failed discovery is temporary by one rule,
-// whoever asks: the token API's failure policy (broker.IsTemporary, the
-// source's Classify) and the consent callback (permanent, which keeps
-// the state for a reload of a temporary one). No answer, or an answer
-// whose status says the server failed or is busy (408, 425, 429, 5xx,
-// as for a token request), is temporary; a document that is wrong as it
-// is (none, another issuer, no token_endpoint) is not.
+// TestDiscoveryFailureClass: a failed discovery is transient, for the
+// consent callback (permanent, which keeps the state for a reload of a
+// transient one), by one rule: no answer, or an answer whose status says
+// the server failed or is busy (408, 425, 429, 5xx, as for a token
+// request); a document that is wrong as it is (none, another issuer, no
+// token_endpoint) is not. For the token API's failure policy
+// (broker.IsTemporary, the source's Classify) every failed discovery is
+// temporary: it fails all the provider's merchants, and its breaker counts
+// it.
 func TestDiscoveryFailureClass(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -33,14 +38,14 @@ func TestDiscoveryFailureClass(t *testing.T) {
 		status    int                             // the discovery document's status, 0 for zitadel's
 		edit      func(doc map[string]any)        // edits zitadel's document
 		issuer    func(srv *optest.Server) string // the configured issuer; default the server's
-		temporary bool
+		transient bool
 	}{
-		{name: "503", status: http.StatusServiceUnavailable, temporary: true},
-		{name: "502", status: http.StatusBadGateway, temporary: true},
-		{name: "429", status: http.StatusTooManyRequests, temporary: true},
-		{name: "408", status: http.StatusRequestTimeout, temporary: true},
-		{name: "425", status: http.StatusTooEarly, temporary: true},
-		{name: "no answer", issuer: func(*optest.Server) string { return silent }, temporary: true},
+		{name: "503", status: http.StatusServiceUnavailable, transient: true},
+		{name: "502", status: http.StatusBadGateway, transient: true},
+		{name: "429", status: http.StatusTooManyRequests, transient: true},
+		{name: "408", status: http.StatusRequestTimeout, transient: true},
+		{name: "425", status: http.StatusTooEarly, transient: true},
+		{name: "no answer", issuer: func(*optest.Server) string { return silent }, transient: true},
 		{name: "no discovery document", status: http.StatusNotFound},
 		{name: "403", status: http.StatusForbidden},
 		{name: "another issuer", issuer: func(srv *optest.Server) string { return srv.URL + "/" }},
@@ -64,13 +69,9 @@ func TestDiscoveryFailureClass(t *testing.T) {
 			if !errors.As(err, &de) {
 				t.Fatalf("Token = %v, want a *DiscoveryError", err)
 			}
-			class := broker.ClassPermanent
-			if tc.temporary {
-				class = broker.ClassTemporary
-			}
-			if broker.IsTemporary(err) != tc.temporary || src.Classify(err) != class || permanent(err) == tc.temporary {
-				t.Errorf("IsTemporary %v, Classify %d, permanent %v; want temporary %v: %v",
-					broker.IsTemporary(err), src.Classify(err), permanent(err), tc.temporary, err)
+			if !broker.IsTemporary(err) || src.Classify(err) != broker.ClassTemporary || permanent(err) == tc.transient {
+				t.Errorf("IsTemporary %v, Classify %d, permanent %v; want temporary, ClassTemporary, permanent %v: %v",
+					broker.IsTemporary(err), src.Classify(err), permanent(err), !tc.transient, err)
 			}
 		})
 	}
@@ -126,6 +127,61 @@ func TestConsentRefusesUnusableDiscoveredEndpoints(t *testing.T) {
 			}
 			if _, err := f.src.Token(ctx, broker.Request{Merchant: "acme"}); err != nil {
 				t.Errorf("Token: %v, want a token: the refresh needs neither endpoint", err)
+			}
+		})
+	}
+}
+
+// TestDiscoveryFailureOpensTheBreaker: a discovery document that is wrong
+// as it is (no token_endpoint, another issuer) fails every merchant of
+// the provider: the broker's breaker counts the failures of the
+// merchants' keys and opens after BreakerThreshold of them, so that the
+// merchants after are refused
+// (*broker.UnavailableError) without another discovery; as it does while
+// the server fails (503).
+func TestDiscoveryFailureOpensTheBreaker(t *testing.T) {
+	const threshold = 3
+	for _, tc := range []struct {
+		name   string
+		status int                      // the discovery document's status, 0 for zitadel's
+		edit   func(doc map[string]any) // edits zitadel's document
+	}{
+		{name: "no token_endpoint", edit: func(doc map[string]any) { delete(doc, "token_endpoint") }},
+		{name: "another issuer", edit: func(doc map[string]any) { doc["issuer"] = "https://another.example" }},
+		{name: "503", status: http.StatusServiceUnavailable},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := optest.Start(t, optest.Options{}, &optest.Client{ID: "c", Secret: secretValue, Method: oidc.AuthMethodBasic})
+			srv.DiscoveryStatus.Store(int32(tc.status))
+			var served atomic.Int64
+			srv.EditDiscovery = func(doc map[string]any) {
+				served.Add(1)
+				tc.edit(doc)
+			}
+			store := &MemoryStore{}
+			src, err := NewRefreshToken(Config{Name: "bank", Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue}, store)
+			if err != nil {
+				t.Fatal(err)
+			}
+			br := broker.New(broker.Options{MaxAttempts: 1, BreakerThreshold: threshold})
+			defer br.Close()
+			for i := range threshold + 2 { // a key of its own each
+				merchant := fmt.Sprint("m", i)
+				if err := store.Save(context.Background(), src.StoreKey(merchant), "a-refresh-token"); err != nil {
+					t.Fatal(err)
+				}
+				_, err := brokertest.Token(context.Background(), br, brokertest.NewBinding("bank", src, broker.Request{Merchant: merchant}))
+				var de *DiscoveryError
+				var ue *broker.UnavailableError
+				switch {
+				case i < threshold && !errors.As(err, &de):
+					t.Fatalf("merchant %d: %v, want the *DiscoveryError", i, err)
+				case i >= threshold && !errors.As(err, &ue):
+					t.Fatalf("merchant %d: %v, want the open breaker's *broker.UnavailableError", i, err)
+				}
+			}
+			if tc.edit != nil && served.Load() != threshold {
+				t.Errorf("%d discovery documents served, want %d: the open breaker asks no more", served.Load(), threshold)
 			}
 		})
 	}

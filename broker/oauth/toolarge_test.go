@@ -124,9 +124,11 @@ func TestAnswersOverTheLimit(t *testing.T) {
 			want: []string{"oauth2 token endpoint", limit}},
 		{name: "revocation endpoint 400", path: "/revoke", status: 400, code: "response_too_large", host: true, call: revoke,
 			want: []string{"oauth2 revocation endpoint", limit}},
-		// A document over the limit is wrong as it is: not temporary,
-		// whoever asks (the token API's failure policy, the consent).
-		{name: "discovery document", path: "/.well-known/openid-configuration", status: 200, host: true, permanent: true,
+		// A document over the limit is wrong as it is: the consent
+		// callback spends its state; the token API's failure policy
+		// counts it as the provider's failure, temporary, as any failed
+		// discovery.
+		{name: "discovery document", path: "/.well-known/openid-configuration", status: 200, temp: true, host: true, permanent: true,
 			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
 			want: []string{"oauth2 discovery of issuer", limit, "the limit of an answer the token broker reads", "(status 200)"}},
 		{name: "discovery document 503", path: "/.well-known/openid-configuration", status: 503, temp: true, host: true,
@@ -134,7 +136,7 @@ func TestAnswersOverTheLimit(t *testing.T) {
 			want: []string{"oauth2 discovery of issuer", limit, "(status 503)"}},
 		// Metadata over the limit is not a failure the next call may
 		// not meet: the consent callback must not offer a retry.
-		{name: "RFC 8414 metadata", path: "/.well-known/oauth-authorization-server", status: 200, host: true, permanent: true,
+		{name: "RFC 8414 metadata", path: "/.well-known/oauth-authorization-server", status: 200, temp: true, host: true, permanent: true,
 			call: func(srv *httptest.Server) error { return token(Config{Issuer: srv.URL}) },
 			want: []string{"oauth2 discovery of issuer", limit, "the limit of an answer the token broker reads", "(status 200)"}},
 		// As the OpenID discovery document's and the token endpoint's:
