@@ -673,7 +673,10 @@ type Result struct {
 // another state's callback consumed first is refused with
 // ReasonUnknownState, as a used link, and nothing is stored; when the
 // code exchange, the ID token, the refresh token or its save fails, the
-// link is put back, usable again while it is valid. The Result is filled as
+// link is put back as it was, usable again while it is valid: one that
+// expired meanwhile is refused as expired (ReasonExpired), not as used,
+// and the states started from it before then may still claim it (a
+// reload of this callback kept for a retry, another tab's). The Result is filled as
 // far as the state was known, also on errors, so that the browser can be
 // sent back. A state that Start bound to a browser is only accepted, and
 // consumed, with the same browser secret: another browser gets
@@ -867,9 +870,11 @@ func (a *AuthCode) claimLink(ctx context.Context, rec Pending) (Pending, error) 
 
 // unclaimLink puts back the consent link link, claimed by the state rec
 // whose consent then failed (code exchange, ID token, refresh token or
-// save), as it was stored, so that the merchant can start it again while
-// it is valid, and a state started from it (rec, kept for a retry) can
-// claim it. It returns ce, with a note when the link cannot be put back.
+// save), as it was stored, also when it has expired since: the merchant
+// can start it again while it is valid, a state started from it (rec,
+// kept for a retry) can claim it, and once expired it is refused as
+// expired rather than used. It returns ce, with a note when the link
+// cannot be put back.
 func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *ConsentError) *ConsentError {
 	if link.Provider == "" { // no link claimed
 		return ce

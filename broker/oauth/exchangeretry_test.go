@@ -304,3 +304,57 @@ func TestCallbackRetriedConcurrently(t *testing.T) {
 		t.Errorf("stored refresh token: %v", err)
 	}
 }
+
+// TestCallbackPutsBackAnExpiredLink: a consent link that expires between
+// the start and the callback is put back as it was when the consent does
+// not complete. The reload of a callback kept for a retry claims it again
+// and completes the consent: the link made at t0 and started at
+// t0+9m30s, the first exchange answered 503 at t0+10m30s, the reload 5 s
+// later. After a failure that spends the state (the bank refuses the
+// code, the save fails), the link is refused as expired, not as used.
+func TestCallbackPutsBackAnExpiredLink(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name   string
+		fail   func(f *faultyBank, q url.Values) // the first callback fails
+		reason string                            // the first callback's
+	}{
+		{name: "the bank answers 503", reason: ReasonRetryCallback,
+			fail: func(f *faultyBank, _ url.Values) { f.op.TokenStatus.Store(http.StatusServiceUnavailable) }},
+		{name: "the bank refuses the code", reason: ReasonExchangeFailed,
+			fail: func(_ *faultyBank, q url.Values) { q.Set("code", "not-the-code") }},
+		{name: "the save fails", reason: ReasonStoreFailure,
+			fail: func(f *faultyBank, _ url.Values) { f.store.failing.Store(true) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFaultyBank(t)
+			browser := NewBrowser()
+			id := newLinkID(t, f.flow, "acme")
+			f.clock.Add(9*time.Minute + 30*time.Second)
+			authURL, _, err := f.flow.Start(ctx, id, retryHost, browser)
+			if err != nil {
+				t.Fatal(err)
+			}
+			q := approve(t, f.op, authURL)
+			f.clock.Add(time.Minute) // the link expired 30 s ago
+			tc.fail(f, q)
+			if _, err := f.flow.Callback(ctx, retryHost, q, browser); reasonOf(err) != tc.reason {
+				t.Fatalf("Callback = %v, want %s", err, tc.reason)
+			}
+			if tc.reason != ReasonRetryCallback {
+				if _, err := f.flow.CheckLink(ctx, id, retryHost); reasonOf(err) != ReasonExpired {
+					t.Errorf("the link after the failed consent: %v, want %s", err, ReasonExpired)
+				}
+				return
+			}
+			f.op.TokenStatus.Store(0)
+			f.clock.Add(5 * time.Second)
+			if res, err := f.flow.Callback(ctx, retryHost, q, browser); err != nil || res.Merchant != "acme" || f.store.Saves() != 1 {
+				t.Fatalf("the reload 5 s later = %+v, %v (%d saves); want the consent", res, err, f.store.Saves())
+			}
+			if _, err := f.flow.CheckLink(ctx, id, retryHost); reasonOf(err) != ReasonUnknownState {
+				t.Errorf("the link after the consent: %v, want it used (%s)", err, ReasonUnknownState)
+			}
+		})
+	}
+}
