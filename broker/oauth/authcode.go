@@ -51,16 +51,19 @@ const (
 	// endpoints could not be discovered, or whose code exchange failed in
 	// a way that trying again may mend; its state is left, and the same
 	// callback, sent again once the provider answers (after
-	// DiscoveryRetry), completes the consent while its code is valid.
+	// DiscoveryRetry, or a few seconds after the failed exchange),
+	// completes the consent while its code is valid.
 	ReasonRetryCallback = "retry_callback"
 )
 
 // DiscoveryRetry is how long after a failed discovery of the provider's
 // endpoints the consent flow discovers again: until then its steps fail
-// at once, without calling the provider. It is also the least time
-// after a failed code exchange that a callback kept for a retry
-// exchanges its code again (see Callback).
+// at once, without calling the provider.
 const DiscoveryRetry = 5 * time.Second
+
+// exchangeRetry is the least time after a failed code exchange that a
+// callback kept for a retry exchanges its code again (see Callback).
+const exchangeRetry = 5 * time.Second
 
 // codeExchanges is how many times a callback's code is exchanged at
 // most: its first exchange, and the retries of the same callback,
@@ -704,7 +707,7 @@ type Result struct {
 // code as far as the broker can tell: the state is put back, bound to
 // that code, with the link, and the callback fails with
 // ReasonRetryCallback and no Result. The same callback, reloaded by the
-// same browser, exchanges the code again, at least DiscoveryRetry (or
+// same browser, exchanges the code again, at least exchangeRetry (or
 // the provider's Retry-After, when longer) after the failure: sooner, it
 // fails so again without asking the provider. A callback of the kept
 // state with another code is refused with ReasonExchangeFailed without
@@ -803,7 +806,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	})
 	if err != nil {
 		ce := a.unclaimLink(ctx, rec, link, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err)))
-		wait := DiscoveryRetry
+		wait := exchangeRetry
 		if ae, ok := errors.AsType[*broker.APIError](err); ok {
 			wait = max(wait, ae.RetryAfter)
 		}

@@ -152,7 +152,7 @@ func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 			}
 
 			tc.heal(t, f)
-			f.clock.Add(DiscoveryRetry)
+			f.clock.Add(exchangeRetry)
 			res, err = f.flow.Callback(ctx, retryHost, q, browser)
 			if reasonOf(err) != tc.reload || tc.reload == "" && (err != nil || res.Merchant != "acme" || f.store.Saves() != 1) {
 				t.Fatalf("the reloaded callback = %+v, %v (%d saves); want reason %q", res, err, f.store.Saves(), tc.reload)
@@ -173,7 +173,7 @@ func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 
 // TestCallbackExchangeTriedThreeTimes: while the bank keeps failing, the
 // same callback exchanges its code three times in all, each at least
-// DiscoveryRetry after the last failure (or the bank's Retry-After, when
+// exchangeRetry after the last failure (or the bank's Retry-After, when
 // longer); a reload sooner gets ReasonRetryCallback without asking the
 // bank. The third failure spends the state (ReasonExchangeFailed, with
 // the Result), and the consent link is usable again.
@@ -201,13 +201,13 @@ func TestCallbackExchangeTriedThreeTimes(t *testing.T) {
 		if i == 3 {
 			break
 		}
-		for _, wait := range []time.Duration{0, DiscoveryRetry} { // sooner than the bank's Retry-After
+		for _, wait := range []time.Duration{0, exchangeRetry} { // sooner than the bank's Retry-After
 			f.clock.Add(wait)
 			if _, err := f.flow.Callback(ctx, retryHost, q); reasonOf(err) != ReasonRetryCallback || f.exchanges() != i {
 				t.Fatalf("a reload %v after failure %d = %v (%d exchanges); want %s without an exchange", wait, i, err, f.exchanges(), ReasonRetryCallback)
 			}
 		}
-		f.clock.Add(20*time.Second - DiscoveryRetry)
+		f.clock.Add(20*time.Second - exchangeRetry)
 	}
 	if _, err := f.flow.Callback(ctx, retryHost, q); reasonOf(err) != ReasonUnknownState || f.exchanges() != 3 {
 		t.Errorf("the callback after the third failure = %v (%d exchanges); want %s", err, f.exchanges(), ReasonUnknownState)
@@ -236,7 +236,7 @@ func TestCallbackRetryOnlyFromItsBrowserWithItsCode(t *testing.T) {
 				t.Fatalf("Callback while the bank fails = %v", err)
 			}
 			f.op.TokenStatus.Store(0)
-			f.clock.Add(DiscoveryRetry)
+			f.clock.Add(exchangeRetry)
 			for _, b := range []Browser{"", NewBrowser()} {
 				if _, err := f.flow.Callback(ctx, retryHost, q, b); reasonOf(err) != ReasonWrongBrowser || f.exchanges() != 1 {
 					t.Fatalf("the kept state's callback from another browser = %v (%d exchanges); want %s and no exchange", err, f.exchanges(), ReasonWrongBrowser)
@@ -295,7 +295,7 @@ func TestCallbackRetriedConcurrently(t *testing.T) {
 		t.Fatalf("%d exchanges while the bank fails, want 1", f.exchanges())
 	}
 	f.op.TokenStatus.Store(0)
-	f.clock.Add(DiscoveryRetry)
+	f.clock.Add(exchangeRetry)
 	all("")
 	if f.exchanges() != 2 || f.store.Saves() != 1 {
 		t.Errorf("%d exchanges, %d saves; want 2 and 1", f.exchanges(), f.store.Saves())
@@ -310,7 +310,7 @@ func TestCallbackRetriedConcurrently(t *testing.T) {
 // not complete. The reload of a callback kept for a retry claims it again
 // and completes the consent: the link made at t0 and started at
 // t0+9m30s, the first exchange answered 503 at t0+10m30s, the reload 5 s
-// later. After a failure that spends the state (the bank refuses the
+// later (exchangeRetry). After a failure that spends the state (the bank refuses the
 // code, the save fails), the link is refused as expired, not as used.
 func TestCallbackPutsBackAnExpiredLink(t *testing.T) {
 	ctx := context.Background()
@@ -348,7 +348,7 @@ func TestCallbackPutsBackAnExpiredLink(t *testing.T) {
 				return
 			}
 			f.op.TokenStatus.Store(0)
-			f.clock.Add(5 * time.Second)
+			f.clock.Add(exchangeRetry)
 			if res, err := f.flow.Callback(ctx, retryHost, q, browser); err != nil || res.Merchant != "acme" || f.store.Saves() != 1 {
 				t.Fatalf("the reload 5 s later = %+v, %v (%d saves); want the consent", res, err, f.store.Saves())
 			}
