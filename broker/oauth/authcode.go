@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -48,8 +49,8 @@ const (
 	ReasonProviderFailure = "provider_unavailable"
 	ReasonStoreFailure    = "store_failed"
 	// ReasonRetryCallback: a callback that arrived while the provider's
-	// endpoints could not be discovered, or whose code exchange failed in
-	// a way that trying again may mend; its state is left, and the same
+	// endpoints could not be discovered, or whose code exchange the
+	// provider did not process (see Callback); its state is left, and the same
 	// callback, sent again once the provider answers (after
 	// DiscoveryRetry, or a few seconds after the failed exchange),
 	// completes the consent while its code is valid.
@@ -67,7 +68,8 @@ const exchangeRetry = 5 * time.Second
 
 // codeExchanges is how many times a callback's code is exchanged at
 // most: its first exchange, and the retries of the same callback,
-// reloaded, after failures that trying again may mend (see Callback).
+// reloaded, after failures that say the provider did not process it
+// (see Callback).
 const codeExchanges = 3
 
 // ConsentError is a refused or failed step of the authorization-code
@@ -701,20 +703,22 @@ type Result struct {
 // endpoint that is not a usable URL) consumes the state and fails with
 // ReasonProviderFailure.
 //
-// A code exchange that fails in a way that trying again may mend (the
-// source's Classify, as for its token requests: no answer, a timeout,
-// 408, 425, 429, 5xx, a DPoP nonce asked for again) did not redeem the
-// code as far as the broker can tell: the state is put back, bound to
-// that code, with the link, and the callback fails with
-// ReasonRetryCallback and no Result. The same callback, reloaded by the
+// A code exchange whose failure says that the provider did not process
+// it, so that the code was not redeemed (unredeemed: no connection made,
+// 408, 425, 429, 503, a DPoP nonce asked for), may be sent again: the
+// state is put back, bound to that code, with the link, and the callback
+// fails with ReasonRetryCallback and no Result. Any other failure may
+// have come after the code was redeemed (a timeout or a connection cut
+// once the request was sent, an answer cut short, 500, 502, 504), and a
+// code sent twice may make the provider revoke the tokens it issued for
+// it (RFC 6749 §4.1.2): it spends the state, as an answer that settles
+// the exchange does. The same callback, reloaded by the
 // same browser, exchanges the code again, at least exchangeRetry (or
 // the provider's Retry-After, when longer) after the failure: sooner, it
 // fails so again without asking the provider. A callback of the kept
 // state with another code is refused with ReasonExchangeFailed without
 // an exchange. The code is exchanged codeExchanges times at most, and
-// only while the state is valid; the last failure, and any answer that
-// settles it (the provider's invalid_grant, another refusal, a token),
-// spends the state. A state is taken from the store before its code is
+// only while the state is valid; the last failure spends the state. A state is taken from the store before its code is
 // exchanged, so that of concurrent callbacks of one state one exchanges
 // its code; the others find it used (ReasonUnknownState) or, put back,
 // not due yet (ReasonRetryCallback).
@@ -806,19 +810,18 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	})
 	if err != nil {
 		ce := a.unclaimLink(ctx, rec, link, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err)))
+		if !unredeemed(err) {
+			return res, ce
+		}
 		wait := exchangeRetry
 		if ae, ok := errors.AsType[*broker.APIError](err); ok {
 			wait = max(wait, ae.RetryAfter)
 		}
 		rec.Code, rec.Tries, rec.Retry = digest("code", code), rec.Tries+1, a.pend.Now().Add(wait)
-		c := a.src.Classify(err)
-		retryable := c == broker.ClassTemporary || c == broker.ClassRateLimited || c == broker.ClassRetryNow
-		switch {
-		case retryable && rec.Tries < codeExchanges && rec.Retry.Before(rec.Expires):
+		if rec.Tries < codeExchanges && rec.Retry.Before(rec.Expires) {
 			return a.retryLater(ctx, state, rec, res, ce)
-		case retryable:
-			ce.Err = fmt.Errorf("%w; not tried again: the code exchange failed %d times, or the authorization state expires first", ce.Err, rec.Tries)
 		}
+		ce.Err = fmt.Errorf("%w; not tried again: the code exchange failed %d times, or the authorization state expires first", ce.Err, rec.Tries)
 		return res, ce
 	}
 	// An ID token is verified when openid was asked, or when one came
@@ -888,8 +891,32 @@ func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *Conse
 	return ce
 }
 
+// unredeemed reports whether err, a code exchange's failure, says that
+// the provider did not process the request, so that the code was not
+// redeemed and may be sent again: no connection was made (a dial error:
+// refused, no route, no DNS answer), the endpoints could not be
+// discovered now (a transient *DiscoveryError: nothing was sent), or the
+// provider answered 408, 425, 429 or 503, or asked for a DPoP nonce
+// (use_dpop_nonce). Any other failure may have come after the code was
+// redeemed: a timeout or a connection cut once the request was sent, an
+// answer cut short, 500, 502, 504.
+func unredeemed(err error) bool {
+	if ae, ok := errors.AsType[*broker.APIError](err); ok {
+		switch ae.StatusCode {
+		case http.StatusRequestTimeout, http.StatusTooEarly, http.StatusTooManyRequests, http.StatusServiceUnavailable:
+			return true
+		}
+		return ae.Code == "use_dpop_nonce"
+	}
+	if de, ok := errors.AsType[*DiscoveryError](err); ok {
+		return de.Transient()
+	}
+	oe, ok := errors.AsType[*net.OpError](err)
+	return ok && oe.Op == "dial"
+}
+
 // retryLater puts back the authorization state rec, taken by a callback
-// refused with ce for a failed code exchange that trying again may mend,
+// refused with ce for a code exchange the provider did not process,
 // so that the same callback, reloaded, exchanges its code again: it
 // returns no Result and ReasonRetryCallback. When rec cannot be put
 // back, the state is spent: it returns res and ce, with a note.

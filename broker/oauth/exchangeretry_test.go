@@ -2,17 +2,23 @@ package oauth
 
 // The callback's code exchange when the bank's token endpoint fails:
 // against zitadel's OP (integration/optest), its failures made by a
-// gateway in front of it (optest.Server.TokenStatus), by the server
-// dropping the connection, or by the answer getting lost on the way back.
+// gateway in front of it (optest.Server.TokenStatus), by no connection
+// made, by the server dropping the connection, or by the answer getting
+// lost or cut short on the way back.
 
 import (
+	"bytes"
+	"cmp"
 	"context"
 	"errors"
+	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/integration/optest"
@@ -22,36 +28,51 @@ import (
 const retryHost = "cb.partner.example"
 
 // faultyBank is a consent fixture whose bank can be made to fail its next
-// token request: the server holds it until the client times out, or
-// drops its connection, before zitadel sees it; or zitadel answers it
-// and the answer is lost on the way back.
+// token request: no connection is made to it; the server holds the
+// request until the client times out, or drops its connection, before
+// zitadel sees it; or zitadel answers it and the answer is lost on the
+// way back, or cut short.
 type faultyBank struct {
 	*consentFixture
-	hang, drop, lose atomic.Bool   // each fails the next token request once
-	hung             chan struct{} // closed once a held request was dropped
-	hungOnce         sync.Once
+	// each fails the next token request once
+	nodial, hang, drop, lose, cut atomic.Bool
 }
 
 // newFaultyBank starts the fixture with its faults (none on yet).
 func newFaultyBank(t *testing.T) *faultyBank {
 	t.Helper()
-	f := &faultyBank{consentFixture: newConsentFixture(t, optest.Options{}, ClientSecretBasic, false), hung: make(chan struct{})}
+	f := &faultyBank{consentFixture: newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)}
 	f.op.BeforeToken = func(r *http.Request) {
 		switch {
 		case f.hang.CompareAndSwap(true, false):
 			<-r.Context().Done() // the client gave up
-			f.hungOnce.Do(func() { close(f.hung) })
 			panic(http.ErrAbortHandler)
 		case f.drop.CompareAndSwap(true, false):
 			panic(http.ErrAbortHandler) // the connection is cut, no answer
 		}
 	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := ln.Addr().String() // nothing listens there
+	ln.Close()
 	next := f.src.cfg.Client.Transport
 	f.src.cfg.Client.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if r.URL.Path == "/oauth/token" && f.nodial.CompareAndSwap(true, false) {
+			_, err := net.Dial("tcp", closed)
+			return nil, cmp.Or(err, errors.New("dialled a closed port"))
+		}
 		resp, err := next.RoundTrip(r)
-		if err == nil && r.URL.Path == "/oauth/token" && f.lose.CompareAndSwap(true, false) {
+		switch {
+		case err != nil || r.URL.Path != "/oauth/token":
+		case f.lose.CompareAndSwap(true, false):
 			resp.Body.Close()
 			return nil, errors.New("read: connection reset by peer")
+		case f.cut.CompareAndSwap(true, false):
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			resp.Body = io.NopCloser(io.MultiReader(bytes.NewReader(body[:len(body)/2]), iotest.ErrReader(io.ErrUnexpectedEOF)))
 		}
 		return resp, err
 	})
@@ -82,63 +103,57 @@ func reasonOf(err error) string {
 	return ""
 }
 
-// TestCallbackKeepsTheStateWhenTheExchangeFails: a code exchange that the
-// bank fails (503, 500), that times out, or whose connection is cut,
-// did not redeem the code as far as the broker can tell: the callback
-// gets ReasonRetryCallback without a Result (the page asking for a
-// reload), its state stays, and the reload once the bank answers
-// exchanges the same code again and stores the consent; the state is
-// spent then. An answer the bank gave, its refusal of the code
-// (invalid_grant), spends the state at once; so does the bank's
-// invalid_grant to the reload of a callback whose first answer was lost
-// after the bank had redeemed the code.
+// TestCallbackKeepsTheStateWhenTheExchangeFails: a code exchange whose
+// failure says that the bank did not process it (no connection made, 408,
+// 425, 429, 503) did not redeem the code: the callback gets
+// ReasonRetryCallback without a Result (the page asking for a reload),
+// its state stays, and the reload once the bank answers exchanges the
+// same code again and stores the consent; the state is spent then. A
+// failure after which the bank may have redeemed the code (500, 502, 504,
+// a timeout or a connection cut once the request was sent, the answer
+// lost or cut short), and the bank's refusal of the code, spend the state
+// at once (ReasonExchangeFailed, with the Result): the reload is refused
+// without an exchange, and the consent link is usable again.
 func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 	ctx := context.Background()
+	status := func(code int) func(*faultyBank, url.Values) {
+		return func(f *faultyBank, _ url.Values) { f.op.TokenStatus.Store(int32(code)) }
+	}
 	for _, tc := range []struct {
 		name string
-		fail func(t *testing.T, f *faultyBank, q url.Values) // the first exchange fails
-		heal func(t *testing.T, f *faultyBank)               // the bank answers again
-		kept bool                                            // the first callback leaves its state
-		// reload is the reason of the reloaded callback, "" for the
-		// consent stored.
-		reload string
+		fail func(f *faultyBank, q url.Values) // the first exchange fails
+		kept bool                              // the first callback leaves its state
+		// unsent: the first exchange does not reach the bank.
+		unsent bool
 	}{
-		{name: "the bank answers 503", kept: true,
-			fail: func(_ *testing.T, f *faultyBank, _ url.Values) { f.op.TokenStatus.Store(http.StatusServiceUnavailable) },
-			heal: func(_ *testing.T, f *faultyBank) { f.op.TokenStatus.Store(0) }},
-		{name: "the bank answers 500", kept: true,
-			fail: func(_ *testing.T, f *faultyBank, _ url.Values) {
-				f.op.TokenStatus.Store(http.StatusInternalServerError)
-			},
-			heal: func(_ *testing.T, f *faultyBank) { f.op.TokenStatus.Store(0) }},
-		{name: "the exchange times out", kept: true,
-			fail: func(_ *testing.T, f *faultyBank, _ url.Values) {
+		{name: "503", kept: true, fail: status(http.StatusServiceUnavailable)},
+		{name: "429", kept: true, fail: status(http.StatusTooManyRequests)},
+		{name: "425", kept: true, fail: status(http.StatusTooEarly)},
+		{name: "408", kept: true, fail: status(http.StatusRequestTimeout)},
+		{name: "no connection is made", kept: true, unsent: true,
+			fail: func(f *faultyBank, _ url.Values) { f.nodial.Store(true) }},
+		{name: "500", fail: status(http.StatusInternalServerError)},
+		{name: "502", fail: status(http.StatusBadGateway)},
+		{name: "504", fail: status(http.StatusGatewayTimeout)},
+		{name: "the exchange times out once sent",
+			fail: func(f *faultyBank, _ url.Values) {
 				f.src.cfg.Client.Timeout = 500 * time.Millisecond
 				f.hang.Store(true)
-			},
-			heal: func(t *testing.T, f *faultyBank) {
-				select {
-				case <-f.hung:
-				case <-time.After(10 * time.Second):
-					t.Fatal("the token request never reached the bank")
-				}
-				f.src.cfg.Client.Timeout = 10 * time.Second
 			}},
-		{name: "the connection is cut", kept: true,
-			fail: func(_ *testing.T, f *faultyBank, _ url.Values) { f.drop.Store(true) },
-			heal: func(*testing.T, *faultyBank) {}},
-		{name: "the answer is lost after the bank redeemed the code", kept: true, reload: ReasonExchangeFailed,
-			fail: func(_ *testing.T, f *faultyBank, _ url.Values) { f.lose.Store(true) },
-			heal: func(*testing.T, *faultyBank) {}},
-		{name: "the bank refuses the code", reload: ReasonUnknownState,
-			fail: func(_ *testing.T, _ *faultyBank, q url.Values) { q.Set("code", "not-the-code") },
-			heal: func(*testing.T, *faultyBank) {}},
+		{name: "the connection is cut once the request is sent",
+			fail: func(f *faultyBank, _ url.Values) { f.drop.Store(true) }},
+		{name: "the answer is lost after the bank redeemed the code",
+			fail: func(f *faultyBank, _ url.Values) { f.lose.Store(true) }},
+		{name: "the answer is cut short after the bank redeemed the code",
+			fail: func(f *faultyBank, _ url.Values) { f.cut.Store(true) }},
+		{name: "the bank refuses the code",
+			fail: func(_ *faultyBank, q url.Values) { q.Set("code", "not-the-code") }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newFaultyBank(t)
 			browser := NewBrowser()
-			q, _ := f.start(t, browser)
-			tc.fail(t, f, q)
+			q, link := f.start(t, browser)
+			tc.fail(f, q)
 			res, err := f.flow.Callback(ctx, retryHost, q, browser)
 			checkNoSecrets(t, err, q.Get("code"), q.Get("state"))
 			switch {
@@ -147,24 +162,30 @@ func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 			case !tc.kept && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme"):
 				t.Fatalf("Callback = %+v, %v; want %s for acme", res, err, ReasonExchangeFailed)
 			}
-			if f.exchanges() != 1 || f.store.Saves() != 0 {
-				t.Fatalf("%d exchanges, %d refresh tokens saved; want 1 and none", f.exchanges(), f.store.Saves())
+			sent := int64(1)
+			if tc.unsent {
+				sent = 0
+			}
+			if f.exchanges() != sent || f.store.Saves() != 0 {
+				t.Fatalf("%d exchanges, %d refresh tokens saved; want %d and none", f.exchanges(), f.store.Saves(), sent)
 			}
 
-			tc.heal(t, f)
+			f.op.TokenStatus.Store(0)
 			f.clock.Add(exchangeRetry)
 			res, err = f.flow.Callback(ctx, retryHost, q, browser)
-			if reasonOf(err) != tc.reload || tc.reload == "" && (err != nil || res.Merchant != "acme" || f.store.Saves() != 1) {
-				t.Fatalf("the reloaded callback = %+v, %v (%d saves); want reason %q", res, err, f.store.Saves(), tc.reload)
+			if !tc.kept {
+				if reasonOf(err) != ReasonUnknownState || f.exchanges() != sent {
+					t.Fatalf("the reloaded callback = %v (%d exchanges); want %s without an exchange: the state is spent", err, f.exchanges(), ReasonUnknownState)
+				}
+				if _, err := f.flow.CheckLink(ctx, link, retryHost); err != nil {
+					t.Errorf("the consent link after the spent state: %v, want it usable", err)
+				}
+				return
 			}
-			want := int64(1)
-			if tc.kept {
-				want = 2 // the same code, once more
+			if err != nil || res.Merchant != "acme" || f.store.Saves() != 1 || f.exchanges() != sent+1 {
+				t.Fatalf("the reloaded callback = %+v, %v (%d saves, %d exchanges); want the consent, the same code exchanged once more", res, err, f.store.Saves(), f.exchanges())
 			}
-			if f.exchanges() != want {
-				t.Errorf("%d exchanges, want %d", f.exchanges(), want)
-			}
-			if _, err := f.flow.Callback(ctx, retryHost, q, browser); reasonOf(err) != ReasonUnknownState || f.exchanges() != want {
+			if _, err := f.flow.Callback(ctx, retryHost, q, browser); reasonOf(err) != ReasonUnknownState || f.exchanges() != sent+1 {
 				t.Errorf("the callback once more = %v (%d exchanges); want %s: the state is spent", err, f.exchanges(), ReasonUnknownState)
 			}
 		})

@@ -147,10 +147,9 @@ type Pending struct {
 	Link string `json:"l,omitempty"`
 	// Expires is when the link or the state stops being accepted.
 	Expires time.Time `json:"e"`
-	// Code is the digest of the code whose exchange failed in a way that
-	// trying again may mend (authorization states kept for their
-	// callback to be reloaded only): the reload exchanges that code, no
-	// other.
+	// Code is the digest of the code whose exchange the provider did not
+	// process (authorization states kept for their callback to be
+	// reloaded only): the reload exchanges that code, no other.
 	Code string `json:"c,omitempty"`
 	// Tries is how many exchanges of Code failed so.
 	Tries int `json:"t,omitempty"`
