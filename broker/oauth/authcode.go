@@ -66,6 +66,12 @@ const DiscoveryRetry = 5 * time.Second
 // callback kept for a retry exchanges its code again (see Callback).
 const exchangeRetry = 5 * time.Second
 
+// maxExchangeWait is the longest wait (the provider's Retry-After) for
+// which a callback is kept to exchange its code again: an authorization
+// code lives a minute at most (FAPI 2.0), so that a longer wait would
+// exchange a dead code.
+const maxExchangeWait = 30 * time.Second
+
 // codeExchanges is how many times a callback's code is exchanged at
 // most: its first exchange, and the retries of the same callback,
 // reloaded, after failures that say the provider did not process it
@@ -89,6 +95,10 @@ type ConsentError struct {
 	// Err is the cause; for a ReasonProviderError it says what the
 	// operator can change.
 	Err error
+	// RetryAfter is, for a ReasonRetryCallback, how long until the
+	// callback, sent again, is let through: the rest of DiscoveryRetry, or
+	// of the wait before the code is exchanged again.
+	RetryAfter time.Duration
 }
 
 // Error describes the failure.
@@ -715,7 +725,9 @@ type Result struct {
 // the exchange does. The same callback, reloaded by the
 // same browser, exchanges the code again, at least exchangeRetry (or
 // the provider's Retry-After, when longer) after the failure: sooner, it
-// fails so again without asking the provider. A callback of the kept
+// fails so again without asking the provider. The ConsentError's
+// RetryAfter says how long is left. A Retry-After over maxExchangeWait
+// (30 s) spends the state: the code would be dead by then. A callback of the kept
 // state with another code is refused with ReasonExchangeFailed without
 // an exchange. The code is exchanged codeExchanges times at most, and
 // only while the state is valid; the last failure spends the state. A state is taken from the store before its code is
@@ -735,7 +747,9 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 		// reloaded once the provider answers again, completes the
 		// consent while its code is valid.
 		if ep, epErr = a.authEndpoints(ctx); epErr != nil && !permanent(epErr) {
-			return Result{}, a.fail(ReasonRetryCallback, rec.Merchant, fmt.Errorf("%w; the authorization state is kept: the callback, reloaded, completes the consent once the provider answers", epErr))
+			ce := a.fail(ReasonRetryCallback, rec.Merchant, fmt.Errorf("%w; the authorization state is kept: the callback, reloaded, completes the consent once the provider answers", epErr))
+			ce.RetryAfter = DiscoveryRetry
+			return Result{}, ce
 		}
 	}
 	if err == nil || errors.Is(err, errExpired) {
@@ -818,10 +832,11 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 			wait = max(wait, ae.RetryAfter)
 		}
 		rec.Code, rec.Tries, rec.Retry = digest("code", code), rec.Tries+1, a.pend.Now().Add(wait)
-		if rec.Tries < codeExchanges && rec.Retry.Before(rec.Expires) {
+		if rec.Tries < codeExchanges && wait <= maxExchangeWait && rec.Retry.Before(rec.Expires) {
 			return a.retryLater(ctx, state, rec, res, ce)
 		}
-		ce.Err = fmt.Errorf("%w; not tried again: the code exchange failed %d times, or the authorization state expires first", ce.Err, rec.Tries)
+		ce.Err = fmt.Errorf("%w; not tried again: the code exchange failed %d times, the provider asks to wait %s (over %s, longer than its code lives), or the authorization state expires first",
+			ce.Err, rec.Tries, wait, maxExchangeWait)
 		return res, ce
 	}
 	// An ID token is verified when openid was asked, or when one came
@@ -918,15 +933,18 @@ func unredeemed(err error) bool {
 // retryLater puts back the authorization state rec, taken by a callback
 // refused with ce for a code exchange the provider did not process,
 // so that the same callback, reloaded, exchanges its code again: it
-// returns no Result and ReasonRetryCallback. When rec cannot be put
+// returns no Result and ReasonRetryCallback, with the time left until
+// rec.Retry. When rec cannot be put
 // back, the state is spent: it returns res and ce, with a note.
 func (a *AuthCode) retryLater(ctx context.Context, state string, rec Pending, res Result, ce *ConsentError) (Result, error) {
 	if err := a.pend.put(ctx, kindState, state, rec); err != nil {
 		ce.Err = fmt.Errorf("%w; the authorization state could not be kept to try again (%v): ask the app for a new consent link", ce.Err, err)
 		return res, ce
 	}
-	return Result{}, a.fail(ReasonRetryCallback, rec.Merchant, fmt.Errorf("%w; the authorization state is kept: the callback, reloaded from %s on, exchanges the code again",
+	ce = a.fail(ReasonRetryCallback, rec.Merchant, fmt.Errorf("%w; the authorization state is kept: the callback, reloaded from %s on, exchanges the code again",
 		ce.Err, rec.Retry.UTC().Format(time.RFC3339)))
+	ce.RetryAfter = rec.Retry.Sub(a.pend.Now())
+	return Result{}, ce
 }
 
 // verifyIDToken checks the token response's id_token v, a string, with

@@ -11,6 +11,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -375,6 +376,56 @@ func TestCallbackPutsBackAnExpiredLink(t *testing.T) {
 			}
 			if _, err := f.flow.CheckLink(ctx, id, retryHost); reasonOf(err) != ReasonUnknownState {
 				t.Errorf("the link after the consent: %v, want it used (%s)", err, ReasonUnknownState)
+			}
+		})
+	}
+}
+
+// TestCallbackWaitsAsTheBankAsks: the bank's Retry-After to a failed
+// exchange (503) sets when the kept callback exchanges its code again
+// (exchangeRetry at least), and the callback says how long is left
+// (ConsentError.RetryAfter, which the page sends as its Retry-After); a
+// wait over maxExchangeWait (30 s) spends the state at once, without an
+// exchange after it: the code would be dead by then.
+func TestCallbackWaitsAsTheBankAsks(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		retryAfter int32 // seconds, 0 for none
+		kept       bool
+	}{
+		{0, true}, {20, true}, {30, true}, {31, false}, {120, false},
+	} {
+		t.Run(fmt.Sprint("Retry-After ", tc.retryAfter), func(t *testing.T) {
+			f := newFaultyBank(t)
+			q, _ := f.start(t, "")
+			f.op.TokenStatus.Store(http.StatusServiceUnavailable)
+			f.op.TokenRetryAfter.Store(tc.retryAfter)
+			res, err := f.flow.Callback(ctx, retryHost, q)
+			if !tc.kept {
+				if reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme" {
+					t.Fatalf("Callback = %+v, %v; want %s for acme: the state spent", res, err, ReasonExchangeFailed)
+				}
+				f.op.TokenStatus.Store(0)
+				f.clock.Add(time.Duration(tc.retryAfter) * time.Second)
+				if _, err := f.flow.Callback(ctx, retryHost, q); reasonOf(err) != ReasonUnknownState || f.exchanges() != 1 {
+					t.Errorf("the reload = %v (%d exchanges); want %s without an exchange", err, f.exchanges(), ReasonUnknownState)
+				}
+				return
+			}
+			wait := max(exchangeRetry, time.Duration(tc.retryAfter)*time.Second)
+			if ce, _ := errors.AsType[*ConsentError](err); reasonOf(err) != ReasonRetryCallback || ce.RetryAfter != wait {
+				t.Fatalf("Callback = %v; want %s, RetryAfter %v", err, ReasonRetryCallback, wait)
+			}
+			f.op.TokenStatus.Store(0)
+			f.clock.Add(wait - 2*time.Second)
+			if _, err := f.flow.Callback(ctx, retryHost, q); reasonOf(err) != ReasonRetryCallback || f.exchanges() != 1 {
+				t.Fatalf("the reload 2 s early = %v (%d exchanges); want %s without an exchange", err, f.exchanges(), ReasonRetryCallback)
+			} else if ce, _ := errors.AsType[*ConsentError](err); ce.RetryAfter != 2*time.Second {
+				t.Errorf("the reload 2 s early: RetryAfter %v, want 2s", ce.RetryAfter)
+			}
+			f.clock.Add(2 * time.Second)
+			if res, err := f.flow.Callback(ctx, retryHost, q); err != nil || res.Merchant != "acme" || f.exchanges() != 2 {
+				t.Errorf("the reload on time = %+v, %v (%d exchanges); want the consent", res, err, f.exchanges())
 			}
 		})
 	}

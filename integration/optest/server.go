@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -71,6 +72,9 @@ type Server struct {
 	// answered with, counted (Count) but before zitadel sees them: no
 	// code or refresh token is used.
 	TokenStatus atomic.Int32
+	// TokenRetryAfter, when not 0, is the Retry-After (seconds) of the
+	// TokenStatus answers.
+	TokenRetryAfter atomic.Int32
 	// EditDiscovery, when set (before any request), edits the discovery
 	// document before it is served (a bank whose document is wrong).
 	EditDiscovery func(doc map[string]any)
@@ -211,6 +215,9 @@ func (s *Server) handler(zh http.Handler) http.Handler {
 				s.BeforeToken(r)
 			}
 			if st := s.TokenStatus.Load(); st != 0 {
+				if ra := s.TokenRetryAfter.Load(); ra != 0 {
+					w.Header().Set("Retry-After", strconv.Itoa(int(ra)))
+				}
 				writeError(w, int(st), "server_error", "the token endpoint is down")
 				return
 			}

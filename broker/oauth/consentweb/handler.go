@@ -388,11 +388,11 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 		c.o.Logger.Warn("consent result not stored: its page is shown once", zap.String("provider", provider),
 			zap.String("merchant", res.Merchant), zap.Error(serr))
 	}
-	if outcome == oauth.ReasonRetryCallback {
+	if ce, ok := errors.AsType[*oauth.ConsentError](err); ok && outcome == oauth.ReasonRetryCallback {
 		// The state is kept: the same callback, reloaded once the bank
 		// answers (its endpoints discovered, its token endpoint back),
-		// completes the consent.
-		w.Header().Set("Retry-After", strconv.FormatInt(retryAfterSeconds(oauth.DiscoveryRetry), 10))
+		// completes the consent; it is let through after ce.RetryAfter.
+		w.Header().Set("Retry-After", strconv.FormatInt(retryAfterSeconds(ce.RetryAfter), 10))
 	}
 	c.render(w, r, consentpage.Page{Name: consentpage.ForOutcome(outcome), MerchantID: res.Merchant, Outcome: outcome, ProviderCode: code})
 }

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -312,11 +313,12 @@ func TestConsentLinkInTwoTabs(t *testing.T) {
 }
 
 // TestCallbackAfterTheBankFailedTheExchange: a callback whose code
-// exchange the bank fails (503) gets the retry_callback page (503,
-// Retry-After: 5, "reload this page"), not the app's return URL, and
-// nothing stored; the browser's reload of the same URL a moment later,
-// once the bank answers, exchanges the same code and sends the browser
-// back to the app with outcome ok.
+// exchange the bank fails (503, Retry-After: 20) gets the retry_callback
+// page (503, "reload this page", its Retry-After the bank's), not the
+// app's return URL, and nothing stored; a reload sooner gets it again,
+// its Retry-After what is left; the browser's reload of the same URL
+// once the wait is over and the bank answers exchanges the same code and
+// sends the browser back to the app with outcome ok.
 func TestCallbackAfterTheBankFailedTheExchange(t *testing.T) {
 	s := newOPSite(t)
 	link := s.link(t, opReturn)
@@ -324,19 +326,25 @@ func TestCallbackAfterTheBankFailedTheExchange(t *testing.T) {
 	callback := s.approve(t, authURL)
 
 	s.op.TokenStatus.Store(http.StatusServiceUnavailable)
-	w := s.get(callback, cookies...)
-	if w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") != "5" ||
-		!strings.Contains(w.Body.String(), "Please reload this page in a moment.") || !strings.Contains(w.Body.String(), oauth.ReasonRetryCallback) {
-		t.Fatalf("callback while the bank fails: %d, Retry-After %q, Location %q: %.600s; want 503, the retry_callback page",
-			w.Code, w.Header().Get("Retry-After"), w.Header().Get("Location"), w.Body)
+	s.op.TokenRetryAfter.Store(20)
+	// The site's clock is the wall clock (moved ahead): a second may pass
+	// between the answers, and Retry-After is rounded up.
+	for i, want := range [][2]int{{19, 20}, {1, 8}} {
+		w := s.get(callback, cookies...)
+		ra, _ := strconv.Atoi(w.Header().Get("Retry-After"))
+		if w.Code != http.StatusServiceUnavailable || ra < want[0] || ra > want[1] ||
+			!strings.Contains(w.Body.String(), "Please reload this page in a moment.") || !strings.Contains(w.Body.String(), oauth.ReasonRetryCallback) {
+			t.Fatalf("callback %d while the bank fails: %d, Retry-After %q, Location %q: %.600s; want 503, the retry_callback page, Retry-After %d to %d",
+				i+1, w.Code, w.Header().Get("Retry-After"), w.Header().Get("Location"), w.Body, want[0], want[1])
+		}
+		s.ahead.Add(int64(12 * time.Second))
 	}
 	if _, err := s.tokens.Load(context.Background(), s.src.StoreKey("acme")); err == nil {
 		t.Fatal("a refresh token was stored")
 	}
 
 	s.op.TokenStatus.Store(0)
-	s.ahead.Add(int64(oauth.DiscoveryRetry))
-	w = s.get(callback, cookies...)
+	w := s.get(callback, cookies...)
 	if w.Code != http.StatusSeeOther || w.Header().Get("Location") != opReturn+"?merchant=acme&outcome=ok" {
 		t.Fatalf("the reloaded callback: %d to %q, want the app's return URL with outcome ok", w.Code, w.Header().Get("Location"))
 	}
