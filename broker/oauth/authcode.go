@@ -700,7 +700,9 @@ type Result struct {
 // code is exchanged. Once the state is consumed, the rest of the
 // callback (code exchange, ID token verification, storing the refresh
 // token) is detached from the browser: it keeps ctx's values but not its
-// cancellation, and is bounded by saveTimeout (30 s) instead. The state
+// cancellation, and is bounded by SaveTimeout (30 s) instead, and so is
+// each put-back after a failure (of the link, of the state kept for a
+// retry), from the failure on. The state
 // is read, and checked against the browser, before anything else: an
 // unknown, used, expired or another browser's state is refused without
 // asking the provider. The provider's endpoints are read next, before
@@ -769,7 +771,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	// The state is spent: the code exchange, the ID token's verification
 	// and the save go on when the browser leaves meanwhile, within
 	// SaveTimeout, so that the merchant's consent is not lost.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
+	ctx, cancel := detached(ctx)
 	defer cancel()
 	if rec.Provider != a.Provider() {
 		return Result{}, a.fail(ReasonWrongProvider, rec.Merchant, fmt.Errorf("the authorization state was issued for provider %q", rec.Provider))
@@ -900,6 +902,8 @@ func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *Conse
 	if link.Provider == "" { // no link claimed
 		return ce
 	}
+	ctx, cancel := detached(ctx) // the exchange may have spent ctx's time
+	defer cancel()
 	if err := a.pend.putUntil(ctx, kindLink, rec.Link, link, link.Expires.Add(linkKept)); err != nil {
 		ce.Err = fmt.Errorf("%w; the consent link could not be put back (%v): ask the app for a new consent link", ce.Err, err)
 	}
@@ -937,6 +941,8 @@ func unredeemed(err error) bool {
 // rec.Retry. When rec cannot be put
 // back, the state is spent: it returns res and ce, with a note.
 func (a *AuthCode) retryLater(ctx context.Context, state string, rec Pending, res Result, ce *ConsentError) (Result, error) {
+	ctx, cancel := detached(ctx) // the exchange may have spent ctx's time
+	defer cancel()
 	if err := a.pend.put(ctx, kindState, state, rec); err != nil {
 		ce.Err = fmt.Errorf("%w; the authorization state could not be kept to try again (%v): ask the app for a new consent link", ce.Err, err)
 		return res, ce

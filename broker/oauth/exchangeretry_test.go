@@ -32,11 +32,11 @@ const retryHost = "cb.partner.example"
 // token request: no connection is made to it; the server holds the
 // request until the client times out, or drops its connection, before
 // zitadel sees it; or zitadel answers it and the answer is lost on the
-// way back, or cut short.
+// way back, or cut short. It can also be made to take a second more.
 type faultyBank struct {
 	*consentFixture
-	// each fails the next token request once
-	nodial, hang, drop, lose, cut atomic.Bool
+	// each fails (slow: slows) the next token request once
+	nodial, hang, drop, lose, cut, slow atomic.Bool
 }
 
 // newFaultyBank starts the fixture with its faults (none on yet).
@@ -50,6 +50,8 @@ func newFaultyBank(t *testing.T) *faultyBank {
 			panic(http.ErrAbortHandler)
 		case f.drop.CompareAndSwap(true, false):
 			panic(http.ErrAbortHandler) // the connection is cut, no answer
+		case f.slow.CompareAndSwap(true, false):
+			time.Sleep(time.Second) // the bank is slow (TokenStatus then answers)
 		}
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -426,6 +428,69 @@ func TestCallbackWaitsAsTheBankAsks(t *testing.T) {
 			f.clock.Add(2 * time.Second)
 			if res, err := f.flow.Callback(ctx, retryHost, q); err != nil || res.Merchant != "acme" || f.exchanges() != 2 {
 				t.Errorf("the reload on time = %+v, %v (%d exchanges); want the consent", res, err, f.exchanges())
+			}
+		})
+	}
+}
+
+// deadlineStore is a PendingStore that notes, while noting is set, how
+// many Puts it got and the least time their contexts had left (none for
+// a context without a deadline).
+type deadlineStore struct {
+	PendingStore
+	noting atomic.Bool
+	mu     sync.Mutex
+	puts   int
+	least  time.Duration
+}
+
+// Put notes ctx's time left and stores val.
+func (s *deadlineStore) Put(ctx context.Context, key string, val []byte, expires time.Time) error {
+	if s.noting.Load() {
+		var left time.Duration
+		if dl, ok := ctx.Deadline(); ok && ctx.Err() == nil {
+			left = time.Until(dl)
+		}
+		s.mu.Lock()
+		if s.puts++; s.puts == 1 || left < s.least {
+			s.least = left
+		}
+		s.mu.Unlock()
+	}
+	return s.PendingStore.Put(ctx, key, val, expires)
+}
+
+// TestCallbackPutsBackWithTimeOfItsOwn: the put-backs after a failed
+// code exchange (the consent link; the state kept for a reload) are
+// bounded by SaveTimeout of their own, from the failure on, not by what
+// the exchange left of the callback's: after an exchange that took a
+// second, they still have (nearly) the whole of it.
+func TestCallbackPutsBackWithTimeOfItsOwn(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		status int
+		reason string
+		puts   int
+	}{
+		{http.StatusServiceUnavailable, ReasonRetryCallback, 2},   // the link and the state
+		{http.StatusInternalServerError, ReasonExchangeFailed, 1}, // the link
+	} {
+		t.Run(fmt.Sprint(tc.status), func(t *testing.T) {
+			f := newFaultyBank(t)
+			ds := &deadlineStore{PendingStore: f.pend.Store}
+			f.pend.Store = ds
+			q, _ := f.start(t, "")
+			f.slow.Store(true)
+			f.op.TokenStatus.Store(int32(tc.status))
+			ds.noting.Store(true)
+			if _, err := f.flow.Callback(ctx, retryHost, q); reasonOf(err) != tc.reason {
+				t.Fatalf("Callback = %v, want %s", err, tc.reason)
+			}
+			ds.noting.Store(false)
+			ds.mu.Lock()
+			defer ds.mu.Unlock()
+			if ds.puts != tc.puts || ds.least < SaveTimeout-500*time.Millisecond || ds.least > SaveTimeout {
+				t.Errorf("%d put-backs, the least time left %v; want %d, each with about %v", ds.puts, ds.least, tc.puts, SaveTimeout)
 			}
 		})
 	}

@@ -19,8 +19,17 @@ import (
 // request that caused them is cancelled or its deadline passes: the old
 // token, or the state and the code, no longer work, so losing the new one
 // would lose the merchant's consent. A LockedLoader's rewrite of the value
-// it loaded is bounded by it too.
+// it loaded is bounded by it too, and so is each put-back of a consent
+// callback that failed (its consent link, its state kept for a reload),
+// from the failure on.
 const SaveTimeout = 30 * time.Second
+
+// detached returns ctx without its cancellation, bounded by SaveTimeout
+// from now: work that must finish once begun (see SaveTimeout) goes on
+// whatever the request that began it does.
+func detached(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
+}
 
 // RefreshToken is a broker.Source for merchants who consented through the
 // authorization code flow: it exchanges each merchant's refresh token
@@ -264,7 +273,7 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 	// that rotates the refresh token has spent the old one when it
 	// answers, and only its answer has the new one. The HTTP client's
 	// timeout and SaveTimeout bound it.
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
+	rctx, cancel := detached(ctx)
 	defer cancel()
 	grant := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt.Reveal()}}
 	tok, raw, err := s.exchange(rctx, req, grant, rt.Reveal())
@@ -335,7 +344,7 @@ func (s *RefreshToken) loadLocked(ctx context.Context, key string) (broker.Secre
 // save stores a rotated refresh token, even when ctx is cancelled (the old
 // token is dead). On failure the token is kept in memory as pending.
 func (s *RefreshToken) save(ctx context.Context, key string, rt broker.Secret) error {
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
+	sctx, cancel := detached(ctx)
 	defer cancel()
 	err := s.store.Save(sctx, key, rt)
 	s.mu.Lock()
