@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -491,6 +492,48 @@ func TestCallbackPutsBackWithTimeOfItsOwn(t *testing.T) {
 			defer ds.mu.Unlock()
 			if ds.puts != tc.puts || ds.least < SaveTimeout-500*time.Millisecond || ds.least > SaveTimeout {
 				t.Errorf("%d put-backs, the least time left %v; want %d, each with about %v", ds.puts, ds.least, tc.puts, SaveTimeout)
+			}
+		})
+	}
+}
+
+// TestCallbackNotKeptPastItsState: a failed exchange (503) keeps the
+// state for a reload only when the reload is let through (exchangeRetry,
+// or the bank's Retry-After, after the failure) before the state expires;
+// otherwise it spends the state at once (ReasonExchangeFailed, with the
+// Result), rather than ask for a reload that could only find it expired.
+func TestCallbackNotKeptPastItsState(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name       string
+		left       time.Duration // the state's time left at the callback
+		retryAfter int32         // the bank's, in seconds
+		kept       bool
+	}{
+		{name: "the reload due before the state expires", left: exchangeRetry + time.Second, kept: true},
+		{name: "the reload due when it expires", left: exchangeRetry},
+		{name: "the reload due after it expires", left: exchangeRetry - time.Second},
+		{name: "the bank's wait ends before it expires", left: 21 * time.Second, retryAfter: 20, kept: true},
+		{name: "the bank's wait ends after it expires", left: 19 * time.Second, retryAfter: 20},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFaultyBank(t)
+			q, _ := f.start(t, "")
+			f.clock.Add(StateTTL - tc.left)
+			f.op.TokenStatus.Store(http.StatusServiceUnavailable)
+			f.op.TokenRetryAfter.Store(tc.retryAfter)
+			res, err := f.flow.Callback(ctx, retryHost, q)
+			switch {
+			case tc.kept && reasonOf(err) != ReasonRetryCallback:
+				t.Fatalf("Callback = %+v, %v; want %s", res, err, ReasonRetryCallback)
+			case !tc.kept && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme" || !strings.Contains(err.Error(), "the authorization state expires first")):
+				t.Fatalf("Callback = %+v, %v; want %s for acme: the state expires first", res, err, ReasonExchangeFailed)
+			}
+			f.op.TokenStatus.Store(0)
+			f.clock.Add(max(exchangeRetry, time.Duration(tc.retryAfter)*time.Second))
+			res, err = f.flow.Callback(ctx, retryHost, q)
+			if tc.kept && (err != nil || res.Merchant != "acme") || !tc.kept && (reasonOf(err) != ReasonUnknownState || f.exchanges() != 1) {
+				t.Errorf("the reload = %+v, %v (%d exchanges)", res, err, f.exchanges())
 			}
 		})
 	}
