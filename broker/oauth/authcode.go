@@ -19,6 +19,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
@@ -72,10 +73,11 @@ const exchangeRetry = 5 * time.Second
 // exchange a dead code.
 const maxExchangeWait = 30 * time.Second
 
-// codeExchanges is how many times a callback's code is exchanged at
-// most: its first exchange, and the retries of the same callback,
-// reloaded, after failures that say the provider did not process it
-// (see Callback).
+// codeExchanges is how many callbacks of one state exchange its code at
+// most: the first, and the same callback, reloaded, after failures that
+// say the provider did not process the exchange (see Callback). Each
+// sends the code once, or twice when the provider asks for a DPoP nonce
+// it has not sent before (nonceRetried).
 const codeExchanges = 3
 
 // ConsentError is a refused or failed step of the authorization-code
@@ -724,15 +726,18 @@ type Result struct {
 // once the request was sent, an answer cut short, 500, 502, 504), and a
 // code sent twice may make the provider revoke the tokens it issued for
 // it (RFC 6749 §4.1.2): it spends the state, as an answer that settles
-// the exchange does. The same callback, reloaded by the
+// the exchange does, and as a DPoP nonce the key refused
+// (*dpop.NonceError), which the code sent again would meet again. The same callback, reloaded by the
 // same browser, exchanges the code again, at least exchangeRetry (or
 // the provider's Retry-After, when longer) after the failure: sooner, it
 // fails so again without asking the provider. The ConsentError's
 // RetryAfter says how long is left. A Retry-After over maxExchangeWait
 // (30 s) spends the state: the code would be dead by then. A callback of the kept
 // state with another code is refused with ReasonExchangeFailed without
-// an exchange. The code is exchanged codeExchanges times at most, and
-// only while the state is valid; the last failure spends the state. A state is taken from the store before its code is
+// an exchange. codeExchanges callbacks of the state exchange its code at
+// most (each sends it once, or twice when the provider asks for a new
+// DPoP nonce), and only while the state is valid; the last failure
+// spends the state. A state is taken from the store before its code is
 // exchanged, so that of concurrent callbacks of one state one exchanges
 // its code; the others find it used (ReasonUnknownState) or, put back,
 // not due yet (ReasonRetryCallback).
@@ -837,7 +842,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 		if rec.Tries < codeExchanges && wait <= maxExchangeWait && rec.Retry.Before(rec.Expires) {
 			return a.retryLater(ctx, state, rec, res, ce)
 		}
-		ce.Err = fmt.Errorf("%w; not tried again: the code exchange failed %d times, the provider asks to wait %s (over %s, longer than its code lives), or the authorization state expires first",
+		ce.Err = fmt.Errorf("%w; not tried again: %d callbacks failed to exchange the code, the provider asks to wait %s (over %s, longer than its code lives), or the authorization state expires first",
 			ce.Err, rec.Tries, wait, maxExchangeWait)
 		return res, ce
 	}
@@ -916,10 +921,15 @@ func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *Conse
 // refused, no route, no DNS answer), the endpoints could not be
 // discovered now (a transient *DiscoveryError: nothing was sent), or the
 // provider answered 408, 425, 429 or 503, or asked for a DPoP nonce
-// (use_dpop_nonce). Any other failure may have come after the code was
-// redeemed: a timeout or a connection cut once the request was sent, an
-// answer cut short, 500, 502, 504.
+// (use_dpop_nonce) other than one the key refused (a *dpop.NonceError:
+// the proofs of the code sent again would carry the nonce refused again).
+// Any other failure may have come after the code was redeemed: a timeout
+// or a connection cut once the request was sent, an answer cut short,
+// 500, 502, 504.
 func unredeemed(err error) bool {
+	if _, ok := errors.AsType[*dpop.NonceError](err); ok {
+		return false
+	}
 	if ae, ok := errors.AsType[*broker.APIError](err); ok {
 		switch ae.StatusCode {
 		case http.StatusRequestTimeout, http.StatusTooEarly, http.StatusTooManyRequests, http.StatusServiceUnavailable:

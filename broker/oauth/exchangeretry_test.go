@@ -24,6 +24,8 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/integration/optest"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
+	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // retryHost is the callback host of the consent tests.
@@ -536,5 +538,40 @@ func TestCallbackNotKeptPastItsState(t *testing.T) {
 				t.Errorf("the reload = %+v, %v (%d exchanges)", res, err, f.exchanges())
 			}
 		})
+	}
+}
+
+// TestCallbackNotKeptForARefusedNonce: a code exchange whose DPoP nonce
+// challenge brought a nonce the key refuses (over dpop.MaxNonce bytes)
+// did not redeem the code, but its proofs sent again would carry the
+// nonce refused again: the callback spends the state
+// (ReasonExchangeFailed, the message naming the nonce's size, never the
+// nonce), and the code is sent once; its reload is refused without an
+// exchange.
+func TestCallbackNotKeptForARefusedNonce(t *testing.T) {
+	ctx := context.Background()
+	as := newDPoPAS(t, "post", nil)
+	store := &savingStore{}
+	_, flow := newFlow(t, Config{Name: "bank", TokenURL: as.srv.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue,
+		AuthMethod: ClientSecretPost, DPoP: dpoptest.NewKey(t)}, store,
+		AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"offline_access"}, AuthorizationURL: as.srv.URL + "/authorize"},
+		&Pendings{Store: &MemoryPendingStore{}, Now: newClock().Now})
+	authURL, host, err := startLink(t, flow, "m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, _ := as.authorize(t, authURL)
+	nonce := strings.Repeat("N", dpop.MaxNonce) + "z"
+	as.gate.Nonce = nonce
+	res, err := flow.Callback(ctx, host, q)
+	if ne, _ := errors.AsType[*dpop.NonceError](err); reasonOf(err) != ReasonExchangeFailed || res.Merchant != "m1" || ne == nil {
+		t.Fatalf("Callback = %+v, %v; want %s for m1, with the *dpop.NonceError", res, err, ReasonExchangeFailed)
+	}
+	checkNonceMessage(t, err, len(nonce), as.srv.URL, nonce)
+	if c := as.gate.Challenges.Load(); c != 1 {
+		t.Errorf("%d nonce challenges, want 1: the code sent once", c)
+	}
+	if _, err := flow.Callback(ctx, host, q); reasonOf(err) != ReasonUnknownState || as.gate.Challenges.Load() != 1 {
+		t.Errorf("the reload = %v (%d challenges); want %s without an exchange", err, as.gate.Challenges.Load(), ReasonUnknownState)
 	}
 }

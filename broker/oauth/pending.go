@@ -151,7 +151,7 @@ type Pending struct {
 	// process (authorization states kept for their callback to be
 	// reloaded only): the reload exchanges that code, no other.
 	Code string `json:"c,omitempty"`
-	// Tries is how many exchanges of Code failed so.
+	// Tries is how many callbacks exchanged Code and failed so.
 	Tries int `json:"t,omitempty"`
 	// Retry is when Code may be exchanged again.
 	Retry time.Time `json:"w,omitzero"`
