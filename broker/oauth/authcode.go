@@ -2,7 +2,6 @@ package oauth
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"crypto/subtle"
 	"encoding/json"
@@ -576,7 +575,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 	if err := a.pend.put(ctx, kindState, state, rec); err != nil {
 		return "", rec, a.fail(ReasonStoreFailure, rec.Merchant, err)
 	}
-	if ep.requirePAR || a.cfg.PAR {
+	if a.usesPAR(ep) {
 		if ep.par == "" {
 			return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, errors.New("PAR is on but the provider has no pushed_authorization_request_endpoint: set par_url"))
 		}
@@ -806,7 +805,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 		}
 		code = errorCode(code)
 		ce := a.fail(ReasonProviderError, rec.Merchant, fmt.Errorf("the provider refused the authorization request with %s: %s; %s",
-			code, desc, a.providerHint(code, ep.requirePAR || a.cfg.PAR)))
+			code, desc, a.providerHint(code, a.usesPAR(ep))))
 		ce.Code = code
 		return res, ce
 	}
@@ -999,7 +998,9 @@ func permanent(err error) bool {
 // authEndpoints returns the source's endpoints (discovered as the source
 // discovers them) with the configured authorization and PAR endpoints
 // (NewAuthCode checked them), or the refusal of a discovered one that
-// is used and not a usable URL (discover checked them); after a failed
+// is used and not a usable URL (discover checked them): the
+// authorization endpoint (also when there is none), the PAR endpoint
+// when the requests are pushed (usesPAR); after a failed
 // discovery, the consent flow discovers again only DiscoveryRetry after
 // the failure, and fails until then as that discovery did.
 func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
@@ -1029,11 +1030,19 @@ func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 	if a.cfg.PARURL != "" {
 		ep.par, ep.parErr = a.cfg.PARURL, nil
 	}
-	if err := cmp.Or(ep.authErr, ep.parErr); err != nil {
-		return nil, err
+	if ep.authErr != nil {
+		return nil, ep.authErr
+	}
+	if ep.parErr != nil && a.usesPAR(&ep) {
+		return nil, ep.parErr
 	}
 	return &ep, nil
 }
+
+// usesPAR reports whether the authorization requests to the provider of
+// ep are pushed (PAR): configured so, or required by its discovery
+// document.
+func (a *AuthCode) usesPAR(ep *endpoints) bool { return a.cfg.PAR || ep.requirePAR }
 
 // ConsentStatus is what the source knows of a merchant's consent, in this
 // process: never the refresh token.

@@ -46,8 +46,8 @@ type endpoints struct {
 	par string
 	// authErr and parErr are checkURL's refusals of the discovered auth
 	// (also of none) and par, nil when they can be used: the consent flow
-	// refuses to use them (authEndpoints), the token requests do not need
-	// them.
+	// refuses to use them (authEndpoints: par only when it pushes its
+	// requests), the token requests do not need them.
 	authErr, parErr error
 	// requirePAR is require_pushed_authorization_requests.
 	requirePAR bool

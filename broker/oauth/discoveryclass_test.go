@@ -78,15 +78,20 @@ func TestDiscoveryFailureClass(t *testing.T) {
 }
 
 // TestConsentRefusesUnusableDiscoveredEndpoints: a discovery document
-// whose authorization_endpoint (also none) or
-// pushed_authorization_request_endpoint is not a usable URL refuses the
-// consent (the start page's bank, the start) with ReasonProviderFailure
-// naming the field, unless the consent table configures that endpoint;
-// the provider's token requests, which need neither, go on.
+// whose authorization_endpoint (also none) is not a usable URL, or whose
+// pushed_authorization_request_endpoint is not one while the consent
+// pushes its requests (par, or require_pushed_authorization_requests),
+// refuses the consent (the start page's bank, the start) with
+// ReasonProviderFailure naming the field, unless the consent table
+// configures that endpoint; an unusable PAR endpoint of a consent that
+// does not push its requests is not used, nor refused. The provider's
+// token requests, which need neither, go on.
 func TestConsentRefusesUnusableDiscoveredEndpoints(t *testing.T) {
 	ctx := context.Background()
+	badPAR := func(doc map[string]any) { doc["pushed_authorization_request_endpoint"] = "ftp://bank.example/par" }
 	for _, tc := range []struct {
 		name      string
+		opts      optest.Options // the bank's (RequirePAR)
 		edit      func(doc map[string]any)
 		configure func(cfg *AuthCodeConfig, bank string) // the consent table
 		refused   string                                 // the field the refusal names, "" for none
@@ -98,15 +103,17 @@ func TestConsentRefusesUnusableDiscoveredEndpoints(t *testing.T) {
 		{name: "authorization_endpoint not a URL, authorization_url configured",
 			edit:      func(doc map[string]any) { doc["authorization_endpoint"] = "javascript:alert(1)" },
 			configure: func(cfg *AuthCodeConfig, bank string) { cfg.AuthorizationURL = bank + "/authorize" }},
-		{name: "PAR endpoint not a URL", refused: "pushed_authorization_request_endpoint",
-			edit: func(doc map[string]any) { doc["pushed_authorization_request_endpoint"] = "ftp://bank.example/par" }},
-		{name: "PAR endpoint not a URL, par_url configured",
-			edit:      func(doc map[string]any) { doc["pushed_authorization_request_endpoint"] = "ftp://bank.example/par" },
-			configure: func(cfg *AuthCodeConfig, bank string) { cfg.PARURL = bank + "/par" }},
+		{name: "PAR endpoint not a URL, par on", refused: "pushed_authorization_request_endpoint", edit: badPAR,
+			configure: func(cfg *AuthCodeConfig, _ string) { cfg.PAR = true }},
+		{name: "PAR endpoint not a URL, PAR required", refused: "pushed_authorization_request_endpoint", edit: badPAR,
+			opts: optest.Options{RequirePAR: true}},
+		{name: "PAR endpoint not a URL, PAR off", edit: badPAR},
+		{name: "PAR endpoint not a URL, par on, par_url configured", edit: badPAR,
+			configure: func(cfg *AuthCodeConfig, bank string) { cfg.PAR, cfg.PARURL = true, bank+"/par" }},
 		{name: "usable endpoints", edit: func(map[string]any) {}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f := newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)
+			f := newConsentFixture(t, tc.opts, ClientSecretBasic, false)
 			f.op.EditDiscovery = tc.edit
 			if tc.configure != nil {
 				withConsentConfig(t, f, func(cfg *AuthCodeConfig) { tc.configure(cfg, f.op.URL) })
