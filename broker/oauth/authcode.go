@@ -692,20 +692,20 @@ type Result struct {
 // link is put back as it was, usable again while it is valid: one that
 // expired meanwhile is refused as expired (ReasonExpired), not as used,
 // and the states started from it before then may still claim it (a
-// reload of this callback kept for a retry, another tab's). The Result is filled as
-// far as the state was known, also on errors, so that the browser can be
-// sent back. A state that Start bound to a browser is only accepted, and
-// consumed, with the same browser secret: another browser gets
-// ReasonWrongBrowser, without a Result, and the state stays. A state whose merchant a Serves option
-// refuses is consumed and refused with ReasonUnknownMerchant before the
-// code is exchanged. Once the state is consumed, the rest of the
-// callback (code exchange, ID token verification, storing the refresh
-// token) is detached from the browser: it keeps ctx's values but not its
-// cancellation, and is bounded by SaveTimeout (30 s) instead, and so is
-// each put-back after a failure (of the link, of the state kept for a
-// retry), from the failure on. The state
-// is read, and checked against the browser, before anything else: an
-// unknown, used, expired or another browser's state is refused without
+// reload of this callback kept for a retry, another tab's). The Result is
+// filled as far as the state was known, also on errors, so that the
+// browser can be sent back. A state that Start bound to a browser is only
+// accepted, and consumed, with the same browser secret: another browser
+// gets ReasonWrongBrowser, without a Result, and the state stays. A state
+// whose merchant a Serves option refuses is consumed and refused with
+// ReasonUnknownMerchant before the code is exchanged. Once the state is
+// consumed, the rest of the callback (code exchange, ID token
+// verification, storing the refresh token) is detached from the browser:
+// it keeps ctx's values but not its cancellation, and is bounded by
+// SaveTimeout (30 s) instead, and so is each put-back after a failure (of
+// the link, of the state kept for a retry), from the failure on. The
+// state is read, and checked against the browser, before anything else:
+// an unknown, used, expired or another browser's state is refused without
 // asking the provider. The provider's endpoints are read next, before
 // the state is consumed: while they are unknown and cannot be discovered
 // now (a transient *DiscoveryError: no answer, 408, 425, 429 or 5xx), or
@@ -726,16 +726,17 @@ type Result struct {
 // code sent twice may make the provider revoke the tokens it issued for
 // it (RFC 6749 §4.1.2): it spends the state, as an answer that settles
 // the exchange does, and as a DPoP nonce the key refused
-// (*dpop.NonceError), which the code sent again would meet again. The same callback, reloaded by the
-// same browser, exchanges the code again, at least exchangeRetry (or
-// the provider's Retry-After, when longer) after the failure: sooner, it
-// fails so again without asking the provider. The ConsentError's
-// RetryAfter says how long is left. A Retry-After over maxExchangeWait
-// (30 s) spends the state: the code would be dead by then. A callback of the kept
-// state with another code is refused with ReasonExchangeFailed without
-// an exchange. codeExchanges callbacks of the state exchange its code at
-// most (each sends it once, or twice when the provider asks for a new
-// DPoP nonce), and only while the state is valid; the last failure
+// (*dpop.NonceError), which the code sent again would meet again. The
+// same callback, reloaded by the same browser, exchanges the code again,
+// at least exchangeRetry (or the provider's Retry-After, when longer)
+// after the failure: sooner, it fails so again without asking the
+// provider; the ConsentError's RetryAfter says how long is left. A
+// Retry-After over maxExchangeWait (30 s), or a reload that would be due
+// only once the state has expired, spends the state. A callback of the
+// kept state with another code is refused with ReasonExchangeFailed
+// without an exchange. codeExchanges callbacks of the state exchange its
+// code at most (each sends it once, or twice when the provider asks for a
+// new DPoP nonce), and only while the state is valid; the last failure
 // spends the state. A state is taken from the store before its code is
 // exchanged, so that of concurrent callbacks of one state one exchanges
 // its code; the others find it used (ReasonUnknownState) or, put back,
