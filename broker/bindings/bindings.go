@@ -220,6 +220,18 @@ func (t *Table) Peek(id string) *Binding {
 	return b
 }
 
+// Holds reports whether the table holds b (a binding it made) for its
+// merchant, and whether b is a wildcard merchant's. An explicit merchant's
+// binding stays as long as the table: one it made and holds no more is a
+// wildcard binding it evicted (a request in flight may still use it).
+func (t *Table) Holds(b *broker.Binding) (held, wild bool) {
+	x := t.Peek(b.Merchant)
+	if x == nil || &x.Binding != b {
+		return false, true
+	}
+	return true, x.wild != nil
+}
+
 // Each calls f for every binding in the table, under its read lock: f
 // must not change the table.
 func (t *Table) Each(f func(id string, b *Binding)) {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
@@ -28,8 +29,11 @@ type TrackerOptions struct {
 	// tracker's lock, on the token fetch path: it must be quick.
 	Emit func(event string, data map[string]any)
 	// MaxMerchants bounds the merchants remembered (only those whose
-	// token requests failed are): beyond it, a new one replaces an
-	// arbitrary other. Default DefaultMaxMerchants.
+	// token requests failed are): beyond it, a new merchant's record
+	// replaces a wildcard merchant's; when none is, a new explicit
+	// merchant's replaces an arbitrary other, and a new wildcard merchant
+	// is not remembered. Each record so lost is counted
+	// (Report.RecordsDropped). Default DefaultMaxMerchants.
 	MaxMerchants int
 }
 
@@ -47,8 +51,10 @@ type TrackerOptions struct {
 //
 // It is told of token API calls (Fetched), not of requests: nothing runs
 // per request. It is safe for concurrent use. It keeps a record only for
-// merchants whose token requests failed; Forget drops one (a wildcard
-// merchant the binding table evicts). The records of a replaced
+// merchants whose token requests failed. A wildcard merchant's lives as
+// long as its binding in the table: Forget drops it when the table evicts
+// the binding, and the failure of a binding the table no longer holds (a
+// request in flight held it) makes none. The records of a replaced
 // configuration's merchants are kept, up to MaxMerchants, so that a
 // merchant still failing after a reload is not announced again.
 type Tracker struct {
@@ -58,6 +64,11 @@ type Tracker struct {
 
 	mu        sync.Mutex
 	merchants map[string]*merchantRecord
+	// wild are the merchants of t.merchants whose records only wildcard
+	// bindings made: the first to go when the records are full.
+	wild map[string]struct{}
+	// dropped counts the records lost to MaxMerchants.
+	dropped uint64
 	// failing maps a cache key to the merchants whose records hold a
 	// failure of it: a success of the key, through any merchant's
 	// request, ends their failures of it.
@@ -231,7 +242,7 @@ func NewTracker(o TrackerOptions) *Tracker {
 		o.MaxMerchants = DefaultMaxMerchants
 	}
 	return &Tracker{now: o.Now, emit: o.Emit, maxLen: o.MaxMerchants, merchants: map[string]*merchantRecord{},
-		failing: map[string][]string{}, providers: map[string]*providerRecord{}}
+		wild: map[string]struct{}{}, failing: map[string][]string{}, providers: map[string]*providerRecord{}}
 }
 
 // send emits the events, outside the lock.
@@ -255,24 +266,44 @@ func (t *Tracker) provider(name string) *providerRecord {
 	return p
 }
 
-// merchant returns the record of a merchant, made on first use (an
-// arbitrary other is dropped beyond MaxMerchants). Called with t.mu
-// held.
-func (t *Tracker) merchant(id string) *merchantRecord {
-	m := t.merchants[id]
-	if m == nil {
-		if len(t.merchants) >= t.maxLen {
-			for other := range t.merchants {
-				t.forget(other)
-				break
-			}
+// merchant returns the record of a merchant (wild: a wildcard binding's
+// failure), made on first use; beyond MaxMerchants, a wildcard merchant's
+// record goes for it, else an arbitrary other for an explicit merchant's,
+// and nil is returned for a wildcard merchant's. Called with t.mu held.
+func (t *Tracker) merchant(id string, wild bool) *merchantRecord {
+	if m := t.merchants[id]; m != nil {
+		if !wild {
+			delete(t.wild, id)
 		}
-		// A copy: an explicit merchant's id points into its registry's
-		// file, which must not stay alive after a reload replaced it.
-		m = &merchantRecord{id: strings.Clone(id)}
-		t.merchants[m.id] = m
+		return m
+	}
+	if len(t.merchants) >= t.maxLen {
+		t.dropped++
+		victim, ok := anyKey(t.wild)
+		if !ok {
+			if wild {
+				return nil
+			}
+			victim, _ = anyKey(t.merchants)
+		}
+		t.forget(victim)
+	}
+	// A copy: an explicit merchant's id points into its registry's
+	// file, which must not stay alive after a reload replaced it.
+	m := &merchantRecord{id: strings.Clone(id)}
+	t.merchants[m.id] = m
+	if wild {
+		t.wild[m.id] = struct{}{}
 	}
 	return m
+}
+
+// anyKey returns a key of m; false when m is empty.
+func anyKey[V any](m map[string]V) (string, bool) {
+	for k := range m {
+		return k, true
+	}
+	return "", false
 }
 
 // forget drops the record of a merchant and its failures' entries in
@@ -281,6 +312,7 @@ func (t *Tracker) forget(merchant string) {
 	if m := t.merchants[merchant]; m != nil {
 		t.dropFailures(m, func(keyFailure) bool { return true })
 		delete(t.merchants, merchant)
+		delete(t.wild, merchant)
 	}
 }
 
@@ -303,11 +335,14 @@ func failureState(err error, code errcode.Code) string {
 }
 
 // Fetched notes a call to a provider's token API for a binding (its
-// merchant and cache key) and how it ended (nil: a token). A cancelled
-// call, and one the provider asked to be sent again at once
-// (broker.RetryNowError), count as calls, and say nothing about the
-// provider or the merchant. It implements telemetry.Tap.
-func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
+// merchant and cache key) made by table (nil: none) and how it ended
+// (nil: a token). A cancelled call, and one the provider asked to be sent
+// again at once (broker.RetryNowError), count as calls, and say nothing
+// about the provider or the merchant. The failure of a wildcard binding
+// that table no longer holds makes no record of its merchant: the table's
+// eviction forgot the merchant (Forget), and a record made now would
+// outlive the binding. It implements telemetry.Tap.
+func (t *Tracker) Fetched(provider string, b *broker.Binding, table *bindings.Table, err error) {
 	now := t.now()
 	merchant := b.Merchant
 	var code errcode.Code
@@ -351,7 +386,18 @@ func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
 		p.announce = false
 		evs = append(evs, event{EventProviderFailing, map[string]any{"provider": provider, "error": code.String()}})
 	}
-	m := t.merchant(merchant)
+	held, wild := true, false
+	if table != nil {
+		// Under t.mu: the table's eviction forgets after it lets b go.
+		held, wild = table.Holds(b)
+	}
+	if !held {
+		return
+	}
+	m := t.merchant(merchant, wild)
+	if m == nil {
+		return
+	}
 	m.lastErr, m.lastErrAt = code, now
 	t.failed(m, b, state)
 	told := func(name string) {

@@ -115,7 +115,7 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 		want []string
 	}
 	fetched := func(provider, merchant string, err error) func(*Tracker) {
-		return func(tr *Tracker) { tr.Fetched(provider, bind(merchant), err) }
+		return func(tr *Tracker) { tr.Fetched(provider, bind(merchant), nil, err) }
 	}
 	repeat := func(n int, f func(*Tracker)) func(*Tracker) {
 		return func(tr *Tracker) {
@@ -198,10 +198,10 @@ func TestTrackerRecords(t *testing.T) {
 	clk := clocktest.New(time.Unix(1_700_000_000, 0))
 	tr := NewTracker(TrackerOptions{Now: clk.Now})
 	failedAt := clk.Now()
-	tr.Fetched("nuapay", bind("acme"), errDown)
+	tr.Fetched("nuapay", bind("acme"), nil, errDown)
 	clk.Add(time.Minute)
-	tr.Fetched("nuapay", bind("acme"), nil)
-	tr.Fetched("nuapay", bind("globex"), nil)
+	tr.Fetched("nuapay", bind("acme"), nil, nil)
+	tr.Fetched("nuapay", bind("globex"), nil, nil)
 	s := tr.snapshot(clk.Now())
 	m := records(tr)["acme"]
 	if m.lastErr.String() != "token_unavailable" || !m.lastErrAt.Equal(failedAt) || m.failure() != "" {
@@ -233,7 +233,7 @@ func TestTrackerRecords(t *testing.T) {
 func TestTrackerBounded(t *testing.T) {
 	tr := NewTracker(TrackerOptions{MaxMerchants: 10})
 	for i := range 100 {
-		tr.Fetched("nuapay", bind(fmt.Sprintf("m%d", i)), errDown)
+		tr.Fetched("nuapay", bind(fmt.Sprintf("m%d", i)), nil, errDown)
 	}
 	if n := len(records(tr)); n != 10 {
 		t.Fatalf("%d merchants remembered, want at most 10", n)
@@ -269,31 +269,31 @@ func TestTrackerFailuresByKey(t *testing.T) {
 		wantLastError string
 	}{
 		{"refused on a key, a success on another", []func(*Tracker, *clocktest.Clock){
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errRefused) },
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil, errRefused) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil, nil) },
 		}, StateRefused, false, "token_refused"},
 		{"refused on a key, then its success", []func(*Tracker, *clocktest.Clock){
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errRefused) },
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, errDown) },
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil, errRefused) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil, errDown) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil, nil) },
 		}, StateBackingOff, false, "token_unavailable"},
 		{"consent lost on a key, a success on another", []func(*Tracker, *clocktest.Clock){
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errConsent) },
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil, errConsent) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil, nil) },
 		}, "", false, "consent_required"},
 		{"more keys than remembered: the oldest goes", []func(*Tracker, *clocktest.Clock){
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errRefused) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil, errRefused) },
 			func(tr *Tracker, _ *clocktest.Clock) {
 				for i := range maxKeyFailures {
-					tr.Fetched("nuapay", bind("acme", fmt.Sprint(i)), errDown)
+					tr.Fetched("nuapay", bind("acme", fmt.Sprint(i)), nil, errDown)
 				}
 			},
 		}, StateBackingOff, true, "token_unavailable"},
 		{"the provider failed, then hours of refusals", []func(*Tracker, *clocktest.Clock){
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, errDown) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil, errDown) },
 			func(tr *Tracker, clk *clocktest.Clock) {
 				for range 120 {
-					tr.Fetched("nuapay", a, errRefused)
+					tr.Fetched("nuapay", a, nil, errRefused)
 					clk.Add(time.Minute)
 				}
 			},

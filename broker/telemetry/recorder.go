@@ -23,7 +23,11 @@ type Tap interface {
 	// Fetched is told of a call to a provider's token API for a binding
 	// (its merchant and cache key) and how it ended (nil: a token; a
 	// *broker.RetryNowError: no failure, the call is sent again at once).
-	Fetched(provider string, b *broker.Binding, err error)
+	// table is the binding table that made b (nil: none, an operator's
+	// check), whose Holds says whether b is a wildcard merchant's and
+	// whether the table still holds it (the call may end after b was
+	// evicted).
+	Fetched(provider string, b *broker.Binding, table *bindings.Table, err error)
 	// SourceChanged is told when a source's backoff starts or ends
 	// (Observer.SourceBackingOff) and when its breaker changes state
 	// (Observer.BreakerChanged): br, the broker of the source (nil when
@@ -37,10 +41,11 @@ type Tap interface {
 // Recorder is what one handler counts and logs: the shared collectors
 // and the observers of its bindings. A nil Recorder records nothing.
 type Recorder struct {
-	metrics *Metrics       // nil: nothing is counted
-	tap     Tap            // nil: nobody else is told
-	logger  *zap.Logger    // the token fetch and rejection logs
-	broker  *broker.Broker // the broker of the sources; nil: unknown
+	metrics *Metrics        // nil: nothing is counted
+	tap     Tap             // nil: nobody else is told
+	logger  *zap.Logger     // the token fetch and rejection logs
+	broker  *broker.Broker  // the broker of the sources; nil: unknown
+	table   *bindings.Table // the table of the bindings observed; nil: none
 
 	mu        sync.Mutex           // guards observers
 	observers map[string]*Observer // provider name -> the observer its bindings share, without the merchant label
@@ -62,7 +67,7 @@ const NonceRefusedLogInterval = time.Minute
 // on, with br's breaker states (br nil: closed). tap (nil: none) is told
 // of fetches, source backoffs and breaker changes too.
 func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, reg *config.Registry, br *broker.Broker) *Recorder {
-	r := &Recorder{metrics: m, tap: tap, logger: logger, broker: br, observers: map[string]*Observer{},
+	r := &Recorder{metrics: m, tap: tap, logger: logger, broker: br, table: table, observers: map[string]*Observer{},
 		nonceRefusals: &lograte.Limiter[string]{Every: NonceRefusedLogInterval, Now: time.Now}}
 	exported := map[string]bool{} // source IDs
 	export := func(sourceID string) {
@@ -185,6 +190,7 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 	case broker.RejectionKept:
 		r.metrics.PurgeKept(providerOf(b.SourceID), b.Merchant)
 	}
+	r.sweepEvicted(b)
 	r.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
 }
@@ -230,6 +236,19 @@ func (r *Recorder) NonceRefused(b *broker.Binding, refused error) {
 	r.logger.Warn("a resource server's DPoP nonce challenge was passed on to the caller, not retried: the DPoP key refused its nonce", fields...)
 }
 
+// sweepEvicted deletes the merchant series that b just counted into when
+// its table evicted b while a request held it, unless a binding uses them
+// (bindings.Series.Sweep): those of a binding the table holds are deleted
+// when it leaves the table.
+func (r *Recorder) sweepEvicted(b *broker.Binding) {
+	if r.metrics == nil || !r.metrics.merchantLabel || r.table == nil {
+		return
+	}
+	if held, _ := r.table.Holds(b); !held {
+		r.metrics.series.Sweep(providerOf(b.SourceID), b.Merchant)
+	}
+}
+
 // providerOf returns the name of the provider of a source: its ID's
 // part before "#" (config.Provider.ID).
 func providerOf(sourceID string) string {
@@ -273,9 +292,10 @@ func (o *Observer) Fetched(_ context.Context, b *broker.Binding, _ broker.Token,
 			}
 			m.BudgetUsed.WithLabelValues(provider, priority.String()).Inc()
 		}
+		o.r.sweepEvicted(b)
 	}
 	if o.r.tap != nil {
-		o.r.tap.Fetched(provider, b, err)
+		o.r.tap.Fetched(provider, b, o.r.table, err)
 	}
 }
 

@@ -1,0 +1,137 @@
+package opstate
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
+)
+
+// TestWildcardRecordFollowsBinding: the tracker remembers a wildcard
+// merchant while the table holds its binding. A request holding a binding
+// that the table evicts before its token request ends (a flood of ids
+// takes the unserved slots) leaves no record behind, whatever the number
+// of such ids; the merchant back with a binding of its own is recorded.
+//
+// The stateTOML wildcard has max_active 2; its w-unknown… ids fail (404).
+// Steps: "hold ID" a request takes ID's binding (no token request yet),
+// "fetch ID" that request's token request, "get ID" a whole request,
+// "flood N" N ids held, each evicting an older one, then fetched.
+func TestWildcardRecordFollowsBinding(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		steps []string
+		want  []string // the merchants the tracker remembers
+	}{
+		{"held: its failure is kept", []string{"hold w-unknown1", "fetch w-unknown1"}, []string{"w-unknown1"}},
+		{"evicted after its failure", []string{"hold w-unknown1", "fetch w-unknown1", "get w-unknown2", "get w-unknown3"},
+			[]string{"w-unknown2", "w-unknown3"}},
+		{"evicted while in flight", []string{"hold w-unknown1", "get w-unknown2", "get w-unknown3", "fetch w-unknown1"},
+			[]string{"w-unknown2", "w-unknown3"}},
+		{"evicted while in flight, back with a new binding", []string{"hold w-unknown1", "get w-unknown2", "get w-unknown3",
+			"get w-unknown1", "fetch w-unknown1"}, []string{"w-unknown1", "w-unknown3"}},
+		{"evicted while in flight, then idle evictions", []string{"hold w-unknown1", "get w-unknown2", "get w-unknown3",
+			"fetch w-unknown1", "+3h", "get w-fresh1", "get w-fresh2"}, nil},
+		{"a flood of ids in flight", []string{"flood 500"}, []string{"w-unknown-498", "w-unknown-499"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newStateFixture(t)
+			held := map[string]*bindings.Binding{}
+			hold := func(id string) {
+				b, err := f.table.Get(id, hooks{f})
+				if err != nil {
+					t.Fatalf("hold %s: %v", id, err)
+				}
+				held[id] = b
+			}
+			fetch := func(id string) {
+				if _, _, err := f.br.Get(context.Background(), &held[id].Binding); err == nil {
+					t.Fatalf("fetch %s: a token, want a failure", id)
+				}
+			}
+			for _, step := range tt.steps {
+				verb, arg, _ := strings.Cut(step, " ")
+				switch verb {
+				case "hold":
+					hold(arg)
+				case "fetch":
+					fetch(arg)
+				case "get":
+					_ = f.get(t, arg)
+				case "flood":
+					var n int
+					fmt.Sscan(arg, &n)
+					for i := range n {
+						hold(fmt.Sprint("w-unknown-", i))
+					}
+					for i := range n {
+						fetch(fmt.Sprint("w-unknown-", i))
+					}
+				default:
+					d, err := time.ParseDuration(step)
+					if err != nil {
+						t.Fatalf("step %q", step)
+					}
+					f.clk.Add(d)
+				}
+			}
+			if got := slices.Sorted(maps.Keys(records(f.tracker))); !slices.Equal(got, tt.want) {
+				if len(got) > 10 {
+					got = append(got[:10], fmt.Sprintf("… (%d)", len(got)))
+				}
+				t.Errorf("the tracker remembers %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestTrackerFullKeepsListedMerchants: with its records full, the
+// tracker drops a wildcard merchant's record for a new one, never records
+// a new wildcard merchant in place of an explicit one, replaces an
+// explicit one for another explicit one when none is a wildcard
+// merchant's; the report counts the records lost. MaxMerchants is 2.
+func TestTrackerFullKeepsListedMerchants(t *testing.T) {
+	for _, tt := range []struct {
+		name    string
+		gets    []string // requests, in order (w-unknown…: wildcard merchants)
+		kept    []string // among the merchants remembered
+		dropped uint64
+	}{
+		{"not full", []string{"w-unknown1", "b-refused"}, []string{"b-refused", "w-unknown1"}, 0},
+		{"a wildcard merchant's record goes for an explicit one", []string{"w-unknown1", "w-unknown2", "b-refused"}, []string{"b-refused"}, 1},
+		{"and for another wildcard merchant's", []string{"w-unknown1", "b-refused", "w-unknown2"}, []string{"b-refused", "w-unknown2"}, 1},
+		{"no explicit merchant's goes for a wildcard one", []string{"b-refused", "c-unknown", "w-unknown1", "w-unknown2"},
+			[]string{"b-refused", "c-unknown"}, 2},
+		{"an explicit merchant's goes for another", []string{"b-refused", "c-unknown", "g-consent"}, []string{"g-consent"}, 1},
+		{"a remembered merchant failing again drops none", []string{"w-unknown1", "b-refused", "w-unknown1"}, []string{"b-refused", "w-unknown1"}, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newStateFixture(t)
+			f.tracker = NewTracker(TrackerOptions{Now: f.clk.Now, MaxMerchants: 2})
+			f.rec = telemetry.ForRegistry(nil, f.tracker, zap.NewNop(), f.table, f.reg, f.br)
+			for _, id := range tt.gets {
+				_ = f.get(t, id)
+			}
+			got := records(f.tracker)
+			for _, id := range tt.kept {
+				if _, ok := got[id]; !ok {
+					t.Errorf("%s not remembered (remembered: %v)", id, slices.Sorted(maps.Keys(got)))
+				}
+			}
+			if len(got) > 2 {
+				t.Errorf("%d merchants remembered, want at most 2", len(got))
+			}
+			if r := Build(f.sources(), Query{}, f.clk.Now()); r.RecordsDropped != tt.dropped {
+				t.Errorf("records_dropped %d, want %d", r.RecordsDropped, tt.dropped)
+			}
+		})
+	}
+}
