@@ -220,13 +220,15 @@ func (t *Table) Peek(id string) *Binding {
 	return b
 }
 
-// Holds reports whether the table holds b (a binding it made) for its
-// merchant, and whether b is a wildcard merchant's. An explicit merchant's
-// binding stays as long as the table: one it made and holds no more is a
-// wildcard binding it evicted (a request in flight may still use it).
+// Holds reports whether the table holds a binding of b's merchant (b, a
+// binding it made, or a newer one of the same merchant), and whether the
+// binding it holds is a wildcard merchant's. An explicit merchant's
+// binding stays as long as the table: a merchant of a binding it made
+// that it holds no more is a wildcard merchant it evicted (a request in
+// flight may still use the binding).
 func (t *Table) Holds(b *broker.Binding) (held, wild bool) {
 	x := t.Peek(b.Merchant)
-	if x == nil || &x.Binding != b {
+	if x == nil {
 		return false, true
 	}
 	return true, x.wild != nil

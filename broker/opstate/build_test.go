@@ -114,6 +114,9 @@ type stateFixture struct {
 	index   Index
 	rec     *telemetry.Recorder
 	events  emitted
+	// gate, when set, is called by the token API first, with the
+	// request's organisation.
+	gate func(organisation string)
 }
 
 // hooks are the table's bindings.Hooks: the recorder's observers, the
@@ -143,6 +146,9 @@ func newFixtureOf(tb testing.TB, toml string) *stateFixture {
 		tb.Fatal(err)
 	}
 	src := sourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
+		if f.gate != nil {
+			f.gate(req.Organisation)
+		}
 		switch {
 		case strings.HasPrefix(req.Organisation, "bad-"):
 			return broker.Token{}, errBadKey

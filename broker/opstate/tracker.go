@@ -52,9 +52,9 @@ type TrackerOptions struct {
 // It is told of token API calls (Fetched), not of requests: nothing runs
 // per request. It is safe for concurrent use. It keeps a record only for
 // merchants whose token requests failed. A wildcard merchant's lives as
-// long as its binding in the table: Forget drops it when the table evicts
-// the binding, and the failure of a binding the table no longer holds (a
-// request in flight held it) makes none. The records of a replaced
+// long as a binding of it in the table: Forget drops it when the table
+// evicts the binding, and the failure of a binding whose merchant the
+// table no longer holds (a request in flight held it) makes none. The records of a replaced
 // configuration's merchants are kept, up to MaxMerchants, so that a
 // merchant still failing after a reload is not announced again.
 type Tracker struct {
@@ -339,9 +339,10 @@ func failureState(err error, code errcode.Code) string {
 // (nil: a token). A cancelled call, and one the provider asked to be sent
 // again at once (broker.RetryNowError), count as calls, and say nothing
 // about the provider or the merchant. The failure of a wildcard binding
-// that table no longer holds makes no record of its merchant: the table's
-// eviction forgot the merchant (Forget), and a record made now would
-// outlive the binding. It implements telemetry.Tap.
+// whose merchant table no longer holds (evicted while the call was in
+// flight) makes no record of it: the table's eviction forgot the merchant
+// (Forget), and a record made now would outlive its binding. It
+// implements telemetry.Tap.
 func (t *Tracker) Fetched(provider string, b *broker.Binding, table *bindings.Table, err error) {
 	now := t.now()
 	merchant := b.Merchant

@@ -5,7 +5,10 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,31 +19,43 @@ import (
 )
 
 // TestWildcardRecordFollowsBinding: the tracker remembers a wildcard
-// merchant while the table holds its binding. A request holding a binding
-// that the table evicts before its token request ends (a flood of ids
-// takes the unserved slots) leaves no record behind, whatever the number
-// of such ids; the merchant back with a binding of its own is recorded.
+// merchant while the table holds a binding of it. A request holding a
+// binding that the table evicts before its token request ends (a flood of
+// ids takes the unserved slots) leaves no record behind, whatever the
+// number of such ids; the merchant back with a binding of its own is
+// recorded, also when its new binding's request joins the fetch that the
+// evicted binding's request started (the fetch is told with the evicted
+// binding): its view shows the failure, and its event is emitted.
 //
 // The stateTOML wildcard has max_active 2; its w-unknown… ids fail (404).
 // Steps: "hold ID" a request takes ID's binding (no token request yet),
 // "fetch ID" that request's token request, "get ID" a whole request,
-// "flood N" N ids held, each evicting an older one, then fetched.
+// "flood N" N ids held, each evicting an older one, then fetched; "start
+// ID" a request takes ID's binding and its token request starts, held in
+// the token API until "end"; "join ID" a whole request of ID, in the
+// background (its token request joins the one started, of the same key).
 func TestWildcardRecordFollowsBinding(t *testing.T) {
 	for _, tt := range []struct {
-		name  string
-		steps []string
-		want  []string // the merchants the tracker remembers
+		name   string
+		steps  []string
+		want   []string // the merchants the tracker remembers
+		states []string // among the merchants of the view, "ID state"
+		events []string // among the events emitted
 	}{
-		{"held: its failure is kept", []string{"hold w-unknown1", "fetch w-unknown1"}, []string{"w-unknown1"}},
+		{"held: its failure is kept", []string{"hold w-unknown1", "fetch w-unknown1"}, []string{"w-unknown1"}, nil, nil},
 		{"evicted after its failure", []string{"hold w-unknown1", "fetch w-unknown1", "get w-unknown2", "get w-unknown3"},
-			[]string{"w-unknown2", "w-unknown3"}},
+			[]string{"w-unknown2", "w-unknown3"}, nil, nil},
 		{"evicted while in flight", []string{"hold w-unknown1", "get w-unknown2", "get w-unknown3", "fetch w-unknown1"},
-			[]string{"w-unknown2", "w-unknown3"}},
+			[]string{"w-unknown2", "w-unknown3"}, nil, nil},
 		{"evicted while in flight, back with a new binding", []string{"hold w-unknown1", "get w-unknown2", "get w-unknown3",
-			"get w-unknown1", "fetch w-unknown1"}, []string{"w-unknown1", "w-unknown3"}},
+			"get w-unknown1", "fetch w-unknown1"}, []string{"w-unknown1", "w-unknown3"}, nil, nil},
+		{"evicted while in flight, back with a new binding joining the fetch", []string{"start w-unknown1", "get w-unknown2",
+			"get w-unknown3", "join w-unknown1", "end"}, []string{"w-unknown1", "w-unknown3"},
+			[]string{"w-unknown1 unknown_organisation"},
+			[]string{"merchant_token_refused merchant=w-unknown1 provider=nuapay error=token_refused state=unknown_organisation"}},
 		{"evicted while in flight, then idle evictions", []string{"hold w-unknown1", "get w-unknown2", "get w-unknown3",
-			"fetch w-unknown1", "+3h", "get w-fresh1", "get w-fresh2"}, nil},
-		{"a flood of ids in flight", []string{"flood 500"}, []string{"w-unknown-498", "w-unknown-499"}},
+			"fetch w-unknown1", "+3h", "get w-fresh1", "get w-fresh2"}, nil, nil, nil},
+		{"a flood of ids in flight", []string{"flood 500"}, []string{"w-unknown-498", "w-unknown-499"}, nil, nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newStateFixture(t)
@@ -52,10 +67,32 @@ func TestWildcardRecordFollowsBinding(t *testing.T) {
 				}
 				held[id] = b
 			}
-			fetch := func(id string) {
+			fetched := func(id string) error {
 				if _, _, err := f.br.Get(context.Background(), &held[id].Binding); err == nil {
-					t.Fatalf("fetch %s: a token, want a failure", id)
+					return fmt.Errorf("fetch %s: a token, want a failure", id)
 				}
+				return nil
+			}
+			// The token request "start" holds, and the requests in the
+			// background.
+			var (
+				started    atomic.Bool
+				entered    = make(chan struct{})
+				release    = make(chan struct{})
+				background sync.WaitGroup
+			)
+			f.gate = func(org string) {
+				if strings.HasPrefix(org, "w-unknown") && started.CompareAndSwap(true, false) {
+					close(entered)
+					<-release
+				}
+			}
+			inBackground := func(run func() error) {
+				background.Go(func() {
+					if err := run(); err != nil {
+						t.Error(err)
+					}
+				})
 			}
 			for _, step := range tt.steps {
 				verb, arg, _ := strings.Cut(step, " ")
@@ -63,17 +100,42 @@ func TestWildcardRecordFollowsBinding(t *testing.T) {
 				case "hold":
 					hold(arg)
 				case "fetch":
-					fetch(arg)
+					if err := fetched(arg); err != nil {
+						t.Fatal(err)
+					}
 				case "get":
 					_ = f.get(t, arg)
+				case "start":
+					hold(arg)
+					started.Store(true)
+					inBackground(func() error { return fetched(arg) })
+					<-entered
+				case "join":
+					b, err := f.table.Get(arg, hooks{f})
+					if err != nil {
+						t.Fatalf("join %s: %v", arg, err)
+					}
+					inBackground(func() error {
+						if _, _, err := f.br.Get(context.Background(), &b.Binding); err == nil {
+							return fmt.Errorf("join %s: a token, want a failure", arg)
+						}
+						return nil
+					})
+				case "end":
+					close(release)
+					background.Wait()
 				case "flood":
-					var n int
-					fmt.Sscan(arg, &n)
+					n, err := strconv.Atoi(arg)
+					if err != nil {
+						t.Fatalf("step %q: %v", step, err)
+					}
 					for i := range n {
 						hold(fmt.Sprint("w-unknown-", i))
 					}
 					for i := range n {
-						fetch(fmt.Sprint("w-unknown-", i))
+						if err := fetched(fmt.Sprint("w-unknown-", i)); err != nil {
+							t.Fatal(err)
+						}
 					}
 				default:
 					d, err := time.ParseDuration(step)
@@ -88,6 +150,17 @@ func TestWildcardRecordFollowsBinding(t *testing.T) {
 					got = append(got[:10], fmt.Sprintf("… (%d)", len(got)))
 				}
 				t.Errorf("the tracker remembers %q, want %q", got, tt.want)
+			}
+			view := page(Build(f.sources(), Query{}, f.clk.Now()))
+			for _, s := range tt.states {
+				if !slices.Contains(view, s) {
+					t.Errorf("the view has no %q: %q", s, view)
+				}
+			}
+			for _, e := range tt.events {
+				if !slices.Contains(f.events.events, e) {
+					t.Errorf("no event %q: %q", e, f.events.events)
+				}
 			}
 		})
 	}

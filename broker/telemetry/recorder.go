@@ -24,9 +24,9 @@ type Tap interface {
 	// (its merchant and cache key) and how it ended (nil: a token; a
 	// *broker.RetryNowError: no failure, the call is sent again at once).
 	// table is the binding table that made b (nil: none, an operator's
-	// check), whose Holds says whether b is a wildcard merchant's and
-	// whether the table still holds it (the call may end after b was
-	// evicted).
+	// check), whose Holds says whether the table still holds a binding of
+	// b's merchant (the call may end after b was evicted) and whether it
+	// is a wildcard merchant's.
 	Fetched(provider string, b *broker.Binding, table *bindings.Table, err error)
 	// SourceChanged is told when a source's backoff starts or ends
 	// (Observer.SourceBackingOff) and when its breaker changes state
@@ -237,9 +237,9 @@ func (r *Recorder) NonceRefused(b *broker.Binding, refused error) {
 }
 
 // sweepEvicted deletes the merchant series that b just counted into when
-// its table evicted b while a request held it, unless a binding uses them
-// (bindings.Series.Sweep): those of a binding the table holds are deleted
-// when it leaves the table.
+// its table holds no binding of b's merchant (it evicted b while a request
+// held it), unless a binding uses them (bindings.Series.Sweep): those of
+// a binding the table holds are deleted when it leaves the table.
 func (r *Recorder) sweepEvicted(b *broker.Binding) {
 	if r.metrics == nil || !r.metrics.merchantLabel || r.table == nil {
 		return
