@@ -220,18 +220,15 @@ func (t *Table) Peek(id string) *Binding {
 	return b
 }
 
-// Holds reports whether the table holds a binding of b's merchant (b, a
-// binding it made, or a newer one of the same merchant), and whether the
-// binding it holds is a wildcard merchant's. An explicit merchant's
-// binding stays as long as the table: a merchant of a binding it made
-// that it holds no more is a wildcard merchant it evicted (a request in
-// flight may still use the binding).
-func (t *Table) Holds(b *broker.Binding) (held, wild bool) {
-	x := t.Peek(b.Merchant)
-	if x == nil {
-		return false, true
-	}
-	return true, x.wild != nil
+// HoldsMerchant reports whether the table holds a binding of the
+// merchant, and whether that binding is a wildcard merchant's (false when
+// it holds none). An explicit merchant's binding stays as long as the
+// table: the merchant of a binding the table made that it holds no more
+// is a wildcard merchant it evicted (a request in flight may still use
+// the binding).
+func (t *Table) HoldsMerchant(id string) (held, wild bool) {
+	b := t.Peek(id)
+	return b != nil, b != nil && b.wild != nil
 }
 
 // Each calls f for every binding in the table, under its read lock: f

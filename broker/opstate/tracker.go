@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
@@ -54,9 +54,10 @@ type TrackerOptions struct {
 // merchants whose token requests failed. A wildcard merchant's lives as
 // long as a binding of it in the table: Forget drops it when the table
 // evicts the binding, and the failure of a binding whose merchant the
-// table no longer holds (a request in flight held it) makes none. The records of a replaced
-// configuration's merchants are kept, up to MaxMerchants, so that a
-// merchant still failing after a reload is not announced again.
+// table no longer holds (a request in flight held it) makes none. The
+// records of a replaced configuration's merchants are kept, up to
+// MaxMerchants, so that a merchant still failing after a reload is not
+// announced again.
 type Tracker struct {
 	now    func() time.Time
 	emit   func(event string, data map[string]any)
@@ -343,7 +344,7 @@ func failureState(err error, code errcode.Code) string {
 // flight) makes no record of it: the table's eviction forgot the merchant
 // (Forget), and a record made now would outlive its binding. It
 // implements telemetry.Tap.
-func (t *Tracker) Fetched(provider string, b *broker.Binding, table *bindings.Table, err error) {
+func (t *Tracker) Fetched(provider string, b *broker.Binding, table telemetry.Holder, err error) {
 	now := t.now()
 	merchant := b.Merchant
 	var code errcode.Code
@@ -390,7 +391,7 @@ func (t *Tracker) Fetched(provider string, b *broker.Binding, table *bindings.Ta
 	held, wild := true, false
 	if table != nil {
 		// Under t.mu: the table's eviction forgets after it lets b go.
-		held, wild = table.Holds(b)
+		held, wild = table.HoldsMerchant(merchant)
 	}
 	if !held {
 		return

@@ -15,6 +15,15 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/lograte"
 )
 
+// Holder says which merchants a binding table holds: bindings.Table
+// implements it.
+type Holder interface {
+	// HoldsMerchant reports whether the table holds a binding of the
+	// merchant, and whether that binding is a wildcard merchant's (false
+	// when it holds none).
+	HoldsMerchant(merchant string) (held, wild bool)
+}
+
 // Tap is told what a recorder's observers see, with the provider's name
 // resolved: the operator's view (opstate.Tracker) implements it. Its
 // methods are called on the token fetch path, not per request, and must
@@ -24,10 +33,9 @@ type Tap interface {
 	// (its merchant and cache key) and how it ended (nil: a token; a
 	// *broker.RetryNowError: no failure, the call is sent again at once).
 	// table is the binding table that made b (nil: none, an operator's
-	// check), whose Holds says whether the table still holds a binding of
-	// b's merchant (the call may end after b was evicted) and whether it
-	// is a wildcard merchant's.
-	Fetched(provider string, b *broker.Binding, table *bindings.Table, err error)
+	// check): whether it still holds a binding of b's merchant (the call
+	// may end after b was evicted), and whether a wildcard merchant's.
+	Fetched(provider string, b *broker.Binding, table Holder, err error)
 	// SourceChanged is told when a source's backoff starts or ends
 	// (Observer.SourceBackingOff) and when its breaker changes state
 	// (Observer.BreakerChanged): br, the broker of the source (nil when
@@ -41,11 +49,11 @@ type Tap interface {
 // Recorder is what one handler counts and logs: the shared collectors
 // and the observers of its bindings. A nil Recorder records nothing.
 type Recorder struct {
-	metrics *Metrics        // nil: nothing is counted
-	tap     Tap             // nil: nobody else is told
-	logger  *zap.Logger     // the token fetch and rejection logs
-	broker  *broker.Broker  // the broker of the sources; nil: unknown
-	table   *bindings.Table // the table of the bindings observed; nil: none
+	metrics *Metrics       // nil: nothing is counted
+	tap     Tap            // nil: nobody else is told
+	logger  *zap.Logger    // the token fetch and rejection logs
+	broker  *broker.Broker // the broker of the sources; nil: unknown
+	table   Holder         // the table of the bindings observed; nil: none
 
 	mu        sync.Mutex           // guards observers
 	observers map[string]*Observer // provider name -> the observer its bindings share, without the merchant label
@@ -67,7 +75,7 @@ const NonceRefusedLogInterval = time.Minute
 // on, with br's breaker states (br nil: closed). tap (nil: none) is told
 // of fetches, source backoffs and breaker changes too.
 func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table, reg *config.Registry, br *broker.Broker) *Recorder {
-	r := &Recorder{metrics: m, tap: tap, logger: logger, broker: br, table: table, observers: map[string]*Observer{},
+	r := &Recorder{metrics: m, tap: tap, logger: logger, broker: br, observers: map[string]*Observer{},
 		nonceRefusals: &lograte.Limiter[string]{Every: NonceRefusedLogInterval, Now: time.Now}}
 	exported := map[string]bool{} // source IDs
 	export := func(sourceID string) {
@@ -82,6 +90,7 @@ func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 		}
 	}
 	if table != nil {
+		r.table = table
 		table.Each(func(_ string, b *bindings.Binding) {
 			export(b.SourceID)
 			b.Observer = r.observerFor(b, false)
@@ -244,7 +253,7 @@ func (r *Recorder) sweepEvicted(b *broker.Binding) {
 	if r.metrics == nil || !r.metrics.merchantLabel || r.table == nil {
 		return
 	}
-	if held, _ := r.table.Holds(b); !held {
+	if held, _ := r.table.HoldsMerchant(b.Merchant); !held {
 		r.metrics.series.Sweep(providerOf(b.SourceID), b.Merchant)
 	}
 }

@@ -13,7 +13,6 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
@@ -31,7 +30,7 @@ func (t *tap) note(s string) {
 	t.told = append(t.told, s)
 }
 
-func (t *tap) Fetched(provider string, b *broker.Binding, _ *bindings.Table, err error) {
+func (t *tap) Fetched(provider string, b *broker.Binding, _ Holder, err error) {
 	t.note(fmt.Sprintf("fetched %s %s failed=%v", provider, b.Merchant, err != nil))
 }
 
