@@ -54,7 +54,9 @@ type TrackerOptions struct {
 // merchants whose token requests failed. A wildcard merchant's lives as
 // long as a binding of it in the table: Forget drops it when the table
 // evicts the binding, and the failure of a binding whose merchant the
-// table no longer holds (a request in flight held it) makes none. The
+// table no longer holds (a request in flight held it) makes none. A
+// merchant explicit in a registry (one of its explicit bindings failed)
+// is never forgotten, wildcard in another handler's registry or not. The
 // records of a replaced configuration's merchants are kept, up to
 // MaxMerchants, so that a merchant still failing after a reload is not
 // announced again.
@@ -66,7 +68,8 @@ type Tracker struct {
 	mu        sync.Mutex
 	merchants map[string]*merchantRecord
 	// wild are the merchants of t.merchants whose records only wildcard
-	// bindings made: the first to go when the records are full.
+	// bindings made: the first to go when the records are full, and the
+	// only ones Forget drops.
 	wild map[string]struct{}
 	// dropped counts the records lost to MaxMerchants.
 	dropped uint64
@@ -443,12 +446,16 @@ func (t *Tracker) ConsentGranted(provider, merchant string) {
 	t.send([]event{{EventConsentGranted, map[string]any{"merchant": merchant, "provider": provider}}})
 }
 
-// Forget drops what the tracker remembers of a merchant: a wildcard
-// merchant that left the binding table.
+// Forget drops what the tracker remembers of a wildcard merchant that
+// left a binding table. The record of a merchant that an explicit binding
+// failed for stays: the merchant is explicit in a registry (another
+// handler's, say), where its binding stays as long as its table.
 func (t *Tracker) Forget(merchant string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.forget(merchant)
+	if _, ok := t.wild[merchant]; ok {
+		t.forget(merchant)
+	}
 }
 
 // SourceChanged notes that a source of a provider started or ended a

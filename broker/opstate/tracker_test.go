@@ -228,12 +228,22 @@ func TestTrackerRecords(t *testing.T) {
 	}
 }
 
-// TestTrackerBounded: Forget drops a merchant; beyond MaxMerchants a new
-// merchant replaces another.
+// holder is a binding table holding merchants: merchant -> whether a
+// wildcard merchant (absent: not held).
+type holder map[string]bool
+
+func (h holder) HoldsMerchant(merchant string) (held, wild bool) {
+	wild, held = h[merchant]
+	return held, wild
+}
+
+// TestTrackerBounded: Forget drops a wildcard merchant; beyond
+// MaxMerchants a new merchant replaces another.
 func TestTrackerBounded(t *testing.T) {
 	tr := NewTracker(TrackerOptions{MaxMerchants: 10})
 	for i := range 100 {
-		tr.Fetched("nuapay", bind(fmt.Sprintf("m%d", i)), nil, errDown)
+		id := fmt.Sprintf("m%d", i)
+		tr.Fetched("nuapay", bind(id), holder{id: true}, errDown)
 	}
 	if n := len(records(tr)); n != 10 {
 		t.Fatalf("%d merchants remembered, want at most 10", n)
@@ -244,6 +254,36 @@ func TestTrackerBounded(t *testing.T) {
 	tr.Forget("m99")
 	if _, ok := records(tr)["m99"]; ok {
 		t.Fatal("Forget kept the merchant")
+	}
+}
+
+// TestTrackerForget: Forget (a table evicted a wildcard merchant) drops
+// the record of a merchant that only wildcard bindings failed for; the
+// record of a merchant that an explicit binding failed for stays, the
+// merchant being wildcard in another table sharing the tracker or not.
+func TestTrackerForget(t *testing.T) {
+	wildcard, explicit := holder{"acme": true}, holder{"acme": false}
+	for _, tt := range []struct {
+		name   string
+		tables []holder // the tables of acme's failures, in order
+		kept   bool
+	}{
+		{"wildcard", []holder{wildcard}, false},
+		{"wildcard twice", []holder{wildcard, wildcard}, false},
+		{"explicit", []holder{explicit}, true},
+		{"wildcard, then explicit in another table", []holder{wildcard, explicit}, true},
+		{"explicit, then wildcard in another table", []holder{explicit, wildcard}, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			tr := NewTracker(TrackerOptions{})
+			for _, h := range tt.tables {
+				tr.Fetched("nuapay", bind("acme"), h, errRefused)
+			}
+			tr.Forget("acme")
+			if _, kept := records(tr)["acme"]; kept != tt.kept {
+				t.Errorf("acme remembered: %v, want %v", kept, tt.kept)
+			}
+		})
 	}
 }
 
