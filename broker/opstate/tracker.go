@@ -345,7 +345,12 @@ func failureState(err error, code errcode.Code) string {
 // about the provider or the merchant. The failure of a wildcard binding
 // whose merchant table no longer holds (evicted while the call was in
 // flight) makes no record of it: the table's eviction forgot the merchant
-// (Forget), and a record made now would outlive its binding. It
+// (Forget), and a record made now would outlive its binding. A failure
+// without a table (an operator's check of a merchant no table holds,
+// explicit or wildcard: the tracker cannot tell) makes a wildcard
+// merchant's record, and leaves an existing record's class as it is: a
+// record of a merchant that no route served yet is the first to go, and
+// a failure of its explicit binding makes it an explicit merchant's. It
 // implements telemetry.Tap.
 func (t *Tracker) Fetched(provider string, b *broker.Binding, table telemetry.Holder, err error) {
 	now := t.now()
@@ -391,7 +396,7 @@ func (t *Tracker) Fetched(provider string, b *broker.Binding, table telemetry.Ho
 		p.announce = false
 		evs = append(evs, event{EventProviderFailing, map[string]any{"provider": provider, "error": code.String()}})
 	}
-	held, wild := true, false
+	held, wild := true, true
 	if table != nil {
 		// Under t.mu: the table's eviction forgets after it lets b go.
 		held, wild = table.HoldsMerchant(merchant)

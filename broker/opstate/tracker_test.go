@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -260,19 +261,26 @@ func TestTrackerBounded(t *testing.T) {
 // TestTrackerForget: Forget (a table evicted a wildcard merchant) drops
 // the record of a merchant that only wildcard bindings failed for; the
 // record of a merchant that an explicit binding failed for stays, the
-// merchant being wildcard in another table sharing the tracker or not.
+// merchant being wildcard in another table sharing the tracker or not. A
+// failure without a table (an operator's check of a merchant no table
+// holds) makes a wildcard merchant's record, and leaves a record's class
+// as it is.
 func TestTrackerForget(t *testing.T) {
 	wildcard, explicit := holder{"acme": true}, holder{"acme": false}
 	for _, tt := range []struct {
 		name   string
-		tables []holder // the tables of acme's failures, in order
+		tables []telemetry.Holder // the tables of acme's failures, in order (nil: none)
 		kept   bool
 	}{
-		{"wildcard", []holder{wildcard}, false},
-		{"wildcard twice", []holder{wildcard, wildcard}, false},
-		{"explicit", []holder{explicit}, true},
-		{"wildcard, then explicit in another table", []holder{wildcard, explicit}, true},
-		{"explicit, then wildcard in another table", []holder{explicit, wildcard}, true},
+		{"wildcard", []telemetry.Holder{wildcard}, false},
+		{"wildcard twice", []telemetry.Holder{wildcard, wildcard}, false},
+		{"explicit", []telemetry.Holder{explicit}, true},
+		{"wildcard, then explicit in another table", []telemetry.Holder{wildcard, explicit}, true},
+		{"explicit, then wildcard in another table", []telemetry.Holder{explicit, wildcard}, true},
+		{"no table", []telemetry.Holder{nil}, false},
+		{"wildcard, then no table", []telemetry.Holder{wildcard, nil}, false},
+		{"explicit, then no table", []telemetry.Holder{explicit, nil}, true},
+		{"no table, then explicit", []telemetry.Holder{nil, explicit}, true},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			tr := NewTracker(TrackerOptions{})
@@ -282,6 +290,33 @@ func TestTrackerForget(t *testing.T) {
 			tr.Forget("acme")
 			if _, kept := records(tr)["acme"]; kept != tt.kept {
 				t.Errorf("acme remembered: %v, want %v", kept, tt.kept)
+			}
+		})
+	}
+}
+
+// TestTrackerFullNoTable: with its records full of explicit merchants'
+// records, a failure without a table (an operator's check) drops none of
+// them; with a wildcard merchant's among them, that one goes for it.
+// MaxMerchants is 2.
+func TestTrackerFullNoTable(t *testing.T) {
+	tables := holder{"w": true, "x1": false, "x2": false}
+	for _, tt := range []struct {
+		name   string
+		before []string // merchants failing through tables, in order
+		want   []string // the merchants remembered after a check of "checked" failed
+	}{
+		{"full of explicit merchants", []string{"x1", "x2"}, []string{"x1", "x2"}},
+		{"a wildcard merchant's record among them", []string{"x1", "w"}, []string{"checked", "x1"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			tr := NewTracker(TrackerOptions{MaxMerchants: 2})
+			for _, id := range tt.before {
+				tr.Fetched("nuapay", bind(id), tables, errRefused)
+			}
+			tr.Fetched("nuapay", bind("checked"), nil, errRefused)
+			if got := slices.Sorted(maps.Keys(records(tr))); !slices.Equal(got, tt.want) {
+				t.Errorf("remembered %q, want %q", got, tt.want)
 			}
 		})
 	}
