@@ -184,6 +184,8 @@ func TestTrackerFullKeepsListedMerchants(t *testing.T) {
 		{"no explicit merchant's goes for a wildcard one", []string{"b-refused", "c-unknown", "w-unknown1", "w-unknown2"},
 			[]string{"b-refused", "c-unknown"}, 2},
 		{"an explicit merchant's goes for another", []string{"b-refused", "c-unknown", "g-consent"}, []string{"g-consent"}, 1},
+		{"wildcard merchants evicted, then explicit ones", []string{"w-unknown1", "w-unknown2", "w-unknown3", "b-refused", "c-unknown", "g-consent"},
+			[]string{"g-consent"}, 3},
 		{"a remembered merchant failing again drops none", []string{"w-unknown1", "b-refused", "w-unknown1"}, []string{"b-refused", "w-unknown1"}, 0},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
