@@ -1,11 +1,9 @@
 package module
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -13,7 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -159,14 +157,13 @@ func merchantSeries(t *testing.T, reg *prometheus.Registry) map[string]map[strin
 // TestWildcardSeriesOfBindingEvictedInFlight: with the merchant label on,
 // a token request that ends, or a token rejected, after the table evicted
 // its binding (a request in flight holds it) leaves no series of its
-// merchant behind,
-// whatever the number of such merchants; a merchant back in the table
-// keeps its series. max_active is 1; BAD ids fail (404).
+// merchant behind, whatever the number of such merchants; a merchant back
+// in the table keeps its series. max_active is 1; BAD ids fail (404).
 //
-// Steps: "hold ID" a request takes ID's binding, "fetch ID" that
-// request's token request, "reject ID" the upstream's rejection of that
-// request's token (purged), "ID" a whole request, "flood N" N ids held,
-// each evicting the one before, then fetched.
+// Steps: brokertest.InFlight's ("hold ID" a request takes ID's binding,
+// "fetch ID" that request's token request, "flood N"), "reject ID" the
+// upstream's rejection of that request's token (purged), "ID" a whole
+// request.
 func TestWildcardSeriesOfBindingEvictedInFlight(t *testing.T) {
 	for _, tt := range []struct {
 		name  string
@@ -181,36 +178,19 @@ func TestWildcardSeriesOfBindingEvictedInFlight(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			env, _, promReg := newLabelledEnv(t)
-			held := map[string]*bindings.Binding{}
-			hold := func(id string) {
+			d := brokertest.InFlight{Broker: env.h.broker, Flood: "BAD", Bind: func(id string) (*broker.Binding, error) {
 				b, rf := env.h.binding(id)
 				if rf != nil {
-					t.Fatalf("hold %s: %+v", id, rf)
+					return nil, fmt.Errorf("%+v", rf)
 				}
-				held[id] = b
-			}
-			fetch := func(id string) {
-				if _, _, err := env.h.broker.Get(context.Background(), &held[id].Binding); err == nil {
-					t.Fatalf("fetch %s: a token, want a failure", id)
-				}
-			}
+				return &b.Binding, nil
+			}}
 			for _, step := range tt.steps {
 				verb, arg, _ := strings.Cut(step, " ")
-				switch verb {
-				case "hold":
-					hold(arg)
-				case "fetch":
-					fetch(arg)
-				case "reject":
-					env.h.metrics.Rejected(&held[arg].Binding, broker.Token{}, broker.RejectionPurged)
-				case "flood":
-					n, _ := strconv.Atoi(arg)
-					for i := range n {
-						hold(fmt.Sprint("BAD", i))
-					}
-					for i := range n {
-						fetch(fmt.Sprint("BAD", i))
-					}
+				switch {
+				case d.Step(t, step):
+				case verb == "reject":
+					env.h.metrics.Rejected(d.Held(arg), broker.Token{}, broker.RejectionPurged)
 				default:
 					if status, _ := env.get(t, step); status != http.StatusBadGateway {
 						t.Fatalf("%s: %d, want 502", step, status)

@@ -1,11 +1,9 @@
 package opstate
 
 import (
-	"context"
 	"fmt"
 	"maps"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -14,7 +12,8 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 )
 
@@ -28,12 +27,12 @@ import (
 // binding): its view shows the failure, and its event is emitted.
 //
 // The stateTOML wildcard has max_active 2; its w-unknown… ids fail (404).
-// Steps: "hold ID" a request takes ID's binding (no token request yet),
-// "fetch ID" that request's token request, "get ID" a whole request,
-// "flood N" N ids held, each evicting an older one, then fetched; "start
-// ID" a request takes ID's binding and its token request starts, held in
-// the token API until "end"; "join ID" a whole request of ID, in the
-// background (its token request joins the one started, of the same key).
+// Steps: brokertest.InFlight's ("hold ID" a request takes ID's binding,
+// no token request yet; "fetch ID" that request's token request; "flood
+// N"), "get ID" a whole request, "start ID" a request takes ID's binding
+// and its token request starts, held in the token API until "end", "join
+// ID" a whole request of ID in the background (its token request joins
+// the one started, of the same key), "+3h" the clock.
 func TestWildcardRecordFollowsBinding(t *testing.T) {
 	for _, tt := range []struct {
 		name   string
@@ -59,20 +58,13 @@ func TestWildcardRecordFollowsBinding(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newStateFixture(t)
-			held := map[string]*bindings.Binding{}
-			hold := func(id string) {
+			d := brokertest.InFlight{Broker: f.br, Flood: "w-unknown-", Bind: func(id string) (*broker.Binding, error) {
 				b, err := f.table.Get(id, hooks{f})
 				if err != nil {
-					t.Fatalf("hold %s: %v", id, err)
+					return nil, err
 				}
-				held[id] = b
-			}
-			fetched := func(id string) error {
-				if _, _, err := f.br.Get(context.Background(), &held[id].Binding); err == nil {
-					return fmt.Errorf("fetch %s: a token, want a failure", id)
-				}
-				return nil
-			}
+				return &b.Binding, nil
+			}}
 			// The token request "start" holds, and the requests in the
 			// background.
 			var (
@@ -87,62 +79,37 @@ func TestWildcardRecordFollowsBinding(t *testing.T) {
 					<-release
 				}
 			}
-			inBackground := func(run func() error) {
+			failsInBackground := func(b *broker.Binding) {
 				background.Go(func() {
-					if err := run(); err != nil {
+					if err := d.Failed(b); err != nil {
 						t.Error(err)
 					}
 				})
 			}
 			for _, step := range tt.steps {
+				if d.Step(t, step) {
+					continue
+				}
 				verb, arg, _ := strings.Cut(step, " ")
 				switch verb {
-				case "hold":
-					hold(arg)
-				case "fetch":
-					if err := fetched(arg); err != nil {
-						t.Fatal(err)
-					}
 				case "get":
 					_ = f.get(t, arg)
 				case "start":
-					hold(arg)
+					b := d.Hold(t, arg)
 					started.Store(true)
-					inBackground(func() error { return fetched(arg) })
+					failsInBackground(b)
 					<-entered
 				case "join":
-					b, err := f.table.Get(arg, hooks{f})
-					if err != nil {
-						t.Fatalf("join %s: %v", arg, err)
-					}
-					inBackground(func() error {
-						if _, _, err := f.br.Get(context.Background(), &b.Binding); err == nil {
-							return fmt.Errorf("join %s: a token, want a failure", arg)
-						}
-						return nil
-					})
+					failsInBackground(d.Hold(t, arg))
 				case "end":
 					close(release)
 					background.Wait()
-				case "flood":
-					n, err := strconv.Atoi(arg)
-					if err != nil {
-						t.Fatalf("step %q: %v", step, err)
-					}
-					for i := range n {
-						hold(fmt.Sprint("w-unknown-", i))
-					}
-					for i := range n {
-						if err := fetched(fmt.Sprint("w-unknown-", i)); err != nil {
-							t.Fatal(err)
-						}
-					}
 				default:
-					d, err := time.ParseDuration(step)
+					dur, err := time.ParseDuration(step)
 					if err != nil {
 						t.Fatalf("step %q", step)
 					}
-					f.clk.Add(d)
+					f.clk.Add(dur)
 				}
 			}
 			if got := slices.Sorted(maps.Keys(records(f.tracker))); !slices.Equal(got, tt.want) {
