@@ -71,7 +71,10 @@ func (s *Series[T]) Sweep(provider, merchant string) {
 
 // Release is the end of a wildcard binding that Use counted (evicted, or
 // its table discarded): the last one deletes the merchant's series,
-// unless Pin pinned them.
+// unless Pin pinned them. A request still using a binding of a discarded
+// table may count once more into a deleted series (the table still holds
+// the binding: nobody sweeps them), which then exists until a binding of
+// the merchant is counted and released again.
 func (s *Series[T]) Release(provider, merchant string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
