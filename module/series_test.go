@@ -2,6 +2,7 @@ package module
 
 import (
 	"fmt"
+	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -9,6 +10,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -44,13 +47,7 @@ func TestWildcardMerchantSeriesFollowActiveSet(t *testing.T) {
 		{"discarded table evicts late", []string{"h1:ORG1", "h2:ORG1", "discard h1", "+2m", "h1:ORG2", "h2:ORG1"}, map[string]bool{"ORG1": true}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			env := newWildcardEnv(t, "max_active = 1\nidle_timeout = \"1m\"")
-			m := telemetry.NewMetrics(true)
-			promReg := prometheus.NewRegistry()
-			if err := m.Register(promReg); err != nil {
-				t.Fatal(err)
-			}
-			env.h.instrument(m)
+			env, m, promReg := newLabelledEnv(t)
 			handlers := map[string]*Handler{
 				"h1": env.h,
 				"h2": env.otherHandler(env.h.registry, []string{"openbanking_pisp"}, m),
@@ -83,6 +80,21 @@ func TestWildcardMerchantSeriesFollowActiveSet(t *testing.T) {
 			}
 		})
 	}
+}
+
+// newLabelledEnv is newWildcardEnv with max_active 1 and idle_timeout 1m,
+// whose handler counts into metrics with the merchant label, registered in
+// a registry of their own.
+func newLabelledEnv(t *testing.T) (*wildcardEnv, *telemetry.Metrics, *prometheus.Registry) {
+	t.Helper()
+	env := newWildcardEnv(t, "max_active = 1\nidle_timeout = \"1m\"")
+	m := telemetry.NewMetrics(true)
+	promReg := prometheus.NewRegistry()
+	if err := m.Register(promReg); err != nil {
+		t.Fatal(err)
+	}
+	env.h.instrument(m)
+	return env, m, promReg
 }
 
 // otherHandler is a handler of reg with a table of its own (another
@@ -140,4 +152,60 @@ func merchantSeries(t *testing.T, reg *prometheus.Registry) map[string]map[strin
 		}
 	}
 	return series
+}
+
+// TestWildcardSeriesOfBindingEvictedInFlight: with the merchant label on,
+// a token request that ends, or a token rejected, after the table evicted
+// its binding (a request in flight holds it) leaves no series of its
+// merchant behind, whatever the number of such merchants; a merchant back
+// in the table keeps its series. max_active is 1; BAD ids fail (404).
+//
+// Steps: brokertest.InFlight's ("hold ID" a request takes ID's binding,
+// "fetch ID" that request's token request, "flood N"), "reject ID" the
+// upstream's rejection of that request's token (purged), "ID" a whole
+// request.
+func TestWildcardSeriesOfBindingEvictedInFlight(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		steps []string
+		want  map[string]bool // merchant -> has series
+	}{
+		{"held", []string{"hold BAD1", "fetch BAD1"}, map[string]bool{"BAD1": true}},
+		{"evicted while in flight", []string{"hold BAD1", "BAD2", "fetch BAD1"}, map[string]bool{"BAD1": false, "BAD2": true}},
+		{"back in the table", []string{"hold BAD1", "BAD2", "BAD1", "fetch BAD1"}, map[string]bool{"BAD1": true, "BAD2": false}},
+		{"its token rejected after eviction", []string{"hold BAD1", "BAD2", "reject BAD1"}, map[string]bool{"BAD1": false, "BAD2": true}},
+		{"a flood of ids in flight", []string{"flood 200"}, map[string]bool{"BAD0": false, "BAD100": false, "BAD198": false, "BAD199": true}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			env, _, promReg := newLabelledEnv(t)
+			d := brokertest.InFlight{Broker: env.h.broker, Flood: "BAD", Bind: func(id string) (*broker.Binding, error) {
+				b, rf := env.h.binding(id)
+				if rf != nil {
+					return nil, fmt.Errorf("%+v", rf)
+				}
+				return &b.Binding, nil
+			}}
+			for _, step := range tt.steps {
+				verb, arg, _ := strings.Cut(step, " ")
+				switch {
+				case d.Step(t, step):
+				case verb == "reject":
+					env.h.metrics.Rejected(d.Held(arg), broker.Token{}, broker.RejectionPurged)
+				default:
+					if status, _ := env.get(t, step); status != http.StatusBadGateway {
+						t.Fatalf("%s: %d, want 502", step, status)
+					}
+				}
+			}
+			series := merchantSeries(t, promReg)
+			for merchant, has := range tt.want {
+				if got := series[merchant]; has != (len(got) > 0) {
+					t.Errorf("%s: series %v, want some: %v", merchant, got, has)
+				}
+			}
+			if len(series) > 2 {
+				t.Errorf("series of %d merchants, want at most 2 (max_active, and one explicit)", len(series))
+			}
+		})
+	}
 }

@@ -220,6 +220,17 @@ func (t *Table) Peek(id string) *Binding {
 	return b
 }
 
+// HoldsMerchant reports whether the table holds a binding of the
+// merchant, and whether that binding is a wildcard merchant's (false when
+// it holds none). An explicit merchant's binding stays as long as the
+// table: the merchant of a binding the table made that it holds no more
+// is a wildcard merchant it evicted (a request in flight may still use
+// the binding).
+func (t *Table) HoldsMerchant(id string) (held, wild bool) {
+	b := t.Peek(id)
+	return b != nil, b != nil && b.wild != nil
+}
+
 // Each calls f for every binding in the table, under its read lock: f
 // must not change the table.
 func (t *Table) Each(f func(id string, b *Binding)) {

@@ -135,6 +135,33 @@ func TestTable(t *testing.T) {
 	}
 }
 
+// TestTableHoldsMerchant: a table holds an explicit merchant's binding
+// for good, a wildcard merchant's until it is evicted (then none, not
+// wild) or the merchant's new binding once it is back. MaxActive is 2.
+func TestTableHoldsMerchant(t *testing.T) {
+	for _, tt := range []struct {
+		name       string
+		steps      []string
+		id         string
+		held, wild bool
+	}{
+		{"explicit", []string{"x1"}, "x1", true, false},
+		{"explicit, wildcard merchants evicted", []string{"x1", "a", "b", "c"}, "x1", true, false},
+		{"wildcard", []string{"a"}, "a", true, true},
+		{"never seen", nil, "a", false, false},
+		{"wildcard evicted", []string{"a", "b", "c"}, "a", false, false},
+		{"wildcard evicted, then back", []string{"a", "b", "c", "a"}, "a", true, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			tbl, clk := newTable(Limits{MaxActive: 2, IdleTimeout: time.Minute}, nil)
+			run(t, tbl, clk, &hooks{}, tt.steps)
+			if held, wild := tbl.HoldsMerchant(tt.id); held != tt.held || wild != tt.wild {
+				t.Errorf("HoldsMerchant(%s) = %v, %v; want %v, %v", tt.id, held, wild, tt.held, tt.wild)
+			}
+		})
+	}
+}
+
 // TestTableUnservedBounded: a flood of merchants never served keeps the
 // lists at the active bindings, and a merchant served afterwards keeps
 // its slot.

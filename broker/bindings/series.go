@@ -58,25 +58,41 @@ func (s *Series[T]) Pin(provider, merchant string) T {
 	return s.resolve(provider, merchant)
 }
 
+// Sweep deletes the merchant's series when no wildcard binding uses them
+// and Pin did not pin them: a request still using an evicted binding may
+// count into them after its Release made them go, which makes them again.
+func (s *Series[T]) Sweep(provider, merchant string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if k := (seriesKey{provider, merchant}); s.wild[k] == 0 {
+		s.removeUnpinned(k)
+	}
+}
+
 // Release is the end of a wildcard binding that Use counted (evicted, or
 // its table discarded): the last one deletes the merchant's series,
-// unless Pin pinned them. A request still using the evicted binding may
-// count once more into a deleted series, which then exists until a
-// binding of the merchant is counted and released again.
+// unless Pin pinned them. A request still using a binding of a discarded
+// table may count once more into a deleted series (the table still holds
+// the binding: nobody sweeps them), which then exists until a binding of
+// the merchant is counted and released again.
 func (s *Series[T]) Release(provider, merchant string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	k := seriesKey{provider, merchant}
-	switch n := s.wild[k]; {
-	case n > 1:
+	switch n := s.wild[k]; n {
+	case 0:
+	case 1:
+		delete(s.wild, k)
+		s.removeUnpinned(k)
+	default:
 		s.wild[k] = n - 1
-		return
-	case n == 0:
-		return
 	}
-	delete(s.wild, k)
-	if _, ok := s.explicit[k]; ok {
-		return
+}
+
+// removeUnpinned deletes the series of k unless Pin pinned them. Called
+// with s.mu held.
+func (s *Series[T]) removeUnpinned(k seriesKey) {
+	if _, ok := s.explicit[k]; !ok {
+		s.remove(k.provider, k.merchant)
 	}
-	s.remove(provider, merchant)
 }

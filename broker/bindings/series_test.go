@@ -8,11 +8,12 @@ import (
 // TestSeries: a wildcard merchant's series are removed when its last
 // user releases them, never while another uses them, never when an
 // explicit binding pinned them (Pin); a release without a Use removes
-// nothing.
+// nothing. A sweep removes them unless a user uses them or Pin pinned
+// them.
 func TestSeries(t *testing.T) {
 	for _, tt := range []struct {
 		name    string
-		steps   []string // "hold ID", "keep ID", "release ID"
+		steps   []string // "hold ID", "keep ID", "release ID", "sweep ID"
 		removed []string // merchants whose series were removed, in order
 		used    int      // merchants with users at the end
 	}{
@@ -23,6 +24,11 @@ func TestSeries(t *testing.T) {
 		{"release without hold", []string{"release A"}, nil, 0},
 		{"counted again after release", []string{"hold A", "release A", "hold A"}, []string{"A"}, 1},
 		{"merchants apart", []string{"hold A", "hold B", "release B"}, []string{"B"}, 1},
+		{"swept without users", []string{"sweep A"}, []string{"A"}, 0},
+		{"swept after release", []string{"hold A", "release A", "sweep A"}, []string{"A", "A"}, 0},
+		{"sweep while used", []string{"hold A", "sweep A"}, nil, 1},
+		{"sweep of pinned series", []string{"keep A", "sweep A", "hold A", "release A", "sweep A"}, nil, 0},
+		{"sweep of another merchant", []string{"hold A", "sweep B"}, []string{"B"}, 1},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			var removed []string
@@ -43,6 +49,10 @@ func TestSeries(t *testing.T) {
 					s.Pin("p", id)
 				case "release":
 					s.Release("p", id)
+				case "sweep":
+					s.Sweep("p", id)
+				default:
+					t.Fatalf("step %q", step)
 				}
 			}
 			if !slices.Equal(removed, tt.removed) {

@@ -73,7 +73,7 @@ func stateServer(t *testing.T, now time.Time) *httptest.Server {
 	tr := opstate.NewTracker(opstate.TrackerOptions{Now: func() time.Time { return now.Add(-3 * time.Minute) }})
 	unknown := &broker.APIError{Provider: "nuapay", StatusCode: 404, Code: "40400", Err: broker.ErrUnknownOrganisation}
 	for i := range 55 {
-		tr.Fetched("np", brokertest.NewBinding("np#1", nil, broker.Request{Merchant: fmt.Sprintf("m%02d", i)}), unknown)
+		tr.Fetched("np", brokertest.NewBinding("np#1", nil, broker.Request{Merchant: fmt.Sprintf("m%02d", i)}), nil, unknown)
 	}
 	src := opstate.Sources{Registry: r, Broker: br, Tracker: tr}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {

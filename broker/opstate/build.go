@@ -403,7 +403,7 @@ func Build(s Sources, q Query, now time.Time) Report {
 		rep.Next = rep.Merchants[len(rep.Merchants)-1].Merchant
 	}
 	snap := s.Tracker.snapshot(now)
-	rep.Providers = providers(s, idx, snap, activeBy, health)
+	rep.Providers, rep.RecordsDropped = providers(s, idx, snap, activeBy, health), snap.dropped
 	if snap.fleet.configured {
 		f := snap.fleet
 		rep.Fleet = &Fleet{Up: f.up, Since: TimePtr(f.since), LastError: f.lastErr, LastErrorAt: TimePtr(f.lastErrAt)}
@@ -483,6 +483,7 @@ func budgetOf(st budget.State, behind int) *Budget {
 type snapshot struct {
 	providers map[string]providerView
 	fleet     fleetRecord
+	dropped   uint64 // Tracker.dropped
 }
 
 // providerView is a provider's record summed up at a time.
@@ -501,7 +502,7 @@ type providerView struct {
 func (t *Tracker) snapshot(now time.Time) snapshot {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	s := snapshot{providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet}
+	s := snapshot{providers: make(map[string]providerView, len(t.providers)), fleet: t.fleet, dropped: t.dropped}
 	for name, p := range t.providers {
 		v := providerView{lastErr: p.lastErr, lastErrAt: p.lastErrAt,
 			lastCallFailed: p.lastCallFailed && now.Sub(p.lastFailAt) < RequestsWindow, behind: p.behind}

@@ -78,5 +78,5 @@ func (o *tapObserver) RefreshPlanned(*broker.Binding, time.Time)                
 func (o *tapObserver) RefreshBehind(*broker.Binding, time.Time)                 {}
 
 func (o *tapObserver) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, _ time.Duration, _ bool, err error) {
-	o.t.Fetched("nuapay", b, err)
+	o.t.Fetched("nuapay", b, nil, err)
 }

@@ -114,6 +114,9 @@ type stateFixture struct {
 	index   Index
 	rec     *telemetry.Recorder
 	events  emitted
+	// gate, when set, is called by the token API first, with the
+	// request's organisation.
+	gate func(organisation string)
 }
 
 // hooks are the table's bindings.Hooks: the recorder's observers, the
@@ -133,7 +136,8 @@ func newStateFixture(tb testing.TB) *stateFixture {
 // newFixtureOf is the fixture of a registry whose providers' token API
 // answers by organisation: refused (403), unknown (404), down (503),
 // consent (consent_required), throttled (429 with Retry-After), bad-…
-// (401: the partner API key is refused), none (503), else a token.
+// (401: the partner API key is refused), none (503), w-unknown… (404),
+// else a token.
 func newFixtureOf(tb testing.TB, toml string) *stateFixture {
 	tb.Helper()
 	f := &stateFixture{clk: clocktest.New(time.Unix(1_700_000_000, 0))}
@@ -142,15 +146,21 @@ func newFixtureOf(tb testing.TB, toml string) *stateFixture {
 		tb.Fatal(err)
 	}
 	src := sourceFunc(func(_ context.Context, req broker.Request) (broker.Token, error) {
-		if strings.HasPrefix(req.Organisation, "bad-") {
+		if f.gate != nil {
+			f.gate(req.Organisation)
+		}
+		switch {
+		case strings.HasPrefix(req.Organisation, "bad-"):
 			return broker.Token{}, errBadKey
+		case strings.HasPrefix(req.Organisation, "w-unknown"):
+			return broker.Token{}, errUnknown
 		}
 		switch req.Organisation {
 		case "", "down":
 			return broker.Token{}, errDown
 		case "refused":
 			return broker.Token{}, errRefused
-		case "unknown", "w-unknown":
+		case "unknown":
 			return broker.Token{}, errUnknown
 		case "consent":
 			return broker.Token{}, errConsent

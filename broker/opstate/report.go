@@ -130,6 +130,12 @@ type Report struct {
 	Merchants []Merchant `json:"merchants"`
 	// Next is the After of the next page; absent on the last page.
 	Next string `json:"next,omitempty"`
+	// RecordsDropped counts the records of merchants whose token
+	// requests failed that the operator's view dropped, since the broker
+	// started, to stay within its bound (DefaultMaxMerchants): a wildcard
+	// merchant's first. Such a merchant shows no last error, and its
+	// failure's event may be emitted again.
+	RecordsDropped uint64 `json:"records_dropped"`
 }
 
 // Provider is the state of one provider's token API.

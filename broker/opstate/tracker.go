@@ -11,6 +11,7 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
+	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
@@ -28,8 +29,11 @@ type TrackerOptions struct {
 	// tracker's lock, on the token fetch path: it must be quick.
 	Emit func(event string, data map[string]any)
 	// MaxMerchants bounds the merchants remembered (only those whose
-	// token requests failed are): beyond it, a new one replaces an
-	// arbitrary other. Default DefaultMaxMerchants.
+	// token requests failed are): beyond it, a new merchant's record
+	// replaces a wildcard merchant's; when none is, a new explicit
+	// merchant's replaces an arbitrary other, and a new wildcard merchant
+	// is not remembered. Each record so lost is counted
+	// (Report.RecordsDropped). Default DefaultMaxMerchants.
 	MaxMerchants int
 }
 
@@ -47,10 +51,15 @@ type TrackerOptions struct {
 //
 // It is told of token API calls (Fetched), not of requests: nothing runs
 // per request. It is safe for concurrent use. It keeps a record only for
-// merchants whose token requests failed; Forget drops one (a wildcard
-// merchant the binding table evicts). The records of a replaced
-// configuration's merchants are kept, up to MaxMerchants, so that a
-// merchant still failing after a reload is not announced again.
+// merchants whose token requests failed. A wildcard merchant's lives as
+// long as a binding of it in the table: Forget drops it when the table
+// evicts the binding, and the failure of a binding whose merchant the
+// table no longer holds (a request in flight held it) makes none. A
+// merchant explicit in a registry (one of its explicit bindings failed)
+// is never forgotten, wildcard in another handler's registry or not. The
+// records of a replaced configuration's merchants are kept, up to
+// MaxMerchants, so that a merchant still failing after a reload is not
+// announced again.
 type Tracker struct {
 	now    func() time.Time
 	emit   func(event string, data map[string]any)
@@ -58,6 +67,12 @@ type Tracker struct {
 
 	mu        sync.Mutex
 	merchants map[string]*merchantRecord
+	// wild are the merchants of t.merchants whose records only wildcard
+	// bindings made: the first to go when the records are full, and the
+	// only ones Forget drops.
+	wild map[string]struct{}
+	// dropped counts the records lost to MaxMerchants.
+	dropped uint64
 	// failing maps a cache key to the merchants whose records hold a
 	// failure of it: a success of the key, through any merchant's
 	// request, ends their failures of it.
@@ -231,7 +246,7 @@ func NewTracker(o TrackerOptions) *Tracker {
 		o.MaxMerchants = DefaultMaxMerchants
 	}
 	return &Tracker{now: o.Now, emit: o.Emit, maxLen: o.MaxMerchants, merchants: map[string]*merchantRecord{},
-		failing: map[string][]string{}, providers: map[string]*providerRecord{}}
+		wild: map[string]struct{}{}, failing: map[string][]string{}, providers: map[string]*providerRecord{}}
 }
 
 // send emits the events, outside the lock.
@@ -255,24 +270,44 @@ func (t *Tracker) provider(name string) *providerRecord {
 	return p
 }
 
-// merchant returns the record of a merchant, made on first use (an
-// arbitrary other is dropped beyond MaxMerchants). Called with t.mu
-// held.
-func (t *Tracker) merchant(id string) *merchantRecord {
-	m := t.merchants[id]
-	if m == nil {
-		if len(t.merchants) >= t.maxLen {
-			for other := range t.merchants {
-				t.forget(other)
-				break
-			}
+// merchant returns the record of a merchant (wild: a wildcard binding's
+// failure), made on first use; beyond MaxMerchants, a wildcard merchant's
+// record goes for it, else an arbitrary other for an explicit merchant's,
+// and nil is returned for a wildcard merchant's. Called with t.mu held.
+func (t *Tracker) merchant(id string, wild bool) *merchantRecord {
+	if m := t.merchants[id]; m != nil {
+		if !wild {
+			delete(t.wild, id)
 		}
-		// A copy: an explicit merchant's id points into its registry's
-		// file, which must not stay alive after a reload replaced it.
-		m = &merchantRecord{id: strings.Clone(id)}
-		t.merchants[m.id] = m
+		return m
+	}
+	if len(t.merchants) >= t.maxLen {
+		t.dropped++
+		victim, ok := anyKey(t.wild)
+		if !ok {
+			if wild {
+				return nil
+			}
+			victim, _ = anyKey(t.merchants)
+		}
+		t.forget(victim)
+	}
+	// A copy: an explicit merchant's id points into its registry's
+	// file, which must not stay alive after a reload replaced it.
+	m := &merchantRecord{id: strings.Clone(id)}
+	t.merchants[m.id] = m
+	if wild {
+		t.wild[m.id] = struct{}{}
 	}
 	return m
+}
+
+// anyKey returns a key of m; false when m is empty.
+func anyKey[V any](m map[string]V) (string, bool) {
+	for k := range m {
+		return k, true
+	}
+	return "", false
 }
 
 // forget drops the record of a merchant and its failures' entries in
@@ -281,6 +316,7 @@ func (t *Tracker) forget(merchant string) {
 	if m := t.merchants[merchant]; m != nil {
 		t.dropFailures(m, func(keyFailure) bool { return true })
 		delete(t.merchants, merchant)
+		delete(t.wild, merchant)
 	}
 }
 
@@ -303,11 +339,20 @@ func failureState(err error, code errcode.Code) string {
 }
 
 // Fetched notes a call to a provider's token API for a binding (its
-// merchant and cache key) and how it ended (nil: a token). A cancelled
-// call, and one the provider asked to be sent again at once
-// (broker.RetryNowError), count as calls, and say nothing about the
-// provider or the merchant. It implements telemetry.Tap.
-func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
+// merchant and cache key) made by table (nil: none) and how it ended
+// (nil: a token). A cancelled call, and one the provider asked to be sent
+// again at once (broker.RetryNowError), count as calls, and say nothing
+// about the provider or the merchant. The failure of a wildcard binding
+// whose merchant table no longer holds (evicted while the call was in
+// flight) makes no record of it: the table's eviction forgot the merchant
+// (Forget), and a record made now would outlive its binding. A failure
+// without a table (an operator's check of a merchant no table holds,
+// explicit or wildcard: the tracker cannot tell) makes a wildcard
+// merchant's record, and leaves an existing record's class as it is: a
+// record of a merchant that no route served yet is the first to go, and
+// a failure of its explicit binding makes it an explicit merchant's. It
+// implements telemetry.Tap.
+func (t *Tracker) Fetched(provider string, b *broker.Binding, table telemetry.Holder, err error) {
 	now := t.now()
 	merchant := b.Merchant
 	var code errcode.Code
@@ -351,7 +396,18 @@ func (t *Tracker) Fetched(provider string, b *broker.Binding, err error) {
 		p.announce = false
 		evs = append(evs, event{EventProviderFailing, map[string]any{"provider": provider, "error": code.String()}})
 	}
-	m := t.merchant(merchant)
+	held, wild := true, true
+	if table != nil {
+		// Under t.mu: the table's eviction forgets after it lets b go.
+		held, wild = table.HoldsMerchant(merchant)
+	}
+	if !held {
+		return
+	}
+	m := t.merchant(merchant, wild)
+	if m == nil {
+		return
+	}
 	m.lastErr, m.lastErrAt = code, now
 	t.failed(m, b, state)
 	told := func(name string) {
@@ -395,12 +451,16 @@ func (t *Tracker) ConsentGranted(provider, merchant string) {
 	t.send([]event{{EventConsentGranted, map[string]any{"merchant": merchant, "provider": provider}}})
 }
 
-// Forget drops what the tracker remembers of a merchant: a wildcard
-// merchant that left the binding table.
+// Forget drops what the tracker remembers of a wildcard merchant that
+// left a binding table. The record of a merchant that an explicit binding
+// failed for stays: the merchant is explicit in a registry (another
+// handler's, say), where its binding stays as long as its table.
 func (t *Tracker) Forget(merchant string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.forget(merchant)
+	if _, ok := t.wild[merchant]; ok {
+		t.forget(merchant)
+	}
 }
 
 // SourceChanged notes that a source of a provider started or ended a

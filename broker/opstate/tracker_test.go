@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -115,7 +116,7 @@ func TestTrackerEmitsTransitionsOnly(t *testing.T) {
 		want []string
 	}
 	fetched := func(provider, merchant string, err error) func(*Tracker) {
-		return func(tr *Tracker) { tr.Fetched(provider, bind(merchant), err) }
+		return func(tr *Tracker) { tr.Fetched(provider, bind(merchant), nil, err) }
 	}
 	repeat := func(n int, f func(*Tracker)) func(*Tracker) {
 		return func(tr *Tracker) {
@@ -198,10 +199,10 @@ func TestTrackerRecords(t *testing.T) {
 	clk := clocktest.New(time.Unix(1_700_000_000, 0))
 	tr := NewTracker(TrackerOptions{Now: clk.Now})
 	failedAt := clk.Now()
-	tr.Fetched("nuapay", bind("acme"), errDown)
+	tr.Fetched("nuapay", bind("acme"), nil, errDown)
 	clk.Add(time.Minute)
-	tr.Fetched("nuapay", bind("acme"), nil)
-	tr.Fetched("nuapay", bind("globex"), nil)
+	tr.Fetched("nuapay", bind("acme"), nil, nil)
+	tr.Fetched("nuapay", bind("globex"), nil, nil)
 	s := tr.snapshot(clk.Now())
 	m := records(tr)["acme"]
 	if m.lastErr.String() != "token_unavailable" || !m.lastErrAt.Equal(failedAt) || m.failure() != "" {
@@ -228,12 +229,22 @@ func TestTrackerRecords(t *testing.T) {
 	}
 }
 
-// TestTrackerBounded: Forget drops a merchant; beyond MaxMerchants a new
-// merchant replaces another.
+// holder is a binding table holding merchants: merchant -> whether a
+// wildcard merchant (absent: not held).
+type holder map[string]bool
+
+func (h holder) HoldsMerchant(merchant string) (held, wild bool) {
+	wild, held = h[merchant]
+	return held, wild
+}
+
+// TestTrackerBounded: Forget drops a wildcard merchant; beyond
+// MaxMerchants a new merchant replaces another.
 func TestTrackerBounded(t *testing.T) {
 	tr := NewTracker(TrackerOptions{MaxMerchants: 10})
 	for i := range 100 {
-		tr.Fetched("nuapay", bind(fmt.Sprintf("m%d", i)), errDown)
+		id := fmt.Sprintf("m%d", i)
+		tr.Fetched("nuapay", bind(id), holder{id: true}, errDown)
 	}
 	if n := len(records(tr)); n != 10 {
 		t.Fatalf("%d merchants remembered, want at most 10", n)
@@ -244,6 +255,70 @@ func TestTrackerBounded(t *testing.T) {
 	tr.Forget("m99")
 	if _, ok := records(tr)["m99"]; ok {
 		t.Fatal("Forget kept the merchant")
+	}
+}
+
+// TestTrackerForget: Forget (a table evicted a wildcard merchant) drops
+// the record of a merchant that only wildcard bindings failed for; the
+// record of a merchant that an explicit binding failed for stays, the
+// merchant being wildcard in another table sharing the tracker or not. A
+// failure without a table (an operator's check of a merchant no table
+// holds) makes a wildcard merchant's record, and leaves a record's class
+// as it is.
+func TestTrackerForget(t *testing.T) {
+	wildcard, explicit := holder{"acme": true}, holder{"acme": false}
+	for _, tt := range []struct {
+		name   string
+		tables []telemetry.Holder // the tables of acme's failures, in order (nil: none)
+		kept   bool
+	}{
+		{"wildcard", []telemetry.Holder{wildcard}, false},
+		{"wildcard twice", []telemetry.Holder{wildcard, wildcard}, false},
+		{"explicit", []telemetry.Holder{explicit}, true},
+		{"wildcard, then explicit in another table", []telemetry.Holder{wildcard, explicit}, true},
+		{"explicit, then wildcard in another table", []telemetry.Holder{explicit, wildcard}, true},
+		{"no table", []telemetry.Holder{nil}, false},
+		{"wildcard, then no table", []telemetry.Holder{wildcard, nil}, false},
+		{"explicit, then no table", []telemetry.Holder{explicit, nil}, true},
+		{"no table, then explicit", []telemetry.Holder{nil, explicit}, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			tr := NewTracker(TrackerOptions{})
+			for _, h := range tt.tables {
+				tr.Fetched("nuapay", bind("acme"), h, errRefused)
+			}
+			tr.Forget("acme")
+			if _, kept := records(tr)["acme"]; kept != tt.kept {
+				t.Errorf("acme remembered: %v, want %v", kept, tt.kept)
+			}
+		})
+	}
+}
+
+// TestTrackerFullNoTable: with its records full of explicit merchants'
+// records, a failure without a table (an operator's check) drops none of
+// them; with a wildcard merchant's among them, that one goes for it.
+// MaxMerchants is 2.
+func TestTrackerFullNoTable(t *testing.T) {
+	tables := holder{"w": true, "x1": false, "x2": false}
+	for _, tt := range []struct {
+		name   string
+		before []string // merchants failing through tables, in order
+		want   []string // the merchants remembered after a check of "checked" failed
+	}{
+		{"full of explicit merchants", []string{"x1", "x2"}, []string{"x1", "x2"}},
+		{"a wildcard merchant's record among them", []string{"x1", "w"}, []string{"checked", "x1"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			tr := NewTracker(TrackerOptions{MaxMerchants: 2})
+			for _, id := range tt.before {
+				tr.Fetched("nuapay", bind(id), tables, errRefused)
+			}
+			tr.Fetched("nuapay", bind("checked"), nil, errRefused)
+			if got := slices.Sorted(maps.Keys(records(tr))); !slices.Equal(got, tt.want) {
+				t.Errorf("remembered %q, want %q", got, tt.want)
+			}
+		})
 	}
 }
 
@@ -269,31 +344,31 @@ func TestTrackerFailuresByKey(t *testing.T) {
 		wantLastError string
 	}{
 		{"refused on a key, a success on another", []func(*Tracker, *clocktest.Clock){
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errRefused) },
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil, errRefused) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil, nil) },
 		}, StateRefused, false, "token_refused"},
 		{"refused on a key, then its success", []func(*Tracker, *clocktest.Clock){
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errRefused) },
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, errDown) },
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil, errRefused) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil, errDown) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil, nil) },
 		}, StateBackingOff, false, "token_unavailable"},
 		{"consent lost on a key, a success on another", []func(*Tracker, *clocktest.Clock){
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errConsent) },
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil, errConsent) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil, nil) },
 		}, "", false, "consent_required"},
 		{"more keys than remembered: the oldest goes", []func(*Tracker, *clocktest.Clock){
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, errRefused) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", a, nil, errRefused) },
 			func(tr *Tracker, _ *clocktest.Clock) {
 				for i := range maxKeyFailures {
-					tr.Fetched("nuapay", bind("acme", fmt.Sprint(i)), errDown)
+					tr.Fetched("nuapay", bind("acme", fmt.Sprint(i)), nil, errDown)
 				}
 			},
 		}, StateBackingOff, true, "token_unavailable"},
 		{"the provider failed, then hours of refusals", []func(*Tracker, *clocktest.Clock){
-			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, errDown) },
+			func(tr *Tracker, _ *clocktest.Clock) { tr.Fetched("nuapay", b, nil, errDown) },
 			func(tr *Tracker, clk *clocktest.Clock) {
 				for range 120 {
-					tr.Fetched("nuapay", a, errRefused)
+					tr.Fetched("nuapay", a, nil, errRefused)
 					clk.Add(time.Minute)
 				}
 			},

@@ -15,6 +15,15 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/lograte"
 )
 
+// Holder says which merchants a binding table holds: bindings.Table
+// implements it.
+type Holder interface {
+	// HoldsMerchant reports whether the table holds a binding of the
+	// merchant, and whether that binding is a wildcard merchant's (false
+	// when it holds none).
+	HoldsMerchant(merchant string) (held, wild bool)
+}
+
 // Tap is told what a recorder's observers see, with the provider's name
 // resolved: the operator's view (opstate.Tracker) implements it. Its
 // methods are called on the token fetch path, not per request, and must
@@ -23,7 +32,10 @@ type Tap interface {
 	// Fetched is told of a call to a provider's token API for a binding
 	// (its merchant and cache key) and how it ended (nil: a token; a
 	// *broker.RetryNowError: no failure, the call is sent again at once).
-	Fetched(provider string, b *broker.Binding, err error)
+	// table is the binding table that made b (nil: none, an operator's
+	// check): whether it still holds a binding of b's merchant (the call
+	// may end after b was evicted), and whether a wildcard merchant's.
+	Fetched(provider string, b *broker.Binding, table Holder, err error)
 	// SourceChanged is told when a source's backoff starts or ends
 	// (Observer.SourceBackingOff) and when its breaker changes state
 	// (Observer.BreakerChanged): br, the broker of the source (nil when
@@ -41,6 +53,7 @@ type Recorder struct {
 	tap     Tap            // nil: nobody else is told
 	logger  *zap.Logger    // the token fetch and rejection logs
 	broker  *broker.Broker // the broker of the sources; nil: unknown
+	table   Holder         // the table of the bindings observed; nil: none
 
 	mu        sync.Mutex           // guards observers
 	observers map[string]*Observer // provider name -> the observer its bindings share, without the merchant label
@@ -77,6 +90,7 @@ func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 		}
 	}
 	if table != nil {
+		r.table = table
 		table.Each(func(_ string, b *bindings.Binding) {
 			export(b.SourceID)
 			b.Observer = r.observerFor(b, false)
@@ -185,6 +199,7 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 	case broker.RejectionKept:
 		r.metrics.PurgeKept(providerOf(b.SourceID), b.Merchant)
 	}
+	r.sweepEvicted(b)
 	r.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),
 		zap.String("fingerprint", rejected.Fingerprint()), zap.Stringer("outcome", outcome))
 }
@@ -230,6 +245,19 @@ func (r *Recorder) NonceRefused(b *broker.Binding, refused error) {
 	r.logger.Warn("a resource server's DPoP nonce challenge was passed on to the caller, not retried: the DPoP key refused its nonce", fields...)
 }
 
+// sweepEvicted deletes the merchant series that b just counted into when
+// its table holds no binding of b's merchant (it evicted b while a request
+// held it), unless a binding uses them (bindings.Series.Sweep): those of
+// a binding the table holds are deleted when it leaves the table.
+func (r *Recorder) sweepEvicted(b *broker.Binding) {
+	if r.metrics == nil || !r.metrics.merchantLabel || r.table == nil {
+		return
+	}
+	if held, _ := r.table.HoldsMerchant(b.Merchant); !held {
+		r.metrics.series.Sweep(providerOf(b.SourceID), b.Merchant)
+	}
+}
+
 // providerOf returns the name of the provider of a source: its ID's
 // part before "#" (config.Provider.ID).
 func providerOf(sourceID string) string {
@@ -273,9 +301,10 @@ func (o *Observer) Fetched(_ context.Context, b *broker.Binding, _ broker.Token,
 			}
 			m.BudgetUsed.WithLabelValues(provider, priority.String()).Inc()
 		}
+		o.r.sweepEvicted(b)
 	}
 	if o.r.tap != nil {
-		o.r.tap.Fetched(provider, b, err)
+		o.r.tap.Fetched(provider, b, o.r.table, err)
 	}
 }
 

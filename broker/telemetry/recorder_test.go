@@ -30,7 +30,7 @@ func (t *tap) note(s string) {
 	t.told = append(t.told, s)
 }
 
-func (t *tap) Fetched(provider string, b *broker.Binding, err error) {
+func (t *tap) Fetched(provider string, b *broker.Binding, _ Holder, err error) {
 	t.note(fmt.Sprintf("fetched %s %s failed=%v", provider, b.Merchant, err != nil))
 }
 
