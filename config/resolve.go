@@ -242,8 +242,8 @@ func readFile(path string, max int64) ([]byte, error) {
 	return b, err
 }
 
-// fingerprint hashes named values: the non-secret part of a provider's
-// resolved configuration into its ID (never a secret value, nor anything
+// fingerprint hashes named values: its registry's path and the non-secret
+// part of a provider's resolved configuration into its ID (never a secret value, nor anything
 // derived from one: a private key contributes its public key, a TLS
 // client certificate its bytes, which are public; the client key
 // nothing), and its secret values into its SecretVersion (under an HMAC
@@ -350,6 +350,7 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 		e.errf("type", "unknown provider type %q (known: %s)", raw.Type, typeNames())
 	}
 	fp := &fingerprint{sha256.New()}
+	fp.add("registry", e.p.registry)
 	fp.add("type", raw.Type)
 	pv := &Provider{Name: name, Type: raw.Type, Line: rp.line}
 

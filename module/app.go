@@ -310,8 +310,9 @@ func (a *App) Cleanup() error {
 		_, _ = pendingSweepers.Delete(a.sweeperKey)
 	}
 	var err error
-	if a.poolKey != "" {
+	if a.pooled != nil { // after its revocations at shutdown, which use what this config showed it
 		_, err = brokers.Delete(a.poolKey)
+		a.pooled.Release(a)
 	}
 	if a.fleetKey != "" {
 		_, _ = fleets.Delete(a.fleetKey)

@@ -70,6 +70,20 @@ func (in *Instance) Sources() opstate.Sources {
 	return s
 }
 
+// source returns the source of the provider whose ID is id as configured
+// now, in the app's registry or a handler's own; nil when none has it.
+func (in *Instance) source(id string) broker.Source {
+	src := in.Registry.Source(id)
+	if src == nil && in.Watched != nil {
+		for _, r := range in.Watched.Registries() {
+			if src = r.Registry.Source(id); src != nil {
+				break
+			}
+		}
+	}
+	return src
+}
+
 // Health is the health answer of the app in (nil: none runs): its
 // registry first, then the handlers' own.
 func (in *Instance) Health() probe.Health {
@@ -273,7 +287,7 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		// Not cancelled with the request: a token dropped from the cache
 		// and not revoked would stay valid, forgotten. Each call is bounded
 		// by its provider's timeout.
-		results := Revoke(context.WithoutCancel(r.Context()), entries, in.Registry.Source)
+		results := Revoke(context.WithoutCancel(r.Context()), entries, in.source)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
 	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge, revoke, check or refresh_token", action)}

@@ -56,9 +56,10 @@ client_secret = "{env.BANK_SECRET}"
 provider = "bank"
 scopes = ["payments"]
 `
+	load := configtest.Reloader(t, "merchants.toml")
 	parse := func(secret string) *config.Registry {
 		t.Helper()
-		reg, err := configtest.Load(t, "merchants.toml", []byte(toml), config.Options{
+		reg, err := load([]byte(toml), config.Options{
 			LookupEnv: func(k string) (string, bool) { return secret, k == "BANK_SECRET" }})
 		if err != nil {
 			t.Fatal(err)
@@ -74,7 +75,7 @@ scopes = ["payments"]
 	t.Cleanup(pb.Close)
 
 	old := parse("old-secret")
-	pb.SecretsSeen(old, zap.NewNop())
+	pb.SecretsSeen("config 1", old, zap.NewNop())
 	if err := get(pb, old); err == nil || !strings.Contains(err.Error(), "invalid_client") {
 		t.Fatalf("with the old secret: %v, want invalid_client", err)
 	}
@@ -88,7 +89,7 @@ scopes = ["payments"]
 		t.Fatal("the secret version shows the secret, or is part of the ID")
 	}
 	reloadCore, reloadLogs := observer.New(zap.InfoLevel)
-	pb.SecretsSeen(rotated, zap.New(reloadCore)) // what Provision does on the reload, with its config's logger
+	pb.SecretsSeen("config 2", rotated, zap.New(reloadCore)) // what Provision does on the reload, with its config's logger
 	if got := reloadLogs.FilterMessage("provider secret changed: its remembered failures are forgotten").Len(); got != 1 {
 		t.Fatalf("the reloading config's logger has %d lines saying the secret changed, want 1", got)
 	}
@@ -99,7 +100,74 @@ scopes = ["payments"]
 		t.Fatalf("token API calls = %d, want 2", calls.Load())
 	}
 	// A reload without a change forgets nothing.
-	pb.SecretsSeen(parse("new-secret"), zap.NewNop())
+	pb.SecretsSeen("config 3", parse("new-secret"), zap.NewNop())
+}
+
+// TestSecretsSeenPerRegistry: the app's registry and a handler's own,
+// each in its own folder, with a provider of one name and settings but
+// their own partner API keys, shown by each config of a reload after the
+// other: neither is taken for a rotation of the other (no failures
+// forgotten, nothing logged), and the source a revocation falls back on
+// for each is its own registry's. What a config showed goes once no
+// config that showed it is left (registries a reload dropped, the last
+// config at shutdown).
+func TestSecretsSeenPerRegistry(t *testing.T) {
+	load := func(key string) (*config.Registry, *config.Provider) {
+		t.Helper()
+		reg := nuapayRegistry(t, configtest.Reloader(t, "merchants.toml"), "https://gatekeeper.example", key)
+		return reg, reg.Providers["nuapay"]
+	}
+	core, logs := observer.New(zap.InfoLevel)
+	pb := &Broker{Broker: broker.New(broker.Options{}), Logger: zap.NewNop()}
+	t.Cleanup(pb.Close)
+	app, pa := load("partner-a")
+	own, po := load("partner-b")
+	for _, cfg := range []string{"config 1", "config 2"} {
+		pb.SecretsSeen(cfg, app, zap.New(core))
+		pb.SecretsSeen(cfg, own, zap.New(core))
+	}
+	if n := logs.FilterMessage("provider secret changed: its remembered failures are forgotten").Len(); n != 0 {
+		t.Errorf("%d lines say a secret changed, want none", n)
+	}
+	if pb.source(pa.ID) != pa.Source || pb.source(po.ID) != po.Source {
+		t.Error("a registry's provider ID falls back on the other registry's source")
+	}
+	pb.Release("config 1")
+	if pb.source(pa.ID) != pa.Source || pb.source(po.ID) != po.Source {
+		t.Error("the end of config 1 dropped what config 2 showed too")
+	}
+	other, pc := load("partner-c")
+	pb.SecretsSeen("config 3", other, zap.New(core)) // a reload without those two registries
+	pb.Release("config 2")
+	if len(pb.seen) != 1 || pb.source(pc.ID) != pc.Source {
+		t.Errorf("after config 2 ended, %d providers are kept, want config 3's one", len(pb.seen))
+	}
+	pb.Release("config 3")
+	if len(pb.seen) != 0 {
+		t.Errorf("after the last config ended, %d providers are kept", len(pb.seen))
+	}
+}
+
+// nuapayRegistry is a registry, written and loaded by load
+// (configtest.Reloader), of merchant acme of organisation org-acme at a
+// Nuapay provider at baseURL whose API key is key.
+func nuapayRegistry(t *testing.T, load func([]byte, config.Options) (*config.Registry, error), baseURL, key string) *config.Registry {
+	t.Helper()
+	toml := `[providers.nuapay]
+type = "nuapay"
+base_url = "` + baseURL + `"
+api_key = "{env.NUAPAY_API_KEY}"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+`
+	reg, err := load([]byte(toml), config.Options{LookupEnv: func(k string) (string, bool) { return key, k == "NUAPAY_API_KEY" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return reg
 }
 
 // gatekeeper is a Nuapay token API for the revocation tests: every
@@ -377,30 +445,13 @@ func TestRevokeAtShutdownUsesTheRotatedKey(t *testing.T) {
 		fmt.Fprint(w, `{"data":{"id":"t1","accessToken":"tok-1","tokenType":"BEARER","status":"ACTIVE"}}`)
 	}))
 	t.Cleanup(gk.Close)
-	toml := `[providers.nuapay]
-type = "nuapay"
-base_url = "` + gk.URL + `"
-api_key = "{env.NUAPAY_API_KEY}"
-
-[merchants.acme]
-provider = "nuapay"
-organisation = "org-acme"
-scopes = ["openbanking_pisp"]
-`
-	parse := func(key string) *config.Registry {
-		t.Helper()
-		reg, err := configtest.Load(t, "merchants.toml", []byte(toml), config.Options{
-			LookupEnv: func(k string) (string, bool) { return key, k == "NUAPAY_API_KEY" }})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return reg
-	}
+	load := configtest.Reloader(t, "merchants.toml")
+	parse := func(key string) *config.Registry { return nuapayRegistry(t, load, gk.URL, key) }
 	core, logs := observer.New(zap.InfoLevel)
 	pb := &Broker{Broker: broker.New(broker.Options{}), Logger: zap.New(core)}
 	t.Cleanup(pb.Close)
 	old := parse("old-partner-key")
-	pb.SecretsSeen(old, zap.NewNop())
+	pb.SecretsSeen("config 1", old, zap.NewNop())
 	p := old.Providers["nuapay"]
 	b := brokertest.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
 	if _, _, err := pb.Get(context.Background(), b); err != nil {
@@ -408,7 +459,7 @@ scopes = ["openbanking_pisp"]
 	}
 
 	validKey.Store("new-partner-key")
-	pb.SecretsSeen(parse("new-partner-key"), zap.NewNop())
+	pb.SecretsSeen("config 2", parse("new-partner-key"), zap.NewNop())
 	pb.Revoke(pb.Tokens())
 	lines := logs.FilterMessage("token revoked at shutdown").All()
 	if len(lines) != 1 || !lines[0].ContextMap()["revoked"].(bool) || revoked.Load() != 1 {

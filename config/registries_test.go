@@ -1,0 +1,119 @@
+package config_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
+	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
+	"github.com/tokenbroker/caddy-token-broker/internal/seal"
+)
+
+// TestRegistriesKeepTheirPartnersTokens: two registries with the same
+// text, in two folders, each reading its partner's API key from the file
+// next to it: a provider of one name and one set of settings, and merchant
+// acme at one organisation. Whether they share a broker (the app's
+// registry and a handler's own in one process) or two sidecars share
+// Redis, each registry's acme is served the token its own API key minted,
+// never the other partner's. A registry loaded again from its path after
+// its key rotated keeps the provider ID, and so the cached tokens.
+func TestRegistriesKeepTheirPartnersTokens(t *testing.T) {
+	gk := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		key, _, _ := r.BasicAuth()
+		w.WriteHeader(http.StatusCreated)
+		fmt.Fprintf(w, `{"data":{"id":"t-%s","accessToken":"minted-with-%s","tokenType":"BEARER","status":"ACTIVE"}}`, key, key)
+	}))
+	t.Cleanup(gk.Close)
+	text := []byte(`[providers.nuapay]
+type = "nuapay"
+base_url = "` + gk.URL + `"
+api_key = "{file.partner.key}"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+`)
+	// load writes the registry and key to dir and loads it.
+	load := func(dir, key string) *config.Registry {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, "partner.key"), []byte(key+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(dir, "merchants.toml")
+		if err := os.WriteFile(path, text, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		reg, err := config.LoadWith(path, config.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return reg
+	}
+	node := func(t *testing.T, shared broker.SharedCache) *broker.Broker {
+		br := broker.New(broker.Options{Shared: shared})
+		t.Cleanup(br.Close)
+		return br
+	}
+	for _, tc := range []struct {
+		name    string
+		brokers func(t *testing.T) (a, b *broker.Broker)
+	}{
+		{"one broker", func(t *testing.T) (a, b *broker.Broker) {
+			br := node(t, nil)
+			return br, br
+		}},
+		{"two sidecars sharing Redis", func(t *testing.T) (a, b *broker.Broker) {
+			srv := redistest.Start(t)
+			keys, err := seal.New(bytes.Repeat([]byte{7}, seal.KeySize))
+			if err != nil {
+				t.Fatal(err)
+			}
+			tier := func() broker.SharedCache {
+				c, err := fleet.New(fleet.Options{Client: srv.Client(), Keys: keys, Timeout: 5 * time.Second})
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { c.Close() })
+				return c
+			}
+			return node(t, tier()), node(t, tier())
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dirA, dirB := t.TempDir(), t.TempDir()
+			regA, regB := load(dirA, "partner-a"), load(dirB, "partner-b")
+			brA, brB := tc.brokers(t)
+			for _, step := range []struct {
+				br  *broker.Broker
+				reg *config.Registry
+				key string
+			}{{brA, regA, "partner-a"}, {brB, regB, "partner-b"}, {brA, regA, "partner-a"}} {
+				b, err := step.reg.Binding("acme", nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				tok, err := brokertest.Token(context.Background(), step.br, b)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got, want := tok.Value.Reveal(), "minted-with-"+step.key; got != want {
+					t.Errorf("acme of the registry keyed %s was served %q, want %q", step.key, got, want)
+				}
+			}
+			if rotated := load(dirA, "partner-a-2"); rotated.Providers["nuapay"].ID != regA.Providers["nuapay"].ID {
+				t.Errorf("the API key's rotation changed the provider ID: %s -> %s", regA.Providers["nuapay"].ID, rotated.Providers["nuapay"].ID)
+			}
+		})
+	}
+}
