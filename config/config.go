@@ -51,9 +51,12 @@ type Provider struct {
 	// every process of a fleet that loads the same configuration from the
 	// same path computes the same ID (a shared cache is keyed by it). It
 	// namespaces the token cache: it changes when the provider's endpoint
-	// or identity does, and two registries never share one (their API
-	// keys may differ); a secret rotation keeps it, and so the cached
-	// tokens.
+	// or identity does, and two registries at different paths (the app's
+	// and a handler's own) never share one (their API keys may differ);
+	// a secret rotation keeps it, and so the cached tokens. Registries
+	// loaded from one path by sidecars of different partners have the
+	// same IDs: only their own encryption keys keep their tokens apart in
+	// a Redis they share.
 	ID string
 	// SecretVersion changes when a resolved secret value of the provider
 	// (API key, client secret) does: an HMAC-SHA256 of them under a random

@@ -20,13 +20,17 @@ import (
 )
 
 // TestRegistriesKeepTheirPartnersTokens: two registries with the same
-// text, in two folders, each reading its partner's API key from the file
-// next to it: a provider of one name and one set of settings, and merchant
-// acme at one organisation. Whether they share a broker (the app's
+// text, each reading its partner's API key from the file next to it: a
+// provider of one name and one set of settings, and merchant acme at one
+// organisation. In two folders, whether they share a broker (the app's
 // registry and a handler's own in one process) or two sidecars share
-// Redis, each registry's acme is served the token its own API key minted,
-// never the other partner's. A registry loaded again from its path after
-// its key rotated keeps the provider ID, and so the cached tokens.
+// Redis and its encryption key, each registry's acme is served the token
+// its own API key minted, never the other partner's. At one path (two
+// partners' sidecars, each reading /etc/caddy/merchants.toml) the provider
+// IDs are the same: the sidecars of two partners sharing a Redis keep
+// their tokens apart only by their own encryption keys. A registry loaded
+// again from its path after its key rotated keeps the provider ID, and so
+// the cached tokens.
 func TestRegistriesKeepTheirPartnersTokens(t *testing.T) {
 	gk := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		key, _, _ := r.BasicAuth()
@@ -65,34 +69,50 @@ scopes = ["openbanking_pisp"]
 		t.Cleanup(br.Close)
 		return br
 	}
-	for _, tc := range []struct {
-		name    string
-		brokers func(t *testing.T) (a, b *broker.Broker)
-	}{
-		{"one broker", func(t *testing.T) (a, b *broker.Broker) {
-			br := node(t, nil)
-			return br, br
-		}},
-		{"two sidecars sharing Redis", func(t *testing.T) (a, b *broker.Broker) {
-			srv := redistest.Start(t)
-			keys, err := seal.New(bytes.Repeat([]byte{7}, seal.KeySize))
+	// sidecars are two brokers sharing a Redis, sealing with the
+	// encryption keys of fill bytes keyA and keyB.
+	sidecars := func(t *testing.T, keyA, keyB byte) (a, b *broker.Broker) {
+		srv := redistest.Start(t)
+		tier := func(fill byte) broker.SharedCache {
+			keys, err := seal.New(bytes.Repeat([]byte{fill}, seal.KeySize))
 			if err != nil {
 				t.Fatal(err)
 			}
-			tier := func() broker.SharedCache {
-				c, err := fleet.New(fleet.Options{Client: srv.Client(), Keys: keys, Timeout: 5 * time.Second})
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { c.Close() })
-				return c
+			c, err := fleet.New(fleet.Options{Client: srv.Client(), Keys: keys, Timeout: 5 * time.Second})
+			if err != nil {
+				t.Fatal(err)
 			}
-			return node(t, tier()), node(t, tier())
+			t.Cleanup(func() { c.Close() })
+			return c
+		}
+		return node(t, tier(keyA)), node(t, tier(keyB))
+	}
+	for _, tc := range []struct {
+		name string
+		// onePath loads both registries from one path.
+		onePath bool
+		brokers func(t *testing.T) (a, b *broker.Broker)
+	}{
+		{"one broker, two paths", false, func(t *testing.T) (a, b *broker.Broker) {
+			br := node(t, nil)
+			return br, br
+		}},
+		{"two sidecars sharing Redis and its encryption key, two paths", false, func(t *testing.T) (a, b *broker.Broker) {
+			return sidecars(t, 7, 7)
+		}},
+		{"two partners' sidecars sharing Redis, each with its encryption key, one path", true, func(t *testing.T) (a, b *broker.Broker) {
+			return sidecars(t, 7, 8)
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dirA, dirB := t.TempDir(), t.TempDir()
+			if tc.onePath {
+				dirB = dirA
+			}
 			regA, regB := load(dirA, "partner-a"), load(dirB, "partner-b")
+			if sameID := regA.Providers["nuapay"].ID == regB.Providers["nuapay"].ID; sameID != tc.onePath {
+				t.Fatalf("one provider ID: %t, want %t", sameID, tc.onePath)
+			}
 			brA, brB := tc.brokers(t)
 			for _, step := range []struct {
 				br  *broker.Broker
