@@ -76,13 +76,16 @@ func (p *Broker) SecretsSeen(owner any, reg *config.Registry, logger *zap.Logger
 }
 
 // Release forgets what the config owner showed (SecretsSeen), but for the
-// providers a config not released yet showed too: the config is gone.
+// providers a config not released yet showed too: the config is gone. The
+// failure policy forgets those providers too (broker.ForgetSource), so
+// that one a later config adds back is called at once.
 func (p *Broker) Release(owner any) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for id, sp := range p.seen {
 		if sp.owners = slices.DeleteFunc(sp.owners, func(o any) bool { return o == owner }); len(sp.owners) == 0 {
 			delete(p.seen, id)
+			p.ForgetSource(id)
 		}
 	}
 }

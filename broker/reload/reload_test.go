@@ -148,6 +148,33 @@ func TestSecretsSeenPerRegistry(t *testing.T) {
 	}
 }
 
+// TestReleaseForgetsFailures: the failures remembered for a provider
+// (a 429's backoff) are forgotten once no config that showed it is left,
+// so that a provider a reload removed and a later one added back (its key
+// fixed, say) is called at once; those of a provider a config still
+// running shows are kept.
+func TestReleaseForgetsFailures(t *testing.T) {
+	base := gatekeeper(t, func(*http.Request) {})
+	pb := &Broker{Broker: broker.New(broker.Options{MaxAttempts: 1}), Logger: zap.NewNop()}
+	t.Cleanup(pb.Close)
+	kept := nuapayRegistry(t, configtest.Reloader(t, "merchants.toml"), base, "partner-a").Providers["nuapay"]
+	dropped := nuapayRegistry(t, configtest.Reloader(t, "merchants.toml"), base, "partner-b").Providers["nuapay"]
+	pb.SecretsSeen("config 1", &config.Registry{Providers: map[string]*config.Provider{"kept": kept, "dropped": dropped}}, zap.NewNop())
+	pb.SecretsSeen("config 2", &config.Registry{Providers: map[string]*config.Provider{"kept": kept}}, zap.NewNop())
+	for _, p := range []*config.Provider{kept, dropped} {
+		if err := fetch(t, pb, base, p.ID, "acme", "o-429"); err == nil {
+			t.Fatal("a 429 gave a token")
+		}
+	}
+	pb.Release("config 1")
+	if h := pb.SourceHealth(dropped.ID); !h.BackoffUntil.IsZero() {
+		t.Errorf("the provider no config shows is still held until %s", h.BackoffUntil)
+	}
+	if h := pb.SourceHealth(kept.ID); h.BackoffUntil.IsZero() {
+		t.Error("the provider config 2 shows was forgotten")
+	}
+}
+
 // nuapayRegistry is a registry, written and loaded by load
 // (configtest.Reloader), of merchant acme of organisation org-acme at a
 // Nuapay provider at baseURL whose API key is key.
