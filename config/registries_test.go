@@ -137,3 +137,47 @@ scopes = ["openbanking_pisp"]
 		})
 	}
 }
+
+// TestProviderIDOfOnePathSpeltTwoWays: a registry's path spelt two ways
+// ("merchants.toml", "./merchants.toml", "conf/../merchants.toml") gives
+// its providers one ID, so their tokens carry over a reload that writes
+// the path another way; a registry at another path has another ID.
+func TestProviderIDOfOnePathSpeltTwoWays(t *testing.T) {
+	dir := t.TempDir()
+	text := []byte(`[providers.nuapay]
+type = "nuapay"
+base_url = "https://gatekeeper.example"
+api_key = "{env.NUAPAY_API_KEY}"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+`)
+	for _, name := range []string{"merchants.toml", "other.toml"} {
+		if err := os.WriteFile(filepath.Join(dir, name), text, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(filepath.Join(dir, "conf"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(dir)
+	id := func(path string) string {
+		t.Helper()
+		reg, err := config.LoadWith(path, config.Options{LookupEnv: func(string) (string, bool) { return "k", true }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return reg.Providers["nuapay"].ID
+	}
+	want := id("merchants.toml")
+	for _, path := range []string{"./merchants.toml", "conf/../merchants.toml", "merchants.toml"} {
+		if got := id(path); got != want {
+			t.Errorf("ID from %q: %s, want %s (from merchants.toml)", path, got, want)
+		}
+	}
+	if id("other.toml") == want {
+		t.Error("a registry at another path has the same provider ID")
+	}
+}
