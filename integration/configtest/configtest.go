@@ -10,7 +10,9 @@ import (
 )
 
 // Load writes data to a file named name in a fresh folder and loads it
-// with config.LoadWith.
+// with config.LoadWith. Each call is a new registry, at a new path, whose
+// providers have new IDs (the path is part of them): to load one registry
+// again, as a reload does, use Reloader.
 func Load(tb testing.TB, name string, data []byte, opts config.Options) (*config.Registry, error) {
 	tb.Helper()
 	return Reloader(tb, name)(data, opts)
