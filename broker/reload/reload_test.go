@@ -99,8 +99,23 @@ scopes = ["payments"]
 	if calls.Load() != 2 {
 		t.Fatalf("token API calls = %d, want 2", calls.Load())
 	}
-	// A reload without a change forgets nothing.
-	pb.SecretsSeen("config 3", parse("new-secret"), zap.NewNop())
+	// A reload without a change forgets nothing: the credential refused
+	// again (the partner revoked it) stays held.
+	valid.Store("newer-secret")
+	pb.PurgeMatching(func(*broker.Binding) bool { return true })
+	if err := get(pb, rotated); err == nil || !strings.Contains(err.Error(), "invalid_client") {
+		t.Fatalf("with the new secret revoked: %v, want invalid_client", err)
+	}
+	pb.SecretsSeen("config 3", parse("new-secret"), zap.New(reloadCore))
+	if got := reloadLogs.FilterMessage("provider secret changed: its remembered failures are forgotten").Len(); got != 1 {
+		t.Errorf("after a reload without a change, %d lines say the secret changed, want the rotation's 1", got)
+	}
+	if h := pb.SourceHealth(pn.ID); h.BackoffUntil.IsZero() {
+		t.Error("a reload without a change forgot the refused credential")
+	}
+	if err := get(pb, rotated); err == nil || calls.Load() != 3 {
+		t.Errorf("after a reload without a change: %v, %d token API calls; want the refusal remembered, 3 calls", err, calls.Load())
+	}
 }
 
 // TestSecretsSeenPerRegistry: the app's registry and a handler's own,
