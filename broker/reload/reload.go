@@ -42,13 +42,18 @@ type Broker struct {
 	revokeTimeout time.Duration
 }
 
+// Owner is a config that shows the broker its registries (SecretsSeen)
+// until it is released (Release). Owners are compared by identity: each
+// config has its own *Owner (Owner is not zero-size, so two are never
+// equal).
+type Owner struct{ _ byte }
+
 // SecretsSeen records the secret version and the source of every
 // provider of reg (Revoke falls back on the source last seen for its ID),
-// shown by the config owner (a comparable value naming it, its app), and
-// forgets the failure policy's memory of those whose secret changed since
+// shown by the config owner, and forgets the failure policy's memory of those whose secret changed since
 // the broker last saw them (see broker.ForgetSource), logging it with
 // logger: the logger of the config that loads reg.
-func (p *Broker) SecretsSeen(owner any, reg *config.Registry, logger *zap.Logger) {
+func (p *Broker) SecretsSeen(owner *Owner, reg *config.Registry, logger *zap.Logger) {
 	if reg == nil {
 		return
 	}
@@ -79,11 +84,11 @@ func (p *Broker) SecretsSeen(owner any, reg *config.Registry, logger *zap.Logger
 // providers a config not released yet showed too: the config is gone. The
 // failure policy forgets those providers too (broker.ForgetSource), so
 // that one a later config adds back is called at once.
-func (p *Broker) Release(owner any) {
+func (p *Broker) Release(owner *Owner) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for id, sp := range p.seen {
-		if sp.owners = slices.DeleteFunc(sp.owners, func(o any) bool { return o == owner }); len(sp.owners) == 0 {
+		if sp.owners = slices.DeleteFunc(sp.owners, func(o *Owner) bool { return o == owner }); len(sp.owners) == 0 {
 			delete(p.seen, id)
 			p.ForgetSource(id)
 		}
@@ -185,7 +190,7 @@ func (p *Broker) source(id string) broker.Source {
 type seenProvider struct {
 	secretVersion string
 	source        broker.Source
-	owners        []any
+	owners        []*Owner
 }
 
 // revoke revokes e's token at its provider, unless the failure policy

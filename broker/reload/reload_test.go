@@ -75,7 +75,7 @@ scopes = ["payments"]
 	t.Cleanup(pb.Close)
 
 	old := parse("old-secret")
-	pb.SecretsSeen("config 1", old, zap.NewNop())
+	pb.SecretsSeen(new(Owner), old, zap.NewNop())
 	if err := get(pb, old); err == nil || !strings.Contains(err.Error(), "invalid_client") {
 		t.Fatalf("with the old secret: %v, want invalid_client", err)
 	}
@@ -89,7 +89,7 @@ scopes = ["payments"]
 		t.Fatal("the secret version shows the secret, or is part of the ID")
 	}
 	reloadCore, reloadLogs := observer.New(zap.InfoLevel)
-	pb.SecretsSeen("config 2", rotated, zap.New(reloadCore)) // what Provision does on the reload, with its config's logger
+	pb.SecretsSeen(new(Owner), rotated, zap.New(reloadCore)) // what Provision does on the reload, with its config's logger
 	if got := reloadLogs.FilterMessage("provider secret changed: its remembered failures are forgotten").Len(); got != 1 {
 		t.Fatalf("the reloading config's logger has %d lines saying the secret changed, want 1", got)
 	}
@@ -106,7 +106,7 @@ scopes = ["payments"]
 	if err := get(pb, rotated); err == nil || !strings.Contains(err.Error(), "invalid_client") {
 		t.Fatalf("with the new secret revoked: %v, want invalid_client", err)
 	}
-	pb.SecretsSeen("config 3", parse("new-secret"), zap.New(reloadCore))
+	pb.SecretsSeen(new(Owner), parse("new-secret"), zap.New(reloadCore))
 	if got := reloadLogs.FilterMessage("provider secret changed: its remembered failures are forgotten").Len(); got != 1 {
 		t.Errorf("after a reload without a change, %d lines say the secret changed, want the rotation's 1", got)
 	}
@@ -137,7 +137,8 @@ func TestSecretsSeenPerRegistry(t *testing.T) {
 	t.Cleanup(pb.Close)
 	app, pa := load("partner-a")
 	own, po := load("partner-b")
-	for _, cfg := range []string{"config 1", "config 2"} {
+	config1, config2, config3 := new(Owner), new(Owner), new(Owner)
+	for _, cfg := range []*Owner{config1, config2} {
 		pb.SecretsSeen(cfg, app, zap.New(core))
 		pb.SecretsSeen(cfg, own, zap.New(core))
 	}
@@ -147,17 +148,17 @@ func TestSecretsSeenPerRegistry(t *testing.T) {
 	if pb.source(pa.ID) != pa.Source || pb.source(po.ID) != po.Source {
 		t.Error("a registry's provider ID falls back on the other registry's source")
 	}
-	pb.Release("config 1")
+	pb.Release(config1)
 	if pb.source(pa.ID) != pa.Source || pb.source(po.ID) != po.Source {
 		t.Error("the end of config 1 dropped what config 2 showed too")
 	}
 	other, pc := load("partner-c")
-	pb.SecretsSeen("config 3", other, zap.New(core)) // a reload without those two registries
-	pb.Release("config 2")
+	pb.SecretsSeen(config3, other, zap.New(core)) // a reload without those two registries
+	pb.Release(config2)
 	if len(pb.seen) != 1 || pb.source(pc.ID) != pc.Source {
 		t.Errorf("after config 2 ended, %d providers are kept, want config 3's one", len(pb.seen))
 	}
-	pb.Release("config 3")
+	pb.Release(config3)
 	if len(pb.seen) != 0 {
 		t.Errorf("after the last config ended, %d providers are kept", len(pb.seen))
 	}
@@ -174,14 +175,15 @@ func TestReleaseForgetsFailures(t *testing.T) {
 	t.Cleanup(pb.Close)
 	kept := nuapayRegistry(t, configtest.Reloader(t, "merchants.toml"), base, "partner-a").Providers["nuapay"]
 	dropped := nuapayRegistry(t, configtest.Reloader(t, "merchants.toml"), base, "partner-b").Providers["nuapay"]
-	pb.SecretsSeen("config 1", &config.Registry{Providers: map[string]*config.Provider{"kept": kept, "dropped": dropped}}, zap.NewNop())
-	pb.SecretsSeen("config 2", &config.Registry{Providers: map[string]*config.Provider{"kept": kept}}, zap.NewNop())
+	config1, config2 := new(Owner), new(Owner)
+	pb.SecretsSeen(config1, &config.Registry{Providers: map[string]*config.Provider{"kept": kept, "dropped": dropped}}, zap.NewNop())
+	pb.SecretsSeen(config2, &config.Registry{Providers: map[string]*config.Provider{"kept": kept}}, zap.NewNop())
 	for _, p := range []*config.Provider{kept, dropped} {
 		if err := fetch(t, pb, base, p.ID, "acme", "o-429"); err == nil {
 			t.Fatal("a 429 gave a token")
 		}
 	}
-	pb.Release("config 1")
+	pb.Release(config1)
 	if h := pb.SourceHealth(dropped.ID); !h.BackoffUntil.IsZero() {
 		t.Errorf("the provider no config shows is still held until %s", h.BackoffUntil)
 	}
@@ -493,7 +495,7 @@ func TestRevokeAtShutdownUsesTheRotatedKey(t *testing.T) {
 	pb := &Broker{Broker: broker.New(broker.Options{}), Logger: zap.New(core)}
 	t.Cleanup(pb.Close)
 	old := parse("old-partner-key")
-	pb.SecretsSeen("config 1", old, zap.NewNop())
+	pb.SecretsSeen(new(Owner), old, zap.NewNop())
 	p := old.Providers["nuapay"]
 	b := brokertest.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
 	if _, _, err := pb.Get(context.Background(), b); err != nil {
@@ -501,7 +503,7 @@ func TestRevokeAtShutdownUsesTheRotatedKey(t *testing.T) {
 	}
 
 	validKey.Store("new-partner-key")
-	pb.SecretsSeen("config 2", parse("new-partner-key"), zap.NewNop())
+	pb.SecretsSeen(new(Owner), parse("new-partner-key"), zap.NewNop())
 	pb.Revoke(pb.Tokens())
 	lines := logs.FilterMessage("token revoked at shutdown").All()
 	if len(lines) != 1 || !lines[0].ContextMap()["revoked"].(bool) || revoked.Load() != 1 {
