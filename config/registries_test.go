@@ -38,16 +38,7 @@ func TestRegistriesKeepTheirPartnersTokens(t *testing.T) {
 		fmt.Fprintf(w, `{"data":{"id":"t-%s","accessToken":"minted-with-%s","tokenType":"BEARER","status":"ACTIVE"}}`, key, key)
 	}))
 	t.Cleanup(gk.Close)
-	text := []byte(`[providers.nuapay]
-type = "nuapay"
-base_url = "` + gk.URL + `"
-api_key = "{file.partner.key}"
-
-[merchants.acme]
-provider = "nuapay"
-organisation = "org-acme"
-scopes = ["openbanking_pisp"]
-`)
+	text := acmeRegistry(gk.URL, "{file.partner.key}")
 	// load writes the registry and key to dir and loads it.
 	load := func(dir, key string) *config.Registry {
 		t.Helper()
@@ -144,16 +135,7 @@ scopes = ["openbanking_pisp"]
 // the path another way; a registry at another path has another ID.
 func TestProviderIDOfOnePathSpeltTwoWays(t *testing.T) {
 	dir := t.TempDir()
-	text := []byte(`[providers.nuapay]
-type = "nuapay"
-base_url = "https://gatekeeper.example"
-api_key = "{env.NUAPAY_API_KEY}"
-
-[merchants.acme]
-provider = "nuapay"
-organisation = "org-acme"
-scopes = ["openbanking_pisp"]
-`)
+	text := acmeRegistry("https://gatekeeper.example", "{env.NUAPAY_API_KEY}")
 	for _, name := range []string{"merchants.toml", "other.toml"} {
 		if err := os.WriteFile(filepath.Join(dir, name), text, 0o600); err != nil {
 			t.Fatal(err)
@@ -180,4 +162,20 @@ scopes = ["openbanking_pisp"]
 	if id("other.toml") == want {
 		t.Error("a registry at another path has the same provider ID")
 	}
+}
+
+// acmeRegistry is the text of a registry of merchant acme of organisation
+// org-acme at a Nuapay provider at baseURL whose api_key is apiKey (a
+// reference).
+func acmeRegistry(baseURL, apiKey string) []byte {
+	return []byte(`[providers.nuapay]
+type = "nuapay"
+base_url = "` + baseURL + `"
+api_key = "` + apiKey + `"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+`)
 }
