@@ -42,15 +42,21 @@ type Provider struct {
 	// Type is the token API type ("nuapay", "oauth2").
 	Type string
 	// ID is Name + "#" + the first 12 hex characters of a SHA-256 over the
-	// non-secret part of the provider's resolved configuration (type,
-	// URLs, client id, auth method, timeout, lifetimes, parameters, the
-	// bytes of the TLS certificate and CA files, the public key of a
-	// private_key_jwt key, the thumbprint of a DPoP key). No secret value (API key, client secret, TLS
-	// or JWT private key) goes into it, so it is no oracle for a secret;
-	// and every process of a fleet with the same configuration computes
-	// the same ID (a shared cache is keyed by it). It namespaces the token
-	// cache: it changes when the provider's endpoint or identity does; a
-	// secret rotation keeps it, and so the cached tokens.
+	// registry's Path and the non-secret part of the provider's resolved
+	// configuration (type, URLs, client id, auth method, timeout,
+	// lifetimes, parameters, the bytes of the TLS certificate and CA
+	// files, the public key of a private_key_jwt key, the thumbprint of a
+	// DPoP key). No secret value (API key, client secret, TLS or JWT
+	// private key) goes into it, so it is no oracle for a secret; and
+	// every process of a fleet that loads the same configuration from the
+	// same path computes the same ID (a shared cache is keyed by it). It
+	// namespaces the token cache: it changes when the provider's endpoint
+	// or identity does, and two registries at different paths (the app's
+	// and a handler's own) never share one (their API keys may differ);
+	// a secret rotation keeps it, and so the cached tokens. Registries
+	// loaded from one path by sidecars of different partners have the
+	// same IDs: only their own encryption keys keep their tokens apart in
+	// a Redis they share.
 	ID string
 	// SecretVersion changes when a resolved secret value of the provider
 	// (API key, client secret) does: an HMAC-SHA256 of them under a random

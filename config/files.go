@@ -178,9 +178,9 @@ type parser struct {
 	inputs inputs // the variables and files read (inputs.go)
 
 	// registry is the path of the registry (Registry.Path), which names
-	// it in the keys of the refresh store (oauth.StoreKey): two
-	// registries with a provider of the same name keep their refresh
-	// tokens apart. Merge's only.
+	// it in its providers' IDs and in the keys of the refresh store
+	// (oauth.StoreKey): two registries with a provider of the same name
+	// keep their tokens and refresh tokens apart. Merge's only.
 	registry string
 }
 

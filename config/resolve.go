@@ -242,9 +242,10 @@ func readFile(path string, max int64) ([]byte, error) {
 	return b, err
 }
 
-// fingerprint hashes named values: the non-secret part of a provider's
-// resolved configuration into its ID (never a secret value, nor anything
-// derived from one: a private key contributes its public key, a TLS
+// fingerprint hashes named values: its registry's path (cleaned:
+// "./merchants.toml" is "merchants.toml") and the non-secret part of a
+// provider's resolved configuration into its ID (never a secret value,
+// nor anything derived from one: a private key contributes its public key, a TLS
 // client certificate its bytes, which are public; the client key
 // nothing), and its secret values into its SecretVersion (under an HMAC
 // key, secretversion.go).
@@ -350,6 +351,7 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 		e.errf("type", "unknown provider type %q (known: %s)", raw.Type, typeNames())
 	}
 	fp := &fingerprint{sha256.New()}
+	fp.add("registry", filepath.Clean(e.p.registry)) // as written, links not followed: a ConfigMap's update swaps its ..data link
 	fp.add("type", raw.Type)
 	pv := &Provider{Name: name, Type: raw.Type, Line: rp.line}
 

@@ -122,6 +122,7 @@ type App struct {
 	tracker     *opstate.Tracker // the operator's view, kept with the broker (pooledBroker)
 	stateIndex  *opstate.Index   // the registry's merchants sorted, for the operator's view
 	pooled      *pooledBroker
+	owner       reload.Owner // this config, to the pooled broker (SecretsSeen, Release)
 	poolKey     string
 	logger      *zap.Logger
 	kept        *reload.Logger // the logger of the objects kept across reloads (keptLoggers)
@@ -310,8 +311,9 @@ func (a *App) Cleanup() error {
 		_, _ = pendingSweepers.Delete(a.sweeperKey)
 	}
 	var err error
-	if a.poolKey != "" {
+	if a.pooled != nil { // after its revocations at shutdown, which use what this config showed it
 		_, err = brokers.Delete(a.poolKey)
+		a.pooled.Release(&a.owner)
 	}
 	if a.fleetKey != "" {
 		_, _ = fleets.Delete(a.fleetKey)

@@ -46,5 +46,5 @@ func (a *App) useRegistry(reg *config.Registry) {
 	held := reg.Budgets()
 	budgetKeeper.Hold(held)
 	a.budgets = append(a.budgets, held...)
-	a.pooled.SecretsSeen(reg, a.logger)
+	a.pooled.SecretsSeen(&a.owner, reg, a.logger)
 }

@@ -10,6 +10,7 @@
 package module
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net/http"
@@ -224,15 +225,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.callers = app.Callers
 	h.site = &app.site
 	h.refusals = app.refusals
-	if h.Merchant == "" {
-		h.Merchant = DefaultMerchant
-	}
+	h.Merchant = cmp.Or(h.Merchant, DefaultMerchant)
 	if h.merchant, err = admission.ParseSelector(h.Merchant, expandShorthands); err != nil {
 		return fmt.Errorf("token_broker: merchant: %w", err)
 	}
-	if h.Errors == "" {
-		h.Errors = "json"
-	}
+	h.Errors = cmp.Or(h.Errors, "json")
 	reg := app.registry
 	if h.Config != "" {
 		// A handler's own registry keeps its refresh tokens in Caddy's

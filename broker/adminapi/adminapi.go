@@ -151,23 +151,27 @@ type RevokeResult struct {
 }
 
 // MerchantTokens matches the cached tokens a merchant is served: those
-// of its provider and organisation in reg (a token can be shared by
-// merchants with the same source, organisation, scopes and audience, and
-// a Nuapay revocation without a token id revokes the whole
-// organisation), and, for per-merchant sources, its own. reg may be nil.
-func MerchantTokens(reg *config.Registry, merchant string) func(*broker.Binding) bool {
-	var m *config.Merchant
-	var sourceID string
-	if reg != nil {
-		if m = reg.Merchants[merchant]; m != nil {
-			sourceID = reg.Providers[m.Provider].ID
+// of its provider and organisation in each of regs that has it (a token
+// can be shared by merchants with the same source, organisation, scopes
+// and audience, and a Nuapay revocation without a token id revokes the
+// whole organisation), and, for per-merchant sources, its own. A nil
+// registry in regs has no merchant.
+func MerchantTokens(merchant string, regs ...*config.Registry) func(*broker.Binding) bool {
+	type org struct{ sourceID, organisation string }
+	var orgs []org
+	for _, reg := range regs {
+		if reg == nil {
+			continue
+		}
+		if m := reg.Merchants[merchant]; m != nil {
+			orgs = append(orgs, org{reg.Providers[m.Provider].ID, m.Organisation})
 		}
 	}
 	return func(b *broker.Binding) bool {
 		if b.Merchant == merchant {
 			return true
 		}
-		if m == nil || b.SourceID != sourceID || b.Organisation != m.Organisation {
+		if !slices.Contains(orgs, org{b.SourceID, b.Organisation}) {
 			return false
 		}
 		pm, ok := b.Source.(broker.PerMerchant)

@@ -16,14 +16,23 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/probe"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 )
 
 // checkRegistry is a registry of a Nuapay provider at baseURL, whose API
 // key is key, with a merchant of a known organisation and one of an
 // unknown one.
 func checkRegistry(t *testing.T, baseURL, key string) *config.Registry {
+	t.Helper()
+	return checkRegistryIn(t, configtest.Reloader(t, "merchants.toml"), baseURL, key)
+}
+
+// checkRegistryIn is checkRegistry, written and loaded by load
+// (configtest.Reloader): another load by it is the same registry again.
+func checkRegistryIn(t *testing.T, load func([]byte, config.Options) (*config.Registry, error), baseURL, key string) *config.Registry {
 	t.Helper()
 	reg := fmt.Sprintf(`[providers.nuapay]
 type = "nuapay"
@@ -41,11 +50,7 @@ provider = "nuapay"
 organisation = "org-ghost"
 scopes = ["openbanking_pisp"]
 `, baseURL)
-	path := filepath.Join(t.TempDir(), "merchants.toml")
-	if err := os.WriteFile(path, []byte(reg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r, err := config.LoadWith(path, config.Options{LookupEnv: func(string) (string, bool) { return key, true }})
+	r, err := load([]byte(reg), config.Options{LookupEnv: func(string) (string, bool) { return key, true }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,11 +131,14 @@ func TestCheck(t *testing.T) {
 
 // TestTokensOfAMerchantSharingAToken: a merchant served the token cached
 // for another merchant of its organisation (one cache key) is shown that
-// token by GET /token_broker/tokens?merchant=, the token its purge drops.
+// token by GET /token_broker/tokens?merchant=, the token its purge drops
+// and its revocation revokes, whether the registry that has them is the
+// app's or a route's own (the app's registry, at another path, has a
+// provider of the same name and settings).
 func TestTokensOfAMerchantSharingAToken(t *testing.T) {
-	sb := httptest.NewServer(sandbox.New(sandbox.Config{APIKeys: []string{"good-key"},
-		Organisations: []sandbox.Organisation{{ID: "org-acme", Name: "Acme"}}}))
-	t.Cleanup(sb.Close)
+	sb := sandbox.New(sandbox.Config{APIKeys: []string{"good-key"}, Organisations: []sandbox.Organisation{{ID: "org-acme", Name: "Acme"}}})
+	srv := httptest.NewServer(sb)
+	t.Cleanup(srv.Close)
 	path := filepath.Join(t.TempDir(), "merchants.toml")
 	if err := os.WriteFile(path, []byte(fmt.Sprintf(`[providers.nuapay]
 type = "nuapay"
@@ -146,31 +154,64 @@ scopes = ["openbanking_pisp"]
 provider = "nuapay"
 organisation = "org-acme"
 scopes = ["openbanking_pisp"]
-`, sb.URL)), 0o600); err != nil {
+`, srv.URL)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	reg, err := config.LoadWith(path, config.Options{LookupEnv: func(string) (string, bool) { return "good-key", true }})
 	if err != nil {
 		t.Fatal(err)
 	}
-	br := broker.New(broker.Options{})
-	t.Cleanup(br.Close)
-	if res, err := Check(context.Background(), reg, br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
-		t.Fatalf("check acme: %+v, %v", res, err)
-	}
-	in := &Instance{Registry: reg, Broker: br, Logger: zap.NewNop()}
-	rec := httptest.NewRecorder()
-	if err := Serve(rec, httptest.NewRequest(http.MethodGet, "/token_broker/tokens?merchant=acme-eu", nil), in); err != nil {
-		t.Fatal(err)
-	}
-	var list struct{ Tokens []TokenInfo }
-	if err := json.Unmarshal(rec.Body.Bytes(), &list); err != nil || len(list.Tokens) != 1 {
-		t.Fatalf("tokens of acme-eu: %s (%v), want the one token it is served", rec.Body, err)
-	}
-	rec = httptest.NewRecorder()
-	if err := Serve(rec, httptest.NewRequest(http.MethodPost, "/token_broker/merchants/acme-eu/purge", nil), in); err != nil ||
-		!strings.Contains(rec.Body.String(), `"purged":1`) {
-		t.Fatalf("purge of acme-eu: %s, %v", rec.Body, err)
+	for _, tt := range []struct {
+		name     string
+		instance func() *Instance
+	}{
+		{"the app's registry", func() *Instance { return &Instance{Registry: reg} }},
+		{"a route's own registry", func() *Instance {
+			in := &Instance{Registry: checkRegistry(t, srv.URL, "good-key"), Watched: &probe.Watched{}}
+			in.Watched.Add(reg, nil)
+			return in
+		}},
+		{"a route's own registry, the app without one", func() *Instance {
+			in := &Instance{Watched: &probe.Watched{}}
+			in.Watched.Add(reg, nil)
+			return in
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			br := broker.New(broker.Options{})
+			t.Cleanup(br.Close)
+			in := tt.instance()
+			in.Broker, in.Logger = br, zap.NewNop()
+			fetch := func() string {
+				t.Helper()
+				if res, err := Check(context.Background(), reg, br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
+					t.Fatalf("check acme: %+v, %v", res, err)
+				}
+				return br.Entries()[0].Token().Value.Reveal()
+			}
+			ask := func(method, path string) string {
+				t.Helper()
+				rec := httptest.NewRecorder()
+				if err := Serve(rec, httptest.NewRequest(method, path, nil), in); err != nil {
+					t.Fatalf("%s %s: %v", method, path, err)
+				}
+				return rec.Body.String()
+			}
+			fetch()
+			var list struct{ Tokens []TokenInfo }
+			if body := ask(http.MethodGet, "/token_broker/tokens?merchant=acme-eu"); json.Unmarshal([]byte(body), &list) != nil || len(list.Tokens) != 1 {
+				t.Errorf("tokens of acme-eu: %s, want the one token it is served", body)
+			}
+			if body := ask(http.MethodPost, "/token_broker/merchants/acme-eu/purge"); !strings.Contains(body, `"purged":1`) {
+				t.Errorf("purge of acme-eu: %s, want its token purged", body)
+			}
+			br.PurgeMatching(func(*broker.Binding) bool { return true })
+			tok := fetch()
+			body := ask(http.MethodPost, "/token_broker/merchants/acme-eu/revoke")
+			if _, _, valid := sb.Issued(tok); valid || !strings.Contains(body, `"revoked":true`) {
+				t.Errorf("revocation of acme-eu: %s, want its token revoked", body)
+			}
+		})
 	}
 }
 
@@ -205,7 +246,9 @@ func TestRevokeOutlivesItsRequest(t *testing.T) {
 
 // TestRevokeWithRotatedKey: a token fetched with a partner API key that a
 // reload then rotated (Gatekeeper now refuses the old key) is revoked by
-// the admin API with the key of the registry loaded now.
+// the admin API with the key of the registry loaded now: the app's, or
+// the handler's own that fetched it, never the app's registry of another
+// partner with a provider of the same name and settings.
 func TestRevokeWithRotatedKey(t *testing.T) {
 	sb := sandbox.New(sandbox.Config{APIKeys: []string{"old-key", "new-key"}, Organisations: []sandbox.Organisation{{ID: "org-acme", Name: "Acme"}}})
 	var rotated atomic.Bool
@@ -217,19 +260,38 @@ func TestRevokeWithRotatedKey(t *testing.T) {
 		sb.ServeHTTP(w, r)
 	}))
 	t.Cleanup(srv.Close)
-	br := broker.New(broker.Options{})
-	t.Cleanup(br.Close)
-	if res, err := Check(context.Background(), checkRegistry(t, srv.URL, "old-key"), br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
-		t.Fatalf("check acme: %+v, %v", res, err)
-	}
-	tok := br.Entries()[0].Token().Value.Reveal()
-	rotated.Store(true)
-	rec := httptest.NewRecorder()
-	req := httptest.NewRequest(http.MethodPost, "/token_broker/merchants/acme/revoke", nil)
-	if err := Serve(rec, req, &Instance{Registry: checkRegistry(t, srv.URL, "new-key"), Broker: br, Logger: zap.NewNop()}); err != nil {
-		t.Fatal(err)
-	}
-	if _, _, valid := sb.Issued(tok); valid || !strings.Contains(rec.Body.String(), `"revoked":true`) {
-		t.Fatalf("revoke after the rotation: %s; want the token revoked with the new key", rec.Body)
+	for _, tt := range []struct {
+		name string
+		// instance is the running app, with reg the registry that
+		// fetched the token, loaded again with the new key.
+		instance func(reg *config.Registry) *Instance
+	}{
+		{"the app's registry", func(reg *config.Registry) *Instance { return &Instance{Registry: reg} }},
+		{"a handler's own registry", func(reg *config.Registry) *Instance {
+			in := &Instance{Registry: checkRegistry(t, srv.URL, "another-partner-key"), Watched: &probe.Watched{}}
+			in.Watched.Add(reg, nil)
+			return in
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			rotated.Store(false)
+			br := broker.New(broker.Options{})
+			t.Cleanup(br.Close)
+			load := configtest.Reloader(t, "merchants.toml")
+			if res, err := Check(context.Background(), checkRegistryIn(t, load, srv.URL, "old-key"), br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
+				t.Fatalf("check acme: %+v, %v", res, err)
+			}
+			tok := br.Entries()[0].Token().Value.Reveal()
+			rotated.Store(true)
+			in := tt.instance(checkRegistryIn(t, load, srv.URL, "new-key"))
+			in.Broker, in.Logger = br, zap.NewNop()
+			rec := httptest.NewRecorder()
+			if err := Serve(rec, httptest.NewRequest(http.MethodPost, "/token_broker/merchants/acme/revoke", nil), in); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, valid := sb.Issued(tok); valid || !strings.Contains(rec.Body.String(), `"revoked":true`) {
+				t.Fatalf("revoke after the rotation: %s; want the token revoked with the new key", rec.Body)
+			}
+		})
 	}
 }

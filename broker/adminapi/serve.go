@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -68,6 +69,34 @@ func (in *Instance) Sources() opstate.Sources {
 		}
 	}
 	return s
+}
+
+// registries are the app's registry, if any, and the handlers' own, each
+// once.
+func (in *Instance) registries() []*config.Registry {
+	var regs []*config.Registry
+	if in.Registry != nil {
+		regs = append(regs, in.Registry)
+	}
+	if in.Watched != nil {
+		for _, r := range in.Watched.Registries() {
+			if !slices.Contains(regs, r.Registry) {
+				regs = append(regs, r.Registry)
+			}
+		}
+	}
+	return regs
+}
+
+// source returns the source of the provider whose ID is id as configured
+// now, in the app's registry or a handler's own; nil when none has it.
+func (in *Instance) source(id string) broker.Source {
+	for _, reg := range in.registries() {
+		if src := reg.Source(id); src != nil {
+			return src
+		}
+	}
+	return nil
 }
 
 // Health is the health answer of the app in (nil: none runs): its
@@ -199,7 +228,7 @@ func tokens(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	}
 	var match func(*broker.Binding) bool
 	if merchant != "" {
-		match = MerchantTokens(in.Registry, merchant)
+		match = MerchantTokens(merchant, in.registries()...)
 	}
 	tokens, next := Tokens(in.Broker, match, page)
 	return writeJSON(w, tokensPage{Tokens: tokens, Next: next})
@@ -263,7 +292,7 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if action == "check" {
 		return checkMerchant(w, r, in, id)
 	}
-	match := MerchantTokens(in.Registry, id)
+	match := MerchantTokens(id, in.registries()...)
 	switch action {
 	case "purge":
 		entries := in.Broker.PurgeMatching(match)
@@ -273,7 +302,7 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		// Not cancelled with the request: a token dropped from the cache
 		// and not revoked would stay valid, forgotten. Each call is bounded
 		// by its provider's timeout.
-		results := Revoke(context.WithoutCancel(r.Context()), entries, in.Registry.Source)
+		results := Revoke(context.WithoutCancel(r.Context()), entries, in.source)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
 	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge, revoke, check or refresh_token", action)}

@@ -107,6 +107,7 @@ max_active = 2
 // fed by the table's observers, on a clock.
 type stateFixture struct {
 	clk     *clocktest.Clock
+	load    func([]byte, config.Options) (*config.Registry, error) // writes and loads the registry at its path
 	br      *broker.Broker
 	reg     *config.Registry
 	table   *bindings.Table
@@ -140,8 +141,8 @@ func newStateFixture(tb testing.TB) *stateFixture {
 // else a token.
 func newFixtureOf(tb testing.TB, toml string) *stateFixture {
 	tb.Helper()
-	f := &stateFixture{clk: clocktest.New(time.Unix(1_700_000_000, 0))}
-	reg, err := configtest.Load(tb, "state.toml", []byte(toml), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+	f := &stateFixture{clk: clocktest.New(time.Unix(1_700_000_000, 0)), load: configtest.Reloader(tb, "state.toml")}
+	reg, err := f.load([]byte(toml), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -669,33 +670,38 @@ func TestBuildSharedKeyRecovered(t *testing.T) {
 
 // TestReloadedMerchantLeavesItsOldFailure: a merchant refused under one
 // configuration (an unknown organisation, a refused provider) and served
-// once a reload fixed it (another organisation, the provider renamed)
-// shows the state of its keys under the configuration in force, once the
+// once a reload of the registry's file fixed it (another organisation,
+// under the same provider ID; the provider renamed, under another) shows
+// the state of its keys under the configuration in force, once the
 // registries are reconciled: not the old key's failure, which no request
 // will ever end.
 func TestReloadedMerchantLeavesItsOldFailure(t *testing.T) {
 	for _, tt := range []struct {
 		name, merchant string
 		edit           func(toml string) string
+		sameID         bool // the provider of the merchant keeps its ID
 	}{
 		{"organisation fixed", "c-unknown", func(s string) string {
 			return strings.Replace(s, `organisation = "unknown"`, `organisation = "fixed"`, 1)
-		}},
+		}, true},
 		{"provider renamed", "b-refused", func(s string) string {
 			s = strings.ReplaceAll(s, `provider = "nuapay"`, `provider = "renamed"`)
 			s = strings.Replace(s, `[providers.nuapay]`, `[providers.renamed]`, 1)
 			return strings.Replace(s, `organisation = "refused"`, `organisation = "fixed"`, 1)
-		}},
+		}, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newStateFixture(t)
 			if err := f.get(t, tt.merchant); err == nil {
 				t.Fatalf("%s: a token under the first configuration", tt.merchant)
 			}
-			reloaded, err := configtest.Load(t, "reloaded.toml", []byte(tt.edit(stateTOML)),
-				config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
+			old := f.reg.Merchants[tt.merchant].Provider
+			reloaded, err := f.load([]byte(tt.edit(stateTOML)), config.Options{LookupEnv: func(string) (string, bool) { return "partner-key", true }})
 			if err != nil {
 				t.Fatal(err)
+			}
+			if sameID := reloaded.Providers[reloaded.Merchants[tt.merchant].Provider].ID == f.reg.Providers[old].ID; sameID != tt.sameID {
+				t.Fatalf("the provider of %s kept its ID: %t, want %t", tt.merchant, sameID, tt.sameID)
 			}
 			for _, p := range reloaded.Providers {
 				p.Source = f.reg.Providers["nuapay2"].Source

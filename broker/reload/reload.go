@@ -31,37 +31,66 @@ type Broker struct {
 
 	mu        sync.Mutex
 	inherited []*broker.Entry // tokens of the brokers that reloads replaced
-	// seen is the provider last seen per provider ID: its
-	// config.Provider.SecretVersion, so that a reload with a rotated
-	// secret (same ID) forgets the failures of the old one, and its
-	// source, which revokes the tokens of that ID whose own source's
-	// credential is refused (adminapi.Revoke).
-	seen map[string]seenProvider
+	// seen is the provider last seen per provider ID (an ID is one
+	// registry's): its config.Provider.SecretVersion, so that a reload
+	// with a rotated secret (same ID) forgets the failures of the old
+	// one, and its source, which revokes the tokens of that ID whose own
+	// source's credential is refused (adminapi.Revoke). An ID is kept
+	// while a config that showed it is not released (Release).
+	seen map[string]*seenProvider
 	// revokeTimeout bounds Revoke; zero: the constant revokeTimeout.
 	revokeTimeout time.Duration
 }
 
+// Owner is a config that shows the broker its registries (SecretsSeen)
+// until it is released (Release). Owners are compared by identity: each
+// config has its own *Owner (Owner is not zero-size, so two are never
+// equal).
+type Owner struct{ _ byte }
+
 // SecretsSeen records the secret version and the source of every
-// provider of reg (Revoke falls back on the source last seen for its ID)
-// and forgets the failure policy's memory of those whose secret
-// changed since the broker last saw them (see broker.ForgetSource),
-// logging it with logger: the logger of the config that loads reg.
-func (p *Broker) SecretsSeen(reg *config.Registry, logger *zap.Logger) {
+// provider of reg (Revoke falls back on the source last seen for its ID),
+// shown by the config owner, and forgets the failure policy's memory of those whose secret changed since
+// the broker last saw them (see broker.ForgetSource), logging it with
+// logger: the logger of the config that loads reg.
+func (p *Broker) SecretsSeen(owner *Owner, reg *config.Registry, logger *zap.Logger) {
 	if reg == nil {
 		return
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.seen == nil {
-		p.seen = map[string]seenProvider{}
+		p.seen = map[string]*seenProvider{}
 	}
 	for name, pv := range reg.Providers {
-		old, seen := p.seen[pv.ID]
-		p.seen[pv.ID] = seenProvider{secretVersion: pv.SecretVersion, source: pv.Source}
-		if seen && old.secretVersion != pv.SecretVersion {
+		sp := p.seen[pv.ID]
+		if sp == nil {
+			sp = &seenProvider{secretVersion: pv.SecretVersion}
+			p.seen[pv.ID] = sp
+		}
+		if sp.secretVersion != pv.SecretVersion {
 			n := p.ForgetSource(pv.ID)
 			logger.Info("provider secret changed: its remembered failures are forgotten",
 				zap.String("provider", name), zap.String("source", pv.ID), zap.Int("keys", n))
+		}
+		sp.secretVersion, sp.source = pv.SecretVersion, pv.Source
+		if !slices.Contains(sp.owners, owner) {
+			sp.owners = append(sp.owners, owner)
+		}
+	}
+}
+
+// Release forgets what the config owner showed (SecretsSeen), but for the
+// providers a config not released yet showed too: the config is gone. The
+// failure policy forgets those providers too (broker.ForgetSource), so
+// that one a later config adds back is called at once.
+func (p *Broker) Release(owner *Owner) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for id, sp := range p.seen {
+		if sp.owners = slices.DeleteFunc(sp.owners, func(o *Owner) bool { return o == owner }); len(sp.owners) == 0 {
+			delete(p.seen, id)
+			p.ForgetSource(id)
 		}
 	}
 }
@@ -150,13 +179,18 @@ func (p *Broker) Revoke(entries []*broker.Entry) {
 func (p *Broker) source(id string) broker.Source {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.seen[id].source
+	if sp := p.seen[id]; sp != nil {
+		return sp.source
+	}
+	return nil
 }
 
-// seenProvider is what Broker keeps of a provider it was last shown.
+// seenProvider is what Broker keeps of a provider it was last shown, and
+// the configs that showed it.
 type seenProvider struct {
 	secretVersion string
 	source        broker.Source
+	owners        []*Owner
 }
 
 // revoke revokes e's token at its provider, unless the failure policy

@@ -56,9 +56,10 @@ client_secret = "{env.BANK_SECRET}"
 provider = "bank"
 scopes = ["payments"]
 `
+	load := configtest.Reloader(t, "merchants.toml")
 	parse := func(secret string) *config.Registry {
 		t.Helper()
-		reg, err := configtest.Load(t, "merchants.toml", []byte(toml), config.Options{
+		reg, err := load([]byte(toml), config.Options{
 			LookupEnv: func(k string) (string, bool) { return secret, k == "BANK_SECRET" }})
 		if err != nil {
 			t.Fatal(err)
@@ -74,7 +75,7 @@ scopes = ["payments"]
 	t.Cleanup(pb.Close)
 
 	old := parse("old-secret")
-	pb.SecretsSeen(old, zap.NewNop())
+	pb.SecretsSeen(new(Owner), old, zap.NewNop())
 	if err := get(pb, old); err == nil || !strings.Contains(err.Error(), "invalid_client") {
 		t.Fatalf("with the old secret: %v, want invalid_client", err)
 	}
@@ -88,7 +89,7 @@ scopes = ["payments"]
 		t.Fatal("the secret version shows the secret, or is part of the ID")
 	}
 	reloadCore, reloadLogs := observer.New(zap.InfoLevel)
-	pb.SecretsSeen(rotated, zap.New(reloadCore)) // what Provision does on the reload, with its config's logger
+	pb.SecretsSeen(new(Owner), rotated, zap.New(reloadCore)) // what Provision does on the reload, with its config's logger
 	if got := reloadLogs.FilterMessage("provider secret changed: its remembered failures are forgotten").Len(); got != 1 {
 		t.Fatalf("the reloading config's logger has %d lines saying the secret changed, want 1", got)
 	}
@@ -98,8 +99,119 @@ scopes = ["payments"]
 	if calls.Load() != 2 {
 		t.Fatalf("token API calls = %d, want 2", calls.Load())
 	}
-	// A reload without a change forgets nothing.
-	pb.SecretsSeen(parse("new-secret"), zap.NewNop())
+	// A reload without a change forgets nothing: the credential refused
+	// again (the partner revoked it) stays held.
+	valid.Store("newer-secret")
+	pb.PurgeMatching(func(*broker.Binding) bool { return true })
+	if err := get(pb, rotated); err == nil || !strings.Contains(err.Error(), "invalid_client") {
+		t.Fatalf("with the new secret revoked: %v, want invalid_client", err)
+	}
+	pb.SecretsSeen(new(Owner), parse("new-secret"), zap.New(reloadCore))
+	if got := reloadLogs.FilterMessage("provider secret changed: its remembered failures are forgotten").Len(); got != 1 {
+		t.Errorf("after a reload without a change, %d lines say the secret changed, want the rotation's 1", got)
+	}
+	if h := pb.SourceHealth(pn.ID); h.BackoffUntil.IsZero() {
+		t.Error("a reload without a change forgot the refused credential")
+	}
+	if err := get(pb, rotated); err == nil || calls.Load() != 3 {
+		t.Errorf("after a reload without a change: %v, %d token API calls; want the refusal remembered, 3 calls", err, calls.Load())
+	}
+}
+
+// TestSecretsSeenPerRegistry: the app's registry and a handler's own,
+// each in its own folder, with a provider of one name and settings but
+// their own partner API keys, shown by each config of a reload after the
+// other: neither is taken for a rotation of the other (no failures
+// forgotten, nothing logged), and the source a revocation falls back on
+// for each is its own registry's. What a config showed goes once no
+// config that showed it is left (registries a reload dropped, the last
+// config at shutdown).
+func TestSecretsSeenPerRegistry(t *testing.T) {
+	load := func(key string) (*config.Registry, *config.Provider) {
+		t.Helper()
+		reg := nuapayRegistry(t, configtest.Reloader(t, "merchants.toml"), "https://gatekeeper.example", key)
+		return reg, reg.Providers["nuapay"]
+	}
+	core, logs := observer.New(zap.InfoLevel)
+	pb := &Broker{Broker: broker.New(broker.Options{}), Logger: zap.NewNop()}
+	t.Cleanup(pb.Close)
+	app, pa := load("partner-a")
+	own, po := load("partner-b")
+	config1, config2, config3 := new(Owner), new(Owner), new(Owner)
+	for _, cfg := range []*Owner{config1, config2} {
+		pb.SecretsSeen(cfg, app, zap.New(core))
+		pb.SecretsSeen(cfg, own, zap.New(core))
+	}
+	if n := logs.FilterMessage("provider secret changed: its remembered failures are forgotten").Len(); n != 0 {
+		t.Errorf("%d lines say a secret changed, want none", n)
+	}
+	if pb.source(pa.ID) != pa.Source || pb.source(po.ID) != po.Source {
+		t.Error("a registry's provider ID falls back on the other registry's source")
+	}
+	pb.Release(config1)
+	if pb.source(pa.ID) != pa.Source || pb.source(po.ID) != po.Source {
+		t.Error("the end of config 1 dropped what config 2 showed too")
+	}
+	other, pc := load("partner-c")
+	pb.SecretsSeen(config3, other, zap.New(core)) // a reload without those two registries
+	pb.Release(config2)
+	if len(pb.seen) != 1 || pb.source(pc.ID) != pc.Source {
+		t.Errorf("after config 2 ended, %d providers are kept, want config 3's one", len(pb.seen))
+	}
+	pb.Release(config3)
+	if len(pb.seen) != 0 {
+		t.Errorf("after the last config ended, %d providers are kept", len(pb.seen))
+	}
+}
+
+// TestReleaseForgetsFailures: the failures remembered for a provider
+// (a 429's backoff) are forgotten once no config that showed it is left,
+// so that a provider a reload removed and a later one added back (its key
+// fixed, say) is called at once; those of a provider a config still
+// running shows are kept.
+func TestReleaseForgetsFailures(t *testing.T) {
+	base := gatekeeper(t, func(*http.Request) {})
+	pb := &Broker{Broker: broker.New(broker.Options{MaxAttempts: 1}), Logger: zap.NewNop()}
+	t.Cleanup(pb.Close)
+	kept := nuapayRegistry(t, configtest.Reloader(t, "merchants.toml"), base, "partner-a").Providers["nuapay"]
+	dropped := nuapayRegistry(t, configtest.Reloader(t, "merchants.toml"), base, "partner-b").Providers["nuapay"]
+	config1, config2 := new(Owner), new(Owner)
+	pb.SecretsSeen(config1, &config.Registry{Providers: map[string]*config.Provider{"kept": kept, "dropped": dropped}}, zap.NewNop())
+	pb.SecretsSeen(config2, &config.Registry{Providers: map[string]*config.Provider{"kept": kept}}, zap.NewNop())
+	for _, p := range []*config.Provider{kept, dropped} {
+		if err := fetch(t, pb, base, p.ID, "acme", "o-429"); err == nil {
+			t.Fatal("a 429 gave a token")
+		}
+	}
+	pb.Release(config1)
+	if h := pb.SourceHealth(dropped.ID); !h.BackoffUntil.IsZero() {
+		t.Errorf("the provider no config shows is still held until %s", h.BackoffUntil)
+	}
+	if h := pb.SourceHealth(kept.ID); h.BackoffUntil.IsZero() {
+		t.Error("the provider config 2 shows was forgotten")
+	}
+}
+
+// nuapayRegistry is a registry, written and loaded by load
+// (configtest.Reloader), of merchant acme of organisation org-acme at a
+// Nuapay provider at baseURL whose API key is key.
+func nuapayRegistry(t *testing.T, load func([]byte, config.Options) (*config.Registry, error), baseURL, key string) *config.Registry {
+	t.Helper()
+	toml := `[providers.nuapay]
+type = "nuapay"
+base_url = "` + baseURL + `"
+api_key = "{env.NUAPAY_API_KEY}"
+
+[merchants.acme]
+provider = "nuapay"
+organisation = "org-acme"
+scopes = ["openbanking_pisp"]
+`
+	reg, err := load([]byte(toml), config.Options{LookupEnv: func(k string) (string, bool) { return key, k == "NUAPAY_API_KEY" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return reg
 }
 
 // gatekeeper is a Nuapay token API for the revocation tests: every
@@ -377,30 +489,13 @@ func TestRevokeAtShutdownUsesTheRotatedKey(t *testing.T) {
 		fmt.Fprint(w, `{"data":{"id":"t1","accessToken":"tok-1","tokenType":"BEARER","status":"ACTIVE"}}`)
 	}))
 	t.Cleanup(gk.Close)
-	toml := `[providers.nuapay]
-type = "nuapay"
-base_url = "` + gk.URL + `"
-api_key = "{env.NUAPAY_API_KEY}"
-
-[merchants.acme]
-provider = "nuapay"
-organisation = "org-acme"
-scopes = ["openbanking_pisp"]
-`
-	parse := func(key string) *config.Registry {
-		t.Helper()
-		reg, err := configtest.Load(t, "merchants.toml", []byte(toml), config.Options{
-			LookupEnv: func(k string) (string, bool) { return key, k == "NUAPAY_API_KEY" }})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return reg
-	}
+	load := configtest.Reloader(t, "merchants.toml")
+	parse := func(key string) *config.Registry { return nuapayRegistry(t, load, gk.URL, key) }
 	core, logs := observer.New(zap.InfoLevel)
 	pb := &Broker{Broker: broker.New(broker.Options{}), Logger: zap.New(core)}
 	t.Cleanup(pb.Close)
 	old := parse("old-partner-key")
-	pb.SecretsSeen(old, zap.NewNop())
+	pb.SecretsSeen(new(Owner), old, zap.NewNop())
 	p := old.Providers["nuapay"]
 	b := brokertest.NewBinding(p.ID, p.Source, broker.Request{Merchant: "acme", Organisation: "org-acme", Scopes: []string{"openbanking_pisp"}})
 	if _, _, err := pb.Get(context.Background(), b); err != nil {
@@ -408,7 +503,7 @@ scopes = ["openbanking_pisp"]
 	}
 
 	validKey.Store("new-partner-key")
-	pb.SecretsSeen(parse("new-partner-key"), zap.NewNop())
+	pb.SecretsSeen(new(Owner), parse("new-partner-key"), zap.NewNop())
 	pb.Revoke(pb.Tokens())
 	lines := logs.FilterMessage("token revoked at shutdown").All()
 	if len(lines) != 1 || !lines[0].ContextMap()["revoked"].(bool) || revoked.Load() != 1 {
