@@ -53,9 +53,12 @@ func dpopKeyFile(t testing.TB, dir, alg string) (string, *dpop.Key) {
 // ("bank-es256", ...) with a key of its own and one merchant ("m-es256",
 // ...).
 type dpopEnv struct {
-	as      *dpopas.Server
-	rs      *dpoprs.Server
-	rsTLS   *dpoprs.Server // the same over HTTPS
+	as    *dpopas.Server
+	rs    *dpoprs.Server
+	rsTLS *dpoprs.Server // the same over HTTPS
+	// rsFwd is an HTTPS resource server, without nonces, that trusts the
+	// forwarding headers (dpoprs.Options.TrustForwarded).
+	rsFwd   *dpoprs.Server
 	base    string
 	keys    map[string]*dpop.Key // by merchant
 	logFile string
@@ -64,7 +67,8 @@ type dpopEnv struct {
 // dpopCaddyfile serves three routes to the resource server: /api/* with
 // the DPoP transport, /short/* with its prefix stripped and a /v2 prefix
 // added before the DPoP transport, /bare/* without the transport, and
-// /tls/* with the DPoP transport to the HTTPS resource server. Every
+// /tls/* with the DPoP transport to the HTTPS resource server, and /fwd/*
+// likewise to the HTTPS one that trusts the forwarding headers. Every
 // log goes to DPOP_LOG at debug level, reverse_proxy's included.
 const dpopCaddyfile = `{
 	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
@@ -110,6 +114,14 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 			}
 		}
 	}
+	handle /fwd/* {
+		token_broker
+		reverse_proxy {$DPOP_RS_FWD} {
+			transport token_broker_dpop {
+				tls_insecure_skip_verify
+			}
+		}
+	}
 }
 `
 
@@ -120,7 +132,8 @@ func startDPoPEnv(t *testing.T) *dpopEnv {
 	rs := dpoprs.Start(t, dpoprs.Options{Keys: dpoprs.JWKSURL(as.JWKSURL), Issuer: as.Issuer, Nonce: true})
 	dir := t.TempDir()
 	rsTLS := dpoprs.Start(t, dpoprs.Options{Keys: dpoprs.JWKSURL(as.JWKSURL), Issuer: as.Issuer, Nonce: true, TLS: true})
-	env := &dpopEnv{as: as, rs: rs, rsTLS: rsTLS, keys: map[string]*dpop.Key{}, logFile: filepath.Join(dir, "caddy.log")}
+	rsFwd := dpoprs.Start(t, dpoprs.Options{Keys: dpoprs.JWKSURL(as.JWKSURL), Issuer: as.Issuer, TLS: true, TrustForwarded: true})
+	env := &dpopEnv{as: as, rs: rs, rsTLS: rsTLS, rsFwd: rsFwd, keys: map[string]*dpop.Key{}, logFile: filepath.Join(dir, "caddy.log")}
 	var reg strings.Builder
 	for _, alg := range dpopAlgs {
 		name := strings.ToLower(alg)
@@ -150,6 +163,7 @@ scopes = ["accounts"]
 	t.Setenv("DPOP_REGISTRY", regFile)
 	t.Setenv("DPOP_RS", rs.URL)
 	t.Setenv("DPOP_RS_TLS", rsTLS.URL)
+	t.Setenv("DPOP_RS_FWD", rsFwd.URL)
 	t.Setenv("DPOP_LOG", env.logFile)
 	env.base = startCaddy(t, dpopCaddyfile)
 	return env
@@ -297,6 +311,18 @@ func TestDPoPThroughCaddy(t *testing.T) {
 		}
 		if n := e.rsTLS.Challenges(); n != 1 {
 			t.Errorf("%d nonce challenges at the HTTPS server, want 1: its origin's nonce is its own", n)
+		}
+	})
+
+	t.Run("upstream trusting the forwarding headers: they name the URL signed", func(t *testing.T) {
+		// reverse_proxy's X-Forwarded-Proto and X-Forwarded-Host name the
+		// caller's request to the sidecar (http, its address) unless the
+		// transport makes them name the request it signs.
+		if status, body := e.do(t, "GET", "/fwd/accounts", merchant, ""); status != http.StatusOK {
+			t.Fatalf("GET: %d %s; refusals %+v", status, body, e.rsFwd.Refusals())
+		}
+		if a := e.rsFwd.Accepted(); len(a) != 1 || a[0].URL != e.rsFwd.URL+"/fwd/accounts" {
+			t.Errorf("accepted %+v, want one request to %s/fwd/accounts", a, e.rsFwd.URL)
 		}
 	})
 

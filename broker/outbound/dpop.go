@@ -4,6 +4,7 @@ import (
 	"maps"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -89,7 +90,9 @@ func (d *DPoP) GoString() string { return "outbound.DPoP(" + d.String() + ")" }
 // at the upstream's origin (req.URL's scheme and host: the upstream
 // chosen, never the Host header a caller sent) last sent, if any: never
 // an authorization server's nonce, even one at the same origin. Whatever
-// Authorization and DPoP req had is replaced. When no proof can be made,
+// Authorization and DPoP req had is replaced, and X-Forwarded-Proto and
+// X-Forwarded-Host, when req has them, name the scheme and host signed.
+// When no proof can be made,
 // or the binding has no token or was ended (End), req leaves with neither
 // header: a DPoP-bound token never leaves without its proof, nor after its
 // request was done.
@@ -112,6 +115,15 @@ func (d *DPoP) Sign(req *http.Request, now time.Time) error {
 	proof, err := d.key.Proof(req.Method, dpop.HTU(&u), d.ath, d.key.Nonce(dpop.ResourceServer, req.URL), now)
 	if err != nil {
 		return err
+	}
+	// reverse_proxy's forwarding headers name the caller's request to the
+	// sidecar; a server that trusts them rebuilds its target URI from
+	// them (RFC 9110 §7.1): they name the request signed.
+	if _, ok := req.Header["X-Forwarded-Proto"]; ok {
+		req.Header["X-Forwarded-Proto"] = []string{strings.ToLower(u.Scheme)}
+	}
+	if _, ok := req.Header["X-Forwarded-Host"]; ok {
+		req.Header["X-Forwarded-Host"] = []string{host}
 	}
 	req.Header["Authorization"] = []string{d.header}
 	req.Header[DPoPHeader] = []string{proof}

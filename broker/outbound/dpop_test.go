@@ -304,3 +304,53 @@ func TestDPoPNoncesPerServer(t *testing.T) {
 		t.Errorf("challenges: authorization server %d, resource server %d, want 1 each", as.Challenges.Load(), rs.Challenges.Load())
 	}
 }
+
+// TestDPoPSignForwarded: the forwarding headers reverse_proxy sets from
+// the caller's request to the sidecar (X-Forwarded-Proto, X-Forwarded-Host)
+// name the request the proof is for, so that a server behind a gateway it
+// trusts, which rebuilds the target URI from them (RFC 9110 §7.1), finds
+// the proof's htu; a request without them gets none.
+func TestDPoPSignForwarded(t *testing.T) {
+	for _, tt := range []struct {
+		name, url, host string
+		forwarded       map[string]string // the headers before Sign
+		want            map[string]string // after Sign; "" absent
+	}{
+		{name: "https upstream called over http", url: "https://10.0.0.1:8443/pay", host: "api.bank.test",
+			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "127.0.0.1:8080"},
+			want:      map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.bank.test"}},
+		{name: "http upstream called over https", url: "http://10.0.0.1:8080/pay", host: "rs.test:8080",
+			forwarded: map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "sidecar.test"},
+			want:      map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "rs.test:8080"}},
+		{name: "none sent, none added", url: "https://api.bank.test/pay",
+			want: map[string]string{"X-Forwarded-Proto": "", "X-Forwarded-Host": ""}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			d := NewDPoP(dpoptest.NewKey(t))
+			d.SetToken("DPoP tok-1", wantATH("tok-1"))
+			req := httptest.NewRequest("POST", tt.url, nil)
+			req.Host = tt.host
+			for name, v := range tt.forwarded {
+				req.Header.Set(name, v)
+			}
+			if err := d.Sign(req, time.Now()); err != nil {
+				t.Fatal(err)
+			}
+			for name, v := range tt.want {
+				if got := req.Header.Values(name); v == "" && len(got) != 0 || v != "" && (len(got) != 1 || got[0] != v) {
+					t.Errorf("%s: %q, want %q", name, got, v)
+				}
+			}
+			p, err := dpoptest.Verify(req.Header.Get(DPoPHeader))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(tt.forwarded) > 0 {
+				trusted := req.Header.Get("X-Forwarded-Proto") + "://" + req.Header.Get("X-Forwarded-Host") + req.URL.EscapedPath()
+				if !dpoptest.SameURL(p.HTU, trusted) {
+					t.Errorf("htu %s; a server trusting the forwarding headers rebuilds %s", p.HTU, trusted)
+				}
+			}
+		})
+	}
+}

@@ -15,6 +15,7 @@
 package dpoprs
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -118,6 +119,12 @@ type Options struct {
 	// TLS makes Start serve HTTPS (a self-signed certificate for
 	// 127.0.0.1): the proofs' htu then start with https.
 	TLS bool
+	// TrustForwarded makes the server rebuild the URL it received from the
+	// scheme and host a gateway it trusts names (RFC 9110 §7.1):
+	// X-Forwarded-Proto and X-Forwarded-Host when present, as uvicorn
+	// (--proxy-headers, loopback trusted by default) and Express (trust
+	// proxy) do.
+	TrustForwarded bool
 }
 
 // Seen is a request the server accepted.
@@ -240,14 +247,19 @@ func (s *Server) Challenges() int {
 	return n
 }
 
-// requestURL is the URL as the server received it: scheme, Host header,
+// requestURL is the URL as the server received it: scheme, Host header
+// (or, trusting a gateway, the ones its forwarding headers name),
 // path; no query or fragment (RFC 9449 §4.3).
-func requestURL(r *http.Request) string {
-	scheme := "http"
+func requestURL(r *http.Request, trustForwarded bool) string {
+	scheme, host := "http", r.Host
 	if r.TLS != nil {
 		scheme = "https"
 	}
-	return scheme + "://" + r.Host + r.URL.EscapedPath()
+	if trustForwarded {
+		scheme = cmp.Or(r.Header.Get("X-Forwarded-Proto"), scheme)
+		host = cmp.Or(r.Header.Get("X-Forwarded-Host"), host)
+	}
+	return scheme + "://" + host + r.URL.EscapedPath()
 }
 
 // refusal is a refused request: the reason, a detail and the error code
@@ -261,7 +273,7 @@ type refusal struct {
 // (use_dpop_nonce, invalid_dpop_proof or invalid_token); in nonce mode
 // every answer carries the current DPoP-Nonce. It records both.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	u := requestURL(r)
+	u := requestURL(r, s.opts.TrustForwarded)
 	body, _ := io.ReadAll(io.LimitReader(r.Body, 1<<20))
 	seen, rf := s.check(r, u)
 	s.mu.Lock()

@@ -1,6 +1,7 @@
 package dpop_test
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -13,6 +14,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -213,6 +215,7 @@ func TestATHAndHTU(t *testing.T) {
 		{"http://h:80/a%2Fb/c", "http://h/a%2Fb/c", "http://h"},
 		{"http://h/c d", "http://h/c%20d", "http://h"},
 		{"https://h:8443/x", "https://h:8443/x", "https://h:8443"},
+		{"https://Bänk.Example:443/p", "https://xn--bnk-qla.example/p", "https://xn--bnk-qla.example"},
 	} {
 		u, err := url.Parse(tc.in)
 		if err != nil {
@@ -356,6 +359,34 @@ func TestTransport(t *testing.T) {
 				t.Errorf("server: %d challenges, %d refusals, bodies %q", gate.Challenges.Load(), gate.Refused.Load(), bodies)
 			}
 		})
+	}
+}
+
+// TestTransportUnicodeHost: a request to a host name with non-ASCII
+// letters goes out with the name in Punycode (RFC 3492, as Go sends the
+// Host header), and its proof's htu names that host: the server accepts
+// it.
+func TestTransportUnicodeHost(t *testing.T) {
+	k, err := dpop.NewKey(testKeys(t)[dpop.EdDSA], "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gate := &dpoptest.Gate{Next: http.HandlerFunc(func(http.ResponseWriter, *http.Request) {})}
+	srv := httptest.NewServer(gate)
+	defer srv.Close()
+	base := srv.Client().Transport.(*http.Transport).Clone()
+	base.DialContext = func(ctx context.Context, network, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, network, srv.Listener.Addr().String())
+	}
+	_, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
+	resp, err := (&http.Client{Transport: dpop.Transport(base, k)}).Post("http://Bänk.example:"+port+"/token", "application/x-www-form-urlencoded", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("status %d %s, want 200", resp.StatusCode, body)
 	}
 }
 

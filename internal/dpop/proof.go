@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // b64 is the encoding of JWS parts.
@@ -130,7 +132,8 @@ func ATH(token string) string {
 
 // HTU returns the htu claim for a request to u (RFC 9449 §4.2): scheme,
 // host and path, without query or fragment; scheme and host lower-case,
-// the scheme's default port left out, an empty path "/".
+// the scheme's default port left out, a host name with non-ASCII letters
+// in Punycode (as it is sent), an empty path "/".
 func HTU(u *url.URL) string {
 	path := u.EscapedPath()
 	if path == "" {
@@ -141,10 +144,14 @@ func HTU(u *url.URL) string {
 }
 
 // appendOrigin appends the origin of u to b: scheme://host[:port],
-// lower-case and without the scheme's default port, the key of a
-// server's remembered nonce (Nonce, SetNonce).
+// lower-case and without the scheme's default port, a host name with
+// non-ASCII letters in Punycode as Go's client sends it in the Host header
+// (RFC 3492); the key of a server's remembered nonce (Nonce, SetNonce).
 func appendOrigin(b []byte, u *url.URL) []byte {
 	host := u.Host
+	if h, err := httpguts.PunycodeHostPort(host); err == nil {
+		host = h // an ASCII host as it is; one Punycode refuses fails to be sent at all
+	}
 	if p := defaultPort(u.Scheme); p != "" && len(host) > len(p) && host[len(host)-len(p):] == p {
 		host = host[:len(host)-len(p)]
 	}
