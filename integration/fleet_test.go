@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -113,7 +112,7 @@ func serveTappedSandbox(t *testing.T, opts ...func(*sandbox.Config)) (*sandbox.S
 type fleetNode struct {
 	base, admin string
 	stop        func()
-	out         *bytes.Buffer
+	out         *syncBuffer
 }
 
 // fleetEnv is what every node of a fleet shares.
@@ -164,7 +163,26 @@ func newFleetEnv(t *testing.T, lifetime string) *fleetEnv {
 }
 
 // startNode starts one `caddy run` of examples/fleet-redis on free ports.
+// A port freePort returned can be taken by another process (a test binary
+// beside this one) before Caddy binds it: Caddy then exits with "address
+// already in use", and the node is started again on other ports.
 func (f *fleetEnv) startNode() *fleetNode {
+	f.t.Helper()
+	for try := 1; ; try++ {
+		n, busy := f.tryNode()
+		if !busy {
+			return n
+		}
+		if try == 3 {
+			f.t.Fatalf("caddy run found its ports taken 3 times:\n%s", n.out.String())
+		}
+	}
+}
+
+// tryNode starts one `caddy run` and waits until Caddy says it serves its
+// configuration (a dial could reach another process on a taken port). It
+// reports busy when Caddy exited because a port was taken.
+func (f *fleetEnv) tryNode() (n *fleetNode, busy bool) {
 	t := f.t
 	t.Helper()
 	port, adminPort := freePort(t), freePort(t)
@@ -194,9 +212,9 @@ func (f *fleetEnv) startNode() *fleetNode {
 		}
 		env = append(env, "TOKEN_CACHE_KEYS_OLD="+f.oldKeys)
 	}
-	var out bytes.Buffer
+	out := new(syncBuffer)
 	cmd := exec.Command(f.bin, "run", "--config", caddyfile, "--adapter", "caddyfile")
-	cmd.Dir, cmd.Env, cmd.Stdout, cmd.Stderr = dir, env, &out, &out
+	cmd.Dir, cmd.Env, cmd.Stdout, cmd.Stderr = dir, env, out, out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -214,28 +232,32 @@ func (f *fleetEnv) startNode() *fleetNode {
 			}
 		})
 	}
-	n := &fleetNode{base: fmt.Sprintf("http://127.0.0.1:%d", port), admin: fmt.Sprintf("http://127.0.0.1:%d", adminPort), stop: stop, out: &out}
+	n = &fleetNode{base: fmt.Sprintf("http://127.0.0.1:%d", port), admin: fmt.Sprintf("http://127.0.0.1:%d", adminPort), stop: stop, out: out}
+	// Generous: the machine is shared; an exited process fails at once.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if strings.Contains(out.String(), "serving initial configuration") {
+			break
+		}
+		select {
+		case <-done:
+			if strings.Contains(out.String(), "address already in use") {
+				return n, true
+			}
+			t.Fatalf("caddy run exited before serving:\n%s", out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			stop()
+			t.Fatalf("caddy on port %d does not serve its configuration after 30s:\n%s", port, out.String())
+		}
+	}
 	t.Cleanup(func() {
 		stop()
 		if t.Failed() {
 			t.Logf("caddy %s output:\n%s", n.base, out.String())
 		}
 	})
-	// Generous: the machine is shared; an exited process fails at once.
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
-			c.Close()
-			return n
-		}
-		select {
-		case <-done:
-			t.Fatalf("caddy run exited before listening:\n%s", out.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("caddy on port %d is not listening after 30s", port)
-		}
-	}
+	return n, false
 }
 
 // startFleet starts n nodes.
