@@ -930,15 +930,15 @@ func unredeemed(err error) bool {
 	if _, ok := errors.AsType[*dpop.NonceError](err); ok {
 		return false
 	}
+	if de, ok := errors.AsType[*DiscoveryError](err); ok {
+		return de.Transient()
+	}
 	if ae, ok := errors.AsType[*broker.APIError](err); ok {
 		switch ae.StatusCode {
 		case http.StatusRequestTimeout, http.StatusTooEarly, http.StatusTooManyRequests, http.StatusServiceUnavailable:
 			return true
 		}
 		return ae.Code == "use_dpop_nonce"
-	}
-	if de, ok := errors.AsType[*DiscoveryError](err); ok {
-		return de.Transient()
 	}
 	oe, ok := errors.AsType[*net.OpError](err)
 	return ok && oe.Op == "dial"

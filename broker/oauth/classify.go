@@ -2,6 +2,7 @@ package oauth
 
 import (
 	"errors"
+	"net/http"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
@@ -18,7 +19,7 @@ import (
 // of the source, whatever its cause: it is temporary, counted by the
 // source's breaker, also when the document is wrong as it is
 // (DiscoveryError.Transient false, which only the consent callback goes
-// by).
+// by); one answered 429 is rate limited, as the token endpoint's 429 is.
 func (*core) Classify(err error) broker.Class {
 	var ce *ConsentRequiredError
 	var nc *nonceChallengeError
@@ -27,6 +28,8 @@ func (*core) Classify(err error) broker.Class {
 	switch {
 	case errors.As(err, &ce):
 		return broker.ClassPermanent
+	case errors.As(err, &de) && de.answer != nil && de.answer.StatusCode == http.StatusTooManyRequests:
+		return broker.ClassRateLimited
 	case errors.As(err, &de):
 		return broker.ClassTemporary
 	case errors.As(err, &nc):

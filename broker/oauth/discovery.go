@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/coreos/go-oidc/v3/oidc"
 	"golang.org/x/sync/singleflight"
@@ -72,6 +73,11 @@ type DiscoveryError struct {
 	Err error
 
 	transient bool // see Transient
+	// answer is the authorization server's answer of a temporary status
+	// (a 429, a 503) with the wait it asks for (broker.ParseWait), nil
+	// when it gave none: the failure policy holds the provider as it
+	// holds it for the same answer of its token endpoint.
+	answer *broker.APIError
 }
 
 // Transient reports whether the authorization server did not answer or
@@ -82,7 +88,8 @@ type DiscoveryError struct {
 // or the server has to change. The consent callback goes by it: it keeps
 // its state for a reload after a transient one. The token requests'
 // failure policy does not: any failed discovery is temporary there
-// (Classify), counted by the provider's breaker.
+// (Classify), counted by the provider's breaker, but one answered 429,
+// rate limited as a token endpoint's 429 is.
 func (e *DiscoveryError) Transient() bool { return e.transient }
 
 // Error describes the failure.
@@ -90,8 +97,14 @@ func (e *DiscoveryError) Error() string {
 	return fmt.Sprintf("oauth2 discovery of issuer %s failed: %v", e.Issuer, e.Err)
 }
 
-// Unwrap returns the cause.
-func (e *DiscoveryError) Unwrap() error { return e.Err }
+// Unwrap returns the cause, and the server's answer when it said it
+// failed or is busy.
+func (e *DiscoveryError) Unwrap() []error {
+	if e.answer != nil {
+		return []error{e.Err, e.answer}
+	}
+	return []error{e.Err}
+}
 
 // discovery resolves and caches the provider's endpoints.
 type discovery struct {
@@ -193,9 +206,10 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	}
 	client := *e.cfg.Client
 	// go-oidc's error says the discovery answer's status in its text
-	// only: the transport notes it.
+	// only: the transport notes it, and the wait it asks for.
 	var status atomic.Int32
-	client.Transport = lastStatus{rt: httpclient.LimitBody(client.Transport), status: &status}
+	var wait atomic.Int64
+	client.Transport = lastStatus{rt: httpclient.LimitBody(client.Transport), status: &status, wait: &wait, now: e.cfg.Now}
 	ctx = oidc.ClientContext(ctx, &client)
 	p, err := oidc.NewProvider(ctx, e.cfg.Issuer)
 	var doc discoveryDoc
@@ -214,8 +228,8 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 		return nil, e.failed(errors.New(scrub.Truncate(err.Error(), 300)), true)
 	case err != nil && broker.TemporaryStatus(int(status.Load())):
 		// go-oidc quotes the whole body of a failed discovery response.
-		return nil, e.failed(fmt.Errorf("%s answered %d to the %s request (/.well-known/openid-configuration): the authorization server failed or is busy; the next call tries again (%s)",
-			httpclient.Host(e.cfg.Issuer), status.Load(), oidcDocument, scrub.Truncate(err.Error(), 300)), true)
+		return nil, e.busy(int(status.Load()), time.Duration(wait.Load()), fmt.Errorf("%s answered %d to the %s request (/.well-known/openid-configuration): the authorization server failed or is busy; the next call tries again (%s)",
+			httpclient.Host(e.cfg.Issuer), status.Load(), oidcDocument, scrub.Truncate(err.Error(), 300)))
 	case err != nil:
 		return fail(errors.New(scrub.Truncate(err.Error(), 300)))
 	default:
@@ -266,6 +280,15 @@ func (e *discovery) failed(err error, transient bool) *DiscoveryError {
 	return &DiscoveryError{Issuer: e.cfg.Issuer, Err: err, transient: transient}
 }
 
+// busy is the DiscoveryError of cause err, an answer of status that says
+// the server failed or is busy (broker.TemporaryStatus), asking to wait
+// wait: transient, with that answer.
+func (e *discovery) busy(status int, wait time.Duration, err error) *DiscoveryError {
+	de := e.failed(err, true)
+	de.answer = &broker.APIError{Provider: ProviderName, StatusCode: status, Description: http.StatusText(status), RetryAfter: wait}
+	return de
+}
+
 // issuerMismatch is the refusal of a discovery document (what names it)
 // that names another issuer than the configured one: the two are compared
 // as strings (OpenID Connect Discovery §4.3, RFC 8414 §3.3), so that a
@@ -307,8 +330,8 @@ func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc 
 	case tooLarge:
 		return nil, e.failed(&httpclient.TooLargeError{Host: where, Status: resp.StatusCode}, broker.TemporaryStatus(resp.StatusCode))
 	case broker.TemporaryStatus(resp.StatusCode):
-		return nil, e.failed(fmt.Errorf("%s has no OpenID discovery document (/.well-known/openid-configuration answered 404), and answered %d to the %s request (/.well-known/oauth-authorization-server): the authorization server failed or is busy; the next call tries again",
-			where, resp.StatusCode, rfc8414Document), true)
+		return nil, e.busy(resp.StatusCode, broker.ParseWait(resp.StatusCode, resp.Header, e.cfg.Now()), fmt.Errorf("%s has no OpenID discovery document (/.well-known/openid-configuration answered 404), and answered %d to the %s request (/.well-known/oauth-authorization-server): the authorization server failed or is busy; the next call tries again",
+			where, resp.StatusCode, rfc8414Document))
 	case resp.StatusCode != http.StatusOK:
 		return nil, e.failed(fmt.Errorf("%s has neither an OpenID discovery document (/.well-known/openid-configuration answered 404) nor RFC 8414 metadata (/.well-known/oauth-authorization-server answered %d): check the issuer, or set token_url instead",
 			where, resp.StatusCode), false)
@@ -333,11 +356,13 @@ func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc 
 }
 
 // lastStatus is a transport that notes the status of the last answer
-// through it: discover reads the status of go-oidc's discovery request
-// once that has returned.
+// through it and the wait it asks for (broker.ParseWait at now): discover
+// reads them for go-oidc's discovery request once that has returned.
 type lastStatus struct {
 	rt     http.RoundTripper
 	status *atomic.Int32
+	wait   *atomic.Int64 // a time.Duration
+	now    func() time.Time
 }
 
 // RoundTrip implements http.RoundTripper.
@@ -345,6 +370,7 @@ func (l lastStatus) RoundTrip(r *http.Request) (*http.Response, error) {
 	resp, err := l.rt.RoundTrip(r)
 	if err == nil {
 		l.status.Store(int32(resp.StatusCode))
+		l.wait.Store(int64(broker.ParseWait(resp.StatusCode, resp.Header, l.now())))
 	}
 	return resp, err
 }

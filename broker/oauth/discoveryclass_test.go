@@ -6,14 +6,17 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/zitadel/oidc/v3/pkg/oidc"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 )
 
@@ -25,7 +28,7 @@ import (
 // token_endpoint) is not. For the token API's failure policy
 // (broker.IsTemporary, the source's Classify) every failed discovery is
 // temporary: it fails all the provider's merchants, and its breaker counts
-// it.
+// it; one answered 429 is rate limited, as a token endpoint's 429 is.
 func TestDiscoveryFailureClass(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -69,9 +72,13 @@ func TestDiscoveryFailureClass(t *testing.T) {
 			if !errors.As(err, &de) {
 				t.Fatalf("Token = %v, want a *DiscoveryError", err)
 			}
-			if !broker.IsTemporary(err) || src.Classify(err) != broker.ClassTemporary || permanent(err) == tc.transient {
-				t.Errorf("IsTemporary %v, Classify %d, permanent %v; want temporary, ClassTemporary, permanent %v: %v",
-					broker.IsTemporary(err), src.Classify(err), permanent(err), !tc.transient, err)
+			class := broker.ClassTemporary
+			if tc.status == http.StatusTooManyRequests {
+				class = broker.ClassRateLimited
+			}
+			if !broker.IsTemporary(err) || src.Classify(err) != class || permanent(err) == tc.transient {
+				t.Errorf("IsTemporary %v, Classify %d, permanent %v; want temporary, class %d, permanent %v: %v",
+					broker.IsTemporary(err), src.Classify(err), permanent(err), class, !tc.transient, err)
 			}
 		})
 	}
@@ -189,6 +196,56 @@ func TestDiscoveryFailureOpensTheBreaker(t *testing.T) {
 			}
 			if tc.edit != nil && served.Load() != threshold {
 				t.Errorf("%d discovery documents served, want %d: the open breaker asks no more", served.Load(), threshold)
+			}
+		})
+	}
+}
+
+// TestDiscoveryRetryAfterHoldsTheProvider: a discovery answered 429 with
+// Retry-After (the OpenID document, or the RFC 8414 metadata after a
+// 404) holds the provider as a token endpoint's 429 does: a minute of
+// lookups by 20 merchants (one every 100 ms) makes one discovery, whose
+// Retry-After the refused callers are told, not one per breaker
+// cooldown; the failure carries the 429 (token_rate_limited).
+func TestDiscoveryRetryAfterHoldsTheProvider(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		oidc404 bool // /.well-known/openid-configuration answers 404, the RFC 8414 metadata 429
+		calls   int64
+	}{
+		{name: "OpenID discovery document", calls: 1},
+		{name: "RFC 8414 metadata", oidc404: true, calls: 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var calls atomic.Int64
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				calls.Add(1)
+				if tc.oidc404 && strings.HasSuffix(r.URL.Path, "/openid-configuration") {
+					http.NotFound(w, r)
+					return
+				}
+				w.Header().Set("Retry-After", "60")
+				w.WriteHeader(http.StatusTooManyRequests)
+			}))
+			t.Cleanup(srv.Close)
+			clock := clocktest.New(time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC))
+			src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue, Now: clock.Now})
+			if err != nil {
+				t.Fatal(err)
+			}
+			br := broker.New(broker.Options{Now: clock.Now, Sleep: func(context.Context, time.Duration) error { return nil }})
+			t.Cleanup(br.Close)
+			for i := range 600 {
+				b := brokertest.NewBinding("bank", src, broker.Request{Merchant: fmt.Sprint("m", i%20), Scopes: []string{fmt.Sprint("s", i%20)}})
+				_, _, err = br.Get(context.Background(), b)
+				if want := 60*time.Second - time.Duration(i)*100*time.Millisecond; broker.RetryAfterOf(err) != want {
+					t.Fatalf("lookup %d: Retry-After %s, want %s: %v", i, broker.RetryAfterOf(err), want, err)
+				}
+				clock.Add(100 * time.Millisecond)
+			}
+			ae, _ := errors.AsType[*broker.APIError](err)
+			if calls.Load() != tc.calls || ae == nil || ae.StatusCode != http.StatusTooManyRequests {
+				t.Fatalf("%d discovery requests in a minute, last error %v; want %d, an answer 429 (token_rate_limited)", calls.Load(), err, tc.calls)
 			}
 		})
 	}
