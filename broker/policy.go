@@ -47,11 +47,6 @@ import (
 // sources read it (ParseWait): its Retry-After header or, without a usable
 // one, the reset of its rate-limit headers.
 //
-// A call to the provider that is not a token request (a revocation) tells
-// the policy its answer (Answered): a 429 or a refused credential holds
-// the source as it would after a token request, 5xx answers count
-// towards its breaker.
-//
 // The source classifies its errors (Classifier). A refused fetch's error
 // carries the backoff applied, so RetryAfterOf tells callers what is left
 // of it, or of the closing of the provider's budget when that ends later
