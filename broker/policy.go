@@ -3,7 +3,6 @@ package broker
 import (
 	"context"
 	"errors"
-	"net/http"
 	"sync"
 	"time"
 
@@ -314,14 +313,41 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 		// memory could keep (nor once the probe closed the breaker).
 		return p.withBackoffLocked(b, err, now)
 	}
-	if calls > 0 && p.holdSourceLocked(ctx, b, err, c, now, &n) {
+	if calls > 0 && c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {
 		// The budget holds every key of the provider until then (at
 		// most MaxHold); it answers the next fetches itself, and this
 		// one with its closing when no backoff ends later. Without a
 		// backoff, this answer is the provider's refusal, not one of
 		// the budget's (unscoped).
+		n = append(n, holdBudget(ctx, b, now, RetryAfterOf(err)))
 		h, scope := p.backoffLocked(b, now)
 		return &backoffError{err: err, retryAfter: callableIn(b, h, now), scope: scope, unscoped: h == nil}
+	}
+	if calls > 0 {
+		ss := p.source(b.SourceID)
+		var wait time.Duration
+		k := ss.backoff.failures
+		switch {
+		case c == ClassRateLimited && RetryAfterOf(err) > 0:
+			wait = min(RetryAfterOf(err), MaxRetryAfterMemory)
+		case c == ClassRateLimited, c == ClassCredential:
+			// A 429 without a usable Retry-After throttles the source's
+			// credential too: held as a refused credential is, the
+			// count of consecutive ones kept here; with a budget, the
+			// budget is held as long, for every sidecar sharing it.
+			k = ss.backoff.consecutive(now, p.opts.FailureMax) + 1
+			wait = p.backoffFor(k)
+			if c == ClassRateLimited && b.Budget != nil {
+				n = append(n, holdBudget(ctx, b, now, wait))
+			}
+		}
+		if wait > 0 {
+			if ss.backoff.err == nil {
+				ss.backoff.obs = b.Observer
+				n = append(n, sourceBackingOff(ss.backoff.obs, b.SourceID, true))
+			}
+			ss.backoff.err, ss.backoff.at, ss.backoff.until, ss.backoff.failures = err, now, now.Add(wait), k
+		}
 	}
 	ks := p.key(b)
 	k := ks.mem.consecutive(now, p.opts.FailureMax)
@@ -336,83 +362,6 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 	}
 	ks.mem.err, ks.mem.at, ks.mem.until, ks.mem.failures = err, now, now.Add(wait), k
 	return p.withBackoffLocked(b, err, now)
-}
-
-// holdSourceLocked holds b's source after a call its provider answered
-// at now with err, of class c, when c says the answer is about the
-// source's credential: a 429 with Retry-After closes b's budget until
-// then (budgetHeld) or, without a budget, starts the source's backoff as
-// long (at most MaxRetryAfterMemory); a 429 without a usable Retry-After
-// or a refused credential starts it for FailureTTL doubled per
-// consecutive one (a 429's closes the budget as long, for every sidecar
-// sharing it). The calls to make once p.mu is released go into n.
-func (p *policy) holdSourceLocked(ctx context.Context, b *Binding, err error, c Class, now time.Time, n *notes) (budgetHeld bool) {
-	if c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {
-		*n = append(*n, holdBudget(ctx, b, now, RetryAfterOf(err)))
-		return true
-	}
-	ss := p.source(b.SourceID)
-	var wait time.Duration
-	k := ss.backoff.failures
-	switch {
-	case c == ClassRateLimited && RetryAfterOf(err) > 0:
-		wait = min(RetryAfterOf(err), MaxRetryAfterMemory)
-	case c == ClassRateLimited, c == ClassCredential:
-		// A 429 without a usable Retry-After throttles the source's
-		// credential too: held as a refused credential is, the count of
-		// consecutive ones kept here.
-		k = ss.backoff.consecutive(now, p.opts.FailureMax) + 1
-		wait = p.backoffFor(k)
-		if c == ClassRateLimited && b.Budget != nil {
-			*n = append(*n, holdBudget(ctx, b, now, wait))
-		}
-	}
-	if wait > 0 {
-		if ss.backoff.err == nil {
-			ss.backoff.obs = b.Observer
-			*n = append(*n, sourceBackingOff(ss.backoff.obs, b.SourceID, true))
-		}
-		ss.backoff.err, ss.backoff.at, ss.backoff.until, ss.backoff.failures = err, now, now.Add(wait), k
-	}
-	return false
-}
-
-// Answered tells the failure policy how b's provider answered a call
-// that is not a token request of b's key (the revocation of its token),
-// ending with err: an answer about the source's credential (a 429, a
-// refused credential, as b's source classifies it) holds the source, or
-// closes its budget, as the same answer to a token request does
-// (holdSourceLocked), and an answer saying the provider failed (an
-// *APIError of a temporary status but 429: 5xx, 408, 425) counts towards
-// the opening of its closed breaker. Nothing is remembered for b's key;
-// a success, an error without an answer and any other answer change
-// nothing.
-func (br *Broker) Answered(ctx context.Context, b *Binding, err error) {
-	if err == nil {
-		return
-	}
-	var n notes
-	defer func() { n.run() }()
-	now := br.opts.Now()
-	p := &br.pol
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	var ae *APIError
-	switch c := ClassOf(b.Source, err); {
-	case c == ClassRateLimited || c == ClassCredential:
-		if p.opts.FailureTTL >= 0 {
-			p.holdSourceLocked(ctx, b, err, c, now, &n)
-		}
-	case errors.As(err, &ae) && ae.Temporary() && ae.StatusCode != http.StatusTooManyRequests:
-		ss := p.source(b.SourceID)
-		if ss.brk.State() != BreakerClosed {
-			return
-		}
-		if from, to := ss.brk.Record(now, breaker.Failed, err); from != to {
-			ss.brkObs = b.Observer
-			n = append(n, breakerChanged(b.Observer, b.SourceID, to))
-		}
-	}
 }
 
 // holdBudget closes b's budget for d from now, a 429's hold, and returns

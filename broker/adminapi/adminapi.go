@@ -182,27 +182,24 @@ func MerchantTokens(merchant string, regs ...*config.Registry) func(*broker.Bind
 // revokeAgain revokes e's token with src, the provider as configured now,
 // after its own source's credential was refused with refused: nil once
 // revoked; refused when src is nil, the same source or cannot revoke;
-// both errors when src refuses too. last is the error of the last call
-// made, nil once revoked.
-func revokeAgain(ctx context.Context, e *broker.Entry, src broker.Source, refused error) (err, last error) {
+// both errors when src refuses too.
+func revokeAgain(ctx context.Context, e *broker.Entry, src broker.Source, refused error) error {
 	rv, ok := src.(broker.Revoker)
 	if !ok || src == e.Binding().Source {
-		return refused, refused
+		return refused
 	}
-	if last = rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); last != nil {
-		return errors.Join(refused, fmt.Errorf("with the provider as configured now: %w", last)), last
+	if err := rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); err != nil {
+		return errors.Join(refused, fmt.Errorf("with the provider as configured now: %w", err))
 	}
-	return nil, nil
+	return nil
 }
 
 // Revoke revokes each entry's token at its provider, where the provider
 // supports revocation, with the source that fetched it; when that
 // source's credential is refused (its API key or client secret rotated
 // since), once more with the source current returns for the entry's
-// source ID (the provider as configured now), if any. br's failure
-// policy is told the answer of each entry's last call (Broker.Answered):
-// a 429 or a refused credential holds the provider's token requests too.
-func Revoke(ctx context.Context, br *broker.Broker, entries []*broker.Entry, current func(sourceID string) broker.Source) []RevokeResult {
+// source ID (the provider as configured now), if any.
+func Revoke(ctx context.Context, entries []*broker.Entry, current func(sourceID string) broker.Source) []RevokeResult {
 	results := make([]RevokeResult, 0, len(entries))
 	for _, e := range entries {
 		b := e.Binding()
@@ -212,11 +209,9 @@ func Revoke(ctx context.Context, br *broker.Broker, entries []*broker.Entry, cur
 			continue
 		}
 		err := rv.RevokeToken(ctx, b.Request(), e.Token())
-		last := err
 		if err != nil && current != nil && broker.ClassOf(b.Source, err) == broker.ClassCredential {
-			err, last = revokeAgain(ctx, e, current(b.SourceID), err)
+			err = revokeAgain(ctx, e, current(b.SourceID), err)
 		}
-		br.Answered(ctx, b, last)
 		if err != nil {
 			results = append(results, NotRevoked(e, err.Error()))
 		} else {

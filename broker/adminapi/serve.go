@@ -302,7 +302,7 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		// Not cancelled with the request: a token dropped from the cache
 		// and not revoked would stay valid, forgotten. Each call is bounded
 		// by its provider's timeout.
-		results := Revoke(context.WithoutCancel(r.Context()), in.Broker, entries, in.source)
+		results := Revoke(context.WithoutCancel(r.Context()), entries, in.source)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
 	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge, revoke, check or refresh_token", action)}

@@ -194,29 +194,22 @@ type seenProvider struct {
 }
 
 // revoke revokes e's token at its provider, unless the failure policy
-// keeps its source from being called now (its breaker open, its backoff,
-// its budget closed), and purges it from the fleet's shared tier once
-// revoked: a token that was not revoked is still served. The
-// revocation's answer is told to the failure policy (adminapi.Revoke),
-// so that one saying to stop calling the provider stops its next
-// revocations. A source that cannot revoke is reported so by
-// adminapi.Revoke, whatever its failure policy.
+// keeps its source from being called now, and purges it from the fleet's
+// shared tier once revoked: a token that was not revoked is still served.
+// A source that cannot revoke is reported so by adminapi.Revoke, whatever
+// its failure policy.
 func (p *Broker) revoke(ctx context.Context, e *broker.Entry) adminapi.RevokeResult {
-	b := e.Binding()
-	if _, ok := b.Source.(broker.Revoker); ok {
-		h := p.SourceHealth(b.SourceID)
+	if _, ok := e.Binding().Source.(broker.Revoker); ok {
+		h := p.SourceHealth(e.Binding().SourceID)
 		switch {
 		case h.Breaker == broker.BreakerOpen:
 			return adminapi.NotRevoked(e, "not revoked: the provider's circuit breaker is open after repeated failures")
 		case !h.BackoffUntil.IsZero():
 			return adminapi.NotRevoked(e, fmt.Sprintf("not revoked: the provider is not called until %s (Retry-After or a refused credential)",
 				h.BackoffUntil.UTC().Format(time.RFC3339)))
-		case b.Budget != nil && time.Now().Before(b.Budget.ClosedUntil()):
-			return adminapi.NotRevoked(e, fmt.Sprintf("not revoked: the provider's token API budget is closed until %s (a 429, or rate-limit headers saying none is left)",
-				b.Budget.ClosedUntil().UTC().Format(time.RFC3339)))
 		}
 	}
-	res := adminapi.Revoke(ctx, p.Broker, []*broker.Entry{e}, p.source)[0]
+	res := adminapi.Revoke(ctx, []*broker.Entry{e}, p.source)[0]
 	if res.Revoked {
 		// No node of the fleet serves it any longer; until the purge is
 		// heard, a node whose call is refused retries with a new token.

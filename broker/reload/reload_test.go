@@ -18,7 +18,6 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
-	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
@@ -509,103 +508,5 @@ func TestRevokeAtShutdownUsesTheRotatedKey(t *testing.T) {
 	lines := logs.FilterMessage("token revoked at shutdown").All()
 	if len(lines) != 1 || !lines[0].ContextMap()["revoked"].(bool) || revoked.Load() != 1 {
 		t.Fatalf("revocations at Gatekeeper %d, log lines %+v; want the token revoked with the rotated key", revoked.Load(), lines)
-	}
-}
-
-// A provider whose answers say to stop calling it is not called again at
-// shutdown, as a token request's answer would have it: a revocation
-// answered 429 with Retry-After holds the provider (its source's backoff,
-// or its budget's closing when it has a rate_limit), and 5xx answers open
-// its breaker, so that of 12 tokens only those whose revocations were
-// under way then are sent (revokePerSource at a time, and the breaker's
-// threshold first), the others are logged as not revoked with the reason,
-// and no token request goes to the provider afterwards. A token request
-// answered 429 before the shutdown closes the budget as long: no
-// revocation is sent.
-func TestRevokeAtShutdownStopsWhenTheProviderSaysWait(t *testing.T) {
-	const tokens, threshold = 12, 2
-	for _, tc := range []struct {
-		name     string
-		budget   bool   // the provider has a rate_limit budget
-		before   bool   // a token request answered 429 Retry-After 60 before the shutdown
-		status   int    // the revocations' answer: 200 when 0
-		maxCalls int    // the most revocations sent
-		reason   string // the log of a token not revoked starts with it
-	}{
-		{name: "revocation answered 429", status: http.StatusTooManyRequests,
-			maxCalls: revokePerSource, reason: "not revoked: the provider is not called until"},
-		{name: "revocation answered 429, budget", budget: true, status: http.StatusTooManyRequests,
-			maxCalls: revokePerSource, reason: "not revoked: the provider's token API budget is closed until"},
-		{name: "revocations answered 503", status: http.StatusServiceUnavailable,
-			maxCalls: threshold + revokePerSource - 1, reason: "not revoked: the provider's circuit breaker is open"},
-		{name: "token request answered 429, budget", budget: true, before: true,
-			reason: "not revoked: the provider's token API budget is closed until"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			var minted, revocations atomic.Int64
-			gk := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				switch {
-				case strings.HasSuffix(r.URL.Path, "/revoke"):
-					revocations.Add(1)
-					if tc.status != 0 {
-						w.Header().Set("Retry-After", "60")
-						w.WriteHeader(tc.status)
-						return
-					}
-					fmt.Fprint(w, `{"data":{"status":"REVOKED"}}`)
-				case strings.Contains(r.URL.Path, "/o-429/"):
-					minted.Add(1)
-					w.Header().Set("Retry-After", "60")
-					w.WriteHeader(http.StatusTooManyRequests)
-				default:
-					n := minted.Add(1)
-					w.WriteHeader(http.StatusCreated)
-					fmt.Fprintf(w, `{"data":{"id":"t%d","accessToken":"tok-%d","tokenType":"BEARER","status":"ACTIVE"}}`, n, n)
-				}
-			}))
-			t.Cleanup(gk.Close)
-			src, err := nuapay.New(nuapay.Config{BaseURL: gk.URL, APIKey: "partner-key"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			bud := budget.New("np", budget.Limit{Rate: 1000, Burst: 100, Period: time.Second}, budget.NewLocal(nil), nil)
-			core, logs := observer.New(zap.InfoLevel)
-			pb := &Broker{Broker: broker.New(broker.Options{MaxAttempts: 1, BreakerThreshold: threshold}), Logger: zap.New(core), revokeTimeout: time.Minute}
-			t.Cleanup(pb.Close)
-			get := func(org string) error {
-				b := brokertest.NewBinding("np", src, broker.Request{Merchant: "m-" + org, Organisation: org, Scopes: []string{"s"}})
-				if tc.budget {
-					b.Budget = bud
-				}
-				_, _, err := pb.Get(context.Background(), b)
-				return err
-			}
-			for i := range tokens {
-				if err := get(fmt.Sprint("o", i)); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if tc.before && get("o-429") == nil {
-				t.Fatal("a 429 gave a token")
-			}
-			mintedBefore := minted.Load()
-			pb.Revoke(pb.Tokens())
-			sent := int(revocations.Load())
-			if sent > tc.maxCalls || tc.maxCalls > 0 && sent == 0 {
-				t.Errorf("%d revocations sent, want at most %d (at least one when the revocations' answers stop them)", sent, tc.maxCalls)
-			}
-			notSent := 0
-			for _, e := range logs.FilterMessage("token revoked at shutdown").All() {
-				if strings.HasPrefix(e.ContextMap()["error"].(string), tc.reason) {
-					notSent++
-				}
-			}
-			if notSent != tokens-sent {
-				t.Errorf("%d tokens logged as %q, want the %d whose revocation was not sent", notSent, tc.reason, tokens-sent)
-			}
-			if get("o-after") == nil || minted.Load() != mintedBefore {
-				t.Errorf("a token request after the shutdown's revocations reached the provider; want it held")
-			}
-		})
 	}
 }
