@@ -3,18 +3,19 @@ package oauth
 // The callback's code exchange when the bank's token endpoint fails:
 // against zitadel's OP (integration/optest), its failures made by a
 // gateway in front of it (optest.Server.TokenStatus), by no connection
-// made, by the server dropping the connection, or by the answer getting
-// lost or cut short on the way back.
+// made, by the server dropping the connection, by its answer lost to a
+// TCP reset or cut short on the way back, or by the endpoints to be
+// discovered again failing.
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync"
@@ -32,20 +33,33 @@ import (
 const retryHost = "cb.partner.example"
 
 // faultyBank is a consent fixture whose bank can be made to fail its next
-// token request: no connection is made to it; the server holds the
+// token request: the request goes, through the client's own transport, to
+// a port nothing listens on (no connection is made); the server holds the
 // request until the client times out, or drops its connection, before
-// zitadel sees it; or zitadel answers it and the answer is lost on the
-// way back, or cut short. It can also be made to take a second more.
+// zitadel sees it; zitadel answers it and the server resets the
+// connection (TCP RST) instead of sending the answer, or the answer is
+// cut short on the way back; or, once the callback has taken its state,
+// the endpoints are to be discovered again (as after another request's
+// failure) and the discovery document answers rediscover. It can also be
+// made to take a second more.
 type faultyBank struct {
 	*consentFixture
 	// each fails (slow: slows) the next token request once
-	nodial, hang, drop, lose, cut, slow atomic.Bool
+	nodial, hang, drop, reset, cut, slow atomic.Bool
+	// rediscover, when not 0, is the discovery document's status once the
+	// next callback has taken its state
+	rediscover atomic.Int32
 }
 
 // newFaultyBank starts the fixture with its faults (none on yet).
 func newFaultyBank(t *testing.T) *faultyBank {
 	t.Helper()
-	f := &faultyBank{consentFixture: newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rl := &resetListener{Listener: ln}
+	f := &faultyBank{consentFixture: newConsentFixture(t, optest.Options{Listener: rl}, ClientSecretBasic, false)}
 	f.op.BeforeToken = func(r *http.Request) {
 		switch {
 		case f.hang.CompareAndSwap(true, false):
@@ -53,29 +67,27 @@ func newFaultyBank(t *testing.T) *faultyBank {
 			panic(http.ErrAbortHandler)
 		case f.drop.CompareAndSwap(true, false):
 			panic(http.ErrAbortHandler) // the connection is cut, no answer
+		case f.reset.CompareAndSwap(true, false):
+			rl.resetAnswer(r) // zitadel redeems the code; its answer is a TCP reset
 		case f.slow.CompareAndSwap(true, false):
 			time.Sleep(time.Second) // the bank is slow (TokenStatus then answers)
 		}
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	closed := ln.Addr().String() // nothing listens there
-	ln.Close()
+	f.pend.Store = &takeHook{PendingStore: f.pend.Store, before: func() {
+		if st := f.rediscover.Swap(0); st != 0 {
+			f.src.ep.invalidate() // as another request's failure does
+			f.op.DiscoveryStatus.Store(st)
+		}
+	}}
+	closed := freeAddr(t)
 	next := f.src.cfg.Client.Transport
 	f.src.cfg.Client.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
 		if r.URL.Path == "/oauth/token" && f.nodial.CompareAndSwap(true, false) {
-			_, err := net.Dial("tcp", closed)
-			return nil, cmp.Or(err, errors.New("dialled a closed port"))
+			r = r.Clone(r.Context())
+			r.URL.Host = closed
 		}
 		resp, err := next.RoundTrip(r)
-		switch {
-		case err != nil || r.URL.Path != "/oauth/token":
-		case f.lose.CompareAndSwap(true, false):
-			resp.Body.Close()
-			return nil, errors.New("read: connection reset by peer")
-		case f.cut.CompareAndSwap(true, false):
+		if err == nil && r.URL.Path == "/oauth/token" && f.cut.CompareAndSwap(true, false) {
 			body, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			resp.Body = io.NopCloser(io.MultiReader(bytes.NewReader(body[:len(body)/2]), iotest.ErrReader(io.ErrUnexpectedEOF)))
@@ -83,6 +95,72 @@ func newFaultyBank(t *testing.T) *faultyBank {
 		return resp, err
 	})
 	return f
+}
+
+// freeAddr returns an address on 127.0.0.1 that nothing listens on: a
+// port the system gave and that was closed again.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// resetListener is a TCP listener that can make a connection answer a
+// request it read with a TCP reset instead of the answer.
+type resetListener struct {
+	net.Listener
+	conns sync.Map // remote address -> *resetConn
+}
+
+// Accept accepts a connection and notes it by its remote address.
+func (l *resetListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	rc := &resetConn{TCPConn: c.(*net.TCPConn)}
+	l.conns.Store(c.RemoteAddr().String(), rc)
+	return rc, nil
+}
+
+// resetAnswer makes the connection r came on reset (SO_LINGER 0, then
+// close) instead of writing r's answer.
+func (l *resetListener) resetAnswer(r *http.Request) {
+	c, _ := l.conns.Load(r.RemoteAddr)
+	c.(*resetConn).reset.Store(true)
+}
+
+// resetConn is a server's connection whose next write, once reset is
+// set, closes it with a TCP reset instead.
+type resetConn struct {
+	*net.TCPConn
+	reset atomic.Bool
+}
+
+// Write writes b, or resets the connection.
+func (c *resetConn) Write(b []byte) (int, error) {
+	if c.reset.CompareAndSwap(true, false) {
+		c.SetLinger(0)
+		c.Close()
+		return 0, net.ErrClosed
+	}
+	return c.TCPConn.Write(b)
+}
+
+// takeHook is a PendingStore that calls before before each Take.
+type takeHook struct {
+	PendingStore
+	before func()
+}
+
+// Take calls before, then takes key.
+func (s *takeHook) Take(ctx context.Context, key string) ([]byte, error) {
+	s.before()
+	return s.PendingStore.Take(ctx, key)
 }
 
 // start starts a consent of acme bound to browser and approves it at the
@@ -110,16 +188,19 @@ func reasonOf(err error) string {
 }
 
 // TestCallbackKeepsTheStateWhenTheExchangeFails: a code exchange whose
-// failure says that the bank did not process it (no connection made, 408,
-// 425, 429, 503) did not redeem the code: the callback gets
+// failure says that the bank very likely did not process it (no
+// connection made, 408, 425, 429, 503, endpoints that could not be
+// discovered again now) did not redeem the code: the callback gets
 // ReasonRetryCallback without a Result (the page asking for a reload),
 // its state stays, and the reload once the bank answers exchanges the
 // same code again and stores the consent; the state is spent then. A
 // failure after which the bank may have redeemed the code (500, 502, 504,
 // a timeout or a connection cut once the request was sent, the answer
-// lost or cut short), and the bank's refusal of the code, spend the state
-// at once (ReasonExchangeFailed, with the Result): the reload is refused
-// without an exchange, and the consent link is usable again.
+// lost to a TCP reset or cut short), a discovery that trying again does
+// not mend, and the bank's refusal of the code, spend the state at once
+// (ReasonExchangeFailed, with the Result): the reload is refused without
+// an exchange, and the consent link is usable again. The failures of the
+// connection are real ones, through the client's own transport.
 func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 	ctx := context.Background()
 	status := func(code int) func(*faultyBank, url.Values) {
@@ -138,6 +219,10 @@ func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 		{name: "408", kept: true, fail: status(http.StatusRequestTimeout)},
 		{name: "no connection is made", kept: true, unsent: true,
 			fail: func(f *faultyBank, _ url.Values) { f.nodial.Store(true) }},
+		{name: "discovered again, the document answers 503", kept: true, unsent: true,
+			fail: func(f *faultyBank, _ url.Values) { f.rediscover.Store(http.StatusServiceUnavailable) }},
+		{name: "discovered again, the document answers 403", unsent: true,
+			fail: func(f *faultyBank, _ url.Values) { f.rediscover.Store(http.StatusForbidden) }},
 		{name: "500", fail: status(http.StatusInternalServerError)},
 		{name: "502", fail: status(http.StatusBadGateway)},
 		{name: "504", fail: status(http.StatusGatewayTimeout)},
@@ -148,8 +233,8 @@ func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 			}},
 		{name: "the connection is cut once the request is sent",
 			fail: func(f *faultyBank, _ url.Values) { f.drop.Store(true) }},
-		{name: "the answer is lost after the bank redeemed the code",
-			fail: func(f *faultyBank, _ url.Values) { f.lose.Store(true) }},
+		{name: "the answer is lost to a TCP reset after the bank redeemed the code",
+			fail: func(f *faultyBank, _ url.Values) { f.reset.Store(true) }},
 		{name: "the answer is cut short after the bank redeemed the code",
 			fail: func(f *faultyBank, _ url.Values) { f.cut.Store(true) }},
 		{name: "the bank refuses the code",
@@ -177,6 +262,7 @@ func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 			}
 
 			f.op.TokenStatus.Store(0)
+			f.op.DiscoveryStatus.Store(0)
 			f.clock.Add(exchangeRetry)
 			res, err = f.flow.Callback(ctx, retryHost, q, browser)
 			if !tc.kept {
@@ -573,5 +659,78 @@ func TestCallbackNotKeptForARefusedNonce(t *testing.T) {
 	}
 	if _, err := flow.Callback(ctx, host, q); reasonOf(err) != ReasonUnknownState || as.gate.Challenges.Load() != 1 {
 		t.Errorf("the reload = %v (%d challenges); want %s without an exchange", err, as.gate.Challenges.Load(), ReasonUnknownState)
+	}
+}
+
+// TestCallbackNonceChallenges: a code exchange the bank refuses with
+// use_dpop_nonce did not redeem the code. When the key now holds a nonce
+// other than the one the refused request carried (the bank sent a new one
+// with each challenge, the one the exchange answered itself and the next),
+// the code sent again carries it: the callback keeps its state
+// (ReasonRetryCallback), and its reload, once the bank takes the nonce,
+// stores the consent.
+func TestCallbackNonceChallenges(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name  string
+		nonce func(n int64) string // the DPoP-Nonce of the nth challenge, "" none
+		kept  bool
+		sent  int64 // the first callback's token requests
+	}{
+		{name: "a new nonce with each challenge", nonce: func(n int64) string { return fmt.Sprint("front-", n) }, kept: true, sent: 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			as := newDPoPAS(t, "post", nil)
+			var challenging atomic.Bool
+			var requests atomic.Int64
+			front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == "/token" {
+					n := requests.Add(1)
+					if challenging.Load() {
+						if nonce := tc.nonce(n); nonce != "" {
+							w.Header().Set("DPoP-Nonce", nonce)
+						}
+						fail(w, http.StatusBadRequest, "use_dpop_nonce")
+						return
+					}
+				}
+				as.gate.ServeHTTP(w, r)
+			}))
+			t.Cleanup(front.Close)
+			clock := newClock()
+			store := &savingStore{}
+			_, flow := newFlow(t, Config{Name: "bank", TokenURL: front.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue,
+				AuthMethod: ClientSecretPost, DPoP: dpoptest.NewKey(t)}, store,
+				AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"offline_access"}, AuthorizationURL: front.URL + "/authorize"},
+				&Pendings{Store: &MemoryPendingStore{}, Now: clock.Now})
+			authURL, host, err := startLink(t, flow, "m1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			q, _ := as.authorize(t, authURL)
+			challenging.Store(true)
+			res, err := flow.Callback(ctx, host, q)
+			switch {
+			case tc.kept && (reasonOf(err) != ReasonRetryCallback || res != Result{}):
+				t.Fatalf("Callback = %+v, %v; want %s and no Result", res, err, ReasonRetryCallback)
+			case !tc.kept && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "m1"):
+				t.Fatalf("Callback = %+v, %v; want %s for m1: the state spent", res, err, ReasonExchangeFailed)
+			}
+			if n := requests.Load(); n != tc.sent {
+				t.Errorf("%d token requests, want %d", n, tc.sent)
+			}
+			challenging.Store(false)
+			clock.Add(exchangeRetry)
+			res, err = flow.Callback(ctx, host, q)
+			if !tc.kept {
+				if reasonOf(err) != ReasonUnknownState || requests.Load() != tc.sent {
+					t.Errorf("the reload = %v (%d token requests); want %s without a request", err, requests.Load(), ReasonUnknownState)
+				}
+				return
+			}
+			if err != nil || res.Merchant != "m1" || store.saves.Load() != 1 {
+				t.Errorf("the reload = %+v, %v (%d saves); want the consent", res, err, store.saves.Load())
+			}
+		})
 	}
 }
