@@ -18,7 +18,6 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
@@ -718,15 +717,16 @@ type Result struct {
 //
 // A code exchange whose failure says that the provider did not process
 // it, so that the code was not redeemed (unredeemed: no connection made,
-// 408, 425, 429, 503, a DPoP nonce asked for), may be sent again: the
-// state is put back, bound to that code, with the link, and the callback
-// fails with ReasonRetryCallback and no Result. Any other failure may
-// have come after the code was redeemed (a timeout or a connection cut
-// once the request was sent, an answer cut short, 500, 502, 504), and a
-// code sent twice may make the provider revoke the tokens it issued for
-// it (RFC 6749 §4.1.2): it spends the state, as an answer that settles
-// the exchange does, and as a DPoP nonce the key refused
-// (*dpop.NonceError), which the code sent again would meet again. The
+// 408, 425, 429, 503, a DPoP nonce asked for that the key now holds), may
+// be sent again: the state is put back, bound to that code, with the
+// link, and the callback fails with ReasonRetryCallback and no Result.
+// Any other failure may have come after the code was redeemed (a timeout
+// or a connection cut once the request was sent, an answer cut short,
+// 500, 502, 504), and a code sent twice may make the provider revoke the
+// tokens it issued for it (RFC 6749 §4.1.2): it spends the state, as an
+// answer that settles the exchange does, and as a DPoP nonce challenge
+// without a new nonce (none, the one sent, one the key refused:
+// *dpop.NonceError), which the code sent again would meet again. The
 // same callback, reloaded by the same browser, exchanges the code again,
 // at least exchangeRetry (or the provider's Retry-After, when longer)
 // after the failure: sooner, it fails so again without asking the
@@ -919,23 +919,25 @@ func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *Conse
 // the provider did not process the request, so that the code was not
 // redeemed and may be sent again: no connection was made (a dial error:
 // refused, no route, no DNS answer), the endpoints could not be
-// discovered now (a transient *DiscoveryError: nothing was sent), or the
-// provider answered 408, 425, 429 or 503, or asked for a DPoP nonce
-// (use_dpop_nonce) other than one the key refused (a *dpop.NonceError:
-// the proofs of the code sent again would carry the nonce refused again).
-// Any other failure may have come after the code was redeemed: a timeout
-// or a connection cut once the request was sent, an answer cut short,
-// 500, 502, 504.
+// discovered now (a transient *DiscoveryError: nothing was sent), the
+// provider answered 408, 425, 429 or 503, or it asked for a DPoP nonce
+// (use_dpop_nonce) and the key now holds another nonce than the one sent
+// (a *nonceChallengeError), which the code sent again carries. A
+// use_dpop_nonce without a new nonce (none, the one sent, one the key
+// refused: *dpop.NonceError, or no DPoP key) would be refused again. Any
+// other failure may have come after the code was redeemed: a timeout or
+// a connection cut once the request was sent, an answer cut short, 500,
+// 502, 504.
 func unredeemed(err error) bool {
-	if _, ok := errors.AsType[*dpop.NonceError](err); ok {
-		return false
+	if _, ok := errors.AsType[*nonceChallengeError](err); ok {
+		return true
 	}
 	if ae, ok := errors.AsType[*broker.APIError](err); ok {
 		switch ae.StatusCode {
 		case http.StatusRequestTimeout, http.StatusTooEarly, http.StatusTooManyRequests, http.StatusServiceUnavailable:
-			return true
+			return ae.Code != "use_dpop_nonce"
 		}
-		return ae.Code == "use_dpop_nonce"
+		return false
 	}
 	if de, ok := errors.AsType[*DiscoveryError](err); ok {
 		return de.Transient()

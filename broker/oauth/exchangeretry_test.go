@@ -668,16 +668,23 @@ func TestCallbackNotKeptForARefusedNonce(t *testing.T) {
 // with each challenge, the one the exchange answered itself and the next),
 // the code sent again carries it: the callback keeps its state
 // (ReasonRetryCallback), and its reload, once the bank takes the nonce,
-// stores the consent.
+// stores the consent. Without a new nonce (the one sent again, none, or
+// no DPoP key to carry one) the code sent again would be refused again:
+// the callback spends its state (ReasonExchangeFailed, with the Result),
+// and its reload is refused without a request.
 func TestCallbackNonceChallenges(t *testing.T) {
 	ctx := context.Background()
 	for _, tc := range []struct {
 		name  string
 		nonce func(n int64) string // the DPoP-Nonce of the nth challenge, "" none
+		noKey bool                 // the provider has no DPoP key
 		kept  bool
 		sent  int64 // the first callback's token requests
 	}{
 		{name: "a new nonce with each challenge", nonce: func(n int64) string { return fmt.Sprint("front-", n) }, kept: true, sent: 2},
+		{name: "the same nonce again", nonce: func(int64) string { return "front" }, sent: 2},
+		{name: "no nonce", nonce: func(int64) string { return "" }, sent: 1},
+		{name: "no DPoP key", nonce: func(n int64) string { return fmt.Sprint("front-", n) }, noKey: true, sent: 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			as := newDPoPAS(t, "post", nil)
@@ -699,8 +706,11 @@ func TestCallbackNonceChallenges(t *testing.T) {
 			t.Cleanup(front.Close)
 			clock := newClock()
 			store := &savingStore{}
-			_, flow := newFlow(t, Config{Name: "bank", TokenURL: front.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue,
-				AuthMethod: ClientSecretPost, DPoP: dpoptest.NewKey(t)}, store,
+			cfg := Config{Name: "bank", TokenURL: front.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue, AuthMethod: ClientSecretPost}
+			if !tc.noKey {
+				cfg.DPoP = dpoptest.NewKey(t)
+			}
+			_, flow := newFlow(t, cfg, store,
 				AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"offline_access"}, AuthorizationURL: front.URL + "/authorize"},
 				&Pendings{Store: &MemoryPendingStore{}, Now: clock.Now})
 			authURL, host, err := startLink(t, flow, "m1")
