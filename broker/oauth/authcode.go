@@ -839,11 +839,16 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 			wait = max(wait, ae.RetryAfter)
 		}
 		rec.Code, rec.Tries, rec.Retry = digest("code", code), rec.Tries+1, a.pend.Now().Add(wait)
-		if rec.Tries < codeExchanges && wait <= maxExchangeWait && rec.Retry.Before(rec.Expires) {
+		switch {
+		case rec.Tries >= codeExchanges:
+			ce.Err = fmt.Errorf("%w; not tried again: %d callbacks failed to exchange the code", ce.Err, rec.Tries)
+		case wait > maxExchangeWait:
+			ce.Err = fmt.Errorf("%w; not tried again: the provider asks to wait %s, over %s, longer than its code lives", ce.Err, wait, maxExchangeWait)
+		case !rec.Retry.Before(rec.Expires):
+			ce.Err = fmt.Errorf("%w; not tried again: the authorization state expires first, within the %s to wait before the code is exchanged again", ce.Err, wait)
+		default:
 			return a.retryLater(ctx, state, rec, res, ce)
 		}
-		ce.Err = fmt.Errorf("%w; not tried again: %d callbacks failed to exchange the code, the provider asks to wait %s (over %s, longer than its code lives), or the authorization state expires first",
-			ce.Err, rec.Tries, wait, maxExchangeWait)
 		return res, ce
 	}
 	// An ID token is verified when openid was asked, or when one came

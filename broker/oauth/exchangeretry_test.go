@@ -187,6 +187,26 @@ func reasonOf(err error) string {
 	return ""
 }
 
+// spentCauses are what a failed exchange that spends its state, of a
+// kind the provider did not process, names as the cause: the callbacks
+// used up, the provider's wait, the state's expiry.
+var spentCauses = map[string]string{
+	"tries":  "callbacks failed to exchange the code",
+	"wait":   "the provider asks to wait",
+	"expiry": "the authorization state expires first",
+}
+
+// checkSpentFor checks that err names the cause (a key of spentCauses)
+// that spent the state, and no other.
+func checkSpentFor(t *testing.T, err error, cause string) {
+	t.Helper()
+	for c, text := range spentCauses {
+		if named := strings.Contains(err.Error(), text); named != (c == cause) {
+			t.Errorf("the error names %q: %v; want only the cause %q named: %v", text, named, spentCauses[cause], err)
+		}
+	}
+}
+
 // TestCallbackKeepsTheStateWhenTheExchangeFails: a code exchange whose
 // failure says that the bank very likely did not process it (no
 // connection made, 408, 425, 429, 503, endpoints that could not be
@@ -307,6 +327,9 @@ func TestCallbackExchangeTriedThreeTimes(t *testing.T) {
 		res, err := f.flow.Callback(ctx, retryHost, q)
 		if i < 3 && (reasonOf(err) != ReasonRetryCallback || res != Result{}) || i == 3 && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme") {
 			t.Fatalf("callback %d = %+v, %v", i, res, err)
+		}
+		if i == 3 {
+			checkSpentFor(t, err, "tries")
 		}
 		if f.exchanges() != i {
 			t.Fatalf("after callback %d: %d exchanges", i, f.exchanges())
@@ -496,6 +519,7 @@ func TestCallbackWaitsAsTheBankAsks(t *testing.T) {
 				if reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme" {
 					t.Fatalf("Callback = %+v, %v; want %s for acme: the state spent", res, err, ReasonExchangeFailed)
 				}
+				checkSpentFor(t, err, "wait")
 				f.op.TokenStatus.Store(0)
 				f.clock.Add(time.Duration(tc.retryAfter) * time.Second)
 				if _, err := f.flow.Callback(ctx, retryHost, q); reasonOf(err) != ReasonUnknownState || f.exchanges() != 1 {
@@ -614,8 +638,10 @@ func TestCallbackNotKeptPastItsState(t *testing.T) {
 			switch {
 			case tc.kept && reasonOf(err) != ReasonRetryCallback:
 				t.Fatalf("Callback = %+v, %v; want %s", res, err, ReasonRetryCallback)
-			case !tc.kept && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme" || !strings.Contains(err.Error(), "the authorization state expires first")):
+			case !tc.kept && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme"):
 				t.Fatalf("Callback = %+v, %v; want %s for acme: the state expires first", res, err, ReasonExchangeFailed)
+			case !tc.kept:
+				checkSpentFor(t, err, "expiry")
 			}
 			f.op.TokenStatus.Store(0)
 			f.clock.Add(max(exchangeRetry, time.Duration(tc.retryAfter)*time.Second))
