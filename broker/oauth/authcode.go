@@ -49,9 +49,9 @@ const (
 	ReasonStoreFailure    = "store_failed"
 	// ReasonRetryCallback: a callback that arrived while the provider's
 	// endpoints could not be discovered, or whose code exchange the
-	// provider did not process (see Callback); its state is left, and the same
-	// callback, sent again once the provider answers (after
-	// DiscoveryRetry, or a few seconds after the failed exchange),
+	// provider very likely did not process (see Callback); its state is
+	// left, and the same callback, sent again once the provider answers
+	// (after DiscoveryRetry, or a few seconds after the failed exchange),
 	// completes the consent while its code is valid.
 	ReasonRetryCallback = "retry_callback"
 )
@@ -73,7 +73,8 @@ const maxExchangeWait = 30 * time.Second
 
 // codeExchanges is how many callbacks of one state exchange its code at
 // most: the first, and the same callback, reloaded, after failures that
-// say the provider did not process the exchange (see Callback). Each
+// say the provider very likely did not process the exchange (see
+// Callback). Each
 // sends the code once, or twice when the provider asks for a DPoP nonce
 // it has not sent before (nonceRetried).
 const codeExchanges = 3
@@ -715,17 +716,21 @@ type Result struct {
 // endpoint that is not a usable URL) consumes the state and fails with
 // ReasonProviderFailure.
 //
-// A code exchange whose failure says that the provider did not process
-// it, so that the code was not redeemed (unredeemed: no connection made,
-// 408, 425, 429, 503, a DPoP nonce asked for that the key now holds), may
-// be sent again: the state is put back, bound to that code, with the
-// link, and the callback fails with ReasonRetryCallback and no Result.
-// Any other failure may have come after the code was redeemed (a timeout
-// or a connection cut once the request was sent, an answer cut short,
-// 500, 502, 504), and a code sent twice may make the provider revoke the
-// tokens it issued for it (RFC 6749 §4.1.2): it spends the state, as an
-// answer that settles the exchange does, and as a DPoP nonce challenge
-// without a new nonce (none, the one sent, one the key refused:
+// A code exchange whose failure says that the provider very likely did
+// not process it, so that the code is very likely not redeemed
+// (unredeemed: no connection made, 408, 425, 429, 503, a DPoP nonce asked
+// for that the key now holds), may be sent again: the state is put back,
+// bound to that code, with the link, and the callback fails with
+// ReasonRetryCallback and no Result. Should the provider have redeemed
+// the code all the same (a gateway's 503 after the provider answered),
+// the code sent again is refused (invalid_grant), and the provider may
+// revoke the tokens it issued for the code (RFC 6749 §4.1.2), which the
+// broker never received: the consent fails, and the merchant starts the
+// link again. Any other failure may well have come after the code was
+// redeemed (a timeout or a connection cut once the request was sent, an
+// answer cut short, 500, 502, 504): it spends the state, as an answer
+// that settles the exchange does, and as a DPoP nonce challenge without
+// a new nonce (none, the one sent, one the key refused:
 // *dpop.NonceError), which the code sent again would meet again. The
 // same callback, reloaded by the same browser, exchanges the code again,
 // at least exchangeRetry (or the provider's Retry-After, when longer)
@@ -921,8 +926,9 @@ func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *Conse
 }
 
 // unredeemed reports whether err, a code exchange's failure, says that
-// the provider did not process the request, so that the code was not
-// redeemed and may be sent again: no connection was made (a dial error:
+// the provider very likely did not process the request, so that the code
+// was very likely not redeemed and may be sent again (see Callback for
+// what follows when it was): no connection was made (a dial error:
 // refused, no route, no DNS answer), the endpoints could not be
 // discovered now (a transient *DiscoveryError: nothing was sent), the
 // provider answered 408, 425, 429 or 503, or it asked for a DPoP nonce
@@ -952,11 +958,11 @@ func unredeemed(err error) bool {
 }
 
 // retryLater puts back the authorization state rec, taken by a callback
-// refused with ce for a code exchange the provider did not process,
-// so that the same callback, reloaded, exchanges its code again: it
-// returns no Result and ReasonRetryCallback, with the time left until
-// rec.Retry. When rec cannot be put
-// back, the state is spent: it returns res and ce, with a note.
+// refused with ce for a code exchange the provider very likely did not
+// process, so that the same callback, reloaded, exchanges its code
+// again: it returns no Result and ReasonRetryCallback, with the time left
+// until rec.Retry. When rec cannot be put back, the state is spent: it
+// returns res and ce, with a note.
 func (a *AuthCode) retryLater(ctx context.Context, state string, rec Pending, res Result, ce *ConsentError) (Result, error) {
 	ctx, cancel := detached(ctx) // the exchange may have spent ctx's time
 	defer cancel()
