@@ -96,9 +96,11 @@ type ConsentError struct {
 	// Err is the cause; for a ReasonProviderError it says what the
 	// operator can change.
 	Err error
-	// RetryAfter is, for a ReasonRetryCallback, how long until the
-	// callback, sent again, is let through: the rest of DiscoveryRetry, or
-	// of the wait before the code is exchanged again.
+	// RetryAfter is, for a ReasonRetryCallback, how long to wait before
+	// the callback is sent again: DiscoveryRetry when the endpoints could
+	// not be discovered (the most left before the next discovery, which
+	// is due DiscoveryRetry after the last failure), or the rest of the
+	// wait before the code is exchanged again.
 	RetryAfter time.Duration
 }
 
