@@ -91,7 +91,8 @@ func (d *DPoP) GoString() string { return "outbound.DPoP(" + d.String() + ")" }
 // chosen, never the Host header a caller sent) last sent, if any: never
 // an authorization server's nonce, even one at the same origin. Whatever
 // Authorization and DPoP req had is replaced, and X-Forwarded-Proto and
-// X-Forwarded-Host, when req has them, name the scheme and host signed.
+// X-Forwarded-Host, when req has them, name the scheme and host signed
+// (the host as it is sent: dpop.WireHost).
 // When no proof can be made,
 // or the binding has no token or was ended (End), req leaves with neither
 // header: a DPoP-bound token never leaves without its proof, nor after its
@@ -123,7 +124,7 @@ func (d *DPoP) Sign(req *http.Request, now time.Time) error {
 		req.Header["X-Forwarded-Proto"] = []string{strings.ToLower(u.Scheme)}
 	}
 	if _, ok := req.Header["X-Forwarded-Host"]; ok {
-		req.Header["X-Forwarded-Host"] = []string{host}
+		req.Header["X-Forwarded-Host"] = []string{dpop.WireHost(host)}
 	}
 	req.Header["Authorization"] = []string{d.header}
 	req.Header[DPoPHeader] = []string{proof}

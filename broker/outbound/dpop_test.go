@@ -322,6 +322,9 @@ func TestDPoPSignForwarded(t *testing.T) {
 		{name: "http upstream called over https", url: "http://10.0.0.1:8080/pay", host: "rs.test:8080",
 			forwarded: map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "sidecar.test"},
 			want:      map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "rs.test:8080"}},
+		{name: "a Host with non-ASCII letters (header_up Host bänk.example): in Punycode, as sent", url: "https://10.0.0.1:8443/pay", host: "bänk.example",
+			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "127.0.0.1:8080"},
+			want:      map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "xn--bnk-qla.example"}},
 		{name: "none sent, none added", url: "https://api.bank.test/pay",
 			want: map[string]string{"X-Forwarded-Proto": "", "X-Forwarded-Host": ""}},
 	} {
