@@ -40,15 +40,18 @@ const retryHost = "cb.partner.example"
 // connection (TCP RST) instead of sending the answer, or the answer is
 // cut short on the way back; or, once the callback has taken its state,
 // the endpoints are to be discovered again (as after another request's
-// failure) and the discovery document answers rediscover. It can also be
-// made to take a second more.
+// failure) and the discovery document answers rediscover. It notes when
+// the server got the last token request.
 type faultyBank struct {
 	*consentFixture
-	// each fails (slow: slows) the next token request once
-	nodial, hang, drop, reset, cut, slow atomic.Bool
+	// each fails the next token request once
+	nodial, hang, drop, reset, cut atomic.Bool
 	// rediscover, when not 0, is the discovery document's status once the
 	// next callback has taken its state
 	rediscover atomic.Int32
+	// tokenAt is when the server got the last token request, before it
+	// answered
+	tokenAt atomic.Pointer[time.Time]
 }
 
 // newFaultyBank starts the fixture with its faults (none on yet).
@@ -61,6 +64,8 @@ func newFaultyBank(t *testing.T) *faultyBank {
 	rl := &resetListener{Listener: ln}
 	f := &faultyBank{consentFixture: newConsentFixture(t, optest.Options{Listener: rl}, ClientSecretBasic, false)}
 	f.op.BeforeToken = func(r *http.Request) {
+		now := time.Now()
+		f.tokenAt.Store(&now)
 		switch {
 		case f.hang.CompareAndSwap(true, false):
 			<-r.Context().Done() // the client gave up
@@ -69,8 +74,6 @@ func newFaultyBank(t *testing.T) *faultyBank {
 			panic(http.ErrAbortHandler) // the connection is cut, no answer
 		case f.reset.CompareAndSwap(true, false):
 			rl.resetAnswer(r) // zitadel redeems the code; its answer is a TCP reset
-		case f.slow.CompareAndSwap(true, false):
-			time.Sleep(time.Second) // the bank is slow (TokenStatus then answers)
 		}
 	}
 	f.pend.Store = &takeHook{PendingStore: f.pend.Store, before: func() {
@@ -547,26 +550,23 @@ func TestCallbackWaitsAsTheBankAsks(t *testing.T) {
 }
 
 // deadlineStore is a PendingStore that notes, while noting is set, how
-// many Puts it got and the least time their contexts had left (none for
-// a context without a deadline).
+// many Puts it got and the earliest deadline of their contexts (zero when
+// one had none).
 type deadlineStore struct {
 	PendingStore
-	noting atomic.Bool
-	mu     sync.Mutex
-	puts   int
-	least  time.Duration
+	noting   atomic.Bool
+	mu       sync.Mutex
+	puts     int
+	earliest time.Time
 }
 
-// Put notes ctx's time left and stores val.
+// Put notes ctx's deadline and stores val.
 func (s *deadlineStore) Put(ctx context.Context, key string, val []byte, expires time.Time) error {
 	if s.noting.Load() {
-		var left time.Duration
-		if dl, ok := ctx.Deadline(); ok && ctx.Err() == nil {
-			left = time.Until(dl)
-		}
+		dl, _ := ctx.Deadline()
 		s.mu.Lock()
-		if s.puts++; s.puts == 1 || left < s.least {
-			s.least = left
+		if s.puts++; s.puts == 1 || dl.Before(s.earliest) {
+			s.earliest = dl
 		}
 		s.mu.Unlock()
 	}
@@ -576,8 +576,9 @@ func (s *deadlineStore) Put(ctx context.Context, key string, val []byte, expires
 // TestCallbackPutsBackWithTimeOfItsOwn: the put-backs after a failed
 // code exchange (the consent link; the state kept for a reload) are
 // bounded by SaveTimeout of their own, from the failure on, not by what
-// the exchange left of the callback's: after an exchange that took a
-// second, they still have (nearly) the whole of it.
+// the exchange left of the callback's: each deadline is at least
+// SaveTimeout after the bank got the token request, which was before the
+// exchange failed (and after the callback's own SaveTimeout began).
 func TestCallbackPutsBackWithTimeOfItsOwn(t *testing.T) {
 	ctx := context.Background()
 	for _, tc := range []struct {
@@ -593,7 +594,6 @@ func TestCallbackPutsBackWithTimeOfItsOwn(t *testing.T) {
 			ds := &deadlineStore{PendingStore: f.pend.Store}
 			f.pend.Store = ds
 			q, _ := f.start(t, "")
-			f.slow.Store(true)
 			f.op.TokenStatus.Store(int32(tc.status))
 			ds.noting.Store(true)
 			if _, err := f.flow.Callback(ctx, retryHost, q); reasonOf(err) != tc.reason {
@@ -602,8 +602,13 @@ func TestCallbackPutsBackWithTimeOfItsOwn(t *testing.T) {
 			ds.noting.Store(false)
 			ds.mu.Lock()
 			defer ds.mu.Unlock()
-			if ds.puts != tc.puts || ds.least < SaveTimeout-500*time.Millisecond || ds.least > SaveTimeout {
-				t.Errorf("%d put-backs, the least time left %v; want %d, each with about %v", ds.puts, ds.least, tc.puts, SaveTimeout)
+			got := f.tokenAt.Load()
+			if got == nil {
+				t.Fatal("the bank got no token request")
+			}
+			if want := got.Add(SaveTimeout); ds.puts != tc.puts || ds.earliest.Before(want) {
+				t.Errorf("%d put-backs, the earliest deadline %v after the bank got the token request; want %d, none sooner than %v",
+					ds.puts, ds.earliest.Sub(*got), tc.puts, SaveTimeout)
 			}
 		})
 	}
