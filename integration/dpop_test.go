@@ -261,7 +261,9 @@ func (e *dpopEnv) lastRefusal(t *testing.T) dpoprs.Refusal {
 // a fresh proof a strict resource server accepts, for each algorithm: the
 // resource server's nonce challenge is answered with one retry (the body
 // replayed), the proof names the URL the resource server receives after a
-// path rewrite and to an HTTPS upstream, the caller's DPoP header never
+// path rewrite and to an HTTPS upstream, and so do the forwarding headers
+// an upstream may trust (a Host of non-ASCII letters in Punycode), unless
+// the operator set them, the caller's DPoP header never
 // reaches it, a replayed
 // proof and a token without its proof are refused there, a route without
 // the DPoP transport answers 502 and stops forwarding, the metrics count
