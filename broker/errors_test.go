@@ -101,19 +101,11 @@ func TestParseWait(t *testing.T) {
 	}
 }
 
-// knowsItself is an error that says whether it is transient, as the
-// oauth package's DiscoveryError does: IsTemporary does not ask it.
-type knowsItself struct{ transient bool }
-
-func (knowsItself) Error() string     { return "a failure that says whether it is transient" }
-func (e knowsItself) Transient() bool { return e.transient }
-
 // TestIsTemporary: a temporary API error (TemporaryStatus: 408, 425,
 // 429, 5xx) and any failure that is neither an API error nor a
 // RequestError (a transport error, a source's own failure such as a
-// failed discovery, whatever a Transient method of it says) are
-// temporary; permanent API errors, RequestErrors and cancellations are
-// not.
+// failed discovery) are temporary; permanent API errors, RequestErrors
+// and cancellations are not.
 func TestIsTemporary(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -131,9 +123,6 @@ func TestIsTemporary(t *testing.T) {
 		{"401", &APIError{StatusCode: http.StatusUnauthorized}, false},
 		{"request error", &RequestError{Merchant: "m", Field: "organisation", Reason: "not a path segment"}, false},
 		{"transport error", errors.New("dial tcp: connection refused"), true},
-		{"not transient by its own word", fmt.Errorf("discovery: %w", knowsItself{transient: false}), true},
-		{"transient by its own word", knowsItself{transient: true}, true},
-		{"its own word over a permanent API error", fmt.Errorf("%w: %w", knowsItself{transient: true}, &APIError{StatusCode: http.StatusForbidden}), false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := IsTemporary(tc.err); got != tc.want {

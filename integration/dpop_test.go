@@ -68,8 +68,10 @@ type dpopEnv struct {
 // the DPoP transport, /short/* with its prefix stripped and a /v2 prefix
 // added before the DPoP transport, /bare/* without the transport, and
 // /tls/* with the DPoP transport to the HTTPS resource server, and /fwd/*
-// likewise to the HTTPS one that trusts the forwarding headers. Every
-// log goes to DPOP_LOG at debug level, reverse_proxy's included.
+// likewise to the HTTPS one that trusts the forwarding headers, as do
+// /fwdhost/* with an X-Forwarded-Host of the operator's and /fwduni/*
+// with a Host of non-ASCII letters. Every log goes to DPOP_LOG at debug
+// level, reverse_proxy's included.
 const dpopCaddyfile = `{
 	admin 127.0.0.1:{$TOKEN_BROKER_ADMIN_PORT}
 	log {
@@ -117,6 +119,24 @@ http://127.0.0.1:{$TOKEN_BROKER_PORT} {
 	handle /fwd/* {
 		token_broker
 		reverse_proxy {$DPOP_RS_FWD} {
+			transport token_broker_dpop {
+				tls_insecure_skip_verify
+			}
+		}
+	}
+	handle /fwdhost/* {
+		token_broker
+		reverse_proxy {$DPOP_RS_FWD} {
+			header_up X-Forwarded-Host gw.partner.example
+			transport token_broker_dpop {
+				tls_insecure_skip_verify
+			}
+		}
+	}
+	handle /fwduni/* {
+		token_broker
+		reverse_proxy {$DPOP_RS_FWD} {
+			header_up Host bänk.example
 			transport token_broker_dpop {
 				tls_insecure_skip_verify
 			}
@@ -241,7 +261,9 @@ func (e *dpopEnv) lastRefusal(t *testing.T) dpoprs.Refusal {
 // a fresh proof a strict resource server accepts, for each algorithm: the
 // resource server's nonce challenge is answered with one retry (the body
 // replayed), the proof names the URL the resource server receives after a
-// path rewrite and to an HTTPS upstream, the caller's DPoP header never
+// path rewrite and to an HTTPS upstream, and so do the forwarding headers
+// an upstream may trust (a Host of non-ASCII letters in Punycode), unless
+// the operator set them, the caller's DPoP header never
 // reaches it, a replayed
 // proof and a token without its proof are refused there, a route without
 // the DPoP transport answers 502 and stops forwarding, the metrics count
@@ -323,6 +345,29 @@ func TestDPoPThroughCaddy(t *testing.T) {
 		}
 		if a := e.rsFwd.Accepted(); len(a) != 1 || a[0].URL != e.rsFwd.URL+"/fwd/accounts" {
 			t.Errorf("accepted %+v, want one request to %s/fwd/accounts", a, e.rsFwd.URL)
+		}
+	})
+
+	t.Run("upstream trusting the forwarding headers: a Host of non-ASCII letters in Punycode", func(t *testing.T) {
+		// header_up Host bänk.example: Go sends the Host header, and the
+		// proof's htu names the host, in Punycode; X-Forwarded-Host too.
+		if status, body := e.do(t, "GET", "/fwduni/accounts", merchant, ""); status != http.StatusOK {
+			t.Fatalf("GET: %d %s; refusals %+v", status, body, e.rsFwd.Refusals())
+		}
+		if a := e.rsFwd.Accepted(); len(a) == 0 || a[len(a)-1].URL != "https://xn--bnk-qla.example/fwduni/accounts" {
+			t.Errorf("accepted %+v, want a request to https://xn--bnk-qla.example/fwduni/accounts", a)
+		}
+	})
+
+	t.Run("upstream trusting the forwarding headers: the operator's X-Forwarded-Host is sent as it is", func(t *testing.T) {
+		// header_up X-Forwarded-Host gw.partner.example: the upstream
+		// rebuilds its URL from the operator's value, which is not the
+		// one the proof was made for.
+		refused := len(e.rsFwd.Refusals())
+		e.do(t, "GET", "/fwdhost/accounts", merchant, "")
+		got := e.rsFwd.Refusals()[refused:]
+		if len(got) == 0 || got[0].URL != "https://gw.partner.example/fwdhost/accounts" || got[0].Reason != dpoprs.ReasonHTU {
+			t.Errorf("refusals %+v, want the request to https://gw.partner.example/fwdhost/accounts refused for its htu", got)
 		}
 	})
 

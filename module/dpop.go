@@ -68,16 +68,17 @@ func (DPoPTransport) CaddyModule() caddy.ModuleInfo {
 }
 
 // RoundTrip sends req, with a proof when the token_broker handler bound
-// it to a DPoP key: the token and the proof go on a copy
-// (outbound.DPoP.SignCopy), since reverse_proxy logs the request it gave
-// (debug "upstream roundtrip").
+// it to a DPoP key: the token and the proof go on a copy (SignCopy, given
+// the scheme and Host the server received, which reverse_proxy's
+// X-Forwarded-* headers name), since reverse_proxy logs the request it gave.
 func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	d := dpopOf(req.Context())
 	if d == nil {
 		return t.HTTPTransport.RoundTrip(req)
 	}
 	t.SetScheme(req)
-	sent, err := d.SignCopy(req, time.Now())
+	caller := req.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer).ReplaceKnown("{http.request.scheme}://{http.request.hostport}", "")
+	sent, err := d.SignCopy(req, caller, time.Now())
 	if err != nil {
 		return nil, err
 	}

@@ -18,7 +18,6 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
@@ -50,9 +49,9 @@ const (
 	ReasonStoreFailure    = "store_failed"
 	// ReasonRetryCallback: a callback that arrived while the provider's
 	// endpoints could not be discovered, or whose code exchange the
-	// provider did not process (see Callback); its state is left, and the same
-	// callback, sent again once the provider answers (after
-	// DiscoveryRetry, or a few seconds after the failed exchange),
+	// provider very likely did not process (see Callback); its state is
+	// left, and the same callback, sent again once the provider answers
+	// (after DiscoveryRetry, or a few seconds after the failed exchange),
 	// completes the consent while its code is valid.
 	ReasonRetryCallback = "retry_callback"
 )
@@ -74,7 +73,8 @@ const maxExchangeWait = 30 * time.Second
 
 // codeExchanges is how many callbacks of one state exchange its code at
 // most: the first, and the same callback, reloaded, after failures that
-// say the provider did not process the exchange (see Callback). Each
+// say the provider very likely did not process the exchange (see
+// Callback). Each
 // sends the code once, or twice when the provider asks for a DPoP nonce
 // it has not sent before (nonceRetried).
 const codeExchanges = 3
@@ -96,9 +96,11 @@ type ConsentError struct {
 	// Err is the cause; for a ReasonProviderError it says what the
 	// operator can change.
 	Err error
-	// RetryAfter is, for a ReasonRetryCallback, how long until the
-	// callback, sent again, is let through: the rest of DiscoveryRetry, or
-	// of the wait before the code is exchanged again.
+	// RetryAfter is, for a ReasonRetryCallback, how long to wait before
+	// the callback is sent again: DiscoveryRetry when the endpoints could
+	// not be discovered (the most left before the next discovery, which
+	// is due DiscoveryRetry after the last failure), or the rest of the
+	// wait before the code is exchanged again.
 	RetryAfter time.Duration
 }
 
@@ -716,17 +718,22 @@ type Result struct {
 // endpoint that is not a usable URL) consumes the state and fails with
 // ReasonProviderFailure.
 //
-// A code exchange whose failure says that the provider did not process
-// it, so that the code was not redeemed (unredeemed: no connection made,
-// 408, 425, 429, 503, a DPoP nonce asked for), may be sent again: the
-// state is put back, bound to that code, with the link, and the callback
-// fails with ReasonRetryCallback and no Result. Any other failure may
-// have come after the code was redeemed (a timeout or a connection cut
-// once the request was sent, an answer cut short, 500, 502, 504), and a
-// code sent twice may make the provider revoke the tokens it issued for
-// it (RFC 6749 §4.1.2): it spends the state, as an answer that settles
-// the exchange does, and as a DPoP nonce the key refused
-// (*dpop.NonceError), which the code sent again would meet again. The
+// A code exchange whose failure says that the provider very likely did
+// not process it, so that the code is very likely not redeemed
+// (unredeemed: no connection made, 408, 425, 429, 503, a DPoP nonce asked
+// for that the key now holds), may be sent again: the state is put back,
+// bound to that code, with the link, and the callback fails with
+// ReasonRetryCallback and no Result. Should the provider have redeemed
+// the code all the same (a gateway's 503 after the provider answered),
+// the code sent again is refused (invalid_grant), and the provider may
+// revoke the tokens it issued for the code (RFC 6749 §4.1.2), which the
+// broker never received: the consent fails, and the merchant starts the
+// link again. Any other failure may well have come after the code was
+// redeemed (a timeout or a connection cut once the request was sent, an
+// answer cut short, 500, 502, 504): it spends the state, as an answer
+// that settles the exchange does, and as a DPoP nonce challenge without
+// a new nonce (none, the one sent, one the key refused:
+// *dpop.NonceError), which the code sent again would meet again. The
 // same callback, reloaded by the same browser, exchanges the code again,
 // at least exchangeRetry (or the provider's Retry-After, when longer)
 // after the failure: sooner, it fails so again without asking the
@@ -839,11 +846,16 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 			wait = max(wait, ae.RetryAfter)
 		}
 		rec.Code, rec.Tries, rec.Retry = digest("code", code), rec.Tries+1, a.pend.Now().Add(wait)
-		if rec.Tries < codeExchanges && wait <= maxExchangeWait && rec.Retry.Before(rec.Expires) {
+		switch {
+		case rec.Tries >= codeExchanges:
+			ce.Err = fmt.Errorf("%w; not tried again: %d callbacks failed to exchange the code", ce.Err, rec.Tries)
+		case wait > maxExchangeWait:
+			ce.Err = fmt.Errorf("%w; not tried again: the provider asks to wait %s, over %s, longer than its code lives", ce.Err, wait, maxExchangeWait)
+		case !rec.Retry.Before(rec.Expires):
+			ce.Err = fmt.Errorf("%w; not tried again: the authorization state expires first, within the %s to wait before the code is exchanged again", ce.Err, wait)
+		default:
 			return a.retryLater(ctx, state, rec, res, ce)
 		}
-		ce.Err = fmt.Errorf("%w; not tried again: %d callbacks failed to exchange the code, the provider asks to wait %s (over %s, longer than its code lives), or the authorization state expires first",
-			ce.Err, rec.Tries, wait, maxExchangeWait)
 		return res, ce
 	}
 	// An ID token is verified when openid was asked, or when one came
@@ -916,19 +928,22 @@ func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *Conse
 }
 
 // unredeemed reports whether err, a code exchange's failure, says that
-// the provider did not process the request, so that the code was not
-// redeemed and may be sent again: no connection was made (a dial error:
+// the provider very likely did not process the request, so that the code
+// was very likely not redeemed and may be sent again (see Callback for
+// what follows when it was): no connection was made (a dial error:
 // refused, no route, no DNS answer), the endpoints could not be
-// discovered now (a transient *DiscoveryError: nothing was sent), or the
-// provider answered 408, 425, 429 or 503, or asked for a DPoP nonce
-// (use_dpop_nonce) other than one the key refused (a *dpop.NonceError:
-// the proofs of the code sent again would carry the nonce refused again).
-// Any other failure may have come after the code was redeemed: a timeout
-// or a connection cut once the request was sent, an answer cut short,
-// 500, 502, 504.
+// discovered now (a transient *DiscoveryError: nothing was sent), the
+// provider answered 408, 425, 429 or 503, or it asked for a DPoP nonce
+// (use_dpop_nonce) and the key now holds another nonce than the one sent
+// (a *nonceChallengeError), which the code sent again carries. A
+// use_dpop_nonce without a new nonce (none, the one sent, one the key
+// refused: *dpop.NonceError, or no DPoP key) would be refused again. Any
+// other failure may have come after the code was redeemed: a timeout or
+// a connection cut once the request was sent, an answer cut short, 500,
+// 502, 504.
 func unredeemed(err error) bool {
-	if _, ok := errors.AsType[*dpop.NonceError](err); ok {
-		return false
+	if _, ok := errors.AsType[*nonceChallengeError](err); ok {
+		return true
 	}
 	if de, ok := errors.AsType[*DiscoveryError](err); ok {
 		return de.Transient()
@@ -936,20 +951,20 @@ func unredeemed(err error) bool {
 	if ae, ok := errors.AsType[*broker.APIError](err); ok {
 		switch ae.StatusCode {
 		case http.StatusRequestTimeout, http.StatusTooEarly, http.StatusTooManyRequests, http.StatusServiceUnavailable:
-			return true
+			return ae.Code != "use_dpop_nonce"
 		}
-		return ae.Code == "use_dpop_nonce"
+		return false
 	}
 	oe, ok := errors.AsType[*net.OpError](err)
 	return ok && oe.Op == "dial"
 }
 
 // retryLater puts back the authorization state rec, taken by a callback
-// refused with ce for a code exchange the provider did not process,
-// so that the same callback, reloaded, exchanges its code again: it
-// returns no Result and ReasonRetryCallback, with the time left until
-// rec.Retry. When rec cannot be put
-// back, the state is spent: it returns res and ce, with a note.
+// refused with ce for a code exchange the provider very likely did not
+// process, so that the same callback, reloaded, exchanges its code
+// again: it returns no Result and ReasonRetryCallback, with the time left
+// until rec.Retry. When rec cannot be put back, the state is spent: it
+// returns res and ce, with a note.
 func (a *AuthCode) retryLater(ctx context.Context, state string, rec Pending, res Result, ce *ConsentError) (Result, error) {
 	ctx, cancel := detached(ctx) // the exchange may have spent ctx's time
 	defer cancel()

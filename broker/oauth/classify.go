@@ -14,24 +14,23 @@ import (
 // merchant's. A use_dpop_nonce that brought a new nonce
 // (nonceChallengeError) is sent again at once with it
 // (broker.ClassRetryNow); one that got none (no new nonce to send) is
-// temporary: the next attempt carries the nonce remembered by then. A
-// failed discovery of the endpoints (*DiscoveryError) fails every merchant
-// of the source, whatever its cause: it is temporary, counted by the
-// source's breaker, also when the document is wrong as it is
+// temporary: the next attempt carries the nonce remembered by then. Any
+// other failure is classified by broker.DefaultClass: a failed discovery
+// of the endpoints (*DiscoveryError), which fails every merchant of the
+// source, whatever its cause, is temporary there, counted by the source's
+// breaker, also when the document is wrong as it is
 // (DiscoveryError.Transient false, which only the consent callback goes
 // by); one answered 429 is rate limited, as the token endpoint's 429 is.
 func (*core) Classify(err error) broker.Class {
 	var ce *ConsentRequiredError
+	var de *DiscoveryError
 	var nc *nonceChallengeError
 	var ae *broker.APIError
-	var de *DiscoveryError
 	switch {
 	case errors.As(err, &ce):
 		return broker.ClassPermanent
 	case errors.As(err, &de) && de.answer != nil && de.answer.StatusCode == http.StatusTooManyRequests:
 		return broker.ClassRateLimited
-	case errors.As(err, &de):
-		return broker.ClassTemporary
 	case errors.As(err, &nc):
 		return broker.ClassRetryNow
 	case errors.As(err, &ae) && ae.Code == "invalid_client":

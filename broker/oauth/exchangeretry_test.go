@@ -3,18 +3,19 @@ package oauth
 // The callback's code exchange when the bank's token endpoint fails:
 // against zitadel's OP (integration/optest), its failures made by a
 // gateway in front of it (optest.Server.TokenStatus), by no connection
-// made, by the server dropping the connection, or by the answer getting
-// lost or cut short on the way back.
+// made, by the server dropping the connection, by its answer lost to a
+// TCP reset or cut short on the way back, or by the endpoints to be
+// discovered again failing.
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync"
@@ -32,50 +33,64 @@ import (
 const retryHost = "cb.partner.example"
 
 // faultyBank is a consent fixture whose bank can be made to fail its next
-// token request: no connection is made to it; the server holds the
+// token request: the request goes, through the client's own transport, to
+// a port nothing listens on (no connection is made); the server holds the
 // request until the client times out, or drops its connection, before
-// zitadel sees it; or zitadel answers it and the answer is lost on the
-// way back, or cut short. It can also be made to take a second more.
+// zitadel sees it; zitadel answers it and the server resets the
+// connection (TCP RST) instead of sending the answer, or the answer is
+// cut short on the way back; or, once the callback has taken its state,
+// the endpoints are to be discovered again (as after another request's
+// failure) and the discovery document answers rediscover. It notes when
+// the server got the last token request.
 type faultyBank struct {
 	*consentFixture
-	// each fails (slow: slows) the next token request once
-	nodial, hang, drop, lose, cut, slow atomic.Bool
+	// each fails the next token request once
+	nodial, hang, drop, reset, cut atomic.Bool
+	// rediscover, when not 0, is the discovery document's status once the
+	// next callback has taken its state
+	rediscover atomic.Int32
+	// tokenAt is when the server got the last token request, before it
+	// answered
+	tokenAt atomic.Pointer[time.Time]
 }
 
 // newFaultyBank starts the fixture with its faults (none on yet).
 func newFaultyBank(t *testing.T) *faultyBank {
 	t.Helper()
-	f := &faultyBank{consentFixture: newConsentFixture(t, optest.Options{}, ClientSecretBasic, false)}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rl := &resetListener{Listener: ln}
+	f := &faultyBank{consentFixture: newConsentFixture(t, optest.Options{Listener: rl}, ClientSecretBasic, false)}
 	f.op.BeforeToken = func(r *http.Request) {
+		now := time.Now()
+		f.tokenAt.Store(&now)
 		switch {
 		case f.hang.CompareAndSwap(true, false):
 			<-r.Context().Done() // the client gave up
 			panic(http.ErrAbortHandler)
 		case f.drop.CompareAndSwap(true, false):
 			panic(http.ErrAbortHandler) // the connection is cut, no answer
-		case f.slow.CompareAndSwap(true, false):
-			time.Sleep(time.Second) // the bank is slow (TokenStatus then answers)
+		case f.reset.CompareAndSwap(true, false):
+			rl.resetAnswer(r) // zitadel redeems the code; its answer is a TCP reset
 		}
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	closed := ln.Addr().String() // nothing listens there
-	ln.Close()
+	f.pend.Store = &takeHook{PendingStore: f.pend.Store, before: func() {
+		if st := f.rediscover.Swap(0); st != 0 {
+			f.src.ep.invalidate() // as another request's failure does
+			f.op.DiscoveryStatus.Store(st)
+		}
+	}}
+	closed := freeAddr(t)
 	next := f.src.cfg.Client.Transport
 	f.src.cfg.Client.Transport = roundTripFunc(func(r *http.Request) (*http.Response, error) {
 		if r.URL.Path == "/oauth/token" && f.nodial.CompareAndSwap(true, false) {
-			_, err := net.Dial("tcp", closed)
-			return nil, cmp.Or(err, errors.New("dialled a closed port"))
+			r = r.Clone(r.Context())
+			r.URL.Host = closed
 		}
 		resp, err := next.RoundTrip(r)
-		switch {
-		case err != nil || r.URL.Path != "/oauth/token":
-		case f.lose.CompareAndSwap(true, false):
-			resp.Body.Close()
-			return nil, errors.New("read: connection reset by peer")
-		case f.cut.CompareAndSwap(true, false):
+		if err == nil && r.URL.Path == "/oauth/token" && f.cut.CompareAndSwap(true, false) {
 			body, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			resp.Body = io.NopCloser(io.MultiReader(bytes.NewReader(body[:len(body)/2]), iotest.ErrReader(io.ErrUnexpectedEOF)))
@@ -83,6 +98,72 @@ func newFaultyBank(t *testing.T) *faultyBank {
 		return resp, err
 	})
 	return f
+}
+
+// freeAddr returns an address on 127.0.0.1 that nothing listens on: a
+// port the system gave and that was closed again.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// resetListener is a TCP listener that can make a connection answer a
+// request it read with a TCP reset instead of the answer.
+type resetListener struct {
+	net.Listener
+	conns sync.Map // remote address -> *resetConn
+}
+
+// Accept accepts a connection and notes it by its remote address.
+func (l *resetListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	rc := &resetConn{TCPConn: c.(*net.TCPConn)}
+	l.conns.Store(c.RemoteAddr().String(), rc)
+	return rc, nil
+}
+
+// resetAnswer makes the connection r came on reset (SO_LINGER 0, then
+// close) instead of writing r's answer.
+func (l *resetListener) resetAnswer(r *http.Request) {
+	c, _ := l.conns.Load(r.RemoteAddr)
+	c.(*resetConn).reset.Store(true)
+}
+
+// resetConn is a server's connection whose next write, once reset is
+// set, closes it with a TCP reset instead.
+type resetConn struct {
+	*net.TCPConn
+	reset atomic.Bool
+}
+
+// Write writes b, or resets the connection.
+func (c *resetConn) Write(b []byte) (int, error) {
+	if c.reset.CompareAndSwap(true, false) {
+		c.SetLinger(0)
+		c.Close()
+		return 0, net.ErrClosed
+	}
+	return c.TCPConn.Write(b)
+}
+
+// takeHook is a PendingStore that calls before before each Take.
+type takeHook struct {
+	PendingStore
+	before func()
+}
+
+// Take calls before, then takes key.
+func (s *takeHook) Take(ctx context.Context, key string) ([]byte, error) {
+	s.before()
+	return s.PendingStore.Take(ctx, key)
 }
 
 // start starts a consent of acme bound to browser and approves it at the
@@ -109,17 +190,40 @@ func reasonOf(err error) string {
 	return ""
 }
 
+// spentCauses are what a failed exchange that spends its state, of a
+// kind the provider did not process, names as the cause: the callbacks
+// used up, the provider's wait, the state's expiry.
+var spentCauses = map[string]string{
+	"tries":  "callbacks failed to exchange the code",
+	"wait":   "the provider asks to wait",
+	"expiry": "the authorization state expires first",
+}
+
+// checkSpentFor checks that err names the cause (a key of spentCauses)
+// that spent the state, and no other.
+func checkSpentFor(t *testing.T, err error, cause string) {
+	t.Helper()
+	for c, text := range spentCauses {
+		if named := strings.Contains(err.Error(), text); named != (c == cause) {
+			t.Errorf("the error names %q: %v; want only the cause %q named: %v", text, named, spentCauses[cause], err)
+		}
+	}
+}
+
 // TestCallbackKeepsTheStateWhenTheExchangeFails: a code exchange whose
-// failure says that the bank did not process it (no connection made, 408,
-// 425, 429, 503) did not redeem the code: the callback gets
+// failure says that the bank very likely did not process it (no
+// connection made, 408, 425, 429, 503, endpoints that could not be
+// discovered again now) did not redeem the code: the callback gets
 // ReasonRetryCallback without a Result (the page asking for a reload),
 // its state stays, and the reload once the bank answers exchanges the
 // same code again and stores the consent; the state is spent then. A
 // failure after which the bank may have redeemed the code (500, 502, 504,
 // a timeout or a connection cut once the request was sent, the answer
-// lost or cut short), and the bank's refusal of the code, spend the state
-// at once (ReasonExchangeFailed, with the Result): the reload is refused
-// without an exchange, and the consent link is usable again.
+// lost to a TCP reset or cut short), a discovery that trying again does
+// not mend, and the bank's refusal of the code, spend the state at once
+// (ReasonExchangeFailed, with the Result): the reload is refused without
+// an exchange, and the consent link is usable again. The failures of the
+// connection are real ones, through the client's own transport.
 func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 	ctx := context.Background()
 	status := func(code int) func(*faultyBank, url.Values) {
@@ -138,6 +242,10 @@ func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 		{name: "408", kept: true, fail: status(http.StatusRequestTimeout)},
 		{name: "no connection is made", kept: true, unsent: true,
 			fail: func(f *faultyBank, _ url.Values) { f.nodial.Store(true) }},
+		{name: "discovered again, the document answers 503", kept: true, unsent: true,
+			fail: func(f *faultyBank, _ url.Values) { f.rediscover.Store(http.StatusServiceUnavailable) }},
+		{name: "discovered again, the document answers 403", unsent: true,
+			fail: func(f *faultyBank, _ url.Values) { f.rediscover.Store(http.StatusForbidden) }},
 		{name: "500", fail: status(http.StatusInternalServerError)},
 		{name: "502", fail: status(http.StatusBadGateway)},
 		{name: "504", fail: status(http.StatusGatewayTimeout)},
@@ -148,8 +256,8 @@ func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 			}},
 		{name: "the connection is cut once the request is sent",
 			fail: func(f *faultyBank, _ url.Values) { f.drop.Store(true) }},
-		{name: "the answer is lost after the bank redeemed the code",
-			fail: func(f *faultyBank, _ url.Values) { f.lose.Store(true) }},
+		{name: "the answer is lost to a TCP reset after the bank redeemed the code",
+			fail: func(f *faultyBank, _ url.Values) { f.reset.Store(true) }},
 		{name: "the answer is cut short after the bank redeemed the code",
 			fail: func(f *faultyBank, _ url.Values) { f.cut.Store(true) }},
 		{name: "the bank refuses the code",
@@ -177,6 +285,7 @@ func TestCallbackKeepsTheStateWhenTheExchangeFails(t *testing.T) {
 			}
 
 			f.op.TokenStatus.Store(0)
+			f.op.DiscoveryStatus.Store(0)
 			f.clock.Add(exchangeRetry)
 			res, err = f.flow.Callback(ctx, retryHost, q, browser)
 			if !tc.kept {
@@ -221,6 +330,9 @@ func TestCallbackExchangeTriedThreeTimes(t *testing.T) {
 		res, err := f.flow.Callback(ctx, retryHost, q)
 		if i < 3 && (reasonOf(err) != ReasonRetryCallback || res != Result{}) || i == 3 && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme") {
 			t.Fatalf("callback %d = %+v, %v", i, res, err)
+		}
+		if i == 3 {
+			checkSpentFor(t, err, "tries")
 		}
 		if f.exchanges() != i {
 			t.Fatalf("after callback %d: %d exchanges", i, f.exchanges())
@@ -410,6 +522,7 @@ func TestCallbackWaitsAsTheBankAsks(t *testing.T) {
 				if reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme" {
 					t.Fatalf("Callback = %+v, %v; want %s for acme: the state spent", res, err, ReasonExchangeFailed)
 				}
+				checkSpentFor(t, err, "wait")
 				f.op.TokenStatus.Store(0)
 				f.clock.Add(time.Duration(tc.retryAfter) * time.Second)
 				if _, err := f.flow.Callback(ctx, retryHost, q); reasonOf(err) != ReasonUnknownState || f.exchanges() != 1 {
@@ -437,26 +550,23 @@ func TestCallbackWaitsAsTheBankAsks(t *testing.T) {
 }
 
 // deadlineStore is a PendingStore that notes, while noting is set, how
-// many Puts it got and the least time their contexts had left (none for
-// a context without a deadline).
+// many Puts it got and the earliest deadline of their contexts (zero when
+// one had none).
 type deadlineStore struct {
 	PendingStore
-	noting atomic.Bool
-	mu     sync.Mutex
-	puts   int
-	least  time.Duration
+	noting   atomic.Bool
+	mu       sync.Mutex
+	puts     int
+	earliest time.Time
 }
 
-// Put notes ctx's time left and stores val.
+// Put notes ctx's deadline and stores val.
 func (s *deadlineStore) Put(ctx context.Context, key string, val []byte, expires time.Time) error {
 	if s.noting.Load() {
-		var left time.Duration
-		if dl, ok := ctx.Deadline(); ok && ctx.Err() == nil {
-			left = time.Until(dl)
-		}
+		dl, _ := ctx.Deadline()
 		s.mu.Lock()
-		if s.puts++; s.puts == 1 || left < s.least {
-			s.least = left
+		if s.puts++; s.puts == 1 || dl.Before(s.earliest) {
+			s.earliest = dl
 		}
 		s.mu.Unlock()
 	}
@@ -466,8 +576,9 @@ func (s *deadlineStore) Put(ctx context.Context, key string, val []byte, expires
 // TestCallbackPutsBackWithTimeOfItsOwn: the put-backs after a failed
 // code exchange (the consent link; the state kept for a reload) are
 // bounded by SaveTimeout of their own, from the failure on, not by what
-// the exchange left of the callback's: after an exchange that took a
-// second, they still have (nearly) the whole of it.
+// the exchange left of the callback's: each deadline is at least
+// SaveTimeout after the bank got the token request, which was before the
+// exchange failed (and after the callback's own SaveTimeout began).
 func TestCallbackPutsBackWithTimeOfItsOwn(t *testing.T) {
 	ctx := context.Background()
 	for _, tc := range []struct {
@@ -483,7 +594,6 @@ func TestCallbackPutsBackWithTimeOfItsOwn(t *testing.T) {
 			ds := &deadlineStore{PendingStore: f.pend.Store}
 			f.pend.Store = ds
 			q, _ := f.start(t, "")
-			f.slow.Store(true)
 			f.op.TokenStatus.Store(int32(tc.status))
 			ds.noting.Store(true)
 			if _, err := f.flow.Callback(ctx, retryHost, q); reasonOf(err) != tc.reason {
@@ -492,8 +602,13 @@ func TestCallbackPutsBackWithTimeOfItsOwn(t *testing.T) {
 			ds.noting.Store(false)
 			ds.mu.Lock()
 			defer ds.mu.Unlock()
-			if ds.puts != tc.puts || ds.least < SaveTimeout-500*time.Millisecond || ds.least > SaveTimeout {
-				t.Errorf("%d put-backs, the least time left %v; want %d, each with about %v", ds.puts, ds.least, tc.puts, SaveTimeout)
+			got := f.tokenAt.Load()
+			if got == nil {
+				t.Fatal("the bank got no token request")
+			}
+			if want := got.Add(SaveTimeout); ds.puts != tc.puts || ds.earliest.Before(want) {
+				t.Errorf("%d put-backs, the earliest deadline %v after the bank got the token request; want %d, none sooner than %v",
+					ds.puts, ds.earliest.Sub(*got), tc.puts, SaveTimeout)
 			}
 		})
 	}
@@ -528,8 +643,10 @@ func TestCallbackNotKeptPastItsState(t *testing.T) {
 			switch {
 			case tc.kept && reasonOf(err) != ReasonRetryCallback:
 				t.Fatalf("Callback = %+v, %v; want %s", res, err, ReasonRetryCallback)
-			case !tc.kept && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme" || !strings.Contains(err.Error(), "the authorization state expires first")):
+			case !tc.kept && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme"):
 				t.Fatalf("Callback = %+v, %v; want %s for acme: the state expires first", res, err, ReasonExchangeFailed)
+			case !tc.kept:
+				checkSpentFor(t, err, "expiry")
 			}
 			f.op.TokenStatus.Store(0)
 			f.clock.Add(max(exchangeRetry, time.Duration(tc.retryAfter)*time.Second))
@@ -573,5 +690,88 @@ func TestCallbackNotKeptForARefusedNonce(t *testing.T) {
 	}
 	if _, err := flow.Callback(ctx, host, q); reasonOf(err) != ReasonUnknownState || as.gate.Challenges.Load() != 1 {
 		t.Errorf("the reload = %v (%d challenges); want %s without an exchange", err, as.gate.Challenges.Load(), ReasonUnknownState)
+	}
+}
+
+// TestCallbackNonceChallenges: a code exchange the bank refuses with
+// use_dpop_nonce did not redeem the code. When the key now holds a nonce
+// other than the one the refused request carried (the bank sent a new one
+// with each challenge, the one the exchange answered itself and the next),
+// the code sent again carries it: the callback keeps its state
+// (ReasonRetryCallback), and its reload, once the bank takes the nonce,
+// stores the consent. Without a new nonce (the one sent again, none, or
+// no DPoP key to carry one) the code sent again would be refused again:
+// the callback spends its state (ReasonExchangeFailed, with the Result),
+// and its reload is refused without a request.
+func TestCallbackNonceChallenges(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name  string
+		nonce func(n int64) string // the DPoP-Nonce of the nth challenge, "" none
+		noKey bool                 // the provider has no DPoP key
+		kept  bool
+		sent  int64 // the first callback's token requests
+	}{
+		{name: "a new nonce with each challenge", nonce: func(n int64) string { return fmt.Sprint("front-", n) }, kept: true, sent: 2},
+		{name: "the same nonce again", nonce: func(int64) string { return "front" }, sent: 2},
+		{name: "no nonce", nonce: func(int64) string { return "" }, sent: 1},
+		{name: "no DPoP key", nonce: func(n int64) string { return fmt.Sprint("front-", n) }, noKey: true, sent: 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			as := newDPoPAS(t, "post", nil)
+			var challenging atomic.Bool
+			var requests atomic.Int64
+			front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == "/token" {
+					n := requests.Add(1)
+					if challenging.Load() {
+						if nonce := tc.nonce(n); nonce != "" {
+							w.Header().Set("DPoP-Nonce", nonce)
+						}
+						fail(w, http.StatusBadRequest, "use_dpop_nonce")
+						return
+					}
+				}
+				as.gate.ServeHTTP(w, r)
+			}))
+			t.Cleanup(front.Close)
+			clock := newClock()
+			store := &savingStore{}
+			cfg := Config{Name: "bank", TokenURL: front.URL + "/token", ClientID: as.clientID, ClientSecret: secretValue, AuthMethod: ClientSecretPost}
+			if !tc.noKey {
+				cfg.DPoP = dpoptest.NewKey(t)
+			}
+			_, flow := newFlow(t, cfg, store,
+				AuthCodeConfig{RedirectURIs: []string{callbackURL}, Scopes: []string{"offline_access"}, AuthorizationURL: front.URL + "/authorize"},
+				&Pendings{Store: &MemoryPendingStore{}, Now: clock.Now})
+			authURL, host, err := startLink(t, flow, "m1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			q, _ := as.authorize(t, authURL)
+			challenging.Store(true)
+			res, err := flow.Callback(ctx, host, q)
+			switch {
+			case tc.kept && (reasonOf(err) != ReasonRetryCallback || res != Result{}):
+				t.Fatalf("Callback = %+v, %v; want %s and no Result", res, err, ReasonRetryCallback)
+			case !tc.kept && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "m1"):
+				t.Fatalf("Callback = %+v, %v; want %s for m1: the state spent", res, err, ReasonExchangeFailed)
+			}
+			if n := requests.Load(); n != tc.sent {
+				t.Errorf("%d token requests, want %d", n, tc.sent)
+			}
+			challenging.Store(false)
+			clock.Add(exchangeRetry)
+			res, err = flow.Callback(ctx, host, q)
+			if !tc.kept {
+				if reasonOf(err) != ReasonUnknownState || requests.Load() != tc.sent {
+					t.Errorf("the reload = %v (%d token requests); want %s without a request", err, requests.Load(), ReasonUnknownState)
+				}
+				return
+			}
+			if err != nil || res.Merchant != "m1" || store.saves.Load() != 1 {
+				t.Errorf("the reload = %+v, %v (%d saves); want the consent", res, err, store.saves.Load())
+			}
+		})
 	}
 }

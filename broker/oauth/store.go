@@ -8,10 +8,30 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
 )
+
+// SaveTimeout bounds a refresh request once it is sent (its answer and
+// the saving of a refresh token the provider has just issued, a rotated
+// one), and a consent callback's work once its state is spent (the code
+// exchange, the ID token's verification, the save), which go on when the
+// request that caused them is cancelled or its deadline passes: the old
+// token, or the state and the code, no longer work, so losing the new one
+// would lose the merchant's consent. A LockedLoader's rewrite of the value
+// it loaded is bounded by it too, and so is each put-back of a consent
+// callback that failed (its consent link, its state kept for a reload),
+// from the failure on.
+const SaveTimeout = 30 * time.Second
+
+// detached returns ctx without its cancellation, bounded by SaveTimeout
+// from now: work that must finish once begun (see SaveTimeout) goes on
+// whatever the request that began it does.
+func detached(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
+}
 
 // ErrNoRefreshToken is returned by Store.Load when no refresh token is
 // stored under the key.

@@ -90,13 +90,18 @@ func (d *DPoP) GoString() string { return "outbound.DPoP(" + d.String() + ")" }
 // at the upstream's origin (req.URL's scheme and host: the upstream
 // chosen, never the Host header a caller sent) last sent, if any: never
 // an authorization server's nonce, even one at the same origin. Whatever
-// Authorization and DPoP req had is replaced, and X-Forwarded-Proto and
-// X-Forwarded-Host, when req has them, name the scheme and host signed.
-// When no proof can be made,
-// or the binding has no token or was ended (End), req leaves with neither
-// header: a DPoP-bound token never leaves without its proof, nor after its
-// request was done.
-func (d *DPoP) Sign(req *http.Request, now time.Time) error {
+// Authorization and DPoP req had is replaced. X-Forwarded-Proto and
+// X-Forwarded-Host, when they hold what reverse_proxy sets them to from
+// caller, the origin of the caller's request to the sidecar
+// (scheme://host, its Host header as received), are set to the scheme and
+// host signed (the host as it is sent: dpop.WireHost), for a server that
+// rebuilds its target URI from them; any other value of theirs (set by
+// header_up, or a trusted proxy's that reverse_proxy kept) is left as it
+// is, and so are Forwarded (RFC 7239) and X-Forwarded-Prefix. When no
+// proof can be made, or the binding has no token or was ended (End), req
+// leaves with neither header: a DPoP-bound token never leaves without its
+// proof, nor after its request was done.
+func (d *DPoP) Sign(req *http.Request, caller string, now time.Time) error {
 	delete(req.Header, "Authorization")
 	delete(req.Header, DPoPHeader)
 	if d.done.Load() {
@@ -118,29 +123,35 @@ func (d *DPoP) Sign(req *http.Request, now time.Time) error {
 	}
 	// reverse_proxy's forwarding headers name the caller's request to the
 	// sidecar; a server that trusts them rebuilds its target URI from
-	// them (RFC 9110 §7.1): they name the request signed.
-	if _, ok := req.Header["X-Forwarded-Proto"]; ok {
-		req.Header["X-Forwarded-Proto"] = []string{strings.ToLower(u.Scheme)}
-	}
-	if _, ok := req.Header["X-Forwarded-Host"]; ok {
-		req.Header["X-Forwarded-Host"] = []string{host}
-	}
+	// them (RFC 9110 §7.1): those reverse_proxy set name the request
+	// signed.
+	scheme, callerHost, _ := strings.Cut(caller, "://")
+	forward(req.Header, "X-Forwarded-Proto", scheme, strings.ToLower(u.Scheme))
+	forward(req.Header, "X-Forwarded-Host", callerHost, dpop.WireHost(host))
 	req.Header["Authorization"] = []string{d.header}
 	req.Header[DPoPHeader] = []string{proof}
 	d.sent = d.header
 	return nil
 }
 
+// forward sets the forwarding header name of h to v when it holds one
+// value, from: the one reverse_proxy sets from the caller's request.
+func forward(h http.Header, name, from, v string) {
+	if got := h[name]; len(got) == 1 && got[0] == from {
+		h[name] = []string{v}
+	}
+}
+
 // SignCopy returns a shallow copy of req with a header map of its own,
-// signed (Sign): the token and its proof go on the copy only, so that
-// the request a proxy logs carries neither (Caddy's logs redact
-// Authorization, not DPoP).
-func (d *DPoP) SignCopy(req *http.Request, now time.Time) (*http.Request, error) {
+// signed (Sign, with caller): the token and its proof go on the copy
+// only, so that the request a proxy logs carries neither (Caddy's logs
+// redact Authorization, not DPoP).
+func (d *DPoP) SignCopy(req *http.Request, caller string, now time.Time) (*http.Request, error) {
 	sent := new(http.Request)
 	*sent = *req
 	sent.Header = make(http.Header, len(req.Header)+2)
 	maps.Copy(sent.Header, req.Header)
-	return sent, d.Sign(sent, now)
+	return sent, d.Sign(sent, caller, now)
 }
 
 // Observe remembers the DPoP-Nonce of h, the answer to req (which Sign

@@ -1,6 +1,7 @@
 package outbound
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/base64"
 	"errors"
@@ -75,7 +76,7 @@ func TestDPoPSign(t *testing.T) {
 				}
 				k.SetNonce(dpop.ResourceServer, u, n)
 			}
-			if err := d.Sign(req, now); err != nil {
+			if err := d.Sign(req, "", now); err != nil {
 				t.Fatal(err)
 			}
 			if !d.Signed() {
@@ -111,7 +112,7 @@ func TestDPoPObserve(t *testing.T) {
 	d := NewDPoP(k)
 	d.SetToken("DPoP tok", wantATH("tok"))
 	req := httptest.NewRequest("GET", "http://rs.test/a", nil)
-	if err := d.Sign(req, time.Now()); err != nil {
+	if err := d.Sign(req, "", time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	d.Observe(req, http.Header{"Dpop-Nonce": {"fresh"}})
@@ -130,7 +131,7 @@ func TestDPoPObserve(t *testing.T) {
 	}
 	for _, tc := range []struct{ url, want string }{{"http://rs.test/b", "fresh"}, {"http://other.test/b", ""}} {
 		req := httptest.NewRequest("GET", tc.url, nil)
-		if err := d.Sign(req, time.Now()); err != nil {
+		if err := d.Sign(req, "", time.Now()); err != nil {
 			t.Fatal(err)
 		}
 		p, err := dpoptest.Verify(req.Header.Get("DPoP"))
@@ -151,7 +152,7 @@ func TestDPoPEnd(t *testing.T) {
 	d := NewDPoP(k)
 	d.SetToken("DPoP tok", wantATH("tok"))
 	req := httptest.NewRequest("GET", "http://rs.test/a", nil)
-	if err := d.Sign(req, time.Now()); err != nil || req.Header.Get(DPoPHeader) == "" {
+	if err := d.Sign(req, "", time.Now()); err != nil || req.Header.Get(DPoPHeader) == "" {
 		t.Fatalf("before End: DPoP %q, %v: want a proof", req.Header.Get(DPoPHeader), err)
 	}
 	d.End()
@@ -159,8 +160,8 @@ func TestDPoPEnd(t *testing.T) {
 		name string
 		sign func(*http.Request) (*http.Request, error)
 	}{
-		{name: "Sign", sign: func(r *http.Request) (*http.Request, error) { return r, d.Sign(r, time.Now()) }},
-		{name: "SignCopy", sign: func(r *http.Request) (*http.Request, error) { return d.SignCopy(r, time.Now()) }},
+		{name: "Sign", sign: func(r *http.Request) (*http.Request, error) { return r, d.Sign(r, "", time.Now()) }},
+		{name: "SignCopy", sign: func(r *http.Request) (*http.Request, error) { return d.SignCopy(r, "", time.Now()) }},
 	} {
 		req := httptest.NewRequest("GET", "http://rs.test/a", nil)
 		req.Header.Set("Authorization", "DPoP tok")
@@ -209,7 +210,7 @@ func BenchmarkDPoPSign(b *testing.B) {
 		d.SetToken("DPoP "+tok, dpop.ATH(tok))
 		b.ReportAllocs()
 		for b.Loop() {
-			if err := d.Sign(req, now); err != nil {
+			if err := d.Sign(req, "", now); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -232,7 +233,7 @@ func TestDPoPSignCopy(t *testing.T) {
 	d.SetToken("DPoP tok-1", wantATH("tok-1"))
 	req := httptest.NewRequest("GET", "http://upstream.test/accounts", nil)
 	req.Header.Set("X-Trace", "1")
-	sent, err := d.SignCopy(req, time.Unix(1_800_000_000, 0))
+	sent, err := d.SignCopy(req, "", time.Unix(1_800_000_000, 0))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -273,7 +274,7 @@ func TestDPoPNoncesPerServer(t *testing.T) {
 		d.SetToken("DPoP tok", wantATH("tok"))
 		req := httptest.NewRequest("GET", srv.URL+"/accounts", nil)
 		req.RequestURI = ""
-		sent, err := d.SignCopy(req, time.Now())
+		sent, err := d.SignCopy(req, "", time.Now())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -309,19 +310,39 @@ func TestDPoPNoncesPerServer(t *testing.T) {
 // the caller's request to the sidecar (X-Forwarded-Proto, X-Forwarded-Host)
 // name the request the proof is for, so that a server behind a gateway it
 // trusts, which rebuilds the target URI from them (RFC 9110 §7.1), finds
-// the proof's htu; a request without them gets none.
+// the proof's htu (a non-ASCII Host in Punycode, as htu has it); a request
+// without them gets none. A value reverse_proxy did not set from the
+// caller's request (an operator's header_up) is left as it is, and so are
+// Forwarded and X-Forwarded-Prefix.
 func TestDPoPSignForwarded(t *testing.T) {
+	const caller = "http://127.0.0.1:8080" // the caller's request to the sidecar
 	for _, tt := range []struct {
 		name, url, host string
+		caller          string            // default caller
 		forwarded       map[string]string // the headers before Sign
 		want            map[string]string // after Sign; "" absent
+		kept            bool              // the forwarding headers name another URL than htu
 	}{
 		{name: "https upstream called over http", url: "https://10.0.0.1:8443/pay", host: "api.bank.test",
 			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "127.0.0.1:8080"},
 			want:      map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.bank.test"}},
-		{name: "http upstream called over https", url: "http://10.0.0.1:8080/pay", host: "rs.test:8080",
+		{name: "http upstream called over https", url: "http://10.0.0.1:8080/pay", host: "rs.test:8080", caller: "https://sidecar.test",
 			forwarded: map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "sidecar.test"},
 			want:      map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "rs.test:8080"}},
+		{name: "a Host with non-ASCII letters (header_up Host bänk.example): in Punycode, as sent", url: "https://10.0.0.1:8443/pay", host: "bänk.example",
+			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "127.0.0.1:8080"},
+			want:      map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "xn--bnk-qla.example"}},
+		{name: "the operator's header_up X-Forwarded-Host and X-Forwarded-Proto", url: "http://10.0.0.1:8080/pay", host: "rs.test:8080", kept: true,
+			forwarded: map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "gw.partner.example"},
+			want:      map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "gw.partner.example"}},
+		{name: "the operator's header_up X-Forwarded-Host only", url: "https://10.0.0.1:8443/pay", host: "api.bank.test", kept: true,
+			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "gw.partner.example"},
+			want:      map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "gw.partner.example"}},
+		{name: "Forwarded and X-Forwarded-Prefix are not rewritten", url: "https://10.0.0.1:8443/pay", host: "api.bank.test",
+			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "127.0.0.1:8080",
+				"Forwarded": "proto=http;host=127.0.0.1:8080", "X-Forwarded-Prefix": "/api"},
+			want: map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.bank.test",
+				"Forwarded": "proto=http;host=127.0.0.1:8080", "X-Forwarded-Prefix": "/api"}},
 		{name: "none sent, none added", url: "https://api.bank.test/pay",
 			want: map[string]string{"X-Forwarded-Proto": "", "X-Forwarded-Host": ""}},
 	} {
@@ -333,7 +354,7 @@ func TestDPoPSignForwarded(t *testing.T) {
 			for name, v := range tt.forwarded {
 				req.Header.Set(name, v)
 			}
-			if err := d.Sign(req, time.Now()); err != nil {
+			if err := d.Sign(req, cmp.Or(tt.caller, caller), time.Now()); err != nil {
 				t.Fatal(err)
 			}
 			for name, v := range tt.want {
@@ -345,7 +366,7 @@ func TestDPoPSignForwarded(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if len(tt.forwarded) > 0 {
+			if len(tt.forwarded) > 0 && !tt.kept {
 				trusted := req.Header.Get("X-Forwarded-Proto") + "://" + req.Header.Get("X-Forwarded-Host") + req.URL.EscapedPath()
 				if !dpoptest.SameURL(p.HTU, trusted) {
 					t.Errorf("htu %s; a server trusting the forwarding headers rebuilds %s", p.HTU, trusted)

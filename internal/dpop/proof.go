@@ -144,20 +144,29 @@ func HTU(u *url.URL) string {
 }
 
 // appendOrigin appends the origin of u to b: scheme://host[:port],
-// lower-case and without the scheme's default port, a host name with
-// non-ASCII letters in Punycode as Go's client sends it in the Host header
-// (RFC 3492); the key of a server's remembered nonce (Nonce, SetNonce).
+// lower-case and without the scheme's default port, the host as it is
+// sent (WireHost); the key of a server's remembered nonce (Nonce,
+// SetNonce).
 func appendOrigin(b []byte, u *url.URL) []byte {
-	host := u.Host
-	if h, err := httpguts.PunycodeHostPort(host); err == nil {
-		host = h // an ASCII host as it is; one Punycode refuses fails to be sent at all
-	}
+	host := WireHost(u.Host)
 	if p := defaultPort(u.Scheme); p != "" && len(host) > len(p) && host[len(host)-len(p):] == p {
 		host = host[:len(host)-len(p)]
 	}
 	b = appendLower(b, u.Scheme)
 	b = append(b, "://"...)
 	return appendLower(b, host)
+}
+
+// WireHost returns host (host[:port]) as Go's HTTP client sends it in the
+// Host header: a name with non-ASCII letters in Punycode (RFC 3492). An
+// ASCII host is returned as it is, and so is one Punycode refuses, which
+// the client does not send at all. It allocates only for a non-ASCII
+// host.
+func WireHost(host string) string {
+	if h, err := httpguts.PunycodeHostPort(host); err == nil {
+		return h
+	}
+	return host
 }
 
 // defaultPort is ":443" for https, ":80" for http (any case), else "".

@@ -60,8 +60,8 @@ const (
 	// not be reached.
 	PageUnavailable = "unavailable"
 	// PageRetryCallback: the callback arrived while the bank's endpoints
-	// could not be discovered, or the bank did not process the code
-	// exchange (it was busy or not reached); its state is kept, and
+	// could not be discovered, or the bank very likely did not process the
+	// code exchange (it was busy or not reached); its state is kept, and
 	// reloading the page in a moment completes the consent.
 	PageRetryCallback = "retry_callback"
 	// PageCrossSite: a start posted from another site (not the start
