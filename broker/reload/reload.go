@@ -101,7 +101,7 @@ func (p *Broker) Release(owner *Owner) {
 func (p *Broker) Inherit(entries []*broker.Entry) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	now := time.Now()
+	now := p.Now()
 	p.inherited = slices.DeleteFunc(p.inherited, func(e *broker.Entry) bool { return !e.Token().ValidAt(now, 0) })
 	p.inherited = append(p.inherited, entries...)
 }
@@ -111,7 +111,7 @@ func (p *Broker) Tokens() []*broker.Entry {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	out := p.Entries()
-	now := time.Now()
+	now := p.Now()
 	for _, e := range p.inherited {
 		if e.Token().ValidAt(now, 0) {
 			out = append(out, e)
