@@ -196,8 +196,8 @@ type seenProvider struct {
 // revoke revokes e's token at its provider, unless the failure policy
 // keeps its source from being called now, and purges it from the fleet's
 // shared tier once revoked: a token that was not revoked is still served.
-// A source that cannot revoke is reported so by adminapi.Revoke, whatever
-// its failure policy.
+// A source that cannot revoke is reported so by adminapi.RevokeEntry,
+// whatever its failure policy.
 func (p *Broker) revoke(ctx context.Context, e *broker.Entry) adminapi.RevokeResult {
 	if _, ok := e.Binding().Source.(broker.Revoker); ok {
 		h := p.SourceHealth(e.Binding().SourceID)
@@ -209,7 +209,7 @@ func (p *Broker) revoke(ctx context.Context, e *broker.Entry) adminapi.RevokeRes
 				h.BackoffUntil.UTC().Format(time.RFC3339)))
 		}
 	}
-	res := adminapi.Revoke(ctx, []*broker.Entry{e}, p.source)[0]
+	res, _ := adminapi.RevokeEntry(ctx, e, p.source)
 	if res.Revoked {
 		// No node of the fleet serves it any longer; until the purge is
 		// heard, a node whose call is refused retries with a new token.
