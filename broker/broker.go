@@ -222,6 +222,13 @@ func (br *Broker) Close() {
 	br.cache.Flush()
 }
 
+// Now reads the broker's clock (Options.Now).
+func (br *Broker) Now() time.Time { return br.opts.Now() }
+
+// Sleep waits d on the broker's clock (Options.Sleep), or until ctx ends
+// and then returns ctx's error.
+func (br *Broker) Sleep(ctx context.Context, d time.Duration) error { return br.opts.Sleep(ctx, d) }
+
 // newEntry builds the cache entry of a token, refreshed at its RefreshAt
 // (planned here when zero, or when refresh-ahead is off). Granted scopes
 // equal to the binding's are the binding's slice.

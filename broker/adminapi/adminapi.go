@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"slices"
 	"strings"
@@ -148,6 +149,14 @@ type RevokeResult struct {
 	Revoked bool `json:"revoked"`
 	// Error says why the revocation failed (no token or secret in it).
 	Error string `json:"error,omitempty"`
+	// NotAttempted is true when no revocation was sent for the token:
+	// its provider answered 429 to one before it.
+	NotAttempted bool `json:"not_attempted,omitempty"`
+	// RetryAfterSeconds is the wait, in seconds, that the provider's 429
+	// asked for (its Retry-After or rate-limit reset), on the token it
+	// answered 429 for and on those not attempted after; absent when it
+	// did not say.
+	RetryAfterSeconds int `json:"retry_after_seconds,omitempty"`
 }
 
 // MerchantTokens matches the cached tokens a merchant is served: those
@@ -182,41 +191,79 @@ func MerchantTokens(merchant string, regs ...*config.Registry) func(*broker.Bind
 // revokeAgain revokes e's token with src, the provider as configured now,
 // after its own source's credential was refused with refused: nil once
 // revoked; refused when src is nil, the same source or cannot revoke;
-// both errors when src refuses too.
-func revokeAgain(ctx context.Context, e *broker.Entry, src broker.Source, refused error) error {
+// both errors when src refuses too. last is the error of the last call
+// made, nil once revoked.
+func revokeAgain(ctx context.Context, e *broker.Entry, src broker.Source, refused error) (err, last error) {
 	rv, ok := src.(broker.Revoker)
 	if !ok || src == e.Binding().Source {
-		return refused
+		return refused, refused
 	}
-	if err := rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); err != nil {
-		return errors.Join(refused, fmt.Errorf("with the provider as configured now: %w", err))
+	if last = rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); last != nil {
+		return errors.Join(refused, fmt.Errorf("with the provider as configured now: %w", last)), last
 	}
-	return nil
+	return nil, nil
 }
 
-// Revoke revokes each entry's token at its provider, where the provider
+// RevokeEntry revokes e's token at its provider, where the provider
 // supports revocation, with the source that fetched it; when that
 // source's credential is refused (its API key or client secret rotated
 // since), once more with the source current returns for the entry's
-// source ID (the provider as configured now), if any.
-func Revoke(ctx context.Context, entries []*broker.Entry, current func(sourceID string) broker.Source) []RevokeResult {
+// source ID (the provider as configured now), if any. last is the error
+// of the last call made to the provider: nil once revoked, and when no
+// call was made (a provider that cannot revoke).
+func RevokeEntry(ctx context.Context, e *broker.Entry, current func(sourceID string) broker.Source) (res RevokeResult, last error) {
+	b := e.Binding()
+	rv, ok := b.Source.(broker.Revoker)
+	if !ok {
+		return NotRevoked(e, "the provider has no revocation endpoint"), nil
+	}
+	err := rv.RevokeToken(ctx, b.Request(), e.Token())
+	last = err
+	if err != nil && current != nil && broker.ClassOf(b.Source, err) == broker.ClassCredential {
+		err, last = revokeAgain(ctx, e, current(b.SourceID), err)
+	}
+	if err != nil {
+		return NotRevoked(e, err.Error()), last
+	}
+	return RevokeResult{TokenInfo: tokenInfo(e), Revoked: true}, nil
+}
+
+// RateLimited reports whether err, a revocation's, is the provider's
+// 429, and the wait it asked for (zero when it did not say).
+func RateLimited(err error) (wait time.Duration, ok bool) {
+	ae, ok := errors.AsType[*broker.APIError](err)
+	if !ok || ae.StatusCode != http.StatusTooManyRequests {
+		return 0, false
+	}
+	return ae.RetryAfter, true
+}
+
+// Revoke revokes the tokens of entries in order (RevokeEntry), and drops
+// each from br's cache and the shared tier (Broker.Purge) once its
+// provider answered. Once a provider answers 429, its next entries are
+// not sent: they are reported not attempted, and they and the one
+// answered 429 stay cached, each with the wait the provider asked for,
+// so that the operator revokes them again after it. A provider's other
+// failures (5xx) are reported per entry, and its next entries are sent.
+func Revoke(ctx context.Context, br *broker.Broker, entries []*broker.Entry, current func(sourceID string) broker.Source) []RevokeResult {
 	results := make([]RevokeResult, 0, len(entries))
+	held := map[string]int{} // source ID -> the RetryAfterSeconds of its 429
 	for _, e := range entries {
-		b := e.Binding()
-		rv, ok := b.Source.(broker.Revoker)
-		if !ok {
-			results = append(results, NotRevoked(e, "the provider has no revocation endpoint"))
+		id := e.Binding().SourceID
+		if wait, ok := held[id]; ok {
+			res := NotRevoked(e, "not attempted: the provider answered 429 to a revocation before it; the token stays cached, revoke it again later")
+			res.NotAttempted, res.RetryAfterSeconds = true, wait
+			results = append(results, res)
 			continue
 		}
-		err := rv.RevokeToken(ctx, b.Request(), e.Token())
-		if err != nil && current != nil && broker.ClassOf(b.Source, err) == broker.ClassCredential {
-			err = revokeAgain(ctx, e, current(b.SourceID), err)
-		}
-		if err != nil {
-			results = append(results, NotRevoked(e, err.Error()))
+		res, last := RevokeEntry(ctx, e, current)
+		if wait, ok := RateLimited(last); ok {
+			res.RetryAfterSeconds = int(math.Ceil(wait.Seconds()))
+			held[id] = res.RetryAfterSeconds
 		} else {
-			results = append(results, RevokeResult{TokenInfo: tokenInfo(e), Revoked: true})
+			br.Purge(ctx, []*broker.Entry{e})
 		}
+		results = append(results, res)
 	}
 	return results
 }

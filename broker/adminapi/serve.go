@@ -298,11 +298,16 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		entries := in.Broker.PurgeMatching(match)
 		return writeJSON(w, map[string]any{"merchant": id, "purged": len(entries)})
 	case "revoke":
-		entries := in.Broker.PurgeMatching(match)
-		// Not cancelled with the request: a token dropped from the cache
-		// and not revoked would stay valid, forgotten. Each call is bounded
-		// by its provider's timeout.
-		results := Revoke(context.WithoutCancel(r.Context()), entries, in.source)
+		var entries []*broker.Entry
+		for _, e := range in.Broker.Entries() {
+			if match(e.Binding()) {
+				entries = append(entries, e)
+			}
+		}
+		// Not cancelled with the request: a token whose revocation fails
+		// is dropped from the cache, and would stay valid, forgotten. Each
+		// call is bounded by its provider's timeout.
+		results := Revoke(context.WithoutCancel(r.Context()), in.Broker, entries, in.source)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
 	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge, revoke, check or refresh_token", action)}

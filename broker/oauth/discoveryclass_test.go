@@ -250,3 +250,65 @@ func TestDiscoveryRetryAfterHoldsTheProvider(t *testing.T) {
 		})
 	}
 }
+
+// TestDiscovery503CarriesItsWait: a discovery answered 503 (the OpenID
+// document, or the RFC 8414 metadata after a 404) carries the wait it
+// asks for, its Retry-After or its rate-limit headers' reset, in the
+// error's answer (broker.RetryAfterOf); it stays temporary (counted by
+// the breaker, not rate limited): the broker does not discover again
+// for that key before the wait is over, and does once it is.
+func TestDiscovery503CarriesItsWait(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		oidc404 bool   // /.well-known/openid-configuration answers 404, the RFC 8414 metadata 503
+		header  string // the header of the wait
+		value   string
+	}{
+		{name: "OpenID discovery document, Retry-After", header: "Retry-After", value: "30"},
+		{name: "RFC 8414 metadata, Retry-After", oidc404: true, header: "Retry-After", value: "30"},
+		{name: "OpenID discovery document, RateLimit-Reset", header: "RateLimit", value: `"default";r=0;t=30`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var calls atomic.Int64
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if tc.oidc404 && strings.HasSuffix(r.URL.Path, "/openid-configuration") {
+					http.NotFound(w, r)
+					return
+				}
+				calls.Add(1)
+				w.Header().Set(tc.header, tc.value)
+				w.WriteHeader(http.StatusServiceUnavailable)
+			}))
+			t.Cleanup(srv.Close)
+			clock := clocktest.New(time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC))
+			src, err := NewClientCredentials(Config{Issuer: srv.URL, ClientID: "c", ClientSecret: secretValue, Now: clock.Now})
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = src.Token(context.Background(), broker.Request{Merchant: "m"})
+			if ae, _ := errors.AsType[*broker.APIError](err); ae == nil || ae.StatusCode != http.StatusServiceUnavailable || broker.RetryAfterOf(err) != 30*time.Second || src.Classify(err) != broker.ClassTemporary {
+				t.Fatalf("Token = %v: Retry-After %s, class %d; want an answer 503 asking 30s, temporary", err, broker.RetryAfterOf(err), src.Classify(err))
+			}
+
+			br := broker.New(broker.Options{MaxAttempts: 1, Now: clock.Now, Sleep: func(context.Context, time.Duration) error { return nil }})
+			t.Cleanup(br.Close)
+			b := brokertest.NewBinding("bank", src, broker.Request{Merchant: "m"})
+			for i, step := range []struct {
+				wait  time.Duration // on the clock before the lookup
+				calls int64         // discovery requests in all after it
+			}{
+				{0, 2},
+				{29 * time.Second, 2},
+				{time.Second, 3},
+			} {
+				clock.Add(step.wait)
+				if _, _, err := br.Get(context.Background(), b); err == nil {
+					t.Fatalf("lookup %d: a token", i)
+				}
+				if calls.Load() != step.calls {
+					t.Fatalf("lookup %d: %d discovery requests, want %d: none until the 503's wait is over", i, calls.Load(), step.calls)
+				}
+			}
+		})
+	}
+}

@@ -775,3 +775,80 @@ func TestCallbackNonceChallenges(t *testing.T) {
 		})
 	}
 }
+
+// armedTakeHook is a PendingStore that runs hook before the first Take once
+// armed.
+type armedTakeHook struct {
+	PendingStore
+	armed atomic.Bool
+	hook  func()
+}
+
+// Take runs the hook once armed, then takes key.
+func (s *armedTakeHook) Take(ctx context.Context, key string) ([]byte, error) {
+	if s.armed.CompareAndSwap(true, false) {
+		s.hook()
+	}
+	return s.PendingStore.Take(ctx, key)
+}
+
+// TestCallbackExchangeDiscoveryFails: when the endpoints the callback
+// read are forgotten before its code exchange (a failed token request of
+// the provider meanwhile) and the exchange's discovery fails, the code
+// was not sent: a discovery the server answered 500, 502, 503 or 504
+// (transient, whatever the status would mean for a code exchange) keeps
+// the state (ReasonRetryCallback, no Result), and the reload once the
+// server answers again exchanges the code and stores the consent; a
+// discovery that trying again does not mend (no document: 404 for both)
+// spends it.
+func TestCallbackExchangeDiscoveryFails(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		status int
+		kept   bool
+	}{
+		{http.StatusInternalServerError, true},
+		{http.StatusBadGateway, true},
+		{http.StatusServiceUnavailable, true},
+		{http.StatusGatewayTimeout, true},
+		{http.StatusNotFound, false},
+	} {
+		t.Run(fmt.Sprint(tc.status), func(t *testing.T) {
+			f := newFaultyBank(t)
+			hook := &armedTakeHook{PendingStore: f.pend.Store, hook: func() {
+				f.src.ep.invalidate()
+				f.op.DiscoveryStatus.Store(int32(tc.status))
+			}}
+			f.pend.Store = hook
+			browser := NewBrowser()
+			q, _ := f.start(t, browser)
+			hook.armed.Store(true)
+			res, err := f.flow.Callback(ctx, retryHost, q, browser)
+			if de, _ := errors.AsType[*DiscoveryError](err); de == nil {
+				t.Fatalf("Callback = %v, want the exchange's *DiscoveryError", err)
+			}
+			switch {
+			case tc.kept && (reasonOf(err) != ReasonRetryCallback || res != Result{}):
+				t.Fatalf("Callback = %+v, %v; want %s and no Result: the code was not sent", res, err, ReasonRetryCallback)
+			case !tc.kept && (reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme"):
+				t.Fatalf("Callback = %+v, %v; want %s for acme", res, err, ReasonExchangeFailed)
+			}
+			if f.exchanges() != 0 {
+				t.Fatalf("%d exchanges, want none", f.exchanges())
+			}
+
+			f.op.DiscoveryStatus.Store(0)
+			f.clock.Add(exchangeRetry)
+			res, err = f.flow.Callback(ctx, retryHost, q, browser)
+			if !tc.kept {
+				if reasonOf(err) != ReasonUnknownState || f.exchanges() != 0 {
+					t.Fatalf("the reloaded callback = %v (%d exchanges); want %s: the state is spent", err, f.exchanges(), ReasonUnknownState)
+				}
+				return
+			}
+			if err != nil || res.Merchant != "acme" || f.store.Saves() != 1 || f.exchanges() != 1 {
+				t.Fatalf("the reloaded callback = %+v, %v (%d saves, %d exchanges); want the consent, the code exchanged once", res, err, f.store.Saves(), f.exchanges())
+			}
+		})
+	}
+}

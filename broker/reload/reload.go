@@ -6,9 +6,14 @@
 package reload
 
 import (
+	"cmp"
 	"context"
+	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -101,7 +106,7 @@ func (p *Broker) Release(owner *Owner) {
 func (p *Broker) Inherit(entries []*broker.Entry) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	now := time.Now()
+	now := p.Now()
 	p.inherited = slices.DeleteFunc(p.inherited, func(e *broker.Entry) bool { return !e.Token().ValidAt(now, 0) })
 	p.inherited = append(p.inherited, entries...)
 }
@@ -111,7 +116,7 @@ func (p *Broker) Tokens() []*broker.Entry {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	out := p.Entries()
-	now := time.Now()
+	now := p.Now()
 	for _, e := range p.inherited {
 		if e.Token().ValidAt(now, 0) {
 			out = append(out, e)
@@ -122,11 +127,15 @@ func (p *Broker) Tokens() []*broker.Entry {
 
 // Bounds of Revoke: how many revocations run at once, overall and per
 // source, so that one slow provider answer does not use up the time of
-// all the others and no provider gets more than a few at a time.
+// all the others and no provider gets more than a few at a time; and
+// how a provider's answers hold or stop its next revocations (see
+// revocations).
 const (
 	revokeWorkers   = 16
 	revokePerSource = 4
 	revokeTimeout   = 10 * time.Second
+	revokeFailures  = 3           // 5xx or timeouts in a row that stop a provider's revocations
+	revoke429Wait   = time.Second // the hold after a 429 without a wait, doubled at each 429 in a row
 )
 
 // Revoke revokes entries at their providers, revokeWorkers at a time and
@@ -134,7 +143,9 @@ const (
 // each result in the entries' order. A token whose source the failure
 // policy keeps from being called (its breaker is open, or it is in
 // backoff after a 429 or a bad credential) is not revoked; its log says
-// why.
+// why. A provider's revocation answers hold or stop its own next ones
+// only (revocations): its tokens not revoked then are logged as such,
+// and counted in one log of the provider (its name and how many).
 func (p *Broker) Revoke(entries []*broker.Entry) {
 	timeout := p.revokeTimeout
 	if timeout == 0 {
@@ -142,6 +153,7 @@ func (p *Broker) Revoke(entries []*broker.Entry) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	deadline := p.Now().Add(timeout)
 	results := make([]adminapi.RevokeResult, len(entries))
 	bySource := map[string][]int{}
 	for i, e := range entries {
@@ -150,22 +162,17 @@ func (p *Broker) Revoke(entries []*broker.Entry) {
 	}
 	slots := make(chan struct{}, revokeWorkers)
 	var wg sync.WaitGroup
-	for _, queue := range bySource {
+	states := map[string]*revocations{}
+	for id, queue := range bySource {
 		var next atomic.Int64
+		rv := &revocations{deadline: deadline}
+		states[id] = rv
 		for range min(revokePerSource, len(queue)) {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for {
-					j := int(next.Add(1)) - 1
-					if j >= len(queue) {
-						return
-					}
-					slots <- struct{}{}
-					results[queue[j]] = p.revoke(ctx, entries[queue[j]])
-					<-slots
+			wg.Go(func() {
+				for j := int(next.Add(1)) - 1; j < len(queue); j = int(next.Add(1)) - 1 {
+					results[queue[j]] = p.revokeHeld(ctx, rv, entries[queue[j]], slots)
 				}
-			}()
+			})
 		}
 	}
 	wg.Wait()
@@ -173,6 +180,124 @@ func (p *Broker) Revoke(entries []*broker.Entry) {
 		p.Logger.Info("token revoked at shutdown", zap.String("merchant", res.Merchant),
 			zap.String("fingerprint", res.Fingerprint), zap.Bool("revoked", res.Revoked), zap.String("error", res.Error))
 	}
+	for id, rv := range states {
+		if rv.stopped == "" {
+			continue
+		}
+		n := 0
+		for _, i := range bySource[id] {
+			if !results[i].Revoked {
+				n++
+			}
+		}
+		name, _, _ := strings.Cut(id, "#")
+		p.Logger.Warn("revocations at shutdown stopped for a provider", zap.String("provider", name),
+			zap.Int("not_revoked", n), zap.String("reason", rv.stopped))
+	}
+}
+
+// revokeHeld revokes e once its provider's revocations rv let it be
+// sent, taking one of slots for each call, and sends it again after a
+// 429 whose hold ends before the deadline.
+func (p *Broker) revokeHeld(ctx context.Context, rv *revocations, e *broker.Entry, slots chan struct{}) adminapi.RevokeResult {
+	for {
+		round, reason := rv.ready(ctx, p.Now, p.Sleep)
+		if reason != "" {
+			return adminapi.NotRevoked(e, reason)
+		}
+		slots <- struct{}{}
+		res, last := p.revoke(ctx, e)
+		<-slots
+		if (res.Revoked || last != nil) && rv.answered(last, round, p.Now()) {
+			continue
+		}
+		return res
+	}
+}
+
+// revocations is the state of one provider's revocations at shutdown,
+// kept apart from the failure policy of its token requests: a 429 holds
+// them until the end of its wait (its Retry-After, or without one
+// revoke429Wait, doubled at each 429 in a row), and the revocation it
+// answered is sent again then; a 429 whose hold would end at the
+// deadline or later stops them, and so do revokeFailures 5xx or
+// timeouts in a row (a revocation revoked resets the count and the
+// doubling). Its methods are safe for concurrent use.
+type revocations struct {
+	deadline time.Time
+	waiting  sync.Mutex // held by the one worker that waits for the hold's end
+
+	mu       sync.Mutex
+	until    time.Time // no revocation is sent before
+	round    int       // holds begun: a 429 to a revocation sent before the last one began neither doubles nor lengthens it, and a revocation sent after it ended begins the next
+	held     int       // holds in a row
+	failures int       // 5xx or timeouts in a row
+	stopped  string    // why the provider's next revocations are not sent; "" while they are
+}
+
+// ready waits until the provider's next revocation may be sent, on the
+// clock now with sleep, and returns the round it is sent in, or why it
+// is not sent.
+func (r *revocations) ready(ctx context.Context, now func() time.Time, sleep func(context.Context, time.Duration) error) (round int, reason string) {
+	r.waiting.Lock()
+	defer r.waiting.Unlock()
+	for {
+		r.mu.Lock()
+		until, round, stopped := r.until, r.round, r.stopped
+		r.mu.Unlock()
+		if stopped != "" {
+			return 0, stopped
+		}
+		d := until.Sub(now())
+		if d <= 0 {
+			return round, ""
+		}
+		if sleep(ctx, d) != nil {
+			return 0, "not revoked: the shutdown's time ran out while the provider's 429 held its revocations"
+		}
+	}
+}
+
+// answered notes at now the answer of a revocation sent in round, err
+// the error of the last call made (nil: revoked), and reports whether
+// the revocation is to be sent again once the hold it begins is over.
+func (r *revocations) answered(err error, round int, now time.Time) (again bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	wait, limited := adminapi.RateLimited(err)
+	switch {
+	case limited:
+		if round < r.round {
+			return r.stopped == "" // sent before the hold began, which its 429 is part of
+		}
+		r.round++
+		r.held++
+		if wait <= 0 {
+			wait = revoke429Wait << min(r.held-1, 16)
+		}
+		if r.until = now.Add(wait); !r.until.Before(r.deadline) {
+			r.stopped = cmp.Or(r.stopped, fmt.Sprintf("not revoked: the provider answered 429 to a revocation, asking to wait %s, past the shutdown's deadline", wait))
+		}
+		return r.stopped == ""
+	case err == nil:
+		r.failures, r.held = 0, 0
+	case serverFailed(err):
+		if r.failures++; r.failures >= revokeFailures {
+			r.stopped = cmp.Or(r.stopped, fmt.Sprintf("not revoked: %d revocations in a row failed (5xx or timeout)", r.failures))
+		}
+	}
+	return false
+}
+
+// serverFailed reports whether err, a revocation's, says that the
+// provider failed or did not answer in time: a 5xx, a timeout, a failed
+// connection.
+func serverFailed(err error) bool {
+	if ae, ok := errors.AsType[*broker.APIError](err); ok {
+		return ae.StatusCode >= http.StatusInternalServerError
+	}
+	_, ok := errors.AsType[net.Error](err)
+	return ok || broker.IsTimeout(err)
 }
 
 // source returns the source last seen for the provider ID id (nil: none).
@@ -196,24 +321,25 @@ type seenProvider struct {
 // revoke revokes e's token at its provider, unless the failure policy
 // keeps its source from being called now, and purges it from the fleet's
 // shared tier once revoked: a token that was not revoked is still served.
-// A source that cannot revoke is reported so by adminapi.Revoke, whatever
-// its failure policy.
-func (p *Broker) revoke(ctx context.Context, e *broker.Entry) adminapi.RevokeResult {
+// A source that cannot revoke is reported so by adminapi.RevokeEntry,
+// whatever its failure policy. last is the error of the last call made
+// (adminapi.RevokeEntry): nil once revoked, and when none was made.
+func (p *Broker) revoke(ctx context.Context, e *broker.Entry) (adminapi.RevokeResult, error) {
 	if _, ok := e.Binding().Source.(broker.Revoker); ok {
 		h := p.SourceHealth(e.Binding().SourceID)
 		switch {
 		case h.Breaker == broker.BreakerOpen:
-			return adminapi.NotRevoked(e, "not revoked: the provider's circuit breaker is open after repeated failures")
+			return adminapi.NotRevoked(e, "not revoked: the provider's circuit breaker is open after repeated failures"), nil
 		case !h.BackoffUntil.IsZero():
 			return adminapi.NotRevoked(e, fmt.Sprintf("not revoked: the provider is not called until %s (Retry-After or a refused credential)",
-				h.BackoffUntil.UTC().Format(time.RFC3339)))
+				h.BackoffUntil.UTC().Format(time.RFC3339))), nil
 		}
 	}
-	res := adminapi.Revoke(ctx, []*broker.Entry{e}, p.source)[0]
+	res, last := adminapi.RevokeEntry(ctx, e, p.source)
 	if res.Revoked {
 		// No node of the fleet serves it any longer; until the purge is
 		// heard, a node whose call is refused retries with a new token.
 		p.Purge(ctx, []*broker.Entry{e})
 	}
-	return res
+	return res, last
 }

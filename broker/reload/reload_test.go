@@ -3,7 +3,9 @@ package reload
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -21,6 +23,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
 	"github.com/tokenbroker/caddy-token-broker/internal/seal"
@@ -508,5 +511,241 @@ func TestRevokeAtShutdownUsesTheRotatedKey(t *testing.T) {
 	lines := logs.FilterMessage("token revoked at shutdown").All()
 	if len(lines) != 1 || !lines[0].ContextMap()["revoked"].(bool) || revoked.Load() != 1 {
 		t.Fatalf("revocations at Gatekeeper %d, log lines %+v; want the token revoked with the rotated key", revoked.Load(), lines)
+	}
+}
+
+// revocationScript is how a gatekeeper of throttledGatekeeper answers a
+// revocation sent to one source when the clock has moved by moved since
+// the gatekeeper started: its status (200 revokes) and Retry-After (""
+// for none).
+type revocationScript func(moved time.Duration) (status int, retryAfter string)
+
+// throttledGatekeeper is a Nuapay token API whose revocations under
+// /{source}/ are answered as script[source] says (200 for a source
+// without one); it counts them per source, and notes the clock's time
+// of each.
+func throttledGatekeeper(t *testing.T, now func() time.Time, script map[string]revocationScript) (base string, sent func(source string) []time.Time) {
+	t.Helper()
+	start := now()
+	var mu sync.Mutex
+	at := map[string][]time.Time{}
+	var minted atomic.Int64
+	gk := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		source := strings.Split(r.URL.Path, "/")[1]
+		if !strings.HasSuffix(r.URL.Path, "/revoke") {
+			n := minted.Add(1)
+			w.WriteHeader(http.StatusCreated)
+			fmt.Fprintf(w, `{"data":{"id":"t%d","accessToken":"tok-%d","tokenType":"BEARER","status":"ACTIVE"}}`, n, n)
+			return
+		}
+		mu.Lock()
+		at[source] = append(at[source], now())
+		mu.Unlock()
+		if s := script[source]; s != nil {
+			if status, retryAfter := s(now().Sub(start)); status != http.StatusOK {
+				if retryAfter != "" {
+					w.Header().Set("Retry-After", retryAfter)
+				}
+				w.WriteHeader(status)
+				return
+			}
+		}
+		fmt.Fprint(w, `{"data":{"status":"REVOKED"}}`)
+	}))
+	t.Cleanup(gk.Close)
+	return gk.URL, func(source string) []time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(at[source])
+	}
+}
+
+// At shutdown, a provider's revocation answers hold or stop its own next
+// revocations, on the broker's clock, and no other provider's: a 429
+// holds them until its Retry-After (1 s without one, doubled at each
+// 429 in a row), and the token it was answered for is sent again then;
+// a hold that would end past the shutdown's deadline (10 s), or 3 5xx in
+// a row, stop them, and the provider's tokens not revoked are counted in
+// one log (its name, how many). The token requests' failure policy is
+// not told: the provider's token requests are not held.
+func TestRevokeAtShutdownHoldsAThrottledProvider(t *testing.T) {
+	const tokens = 8
+	always := func(status int, retryAfter string) revocationScript {
+		return func(time.Duration) (int, string) { return status, retryAfter }
+	}
+	for _, tc := range []struct {
+		name         string
+		script       revocationScript // provider a's answers; provider b revokes all
+		revoked      int              // a's tokens revoked
+		minSent      int              // revocations sent to a, at least
+		maxSent      int              // and at most
+		held         time.Duration    // how long the clock moved: the holds waited for
+		sentInHold   int              // revocations sent to a before the first hold's end, at most
+		stoppedCount int              // not_revoked of a's log of stopped revocations; 0: none
+	}{
+		{name: "429 Retry-After 2, then revoked", revoked: tokens, minSent: tokens + 1, maxSent: tokens + revokePerSource,
+			script: func(moved time.Duration) (int, string) {
+				if moved == 0 {
+					return http.StatusTooManyRequests, "2"
+				}
+				return http.StatusOK, ""
+			},
+			held: 2 * time.Second, sentInHold: revokePerSource},
+		{name: "429 Retry-After past the deadline", script: always(http.StatusTooManyRequests, "60"),
+			minSent: 1, maxSent: revokePerSource, stoppedCount: tokens},
+		{name: "429 without Retry-After, again and again", script: always(http.StatusTooManyRequests, ""),
+			// holds of 1, 2 and 4 s; the next, 8 s, would end past 10 s
+			minSent: 4, maxSent: 4 * revokePerSource, held: 7 * time.Second, sentInHold: revokePerSource, stoppedCount: tokens},
+		{name: "503 with Retry-After, in a row", script: always(http.StatusServiceUnavailable, "1"),
+			minSent: revokeFailures, maxSent: revokeFailures + revokePerSource - 1, stoppedCount: tokens},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			start := time.Now()
+			clock := clocktest.New(start)
+			base, sent := throttledGatekeeper(t, clock.Now, map[string]revocationScript{"a": tc.script})
+			core, logs := observer.New(zap.InfoLevel)
+			pb := &Broker{Broker: broker.New(broker.Options{MaxAttempts: 1, BreakerThreshold: 2, Now: clock.Now,
+				Sleep: func(ctx context.Context, d time.Duration) error { clock.Add(d); return ctx.Err() }}),
+				Logger: zap.New(core), revokeTimeout: 10 * time.Second}
+			t.Cleanup(pb.Close)
+			for _, id := range []string{"a", "b"} {
+				for i := range tokens {
+					if err := fetch(t, pb, base+"/"+id, id, fmt.Sprint("m-", id, i), fmt.Sprint("o", i)); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			pb.Revoke(pb.Tokens())
+
+			a := sent("a")
+			if len(a) < tc.minSent || len(a) > tc.maxSent {
+				t.Errorf("%d revocations sent to a, want %d to %d", len(a), tc.minSent, tc.maxSent)
+			}
+			if len(sent("b")) != tokens {
+				t.Errorf("%d revocations sent to b, want %d: a's answers do not hold b", len(sent("b")), tokens)
+			}
+			if moved := clock.Now().Sub(start); moved != tc.held {
+				t.Errorf("the clock moved %s, want %s: the holds waited for on the broker's clock", moved, tc.held)
+			}
+			if tc.held > 0 {
+				inHold := 0 // the clock moves only when a hold is waited for
+				for _, at := range a {
+					if at.Equal(start) {
+						inHold++
+					}
+				}
+				if inHold > tc.sentInHold {
+					t.Errorf("%d revocations sent to a before its first hold ended, want at most %d (those under way when it began)", inHold, tc.sentInHold)
+				}
+				if tc.revoked == tokens && len(a) != tokens+inHold {
+					t.Errorf("%d revocations sent to a, %d of them answered 429; want each of those sent again once", len(a), inHold)
+				}
+			}
+			revoked := map[bool]int{}
+			for _, e := range logs.FilterMessage("token revoked at shutdown").All() {
+				m := e.ContextMap()
+				if strings.HasPrefix(m["merchant"].(string), "m-a") {
+					revoked[m["revoked"].(bool)]++
+				} else if m["revoked"] != true {
+					t.Errorf("b's token not revoked: %v", m)
+				}
+			}
+			if revoked[true] != tc.revoked || revoked[false] != tokens-tc.revoked {
+				t.Errorf("a's tokens logged revoked %d, not revoked %d; want %d and %d", revoked[true], revoked[false], tc.revoked, tokens-tc.revoked)
+			}
+			stops := logs.FilterMessage("revocations at shutdown stopped for a provider").All()
+			switch {
+			case tc.stoppedCount == 0 && len(stops) != 0:
+				t.Errorf("logged %v, want no provider stopped", stops[0].ContextMap())
+			case tc.stoppedCount != 0 && (len(stops) != 1 || stops[0].ContextMap()["provider"] != "a" || stops[0].ContextMap()["not_revoked"] != int64(tc.stoppedCount)):
+				t.Errorf("logs of stopped revocations %v, want one of provider a, not_revoked %d", stops, tc.stoppedCount)
+			}
+			for _, e := range logs.All() {
+				for k, v := range e.ContextMap() {
+					if s, ok := v.(string); ok && strings.Contains(s, "tok-") {
+						t.Errorf("log %q: %s carries a token", e.Message, k)
+					}
+				}
+			}
+			if h := pb.SourceHealth("a"); h.Breaker == broker.BreakerOpen || !h.BackoffUntil.IsZero() {
+				t.Errorf("a's token requests held after its revocations' answers: %+v", h)
+			}
+		})
+	}
+}
+
+// TestRevocationsAnswers: what a provider's revocation answers at
+// shutdown do to its next revocations, in order. 5xx, timeouts and
+// failed connections stop them at the third in a row; a success resets
+// the count, other refusals (4xx) neither count nor reset it. A 429
+// holds them for its Retry-After, or 1 s without one, doubled at each
+// hold in a row (a success resets the doubling), and its revocation is
+// sent again; a 429 to a revocation sent before the hold began neither
+// doubles nor lengthens it; a hold that would end at the deadline or
+// later stops them.
+func TestRevocationsAnswers(t *testing.T) {
+	t0 := time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)
+	throttled := func(wait time.Duration) error {
+		return &broker.APIError{Provider: "nuapay", StatusCode: http.StatusTooManyRequests, RetryAfter: wait}
+	}
+	failed := &broker.APIError{Provider: "nuapay", StatusCode: http.StatusBadGateway}
+	refused := &broker.APIError{Provider: "nuapay", StatusCode: http.StatusBadRequest, Code: "not_revoked"}
+	noConnection := &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("connection refused")}
+	type step struct {
+		err     error
+		at      time.Duration // answered at t0 + at
+		stale   bool          // sent before the last hold began
+		again   bool          // the revocation is sent again
+		until   time.Duration // the hold ends at t0 + until (unless stopped)
+		stopped bool
+	}
+	for _, tc := range []struct {
+		name  string
+		steps []step
+	}{
+		{name: "5xx, timeouts and a failed connection, a success between", steps: []step{
+			{err: failed}, {err: context.DeadlineExceeded}, {}, {err: noConnection}, {err: failed}, {err: context.DeadlineExceeded, stopped: true},
+		}},
+		{name: "a 4xx neither counts nor resets", steps: []step{
+			{err: failed}, {err: refused}, {err: failed}, {err: refused}, {err: failed, stopped: true},
+		}},
+		{name: "429s without Retry-After", steps: []step{
+			{err: throttled(0), again: true, until: time.Second},
+			{err: throttled(0), stale: true, again: true, until: time.Second},
+			{err: throttled(0), at: time.Second, again: true, until: 3 * time.Second},
+			{err: throttled(0), at: 3 * time.Second, again: true, until: 7 * time.Second},
+			{err: throttled(0), at: 7 * time.Second, stopped: true}, // 8 s: past 10 s
+		}},
+		{name: "a success resets the doubling", steps: []step{
+			{err: throttled(0), again: true, until: time.Second},
+			{err: throttled(0), at: time.Second, again: true, until: 3 * time.Second},
+			{at: 3 * time.Second, until: 3 * time.Second},
+			{err: throttled(0), at: 3 * time.Second, again: true, until: 4 * time.Second},
+		}},
+		{name: "429s with Retry-After", steps: []step{
+			{err: throttled(3 * time.Second), again: true, until: 3 * time.Second},
+			{err: throttled(9 * time.Second), stale: true, again: true, until: 3 * time.Second},
+			{err: throttled(6 * time.Second), at: 3 * time.Second, again: true, until: 9 * time.Second},
+			{err: throttled(time.Second), at: 9 * time.Second, stopped: true}, // ends at the deadline
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := &revocations{deadline: t0.Add(10 * time.Second)}
+			for i, s := range tc.steps {
+				round := r.round
+				if s.stale {
+					round--
+				}
+				again := r.answered(s.err, round, t0.Add(s.at))
+				var until time.Duration
+				if !r.until.IsZero() {
+					until = r.until.Sub(t0)
+				}
+				if again != s.again || until != s.until && !s.stopped || (r.stopped != "") != s.stopped {
+					t.Fatalf("answer %d (%v): again %v, hold until +%s, stopped %q; want %v, +%s, stopped %v",
+						i, s.err, again, until, r.stopped, s.again, s.until, s.stopped)
+				}
+			}
+		})
 	}
 }
