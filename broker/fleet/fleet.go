@@ -253,8 +253,9 @@ type Cache struct {
 	// and cleared when one succeeds: the failure that sets it is logged.
 	startsFailing atomic.Bool
 
-	vers *versions // the token versions seen (version.go)
-	rts  rtVersions
+	vers   *versions // the token versions seen (version.go)
+	rts    rtVersions
+	unsent unsentPurges // purges Redis has not taken yet (resend.go)
 
 	mu      sync.Mutex
 	waiters map[string]map[chan struct{}]struct{}
@@ -318,6 +319,7 @@ func New(opts Options) (*Cache, error) {
 		logged:   "0-0",
 		vers:     newVersions(),
 		rts:      rtVersions{m: map[string]rtSeen{}},
+		unsent:   unsentPurges{m: map[unsentPurge]int64{}, wake: make(chan struct{}, 1)},
 	}
 	if opts.PlainKeys {
 		c.nameKeys = c.nameKeys[:1] // a plain name is the same under every key
@@ -615,6 +617,7 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	case err == nil, errors.Is(err, redis.Nil), errors.Is(err, redislock.ErrNotObtained), errors.Is(err, redislock.ErrLockNotHeld):
 		outcome = breaker.Healthy
 		c.timeouts.succeeded(time.Since(started))
+		c.redisAnswered()
 	case ctx.Err() != nil, cut && isSlow(err):
 		outcome = breaker.Unknown // the caller gave up, or a cut run ran out: not Redis's fault
 		c.timeouts.ended()
@@ -1042,14 +1045,10 @@ func (c *Cache) afterMint(ctx context.Context) context.Context {
 	return withRedisTime(context.WithoutCancel(ctx), c.opts.MaxTimeout)
 }
 
-// Purge implements broker.SharedCache: a compare-and-delete by
-// fingerprint, then an announcement to every node. No version up to the
-// purged token's is accepted afterwards, on this node (even when Redis
-// failed) and on those that hear the announcement (version.go). A delete
-// that Redis refuses as a write (writeRefusal: a read-only replica, an
-// ACL) is still announced: Redis takes the announcement, and the nodes
-// that hear it drop the token and refuse it when they read it back.
-func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
+// purge is Purge's compare-and-delete and announcement. announced reports
+// whether Redis took the announcement; until is when the purged token
+// expires as far as this node has seen it (unix ns, 0: not seen).
+func (c *Cache) purge(ctx context.Context, key, fingerprint string) (announced bool, until int64, _ error) {
 	var purgeErr error
 	for _, nk := range c.nameKeys {
 		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
@@ -1064,8 +1063,8 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			// on, and the others if Redis answered (an error answer).
 			purgeErr = fmt.Errorf("fleet: purging %s: %w", name, err)
 			if !writeRefusal(err) {
-				c.vers.purge(key, fingerprint, c.opts.Now())
-				return purgeErr
+				_, until, _ = c.vers.purge(key, fingerprint, c.opts.Now())
+				return false, until, purgeErr
 			}
 			break
 		}
@@ -1078,14 +1077,16 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 	e := event{Kind: "purge", Subject: "tok:" + c.name(key), Fingerprint: fingerprint}
 	var err error
 	if e.Key, err = c.opts.Keys.Seal([]byte(key), purgeAD(c.name(key))); err != nil {
-		return err
+		return false, 0, err
 	}
-	if floor, until, ok := c.vers.purge(key, fingerprint, c.opts.Now()); ok {
+	floor, until, ok := c.vers.purge(key, fingerprint, c.opts.Now())
+	if ok {
 		if e.Floor, err = c.opts.Keys.Seal(binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(floor)), uint64(until)), floorAD(c.name(key))); err != nil {
-			return err
+			return false, until, err
 		}
 	}
-	return errors.Join(purgeErr, c.publish(ctx, e))
+	err = c.publish(ctx, e)
+	return err == nil, until, errors.Join(purgeErr, err)
 }
 
 // purgeScript deletes KEYS[1] if its value starts with the fingerprint

@@ -105,17 +105,30 @@ func (c *Cache) newRegistry(fileKeys []string) *registry {
 	return r
 }
 
-// Release ends one use of the registry of key (from Load); the registry
-// leaves the cache with its last use.
-func (c *Cache) Release(key string) {
+// Release ends one use of the registry of key (from Load), reg being the
+// registry that use had; the registry leaves the cache with its last use.
+// When no use of reg is left (it left the cache, or a load replaced it
+// after one of its inputs changed), Release then waits for the refreshes
+// its refresh-token sources still finish (oauth.RefreshToken.Wait, each
+// bounded by its timeouts), so that the rotated refresh tokens they save
+// are in their stores before those close or the process exits.
+func (c *Cache) Release(key string, reg *config.Registry) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	r := c.regs[key]
-	if r == nil {
+	if r != nil {
+		if r.refs--; r.refs == 0 {
+			delete(c.regs, key)
+		}
+	}
+	inUse := r != nil && r.refs > 0 && r.reg == reg
+	c.mu.Unlock()
+	if inUse || reg == nil {
 		return
 	}
-	if r.refs--; r.refs == 0 {
-		delete(c.regs, key)
+	for _, p := range reg.Providers {
+		if src, ok := p.RefreshToken(); ok {
+			src.Wait()
+		}
 	}
 }
 

@@ -100,10 +100,10 @@ func TestLoadReleasesFiles(t *testing.T) {
 	}
 	first := load("a", 2)
 	second := load("b", 0)
-	c.Release(first)
+	c.Release(first, nil)
 	third := load("c", 0)
-	c.Release(second)
-	c.Release(third)
+	c.Release(second, nil)
+	c.Release(third, nil)
 	load("a", 2)
 }
 
