@@ -5,10 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
-	"reflect"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -40,40 +38,15 @@ const SaveTimeout = 30 * time.Second
 // waits for the refreshes under way. It is safe for concurrent use.
 type RefreshToken struct {
 	*core
-	store   Store
-	pending atomic.Pointer[rotated] // rotated tokens whose Save failed; shared by TakeOver
+	store Store
 
 	mu      sync.Mutex
 	last    map[string]*refreshed    // by store key: the latest refresh, while its token is valid
+	pending map[string]broker.Secret // rotated tokens whose Save failed
 	status  map[string]ConsentStatus // by merchant (authcode.go)
 	sweep   int                      // refreshes until the next sweep of last
 	running int                      // Token's refreshes under way (Wait)
 	idle    sync.Cond                // broadcast when running falls to 0; L is &mu
-}
-
-// rotated holds the rotated refresh tokens whose Save failed, by store key,
-// until a save of each succeeds.
-type rotated struct {
-	mu sync.Mutex
-	m  map[string]broker.Secret
-}
-
-// get returns key's rotated refresh token, "" when none.
-func (r *rotated) get(key string) broker.Secret {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.m[key]
-}
-
-// set keeps rt as key's rotated refresh token; "" forgets key's.
-func (r *rotated) set(key string, rt broker.Secret) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if rt == "" {
-		delete(r.m, key)
-	} else {
-		r.m[key] = rt
-	}
 }
 
 // sweepEvery is how many refreshes pass between two sweeps of the expired
@@ -161,29 +134,9 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, status: map[string]ConsentStatus{}}
-	s.pending.Store(&rotated{m: map[string]broker.Secret{}})
+	s := &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]broker.Secret{}, status: map[string]ConsentStatus{}}
 	s.idle.L = &s.mu
 	return s, nil
-}
-
-// TakeOver has s share the rotated refresh tokens that prev keeps in
-// memory because their save failed (SaveError), when prev is the
-// *RefreshToken that s replaces: the same store keys (provider name,
-// registry, endpoint and client: StoreKey) in a Store of the same kind,
-// whose locks serialise the two sources' refreshes. s then saves those
-// tokens and refreshes with them as prev would, and either one sees what
-// the other saves or keeps afterwards. A source that keeps rotated tokens
-// of its own does not take over. It reports whether it took over.
-func (s *RefreshToken) TakeOver(prev broker.Source) bool {
-	p, ok := prev.(*RefreshToken)
-	if !ok || p.StoreKey("") != s.StoreKey("") || reflect.TypeOf(p.store) != reflect.TypeOf(s.store) {
-		return false
-	}
-	own, theirs := s.pending.Load(), p.pending.Load()
-	own.mu.Lock()
-	defer own.mu.Unlock()
-	return own != theirs && len(own.m) == 0 && s.pending.CompareAndSwap(own, theirs)
 }
 
 // Wait returns once the refreshes under way have ended. A refresh request
@@ -227,8 +180,8 @@ func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt 
 	if err := s.store.Save(ctx, key, rt); err != nil {
 		return fmt.Errorf("merchant %q: saving the refresh token: %w", merchant, err)
 	}
-	s.pending.Load().set(key, "")
 	s.mu.Lock()
+	delete(s.pending, key)
 	delete(s.last, key)
 	if st, ok := s.status[merchant]; ok {
 		st.ConsentRequiredSince = time.Time{}
@@ -308,9 +261,8 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, key string, before *refreshed) (_ broker.Token, minted bool, _ error) {
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	// Another call refreshed while this one waited: use its token.
-	pending := s.pending.Load().get(key)
 	s.mu.Lock()
-	l := s.last[key]
+	l, pending := s.last[key], s.pending[key]
 	reuse := l != nil && (l != before || l.abandoned) && l.req == want && l.tok.Expiry.After(s.cfg.Now())
 	if reuse {
 		l.abandoned = false
@@ -413,11 +365,13 @@ func (s *RefreshToken) save(ctx context.Context, key string, rt broker.Secret) e
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
 	defer cancel()
 	err := s.store.Save(sctx, key, rt)
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if err != nil {
-		s.pending.Load().set(key, rt)
+		s.pending[key] = rt
 		return err
 	}
-	s.pending.Load().set(key, "")
+	delete(s.pending, key)
 	return nil
 }
 

@@ -45,11 +45,7 @@ type Broker struct {
 // provider of reg (Revoke falls back on the source last seen for its ID)
 // and forgets the failure policy's memory of those whose secret
 // changed since the broker last saw them (see broker.ForgetSource),
-// logging it with logger: the logger of the config that loads reg. A
-// refresh-token source of reg takes over the rotated refresh tokens that a
-// source seen before for the same store keys keeps because their save
-// failed (oauth.RefreshToken.TakeOver), so that a reload does not lose
-// them.
+// logging it with logger: the logger of the config that loads reg.
 func (p *Broker) SecretsSeen(reg *config.Registry, logger *zap.Logger) {
 	if reg == nil {
 		return
@@ -61,13 +57,6 @@ func (p *Broker) SecretsSeen(reg *config.Registry, logger *zap.Logger) {
 	}
 	for name, pv := range reg.Providers {
 		old, seen := p.seen[pv.ID]
-		if src, ok := pv.RefreshToken(); ok && old.source != pv.Source {
-			for _, s := range p.seen {
-				if src.TakeOver(s.source) {
-					break
-				}
-			}
-		}
 		p.seen[pv.ID] = seenProvider{secretVersion: pv.SecretVersion, source: pv.Source}
 		if seen && old.secretVersion != pv.SecretVersion {
 			n := p.ForgetSource(pv.ID)
