@@ -6,6 +6,8 @@ import (
 	"strings"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
@@ -371,6 +373,10 @@ type Options struct {
 	// across reloads, and budgets.Store through Redis. Default: a budget of the
 	// registry's own, in this process, with the whole limit.
 	Budgets func(p *Provider) (*budget.Budget, error)
+	// Logger logs what the providers' sources do on their own
+	// (oauth.Config.Logger); it outlives a reload as long as the registry
+	// is in use. Default: none.
+	Logger *zap.Logger
 }
 
 // LoadWith reads and validates the registry at path, resolving secret

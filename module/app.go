@@ -185,7 +185,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 	}
 	if a.Config != "" {
-		reg, key, err := loadPooled(ctx, a.Config, a.refreshStore(ctx.Storage()), "store "+a.fleetKey+a.budgetKey()+" sealed "+a.storageKeys.Fingerprint(), a.budgetsFor())
+		reg, key, err := loadPooled(ctx, a.Config, a.refreshStore(ctx.Storage()), "store "+a.fleetKey+a.budgetKey()+" sealed "+a.storageKeys.Fingerprint(), a.budgetsFor(), a.kept.Zap())
 		if err != nil {
 			return err
 		}

@@ -238,7 +238,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		// A handler's own registry keeps its refresh tokens in Caddy's
 		// storage, whether the app's registry uses Redis or not.
 		storeKey := "storage, budgets " + app.fleetKey + app.budgetKey() + " sealed " + app.storageKeys.Fingerprint()
-		if reg, h.registryKey, err = loadPooled(ctx, h.Config, storageStore(ctx.Storage(), app.storageKeys), storeKey, app.budgetsFor()); err != nil {
+		if reg, h.registryKey, err = loadPooled(ctx, h.Config, storageStore(ctx.Storage(), app.storageKeys), storeKey, app.budgetsFor(), app.kept.Zap()); err != nil {
 			return err
 		}
 		app.useRegistry(reg)

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
@@ -42,12 +44,17 @@ type RefreshToken struct {
 
 	mu      sync.Mutex
 	last    map[string]*refreshed    // by store key: the latest refresh, while its token is valid
-	pending map[string]broker.Secret // rotated tokens whose Save failed
+	pending map[string]unsaved       // by store key: the rotated token whose Save failed
 	status  map[string]ConsentStatus // by merchant (authcode.go)
 	sweep   int                      // refreshes until the next sweep of last
 	running int                      // Token's refreshes under way (Wait)
 	idle    sync.Cond                // broadcast when running falls to 0; L is &mu
 }
+
+// unsaved is a rotated refresh token whose save failed, kept in memory
+// with the one it replaced: the one sent to the provider, which the store
+// still held.
+type unsaved struct{ rt, replaced broker.Secret }
 
 // sweepEvery is how many refreshes pass between two sweeps of the expired
 // entries of RefreshToken.last: the map has at most the merchants whose
@@ -108,7 +115,12 @@ func (e *ConsentRequiredError) Unwrap() []error {
 
 // SaveError is returned when the provider rotated a refresh token and the
 // Store could not save the new one. The source keeps the new token in
-// memory, uses it for the next refresh, and tries to save it again first.
+// memory with the one it replaced. The merchant's next refresh, under its
+// lock, loads the stored token first: when it is still the replaced one,
+// the new one is saved and used; when it is the new one (its save went
+// through after all), it is used; anything else (a newer token another
+// instance or an operator saved, or none: deleted on purpose) is what the
+// store says, and the new one is dropped.
 type SaveError struct {
 	// Merchant is the merchant whose refresh token was rotated.
 	Merchant string
@@ -134,7 +146,7 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]broker.Secret{}, status: map[string]ConsentStatus{}}
+	s := &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]unsaved{}, status: map[string]ConsentStatus{}}
 	s.idle.L = &s.mu
 	return s, nil
 }
@@ -256,7 +268,7 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 // refreshLocked is Token's work under the merchant's lock: the access
 // token another call refreshed while this one waited (one newer than
 // before) or abandoned, else a refresh (minted) with the stored refresh
-// token (or the pending one a failed save left), started only while ctx
+// token (or the one a failed save left, see SaveError), started only while ctx
 // lasts and then finished under SaveTimeout whatever ctx does.
 func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, key string, before *refreshed) (_ broker.Token, minted bool, _ error) {
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
@@ -272,16 +284,19 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 		return l.tok, false, nil
 	}
 
-	rt := pending
-	var err error
-	if pending != "" {
-		if err := s.save(ctx, key, pending); err != nil {
-			return broker.Token{}, false, &SaveError{Merchant: req.Merchant, Err: err}
-		}
-	} else if rt, err = s.loadLocked(ctx, key); errors.Is(err, ErrNoRefreshToken) || err == nil && rt == "" {
-		return broker.Token{}, false, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ErrNoRefreshToken}
+	rt, err := s.loadLocked(ctx, key)
+	if errors.Is(err, ErrNoRefreshToken) {
+		rt, err = "", nil
 	} else if err != nil {
 		return broker.Token{}, false, fmt.Errorf("merchant %q: loading the refresh token: %w", req.Merchant, err)
+	}
+	if pending.rt != "" {
+		if rt, err = s.unsavedOrStored(ctx, key, rt, pending); err != nil {
+			return broker.Token{}, false, &SaveError{Merchant: req.Merchant, Err: err}
+		}
+	}
+	if rt == "" {
+		return broker.Token{}, false, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ErrNoRefreshToken}
 	}
 	if err := ctx.Err(); err != nil {
 		return broker.Token{}, false, fmt.Errorf("merchant %q: refreshing the access token: %w", req.Merchant, context.Cause(ctx))
@@ -305,7 +320,7 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 			return broker.Token{}, false, &broker.APIError{Provider: ProviderName, StatusCode: 200, Code: "invalid_refresh_token",
 				Description: fmt.Sprintf("the rotated refresh token is "+invalidRefreshToken, broker.MaxTokenBytes>>10)}
 		}
-		if err := s.save(ctx, key, next); err != nil {
+		if err := s.save(ctx, key, next, rt); err != nil {
 			return broker.Token{}, false, &SaveError{Merchant: req.Merchant, Err: err}
 		}
 	}
@@ -359,16 +374,38 @@ func (s *RefreshToken) loadLocked(ctx context.Context, key string) (broker.Secre
 	return s.store.Load(ctx, key)
 }
 
-// save stores a rotated refresh token, even when ctx is cancelled (the old
-// token is dead). On failure the token is kept in memory as pending.
-func (s *RefreshToken) save(ctx context.Context, key string, rt broker.Secret) error {
+// unsavedOrStored returns the refresh token of key to send, given stored,
+// what the store holds ("" for none), and p, the rotated token whose save
+// failed (SaveError): p.rt, saved first, when the store still holds the
+// token p.rt replaced, or p.rt itself; else stored, and p is dropped: a
+// token another instance or an operator saved, or a token deleted on
+// purpose, is never overwritten by one spent or revoked since.
+func (s *RefreshToken) unsavedOrStored(ctx context.Context, key string, stored broker.Secret, p unsaved) (broker.Secret, error) {
+	switch stored {
+	case p.replaced:
+		return p.rt, s.save(ctx, key, p.rt, p.replaced)
+	case p.rt:
+	default:
+		s.cfg.Logger.Warn("a rotated refresh token whose save had failed is dropped: the store holds another one (saved elsewhere since) or none (deleted)",
+			zap.String("provider", s.cfg.Name), zap.String("store_key", key))
+	}
+	s.mu.Lock()
+	delete(s.pending, key)
+	s.mu.Unlock()
+	return stored, nil
+}
+
+// save stores rt, a rotated refresh token that replaced replaced, even
+// when ctx is cancelled (the old token is dead). On failure rt is kept in
+// memory (pending) with replaced.
+func (s *RefreshToken) save(ctx context.Context, key string, rt, replaced broker.Secret) error {
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
 	defer cancel()
 	err := s.store.Save(sctx, key, rt)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err != nil {
-		s.pending[key] = rt
+		s.pending[key] = unsaved{rt: rt, replaced: replaced}
 		return err
 	}
 	delete(s.pending, key)
