@@ -304,7 +304,7 @@ func (a *App) Cleanup() error {
 	budgetKeeper.Release(a.budgets)
 	a.budgets = nil
 	if a.registryKey != "" {
-		registries.Release(a.registryKey, a.registry)
+		registries.Release(a.registryKey, caddy.Exiting(), a.logger)
 	}
 	if a.sweeperKey != "" {
 		_, _ = pendingSweepers.Delete(a.sweeperKey)

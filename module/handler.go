@@ -273,7 +273,7 @@ func (h *Handler) Cleanup() error {
 		h.bindings.Discard()
 	}
 	if h.registryKey != "" {
-		registries.Release(h.registryKey, h.registry)
+		registries.Release(h.registryKey, caddy.Exiting(), h.logger)
 	}
 	if h.listingKey != "" {
 		_, err := listings.Delete(h.listingKey)

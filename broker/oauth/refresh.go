@@ -36,8 +36,9 @@ const SaveTimeout = 30 * time.Second
 // it unlocks. A refresh request once sent is not abandoned when the
 // call's context ends (see SaveTimeout). A Token call that waited on the
 // lock while another call for the same merchant, scopes and audience
-// refreshed gets that call's access token without refreshing again. Wait
-// waits for the refreshes under way. It is safe for concurrent use.
+// refreshed gets that call's access token without refreshing again. When
+// the process exits, Close and Wait let the refreshes under way end. It is
+// safe for concurrent use.
 type RefreshToken struct {
 	*core
 	store Store
@@ -47,8 +48,9 @@ type RefreshToken struct {
 	pending map[string]unsaved       // by store key: the rotated token whose Save failed
 	status  map[string]ConsentStatus // by merchant (authcode.go)
 	sweep   int                      // refreshes until the next sweep of last
-	running int                      // Token's refreshes under way (Wait)
-	idle    sync.Cond                // broadcast when running falls to 0; L is &mu
+	running int                      // Token's refreshes admitted and not ended (Wait)
+	idle    chan struct{}            // closed when running falls to 0; made by Wait
+	closed  bool                     // no refresh starts (Close)
 }
 
 // unsaved is a rotated refresh token whose save failed, kept in memory
@@ -146,21 +148,58 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]unsaved{}, status: map[string]ConsentStatus{}}
-	s.idle.L = &s.mu
-	return s, nil
+	return &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]unsaved{}, status: map[string]ConsentStatus{}}, nil
 }
 
-// Wait returns once the refreshes under way have ended. A refresh request
+// ErrClosed is Token's error once Close was called: the process is
+// exiting, and a refresh request sent now might get a rotated refresh
+// token after the process ended. It is temporary: another instance, or
+// this one after a restart, refreshes.
+var ErrClosed = errors.New("no refresh starts: the refresh-token source is closed, the process is exiting")
+
+// Close has Token refuse with ErrClosed the refreshes that have not sent
+// their request yet (those waiting for the merchant's lock included), so
+// that the ones under way are the last: call it when the process exits,
+// then Wait.
+func (s *RefreshToken) Close() {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+}
+
+// Wait returns once no refresh is under way, or when ctx ends; it returns
+// how many were still under way. A refresh counts from the moment Token
+// admits it, before it waits for the merchant's lock. A refresh request
 // once sent goes on after its caller gave up, within the HTTP client's
 // timeout and SaveTimeout, to save the refresh token the provider rotated:
-// wait for it before its Store closes or the process exits. A refresh that
-// starts while Wait waits is waited for too.
-func (s *RefreshToken) Wait() {
+// wait for it before the process exits.
+func (s *RefreshToken) Wait(ctx context.Context) int {
+	s.mu.Lock()
+	if s.running > 0 && s.idle == nil {
+		s.idle = make(chan struct{})
+	}
+	idle := s.idle
+	s.mu.Unlock()
+	if idle == nil {
+		return 0
+	}
+	select {
+	case <-idle:
+		return 0
+	case <-ctx.Done():
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.running
+	}
+}
+
+// ended ends a refresh Token admitted.
+func (s *RefreshToken) ended() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for s.running > 0 {
-		s.idle.Wait()
+	if s.running--; s.running == 0 && s.idle != nil {
+		close(s.idle)
+		s.idle = nil
 	}
 }
 
@@ -214,11 +253,18 @@ func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt 
 func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
 	key := s.StoreKey(req.Merchant)
 	s.mu.Lock()
-	before := s.last[key]
+	before, closed := s.last[key], s.closed
+	if !closed {
+		s.running++
+	}
 	s.mu.Unlock()
+	if closed {
+		return broker.Token{}, fmt.Errorf("merchant %q: %w", req.Merchant, ErrClosed)
+	}
 
 	unlock, err := s.store.Lock(ctx, key)
 	if err != nil {
+		s.ended()
 		return broker.Token{}, fmt.Errorf("merchant %q: locking the refresh token: %w", req.Merchant, err)
 	}
 	type answer struct {
@@ -229,17 +275,8 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 	// when ctx ended first, its access token is marked abandoned for the
 	// next call instead.
 	done := make(chan answer)
-	s.mu.Lock()
-	s.running++
-	s.mu.Unlock()
 	go func() {
-		defer func() {
-			s.mu.Lock()
-			if s.running--; s.running == 0 {
-				s.idle.Broadcast()
-			}
-			s.mu.Unlock()
-		}()
+		defer s.ended()
 		tok, minted, err := s.refreshLocked(ctx, req, key, before)
 		// The outcome is noted under the lock, so that a refresh token
 		// loaded right after it (SetRefreshToken) has the last word.
@@ -274,7 +311,7 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	// Another call refreshed while this one waited: use its token.
 	s.mu.Lock()
-	l, pending := s.last[key], s.pending[key]
+	l, pending, closed := s.last[key], s.pending[key], s.closed
 	reuse := l != nil && (l != before || l.abandoned) && l.req == want && l.tok.Expiry.After(s.cfg.Now())
 	if reuse {
 		l.abandoned = false
@@ -282,6 +319,9 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 	s.mu.Unlock()
 	if reuse {
 		return l.tok, false, nil
+	}
+	if closed {
+		return broker.Token{}, false, fmt.Errorf("merchant %q: %w", req.Merchant, ErrClosed)
 	}
 
 	rt, err := s.loadLocked(ctx, key)

@@ -16,11 +16,16 @@
 package regcache
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
 	"sync"
+	"time"
 
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -29,13 +34,19 @@ import (
 // concurrent use; loads run one at a time (Caddy provisions one config
 // at a time).
 type Cache struct {
-	mu   sync.Mutex
-	regs map[string]*registry // by Load's key
+	mu       sync.Mutex
+	regs     map[string]*registry // by Load's key
+	exitWait time.Duration        // Release's bound at exit: ExitWait
 }
+
+// ExitWait bounds how long Release waits, when the process exits, for the
+// refreshes under way: within a container runtime's grace period
+// (Kubernetes: 30 s), with time left for the rest of the shutdown.
+const ExitWait = 10 * time.Second
 
 // New returns an empty cache.
 func New() *Cache {
-	return &Cache{regs: map[string]*registry{}}
+	return &Cache{regs: map[string]*registry{}, exitWait: ExitWait}
 }
 
 // registry is a registry in the cache with the parsed files it uses. reg
@@ -105,30 +116,46 @@ func (c *Cache) newRegistry(fileKeys []string) *registry {
 	return r
 }
 
-// Release ends one use of the registry of key (from Load), reg being the
-// registry that use had; the registry leaves the cache with its last use.
-// When no use of reg is left (it left the cache, or a load replaced it
-// after one of its inputs changed), Release then waits for the refreshes
-// its refresh-token sources still finish (oauth.RefreshToken.Wait, each
-// bounded by its timeouts), so that the rotated refresh tokens they save
-// are in their stores before those close or the process exits.
-func (c *Cache) Release(key string, reg *config.Registry) {
+// Release ends one use of the registry of key (from Load); the registry
+// leaves the cache with its last use. When the process is exiting and
+// this was the last use, the registry's refresh-token sources start no
+// refresh any more (oauth.RefreshToken.Close), and Release waits for the
+// refreshes under way, so that the rotated refresh tokens they bring are
+// saved before the process ends: at most the longest timeout of their
+// providers, and ExitWait. It logs to logger how many were still under way
+// then. A reload does not wait: the stores stay open for the refreshes
+// under way.
+func (c *Cache) Release(key string, exiting bool, logger *zap.Logger) {
 	c.mu.Lock()
-	r := c.regs[key]
-	if r != nil {
+	var reg *config.Registry
+	if r := c.regs[key]; r != nil {
 		if r.refs--; r.refs == 0 {
 			delete(c.regs, key)
+			reg = r.reg
 		}
 	}
-	inUse := r != nil && r.refs > 0 && r.reg == reg
 	c.mu.Unlock()
-	if inUse || reg == nil {
+	if !exiting || reg == nil {
 		return
 	}
+	var srcs []*oauth.RefreshToken
+	wait := time.Duration(0)
 	for _, p := range reg.Providers {
 		if src, ok := p.RefreshToken(); ok {
-			src.Wait()
+			src.Close()
+			srcs = append(srcs, src)
+			wait = max(wait, min(src.CallTimeout(), c.exitWait))
 		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	running := 0
+	for _, src := range srcs {
+		running += src.Wait(ctx)
+	}
+	if running > 0 {
+		logger.Warn("exiting with refreshes still under way: a refresh token they rotate may be lost, and its merchant have to consent again",
+			zap.String("config", reg.Path), zap.Int("refreshes", running), zap.Duration("waited", wait))
 	}
 }
 

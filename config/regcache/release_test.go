@@ -2,115 +2,139 @@ package regcache
 
 import (
 	"context"
-	"net/http"
-	"net/http/httptest"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/banktest"
 )
 
-// TestReleaseWaitsForRefreshes: a refresh of a registry's source is under
-// way (sent, its caller gone, the bank not yet answering) when a config
-// releases the registry. Release waits for it when no config uses that
-// registry any longer: its last use, or a registry a load replaced after
-// an input changed. It does not hold up a reload that keeps the registry.
-func TestReleaseWaitsForRefreshes(t *testing.T) {
+// TestReleaseAtExitWaitsForRefreshes: a refresh of a registry's source is
+// under way (sent, its caller gone, the bank not answering yet) when a
+// config releases the registry. When the process exits and no other use
+// of the registry is left, Release waits for the refresh, so that the
+// rotated refresh token is saved, and the source starts no refresh
+// afterwards; the wait is bounded (ExitWait, shortened here), and what
+// still runs then is logged. A reload, or a use left, does not wait, and
+// the source goes on refreshing.
+func TestReleaseAtExitWaitsForRefreshes(t *testing.T) {
 	tests := []struct {
-		name string
-		// use loads the registry for the configs, and returns the key and
-		// registry of the use released.
-		use  func(t *testing.T, load func() (string, *config.Registry), env map[string]string) (string, *config.Registry)
-		wait bool
+		name     string
+		exiting  bool
+		uses     int           // loads of the registry before the release
+		exitWait time.Duration // the bound
+		wait     bool          // Release waits for the refresh
+		closed   bool          // the source refuses to refresh afterwards
+		logged   int           // refreshes logged as still under way
 	}{
-		{name: "last use", wait: true, use: func(t *testing.T, load func() (string, *config.Registry), _ map[string]string) (string, *config.Registry) {
-			return load()
-		}},
-		{name: "kept by the next config", wait: false, use: func(t *testing.T, load func() (string, *config.Registry), _ map[string]string) (string, *config.Registry) {
-			key, reg := load()
-			if _, next := load(); next != reg {
-				t.Fatal("an unchanged registry was not reused")
-			}
-			return key, reg
-		}},
-		{name: "replaced after an input changed", wait: true, use: func(t *testing.T, load func() (string, *config.Registry), env map[string]string) (string, *config.Registry) {
-			key, reg := load()
-			env["BANK_SECRET"] = "rotated"
-			if nextKey, next := load(); nextKey != key || next == reg {
-				t.Fatal("the registry was not resolved again under the same key")
-			}
-			return key, reg
-		}},
+		{name: "reload", uses: 1, exitWait: ExitWait},
+		{name: "exit, another use left", exiting: true, uses: 2, exitWait: ExitWait},
+		{name: "exit", exiting: true, uses: 1, exitWait: ExitWait, wait: true, closed: true},
+		{name: "exit, the bound reached", exiting: true, uses: 1, exitWait: 100 * time.Millisecond, closed: true, logged: 1},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			sent, answer := make(chan struct{}), make(chan struct{})
-			bank := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				close(sent)
-				<-answer
-				w.Header().Set("Content-Type", "application/json")
-				w.Write([]byte(`{"access_token":"at-1","token_type":"Bearer","expires_in":3600,"refresh_token":"rt-2"}`))
-			}))
-			t.Cleanup(bank.Close)
+			bank := banktest.Start(t)
 			dir := t.TempDir()
-			toml := "[providers.bank]\ntype = \"oauth2\"\ngrant = \"refresh_token\"\ntoken_url = \"" + bank.URL + "/token\"\nclient_id = \"tpp\"\nclient_secret = \"{env.BANK_SECRET}\"\n\n" +
-				"[merchants.acme]\nprovider = \"bank\"\nscopes = [\"accounts\"]\n"
-			if err := os.WriteFile(filepath.Join(dir, "merchants.toml"), []byte(toml), 0o600); err != nil {
+			if err := os.WriteFile(filepath.Join(dir, "merchants.toml"), []byte(bank.Registry("timeout = \"1m\"", "acme")), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			env := map[string]string{"BANK_SECRET": "secret"}
 			store := &oauth.MemoryStore{}
-			opts := config.Options{RefreshStore: store, LookupEnv: func(k string) (string, bool) { v, ok := env[k]; return v, ok }}
 			c := New()
-			load := func() (string, *config.Registry) {
-				t.Helper()
-				reg, key, _, err := c.Load(dir, opts, "store")
-				if err != nil {
+			c.exitWait = tt.exitWait
+			var reg *config.Registry
+			var key string
+			for range tt.uses {
+				var err error
+				if reg, key, _, err = c.Load(dir, config.Options{RefreshStore: store, LookupEnv: banktest.LookupEnv}, "store"); err != nil {
 					t.Fatal(err)
 				}
-				return key, reg
 			}
-			key, reg := tt.use(t, load, env)
 			src, _ := reg.Providers["bank"].RefreshToken()
 			if err := src.SetRefreshToken(context.Background(), "acme", "rt-1"); err != nil {
 				t.Fatal(err)
 			}
+			arrived, answer := bank.Hold(t)
 			ctx, giveUp := context.WithCancel(context.Background())
 			refreshed := make(chan error, 1)
+			req := broker.Request{Merchant: "acme", Scopes: []string{"accounts"}}
 			go func() {
-				_, err := src.Token(ctx, broker.Request{Merchant: "acme", Scopes: []string{"accounts"}})
+				_, err := src.Token(ctx, req)
 				refreshed <- err
 			}()
-			<-sent
+			<-arrived
 			giveUp()
 			<-refreshed
 
+			core, logs := observer.New(zap.InfoLevel)
 			released := make(chan struct{})
-			go func() { c.Release(key, reg); close(released) }()
-			if !tt.wait {
+			go func() { c.Release(key, tt.exiting, zap.New(core)); close(released) }()
+			if tt.wait {
 				select {
-				case <-released: // with the refresh unanswered
-				case <-time.After(10 * time.Second):
-					t.Error("Release waited for a refresh of a registry the next config uses")
+				case <-released:
+					t.Fatal("Release at exit returned with a refresh unanswered")
+				case <-time.After(300 * time.Millisecond):
 				}
-				close(answer)
-				return
+				answer()
 			}
 			select {
 			case <-released:
-				close(answer)
-				t.Fatal("Release returned with a refresh of the released registry unanswered")
-			case <-time.After(300 * time.Millisecond):
+			case <-time.After(10 * time.Second):
+				t.Fatal("Release did not return")
 			}
-			close(answer)
-			<-released
-			if rt, err := store.Load(context.Background(), src.StoreKey("acme")); err != nil || rt != "rt-2" {
-				t.Fatalf("after Release the store has %q (%v); want the rotated rt-2", rt.Reveal(), err)
+			answer()
+			waitStored(t, store, src.StoreKey("acme"), "rt-2")
+
+			// Other scopes: the abandoned refresh's access token is not
+			// reused.
+			_, err := src.Token(context.Background(), broker.Request{Merchant: "acme", Scopes: []string{"payments"}})
+			if closed := errors.Is(err, oauth.ErrClosed); closed != tt.closed || tt.closed && !broker.IsTemporary(err) || !tt.closed && err != nil {
+				t.Errorf("a refresh after the release: %v; want refused as closed (temporary): %v", err, tt.closed)
+			}
+			want := []string{"rt-1", "rt-2"}
+			if tt.closed {
+				want = want[:1]
+			}
+			if !slices.Equal(bank.Sent(), want) {
+				t.Errorf("the bank was sent %q; want %q", bank.Sent(), want)
+			}
+			var logged int64
+			for _, e := range logs.All() {
+				if text := fmt.Sprint(e.Message, e.ContextMap()); strings.Contains(text, "rt-") {
+					t.Errorf("a log shows a token: %s", text)
+				}
+				if n, ok := e.ContextMap()["refreshes"].(int64); ok {
+					logged += n
+				}
+			}
+			if logged != int64(tt.logged) {
+				t.Errorf("%d refreshes logged as still under way; want %d", logged, tt.logged)
 			}
 		})
+	}
+}
+
+// waitStored waits until store holds want under key.
+func waitStored(t *testing.T, store oauth.Store, key string, want broker.Secret) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		rt, err := store.Load(context.Background(), key)
+		if rt == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the store holds %q (%v); want %q", rt.Reveal(), err, want.Reveal())
+		}
 	}
 }
