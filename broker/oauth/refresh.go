@@ -305,8 +305,9 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 // refreshLocked is Token's work under the merchant's lock: the access
 // token another call refreshed while this one waited (one newer than
 // before) or abandoned, else a refresh (minted) with the stored refresh
-// token (or the one a failed save left, see SaveError), started only while ctx
-// lasts and then finished under SaveTimeout whatever ctx does.
+// token (or the one a failed save left, see SaveError), started only
+// while ctx lasts and the source is open, and then finished under
+// SaveTimeout whatever ctx does.
 func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, key string, before *refreshed) (_ broker.Token, minted bool, _ error) {
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	// Another call refreshed while this one waited: use its token.

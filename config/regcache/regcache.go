@@ -16,6 +16,7 @@
 package regcache
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -144,7 +145,7 @@ func (c *Cache) Release(key string, exiting bool, logger *zap.Logger) {
 		if src, ok := p.RefreshToken(); ok {
 			src.Close()
 			srcs = append(srcs, src)
-			wait = max(wait, min(src.CallTimeout(), c.exitWait))
+			wait = max(wait, min(cmp.Or(src.CallTimeout(), c.exitWait), c.exitWait)) // 0: no timeout
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
