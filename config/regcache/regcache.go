@@ -38,10 +38,11 @@ type Cache struct {
 	mu       sync.Mutex
 	regs     map[string]*registry // by Load's key
 	exitWait time.Duration        // Release's bound at exit: ExitWait
+	exitBy   time.Time            // set by the first Release at exit: its start plus exitWait
 }
 
-// ExitWait bounds how long Release waits, when the process exits, for the
-// refreshes under way: within a container runtime's grace period
+// ExitWait bounds how long the Releases of a Cache wait together, from the
+// first one when the process exits, for the refreshes under way: within a container runtime's grace period
 // (Kubernetes: 30 s), with time left for the rest of the shutdown.
 const ExitWait = 10 * time.Second
 
@@ -123,7 +124,9 @@ func (c *Cache) newRegistry(fileKeys []string) *registry {
 // refresh any more (oauth.RefreshToken.Close), and Release waits for the
 // refreshes under way, so that the rotated refresh tokens they bring are
 // saved before the process ends: at most the longest timeout of their
-// providers, and ExitWait. It logs to logger how many were still under way
+// providers, and until ExitWait after the cache's first Release at exit
+// (Caddy runs the Cleanups of the modules, each releasing its registry,
+// one after another). It logs to logger how many were still under way
 // then. A reload does not wait: the stores stay open for the refreshes
 // under way.
 func (c *Cache) Release(key string, exiting bool, logger *zap.Logger) {
@@ -135,6 +138,10 @@ func (c *Cache) Release(key string, exiting bool, logger *zap.Logger) {
 			reg = r.reg
 		}
 	}
+	if exiting && c.exitBy.IsZero() {
+		c.exitBy = time.Now().Add(c.exitWait)
+	}
+	exitBy := c.exitBy
 	c.mu.Unlock()
 	if !exiting || reg == nil {
 		return
@@ -148,15 +155,17 @@ func (c *Cache) Release(key string, exiting bool, logger *zap.Logger) {
 			wait = max(wait, min(cmp.Or(src.CallTimeout(), c.exitWait), c.exitWait)) // 0: no timeout
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	ctx, cancel := context.WithDeadline(context.Background(), exitBy)
 	defer cancel()
-	running := 0
+	ctx, cancel = context.WithTimeout(ctx, wait)
+	defer cancel()
+	start, running := time.Now(), 0
 	for _, src := range srcs {
 		running += src.Wait(ctx)
 	}
 	if running > 0 {
 		logger.Warn("exiting with refreshes still under way: a refresh token they rotate may be lost, and its merchant have to consent again",
-			zap.String("config", reg.Path), zap.Int("refreshes", running), zap.Duration("waited", wait))
+			zap.String("config", reg.Path), zap.Int("refreshes", running), zap.Duration("waited", time.Since(start)))
 	}
 }
 

@@ -46,36 +46,11 @@ func TestReleaseAtExitWaitsForRefreshes(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			bank := banktest.Start(t)
-			dir := t.TempDir()
-			if err := os.WriteFile(filepath.Join(dir, "merchants.toml"), []byte(bank.Registry("timeout = \"1m\"", "acme")), 0o600); err != nil {
-				t.Fatal(err)
-			}
 			store := &oauth.MemoryStore{}
 			c := New()
 			c.exitWait = tt.exitWait
-			var reg *config.Registry
-			var key string
-			for range tt.uses {
-				var err error
-				if reg, key, _, err = c.Load(dir, config.Options{RefreshStore: store, LookupEnv: banktest.LookupEnv}, "store"); err != nil {
-					t.Fatal(err)
-				}
-			}
-			src, _ := reg.Providers["bank"].RefreshToken()
-			if err := src.SetRefreshToken(context.Background(), "acme", "rt-1"); err != nil {
-				t.Fatal(err)
-			}
 			arrived, answer := bank.Hold(t)
-			ctx, giveUp := context.WithCancel(context.Background())
-			refreshed := make(chan error, 1)
-			req := broker.Request{Merchant: "acme", Scopes: []string{"accounts"}}
-			go func() {
-				_, err := src.Token(ctx, req)
-				refreshed <- err
-			}()
-			<-arrived
-			giveUp()
-			<-refreshed
+			key, src := heldRefresh(t, c, bank, arrived, store, "rt-1", tt.uses)
 
 			core, logs := observer.New(zap.InfoLevel)
 			released := make(chan struct{})
@@ -123,6 +98,67 @@ func TestReleaseAtExitWaitsForRefreshes(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestReleaseAtExitSharesOneBound: three registries each have a refresh
+// under way that the bank does not answer when the process exits, and
+// their configs release them one after another (Caddy runs the modules'
+// Cleanups in turn). The first Release at exit sets the deadline of the
+// cache: the three together wait about ExitWait (shortened here), not
+// three times it.
+func TestReleaseAtExitSharesOneBound(t *testing.T) {
+	const exitWait = 500 * time.Millisecond
+	bank := banktest.Start(t)
+	c := New()
+	c.exitWait = exitWait
+	arrived, _ := bank.Hold(t)
+	var keys []string
+	for _, rt := range []broker.Secret{"rt-1", "rt-10", "rt-20"} {
+		key, _ := heldRefresh(t, c, bank, arrived, &oauth.MemoryStore{}, rt, 1)
+		keys = append(keys, key)
+	}
+	start := time.Now()
+	for _, key := range keys {
+		c.Release(key, true, zap.NewNop())
+	}
+	if took := time.Since(start); took >= 2*exitWait {
+		t.Errorf("releasing three registries at exit took %v; want about one bound, %v", took, exitWait)
+	}
+}
+
+// heldRefresh loads uses times into c a registry of its own naming bank,
+// its refresh tokens in store, stores rt for the merchant "acme" and
+// starts a refresh whose caller gives up once bank received it (on
+// arrived, from bank.Hold): the refresh is under way until bank answers.
+// It returns the registry's key and its source.
+func heldRefresh(t *testing.T, c *Cache, bank *banktest.Bank, arrived <-chan string, store oauth.Store, rt broker.Secret, uses int) (string, *oauth.RefreshToken) {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "merchants.toml"), []byte(bank.Registry("timeout = \"1m\"", "acme")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var reg *config.Registry
+	var key string
+	for range uses {
+		var err error
+		if reg, key, _, err = c.Load(dir, config.Options{RefreshStore: store, LookupEnv: banktest.LookupEnv}, "store"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	src, _ := reg.Providers["bank"].RefreshToken()
+	if err := src.SetRefreshToken(context.Background(), "acme", rt); err != nil {
+		t.Fatal(err)
+	}
+	ctx, giveUp := context.WithCancel(context.Background())
+	refreshed := make(chan error, 1)
+	go func() {
+		_, err := src.Token(ctx, broker.Request{Merchant: "acme", Scopes: []string{"accounts"}})
+		refreshed <- err
+	}()
+	<-arrived
+	giveUp()
+	<-refreshed
+	return key, src
 }
 
 // waitStored waits until store holds want under key.
