@@ -16,7 +16,6 @@
 package regcache
 
 import (
-	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -152,7 +151,7 @@ func (c *Cache) Release(key string, exiting bool, logger *zap.Logger) {
 		if src, ok := p.RefreshToken(); ok {
 			src.Close()
 			srcs = append(srcs, src)
-			wait = max(wait, min(cmp.Or(src.CallTimeout(), c.exitWait), c.exitWait)) // 0: no timeout
+			wait = max(wait, src.CallTimeout()) // a provider's timeout is positive (config)
 		}
 	}
 	ctx, cancel := context.WithDeadline(context.Background(), exitBy)
