@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +19,7 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet/redisstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/reload"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/config/regcache"
 	"github.com/tokenbroker/caddy-token-broker/integration/banktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
 )
@@ -28,8 +30,18 @@ import (
 // released, the broker and the shared tier closed) before the bank
 // answers. Cleanup does not wait for the refresh (Caddy holds its config
 // lock meanwhile), and the rotated refresh token still reaches Redis: the
-// tier's client stays open until the merchant's lock is released.
+// tier's client stays open until the merchant's lock is released. At exit
+// the release of the registry (regcache.Cache.Release, as Cleanup calls
+// it when Caddy exits; a cache of the test's own, whose exit deadline
+// stays its own) waits for the bank's answer, and the rotated refresh
+// token is in Redis when it returns, before Cleanup closes the tier.
 func TestCleanupAtReloadKeepsRefresh(t *testing.T) {
+	for _, exiting := range []bool{false, true} {
+		t.Run(fmt.Sprintf("exiting=%v", exiting), func(t *testing.T) { testCleanupKeepsRefresh(t, exiting) })
+	}
+}
+
+func testCleanupKeepsRefresh(t *testing.T, exiting bool) {
 	r := redistest.Start(t)
 	bank := banktest.Start(t)
 	path := filepath.Join(t.TempDir(), "merchants.toml")
@@ -44,7 +56,11 @@ func TestCleanupAtReloadKeepsRefresh(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reg, regKey, _, err := registries.Load(path, config.Options{RefreshStore: tier.Cache.Store(), LookupEnv: banktest.LookupEnv}, "store "+fleetKey)
+	cache := registries
+	if exiting {
+		cache = regcache.New()
+	}
+	reg, regKey, _, err := cache.Load(path, config.Options{RefreshStore: tier.Cache.Store(), LookupEnv: banktest.LookupEnv}, "store "+fleetKey)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,17 +85,6 @@ func TestCleanupAtReloadKeepsRefresh(t *testing.T) {
 		t.Fatalf("a fetch the bank does not answer: %v; want its timeout", err)
 	}
 	<-arrived
-	cleaned := make(chan error, 1)
-	go func() { cleaned <- app.Cleanup() }()
-	select {
-	case err := <-cleaned:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Cleanup at a reload waits for a refresh the bank does not answer")
-	}
-	answer()
 
 	// Another sidecar of the fleet (a tier of its own) loads the rotated one.
 	plan, err := redisstore.Prepare(redisstore.Settings{Address: []string{r.Addr()}, EncryptionKey: key, Timeout: time.Second})
@@ -91,8 +96,38 @@ func TestCleanupAtReloadKeepsRefresh(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer other.Destruct()
+	stored := func() (broker.Secret, error) {
+		return other.Cache.Store().Load(context.Background(), src.StoreKey("acme"))
+	}
+
+	if exiting {
+		app.registryKey = ""
+		released := make(chan struct{})
+		go func() { cache.Release(regKey, true, zap.NewNop()); close(released) }()
+		select {
+		case <-released:
+			t.Fatal("the release at exit returned with a refresh unanswered")
+		case <-time.After(300 * time.Millisecond):
+		}
+		answer()
+		<-released
+		if rt, err := stored(); rt != "rt-2" {
+			t.Fatalf("after the release at exit the store has %q (%v); want the rotated rt-2", rt.Reveal(), err)
+		}
+	}
+	cleaned := make(chan error, 1)
+	go func() { cleaned <- app.Cleanup() }()
+	select {
+	case err := <-cleaned:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("Cleanup at a reload waits for a refresh the bank does not answer")
+	}
+	answer()
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		rt, err := other.Cache.Store().Load(context.Background(), src.StoreKey("acme"))
+		rt, err := stored()
 		if rt == "rt-2" {
 			break
 		}
