@@ -83,10 +83,10 @@ func TestCloseWaitsForAdmittedRefreshes(t *testing.T) {
 		t.Errorf("Token after Close: %v; want ErrClosed, temporary", err)
 	}
 	answer()
-	<-store.locked // the first refresh has ended and unlocked
+	<-store.locked // the second's lock wait has ended
 	select {
 	case n := <-waited:
-		t.Fatalf("Wait returned (%d under way) while a refresh admitted before Close had the lock and was still to come", n)
+		t.Fatalf("Wait returned (%d under way) while a refresh admitted before Close was still in the store's Lock", n)
 	case <-time.After(300 * time.Millisecond):
 	}
 	close(store.gate)
@@ -101,5 +101,54 @@ func TestCloseWaitsForAdmittedRefreshes(t *testing.T) {
 	}
 	if rt, err := store.Load(context.Background(), src.StoreKey("acme")); err != nil || rt != "rt-2" {
 		t.Errorf("the store holds %q (%v); want the rotated rt-2", rt.Reveal(), err)
+	}
+}
+
+// askedStore is a MemoryStore that signals asked when Lock is called.
+type askedStore struct {
+	*MemoryStore
+	asked chan struct{}
+}
+
+func (s *askedStore) Lock(ctx context.Context, key string) (func(), error) {
+	close(s.asked)
+	return s.MemoryStore.Lock(ctx, key)
+}
+
+// TestCloseEndsLockWaits: a Token waits for the merchant's lock, which
+// another holder (another node of the fleet) keeps, when the process
+// exits. Close ends the wait: Token is refused (ErrClosed, temporary)
+// without a request to the bank, and Wait returns at once with nothing
+// under way instead of waiting for a lock that would only lead to the
+// refusal.
+func TestCloseEndsLockWaits(t *testing.T) {
+	bank := banktest.Start(t)
+	store := &askedStore{MemoryStore: &MemoryStore{}, asked: make(chan struct{})}
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: bank.URL + "/token", ClientID: "tpp", ClientSecret: secretValue, Now: newClock().Now}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := store.MemoryStore.Lock(context.Background(), src.StoreKey("acme"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	refused := make(chan error, 1)
+	go func() {
+		_, err := src.Token(context.Background(), broker.Request{Merchant: "acme"})
+		refused <- err
+	}()
+	<-store.asked
+	src.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if n := src.Wait(ctx); n != 0 {
+		t.Fatalf("Wait after Close: %d refreshes still under way; want the lock wait ended", n)
+	}
+	if err := <-refused; !errors.Is(err, ErrClosed) || !broker.IsTemporary(err) {
+		t.Errorf("the Token that waited for the lock: %v; want ErrClosed, temporary", err)
+	}
+	if len(bank.Sent()) != 0 {
+		t.Errorf("the bank was sent %q; want nothing", bank.Sent())
 	}
 }

@@ -50,7 +50,10 @@ type RefreshToken struct {
 	sweep   int                      // refreshes until the next sweep of last
 	running int                      // Token's refreshes admitted and not ended (Wait)
 	idle    chan struct{}            // closed when running falls to 0; made by Wait
-	closed  bool                     // no refresh starts (Close)
+	// closing ends with Close (cause ErrClosed): no refresh starts, and
+	// the lock waits of those admitted before end.
+	closing context.Context
+	close   context.CancelCauseFunc
 }
 
 // unsaved is a rotated refresh token whose save failed, kept in memory
@@ -148,7 +151,9 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]unsaved{}, status: map[string]ConsentStatus{}}, nil
+	closing, closeAll := context.WithCancelCause(context.Background())
+	return &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]unsaved{}, status: map[string]ConsentStatus{},
+		closing: closing, close: closeAll}, nil
 }
 
 // ErrClosed is Token's error once Close was called: the process is
@@ -158,13 +163,13 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 var ErrClosed = errors.New("no refresh starts: the refresh-token source is closed, the process is exiting")
 
 // Close has Token refuse with ErrClosed the refreshes that have not sent
-// their request yet (those waiting for the merchant's lock included), so
+// their request yet (those waiting for the merchant's lock at once), so
 // that the ones under way are the last: call it when the process exits,
 // then Wait.
 func (s *RefreshToken) Close() {
 	s.mu.Lock()
-	s.closed = true
-	s.mu.Unlock()
+	defer s.mu.Unlock()
+	s.close(ErrClosed)
 }
 
 // Wait returns once no refresh is under way, or when ctx ends; it returns
@@ -253,7 +258,7 @@ func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt 
 func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
 	key := s.StoreKey(req.Merchant)
 	s.mu.Lock()
-	before, closed := s.last[key], s.closed
+	before, closed := s.last[key], s.closing.Err() != nil
 	if !closed {
 		s.running++
 	}
@@ -262,7 +267,14 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 		return broker.Token{}, fmt.Errorf("merchant %q: %w", req.Merchant, ErrClosed)
 	}
 
-	unlock, err := s.store.Lock(ctx, key)
+	lctx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(s.closing, func() { cancel(ErrClosed) })
+	unlock, err := s.store.Lock(lctx, key)
+	stop()
+	if errors.Is(context.Cause(lctx), ErrClosed) && err != nil {
+		err = ErrClosed
+	}
+	cancel(nil)
 	if err != nil {
 		s.ended()
 		return broker.Token{}, fmt.Errorf("merchant %q: locking the refresh token: %w", req.Merchant, err)
@@ -312,7 +324,7 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	// Another call refreshed while this one waited: use its token.
 	s.mu.Lock()
-	l, pending, closed := s.last[key], s.pending[key], s.closed
+	l, pending, closed := s.last[key], s.pending[key], s.closing.Err() != nil
 	reuse := l != nil && (l != before || l.abandoned) && l.req == want && l.tok.Expiry.After(s.cfg.Now())
 	if reuse {
 		l.abandoned = false
