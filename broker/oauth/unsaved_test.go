@@ -91,3 +91,63 @@ func TestUnsavedRotatedRefreshToken(t *testing.T) {
 		})
 	}
 }
+
+// loadFailingStore is a failingStore whose Load also fails while
+// failLoad is set.
+type loadFailingStore struct {
+	*failingStore
+	failLoad bool // guarded by failingStore.mu
+}
+
+func (s *loadFailingStore) Load(ctx context.Context, key string) (broker.Secret, error) {
+	s.mu.Lock()
+	fail := s.failLoad
+	s.mu.Unlock()
+	if fail {
+		return "", errors.New("store unreachable")
+	}
+	return s.MemoryStore.Load(ctx, key)
+}
+
+// TestUnsavedKeptWhenLoadFails: rt-2, rotated from rt-1, could not be
+// saved, and the store cannot be read at the merchant's next refresh:
+// nothing is sent to the bank, the error is temporary, and rt-2 is kept.
+// Once the store answers again, still holding rt-1, the next refresh
+// saves and sends rt-2.
+func TestUnsavedKeptWhenLoadFails(t *testing.T) {
+	bank := banktest.Start(t)
+	store := &loadFailingStore{failingStore: &failingStore{MemoryStore: &MemoryStore{}}}
+	src, err := NewRefreshToken(Config{Name: "bank", TokenURL: bank.URL + "/token", ClientID: "tpp", ClientSecret: secretValue, Now: newClock().Now}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, req := context.Background(), broker.Request{Merchant: "acme"}
+	if err := src.SetRefreshToken(ctx, "acme", "rt-1"); err != nil {
+		t.Fatal(err)
+	}
+	set := func(failSave, failLoad bool) {
+		store.mu.Lock()
+		store.fail, store.failLoad = failSave, failLoad
+		store.mu.Unlock()
+	}
+	set(true, false)
+	var se *SaveError
+	if _, err := src.Token(ctx, req); !errors.As(err, &se) {
+		t.Fatalf("a refresh whose rotated token is not saved: %v; want a SaveError", err)
+	}
+	set(false, true)
+	var ce *ConsentRequiredError
+	if _, err := src.Token(ctx, req); err == nil || errors.As(err, &ce) || !broker.IsTemporary(err) {
+		t.Errorf("a refresh whose store cannot be read: %v; want a temporary error", err)
+	}
+	if !slices.Equal(bank.Sent(), []string{"rt-1"}) {
+		t.Errorf("the bank was sent %q; want only rt-1", bank.Sent())
+	}
+	set(false, false)
+	if tok, err := src.Token(ctx, req); err != nil || tok.Value != "at-2" {
+		t.Errorf("the refresh once the store answers: %q, %v; want the access token of rt-2", tok.Value.Reveal(), err)
+	}
+	if rt, _ := store.Load(ctx, src.StoreKey("acme")); rt != "rt-3" {
+		t.Errorf("the store holds %q; want rt-3", rt.Reveal())
+	}
+}
