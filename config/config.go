@@ -373,9 +373,11 @@ type Options struct {
 	// across reloads, and budgets.Store through Redis. Default: a budget of the
 	// registry's own, in this process, with the whole limit.
 	Budgets func(p *Provider) (*budget.Budget, error)
-	// Logger logs what the providers' sources do on their own
-	// (oauth.Config.Logger); it outlives a reload as long as the registry
-	// is in use. Default: none.
+	// Logger receives what the providers' sources log outside a request
+	// (oauth.Config.Logger: a rotated refresh token whose save failed,
+	// dropped), never a token. The sources keep it for as long as they
+	// live, across reloads when the registry is kept (regcache): give one
+	// that outlives a config. Default: none.
 	Logger *zap.Logger
 }
 

@@ -135,7 +135,7 @@ type SaveError struct {
 
 // Error describes the failure.
 func (e *SaveError) Error() string {
-	return fmt.Sprintf("merchant %q: the provider rotated the refresh token but storing the new one failed: %v (it is kept in memory and saved again on the next request; if the broker stops first, the merchant must consent again)", e.Merchant, e.Err)
+	return fmt.Sprintf("merchant %q: the provider rotated the refresh token but storing the new one failed: %v (it is kept in memory, and saved and used at the merchant's next refresh if the store still holds the token it replaced; if the broker stops first, the merchant must consent again)", e.Merchant, e.Err)
 }
 
 // Unwrap returns the Store's error.

@@ -163,7 +163,7 @@ func (c *Cache) Release(key string, exiting bool, logger *zap.Logger) {
 		running += src.Wait(ctx)
 	}
 	if running > 0 {
-		logger.Warn("exiting with refreshes still under way: a refresh token they rotate may be lost, and its merchant have to consent again",
+		logger.Warn("exiting with refreshes still under way: a refresh token they rotate may be lost, and its merchant has to consent again",
 			zap.String("config", reg.Path), zap.Int("refreshes", running), zap.Duration("waited", time.Since(start)))
 	}
 }
