@@ -41,8 +41,9 @@ type Cache struct {
 }
 
 // ExitWait bounds how long the Releases of a Cache wait together, from the
-// first one when the process exits, for the refreshes under way: within a container runtime's grace period
-// (Kubernetes: 30 s), with time left for the rest of the shutdown.
+// first one when the process exits, for the refreshes under way: within a
+// container runtime's grace period (Kubernetes: 30 s), with time left for
+// the rest of the shutdown.
 const ExitWait = 10 * time.Second
 
 // New returns an empty cache.
