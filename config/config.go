@@ -6,6 +6,8 @@ import (
 	"strings"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
@@ -377,6 +379,12 @@ type Options struct {
 	// across reloads, and budgets.Store through Redis. Default: a budget of the
 	// registry's own, in this process, with the whole limit.
 	Budgets func(p *Provider) (*budget.Budget, error)
+	// Logger receives what the providers' sources log outside a request
+	// (oauth.Config.Logger: a rotated refresh token whose save failed,
+	// dropped), never a token. The sources keep it for as long as they
+	// live, across reloads when the registry is kept (regcache): give one
+	// that outlives a config. Default: none.
+	Logger *zap.Logger
 }
 
 // LoadWith reads and validates the registry at path, resolving secret

@@ -31,7 +31,7 @@ const maxKeyFile = 64 << 10
 // buildOAuth2 returns an OAuth 2.0 source: client credentials, or refresh
 // token with the store of the parser's Options.
 func buildOAuth2(e *entry, raw *providerTOML, p *Provider, fp *fingerprint) broker.Source {
-	cfg := oauth.Config{Name: p.Name, StoreNamespace: e.p.registry, Client: p.client}
+	cfg := oauth.Config{Name: p.Name, StoreNamespace: e.p.registry, Client: p.client, Logger: e.p.opts.Logger}
 
 	grant := raw.Grant
 	switch grant {

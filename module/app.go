@@ -186,7 +186,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 	}
 	if a.Config != "" {
-		reg, key, err := loadPooled(ctx, a.Config, a.refreshStore(ctx.Storage()), "store "+a.fleetKey+a.budgetKey()+" sealed "+a.storageKeys.Fingerprint(), a.budgetsFor())
+		reg, key, err := loadPooled(ctx, a.Config, a.refreshStore(ctx.Storage()), "store "+a.fleetKey+a.budgetKey()+" sealed "+a.storageKeys.Fingerprint(), a.budgetsFor(), a.kept.Zap())
 		if err != nil {
 			return err
 		}
@@ -305,7 +305,7 @@ func (a *App) Cleanup() error {
 	budgetKeeper.Release(a.budgets)
 	a.budgets = nil
 	if a.registryKey != "" {
-		registries.Release(a.registryKey)
+		registries.Release(a.registryKey, caddy.Exiting(), a.logger)
 	}
 	if a.sweeperKey != "" {
 		_, _ = pendingSweepers.Delete(a.sweeperKey)

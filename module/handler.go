@@ -235,7 +235,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		// A handler's own registry keeps its refresh tokens in Caddy's
 		// storage, whether the app's registry uses Redis or not.
 		storeKey := "storage, budgets " + app.fleetKey + app.budgetKey() + " sealed " + app.storageKeys.Fingerprint()
-		if reg, h.registryKey, err = loadPooled(ctx, h.Config, storageStore(ctx.Storage(), app.storageKeys), storeKey, app.budgetsFor()); err != nil {
+		if reg, h.registryKey, err = loadPooled(ctx, h.Config, storageStore(ctx.Storage(), app.storageKeys), storeKey, app.budgetsFor(), app.kept.Zap()); err != nil {
 			return err
 		}
 		app.useRegistry(reg)
@@ -270,7 +270,7 @@ func (h *Handler) Cleanup() error {
 		h.bindings.Discard()
 	}
 	if h.registryKey != "" {
-		registries.Release(h.registryKey)
+		registries.Release(h.registryKey, caddy.Exiting(), h.logger)
 	}
 	if h.listingKey != "" {
 		_, err := listings.Delete(h.listingKey)

@@ -20,16 +20,16 @@ var registries = regcache.New()
 // loadPooled returns the registry at path (a file, a directory or a glob:
 // config.Files; placeholders such as {env.TOKEN_BROKER_CONFIG} are
 // resolved) from registries, and the key to release (Cleanup). Its
-// refresh tokens go in store, its consents in progress in Caddy's
-// storage, its providers' budgets are made by budgets, and DPoP nonce
-// challenges are counted on the running app's metrics. storeKey names
-// store and whatever budgets depends on. The files a load parsed are
-// logged, and a warning when store keeps refresh tokens unsealed in
-// Caddy's storage.
-func loadPooled(ctx caddy.Context, path string, store oauth.Store, storeKey string, budgets func(*config.Provider) (*budget.Budget, error)) (*config.Registry, string, error) {
+// refresh tokens go in store, its consents in progress in Caddy's storage,
+// its providers' budgets are made by budgets, DPoP nonce challenges are
+// counted on the running app's metrics, and its sources log to logger.
+// storeKey names store and whatever budgets depends on. The files a load
+// parsed are logged, and a warning when store keeps refresh tokens
+// unsealed in Caddy's storage.
+func loadPooled(ctx caddy.Context, path string, store oauth.Store, storeKey string, budgets func(*config.Provider) (*budget.Budget, error), logger *zap.Logger) (*config.Registry, string, error) {
 	path = registryExpand(path)
 	opts := config.Options{RefreshStore: store, ConsentStore: kvstore.Pending{S: ctx.Storage()},
-		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets}
+		OnDPoPNonce: tokenNonceChallenged, Budgets: budgets, Logger: logger}
 	reg, key, parsed, err := registries.Load(path, opts, storeKey+" consents in "+storageID(ctx.Storage()))
 	if parsed > 0 {
 		ctx.Logger().Info("merchant registry parsed", zap.String("config", path), zap.Int("files_parsed", parsed))

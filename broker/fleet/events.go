@@ -68,6 +68,7 @@ func (c *Cache) listen(ch <-chan any) {
 		case *redis.Subscription:
 			if m.Kind == "subscribe" {
 				c.catchUp(true)
+				c.redisAnswered()
 			}
 		case *redis.Message:
 			var e event

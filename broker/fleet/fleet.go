@@ -253,8 +253,9 @@ type Cache struct {
 	// and cleared when one succeeds: the failure that sets it is logged.
 	startsFailing atomic.Bool
 
-	vers *versions // the token versions seen (version.go)
-	rts  rtVersions
+	vers   *versions // the token versions seen (version.go)
+	rts    rtVersions
+	unsent unsentPurges // purges Redis has not taken yet (resend.go)
 
 	mu      sync.Mutex
 	waiters map[string]map[chan struct{}]struct{}
@@ -318,6 +319,7 @@ func New(opts Options) (*Cache, error) {
 		logged:   "0-0",
 		vers:     newVersions(),
 		rts:      rtVersions{m: map[string]rtSeen{}},
+		unsent:   unsentPurges{m: map[unsentPurge]unsentFloor{}, wake: make(chan struct{}, 1)},
 	}
 	if opts.PlainKeys {
 		c.nameKeys = c.nameKeys[:1] // a plain name is the same under every key
@@ -615,6 +617,7 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 	case err == nil, errors.Is(err, redis.Nil), errors.Is(err, redislock.ErrNotObtained), errors.Is(err, redislock.ErrLockNotHeld):
 		outcome = breaker.Healthy
 		c.timeouts.succeeded(time.Since(started))
+		c.redisAnswered()
 	case ctx.Err() != nil, cut && isSlow(err):
 		outcome = breaker.Unknown // the caller gave up, or a cut run ran out: not Redis's fault
 		c.timeouts.ended()
@@ -1042,21 +1045,18 @@ func (c *Cache) afterMint(ctx context.Context) context.Context {
 	return withRedisTime(context.WithoutCancel(ctx), c.opts.MaxTimeout)
 }
 
-// Purge implements broker.SharedCache: a compare-and-delete by
-// fingerprint, then an announcement to every node. No version up to the
-// purged token's is accepted afterwards, on this node (even when Redis
-// failed) and on those that hear the announcement (version.go). A delete
-// that Redis refuses as a write (writeRefusal: a read-only replica, an
-// ACL) is still announced: Redis takes the announcement, and the nodes
-// that hear it drop the token and refuse it when they read it back.
-func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
+// purge is Purge's compare-and-delete of p and its announcement, with the
+// floor of f, which purged sets after the delete for a purge made now: a
+// purge sent again announces the floor of its first try. announced reports
+// whether Redis took the announcement.
+func (c *Cache) purge(ctx context.Context, p unsentPurge, f *unsentFloor) (announced bool, _ error) {
 	var purgeErr error
 	for _, nk := range c.nameKeys {
-		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, key)
+		name := c.opts.KeyPrefix + "tok:" + c.nameWith(nk, p.key)
 		var deleted string
 		err := c.do(ctx, "purge", func(ctx context.Context) error {
 			var err error
-			deleted, err = purgeScript.Run(ctx, c.opts.Client, []string{name}, fingerprint).Text()
+			deleted, err = purgeScript.Run(ctx, c.opts.Client, []string{name}, p.fingerprint).Text()
 			return err
 		})
 		if err != nil && !errors.Is(err, redis.Nil) {
@@ -1064,29 +1064,35 @@ func (c *Cache) Purge(ctx context.Context, key, fingerprint string) error {
 			// on, and the others if Redis answered (an error answer).
 			purgeErr = fmt.Errorf("fleet: purging %s: %w", name, err)
 			if !writeRefusal(err) {
-				c.vers.purge(key, fingerprint, c.opts.Now())
-				return purgeErr
+				c.purged(p, f)
+				return false, purgeErr
 			}
 			break
 		}
 		if len(deleted) > 0 {
-			if tok, ver, ok := c.decode(key, []byte(deleted)); ok {
-				c.vers.saw(key, ver, tok.Fingerprint(), tok.Expiry, c.opts.Now())
+			if tok, ver, ok := c.decode(p.key, []byte(deleted)); ok {
+				c.vers.saw(p.key, ver, tok.Fingerprint(), tok.Expiry, c.opts.Now())
 			}
 		}
 	}
-	e := event{Kind: "purge", Subject: "tok:" + c.name(key), Fingerprint: fingerprint}
+	c.purged(p, f)
+	e := event{Kind: "purge", Subject: "tok:" + c.name(p.key), Fingerprint: p.fingerprint}
 	var err error
-	if e.Key, err = c.opts.Keys.Seal([]byte(key), purgeAD(c.name(key))); err != nil {
-		return err
+	if e.Key, err = c.opts.Keys.Seal([]byte(p.key), purgeAD(c.name(p.key))); err != nil {
+		return false, fmt.Errorf("%w: %w", errSeal, err)
 	}
-	if floor, until, ok := c.vers.purge(key, fingerprint, c.opts.Now()); ok {
-		if e.Floor, err = c.opts.Keys.Seal(binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(floor)), uint64(until)), floorAD(c.name(key))); err != nil {
-			return err
+	if f.floor != 0 {
+		if e.Floor, err = c.opts.Keys.Seal(binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, uint64(f.floor)), uint64(f.until)), floorAD(c.name(p.key))); err != nil {
+			return false, fmt.Errorf("%w: %w", errSeal, err)
 		}
 	}
-	return errors.Join(purgeErr, c.publish(ctx, e))
+	err = c.publish(ctx, e)
+	return err == nil, errors.Join(purgeErr, err)
 }
+
+// errSeal is a purge's error when its announcement could not be sealed: a
+// try again would fail the same way.
+var errSeal = errors.New("fleet: sealing a purge announcement")
 
 // purgeScript deletes KEYS[1] if its value starts with the fingerprint
 // ARGV[1], or whatever it stores if ARGV[1] is empty; it returns the value

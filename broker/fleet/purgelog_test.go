@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
 // proxy is a TCP proxy to Redis that a test can cut: its connections are
@@ -136,34 +138,47 @@ func purgeMissedWhileDisconnected(t *testing.T, hooks ...redis.Hook) {
 	for _, h := range hooks {
 		b.Client().AddHook(h)
 	}
-	heard := make(chan string, 4)
-	b.OnPurge(func(_, fp string) { heard <- fp })
 	ctx := testCtx(t)
-	var m minter
+	tok, heard := sharedToken(t, a, b, &minter{})
+	px.setCut(true)
+	if err := a.Purge(ctx, testKey, tok.Fingerprint()); err != nil {
+		t.Fatal(err)
+	}
+	heardPurge(t, heard, "", 200*time.Millisecond) // through a cut connection
+	px.setCut(false)
+	heardPurge(t, heard, tok.Fingerprint(), 20*time.Second)
+}
+
+// sharedToken has a mint (with m) the token of testKey and b adopt it;
+// heard receives the fingerprint of each purge b hears.
+func sharedToken(t *testing.T, a, b *node, m *minter) (tok broker.Token, heard <-chan string) {
+	t.Helper()
+	ch := make(chan string, 10)
+	b.OnPurge(func(_, fp string) { ch <- fp })
+	ctx := testCtx(t)
 	tok, _, err := a.Fetch(ctx, testKey, usable, m.mint)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, adopted, err := b.Fetch(ctx, testKey, usable, m.mint); err != nil || !adopted {
-		t.Fatalf("b: adopted=%v err=%v", adopted, err)
+		t.Fatalf("b: adopted=%v err=%v; want a's token", adopted, err)
 	}
-	px.setCut(true)
-	if err := a.Purge(ctx, testKey, tok.Fingerprint()); err != nil {
-		t.Fatal(err)
-	}
+	return tok, ch
+}
+
+// heardPurge waits up to within for a purge on heard, and fails the test
+// unless it is the purge of want ("": unless none comes).
+func heardPurge(t *testing.T, heard <-chan string, want string, within time.Duration) {
+	t.Helper()
 	select {
 	case fp := <-heard:
-		t.Fatalf("b heard the purge of %s through a cut connection", fp)
-	case <-time.After(200 * time.Millisecond):
-	}
-	px.setCut(false)
-	select {
-	case fp := <-heard:
-		if fp != tok.Fingerprint() {
-			t.Fatalf("b heard a purge of %s; want %s", fp, tok.Fingerprint())
+		if fp != want {
+			t.Fatalf("a purge of %q heard; want %q", fp, want)
 		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("b did not learn of the purge announced while its connection was down")
+	case <-time.After(within):
+		if want != "" {
+			t.Fatalf("the purge of %s not heard within %s", want, within)
+		}
 	}
 }
 
@@ -208,29 +223,14 @@ func TestPurgeRefusedIsStillAnnounced(t *testing.T) {
 			r := startRedis(t)
 			keys := testKeys(t, 1)
 			a, b := newNode(t, r, keys, nil), newNode(t, r, keys, nil)
-			heard := make(chan string, 10)
-			b.OnPurge(func(_, fp string) { heard <- fp })
 			ctx := testCtx(t)
 			var m minter
-			rejected, _, err := a.Fetch(ctx, testKey, usable, m.mint)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, adopted, err := b.Fetch(ctx, testKey, usable, m.mint); err != nil || !adopted {
-				t.Fatalf("b: adopted=%v err=%v; want a's token", adopted, err)
-			}
+			rejected, heard := sharedToken(t, a, b, &m)
 			r.CLI(tc.refuse...)
 			if err := a.Purge(ctx, testKey, rejected.Fingerprint()); err == nil {
 				t.Fatal("Purge with writes refused succeeded")
 			}
-			select {
-			case fp := <-heard:
-				if fp != rejected.Fingerprint() {
-					t.Fatalf("b heard a purge of %s; want %s", fp, rejected.Fingerprint())
-				}
-			case <-time.After(5 * time.Second):
-				t.Fatal("b did not hear the purge made while Redis refused writes")
-			}
+			heardPurge(t, heard, rejected.Fingerprint(), 5*time.Second)
 			r.CLI(tc.allow...)
 			b.clock.Add(BreakerCooldown)
 			tok, adopted, err := b.Fetch(ctx, testKey, usable, m.mint)

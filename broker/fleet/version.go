@@ -90,18 +90,19 @@ func (v *versions) saw(key string, ver int64, fp string, expiry, now time.Time) 
 // purge records that the token of key with fingerprint fp ("" for any) was
 // purged: if it is the newest the node has seen, no version up to it is
 // accepted any more. It returns the floor and until when to keep it, for
-// the other nodes; ok is false when the node has not seen that token.
-func (v *versions) purge(key, fp string, now time.Time) (floor, until int64, ok bool) {
+// the other nodes, and that token's fingerprint; ok is false when the node
+// has not seen that token.
+func (v *versions) purge(key, fp string, now time.Time) (floor, until int64, newest string, ok bool) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	h := v.hash(key)
 	s, found := v.get(h, now)
 	if !found || (fp != "" && string(s.fp[:]) != fp) {
-		return 0, 0, false
+		return 0, 0, "", false
 	}
 	s.floor = max(s.floor, s.newest+1)
 	v.put(h, s, now)
-	return s.floor, s.until, true
+	return s.floor, s.until, string(s.fp[:]), true
 }
 
 // raise accepts no version of key below floor until until (a purge another

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
@@ -133,6 +135,10 @@ type Config struct {
 	Client *http.Client
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
+	// Logger logs what a source does on its own (a refresh-token source
+	// dropping a rotated token whose save failed, see SaveError), never a
+	// token. Default: none.
+	Logger *zap.Logger
 }
 
 // check validates the configuration and fills in the defaults.
@@ -195,6 +201,9 @@ func (c *Config) check() error {
 	}
 	if c.Now == nil {
 		c.Now = time.Now
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
 	}
 	if c.Name == "" {
 		c.Name = ProviderName

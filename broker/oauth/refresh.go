@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
 
@@ -24,7 +26,8 @@ import (
 // it unlocks. A refresh request once sent is not abandoned when the
 // call's context ends (see SaveTimeout). A Token call that waited on the
 // lock while another call for the same merchant, scopes and audience
-// refreshed gets that call's access token without refreshing again. It is
+// refreshed gets that call's access token without refreshing again. When
+// the process exits, Close and Wait let the refreshes under way end. It is
 // safe for concurrent use.
 type RefreshToken struct {
 	*core
@@ -32,10 +35,21 @@ type RefreshToken struct {
 
 	mu      sync.Mutex
 	last    map[string]*refreshed    // by store key: the latest refresh, while its token is valid
-	pending map[string]broker.Secret // rotated tokens whose Save failed
+	pending map[string]unsaved       // by store key: the rotated token whose Save failed
 	status  map[string]ConsentStatus // by merchant (authcode.go)
 	sweep   int                      // refreshes until the next sweep of last
+	running int                      // Token's refreshes admitted and not ended (Wait)
+	idle    chan struct{}            // closed when running falls to 0; made by Wait
+	// closing ends with Close (cause ErrClosed): no refresh starts, and
+	// the lock waits of those admitted before end.
+	closing context.Context
+	close   context.CancelCauseFunc
 }
+
+// unsaved is a rotated refresh token whose save failed, kept in memory
+// with the one it replaced: the one sent to the provider, which the store
+// still held.
+type unsaved struct{ rt, replaced broker.Secret }
 
 // sweepEvery is how many refreshes pass between two sweeps of the expired
 // entries of RefreshToken.last: the map has at most the merchants whose
@@ -96,7 +110,12 @@ func (e *ConsentRequiredError) Unwrap() []error {
 
 // SaveError is returned when the provider rotated a refresh token and the
 // Store could not save the new one. The source keeps the new token in
-// memory, uses it for the next refresh, and tries to save it again first.
+// memory with the one it replaced. The merchant's next refresh, under its
+// lock, loads the stored token first: when it is still the replaced one,
+// the new one is saved and used; when it is the new one (its save went
+// through after all), it is used; anything else (a newer token another
+// instance or an operator saved, or none: deleted on purpose) is what the
+// store says, and the new one is dropped.
 type SaveError struct {
 	// Merchant is the merchant whose refresh token was rotated.
 	Merchant string
@@ -106,7 +125,7 @@ type SaveError struct {
 
 // Error describes the failure.
 func (e *SaveError) Error() string {
-	return fmt.Sprintf("merchant %q: the provider rotated the refresh token but storing the new one failed: %v (it is kept in memory and saved again on the next request; if the broker stops first, the merchant must consent again)", e.Merchant, e.Err)
+	return fmt.Sprintf("merchant %q: the provider rotated the refresh token but storing the new one failed: %v (it is kept in memory, and saved and used at the merchant's next refresh if the store still holds the token it replaced; if the broker stops first, the merchant must consent again)", e.Merchant, e.Err)
 }
 
 // Unwrap returns the Store's error.
@@ -122,7 +141,61 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]broker.Secret{}, status: map[string]ConsentStatus{}}, nil
+	closing, closeAll := context.WithCancelCause(context.Background())
+	return &RefreshToken{core: c, store: store, last: map[string]*refreshed{}, pending: map[string]unsaved{}, status: map[string]ConsentStatus{},
+		closing: closing, close: closeAll}, nil
+}
+
+// ErrClosed is Token's error once Close was called: the process is
+// exiting, and a refresh request sent now might get a rotated refresh
+// token after the process ended. It is temporary: another instance, or
+// this one after a restart, refreshes.
+var ErrClosed = errors.New("no refresh starts: the refresh-token source is closed, the process is exiting")
+
+// Close has Token refuse with ErrClosed the refreshes that have not sent
+// their request yet (those waiting for the merchant's lock at once), so
+// that the ones under way are the last: call it when the process exits,
+// then Wait.
+func (s *RefreshToken) Close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.close(ErrClosed)
+}
+
+// Wait returns once no refresh is under way, or when ctx ends; it returns
+// how many were still under way. A refresh counts from the moment Token
+// admits it, before it waits for the merchant's lock. A refresh request
+// once sent goes on after its caller gave up, within the HTTP client's
+// timeout and SaveTimeout, to save the refresh token the provider rotated:
+// wait for it before the process exits.
+func (s *RefreshToken) Wait(ctx context.Context) int {
+	s.mu.Lock()
+	if s.running > 0 && s.idle == nil {
+		s.idle = make(chan struct{})
+	}
+	idle := s.idle
+	s.mu.Unlock()
+	if idle == nil {
+		return 0
+	}
+	select {
+	case <-idle:
+		return 0
+	case <-ctx.Done():
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.running
+	}
+}
+
+// ended ends a refresh Token admitted.
+func (s *RefreshToken) ended() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.running--; s.running == 0 && s.idle != nil {
+		close(s.idle)
+		s.idle = nil
+	}
 }
 
 // StoreKey returns the key of merchant's refresh token in the Store.
@@ -175,11 +248,25 @@ func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt 
 func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
 	key := s.StoreKey(req.Merchant)
 	s.mu.Lock()
-	before := s.last[key]
+	before, closed := s.last[key], s.closing.Err() != nil
+	if !closed {
+		s.running++
+	}
 	s.mu.Unlock()
+	if closed {
+		return broker.Token{}, fmt.Errorf("merchant %q: %w", req.Merchant, ErrClosed)
+	}
 
-	unlock, err := s.store.Lock(ctx, key)
+	lctx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(s.closing, func() { cancel(ErrClosed) })
+	unlock, err := s.store.Lock(lctx, key)
+	stop()
+	if errors.Is(context.Cause(lctx), ErrClosed) && err != nil {
+		err = ErrClosed
+	}
+	cancel(nil)
 	if err != nil {
+		s.ended()
 		return broker.Token{}, fmt.Errorf("merchant %q: locking the refresh token: %w", req.Merchant, err)
 	}
 	type answer struct {
@@ -191,6 +278,7 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 	// next call instead.
 	done := make(chan answer)
 	go func() {
+		defer s.ended()
 		tok, minted, err := s.refreshLocked(ctx, req, key, before)
 		// The outcome is noted under the lock, so that a refresh token
 		// loaded right after it (SetRefreshToken) has the last word.
@@ -219,13 +307,14 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 // refreshLocked is Token's work under the merchant's lock: the access
 // token another call refreshed while this one waited (one newer than
 // before) or abandoned, else a refresh (minted) with the stored refresh
-// token (or the pending one a failed save left), started only while ctx
-// lasts and then finished under SaveTimeout whatever ctx does.
+// token (or the one a failed save left, see SaveError), started only
+// while ctx lasts and the source is open, and then finished under
+// SaveTimeout whatever ctx does.
 func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, key string, before *refreshed) (_ broker.Token, minted bool, _ error) {
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
 	// Another call refreshed while this one waited: use its token.
 	s.mu.Lock()
-	l, pending := s.last[key], s.pending[key]
+	l, pending, closed := s.last[key], s.pending[key], s.closing.Err() != nil
 	reuse := l != nil && (l != before || l.abandoned) && l.req == want && l.tok.Expiry.After(s.cfg.Now())
 	if reuse {
 		l.abandoned = false
@@ -234,17 +323,23 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 	if reuse {
 		return l.tok, false, nil
 	}
+	if closed {
+		return broker.Token{}, false, fmt.Errorf("merchant %q: %w", req.Merchant, ErrClosed)
+	}
 
-	rt := pending
-	var err error
-	if pending != "" {
-		if err := s.save(ctx, key, pending); err != nil {
-			return broker.Token{}, false, &SaveError{Merchant: req.Merchant, Err: err}
-		}
-	} else if rt, err = s.loadLocked(ctx, key); errors.Is(err, ErrNoRefreshToken) || err == nil && rt == "" {
-		return broker.Token{}, false, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ErrNoRefreshToken}
+	rt, err := s.loadLocked(ctx, key)
+	if errors.Is(err, ErrNoRefreshToken) {
+		rt, err = "", nil
 	} else if err != nil {
 		return broker.Token{}, false, fmt.Errorf("merchant %q: loading the refresh token: %w", req.Merchant, err)
+	}
+	if pending.rt != "" {
+		if rt, err = s.unsavedOrStored(ctx, key, rt, pending); err != nil {
+			return broker.Token{}, false, &SaveError{Merchant: req.Merchant, Err: err}
+		}
+	}
+	if rt == "" {
+		return broker.Token{}, false, &ConsentRequiredError{Provider: s.cfg.Name, Merchant: req.Merchant, Err: ErrNoRefreshToken}
 	}
 	if err := ctx.Err(); err != nil {
 		return broker.Token{}, false, fmt.Errorf("merchant %q: refreshing the access token: %w", req.Merchant, context.Cause(ctx))
@@ -268,7 +363,7 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 			return broker.Token{}, false, &broker.APIError{Provider: ProviderName, StatusCode: 200, Code: "invalid_refresh_token",
 				Description: fmt.Sprintf("the rotated refresh token is "+invalidRefreshToken, broker.MaxTokenBytes>>10)}
 		}
-		if err := s.save(ctx, key, next); err != nil {
+		if err := s.save(ctx, key, next, rt); err != nil {
 			return broker.Token{}, false, &SaveError{Merchant: req.Merchant, Err: err}
 		}
 	}
@@ -322,16 +417,38 @@ func (s *RefreshToken) loadLocked(ctx context.Context, key string) (broker.Secre
 	return s.store.Load(ctx, key)
 }
 
-// save stores a rotated refresh token, even when ctx is cancelled (the old
-// token is dead). On failure the token is kept in memory as pending.
-func (s *RefreshToken) save(ctx context.Context, key string, rt broker.Secret) error {
+// unsavedOrStored returns the refresh token of key to send, given stored,
+// what the store holds ("" for none), and p, the rotated token whose save
+// failed (SaveError): p.rt, saved first, when the store still holds the
+// token p.rt replaced, or p.rt itself; else stored, and p is dropped: a
+// token another instance or an operator saved, or a token deleted on
+// purpose, is never overwritten by one spent or revoked since.
+func (s *RefreshToken) unsavedOrStored(ctx context.Context, key string, stored broker.Secret, p unsaved) (broker.Secret, error) {
+	switch stored {
+	case p.replaced:
+		return p.rt, s.save(ctx, key, p.rt, p.replaced)
+	case p.rt:
+	default:
+		s.cfg.Logger.Warn("a rotated refresh token whose save had failed is dropped: the store holds another one (saved elsewhere since) or none (deleted)",
+			zap.String("provider", s.cfg.Name), zap.String("store_key", key))
+	}
+	s.mu.Lock()
+	delete(s.pending, key)
+	s.mu.Unlock()
+	return stored, nil
+}
+
+// save stores rt, a rotated refresh token that replaced replaced, even
+// when ctx is cancelled (the old token is dead). On failure rt is kept in
+// memory (pending) with replaced.
+func (s *RefreshToken) save(ctx context.Context, key string, rt, replaced broker.Secret) error {
 	sctx, cancel := detached(ctx)
 	defer cancel()
 	err := s.store.Save(sctx, key, rt)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err != nil {
-		s.pending[key] = rt
+		s.pending[key] = unsaved{rt: rt, replaced: replaced}
 		return err
 	}
 	delete(s.pending, key)

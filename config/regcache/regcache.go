@@ -16,11 +16,16 @@
 package regcache
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
 	"sync"
+	"time"
 
+	"go.uber.org/zap"
+
+	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -29,13 +34,21 @@ import (
 // concurrent use; loads run one at a time (Caddy provisions one config
 // at a time).
 type Cache struct {
-	mu   sync.Mutex
-	regs map[string]*registry // by Load's key
+	mu       sync.Mutex
+	regs     map[string]*registry // by Load's key
+	exitWait time.Duration        // Release's bound at exit: ExitWait
+	exitBy   time.Time            // set by the first Release at exit: its start plus exitWait
 }
+
+// ExitWait bounds how long the Releases of a Cache wait together, from the
+// first one when the process exits, for the refreshes under way: within a
+// container runtime's grace period (Kubernetes: 30 s), with time left for
+// the rest of the shutdown.
+const ExitWait = 10 * time.Second
 
 // New returns an empty cache.
 func New() *Cache {
-	return &Cache{regs: map[string]*registry{}}
+	return &Cache{regs: map[string]*registry{}, exitWait: ExitWait}
 }
 
 // registry is a registry in the cache with the parsed files it uses. reg
@@ -106,16 +119,53 @@ func (c *Cache) newRegistry(fileKeys []string) *registry {
 }
 
 // Release ends one use of the registry of key (from Load); the registry
-// leaves the cache with its last use.
-func (c *Cache) Release(key string) {
+// leaves the cache with its last use. When the process is exiting and
+// this was the last use, the registry's refresh-token sources start no
+// refresh any more (oauth.RefreshToken.Close), and Release waits for the
+// refreshes under way, so that the rotated refresh tokens they bring are
+// saved before the process ends: at most the longest timeout of their
+// providers, and until ExitWait after the cache's first Release at exit
+// (Caddy runs the Cleanups of the modules, each releasing its registry,
+// one after another). It logs to logger how many were still under way
+// then. A reload does not wait: the stores stay open for the refreshes
+// under way.
+func (c *Cache) Release(key string, exiting bool, logger *zap.Logger) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	r := c.regs[key]
-	if r == nil {
+	var reg *config.Registry
+	if r := c.regs[key]; r != nil {
+		if r.refs--; r.refs == 0 {
+			delete(c.regs, key)
+			reg = r.reg
+		}
+	}
+	if exiting && c.exitBy.IsZero() {
+		c.exitBy = time.Now().Add(c.exitWait)
+	}
+	exitBy := c.exitBy
+	c.mu.Unlock()
+	if !exiting || reg == nil {
 		return
 	}
-	if r.refs--; r.refs == 0 {
-		delete(c.regs, key)
+	var srcs []*oauth.RefreshToken
+	wait := time.Duration(0)
+	for _, p := range reg.Providers {
+		if src, ok := p.RefreshToken(); ok {
+			src.Close()
+			srcs = append(srcs, src)
+			wait = max(wait, src.CallTimeout()) // a provider's timeout is positive (config)
+		}
+	}
+	ctx, cancel := context.WithDeadline(context.Background(), exitBy)
+	defer cancel()
+	ctx, cancel = context.WithTimeout(ctx, wait)
+	defer cancel()
+	start, running := time.Now(), 0
+	for _, src := range srcs {
+		running += src.Wait(ctx)
+	}
+	if running > 0 {
+		logger.Warn("exiting with refreshes still under way: a refresh token they rotate may be lost, and its merchant has to consent again",
+			zap.String("config", reg.Path), zap.Int("refreshes", running), zap.Duration("waited", time.Since(start)))
 	}
 }
 

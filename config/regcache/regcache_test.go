@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"go.uber.org/zap"
+
 	"github.com/tokenbroker/caddy-token-broker/config"
 )
 
@@ -100,10 +102,10 @@ func TestLoadReleasesFiles(t *testing.T) {
 	}
 	first := load("a", 2)
 	second := load("b", 0)
-	c.Release(first)
+	c.Release(first, false, zap.NewNop())
 	third := load("c", 0)
-	c.Release(second)
-	c.Release(third)
+	c.Release(second, false, zap.NewNop())
+	c.Release(third, false, zap.NewNop())
 	load("a", 2)
 }
 
