@@ -2,7 +2,6 @@ package oauth
 
 import (
 	"errors"
-	"net/http"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 )
@@ -23,14 +22,11 @@ import (
 // by); one answered 429 is rate limited, as the token endpoint's 429 is.
 func (*core) Classify(err error) broker.Class {
 	var ce *ConsentRequiredError
-	var de *DiscoveryError
 	var nc *nonceChallengeError
 	var ae *broker.APIError
 	switch {
 	case errors.As(err, &ce):
 		return broker.ClassPermanent
-	case errors.As(err, &de) && de.answer != nil && de.answer.StatusCode == http.StatusTooManyRequests:
-		return broker.ClassRateLimited
 	case errors.As(err, &nc):
 		return broker.ClassRetryNow
 	case errors.As(err, &ae) && ae.Code == "invalid_client":

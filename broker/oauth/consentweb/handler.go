@@ -22,7 +22,8 @@
 //	                      the refusal reason; with outcome provider_error, also error, the
 //	                      provider's error code); without a return URL, redirect to …/done.
 //	                      While the bank cannot be discovered, or it very likely did not process the
-//	                      code exchange (not reached, 408, 425, 429, 503), the retry_callback page (503,
+//	                      code exchange (not reached, 408, 425, 429, 503, a DPoP nonce challenge with
+//	                      a new nonce), the retry_callback page (503,
 //	                      Retry-After), the state kept for the reload of the same URL
 //	GET  …/done?result=…  the outcome page of a callback, the same on every load for an hour
 //
