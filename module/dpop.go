@@ -67,17 +67,18 @@ func (DPoPTransport) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// RoundTrip sends req, with a proof when the token_broker handler bound
-// it to a DPoP key: the token and the proof go on a copy (SignCopy, given
-// the scheme and Host the server received, which reverse_proxy's
-// X-Forwarded-* headers name), since reverse_proxy logs the request it gave.
+// RoundTrip sends req, with a proof on a copy (SignCopy: reverse_proxy
+// logs the request it gave) when the token_broker handler bound it to a key.
 func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	d := dpopOf(req.Context())
 	if d == nil {
 		return t.HTTPTransport.RoundTrip(req)
 	}
 	t.SetScheme(req)
-	caller := req.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer).ReplaceKnown("{http.request.scheme}://{http.request.hostport}", "")
+	caller := "" // the scheme and Host received, which X-Forwarded-* name
+	if repl, ok := req.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+		caller = repl.ReplaceKnown("{http.request.scheme}://{http.request.hostport}", "")
+	}
 	sent, err := d.SignCopy(req, caller, time.Now())
 	if err != nil {
 		return nil, err
@@ -89,8 +90,7 @@ func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	return resp, err
 }
 
-// dpopOf returns the DPoP binding the token_broker handler gave the
-// request, nil when none.
+// dpopOf returns the request's DPoP binding (nil: none).
 func dpopOf(ctx context.Context) *outbound.DPoP {
 	d, _ := caddyhttp.GetVar(ctx, dpopVar).(*outbound.DPoP)
 	return d

@@ -304,9 +304,10 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 				entries = append(entries, e)
 			}
 		}
-		// Not cancelled with the request: a token whose revocation fails
-		// is dropped from the cache, and would stay valid, forgotten. Each
-		// call is bounded by its provider's timeout.
+		// Not cancelled with the request: a token dropped from the cache
+		// once its provider answered and not revoked would stay valid,
+		// forgotten. Each call is bounded by its provider's timeout. Two
+		// revokes of one merchant at once may both send its tokens.
 		results := Revoke(context.WithoutCancel(r.Context()), in.Broker, entries, in.source)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
