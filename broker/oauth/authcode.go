@@ -837,8 +837,8 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 		return raw, err
 	})
 	if err != nil {
-		ce := a.unclaimLink(ctx, rec, link, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err)))
-		if !unredeemed(err) {
+		ce, back := a.unclaimLink(ctx, rec, link, a.fail(ReasonExchangeFailed, rec.Merchant, fmt.Errorf("exchanging the code: %w", err)))
+		if !unredeemed(err) || !back { // the reload would find no link to claim
 			return res, ce
 		}
 		wait := exchangeRetry
@@ -866,15 +866,18 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	idToken := raw.Extra("id_token") // nil or "" when absent, also from a form-encoded answer
 	if rec.Nonce != "" || idToken != nil && idToken != "" && ep.verifier != nil {
 		if err := a.verifyIDToken(ctx, ep, idToken, rec.Nonce); err != nil {
-			return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonInvalidIDToken, rec.Merchant, err))
+			ce, _ := a.unclaimLink(ctx, rec, link, a.fail(ReasonInvalidIDToken, rec.Merchant, err))
+			return res, ce
 		}
 	}
 	rt := broker.Secret(raw.RefreshToken)
 	if rt == "" {
-		return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonNoRefreshToken, rec.Merchant, errors.New("the token response has no refresh_token: ask for the scope the provider wants for one (offline_access) and check that the client may use the refresh_token grant")))
+		ce, _ := a.unclaimLink(ctx, rec, link, a.fail(ReasonNoRefreshToken, rec.Merchant, errors.New("the token response has no refresh_token: ask for the scope the provider wants for one (offline_access) and check that the client may use the refresh_token grant")))
+		return res, ce
 	}
 	if err := a.src.SetRefreshToken(ctx, rec.Merchant, rt); err != nil {
-		return res, a.unclaimLink(ctx, rec, link, a.fail(ReasonStoreFailure, rec.Merchant, err))
+		ce, _ := a.unclaimLink(ctx, rec, link, a.fail(ReasonStoreFailure, rec.Merchant, err))
+		return res, ce
 	}
 	res.Fingerprint = rt.Fingerprint()
 	return res, nil
@@ -914,17 +917,18 @@ func (a *AuthCode) claimLink(ctx context.Context, rec Pending) (Pending, error) 
 // can start it again while it is valid, a state started from it (rec,
 // kept for a retry) can claim it, and once expired it is refused as
 // expired rather than used. It returns ce, with a note when the link
-// cannot be put back.
-func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *ConsentError) *ConsentError {
+// cannot be put back, and whether the link is stored (back).
+func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *ConsentError) (_ *ConsentError, back bool) {
 	if link.Provider == "" { // no link claimed
-		return ce
+		return ce, true
 	}
 	ctx, cancel := detached(ctx) // the exchange may have spent ctx's time
 	defer cancel()
 	if err := a.pend.putUntil(ctx, kindLink, rec.Link, link, link.Expires.Add(linkKept)); err != nil {
 		ce.Err = fmt.Errorf("%w; the consent link could not be put back (%v): ask the app for a new consent link", ce.Err, err)
+		return ce, false
 	}
-	return ce
+	return ce, true
 }
 
 // unredeemed reports whether err, a code exchange's failure, says that

@@ -852,3 +852,45 @@ func TestCallbackExchangeDiscoveryFails(t *testing.T) {
 		})
 	}
 }
+
+// linkPutFails is a PendingStore whose puts of consent links fail once
+// armed (a storage error).
+type linkPutFails struct {
+	PendingStore
+	armed atomic.Bool
+}
+
+// Put fails for a link once armed, else stores val.
+func (s *linkPutFails) Put(ctx context.Context, key string, val []byte, expires time.Time) error {
+	if s.armed.Load() && strings.HasPrefix(key, kindLink+"/") {
+		return errors.New("storage unavailable")
+	}
+	return s.PendingStore.Put(ctx, key, val, expires)
+}
+
+// TestCallbackSpentWhenTheLinkIsNotPutBack: a code exchange the bank very
+// likely did not process keeps its state for the reload only when the
+// consent link could be put back: the reload must claim it. When the
+// link's put-back fails, the state is spent at once (ReasonExchangeFailed,
+// the error saying to ask for a new link), not kept for a reload bound to
+// fail as "already used".
+func TestCallbackSpentWhenTheLinkIsNotPutBack(t *testing.T) {
+	ctx := context.Background()
+	f := newFaultyBank(t)
+	store := &linkPutFails{PendingStore: f.pend.Store}
+	f.pend.Store = store
+	browser := NewBrowser()
+	q, _ := f.start(t, browser)
+	f.op.TokenStatus.Store(http.StatusServiceUnavailable)
+	store.armed.Store(true)
+	res, err := f.flow.Callback(ctx, retryHost, q, browser)
+	if reasonOf(err) != ReasonExchangeFailed || res.Merchant != "acme" || !strings.Contains(err.Error(), "could not be put back") {
+		t.Fatalf("Callback = %+v, %v; want %s for acme, saying the link could not be put back", res, err, ReasonExchangeFailed)
+	}
+	store.armed.Store(false)
+	f.op.TokenStatus.Store(0)
+	f.clock.Add(exchangeRetry)
+	if _, err := f.flow.Callback(ctx, retryHost, q, browser); reasonOf(err) != ReasonUnknownState || f.exchanges() != 1 {
+		t.Fatalf("the reload = %v (%d exchanges); want %s without an exchange: the state is spent", err, f.exchanges(), ReasonUnknownState)
+	}
+}
