@@ -315,7 +315,7 @@ func TestDPoPNoncesPerServer(t *testing.T) {
 // caller's request (an operator's header_up) is left as it is, and so are
 // Forwarded and X-Forwarded-Prefix.
 func TestDPoPSignForwarded(t *testing.T) {
-	const caller = "http://127.0.0.1:8080" // the caller's request to the sidecar
+	const caller = "http://sidecar.local:8080" // the caller's request to the sidecar
 	for _, tt := range []struct {
 		name, url, host string
 		caller          string            // default caller
@@ -324,13 +324,13 @@ func TestDPoPSignForwarded(t *testing.T) {
 		kept            bool              // the forwarding headers name another URL than htu
 	}{
 		{name: "https upstream called over http", url: "https://10.0.0.1:8443/pay", host: "api.bank.test",
-			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "127.0.0.1:8080"},
+			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "sidecar.local:8080"},
 			want:      map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.bank.test"}},
 		{name: "http upstream called over https", url: "http://10.0.0.1:8080/pay", host: "rs.test:8080", caller: "https://sidecar.test",
 			forwarded: map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "sidecar.test"},
 			want:      map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "rs.test:8080"}},
 		{name: "a Host with non-ASCII letters (header_up Host bänk.example): in Punycode, as sent", url: "https://10.0.0.1:8443/pay", host: "bänk.example",
-			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "127.0.0.1:8080"},
+			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "sidecar.local:8080"},
 			want:      map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "xn--bnk-qla.example"}},
 		{name: "the operator's header_up X-Forwarded-Host and X-Forwarded-Proto", url: "http://10.0.0.1:8080/pay", host: "rs.test:8080", kept: true,
 			forwarded: map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "gw.partner.example"},
@@ -339,10 +339,10 @@ func TestDPoPSignForwarded(t *testing.T) {
 			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "gw.partner.example"},
 			want:      map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "gw.partner.example"}},
 		{name: "Forwarded and X-Forwarded-Prefix are not rewritten", url: "https://10.0.0.1:8443/pay", host: "api.bank.test",
-			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "127.0.0.1:8080",
-				"Forwarded": "proto=http;host=127.0.0.1:8080", "X-Forwarded-Prefix": "/api"},
+			forwarded: map[string]string{"X-Forwarded-Proto": "http", "X-Forwarded-Host": "sidecar.local:8080",
+				"Forwarded": "proto=http;host=sidecar.local:8080", "X-Forwarded-Prefix": "/api"},
 			want: map[string]string{"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.bank.test",
-				"Forwarded": "proto=http;host=127.0.0.1:8080", "X-Forwarded-Prefix": "/api"}},
+				"Forwarded": "proto=http;host=sidecar.local:8080", "X-Forwarded-Prefix": "/api"}},
 		{name: "none sent, none added", url: "https://api.bank.test/pay",
 			want: map[string]string{"X-Forwarded-Proto": "", "X-Forwarded-Host": ""}},
 	} {
