@@ -953,11 +953,8 @@ func unredeemed(err error) bool {
 		return de.Transient()
 	}
 	if ae, ok := errors.AsType[*broker.APIError](err); ok {
-		switch ae.StatusCode {
-		case http.StatusRequestTimeout, http.StatusTooEarly, http.StatusTooManyRequests, http.StatusServiceUnavailable:
-			return ae.Code != "use_dpop_nonce"
-		}
-		return false
+		s := ae.StatusCode // a temporary status, but for a 5xx sent after the request was read
+		return broker.TemporaryStatus(s) && (s < 500 || s == http.StatusServiceUnavailable) && ae.Code != "use_dpop_nonce"
 	}
 	oe, ok := errors.AsType[*net.OpError](err)
 	return ok && oe.Op == "dial"
