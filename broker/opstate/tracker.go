@@ -108,8 +108,8 @@ type merchantRecord struct {
 // Reconcile drops a failure whose merchant no registry serves from them
 // any more.
 type keyFailure struct {
-	key, state           string
-	source, organisation string
+	key, state string
+	from       origin
 }
 
 // failure returns the worst state of m's keys' failures; "" when none.
@@ -142,7 +142,7 @@ func (t *Tracker) failed(m *merchantRecord, b *broker.Binding, state string) {
 	// alive after a reload replaced it.
 	key = strings.Clone(key)
 	m.failures = append(m.failures, keyFailure{key: key, state: state,
-		source: strings.Clone(b.SourceID), organisation: strings.Clone(b.Organisation)})
+		from: origin{strings.Clone(b.SourceID), strings.Clone(b.Organisation)}})
 	t.failing[key] = append(t.failing[key], m.id)
 }
 
@@ -508,23 +508,20 @@ func (p *providerRecord) setFailing(provider string, br *broker.Broker) []event 
 	return evs
 }
 
-// Reconcile sets the sources of each provider that s's tracker was told
-// of to those s's registries (Registry and Others) name for it (none for a
-// provider they no longer name: removed or renamed), and reads from s's
-// broker whether the provider fails now: EventProviderRecovered is
-// emitted for a provider that so stops failing. It drops the failures of
-// a merchant's keys whose source or organisation no registry serves the
-// merchant from any more (its organisation or provider changed): no
-// request will end them. The events told stay told, so a merchant still
-// failing under the new configuration is not announced again. The broker
-// drops a source's state without telling when it forgets it (a rotated
-// secret), and a configuration that replaces another leaves the old one's
-// sources behind. Call it when registries are loaded and periodically
-// (the Collector does, when it counts again): reading the state (Build)
-// does not, so that a read has no side effect.
+// Reconcile sets the sources of each provider the tracker was told of
+// to those s's registries (Registry and Others) name for it (none when
+// removed or renamed), and reads from the broker whether the provider
+// fails now, emitting EventProviderRecovered when it stops. It drops the
+// key failures of a merchant that no registry serves from that source
+// and organisation any more: no request would end them. Events already
+// told stay told. The broker forgets a source's state without telling (a
+// rotated secret), so call it when registries are loaded and
+// periodically (the Collector does); Build does not, so that a read has
+// no side effect.
 func Reconcile(s Sources) {
+	regs := s.registries()
 	sources := map[string][]string{} // provider name -> its source IDs
-	for _, reg := range s.registries() {
+	for _, reg := range regs {
 		for name, p := range reg.Providers {
 			sources[name] = append(sources[name], p.ID)
 		}
@@ -534,39 +531,41 @@ func Reconcile(s Sources) {
 	defer func() { t.send(evs) }()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	// Only the providers told of: nothing to reconcile for another. One
-	// that no registry names any more (removed or renamed) has no source
-	// left, so it stops failing.
+	// Only the providers told of: one that no registry names any more
+	// has no source left, so it stops failing.
 	for name, p := range t.providers {
 		p.sources = sources[name]
 		evs = append(evs, p.setFailing(name, s.Broker)...)
 	}
-	// The failing merchants only (t.failing), not every merchant seen.
-	regs := s.registries()
+	// The failing merchants only (t.failing), each once.
 	var failing []string
 	for _, ids := range t.failing {
 		failing = append(failing, ids...)
 	}
-	for _, id := range failing {
-		if m := t.merchants[id]; m != nil && len(m.failures) > 0 {
-			t.dropFailures(m, func(f keyFailure) bool { return !servedFrom(regs, id, f) })
+	slices.Sort(failing)
+	for _, id := range slices.Compact(failing) {
+		if m := t.merchants[id]; m != nil {
+			served := servedFrom(regs, id)
+			t.dropFailures(m, func(f keyFailure) bool { return !slices.Contains(served, f.from) })
 		}
 	}
 }
 
-// servedFrom reports whether a registry of regs serves merchant id (its
-// entry, or the wildcard's) from the source and organisation of f.
-func servedFrom(regs []*config.Registry, id string, f keyFailure) bool {
+// origin is the source ID and organisation a merchant is served from.
+type origin struct{ source, organisation string }
+
+// servedFrom returns where the registries of regs serve merchant id from
+// (its entry, or the wildcard's), one origin per registry that serves it.
+func servedFrom(regs []*config.Registry, id string) []origin {
+	var served []origin
 	for _, reg := range regs {
-		m, _, ok := reg.Merchant(id)
-		if !ok || m.Organisation != f.organisation {
-			continue
-		}
-		if p := reg.Providers[m.Provider]; p != nil && p.ID == f.source {
-			return true
+		if m, _, ok := reg.Merchant(id); ok {
+			if p := reg.Providers[m.Provider]; p != nil {
+				served = append(served, origin{p.ID, m.Organisation})
+			}
 		}
 	}
-	return false
+	return served
 }
 
 // SetFleet says whether a shared tier (Redis) is configured and, when it
