@@ -140,8 +140,7 @@ type wild struct {
 // known is what the broker and the tracker know of one merchant: the
 // worst of its keys' cache states, their earliest expiry, the backoff
 // ending last, and the tracker's record. Times are unix nanoseconds (0:
-// none), so that a known is small: there is one per merchant with a
-// cached token.
+// none).
 type known struct {
 	rank         rank // of its keys
 	failure      rank // the tracker's failure state; rankIdle: none
@@ -153,48 +152,32 @@ type known struct {
 	backoffErr   error
 }
 
-// knowledge is what the broker and the tracker know, by merchant: the
-// few merchants they know of in a dense slice, reached by id.
+// knowledge is what the broker and the tracker know, by merchant id.
 type knowledge struct {
-	idx   *registryIndex
-	index map[string]int32 // merchant id -> its index in dense
-	dense []known
+	idx *registryIndex
+	by  map[string]known
 }
 
-// each calls f with what is known of every merchant whose key b's is:
-// b's merchant and the explicit merchants sharing b's key
-// (registryIndex.shared), each made empty on first use. The pointer is
-// valid until the next call of each or of.
-func (k *knowledge) each(b *broker.Binding, f func(*known)) {
-	f(k.of(b.Merchant))
-	if len(k.idx.shared) == 0 {
-		return
+// update calls f with what is known of merchant id, made empty on first
+// use.
+func (k knowledge) update(id string, f func(*known)) {
+	v, ok := k.by[id]
+	if !ok {
+		v = known{rank: rankIdle, failure: rankIdle}
 	}
+	f(&v)
+	k.by[id] = v
+}
+
+// each calls update for b's merchant and the explicit merchants sharing
+// b's key (registryIndex.shared).
+func (k knowledge) each(b *broker.Binding, f func(*known)) {
+	k.update(b.Merchant, f)
 	for _, p := range k.idx.shared[b.Key()] {
 		if id := k.idx.merchants[p].ID; id != b.Merchant {
-			f(k.of(id))
+			k.update(id, f)
 		}
 	}
-}
-
-// of returns what is known of merchant id, made empty on first use. The
-// pointer is valid until the next call.
-func (k *knowledge) of(id string) *known {
-	i, ok := k.index[id]
-	if !ok {
-		k.dense = append(k.dense, known{rank: rankIdle, failure: rankIdle})
-		i = int32(len(k.dense) - 1)
-		k.index[id] = i
-	}
-	return &k.dense[i]
-}
-
-// lookup returns what is known of merchant id; nil when nothing is.
-func (k *knowledge) lookup(id string) *known {
-	if i, ok := k.index[id]; ok {
-		return &k.dense[i]
-	}
-	return nil
 }
 
 // merchantView is one merchant as a walk sees it.
@@ -265,7 +248,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 	down := outages(health)
 
 	entries := s.Broker.Entries()
-	kn := knowledge{idx: idx, index: make(map[string]int32, len(entries)+64), dense: make([]known, 0, len(entries)+64)}
+	kn := knowledge{idx: idx, by: make(map[string]known, len(entries)+64)}
 	for _, e := range entries {
 		r := rankFresh
 		if !now.Before(e.RefreshAt()) {
@@ -289,11 +272,12 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		})
 	})
 	t.eachMerchant(func(id string, rec *merchantRecord) {
-		k := kn.of(id)
-		k.failure, k.lastErr = rankOf(rec.failure()), rec.lastErr
-		if !rec.lastErrAt.IsZero() {
-			k.lastErrAt = rec.lastErrAt.UnixNano()
-		}
+		kn.update(id, func(k *known) {
+			k.failure, k.lastErr = rankOf(rec.failure()), rec.lastErr
+			if !rec.lastErrAt.IsZero() {
+				k.lastErrAt = rec.lastErrAt.UnixNano()
+			}
+		})
 	})
 
 	var wilds []wild
@@ -312,13 +296,13 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 	}
 
 	var v merchantView
-	one := func(id, prov, organisation string, wildcard bool, k *known) {
+	one := func(id, prov, organisation string, wildcard bool) {
 		if provider != "" && prov != provider {
 			return
 		}
 		v = merchantView{id: id, provider: prov, organisation: organisation, wildcard: wildcard, rank: rankIdle}
-		if k != nil {
-			v.known, v.rank = *k, k.rank
+		if k, ok := kn.by[id]; ok {
+			v.known, v.rank = k, k.rank
 			if k.failure < rankBackingOff {
 				v.rank = min(v.rank, k.failure)
 			}
@@ -340,7 +324,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 	for i < len(idx.merchants) || j < len(wilds) {
 		if j == len(wilds) || (i < len(idx.merchants) && idx.merchants[i].ID < wilds[j].id) {
 			m := idx.merchants[i]
-			one(m.ID, m.Provider, m.Organisation, false, kn.lookup(m.ID))
+			one(m.ID, m.Provider, m.Organisation, false)
 			i++
 			continue
 		}
@@ -348,7 +332,7 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 		if i < len(idx.merchants) && idx.merchants[i].ID == w.id {
 			i++ // an explicit merchant's binding is not wild: never here
 		}
-		one(w.id, w.provider, w.organisation, true, kn.lookup(w.id))
+		one(w.id, w.provider, w.organisation, true)
 		j++
 	}
 	return idx, activeBy, health
