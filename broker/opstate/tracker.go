@@ -24,9 +24,9 @@ type TrackerOptions struct {
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
 	// Emit, when set, is told of each transition someone must act on
-	// (the Event* names), with data naming the merchant, the provider,
-	// the error code and the merchant's state, never a token or a secret. It is called outside the
-	// tracker's lock, on the token fetch path: it must be quick.
+	// (the Event* names), with data that never holds a token or a secret.
+	// It is called outside the tracker's lock, on the token fetch path:
+	// it must be quick.
 	Emit func(event string, data map[string]any)
 	// MaxMerchants bounds the merchants remembered (only those whose
 	// token requests failed are): beyond it, a new merchant's record
@@ -39,27 +39,19 @@ type TrackerOptions struct {
 
 // Tracker learns from the broker's observer calls what the operator's
 // view needs besides what the broker keeps: each merchant's last error
-// (kept after a success) and, for each of its cache keys (a few at
-// most), whether the key's last token request was refused, for an
-// unknown organisation, or for lack of consent (until a request of the
-// key succeeds, whichever merchant sharing the key made it); each provider's
-// token requests over a sliding window and its last error; the fleet
-// tier's health. Whether a provider fails (a source backing off, or its
-// breaker not closed) it reads from the broker when told that a source
-// changed (SourceChanged) and in Reconcile. It emits an event on each
+// (kept after a success) and the failure state of each of its cache keys
+// (until a request of the key succeeds, whichever merchant made it);
+// each provider's token requests over a sliding window and its last
+// error; the fleet tier's health. Whether a provider fails it reads from
+// the broker (SourceChanged, Reconcile). It emits an event on each
 // transition (TrackerOptions.Emit), never twice for the same state.
 //
-// It is told of token API calls (Fetched), not of requests: nothing runs
-// per request. It is safe for concurrent use. It keeps a record only for
-// merchants whose token requests failed. A wildcard merchant's lives as
-// long as a binding of it in the table: Forget drops it when the table
-// evicts the binding, and the failure of a binding whose merchant the
-// table no longer holds (a request in flight held it) makes none. A
-// merchant explicit in a registry (one of its explicit bindings failed)
-// is never forgotten, wildcard in another handler's registry or not. The
-// records of a replaced configuration's merchants are kept, up to
-// MaxMerchants, so that a merchant still failing after a reload is not
-// announced again.
+// It is told of token API calls, not of requests, and is safe for
+// concurrent use. It keeps records only of merchants whose token
+// requests failed. A wildcard merchant's record lives as long as its
+// binding in the table (Forget); an explicit merchant's is never
+// forgotten. Records outlive a reload, up to MaxMerchants, so that a
+// merchant still failing is not announced again.
 type Tracker struct {
 	now    func() time.Time
 	emit   func(event string, data map[string]any)
@@ -338,20 +330,14 @@ func failureState(err error, code errcode.Code) string {
 	return StateBackingOff
 }
 
-// Fetched notes a call to a provider's token API for a binding (its
-// merchant and cache key) made by table (nil: none) and how it ended
-// (nil: a token). A cancelled call, and one the provider asked to be sent
-// again at once (broker.RetryNowError), count as calls, and say nothing
-// about the provider or the merchant. The failure of a wildcard binding
-// whose merchant table no longer holds (evicted while the call was in
-// flight) makes no record of it: the table's eviction forgot the merchant
-// (Forget), and a record made now would outlive its binding. A failure
-// without a table (an operator's check of a merchant no table holds,
-// explicit or wildcard: the tracker cannot tell) makes a wildcard
-// merchant's record, and leaves an existing record's class as it is: a
-// record of a merchant that no route served yet is the first to go, and
-// a failure of its explicit binding makes it an explicit merchant's. It
-// implements telemetry.Tap.
+// Fetched notes a call to a provider's token API for a binding made by
+// table (nil: none, an operator's check) and how it ended (nil: a
+// token). A cancelled call, and one to be sent again at once
+// (broker.RetryNowError), count as calls and say nothing else. A
+// failure of a merchant the table no longer holds (evicted while the
+// call was in flight) makes no record: it would outlive its binding. A
+// failure without a table makes a wildcard merchant's record, or leaves
+// an existing record's class as it is. It implements telemetry.Tap.
 func (t *Tracker) Fetched(provider string, b *broker.Binding, table telemetry.Holder, err error) {
 	now := t.now()
 	merchant := b.Merchant
