@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -340,14 +341,8 @@ func (o *Observer) FetchDone(_ context.Context, b *broker.Binding, f broker.Fetc
 
 // BackingOff counts the keys in failure memory, by provider.
 func (o *Observer) BackingOff(b *broker.Binding, on bool) {
-	if o.r.metrics == nil {
-		return
-	}
-	g := o.r.metrics.BackingOff.WithLabelValues(providerOf(b.SourceID))
-	if on {
-		g.Inc()
-	} else {
-		g.Dec()
+	if o.r.metrics != nil {
+		count(o.r.metrics.BackingOff.WithLabelValues(providerOf(b.SourceID)), on)
 	}
 }
 
@@ -357,10 +352,13 @@ func (o *Observer) SourceBackingOff(sourceID string, on bool) {
 	if o.r.tap != nil {
 		o.r.tap.SourceChanged(o.r.broker, providerOf(sourceID), sourceID)
 	}
-	if o.r.metrics == nil {
-		return
+	if o.r.metrics != nil {
+		count(o.r.metrics.SourcesBackingOff.WithLabelValues(providerOf(sourceID)), on)
 	}
-	g := o.r.metrics.SourcesBackingOff.WithLabelValues(providerOf(sourceID))
+}
+
+// count adds one to g when on, else takes one away.
+func count(g prometheus.Gauge, on bool) {
 	if on {
 		g.Inc()
 	} else {
