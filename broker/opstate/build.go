@@ -346,8 +346,6 @@ func walk(s Sources, provider string, now time.Time, visit func(v *merchantView)
 // (those it shares with other merchants included); one without a token
 // or a state of its own takes its provider's outage (see outage). It only
 // reads: it emits no event (Reconcile does).
-// It runs in one pass over the merchants (walk); the explicit merchants'
-// ids are sorted once per registry.
 func Build(s Sources, q Query, now time.Time) Report {
 	q.Limit = q.size()
 	rep := Report{GeneratedAt: now.UTC(), Merchants: []Merchant{}}
