@@ -79,21 +79,21 @@ func ForRegistry(m *Metrics, tap Tap, logger *zap.Logger, table *bindings.Table,
 	r := &Recorder{metrics: m, tap: tap, logger: logger, broker: br, observers: map[string]*Observer{},
 		nonceRefusals: &lograte.Limiter[string]{Every: NonceRefusedLogInterval, Now: time.Now}}
 	exported := map[string]bool{} // source IDs
-	export := func(sourceID string) {
+	export := func(provider, sourceID string) {
 		if m != nil && !exported[sourceID] {
 			exported[sourceID] = true
-			r.exportZero(sourceID)
+			r.exportZero(provider, sourceID)
 		}
 	}
 	if reg != nil {
-		for _, p := range reg.Providers {
-			export(p.ID)
+		for name, p := range reg.Providers {
+			export(name, p.ID)
 		}
 	}
 	if table != nil {
 		r.table = table
 		table.Each(func(_ string, b *bindings.Binding) {
-			export(b.SourceID)
+			export(b.Provider.Name, b.SourceID)
 			b.Observer = r.observerFor(b, false)
 		})
 	}
@@ -116,8 +116,8 @@ func (r *Recorder) Observer() broker.Observer {
 // unchanged for long (lookups and purges without the merchant label,
 // backoffs, breaker, refreshes), so that dashboards and alerts see 0
 // rather than nothing.
-func (r *Recorder) exportZero(sourceID string) {
-	m, provider := r.metrics, providerOf(sourceID)
+func (r *Recorder) exportZero(provider, sourceID string) {
+	m := r.metrics
 	if !m.merchantLabel {
 		r.sharedObserver(provider)
 		m.Purges.WithLabelValues(m.labels("", provider)...)
