@@ -18,17 +18,12 @@ import (
 const eventQueueSize = 1024
 
 // provisionEvents connects the app to Caddy's events app when the config
-// has one (the events global option, or an events app another app
-// loaded); without it emit does nothing. The events are emitted with ctx,
-// so {event.module} is "token_broker".
-//
-// Caddy's Emit runs the subscribed handlers synchronously, and they may
-// be slow (an exec handler, a web hook), while the events come from the
-// token path and from refreshes, which must not wait: emit only queues
-// an event (outbox.Outbox, at most eventQueueSize, then dropped, counted
-// and logged), and one goroutine of the app hands them to Emit in order.
-// It starts on Caddy's "started" event, once the events app has built its
-// subscriptions, and stops with the app.
+// has one; without it emit does nothing. Caddy's Emit runs the handlers
+// synchronously and they may be slow, while events come from the token
+// path: emit only queues them (outbox.Outbox, at most eventQueueSize,
+// then dropped, counted and logged), and one goroutine hands them to Emit
+// in order, from Caddy's "started" event (the events app has built its
+// subscriptions) until the app stops. {event.module} is "token_broker".
 func (a *App) provisionEvents(ctx caddy.Context) error {
 	appIface, err := ctx.AppIfConfigured("events")
 	if errors.Is(err, caddy.ErrNotConfigured) {
