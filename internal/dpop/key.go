@@ -227,11 +227,8 @@ func checkNonce(n string) bool {
 }
 
 // MaxNonce is the largest DPoP-Nonce a Key remembers and puts in its
-// proofs, in bytes. RFC 9449 sets no limit, and a server that asks for its nonce
-// refuses every proof without it, so the bound is far above what servers
-// send (tens to a few hundred bytes; an encrypted nonce well under 1 KiB).
-// A proof that carries an 8 KiB nonce is a DPoP header of about 11 KiB,
-// already over the 8 KiB header line that common HTTP servers accept by
-// default: a larger nonce could hardly travel back to its server. And a
-// Key keeps at most maxServers nonces: 512 KiB at most.
+// proofs, in bytes. RFC 9449 sets no limit; servers send tens to a few
+// hundred bytes, and a proof with an 8 KiB nonce is already over the 8 KiB
+// header line common servers accept. A Key keeps at most maxServers
+// nonces.
 const MaxNonce = 8 << 10
