@@ -224,7 +224,8 @@ func rejectsToken(mode string, status int, header http.Header) bool {
 // acceptsToken reports whether an answer of status to a retry shows that
 // the upstream took the fresh token it carried: an answer was written,
 // and it is not a 401, 429 or 5xx, which an upstream may answer before it
-// looks at a token.
+// looks at a token. Such an answer lifts the key's hold on purges
+// (Tokens.Accepted).
 func acceptsToken(status int) bool {
 	return status != 0 && status != http.StatusUnauthorized && status != http.StatusTooManyRequests &&
 		status < http.StatusInternalServerError
@@ -295,8 +296,8 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 		rr.ResponseWriter.WriteHeader(status)
 		return
 	}
-	// Only a DPoP-bound request whose nonce the key took has a proof to
-	// carry the nonce.
+	// A nonce challenge is retried only for a DPoP-bound request whose
+	// answer's nonce the key took: no other proof can carry it.
 	if rr.dpop != nil && nonceChallenge(status, rr.Header()) {
 		rr.refused = rr.dpop.refused.Load()
 		rr.challenged = rr.refused == nil
