@@ -1,12 +1,8 @@
 // Package dpop makes DPoP proofs (RFC 9449): a Key signs, for each HTTP
 // request, a short JWT that proves possession of the key the access token
-// is bound to. The proof's header (typ dpop+jwt, alg, the public jwk) is
-// built once per key; a proof costs one signature and its own bytes.
-//
-// Transport adds proofs to token-endpoint and PAR requests. A Key
-// remembers the last DPoP-Nonce of each server, by its kind (authorization
-// or resource server) and origin (Nonce, SetNonce), which the next proof
-// to that server carries.
+// is bound to. Transport adds proofs to token-endpoint and PAR requests. A
+// Key remembers the last DPoP-Nonce of each server, by its kind and origin
+// (Nonce, SetNonce), for the next proof to that server.
 //
 // Proofs are credentials for a few seconds: never log one.
 package dpop
@@ -58,8 +54,7 @@ type Key struct {
 	signer crypto.Signer
 	alg    string
 	jkt    string
-	// header is the base64url encoding of the proof's JOSE header,
-	// followed by ".": the first bytes of every proof.
+	// header is the base64url encoding of the proof's JOSE header and ".".
 	header string
 	// nonces are shared with twin.
 	nonces *nonces
