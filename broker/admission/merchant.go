@@ -33,10 +33,9 @@ type Replacer interface {
 const headerPrefix = "http.request.header."
 
 // defaultHint is what an error says about a header placeholder key
-// written with a default after a ':' (http.request.header.NAME:DEFAULT):
-// a placeholder has none at request time, and a Caddyfile gives requests
-// without the header a default merchant with Caddy's own matcher and
-// request_header directive, before token_broker. "" for another key.
+// written with a default (http.request.header.NAME:DEFAULT), which a
+// placeholder has not at request time: how to give one with Caddy's own
+// directives. "" for another key.
 func defaultHint(key string) string {
 	name, ok := strings.CutPrefix(key, headerPrefix)
 	header, def, colon := strings.Cut(name, ":")
@@ -48,14 +47,11 @@ func defaultHint(key string) string {
 }
 
 // ParseSelector reads a merchant selector. expand expands the Caddyfile's
-// placeholder shorthands of a string as the Caddyfile adapter does ({header.NAME}
-// to {http.request.header.NAME}). The error says what is wrong with the
-// selector: braces that do not pair, an empty placeholder, a header
-// placeholder whose name is not a header field name (as in
-// {http.request.header.X-Merchant-Id:acme}, which is no default), or a
-// Caddyfile shorthand, which Caddy does not know at request time: one the
-// adapter leaves unexpanded ({header.X-Merchant-Id:acme}) or one in a JSON
-// config, which is never adapted ({header.X-Merchant-Id}).
+// placeholder shorthands as the Caddyfile adapter does ({header.NAME} to
+// {http.request.header.NAME}). It refuses braces that do not pair, an
+// empty placeholder, a header placeholder whose name is not a header field
+// name ({http.request.header.X-Merchant-Id:acme}: no default), and a
+// Caddyfile shorthand, which Caddy does not know at request time.
 func ParseSelector(selector string, expand func(string) string) (Selector, error) {
 	unpaired := fmt.Errorf("selector %q has braces that do not pair: write a placeholder as {name}, as in {http.request.header.X-Merchant-Id}", selector)
 	start := -1
@@ -145,21 +141,13 @@ func CheckMerchant(merchant string) (string, errcode.Code) {
 }
 
 // hasUnderscoreTwin reports whether hdr has a header whose name is name's
-// with an underscore or a dot for a hyphen (X-Merchant_Id or X-Merchant.Id
-// beside X-Merchant-Id; Go does not canonicalise such names, so it is
-// another header to Caddy). A server behind the proxy that folds
-// underscores and dots into hyphens (CGI and FastCGI, PHP, WSGI) could read
-// it as the merchant: another merchant than the one whose token is set.
-// Such a request names the merchant twice: refused as ambiguous.
-//
-// Caddy's server drops every header name with an underscore or a dot before
-// any handler runs, unless the server's expected_underscore_headers or
-// expected_dot_headers keeps it (and then drops the hyphenated name): so
-// this sees a twin only where the operator asked Caddy to keep one.
+// with an underscore or a dot for a hyphen (X-Merchant_Id beside
+// X-Merchant-Id): a backend that folds them into hyphens (CGI, PHP, WSGI)
+// could read it as another merchant than the one whose token is set.
+// Caddy drops such names unless expected_underscore_headers or
+// expected_dot_headers keeps them.
 func hasUnderscoreTwin(hdr http.Header, name string) bool {
 	for k := range hdr {
-		// Only a name with an underscore or a dot is compared (and
-		// copied): rare.
 		if len(k) == len(name) && strings.ContainsAny(k, "_.") && strings.EqualFold(strings.Map(hyphenFold, k), name) {
 			return true
 		}

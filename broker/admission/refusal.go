@@ -45,11 +45,10 @@ type Refusal struct {
 
 // Prepare logs the cause, if any (it never holds a secret), and sets the
 // refusal's headers in h: Retry-After when the cause or RetryAfter says
-// when to come back, Allow for a refused method. A cause the broker's failure policy
-// answered (broker.BackoffOf: a backoff or an open breaker) repeats the
-// same error on every request until the backoff ends: its lines are
-// limited per backoff by limit (nil: not limited), and the next line logged
-// says how many were left out ("suppressed", "suppressed_since").
+// when to come back, Allow for a refused method. The lines of a cause the
+// failure policy answered (broker.BackoffOf) are limited per backoff by
+// limit (nil: not limited); the next line logged says how many were left
+// out ("suppressed", "suppressed_since").
 func (rf Refusal) Prepare(h http.Header, logger *zap.Logger, limit *lograte.Limiter[broker.Backoff]) {
 	ra := rf.RetryAfter
 	if rf.Cause != nil {

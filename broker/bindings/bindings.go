@@ -3,26 +3,22 @@
 // the size of the registry.
 //
 // A Table holds the bindings of one registry for one set of route
-// scopes. A hit is a read lock and a map read, without allocation (and,
-// for a wildcard merchant, the table's lock at most once a second, to
-// note its use). Merchants served through the registry's wildcard entry are bounded:
+// scopes. A hit is a read lock and a map read, without allocation (for a
+// wildcard merchant, also the table's lock at most once a second). The
+// merchants served through the registry's wildcard entry are bounded:
 //
 //   - at most Limits.MaxActive at a time; a new one evicts those unused
-//     for Limits.IdleTimeout (an LRU list: no scan), else the oldest one
-//     never served a token (its token requests failed, or its first one
-//     is still in flight), else it is refused (ErrTooManyMerchants). A
-//     merchant served a token is never evicted before IdleTimeout;
-//   - the tokens of the last MaxActive merchants evicted for idleness
-//     stay cached (parked), so that a merchant back soon costs no token
-//     request; an older one's token is dropped (Hooks.Drop), unless its
-//     merchant is in the table again. The tokens cached for wildcard
-//     merchants are so at most twice MaxActive.
+//     for Limits.IdleTimeout, else the oldest one never served a token,
+//     else it is refused (ErrTooManyMerchants);
+//   - the tokens of the last MaxActive merchants evicted for idleness stay
+//     cached (parked); an older one's is dropped (Hooks.Drop) unless its
+//     merchant is in the table again: at most twice MaxActive tokens.
 //
 // A request in flight keeps its binding (and its token) when the binding
 // is evicted meanwhile.
 //
 // ForRegistry makes the table of a config.Registry, Tables shares them
-// between the routes of a configuration, and Series keeps track of the
+// between the routes of a configuration, and Series tracks the
 // per-merchant metrics series that the bindings count into.
 package bindings
 
@@ -110,11 +106,8 @@ type Binding struct {
 // values are a binding's strings as interface values.
 type values struct{ merchant, organisation any }
 
-// Values returns Merchant and Organisation as interface values, made on
-// the first call: a string stored in an `any` is boxed, so handing the
-// strings out as `any` on every request would allocate each time, and
-// boxing them for every binding would cost memory for bindings whose
-// values nobody asks for.
+// Values returns Merchant and Organisation as interface values, boxed on
+// the first call only: later calls do not allocate.
 func (b *Binding) Values() (merchant, organisation any) {
 	v := b.values.Load()
 	if v == nil {
@@ -161,8 +154,7 @@ type Table struct {
 	tracking  Hooks // the hooks that track their bindings' series; nil if none do
 	discarded bool
 	// block holds the bindings of explicit merchants, which stay as long
-	// as the table: blockSize to a heap object rather than one each,
-	// fewer objects for every GC cycle to mark.
+	// as the table, blockSize to a heap object.
 	block []Binding
 }
 
@@ -222,10 +214,7 @@ func (t *Table) Peek(id string) *Binding {
 
 // HoldsMerchant reports whether the table holds a binding of the
 // merchant, and whether that binding is a wildcard merchant's (false when
-// it holds none). An explicit merchant's binding stays as long as the
-// table: the merchant of a binding the table made that it holds no more
-// is a wildcard merchant it evicted (a request in flight may still use
-// the binding).
+// it holds none). Only wildcard merchants' bindings are ever evicted.
 func (t *Table) HoldsMerchant(id string) (held, wild bool) {
 	b := t.Peek(id)
 	return b != nil, b != nil && b.wild != nil

@@ -44,10 +44,8 @@ func (r registryResolver) Resolve(id string) (*broker.Binding, string, string, b
 		return nil, "", "", false, ErrUnknownMerchant
 	}
 	if wild {
-		// m.ID is the request's header value: the binding must not keep
-		// the request's header strings alive. An explicit merchant's
-		// binding gets the registry's own id. m is the wildcard entry
-		// resolved for id, a copy of its own.
+		// m (a copy) has the request's header value as ID: the binding
+		// must not keep the request's strings alive.
 		m.ID = strings.Clone(m.ID)
 	}
 	bd, err := r.reg.MerchantBinding(m, r.scopes)

@@ -7,11 +7,10 @@ import (
 
 // Series keeps track of which merchants' per-merchant metrics series
 // exist, so that those of wildcard merchants follow the wildcard's active
-// set rather than every merchant id seen since start. A wildcard binding
-// is counted among its merchant's series users (Use) until it is evicted
-// or its table discarded (Release): the last user's release deletes them,
-// unless an explicit merchant's binding pinned them (Pin). T is what a
-// binding counts into (its resolved counters).
+// set. A wildcard binding counts among its merchant's series users (Use)
+// until it is evicted or its table discarded (Release): the last release
+// deletes them, unless an explicit merchant's binding pinned them (Pin).
+// T is what a binding counts into (its resolved counters).
 //
 // A Series is safe for concurrent use. Make it with NewSeries.
 type Series[T any] struct {
@@ -45,10 +44,9 @@ func (s *Series[T]) Use(provider, merchant string) T {
 }
 
 // Pin resolves the series of an explicit merchant's binding and pins
-// them for good: the merchant may be served through a wildcard in another
-// config, whose release must not delete the series this binding counts
-// into. The ids are copied: they may point into a registry's file, which
-// must not stay alive after its config is discarded.
+// them for good (another config may serve the merchant through a
+// wildcard, whose release must not delete them). The ids are copied: they
+// may point into a registry's file.
 func (s *Series[T]) Pin(provider, merchant string) T {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -72,9 +70,8 @@ func (s *Series[T]) Sweep(provider, merchant string) {
 // Release is the end of a wildcard binding that Use counted (evicted, or
 // its table discarded): the last one deletes the merchant's series,
 // unless Pin pinned them. A request still using a binding of a discarded
-// table may count once more into a deleted series (the table still holds
-// the binding: nobody sweeps them), which then exists until a binding of
-// the merchant is counted and released again.
+// table may count into them once more, making them again until the next
+// release.
 func (s *Series[T]) Release(provider, merchant string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -35,14 +35,13 @@ const unknownKidGap = 5 * time.Second
 const keysMaxAge = 5 * time.Minute
 
 // keySet is the caller issuer's signing keys, an oidc.KeySet. Unlike
-// go-oidc's RemoteKeySet, which fetches the key set again on every failed
-// verification, it fetches at most once per interval for a token whose
-// kid it knows (a forged signature costs no outbound call), at most once
-// per unknownKidGap for a kid it does not know, and once when its keys are
-// older than keysMaxAge: that fetch runs in the background, and the keys
-// it replaces serve meanwhile. One fetch runs at a time; verifications
-// that need it wait for it. A keySet without url holds static keys (jwks_file) and
-// never fetches. Safe for concurrent use.
+// go-oidc's RemoteKeySet, which fetches on every failed verification, it
+// fetches at most once per interval for a known kid (a forged signature
+// costs no outbound call), at most once per unknownKidGap for an unknown
+// one, and in the background once its keys are older than keysMaxAge
+// (they serve meanwhile). One fetch runs at a time; verifications that
+// need it wait for it. Without url it holds jwks_file's keys and never
+// fetches. Safe for concurrent use.
 type keySet struct {
 	// ctx is the policy's context, which ends when the policy is
 	// unloaded: the fetches run on it, not on a request's.
@@ -113,12 +112,8 @@ func (k *keySet) VerifySignature(ctx context.Context, jwt string) ([]byte, error
 		return nil, errors.New("no key of jwks_file verifies the JWT's signature")
 	}
 	if err := k.refresh(ctx, false, hdr.KeyID); err != nil {
-		// Without a key for the JWT's kid (none at all, or a key the
-		// issuer rotated in) and without the issuer's answer (this
-		// fetch failed, or the last one did), the JWT cannot be checked:
-		// the caller is told to retry.
 		limited := errors.Is(err, errRefreshLimited)
-		if !k.available() || !k.holds(hdr.KeyID) && (!limited || k.lastFailed()) {
+		if k.unavailable(hdr.KeyID, limited) {
 			mark(ctx, keysUnavailableKey{})
 			return nil, fmt.Errorf("the caller issuer's keys are unavailable: %w", err)
 		}
@@ -155,23 +150,14 @@ func (k *keySet) snapshot() []jose.JSONWebKey {
 	return k.keys
 }
 
-// available reports whether the set holds keys.
-func (k *keySet) available() bool {
-	return len(k.snapshot()) > 0
-}
-
-// holds reports whether the set has a key for kid (knows).
-func (k *keySet) holds(kid string) bool {
+// unavailable reports, after a refresh for kid failed (limited: refused
+// by the rate limit), whether a JWT of kid cannot be checked: the set has
+// no keys, or none for kid and no answer of the issuer (this fetch failed,
+// or the last one did). The caller is then told to retry.
+func (k *keySet) unavailable(kid string, limited bool) bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	return k.knows(kid)
-}
-
-// lastFailed reports whether the last fetch attempt failed.
-func (k *keySet) lastFailed() bool {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	return k.tried.After(k.fetched)
+	return len(k.keys) == 0 || !k.knows(kid) && (!limited || k.tried.After(k.fetched))
 }
 
 // stale reports whether the fetched keys are too old to be used without
@@ -197,12 +183,11 @@ func (k *keySet) knows(kid string) bool {
 	return false
 }
 
-// refresh fetches the key set if the rate limit allows it, or joins a
-// fetch already running, and waits for the fetch as long as ctx allows,
-// returning its error. The fetch runs on k.ctx, not on ctx: others may be
-// waiting for it. aged says the fetch is for keys older than keysMaxAge,
-// which serve until it ends: it does not wait for the fetch, which runs in
-// the background.
+// refresh starts a fetch of the key set if the rate limit allows it, or
+// joins the one running, and waits for it as long as ctx allows,
+// returning its error. The fetch runs on k.ctx: others may wait for it.
+// With aged (keys older than keysMaxAge, which serve meanwhile) it does
+// not wait.
 func (k *keySet) refresh(ctx context.Context, aged bool, kid string) error {
 	k.mu.Lock()
 	f := k.inflight
@@ -262,7 +247,6 @@ func (k *keySet) fetch(ctx context.Context) ([]jose.JSONWebKey, error) {
 		return nil, fmt.Errorf("fetching the caller issuer's key set: %w", err)
 	}
 	defer resp.Body.Close()
-	// At most httpclient.MaxResponseBytes.
 	body, tooLarge, err := httpclient.ReadBody(resp.Body)
 	if tooLarge {
 		err = &httpclient.TooLargeError{Host: req.URL.Host, Status: resp.StatusCode}

@@ -60,19 +60,16 @@ type Config struct {
 	Now func() time.Time
 }
 
-// Policy makes callers prove who they are with a JWT (for example a
-// Kubernetes service-account token or a workload identity) and says which
-// merchants each may act for.
+// Policy makes callers prove who they are with a JWT (a Kubernetes
+// service-account token, a workload identity) and says which merchants
+// each may act for.
 //
-// The issuer's keys are fetched at most once per RefreshInterval for tokens
-// whose key id (kid) is known, at most once per 5 s for a kid not seen
-// before (a key rotation), and again when they are 5 minutes old: a forged
-// token costs the issuer nothing. A verified JWT is trusted until it
-// expires, for at most 5 minutes, without being checked again: revoking
-// it at the issuer is not seen before then. A JWT verified with keys that
-// are being fetched again because they are 5 minutes old is checked again
-// on its next use, so a key the issuer withdrew stops being trusted once
-// that fetch ends. Safe for concurrent use.
+// The issuer's keys are fetched at most once per RefreshInterval for a
+// known kid, at most once per 5 s for an unknown one, and again when 5
+// minutes old. A verified JWT is trusted until it expires, for at most 5
+// minutes (a revocation at the issuer is not seen before then), unless it
+// was verified with keys being fetched again for their age: it is then
+// checked again on its next use. Safe for concurrent use.
 type Policy struct {
 	issuer   string
 	audience string
@@ -83,23 +80,19 @@ type Policy struct {
 	now      func() time.Time
 	// verifier is nil until the issuer's key-set URL is known.
 	verifier atomic.Pointer[oidc.IDTokenVerifier]
-	// discovery is a semaphore of one (a channel of capacity 1): a request
-	// holds a value in it while it finds the key-set URL; the others wait
-	// for room as long as their context allows.
+	// discovery is a semaphore of one, held while finding the key-set URL;
+	// others wait for it as long as their context allows.
 	discovery chan struct{}
 	ctx       context.Context
-	// verified remembers the subjects of JWTs already verified, by the
-	// SHA-256 of the JWT, until they expire (at most 5 minutes): a caller
-	// reusing its token costs a hash, not a signature check.
+	// verified maps the SHA-256 of a verified JWT to its subject until it
+	// expires (at most maxVerifiedTTL).
 	verified *gocache.Cache
 	retryAt  time.Time // no discovery before, after a failed one; guarded by discovery
 }
 
-// IsCredentialHeader reports whether name (in any case) is a request
-// header that may carry the caller's JWT, Authorization or
-// Proxy-Authorization: Caddy's access logs redact them (unless
-// should_log_credentials is set), and reverse_proxy's debug logs too. Any
-// other header is logged in clear.
+// IsCredentialHeader reports whether name (in any case) may carry the
+// caller's JWT: Authorization or Proxy-Authorization, which Caddy's logs
+// redact; any other header is logged in clear.
 func IsCredentialHeader(name string) bool {
 	switch textproto.CanonicalMIMEHeaderKey(name) {
 	case "Authorization", "Proxy-Authorization":
@@ -223,8 +216,6 @@ func (p *Policy) verifierFor(ctx context.Context) (*oidc.IDTokenVerifier, error)
 	if p.now().Before(p.retryAt) {
 		return nil, fmt.Errorf("discovering the caller issuer %s: failed less than %s ago", p.issuer, discoveryRetry)
 	}
-	// Bounded: requests wait on this (one at a time), so a slow issuer
-	// must not block them, and a failing one is not asked on every request.
 	dctx, cancel := context.WithTimeout(oidc.ClientContext(p.ctx, p.client), discoveryTimeout)
 	defer cancel()
 	prov, err := oidc.NewProvider(dctx, p.issuer)
@@ -264,25 +255,19 @@ func (e *Error) Error() string { return e.Err.Error() }
 // Unwrap returns the reason of the refusal.
 func (e *Error) Unwrap() error { return e.Err }
 
-// Challenge is the WWW-Authenticate value of the refusal, "" for none. A
-// request without a Bearer token gets the scheme and realm only, with no
-// error code (RFC 6750 §3.1); a token that fails gets invalid_token.
-func (e *Error) Challenge() string {
-	switch {
-	case e.Code != errcode.CallerUnauthenticated:
-		return ""
-	case e.presented:
-		return `Bearer realm="` + challengeRealm + `", error="invalid_token"`
-	}
-	return `Bearer realm="` + challengeRealm + `"`
-}
-
-// SetChallenge sets the WWW-Authenticate header of h to the refusal's
-// challenge (RFC 6750 §3); it leaves h alone for a refusal without one.
+// SetChallenge sets the WWW-Authenticate header of h to the challenge of
+// an errcode.CallerUnauthenticated refusal (RFC 6750 §3): the Bearer
+// scheme and realm, with error="invalid_token" when a token was presented
+// (§3.1). It leaves h alone for another refusal.
 func (e *Error) SetChallenge(h http.Header) {
-	if c := e.Challenge(); c != "" {
-		h.Set("WWW-Authenticate", c)
+	if e.Code != errcode.CallerUnauthenticated {
+		return
 	}
+	c := `Bearer realm="` + challengeRealm + `"`
+	if e.presented {
+		c += `, error="invalid_token"`
+	}
+	h.Set("WWW-Authenticate", c)
 }
 
 // Authenticate verifies the caller's JWT and returns its subject.

@@ -12,27 +12,20 @@ import (
 )
 
 // Site decides whether a request may use the sidecar's site: the
-// token_broker handler and the consent links endpoint act for any merchant
-// with the partner's credentials, so they serve the applications on the
-// host (or those an operator names), never a web page.
+// token_broker handler and the consent links endpoint act for any merchant,
+// so they serve the applications on the host (or those an operator
+// names), never a web page.
 //
-//   - Host: a loopback name (localhost, 127.0.0.1 and the rest of
-//     127.0.0.0/8, [::1]; any port) or one of the app's allowed_hosts.
-//     Anything else is refused with 421 host_not_allowed: a page served
-//     from an attacker's name that resolves to 127.0.0.1 (DNS rebinding)
-//     is same-origin to the browser, which then lets it read the answers,
-//     but its requests carry the attacker's name as Host.
-//   - Browser requests from another origin: Sec-Fetch-Site other than
-//     same-origin or none, or (from browsers that do not send it) an
-//     Origin whose host is not the request's Host, are refused with 403
-//     cross_site_request: a page on any site could otherwise send
-//     requests (a text/plain POST needs no CORS preflight) that act with
-//     the merchants' tokens.
+//   - Host: a loopback name (localhost, 127.0.0.0/8, [::1]; any port) or
+//     one of allowed_hosts, else 421 host_not_allowed: a DNS-rebinding
+//     page is same-origin to the browser but sends its own name as Host.
+//   - Browser requests from another origin (Sec-Fetch-Site other than
+//     same-origin or none; without it, an Origin whose host is not the
+//     Host) are refused with 403 cross_site_request: a text/plain POST
+//     needs no CORS preflight.
 //
-// A client that is not a browser sends neither header and a loopback or
-// allowed Host: it is not affected. The consent start and callback pages,
-// which merchants' browsers reach on the partner's public callback site,
-// are not guarded.
+// A client that is not a browser sends neither header: it is not
+// affected.
 type Site struct {
 	anyHost bool                // allowed_hosts holds "*"
 	hosts   map[string]struct{} // the other allowed hosts, normalised (siteHost)

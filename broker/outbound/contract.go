@@ -1,12 +1,8 @@
 // Package outbound decides what a request carries when it leaves for the
 // upstream, in plain net/http: the outbound-header contract (Contract),
-// the one retry after the upstream rejects the token (Retry: the body
-// replayed, the token purged, consent_required when no new token can be
-// had), and a request's DPoP binding (DPoP: the proof signed by the
-// transport that sends the request, SignCopy). It has no Caddy import;
-// the module builds Contract and Retry per request from the handler's
-// settings, gives Retry the broker's tokens (BrokerTokens, a Tokens), and
-// its reverse_proxy transport signs through DPoP.
+// the one retry after the upstream rejects the token (Retry), and a
+// request's DPoP binding (DPoP), which the transport that sends the
+// request signs. It has no Caddy import.
 package outbound
 
 import (
@@ -47,55 +43,32 @@ const InteractionIDHeader = "X-Fapi-Interaction-Id"
 const DPoPHeader = "Dpop"
 
 // Contract is the outbound-header contract: what the token_broker handler
-// guarantees about a request it passes on to the next handler (normally
-// reverse_proxy), whatever the caller sent. It is the one place that
-// decides; the handler and the 401 retry (Retry) both go through it.
+// guarantees about a request it passes on (normally to reverse_proxy),
+// whatever the caller sent; the handler and Retry both go through it.
 //
-// The headers the contract owns are the caller's credentials
-// (Authorization, which the token is set in, Proxy-Authorization, DPoP),
-// the merchant header (when the merchant is read from a header), the
-// caller-JWT header (with a caller policy) and x-fapi-interaction-id when
-// the handler adds it (interaction_id). For these:
+// It owns Authorization, Proxy-Authorization, DPoP, the merchant header,
+// the caller-JWT header and, with Interaction, x-fapi-interaction-id:
 //
-//   - Removed: every value the caller sent of Authorization,
-//     Proxy-Authorization, DPoP, the merchant header and
-//     the caller-JWT header. A caller's x-fapi-interaction-id is passed on.
-//     A DPoP proof is made for the request as it leaves, by the
-//     token_broker_dpop transport: nothing the caller sends can stand in
-//     for it or come with it.
-//   - Set: Authorization, to exactly one value, "Bearer <token>"; on a
-//     401 retry, to the new token. A DPoP-bound token ("DPoP <token>") is
-//     not set on the request at all: it goes in the request's DPoP
-//     binding, and only the token_broker_dpop transport puts it, with its
-//     proof, on the copy it sends (DPoP.Sign). With Interaction, a request
-//     without x-fapi-interaction-id, or with only empty values of it, gets
-//     a new random UUID in it.
-//   - Connection: every option of the caller's Connection header that names
-//     an owned header is removed (reverse_proxy would otherwise drop the
-//     injected token as a hop-by-hop header, the upstream would answer 401
-//     and each request would cost a token request). Other options stay, so
-//     "Connection: Upgrade" (websockets) still works. A Connection header
-//     left empty is removed.
-//   - Trailers: a request that declares a trailer naming an owned header
-//     (the Trailer header) is refused with 400 forbidden_trailer before any
-//     token lookup; an undeclared trailer naming one, which HTTP/1.1 lets a
-//     client send after a chunked body, is dropped when the body ends, before
-//     reverse_proxy copies the trailers upstream.
-//   - TRACE and TRACK, in any letter case, are refused with 405: an
-//     upstream answering them echoes the request, injected token included,
-//     back to the caller (see echoes).
-//   - CONNECT, in any letter case, is refused with 405: it asks for a
-//     tunnel to a host the caller names, not for an API call, and would
-//     go to the upstream with the token. An extended CONNECT for a
-//     websocket (RFC 8441, RFC 9220: over HTTP/2 and HTTP/3) is an
-//     upgrade of a request to the upstream, as `Upgrade: websocket` is in
-//     HTTP/1.1, and goes on (see tunnels).
-//   - Incremental: a request with `Incremental: ?1` (Caddy's convention for
-//     a body that must be forwarded as it arrives) is never buffered and
-//     never retried after a 401; see Retry.Incremental.
+//   - Removed: every value the caller sent of the owned headers but
+//     x-fapi-interaction-id, which is passed on.
+//   - Set: Authorization to exactly one value, "Bearer <token>" (the new
+//     token on a 401 retry). A DPoP-bound token is never set here: only
+//     the DPoP transport puts it, with its proof, on the copy it sends
+//     (DPoP.Sign). With Interaction, a request without a non-empty
+//     x-fapi-interaction-id gets a random UUID.
+//   - Connection: options naming an owned header are removed
+//     (reverse_proxy would drop the token as hop-by-hop, and each 401
+//     would cost a token request); others stay ("Connection: Upgrade"),
+//     and a Connection header left empty is removed.
+//   - Trailers: a declared trailer naming an owned header is refused with
+//     400 forbidden_trailer before any token lookup; an undeclared one is
+//     dropped when the body ends, before reverse_proxy copies trailers.
+//   - TRACE, TRACK (echoes) and CONNECT but an extended CONNECT for a
+//     websocket (tunnels), in any letter case, are refused with 405.
+//   - Incremental: a body to forward as it arrives (`Incremental: ?1`) is
+//     never buffered nor retried (Retry.Incremental).
 //
-// A Contract is a small value: build it per request from the handler's
-// settings.
+// A Contract is a small value: build it per request.
 type Contract struct {
 	// Merchant is the canonical merchant header; "" when the merchant is
 	// not read from a header.
@@ -132,22 +105,18 @@ func (o Contract) Check(r *http.Request) errcode.Code {
 	return 0
 }
 
-// echoes reports whether method asks the upstream to send the request back
-// as its answer: TRACE (RFC 9110 §9.3.8) and TRACK (IIS's TRACE), compared
-// in any letter case. Go's server passes the method on as the caller wrote
-// it, reverse_proxy forwards it so, and servers that compare methods
-// without regard to case (IIS among them) answer "trace" as TRACE.
+// echoes reports whether method asks the upstream to send the request,
+// token included, back as its answer: TRACE (RFC 9110 §9.3.8) or TRACK
+// (IIS's TRACE) in any letter case, as servers such as IIS compare them.
 func echoes(method string) bool {
 	return strings.EqualFold(method, http.MethodTrace) || strings.EqualFold(method, "TRACK")
 }
 
 // tunnels reports whether r is a CONNECT (RFC 9110 §9.3.6, any letter
-// case) that asks for a tunnel: every CONNECT but an extended one for a
-// websocket, which reverse_proxy sends to the upstream as an HTTP/1.1
-// upgrade (RFC 8441 over HTTP/2: the :protocol pseudo-header, which Go's
-// server passes on as a header; RFC 9220 over HTTP/3: the HTTP/3 server
-// sets Proto to it). reverse_proxy would send any other CONNECT to the
-// upstream with the token, naming a host the caller chose.
+// case) for a tunnel to a host the caller names: every CONNECT but an
+// extended one for a websocket, which reverse_proxy sends as an HTTP/1.1
+// upgrade (RFC 8441: the :protocol pseudo-header, which Go's server passes
+// on as a header; RFC 9220: the HTTP/3 server sets Proto to it).
 func tunnels(r *http.Request) bool {
 	if !strings.EqualFold(r.Method, http.MethodConnect) {
 		return false
@@ -160,7 +129,6 @@ func tunnels(r *http.Request) bool {
 // Authorization value v: "Bearer <token>", or "DPoP <token>", which is
 // not set (see IsDPoP).
 func (o Contract) Prepare(r *http.Request, v string) {
-	// The keys are canonical already: delete without canonicalising again.
 	delete(r.Header, "Authorization")
 	delete(r.Header, "Proxy-Authorization")
 	delete(r.Header, DPoPHeader)
@@ -229,17 +197,11 @@ func (o Contract) cleanConnection(h http.Header, c []string) {
 // IsDPoP reports whether the Authorization value v is a DPoP-bound token,
 // "DPoP <token>" (any case): such a token leaves only with its proof, set
 // by the transport (DPoP.Sign).
-func IsDPoP(v string) bool { return hasPrefixFold(v, "dpop ") }
-
-// hasPrefixFold is strings.HasPrefix without regard to ASCII case.
-func hasPrefixFold(s, prefix string) bool {
-	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
-}
+func IsDPoP(v string) bool { return len(v) >= 5 && strings.EqualFold(v[:5], "dpop ") }
 
 // Carries reports whether r, as later handlers left it, still carries the
 // Authorization value v exactly once and no Connection option would remove
-// it. A 401 to a request that did not carry the broker's token says nothing
-// about the token: it must not purge it (a purge costs a token request).
+// it: only a 401 to such a request may purge the token.
 func (o Contract) Carries(r *http.Request, v string) bool {
 	if vals := r.Header["Authorization"]; len(vals) != 1 || vals[0] != v {
 		return false
@@ -255,9 +217,8 @@ func (o Contract) Carries(r *http.Request, v string) bool {
 }
 
 // trailerFilter drops trailers naming owned headers when the body ends,
-// before reverse_proxy (which reads the trailers at EOF) sees them. The
-// server fills r.Trailer, a map shared with every shallow copy of the
-// request, when the body's last chunk is read.
+// before reverse_proxy reads them: the server fills r.Trailer, shared by
+// every shallow copy of the request, at the body's last chunk.
 type trailerFilter struct {
 	io.ReadCloser
 	r *http.Request

@@ -12,36 +12,28 @@ import (
 )
 
 // DPoP is a request's DPoP binding (RFC 9449): the DPoP-bound token the
-// token_broker handler chose for the request (the entry's header value,
-// "DPoP <token>", and the ath of its proofs), handed to the transport that
-// sends the request upstream and signs it there, where the URL the
-// upstream receives is known (after reverse_proxy chose the upstream and
-// rewrote the path). The handler never puts a DPoP-bound token on the
-// request itself: only Sign does, on the copy the transport sends, and
-// always with its proof, so that a route without the transport sends no
-// credential at all.
+// handler chose, signed by the transport that sends the request upstream,
+// where the URL the upstream receives is known. Only Sign puts the token
+// on a request, always with its proof, so a route without the transport
+// sends no credential at all.
 //
-// It belongs to one request: make it with NewDPoP when the request's token
-// is chosen, and End it when the handler is done with the request. It
-// stays in Caddy's request variables after that, where the handle_errors
-// routes see it: an ended binding sends no credential.
+// Make it with NewDPoP when the request's token is chosen and End it when
+// the handler is done with the request; Caddy's handle_errors routes still
+// find it in the request's variables, and an ended binding sends no
+// credential.
 type DPoP struct {
-	// key signs the proofs.
 	key *dpop.Key
 	// header is the token's Authorization value, "DPoP <token>"; ath the
-	// proofs' ath claim for it (SetToken).
+	// proofs' ath claim for it.
 	header, ath string
 	// sent is the Authorization value of the last attempt signed.
 	sent string
-	// signed: a transport signed (or refused to sign) the current attempt
-	// of the request: the route has a DPoP transport.
+	// signed: a transport signed (or refused to sign) the current attempt.
 	signed atomic.Bool
-	// done: End was called; Sign sends no credential, Observe keeps no
-	// nonce.
+	// done: End was called.
 	done atomic.Bool
-	// refused is the refusal of the DPoP-Nonce the last answer Observe
-	// saw carried, when the key refused it (over dpop.MaxNonce bytes, or
-	// not a nonce); nil otherwise. It never holds the nonce.
+	// refused is the key's refusal of the DPoP-Nonce of the last answer
+	// Observe saw, nil when none; it never holds the nonce.
 	refused atomic.Pointer[dpop.NonceError]
 }
 
@@ -51,24 +43,20 @@ func NewDPoP(k *dpop.Key) *DPoP { return &DPoP{key: k} }
 
 // SetToken sets the token the next attempt carries: header is the
 // Authorization value ("DPoP <token>", broker.Entry.Header) and ath the
-// proofs' ath claim for the token (broker.Entry.ATH). The attempt counts
-// as not signed until a transport signs it.
+// proofs' ath claim for it (broker.Entry.ATH). The attempt counts as not
+// signed until a transport signs it.
 func (d *DPoP) SetToken(header, ath string) {
 	d.header, d.ath = header, ath
 	d.signed.Store(false)
 }
 
-// End ends the binding: the handler that made it is done with the
-// request. Sign then removes Authorization and DPoP and signs nothing, and
-// Observe keeps no nonce, for whatever still sends the request: Caddy's
-// handle_errors routes run with the request's variables after the handler
-// returned an error, and a transport there finds the binding. End only
-// sets a flag; an ended binding's other fields are read, never written.
+// End ends the binding: Sign then removes Authorization and DPoP and signs
+// nothing, and Observe keeps no nonce. It only sets a flag: the other
+// fields of an ended binding are read, never written.
 func (d *DPoP) End() { d.done.Store(true) }
 
-// Signed reports whether a transport handled the current attempt of the
-// request (Sign was called). An attempt answered without is one whose
-// route lacks the DPoP transport: it left with no credential.
+// Signed reports whether a transport handled the current attempt (Sign
+// was called); an attempt without one left with no credential.
 func (d *DPoP) Signed() bool { return d.signed.Load() }
 
 // Carries reports whether the current attempt left signed with the
@@ -82,25 +70,22 @@ func (d *DPoP) String() string { return "DPoP " + d.key.Alg() + " " + d.key.Thum
 // GoString is String, for %#v: the binding's fields hold the token.
 func (d *DPoP) GoString() string { return "outbound.DPoP(" + d.String() + ")" }
 
-// Sign puts the token on req, a request about to be sent upstream, with
-// its proof: "Authorization: DPoP <token>" and a DPoP header with a fresh
-// proof for req: htm its method, htu its URL as the upstream receives it
-// (scheme, the Host header or else the URL's host, path; req.URL.Scheme
-// must be set), ath the token's hash, and the nonce the resource server
-// at the upstream's origin (req.URL's scheme and host: the upstream
-// chosen, never the Host header a caller sent) last sent, if any: never
-// an authorization server's nonce, even one at the same origin. Whatever
-// Authorization and DPoP req had is replaced. X-Forwarded-Proto and
-// X-Forwarded-Host, when they hold what reverse_proxy sets them to from
-// caller, the origin of the caller's request to the sidecar
-// (scheme://host, its Host header as received), are set to the scheme and
-// host signed (the host as it is sent: dpop.WireHost), for a server that
-// rebuilds its target URI from them; any other value of theirs (set by
-// header_up, or a trusted proxy's that reverse_proxy kept) is left as it
-// is, and so are Forwarded (RFC 7239) and X-Forwarded-Prefix. When no
-// proof can be made, or the binding has no token or was ended (End), req
-// leaves with neither header: a DPoP-bound token never leaves without its
-// proof, nor after its request was done.
+// Sign puts the token on req, about to be sent upstream, with a fresh
+// proof, replacing any Authorization and DPoP: htm is req's method, htu
+// its URL as the upstream receives it (scheme, the Host header or else the
+// URL's host, path; req.URL.Scheme must be set), and the nonce is the one
+// the resource server at req.URL's origin last sent (never the Host
+// header's origin, never an authorization server's nonce).
+//
+// X-Forwarded-Proto and X-Forwarded-Host, when they hold what
+// reverse_proxy sets them to from caller (the origin of the caller's
+// request to the sidecar, scheme://host), are set to the scheme and host
+// signed (dpop.WireHost), for a server that rebuilds its target URI from
+// them (RFC 9110 §7.1); other values of theirs, Forwarded and
+// X-Forwarded-Prefix are left as they are.
+//
+// With no token, after End, or when no proof can be made, req leaves with
+// neither header: a DPoP-bound token never leaves without its proof.
 func (d *DPoP) Sign(req *http.Request, caller string, now time.Time) error {
 	delete(req.Header, "Authorization")
 	delete(req.Header, DPoPHeader)
@@ -121,10 +106,6 @@ func (d *DPoP) Sign(req *http.Request, caller string, now time.Time) error {
 	if err != nil {
 		return err
 	}
-	// reverse_proxy's forwarding headers name the caller's request to the
-	// sidecar; a server that trusts them rebuilds its target URI from
-	// them (RFC 9110 §7.1): those reverse_proxy set name the request
-	// signed.
 	scheme, callerHost, _ := strings.Cut(caller, "://")
 	forward(req.Header, "X-Forwarded-Proto", scheme, strings.ToLower(u.Scheme))
 	forward(req.Header, "X-Forwarded-Host", callerHost, dpop.WireHost(host))
@@ -154,16 +135,11 @@ func (d *DPoP) SignCopy(req *http.Request, caller string, now time.Time) (*http.
 	return sent, d.Sign(sent, caller, now)
 }
 
-// Observe remembers the DPoP-Nonce of h, the answer to req (which Sign
-// signed), for the proofs that follow to the resource server at req's
-// origin: a resource server may send a new one with any answer
-// (RFC 9449 §8.2). An ended binding (End) keeps none: its requests left
-// unsigned. A nonce the key refuses (over dpop.MaxNonce bytes, or not a
-// nonce) is not remembered: its *dpop.NonceError, which never holds the
-// nonce, is kept for the answer (and by the key: dpop.Key.RefusedNonce):
-// a nonce challenge in that answer is not answered with a retry, its
-// proof could not carry the nonce either; Retry.Forward passes it on and
-// reports the refusal (Retry.NonceRefused).
+// Observe remembers the DPoP-Nonce of h, the answer to req, for the next
+// proofs to the resource server at req's origin (RFC 9449 §8.2); an ended
+// binding keeps none. A nonce the key refuses is not remembered: its
+// *dpop.NonceError (which never holds the nonce) is kept, so that a nonce
+// challenge in that answer is passed on, not retried (Retry.NonceRefused).
 func (d *DPoP) Observe(req *http.Request, h http.Header) {
 	if d.done.Load() {
 		return

@@ -27,15 +27,12 @@ const DefaultRetryBodyLimit = 64 << 10
 const MaxRetryBodyLimit = 16 << 20
 
 // maxBufferedBody is the largest 401 response body buffered while the
-// request is retried. A longer one is passed on to the caller as it comes
-// (the token is still purged, the request is not retried): the broker never
-// buffers an unbounded upstream answer.
+// request is retried; a longer one is passed on as it comes (the token is
+// still purged, the request not retried).
 const maxBufferedBody = 64 << 10
 
-// minPurgeAge: with Mode "any", a token younger than this is not purged.
-// Any 401 then counts, including ones a caller can provoke at will (a
-// wrong resource), and each purge costs a token request. In every mode,
-// the broker also limits purges by rejection per key (broker.Reject).
+// minPurgeAge: with Mode "any", where a caller can provoke a 401 at will,
+// a token younger than this is not purged (a purge costs a token request).
 const minPurgeAge = time.Second
 
 // Next is the handler a request is passed on to (caddyhttp.Handler).
@@ -149,17 +146,11 @@ type Retry struct {
 	// the refusal, which never holds the nonce: the answer is passed on,
 	// not retried. It is told once per request.
 	NonceRefused func(b *broker.Binding, refused error)
-	// DPoP is the request's DPoP binding, with the token set (DPoP.SetToken);
-	// nil for a bearer token. The token leaves only on an attempt a
-	// transport signed. An attempt no transport signed (DPoP.Signed is
-	// false when its answer starts: the route lacks the DPoP transport, or
-	// a handler other than reverse_proxy answered) left without any
-	// credential: its answer passes through, except a 401, which is
-	// dropped and Forward returns ErrUnsigned without writing anything. A
-	// 401 is what an upstream answers a request without credentials; any
-	// other answer (a respond or file_server handler's) is the route's to
-	// give. Nothing is remembered between requests: each is judged alone.
-	// This holds in every Mode, "off" included.
+	// DPoP is the request's DPoP binding, with the token set; nil for a
+	// bearer token. An attempt no transport signed (DPoP.Signed false when
+	// its answer starts) left without any credential: its answer passes
+	// through, except a 401, which is dropped and Forward returns
+	// ErrUnsigned without writing anything. This holds in every Mode.
 	DPoP *DPoP
 }
 
@@ -217,11 +208,9 @@ func (e *BodyError) Error() string { return fmt.Sprintf("reading the request bod
 func (e *BodyError) Unwrap() error { return e.Err }
 
 // rejectsToken reports whether an upstream answer says the token is no good
-// and should be purged: by default a 401 with
-// `WWW-Authenticate: Bearer error="invalid_token"` (RFC 6750 §3.1) or
-// `DPoP error="invalid_token"` (RFC 9449 §7.1); in Mode "any", every 401
-// but a nonce challenge (nonceChallenge). A 403 (insufficient_scope, IP
-// filtering) is not about the token's validity and never purges.
+// and should be purged: a 401 with a Bearer or DPoP challenge of
+// error="invalid_token" (RFC 6750 §3.1, RFC 9449 §7.1); in Mode "any",
+// every 401 but a nonce challenge. A 403 never purges.
 func rejectsToken(mode string, status int, header http.Header) bool {
 	if status != http.StatusUnauthorized {
 		return false
@@ -233,30 +222,24 @@ func rejectsToken(mode string, status int, header http.Header) bool {
 }
 
 // acceptsToken reports whether an answer of status to a retry shows that
-// the upstream took the fresh token it carried: an answer was written, and
-// it is not a 401 (the token rejected, a nonce asked for, or no credential
-// taken), a 429 or a 5xx, which an upstream may answer before it looks at
-// a token and a caller can provoke (a path, load). Such an answer lifts the
-// key's hold on purges (Tokens.Accepted): only the upstream's own word on
-// the token may.
+// the upstream took the fresh token it carried: an answer was written,
+// and it is not a 401, 429 or 5xx, which an upstream may answer before it
+// looks at a token. Such an answer lifts the key's hold on purges
+// (Tokens.Accepted).
 func acceptsToken(status int) bool {
 	return status != 0 && status != http.StatusUnauthorized && status != http.StatusTooManyRequests &&
 		status < http.StatusInternalServerError
 }
 
 // nonceChallenge reports whether an upstream answer asks for a DPoP proof
-// with the server's nonce (RFC 9449 §9): a 401 with
-// `WWW-Authenticate: DPoP error="use_dpop_nonce"`. The token is fine: a
-// DPoP-bound request is sent once more, with the same token and a proof
-// carrying the nonce the answer's DPoP-Nonce header gave (the
-// token_broker_dpop transport remembers it).
+// with the server's nonce (RFC 9449 §9): a 401 with a challenge of
+// error="use_dpop_nonce". The token is fine.
 func nonceChallenge(status int, header http.Header) bool {
 	return status == http.StatusUnauthorized && challengeError(header, "use_dpop_nonce")
 }
 
 // challengeError reports whether a WWW-Authenticate challenge of the
-// Bearer or DPoP scheme in header has the error parameter code
-// (challenge.Errors reads the fields).
+// Bearer or DPoP scheme in header has the error parameter code.
 func challengeError(header http.Header, code string) bool {
 	for c := range challenge.Errors(header) {
 		if (strings.EqualFold(c.Scheme, "Bearer") || strings.EqualFold(c.Scheme, "DPoP")) && c.Error == code {
@@ -266,11 +249,10 @@ func challengeError(header http.Header, code string) bool {
 	return false
 }
 
-// rejectRecorder passes a response through to the client unless its status
-// and headers say the token was rejected (rejected): such a response is
-// buffered in buf (buffered), up to maxBufferedBody bytes, so that the
-// request can be sent again. With buffer false, or past maxBufferedBody, it
-// is passed through and only rejected is recorded.
+// rejectRecorder passes a response through unless it rejects the token or
+// is a nonce challenge: such a response is buffered, up to
+// maxBufferedBody bytes, when buffer is set, so that the request can be
+// sent again; else it is passed through and only recorded.
 type rejectRecorder struct {
 	http.ResponseWriter
 	mode       string // Retry.Mode
@@ -314,9 +296,8 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 		rr.ResponseWriter.WriteHeader(status)
 		return
 	}
-	// Only a DPoP-bound request is sent again on a nonce challenge: a
-	// bearer request has no proof to carry the nonce, nor does one whose
-	// answer's nonce the key refused (DPoP.Observe).
+	// A nonce challenge is retried only for a DPoP-bound request whose
+	// answer's nonce the key took: no other proof can carry it.
 	if rr.dpop != nil && nonceChallenge(status, rr.Header()) {
 		rr.refused = rr.dpop.refused.Load()
 		rr.challenged = rr.refused == nil
@@ -386,13 +367,10 @@ func (rr *rejectRecorder) writeBuffered() error {
 }
 
 // headerSnapshot remembers a header map's entries, values copied, so that
-// handlers that change the map's values in place (Caddy's request_header
-// replace) do not change the snapshot. Taking one does not allocate for up
-// to 16 keys with 24 values in all (a Caddy response has a few at this
-// point, an API request about a dozen): the values are kept in one flat
-// array, key i's being vals[ends[i-1]:ends[i]]. A header with more, or with
-// a nil value (which a copy must keep nil), is cloned instead. Restoring
-// allocates: it runs only when the request is sent again.
+// handlers that change values in place do not change it. Taking one does
+// not allocate for up to 16 keys with 24 values in all: key i's values are
+// vals[ends[i-1]:ends[i]]. A larger header, or one with a nil value (which
+// a copy must keep nil), is cloned instead.
 type headerSnapshot struct {
 	n, nv int
 	keys  [16]string
@@ -433,37 +411,26 @@ func (s *headerSnapshot) restore(h http.Header) {
 }
 
 // Forward calls next with the token of e set (out.Prepare has set it).
-// When the upstream rejects the token (see rejectsToken) of a request that
-// still carried it as it left (Contract.Carries), the token is purged if
-// it is still the cached one, so a burst of rejections causes one new
-// fetch; a 401 to a request that did not carry it (a later handler removed
-// it) purges nothing. The request is then sent once more with the new
-// token, provided it is replayable (see replayBody) and the 401's body was
-// at most maxBufferedBody bytes. Otherwise the caller gets the 401, except
-// when no new token can be had because the merchant must consent again:
-// Forward then writes nothing and returns a *ConsentError.
+// When the upstream rejects the token (rejectsToken) of a request that
+// carried it as it left, the token is purged if it is still the cached
+// one, and the request is sent once more with the new token, provided it
+// is replayable (replayBody) and the 401's body was at most
+// maxBufferedBody bytes; else the caller gets the 401. When the merchant
+// must consent again, Forward writes nothing and returns a *ConsentError.
 //
-// A DPoP nonce challenge (nonceChallenge) purges nothing. To a DPoP-bound
-// request, it is answered by sending the request once more with the same
-// token, under the same replay rules (in every Mode), and NonceChallenged
-// is told. To a bearer request, it is passed through: no proof can carry
-// the nonce, so the request is not sent again.
+// A DPoP nonce challenge purges nothing: a DPoP-bound request is sent once
+// more with the same token, under the same replay rules, in every Mode
+// (NonceChallenged is told); a bearer request's is passed through.
 //
-// When next fails (reverse_proxy's 502, say), Forward returns its error
-// with the request's Authorization removed: Caddy runs its error routes
-// (handle_errors) on the same request, and they must neither send the
-// token elsewhere (a reverse_proxy to an error-page service) nor show it
-// (a template). A DPoP-bound token is not on the request (see IsDPoP).
-func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
-	err := rt.forward(w, r, next, out, b, e)
-	if err != nil {
-		delete(r.Header, "Authorization")
-	}
-	return err
-}
-
-// forward is Forward but for the error's Authorization.
-func (rt Retry) forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) error {
+// When next fails, Forward returns its error with the request's
+// Authorization removed: Caddy's handle_errors routes run on the same
+// request and must neither send the token elsewhere nor show it.
+func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, e Entry) (err error) {
+	defer func() {
+		if err != nil {
+			delete(r.Header, "Authorization")
+		}
+	}()
 	if rt.Mode == "off" && rt.DPoP == nil {
 		return next.ServeHTTP(w, r)
 	}
@@ -472,18 +439,13 @@ func (rt Retry) forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		return err
 	}
 
-	// The first attempt's response headers land in w's header map even when
-	// its response is buffered; keep what was there to start the retry
-	// from it.
+	// The first attempt's response headers land in w's header map even
+	// when its response is buffered: the retry starts from what was there.
 	var first sent
 	first.before.take(w.Header())
-	// Handlers after this one may rewrite the request in place (rewrite,
-	// uri, handle_path strip the path, request_header changes headers):
-	// the retry must start from the request as it is now. Copies on the
-	// stack; the recorder is the first attempt's one allocation. The
-	// headers are copied to the heap only when they do not fit
-	// headerSnapshot's arrays (more than 16 keys or 24 values) or one has
-	// a nil value.
+	// Later handlers may rewrite the request in place: the retry starts
+	// from the request as it is now (copies on the stack; the recorder is
+	// the first attempt's one allocation).
 	first.method, first.host, first.requestURI, first.url, first.body = r.Method, r.Host, r.RequestURI, *r.URL, body
 	if replayable {
 		first.header.take(r.Header)
@@ -524,9 +486,8 @@ func (rt Retry) forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	}
 	fresh, err := rt.Tokens.Get(r.Context(), b)
 	if cr := (*oauth.ConsentRequiredError)(nil); errors.As(err, &cr) {
-		// The provider refused the refresh (invalid_grant: the grant was
-		// revoked, which killed the rejected token too): the caller gets
-		// consent_required, as the next call would, not the 401.
+		// The grant was revoked: the caller gets consent_required, as the
+		// next call would, not the 401.
 		first.before.restore(w.Header())
 		return &ConsentError{Err: err}
 	}
@@ -547,12 +508,9 @@ type sent struct {
 }
 
 // again sends the request once more, as it was when Forward got it
-// (first: method, Host, URL, headers, body), with the token of fresh, and
-// passes the answer through. After a purge (purged), an answer that
-// accepts the fresh token (acceptsToken) is reported to the broker
-// (Accepted). A rejection of the token sent is reported too (Purge), and
-// the broker then pauses the key's purges (the 401 is not about the
-// token).
+// (first), with the token of fresh, and passes the answer through. After a
+// purge (purged), an answer that accepts the fresh token is reported
+// (Tokens.Accepted); a rejection of the token sent is reported (Purge).
 func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Contract, b *broker.Binding, fresh Entry,
 	rec *rejectRecorder, first *sent, purged bool) error {
 	if rt.Isolate != nil {
@@ -589,9 +547,8 @@ func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Con
 }
 
 // reportRefused tells NonceRefused about the attempt just answered when
-// it was a nonce challenge passed on because the key refused its nonce.
-// A request has at most one such attempt: a refused challenge is never
-// retried, and a retry is the request's last attempt.
+// it was a nonce challenge passed on because the key refused its nonce (at
+// most one attempt of a request).
 func (rt Retry) reportRefused(b *broker.Binding, rec *rejectRecorder) {
 	if rec.refused != nil && rt.NonceRefused != nil {
 		rt.NonceRefused(b, rec.refused)
@@ -599,9 +556,7 @@ func (rt Retry) reportRefused(b *broker.Binding, rec *rejectRecorder) {
 }
 
 // carries reports whether the attempt just answered carried the token
-// header value v as it left: for a DPoP-bound token, whether the
-// transport signed the attempt with it (DPoP.Carries); else whether r, as
-// later handlers left it, still carries it (Contract.Carries).
+// header value v as it left (DPoP.Carries, else Contract.Carries).
 func (rt Retry) carries(out Contract, r *http.Request, v string) bool {
 	if rt.DPoP != nil {
 		return rt.DPoP.Carries(v)
@@ -619,11 +574,9 @@ func (rt Retry) purge(b *broker.Binding, rejected broker.Token) {
 }
 
 // replayBody decides whether r can be sent twice and, if it has a body,
-// reads it into memory. A request can be sent twice when it has no body, or
-// a body whose length is known (Content-Length) and at most BodyLimit,
-// and it is not Incremental. Nothing else is read before forwarding: a
-// body of unknown length (chunked) may be a stream whose end is far away,
-// and waiting for it would stall the upload.
+// reads it into memory: a request that is not Incremental and has no
+// body, or a Content-Length of at most BodyLimit. A body of unknown length
+// is never read ahead: it may be a stream whose end is far away.
 func (rt Retry) replayBody(r *http.Request) (bool, []byte, error) {
 	if rt.Incremental != nil && rt.Incremental(r.Header) {
 		return false, nil, nil
@@ -643,8 +596,7 @@ func (rt Retry) replayBody(r *http.Request) (bool, []byte, error) {
 		return false, nil, &BodyError{Err: err}
 	}
 	if int64(len(kept)) > r.ContentLength {
-		// More than announced (the server does not allow it; a handler
-		// may have changed the body): stream it, do not retry.
+		// More than announced (a handler changed the body): stream it.
 		r.Body = struct {
 			io.Reader
 			io.Closer

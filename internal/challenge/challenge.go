@@ -21,22 +21,19 @@ type Challenge struct {
 }
 
 // Errors yields, in order, each challenge of the WWW-Authenticate fields
-// of header that has an error parameter, with the error_description of
-// the same challenge. The fields are read as RFC 9110 §11.6.1 lets a
-// server write them: one field may hold several challenges, separated by
-// commas; a new challenge starts at a word without "=" at the start of
-// a field, after a comma, or before the challenge's first parameter (a
-// word after a parameter and white space, as in algs=ES256 PS256, counts
-// for nothing); a token68 ("/", "+" and a trailing "=" in it) is one
-// word. A parameter's name is matched in any letter case; its value is a
-// token or token68 or a quoted-string (commas, "=" and quoted-pairs
-// inside it are part of the value), with optional white space around
-// "=". Of a parameter given twice in one challenge, the first counts. A
-// value without a quoted-pair is a part of the field: reading allocates
-// nothing then.
+// of header that has an error parameter, with its error_description. The
+// fields are read as RFC 9110 §11.6.1 lets a server write them: several
+// comma-separated challenges in one field; a challenge starts at a word
+// without "=" at the start of a field, after a comma, or before the
+// challenge's first parameter (a word after a parameter and white space,
+// as in algs=ES256 PS256, counts for nothing); a token68 is one word.
+// Parameter names match in any letter case; a value is a token, token68
+// or quoted-string, with optional white space around "="; of a parameter
+// given twice, the first counts. Reading allocates only for a value with a
+// quoted-pair.
 func Errors(header http.Header) iter.Seq[Challenge] {
 	return func(yield func(Challenge) bool) {
-		for _, field := range header["Www-Authenticate"] { // by its canonical key: Values canonicalizes the key it is given
+		for _, field := range header["Www-Authenticate"] {
 			var c Challenge
 			hasError, hasDescription := false, false
 			hasParam, afterComma := false, false // a parameter read in c; a comma since the last item

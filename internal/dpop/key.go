@@ -1,12 +1,8 @@
 // Package dpop makes DPoP proofs (RFC 9449): a Key signs, for each HTTP
 // request, a short JWT that proves possession of the key the access token
-// is bound to. The proof's header (typ dpop+jwt, alg, the public jwk) is
-// built once per key; a proof costs one signature and its own bytes.
-//
-// Transport adds proofs to token-endpoint and PAR requests. A Key
-// remembers the last DPoP-Nonce of each server, by its kind (authorization
-// or resource server) and origin (Nonce, SetNonce), which the next proof
-// to that server carries.
+// is bound to. Transport adds proofs to token-endpoint and PAR requests. A
+// Key remembers the last DPoP-Nonce of each server, by its kind and origin
+// (Nonce, SetNonce), for the next proof to that server.
 //
 // Proofs are credentials for a few seconds: never log one.
 package dpop
@@ -58,8 +54,7 @@ type Key struct {
 	signer crypto.Signer
 	alg    string
 	jkt    string
-	// header is the base64url encoding of the proof's JOSE header,
-	// followed by ".": the first bytes of every proof.
+	// header is the base64url encoding of the proof's JOSE header and ".".
 	header string
 	// nonces are shared with twin.
 	nonces *nonces
@@ -227,11 +222,8 @@ func checkNonce(n string) bool {
 }
 
 // MaxNonce is the largest DPoP-Nonce a Key remembers and puts in its
-// proofs, in bytes. RFC 9449 sets no limit, and a server that asks for its nonce
-// refuses every proof without it, so the bound is far above what servers
-// send (tens to a few hundred bytes; an encrypted nonce well under 1 KiB).
-// A proof that carries an 8 KiB nonce is a DPoP header of about 11 KiB,
-// already over the 8 KiB header line that common HTTP servers accept by
-// default: a larger nonce could hardly travel back to its server. And a
-// Key keeps at most maxServers nonces: 512 KiB at most.
+// proofs, in bytes. RFC 9449 sets no limit; servers send tens to a few
+// hundred bytes, and a proof with an 8 KiB nonce is already over the 8 KiB
+// header line common servers accept. A Key keeps at most maxServers
+// nonces.
 const MaxNonce = 8 << 10

@@ -6,11 +6,9 @@ import (
 	"sync"
 )
 
-// Server is the kind of server a nonce comes from. An authorization
-// server's nonces and a resource server's are different, and each is
-// accepted only by the server that issued it (RFC 9449 §9), even when
-// both answer at one origin (an API gateway's host): a Key keeps them
-// apart.
+// Server is the kind of server a nonce comes from: a Key keeps an
+// authorization server's nonces apart from a resource server's at the same
+// origin, as each accepts only its own (RFC 9449 §9).
 type Server uint8
 
 const (
@@ -56,10 +54,8 @@ type nonceEntry struct {
 }
 
 // NonceError is a DPoP-Nonce a server sent that a Key does not remember:
-// over the limit of MaxNonce bytes, or with characters a nonce may not
-// hold (RFC 9449 §8.1). The proofs to that server carry the nonce it
-// sent before, if any; a server that demands the new one refuses them.
-// It never holds the nonce.
+// over MaxNonce bytes, or with characters a nonce may not hold (RFC 9449
+// §8.1). It never holds the nonce.
 type NonceError struct {
 	// Server is the kind of server that sent the nonce.
 	Server Server
@@ -87,29 +83,27 @@ func (e *NonceError) Error() string {
 // allocate.
 func (k *Key) Nonce(s Server, u *url.URL) string {
 	var b [128]byte
-	return k.nonce(nonceKey(b[:0], s, u))
+	return k.entry(nonceKey(b[:0], s, u)).value
 }
 
-// nonce returns the last DPoP-Nonce remembered under key (nonceKey), ""
-// when none (or k is nil). The key stays bytes: looking it up allocates
-// nothing.
-func (k *Key) nonce(key []byte) string {
+// entry returns what k (nil: nothing) knows of the server whose nonce key
+// (nonceKey) is key. The key stays bytes: looking it up allocates nothing.
+func (k *Key) entry(key []byte) nonceEntry {
 	if k == nil {
-		return ""
+		return nonceEntry{}
 	}
 	k.nonces.mu.RLock()
 	defer k.nonces.mu.RUnlock()
-	return k.nonces.m[string(key)].value
+	return k.nonces.m[string(key)]
 }
 
 // SetNonce remembers the DPoP-Nonce a server of kind s at the origin of u
-// (as for Nonce) sent, for the proofs that follow to that server. An
-// empty value is ignored. A value over MaxNonce bytes, or with characters
-// RFC 9449 §8.1 does not allow, is not remembered: SetNonce returns its
-// *NonceError, which RefusedNonce returns too until the server sends a
-// nonce that is remembered; the proofs keep the nonce before it. At most
-// 64 servers are kept: a new one beyond that replaces an arbitrary one.
-// It allocates only when it stores a new nonce or a refusal.
+// (as for Nonce) sent, for the next proofs to that server; "" is ignored.
+// A value over MaxNonce bytes, or with characters RFC 9449 §8.1 does not
+// allow, is not remembered: SetNonce returns its *NonceError, which
+// RefusedNonce returns too until the server sends a usable nonce. At most
+// maxServers servers are kept: a new one beyond that replaces an arbitrary
+// one. It allocates only when it stores a new nonce or a refusal.
 func (k *Key) SetNonce(s Server, u *url.URL, nonce string) error {
 	if nonce == "" {
 		return nil
@@ -119,8 +113,8 @@ func (k *Key) SetNonce(s Server, u *url.URL, nonce string) error {
 	e := nonceEntry{value: nonce}
 	if !checkNonce(nonce) {
 		e = nonceEntry{refused: len(nonce), badChars: len(nonce) <= MaxNonce}
-	} else if k.kept(key, nonce) {
-		return nil
+	} else if e := k.entry(key); e.value == nonce && e.refused == 0 {
+		return nil // kept already; a nonce re-sent after a refusal is stored again, which clears the refusal
 	}
 	o := string(key)
 	k.nonces.mu.Lock()
@@ -144,16 +138,6 @@ func (k *Key) SetNonce(s Server, u *url.URL, nonce string) error {
 	return nonceError(s, o, old)
 }
 
-// kept reports whether nonce is the one remembered under key (nonceKey)
-// with no refusal since: storing it again would change nothing. A nonce
-// re-sent after a refusal is stored again, which clears the refusal.
-func (k *Key) kept(key []byte, nonce string) bool {
-	k.nonces.mu.RLock()
-	defer k.nonces.mu.RUnlock()
-	e := k.nonces.m[string(key)]
-	return e.value == nonce && e.refused == 0
-}
-
 // RefusedNonce returns the *NonceError of the last nonce the server of
 // kind s at the origin of u sent that was not remembered (SetNonce), nil
 // when it has sent a usable nonce since, or none was refused.
@@ -163,9 +147,7 @@ func (k *Key) RefusedNonce(s Server, u *url.URL) error {
 	}
 	var b [128]byte
 	key := nonceKey(b[:0], s, u)
-	k.nonces.mu.RLock()
-	e := k.nonces.m[string(key)]
-	k.nonces.mu.RUnlock()
+	e := k.entry(key)
 	if e.refused == 0 {
 		return nil
 	}

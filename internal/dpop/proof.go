@@ -25,9 +25,8 @@ var b64 = base64.RawURLEncoding
 // method htm to htu (see HTU) at now: header {typ: dpop+jwt, alg, jwk},
 // claims {jti: 128 random bits, htm, htu, iat, ath (when not empty: ATH of
 // the access token the request carries), nonce (when not empty: the
-// server's DPoP-Nonce)}. The header is the Key's, built once; the claims
-// are written straight into the proof's buffer. An invalid nonce (not
-// RFC 9449 NQCHAR, or over MaxNonce bytes) is refused.
+// server's DPoP-Nonce)}. An invalid nonce (not RFC 9449 NQCHAR, or over
+// MaxNonce bytes) is refused.
 func (k *Key) Proof(htm, htu, ath, nonce string, now time.Time) (string, error) {
 	if k == nil {
 		return "", errNoKey

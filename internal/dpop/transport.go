@@ -6,16 +6,12 @@ import (
 )
 
 // Transport returns a RoundTripper for a provider's token and PAR
-// endpoints: each request it sends carries a fresh proof in the DPoP
-// header (htm and htu of that request, the nonce remembered for the
-// authorization server at its origin), and the DPoP-Nonce of every answer
-// is remembered for that server (or its refusal: Key.RefusedNonce). It
-// does not answer a nonce challenge
-// itself: a token or PAR request may hold single-use credentials (a
-// private_key_jwt assertion, RFC 7523 §3), so the caller builds the
-// request again and sends it once more when the answer brought a new
-// nonce; that request's proof then carries it. base nil is
-// http.DefaultTransport.
+// endpoints: each request carries a fresh proof in the DPoP header, with
+// the nonce remembered for the authorization server at its origin, and
+// the DPoP-Nonce of every answer is remembered (or its refusal:
+// Key.RefusedNonce). It does not answer a nonce challenge itself: the
+// request may hold single-use credentials (a private_key_jwt assertion),
+// so the caller builds it again. base nil is http.DefaultTransport.
 func Transport(base http.RoundTripper, k *Key) http.RoundTripper {
 	if base == nil {
 		base = http.DefaultTransport
@@ -46,8 +42,7 @@ func (t *transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	if n := resp.Header.Get("DPoP-Nonce"); n != "" {
 		// A refused nonce is not an error of this answer, which may
-		// carry a token: the key records it (RefusedNonce), for the
-		// challenge that may follow.
+		// carry a token: the key records it (RefusedNonce).
 		_ = t.key.SetNonce(AuthorizationServer, req.URL, n)
 	}
 	return resp, nil

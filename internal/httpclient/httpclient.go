@@ -104,8 +104,8 @@ func New(timeout time.Duration, tlsOpts TLSOptions) (*http.Client, error) {
 }
 
 // transport is the outer transport of a client from New: it remembers
-// whether the TLS configuration inside (hidden by the tracing wrapper)
-// presents a client certificate.
+// whether the TLS configuration under the tracing presents a client
+// certificate.
 type transport struct {
 	http.RoundTripper
 	cert bool
@@ -198,8 +198,8 @@ func (l limitBody) RoundTrip(r *http.Request) (*http.Response, error) {
 
 // limitedBody is a response body of LimitBody: r reads one byte more than
 // the limit, to tell a body of exactly MaxResponseBytes from a larger one.
-// Its *TooLargeError carries the answer's status: a library that reads
-// the body before it looks at the status reports the read error alone.
+// Its *TooLargeError carries the answer's status, which a library that
+// fails on the read does not report.
 type limitedBody struct {
 	r      io.Reader
 	n      int64 // bytes read so far
@@ -292,26 +292,16 @@ func IsBearer(tokenType string) bool { return strings.EqualFold(tokenType, "bear
 // tokenRequestKey marks the context of a request to a token endpoint.
 type tokenRequestKey struct{}
 
-// TokenRequest returns ctx marked as a token request's: the requests made
-// with it ask a token endpoint for a token (a mint, a refresh, a grant),
-// and a client given to ObserveTokenAnswers shows their answers to its
-// observer.
+// TokenRequest returns ctx marked as a token request's (a mint, a refresh,
+// a grant), whose answers a client of ObserveTokenAnswers observes.
 func TokenRequest(ctx context.Context) context.Context {
 	return context.WithValue(ctx, tokenRequestKey{}, true)
 }
 
-// isTokenRequest reports whether ctx was marked by TokenRequest.
-func isTokenRequest(ctx context.Context) bool {
-	marked, _ := ctx.Value(tokenRequestKey{}).(bool)
-	return marked
-}
-
-// ObserveTokenAnswers replaces c's transport so that the requests
-// marked by TokenRequest go through observe(base) and the others
-// (listings, revocations, discovery, keys) straight to base, c's transport
-// until then: a provider's token budget observes the answers of its token
-// endpoint only. What HasClientCert knows of c is kept. Call it before c
-// is in use.
+// ObserveTokenAnswers replaces c's transport base so that the requests
+// marked by TokenRequest go through observe(base) and the others straight
+// to base: a provider's token budget observes its token endpoint only.
+// What HasClientCert knows of c is kept. Call it before c is in use.
 func ObserveTokenAnswers(c *http.Client, observe func(http.RoundTripper) http.RoundTripper) {
 	wrap := func(base http.RoundTripper) http.RoundTripper {
 		return tokenAnswers{base: base, observed: observe(base)}
@@ -335,7 +325,7 @@ type tokenAnswers struct {
 
 // RoundTrip implements http.RoundTripper.
 func (t tokenAnswers) RoundTrip(r *http.Request) (*http.Response, error) {
-	if isTokenRequest(r.Context()) {
+	if marked, _ := r.Context().Value(tokenRequestKey{}).(bool); marked {
 		return t.observed.RoundTrip(r)
 	}
 	return t.base.RoundTrip(r)
