@@ -17,14 +17,13 @@ import (
 // held is a fleet lock this node holds. While held, a goroutine extends it
 // every quarter of its expiry, each extension given at most a quarter of
 // it in Redis time, so that a long mint or refresh keeps it through a
-// stalled extension or two; release stops that and releases it (only if
-// this node still owns it).
+// stalled extension or two; release, called once, stops that and
+// releases it (only if this node still owns it).
 type held struct {
 	c    *Cache
 	lock *redislock.Lock
 	ttl  time.Duration // the lock's expiry (lockTTL)
 	stop chan struct{}
-	once sync.Once
 	wg   sync.WaitGroup
 }
 
@@ -73,13 +72,11 @@ func (c *Cache) obtain(ctx context.Context, subject string) (*held, error) {
 		return nil, err
 	}
 	h := &held{c: c, lock: l, ttl: ttl, stop: make(chan struct{})}
-	h.wg.Add(1)
-	go h.keepAlive()
+	h.wg.Go(h.keepAlive)
 	return h, nil
 }
 
 func (h *held) keepAlive() {
-	defer h.wg.Done()
 	t := time.NewTicker(h.ttl / 4)
 	defer t.Stop()
 	for {
@@ -98,12 +95,10 @@ func (h *held) keepAlive() {
 // at most Options.MaxTimeout together. When Redis is down, the lock
 // expires by itself.
 func (h *held) release() {
-	h.once.Do(func() {
-		close(h.stop)
-		h.wg.Wait()
-		_ = h.c.do(withRedisTime(context.Background(), h.c.opts.MaxTimeout), "unlock", func(ctx context.Context) error {
-			return h.lock.Release(ctx)
-		})
+	close(h.stop)
+	h.wg.Wait()
+	_ = h.c.do(withRedisTime(context.Background(), h.c.opts.MaxTimeout), "unlock", func(ctx context.Context) error {
+		return h.lock.Release(ctx)
 	})
 }
 
