@@ -266,7 +266,7 @@ func (s *Store) lock(ctx context.Context, key, subject string) (func(), error) {
 		c.end()
 		if errors.Is(err, redislock.ErrNotObtained) {
 			err = c.waitLock(ctx, subject, wake)
-		} else if err != nil && ctx.Err() == nil {
+		} else if ctx.Err() == nil {
 			return nil, fmt.Errorf("fleet: locking the refresh token of %s: %w", key, err)
 		}
 		if err != nil {
