@@ -15,17 +15,13 @@ import (
 )
 
 // The commands the tier's client sends, checked by checkCommands: GET,
-// SET, DEL and PTTL on tokens, refresh tokens and locks; EVALSHA, then EVAL
-// when Redis does not have the script yet (go-redis's Script.Run), for the
-// purge, the lock repair, the refresh-token restore, the consent links'
-// start counts, the locks of github.com/bsm/redislock and the budgets
-// (broker/budgets, on this client: github.com/go-redis/redis_rate and the
-// hold), whose scripts call GET, SET, DEL, PTTL, PEXPIRE, GETRANGE and
-// TIME (Redis checks a script's calls against the user's ACL as it checks
-// the user's own); XADD and
-// XRANGE on the purge log; PUBLISH and SUBSCRIBE on the channel; PING, the
-// subscription's health check. CONFIG GET (checkEviction) is optional: a
-// user without it is not checked.
+// SET, DEL and PTTL; EVALSHA, then EVAL (go-redis's Script.Run), for this
+// package's scripts, github.com/bsm/redislock's and the budgets'
+// (broker/budgets, on this client), whose scripts call GET, SET, DEL,
+// PTTL, PEXPIRE, GETRANGE and TIME (Redis checks a script's calls against
+// the user's ACL too); XADD and XRANGE on the purge log; PUBLISH and
+// SUBSCRIBE on the channel; PING, the subscription's health check. CONFIG
+// GET (checkEviction) is optional.
 
 // probeScript is the script checkCommands runs with EVAL, then EVALSHA: it
 // touches no key.
@@ -86,22 +82,17 @@ func clientUser(client redis.UniversalClient) string {
 
 // checkCommands runs each command the tier's client sends once, with no
 // effect: on a key (probe:<node>:acl) and a stream (probe:<node>:log) that
-// do not exist, which it creates neither (SET ... XX, XADD ... NOMKSTREAM),
-// a GET of rate:<key_prefix>probe:<node>:acl (the budgets' keys, on the
-// same client, are under rate:<key_prefix>), a script that touches no key, and a PUBLISH on a channel nobody
-// subscribes to (<key_prefix>probe). Redis checks the user's ACL before it
-// runs a command, so a refused command is refused all the same. The
-// commands the broker's ACL user may not run (an answer NOPERM naming the
-// command), and subscribe when the subscription was refused so
-// (subscribed), are logged once, with the user and the ACL SETUSER that
-// grants them: without them, lookups would find out one refused call at a
-// time, opening the breaker. A probe refused for its key or channel, not
-// its command, is not a missing command (Redis checks the command first):
-// the keys are reported apart; the fleet's channel is New's warning, and a
-// refused probe channel proves PUBLISH allowed. It lasts at most
-// max(Options.Timeout, 1 s). In a cluster, the keys' commands reach only
-// the shards that own the probe keys. Not through the breaker, as
-// catchUp: Redis has just answered.
+// it does not create (SET ... XX, XADD ... NOMKSTREAM), a GET under the
+// budgets' prefix rate:<key_prefix>, a script that touches no key, and a
+// PUBLISH on a channel nobody subscribes to (<key_prefix>probe). Redis
+// checks the ACL before it runs a command, so the commands the user may
+// not run (NOPERM naming the command), and subscribe when subscribed is
+// such a refusal, are logged once with the ACL SETUSER that grants them,
+// rather than found one refused lookup at a time. A probe refused for its
+// key is reported apart (Redis checks the command first); a refused probe
+// channel proves PUBLISH allowed. In a cluster, only the probe keys'
+// shards are asked. It lasts at most max(Options.Timeout, 1 s), not
+// through the breaker, as catchUp: Redis has just answered.
 func (c *Cache) checkCommands(subscribed error) {
 	ctx, cancel := context.WithTimeout(context.Background(), max(c.opts.Timeout, time.Second))
 	defer cancel()

@@ -5,26 +5,17 @@
 // What it keeps in Redis, under Options.KeyPrefix (default "token_broker:"):
 //
 //	tok:<name>      a token: its 8-hex fingerprint, then the token (with
-//	                the refresh its minting node planned, which a node
-//	                adopting it keeps) and its version sealed
-//	                (internal/seal, AES-256-GCM); expires with the token,
-//	                so a node adopting it moves the token's times earlier
-//	                when the key's time to live ends before the token's
-//	                expiry on its own clock (the minting clock ahead)
+//	                the refresh its minting node planned) and its version
+//	                sealed (internal/seal, AES-256-GCM); expires with the
+//	                token (onClock)
 //	lock:<name>     the key's fleet lock (github.com/bsm/redislock): a
-//	                random owner token, a lease of four times
-//	                Options.MaxTimeout (at most Options.LockTTL) that
-//	                its live holder renews (lockTTL)
+//	                lease its live holder renews (lockTTL)
 //	rt:<name>       a merchant's refresh token and its version, sealed;
 //	                no expiry
 //	lock:rt:<name>  a lock that serialises a merchant's refreshes, one
 //	                per name key: a refresh takes them all (Store.Lock)
 //	starts:<hash>   how many times a consent link was started
-//	                (Store.CountStart); <hash> is the SHA-256 (hex) of
-//	                the link's store key (itself a hash of the link)
-//	                under a fixed label, not named with the encryption
-//	                key, so a key rotation keeps the count; expires
-//	                with the link
+//	                (Store.CountStart, startsKey); expires with the link
 //	events          the pub/sub channel: "set", "unlock" and "purge"
 //	                announcements (a purge carries its cache key and the
 //	                purged version sealed)
@@ -34,17 +25,16 @@
 //	probe:<node>    "1", written by the call that probes a Redis that
 //	                refused writes; expires after BreakerCooldown
 //
-// Versions (version.go) make a value older than one a node has seen for
-// its key, or than a purge it heard of, unusable: an old sealed value
-// written back is not served again.
+// <name> is the HMAC-SHA-256 (hex) of the cache key under a subkey of the
+// encryption key, so Redis shows no merchant id, unless Options.PlainKeys
+// is set. The cache key is the associated data of each sealed value, so a
+// value copied under another name does not open. Versions (version.go)
+// make a value older than one a node has seen for its key, or than a
+// purge it heard of, unusable: an old sealed value written back is not
+// served again.
 //
 // At start, New tries each command the tier sends once, writing nothing,
 // and logs those the Redis ACL user may not run (acl.go).
-//
-// <name> is the HMAC-SHA-256 of the cache key under a subkey of the
-// encryption key (hex), so Redis shows no merchant id, unless
-// Options.PlainKeys is set (which does not change starts:<hash>). The cache key is the associated data of each
-// sealed value, so a value copied under another name does not open.
 //
 // # A slow Redis is not a dead one
 //
@@ -54,27 +44,22 @@
 // lookup's calls before its mint last at most MaxTimeout together, then it
 // mints without Redis; the mint itself runs on the caller's context.
 //
-// One breaker (internal/breaker, the one the broker uses for token APIs)
-// keeps Redis out when it is gone: a failure to reach Redis or an error
-// answer counts at once, and BreakerThreshold of them in a row
-// open it; a timeout counts only once timeouts have lasted
-// Options.SlowSpan without a success, so a burst of slow answers on busy
-// CPUs does not open it. While it is open (BreakerCooldown) lookups mint
-// without Redis; then one call probes Redis. No lookup fails because of
-// Redis.
+// One breaker (internal/breaker) keeps Redis out when it is gone: a
+// failure to reach Redis or an error answer counts at once, and
+// BreakerThreshold of them in a row open it; a timeout counts only once
+// timeouts have lasted Options.SlowSpan without a success, so that a burst
+// of slow answers on busy CPUs does not open it. While it is open
+// (BreakerCooldown) lookups mint without Redis; then one call probes
+// Redis. No lookup fails because of Redis.
 //
-// A Redis that answers reads but refuses writes cannot share tokens. A
-// call that may write and is answered with a write refusal (READONLY: a
-// read-only replica; OOM: maxmemory reached without eviction; NOPERM or
-// an ACL refusal in a script; MISCONF; NOREPLICAS) marks Redis as refusing
-// writes: until a call certainly writes (a SET, a DEL, a lock taken,
-// extended or released) or the breaker closes, successful reads neither
-// close the breaker nor reset its count, so the refusals open it. The
-// probe after the cooldown then first writes the node's probe key
-// (probe:<node>, expiring after BreakerCooldown): taken, the probe's call
-// goes on and closes the breaker; refused, the breaker opens again. Other
-// error answers (LOADING after a restart, BUSY, MASTERDOWN, WRONGTYPE...)
-// are failures of their call only.
+// A Redis that answers reads but refuses writes cannot share tokens. Once
+// a call that may write is answered with a write refusal (writeRefusal),
+// successful reads neither close the breaker nor reset its count until a
+// call certainly writes or the breaker closes, so the refusals open it.
+// The probe after the cooldown then first writes probe:<node>: taken, the
+// probe's call goes on and closes the breaker; refused, the breaker opens
+// again. Other error answers (LOADING, BUSY, MASTERDOWN, WRONGTYPE...) are
+// failures of their call only.
 package fleet
 
 import (
@@ -180,18 +165,14 @@ type Options struct {
 	// LockTTL is the expiry of a refresh token's fleet lock: if its holder
 	// dies, the others take over after at most this long (a token's lock
 	// is a shorter lease, at most LockTTL: see lockTTL). It must be at
-	// least the broker's fetch timeout. It also bounds a lookup's wait for another
-	// node's lock: one that has waited this long mints without the lock.
-	// A token's lock found without expiry is taken as expired; a refresh
-	// token's is given half of LockTTL. Default 35s.
+	// least the broker's fetch timeout. A lookup that has waited this long
+	// for another node's lock mints without it. Default 35s.
 	LockTTL time.Duration
 	// LockPoll bounds how long a node waiting for another node's lock
 	// waits for the announcement that the token is stored (or the lock
 	// released) before it checks the lock and the token itself, and again
-	// after each such wait. An announcement can be lost: the subscription
-	// reconnects after Redis restarts, or the holder's publish fails; the
-	// waiter then loses at most this, not the lock's TTL (a request's
-	// fetch timeout would end first). Default 1s.
+	// after each such wait: an announcement lost (a reconnecting
+	// subscription, a failed publish) costs at most this. Default 1s.
 	LockPoll time.Duration
 	// Now is the breaker's clock and the one that computes the stored
 	// token's remaining life. Default time.Now.
@@ -445,18 +426,13 @@ func (c *Cache) tokenKey(key string) string { return c.opts.KeyPrefix + "tok:" +
 // lockKey is the Redis key of a subject's fleet lock.
 func (c *Cache) lockKey(subject string) string { return c.opts.KeyPrefix + "lock:" + subject }
 
-// do runs one Redis call through the breaker, bounded by the call's
-// adaptive timeout (timeout.go). A call that timed out is run again with
-// the longer bound the timeout gives then, until a run had
-// Options.MaxTimeout, the breaker opens, or ctx ends, if op is one that
-// the Cache can run twice with the same effect (retried); at most as many
-// runs as doublings take Options.Timeout to MaxTimeout, and one. redis.Nil
-// and redislock.ErrNotObtained are answers, not failures.
-//
-// Within a lookup (ctx from withRedisTime), the runs of all its calls
-// together last at most the lookup's Redis time: each run's bound is cut
-// to what is left, and a call with nothing left returns errRedisTimeSpent
-// without running.
+// do runs one Redis call (doOnce). If op can run twice with the same
+// effect (retried), a run that timed out is followed by one with the
+// longer bound the timeout gives then, until a run had Options.MaxTimeout,
+// the breaker opens or ctx ends: at most one run per doubling from
+// Options.Timeout to MaxTimeout, and one. Within a lookup (withRedisTime),
+// each run's bound is cut to the lookup's Redis time left, and a call with
+// none left returns errRedisTimeSpent without running.
 func (c *Cache) do(ctx context.Context, op string, fn func(context.Context) error) error {
 	runs := bits.Len64(uint64(c.opts.MaxTimeout/c.opts.Timeout)) + 1
 	left := redisTimeOf(ctx)
@@ -504,14 +480,12 @@ func redisTimeOf(ctx context.Context) *atomic.Int64 {
 	return left
 }
 
-// Run runs fn as one Redis call of the tier, named op in metrics: through
-// the breaker (ErrUnavailable while it keeps Redis out) and
-// within the current adaptive bound of a call, once: not tried again after
-// a timeout. Its outcome counts as any call of the tier's (the bound's
-// latency, the breaker). For the broker's other users of the fleet's Redis
-// (the token-request budgets), so that a slow or dead Redis costs them no
-// more than it costs a lookup, and they fall back while the breaker is
-// open. op must not be one of the tier's retried calls.
+// Run runs fn once as a Redis call of the tier, named op in metrics:
+// through the breaker (ErrUnavailable while it keeps Redis out), within
+// the adaptive bound, its outcome counted as any call's. It is for the
+// broker's other users of the fleet's Redis (the token-request budgets),
+// so that a slow or dead Redis costs them no more than it costs a lookup.
+// op must not be one of the tier's retried calls.
 func (c *Cache) Run(ctx context.Context, op string, fn func(context.Context) error) error {
 	_, err := c.doOnce(ctx, op, fn, 0)
 	return err
@@ -582,10 +556,11 @@ func (c *Cache) probeWrite(ctx context.Context) error {
 	return c.opts.Client.Set(ctx, c.opts.KeyPrefix+"probe:"+c.node, "1", BreakerCooldown).Err()
 }
 
-// doOnce is one run of do, within limit (0: none) as well as its adaptive
-// bound; again reports a timeout that a longer bound may cure (the
-// breaker still lets calls through). A run that timed out within a limit
-// shorter than its bound teaches nothing about Redis's speed.
+// doOnce is one run of do through the breaker, within limit (0: none) as
+// well as its adaptive bound (timeout.go); again reports a timeout that a
+// longer bound may cure. redis.Nil and the lock's refusals are answers,
+// not failures; a run that timed out within a limit shorter than its bound
+// teaches nothing about Redis's speed.
 func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) error, limit time.Duration) (again bool, err error) {
 	if ok, _, _, _ := c.br.Allow(c.opts.Now()); !ok {
 		return false, ErrUnavailable
@@ -630,9 +605,8 @@ func (c *Cache) doOnce(ctx context.Context, op string, fn func(context.Context) 
 		c.timeouts.ended()
 		c.metrics.errors.WithLabelValues(op).Inc()
 	}
-	// A Redis that answers reads but refuses writes cannot share tokens:
-	// once it has refused a write, reads do not vouch for it (they neither
-	// close the breaker nor reset its count) until a write succeeds.
+	// Once Redis has refused a write, reads do not vouch for it until a
+	// write succeeds (the package documentation).
 	switch {
 	case outcome == breaker.Failed && (mayWrite(op) || probed) && writeRefusal(err):
 		c.refused.Store(true)
@@ -839,23 +813,19 @@ func (c *Cache) getToken(ctx context.Context, name string) (b []byte, asked time
 	return b, asked, left, err
 }
 
-// clockSlack is how much earlier than a stored token's expiry its time to
-// live in Redis may end before onClock moves the token's times: the
-// latency of the calls, not a clock that differs.
+// clockSlack is how much earlier than a stored token's expiry its key may
+// expire in Redis before onClock moves the token's times (the calls'
+// latency, not clocks that differ).
 const clockSlack = time.Second
 
 // onClock returns tok, read from Redis with left to live when this
 // node's clock read asked (before the read), with its times moved earlier
-// when its expiry is later than asked + left by more than clockSlack. A
-// token's times are the minting node's clock's; its key in Redis expires
-// when the token does (write), on Redis's clock, so asked + left is its
-// expiry on this node's clock (a little early, by the read's latency): a
-// minting clock ahead of this one would otherwise have the token served
-// after it expired. A minting clock behind leaves the token's times
-// earlier than they are here: it is refreshed early, never served late,
-// since a write that Redis applied late (a slow call, one sent again)
-// gives its key a later end than the token's. A key without expiry
-// (left < 0) leaves tok as it is.
+// when its expiry is later than asked + left by more than clockSlack. Its
+// key expires with the token on Redis's clock (write), so asked + left is
+// the token's expiry on this node's clock: a minting clock ahead would
+// otherwise have it served after it expired. A minting clock behind only
+// has it refreshed early. A key without expiry (left < 0) leaves tok as
+// it is.
 func onClock(tok broker.Token, asked time.Time, left time.Duration) broker.Token {
 	shift := asked.Add(left).Sub(tok.Expiry)
 	if left < 0 || shift >= -clockSlack {

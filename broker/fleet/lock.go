@@ -17,29 +17,25 @@ import (
 // held is a fleet lock this node holds. While held, a goroutine extends it
 // every quarter of its expiry, each extension given at most a quarter of
 // it in Redis time, so that a long mint or refresh keeps it through a
-// stalled extension or two; release stops that and releases it (only if
-// this node still owns it).
+// stalled extension or two; release, called once, stops that and
+// releases it (only if this node still owns it).
 type held struct {
 	c    *Cache
 	lock *redislock.Lock
 	ttl  time.Duration // the lock's expiry (lockTTL)
 	stop chan struct{}
-	once sync.Once
 	wg   sync.WaitGroup
 }
 
 // lockTTL is the expiry of subject's lock, which its live holder sets
 // again every quarter of it (keepAlive). A refresh token's lock expires
-// after Options.LockTTL: it must not lapse while its holder lives, even
-// with Redis slow, as two refreshes at once could spend a rotating
+// after Options.LockTTL: two refreshes at once could spend a rotating
 // refresh token twice. A token's lock is a lease of four times
 // Options.MaxTimeout (at least three Options.LockPoll, at most LockTTL):
-// long enough for three extensions, each bounded by a quarter of it, to
-// be tried before it ends; short enough that a node killed while it holds
-// the lock holds up the key's lookups on the others for much less than
-// their fetch timeout (which LockTTL is at least). If it lapses while its
-// holder lives after all (Redis stalled for most of the lease), the cost
-// is a second token.
+// long enough for three extensions to be tried, short enough that a node
+// killed while it holds it holds up the key's lookups elsewhere for much
+// less than their fetch timeout. A lapsed token's lock costs a second
+// token.
 func (c *Cache) lockTTL(subject string) time.Duration {
 	if tokenLock(subject) {
 		return min(c.opts.LockTTL, max(4*c.opts.MaxTimeout, 3*c.opts.LockPoll))
@@ -73,13 +69,11 @@ func (c *Cache) obtain(ctx context.Context, subject string) (*held, error) {
 		return nil, err
 	}
 	h := &held{c: c, lock: l, ttl: ttl, stop: make(chan struct{})}
-	h.wg.Add(1)
-	go h.keepAlive()
+	h.wg.Go(h.keepAlive)
 	return h, nil
 }
 
 func (h *held) keepAlive() {
-	defer h.wg.Done()
 	t := time.NewTicker(h.ttl / 4)
 	defer t.Stop()
 	for {
@@ -98,12 +92,10 @@ func (h *held) keepAlive() {
 // at most Options.MaxTimeout together. When Redis is down, the lock
 // expires by itself.
 func (h *held) release() {
-	h.once.Do(func() {
-		close(h.stop)
-		h.wg.Wait()
-		_ = h.c.do(withRedisTime(context.Background(), h.c.opts.MaxTimeout), "unlock", func(ctx context.Context) error {
-			return h.lock.Release(ctx)
-		})
+	close(h.stop)
+	h.wg.Wait()
+	_ = h.c.do(withRedisTime(context.Background(), h.c.opts.MaxTimeout), "unlock", func(ctx context.Context) error {
+		return h.lock.Release(ctx)
 	})
 }
 
@@ -145,16 +137,11 @@ func (c *Cache) waitLock(ctx context.Context, subject string, wake <-chan struct
 	return nil
 }
 
-// repairLock gives subject's lock an expiry if it has none, and returns
-// that expiry (0 when the key changed meanwhile). No lock this package
-// takes is without expiry: obtain sets one (lockTTL) and a live holder
-// sets it again every quarter of it. A lock key without one was left by an
-// operator, a bug or a failover that lost the expiry, and would stall its
-// key for ever. A token's lock is taken as expired at once: if its holder
-// is alive after all, the cost is a second token. A refresh token's lock
-// gets half the lock TTL, which lets a live holder's keep-alive come first
-// (it then keeps its lock: two refreshes could spend a rotating refresh
-// token twice) and frees the key of a dead one within that time.
+// repairLock gives subject's lock an expiry if it has none (left by an
+// operator, a bug or a failover: it would stall its key for ever), and
+// returns that expiry (0 when the key changed meanwhile). A token's lock
+// is taken as expired at once; a refresh token's gets half the lock TTL,
+// so that a live holder's keep-alive comes first and keeps it.
 func (c *Cache) repairLock(ctx context.Context, subject string) (time.Duration, error) {
 	ttl := c.opts.LockTTL / 2
 	if tokenLock(subject) {

@@ -51,11 +51,12 @@ type unsentFloor struct {
 
 // unsentPurges are the purges a node keeps to send again.
 type unsentPurges struct {
-	mu      sync.Mutex
-	m       map[unsentPurge]unsentFloor
-	tried   time.Time     // the last try (Options.Now)
-	running bool          // resendLoop runs (or the Cache closed while it ran)
-	n       atomic.Int64  // len(m), read without mu
+	mu    sync.Mutex
+	m     map[unsentPurge]unsentFloor
+	tried time.Time // the last try (Options.Now)
+	// running is set under mu while resendLoop runs (or ran until the
+	// Cache closed); read without mu.
+	running atomic.Bool
 	wake    chan struct{} // (1 buffered) Redis answered: try now
 }
 
@@ -94,7 +95,6 @@ func (c *Cache) keepUnsent(p unsentPurge, f unsentFloor, announced bool, err err
 	u := &c.unsent
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	defer func() { u.n.Store(int64(len(u.m))) }()
 	switch {
 	case announced || p.fingerprint == "":
 		delete(u.m, p)
@@ -121,15 +121,14 @@ func (c *Cache) keepUnsent(p unsentPurge, f unsentFloor, announced bool, err err
 		c.opts.Logger.Warn("a purge that Redis has not taken is dropped: too many wait to be sent again", zap.Int("kept", maxUnsent))
 	}
 	u.m[p] = f
-	if !u.running {
-		u.running = true
+	if !u.running.Swap(true) {
 		go c.resendLoop()
 	}
 }
 
-// redisAnswered wakes resendLoop, if purges wait for Redis.
+// redisAnswered wakes resendLoop, if it runs.
 func (c *Cache) redisAnswered() {
-	if c.unsent.n.Load() > 0 {
+	if c.unsent.running.Load() {
 		select {
 		case c.unsent.wake <- struct{}{}:
 		default:
@@ -164,9 +163,8 @@ func (c *Cache) resend() bool {
 	now := c.opts.Now()
 	u.mu.Lock()
 	maps.DeleteFunc(u.m, func(_ unsentPurge, f unsentFloor) bool { return f.until < now.UnixNano() })
-	u.n.Store(int64(len(u.m)))
 	running := len(u.m) > 0
-	u.running = running
+	u.running.Store(running)
 	if !running || now.Sub(u.tried) < resendEvery {
 		u.mu.Unlock()
 		return running

@@ -27,15 +27,13 @@ func (s *Store) startsKey(key string) string {
 	return s.c.opts.KeyPrefix + "starts:" + hex.EncodeToString(h[:])
 }
 
-// CountStart implements oauth.StartCounter: the starts of a consent link
-// are counted in Redis under starts:<hash>, one count for the fleet, so
-// that oauth.MaxStartsPerLink holds for the fleet. The count expires at
-// kept, by the Cache's clock (Options.Now), set by its first start. The
-// call runs once through the breaker (do: a start count is not retried
-// after a timeout, as a count is not the same when run twice); while
-// Redis is unavailable it fails, and the consent flow counts at the
-// instance. The first failure after a success (or since New) is logged,
-// once until a count succeeds again.
+// CountStart implements oauth.StartCounter with one count for the fleet
+// under starts:<hash>, so that oauth.MaxStartsPerLink holds for the
+// fleet. The count expires at kept (Options.Now's clock), set by its
+// first start. It is not retried after a timeout (a count run twice counts
+// twice); while Redis is unavailable it fails, and the consent flow counts
+// at the instance. The first failure after a success (or since New) is
+// logged.
 func (s *Store) CountStart(ctx context.Context, key string, kept time.Time) (int64, error) {
 	ms := max(kept.Sub(s.c.opts.Now()).Milliseconds(), 1)
 	var n int64

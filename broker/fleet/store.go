@@ -24,17 +24,16 @@ var ErrRefreshTokenSealed = errors.New("the stored refresh token does not open w
 // the refreshes of one merchant across the fleet with a fleet lock. It
 // implements oauth.Store; get it from Cache.Store.
 //
-// Unlike tokens, a refresh token cannot be minted again, so when Redis is
-// unavailable Load and Lock fail (the broker reports the fetch as failed)
-// rather than risk two nodes spending one rotating refresh token.
+// A refresh token cannot be minted again, so when Redis is unavailable
+// Load and Lock fail rather than risk two nodes spending one rotating
+// refresh token.
 //
 // Each saved refresh token carries a version (version.go), and the node
-// keeps the newest sealed value it has loaded or saved per key. A value in
-// Redis older than that one (a spent rotating refresh token written back,
-// or a failover that lost the newest write) is never handed out: Load
-// returns the newer one and writes it back. The node keeps one sealed value
-// per refresh-token key it has used: as many as the merchants with a
-// refresh token.
+// keeps the newest sealed value it has loaded or saved per key (one per
+// merchant with a refresh token). A value in Redis older than that one (a
+// spent refresh token written back, or a failover that lost the newest
+// write) is never handed out: Load returns the newer one and writes it
+// back.
 type Store struct {
 	c *Cache
 }
@@ -52,9 +51,8 @@ type rtSeen struct {
 }
 
 // rtMarker starts a versioned refresh token's sealed plaintext, before its
-// version (8 bytes, big-endian) and the token; a value without it is a
-// bare token of version 0. A refresh token
-// has no control character, so the two cannot be confused.
+// version (8 bytes, big-endian) and the token; a value without it (a
+// refresh token has no control character) is a bare token of version 0.
 const rtMarker = 0x01
 
 // rtOpen opens a sealed refresh token of key: the token and its version.
@@ -214,13 +212,11 @@ func (s *Store) Save(ctx context.Context, key string, rt broker.Secret) error {
 }
 
 // Lock implements oauth.Store with the fleet locks of key: one under the
-// name each of this node's keys gives it (lockSubjects), taken in order.
-// During a rolling key rotation nodes name a key after different current
-// keys, but nodes one step apart in the rotation (README, "Rotating the
-// encryption key") share a key, hence a lock: refreshes of a merchant
-// stay serialised across the fleet. It waits for each lock (woken
-// by the holder's announcement, or at the lock's expiry if the holder
-// died) until this node holds them all, or ctx is done.
+// name each of this node's keys gives it (lockSubjects), taken in order,
+// so that during a rolling key rotation nodes one step apart (README,
+// "Rotating the encryption key") share a lock. It waits for each lock
+// (woken by the holder's announcement, or at the lock's expiry) until
+// this node holds them all, or ctx is done.
 func (s *Store) Lock(ctx context.Context, key string) (func(), error) {
 	var unlocks []func()
 	unlockAll := func() {
@@ -270,7 +266,7 @@ func (s *Store) lock(ctx context.Context, key, subject string) (func(), error) {
 		c.end()
 		if errors.Is(err, redislock.ErrNotObtained) {
 			err = c.waitLock(ctx, subject, wake)
-		} else if err != nil && ctx.Err() == nil {
+		} else if ctx.Err() == nil {
 			return nil, fmt.Errorf("fleet: locking the refresh token of %s: %w", key, err)
 		}
 		if err != nil {

@@ -6,28 +6,24 @@ import (
 	"time"
 )
 
-// A value sealed in Redis carries a version: the writer's clock (unix
-// nanoseconds) when it was written, raised above every version the writer
-// had seen for the key, so that the versions of one key grow even across
-// nodes whose clocks differ. The seal authenticates it: no one without the
-// encryption key can change it.
+// A value sealed in Redis carries a version, which the seal authenticates:
+// the writer's clock (unix nanoseconds) when it was written, raised above
+// every version the writer had seen for the key, so that the versions of
+// one key grow across nodes whose clocks differ.
 //
 // Each node remembers, per key, the newest version it has seen (read,
-// written, or announced by a purge) and refuses a value older than that:
-// an older sealed value written back to its own key (a purged token, a
-// spent rotating refresh token, or a failover that lost the newest write)
-// is a rollback. A purge raises the floor above the purged value, on every
-// node that hears it.
-//
-// What a node has not seen it cannot refuse: a node that started after the
-// purge, or never read the key, accepts what Redis stores.
+// written, or announced by a purge) and refuses an older value: a rollback
+// (a purged token, a spent refresh token, or a failover that lost the
+// newest write, written back). A purge raises the floor above the purged
+// value on every node that hears it. What a node has not seen it cannot
+// refuse: a node that started after the purge, or never read the key,
+// accepts what Redis stores.
 
-// versions is what a node remembers of the token versions it has seen.
-// Records are kept while the newest token they describe is valid: a value
-// older than that token has expired too (a key's tokens have one
-// lifetime), so the map has about as many records as the node has
-// tokens. Keys are 64-bit hashes, and records contain no pointer, so the
-// garbage collector does not scan the map.
+// versions is what a node remembers of the token versions it has seen,
+// each record while the newest token it describes is valid (older ones
+// have expired too): about one per token the node has. Keys are 64-bit
+// hashes and records hold no pointer, so the garbage collector does not
+// scan the map.
 type versions struct {
 	mu      sync.Mutex
 	seed    maphash.Seed

@@ -40,13 +40,10 @@ func (m *Map) Lock(ctx context.Context, key string) (unlock func(), err error) {
 		m.release(key, e)
 		return nil, ctx.Err()
 	}
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			<-e.ch
-			m.release(key, e)
-		})
-	}, nil
+	return sync.OnceFunc(func() {
+		<-e.ch
+		m.release(key, e)
+	}), nil
 }
 
 // release drops one user of e, and e itself when it was the last.

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -64,6 +65,29 @@ type Settings struct {
 	// FetchTimeout is the broker's fetch timeout. Default
 	// broker.DefaultFetchTimeout.
 	FetchTimeout time.Duration
+}
+
+// Resolve returns s with its secrets (Username, Password, EncryptionKey,
+// EncryptionKeysOld) passed through resolve, which expands placeholders;
+// the error names the field.
+func (s Settings) Resolve(resolve func(string) (string, error)) (Settings, error) {
+	type field struct {
+		name  string
+		value *string
+	}
+	s.EncryptionKeysOld = slices.Clone(s.EncryptionKeysOld)
+	fields := []field{{"username", &s.Username}, {"password", &s.Password}, {"encryption_key", &s.EncryptionKey}}
+	for i := range s.EncryptionKeysOld {
+		fields = append(fields, field{fmt.Sprintf("encryption_keys_old[%d]", i), &s.EncryptionKeysOld[i]})
+	}
+	for _, f := range fields {
+		out, err := resolve(*f.value)
+		if err != nil {
+			return Settings{}, fmt.Errorf("%s: %w", f.name, err)
+		}
+		*f.value = out
+	}
+	return s, nil
 }
 
 // TLS configures TLS to Redis. Its JSON form is the tls object of the
