@@ -110,6 +110,13 @@ type Provider struct {
 	certFile string       // the resolved tls.client_cert, "" for none
 }
 
+// ProviderName returns the provider name part of a provider ID
+// (Provider.ID).
+func ProviderName(id string) string {
+	name, _, _ := strings.Cut(id, "#")
+	return name
+}
+
 // RefreshToken returns the provider's source when it keeps merchants'
 // refresh tokens (grant refresh_token), and false for another grant or a
 // nil p.
