@@ -10,19 +10,12 @@ import (
 // text is cut before lines that start with "[merchants.", each chunk is
 // parsed on its own (parseFile) and the results are joined. A chunk's
 // parse holds a few megabytes of decoder state, a whole 100 000-merchant
-// file's over 300 MB. The joined result is the whole file's parse, or the
-// whole file is parsed instead:
-//
-//   - a cut inside a multi-line string, array or inline table leaves the
-//     earlier chunk unterminated: a problem in that chunk;
-//   - a table header names its table in full, so a chunk's lines mean
-//     what they mean in the whole file, except for a key that two chunks
-//     both define: an entry in two chunks, or a top-level table
-//     ([merchants], merchants = {...}) that a chunk defines;
-//
-// so a problem in any chunk, an entry in two chunks, or a chunk that
-// defines a top-level key sends the file to the whole-file parse, which
-// gives the problems with their exact messages and lines.
+// file's over 300 MB. A table header names its table in full, so a
+// chunk's lines mean what they mean in the whole file, unless a cut falls
+// inside a multi-line value (a problem in that chunk) or two chunks define
+// one key (an entry in two chunks, a top-level table that a chunk
+// defines). Either sends the file to the whole-file parse, which gives
+// the problems with their exact messages and lines.
 
 // chunkBytes is the size of a chunk: small enough that the decoder's
 // maps stay small, large enough that the join costs little.

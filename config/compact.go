@@ -5,14 +5,12 @@ import (
 	"time"
 )
 
-// The decoder's strings are slices of the text it decoded: a registry
-// that kept one of them would keep that text (about 90 bytes a
-// merchant). A compactor copies what a File keeps of its merchants into
-// memory of its own, in few blocks with few pointers for the garbage
-// collector to follow, and shares equal values (measured with
-// BenchmarkRegistryMemory). The providers' and the wildcard entry's
-// strings keep the text they were decoded from alive: a chunk of about
-// chunkBytes (see chunk.go), or the whole file when it is not cut.
+// The decoder's strings are slices of the text it decoded (about 90
+// bytes a merchant). A compactor copies what a File keeps of its
+// merchants into memory of its own, in few blocks with few pointers for
+// the garbage collector, and shares equal values (BenchmarkRegistryMemory).
+// The providers' and the wildcard entry's strings keep their text (a
+// chunk, or the whole file) alive.
 
 // compactor compacts the merchants of one file, chunk after chunk.
 type compactor struct {

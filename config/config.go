@@ -45,57 +45,39 @@ type Provider struct {
 	Type string
 	// ID is Name + "#" + the first 12 hex characters of a SHA-256 over the
 	// registry's Path and the non-secret part of the provider's resolved
-	// configuration (type, URLs, client id, auth method, timeout,
-	// lifetimes, parameters, the bytes of the TLS certificate and CA
-	// files, the public key of a private_key_jwt key, the thumbprint of a
-	// DPoP key). No secret value (API key, client secret, TLS or JWT
-	// private key) goes into it, so it is no oracle for a secret; and
-	// every process of a fleet that loads the same configuration from the
-	// same path computes the same ID (a shared cache is keyed by it). It
-	// namespaces the token cache: it changes when the provider's endpoint
-	// or identity does, and two registries at different paths (the app's
-	// and a handler's own) never share one (their API keys may differ);
-	// a secret rotation keeps it, and so the cached tokens. Registries
-	// loaded from one path by sidecars of different partners have the
-	// same IDs: only their own encryption keys keep their tokens apart in
-	// a Redis they share.
+	// configuration (fingerprint): it namespaces the token cache, shared
+	// by the processes of a fleet that load the same configuration from
+	// the same path. It changes with the provider's endpoint or identity,
+	// not with a secret rotation; no secret goes into it, so it is no
+	// oracle for one. Sidecars of different partners loading one path
+	// have the same IDs: only their encryption keys keep their tokens
+	// apart in a shared Redis.
 	ID string
 	// SecretVersion changes when a resolved secret value of the provider
-	// (API key, client secret) does: an HMAC-SHA256 of them under a random
-	// key of this process, never shown, logged or part of ID. The app
-	// compares it across reloads to forget the failures of the old
-	// secret. Empty for a provider without such a secret.
+	// (API key, client secret) does: an HMAC under a random key of this
+	// process, never shown. Empty for a provider without such a secret.
 	SecretVersion string
 	// Source issues the provider's tokens: a *nuapay.Source, an
 	// *oauth.ClientCredentials, or for grant refresh_token an
 	// *oauth.RefreshToken whose store is Options.RefreshStore.
 	Source broker.Source
 	// Endpoint is the provider's token API as configured: an oauth2
-	// provider's token_url or issuer, a nuapay provider's base_url. With
-	// Account it names the provider's budget in a shared store (hashed,
-	// never shown).
+	// provider's token_url or issuer, a nuapay provider's base_url.
 	Endpoint string
 	// Account is the fingerprint (budget.Account) of the credential the
 	// provider counts token requests against: an oauth2 provider's
-	// client_id, a nuapay provider's API key. Never the value, and the
-	// same in every process with the same credential: with Endpoint it
-	// names the provider's budget, so that two configurations of one
-	// token API with different credentials keep separate budgets.
+	// client_id, a nuapay provider's API key. With Endpoint it names the
+	// provider's budget in a shared store.
 	Account string
 	// RateLimit is the provider's token-request budget (rate_limit and
-	// rate_burst, from 1 to one second's worth of the rate, its default);
-	// the zero Limit means none.
+	// rate_burst); the zero Limit means none.
 	RateLimit budget.Limit
-	// Budget spends RateLimit: every profile of the provider shares it
-	// (Options.Budgets makes it), and it observes the rate-limit headers
-	// of the provider's token answers (budget.Budget.Transport on the
-	// token requests of the provider's HTTP client, not its listings,
-	// revocations, discovery or keys). Nil without rate_limit.
+	// Budget spends RateLimit for every profile of the provider
+	// (Options.Budgets makes it), and observes the rate-limit headers of
+	// the provider's token answers. Nil without rate_limit.
 	Budget *budget.Budget
 	// DPoP is the key an oauth2 provider's tokens are bound to
-	// ([providers.NAME.dpop]), nil for bearer tokens. Every profile of the
-	// provider carries it (broker.Profile.DPoP); its Thumbprint and Alg
-	// are public, the key itself never shown.
+	// ([providers.NAME.dpop]), nil for bearer tokens; never shown.
 	DPoP *dpop.Key
 	// Consent is the authorization-code flow of a refresh_token provider
 	// with a consent table; nil otherwise.
@@ -108,6 +90,13 @@ type Provider struct {
 
 	client   *http.Client // the provider's HTTP client, whose answers Budget observes
 	certFile string       // the resolved tls.client_cert, "" for none
+}
+
+// ProviderName returns the provider name part of a provider ID
+// (Provider.ID).
+func ProviderName(id string) string {
+	name, _, _ := strings.Cut(id, "#")
+	return name
 }
 
 // RefreshToken returns the provider's source when it keeps merchants'
@@ -182,9 +171,7 @@ func (r *Registry) Budgets() []*budget.Budget {
 }
 
 // Source returns the source of r's provider whose ID is id; nil when r
-// (or a nil r) has none. It is the provider as configured now, which
-// revokes the tokens an earlier configuration of that ID fetched, with a
-// secret rotated since.
+// (or a nil r) has none.
 func (r *Registry) Source(id string) broker.Source {
 	if r == nil {
 		return nil
@@ -242,10 +229,8 @@ func (r *Registry) Binding(merchantID string, scopes []string) (*broker.Binding,
 }
 
 // MerchantBinding returns the broker binding for m, a merchant of r as
-// Merchant returned it (one of r.Merchants, or resolved from the
-// wildcard entry). Non-empty scopes replace the merchant's default
-// scopes. It fails when a scope is malformed. (A merchant's own scopes
-// were checked against its provider type when the registry was loaded.)
+// Merchant returned it. Non-empty scopes replace the merchant's default
+// scopes; it fails when one is malformed.
 func (r *Registry) MerchantBinding(m *Merchant, scopes []string) (*broker.Binding, error) {
 	wild := r.Wildcard != nil && r.Merchants[m.ID] != m
 	p := r.Providers[m.Provider]
@@ -343,9 +328,8 @@ func (e *Error) Error() string {
 }
 
 // ErrorLines returns the problems of a LoadWith error one per line, each
-// starting with its file:line: the error of a registry with several
-// problems joins them (errors.Join, one per line), which prints on one
-// line inside a JSON log.
+// starting with its file:line (for a JSON log, where the joined error
+// would print on one line).
 func ErrorLines(err error) []string {
 	if err == nil {
 		return nil
@@ -366,24 +350,20 @@ type Options struct {
 	// LookupEnv resolves {env.NAME} references. Default os.LookupEnv.
 	LookupEnv func(string) (string, bool)
 	// OnDPoPNonce, when set, is called with the provider's name for each
-	// DPoP nonce challenge of a token or PAR endpoint that brought a new
-	// nonce (oauth.Config.OnDPoPNonce). It must be cheap and safe for
-	// concurrent use, and outlives a reload as long as the registry is in
-	// use.
+	// new DPoP nonce of a token or PAR endpoint (oauth.Config.OnDPoPNonce),
+	// for as long as the registry is in use. It must be cheap and safe for
+	// concurrent use.
 	OnDPoPNonce func(provider string)
-	// Budgets returns the budget of a provider with a rate_limit, which
-	// all its profiles share (Provider.Budget); it is called once per such
-	// provider when a registry is resolved without problems; its error
-	// (a budget the app's settings cannot make) is the registry's, given
-	// where the provider is defined. A budgets.Keeper shares budgets
-	// across reloads, and budgets.Store through Redis. Default: a budget of the
-	// registry's own, in this process, with the whole limit.
+	// Budgets returns the budget of a provider with a rate_limit
+	// (Provider.Budget), once per such provider of a registry resolved
+	// without problems; its error is the registry's, at the provider.
+	// Default: a budget of the registry's own, in this process, with the
+	// whole limit.
 	Budgets func(p *Provider) (*budget.Budget, error)
 	// Logger receives what the providers' sources log outside a request
-	// (oauth.Config.Logger: a rotated refresh token whose save failed,
-	// dropped), never a token. The sources keep it for as long as they
-	// live, across reloads when the registry is kept (regcache): give one
-	// that outlives a config. Default: none.
+	// (oauth.Config.Logger). The sources keep it across reloads when the
+	// registry is kept (regcache): give one that outlives a config.
+	// Default: none.
 	Logger *zap.Logger
 }
 

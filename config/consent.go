@@ -12,71 +12,26 @@ import (
 // (the token_broker_consent handler). {env.NAME} references are expanded
 // in every value.
 type consentTOML struct {
-	// DisplayName is the provider's name as merchants know it ("Example
-	// Bank"), shown on the consent pages; default "your bank" in the
-	// page's language. At most 100 characters, no control characters or
-	// surrounding spaces. Optional.
-	DisplayName string `toml:"display_name"`
-	// RedirectURIs are the callback URLs registered with the provider, one
-	// per callback domain, each ending in "/callback", e.g.
-	// "https://callback.partnerdomain.com/consent/callback". The consent
-	// link of one is the same URL ending in "/start". Required.
-	RedirectURIs []string `toml:"redirect_uris"`
-	// ReturnURLs is the allow-list of the app's return URLs, where the
-	// browser is sent after the callback: same scheme and host, and the
-	// same path or, for an entry ending in "/", a path under it.
-	ReturnURLs []string `toml:"return_urls"`
-	// Scopes are the scopes of the authorization request. Default
-	// ["openid", "offline_access"].
-	Scopes []string `toml:"scopes"`
-	// PAR pushes the authorization request (RFC 9126) even when the
-	// provider does not require it (FAPI 2.0). Default false; a provider
-	// whose discovery document requires PAR always gets it.
-	PAR bool `toml:"par"`
-	// AuthorizationURL is the authorization endpoint. Default: from the
-	// issuer's discovery document; required with token_url.
-	AuthorizationURL string `toml:"authorization_url"`
-	// PARURL is the pushed authorization request endpoint. Default: from
-	// the discovery document.
-	PARURL string `toml:"par_url"`
-	// LinkTTL is how long a consent link can be opened, a Go duration
-	// ("10m"). Default 10m, at most 24h.
-	LinkTTL *Duration `toml:"link_ttl"`
+	DisplayName      string    `toml:"display_name"`  // the provider's name on the consent pages
+	RedirectURIs     []string  `toml:"redirect_uris"` // registered callback URLs, each ending in "/callback"; required
+	ReturnURLs       []string  `toml:"return_urls"`   // allow-list of the app's return URLs ("/"-ended: that path and below)
+	Scopes           []string  `toml:"scopes"`
+	PAR              bool      `toml:"par"` // push the request (RFC 9126) even when discovery does not require it
+	AuthorizationURL string    `toml:"authorization_url"`
+	PARURL           string    `toml:"par_url"`
+	LinkTTL          *Duration `toml:"link_ttl"`
 
-	// The authorization request's own parameters, sent on the
-	// authorization URL or, with PAR, in the pushed request.
+	// The authorization request's own parameters.
+	Prompt               []string `toml:"prompt"`
+	ACRValues            []string `toml:"acr_values"`
+	Claims               string   `toml:"claims"`                // a JSON object (OpenID Connect Core §5.5)
+	AuthorizationDetails string   `toml:"authorization_details"` // a JSON array (RFC 9396)
+	Resources            []string `toml:"resources"`             // RFC 8707
 
-	// Prompt are prompt values (OpenID Connect Core §3.1.2.1): "login",
-	// "consent", "select_account". "consent" is always sent when scopes
-	// hold offline_access (OpenID Connect Core §11: without it a provider
-	// issues no refresh token). Optional.
-	Prompt []string `toml:"prompt"`
-	// ACRValues are the requested authentication context classes, in
-	// order of preference, e.g. ["urn:openbanking:psd2:sca"]. Optional.
-	ACRValues []string `toml:"acr_values"`
-	// Claims is the claims parameter (OpenID Connect Core §5.5) as a JSON
-	// object in a string, e.g. '{"id_token": {"acr": {"essential": true}}}'.
-	// Optional.
-	Claims string `toml:"claims"`
-	// AuthorizationDetails is the authorization_details parameter (RFC
-	// 9396, e.g. an Open Banking payment consent) as a JSON array in a
-	// string, each object with a string "type". Optional.
-	AuthorizationDetails string `toml:"authorization_details"`
-	// Resources are the resource indicators (RFC 8707) of the
-	// authorization request, absolute URIs. Default the provider's
-	// resource, if set.
-	Resources []string `toml:"resources"`
-
-	// MaxPendingLinks is how many unused, unexpired consent links one
-	// merchant may have; more are answered 429. Default 5.
-	MaxPendingLinks *int `toml:"max_pending_links"`
-	// MerchantLinksPerMinute is how many consent links one merchant may
-	// get per minute (as many at once); more are answered 429. Default 5.
+	// Limits of the consent links (answered 429 past them).
+	MaxPendingLinks        *int `toml:"max_pending_links"`
 	MerchantLinksPerMinute *int `toml:"merchant_links_per_minute"`
-	// LinksPerMinute is how many consent links the provider hands out per
-	// minute, all merchants together (as many at once); more are answered
-	// 429. Default 60.
-	LinksPerMinute *int `toml:"links_per_minute"`
+	LinksPerMinute         *int `toml:"links_per_minute"`
 }
 
 // consentKeys are the keys of a consent table.

@@ -34,12 +34,10 @@ type Source struct {
 }
 
 // File is one registry file parsed on its own: its providers decoded, its
-// merchants resolved (environment references expanded, scopes
-// normalised) but not yet checked against their providers, which may be
-// defined in another file. A File depends only on its path, its content
-// and the environment variables its merchants read (Inputs); it is not
-// modified after ParseFile, so one File may serve several Merges
-// (concurrently too).
+// merchants resolved but not yet checked against their providers (Merge).
+// It depends only on its path, its content and the environment variables
+// its merchants read (Inputs), and is not modified after ParseFile: one
+// File may serve several Merges, concurrently too.
 type File struct {
 	// Path is the file's path.
 	Path string
@@ -59,12 +57,10 @@ type File struct {
 
 // Files lists the files of the registry that pattern names: the file
 // itself; every *.toml file of a directory, or link to one (names starting
-// with "." left out: editors' temporary files), sorted by name; or the
-// files matching a glob (filepath.Match syntax, e.g.
-// "/etc/broker/merchants-*.toml"), sorted. A file is listed once, however
-// many symbolic links to it the directory or the glob holds (regularFiles);
-// hard links are separate files, each listed. It fails when that is no
-// file.
+// with "." left out: editors' temporary files); or the files matching a
+// glob (filepath.Match syntax), sorted. A file is listed once, however
+// many symbolic links to it are found (regularFiles). It fails when that
+// is no file.
 func Files(pattern string) ([]string, error) {
 	if pattern == "" {
 		return nil, &Error{Msg: "the registry path is empty: set config to a file, a directory or a glob (a placeholder such as {env.NAME} in it may be unset)"}
@@ -106,12 +102,9 @@ func Files(pattern string) ([]string, error) {
 
 // regularFiles returns, sorted, the paths that are regular files or
 // symbolic links to one (a Kubernetes ConfigMap's files are links). A
-// link to a file already listed is left out, so that no file is read
-// twice (merchants.toml -> merchants-v2.toml): the file is named by its
-// own path when listed, else by its first link. A link that loops or
-// points nowhere is left out without a word, as any path that is no
-// regular file: the config package has no warnings, and an error would
-// refuse a registry that loads with such a link.
+// file is named once: by its own path when listed, else by its first
+// link. Any other path (a link that loops or points nowhere included) is
+// left out without a word.
 func regularFiles(paths []string) []string {
 	type file struct {
 		path string
@@ -176,18 +169,16 @@ type parser struct {
 	loc    locator
 	errs   []error
 	inputs inputs // the variables and files read (inputs.go)
-
-	// registry is the path of the registry (Registry.Path), which names
-	// it in its providers' IDs and in the keys of the refresh store
-	// (oauth.StoreKey): two registries with a provider of the same name
-	// keep their tokens and refresh tokens apart. Merge's only.
+	// registry is Registry.Path (Merge's only): part of the providers' IDs
+	// and of the refresh store's keys, so that two registries with a
+	// provider of the same name keep their tokens apart.
 	registry string
 }
 
 // ParseFile parses one registry file on its own. lookupEnv resolves the
-// {env.NAME} references of merchants (os.LookupEnv when nil). Its
-// problems are reported by Merge. A large file is parsed in chunks (see
-// parseChunked), with the same result as a parse of the whole file.
+// {env.NAME} references of merchants (os.LookupEnv when nil). Merge
+// reports its problems. A large file is parsed in chunks (parseChunked),
+// with the same result.
 func ParseFile(src Source, lookupEnv func(string) (string, bool)) *File {
 	if lookupEnv == nil {
 		lookupEnv = os.LookupEnv
@@ -261,9 +252,9 @@ func parseFile(src Source, lookupEnv func(string) (string, bool), offset int, c 
 
 // Merge puts parsed files together into a registry and resolves its
 // providers. name is the file, directory or glob the files came from
-// (Registry.Path); srcs[i] is what files[i] was parsed from (read again
-// only for the lines of problems). It reports every problem of every file,
-// by file then line.
+// (Registry.Path); srcs[i] is what files[i] was parsed from (for the
+// lines of problems). It reports every problem of every file, by file then
+// line.
 func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, error) {
 	if len(srcs) != len(files) {
 		return nil, fmt.Errorf("config.Merge: %d sources for %d files", len(srcs), len(files))
@@ -366,9 +357,7 @@ func Merge(name string, srcs []Source, files []*File, opts Options) (*Registry, 
 		} else {
 			pv.Budget = budget.New(pv.Name, pv.RateLimit, budget.NewLocal(nil), nil)
 		}
-		// Before any use of the client: the answers of its token requests
-		// (not of listings, revocations, discovery or keys) lower the
-		// budget.
+		// Before any use of the client: its token answers lower the budget.
 		if pv.Budget != nil && pv.client != nil {
 			httpclient.ObserveTokenAnswers(pv.client, pv.Budget.Transport)
 		}

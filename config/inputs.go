@@ -36,16 +36,12 @@ type inputs map[[2]string]string
 
 // read records an input; the first read of a name is kept.
 func (in *inputs) read(kind, name string, value []byte, ok bool) {
-	if *in == nil {
-		*in = inputs{}
-	}
-	k := [2]string{kind, name}
-	if _, seen := (*in)[k]; !seen {
-		(*in)[k] = inputSum(value, ok)
+	if _, seen := (*in)[[2]string{kind, name}]; !seen {
+		in.add(inputs{{kind, name}: inputSum(value, ok)})
 	}
 }
 
-// add records the inputs of other.
+// add records the inputs of other; the first read of a name is kept.
 func (in *inputs) add(other inputs) {
 	for k, sum := range other {
 		if *in == nil {
@@ -104,8 +100,7 @@ func (f *File) Inputs() []Input { return f.inputs.list() }
 
 // Changed reports whether one of the inputs reads differently now: a
 // variable set, unset or changed, a file changed, gone or come.
-// lookupEnv reads the variables (os.LookupEnv when nil). A registry or a
-// file whose inputs did not change would load again the same.
+// lookupEnv reads the variables (os.LookupEnv when nil).
 func Changed(in []Input, lookupEnv func(string) (string, bool)) bool {
 	if lookupEnv == nil {
 		lookupEnv = os.LookupEnv

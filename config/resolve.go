@@ -139,11 +139,10 @@ func (e *entry) secret(field, ref string) broker.Secret {
 
 // pemPath expands the path of a PEM file (private_key, the tls files,
 // dpop.key) and resolves it against the registry file's folder; shown is
-// how messages name it (shownPath). A value that is PEM text itself,
-// written in the registry or brought in by an {env.NAME} reference, is
-// refused without being shown, since it may be a private key. hint ends
-// the message with the field's other ways to give its content. ok is false
-// when the value was refused or a reference could not be resolved.
+// how messages name it (shownPath). PEM text in the value is refused
+// without being shown (it may be a private key), with hint, the field's
+// other ways to give it. ok is false when the value was refused or a
+// reference could not be resolved.
 func (e *entry) pemPath(field, raw, hint string) (path, shown string, ok bool) {
 	path, ok = e.expand(field, raw)
 	if strings.Contains(path, "-----BEGIN") {
@@ -160,17 +159,11 @@ func (e *entry) pemPath(field, raw, hint string) (path, shown string, ok bool) {
 const maxShownPath = 128
 
 // shownPath is how messages name the file of a PEM field, written raw in
-// the registry and resolved to path. The field may hold a private key by
-// mistake, in base64 (as a Kubernetes secret keeps it) where no check for
-// PEM finds it, so a message names the path only where it cannot be key
-// material:
-//   - raw written literally: path, when raw has at most maxShownPath
-//     bytes, holds a path separator or a dot, and is not base64
-//     ("/etc/broker/bank.key", "keys/qwac.pem");
-//   - raw with {env.NAME} references: raw as written, naming the
-//     variables and not their values, when the text around them is empty
-//     or passes the same test ("{env.BANK_KEY}", "{env.KEY_DIR}/bank.key");
-//   - otherwise no name: the message still names the field, at its line.
+// the registry and resolved to path. The field may hold a private key in
+// base64 by mistake (as a Kubernetes secret keeps it), so a message names
+// the path only where it cannot be key material (plainPath): path when
+// raw is literal and plain, raw as written when the text around its
+// {env.NAME} references is empty or plain; else no name.
 func shownPath(raw, path string) string {
 	around := envRef.ReplaceAllString(raw, "")
 	switch {
@@ -189,9 +182,8 @@ func plainPath(s string) bool {
 	return err != nil && len(s) <= maxShownPath && strings.ContainsAny(s, "/."+string(filepath.Separator))
 }
 
-// readPEM reads the file of a PEM field (pemPath). A failure is reported
-// with the file named as shown and the underlying error without its path,
-// which could be key material.
+// readPEM reads the file of a PEM field (pemPath). A failure names the
+// file as shown, and its error leaves out the path (key material maybe).
 func (e *entry) readPEM(field, path, shown string, max int64) ([]byte, bool) {
 	b, err := e.p.readFile(path, max)
 	if err != nil {
@@ -242,17 +234,15 @@ func readFile(path string, max int64) ([]byte, error) {
 	return b, err
 }
 
-// fingerprint hashes named values: its registry's path (cleaned:
-// "./merchants.toml" is "merchants.toml") and the non-secret part of a
-// provider's resolved configuration into its ID (never a secret value,
-// nor anything derived from one: a private key contributes its public key, a TLS
-// client certificate its bytes, which are public; the client key
-// nothing), and its secret values into its SecretVersion (under an HMAC
-// key, secretversion.go).
+// fingerprint hashes named values: a provider's registry path (cleaned)
+// and the non-secret part of its resolved configuration into its ID
+// (never a secret, nor anything derived from one: a private key
+// contributes its public key, a TLS client certificate its bytes, the
+// client key nothing), and its secret values into its SecretVersion
+// (secretversion.go).
 type fingerprint struct{ h hash.Hash }
 
-// add feeds one named value, length-prefixed so that values
-// cannot run into each other.
+// add feeds one named value, length-prefixed.
 func (f *fingerprint) add(name string, value any) {
 	s := fmt.Sprint(value)
 	fmt.Fprintf(f.h, "%d:%s=%d:", len(name), name, len(s))
@@ -357,8 +347,7 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 
 	timeout := e.duration("timeout", raw.Timeout, defTimeout, time.Nanosecond, maxTimeout)
 	fp.add("timeout", timeout)
-	// Not in the ID: a new budget keeps the cached tokens.
-	pv.RateLimit = e.rateLimit(raw.RateLimit, raw.RateBurst)
+	pv.RateLimit = e.rateLimit(raw.RateLimit, raw.RateBurst) // not in the ID: a new budget keeps the cached tokens
 
 	pv.client = e.client(raw.TLS, timeout, pv, fp)
 	if pt == nil {
@@ -374,10 +363,9 @@ func (p *parser) provider(rp *rawProvider) *Provider {
 }
 
 // client resolves the TLS options, feeds the server name and the bytes of
-// the certificate files (public; never the key's) to fp, sets
-// pv.certFile and returns the HTTP client for the provider (nil on
-// problems), whose calls timeout bounds. Paths are left out of the ID:
-// hosts of a fleet may keep the same files in other folders.
+// the certificate files (never the key's) to fp, sets pv.certFile and
+// returns the provider's HTTP client (nil on problems). Paths are left out
+// of the ID: hosts of a fleet may keep the same files in other folders.
 func (e *entry) client(raw *tlsTOML, timeout time.Duration, pv *Provider, fp *fingerprint) *http.Client {
 	if raw == nil {
 		raw = &tlsTOML{}
@@ -430,10 +418,9 @@ const (
 	merchantOrgFailed             // the organisation's references could not be expanded
 )
 
-// merchant decodes a [merchants.ID] table into table (raw, or for the
-// wildcard entry the wildcardTOML that embeds raw) and resolves what raw
-// says by itself: the checks against its provider, which may be defined
-// in another file, are checkMerchant's.
+// merchant decodes a [merchants.ID] table into table (raw, or the
+// wildcardTOML that embeds it) and resolves what raw says by itself; the
+// checks against its provider, maybe of another file, are checkMerchant's.
 func (p *parser) merchant(md *toml.MetaData, id string, prim toml.Primitive, table any, raw *merchantTOML) (*entry, Merchant, uint8) {
 	e := p.entry("merchants", id)
 	if id != WildcardID && !ValidMerchantID(id) {

@@ -60,24 +60,14 @@ type Wildcard struct {
 }
 
 // wildcardTOML is the [merchants."*"] table: a merchant's keys and its
-// own.
+// own (the Wildcard fields of the same names).
 type wildcardTOML struct {
 	merchantTOML
-	// MaxActive is the most merchants served through the wildcard at one
-	// time. Default 100000.
-	MaxActive *int `toml:"max_active"`
-	// IdleTimeout is how long a merchant must have gone unused before it
-	// can be evicted ("2h" by default, Go duration syntax).
-	IdleTimeout *Duration `toml:"idle_timeout"`
-	// OnlyListedOrganisations restricts the wildcard to the organisations
-	// the provider lists (nuapay only). Default false.
-	OnlyListedOrganisations bool `toml:"only_listed_organisations"`
-	// OrganisationsRefresh is how often the list is read ("10m" by
-	// default).
-	OrganisationsRefresh *Duration `toml:"organisations_refresh"`
-	// MaxOrganisations is the most organisations the list may hold
-	// (100000 by default).
-	MaxOrganisations *int `toml:"max_organisations"`
+	MaxActive               *int      `toml:"max_active"`
+	IdleTimeout             *Duration `toml:"idle_timeout"`
+	OnlyListedOrganisations bool      `toml:"only_listed_organisations"` // nuapay only
+	OrganisationsRefresh    *Duration `toml:"organisations_refresh"`
+	MaxOrganisations        *int      `toml:"max_organisations"`
 }
 
 // wildcardKeys are the keys of [merchants."*"].

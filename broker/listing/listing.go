@@ -20,50 +20,39 @@ import (
 )
 
 // OrganisationLister reads the organisations a provider says the partner
-// may act for, within limits, calling visit for each one; past the limits
-// it fails, and what visit saw must not be used. *nuapay.Source implements
-// it. Safe for concurrent use.
+// may act for (*nuapay.Source). Safe for concurrent use.
 type OrganisationLister interface {
-	// EachOrganisation calls visit for each organisation, within limits.
+	// EachOrganisation calls visit for each organisation; past limits it
+	// fails, and what visit saw must not be used.
 	EachOrganisation(ctx context.Context, limits nuapay.ListLimits, visit func(nuapay.Organisation)) error
 }
 
 // Listing is the list of organisations a provider says the partner may act
-// for (for Nuapay, GET /organisations, every page). It is read on a
-// schedule (Start) and on demand (Refresh), keeping only the organisation
-// ids, within limits over all pages (the wildcard's max_organisations, and
-// bytes in proportion: nuapay.ListLimits). A failed read, one past the
-// limits included, keeps the last good list, and is tried again sooner
-// than the schedule's interval (Start); before the first good list every
-// organisation is refused with 503 (organisations_unavailable). Safe for
-// concurrent use.
+// for (for Nuapay, GET /organisations, every page), read on a schedule
+// (Start) and on demand (Refresh). It keeps only the organisation ids,
+// within limits over all pages (nuapay.ListLimits). A failed read, one
+// past the limits included, keeps the last good list; before the first
+// good list every organisation is refused with 503
+// (organisations_unavailable). Safe for concurrent use.
 type Listing struct {
-	provider string // the provider's name, for logs and the admin API
-	// list is the lister the reads go through (UseLister replaces it).
-	list   atomic.Pointer[OrganisationLister]
-	limits nuapay.ListLimits
-	every  time.Duration
-	bound  time.Duration // bounds one read, all its pages (readBound)
-	logger *zap.Logger
-	now    func() time.Time // the clock: time.Now; tests inject their own
-	// sleep waits between the schedule's reads: budget.Sleep, a timer;
-	// tests inject their own.
-	sleep func(ctx context.Context, d time.Duration) error
+	provider string                             // the provider's name, for logs and the admin API
+	list     atomic.Pointer[OrganisationLister] // what the reads go through (UseLister)
+	limits   nuapay.ListLimits
+	every    time.Duration
+	bound    time.Duration // bounds one read, all its pages (readBound)
+	logger   *zap.Logger
+	now      func() time.Time                                 // time.Now; tests inject their own
+	sleep    func(ctx context.Context, d time.Duration) error // budget.Sleep; tests inject their own
 
-	reads atomic.Pointer[reads] // nil before the first read ends
-	// nextRead is when the schedule reads again after a failed read, in
-	// Unix nanoseconds on l.now's clock; 0 after a good read.
-	nextRead atomic.Int64
-	// turn is a semaphore of one (a channel of capacity 1): a read holds
-	// a value in it, so that one read runs at a time; the others wait for
-	// room as long as their context allows.
-	turn chan struct{}
-	stop context.CancelFunc // ends the schedule and cancels its read; nil before Start
-	done chan struct{}      // closed when the schedule has ended
+	reads    atomic.Pointer[reads] // nil before the first read ends
+	nextRead atomic.Int64          // Unix nanoseconds (l.now) of the schedule's read after a failed one; 0 after a good read
+	turn     chan struct{}         // semaphore of one: one read at a time
+	stop     context.CancelFunc    // ends the schedule and cancels its read; nil before Start
+	done     chan struct{}         // closed when the schedule has ended
 }
 
-// reads is what the reads of a listing left, replaced as one by each
-// read: the list in force (nil before the first good read) and its Status.
+// reads is what the last reads left, replaced as one by each read: the
+// list in force (nil before the first good read) and its Status.
 type reads struct {
 	orgs   map[string]struct{}
 	status Status
@@ -78,32 +67,26 @@ func New(provider string, list OrganisationLister, limits nuapay.ListLimits, eve
 	return l
 }
 
-// UseLister has the next reads go through list, the provider's source in
-// the config loaded last (a reload that rotated its API key), keeping the
-// list in force and the schedule.
+// UseLister has the next reads go through list (the provider's source
+// in the config loaded last), keeping the list in force and the schedule.
 func (l *Listing) UseLister(list OrganisationLister) { l.list.Store(&list) }
 
 // Provider is the name of the listed provider.
 func (l *Listing) Provider() string { return l.provider }
 
 // readBound bounds one read of the list within limits, all its pages:
-// pageTime for each page the limits allow (nuapay.ListLimits.Pages), at
-// least minReadTime, so that a long list read at a provider's pace is not
-// cut before its end.
+// pageTime for each page the limits allow, at least minReadTime, so that
+// a long list read at a provider's pace is not cut short.
 func readBound(limits nuapay.ListLimits) time.Duration {
 	return max(minReadTime, time.Duration(limits.Pages())*pageTime)
 }
 
-// minReadTime is the least time a read of the list is given.
-const minReadTime = time.Minute
-
-// pageTime is the time a read of the list is given per page.
-const pageTime = time.Second
-
-// firstRetry is the wait before the schedule tries a failed read again;
-// it doubles with each failed read that follows, up to the schedule's
-// interval.
-const firstRetry = 5 * time.Second
+// Times of the reads (readBound, Start).
+const (
+	minReadTime = time.Minute
+	pageTime    = time.Second
+	firstRetry  = 5 * time.Second // the wait before a failed read is tried again, doubled at each failure in a row
+)
 
 // Start reads the list now and then l.every after each good read, each
 // read bounded by readBound, until Destruct. A failed read is tried
@@ -145,9 +128,8 @@ func (l *Listing) Destruct() error {
 }
 
 // Refresh reads the list now, bounded by readBound, and returns how
-// many organisations it holds. On failure the last good list stays in
-// force and the error is returned (and logged). While another read runs,
-// it waits for it as long as ctx allows.
+// many organisations it holds; on failure the last good list stays in
+// force. While another read runs, it waits for it as long as ctx allows.
 func (l *Listing) Refresh(ctx context.Context) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, l.bound)
 	defer cancel()
@@ -155,8 +137,8 @@ func (l *Listing) Refresh(ctx context.Context) (int, error) {
 }
 
 // read reads the list with ctx, as Refresh does. A read that fails once
-// schedule is done (Destruct cancelled it) is neither logged nor kept in
-// the status: the listing is being dropped, and its provider did not fail.
+// schedule is done (Destruct) is neither logged nor kept in the status:
+// the listing is being dropped, and its provider did not fail.
 func (l *Listing) read(ctx, schedule context.Context) (int, error) {
 	select {
 	case l.turn <- struct{}{}:

@@ -53,17 +53,13 @@ type Config struct {
 	Now func() time.Time
 }
 
-// Source is a broker.Source for Nuapay Open Banking and E-Mandates partner
-// tokens: POST /organisations/{encodedOrganisationId}/tokens with HTTP
-// Basic auth (the partner API key and an empty password). It is safe for
-// concurrent use.
+// Source is the broker.Source of Nuapay Gatekeeper (see the package doc).
+// It is safe for concurrent use.
 type Source struct {
-	cfg  Config
-	base *url.URL
-	auth string
-	// listURL is the organisations list's URL (base + OrganisationsPath,
-	// escaped), without its query.
-	listURL url.URL
+	cfg     Config
+	base    *url.URL
+	auth    string
+	listURL url.URL // base + OrganisationsPath, escaped, without query
 }
 
 // New returns a Nuapay source.
@@ -126,9 +122,8 @@ func (s *Source) orgURL(merchant, org, suffix string) (string, error) {
 	return u.String(), nil
 }
 
-// at returns the base URL with escaped, an escaped path, appended to its
-// path. The base's path keeps the escaping it was given, so that every
-// call goes below the same prefix.
+// at returns the base URL with escaped, an escaped path, appended; the
+// base's path keeps the escaping it was given.
 func (s *Source) at(escaped string) url.URL {
 	u := *s.base
 	u.RawPath = u.EscapedPath() + escaped
@@ -155,8 +150,7 @@ type nuapayTokenRequest struct {
 }
 
 // nuapayToken is the "data" of Gatekeeper's token envelope. Only
-// accessToken must have its JSON type: the other fields are read from any
-// JSON value.
+// accessToken must be of its JSON type.
 type nuapayToken struct {
 	ID          tokenID     `json:"id"`
 	AccessToken string      `json:"accessToken"`
@@ -266,11 +260,10 @@ func (s *Source) notFound(body []byte) error {
 	return fmt.Errorf("the answer is not Nuapay's error body, so %s does not lead to Gatekeeper's token endpoint: check base_url of the provider", s.base.Redacted())
 }
 
-// ParseToken parses a Gatekeeper token response body (the 201
-// envelope) that came with the success status status. sent is when the
-// request was sent and life the lifetime asked for; they give the expiry
-// when the response has no expiryTime. A body that is Nuapay's error
-// envelope gives its error (ParseError).
+// ParseToken parses a Gatekeeper token answer's body (the 201 envelope)
+// of success status status. The expiry is at most sent (when the request
+// was sent) plus life (the lifetime asked for). A body that is Nuapay's
+// error envelope gives its error (ParseError).
 func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (broker.Token, error) {
 	var env struct {
 		Data *nuapayToken `json:"data"`
@@ -291,9 +284,7 @@ func ParseToken(status int, body []byte, sent time.Time, life time.Duration) (br
 	if d.Status != "" && !strings.EqualFold(string(d.Status), "ACTIVE") {
 		return broker.Token{}, &broker.APIError{Provider: "nuapay", StatusCode: status, Code: "inactive_token", Description: fmt.Sprintf("token status is %q", scrub.Secrets(string(d.Status), d.AccessToken))}
 	}
-	expiry := sent.Add(life)
-	// Never trust the provider for longer than asked: a clock skew or an
-	// absurd value would otherwise keep a dead token cached.
+	expiry := sent.Add(life) // never longer: a clock skew or an absurd expiryTime would keep a dead token cached
 	if d.ExpiryTime.set && d.ExpiryTime.ms < float64(expiry.UnixMilli()) {
 		expiry = time.UnixMilli(int64(max(d.ExpiryTime.ms, 0)))
 	}
@@ -367,8 +358,7 @@ const (
 )
 
 // ListLimits bound one reading of the organisations list, over all its
-// pages: a provider answering page after page, or pages of padding, ends
-// the reading with a *ListTooLargeError, so memory stays bounded.
+// pages: past them the reading ends with a *ListTooLargeError.
 type ListLimits struct {
 	// Organisations is the most organisations the list may contain. Default
 	// DefaultMaxOrganisations.
@@ -429,9 +419,8 @@ const (
 )
 
 // EachOrganisation reads every page of the organisations linked to the
-// partner and calls visit with each organisation, so that a caller keeps
-// only what it needs. Past lim (zero fields: the defaults) it stops with
-// a *ListTooLargeError; visit has then seen part of the list, which must
+// partner and calls visit with each. Past lim (zero fields: the
+// defaults) it stops with a *ListTooLargeError; what visit saw then must
 // not be used.
 func (s *Source) EachOrganisation(ctx context.Context, lim ListLimits, visit func(Organisation)) error {
 	lim = lim.withDefaults()
@@ -500,9 +489,7 @@ func (s *Source) call(ctx context.Context, method, target string, body []byte) (
 		return 0, nil, fmt.Errorf("nuapay token API %s: %w", s.base.Host, httpclient.RedactURLError(err))
 	}
 	defer resp.Body.Close()
-	// An error status whose body was cut short is still that status,
-	// with its wait (broker.ParseWait): only its error envelope is lost.
-	data, tooLarge, err := httpclient.ReadBody(resp.Body)
+	data, tooLarge, err := httpclient.ReadBody(resp.Body) // an error status cut short keeps its status and wait
 	ok := resp.StatusCode >= 200 && resp.StatusCode < 300
 	if err != nil && ok {
 		return 0, nil, fmt.Errorf("nuapay token API %s: reading the response: %w", s.base.Host, err)

@@ -9,12 +9,11 @@ import (
 )
 
 // Logger is the logger of objects kept across config reloads (a broker, a
-// shared tier, an organisation listing, a sweeper). Each config has a
-// logger of its own, with its levels and sinks, which a reload closes; a
-// kept object logs through Zap, which writes each entry through the
-// current logger (Swap, CompareAndSwap): the running config's. The entries take that
-// logger's name, levels, fields and sinks, not its caller or stack trace
-// options. Safe for concurrent use.
+// shared tier, an organisation listing, a sweeper): Zap writes each entry
+// through the current logger (Swap, CompareAndSwap), the running
+// config's, since a reload closes the logger of the config before. The
+// entries take that logger's name, levels, fields and sinks, not its
+// caller or stack trace options. Safe for concurrent use.
 type Logger struct {
 	current atomic.Pointer[zap.Logger]
 	zap     *zap.Logger
@@ -29,15 +28,11 @@ func NewLogger(logger *zap.Logger) *Logger {
 	return l
 }
 
-// Swap makes logger the one every entry of Zap goes through from now on,
-// and returns the one before: the running config's logger is swapped in
-// when it starts.
+// Swap makes logger the current one and returns the one before.
 func (l *Logger) Swap(logger *zap.Logger) *zap.Logger { return l.current.Swap(logger) }
 
-// CompareAndSwap makes next the logger every entry of Zap goes through if
-// it is still old, and reports whether it did: a config that stops hands
-// the logger back to the one before it only if no other config started
-// since.
+// CompareAndSwap makes next the current logger if it is still old, and
+// reports whether it did.
 func (l *Logger) CompareAndSwap(old, next *zap.Logger) bool {
 	return l.current.CompareAndSwap(old, next)
 }
@@ -47,11 +42,11 @@ func (l *Logger) CompareAndSwap(old, next *zap.Logger) bool {
 func (l *Logger) Destruct() error { return nil }
 
 // Zap returns the *zap.Logger to give kept objects. Its entries are named
-// after the current logger, followed by the names given with Named.
+// after the current logger, then the names given with Named.
 func (l *Logger) Zap() *zap.Logger { return l.zap }
 
-// followCore is the zapcore.Core of Logger.Zap: it checks and writes each
-// entry with the current logger's core, with the fields given to With.
+// followCore is the zapcore.Core of Logger.Zap: the current logger's
+// core, with the fields given to With.
 type followCore struct {
 	l      *Logger
 	fields []zapcore.Field
@@ -77,7 +72,7 @@ func (c followCore) With(fields []zapcore.Field) zapcore.Core {
 }
 
 // Check hands the entry, under the current logger's name, to the current
-// logger's core, which adds itself to ce if it logs the entry.
+// logger's core.
 func (c followCore) Check(ent zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
 	core, name := c.core()
 	switch {
@@ -89,9 +84,8 @@ func (c followCore) Check(ent zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.
 	return core.Check(ent, ce)
 }
 
-// Write writes the entry with the current logger's core; Check hands
-// entries to that core directly, so only a caller of Write without Check
-// gets here.
+// Write writes the entry with the current logger's core (only a caller
+// of Write without Check gets here).
 func (c followCore) Write(ent zapcore.Entry, fields []zapcore.Field) error {
 	core, _ := c.core()
 	return core.Write(ent, fields)

@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/http"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,29 +34,22 @@ type Broker struct {
 	Logger *zap.Logger
 
 	mu        sync.Mutex
-	inherited []*broker.Entry // tokens of the brokers that reloads replaced
-	// seen is the provider last seen per provider ID (an ID is one
-	// registry's): its config.Provider.SecretVersion, so that a reload
-	// with a rotated secret (same ID) forgets the failures of the old
-	// one, and its source, which revokes the tokens of that ID whose own
-	// source's credential is refused (adminapi.Revoke). An ID is kept
-	// while a config that showed it is not released (Release).
-	seen map[string]*seenProvider
+	inherited []*broker.Entry          // tokens of the brokers that reloads replaced
+	seen      map[string]*seenProvider // by provider ID, while a config that showed it is not released
 	// revokeTimeout bounds Revoke; zero: the constant revokeTimeout.
 	revokeTimeout time.Duration
 }
 
 // Owner is a config that shows the broker its registries (SecretsSeen)
-// until it is released (Release). Owners are compared by identity: each
-// config has its own *Owner (Owner is not zero-size, so two are never
-// equal).
+// until it is released (Release). Owners are compared by identity (the
+// field keeps two *Owner from being equal, as zero-size values may be).
 type Owner struct{ _ byte }
 
-// SecretsSeen records the secret version and the source of every
-// provider of reg (Revoke falls back on the source last seen for its ID),
-// shown by the config owner, and forgets the failure policy's memory of those whose secret changed since
-// the broker last saw them (see broker.ForgetSource), logging it with
-// logger: the logger of the config that loads reg.
+// SecretsSeen records, for the config owner, the secret version and the
+// source of every provider of reg: Revoke falls back on the source last
+// seen for an ID whose credential is refused. The failure policy forgets
+// the providers whose secret changed since they were last seen
+// (broker.ForgetSource), logged with logger, the config's.
 func (p *Broker) SecretsSeen(owner *Owner, reg *config.Registry, logger *zap.Logger) {
 	if reg == nil {
 		return
@@ -85,10 +77,10 @@ func (p *Broker) SecretsSeen(owner *Owner, reg *config.Registry, logger *zap.Log
 	}
 }
 
-// Release forgets what the config owner showed (SecretsSeen), but for the
-// providers a config not released yet showed too: the config is gone. The
-// failure policy forgets those providers too (broker.ForgetSource), so
-// that one a later config adds back is called at once.
+// Release forgets what the config owner showed (SecretsSeen) and no
+// other config still shows, in the failure policy too
+// (broker.ForgetSource): a provider a later config adds back is called
+// at once.
 func (p *Broker) Release(owner *Owner) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -100,9 +92,8 @@ func (p *Broker) Release(owner *Owner) {
 	}
 }
 
-// Inherit takes over the tokens of a broker that a reload replaced, so
-// that they are revoked at shutdown (if still valid then) like this
-// broker's own.
+// Inherit takes over the tokens of a broker that a reload replaced, to
+// revoke them at shutdown if still valid then.
 func (p *Broker) Inherit(entries []*broker.Entry) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -125,11 +116,9 @@ func (p *Broker) Tokens() []*broker.Entry {
 	return out
 }
 
-// Bounds of Revoke: how many revocations run at once, overall and per
-// source, so that one slow provider answer does not use up the time of
-// all the others and no provider gets more than a few at a time; and
-// how a provider's answers hold or stop its next revocations (see
-// revocations).
+// Bounds of Revoke: revocations at once, overall and per source (one
+// slow provider does not use up the others' time); the time of all; how
+// a provider's answers hold or stop its next revocations (revocations).
 const (
 	revokeWorkers   = 16
 	revokePerSource = 4
@@ -141,11 +130,10 @@ const (
 // Revoke revokes entries at their providers, revokeWorkers at a time and
 // revokePerSource at a time per source, within revokeTimeout, and logs
 // each result in the entries' order. A token whose source the failure
-// policy keeps from being called (its breaker is open, or it is in
-// backoff after a 429 or a bad credential) is not revoked; its log says
-// why. A provider's revocation answers hold or stop its own next ones
-// only (revocations): its tokens not revoked then are logged as such,
-// and counted in one log of the provider (its name and how many).
+// policy keeps from being called (breaker open, backoff) is not revoked;
+// its log says why. A provider whose answers stop its revocations
+// (revocations) gets one more log: its name and how many of its tokens
+// were not revoked.
 func (p *Broker) Revoke(entries []*broker.Entry) {
 	timeout := p.revokeTimeout
 	if timeout == 0 {
@@ -190,15 +178,14 @@ func (p *Broker) Revoke(entries []*broker.Entry) {
 				n++
 			}
 		}
-		name, _, _ := strings.Cut(id, "#")
-		p.Logger.Warn("revocations at shutdown stopped for a provider", zap.String("provider", name),
+		p.Logger.Warn("revocations at shutdown stopped for a provider", zap.String("provider", config.ProviderName(id)),
 			zap.Int("not_revoked", n), zap.String("reason", rv.stopped))
 	}
 }
 
-// revokeHeld revokes e once its provider's revocations rv let it be
-// sent, taking one of slots for each call, and sends it again after a
-// 429 whose hold ends before the deadline.
+// revokeHeld revokes e once rv lets it be sent, holding one of slots
+// per call, and sends it again after a 429 whose hold ends before the
+// deadline.
 func (p *Broker) revokeHeld(ctx context.Context, rv *revocations, e *broker.Entry, slots chan struct{}) adminapi.RevokeResult {
 	for {
 		round, reason := rv.ready(ctx, p.Now, p.Sleep)
@@ -216,28 +203,26 @@ func (p *Broker) revokeHeld(ctx context.Context, rv *revocations, e *broker.Entr
 }
 
 // revocations is the state of one provider's revocations at shutdown,
-// kept apart from the failure policy of its token requests: a 429 holds
-// them until the end of its wait (its Retry-After, or without one
-// revoke429Wait, doubled at each 429 in a row), and the revocation it
-// answered is sent again then; a 429 whose hold would end at the
-// deadline or later stops them, and so do revokeFailures 5xx or
-// timeouts in a row (a revocation revoked resets the count and the
-// doubling). Its methods are safe for concurrent use.
+// apart from the failure policy of its token requests. A 429 holds them
+// for its Retry-After (without one revoke429Wait, doubled at each 429 in
+// a row), then its revocation is sent again; a hold that would end at
+// the deadline or later stops them, and so do revokeFailures 5xx or
+// timeouts in a row. A revocation revoked resets the count and the
+// doubling. Its methods are safe for concurrent use.
 type revocations struct {
 	deadline time.Time
 	waiting  sync.Mutex // held by the one worker that waits for the hold's end
 
 	mu       sync.Mutex
 	until    time.Time // no revocation is sent before
-	round    int       // holds begun: a 429 to a revocation sent before the last one began neither doubles nor lengthens it, and a revocation sent after it ended begins the next
+	round    int       // holds begun; a 429 to a revocation sent before the last one began does not change it
 	held     int       // holds in a row
 	failures int       // 5xx or timeouts in a row
 	stopped  string    // why the provider's next revocations are not sent; "" while they are
 }
 
-// ready waits until the provider's next revocation may be sent, on the
-// clock now with sleep, and returns the round it is sent in, or why it
-// is not sent.
+// ready waits (now, sleep) until the next revocation may be sent, and
+// returns the round it is sent in, or why it is not sent.
 func (r *revocations) ready(ctx context.Context, now func() time.Time, sleep func(context.Context, time.Duration) error) (round int, reason string) {
 	r.waiting.Lock()
 	defer r.waiting.Unlock()
@@ -258,9 +243,9 @@ func (r *revocations) ready(ctx context.Context, now func() time.Time, sleep fun
 	}
 }
 
-// answered notes at now the answer of a revocation sent in round, err
-// the error of the last call made (nil: revoked), and reports whether
-// the revocation is to be sent again once the hold it begins is over.
+// answered notes at now the answer of a revocation sent in round (err:
+// the last call's error, nil once revoked), and reports whether the
+// revocation is to be sent again once the hold is over.
 func (r *revocations) answered(err error, round int, now time.Time) (again bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -289,9 +274,9 @@ func (r *revocations) answered(err error, round int, now time.Time) (again bool)
 	return false
 }
 
-// serverFailed reports whether err, a revocation's, says that the
-// provider failed or did not answer in time: a 5xx, a timeout, a failed
-// connection.
+// serverFailed reports whether err, a revocation's, is a 5xx, a timeout
+// or a failed connection. Unlike broker.IsTemporary, other 4xx and the
+// source's own refusals (a token without an id) do not count.
 func serverFailed(err error) bool {
 	if ae, ok := errors.AsType[*broker.APIError](err); ok {
 		return ae.StatusCode >= http.StatusInternalServerError
@@ -310,20 +295,18 @@ func (p *Broker) source(id string) broker.Source {
 	return nil
 }
 
-// seenProvider is what Broker keeps of a provider it was last shown, and
-// the configs that showed it.
+// seenProvider is what Broker keeps of a provider it was last shown
+// (SecretsSeen), and the configs that showed it.
 type seenProvider struct {
 	secretVersion string
 	source        broker.Source
 	owners        []*Owner
 }
 
-// revoke revokes e's token at its provider, unless the failure policy
-// keeps its source from being called now, and purges it from the fleet's
-// shared tier once revoked: a token that was not revoked is still served.
-// A source that cannot revoke is reported so by adminapi.RevokeEntry,
-// whatever its failure policy. last is the error of the last call made
-// (adminapi.RevokeEntry): nil once revoked, and when none was made.
+// revoke revokes e's token at its provider (adminapi.RevokeEntry, whose
+// last it returns), unless the failure policy keeps a source that can
+// revoke from being called, and purges it from the fleet's shared tier
+// once revoked: a token not revoked is still served.
 func (p *Broker) revoke(ctx context.Context, e *broker.Entry) (adminapi.RevokeResult, error) {
 	if _, ok := e.Binding().Source.(broker.Revoker); ok {
 		h := p.SourceHealth(e.Binding().SourceID)
@@ -337,8 +320,6 @@ func (p *Broker) revoke(ctx context.Context, e *broker.Entry) (adminapi.RevokeRe
 	}
 	res, last := adminapi.RevokeEntry(ctx, e, p.source)
 	if res.Revoked {
-		// No node of the fleet serves it any longer; until the purge is
-		// heard, a node whose call is refused retries with a new token.
 		p.Purge(ctx, []*broker.Entry{e})
 	}
 	return res, last

@@ -1,18 +1,13 @@
 // Package regcache keeps loaded merchant registries across config reloads,
 // by path, refresh store and the content of the registry's files. A load
 // that changes none of them, nor anything else the registry read
-// (config.Registry.Inputs: the environment variables, the {file.PATH}
-// secrets, the TLS and key files its entries name), reuses the registry
-// already loaded: no file is parsed again, and the providers' sources are
-// the same objects. When only those inputs changed, the providers are
-// resolved again from the files as parsed.
+// (config.Registry.Inputs), reuses the registry already loaded, its
+// providers' sources included; when only those inputs changed, the
+// providers are resolved again from the files as parsed.
 //
-// Each registry in the cache holds its files as parsed, by path and
-// content: when one file of a registry split across several changes, a
-// load parses that file only, and takes the others from the registry
-// loaded before (parsed again when an environment variable their
-// merchants read changed). A parsed file goes with the last registry in
-// the cache that holds it.
+// The parsed files are kept by path and content: a load parses only the
+// files that changed (or whose merchants' environment variables did), and
+// a parsed file goes with the last registry in the cache that holds it.
 package regcache
 
 import (
@@ -52,8 +47,7 @@ func New() *Cache {
 }
 
 // registry is a registry in the cache with the parsed files it uses. reg
-// is replaced when an input it read changed; a registry handed out before
-// stays as it was.
+// is replaced (never modified) when an input it read changed.
 type registry struct {
 	refs  int
 	files []*file          // fixed when the registry is added
@@ -119,16 +113,13 @@ func (c *Cache) newRegistry(fileKeys []string) *registry {
 }
 
 // Release ends one use of the registry of key (from Load); the registry
-// leaves the cache with its last use. When the process is exiting and
-// this was the last use, the registry's refresh-token sources start no
-// refresh any more (oauth.RefreshToken.Close), and Release waits for the
-// refreshes under way, so that the rotated refresh tokens they bring are
-// saved before the process ends: at most the longest timeout of their
-// providers, and until ExitWait after the cache's first Release at exit
-// (Caddy runs the Cleanups of the modules, each releasing its registry,
-// one after another). It logs to logger how many were still under way
-// then. A reload does not wait: the stores stay open for the refreshes
-// under way.
+// leaves the cache with its last use. At the last use when the process is
+// exiting, its refresh-token sources start no refresh any more
+// (oauth.RefreshToken.Close), and Release waits for the refreshes under
+// way, so that the refresh tokens they rotate are saved: at most the
+// longest timeout of their providers, and until ExitWait after the
+// cache's first Release at exit (Caddy's Cleanups run one after
+// another). It logs to logger how many were still under way then.
 func (c *Cache) Release(key string, exiting bool, logger *zap.Logger) {
 	c.mu.Lock()
 	var reg *config.Registry
