@@ -2,7 +2,6 @@ package telemetry
 
 import (
 	"context"
-	"strings"
 	"sync"
 	"time"
 
@@ -196,9 +195,9 @@ func (r *Recorder) Rejected(b *broker.Binding, rejected broker.Token, outcome br
 	}
 	switch outcome {
 	case broker.RejectionPurged:
-		r.metrics.Purged(providerOf(b.SourceID), b.Merchant)
+		r.metrics.Purged(config.ProviderName(b.SourceID), b.Merchant)
 	case broker.RejectionKept:
-		r.metrics.PurgeKept(providerOf(b.SourceID), b.Merchant)
+		r.metrics.PurgeKept(config.ProviderName(b.SourceID), b.Merchant)
 	}
 	r.sweepEvicted(b)
 	r.logger.Info("upstream rejected the token", zap.String("merchant", b.Merchant),
@@ -221,7 +220,7 @@ func (r *Recorder) NonceChallenged(b *broker.Binding) {
 	if r == nil {
 		return
 	}
-	r.metrics.NonceChallenged(providerOf(b.SourceID), ServerResource)
+	r.metrics.NonceChallenged(config.ProviderName(b.SourceID), ServerResource)
 }
 
 // NonceRefused logs a resource server's DPoP nonce challenge to a request
@@ -234,7 +233,7 @@ func (r *Recorder) NonceRefused(b *broker.Binding, refused error) {
 	if r == nil {
 		return
 	}
-	provider := providerOf(b.SourceID)
+	provider := config.ProviderName(b.SourceID)
 	ok, left := r.nonceRefusals.Allow(provider)
 	if !ok {
 		return
@@ -255,15 +254,8 @@ func (r *Recorder) sweepEvicted(b *broker.Binding) {
 		return
 	}
 	if held, _ := r.table.HoldsMerchant(b.Merchant); !held {
-		r.metrics.series.Sweep(providerOf(b.SourceID), b.Merchant)
+		r.metrics.series.Sweep(config.ProviderName(b.SourceID), b.Merchant)
 	}
-}
-
-// providerOf returns the name of the provider of a source: its ID's
-// part before "#" (config.Provider.ID).
-func providerOf(sourceID string) string {
-	name, _, _ := strings.Cut(sourceID, "#")
-	return name
 }
 
 // Observer is the broker.Observer of a handler's bindings: it counts
@@ -287,7 +279,7 @@ func (o *Observer) Lookup(_ *broker.Binding, res broker.Result) {
 // budget_used_total) and tells the tap; FetchDone logs the fetch it
 // belongs to.
 func (o *Observer) Fetched(_ context.Context, b *broker.Binding, _ broker.Token, elapsed time.Duration, background bool, err error) {
-	provider := providerOf(b.SourceID)
+	provider := config.ProviderName(b.SourceID)
 	if m := o.r.metrics; m != nil {
 		outcome := fetchOutcome(err)
 		m.TokenRequests.WithLabelValues(m.labels(b.Merchant, provider, outcome)...).Inc()
@@ -319,7 +311,7 @@ func (o *Observer) FetchDone(_ context.Context, b *broker.Binding, f broker.Fetc
 	}
 	fields := []zap.Field{
 		zap.String("merchant", b.Merchant),
-		zap.String("provider", providerOf(b.SourceID)),
+		zap.String("provider", config.ProviderName(b.SourceID)),
 		zap.String("source", b.SourceID),
 		zap.String("outcome", fetchOutcome(f.Err)),
 		zap.Int("attempts", len(f.Attempts)),
@@ -342,7 +334,7 @@ func (o *Observer) FetchDone(_ context.Context, b *broker.Binding, f broker.Fetc
 // BackingOff counts the keys in failure memory, by provider.
 func (o *Observer) BackingOff(b *broker.Binding, on bool) {
 	if o.r.metrics != nil {
-		count(o.r.metrics.BackingOff.WithLabelValues(providerOf(b.SourceID)), on)
+		count(o.r.metrics.BackingOff.WithLabelValues(config.ProviderName(b.SourceID)), on)
 	}
 }
 
@@ -350,10 +342,10 @@ func (o *Observer) BackingOff(b *broker.Binding, on bool) {
 // with Retry-After or a bad credential, and tells the tap.
 func (o *Observer) SourceBackingOff(sourceID string, on bool) {
 	if o.r.tap != nil {
-		o.r.tap.SourceChanged(o.r.broker, providerOf(sourceID), sourceID)
+		o.r.tap.SourceChanged(o.r.broker, config.ProviderName(sourceID), sourceID)
 	}
 	if o.r.metrics != nil {
-		count(o.r.metrics.SourcesBackingOff.WithLabelValues(providerOf(sourceID)), on)
+		count(o.r.metrics.SourcesBackingOff.WithLabelValues(config.ProviderName(sourceID)), on)
 	}
 }
 
@@ -370,23 +362,23 @@ func count(g prometheus.Gauge, on bool) {
 // tells the tap.
 func (o *Observer) BreakerChanged(sourceID string, state broker.BreakerState) {
 	if o.r.tap != nil {
-		o.r.tap.SourceChanged(o.r.broker, providerOf(sourceID), sourceID)
+		o.r.tap.SourceChanged(o.r.broker, config.ProviderName(sourceID), sourceID)
 	}
 	if o.r.metrics != nil {
-		o.r.metrics.Breaker.WithLabelValues(providerOf(sourceID)).Set(float64(state))
+		o.r.metrics.Breaker.WithLabelValues(config.ProviderName(sourceID)).Set(float64(state))
 	}
 }
 
 // RefreshPlanned counts the planned refresh-ahead of a token the broker
 // minted.
 func (o *Observer) RefreshPlanned(b *broker.Binding, _ time.Time) {
-	o.r.metrics.planned(providerOf(b.SourceID), PlannedAhead)
+	o.r.metrics.planned(config.ProviderName(b.SourceID), PlannedAhead)
 }
 
 // RefreshBehind counts a planned refresh that cannot get budget before
 // its token's end, and tells the tap.
 func (o *Observer) RefreshBehind(b *broker.Binding, expiry time.Time) {
-	provider := providerOf(b.SourceID)
+	provider := config.ProviderName(b.SourceID)
 	o.r.metrics.planned(provider, PlannedBehind)
 	if o.r.tap != nil {
 		o.r.tap.RefreshBehind(provider, b, expiry)

@@ -124,7 +124,7 @@ func TestRecorderNonceRefused(t *testing.T) {
 			t.Fatalf("at %s for %s: logs %v: want one warning", now.Format(time.TimeOnly), step.b.SourceID, entries)
 		}
 		fields := entries[0].ContextMap()
-		if fields["provider"] != providerOf(step.b.SourceID) || fields["merchant"] != "acme" || fields["error"] != refused.Error() {
+		if fields["provider"] != config.ProviderName(step.b.SourceID) || fields["merchant"] != "acme" || fields["error"] != refused.Error() {
 			t.Errorf("fields %v: want the provider, the merchant and the refusal", fields)
 		}
 		if n, _ := fields["suppressed"].(int64); int(n) != step.suppressed {
