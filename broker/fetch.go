@@ -119,9 +119,7 @@ func (br *Broker) obtain(ctx context.Context, b *Binding, cur *Entry, mint func(
 		return tok, OriginMinted, err
 	}
 	now := br.opts.Now()
-	if tok.IssuedAt.IsZero() || tok.IssuedAt.After(now) {
-		tok.IssuedAt = now
-	}
+	tok.issuedBy(now)
 	if !ValidTokenValue(tok.Value.Reveal()) || !usable(tok) {
 		// The tier must not hand out garbage; if it does, mint here.
 		tok, err = mint(ctx)
@@ -142,9 +140,7 @@ func (br *Broker) usable(cur *Entry) func(Token) bool {
 		if cur == nil {
 			return true
 		}
-		if t.IssuedAt.IsZero() || t.IssuedAt.After(now) {
-			t.IssuedAt = now
-		}
+		t.issuedBy(now)
 		return t.Expiry.Sub(cur.expiry) > outlivesBy && now.Before(br.refreshAt(t))
 	}
 }
@@ -362,9 +358,7 @@ func (br *Broker) check(b *Binding, tok *Token, now time.Time) error {
 		return &APIError{Provider: sourceType(b), StatusCode: status, Code: "invalid_token_value",
 			Description: "the access token is empty, too long or contains characters not allowed in an HTTP header"}
 	}
-	if tok.IssuedAt.IsZero() || tok.IssuedAt.After(now) {
-		tok.IssuedAt = now
-	}
+	tok.issuedBy(now)
 	if !tok.ValidAt(now, br.opts.Leeway) {
 		return &APIError{Provider: sourceType(b), StatusCode: status, Code: "expired_token",
 			Description: fmt.Sprintf("merchant %q: expiry %s", b.Merchant, tok.Expiry.UTC().Format(time.RFC3339)), Err: ErrExpiredToken}

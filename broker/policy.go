@@ -251,10 +251,17 @@ func callableIn(b *Binding, h *failure, now time.Time) time.Duration {
 
 // backoffFor is the memory of the n-th consecutive failure (n ≥ 1).
 func (p *policy) backoffFor(n int) time.Duration {
-	if n >= 31 {
-		return p.opts.FailureMax
+	return doubled(p.opts.FailureTTL, p.opts.FailureMax, n)
+}
+
+// doubled is base doubled n-1 times (n ≥ 1; base for a smaller n), capped
+// at limit.
+func doubled(base, limit time.Duration, n int) time.Duration {
+	d := base
+	for i := 1; i < n && d < limit; i++ {
+		d *= 2
 	}
-	return min(p.opts.FailureTTL<<(n-1), p.opts.FailureMax)
+	return min(d, limit)
 }
 
 // record notes the outcome of a fetch of b's key that made calls calls (0:

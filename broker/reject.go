@@ -59,15 +59,7 @@ func (r Rejection) String() string {
 }
 
 // pauseWindow is the pause after the n-th strike (n ≥ 1).
-func pauseWindow(n int) time.Duration {
-	if n < 1 {
-		n = 1
-	}
-	if n > 7 {
-		return RejectPauseMax
-	}
-	return min(RejectPauseBase<<(n-1), RejectPauseMax)
-}
+func pauseWindow(n int) time.Duration { return doubled(RejectPauseBase, RejectPauseMax, n) }
 
 // rejectQuiet reports whether the key saw no rejection for a full pause
 // after its pause ended (or the clock went back).

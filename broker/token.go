@@ -68,6 +68,13 @@ type Token struct {
 // Fingerprint identifies the token in logs, spans and admin output.
 func (t Token) Fingerprint() string { return t.Value.Fingerprint() }
 
+// issuedBy sets IssuedAt to now when it is unset or after now.
+func (t *Token) issuedBy(now time.Time) {
+	if t.IssuedAt.IsZero() || t.IssuedAt.After(now) {
+		t.IssuedAt = now
+	}
+}
+
 // Lifetime is the token's whole lifetime as the broker saw it.
 func (t Token) Lifetime() time.Duration { return t.Expiry.Sub(t.IssuedAt) }
 
