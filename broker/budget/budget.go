@@ -107,9 +107,9 @@ type Budget struct {
 	sharedBy      int // WithSharedBy
 
 	mu sync.Mutex
-	// queue holds the callers waiting, in arrival order; only its head
-	// asks the store.
-	queue []*waiter
+	// queue holds the callers waiting, in arrival order, each a channel
+	// closed when it becomes the head; only the head asks the store.
+	queue []chan struct{}
 	// nextAt is when the head of the queue expects to be served.
 	nextAt time.Time
 	// lowered applies until loweredUntil (Observe); closedUntil: the
@@ -121,9 +121,6 @@ type Budget struct {
 	waitTotal                 time.Duration
 	cal                       calendar
 }
-
-// waiter is a caller in the queue; ready is closed when it is the head.
-type waiter struct{ ready chan struct{} }
 
 // New returns the budget of the provider name, spending l in s under the
 // key name, on the clock now (time.Now when nil). It panics when l or the
@@ -235,7 +232,7 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time, sleep f
 		sleep = Sleep
 	}
 	start := b.now()
-	w := &waiter{ready: make(chan struct{})}
+	w := make(chan struct{})
 	b.mu.Lock()
 	if ahead := len(b.queue); ahead > 0 || start.Before(b.closedUntil) {
 		l := b.effectiveLocked(start)
@@ -248,14 +245,14 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time, sleep f
 	}
 	b.queue = append(b.queue, w)
 	if len(b.queue) == 1 {
-		close(w.ready)
+		close(w)
 	} else {
 		waited = true
 	}
 	b.mu.Unlock()
 
 	select {
-	case <-w.ready:
+	case <-w:
 	case <-ctx.Done():
 		b.leave(w, start, gaveUp)
 		return waited, ctx.Err()
@@ -305,7 +302,7 @@ const (
 
 // leave takes w out of the queue, hands the head's turn on, and counts a
 // served or refused caller.
-func (b *Budget) leave(w *waiter, start time.Time, outcome int) {
+func (b *Budget) leave(w chan struct{}, start time.Time, outcome int) {
 	now := b.now()
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -313,7 +310,7 @@ func (b *Budget) leave(w *waiter, start time.Time, outcome int) {
 		if q == w {
 			b.queue = append(b.queue[:i], b.queue[i+1:]...)
 			if i == 0 && len(b.queue) > 0 {
-				close(b.queue[0].ready)
+				close(b.queue[0])
 			}
 			break
 		}
