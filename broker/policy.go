@@ -653,23 +653,18 @@ func (br *Broker) ForgetSource(sourceID string) int {
 // its last failure, that failure, when it happened and when the backoff
 // ends. visit runs outside the policy's lock.
 func (br *Broker) Backoffs(visit func(b *Binding, err error, at, until time.Time)) {
-	type held struct {
-		b         *Binding
-		err       error
-		at, until time.Time
-	}
 	now := br.opts.Now()
 	p := &br.pol
 	p.mu.Lock()
-	keys := make([]held, 0, len(p.keys))
+	keys := make([]keyState, 0, len(p.keys))
 	for _, ks := range p.keys {
 		if ks.mem.active(now) {
-			keys = append(keys, held{ks.b, ks.mem.err, ks.mem.at, ks.mem.until})
+			keys = append(keys, *ks)
 		}
 	}
 	p.mu.Unlock()
 	for _, k := range keys {
-		visit(k.b, k.err, k.at, k.until)
+		visit(k.b, k.mem.err, k.mem.at, k.mem.until)
 	}
 }
 
