@@ -1,15 +1,10 @@
 // Package broker is the core of the token broker: it obtains access tokens
 // from providers' token APIs (Sources), caches them per (source,
 // organisation, scopes, audience, lifetime; and merchant, for a
-// PerMerchant source), makes sure that only one fetch per key is in
-// flight, and refreshes tokens ahead of their expiry so that requests do
-// not wait. Every call to a token API, foreground or
-// refresh-ahead, goes through one failure policy (policy.go: a source
-// backoff, a key backoff, the source's circuit breaker, retries within a
-// fetch). Each source classifies its own errors (Classifier); a refused
-// fetch's error says how long its backoff still lasts (RetryAfterOf). It
-// does not import Caddy, so it can be used, tested and benchmarked on its
-// own.
+// PerMerchant source), runs one fetch per key at a time, and refreshes
+// tokens ahead of their expiry so that requests do not wait. Every call to
+// a token API goes through one failure policy (policy.go); each source
+// classifies its own errors (Classifier). It does not import Caddy.
 package broker
 
 import (
@@ -36,19 +31,15 @@ const (
 
 // Entry is a cached token with the Authorization header value built once.
 // Entries are immutable once cached, apart from their refresh bookkeeping.
-// The fields a cache hit reads (Broker.Get) come first, within the first
-// 64 bytes: one cache line per hit.
+// The fields a cache hit reads come first, within one 64-byte cache line.
 type Entry struct {
-	// header is "Bearer " or, for a DPoP-bound token, "DPoP " + the
-	// token (prefixLen): the token's value is a slice of it, so that its
-	// bytes are stored once; id shares its allocation (headerAndID).
+	// header is "Bearer " or "DPoP " + the token; the token's value is a
+	// slice of it, and id shares its allocation (headerAndID).
 	header string
 	expiry time.Time
 	// issuedBefore, refreshBefore and cachedBefore are the token's
-	// IssuedAt, its planned refresh (Token.RefreshAt), and when the
-	// entry was built (broker clock), as durations before expiry:
-	// expiry.Add(-d) has expiry's monotonic clock reading, if any, so the
-	// times compare as the token's own expiry does.
+	// IssuedAt, RefreshAt and when the entry was built, as durations
+	// before expiry (expiry.Add(-d) keeps expiry's monotonic reading).
 	refreshBefore time.Duration
 	binding       *Binding
 	stale         atomic.Bool // replaced by a newer token, or purged
@@ -56,8 +47,7 @@ type Entry struct {
 	refreshing atomic.Bool
 	// deferred: its budget deferred a refresh-ahead of it.
 	deferred atomic.Bool
-	// sharedAcross: served to a binding of another merchant than its
-	// own (same source, organisation and scopes): Drop keeps it.
+	// sharedAcross: served to another merchant's binding: Drop keeps it.
 	sharedAcross atomic.Bool
 	// behind: the Observer was told its refresh is behind (RefreshBehind).
 	behind      atomic.Bool
@@ -66,16 +56,13 @@ type Entry struct {
 
 	issuedBefore, cachedBefore time.Duration
 	id                         string // the provider's identifier of the token
-	// fingerprint is the token's fingerprint, a string in an interface
-	// value, made on first use (Fingerprint): handing it out as `any` on
-	// every request (a Caddy placeholder) then costs no allocation, and a
-	// token whose fingerprint nobody asks for costs no memory for it.
+	// fingerprint is the token's fingerprint as a string in an interface
+	// value, made on first use: handed out as `any` without allocating.
 	fingerprint atomic.Value
-	// ath is the ath claim of the token's DPoP proofs (dpop.ATH), made
-	// on first use (ATH).
+	// ath is the ath claim of the token's DPoP proofs, made on first use.
 	ath atomic.Pointer[string]
-	// grant is the token's type and granted scopes when they are not the
-	// usual: type Bearer, and no scopes or (scopesAsked) the binding's.
+	// grant is set when the type is not Bearer or the granted scopes are
+	// neither none nor (scopesAsked) the binding's.
 	grant *grant
 }
 
@@ -118,9 +105,8 @@ func (e *Entry) validAt(now time.Time, leeway time.Duration) bool {
 }
 
 // Header returns the value of the Authorization header: "Bearer <token>",
-// or "DPoP <token>" for a DPoP-bound token (type DPoP, RFC 9449 §7.1),
-// which a request sends with a proof of its profile's key (Profile.DPoP).
-// It does not allocate.
+// or "DPoP <token>" for a DPoP-bound token (RFC 9449 §7.1), sent with a
+// proof of its profile's key. It does not allocate.
 func (e *Entry) Header() string { return e.header }
 
 // Fingerprint is the token's fingerprint (Fingerprint of its value),
@@ -138,8 +124,7 @@ func (e *Entry) FingerprintValue() any {
 }
 
 // ATH is the ath claim of a DPoP proof that accompanies the token
-// (dpop.ATH: base64url of its SHA-256), computed once per token: it does
-// not allocate after its first call.
+// (dpop.ATH), computed once per token.
 func (e *Entry) ATH() string {
 	if p := e.ath.Load(); p != nil {
 		return *p
@@ -149,8 +134,7 @@ func (e *Entry) ATH() string {
 	return *e.ath.Load()
 }
 
-// RefreshAt is when the entry's refresh-ahead is planned (Token.RefreshAt):
-// a lookup from then on starts it.
+// RefreshAt is when a lookup starts the entry's refresh-ahead.
 func (e *Entry) RefreshAt() time.Time { return e.expiry.Add(-e.refreshBefore) }
 
 // Origin says where the token came from: OriginMinted or OriginShared.
@@ -161,10 +145,8 @@ func (e *Entry) Origin() string {
 	return OriginMinted
 }
 
-// unpin makes e no longer the last served entry of the binding it was
-// fetched for, if it still is: a token dropped from the cache or replaced
-// is not kept in memory by an idle binding. Other bindings sharing its
-// key let go of it on their next lookup.
+// unpin unsets e as the last served entry of the binding it was fetched
+// for, so that an idle binding does not keep a dropped token in memory.
 func (e *Entry) unpin() {
 	if e.binding != nil {
 		e.binding.current.CompareAndSwap(e, nil)
@@ -195,8 +177,6 @@ func New(opts Options) *Broker {
 	opts = opts.withDefaults()
 	br := &Broker{opts: opts, cache: gocache.New(gocache.NoExpiration, cleanupInterval),
 		flights: map[string]*flight{}, waiting: map[string]int{}, purging: map[string][]string{}}
-	// A token dropped from the cache (expired and cleaned up, purged) is
-	// no longer its binding's last served entry.
 	br.cache.OnEvicted(func(_ string, v any) { v.(*Entry).unpin() })
 	br.pol = newPolicy(&br.opts)
 	if opts.Shared != nil {
@@ -206,8 +186,7 @@ func New(opts Options) *Broker {
 }
 
 // Close drops every cached token and stops hearing the shared tier's
-// purges (the tier outlives the broker across config reloads). Fetches in
-// flight finish on their own.
+// purges. Fetches in flight finish on their own.
 func (br *Broker) Close() {
 	if br.stopPurges != nil {
 		br.stopPurges()
@@ -230,16 +209,14 @@ func (br *Broker) Now() time.Time { return br.opts.Now() }
 func (br *Broker) Sleep(ctx context.Context, d time.Duration) error { return br.opts.Sleep(ctx, d) }
 
 // newEntry builds the cache entry of a token, refreshed at its RefreshAt
-// (planned here when zero, or when refresh-ahead is off). Granted scopes
-// equal to the binding's are the binding's slice.
+// (planned here when zero or when refresh-ahead is off).
 func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	header, id := headerAndID(tok)
 	refresh := tok.RefreshAt
 	if refresh.IsZero() || !refresh.Before(tok.Expiry) || br.opts.RefreshWindow <= 0 {
 		refresh = br.planRefresh(b, tok, false)
 	} else {
-		// A plan made elsewhere (an adopted token) stays in the refresh
-		// window and leaves a refresh time before the token goes.
+		// An adopted token's plan is kept within the refresh window.
 		if start := br.refreshAt(tok); refresh.Before(start) {
 			refresh = start
 		}
@@ -264,9 +241,8 @@ func (br *Broker) newEntry(b *Binding, tok Token, origin string) *Entry {
 	return e
 }
 
-// headerAndID returns the Authorization header value (authScheme + the
-// token), and the token's ID, as two strings sharing one allocation: a
-// warm token costs the GC one object for both.
+// headerAndID returns the Authorization header value and the token's ID
+// as two strings sharing one allocation: one heap object per warm token.
 func headerAndID(tok Token) (header, id string) {
 	all := authScheme(tok.Type) + tok.Value.Reveal() + tok.ID
 	n := len(all) - len(tok.ID)
@@ -295,9 +271,8 @@ func authScheme(typ string) string {
 // bearerType is the usual spelling of a token type.
 const bearerType = "Bearer"
 
-// servedTo notes that e is being served to b: when b is another
-// merchant's binding than the one e was fetched for, e is shared across
-// merchants and Drop keeps it.
+// servedTo notes that e is served to b: to another merchant's binding,
+// e is shared across merchants.
 func (e *Entry) servedTo(b *Binding) {
 	if e.binding != nil && b != e.binding && b.Merchant != e.binding.Merchant && !e.sharedAcross.Load() {
 		e.sharedAcross.Store(true)
@@ -314,9 +289,8 @@ func (br *Broker) refreshAt(tok Token) time.Time {
 	return tok.Expiry.Add(-time.Duration(float64(life) * br.opts.RefreshWindow))
 }
 
-// storeFetched caches e, obtained by the fetch f, under b's key, unless a
-// purge named e's token while f ran (inflight.go): e is then marked stale.
-// It reports whether it cached e.
+// storeFetched caches e, obtained by the fetch f, under b's key unless a
+// purge named its token while f ran, and reports whether it did.
 func (br *Broker) storeFetched(b *Binding, e *Entry, now time.Time, f *flight) bool {
 	br.mu.Lock()
 	if f != nil && len(f.purged) > 0 && f.namesLocked(e.Fingerprint()) { // a fingerprint only when a purge ran
@@ -343,23 +317,18 @@ func (br *Broker) dropLocked(key string, e *Entry) {
 }
 
 // purgeLocked is dropLocked for a purge made here: the fetches of key
-// neither adopt nor cache e's token until the shared tier has purged it
-// too (purgingLocked, purgeShared). Call it with br.mu held.
+// ignore e's token until the shared tier has purged it too. Call it with
+// br.mu held.
 func (br *Broker) purgeLocked(key string, e *Entry) {
 	br.dropLocked(key, e)
 	br.purgingLocked(key, e.Fingerprint())
 }
 
 // Drop forgets the token cached under the binding's key in this process,
-// unless it is another merchant's or has been served to another merchant
-// too (the same source, organisation and scopes: an explicit merchant and
-// a wildcard id naming its organisation, a wildcard entry with one
-// organisation for every id): neither revoked nor purged from the shared
-// tier (it is still valid there, for other nodes). For a binding that goes
-// away while its token is still valid (an evicted wildcard merchant's), so
-// that the tokens kept follow the merchants kept; a lookup afterwards
-// fetches again. It reports whether a token was dropped. A merchant served
-// the token while it is being dropped fetches again once.
+// unless it is another merchant's or was served to another merchant too;
+// it is neither revoked nor purged from the shared tier. For a binding
+// that goes away (an evicted wildcard merchant's), so that the tokens kept
+// follow the merchants kept. It reports whether a token was dropped.
 func (br *Broker) Drop(b *Binding) bool {
 	br.mu.Lock()
 	defer br.mu.Unlock()
@@ -376,10 +345,8 @@ func (br *Broker) Drop(b *Binding) bool {
 }
 
 // PurgeMatching drops every cached token whose binding matches, and
-// returns the entries dropped. Tokens can be shared by merchants (same
-// source, organisation, scopes and audience), so the admin API matches
-// on those, not on the merchant that happened to fetch the token. With a
-// shared tier, the tokens are purged there too.
+// returns the entries dropped. With a shared tier, the tokens are purged
+// there too.
 func (br *Broker) PurgeMatching(match func(*Binding) bool) []*Entry {
 	return br.purge(context.Background(), func() []*Entry {
 		var out []*Entry
@@ -392,10 +359,9 @@ func (br *Broker) PurgeMatching(match func(*Binding) bool) []*Entry {
 	})
 }
 
-// Purge drops entries from the cache, those still cached, and purges
-// their tokens from the shared tier, if there is one, which the other
-// nodes hear: no node serves them afterwards. Each purge from the shared
-// tier is bounded by ctx and FetchTimeout.
+// Purge drops entries from the cache and purges their tokens from the
+// shared tier, if any, so that no node serves them afterwards. Each purge
+// from the tier is bounded by ctx and FetchTimeout.
 func (br *Broker) Purge(ctx context.Context, entries []*Entry) {
 	br.purge(ctx, func() []*Entry { return entries })
 }
@@ -424,9 +390,8 @@ func (br *Broker) PurgeMerchant(merchant string) []*Entry {
 	return br.PurgeMatching(func(b *Binding) bool { return b.Merchant == merchant })
 }
 
-// purgeShared purges a token from the shared tier, if there is one. The
-// tier's failures are its own business (it must not fail lookups); the
-// purge is bounded by ctx and FetchTimeout.
+// purgeShared purges a token from the shared tier, if any, bounded by ctx
+// and FetchTimeout; the tier counts its own failures.
 func (br *Broker) purgeShared(ctx context.Context, key, fingerprint string) {
 	if br.opts.Shared == nil {
 		return
@@ -437,8 +402,8 @@ func (br *Broker) purgeShared(ctx context.Context, key, fingerprint string) {
 	_ = br.opts.Shared.Purge(ctx, key, fingerprint)
 }
 
-// dropShared is the shared tier's OnPurge callback: another node purged key,
-// so the token it names is dropped from memory too ("" drops any).
+// dropShared is the shared tier's OnPurge callback: the token another node
+// purged is dropped from memory too ("" drops any).
 func (br *Broker) dropShared(key, fingerprint string) {
 	br.mu.Lock()
 	defer br.mu.Unlock()

@@ -14,8 +14,8 @@ import (
 )
 
 // APIError is a failure reported by a provider's token API: an error status,
-// an error body, or a success status whose body could not be used.
-// Its fields come from the provider and never contain a credential or a token.
+// an error body, or a success status whose body could not be used. Its
+// fields never contain a credential or a token.
 type APIError struct {
 	// Provider is the source type ("nuapay", "oauth2").
 	Provider string
@@ -27,15 +27,13 @@ type APIError struct {
 	// Description is the provider's human-readable explanation: Nuapay's
 	// returnDescription (with the details), OAuth's error_description.
 	Description string
-	// RetryAfter is the wait the provider asked for (ParseWait: its
-	// Retry-After, or on a 429 or 503 its rate-limit headers' reset), zero
+	// RetryAfter is the wait the provider asked for (ParseWait), zero
 	// when it did not say.
 	RetryAfter time.Duration
 	// Details are Nuapay's error details, if any.
 	Details []ErrorDetail
-	// Err is the underlying cause, if any: a malformed response's, or
-	// ErrUnknownOrganisation when the source recognised the answer as
-	// the provider not knowing the organisation.
+	// Err is the underlying cause, if any (a malformed response's,
+	// ErrUnknownOrganisation).
 	Err error
 }
 
@@ -75,14 +73,12 @@ func (e *APIError) Error() string {
 func (e *APIError) Unwrap() error { return e.Err }
 
 // CodeTooLarge is the Code of an *APIError for an answer whose body is
-// over the limit a source reads (httpclient.MaxResponseBytes): the
-// source's code, not the provider's, which the unread body may hold. Its
-// cause is an *httpclient.TooLargeError; its class follows the status.
+// over the limit a source reads (httpclient.MaxResponseBytes); its class
+// follows the status.
 const CodeTooLarge = "response_too_large"
 
-// Temporary reports whether trying again later may succeed: its status
-// says so (TemporaryStatus). Credentials, scope and request errors are
-// permanent.
+// Temporary reports whether trying again later may succeed
+// (TemporaryStatus).
 func (e *APIError) Temporary() bool { return TemporaryStatus(e.StatusCode) }
 
 // TemporaryStatus reports whether an answer's status says that the server
@@ -105,12 +101,9 @@ func IsTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// IsTemporary reports whether err is worth retrying: timeouts, connection
-// failures, temporary API errors and any other failure of the source that
-// is not an API error or a RequestError (such as a failed discovery of the
-// provider's endpoints, which concerns all its merchants). Permanent API
-// errors (bad credentials, unknown organisation, invalid scope) and
-// cancellations are not.
+// IsTemporary reports whether err is worth retrying: a temporary API error,
+// or any failure that is not an API error, a RequestError or a
+// cancellation (timeouts, connection failures, a failed discovery).
 func IsTemporary(err error) bool {
 	if err == nil || errors.Is(err, context.Canceled) {
 		return false
@@ -127,8 +120,7 @@ func IsTemporary(err error) bool {
 }
 
 // RequestError is a token request the source refused to send because it
-// could never succeed (for example an organisation id that is not a single
-// path segment). It is permanent.
+// could never succeed (an organisation id that is not a path segment, say).
 type RequestError struct {
 	// Merchant is the merchant the request was for.
 	Merchant string
@@ -170,16 +162,10 @@ func ParseRetryAfter(v string, now time.Time) time.Duration {
 }
 
 // ParseWait returns the wait a token API's error answer of status with
-// headers h asks for, read at now: its Retry-After (ParseRetryAfter);
-// without a usable one, for a 429 or a 503, the reset its rate-limit
-// headers give for a quota with nothing left (budget.ResetAfter: the IETF
-// draft's RateLimit and RateLimit-Reset first, then X-RateLimit-Reset),
-// capped as a Retry-After is. A 429's reset without a remaining count
-// counts when no header gives one; a 503's quota counts only when it says
-// none remaining (a gateway's window may end while its upstream is down).
-// 0 when the answer says no usable wait. Every source reads an error
-// answer's wait with it (APIError.RetryAfter), so the failure policy
-// holds a provider as long whichever header said it.
+// headers h asks for, read at now: its Retry-After (ParseRetryAfter), or
+// for a 429 or a 503 the reset of a spent quota (budget.ResetAfter; a
+// reset without a count only on a 429), capped as a Retry-After is; 0 for
+// none. Every source reads an error answer's wait with it.
 func ParseWait(status int, h http.Header, now time.Time) time.Duration {
 	if d := ParseRetryAfter(h.Get("Retry-After"), now); d > 0 {
 		return d
@@ -191,9 +177,7 @@ func ParseWait(status int, h http.Header, now time.Time) time.Duration {
 }
 
 // ErrUnknownOrganisation is in the chain of a token request's error when
-// the provider does not know the merchant's organisation (Nuapay answers
-// 404 to a token request for it). It is permanent: the organisation id in
-// the registry must be corrected.
+// the provider does not know the merchant's organisation. It is permanent.
 var ErrUnknownOrganisation = errors.New("the provider does not know the merchant's organisation: check its organisation id in the registry")
 
 // ErrExpiredToken is returned when a provider hands out a token that is
@@ -201,19 +185,16 @@ var ErrUnknownOrganisation = errors.New("the provider does not know the merchant
 var ErrExpiredToken = errors.New("the token API returned a token that is already expired (check the clocks and the configured token lifetime)")
 
 // UnavailableError is returned without calling the token API: the source's
-// circuit breaker is open after repeated failures. RetryAfter says when the
-// next attempt will be let through; Err is the provider failure that
-// opened the breaker (or the last failure of this fetch), so that callers
-// can still tell what went wrong.
+// circuit breaker is open after repeated failures.
 type UnavailableError struct {
 	// SourceID is the source whose breaker is open.
 	SourceID string
 	// RetryAfter is how long until the breaker lets a probe through.
 	RetryAfter time.Duration
-	// Until is when the breaker lets a probe through (the broker's
-	// clock), so that the error, remembered and repeated, stays true.
+	// Until is when the breaker lets a probe through (broker clock).
 	Until time.Time
-	// Err is the last provider failure behind the open breaker, if known.
+	// Err is the last failure behind the open breaker, or this fetch's
+	// last; nil when unknown.
 	Err error
 }
 
@@ -234,10 +215,8 @@ func (e *UnavailableError) Error() string {
 func (e *UnavailableError) Unwrap() error { return e.Err }
 
 // RetryAfterOf returns how long a caller should wait before trying again
-// after err, or 0 when nobody said. The broker's own backoff comes first (a
-// failed fetch's error says how long the failure policy will not call the
-// token API for its key), then an open breaker's wait, then an exhausted
-// budget's, then the provider's Retry-After.
+// after err, or 0 when nobody said: the failure policy's backoff first,
+// then an open breaker's wait, an exhausted budget's, the provider's.
 func RetryAfterOf(err error) time.Duration {
 	var he *backoffError
 	if errors.As(err, &he) {

@@ -11,11 +11,10 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
 )
 
-// cachedFresh returns the token cached for b's key when a fetch that ended
-// just before this one started left one that needs no fetch (for a
-// refresh-ahead of cur: another entry, not yet due for refresh), else nil.
-// Its callers check it inside the singleflight group, so the key is not
-// fetched twice.
+// cachedFresh returns the entry cached for b's key when it needs no fetch
+// (for a refresh-ahead of cur: another entry, not yet due), else nil.
+// Called inside the singleflight group, so that a fetch that just ended
+// is not repeated.
 func (br *Broker) cachedFresh(b *Binding, cur *Entry) *Entry {
 	v, ok := br.cache.Get(b.key)
 	if !ok {
@@ -30,37 +29,30 @@ func (br *Broker) cachedFresh(b *Binding, cur *Entry) *Entry {
 	return e
 }
 
-// fetch obtains a token for b and caches it. It runs once per key at a time
-// (inside the singleflight group), detached from the cancellation of the
-// request that started it but keeping its values (trace context); only
-// FetchTimeout bounds it. cur is the entry being refreshed ahead, nil for a
-// foreground fetch. With a shared tier, a usable token stored there is
-// adopted; otherwise mint runs the policy. A forced fetch (Check, force
-// not nil) neither takes a cached token nor adopts a stored one: it mints,
-// and counts its token API calls in force.
+// fetch obtains a token for b and caches it, once per key at a time
+// (inside the singleflight group), bounded by FetchTimeout only: detached
+// from the cancellation of the request that started it, keeping its
+// values. cur is the entry refreshed ahead, nil for a foreground fetch. A
+// forced fetch (Check) adopts no stored token and counts its calls in
+// force.
 func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *forced) (*Entry, error) {
 	now := br.opts.Now()
 	br.pol.maybeSweep(now)
-	// The fetch is shared, so the deadline of the request that happened
-	// to start it must not cut it short for the others (each waiter gives
-	// up on its own context).
+	// Shared by its waiters: each gives up on its own context.
 	deadline := time.Now().Add(br.opts.FetchTimeout)
 	ctx, cancel := context.WithDeadline(context.WithoutCancel(parent), deadline)
 	defer cancel()
 	by := br.budgetBy(parent, b, now)
-	// A fetch started by a lookup waits for budget while a lookup waits
-	// for it (waitFor); a refresh-ahead never waits, a Check's caller
-	// waits for its answer.
+	// A lookup's fetch gives up its wait for budget once no lookup waits
+	// for it (waitFor).
 	bctx, giveUp := ctx, context.CancelFunc(nil)
 	if cur == nil && force == nil {
 		bctx, giveUp = context.WithCancel(ctx)
 		defer giveUp()
 	}
 
-	// The last attempt and the fetch are reported once the outcome is in
-	// the cache (or remembered as a failure), so an observer sees a
-	// consistent state. A fetch that mints again (a purge named its first
-	// token) reports the first mint before the second.
+	// The last call and the fetch are reported once the outcome is
+	// stored, so that an observer sees a consistent state.
 	report := func() {}
 	defer func() { report() }()
 	mint := func(ctx context.Context) (Token, error) {
@@ -91,23 +83,20 @@ func (br *Broker) fetch(parent context.Context, b *Binding, cur *Entry, force *f
 		}
 		e := br.newEntry(b, tok, origin)
 		if br.storeFetched(b, e, now, f) || attempt > 0 {
-			// A token purged twice while fetched is handed to the
-			// lookups waiting for it, never cached. An adopted token's
-			// refresh was planned where it was minted.
+			// A token purged twice while fetched is handed to its
+			// waiters, never cached.
 			if b.Observer != nil && origin == OriginMinted {
 				b.Observer.RefreshPlanned(b, e.RefreshAt())
 			}
 			return e, nil
 		}
-		// A purge named the token while it was fetched: once more,
-		// without it (inflight.go).
+		// A purge named the token while it was fetched: once more.
 	}
 }
 
-// obtain gets a token from the shared tier when there is one (adopting a
-// usable stored token, or minting once for the fleet), else by minting.
-// With mintOnly, no stored token is adopted: the tier mints under its lock
-// and stores the new token.
+// obtain gets a token through the shared tier when there is one (a usable
+// stored token, unless mintOnly, or one minted once for the fleet), else
+// by minting.
 func (br *Broker) obtain(ctx context.Context, b *Binding, cur *Entry, mint func(context.Context) (Token, error), f *flight, mintOnly bool) (Token, string, error) {
 	sh := br.opts.Shared
 	if sh == nil {
@@ -119,22 +108,18 @@ func (br *Broker) obtain(ctx context.Context, b *Binding, cur *Entry, mint func(
 		usable = func(Token) bool { return false }
 	}
 	if rejected := br.rejectedToken(b.key); rejected != "" {
-		// A token an upstream rejected is never adopted back from the
-		// shared tier, even if its purge there has not happened yet.
+		// A token an upstream rejected is never adopted back.
 		valid := usable
 		usable = func(t Token) bool { return t.Value != rejected && valid(t) }
 	}
-	// Nor is a token purged while this fetch runs (inflight.go); one
-	// purged after the tier handed it out is not cached (fetch).
+	// Nor is one purged while this fetch runs (inflight.go).
 	adoptable := func(t Token) bool { return usable(t) && !br.purgedDuring(f, t.Fingerprint()) }
 	tok, adopted, err := sh.Fetch(ctx, b.key, adoptable, mint)
 	if err != nil || !adopted {
 		return tok, OriginMinted, err
 	}
 	now := br.opts.Now()
-	if tok.IssuedAt.IsZero() || tok.IssuedAt.After(now) {
-		tok.IssuedAt = now
-	}
+	tok.issuedBy(now)
 	if !ValidTokenValue(tok.Value.Reveal()) || !usable(tok) {
 		// The tier must not hand out garbage; if it does, mint here.
 		tok, err = mint(ctx)
@@ -155,33 +140,25 @@ func (br *Broker) usable(cur *Entry) func(Token) bool {
 		if cur == nil {
 			return true
 		}
-		if t.IssuedAt.IsZero() || t.IssuedAt.After(now) {
-			t.IssuedAt = now
-		}
+		t.issuedBy(now)
 		return t.Expiry.Sub(cur.expiry) > outlivesBy && now.Before(br.refreshAt(t))
 	}
 }
 
-// outlivesBy is how much longer than the token it refreshes a token must
-// live to be adopted by a refresh-ahead: more than the clocks' jitter, so
-// that the same token handed back (by the shared tier, with its expiry as
-// an absolute time) is not taken for a newer one.
+// outlivesBy is how much longer than the token it refreshes an adopted
+// token must live: more than clock jitter, so that the same token handed
+// back is not taken for a newer one.
 const outlivesBy = time.Second
 
-// mint calls the Source for b's key through the failure policy (policy.go,
-// asked before each attempt). It returns how many calls it made and the
-// report of the last call and of the fetch (Observer.FetchDone), for the caller
-// to run once the outcome is stored. A fetch that a backoff or its budget
-// refused before any call, or before the second call a ClassRetryNow
-// answer to its first attempt asked for, is not recorded. deadline bounds
-// the retries (wall clock), by a caller's wait for budget (broker clock);
-// bctx, derived from ctx, ends that wait early.
+// mint calls the Source for b's key through the failure policy and
+// records the outcome. It returns how many calls it made and the report of
+// the last call and of the fetch, to run once the outcome is stored.
+// deadline bounds the retries (wall clock), by a caller's wait for budget
+// (broker clock); bctx, derived from ctx, ends that wait early.
 func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, int, func(), error) {
 	tok, f, class, last, err := br.attempts(ctx, bctx, b, background, deadline, by)
 	calls := len(f.Attempts)
-	// A call answered ClassRetryNow whose second call did not go out
-	// tells nothing about the provider: the policy answers the fetch as
-	// if that call had not been made.
+	// A ClassRetryNow call whose resend did not go out does not count.
 	answered := calls
 	if calls > 0 && IsRetryNow(f.Attempts[calls-1].Err) {
 		answered--
@@ -213,20 +190,15 @@ func (br *Broker) mint(ctx, bctx context.Context, b *Binding, background bool, d
 }
 
 // attempts calls the Source up to MaxAttempts times while its failures are
-// temporary, the backoffs, the breaker and the budget let calls through
-// and the deadline allows; an attempt answered ClassRetryNow is sent once
-// more at once, taking budget again. It returns the calls it made
-// (f.Attempts, f.Elapsed) and the class of the last error the policy
-// counts (not a ClassRetryNow answer). Every call but the last is
-// reported to b's observer here (its breaker change, then Fetched),
-// exactly once; the returned func reports the last one. A backoff or a
-// budget refusing the first call ends the fetch with its refusal (the
-// policy's backoff error, a *budget.ExhaustedError); one refusing a retry,
-// with the last call's error. The second call of an attempt answered
-// ClassRetryNow counts as the attempt's own: refused in the first attempt,
-// the fetch ends with the refusal. A call answered ClassRetryNow is
-// reported, and kept in f.Attempts, with a *RetryNowError: last in
-// f.Attempts, it tells mint that its second call did not go out.
+// temporary and the backoffs, the breaker, the budget and the deadline
+// allow; an attempt answered ClassRetryNow is sent once more at once. It
+// returns the calls made (f) and the class of the last counted error.
+// Every call but the last is reported to b's observer here, once; the
+// returned func reports the last. A refusal before the first call that
+// counts ends the fetch with the refusal; before a retry, with the last
+// call's error. A ClassRetryNow call is kept in f.Attempts with a
+// *RetryNowError; last there, it tells mint that its resend did not go
+// out.
 func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background bool, deadline, by time.Time) (Token, Fetch, Class, func(), error) {
 	obs := b.Observer
 	noop := func() {}
@@ -235,14 +207,10 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 	var first time.Time
 	var last error
 	var class Class
-	// callAllowed asks the key's and its source's backoffs, then the
-	// breaker, whether a call may go out now; it returns the refusal, or
-	// whether the call is the half-open breaker's probe. A call that holds
-	// the probe already (held) asks only the backoffs: the breaker would
-	// take the probe out for another call and refuse it. A source backoff
-	// can start while this fetch waits (another key's 429 or refused
-	// credential): it refuses a retry with the last call's error, which
-	// record answers with that backoff.
+	// callAllowed asks the backoffs, then the breaker, whether a call may
+	// go out now; it returns the refusal (the last call's error for a
+	// retry), or whether the call is the half-open breaker's probe. A call
+	// that already holds the probe (held) asks only the backoffs.
 	callAllowed := func(held bool) (probe bool, refused error) {
 		now := br.opts.Now()
 		if err := br.pol.admit(b, now); err != nil {
@@ -266,9 +234,8 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		}
 		return false, &UnavailableError{SourceID: b.SourceID, RetryAfter: wait, Until: br.opts.Now().Add(wait), Err: cause}
 	}
-	// resend: this call is the second of an attempt answered
-	// ClassRetryNow; it holds the probe of the first (probe), which the
-	// breaker was not told about.
+	// resend: this call resends an attempt answered ClassRetryNow, with
+	// its probe.
 	var probe, resend bool
 	for attempt := 1; ; {
 		var refused error
@@ -277,9 +244,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 				return Token{}, f, class, report, refused
 			}
 		}
-		// A half-open breaker's probe does not wait for budget beyond
-		// now: it goes (at most behind a caller the budget serves now)
-		// or is released undecided.
+		// A probe does not wait for budget: it goes now or is released.
 		takeBy := by
 		if probe {
 			takeBy = br.opts.Now()
@@ -294,8 +259,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 		}
 		if waited {
 			// The breaker may have opened, or a backoff started, while
-			// this call waited for budget: ask again (the budget taken
-			// is spent). A refused probe is released undecided.
+			// this call waited for budget: ask again.
 			wasProbe := probe
 			if probe, refused = callAllowed(probe); refused != nil {
 				br.pol.notCalled(b, wasProbe, br.opts.Now())
@@ -326,8 +290,8 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 				class = c
 			}
 		}
-		// A call the budget made wait and that then ran out of time says
-		// nothing about the provider.
+		// A call cut short after a wait for budget says nothing of the
+		// provider.
 		f.cutByWait = waited && errors.Is(err, context.DeadlineExceeded)
 		f.Attempts = append(f.Attempts, Attempt{Elapsed: elapsed, Err: err})
 		f.Elapsed = end.Sub(first)
@@ -336,9 +300,7 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 			from, to = br.pol.called(b, err, class, f.cutByWait, probe, now)
 		}
 		report = func() {
-			// Told with the call, once its outcome is remembered: a
-			// probe that closes the breaker and starts the source's
-			// backoff (a 429) is seen as one change.
+			// Told once the outcome is remembered.
 			if from != to {
 				breakerChanged(obs, b.SourceID, to)()
 			}
@@ -347,29 +309,26 @@ func (br *Broker) attempts(ctx, bctx context.Context, b *Binding, background boo
 			}
 		}
 		if again {
-			// Sent once more now: reported now as no failure, the
-			// breaker untold.
+			// Resent at once: reported now as no failure.
 			report()
 			report, resend = noop, true
 			continue
 		}
 		resend = false
-		// A 429 is retried only when it says how long to wait: without a
-		// Retry-After, the fetch ends and its source is held (record), so
-		// that concurrent fetches of the source's keys do not retry it.
+		// A 429 is retried only with a Retry-After; without one the
+		// source backs off (record).
 		retry := err != nil && !errors.Is(err, context.Canceled) && (class == ClassTemporary || class == ClassRateLimited && RetryAfterOf(err) > 0)
 		if !retry || attempt >= br.opts.MaxAttempts {
 			return tok, f, class, report, err
 		}
 		// A Retry-After longer than backoffMax ends the fetch: the key's
-		// failure memory honours it, no caller sleeps through it.
+		// backoff honours it.
 		ra := RetryAfterOf(err)
 		wait := max(backoff(attempt), ra)
 		if ra > backoffMax || time.Now().Add(wait).After(deadline) {
 			return tok, f, class, report, err
 		}
-		// This call is reported now, and only now: a breaker refusing the
-		// next attempt returns without reporting it again.
+		// Reported now, so that a refused next attempt does not report it.
 		report()
 		report, last = noop, err
 		if br.opts.Sleep(ctx, wait) != nil {
@@ -399,9 +358,7 @@ func (br *Broker) check(b *Binding, tok *Token, now time.Time) error {
 		return &APIError{Provider: sourceType(b), StatusCode: status, Code: "invalid_token_value",
 			Description: "the access token is empty, too long or contains characters not allowed in an HTTP header"}
 	}
-	if tok.IssuedAt.IsZero() || tok.IssuedAt.After(now) {
-		tok.IssuedAt = now
-	}
+	tok.issuedBy(now)
 	if !tok.ValidAt(now, br.opts.Leeway) {
 		return &APIError{Provider: sourceType(b), StatusCode: status, Code: "expired_token",
 			Description: fmt.Sprintf("merchant %q: expiry %s", b.Merchant, tok.Expiry.UTC().Format(time.RFC3339)), Err: ErrExpiredToken}
@@ -417,10 +374,8 @@ func sourceType(b *Binding) string {
 }
 
 // budgetBy is until when (broker clock) a caller of the fetch of b's key
-// started at now waits its turn for budget: Options.BudgetWait at most,
-// and no later than turnBy allows before the fetch's deadline and that
-// of the request that started it (a caller that joined the fetch and
-// whose own wait reaches the turn it was refused asks again: notAnswer).
+// started at now waits for budget: BudgetWait at most, and no later than
+// turnBy allows before the fetch's and the parent request's deadline.
 func (br *Broker) budgetBy(parent context.Context, b *Binding, now time.Time) time.Time {
 	end := now.Add(br.opts.FetchTimeout)
 	if d, ok := parent.Deadline(); ok {
@@ -435,11 +390,9 @@ func (br *Broker) budgetBy(parent context.Context, b *Binding, now time.Time) ti
 	return by
 }
 
-// turnBy is until when (broker clock), at now, a wait for budget may last
-// for a call to src that must end by end: the call keeps its bound, or
-// half the time left when its bound does not fit (a provider timeout
-// longer than the fetch's), and a caller may then wait the other half.
-// With no time to wait it is now: served at once, or refused at once.
+// turnBy is until when (broker clock) a wait for budget may last for a
+// call to src that must end by end: the call keeps its bound, or half the
+// time left when the bound does not fit; never before now.
 func turnBy(src Source, now, end time.Time) time.Time {
 	by := end.Add(-min(callBound(src), end.Sub(now)/2))
 	if by.Before(now) {
@@ -471,9 +424,9 @@ func callBound(src Source) time.Duration {
 	return defaultCallBound
 }
 
-// takeBudget takes one token request from b's budget, if it has one: a
-// caller waits its turn up to by (broker clock), a refresh-ahead
-// (background) never waits. It reports whether the request waited.
+// takeBudget takes one token request from b's budget, if any: a caller
+// waits its turn up to by (broker clock), a refresh-ahead never waits. It
+// reports whether the request waited.
 func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, by time.Time) (waited bool, err error) {
 	if b.Budget == nil {
 		return false, nil
@@ -482,8 +435,7 @@ func (br *Broker) takeBudget(ctx context.Context, b *Binding, background bool, b
 	if background {
 		p = budget.Background
 	}
-	// What the fetch spent before its turn (the shared tier's lock, an
-	// earlier attempt) counts: the call still keeps its time.
+	// What the fetch spent already counts: the call keeps its time.
 	if d, ok := ctx.Deadline(); ok {
 		now := br.opts.Now()
 		if late := turnBy(b.Source, now, now.Add(time.Until(d))); late.Before(by) {
@@ -502,17 +454,15 @@ func refusedByBudgetOnly(err error) bool {
 	return errors.Is(err, budget.ErrExhausted) && !Called(err)
 }
 
-// Refresh-ahead denied budget: the next request after a short defer tries
-// again (the budget's wait, jittered, within these bounds), not the key's
-// failure backoff.
+// A refresh-ahead refused by its budget is tried again after the
+// budget's wait, jittered, within these bounds.
 const (
 	refreshDeferMin = 50 * time.Millisecond
 	refreshDeferMax = time.Second
 )
 
 // refreshDenied defers the next refresh-ahead of cur, which its budget
-// refused, and tells b's Observer (RefreshBehind) once per token when the budget has
-// no room for it before cur can no longer be served.
+// refused, and calls refreshBehind when the wait reaches cur's end.
 func (br *Broker) refreshDenied(b *Binding, cur *Entry, err error, now time.Time) {
 	wait := RetryAfterOf(err)
 	d := min(max(wait, refreshDeferMin), refreshDeferMax)
@@ -526,8 +476,8 @@ func (br *Broker) refreshDenied(b *Binding, cur *Entry, err error, now time.Time
 	br.refreshBehind(b, cur)
 }
 
-// refreshBehind tells b's Observer (RefreshBehind), once per token, that e's refresh
-// will not happen before e can no longer be served.
+// refreshBehind tells b's Observer, once per token, that e's refresh will
+// not happen before e can no longer be served.
 func (br *Broker) refreshBehind(b *Binding, e *Entry) {
 	if !e.behind.CompareAndSwap(false, true) {
 		return
@@ -537,12 +487,11 @@ func (br *Broker) refreshBehind(b *Binding, e *Entry) {
 	}
 }
 
-// planRefresh plans the refresh-ahead of tok, minted for b, in its refresh
-// window (see refreshAt) before expiry less late (late = max(life/40,
-// Leeway+1s), the window's end): a token minted by a refresh-ahead at
-// the window's end, one minted for a caller uniformly at random in the
-// window, so that tokens minted together do not refresh together. With a
-// budget, Budget.Plan moves the point earlier when its second is busy.
+// planRefresh plans the refresh-ahead of tok in its refresh window, ending
+// max(life/40, Leeway+1s) before expiry: at the end for a token minted by
+// a refresh, at random in the window for one minted for a caller, so that
+// tokens minted together do not refresh together. Budget.Plan may move
+// the point earlier.
 func (br *Broker) planRefresh(b *Binding, tok Token, byRefresh bool) time.Time {
 	start := br.refreshAt(tok)
 	if br.opts.RefreshWindow <= 0 {

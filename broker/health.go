@@ -2,22 +2,18 @@ package broker
 
 import "time"
 
-// SourceHealth is what the broker knows of one source's recent failures,
-// for health reports. It calls nothing: it is what the fetches of
-// requests and refreshes left behind.
+// SourceHealth is what the broker knows of one source's recent failures.
 type SourceHealth struct {
 	// Breaker is the state of the source's circuit breaker.
 	Breaker BreakerState
-	// BackoffUntil is until when the source's token API is not called for
-	// any key (a 429, or a bad credential); zero when no
-	// source backoff applies.
+	// BackoffUntil is when the source's backoff ends; zero when none
+	// applies.
 	BackoffUntil time.Time
 	// BackoffError is the failure behind BackoffUntil.
 	BackoffError error
 	// BackoffAt is when BackoffError happened (broker clock).
 	BackoffAt time.Time
-	// FailingKeys counts the source's keys in backoff now: their last
-	// fetch failed and their backoff has not ended.
+	// FailingKeys counts the source's keys in backoff now.
 	FailingKeys int
 	// LastError is the most recent failure of those keys, nil when none.
 	LastError error

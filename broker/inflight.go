@@ -2,27 +2,20 @@ package broker
 
 import "slices"
 
-// A purge must also reach the fetches of its key in flight. A fetch that
-// got a token (from the shared tier, say) just before the purge, and caches
-// it just after the purge dropped the cached token, would otherwise serve
-// the purged token until it expires: the purge announced by another node
-// found nothing to drop, and the token came back afterwards. So each fetch
-// is registered while it runs; a purge of its key records the purged
-// fingerprint in it (under Broker.mu, as the cache writes are); the fetch
-// neither adopts nor caches a token so named, and fetches once more
-// without it.
-//
-// A purge made here drops the cached token before the shared tier has
-// purged it: until it has, a fetch of the key could adopt the token back
-// from there. So the purge is also recorded as in progress, and a fetch
-// that starts meanwhile takes it as made during its run.
+// A purge must also reach the fetches of its key in flight, or a fetch
+// that got the token just before the purge would cache it just after. So
+// each fetch is registered while it runs; a purge of its key records the
+// purged fingerprint in it (under Broker.mu); the fetch neither adopts nor
+// caches a token so named, and fetches once more. A purge made here is
+// also recorded until the shared tier has purged the token, for the
+// fetches that start meanwhile.
 
 // flight is a fetch in progress: the fingerprints of its key's tokens
 // purged while it ran ("" for any). Guarded by Broker.mu.
 type flight struct {
 	purged []string
-	// giveUp ends the fetch's wait for budget: set for a fetch started by
-	// a lookup, called when the last lookup waiting for it left.
+	// giveUp ends the wait for budget of a lookup's fetch, once no lookup
+	// waits for it.
 	giveUp func()
 }
 
@@ -30,9 +23,8 @@ type flight struct {
 // purged.
 const maxFlightPurges = 8
 
-// beginFlight registers a fetch of key; end it with endFlight. There is one
-// fetch per key at a time (the singleflight group). giveUp, nil for a
-// fetch no lookup waits for, ends its wait for budget (waitFor).
+// beginFlight registers the fetch of key; end it with endFlight. giveUp is
+// nil for a fetch no lookup waits for.
 func (br *Broker) beginFlight(key string, giveUp func()) *flight {
 	f := &flight{giveUp: giveUp}
 	br.mu.Lock()
@@ -46,9 +38,8 @@ func (br *Broker) beginFlight(key string, giveUp func()) *flight {
 }
 
 // waitFor counts a lookup waiting for the fetch of key; call the returned
-// func when it stops waiting. When the last lookup waiting has left, the
-// fetch in flight gives up its place in the budget's queue (flight.giveUp):
-// nobody waits for its token.
+// func when it stops waiting. When the last one leaves, the fetch gives up
+// its place in the budget's queue.
 func (br *Broker) waitFor(key string) (done func()) {
 	br.mu.Lock()
 	br.waiting[key]++
@@ -111,9 +102,8 @@ func (br *Broker) purgedDuring(f *flight, fp string) bool {
 }
 
 // purgingLocked records that this broker purges the token of key with
-// fingerprint fp: the fetch in flight, and those that start before the
-// shared tier has purged it too (purgeShared), neither adopt nor cache it.
-// Call it with br.mu held.
+// fingerprint fp, until the shared tier has too (purgedShared). Call it
+// with br.mu held.
 func (br *Broker) purgingLocked(key, fp string) {
 	br.purgedLocked(key, fp)
 	if br.opts.Shared == nil {
@@ -122,8 +112,7 @@ func (br *Broker) purgingLocked(key, fp string) {
 	br.purging[key] = append(br.purging[key], fp)
 }
 
-// purgedShared ends what purgingLocked began, once the shared tier has
-// purged the token.
+// purgedShared ends what purgingLocked began.
 func (br *Broker) purgedShared(key, fp string) {
 	br.mu.Lock()
 	defer br.mu.Unlock()

@@ -11,19 +11,14 @@ import (
 
 // Get returns the cache entry holding a valid token for the binding and how
 // it was served. A cached token past its planned refresh is returned at
-// once and one background refresh is started (unless the key's last
-// refresh failed and its backoff has not ended, or its budget refused it
-// less than a second ago). Without a usable cached token, Get
-// waits for the one fetch in flight for the binding's key (starting it if
-// needed) or for ctx to end, whichever comes first; a caller giving up does
-// not cancel the fetch for the others.
-//
-// A hit takes no lock, reads no shared map and allocates nothing.
+// once and one background refresh is started, unless the policy defers it.
+// Without a usable cached token, Get waits for the fetch of the binding's
+// key (starting it if needed) or for ctx to end; a caller giving up does
+// not cancel the fetch for the others. A hit takes no lock, reads no
+// shared map and allocates nothing.
 func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 	now := br.opts.Now()
-	// The binding remembers the entry it was last served: on the hot path
-	// no shared map is read and no lock is taken. An entry replaced by a
-	// newer token or purged is marked stale, and the cache is asked again.
+	// The entry the binding was last served, unless stale: else the cache.
 	e := b.current.Load()
 	last := e
 	if e == nil || e.stale.Load() || !e.validAt(now, br.opts.Leeway) {
@@ -51,13 +46,11 @@ func (br *Broker) Get(ctx context.Context, b *Binding) (*Entry, Result, error) {
 		e = last
 	}
 	if e != nil && e.deferred.Load() && !e.stale.Load() {
-		// Its budget deferred its refresh and no lookup came before it
-		// could no longer be served: the refresh is behind.
+		// Its budget deferred its refresh until too late.
 		br.refreshBehind(b, e)
 	}
-	// A lookup can join a fetch that started earlier (a background
-	// refresh, say); its token is checked again like a cached one, and if
-	// it is no longer usable the lookup waits for one more fetch.
+	// A token from a joined fetch is checked like a cached one; when no
+	// longer usable, the lookup waits for one more fetch.
 	defer br.waitFor(b.key)()
 	for attempt := 0; ; attempt++ {
 		got, err := br.await(ctx, b, nil, "a token")
@@ -99,12 +92,10 @@ type awaited struct {
 	cached bool
 }
 
-// await waits for the fetch of b's key in flight, or for one it starts
-// (forced by force when not nil), until the fetch ends or ctx does; the
-// caller counts itself as waiting for it (waitFor). A fetch joined that
-// ended by a rule of the request that started it is not an answer
-// (notAnswer): await asks once more. Its error, when ctx ended first,
-// names what was awaited; the fetch's outcome is then not read.
+// await waits for the fetch of b's key in flight, or one it starts (forced
+// when force is not nil), until the fetch or ctx ends. A joined fetch that
+// ended by a rule of the request that started it (notAnswer) is asked
+// once more. When ctx ends first, the error names what was awaited.
 func (br *Broker) await(ctx context.Context, b *Binding, force *forced, what string) (awaited, error) {
 	start := br.opts.Now()
 	for attempt := 0; ; attempt++ {
@@ -133,8 +124,7 @@ func (br *Broker) await(ctx context.Context, b *Binding, force *forced, what str
 	}
 }
 
-// refresh starts the background refresh of e. It goes through the same
-// singleflight and the same policy as a foreground fetch.
+// refresh starts the background refresh of e.
 func (br *Broker) refresh(ctx context.Context, b *Binding, e *Entry) {
 	go func() {
 		defer e.refreshing.Store(false)
@@ -154,13 +144,10 @@ func (br *Broker) observe(b *Binding, r Result) {
 }
 
 // notAnswer reports whether err, the outcome of a fetch of b's key that
-// another request started, ended by a rule of that request, not of the
-// caller waiting for it on ctx since start: the fetch gave up its wait for
-// budget, as its lookups had left (context.Canceled); or its budget
-// refused it as a refresh-ahead, which never waits (budget.Background),
-// where a caller waits its turn; or refused a caller's turn that this
-// caller's own wait (budgetBy) reaches, which the deadline of the request
-// that started the fetch cut short.
+// another request started, ended by a rule of that request rather than of
+// the caller waiting on ctx since start: a canceled wait for budget, a
+// refresh-ahead's refusal, or a refused turn within this caller's own
+// wait (budgetBy).
 func (br *Broker) notAnswer(ctx context.Context, b *Binding, start time.Time, err error) bool {
 	if errors.Is(err, context.Canceled) {
 		return true

@@ -9,49 +9,39 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/breaker"
 )
 
-// The failure policy governs every call to a token API, whether a request
-// waits for it (foreground) or a token is refreshed ahead of its expiry
-// (background). It keeps one state per key and one per source, both on
-// the broker clock, and answers before any call:
+// The failure policy governs every call to a token API, foreground or
+// refresh-ahead. It keeps one state per key and one per source, on the
+// broker clock, and answers before any call:
 //
 //   - a source backoff refuses every key of the source: after a 429 with
 //     Retry-After from a provider without a budget, until then (capped at
 //     MaxRetryAfterMemory); after a 429 without a usable Retry-After or a
-//     refused credential, FailureTTL doubled at each consecutive one up
-//     to FailureMax. A success of any key of the source ends it. For a
-//     provider with a budget, a 429 with Retry-After closes the budget
-//     until then instead (Budget.Hold, same cap) and is not remembered
-//     for the source nor the key: callers queue for the budget or are
-//     refused with its wait, refreshes wait; a 429 without a usable
-//     Retry-After starts the source backoff and closes the budget as
-//     long, so that every sidecar sharing the budget's store holds too;
-//   - a key backoff, from the key's failure memory (FailureTTL doubled at
-//     each consecutive failure up to FailureMax, or the provider's
-//     Retry-After if longer), refuses the key; after a failed
-//     refresh-ahead, no new one starts before the key's backoff ends;
+//     refused credential, FailureTTL doubled per consecutive one up to
+//     FailureMax. A success of any key ends it. With a budget, a 429 with
+//     Retry-After closes the budget instead (Budget.Hold, same cap) and is
+//     remembered for neither source nor key; a 429 without one starts the
+//     source backoff and closes the budget as long, so that every sidecar
+//     sharing the budget's store waits too;
+//   - a key backoff (FailureTTL doubled per consecutive failure up to
+//     FailureMax, or the provider's Retry-After if longer) refuses the key;
+//     after a failed refresh-ahead, no new one starts before it ends;
 //   - the source's circuit breaker (internal/breaker) refuses calls after
 //     BreakerThreshold consecutive temporary failures;
-//   - the provider's budget (Profile.Budget, package budget) is taken
-//     before each call: a caller waits its turn (at most BudgetWait, and
-//     leaving the call its bound before the fetch's deadline, budgetBy),
-//     a refresh-ahead never does; a refusal is answered without a call,
-//     with the budget's wait, and is not remembered; a call that runs out
-//     of time after such a wait is neither held against the breaker nor
-//     remembered for the key; a refused refresh-ahead is tried again by a
-//     lookup after a short defer (refreshDenied);
+//   - the provider's budget is taken before each call: a caller waits its
+//     turn (at most BudgetWait, leaving the call its bound: budgetBy), a
+//     refresh-ahead never waits; a refusal is answered without a call,
+//     with the budget's wait, and not remembered; a call that runs out of
+//     time after such a wait counts for neither breaker nor key; a refused
+//     refresh-ahead is retried by a lookup after a short defer
+//     (refreshDenied);
 //   - a fetch calls up to MaxAttempts times while its failures are
-//     temporary, with backoff and jitter, within FetchTimeout.
+//     temporary, with jittered backoff, within FetchTimeout.
 //
-// A provider's Retry-After, here, is the wait its answer asks for as the
-// sources read it (ParseWait): its Retry-After header or, without a usable
-// one, the reset of its rate-limit headers.
-//
-// The source classifies its errors (Classifier). A refused fetch's error
-// carries the backoff applied, so RetryAfterOf tells callers what is left
-// of it, or of the closing of the provider's budget when that ends later
-// (callableIn): the time until a token request may be made. The key's
-// state also limits purges by rejection (reject.go). One sweep, at most
-// once per cleanupInterval, drops the state that ended.
+// A provider's Retry-After is the wait its answer asks for (ParseWait).
+// A refused fetch's error carries the time until a token request may be
+// made (RetryAfterOf, callableIn). The key's state also limits purges by
+// rejection (reject.go). One sweep, at most once per cleanupInterval,
+// drops the state that ended.
 
 // Breaker states of a source (the values are those of the metrics gauge).
 const (
@@ -63,9 +53,8 @@ const (
 // BreakerState is the state of a source's circuit breaker.
 type BreakerState = breaker.State
 
-// policy is the failure policy's state. Its methods are called outside
-// Broker.mu, or with Broker.mu held before policy.mu, never the reverse.
-// Observers are told outside policy.mu.
+// policy is the failure policy's state. Lock order: Broker.mu before
+// policy.mu. Observers are told outside policy.mu.
 type policy struct {
 	opts *Options
 
@@ -79,9 +68,9 @@ func newPolicy(opts *Options) policy {
 	return policy{opts: opts, keys: map[string]*keyState{}, sources: map[string]*sourceState{}, lastSweep: opts.Now()}
 }
 
-// failure is a remembered failure: until when it refuses calls, how many
-// failures in a row it counts. err is nil when nothing is remembered; the
-// observer obs was told it started (a key's or a source's backoff).
+// failure is a remembered failure: until when it refuses calls and how
+// many failures in a row it counts; err is nil when none is. obs was told
+// it started.
 type failure struct {
 	err       error
 	at, until time.Time
@@ -89,8 +78,8 @@ type failure struct {
 	obs       Observer
 }
 
-// active reports whether h refuses calls at now: a clock that went back
-// before the failure does not extend it.
+// active reports whether h refuses calls at now (never before h.at: a
+// clock that went back does not extend it).
 func (h *failure) active(now time.Time) bool {
 	return h.err != nil && !now.Before(h.at) && now.Before(h.until)
 }
@@ -125,8 +114,7 @@ type sourceState struct {
 	backoff failure  // after a 429 or a refused credential
 }
 
-// notes are calls made once policy.mu is released: observers', a
-// budget's hold.
+// notes are calls made once policy.mu is released.
 type notes []func()
 
 func (n notes) run() {
@@ -166,31 +154,25 @@ func (p *policy) backoffLocked(b *Binding, now time.Time) (h *failure, scope Bac
 }
 
 // backoffError is a failed fetch's error as the policy answers it: the
-// token API is not called for the key before retryAfter has passed (the
-// key's or its source's backoff, whichever ends last, named by scope, or
-// its budget's closing when that ends later; unscoped, the closing alone).
-// RetryAfterOf reports it, so a caller is told the backoff actually
-// applied.
+// token API is not called for the key before retryAfter (RetryAfterOf),
+// by the backoff named by scope or the budget's closing if that ends later.
 type backoffError struct {
 	err        error
 	retryAfter time.Duration
 	scope      Backoff
 	notCalled  bool // the policy refused the fetch before any call
-	// unscoped: no backoff refuses the key; retryAfter is the closing of
-	// its budget that the fetch's 429 caused (BackoffOf reports none).
+	// unscoped: no backoff applies, only the budget's closing that the
+	// fetch's 429 caused (BackoffOf reports none).
 	unscoped bool
 }
 
 func (e *backoffError) Error() string { return e.err.Error() }
 func (e *backoffError) Unwrap() error { return e.err }
 
-// Backoff names what the failure policy does not call the token API for,
-// behind an error it answered (BackoffOf): a source (its circuit breaker
-// open, or its backoff after a 429 with Retry-After or a refused
-// credential), one key (its failure memory), or a source's budget. Backoffs are comparable:
-// equal for the refusals of one source's backoff, or of one key's. A map
-// key to limit the logs of repeated refusals; never log a Backoff itself
-// (it holds the binary cache key, see Binding.Key): log its SourceID.
+// Backoff names what the failure policy refused a call for (BackoffOf): a
+// source (open breaker or source backoff), one key, or a source's budget.
+// Comparable, to limit the logs of repeated refusals. Never log a Backoff
+// itself (it holds the binary cache key): log its SourceID.
 type Backoff struct {
 	// SourceID is the source backing off, or the source of the key.
 	SourceID string
@@ -207,9 +189,8 @@ func (h Backoff) Source() bool { return h.key == "" && !h.budget }
 func (h Backoff) Budget() bool { return h.budget }
 
 // BackoffOf returns the backoff behind err when the failure policy
-// answered it (a backoff, with or without a call to the token API, or an
-// open breaker); false for any other error. An open breaker, also when a
-// key's memory repeats it, is its source's backoff.
+// answered it (a backoff or an open breaker, which is its source's);
+// false for any other error.
 func BackoffOf(err error) (Backoff, bool) {
 	var ue *UnavailableError
 	if errors.As(err, &ue) {
@@ -223,9 +204,9 @@ func BackoffOf(err error) (Backoff, bool) {
 }
 
 // Called reports whether the fetch that ended with err called the token
-// API: false when the failure policy refused it without a call (a key's
-// or its source's backoff, an open breaker, an exhausted budget), also for
-// the callers that joined that fetch. True for nil and for any other error.
+// API: false when the failure policy refused it without a call (a
+// backoff, an open breaker, an exhausted budget); true for nil and any
+// other error.
 func Called(err error) bool {
 	var be *backoffError
 	if errors.As(err, &be) {
@@ -235,9 +216,7 @@ func Called(err error) bool {
 	return !errors.As(err, &ue)
 }
 
-// withBackoffLocked returns err with the time left until a token request
-// for b's key may be made (callableIn); err itself when no backoff
-// applies.
+// withBackoffLocked returns err with the backoff refusing b's key, if any.
 func (p *policy) withBackoffLocked(b *Binding, err error, now time.Time) error {
 	if h, scope := p.backoffLocked(b, now); h != nil {
 		return &backoffError{err: err, retryAfter: callableIn(b, h, now), scope: scope}
@@ -245,9 +224,8 @@ func (p *policy) withBackoffLocked(b *Binding, err error, now time.Time) error {
 	return err
 }
 
-// admit returns the error that refuses a call for b's key at now (the
-// remembered failure, with the time left until a token request for the
-// key may be made, callableIn), nil when it may go out.
+// admit returns the backoff error that refuses a call for b's key at now,
+// nil when it may go out.
 func (p *policy) admit(b *Binding, now time.Time) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -258,11 +236,8 @@ func (p *policy) admit(b *Binding, now time.Time) error {
 }
 
 // callableIn is how long after now a token request for b's key may be
-// made while the backoff h (nil: none) refuses it: until h ends, or until
-// b's budget reopens when it is closed longer (another key's 429 with
-// Retry-After, the provider's rate-limit headers), so that the wait a
-// refused caller is told is the one it has. Called with p.mu held (before
-// the budget's lock).
+// made under the backoff h (nil: none): until h or the budget's closing
+// ends, whichever is later. Called with p.mu held.
 func callableIn(b *Binding, h *failure, now time.Time) time.Duration {
 	var until time.Time
 	if h != nil {
@@ -276,20 +251,25 @@ func callableIn(b *Binding, h *failure, now time.Time) time.Duration {
 
 // backoffFor is the memory of the n-th consecutive failure (n ≥ 1).
 func (p *policy) backoffFor(n int) time.Duration {
-	if n >= 31 {
-		return p.opts.FailureMax
-	}
-	return min(p.opts.FailureTTL<<(n-1), p.opts.FailureMax)
+	return doubled(p.opts.FailureTTL, p.opts.FailureMax, n)
 }
 
-// record notes the outcome of a fetch of b's key that made calls calls to
-// the Source (0: refused by the breaker, remembered for the key while the
-// breaker is open) and ended with err, of class c;
-// b's observer is told when a backoff starts and ends: a success
-// ends the key's and its source's backoffs; a failure is remembered for
-// the key and, when c says it is the credential's or a 429's, for the
-// source (a 429's for a budget: Budget.Hold under p.mu, whose store call
-// gets ctx without its end once p.mu is released). It returns err as the policy answers it (with the backoff applied).
+// doubled is base doubled n-1 times (n ≥ 1; base for a smaller n), capped
+// at limit.
+func doubled(base, limit time.Duration, n int) time.Duration {
+	d := base
+	for i := 1; i < n && d < limit; i++ {
+		d *= 2
+	}
+	return min(d, limit)
+}
+
+// record notes the outcome of a fetch of b's key that made calls calls (0:
+// refused by the open breaker) and ended with err of class c, and returns
+// err with the backoff applied. A success ends the key's and source's
+// backoffs; a failure is remembered for the key and, for a refused
+// credential or a 429, for the source or its budget. b's observer is told
+// when a backoff starts or ends.
 func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, calls int, now time.Time) error {
 	var n notes
 	defer func() { n.run() }()
@@ -309,16 +289,12 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 	}
 	if calls == 0 && p.source(b.SourceID).brk.State() != BreakerOpen {
 		// Refused by the half-open breaker while its probe is out: that
-		// ends when the probe is answered, not at a time the key's
-		// memory could keep (nor once the probe closed the breaker).
+		// ends with the probe's answer, not at a time to remember.
 		return p.withBackoffLocked(b, err, now)
 	}
 	if calls > 0 && c == ClassRateLimited && b.Budget != nil && RetryAfterOf(err) > 0 {
-		// The budget holds every key of the provider until then (at
-		// most MaxHold); it answers the next fetches itself, and this
-		// one with its closing when no backoff ends later. Without a
-		// backoff, this answer is the provider's refusal, not one of
-		// the budget's (unscoped).
+		// The budget refuses every key of the provider until then and
+		// answers the next fetches itself.
 		n = append(n, holdBudget(ctx, b, now, RetryAfterOf(err)))
 		h, scope := p.backoffLocked(b, now)
 		return &backoffError{err: err, retryAfter: callableIn(b, h, now), scope: scope, unscoped: h == nil}
@@ -331,10 +307,9 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 		case c == ClassRateLimited && RetryAfterOf(err) > 0:
 			wait = min(RetryAfterOf(err), MaxRetryAfterMemory)
 		case c == ClassRateLimited, c == ClassCredential:
-			// A 429 without a usable Retry-After throttles the source's
-			// credential too: held as a refused credential is, the
-			// count of consecutive ones kept here; with a budget, the
-			// budget is held as long, for every sidecar sharing it.
+			// A 429 without a usable Retry-After backs off as a refused
+			// credential does; a budget is closed as long, for every
+			// sidecar sharing it.
 			k = ss.backoff.consecutive(now, p.opts.FailureMax) + 1
 			wait = p.backoffFor(k)
 			if c == ClassRateLimited && b.Budget != nil {
@@ -364,19 +339,16 @@ func (p *policy) record(ctx context.Context, b *Binding, err error, c Class, cal
 	return p.withBackoffLocked(b, err, now)
 }
 
-// holdBudget closes b's budget for d from now, a 429's hold, and returns
-// the call that holds it in the budget's store, so that every budget
-// sharing the store (each sidecar of a fleet on one Redis) holds too: it
-// is made once policy.mu is released (a Redis call), whether or not the
-// fetch's caller still waits.
+// holdBudget closes b's budget for d from now and returns the call that
+// closes it in the budget's store (every sidecar sharing it), to make once
+// policy.mu is released, whether or not the caller still waits.
 func holdBudget(ctx context.Context, b *Binding, now time.Time, d time.Duration) func() {
 	store := b.Budget.Hold(now, d)
 	return func() { store(context.WithoutCancel(ctx)) }
 }
 
-// unrecorded returns err, of a fetch of b's key whose call ran out of time
-// after a wait for budget, as the policy answers it without remembering
-// it: the wait, not the provider, cut the call short.
+// unrecorded returns err, of a call cut short by a wait for budget, with
+// b's backoff applied but without remembering it.
 func (p *policy) unrecorded(b *Binding, err error, now time.Time) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -392,9 +364,8 @@ func (ss *sourceState) release(id string, n notes) notes {
 	return n
 }
 
-// drop tells what ends with the source's state, before it is deleted: its
-// backoff, and its breaker when not closed (closed from then on, as
-// SourceHealth says), to the observer told of its last change.
+// drop tells the observers that the source's backoff ends and its breaker
+// is closed, before its state is deleted.
 func (ss *sourceState) drop(id string, n notes) notes {
 	n = ss.release(id, n)
 	if ss.brk.State() != BreakerClosed {
@@ -413,9 +384,9 @@ func (ks *keyState) forget(n notes) notes {
 }
 
 // deferRefresh defers the next refresh-ahead of b's key after one that
-// failed or that its budget refused (err): until until when it is not
-// zero, else until the key's backoff ends or, when the failure memory is
-// disabled, for DefaultFailureTTL.
+// failed or was refused with err: until until when not zero, else until
+// the key's backoff ends or, without one, for
+// max(FailureTTL, DefaultFailureTTL).
 func (p *policy) deferRefresh(b *Binding, err error, now, until time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -428,19 +399,16 @@ func (p *policy) deferRefresh(b *Binding, err error, now, until time.Time) {
 	p.key(b).refresh = failure{err: err, at: now, until: until}
 }
 
-// refusedByBudget is a fetch of b's key that its budget refused before any
-// call, or before the second call of its first attempt answered
-// ClassRetryNow (a call that says nothing of the provider), as the policy
-// answers it: not called, retry after the budget's wait. It is not
-// remembered: the budget answers the next fetch itself.
+// refusedByBudget is err, a budget's refusal before any call that counts,
+// as the policy answers it: not called, retry after the budget's wait,
+// not remembered.
 func refusedByBudget(b *Binding, err error) error {
 	return &backoffError{err: err, retryAfter: RetryAfterOf(err), scope: Backoff{SourceID: b.SourceID, budget: true}, notCalled: true}
 }
 
 // notCalled tells the breaker of b's source that a call allow let through
-// did not go out (its budget refused it, or a backoff after its wait for
-// budget): a probe is released undecided.
-// Another call tells it nothing: a probe out meanwhile keeps its place.
+// did not go out: a probe is released undecided; for another call there
+// is nothing to tell.
 func (p *policy) notCalled(b *Binding, probe bool, now time.Time) {
 	if !probe {
 		return
@@ -473,11 +441,9 @@ func (p *policy) allow(b *Binding, now time.Time) (ok bool, wait time.Duration, 
 }
 
 // called tells the breaker of b's source how a call let through by allow
-// ended, and returns its state before and after.
-// cutByWait: the call ran out of time after a wait for budget, which
-// tells nothing about the source (undecided, like a canceled call): the
-// probe (probe) is released; another call leaves the breaker as it is,
-// so that a probe out meanwhile keeps its place.
+// ended, and returns its state before and after. A canceled call, or one
+// cut short by a wait for budget (cutByWait), is undecided: a probe is
+// released, another call leaves the breaker as it is.
 func (p *policy) called(b *Binding, err error, c Class, cutByWait, probe bool, now time.Time) (from, to BreakerState) {
 	o := breaker.Answered
 	switch {
@@ -502,11 +468,9 @@ func (p *policy) called(b *Binding, err error, c Class, cutByWait, probe bool, n
 	return from, to
 }
 
-// maybeSweep runs the sweep at most once per cleanupInterval (or at once
-// when the clock went back): it forgets the backoffs that ended
-// FailureMax ago (or lie in the future of a clock that went back), and
-// drops the state of keys and sources that keeps nothing, so that state
-// keyed by source ID (a new ID per configuration change) does not grow.
+// maybeSweep, at most once per cleanupInterval (or when the clock went
+// back), forgets the backoffs that ended FailureMax ago (or start in the
+// future) and drops the key and source states that keep nothing.
 func (p *policy) maybeSweep(now time.Time) {
 	var n notes
 	defer func() { n.run() }()
@@ -575,9 +539,8 @@ type Policy struct {
 	BackoffUntil time.Time
 	// Failures is the number of consecutive failed fetches of the key.
 	Failures int
-	// SourceBackoffUntil is until when the key's source is not called for
-	// any key (a 429, or a bad credential); zero when no
-	// source backoff applies.
+	// SourceBackoffUntil is when the source's backoff ends; zero when
+	// none applies.
 	SourceBackoffUntil time.Time
 	// PurgesPausedUntil is until when the key's purges by rejection are
 	// paused (see RejectPauseBase); zero when they are not.
@@ -620,10 +583,8 @@ func (br *Broker) Policy(e *Entry) Policy {
 	return out
 }
 
-// SourceHealth returns the health of one source, its keys not counted
-// (FailingKeys and LastError are zero): its breaker's state and its
-// backoff. Unlike SourcesHealth it does not walk the failure memory: it
-// costs a lookup, whatever the number of failing keys.
+// SourceHealth returns the health of one source without its keys
+// (FailingKeys and LastError are zero): one lookup, unlike SourcesHealth.
 func (br *Broker) SourceHealth(sourceID string) SourceHealth {
 	p := &br.pol
 	p.mu.Lock()
@@ -631,8 +592,7 @@ func (br *Broker) SourceHealth(sourceID string) SourceHealth {
 	return p.sourceHealthLocked(sourceID, br.opts.Now())
 }
 
-// sourceHealthLocked is the health of a source at now, its keys not
-// counted: its breaker's state and its backoff. Call it with p.mu held.
+// sourceHealthLocked is SourceHealth at now. Call it with p.mu held.
 func (p *policy) sourceHealthLocked(id string, now time.Time) SourceHealth {
 	h := SourceHealth{Breaker: BreakerClosed}
 	if ss := p.sources[id]; ss != nil {
@@ -644,11 +604,9 @@ func (p *policy) sourceHealthLocked(id string, now time.Time) SourceHealth {
 	return h
 }
 
-// ForgetFailures drops the remembered fetch failures (see
-// Options.FailureTTL) whose error match selects, so that the next lookup of
-// their keys fetches again at once: after a merchant's new consent, say,
-// its remembered consent_required must not outlive the cause. It returns
-// how many were dropped.
+// ForgetFailures drops the remembered key failures whose error match
+// selects, so that their keys are fetched again at once (after a new
+// consent, say). It returns how many were dropped.
 func (br *Broker) ForgetFailures(match func(error) bool) int {
 	var n notes
 	defer func() { n.run() }()
@@ -666,11 +624,9 @@ func (br *Broker) ForgetFailures(match func(error) bool) int {
 }
 
 // ForgetSource drops everything the failure policy remembers about a
-// source: its backoff (429 Retry-After, bad credential), its circuit
-// breaker, and the failure memory and refresh backoffs of its keys. Call it when the
-// source's credential changed (a key rotation plus a reload keeps its
-// ID): the next lookup calls it at once. It returns how many key failures
-// were dropped.
+// source: its backoff, its breaker, and its keys' failures and refresh
+// backoffs. Call it when the source's credential changed under the same
+// ID. It returns how many key failures were dropped.
 func (br *Broker) ForgetSource(sourceID string) int {
 	var n notes
 	defer func() { n.run() }()
@@ -693,29 +649,22 @@ func (br *Broker) ForgetSource(sourceID string) int {
 	return c
 }
 
-// Backoffs calls visit for every key in backoff now (its last fetch
-// failed and its failure memory has not ended), with the binding of its
-// last failure, that failure, when it happened and until when the key is
-// not called. The keys are copied under the failure policy's lock and
-// visited after it is released: visit may take its time.
+// Backoffs calls visit for every key in backoff now, with the binding of
+// its last failure, that failure, when it happened and when the backoff
+// ends. visit runs outside the policy's lock.
 func (br *Broker) Backoffs(visit func(b *Binding, err error, at, until time.Time)) {
-	type held struct {
-		b         *Binding
-		err       error
-		at, until time.Time
-	}
 	now := br.opts.Now()
 	p := &br.pol
 	p.mu.Lock()
-	keys := make([]held, 0, len(p.keys))
+	keys := make([]keyState, 0, len(p.keys))
 	for _, ks := range p.keys {
 		if ks.mem.active(now) {
-			keys = append(keys, held{ks.b, ks.mem.err, ks.mem.at, ks.mem.until})
+			keys = append(keys, *ks)
 		}
 	}
 	p.mu.Unlock()
 	for _, k := range keys {
-		visit(k.b, k.err, k.at, k.until)
+		visit(k.b, k.mem.err, k.mem.at, k.mem.until)
 	}
 }
 

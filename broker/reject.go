@@ -6,26 +6,21 @@ import (
 )
 
 // Purges by rejection are limited per key: an upstream's 401 is not always
-// about the token (a resource server answers invalid_token for a wrong
-// audience or tenant, and the caller picks the path), and each purge costs
-// a token request. The rule, on the broker clock:
+// about the token (a wrong audience or tenant, on a path the caller picks),
+// and each purge costs a token request. On the broker clock:
 //
-//   - the first rejection of a cached token purges it (the next lookup
-//     fetches a new one);
-//   - when a token cached after such a purge is itself rejected before it
-//     is RejectMinAge old (or the next pause, if longer), the 401 is not
-//     about the token: it is not purged, it keeps being served, and the
-//     key's purges by rejection pause (a rejection keeps the token). Each
-//     such strike doubles the pause, from RejectPauseBase up to
-//     RejectPauseMax;
-//   - a rejection the retry of the request shows to be about the token
-//     (the upstream accepts the new token, see Accepted) is no strike;
+//   - the first rejection of a cached token purges it;
+//   - when its replacement is rejected too before it is RejectMinAge old
+//     (or the next pause, if longer), the 401 is not about the token: it
+//     is kept, and the key's purges by rejection pause; each such strike
+//     doubles the pause, from RejectPauseBase up to RejectPauseMax;
+//   - a rejection that the retry shows was about the token (Accepted) is
+//     no strike;
 //   - the strikes are forgotten once the key sees no rejection for a full
 //     pause after its pause ended.
 //
-// A caller provoking 401s at will thus causes at most one token request per
-// RejectMinAge and key (7 an hour with the first), and about one an hour
-// when it keeps provoking them (the pauses grow to the hour).
+// A caller provoking 401s thus causes at most one token request per
+// RejectMinAge and key, and about one an hour when it keeps at it.
 const (
 	// RejectMinAge is the age before which a token that replaced a
 	// rejected one is not purged by rejection.
@@ -42,14 +37,13 @@ type Rejection uint8
 
 // Outcomes of Broker.Reject.
 const (
-	// RejectionStale: the rejected token is no longer the cached one
-	// (another rejection purged it, or a newer token replaced it): nothing
-	// was done.
+	// RejectionStale: the rejected token is no longer the cached one:
+	// nothing was done.
 	RejectionStale Rejection = iota
 	// RejectionPurged: the token was purged; the next lookup fetches.
 	RejectionPurged
-	// RejectionKept: the key's purges by rejection are paused (see
-	// RejectPauseBase): the token was kept and is still served.
+	// RejectionKept: the key's purges by rejection are paused: the token
+	// was kept and is still served.
 	RejectionKept
 )
 
@@ -65,19 +59,10 @@ func (r Rejection) String() string {
 }
 
 // pauseWindow is the pause after the n-th strike (n ≥ 1).
-func pauseWindow(n int) time.Duration {
-	if n < 1 {
-		n = 1
-	}
-	if n > 7 {
-		return RejectPauseMax
-	}
-	return min(RejectPauseBase<<(n-1), RejectPauseMax)
-}
+func pauseWindow(n int) time.Duration { return doubled(RejectPauseBase, RejectPauseMax, n) }
 
 // rejectQuiet reports whether the key saw no rejection for a full pause
-// after its pause ended (or the clock went back): its strikes are
-// forgotten.
+// after its pause ended (or the clock went back).
 func (ks *keyState) rejectQuiet(now time.Time) bool {
 	since := later(ks.pausedUntil, ks.lastRej)
 	return now.Before(ks.lastRej) || !now.Before(since.Add(pauseWindow(ks.strikes)))
@@ -92,13 +77,10 @@ func (ks *keyState) purgePause(now time.Time) time.Time {
 	return time.Time{}
 }
 
-// Reject is what a caller that saw the upstream reject the binding's token
-// (401) calls: the token is purged if it is still the cached one, unless the
-// key's purges by rejection are paused (see RejectPauseBase). A burst of
+// Reject is called when the upstream rejected the binding's token (401):
+// the token is purged, here and in the shared tier, if it is still the
+// cached one and the key's purges by rejection are not paused. A burst of
 // rejections of one token causes at most one new fetch.
-//
-// With a shared tier, a purged token is purged there too
-// (compare-and-delete on its fingerprint).
 func (br *Broker) Reject(b *Binding, rejected Secret) Rejection {
 	br.mu.Lock()
 	v, ok := br.cache.Get(b.key)
@@ -130,9 +112,8 @@ func (p *policy) rejectKept(b *Binding, rejected Secret, cachedAt, now time.Time
 	kept := false
 	switch {
 	case ks.rejected == rejected:
-		// The token purged before came back (another lookup adopted it
-		// from the shared tier before its purge there reached it): it is
-		// purged again, and that is no strike.
+		// The token purged before came back from the shared tier:
+		// purged again, no strike.
 	case now.Before(ks.pausedUntil) && ks.pausedUntil.Sub(now) <= RejectPauseMax:
 		kept = true
 	case !ks.purgedAt.IsZero() && !cachedAt.Before(ks.purgedAt) && now.Sub(cachedAt) < max(RejectMinAge, pauseWindow(ks.strikes+1)):
@@ -161,10 +142,10 @@ func (br *Broker) rejectedToken(key string) Secret {
 }
 
 // Accepted tells the broker that the upstream accepted the binding's token
-// when a request that saw the previous token rejected was sent again with
-// it: that rejection was about the token (revoked, say), so a rejection of
-// this token counts as a first one again. Only the retry of a rejected
-// request is evidence: a caller cannot choose its outcome.
+// on the retry of a request that saw the previous token rejected: that
+// rejection was about the token, so a rejection of this one counts as a
+// first one again. Only such a retry is evidence: a caller cannot choose
+// its outcome.
 func (br *Broker) Accepted(b *Binding, tok Secret) {
 	br.mu.Lock()
 	cur, cached := br.cache.Get(b.key)

@@ -8,10 +8,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
-// Secret is a credential or token value. Its String, GoString and text
-// marshalling all print "[REDACTED]", so passing one to a logger, fmt or
-// encoding/json by accident never reveals it. Use Reveal where the value is
-// really needed (an Authorization header, a request body).
+// Secret is a credential or token value that prints, formats and
+// marshals as "[REDACTED]". Reveal returns the value itself.
 type Secret string
 
 // Reveal returns the secret value itself.
@@ -43,38 +41,39 @@ func Fingerprint(v string) string {
 type Token struct {
 	// Value is the access token itself. It prints as [REDACTED].
 	Value Secret
-	// Type is the token type as the provider spelled it ("Bearer",
-	// "BEARER", "bearer", "DPoP"); the broker sends "Bearer", or "DPoP"
-	// for a DPoP-bound token (DPoPType, any case).
+	// Type is the token type as the provider spelled it; the broker sends
+	// "DPoP" for DPoPType (any case), else "Bearer".
 	Type string
-	// Expiry is when the provider says the token stops working. A zero
-	// Expiry is not allowed: sources must fill it in (from the response or
-	// a configured default).
+	// Expiry is when the token stops working; sources must set it.
 	Expiry time.Time
 	// ID is the provider's identifier of the token, used for revocation
 	// (Nuapay's data.id). Empty when the provider has none.
 	ID string
-	// Scopes are the scopes the provider granted, when it says. In a
-	// token from the cache (Entry.Token) the slice is
-	// shared with the other tokens of the same grant: never modify it.
+	// Scopes are the scopes the provider granted, when it says. From the
+	// cache (Entry.Token) the slice is shared: never modify it.
 	Scopes []string
 	// IssuedAt is when the broker received the token (broker clock).
 	IssuedAt time.Time
 	// RefreshAt is when the broker that minted the token planned its
-	// refresh-ahead (within its refresh window); a broker adopting the
-	// token from the shared tier keeps it, so that one node of a fleet
-	// refreshes when planned and the others adopt. Zero: the broker that
-	// caches the token plans it.
+	// refresh-ahead; a broker adopting it from the shared tier keeps it,
+	// so that one node refreshes and the others adopt. Zero: the broker
+	// that caches the token plans it.
 	RefreshAt time.Time
 	// Status is the HTTP status of the provider's answer that carried the
-	// token (Nuapay's 201, OAuth's 200), set by the source that received
-	// it; 0 when the source does not say, then taken as 200. A token from
-	// the cache or the shared tier has none.
+	// token; 0 when the source does not say (taken as 200) and for a
+	// token from a cache.
 	Status int
 }
 
 // Fingerprint identifies the token in logs, spans and admin output.
 func (t Token) Fingerprint() string { return t.Value.Fingerprint() }
+
+// issuedBy sets IssuedAt to now when it is unset or after now.
+func (t *Token) issuedBy(now time.Time) {
+	if t.IssuedAt.IsZero() || t.IssuedAt.After(now) {
+		t.IssuedAt = now
+	}
+}
 
 // Lifetime is the token's whole lifetime as the broker saw it.
 func (t Token) Lifetime() time.Duration { return t.Expiry.Sub(t.IssuedAt) }
@@ -86,8 +85,7 @@ func (t Token) ValidAt(now time.Time, leeway time.Duration) bool {
 }
 
 // ValidTokenValue reports whether v can go into an HTTP header as a token:
-// non-empty, at most 16 KiB, and without control characters, spaces or
-// non-ASCII bytes (RFC 6750 b64token is a strict subset of printable ASCII).
+// non-empty, at most MaxTokenBytes, printable ASCII without spaces.
 func ValidTokenValue(v string) bool {
 	if v == "" || len(v) > MaxTokenBytes {
 		return false

@@ -1,16 +1,9 @@
 // Package budget spends a token API's rate limit on purpose: one Budget per
 // provider, a generic cell rate algorithm bucket in a Store (in this
-// process, or in Redis for a fleet), callers who wait for a token before
-// refresh-ahead, refreshes planned where the rate has room, and the
-// provider's own rate-limit headers lowering the rate until they pass.
-//
-// A provider's 429 closes its budget (Hold, called by the broker's failure
-// policy: until its Retry-After, or without a usable one for the
-// policy's doubling backoff), and every budget spending the same key of
-// its Store (a fleet on one Redis): callers queue or are refused with
-// the budget's wait, refreshes are refused; a provider without a budget
-// is refused by the policy's source backoff instead. Every closing is
-// capped at MaxHold.
+// process, or in Redis for a fleet), callers served before refreshes,
+// refreshes planned where the rate has room, and the provider's rate-limit
+// headers lowering the rate until they pass. A provider's 429 closes the
+// budget (Hold) in every process spending its Store key, at most MaxHold.
 package budget
 
 import (
@@ -26,11 +19,10 @@ type Priority uint8
 
 // Priorities.
 const (
-	// Foreground: a caller waits for the token (a cold key, an expired
-	// token). It waits its turn, up to its deadline.
+	// Foreground: a caller waits for the token, and its turn.
 	Foreground Priority = iota
-	// Background: a refresh ahead of expiry. It never takes what a
-	// waiting caller needs, and never waits.
+	// Background: a refresh-ahead. It never takes what a waiting caller
+	// needs, and never waits.
 	Background
 )
 
@@ -51,8 +43,7 @@ type ExhaustedError struct {
 	// Provider is the budget's name.
 	Provider string
 	// RetryAfter is how long until the budget expects to serve a request
-	// of the same priority (from the queue of waiting callers and the
-	// bucket).
+	// of the same priority.
 	RetryAfter time.Duration
 	// Priority is the refused request's.
 	Priority Priority
@@ -77,35 +68,28 @@ func (e *ExhaustedError) Unwrap() error { return ErrExhausted }
 const BackgroundShare = 0.75
 
 // reserveShare is the part of the burst a background request leaves in the
-// bucket (at least one request when the burst is above 1).
+// bucket for callers.
 const reserveShare = 0.25
 
 // Option configures a Budget.
 type Option func(*Budget)
 
 // WithFallback sets the limit of the in-process bucket that answers while
-// the Store fails (a Redis outage): a broker's share of a fleet's limit,
-// say (Limit.Share). Default: the budget's own limit.
+// the Store fails. Default: the budget's own limit.
 func WithFallback(l Limit) Option {
 	return func(b *Budget) { b.fallbackLimit = l }
 }
 
 // WithLocalShare says the budget spends one of n equal shares of the
-// provider's limit in a store of its own (each of n sidecars without a
-// shared Store, its Limit the provider's Limit.Share(n)): a provider's
-// rate-limit answer speaks for the whole API key, so Observe lowers the
-// budget to the n-th share of what it says is left. Default 1: the
-// budget's store is shared by every client of the key (Redis), or it is
-// the only one.
+// provider's limit in a store of its own, so Observe lowers it to the n-th
+// of what the provider says is left for the whole API key. Default 1.
 func WithLocalShare(n int) Option {
 	return func(b *Budget) { b.shareOf = max(n, 1) }
 }
 
-// WithSharedBy says the budget's Store is shared by n sidecars (a fleet on
-// one Redis), each spending the whole limit: each plans its refreshes
-// (Plan) on an n-th of the rate's BackgroundShare, so that the fleet's
-// plans together fit it; while the store fails, its in-process bucket
-// spends at most an n-th of a provider's lowering (Observe). Default 1.
+// WithSharedBy says the budget's Store is shared by n sidecars: each plans
+// its refreshes on an n-th of the rate, and while the store fails spends
+// at most an n-th of a lowered rate. Default 1.
 func WithSharedBy(n int) Option {
 	return func(b *Budget) { b.sharedBy = max(n, 1) }
 }
@@ -123,9 +107,9 @@ type Budget struct {
 	sharedBy      int // WithSharedBy
 
 	mu sync.Mutex
-	// queue holds the callers waiting, in arrival order; only its head
-	// asks the store.
-	queue []*waiter
+	// queue holds the callers waiting, in arrival order, each a channel
+	// closed when it becomes the head; only the head asks the store.
+	queue []chan struct{}
 	// nextAt is when the head of the queue expects to be served.
 	nextAt time.Time
 	// lowered applies until loweredUntil (Observe); closedUntil: the
@@ -137,9 +121,6 @@ type Budget struct {
 	waitTotal                 time.Duration
 	cal                       calendar
 }
-
-// waiter is a caller in the queue; ready is closed when it is the head.
-type waiter struct{ ready chan struct{} }
 
 // New returns the budget of the provider name, spending l in s under the
 // key name, on the clock now (time.Now when nil). It panics when l or the
@@ -164,12 +145,11 @@ func New(name string, l Limit, s Store, now func() time.Time, opts ...Option) *B
 	return b
 }
 
-// minRetryAfter is the least wait a refused caller is told: never 0 (no
-// Retry-After at all); the header rounds it up to a whole second.
+// minRetryAfter is the least wait a refused caller is told, so that it
+// always gets a Retry-After.
 const minRetryAfter = time.Millisecond
 
-// Sleep waits d, or until ctx ends and then returns ctx's error: a
-// timer, the wait of a caller when Take is given no sleep.
+// Sleep waits d, or until ctx ends and then returns ctx's error.
 func Sleep(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
 	defer t.Stop()
@@ -182,16 +162,12 @@ func Sleep(ctx context.Context, d time.Duration) error {
 }
 
 // Take spends one token request. A Foreground request waits its turn
-// behind the callers already waiting (in arrival order) until the bucket
-// has room, in sleep (the broker's, so that its tests move their clock in
-// it; nil: a timer); when the queue or the bucket says it cannot be served
-// before deadline (on the budget's clock; zero: no deadline), it returns
-// an *ExhaustedError at once. A Background request is served only when no
-// caller waits here and the bucket keeps a reserve for callers; otherwise
-// it returns an *ExhaustedError at once. Take also returns ctx's error
-// when ctx ends while it waits, and a Store error only when the in-process
-// fallback fails too (never). It reports whether the request waited its
-// turn (behind other callers, or for the bucket or a closing to pass).
+// behind the callers already waiting until the bucket has room, in sleep
+// (nil: Sleep); when it cannot be served before deadline (budget clock;
+// zero: none) it returns an *ExhaustedError at once. A Background request
+// is served only when no caller waits and the bucket keeps a reserve for
+// callers, else refused at once. Take returns ctx's error when ctx ends
+// while it waits. It reports whether the request waited.
 func (b *Budget) Take(ctx context.Context, p Priority, deadline time.Time, sleep func(ctx context.Context, d time.Duration) error) (waited bool, err error) {
 	if err := ctx.Err(); err != nil {
 		return false, err
@@ -256,7 +232,7 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time, sleep f
 		sleep = Sleep
 	}
 	start := b.now()
-	w := &waiter{ready: make(chan struct{})}
+	w := make(chan struct{})
 	b.mu.Lock()
 	if ahead := len(b.queue); ahead > 0 || start.Before(b.closedUntil) {
 		l := b.effectiveLocked(start)
@@ -269,14 +245,14 @@ func (b *Budget) takeForeground(ctx context.Context, deadline time.Time, sleep f
 	}
 	b.queue = append(b.queue, w)
 	if len(b.queue) == 1 {
-		close(w.ready)
+		close(w)
 	} else {
 		waited = true
 	}
 	b.mu.Unlock()
 
 	select {
-	case <-w.ready:
+	case <-w:
 	case <-ctx.Done():
 		b.leave(w, start, gaveUp)
 		return waited, ctx.Err()
@@ -326,7 +302,7 @@ const (
 
 // leave takes w out of the queue, hands the head's turn on, and counts a
 // served or refused caller.
-func (b *Budget) leave(w *waiter, start time.Time, outcome int) {
+func (b *Budget) leave(w chan struct{}, start time.Time, outcome int) {
 	now := b.now()
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -334,7 +310,7 @@ func (b *Budget) leave(w *waiter, start time.Time, outcome int) {
 		if q == w {
 			b.queue = append(b.queue[:i], b.queue[i+1:]...)
 			if i == 0 && len(b.queue) > 0 {
-				close(b.queue[0].ready)
+				close(b.queue[0])
 			}
 			break
 		}
@@ -350,8 +326,7 @@ func (b *Budget) leave(w *waiter, start time.Time, outcome int) {
 }
 
 // etaLocked is when a caller with ahead callers before it expects to be
-// served under l: the head when the bucket said, each next one an interval
-// later, less what the bucket still held at its last answer.
+// served under l.
 func (b *Budget) etaLocked(ahead int, now time.Time, l Limit) time.Time {
 	head := now
 	for _, t := range []time.Time{b.nextAt, b.closedUntil} {
@@ -371,13 +346,10 @@ func (b *Budget) effectiveLocked(now time.Time) Limit {
 	return b.limit
 }
 
-// allow asks the store for one request of priority p under l (spentBy);
-// while the store fails, the in-process bucket answers under the fallback
-// limit, or under this sidecar's share of l (WithSharedBy) when that is
-// lower: a lowering speaks for the whole API key, which every sidecar's
-// fallback spends at once. A store call that ends with ctx is not a store
-// failure: ctx's error is returned and the fallback spends nothing for a
-// request that will not be made.
+// allow asks the store for one request of priority p under l; while the
+// store fails, the in-process bucket answers under the fallback limit or
+// this sidecar's share of l, whichever is lower. A store call ended by ctx
+// returns ctx's error.
 func (b *Budget) allow(ctx context.Context, l Limit, p Priority) (Result, error) {
 	res, err := b.store.AllowN(ctx, b.name, spentBy(l, p), 1)
 	if err != nil && ctx.Err() != nil {
@@ -406,12 +378,10 @@ type State struct {
 	Rate float64
 	// Burst is the configured burst.
 	Burst int
-	// Effective is the rate in force, in requests per second: Rate, or
-	// lower while a provider's rate-limit headers say so (0 while they
-	// say nothing is left).
+	// Effective is the rate in force, in requests per second: lower while
+	// the provider's headers say so, 0 while the budget is closed.
 	Effective float64
-	// LoweredUntil is when the provider's lowering ends; zero when none
-	// applies.
+	// LoweredUntil is when the lowering or closing ends; zero for none.
 	LoweredUntil time.Time
 	// Remaining is how many requests the bucket held at its last answer.
 	Remaining int

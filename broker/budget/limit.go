@@ -8,10 +8,8 @@ import (
 	"time"
 )
 
-// Limit is a token API's rate limit as a generic cell rate algorithm
-// spends it: Rate requests per Period, and up to Burst at once from a full
-// bucket. Its fields are those of redis_rate's Limit, so that a Redis Store
-// passes it on unchanged.
+// Limit is a token API's rate limit: Rate requests per Period, and up to
+// Burst at once from a full bucket (redis_rate's Limit).
 type Limit struct {
 	// Rate is how many requests Period allows; at least 1.
 	Rate int
@@ -22,8 +20,7 @@ type Limit struct {
 	Period time.Duration
 }
 
-// maxRate bounds Limit.Rate: beyond it a limit means nothing for a token
-// API and the arithmetic loses precision.
+// maxRate bounds Limit.Rate, within the arithmetic's precision.
 const maxRate = 1_000_000_000
 
 // ParseRate reads a rate limit written as a count per unit: "20/s",

@@ -10,10 +10,8 @@ import (
 )
 
 // MaxHold caps how long one answer of a provider holds back its token API
-// calls: its rate-limit headers lowering or closing a budget, its
-// Retry-After closing it (Budget.Hold) or, without a budget, the broker's
-// memory of it. A broken or hostile header cannot silence a provider for
-// longer.
+// calls (a lowering, a closing, the broker's memory of a Retry-After), so
+// that a broken or hostile header cannot silence it for longer.
 const MaxHold = 10 * time.Minute
 
 // maxReset caps the window a quota is read over: a day, like the longest
@@ -34,25 +32,15 @@ type quota struct {
 }
 
 // Observe lowers the budget from a token API answer's rate-limit headers,
-// read at now: the IETF draft's RateLimit (r=, t= parameters, or the older
-// remaining=, reset=) and RateLimit-Policy (q=, w=), the draft's early
-// RateLimit-Remaining/-Reset, and the common X-RateLimit-Remaining/-Reset
-// (a reset in seconds or as a Unix time). The most restrictive quota read
-// applies until its reset (at most MaxHold): a rate below the configured
-// one (for a local share, WithLocalShare, its share of the rate) lowers
-// the budget (to no fewer than one request per MaxHold, so that the
-// requests it spends hold the bucket no longer than MaxHold), none left
-// closes it until then. An answer whose
-// quotas restrict nothing ends a lowering; one without a well-formed quota
-// leaves the budget as it is (malformed values are ignored). A closed
-// budget is never reopened by an answer (one sent before it closed may
-// arrive after): it stays closed until the latest end any answer gave.
-// None left speaks for the provider's API key, as a 429 does: it closes
-// the budget as Hold does, in the same step as it reads the answer (no
-// Take is served in between), and holds the key in the Store (every
-// sidecar of a fleet), with ctx bounding that store call. A 429's
-// Retry-After closes it through Hold, which the broker's failure policy
-// calls.
+// read at now: the IETF draft's RateLimit (r=, t=, or the older
+// remaining=, reset=) and RateLimit-Policy (q=, w=), RateLimit-Remaining
+// and -Reset, and X-RateLimit-Remaining and -Reset (a reset in seconds or
+// as a Unix time). The most restrictive quota applies until its reset (at
+// most MaxHold): a rate below the configured one (or its share, WithLocalShare)
+// lowers the budget, to at least one request per MaxHold; none left
+// closes it as Hold does, in the same step, ctx bounding the Store call.
+// Quotas that restrict nothing end a lowering; an answer without a
+// well-formed quota changes nothing; no answer reopens a closed budget.
 func (b *Budget) Observe(ctx context.Context, h http.Header, now time.Time) {
 	qs := quotas(h, now)
 	if len(qs) == 0 {
@@ -115,9 +103,7 @@ func quotas(h http.Header, now time.Time) (qs []quota) {
 }
 
 // draftFields calls add with the remaining and reset fields, as sent
-// ("" when absent), of each quota the IETF draft's headers of h state: the
-// RateLimit items (r=, t=), the older RateLimit dictionary (remaining=,
-// reset=), and the early RateLimit-Remaining and RateLimit-Reset.
+// ("" when absent), of each quota the IETF draft's headers of h state.
 func draftFields(h http.Header, add func(remaining, reset string)) {
 	for _, v := range h.Values("RateLimit") {
 		for _, item := range strings.Split(v, ",") {
@@ -137,22 +123,12 @@ func legacyFields(h http.Header, add func(remaining, reset string)) {
 }
 
 // ResetAfter returns how long, from now, the rate-limit headers of a
-// refusing answer (a 429 or 503) say no request is left, reading the
-// quotas of both families: the IETF draft's RateLimit (r=, t= items, or
-// the older remaining=, reset=), RateLimit-Remaining and RateLimit-Reset,
-// and the common X-RateLimit-Remaining and X-RateLimit-Reset (a reset in
-// seconds, or a Unix time in seconds or milliseconds, as Observe reads
-// it). Only a reset that is well-formed and in the future counts. When a
-// quota says none remaining, the latest reset of those the IETF draft's
-// headers state applies, else the latest of those X-RateLimit states.
-// Otherwise, when any header of the answer gives a remaining count (a
-// quota with requests left), 0. A reset without a remaining count counts
-// only when uncounted is set (a 429: the refusal itself says nothing is
-// left; not a 503, which a gateway may answer while its window runs) and
-// no header of the answer gives a count: the IETF draft's latest first,
-// else X-RateLimit-Reset. The result is at most a day; 0 when the headers
-// say no such reset. RateLimit-Policy states a policy, not when the limit
-// resets, so it is not read.
+// refusing answer (a 429 or 503) say no request is left, read as Observe
+// reads them (RateLimit-Policy aside): the latest future reset of a quota
+// with none remaining, the IETF draft's headers before X-RateLimit's. When
+// no quota is spent, 0 if any header gives a remaining count; otherwise,
+// when uncounted is set (a 429, whose refusal says nothing is left), the
+// latest bare reset, the draft's first. At most a day; 0 for none.
 func ResetAfter(h http.Header, now time.Time, uncounted bool) time.Duration {
 	// By family: the IETF draft's headers, then X-RateLimit.
 	var spent, bare [2]time.Duration
@@ -236,44 +212,28 @@ func delay(v string, now time.Time) (time.Duration, bool) {
 	return max(d, time.Millisecond), true
 }
 
-// Hold closes the budget for d from now (at most MaxHold): the provider
-// answered 429 with a Retry-After of d, or without a usable one and the
-// broker's failure policy holds it d. Callers queue (or are refused with
-// the budget's wait when their deadline comes first) and refreshes are
-// refused until then. It never shortens a closing.
-//
-// The 429 speaks for the provider's API key, so the budget's key is also
-// held in its Store (Store.Hold): every budget spending that key (each
-// sidecar of a fleet on one Redis) is refused by its Store until then,
-// without calling the token API. Hold closes the budget at once and
-// returns that store call, bounded by its ctx, for the caller to make
-// once its own locks are released (a Redis call). The Store's check
-// costs one more Redis call in each spend (AllowN), which happens only
-// when a token API call is about to be made: budgets gate token API
-// calls, never proxied requests. While the store fails, this budget's own
-// closing holds as before and its fallback bucket answers after it; the
-// store's error is not returned (a shared tier counts its failures).
+// Hold closes the budget for d from now (at most MaxHold), after a 429:
+// callers queue or are refused, refreshes are refused until then. It never
+// shortens a closing. A 429 speaks for the provider's API key, so Hold
+// returns the call that closes the budget's key in its Store too (every
+// sidecar spending it), for the caller to make once its own locks are
+// released; a Store failure is not returned.
 func (b *Budget) Hold(now time.Time, d time.Duration) (store func(ctx context.Context)) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.closeLocked(now, d)
 }
 
-// ClosedUntil returns until when the budget is closed (Hold, or an answer
-// whose rate-limit headers say none is left): no token request is served
-// before then. The end of its last closing is kept, so when the budget is
-// open it returns a time not after now (zero if it was never closed). It
-// makes no Store call, so a hold another budget set in a shared Store is
-// not seen.
+// ClosedUntil returns the end of the budget's last closing (zero if
+// none): no token request is served before then. It makes no Store call,
+// so another sidecar's closing in a shared Store is not seen.
 func (b *Budget) ClosedUntil() time.Time {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.closedUntil
 }
 
-// closeLocked closes the budget for d from now (at most MaxHold), never
-// shortening a closing, and returns the call that holds its key in the
-// Store for as long: make it once b.mu is released.
+// closeLocked is Hold with b.mu held.
 func (b *Budget) closeLocked(now time.Time, d time.Duration) (store func(ctx context.Context)) {
 	if d <= 0 {
 		return func(context.Context) {}
@@ -284,8 +244,8 @@ func (b *Budget) closeLocked(now time.Time, d time.Duration) (store func(ctx con
 }
 
 // Transport returns a RoundTripper that sends through base
-// (http.DefaultTransport when nil) and lets the budget Observe the headers
-// of every answer: wrap a provider's token API client with it.
+// (http.DefaultTransport when nil) and lets the budget Observe every
+// answer's headers.
 func (b *Budget) Transport(base http.RoundTripper) http.RoundTripper {
 	if base == nil {
 		base = http.DefaultTransport

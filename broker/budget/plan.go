@@ -8,13 +8,11 @@ import (
 // maxPlanSteps bounds the slots one Plan looks at.
 const maxPlanSteps = 4096
 
-// calendar counts the refreshes planned per slot: slots of width seconds,
-// each with room for capacity refreshes (BackgroundShare of this
-// sidecar's part of the configured rate, see WithSharedBy; at least one
-// per slot). A count stays until its slot has passed, also when the token
-// it was planned for is dropped or replaced before its refresh: the
-// calendar may then see a slot fuller than it is, which moves later plans
-// earlier, never past their window. Guarded by Budget.mu.
+// calendar counts the refreshes planned per slot of width seconds, each
+// with room for capacity (BackgroundShare of this sidecar's part of the
+// rate, at least one). A count stays until its slot has passed, even if its
+// token goes first: that only moves later plans earlier, within their
+// window. Guarded by Budget.mu.
 type calendar struct {
 	width     int64 // seconds
 	capacity  int32
@@ -44,11 +42,9 @@ func floorDiv(a, b int64) int64 {
 	return q
 }
 
-// Plan picks when a refresh planned in [earliest, latest] goes: latest,
-// or the latest time a whole number of slots before it whose slot has
-// room for one more planned refresh (BackgroundShare of this sidecar's
-// part of the configured rate per second, see calendar), else earliest. The refresh is counted in its slot.
-// latest before earliest plans at earliest.
+// Plan picks when a refresh planned in [earliest, latest] goes: latest, or
+// the latest time a whole number of slots before it whose slot has room,
+// else earliest; the refresh is counted in its slot.
 func (b *Budget) Plan(earliest, latest time.Time) time.Time {
 	now := b.now()
 	b.mu.Lock()

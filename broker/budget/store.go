@@ -9,16 +9,11 @@ import (
 )
 
 // Store spends a generic cell rate algorithm (GCRA) bucket per key: shared
-// by a fleet (a Redis Store over redis_rate, whose AllowN this mirrors) or
-// in this process (NewLocal). Implementations must be safe for concurrent
-// use. The bucket keeps only its theoretical arrival time: calls for one
-// key may pass different Limits of the same Rate and Period (a smaller
-// Burst makes a call succeed only while the bucket keeps a reserve), or a
-// lowered Limit.
-//
-// A key can also be held closed (Hold): a provider's 429 closes its token
-// API for every client of the API key, so every budget spending the key
-// is refused until the hold ends, not only the one that got the 429.
+// by a fleet (redis_rate, whose AllowN this mirrors) or in this process
+// (NewLocal). The bucket keeps only its theoretical arrival time, so calls
+// for one key may pass different Limits (a smaller Burst keeps a reserve).
+// A key can be closed (Hold) for every budget spending it. Safe for
+// concurrent use.
 type Store interface {
 	// AllowN spends n requests of key's bucket under l if it holds them,
 	// all or nothing. n = 0 spends nothing and reports Remaining. While
@@ -54,8 +49,7 @@ type local struct {
 }
 
 // NewLocal returns an in-process Store on the clock now (time.Now when
-// nil). It computes what redis_rate computes, so that a budget behaves the
-// same with or without Redis. It never fails.
+// nil) that computes what redis_rate computes. It never fails.
 func NewLocal(now func() time.Time) Store {
 	if now == nil {
 		now = time.Now
@@ -110,14 +104,10 @@ func (s *local) AllowN(_ context.Context, key string, l Limit, n int) (Result, e
 const accountLabel = "token broker budget account\x00"
 
 // Account returns the fingerprint of the account a provider counts token
-// requests against, from the credential that names it (an OAuth
-// client_id, a Nuapay API key): the first 16 hex characters of a SHA-256
-// over a fixed label and the credential. The same credential gives the
-// same fingerprint in every process of a fleet, so that it can key a
-// budget shared through a Store; "" for none. It keeps the credential out
-// of that key, but does not hide it: a client_id is not secret, and
-// whoever holds a fingerprint (or a key hashed from it) can confirm a
-// guessed credential against it.
+// requests against, from the credential that names it (a client_id, an
+// API key): 16 hex characters of a labelled SHA-256, the same in every
+// process; "" for none. It keeps the credential out of a budget's key but
+// lets whoever holds it confirm a guessed credential.
 func Account(credential string) string {
 	if credential == "" {
 		return ""

@@ -19,29 +19,24 @@ type Spec struct {
 	// Provider is the provider's name: the budget's name in metrics,
 	// errors and the admin state.
 	Provider string
-	// Endpoint is the provider's token endpoint (Nuapay's base URL, an
-	// oauth2 token_url or issuer): a shared store's key holds a hash of
-	// it (Key), never the URL.
+	// Endpoint is the provider's token endpoint; a shared store's key
+	// holds its hash (Key).
 	Endpoint string
 	// Account is the fingerprint of the credential the provider counts
-	// the token requests against (budget.Account of a client_id or an API
-	// key), never the credential: with Endpoint it names the budget, so
-	// that configurations of one token API with different credentials
-	// keep separate budgets, and identical ones share one.
+	// token requests against (budget.Account): with Endpoint it names the
+	// budget.
 	Account string
 	// Limit is the provider's rate_limit and rate_burst.
 	Limit budget.Limit
-	// FleetSize is how many sidecars spend the limit: without a shared
-	// store each spends its share (budget.Limit.Share) always, with one
-	// while the store fails. 0 (not set): one sidecar, the whole limit;
-	// refused with a shared store, where a fleet of unknown size would
-	// spend the whole limit on every sidecar while the store fails.
+	// FleetSize is how many sidecars spend the limit: each spends its
+	// share without a shared store, or while the store fails. 0: one
+	// sidecar, refused with a shared store.
 	FleetSize int
 }
 
 // Keeper keeps budgets across config reloads: Budget returns the budget
-// already made for the same Spec and store while a configuration holds it
-// (Hold, Release). Safe for concurrent use.
+// already made for the same Spec and store while a configuration holds it.
+// Safe for concurrent use.
 type Keeper struct {
 	now func() time.Time
 
@@ -67,15 +62,11 @@ func NewKeeper(now func() time.Time) *Keeper {
 }
 
 // Budget returns the budget of spec: on shared (a fleet's store, named
-// storeID, such as a Store on the fleet's Redis) the whole limit, spent by
-// every sidecar under Key(spec.Provider, spec.Endpoint, spec.Account), and
-// this sidecar's share while the store fails; with shared nil, this sidecar's
-// share (budget.Limit.Share of the fleet size) in a local bucket, which
-// lowers itself to its share of what the provider's rate-limit answers say
-// is left (budget.WithLocalShare). A budget made before for the same spec
-// and store is returned while it is held, or until the next Release. It
-// returns an error, and no budget, when shared is set and
-// spec.FleetSize is not.
+// storeID) the whole limit under Key, and this sidecar's share while the
+// store fails; with shared nil, this sidecar's share in a local bucket
+// (budget.WithLocalShare). A budget made before for the same spec and
+// store is returned until the Release that leaves it unheld. It returns an
+// error when shared is set and spec.FleetSize is not.
 func (k *Keeper) Budget(spec Spec, shared budget.Store, storeID string) (*budget.Budget, error) {
 	if shared != nil && spec.FleetSize < 1 {
 		return nil, fmt.Errorf("provider %q has rate_limit %s, shared by the fleet through redis, but fleet_size is not set: "+
@@ -113,8 +104,7 @@ func (k *Keeper) Hold(budgets []*budget.Budget) {
 	}
 }
 
-// Release ends a Hold, then forgets every budget no configuration holds
-// (those of a configuration that failed to load included).
+// Release ends a Hold, then forgets every budget no configuration holds.
 func (k *Keeper) Release(budgets []*budget.Budget) {
 	k.mu.Lock()
 	defer k.mu.Unlock()

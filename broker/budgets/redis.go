@@ -13,18 +13,12 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 )
 
-// Store is a budget.Store in Redis, over the generic cell rate algorithm
-// of github.com/go-redis/redis_rate on the shared tier's go-redis client:
-// every broker of a fleet spends the same Redis key per provider, and the
-// Redis server's clock decides, so the fleet together stays within the
-// provider's limit. redis_rate names its keys "rate:" + key: with the
-// tier's key prefix (fleet.Cache.KeyPrefix), a budget's Redis key is
-// "rate:" + prefix + "budget:" + the budget's key (a Redis ACL for the
-// broker must allow it). Each call runs through the shared tier
-// (fleet.Cache.Run), which bounds it by the tier's adaptive timeout and
-// keeps Redis out while the tier's breaker is open. A hold (Hold) is the
-// key "rate:" + prefix + "budget:" + the budget's key + ":hold", next to
-// the bucket, expiring when the hold ends. Safe for concurrent use.
+// Store is a budget.Store in Redis (redis_rate on the shared tier's
+// client): every broker of a fleet spends one Redis key per provider, on
+// the Redis server's clock. A budget's Redis key is "rate:" + the tier's
+// key prefix + "budget:" + the budget's key, and its hold that + ":hold"
+// (a Redis ACL for the broker must allow them). Each call runs through the
+// shared tier (fleet.Cache.Run), bounded by its timeout and breaker.
 type Store struct {
 	lim *redis_rate.Limiter
 	via *fleet.Cache
@@ -34,10 +28,8 @@ type Store struct {
 // label).
 const Op = "budget"
 
-// New returns a Store on the Redis client of via (the shared tier), whose
-// keys start with the tier's key prefix and whose calls run through the
-// tier. via is required: New panics when it is nil. The Store does not
-// close the client.
+// New returns a Store on the shared tier via, which must not be nil. The
+// Store does not close the client.
 func New(via *fleet.Cache) *Store {
 	if via == nil {
 		panic("budgets.New: via (the shared tier the Store's calls run through) is nil")
@@ -46,12 +38,8 @@ func New(via *fleet.Cache) *Store {
 }
 
 // AllowN spends n requests of the budget key under l (n = 0 reads what
-// remains without spending). RetryAfter is zero when n is allowed. It
-// reads the key's hold first (PTTL) and, while one is in force, spends
-// nothing and answers with the hold's rest as RetryAfter: two Redis round
-// trips in one call of the tier (one bound), made only when a token API
-// call is about to be made (a budget gates token API calls, never proxied
-// requests).
+// remains). RetryAfter is zero when n is allowed. While the key is held it
+// spends nothing and answers with the hold's rest as RetryAfter.
 func (s *Store) AllowN(ctx context.Context, key string, l budget.Limit, n int) (budget.Result, error) {
 	var out budget.Result
 	err := s.via.Run(ctx, Op, func(ctx context.Context) error {
@@ -78,8 +66,7 @@ func (s *Store) AllowN(ctx context.Context, key string, l budget.Limit, n int) (
 }
 
 // holdScript sets KEYS[1] to expire in ARGV[1] milliseconds unless it
-// already expires later (PTTL: -2 when missing), so that a hold never
-// shortens a later one, on the Redis server's clock.
+// already expires later (PTTL: -2 when missing).
 var holdScript = redis.NewScript(`
 local ms = tonumber(ARGV[1])
 if redis.call("PTTL", KEYS[1]) < ms then
@@ -89,8 +76,7 @@ return 0
 `)
 
 // Hold closes the budget key for d (at least a millisecond) on the Redis
-// server's clock: every sidecar's AllowN on the key is refused until the
-// hold key expires. A later hold in force is kept. d <= 0 holds nothing.
+// server's clock, keeping a later hold in force. d <= 0 holds nothing.
 func (s *Store) Hold(ctx context.Context, key string, d time.Duration) error {
 	if d <= 0 {
 		return nil
@@ -113,15 +99,11 @@ func limitOf(l budget.Limit) redis_rate.Limit {
 	return redis_rate.Limit{Rate: l.Rate, Burst: l.Burst, Period: l.Period}
 }
 
-// Key is the budget key of a provider: its name and the first 12 hex
-// characters of a SHA-256 over its token endpoint and its account (a
-// budget.Account fingerprint of its credential), so that two registries
-// that give one name to different token APIs, or to one token API with
-// different credentials (each with its own rate limit at the provider),
-// keep two budgets, and the key holds no secret (a URL with credentials
-// is refused by the registry, the account is a fingerprint; only their
-// hash is used anyway). Its 48 bits still let whoever reads the keys
-// confirm a guessed credential for a known token URL.
+// Key is the budget key of a provider: its name and 12 hex characters of
+// a SHA-256 over its token endpoint and account, so that different token
+// APIs or credentials under one name keep separate budgets and the key
+// holds no secret (its 48 bits still let a reader confirm a guessed
+// credential for a known token URL).
 func Key(provider, tokenURL, account string) string {
 	sum := sha256.Sum256([]byte(tokenURL + "\x00" + account))
 	return provider + ":" + hex.EncodeToString(sum[:])[:12]

@@ -1,10 +1,8 @@
 // Package errcode is the table of the answers the token broker gives a
 // request it does not forward: for each error code, the HTTP status, the
 // message (per provider type where the advice differs), whether a token
-// API call can end with it (the outcome label of the token request
-// metric), and whether the answer carries Retry-After. Package admission
-// writes the answer; the Caddy module only hands it on.
-//
+// API call can end with it (the token request metric's outcome), and
+// whether the answer carries Retry-After; package admission writes it.
 // Messages tell the caller what to do and reveal nothing about
 // credentials or tokens.
 package errcode
@@ -20,9 +18,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 )
 
-// MerchantIDGrammar says in words what a merchant id (or a provider name)
-// is, as config.ValidMerchantID checks it: every message about a
-// malformed id gives it.
+// MerchantIDGrammar says in words what config.ValidMerchantID accepts as a
+// merchant id or provider name.
 const MerchantIDGrammar = "1 to 128 ASCII letters, digits and . _ - : @ (no comma), starting with a letter or digit"
 
 // Code is an error code. The zero Code is no error.
@@ -77,8 +74,7 @@ type rule struct {
 	// fetch reports whether a token API failure has this code; nil for a
 	// code no token API call ends with.
 	fetch func(error) bool
-	// retryAfter: the answer carries Retry-After when the failure says
-	// how long to wait (broker.RetryAfterOf).
+	// retryAfter: the answer carries the failure's wait, if any.
 	retryAfter bool
 }
 
@@ -220,9 +216,9 @@ func (c Code) Message(providerType string) string {
 	return r.message
 }
 
-// RetryAfter returns the wait an answer with the code tells the caller,
-// from the failure cause (broker.RetryAfterOf); 0 when the code carries
-// no Retry-After or the cause does not say.
+// RetryAfter returns the wait an answer with the code tells the caller
+// (broker.RetryAfterOf of cause); 0 when the code carries no Retry-After
+// or the cause does not say.
 func (c Code) RetryAfter(cause error) time.Duration {
 	if c >= count || !rules[c].retryAfter || cause == nil {
 		return 0
