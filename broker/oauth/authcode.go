@@ -316,7 +316,6 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 	if l := cfg.Limits; l.MaxPending < 0 || l.MerchantPerMinute < 0 || l.PerMinute < 0 {
 		errs = append(errs, errors.New("consent link limits must not be negative"))
 	}
-	cfg.Limits = cfg.Limits.withDefaults()
 	if pend == nil || pend.Store == nil {
 		errs = append(errs, errors.New("no store for the consents in progress"))
 	}

@@ -197,8 +197,11 @@ func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Reque
 	}
 	secrets = append(secrets, tok.AccessToken, tok.RefreshToken)
 	t, err := c.parse(ep, tok, req, sent)
+	if ae, ok := errors.AsType[*broker.APIError](err); ok {
+		ae.Description = scrub.Secrets(ae.Description, secrets...)
+	}
 	if err != nil {
-		return broker.Token{}, tok, scrubError(err, secrets)
+		return broker.Token{}, tok, err
 	}
 	t.Status = resp.StatusCode
 	return t, tok, nil
@@ -373,13 +376,4 @@ func (c *core) sent(secret, assertion string) []string {
 		out = append(out, base64.StdEncoding.EncodeToString([]byte(url.QueryEscape(c.cfg.ClientID)+":"+url.QueryEscape(secret))))
 	}
 	return out
-}
-
-// scrubError scrubs the description of an *broker.APIError.
-func scrubError(err error, secrets []string) error {
-	var ae *broker.APIError
-	if errors.As(err, &ae) {
-		ae.Description = scrub.Secrets(ae.Description, secrets...)
-	}
-	return err
 }
