@@ -477,10 +477,7 @@ func (a *AuthCode) AuthorizationOrigin(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", a.fail(ReasonProviderFailure, "", err)
 	}
-	u, err := url.Parse(ep.auth)
-	if err != nil {
-		return "", a.fail(ReasonProviderFailure, "", fmt.Errorf("authorization_endpoint: %w", err))
-	}
+	u, _ := url.Parse(ep.auth) // checked by authEndpoints
 	return u.Scheme + "://" + u.Host, nil
 }
 

@@ -65,8 +65,8 @@ type Config struct {
 	// (see StoreKey). It should be stable across configuration changes.
 	Name string
 	// StoreNamespace names the owner of the refresh tokens in the Store
-	// (the registry), so that two registries with a provider of the same
-	// name sharing one Store keep apart. Not secret. Optional.
+	// (the registry), so that two registries sharing one Store keep apart.
+	// Optional.
 	StoreNamespace string
 	// TokenURL is the token endpoint. Exactly one of TokenURL and Issuer.
 	TokenURL string
@@ -104,9 +104,8 @@ type Config struct {
 	// Params are extra form parameters of every token request. They cannot
 	// replace a parameter the source sets itself (see ReservedParam).
 	Params map[string]string
-	// DefaultLifetime is the lifetime of a token whose response has no
-	// expires_in and that is not a JWT with an exp claim. Default
-	// DefaultLifetime.
+	// DefaultLifetime is the lifetime of a token without expires_in or a
+	// JWT exp claim. Default DefaultLifetime.
 	DefaultLifetime time.Duration
 	// DPoP, when set, binds the tokens to this key (RFC 9449; see the
 	// package doc). For a public client the server binds the refresh

@@ -278,10 +278,7 @@ func issuerMismatch(discovered, what string) error {
 // host and path (§3.1), into doc; it must name the issuer (§3.3). It
 // returns a go-oidc provider of its endpoints, or a *DiscoveryError.
 func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc *discoveryDoc) (*oidc.Provider, error) {
-	u, err := url.Parse(e.cfg.Issuer)
-	if err != nil {
-		return nil, e.failed(err, false)
-	}
+	u, _ := url.Parse(e.cfg.Issuer) // checked by Config.check
 	u.Path = "/.well-known/oauth-authorization-server" + strings.TrimSuffix(u.Path, "/")
 	u.RawPath = ""
 	where := httpclient.Host(e.cfg.Issuer)

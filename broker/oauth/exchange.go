@@ -240,9 +240,7 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 		ae.Description += fmt.Sprintf(" (the request had no DPoP proof: the provider wants the client's tokens bound to a key; give the provider one, [providers.%s.dpop] key = ...)", c.cfg.Name)
 	}
 	// zitadel refuses an assertion's aud with invalid_grant "audience is
-	// not valid": a refusal of the client or the grant whose description
-	// names the audience gets the hint too (not invalid_target, which is
-	// about the audience request parameter, RFC 8707 / RFC 8693).
+	// not valid" (invalid_target is about the audience parameter).
 	audienceRefused := clientAuthRefused(ae) ||
 		slices.Contains([]string{"invalid_client", "unauthorized_client", "invalid_grant"}, ae.Code) && strings.Contains(strings.ToLower(ae.Description), "audience")
 	if audienceRefused && c.cfg.AuthMethod == PrivateKeyJWT && c.cfg.AssertionAudience == "" {
