@@ -47,36 +47,28 @@ const (
 	ReasonReturnURL       = "return_url_not_allowed"
 	ReasonProviderFailure = "provider_unavailable"
 	ReasonStoreFailure    = "store_failed"
-	// ReasonRetryCallback: a callback that arrived while the provider's
-	// endpoints could not be discovered, or whose code exchange the
-	// provider very likely did not process (see Callback); its state is
-	// left, and the same callback, sent again once the provider answers
-	// (after DiscoveryRetry, or a few seconds after the failed exchange),
-	// completes the consent while its code is valid.
+	// ReasonRetryCallback: the state is kept, and the same callback sent
+	// again after ConsentError.RetryAfter completes the consent while its
+	// code is valid (see Callback).
 	ReasonRetryCallback = "retry_callback"
 )
 
-// DiscoveryRetry is how long after a failed discovery of the provider's
-// endpoints the consent flow discovers again: until then its steps fail
-// at once, without calling the provider.
+// DiscoveryRetry is how long after a failed discovery the consent flow
+// discovers again; until then its steps fail at once.
 const DiscoveryRetry = 5 * time.Second
 
 // exchangeRetry is the least time after a failed code exchange that a
 // callback kept for a retry exchanges its code again (see Callback).
 const exchangeRetry = 5 * time.Second
 
-// maxExchangeWait is the longest wait (the provider's Retry-After) for
-// which a callback is kept to exchange its code again: an authorization
-// code lives a minute at most (FAPI 2.0), so that a longer wait would
-// exchange a dead code.
+// maxExchangeWait is the longest Retry-After for which a callback is kept
+// to exchange its code again: an authorization code lives a minute at
+// most (FAPI 2.0).
 const maxExchangeWait = 30 * time.Second
 
 // codeExchanges is how many callbacks of one state exchange its code at
-// most: the first, and the same callback, reloaded, after failures that
-// say the provider very likely did not process the exchange (see
-// Callback). Each
-// sends the code once, or twice when the provider asks for a DPoP nonce
-// it has not sent before (nonceRetried).
+// most (see Callback); each sends it once, or twice for a new DPoP nonce
+// (nonceRetried).
 const codeExchanges = 3
 
 // ConsentError is a refused or failed step of the authorization-code
@@ -97,10 +89,7 @@ type ConsentError struct {
 	// operator can change.
 	Err error
 	// RetryAfter is, for a ReasonRetryCallback, how long to wait before
-	// the callback is sent again: DiscoveryRetry when the endpoints could
-	// not be discovered (the most left before the next discovery, which
-	// is due DiscoveryRetry after the last failure), or the rest of the
-	// wait before the code is exchanged again.
+	// the callback is sent again.
 	RetryAfter time.Duration
 }
 
@@ -120,22 +109,18 @@ func (e *ConsentError) Unwrap() error { return e.Err }
 // consent) of a refresh-token provider.
 type AuthCodeConfig struct {
 	// RedirectURIs are the registered callback URLs, each ending in
-	// "/callback"; the consent link of one is the same URL ending in
-	// "/start". At least one (NewLink takes the first when it is given
-	// no callback host).
+	// "/callback"; the consent link of one ends in "/start" instead. At
+	// least one.
 	RedirectURIs []string
-	// ReturnURLs is the allow-list of the app's return URLs: a return URL
-	// is allowed when it has the scheme and host of an entry and its path
-	// is the entry's path, or under it when the entry's path ends in "/",
-	// as a browser resolves it (see checkReturnURL).
+	// ReturnURLs is the allow-list of the app's return URLs (see
+	// checkReturnURL).
 	ReturnURLs []string
 	// Scopes are the scopes of the authorization request. Default
-	// "openid offline_access" (offline_access is what OpenID providers want
-	// before issuing a refresh token).
+	// "openid offline_access" (what OpenID providers want before issuing
+	// a refresh token).
 	Scopes []string
-	// PAR pushes the authorization request (RFC 9126) even when the
-	// provider does not require it. A provider whose discovery document
-	// sets require_pushed_authorization_requests always gets PAR.
+	// PAR pushes the authorization request (RFC 9126) also when the
+	// discovery document does not require it.
 	PAR bool
 	// AuthorizationURL is the authorization endpoint. Default: from the
 	// discovery document; required when the provider has a token_url and
@@ -152,10 +137,9 @@ type AuthCodeConfig struct {
 	// authorization URL, or in the pushed request with PAR.
 
 	// Prompt are the prompt values (OpenID Connect Core §3.1.2.1): login,
-	// consent, select_account. consent is always sent when Scopes contain
-	// offline_access: a provider that follows OpenID Connect Core §11
-	// issues no refresh token otherwise. none is refused: a consent needs
-	// the merchant. Optional.
+	// consent, select_account. consent is added when Scopes contain
+	// offline_access (OpenID Connect Core §11: no refresh token
+	// otherwise). Optional.
 	Prompt []string
 	// ACRValues are the requested authentication context classes
 	// (acr_values), in order of preference. Optional.
@@ -164,8 +148,7 @@ type AuthCodeConfig struct {
 	// object. Optional.
 	Claims string
 	// AuthorizationDetails is the authorization_details parameter (RFC
-	// 9396), e.g. an Open Banking payment consent: a JSON array of
-	// objects, each with a string "type". Optional.
+	// 9396): a JSON array of objects, each with a string "type". Optional.
 	AuthorizationDetails string
 	// Resources are the resource indicators (RFC 8707) of the
 	// authorization request, one resource parameter each. Default the
@@ -180,8 +163,7 @@ type AuthCodeConfig struct {
 var promptValues = []string{"login", "consent", "select_account"}
 
 // authParams checks the authorization-request parameters of cfg and
-// returns them as sent (prompt with consent when offline_access is asked
-// for, the JSON compacted); resource is the provider's default resource.
+// returns them as sent; resource is the provider's default resource.
 func authParams(cfg AuthCodeConfig, resource string) (url.Values, error) {
 	var errs []error
 	v := url.Values{}
@@ -274,9 +256,8 @@ func compactJSON(s string) string {
 }
 
 // AuthCode runs the authorization-code flow with PKCE (S256) for the
-// merchants of a RefreshToken source, and stores the refresh token it gets
-// in the source's Store, as SetRefreshToken does. It is safe for
-// concurrent use.
+// merchants of a RefreshToken source, and stores the refresh token it
+// gets with SetRefreshToken. It is safe for concurrent use.
 type AuthCode struct {
 	src    *RefreshToken
 	cfg    AuthCodeConfig
@@ -287,7 +268,7 @@ type AuthCode struct {
 
 	mu      sync.Mutex
 	retr    time.Time       // no discovery before, after a failed one
-	retrErr *DiscoveryError // the failed discovery that set retr
+	retrErr *DiscoveryError // that failed discovery
 }
 
 // NewAuthCode returns the consent flow of src, keeping its links and
@@ -335,7 +316,6 @@ func NewAuthCode(src *RefreshToken, cfg AuthCodeConfig, pend *Pendings) (*AuthCo
 	if l := cfg.Limits; l.MaxPending < 0 || l.MerchantPerMinute < 0 || l.PerMinute < 0 {
 		errs = append(errs, errors.New("consent link limits must not be negative"))
 	}
-	cfg.Limits = cfg.Limits.withDefaults()
 	if pend == nil || pend.Store == nil {
 		errs = append(errs, errors.New("no store for the consents in progress"))
 	}
@@ -373,11 +353,10 @@ type Link struct {
 }
 
 // NewLink creates a consent link for merchant, usable until a consent
-// started from it completes (see Callback) or it expires, on the
-// registered callback URL whose host is callbackHost (default the first
-// one).
-// returnURL, optional, must be on the allow-list. LinkLimits apply: a
-// refusal is a *ConsentError wrapping a *LinkLimitError.
+// started from it completes or it expires, on the registered callback URL
+// whose host is callbackHost (default the first). returnURL, optional,
+// must be on the allow-list. A refusal by LinkLimits is a *ConsentError
+// wrapping a *LinkLimitError.
 func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHost string) (Link, error) {
 	if returnURL != "" {
 		if err := checkReturnURL(a.cfg.ReturnURLs, returnURL); err != nil {
@@ -406,8 +385,6 @@ func (a *AuthCode) NewLink(ctx context.Context, merchant, returnURL, callbackHos
 	id := randomString(32)
 	exp := now.Add(a.cfg.LinkTTL)
 	rec := Pending{Provider: a.Provider(), Merchant: merchant, ReturnURL: returnURL, RedirectURI: redirect, Expires: exp}
-	// Kept linkKept past its expiry: a state started from it just before
-	// then still finds it at its callback, used or not (claimLink).
 	if err := a.pend.putUntil(ctx, kindLink, id, rec, exp.Add(linkKept)); err != nil {
 		undo() // not handed out: it spends no limit
 		return Link{}, a.fail(ReasonStoreFailure, merchant, err)
@@ -443,20 +420,16 @@ func newStepOptions(opts []StepOption) stepOptions {
 func (b Browser) applyStep(o *stepOptions) { o.browser = b }
 
 // Serves reports whether the broker still serves a merchant at the
-// flow's provider (a reload may have removed it, or moved it to another
-// provider, since its consent link was made). As a StepOption, Start
-// refuses another merchant's link before the browser goes to the
-// provider, and Callback its state before the code is exchanged, both
-// with ReasonUnknownMerchant: no refresh token is stored for a merchant
-// the broker does not serve.
+// flow's provider (a reload may have removed it). As a StepOption, Start
+// and Callback refuse another merchant with ReasonUnknownMerchant before
+// the provider is asked.
 type Serves func(merchant string) bool
 
 // applyStep makes s the check of the step's merchant.
 func (s Serves) applyStep(o *stepOptions) { o.serves = s }
 
 // ReasonUnknownMerchant is the refusal of a consent link or an
-// authorization state whose merchant the broker no longer serves at the
-// provider (Serves).
+// authorization state whose merchant the broker no longer serves.
 const ReasonUnknownMerchant = "unknown_merchant"
 
 // checkServed refuses rec's merchant when serves says the broker no
@@ -468,19 +441,15 @@ func (a *AuthCode) checkServed(serves Serves, rec Pending, what string) error {
 	return a.fail(ReasonUnknownMerchant, rec.Merchant, fmt.Errorf("the %s is for a merchant that provider %q no longer has in the registry (removed or moved by a reload): nothing is stored for it; if it should consent, add it back and ask the app for a new consent link", what, a.Provider()))
 }
 
-// CheckLink reads a consent link (arriving at the callback URL's host
-// host) without using it, and returns whose consent it is: the checks
-// of Start, nothing stored and nothing sent to the provider, so that a
-// page can show the link before the merchant starts (a mail scanner
-// that opens it leaves it as it was). A Serves option refuses a
-// merchant the broker no longer serves.
+// CheckLink makes Start's checks of a consent link (arriving at the
+// callback URL's host host) and returns whose consent it is, storing and
+// sending nothing: a page can show the link before the merchant starts.
 func (a *AuthCode) CheckLink(ctx context.Context, linkID, host string, opts ...StepOption) (Pending, error) {
 	return a.openLink(ctx, linkID, host, newStepOptions(opts))
 }
 
-// openLink reads the link linkID, leaving it stored, and checks that it
-// is for this provider, the callback host host, a redirect URI the
-// provider still has and a merchant it still serves.
+// openLink reads the link linkID, leaving it stored, and checks its
+// provider, callback host, redirect URI and merchant.
 func (a *AuthCode) openLink(ctx context.Context, linkID, host string, o stepOptions) (Pending, error) {
 	rec, err := a.pend.get(ctx, kindLink, linkID)
 	if err != nil {
@@ -502,40 +471,29 @@ func (a *AuthCode) openLink(ctx context.Context, linkID, host string, o stepOpti
 }
 
 // AuthorizationOrigin returns the origin (scheme://host[:port]) of the
-// provider's authorization endpoint, where Start sends the browser: from
-// the configuration or the discovery document (fetched once, as Start
-// does).
+// provider's authorization endpoint, where Start sends the browser.
 func (a *AuthCode) AuthorizationOrigin(ctx context.Context) (string, error) {
 	ep, err := a.authEndpoints(ctx)
 	if err != nil {
 		return "", a.fail(ReasonProviderFailure, "", err)
 	}
-	u, err := url.Parse(ep.auth)
-	if err != nil {
-		return "", a.fail(ReasonProviderFailure, "", fmt.Errorf("authorization_endpoint: %w", err))
-	}
+	u, _ := url.Parse(ep.auth) // checked by authEndpoints
 	return u.Scheme + "://" + u.Host, nil
 }
 
 // Start starts the authorization request of a consent link (arriving at
 // the callback URL's host host) and returns the provider's authorization
-// URL to redirect the browser to, after pushing the request when PAR is
-// on. The returned Pending says whose consent it is. The link stays
-// usable until it expires: each Start of it (a second tab, a double
-// click; at most MaxStartsPerLink, across the fleet when the source's
-// Store is a StartCounter, else and while its count cannot be had per
-// instance; then ReasonTooManyStarts)
-// gets its own state, PKCE verifier and nonce, and the first of their
-// callbacks to get a code consumes the link (see Callback). The
-// options: a Browser binds the authorization state to the browser (see
-// Browser); a Serves refuses a merchant the broker no longer serves.
+// URL for the browser, after pushing the request when PAR is on, and
+// whose consent it is. Each Start of a link (at most MaxStartsPerLink)
+// gets its own state, PKCE verifier and nonce; the first of their
+// callbacks to get a code consumes the link. A Browser option binds the
+// state to the browser.
 func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepOption) (string, Pending, error) {
 	o := newStepOptions(opts)
 	rec, err := a.openLink(ctx, linkID, host, o)
 	if err != nil {
 		return "", rec, err
 	}
-	// Started: the link no longer counts as unused.
 	key := a.pend.storeKey(kindLink, linkID)
 	a.limits.used(rec.Merchant, key)
 	if ok, where := a.starts.start(ctx, key, rec.Expires.Add(linkKept)); !ok {
@@ -599,9 +557,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 	return httpclient.WithQuery(ep.auth, params), rec, nil
 }
 
-// allowedReturn returns a link's return URL while the allow-list still
-// has it, "" once a reload took it off: the browser then ends on the
-// consent site's own page.
+// allowedReturn returns u while the allow-list still has it, else "".
 func (a *AuthCode) allowedReturn(u string) string {
 	if u == "" || checkReturnURL(a.cfg.ReturnURLs, u) != nil {
 		return ""
@@ -622,16 +578,14 @@ func errorCode(code string) string {
 }
 
 // errorDescription returns the error_description of the authorization
-// response q as a message may quote it: the state, should the provider
-// echo it, redacted, and the text cut to scrub.MaxText (scrub.Secrets).
+// response q as a message may quote it: cut short, the state redacted.
 func errorDescription(q url.Values) string {
 	return scrub.Secrets(q.Get("error_description"), q.Get("state"))
 }
 
-// providerHint tells the operator what to check or set when the provider
-// refuses the authorization request with code (broker.CodeTooLarge: its
-// PAR endpoint's answer was too large to read); pushed says whether the
-// request went through PAR.
+// providerHint tells the operator what to check when the provider
+// refuses the authorization request with code; pushed says whether it
+// went through PAR.
 func (a *AuthCode) providerHint(code string, pushed bool) string {
 	table := fmt.Sprintf("[providers.%s.consent]", a.Provider())
 	switch code {
@@ -684,70 +638,36 @@ type Result struct {
 }
 
 // Callback handles the provider's redirect to the callback URL (on host
-// host, with query q): it consumes the state, checks the issuer (RFC 9207),
-// exchanges the code with the PKCE verifier, verifies the ID token if any,
-// and stores the refresh token. Before the code is exchanged, it consumes
-// the consent link the state was started from: a state whose link
-// another state's callback consumed first is refused with
-// ReasonUnknownState, as a used link, and nothing is stored; when the
-// code exchange, the ID token, the refresh token or its save fails, the
-// link is put back as it was, usable again while it is valid: one that
-// expired meanwhile is refused as expired (ReasonExpired), not as used,
-// and the states started from it before then may still claim it (a
-// reload of this callback kept for a retry, another tab's). The Result is
-// filled as far as the state was known, also on errors, so that the
-// browser can be sent back. A state that Start bound to a browser is only
-// accepted, and consumed, with the same browser secret: another browser
-// gets ReasonWrongBrowser, without a Result, and the state stays. A state
-// whose merchant a Serves option refuses is consumed and refused with
-// ReasonUnknownMerchant before the code is exchanged. Once the state is
-// consumed, the rest of the callback (code exchange, ID token
-// verification, storing the refresh token) is detached from the browser:
-// it keeps ctx's values but not its cancellation, and is bounded by
-// SaveTimeout (30 s) instead, and so is each put-back after a failure (of
-// the link, of the state kept for a retry), from the failure on. The
-// state is read, and checked against the browser, before anything else:
-// an unknown, used, expired or another browser's state is refused without
-// asking the provider. The provider's endpoints are read next, before
-// the state is consumed: while they are unknown and cannot be discovered
-// now (a transient *DiscoveryError: no answer, 408, 425, 429 or 5xx), or
-// the request ends first (ctx is done), the callback fails with
-// ReasonRetryCallback and no Result, the state left for the same
-// callback to be sent again; a failure that trying again does not mend (a
-// discovery document that names another issuer or no token_endpoint, an
-// endpoint that is not a usable URL) consumes the state and fails with
-// ReasonProviderFailure.
+// host, with query q) and stores the merchant's refresh token:
+//   - The state is read first: an unknown, used or expired one, or one
+//     Start bound to another Browser (left stored for that browser), is
+//     refused without asking the provider.
+//   - The endpoints are read before the state is spent: while they cannot
+//     be discovered now (a transient *DiscoveryError) or ctx ends first,
+//     the callback fails with ReasonRetryCallback, the state kept; a
+//     failure that trying again does not mend (permanent) spends it.
+//   - The state is taken, so that of concurrent callbacks one goes on;
+//     the rest is detached from ctx's cancellation, bounded by
+//     SaveTimeout, and so is each put-back after a failure.
+//   - After the checks of the provider, host, Serves option, issuer (RFC
+//     9207) and the provider's error, the consent link is claimed
+//     (claimLink), the code exchanged with the PKCE verifier, the ID token
+//     verified and the refresh token saved; when one of these fails, the
+//     link is put back as it was (unclaimLink).
 //
-// A code exchange whose failure says that the provider very likely did
-// not process it, so that the code is very likely not redeemed
-// (unredeemed: no connection made, 408, 425, 429, 503, a DPoP nonce asked
-// for that the key now holds), may be sent again: the state is put back,
-// bound to that code, with the link, and the callback fails with
-// ReasonRetryCallback and no Result. Should the provider have redeemed
-// the code all the same (a gateway's 503 after the provider answered),
-// the code sent again is refused (invalid_grant), and the provider may
-// revoke the tokens it issued for the code (RFC 6749 §4.1.2), which the
-// broker never received: the consent fails, and the merchant starts the
-// link again. Any other failure may well have come after the code was
-// redeemed (a timeout or a connection cut once the request was sent, an
-// answer cut short, 500, 502, 504): it spends the state, as an answer
-// that settles the exchange does, and as a DPoP nonce challenge without
-// a new nonce (none, the one sent, one the key refused:
-// *dpop.NonceError), which the code sent again would meet again. The
-// same callback, reloaded by the same browser, exchanges the code again,
-// at least exchangeRetry (or the provider's Retry-After, when longer)
-// after the failure: sooner, it fails so again without asking the
-// provider; the ConsentError's RetryAfter says how long is left. A
-// Retry-After over maxExchangeWait (30 s), or a reload that would be due
-// only once the state has expired, spends the state. A callback of the
-// kept state with another code is refused with ReasonExchangeFailed
-// without an exchange. codeExchanges callbacks of the state exchange its
-// code at most (each sends it once, or twice when the provider asks for a
-// new DPoP nonce), and only while the state is valid; the last failure
-// spends the state. A state is taken from the store before its code is
-// exchanged, so that of concurrent callbacks of one state one exchanges
-// its code; the others find it used (ReasonUnknownState) or, put back,
-// not due yet (ReasonRetryCallback).
+// A code exchange the provider very likely did not process (unredeemed)
+// is tried again: the state is put back bound to that code, and the
+// callback fails with ReasonRetryCallback; the same callback, reloaded at
+// least exchangeRetry (or a longer Retry-After) after the failure,
+// exchanges the code again, and sooner fails so again without asking the
+// provider. A Retry-After over maxExchangeWait, a retry due only once the
+// state has expired, or codeExchanges failed callbacks spend the state,
+// as any other failure does. Should the provider have redeemed the code
+// after all, it refuses the code sent again (invalid_grant) and the
+// merchant starts the link again. A reload with another code is refused.
+//
+// The Result is filled as far as the state is known, also on errors, so
+// that the browser can be sent back.
 func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts ...StepOption) (Result, error) {
 	o := newStepOptions(opts) // without a Browser: refused for a state bound to a browser
 	state := q.Get("state")
@@ -755,11 +675,6 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	var ep *endpoints
 	var epErr error
 	if err == nil {
-		// The endpoints (the issuer's iss support, the token endpoint)
-		// are read before the state is spent: when they cannot be
-		// discovered now, the state stays, and the same callback,
-		// reloaded once the provider answers again, completes the
-		// consent while its code is valid.
 		if ep, epErr = a.authEndpoints(ctx); epErr != nil && !permanent(epErr) {
 			ce := a.fail(ReasonRetryCallback, rec.Merchant, fmt.Errorf("%w; the authorization state is kept: the callback, reloaded, completes the consent once the provider answers", epErr))
 			ce.RetryAfter = DiscoveryRetry
@@ -780,9 +695,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 		}
 		return res, ce
 	}
-	// The state is spent: the code exchange, the ID token's verification
-	// and the save go on when the browser leaves meanwhile, within
-	// SaveTimeout, so that the merchant's consent is not lost.
+	// The state is spent: losing what follows would lose the consent.
 	ctx, cancel := detached(ctx)
 	defer cancel()
 	if rec.Provider != a.Provider() {
@@ -859,10 +772,8 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 		return res, ce
 	}
 	// An ID token is verified when openid was asked, or when one came
-	// back (any value but null or "", a string or not) and the provider
-	// has an issuer to verify it with. Without an issuer, openid cannot be
-	// asked, and an id_token is a value this client does not use (RFC
-	// 6749 §5.1: ignored).
+	// back and the provider has an issuer to verify it with; else it is
+	// ignored (RFC 6749 §5.1).
 	idToken := raw.Extra("id_token") // nil or "" when absent, also from a form-encoded answer
 	if rec.Nonce != "" || idToken != nil && idToken != "" && ep.verifier != nil {
 		if err := a.verifyIDToken(ctx, ep, idToken, rec.Nonce); err != nil {
@@ -883,20 +794,15 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	return res, nil
 }
 
-// linkKept is how long a consent link stays stored past its expiry: a
-// state started from it just before then still finds it at its callback
-// (StateTTL), with a minute more for clock skew between instances and a
-// store that keeps expiries to the second.
+// linkKept is how long a consent link stays stored past its expiry, so
+// that a state started from it just before then finds it at its callback;
+// the extra minute is for clock skew and stores that keep whole seconds.
 const linkKept = StateTTL + time.Minute
 
-// claimLink consumes the consent link that the authorization state rec
-// was started from, before its code is exchanged, and returns the link's
-// record, to put back with unclaimLink when the consent does not
-// complete. Of the states started from one link, only the first callback
-// to claim it goes on; the others get ReasonUnknownState, as for any
-// used link. The link may have expired since the state was started:
-// NewLink keeps it stored linkKept longer for this. A state without a
-// link (none was recorded) claims nothing.
+// claimLink consumes the consent link the state rec was started from,
+// expired or not, and returns its record for unclaimLink. Of the states
+// started from one link only the first to claim it goes on; the others
+// get ReasonUnknownState. A state without a link claims nothing.
 func (a *AuthCode) claimLink(ctx context.Context, rec Pending) (Pending, error) {
 	if rec.Link == "" {
 		return Pending{}, nil
@@ -912,11 +818,8 @@ func (a *AuthCode) claimLink(ctx context.Context, rec Pending) (Pending, error) 
 }
 
 // unclaimLink puts back the consent link link, claimed by the state rec
-// whose consent then failed (code exchange, ID token, refresh token or
-// save), as it was stored, also when it has expired since: the merchant
-// can start it again while it is valid, a state started from it (rec,
-// kept for a retry) can claim it, and once expired it is refused as
-// expired rather than used. It returns ce, with a note when the link
+// whose consent then failed, as it was (once expired, it is refused as
+// expired rather than used). It returns ce, with a note when the link
 // cannot be put back, and whether the link is stored (back).
 func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *ConsentError) (_ *ConsentError, back bool) {
 	if link.Provider == "" { // no link claimed
@@ -933,18 +836,12 @@ func (a *AuthCode) unclaimLink(ctx context.Context, rec, link Pending, ce *Conse
 
 // unredeemed reports whether err, a code exchange's failure, says that
 // the provider very likely did not process the request, so that the code
-// was very likely not redeemed and may be sent again (see Callback for
-// what follows when it was): no connection was made (a dial error:
-// refused, no route, no DNS answer), the endpoints could not be
-// discovered now (a transient *DiscoveryError: nothing was sent), the
-// provider answered 408, 425, 429 or 503, or it asked for a DPoP nonce
-// (use_dpop_nonce) and the key now holds another nonce than the one sent
-// (a *nonceChallengeError), which the code sent again carries. A
-// use_dpop_nonce without a new nonce (none, the one sent, one the key
-// refused: *dpop.NonceError, or no DPoP key) would be refused again. Any
-// other failure may have come after the code was redeemed: a timeout or
-// a connection cut once the request was sent, an answer cut short, 500,
-// 502, 504.
+// may be sent again: a dial error, a transient *DiscoveryError (nothing
+// was sent), an answer 408, 425, 429 or 503 (a temporary status, but for
+// the 5xx a server sends after reading the request), or a use_dpop_nonce
+// that brought a new nonce. A use_dpop_nonce without one would be refused
+// again; a timeout or a cut once the request was sent, 500, 502 or 504
+// may follow a redemption.
 func unredeemed(err error) bool {
 	if _, ok := errors.AsType[*nonceChallengeError](err); ok {
 		return true
@@ -960,12 +857,10 @@ func unredeemed(err error) bool {
 	return ok && oe.Op == "dial"
 }
 
-// retryLater puts back the authorization state rec, taken by a callback
-// refused with ce for a code exchange the provider very likely did not
-// process, so that the same callback, reloaded, exchanges its code
-// again: it returns no Result and ReasonRetryCallback, with the time left
-// until rec.Retry. When rec cannot be put back, the state is spent: it
-// returns res and ce, with a note.
+// retryLater puts back the state rec of a callback refused with ce, so
+// that the same callback, reloaded, exchanges its code again: no Result
+// and ReasonRetryCallback, with the time left until rec.Retry. When rec
+// cannot be put back, it returns res and ce, with a note.
 func (a *AuthCode) retryLater(ctx context.Context, state string, rec Pending, res Result, ce *ConsentError) (Result, error) {
 	ctx, cancel := detached(ctx) // the exchange may have spent ctx's time
 	defer cancel()
@@ -1004,22 +899,17 @@ func (a *AuthCode) verifyIDToken(ctx context.Context, ep *endpoints, v any, nonc
 
 // permanent reports whether err, a failure to read the provider's
 // endpoints, is one that trying again does not mend: a discovery that is
-// not transient, or an endpoint that is not a usable URL. A transient
-// discovery failure, or the caller's context ending first, is not.
+// not transient, or an endpoint that is not a usable URL.
 func permanent(err error) bool {
 	var de *DiscoveryError
 	var ue *endpointURLError
 	return errors.As(err, &de) && !de.Transient() || errors.As(err, &ue)
 }
 
-// authEndpoints returns the source's endpoints (discovered as the source
-// discovers them) with the configured authorization and PAR endpoints
-// (NewAuthCode checked them), or the refusal of a discovered one that
-// is used and not a usable URL (discover checked them): the
-// authorization endpoint (also when there is none), the PAR endpoint
-// when the requests are pushed (usesPAR); after a failed
-// discovery, the consent flow discovers again only DiscoveryRetry after
-// the failure, and fails until then as that discovery did.
+// authEndpoints returns the source's endpoints with the configured
+// authorization and PAR endpoints, or the refusal of a discovered one the
+// flow uses that is not a usable URL. For DiscoveryRetry after a failed
+// discovery it fails as that discovery did, without discovering.
 func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 	cfg := a.src.cfg
 	d := a.src.ep.cached()
@@ -1034,7 +924,7 @@ func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 		if d, err = a.src.ep.get(ctx); err != nil {
 			if de := (*DiscoveryError)(nil); errors.As(err, &de) {
 				a.mu.Lock()
-				a.retr, a.retrErr = cfg.Now().Add(DiscoveryRetry), de // from the failure: a discovery may take seconds
+				a.retr, a.retrErr = cfg.Now().Add(DiscoveryRetry), de // from the failure, not the start
 				a.mu.Unlock()
 			}
 			return nil, err
@@ -1056,19 +946,16 @@ func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 	return &ep, nil
 }
 
-// usesPAR reports whether the authorization requests to the provider of
-// ep are pushed (PAR): configured so, or required by its discovery
-// document.
+// usesPAR reports whether the authorization requests to ep are pushed:
+// configured so, or required by the discovery document.
 func (a *AuthCode) usesPAR(ep *endpoints) bool { return a.cfg.PAR || ep.requirePAR }
 
-// ConsentStatus is what the source knows of a merchant's consent, in this
-// process: never the refresh token.
+// ConsentStatus is what this process knows of a merchant's consent.
 type ConsentStatus struct {
 	// LastRefresh is the last successful refresh, zero if none yet.
 	LastRefresh time.Time
-	// ConsentRequiredSince is when the provider last refused the refresh
-	// token (or none was stored), zero when the last refresh worked or a
-	// refresh token was stored since (SetRefreshToken).
+	// ConsentRequiredSince is when a refresh first found the refresh token
+	// refused or missing, zero once a refresh worked or one was stored.
 	ConsentRequiredSince time.Time
 }
 

@@ -65,18 +65,16 @@ type Config struct {
 	// (see StoreKey). It should be stable across configuration changes.
 	Name string
 	// StoreNamespace names the owner of the refresh tokens in the Store
-	// (the registry), so that two registries with a provider of the same
-	// name sharing one Store keep apart. Not secret. Optional.
+	// (the registry), so that two registries sharing one Store keep apart.
+	// Optional.
 	StoreNamespace string
 	// TokenURL is the token endpoint. Exactly one of TokenURL and Issuer.
 	TokenURL string
-	// Issuer is the authorization server's issuer identifier: the token
-	// endpoint (and the revocation endpoint) are read from its discovery
-	// document, {Issuer}/.well-known/openid-configuration, or, when that
-	// is not found (404), from its RFC 8414 metadata,
-	// /.well-known/oauth-authorization-server before the issuer's path.
-	// Either must name exactly this issuer. With a TLS client
-	// certificate the mtls_endpoint_aliases are preferred (RFC 8705 §5).
+	// Issuer is the authorization server's issuer identifier: the
+	// endpoints are read from {Issuer}/.well-known/openid-configuration,
+	// or on 404 from its RFC 8414 metadata; either must name exactly this
+	// issuer. With a TLS client certificate the mtls_endpoint_aliases are
+	// used (RFC 8705 §5).
 	Issuer string
 	// RevocationURL is the RFC 7009 revocation endpoint. Optional; with
 	// Issuer it defaults to the discovered revocation_endpoint.
@@ -92,12 +90,11 @@ type Config struct {
 	// Signer signs the private_key_jwt assertions. Required for
 	// PrivateKeyJWT, not allowed otherwise. See NewSigner.
 	Signer *Signer
-	// AssertionAudience is the aud claim of the client assertions. Default
-	// the URL of the endpoint called: the token endpoint's (RFC 7523 §3),
-	// also for a revocation request, and the PAR endpoint's for a pushed
-	// request. A server that wants its issuer identifier (FAPI 2.0
-	// Security Profile §5.3.2.1, zitadel) needs it here; RFC 9126 §2 has
-	// a server that supports PAR accept the issuer at its PAR endpoint.
+	// AssertionAudience is the aud claim of the client assertions.
+	// Default: the token endpoint's URL (RFC 7523 §3), also for a
+	// revocation, and the PAR endpoint's for a pushed request. A server
+	// that wants its issuer identifier (FAPI 2.0 Security Profile
+	// §5.3.2.1, zitadel) needs it here.
 	AssertionAudience string
 	// Audience is sent as the audience parameter when the request names
 	// none (broker.Request.Audience wins). Optional.
@@ -107,36 +104,23 @@ type Config struct {
 	// Params are extra form parameters of every token request. They cannot
 	// replace a parameter the source sets itself (see ReservedParam).
 	Params map[string]string
-	// DefaultLifetime is the lifetime of a token whose response has no
-	// expires_in and that is not a JWT with an exp claim. Default
-	// DefaultLifetime.
+	// DefaultLifetime is the lifetime of a token without expires_in or a
+	// JWT exp claim. Default DefaultLifetime.
 	DefaultLifetime time.Duration
-	// DPoP, when set, binds the tokens to this key (RFC 9449): every token
-	// request (each grant and client authentication, the code exchange)
-	// and pushed authorization request carries a proof, the server's
-	// use_dpop_nonce challenge is answered by sending the request once
-	// more, built anew, with the server's nonce when it gave a new one,
-	// the answer must be token_type DPoP, and the authorization request
-	// names the key's thumbprint (dpop_jkt). For a public client the
-	// server binds the refresh token to the key as well: it is only
-	// usable with proofs of this key, which every refresh sends.
-	// Optional; nil means bearer tokens.
+	// DPoP, when set, binds the tokens to this key (RFC 9449; see the
+	// package doc). For a public client the server binds the refresh
+	// token to it as well. Optional; nil means bearer tokens.
 	DPoP *dpop.Key
 	// OnDPoPNonce, when set, is called for each DPoP nonce challenge of
 	// the token or PAR endpoint that brought a new nonce (for a metric).
-	// A new request answers it when it can: the broker's attempts for a
-	// token request of Token (not when the budget refuses it), the source
-	// itself for PAR and the code exchange. It must be cheap and safe for
-	// concurrent use.
+	// It must be cheap and safe for concurrent use.
 	OnDPoPNonce func()
-	// Client makes the calls: its timeout, and for TLSClientAuth the
-	// client certificate (httpclient.New). Default: a client from
-	// httpclient.New with a 10s timeout and no client certificate.
+	// Client makes the calls, with its timeout and, for TLSClientAuth,
+	// its client certificate. Default: httpclient.New with a 10s timeout.
 	Client *http.Client
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
-	// Logger logs what a source does on its own (a refresh-token source
-	// dropping a rotated token whose save failed, see SaveError), never a
+	// Logger logs what a source does on its own (see SaveError), never a
 	// token. Default: none.
 	Logger *zap.Logger
 }
@@ -221,8 +205,7 @@ func AuthMethodNames() string {
 	return strings.Join(s, ", ")
 }
 
-// checkURL checks an endpoint URL with the one validator, naming field;
-// its error is an *endpointURLError.
+// checkURL checks an endpoint URL; its error is an *endpointURLError.
 func checkURL(field, s string) error {
 	if err := httpclient.CheckURL(s, true); err != nil {
 		return &endpointURLError{field: field, err: err}
@@ -230,9 +213,8 @@ func checkURL(field, s string) error {
 	return nil
 }
 
-// endpointURLError is an endpoint URL (configured or discovered) that
-// checkURL refuses: the configuration or the provider has to change it,
-// trying again does not help.
+// endpointURLError is an endpoint URL, configured or discovered, that
+// checkURL refuses: trying again does not help.
 type endpointURLError struct {
 	field string // the endpoint's name, as in a discovery document
 	err   error

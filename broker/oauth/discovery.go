@@ -24,8 +24,7 @@ import (
 
 // endpoints are a provider's endpoints, configured or discovered.
 type endpoints struct {
-	// Token is the token endpoint used (the mTLS alias when the client
-	// presents a TLS client certificate and the provider lists one).
+	// Token is the token endpoint used (its mTLS alias, see usesMTLS).
 	Token string
 	// Revocation is the RFC 7009 revocation endpoint, empty when the
 	// provider has none.
@@ -37,28 +36,19 @@ type endpoints struct {
 	// token_endpoint_auth_signing_alg_values_supported, when discovered.
 	AssertionAlgs []string
 
-	// What the consent flow (AuthCode) reads from the discovery document;
-	// empty for a provider configured with a token URL.
+	// What the consent flow (AuthCode) reads from the discovery document.
 
-	// auth is the authorization_endpoint.
-	auth string
-	// par is the pushed_authorization_request_endpoint (its mTLS alias
-	// with a TLS client certificate).
-	par string
-	// authErr and parErr are checkURL's refusals of the discovered auth
-	// (also of none) and par, nil when they can be used: the consent flow
-	// refuses to use them (authEndpoints: par only when it pushes its
-	// requests), the token requests do not need them.
+	auth string // authorization_endpoint
+	par  string // pushed_authorization_request_endpoint (its mTLS alias)
+	// authErr and parErr are checkURL's refusals of auth (also of none)
+	// and par, which only the consent flow refuses (authEndpoints).
 	authErr, parErr error
 	// requirePAR is require_pushed_authorization_requests.
 	requirePAR bool
 	// issResponse is authorization_response_iss_parameter_supported.
 	issResponse bool
-	// dpop is the DPoP key as it signs the proofs to the token and PAR
-	// endpoints: the configured key under the name of its algorithm the
-	// server lists in dpop_signing_alg_values_supported (RFC 9449 §5.1,
-	// dpop.Key.ForServer), the configured key as it is when not
-	// discovered; nil without a key.
+	// dpop is the DPoP key as it signs the proofs to the server
+	// (dpop.Key.ForServer), nil without a key.
 	dpop *dpop.Key
 	// verifier checks the ID tokens of the issuer.
 	verifier *oidc.IDTokenVerifier
@@ -73,23 +63,18 @@ type DiscoveryError struct {
 	Err error
 
 	transient bool // see Transient
-	// answer is the authorization server's answer of a temporary status
-	// (a 429, a 503) with the wait it asks for (broker.ParseWait), nil
-	// when it gave none: the failure policy holds the provider as it
-	// holds it for the same answer of its token endpoint.
+	// answer is the server's answer of a temporary status with the wait
+	// it asks for, so that the failure policy holds the provider as for
+	// the same answer of its token endpoint; nil for none.
 	answer *broker.APIError
 }
 
 // Transient reports whether the authorization server did not answer or
-// answered that it failed or is busy (broker.TemporaryStatus: 408, 425,
-// 429, 5xx): the same discovery may succeed later. It is false for an
-// answer that is wrong as it is (another issuer, no token_endpoint, no
-// discovery document, one over the size limit), which the configuration
-// or the server has to change. The consent callback goes by it: it keeps
-// its state for a reload after a transient one. The token requests'
-// failure policy does not: any failed discovery is temporary there
-// (Classify), counted by the provider's breaker, but one answered 429,
-// rate limited as a token endpoint's 429 is.
+// answered a temporary status (broker.TemporaryStatus): the same discovery
+// may succeed later. It is false for an answer that the configuration or
+// the server has to change (another issuer, no token_endpoint, no
+// document). The consent callback keeps its state for a reload after a
+// transient one; Classify does not go by it.
 func (e *DiscoveryError) Transient() bool { return e.transient }
 
 // Error describes the failure.
@@ -124,8 +109,7 @@ func newDiscovery(cfg *Config) *discovery {
 }
 
 // get returns the endpoints, discovering them when they are not cached.
-// Concurrent callers share one discovery; a failure is returned to them and
-// not cached.
+// Concurrent callers share one discovery; a failure is not cached.
 func (e *discovery) get(ctx context.Context) (*endpoints, error) {
 	if cur := e.cached(); cur != nil {
 		return cur, nil
@@ -153,8 +137,7 @@ func (e *discovery) get(ctx context.Context) (*endpoints, error) {
 	}
 }
 
-// cached returns the endpoints when they are known without a discovery,
-// else nil.
+// cached returns the endpoints when they are known, else nil.
 func (e *discovery) cached() *endpoints {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -195,18 +178,15 @@ const (
 )
 
 // discover reads {issuer}/.well-known/openid-configuration with go-oidc,
-// which also checks that the document names the configured issuer; when
-// that answers 404 (and only then), the issuer's RFC 8414 authorization
-// server metadata (oauthMetadata). The ID token verifier fetches the
-// issuer's keys with a context of its own (the client only), not with
-// ctx: a verifier outlives the request that discovered.
+// which checks the issuer, or on 404 (only then) the RFC 8414 metadata.
+// The ID token verifier fetches the keys with the client only, not ctx:
+// it outlives the request that discovered.
 func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	fail := func(err error) (*endpoints, error) {
 		return nil, e.failed(err, false)
 	}
 	client := *e.cfg.Client
-	// go-oidc's error says the discovery answer's status in its text
-	// only: the transport notes it, and the wait it asks for.
+	// go-oidc's error has the answer's status in its text only.
 	var status atomic.Int32
 	var wait atomic.Int64
 	client.Transport = lastStatus{rt: httpclient.LimitBody(client.Transport), status: &status, wait: &wait, now: e.cfg.Now}
@@ -240,9 +220,6 @@ func (e *discovery) discover(ctx context.Context) (*endpoints, error) {
 	ep := &endpoints{Token: p.Endpoint().TokenURL, Revocation: doc.RevocationEndpoint, AuthMethods: doc.AuthMethods, AssertionAlgs: doc.AssertionAlgs,
 		auth: p.Endpoint().AuthURL, par: doc.PAR, requirePAR: doc.RequirePAR, issResponse: doc.IssResponse, dpop: e.cfg.DPoP.ForServer(doc.DPoPAlgs),
 		verifier: p.Verifier(&oidc.Config{ClientID: e.cfg.ClientID, Now: e.cfg.Now})}
-	// RFC 8705 §5: a client that has a TLS client certificate uses the
-	// mTLS aliases whatever its client authentication, so that its tokens
-	// are certificate-bound (FAPI: private_key_jwt over mTLS).
 	if usesMTLS(e.cfg) {
 		if a := doc.MTLSAliases.TokenEndpoint; a != "" {
 			ep.Token = a
@@ -280,36 +257,28 @@ func (e *discovery) failed(err error, transient bool) *DiscoveryError {
 	return &DiscoveryError{Issuer: e.cfg.Issuer, Err: err, transient: transient}
 }
 
-// busy is the DiscoveryError of cause err, an answer of status that says
-// the server failed or is busy (broker.TemporaryStatus), asking to wait
-// wait: transient, with that answer.
+// busy is the transient DiscoveryError of cause err, an answer of a
+// temporary status asking to wait wait, with that answer.
 func (e *discovery) busy(status int, wait time.Duration, err error) *DiscoveryError {
 	de := e.failed(err, true)
 	de.answer = &broker.APIError{Provider: ProviderName, StatusCode: status, Description: http.StatusText(status), RetryAfter: wait}
 	return de
 }
 
-// issuerMismatch is the refusal of a discovery document (what names it)
-// that names another issuer than the configured one: the two are compared
-// as strings (OpenID Connect Discovery §4.3, RFC 8414 §3.3), so that a
-// trailing slash makes another issuer.
+// issuerMismatch is the refusal of the document what that names another
+// issuer: issuers compare as strings (OpenID Connect Discovery §4.3, RFC
+// 8414 §3.3), a trailing slash included.
 func issuerMismatch(discovered, what string) error {
 	return fmt.Errorf("the %s names issuer %q, not the configured one: set issuer to exactly the issuer the authorization server names (a trailing slash included), or check that the URL is the authorization server's",
 		what, scrub.Truncate(discovered, scrub.MaxText))
 }
 
-// oauthMetadata reads the issuer's RFC 8414 authorization server
-// metadata, for an authorization server that has no OpenID discovery
-// document: at /.well-known/oauth-authorization-server inserted between
-// the issuer's host and path (RFC 8414 §3.1), through client, with the
-// same fields as a discovery document into doc. The metadata must name
-// the configured issuer (§3.3). It returns a go-oidc provider of its
-// endpoints (an ID token verifier for its jwks_uri), or a *DiscoveryError.
+// oauthMetadata reads the issuer's RFC 8414 metadata, at
+// /.well-known/oauth-authorization-server inserted between the issuer's
+// host and path (§3.1), into doc; it must name the issuer (§3.3). It
+// returns a go-oidc provider of its endpoints, or a *DiscoveryError.
 func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc *discoveryDoc) (*oidc.Provider, error) {
-	u, err := url.Parse(e.cfg.Issuer)
-	if err != nil {
-		return nil, e.failed(err, false)
-	}
+	u, _ := url.Parse(e.cfg.Issuer) // checked by Config.check
 	u.Path = "/.well-known/oauth-authorization-server" + strings.TrimSuffix(u.Path, "/")
 	u.RawPath = ""
 	where := httpclient.Host(e.cfg.Issuer)
@@ -356,8 +325,7 @@ func (e *discovery) oauthMetadata(ctx context.Context, client *http.Client, doc 
 }
 
 // lastStatus is a transport that notes the status of the last answer
-// through it and the wait it asks for (broker.ParseWait at now): discover
-// reads them for go-oidc's discovery request once that has returned.
+// through it and the wait it asks for (broker.ParseWait).
 type lastStatus struct {
 	rt     http.RoundTripper
 	status *atomic.Int32
@@ -381,10 +349,9 @@ func (ep *endpoints) supports(method AuthMethod) bool {
 	return len(ep.AuthMethods) == 0 || slices.Contains(ep.AuthMethods, string(method))
 }
 
-// usesMTLS reports whether requests of cfg to the authorization server go
-// out with a TLS client certificate (RFC 8705 §5): the token, revocation and
-// PAR requests then use the mtls_endpoint_aliases, whatever the client
-// authentication method, so that tokens are certificate-bound.
+// usesMTLS reports whether requests of cfg go out with a TLS client
+// certificate: they then use the mtls_endpoint_aliases whatever the client
+// authentication, so that tokens are certificate-bound (RFC 8705 §5).
 func usesMTLS(cfg *Config) bool {
 	has, _ := httpclient.HasClientCert(cfg.Client)
 	return has || cfg.AuthMethod == TLSClientAuth

@@ -22,9 +22,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 
-// core is what both sources share, embedded in each: the configuration,
-// the endpoints, the token and revocation requests and the classification
-// of errors.
+// core is what both sources share: the configuration, the endpoints, the
+// token and revocation requests and the classification of errors.
 type core struct {
 	cfg Config
 	ep  *discovery
@@ -40,11 +39,8 @@ func newCore(cfg Config) (*core, error) {
 }
 
 // tokenClient returns the client of the token and PAR requests: cfg.Client
-// with the transport it has when the request is sent (one set after the
-// source was built, such as a rate budget's observer, applies), behind
-// dpop.Transport with a DPoP key (a proof on each request; the key
-// remembers the server's nonce) when k, the DPoP key as it signs the
-// proofs to the server (endpoints.dpop), is not nil.
+// with its transport as it is now (one set after the source was built
+// applies), behind dpop.Transport when k (endpoints.dpop) is not nil.
 func (c *core) tokenClient(k *dpop.Key) *http.Client {
 	if k == nil {
 		return c.cfg.Client
@@ -57,51 +53,42 @@ func (c *core) tokenClient(k *dpop.Key) *http.Client {
 // Type names the source type for the broker's errors and metrics.
 func (*core) Type() string { return ProviderName }
 
-// DPoPKey returns the key the source's tokens are bound to, nil for
-// bearer tokens (broker.DPoPBound: every profile of the source carries it).
+// DPoPKey implements broker.DPoPBound: the key the source's tokens are
+// bound to, nil for bearer tokens.
 func (c *core) DPoPKey() *dpop.Key { return c.cfg.DPoP }
 
 // CallTimeout implements broker.CallBounded: the HTTP client's timeout.
 func (c *core) CallTimeout() time.Duration { return c.cfg.Client.Timeout }
 
-// clientAuth returns where the client's secret goes (the Basic header or
-// the form, as x/oauth2's AuthStyle says) and the extra form parameters of
-// the configured client authentication for a request to endpoint.
-func (c *core) clientAuth(endpoint string) (secret string, style oauth2.AuthStyle, params url.Values, err error) {
-	params = url.Values{}
+// clientAuth returns the client's secret and the form parameters of the
+// configured client authentication for a request to endpoint; the secret
+// of client_secret_basic goes in the Basic header instead (postForm).
+func (c *core) clientAuth(endpoint string) (secret string, params url.Values, err error) {
+	if c.cfg.AuthMethod == ClientSecretBasic {
+		return c.cfg.ClientSecret.Reveal(), url.Values{}, nil
+	}
+	params = url.Values{"client_id": {c.cfg.ClientID}}
 	switch c.cfg.AuthMethod {
-	case ClientSecretBasic:
-		// postForm form-url-encodes the id and the secret before Basic
-		// encoding them, as RFC 6749 §2.3.1 says.
-		return c.cfg.ClientSecret.Reveal(), oauth2.AuthStyleInHeader, params, nil
 	case ClientSecretPost:
-		return c.cfg.ClientSecret.Reveal(), oauth2.AuthStyleInParams, params, nil
+		params.Set("client_secret", c.cfg.ClientSecret.Reveal())
+		return c.cfg.ClientSecret.Reveal(), params, nil
 	case PrivateKeyJWT:
-		aud := c.cfg.AssertionAudience
-		if aud == "" {
-			aud = endpoint
-		}
-		a, err := c.cfg.Signer.Assertion(c.cfg.ClientID, aud, c.cfg.Now())
+		a, err := c.cfg.Signer.Assertion(c.cfg.ClientID, cmp.Or(c.cfg.AssertionAudience, endpoint), c.cfg.Now())
 		if err != nil {
-			return "", 0, nil, err
+			return "", nil, err
 		}
 		params.Set("client_assertion_type", ClientAssertionType)
 		params.Set("client_assertion", a)
-		return "", oauth2.AuthStyleInParams, params, nil
 	}
-	// tls_client_auth: the certificate is the credential; client_id in
-	// the body (postForm sends it with AuthStyleInParams and no secret).
-	return "", oauth2.AuthStyleInParams, params, nil
+	// tls_client_auth: the certificate is the credential.
+	return "", params, nil
 }
 
-// exchange sends a token request: grant has the grant's own parameters
-// (none for client_credentials). It returns the parsed token and the raw
-// x/oauth2 token (for the refresh token); the raw token whenever the
-// provider issued one, also with the error that refuses its access token.
-// It sends one request: a DPoP nonce challenge that brought a new nonce
-// is returned as a *nonceChallengeError, which the broker's attempts send
-// again (Classify); the consent's code exchange sends it again itself
-// (nonceRetried).
+// exchange sends one token request with grant's parameters (none for
+// client_credentials). It returns the parsed token and the raw one,
+// whenever the provider issued one, also with an error that refuses its
+// access token. A DPoP nonce challenge that brought a new nonce is a
+// *nonceChallengeError.
 func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
 	ep, err := c.ep.get(ctx)
 	if err != nil {
@@ -112,9 +99,8 @@ func (c *core) exchange(ctx context.Context, req broker.Request, grant url.Value
 	return t, raw, c.nonceChallenged(err, ep.Token, carried)
 }
 
-// tokenNonce returns the DPoP nonce the key remembers for the
-// authorization server at the origin of endpoint, the one a request sent
-// there now carries (dpop.Transport); "" without a key.
+// tokenNonce returns the DPoP nonce a request to endpoint now carries,
+// "" without a key.
 func (c *core) tokenNonce(endpoint string) string {
 	if c.cfg.DPoP == nil {
 		return ""
@@ -126,12 +112,10 @@ func (c *core) tokenNonce(endpoint string) string {
 	return c.cfg.DPoP.Nonce(dpop.AuthorizationServer, u)
 }
 
-// nonceChallengeError is a token or PAR request's refusal that asks for
-// it to be sent again at once: the server asked for its DPoP nonce
-// (use_dpop_nonce, RFC 9449 §8), and the key remembers a new one for it.
-// Classify answers broker.ClassRetryNow for it. The request is built
-// again, not replayed: a private_key_jwt assertion is used once (RFC 7523
-// §3), and the new proof carries the nonce.
+// nonceChallengeError is a use_dpop_nonce refusal (RFC 9449 §8) of a
+// token or PAR request for which the key now holds a new nonce: the
+// request is to be built again (a new assertion, a proof with the nonce)
+// and sent at once.
 type nonceChallengeError struct {
 	err error // the server's refusal, a *broker.APIError with the code use_dpop_nonce
 }
@@ -139,16 +123,11 @@ type nonceChallengeError struct {
 func (e *nonceChallengeError) Error() string { return e.err.Error() }
 func (e *nonceChallengeError) Unwrap() error { return e.err }
 
-// nonceChallenged returns err, of a token or PAR request to endpoint, as
-// a *nonceChallengeError when the server asked for its DPoP nonce and the
-// key remembers another nonce for it than carried, the one the request
-// carried (tokenNonce before it was sent): the answer's DPoP-Nonce
-// header, which the transport remembered, or one a concurrent request
-// learnt meanwhile. Without a new nonce the request would be refused
-// again: err is returned as it is (a temporary failure, Classify), with
-// the *dpop.NonceError of a nonce the key refused (over dpop.MaxNonce
-// bytes, or not a nonce) when the server sent one.
-// Config.OnDPoPNonce is told of each challenge with a new nonce.
+// nonceChallenged returns err, of a token or PAR request to endpoint that
+// carried the nonce carried, as a *nonceChallengeError when it is a
+// use_dpop_nonce and the key now holds another nonce (from the answer, or
+// a concurrent request), telling Config.OnDPoPNonce. Else err is returned
+// as it is, with the *dpop.NonceError of a nonce the key refused.
 func (c *core) nonceChallenged(err error, endpoint, carried string) error {
 	var ae *broker.APIError
 	if c.cfg.DPoP == nil || !errors.As(err, &ae) || ae.Code != "use_dpop_nonce" {
@@ -168,10 +147,8 @@ func (c *core) nonceChallenged(err error, endpoint, carried string) error {
 	return &nonceChallengeError{err: err}
 }
 
-// nonceRetried runs send, a token or PAR request of the consent (the
-// pushed authorization request, the code exchange), which the broker's
-// attempts do not send, and runs it once more when it answered a
-// *nonceChallengeError.
+// nonceRetried runs send, a request of the consent (PAR, the code
+// exchange), once more when it answered a *nonceChallengeError.
 func nonceRetried[T any](send func() (T, error)) (T, error) {
 	v, err := send()
 	if _, ok := errors.AsType[*nonceChallengeError](err); ok {
@@ -180,10 +157,9 @@ func nonceRetried[T any](send func() (T, error)) (T, error) {
 	return v, err
 }
 
-// exchangeOnce builds and sends one token request to ep's token endpoint
-// (exchange): the configured parameters, audience, resource, the
-// request's scopes and the grant's parameters, with the client
-// authentication (postForm).
+// exchangeOnce builds and sends one token request to ep's token endpoint:
+// the configured parameters, audience, resource, the request's scopes,
+// then the grant's parameters.
 func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Request, grant url.Values, secrets ...string) (broker.Token, *oauth2.Token, error) {
 	form := url.Values{"grant_type": {"client_credentials"}}
 	for k, v := range c.cfg.Params {
@@ -221,18 +197,20 @@ func (c *core) exchangeOnce(ctx context.Context, ep *endpoints, req broker.Reque
 	}
 	secrets = append(secrets, tok.AccessToken, tok.RefreshToken)
 	t, err := c.parse(ep, tok, req, sent)
+	if ae, ok := errors.AsType[*broker.APIError](err); ok {
+		ae.Description = scrub.Secrets(ae.Description, secrets...)
+	}
 	if err != nil {
-		return broker.Token{}, tok, scrubError(err, secrets)
+		return broker.Token{}, tok, err
 	}
 	t.Status = resp.StatusCode
 	return t, tok, nil
 }
 
-// tokenAnswer reads a token endpoint's answer (RFC 6749 §5) with
-// answerFields. A non-2xx status or an error parameter is a refusal
-// (tokenError), without a token; a success without an access_token is a
-// malformed response, returned with the token read (its refresh_token,
-// which the provider issued).
+// tokenAnswer reads a token endpoint's answer (RFC 6749 §5). A non-2xx
+// status or an error parameter is a refusal, without a token; a success
+// without an access_token is malformed, returned with the token read (its
+// refresh_token was issued).
 func (c *core) tokenAnswer(ep *endpoints, resp *http.Response, body []byte, secrets []string) (*oauth2.Token, error) {
 	get, raw := answerFields(resp, body)
 	code, description := get("error"), get("error_description")
@@ -248,9 +226,8 @@ func (c *core) tokenAnswer(ep *endpoints, resp *http.Response, body []byte, secr
 }
 
 // tokenError completes the refusal of a token request: it invalidates
-// discovered endpoints when the endpoint may have moved, and says what to
-// check for a refused DPoP proof (or a missing one), or a refused client
-// authentication (its method, its assertions' audience and algorithm).
+// discovered endpoints on 404, and adds what to check for a refused DPoP
+// proof or client authentication.
 func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 	if ae.StatusCode == http.StatusNotFound {
 		c.ep.invalidate()
@@ -263,9 +240,7 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 		ae.Description += fmt.Sprintf(" (the request had no DPoP proof: the provider wants the client's tokens bound to a key; give the provider one, [providers.%s.dpop] key = ...)", c.cfg.Name)
 	}
 	// zitadel refuses an assertion's aud with invalid_grant "audience is
-	// not valid": a refusal of the client or the grant whose description
-	// names the audience gets the hint too (not invalid_target, which is
-	// about the audience request parameter, RFC 8707 / RFC 8693).
+	// not valid" (invalid_target is about the audience parameter).
 	audienceRefused := clientAuthRefused(ae) ||
 		slices.Contains([]string{"invalid_client", "unauthorized_client", "invalid_grant"}, ae.Code) && strings.Contains(strings.ToLower(ae.Description), "audience")
 	if audienceRefused && c.cfg.AuthMethod == PrivateKeyJWT && c.cfg.AssertionAudience == "" {
@@ -282,19 +257,16 @@ func (c *core) tokenError(ep *endpoints, ae *broker.APIError) *broker.APIError {
 }
 
 // clientAuthRefused reports whether a token endpoint's refusal ae names
-// the client's authentication, which tokenError's hints are about:
-// invalid_client (RFC 6749 §5.2), or unauthorized_client, which Keycloak
-// answers with 401 to a wrong secret or assertion. (Classify backs off
-// the whole source for invalid_client only.)
+// the client's authentication: invalid_client (RFC 6749 §5.2), or
+// unauthorized_client with 401 (Keycloak's answer to a wrong secret or
+// assertion).
 func clientAuthRefused(ae *broker.APIError) bool {
 	return ae.Code == "invalid_client" || ae.Code == "unauthorized_client" && ae.StatusCode == http.StatusUnauthorized
 }
 
-// audienceHint is the hint tokenError appends to a refused client
-// authentication by private_key_jwt with the default assertion audience,
-// aud (the token endpoint URL, shown without its query): the servers that want the issuer
-// identifier as the only audience (FAPI 2.0 Security Profile §5.3.2.1,
-// zitadel) refuse it, and get it from assertion_audience.
+// audienceHint is tokenError's hint for a refused private_key_jwt with
+// the default assertion audience aud, the token endpoint: a server that
+// wants its issuer identifier (FAPI 2.0, zitadel) needs assertion_audience.
 func (c *core) audienceHint(aud string) string {
 	want := fmt.Sprintf("assertion_audience set to the authorization server's issuer identifier in [providers.%s]", c.cfg.Name)
 	if c.cfg.Issuer != "" {
@@ -326,10 +298,9 @@ func (c *core) parse(ep *endpoints, tok *oauth2.Token, req broker.Request, sent 
 }
 
 // tokenType checks a response's token_type against what was asked for:
-// DPoP with a DPoP key (RFC 9449 §5: a server that answers Bearer did
-// not bind the token), else Bearer (its absence is read as bearer). k is
-// the DPoP key as it signed the request's proof (endpoints.dpop), nil without
-// one. It returns the type as the broker caches it.
+// DPoP with k, the key of the request's proof (RFC 9449 §5: a Bearer
+// answer did not bind the token), else Bearer or none. It returns the
+// type as the broker caches it.
 func (c *core) tokenType(typ string, k *dpop.Key) (string, error) {
 	shown := scrub.Truncate(typ, scrub.MaxText)
 	switch {
@@ -341,8 +312,6 @@ func (c *core) tokenType(typ string, k *dpop.Key) (string, error) {
 				"Check that the server supports DPoP (dpop_signing_alg_values_supported lists %s) and that the client is registered for DPoP-bound tokens; "+
 				"or remove [providers.%s.dpop] to use bearer tokens", c.cfg.Name, shown, k.Thumbprint(), k.Alg(), c.cfg.Name)}
 	case typ == "" || httpclient.IsBearer(typ):
-		// In any case, cached in one spelling; RFC 6749 requires the
-		// type, and its absence is read as bearer.
 		return "Bearer", nil
 	case strings.EqualFold(typ, broker.DPoPType):
 		return "", &broker.APIError{Provider: ProviderName, StatusCode: http.StatusOK, Code: "unsupported_token_type",
@@ -353,10 +322,9 @@ func (c *core) tokenType(typ string, k *dpop.Key) (string, error) {
 }
 
 // expiry is sent + expires_in; failing that the exp of a JWT access token
-// when it is at most maxExpiresIn after sent; failing that sent + the
-// default lifetime. Never zero. An exp further away (one in milliseconds,
-// or centuries ahead) is not credible: the token is kept for the default
-// lifetime, as one without exp is.
+// when it is at most maxExpiresIn after sent (one further away, as in
+// milliseconds, is not credible); failing that sent + the default
+// lifetime.
 func (c *core) expiry(tok *oauth2.Token, sent time.Time) time.Time {
 	if secs, ok := expiresIn(tok.Extra("expires_in")); ok && secs > 0 {
 		return sent.Add(time.Duration(secs) * time.Second)
@@ -371,11 +339,9 @@ func (c *core) expiry(tok *oauth2.Token, sent time.Time) time.Time {
 // overflow, and is the furthest exp of a JWT access token that is believed.
 const maxExpiresIn = 10 * 366 * 24 * 3600
 
-// expiresIn reads expires_in as Token.Extra gives it: a JSON number
-// (float64), a form-encoded integer (int64) or number (float64), or a
-// string containing a number; a fraction of a second is dropped, and a
-// positive one under a second is one second. NaN and infinity are no
-// expires_in (ok false).
+// expiresIn reads expires_in as Token.Extra gives it (float64, int64 or a
+// string of a number): a fraction of a second is dropped, a positive one
+// under a second is one second; NaN and infinity are none.
 func expiresIn(v any) (int64, bool) {
 	var f float64
 	switch x := v.(type) {
@@ -400,22 +366,12 @@ func expiresIn(v any) (int64, bool) {
 	return int64(max(min(f, maxExpiresIn), -1)), true
 }
 
-// sent lists the secrets one request sends, for scrub.Secrets: the client
-// secret, its Basic credential (should a provider echo the header) and any
-// assertion.
+// sent lists the secrets a request sends, for scrub.Secrets: the client
+// secret, its Basic credential and any assertion.
 func (c *core) sent(secret, assertion string) []string {
 	out := []string{secret, assertion}
 	if secret != "" {
 		out = append(out, base64.StdEncoding.EncodeToString([]byte(url.QueryEscape(c.cfg.ClientID)+":"+url.QueryEscape(secret))))
 	}
 	return out
-}
-
-// scrubError scrubs the description of an *broker.APIError.
-func scrubError(err error, secrets []string) error {
-	var ae *broker.APIError
-	if errors.As(err, &ae) {
-		ae.Description = scrub.Secrets(ae.Description, secrets...)
-	}
-	return err
 }

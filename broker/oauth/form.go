@@ -11,8 +11,6 @@ import (
 	"net/url"
 	"strings"
 
-	"golang.org/x/oauth2"
-
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/internal/challenge"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
@@ -20,30 +18,20 @@ import (
 )
 
 // postForm sends form as a POST to endpoint through client, with the
-// configured client authentication (clientAuth, the assertion's audience
-// being audience), and reads the answer's body (at most MaxResponseBytes).
-// It returns the secrets the request sent, to scrub from what the answer
-// says. what names the endpoint in errors ("PAR endpoint"); they name its
-// host, never its URL. A failure to send the request or to read its answer
-// is a *transportError, except an answer whose status says the server
-// failed or is busy (broker.TemporaryStatus) and whose body could not be
-// read: that is returned with an empty body.
-// An answer whose body is over MaxResponseBytes, of any status, is a
-// *broker.APIError broker.CodeTooLarge of the answer's status and
-// Retry-After (its cause a *httpclient.TooLargeError).
+// client authentication (an assertion's audience being audience), and
+// reads the answer. It returns the secrets the request sent, to scrub from
+// the answer. what names the endpoint in errors, which name its host, never
+// its URL. A failure to send or to read is a *transportError, but for an
+// answer of a temporary status, returned with an empty body.
+// A body over MaxResponseBytes is a *broker.APIError broker.CodeTooLarge
+// of the answer's status and Retry-After.
 func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint, audience string, form url.Values) (*http.Response, []byte, []string, error) {
-	secret, style, auth, err := c.clientAuth(audience)
+	secret, auth, err := c.clientAuth(audience)
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	for k, v := range auth {
 		form[k] = v
-	}
-	if style == oauth2.AuthStyleInParams {
-		form.Set("client_id", c.cfg.ClientID)
-		if secret != "" {
-			form.Set("client_secret", secret)
-		}
 	}
 	host := httpclient.Host(endpoint)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(form.Encode()))
@@ -52,7 +40,7 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 	}
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	req.Header.Set("Accept", "application/json")
-	if style == oauth2.AuthStyleInHeader {
+	if c.cfg.AuthMethod == ClientSecretBasic {
 		// RFC 6749 §2.3.1: the id and the secret form-url-encoded, then Basic.
 		req.SetBasicAuth(url.QueryEscape(c.cfg.ClientID), url.QueryEscape(secret))
 	}
@@ -65,15 +53,11 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 	body, tooLarge, err := httpclient.ReadBody(resp.Body)
 	switch {
 	case err != nil && broker.TemporaryStatus(resp.StatusCode):
-		// A 408, 425, 429 or 5xx cut short is still that status, with its
-		// Retry-After: its classification needs no error code. Any other
-		// answer is classified by its error code (invalid_grant,
-		// invalid_client, use_dpop_nonce), which a cut body lost: it is a
-		// transport failure.
+		// Its status classifies it; any other answer needs the error
+		// code that a cut body lost.
 	case err != nil:
 		return nil, nil, nil, &transportError{fmt.Errorf("%s %s: reading the response: %w", what, host, err)}
 	case tooLarge:
-		// Of any status: a 429 or 5xx keeps its class and Retry-After.
 		ae := c.apiError(resp, broker.CodeTooLarge, what, nil)
 		ae.Err = &httpclient.TooLargeError{Host: host}
 		return nil, nil, nil, ae
@@ -82,27 +66,23 @@ func (c *core) postForm(ctx context.Context, client *http.Client, what, endpoint
 }
 
 // transportError is a postForm request that was not sent or whose answer
-// was not read: unlike a failed client authentication, the endpoint may
-// have moved.
+// was not read: the endpoint may have moved.
 type transportError struct{ err error }
 
 func (e *transportError) Error() string { return e.err.Error() }
 
 func (e *transportError) Unwrap() error { return e.err }
 
-// refusal is the *broker.APIError of an endpoint's error answer, made by
-// apiError from the error and error_description (RFC 6749 §5.2) that
-// answerFields reads.
+// refusal is the *broker.APIError of an endpoint's error answer.
 func (c *core) refusal(resp *http.Response, body []byte, secrets []string) *broker.APIError {
 	get, _ := answerFields(resp, body)
 	return c.apiError(resp, get("error"), get("error_description"), secrets)
 }
 
-// answerFields reads the parameters of an answer of the token, PAR or
-// revocation endpoint (RFC 6749 §5): a JSON object whatever its
-// Content-Type says, else form-encoded parameters when it is labelled so
-// or text/plain; a byte order mark is skipped. get returns a parameter's
-// value, "" when it is absent or not a string; raw holds them all, for
+// answerFields reads the parameters of an endpoint's answer (RFC 6749
+// §5): a JSON object whatever the Content-Type, else form-encoded when
+// labelled so or text/plain; a byte order mark is skipped. get returns a
+// parameter's string value or ""; raw holds them all, for
 // oauth2.Token.WithExtra.
 func answerFields(resp *http.Response, body []byte) (get func(name string) string, raw any) {
 	body = bytes.TrimPrefix(body, []byte("\ufeff"))
@@ -117,14 +97,11 @@ func answerFields(resp *http.Response, body []byte) (get func(name string) strin
 	return func(name string) string { s, _ := fields[name].(string); return s }, fields
 }
 
-// apiError is the *broker.APIError of an error answer whose error code
-// and description are code and description (when code is empty, the
-// error and error_description of the first WWW-Authenticate challenge
-// that has an error, where a server says why it answered 401, RFC 6749
-// §5.2, when its body does not: RFC 6750 §3's spelling, which RFC 9449
-// §7.1 shares, DPoP error="use_dpop_nonce"): both scrubbed of
-// secrets, the status text when both are empty, and the wait the answer
-// asks for (broker.ParseWait).
+// apiError is the *broker.APIError of an error answer with code and
+// description, scrubbed of secrets (with no code, those of the first
+// WWW-Authenticate challenge with an error, RFC 6750 §3 and RFC 9449 §7.1:
+// DPoP error="use_dpop_nonce"; with neither, the status text), and the
+// wait the answer asks for.
 func (c *core) apiError(resp *http.Response, code, description string, secrets []string) *broker.APIError {
 	if code == "" {
 		ch, _ := challenge.Error(resp.Header)

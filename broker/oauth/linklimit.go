@@ -26,34 +26,24 @@ const (
 	MaxReturnURLLength = 2048
 )
 
-// MaxStartsPerLink is how many times one consent link may be started
-// (two tabs, a double click, the back button): each start stores an
-// authorization state and may push a request to the provider. The starts
-// are counted across the fleet when the source's refresh-token Store is
-// shared and counts them (a StartCounter: fleet.Store, in Redis); else,
-// and while that count cannot be had, at each instance, so that N
-// instances take up to N × MaxStartsPerLink starts of one link.
+// MaxStartsPerLink is how many times one consent link may be started (two
+// tabs, a double click): across the fleet when the source's Store is a
+// StartCounter, else, and while its count cannot be had, per instance.
 const MaxStartsPerLink = 10
 
 // ReasonTooManyStarts is the refusal of a start of a consent link that
-// was started MaxStartsPerLink times already: across the fleet, or at
-// this instance (see MaxStartsPerLink). The refusal's message says which.
+// was started MaxStartsPerLink times already; the message says where.
 const ReasonTooManyStarts = "too_many_starts"
 
-// StartCounter counts the starts of consent links where the instances of
-// a fleet share the count. A refresh-token Store that implements it
-// (fleet.Store) counts the starts of the links of the AuthCode over its
-// source, so that MaxStartsPerLink holds for the fleet; while it fails,
-// the starts are counted at each instance. A start already beyond
-// MaxStartsPerLink at this instance is refused without being counted
-// there. Implementations report their failures (fleet.Store logs the
-// first of a streak) and must be safe for concurrent use.
+// StartCounter is a refresh-token Store that counts the starts of consent
+// links for the whole fleet (fleet.Store), so that MaxStartsPerLink holds
+// there. Implementations report their own failures and must be safe for
+// concurrent use.
 type StartCounter interface {
 	// CountStart adds one start to the count of the consent link stored
-	// under key (a store key: a hash, never the link), atomically for
-	// every instance, and returns the count, this start included. The
-	// count is kept until kept (when the link's record is dropped), then
-	// forgotten.
+	// under key (a hash, never the link), atomically for every instance,
+	// and returns the count, this start included. The count is forgotten
+	// after kept.
 	CountStart(ctx context.Context, key string, kept time.Time) (int64, error)
 }
 
@@ -67,9 +57,9 @@ const (
 )
 
 // LinkLimits bound the consent links a provider hands out, so that a
-// caller asking for links in a loop cannot fill the store. Each process
-// applies them to the links it creates; a link it sees used (its start)
-// no longer counts. Zero fields take their defaults.
+// caller asking in a loop cannot fill the store. Each process applies
+// them to the links it creates until they are started. Zero fields take
+// their defaults.
 type LinkLimits struct {
 	// MaxPending is how many unused, unexpired links one merchant may
 	// have. Default DefaultMaxPendingLinks.
@@ -197,7 +187,7 @@ func (l *linkLimiter) used(merchant, key string) {
 }
 
 // pruneLocked drops, once a minute, the merchants without links whose
-// rate is back to full (they are as if never seen).
+// rate is back to full.
 func (l *linkLimiter) pruneLocked(now time.Time) {
 	if !pruneDue(&l.pruned, now) {
 		return
@@ -210,9 +200,8 @@ func (l *linkLimiter) pruneLocked(now time.Time) {
 	}
 }
 
-// pruneDue reports whether a minute or more passed since the last prune
-// (*last), and then makes now the last: the cadence of the prunes of
-// linkLimiter and memoryStarts.
+// pruneDue reports whether a minute or more passed since *last, and then
+// sets *last to now.
 func pruneDue(last *time.Time, now time.Time) bool {
 	if now.Sub(*last) < time.Minute {
 		return false
@@ -222,22 +211,15 @@ func pruneDue(last *time.Time, now time.Time) bool {
 }
 
 // linkStarts applies MaxStartsPerLink: it counts each start at this
-// instance (local) and, when the instances share a count (shared), there
-// too. A start beyond the limit by the local count is refused without
-// asking the shared count, so that such refused starts write nothing
-// there (the shared count takes this instance's starts too: it would
-// refuse the start as well, unless it missed some while it could not be
-// had). Else a start is within the limit by the shared count; by the
-// local one when there is no shared count or it cannot be had (Redis
-// down: the limit falls back to per instance, as the fleet's budgets fall
-// back to their local share).
+// instance (local) and, when there is one, in the shared count, which
+// decides while it can be had. A start beyond the limit by the local count
+// is refused without writing to the shared count.
 type linkStarts struct {
 	local  *memoryStarts
 	shared StartCounter // nil: per instance
 }
 
-// Where a start of a consent link was counted (linkStarts.start), for the
-// refusal's message.
+// Where a start of a consent link was counted, for the refusal's message.
 const (
 	startsInFleet    = "across the fleet"
 	startsAtInstance = "at this instance"
@@ -258,9 +240,8 @@ func (s linkStarts) start(ctx context.Context, key string, kept time.Time) (ok b
 	return total <= MaxStartsPerLink, startsInFleet
 }
 
-// memoryStarts counts the starts of links at one instance, in memory. A count
-// whose kept time has passed starts again from zero, and is dropped by
-// the next use a minute or more after the last drop.
+// memoryStarts counts the starts of links at one instance. A count whose
+// kept time has passed starts again from zero.
 type memoryStarts struct {
 	now func() time.Time
 

@@ -10,12 +10,9 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 
-// push sends a pushed authorization request (RFC 9126) with params,
-// authenticated as the token requests are and with a proof of the DPoP key
-// k (endpoints.dpop; nil: none), to endpoint, and returns the request_uri. A
-// DPoP nonce challenge with a new nonce is answered with a second request
-// (nonceRetried): the consent's requests go through neither the broker's
-// attempts nor its budget.
+// push sends a pushed authorization request (RFC 9126) with params to
+// endpoint, with a proof of the DPoP key k when not nil, and returns the
+// request_uri; a nonce challenge is answered with a second request.
 func (a *AuthCode) push(ctx context.Context, endpoint string, k *dpop.Key, params url.Values) (string, error) {
 	return nonceRetried(func() (string, error) {
 		carried := a.src.tokenNonce(endpoint)

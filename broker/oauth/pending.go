@@ -18,13 +18,10 @@ import (
 var ErrUnknownPending = errors.New("unknown or already used")
 
 // PendingStore keeps the consents in progress (consent links and
-// authorization states) between the request that creates them and the one
-// that uses them. Values are sealed by Pendings: a store sees neither the
-// link, the state nor the PKCE verifier. Implementations: kvstore.Pending
-// keeps them in Caddy's storage (shared by the instances sharing it, and
-// surviving a restart); tests use MemoryPendingStore. Implementations must
-// be safe for concurrent use, and should drop values whose expiry has
-// passed (Pendings checks the expiry of what it reads anyway).
+// authorization states), sealed by Pendings, between the request that
+// creates them and the one that uses them (kvstore.Pending,
+// MemoryPendingStore). Implementations must be safe for concurrent use,
+// and should drop expired values (Pendings checks the expiry anyway).
 type PendingStore interface {
 	// Put stores val under key until expires.
 	Put(ctx context.Context, key string, val []byte, expires time.Time) error
@@ -37,15 +34,13 @@ type PendingStore interface {
 	Take(ctx context.Context, key string) ([]byte, error)
 }
 
-// PendingSweepInterval is how often expired consents are dropped: by
-// MemoryPendingStore on its next use after the interval, and by
-// kvstore.Sweeper in Caddy's storage.
+// PendingSweepInterval is how often expired consents are dropped.
 const PendingSweepInterval = time.Minute
 
-// MemoryPendingStore is a PendingStore in memory: single-use, but lost
-// with the process and not shared between instances. It drops expired
-// values at most PendingSweepInterval after their expiry, on its next use.
-// The zero value is ready to use.
+// MemoryPendingStore is a PendingStore in memory, lost with the process
+// and not shared between instances. It drops expired values on its first
+// use PendingSweepInterval after the last sweep. The zero value is ready
+// to use.
 type MemoryPendingStore struct {
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
@@ -119,10 +114,9 @@ func (s *MemoryPendingStore) Take(_ context.Context, key string) ([]byte, error)
 	return v, err
 }
 
-// Pending is one consent in progress: a consent link that no consent has
-// completed with yet, or an authorization request waiting for its
-// callback. It has the PKCE
-// verifier and the nonce, so it is only ever stored sealed.
+// Pending is one consent in progress: a consent link, or an authorization
+// request waiting for its callback. It has the PKCE verifier and the
+// nonce, so it is only ever stored sealed.
 type Pending struct {
 	// Provider is the provider's name.
 	Provider string `json:"p"`
@@ -141,15 +135,12 @@ type Pending struct {
 	// the consent (authorization states started with a Browser only).
 	Browser string `json:"b,omitempty"`
 	// Link is the consent link an authorization state was started from
-	// (authorization states only): its callback consumes the link before
-	// the code is exchanged, so that of the states started from one link
-	// only the first to come back stores a refresh token.
+	// (authorization states only; see AuthCode.claimLink).
 	Link string `json:"l,omitempty"`
 	// Expires is when the link or the state stops being accepted.
 	Expires time.Time `json:"e"`
-	// Code is the digest of the code whose exchange the provider did not
-	// process (authorization states kept for their callback to be
-	// reloaded only): the reload exchanges that code, no other.
+	// Code is the digest of the code whose exchange is to be tried again
+	// (authorization states kept for a reload only).
 	Code string `json:"c,omitempty"`
 	// Tries is how many callbacks exchanged Code and failed so.
 	Tries int `json:"t,omitempty"`
@@ -157,11 +148,9 @@ type Pending struct {
 	Retry time.Time `json:"w,omitzero"`
 }
 
-// Browser is the secret of the browser that runs a consent: a random value
-// that the consent site keeps in a cookie. Start seals its SHA-256 into the
-// authorization state, and Callback then accepts the state only from a
-// browser that presents the same secret (RFC 9700 §4.7.1), so that a state
-// started by one browser cannot be completed by another.
+// Browser is the secret of the browser that runs a consent, kept in a
+// cookie: Callback accepts a state only from the browser Start bound it to
+// (RFC 9700 §4.7.1).
 type Browser string
 
 // NewBrowser returns a new random browser secret.
@@ -186,15 +175,12 @@ func digest(kind, s string) string {
 const ReasonWrongBrowser = "wrong_browser"
 
 // Pendings keeps consents in progress in a PendingStore, each sealed for
-// its secret, the link id or the state (Sealed): whoever reads the store
-// learns nothing usable, and only the bearer of the link or state can
-// open its record: a state once (its callback), a link until a consent
-// started from it completes.
+// its secret, the link id or the state (Sealed): only the bearer of the
+// link or state can open its record.
 type Pendings struct {
 	// Store keeps the sealed records.
 	Store PendingStore
-	// Now is the clock. Default: the clock of the source that NewAuthCode
-	// is given.
+	// Now is the clock. Default: the source's (NewAuthCode).
 	Now func() time.Time
 }
 
@@ -212,16 +198,15 @@ func randomString(n int) string {
 }
 
 // WellFormed reports whether s has the shape of the consent links,
-// states and browser secrets this package hands out: 32 random bytes,
-// base64url-encoded. Another value was cut short, garbled or made up.
+// states and browser secrets this package hands out: 32 bytes,
+// base64url-encoded.
 func WellFormed(s string) bool {
 	b, err := base64.RawURLEncoding.DecodeString(s)
 	return err == nil && len(b) == 32
 }
 
-// sealed returns the sealed records of kind and the secret a record is
-// sealed for: kind + "\x00" + secret, so that a link never opens as a
-// state.
+// sealed returns the sealed records of kind and the name a record of
+// secret is sealed for, so that a link never opens as a state.
 func (p *Pendings) sealed(kind, secret string) (Sealed, string) {
 	return Sealed{Store: p.Store, Domain: "token_broker consent ", Prefix: kind}, kind + "\x00" + secret
 }
@@ -238,8 +223,7 @@ func (p *Pendings) put(ctx context.Context, kind, secret string, rec Pending) er
 	return p.putUntil(ctx, kind, secret, rec, rec.Expires)
 }
 
-// putUntil seals rec under secret, kept in the store until kept (not
-// before rec expires).
+// putUntil seals rec under secret, kept in the store until kept.
 func (p *Pendings) putUntil(ctx context.Context, kind, secret string, rec Pending, kept time.Time) error {
 	s, name := p.sealed(kind, secret)
 	return s.Put(ctx, name, rec, kept)
@@ -253,8 +237,7 @@ func (p *Pendings) get(ctx context.Context, kind, secret string) (Pending, error
 }
 
 // take opens and consumes the record of secret: ErrUnknownPending when
-// there is none (or it does not open), errExpired (with the record) when
-// it has expired.
+// there is none, errExpired (with the record) when it has expired.
 func (p *Pendings) take(ctx context.Context, kind, secret string) (Pending, error) {
 	s, name := p.sealed(kind, secret)
 	return p.open(ctx, s.Take, name, secret)
@@ -276,10 +259,8 @@ func (p *Pendings) open(ctx context.Context, read func(context.Context, string, 
 	return rec, nil
 }
 
-// getFrom is get for a record that a browser binds: errWrongBrowser (with
-// the record) when browser is not the one it was started with (a record
-// started without one is anyone's), expired or not, else the errors of
-// get. The record stays stored: the caller takes it once it goes on.
+// getFrom is get that also fails with errWrongBrowser (with the record)
+// when the record is bound to another browser.
 func (p *Pendings) getFrom(ctx context.Context, kind, secret string, browser Browser) (Pending, error) {
 	rec, err := p.get(ctx, kind, secret)
 	if (err == nil || errors.Is(err, errExpired)) && rec.Browser != "" && subtle.ConstantTimeCompare([]byte(rec.Browser), []byte(browser.hash())) != 1 {

@@ -15,20 +15,9 @@ import (
 )
 
 // RefreshToken is a broker.Source for merchants who consented through the
-// authorization code flow: it exchanges each merchant's refresh token
-// (RFC 6749 §6) for access tokens. The refresh tokens live in a Store
-// under StoreKey(Config, merchant).
-//
-// On Token it locks the merchant's key in the Store, loads the refresh
-// token, sends grant_type=refresh_token (with the client authentication,
-// and scope when the request has scopes), and when the provider rotates the
-// refresh token it saves the new one BEFORE returning the access token; then
-// it unlocks. A refresh request once sent is not abandoned when the
-// call's context ends (see SaveTimeout). A Token call that waited on the
-// lock while another call for the same merchant, scopes and audience
-// refreshed gets that call's access token without refreshing again. When
-// the process exits, Close and Wait let the refreshes under way end. It is
-// safe for concurrent use.
+// authorization code flow: it exchanges each merchant's refresh token,
+// kept in a Store under StoreKey(Config, merchant), for access tokens
+// (RFC 6749 §6). It is safe for concurrent use.
 type RefreshToken struct {
 	*core
 	store Store
@@ -40,38 +29,32 @@ type RefreshToken struct {
 	sweep   int                      // refreshes until the next sweep of last
 	running int                      // Token's refreshes admitted and not ended (Wait)
 	idle    chan struct{}            // closed when running falls to 0; made by Wait
-	// closing ends with Close (cause ErrClosed): no refresh starts, and
-	// the lock waits of those admitted before end.
+	// closing ends with Close (cause ErrClosed): no refresh starts.
 	closing context.Context
 	close   context.CancelCauseFunc
 }
 
-// unsaved is a rotated refresh token whose save failed, kept in memory
-// with the one it replaced: the one sent to the provider, which the store
-// still held.
+// unsaved is a rotated refresh token whose save failed, with the one it
+// replaced.
 type unsaved struct{ rt, replaced broker.Secret }
 
 // sweepEvery is how many refreshes pass between two sweeps of the expired
-// entries of RefreshToken.last: the map has at most the merchants whose
-// last access token is still valid, plus sweepEvery.
+// entries of RefreshToken.last.
 const sweepEvery = 64
 
 // refreshed is the result of one refresh; each refresh stores a new one.
 type refreshed struct {
 	req string // scopes and audience
 	tok broker.Token
-	// abandoned: the call that refreshed had returned (its context
-	// ended) before the answer came, so nobody has the token yet: the
-	// next call takes it, whenever it started, and clears the mark.
+	// abandoned: the call that refreshed had returned before the answer
+	// came, so the next call takes the token, whenever it started.
 	// Guarded by RefreshToken.mu.
 	abandoned bool
 }
 
 // ConsentRequiredError is returned when a merchant's refresh token cannot be
-// used: the provider refused it (invalid_grant: expired, revoked or already
-// rotated), or none is stored. The merchant must consent again through the
-// authorization-code flow, and an operator must load the new refresh token
-// (admin API or caddy sub-command). It is permanent.
+// used: the provider refused it (invalid_grant), or none is stored. The
+// merchant must consent again. It is permanent.
 type ConsentRequiredError struct {
 	// Provider is the provider's name.
 	Provider string
@@ -109,13 +92,9 @@ func (e *ConsentRequiredError) Unwrap() []error {
 }
 
 // SaveError is returned when the provider rotated a refresh token and the
-// Store could not save the new one. The source keeps the new token in
-// memory with the one it replaced. The merchant's next refresh, under its
-// lock, loads the stored token first: when it is still the replaced one,
-// the new one is saved and used; when it is the new one (its save went
-// through after all), it is used; anything else (a newer token another
-// instance or an operator saved, or none: deleted on purpose) is what the
-// store says, and the new one is dropped.
+// Store could not save the new one. The source keeps the new one in memory
+// and saves it at the merchant's next refresh while the store still holds
+// the token it replaced (unsavedOrStored).
 type SaveError struct {
 	// Merchant is the merchant whose refresh token was rotated.
 	Merchant string
@@ -146,28 +125,23 @@ func NewRefreshToken(cfg Config, store Store) (*RefreshToken, error) {
 		closing: closing, close: closeAll}, nil
 }
 
-// ErrClosed is Token's error once Close was called: the process is
-// exiting, and a refresh request sent now might get a rotated refresh
-// token after the process ended. It is temporary: another instance, or
-// this one after a restart, refreshes.
+// ErrClosed is Token's error once Close was called: a refresh sent now
+// might get a rotated refresh token after the process ended. It is
+// temporary.
 var ErrClosed = errors.New("no refresh starts: the refresh-token source is closed, the process is exiting")
 
 // Close has Token refuse with ErrClosed the refreshes that have not sent
-// their request yet (those waiting for the merchant's lock at once), so
-// that the ones under way are the last: call it when the process exits,
-// then Wait.
+// their request yet, also those waiting for the merchant's lock: call it
+// when the process exits, then Wait.
 func (s *RefreshToken) Close() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.close(ErrClosed)
 }
 
-// Wait returns once no refresh is under way, or when ctx ends; it returns
-// how many were still under way. A refresh counts from the moment Token
-// admits it, before it waits for the merchant's lock. A refresh request
-// once sent goes on after its caller gave up, within the HTTP client's
-// timeout and SaveTimeout, to save the refresh token the provider rotated:
-// wait for it before the process exits.
+// Wait returns once no refresh admitted by Token is under way, or when ctx
+// ends with how many still are. A refresh once sent outlives its caller
+// (see Token): wait for it before the process exits.
 func (s *RefreshToken) Wait(ctx context.Context) int {
 	s.mu.Lock()
 	if s.running > 0 && s.idle == nil {
@@ -208,11 +182,9 @@ func (s *RefreshToken) Store() Store { return s.store }
 // refresh token, so merchants never share an access token.
 func (s *RefreshToken) PerMerchant() bool { return true }
 
-// SetRefreshToken stores a merchant's refresh token (obtained by the
-// operator after the merchant's consent, or by AuthCode's callback),
-// under the merchant's lock; the merchant's ConsentStatus then no longer
-// says consent is required. A refresh token RFC 6749 does not allow
-// fails with ErrInvalidRefreshToken.
+// SetRefreshToken stores a merchant's refresh token under the merchant's
+// lock, and clears its ConsentStatus.ConsentRequiredSince. A refresh token
+// RFC 6749 does not allow fails with ErrInvalidRefreshToken.
 func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt broker.Secret) error {
 	if !validRefreshToken(rt.Reveal()) {
 		return fmt.Errorf("%w: it is "+invalidRefreshToken, ErrInvalidRefreshToken, broker.MaxTokenBytes>>10)
@@ -237,14 +209,13 @@ func (s *RefreshToken) SetRefreshToken(ctx context.Context, merchant string, rt 
 	return nil
 }
 
-// Token refreshes an access token for req.Merchant. The refresh runs
-// under the merchant's lock in a goroutine of its own: when ctx ends
-// first, Token returns ctx's error at once, and a refresh request already
-// sent is not abandoned. It waits for its answer (a provider that rotates
-// refresh tokens has spent the old one by then, and only the answer has
-// the new one), bounded by the HTTP client's timeout and SaveTimeout,
-// saves the rotated refresh token, keeps the access token for the next
-// call (see RefreshToken) and only then unlocks.
+// Token refreshes an access token for req.Merchant under the merchant's
+// lock, saving a rotated refresh token before it returns the access token.
+// The refresh runs in a goroutine of its own: when ctx ends first, Token
+// returns at once, and a request already sent still gets its answer and
+// saves the rotated token (bounded by the client's timeout and
+// SaveTimeout). A call that waited on the lock while another refreshed for
+// the same scopes and audience gets that call's access token.
 func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.Token, error) {
 	key := s.StoreKey(req.Merchant)
 	s.mu.Lock()
@@ -273,15 +244,13 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 		tok broker.Token
 		err error
 	}
-	// Unbuffered: the answer is handed over exactly when Token takes it;
-	// when ctx ended first, its access token is marked abandoned for the
-	// next call instead.
+	// Unbuffered: when Token has returned, the access token is marked
+	// abandoned for the next call instead.
 	done := make(chan answer)
 	go func() {
 		defer s.ended()
 		tok, minted, err := s.refreshLocked(ctx, req, key, before)
-		// The outcome is noted under the lock, so that a refresh token
-		// loaded right after it (SetRefreshToken) has the last word.
+		// Noted under the lock: a SetRefreshToken after it has the last word.
 		s.note(req.Merchant, err)
 		unlock()
 		select {
@@ -305,14 +274,10 @@ func (s *RefreshToken) Token(ctx context.Context, req broker.Request) (broker.To
 }
 
 // refreshLocked is Token's work under the merchant's lock: the access
-// token another call refreshed while this one waited (one newer than
-// before) or abandoned, else a refresh (minted) with the stored refresh
-// token (or the one a failed save left, see SaveError), started only
-// while ctx lasts and the source is open, and then finished under
-// SaveTimeout whatever ctx does.
+// token another call refreshed since before, or abandoned, else a refresh
+// (minted), started only while ctx lasts and the source is open.
 func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, key string, before *refreshed) (_ broker.Token, minted bool, _ error) {
 	want := strings.Join(req.Scopes, " ") + "\x00" + req.Audience
-	// Another call refreshed while this one waited: use its token.
 	s.mu.Lock()
 	l, pending, closed := s.last[key], s.pending[key], s.closing.Err() != nil
 	reuse := l != nil && (l != before || l.abandoned) && l.req == want && l.tok.Expiry.After(s.cfg.Now())
@@ -345,18 +310,14 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 		return broker.Token{}, false, fmt.Errorf("merchant %q: refreshing the access token: %w", req.Merchant, context.Cause(ctx))
 	}
 
-	// Once sent, the refresh is not abandoned when ctx ends: a provider
-	// that rotates the refresh token has spent the old one when it
-	// answers, and only its answer has the new one. The HTTP client's
-	// timeout and SaveTimeout bound it.
+	// Once sent, the refresh outlives ctx: a provider that rotates the
+	// refresh token has spent the old one, and only its answer has the new.
 	rctx, cancel := detached(ctx)
 	defer cancel()
 	grant := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt.Reveal()}}
 	tok, raw, err := s.exchange(rctx, req, grant, rt.Reveal())
-	// A refresh_token in the answer that differs from the one sent means
-	// the provider rotated it (one that has none keeps the old one). It is
-	// saved even when the access token beside it is refused: the old one
-	// no longer works.
+	// A different refresh_token in the answer is a rotation: saved even
+	// when the access token beside it is refused.
 	if raw != nil && raw.RefreshToken != "" && broker.Secret(raw.RefreshToken) != rt {
 		next := broker.Secret(raw.RefreshToken)
 		if !validRefreshToken(raw.RefreshToken) {
@@ -390,19 +351,16 @@ func (s *RefreshToken) refreshLocked(ctx context.Context, req broker.Request, ke
 }
 
 // ErrInvalidRefreshToken is returned by SetRefreshToken for a refresh
-// token RFC 6749 does not allow or longer than broker.MaxTokenBytes: the
-// caller's input is at fault, not the store.
+// token RFC 6749 does not allow or longer than broker.MaxTokenBytes.
 var ErrInvalidRefreshToken = errors.New("invalid refresh token")
 
 // invalidRefreshToken says what validRefreshToken refuses, a format of
 // broker.MaxTokenBytes in KiB.
 const invalidRefreshToken = "empty, longer than %d KiB, or contains characters not allowed in a refresh token (RFC 6749: printable ASCII and space)"
 
-// validRefreshToken reports whether rt is a refresh token as RFC 6749
-// Appendix A.17 has it, 1*VSCHAR (printable ASCII and space), of at most
-// broker.MaxTokenBytes. Unlike an access token it never goes into a
-// header, only into a form body, so a space is allowed, at either end
-// too.
+// validRefreshToken reports whether rt is 1*VSCHAR (printable ASCII and
+// space, RFC 6749 Appendix A.17) of at most broker.MaxTokenBytes. It only
+// goes into a form body, so a space is allowed, at either end too.
 func validRefreshToken(rt string) bool {
 	return rt != "" && len(rt) <= broker.MaxTokenBytes &&
 		!strings.ContainsFunc(rt, func(r rune) bool { return r < ' ' || r > '~' })
@@ -419,10 +377,9 @@ func (s *RefreshToken) loadLocked(ctx context.Context, key string) (broker.Secre
 
 // unsavedOrStored returns the refresh token of key to send, given stored,
 // what the store holds ("" for none), and p, the rotated token whose save
-// failed (SaveError): p.rt, saved first, when the store still holds the
-// token p.rt replaced, or p.rt itself; else stored, and p is dropped: a
-// token another instance or an operator saved, or a token deleted on
-// purpose, is never overwritten by one spent or revoked since.
+// failed: p.rt, saved first, when the store still holds the token p.rt
+// replaced, or p.rt itself; else stored, and p is dropped, so that a token
+// saved or deleted elsewhere is never overwritten by one spent since.
 func (s *RefreshToken) unsavedOrStored(ctx context.Context, key string, stored broker.Secret, p unsaved) (broker.Secret, error) {
 	switch stored {
 	case p.replaced:
@@ -438,9 +395,8 @@ func (s *RefreshToken) unsavedOrStored(ctx context.Context, key string, stored b
 	return stored, nil
 }
 
-// save stores rt, a rotated refresh token that replaced replaced, even
-// when ctx is cancelled (the old token is dead). On failure rt is kept in
-// memory (pending) with replaced.
+// save stores rt, a rotated refresh token that replaced replaced, also
+// when ctx is cancelled; on failure rt is kept in pending.
 func (s *RefreshToken) save(ctx context.Context, key string, rt, replaced broker.Secret) error {
 	sctx, cancel := detached(ctx)
 	defer cancel()

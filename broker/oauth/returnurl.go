@@ -22,16 +22,13 @@ const (
 
 // checkReturnURL reports why u is not on the allow-list, nil when it is.
 // A return URL is allowed when the browser, resolving it as the WHATWG URL
-// standard says (backslashes as slashes, dot segments in any encoding
-// resolved, tabs and newlines dropped), lands on the scheme and host of an
-// entry and on its path, or under it for an entry ending in "/"; and when
-// neither the browser nor the app's server can read it differently: it
-// contains no control character, space or backslash, its query parses
-// ("&"-separated) and has none of the parameters the callback adds
-// (ReturnMerchant, ReturnOutcome, ReturnError), its path is what the
-// browser requests (no dot segment, however encoded), and no path segment
-// contains ";" (a path parameter, "..;" to some servers) or an encoded
-// "/", "\" or ";". User info and fragments are refused.
+// standard says, lands on the scheme and host of an entry and on its path,
+// or under it for an entry ending in "/"; and when neither the browser nor
+// the app's server can read it differently: no control character, space,
+// backslash, user info or fragment, a query that parses without the
+// parameters the callback adds, no dot segment however encoded, and no ";"
+// (a path parameter, "..;" to some servers) or encoded "/", "\" or ";" in
+// a path segment.
 func checkReturnURL(allow []string, u string) error {
 	if len(u) > MaxReturnURLLength {
 		return fmt.Errorf("it is %d bytes long; at most %d", len(u), MaxReturnURLLength)

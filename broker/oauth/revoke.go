@@ -13,17 +13,14 @@ import (
 var ErrNoRevocationEndpoint = errors.New("the oauth2 provider has no revocation endpoint: set revocation_url")
 
 // RevokeToken implements broker.Revoker: it revokes an access token the
-// source issued (token_type_hint=access_token). A merchant's refresh token
-// is left alone.
+// source issued, not the merchant's refresh token.
 func (c *core) RevokeToken(ctx context.Context, _ broker.Request, tok broker.Token) error {
 	return c.Revoke(ctx, tok.Value, "access_token")
 }
 
-// Revoke sends an RFC 7009 revocation request: a form POST of token and
-// token_type_hint ("access_token", "refresh_token" or empty) with the
-// configured client authentication. 200 is success, even for a token the
-// provider does not know, and so is any other 2xx (204 No Content). It
-// fails with ErrNoRevocationEndpoint when the provider has none.
+// Revoke sends an RFC 7009 revocation request of token with
+// token_type_hint hint ("access_token", "refresh_token" or empty). Any 2xx
+// is success (RFC 7009 §2.2 reads the status only), whatever the body.
 func (c *core) Revoke(ctx context.Context, token broker.Secret, hint string) error {
 	if token == "" {
 		return errors.New("oauth2 revoke: the token is empty")
@@ -35,16 +32,13 @@ func (c *core) Revoke(ctx context.Context, token broker.Secret, hint string) err
 	if ep.Revocation == "" {
 		return ErrNoRevocationEndpoint
 	}
-	// The assertion audience stays the token endpoint: it names the
-	// authorization server (RFC 7523 §3), whichever endpoint is called.
+	// The assertion audience is the token endpoint (RFC 7523 §3).
 	form := url.Values{"token": {token.Reveal()}}
 	if hint != "" {
 		form.Set("token_type_hint", hint)
 	}
 	resp, body, secrets, err := c.postForm(ctx, c.cfg.Client, "oauth2 revocation endpoint", ep.Revocation, ep.Token, form)
 	if ae, ok := errors.AsType[*broker.APIError](err); ok && ae.Code == broker.CodeTooLarge && ae.StatusCode >= 200 && ae.StatusCode < 300 {
-		// A success whatever its body says: RFC 7009 §2.2 reads the
-		// status only.
 		return nil
 	}
 	if err != nil {

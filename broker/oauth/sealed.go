@@ -15,8 +15,7 @@ import (
 // results) in a PendingStore for the bearers of their secrets: a record
 // is JSON sealed (AES-256-GCM) with SHA-256(Domain + "seal\x00" +
 // secret), under the store key "<Prefix>/<hex SHA-256(Domain + "key\x00"
-// + secret)>". Whoever reads the store learns neither the secret nor the
-// record.
+// + secret)>", so that the store learns neither the secret nor the record.
 type Sealed struct {
 	// Store keeps the sealed records.
 	Store PendingStore

@@ -14,21 +14,15 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/internal/keylock"
 )
 
-// SaveTimeout bounds a refresh request once it is sent (its answer and
-// the saving of a refresh token the provider has just issued, a rotated
-// one), and a consent callback's work once its state is spent (the code
-// exchange, the ID token's verification, the save), which go on when the
-// request that caused them is cancelled or its deadline passes: the old
-// token, or the state and the code, no longer work, so losing the new one
-// would lose the merchant's consent. A LockedLoader's rewrite of the value
-// it loaded is bounded by it too, and so is each put-back of a consent
-// callback that failed (its consent link, its state kept for a reload),
-// from the failure on.
+// SaveTimeout bounds the work that goes on when the request that began it
+// ends, because losing it would lose the merchant's consent: a refresh
+// once sent (its answer, the save of a rotated refresh token), a consent
+// callback once its state is spent (the code exchange, the ID token, the
+// save, the put-backs after a failure), and a LockedLoader's rewrite.
 const SaveTimeout = 30 * time.Second
 
 // detached returns ctx without its cancellation, bounded by SaveTimeout
-// from now: work that must finish once begun (see SaveTimeout) goes on
-// whatever the request that began it does.
+// from now.
 func detached(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), SaveTimeout)
 }
@@ -37,9 +31,9 @@ func detached(ctx context.Context) (context.Context, context.CancelFunc) {
 // stored under the key.
 var ErrNoRefreshToken = errors.New("no refresh token is stored")
 
-// Store keeps refresh tokens durably. Implementations: kvstore.Refresh on
-// Caddy's storage, fleet.Store in Redis; tests use MemoryStore. Keys are
-// made by StoreKey. Implementations must be safe for concurrent use.
+// Store keeps refresh tokens durably (kvstore.Refresh, fleet.Store,
+// MemoryStore) under the keys StoreKey makes. Implementations must be safe
+// for concurrent use.
 type Store interface {
 	// Load returns the refresh token stored under key, or an error
 	// wrapping ErrNoRefreshToken when there is none.
@@ -53,24 +47,20 @@ type Store interface {
 }
 
 // LockedLoader is implemented by a Store that can rewrite a refresh token
-// as it loads it, for example to seal it with its current key. Whoever
-// holds the key's lock (Store.Lock) calls LoadLocked instead of Load:
-// only under the lock can a rewrite not overwrite a newer refresh token
-// that another refresh saved meanwhile. Load never rewrites.
+// as it loads it (to seal it with its current key). The holder of the
+// key's lock calls LoadLocked instead of Load: only under the lock can a
+// rewrite not overwrite a newer refresh token. Load never rewrites.
 type LockedLoader interface {
 	// LoadLocked is Load, called with Lock held for key.
 	LoadLocked(ctx context.Context, key string) (broker.Secret, error)
 }
 
-// StoreKey is the key under which a merchant's refresh token of the
-// provider cfg describes is stored: "<name>/<endpoint id>/<merchant>".
-// The endpoint id is the first 12 hex characters of a SHA-256 over what
-// a refresh token is bound to, none of it secret: cfg.StoreNamespace (the
-// registry), the issuer (or, without one, the token URL) and the client
-// id. So a refresh token is only ever sent to the endpoint and client it
-// was issued to (an issuer or token_url change starts without one), and
-// two registries with a provider of the same name keep apart; a change of
-// anything else (secret, timeouts, scopes) keeps the tokens.
+// StoreKey is the key of a merchant's refresh token of the provider cfg
+// describes: "<name>/<endpoint id>/<merchant>", the endpoint id being 12
+// hex characters of a SHA-256 over cfg.StoreNamespace, the issuer (else
+// the token URL) and the client id. So a refresh token is only ever sent
+// to the endpoint and client it was issued to, and a change of anything
+// else (secret, timeouts, scopes) keeps the tokens.
 func StoreKey(cfg Config, merchant string) string {
 	h := sha256.New()
 	for _, v := range []string{cfg.StoreNamespace, cmp.Or(cfg.Issuer, cfg.TokenURL), cfg.ClientID} {
@@ -79,8 +69,8 @@ func StoreKey(cfg Config, merchant string) string {
 	return cmp.Or(cfg.Name, ProviderName) + "/" + hex.EncodeToString(h.Sum(nil))[:12] + "/" + merchant
 }
 
-// MemoryStore is a Store in memory, for tests and demos: its tokens do not
-// survive the process. The zero value is ready to use.
+// MemoryStore is a Store in memory, for tests and demos. The zero value is
+// ready to use.
 type MemoryStore struct {
 	mu     sync.Mutex
 	tokens map[string]broker.Secret
