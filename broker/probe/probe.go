@@ -46,6 +46,15 @@ type Health struct {
 	Providers []Provider `json:"providers,omitempty"`
 }
 
+// Passes reports whether h passes its probe: readiness, or liveness
+// with live.
+func (h Health) Passes(live bool) bool {
+	if live {
+		return h.Live
+	}
+	return h.Ready
+}
+
 // Check is one readiness check.
 type Check struct {
 	// Name is "app", "registry" or "organisations".
@@ -206,12 +215,8 @@ func providerHealth(p *config.Provider, s broker.SourceHealth) Provider {
 // Write answers with h: 200 when ready (live: when live), 503
 // otherwise; no body to HEAD.
 func Write(w http.ResponseWriter, r *http.Request, h Health, live bool) {
-	ok := h.Ready
-	if live {
-		ok = h.Live
-	}
 	status := http.StatusOK
-	if !ok {
+	if !h.Passes(live) {
 		status = http.StatusServiceUnavailable
 	}
 	w.Header().Set("Content-Type", "application/json")
