@@ -77,8 +77,7 @@ func askHealth(request AdminRequest, addr string, live bool) (probe.Health, erro
 	}
 	var h probe.Health
 	err := askAdmin(request, addr, http.MethodGet, uri, nil, &h)
-	var r *refusal
-	if errors.As(err, &r) && r.status == http.StatusServiceUnavailable {
+	if r, ok := errors.AsType[*refusal](err); ok && r.status == http.StatusServiceUnavailable {
 		var unhealthy probe.Health
 		if json.Unmarshal([]byte(r.body), &unhealthy) == nil && unhealthy.Reason != "" {
 			return unhealthy, nil

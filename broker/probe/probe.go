@@ -14,6 +14,7 @@
 package probe
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -199,15 +200,11 @@ func providerHealth(p *config.Provider, s broker.SourceHealth) Provider {
 	ph.BackoffUntil = opstate.TimePtr(s.BackoffUntil)
 	if s.Failing() {
 		ph.Status = "failing"
-		err := s.LastError
-		if err == nil {
-			err = s.BackoffError
+		code := errcode.TokenAPIDown // the breaker is open
+		if err := cmp.Or(s.LastError, s.BackoffError); err != nil {
+			code = errcode.Classify(err)
 		}
-		if err != nil {
-			ph.LastError = errcode.Classify(err).String()
-		} else {
-			ph.LastError = "token_api_down" // the breaker is open
-		}
+		ph.LastError = code.String()
 	}
 	return ph
 }

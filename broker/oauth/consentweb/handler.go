@@ -22,8 +22,7 @@
 //	                      the refusal reason; with outcome provider_error, also error, the
 //	                      provider's error code); without a return URL, redirect to …/done.
 //	                      While the bank cannot be discovered, or it very likely did not process the
-//	                      code exchange (not reached, 408, 425, 429, 503, a DPoP nonce challenge with
-//	                      a new nonce), the retry_callback page (503,
+//	                      code exchange (oauth.ReasonRetryCallback), the retry_callback page (503,
 //	                      Retry-After), the state kept for the reload of the same URL
 //	GET  …/done?result=…  the outcome page of a callback, the same on every load for an hour
 //
@@ -200,11 +199,10 @@ func (c *Handler) result(w http.ResponseWriter, r *http.Request) {
 // *oauth.ConsentError's reason (and the provider's error code of a
 // provider_error), or "error".
 func outcomeOf(err error) (outcome, code string) {
-	var ce *oauth.ConsentError
-	switch {
-	case err == nil:
+	if err == nil {
 		return "ok", ""
-	case errors.As(err, &ce):
+	}
+	if ce, ok := errors.AsType[*oauth.ConsentError](err); ok {
 		return ce.Reason, ce.Code
 	}
 	return "error", ""

@@ -65,8 +65,7 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 	c.done(span, provider, StepLink, req.Merchant, err)
 	if err != nil {
 		code := "bad_request"
-		var ce *oauth.ConsentError
-		if errors.As(err, &ce) {
+		if ce, ok := errors.AsType[*oauth.ConsentError](err); ok {
 			code = ce.Reason
 		}
 		SetRetryAfter(w, err)
@@ -142,8 +141,7 @@ func CreateLink(ctx context.Context, reg *config.Registry, req LinkRequest) (Lin
 // SetRetryAfter sets Retry-After (whole seconds, rounded up) when err is
 // a link limit.
 func SetRetryAfter(w http.ResponseWriter, err error) {
-	var le *oauth.LinkLimitError
-	if errors.As(err, &le) {
+	if le, ok := errors.AsType[*oauth.LinkLimitError](err); ok {
 		w.Header().Set("Retry-After", strconv.FormatInt(retryAfterSeconds(le.RetryAfter), 10))
 	}
 }
