@@ -63,10 +63,8 @@ func (in *Instance) Sources() opstate.Sources {
 	if in.Tables != nil {
 		in.Tables.Each(func(t *bindings.Table) { s.Tables = append(s.Tables, t) })
 	}
-	if in.Watched != nil {
-		for _, r := range in.Watched.Registries() {
-			s.Others = append(s.Others, r.Registry)
-		}
+	for _, r := range in.Watched.Registries() {
+		s.Others = append(s.Others, r.Registry)
 	}
 	return s
 }
@@ -78,11 +76,9 @@ func (in *Instance) registries() []*config.Registry {
 	if in.Registry != nil {
 		regs = append(regs, in.Registry)
 	}
-	if in.Watched != nil {
-		for _, r := range in.Watched.Registries() {
-			if !slices.Contains(regs, r.Registry) {
-				regs = append(regs, r.Registry)
-			}
+	for _, r := range in.Watched.Registries() {
+		if !slices.Contains(regs, r.Registry) {
+			regs = append(regs, r.Registry)
 		}
 	}
 	return regs
@@ -109,10 +105,7 @@ func (in *Instance) Health() probe.Health {
 	if in.Registry != nil {
 		regs = append(regs, probe.Of(in.Registry, in.Listing))
 	}
-	if in.Watched != nil {
-		regs = append(regs, in.Watched.Registries()...)
-	}
-	return probe.Running(regs, in.Broker)
+	return probe.Running(append(regs, in.Watched.Registries()...), in.Broker)
 }
 
 // route is an admin route: its path pattern (http.ServeMux; one ending
