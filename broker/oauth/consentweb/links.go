@@ -1,6 +1,7 @@
 package consentweb
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -41,10 +42,7 @@ type LinkResponse struct {
 
 // link serves POST …/links: the CallerGate applies.
 func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
-	if !c.o.Gate.siteAdmits(w, r, c.o.Logger) {
-		return
-	}
-	caller, ok := c.o.Gate.authenticated(w, r)
+	caller, ok := c.o.Gate.admits(w, r, c.o.Logger)
 	if !ok {
 		return
 	}
@@ -56,10 +54,7 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 	if !c.o.Gate.allows(w, caller, req.Merchant) {
 		return
 	}
-	provider := c.o.Provider
-	if p := ProviderOf(c.o.Registry, req.Merchant); p != "" {
-		provider = p
-	}
+	provider := cmp.Or(ProviderOf(c.o.Registry, req.Merchant), c.o.Provider)
 	ctx, span := c.span(r, provider, StepLink)
 	link, status, err := CreateLink(ctx, c.o.Registry, req)
 	c.done(span, provider, StepLink, req.Merchant, err)
