@@ -151,14 +151,13 @@ func Running(regs []Registry, br *broker.Broker) Health {
 			h.Providers = append(h.Providers, ph)
 		}
 	}
-	h.Ready = true
 	var problems []string
 	for _, c := range h.Checks {
 		if !c.OK {
-			h.Ready = false
 			problems = append(problems, c.Detail)
 		}
 	}
+	h.Ready = len(problems) == 0
 	switch {
 	case !h.Ready:
 		h.Reason = "not ready: " + strings.Join(problems, "; ")
