@@ -303,7 +303,6 @@ func SetRefreshToken(r *http.Request, reg *config.Registry, br *broker.Broker, m
 	} else if err != nil {
 		return "", "", false, &Error{Status: http.StatusInternalServerError, Err: fmt.Errorf("storing the refresh token of %q: %w", merchant, err)}
 	}
-	br.PurgeMerchant(merchant)
-	consentweb.ForgetConsentRequired(br, m.Provider, merchant)
+	consentweb.RefreshTokenStored(br, m.Provider, merchant)
 	return m.Provider, rt.Fingerprint(), granted, nil
 }

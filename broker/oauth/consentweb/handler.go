@@ -356,8 +356,7 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	res, err := c.flow.Callback(ctx, r.Host, r.URL.Query(), browser, c.serves())
 	c.done(span, provider, StepCallback, res.Merchant, err)
 	if err == nil {
-		c.o.Broker.PurgeMerchant(res.Merchant)
-		ForgetConsentRequired(c.o.Broker, provider, res.Merchant)
+		RefreshTokenStored(c.o.Broker, provider, res.Merchant)
 		if c.o.Consented != nil {
 			c.o.Consented(provider, res.Merchant)
 		}
@@ -396,10 +395,12 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	c.render(w, r, consentpage.Page{Name: consentpage.ForOutcome(outcome), MerchantID: res.Merchant, Outcome: outcome, ProviderCode: code})
 }
 
-// ForgetConsentRequired drops br's remembered consent_required of a
-// merchant at a provider, once it has a new refresh token (by consent or
-// through the admin API), so that its next call refreshes at once.
-func ForgetConsentRequired(br *broker.Broker, provider, merchant string) {
+// RefreshTokenStored drops br's cached access tokens of a merchant at a
+// provider and its remembered consent_required, once it has a new
+// refresh token (by consent or through the admin API), so that its next
+// call refreshes at once.
+func RefreshTokenStored(br *broker.Broker, provider, merchant string) {
+	br.PurgeMerchant(merchant)
 	br.ForgetFailures(func(err error) bool {
 		var cr *oauth.ConsentRequiredError
 		return errors.As(err, &cr) && cr.Merchant == merchant && cr.Provider == provider
