@@ -123,12 +123,7 @@ func (ti TokenInfo) withPolicy(p broker.Policy) TokenInfo {
 // (p.Limit counts merchants, so one merchant's tokens are never split).
 // next is the After of the next page, "" on the last (opstate.Cut).
 func Tokens(br *broker.Broker, match func(*broker.Binding) bool, p opstate.Page) (tokens []TokenInfo, next string) {
-	var entries []*broker.Entry
-	for _, e := range br.Entries() {
-		if b := e.Binding(); b.Merchant > p.After && (match == nil || match(b)) {
-			entries = append(entries, e)
-		}
-	}
+	entries := matching(br, func(b *broker.Binding) bool { return b.Merchant > p.After && (match == nil || match(b)) })
 	key := func(e *broker.Entry) string {
 		b := e.Binding()
 		return b.Merchant + "\x00" + strings.Join(b.Scopes, " ")
@@ -140,6 +135,11 @@ func Tokens(br *broker.Broker, match func(*broker.Binding) bool, p opstate.Page)
 		tokens = append(tokens, tokenInfo(e).withPolicy(br.Policy(e)))
 	}
 	return tokens, next
+}
+
+// matching returns br's cached tokens whose binding match selects.
+func matching(br *broker.Broker, match func(*broker.Binding) bool) []*broker.Entry {
+	return slices.DeleteFunc(br.Entries(), func(e *broker.Entry) bool { return !match(e.Binding()) })
 }
 
 // RevokeResult is the outcome of revoking one token at its provider.
@@ -188,22 +188,6 @@ func MerchantTokens(merchant string, regs ...*config.Registry) func(*broker.Bind
 	}
 }
 
-// revokeAgain revokes e's token with src, the provider as configured now,
-// after its own source's credential was refused with refused: nil once
-// revoked; refused when src is nil, the same source or cannot revoke;
-// both errors when src refuses too. last is the error of the last call
-// made, nil once revoked.
-func revokeAgain(ctx context.Context, e *broker.Entry, src broker.Source, refused error) (err, last error) {
-	rv, ok := src.(broker.Revoker)
-	if !ok || src == e.Binding().Source {
-		return refused, refused
-	}
-	if last = rv.RevokeToken(ctx, e.Binding().Request(), e.Token()); last != nil {
-		return errors.Join(refused, fmt.Errorf("with the provider as configured now: %w", last)), last
-	}
-	return nil, nil
-}
-
 // RevokeEntry revokes e's token at its provider, where the provider
 // supports revocation, with the source that fetched it; when that
 // source's credential is refused (its API key or client secret rotated
@@ -220,7 +204,14 @@ func RevokeEntry(ctx context.Context, e *broker.Entry, current func(sourceID str
 	err := rv.RevokeToken(ctx, b.Request(), e.Token())
 	last = err
 	if err != nil && current != nil && broker.ClassOf(b.Source, err) == broker.ClassCredential {
-		err, last = revokeAgain(ctx, e, current(b.SourceID), err)
+		src := current(b.SourceID)
+		if configured, ok := src.(broker.Revoker); ok && src != b.Source {
+			if last = configured.RevokeToken(ctx, b.Request(), e.Token()); last == nil {
+				err = nil
+			} else {
+				err = errors.Join(err, fmt.Errorf("with the provider as configured now: %w", last))
+			}
+		}
 	}
 	if err != nil {
 		return NotRevoked(e, err.Error()), last
@@ -312,7 +303,6 @@ func SetRefreshToken(r *http.Request, reg *config.Registry, br *broker.Broker, m
 	} else if err != nil {
 		return "", "", false, &Error{Status: http.StatusInternalServerError, Err: fmt.Errorf("storing the refresh token of %q: %w", merchant, err)}
 	}
-	br.PurgeMerchant(merchant)
-	consentweb.ForgetConsentRequired(br, m.Provider, merchant)
+	consentweb.RefreshTokenStored(br, m.Provider, merchant)
 	return m.Provider, rt.Fingerprint(), granted, nil
 }

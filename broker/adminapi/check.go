@@ -93,8 +93,7 @@ func Check(ctx context.Context, reg *config.Registry, br *broker.Broker, b *brok
 	}
 	code := errcode.Classify(err)
 	res.Outcome = code.String()
-	var ae *broker.APIError
-	if errors.As(err, &ae) {
+	if ae, ok := errors.AsType[*broker.APIError](err); ok {
 		res.ProviderStatus, res.ProviderError = ae.StatusCode, ae.Code
 	}
 	advice := failureAdvice(reg, m, wild, p, b, err, code)

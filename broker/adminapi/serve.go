@@ -63,10 +63,8 @@ func (in *Instance) Sources() opstate.Sources {
 	if in.Tables != nil {
 		in.Tables.Each(func(t *bindings.Table) { s.Tables = append(s.Tables, t) })
 	}
-	if in.Watched != nil {
-		for _, r := range in.Watched.Registries() {
-			s.Others = append(s.Others, r.Registry)
-		}
+	for _, r := range in.Watched.Registries() {
+		s.Others = append(s.Others, r.Registry)
 	}
 	return s
 }
@@ -78,11 +76,9 @@ func (in *Instance) registries() []*config.Registry {
 	if in.Registry != nil {
 		regs = append(regs, in.Registry)
 	}
-	if in.Watched != nil {
-		for _, r := range in.Watched.Registries() {
-			if !slices.Contains(regs, r.Registry) {
-				regs = append(regs, r.Registry)
-			}
+	for _, r := range in.Watched.Registries() {
+		if !slices.Contains(regs, r.Registry) {
+			regs = append(regs, r.Registry)
 		}
 	}
 	return regs
@@ -109,16 +105,15 @@ func (in *Instance) Health() probe.Health {
 	if in.Registry != nil {
 		regs = append(regs, probe.Of(in.Registry, in.Listing))
 	}
-	if in.Watched != nil {
-		regs = append(regs, in.Watched.Registries()...)
-	}
-	return probe.Running(regs, in.Broker)
+	return probe.Running(append(regs, in.Watched.Registries()...), in.Broker)
 }
 
 // route is an admin route: its path pattern (http.ServeMux; one ending
-// in "/" matches the paths under it) and what answers it.
+// in "/" matches the paths under it), the one method it takes ("" when
+// serve checks the method) and what answers it.
 type route struct {
 	pattern string
+	method  string
 	serve   func(w http.ResponseWriter, r *http.Request, in *Instance) error
 }
 
@@ -152,14 +147,14 @@ type route struct {
 // and next, absent on the last page, the after of the next.
 func routes() []route {
 	return []route{
-		{"/token_broker/tokens", tokens},
-		{"/token_broker/state", state},
-		{"/token_broker/merchants/", merchant},
-		{"/token_broker/providers/", provider},
-		{"/token_broker/health", health},
-		{"/token_broker/health/", health},
-		{"/token_broker/consent/links", links},
-		{"/token_broker/consent/merchants", consentMerchants},
+		{"/token_broker/tokens", http.MethodGet, tokens},
+		{"/token_broker/state", http.MethodGet, state},
+		{"/token_broker/merchants/", "", merchant},
+		{"/token_broker/providers/", "", provider},
+		{"/token_broker/health", "", health},
+		{"/token_broker/health/", "", health},
+		{"/token_broker/consent/links", http.MethodPost, links},
+		{"/token_broker/consent/merchants", http.MethodGet, consentMerchants},
 	}
 }
 
@@ -179,9 +174,13 @@ func Patterns() []string {
 func Serve(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	for _, rt := range routes() {
 		if r.URL.Path == rt.pattern || strings.HasSuffix(rt.pattern, "/") && strings.HasPrefix(r.URL.Path, rt.pattern) {
-			err := rt.serve(w, r, in)
-			var ae *Error
-			if errors.As(err, &ae) && ae.Allow != "" {
+			var err error
+			if rt.method != "" && r.Method != rt.method {
+				err = methodNotAllowed(rt.method)
+			} else {
+				err = rt.serve(w, r, in)
+			}
+			if ae, ok := errors.AsType[*Error](err); ok && ae.Allow != "" {
 				w.Header().Set("Allow", ae.Allow)
 			}
 			return err
@@ -207,9 +206,6 @@ func methodNotAllowed(allow string) error {
 // tokens serves GET /token_broker/tokens: a page of the cached tokens
 // (Tokens; ?merchant=&after=&limit=); 400 for a malformed query.
 func tokens(w http.ResponseWriter, r *http.Request, in *Instance) error {
-	if r.Method != http.MethodGet {
-		return methodNotAllowed(http.MethodGet)
-	}
 	if err := running(in); err != nil {
 		return err
 	}
@@ -245,9 +241,6 @@ type tokensPage struct {
 // state serves GET /token_broker/state: the opstate.Report of the query
 // (?provider=&state=&after=&limit=); 400 for a malformed query.
 func state(w http.ResponseWriter, r *http.Request, in *Instance) error {
-	if r.Method != http.MethodGet {
-		return methodNotAllowed(http.MethodGet)
-	}
 	v, err := values(r)
 	if err != nil {
 		return err
@@ -298,17 +291,11 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 		entries := in.Broker.PurgeMatching(match)
 		return writeJSON(w, map[string]any{"merchant": id, "purged": len(entries)})
 	case "revoke":
-		var entries []*broker.Entry
-		for _, e := range in.Broker.Entries() {
-			if match(e.Binding()) {
-				entries = append(entries, e)
-			}
-		}
 		// Not cancelled with the request: a token dropped from the cache
 		// once its provider answered and not revoked would stay valid,
 		// forgotten. Each call is bounded by its provider's timeout. Two
 		// revokes of one merchant at once may both send its tokens.
-		results := Revoke(context.WithoutCancel(r.Context()), in.Broker, entries, in.source)
+		results := Revoke(context.WithoutCancel(r.Context()), in.Broker, matching(in.Broker, match), in.source)
 		return writeJSON(w, map[string]any{"merchant": id, "results": results})
 	}
 	return &Error{Status: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use purge, revoke, check or refresh_token", action)}
@@ -410,9 +397,6 @@ func health(w http.ResponseWriter, r *http.Request, in *Instance) error {
 
 // links serves POST /token_broker/consent/links (consentweb.CreateLink).
 func links(w http.ResponseWriter, r *http.Request, in *Instance) error {
-	if r.Method != http.MethodPost {
-		return methodNotAllowed(http.MethodPost)
-	}
 	if err := running(in); err != nil {
 		return err
 	}
@@ -437,9 +421,6 @@ func links(w http.ResponseWriter, r *http.Request, in *Instance) error {
 // for a malformed query or a provider that is not a refresh_token
 // provider of the registry (consentweb.CheckProvider).
 func consentMerchants(w http.ResponseWriter, r *http.Request, in *Instance) error {
-	if r.Method != http.MethodGet {
-		return methodNotAllowed(http.MethodGet)
-	}
 	if err := running(in); err != nil {
 		return err
 	}

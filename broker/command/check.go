@@ -24,12 +24,10 @@ func ConsentLink(std IO, request AdminRequest, addr, merchant, returnURL string,
 	err := askAdmin(request, addr, http.MethodPost, "/token_broker/consent/links",
 		consentweb.LinkRequest{Merchant: merchant, ReturnURL: returnURL}, &link)
 	if refusedWith(err, http.StatusConflict) {
-		fmt.Fprintf(std.Err, "no consent link for %s: its provider does not use consent (only a provider with grant refresh_token and a consent table does); %v\n", merchant, err)
-		return ErrFailed
+		return fail(std.Err, "no consent link for %s: its provider does not use consent (only a provider with grant refresh_token and a consent table does); %v", merchant, err)
 	}
 	if err != nil {
-		fmt.Fprintf(std.Err, "no consent link for %s: %v\n", merchant, err)
-		return ErrFailed
+		return fail(std.Err, "no consent link for %s: %v", merchant, err)
 	}
 	fmt.Fprintln(std.Out, link.URL)
 	fmt.Fprintf(std.Err, "consent link for %s at %s: one use, expires %s\n", merchant, link.Provider, when(&link.Expires, now))
@@ -44,35 +42,26 @@ func ConsentLink(std IO, request AdminRequest, addr, merchant, returnURL string,
 // merchant is checked. It returns ErrFailed when the registries have
 // problems or the check fails.
 func Check(std IO, request AdminRequest, cfg []byte, file string, expand func(string) string, address func() (string, error), merchant string) error {
-	failed := false
+	var invalid error
 	if file != "" || merchant == "" {
-		failed = Validate(std, cfg, file, expand) != nil
+		invalid = Validate(std, cfg, file, expand)
 	}
 	if merchant == "" {
-		if failed {
-			return ErrFailed
-		}
-		return nil
+		return invalid
 	}
 	addr, err := address()
 	if err != nil {
-		fmt.Fprintf(std.Err, "%s: finding the admin address: %v\n", merchant, err)
-		return ErrFailed
+		return fail(std.Err, "%s: finding the admin address: %v", merchant, err)
 	}
 	var res adminapi.CheckResult
 	if err := askAdmin(request, addr, http.MethodPost, "/token_broker/merchants/"+url.PathEscape(merchant)+"/check", nil, &res); err != nil {
-		fmt.Fprintf(std.Err, "%s: not checked: %v\n", merchant, err)
-		return ErrFailed
+		return fail(std.Err, "%s: not checked: %v", merchant, err)
 	}
 	if res.OK {
 		fmt.Fprintf(std.Out, "%s: OK: %s\n", merchant, res.Message)
-		if failed {
-			return ErrFailed
-		}
-		return nil
+		return invalid
 	}
-	fmt.Fprintf(std.Err, "%s: %s: %s\n", merchant, headline(res), res.Message)
-	return ErrFailed
+	return fail(std.Err, "%s: %s: %s", merchant, headline(res), res.Message)
 }
 
 // headline says in a few words what the provider did with a failed

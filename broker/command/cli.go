@@ -2,7 +2,6 @@ package command
 
 import (
 	"errors"
-	"fmt"
 	"os"
 	"time"
 
@@ -120,12 +119,10 @@ func AddSubcommands(cmd *cobra.Command, c Caddy) {
 			q.After, _ = cmd.Flags().GetString("after")
 			q.Limit, _ = cmd.Flags().GetInt("limit")
 			if (q.After != "" || q.Limit != 0) && !q.JSON {
-				fmt.Fprintln(cmd.ErrOrStderr(), "--after and --limit choose the page of --json: add --json")
-				return ErrFailed
+				return fail(cmd.ErrOrStderr(), "--after and --limit choose the page of --json: add --json")
 			}
 			if q.Limit < 0 || q.Limit > opstate.MaxLimit {
-				fmt.Fprintf(cmd.ErrOrStderr(), "--limit %d: want a number of merchants from 1 to %d, or no --limit for %d\n", q.Limit, opstate.MaxLimit, opstate.DefaultLimit)
-				return ErrFailed
+				return fail(cmd.ErrOrStderr(), "--limit %d: want a number of merchants from 1 to %d, or no --limit for %d", q.Limit, opstate.MaxLimit, opstate.DefaultLimit)
 			}
 			return Status(stdio(cmd), c.Request, addr, q, time.Now())
 		}),
@@ -190,8 +187,7 @@ func withAdminAddress(c Caddy, prefix string, run func(cmd *cobra.Command, args 
 		adapter, _ := cmd.Flags().GetString("adapter")
 		addr, err := c.AdminAddress(address, nil, config, adapter)
 		if err != nil {
-			fmt.Fprintf(cmd.ErrOrStderr(), "%sfinding the admin address: %v\n", prefix, err)
-			return ErrFailed
+			return fail(cmd.ErrOrStderr(), "%sfinding the admin address: %v", prefix, err)
 		}
 		return run(cmd, args, addr)
 	})
@@ -205,8 +201,7 @@ func loadConfig(cmd *cobra.Command, c Caddy) ([]byte, string, error) {
 	adapter, _ := cmd.Flags().GetString("adapter")
 	cfg, file, _, err := c.LoadConfig(config, adapter)
 	if err != nil {
-		fmt.Fprintf(cmd.ErrOrStderr(), "loading the config: %v\n", err)
-		return nil, "", ErrFailed
+		return nil, "", fail(cmd.ErrOrStderr(), "loading the config: %v", err)
 	}
 	return cfg, file, nil
 }

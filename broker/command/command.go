@@ -27,6 +27,13 @@ import (
 // status 1, nothing more on the terminal.
 var ErrFailed = errors.New("token-broker: failed")
 
+// fail prints a command's failure on w, a line of format and args, and
+// returns ErrFailed.
+func fail(w io.Writer, format string, args ...any) error {
+	fmt.Fprintf(w, format+"\n", args...)
+	return ErrFailed
+}
+
 // AdminRequest sends a request to the admin API at addr and returns its
 // answer; an answer other than 2xx is an error quoting its status ("HTTP
 // 503") and body (caddycmd.AdminAPIRequest).
@@ -48,16 +55,10 @@ type IO struct {
 func Health(std IO, request AdminRequest, addr string, live bool) error {
 	h, err := askHealth(request, addr, live)
 	if err != nil {
-		fmt.Fprintf(std.Err, "not ready: %v\n", err)
-		return ErrFailed
+		return fail(std.Err, "not ready: %v", err)
 	}
-	ok := h.Ready
-	if live {
-		ok = h.Live
-	}
-	if !ok {
-		fmt.Fprintln(std.Err, h.Reason)
-		return ErrFailed
+	if !h.Passes(live) {
+		return fail(std.Err, "%s", h.Reason)
 	}
 	if live {
 		fmt.Fprintln(std.Out, "live: the token_broker app is running")
@@ -76,8 +77,7 @@ func askHealth(request AdminRequest, addr string, live bool) (probe.Health, erro
 	}
 	var h probe.Health
 	err := askAdmin(request, addr, http.MethodGet, uri, nil, &h)
-	var r *refusal
-	if errors.As(err, &r) && r.status == http.StatusServiceUnavailable {
+	if r, ok := errors.AsType[*refusal](err); ok && r.status == http.StatusServiceUnavailable {
 		var unhealthy probe.Health
 		if json.Unmarshal([]byte(r.body), &unhealthy) == nil && unhealthy.Reason != "" {
 			return unhealthy, nil
@@ -93,23 +93,20 @@ func askHealth(request AdminRequest, addr string, live bool) (probe.Health, erro
 // registry has problems or cfg names none.
 func Validate(std IO, cfg []byte, file string, expand func(string) string) error {
 	if file == "" {
-		fmt.Fprintln(std.Err, "no config file: name one with --config, or run where a Caddyfile is")
-		return ErrFailed
+		return fail(std.Err, "no config file: name one with --config, or run where a Caddyfile is")
 	}
 	paths, err := registryPaths(cfg)
 	if err != nil {
-		fmt.Fprintf(std.Err, "%s: %v\n", file, err)
-		return ErrFailed
+		return fail(std.Err, "%s: %v", file, err)
 	}
 	if len(paths) == 0 {
-		fmt.Fprintf(std.Err, "%s names no merchant registry: set `config <file.toml>` in the token_broker global option\n", file)
-		return ErrFailed
+		return fail(std.Err, "%s names no merchant registry: set `config <file.toml>` in the token_broker global option", file)
 	}
-	failed := false
+	var invalid error
 	for _, path := range paths {
 		reg, err := config.LoadWith(expand(path), config.Options{RefreshStore: &oauth.MemoryStore{}})
 		if err != nil {
-			failed = true
+			invalid = ErrFailed
 			for _, line := range config.ErrorLines(err) {
 				fmt.Fprintln(std.Err, line)
 			}
@@ -117,10 +114,7 @@ func Validate(std IO, cfg []byte, file string, expand func(string) string) error
 		}
 		fmt.Fprintf(std.Out, "%s: valid (%d merchants, %d providers)\n", path, len(reg.Merchants), len(reg.Providers))
 	}
-	if failed {
-		return ErrFailed
-	}
-	return nil
+	return invalid
 }
 
 // RegistryError is the error of a merchant registry that did not load,

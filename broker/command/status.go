@@ -49,14 +49,12 @@ const MaxListed = 50
 // cannot be asked.
 func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.Time) error {
 	if q.State != "" && !slices.Contains(opstate.States(), q.State) {
-		fmt.Fprintf(std.Err, "unknown state %q: one of %v\n", q.State, opstate.States())
-		return ErrFailed
+		return fail(std.Err, "unknown state %q: one of %v", q.State, opstate.States())
 	}
 	if q.JSON {
 		var raw json.RawMessage
 		if err := askAdmin(request, addr, http.MethodGet, stateURI(q.Provider, q.State, q.After, q.Limit), nil, &raw); err != nil {
-			fmt.Fprintln(std.Err, err)
-			return ErrFailed
+			return fail(std.Err, "%v", err)
 		}
 		var rep opstate.Report
 		if err := json.Unmarshal(raw, &rep); err == nil && !hasProvider(std, addr, rep, q.Provider) {
@@ -64,8 +62,7 @@ func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.T
 		}
 		var out bytes.Buffer
 		if err := json.Indent(&out, raw, "", "  "); err != nil {
-			fmt.Fprintf(std.Err, "reading the state of admin address %s: %v\n", addr, err)
-			return ErrFailed
+			return fail(std.Err, "reading the state of admin address %s: %v", addr, err)
 		}
 		out.WriteByte('\n')
 		_, err := out.WriteTo(std.Out)
@@ -73,8 +70,7 @@ func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.T
 	}
 	var rep opstate.Report
 	if err := askAdmin(request, addr, http.MethodGet, stateURI(q.Provider, "", "", 1), nil, &rep); err != nil {
-		fmt.Fprintln(std.Err, err)
-		return ErrFailed
+		return fail(std.Err, "%v", err)
 	}
 	if !hasProvider(std, addr, rep, q.Provider) {
 		return ErrFailed
@@ -85,8 +81,7 @@ func Status(std IO, request AdminRequest, addr string, q StatusQuery, now time.T
 	}
 	listed, more, err := merchantsIn(request, addr, q.Provider, states, rep.Counts)
 	if err != nil {
-		fmt.Fprintln(std.Err, err)
-		return ErrFailed
+		return fail(std.Err, "%v", err)
 	}
 	printProviders(std.Out, rep, now)
 	fmt.Fprintln(std.Out)

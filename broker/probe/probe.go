@@ -14,6 +14,7 @@
 package probe
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -44,6 +45,15 @@ type Health struct {
 	// Providers are the providers of the registries and what their
 	// recent token API calls left: reported, never a readiness failure.
 	Providers []Provider `json:"providers,omitempty"`
+}
+
+// Passes reports whether h passes its probe: readiness, or liveness
+// with live.
+func (h Health) Passes(live bool) bool {
+	if live {
+		return h.Live
+	}
+	return h.Ready
 }
 
 // Check is one readiness check.
@@ -141,14 +151,13 @@ func Running(regs []Registry, br *broker.Broker) Health {
 			h.Providers = append(h.Providers, ph)
 		}
 	}
-	h.Ready = true
 	var problems []string
 	for _, c := range h.Checks {
 		if !c.OK {
-			h.Ready = false
 			problems = append(problems, c.Detail)
 		}
 	}
+	h.Ready = len(problems) == 0
 	switch {
 	case !h.Ready:
 		h.Reason = "not ready: " + strings.Join(problems, "; ")
@@ -190,15 +199,11 @@ func providerHealth(p *config.Provider, s broker.SourceHealth) Provider {
 	ph.BackoffUntil = opstate.TimePtr(s.BackoffUntil)
 	if s.Failing() {
 		ph.Status = "failing"
-		err := s.LastError
-		if err == nil {
-			err = s.BackoffError
+		code := errcode.TokenAPIDown // the breaker is open
+		if err := cmp.Or(s.LastError, s.BackoffError); err != nil {
+			code = errcode.Classify(err)
 		}
-		if err != nil {
-			ph.LastError = errcode.Classify(err).String()
-		} else {
-			ph.LastError = "token_api_down" // the breaker is open
-		}
+		ph.LastError = code.String()
 	}
 	return ph
 }
@@ -206,12 +211,8 @@ func providerHealth(p *config.Provider, s broker.SourceHealth) Provider {
 // Write answers with h: 200 when ready (live: when live), 503
 // otherwise; no body to HEAD.
 func Write(w http.ResponseWriter, r *http.Request, h Health, live bool) {
-	ok := h.Ready
-	if live {
-		ok = h.Live
-	}
 	status := http.StatusOK
-	if !ok {
+	if !h.Passes(live) {
 		status = http.StatusServiceUnavailable
 	}
 	w.Header().Set("Content-Type", "application/json")

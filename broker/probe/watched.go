@@ -33,8 +33,11 @@ func (w *Watched) Add(reg *config.Registry, l *listing.Listing) {
 }
 
 // Registries are the watched registries, in the order added, with their
-// listings' state now.
+// listings' state now; none for a nil Watched.
 func (w *Watched) Registries() []Registry {
+	if w == nil {
+		return nil
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	out := make([]Registry, 0, len(w.regs))

@@ -341,11 +341,9 @@ func (r *Renderer) data(page, lang, merchantID, merchant, bank string) Data {
 	if merchant == "" {
 		merchant = merchantID
 	}
-	d := Data{Page: page, Status: info.status, Tone: info.tone, Lang: lang,
+	return Data{Page: page, Status: info.status, Tone: info.tone, Lang: lang, Text: text(lang, page, r.cfg.Partner, merchant, bank),
 		Partner: r.cfg.Partner, Logo: template.URL(r.cfg.Logo), Accent: r.cfg.accent(),
 		MerchantID: merchantID, Merchant: merchant, Bank: bank, CSS: r.css}
-	d.Text = text(lang, page, r.cfg.Partner, merchant, bank)
-	return d
 }
 
 // text is the built-in wording of page in lang, with the names filled in.

@@ -20,22 +20,16 @@ type CallerGate struct {
 	Policy *callers.Policy
 }
 
-// siteAdmits answers a request that the site does not take, before its
-// body is read, and reports whether it admitted it.
-func (g CallerGate) siteAdmits(w http.ResponseWriter, r *http.Request, logger *zap.Logger) bool {
-	code, err := g.Hosts.Check(r)
-	if code == 0 {
-		return true
+// admits answers a request that the site does not take, or whose caller
+// the policy does not authenticate, before its body is read, and returns
+// the caller's subject ("" without a policy) and whether it admitted the
+// request.
+func (g CallerGate) admits(w http.ResponseWriter, r *http.Request, logger *zap.Logger) (string, bool) {
+	if code, err := g.Hosts.Check(r); code != 0 {
+		logger.Warn("consent link refused", zap.String("error_code", code.String()), zap.Error(err))
+		linkError(w, code.Status(), code.String(), code.Message(""))
+		return "", false
 	}
-	logger.Warn("consent link refused", zap.String("error_code", code.String()), zap.Error(err))
-	linkError(w, code.Status(), code.String(), code.Message(""))
-	return false
-}
-
-// authenticated answers a request whose caller the policy does not
-// authenticate, and returns the caller's subject ("" without a policy)
-// and whether it admitted the request.
-func (g CallerGate) authenticated(w http.ResponseWriter, r *http.Request) (string, bool) {
 	if g.Policy == nil {
 		return "", true
 	}

@@ -22,8 +22,7 @@
 //	                      the refusal reason; with outcome provider_error, also error, the
 //	                      provider's error code); without a return URL, redirect to …/done.
 //	                      While the bank cannot be discovered, or it very likely did not process the
-//	                      code exchange (not reached, 408, 425, 429, 503, a DPoP nonce challenge with
-//	                      a new nonce), the retry_callback page (503,
+//	                      code exchange (oauth.ReasonRetryCallback), the retry_callback page (503,
 //	                      Retry-After), the state kept for the reload of the same URL
 //	GET  …/done?result=…  the outcome page of a callback, the same on every load for an hour
 //
@@ -200,11 +199,10 @@ func (c *Handler) result(w http.ResponseWriter, r *http.Request) {
 // *oauth.ConsentError's reason (and the provider's error code of a
 // provider_error), or "error".
 func outcomeOf(err error) (outcome, code string) {
-	var ce *oauth.ConsentError
-	switch {
-	case err == nil:
+	if err == nil {
 		return "ok", ""
-	case errors.As(err, &ce):
+	}
+	if ce, ok := errors.AsType[*oauth.ConsentError](err); ok {
 		return ce.Reason, ce.Code
 	}
 	return "error", ""
@@ -358,8 +356,7 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	res, err := c.flow.Callback(ctx, r.Host, r.URL.Query(), browser, c.serves())
 	c.done(span, provider, StepCallback, res.Merchant, err)
 	if err == nil {
-		c.o.Broker.PurgeMerchant(res.Merchant)
-		ForgetConsentRequired(c.o.Broker, provider, res.Merchant)
+		RefreshTokenStored(c.o.Broker, provider, res.Merchant)
 		if c.o.Consented != nil {
 			c.o.Consented(provider, res.Merchant)
 		}
@@ -398,10 +395,12 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 	c.render(w, r, consentpage.Page{Name: consentpage.ForOutcome(outcome), MerchantID: res.Merchant, Outcome: outcome, ProviderCode: code})
 }
 
-// ForgetConsentRequired drops br's remembered consent_required of a
-// merchant at a provider, once it has a new refresh token (by consent or
-// through the admin API), so that its next call refreshes at once.
-func ForgetConsentRequired(br *broker.Broker, provider, merchant string) {
+// RefreshTokenStored drops br's cached access tokens of a merchant at a
+// provider and its remembered consent_required, once it has a new
+// refresh token (by consent or through the admin API), so that its next
+// call refreshes at once.
+func RefreshTokenStored(br *broker.Broker, provider, merchant string) {
+	br.PurgeMerchant(merchant)
 	br.ForgetFailures(func(err error) bool {
 		var cr *oauth.ConsentRequiredError
 		return errors.As(err, &cr) && cr.Merchant == merchant && cr.Provider == provider

@@ -1,6 +1,7 @@
 package consentweb
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -41,10 +42,7 @@ type LinkResponse struct {
 
 // link serves POST …/links: the CallerGate applies.
 func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
-	if !c.o.Gate.siteAdmits(w, r, c.o.Logger) {
-		return
-	}
-	caller, ok := c.o.Gate.authenticated(w, r)
+	caller, ok := c.o.Gate.admits(w, r, c.o.Logger)
 	if !ok {
 		return
 	}
@@ -56,17 +54,13 @@ func (c *Handler) link(w http.ResponseWriter, r *http.Request) {
 	if !c.o.Gate.allows(w, caller, req.Merchant) {
 		return
 	}
-	provider := c.o.Provider
-	if p := ProviderOf(c.o.Registry, req.Merchant); p != "" {
-		provider = p
-	}
+	provider := cmp.Or(ProviderOf(c.o.Registry, req.Merchant), c.o.Provider)
 	ctx, span := c.span(r, provider, StepLink)
 	link, status, err := CreateLink(ctx, c.o.Registry, req)
 	c.done(span, provider, StepLink, req.Merchant, err)
 	if err != nil {
 		code := "bad_request"
-		var ce *oauth.ConsentError
-		if errors.As(err, &ce) {
+		if ce, ok := errors.AsType[*oauth.ConsentError](err); ok {
 			code = ce.Reason
 		}
 		SetRetryAfter(w, err)
@@ -142,8 +136,7 @@ func CreateLink(ctx context.Context, reg *config.Registry, req LinkRequest) (Lin
 // SetRetryAfter sets Retry-After (whole seconds, rounded up) when err is
 // a link limit.
 func SetRetryAfter(w http.ResponseWriter, err error) {
-	var le *oauth.LinkLimitError
-	if errors.As(err, &le) {
+	if le, ok := errors.AsType[*oauth.LinkLimitError](err); ok {
 		w.Header().Set("Retry-After", strconv.FormatInt(retryAfterSeconds(le.RetryAfter), 10))
 	}
 }
