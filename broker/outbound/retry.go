@@ -9,7 +9,6 @@ import (
 	"maps"
 	"net/http"
 	neturl "net/url"
-	"strings"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
@@ -218,7 +217,7 @@ func rejectsToken(mode string, status int, header http.Header) bool {
 	if mode == "any" {
 		return !nonceChallenge(status, header)
 	}
-	return challengeError(header, "invalid_token")
+	return challenge.TokenError(header, "invalid_token")
 }
 
 // acceptsToken reports whether an answer of status to a retry shows that
@@ -235,18 +234,7 @@ func acceptsToken(status int) bool {
 // with the server's nonce (RFC 9449 §9): a 401 with a challenge of
 // error="use_dpop_nonce". The token is fine.
 func nonceChallenge(status int, header http.Header) bool {
-	return status == http.StatusUnauthorized && challengeError(header, "use_dpop_nonce")
-}
-
-// challengeError reports whether a WWW-Authenticate challenge of the
-// Bearer or DPoP scheme in header has the error parameter code.
-func challengeError(header http.Header, code string) bool {
-	for c := range challenge.Errors(header) {
-		if (strings.EqualFold(c.Scheme, "Bearer") || strings.EqualFold(c.Scheme, "DPoP")) && c.Error == code {
-			return true
-		}
-	}
-	return false
+	return status == http.StatusUnauthorized && challenge.TokenError(header, "use_dpop_nonce")
 }
 
 // rejectRecorder passes a response through unless it rejects the token or
