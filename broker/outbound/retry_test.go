@@ -129,7 +129,7 @@ func TestRetryForward(t *testing.T) {
 		{name: "rejected, fresh rejected too", up: &upstream{bad: "*"}, fresh: fresh, wantStatus: 401,
 			wantSeen: []string{"Bearer old", "Bearer new"}, wantEvents: []string{"purge old", "get", "purge new"}},
 		{name: "rejected, consent required", up: &upstream{bad: "old"}, err: consent,
-			wantSeen: []string{"Bearer old"}, wantEvents: []string{"purge old", "get"}, wantErr: new(*ConsentError)},
+			wantSeen: []string{"Bearer old"}, wantEvents: []string{"purge old", "get"}, wantErr: new(*Refusal)},
 		{name: "401 without the token: kept", up: &upstream{bad: "*", alter: func(r *http.Request) { r.Header.Del("Authorization") }},
 			wantStatus: 401, wantSeen: []string{""}, wantEvents: []string{"kept old"}},
 		{name: "off", mode: "off", up: &upstream{bad: "old"}, wantStatus: 401, wantSeen: []string{"Bearer old"}},
