@@ -1,7 +1,6 @@
 package module
 
 import (
-	"errors"
 	"net/http"
 
 	"github.com/caddyserver/caddy/v2"
@@ -14,14 +13,10 @@ import (
 // the cause (never sent to the caller) and answers with the JSON body
 // (admission.Refusal), or returns a caddyhttp.Error with `errors caddy`.
 func (h *Handler) fail(w http.ResponseWriter, repl *caddy.Replacer, rf admission.Refusal) error {
-	code := rf.Code.String()
-	repl.Set("http.token_broker.error", code)
+	repl.Set("http.token_broker.error", rf.Code.String())
 	rf.Prepare(w.Header(), h.logger, h.refusals)
 	if h.Errors == "caddy" {
-		// Only the code and the message: {http.error.message} may be shown
-		// to the caller, and the cause may quote the provider (it is
-		// logged instead).
-		return caddyhttp.Error(rf.Code.Status(), errors.New(code+": "+rf.Code.Message(rf.ProviderType)))
+		return caddyhttp.Error(rf.Code.Status(), rf.Public()) // {http.error.message} may be shown to the caller
 	}
 	return rf.Write(w)
 }
