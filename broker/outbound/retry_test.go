@@ -257,7 +257,7 @@ func TestRetryDPoP(t *testing.T) {
 			var next Next = up
 			if tt.sign {
 				up.alter = func(r *http.Request) {
-					if err := d.Sign(r, "", time.Now()); err != nil {
+					if err := d.Sign(r, "", "", time.Now()); err != nil {
 						t.Error(err)
 					}
 				}
