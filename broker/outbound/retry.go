@@ -70,50 +70,6 @@ type Tokens interface {
 	Accepted(b *broker.Binding, tok broker.Secret)
 }
 
-// BrokerTokens are the tokens of a broker as the retry sees them (Tokens):
-// a rejected token is reported to the broker (broker.Reject) and what
-// became of it to Rejections.
-type BrokerTokens struct {
-	// Broker holds the tokens.
-	Broker *broker.Broker
-	// Rejections counts and logs the rejected tokens.
-	Rejections Rejections
-}
-
-// Rejections is told what becomes of a token the upstream rejected.
-type Rejections interface {
-	// Rejected is told the outcome of broker.Reject for the token.
-	Rejected(b *broker.Binding, rejected broker.Token, outcome broker.Rejection)
-	// Kept is told of a 401 to a request that no longer carried the token
-	// (Tokens.Kept).
-	Kept(b *broker.Binding, rejected broker.Token)
-}
-
-// Get returns the binding's token from the broker.
-func (t *BrokerTokens) Get(ctx context.Context, b *broker.Binding) (Entry, error) {
-	e, _, err := t.Broker.Get(ctx, b)
-	if err != nil {
-		return nil, err
-	}
-	return e, nil
-}
-
-// Purge reports the rejected token to the broker and its outcome to
-// Rejections.
-func (t *BrokerTokens) Purge(b *broker.Binding, rejected broker.Token) {
-	t.Rejections.Rejected(b, rejected, t.Broker.Reject(b, rejected.Value))
-}
-
-// Kept tells Rejections that the token is kept.
-func (t *BrokerTokens) Kept(b *broker.Binding, rejected broker.Token) {
-	t.Rejections.Kept(b, rejected)
-}
-
-// Accepted reports the retry's accepted token to the broker.
-func (t *BrokerTokens) Accepted(b *broker.Binding, tok broker.Secret) {
-	t.Broker.Accepted(b, tok)
-}
-
 // Retry sends a request once more, with a new token, when the upstream
 // rejects its token. It is a small value: build it per request from the
 // handler's settings.
@@ -586,6 +542,3 @@ func (rt Retry) replayBody(r *http.Request) (bool, []byte, error) {
 	r.Body = io.NopCloser(bytes.NewReader(kept))
 	return true, kept, nil
 }
-
-// Interface guard.
-var _ Tokens = (*BrokerTokens)(nil)
