@@ -27,8 +27,7 @@ func (h *Handler) outbound() outbound.Contract {
 
 // forward calls next through the 401 retry of retry_on_401 and
 // retry_body_limit (outbound.Retry), and answers its refusals
-// (outbound.Refusal): a merchant who must consent again is answered
-// consent_required, an unreadable body unreadable_body (400).
+// (outbound.Refusal: consent_required, unreadable_body).
 //
 // A DPoP-bound token (its provider's profile has a DPoP key) is not put
 // on the request: it goes in the request's binding to the key
