@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
@@ -168,6 +169,9 @@ func TestRetryForward(t *testing.T) {
 			if tt.wantErr != nil {
 				if !errors.As(err, tt.wantErr) {
 					t.Fatalf("err = %v, want %T", err, tt.wantErr)
+				}
+				if rf, ok := errors.AsType[*Refusal](err); ok && rf.Code != errcode.ConsentRequired {
+					t.Errorf("refusal %s, want consent_required", rf.Code)
 				}
 			} else if err != nil {
 				t.Fatal(err)
