@@ -75,11 +75,12 @@ func (t *DPoPTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return t.HTTPTransport.RoundTrip(req)
 	}
 	t.SetScheme(req)
-	caller := "" // the scheme and Host received, which X-Forwarded-* name
+	var scheme, host string // of the caller's request, which X-Forwarded-* name
 	if repl, ok := req.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		caller = repl.ReplaceKnown("{http.request.scheme}://{http.request.hostport}", "")
+		scheme, _ = repl.GetString("http.request.scheme")
+		host, _ = repl.GetString("http.request.hostport")
 	}
-	sent, err := d.SignCopy(req, caller, time.Now())
+	sent, err := d.SignCopy(req, scheme, host, time.Now())
 	if err != nil {
 		return nil, err
 	}

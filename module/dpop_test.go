@@ -69,7 +69,7 @@ func signing(got, sent *http.Header) caddyhttp.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		*got = r.Header
 		if d := dpopOf(r.Context()); d != nil {
-			out, err := d.SignCopy(r, "", time.Now())
+			out, err := d.SignCopy(r, "", "", time.Now())
 			if err != nil {
 				return err
 			}
@@ -228,7 +228,7 @@ func TestDPoPHandlerAllocations(t *testing.T) {
 	d := outbound.NewDPoP(k)
 	d.SetToken("DPoP "+tok, dpop.ATH(tok))
 	copyAndSign := testing.AllocsPerRun(200, func() {
-		if _, err := d.SignCopy(signReq, "", time.Now()); err != nil {
+		if _, err := d.SignCopy(signReq, "", "", time.Now()); err != nil {
 			t.Fatal(err)
 		}
 	})
@@ -250,7 +250,7 @@ func TestDPoPHandlerAllocations(t *testing.T) {
 		answer := http.Header{"Dpop-Nonce": {"nonce-1"}}
 		d.Observe(signReq, answer)
 		sign := testing.AllocsPerRun(200, func() {
-			if err := d.Sign(signReq, "", time.Now()); err != nil {
+			if err := d.Sign(signReq, "", "", time.Now()); err != nil {
 				t.Fatal(err)
 			}
 		})

@@ -345,6 +345,18 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	return h.forward(w, r, next, out, b, e)
 }
 
+// fail answers a refused request: it sets {http.token_broker.error}, logs
+// the cause (never sent to the caller) and answers with the JSON body
+// (admission.Refusal), or returns a caddyhttp.Error with `errors caddy`.
+func (h *Handler) fail(w http.ResponseWriter, repl *caddy.Replacer, rf admission.Refusal) error {
+	repl.Set("http.token_broker.error", rf.Code.String())
+	rf.Prepare(w.Header(), h.logger, h.refusals)
+	if h.Errors == "caddy" {
+		return caddyhttp.Error(rf.Code.Status(), rf.Public()) // {http.error.message} may be shown to the caller
+	}
+	return rf.Write(w)
+}
+
 // Interface guards.
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)

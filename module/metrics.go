@@ -86,7 +86,7 @@ func loadCollectors[C collectors](registry *prometheus.Registry, key string, new
 func (h *Handler) instrument(m *telemetry.Metrics) {
 	h.metrics = telemetry.ForRegistry(m, tapOf(h.tracker), h.logger, h.bindings, h.registry, h.broker)
 	h.retry = outbound.Retry{Incremental: caddyhttp.IsIncremental, Isolate: isolateVars,
-		Tokens:          &outbound.BrokerTokens{Broker: h.broker, Rejections: h.metrics},
+		Tokens:          (*hooks)(h),
 		NonceChallenged: h.metrics.NonceChallenged, NonceRefused: h.metrics.NonceRefused}
 }
 

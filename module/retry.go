@@ -12,7 +12,6 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
 	"github.com/tokenbroker/caddy-token-broker/broker/bindings"
-	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/outbound"
 )
 
@@ -27,8 +26,8 @@ func (h *Handler) outbound() outbound.Contract {
 }
 
 // forward calls next through the 401 retry of retry_on_401 and
-// retry_body_limit (outbound.Retry): a merchant who must consent again is
-// answered consent_required, an unreadable body unreadable_body (400).
+// retry_body_limit (outbound.Retry), and answers its refusals
+// (outbound.Refusal: consent_required, unreadable_body).
 //
 // A DPoP-bound token (its provider's profile has a DPoP key) is not put
 // on the request: it goes in the request's binding to the key
@@ -53,26 +52,12 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, next caddyhttp
 		rt.DPoP = d
 	}
 	err := rt.Forward(w, r, next, out, &b.Binding, e)
-	if err == nil {
-		return nil
-	}
-	if errors.Is(err, outbound.ErrUnsigned) {
-		return h.failForward(w, r, b, errcode.DPoPTransportMissing, err)
-	}
-	if ce := (*outbound.ConsentError)(nil); errors.As(err, &ce) {
-		return h.failForward(w, r, b, errcode.Classify(ce.Err), ce.Err)
-	}
-	if be := (*outbound.BodyError)(nil); errors.As(err, &be) {
-		return h.failForward(w, r, b, errcode.UnreadableBody, be.Err)
+	if rf, ok := errors.AsType[*outbound.Refusal](err); ok {
+		// Not forwarded, or its answer was dropped.
+		repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+		return h.fail(w, repl, admission.Refusal{Code: rf.Code, Merchant: b.Merchant, ProviderType: b.Provider.Type, Cause: rf.Err})
 	}
 	return err
-}
-
-// failForward answers a request that was not forwarded, or whose answer
-// was dropped, with code.
-func (h *Handler) failForward(w http.ResponseWriter, r *http.Request, b *bindings.Binding, code errcode.Code, cause error) error {
-	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	return h.fail(w, repl, admission.Refusal{Code: code, Merchant: b.Merchant, ProviderType: b.Provider.Type, Cause: cause})
 }
 
 // isolateVars gives a retry its own copy of Caddy's request variables: the

@@ -3,8 +3,9 @@
 // merchant (Selector, HeaderMerchant, CheckMerchant), gives a
 // binding table the organisation check of a provider's listing (Allow),
 // and answers a refusal (Refusal: the error code's status, the JSON error
-// body, Retry-After, the Allow header of a refused method), logging the
-// refusals of one backoff once per RepeatInterval (NewRepeatLimiter).
+// body or the message for an error page, Retry-After, the Allow header of
+// a refused method), logging the refusals of one backoff once per
+// RepeatInterval (NewRepeatLimiter).
 package admission
 
 import (
@@ -104,6 +105,13 @@ func (rf Refusal) Write(w http.ResponseWriter) error {
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(rf.Code.Status())
 	return json.NewEncoder(w).Encode(ErrorBody{Error: rf.Code.String(), Message: rf.Code.Message(rf.ProviderType), Merchant: rf.Merchant})
+}
+
+// Public returns what the caller may be shown of the refusal, for a
+// server's own error pages: "code: message", never the cause, which may
+// quote the provider (Prepare logs it).
+func (rf Refusal) Public() error {
+	return errors.New(rf.Code.String() + ": " + rf.Code.Message(rf.ProviderType))
 }
 
 // Unbound returns the refusal of a valid merchant id whose binding

@@ -78,15 +78,15 @@ func (d *DPoP) GoString() string { return "outbound.DPoP(" + d.String() + ")" }
 // header's origin, never an authorization server's nonce).
 //
 // X-Forwarded-Proto and X-Forwarded-Host, when they hold what
-// reverse_proxy sets them to from caller (the origin of the caller's
-// request to the sidecar, scheme://host), are set to the scheme and host
-// signed (dpop.WireHost), for a server that rebuilds its target URI from
-// them (RFC 9110 §7.1); other values of theirs, Forwarded and
+// reverse_proxy sets them to from the caller's request to the sidecar
+// (callerScheme, callerHost), are set to the scheme and host signed
+// (dpop.WireHost), for a server that rebuilds its target URI from them
+// (RFC 9110 §7.1); other values of theirs, Forwarded and
 // X-Forwarded-Prefix are left as they are.
 //
 // With no token, after End, or when no proof can be made, req leaves with
 // neither header: a DPoP-bound token never leaves without its proof.
-func (d *DPoP) Sign(req *http.Request, caller string, now time.Time) error {
+func (d *DPoP) Sign(req *http.Request, callerScheme, callerHost string, now time.Time) error {
 	delete(req.Header, "Authorization")
 	delete(req.Header, DPoPHeader)
 	if d.done.Load() {
@@ -106,8 +106,7 @@ func (d *DPoP) Sign(req *http.Request, caller string, now time.Time) error {
 	if err != nil {
 		return err
 	}
-	scheme, callerHost, _ := strings.Cut(caller, "://")
-	forward(req.Header, "X-Forwarded-Proto", scheme, strings.ToLower(u.Scheme))
+	forward(req.Header, "X-Forwarded-Proto", callerScheme, strings.ToLower(u.Scheme))
 	forward(req.Header, "X-Forwarded-Host", callerHost, dpop.WireHost(host))
 	req.Header["Authorization"] = []string{d.header}
 	req.Header[DPoPHeader] = []string{proof}
@@ -124,15 +123,15 @@ func forward(h http.Header, name, from, v string) {
 }
 
 // SignCopy returns a shallow copy of req with a header map of its own,
-// signed (Sign, with caller): the token and its proof go on the copy
+// signed (Sign): the token and its proof go on the copy
 // only, so that the request a proxy logs carries neither (Caddy's logs
 // redact Authorization, not DPoP).
-func (d *DPoP) SignCopy(req *http.Request, caller string, now time.Time) (*http.Request, error) {
+func (d *DPoP) SignCopy(req *http.Request, callerScheme, callerHost string, now time.Time) (*http.Request, error) {
 	sent := new(http.Request)
 	*sent = *req
 	sent.Header = make(http.Header, len(req.Header)+2)
 	maps.Copy(sent.Header, req.Header)
-	return sent, d.Sign(sent, caller, now)
+	return sent, d.Sign(sent, callerScheme, callerHost, now)
 }
 
 // Observe remembers the DPoP-Nonce of h, the answer to req, for the next

@@ -76,7 +76,7 @@ func TestDPoPSign(t *testing.T) {
 				}
 				k.SetNonce(dpop.ResourceServer, u, n)
 			}
-			if err := d.Sign(req, "", now); err != nil {
+			if err := d.Sign(req, "", "", now); err != nil {
 				t.Fatal(err)
 			}
 			if !d.Signed() {
@@ -112,7 +112,7 @@ func TestDPoPObserve(t *testing.T) {
 	d := NewDPoP(k)
 	d.SetToken("DPoP tok", wantATH("tok"))
 	req := httptest.NewRequest("GET", "http://rs.test/a", nil)
-	if err := d.Sign(req, "", time.Now()); err != nil {
+	if err := d.Sign(req, "", "", time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	d.Observe(req, http.Header{"Dpop-Nonce": {"fresh"}})
@@ -131,7 +131,7 @@ func TestDPoPObserve(t *testing.T) {
 	}
 	for _, tc := range []struct{ url, want string }{{"http://rs.test/b", "fresh"}, {"http://other.test/b", ""}} {
 		req := httptest.NewRequest("GET", tc.url, nil)
-		if err := d.Sign(req, "", time.Now()); err != nil {
+		if err := d.Sign(req, "", "", time.Now()); err != nil {
 			t.Fatal(err)
 		}
 		p, err := dpoptest.Verify(req.Header.Get("DPoP"))
@@ -152,7 +152,7 @@ func TestDPoPEnd(t *testing.T) {
 	d := NewDPoP(k)
 	d.SetToken("DPoP tok", wantATH("tok"))
 	req := httptest.NewRequest("GET", "http://rs.test/a", nil)
-	if err := d.Sign(req, "", time.Now()); err != nil || req.Header.Get(DPoPHeader) == "" {
+	if err := d.Sign(req, "", "", time.Now()); err != nil || req.Header.Get(DPoPHeader) == "" {
 		t.Fatalf("before End: DPoP %q, %v: want a proof", req.Header.Get(DPoPHeader), err)
 	}
 	d.End()
@@ -160,8 +160,8 @@ func TestDPoPEnd(t *testing.T) {
 		name string
 		sign func(*http.Request) (*http.Request, error)
 	}{
-		{name: "Sign", sign: func(r *http.Request) (*http.Request, error) { return r, d.Sign(r, "", time.Now()) }},
-		{name: "SignCopy", sign: func(r *http.Request) (*http.Request, error) { return d.SignCopy(r, "", time.Now()) }},
+		{name: "Sign", sign: func(r *http.Request) (*http.Request, error) { return r, d.Sign(r, "", "", time.Now()) }},
+		{name: "SignCopy", sign: func(r *http.Request) (*http.Request, error) { return d.SignCopy(r, "", "", time.Now()) }},
 	} {
 		req := httptest.NewRequest("GET", "http://rs.test/a", nil)
 		req.Header.Set("Authorization", "DPoP tok")
@@ -210,7 +210,7 @@ func BenchmarkDPoPSign(b *testing.B) {
 		d.SetToken("DPoP "+tok, dpop.ATH(tok))
 		b.ReportAllocs()
 		for b.Loop() {
-			if err := d.Sign(req, "", now); err != nil {
+			if err := d.Sign(req, "", "", now); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -233,7 +233,7 @@ func TestDPoPSignCopy(t *testing.T) {
 	d.SetToken("DPoP tok-1", wantATH("tok-1"))
 	req := httptest.NewRequest("GET", "http://upstream.test/accounts", nil)
 	req.Header.Set("X-Trace", "1")
-	sent, err := d.SignCopy(req, "", time.Unix(1_800_000_000, 0))
+	sent, err := d.SignCopy(req, "", "", time.Unix(1_800_000_000, 0))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -274,7 +274,7 @@ func TestDPoPNoncesPerServer(t *testing.T) {
 		d.SetToken("DPoP tok", wantATH("tok"))
 		req := httptest.NewRequest("GET", srv.URL+"/accounts", nil)
 		req.RequestURI = ""
-		sent, err := d.SignCopy(req, "", time.Now())
+		sent, err := d.SignCopy(req, "", "", time.Now())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -354,7 +354,8 @@ func TestDPoPSignForwarded(t *testing.T) {
 			for name, v := range tt.forwarded {
 				req.Header.Set(name, v)
 			}
-			if err := d.Sign(req, cmp.Or(tt.caller, caller), time.Now()); err != nil {
+			scheme, host, _ := strings.Cut(cmp.Or(tt.caller, caller), "://")
+			if err := d.Sign(req, scheme, host, time.Now()); err != nil {
 				t.Fatal(err)
 			}
 			for name, v := range tt.want {

@@ -9,10 +9,10 @@ import (
 	"maps"
 	"net/http"
 	neturl "net/url"
-	"strings"
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/internal/challenge"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
@@ -70,50 +70,6 @@ type Tokens interface {
 	Accepted(b *broker.Binding, tok broker.Secret)
 }
 
-// BrokerTokens are the tokens of a broker as the retry sees them (Tokens):
-// a rejected token is reported to the broker (broker.Reject) and what
-// became of it to Rejections.
-type BrokerTokens struct {
-	// Broker holds the tokens.
-	Broker *broker.Broker
-	// Rejections counts and logs the rejected tokens.
-	Rejections Rejections
-}
-
-// Rejections is told what becomes of a token the upstream rejected.
-type Rejections interface {
-	// Rejected is told the outcome of broker.Reject for the token.
-	Rejected(b *broker.Binding, rejected broker.Token, outcome broker.Rejection)
-	// Kept is told of a 401 to a request that no longer carried the token
-	// (Tokens.Kept).
-	Kept(b *broker.Binding, rejected broker.Token)
-}
-
-// Get returns the binding's token from the broker.
-func (t *BrokerTokens) Get(ctx context.Context, b *broker.Binding) (Entry, error) {
-	e, _, err := t.Broker.Get(ctx, b)
-	if err != nil {
-		return nil, err
-	}
-	return e, nil
-}
-
-// Purge reports the rejected token to the broker and its outcome to
-// Rejections.
-func (t *BrokerTokens) Purge(b *broker.Binding, rejected broker.Token) {
-	t.Rejections.Rejected(b, rejected, t.Broker.Reject(b, rejected.Value))
-}
-
-// Kept tells Rejections that the token is kept.
-func (t *BrokerTokens) Kept(b *broker.Binding, rejected broker.Token) {
-	t.Rejections.Kept(b, rejected)
-}
-
-// Accepted reports the retry's accepted token to the broker.
-func (t *BrokerTokens) Accepted(b *broker.Binding, tok broker.Secret) {
-	t.Broker.Accepted(b, tok)
-}
-
 // Retry sends a request once more, with a new token, when the upstream
 // rejects its token. It is a small value: build it per request from the
 // handler's settings.
@@ -149,8 +105,9 @@ type Retry struct {
 	// DPoP is the request's DPoP binding, with the token set; nil for a
 	// bearer token. An attempt no transport signed (DPoP.Signed false when
 	// its answer starts) left without any credential: its answer passes
-	// through, except a 401, which is dropped and Forward returns
-	// ErrUnsigned without writing anything. This holds in every Mode.
+	// through, except a 401, which is dropped and Forward returns a
+	// Refusal (ErrUnsigned) without writing anything. This holds in every
+	// Mode.
 	DPoP *DPoP
 }
 
@@ -171,41 +128,31 @@ func (rt Retry) Check() error {
 	return nil
 }
 
-// ErrUnsigned is returned by Forward when a request with a DPoP-bound
-// token was answered 401 and no DPoP transport had signed it: it left
-// without its token (only the transport puts it on, with its proof).
-// Nothing of the answer was written.
+// ErrUnsigned is the cause of the Refusal of a request with a DPoP-bound
+// token that was answered 401 and that no DPoP transport had signed: it
+// left without its token (only the transport puts it on, with its proof).
 var ErrUnsigned = errors.New("a request with a DPoP-bound token was answered 401 without having been signed: no DPoP transport sent it, so it left without its token")
 
-// ConsentError is returned by Forward, before any response is written,
-// when the upstream rejected the token and no new one can be had because
-// the merchant must consent again (the provider refused the refresh token
-// with invalid_grant, as after a revocation of the whole grant): the
-// caller is to be answered consent_required, not the 401.
-type ConsentError struct {
-	// Err is the refused fetch (an *oauth.ConsentRequiredError in its
-	// chain).
+// Refusal is returned by Forward, before any response is written, when
+// the caller is to be answered with Code rather than the upstream's
+// answer: dpop_transport_missing (ErrUnsigned); the fetch's code
+// (consent_required) when the upstream rejected the token and no new one
+// can be had because the merchant must consent again (the provider
+// refused the refresh token with invalid_grant, as after a revocation of
+// the whole grant); unreadable_body when the request's body could not be
+// read before it was passed on.
+type Refusal struct {
+	// Code is what the caller is told.
+	Code errcode.Code
+	// Err is the cause, to be logged, never sent to the caller.
 	Err error
 }
 
-// Error describes the refused fetch.
-func (e *ConsentError) Error() string { return e.Err.Error() }
+// Error describes the cause.
+func (e *Refusal) Error() string { return e.Err.Error() }
 
-// Unwrap returns the refused fetch.
-func (e *ConsentError) Unwrap() error { return e.Err }
-
-// BodyError is returned by Forward when the request's body could not be
-// read before it was passed on: a bad request (400).
-type BodyError struct {
-	// Err is the read error.
-	Err error
-}
-
-// Error describes the read error.
-func (e *BodyError) Error() string { return fmt.Sprintf("reading the request body: %v", e.Err) }
-
-// Unwrap returns the read error.
-func (e *BodyError) Unwrap() error { return e.Err }
+// Unwrap returns the cause.
+func (e *Refusal) Unwrap() error { return e.Err }
 
 // rejectsToken reports whether an upstream answer says the token is no good
 // and should be purged: a 401 with a Bearer or DPoP challenge of
@@ -218,7 +165,7 @@ func rejectsToken(mode string, status int, header http.Header) bool {
 	if mode == "any" {
 		return !nonceChallenge(status, header)
 	}
-	return challengeError(header, "invalid_token")
+	return challenge.TokenError(header, "invalid_token")
 }
 
 // acceptsToken reports whether an answer of status to a retry shows that
@@ -235,18 +182,7 @@ func acceptsToken(status int) bool {
 // with the server's nonce (RFC 9449 §9): a 401 with a challenge of
 // error="use_dpop_nonce". The token is fine.
 func nonceChallenge(status int, header http.Header) bool {
-	return status == http.StatusUnauthorized && challengeError(header, "use_dpop_nonce")
-}
-
-// challengeError reports whether a WWW-Authenticate challenge of the
-// Bearer or DPoP scheme in header has the error parameter code.
-func challengeError(header http.Header, code string) bool {
-	for c := range challenge.Errors(header) {
-		if (strings.EqualFold(c.Scheme, "Bearer") || strings.EqualFold(c.Scheme, "DPoP")) && c.Error == code {
-			return true
-		}
-	}
-	return false
+	return status == http.StatusUnauthorized && challenge.TokenError(header, "use_dpop_nonce")
 }
 
 // rejectRecorder passes a response through unless it rejects the token or
@@ -416,7 +352,7 @@ func (s *headerSnapshot) restore(h http.Header) {
 // one, and the request is sent once more with the new token, provided it
 // is replayable (replayBody) and the 401's body was at most
 // maxBufferedBody bytes; else the caller gets the 401. When the merchant
-// must consent again, Forward writes nothing and returns a *ConsentError.
+// must consent again, Forward writes nothing and returns a *Refusal.
 //
 // A DPoP nonce challenge purges nothing: a DPoP-bound request is sent once
 // more with the same token, under the same replay rules, in every Mode
@@ -455,7 +391,7 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 	err = next.ServeHTTP(rec, r)
 	if rec.unsigned {
 		first.before.restore(w.Header())
-		return ErrUnsigned
+		return &Refusal{Code: errcode.DPoPTransportMissing, Err: ErrUnsigned}
 	}
 	rt.reportRefused(b, rec)
 	if err != nil || !rec.rejected && !rec.challenged {
@@ -489,7 +425,7 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		// The grant was revoked: the caller gets consent_required, as the
 		// next call would, not the 401.
 		first.before.restore(w.Header())
-		return &ConsentError{Err: err}
+		return &Refusal{Code: errcode.Classify(err), Err: err}
 	}
 	if err != nil || fresh.Token().Value == rejected.Value {
 		return rec.writeBuffered() // nothing better to try: the caller gets the 401
@@ -531,7 +467,7 @@ func (rt Retry) again(w http.ResponseWriter, r *http.Request, next Next, out Con
 	err := next.ServeHTTP(rec, r)
 	if rec.unsigned {
 		first.before.restore(w.Header())
-		return ErrUnsigned
+		return &Refusal{Code: errcode.DPoPTransportMissing, Err: ErrUnsigned}
 	}
 	rt.reportRefused(b, rec)
 	if err != nil || !rec.rejected {
@@ -593,7 +529,7 @@ func (rt Retry) replayBody(r *http.Request) (bool, []byte, error) {
 	}
 	kept, err := io.ReadAll(io.LimitReader(r.Body, r.ContentLength+1))
 	if err != nil {
-		return false, nil, &BodyError{Err: err}
+		return false, nil, &Refusal{Code: errcode.UnreadableBody, Err: err}
 	}
 	if int64(len(kept)) > r.ContentLength {
 		// More than announced (a handler changed the body): stream it.
@@ -606,6 +542,3 @@ func (rt Retry) replayBody(r *http.Request) (bool, []byte, error) {
 	r.Body = io.NopCloser(bytes.NewReader(kept))
 	return true, kept, nil
 }
-
-// Interface guard.
-var _ Tokens = (*BrokerTokens)(nil)

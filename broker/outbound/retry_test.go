@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/broker/errcode"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
@@ -129,7 +130,7 @@ func TestRetryForward(t *testing.T) {
 		{name: "rejected, fresh rejected too", up: &upstream{bad: "*"}, fresh: fresh, wantStatus: 401,
 			wantSeen: []string{"Bearer old", "Bearer new"}, wantEvents: []string{"purge old", "get", "purge new"}},
 		{name: "rejected, consent required", up: &upstream{bad: "old"}, err: consent,
-			wantSeen: []string{"Bearer old"}, wantEvents: []string{"purge old", "get"}, wantErr: new(*ConsentError)},
+			wantSeen: []string{"Bearer old"}, wantEvents: []string{"purge old", "get"}, wantErr: new(*Refusal)},
 		{name: "401 without the token: kept", up: &upstream{bad: "*", alter: func(r *http.Request) { r.Header.Del("Authorization") }},
 			wantStatus: 401, wantSeen: []string{""}, wantEvents: []string{"kept old"}},
 		{name: "off", mode: "off", up: &upstream{bad: "old"}, wantStatus: 401, wantSeen: []string{"Bearer old"}},
@@ -168,6 +169,9 @@ func TestRetryForward(t *testing.T) {
 			if tt.wantErr != nil {
 				if !errors.As(err, tt.wantErr) {
 					t.Fatalf("err = %v, want %T", err, tt.wantErr)
+				}
+				if rf, ok := errors.AsType[*Refusal](err); ok && rf.Code != errcode.ConsentRequired {
+					t.Errorf("refusal %s, want consent_required", rf.Code)
 				}
 			} else if err != nil {
 				t.Fatal(err)
@@ -257,7 +261,7 @@ func TestRetryDPoP(t *testing.T) {
 			var next Next = up
 			if tt.sign {
 				up.alter = func(r *http.Request) {
-					if err := d.Sign(r, "", time.Now()); err != nil {
+					if err := d.Sign(r, "", "", time.Now()); err != nil {
 						t.Error(err)
 					}
 				}

@@ -92,21 +92,25 @@ func Errors(header http.Header) iter.Seq[Challenge] {
 }
 
 // Error returns the first challenge of the WWW-Authenticate fields of
-// header that has an error parameter (Errors) and is of one of schemes,
-// matched in any letter case (of any scheme when none is given), and
-// whether there is one.
-func Error(header http.Header, schemes ...string) (Challenge, bool) {
+// header that has an error parameter (Errors), and whether there is one.
+func Error(header http.Header) (Challenge, bool) {
 	for c := range Errors(header) {
-		if len(schemes) == 0 {
-			return c, true
-		}
-		for _, s := range schemes {
-			if strings.EqualFold(c.Scheme, s) {
-				return c, true
-			}
-		}
+		return c, true
 	}
 	return Challenge{}, false
+}
+
+// TokenError reports whether a challenge of the Bearer or DPoP scheme
+// (any letter case) in header has the error parameter code: what an
+// upstream says of the token a request carried (RFC 6750 §3.1, RFC 9449
+// §7.1).
+func TokenError(header http.Header, code string) bool {
+	for c := range Errors(header) {
+		if (strings.EqualFold(c.Scheme, "Bearer") || strings.EqualFold(c.Scheme, "DPoP")) && c.Error == code {
+			return true
+		}
+	}
+	return false
 }
 
 // cutToken returns the token (RFC 9110 §5.6.2) s starts with, "" when
