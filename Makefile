@@ -182,7 +182,7 @@ clean:
 # packages of DEADCODE_TEST_SUPPORT); no product package imports unsafe or
 # runtime/debug; module/ has at most 2 500 lines of product Go. Every step runs and says what it
 # checks; any finding fails the target.
-DEADCODE_TEST_SUPPORT := integration/optest integration/banktest integration/redistest integration/jwttest integration/configtest integration/clocktest integration/dpopas integration/dpoprs internal/dpop/dpoptest broker/brokertest
+DEADCODE_TEST_SUPPORT := integration/optest integration/banktest integration/redistest integration/jwttest integration/configtest integration/clocktest integration/dpopas integration/dpoprs integration/dpoptest integration/brokertest
 lint:
 	@fail=0; \
 	echo "lint: go tool staticcheck ./..."; \

@@ -7,8 +7,8 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // dpopSource is a source whose tokens are bound to key (nil: bearer).

@@ -17,8 +17,8 @@ import (
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // writeDPoPKey writes a new PKCS#8 private key for alg (dpoptest.KeyPEM:

@@ -20,8 +20,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/dpopas"
 	"github.com/tokenbroker/caddy-token-broker/integration/dpoprs"
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // dpopAlgs are the proof algorithms, each a provider of the DPoP tests.

@@ -13,7 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
 

@@ -15,12 +15,12 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet/redisstore"
 	"github.com/tokenbroker/caddy-token-broker/broker/reload"
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/config/regcache"
 	"github.com/tokenbroker/caddy-token-broker/integration/banktest"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/integration/redistest"
 )
 

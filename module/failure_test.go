@@ -17,8 +17,8 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/admission"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 

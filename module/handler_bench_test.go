@@ -14,8 +14,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 )
 
 // benchHandler returns a handler with n merchants of one provider, each

@@ -19,8 +19,8 @@ import (
 	zapobserver "go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
 

@@ -14,9 +14,9 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/cmd/sandbox/sandbox"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 )
 
 // TestRevokeStopsAtAProvider429: the admin revocation of a merchant's

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 )
 

@@ -16,10 +16,10 @@ import (
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
 	"github.com/tokenbroker/caddy-token-broker/broker/adminapi"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
 	"github.com/tokenbroker/caddy-token-broker/broker/opstate"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 )
 
 // adminClient is an AdminRequest over plain HTTP that fails as Caddy's

@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/scrub"
 )
 

@@ -14,8 +14,8 @@ import (
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // TestDPoPEd25519Name: an Ed25519 key's proofs to the token and PAR

@@ -7,8 +7,8 @@ import (
 	"testing"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )
 

@@ -24,9 +24,9 @@ import (
 	"testing/iotest"
 	"time"
 
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/integration/optest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // retryHost is the callback host of the consent tests.

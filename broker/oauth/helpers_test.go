@@ -22,7 +22,7 @@ import (
 	"time"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/internal/httpclient"
 )

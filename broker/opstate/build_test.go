@@ -22,8 +22,8 @@ import (
 	"github.com/tokenbroker/caddy-token-broker/config"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // sourceFunc is a provider's token API in a function.

@@ -13,8 +13,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/telemetry"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 )
 
 // TestWildcardRecordFollowsBinding: the tracker remembers a wildcard

@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/dpop"
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
 )
 
 // wantATH is the ath of token (RFC 9449 §4.2), computed here as the RFC

@@ -19,10 +19,10 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/fleet"
 	"github.com/tokenbroker/caddy-token-broker/broker/nuapay"
 	"github.com/tokenbroker/caddy-token-broker/config"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/integration/clocktest"
 	"github.com/tokenbroker/caddy-token-broker/integration/configtest"
 	"github.com/tokenbroker/caddy-token-broker/integration/redistest"

@@ -11,8 +11,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/caddy-token-broker/broker"
-	"github.com/tokenbroker/caddy-token-broker/broker/brokertest"
 	"github.com/tokenbroker/caddy-token-broker/broker/budget"
+	"github.com/tokenbroker/caddy-token-broker/integration/brokertest"
 )
 
 func (t *tap) RefreshBehind(provider string, b *broker.Binding, expiry time.Time) {

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 )
 
 // The bank client of the DPoP comparison, registered at the token API

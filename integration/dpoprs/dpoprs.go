@@ -32,7 +32,7 @@ import (
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 )
 
 // Refusal reasons, as recorded in Refusal.Reason.

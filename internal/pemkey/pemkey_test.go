@@ -8,7 +8,7 @@ import (
 	"fmt"
 	"testing"
 
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 	"github.com/tokenbroker/caddy-token-broker/internal/pemkey"
 )
 

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/tokenbroker/caddy-token-broker/internal/dpop/dpoptest"
+	"github.com/tokenbroker/caddy-token-broker/integration/dpoptest"
 )
 
 // DPoP (RFC 9449) at the bank and the echo upstream. A token request with
