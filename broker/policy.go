@@ -258,7 +258,10 @@ func (p *policy) backoffFor(n int) time.Duration {
 // at limit.
 func doubled(base, limit time.Duration, n int) time.Duration {
 	d := base
-	for i := 1; i < n && d < limit; i++ {
+	for i := 1; i < n; i++ {
+		if d > limit/2 {
+			return limit
+		}
 		d *= 2
 	}
 	return min(d, limit)

@@ -551,3 +551,27 @@ func TestRefusedWhileProbeOut(t *testing.T) {
 		t.Fatalf("w once the breaker closed: %v after %d calls, want a token of its own call", err, src.calls.Load())
 	}
 }
+
+func TestDoubled(t *testing.T) {
+	const huge = time.Duration(1<<63 - 1)
+	for _, c := range []struct {
+		base, limit time.Duration
+		n           int
+		want        time.Duration
+	}{
+		{2 * time.Second, time.Minute, 0, 2 * time.Second},
+		{2 * time.Second, time.Minute, 1, 2 * time.Second},
+		{2 * time.Second, time.Minute, 3, 8 * time.Second},
+		{2 * time.Second, time.Minute, 5, 32 * time.Second},
+		{2 * time.Second, time.Minute, 6, time.Minute},
+		{2 * time.Second, time.Minute, 200, time.Minute},
+		{time.Hour, time.Minute, 1, time.Minute},
+		{time.Hour, huge, 100, huge},
+		{time.Nanosecond, huge, 62, 1 << 61},
+		{time.Nanosecond, huge, 200, huge},
+	} {
+		if got := doubled(c.base, c.limit, c.n); got != c.want {
+			t.Errorf("doubled(%v, %v, %d) = %v, want %v", c.base, c.limit, c.n, got, c.want)
+		}
+	}
+}
