@@ -33,9 +33,9 @@ const dpopVar = "token_broker.dpop"
 // rewrote the path, with the Host header sent), with ath the hash of the
 // token and the nonce the upstream last sent. Nonces are remembered per
 // upstream origin (the scheme and address reverse_proxy sends to, not the
-// Host header); a `use_dpop_nonce` 401 is retried once by the
-// token_broker handler. Requests without a DPoP-bound token pass through
-// unchanged.
+// Host header); a `use_dpop_nonce` 401 that brings a new nonce is retried
+// once by the token_broker handler. Requests without a DPoP-bound token
+// pass through unchanged.
 //
 // A provider with a `[providers.X.dpop]` key needs this transport on
 // every reverse_proxy behind its token_broker routes:

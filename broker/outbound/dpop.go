@@ -26,8 +26,9 @@ type DPoP struct {
 	// header is the token's Authorization value, "DPoP <token>"; ath the
 	// proofs' ath claim for it.
 	header, ath string
-	// sent is the Authorization value of the last attempt signed.
-	sent string
+	// sent is the Authorization value of the last attempt signed, nonce
+	// the DPoP nonce its proof carried.
+	sent, nonce string
 	// signed: a transport signed (or refused to sign) the current attempt.
 	signed atomic.Bool
 	// done: End was called.
@@ -35,6 +36,9 @@ type DPoP struct {
 	// refused is the key's refusal of the DPoP-Nonce of the last answer
 	// Observe saw, nil when none; it never holds the nonce.
 	refused atomic.Pointer[dpop.NonceError]
+	// renewed: after the last answer Observe saw, the key holds another
+	// nonce for its server than the one the attempt's proof carried.
+	renewed atomic.Bool
 }
 
 // NewDPoP returns a request's DPoP binding to k (not nil); SetToken gives
@@ -93,7 +97,7 @@ func (d *DPoP) Sign(req *http.Request, callerScheme, callerHost string, now time
 		return nil
 	}
 	d.signed.Store(true)
-	d.sent = ""
+	d.sent, d.nonce = "", ""
 	if d.header == "" {
 		return nil
 	}
@@ -102,7 +106,8 @@ func (d *DPoP) Sign(req *http.Request, callerScheme, callerHost string, now time
 		host = req.URL.Host
 	}
 	u := url.URL{Scheme: req.URL.Scheme, Host: host, Path: req.URL.Path, RawPath: req.URL.RawPath}
-	proof, err := d.key.Proof(req.Method, dpop.HTU(&u), d.ath, d.key.Nonce(dpop.ResourceServer, req.URL), now)
+	nonce := d.key.Nonce(dpop.ResourceServer, req.URL)
+	proof, err := d.key.Proof(req.Method, dpop.HTU(&u), d.ath, nonce, now)
 	if err != nil {
 		return err
 	}
@@ -110,7 +115,7 @@ func (d *DPoP) Sign(req *http.Request, callerScheme, callerHost string, now time
 	forward(req.Header, "X-Forwarded-Host", callerHost, dpop.WireHost(host))
 	req.Header["Authorization"] = []string{d.header}
 	req.Header[DPoPHeader] = []string{proof}
-	d.sent = d.header
+	d.sent, d.nonce = d.header, nonce
 	return nil
 }
 
@@ -139,6 +144,10 @@ func (d *DPoP) SignCopy(req *http.Request, callerScheme, callerHost string, now 
 // binding keeps none. A nonce the key refuses is not remembered: its
 // *dpop.NonceError (which never holds the nonce) is kept, so that a nonce
 // challenge in that answer is passed on, not retried (Retry.NonceRefused).
+// A nonce challenge is retried only when the key now holds another nonce
+// than the one the attempt's proof carried: the answer's, or one a
+// concurrent request brought (RFC 9449 §9: a proof with the same nonce
+// would be refused again).
 func (d *DPoP) Observe(req *http.Request, h http.Header) {
 	if d.done.Load() {
 		return
@@ -148,4 +157,5 @@ func (d *DPoP) Observe(req *http.Request, h http.Header) {
 		ne, _ = d.key.SetNonce(dpop.ResourceServer, req.URL, n[0]).(*dpop.NonceError)
 	}
 	d.refused.Store(ne)
+	d.renewed.Store(d.key.Nonce(dpop.ResourceServer, req.URL) != d.nonce)
 }

@@ -77,8 +77,8 @@ type Retry struct {
 	// Mode says which upstream 401 answers purge the token and retry the
 	// request: "invalid_token" or "" (a 401 with `WWW-Authenticate:
 	// Bearer error="invalid_token"`), "any" (every 401) or "off". A DPoP
-	// nonce challenge to a DPoP-bound request is retried in every mode,
-	// "off" included.
+	// nonce challenge to a DPoP-bound request that brought a new nonce is
+	// retried in every mode, "off" included.
 	Mode string
 	// BodyLimit is the largest request body kept in memory for a retry.
 	// Default DefaultRetryBodyLimit.
@@ -94,8 +94,8 @@ type Retry struct {
 	// Tokens is the broker side.
 	Tokens Tokens
 	// NonceChallenged, when set, is told about each upstream 401 that asks
-	// a DPoP-bound request for a nonce (see nonceChallenge) and is answered
-	// with a retry.
+	// a DPoP-bound request for a nonce (see nonceChallenge), brought a new
+	// one, and is answered with a retry.
 	NonceChallenged func(b *broker.Binding)
 	// NonceRefused, when set, is told about an upstream 401 that asks a
 	// DPoP-bound request for a nonce the key refused (DPoP.Observe), with
@@ -233,10 +233,12 @@ func (rr *rejectRecorder) WriteHeader(status int) {
 		return
 	}
 	// A nonce challenge is retried only for a DPoP-bound request whose
-	// answer's nonce the key took: no other proof can carry it.
+	// answer's nonce the key took (no other proof can carry it), and only
+	// when the key holds another nonce than the one sent: else it is
+	// passed on as it came.
 	if rr.dpop != nil && nonceChallenge(status, rr.Header()) {
 		rr.refused = rr.dpop.refused.Load()
-		rr.challenged = rr.refused == nil
+		rr.challenged = rr.refused == nil && rr.dpop.renewed.Load()
 	}
 	if rr.mode != "off" {
 		rr.rejected = !rr.challenged && rejectsToken(rr.mode, status, rr.Header())
@@ -355,8 +357,10 @@ func (s *headerSnapshot) restore(h http.Header) {
 // must consent again, Forward writes nothing and returns a *Refusal.
 //
 // A DPoP nonce challenge purges nothing: a DPoP-bound request is sent once
-// more with the same token, under the same replay rules, in every Mode
-// (NonceChallenged is told); a bearer request's is passed through.
+// more with the same token and the new nonce, under the same replay rules,
+// in every Mode (NonceChallenged is told); one that brought no new nonce
+// (none, or the one the proof carried: DPoP.Observe), and a bearer
+// request's, are passed through.
 //
 // When next fails, Forward returns its error with the request's
 // Authorization removed: Caddy's handle_errors routes run on the same

@@ -5,11 +5,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -313,6 +318,173 @@ func TestRetryDPoP(t *testing.T) {
 			var ne *dpop.NonceError
 			if tt.wantRefused != (len(refusals) == 1 && errors.As(refusals[0], &ne) && ne.Size == len(tt.nonceValue)) || len(refusals) > 1 {
 				t.Errorf("NonceRefused told %v; want one *dpop.NonceError: %v", refusals, tt.wantRefused)
+			}
+		})
+	}
+}
+
+// TestRetryDPoPNonceOverHTTP: against a resource server on 127.0.0.1 that
+// checks every proof (dpoptest.Checker) and demands its nonce, a nonce
+// challenge is answered with one retry, the body replayed and the proof
+// carrying the new nonce, only when its DPoP-Nonce brings a nonce other
+// than the one the proof carried, in every mode; a challenge without a
+// DPoP-Nonce, or with the nonce sent, costs the server no second request:
+// the caller gets it as the server sent it, as it gets a retry's
+// challenge, without the token, nothing purged and no challenge counted.
+func TestRetryDPoPNonceOverHTTP(t *testing.T) {
+	const token = "tok-7f3a9c"
+	for _, tt := range []struct {
+		name string
+		mode string
+		held string // the key's nonce for the server before the request; "" none
+		// answer is the challenge's DPoP-Nonce: "new" the nonce demanded,
+		// "sent" the one the proof carried, "" none.
+		answer string
+		// rotate: the server demands another nonce for each request, so the
+		// retry is challenged too; else it demands n-2.
+		rotate        bool
+		wantNonces    []string // the nonces of the proofs the server received
+		wantCode      int
+		wantChallenge int // NonceChallenged calls
+	}{
+		{name: "no nonce held, a new one: retried with it", answer: "new",
+			wantNonces: []string{"", "n-2"}, wantCode: 200, wantChallenge: 1},
+		{name: "a stale nonce, a new one: retried with it", held: "n-1", answer: "new",
+			wantNonces: []string{"n-1", "n-2"}, wantCode: 200, wantChallenge: 1},
+		{name: "retry off: a new nonce: retried with it", mode: "off", held: "n-1", answer: "new",
+			wantNonces: []string{"n-1", "n-2"}, wantCode: 200, wantChallenge: 1},
+		{name: "any: a new nonce: retried with it", mode: "any", answer: "new",
+			wantNonces: []string{"", "n-2"}, wantCode: 200, wantChallenge: 1},
+		{name: "a new nonce, the retry challenged too: its 401 passed on", answer: "new", rotate: true,
+			wantNonces: []string{"", "n-2"}, wantCode: 401, wantChallenge: 1},
+		{name: "no nonce held, no DPoP-Nonce: passed on", wantNonces: []string{""}, wantCode: 401},
+		{name: "a stale nonce, no DPoP-Nonce: passed on", held: "n-1", wantNonces: []string{"n-1"}, wantCode: 401},
+		{name: "the nonce sent again: passed on", held: "n-1", answer: "sent", wantNonces: []string{"n-1"}, wantCode: 401},
+		{name: "retry off: no DPoP-Nonce: passed on", mode: "off", held: "n-1", wantNonces: []string{"n-1"}, wantCode: 401},
+		{name: "retry off: the nonce sent again: passed on", mode: "off", held: "n-1", answer: "sent",
+			wantNonces: []string{"n-1"}, wantCode: 401},
+		{name: "any: no DPoP-Nonce: passed on, nothing purged", mode: "any", wantNonces: []string{""}, wantCode: 401},
+		{name: "any: the nonce sent again: passed on, nothing purged", mode: "any", held: "n-1", answer: "sent",
+			wantNonces: []string{"n-1"}, wantCode: 401},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var (
+				mu      sync.Mutex
+				nonces  []string // of the proofs received
+				refused []string // requests refused for another reason than the nonce
+				checker dpoptest.Checker
+			)
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				body, _ := io.ReadAll(r.Body)
+				p, err := dpoptest.Verify(r.Header.Get(DPoPHeader))
+				mu.Lock()
+				nonces = append(nonces, p.Nonce)
+				demanded := "n-2"
+				if tt.rotate {
+					demanded = "n-" + strconv.Itoa(len(nonces)+1)
+				}
+				mu.Unlock()
+				if err == nil {
+					_, err = checker.Check(r.Header.Get(DPoPHeader), dpoptest.Want{Method: r.Method,
+						URL: "http://" + r.Host + r.URL.EscapedPath(), AccessToken: token,
+						Nonce: func(n string) bool { return n == demanded }})
+				}
+				if ce := (*dpoptest.CheckError)(nil); errors.As(err, &ce) && ce.Reason == dpoptest.ReasonNonce {
+					switch tt.answer {
+					case "new":
+						w.Header().Set("DPoP-Nonce", demanded)
+					case "sent":
+						w.Header().Set("DPoP-Nonce", p.Nonce)
+					}
+					w.Header().Set("WWW-Authenticate", `DPoP error="use_dpop_nonce", error_description="Resource server requires nonce in DPoP proof"`)
+					w.WriteHeader(http.StatusUnauthorized)
+					fmt.Fprint(w, `{"error":"use_dpop_nonce"}`)
+					return
+				}
+				if err == nil && (r.Header.Get("Authorization") != "DPoP "+token || string(body) != "payload") {
+					err = fmt.Errorf("Authorization %d bytes, body %q", len(r.Header.Get("Authorization")), body)
+				}
+				if err != nil {
+					mu.Lock()
+					refused = append(refused, err.Error())
+					mu.Unlock()
+					w.WriteHeader(http.StatusBadRequest)
+					return
+				}
+				fmt.Fprint(w, "accounts")
+			}))
+			defer srv.Close()
+			srvURL, err := url.Parse(srv.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+
+			k := dpoptest.NewKey(t)
+			if err := k.SetNonce(dpop.ResourceServer, srvURL, tt.held); err != nil {
+				t.Fatal(err)
+			}
+			d := NewDPoP(k)
+			d.SetToken("DPoP "+token, wantATH(token))
+			// next is reverse_proxy with the token_broker_dpop transport:
+			// the proof goes on a copy of the request sent, the answer's
+			// nonce is observed, and the answer is copied to w.
+			next := HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				req, err := http.NewRequestWithContext(r.Context(), r.Method, srv.URL+r.URL.Path, r.Body)
+				if err != nil {
+					return err
+				}
+				req.Header, req.ContentLength = r.Header.Clone(), r.ContentLength
+				sent, err := d.SignCopy(req, "", "", time.Now())
+				if err != nil {
+					return err
+				}
+				resp, err := srv.Client().Do(sent)
+				if err != nil {
+					return err
+				}
+				defer resp.Body.Close()
+				d.Observe(sent, resp.Header)
+				maps.Copy(w.Header(), resp.Header)
+				w.WriteHeader(resp.StatusCode)
+				_, err = io.Copy(w, resp.Body)
+				return err
+			})
+			tokens := &fakeTokens{fresh: dpopEntry{entry{broker.Token{Value: "new"}}}}
+			challenges := 0
+			rt := Retry{Mode: tt.mode, Tokens: tokens, DPoP: d, NonceChallenged: func(*broker.Binding) { challenges++ }}
+			r := httptest.NewRequest("POST", "/accounts", strings.NewReader("payload"))
+			out := Contract{}
+			out.Prepare(r, "DPoP "+token)
+			w := httptest.NewRecorder()
+			if err := rt.Forward(w, r, next, out, &broker.Binding{}, dpopEntry{entry{broker.Token{Value: token}}}); err != nil {
+				t.Fatal(err)
+			}
+
+			mu.Lock()
+			defer mu.Unlock()
+			if len(refused) > 0 {
+				t.Fatalf("the server refused proofs or requests: %q", refused)
+			}
+			if !slices.Equal(nonces, tt.wantNonces) {
+				t.Errorf("the server got %d requests with proof nonces %q, want %q", len(nonces), nonces, tt.wantNonces)
+			}
+			if w.Code != tt.wantCode || challenges != tt.wantChallenge || len(tokens.events) > 0 {
+				t.Errorf("caller got %d, %d challenges counted, events %q; want %d, %d, none",
+					w.Code, challenges, tokens.events, tt.wantCode, tt.wantChallenge)
+			}
+			if a, p := w.Header().Values("Authorization"), w.Header().Values(DPoPHeader); len(a)+len(p) > 0 ||
+				strings.Contains(fmt.Sprint(w.Header()), token) || strings.Contains(w.Body.String(), token) {
+				t.Errorf("the caller's answer carries the token or a proof: %v %q", w.Header(), w.Body)
+			}
+			if tt.wantCode != http.StatusUnauthorized {
+				return
+			}
+			// The server's last challenge, as it sent it.
+			wantNonce := map[string][]string{"new": {"n-" + strconv.Itoa(len(nonces)+1)}, "sent": {tt.held}}[tt.answer]
+			if got := w.Header().Values("DPoP-Nonce"); !slices.Equal(got, wantNonce) || w.Body.String() != `{"error":"use_dpop_nonce"}` ||
+				!strings.HasPrefix(w.Header().Get("WWW-Authenticate"), `DPoP error="use_dpop_nonce"`) {
+				t.Errorf("caller got DPoP-Nonce %q, WWW-Authenticate %q, body %q: want the server's challenge (DPoP-Nonce %q)",
+					got, w.Header().Get("WWW-Authenticate"), w.Body, wantNonce)
 			}
 		})
 	}
