@@ -133,10 +133,11 @@ type App struct {
 	tables      *bindings.Tables // binding tables, by registry and route scopes
 	listing     *listing.Listing // the wildcard's organisation listing, if restricted
 	listingKey  string
-	registryKey string         // the registry's key in the registries pool
-	sweeperKey  string         // the consents sweeper's key in pendingSweepers
-	site        callers.Site   // AllowedHosts, checked by the handlers
-	watched     *probe.Watched // the registries of handlers with their own, for the health answer
+	registryKey string          // the registry's key in the registries pool
+	sweeperKey  string          // the consents sweeper's key in pendingSweepers
+	site        callers.Site    // AllowedHosts, checked by the handlers
+	callers     *callers.Policy // Callers, provisioned; nil admits every caller
+	watched     *probe.Watched  // the registries of handlers with their own, for the health answer
 
 	// refusals limits the handlers' logs of repeated refusals.
 	refusals *lograte.Limiter[broker.Backoff]
@@ -173,7 +174,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if a.Callers != nil {
-		if err := a.Callers.provision(ctx); err != nil {
+		if a.callers, err = a.Callers.provision(ctx); err != nil {
 			return err
 		}
 	}

@@ -6,7 +6,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/tokenbroker/caddy-token-broker/broker/callers"
-	"github.com/tokenbroker/caddy-token-broker/broker/oauth/consentweb"
 )
 
 // CallerPolicy makes callers prove who they are with a JWT (for example a
@@ -56,16 +55,13 @@ type CallerPolicy struct {
 	// Allow maps a caller's subject (sub) to the merchants it may act
 	// for; "*" allows every merchant.
 	Allow map[string][]string `json:"allow,omitempty"`
-
-	policy *callers.Policy
 }
 
-// provision checks the policy and prepares its verifier; the file paths
+// provision checks the policy and returns its verifier; the file paths
 // may hold placeholders such as {env.X}.
-func (p *CallerPolicy) provision(ctx caddy.Context) error {
+func (p *CallerPolicy) provision(ctx caddy.Context) (*callers.Policy, error) {
 	repl := caddy.NewReplacer()
-	var err error
-	p.policy, err = callers.New(ctx, callers.Config{
+	return callers.New(ctx, callers.Config{
 		Issuer:          p.Issuer,
 		Audience:        p.Audience,
 		JWKSURL:         p.JWKSURL,
@@ -75,15 +71,4 @@ func (p *CallerPolicy) provision(ctx caddy.Context) error {
 		Header:          p.Header,
 		Allow:           p.Allow,
 	})
-	return err
-}
-
-// consentGate admits the requests of the consent links API with the
-// app's site check and caller policy (consentweb.CallerGate).
-func (a *App) consentGate() consentweb.CallerGate {
-	g := consentweb.CallerGate{Hosts: a.site}
-	if a.Callers != nil {
-		g.Policy = a.Callers.policy
-	}
-	return g
 }

@@ -20,22 +20,24 @@ import (
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 
+	"github.com/tokenbroker/caddy-token-broker/broker/callers"
 	"github.com/tokenbroker/caddy-token-broker/integration/jwttest"
 )
 
 // mustProvision provisions p, allowing payments to act for acme when p
 // has no allow rule.
-func mustProvision(t *testing.T, p *CallerPolicy) *CallerPolicy {
+func mustProvision(t *testing.T, p *CallerPolicy) *callers.Policy {
 	t.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	t.Cleanup(cancel)
 	if p.Allow == nil {
 		p.Allow = map[string][]string{"payments": {"acme"}}
 	}
-	if err := p.provision(ctx); err != nil {
+	policy, err := p.provision(ctx)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return p
+	return policy
 }
 
 func TestParseCallers(t *testing.T) {

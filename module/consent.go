@@ -115,7 +115,7 @@ func (c *Consent) Provision(ctx caddy.Context) error {
 		return err
 	}
 	c.web, err = consentweb.New(consentweb.Options{Provider: c.Provider, Links: c.Links, Registry: app.registry,
-		Broker: app.broker, Gate: app.consentGate(), Pages: pages,
+		Broker: app.broker, Gate: consentweb.CallerGate{Hosts: app.site, Policy: app.callers}, Pages: pages,
 		Results: &consentpage.Results{Store: kvstore.Pending{S: ctx.Storage()}}, Steps: c.metrics.Steps, Logger: ctx.Logger(),
 		Consented: app.tracker.ConsentGranted})
 	if err != nil {

@@ -63,7 +63,7 @@ scopes = ["accounts"]
 			_ = serveAdmin(httptest.NewRecorder(), httptest.NewRequest("POST", "/token_broker/consent/links", strings.NewReader(tt.body)))
 
 			routeCore, routeLogs := zapobserver.New(zap.DebugLevel)
-			web, err := consentweb.New(consentweb.Options{Links: true, Registry: reg, Broker: app.broker, Gate: app.consentGate(),
+			web, err := consentweb.New(consentweb.Options{Links: true, Registry: reg, Broker: app.broker, Gate: consentweb.CallerGate{Hosts: app.site, Policy: app.callers},
 				Steps:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "steps"}, []string{"provider", "step", "outcome"}),
 				Logger: zap.New(routeCore)})
 			if err != nil {

@@ -126,7 +126,7 @@ type Handler struct {
 	// most 16 MiB.
 	RetryBodyLimit int64 `json:"retry_body_limit,omitempty"`
 
-	callers     *CallerPolicy
+	callers     *callers.Policy    // the app's caller policy; nil admits every caller
 	site        *callers.Site      // the app's: which Host names and browser requests are served
 	registry    *config.Registry   // the app's, or the handler's own (Config)
 	bindings    *bindings.Table    // the app's, shared by its routes with the same registry and scopes; the handler's own with Config
@@ -222,7 +222,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	app := appIface.(*App)
 	h.broker = app.broker
 	h.tracker = app.tracker
-	h.callers = app.Callers
+	h.callers = app.callers
 	h.site = &app.site
 	h.refusals = app.refusals
 	h.Merchant = cmp.Or(h.Merchant, DefaultMerchant)
@@ -307,20 +307,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if code := out.Check(r); code != 0 {
 		return h.fail(w, repl, admission.Refusal{Code: code})
 	}
-	var caller string
-	if h.callers != nil {
-		sub, cerr := h.callers.policy.Authenticate(r)
-		if cerr != nil {
-			cerr.SetChallenge(w.Header())
-			return h.fail(w, repl, admission.Refusal{Code: cerr.Code, Cause: cerr.Err})
-		}
-		caller = sub
+	caller, cerr := h.callers.Authenticate(r)
+	if cerr != nil {
+		cerr.SetChallenge(w.Header())
+		return h.fail(w, repl, admission.Refusal{Code: cerr.Code, Cause: cerr.Err})
 	}
 	merchant, code := h.merchant.Merchant(r.Header, repl)
 	if code != 0 {
 		return h.fail(w, repl, admission.Refusal{Code: code})
 	}
-	if h.callers != nil && !h.callers.policy.Allows(caller, merchant) {
+	if !h.callers.Allows(caller, merchant) {
 		return h.fail(w, repl, admission.Refusal{Code: errcode.CallerForbidden, Merchant: merchant})
 	}
 	b, rf := h.binding(merchant)

@@ -18,11 +18,7 @@ import (
 // outbound returns the handler's outbound-header contract. It is computed
 // from the handler's fields, so it costs nothing to build per request.
 func (h *Handler) outbound() outbound.Contract {
-	o := outbound.Contract{Merchant: h.merchant.Header(), Interaction: h.InteractionID}
-	if h.callers != nil {
-		o.Caller = h.callers.policy.Header()
-	}
-	return o
+	return outbound.Contract{Merchant: h.merchant.Header(), Interaction: h.InteractionID, Caller: h.callers.Header()}
 }
 
 // forward calls next through the 401 retry of retry_on_401 and

@@ -56,10 +56,11 @@ type CheckResult struct {
 // (broker.Broker.Check: the failure policy applies, the token is cached)
 // and says what the provider answered. b is the merchant's binding as its
 // requests use it (with their observer), nil to use one with the
-// merchant's own scopes; allow, when not nil, is asked about a wildcard
-// merchant's organisation (the organisations list). now is the wall
-// clock. A merchant that cannot be checked is an *Error.
-func Check(ctx context.Context, reg *config.Registry, br *broker.Broker, b *broker.Binding, allow func(organisation string) error, merchant string, now time.Time) (CheckResult, error) {
+// merchant's own scopes, observed by observer (nil: not observed); allow,
+// when not nil, is asked about a wildcard merchant's organisation (the
+// organisations list). now is the wall clock. A merchant that cannot be
+// checked is an *Error.
+func Check(ctx context.Context, reg *config.Registry, br *broker.Broker, b *broker.Binding, observer broker.Observer, allow func(organisation string) error, merchant string, now time.Time) (CheckResult, error) {
 	if reg == nil {
 		return CheckResult{}, &Error{Status: http.StatusNotFound, Err: errors.New("no merchant registry is loaded")}
 	}
@@ -70,9 +71,10 @@ func Check(ctx context.Context, reg *config.Registry, br *broker.Broker, b *brok
 	p := reg.Providers[m.Provider]
 	if b == nil {
 		var err error
-		if b, err = reg.Binding(merchant, nil); err != nil {
+		if b, err = reg.MerchantBinding(m, nil); err != nil {
 			return CheckResult{}, &Error{Status: http.StatusConflict, Err: fmt.Errorf("merchant %q: %w", merchant, err)}
 		}
+		b.Observer = observer
 	}
 	if wild && allow != nil {
 		if err := allow(b.Organisation); err != nil {

@@ -90,7 +90,7 @@ func TestCheck(t *testing.T) {
 			var res CheckResult
 			var err error
 			for range tt.checks {
-				if res, err = Check(context.Background(), reg, br, nil, nil, tt.merchant, time.Now()); err != nil {
+				if res, err = Check(context.Background(), reg, br, nil, nil, nil, tt.merchant, time.Now()); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -122,7 +122,7 @@ func TestCheck(t *testing.T) {
 		reg := checkRegistry(t, sb.URL, "good-key")
 		br := broker.New(broker.Options{})
 		t.Cleanup(br.Close)
-		_, err := Check(context.Background(), reg, br, nil, nil, "nobody", time.Now())
+		_, err := Check(context.Background(), reg, br, nil, nil, nil, "nobody", time.Now())
 		if e, ok := err.(*Error); !ok || e.Status != 404 {
 			t.Fatalf("Check(nobody) = %v, want a 404 *Error", err)
 		}
@@ -184,7 +184,7 @@ scopes = ["openbanking_pisp"]
 			in.Broker, in.Logger = br, zap.NewNop()
 			fetch := func() string {
 				t.Helper()
-				if res, err := Check(context.Background(), reg, br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
+				if res, err := Check(context.Background(), reg, br, nil, nil, nil, "acme", time.Now()); err != nil || !res.OK {
 					t.Fatalf("check acme: %+v, %v", res, err)
 				}
 				return br.Entries()[0].Token().Value.Reveal()
@@ -226,7 +226,7 @@ func TestRevokeOutlivesItsRequest(t *testing.T) {
 	reg := checkRegistry(t, srv.URL, "good-key")
 	br := broker.New(broker.Options{})
 	t.Cleanup(br.Close)
-	if res, err := Check(context.Background(), reg, br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
+	if res, err := Check(context.Background(), reg, br, nil, nil, nil, "acme", time.Now()); err != nil || !res.OK {
 		t.Fatalf("check acme: %+v, %v", res, err)
 	}
 	tok := br.Entries()[0].Token().Value.Reveal()
@@ -278,7 +278,7 @@ func TestRevokeWithRotatedKey(t *testing.T) {
 			br := broker.New(broker.Options{})
 			t.Cleanup(br.Close)
 			load := configtest.Reloader(t, "merchants.toml")
-			if res, err := Check(context.Background(), checkRegistryIn(t, load, srv.URL, "old-key"), br, nil, nil, "acme", time.Now()); err != nil || !res.OK {
+			if res, err := Check(context.Background(), checkRegistryIn(t, load, srv.URL, "old-key"), br, nil, nil, nil, "acme", time.Now()); err != nil || !res.OK {
 				t.Fatalf("check acme: %+v, %v", res, err)
 			}
 			tok := br.Entries()[0].Token().Value.Reveal()

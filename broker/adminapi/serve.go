@@ -308,21 +308,12 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 // view like a route's fetch.
 func checkMerchant(w http.ResponseWriter, r *http.Request, in *Instance, merchant string) error {
 	var b *broker.Binding
-	if in.Registry != nil {
-		var bound []*bindings.Binding
-		if in.Tables != nil {
-			bound = in.Tables.Bindings(in.Registry, merchant)
-		}
-		if len(bound) > 0 {
+	if in.Registry != nil && in.Tables != nil {
+		if bound := in.Tables.Bindings(in.Registry, merchant); len(bound) > 0 {
 			b = &bound[0].Binding
-		} else if in.Observer != nil {
-			if bd, err := in.Registry.Binding(merchant, nil); err == nil {
-				bd.Observer = in.Observer
-				b = bd
-			}
 		}
 	}
-	res, err := Check(r.Context(), in.Registry, in.Broker, b, admission.Allow(in.Listing), merchant, time.Now())
+	res, err := Check(r.Context(), in.Registry, in.Broker, b, in.Observer, admission.Allow(in.Listing), merchant, time.Now())
 	if err != nil {
 		return err
 	}

@@ -562,3 +562,16 @@ func TestCallerKeySetOverTheLimit(t *testing.T) {
 		})
 	}
 }
+
+// TestNilPolicyAdmitsEveryCaller checks that a nil policy (no caller
+// policy configured) authenticates every request and allows every merchant.
+func TestNilPolicyAdmitsEveryCaller(t *testing.T) {
+	var p *Policy
+	sub, err := p.Authenticate(httptest.NewRequest("GET", "/", nil))
+	if sub != "" || err != nil {
+		t.Fatalf("Authenticate = %q, %v; want \"\", nil", sub, err)
+	}
+	if !p.Allows("", "acme") || p.Header() != "" {
+		t.Fatalf("Allows = %v, Header = %q; want true, \"\"", p.Allows("", "acme"), p.Header())
+	}
+}

@@ -115,17 +115,14 @@ func (s *Store) Load(ctx context.Context, key string) (broker.Secret, error) {
 // an old key, is then saved again (Save): sealed with the current key
 // under its name, the copies under the old names deleted, so that it
 // still opens once the old key is dropped, even if the provider never
-// rotates it. That rewrite is best effort (bounded by oauth.SaveTimeout,
-// even when ctx is cancelled): when it fails, the refresh token is still
+// rotates it (oauth.Resave): when that fails, the refresh token is still
 // returned, and the next LoadLocked tries again.
 func (s *Store) LoadLocked(ctx context.Context, key string) (broker.Secret, error) {
 	rt, current, err := s.load(ctx, key)
 	if err != nil || current {
 		return rt, err
 	}
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), oauth.SaveTimeout)
-	defer cancel()
-	_ = s.Save(sctx, key, rt)
+	oauth.Resave(ctx, s, key, rt)
 	return rt, nil
 }
 

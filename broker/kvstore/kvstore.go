@@ -71,17 +71,14 @@ func (st Refresh) Load(ctx context.Context, key string) (broker.Secret, error) {
 
 // LoadLocked is Load, called with Lock held for key: with Keys, a value
 // stored in clear or sealed with an old key is then stored again, sealed
-// with the current key. That rewrite is best effort (bounded by
-// oauth.SaveTimeout, even when ctx is cancelled): when it fails, the
-// refresh token is still returned, and the next LoadLocked tries again.
+// with the current key (oauth.Resave): when that fails, the refresh token
+// is still returned, and the next LoadLocked tries again.
 func (st Refresh) LoadLocked(ctx context.Context, key string) (broker.Secret, error) {
 	rt, b, err := st.load(ctx, key)
 	if err != nil || st.Keys == nil || st.Keys.IsCurrent(b) {
 		return rt, err
 	}
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), oauth.SaveTimeout)
-	defer cancel()
-	_ = st.Save(sctx, key, rt)
+	oauth.Resave(ctx, st, key, rt)
 	return rt, nil
 }
 

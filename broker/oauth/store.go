@@ -55,6 +55,15 @@ type LockedLoader interface {
 	LoadLocked(ctx context.Context, key string) (broker.Secret, error)
 }
 
+// Resave saves rt under key in s again, best effort: bounded by
+// SaveTimeout, even when ctx is cancelled. A LockedLoader calls it to
+// store again, sealed with the current key, a refresh token it loaded.
+func Resave(ctx context.Context, s Store, key string, rt broker.Secret) {
+	ctx, cancel := detached(ctx)
+	defer cancel()
+	_ = s.Save(ctx, key, rt)
+}
+
 // StoreKey is the key of a merchant's refresh token of the provider cfg
 // describes: "<name>/<endpoint id>/<merchant>", the endpoint id being 12
 // hex characters of a SHA-256 over cfg.StoreNamespace, the issuer (else
