@@ -54,7 +54,9 @@ const (
 )
 
 // DiscoveryRetry is how long after a failed discovery the consent flow
-// discovers again; until then its steps fail at once.
+// discovers again, at least: a longer Retry-After of the failed answer,
+// up to broker.MaxRetryAfterMemory, is waited out instead. Until then its
+// steps fail at once.
 const DiscoveryRetry = 5 * time.Second
 
 // exchangeRetry is the least time after a failed code exchange that a
@@ -644,8 +646,10 @@ type Result struct {
 //     refused without asking the provider.
 //   - The endpoints are read before the state is spent: while they cannot
 //     be discovered now (a transient *DiscoveryError) or ctx ends first,
-//     the callback fails with ReasonRetryCallback, the state kept; a
-//     failure that trying again does not mend (permanent) spends it.
+//     the callback fails with ReasonRetryCallback and the time until the
+//     flow discovers again (discoveryWait), the state kept; a failure
+//     that trying again does not mend (permanent), or a wait over
+//     maxExchangeWait, spends it.
 //   - The state is taken, so that of concurrent callbacks one goes on;
 //     the rest is detached from ctx's cancellation, bounded by
 //     SaveTimeout, and so is each put-back after a failure.
@@ -676,9 +680,13 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 	var epErr error
 	if err == nil {
 		if ep, epErr = a.authEndpoints(ctx); epErr != nil && !permanent(epErr) {
-			ce := a.fail(ReasonRetryCallback, rec.Merchant, fmt.Errorf("%w; the authorization state is kept: the callback, reloaded, completes the consent once the provider answers", epErr))
-			ce.RetryAfter = DiscoveryRetry
-			return Result{}, ce
+			wait := a.discoveryWait()
+			if wait <= maxExchangeWait {
+				ce := a.fail(ReasonRetryCallback, rec.Merchant, fmt.Errorf("%w; the authorization state is kept: the callback, reloaded, completes the consent once the provider answers", epErr))
+				ce.RetryAfter = wait
+				return Result{}, ce
+			}
+			epErr = fmt.Errorf("%w; not tried again: the provider asks to wait %s, over %s, longer than its code lives", epErr, wait, maxExchangeWait)
 		}
 	}
 	if err == nil || errors.Is(err, errExpired) {
@@ -908,8 +916,9 @@ func permanent(err error) bool {
 
 // authEndpoints returns the source's endpoints with the configured
 // authorization and PAR endpoints, or the refusal of a discovered one the
-// flow uses that is not a usable URL. For DiscoveryRetry after a failed
-// discovery it fails as that discovery did, without discovering.
+// flow uses that is not a usable URL. After a failed discovery it fails
+// as that discovery did, without discovering, for DiscoveryRetry or the
+// failed answer's longer Retry-After (at most broker.MaxRetryAfterMemory).
 func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 	cfg := a.src.cfg
 	d := a.src.ep.cached()
@@ -918,13 +927,14 @@ func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 		retr, last := a.retr, a.retrErr
 		a.mu.Unlock()
 		if last != nil && cfg.Now().Before(retr) {
-			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: fmt.Errorf("failed less than %s ago: %w", DiscoveryRetry, last.Err), transient: last.transient}
+			return nil, &DiscoveryError{Issuer: cfg.Issuer, Err: fmt.Errorf("not tried again before %s: %w", retr.UTC().Format(time.RFC3339), last.Err), transient: last.transient}
 		}
 		var err error
 		if d, err = a.src.ep.get(ctx); err != nil {
 			if de := (*DiscoveryError)(nil); errors.As(err, &de) {
+				wait := max(DiscoveryRetry, min(broker.RetryAfterOf(de), broker.MaxRetryAfterMemory))
 				a.mu.Lock()
-				a.retr, a.retrErr = cfg.Now().Add(DiscoveryRetry), de // from the failure, not the start
+				a.retr, a.retrErr = cfg.Now().Add(wait), de // from the failure, not the start
 				a.mu.Unlock()
 			}
 			return nil, err
@@ -944,6 +954,18 @@ func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 		return nil, ep.parErr
 	}
 	return &ep, nil
+}
+
+// discoveryWait returns how long from now the flow does not discover
+// again after a failed discovery (see authEndpoints), DiscoveryRetry when
+// that time has passed.
+func (a *AuthCode) discoveryWait() time.Duration {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if left := a.retr.Sub(a.src.cfg.Now()); left > 0 {
+		return left
+	}
+	return DiscoveryRetry
 }
 
 // usesPAR reports whether the authorization requests to ep are pushed:

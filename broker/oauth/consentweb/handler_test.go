@@ -202,10 +202,29 @@ func TestCallbackSiteNeedsHTTPS(t *testing.T) {
 // TestCallbackAsksForAReload: a callback that reaches an instance that
 // cannot discover the bank's endpoints now gets the retry_callback page
 // (503, Retry-After, "reload this page"), its state kept; the browser's
-// reload of the same URL, once the bank answers, stores the consent. A
-// callback with a state that is no consent's gets the unknown_state page
-// meanwhile, without asking the bank.
+// reload of the same URL, once the bank answers, stores the consent. The
+// page's Retry-After is the bank's (DiscoveryRetry without one, or for a
+// shorter one): the bank is not asked again before. A callback with a
+// state that is no consent's gets the unknown_state page meanwhile,
+// without asking the bank.
 func TestCallbackAsksForAReload(t *testing.T) {
+	for _, tc := range []struct {
+		bankRetryAfter string // of the bank's 503, "" for none
+		wait           time.Duration
+	}{
+		{"", oauth.DiscoveryRetry},
+		{"2", oauth.DiscoveryRetry},
+		{"20", 20 * time.Second},
+	} {
+		name := "bank Retry-After " + tc.bankRetryAfter
+		if tc.bankRetryAfter == "" {
+			name = "no bank Retry-After"
+		}
+		t.Run(name, func(t *testing.T) { testCallbackAsksForAReload(t, tc.bankRetryAfter, tc.wait) })
+	}
+}
+
+func testCallbackAsksForAReload(t *testing.T, bankRetryAfter string, wait time.Duration) {
 	ctx := context.Background()
 	var down atomic.Bool
 	var discoveries atomic.Int64
@@ -215,6 +234,9 @@ func TestCallbackAsksForAReload(t *testing.T) {
 	mux.HandleFunc("/.well-known/openid-configuration", func(w http.ResponseWriter, r *http.Request) {
 		discoveries.Add(1)
 		if down.Load() {
+			if bankRetryAfter != "" {
+				w.Header().Set("Retry-After", bankRetryAfter)
+			}
 			http.Error(w, "maintenance", http.StatusServiceUnavailable)
 			return
 		}
@@ -258,13 +280,19 @@ func TestCallbackAsksForAReload(t *testing.T) {
 		t.Errorf("callback with a garbage state: %d, %d discoveries; want 400, the unknown_state page and none:\n%s", w.Code, discoveries.Load()-before, w.Body)
 	}
 	w = second.get(cb, cookies...)
-	if w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") != "5" ||
+	if w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") != fmt.Sprint(wait.Seconds()) ||
 		!strings.Contains(w.Body.String(), "Please reload this page in a moment.") || !strings.Contains(w.Body.String(), oauth.ReasonRetryCallback) {
 		t.Fatalf("callback while the bank cannot be discovered: %d, Retry-After %q, %s; want 503, the retry_callback page", w.Code, w.Header().Get("Retry-After"), w.Body)
 	}
 
+	now.Add(int64(wait - time.Second))
+	before = discoveries.Load()
+	if w = second.get(cb, cookies...); w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") != "1" || discoveries.Load() != before {
+		t.Fatalf("callback a second before the wait is over: %d, Retry-After %q, %d discoveries; want 503, 1 and none", w.Code, w.Header().Get("Retry-After"), discoveries.Load()-before)
+	}
+
 	down.Store(false)
-	now.Add(int64(oauth.DiscoveryRetry))
+	now.Add(int64(time.Second))
 	w = second.get(cb, cookies...)
 	if w.Code != http.StatusSeeOther || !strings.HasPrefix(w.Header().Get("Location"), "done?") {
 		t.Fatalf("the reloaded callback: %d, Location %q; want the result page", w.Code, w.Header().Get("Location"))
