@@ -30,9 +30,6 @@ func (g CallerGate) admits(w http.ResponseWriter, r *http.Request, logger *zap.L
 		linkError(w, code.Status(), code.String(), code.Message(""))
 		return "", false
 	}
-	if g.Policy == nil {
-		return "", true
-	}
 	sub, cerr := g.Policy.Authenticate(r)
 	if cerr != nil {
 		cerr.SetChallenge(w.Header())
@@ -45,7 +42,7 @@ func (g CallerGate) admits(w http.ResponseWriter, r *http.Request, logger *zap.L
 // allows answers a request whose authenticated caller may not ask links
 // for merchant, and reports whether it admitted it.
 func (g CallerGate) allows(w http.ResponseWriter, caller, merchant string) bool {
-	if g.Policy == nil || g.Policy.Allows(caller, merchant) {
+	if g.Policy.Allows(caller, merchant) {
 		return true
 	}
 	linkError(w, http.StatusForbidden, "merchant_not_allowed", fmt.Sprintf("caller %q may not act for merchant %q", caller, merchant))
