@@ -91,7 +91,9 @@ type ConsentError struct {
 	// operator can change.
 	Err error
 	// RetryAfter is, for a ReasonRetryCallback, how long to wait before
-	// the callback is sent again.
+	// the callback is sent again; for a ReasonProviderFailure of Start or
+	// AuthorizationOrigin after a temporary discovery failure, the wait
+	// before the provider is discovered again.
 	RetryAfter time.Duration
 }
 
@@ -344,6 +346,17 @@ func (a *AuthCode) fail(reason, merchant string, err error) *ConsentError {
 	return &ConsentError{Reason: reason, Provider: a.Provider(), Merchant: merchant, Err: err}
 }
 
+// unavailable is the ReasonProviderFailure of a step that could not learn
+// the provider's endpoints; after a temporary discovery failure, its
+// RetryAfter is the wait left before the next discovery.
+func (a *AuthCode) unavailable(merchant string, err error) *ConsentError {
+	ce := a.fail(ReasonProviderFailure, merchant, err)
+	if de, ok := errors.AsType[*DiscoveryError](err); ok && de.Transient() {
+		ce.RetryAfter = a.discoveryWait()
+	}
+	return ce
+}
+
 // Link is a consent link handed to the app.
 type Link struct {
 	// URL is the URL the merchant's browser opens: it shows the start
@@ -477,7 +490,7 @@ func (a *AuthCode) openLink(ctx context.Context, linkID, host string, o stepOpti
 func (a *AuthCode) AuthorizationOrigin(ctx context.Context) (string, error) {
 	ep, err := a.authEndpoints(ctx)
 	if err != nil {
-		return "", a.fail(ReasonProviderFailure, "", err)
+		return "", a.unavailable("", err)
 	}
 	u, _ := url.Parse(ep.auth) // checked by authEndpoints
 	return u.Scheme + "://" + u.Host, nil
@@ -503,7 +516,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 	}
 	ep, err := a.authEndpoints(ctx)
 	if err != nil {
-		return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)
+		return "", rec, a.unavailable(rec.Merchant, err)
 	}
 	rec.ReturnURL = a.allowedReturn(rec.ReturnURL)
 	state := randomString(32)

@@ -287,6 +287,7 @@ func (c *Handler) startPage(w http.ResponseWriter, r *http.Request) {
 		outcome, _ := outcomeOf(err)
 		c.o.Logger.Warn("consent start page: the provider's authorization endpoint is not known (discovery failed)", zap.String("provider", c.o.Provider),
 			zap.String("merchant", rec.Merchant), zap.Error(err))
+		SetRetryAfter(w, err)
 		c.render(w, r, consentpage.Page{Name: consentpage.PageUnavailable, MerchantID: rec.Merchant, Outcome: outcome})
 		return
 	}
@@ -328,6 +329,7 @@ func (c *Handler) start(w http.ResponseWriter, r *http.Request) {
 	c.done(span, provider, StepStart, rec.Merchant, err)
 	if err != nil {
 		outcome, code := outcomeOf(err)
+		SetRetryAfter(w, err)
 		c.render(w, r, consentpage.Page{Name: consentpage.ForStart(link, outcome),
 			MerchantID: rec.Merchant, Outcome: outcome, ProviderCode: code})
 		return
@@ -386,12 +388,9 @@ func (c *Handler) callback(w http.ResponseWriter, r *http.Request) {
 		c.o.Logger.Warn("consent result not stored: its page is shown once", zap.String("provider", provider),
 			zap.String("merchant", res.Merchant), zap.Error(serr))
 	}
-	if ce, ok := errors.AsType[*oauth.ConsentError](err); ok && outcome == oauth.ReasonRetryCallback {
-		// The state is kept: the same callback, reloaded once the bank
-		// answers (its endpoints discovered, its token endpoint back),
-		// completes the consent; it is let through after ce.RetryAfter.
-		w.Header().Set("Retry-After", strconv.FormatInt(retryAfterSeconds(ce.RetryAfter), 10))
-	}
+	// A kept state: the same callback, reloaded after its Retry-After,
+	// completes the consent.
+	SetRetryAfter(w, err)
 	c.render(w, r, consentpage.Page{Name: consentpage.ForOutcome(outcome), MerchantID: res.Merchant, Outcome: outcome, ProviderCode: code})
 }
 

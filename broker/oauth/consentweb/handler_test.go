@@ -302,3 +302,71 @@ func testCallbackAsksForAReload(t *testing.T, bankRetryAfter string, wait time.D
 		t.Errorf("refresh token after the reload: %q, %v; want the bank's", rt, err)
 	}
 }
+
+// TestStartAnswersTheDiscoveryWait: while the consent flow holds off a
+// bank whose discovery failed for a while (503, its Retry-After), the
+// start page and the start form answer 503 with Retry-After, the wait
+// left, and no discovery; a discovery that failed for good (404 on both
+// documents) answers without one.
+func TestStartAnswersTheDiscoveryWait(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		status     int    // of the bank's discovery
+		retryAfter string // of its answer, "" for none
+		wait       time.Duration
+	}{
+		{"503 without Retry-After", http.StatusServiceUnavailable, "", oauth.DiscoveryRetry},
+		{"503 Retry-After 20", http.StatusServiceUnavailable, "20", 20 * time.Second},
+		{"429 Retry-After of a day, capped", http.StatusTooManyRequests, "86400", broker.MaxRetryAfterMemory},
+		{"404: no wait", http.StatusNotFound, "", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var discoveries atomic.Int64
+			mux := http.NewServeMux()
+			bank := httptest.NewServer(mux) // 127.0.0.1, port 0
+			t.Cleanup(bank.Close)
+			fail := func(w http.ResponseWriter, r *http.Request) {
+				discoveries.Add(1)
+				if tc.retryAfter != "" {
+					w.Header().Set("Retry-After", tc.retryAfter)
+				}
+				http.Error(w, "down", tc.status)
+			}
+			mux.HandleFunc("/.well-known/openid-configuration", fail)
+			mux.HandleFunc("/.well-known/oauth-authorization-server", fail)
+			var now atomic.Int64
+			now.Store(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC).UnixNano())
+			clock := func() time.Time { return time.Unix(0, now.Load()) }
+			src, err := oauth.NewRefreshToken(oauth.Config{Name: "bank", Issuer: bank.URL, ClientID: "tpp", ClientSecret: "bank-secret", Now: clock}, &oauth.MemoryStore{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			site := siteOf(t, src, oauth.AuthCodeConfig{RedirectURIs: []string{"https://cb.partner.example/consent/callback"}, Scopes: []string{"offline_access"}}, &oauth.MemoryPendingStore{}, "acme")
+			l, _, err := CreateLink(context.Background(), site.reg, LinkRequest{Merchant: "acme"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := func(step string, w *httptest.ResponseRecorder, retryAfter string) {
+				t.Helper()
+				if w.Code != http.StatusServiceUnavailable && tc.wait > 0 || w.Code == http.StatusSeeOther || w.Header().Get("Retry-After") != retryAfter {
+					t.Fatalf("%s: %d, Retry-After %q; want a refusal with Retry-After %q:\n%s", step, w.Code, w.Header().Get("Retry-After"), retryAfter, w.Body)
+				}
+			}
+			seconds := ""
+			if tc.wait > 0 {
+				seconds = fmt.Sprint(tc.wait.Seconds())
+			}
+			want("start page", site.get(l.URL), seconds)
+			before := discoveries.Load()
+			if tc.wait == 0 {
+				return
+			}
+			now.Add(int64(tc.wait - time.Second))
+			want("start page a second before the wait is over", site.get(l.URL), "1")
+			want("start form a second before the wait is over", site.postStart(t, l.URL), "1")
+			if n := discoveries.Load() - before; n != 0 {
+				t.Fatalf("%d discoveries within the wait, want none", n)
+			}
+		})
+	}
+}

@@ -133,11 +133,15 @@ func CreateLink(ctx context.Context, reg *config.Registry, req LinkRequest) (Lin
 	return LinkResponse{Merchant: req.Merchant, Provider: flow.Provider(), URL: link.URL, Expires: link.Expires.UTC()}, 0, nil
 }
 
-// SetRetryAfter sets Retry-After (whole seconds, rounded up) when err is
-// a link limit.
+// SetRetryAfter sets Retry-After (whole seconds, rounded up, at least 1)
+// when err is a link limit, a callback kept for a reload
+// (oauth.ReasonRetryCallback) or a consent step refused with a wait (its
+// RetryAfter).
 func SetRetryAfter(w http.ResponseWriter, err error) {
 	if le, ok := errors.AsType[*oauth.LinkLimitError](err); ok {
 		w.Header().Set("Retry-After", strconv.FormatInt(retryAfterSeconds(le.RetryAfter), 10))
+	} else if ce, ok := errors.AsType[*oauth.ConsentError](err); ok && (ce.RetryAfter > 0 || ce.Reason == oauth.ReasonRetryCallback) {
+		w.Header().Set("Retry-After", strconv.FormatInt(retryAfterSeconds(ce.RetryAfter), 10))
 	}
 }
 
