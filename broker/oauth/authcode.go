@@ -509,14 +509,15 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 	if err != nil {
 		return "", rec, err
 	}
+	// A start refused for want of the provider's endpoints is not counted.
+	ep, err := a.authEndpoints(ctx)
+	if err != nil {
+		return "", rec, a.unavailable(rec.Merchant, err)
+	}
 	key := a.pend.storeKey(kindLink, linkID)
 	a.limits.used(rec.Merchant, key)
 	if ok, where := a.starts.start(ctx, key, rec.Expires.Add(linkKept)); !ok {
 		return "", rec, a.fail(ReasonTooManyStarts, rec.Merchant, fmt.Errorf("the consent link was started %d times %s, the most one link may be: ask the app for a new consent link", MaxStartsPerLink, where))
-	}
-	ep, err := a.authEndpoints(ctx)
-	if err != nil {
-		return "", rec, a.unavailable(rec.Merchant, err)
 	}
 	rec.ReturnURL = a.allowedReturn(rec.ReturnURL)
 	state := randomString(32)

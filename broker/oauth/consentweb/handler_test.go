@@ -306,7 +306,8 @@ func testCallbackAsksForAReload(t *testing.T, bankRetryAfter string, wait time.D
 // TestStartAnswersTheDiscoveryWait: while the consent flow holds off a
 // bank whose discovery failed for a while (503, its Retry-After), the
 // start page and the start form answer 503 with Retry-After, the wait
-// left, and no discovery; a discovery that failed for good (404 on both
+// left, and no discovery, and the refused starts do not count against the
+// link's MaxStartsPerLink; a discovery that failed for good (404 on both
 // documents) answers without one.
 func TestStartAnswersTheDiscoveryWait(t *testing.T) {
 	for _, tc := range []struct {
@@ -322,10 +323,15 @@ func TestStartAnswersTheDiscoveryWait(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var discoveries atomic.Int64
+			var up atomic.Bool
 			mux := http.NewServeMux()
 			bank := httptest.NewServer(mux) // 127.0.0.1, port 0
 			t.Cleanup(bank.Close)
 			fail := func(w http.ResponseWriter, r *http.Request) {
+				if up.Load() {
+					_, _ = fmt.Fprintf(w, `{"issuer":%q,"authorization_endpoint":%q,"token_endpoint":%q}`, bank.URL, bank.URL+"/authorize", bank.URL+"/token")
+					return
+				}
 				discoveries.Add(1)
 				if tc.retryAfter != "" {
 					w.Header().Set("Retry-After", tc.retryAfter)
@@ -363,9 +369,19 @@ func TestStartAnswersTheDiscoveryWait(t *testing.T) {
 			}
 			now.Add(int64(tc.wait - time.Second))
 			want("start page a second before the wait is over", site.get(l.URL), "1")
-			want("start form a second before the wait is over", site.postStart(t, l.URL), "1")
+			for range oauth.MaxStartsPerLink {
+				want("start form a second before the wait is over", site.postStart(t, l.URL), "1")
+			}
 			if n := discoveries.Load() - before; n != 0 {
 				t.Fatalf("%d discoveries within the wait, want none", n)
+			}
+			if tc.wait >= oauth.DefaultLinkTTL {
+				return // the link has expired meanwhile
+			}
+			up.Store(true)
+			now.Add(int64(time.Second))
+			if w := site.postStart(t, l.URL); w.Code != http.StatusSeeOther {
+				t.Fatalf("start once the bank is back: %d, want 303 to the bank (the refused starts not counted):\n%s", w.Code, w.Body)
 			}
 		})
 	}
