@@ -93,7 +93,8 @@ type ConsentError struct {
 	// RetryAfter is, for a ReasonRetryCallback, how long to wait before
 	// the callback is sent again; for a ReasonProviderFailure of Start or
 	// AuthorizationOrigin after a temporary discovery failure, the wait
-	// before the provider is discovered again.
+	// before the provider is discovered again, or after a pushed request
+	// answered with a Retry-After, that wait.
 	RetryAfter time.Duration
 }
 
@@ -566,7 +567,9 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 			return "", rec, ce
 		}
 		if err != nil {
-			return "", rec, a.fail(ReasonProviderFailure, rec.Merchant, err)
+			ce := a.fail(ReasonProviderFailure, rec.Merchant, err)
+			ce.RetryAfter = min(broker.RetryAfterOf(err), broker.MaxRetryAfterMemory) // a busy provider's wait
+			return "", rec, ce
 		}
 		params = url.Values{"client_id": {a.src.cfg.ClientID}, "request_uri": {uri}}
 	}
