@@ -568,7 +568,7 @@ func (a *AuthCode) Start(ctx context.Context, linkID, host string, opts ...StepO
 		}
 		if err != nil {
 			ce := a.fail(ReasonProviderFailure, rec.Merchant, err)
-			ce.RetryAfter = min(broker.RetryAfterOf(err), broker.MaxRetryAfterMemory) // a busy provider's wait
+			ce.RetryAfter = askedWait(err)
 			return "", rec, ce
 		}
 		params = url.Values{"client_id": {a.src.cfg.ClientID}, "request_uri": {uri}}
@@ -779,10 +779,7 @@ func (a *AuthCode) Callback(ctx context.Context, host string, q url.Values, opts
 		if !unredeemed(err) || !back { // the reload would find no link to claim
 			return res, ce
 		}
-		wait := exchangeRetry
-		if ae, ok := errors.AsType[*broker.APIError](err); ok {
-			wait = max(wait, ae.RetryAfter)
-		}
+		wait := max(exchangeRetry, broker.RetryAfterOf(err))
 		rec.Code, rec.Tries, rec.Retry = digest("code", code), rec.Tries+1, a.pend.Now().Add(wait)
 		switch {
 		case rec.Tries >= codeExchanges:
@@ -949,7 +946,7 @@ func (a *AuthCode) authEndpoints(ctx context.Context) (*endpoints, error) {
 		var err error
 		if d, err = a.src.ep.get(ctx); err != nil {
 			if de := (*DiscoveryError)(nil); errors.As(err, &de) {
-				wait := max(DiscoveryRetry, min(broker.RetryAfterOf(de), broker.MaxRetryAfterMemory))
+				wait := max(DiscoveryRetry, askedWait(de))
 				a.mu.Lock()
 				a.retr, a.retrErr = cfg.Now().Add(wait), de // from the failure, not the start
 				a.mu.Unlock()
@@ -983,6 +980,13 @@ func (a *AuthCode) discoveryWait() time.Duration {
 		return left
 	}
 	return DiscoveryRetry
+}
+
+// askedWait is the wait a provider's answer in err asked for (its
+// Retry-After), at most broker.MaxRetryAfterMemory; zero when it asked
+// none.
+func askedWait(err error) time.Duration {
+	return min(broker.RetryAfterOf(err), broker.MaxRetryAfterMemory)
 }
 
 // usesPAR reports whether the authorization requests to ep are pushed:

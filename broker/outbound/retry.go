@@ -425,7 +425,7 @@ func (rt Retry) Forward(w http.ResponseWriter, r *http.Request, next Next, out C
 		return nil // passed through: not replayable, or a long 401 body
 	}
 	fresh, err := rt.Tokens.Get(r.Context(), b)
-	if cr := (*oauth.ConsentRequiredError)(nil); errors.As(err, &cr) {
+	if _, ok := errors.AsType[*oauth.ConsentRequiredError](err); ok {
 		// The grant was revoked: the caller gets consent_required, as the
 		// next call would, not the 401.
 		first.before.restore(w.Header())
