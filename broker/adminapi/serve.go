@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
-	"slices"
 	"strings"
 	"time"
 
@@ -69,25 +68,10 @@ func (in *Instance) Sources() opstate.Sources {
 	return s
 }
 
-// registries are the app's registry, if any, and the handlers' own, each
-// once.
-func (in *Instance) registries() []*config.Registry {
-	var regs []*config.Registry
-	if in.Registry != nil {
-		regs = append(regs, in.Registry)
-	}
-	for _, r := range in.Watched.Registries() {
-		if !slices.Contains(regs, r.Registry) {
-			regs = append(regs, r.Registry)
-		}
-	}
-	return regs
-}
-
 // source returns the source of the provider whose ID is id as configured
 // now, in the app's registry or a handler's own; nil when none has it.
 func (in *Instance) source(id string) broker.Source {
-	for _, reg := range in.registries() {
+	for _, reg := range in.Sources().Registries() {
 		if src := reg.Source(id); src != nil {
 			return src
 		}
@@ -224,7 +208,7 @@ func tokens(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	}
 	var match func(*broker.Binding) bool
 	if merchant != "" {
-		match = MerchantTokens(merchant, in.registries()...)
+		match = MerchantTokens(merchant, in.Sources().Registries()...)
 	}
 	tokens, next := Tokens(in.Broker, match, page)
 	return writeJSON(w, tokensPage{Tokens: tokens, Next: next})
@@ -285,7 +269,7 @@ func merchant(w http.ResponseWriter, r *http.Request, in *Instance) error {
 	if action == "check" {
 		return checkMerchant(w, r, in, id)
 	}
-	match := MerchantTokens(id, in.registries()...)
+	match := MerchantTokens(id, in.Sources().Registries()...)
 	switch action {
 	case "purge":
 		entries := in.Broker.PurgeMatching(match)

@@ -35,9 +35,15 @@ type Sources struct {
 	Others []*config.Registry
 }
 
-// registries returns Registry, then Others; nil ones left out.
-func (s Sources) registries() []*config.Registry {
-	return slices.DeleteFunc(append([]*config.Registry{s.Registry}, s.Others...), func(r *config.Registry) bool { return r == nil })
+// Registries returns Registry, then Others, each once; nil ones left out.
+func (s Sources) Registries() []*config.Registry {
+	var regs []*config.Registry
+	for _, r := range append([]*config.Registry{s.Registry}, s.Others...) {
+		if r != nil && !slices.Contains(regs, r) {
+			regs = append(regs, r)
+		}
+	}
+	return regs
 }
 
 // Index keeps what Build computes once per registry: its merchants

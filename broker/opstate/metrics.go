@@ -98,7 +98,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 // per provider name (the app's registry first).
 func (c *Collector) collectBudgets(s Sources, ch chan<- prometheus.Metric) {
 	seen := map[string]bool{}
-	for _, reg := range s.registries() {
+	for _, reg := range s.Registries() {
 		for name, p := range reg.Providers {
 			if p.Budget == nil || seen[name] {
 				continue

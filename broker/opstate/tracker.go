@@ -505,7 +505,7 @@ func (p *providerRecord) setFailing(provider string, br *broker.Broker) []event 
 // periodically (the Collector does); Build does not, so that a read has
 // no side effect.
 func Reconcile(s Sources) {
-	regs := s.registries()
+	regs := s.Registries()
 	sources := map[string][]string{} // provider name -> its source IDs
 	for _, reg := range regs {
 		for name, p := range reg.Providers {
